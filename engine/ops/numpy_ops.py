@@ -1,0 +1,147 @@
+"""The numpy backend: the readable fp32 reference for every op.
+
+It reads and writes the same paged KV layout as the cuda backend (engine/ops/__init__.py), so the
+tests hold each cuda kernel to the function of the same name here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from engine.ops import AttentionMetadata, SamplerOutput, SamplingTensors
+from engine.ops.numpy_sampling import sample
+
+
+class NumpyOps:
+    name = "numpy"
+    dtype = "float32"
+
+    # ---------------------------------------------------------------- memory
+
+    def from_host(self, array: np.ndarray) -> np.ndarray:
+        """A weight or buffer on this backend (fp32 for floats, int32 kept)."""
+        if array.dtype.kind == "f":
+            return np.ascontiguousarray(array, dtype=np.float32)
+        return np.ascontiguousarray(array)
+
+    def to_host(self, array) -> np.ndarray:
+        return np.asarray(array)
+
+    def random_weight(self, shape: tuple, std: float, rng: np.random.Generator) -> np.ndarray:
+        return (rng.standard_normal(shape, dtype=np.float32) * std).astype(np.float32)
+
+    def ones(self, shape: tuple) -> np.ndarray:
+        return np.ones(shape, np.float32)
+
+    def alloc_kv_cache(self, num_layers, num_blocks, num_kv_heads, block_size, head_dim):
+        # (num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim); [l, 0] keys, [l, 1] values
+        return np.zeros((num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim), np.float32)
+
+    def kv_bytes_per_token(self, num_layers, num_kv_heads, head_dim) -> int:
+        return 2 * num_layers * num_kv_heads * head_dim * 4
+
+    # ---------------------------------------------------------------- layers
+
+    def embedding(self, ids: np.ndarray, table: np.ndarray) -> np.ndarray:
+        # ids (T,) int32, table (vocab, hidden) -> (T, hidden)
+        return table[ids]
+
+    def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+        # x (T, hidden), weight (hidden,)
+        variance = np.mean(x * x, axis=-1, keepdims=True)
+        return x / np.sqrt(variance + eps) * weight
+
+    def add_rms_norm(self, x, residual, weight, eps):
+        """residual += x; return (rms_norm(residual), residual). residual=None starts the stream."""
+        residual = x.copy() if residual is None else residual + x
+        return self.rms_norm(residual, weight, eps), residual
+
+    def linear(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None):
+        # x (T, in), weight (out, in) as stored by HF, bias (out,) -> (T, out)
+        y = x @ weight.T
+        return y if bias is None else y + bias
+
+    def qk_norm(self, qkv, q_weight, k_weight, eps, num_heads, num_kv_heads):
+        """Per-head RMSNorm of the q and k heads of qkv, in place (Qwen3)."""
+        head_dim = q_weight.shape[0]
+        q, k, _ = _split_heads(qkv, num_heads, num_kv_heads, head_dim)
+        q[...] = self.rms_norm(q, q_weight, eps)
+        k[...] = self.rms_norm(k, k_weight, eps)
+
+    def rope(self, qkv, positions, cos_sin, num_heads, num_kv_heads):
+        """Rotate q and k heads of qkv in place, HF's half-split convention.
+
+        cos_sin (max_positions, head_dim): cos of the head_dim/2 frequencies, then their sin.
+        """
+        head_dim = cos_sin.shape[1]
+        half = head_dim // 2
+        cos = cos_sin[positions, :half][:, None, :]  # (T, 1, half)
+        sin = cos_sin[positions, half:][:, None, :]
+        q, k, _ = _split_heads(qkv, num_heads, num_kv_heads, head_dim)
+        for x in (q, k):
+            x1, x2 = x[..., :half].copy(), x[..., half:].copy()
+            x[..., :half] = x1 * cos - x2 * sin
+            x[..., half:] = x2 * cos + x1 * sin
+
+    def silu_and_mul(self, gate_up: np.ndarray) -> np.ndarray:
+        # gate_up (T, 2 * inter): gate first, then up -> (T, inter)
+        gate, up = np.split(gate_up, 2, axis=-1)
+        return gate / (1.0 + np.exp(-gate)) * up
+
+    def gather_rows(self, x: np.ndarray, indices: np.ndarray) -> np.ndarray:
+        return x[indices]
+
+    # ---------------------------------------------------------------- attention
+
+    def write_kv_cache(self, qkv, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads):
+        """Store each new token's k and v heads at its slot; slot -1 means 'do not store'."""
+        num_blocks, _, block_size, head_dim = k_cache.shape
+        _, k, v = _split_heads(qkv, num_heads, num_kv_heads, head_dim)
+        keep = slot_mapping >= 0
+        blocks, offsets = np.divmod(slot_mapping[keep], block_size)
+        k_cache[blocks, :, offsets] = k[keep]
+        v_cache[blocks, :, offsets] = v[keep]
+
+    def attention(self, qkv, k_cache, v_cache, meta: AttentionMetadata, num_heads, num_kv_heads,
+                  scale):
+        """Causal attention of every new query over its sequence's paged cache -> (T, q_size)."""
+        head_dim = k_cache.shape[-1]
+        block_size = k_cache.shape[2]
+        group = num_heads // num_kv_heads
+        q, _, _ = _split_heads(qkv, num_heads, num_kv_heads, head_dim)
+        out = np.empty(q.shape, np.float32)  # (T, num_heads, head_dim)
+        for s in range(len(meta.context_lens)):
+            start, end = meta.query_start_loc[s], meta.query_start_loc[s + 1]
+            num_new, ctx = end - start, int(meta.context_lens[s])
+            blocks = meta.block_tables[s, : -(-ctx // block_size)]
+            # (num_kv_heads, ctx, head_dim): the sequence's cache, gathered through its block table
+            k = k_cache[blocks].transpose(1, 0, 2, 3).reshape(num_kv_heads, -1, head_dim)[:, :ctx]
+            v = v_cache[blocks].transpose(1, 0, 2, 3).reshape(num_kv_heads, -1, head_dim)[:, :ctx]
+            qs = q[start:end].reshape(num_new, num_kv_heads, group, head_dim)
+            scores = np.einsum("qkgd,ktd->kgqt", qs, k) * scale  # (kv, group, new, ctx)
+            query_pos = ctx - num_new + np.arange(num_new)
+            scores[..., np.arange(ctx)[None, :] > query_pos[:, None]] = -np.inf
+            scores = np.exp(scores - scores.max(axis=-1, keepdims=True))
+            probs = scores / scores.sum(axis=-1, keepdims=True)
+            o = np.einsum("kgqt,ktd->qkgd", probs, v)
+            out[start:end] = o.reshape(num_new, num_heads, head_dim)
+        return out.reshape(len(q), num_heads * head_dim)
+
+    # ---------------------------------------------------------------- sampling
+
+    def sample(self, logits: np.ndarray, tensors: SamplingTensors) -> SamplerOutput:
+        # logits (R, vocab) float32
+        return sample(np.asarray(logits, np.float32), tensors)
+
+    def synchronize(self):
+        pass
+
+
+def _split_heads(qkv: np.ndarray, num_heads: int, num_kv_heads: int, head_dim: int):
+    """Views (T, heads, head_dim) of the q, k and v parts of a fused qkv row."""
+    q_size, kv_size = num_heads * head_dim, num_kv_heads * head_dim
+    t = len(qkv)
+    q = qkv[:, :q_size].reshape(t, num_heads, head_dim)
+    k = qkv[:, q_size : q_size + kv_size].reshape(t, num_kv_heads, head_dim)
+    v = qkv[:, q_size + kv_size :].reshape(t, num_kv_heads, head_dim)
+    return q, k, v

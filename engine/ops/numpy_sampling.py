@@ -1,0 +1,107 @@
+"""Reference sampler: the exact semantics of SamplingTensors (engine/ops/__init__.py) in numpy.
+
+The cuda sampling kernel computes the same function; its tests compare against `sample` here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from engine.ops import SamplerOutput, SamplingTensors
+
+_MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+
+
+def mix64(x: np.ndarray) -> np.ndarray:
+    """SplitMix64's finalizer: a bijective scramble of 64-bit integers (uint64 arrays wrap)."""
+    x = np.asarray(x, np.uint64)
+    with np.errstate(over="ignore"):
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+    return x ^ (x >> np.uint64(31))
+
+
+def uniform(seeds: np.ndarray, steps: np.ndarray) -> np.ndarray:
+    """One float32 in [0, 1) per (seed, step): 24 random bits, so exact in float32."""
+    with np.errstate(over="ignore"):
+        key = mix64(seeds) + np.asarray(steps, np.uint64) * np.uint64(0x9E3779B97F4A7C15)
+    bits = mix64(key) >> np.uint64(40)
+    return bits.astype(np.float32) * np.float32(2.0**-24)
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    shifted = logits - logits.max(axis=-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+
+
+def apply_penalties(logits: np.ndarray, t: SamplingTensors) -> np.ndarray:
+    """vLLM's penalties: repetition over prompt+output tokens, frequency/presence over output."""
+    logits = logits.copy()
+    num_rows, vocab = logits.shape
+    for r in range(num_rows):
+        out = t.output_ids[r] if t.output_ids is not None else np.empty(0, np.int32)
+        out = out[out >= 0]
+        counts = np.bincount(out, minlength=vocab).astype(np.float32)
+        if t.repetition_penalty[r] != 1.0:
+            seen = counts > 0
+            if t.prompt_ids is not None:
+                prompt = t.prompt_ids[r]
+                seen[prompt[prompt >= 0]] = True
+            row = logits[r]
+            penalty = t.repetition_penalty[r]
+            row[seen] = np.where(row[seen] > 0, row[seen] / penalty, row[seen] * penalty)
+        logits[r] -= t.frequency_penalty[r] * counts
+        logits[r] -= t.presence_penalty[r] * (counts > 0)
+    return logits
+
+
+def filter_probs(probs: np.ndarray, top_k: int, top_p: float, min_p: float) -> np.ndarray:
+    """Zero the probabilities outside top-k / top-p / min-p; every rule keeps ties."""
+    keep = np.ones(probs.shape, bool)
+    ordered = np.sort(probs)[::-1]
+    if 0 < top_k < len(probs):
+        keep &= probs >= ordered[top_k - 1]
+    if top_p < 1.0:
+        # Smallest p whose strictly-larger mass is < top_p; the first of a run of ties in `ordered`
+        # has exactly the strictly-larger mass before it.
+        mass_before = np.cumsum(ordered) - ordered
+        keep &= probs >= ordered[mass_before < top_p].min()
+    if min_p > 0.0:
+        keep &= probs >= min_p * ordered[0]
+    return np.where(keep, probs, 0.0).astype(np.float32)
+
+
+def sample(logits: np.ndarray, t: SamplingTensors) -> SamplerOutput:
+    # logits (R, vocab) float32
+    raw_logprobs = log_softmax(logits)
+    if t.prompt_ids is not None or t.output_ids is not None:
+        logits = apply_penalties(logits, t)
+    if t.bias_ids is not None:
+        logits = logits.copy()
+        for r in range(len(logits)):
+            ids = t.bias_ids[r]
+            np.add.at(logits[r], ids[ids >= 0], t.bias_values[r][ids >= 0])
+
+    num_rows = len(logits)
+    token_ids = np.empty(num_rows, np.int32)
+    u = uniform(t.seeds, t.steps)
+    for r in range(num_rows):
+        if t.temperature[r] == 0:
+            token_ids[r] = np.argmax(logits[r])
+            continue
+        scaled = logits[r] / t.temperature[r]
+        probs = np.exp(scaled - scaled.max())
+        probs = filter_probs(probs / probs.sum(), int(t.top_k[r]), float(t.top_p[r]),
+                             float(t.min_p[r]))
+        cumulative = np.cumsum(probs, dtype=np.float32)
+        chosen = int(np.searchsorted(cumulative, u[r] * cumulative[-1], side="right"))
+        # Never pick a filtered-out token, even where float rounding lands on the boundary.
+        kept = np.flatnonzero(probs)
+        token_ids[r] = kept[np.searchsorted(kept, min(chosen, kept[-1]))]
+
+    out = SamplerOutput(token_ids, raw_logprobs[np.arange(num_rows), token_ids].astype(np.float32))
+    if t.num_logprobs > 0:
+        top = np.argsort(-raw_logprobs, axis=-1, kind="stable")[:, : t.num_logprobs]
+        out.top_ids = top.astype(np.int32)
+        out.top_logprobs = np.take_along_axis(raw_logprobs, top, axis=-1).astype(np.float32)
+    return out
