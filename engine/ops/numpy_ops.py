@@ -34,7 +34,7 @@ class NumpyOps:
         return np.ones(shape, np.float32)
 
     def alloc_kv_cache(self, num_layers, num_blocks, num_kv_heads, block_size, head_dim):
-        # (num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim); [l, 0] keys, [l, 1] values
+        # (num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim): [l, 0] keys, [l, 1] vals
         return np.zeros((num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim), np.float32)
 
     def kv_bytes_per_token(self, num_layers, num_kv_heads, head_dim) -> int:
@@ -93,6 +93,10 @@ class NumpyOps:
 
     # ---------------------------------------------------------------- attention
 
+    def prepare_metadata(self, meta: AttentionMetadata) -> AttentionMetadata:
+        """The step's metadata as attention wants it; the cuda backend uploads it once here."""
+        return meta
+
     def write_kv_cache(self, qkv, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads):
         """Store each new token's k and v heads at its slot; slot -1 means 'do not store'."""
         num_blocks, _, block_size, head_dim = k_cache.shape
@@ -102,8 +106,9 @@ class NumpyOps:
         k_cache[blocks, :, offsets] = k[keep]
         v_cache[blocks, :, offsets] = v[keep]
 
-    def attention(self, qkv, k_cache, v_cache, meta: AttentionMetadata, num_heads, num_kv_heads,
-                  scale):
+    def attention(
+        self, qkv, k_cache, v_cache, meta: AttentionMetadata, num_heads, num_kv_heads, scale
+    ):
         """Causal attention of every new query over its sequence's paged cache -> (T, q_size)."""
         head_dim = k_cache.shape[-1]
         block_size = k_cache.shape[2]

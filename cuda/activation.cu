@@ -1,0 +1,35 @@
+// SwiGLU's SiLU-and-multiply, and the bias add after a GEMM.
+#include "common.cuh"
+
+// NOTE: silu(g) * u is computed in fp32 and rounded once (HF rounds silu(g) first; the difference
+// is below the dtype's resolution on average).
+// Grid: (ceil(num_tokens * inter / 256))  Block: (256)
+template <typename T>
+__global__ void silu_and_mul_kernel(T* __restrict__ out,            // [num_tokens, inter]
+                                    const T* __restrict__ gate_up,  // [num_tokens, 2 * inter]
+                                    long n, int inter) {
+  const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= n) return;
+  const long t = i / inter, j = i % inter;
+  const float g = to_float(gate_up[t * 2 * inter + j]);
+  const float u = to_float(gate_up[t * 2 * inter + inter + j]);
+  out[i] = from_float<T>(g / (1.f + expf(-g)) * u);
+}
+
+// Grid: (ceil(num_tokens * width / 256))  Block: (256)
+template <typename T>
+__global__ void add_bias_kernel(T* __restrict__ y,           // [num_tokens, width], in place
+                                const T* __restrict__ bias,  // [width]
+                                long n, int width) {
+  const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) y[i] = from_float<T>(to_float(y[i]) + to_float(bias[i % width]));
+}
+
+#ifdef PAGEDSERVE_NVCC_CHECK
+template __global__ void silu_and_mul_kernel<__half>(__half*, const __half*, long, int);
+template __global__ void silu_and_mul_kernel<__nv_bfloat16>(__nv_bfloat16*, const __nv_bfloat16*,
+                                                            long, int);
+template __global__ void add_bias_kernel<__half>(__half*, const __half*, long, int);
+template __global__ void add_bias_kernel<__nv_bfloat16>(__nv_bfloat16*, const __nv_bfloat16*,
+                                                        long, int);
+#endif

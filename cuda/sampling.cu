@@ -1,0 +1,272 @@
+// Sampling on the GPU: exactly engine/ops/numpy_sampling.sample, one block per row.
+//
+// Per-row parameters arrive packed as 32-bit words (one upload per step):
+//   [R, 10]: temperature (f32), top_k, top_p (f32), min_p (f32), seed low, seed high, step,
+//            presence (f32), frequency (f32), repetition (f32)
+// Results leave packed the same way (one download per step):
+//   [R, 2 + 2 * num_logprobs]: token id, its raw logprob (f32), top ids, top raw logprobs (f32)
+#include "common.cuh"
+
+constexpr int SAMPLE_THREADS = 1024;
+constexpr int NUM_PARAMS = 10;
+
+// SplitMix64's finalizer and the counter-based uniform of numpy_sampling (bit-identical draws).
+__device__ __forceinline__ unsigned long long mix64(unsigned long long x) {
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
+__device__ __forceinline__ float uniform01(unsigned long long seed, unsigned int step) {
+  const unsigned long long key = mix64(seed) + (unsigned long long)step * 0x9E3779B97F4A7C15ull;
+  return (float)(mix64(key) >> 40) * 5.9604644775390625e-08f;  // 2^-24
+}
+
+// Is (v, i) ahead of (bv, bi) in the order "larger value first, then lower id"?
+__device__ __forceinline__ bool ahead(float v, int i, float bv, int bi) {
+  return v > bv || (v == bv && i < bi);
+}
+
+__device__ void block_argmax(float& v, int& id, float* sv, int* si) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+    const int oi = __shfl_xor_sync(0xffffffffu, id, o);
+    if (ahead(ov, oi, v, id)) { v = ov; id = oi; }
+  }
+  __syncthreads();
+  if (lane == 0) { sv[warp] = v; si[warp] = id; }
+  __syncthreads();
+  const int num_warps = blockDim.x >> 5;
+  v = lane < num_warps ? sv[lane] : -INFINITY;
+  id = lane < num_warps ? si[lane] : 0x7fffffff;
+  for (int o = 16; o > 0; o >>= 1) {
+    const float ov = __shfl_xor_sync(0xffffffffu, v, o);
+    const int oi = __shfl_xor_sync(0xffffffffu, id, o);
+    if (ahead(ov, oi, v, id)) { v = ov; id = oi; }
+  }
+}
+
+// Marks the tokens a row has seen: output tokens counted, prompt tokens flagged by bit 30.
+// Grid: (R)  Block: (256)
+__global__ void penalty_counts_kernel(int* __restrict__ counts,            // [R, vocab], zeroed
+                                      const int* __restrict__ prompt_ids,  // [R, P], -1 padded
+                                      const int* __restrict__ output_ids,  // [R, O], -1 padded
+                                      int P, int O, int vocab) {
+  int* row = counts + (long)blockIdx.x * vocab;
+  for (int i = threadIdx.x; i < P; i += blockDim.x) {
+    const int id = prompt_ids[(long)blockIdx.x * P + i];
+    if (id >= 0) atomicOr(row + id, 1 << 30);
+  }
+  for (int i = threadIdx.x; i < O; i += blockDim.x) {
+    const int id = output_ids[(long)blockIdx.x * O + i];
+    if (id >= 0) atomicAdd(row + id, 1);
+  }
+}
+
+// adjusted = penalized logits (vLLM's order: repetition, then frequency, then presence).
+// NOTE: explicit _rn intrinsics keep the float32 rounding numpy does (no fused multiply-add).
+// Grid: (R, ceil(vocab / 256))  Block: (256)
+template <typename T>
+__global__ void adjust_logits_kernel(float* __restrict__ adjusted,     // [R, vocab]
+                                     const T* __restrict__ logits,     // [R, vocab]
+                                     const int* __restrict__ counts,   // [R, vocab] or null
+                                     const int* __restrict__ params,   // [R, NUM_PARAMS]
+                                     int vocab) {
+  const int v = blockIdx.y * blockDim.x + threadIdx.x;
+  if (v >= vocab) return;
+  const long at = (long)blockIdx.x * vocab + v;
+  float l = to_float(logits[at]);
+  if (counts != nullptr) {
+    const int* p = params + blockIdx.x * NUM_PARAMS;
+    const float presence = __int_as_float(p[7]), frequency = __int_as_float(p[8]);
+    const float repetition = __int_as_float(p[9]);
+    const int c = counts[at];
+    const int n = c & ((1 << 30) - 1);
+    if (repetition != 1.f && c != 0) l = l > 0.f ? __fdiv_rn(l, repetition) : __fmul_rn(l, repetition);
+    l = __fsub_rn(l, __fmul_rn(frequency, (float)n));
+    l = __fsub_rn(l, n > 0 ? presence : 0.f);
+  }
+  adjusted[at] = l;
+}
+
+// Adds logit_bias pairs (sequentially per row, like np.add.at, so repeated ids add up in order).
+// Grid: (R)  Block: (1)
+__global__ void add_logit_bias_kernel(float* __restrict__ adjusted,         // [R, vocab]
+                                      const int* __restrict__ bias_ids,     // [R, NB], -1 padded
+                                      const float* __restrict__ bias_values,  // [R, NB]
+                                      int NB, int vocab) {
+  for (int i = 0; i < NB; i++) {
+    const int id = bias_ids[blockIdx.x * NB + i];
+    if (id >= 0) adjusted[(long)blockIdx.x * vocab + id] += bias_values[blockIdx.x * NB + i];
+  }
+}
+
+// Grid: (R)  Block: (SAMPLE_THREADS)
+template <typename T>
+__global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(
+    int* __restrict__ result,             // [R, 2 + 2 * num_logprobs]
+    float* __restrict__ probs,            // [R, vocab] workspace; null when every row is greedy
+    const T* __restrict__ logits,         // [R, vocab] raw
+    const float* __restrict__ adjusted,   // [R, vocab] penalized + biased, or null (= raw)
+    const int* __restrict__ params,       // [R, NUM_PARAMS]
+    int vocab, int num_logprobs) {
+  __shared__ float red[32];
+  __shared__ int redi[32];
+  __shared__ int chosen_first, chosen_last;
+  const long base = (long)blockIdx.x * vocab;
+  const int tid = threadIdx.x;
+  const int* p = params + blockIdx.x * NUM_PARAMS;
+  const float temperature = __int_as_float(p[0]);
+
+  // 1. Raw log_softmax statistics (logprobs are taken before any adjustment).
+  float mx = -INFINITY;
+  for (int i = tid; i < vocab; i += blockDim.x) mx = fmaxf(mx, to_float(logits[base + i]));
+  const float raw_max = block_max(mx, red);
+  float se = 0.f;
+  for (int i = tid; i < vocab; i += blockDim.x) se += expf(to_float(logits[base + i]) - raw_max);
+  const float log_sum = logf(block_sum(se, red));
+
+  int token;
+  if (temperature == 0.f) {
+    float bv = -INFINITY;
+    int bi = 0x7fffffff;
+    for (int i = tid; i < vocab; i += blockDim.x) {
+      const float v = adjusted ? adjusted[base + i] : to_float(logits[base + i]);
+      if (ahead(v, i, bv, bi)) { bv = v; bi = i; }
+    }
+    block_argmax(bv, bi, red, redi);
+    token = bi;
+  } else {
+    // 2. probs = softmax(adjusted / temperature), written out for the threshold passes.
+    float smx = -INFINITY;
+    for (int i = tid; i < vocab; i += blockDim.x) {
+      const float v = adjusted ? adjusted[base + i] : to_float(logits[base + i]);
+      smx = fmaxf(smx, __fdiv_rn(v, temperature));
+    }
+    smx = block_max(smx, red);
+    float z = 0.f;
+    for (int i = tid; i < vocab; i += blockDim.x) {
+      const float v = adjusted ? adjusted[base + i] : to_float(logits[base + i]);
+      const float e = expf(__fdiv_rn(v, temperature) - smx);
+      probs[base + i] = e;
+      z += e;
+    }
+    z = block_sum(z, red);
+    for (int i = tid; i < vocab; i += blockDim.x) probs[base + i] = __fdiv_rn(probs[base + i], z);
+    const float p_max = __fdiv_rn(1.f, z);  // the largest prob is exp(0) / z
+    __syncthreads();
+
+    // 3. Keep p >= tau, tau the largest of the three thresholds. Non-negative floats order like
+    //    their bit patterns, so each threshold is a bisection over bit patterns of the value range.
+    float tau = 0.f;
+    const int top_k = p[1];
+    const float top_p = __int_as_float(p[2]), min_p = __int_as_float(p[3]);
+    if (top_k > 0 && top_k < vocab) {
+      // largest b with count(p >= b) >= top_k: that is the k-th largest value
+      unsigned lo = 0, hi = __float_as_uint(p_max);
+      while (lo < hi) {
+        const unsigned mid = lo + (hi - lo + 1) / 2;
+        const float t = __uint_as_float(mid);
+        float c = 0.f;
+        for (int i = tid; i < vocab; i += blockDim.x) c += probs[base + i] >= t ? 1.f : 0.f;
+        if (block_sum(c, red) >= (float)top_k) lo = mid; else hi = mid - 1;
+      }
+      tau = fmaxf(tau, __uint_as_float(lo));
+    }
+    if (top_p < 1.f) {
+      // smallest b with mass(p > b) < top_p: that is the smallest kept value
+      unsigned lo = 0, hi = __float_as_uint(p_max);
+      while (lo < hi) {
+        const unsigned mid = lo + (hi - lo) / 2;
+        const float t = __uint_as_float(mid);
+        float m = 0.f;
+        for (int i = tid; i < vocab; i += blockDim.x) {
+          const float q = probs[base + i];
+          m += q > t ? q : 0.f;
+        }
+        if (block_sum(m, red) < top_p) hi = mid; else lo = mid + 1;
+      }
+      tau = fmaxf(tau, __uint_as_float(lo));
+    }
+    if (min_p > 0.f) tau = fmaxf(tau, __fmul_rn(min_p, p_max));
+
+    // 4. Inverse-CDF draw in id order: thread t owns the contiguous ids [t * chunk, ...).
+    const int chunk = (vocab + blockDim.x - 1) / blockDim.x;
+    const int begin = min(vocab, tid * chunk), end = min(vocab, begin + chunk);
+    float mine = 0.f;
+    int last_kept = -1;
+    for (int i = begin; i < end; i++) {
+      const float q = probs[base + i];
+      if (q >= tau && q > 0.f) { mine += q; last_kept = i; }
+    }
+    // Exclusive scan of the per-thread sums: within the warp, then over warps.
+    const int lane = tid & 31, warp = tid >> 5;
+    float incl = mine;
+    for (int o = 1; o < 32; o <<= 1) {
+      const float n = __shfl_up_sync(0xffffffffu, incl, o);
+      if (lane >= o) incl += n;
+    }
+    __syncthreads();
+    if (lane == 31) red[warp] = incl;
+    if (tid == 0) { chosen_first = 0x7fffffff; chosen_last = -1; }
+    __syncthreads();
+    float warp_base = 0.f, total = 0.f;
+    for (int w = 0; w < (int)(blockDim.x >> 5); w++) {
+      if (w < warp) warp_base += red[w];
+      total += red[w];
+    }
+    const float target = __fmul_rn(uniform01(((unsigned long long)(unsigned)p[5] << 32) |
+                                              (unsigned)p[4], (unsigned)p[6]), total);
+    float running = warp_base + incl - mine;
+    for (int i = begin; i < end; i++) {
+      const float q = probs[base + i];
+      if (q >= tau && q > 0.f) {
+        running += q;
+        if (running > target) { atomicMin(&chosen_first, i); break; }
+      }
+    }
+    if (last_kept >= 0) atomicMax(&chosen_last, last_kept);
+    __syncthreads();
+    // Float rounding can leave the target at or past the total: take the last kept id then.
+    token = chosen_first != 0x7fffffff ? chosen_first : chosen_last;
+  }
+
+  // 5. Results: the token's raw logprob, then the top raw logprobs (value desc, id asc).
+  const int width = 2 + 2 * num_logprobs;
+  int* out = result + blockIdx.x * width;
+  if (tid == 0) {
+    out[0] = token;
+    out[1] = __float_as_int(to_float(logits[base + token]) - raw_max - log_sum);
+  }
+  float prev_v = INFINITY;
+  int prev_i = -1;
+  for (int n = 0; n < num_logprobs; n++) {
+    float bv = -INFINITY;
+    int bi = 0x7fffffff;
+    for (int i = tid; i < vocab; i += blockDim.x) {
+      const float v = to_float(logits[base + i]);
+      if (ahead(prev_v, prev_i, v, i) && ahead(v, i, bv, bi)) { bv = v; bi = i; }
+    }
+    block_argmax(bv, bi, red, redi);
+    if (tid == 0) {
+      out[2 + n] = bi;
+      out[2 + num_logprobs + n] = __float_as_int(bv - raw_max - log_sum);
+    }
+    prev_v = bv;
+    prev_i = bi;
+  }
+}
+
+#ifdef PAGEDSERVE_NVCC_CHECK
+template __global__ void adjust_logits_kernel<float>(float*, const float*, const int*, const int*,
+                                                     int);
+template __global__ void adjust_logits_kernel<__nv_bfloat16>(float*, const __nv_bfloat16*,
+                                                             const int*, const int*, int);
+template __global__ void sample_kernel<float>(int*, float*, const float*, const float*, const int*,
+                                              int, int);
+template __global__ void sample_kernel<__half>(int*, float*, const __half*, const float*,
+                                               const int*, int, int);
+template __global__ void sample_kernel<__nv_bfloat16>(int*, float*, const __nv_bfloat16*,
+                                                      const float*, const int*, int, int);
+#endif

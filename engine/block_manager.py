@@ -1,0 +1,227 @@
+"""KV-cache blocks: the free list, reference counts and the prefix cache (floor 1: stdlib only).
+
+The KV cache is `num_blocks` blocks of `block_size` token slots. A sequence's `block_table` lists
+the blocks holding its tokens in order; token t lives in slot t % block_size of block
+block_table[t // block_size]. Block tables stay plain int lists here; the runner uploads them.
+
+Prefix caching: once every token of a full block is computed, the block is keyed by a hash chained
+over all tokens from the start of the sequence to the block's end, so equal keys mean equal
+prefixes (and therefore equal k/v). A new sequence reuses the longest run of keyed blocks from its
+start; a reused block is shared (its reference count goes up) and is never written again, since
+all writes land after the cached prefix. Freed keyed blocks stay findable until the allocator
+needs them: it takes the least recently freed block first (LRU), and unkeyed free blocks before
+any keyed one, so cached prefixes survive as long as possible.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from array import array
+from collections import OrderedDict
+from dataclasses import dataclass
+
+from engine.sequence import Sequence
+
+
+def hash_block(parent: int, token_ids: list[int]) -> int:
+    """Key of a full block: its tokens chained onto its parent block's key (0 for the first block).
+
+    NOTE: 128-bit blake2b, so a collision (which would silently reuse wrong k/v) is negligible
+    and lookups need not compare tokens. Python's hash() is 64-bit and salted for str; not used.
+    """
+    h = hashlib.blake2b(parent.to_bytes(16, "little"), digest_size=16)
+    h.update(array("q", token_ids).tobytes())
+    return int.from_bytes(h.digest(), "little")
+
+
+@dataclass
+class Block:
+    block_id: int
+    ref_count: int = 0  # live sequences whose block table holds this block
+    hash: int | None = None  # key of its full, computed contents; None while partial
+
+
+class BlockManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be >= 1, got {num_blocks}")
+        if block_size < 1:
+            raise ValueError(f"block_size must be >= 1, got {block_size}")
+        self.num_blocks = num_blocks
+        self.block_size = block_size
+        self.enable_prefix_caching = enable_prefix_caching
+        self.blocks = [Block(i) for i in range(num_blocks)]
+        # Blocks with ref_count 0, in eviction order: the front is handed out next.
+        self._free: OrderedDict[int, None] = OrderedDict.fromkeys(range(num_blocks))
+        self._cached: dict[int, int] = {}  # block key -> id of the block holding those k/v
+        self.prefix_cache_queries = 0  # reusable full blocks looked up at admission
+        self.prefix_cache_hits = 0  # of those, found in the cache
+        self.prefix_cache_hit_tokens = 0
+
+    # ---- stats -------------------------------------------------------------------------------
+
+    @property
+    def num_free_blocks(self) -> int:
+        """Blocks no sequence holds (cached or not): what can still be allocated."""
+        return len(self._free)
+
+    @property
+    def num_used_blocks(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    @property
+    def num_cached_blocks(self) -> int:
+        """Blocks findable by key, in use or free."""
+        return len(self._cached)
+
+    @property
+    def usage(self) -> float:
+        return self.num_used_blocks / self.num_blocks
+
+    @property
+    def prefix_cache_hit_rate(self) -> float:
+        return self.prefix_cache_hits / max(1, self.prefix_cache_queries)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    # ---- admission ---------------------------------------------------------------------------
+
+    def _num_reusable_blocks(self, seq: Sequence) -> int:
+        # The block holding the last token is never reused, even when cached: that token must be
+        # recomputed to produce logits, and its block would then be written while shared.
+        return (len(seq.token_ids) - 1) // self.block_size if self.enable_prefix_caching else 0
+
+    def _match_prefix(self, seq: Sequence) -> list[int]:
+        """Ids of the cached blocks covering the longest reusable prefix of `seq`."""
+        hits, key, bs = [], 0, self.block_size
+        for i in range(self._num_reusable_blocks(seq)):
+            key = hash_block(key, seq.token_ids[i * bs : (i + 1) * bs])
+            block_id = self._cached.get(key)
+            if block_id is None:
+                break
+            hits.append(block_id)
+        return hits
+
+    def _admission_cost(self, seq: Sequence, hits: list[int]) -> int:
+        """Free blocks that admitting `seq` takes: new blocks plus the hits now on the free list."""
+        num_new = self.blocks_for(len(seq.token_ids)) - len(hits)
+        return num_new + sum(1 for b in hits if self.blocks[b].ref_count == 0)
+
+    def can_allocate(self, seq: Sequence) -> bool:
+        return self._admission_cost(seq, self._match_prefix(seq)) <= len(self._free)
+
+    def allocate(self, seq: Sequence) -> None:
+        """Give `seq` blocks for all its tokens, reusing its cached prefix.
+
+        Sets block_table, num_cached_tokens and num_computed_tokens (= num_cached_tokens, which
+        is always < len(seq) because the last token's block is never a hit).
+        """
+        if seq.block_table:
+            raise RuntimeError(f"sequence {seq.seq_id} already holds blocks")
+        hits = self._match_prefix(seq)
+        cost = self._admission_cost(seq, hits)
+        if cost > len(self._free):
+            raise RuntimeError(f"allocate needs {cost} free blocks, {len(self._free)} left")
+        self.prefix_cache_queries += self._num_reusable_blocks(seq)
+        self.prefix_cache_hits += len(hits)
+        self.prefix_cache_hit_tokens += len(hits) * self.block_size
+        for block_id in hits:
+            block = self.blocks[block_id]
+            if block.ref_count == 0:
+                del self._free[block_id]
+            block.ref_count += 1
+        num_new = self.blocks_for(len(seq.token_ids)) - len(hits)
+        seq.block_table = hits + [self._take_free() for _ in range(num_new)]
+        seq.num_cached_tokens = len(hits) * self.block_size
+        seq.num_computed_tokens = seq.num_cached_tokens
+
+    # ---- growth ------------------------------------------------------------------------------
+
+    def _num_missing_blocks(self, seq: Sequence, num_new_tokens: int) -> int:
+        need = self.blocks_for(seq.num_computed_tokens + num_new_tokens)
+        return max(0, need - len(seq.block_table))
+
+    def can_append(self, seq: Sequence, num_new_tokens: int = 1) -> bool:
+        return self._num_missing_blocks(seq, num_new_tokens) <= len(self._free)
+
+    def append(self, seq: Sequence, num_new_tokens: int = 1) -> None:
+        """Grow the block table to cover num_computed_tokens + num_new_tokens (no-op if it does)."""
+        missing = self._num_missing_blocks(seq, num_new_tokens)
+        if missing > len(self._free):
+            raise RuntimeError(f"append needs {missing} free blocks, {len(self._free)} left")
+        seq.block_table.extend(self._take_free() for _ in range(missing))
+
+    def mark_computed(self, seq: Sequence) -> None:
+        """Key the full blocks whose every token is now computed, making them findable."""
+        if not self.enable_prefix_caching:
+            return
+        bs, table = self.block_size, seq.block_table
+        num_full = min(seq.num_computed_tokens // bs, len(table))
+        # Keyed blocks form a prefix of the table: walk back to its end, then key forward.
+        first = num_full
+        while first > 0 and self.blocks[table[first - 1]].hash is None:
+            first -= 1
+        key = self.blocks[table[first - 1]].hash if first else 0
+        for i in range(first, num_full):
+            key = hash_block(key, seq.token_ids[i * bs : (i + 1) * bs])
+            self.blocks[table[i]].hash = key
+            # Another sequence may have computed the same block first; keep its copy findable.
+            self._cached.setdefault(key, table[i])
+
+    # ---- release -----------------------------------------------------------------------------
+
+    def free(self, seq: Sequence) -> None:
+        """Drop `seq`'s blocks, tail first, so the shared prefix stays cached the longest."""
+        for block_id in reversed(seq.block_table):
+            block = self.blocks[block_id]
+            block.ref_count -= 1
+            if block.ref_count == 0:
+                self._release(block)
+        seq.block_table = []
+        seq.num_computed_tokens = 0
+
+    def _release(self, block: Block) -> None:
+        if block.hash is not None and self._cached.setdefault(block.hash, block.block_id) != (
+            block.block_id
+        ):
+            block.hash = None  # a duplicate of a block that is already findable: nothing to keep
+        self._free[block.block_id] = None
+        if block.hash is None:  # holds nothing findable: hand it out before any cached block
+            self._free.move_to_end(block.block_id, last=False)
+
+    def _take_free(self) -> int:
+        block_id, _ = self._free.popitem(last=False)
+        block = self.blocks[block_id]
+        if block.hash is not None:  # evict it from the prefix cache
+            del self._cached[block.hash]
+            block.hash = None
+        block.ref_count = 1
+        return block_id
+
+    # ---- checks ------------------------------------------------------------------------------
+
+    def check_invariants(self, live_seqs: list[Sequence]) -> None:
+        """Raise AssertionError if the books disagree with the block tables of `live_seqs`."""
+        holders = [0] * self.num_blocks
+        bs = self.block_size
+        for seq in live_seqs:
+            key = 0
+            for i, block_id in enumerate(seq.block_table):
+                holders[block_id] += 1
+                if self.blocks[block_id].hash is not None:  # its key must match seq's tokens
+                    key = hash_block(key, seq.token_ids[i * bs : (i + 1) * bs])
+                    assert self.blocks[block_id].hash == key, f"block {block_id}: wrong key"
+        for block in self.blocks:
+            b, ref = block.block_id, block.ref_count
+            assert block.ref_count == holders[b], f"block {b}: ref {ref} != {holders[b]}"
+            assert (block.ref_count == 0) == (b in self._free), f"block {b}: free list disagrees"
+            if block.ref_count > 1:  # shared only as a prefix-cache hit
+                assert block.hash is not None and self._cached.get(block.hash) == b, (
+                    f"block {b} is shared but not a cached block"
+                )
+            if block.ref_count == 0 and block.hash is not None:
+                assert self._cached.get(block.hash) == b, f"free keyed block {b} is not findable"
+        assert len(self._free) == sum(1 for h in holders if h == 0)
+        for key, b in self._cached.items():
+            assert self.blocks[b].hash == key, f"cache maps a key to block {b} with another key"

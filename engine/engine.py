@@ -1,0 +1,357 @@
+"""LLMEngine: requests in, RequestOutputs out, one model step at a time.
+
+    step():  batch = scheduler.schedule()      which sequences, how many new tokens each
+             sampled = runner.run(batch)        one forward, one sample
+             return self._postprocess(...)      append, detokenize, check stop, free blocks
+
+Single-threaded by design: the server queues add_request/abort and calls them from the engine's
+own thread, so nothing here takes a lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from engine.block_manager import BlockManager
+from engine.config import EngineConfig
+from engine.model import Transformer
+from engine.ops import get_ops, resolve_device
+from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
+from engine.runner import ModelRunner, num_kv_blocks, sampling_seqs
+from engine.sampling_params import SamplingParams
+from engine.scheduler import Scheduler
+from engine.sequence import Sequence
+
+logger = logging.getLogger(__name__)
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+    prompt_tokens_total: int  # prompt tokens run through the model (prefix-cache hits excluded)
+    generation_tokens_total: int
+    num_steps: int
+    num_chunked_prefill_steps: int
+    num_mixed_steps: int
+
+
+@dataclass(eq=False)
+class _SeqState:
+    """What the engine tracks per sequence beyond its tokens: text and what was already sent."""
+
+    seq: Sequence
+    detokenizer: object | None
+    text: str = ""  # decoded output, cut at a stop string once one is found
+    num_sent_chars: int = 0  # text[:num_sent_chars] has gone out in deltas
+    num_sent_tokens: int = 0
+    logprobs: list[dict[int, float]] | None = None
+    stop_reason: str | int | None = None
+
+
+@dataclass(eq=False)
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    states: list[_SeqState]
+    metrics: RequestMetrics
+    finished: bool = field(default=False)
+
+
+class LLMEngine:
+    def __init__(self, engine_config: EngineConfig, loaded_model=None):
+        """`loaded_model` (anything with .config, .weights, .tokenizer) skips load_model; tests use
+        it to run tiny random models."""
+        engine_config.validate()
+        self.config = engine_config
+        device = resolve_device(engine_config.device)
+        logger.info("pagedserve device: %s", device)
+        dtype = engine_config.dtype
+        if dtype == "auto":
+            dtype = "float32" if device == "numpy" else "bfloat16"
+        self.ops = get_ops(device, dtype)
+        if loaded_model is None:
+            from engine.loader import load_model
+
+            loaded_model = load_model(engine_config.model, self.ops,
+                                      load_format=engine_config.load_format,
+                                      seed=engine_config.seed)
+        self.model_config = mc = loaded_model.config
+        self.tokenizer = loaded_model.tokenizer
+        self.max_model_len = engine_config.max_model_len or mc.max_position_embeddings
+        if self.max_model_len > mc.max_position_embeddings:
+            logger.warning("max_model_len %d exceeds the model's max_position_embeddings %d",
+                           self.max_model_len, mc.max_position_embeddings)
+        self.model = Transformer(mc, loaded_model.weights, self.ops, self.max_model_len)
+
+        self.num_kv_blocks = num_blocks = num_kv_blocks(mc, engine_config, self.ops,
+                                                        self.max_model_len)
+        bs = engine_config.block_size
+        self.kv_cache = self.ops.alloc_kv_cache(mc.num_layers, num_blocks, mc.num_kv_heads, bs,
+                                                mc.head_dim)
+        logger.info("KV cache: %d blocks of %d tokens (%d tokens)", num_blocks, bs, num_blocks * bs)
+        if num_blocks * bs < self.max_model_len:
+            logger.warning("the KV cache (%d tokens) cannot hold one max_model_len (%d) sequence",
+                           num_blocks * bs, self.max_model_len)
+        self.block_manager = BlockManager(num_blocks, bs, engine_config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, engine_config.max_num_seqs,
+                                   engine_config.max_num_batched_tokens, self.max_model_len)
+        eos = list(mc.eos_token_ids)
+        tok_eos = getattr(self.tokenizer, "eos_token_id", None)
+        if tok_eos is not None and tok_eos not in eos:
+            eos.append(tok_eos)
+        self.eos_token_ids = eos
+        self.runner = ModelRunner(mc, engine_config, self.ops, self.model, self.kv_cache,
+                                  eos_token_ids=eos)
+
+        self._rng = np.random.default_rng(engine_config.seed)
+        self._requests: dict[str, _Request] = {}
+        self._seq_states: dict[int, tuple[_Request, _SeqState]] = {}  # seq_id -> its request
+        self._aborted: list[_Request] = []  # reported as finished by the next step()
+        self._prompt_tokens_total = 0
+        self._generation_tokens_total = 0
+
+    # ------------------------------------------------------------------ requests
+
+    def add_request(self, request_id: str, prompt, sampling_params: SamplingParams | None = None,
+                    arrival_time: float | None = None) -> None:
+        """Queue a request. `prompt`: text, or {"prompt_token_ids": [...]}."""
+        if request_id in self._requests:
+            raise ValueError(f"request_id {request_id!r} is already in use")
+        params = sampling_params or SamplingParams()
+        if not isinstance(params, SamplingParams):
+            raise TypeError("sampling_params must be a SamplingParams, "
+                            f"got {type(params).__name__}")
+        text, ids = self._encode(prompt)
+        self._check_params(params)
+        if len(ids) > self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens, more than max_model_len "
+                             f"({self.max_model_len})")
+        req = _Request(request_id, text, ids, params, [],
+                       RequestMetrics(arrival_time if arrival_time is not None else time.time()))
+        for i in range(params.n):
+            if params.seed is not None:
+                seq_seed = np.random.SeedSequence([params.seed & (2**64 - 1), i])
+                seed = int(seq_seed.generate_state(1, np.uint64)[0])
+            else:
+                seed = int(self._rng.integers(0, 2**63))
+            seq = Sequence(request_id, list(ids), len(ids), params, index=i, seed=seed)
+            detok = None
+            if self.tokenizer is not None:
+                from engine.tokenizer import IncrementalDetokenizer
+
+                detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
+            req.states.append(_SeqState(seq, detok, logprobs=[] if params.logprobs is not None
+                                        else None))
+        for state in req.states:
+            # The scheduler rejects a prompt that can never fit before anything is queued: all n
+            # sequences share the prompt, so the first one fails or none does.
+            self.scheduler.add(state.seq)
+            self._seq_states[state.seq.seq_id] = (req, state)
+        self._requests[request_id] = req
+
+    def _encode(self, prompt) -> tuple[str | None, list[int]]:
+        if isinstance(prompt, str):
+            if self.tokenizer is None:
+                raise ValueError("prompt is text but the model has no tokenizer; "
+                                 "pass {'prompt_token_ids': [...]}")
+            text, ids = prompt, list(self.tokenizer.encode(prompt))
+        elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+            text, ids = prompt.get("prompt"), prompt["prompt_token_ids"]
+            vocab = self.model_config.vocab_size
+            for i, t in enumerate(ids):
+                is_int = isinstance(t, (int, np.integer)) and not isinstance(t, bool)
+                if not is_int or not 0 <= t < vocab:
+                    raise ValueError(f"prompt_token_ids[{i}] = {t!r} is not a token id "
+                                     f"(vocab_size {vocab})")
+            ids = [int(t) for t in ids]
+        else:
+            raise TypeError("prompt must be a str or a dict with 'prompt_token_ids', "
+                            f"got {type(prompt).__name__}")
+        if not ids:
+            raise ValueError("prompt is empty: it must have at least one token")
+        return text, ids
+
+    def _check_params(self, p: SamplingParams):
+        vocab = self.model_config.vocab_size
+        for name, ids in (("logit_bias", p.logit_bias), ("stop_token_ids", p.stop_token_ids)):
+            for t in ids:
+                if not 0 <= t < vocab:
+                    raise ValueError(f"{name} has token id {t}, outside the vocabulary "
+                                     f"(vocab_size {vocab})")
+        if p.stop_list and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer, and the model has none")
+
+    def abort(self, request_id: str) -> None:
+        """Stop a request and free its blocks; a request that already finished is ignored."""
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return
+        self.scheduler.abort(request_id)
+        for state in req.states:
+            self._seq_states.pop(state.seq.seq_id, None)
+            if state.seq.finish_reason is None:
+                state.seq.finish_reason = "abort"
+        self._aborted.append(req)
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests) or bool(self._aborted)
+
+    # ------------------------------------------------------------------ one step
+
+    def step(self) -> list[RequestOutput]:
+        changed = {id(r): r for r in self._aborted}
+        self._aborted = []
+        batch = self.scheduler.schedule()
+        if batch.seqs:
+            now = time.time()
+            for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+                req, _ = self._seq_states[seq.seq_id]
+                req.metrics.first_scheduled_time = req.metrics.first_scheduled_time or now
+                c = seq.num_computed_tokens
+                self._prompt_tokens_total += max(0, min(c + n, seq.num_prompt_tokens) - c)
+            sampling = sampling_seqs(batch)  # before finish_step moves num_computed_tokens
+            sampled = self.runner.run(batch)
+            self.scheduler.finish_step(batch)
+            if sampling:
+                for r, req in self._postprocess(sampling, sampled).items():
+                    changed[r] = req
+        return [self._make_output(req) for req in changed.values()]
+
+    def _postprocess(self, seqs: list[Sequence], sampled) -> dict[int, _Request]:
+        changed = {}
+        now = time.time()
+        for r, seq in enumerate(seqs):
+            req, state = self._seq_states[seq.seq_id]
+            token, logprob = int(sampled.token_ids[r]), float(sampled.logprobs[r])
+            seq.token_ids.append(token)
+            seq.cumulative_logprob += logprob
+            self._generation_tokens_total += 1
+            req.metrics.first_token_time = req.metrics.first_token_time or now
+            if state.logprobs is not None:
+                k = req.params.logprobs
+                entry = {}
+                if k:
+                    top = zip(sampled.top_ids[r, :k], sampled.top_logprobs[r, :k], strict=True)
+                    entry = {int(i): float(v) for i, v in top}
+                entry[token] = logprob
+                state.logprobs.append(entry)
+            reason = self._check_stop(state, token)
+            if reason is not None:
+                self.scheduler.finish_seq(seq, reason)
+                seq.finish_reason = reason
+                del self._seq_states[seq.seq_id]
+            changed[id(req)] = req
+        for req in changed.values():
+            if all(s.seq.finish_reason is not None for s in req.states):
+                req.metrics.finished_time = now
+                self._requests.pop(req.request_id, None)
+        return changed
+
+    def _check_stop(self, state: _SeqState, token: int) -> str | None:
+        """Extend the sequence's text with `token`; the finish reason if it ends here."""
+        seq, p = state.seq, state.seq.sampling_params
+        past_min = seq.num_output_tokens > p.min_tokens
+        if past_min and token in p.stop_token_ids:
+            state.stop_reason = token
+            if p.include_stop_str_in_output:
+                self._extend_text(state, token)
+            return "stop"
+        if past_min and not p.ignore_eos and token in self.eos_token_ids:
+            return "stop"
+        old_len = len(state.text)
+        self._extend_text(state, token)
+        if past_min and p.stop_list:
+            longest = max(len(s) for s in p.stop_list)
+            start = max(0, old_len - longest + 1)
+            hits = [(i, s) for s in p.stop_list if (i := state.text.find(s, start)) >= 0]
+            if hits:
+                i, stop = min(hits)
+                state.text = state.text[: i + (len(stop) if p.include_stop_str_in_output else 0)]
+                state.stop_reason = stop
+                return "stop"
+        if p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
+            return "length"
+        if len(seq) >= self.max_model_len:
+            return "length"
+        return None
+
+    def _extend_text(self, state: _SeqState, token: int):
+        if state.detokenizer is not None:
+            state.text += state.detokenizer.step([token])
+
+    def _make_output(self, req: _Request) -> RequestOutput:
+        outputs = []
+        for state in req.states:
+            seq, p = state.seq, req.params
+            sendable = len(state.text)
+            if seq.finish_reason is None and p.stop_list and not p.include_stop_str_in_output:
+                # Hold back a tail that a later token could complete into a stop string.
+                sendable -= _stop_prefix_len(state.text, p.stop_list)
+            sendable = max(sendable, state.num_sent_chars)
+            delta_text = state.text[state.num_sent_chars : sendable]
+            state.num_sent_chars = sendable
+            out_ids = seq.output_token_ids
+            delta_ids = out_ids[state.num_sent_tokens :]
+            delta_lp = None
+            if state.logprobs is not None:
+                delta_lp = state.logprobs[state.num_sent_tokens :]
+            state.num_sent_tokens = len(out_ids)
+            outputs.append(CompletionOutput(
+                index=seq.index,
+                text=state.text[:sendable],
+                token_ids=list(out_ids),
+                cumulative_logprob=seq.cumulative_logprob,
+                logprobs=list(state.logprobs) if state.logprobs is not None else None,
+                finish_reason=seq.finish_reason,
+                stop_reason=state.stop_reason,
+                delta_text=delta_text,
+                delta_token_ids=delta_ids,
+                delta_logprobs=delta_lp,
+            ))
+        finished = all(o.finish_reason is not None for o in outputs)
+        if finished and req.metrics.finished_time is None:
+            req.metrics.finished_time = time.time()
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outputs, finished,
+                             req.metrics)
+
+    # ------------------------------------------------------------------ stats
+
+    def get_stats(self) -> EngineStats:
+        s, bm = self.scheduler, self.block_manager
+        return EngineStats(
+            num_running=s.num_running,
+            num_waiting=s.num_waiting,
+            kv_blocks_used=bm.num_used_blocks,
+            kv_blocks_total=self.num_kv_blocks,
+            prefix_cache_queries=bm.prefix_cache_queries,
+            prefix_cache_hits=bm.prefix_cache_hits,
+            num_preemptions=s.num_preemptions,
+            prompt_tokens_total=self._prompt_tokens_total,
+            generation_tokens_total=self._generation_tokens_total,
+            num_steps=s.num_steps,
+            num_chunked_prefill_steps=s.num_chunked_prefill_steps,
+            num_mixed_steps=s.num_mixed_steps,
+        )
+
+
+def _stop_prefix_len(text: str, stops: list[str]) -> int:
+    """Length of the longest tail of `text` that is a proper prefix of some stop string."""
+    best = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:k]):
+                best = k
+                break
+    return best

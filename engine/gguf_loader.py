@@ -1,0 +1,289 @@
+"""GGUF files (llama architecture): metadata -> ModelConfig, tensors dequantized to float32.
+
+Dequantizing a quantized file costs seconds, so the float32 result (already fused and in HF row
+order) is cached on disk as .npy files and memory-mapped on later loads. The cache key holds the
+source's path, size and mtime, so a changed file is dequantized again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from engine.config import ModelConfig
+from engine.model import LayerWeights, ModelWeights
+
+
+class GGUFError(ValueError):
+    """A GGUF file pagedserve cannot run; the message names the file and the field."""
+
+
+# ----------------------------------------------------------------------------- metadata
+
+
+@dataclass
+class GGUFFile:
+    path: Path
+    metadata: dict  # every key-value field, as plain Python values
+    tensor_names: list[str]
+    reader: object | None  # an open gguf.GGUFReader; None when the metadata came from the cache
+
+
+def read_gguf(path: str | Path) -> GGUFFile:
+    """Metadata and tensor names of a llama GGUF.
+
+    Parsing the header costs seconds (gguf.GGUFReader builds every one of ~100k vocabulary
+    strings in Python), so the plain metadata is cached as JSON beside the dequantized weights.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise GGUFError(f"GGUF file {str(path)!r} does not exist")
+    meta_file = _meta_file(cache_dir_for(path))
+    gguf_file = None
+    if meta_file.is_file():
+        try:
+            cached = json.loads(meta_file.read_text())
+            gguf_file = GGUFFile(path, cached["metadata"], cached["tensor_names"], None)
+        except (json.JSONDecodeError, KeyError, TypeError):
+            pass  # a damaged cache entry is rebuilt from the file
+    if gguf_file is None:
+        reader = open_gguf(path)
+        metadata = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+        gguf_file = GGUFFile(path, metadata, [t.name for t in reader.tensors], reader)
+    _check_architecture(gguf_file.metadata, path)
+    if gguf_file.reader is not None:
+        try:
+            _write_atomic(meta_file, json.dumps(
+                {"metadata": gguf_file.metadata, "tensor_names": gguf_file.tensor_names},
+                default=_plain))
+        except OSError:
+            pass  # a read-only or full disk only costs the next load its speed
+    return gguf_file
+
+
+def open_gguf(path: str | Path):
+    """A gguf.GGUFReader for a llama-architecture file."""
+    import gguf
+
+    path = Path(path)
+    try:
+        reader = gguf.GGUFReader(path)
+    except Exception as e:  # the gguf package raises ValueError/struct errors on bad files
+        raise GGUFError(f"{path}: not a readable GGUF file ({e})") from None
+    field = reader.get_field("general.architecture")
+    _check_architecture({"general.architecture": field.contents() if field else None}, path)
+    return reader
+
+
+def _check_architecture(metadata: dict, path):
+    arch = metadata.get("general.architecture")
+    if arch != "llama":
+        raise GGUFError(
+            f"{path}: GGUF architecture {arch!r} is not supported; only 'llama' is "
+            f"(Llama, Mistral, SmolLM); for Qwen use an HF safetensors folder"
+        )
+
+
+def _plain(value):
+    """JSON fallback for the numpy scalars and arrays GGUF field contents can hold."""
+    return value.tolist() if hasattr(value, "tolist") else str(value)
+
+
+def config_from_gguf(gguf_file: GGUFFile) -> ModelConfig:
+    meta, path = gguf_file.metadata, gguf_file.path
+
+    def get(key, default=_MISSING):
+        if key not in meta:
+            if default is _MISSING:
+                raise GGUFError(f"{path}: GGUF metadata has no {key!r}")
+            return default
+        return meta[key]
+
+    hidden = int(get("llama.embedding_length"))
+    num_heads = int(get("llama.attention.head_count"))
+    head_dim = int(get("llama.attention.key_length", hidden // num_heads))
+    names = set(gguf_file.tensor_names)
+    if "rope_freqs.weight" in names:
+        # Llama 3.1 GGUFs bake llama3 rope scaling into this tensor; its parameters are lost
+        raise GGUFError(f"{path}: GGUF with rope_freqs (llama3 rope scaling) is not supported")
+    tokens = meta.get("tokenizer.ggml.tokens")
+    vocab = len(tokens) if tokens is not None else int(get("llama.vocab_size"))
+    eos = get("tokenizer.ggml.eos_token_id", None)
+    bos = get("tokenizer.ggml.bos_token_id", None)
+    return ModelConfig(
+        architecture="LlamaForCausalLM",
+        vocab_size=vocab,
+        hidden_size=hidden,
+        intermediate_size=int(get("llama.feed_forward_length")),
+        num_layers=int(get("llama.block_count")),
+        num_heads=num_heads,
+        num_kv_heads=int(get("llama.attention.head_count_kv", num_heads)),
+        head_dim=head_dim,
+        rms_norm_eps=float(get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
+        rope_theta=float(get("llama.rope.freq_base", 10000.0)),
+        max_position_embeddings=int(get("llama.context_length", 2048)),
+        tie_word_embeddings="output.weight" not in names,
+        eos_token_ids=[int(eos)] if eos is not None else [],
+        bos_token_id=int(bos) if bos is not None else None,
+        dtype="float32",  # dequantized at load
+    )
+
+
+_MISSING = object()
+
+
+# ----------------------------------------------------------------------------- tensors
+
+
+def unpermute_rows(w: np.ndarray, num_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row permutation (rotary pairs adjacent) back to HF's half-split:
+    per head, HF row j <- GGUF row 2j and HF row head_dim/2 + j <- GGUF row 2j + 1."""
+    rows = w.shape[0]
+    half = rows // num_heads // 2
+    # (heads, half, 2, ...) -> (heads, 2, half, ...)
+    return w.reshape(num_heads, half, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def _dequantize(reader, path) -> dict[str, np.ndarray]:
+    """GGUF tensor name -> float32 array in numpy (row-major) order."""
+    from gguf.quants import dequantize
+
+    out = {}
+    for t in reader.tensors:
+        shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims fastest-first
+        try:
+            out[t.name] = dequantize(t.data, t.tensor_type).astype(np.float32).reshape(shape)
+        except NotImplementedError as e:
+            raise GGUFError(
+                f"{path}: cannot dequantize {t.name} ({t.tensor_type.name}): {e}"
+            ) from None
+    return out
+
+
+def _convert(tensors: dict[str, np.ndarray], c: ModelConfig, path) -> dict[str, np.ndarray]:
+    """GGUF names -> our flat weight names (see `_to_weights`), fused and in HF row order."""
+
+    def take(name: str, shape: tuple) -> np.ndarray:
+        if name not in tensors:
+            raise GGUFError(f"{path}: GGUF has no tensor {name!r}")
+        if tensors[name].shape != shape:
+            raise GGUFError(
+                f"{path}: tensor {name!r} has shape {tensors[name].shape}, "
+                f"the metadata implies {shape}"
+            )
+        return tensors.pop(name)
+
+    h, i = c.hidden_size, c.intermediate_size
+    out = {"embed": take("token_embd.weight", (c.vocab_size, h)),
+           "norm": take("output_norm.weight", (h,))}
+    if not c.tie_word_embeddings:
+        out["lm_head"] = take("output.weight", (c.vocab_size, h))
+    for n in range(c.num_layers):
+        b, p = f"blk.{n}.", f"layers.{n}."
+        q = unpermute_rows(take(b + "attn_q.weight", (c.q_size, h)), c.num_heads)
+        k = unpermute_rows(take(b + "attn_k.weight", (c.kv_size, h)), c.num_kv_heads)
+        v = take(b + "attn_v.weight", (c.kv_size, h))
+        out[p + "qkv"] = np.concatenate([q, k, v])  # (q_size + 2 * kv_size, hidden)
+        out[p + "o"] = take(b + "attn_output.weight", (h, c.q_size))
+        out[p + "input_norm"] = take(b + "attn_norm.weight", (h,))
+        out[p + "post_norm"] = take(b + "ffn_norm.weight", (h,))
+        gate, up = take(b + "ffn_gate.weight", (i, h)), take(b + "ffn_up.weight", (i, h))
+        out[p + "gate_up"] = np.concatenate([gate, up])  # (2 * intermediate, hidden)
+        out[p + "down"] = take(b + "ffn_down.weight", (h, i))
+    return out
+
+
+def _to_weights(get, c: ModelConfig, ops) -> ModelWeights:
+    layers = [
+        LayerWeights(
+            input_norm=ops.from_host(get(f"layers.{n}.input_norm")),
+            qkv=ops.from_host(get(f"layers.{n}.qkv")),
+            qkv_bias=None,
+            q_norm=None,
+            k_norm=None,
+            o=ops.from_host(get(f"layers.{n}.o")),
+            post_norm=ops.from_host(get(f"layers.{n}.post_norm")),
+            gate_up=ops.from_host(get(f"layers.{n}.gate_up")),
+            down=ops.from_host(get(f"layers.{n}.down")),
+        )
+        for n in range(c.num_layers)
+    ]
+    embed = ops.from_host(get("embed"))
+    lm_head = embed if c.tie_word_embeddings else ops.from_host(get("lm_head"))
+    return ModelWeights(embed=embed, layers=layers, norm=ops.from_host(get("norm")),
+                        lm_head=lm_head)
+
+
+# ----------------------------------------------------------------------------- cache
+
+
+def cache_root() -> Path:
+    """$PAGEDSERVE_CACHE_DIR, else $XDG_CACHE_HOME/pagedserve, else ~/.cache/pagedserve."""
+    if os.environ.get("PAGEDSERVE_CACHE_DIR"):
+        return Path(os.environ["PAGEDSERVE_CACHE_DIR"])
+    xdg = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(xdg) / "pagedserve"
+
+
+def cache_dir_for(path: str | Path) -> Path:
+    """<root>/gguf/<stem>-<hash of path>-<hash of size and mtime>: one entry per source file,
+    a new one whenever the file changes."""
+    path = Path(path).resolve()
+    st = path.stat()
+    source = hashlib.sha256(str(path).encode()).hexdigest()[:12]
+    version = hashlib.sha256(f"{st.st_size}:{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    return cache_root() / "gguf" / f"{path.stem}-{source}-{version}"
+
+
+def load_gguf_weights(gguf_file: GGUFFile, config: ModelConfig, ops) -> ModelWeights:
+    """Weights of a llama GGUF on `ops`, through the float32 cache (written on first load)."""
+    path = gguf_file.path
+    entry = cache_dir_for(path)
+    if not (entry / "complete").is_file():
+        reader = gguf_file.reader or open_gguf(path)
+        tensors = _convert(_dequantize(reader, path), config, path)
+        try:
+            _write_cache(entry, tensors)
+        except OSError:
+            pass  # a read-only or full disk only costs the next load its speed
+        return _to_weights(tensors.__getitem__, config, ops)
+
+    def get(name: str) -> np.ndarray:
+        return np.load(entry / f"{name}.npy", mmap_mode="r")
+
+    return _to_weights(get, config, ops)
+
+
+def _write_cache(entry: Path, tensors: dict[str, np.ndarray]):
+    """Write to a temp folder and rename, so a crash never leaves a half entry that looks done;
+    older entries for the same source file are removed."""
+    entry.parent.mkdir(parents=True, exist_ok=True)
+    tmp = entry.with_name(entry.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    for name, array in tensors.items():
+        np.save(tmp / f"{name}.npy", array)
+    (tmp / "complete").write_text("")
+    source_prefix = entry.name.rsplit("-", 1)[0] + "-"
+    keep = (tmp, _meta_file(entry))
+    for old in entry.parent.glob(source_prefix + "*"):
+        if old not in keep:
+            old.unlink() if old.is_file() else shutil.rmtree(old, ignore_errors=True)
+    tmp.rename(entry)
+
+
+def _meta_file(entry: Path) -> Path:
+    return entry.with_name(entry.name + ".meta.json")
+
+
+def _write_atomic(path: Path, text: str):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + f".tmp{os.getpid()}")
+    tmp.write_text(text)
+    tmp.replace(path)

@@ -1,0 +1,111 @@
+"""LLM: offline batch generation in one call, on top of LLMEngine (vLLM's `LLM` entry point).
+
+    llm = LLM()                                   # the default model, on the GPU if there is one
+    outs = llm.generate(["Hello"], SamplingParams(max_tokens=32))
+    print(outs[0].outputs[0].text)
+"""
+
+from __future__ import annotations
+
+import itertools
+
+from engine.config import EngineConfig
+from engine.engine import LLMEngine
+from engine.outputs import RequestOutput
+from engine.sampling_params import SamplingParams
+
+
+class LLM:
+    def __init__(self, model: str | None = None, device: str = "auto", dtype: str = "auto",
+                 max_model_len: int | None = None, max_num_seqs: int = 256,
+                 max_num_batched_tokens: int = 8192, block_size: int = 16,
+                 num_kv_blocks: int | None = None, enable_prefix_caching: bool = True,
+                 seed: int = 0, **engine_fields):
+        """Arguments are EngineConfig fields (engine/config.py); unknown ones raise TypeError."""
+        config = EngineConfig(
+            model=model, device=device, dtype=dtype, max_model_len=max_model_len,
+            max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,
+            block_size=block_size, num_kv_blocks=num_kv_blocks,
+            enable_prefix_caching=enable_prefix_caching, seed=seed, **engine_fields,
+        )
+        self.engine = LLMEngine(config)
+        self._ids = itertools.count()
+
+    @classmethod
+    def from_engine(cls, engine: LLMEngine) -> LLM:
+        """Wrap an engine built elsewhere (tests build one around a tiny random model)."""
+        llm = cls.__new__(cls)
+        llm.engine = engine
+        llm._ids = itertools.count()
+        return llm
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts, sampling_params=None, use_tqdm: bool = True
+                 ) -> list[RequestOutput]:
+        """Finished outputs in the order of `prompts`.
+
+        prompts: a str, a {"prompt_token_ids": [...]} dict, or a list of either.
+        sampling_params: one SamplingParams for all, or a list with one per prompt.
+        """
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        prompts = list(prompts)
+        if sampling_params is None:
+            sampling_params = SamplingParams()
+        if isinstance(sampling_params, SamplingParams):
+            params = [sampling_params] * len(prompts)
+        else:
+            params = list(sampling_params)
+            if len(params) != len(prompts):
+                raise ValueError(f"sampling_params has {len(params)} entries for "
+                                 f"{len(prompts)} prompts; pass one, or one per prompt")
+        return self._run(prompts, params, use_tqdm)
+
+    def chat(self, messages, sampling_params=None, use_tqdm: bool = True,
+             add_generation_prompt: bool = True) -> list[RequestOutput]:
+        """messages: one conversation (a list of {"role", "content"} dicts) or a list of them."""
+        tokenizer = self.engine.tokenizer
+        if tokenizer is None:
+            raise ValueError("chat needs a tokenizer with a chat template; this model has none")
+        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        prompts = []
+        for conversation in conversations:
+            ids = tokenizer.apply_chat_template(conversation,
+                                                add_generation_prompt=add_generation_prompt,
+                                                tokenize=True)
+            prompts.append({"prompt_token_ids": ids})
+        return self.generate(prompts, sampling_params, use_tqdm)
+
+    def _run(self, prompts: list, params: list[SamplingParams], use_tqdm: bool
+             ) -> list[RequestOutput]:
+        engine = self.engine
+        request_ids = []
+        try:
+            for prompt, p in zip(prompts, params, strict=True):
+                request_id = f"llm-{next(self._ids)}"
+                engine.add_request(request_id, prompt, p)
+                request_ids.append(request_id)
+        except Exception:
+            for request_id in request_ids:  # leave the engine as it was
+                engine.abort(request_id)
+            engine.step()
+            raise
+        finished: dict[str, RequestOutput] = {}
+        bar = None
+        if use_tqdm:
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(request_ids), desc="requests", unit="req")
+        try:
+            while len(finished) < len(request_ids) and engine.has_unfinished_requests():
+                for out in engine.step():
+                    if out.finished:
+                        finished[out.request_id] = out
+                        if bar is not None:
+                            bar.update(1)
+        finally:
+            if bar is not None:
+                bar.close()
+        return [finished[request_id] for request_id in request_ids]

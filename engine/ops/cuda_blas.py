@@ -1,0 +1,66 @@
+"""cuBLAS GEMMs through ctypes, on the handle and library CuPy already loaded.
+
+CuPy's own cuBLAS wrappers refuse to run inside CUDA graph capture; calling libcublas directly
+works once a workspace and the stream are set (shared/GPU.md), so every GEMM goes through here.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+
+import cupy
+
+CUBLAS_OP_N, CUBLAS_OP_T = 0, 1
+CUDA_R_32F, CUDA_R_16F, CUDA_R_16BF = 0, 2, 14
+CUBLAS_COMPUTE_32F = 68
+CUBLAS_GEMM_DEFAULT = -1
+DATA_TYPES = {"float16": CUDA_R_16F, "bfloat16": CUDA_R_16BF, "float32": CUDA_R_32F}
+WORKSPACE_BYTES = 32 << 20
+
+
+def _load_cublas() -> ctypes.CDLL:
+    cupy.cuda.device.get_cublas_handle()  # makes CuPy load its libcublas
+    with open("/proc/self/maps") as maps:
+        for line in maps:
+            path = line.split()[-1]
+            if os.path.basename(path).startswith("libcublas.so"):
+                return ctypes.CDLL(path)
+    return ctypes.CDLL("libcublas.so")
+
+
+class Gemm:
+    """y (T, out) = x (T, in) @ w (out, in)^T with fp32 accumulation (CUBLAS_COMPUTE_32F)."""
+
+    def __init__(self):
+        lib = _load_cublas()
+        self._gemm = lib.cublasGemmEx
+        p, i = ctypes.c_void_p, ctypes.c_int
+        self._gemm.argtypes = [p, i, i, i, i, i, p, p, i, i, p, i, i, p, p, i, i, i, i]
+        self._set_stream = lib.cublasSetStream_v2
+        self._set_stream.argtypes = [p, p]
+        self.handle = cupy.cuda.device.get_cublas_handle()
+        # A fixed workspace: cuBLAS must not allocate while a CUDA graph is being captured.
+        self._workspace = cupy.empty(WORKSPACE_BYTES, cupy.uint8)
+        lib.cublasSetWorkspace_v2.argtypes = [p, p, ctypes.c_size_t]
+        self._check(lib.cublasSetWorkspace_v2(self.handle, self._workspace.data.ptr,
+                                              WORKSPACE_BYTES), "cublasSetWorkspace_v2")
+        self._one, self._zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
+
+    @staticmethod
+    def _check(status: int, what: str):
+        if status != 0:
+            raise RuntimeError(f"{what} failed with cuBLAS status {status}")
+
+    def __call__(self, x: cupy.ndarray, w: cupy.ndarray, out: cupy.ndarray, dtype: str):
+        # Row-major y = x w^T is column-major y^T = w^T-as-stored... i.e. C(out, T) = W^T(out, in)
+        # applied to X(in, T) with W read transposed (lda = in) and X as is (ldb = in).
+        num_tokens, k = x.shape
+        n_out = w.shape[0]
+        t = DATA_TYPES[dtype]
+        self._check(self._set_stream(self.handle, cupy.cuda.get_current_stream().ptr),
+                    "cublasSetStream_v2")
+        self._check(self._gemm(self.handle, CUBLAS_OP_T, CUBLAS_OP_N, n_out, num_tokens, k,
+                               ctypes.byref(self._one), w.data.ptr, t, k, x.data.ptr, t, k,
+                               ctypes.byref(self._zero), out.data.ptr, t, n_out,
+                               CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT), "cublasGemmEx")

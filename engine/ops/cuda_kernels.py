@@ -1,0 +1,70 @@
+"""Compiles the kernels in cuda/*.cu with NVRTC (cupy.RawModule), each variant once.
+
+A kernel is asked for by file and C++ name, e.g. kernel("rms_norm.cu", "rms_norm_kernel<__half>").
+All the template instances a file needs are compiled together on first use and cached.
+"""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+import cupy
+
+# numpy storage dtype name -> the C++ element type the kernels are instantiated with
+CTYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}
+HEAD_DIMS = (64, 128)
+
+
+def cuda_dir() -> Path:
+    """The .cu sources: engine/cuda/ inside an installed wheel, else the checkout's cuda/."""
+    here = Path(__file__).resolve().parent.parent
+    for candidate in (here / "cuda", here.parent / "cuda"):
+        if (candidate / "common.cuh").is_file():
+            return candidate
+    raise FileNotFoundError(
+        f"CUDA kernel sources not found in {here / 'cuda'} or {here.parent / 'cuda'}")
+
+
+def _names(file: str, ctype: str) -> list[str]:
+    """Every kernel instance of `file` for the compute type `ctype`."""
+    if file == "gather.cu":
+        return ["gather_rows_kernel", f"from_float_kernel<{ctype}>"]
+    if file == "activation.cu":
+        return [f"silu_and_mul_kernel<{ctype}>", f"add_bias_kernel<{ctype}>"]
+    if file == "rms_norm.cu":
+        return [f"rms_norm_kernel<{ctype}>"] + [f"qk_norm_kernel<{ctype}, {d}>" for d in HEAD_DIMS]
+    if file == "rope.cu":
+        return [f"rope_kernel<{ctype}, {ctype}>", f"rope_kernel<{ctype}, float>"]
+    if file == "kv_cache.cu":
+        return [f"write_kv_cache_kernel<{ctype}>"]
+    if file == "attention.cu":
+        return [f"{k}<{ctype}, {d}>" for d in HEAD_DIMS
+                for k in ("paged_attention_kernel", "attention_reduce_kernel")]
+    if file == "sampling.cu":
+        return (["penalty_counts_kernel", "add_logit_bias_kernel"]
+                + [f"adjust_logits_kernel<{t}>" for t in CTYPES.values()]
+                + [f"sample_kernel<{t}>" for t in CTYPES.values()])
+    raise KeyError(file)
+
+
+@functools.cache
+def _module(file: str, ctype: str) -> tuple[cupy.RawModule, frozenset]:
+    folder = cuda_dir()
+    names = _names(file, ctype)
+    module = cupy.RawModule(
+        code=(folder / file).read_text(),
+        options=("-std=c++17", f"-I{folder}"),
+        name_expressions=names,
+    )
+    module.compile()
+    return module, frozenset(names)
+
+
+@functools.cache
+def kernel(file: str, name: str, ctype: str = "float") -> cupy.RawKernel:
+    """The compiled kernel `name` from cuda/`file`; ctype picks the module's instantiation set."""
+    module, names = _module(file, ctype)
+    if name not in names:
+        raise ValueError(f"kernel {name!r} is not a compiled variant of {file}: {sorted(names)}")
+    return module.get_function(name)

@@ -1,0 +1,270 @@
+"""The cuda backend: NumpyOps' interface on CuPy arrays, with the kernels in cuda/ and cuBLAS.
+
+Activations, weights and the KV cache are fp16 or bf16 (bf16 stored as uint16 arrays, since CuPy
+has no bfloat16 dtype); every kernel computes in fp32. CuPy checks nothing about kernel arguments,
+so each wrapper checks shapes, dtypes and contiguity before it launches.
+"""
+
+from __future__ import annotations
+
+import cupy
+import numpy as np
+
+from engine.ops import AttentionMetadata, SamplerOutput, SamplingTensors
+from engine.ops.cuda_attention import DeviceAttentionMetadata, paged_attention, prepare_metadata
+from engine.ops.cuda_blas import Gemm
+from engine.ops.cuda_kernels import CTYPES, HEAD_DIMS, kernel
+from engine.ops.cuda_sampling import sample_on_device
+
+DTYPES = {"float16": np.float16, "bfloat16": np.uint16}
+_NULL = np.uint64(0)
+
+
+def _i32(v) -> np.int32:
+    return np.int32(v)
+
+
+def _grid(n: int, block: int) -> tuple:
+    return (max(1, -(-n // block)),)
+
+
+class CudaOps:
+    name = "cuda"
+
+    def __init__(self, dtype: str = "bfloat16"):
+        if dtype in ("auto", "float32"):
+            dtype = "bfloat16"  # the GPU computes in 16-bit; bf16 has fp32's range
+        if dtype not in DTYPES:
+            raise ValueError(
+                f"dtype must be 'float16' or 'bfloat16' for the cuda backend, got {dtype!r}")
+        if cupy.cuda.runtime.getDeviceCount() == 0:
+            raise RuntimeError("the cuda backend needs an NVIDIA GPU, and CuPy sees none")
+        self.dtype = dtype
+        self.ctype = CTYPES[dtype]
+        self.storage = np.dtype(DTYPES[dtype])
+        self._gemm = Gemm()
+        for file in ("gather.cu", "activation.cu", "rms_norm.cu", "rope.cu", "kv_cache.cu",
+                     "attention.cu"):
+            kernel(file, _first_name(file, self.ctype), self.ctype)  # compile now, fail early
+
+    # ---------------------------------------------------------------- checks
+
+    def _check(self, x, name: str, ndim: int | None = None, dtype=None):
+        if not isinstance(x, cupy.ndarray):
+            raise TypeError(f"{name}: expected a cupy array, got {type(x).__name__}")
+        want = self.storage if dtype is None else np.dtype(dtype)
+        if x.dtype != want:
+            raise TypeError(f"{name}: expected dtype {want}, got {x.dtype}")
+        if ndim is not None and x.ndim != ndim:
+            raise ValueError(f"{name}: expected {ndim} dimensions, got shape {x.shape}")
+        if not x.flags.c_contiguous:
+            raise ValueError(f"{name}: must be C-contiguous")
+        return x
+
+    def _ints(self, a, name: str) -> cupy.ndarray:
+        if isinstance(a, np.ndarray):
+            return cupy.asarray(np.ascontiguousarray(a, np.int32))
+        return self._check(a, name, 1, np.int32)
+
+    @staticmethod
+    def _head_dim_ok(head_dim: int):
+        if head_dim not in HEAD_DIMS:
+            raise ValueError(f"head_dim {head_dim} is not supported by the cuda kernels "
+                             f"(compiled for {HEAD_DIMS})")
+
+    # ---------------------------------------------------------------- memory
+
+    def from_host(self, array: np.ndarray) -> cupy.ndarray:
+        array = np.asarray(array)
+        if array.dtype.kind != "f":
+            return cupy.asarray(np.ascontiguousarray(array))
+        return self._from_fp32(cupy.asarray(np.ascontiguousarray(array, np.float32)))
+
+    def _from_fp32(self, x: cupy.ndarray) -> cupy.ndarray:
+        out = cupy.empty(x.shape, self.storage)
+        n = x.size
+        if n:
+            kernel("gather.cu", f"from_float_kernel<{self.ctype}>", self.ctype)(
+                _grid(n, 256), (256,), (out, x, np.int64(n)))
+        return out
+
+    def to_host(self, array) -> np.ndarray:
+        a = cupy.asnumpy(array) if isinstance(array, cupy.ndarray) else np.asarray(array)
+        if a.dtype == np.uint16 and self.dtype == "bfloat16":
+            return (a.astype(np.uint32) << 16).view(np.float32)
+        if a.dtype == np.float16:
+            return a.astype(np.float32)
+        return a
+
+    def random_weight(self, shape: tuple, std: float, rng: np.random.Generator) -> cupy.ndarray:
+        seed = int(rng.integers(0, 2**63 - 1))
+        x = cupy.random.RandomState(seed).standard_normal(shape, dtype=cupy.float32)
+        x *= np.float32(std)
+        return self._from_fp32(x)
+
+    def ones(self, shape: tuple) -> cupy.ndarray:
+        if self.dtype == "bfloat16":
+            return cupy.full(shape, 0x3F80, cupy.uint16)  # 1.0 in bf16
+        return cupy.ones(shape, cupy.float16)
+
+    def alloc_kv_cache(self, num_layers, num_blocks, num_kv_heads, block_size, head_dim):
+        # (num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim); [l, 0] k, [l, 1] v
+        self._head_dim_ok(head_dim)
+        return cupy.zeros((num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim),
+                          self.storage)
+
+    def kv_bytes_per_token(self, num_layers, num_kv_heads, head_dim) -> int:
+        return 2 * num_layers * num_kv_heads * head_dim * 2
+
+    # ---------------------------------------------------------------- layers
+
+    def _gather(self, src, idx, n_rows: int):
+        # src (rows, width) -> (n_rows, width), 16-byte words per row
+        width_bytes = src.shape[1] * src.itemsize
+        if width_bytes % 16 or src.data.ptr % 16:
+            return cupy.take(src, idx, axis=0)
+        out = cupy.empty((n_rows, src.shape[1]), src.dtype)
+        if n_rows:
+            kernel("gather.cu", "gather_rows_kernel", self.ctype)(
+                (n_rows,), (128,), (out, src, idx, _i32(width_bytes // 16)))
+        return out
+
+    def embedding(self, ids, table):
+        # ids (T,) int32, table (vocab, hidden) -> (T, hidden)
+        ids = self._ints(ids, "ids")
+        return self._gather(self._check(table, "embedding table", 2), ids, len(ids))
+
+    def gather_rows(self, x, indices):
+        indices = self._ints(indices, "indices")
+        return self._gather(self._check(x, "x", 2), indices, len(indices))
+
+    def _norm(self, x, residual, weight, eps, mode):
+        rows, hidden = x.shape
+        out = cupy.empty_like(x)
+        if rows:
+            kernel("rms_norm.cu", f"rms_norm_kernel<{self.ctype}>", self.ctype)(
+                (rows,), (256,),
+                (out, _NULL if residual is None else residual, x, weight, np.float32(eps),
+                 _i32(hidden), _i32(mode)))
+        return out
+
+    def rms_norm(self, x, weight, eps: float):
+        # x (T, hidden), weight (hidden,)
+        self._check(x, "x", 2)
+        self._check(weight, "weight", 1)
+        return self._norm(x, None, weight, eps, 0)
+
+    def add_rms_norm(self, x, residual, weight, eps):
+        """residual += x (in place); return (rms_norm(residual), residual). None starts it."""
+        self._check(x, "x", 2)
+        self._check(weight, "weight", 1)
+        if residual is None:
+            residual = cupy.empty_like(x)
+            return self._norm(x, residual, weight, eps, 1), residual
+        self._check(residual, "residual", 2)
+        if residual.shape != x.shape:
+            raise ValueError(f"residual shape {residual.shape} != x shape {x.shape}")
+        return self._norm(x, residual, weight, eps, 2), residual
+
+    def linear(self, x, weight, bias=None):
+        # x (T, in), weight (out, in) as stored by HF, bias (out,) -> (T, out)
+        self._check(x, "x", 2)
+        self._check(weight, "weight", 2)
+        if x.shape[1] != weight.shape[1]:
+            raise ValueError(
+                f"linear: x has {x.shape[1]} features, weight expects {weight.shape[1]}")
+        out = cupy.empty((x.shape[0], weight.shape[0]), self.storage)
+        if x.shape[0] == 0:
+            return out
+        self._gemm(x, weight, out, self.dtype)
+        if bias is not None:
+            self._check(bias, "bias", 1)
+            kernel("activation.cu", f"add_bias_kernel<{self.ctype}>", self.ctype)(
+                _grid(out.size, 256), (256,), (out, bias, np.int64(out.size), _i32(out.shape[1])))
+        return out
+
+    def qk_norm(self, qkv, q_weight, k_weight, eps, num_heads, num_kv_heads):
+        """Per-head RMSNorm of the q and k heads of qkv, in place (Qwen3)."""
+        head_dim = q_weight.shape[0]
+        self._head_dim_ok(head_dim)
+        self._check(qkv, "qkv", 2)
+        n = len(qkv) * (num_heads + num_kv_heads)
+        if n:
+            kernel("rms_norm.cu", f"qk_norm_kernel<{self.ctype}, {head_dim}>", self.ctype)(
+                _grid(n, 4), (128,),
+                (qkv, self._check(q_weight, "q_weight", 1), self._check(k_weight, "k_weight", 1),
+                 np.float32(eps), _i32(len(qkv)), _i32(num_heads), _i32(num_kv_heads)))
+
+    def rope(self, qkv, positions, cos_sin, num_heads, num_kv_heads):
+        """Rotate q and k heads of qkv in place, HF's half-split convention."""
+        self._check(qkv, "qkv", 2)
+        positions = self._ints(positions, "positions")
+        cs_type = "float" if cos_sin.dtype == np.float32 else self.ctype
+        self._check(cos_sin, "cos_sin", 2, cos_sin.dtype if cs_type == "float" else None)
+        head_dim = cos_sin.shape[1]
+        if len(qkv):
+            kernel("rope.cu", f"rope_kernel<{self.ctype}, {cs_type}>", self.ctype)(
+                (len(qkv), num_heads + num_kv_heads), (head_dim // 2,),
+                (qkv, positions, cos_sin, _i32(num_heads), _i32(num_kv_heads), _i32(head_dim)))
+
+    def silu_and_mul(self, gate_up):
+        # gate_up (T, 2 * inter): gate first, then up -> (T, inter)
+        self._check(gate_up, "gate_up", 2)
+        inter = gate_up.shape[1] // 2
+        out = cupy.empty((gate_up.shape[0], inter), self.storage)
+        if out.size:
+            kernel("activation.cu", f"silu_and_mul_kernel<{self.ctype}>", self.ctype)(
+                _grid(out.size, 256), (256,), (out, gate_up, np.int64(out.size), _i32(inter)))
+        return out
+
+    # ---------------------------------------------------------------- attention
+
+    def prepare_metadata(self, meta: AttentionMetadata) -> DeviceAttentionMetadata:
+        """Device copies of the step's metadata, uploaded once and reused by every layer."""
+        return prepare_metadata(meta)
+
+    def write_kv_cache(self, qkv, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads):
+        """Store each new token's k and v heads at its slot; slot -1 means 'do not store'."""
+        self._check(qkv, "qkv", 2)
+        self._check(k_cache, "k_cache", 4)
+        self._check(v_cache, "v_cache", 4)
+        slot_mapping = self._ints(slot_mapping, "slot_mapping")
+        _, _, block_size, head_dim = k_cache.shape
+        if len(qkv):
+            kernel("kv_cache.cu", f"write_kv_cache_kernel<{self.ctype}>", self.ctype)(
+                (len(qkv),), (128,),
+                (k_cache, v_cache, qkv, slot_mapping, _i32(num_heads), _i32(num_kv_heads),
+                 _i32(head_dim), _i32(block_size)))
+
+    def attention(self, qkv, k_cache, v_cache, meta, num_heads, num_kv_heads, scale):
+        """Causal attention of every new query over its sequence's paged cache -> (T, q_size)."""
+        self._check(qkv, "qkv", 2)
+        self._check(k_cache, "k_cache", 4)
+        self._check(v_cache, "v_cache", 4)
+        self._head_dim_ok(k_cache.shape[-1])
+        if isinstance(meta, AttentionMetadata):
+            meta = prepare_metadata(meta)
+        return paged_attention(qkv, k_cache, v_cache, meta, num_heads, num_kv_heads, scale,
+                               self.ctype)
+
+    # ---------------------------------------------------------------- sampling
+
+    def sample(self, logits, tensors: SamplingTensors) -> SamplerOutput:
+        # logits (R, vocab): float32, or the compute dtype straight from the lm_head GEMM
+        if isinstance(logits, np.ndarray):
+            logits = cupy.asarray(np.ascontiguousarray(logits, np.float32))
+        ctype = {np.dtype(np.float32): "float", np.dtype(np.float16): "__half",
+                 np.dtype(np.uint16): "__nv_bfloat16"}.get(np.dtype(logits.dtype))
+        if ctype is None:
+            raise TypeError(f"logits: unsupported dtype {logits.dtype}")
+        self._check(logits, "logits", 2, logits.dtype)
+        return sample_on_device(logits, tensors, ctype)
+
+    def synchronize(self):
+        cupy.cuda.get_current_stream().synchronize()
+
+
+def _first_name(file: str, ctype: str) -> str:
+    from engine.ops.cuda_kernels import _names
+
+    return _names(file, ctype)[0]

@@ -1,0 +1,76 @@
+"""Sampling on the GPU (cuda/sampling.cu): numpy_sampling.sample's semantics, one sync a step."""
+
+from __future__ import annotations
+
+import cupy
+import numpy as np
+
+from engine.ops import SamplerOutput, SamplingTensors
+from engine.ops.cuda_kernels import kernel
+
+NUM_PARAMS = 10  # words per row, laid out as in cuda/sampling.cu
+
+
+def pack_params(t: SamplingTensors) -> np.ndarray:
+    """(R, NUM_PARAMS) int32: the per-row settings as 32-bit words (floats bit-cast)."""
+    rows = len(t.temperature)
+    words = np.zeros((rows, NUM_PARAMS), np.uint32)
+    f = words.view(np.float32)
+    seeds = np.asarray(t.seeds, np.uint64)
+    f[:, 0] = t.temperature
+    words[:, 1] = np.asarray(t.top_k, np.int64).astype(np.uint32)
+    f[:, 2] = t.top_p
+    f[:, 3] = t.min_p
+    words[:, 4] = (seeds & np.uint64(0xFFFFFFFF)).astype(np.uint32)
+    words[:, 5] = (seeds >> np.uint64(32)).astype(np.uint32)
+    words[:, 6] = np.asarray(t.steps, np.uint32)
+    f[:, 7] = t.presence_penalty
+    f[:, 8] = t.frequency_penalty
+    f[:, 9] = t.repetition_penalty
+    return words.view(np.int32)
+
+
+def _ids(a) -> tuple:
+    if a is None or a.size == 0:
+        return np.uint64(0), 0
+    a = np.ascontiguousarray(a, np.int32)
+    return cupy.asarray(a), a.shape[1]
+
+
+def sample_on_device(logits: cupy.ndarray, t: SamplingTensors, ctype: str) -> SamplerOutput:
+    # logits (R, vocab), float32 / half / bf16 as uint16
+    rows, vocab = logits.shape
+    n_lp = int(t.num_logprobs)
+    if rows == 0:
+        empty = np.empty(0, np.int32)
+        return SamplerOutput(empty, np.empty(0, np.float32))
+    params = cupy.asarray(pack_params(t))
+    i32 = np.int32
+    adjusted = np.uint64(0)
+    has_penalty = t.prompt_ids is not None or t.output_ids is not None
+    if has_penalty or t.bias_ids is not None:
+        counts = np.uint64(0)
+        if has_penalty:
+            counts = cupy.zeros((rows, vocab), cupy.int32)
+            prompt, p_len = _ids(t.prompt_ids)
+            output, o_len = _ids(t.output_ids)
+            kernel("sampling.cu", "penalty_counts_kernel")(
+                (rows,), (256,), (counts, prompt, output, i32(p_len), i32(o_len), i32(vocab)))
+        adjusted = cupy.empty((rows, vocab), cupy.float32)
+        kernel("sampling.cu", f"adjust_logits_kernel<{ctype}>")(
+            (rows, -(-vocab // 256)), (256,), (adjusted, logits, counts, params, i32(vocab)))
+        if t.bias_ids is not None and t.bias_ids.size:
+            ids = cupy.asarray(np.ascontiguousarray(t.bias_ids, np.int32))
+            values = cupy.asarray(np.ascontiguousarray(t.bias_values, np.float32))
+            kernel("sampling.cu", "add_logit_bias_kernel")(
+                (rows,), (1,), (adjusted, ids, values, i32(ids.shape[1]), i32(vocab)))
+    probs = np.uint64(0) if t.all_greedy else cupy.empty((rows, vocab), cupy.float32)
+    result = cupy.empty((rows, 2 + 2 * n_lp), cupy.int32)
+    kernel("sampling.cu", f"sample_kernel<{ctype}>")(
+        (rows,), (1024,), (result, probs, logits, adjusted, params, i32(vocab), i32(n_lp)))
+    host = cupy.asnumpy(result)  # the step's one device -> host sync
+    out = SamplerOutput(host[:, 0].copy(), host[:, 1].copy().view(np.float32))
+    if n_lp > 0:
+        out.top_ids = host[:, 2 : 2 + n_lp].copy()
+        out.top_logprobs = host[:, 2 + n_lp :].copy().view(np.float32)
+    return out

@@ -1,0 +1,203 @@
+"""Continuous batching: which sequences run this step and how many tokens each (floor 1).
+
+Every step re-forms the batch under a token budget (`max_num_batched_tokens`) and a sequence cap
+(`max_num_seqs`): running decodes first (one token each), then prefill chunks, first for running
+sequences part-way through their prompt, then for waiting ones in arrival order (FCFS). A prefill
+longer than what is left of the budget is split over steps (chunked prefill), so one long prompt
+never stalls the decodes. When the KV cache runs out of blocks, the newest running sequence is
+preempted: its blocks are freed and it waits at the front of the queue to be recomputed as a
+prefill of its prompt plus the tokens it had generated (its full blocks usually survive in the
+prefix cache, so the recompute is mostly hits).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from engine.block_manager import BlockManager
+from engine.sequence import Sequence, SequenceStatus
+
+
+@dataclass
+class ScheduledBatch:
+    seqs: list[Sequence] = field(default_factory=list)  # running decodes first, then prefill chunks
+    # Tokens each sequence computes this step, from seq.num_computed_tokens on. A sequence samples
+    # a token iff num_computed_tokens + n == len(token_ids) (checked before finish_step).
+    num_new_tokens: list[int] = field(default_factory=list)
+    num_preempted: int = 0  # preemptions made while building this batch
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(self.num_new_tokens)
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.seqs
+
+    def add(self, seq: Sequence, n: int) -> None:
+        self.seqs.append(seq)
+        self.num_new_tokens.append(n)
+
+
+class Scheduler:
+    def __init__(
+        self,
+        block_manager: BlockManager,
+        max_num_seqs: int,
+        max_num_batched_tokens: int,
+        max_model_len: int,
+    ):
+        for name, value in (
+            ("max_num_seqs", max_num_seqs),
+            ("max_num_batched_tokens", max_num_batched_tokens),
+            ("max_model_len", max_model_len),
+        ):
+            if value < 1:
+                raise ValueError(f"{name} must be >= 1, got {value}")
+        self.block_manager = block_manager
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max_num_batched_tokens
+        self.max_model_len = max_model_len
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []  # in admission order: the last is preempted first
+        self.num_steps = 0
+        self.num_preemptions = 0
+        self.num_chunked_prefill_steps = 0  # steps where some prefill ran with tokens left over
+        self.num_mixed_steps = 0  # steps with both decodes and prefill chunks
+
+    # ---- queue -------------------------------------------------------------------------------
+
+    @property
+    def num_running(self) -> int:
+        return len(self.running)
+
+    @property
+    def num_waiting(self) -> int:
+        return len(self.waiting)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def add(self, seq: Sequence) -> None:
+        """Queue a waiting sequence; raise ValueError at once if it could never run to its end."""
+        num_prompt = len(seq.token_ids)
+        if num_prompt == 0:
+            raise ValueError("prompt is empty: it needs at least one token")
+        if num_prompt + 1 > self.max_model_len:
+            raise ValueError(
+                f"prompt has {num_prompt} tokens; with one generated token that exceeds "
+                f"max_model_len {self.max_model_len}"
+            )
+        # A sequence alone must be able to hold its longest possible length, or it would be
+        # preempted forever. The last token is never computed, but the table covers it.
+        max_tokens = seq.sampling_params.max_tokens
+        max_len = self.max_model_len
+        if max_tokens is not None:
+            max_len = min(max_len, num_prompt + max_tokens)
+        bm = self.block_manager
+        need = bm.blocks_for(max_len)
+        if need > bm.num_blocks:
+            raise ValueError(
+                f"prompt has {num_prompt} tokens and may grow to {max_len} tokens, which needs "
+                f"{need} KV-cache blocks of {bm.block_size} tokens; the KV cache has only "
+                f"{bm.num_blocks} blocks (lower max_tokens or max_model_len, or add blocks)"
+            )
+        seq.status = SequenceStatus.WAITING
+        self.waiting.append(seq)
+
+    # ---- one step ----------------------------------------------------------------------------
+
+    def schedule(self) -> ScheduledBatch:
+        batch = ScheduledBatch()
+        budget = self.max_num_batched_tokens
+        bm = self.block_manager
+
+        # Decodes, oldest first: a victim is always newer than the sequence being served, so it
+        # is never one already in this batch.
+        for seq in list(self.running):
+            if seq.status != SequenceStatus.RUNNING or seq.num_uncomputed_tokens != 1:
+                continue
+            if budget == 0 or len(batch.seqs) == self.max_num_seqs:
+                break
+            while not bm.can_append(seq, 1):
+                victim = self.running[-1]
+                self._preempt(victim)
+                batch.num_preempted += 1
+                if victim is seq:
+                    break
+            if seq.status == SequenceStatus.RUNNING:
+                bm.append(seq, 1)
+                batch.add(seq, 1)
+                budget -= 1
+        num_decodes = len(batch.seqs)
+
+        chunked = False
+        # Prefills already admitted (their blocks cover the whole prompt), then the queue.
+        for seq in self.running:
+            if budget == 0 or len(batch.seqs) == self.max_num_seqs:
+                break
+            n = min(seq.num_uncomputed_tokens, budget)
+            if seq.num_uncomputed_tokens > 1 and bm.can_append(seq, n):
+                bm.append(seq, n)  # a no-op: admission gave blocks for every token
+                chunked |= n < seq.num_uncomputed_tokens
+                batch.add(seq, n)
+                budget -= n
+        # After a preemption, admitting would only take blocks the running ones need back.
+        while self.waiting and batch.num_preempted == 0:
+            if budget == 0 or len(batch.seqs) == self.max_num_seqs:
+                break
+            if len(self.running) >= self.max_num_seqs:
+                break
+            seq = self.waiting[0]
+            if not bm.can_allocate(seq):
+                break  # FCFS: nobody overtakes the head of the queue
+            self.waiting.popleft()
+            bm.allocate(seq)
+            seq.status = SequenceStatus.RUNNING
+            self.running.append(seq)
+            n = min(seq.num_uncomputed_tokens, budget)
+            chunked |= n < seq.num_uncomputed_tokens
+            batch.add(seq, n)
+            budget -= n
+
+        self.num_preemptions += batch.num_preempted
+        if not batch.is_empty:
+            self.num_steps += 1
+            self.num_chunked_prefill_steps += chunked
+            self.num_mixed_steps += 0 < num_decodes < len(batch.seqs)
+        return batch
+
+    def _preempt(self, seq: Sequence) -> None:
+        self.block_manager.free(seq)
+        seq.status = SequenceStatus.WAITING
+        self.running.remove(seq)
+        self.waiting.appendleft(seq)
+
+    def finish_step(self, batch: ScheduledBatch) -> None:
+        """Record that the model computed the batch (before the engine appends sampled tokens)."""
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            if seq.status != SequenceStatus.RUNNING:  # aborted while the step ran
+                continue
+            seq.num_computed_tokens += n
+            self.block_manager.mark_computed(seq)
+
+    # ---- endings -----------------------------------------------------------------------------
+
+    def finish_seq(self, seq: Sequence, reason: str) -> None:
+        if seq.status == SequenceStatus.FINISHED:
+            return
+        if seq.status == SequenceStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        seq.status = SequenceStatus.FINISHED
+        seq.finish_reason = reason
+        self.block_manager.free(seq)
+
+    def abort(self, request_id: str) -> list[Sequence]:
+        """Finish every unfinished sequence of the request with reason "abort"; return them."""
+        seqs = [s for s in (*self.running, *self.waiting) if s.request_id == request_id]
+        for seq in seqs:
+            self.finish_seq(seq, "abort")
+        return seqs

@@ -1,0 +1,295 @@
+"""Text <-> token ids: HF folders or GGUF metadata, chat templates, streaming detokenization.
+
+`Tokenizer` wraps a `tokenizers.Tokenizer` (the Rust library) and adds what a server needs around
+it: special token ids, the chat template (run in a jinja2 sandbox, with the variables HF passes),
+and `IncrementalDetokenizer`, which turns a growing list of output ids into text deltas.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime
+from pathlib import Path
+
+import jinja2
+import jinja2.ext
+import jinja2.sandbox
+import tokenizers
+from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+
+# GGUF token types (llama.cpp's llama_token_type)
+TOKEN_TYPE_CONTROL = 3
+TOKEN_TYPE_USER_DEFINED = 4
+
+# Split patterns for the `tokenizer.ggml.pre` values we know, applied before the byte mapping.
+# None means GPT-2's own pattern (ByteLevel with use_regex=True).
+_LLAMA3_SPLIT = (
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}"
+    r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
+)
+_QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+GGUF_PRE_TOKENIZERS = {
+    "default": None,
+    "gpt2": None,
+    "smollm": None,  # plus every digit isolated first, see _byte_level_pre_tokenizer
+    "llama3": _LLAMA3_SPLIT,
+    "llama-bpe": _LLAMA3_SPLIT,
+    "qwen2": _QWEN2_SPLIT,
+}
+
+
+class TokenizerError(ValueError):
+    """A tokenizer pagedserve cannot build or use; the message names the file or field."""
+
+
+def byte_to_unicode() -> dict[int, str]:
+    """GPT-2's reversible byte -> printable character map used to spell byte-level tokens.
+
+    Printable Latin-1 bytes stand for themselves; the other 68 (controls, space, ...) are moved to
+    code points 256 and up, in byte order, so that no token contains whitespace or controls.
+    """
+    kept = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1), *range(ord("®"), 256)]
+    mapping = {b: chr(b) for b in kept}
+    moved = [b for b in range(256) if b not in mapping]
+    mapping.update({b: chr(256 + n) for n, b in enumerate(moved)})
+    return mapping
+
+
+# ---------------------------------------------------------------------------------------------
+# GGUF metadata -> tokenizers.Tokenizer
+
+
+def gguf_tokenizer_metadata(reader) -> dict:
+    """The `tokenizer.*` fields of a `gguf.GGUFReader` as plain Python values."""
+    return {k: f.contents() for k, f in reader.fields.items() if k.startswith("tokenizer.")}
+
+
+def _byte_level_pre_tokenizer(pre: str):
+    if pre not in GGUF_PRE_TOKENIZERS:
+        raise TokenizerError(
+            f"tokenizer.ggml.pre = {pre!r} is not supported; known: {sorted(GGUF_PRE_TOKENIZERS)}"
+        )
+    split = GGUF_PRE_TOKENIZERS[pre]
+    if split is not None:
+        return pre_tokenizers.Sequence(
+            [
+                pre_tokenizers.Split(Regex(split), behavior="isolated"),
+                pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+            ]
+        )
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True)
+    if pre == "smollm":
+        # SmolLM's merges were learned on text with every digit on its own ("123" -> 1, 2, 3).
+        return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+    return byte_level
+
+
+def tokenizer_from_gguf_metadata(meta: dict) -> Tokenizer:
+    """Build a `Tokenizer` from GGUF `tokenizer.*` metadata given as plain values.
+
+    Only byte-level BPE (`tokenizer.ggml.model == "gpt2"`) is supported. The result matches what
+    HF transformers builds from the same file: control tokens (type 3) become special added tokens,
+    user-defined ones (type 4) plain added tokens that are always matched whole.
+    """
+    model = meta.get("tokenizer.ggml.model")
+    if model != "gpt2":
+        raise TokenizerError(
+            f"tokenizer.ggml.model = {model!r} is not supported; only byte-level BPE ('gpt2') is"
+        )
+    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
+        if key not in meta:
+            raise TokenizerError(f"GGUF metadata has no {key}")
+    tokens = list(meta["tokenizer.ggml.tokens"])
+    types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+    if len(types) != len(tokens):
+        raise TokenizerError(
+            f"tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens"
+        )
+
+    spell = byte_to_unicode()
+    alphabet = set(spell.values())
+    # A token written as raw text instead of in the byte alphabet is respelled byte by byte.
+    vocab = {
+        (t if set(t) <= alphabet else "".join(spell[b] for b in t.encode("utf-8"))): i
+        for i, t in enumerate(tokens)
+    }
+    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
+    tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    tok.pre_tokenizer = _byte_level_pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"))
+    tok.decoder = decoders.ByteLevel()
+
+    # NOTE: llama.cpp marks some odd tokens CONTROL although they are spelled outside the byte
+    # alphabet; adding them would grow the vocabulary past the model's, so they are skipped (as HF).
+    typed = list(zip(tokens, types, strict=True))
+    special = [t for t, ty in typed if ty == TOKEN_TYPE_CONTROL and set(t) <= alphabet]
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    user = [t for t, ty in typed if ty == TOKEN_TYPE_USER_DEFINED and t in vocab]
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
+
+    def token_at(key):  # (id, token) or (None, None)
+        i = meta.get(key)
+        return (i, tokens[i]) if i is not None and 0 <= i < len(tokens) else (None, None)
+
+    bos_id, bos = token_at("tokenizer.ggml.bos_token_id")
+    eos_id, eos = token_at("tokenizer.ggml.eos_token_id")
+    first = [(bos, bos_id)] if meta.get("tokenizer.ggml.add_bos_token") and bos else []
+    last = [(eos, eos_id)] if meta.get("tokenizer.ggml.add_eos_token") and eos else []
+    if first or last:
+        tok.post_processor = processors.TemplateProcessing(
+            single=[*(t for t, _ in first), "$A", *(t for t, _ in last)],
+            special_tokens=list(set(first + last)),
+        )
+    return Tokenizer(tok, bos, eos, meta.get("tokenizer.chat_template"))
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat templates, rendered the way HF transformers renders them
+
+
+def _raise_exception(message):
+    raise jinja2.exceptions.TemplateError(message)
+
+
+def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    # HF's tojson keeps non-ASCII text as is (jinja's built-in escapes it and HTML characters).
+    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
+                      sort_keys=sort_keys)
+
+
+def _compile_template(source: str) -> jinja2.Template:
+    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+    )
+    env.filters["tojson"] = _tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env.from_string(source)
+
+
+def _pick_template(chat_template) -> str | None:
+    """`chat_template` is a string, or a list of {name, template} of which we take "default"."""
+    if chat_template is None or isinstance(chat_template, str):
+        return chat_template
+    named = {t["name"]: t["template"] for t in chat_template}
+    if "default" not in named:
+        raise TokenizerError(f"chat_template lists {sorted(named)} but no 'default' template")
+    return named["default"]
+
+
+# ---------------------------------------------------------------------------------------------
+# The tokenizer
+
+
+class Tokenizer:
+    def __init__(self, tokenizer: tokenizers.Tokenizer, bos_token: str | None,
+                 eos_token: str | None, chat_template=None):
+        self.tokenizer = tokenizer
+        self.bos_token, self.eos_token = bos_token, eos_token
+        self.bos_token_id = tokenizer.token_to_id(bos_token) if bos_token else None
+        self.eos_token_id = tokenizer.token_to_id(eos_token) if eos_token else None
+        self.chat_template = _pick_template(chat_template)
+        self._template = None  # compiled on first use
+        self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
+        self.all_special_ids = {
+            i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special
+        }
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path) -> Tokenizer:
+        """An HF model folder: `tokenizer.json`, plus `tokenizer_config.json` if present."""
+        folder = Path(folder)
+        path = folder / "tokenizer.json"
+        if not path.is_file():
+            raise TokenizerError(f"no tokenizer.json in {folder} (needed to build the tokenizer)")
+        tok = tokenizers.Tokenizer.from_file(str(path))
+        config_path = folder / "tokenizer_config.json"
+        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+
+        def token(name):  # "<s>", or {"content": "<s>", ...}, or absent
+            value = config.get(name)
+            return value.get("content") if isinstance(value, dict) else value
+
+        chat_template = config.get("chat_template")
+        jinja_file = folder / "chat_template.jinja"  # newer HF folders keep it apart
+        if chat_template is None and jinja_file.is_file():
+            chat_template = jinja_file.read_text()
+        return cls(tok, token("bos_token"), token("eos_token"), chat_template)
+
+    @classmethod
+    def from_gguf(cls, reader) -> Tokenizer:
+        """The tokenizer a GGUF file describes, given an open `gguf.GGUFReader`."""
+        return tokenizer_from_gguf_metadata(gguf_tokenizer_metadata(reader))
+
+    def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def id_to_token(self, i: int) -> str | None:
+        return self.tokenizer.id_to_token(i)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            tokenize: bool = True, **kwargs) -> list[int] | str:
+        """Render `messages` with the model's chat template; ids, or the text if not `tokenize`.
+
+        Extra keyword arguments (e.g. `tools`) become template variables, as in HF.
+        """
+        if self.chat_template is None:
+            raise TokenizerError(
+                "this model has no chat template (chat_template in tokenizer_config.json or "
+                "tokenizer.chat_template in the GGUF); use a plain completion prompt instead"
+            )
+        if self._template is None:
+            self._template = _compile_template(self.chat_template)
+        text = self._template.render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs,
+        )
+        # The template already wrote any BOS it wants; adding it again would double it.
+        return self.encode(text, add_special_tokens=False) if tokenize else text
+
+
+# ---------------------------------------------------------------------------------------------
+# Streaming detokenization
+
+# Tokens of context kept before the new ones: enough for a decoder to get spaces right at the seam.
+_CONTEXT_TOKENS = 5
+
+
+class IncrementalDetokenizer:
+    """Turns output ids, a few at a time, into text deltas.
+
+    Each step decodes only a short window: tokens [prefix_offset, read_offset) were already turned
+    into text, and the window's text beyond theirs is the delta. A delta that ends in U+FFFD is a
+    character whose bytes are still arriving (an emoji split over byte-level tokens): it is held
+    back, and the window grows until the character completes.
+    """
+
+    def __init__(self, tokenizer: Tokenizer, prompt_token_ids: list[int],
+                 skip_special_tokens: bool = True):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = skip_special_tokens
+        self.token_ids = list(prompt_token_ids[-_CONTEXT_TOKENS:])
+        if self._decode(self.token_ids).endswith("\ufffd"):
+            # The prompt stops inside a character: text diffs against it would be misaligned.
+            self.token_ids = []
+        self.prefix_offset = 0
+        self.read_offset = len(self.token_ids)
+        self.text = ""
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def step(self, new_token_ids: list[int]) -> str:
+        self.token_ids.extend(new_token_ids)
+        seen = self._decode(self.token_ids[self.prefix_offset:self.read_offset])
+        full = self._decode(self.token_ids[self.prefix_offset:])
+        if len(full) <= len(seen) or full.endswith("\ufffd"):
+            return ""
+        delta = full[len(seen):]
+        # The next window starts at the last fully read tokens, so it stays a few tokens long.
+        self.prefix_offset = self.read_offset
+        self.read_offset = len(self.token_ids)
+        self.text += delta
+        return delta

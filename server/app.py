@@ -1,0 +1,243 @@
+"""The Starlette app: engine lifecycle, auth, body limits, and the small endpoints.
+
+The generation endpoints live in server/openai_routes.py. The engine loads on its own thread at
+start-up, so /health answers 503 until it is ready instead of the port staying closed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import logging
+import time
+from dataclasses import dataclass
+
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from engine.config import EngineConfig
+from server.async_engine import AsyncEngine
+from server.metrics import ServerMetrics
+from server.protocol import APIError, bad_request, get_field, parse_messages
+
+log = logging.getLogger("pagedserve.server")
+DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
+MAX_BODY_BYTES = 4 * 1024 * 1024
+OPEN_PATHS = ("/health", "/metrics")  # probes and scrapers carry no key
+
+
+@dataclass
+class ServerSettings:
+    served_model_name: str
+    api_key: str | None = None
+    max_waiting_requests: int | None = None  # None: no limit
+    max_body_bytes: int = MAX_BODY_BYTES
+
+
+def create_app(engine_config: EngineConfig | None = None, *, served_model_name: str | None = None,
+               api_key: str | None = None, max_waiting_requests: int | None = None,
+               max_body_bytes: int = MAX_BODY_BYTES, make_engine=None) -> Starlette:
+    """An app that loads the engine in the background; `make_engine` replaces LLMEngine(config)."""
+    from server.openai_routes import chat_completions, completions
+
+    config = engine_config or EngineConfig()
+    if make_engine is None:
+        def make_engine():
+            from engine.engine import LLMEngine
+
+            return LLMEngine(config)
+
+    metrics = ServerMetrics()
+    engine = AsyncEngine(make_engine, metrics)
+    settings = ServerSettings(served_model_name or config.model or DEFAULT_MODEL_NAME, api_key,
+                              max_waiting_requests, max_body_bytes)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        engine.start()
+        yield
+        await asyncio.to_thread(engine.shutdown)
+
+    routes = [
+        Route("/health", health, methods=["GET"]),
+        Route("/metrics", metrics_endpoint, methods=["GET"]),
+        Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/completions", completions, methods=["POST"]),
+        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/tokenize", tokenize, methods=["POST"]),
+        Route("/detokenize", detokenize, methods=["POST"]),
+    ]
+    handlers = {APIError: _api_error, 404: _not_found, 405: _not_allowed, Exception: _crash}
+    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
+    app.state.engine, app.state.metrics, app.state.settings = engine, metrics, settings
+    app.add_middleware(_ApiKeyGuard, api_key=api_key)
+    return app
+
+
+# ---------------------------------------------------------------- shared helpers
+
+
+def ready_engine(request: Request):
+    """The loaded engine, or a 503 while it loads (or a 500 if loading failed)."""
+    engine: AsyncEngine = request.app.state.engine
+    if engine.load_error is not None:
+        raise APIError(500, f"the model failed to load: {engine.load_error}", type="server_error")
+    if not engine.is_ready:
+        raise APIError(503, "the model is still loading; retry shortly", type="server_error",
+                       code="model_loading")
+    return engine.engine
+
+
+async def read_json(request: Request) -> dict:
+    """The body as a JSON object, at most max_body_bytes long, else 413 / 400."""
+    limit = request.app.state.settings.max_body_bytes
+    too_big = APIError(413, f"request body is larger than {limit} bytes", code="request_too_large")
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_big
+    chunks, size = [], 0
+    async for chunk in request.stream():  # the header may lie or be absent (chunked)
+        size += len(chunk)
+        if size > limit:
+            raise too_big
+        chunks.append(chunk)
+    try:
+        body = json.loads(b"".join(chunks))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise bad_request("body", f"malformed JSON body: {e}") from None
+    if not isinstance(body, dict):
+        raise bad_request("body", "the JSON body must be an object")
+    return body
+
+
+def check_model(request: Request, body: dict) -> str:
+    name = request.app.state.settings.served_model_name
+    model = get_field(body, "model", "str", name)
+    if model != name:
+        raise APIError(404, f"the model {model!r} does not exist; this server serves {name!r}",
+                       param="model", code="model_not_found")
+    return name
+
+
+async def until_disconnect(request: Request, work):
+    """Await `work`; if the client disconnects first, cancel it (its requests get aborted)."""
+    task = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+    if task.cancelled():
+        return Response(status_code=499)  # nobody is left to read it
+    return task.result()
+
+
+async def _wait_disconnect(request: Request):
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+# ---------------------------------------------------------------- small endpoints
+
+
+async def health(request: Request):
+    engine: AsyncEngine = request.app.state.engine
+    if engine.load_error is not None:
+        return JSONResponse({"status": "error", "error": str(engine.load_error)}, 500)
+    if not engine.is_ready:
+        return JSONResponse({"status": "loading"}, 503)
+    return JSONResponse({"status": "ok"})
+
+
+async def metrics_endpoint(request: Request):
+    body = request.app.state.metrics.render()
+    return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+
+async def models(request: Request):
+    engine = ready_engine(request)
+    card = {"id": request.app.state.settings.served_model_name, "object": "model",
+            "created": int(time.time()), "owned_by": "pagedserve",
+            "max_model_len": engine.max_model_len}
+    return JSONResponse({"object": "list", "data": [card]})
+
+
+async def tokenize(request: Request):
+    engine = ready_engine(request)
+    body = await read_json(request)
+    if "messages" in body:
+        messages = parse_messages(body)
+        try:
+            ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
+                                                       tokenize=True)
+        except Exception as e:
+            raise bad_request("messages", f"the chat template failed: {e}") from None
+    else:
+        prompt = get_field(body, "prompt", "str")
+        if prompt is None:
+            raise bad_request("prompt", "give 'prompt' (a string) or 'messages'")
+        ids = engine.tokenizer.encode(prompt)
+    ids = [int(t) for t in ids]
+    return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len})
+
+
+async def detokenize(request: Request):
+    engine = ready_engine(request)
+    body = await read_json(request)
+    tokens = get_field(body, "tokens", "list")
+    if tokens is None:
+        raise bad_request("tokens", "'tokens' is required")
+    check_token_ids(engine, tokens, "tokens")
+    return JSONResponse({"prompt": engine.tokenizer.decode(tokens, skip_special_tokens=False)})
+
+
+def check_token_ids(engine, ids: list, param: str):
+    vocab = engine.model_config.vocab_size
+    for t in ids:
+        if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
+            raise bad_request(param, f"'{param}' holds {t!r}, not a token id in [0, {vocab})")
+
+
+# ---------------------------------------------------------------- errors and auth
+
+
+async def _api_error(request, exc: APIError):
+    return exc.response()
+
+
+async def _not_found(request, exc):
+    return APIError(404, f"no route {request.url.path}", code="not_found").response()
+
+
+async def _not_allowed(request, exc):
+    return APIError(405, f"{request.method} is not allowed on {request.url.path}").response()
+
+
+async def _crash(request, exc):
+    log.exception("unhandled error", exc_info=exc)
+    return APIError(500, f"internal error: {exc}", type="server_error").response()
+
+
+class _ApiKeyGuard:
+    """401 unless `Authorization: Bearer <key>` matches; OPEN_PATHS stay open."""
+
+    def __init__(self, app, api_key: str | None):
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope, receive, send):
+        if self.api_key and scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+            header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
+            if not hmac.compare_digest(header.encode(), f"Bearer {self.api_key}".encode()):
+                message = "missing API key" if not header else "invalid API key"
+                error = APIError(401, message, type="authentication_error", code="invalid_api_key")
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)

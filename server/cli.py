@@ -1,0 +1,201 @@
+"""The `pagedserve` command: `serve` an OpenAI-compatible API, or `generate` one completion.
+
+Flag names follow vLLM's, so a vLLM command line mostly works unchanged.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from engine.config import ConfigError, EngineConfig
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def _port(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be in [0, 65535], got {value}")
+    return value
+
+
+def _engine_flags() -> argparse.ArgumentParser:
+    """The EngineConfig flags, shared by both subcommands."""
+    p = argparse.ArgumentParser(add_help=False)
+    g = p.add_argument_group("engine")
+    g.add_argument("--device", choices=("auto", "cuda", "numpy"), default="auto",
+                   help="where the model runs: cuda (CuPy kernels), numpy (the CPU reference), "
+                        "or auto = cuda when an NVIDIA GPU and CuPy are present (default: auto)")
+    g.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"), default="auto",
+                   help="weight and activation dtype; auto = bfloat16 on cuda, float32 on numpy")
+    g.add_argument("--max-model-len", type=_positive_int, default=None, metavar="N",
+                   help="longest sequence (prompt + output) in tokens (default: the model's "
+                        "max_position_embeddings)")
+    g.add_argument("--max-num-seqs", type=_positive_int, default=256, metavar="N",
+                   help="most sequences in one batch (default: 256)")
+    g.add_argument("--max-num-batched-tokens", type=_positive_int, default=8192, metavar="N",
+                   help="token budget of one engine step; longer prompts are prefilled in chunks "
+                        "(default: 8192)")
+    g.add_argument("--block-size", type=_positive_int, default=16, metavar="N",
+                   help="tokens per KV-cache block (default: 16)")
+    g.add_argument("--num-kv-blocks", type=_positive_int, default=None, metavar="N",
+                   help="KV-cache blocks to allocate (default: sized from free memory)")
+    g.add_argument("--gpu-memory-utilization", type=_fraction, default=0.9, metavar="F",
+                   help="fraction of GPU memory that weights + KV cache may use (default: 0.9)")
+    g.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=True,
+                   help="reuse the KV blocks of prompts that share a prefix (default: on)")
+    g.add_argument("--enforce-eager", action="store_true",
+                   help="never capture CUDA graphs; run every decode step eagerly")
+    g.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
+                   help="auto = read the weights; dummy = random weights at the model's shapes "
+                        "(benchmarks without a checkpoint; MODEL may then be a preset name)")
+    g.add_argument("--seed", type=int, default=0,
+                   help="seed of the engine's random numbers (dummy weights, unseeded sampling)")
+    return p
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pagedserve",
+        description="pagedserve: an LLM serving engine with PagedAttention and continuous "
+                    "batching, on CuPy + CUDA kernels or numpy.")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    engine_flags = _engine_flags()
+
+    s = sub.add_parser("serve", parents=[engine_flags], help="serve an OpenAI-compatible HTTP API",
+                       description="Serve MODEL over an OpenAI-compatible HTTP API "
+                                   "(/v1/completions, /v1/chat/completions, /metrics, ...).")
+    s.add_argument("model", nargs="?", default=None, metavar="MODEL",
+                   help="an HF model folder, a .gguf file, a preset name (with --load-format "
+                        "dummy), or nothing for the default model (SmolLM2-135M-Instruct)")
+    s.add_argument("--host", default="127.0.0.1",
+                   help="address to bind; use 0.0.0.0 to accept other machines (default: "
+                        "127.0.0.1, this machine only)")
+    s.add_argument("--port", type=_port, default=8000, help="TCP port (default: 8000)")
+    s.add_argument("--api-key", default=None,
+                   help="require `Authorization: Bearer KEY` on every endpoint except /health "
+                        "and /metrics")
+    s.add_argument("--served-model-name", default=None, metavar="NAME",
+                   help="the model name clients send and /v1/models lists (default: MODEL)")
+    s.add_argument("--max-waiting-requests", type=_positive_int, default=None, metavar="N",
+                   help="answer 429 while N requests already wait for a batch slot "
+                        "(default: no limit)")
+    s.add_argument("--log-level", default="info",
+                   choices=("critical", "error", "warning", "info", "debug"),
+                   help="logging verbosity (default: info)")
+
+    g = sub.add_parser("generate", parents=[engine_flags], help="complete one prompt and print "
+                       "it with the speed", description="Complete PROMPT once and print the text, "
+                       "then the token counts and the speed.")
+    g.add_argument("prompt", metavar="PROMPT", help="the prompt text")
+    g.add_argument("--model", default=None,
+                   help="an HF model folder, a .gguf file, or a preset name (with --load-format "
+                        "dummy); default: SmolLM2-135M-Instruct")
+    g.add_argument("--max-tokens", type=_positive_int, default=64, metavar="N",
+                   help="most tokens to generate (default: 64)")
+    g.add_argument("--temperature", type=float, default=0.0, metavar="T",
+                   help="sampling temperature; 0 = greedy (default: 0)")
+    g.add_argument("--chat", action="store_true",
+                   help="wrap PROMPT as a user message in the model's chat template")
+    return parser
+
+
+def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
+    config = EngineConfig(
+        model=args.model, device=args.device, dtype=args.dtype, max_model_len=args.max_model_len,
+        max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_num_batched_tokens,
+        block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
+        gpu_memory_utilization=args.gpu_memory_utilization,
+        enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
+        load_format=args.load_format, seed=args.seed)
+    config.validate()
+    return config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        config = engine_config_from_args(args)
+        if args.command == "serve":
+            return serve(args, config)
+        return generate(args, config)
+    except (ConfigError, ValueError, FileNotFoundError) as e:
+        # Mistakes a user can make (bad path, unknown preset, prompt too long): one clear line.
+        print(f"pagedserve: error: {e}", file=sys.stderr)
+        return 2
+
+
+def serve(args: argparse.Namespace, config: EngineConfig) -> int:
+    import uvicorn
+
+    from server.app import create_app
+
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    app = create_app(config, served_model_name=args.served_model_name, api_key=args.api_key,
+                     max_waiting_requests=args.max_waiting_requests)
+    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+    return 0
+
+
+def generate(args: argparse.Namespace, config: EngineConfig) -> int:
+    from engine.engine import LLMEngine
+    from engine.sampling_params import SamplingParams
+
+    t_load = time.perf_counter()
+    engine = LLMEngine(config)
+    load_s = time.perf_counter() - t_load
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
+    if args.chat:
+        messages = [{"role": "user", "content": args.prompt}]
+        prompt = {"prompt_token_ids": engine.tokenizer.apply_chat_template(messages)}
+    else:
+        prompt = args.prompt
+    start = time.perf_counter()
+    first_token_s = None
+    engine.add_request("generate-0", prompt, params)
+    final = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            completion = out.outputs[0]
+            if first_token_s is None and completion.token_ids:
+                first_token_s = time.perf_counter() - start
+            print(completion.delta_text, end="", flush=True)
+            final = out
+    elapsed = time.perf_counter() - start
+    print()
+    num_prompt = len(final.prompt_token_ids)
+    num_generated = len(final.outputs[0].token_ids)
+    # Decode speed excludes the prefill, the number one compares with other engines.
+    decode_s = elapsed - (first_token_s or 0.0)
+    decode_rate = (num_generated - 1) / decode_s if num_generated > 1 and decode_s > 0 else 0.0
+    print(f"[{num_prompt} prompt tokens, {num_generated} generated in {elapsed:.2f} s: "
+          f"{num_generated / elapsed:.1f} tok/s overall, {decode_rate:.1f} tok/s decode, "
+          f"first token {1000 * (first_token_s or 0):.0f} ms; model loaded in {load_s:.1f} s; "
+          f"finish: {final.outputs[0].finish_reason}]", file=sys.stderr)
+    return 0

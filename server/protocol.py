@@ -1,0 +1,217 @@
+"""OpenAI's request and response shapes: read and check a request body, build the JSON answers.
+
+Every check names the field it rejects, so a client sees `param` and a message it can act on
+instead of a stack trace. Nothing here touches the engine: it turns JSON into SamplingParams and
+engine outputs back into JSON.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+
+from starlette.responses import JSONResponse
+
+from engine.sampling_params import SamplingParams
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's schema: {"error": {message, type, param, code}}."""
+
+    def __init__(self, status: int, message: str, param: str | None = None,
+                 type: str = "invalid_request_error", code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.param, self.type, self.code = (
+            status, message, param, type, code)
+
+    def response(self) -> JSONResponse:
+        body = {"message": self.message, "type": self.type, "param": self.param,
+                "code": self.code if self.code is not None else self.status}
+        return JSONResponse({"error": body}, status_code=self.status)
+
+
+def bad_request(param: str, message: str) -> APIError:
+    return APIError(400, message, param=param)
+
+
+# ---------------------------------------------------------------- field readers
+
+_KINDS = {  # name -> (python types, what to call it in a message)
+    "int": ((int,), "an integer"),
+    "number": ((int, float), "a number"),
+    "bool": ((bool,), "a boolean"),
+    "str": ((str,), "a string"),
+    "list": ((list,), "an array"),
+    "dict": ((dict,), "an object"),
+}
+
+
+def get_field(body: dict, name: str, kind: str, default=None, *, nullable: bool = True):
+    """body[name] checked against `kind`; a missing or null field gives `default`."""
+    value = body.get(name)
+    if value is None:
+        if name in body and not nullable:
+            raise bad_request(name, f"'{name}' must not be null")
+        return default
+    types, what = _KINDS[kind]
+    # bool is an int in Python, but `"max_tokens": true` is a client bug, not 1.
+    if not isinstance(value, types) or (kind in ("int", "number") and isinstance(value, bool)):
+        raise bad_request(name, f"'{name}' must be {what}, got {type(value).__name__}")
+    return value
+
+
+def _is_token_list(value) -> bool:
+    return isinstance(value, list) and all(
+        isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in value)
+
+
+def parse_prompts(body: dict) -> list[str | list[int]]:
+    """`prompt` as OpenAI allows it: a string, strings, a token id list, or token id lists."""
+    prompt = body.get("prompt")
+    error = bad_request("prompt", "'prompt' must be a string, an array of strings, an array of "
+                                  "token ids, or an array of token id arrays")
+    if prompt is None:
+        raise bad_request("prompt", "'prompt' is required")
+    if isinstance(prompt, str):
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        prompts = list(prompt)
+    elif _is_token_list(prompt) and prompt:
+        prompts = [prompt]
+    elif isinstance(prompt, list) and prompt and all(_is_token_list(p) and p for p in prompt):
+        prompts = list(prompt)
+    else:
+        raise error
+    if any(p == "" for p in prompts):
+        raise bad_request("prompt", "'prompt' must not be empty")
+    return prompts
+
+
+def parse_messages(body: dict) -> list[dict]:
+    messages = get_field(body, "messages", "list")
+    if not messages:
+        raise bad_request("messages", "'messages' is required and must be a non-empty array")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise bad_request("messages", f"messages[{i}] must be an object with a string 'role'")
+        content = m.get("content")
+        if isinstance(content, list):  # OpenAI's content parts: only text ones are understood
+            parts = [p.get("text") for p in content if isinstance(p, dict)]
+            if not all(isinstance(p, str) for p in parts) or len(parts) != len(content):
+                raise bad_request("messages", f"messages[{i}].content: only text parts are "
+                                              "supported")
+            messages[i] = {**m, "content": "".join(parts)}
+        elif content is not None and not isinstance(content, str):
+            raise bad_request("messages", f"messages[{i}].content must be a string")
+    return messages
+
+
+def parse_sampling_params(body: dict, *, chat: bool) -> SamplingParams:
+    """The sampling fields of a completions or chat body, checked, as SamplingParams."""
+    f = body.__contains__
+    kw = {}
+    for name, kind in (("n", "int"), ("temperature", "number"), ("top_p", "number"),
+                       ("top_k", "int"), ("min_p", "number"), ("seed", "int"),
+                       ("presence_penalty", "number"), ("frequency_penalty", "number"),
+                       ("repetition_penalty", "number"), ("min_tokens", "int"),
+                       ("ignore_eos", "bool"), ("skip_special_tokens", "bool"),
+                       ("include_stop_str_in_output", "bool")):
+        value = get_field(body, name, kind)
+        if value is not None:
+            kw[name] = value
+    max_tokens = get_field(body, "max_tokens", "int")
+    if chat:
+        max_tokens = get_field(body, "max_completion_tokens", "int", max_tokens)
+        if get_field(body, "logprobs", "bool", False):
+            kw["logprobs"] = get_field(body, "top_logprobs", "int", 0)
+        elif f("top_logprobs") and body["top_logprobs"] is not None:
+            raise bad_request("top_logprobs", "'top_logprobs' needs 'logprobs': true")
+    else:
+        max_tokens = 16 if not f("max_tokens") else max_tokens  # OpenAI's completions default
+        if (logprobs := get_field(body, "logprobs", "int")) is not None:
+            kw["logprobs"] = logprobs
+    kw["max_tokens"] = max_tokens
+    stop = body.get("stop")
+    if stop is not None:
+        if isinstance(stop, str):
+            stop = [stop]
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise bad_request("stop", "'stop' must be a string or an array of strings")
+        kw["stop"] = stop
+    stop_token_ids = get_field(body, "stop_token_ids", "list")
+    if stop_token_ids is not None:
+        if not _is_token_list(stop_token_ids):
+            raise bad_request("stop_token_ids", "'stop_token_ids' must be an array of token ids")
+        kw["stop_token_ids"] = stop_token_ids
+    logit_bias = get_field(body, "logit_bias", "dict")
+    if logit_bias is not None:
+        try:
+            kw["logit_bias"] = {int(k): float(v) for k, v in logit_bias.items()}
+        except (TypeError, ValueError):
+            raise bad_request("logit_bias", "'logit_bias' must map token ids to numbers") from None
+    try:
+        return SamplingParams(**kw)
+    except (ValueError, TypeError) as e:
+        # SamplingParams names the field first: "top_p must be in (0, 1], got 2".
+        raise bad_request(str(e).split(" ")[0].split("[")[0], str(e)) from None
+
+
+# ---------------------------------------------------------------- responses
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def usage(prompt_tokens: int, completion_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+def completion_logprobs(token_ids, logprobs, token_str, text_offset: int = 0) -> dict:
+    """The legacy completions `logprobs` object for the given tokens."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    for tid, lp in zip(token_ids, logprobs, strict=False):
+        text = token_str(tid)
+        out["tokens"].append(text)
+        out["token_logprobs"].append(lp.get(tid))
+        out["top_logprobs"].append({token_str(t): v for t, v in _top(lp)})
+        out["text_offset"].append(text_offset)
+        text_offset += len(text)
+    return out
+
+
+def chat_logprobs(token_ids, logprobs, token_str, num_top: int) -> dict:
+    """The chat `logprobs` object: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+    def entry(tid, value):
+        text = token_str(tid)
+        return {"token": text, "logprob": value, "bytes": list(text.encode())}
+
+    content = []
+    for tid, lp in zip(token_ids, logprobs, strict=False):
+        item = entry(tid, lp.get(tid))
+        item["top_logprobs"] = [entry(t, v) for t, v in _top(lp)[:num_top]]
+        content.append(item)
+    return {"content": content}
+
+
+def _top(lp: dict[int, float]) -> list[tuple[int, float]]:
+    return sorted(lp.items(), key=lambda kv: -kv[1])
+
+
+def completion_body(request_id: str, model: str, choices: list[dict], use: dict | None,
+                    created: int | None = None, chunk: bool = False) -> dict:
+    body = {"id": request_id, "object": "text_completion", "created": created or int(time.time()),
+            "model": model, "choices": choices}
+    if use is not None or not chunk:
+        body["usage"] = use
+    return body
+
+
+def chat_body(request_id: str, model: str, choices: list[dict], use: dict | None,
+              created: int | None = None, chunk: bool = False) -> dict:
+    body = {"id": request_id, "object": "chat.completion.chunk" if chunk else "chat.completion",
+            "created": created or int(time.time()), "model": model, "choices": choices}
+    if use is not None or not chunk:
+        body["usage"] = use
+    return body

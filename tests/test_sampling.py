@@ -1,0 +1,228 @@
+"""Every sampling parameter, through the engine where it can be, against the reference sampler."""
+
+import numpy as np
+import pytest
+
+from engine.ops import SamplingTensors
+from engine.ops.numpy_sampling import apply_penalties, filter_probs, log_softmax
+from engine.sampling_params import SamplingParams
+
+PROMPT = {"prompt_token_ids": list(range(3, 40))}
+
+
+def generate(engine, run_engine, params, prompt=PROMPT):
+    out, _ = run_engine(engine, {"r": (prompt, params)})
+    return out["r"].outputs
+
+
+def tokens(engine, run_engine, **kw):
+    kw.setdefault("max_tokens", 8)
+    kw.setdefault("ignore_eos", True)
+    return generate(engine, run_engine, SamplingParams(**kw))[0].token_ids
+
+
+# ---- through the engine ------------------------------------------------------------------------
+
+
+def test_filters_that_keep_only_the_top_token_equal_greedy(make_engine, run_engine):
+    e = make_engine()
+    want = tokens(e, run_engine, temperature=0)
+    assert tokens(e, run_engine, temperature=1.0, seed=1) != want  # sampling does differ
+    assert tokens(e, run_engine, temperature=1.0, seed=1, top_k=1) == want
+    assert tokens(e, run_engine, temperature=1.0, seed=1, top_p=1e-6) == want
+    assert tokens(e, run_engine, temperature=1.0, seed=1, min_p=1.0) == want
+
+
+def test_logit_bias_forces_its_token(make_engine, run_engine):
+    e = make_engine()
+    assert tokens(e, run_engine, temperature=0, logit_bias={77: 100}) == [77] * 8
+    assert tokens(e, run_engine, temperature=1, seed=5, logit_bias={78: 100}) == [78] * 8
+
+
+def test_min_tokens_holds_back_eos_and_stop_ids(make_engine, run_engine):
+    e = make_engine()
+    eos = e.model_config.eos_token_ids[0]
+    [out] = generate(e, run_engine, SamplingParams(temperature=0, logit_bias={eos: 100}))
+    assert out.token_ids == [eos] and out.finish_reason == "stop"
+    [out] = generate(e, run_engine,
+                     SamplingParams(temperature=0, logit_bias={eos: 100}, min_tokens=5))
+    assert len(out.token_ids) == 6 and eos not in out.token_ids[:5] and out.token_ids[5] == eos
+    # min_tokens holds back stop_token_ids too, even with ignore_eos.
+    [out] = generate(e, run_engine, SamplingParams(temperature=0, logit_bias={9: 100},
+                                                   stop_token_ids=[9], min_tokens=3,
+                                                   ignore_eos=True))
+    assert len(out.token_ids) == 4 and out.token_ids[3] == 9
+    assert out.finish_reason == "stop" and out.stop_reason == 9
+
+
+def test_ignore_eos(make_engine, run_engine):
+    e = make_engine()
+    eos = e.model_config.eos_token_ids[0]
+    [out] = generate(e, run_engine, SamplingParams(temperature=0, logit_bias={eos: 100},
+                                                   ignore_eos=True, max_tokens=4))
+    assert out.token_ids == [eos] * 4 and out.finish_reason == "length"
+
+
+def test_penalties_reach_the_sampler(make_engine, run_engine, monkeypatch):
+    e = make_engine()
+    seen = []
+    real_sample = e.runner.ops.sample
+    monkeypatch.setattr(e.runner.ops, "sample", lambda logits, t: seen.append(t) or
+                        real_sample(logits, t))
+    plain = tokens(e, run_engine, temperature=0, max_tokens=6)
+    assert seen[-1].prompt_ids is None  # no penalty: no token lists are built
+    for kw in ({"repetition_penalty": 2.0}, {"frequency_penalty": 2.0},
+               {"presence_penalty": 2.0}):
+        seen.clear()
+        out = tokens(e, run_engine, temperature=0, max_tokens=6, **kw)
+        assert out != plain, kw
+        last = seen[-1]
+        assert last.prompt_ids[0].tolist() == PROMPT["prompt_token_ids"]
+        assert last.output_ids[0].tolist() == out[:5]
+
+
+def test_seeded_sampling_is_independent_of_the_batch(make_engine, run_engine):
+    params = SamplingParams(temperature=0.9, top_p=0.95, seed=1234, max_tokens=10, ignore_eos=True)
+    alone = generate(make_engine(), run_engine, params)[0].token_ids
+    # The same request among others, with chunked prefill and a different arrival order.
+    e = make_engine(max_num_batched_tokens=32)
+    others = {f"o{i}": ({"prompt_token_ids": list(range(5 + i, 90))},
+                        SamplingParams(temperature=1.0, max_tokens=12, ignore_eos=True))
+              for i in range(4)}
+    out, _ = run_engine(e, {**others, "r": (PROMPT, params)})
+    assert out["r"].outputs[0].token_ids == alone
+    other_seed = SamplingParams(temperature=0.9, top_p=0.95, seed=4321, max_tokens=10,
+                                ignore_eos=True)
+    assert generate(make_engine(), run_engine, other_seed)[0].token_ids != alone
+
+
+def test_unseeded_requests_differ_but_the_engine_seed_reproduces(make_engine, run_engine):
+    def two_runs(engine):
+        p = SamplingParams(temperature=1.0, max_tokens=8, ignore_eos=True)
+        return [generate(engine, run_engine, p)[0].token_ids for _ in range(2)]
+
+    first = two_runs(make_engine(seed=7))
+    assert first[0] != first[1]
+    assert two_runs(make_engine(seed=7)) == first
+
+
+def test_n_gives_distinct_seeded_outputs(make_engine, run_engine):
+    e = make_engine()
+    params = SamplingParams(n=3, temperature=1.0, seed=11, max_tokens=8, ignore_eos=True)
+    outs = generate(e, run_engine, params)
+    assert [o.index for o in outs] == [0, 1, 2]
+    assert len({tuple(o.token_ids) for o in outs}) == 3
+    assert [o.token_ids for o in generate(e, run_engine, params)] == [o.token_ids for o in outs]
+
+
+def test_stop_token_ids(make_engine, run_engine):
+    e = make_engine()
+    greedy = tokens(e, run_engine, temperature=0, max_tokens=12)
+    stop = greedy[4]
+    [out] = generate(e, run_engine, SamplingParams(temperature=0, max_tokens=12, ignore_eos=True,
+                                                   stop_token_ids=[stop]))
+    cut = greedy.index(stop) + 1
+    assert out.token_ids == greedy[:cut]
+    assert out.finish_reason == "stop" and out.stop_reason == stop
+
+
+def test_logprobs_are_the_log_softmax_of_the_logits(make_engine, run_engine, monkeypatch):
+    e = make_engine()
+    logits_seen = []
+    real_sample = e.runner.ops.sample
+    monkeypatch.setattr(e.runner.ops, "sample", lambda logits, t: logits_seen.append(
+        np.array(logits, np.float64)) or real_sample(logits, t))
+    params = SamplingParams(temperature=0.7, seed=2, max_tokens=5, ignore_eos=True, logprobs=3)
+    [out] = generate(e, run_engine, params)
+    assert len(out.logprobs) == 5
+    for token, entry, logits in zip(out.token_ids, out.logprobs, logits_seen, strict=True):
+        ref = log_softmax(logits[0])
+        top3 = np.argsort(-ref)[:3].tolist()
+        assert set(entry) == set(top3) | {token}
+        for token_id, value in entry.items():
+            assert value == pytest.approx(ref[token_id], abs=1e-4)
+    total = sum(entry[t] for t, entry in zip(out.token_ids, out.logprobs, strict=True))
+    assert out.cumulative_logprob == pytest.approx(total, abs=1e-4)
+    [out] = generate(e, run_engine, SamplingParams(max_tokens=3, logprobs=0))
+    assert [list(entry) for entry in out.logprobs] == [[t] for t in out.token_ids]
+    assert generate(e, run_engine, SamplingParams(max_tokens=3))[0].logprobs is None
+
+
+def test_stop_strings_cut_and_never_leak(make_engine, run_engine):
+    e = make_engine(text=True)
+    prompt = "Once upon a time"
+    base = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    full, _ = run_engine(e, {"full": (prompt, base)})
+    text = full["full"].outputs[0].text
+    ids = full["full"].outputs[0].token_ids
+    # A stop string across the boundary of tokens 4 and 5 (the last chars of 4 + first of 5).
+    before = e.tokenizer.decode(ids[:5])
+    assert text.startswith(before)
+    assert len(before) >= 2 and len(text) > len(before) + 2
+    stop = before[-2:] + text[len(before)]
+    start = text.find(stop)
+    for include in (False, True):
+        params = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                                stop=["\x00zz", stop], include_stop_str_in_output=include)
+        out, history = run_engine(e, {"s": (prompt, params)})
+        o = out["s"].outputs[0]
+        want = text[: start + len(stop)] if include else text[:start]
+        assert o.text == want and o.finish_reason == "stop" and o.stop_reason == stop
+        deltas = [h.outputs[0].delta_text for h in history["s"]]
+        assert "".join(deltas) == want
+        if not include:  # no streamed prefix ever held any part of the stop string
+            sent = ""
+            for d in deltas:
+                sent += d
+                assert sent == text[: len(sent)] and len(sent) <= start
+
+
+# ---- unit tests on the reference sampler ---------------------------------------------------------
+
+
+def _tensors(rows, **kw):
+    t = SamplingTensors(
+        temperature=np.zeros(rows, np.float32), top_k=np.zeros(rows, np.int32),
+        top_p=np.ones(rows, np.float32), min_p=np.zeros(rows, np.float32),
+        seeds=np.zeros(rows, np.uint64), steps=np.zeros(rows, np.uint32),
+        presence_penalty=np.zeros(rows, np.float32), frequency_penalty=np.zeros(rows, np.float32),
+        repetition_penalty=np.ones(rows, np.float32))
+    for k, v in kw.items():
+        setattr(t, k, np.asarray(v, getattr(t, k).dtype if hasattr(getattr(t, k), "dtype")
+                                 else np.int32))
+    return t
+
+
+def test_apply_penalties_by_hand():
+    logits = np.array([[2.0, -1.0, 0.5, 3.0, -2.0]], np.float32)
+    t = _tensors(1, repetition_penalty=[2.0], frequency_penalty=[0.5], presence_penalty=[0.25],
+                 prompt_ids=[[0, 4, -1]], output_ids=[[3, 3, 1]])
+    # repetition: seen = {0, 4} (prompt) + {1, 3} (output): positive / 2, negative * 2
+    # frequency: token 3 twice, token 1 once; presence: tokens 1 and 3
+    want = [2.0 / 2, -1.0 * 2 - 0.5 - 0.25, 0.5, 3.0 / 2 - 1.0 - 0.25, -2.0 * 2]
+    np.testing.assert_allclose(apply_penalties(logits, t)[0], want, rtol=1e-6)
+
+
+def test_filter_probs_keeps_the_right_sets():
+    p = np.array([0.05, 0.4, 0.2, 0.2, 0.15], np.float32)
+    kept = lambda **kw: np.flatnonzero(filter_probs(p, **kw)).tolist()  # noqa: E731
+    assert kept(top_k=1, top_p=1.0, min_p=0.0) == [1]
+    assert kept(top_k=2, top_p=1.0, min_p=0.0) == [1, 2, 3]  # the tie at 0.2 is kept whole
+    assert kept(top_k=0, top_p=0.3, min_p=0.0) == [1]  # the mass above 0.2 (0.4) is not < 0.3
+    assert kept(top_k=0, top_p=0.5, min_p=0.0) == [1, 2, 3]
+    assert kept(top_k=0, top_p=0.85, min_p=0.0) == [1, 2, 3, 4]
+    assert kept(top_k=0, top_p=1.0, min_p=0.5) == [1, 2, 3]
+    assert kept(top_k=0, top_p=1.0, min_p=0.51) == [1]
+
+
+@pytest.mark.parametrize("field, kw", [
+    ("temperature", {"temperature": -0.5}), ("top_p", {"top_p": 0.0}), ("top_k", {"top_k": -3}),
+    ("min_p", {"min_p": 1.5}), ("n", {"n": 0}), ("max_tokens", {"max_tokens": 0}),
+    ("min_tokens", {"min_tokens": 9, "max_tokens": 4}), ("logprobs", {"logprobs": 21}),
+    ("presence_penalty", {"presence_penalty": 3}), ("frequency_penalty", {"frequency_penalty": -3}),
+    ("repetition_penalty", {"repetition_penalty": 0}), ("logit_bias", {"logit_bias": {3: 101}}),
+    ("stop", {"stop": [""]}),
+])
+def test_invalid_values_raise_naming_the_field(field, kw):
+    with pytest.raises(ValueError, match=field):
+        SamplingParams(**kw)

@@ -1,0 +1,294 @@
+"""The OpenAI-compatible server end to end: a real uvicorn on a loopback port, a tiny random model
+(vocab 49152 with the real SmolLM2 tokenizer) on numpy, and the official `openai` SDK."""
+
+import asyncio
+import re
+import threading
+import time
+
+import httpx
+import openai
+import pytest
+import uvicorn
+from conftest import _tiny_loaded
+
+from engine.config import EngineConfig
+from server.app import create_app
+from server.cli import build_parser
+
+MODEL = "tiny"
+MAX_MODEL_LEN = 256
+
+
+class Server:
+    def __init__(self, app):
+        self.app = app
+        config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
+        self.uvicorn = uvicorn.Server(config)
+        self.thread = threading.Thread(target=self.uvicorn.run, daemon=True)
+        self.thread.start()
+        deadline = time.time() + 30
+        while not self.uvicorn.started:
+            assert time.time() < deadline, "uvicorn did not start"
+            time.sleep(0.01)
+        port = self.uvicorn.servers[0].sockets[0].getsockname()[1]
+        self.url = f"http://127.0.0.1:{port}"
+        while httpx.get(self.url + "/health").status_code != 200:
+            assert time.time() < deadline + 60, "the engine did not load"
+            time.sleep(0.05)
+
+    def metric(self, name: str, labels: str = "") -> float:
+        text = httpx.get(self.url + "/metrics").text
+        match = re.search(rf"^{name}{re.escape(labels)} (\S+)$", text, re.M)
+        assert match, f"{name}{labels} not in /metrics"
+        return float(match.group(1))
+
+    def wait_idle(self, timeout: float = 10.0):
+        """Until the engine holds no request and no KV block."""
+        deadline = time.time() + timeout
+        while (self.metric("pagedserve_kv_blocks_used") or
+               self.metric("pagedserve_num_requests_running") or
+               self.metric("pagedserve_num_requests_waiting")):
+            assert time.time() < deadline, "requests were left in the engine"
+            time.sleep(0.02)
+
+    def stop(self):
+        self.uvicorn.should_exit = True
+        self.thread.join(10)
+
+
+def _make_engine():
+    from engine.engine import LLMEngine
+
+    config = EngineConfig(device="numpy", max_num_seqs=64, max_model_len=MAX_MODEL_LEN,
+                          num_kv_blocks=1024)
+    return LLMEngine(config, loaded_model=_tiny_loaded(49152, True))
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = Server(create_app(served_model_name=MODEL, make_engine=_make_engine))
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+CHAT = [{"role": "user", "content": "Tell me a story."}]
+
+
+def test_completions_sdk_streamed_equals_whole(server, client):
+    whole = client.completions.create(model=MODEL, prompt="Once upon a time", max_tokens=12,
+                                      temperature=0, extra_body={"ignore_eos": True})
+    assert whole.usage.completion_tokens == 12 and whole.usage.prompt_tokens > 0
+    assert whole.choices[0].finish_reason == "length" and whole.choices[0].text
+    chunks = list(client.completions.create(model=MODEL, prompt="Once upon a time",
+                                            max_tokens=12, temperature=0, stream=True,
+                                            stream_options={"include_usage": True},
+                                            extra_body={"ignore_eos": True}))
+    assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
+    assert chunks[-1].usage.completion_tokens == 12
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+
+
+def test_chat_sdk_sync_and_async(server, client):
+    whole = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=10,
+                                           temperature=0)
+    text = whole.choices[0].message.content
+    assert whole.choices[0].message.role == "assistant" and text
+    assert whole.usage.total_tokens == whole.usage.prompt_tokens + 10
+
+    async def streamed():
+        aclient = openai.AsyncOpenAI(base_url=server.url + "/v1", api_key="x", max_retries=0)
+        stream = await aclient.chat.completions.create(
+            model=MODEL, messages=CHAT, max_completion_tokens=10, temperature=0, stream=True,
+            stream_options={"include_usage": True})
+        chunks = [c async for c in stream]
+        again = await aclient.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=10,
+                                                      temperature=0)
+        await aclient.close()
+        return chunks, again
+
+    chunks, again = asyncio.run(streamed())
+    assert again.choices[0].message.content == text
+    with_choices = [c for c in chunks if c.choices]
+    assert with_choices[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in with_choices) == text
+    assert with_choices[-1].choices[0].finish_reason == "length"
+    assert chunks[-1].usage.completion_tokens == 10
+
+
+def test_many_prompts_n_logprobs_echo(server, client):
+    out = client.completions.create(model=MODEL, prompt=["Hello", "Goodbye"], n=2, seed=1,
+                                    max_tokens=4, temperature=0.8, logprobs=2, echo=True,
+                                    extra_body={"ignore_eos": True})
+    assert [c.index for c in out.choices] == [0, 1, 2, 3]
+    assert out.choices[0].text.startswith("Hello")
+    lp = out.choices[2].logprobs
+    assert len(lp.tokens) == 4 and len(lp.top_logprobs[0]) >= 2
+    assert all(v <= 0 for v in lp.token_logprobs)
+    assert out.usage.completion_tokens == 16
+    ids = client.completions.create(model=MODEL, prompt=[[19556, 905]], max_tokens=2, echo=True)
+    assert ids.usage.prompt_tokens == 2 and ids.choices[0].text.startswith("Hello")
+    chat = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=3, logprobs=True,
+                                          top_logprobs=3, temperature=0)
+    content = chat.choices[0].logprobs.content
+    assert len(content) == 3 and len(content[0].top_logprobs) == 3
+    # Greedy picks the most likely token.
+    assert content[0].logprob == pytest.approx(content[0].top_logprobs[0].logprob)
+
+
+def test_64_concurrent_requests_are_batched(server):
+    steps_before = server.metric("pagedserve_engine_steps_total")
+
+    async def burst():
+        async with httpx.AsyncClient(base_url=server.url, timeout=60) as http:
+            bodies = [{"model": MODEL, "prompt": f"Request number {i}:", "max_tokens": 8,
+                       "temperature": 0, "ignore_eos": True} for i in range(64)]
+            return await asyncio.gather(*(http.post("/v1/completions", json=b) for b in bodies))
+
+    responses = asyncio.run(burst())
+    assert [r.status_code for r in responses] == [200] * 64
+    assert all(r.json()["usage"]["completion_tokens"] == 8 for r in responses)
+    steps = server.metric("pagedserve_engine_steps_total") - steps_before
+    assert steps < 64 * 8 / 4, f"{steps} steps for 64 requests of 8 tokens: not batched"
+    assert server.metric("pagedserve_max_num_requests_running") >= 16
+    assert server.metric("pagedserve_batch_size_count") > 0
+    server.wait_idle()
+
+
+def test_client_disconnect_aborts(server):
+    aborted = server.metric("pagedserve_requests_finished_total", '{finish_reason="abort"}')
+    body = {"model": MODEL, "prompt": "Count forever:", "max_tokens": 200, "ignore_eos": True,
+            "stream": True}
+    with httpx.stream("POST", server.url + "/v1/completions", json=body) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: ")
+        assert server.metric("pagedserve_kv_blocks_used") > 0
+    server.wait_idle()
+    # Non-streamed: the client gives up before the 200 tokens are done.
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(server.url + "/v1/completions", json={**body, "stream": False}, timeout=0.3)
+    server.wait_idle()
+    after = server.metric("pagedserve_requests_finished_total", '{finish_reason="abort"}')
+    assert after == aborted + 2
+
+
+ERRORS = [  # (path, body, status, param)
+    ("/v1/completions", b"{not json", 400, "body"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": "ten"}, 400, "max_tokens"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "temperature": -1}, 400, "temperature"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "top_p": 2}, 400, "top_p"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "n": 0}, 400, "n"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "logprobs": 50}, 400, "logprobs"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "stop": 5}, 400, "stop"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "stream": "yes"}, 400, "stream"),
+    ("/v1/completions", {"model": MODEL}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": [[1, -2]]}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": [10**6]}, 400, "prompt"),
+    ("/v1/completions", {"model": MODEL, "prompt": "hi", "logit_bias": {"99999": 1}}, 400,
+     "logit_bias"),
+    ("/v1/completions", {"model": "gpt-4", "prompt": "hi"}, 404, "model"),
+    ("/v1/chat/completions", {"model": MODEL}, 400, "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"content": "x"}]}, 400, "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": CHAT, "top_logprobs": 2}, 400,
+     "top_logprobs"),
+    ("/tokenize", {"prompt": 5}, 400, "prompt"),
+    ("/detokenize", {"tokens": ["a"]}, 400, "tokens"),
+]
+
+
+@pytest.mark.parametrize("path, body, status, param", ERRORS)
+def test_errors_name_the_field(server, path, body, status, param):
+    kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+    r = httpx.post(server.url + path, **kwargs)
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert error["param"] == param and error["message"] and error["type"]
+
+
+def test_length_size_and_queue_limits(server):
+    post = lambda body: httpx.post(server.url + "/v1/completions", json=body)  # noqa: E731
+    long_prompt = [100] * 300
+    r = post({"model": MODEL, "prompt": long_prompt})
+    assert r.status_code == 400 and "256" in r.text and "300" in r.text
+    r = post({"model": MODEL, "prompt": [100] * 250, "max_tokens": 10})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    r = post({"model": MODEL, "prompt": "x" * (5 * 1024 * 1024)})
+    assert r.status_code == 413
+    settings = server.app.state.settings
+    settings.max_waiting_requests = 0
+    try:
+        r = post({"model": MODEL, "prompt": "hi"})
+        assert r.status_code == 429 and r.json()["error"]["code"] == "too_many_requests"
+    finally:
+        settings.max_waiting_requests = None
+    assert httpx.get(server.url + "/health").status_code == 200
+    server.wait_idle()
+
+
+def test_engine_fault_fails_the_request_and_keeps_serving(server):
+    engine = server.app.state.engine.engine
+    real_step = engine.step
+    errors = server.metric("pagedserve_requests_finished_total", '{finish_reason="error"}')
+
+    def broken_step():
+        engine.step = real_step
+        raise RuntimeError("simulated device fault")
+
+    engine.step = broken_step
+    r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "hi"})
+    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
+    server.wait_idle()
+    assert server.metric("pagedserve_requests_finished_total",
+                         '{finish_reason="error"}') == errors + 1
+    r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "hi"})
+    assert r.status_code == 200
+    # Streamed: the headers are out already, so the fault arrives as an error event.
+    engine.step = broken_step
+    r = httpx.post(server.url + "/v1/chat/completions",
+                   json={"model": MODEL, "messages": CHAT, "stream": True})
+    events = [line for line in r.text.splitlines() if line]
+    assert '"server_error"' in events[-2] and events[-1] == "data: [DONE]"
+    server.wait_idle()
+
+
+def test_models_tokenize_detokenize(server, client):
+    assert [m.id for m in client.models.list()] == [MODEL]
+    missing = httpx.get(server.url + "/v1/nothing")
+    assert missing.status_code == 404 and missing.json()["error"]["message"]
+    assert httpx.get(server.url + "/v1/completions").status_code == 405
+    r = httpx.post(server.url + "/tokenize", json={"prompt": "Hello world"}).json()
+    assert r["count"] == len(r["tokens"]) > 0 and r["max_model_len"] == MAX_MODEL_LEN
+    back = httpx.post(server.url + "/detokenize", json={"tokens": r["tokens"]}).json()
+    assert back["prompt"] == "Hello world"
+    chat = httpx.post(server.url + "/tokenize", json={"messages": CHAT}).json()
+    text = httpx.post(server.url + "/detokenize", json={"tokens": chat["tokens"]}).json()
+    assert "<|im_start|>user\nTell me a story.<|im_end|>" in text["prompt"]
+    assert text["prompt"].endswith("<|im_start|>assistant\n")
+
+
+def test_api_key_and_default_bind():
+    # The guard answers before the engine is involved, so no engine is ever loaded here.
+    app = create_app(api_key="sekret", make_engine=lambda: None)
+
+    async def calls():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            good = {"Authorization": "Bearer sekret"}
+            return [
+                (await http.get("/v1/models")).status_code,
+                (await http.get("/v1/models", headers={"Authorization": "Bearer nope"}))
+                .status_code,
+                (await http.post("/v1/completions", json={})).json()["error"]["code"],
+                (await http.get("/v1/models", headers=good)).status_code,  # passes: still loading
+                (await http.get("/health")).status_code,
+                (await http.get("/metrics")).status_code,
+            ]
+
+    assert asyncio.run(calls()) == [401, 401, "invalid_api_key", 503, 503, 200]
+    args = build_parser().parse_args(["serve"])
+    assert (args.host, args.port, args.model) == ("127.0.0.1", 8000, None)

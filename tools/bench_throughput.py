@@ -1,0 +1,212 @@
+"""W1 — offline throughput: all of W1's requests submitted at once to one engine.
+
+Each request is W1's prompt (token ids) with `max_tokens = O[i]` and `ignore_eos=True`, greedy
+unless `--temperature` is given. The clock runs from the first `add_request` to the step that
+returns the last token. Printed beside the figure: the roofline bound of the same work on the H200
+test GPU (tools/workloads.py) and the ratio measured / bound, the wall time, the number of engine
+steps and of preemptions, and the fraction of the wall time spent inside the model runner
+(forward + sample, input upload and sampled-ids download included).
+
+Usage:
+    python tools/bench_throughput.py --model qwen3-0.6b --load-format dummy --device cuda \
+        --dtype bfloat16                                   # the W1 figure
+    python tools/bench_throughput.py --model llama3-8b --load-format dummy --device cuda --json
+    python tools/bench_throughput.py --model smollm2-135m --load-format dummy --device numpy \
+        --num-prompts 4 --scale 0.02                       # a tiny CPU run (slow: numpy)
+
+`--scale` shrinks every prompt and output length (at least 1 token each); `--num-prompts` draws
+fewer requests (the first ones are not W1's first ones: the draw depends on the count). A warm-up
+of two short requests runs first (kernels compile, graphs capture) unless `--no-warmup`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the checkout importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tools.workloads import roofline, scale_requests, w1_requests  # noqa: E402
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
+
+
+def add_engine_args(ap: argparse.ArgumentParser) -> None:
+    """The engine flags shared by bench_throughput and seed_table (names follow vLLM)."""
+    ap.add_argument("--model", default="qwen3-0.6b", help="HF folder, .gguf file or preset name")
+    ap.add_argument("--load-format", default="dummy", choices=("auto", "dummy"))
+    ap.add_argument("--device", default="auto", choices=("auto", "cuda", "numpy"))
+    ap.add_argument("--dtype", default="auto", choices=("auto", "float16", "bfloat16", "float32"))
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
+    ap.add_argument("--max-model-len", type=int, default=None)
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--num-kv-blocks", type=int, default=None)
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
+    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--num-prompts", type=int, default=256)
+    ap.add_argument("--scale", type=float, default=1.0, help="shrink prompt/output lengths")
+    ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    ap.add_argument("--seed", type=int, default=0, help="seed of W1 and of the engine")
+    ap.add_argument("--no-warmup", action="store_true")
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+
+
+def build_llm(args: argparse.Namespace, enable_prefix_caching: bool = True):
+    from engine import LLM
+
+    return LLM(model=args.model, device=args.device, dtype=args.dtype,
+               max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+               max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+               num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=enable_prefix_caching,
+               seed=args.seed, load_format=args.load_format,
+               gpu_memory_utilization=args.gpu_memory_utilization,
+               enforce_eager=args.enforce_eager)
+
+
+def workload(args: argparse.Namespace, vocab_size: int) -> tuple[list[list[int]], list[int]]:
+    """W1 (or its scaled-down draw), with token ids folded into the model's vocabulary."""
+    prompts, output_lens = w1_requests(args.num_prompts, args.seed)
+    if args.scale != 1.0 or vocab_size < 10000:
+        prompts, output_lens = scale_requests(prompts, output_lens, args.scale, vocab_size)
+    return prompts, output_lens
+
+
+def resolved_dtype(engine) -> str:
+    """The dtype the engine computes in (numpy always fp32; cuda bf16 unless told otherwise)."""
+    dtype = getattr(engine.ops, "dtype", None)
+    if isinstance(dtype, str) and dtype in DTYPE_BYTES:
+        return dtype
+    if engine.config.dtype != "auto":
+        return engine.config.dtype
+    return "float32" if engine.ops.name == "numpy" else "bfloat16"
+
+
+def _timed(fn, totals: list[float]):
+    def wrapper(*a, **kw):
+        t = time.perf_counter()
+        try:
+            return fn(*a, **kw)
+        finally:
+            totals.append(time.perf_counter() - t)
+
+    return wrapper
+
+
+def run_requests(engine, prompts: list[list[int]], output_lens: list[int],
+                 temperature: float = 0.0, tag: str = "w1") -> dict:
+    """Submit every request at once, step until all finish; a trace of what happened.
+
+    Per step it samples the KV blocks allocated and the tokens actually held in the cache (sum of
+    the running sequences' computed tokens), and the number of sequences in the batch.
+    """
+    from engine import SamplingParams
+
+    stats0 = engine.get_stats()
+    runner_times: list[float] = []
+    run = engine.runner.run
+    engine.runner.run = _timed(run, runner_times)  # instance attribute: undone below
+    step_times, blocks, held, batch_seqs = [], [], [], []
+    token_counts: dict[str, int] = {}
+    try:
+        t0 = time.perf_counter()
+        for i, (p, o) in enumerate(zip(prompts, output_lens, strict=True)):
+            params = SamplingParams(temperature=temperature, ignore_eos=True, max_tokens=o,
+                                    seed=i if temperature > 0 else None)
+            engine.add_request(f"{tag}-{i}", {"prompt_token_ids": p}, params)
+        while engine.has_unfinished_requests():
+            ts = time.perf_counter()
+            outputs = engine.step()
+            step_times.append(time.perf_counter() - ts)
+            running = engine.scheduler.running
+            batch_seqs.append(len(running))
+            held.append(sum(s.num_computed_tokens for s in running))
+            blocks.append(engine.get_stats().kv_blocks_used)
+            for out in outputs:
+                if out.finished:
+                    token_counts[out.request_id] = len(out.outputs[0].token_ids)
+        wall = time.perf_counter() - t0
+    finally:
+        engine.runner.run = run
+        if "run" in vars(engine.runner):  # drop the shadowing attribute, back to the method
+            del engine.runner.run
+    stats1 = engine.get_stats()
+    return {
+        "wall_s": wall,
+        "num_steps": len(step_times),
+        "num_preemptions": stats1.num_preemptions - stats0.num_preemptions,
+        "step_time_s": sum(step_times),
+        "runner_time_s": sum(runner_times),
+        "output_tokens_per_request": [token_counts.get(f"{tag}-{i}", 0)
+                                      for i in range(len(prompts))],
+        "kv_blocks_per_step": blocks,
+        "kv_tokens_held_per_step": held,
+        "seqs_per_step": batch_seqs,
+    }
+
+
+def warmup(engine, vocab_size: int) -> None:
+    prompts = [[(7 * j + k) % vocab_size for j in range(16)] for k in range(2)]
+    run_requests(engine, prompts, [4, 4], tag="warmup")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_engine_args(ap)
+    args = ap.parse_args(argv)
+    llm = build_llm(args)
+    engine = llm.engine
+    mc = engine.model_config
+    prompts, output_lens = workload(args, mc.vocab_size)
+    if not args.no_warmup:
+        warmup(engine, mc.vocab_size)
+    trace = run_requests(engine, prompts, output_lens, args.temperature)
+
+    dtype = resolved_dtype(engine)
+    prompt_lens = [len(p) for p in prompts]
+    bound = roofline(mc, prompt_lens, output_lens, dtype_bytes=DTYPE_BYTES.get(dtype, 2),
+                     max_num_seqs=args.max_num_seqs)
+    output_tokens = sum(trace["output_tokens_per_request"])
+    wall = trace["wall_s"]
+    result = {
+        "workload": "W1", "model": args.model, "device": engine.ops.name, "dtype": dtype,
+        "num_prompts": len(prompts), "scale": args.scale,
+        "sampling": "greedy" if args.temperature == 0 else f"temperature {args.temperature}",
+        "prompt_tokens": sum(prompt_lens),
+        "requested_output_tokens": sum(output_lens),
+        "output_tokens": output_tokens,
+        "wall_s": wall,
+        "output_tok_s": output_tokens / wall,
+        "total_tok_s": (output_tokens + sum(prompt_lens)) / wall,
+        "num_steps": trace["num_steps"],
+        "num_preemptions": trace["num_preemptions"],
+        "runner_busy_fraction": trace["runner_time_s"] / wall,
+        "roofline_output_tok_s": bound["output_tok_s"],
+        "roofline_bound_s": bound["bound_time_s"],
+        "roofline_bound_by": bound["bound"],
+        "fraction_of_roofline": (output_tokens / wall) / bound["output_tok_s"],
+    }
+    print(json.dumps(result) if args.json else format_report(result))
+    return result
+
+
+def format_report(r: dict) -> str:
+    return "\n".join([
+        f"W1 on {r['model']} ({r['device']}, {r['dtype']}, {r['sampling']}): {r['num_prompts']} "
+        f"requests, {r['prompt_tokens']} prompt + {r['output_tokens']} output tokens "
+        f"(requested {r['requested_output_tokens']})",
+        f"output {r['output_tok_s']:.1f} tok/s   total {r['total_tok_s']:.1f} tok/s   "
+        f"wall {r['wall_s']:.2f} s",
+        f"roofline (H200, {r['roofline_bound_by']}-bound) {r['roofline_output_tok_s']:.0f} output "
+        f"tok/s in {r['roofline_bound_s']:.3f} s   measured / bound = "
+        f"{r['fraction_of_roofline']:.1%}",
+        f"steps {r['num_steps']}   preemptions {r['num_preemptions']}   "
+        f"runner busy {r['runner_busy_fraction']:.1%} of wall",
+    ])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""One run on the GPU machine: check every cuda op against numpy at real shapes, time each, and time
+whole decode steps (Qwen3-0.6B shapes, dummy weights). Prints a table last.
+
+    PYTHONPATH=. python tools/gpu_check.py [--graphs]
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+
+import cupy
+import numpy as np
+
+from engine.config import ModelConfig
+from engine.loader import dummy_weights
+from engine.model import Transformer, rope_cos_sin
+from engine.ops import AttentionMetadata, SamplingTensors
+from engine.ops.cuda_ops import CudaOps
+from engine.ops.numpy_ops import NumpyOps
+
+BW, FLOPS = 4.27e12, 800e12  # measured ceilings (shared/GPU.md)
+REF = NumpyOps()
+rows: list[tuple] = []
+
+
+def bench(fn, reps: int = 20) -> float:
+    """Median seconds per call over `reps` timings of 10 back-to-back calls (events)."""
+    fn()
+    cupy.cuda.Device().synchronize()
+    times = []
+    for _ in range(reps):
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record()
+        for _ in range(10):
+            fn()
+        end.record()
+        end.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, end) / 1e3 / 10)
+    return statistics.median(times)
+
+
+def rel(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    if not np.isfinite(got).all():
+        return float("nan")
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+def record(name, err, sec, nbytes=0, flops=0):
+    bw = nbytes / sec / 1e9 if nbytes else 0
+    tf = flops / sec / 1e12 if flops else 0
+    frac = max(nbytes / sec / BW, flops / sec / FLOPS)
+    rows.append((name, err, sec * 1e6, bw, tf, frac))
+    print(f"{name:44s} err {err:9.2e}  {sec * 1e6:9.1f} us  {bw:7.0f} GB/s  {tf:6.1f} TF/s  "
+          f"{frac * 100:5.1f}%", flush=True)
+
+
+def up(ops, x):
+    d = ops.from_host(np.asarray(x, np.float32))
+    return d, ops.to_host(d)
+
+
+def check_layers(ops):
+    rng = np.random.default_rng(0)
+    t, hid, nh, nkv, hd, inter = 4096, 1024, 16, 8, 128, 3072
+    x, xh = up(ops, rng.standard_normal((t, hid)))
+    w, wh = up(ops, rng.standard_normal(hid))
+    out = ops.rms_norm(x, w, 1e-6)
+    record("rms_norm (4096x1024)", rel(ops.to_host(out), REF.rms_norm(xh, wh, 1e-6)),
+           bench(lambda: ops.rms_norm(x, w, 1e-6)), 2 * x.nbytes)
+    res = x.copy()
+    record("add_rms_norm (4096x1024)", 0.0, bench(lambda: ops.add_rms_norm(x, res, w, 1e-6)),
+           4 * x.nbytes)
+    for tokens in (1, 64, 4096):
+        a, ah = up(ops, rng.standard_normal((tokens, hid)))
+        wq, wqh = up(ops, rng.standard_normal(((nh + 2 * nkv) * hd, hid)) * 0.03)
+        err = rel(ops.to_host(ops.linear(a, wq)), ah @ wqh.T)
+        sec = bench(lambda a=a, wq=wq: ops.linear(a, wq))
+        record(f"linear qkv T={tokens} (4096x1024)", err, sec, wq.nbytes + a.nbytes,
+               2 * tokens * wq.size)
+    wl, _ = up(ops, rng.standard_normal((151936, hid)) * 0.03)
+    a, _ = up(ops, rng.standard_normal((64, hid)))
+    record("linear lm_head T=64 (151936x1024)", 0.0, bench(lambda: ops.linear(a, wl)), wl.nbytes,
+           2 * 64 * wl.size)
+    qkv, qkvh = up(ops, rng.standard_normal((t, (nh + 2 * nkv) * hd)))
+    qn, qnh = up(ops, rng.standard_normal(hd))
+    got = qkv.copy()
+    ops.qk_norm(got, qn, qn, 1e-6, nh, nkv)
+    want = qkvh.copy()
+    REF.qk_norm(want, qnh, qnh, 1e-6, nh, nkv)
+    record("qk_norm (4096 tok)", rel(ops.to_host(got), want),
+           bench(lambda: ops.qk_norm(got, qn, qn, 1e-6, nh, nkv)), 2 * qkv.nbytes * 2 // 3)
+    cfg = ModelConfig("Qwen3ForCausalLM", 10, hid, inter, 1, nh, nkv, hd, rope_theta=1e6)
+    cs_h = rope_cos_sin(cfg, 8192)
+    cs = ops.from_host(cs_h)
+    pos = rng.integers(0, 8192, t).astype(np.int32)
+    got = qkv.copy()
+    ops.rope(got, pos, cs, nh, nkv)
+    want = qkvh.copy()
+    REF.rope(want, pos, cs_h, nh, nkv)
+    pos_d = cupy.asarray(pos)
+    record("rope (4096 tok)", rel(ops.to_host(got), want),
+           bench(lambda: ops.rope(got, pos_d, cs, nh, nkv)), 2 * qkv.nbytes * 2 // 3)
+    gu, guh = up(ops, rng.standard_normal((t, 2 * inter)))
+    record("silu_and_mul (4096x3072)", rel(ops.to_host(ops.silu_and_mul(gu)),
+                                          REF.silu_and_mul(guh)),
+           bench(lambda: ops.silu_and_mul(gu)), gu.nbytes * 3 // 2)
+
+
+def attention_case(ops, name, num_new, ctx, nh=16, nkv=8, hd=128, bs=16):
+    rng = np.random.default_rng(1)
+    num_blocks = sum(-(-c // bs) for c in ctx)
+    tables = np.full((len(ctx), max(-(-c // bs) for c in ctx)), -1, np.int32)
+    slots, used = [], 0
+    for s, (n, c) in enumerate(zip(num_new, ctx, strict=True)):
+        k = -(-c // bs)
+        tables[s, :k] = np.arange(used, used + k)
+        used += k
+        p = np.arange(c - n, c)
+        slots.append(tables[s, p // bs] * bs + p % bs)
+    meta = AttentionMetadata(np.concatenate(slots).astype(np.int32),
+                             np.concatenate([[0], np.cumsum(num_new)]).astype(np.int32),
+                             np.array(ctx, np.int32), tables, max(num_new), max(ctx))
+    cache, cache_h = up(ops, rng.standard_normal((2, num_blocks, nkv, bs, hd)))
+    qkv, qkvh = up(ops, rng.standard_normal((sum(num_new), (nh + 2 * nkv) * hd)))
+    dmeta = ops.prepare_metadata(meta)
+    ops.write_kv_cache(qkv, cache[0], cache[1], dmeta.slot_mapping, nh, nkv)
+    kh, vh = cache_h[0].copy(), cache_h[1].copy()
+    REF.write_kv_cache(qkvh, kh, vh, meta.slot_mapping, nh, nkv)
+    got = ops.attention(qkv, cache[0], cache[1], dmeta, nh, nkv, hd**-0.5)
+    err = rel(ops.to_host(got), REF.attention(qkvh, kh, vh, meta, nh, nkv, hd**-0.5))
+    sec = bench(lambda: ops.attention(qkv, cache[0], cache[1], dmeta, nh, nkv, hd**-0.5))
+    kv_bytes = sum(ctx) * nkv * hd * 2 * 2
+    flops = sum(4 * n * c * hd * nh for n, c in zip(num_new, ctx, strict=True))
+    record(name, err, sec, kv_bytes, flops)
+    if name.startswith("attn decode B=64"):
+        record("write_kv_cache (64 tok)", 0.0,
+               bench(lambda: ops.write_kv_cache(qkv, cache[0], cache[1], dmeta.slot_mapping, nh,
+                                                nkv)), 64 * 2 * nkv * hd * 2 * 2)
+
+
+def check_sampling(ops):
+    rng = np.random.default_rng(2)
+    r, v = 64, 151936
+    logits = (rng.standard_normal((r, v)) * 3).astype(np.float32)
+    t = SamplingTensors(np.zeros(r, np.float32), np.zeros(r, np.int32), np.ones(r, np.float32),
+                        np.zeros(r, np.float32), rng.integers(0, 2**63, r).astype(np.uint64),
+                        np.zeros(r, np.uint32), np.zeros(r, np.float32), np.zeros(r, np.float32),
+                        np.ones(r, np.float32))
+    d = cupy.asarray(logits)
+    want, got = REF.sample(logits, t), ops.sample(d, t)
+    record("sample greedy (64x151936)", float(np.mean(want.token_ids != got.token_ids)),
+           bench(lambda: ops.sample(d, t), 5), d.nbytes)
+    t.temperature[:] = 0.8
+    t.top_p[:] = 0.9
+    t.top_k[:] = 50
+    want, got = REF.sample(logits, t), ops.sample(d, t)
+    record("sample top-k/top-p (64x151936)", float(np.mean(want.token_ids != got.token_ids)),
+           bench(lambda: ops.sample(d, t), 5), d.nbytes)
+
+
+def decode_step(ops, batch, ctx=512, graphs=False):
+    config = ModelConfig.from_preset("qwen3-0.6b")
+    weights = dummy_weights(config, ops, seed=0)
+    model = Transformer(config, weights, ops, 4096)
+    bs = 16
+    nb = batch * -(-(ctx + 1) // bs)
+    cache = ops.alloc_kv_cache(config.num_layers, nb, config.num_kv_heads, bs, config.head_dim)
+    tables = np.arange(nb, dtype=np.int32).reshape(batch, -1)
+    pos = np.full(batch, ctx, np.int32)
+    meta = AttentionMetadata((tables[:, ctx // bs] * bs + ctx % bs).astype(np.int32),
+                             np.arange(batch + 1, dtype=np.int32),
+                             np.full(batch, ctx + 1, np.int32), tables, 1, ctx + 1)
+    ids = np.random.default_rng(3).integers(0, config.vocab_size, batch).astype(np.int32)
+    t = SamplingTensors(np.zeros(batch, np.float32), np.zeros(batch, np.int32),
+                        np.ones(batch, np.float32), np.zeros(batch, np.float32),
+                        np.zeros(batch, np.uint64), np.zeros(batch, np.uint32),
+                        np.zeros(batch, np.float32), np.zeros(batch, np.float32),
+                        np.ones(batch, np.float32))
+    last = np.arange(batch, dtype=np.int32)
+
+    def step():
+        m = ops.prepare_metadata(meta)
+        logits = model.forward(ids, pos, cache, m, last)
+        return ops.sample(logits, t)
+
+    step()
+    times = []
+    for _ in range(10):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    sec = statistics.median(times)
+    weight_bytes = config.num_linear_params() * 2
+    kv = batch * (ctx + 1) * config.num_layers * config.num_kv_heads * config.head_dim * 4
+    flops = 2 * batch * config.num_linear_params()
+    record(f"decode step B={batch} ctx={ctx} eager (wall)", 0.0, sec, weight_bytes + kv, flops)
+    if not graphs:
+        return
+    from engine.cuda_graph import DecodeGraphs
+
+    g = DecodeGraphs(model, cache, max_num_seqs=batch, max_blocks_per_seq=tables.shape[1],
+                     max_context_len=ctx + 1)
+    g.capture()
+    eager = ops.to_host(model.forward(ids, pos, cache, ops.prepare_metadata(meta), last))
+    err = rel(ops.to_host(g.run(ids, pos, meta)), eager)
+
+    def graph_step():
+        return ops.sample(g.run(ids, pos, meta), t)
+
+    graph_step()
+    times = []
+    for _ in range(20):
+        t0 = time.perf_counter()
+        graph_step()
+        times.append(time.perf_counter() - t0)
+    record(f"decode step B={batch} ctx={ctx} CUDA graph (wall)", err, statistics.median(times),
+           weight_bytes + kv, flops)
+
+
+def main():
+    ops = CudaOps("bfloat16")
+    print(f"GPU: {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}", flush=True)
+    check_layers(ops)
+    attention_case(ops, "attn decode B=64 ctx=1024 (GQA 2)", [1] * 64, [1024] * 64)
+    attention_case(ops, "attn decode B=1 ctx=4096 (split)", [1], [4096])
+    attention_case(ops, "attn decode B=16 ctx=4096 (split)", [1] * 16, [4096] * 16)
+    attention_case(ops, "attn prefill 1x2048 (CUDA cores)", [2048], [2048])
+    attention_case(ops, "attn mixed: 512 chunk+1024 prefix, 32 dec",
+                   [512] + [1] * 32, [1536] + [700] * 32)
+    check_sampling(ops)
+    for batch in (1, 64):
+        decode_step(ops, batch, graphs="--graphs" in sys.argv)
+    print("\n| op | err vs numpy | us | GB/s | TFLOP/s | % of ceiling |")
+    print("|---|---|---|---|---|---|")
+    for name, err, us, bw, tf, frac in rows:
+        print(f"| {name} | {err:.2e} | {us:.1f} | {bw:.0f} | {tf:.1f} | {frac * 100:.1f} |")
+
+
+if __name__ == "__main__":
+    main()
