@@ -23,9 +23,11 @@ setup: $(BIN)/python
 serve: setup
 	$(BIN)/pagedserve serve $(ARGS)
 
+# One BLAS thread: the suite runs servers and engines side by side on small matrices, where
+# OpenBLAS threads only fight each other.
 test: setup
 	$(BIN)/ruff check engine server tools tests
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: setup
 	$(BIN)/ruff check engine server tools tests
