@@ -102,8 +102,15 @@ class LLMEngine:
                                                 mc.head_dim)
         logger.info("KV cache: %d blocks of %d tokens (%d tokens)", num_blocks, bs, num_blocks * bs)
         if num_blocks * bs < self.max_model_len:
-            logger.warning("the KV cache (%d tokens) cannot hold one max_model_len (%d) sequence",
-                           num_blocks * bs, self.max_model_len)
+            # A sequence longer than the whole pool could only preempt itself forever.
+            if engine_config.max_model_len is not None:
+                raise ValueError(
+                    f"max_model_len ({self.max_model_len}) is more than the KV cache holds "
+                    f"({num_blocks} blocks x {bs} = {num_blocks * bs} tokens); lower "
+                    "max_model_len or give more num_kv_blocks / gpu_memory_utilization")
+            logger.warning("max_model_len lowered from %d to %d, what the KV cache holds",
+                           self.max_model_len, num_blocks * bs)
+            self.max_model_len = num_blocks * bs
         self.block_manager = BlockManager(num_blocks, bs, engine_config.enable_prefix_caching)
         self.scheduler = Scheduler(self.block_manager, engine_config.max_num_seqs,
                                    engine_config.max_num_batched_tokens, self.max_model_len)

@@ -210,7 +210,8 @@ def check_sample(ops, logits, t, min_agree=1.0):
     got = ops.sample(cupy.asarray(logits), t)
     agree = np.mean(got.token_ids == want.token_ids)
     assert agree >= min_agree, (got.token_ids, want.token_ids)
-    np.testing.assert_allclose(got.logprobs, want.logprobs, rtol=1e-4, atol=1e-4)
+    same = got.token_ids == want.token_ids  # logprobs of the same tokens must agree
+    np.testing.assert_allclose(got.logprobs[same], want.logprobs[same], rtol=1e-4, atol=1e-4)
     if t.num_logprobs:
         np.testing.assert_array_equal(got.top_ids, want.top_ids)
         np.testing.assert_allclose(got.top_logprobs, want.top_logprobs, rtol=1e-4, atol=1e-4)
@@ -234,7 +235,8 @@ def test_sample_seeded_filters(ops, vocab):
     t.top_p = rng.choice([1.0, 0.9, 0.5], rows).astype(np.float32)
     t.min_p = rng.choice([0.0, 0.05], rows).astype(np.float32)
     t.seeds = rng.integers(0, 2**63, rows).astype(np.uint64)
-    # Float sums differ in order between numpy and the GPU: allow a rare boundary disagreement.
+    # numpy's float32 cumsum runs in id order; the GPU sums chunks in parallel. Near-flat rows
+    # over a large vocab can then land the draw on the neighbouring kept id: allow a few rows.
     check_sample(ops, logits, t, min_agree=0.95)
 
 

@@ -75,9 +75,13 @@ def test_oversize_prompt_rejected_with_both_numbers(make_engine):
     engine = make_engine(max_model_len=128)
     with pytest.raises(ValueError, match=r"200.*128"):
         engine.add_request("long", ids(range(3, 203)))
-    # Fits max_model_len but never fits the KV cache (4 blocks of 16 tokens).
-    engine = make_engine(max_model_len=256, num_kv_blocks=4)
-    with pytest.raises(ValueError, match=r"100.*4 blocks"):
+    # A max_model_len the KV cache cannot hold is refused at start-up, naming both sizes ...
+    with pytest.raises(ValueError, match=r"max_model_len \(256\).*4 blocks x 16 = 64 tokens"):
+        make_engine(max_model_len=256, num_kv_blocks=4)
+    # ... and when max_model_len was not given, it shrinks to what the cache holds.
+    engine = make_engine(num_kv_blocks=4)
+    assert engine.max_model_len == 64
+    with pytest.raises(ValueError, match=r"100.*64"):
         engine.add_request("big", ids(range(3, 103)), greedy(8))
     assert not engine.has_unfinished_requests()
     engine.add_request("big", ids(range(3, 40)), greedy(8))  # the id was not taken by the failure

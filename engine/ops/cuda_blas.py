@@ -53,8 +53,9 @@ class Gemm:
             raise RuntimeError(f"{what} failed with cuBLAS status {status}")
 
     def __call__(self, x: cupy.ndarray, w: cupy.ndarray, out: cupy.ndarray, dtype: str):
-        # Row-major y = x w^T is column-major y^T = w^T-as-stored... i.e. C(out, T) = W^T(out, in)
-        # applied to X(in, T) with W read transposed (lda = in) and X as is (ldb = in).
+        # cuBLAS is column-major: row-major y (T, out) is column-major C (out, T) = W^T X, where
+        # the stored w (out, in) reads as column-major (in, out), hence OP_T with lda = in, and
+        # x (T, in) reads as column-major (in, T) with ldb = in.
         num_tokens, k = x.shape
         n_out = w.shape[0]
         t = DATA_TYPES[dtype]
