@@ -1,189 +1,231 @@
-// Paged causal attention over a mixed batch (decode and prefill chunks), split over the context.
+// Paged decode attention: one new query per sequence over its whole paged cache. The decode rows
+// of any batch come here (attention_prefill.cu takes sequences with several new tokens).
 //
-// A work item is a tile of consecutive new tokens of one sequence. One block takes one work item,
-// one kv head and one context split, and handles all `group` query heads that read this kv head,
-// for every token of the tile: rows = tile_tokens * group <= ROWS, so each K/V tile is read once
-// for all of them. Decode items have one token (rows = group). Scores, the online softmax and the
-// output accumulate in fp32; K/V tiles are converted to fp32 in shared memory.
+// Memory-bound: the kernel's job is to stream K and V once at full bandwidth. One block takes one
+// sequence, one kv head and one context split, and computes G query heads of that kv head, so
+// each K/V byte is read once for all of them. Each lane loads 16-byte vectors (8 elements): a key
+// of HD elements spans LPK = HD / 8 lanes, so one warp-wide load covers KPW = 32 / LPK keys, and
+// each warp keeps 2 * U such loads in flight before it computes. Dot products reduce across the
+// LPK lanes of a key with shuffles; each warp runs its own online softmax (base 2) over its keys
+// with fp32 accumulators in registers; the block's warps merge in shared memory at the end.
 #include "common.cuh"
 
-constexpr int KC = 32;     // keys per tile (one per lane in the softmax step)
-constexpr int NT = 128;    // threads per block
-constexpr int ROWS = 16;   // query rows per block
+constexpr int DEC_WARPS = 4;
 
-// Grid: (num_work_items, num_kv_heads, num_splits)  Block: (NT)
+// Grid: (num_decode_items, num_kv_heads * passes, num_splits)  Block: (32 * DEC_WARPS)
+// passes = ceil(group / G): a block computes query heads g0 .. g0 + G - 1 of its kv head.
 // With num_splits == 1 the normalized result goes to `out`; otherwise each split writes its
-// unnormalized partial sum and (max, sum) to the workspace and attention_reduce_kernel combines.
-template <typename T, int HD>
-__global__ void __launch_bounds__(NT) paged_attention_kernel(
+// unnormalized sum and (max, sum) in base 2 to the workspace and decode_reduce_kernel combines.
+template <typename T, int HD, int G, int U>
+__global__ void __launch_bounds__(32 * DEC_WARPS) decode_attention_kernel(
     T* __restrict__ out,                    // [num_tokens, num_heads, HD]
-    float* __restrict__ part_out,           // [num_splits, num_tokens, num_heads, HD]
-    float* __restrict__ part_ml,            // [num_splits, num_tokens, num_heads, 2]
+    float* __restrict__ part_out,           // [num_splits, W, num_heads, HD]
+    float* __restrict__ part_ml,            // [num_splits, W, num_heads, 2]
     const T* __restrict__ qkv,              // [num_tokens, (num_heads + 2 nkv) * HD]
     const T* __restrict__ k_cache,          // [num_blocks, nkv, block_size, HD]
     const T* __restrict__ v_cache,          // [num_blocks, nkv, block_size, HD]
-    const int* __restrict__ work,           // [num_work_items, 3]: seq, first new token, tokens
+    const int* __restrict__ seqs,           // [W] the sequence of each decode item
     const int* __restrict__ query_start_loc,  // [B + 1]
     const int* __restrict__ context_lens,     // [B]
     const int* __restrict__ block_tables,     // [B, max_blocks]
-    int max_blocks, int num_tokens, int num_heads, int num_kv_heads, int block_size, float scale,
-    int num_splits) {
-  __shared__ float q_s[ROWS][HD];
-  __shared__ float k_s[KC][HD + 1];  // +1: the score loop reads rows of k_s across lanes
-  __shared__ float v_s[KC][HD];
-  __shared__ float p_s[ROWS][KC + 1];
-  __shared__ float m_s[ROWS], l_s[ROWS], a_s[ROWS];
+    int max_blocks, int num_items, int num_heads, int num_kv_heads, int block_size,
+    float scale_log2, int num_splits) {
+  constexpr int LPK = HD / 8, KPW = 32 / LPK, CH = KPW * U;  // CH: keys per warp iteration
+  __shared__ float o_s[DEC_WARPS][G][HD];
+  __shared__ float m_s[DEC_WARPS][G], l_s[DEC_WARPS][G];
 
-  const int group = num_heads / num_kv_heads;
-  const int kvh = blockIdx.y, split = blockIdx.z, tid = threadIdx.x;
-  const int seq = work[blockIdx.x * 3], tile0 = work[blockIdx.x * 3 + 1];
-  const int ntok = work[blockIdx.x * 3 + 2];
-  const int q0 = query_start_loc[seq] + tile0;  // flat index of the tile's first token
-  const int num_new = query_start_loc[seq + 1] - query_start_loc[seq];
-  const int first_pos = context_lens[seq] - num_new + tile0;
-  const int nrows = ntok * group;
-  const int kv_len = first_pos + ntok;  // keys seen by the tile's last query
-  const int per_split = ((kv_len + num_splits - 1) / num_splits + KC - 1) / KC * KC;
-  const int k_begin = split * per_split, k_end = min(kv_len, k_begin + per_split);
+  const int group = num_heads / num_kv_heads, passes = (group + G - 1) / G;
+  const int kvh = blockIdx.y / passes, g0 = (blockIdx.y % passes) * G;
+  const int item = blockIdx.x, split = blockIdx.z;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int slot = lane / LPK, sub = lane % LPK;  // which key of a load, which 8 dims of it
+  const int seq = seqs[item];
+  const int tok = query_start_loc[seq];
+  const int ctx = context_lens[seq];
+  const int per_split = ((ctx + num_splits - 1) / num_splits + CH - 1) / CH * CH;
+  const int k_begin = split * per_split, k_end = min(ctx, k_begin + per_split);
   const long row_stride = (long)(num_heads + 2 * num_kv_heads) * HD;
   const int* table = block_tables + (long)seq * max_blocks;
 
-  // Row r = token * group + g is query head kvh * group + g of token q0 + token.
-  for (int i = tid; i < ROWS * HD; i += NT) {
-    const int r = i / HD, d = i % HD;
-    float v = 0.f;
-    if (r < nrows)
-      v = to_float(qkv[(q0 + r / group) * row_stride + (kvh * group + r % group) * HD + d]) * scale;
-    q_s[r][d] = v;
-  }
-  if (tid < ROWS) {
-    m_s[tid] = -INFINITY;
-    l_s[tid] = 0.f;
-  }
-  constexpr int PER = ROWS * HD / NT;  // output elements per thread
-  float acc[PER];
+  float q[G][8];
 #pragma unroll
-  for (int i = 0; i < PER; i++) acc[i] = 0.f;
-  __syncthreads();
+  for (int g = 0; g < G; g++) {
+    const bool ok = g0 + g < group;
+    const int head = kvh * group + (ok ? g0 + g : 0);
+    const uint4 w = *reinterpret_cast<const uint4*>(qkv + tok * row_stride + head * HD + sub * 8);
+    const T* h = reinterpret_cast<const T*>(&w);
+#pragma unroll
+    for (int e = 0; e < 8; e++) q[g][e] = ok ? to_float(h[e]) * scale_log2 : 0.f;
+  }
+  float m[G], l[G], acc[G][8];
+#pragma unroll
+  for (int g = 0; g < G; g++) {
+    m[g] = -INFINITY;
+    l[g] = 0.f;
+#pragma unroll
+    for (int e = 0; e < 8; e++) acc[g][e] = 0.f;
+  }
 
-  constexpr int WPR = HD / 8;            // 16-byte words per key row
-  constexpr int NV = KC * WPR / NT;      // words per thread per tile, for K and for V
-  for (int kb = k_begin; kb < k_end; kb += KC) {
-    // Issue every load of the tile before the first use, to keep many bytes in flight.
-    uint4 kr[NV], vr[NV];
+  for (int kb = k_begin + warp * CH; kb < k_end; kb += DEC_WARPS * CH) {
+    // Every load of the chunk is issued before the first use.
+    uint4 kr[U], vr[U];
 #pragma unroll
-    for (int i = 0; i < NV; i++) {
-      const int w = tid + i * NT, key = kb + w / WPR;
-      kr[i] = vr[i] = make_uint4(0u, 0u, 0u, 0u);
+    for (int u = 0; u < U; u++) {
+      const int key = kb + u * KPW + slot;
+      kr[u] = vr[u] = make_uint4(0u, 0u, 0u, 0u);
       if (key < k_end) {
         const long blk = table[key / block_size];
-        const long off = ((blk * num_kv_heads + kvh) * block_size + key % block_size) * HD +
-                         (w % WPR) * 8;
-        kr[i] = *reinterpret_cast<const uint4*>(k_cache + off);
-        vr[i] = *reinterpret_cast<const uint4*>(v_cache + off);
+        const long off =
+            ((blk * num_kv_heads + kvh) * block_size + key % block_size) * HD + sub * 8;
+        kr[u] = __ldg(reinterpret_cast<const uint4*>(k_cache + off));
+        vr[u] = __ldg(reinterpret_cast<const uint4*>(v_cache + off));
+      }
+    }
+    float s[G][U];
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+      const T* kh = reinterpret_cast<const T*>(&kr[u]);
+      float kf[8];
+#pragma unroll
+      for (int e = 0; e < 8; e++) kf[e] = to_float(kh[e]);
+#pragma unroll
+      for (int g = 0; g < G; g++) {
+        float d = 0.f;
+#pragma unroll
+        for (int e = 0; e < 8; e++) d += q[g][e] * kf[e];
+        s[g][u] = d;
       }
     }
 #pragma unroll
-    for (int i = 0; i < NV; i++) {
-      const int w = tid + i * NT, j = w / WPR, d = (w % WPR) * 8;
-      const T* kh = reinterpret_cast<const T*>(&kr[i]);
-      const T* vh = reinterpret_cast<const T*>(&vr[i]);
+    for (int o = 1; o < LPK; o <<= 1)
 #pragma unroll
-      for (int e = 0; e < 8; e++) {
-        k_s[j][d + e] = to_float(kh[e]);
-        v_s[j][d + e] = to_float(vh[e]);
-      }
-    }
-    __syncthreads();
-    for (int i = tid; i < nrows * KC; i += NT) {
-      const int r = i / KC, j = i % KC, key = kb + j;
-      float s = -INFINITY;
-      if (key < k_end && key <= first_pos + r / group) {  // causal: key position <= query position
-        s = 0.f;
-#pragma unroll 16
-        for (int d = 0; d < HD; d++) s += q_s[r][d] * k_s[j][d];
-      }
-      p_s[r][j] = s;
-    }
-    __syncthreads();
-    // Online softmax, one warp per row: lane j owns key kb + j.
-    for (int r = tid >> 5; r < nrows; r += NT / 32) {
-      const int lane = tid & 31;
-      const float m_old = m_s[r];
-      const float s = p_s[r][lane];
-      const float m_new = fmaxf(m_old, warp_max(s));
-      const float p = m_new == -INFINITY ? 0.f : expf(s - m_new);
-      const float sum = warp_sum(p);
-      p_s[r][lane] = p;
-      if (lane == 0) {
-        const float a = m_old == -INFINITY ? 0.f : expf(m_old - m_new);
-        a_s[r] = a;
-        l_s[r] = l_s[r] * a + sum;
-        m_s[r] = m_new;
-      }
-    }
-    __syncthreads();
+      for (int g = 0; g < G; g++)
 #pragma unroll
-    for (int i = 0; i < PER; i++) {
-      const int idx = tid + i * NT, r = idx / HD, d = idx % HD;
-      if (r < nrows) {
-        float o = acc[i] * a_s[r];
-#pragma unroll 8
-        for (int j = 0; j < KC; j++) o += p_s[r][j] * v_s[j][d];
-        acc[i] = o;
+        for (int u = 0; u < U; u++) s[g][u] += __shfl_xor_sync(0xffffffffu, s[g][u], o);
+#pragma unroll
+    for (int u = 0; u < U; u++)
+      if (kb + u * KPW + slot >= k_end)
+#pragma unroll
+        for (int g = 0; g < G; g++) s[g][u] = -INFINITY;
+#pragma unroll
+    for (int g = 0; g < G; g++) {
+      float cm = s[g][0];
+#pragma unroll
+      for (int u = 1; u < U; u++) cm = fmaxf(cm, s[g][u]);
+#pragma unroll
+      for (int o = LPK; o < 32; o <<= 1) cm = fmaxf(cm, __shfl_xor_sync(0xffffffffu, cm, o));
+      const float m_new = fmaxf(m[g], cm);  // finite: the chunk's first key is always valid
+      const float alpha = exp2f(m[g] - m_new);  // 0 while m[g] is -inf
+      m[g] = m_new;
+      l[g] *= alpha;
+#pragma unroll
+      for (int e = 0; e < 8; e++) acc[g][e] *= alpha;
+#pragma unroll
+      for (int u = 0; u < U; u++) s[g][u] = exp2f(s[g][u] - m_new);  // masked keys -> 0
+    }
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+      const T* vh = reinterpret_cast<const T*>(&vr[u]);
+      float vf[8];
+#pragma unroll
+      for (int e = 0; e < 8; e++) vf[e] = to_float(vh[e]);
+#pragma unroll
+      for (int g = 0; g < G; g++) {
+        l[g] += s[g][u];
+#pragma unroll
+        for (int e = 0; e < 8; e++) acc[g][e] += s[g][u] * vf[e];
       }
     }
-    __syncthreads();
   }
 
+  // Each lane summed its own key slot; the slots of a warp share one max, so they add up plainly.
 #pragma unroll
-  for (int i = 0; i < PER; i++) {
-    const int idx = tid + i * NT, r = idx / HD, d = idx % HD;
-    if (r >= nrows) continue;
-    const long t = q0 + r / group;
-    const int head = kvh * group + r % group;
+  for (int o = LPK; o < 32; o <<= 1)
+#pragma unroll
+    for (int g = 0; g < G; g++) {
+      l[g] += __shfl_xor_sync(0xffffffffu, l[g], o);
+#pragma unroll
+      for (int e = 0; e < 8; e++) acc[g][e] += __shfl_xor_sync(0xffffffffu, acc[g][e], o);
+    }
+  if (slot == 0) {
+#pragma unroll
+    for (int g = 0; g < G; g++) {
+#pragma unroll
+      for (int e = 0; e < 8; e++) o_s[warp][g][sub * 8 + e] = acc[g][e];
+      if (sub == 0) {
+        m_s[warp][g] = m[g];
+        l_s[warp][g] = l[g];
+      }
+    }
+  }
+  __syncthreads();
+  for (int i = threadIdx.x; i < G * HD; i += 32 * DEC_WARPS) {
+    const int g = i / HD, d = i % HD;
+    if (g0 + g >= group) continue;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < DEC_WARPS; w++) mx = fmaxf(mx, m_s[w][g]);
+    float num = 0.f, den = 0.f;
+    if (mx != -INFINITY) {
+#pragma unroll
+      for (int w = 0; w < DEC_WARPS; w++) {
+        const float a = exp2f(m_s[w][g] - mx);
+        num += a * o_s[w][g][d];
+        den += a * l_s[w][g];
+      }
+    }
+    const int head = kvh * group + g0 + g;
     if (num_splits == 1) {
-      out[(t * num_heads + head) * HD + d] = from_float<T>(l_s[r] > 0.f ? acc[i] / l_s[r] : 0.f);
+      out[((long)tok * num_heads + head) * HD + d] = from_float<T>(den > 0.f ? num / den : 0.f);
     } else {
-      const long at = ((long)split * num_tokens + t) * num_heads + head;
-      part_out[at * HD + d] = acc[i];
+      const long at = ((long)split * num_items + item) * num_heads + head;
+      part_out[at * HD + d] = num;
       if (d == 0) {
-        part_ml[at * 2] = m_s[r];
-        part_ml[at * 2 + 1] = l_s[r];
+        part_ml[at * 2] = mx;
+        part_ml[at * 2 + 1] = den;
       }
     }
   }
 }
 
-// Combines the splits: out = sum_s e^(m_s - M) acc_s / sum_s e^(m_s - M) l_s.
-// Grid: (num_tokens, num_heads)  Block: (HD)
+// Combines the splits: out = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s.
+// Grid: (W, num_heads)  Block: (HD)
 template <typename T, int HD>
-__global__ void attention_reduce_kernel(T* __restrict__ out,             // [num_tokens, nh, HD]
-                                        const float* __restrict__ part_out,  // [S, num_tokens, nh, HD]
-                                        const float* __restrict__ part_ml,   // [S, num_tokens, nh, 2]
-                                        int num_tokens, int num_heads, int num_splits) {
-  const long th = (long)blockIdx.x * num_heads + blockIdx.y;
-  const long stride = (long)num_tokens * num_heads;
-  float m = -INFINITY;
-  for (int s = 0; s < num_splits; s++) m = fmaxf(m, part_ml[(s * stride + th) * 2]);
+__global__ void decode_reduce_kernel(T* __restrict__ out,               // [num_tokens, nh, HD]
+                                     const float* __restrict__ part_out,  // [S, W, nh, HD]
+                                     const float* __restrict__ part_ml,   // [S, W, nh, 2]
+                                     const int* __restrict__ seqs,        // [W]
+                                     const int* __restrict__ query_start_loc,  // [B + 1]
+                                     int num_items, int num_heads, int num_splits) {
+  const long ih = (long)blockIdx.x * num_heads + blockIdx.y;
+  const long stride = (long)num_items * num_heads;
+  const long tok = query_start_loc[seqs[blockIdx.x]];
+  float mx = -INFINITY;
+  for (int s = 0; s < num_splits; s++) mx = fmaxf(mx, part_ml[(s * stride + ih) * 2]);
   float num = 0.f, den = 0.f;
   for (int s = 0; s < num_splits; s++) {
-    const float ms = part_ml[(s * stride + th) * 2];
-    if (ms == -INFINITY) continue;  // this split saw no key for this query
-    const float w = expf(ms - m);
-    num += w * part_out[(s * stride + th) * HD + threadIdx.x];
-    den += w * part_ml[(s * stride + th) * 2 + 1];
+    const float ms = part_ml[(s * stride + ih) * 2];
+    if (ms == -INFINITY) continue;  // this split saw no key
+    const float w = exp2f(ms - mx);
+    num += w * part_out[(s * stride + ih) * HD + threadIdx.x];
+    den += w * part_ml[(s * stride + ih) * 2 + 1];
   }
-  out[th * HD + threadIdx.x] = from_float<T>(den > 0.f ? num / den : 0.f);
+  out[(tok * num_heads + blockIdx.y) * HD + threadIdx.x] =
+      from_float<T>(den > 0.f ? num / den : 0.f);
 }
 
 #ifdef PAGEDSERVE_NVCC_CHECK
-#define INSTANTIATE(T, HD)                                                                      \
-  template __global__ void paged_attention_kernel<T, HD>(                                       \
+#define INSTANTIATE_DEC(T, HD, G)                                                               \
+  template __global__ void decode_attention_kernel<T, HD, G, 2>(              \
       T*, float*, float*, const T*, const T*, const T*, const int*, const int*, const int*,     \
-      const int*, int, int, int, int, int, float, int);                                         \
-  template __global__ void attention_reduce_kernel<T, HD>(T*, const float*, const float*, int, \
-                                                          int, int);
+      const int*, int, int, int, int, int, float, int);
+#define INSTANTIATE(T, HD)                                                                      \
+  INSTANTIATE_DEC(T, HD, 1)                                                                     \
+  INSTANTIATE_DEC(T, HD, 2)                                                                     \
+  INSTANTIATE_DEC(T, HD, 4)                                                                     \
+  INSTANTIATE_DEC(T, HD, 8)                                                                     \
+  template __global__ void decode_reduce_kernel<T, HD>(T*, const float*, const float*,          \
+                                                       const int*, const int*, int, int, int);
 INSTANTIATE(__half, 64)
 INSTANTIATE(__half, 128)
 INSTANTIATE(__nv_bfloat16, 64)

@@ -17,7 +17,7 @@ import cupy
 import numpy as np
 
 from engine.ops import AttentionMetadata
-from engine.ops.cuda_attention import DeviceAttentionMetadata, choose_splits
+from engine.ops.cuda_attention import DeviceAttentionMetadata, decode_plan
 
 
 def padded_sizes(max_num_seqs: int) -> list[int]:
@@ -35,12 +35,15 @@ class DecodeGraphs:
         n = max_num_seqs
         block_size = kv_cache.shape[4]
         self.max_context_len = max_context_len or max_blocks_per_seq * block_size
-        # persistent inputs, (n,) unless noted
-        self.input_ids = cupy.zeros(n, cupy.int32)
-        self.positions = cupy.zeros(n, cupy.int32)
-        self.slot_mapping = cupy.full(n, -1, cupy.int32)
+        # Persistent inputs, (n,) unless noted. The per-step ones sit in one buffer so that a step
+        # uploads once: [input_ids | positions | slot_mapping | context_lens | staged tables].
+        self._host = np.zeros(4 * n + n * max_blocks_per_seq, np.int32)
+        self._device = cupy.zeros(len(self._host), cupy.int32)
+        self.input_ids = self._device[:n]
+        self.positions = self._device[n : 2 * n]
+        self.slot_mapping = self._device[2 * n : 3 * n]
+        self.context_lens = self._device[3 * n : 4 * n]
         self.query_start_loc = cupy.arange(n + 1, dtype=cupy.int32)  # (n + 1,) one token each
-        self.context_lens = cupy.zeros(n, cupy.int32)
         self.block_tables = cupy.zeros((n, max_blocks_per_seq), cupy.int32)
         self.logits_indices = cupy.arange(n, dtype=cupy.int32)
         self.graphs: dict[int, tuple] = {}  # size -> (graph, logits (size, vocab))
@@ -49,14 +52,12 @@ class DecodeGraphs:
     def _meta(self, size: int) -> DeviceAttentionMetadata:
         c = self.model.config
         group = c.num_heads // c.num_kv_heads
-        work = cupy.zeros((size, 3), cupy.int32)  # decode items: (seq, 0, 1)
-        work[:, 0] = cupy.arange(size, dtype=cupy.int32)
-        work[:, 2] = 1
-        splits = choose_splits(size, c.num_kv_heads, self.max_context_len)
+        # every row a decode; the context splits are fixed for the graph's lifetime
+        plan = decode_plan(size, c.num_kv_heads, group, self.max_context_len)
         return DeviceAttentionMetadata(
             self.slot_mapping[:size], self.query_start_loc[: size + 1], self.context_lens[:size],
             self.block_tables[:size], 1, self.max_context_len, host=None,
-            work={group: (work, splits)}, num_splits=splits)
+            work={group: plan}, num_splits=plan.num_splits)
 
     def capture(self):
         stream = cupy.cuda.Stream(non_blocking=True)
@@ -81,20 +82,25 @@ class DecodeGraphs:
         b = len(meta.context_lens)
         size = next(s for s in self.sizes if s >= b)
         graph, logits, _ = self.graphs[size]
+        n, max_blocks = len(self.input_ids), self.block_tables.shape[1]
         width = meta.block_tables.shape[1]
-        if width > self.block_tables.shape[1]:
+        if width > max_blocks:
             raise ValueError(f"block_tables has {width} columns; graphs captured for "
-                             f"{self.block_tables.shape[1]}")
-        self.input_ids[:b].set(np.asarray(input_ids, np.int32))
-        self.positions[:b].set(np.asarray(positions, np.int32))
-        slots = np.full(size, -1, np.int32)
-        slots[:b] = meta.slot_mapping
-        self.slot_mapping[:size].set(slots)
-        ctx = np.zeros(size, np.int32)
-        ctx[:b] = meta.context_lens
-        self.context_lens[:size].set(ctx)
-        tables = np.zeros((b, self.block_tables.shape[1]), np.int32)
-        tables[:, :width] = meta.block_tables
-        self.block_tables[:b].set(tables)
-        graph.launch(cupy.cuda.get_current_stream())
+                             f"{max_blocks}")
+        # Padding rows b..size-1: slot -1 writes nothing, context 0 attends to nothing.
+        h = self._host
+        for i, (a, pad) in enumerate(((input_ids, 0), (positions, 0), (meta.slot_mapping, -1),
+                                      (meta.context_lens, 0))):
+            h[i * n : i * n + b] = a
+            h[i * n + b : i * n + size] = pad
+        end = 4 * n + b * width
+        h[4 * n : end].reshape(b, width)[:] = meta.block_tables
+        stream = cupy.cuda.get_current_stream()
+        self._device[:end].set(h[:end], stream)  # the step's one host -> device copy
+        # The staged (b, width) tables into the (n, max_blocks) rows the graph reads, on the GPU.
+        item = self._device.itemsize
+        cupy.cuda.runtime.memcpy2DAsync(
+            self.block_tables.data.ptr, max_blocks * item, self._device.data.ptr + 4 * n * item,
+            width * item, width * item, b, cupy.cuda.runtime.memcpyDeviceToDevice, stream.ptr)
+        graph.launch(stream)
         return logits[:b]

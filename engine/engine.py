@@ -120,7 +120,7 @@ class LLMEngine:
             eos.append(tok_eos)
         self.eos_token_ids = eos
         self.runner = ModelRunner(mc, engine_config, self.ops, self.model, self.kv_cache,
-                                  eos_token_ids=eos)
+                                  eos_token_ids=eos, max_model_len=self.max_model_len)
 
         self._rng = np.random.default_rng(engine_config.seed)
         self._requests: dict[str, _Request] = {}
@@ -224,10 +224,12 @@ class LLMEngine:
         if batch.seqs:
             now = time.time()
             for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+                c = seq.num_computed_tokens
+                if c >= seq.num_prompt_tokens:  # a decode: scheduled before, no prompt tokens
+                    continue
                 req, _ = self._seq_states[seq.seq_id]
                 req.metrics.first_scheduled_time = req.metrics.first_scheduled_time or now
-                c = seq.num_computed_tokens
-                self._prompt_tokens_total += max(0, min(c + n, seq.num_prompt_tokens) - c)
+                self._prompt_tokens_total += min(c + n, seq.num_prompt_tokens) - c
             sampling = sampling_seqs(batch)  # before finish_step moves num_computed_tokens
             sampled = self.runner.run(batch)
             self.scheduler.finish_step(batch)
@@ -239,13 +241,15 @@ class LLMEngine:
     def _postprocess(self, seqs: list[Sequence], sampled) -> dict[int, _Request]:
         changed = {}
         now = time.time()
+        seq_states = self._seq_states
+        tokens, logprobs = sampled.token_ids.tolist(), sampled.logprobs.tolist()
         for r, seq in enumerate(seqs):
-            req, state = self._seq_states[seq.seq_id]
-            token, logprob = int(sampled.token_ids[r]), float(sampled.logprobs[r])
+            req, state = seq_states[seq.seq_id]
+            token, logprob = tokens[r], logprobs[r]
             seq.token_ids.append(token)
             seq.cumulative_logprob += logprob
-            self._generation_tokens_total += 1
-            req.metrics.first_token_time = req.metrics.first_token_time or now
+            if req.metrics.first_token_time is None:
+                req.metrics.first_token_time = now
             if state.logprobs is not None:
                 k = req.params.logprobs
                 entry = {}
@@ -254,29 +258,43 @@ class LLMEngine:
                     entry = {int(i): float(v) for i, v in top}
                 entry[token] = logprob
                 state.logprobs.append(entry)
+            changed[id(req)] = req
             reason = self._check_stop(state, token)
             if reason is not None:
                 self.scheduler.finish_seq(seq, reason)
                 seq.finish_reason = reason
-                del self._seq_states[seq.seq_id]
-            changed[id(req)] = req
-        for req in changed.values():
-            if all(s.seq.finish_reason is not None for s in req.states):
-                req.metrics.finished_time = now
-                self._requests.pop(req.request_id, None)
+                del seq_states[seq.seq_id]
+                if all(s.seq.finish_reason is not None for s in req.states):
+                    req.metrics.finished_time = now
+                    self._requests.pop(req.request_id, None)
+        self._generation_tokens_total += len(seqs)
         return changed
 
     def _check_stop(self, state: _SeqState, token: int) -> str | None:
         """Extend the sequence's text with `token`; the finish reason if it ends here."""
         seq, p = state.seq, state.seq.sampling_params
-        past_min = seq.num_output_tokens > p.min_tokens
-        if past_min and token in p.stop_token_ids:
+        num_output_tokens = len(seq.token_ids) - seq.num_prompt_tokens
+        past_min = num_output_tokens > p.min_tokens
+        if past_min and p.stop_token_ids and token in p.stop_token_ids:
             state.stop_reason = token
             if p.include_stop_str_in_output:
                 self._extend_text(state, token)
             return "stop"
         if past_min and not p.ignore_eos and token in self.eos_token_ids:
             return "stop"
+        # Without a tokenizer there is no text, so no stop strings either.
+        if state.detokenizer is not None and self._stop_string(state, token, past_min):
+            return "stop"
+        if p.max_tokens is not None and num_output_tokens >= p.max_tokens:
+            return "length"
+        if len(seq.token_ids) >= self.max_model_len:
+            return "length"
+        return None
+
+    def _stop_string(self, state: _SeqState, token: int, past_min: bool) -> bool:
+        """Extend the text with `token`; True (text cut, stop_reason set) if a stop string ends
+        in it."""
+        p = state.seq.sampling_params
         old_len = len(state.text)
         self._extend_text(state, token)
         if past_min and p.stop_list:
@@ -287,12 +305,8 @@ class LLMEngine:
                 i, stop = min(hits)
                 state.text = state.text[: i + (len(stop) if p.include_stop_str_in_output else 0)]
                 state.stop_reason = stop
-                return "stop"
-        if p.max_tokens is not None and seq.num_output_tokens >= p.max_tokens:
-            return "length"
-        if len(seq) >= self.max_model_len:
-            return "length"
-        return None
+                return True
+        return False
 
     def _extend_text(self, state: _SeqState, token: int):
         if state.detokenizer is not None:
@@ -300,6 +314,7 @@ class LLMEngine:
 
     def _make_output(self, req: _Request) -> RequestOutput:
         outputs = []
+        finished = True
         for state in req.states:
             seq, p = state.seq, req.params
             sendable = len(state.text)
@@ -309,7 +324,7 @@ class LLMEngine:
             sendable = max(sendable, state.num_sent_chars)
             delta_text = state.text[state.num_sent_chars : sendable]
             state.num_sent_chars = sendable
-            out_ids = seq.output_token_ids
+            out_ids = seq.output_token_ids  # a fresh list: handed out as is
             delta_ids = out_ids[state.num_sent_tokens :]
             delta_lp = None
             if state.logprobs is not None:
@@ -318,7 +333,7 @@ class LLMEngine:
             outputs.append(CompletionOutput(
                 index=seq.index,
                 text=state.text[:sendable],
-                token_ids=list(out_ids),
+                token_ids=out_ids,
                 cumulative_logprob=seq.cumulative_logprob,
                 logprobs=list(state.logprobs) if state.logprobs is not None else None,
                 finish_reason=seq.finish_reason,
@@ -327,7 +342,7 @@ class LLMEngine:
                 delta_token_ids=delta_ids,
                 delta_logprobs=delta_lp,
             ))
-        finished = all(o.finish_reason is not None for o in outputs)
+            finished = finished and seq.finish_reason is not None
         if finished and req.metrics.finished_time is None:
             req.metrics.finished_time = time.time()
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outputs, finished,

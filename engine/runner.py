@@ -10,11 +10,13 @@ done. The runner never changes a sequence: the engine does that after the step.
 from __future__ import annotations
 
 import logging
+import time
 
 import numpy as np
 
 from engine.config import EngineConfig, ModelConfig
 from engine.ops import AttentionMetadata, SamplerOutput, SamplingTensors
+from engine.step_inputs import HostBlockTables, StepInputs, build_step_inputs
 
 logger = logging.getLogger(__name__)
 
@@ -70,7 +72,8 @@ def num_kv_blocks(model_config: ModelConfig, engine_config: EngineConfig, ops,
 
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, engine_config: EngineConfig, ops, model,
-                 kv_cache, eos_token_ids: list[int] | None = None):
+                 kv_cache, eos_token_ids: list[int] | None = None,
+                 max_model_len: int | None = None):
         self.model_config = model_config
         self.config = engine_config
         self.ops = ops
@@ -80,6 +83,25 @@ class ModelRunner:
         # Ids that min_tokens holds back (the engine adds the tokenizer's eos here).
         self.eos_token_ids = list(model_config.eos_token_ids if eos_token_ids is None
                                   else eos_token_ids)
+        max_len = (max_model_len or engine_config.max_model_len
+                   or model_config.max_position_embeddings)
+        self.max_blocks_per_seq = -(-max_len // self.block_size)
+        # Twice the batch cap: a batch's sequences always find rows without evicting each other.
+        self.host_tables = HostBlockTables(2 * engine_config.max_num_seqs, self.max_blocks_per_seq)
+        self.graphs = None
+        if ops.name == "cuda" and not engine_config.enforce_eager:
+            self.capture_decode_graphs()
+
+    def capture_decode_graphs(self) -> None:
+        """Capture the decode forward for every padded batch size up to max_num_seqs."""
+        from engine.cuda_graph import DecodeGraphs
+
+        t = time.perf_counter()
+        self.graphs = DecodeGraphs(self.model, self.kv_cache, self.config.max_num_seqs,
+                                   self.max_blocks_per_seq)
+        self.graphs.capture()
+        logger.info("captured %d decode CUDA graphs (batch 1..%d) in %.2f s",
+                    len(self.graphs.sizes), self.config.max_num_seqs, time.perf_counter() - t)
 
     # ------------------------------------------------------------------ one step
 
@@ -87,99 +109,86 @@ class ModelRunner:
         """Forward the batch; sample one token per sampling sequence (None when none samples)."""
         if not batch.seqs:
             return None
-        tokens, meta = self.prepare_inputs(batch)
-        # One transfer for the token arrays; the backend uploads the attention metadata once
-        # (ops.prepare_metadata) and every layer reuses it.
-        flat = self.ops.from_host(np.concatenate(list(tokens.values())))
-        t = len(tokens["input_ids"])
-        input_ids, positions, logits_indices = flat[:t], flat[t : 2 * t], flat[2 * t :]
-        meta = self.ops.prepare_metadata(meta)
-        logits = self.model.forward(input_ids, positions, self.kv_cache, meta,
-                                    logits_indices)  # (R, vocab)
-        sampling = sampling_seqs(batch)
-        if not sampling:
+        inputs = self.prepare_inputs(batch)
+        graphs = self.graphs
+        if graphs is not None and inputs.is_decode_only and graphs.can_run(len(batch.seqs)):
+            logits = graphs.run(inputs.input_ids, inputs.positions, inputs.meta)  # (B, vocab)
+        else:
+            logits = self._forward_eager(inputs)  # (R, vocab)
+        if not len(inputs.logits_indices):
             return None
-        return self.ops.sample(logits, self.prepare_sampling(sampling))
+        # The forward is queued on the GPU: the sampling settings are built while it runs.
+        seqs = batch.seqs
+        if not inputs.samples.all():
+            seqs = [seqs[i] for i in np.flatnonzero(inputs.samples)]
+        return self.ops.sample(logits, self.prepare_sampling(seqs))
 
-    def prepare_inputs(self, batch) -> tuple[dict[str, np.ndarray], AttentionMetadata]:
+    def prepare_inputs(self, batch) -> StepInputs:
         """Host int32 arrays: input_ids, positions, logits_indices, and the attention metadata."""
-        bs = self.block_size
-        num_seqs = len(batch.seqs)
-        num_tokens = int(sum(batch.num_new_tokens))
-        input_ids = np.empty(num_tokens, np.int32)  # (T,)
-        positions = np.empty(num_tokens, np.int32)  # (T,)
-        slot_mapping = np.empty(num_tokens, np.int32)  # (T,)
-        context_lens = np.empty(num_seqs, np.int32)  # (B,)
-        query_start_loc = np.zeros(num_seqs + 1, np.int32)  # (B+1,)
-        width = max(-(-(s.num_computed_tokens + n) // bs)
-                    for s, n in zip(batch.seqs, batch.num_new_tokens, strict=True))
-        block_tables = np.full((num_seqs, width), -1, np.int32)  # (B, max_blocks)
-        logits_indices = []
-        start = 0
-        for i, (seq, n) in enumerate(zip(batch.seqs, batch.num_new_tokens, strict=True)):
-            c = seq.num_computed_tokens
-            end = start + n
-            input_ids[start:end] = seq.token_ids[c : c + n]
-            pos = np.arange(c, c + n, dtype=np.int32)
-            positions[start:end] = pos
-            table = np.asarray(seq.block_table[: width], np.int32)
-            slot_mapping[start:end] = table[pos // bs] * bs + pos % bs
-            block_tables[i, : len(table)] = table
-            context_lens[i] = c + n
-            query_start_loc[i + 1] = end
-            if c + n == len(seq):
-                logits_indices.append(end - 1)
-            start = end
-        tokens = {
-            "input_ids": input_ids,
-            "positions": positions,
-            "logits_indices": np.asarray(logits_indices, np.int32),  # (R,)
-        }
-        meta = AttentionMetadata(
-            slot_mapping=slot_mapping,
-            query_start_loc=query_start_loc,
-            context_lens=context_lens,
-            block_tables=block_tables,
-            max_query_len=int(max(batch.num_new_tokens)),
-            max_context_len=int(context_lens.max()),
-        )
-        return tokens, meta
+        return build_step_inputs(batch, self.block_size, self.host_tables)
+
+    def _forward_eager(self, inputs: StepInputs):
+        flat, where = inputs.pack()
+        dev = self.ops.from_host(flat)  # the step's one host -> device copy
+        view = {name: dev[s] for name, s in where.items()}
+        host = inputs.meta
+        arrays = dict(slot_mapping=view["slot_mapping"], query_start_loc=view["query_start_loc"],
+                      context_lens=view["context_lens"],
+                      block_tables=view["block_tables"].reshape(host.block_tables.shape))
+        if self.ops.name == "cuda":
+            from engine.ops.cuda_attention import DeviceAttentionMetadata
+
+            meta = DeviceAttentionMetadata(**arrays, max_query_len=host.max_query_len,
+                                           max_context_len=host.max_context_len, host=host)
+        else:
+            meta = self.ops.prepare_metadata(AttentionMetadata(
+                **arrays, max_query_len=host.max_query_len, max_context_len=host.max_context_len))
+        return self.model.forward(view["input_ids"], view["positions"], self.kv_cache, meta,
+                                  view["logits_indices"])  # (R, vocab)
 
     # ------------------------------------------------------------------ sampling settings
 
     def prepare_sampling(self, seqs: list) -> SamplingTensors:
         params = [s.sampling_params for s in seqs]
         num_rows = len(seqs)
-
-        def column(get, dtype):
-            return np.array([get(p) for p in params], dtype)
-
+        # One tuple of settings per row; in a batch they are nearly always all equal (one
+        # request's defaults, or a benchmark's), and then each column is one np.full.
+        rows = [(p.temperature, p.top_k, p.top_p, p.min_p, p.presence_penalty,
+                 p.frequency_penalty, p.repetition_penalty, p.logprobs or 0, p.min_tokens,
+                 bool(p.logit_bias)) for p in params]
+        if rows.count(rows[0]) == num_rows:
+            columns = [np.full(num_rows, v, np.float64) for v in rows[0]]
+        else:
+            columns = list(np.array(rows, np.float64).T)
         t = SamplingTensors(
-            temperature=column(lambda p: p.temperature, np.float32),
-            top_k=column(lambda p: p.top_k, np.int32),
-            top_p=column(lambda p: p.top_p, np.float32),
-            min_p=column(lambda p: p.min_p, np.float32),
-            seeds=np.array([s.seed & 0xFFFFFFFFFFFFFFFF for s in seqs], np.uint64),
-            steps=np.array([s.num_output_tokens for s in seqs], np.uint32),
-            presence_penalty=column(lambda p: p.presence_penalty, np.float32),
-            frequency_penalty=column(lambda p: p.frequency_penalty, np.float32),
-            repetition_penalty=column(lambda p: p.repetition_penalty, np.float32),
-            num_logprobs=max((p.logprobs or 0) for p in params),
+            temperature=columns[0].astype(np.float32),
+            top_k=columns[1].astype(np.int32),
+            top_p=columns[2].astype(np.float32),
+            min_p=columns[3].astype(np.float32),
+            seeds=np.fromiter((s.seed & 0xFFFFFFFFFFFFFFFF for s in seqs), np.uint64, num_rows),
+            steps=np.fromiter((len(s.token_ids) - s.num_prompt_tokens for s in seqs), np.uint32,
+                              num_rows),
+            presence_penalty=columns[4].astype(np.float32),
+            frequency_penalty=columns[5].astype(np.float32),
+            repetition_penalty=columns[6].astype(np.float32),
+            num_logprobs=int(columns[7].max()),
         )
-        if any(p.uses_penalties for p in params):
+        uses_penalties = (columns[4] != 0) | (columns[5] != 0) | (columns[6] != 1)  # (R,)
+        if uses_penalties.any():
             # Rows without penalties stay all -1: they cost nothing in the penalty pass.
-            t.prompt_ids = _pad([s.prompt_token_ids if s.sampling_params.uses_penalties else []
-                                 for s in seqs])
-            t.output_ids = _pad([s.output_token_ids if s.sampling_params.uses_penalties else []
-                                 for s in seqs])
-        biases = [self._row_bias(s) for s in seqs]
-        if any(biases):
-            width = max(len(b) for b in biases)
-            t.bias_ids = np.full((num_rows, width), -1, np.int32)  # (R, max_biases)
-            t.bias_values = np.zeros((num_rows, width), np.float32)  # (R, max_biases)
-            for r, bias in enumerate(biases):
-                t.bias_ids[r, : len(bias)] = list(bias.keys())
-                t.bias_values[r, : len(bias)] = list(bias.values())
+            t.prompt_ids = _pad([s.prompt_token_ids if u else []
+                                 for s, u in zip(seqs, uses_penalties.tolist(), strict=True)])
+            t.output_ids = _pad([s.output_token_ids if u else []
+                                 for s, u in zip(seqs, uses_penalties.tolist(), strict=True)])
+        if columns[8].any() or columns[9].any():  # some row has min_tokens or a logit_bias
+            biases = [self._row_bias(s) for s in seqs]
+            if any(biases):
+                width = max(len(b) for b in biases)
+                t.bias_ids = np.full((num_rows, width), -1, np.int32)  # (R, max_biases)
+                t.bias_values = np.zeros((num_rows, width), np.float32)  # (R, max_biases)
+                for r, bias in enumerate(biases):
+                    t.bias_ids[r, : len(bias)] = list(bias.keys())
+                    t.bias_values[r, : len(bias)] = list(bias.values())
         return t
 
     def _row_bias(self, seq) -> dict[int, float]:

@@ -115,11 +115,17 @@ class Scheduler:
 
         # Decodes, oldest first: a victim is always newer than the sequence being served, so it
         # is never one already in this batch.
+        bs, running = bm.block_size, SequenceStatus.RUNNING
         for seq in list(self.running):
-            if seq.status != SequenceStatus.RUNNING or seq.num_uncomputed_tokens != 1:
+            c = seq.num_computed_tokens
+            if seq.status != running or len(seq.token_ids) - c != 1:
                 continue
             if budget == 0 or len(batch.seqs) == self.max_num_seqs:
                 break
+            if c < len(seq.block_table) * bs:  # its new token's slot is in a block it holds
+                batch.add(seq, 1)
+                budget -= 1
+                continue
             while not bm.can_append(seq, 1):
                 victim = self.running[-1]
                 self._preempt(victim)
@@ -137,10 +143,13 @@ class Scheduler:
         for seq in self.running:
             if budget == 0 or len(batch.seqs) == self.max_num_seqs:
                 break
-            n = min(seq.num_uncomputed_tokens, budget)
-            if seq.num_uncomputed_tokens > 1 and bm.can_append(seq, n):
+            num_uncomputed = seq.num_uncomputed_tokens
+            if num_uncomputed <= 1:
+                continue
+            n = min(num_uncomputed, budget)
+            if bm.can_append(seq, n):
                 bm.append(seq, n)  # a no-op: admission gave blocks for every token
-                chunked |= n < seq.num_uncomputed_tokens
+                chunked |= n < num_uncomputed
                 batch.add(seq, n)
                 budget -= n
         # After a preemption, admitting would only take blocks the running ones need back.
@@ -176,11 +185,14 @@ class Scheduler:
 
     def finish_step(self, batch: ScheduledBatch) -> None:
         """Record that the model computed the batch (before the engine appends sampled tokens)."""
+        bm, bs = self.block_manager, self.block_manager.block_size
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             if seq.status != SequenceStatus.RUNNING:  # aborted while the step ran
                 continue
-            seq.num_computed_tokens += n
-            self.block_manager.mark_computed(seq)
+            c = seq.num_computed_tokens
+            seq.num_computed_tokens = c + n
+            if (c + n) // bs != c // bs:  # a block filled up: key it for the prefix cache
+                bm.mark_computed(seq)
 
     # ---- endings -----------------------------------------------------------------------------
 

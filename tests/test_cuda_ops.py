@@ -157,13 +157,15 @@ def make_batch(rng, num_new, ctx, block_size, num_blocks):
 
 
 BATCHES = {
-    "decode": ([1, 1, 1, 1], [1, 17, 1000, 4096]),
+    "decode": ([1, 1, 1, 1], [1, 17, 1000, 4096]),  # split contexts, some splits empty
     "mixed": ([1, 37, 20, 1, 5], [300, 337, 20, 64, 5]),  # decodes, a chunk with a cached prefix
+    # prefill tiles of 64 queries over several 64-key tiles, diagonal inside a tile, short tail
+    "long": ([130, 2, 65, 1], [200, 2, 65, 129]),
 }
 
 
 @pytest.mark.parametrize("batch", list(BATCHES))
-@pytest.mark.parametrize("group", [1, 2, 4, 8])
+@pytest.mark.parametrize("group", [1, 2, 3, 4, 8, 16])
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_write_kv_cache_and_attention(ops, head_dim, block_size, group, batch):
@@ -185,6 +187,33 @@ def test_write_kv_cache_and_attention(ops, head_dim, block_size, group, batch):
     want = REF.attention(qkv_h, k_h, v_h, meta, nh, nkv, scale)
     got = ops.attention(qkv, k, v, ops.prepare_metadata(meta), nh, nkv, scale)
     assert rel_err(ops.to_host(got), want) < TOL[ops.dtype]
+
+
+def test_attention_padding_rows_are_zero(ops):
+    """CUDA-graph padding rows (context 0) attend to nothing: zeros, not NaN; the others exact."""
+    from engine.ops.cuda_attention import DeviceAttentionMetadata, decode_plan
+
+    rng = np.random.default_rng()
+    nkv, group, hd, bs = 2, 2, 128, 16
+    nh = nkv * group
+    ctx = [700, 0, 33, 0]
+    meta = make_batch(rng, [1, 1, 1, 1], [700, 1, 33, 1], bs, 64)
+    cache, cache_h = upload(ops, randn(2, 64, nkv, bs, hd))
+    qkv, qkv_h = upload(ops, randn(4, (nh + 2 * nkv) * hd))
+    up = cupy.asarray
+    plan = decode_plan(4, nkv, group, 2048)
+    assert plan.num_splits > 1
+    dmeta = DeviceAttentionMetadata(
+        up(meta.slot_mapping), up(meta.query_start_loc), up(np.array(ctx, np.int32)),
+        up(meta.block_tables), 1, 2048, host=None, work={group: plan},
+        num_splits=plan.num_splits)
+    got = ops.to_host(ops.attention(qkv, cache[0], cache[1], dmeta, nh, nkv, hd**-0.5))
+    assert np.all(got[[1, 3]] == 0)
+    live = [0, 2]
+    sub = AttentionMetadata(meta.slot_mapping[live], np.arange(3, dtype=np.int32),
+                            np.array([700, 33], np.int32), meta.block_tables[live], 1, 700)
+    want = REF.attention(qkv_h[live], cache_h[0], cache_h[1], sub, nh, nkv, hd**-0.5)
+    assert rel_err(got[live], want) < TOL[ops.dtype]
 
 
 # ------------------------------------------------------------------------------ sampling

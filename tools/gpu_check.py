@@ -1,7 +1,13 @@
 """One run on the GPU machine: check every cuda op against numpy at real shapes, time each, and time
 whole decode steps (Qwen3-0.6B shapes, dummy weights). Prints a table last.
 
-    PYTHONPATH=. python tools/gpu_check.py [--graphs]
+    PYTHONPATH=. python tools/gpu_check.py [--graphs] [--only attn] [--variants]
+        [--baseline old_attention.cu]
+
+--only SUBSTR runs the sections whose name holds SUBSTR (layers, attn, sampling, decode-step);
+--variants also times the decode kernel at other unroll depths; --baseline times a previous
+attention.cu (its paged_attention_kernel / attention_reduce_kernel) on the same decode and
+prefill cases.
 """
 
 from __future__ import annotations
@@ -141,6 +147,86 @@ def attention_case(ops, name, num_new, ctx, nh=16, nkv=8, hd=128, bs=16):
                                                 nkv)), 64 * 2 * nkv * hd * 2 * 2)
 
 
+def _arg(flag: str) -> str | None:
+    return sys.argv[sys.argv.index(flag) + 1] if flag in sys.argv else None
+
+
+def attention_cases(ops):
+    attention_case(ops, "attn decode B=64 ctx=1024 (GQA 2)", [1] * 64, [1024] * 64)
+    attention_case(ops, "attn decode B=256 ctx=1024 (GQA 2)", [1] * 256, [1024] * 256)
+    ctx = np.random.default_rng(5).integers(100, 2049, 256).tolist()
+    attention_case(ops, "attn decode B=256 ctx 100..2048 (W1)", [1] * 256, ctx)
+    attention_case(ops, "attn decode B=1 ctx=4096 (split)", [1], [4096])
+    attention_case(ops, "attn decode B=16 ctx=4096 (split)", [1] * 16, [4096] * 16)
+    attention_case(ops, "attn prefill 1x2048 (tensor cores)", [2048], [2048])
+    attention_case(ops, "attn prefill 4x512 on 1024 prefix", [512] * 4, [1536] * 4)
+    attention_case(ops, "attn mixed: 512 chunk+1024 prefix, 32 dec",
+                   [512] + [1] * 32, [1536] + [700] * 32)
+
+
+def attention_variants(ops):
+    """The decode kernel at other unroll depths (recompiles attention.cu for each)."""
+    from engine.ops import cuda_attention, cuda_kernels
+
+    default = cuda_attention.DECODE_UNROLL
+    for u in sorted({2, 4, 8} - {default}) + [default]:  # ends on the default, recompiled
+        cuda_attention.DECODE_UNROLL = u
+        cuda_kernels._module.cache_clear()
+        cuda_kernels.kernel.cache_clear()
+        if u != default:
+            for b in (64, 256):
+                attention_case(ops, f"attn decode B={b} ctx=1024 U={u}", [1] * b, [1024] * b)
+
+
+def attention_baseline(ops, path):
+    """The previous kernel (work items of 16 // group tokens, fp32 smem tiles), same cases."""
+    from engine.ops.cuda_kernels import cuda_dir
+
+    src = open(path).read()
+    names = [f"{k}<{ops.ctype}, 128>"
+             for k in ("paged_attention_kernel", "attention_reduce_kernel")]
+    mod = cupy.RawModule(code=src, options=("-std=c++17", f"-I{cuda_dir()}"),
+                         name_expressions=names)
+    mod.compile()
+    attn, red = (mod.get_function(n) for n in names)
+
+    def old(qkv, k, v, meta, nh, nkv, scale):
+        group, i32 = nh // nkv, np.int32
+        tile = 16 // group
+        num_new = np.diff(meta.host.query_start_loc)
+        tiles = -(-num_new // tile)
+        seq = np.repeat(np.arange(len(num_new)), tiles)
+        first = np.repeat(np.cumsum(tiles) - tiles, tiles)
+        start = (np.arange(len(seq)) - first) * tile
+        items = np.stack([seq, start, np.minimum(tile, num_new[seq] - start)], 1)
+        work = cupy.asarray(items.astype(np.int32))
+        blocks = len(items) * nkv
+        splits = 1 if blocks >= 264 else int(max(1, min(32, -(-264 // blocks),
+                                                         meta.max_context_len // 256)))
+        t = len(qkv)
+        out = cupy.empty((t, nh * 128), qkv.dtype)
+        po = cupy.empty((splits, t, nh, 128), cupy.float32) if splits > 1 else np.uint64(0)
+        pm = cupy.empty((splits, t, nh, 2), cupy.float32) if splits > 1 else np.uint64(0)
+        tb = meta.block_tables
+        attn((len(items), nkv, splits), (128,),
+             (out, po, pm, qkv, k, v, work, meta.query_start_loc, meta.context_lens, tb,
+              i32(tb.shape[1]), i32(t), i32(nh), i32(nkv), i32(k.shape[2]), np.float32(scale),
+              i32(splits)))
+        if splits > 1:
+            red((t, nh), (128,), (out, po, pm, i32(t), i32(nh), i32(splits)))
+        return out
+
+    real = ops.attention
+    ops.attention = old
+    try:
+        for b in (64, 256):
+            attention_case(ops, f"BASELINE attn decode B={b} ctx=1024", [1] * b, [1024] * b)
+        attention_case(ops, "BASELINE attn decode B=1 ctx=4096", [1], [4096])
+        attention_case(ops, "BASELINE attn prefill 1x2048", [2048], [2048])
+    finally:
+        ops.attention = real
+
+
 def check_sampling(ops):
     rng = np.random.default_rng(2)
     r, v = 64, 151936
@@ -223,16 +309,24 @@ def decode_step(ops, batch, ctx=512, graphs=False):
 def main():
     ops = CudaOps("bfloat16")
     print(f"GPU: {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}", flush=True)
-    check_layers(ops)
-    attention_case(ops, "attn decode B=64 ctx=1024 (GQA 2)", [1] * 64, [1024] * 64)
-    attention_case(ops, "attn decode B=1 ctx=4096 (split)", [1], [4096])
-    attention_case(ops, "attn decode B=16 ctx=4096 (split)", [1] * 16, [4096] * 16)
-    attention_case(ops, "attn prefill 1x2048 (CUDA cores)", [2048], [2048])
-    attention_case(ops, "attn mixed: 512 chunk+1024 prefix, 32 dec",
-                   [512] + [1] * 32, [1536] + [700] * 32)
-    check_sampling(ops)
-    for batch in (1, 64):
-        decode_step(ops, batch, graphs="--graphs" in sys.argv)
+    only = _arg("--only")
+
+    def want(section: str) -> bool:
+        return only is None or only in section
+
+    if want("layers"):
+        check_layers(ops)
+    if want("attn"):
+        if _arg("--baseline"):
+            attention_baseline(ops, _arg("--baseline"))
+        attention_cases(ops)
+        if "--variants" in sys.argv:
+            attention_variants(ops)
+    if want("sampling"):
+        check_sampling(ops)
+    if want("decode-step"):
+        for batch in (1, 64):
+            decode_step(ops, batch, graphs="--graphs" in sys.argv)
     print("\n| op | err vs numpy | us | GB/s | TFLOP/s | % of ceiling |")
     print("|---|---|---|---|---|---|")
     for name, err, us, bw, tf, frac in rows:

@@ -1,7 +1,9 @@
-"""Paged attention on the GPU: the step's metadata on the device, and cuda/attention.cu's launch.
+"""Paged attention on the GPU: the step's metadata on the device, and the attention kernels' launch.
 
-The kernel takes work items (sequence, first new token, tokens) — tiles of at most ROWS // group
-new tokens of one sequence — so decode tokens and prefill chunks share one launch.
+A step's sequences split in two: those with one new token (decodes) go to cuda/attention.cu's
+memory-bound decode kernel, one block per (sequence, kv head, context split); those with several
+(prefill chunks) go to cuda/attention_prefill.cu's tensor-core kernel, in tiles of PREFILL_M new
+tokens. A mixed batch launches both, each writing its own rows of the output.
 """
 
 from __future__ import annotations
@@ -12,12 +14,28 @@ import cupy
 import numpy as np
 
 from engine.ops import AttentionMetadata
-from engine.ops.cuda_kernels import kernel
+from engine.ops.cuda_kernels import HEAD_DIMS, kernel
 
-ROWS = 16  # query rows per block in attention.cu: tile tokens * group <= ROWS
-NUM_SMS_TARGET = 2 * 132  # blocks that fill an H200 twice over (5 fit per SM: 43 KB smem each)
-MIN_KEYS_PER_SPLIT = 256
+DECODE_GROUPS = (1, 2, 4, 8)  # query heads per decode block (template G); larger groups take passes
+DECODE_UNROLL = 2  # 16-byte K and V loads per lane in flight (U); 2 beat 4 and 8 on the H200
+DECODE_THREADS = 128
+# attention_prefill.cu's PF_M (query rows per block), PF_N (keys per tile), PF_THREADS
+PREFILL_M, PREFILL_N, PREFILL_THREADS = 64, 64, 128
+NUM_BLOCKS_TARGET = 1024  # decode blocks that fill an H200's 132 SMs several times over
+MIN_KEYS_PER_SPLIT = 128
 MAX_SPLITS = 32
+LOG2E = 1.4426950408889634  # the kernels' softmax is base 2: scores are scaled by scale * log2(e)
+
+
+def kernel_names(file: str, ctype: str) -> list[str]:
+    """Every kernel instance of cuda/attention*.cu that CudaOps compiles for `ctype`."""
+    if file == "attention.cu":
+        return ([f"decode_attention_kernel<{ctype}, {d}, {g}, {DECODE_UNROLL}>"
+                 for d in HEAD_DIMS for g in DECODE_GROUPS]
+                + [f"decode_reduce_kernel<{ctype}, {d}>" for d in HEAD_DIMS])
+    if file == "attention_prefill.cu":
+        return [f"prefill_attention_kernel<{ctype}, {d}>" for d in HEAD_DIMS]
+    raise KeyError(file)
 
 
 @dataclass
@@ -31,7 +49,7 @@ class DeviceAttentionMetadata:
     max_query_len: int
     max_context_len: int
     host: AttentionMetadata
-    # group -> (work items on the device (W, 3) int32, num_splits); filled by the first layer
+    # group -> AttentionPlan (which kernel takes which rows); filled by the first layer
     work: dict = field(default_factory=dict)
     num_splits: int | None = None  # fixed by CUDA graph capture; None = chosen per step
 
@@ -54,62 +72,111 @@ def prepare_metadata(meta: AttentionMetadata) -> DeviceAttentionMetadata:
         host=meta)
 
 
-def work_items(query_start_loc: np.ndarray, group: int) -> np.ndarray:
-    """(W, 3) int32 rows (sequence, first new token, tokens): every sequence's new tokens, tiled."""
-    tile = ROWS // group
+@dataclass
+class AttentionPlan:
+    """Which kernel takes which rows of a step (the same for every layer)."""
+
+    decode_seqs: cupy.ndarray  # (Wd,) int32: sequences with one new token
+    prefill_work: cupy.ndarray  # (Wp, 3) int32: (sequence, first new token, tokens <= PREFILL_M)
+    num_splits: int  # context splits of the decode kernel
+
+
+def decode_tile(group: int) -> tuple[int, int]:
+    """(query heads per decode block, blocks per kv head)."""
+    g = next((g for g in DECODE_GROUPS if g >= group), DECODE_GROUPS[-1])
+    return g, -(-group // g)
+
+
+def prefill_items(query_start_loc: np.ndarray) -> np.ndarray:
+    """(W, 3) int32 rows (sequence, first new token, tokens): the new tokens of every sequence
+    with more than one, in tiles of PREFILL_M."""
     num_new = np.diff(np.asarray(query_start_loc, np.int64))
-    tiles = -(-num_new // tile)
+    num_new = np.where(num_new > 1, num_new, 0)
+    tiles = -(-num_new // PREFILL_M)
     seq = np.repeat(np.arange(len(num_new)), tiles)
     first_tile = np.repeat(np.cumsum(tiles) - tiles, tiles)
-    start = (np.arange(len(seq)) - first_tile) * tile
-    count = np.minimum(tile, num_new[seq] - start)
-    return np.stack([seq, start, count], axis=1).astype(np.int32)
+    start = (np.arange(len(seq)) - first_tile) * PREFILL_M
+    count = np.minimum(PREFILL_M, num_new[seq] - start)
+    return np.stack([seq, start, count], axis=1).astype(np.int32).reshape(-1, 3)
 
 
 def choose_splits(num_items: int, num_kv_heads: int, max_context_len: int) -> int:
-    """Split the context when too few blocks would fill the GPU (long decodes at small batch)."""
+    """Split the context when too few decode blocks would fill the GPU (small batch, long
+    contexts); `num_items` counts decode blocks per kv head."""
     blocks = max(1, num_items * num_kv_heads)
-    if blocks >= NUM_SMS_TARGET:
+    if blocks >= NUM_BLOCKS_TARGET:
         return 1
     by_ctx = max(1, max_context_len // MIN_KEYS_PER_SPLIT)
-    return int(max(1, min(MAX_SPLITS, -(-NUM_SMS_TARGET // blocks), by_ctx)))
+    return int(max(1, min(MAX_SPLITS, -(-NUM_BLOCKS_TARGET // blocks), by_ctx)))
+
+
+def make_plan(query_start_loc: np.ndarray, num_kv_heads: int, group: int, max_context_len: int,
+              num_splits: int | None = None) -> AttentionPlan:
+    num_new = np.diff(np.asarray(query_start_loc, np.int64))
+    decode = np.flatnonzero(num_new == 1)
+    passes = decode_tile(group)[1]
+    splits = num_splits or choose_splits(len(decode) * passes, num_kv_heads, max_context_len)
+    return AttentionPlan(_up(decode), _up(prefill_items(query_start_loc)), splits)
+
+
+def decode_plan(num_seqs: int, num_kv_heads: int, group: int, max_context_len: int):
+    """The plan of a decode-only step of `num_seqs` sequences (CUDA graph capture)."""
+    return make_plan(np.arange(num_seqs + 1), num_kv_heads, group, max_context_len)
 
 
 def paged_attention(qkv, k_cache, v_cache, meta: DeviceAttentionMetadata, num_heads: int,
                     num_kv_heads: int, scale: float, ctype: str) -> cupy.ndarray:
     # qkv (T, (nh + 2 nkv) * hd), caches (num_blocks, nkv, block_size, hd) -> (T, nh * hd)
     num_blocks, cache_kv_heads, block_size, head_dim = k_cache.shape
-    group = num_heads // num_kv_heads
     if cache_kv_heads != num_kv_heads or v_cache.shape != k_cache.shape:
         raise ValueError(f"kv cache shape {k_cache.shape} / {v_cache.shape} does not match "
                          f"num_kv_heads={num_kv_heads}")
-    if group > ROWS or num_heads % num_kv_heads:
-        raise ValueError(f"attention: group {num_heads}/{num_kv_heads} unsupported (max {ROWS})")
+    if num_kv_heads <= 0 or num_heads % num_kv_heads:
+        raise ValueError(f"attention: num_heads {num_heads} is not a multiple of "
+                         f"num_kv_heads {num_kv_heads}")
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"attention: head_dim {head_dim} unsupported (one of {HEAD_DIMS})")
+    group = num_heads // num_kv_heads
     num_tokens = len(qkv)
     if qkv.shape[1] != (num_heads + 2 * num_kv_heads) * head_dim:
         raise ValueError(f"qkv width {qkv.shape[1]} != (nh + 2 nkv) * head_dim")
-    if group not in meta.work:
-        items = work_items(meta.host.query_start_loc, group)
-        splits = meta.num_splits or choose_splits(len(items), num_kv_heads, meta.max_context_len)
-        meta.work[group] = (_up(items.reshape(-1, 3)), splits)
-    work, splits = meta.work[group]
+    plan = meta.work.get(group)
+    if plan is None:
+        plan = make_plan(meta.host.query_start_loc, num_kv_heads, group, meta.max_context_len,
+                         meta.num_splits)
+        meta.work[group] = plan
     out = cupy.empty((num_tokens, num_heads * head_dim), qkv.dtype)
-    if len(work) == 0 or num_tokens == 0:
+    if num_tokens == 0:
         return out
-    tables = meta.block_tables
-    if splits > 1:
-        part_out = cupy.empty((splits, num_tokens, num_heads, head_dim), cupy.float32)
-        part_ml = cupy.empty((splits, num_tokens, num_heads, 2), cupy.float32)
-    else:
-        part_out = part_ml = np.uint64(0)
-    i32 = np.int32
-    kernel("attention.cu", f"paged_attention_kernel<{ctype}, {head_dim}>", ctype)(
-        (len(work), num_kv_heads, splits), (128,),
-        (out, part_out, part_ml, qkv, k_cache, v_cache, work, meta.query_start_loc,
-         meta.context_lens, tables, i32(tables.shape[1]), i32(num_tokens), i32(num_heads),
-         i32(num_kv_heads), i32(block_size), np.float32(scale), i32(splits)))
-    if splits > 1:
-        kernel("attention.cu", f"attention_reduce_kernel<{ctype}, {head_dim}>", ctype)(
-            (num_tokens, num_heads), (head_dim,),
-            (out, part_out, part_ml, i32(num_tokens), i32(num_heads), i32(splits)))
+    i32, tables = np.int32, meta.block_tables
+    scale_log2 = np.float32(scale * LOG2E)
+    num_dec, splits = len(plan.decode_seqs), plan.num_splits
+    if num_dec:
+        g, passes = decode_tile(group)
+        if splits > 1:
+            part_out = cupy.empty((splits, num_dec, num_heads, head_dim), cupy.float32)
+            part_ml = cupy.empty((splits, num_dec, num_heads, 2), cupy.float32)
+        else:
+            part_out = part_ml = np.uint64(0)
+        kernel("attention.cu",
+               f"decode_attention_kernel<{ctype}, {head_dim}, {g}, {DECODE_UNROLL}>", ctype)(
+            (num_dec, num_kv_heads * passes, splits), (DECODE_THREADS,),
+            (out, part_out, part_ml, qkv, k_cache, v_cache, plan.decode_seqs,
+             meta.query_start_loc, meta.context_lens, tables, i32(tables.shape[1]), i32(num_dec),
+             i32(num_heads), i32(num_kv_heads), i32(block_size), scale_log2, i32(splits)))
+        if splits > 1:
+            kernel("attention.cu", f"decode_reduce_kernel<{ctype}, {head_dim}>", ctype)(
+                (num_dec, num_heads), (head_dim,),
+                (out, part_out, part_ml, plan.decode_seqs, meta.query_start_loc, i32(num_dec),
+                 i32(num_heads), i32(splits)))
+    if len(plan.prefill_work):
+        k = kernel("attention_prefill.cu", f"prefill_attention_kernel<{ctype}, {head_dim}>",
+                   ctype)
+        smem = 2 * 2 * PREFILL_N * (head_dim + 8) * 2  # 2 stages x (K, V) x keys x padded row
+        if k.max_dynamic_shared_size_bytes < smem:
+            k.max_dynamic_shared_size_bytes = smem
+        k((num_heads, len(plan.prefill_work)), (PREFILL_THREADS,),
+          (out, qkv, k_cache, v_cache, plan.prefill_work, meta.query_start_loc,
+           meta.context_lens, tables, i32(tables.shape[1]), i32(num_heads), i32(num_kv_heads),
+           i32(block_size), scale_log2), shared_mem=smem)
     return out

@@ -38,9 +38,10 @@ def _names(file: str, ctype: str) -> list[str]:
         return [f"rope_kernel<{ctype}, {ctype}>", f"rope_kernel<{ctype}, float>"]
     if file == "kv_cache.cu":
         return [f"write_kv_cache_kernel<{ctype}>"]
-    if file == "attention.cu":
-        return [f"{k}<{ctype}, {d}>" for d in HEAD_DIMS
-                for k in ("paged_attention_kernel", "attention_reduce_kernel")]
+    if file.startswith("attention"):  # the list lives beside the kernels' launch
+        from engine.ops.cuda_attention import kernel_names
+
+        return kernel_names(file, ctype)
     if file == "sampling.cu":
         return (["penalty_counts_kernel", "add_logit_bias_kernel"]
                 + [f"adjust_logits_kernel<{t}>" for t in CTYPES.values()]

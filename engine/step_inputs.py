@@ -1,0 +1,139 @@
+"""A scheduled batch flattened into the int32 arrays the model reads, with numpy, not per token.
+
+Sequence i of the batch computes seq.token_ids[c : c + n] with c = seq.num_computed_tokens (before
+the step) and n = batch.num_new_tokens[i]; it samples iff c + n == len(seq). Python touches each
+sequence a few times (its counters, its new tokens); positions, slots and logits rows are array
+arithmetic. Block tables are the one per-step input that is big (B x blocks per sequence), so they
+are kept as rows of a persistent array and only the blocks a sequence gained are copied.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.ops import AttentionMetadata
+
+
+@dataclass
+class StepInputs:
+    input_ids: np.ndarray  # (T,) int32
+    positions: np.ndarray  # (T,) int32
+    logits_indices: np.ndarray  # (R,) int32, rows of the flat batch that sample
+    meta: AttentionMetadata  # host arrays
+    samples: np.ndarray  # (B,) bool, which sequences sample this step
+
+    @property
+    def is_decode_only(self) -> bool:
+        """One new token per sequence, and every sequence samples: what a decode graph runs."""
+        return len(self.input_ids) == len(self.samples) == len(self.logits_indices)
+
+    def pack(self) -> tuple[np.ndarray, dict[str, slice]]:
+        """Every array in one int32 buffer (for one upload), and where each one sits in it.
+
+        Each array starts on a 32-byte boundary, so a kernel may load it in 16-byte words.
+        """
+        m = self.meta
+        parts = {"input_ids": self.input_ids, "positions": self.positions,
+                 "logits_indices": self.logits_indices, "slot_mapping": m.slot_mapping,
+                 "query_start_loc": m.query_start_loc, "context_lens": m.context_lens,
+                 "block_tables": m.block_tables.reshape(-1)}
+        where, start = {}, 0
+        for name, a in parts.items():
+            where[name] = slice(start, start + a.size)
+            start += -(-a.size // 8) * 8
+        flat = np.zeros(start, np.int32)
+        for name, a in parts.items():
+            flat[where[name]] = a
+        return flat, where
+
+
+class HostBlockTables:
+    """The block tables of recent sequences as rows of one (rows, max_blocks) int32 array.
+
+    A sequence's block_table only grows in place (BlockManager.append) or is replaced by a new list
+    (allocate, free), so a row stays valid while it mirrors the same list object: each step copies
+    just the entries appended since. Rows past a table's end hold -1.
+    """
+
+    def __init__(self, num_rows: int, max_blocks: int):
+        self.rows = np.full((num_rows, max(1, max_blocks)), -1, np.int32)  # (rows, max_blocks)
+        self._entries: dict[int, list] = {}  # seq_id -> [row, table (the list object), copied]
+        self._free = list(range(num_rows - 1, -1, -1))
+
+    def gather(self, seqs: list, width: int) -> np.ndarray:
+        """(B, width) int32: the first `width` blocks of each sequence, padded with -1."""
+        if width > self.rows.shape[1]:
+            grown = np.full((len(self.rows), width), -1, np.int32)
+            grown[:, : self.rows.shape[1]] = self.rows
+            self.rows = grown
+        index = np.empty(len(seqs), np.intp)  # (B,) row of each sequence
+        entries = self._entries
+        for i, seq in enumerate(seqs):
+            table = seq.block_table
+            entry = entries.get(seq.seq_id)
+            if entry is None or entry[1] is not table or entry[2] > len(table):
+                entry = self._assign(seq, seqs)
+            copied = entry[2]
+            if copied < len(table):
+                n = min(len(table), self.rows.shape[1])
+                self.rows[entry[0], copied:n] = table[copied:n]
+                entry[2] = n
+            index[i] = entry[0]
+        return self.rows[index, :width]
+
+    def _assign(self, seq, batch_seqs: list) -> list:
+        old = self._entries.pop(seq.seq_id, None)
+        if old is not None:
+            self._free.append(old[0])
+        if not self._free:
+            # Forget every sequence outside this batch: finished or waiting ones cost a re-copy
+            # at most. A batch never holds more sequences than half the rows.
+            keep = {s.seq_id for s in batch_seqs}
+            for seq_id in [k for k in self._entries if k not in keep]:
+                self._free.append(self._entries.pop(seq_id)[0])
+        row = self._free.pop()
+        self.rows[row] = -1
+        entry = self._entries[seq.seq_id] = [row, seq.block_table, 0]
+        return entry
+
+
+def build_step_inputs(batch, block_size: int, tables: HostBlockTables) -> StepInputs:
+    seqs, num_new = batch.seqs, batch.num_new_tokens
+    num_seqs = len(seqs)
+    computed = np.fromiter((s.num_computed_tokens for s in seqs), np.int32, num_seqs)  # (B,)
+    lengths = np.fromiter((len(s.token_ids) for s in seqs), np.int32, num_seqs)  # (B,)
+    new = np.asarray(num_new, np.int32)  # (B,)
+    context_lens = computed + new  # (B,)
+    query_start_loc = np.zeros(num_seqs + 1, np.int32)  # (B+1,)
+    np.cumsum(new, out=query_start_loc[1:])
+    num_tokens = int(query_start_loc[-1])
+    if num_tokens == num_seqs:  # one token each: decodes (or 1-token prefill chunks)
+        input_ids = np.fromiter((s.token_ids[s.num_computed_tokens] for s in seqs), np.int32,
+                                num_seqs)  # (T,)
+        positions = computed
+        token_seq = np.arange(num_seqs)  # (T,) sequence of each token
+    else:
+        chunks = (s.token_ids[c : c + n]
+                  for s, c, n in zip(seqs, computed.tolist(), num_new, strict=True))
+        input_ids = np.fromiter(itertools.chain.from_iterable(chunks), np.int32, num_tokens)
+        token_seq = np.repeat(np.arange(num_seqs), new)
+        positions = (np.arange(num_tokens, dtype=np.int32)
+                     - (query_start_loc[:-1] - computed)[token_seq])  # (T,)
+    width = int(-(-context_lens.max() // block_size))
+    block_tables = tables.gather(seqs, width)  # (B, width)
+    slot_mapping = (block_tables[token_seq, positions // block_size] * block_size
+                    + positions % block_size).astype(np.int32, copy=False)  # (T,)
+    samples = context_lens == lengths  # (B,)
+    meta = AttentionMetadata(
+        slot_mapping=slot_mapping,
+        query_start_loc=query_start_loc,
+        context_lens=context_lens,
+        block_tables=block_tables,
+        max_query_len=int(new.max()),
+        max_context_len=int(context_lens.max()),
+    )
+    logits_indices = (query_start_loc[1:] - 1)[samples]  # (R,)
+    return StepInputs(input_ids, positions, logits_indices, meta, samples)

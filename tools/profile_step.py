@@ -1,0 +1,176 @@
+"""Per-step profile of the engine: where a decode step's time goes, at batch 1, 64 and 256.
+
+Each batch size B runs B of W1's requests (tools/workloads.py) until every one is decoding, then
+times `--steps` decode steps split into:
+
+    schedule        scheduler.schedule()
+    prepare         runner.prepare_inputs() + runner.prepare_sampling() (host arrays)
+    forward+sample  the rest of runner.run(): upload, forward, sample, and the wait for the GPU
+    postprocess     the rest of engine.step(): finish_step, append tokens, stop checks, outputs
+
+Usage:
+    python tools/profile_step.py --device cuda --model qwen3-0.6b       # dummy weights
+    python tools/profile_step.py --device numpy                         # tiny model on the CPU
+
+On numpy the model is a tiny random one (vocab 512, hidden 64, 2 layers) so that the forward is
+cheap and the host's share shows; W1's prompts are scaled by `--scale` (0.25 by default there).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+import types
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the checkout importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tools.workloads import scale_requests, w1_requests  # noqa: E402
+
+PHASES = ("schedule", "prepare", "forward+sample", "postprocess")
+
+
+def tiny_engine(max_num_seqs: int, num_kv_blocks: int, block_size: int = 16):
+    """LLMEngine on numpy with a 2-layer random llama (vocab 512, hidden 64)."""
+    from engine.config import EngineConfig, ModelConfig
+    from engine.engine import LLMEngine
+    from engine.loader import dummy_weights
+    from engine.ops.numpy_ops import NumpyOps
+
+    config = ModelConfig(architecture="LlamaForCausalLM", vocab_size=512, hidden_size=64,
+                         intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
+                         head_dim=16, max_position_embeddings=2048, eos_token_ids=[2],
+                         tie_word_embeddings=True)
+    loaded = types.SimpleNamespace(config=config, tokenizer=None,
+                                   weights=dummy_weights(config, NumpyOps(), seed=0))
+    return LLMEngine(EngineConfig(device="numpy", max_num_seqs=max_num_seqs,
+                                  num_kv_blocks=num_kv_blocks, block_size=block_size),
+                     loaded_model=loaded)
+
+
+def gpu_engine(args):
+    from engine.config import EngineConfig
+    from engine.engine import LLMEngine
+
+    return LLMEngine(EngineConfig(model=args.model, device=args.device, load_format="dummy",
+                                  max_num_seqs=args.max_num_seqs, dtype=args.dtype,
+                                  enforce_eager=args.enforce_eager))
+
+
+class _Timers:
+    """Wraps methods of live objects (instance attributes, removed by restore) to sum their time."""
+
+    def __init__(self):
+        self.totals: dict[str, float] = {}
+        self._patched: list[tuple[object, str]] = []
+
+    def wrap(self, obj, name: str, key: str):
+        fn = getattr(obj, name)
+        totals = self.totals
+
+        def timed(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                totals[key] = totals.get(key, 0.0) + time.perf_counter() - t
+
+        setattr(obj, name, timed)
+        self._patched.append((obj, name))
+
+    def restore(self):
+        for obj, name in self._patched:
+            vars(obj).pop(name, None)
+        self._patched = []
+
+
+def profile_batch(engine, prompts, num_steps: int, sync=None) -> dict:
+    """Milliseconds per decode step for each phase, with len(prompts) sequences decoding."""
+    from engine import SamplingParams
+
+    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=num_steps + 8)
+    ids = [f"p{len(prompts)}-{i}" for i in range(len(prompts))]
+    for request_id, p in zip(ids, prompts, strict=True):
+        engine.add_request(request_id, {"prompt_token_ids": p}, params)
+    sched = engine.scheduler
+    while sched.waiting or any(s.num_uncomputed_tokens > 1 for s in sched.running):
+        engine.step()  # prefill (and the first decode of the early ones)
+    for _ in range(2):
+        engine.step()  # warm: graphs replayed once, buffers grown
+    if sync:
+        sync()
+    timers = _Timers()
+    timers.wrap(sched, "schedule", "schedule")
+    timers.wrap(engine.runner, "prepare_inputs", "prepare_inputs")
+    timers.wrap(engine.runner, "prepare_sampling", "prepare_sampling")
+    timers.wrap(engine.runner, "run", "run")
+    batch_sizes = []
+    t0 = time.perf_counter()
+    try:
+        for _ in range(num_steps):
+            engine.step()
+            batch_sizes.append(sched.num_running)
+        if sync:
+            sync()
+        total = time.perf_counter() - t0
+    finally:
+        timers.restore()
+    for request_id in ids:
+        engine.abort(request_id)
+    engine.step()
+    t = timers.totals
+    prepare = t.get("prepare_inputs", 0.0) + t.get("prepare_sampling", 0.0)
+    phases = {
+        "schedule": t.get("schedule", 0.0),
+        "prepare": prepare,
+        "forward+sample": t.get("run", 0.0) - prepare,
+        "postprocess": total - t.get("schedule", 0.0) - t.get("run", 0.0),
+    }
+    ms = {k: 1e3 * v / num_steps for k, v in phases.items()}
+    ms["total"] = 1e3 * total / num_steps
+    ms["batch"] = max(batch_sizes)
+    ms["tok_s"] = sum(batch_sizes) / total
+    return ms
+
+
+def main(argv: list[str] | None = None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--device", default="numpy", choices=("numpy", "cuda"))
+    ap.add_argument("--model", default="qwen3-0.6b", help="preset (cuda, dummy weights)")
+    ap.add_argument("--dtype", default="auto")
+    ap.add_argument("--batch-sizes", default="1,64,256")
+    ap.add_argument("--steps", type=int, default=50, help="decode steps timed per batch size")
+    ap.add_argument("--scale", type=float, default=None,
+                    help="shrink W1's prompts (default 0.25 on numpy, 1 on cuda)")
+    ap.add_argument("--max-num-seqs", type=int, default=256)
+    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--json", action="store_true")
+    args = ap.parse_args(argv)
+    sizes = [int(s) for s in args.batch_sizes.split(",")]
+    scale = args.scale or (0.25 if args.device == "numpy" else 1.0)
+    prompts, outputs = w1_requests(max(sizes))
+    prompts, _ = scale_requests(prompts, outputs, scale, 512 if args.device == "numpy" else None)
+    sync = None
+    if args.device == "numpy":
+        longest = max(len(p) for p in prompts) + args.steps + 16
+        engine = tiny_engine(args.max_num_seqs, max(sizes) * (-(-longest // 16)) + 16)
+    else:
+        engine = gpu_engine(args)
+        sync = engine.ops.synchronize
+    rows = []
+    for b in sizes:
+        row = profile_batch(engine, prompts[:b], args.steps, sync)
+        rows.append(row)
+        if not args.json:
+            cells = "  ".join(f"{k} {row[k]:7.3f}" for k in PHASES)
+            print(f"batch {row['batch']:4d}: {cells}  total {row['total']:7.3f} ms/step  "
+                  f"({row['tok_s']:.0f} tok/s)", flush=True)
+    if args.json:
+        print(json.dumps(rows))
+    return rows
+
+
+if __name__ == "__main__":
+    main()
