@@ -189,3 +189,17 @@ def test_bench_serving_parses_a_stream():
     assert m["output_tokens"] == m["expected_output_tokens"] == 5
     assert sorted(b["prompt"] for b in seen) == sorted(prompts)
     assert all(b["stream"] and b["ignore_eos"] for b in seen)
+
+
+def test_bench_latency_end_to_end(tiny_model, capsys):
+    from tools import bench_latency
+
+    result = bench_latency.main(["--model", tiny_model, "--load-format", "dummy", "--device",
+                                 "numpy", "--num-kv-blocks", "32", "--prompt-len", "12",
+                                 "--output-len", "5"])
+    assert result["output_tokens"] == 5
+    assert 0 < result["ttft_s"] and 0 < result["tpot_s"]
+    assert 0 < result["cold_start_s"] < 600
+    # Floor = every weight read once per token at 4.27 TB/s.
+    assert result["tpot_floor_s"] > 0
+    assert "TPOT" in capsys.readouterr().out

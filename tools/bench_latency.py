@@ -1,0 +1,96 @@
+"""Batch-1 decode latency and cold start: one request alone, and the time to a ready engine.
+
+Prints the time from process start to a ready engine (model built, KV cache allocated, CUDA graphs
+captured), then runs one request of `--prompt-len` tokens and `--output-len` forced output tokens
+and reports the time to first token and the mean time per output token after it (TPOT) with its
+roofline: at batch 1 every decode step must read all the weights once, so
+weight bytes / 4.27 TB/s is the floor per token.
+
+Usage:
+    python tools/bench_latency.py --model llama3-8b --load-format dummy --device cuda
+    python tools/bench_latency.py --model qwen3-0.6b --load-format dummy --device cuda --json
+    python tools/bench_latency.py --model smollm2-135m --load-format dummy --device numpy \
+        --prompt-len 8 --output-len 4                        # a tiny CPU run
+Process start is read from the OS (/proc/self/stat), so "cold start" includes interpreter start
+and imports; kernels compiled by an earlier run come from CuPy's on-disk cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the checkout importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tools.bench_throughput import DTYPE_BYTES, add_engine_args, build_llm  # noqa: E402
+from tools.workloads import weight_bytes  # noqa: E402
+
+BANDWIDTH = 4.27e12  # bytes/s, the H200 test GPU's measured copy ceiling (shared/GPU.md)
+
+
+def seconds_since_process_start() -> float:
+    """Wall time since this process was created (Linux), else since this module was imported."""
+    try:
+        start_ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        uptime = float(Path("/proc/uptime").read_text().split()[0])
+        return uptime - start_ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.perf_counter() - _IMPORTED_AT
+
+
+_IMPORTED_AT = time.perf_counter()
+
+
+def time_one_request(engine, prompt: list[int], output_len: int) -> dict:
+    from engine import SamplingParams
+
+    params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=output_len)
+    t0 = time.perf_counter()
+    engine.add_request("latency", {"prompt_token_ids": prompt}, params)
+    token_times = []
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.outputs[0].delta_token_ids:
+                token_times.append(time.perf_counter())
+    ttft = token_times[0] - t0
+    tpot = (token_times[-1] - token_times[0]) / max(1, len(token_times) - 1)
+    return {"ttft_s": ttft, "tpot_s": tpot, "output_tokens": len(token_times)}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    add_engine_args(ap)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--output-len", type=int, default=256)
+    args = ap.parse_args(argv)
+    llm = build_llm(args)
+    ready_s = seconds_since_process_start()
+    engine = llm.engine
+    mc = engine.model_config
+    prompt = [(31 * i + 7) % mc.vocab_size for i in range(args.prompt_len)]
+    time_one_request(engine, prompt[:16], 8)  # warm-up: first launches, allocator
+    r = time_one_request(engine, prompt, args.output_len)
+    dtype = getattr(engine.ops, "dtype", "float32")
+    floor = weight_bytes(mc, DTYPE_BYTES.get(dtype, 2)) / BANDWIDTH
+    result = {
+        "model": args.model, "device": engine.ops.name, "dtype": dtype,
+        "cold_start_s": ready_s, "prompt_len": args.prompt_len, **r,
+        "tpot_floor_s": floor, "tpot_over_floor": r["tpot_s"] / floor,
+    }
+    if args.json:
+        print(json.dumps(result))
+    else:
+        print(f"{args.model} ({engine.ops.name}, {dtype}): cold start {ready_s:.2f} s "
+              f"(process start -> engine ready)")
+        print(f"batch 1, prompt {args.prompt_len}: TTFT {r['ttft_s'] * 1e3:.1f} ms, "
+              f"TPOT {r['tpot_s'] * 1e3:.2f} ms over {r['output_tokens']} tokens; weight-read "
+              f"floor {floor * 1e3:.2f} ms ({r['tpot_s'] / floor:.2f}x)")
+    return result
+
+
+if __name__ == "__main__":
+    main()

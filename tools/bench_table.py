@@ -1,0 +1,56 @@
+"""Summarise the JSON lines of tools/h200_bench.sh as the Markdown table README's Performance shows.
+
+Usage: python tools/bench_table.py bench-out/bench.jsonl
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def rows(records: list[dict]) -> list[str]:
+    out = ["| benchmark | figure | roofline / floor | notes |", "|---|---|---|---|"]
+    for rec in records:
+        name, r = rec["bench"], rec.get("result")
+        if r is None:
+            out.append(f"| {name} | — | — | {rec.get('error', 'no result')} |")
+        elif name.startswith("w1"):
+            out.append(
+                f"| {name} | {r['output_tok_s']:,.0f} output tok/s ({r['wall_s']:.1f} s) | "
+                f"{r['roofline_output_tok_s']:,.0f} tok/s ({r['fraction_of_roofline']:.0%}) | "
+                f"{r['sampling']}, {r['num_steps']} steps, {r['num_preemptions']} preemptions, "
+                f"runner busy {r['runner_busy_fraction']:.0%} |")
+        elif name.startswith("latency"):
+            out.append(
+                f"| {name} | batch-1 TPOT {r['tpot_s'] * 1e3:.2f} ms, TTFT "
+                f"{r['ttft_s'] * 1e3:.1f} ms | weights read {r['tpot_floor_s'] * 1e3:.2f} ms "
+                f"({r['tpot_over_floor']:.2f}x) | cold start {r['cold_start_s']:.1f} s |")
+        elif name.startswith("seed"):
+            s, p = r["static"], r["paged"]
+            out.append(
+                f"| {name} | continuous+paged {p['output_tok_s']:,.0f} vs static "
+                f"(B={r['static_batch_size']}) {s['output_tok_s']:,.0f} tok/s = "
+                f"{p['output_tok_s'] / s['output_tok_s']:.2f}x | — | KV waste paged "
+                f"{p['kv_waste_pct']:.1f}% vs contiguous {s['kv_waste_pct']:.1f}%; busy "
+                f"{p['busy_fraction']:.0%} vs {s['busy_fraction']:.0%} |")
+        elif name.startswith("w2"):
+            t, p, i = r["ttft_ms"], r["tpot_ms"], r["itl_ms"]
+            out.append(
+                f"| {name} | {r['output_tok_s']:,.0f} output tok/s, {r['request_throughput']:.2f} "
+                f"req/s | — | TTFT mean/p50/p99 {t['mean']:.0f}/{t['median']:.0f}/{t['p99']:.0f} "
+                f"ms; TPOT {p['mean']:.1f}/{p['median']:.1f}/{p['p99']:.1f} ms; ITL "
+                f"{i['mean']:.1f}/{i['median']:.1f}/{i['p99']:.1f} ms; {r['completed']} ok, "
+                f"{r['failed']} failed |")
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    with open(argv[0]) as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    print("\n".join(rows(records)))
+
+
+if __name__ == "__main__":
+    main()
