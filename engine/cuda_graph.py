@@ -43,6 +43,7 @@ class DecodeGraphs:
         self.positions = self._device[n : 2 * n]
         self.slot_mapping = self._device[2 * n : 3 * n]
         self.context_lens = self._device[3 * n : 4 * n]
+        self.slot_mapping.fill(-1)  # the warm-up forward at capture must write no k/v
         self.query_start_loc = cupy.arange(n + 1, dtype=cupy.int32)  # (n + 1,) one token each
         self.block_tables = cupy.zeros((n, max_blocks_per_seq), cupy.int32)
         self.logits_indices = cupy.arange(n, dtype=cupy.int32)

@@ -10,6 +10,7 @@ done. The runner never changes a sequence: the engine does that after the step.
 from __future__ import annotations
 
 import logging
+import os
 import time
 
 import numpy as np
@@ -19,6 +20,10 @@ from engine.ops import AttentionMetadata, SamplerOutput, SamplingTensors
 from engine.step_inputs import HostBlockTables, StepInputs, build_step_inputs
 
 logger = logging.getLogger(__name__)
+
+# Decode steps replay captured CUDA graphs (engine/cuda_graph.py) unless enforce_eager is set or
+# PAGEDSERVE_DECODE_GRAPHS=0 (a switch for debugging the kernels eagerly).
+DECODE_GRAPHS = os.environ.get("PAGEDSERVE_DECODE_GRAPHS", "1") != "0"
 
 # The numpy backend is a reference, not a server: its KV pool holds at most this many bytes.
 NUMPY_KV_CACHE_BYTES = 1 << 30
@@ -89,7 +94,7 @@ class ModelRunner:
         # Twice the batch cap: a batch's sequences always find rows without evicting each other.
         self.host_tables = HostBlockTables(2 * engine_config.max_num_seqs, self.max_blocks_per_seq)
         self.graphs = None
-        if ops.name == "cuda" and not engine_config.enforce_eager:
+        if ops.name == "cuda" and not engine_config.enforce_eager and DECODE_GRAPHS:
             self.capture_decode_graphs()
 
     def capture_decode_graphs(self) -> None:
@@ -97,9 +102,10 @@ class ModelRunner:
         from engine.cuda_graph import DecodeGraphs
 
         t = time.perf_counter()
-        self.graphs = DecodeGraphs(self.model, self.kv_cache, self.config.max_num_seqs,
-                                   self.max_blocks_per_seq)
-        self.graphs.capture()
+        graphs = DecodeGraphs(self.model, self.kv_cache, self.config.max_num_seqs,
+                              self.max_blocks_per_seq)
+        graphs.capture()
+        self.graphs = graphs
         logger.info("captured %d decode CUDA graphs (batch 1..%d) in %.2f s",
                     len(self.graphs.sizes), self.config.max_num_seqs, time.perf_counter() - t)
 

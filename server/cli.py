@@ -199,3 +199,7 @@ def generate(args: argparse.Namespace, config: EngineConfig) -> int:
           f"first token {1000 * (first_token_s or 0):.0f} ms; model loaded in {load_s:.1f} s; "
           f"finish: {final.outputs[0].finish_reason}]", file=sys.stderr)
     return 0
+
+
+if __name__ == "__main__":  # python -m server.cli, where the console script is not installed
+    sys.exit(main())

@@ -13,6 +13,7 @@ except Exception:  # no driver
     _NUM_GPUS = 0
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_NUM_GPUS == 0, reason="no NVIDIA GPU")]
 
+from engine import runner  # noqa: E402
 from engine.config import EngineConfig, ModelConfig  # noqa: E402
 from engine.engine import LLMEngine  # noqa: E402
 from engine.llm import LLM  # noqa: E402
@@ -25,9 +26,13 @@ def _generate(enforce_eager: bool, loaded) -> tuple[list[list[int]], int]:
     engine = LLMEngine(EngineConfig(device="cuda", dtype="bfloat16", max_model_len=256,
                                     max_num_seqs=4, num_kv_blocks=96, block_size=16,
                                     enforce_eager=enforce_eager), loaded_model=loaded)
+    return _run(engine)
+
+
+def _run(engine):
     replays = []
     graphs = engine.runner.graphs
-    assert (graphs is None) == enforce_eager
+    assert (graphs is None) == engine.config.enforce_eager
     if graphs is not None:
         run = graphs.run
         graphs.run = lambda *a: replays.append(len(a[2].context_lens)) or run(*a)
@@ -41,13 +46,38 @@ def _generate(enforce_eager: bool, loaded) -> tuple[list[list[int]], int]:
     return [o.outputs[0].token_ids for o in outs], replays
 
 
-def test_graph_tokens_match_eager():
+def _tiny_qwen3():
     config = ModelConfig.from_preset("qwen3-0.6b")
     config.num_layers, config.vocab_size = 2, 4096
-    loaded = types.SimpleNamespace(config=config, tokenizer=None,
-                                   weights=dummy_weights(config, CudaOps("bfloat16"), seed=3))
+    return types.SimpleNamespace(config=config, tokenizer=None,
+                                 weights=dummy_weights(config, CudaOps("bfloat16"), seed=3))
+
+
+@pytest.mark.skipif(not runner.DECODE_GRAPHS, reason="PAGEDSERVE_DECODE_GRAPHS=0")
+def test_graph_tokens_match_eager():
+    loaded = _tiny_qwen3()
     eager, _ = _generate(True, loaded)
     graph, replays = _generate(False, loaded)
     assert len(replays) > 20 and {1, 2, 3, 4} <= set(replays), replays
     assert [len(t) for t in graph] == [12 + 5 * i for i in range(6)]
     assert graph == eager
+
+
+@pytest.mark.skipif(not runner.DECODE_GRAPHS, reason="PAGEDSERVE_DECODE_GRAPHS=0")
+def test_graphs_at_full_batch_with_a_long_max_model_len():
+    """256 decodes at once, graphs captured for a 40k-token max_model_len (many context splits
+    at small sizes, none at 256): the largest graph is the first captured."""
+    loaded = _tiny_qwen3()
+    tokens = {}
+    for eager in (True, False):
+        engine = LLMEngine(EngineConfig(device="cuda", dtype="bfloat16", max_num_seqs=256,
+                                        num_kv_blocks=4096, enforce_eager=eager),
+                           loaded_model=loaded)
+        assert engine.max_model_len == 40960
+        prompts = [{"prompt_token_ids": [(31 * i + 7 * j) % 4096 for j in range(8 + i % 40)]}
+                   for i in range(256)]
+        params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=6)
+        outs = LLM.from_engine(engine).generate(prompts, params, use_tqdm=False)
+        tokens[eager] = [o.outputs[0].token_ids for o in outs]
+    assert all(len(t) == 6 for t in tokens[False])
+    assert tokens[False] == tokens[True]

@@ -39,13 +39,24 @@ class Gemm:
         self._gemm.argtypes = [p, i, i, i, i, i, p, p, i, i, p, i, i, p, p, i, i, i, i]
         self._set_stream = lib.cublasSetStream_v2
         self._set_stream.argtypes = [p, p]
+        self._set_workspace = lib.cublasSetWorkspace_v2
+        self._set_workspace.argtypes = [p, p, ctypes.c_size_t]
         self.handle = cupy.cuda.device.get_cublas_handle()
         # A fixed workspace: cuBLAS must not allocate while a CUDA graph is being captured.
         self._workspace = cupy.empty(WORKSPACE_BYTES, cupy.uint8)
-        lib.cublasSetWorkspace_v2.argtypes = [p, p, ctypes.c_size_t]
-        self._check(lib.cublasSetWorkspace_v2(self.handle, self._workspace.data.ptr,
-                                              WORKSPACE_BYTES), "cublasSetWorkspace_v2")
+        self._stream = None  # the stream the handle was last bound to
         self._one, self._zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
+
+    def _bind(self, stream_ptr: int):
+        # NOTE: cublasSetStream resets the handle's workspace to cuBLAS's own pool, which a
+        # captured graph must not use (its replays then fault), so the workspace is set again
+        # after every stream change.
+        if stream_ptr == self._stream:
+            return
+        self._check(self._set_stream(self.handle, stream_ptr), "cublasSetStream_v2")
+        self._check(self._set_workspace(self.handle, self._workspace.data.ptr, WORKSPACE_BYTES),
+                    "cublasSetWorkspace_v2")
+        self._stream = stream_ptr
 
     @staticmethod
     def _check(status: int, what: str):
@@ -59,8 +70,7 @@ class Gemm:
         num_tokens, k = x.shape
         n_out = w.shape[0]
         t = DATA_TYPES[dtype]
-        self._check(self._set_stream(self.handle, cupy.cuda.get_current_stream().ptr),
-                    "cublasSetStream_v2")
+        self._bind(cupy.cuda.get_current_stream().ptr)
         self._check(self._gemm(self.handle, CUBLAS_OP_T, CUBLAS_OP_N, n_out, num_tokens, k,
                                ctypes.byref(self._one), w.data.ptr, t, k, x.data.ptr, t, k,
                                ctypes.byref(self._zero), out.data.ptr, t, n_out,
