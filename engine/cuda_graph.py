@@ -61,10 +61,15 @@ class DecodeGraphs:
             work={group: plan}, num_splits=plan.num_splits)
 
     def capture(self):
+        # NOTE: each graph's metadata (its attention plan) must outlive every replay, so it is
+        # allocated here, outside the shared pool. Made inside it, a plan could land on memory
+        # that an earlier graph freed as scratch during its capture, and that graph's replays
+        # would overwrite it.
+        metas = {size: self._meta(size) for size in self.sizes}
         stream = cupy.cuda.Stream(non_blocking=True)
         with cupy.cuda.using_allocator(self.pool.malloc), stream:
             for size in sorted(self.sizes, reverse=True):
-                meta = self._meta(size)
+                meta = metas[size]
                 args = (self.input_ids[:size], self.positions[:size], self.kv_cache, meta,
                         self.logits_indices[:size])
                 self.model.forward(*args)  # warm-up: compiles, and fills the pool for capture
