@@ -18,6 +18,7 @@ import numpy as np
 
 from engine.block_manager import BlockManager
 from engine.config import EngineConfig
+from engine.loader import checkpoint_dtype, load_model
 from engine.model import Transformer
 from engine.ops import get_ops, resolve_device
 from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
@@ -69,6 +70,14 @@ class _Request:
     finished: bool = field(default=False)
 
 
+def auto_dtype(device: str, checkpoint: str) -> str:
+    """dtype="auto": numpy computes in fp32; the GPU keeps fp16 checkpoints in fp16 and runs
+    bf16 and fp32 ones (and dequantized GGUF) in bf16, whose range fp32 weights fit."""
+    if device == "numpy":
+        return "float32"
+    return "float16" if checkpoint == "float16" else "bfloat16"
+
+
 class LLMEngine:
     def __init__(self, engine_config: EngineConfig, loaded_model=None):
         """`loaded_model` (anything with .config, .weights, .tokenizer) skips load_model; tests use
@@ -79,11 +88,13 @@ class LLMEngine:
         logger.info("pagedserve device: %s", device)
         dtype = engine_config.dtype
         if dtype == "auto":
-            dtype = "float32" if device == "numpy" else "bfloat16"
+            dtype = auto_dtype(device, loaded_model.config.dtype if loaded_model else
+                               checkpoint_dtype(engine_config.model))
+        if device == "cuda" and dtype == "float32":
+            raise ValueError("dtype 'float32' is the numpy backend's; the cuda backend computes in "
+                             "'float16' or 'bfloat16'")
         self.ops = get_ops(device, dtype)
         if loaded_model is None:
-            from engine.loader import load_model
-
             loaded_model = load_model(engine_config.model, self.ops,
                                       load_format=engine_config.load_format,
                                       seed=engine_config.seed)

@@ -231,6 +231,22 @@ def default_model_path() -> Path:
     return found[0]
 
 
+def checkpoint_dtype(model: str | None) -> str:
+    """The dtype an HF checkpoint declares (config.json's torch_dtype), without loading it.
+
+    GGUF files are dequantized to float32, and presets describe bf16 models; anything unreadable
+    answers "float32" and lets load_model report the problem.
+    """
+    if model is None or str(model).endswith(".gguf"):
+        return "float32"
+    try:
+        if Path(model).is_dir():
+            return ModelConfig.from_pretrained(model).dtype
+        return ModelConfig.from_preset(model).dtype
+    except (OSError, ValueError):
+        return "float32"
+
+
 def load_model(model: str | None, ops, load_format: str = "auto", seed: int = 0) -> LoadedModel:
     """model: None (the default GGUF), a .gguf file, an HF folder, or with load_format='dummy'
     also a preset name (engine/presets/). 'dummy' reads only the config (and tokenizer) and

@@ -51,7 +51,9 @@ def _engine_flags() -> argparse.ArgumentParser:
                    help="where the model runs: cuda (CuPy kernels), numpy (the CPU reference), "
                         "or auto = cuda when an NVIDIA GPU and CuPy are present (default: auto)")
     g.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"), default="auto",
-                   help="weight and activation dtype; auto = bfloat16 on cuda, float32 on numpy")
+                   help="weight and activation dtype; cuda computes in float16 or bfloat16, "
+                        "numpy in float32; auto = float16 for an fp16 checkpoint, else bfloat16 "
+                        "on cuda, float32 on numpy")
     g.add_argument("--max-model-len", type=_positive_int, default=None, metavar="N",
                    help="longest sequence (prompt + output) in tokens (default: the model's "
                         "max_position_embeddings)")

@@ -1,8 +1,11 @@
 """LLMEngine end to end on a tiny random model (numpy): batching, caching, limits, abort."""
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+from engine.config import EngineConfig
 from engine.sampling_params import SamplingParams
 
 
@@ -151,3 +154,26 @@ def test_streaming_deltas_add_up_to_the_final_output(make_engine, run_engine):
     assert final["s"].outputs[0].text == tok.decode(final["s"].outputs[0].token_ids)
     m = final["s"].metrics
     assert m.arrival_time <= m.first_scheduled_time <= m.first_token_time <= m.finished_time
+
+
+def test_auto_dtype_follows_the_checkpoint():
+    from engine.engine import auto_dtype
+    from engine.loader import checkpoint_dtype
+
+    golden = Path(__file__).parent / "data" / "golden"
+    assert checkpoint_dtype(str(golden / "qwen3")) == "bfloat16"
+    assert checkpoint_dtype(str(golden / "llama")) == "float32"
+    assert checkpoint_dtype("qwen3-0.6b") == "bfloat16"
+    assert checkpoint_dtype(None) == "float32"  # the default GGUF, dequantized
+    assert auto_dtype("cuda", "float16") == "float16"
+    assert auto_dtype("cuda", "bfloat16") == "bfloat16"
+    assert auto_dtype("cuda", "float32") == "bfloat16"
+    assert auto_dtype("numpy", "float16") == "float32"
+
+
+def test_float32_on_cuda_is_refused_by_name():
+    from engine.engine import LLMEngine
+
+    with pytest.raises(ValueError, match="float32"):
+        LLMEngine(EngineConfig(device="cuda", dtype="float32", model="qwen3-0.6b",
+                               load_format="dummy"))
