@@ -21,8 +21,8 @@ from engine.config import EngineConfig
 from engine.loader import checkpoint_dtype, load_model
 from engine.model import Transformer
 from engine.ops import get_ops, resolve_device
-from engine.outputs import CompletionOutput, RequestMetrics, RequestOutput
-from engine.runner import ModelRunner, num_kv_blocks, sampling_seqs
+from engine.outputs import CompletionOutput, ListPrefix, RequestMetrics, RequestOutput
+from engine.runner import ModelRunner, num_kv_blocks
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
@@ -46,7 +46,7 @@ class EngineStats:
     num_mixed_steps: int
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _SeqState:
     """What the engine tracks per sequence beyond its tokens: text and what was already sent."""
 
@@ -59,7 +59,7 @@ class _SeqState:
     stop_reason: str | int | None = None
 
 
-@dataclass(eq=False)
+@dataclass(eq=False, slots=True)
 class _Request:
     request_id: str
     prompt: str | None
@@ -233,26 +233,36 @@ class LLMEngine:
         self._aborted = []
         batch = self.scheduler.schedule()
         if batch.seqs:
-            now = time.time()
-            for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
-                c = seq.num_computed_tokens
-                if c >= seq.num_prompt_tokens:  # a decode: scheduled before, no prompt tokens
-                    continue
-                req, _ = self._seq_states[seq.seq_id]
-                req.metrics.first_scheduled_time = req.metrics.first_scheduled_time or now
-                self._prompt_tokens_total += min(c + n, seq.num_prompt_tokens) - c
-            sampling = sampling_seqs(batch)  # before finish_step moves num_computed_tokens
+            sampling = self._start_step(batch)  # before finish_step moves num_computed_tokens
             sampled = self.runner.run(batch)
             self.scheduler.finish_step(batch)
             if sampling:
-                for r, req in self._postprocess(sampling, sampled).items():
-                    changed[r] = req
-        return [self._make_output(req) for req in changed.values()]
+                self._postprocess(sampling, sampled, changed)
+        make_output = self._make_output
+        return [make_output(req) for req in changed.values()]
 
-    def _postprocess(self, seqs: list[Sequence], sampled) -> dict[int, _Request]:
-        changed = {}
+    def _start_step(self, batch) -> list[Sequence]:
+        """Count the prompt tokens the batch computes; the sequences that sample, in batch order
+        (what runner.sampling_seqs returns, in the same pass over the batch)."""
+        sampling = []
+        now = None
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            c = seq.num_computed_tokens
+            if c + n == len(seq.token_ids):
+                sampling.append(seq)
+            if c < seq.num_prompt_tokens:  # some prompt tokens: a prefill, or a 1-token tail
+                metrics = self._seq_states[seq.seq_id][0].metrics
+                if metrics.first_scheduled_time is None:
+                    metrics.first_scheduled_time = now = now or time.time()
+                self._prompt_tokens_total += min(c + n, seq.num_prompt_tokens) - c
+        return sampling
+
+    def _postprocess(self, seqs: list[Sequence], sampled, changed: dict[int, _Request]) -> None:
+        """Append each sampled token, check stops, free finished sequences; add every request
+        that got a token to `changed`."""
         now = time.time()
         seq_states = self._seq_states
+        check_stop = self._check_stop
         tokens, logprobs = sampled.token_ids.tolist(), sampled.logprobs.tolist()
         for r, seq in enumerate(seqs):
             req, state = seq_states[seq.seq_id]
@@ -265,12 +275,13 @@ class LLMEngine:
                 k = req.params.logprobs
                 entry = {}
                 if k:
-                    top = zip(sampled.top_ids[r, :k], sampled.top_logprobs[r, :k], strict=True)
-                    entry = {int(i): float(v) for i, v in top}
+                    top = zip(sampled.top_ids[r, :k].tolist(), sampled.top_logprobs[r, :k].tolist(),
+                              strict=True)
+                    entry = dict(top)
                 entry[token] = logprob
                 state.logprobs.append(entry)
             changed[id(req)] = req
-            reason = self._check_stop(state, token)
+            reason = check_stop(state, seq, token)
             if reason is not None:
                 self.scheduler.finish_seq(seq, reason)
                 seq.finish_reason = reason
@@ -279,20 +290,20 @@ class LLMEngine:
                     req.metrics.finished_time = now
                     self._requests.pop(req.request_id, None)
         self._generation_tokens_total += len(seqs)
-        return changed
 
-    def _check_stop(self, state: _SeqState, token: int) -> str | None:
+    def _check_stop(self, state: _SeqState, seq: Sequence, token: int) -> str | None:
         """Extend the sequence's text with `token`; the finish reason if it ends here."""
-        seq, p = state.seq, state.seq.sampling_params
+        p = seq.sampling_params
         num_output_tokens = len(seq.token_ids) - seq.num_prompt_tokens
         past_min = num_output_tokens > p.min_tokens
-        if past_min and p.stop_token_ids and token in p.stop_token_ids:
-            state.stop_reason = token
-            if p.include_stop_str_in_output:
-                self._extend_text(state, token)
-            return "stop"
-        if past_min and not p.ignore_eos and token in self.eos_token_ids:
-            return "stop"
+        if past_min:
+            if p.stop_token_ids and token in p.stop_token_ids:
+                state.stop_reason = token
+                if p.include_stop_str_in_output:
+                    self._extend_text(state, token)
+                return "stop"
+            if not p.ignore_eos and token in self.eos_token_ids:
+                return "stop"
         # Without a tokenizer there is no text, so no stop strings either.
         if state.detokenizer is not None and self._stop_string(state, token, past_min):
             return "stop"
@@ -327,37 +338,39 @@ class LLMEngine:
         outputs = []
         finished = True
         for state in req.states:
-            seq, p = state.seq, req.params
-            sendable = len(state.text)
-            if seq.finish_reason is None and p.stop_list and not p.include_stop_str_in_output:
-                # Hold back a tail that a later token could complete into a stop string.
-                sendable -= _stop_prefix_len(state.text, p.stop_list)
-            sendable = max(sendable, state.num_sent_chars)
-            delta_text = state.text[state.num_sent_chars : sendable]
-            state.num_sent_chars = sendable
-            out_ids = seq.output_token_ids  # a fresh list: handed out as is
-            delta_ids = out_ids[state.num_sent_tokens :]
-            delta_lp = None
-            if state.logprobs is not None:
-                delta_lp = state.logprobs[state.num_sent_tokens :]
-            state.num_sent_tokens = len(out_ids)
+            seq = state.seq
+            token_ids, num_prompt = seq.token_ids, seq.num_prompt_tokens
+            num_tokens = len(token_ids)
+            num_sent = state.num_sent_tokens
+            state.num_sent_tokens = num_tokens - num_prompt
+            if state.detokenizer is None:  # no tokenizer: no text, and no stop strings
+                text = delta_text = ""
+            else:
+                text, delta_text = self._text_delta(state, req.params)
+            lps = state.logprobs
+            # The whole token_ids / logprobs are copied only if read (outputs.ListPrefix).
             outputs.append(CompletionOutput(
-                index=seq.index,
-                text=state.text[:sendable],
-                token_ids=out_ids,
-                cumulative_logprob=seq.cumulative_logprob,
-                logprobs=list(state.logprobs) if state.logprobs is not None else None,
-                finish_reason=seq.finish_reason,
-                stop_reason=state.stop_reason,
-                delta_text=delta_text,
-                delta_token_ids=delta_ids,
-                delta_logprobs=delta_lp,
-            ))
-            finished = finished and seq.finish_reason is not None
+                seq.index, text, ListPrefix(token_ids, num_prompt, num_tokens),
+                seq.cumulative_logprob, None if lps is None else ListPrefix(lps, 0, len(lps)),
+                seq.finish_reason, state.stop_reason, delta_text,
+                token_ids[num_prompt + num_sent :], None if lps is None else lps[num_sent:]))
+            if seq.finish_reason is None:
+                finished = False
         if finished and req.metrics.finished_time is None:
             req.metrics.finished_time = time.time()
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outputs, finished,
                              req.metrics)
+
+    def _text_delta(self, state: _SeqState, p: SamplingParams) -> tuple[str, str]:
+        """(text that may go out so far, what of it is new); marks the new part sent."""
+        sendable = len(state.text)
+        if state.seq.finish_reason is None and p.stop_list and not p.include_stop_str_in_output:
+            # Hold back a tail that a later token could complete into a stop string.
+            sendable -= _stop_prefix_len(state.text, p.stop_list)
+        sendable = max(sendable, state.num_sent_chars)
+        delta_text = state.text[state.num_sent_chars : sendable]
+        state.num_sent_chars = sendable
+        return state.text[:sendable], delta_text
 
     # ------------------------------------------------------------------ stats
 

@@ -10,11 +10,29 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 
-@dataclass
+class ListPrefix:
+    """items[start:end] of a list that only grows (a sequence's tokens, its logprobs), copied out
+    the first time it is read.
+
+    The engine builds a CompletionOutput per running request every step, but a streaming or batch
+    caller reads the whole `token_ids` / `logprobs` only of the last one: copying them every step
+    would cost O(output length) per request per step. Passing a ListPrefix defers that copy.
+    """
+
+    __slots__ = ("items", "start", "end")
+
+    def __init__(self, items: list, start: int, end: int):
+        self.items, self.start, self.end = items, start, end
+
+
+_NEW_LIST = object()  # default of delta_token_ids: a new empty list
+
+
+@dataclass(init=False)
 class CompletionOutput:
     index: int  # which of the request's n outputs
     text: str
-    token_ids: list[int]
+    token_ids: list[int]  # given as a list or a ListPrefix; always read as a list of its own
     cumulative_logprob: float
     logprobs: list[dict[int, float]] | None  # per token {token_id: logprob}, when asked for
     finish_reason: str | None  # None while running; "stop" | "length" | "abort"
@@ -23,12 +41,52 @@ class CompletionOutput:
     delta_token_ids: list[int] = field(default_factory=list)
     delta_logprobs: list[dict[int, float]] | None = None
 
+    def __init__(self, index: int, text: str, token_ids: list[int] | ListPrefix,
+                 cumulative_logprob: float, logprobs: list[dict[int, float]] | ListPrefix | None,
+                 finish_reason: str | None, stop_reason: str | int | None = None,
+                 delta_text: str = "", delta_token_ids: list[int] = _NEW_LIST,
+                 delta_logprobs: list[dict[int, float]] | None = None):
+        # Written out rather than generated: token_ids and logprobs are stored behind the
+        # properties below, and plain stores keep this cheap (the engine makes one per running
+        # request per step).
+        self.index = index
+        self.text = text
+        self._token_ids = token_ids
+        self.cumulative_logprob = cumulative_logprob
+        self._logprobs = logprobs
+        self.finish_reason = finish_reason
+        self.stop_reason = stop_reason
+        self.delta_text = delta_text
+        self.delta_token_ids = [] if delta_token_ids is _NEW_LIST else delta_token_ids
+        self.delta_logprobs = delta_logprobs
+
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
 
 
-@dataclass
+def _copied_on_read(name: str) -> property:
+    """The field stored under _name; a ListPrefix there turns into a list when first read."""
+    key = "_" + name
+
+    def get(self):
+        value = self.__dict__[key]
+        if type(value) is ListPrefix:
+            value = self.__dict__[key] = value.items[value.start : value.end]
+        return value
+
+    def set(self, value):
+        self.__dict__[key] = value
+
+    return property(get, set)
+
+
+# Set after @dataclass, which would otherwise take a class-level property for the field's default.
+CompletionOutput.token_ids = _copied_on_read("token_ids")
+CompletionOutput.logprobs = _copied_on_read("logprobs")
+
+
+@dataclass(slots=True)
 class RequestMetrics:
     arrival_time: float
     first_scheduled_time: float | None = None
@@ -36,7 +94,7 @@ class RequestMetrics:
     finished_time: float | None = None
 
 
-@dataclass
+@dataclass(slots=True)
 class RequestOutput:
     request_id: str
     prompt: str | None

@@ -166,12 +166,16 @@ class ModelRunner:
             columns = [np.full(num_rows, v, np.float64) for v in rows[0]]
         else:
             columns = list(np.array(rows, np.float64).T)
+        try:
+            seeds = np.array([s.seed for s in seqs], np.uint64)  # (R,)
+        except OverflowError:  # a seed outside [0, 2**64): its low 64 bits
+            seeds = np.array([s.seed & 0xFFFFFFFFFFFFFFFF for s in seqs], np.uint64)
         t = SamplingTensors(
             temperature=columns[0].astype(np.float32),
             top_k=columns[1].astype(np.int32),
             top_p=columns[2].astype(np.float32),
             min_p=columns[3].astype(np.float32),
-            seeds=np.fromiter((s.seed & 0xFFFFFFFFFFFFFFFF for s in seqs), np.uint64, num_rows),
+            seeds=seeds,
             steps=np.fromiter((len(s.token_ids) - s.num_prompt_tokens for s in seqs), np.uint32,
                               num_rows),
             presence_penalty=columns[4].astype(np.float32),

@@ -116,14 +116,17 @@ class Scheduler:
         # Decodes, oldest first: a victim is always newer than the sequence being served, so it
         # is never one already in this batch.
         bs, running = bm.block_size, SequenceStatus.RUNNING
+        seqs, num_new = batch.seqs, batch.num_new_tokens  # appended to directly: the hot loop
+        max_num_seqs = self.max_num_seqs
         for seq in list(self.running):
             c = seq.num_computed_tokens
-            if seq.status != running or len(seq.token_ids) - c != 1:
+            if seq.status is not running or len(seq.token_ids) - c != 1:
                 continue
-            if budget == 0 or len(batch.seqs) == self.max_num_seqs:
+            if budget == 0 or len(seqs) == max_num_seqs:
                 break
             if c < len(seq.block_table) * bs:  # its new token's slot is in a block it holds
-                batch.add(seq, 1)
+                seqs.append(seq)
+                num_new.append(1)
                 budget -= 1
                 continue
             while not bm.can_append(seq, 1):
@@ -132,18 +135,18 @@ class Scheduler:
                 batch.num_preempted += 1
                 if victim is seq:
                     break
-            if seq.status == SequenceStatus.RUNNING:
+            if seq.status is running:
                 bm.append(seq, 1)
                 batch.add(seq, 1)
                 budget -= 1
-        num_decodes = len(batch.seqs)
+        num_decodes = len(seqs)
 
         chunked = False
         # Prefills already admitted (their blocks cover the whole prompt), then the queue.
         for seq in self.running:
-            if budget == 0 or len(batch.seqs) == self.max_num_seqs:
+            if budget == 0 or len(seqs) == max_num_seqs:
                 break
-            num_uncomputed = seq.num_uncomputed_tokens
+            num_uncomputed = len(seq.token_ids) - seq.num_computed_tokens
             if num_uncomputed <= 1:
                 continue
             n = min(num_uncomputed, budget)
@@ -186,12 +189,13 @@ class Scheduler:
     def finish_step(self, batch: ScheduledBatch) -> None:
         """Record that the model computed the batch (before the engine appends sampled tokens)."""
         bm, bs = self.block_manager, self.block_manager.block_size
+        running = SequenceStatus.RUNNING
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
-            if seq.status != SequenceStatus.RUNNING:  # aborted while the step ran
+            if seq.status is not running:  # aborted while the step ran
                 continue
             c = seq.num_computed_tokens
             seq.num_computed_tokens = c + n
-            if (c + n) // bs != c // bs:  # a block filled up: key it for the prefix cache
+            if c % bs + n >= bs:  # a block filled up: key it for the prefix cache
                 bm.mark_computed(seq)
 
     # ---- endings -----------------------------------------------------------------------------

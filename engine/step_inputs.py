@@ -69,20 +69,21 @@ class HostBlockTables:
             grown = np.full((len(self.rows), width), -1, np.int32)
             grown[:, : self.rows.shape[1]] = self.rows
             self.rows = grown
-        index = np.empty(len(seqs), np.intp)  # (B,) row of each sequence
-        entries = self._entries
-        for i, seq in enumerate(seqs):
+        rows, entries = self.rows, self._entries
+        index = []  # row of each sequence
+        for seq in seqs:
             table = seq.block_table
+            num_blocks = len(table)
             entry = entries.get(seq.seq_id)
-            if entry is None or entry[1] is not table or entry[2] > len(table):
+            if entry is None or entry[1] is not table or entry[2] > num_blocks:
                 entry = self._assign(seq, seqs)
             copied = entry[2]
-            if copied < len(table):
-                n = min(len(table), self.rows.shape[1])
-                self.rows[entry[0], copied:n] = table[copied:n]
+            if copied < num_blocks:
+                n = min(num_blocks, rows.shape[1])
+                rows[entry[0], copied:n] = table[copied:n]
                 entry[2] = n
-            index[i] = entry[0]
-        return self.rows[index, :width]
+            index.append(entry[0])
+        return rows[index, :width]
 
     def _assign(self, seq, batch_seqs: list) -> list:
         old = self._entries.pop(seq.seq_id, None)
