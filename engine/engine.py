@@ -26,6 +26,7 @@ from engine.runner import ModelRunner, num_kv_blocks
 from engine.sampling_params import SamplingParams
 from engine.scheduler import Scheduler
 from engine.sequence import Sequence
+from engine.stopping import SeqState, check_stop, text_delta
 
 logger = logging.getLogger(__name__)
 
@@ -47,25 +48,12 @@ class EngineStats:
 
 
 @dataclass(eq=False, slots=True)
-class _SeqState:
-    """What the engine tracks per sequence beyond its tokens: text and what was already sent."""
-
-    seq: Sequence
-    detokenizer: object | None
-    text: str = ""  # decoded output, cut at a stop string once one is found
-    num_sent_chars: int = 0  # text[:num_sent_chars] has gone out in deltas
-    num_sent_tokens: int = 0
-    logprobs: list[dict[int, float]] | None = None
-    stop_reason: str | int | None = None
-
-
-@dataclass(eq=False, slots=True)
 class _Request:
     request_id: str
     prompt: str | None
     prompt_token_ids: list[int]
     params: SamplingParams
-    states: list[_SeqState]
+    states: list[SeqState]
     metrics: RequestMetrics
     finished: bool = field(default=False)
 
@@ -135,7 +123,7 @@ class LLMEngine:
 
         self._rng = np.random.default_rng(engine_config.seed)
         self._requests: dict[str, _Request] = {}
-        self._seq_states: dict[int, tuple[_Request, _SeqState]] = {}  # seq_id -> its request
+        self._seq_states: dict[int, tuple[_Request, SeqState]] = {}  # seq_id -> its request
         self._aborted: list[_Request] = []  # reported as finished by the next step()
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
@@ -170,7 +158,7 @@ class LLMEngine:
                 from engine.tokenizer import IncrementalDetokenizer
 
                 detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
-            req.states.append(_SeqState(seq, detok, logprobs=[] if params.logprobs is not None
+            req.states.append(SeqState(seq, detok, logprobs=[] if params.logprobs is not None
                                         else None))
         for state in req.states:
             # The scheduler rejects a prompt that can never fit before anything is queued: all n
@@ -262,7 +250,7 @@ class LLMEngine:
         that got a token to `changed`."""
         now = time.time()
         seq_states = self._seq_states
-        check_stop = self._check_stop
+        eos, max_len = self.eos_token_ids, self.max_model_len
         tokens, logprobs = sampled.token_ids.tolist(), sampled.logprobs.tolist()
         for r, seq in enumerate(seqs):
             req, state = seq_states[seq.seq_id]
@@ -281,7 +269,7 @@ class LLMEngine:
                 entry[token] = logprob
                 state.logprobs.append(entry)
             changed[id(req)] = req
-            reason = check_stop(state, seq, token)
+            reason = check_stop(state, seq, token, eos, max_len)
             if reason is not None:
                 self.scheduler.finish_seq(seq, reason)
                 seq.finish_reason = reason
@@ -290,49 +278,6 @@ class LLMEngine:
                     req.metrics.finished_time = now
                     self._requests.pop(req.request_id, None)
         self._generation_tokens_total += len(seqs)
-
-    def _check_stop(self, state: _SeqState, seq: Sequence, token: int) -> str | None:
-        """Extend the sequence's text with `token`; the finish reason if it ends here."""
-        p = seq.sampling_params
-        num_output_tokens = len(seq.token_ids) - seq.num_prompt_tokens
-        past_min = num_output_tokens > p.min_tokens
-        if past_min:
-            if p.stop_token_ids and token in p.stop_token_ids:
-                state.stop_reason = token
-                if p.include_stop_str_in_output:
-                    self._extend_text(state, token)
-                return "stop"
-            if not p.ignore_eos and token in self.eos_token_ids:
-                return "stop"
-        # Without a tokenizer there is no text, so no stop strings either.
-        if state.detokenizer is not None and self._stop_string(state, token, past_min):
-            return "stop"
-        if p.max_tokens is not None and num_output_tokens >= p.max_tokens:
-            return "length"
-        if len(seq.token_ids) >= self.max_model_len:
-            return "length"
-        return None
-
-    def _stop_string(self, state: _SeqState, token: int, past_min: bool) -> bool:
-        """Extend the text with `token`; True (text cut, stop_reason set) if a stop string ends
-        in it."""
-        p = state.seq.sampling_params
-        old_len = len(state.text)
-        self._extend_text(state, token)
-        if past_min and p.stop_list:
-            longest = max(len(s) for s in p.stop_list)
-            start = max(0, old_len - longest + 1)
-            hits = [(i, s) for s in p.stop_list if (i := state.text.find(s, start)) >= 0]
-            if hits:
-                i, stop = min(hits)
-                state.text = state.text[: i + (len(stop) if p.include_stop_str_in_output else 0)]
-                state.stop_reason = stop
-                return True
-        return False
-
-    def _extend_text(self, state: _SeqState, token: int):
-        if state.detokenizer is not None:
-            state.text += state.detokenizer.step([token])
 
     def _make_output(self, req: _Request) -> RequestOutput:
         outputs = []
@@ -346,7 +291,7 @@ class LLMEngine:
             if state.detokenizer is None:  # no tokenizer: no text, and no stop strings
                 text = delta_text = ""
             else:
-                text, delta_text = self._text_delta(state, req.params)
+                text, delta_text = text_delta(state, req.params)
             lps = state.logprobs
             # The whole token_ids / logprobs are copied only if read (outputs.ListPrefix).
             outputs.append(CompletionOutput(
@@ -360,17 +305,6 @@ class LLMEngine:
             req.metrics.finished_time = time.time()
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outputs, finished,
                              req.metrics)
-
-    def _text_delta(self, state: _SeqState, p: SamplingParams) -> tuple[str, str]:
-        """(text that may go out so far, what of it is new); marks the new part sent."""
-        sendable = len(state.text)
-        if state.seq.finish_reason is None and p.stop_list and not p.include_stop_str_in_output:
-            # Hold back a tail that a later token could complete into a stop string.
-            sendable -= _stop_prefix_len(state.text, p.stop_list)
-        sendable = max(sendable, state.num_sent_chars)
-        delta_text = state.text[state.num_sent_chars : sendable]
-        state.num_sent_chars = sendable
-        return state.text[:sendable], delta_text
 
     # ------------------------------------------------------------------ stats
 
@@ -390,14 +324,3 @@ class LLMEngine:
             num_chunked_prefill_steps=s.num_chunked_prefill_steps,
             num_mixed_steps=s.num_mixed_steps,
         )
-
-
-def _stop_prefix_len(text: str, stops: list[str]) -> int:
-    """Length of the longest tail of `text` that is a proper prefix of some stop string."""
-    best = 0
-    for stop in stops:
-        for k in range(min(len(stop) - 1, len(text)), best, -1):
-            if text.endswith(stop[:k]):
-                best = k
-                break
-    return best
