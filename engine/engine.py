@@ -87,6 +87,7 @@ class LLMEngine:
                                       load_format=engine_config.load_format,
                                       seed=engine_config.seed)
         self.model_config = mc = loaded_model.config
+        self.ops.check_model(mc)
         self.tokenizer = loaded_model.tokenizer
         self.max_model_len = engine_config.max_model_len or mc.max_position_embeddings
         if self.max_model_len > mc.max_position_embeddings:

@@ -284,3 +284,13 @@ def test_sample_penalties_and_bias(ops):
     check_sample(ops, logits, t)
     t.temperature = np.full(rows, 0.7, np.float32)
     check_sample(ops, logits, t, min_agree=0.75)
+
+
+def test_unsupported_head_dim_is_refused_by_name(ops):
+    from engine.config import ModelConfig
+
+    config = ModelConfig("LlamaForCausalLM", 256, 96 * 4, 512, 1, 4, 2, 96)
+    with pytest.raises(ValueError, match="head_dim 96"):
+        ops.check_model(config)
+    config.head_dim = 128
+    ops.check_model(config)  # a compiled variant: no error

@@ -72,6 +72,10 @@ class CudaOps:
             raise ValueError(f"head_dim {head_dim} is not supported by the cuda kernels "
                              f"(compiled for {HEAD_DIMS})")
 
+    def check_model(self, config) -> None:
+        """Refuse at start-up a model the compiled kernel variants cannot run."""
+        self._head_dim_ok(config.head_dim)
+
     # ---------------------------------------------------------------- memory
 
     def from_host(self, array: np.ndarray) -> cupy.ndarray:

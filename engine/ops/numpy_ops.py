@@ -18,6 +18,9 @@ class NumpyOps:
 
     # ---------------------------------------------------------------- memory
 
+    def check_model(self, config) -> None:
+        """The reference runs every shape the model code knows."""
+
     def from_host(self, array: np.ndarray) -> np.ndarray:
         """A weight or buffer on this backend (fp32 for floats, int32 kept)."""
         if array.dtype.kind == "f":
