@@ -1,13 +1,32 @@
+"""Shared fixtures: tiny random models for the engine tests, golden data for the loader tests,
+and the guard of the GPU test modules."""
+
+import functools
+import importlib.util
+import os
+import types
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.config import EngineConfig, ModelConfig
+
+
+def require_gpu():
+    """Call at the top of a GPU test module: skips the module without CuPy or an NVIDIA device,
+    else returns cupy. Mark the module `pytestmark = pytest.mark.gpu` too."""
+    cupy = pytest.importorskip("cupy")
+    try:
+        num_gpus = cupy.cuda.runtime.getDeviceCount()
+    except Exception:  # CuPy installed, no driver
+        num_gpus = 0
+    if num_gpus == 0:
+        pytest.skip("no NVIDIA GPU", allow_module_level=True)
+    return cupy
+
+
 # ---- engine fixtures (tests/test_engine.py, test_sampling.py, test_llm.py) --------------------
-import functools  # noqa: E402
-import importlib.util  # noqa: E402
-import types  # noqa: E402
-from pathlib import Path  # noqa: E402
-
-import pytest  # noqa: E402
-
-from engine.config import EngineConfig, ModelConfig  # noqa: E402
-
 
 def tiny_model_config(vocab_size: int = 512, **overrides) -> ModelConfig:
     """A 2-layer GQA llama small enough that a step takes milliseconds on numpy."""
@@ -85,9 +104,7 @@ def run_engine():
 
 
 # ---- loader fixtures (tests/test_loader.py, test_golden.py) -------------------------------------
-import os  # noqa: E402
 
-import numpy as np  # noqa: E402
 
 GOLDEN_DIR = Path(__file__).parent / "data" / "golden"
 

@@ -5,13 +5,10 @@ from __future__ import annotations
 import types
 
 import pytest
+from conftest import require_gpu
 
-cupy = pytest.importorskip("cupy")
-try:
-    _NUM_GPUS = cupy.cuda.runtime.getDeviceCount()
-except Exception:  # no driver
-    _NUM_GPUS = 0
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_NUM_GPUS == 0, reason="no NVIDIA GPU")]
+pytestmark = pytest.mark.gpu
+cupy = require_gpu()
 
 from engine import runner  # noqa: E402
 from engine.config import EngineConfig, ModelConfig  # noqa: E402

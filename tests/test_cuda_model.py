@@ -6,13 +6,10 @@ import dataclasses
 
 import numpy as np
 import pytest
+from conftest import require_gpu
 
-cupy = pytest.importorskip("cupy")
-try:
-    _NUM_GPUS = cupy.cuda.runtime.getDeviceCount()
-except Exception:  # no driver
-    _NUM_GPUS = 0
-pytestmark = [pytest.mark.gpu, pytest.mark.skipif(_NUM_GPUS == 0, reason="no NVIDIA GPU")]
+pytestmark = pytest.mark.gpu
+cupy = require_gpu()
 
 from engine.config import ModelConfig  # noqa: E402
 from engine.loader import dummy_weights  # noqa: E402
