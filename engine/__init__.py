@@ -8,13 +8,13 @@ __all__ = ["LLM", "SamplingParams"]
 
 
 def __getattr__(name):
-    # Lazy, so `import engine.config` stays light for the server and tools.
+    # Lazy, so `import engine.model.config` stays light for the server and tools.
     if name == "LLM":
         from engine.llm import LLM
 
         return LLM
     if name == "SamplingParams":
-        from engine.sampling_params import SamplingParams
+        from engine.core.sampling_params import SamplingParams
 
         return SamplingParams
     raise AttributeError(name)

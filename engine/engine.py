@@ -16,17 +16,17 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine.block_manager import BlockManager
-from engine.config import EngineConfig
-from engine.loader import checkpoint_dtype, load_model
-from engine.model import Transformer
-from engine.ops import get_ops, resolve_device
-from engine.outputs import CompletionOutput, ListPrefix, RequestMetrics, RequestOutput
-from engine.runner import ModelRunner, num_kv_blocks
-from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
-from engine.sequence import Sequence
-from engine.stopping import SeqState, check_stop, text_delta
+from engine.core.block_manager import BlockManager
+from engine.core.outputs import CompletionOutput, ListPrefix, RequestMetrics, RequestOutput
+from engine.core.sampling_params import SamplingParams
+from engine.core.scheduler import Scheduler
+from engine.core.sequence import Sequence
+from engine.core.stopping import SeqState, check_stop, text_delta
+from engine.executor.ops import get_ops, resolve_device
+from engine.executor.runner import ModelRunner, num_kv_blocks
+from engine.executor.transformer import Transformer
+from engine.model.config import EngineConfig
+from engine.model.loader import checkpoint_dtype, load_model
 
 logger = logging.getLogger(__name__)
 
@@ -156,7 +156,7 @@ class LLMEngine:
             seq = Sequence(request_id, list(ids), len(ids), params, index=i, seed=seed)
             detok = None
             if self.tokenizer is not None:
-                from engine.tokenizer import IncrementalDetokenizer
+                from engine.model.tokenizer import IncrementalDetokenizer
 
                 detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
             req.states.append(SeqState(seq, detok, logprobs=[] if params.logprobs is not None

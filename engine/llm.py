@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import itertools
 
-from engine.config import EngineConfig
+from engine.core.outputs import RequestOutput
+from engine.core.sampling_params import SamplingParams
 from engine.engine import LLMEngine
-from engine.outputs import RequestOutput
-from engine.sampling_params import SamplingParams
+from engine.model.config import EngineConfig
 
 
 class LLM:
@@ -21,7 +21,7 @@ class LLM:
                  max_num_batched_tokens: int = 8192, block_size: int = 16,
                  num_kv_blocks: int | None = None, enable_prefix_caching: bool = True,
                  seed: int = 0, **engine_fields):
-        """Arguments are EngineConfig fields (engine/config.py); unknown ones raise TypeError."""
+        """Arguments are EngineConfig fields (model/config.py); unknown ones raise TypeError."""
         config = EngineConfig(
             model=model, device=device, dtype=dtype, max_model_len=max_model_len,
             max_num_seqs=max_num_seqs, max_num_batched_tokens=max_num_batched_tokens,

@@ -19,7 +19,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from engine.config import EngineConfig
+from engine.model.config import EngineConfig
 from server.async_engine import AsyncEngine
 from server.metrics import ServerMetrics
 from server.protocol import APIError, bad_request, get_field, parse_messages

@@ -10,7 +10,7 @@ import logging
 import sys
 import time
 
-from engine.config import ConfigError, EngineConfig
+from engine.model.config import ConfigError, EngineConfig
 
 
 def _positive_int(text: str) -> int:
@@ -166,8 +166,8 @@ def serve(args: argparse.Namespace, config: EngineConfig) -> int:
 
 
 def generate(args: argparse.Namespace, config: EngineConfig) -> int:
+    from engine.core.sampling_params import SamplingParams
     from engine.engine import LLMEngine
-    from engine.sampling_params import SamplingParams
 
     t_load = time.perf_counter()
     engine = LLMEngine(config)

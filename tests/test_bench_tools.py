@@ -10,7 +10,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/ is not an installed package
 
-from engine.config import ModelConfig  # noqa: E402
+from engine.model.config import ModelConfig  # noqa: E402
 from tools import bench_serving, bench_throughput, seed_table  # noqa: E402
 from tools.bench_serving import RequestResult, compute_metrics  # noqa: E402
 from tools.workloads import (  # noqa: E402

@@ -11,12 +11,12 @@ pytestmark = pytest.mark.gpu
 cupy = require_gpu()
 
 from engine import runner  # noqa: E402
-from engine.config import EngineConfig, ModelConfig  # noqa: E402
+from engine.core.sampling_params import SamplingParams  # noqa: E402
 from engine.engine import LLMEngine  # noqa: E402
+from engine.executor.ops.cuda_ops import CudaOps  # noqa: E402
 from engine.llm import LLM  # noqa: E402
-from engine.loader import dummy_weights  # noqa: E402
-from engine.ops.cuda_ops import CudaOps  # noqa: E402
-from engine.sampling_params import SamplingParams  # noqa: E402
+from engine.model.config import EngineConfig, ModelConfig  # noqa: E402
+from engine.model.loader import dummy_weights  # noqa: E402
 
 
 def _generate(enforce_eager: bool, loaded) -> tuple[list[list[int]], int]:

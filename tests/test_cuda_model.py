@@ -11,12 +11,13 @@ from conftest import require_gpu
 pytestmark = pytest.mark.gpu
 cupy = require_gpu()
 
-from engine.config import ModelConfig  # noqa: E402
-from engine.loader import dummy_weights  # noqa: E402
-from engine.model import ModelWeights, Transformer  # noqa: E402
-from engine.ops import AttentionMetadata  # noqa: E402
-from engine.ops.cuda_ops import CudaOps  # noqa: E402
-from engine.ops.numpy_ops import NumpyOps  # noqa: E402
+from engine.executor.ops import AttentionMetadata  # noqa: E402
+from engine.executor.ops.cuda_ops import CudaOps  # noqa: E402
+from engine.executor.ops.numpy_ops import NumpyOps  # noqa: E402
+from engine.executor.transformer import Transformer  # noqa: E402
+from engine.model.config import ModelConfig  # noqa: E402
+from engine.model.loader import dummy_weights  # noqa: E402
+from engine.model.weights import ModelWeights  # noqa: E402
 
 
 def round_bf16(x: np.ndarray) -> np.ndarray:
@@ -82,7 +83,7 @@ def test_model_bf16_matches_numpy(preset, vocab):
 
 
 def test_decode_graph_matches_eager():
-    from engine.cuda_graph import DecodeGraphs
+    from engine.executor.cuda_graph import DecodeGraphs
 
     config = ModelConfig.from_preset("qwen3-0.6b")
     config.num_layers, config.vocab_size = 2, 4096

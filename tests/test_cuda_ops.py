@@ -9,9 +9,9 @@ from conftest import require_gpu
 pytestmark = pytest.mark.gpu
 cupy = require_gpu()
 
-from engine.ops import AttentionMetadata, SamplingTensors  # noqa: E402
-from engine.ops.cuda_ops import CudaOps  # noqa: E402
-from engine.ops.numpy_ops import NumpyOps  # noqa: E402
+from engine.executor.ops import AttentionMetadata, SamplingTensors  # noqa: E402
+from engine.executor.ops.cuda_ops import CudaOps  # noqa: E402
+from engine.executor.ops.numpy_ops import NumpyOps  # noqa: E402
 
 TOL = {"float16": 2e-3, "bfloat16": 1e-2}  # relative L2 error vs the fp32 reference
 REF = NumpyOps()
@@ -106,8 +106,8 @@ def test_linear(ops, tokens):
 
 @pytest.mark.parametrize("head_dim", [64, 128])
 def test_qk_norm_rope_silu(ops, head_dim):
-    from engine.config import ModelConfig
-    from engine.model import rope_cos_sin
+    from engine.executor.transformer import rope_cos_sin
+    from engine.model.config import ModelConfig
 
     nh, nkv, t = 8, 2, 11
     qkv, qkv_h = upload(ops, randn(t, (nh + 2 * nkv) * head_dim))
@@ -188,7 +188,7 @@ def test_write_kv_cache_and_attention(ops, head_dim, block_size, group, batch):
 
 def test_attention_padding_rows_are_zero(ops):
     """CUDA-graph padding rows (context 0) attend to nothing: zeros, not NaN; the others exact."""
-    from engine.ops.cuda_attention import DeviceAttentionMetadata, decode_plan
+    from engine.executor.ops.cuda_attention import DeviceAttentionMetadata, decode_plan
 
     rng = np.random.default_rng()
     nkv, group, hd, bs = 2, 2, 128, 16
@@ -284,7 +284,7 @@ def test_sample_penalties_and_bias(ops):
 
 
 def test_unsupported_head_dim_is_refused_by_name(ops):
-    from engine.config import ModelConfig
+    from engine.model.config import ModelConfig
 
     config = ModelConfig("LlamaForCausalLM", 256, 96 * 4, 512, 1, 4, 2, 96)
     with pytest.raises(ValueError, match="head_dim 96"):

@@ -5,8 +5,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from engine.config import EngineConfig
-from engine.sampling_params import SamplingParams
+from engine.core.sampling_params import SamplingParams
+from engine.model.config import EngineConfig
 
 
 def greedy(max_tokens, **kw):
@@ -158,7 +158,7 @@ def test_streaming_deltas_add_up_to_the_final_output(make_engine, run_engine):
 
 def test_auto_dtype_follows_the_checkpoint():
     from engine.engine import auto_dtype
-    from engine.loader import checkpoint_dtype
+    from engine.model.loader import checkpoint_dtype
 
     golden = Path(__file__).parent / "data" / "golden"
     assert checkpoint_dtype(str(golden / "qwen3")) == "bfloat16"

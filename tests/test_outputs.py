@@ -1,10 +1,10 @@
 """Per-step outputs: the whole token_ids / logprobs of every step are that step's snapshot, even
-though the engine copies them only when read (engine/outputs.py, ListPrefix)."""
+though the engine copies them only when read (engine/core/outputs.py, ListPrefix)."""
 
 import dataclasses
 
-from engine.outputs import CompletionOutput, ListPrefix
-from engine.sampling_params import SamplingParams
+from engine.core.outputs import CompletionOutput, ListPrefix
+from engine.core.sampling_params import SamplingParams
 
 
 def test_every_step_output_is_a_snapshot_of_its_own(make_engine, run_engine):

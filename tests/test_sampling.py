@@ -3,9 +3,9 @@
 import numpy as np
 import pytest
 
-from engine.ops import SamplingTensors
-from engine.ops.numpy_sampling import apply_penalties, filter_probs, log_softmax
-from engine.sampling_params import SamplingParams
+from engine.core.sampling_params import SamplingParams
+from engine.executor.ops import SamplingTensors
+from engine.executor.ops.numpy_sampling import apply_penalties, filter_probs, log_softmax
 
 PROMPT = {"prompt_token_ids": list(range(3, 40))}
 

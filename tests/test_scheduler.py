@@ -2,10 +2,10 @@
 
 import pytest
 
-from engine.block_manager import BlockManager
-from engine.sampling_params import SamplingParams
-from engine.scheduler import ScheduledBatch, Scheduler
-from engine.sequence import Sequence, SequenceStatus
+from engine.core.block_manager import BlockManager
+from engine.core.sampling_params import SamplingParams
+from engine.core.scheduler import ScheduledBatch, Scheduler
+from engine.core.sequence import Sequence, SequenceStatus
 
 
 def make_seq(prompt, max_tokens=8, request_id=None):

@@ -15,7 +15,7 @@ uvicorn = pytest.importorskip("uvicorn")
 
 from conftest import _tiny_loaded  # noqa: E402
 
-from engine.config import EngineConfig  # noqa: E402
+from engine.model.config import EngineConfig  # noqa: E402
 from server.app import create_app  # noqa: E402
 from server.cli import build_parser  # noqa: E402
 

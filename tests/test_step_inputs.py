@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.block_manager import BlockManager
-from engine.sampling_params import SamplingParams
-from engine.scheduler import Scheduler
-from engine.sequence import Sequence
-from engine.step_inputs import HostBlockTables, build_step_inputs
+from engine.core.block_manager import BlockManager
+from engine.core.sampling_params import SamplingParams
+from engine.core.scheduler import Scheduler
+from engine.core.sequence import Sequence
+from engine.executor.step_inputs import HostBlockTables, build_step_inputs
 
 
 def reference(batch, bs: int):

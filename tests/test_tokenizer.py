@@ -1,4 +1,4 @@
-"""engine/tokenizer.py on the default model's GGUF tokenizer, held to HF transformers' ids.
+"""engine/model/tokenizer.py on the default model's GGUF tokenizer, held to HF transformers' ids.
 
 The references in tests/data/tokenizer_golden.json come from tools/make_tokenizer_golden.py.
 """
@@ -16,7 +16,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.tokenizer import (
+from engine.model.tokenizer import (
     IncrementalDetokenizer,
     Tokenizer,
     TokenizerError,

@@ -19,12 +19,12 @@ import time
 import cupy
 import numpy as np
 
-from engine.config import ModelConfig
-from engine.loader import dummy_weights
-from engine.model import Transformer, rope_cos_sin
-from engine.ops import AttentionMetadata, SamplingTensors
-from engine.ops.cuda_ops import CudaOps
-from engine.ops.numpy_ops import NumpyOps
+from engine.executor.ops import AttentionMetadata, SamplingTensors
+from engine.executor.ops.cuda_ops import CudaOps
+from engine.executor.ops.numpy_ops import NumpyOps
+from engine.executor.transformer import Transformer, rope_cos_sin
+from engine.model.config import ModelConfig
+from engine.model.loader import dummy_weights
 
 BW, FLOPS = 4.27e12, 800e12  # measured ceilings (shared/GPU.md)
 REF = NumpyOps()
@@ -166,7 +166,7 @@ def attention_cases(ops):
 
 def attention_variants(ops):
     """The decode kernel at other unroll depths (recompiles attention.cu for each)."""
-    from engine.ops import cuda_attention, cuda_kernels
+    from engine.executor.ops import cuda_attention, cuda_kernels
 
     default = cuda_attention.DECODE_UNROLL
     for u in sorted({2, 4, 8} - {default}) + [default]:  # ends on the default, recompiled
@@ -180,7 +180,7 @@ def attention_variants(ops):
 
 def attention_baseline(ops, path):
     """The previous kernel (work items of 16 // group tokens, fp32 smem tiles), same cases."""
-    from engine.ops.cuda_kernels import cuda_dir
+    from engine.executor.ops.cuda_kernels import cuda_dir
 
     src = open(path).read()
     names = [f"{k}<{ops.ctype}, 128>"
@@ -285,7 +285,7 @@ def decode_step(ops, batch, ctx=512, graphs=False):
     record(f"decode step B={batch} ctx={ctx} eager (wall)", 0.0, sec, weight_bytes + kv, flops)
     if not graphs:
         return
-    from engine.cuda_graph import DecodeGraphs
+    from engine.executor.cuda_graph import DecodeGraphs
 
     g = DecodeGraphs(model, cache, max_num_seqs=batch, max_blocks_per_seq=tables.shape[1],
                      max_context_len=ctx + 1)

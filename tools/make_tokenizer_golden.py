@@ -1,7 +1,7 @@
 """Write tests/data/tokenizer_golden.json: HF transformers' ids for the default model's tokenizer.
 
 transformers builds its own tokenizer from the same GGUF (its GGUF -> fast tokenizer conversion);
-tests/test_tokenizer.py holds engine/tokenizer.py to these ids, decodes and chat template ids.
+tests/test_tokenizer.py holds engine/model/tokenizer.py to these ids, decodes and chat template ids.
 
 NOTE: transformers (5.x) knows no `tokenizer.ggml.pre = "smollm"` and falls back to GPT-2's plain
 byte-level split, while SmolLM2's own tokenizer.json and llama.cpp first isolate every digit. That

@@ -34,10 +34,10 @@ PHASES = ("schedule", "prepare", "forward+sample", "postprocess")
 
 def tiny_engine(max_num_seqs: int, num_kv_blocks: int, block_size: int = 16):
     """LLMEngine on numpy with a 2-layer random llama (vocab 512, hidden 64)."""
-    from engine.config import EngineConfig, ModelConfig
     from engine.engine import LLMEngine
-    from engine.loader import dummy_weights
-    from engine.ops.numpy_ops import NumpyOps
+    from engine.executor.ops.numpy_ops import NumpyOps
+    from engine.model.config import EngineConfig, ModelConfig
+    from engine.model.loader import dummy_weights
 
     config = ModelConfig(architecture="LlamaForCausalLM", vocab_size=512, hidden_size=64,
                          intermediate_size=128, num_layers=2, num_heads=4, num_kv_heads=2,
@@ -51,8 +51,8 @@ def tiny_engine(max_num_seqs: int, num_kv_blocks: int, block_size: int = 16):
 
 
 def gpu_engine(args):
-    from engine.config import EngineConfig
     from engine.engine import LLMEngine
+    from engine.model.config import EngineConfig
 
     return LLMEngine(EngineConfig(model=args.model, device=args.device, load_format="dummy",
                                   max_num_seqs=args.max_num_seqs, dtype=args.dtype,

@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.config import ModelConfig
-from engine.model import LayerWeights, ModelWeights
+from engine.model.config import ModelConfig
+from engine.model.weights import LayerWeights, ModelWeights
 
 
 class GGUFError(ValueError):

@@ -89,11 +89,11 @@ class SamplerOutput:
 def get_ops(device: str, dtype: str = "float32"):
     """The backend for `device` ('numpy' or 'cuda'); cupy is imported only for 'cuda'."""
     if device == "numpy":
-        from engine.ops.numpy_ops import NumpyOps
+        from engine.executor.ops.numpy_ops import NumpyOps
 
         return NumpyOps()
     if device == "cuda":
-        from engine.ops.cuda_ops import CudaOps
+        from engine.executor.ops.cuda_ops import CudaOps
 
         return CudaOps(dtype)
     raise ValueError(f"device must be 'numpy' or 'cuda', got {device!r}")

@@ -14,11 +14,13 @@ import cupy
 # numpy storage dtype name -> the C++ element type the kernels are instantiated with
 CTYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}
 HEAD_DIMS = (64, 128)
+DECODE_GROUPS = (1, 2, 4, 8)  # query heads per decode block (template G); larger groups take passes
+DECODE_UNROLL = 2  # 16-byte K and V loads per lane in flight (U); 2 beat 4 and 8 on the H200
 
 
 def cuda_dir() -> Path:
     """The .cu sources: engine/cuda/ inside an installed wheel, else the checkout's cuda/."""
-    here = Path(__file__).resolve().parent.parent
+    here = Path(__file__).resolve().parents[2]  # the engine package
     for candidate in (here / "cuda", here.parent / "cuda"):
         if (candidate / "common.cuh").is_file():
             return candidate
@@ -26,7 +28,7 @@ def cuda_dir() -> Path:
         f"CUDA kernel sources not found in {here / 'cuda'} or {here.parent / 'cuda'}")
 
 
-def _names(file: str, ctype: str) -> list[str]:
+def kernel_names(file: str, ctype: str) -> list[str]:
     """Every kernel instance of `file` for the compute type `ctype`."""
     if file == "gather.cu":
         return ["gather_rows_kernel", f"from_float_kernel<{ctype}>"]
@@ -38,10 +40,12 @@ def _names(file: str, ctype: str) -> list[str]:
         return [f"rope_kernel<{ctype}, {ctype}>", f"rope_kernel<{ctype}, float>"]
     if file == "kv_cache.cu":
         return [f"write_kv_cache_kernel<{ctype}>"]
-    if file.startswith("attention"):  # the list lives beside the kernels' launch
-        from engine.ops.cuda_attention import kernel_names
-
-        return kernel_names(file, ctype)
+    if file == "attention.cu":
+        return ([f"decode_attention_kernel<{ctype}, {d}, {g}, {DECODE_UNROLL}>"
+                 for d in HEAD_DIMS for g in DECODE_GROUPS]
+                + [f"decode_reduce_kernel<{ctype}, {d}>" for d in HEAD_DIMS])
+    if file == "attention_prefill.cu":
+        return [f"prefill_attention_kernel<{ctype}, {d}>" for d in HEAD_DIMS]
     if file == "sampling.cu":
         return (["penalty_counts_kernel", "add_logit_bias_kernel"]
                 + [f"adjust_logits_kernel<{t}>" for t in CTYPES.values()]
@@ -52,7 +56,7 @@ def _names(file: str, ctype: str) -> list[str]:
 @functools.cache
 def _module(file: str, ctype: str) -> tuple[cupy.RawModule, frozenset]:
     folder = cuda_dir()
-    names = _names(file, ctype)
+    names = kernel_names(file, ctype)
     module = cupy.RawModule(
         code=(folder / file).read_text(),
         options=("-std=c++17", f"-I{folder}"),

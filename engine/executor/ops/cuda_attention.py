@@ -13,11 +13,9 @@ from dataclasses import dataclass, field
 import cupy
 import numpy as np
 
-from engine.ops import AttentionMetadata
-from engine.ops.cuda_kernels import HEAD_DIMS, kernel
+from engine.executor.ops import AttentionMetadata
+from engine.executor.ops.cuda_kernels import DECODE_GROUPS, DECODE_UNROLL, HEAD_DIMS, kernel
 
-DECODE_GROUPS = (1, 2, 4, 8)  # query heads per decode block (template G); larger groups take passes
-DECODE_UNROLL = 2  # 16-byte K and V loads per lane in flight (U); 2 beat 4 and 8 on the H200
 DECODE_THREADS = 128
 # attention_prefill.cu's PF_M (query rows per block), PF_N (keys per tile), PF_THREADS
 PREFILL_M, PREFILL_N, PREFILL_THREADS = 64, 64, 128
@@ -25,17 +23,6 @@ NUM_BLOCKS_TARGET = 1024  # decode blocks that fill an H200's 132 SMs several ti
 MIN_KEYS_PER_SPLIT = 128
 MAX_SPLITS = 32
 LOG2E = 1.4426950408889634  # the kernels' softmax is base 2: scores are scaled by scale * log2(e)
-
-
-def kernel_names(file: str, ctype: str) -> list[str]:
-    """Every kernel instance of cuda/attention*.cu that CudaOps compiles for `ctype`."""
-    if file == "attention.cu":
-        return ([f"decode_attention_kernel<{ctype}, {d}, {g}, {DECODE_UNROLL}>"
-                 for d in HEAD_DIMS for g in DECODE_GROUPS]
-                + [f"decode_reduce_kernel<{ctype}, {d}>" for d in HEAD_DIMS])
-    if file == "attention_prefill.cu":
-        return [f"prefill_attention_kernel<{ctype}, {d}>" for d in HEAD_DIMS]
-    raise KeyError(file)
 
 
 @dataclass

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.ops import AttentionMetadata
+from engine.executor.ops import AttentionMetadata
 
 
 @dataclass

@@ -16,8 +16,8 @@ from __future__ import annotations
 import cupy
 import numpy as np
 
-from engine.ops import AttentionMetadata
-from engine.ops.cuda_attention import DeviceAttentionMetadata, decode_plan
+from engine.executor.ops import AttentionMetadata
+from engine.executor.ops.cuda_attention import DeviceAttentionMetadata, decode_plan
 
 
 def padded_sizes(max_num_seqs: int) -> list[int]:

@@ -1,4 +1,4 @@
-"""Reference sampler: the exact semantics of SamplingTensors (engine/ops/__init__.py) in numpy.
+"""Reference sampler: the exact semantics of SamplingTensors (ops/__init__.py) in numpy.
 
 The cuda sampling kernel computes the same function; its tests compare against `sample` here.
 """
@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.ops import SamplerOutput, SamplingTensors
+from engine.executor.ops import SamplerOutput, SamplingTensors
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 

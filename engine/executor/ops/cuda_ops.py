@@ -10,11 +10,15 @@ from __future__ import annotations
 import cupy
 import numpy as np
 
-from engine.ops import AttentionMetadata, SamplerOutput, SamplingTensors
-from engine.ops.cuda_attention import DeviceAttentionMetadata, paged_attention, prepare_metadata
-from engine.ops.cuda_blas import Gemm
-from engine.ops.cuda_kernels import CTYPES, HEAD_DIMS, kernel
-from engine.ops.cuda_sampling import sample_on_device
+from engine.executor.ops import AttentionMetadata, SamplerOutput, SamplingTensors
+from engine.executor.ops.cuda_attention import (
+    DeviceAttentionMetadata,
+    paged_attention,
+    prepare_metadata,
+)
+from engine.executor.ops.cuda_blas import Gemm
+from engine.executor.ops.cuda_kernels import CTYPES, HEAD_DIMS, kernel, kernel_names
+from engine.executor.ops.cuda_sampling import sample_on_device
 
 DTYPES = {"float16": np.float16, "bfloat16": np.uint16}
 _NULL = np.uint64(0)
@@ -269,6 +273,4 @@ class CudaOps:
 
 
 def _first_name(file: str, ctype: str) -> str:
-    from engine.ops.cuda_kernels import _names
-
-    return _names(file, ctype)[0]
+    return kernel_names(file, ctype)[0]

@@ -20,7 +20,7 @@ from array import array
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from engine.sequence import Sequence
+from engine.core.sequence import Sequence
 
 
 def hash_block(parent: int, token_ids: list[int]) -> int:

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from engine.sampling_params import SamplingParams
-from engine.sequence import Sequence
+from engine.core.sampling_params import SamplingParams
+from engine.core.sequence import Sequence
 
 
 @dataclass(eq=False, slots=True)

@@ -1,6 +1,6 @@
 """The model runner: one scheduled batch in, one sampled token per sampling sequence out.
 
-It flattens the batch into the arrays the model reads (engine/ops/__init__.py, AttentionMetadata),
+It flattens the batch into the arrays the model reads (ops/__init__.py, AttentionMetadata),
 uploads them in one transfer, runs one forward pass, and samples once. Sequence i of the batch
 computes seq.token_ids[c : c + n] with c = seq.num_computed_tokens (before the step) and
 n = batch.num_new_tokens[i]; it samples iff c + n == len(seq), i.e. its prompt (or recompute) is
@@ -15,13 +15,13 @@ import time
 
 import numpy as np
 
-from engine.config import EngineConfig, ModelConfig
-from engine.ops import AttentionMetadata, SamplerOutput, SamplingTensors
-from engine.step_inputs import HostBlockTables, StepInputs, build_step_inputs
+from engine.executor.ops import AttentionMetadata, SamplerOutput, SamplingTensors
+from engine.executor.step_inputs import HostBlockTables, StepInputs, build_step_inputs
+from engine.model.config import EngineConfig, ModelConfig
 
 logger = logging.getLogger(__name__)
 
-# Decode steps replay captured CUDA graphs (engine/cuda_graph.py) unless enforce_eager is set or
+# Decode steps replay captured CUDA graphs (cuda_graph.py) unless enforce_eager is set or
 # PAGEDSERVE_DECODE_GRAPHS=0 (a switch for debugging the kernels eagerly).
 DECODE_GRAPHS = os.environ.get("PAGEDSERVE_DECODE_GRAPHS", "1") != "0"
 
@@ -99,7 +99,7 @@ class ModelRunner:
 
     def capture_decode_graphs(self) -> None:
         """Capture the decode forward for every padded batch size up to max_num_seqs."""
-        from engine.cuda_graph import DecodeGraphs
+        from engine.executor.cuda_graph import DecodeGraphs
 
         t = time.perf_counter()
         graphs = DecodeGraphs(self.model, self.kv_cache, self.config.max_num_seqs,
@@ -142,7 +142,7 @@ class ModelRunner:
                       context_lens=view["context_lens"],
                       block_tables=view["block_tables"].reshape(host.block_tables.shape))
         if self.ops.name == "cuda":
-            from engine.ops.cuda_attention import DeviceAttentionMetadata
+            from engine.executor.ops.cuda_attention import DeviceAttentionMetadata
 
             meta = DeviceAttentionMetadata(**arrays, max_query_len=host.max_query_len,
                                            max_context_len=host.max_context_len, host=host)

@@ -1,8 +1,8 @@
 """Model and engine configuration (floor 1: stdlib only).
 
 `ModelConfig` is the one description of a transformer that the loader, the model and the
-benchmarks share. It comes from an HF `config.json`, from GGUF metadata (engine/gguf_loader.py),
-or from a shipped preset (engine/presets/*.json) for dummy weights.
+benchmarks share. It comes from an HF `config.json`, from GGUF metadata (gguf_loader.py),
+or from a shipped preset (engine/model/presets/*.json) for dummy weights.
 """
 
 from __future__ import annotations

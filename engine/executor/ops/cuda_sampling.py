@@ -5,8 +5,8 @@ from __future__ import annotations
 import cupy
 import numpy as np
 
-from engine.ops import SamplerOutput, SamplingTensors
-from engine.ops.cuda_kernels import kernel
+from engine.executor.ops import SamplerOutput, SamplingTensors
+from engine.executor.ops.cuda_kernels import kernel
 
 NUM_PARAMS = 10  # words per row, laid out as in cuda/sampling.cu
 

@@ -1,4 +1,4 @@
-"""The transformer, written once against the op interface (engine/ops/__init__.py).
+"""The transformer, written once against the op interface (engine/executor/ops/__init__.py).
 
 Llama, Mistral, Qwen2 and Qwen3 differ only in switches of ModelConfig: q/k/v bias (Qwen2),
 per-head q/k RMSNorm (Qwen3), llama3 RoPE scaling, tied embeddings. Weights arrive already fused
@@ -8,35 +8,12 @@ per-head q/k RMSNorm (Qwen3), llama3 RoPE scaling, tied embeddings. Weights arri
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 
-from engine.config import ModelConfig
-from engine.ops import AttentionMetadata
-
-# ----------------------------------------------------------------------------- weights
-
-
-@dataclass
-class LayerWeights:
-    input_norm: object  # (hidden,)
-    qkv: object  # (q_size + 2 * kv_size, hidden), rows: q heads, k heads, v heads
-    qkv_bias: object | None  # (q_size + 2 * kv_size,) Qwen2 only
-    q_norm: object | None  # (head_dim,) Qwen3 only
-    k_norm: object | None  # (head_dim,) Qwen3 only
-    o: object  # (hidden, q_size)
-    post_norm: object  # (hidden,)
-    gate_up: object  # (2 * intermediate, hidden), rows: gate, then up
-    down: object  # (hidden, intermediate)
-
-
-@dataclass
-class ModelWeights:
-    embed: object  # (vocab, hidden)
-    layers: list[LayerWeights]
-    norm: object  # (hidden,)
-    lm_head: object  # (vocab, hidden); the same array as embed when tied
+from engine.executor.ops import AttentionMetadata
+from engine.model.config import ModelConfig
+from engine.model.weights import ModelWeights
 
 
 def rope_cos_sin(config: ModelConfig, max_positions: int) -> np.ndarray:

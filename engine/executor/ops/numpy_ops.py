@@ -1,6 +1,6 @@
 """The numpy backend: the readable fp32 reference for every op.
 
-It reads and writes the same paged KV layout as the cuda backend (engine/ops/__init__.py), so the
+It reads and writes the same paged KV layout as the cuda backend (ops/__init__.py), so the
 tests hold each cuda kernel to the function of the same name here.
 """
 
@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.ops import AttentionMetadata, SamplerOutput, SamplingTensors
-from engine.ops.numpy_sampling import sample
+from engine.executor.ops import AttentionMetadata, SamplerOutput, SamplingTensors
+from engine.executor.ops.numpy_sampling import sample
 
 
 class NumpyOps:
