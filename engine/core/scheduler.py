@@ -22,9 +22,11 @@ from engine.core.sequence import Sequence, SequenceStatus
 @dataclass
 class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)  # running decodes first, then prefill chunks
-    # Tokens each sequence computes this step, from seq.num_computed_tokens on. A sequence samples
-    # a token iff num_computed_tokens + n == len(token_ids) (checked before finish_step).
+    # Tokens each sequence computes this step, from seq.num_computed_tokens on.
     num_new_tokens: list[int] = field(default_factory=list)
+    # Whether each sequence samples a token this step: its new tokens reach the end of its
+    # token_ids (decided here, once; the runner and the engine core read it).
+    is_sampling: list[bool] = field(default_factory=list)
     num_preempted: int = 0  # preemptions made while building this batch
 
     @property
@@ -35,9 +37,15 @@ class ScheduledBatch:
     def is_empty(self) -> bool:
         return not self.seqs
 
+    @property
+    def sampling_seqs(self) -> list[Sequence]:
+        """The sequences that sample, in batch order (the rows of the sampler's output)."""
+        return [s for s, sampling in zip(self.seqs, self.is_sampling, strict=True) if sampling]
+
     def add(self, seq: Sequence, n: int) -> None:
         self.seqs.append(seq)
         self.num_new_tokens.append(n)
+        self.is_sampling.append(seq.num_computed_tokens + n == len(seq.token_ids))
 
 
 class Scheduler:
@@ -116,7 +124,8 @@ class Scheduler:
         # Decodes, oldest first: a victim is always newer than the sequence being served, so it
         # is never one already in this batch.
         bs, running = bm.block_size, SequenceStatus.RUNNING
-        seqs, num_new = batch.seqs, batch.num_new_tokens  # appended to directly: the hot loop
+        # Appended to directly: the hot loop. A decode always samples.
+        seqs, num_new, sampling = batch.seqs, batch.num_new_tokens, batch.is_sampling
         max_num_seqs = self.max_num_seqs
         for seq in list(self.running):
             c = seq.num_computed_tokens
@@ -127,6 +136,7 @@ class Scheduler:
             if c < len(seq.block_table) * bs:  # its new token's slot is in a block it holds
                 seqs.append(seq)
                 num_new.append(1)
+                sampling.append(True)
                 budget -= 1
                 continue
             while not bm.can_append(seq, 1):
@@ -189,10 +199,7 @@ class Scheduler:
     def finish_step(self, batch: ScheduledBatch) -> None:
         """Record that the model computed the batch (before the engine appends sampled tokens)."""
         bm, bs = self.block_manager, self.block_manager.block_size
-        running = SequenceStatus.RUNNING
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
-            if seq.status is not running:  # aborted while the step ran
-                continue
             c = seq.num_computed_tokens
             seq.num_computed_tokens = c + n
             if c % bs + n >= bs:  # a block filled up: key it for the prefix cache

@@ -3,8 +3,9 @@
 It flattens the batch into the arrays the model reads (ops/__init__.py, AttentionMetadata),
 uploads them in one transfer, runs one forward pass, and samples once. Sequence i of the batch
 computes seq.token_ids[c : c + n] with c = seq.num_computed_tokens (before the step) and
-n = batch.num_new_tokens[i]; it samples iff c + n == len(seq), i.e. its prompt (or recompute) is
-done. The runner never changes a sequence: the engine does that after the step.
+n = batch.num_new_tokens[i]; it samples iff batch.is_sampling[i] (the scheduler decides: its
+prompt, or recompute, is done). The runner never changes a sequence: the engine core does that
+after the step.
 """
 
 from __future__ import annotations
@@ -29,12 +30,6 @@ DECODE_GRAPHS = os.environ.get("PAGEDSERVE_DECODE_GRAPHS", "1") != "0"
 NUMPY_KV_CACHE_BYTES = 1 << 30
 # ... and aims at this many full-length sequences (fewer when max_num_seqs is smaller).
 NUMPY_KV_FULL_SEQS = 8
-
-
-def sampling_seqs(batch) -> list:
-    """The batch's sequences that sample this step, in batch order."""
-    return [seq for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
-            if seq.num_computed_tokens + n == len(seq)]
 
 
 def num_kv_blocks(model_config: ModelConfig, engine_config: EngineConfig, ops,
@@ -124,10 +119,7 @@ class ModelRunner:
         if not len(inputs.logits_indices):
             return None
         # The forward is queued on the GPU: the sampling settings are built while it runs.
-        seqs = batch.seqs
-        if not inputs.samples.all():
-            seqs = [seqs[i] for i in np.flatnonzero(inputs.samples)]
-        return self.ops.sample(logits, self.prepare_sampling(seqs))
+        return self.ops.sample(logits, self.prepare_sampling(batch.sampling_seqs))
 
     def prepare_inputs(self, batch) -> StepInputs:
         """Host int32 arrays: input_ids, positions, logits_indices, and the attention metadata."""

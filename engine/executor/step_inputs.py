@@ -1,7 +1,7 @@
 """A scheduled batch flattened into the int32 arrays the model reads, with numpy, not per token.
 
 Sequence i of the batch computes seq.token_ids[c : c + n] with c = seq.num_computed_tokens (before
-the step) and n = batch.num_new_tokens[i]; it samples iff c + n == len(seq). Python touches each
+the step) and n = batch.num_new_tokens[i]; it samples iff batch.is_sampling[i]. Python touches each
 sequence a few times (its counters, its new tokens); positions, slots and logits rows are array
 arithmetic. Block tables are the one per-step input that is big (B x blocks per sequence), so they
 are kept as rows of a persistent array and only the blocks a sequence gained are copied.
@@ -105,7 +105,6 @@ def build_step_inputs(batch, block_size: int, tables: HostBlockTables) -> StepIn
     seqs, num_new = batch.seqs, batch.num_new_tokens
     num_seqs = len(seqs)
     computed = np.fromiter((s.num_computed_tokens for s in seqs), np.int32, num_seqs)  # (B,)
-    lengths = np.fromiter((len(s.token_ids) for s in seqs), np.int32, num_seqs)  # (B,)
     new = np.asarray(num_new, np.int32)  # (B,)
     context_lens = computed + new  # (B,)
     query_start_loc = np.zeros(num_seqs + 1, np.int32)  # (B+1,)
@@ -127,7 +126,7 @@ def build_step_inputs(batch, block_size: int, tables: HostBlockTables) -> StepIn
     block_tables = tables.gather(seqs, width)  # (B, width)
     slot_mapping = (block_tables[token_seq, positions // block_size] * block_size
                     + positions % block_size).astype(np.int32, copy=False)  # (T,)
-    samples = context_lens == lengths  # (B,)
+    samples = np.array(batch.is_sampling, bool)  # (B,)
     meta = AttentionMetadata(
         slot_mapping=slot_mapping,
         query_start_loc=query_start_loc,
