@@ -11,6 +11,7 @@ If the core dies, every request in flight gets an EngineFault naming the cause, 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -141,6 +142,8 @@ class AsyncEngine:
     async def shutdown(self):
         if self._task is not None:
             self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task  # off the output socket before the client closes it
         if self.client is not None:
             await asyncio.to_thread(self.client.shutdown)
 

@@ -203,3 +203,11 @@ def test_bench_latency_end_to_end(tiny_model, capsys):
     # Floor = every weight read once per token at 4.27 TB/s.
     assert result["tpot_floor_s"] > 0
     assert "TPOT" in capsys.readouterr().out
+
+
+def test_bench_wire_round_trips_a_step_message(capsys):
+    from tools import bench_wire
+
+    bench_wire.main(["--num-seqs", "4", "--repeat", "2", "--logprobs"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["msgspec", "pickle5"]
