@@ -1,6 +1,8 @@
 """`pagedserve serve` from the outside: an API process and its engine-core process, and what
 happens when either one is killed."""
 
+import concurrent.futures
+import gc
 import json
 import os
 import signal
@@ -15,15 +17,21 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 
+from conftest import _smollm2_tokenizer  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def tiny_model_folder(path: Path) -> Path:
-    """An HF folder holding only a config: `--load-format dummy` draws the weights."""
+def tiny_model_folder(path: Path, with_tokenizer: bool) -> Path:
+    """An HF folder holding a config (`--load-format dummy` draws the weights) and, if asked, the
+    SmolLM2 tokenizer."""
     path.mkdir()
     config = {"architectures": ["LlamaForCausalLM"], "vocab_size": 512, "hidden_size": 64,
               "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
               "num_key_value_heads": 2, "max_position_embeddings": 2048, "eos_token_id": 2}
+    if with_tokenizer:
+        config["vocab_size"] = 49152
+        _smollm2_tokenizer().tokenizer.save(str(path / "tokenizer.json"))
     (path / "config.json").write_text(json.dumps(config))
     return path
 
@@ -59,8 +67,8 @@ def _is_running(pid: int) -> bool:
 
 
 class Served:
-    def __init__(self, tmp_path: Path):
-        model = tiny_model_folder(tmp_path / "tiny")
+    def __init__(self, tmp_path: Path, with_tokenizer: bool = False):
+        model = tiny_model_folder(tmp_path / "tiny", with_tokenizer)
         self.url = f"http://127.0.0.1:{_free_port()}"
         self.log = open(tmp_path / "server.log", "w+")  # noqa: SIM115
         self.proc = subprocess.Popen(
@@ -129,3 +137,36 @@ def test_killing_the_api_process_leaves_no_core_behind(served):
     while any(_is_running(p) for p in children):
         assert time.monotonic() < deadline, f"left behind: {children}"
         time.sleep(0.05)
+
+
+def test_health_answers_while_a_4mb_prompt_is_tokenized(tmp_path):
+    """Tokenizing runs in a thread: the API process's event loop keeps answering meanwhile."""
+    served = Served(tmp_path, with_tokenizer=True)
+    # 4 MB (10**6 tokens), inside the server's default body limit of 4 MiB.
+    text = ("The quick brown fox jumps over the lazy dog 12345. " * 80000)[:4_000_000]
+    body = json.dumps({"model": str(tmp_path / "tiny"), "prompt": text}).encode()
+    # This process's own pauses (building the body, a full garbage collection) must not count.
+    gc.collect()
+    gc.freeze()
+    try:
+        with concurrent.futures.ThreadPoolExecutor() as pool, httpx.Client() as http:
+            http.get(served.url + "/health")  # connected before the clock starts
+            big = pool.submit(httpx.post, served.url + "/v1/completions", content=body,
+                              timeout=120, headers={"content-type": "application/json"})
+            latencies = []
+            while not big.done():
+                start = time.perf_counter()
+                assert http.get(served.url + "/health").status_code == 200
+                latencies.append(time.perf_counter() - start)
+                time.sleep(0.01)
+            r = big.result()
+    finally:
+        gc.unfreeze()
+        served.close()
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+    assert "maximum context length" in r.text
+    assert len(latencies) > 20, "the tokenization was too quick to measure anything"
+    # Every answer within 50 ms; one may be late by a hiccup of the OS scheduler on a loaded
+    # box, never by the tokenization (that held the loop for seconds before it went to a thread).
+    worst, second = sorted(latencies)[-1], sorted(latencies)[-2]
+    assert second < 0.05 and worst < 0.25, f"/health took {worst * 1000:.0f} ms"
