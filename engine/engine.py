@@ -1,8 +1,14 @@
 """LLMEngine: requests in, RequestOutputs out, one model step at a time.
 
     step():  batch = scheduler.schedule()      which sequences, how many new tokens each
-             sampled = runner.run(batch)        one forward, one sample
+             handle = runner.launch(batch)      one forward, one sample, queued on the device
+             sampled = <previous handle>.result()   overlapped: the step launched last time
              return self._postprocess(...)      append, detokenize, check stop, free blocks
+
+With async_scheduling (the default on cuda) one step stays in flight: step() launches step N+1
+before it reads step N's tokens, so the host's scheduling and postprocessing overlap the device's
+forward. A sequence that finished at N was scheduled into N+1 all the same; its token from N+1 is
+dropped. Without it, step() reads the tokens of the step it just launched.
 
 Single-threaded by design: the server queues add_request/abort and calls them from the engine's
 own thread, so nothing here takes a lock.
@@ -56,6 +62,13 @@ class _Request:
     states: list[SeqState]
     metrics: RequestMetrics
     finished: bool = field(default=False)
+
+
+@dataclass(slots=True)
+class _Launched:
+    batch: object  # ScheduledBatch
+    sampling: list[Sequence]  # the sequences with a row in the step's sampled ids, in order
+    handle: object  # runner.StepHandle
 
 
 def auto_dtype(device: str, checkpoint: str) -> str:
@@ -122,6 +135,9 @@ class LLMEngine:
         self.runner = ModelRunner(mc, engine_config, self.ops, self.model, self.kv_cache,
                                   eos_token_ids=eos, max_model_len=self.max_model_len)
 
+        self.async_scheduling = (device == "cuda" if engine_config.async_scheduling is None
+                                 else engine_config.async_scheduling)
+        self._in_flight: _Launched | None = None  # the launched step whose tokens are unread
         self._rng = np.random.default_rng(engine_config.seed)
         self._requests: dict[str, _Request] = {}
         self._seq_states: dict[int, tuple[_Request, SeqState]] = {}  # seq_id -> its request
@@ -221,23 +237,36 @@ class LLMEngine:
         changed = {id(r): r for r in self._aborted}
         self._aborted = []
         batch = self.scheduler.schedule()
+        launched = None
         if batch.seqs:
-            sampling = self._start_step(batch)  # before finish_step moves num_computed_tokens
-            sampled = self.runner.run(batch)
-            self.scheduler.finish_step(batch)
-            if sampling:
-                self._postprocess(sampling, sampled, changed)
+            # _start_step before advance() moves num_computed_tokens.
+            launched = _Launched(batch, self._start_step(batch), self.runner.launch(batch))
+            self.scheduler.advance(batch)
+        if self.async_scheduling:
+            done, self._in_flight = self._in_flight, launched
+        else:
+            done = launched
+        if done is not None and done.sampling:
+            self._postprocess(done.sampling, done.handle.result(), changed)
+        if launched is not None:
+            # Every token the launched batch computed is known now: the previous step's are in.
+            self.scheduler.commit(launched.batch)
+        if self._in_flight is not None and not self._requests:
+            # Nothing left to serve: read the last step (its tokens all belong to finished
+            # sequences) rather than leave it pending until the next request.
+            self._in_flight, last = None, self._in_flight
+            last.handle.result()
         make_output = self._make_output
         return [make_output(req) for req in changed.values()]
 
     def _start_step(self, batch) -> list[Sequence]:
         """Count the prompt tokens the batch computes; the sequences that sample, in batch order
-        (what runner.sampling_seqs returns, in the same pass over the batch)."""
+        (a decode's last token may still be pending: c == len(token_ids))."""
         sampling = []
         now = None
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             c = seq.num_computed_tokens
-            if c + n == len(seq.token_ids):
+            if c + n >= len(seq.token_ids):
                 sampling.append(seq)
             if c < seq.num_prompt_tokens:  # some prompt tokens: a prefill, or a 1-token tail
                 metrics = self._seq_states[seq.seq_id][0].metrics
@@ -248,13 +277,19 @@ class LLMEngine:
 
     def _postprocess(self, seqs: list[Sequence], sampled, changed: dict[int, _Request]) -> None:
         """Append each sampled token, check stops, free finished sequences; add every request
-        that got a token to `changed`."""
+        that got a token to `changed`. The token of a sequence that finished (or was aborted)
+        after the step was launched is dropped."""
         now = time.time()
         seq_states = self._seq_states
         eos, max_len = self.eos_token_ids, self.max_model_len
         tokens, logprobs = sampled.token_ids.tolist(), sampled.logprobs.tolist()
+        num_appended = 0
         for r, seq in enumerate(seqs):
-            req, state = seq_states[seq.seq_id]
+            entry = seq_states.get(seq.seq_id)
+            if entry is None:
+                continue
+            req, state = entry
+            num_appended += 1
             token, logprob = tokens[r], logprobs[r]
             seq.token_ids.append(token)
             seq.cumulative_logprob += logprob
@@ -278,7 +313,7 @@ class LLMEngine:
                 if all(s.seq.finish_reason is not None for s in req.states):
                     req.metrics.finished_time = now
                     self._requests.pop(req.request_id, None)
-        self._generation_tokens_total += len(seqs)
+        self._generation_tokens_total += num_appended
 
     def _make_output(self, req: _Request) -> RequestOutput:
         outputs = []

@@ -66,9 +66,9 @@ def test_ignore_eos(make_engine, run_engine):
 def test_penalties_reach_the_sampler(make_engine, run_engine, monkeypatch):
     e = make_engine()
     seen = []
-    real_sample = e.runner.ops.sample
-    monkeypatch.setattr(e.runner.ops, "sample", lambda logits, t: seen.append(t) or
-                        real_sample(logits, t))
+    real_sample = e.runner.ops.sample_start
+    monkeypatch.setattr(e.runner.ops, "sample_start", lambda logits, t, prev=None: seen.append(t)
+                        or real_sample(logits, t, prev))
     plain = tokens(e, run_engine, temperature=0, max_tokens=6)
     assert seen[-1].prompt_ids is None  # no penalty: no token lists are built
     for kw in ({"repetition_penalty": 2.0}, {"frequency_penalty": 2.0},
@@ -129,9 +129,9 @@ def test_stop_token_ids(make_engine, run_engine):
 def test_logprobs_are_the_log_softmax_of_the_logits(make_engine, run_engine, monkeypatch):
     e = make_engine()
     logits_seen = []
-    real_sample = e.runner.ops.sample
-    monkeypatch.setattr(e.runner.ops, "sample", lambda logits, t: logits_seen.append(
-        np.array(logits, np.float64)) or real_sample(logits, t))
+    real_sample = e.runner.ops.sample_start
+    monkeypatch.setattr(e.runner.ops, "sample_start", lambda logits, t, prev=None: logits_seen.append(
+        np.array(logits, np.float64)) or real_sample(logits, t, prev))
     params = SamplingParams(temperature=0.7, seed=2, max_tokens=5, ignore_eos=True, logprobs=3)
     [out] = generate(e, run_engine, params)
     assert len(out.logprobs) == 5

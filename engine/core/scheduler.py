@@ -8,6 +8,14 @@ never stalls the decodes. When the KV cache runs out of blocks, the newest runni
 preempted: its blocks are freed and it waits at the front of the queue to be recomputed as a
 prefill of its prompt plus the tokens it had generated (its full blocks usually survive in the
 prefix cache, so the recompute is mostly hits).
+
+Overlapped steps: the engine may schedule step N+1 before step N's sampled tokens reach the host.
+`advance(batch)` counts a launched batch's tokens as computed at once, so a sequence that sampled
+at step N has num_computed_tokens == len(token_ids): its token is *pending*. It decodes at N+1 like
+any other (its input is resolved on the device from N's sampled ids), its slot is at position
+len(token_ids), and its blocks grow for it. `commit(batch)` keys the blocks the batch filled, once
+every token in them is known; a block is never keyed over a pending token. A sequence whose pending
+token will end it for sure (max_tokens, max_model_len) is not scheduled again.
 """
 
 from __future__ import annotations
@@ -23,7 +31,8 @@ from engine.core.sequence import Sequence, SequenceStatus
 class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)  # running decodes first, then prefill chunks
     # Tokens each sequence computes this step, from seq.num_computed_tokens on. A sequence samples
-    # a token iff num_computed_tokens + n == len(token_ids) (checked before finish_step).
+    # a token iff num_computed_tokens + n >= len(token_ids) (checked before advance): its prompt is
+    # done, or it decodes (its last token known, or pending from the step before).
     num_new_tokens: list[int] = field(default_factory=list)
     num_preempted: int = 0  # preemptions made while building this batch
 
@@ -118,9 +127,13 @@ class Scheduler:
         bs, running = bm.block_size, SequenceStatus.RUNNING
         seqs, num_new = batch.seqs, batch.num_new_tokens  # appended to directly: the hot loop
         max_num_seqs = self.max_num_seqs
+        max_len = self.max_model_len
         for seq in list(self.running):
             c = seq.num_computed_tokens
-            if seq.status is not running or len(seq.token_ids) - c != 1:
+            num_tokens = len(seq.token_ids)
+            if seq.status is not running or num_tokens - c > 1:
+                continue
+            if c == num_tokens and _ends_with_pending(seq, max_len):
                 continue
             if budget == 0 or len(seqs) == max_num_seqs:
                 break
@@ -186,17 +199,28 @@ class Scheduler:
         self.running.remove(seq)
         self.waiting.appendleft(seq)
 
-    def finish_step(self, batch: ScheduledBatch) -> None:
-        """Record that the model computed the batch (before the engine appends sampled tokens)."""
+    def advance(self, batch: ScheduledBatch) -> None:
+        """Count the launched batch as computed (before its sampled tokens are known), so the
+        next schedule() sees where each sequence stands."""
+        running = SequenceStatus.RUNNING
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            if seq.status is running:  # an abort between schedule and launch freed it
+                seq.num_computed_tokens += n
+
+    def commit(self, batch: ScheduledBatch) -> None:
+        """Key for the prefix cache the blocks the advanced batch filled. Call it once every
+        token the batch computed is known: after the previous step's tokens are appended."""
         bm, bs = self.block_manager, self.block_manager.block_size
         running = SequenceStatus.RUNNING
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
-            if seq.status is not running:  # aborted while the step ran
-                continue
-            c = seq.num_computed_tokens
-            seq.num_computed_tokens = c + n
-            if c % bs + n >= bs:  # a block filled up: key it for the prefix cache
+            # A sequence finished (or was preempted) since the launch holds no blocks to key.
+            if seq.status is running and seq.num_computed_tokens % bs < n:  # a block filled
                 bm.mark_computed(seq)
+
+    def finish_step(self, batch: ScheduledBatch) -> None:
+        """advance + commit: the synchronous step, whose tokens are all known at launch."""
+        self.advance(batch)
+        self.commit(batch)
 
     # ---- endings -----------------------------------------------------------------------------
 
@@ -217,3 +241,13 @@ class Scheduler:
         for seq in seqs:
             self.finish_seq(seq, "abort")
         return seqs
+
+
+def _ends_with_pending(seq: Sequence, max_model_len: int) -> bool:
+    """True if the sequence's pending token ends it whatever its value (check_stop's length
+    rules), so computing past it would be wasted."""
+    max_tokens = seq.sampling_params.max_tokens
+    num_tokens = len(seq.token_ids) + 1
+    if max_tokens is not None and num_tokens - seq.num_prompt_tokens >= max_tokens:
+        return True
+    return num_tokens >= max_model_len

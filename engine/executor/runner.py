@@ -3,8 +3,16 @@
 It flattens the batch into the arrays the model reads (ops/__init__.py, AttentionMetadata),
 uploads them in one transfer, runs one forward pass, and samples once. Sequence i of the batch
 computes seq.token_ids[c : c + n] with c = seq.num_computed_tokens (before the step) and
-n = batch.num_new_tokens[i]; it samples iff c + n == len(seq), i.e. its prompt (or recompute) is
+n = batch.num_new_tokens[i]; it samples iff c + n >= len(seq), i.e. its prompt (or recompute) is
 done. The runner never changes a sequence: the engine does that after the step.
+
+    handle = runner.launch(batch)      # queued on the device; returns at once on cuda
+    ...                                # the host schedules and launches the next step meanwhile
+    sampled = handle.result()          # waits for this step's sampled ids (pinned copy + event)
+
+A sequence whose last token is pending (it sampled in the previous launch, whose result the host
+has not read: num_computed_tokens == len(token_ids)) decodes from a placeholder that the device
+resolves from the previous launch's sampled ids; its penalties' output ids likewise.
 """
 
 from __future__ import annotations
@@ -16,7 +24,12 @@ import time
 import numpy as np
 
 from engine.executor.ops import AttentionMetadata, SamplerOutput, SamplingTensors
-from engine.executor.step_inputs import HostBlockTables, StepInputs, build_step_inputs
+from engine.executor.step_inputs import (
+    HostBlockTables,
+    StepInputs,
+    build_step_inputs,
+    placeholder,
+)
 from engine.model.config import EngineConfig, ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -29,12 +42,6 @@ DECODE_GRAPHS = os.environ.get("PAGEDSERVE_DECODE_GRAPHS", "1") != "0"
 NUMPY_KV_CACHE_BYTES = 1 << 30
 # ... and aims at this many full-length sequences (fewer when max_num_seqs is smaller).
 NUMPY_KV_FULL_SEQS = 8
-
-
-def sampling_seqs(batch) -> list:
-    """The batch's sequences that sample this step, in batch order."""
-    return [seq for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
-            if seq.num_computed_tokens + n == len(seq)]
 
 
 def num_kv_blocks(model_config: ModelConfig, engine_config: EngineConfig, ops,
@@ -93,6 +100,12 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-max_len // self.block_size)
         # Twice the batch cap: a batch's sequences always find rows without evicting each other.
         self.host_tables = HostBlockTables(2 * engine_config.max_num_seqs, self.max_blocks_per_seq)
+        # The last launch's sampled ids on the device, and which sequence owns which row of them:
+        # what the next launch's placeholders read.
+        self._last_sampled = None
+        self._last_rows: dict[int, int] = {}
+        self.time_gpu = False  # record device time per step (benchmarks) in gpu_step_times
+        self.gpu_step_times: list[float] = []  # seconds, in launch order, once results are read
         self.graphs = None
         if ops.name == "cuda" and not engine_config.enforce_eager and DECODE_GRAPHS:
             self.capture_decode_graphs()
@@ -112,31 +125,47 @@ class ModelRunner:
     # ------------------------------------------------------------------ one step
 
     def run(self, batch) -> SamplerOutput | None:
-        """Forward the batch; sample one token per sampling sequence (None when none samples)."""
+        """launch + result: the synchronous step."""
+        return self.launch(batch).result()
+
+    def launch(self, batch) -> StepHandle:
+        """Queue the batch's forward and sampling on the device; read them with .result()."""
         if not batch.seqs:
-            return None
+            return StepHandle(None, self, None)
+        ops = self.ops
         inputs = self.prepare_inputs(batch)
+        # Device time runs from the first upload; host work before it is not the device's.
+        start = ops.record_event() if self.time_gpu else None
+        prev = self._last_sampled if inputs.num_placeholders else None
         graphs = self.graphs
         if graphs is not None and inputs.is_decode_only and graphs.can_run(len(batch.seqs)):
-            logits = graphs.run(inputs.input_ids, inputs.positions, inputs.meta)  # (B, vocab)
+            logits = graphs.run(inputs.input_ids, inputs.positions, inputs.meta,
+                                prev)  # (B, vocab)
         else:
-            logits = self._forward_eager(inputs)  # (R, vocab)
+            logits = self._forward_eager(inputs, prev)  # (R, vocab)
         if not len(inputs.logits_indices):
-            return None
+            self._last_sampled, self._last_rows = None, {}
+            return StepHandle(None, self, None if start is None else (start, ops.record_event()))
         # The forward is queued on the GPU: the sampling settings are built while it runs.
         seqs = batch.seqs
         if not inputs.samples.all():
             seqs = [seqs[i] for i in np.flatnonzero(inputs.samples)]
-        return self.ops.sample(logits, self.prepare_sampling(seqs))
+        pending = ops.sample_start(logits, self.prepare_sampling(seqs), prev)
+        timing = None if start is None else (start, ops.record_event())
+        self._last_sampled = pending.token_ids
+        self._last_rows = {seq.seq_id: r for r, seq in enumerate(seqs)}
+        return StepHandle(pending, self, timing)
 
     def prepare_inputs(self, batch) -> StepInputs:
         """Host int32 arrays: input_ids, positions, logits_indices, and the attention metadata."""
-        return build_step_inputs(batch, self.block_size, self.host_tables)
+        return build_step_inputs(batch, self.block_size, self.host_tables, self._last_rows)
 
-    def _forward_eager(self, inputs: StepInputs):
+    def _forward_eager(self, inputs: StepInputs, prev):
         flat, where = inputs.pack()
         dev = self.ops.from_host(flat)  # the step's one host -> device copy
         view = {name: dev[s] for name, s in where.items()}
+        if prev is not None:
+            self.ops.resolve_placeholders(view["input_ids"], prev)
         host = inputs.meta
         arrays = dict(slot_mapping=view["slot_mapping"], query_start_loc=view["query_start_loc"],
                       context_lens=view["context_lens"],
@@ -155,6 +184,8 @@ class ModelRunner:
     # ------------------------------------------------------------------ sampling settings
 
     def prepare_sampling(self, seqs: list) -> SamplingTensors:
+        """Settings of the rows that sample; a row whose last token is pending counts it (its
+        seed step, min_tokens) and has its placeholder among its penalties' output ids."""
         params = [s.sampling_params for s in seqs]
         num_rows = len(seqs)
         # One tuple of settings per row; in a batch they are nearly always all equal (one
@@ -176,8 +207,7 @@ class ModelRunner:
             top_p=columns[2].astype(np.float32),
             min_p=columns[3].astype(np.float32),
             seeds=seeds,
-            steps=np.fromiter((len(s.token_ids) - s.num_prompt_tokens for s in seqs), np.uint32,
-                              num_rows),
+            steps=np.fromiter((_num_outputs(s) for s in seqs), np.uint32, num_rows),
             presence_penalty=columns[4].astype(np.float32),
             frequency_penalty=columns[5].astype(np.float32),
             repetition_penalty=columns[6].astype(np.float32),
@@ -188,7 +218,7 @@ class ModelRunner:
             # Rows without penalties stay all -1: they cost nothing in the penalty pass.
             t.prompt_ids = _pad([s.prompt_token_ids if u else []
                                  for s, u in zip(seqs, uses_penalties.tolist(), strict=True)])
-            t.output_ids = _pad([s.output_token_ids if u else []
+            t.output_ids = _pad([self._output_ids(s) if u else []
                                  for s, u in zip(seqs, uses_penalties.tolist(), strict=True)])
         if columns[8].any() or columns[9].any():  # some row has min_tokens or a logit_bias
             biases = [self._row_bias(s) for s in seqs]
@@ -201,14 +231,45 @@ class ModelRunner:
                     t.bias_values[r, : len(bias)] = list(bias.values())
         return t
 
+    def _output_ids(self, seq) -> list[int]:
+        ids = seq.output_token_ids
+        if seq.num_computed_tokens == len(seq.token_ids):  # pending: still on the device
+            ids.append(placeholder(self._last_rows[seq.seq_id]))
+        return ids
+
     def _row_bias(self, seq) -> dict[int, float]:
         p = seq.sampling_params
         bias = dict(p.logit_bias)
-        if seq.num_output_tokens < p.min_tokens:
+        if _num_outputs(seq) < p.min_tokens:
             # min_tokens: no token that would end the sequence, whatever ignore_eos says.
             for token_id in (*self.eos_token_ids, *p.stop_token_ids):
                 bias[token_id] = -np.inf
         return bias
+
+
+class StepHandle:
+    """A launched step. result() waits for its sampled ids (None when no row sampled)."""
+
+    __slots__ = ("_pending", "_runner", "_timing")
+
+    def __init__(self, pending, runner: ModelRunner, timing):
+        self._pending, self._runner, self._timing = pending, runner, timing
+
+    def result(self) -> SamplerOutput | None:
+        out = None if self._pending is None else self._pending.wait()
+        if self._timing is not None:
+            ops = self._runner.ops
+            ops.wait_event(self._timing[1])
+            self._runner.gpu_step_times.append(ops.elapsed_s(*self._timing))
+            self._timing = None
+        self._pending = None
+        return out
+
+
+def _num_outputs(seq) -> int:
+    """Tokens the sequence has generated, its pending one included."""
+    pending = seq.num_computed_tokens == len(seq.token_ids)
+    return len(seq.token_ids) - seq.num_prompt_tokens + pending
 
 
 def _pad(rows: list[list[int]]) -> np.ndarray:

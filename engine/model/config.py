@@ -170,6 +170,9 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
+    # Schedule step N+1 while step N runs on the device (engine/engine.py). None: on for cuda,
+    # off for numpy (where the host is the device, so nothing overlaps).
+    async_scheduling: bool | None = None
     load_format: str = "auto"  # auto | dummy
     seed: int = 0
 
