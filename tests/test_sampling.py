@@ -130,8 +130,8 @@ def test_logprobs_are_the_log_softmax_of_the_logits(make_engine, run_engine, mon
     e = make_engine()
     logits_seen = []
     real_sample = e.runner.ops.sample_start
-    monkeypatch.setattr(e.runner.ops, "sample_start", lambda logits, t, prev=None: logits_seen.append(
-        np.array(logits, np.float64)) or real_sample(logits, t, prev))
+    monkeypatch.setattr(e.runner.ops, "sample_start", lambda logits, t, prev=None: (
+        logits_seen.append(np.array(logits, np.float64)) or real_sample(logits, t, prev)))
     params = SamplingParams(temperature=0.7, seed=2, max_tokens=5, ignore_eos=True, logprobs=3)
     [out] = generate(e, run_engine, params)
     assert len(out.logprobs) == 5
