@@ -72,6 +72,10 @@ def _engine_flags() -> argparse.ArgumentParser:
                    help="reuse the KV blocks of prompts that share a prefix (default: on)")
     g.add_argument("--enforce-eager", action="store_true",
                    help="never capture CUDA graphs; run every decode step eagerly")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="schedule and launch step N+1 while step N runs on the device; "
+                        "--no-async-scheduling keeps the synchronous loop (default: on for "
+                        "cuda, off for numpy)")
     g.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
                    help="auto = read the weights; dummy = random weights at the model's shapes "
                         "(benchmarks without a checkpoint; MODEL may then be a preset name)")
@@ -133,7 +137,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
-        load_format=args.load_format, seed=args.seed)
+        async_scheduling=args.async_scheduling, load_format=args.load_format, seed=args.seed)
     config.validate()
     return config
 
