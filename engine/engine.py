@@ -1,362 +1,122 @@
-"""LLMEngine: requests in, RequestOutputs out, one model step at a time.
+"""LLMEngine: requests in, RequestOutputs out, one model step at a time, all in this process.
 
-    step():  batch = scheduler.schedule()      which sequences, how many new tokens each
-             handle = runner.launch(batch)      one forward, one sample, queued on the device
-             sampled = <previous handle>.result()   overlapped: the step launched last time
-             return self._postprocess(...)      append, detokenize, check stop, free blocks
+    LLMEngine = tokenizer + OutputProcessor (text, stop strings)  +  EngineCore (token ids, model)
 
-With async_scheduling (the default on cuda) one step stays in flight: step() launches step N+1
-before it reads step N's tokens, so the host's scheduling and postprocessing overlap the device's
-forward. A sequence that finished at N was scheduled into N+1 all the same; its token from N+1 is
-dropped. Without it, step() reads the tokens of the step it just launched.
+    step():  outputs = core.step()                          schedule, forward, sample, stop ids
+             results, stopped = processor.process(outputs)   detokenize, stop strings
+             core.finish_sequences(stopped)                  free what a stop string ended
 
-Single-threaded by design: the server queues add_request/abort and calls them from the engine's
-own thread, so nothing here takes a lock.
+`pagedserve serve` splits the same two halves over two processes (server/async_engine.py,
+engine/core_client.py); LLM uses this class.
 """
 
 from __future__ import annotations
 
-import logging
 import time
-from dataclasses import dataclass, field
 
 import numpy as np
 
-from engine.core.block_manager import BlockManager
-from engine.core.outputs import CompletionOutput, ListPrefix, RequestMetrics, RequestOutput
+from engine.core.outputs import EngineCoreRequest, EngineStats, RequestOutput
 from engine.core.sampling_params import SamplingParams
-from engine.core.scheduler import Scheduler
-from engine.core.sequence import Sequence
-from engine.core.stopping import SeqState, check_stop, text_delta
-from engine.executor.ops import get_ops, resolve_device
-from engine.executor.runner import ModelRunner, num_kv_blocks
-from engine.executor.transformer import Transformer
+from engine.engine_core import EngineCore, auto_dtype
 from engine.model.config import EngineConfig
-from engine.model.loader import checkpoint_dtype, load_model
+from engine.output_processor import OutputProcessor
 
-logger = logging.getLogger(__name__)
-
-
-@dataclass
-class EngineStats:
-    num_running: int
-    num_waiting: int
-    kv_blocks_used: int
-    kv_blocks_total: int
-    prefix_cache_queries: int
-    prefix_cache_hits: int
-    num_preemptions: int
-    prompt_tokens_total: int  # prompt tokens run through the model (prefix-cache hits excluded)
-    generation_tokens_total: int
-    num_steps: int
-    num_chunked_prefill_steps: int
-    num_mixed_steps: int
-
-
-@dataclass(eq=False, slots=True)
-class _Request:
-    request_id: str
-    prompt: str | None
-    prompt_token_ids: list[int]
-    params: SamplingParams
-    states: list[SeqState]
-    metrics: RequestMetrics
-    finished: bool = field(default=False)
-
-
-@dataclass(slots=True)
-class _Launched:
-    batch: object  # ScheduledBatch
-    sampling: list[Sequence]  # the sequences with a row in the step's sampled ids, in order
-    handle: object  # runner.StepHandle
-
-
-def auto_dtype(device: str, checkpoint: str) -> str:
-    """dtype="auto": numpy computes in fp32; the GPU keeps fp16 checkpoints in fp16 and runs
-    bf16 and fp32 ones (and dequantized GGUF) in bf16, whose range fp32 weights fit."""
-    if device == "numpy":
-        return "float32"
-    return "float16" if checkpoint == "float16" else "bfloat16"
+__all__ = ["EngineStats", "LLMEngine", "auto_dtype"]
 
 
 class LLMEngine:
     def __init__(self, engine_config: EngineConfig, loaded_model=None):
         """`loaded_model` (anything with .config, .weights, .tokenizer) skips load_model; tests use
         it to run tiny random models."""
-        engine_config.validate()
+        self.core = core = EngineCore(engine_config, loaded_model)
         self.config = engine_config
-        device = resolve_device(engine_config.device)
-        logger.info("pagedserve device: %s", device)
-        dtype = engine_config.dtype
-        if dtype == "auto":
-            dtype = auto_dtype(device, loaded_model.config.dtype if loaded_model else
-                               checkpoint_dtype(engine_config.model))
-        if device == "cuda" and dtype == "float32":
-            raise ValueError("dtype 'float32' is the numpy backend's; the cuda backend computes in "
-                             "'float16' or 'bfloat16'")
-        self.ops = get_ops(device, dtype)
-        if loaded_model is None:
-            loaded_model = load_model(engine_config.model, self.ops,
-                                      load_format=engine_config.load_format,
-                                      seed=engine_config.seed)
-        self.model_config = mc = loaded_model.config
-        self.ops.check_model(mc)
-        self.tokenizer = loaded_model.tokenizer
-        self.max_model_len = engine_config.max_model_len or mc.max_position_embeddings
-        if self.max_model_len > mc.max_position_embeddings:
-            logger.warning("max_model_len %d exceeds the model's max_position_embeddings %d",
-                           self.max_model_len, mc.max_position_embeddings)
-        self.model = Transformer(mc, loaded_model.weights, self.ops, self.max_model_len)
+        self.tokenizer = core.tokenizer
+        self.model_config = core.model_config
+        self.max_model_len = core.max_model_len
+        self.num_kv_blocks = core.num_kv_blocks
+        self.processor = OutputProcessor(self.tokenizer)
+        self._aborted: list[RequestOutput] = []  # reported by the next step()
 
-        self.num_kv_blocks = num_blocks = num_kv_blocks(mc, engine_config, self.ops,
-                                                        self.max_model_len)
-        bs = engine_config.block_size
-        self.kv_cache = self.ops.alloc_kv_cache(mc.num_layers, num_blocks, mc.num_kv_heads, bs,
-                                                mc.head_dim)
-        logger.info("KV cache: %d blocks of %d tokens (%d tokens)", num_blocks, bs, num_blocks * bs)
-        if num_blocks * bs < self.max_model_len:
-            # A sequence longer than the whole pool could only preempt itself forever.
-            if engine_config.max_model_len is not None:
-                raise ValueError(
-                    f"max_model_len ({self.max_model_len}) is more than the KV cache holds "
-                    f"({num_blocks} blocks x {bs} = {num_blocks * bs} tokens); lower "
-                    "max_model_len or give more num_kv_blocks / gpu_memory_utilization")
-            logger.warning("max_model_len lowered from %d to %d, what the KV cache holds",
-                           self.max_model_len, num_blocks * bs)
-            self.max_model_len = num_blocks * bs
-        self.block_manager = BlockManager(num_blocks, bs, engine_config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, engine_config.max_num_seqs,
-                                   engine_config.max_num_batched_tokens, self.max_model_len)
-        eos = list(mc.eos_token_ids)
-        tok_eos = getattr(self.tokenizer, "eos_token_id", None)
-        if tok_eos is not None and tok_eos not in eos:
-            eos.append(tok_eos)
-        self.eos_token_ids = eos
-        self.runner = ModelRunner(mc, engine_config, self.ops, self.model, self.kv_cache,
-                                  eos_token_ids=eos, max_model_len=self.max_model_len)
+    # The core's parts, for tools and tests that look inside a step.
+    @property
+    def scheduler(self):
+        return self.core.scheduler
 
-        self.async_scheduling = (device == "cuda" if engine_config.async_scheduling is None
-                                 else engine_config.async_scheduling)
-        self._in_flight: _Launched | None = None  # the launched step whose tokens are unread
-        self._rng = np.random.default_rng(engine_config.seed)
-        self._requests: dict[str, _Request] = {}
-        self._seq_states: dict[int, tuple[_Request, SeqState]] = {}  # seq_id -> its request
-        self._aborted: list[_Request] = []  # reported as finished by the next step()
-        self._prompt_tokens_total = 0
-        self._generation_tokens_total = 0
+    @property
+    def block_manager(self):
+        return self.core.block_manager
+
+    @property
+    def runner(self):
+        return self.core.runner
+
+    @property
+    def ops(self):
+        return self.core.ops
+
+    @property
+    def async_scheduling(self) -> bool:
+        return self.core.async_scheduling
 
     # ------------------------------------------------------------------ requests
 
     def add_request(self, request_id: str, prompt, sampling_params: SamplingParams | None = None,
                     arrival_time: float | None = None) -> None:
         """Queue a request. `prompt`: text, or {"prompt_token_ids": [...]}."""
-        if request_id in self._requests:
+        if self.processor.has_request(request_id):
             raise ValueError(f"request_id {request_id!r} is already in use")
         params = sampling_params or SamplingParams()
         if not isinstance(params, SamplingParams):
             raise TypeError("sampling_params must be a SamplingParams, "
                             f"got {type(params).__name__}")
-        text, ids = self._encode(prompt)
-        self._check_params(params)
-        if len(ids) > self.max_model_len:
-            raise ValueError(f"prompt has {len(ids)} tokens, more than max_model_len "
-                             f"({self.max_model_len})")
-        req = _Request(request_id, text, ids, params, [],
-                       RequestMetrics(arrival_time if arrival_time is not None else time.time()))
-        for i in range(params.n):
-            if params.seed is not None:
-                seq_seed = np.random.SeedSequence([params.seed & (2**64 - 1), i])
-                seed = int(seq_seed.generate_state(1, np.uint64)[0])
-            else:
-                seed = int(self._rng.integers(0, 2**63))
-            seq = Sequence(request_id, list(ids), len(ids), params, index=i, seed=seed)
-            detok = None
-            if self.tokenizer is not None:
-                from engine.model.tokenizer import IncrementalDetokenizer
-
-                detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
-            req.states.append(SeqState(seq, detok, logprobs=[] if params.logprobs is not None
-                                        else None))
-        for state in req.states:
-            # The scheduler rejects a prompt that can never fit before anything is queued: all n
-            # sequences share the prompt, so the first one fails or none does.
-            self.scheduler.add(state.seq)
-            self._seq_states[state.seq.seq_id] = (req, state)
-        self._requests[request_id] = req
-
-    def _encode(self, prompt) -> tuple[str | None, list[int]]:
-        if isinstance(prompt, str):
-            if self.tokenizer is None:
-                raise ValueError("prompt is text but the model has no tokenizer; "
-                                 "pass {'prompt_token_ids': [...]}")
-            text, ids = prompt, list(self.tokenizer.encode(prompt))
-        elif isinstance(prompt, dict) and "prompt_token_ids" in prompt:
-            text, ids = prompt.get("prompt"), prompt["prompt_token_ids"]
-            vocab = self.model_config.vocab_size
-            for i, t in enumerate(ids):
-                is_int = isinstance(t, (int, np.integer)) and not isinstance(t, bool)
-                if not is_int or not 0 <= t < vocab:
-                    raise ValueError(f"prompt_token_ids[{i}] = {t!r} is not a token id "
-                                     f"(vocab_size {vocab})")
-            ids = [int(t) for t in ids]
-        else:
-            raise TypeError("prompt must be a str or a dict with 'prompt_token_ids', "
-                            f"got {type(prompt).__name__}")
-        if not ids:
-            raise ValueError("prompt is empty: it must have at least one token")
-        return text, ids
-
-    def _check_params(self, p: SamplingParams):
-        vocab = self.model_config.vocab_size
-        for name, ids in (("logit_bias", p.logit_bias), ("stop_token_ids", p.stop_token_ids)):
-            for t in ids:
-                if not 0 <= t < vocab:
-                    raise ValueError(f"{name} has token id {t}, outside the vocabulary "
-                                     f"(vocab_size {vocab})")
-        if p.stop_list and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer, and the model has none")
+        text, ids = encode_prompt(self.tokenizer, prompt)
+        arrival = arrival_time if arrival_time is not None else time.time()
+        self.processor.add_request(request_id, text, ids, params, arrival)
+        try:
+            self.core.add_request(EngineCoreRequest(request_id, ids, params, arrival))
+        except Exception:
+            self.processor.abort(request_id)
+            raise
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its blocks; a request that already finished is ignored."""
-        req = self._requests.pop(request_id, None)
-        if req is None:
-            return
-        self.scheduler.abort(request_id)
-        for state in req.states:
-            self._seq_states.pop(state.seq.seq_id, None)
-            if state.seq.finish_reason is None:
-                state.seq.finish_reason = "abort"
-        self._aborted.append(req)
+        self.core.abort_requests([request_id])
+        out = self.processor.abort(request_id)
+        if out is not None:
+            self._aborted.append(out)
 
     def has_unfinished_requests(self) -> bool:
-        return bool(self._requests) or bool(self._aborted)
+        return self.core.has_unfinished_requests() or bool(self._aborted)
 
     # ------------------------------------------------------------------ one step
 
     def step(self) -> list[RequestOutput]:
-        changed = {id(r): r for r in self._aborted}
-        self._aborted = []
-        batch = self.scheduler.schedule()
-        launched = None
-        if batch.seqs:
-            # _start_step before advance() moves num_computed_tokens.
-            launched = _Launched(batch, self._start_step(batch), self.runner.launch(batch))
-            self.scheduler.advance(batch)
-        if self.async_scheduling:
-            done, self._in_flight = self._in_flight, launched
-        else:
-            done = launched
-        if done is not None and done.sampling:
-            self._postprocess(done.sampling, done.handle.result(), changed)
-        if launched is not None:
-            # Every token the launched batch computed is known now: the previous step's are in.
-            self.scheduler.commit(launched.batch)
-        if self._in_flight is not None and not self._requests:
-            # Nothing left to serve: read the last step (its tokens all belong to finished
-            # sequences) rather than leave it pending until the next request.
-            self._in_flight, last = None, self._in_flight
-            last.handle.result()
-        make_output = self._make_output
-        return [make_output(req) for req in changed.values()]
-
-    def _start_step(self, batch) -> list[Sequence]:
-        """Count the prompt tokens the batch computes; the sequences that sample, in batch order
-        (a decode's last token may still be pending: c == len(token_ids))."""
-        sampling = []
-        now = None
-        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
-            c = seq.num_computed_tokens
-            if c + n >= len(seq.token_ids):
-                sampling.append(seq)
-            if c < seq.num_prompt_tokens:  # some prompt tokens: a prefill, or a 1-token tail
-                metrics = self._seq_states[seq.seq_id][0].metrics
-                if metrics.first_scheduled_time is None:
-                    metrics.first_scheduled_time = now = now or time.time()
-                self._prompt_tokens_total += min(c + n, seq.num_prompt_tokens) - c
-        return sampling
-
-    def _postprocess(self, seqs: list[Sequence], sampled, changed: dict[int, _Request]) -> None:
-        """Append each sampled token, check stops, free finished sequences; add every request
-        that got a token to `changed`. The token of a sequence that finished (or was aborted)
-        after the step was launched is dropped."""
-        now = time.time()
-        seq_states = self._seq_states
-        eos, max_len = self.eos_token_ids, self.max_model_len
-        tokens, logprobs = sampled.token_ids.tolist(), sampled.logprobs.tolist()
-        num_appended = 0
-        for r, seq in enumerate(seqs):
-            entry = seq_states.get(seq.seq_id)
-            if entry is None:
-                continue
-            req, state = entry
-            num_appended += 1
-            token, logprob = tokens[r], logprobs[r]
-            seq.token_ids.append(token)
-            seq.cumulative_logprob += logprob
-            if req.metrics.first_token_time is None:
-                req.metrics.first_token_time = now
-            if state.logprobs is not None:
-                k = req.params.logprobs
-                entry = {}
-                if k:
-                    top = zip(sampled.top_ids[r, :k].tolist(), sampled.top_logprobs[r, :k].tolist(),
-                              strict=True)
-                    entry = dict(top)
-                entry[token] = logprob
-                state.logprobs.append(entry)
-            changed[id(req)] = req
-            reason = check_stop(state, seq, token, eos, max_len)
-            if reason is not None:
-                self.scheduler.finish_seq(seq, reason)
-                seq.finish_reason = reason
-                del seq_states[seq.seq_id]
-                if all(s.seq.finish_reason is not None for s in req.states):
-                    req.metrics.finished_time = now
-                    self._requests.pop(req.request_id, None)
-        self._generation_tokens_total += num_appended
-
-    def _make_output(self, req: _Request) -> RequestOutput:
-        outputs = []
-        finished = True
-        for state in req.states:
-            seq = state.seq
-            token_ids, num_prompt = seq.token_ids, seq.num_prompt_tokens
-            num_tokens = len(token_ids)
-            num_sent = state.num_sent_tokens
-            state.num_sent_tokens = num_tokens - num_prompt
-            if state.detokenizer is None:  # no tokenizer: no text, and no stop strings
-                text = delta_text = ""
-            else:
-                text, delta_text = text_delta(state, req.params)
-            lps = state.logprobs
-            # The whole token_ids / logprobs are copied only if read (outputs.ListPrefix).
-            outputs.append(CompletionOutput(
-                seq.index, text, ListPrefix(token_ids, num_prompt, num_tokens),
-                seq.cumulative_logprob, None if lps is None else ListPrefix(lps, 0, len(lps)),
-                seq.finish_reason, state.stop_reason, delta_text,
-                token_ids[num_prompt + num_sent :], None if lps is None else lps[num_sent:]))
-            if seq.finish_reason is None:
-                finished = False
-        if finished and req.metrics.finished_time is None:
-            req.metrics.finished_time = time.time()
-        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outputs, finished,
-                             req.metrics)
-
-    # ------------------------------------------------------------------ stats
+        results, self._aborted = self._aborted, []
+        if self.core.has_unfinished_requests():
+            processed, stopped = self.processor.process(self.core.step())
+            if stopped:
+                self.core.finish_sequences(stopped)
+            results += processed
+        return results
 
     def get_stats(self) -> EngineStats:
-        s, bm = self.scheduler, self.block_manager
-        return EngineStats(
-            num_running=s.num_running,
-            num_waiting=s.num_waiting,
-            kv_blocks_used=bm.num_used_blocks,
-            kv_blocks_total=self.num_kv_blocks,
-            prefix_cache_queries=bm.prefix_cache_queries,
-            prefix_cache_hits=bm.prefix_cache_hits,
-            num_preemptions=s.num_preemptions,
-            prompt_tokens_total=self._prompt_tokens_total,
-            generation_tokens_total=self._generation_tokens_total,
-            num_steps=s.num_steps,
-            num_chunked_prefill_steps=s.num_chunked_prefill_steps,
-            num_mixed_steps=s.num_mixed_steps,
-        )
+        return self.core.get_stats()
+
+
+def encode_prompt(tokenizer, prompt) -> tuple[str | None, list[int]]:
+    """(text, token ids) of a prompt given as text or as {"prompt_token_ids": [...]}; the core
+    checks the ids against the vocabulary."""
+    if isinstance(prompt, str):
+        if tokenizer is None:
+            raise ValueError("prompt is text but the model has no tokenizer; "
+                             "pass {'prompt_token_ids': [...]}")
+        return prompt, [int(t) for t in tokenizer.encode(prompt)]
+    if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
+        ids = prompt["prompt_token_ids"]
+        for i, t in enumerate(ids):
+            if not isinstance(t, (int, np.integer)) or isinstance(t, bool):
+                raise ValueError(f"prompt_token_ids[{i}] = {t!r} is not a token id")
+        return prompt.get("prompt"), [int(t) for t in ids]
+    raise TypeError("prompt must be a str or a dict with 'prompt_token_ids', "
+                    f"got {type(prompt).__name__}")

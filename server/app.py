@@ -1,6 +1,7 @@
 """The Starlette app: engine lifecycle, auth, body limits, and the small endpoints.
 
-The generation endpoints live in server/openai_routes.py. The engine loads on its own thread at
+The generation endpoints live in server/openai_routes.py, what handlers share in
+server/handlers.py. The engine loads on its own thread at
 start-up, so /health answers 503 until it is ready instead of the port staying closed.
 """
 
@@ -9,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hmac
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -21,7 +21,9 @@ from starlette.routing import Route
 
 from engine.model.config import EngineConfig
 from server.async_engine import AsyncEngine
+from server.handlers import check_token_ids, read_json, ready_engine
 from server.metrics import ServerMetrics
+from server.openai_routes import chat_completions, completions
 from server.protocol import APIError, bad_request, get_field, parse_messages
 
 log = logging.getLogger("pagedserve.server")
@@ -42,8 +44,6 @@ def create_app(engine_config: EngineConfig | None = None, *, served_model_name: 
                api_key: str | None = None, max_waiting_requests: int | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, make_engine=None) -> Starlette:
     """An app that loads the engine in the background; `make_engine` replaces LLMEngine(config)."""
-    from server.openai_routes import chat_completions, completions
-
     config = engine_config or EngineConfig()
     if make_engine is None:
         def make_engine():
@@ -76,73 +76,6 @@ def create_app(engine_config: EngineConfig | None = None, *, served_model_name: 
     app.state.engine, app.state.metrics, app.state.settings = engine, metrics, settings
     app.add_middleware(_ApiKeyGuard, api_key=api_key)
     return app
-
-
-# ---------------------------------------------------------------- shared helpers
-
-
-def ready_engine(request: Request):
-    """The loaded engine, or a 503 while it loads (or a 500 if loading failed)."""
-    engine: AsyncEngine = request.app.state.engine
-    if engine.load_error is not None:
-        raise APIError(500, f"the model failed to load: {engine.load_error}", type="server_error")
-    if not engine.is_ready:
-        raise APIError(503, "the model is still loading; retry shortly", type="server_error",
-                       code="model_loading")
-    return engine.engine
-
-
-async def read_json(request: Request) -> dict:
-    """The body as a JSON object, at most max_body_bytes long, else 413 / 400."""
-    limit = request.app.state.settings.max_body_bytes
-    too_big = APIError(413, f"request body is larger than {limit} bytes", code="request_too_large")
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise too_big
-    chunks, size = [], 0
-    async for chunk in request.stream():  # the header may lie or be absent (chunked)
-        size += len(chunk)
-        if size > limit:
-            raise too_big
-        chunks.append(chunk)
-    try:
-        body = json.loads(b"".join(chunks))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise bad_request("body", f"malformed JSON body: {e}") from None
-    if not isinstance(body, dict):
-        raise bad_request("body", "the JSON body must be an object")
-    return body
-
-
-def check_model(request: Request, body: dict) -> str:
-    name = request.app.state.settings.served_model_name
-    model = get_field(body, "model", "str", name)
-    if model != name:
-        raise APIError(404, f"the model {model!r} does not exist; this server serves {name!r}",
-                       param="model", code="model_not_found")
-    return name
-
-
-async def until_disconnect(request: Request, work):
-    """Await `work`; if the client disconnects first, cancel it (its requests get aborted)."""
-    task = asyncio.ensure_future(work)
-    watcher = asyncio.ensure_future(_wait_disconnect(request))
-    try:
-        await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        watcher.cancel()
-        if not task.done():
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
-    if task.cancelled():
-        return Response(status_code=499)  # nobody is left to read it
-    return task.result()
-
-
-async def _wait_disconnect(request: Request):
-    while (await request.receive())["type"] != "http.disconnect":
-        pass
 
 
 # ---------------------------------------------------------------- small endpoints
@@ -197,13 +130,6 @@ async def detokenize(request: Request):
         raise bad_request("tokens", "'tokens' is required")
     check_token_ids(engine, tokens, "tokens")
     return JSONResponse({"prompt": engine.tokenizer.decode(tokens, skip_special_tokens=False)})
-
-
-def check_token_ids(engine, ids: list, param: str):
-    vocab = engine.model_config.vocab_size
-    for t in ids:
-        if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
-            raise bad_request(param, f"'{param}' holds {t!r}, not a token id in [0, {vocab})")
 
 
 # ---------------------------------------------------------------- errors and auth

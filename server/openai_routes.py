@@ -13,8 +13,14 @@ import time
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
-from server.app import check_model, check_token_ids, read_json, ready_engine, until_disconnect
 from server.async_engine import EngineFault
+from server.handlers import (
+    check_model,
+    check_token_ids,
+    read_json,
+    ready_engine,
+    until_disconnect,
+)
 from server.protocol import (
     APIError,
     bad_request,

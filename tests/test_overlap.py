@@ -179,7 +179,7 @@ def test_abort_while_a_step_is_in_flight(make_engine):
         temperature=0, ignore_eos=True, max_tokens=10), 30)
     engine, _, _ = compare(make_engine, requests, abort_after={"r1": 3, "r4": 1, "r6": 6},
                         max_num_seqs=8)
-    assert engine._in_flight is None
+    assert engine.core._in_flight is None
 
 
 def test_prefix_cache_never_keys_a_pending_token(make_engine):

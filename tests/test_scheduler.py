@@ -201,16 +201,6 @@ def test_abort_finishes_waiting_and_running_sequences_and_frees_their_blocks():
     assert eng.bm.num_free_blocks == eng.bm.num_blocks
 
 
-def test_abort_during_a_step_is_skipped_by_finish_step():
-    eng = FakeEngine()
-    seq = make_seq(PROMPTS[2], 4)
-    eng.sched.add(seq)
-    batch = eng.sched.schedule()
-    eng.sched.abort(seq.request_id)
-    eng.sched.finish_step(batch)
-    assert seq.num_computed_tokens == 0 and eng.bm.num_free_blocks == eng.bm.num_blocks
-
-
 def test_shared_prompts_hit_the_prefix_cache_across_requests():
     eng = FakeEngine(block_size=4)
     system = list(range(500, 516))  # 4 full blocks

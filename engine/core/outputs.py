@@ -1,13 +1,63 @@
-"""What the engine hands back after each step: one RequestOutput per request that changed.
+"""What crosses between the engine's halves, and what users get back.
 
-Each CompletionOutput carries both the whole output so far (`text`, `token_ids`, `logprobs`) and
-what this step added (`delta_*`), so a streaming server sends deltas and a batch caller reads the
-totals from the last output.
+The engine core (engine/engine_core.py) works on token ids: it takes EngineCoreRequests and hands
+back, per step, one SeqOutput per sequence that sampled. The output processor
+(engine/output_processor.py) turns those into RequestOutputs: one per request that changed, each
+CompletionOutput carrying both the whole output so far (`text`, `token_ids`, `logprobs`) and what
+this step added (`delta_*`), so a streaming server sends deltas and a batch caller reads the totals
+from the last output. The core messages are plain dataclasses, so msgspec encodes them as they are.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
+from engine.core.sampling_params import SamplingParams
+
+# ---------------------------------------------------------------- between front and core
+
+
+@dataclass
+class EngineCoreRequest:
+    request_id: str
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    arrival_time: float
+
+
+@dataclass
+class SeqOutput:
+    """One sequence's news from one step of the core."""
+
+    request_id: str
+    index: int  # which of the request's n sequences
+    new_token_ids: list[int]
+    new_logprobs: list[dict[int, float]] | None  # per new token {id: logprob}: sampled + top-k
+    cumulative_logprob: float
+    finish_reason: str | None  # None | "stop" | "length" | "abort" | "error"
+    stop_reason: int | str | None  # the stop token id that ended it (the front adds strings)
+    error: str | None = None  # why, when finish_reason == "error"
+    # Set on a sequence's first output: when its request was first scheduled.
+    first_scheduled_time: float | None = None
+
+
+@dataclass
+class EngineStats:
+    num_running: int
+    num_waiting: int
+    kv_blocks_used: int
+    kv_blocks_total: int
+    prefix_cache_queries: int
+    prefix_cache_hits: int
+    num_preemptions: int
+    prompt_tokens_total: int  # prompt tokens run through the model (prefix-cache hits excluded)
+    generation_tokens_total: int
+    num_steps: int
+    num_chunked_prefill_steps: int
+    num_mixed_steps: int
+
+
+# ---------------------------------------------------------------- to users
 
 
 class ListPrefix:

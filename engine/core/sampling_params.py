@@ -80,15 +80,3 @@ class SamplingParams:
         for token_id, value in self.logit_bias.items():
             if not -100 <= value <= 100:
                 raise ValueError(f"logit_bias[{token_id}] must be in [-100, 100], got {value}")
-
-    @property
-    def is_greedy(self) -> bool:
-        return self.temperature == 0
-
-    @property
-    def uses_penalties(self) -> bool:
-        return (
-            self.presence_penalty != 0
-            or self.frequency_penalty != 0
-            or self.repetition_penalty != 1
-        )

@@ -30,10 +30,12 @@ from engine.core.sequence import Sequence, SequenceStatus
 @dataclass
 class ScheduledBatch:
     seqs: list[Sequence] = field(default_factory=list)  # running decodes first, then prefill chunks
-    # Tokens each sequence computes this step, from seq.num_computed_tokens on. A sequence samples
-    # a token iff num_computed_tokens + n >= len(token_ids) (checked before advance): its prompt is
-    # done, or it decodes (its last token known, or pending from the step before).
+    # Tokens each sequence computes this step, from seq.num_computed_tokens on.
     num_new_tokens: list[int] = field(default_factory=list)
+    # Whether each sequence samples a token this step: its new tokens reach the end of its
+    # token_ids, or past it by its pending token (decided here, once; the runner and the engine
+    # core read it).
+    is_sampling: list[bool] = field(default_factory=list)
     num_preempted: int = 0  # preemptions made while building this batch
 
     @property
@@ -44,9 +46,15 @@ class ScheduledBatch:
     def is_empty(self) -> bool:
         return not self.seqs
 
+    @property
+    def sampling_seqs(self) -> list[Sequence]:
+        """The sequences that sample, in batch order (the rows of the sampler's output)."""
+        return [s for s, sampling in zip(self.seqs, self.is_sampling, strict=True) if sampling]
+
     def add(self, seq: Sequence, n: int) -> None:
         self.seqs.append(seq)
         self.num_new_tokens.append(n)
+        self.is_sampling.append(seq.num_computed_tokens + n >= len(seq.token_ids))
 
 
 class Scheduler:
@@ -125,7 +133,8 @@ class Scheduler:
         # Decodes, oldest first: a victim is always newer than the sequence being served, so it
         # is never one already in this batch.
         bs, running = bm.block_size, SequenceStatus.RUNNING
-        seqs, num_new = batch.seqs, batch.num_new_tokens  # appended to directly: the hot loop
+        # Appended to directly: the hot loop. A decode always samples.
+        seqs, num_new, sampling = batch.seqs, batch.num_new_tokens, batch.is_sampling
         max_num_seqs = self.max_num_seqs
         max_len = self.max_model_len
         for seq in list(self.running):
@@ -140,6 +149,7 @@ class Scheduler:
             if c < len(seq.block_table) * bs:  # its new token's slot is in a block it holds
                 seqs.append(seq)
                 num_new.append(1)
+                sampling.append(True)
                 budget -= 1
                 continue
             while not bm.can_append(seq, 1):
@@ -202,10 +212,8 @@ class Scheduler:
     def advance(self, batch: ScheduledBatch) -> None:
         """Count the launched batch as computed (before its sampled tokens are known), so the
         next schedule() sees where each sequence stands."""
-        running = SequenceStatus.RUNNING
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
-            if seq.status is running:  # an abort between schedule and launch freed it
-                seq.num_computed_tokens += n
+            seq.num_computed_tokens += n
 
     def commit(self, batch: ScheduledBatch) -> None:
         """Key for the prefix cache the blocks the advanced batch filled. Call it once every
@@ -213,7 +221,8 @@ class Scheduler:
         bm, bs = self.block_manager, self.block_manager.block_size
         running = SequenceStatus.RUNNING
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
-            # A sequence finished (or was preempted) since the launch holds no blocks to key.
+            # A sequence finished since the launch (a stop in the previous step's tokens, an
+            # abort) holds no blocks to key.
             if seq.status is running and seq.num_computed_tokens % bs < n:  # a block filled
                 bm.mark_computed(seq)
 

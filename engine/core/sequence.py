@@ -59,8 +59,3 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status == SequenceStatus.FINISHED
-
-    @property
-    def is_prefill(self) -> bool:
-        """More than one token to compute: a prompt, or a preempted sequence being recomputed."""
-        return self.num_uncomputed_tokens > 1

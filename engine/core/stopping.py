@@ -1,5 +1,10 @@
-"""Each sequence's output text and the rules that end it: eos and stop ids, stop strings found
-across token boundaries (never leaked into a delta), max_tokens and max_model_len."""
+"""The rules that end a sequence, split by what they need to see.
+
+- Token ids only (the engine core): eos and stop token ids (not before min_tokens), max_tokens,
+  max_model_len. `check_stop_ids`.
+- Text (the output processor, next to the detokenizer): stop strings found across token
+  boundaries and never leaked into a delta. `SeqState.append`, `text_delta`.
+"""
 
 from __future__ import annotations
 
@@ -9,68 +14,78 @@ from engine.core.sampling_params import SamplingParams
 from engine.core.sequence import Sequence
 
 
+def check_stop_ids(seq: Sequence, token: int, eos_token_ids: list[int],
+                   max_model_len: int) -> tuple[str | None, int | None]:
+    """(finish_reason, stop_reason) after `token` was appended to `seq`; (None, None) if it goes
+    on."""
+    p = seq.sampling_params
+    num_output_tokens = len(seq.token_ids) - seq.num_prompt_tokens
+    if num_output_tokens > p.min_tokens:
+        if p.stop_token_ids and token in p.stop_token_ids:
+            return "stop", token
+        if not p.ignore_eos and token in eos_token_ids:
+            return "stop", None
+    if p.max_tokens is not None and num_output_tokens >= p.max_tokens:
+        return "length", None
+    if len(seq.token_ids) >= max_model_len:
+        return "length", None
+    return None, None
+
+
 @dataclass(eq=False, slots=True)
 class SeqState:
-    """What the engine tracks per sequence beyond its tokens: text and what was already sent."""
+    """One sequence as the output processor sees it: its tokens, its text, what was sent."""
 
-    seq: Sequence
-    detokenizer: object | None
+    index: int
+    params: SamplingParams
+    token_ids: list[int]  # prompt, then generated tokens
+    num_prompt_tokens: int
+    detokenizer: object | None  # None without a tokenizer: no text, no stop strings
     text: str = ""  # decoded output, cut at a stop string once one is found
     num_sent_chars: int = 0  # text[:num_sent_chars] has gone out in deltas
     num_sent_tokens: int = 0
     logprobs: list[dict[int, float]] | None = None
+    cumulative_logprob: float = 0.0
+    finish_reason: str | None = None
     stop_reason: str | int | None = None
 
-
-def check_stop(state: SeqState, seq: Sequence, token: int, eos_token_ids: list[int],
-               max_model_len: int) -> str | None:
-    """Extend the sequence's text with `token`; the finish reason if it ends here."""
-    p = seq.sampling_params
-    num_output_tokens = len(seq.token_ids) - seq.num_prompt_tokens
-    past_min = num_output_tokens > p.min_tokens
-    if past_min:
-        if p.stop_token_ids and token in p.stop_token_ids:
-            state.stop_reason = token
-            if p.include_stop_str_in_output:
-                _extend_text(state, token)
-            return "stop"
-        if not p.ignore_eos and token in eos_token_ids:
-            return "stop"
-    # Without a tokenizer there is no text, so no stop strings either.
-    if state.detokenizer is not None and _stop_string(state, token, past_min):
-        return "stop"
-    if p.max_tokens is not None and num_output_tokens >= p.max_tokens:
-        return "length"
-    if len(seq.token_ids) >= max_model_len:
-        return "length"
-    return None
-
-def _stop_string(state: SeqState, token: int, past_min: bool) -> bool:
-    """Extend the text with `token`; True (text cut, stop_reason set) if a stop string ends
-    in it."""
-    p = state.seq.sampling_params
-    old_len = len(state.text)
-    _extend_text(state, token)
-    if past_min and p.stop_list:
-        longest = max(len(s) for s in p.stop_list)
-        start = max(0, old_len - longest + 1)
-        hits = [(i, s) for s in p.stop_list if (i := state.text.find(s, start)) >= 0]
-        if hits:
-            i, stop = min(hits)
-            state.text = state.text[: i + (len(stop) if p.include_stop_str_in_output else 0)]
-            state.stop_reason = stop
+    def append(self, token: int, finish_reason: str | None, stop_reason: int | None) -> bool:
+        """Take one token with the core's verdict on it; True if the sequence ends here (a stop
+        string overrides "length": it was found in the same token)."""
+        self.token_ids.append(token)
+        p = self.params
+        if finish_reason == "stop":  # a stop token id or eos: in the text only if asked for
+            if stop_reason is not None and p.include_stop_str_in_output:
+                self._extend_text(token)
+            self.finish_reason, self.stop_reason = finish_reason, stop_reason
             return True
-    return False
+        old_len = len(self.text)
+        self._extend_text(token)
+        num_output_tokens = len(self.token_ids) - self.num_prompt_tokens
+        if p.stop_list and num_output_tokens > p.min_tokens and self.detokenizer is not None:
+            longest = max(len(s) for s in p.stop_list)
+            start = max(0, old_len - longest + 1)
+            hits = [(i, s) for s in p.stop_list if (i := self.text.find(s, start)) >= 0]
+            if hits:
+                i, stop = min(hits)
+                self.text = self.text[: i + (len(stop) if p.include_stop_str_in_output else 0)]
+                self.finish_reason, self.stop_reason = "stop", stop
+                return True
+        if finish_reason is not None:
+            self.finish_reason = finish_reason
+            return True
+        return False
 
-def _extend_text(state: SeqState, token: int):
-    if state.detokenizer is not None:
-        state.text += state.detokenizer.step([token])
+    def _extend_text(self, token: int):
+        if self.detokenizer is not None:
+            self.text += self.detokenizer.step([token])
 
 
-def text_delta(state: SeqState, p: SamplingParams) -> tuple[str, str]:
+def text_delta(state: SeqState) -> tuple[str, str]:
     """(text that may go out so far, what of it is new); marks the new part sent."""
+    p = state.params
     sendable = len(state.text)
-    if state.seq.finish_reason is None and p.stop_list and not p.include_stop_str_in_output:
+    if state.finish_reason is None and p.stop_list and not p.include_stop_str_in_output:
         # Hold back a tail that a later token could complete into a stop string.
         sendable -= _stop_prefix_len(state.text, p.stop_list)
     sendable = max(sendable, state.num_sent_chars)

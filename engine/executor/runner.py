@@ -3,8 +3,9 @@
 It flattens the batch into the arrays the model reads (ops/__init__.py, AttentionMetadata),
 uploads them in one transfer, runs one forward pass, and samples once. Sequence i of the batch
 computes seq.token_ids[c : c + n] with c = seq.num_computed_tokens (before the step) and
-n = batch.num_new_tokens[i]; it samples iff c + n >= len(seq), i.e. its prompt (or recompute) is
-done. The runner never changes a sequence: the engine does that after the step.
+n = batch.num_new_tokens[i]; it samples iff batch.is_sampling[i] (the scheduler decides: its
+prompt, or recompute, is done). The runner never changes a sequence: the engine core does that
+after the step.
 
     handle = runner.launch(batch)      # queued on the device; returns at once on cuda
     ...                                # the host schedules and launches the next step meanwhile
@@ -147,9 +148,7 @@ class ModelRunner:
             self._last_sampled, self._last_rows = None, {}
             return StepHandle(None, self, None if start is None else (start, ops.record_event()))
         # The forward is queued on the GPU: the sampling settings are built while it runs.
-        seqs = batch.seqs
-        if not inputs.samples.all():
-            seqs = [seqs[i] for i in np.flatnonzero(inputs.samples)]
+        seqs = batch.sampling_seqs
         pending = ops.sample_start(logits, self.prepare_sampling(seqs), prev)
         timing = None if start is None else (start, ops.record_event())
         self._last_sampled = pending.token_ids

@@ -1,7 +1,7 @@
 """A scheduled batch flattened into the int32 arrays the model reads, with numpy, not per token.
 
 Sequence i of the batch computes seq.token_ids[c : c + n] with c = seq.num_computed_tokens (before
-the step) and n = batch.num_new_tokens[i]; it samples iff c + n == len(seq). Python touches each
+the step) and n = batch.num_new_tokens[i]; it samples iff batch.is_sampling[i]. Python touches each
 sequence a few times (its counters, its new tokens); positions, slots and logits rows are array
 arithmetic. Block tables are the one per-step input that is big (B x blocks per sequence), so they
 are kept as rows of a persistent array and only the blocks a sequence gained are copied.
@@ -122,8 +122,6 @@ def build_step_inputs(batch, block_size: int, tables: HostBlockTables,
     lengths = np.fromiter((len(s.token_ids) for s in seqs), np.int32, num_seqs)  # (B,)
     pending = computed == lengths  # (B,) the token to compute is still on the device
     num_placeholders = int(pending.sum())
-    if num_placeholders:
-        lengths = lengths + pending
     new = np.asarray(num_new, np.int32)  # (B,)
     context_lens = computed + new  # (B,)
     query_start_loc = np.zeros(num_seqs + 1, np.int32)  # (B+1,)
@@ -158,7 +156,7 @@ def build_step_inputs(batch, block_size: int, tables: HostBlockTables,
     block_tables = tables.gather(seqs, width)  # (B, width)
     slot_mapping = (block_tables[token_seq, positions // block_size] * block_size
                     + positions % block_size).astype(np.int32, copy=False)  # (T,)
-    samples = context_lens == lengths  # (B,)
+    samples = np.array(batch.is_sampling, bool)  # (B,)
     meta = AttentionMetadata(
         slot_mapping=slot_mapping,
         query_start_loc=query_start_loc,

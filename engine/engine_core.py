@@ -1,0 +1,300 @@
+"""EngineCore: token ids in, token ids out, one model step at a time.
+
+    step():  batch = scheduler.schedule()      which sequences, how many new tokens each
+             handle = runner.launch(batch)      one forward, one sample, queued on the device
+             sampled = previous.result()        the step launched one call earlier (overlap)
+             return self._postprocess(...)      append, check stop ids, free blocks
+
+Overlapped (async_scheduling, the default on cuda): one step stays in flight. step() launches
+step N+1 before it reads step N's tokens, so scheduling, input building and postprocessing on the
+host run while the device computes:
+
+    host:    | sched N+1 | launch N+1 | wait N | post N | sched N+2 | launch N+2 | wait N+1 | ...
+    device:  ...  step N  ][           step N+1            ][           step N+2 ...
+
+Step N+1's decodes read step N's sampled ids on the device (runner.py: placeholders). A sequence
+that finished at step N (eos, stop id, a stop string the front found, an abort) was scheduled into
+N+1 all the same: its token from N+1 is dropped, never emitted, and its blocks were freed when
+the finish was noticed. Without async_scheduling, step() reads the step it just launched.
+
+It owns the scheduler, the block manager and the runner (and with them the device), and knows no
+text: the output processor (engine/output_processor.py) detokenizes and finds stop strings, and
+tells the core through finish_sequences. In `pagedserve serve` it runs alone in the engine-core
+process (engine/core_process.py); LLMEngine and LLM run it in-process.
+
+Single-threaded by design: nothing here takes a lock.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.core.block_manager import BlockManager
+from engine.core.outputs import EngineCoreRequest, EngineStats, SeqOutput
+from engine.core.scheduler import Scheduler
+from engine.core.sequence import Sequence
+from engine.core.stopping import check_stop_ids
+from engine.executor.ops import get_ops, resolve_device
+from engine.executor.runner import ModelRunner, num_kv_blocks
+from engine.executor.transformer import Transformer
+from engine.model.config import EngineConfig
+from engine.model.loader import checkpoint_dtype, load_model
+
+logger = logging.getLogger(__name__)
+
+
+def auto_dtype(device: str, checkpoint: str) -> str:
+    """dtype="auto": numpy computes in fp32; the GPU keeps fp16 checkpoints in fp16 and runs
+    bf16 and fp32 ones (and dequantized GGUF) in bf16, whose range fp32 weights fit."""
+    if device == "numpy":
+        return "float32"
+    return "float16" if checkpoint == "float16" else "bfloat16"
+
+
+@dataclass(slots=True)
+class _Launched:
+    batch: object  # ScheduledBatch
+    handle: object  # runner.StepHandle; its sampled ids are the batch's sampling_seqs, in order
+
+
+@dataclass(eq=False, slots=True)
+class _CoreRequest:
+    request_id: str
+    seqs: list[Sequence]
+    first_scheduled_time: float | None = None
+    num_unfinished: int = 0
+
+
+class EngineCore:
+    def __init__(self, engine_config: EngineConfig, loaded_model=None):
+        """`loaded_model` (anything with .config, .weights, .tokenizer) skips load_model; tests use
+        it to run tiny random models."""
+        engine_config.validate()
+        self.config = engine_config
+        device = resolve_device(engine_config.device)
+        logger.info("pagedserve device: %s", device)
+        dtype = engine_config.dtype
+        if dtype == "auto":
+            dtype = auto_dtype(device, loaded_model.config.dtype if loaded_model else
+                               checkpoint_dtype(engine_config.model))
+        if device == "cuda" and dtype == "float32":
+            raise ValueError("dtype 'float32' is the numpy backend's; the cuda backend computes in "
+                             "'float16' or 'bfloat16'")
+        self.ops = get_ops(device, dtype)
+        if loaded_model is None:
+            loaded_model = load_model(engine_config.model, self.ops,
+                                      load_format=engine_config.load_format,
+                                      seed=engine_config.seed)
+        self.model_config = mc = loaded_model.config
+        self.ops.check_model(mc)
+        # Kept for the in-process front (LLMEngine); the core itself reads only its eos id.
+        self.tokenizer = loaded_model.tokenizer
+        self.max_model_len = engine_config.max_model_len or mc.max_position_embeddings
+        if self.max_model_len > mc.max_position_embeddings:
+            logger.warning("max_model_len %d exceeds the model's max_position_embeddings %d",
+                           self.max_model_len, mc.max_position_embeddings)
+        self.model = Transformer(mc, loaded_model.weights, self.ops, self.max_model_len)
+
+        self.num_kv_blocks = num_blocks = num_kv_blocks(mc, engine_config, self.ops,
+                                                        self.max_model_len)
+        bs = engine_config.block_size
+        self.kv_cache = self.ops.alloc_kv_cache(mc.num_layers, num_blocks, mc.num_kv_heads, bs,
+                                                mc.head_dim)
+        logger.info("KV cache: %d blocks of %d tokens (%d tokens)", num_blocks, bs, num_blocks * bs)
+        if num_blocks * bs < self.max_model_len:
+            # A sequence longer than the whole pool could only preempt itself forever.
+            if engine_config.max_model_len is not None:
+                raise ValueError(
+                    f"max_model_len ({self.max_model_len}) is more than the KV cache holds "
+                    f"({num_blocks} blocks x {bs} = {num_blocks * bs} tokens); lower "
+                    "max_model_len or give more num_kv_blocks / gpu_memory_utilization")
+            logger.warning("max_model_len lowered from %d to %d, what the KV cache holds",
+                           self.max_model_len, num_blocks * bs)
+            self.max_model_len = num_blocks * bs
+        self.block_manager = BlockManager(num_blocks, bs, engine_config.enable_prefix_caching)
+        self.scheduler = Scheduler(self.block_manager, engine_config.max_num_seqs,
+                                   engine_config.max_num_batched_tokens, self.max_model_len)
+        eos = list(mc.eos_token_ids)
+        tok_eos = getattr(self.tokenizer, "eos_token_id", None)
+        if tok_eos is not None and tok_eos not in eos:
+            eos.append(tok_eos)
+        self.eos_token_ids = eos
+        self.runner = ModelRunner(mc, engine_config, self.ops, self.model, self.kv_cache,
+                                  eos_token_ids=eos, max_model_len=self.max_model_len)
+
+        self.async_scheduling = (device == "cuda" if engine_config.async_scheduling is None
+                                 else engine_config.async_scheduling)
+        self._in_flight: _Launched | None = None  # the launched step whose tokens are unread
+        self._rng = np.random.default_rng(engine_config.seed)
+        self._requests: dict[str, _CoreRequest] = {}
+        self._prompt_tokens_total = 0
+        self._generation_tokens_total = 0
+
+    # ------------------------------------------------------------------ requests
+
+    def add_request(self, req: EngineCoreRequest) -> None:
+        """Queue a request; raise ValueError naming the field if it can never run."""
+        if req.request_id in self._requests:
+            raise ValueError(f"request_id {req.request_id!r} is already in use")
+        ids, params = req.prompt_token_ids, req.params
+        vocab = self.model_config.vocab_size
+        for i, t in enumerate(ids):
+            if not 0 <= t < vocab:
+                raise ValueError(f"prompt_token_ids[{i}] = {t!r} is not a token id "
+                                 f"(vocab_size {vocab})")
+        for name, bad in (("logit_bias", params.logit_bias), ("stop_token_ids",
+                                                               params.stop_token_ids)):
+            for t in bad:
+                if not 0 <= t < vocab:
+                    raise ValueError(f"{name} has token id {t}, outside the vocabulary "
+                                     f"(vocab_size {vocab})")
+        if not ids:
+            raise ValueError("prompt is empty: it must have at least one token")
+        if len(ids) > self.max_model_len:
+            raise ValueError(f"prompt has {len(ids)} tokens, more than max_model_len "
+                             f"({self.max_model_len})")
+        seqs = []
+        for i in range(params.n):
+            if params.seed is not None:
+                seq_seed = np.random.SeedSequence([params.seed & (2**64 - 1), i])
+                seed = int(seq_seed.generate_state(1, np.uint64)[0])
+            else:
+                seed = int(self._rng.integers(0, 2**63))
+            seqs.append(Sequence(req.request_id, list(ids), len(ids), params, index=i,
+                                 seed=seed))
+        for seq in seqs:
+            # The scheduler rejects a prompt that can never fit before anything is queued: all n
+            # sequences share the prompt, so the first one fails or none does.
+            self.scheduler.add(seq)
+        self._requests[req.request_id] = _CoreRequest(req.request_id, seqs,
+                                                      num_unfinished=len(seqs))
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        """Free the requests' blocks; ids that already finished (or never came) are ignored."""
+        for request_id in request_ids:
+            if self._requests.pop(request_id, None) is not None:
+                self.scheduler.abort(request_id)
+
+    def finish_sequences(self, items: list[tuple[str, int, str]]) -> None:
+        """(request_id, index, stop_string): the front found a stop string; free the sequence.
+        Its tokens of any step still under way are dropped by the front."""
+        for request_id, index, _stop in items:
+            req = self._requests.get(request_id)
+            if req is None or req.seqs[index].finish_reason is not None:
+                continue
+            self._finish(req, req.seqs[index], "stop")
+
+    def _finish(self, req: _CoreRequest, seq: Sequence, reason: str) -> None:
+        self.scheduler.finish_seq(seq, reason)
+        req.num_unfinished -= 1
+        if req.num_unfinished == 0:
+            del self._requests[req.request_id]
+
+    def has_unfinished_requests(self) -> bool:
+        return bool(self._requests)
+
+    # ------------------------------------------------------------------ one step
+
+    def step(self) -> list[SeqOutput]:
+        """Launch the next step; return the tokens of the step launched last (overlapped) or
+        of this one (synchronous)."""
+        batch = self.scheduler.schedule()
+        launched = None
+        if batch.seqs:
+            self._count_prompt_tokens(batch)  # before advance moves num_computed_tokens
+            launched = _Launched(batch, self.runner.launch(batch))
+            self.scheduler.advance(batch)
+        if self.async_scheduling:
+            done, self._in_flight = self._in_flight, launched
+        else:
+            done = launched
+        outputs = []
+        if done is not None:
+            sampled = done.handle.result()
+            if sampled is not None:
+                outputs = self._postprocess(done.batch.sampling_seqs, sampled)
+        if launched is not None:
+            # Every token the launched batch computed is known now: the previous step's are in.
+            self.scheduler.commit(launched.batch)
+        if self._in_flight is not None and not self._requests:
+            # Nothing left to serve: read the last step (its tokens all belong to finished
+            # sequences) rather than leave it pending until the next request.
+            self._in_flight, last = None, self._in_flight
+            last.handle.result()
+        return outputs
+
+    def _count_prompt_tokens(self, batch) -> None:
+        now = None
+        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            c = seq.num_computed_tokens
+            if c < seq.num_prompt_tokens:  # some prompt tokens: a prefill, or a 1-token tail
+                req = self._requests[seq.request_id]
+                if req.first_scheduled_time is None:
+                    req.first_scheduled_time = now = now or time.time()
+                self._prompt_tokens_total += min(c + n, seq.num_prompt_tokens) - c
+
+    def _postprocess(self, seqs: list[Sequence], sampled) -> list[SeqOutput]:
+        """Append each sampled token, check the id stop rules, free finished sequences. The token
+        of a sequence that finished after the step was launched is dropped."""
+        requests = self._requests
+        eos, max_len = self.eos_token_ids, self.max_model_len
+        tokens, logprobs = sampled.token_ids.tolist(), sampled.logprobs.tolist()
+        top_ids = top_logprobs = None
+        outputs = []
+        for r, seq in enumerate(seqs):
+            if seq.finish_reason is not None:
+                continue
+            req = requests[seq.request_id]
+            token, logprob = tokens[r], logprobs[r]
+            seq.token_ids.append(token)
+            seq.cumulative_logprob += logprob
+            p = seq.sampling_params
+            new_logprobs = None
+            if p.logprobs is not None:
+                entry = {}
+                if p.logprobs:
+                    if top_ids is None:
+                        top_ids, top_logprobs = sampled.top_ids.tolist(), \
+                            sampled.top_logprobs.tolist()
+                    k = p.logprobs
+                    entry = dict(zip(top_ids[r][:k], top_logprobs[r][:k], strict=True))
+                entry[token] = logprob
+                new_logprobs = [entry]
+            reason, stop = check_stop_ids(seq, token, eos, max_len)
+            out = SeqOutput(seq.request_id, seq.index, [token], new_logprobs,
+                            seq.cumulative_logprob, reason, stop)
+            if seq.num_output_tokens == 1:
+                out.first_scheduled_time = req.first_scheduled_time
+            outputs.append(out)
+            if reason is not None:
+                self._finish(req, seq, reason)
+        self._generation_tokens_total += len(outputs)
+        return outputs
+
+    # ------------------------------------------------------------------ stats
+
+    def get_stats(self) -> EngineStats:
+        s, bm = self.scheduler, self.block_manager
+        return EngineStats(
+            num_running=s.num_running,
+            num_waiting=s.num_waiting,
+            kv_blocks_used=bm.num_used_blocks,
+            kv_blocks_total=self.num_kv_blocks,
+            prefix_cache_queries=bm.prefix_cache_queries,
+            prefix_cache_hits=bm.prefix_cache_hits,
+            num_preemptions=s.num_preemptions,
+            prompt_tokens_total=self._prompt_tokens_total,
+            generation_tokens_total=self._generation_tokens_total,
+            num_steps=s.num_steps,
+            num_chunked_prefill_steps=s.num_chunked_prefill_steps,
+            num_mixed_steps=s.num_mixed_steps,
+        )
+
+    def shutdown(self) -> None:
+        """Drop the device arrays (weights, KV cache, graphs) so their memory can be freed."""
+        self.runner = self.model = self.kv_cache = None
+        self._requests.clear()

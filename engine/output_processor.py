@@ -1,0 +1,146 @@
+"""OutputProcessor: the engine core's token ids in, RequestOutputs (text, deltas, logprobs) out.
+
+It holds, per request, the state of its n sequences as the user sees them: tokens, incremental
+text, what was already sent. Stop strings are found here, next to the text, so one never reaches
+a delta; the sequences they end are returned to the caller, which tells the core to free them
+(EngineCore.finish_sequences). Tokens the core made for a sequence after that are dropped.
+
+It runs wherever the tokenizer runs: in LLMEngine's process, or in the API process when serving.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from engine.core.outputs import (
+    CompletionOutput,
+    ListPrefix,
+    RequestMetrics,
+    RequestOutput,
+    SeqOutput,
+)
+from engine.core.sampling_params import SamplingParams
+from engine.core.stopping import SeqState, text_delta
+
+
+@dataclass(eq=False, slots=True)
+class _Request:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    states: list[SeqState]
+    metrics: RequestMetrics
+    num_unfinished: int
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer):
+        self.tokenizer = tokenizer  # None: token ids only, no text and no stop strings
+        self._requests: dict[str, _Request] = {}
+
+    def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
+                    params: SamplingParams, arrival_time: float) -> None:
+        if params.stop_list and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer, and the model has none")
+        states = []
+        for i in range(params.n):
+            detok = None
+            if self.tokenizer is not None:
+                from engine.model.tokenizer import IncrementalDetokenizer
+
+                detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids,
+                                               params.skip_special_tokens)
+            states.append(SeqState(i, params, list(prompt_token_ids), len(prompt_token_ids),
+                                   detok, logprobs=[] if params.logprobs is not None else None))
+        self._requests[request_id] = _Request(request_id, prompt, prompt_token_ids, params,
+                                              states, RequestMetrics(arrival_time), params.n)
+
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self._requests
+
+    @property
+    def num_requests(self) -> int:
+        return len(self._requests)
+
+    def abort(self, request_id: str) -> RequestOutput | None:
+        """End the request with "abort"; its final output, or None if it had already ended."""
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return None
+        for state in req.states:
+            if state.finish_reason is None:
+                state.finish_reason = "abort"
+        return self._make_output(req)
+
+    def process(self, outputs: list[SeqOutput]
+                ) -> tuple[list[RequestOutput], list[tuple[str, int, str]]]:
+        """(one RequestOutput per request that changed, the sequences a stop string ended as
+        (request_id, index, stop string) for EngineCore.finish_sequences)."""
+        now = time.time()
+        changed: dict[str, _Request] = {}
+        stopped = []
+        requests = self._requests
+        for out in outputs:
+            req = requests.get(out.request_id)
+            if req is None:  # aborted, or failed, while the step ran
+                continue
+            state = req.states[out.index]
+            if state.finish_reason is not None:  # a stop string ended it: the core's late token
+                continue
+            metrics = req.metrics
+            if metrics.first_token_time is None:
+                metrics.first_token_time = now
+                metrics.first_scheduled_time = out.first_scheduled_time or now
+            if out.finish_reason == "error":
+                state.finish_reason = "error"
+            else:
+                last = len(out.new_token_ids) - 1
+                lps = out.new_logprobs
+                for k, token in enumerate(out.new_token_ids):
+                    if state.logprobs is not None:
+                        state.logprobs.append(lps[k])
+                    if k == last:
+                        ended = state.append(token, out.finish_reason, out.stop_reason)
+                    else:
+                        ended = state.append(token, None, None)
+                    if ended:
+                        if k < last or out.finish_reason is None:  # the core runs it still
+                            stopped.append((out.request_id, out.index, state.stop_reason))
+                        break
+                state.cumulative_logprob = out.cumulative_logprob
+            changed[out.request_id] = req
+            if state.finish_reason is not None:
+                req.num_unfinished -= 1
+                if req.num_unfinished == 0:
+                    metrics.finished_time = now
+                    del requests[out.request_id]
+        make_output = self._make_output
+        return [make_output(req) for req in changed.values()], stopped
+
+    def _make_output(self, req: _Request) -> RequestOutput:
+        outputs = []
+        finished = True
+        for state in req.states:
+            token_ids, num_prompt = state.token_ids, state.num_prompt_tokens
+            num_tokens = len(token_ids)
+            num_sent = state.num_sent_tokens
+            state.num_sent_tokens = num_tokens - num_prompt
+            if state.detokenizer is None:  # no tokenizer: no text, and no stop strings
+                text = delta_text = ""
+            else:
+                text, delta_text = text_delta(state)
+            lps = state.logprobs
+            # The whole token_ids / logprobs are copied only if read (outputs.ListPrefix).
+            outputs.append(CompletionOutput(
+                state.index, text, ListPrefix(token_ids, num_prompt, num_tokens),
+                state.cumulative_logprob, None if lps is None else ListPrefix(lps, 0, len(lps)),
+                state.finish_reason, state.stop_reason, delta_text,
+                token_ids[num_prompt + num_sent :], None if lps is None else lps[num_sent:]))
+            if state.finish_reason is None:
+                finished = False
+        if finished and req.metrics.finished_time is None:
+            req.metrics.finished_time = time.time()
+        return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outputs, finished,
+                             req.metrics)

@@ -1,0 +1,115 @@
+"""The engine's two halves apart: EngineCore on token ids, OutputProcessor on text."""
+
+import time
+
+from conftest import _smollm2_tokenizer, _tiny_loaded
+
+from engine.core.outputs import EngineCoreRequest, SeqOutput
+from engine.core.sampling_params import SamplingParams
+from engine.engine_core import EngineCore
+from engine.model.config import EngineConfig
+from engine.output_processor import OutputProcessor
+
+
+def make_core(**fields) -> EngineCore:
+    fields.setdefault("device", "numpy")
+    return EngineCore(EngineConfig(**fields), loaded_model=_tiny_loaded(512, False))
+
+
+def request(request_id, prompt, **params) -> EngineCoreRequest:
+    return EngineCoreRequest(request_id, list(prompt), SamplingParams(**params), time.time())
+
+
+def run(core) -> dict[tuple[str, int], list[SeqOutput]]:
+    seen = {}
+    while core.has_unfinished_requests():
+        for out in core.step():
+            seen.setdefault((out.request_id, out.index), []).append(out)
+    return seen
+
+
+def test_core_runs_token_ids_to_their_stop_rules():
+    core = make_core(max_num_batched_tokens=32)
+    core.add_request(request("len", range(3, 50), max_tokens=5, ignore_eos=True, n=2,
+                             temperature=0.7, logprobs=2))
+    core.add_request(request("stop", range(3, 10), max_tokens=30, ignore_eos=True,
+                             temperature=0))
+    seen = run(core)
+    for index in (0, 1):
+        outs = seen[("len", index)]
+        assert [len(o.new_token_ids) for o in outs] == [1] * 5
+        assert [o.finish_reason for o in outs] == [None] * 4 + ["length"]
+        assert all(len(o.new_logprobs[0]) >= 2 and o.new_token_ids[0] in o.new_logprobs[0]
+                   for o in outs)
+        assert outs[0].first_scheduled_time is not None and outs[1].first_scheduled_time is None
+    # Run again with the 3rd greedy token as a stop id: it ends there, naming the id.
+    greedy = [o.new_token_ids[0] for o in seen[("stop", 0)]]
+    core.add_request(request("stop2", range(3, 10), max_tokens=30, ignore_eos=True,
+                             temperature=0, stop_token_ids=[greedy[2]]))
+    outs = run(core)[("stop2", 0)]
+    cut = greedy.index(greedy[2]) + 1
+    assert [o.new_token_ids[0] for o in outs] == greedy[:cut]
+    assert (outs[-1].finish_reason, outs[-1].stop_reason) == ("stop", greedy[2])
+    stats = core.get_stats()
+    assert stats.kv_blocks_used == 0 and stats.generation_tokens_total == 10 + 30 + cut
+    core.block_manager.check_invariants([])
+
+
+def test_core_finish_sequences_and_abort_free_blocks():
+    core = make_core()
+    core.add_request(request("a", range(3, 40), max_tokens=50, ignore_eos=True, n=2))
+    core.add_request(request("b", range(3, 40), max_tokens=50, ignore_eos=True))
+    core.step()
+    core.finish_sequences([("a", 0, "x"), ("missing", 0, "x")])
+    outs = core.step()
+    assert {(o.request_id, o.index) for o in outs} == {("a", 1), ("b", 0)}
+    core.abort_requests(["a", "b", "missing"])
+    assert not core.has_unfinished_requests() and core.get_stats().kv_blocks_used == 0
+    assert core.step() == []
+    core.block_manager.check_invariants([])
+
+
+def test_output_processor_finds_stop_strings_and_drops_late_tokens():
+    tok = _smollm2_tokenizer()
+    ids = tok.encode("Hello there, general Kenobi", add_special_tokens=False)
+    prompt = tok.encode("Say:", add_special_tokens=False)
+    proc = OutputProcessor(tok)
+    proc.add_request("r", "Say:", prompt, SamplingParams(stop=["general"], logprobs=0),
+                     time.time())
+    texts, stopped = [], []
+    for t in ids:
+        outs, hits = proc.process([SeqOutput("r", 0, [t], [{t: -1.0}], -1.0, None, None)])
+        texts += [o.outputs[0].delta_text for o in outs]
+        stopped += hits
+    assert stopped == [("r", 0, "general")]
+    assert "".join(texts) == "Hello there, "
+    assert outs == []  # the tokens after the stop were dropped: no output for them
+    assert not proc.has_request("r")
+
+
+def test_output_processor_stop_string_wins_over_length_in_the_same_token():
+    tok = _smollm2_tokenizer()
+    ids = tok.encode("one two", add_special_tokens=False)
+    proc = OutputProcessor(tok)
+    proc.add_request("r", None, [1], SamplingParams(stop=["two"], max_tokens=len(ids)), 0.0)
+    for k, t in enumerate(ids):
+        reason = "length" if k == len(ids) - 1 else None
+        outs, hits = proc.process([SeqOutput("r", 0, [t], None, 0.0, reason, None)])
+    c = outs[0].outputs[0]
+    assert (c.finish_reason, c.stop_reason, c.text) == ("stop", "two", "one ")
+    assert hits == []  # the core finished it already
+
+
+def test_engine_frees_a_sequence_a_stop_string_ended(make_engine, run_engine):
+    engine = make_engine(text=True)
+    params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    whole, _ = run_engine(engine, {"w": ("Once upon a time", params)})
+    text = whole["w"].outputs[0].text
+    stop = text[len(text) // 3 : len(text) // 3 + 2]
+    cut, _ = run_engine(engine, {"c": ("Once upon a time", SamplingParams(
+        temperature=0, max_tokens=20, ignore_eos=True, stop=[stop]))})
+    o = cut["c"].outputs[0]
+    assert o.finish_reason == "stop" and o.text == text[: text.index(stop)]
+    assert len(o.token_ids) < 20
+    assert not engine.core.has_unfinished_requests()
+    assert engine.get_stats().kv_blocks_used == 0
