@@ -119,11 +119,9 @@ def loaded():
     return _wide_margin_model()
 
 
-@pytest.mark.parametrize("eager", [True, False], ids=["eager", "graphs"])
-def test_engine_async_equals_sync_on_cuda(loaded, eager):
+def _maker(loaded, eager, replays):
     if not eager and not runner.DECODE_GRAPHS:
         pytest.skip("PAGEDSERVE_DECODE_GRAPHS=0")
-    replays = []
 
     def make(text=False, **fields):
         engine = LLMEngine(EngineConfig(device="cuda", dtype="bfloat16", enforce_eager=eager,
@@ -135,24 +133,57 @@ def test_engine_async_equals_sync_on_cuda(loaded, eager):
             graphs.run = lambda *a: replays.append(a[3] is not None) or run(*a)
         return engine
 
+    return make
+
+
+@pytest.mark.parametrize("eager", [True, False], ids=["eager", "graphs"])
+def test_sampling_features_async_equals_sync_on_cuda(loaded, eager):
+    """Seeds, top-p, penalties, logprobs, n > 1 under chunked prefill and mixed batches. Every
+    sequence fits at once and ends by max_tokens, so both loops run the very same batches and the
+    tokens must match bit for bit, whatever the GEMMs' batch-size dependence."""
+    replays = []
+
     def params(i, rng):
         return SamplingParams(
             n=1 + (i % 5 == 0), temperature=[0, 0.8][i % 2], top_p=[1.0, 0.9][i % 3 == 0],
-            seed=i, max_tokens=int(rng.integers(1, 30)), ignore_eos=i % 4 != 0,
-            stop_token_ids=[] if i % 4 else [17, 29, 31],
+            seed=i, max_tokens=int(rng.integers(1, 30)), ignore_eos=True,
             repetition_penalty=[1.0, 1.3][i % 3 == 1], frequency_penalty=[0, 0.5][i % 6 == 1],
-            logprobs=[None, 2][i % 2])
+            presence_penalty=[0, 0.4][i % 4 == 3], logprobs=[None, 2][i % 2])
 
-    requests = random_requests(7, 24, params, 150)
-    requests["long"] = (ids(range(3, 40)), SamplingParams(temperature=0, max_tokens=None,
-                                                          ignore_eos=True))
-    engine, placeholders, _ = compare(make, requests, max_num_seqs=8, max_num_batched_tokens=96,
-                                      num_kv_blocks=24, block_size=16, max_model_len=200)
+    requests = random_requests(7, 16, params, 150)
+    engine, placeholders, _ = compare(_maker(loaded, eager, replays), requests, max_num_seqs=32,
+                                      max_num_batched_tokens=64, num_kv_blocks=256,
+                                      max_model_len=256)
     stats = engine.get_stats()
-    assert stats.num_preemptions > 0 and stats.num_chunked_prefill_steps > 0
+    assert stats.num_chunked_prefill_steps > 0 and stats.num_mixed_steps > 0
     assert placeholders > 100
     if not eager:
-        assert sum(replays) > 20  # graph replays whose input ids were resolved on the device
+        assert sum(replays) > 10  # graph replays whose input ids were resolved on the device
+
+
+@pytest.mark.parametrize("eager", [True, False], ids=["eager", "graphs"])
+def test_preemption_and_stops_async_equals_sync_on_cuda(loaded, eager):
+    """Greedy (wide logit margins): preemption in a tiny KV pool, stop ids found one step late,
+    max_model_len; here the two loops may batch differently."""
+    replays = []
+    make = _maker(loaded, eager, replays)
+    greedy = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)
+    prompts = {f"r{i}": ids(range(5 + 7 * i, 45 + 9 * i)) for i in range(10)}
+    _, _, probe = compare(make, {r: (p, greedy) for r, p in prompts.items()}, max_num_seqs=16,
+                          num_kv_blocks=128)
+    requests = {}
+    for i, (r, p) in enumerate(prompts.items()):
+        # Half of them stop at a token they produce greedily: found one step late with overlap.
+        stop = [probe[r].outputs[0].token_ids[2 + i]] if i % 2 else []
+        requests[r] = (p, SamplingParams(temperature=0, max_tokens=20 + i, ignore_eos=True,
+                                         stop_token_ids=stop))
+    requests["long"] = (ids(range(3, 40)), SamplingParams(temperature=0, max_tokens=None,
+                                                          ignore_eos=True))
+    engine, placeholders, got = compare(make, requests, max_num_seqs=8, num_kv_blocks=14,
+                                        max_model_len=200)
+    assert engine.get_stats().num_preemptions > 0 and placeholders > 50
+    assert sum(got[f"r{i}"].outputs[0].finish_reason == "stop" for i in range(1, 10, 2)) >= 3
+    assert len(got["long"].outputs[0].token_ids) == 200 - 37
 
 
 def test_gpu_step_times_are_recorded(loaded):

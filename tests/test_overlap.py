@@ -210,3 +210,32 @@ def test_a_pending_token_that_surely_ends_its_sequence_is_not_computed(make_engi
             temperature=0, max_tokens=max_tokens, ignore_eos=True))})
         assert len(final["a"].outputs[0].token_ids) == max_tokens
         assert engine.get_stats().num_steps == max_tokens  # one prefill, then decodes
+
+
+def test_scheduler_counts_the_pending_token():
+    from engine.core.block_manager import BlockManager, hash_block
+    from engine.core.scheduler import Scheduler
+    from engine.core.sequence import Sequence
+
+    bm = BlockManager(num_blocks=16, block_size=4)
+    sched = Scheduler(bm, max_num_seqs=4, max_num_batched_tokens=64, max_model_len=64)
+    seq = Sequence("a", [1, 2, 3], 3, SamplingParams(max_tokens=10))
+    short = Sequence("b", [5, 6], 2, SamplingParams(max_tokens=1))
+    sched.add(seq)
+    sched.add(short)
+    first = sched.schedule()
+    assert first.num_new_tokens == [3, 2] and first.is_sampling == [True, True]
+    sched.advance(first)
+    sched.commit(first)
+    assert seq.num_computed_tokens == len(seq.token_ids) == 3  # its first token is pending
+    # Step 2 is scheduled before step 1's tokens are known: the pending one is computed at
+    # position 3; `short` ends with its pending token (max_tokens=1), so it is left out.
+    second = sched.schedule()
+    assert second.seqs == [seq] and second.num_new_tokens == [1] and second.is_sampling == [True]
+    sched.advance(second)
+    assert bm.blocks[seq.block_table[0]].hash is None
+    seq.token_ids.append(7)  # step 1's token arrives, then the engine commits step 2
+    sched.commit(second)
+    assert bm.blocks[seq.block_table[0]].hash == hash_block(0, [1, 2, 3, 7])
+    third = sched.schedule()  # position 4: a second block, for a token still pending
+    assert third.seqs == [seq] and len(seq.block_table) == 2
