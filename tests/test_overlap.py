@@ -195,6 +195,8 @@ def test_prefix_cache_never_keys_a_pending_token(make_engine):
 def test_async_scheduling_default_and_flags(make_engine):
     assert not make_engine().async_scheduling  # numpy: nothing to overlap with
     assert make_engine(async_scheduling=True).async_scheduling
+    with pytest.raises(ValueError, match="async_scheduling"):
+        make_engine(async_scheduling="yes")
     from server.cli import build_parser
 
     args = build_parser().parse_args(["serve", "--no-async-scheduling"])
