@@ -37,7 +37,8 @@ from tools.workloads import scale_requests, w1_requests  # noqa: E402
 PHASES = ("schedule", "prepare", "launch", "wait", "postprocess")
 
 
-def tiny_engine(max_num_seqs: int, num_kv_blocks: int, block_size: int = 16):
+def tiny_engine(max_num_seqs: int, num_kv_blocks: int, block_size: int = 16,
+                async_scheduling: bool | None = None):
     """LLMEngine on numpy with a 2-layer random llama (vocab 512, hidden 64)."""
     from engine.engine import LLMEngine
     from engine.executor.ops.numpy_ops import NumpyOps
@@ -51,7 +52,8 @@ def tiny_engine(max_num_seqs: int, num_kv_blocks: int, block_size: int = 16):
     loaded = types.SimpleNamespace(config=config, tokenizer=None,
                                    weights=dummy_weights(config, NumpyOps(), seed=0))
     return LLMEngine(EngineConfig(device="numpy", max_num_seqs=max_num_seqs,
-                                  num_kv_blocks=num_kv_blocks, block_size=block_size),
+                                  num_kv_blocks=num_kv_blocks, block_size=block_size,
+                                  async_scheduling=async_scheduling),
                      loaded_model=loaded)
 
 
@@ -170,7 +172,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     sync = None
     if args.device == "numpy":
         longest = max(len(p) for p in prompts) + args.steps + 16
-        engine = tiny_engine(args.max_num_seqs, max(sizes) * (-(-longest // 16)) + 16)
+        engine = tiny_engine(args.max_num_seqs, max(sizes) * (-(-longest // 16)) + 16,
+                             async_scheduling=args.async_scheduling)
     else:
         engine = gpu_engine(args)
         sync = engine.ops.synchronize
