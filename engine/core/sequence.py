@@ -53,7 +53,9 @@ class Sequence:
 
     @property
     def num_uncomputed_tokens(self) -> int:
-        """Tokens still to run through the model before this sequence can sample again."""
+        """Tokens still to run through the model before this sequence can sample again; 0 while
+        its last sampled token is pending (overlapped steps: still on the device, not yet in
+        token_ids, and counted as computed by the step that sampled it)."""
         return len(self.token_ids) - self.num_computed_tokens
 
     @property
