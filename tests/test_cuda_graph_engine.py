@@ -10,7 +10,7 @@ from conftest import require_gpu
 pytestmark = pytest.mark.gpu
 cupy = require_gpu()
 
-from engine import runner  # noqa: E402
+from engine.executor import runner  # noqa: E402
 from engine.core.sampling_params import SamplingParams  # noqa: E402
 from engine.engine import LLMEngine  # noqa: E402
 from engine.executor.ops.cuda_ops import CudaOps  # noqa: E402

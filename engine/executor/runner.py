@@ -159,28 +159,33 @@ class ModelRunner:
         num_rows = len(seqs)
         # One tuple of settings per row; in a batch they are nearly always all equal (one
         # request's defaults, or a benchmark's), and then each column is one np.full.
-        rows = [(p.temperature, p.top_k, p.top_p, p.min_p, p.presence_penalty,
+        # top_k >= vocab keeps every token: capped so that a huge one fits the int32 column.
+        vocab = self.model_config.vocab_size
+        rows = [(p.temperature, min(p.top_k, vocab), p.top_p, p.min_p, p.presence_penalty,
                  p.frequency_penalty, p.repetition_penalty, p.logprobs or 0, p.min_tokens,
                  bool(p.logit_bias)) for p in params]
         if rows.count(rows[0]) == num_rows:
             columns = [np.full(num_rows, v, np.float64) for v in rows[0]]
         else:
             columns = list(np.array(rows, np.float64).T)
+        # A value past float32's range (temperature 1e300) becomes inf; the samplers clamp it.
+        with np.errstate(over="ignore"):
+            f32 = [c.astype(np.float32) for c in columns[:7]]
         try:
             seeds = np.array([s.seed for s in seqs], np.uint64)  # (R,)
         except OverflowError:  # a seed outside [0, 2**64): its low 64 bits
             seeds = np.array([s.seed & 0xFFFFFFFFFFFFFFFF for s in seqs], np.uint64)
         t = SamplingTensors(
-            temperature=columns[0].astype(np.float32),
+            temperature=f32[0],
             top_k=columns[1].astype(np.int32),
-            top_p=columns[2].astype(np.float32),
-            min_p=columns[3].astype(np.float32),
+            top_p=f32[2],
+            min_p=f32[3],
             seeds=seeds,
             steps=np.fromiter((len(s.token_ids) - s.num_prompt_tokens for s in seqs), np.uint32,
                               num_rows),
-            presence_penalty=columns[4].astype(np.float32),
-            frequency_penalty=columns[5].astype(np.float32),
-            repetition_penalty=columns[6].astype(np.float32),
+            presence_penalty=f32[4],
+            frequency_penalty=f32[5],
+            repetition_penalty=f32[6],
             num_logprobs=int(columns[7].max()),
         )
         uses_penalties = (columns[4] != 0) | (columns[5] != 0) | (columns[6] != 1)  # (R,)
