@@ -48,9 +48,12 @@ class SamplingTensors:
       2. penalties on the logits (vLLM's definitions): repetition over prompt and output tokens,
          then frequency and presence over output tokens.
       3. logit_bias is added (min_tokens enters here as a -inf bias on stop ids).
-      4. temperature == 0: greedy argmax (lowest id on ties). Otherwise divide by temperature,
-         softmax, keep p >= k-th largest p (top_k), keep p >= smallest p whose strictly larger
-         mass < top_p (top_p), keep p >= min_p * max p (min_p); all three keep ties.
+      4. temperature == 0: greedy argmax (lowest id on ties). Otherwise exp((logit - max) /
+         temperature), normalized; keep p >= k-th largest p (top_k), keep p >= smallest p whose
+         strictly larger mass < top_p (top_p), keep p >= min_p * max p (min_p); all three keep
+         ties, and the largest p is always kept. A row with every logit -inf takes the argmax.
+         Every float32 value is valid (a 0 top_p, a denormal temperature, an inf or 0
+         repetition penalty): the sampler clamps rather than fails.
       5. draw: u = uniform(seed, step) from a counter-based hash; the token is the first id whose
          running sum (in id order) of kept p exceeds u * (sum of kept p). So a row's draws depend
          only on its seed and step, never on the rest of the batch.
