@@ -27,7 +27,9 @@ def check_stop(state: SeqState, seq: Sequence, token: int, eos_token_ids: list[i
     """Extend the sequence's text with `token`; the finish reason if it ends here."""
     p = seq.sampling_params
     num_output_tokens = len(seq.token_ids) - seq.num_prompt_tokens
-    past_min = num_output_tokens > p.min_tokens
+    # vLLM's rule: the min_tokens-th token may already end the sequence (the runner's bias keeps
+    # eos and stop ids out of the tokens before it; stop strings are searched from it on).
+    past_min = num_output_tokens >= p.min_tokens
     if past_min:
         if p.stop_token_ids and token in p.stop_token_ids:
             state.stop_reason = token
@@ -52,10 +54,13 @@ def _stop_string(state: SeqState, token: int, past_min: bool) -> bool:
     old_len = len(state.text)
     _extend_text(state, token)
     if past_min and p.stop_list:
-        longest = max(len(s) for s in p.stop_list)
-        start = max(0, old_len - longest + 1)
-        hits = [(i, s) for s in p.stop_list if (i := state.text.find(s, start)) >= 0]
-        if hits:
+        # Each stop only where it would end in the new text: an earlier match was either found
+        # by an earlier search or came before min_tokens (and went out, as it should have). A
+        # window shared by all stops (the longest one's) would find a short stop again, late.
+        text = state.text
+        hits = [(i, s) for s in p.stop_list
+                if (i := text.find(s, max(0, old_len - len(s) + 1))) >= 0]
+        if hits:  # the earliest start; at equal starts the shorter stop, which is a prefix
             i, stop = min(hits)
             state.text = state.text[: i + (len(stop) if p.include_stop_str_in_output else 0)]
             state.stop_reason = stop
