@@ -1,7 +1,7 @@
 """LLMEngine: requests in, RequestOutputs out, one model step at a time.
 
     step():  batch = scheduler.schedule()      which sequences, how many new tokens each
-             sampled = runner.run(batch)        one forward, one sample
+             sampled = runner.run(batch, rows)  one forward, one sample
              return self._postprocess(...)      append, detokenize, check stop, free blocks
 
 Single-threaded by design: the server queues add_request/abort and calls them from the engine's
@@ -161,10 +161,13 @@ class LLMEngine:
                 detok = IncrementalDetokenizer(self.tokenizer, ids, params.skip_special_tokens)
             req.states.append(SeqState(seq, detok, logprobs=[] if params.logprobs is not None
                                         else None))
+        # Only the first sequence is queued: the other n - 1 fork from it once its prompt is
+        # computed, sharing the prompt's blocks. The scheduler rejects a prompt that can never
+        # fit before anything is queued.
+        first = req.states[0].seq
+        self.scheduler.add(first)
+        first.forks = [state.seq for state in req.states[1:]]
         for state in req.states:
-            # The scheduler rejects a prompt that can never fit before anything is queued: all n
-            # sequences share the prompt, so the first one fails or none does.
-            self.scheduler.add(state.seq)
             self._seq_states[state.seq.seq_id] = (req, state)
         self._requests[request_id] = req
 
@@ -222,29 +225,26 @@ class LLMEngine:
         self._aborted = []
         batch = self.scheduler.schedule()
         if batch.seqs:
-            sampling = self._start_step(batch)  # before finish_step moves num_computed_tokens
-            sampled = self.runner.run(batch)
+            sampling = self._start_step(batch)
+            sampled = self.runner.run(batch, sampling)
             self.scheduler.finish_step(batch)
-            if sampling:
-                self._postprocess(sampling, sampled, changed)
+            if sampling[0]:
+                self._postprocess(sampling[0], sampled, changed)
         make_output = self._make_output
         return [make_output(req) for req in changed.values()]
 
-    def _start_step(self, batch) -> list[Sequence]:
-        """Count the prompt tokens the batch computes; the sequences that sample, in batch order
-        (what runner.sampling_seqs returns, in the same pass over the batch)."""
-        sampling = []
+    def _start_step(self, batch) -> tuple[list[Sequence], list[int]]:
+        """Count the prompt tokens the batch computes; batch.sampling_rows(), which must be read
+        before finish_step moves num_computed_tokens."""
         now = None
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
             c = seq.num_computed_tokens
-            if c + n == len(seq.token_ids):
-                sampling.append(seq)
             if c < seq.num_prompt_tokens:  # some prompt tokens: a prefill, or a 1-token tail
                 metrics = self._seq_states[seq.seq_id][0].metrics
                 if metrics.first_scheduled_time is None:
                     metrics.first_scheduled_time = now = now or time.time()
                 self._prompt_tokens_total += min(c + n, seq.num_prompt_tokens) - c
-        return sampling
+        return batch.sampling_rows()
 
     def _postprocess(self, seqs: list[Sequence], sampled, changed: dict[int, _Request]) -> None:
         """Append each sampled token, check stops, free finished sequences; add every request

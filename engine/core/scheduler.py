@@ -26,6 +26,21 @@ class ScheduledBatch:
     # a token iff num_computed_tokens + n == len(token_ids) (checked before finish_step).
     num_new_tokens: list[int] = field(default_factory=list)
     num_preempted: int = 0  # preemptions made while building this batch
+    # (src, dst) KV blocks to copy before the forward: the partial tails of forked sequences.
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+
+    def sampling_rows(self) -> tuple[list[Sequence], list[int]]:
+        """Who samples this step, in row order, read before finish_step: the sequences whose
+        tokens are all computed after it (in batch order), then the pending forks of those, each
+        sampling its first token from its parent's logits; and for each fork, its parent's row.
+        """
+        seqs = [seq for seq, n in zip(self.seqs, self.num_new_tokens, strict=True)
+                if seq.num_computed_tokens + n == len(seq.token_ids)]
+        fork_rows = []
+        for row, seq in enumerate(seqs[:]):
+            seqs += seq.forks
+            fork_rows += [row] * len(seq.forks)
+        return seqs, fork_rows
 
     @property
     def num_tokens(self) -> int:
@@ -65,6 +80,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_chunked_prefill_steps = 0  # steps where some prefill ran with tokens left over
         self.num_mixed_steps = 0  # steps with both decodes and prefill chunks
+        self._block_copies: list[tuple[int, int]] = []  # made by forks, run by the next batch
 
     # ---- queue -------------------------------------------------------------------------------
 
@@ -109,7 +125,8 @@ class Scheduler:
     # ---- one step ----------------------------------------------------------------------------
 
     def schedule(self) -> ScheduledBatch:
-        batch = ScheduledBatch()
+        batch = ScheduledBatch(block_copies=self._block_copies)
+        self._block_copies = []
         budget = self.max_num_batched_tokens
         bm = self.block_manager
 
@@ -197,12 +214,32 @@ class Scheduler:
             seq.num_computed_tokens = c + n
             if c % bs + n >= bs:  # a block filled up: key it for the prefix cache
                 bm.mark_computed(seq)
+            if seq.forks and c + n == len(seq.token_ids):
+                self._fork(seq)
+
+    def _fork(self, parent: Sequence) -> None:
+        """Start the parent's pending forks on its computed prompt. A fork that finds no room
+        (no free block for its tail, or max_num_seqs running) waits instead, like a preempted
+        sequence: it recomputes its prompt later (mostly prefix-cache hits)."""
+        children, parent.forks = parent.forks, []
+        for child in children:
+            if len(self.running) < self.max_num_seqs and self.block_manager.can_fork(parent):
+                self._block_copies += self.block_manager.fork(parent, child)
+                child.status = SequenceStatus.RUNNING
+                self.running.append(child)
+            else:
+                child.status = SequenceStatus.WAITING
+                self.waiting.appendleft(child)
 
     # ---- endings -----------------------------------------------------------------------------
 
     def finish_seq(self, seq: Sequence, reason: str) -> None:
         if seq.status == SequenceStatus.FINISHED:
             return
+        for child in seq.forks:  # ended before its prompt was computed: so do its forks
+            child.status = SequenceStatus.FINISHED
+            child.finish_reason = reason
+        seq.forks = []
         if seq.status == SequenceStatus.RUNNING:
             self.running.remove(seq)
         elif seq in self.waiting:

@@ -33,8 +33,11 @@ class Sequence:
     num_computed_tokens: int = 0  # tokens whose k/v are in the cache (prefix-cache hits included)
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
     block_table: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     cumulative_logprob: float = 0.0
+    # A request's other n - 1 sequences, held here until this one's prompt is computed; then
+    # they fork from it (Scheduler.finish_step) instead of each computing the prompt again.
+    forks: list[Sequence] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -31,12 +31,6 @@ NUMPY_KV_CACHE_BYTES = 1 << 30
 NUMPY_KV_FULL_SEQS = 8
 
 
-def sampling_seqs(batch) -> list:
-    """The batch's sequences that sample this step, in batch order."""
-    return [seq for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True)
-            if seq.num_computed_tokens + n == len(seq)]
-
-
 def num_kv_blocks(model_config: ModelConfig, engine_config: EngineConfig, ops,
                   max_model_len: int) -> int:
     """How many KV blocks to allocate.
@@ -111,8 +105,11 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ one step
 
-    def run(self, batch) -> SamplerOutput | None:
-        """Forward the batch; sample one token per sampling sequence (None when none samples)."""
+    def run(self, batch, sampling: tuple[list, list[int]]) -> SamplerOutput | None:
+        """Forward the batch; sample one token per row of `sampling` (batch.sampling_rows():
+        the sequences that sample, and which logits row each fork reads); None when none does."""
+        if batch.block_copies:  # before anything writes after a fork's copied tail
+            self.ops.copy_blocks(self.kv_cache, batch.block_copies)
         if not batch.seqs:
             return None
         inputs = self.prepare_inputs(batch)
@@ -123,10 +120,11 @@ class ModelRunner:
             logits = self._forward_eager(inputs)  # (R, vocab)
         if not len(inputs.logits_indices):
             return None
+        seqs, fork_rows = sampling
+        if fork_rows:  # forks sample from their parent's row
+            rows = np.concatenate([np.arange(len(inputs.logits_indices)), fork_rows])
+            logits = logits[self.ops.from_host(rows.astype(np.int32))]
         # The forward is queued on the GPU: the sampling settings are built while it runs.
-        seqs = batch.seqs
-        if not inputs.samples.all():
-            seqs = [seqs[i] for i in np.flatnonzero(inputs.samples)]
         return self.ops.sample(logits, self.prepare_sampling(seqs))
 
     def prepare_inputs(self, batch) -> StepInputs:

@@ -124,6 +124,14 @@ class CudaOps:
     def kv_bytes_per_token(self, num_layers, num_kv_heads, head_dim) -> int:
         return 2 * num_layers * num_kv_heads * head_dim * 2
 
+    def copy_blocks(self, kv_cache, copies: list[tuple[int, int]]) -> None:
+        """kv_cache[:, :, dst] = kv_cache[:, :, src] for every (src, dst), every layer, k and v.
+        Only forks (n > 1) copy, one small gather per step that has any: CuPy's indexing is
+        enough, no kernel of its own."""
+        self._check(kv_cache, "kv_cache", 6)
+        src, dst = cupy.asarray(np.array(copies, np.int64).reshape(-1, 2).T)
+        kv_cache[:, :, dst] = kv_cache[:, :, src]
+
     # ---------------------------------------------------------------- layers
 
     def _gather(self, src, idx, n_rows: int):

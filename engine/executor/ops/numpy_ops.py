@@ -43,6 +43,11 @@ class NumpyOps:
     def kv_bytes_per_token(self, num_layers, num_kv_heads, head_dim) -> int:
         return 2 * num_layers * num_kv_heads * head_dim * 4
 
+    def copy_blocks(self, kv_cache: np.ndarray, copies: list[tuple[int, int]]) -> None:
+        """kv_cache[:, :, dst] = kv_cache[:, :, src] for every (src, dst), every layer, k and v."""
+        src, dst = np.array(copies, np.int64).reshape(-1, 2).T
+        kv_cache[:, :, dst] = kv_cache[:, :, src]
+
     # ---------------------------------------------------------------- layers
 
     def embedding(self, ids: np.ndarray, table: np.ndarray) -> np.ndarray:
