@@ -17,7 +17,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine.core.block_manager import BlockManager
-from engine.core.outputs import CompletionOutput, ListPrefix, RequestMetrics, RequestOutput
+from engine.core.outputs import (
+    CompletionOutput,
+    EngineDeadError,
+    ListPrefix,
+    RequestMetrics,
+    RequestOutput,
+)
 from engine.core.sampling_params import SamplingParams
 from engine.core.scheduler import Scheduler
 from engine.core.sequence import Sequence
@@ -128,12 +134,14 @@ class LLMEngine:
         self._aborted: list[_Request] = []  # reported as finished by the next step()
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
+        self.dead_error: EngineDeadError | None = None  # set once the engine cannot go on
 
     # ------------------------------------------------------------------ requests
 
     def add_request(self, request_id: str, prompt, sampling_params: SamplingParams | None = None,
                     arrival_time: float | None = None) -> None:
         """Queue a request. `prompt`: text, or {"prompt_token_ids": [...]}."""
+        self._check_alive()
         if request_id in self._requests:
             raise ValueError(f"request_id {request_id!r} is already in use")
         params = sampling_params or SamplingParams()
@@ -221,17 +229,51 @@ class LLMEngine:
     # ------------------------------------------------------------------ one step
 
     def step(self) -> list[RequestOutput]:
+        """One model step. A failure of one sequence fails its request alone (finish_reason
+        "error", the cause in CompletionOutput.error); a failure of the whole forward fails the
+        step's requests; either way the engine goes on. EngineDeadError: it cannot go on."""
+        self._check_alive()
         changed = {id(r): r for r in self._aborted}
         self._aborted = []
         batch = self.scheduler.schedule()
         if batch.seqs:
             sampling = self._start_step(batch)
-            sampled = self.runner.run(batch, sampling)
-            self.scheduler.finish_step(batch)
-            if sampling[0]:
-                self._postprocess(sampling[0], sampled, changed)
+            try:
+                sampled = self.runner.run(batch, sampling)
+            except EngineDeadError as e:
+                self.dead_error = e
+                raise
+            except Exception as e:
+                logger.exception("the model step failed; failing its requests")
+                cause = f"the model step failed: {type(e).__name__}: {e}"
+                for seq in batch.seqs:
+                    self._fail(seq.request_id, cause, changed)
+            else:
+                self.scheduler.finish_step(batch)
+                if sampling[0]:
+                    self._postprocess(sampling[0], sampled, changed)
         make_output = self._make_output
         return [make_output(req) for req in changed.values()]
+
+    def _check_alive(self) -> None:
+        if self.dead_error is not None:
+            raise EngineDeadError(f"the engine stopped: {self.dead_error}") from self.dead_error
+
+    def _fail(self, request_id: str, cause: str, changed: dict[int, _Request]) -> None:
+        """End every sequence of the request with finish_reason "error" and `cause`, freeing
+        its blocks; a request that already ended is left alone."""
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return
+        for state in req.states:
+            seq = state.seq
+            self._seq_states.pop(seq.seq_id, None)
+            if seq.finish_reason is None:
+                self.scheduler.finish_seq(seq, "error")  # its pending forks end with it
+            if seq.finish_reason == "error" and seq.error is None:
+                seq.error = cause
+        req.metrics.finished_time = time.time()
+        changed[id(req)] = req
 
     def _start_step(self, batch) -> tuple[list[Sequence], list[int]]:
         """Count the prompt tokens the batch computes; batch.sampling_rows(), which must be read
@@ -251,34 +293,47 @@ class LLMEngine:
         that got a token to `changed`."""
         now = time.time()
         seq_states = self._seq_states
-        eos, max_len = self.eos_token_ids, self.max_model_len
         tokens, logprobs = sampled.token_ids.tolist(), sampled.logprobs.tolist()
+        errors = sampled.errors or {}
         for r, seq in enumerate(seqs):
-            req, state = seq_states[seq.seq_id]
-            token, logprob = tokens[r], logprobs[r]
-            seq.token_ids.append(token)
-            seq.cumulative_logprob += logprob
-            if req.metrics.first_token_time is None:
-                req.metrics.first_token_time = now
-            if state.logprobs is not None:
-                k = req.params.logprobs
-                entry = {}
-                if k:
-                    top = zip(sampled.top_ids[r, :k].tolist(), sampled.top_logprobs[r, :k].tolist(),
-                              strict=True)
-                    entry = dict(top)
-                entry[token] = logprob
-                state.logprobs.append(entry)
-            changed[id(req)] = req
-            reason = check_stop(state, seq, token, eos, max_len)
-            if reason is not None:
-                self.scheduler.finish_seq(seq, reason)
-                seq.finish_reason = reason
-                del seq_states[seq.seq_id]
-                if all(s.seq.finish_reason is not None for s in req.states):
-                    req.metrics.finished_time = now
-                    self._requests.pop(req.request_id, None)
+            entry = seq_states.get(seq.seq_id)
+            if entry is None:  # its request failed earlier in this loop
+                continue
+            req, state = entry
+            if r in errors:
+                self._fail(req.request_id, errors[r], changed)
+                continue
+            try:
+                self._append(seq, req, state, r, tokens[r], logprobs[r], sampled, now, changed)
+            except Exception as e:  # the stop check or the detokenizer, for this request alone
+                logger.exception("request %s failed after its step", req.request_id)
+                self._fail(req.request_id, f"{type(e).__name__}: {e}", changed)
         self._generation_tokens_total += len(seqs)
+
+    def _append(self, seq: Sequence, req: _Request, state: SeqState, r: int, token: int,
+                logprob: float, sampled, now: float, changed: dict[int, _Request]) -> None:
+        """Row r of `sampled`: append its token to `seq`, check stops, free it if it ends."""
+        seq.token_ids.append(token)
+        seq.cumulative_logprob += logprob
+        if req.metrics.first_token_time is None:
+            req.metrics.first_token_time = now
+        if state.logprobs is not None:
+            k = req.params.logprobs
+            entry = {}
+            if k:
+                entry = dict(zip(sampled.top_ids[r, :k].tolist(),
+                                 sampled.top_logprobs[r, :k].tolist(), strict=True))
+            entry[token] = logprob
+            state.logprobs.append(entry)
+        changed[id(req)] = req
+        reason = check_stop(state, seq, token, self.eos_token_ids, self.max_model_len)
+        if reason is not None:
+            self.scheduler.finish_seq(seq, reason)
+            seq.finish_reason = reason
+            del self._seq_states[seq.seq_id]
+            if all(s.seq.finish_reason is not None for s in req.states):
+                req.metrics.finished_time = now
+                self._requests.pop(req.request_id, None)
 
     def _make_output(self, req: _Request) -> RequestOutput:
         outputs = []
@@ -299,7 +354,8 @@ class LLMEngine:
                 seq.index, text, ListPrefix(token_ids, num_prompt, num_tokens),
                 seq.cumulative_logprob, None if lps is None else ListPrefix(lps, 0, len(lps)),
                 seq.finish_reason, state.stop_reason, delta_text,
-                token_ids[num_prompt + num_sent :], None if lps is None else lps[num_sent:]))
+                token_ids[num_prompt + num_sent :], None if lps is None else lps[num_sent:],
+                seq.error))
             if seq.finish_reason is None:
                 finished = False
         if finished and req.metrics.finished_time is None:

@@ -67,8 +67,7 @@ class RequestGroup:
         """Every RequestOutput of the group's requests, in arrival order, until all finish."""
         while self.unfinished:
             item = await self.queue.get()
-            if isinstance(item, EngineFault):
-                self.unfinished.clear()  # the engine thread already dropped them all
+            if isinstance(item, EngineFault):  # leaving the group aborts the others
                 raise item
             if item.finished:
                 self.unfinished.discard(item.request_id)
@@ -190,6 +189,14 @@ class AsyncEngine:
                 continue
             if out.finished:
                 del self._streams[out.request_id]
+                errors = [c.error for c in out.outputs if c.finish_reason == "error"]
+                if errors:  # this request alone failed (its sampling, stop check, text)
+                    fault = EngineFault(f"the engine failed while running this request: "
+                                        f"{errors[0]}")
+                    stream.loop.call_soon_threadsafe(stream.queue.put_nowait, fault)
+                    if self.metrics:
+                        self.metrics.on_ended("error")
+                    continue
                 if self.metrics:
                     self.metrics.on_finished(out)
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)

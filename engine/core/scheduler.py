@@ -125,8 +125,7 @@ class Scheduler:
     # ---- one step ----------------------------------------------------------------------------
 
     def schedule(self) -> ScheduledBatch:
-        batch = ScheduledBatch(block_copies=self._block_copies)
-        self._block_copies = []
+        batch = ScheduledBatch()
         budget = self.max_num_batched_tokens
         bm = self.block_manager
 
@@ -192,6 +191,8 @@ class Scheduler:
 
         self.num_preemptions += batch.num_preempted
         if not batch.is_empty:
+            # Copies wait for a forward: none can touch their blocks before one runs.
+            batch.block_copies, self._block_copies = self._block_copies, []
             self.num_steps += 1
             self.num_chunked_prefill_steps += chunked
             self.num_mixed_steps += 0 < num_decodes < len(batch.seqs)

@@ -34,6 +34,7 @@ class Sequence:
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
     block_table: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    error: str | None = None  # why, when finish_reason is "error"
     cumulative_logprob: float = 0.0
     # A request's other n - 1 sequences, held here until this one's prompt is computed; then
     # they fork from it (Scheduler.finish_step) instead of each computing the prompt again.

@@ -15,6 +15,7 @@ import time
 
 import numpy as np
 
+from engine.core.outputs import EngineDeadError
 from engine.executor.ops import AttentionMetadata, SamplerOutput, SamplingTensors
 from engine.executor.step_inputs import HostBlockTables, StepInputs, build_step_inputs
 from engine.model.config import EngineConfig, ModelConfig
@@ -108,10 +109,19 @@ class ModelRunner:
     def run(self, batch, sampling: tuple[list, list[int]]) -> SamplerOutput | None:
         """Forward the batch; sample one token per row of `sampling` (batch.sampling_rows():
         the sequences that sample, and which logits row each fork reads); None when none does."""
-        if batch.block_copies:  # before anything writes after a fork's copied tail
-            self.ops.copy_blocks(self.kv_cache, batch.block_copies)
+        try:
+            return self._run(batch, sampling)
+        except Exception as e:
+            if self.ops.is_fatal(e):
+                raise EngineDeadError(f"the {self.ops.name} backend failed and cannot go on: "
+                                      f"{type(e).__name__}: {e}") from e
+            raise
+
+    def _run(self, batch, sampling: tuple[list, list[int]]) -> SamplerOutput | None:
         if not batch.seqs:
             return None
+        if batch.block_copies:  # before anything writes after a fork's copied tail
+            self.ops.copy_blocks(self.kv_cache, batch.block_copies)
         inputs = self.prepare_inputs(batch)
         graphs = self.graphs
         if graphs is not None and inputs.is_decode_only and graphs.can_run(len(batch.seqs)):
@@ -125,7 +135,36 @@ class ModelRunner:
             rows = np.concatenate([np.arange(len(inputs.logits_indices)), fork_rows])
             logits = logits[self.ops.from_host(rows.astype(np.int32))]
         # The forward is queued on the GPU: the sampling settings are built while it runs.
-        return self.ops.sample(logits, self.prepare_sampling(seqs))
+        try:
+            return self.ops.sample(logits, self.prepare_sampling(seqs))
+        except Exception as e:
+            if self.ops.is_fatal(e):
+                raise
+            return self._sample_rows_alone(logits, seqs)
+
+    def _sample_rows_alone(self, logits, seqs: list) -> SamplerOutput:
+        """Sampling the batch raised: sample each row on its own, so that one sequence's bad
+        settings fail that sequence alone (SamplerOutput.errors) and the others go on."""
+        rows = len(seqs)
+        width = max((s.sampling_params.logprobs or 0) for s in seqs)
+        out = SamplerOutput(np.full(rows, -1, np.int32), np.zeros(rows, np.float32),
+                            np.zeros((rows, width), np.int32), np.zeros((rows, width), np.float32),
+                            errors={})
+        for r, seq in enumerate(seqs):
+            try:
+                one = self.ops.sample(logits[r : r + 1], self.prepare_sampling([seq]))
+            except Exception as e:
+                if self.ops.is_fatal(e):
+                    raise
+                logger.exception("sampling failed for sequence %d of request %s", seq.seq_id,
+                                 seq.request_id)
+                out.errors[r] = f"sampling failed: {type(e).__name__}: {e}"
+                continue
+            out.token_ids[r], out.logprobs[r] = one.token_ids[0], one.logprobs[0]
+            if one.top_ids is not None:
+                k = one.top_ids.shape[1]
+                out.top_ids[r, :k], out.top_logprobs[r, :k] = one.top_ids[0], one.top_logprobs[0]
+        return out
 
     def prepare_inputs(self, batch) -> StepInputs:
         """Host int32 arrays: input_ids, positions, logits_indices, and the attention metadata."""

@@ -87,6 +87,8 @@ class SamplerOutput:
     logprobs: np.ndarray  # (R,) float32, raw logprob of each chosen token
     top_ids: np.ndarray | None = None  # (R, num_logprobs) int32
     top_logprobs: np.ndarray | None = None  # (R, num_logprobs) float32
+    # Rows whose sampling raised (the runner retries row by row): row -> the cause; token -1.
+    errors: dict[int, str] | None = None
 
 
 def get_ops(device: str, dtype: str = "float32"):

@@ -22,6 +22,7 @@ from engine.executor.ops.cuda_sampling import sample_on_device
 
 DTYPES = {"float16": np.float16, "bfloat16": np.uint16}
 _NULL = np.uint64(0)
+_OUT_OF_MEMORY = 2  # cudaErrorMemoryAllocation and CUDA_ERROR_OUT_OF_MEMORY alike
 
 
 def _i32(v) -> np.int32:
@@ -50,6 +51,16 @@ class CudaOps:
         for file in ("gather.cu", "activation.cu", "rms_norm.cu", "rope.cu", "kv_cache.cu",
                      "attention.cu"):
             kernel(file, _first_name(file, self.ctype), self.ctype)  # compile now, fail early
+
+    @staticmethod
+    def is_fatal(error: BaseException) -> bool:
+        """Whether `error` leaves the backend unusable. A CUDA runtime or driver error other
+        than out-of-memory is sticky (an illegal address poisons the whole context: every later
+        call fails too), so the engine cannot go on; an OOM fails a step, not the engine."""
+        if isinstance(error, (cupy.cuda.runtime.CUDARuntimeError,
+                              cupy.cuda.driver.CUDADriverError)):
+            return error.status != _OUT_OF_MEMORY
+        return False
 
     # ---------------------------------------------------------------- checks
 

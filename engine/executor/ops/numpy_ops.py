@@ -16,6 +16,11 @@ class NumpyOps:
     name = "numpy"
     dtype = "float32"
 
+    @staticmethod
+    def is_fatal(error: BaseException) -> bool:
+        """Whether `error` leaves the backend unusable: never on the CPU."""
+        return False
+
     # ---------------------------------------------------------------- memory
 
     def check_model(self, config) -> None:
