@@ -256,8 +256,28 @@ class LLMEngine:
         return [make_output(req) for req in changed.values()]
 
     def _check_alive(self) -> None:
+        if self.is_closed:
+            raise RuntimeError("this engine was shut down; build a new one")
         if self.dead_error is not None:
             raise EngineDeadError(f"the engine stopped: {self.dead_error}") from self.dead_error
+
+    @property
+    def is_closed(self) -> bool:
+        return self.runner is None
+
+    def shutdown(self) -> None:
+        """Drop every request and free the engine's memory: on the GPU the KV cache, weights,
+        decode graphs, cuBLAS workspace and the pool blocks they used. Idempotent; any later
+        call but this one raises RuntimeError."""
+        if self.is_closed:
+            return
+        self._requests.clear()
+        self._seq_states.clear()
+        self._aborted = []
+        # Every reference to a device array goes before the backend hands its pools back.
+        self.runner.close()
+        self.runner = self.model = self.kv_cache = None
+        self.ops.close()
 
     def _fail(self, request_id: str, cause: str, changed: dict[int, _Request]) -> None:
         """End every sequence of the request with finish_reason "error" and `cause`, freeing
@@ -313,6 +333,8 @@ class LLMEngine:
     def _append(self, seq: Sequence, req: _Request, state: SeqState, r: int, token: int,
                 logprob: float, sampled, now: float, changed: dict[int, _Request]) -> None:
         """Row r of `sampled`: append its token to `seq`, check stops, free it if it ends."""
+        if not 0 <= token < self.model_config.vocab_size:  # never hand the detokenizer garbage
+            raise RuntimeError(f"the sampler returned token id {token}, outside the vocabulary")
         seq.token_ids.append(token)
         seq.cumulative_logprob += logprob
         if req.metrics.first_token_time is None:

@@ -104,6 +104,16 @@ class ModelRunner:
         logger.info("captured %d decode CUDA graphs (batch 1..%d) in %.2f s",
                     len(self.graphs.sizes), self.config.max_num_seqs, time.perf_counter() - t)
 
+    def close(self) -> None:
+        """Drop the device memory the runner holds (graphs and their pool, the KV cache, the
+        model); the engine then closes the ops backend."""
+        self.ops.synchronize()
+        if self.graphs is not None:
+            pool = self.graphs.pool
+            self.graphs = None  # the graphs, their static buffers and captured intermediates
+            pool.free_all_blocks()
+        self.kv_cache = self.model = None
+
     # ------------------------------------------------------------------ one step
 
     def run(self, batch, sampling: tuple[list, list[int]]) -> SamplerOutput | None:

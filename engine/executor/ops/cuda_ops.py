@@ -7,6 +7,8 @@ so each wrapper checks shapes, dtypes and contiguity before it launches.
 
 from __future__ import annotations
 
+import gc
+
 import cupy
 import numpy as np
 
@@ -289,6 +291,16 @@ class CudaOps:
 
     def synchronize(self):
         cupy.cuda.get_current_stream().synchronize()
+
+    def close(self) -> None:
+        """Release what this backend holds (its cuBLAS handle and workspace), then hand the
+        memory pools' free blocks back to the driver. The caller has dropped every array it
+        made (weights, KV cache, graphs) first, or their blocks stay in use."""
+        cupy.cuda.Device().synchronize()
+        self._gemm.close()
+        gc.collect()  # arrays caught in reference cycles would otherwise hold their blocks
+        cupy.get_default_memory_pool().free_all_blocks()
+        cupy.get_default_pinned_memory_pool().free_all_blocks()
 
 
 def _first_name(file: str, ctype: str) -> str:

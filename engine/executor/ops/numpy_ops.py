@@ -21,6 +21,9 @@ class NumpyOps:
         """Whether `error` leaves the backend unusable: never on the CPU."""
         return False
 
+    def close(self) -> None:
+        """Nothing to release: numpy arrays go with their last reference."""
+
     # ---------------------------------------------------------------- memory
 
     def check_model(self, config) -> None:
