@@ -120,6 +120,7 @@ def extreme_sampling_params(vocab_size: int):
     token = st.integers(0, vocab_size - 1)
     return st.builds(
         SamplingParams,
+        n=st.integers(1, 3),
         temperature=edges(0.0, 1e-45, 1e-40, 1e-30, 1e-5, 0.7, 1.0, 1e10, 1e38, 1e300,
                           lo=0.0, hi=1e300),
         top_p=edges(1e-50, 1e-45, 1e-30, 1e-8, 0.5, 0.999, 1.0, lo=1e-300, hi=1.0),

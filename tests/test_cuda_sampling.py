@@ -47,9 +47,10 @@ def test_cuda_sampler_is_total(engine, params):
         final.update((o.request_id, o) for o in engine.step() if o.finished)
     assert len(final) == len(params)
     for out in final.values():
-        (c,) = out.outputs
-        assert c.finish_reason in ("stop", "length"), c
-        assert all(0 <= t < VOCAB for t in c.token_ids), c.token_ids
+        assert len(out.outputs) == params[int(out.request_id[1:])].n
+        for c in out.outputs:
+            assert c.finish_reason in ("stop", "length"), c
+            assert all(0 <= t < VOCAB for t in c.token_ids), c.token_ids
     assert engine.get_stats().kv_blocks_used == 0
 
 

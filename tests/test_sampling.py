@@ -255,10 +255,11 @@ def test_sampler_is_total(shared_engine, params):
         final.update((o.request_id, o) for o in e.step() if o.finished)
     assert len(final) == len(params)
     for out in final.values():
-        (c,) = out.outputs
-        assert c.finish_reason in ("stop", "length"), c
-        assert 1 <= len(c.token_ids) <= 3 and all(0 <= t < 512 for t in c.token_ids)
-        assert np.isfinite(c.cumulative_logprob)
+        assert len(out.outputs) == params[int(out.request_id[1:])].n
+        for c in out.outputs:
+            assert c.finish_reason in ("stop", "length"), c
+            assert 1 <= len(c.token_ids) <= 3 and all(0 <= t < 512 for t in c.token_ids)
+            assert np.isfinite(c.cumulative_logprob)
     assert e.get_stats().kv_blocks_used == 0
 
 
