@@ -224,6 +224,9 @@ class LLMEngine:
         self._aborted.append(req)
 
     def has_unfinished_requests(self) -> bool:
+        """False once the engine is dead or shut down: nothing it holds can run any more."""
+        if self.dead_error is not None or self.is_closed:
+            return False
         return bool(self._requests) or bool(self._aborted)
 
     # ------------------------------------------------------------------ one step

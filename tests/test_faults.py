@@ -129,4 +129,5 @@ def test_an_engine_that_cannot_go_on_says_so(make_engine, monkeypatch):
     with pytest.raises(EngineDeadError):
         engine.add_request("r1", PROMPTS["r1"], params())
     assert isinstance(engine.dead_error, EngineDeadError)
+    assert not engine.has_unfinished_requests()  # a serving loop waiting on it stops stepping
     assert not issubclass(EngineDeadError, ValueError)  # never mistaken for a bad request
