@@ -29,7 +29,7 @@ def configure_logging(level: str = "info") -> None:
     numeric = logging.getLevelName(level.upper())
     for name in ("pagedserve", "uvicorn"):  # uvicorn.error and uvicorn.access propagate here
         logger = logging.getLogger(name)
-        logger.handlers, logger.propagate = [handler], False
+        logger.handlers = [handler]  # replaced, so calling this twice does not print twice
         logger.setLevel(numeric)
     quiet = numeric if numeric <= logging.DEBUG else max(numeric, logging.WARNING)
     logging.getLogger("uvicorn.error").setLevel(quiet)

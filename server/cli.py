@@ -16,7 +16,6 @@ from engine.logs import configure_logging, startup_lines
 from engine.model.config import ConfigError, EngineConfig
 
 log = logging.getLogger("pagedserve.cli")
-DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 
 
 class StartupError(RuntimeError):
@@ -204,15 +203,14 @@ def load_engine(config: EngineConfig):
 def serve(args: argparse.Namespace, config: EngineConfig, started: float) -> int:
     import uvicorn
 
-    from server.app import create_app
+    from server.app import DEFAULT_MODEL_NAME, create_app
 
     sock = bind_socket(args.host, args.port)
     engine = load_engine(config)
-    name = args.served_model_name or config.model or DEFAULT_MODEL_NAME
     for line in startup_lines(engine, config.model or f"{DEFAULT_MODEL_NAME} (default)",
                               time.perf_counter() - started):
         log.info(line)
-    app = create_app(config, served_model_name=name, api_key=args.api_key,
+    app = create_app(config, served_model_name=args.served_model_name, api_key=args.api_key,
                      max_waiting_requests=args.max_waiting_requests, make_engine=lambda: engine)
     host, port = sock.getsockname()[:2]
     url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
