@@ -8,6 +8,7 @@ arrives).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
 import logging
@@ -218,13 +219,16 @@ def is_hf_id(model: str | None) -> bool:
     return model is not None and bool(HF_ID.fullmatch(model)) and not Path(model).exists()
 
 
+@functools.cache  # checkpoint_dtype and load_model both ask; look (and log) once per process
 def resolve_hf_id(model: str) -> Path:
     """ORG/NAME -> its snapshot folder: the local Hugging Face cache ($HF_HOME/hub) first, then a
     download unless HF_HUB_OFFLINE=1; else a LoadError saying where it looked."""
     from huggingface_hub import constants, snapshot_download
 
     try:
-        return Path(snapshot_download(model, local_files_only=True))
+        folder = Path(snapshot_download(model, local_files_only=True))
+        logger.info("%s: found in the Hugging Face cache, %s", model, folder)
+        return folder
     except Exception:  # not cached (LocalEntryNotFoundError and kin): try the hub
         pass
     where = f"not in the Hugging Face cache {constants.HF_HUB_CACHE}"
