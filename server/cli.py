@@ -53,7 +53,7 @@ def _port(text: str) -> int:
 
 
 def _engine_flags() -> argparse.ArgumentParser:
-    """The EngineConfig flags, shared by both subcommands."""
+    """The flags both subcommands share: EngineConfig's, and --log-level."""
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("engine")
     g.add_argument("--device", choices=("auto", "cuda", "cpu", "numpy"), default="auto",

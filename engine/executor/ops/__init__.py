@@ -89,7 +89,7 @@ class SamplerOutput:
 
 
 class DeviceError(RuntimeError):
-    """The chosen device cannot run here (no CuPy, no GPU, a dtype it does not compute in)."""
+    """The chosen device cannot run on this machine (no CuPy, no GPU); the message says which."""
 
 
 # The name users type (and vLLM's) for the numpy backend, and the alias it had first.
