@@ -34,7 +34,7 @@ from engine.executor.transformer import Transformer
 from engine.model.config import EngineConfig
 from engine.model.loader import checkpoint_dtype, load_model
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("pagedserve." + __name__)
 
 
 @dataclass
@@ -79,15 +79,11 @@ class LLMEngine:
         engine_config.validate()
         self.config = engine_config
         device = resolve_device(engine_config.device)
-        logger.info("pagedserve device: %s", device)
         dtype = engine_config.dtype
         if dtype == "auto":
             dtype = auto_dtype(device, loaded_model.config.dtype if loaded_model else
                                checkpoint_dtype(engine_config.model))
-        if device == "cuda" and dtype == "float32":
-            raise ValueError("dtype 'float32' is the numpy backend's; the cuda backend computes in "
-                             "'float16' or 'bfloat16'")
-        self.ops = get_ops(device, dtype)
+        self.ops = get_ops(device, dtype, engine_config.cpu_threads)
         if loaded_model is None:
             loaded_model = load_model(engine_config.model, self.ops,
                                       load_format=engine_config.load_format,
@@ -106,7 +102,6 @@ class LLMEngine:
         bs = engine_config.block_size
         self.kv_cache = self.ops.alloc_kv_cache(mc.num_layers, num_blocks, mc.num_kv_heads, bs,
                                                 mc.head_dim)
-        logger.info("KV cache: %d blocks of %d tokens (%d tokens)", num_blocks, bs, num_blocks * bs)
         if num_blocks * bs < self.max_model_len:
             # A sequence longer than the whole pool could only preempt itself forever.
             if engine_config.max_model_len is not None:

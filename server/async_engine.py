@@ -16,6 +16,8 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from engine.logs import StatsLogger
+
 log = logging.getLogger("pagedserve.engine")
 
 
@@ -98,6 +100,7 @@ class AsyncEngine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.stats = None  # last get_stats(); read by handlers, replaced whole by the thread
+        self._stats_log = StatsLogger()  # the "every 10 s while busy" line
 
     # ------------------------------------------------------------ handler side (event loop)
 
@@ -139,11 +142,13 @@ class AsyncEngine:
         try:
             self.engine = self._make_engine()
             self._publish_stats(0)
-        except BaseException as e:  # reported by /health; the server stays up to say why
+        except BaseException as e:  # reported by /health; `pagedserve serve` loads the engine
+            # before it starts serving and exits non-zero instead, so only apps built with a lazy
+            # make_engine get here
             log.exception("loading the engine failed")
             self.load_error = e
             return
-        log.info("engine ready")
+        log.debug("engine ready")
         while True:
             with self._wake:
                 while not (self._commands or self._stopping
@@ -220,3 +225,4 @@ class AsyncEngine:
         self.stats = self.engine.get_stats()
         if self.metrics:
             self.metrics.on_step(num_outputs, self.stats)
+        self._stats_log.on_stats(self.stats)

@@ -20,7 +20,7 @@ from engine.executor.ops import AttentionMetadata, SamplerOutput, SamplingTensor
 from engine.executor.step_inputs import HostBlockTables, StepInputs, build_step_inputs
 from engine.model.config import EngineConfig, ModelConfig
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("pagedserve." + __name__)
 
 # Decode steps replay captured CUDA graphs (cuda_graph.py) unless enforce_eager is set or
 # PAGEDSERVE_DECODE_GRAPHS=0 (a switch for debugging the kernels eagerly).
