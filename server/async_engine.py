@@ -16,6 +16,8 @@ import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from engine.logs import StatsLogger
+
 log = logging.getLogger("pagedserve.engine")
 
 
@@ -67,8 +69,7 @@ class RequestGroup:
         """Every RequestOutput of the group's requests, in arrival order, until all finish."""
         while self.unfinished:
             item = await self.queue.get()
-            if isinstance(item, EngineFault):
-                self.unfinished.clear()  # the engine thread already dropped them all
+            if isinstance(item, EngineFault):  # leaving the group aborts the others
                 raise item
             if item.finished:
                 self.unfinished.discard(item.request_id)
@@ -99,6 +100,7 @@ class AsyncEngine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.stats = None  # last get_stats(); read by handlers, replaced whole by the thread
+        self._stats_log = StatsLogger()  # the "every 10 s while busy" line
 
     # ------------------------------------------------------------ handler side (event loop)
 
@@ -140,11 +142,13 @@ class AsyncEngine:
         try:
             self.engine = self._make_engine()
             self._publish_stats(0)
-        except BaseException as e:  # reported by /health; the server stays up to say why
+        except BaseException as e:  # reported by /health; `pagedserve serve` loads the engine
+            # before it starts serving and exits non-zero instead, so only apps built with a lazy
+            # make_engine get here
             log.exception("loading the engine failed")
             self.load_error = e
             return
-        log.info("engine ready")
+        log.debug("engine ready")
         while True:
             with self._wake:
                 while not (self._commands or self._stopping
@@ -190,6 +194,14 @@ class AsyncEngine:
                 continue
             if out.finished:
                 del self._streams[out.request_id]
+                errors = [c.error for c in out.outputs if c.finish_reason == "error"]
+                if errors:  # this request alone failed (its sampling, stop check, text)
+                    fault = EngineFault(f"the engine failed while running this request: "
+                                        f"{errors[0]}")
+                    stream.loop.call_soon_threadsafe(stream.queue.put_nowait, fault)
+                    if self.metrics:
+                        self.metrics.on_ended("error")
+                    continue
                 if self.metrics:
                     self.metrics.on_finished(out)
             stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
@@ -213,3 +225,4 @@ class AsyncEngine:
         self.stats = self.engine.get_stats()
         if self.metrics:
             self.metrics.on_step(num_outputs, self.stats)
+        self._stats_log.on_stats(self.stats)

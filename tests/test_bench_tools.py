@@ -27,7 +27,7 @@ TINY_CONFIG = {
     "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 1024,
     "tie_word_embeddings": True, "eos_token_id": 1,
 }
-TINY_ARGS = ["--device", "numpy", "--load-format", "dummy", "--num-prompts", "6",
+TINY_ARGS = ["--device", "cpu", "--load-format", "dummy", "--num-prompts", "6",
              "--scale", "0.05", "--no-warmup", "--json"]
 
 

@@ -259,6 +259,35 @@ def test_engine_fault_fails_the_request_and_keeps_serving(server):
     server.wait_idle()
 
 
+def test_one_failing_request_gets_500_naming_the_cause_and_others_go_on(server, monkeypatch):
+    import engine.engine_core as core_module
+
+    check_stop = core_module.check_stop_ids
+
+    def flaky(seq, *a):
+        if seq.sampling_params.max_tokens == 7 and seq.num_output_tokens == 2:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected")
+        return check_stop(seq, *a)
+
+    monkeypatch.setattr(core_module, "check_stop_ids", flaky)
+    body = {"model": MODEL, "prompt": "hi", "ignore_eos": True}
+    results = {}
+
+    def post(name, max_tokens):
+        results[name] = httpx.post(server.url + "/v1/completions", timeout=30,
+                                   json={**body, "max_tokens": max_tokens})
+
+    threads = [threading.Thread(target=post, args=a) for a in (("bad", 7), ("good", 12))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    bad, good = results["bad"], results["good"]
+    assert bad.status_code == 500 and "injected" in bad.json()["error"]["message"]
+    assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 12
+    server.wait_idle()
+
+
 def test_models_tokenize_detokenize(server, client):
     assert [m.id for m in client.models.list()] == [MODEL]
     missing = httpx.get(server.url + "/v1/nothing")

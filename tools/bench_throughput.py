@@ -16,7 +16,7 @@ Usage:
     python tools/bench_throughput.py --model qwen3-0.6b --load-format dummy --device cuda \
         --dtype bfloat16 --no-async-scheduling             # the same, host and GPU serialized
     python tools/bench_throughput.py --model llama3-8b --load-format dummy --device cuda --json
-    python tools/bench_throughput.py --model smollm2-135m --load-format dummy --device numpy \
+    python tools/bench_throughput.py --model smollm2-135m --load-format dummy --device cpu \
         --num-prompts 4 --scale 0.02                       # a tiny CPU run (slow: numpy)
 
 `--scale` shrinks every prompt and output length (at least 1 token each); `--num-prompts` draws
@@ -43,7 +43,7 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
     """The engine flags shared by bench_throughput and seed_table (names follow vLLM)."""
     ap.add_argument("--model", default="qwen3-0.6b", help="HF folder, .gguf file or preset name")
     ap.add_argument("--load-format", default="dummy", choices=("auto", "dummy"))
-    ap.add_argument("--device", default="auto", choices=("auto", "cuda", "numpy"))
+    ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "numpy"))
     ap.add_argument("--dtype", default="auto", choices=("auto", "float16", "bfloat16", "float32"))
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)

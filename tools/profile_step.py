@@ -15,7 +15,7 @@ host works.
 
 Usage:
     python tools/profile_step.py --device cuda --model qwen3-0.6b       # dummy weights
-    python tools/profile_step.py --device numpy                         # tiny model on the CPU
+    python tools/profile_step.py --device cpu                         # tiny model on the CPU
 
 On numpy the model is a tiny random one (vocab 512, hidden 64, 2 layers) so that the forward is
 cheap and the host's share shows; W1's prompts are scaled by `--scale` (0.25 by default there).
@@ -51,7 +51,7 @@ def tiny_engine(max_num_seqs: int, num_kv_blocks: int, block_size: int = 16,
                          tie_word_embeddings=True)
     loaded = types.SimpleNamespace(config=config, tokenizer=None,
                                    weights=dummy_weights(config, NumpyOps(), seed=0))
-    return LLMEngine(EngineConfig(device="numpy", max_num_seqs=max_num_seqs,
+    return LLMEngine(EngineConfig(device="cpu", max_num_seqs=max_num_seqs,
                                   num_kv_blocks=num_kv_blocks, block_size=block_size,
                                   async_scheduling=async_scheduling),
                      loaded_model=loaded)
@@ -152,7 +152,7 @@ def profile_batch(engine, prompts, num_steps: int, sync=None) -> dict:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", default="numpy", choices=("numpy", "cuda"))
+    ap.add_argument("--device", default="cpu", choices=("cpu", "numpy", "cuda"))
     ap.add_argument("--model", default="qwen3-0.6b", help="preset (cuda, dummy weights)")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--batch-sizes", default="1,64,256")
@@ -166,11 +166,12 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.batch_sizes.split(",")]
-    scale = args.scale or (0.25 if args.device == "numpy" else 1.0)
+    on_cpu = args.device != "cuda"
+    scale = args.scale or (0.25 if on_cpu else 1.0)
     prompts, outputs = w1_requests(max(sizes))
-    prompts, _ = scale_requests(prompts, outputs, scale, 512 if args.device == "numpy" else None)
+    prompts, _ = scale_requests(prompts, outputs, scale, 512 if on_cpu else None)
     sync = None
-    if args.device == "numpy":
+    if on_cpu:
         longest = max(len(p) for p in prompts) + args.steps + 16
         engine = tiny_engine(args.max_num_seqs, max(sizes) * (-(-longest // 16)) + 16,
                              async_scheduling=args.async_scheduling)

@@ -20,7 +20,7 @@ otherwise find the first run's prompts in the cache.
 Usage:
     python tools/seed_table.py --model qwen3-0.6b --load-format dummy --device cuda \
         --static-batch-size 32 --chart seed_table.png
-    python tools/seed_table.py --model smollm2-135m --load-format dummy --device numpy \
+    python tools/seed_table.py --model smollm2-135m --load-format dummy --device cpu \
         --num-prompts 4 --scale 0.02 --static-batch-size 2 --json   # tiny CPU run (slow: numpy)
 `--chart` needs matplotlib (`pip install pagedserve[chart]`).
 """

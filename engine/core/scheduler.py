@@ -37,6 +37,19 @@ class ScheduledBatch:
     # core read it).
     is_sampling: list[bool] = field(default_factory=list)
     num_preempted: int = 0  # preemptions made while building this batch
+    # (src, dst) KV blocks to copy before the forward: the partial tails of forked sequences.
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+
+    def sampling_rows(self) -> tuple[list[Sequence], list[int]]:
+        """Who samples this step, in row order, read before advance: the sequences that sample
+        (in batch order), then the waiting forks of those, each sampling its first token from
+        its parent's logits; and for each fork, its parent's row."""
+        seqs = [s for s, sampling in zip(self.seqs, self.is_sampling, strict=True) if sampling]
+        fork_rows = []
+        for row, seq in enumerate(seqs[:]):
+            seqs += seq.forks
+            fork_rows += [row] * len(seq.forks)
+        return seqs, fork_rows
 
     @property
     def num_tokens(self) -> int:
@@ -45,11 +58,6 @@ class ScheduledBatch:
     @property
     def is_empty(self) -> bool:
         return not self.seqs
-
-    @property
-    def sampling_seqs(self) -> list[Sequence]:
-        """The sequences that sample, in batch order (the rows of the sampler's output)."""
-        return [s for s, sampling in zip(self.seqs, self.is_sampling, strict=True) if sampling]
 
     def add(self, seq: Sequence, n: int) -> None:
         self.seqs.append(seq)
@@ -82,6 +90,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_chunked_prefill_steps = 0  # steps where some prefill ran with tokens left over
         self.num_mixed_steps = 0  # steps with both decodes and prefill chunks
+        self._block_copies: list[tuple[int, int]] = []  # made by forks, run by the next batch
 
     # ---- queue -------------------------------------------------------------------------------
 
@@ -185,7 +194,9 @@ class Scheduler:
             if len(self.running) >= self.max_num_seqs:
                 break
             seq = self.waiting[0]
-            if not bm.can_allocate(seq):
+            # A preempted sequence or a fork that found no room may still wait for a token of
+            # the step in flight: admitted now, its prompt would lack it. FCFS: one step's wait.
+            if seq.has_pending_token or not bm.can_allocate(seq):
                 break  # FCFS: nobody overtakes the head of the queue
             self.waiting.popleft()
             bm.allocate(seq)
@@ -198,6 +209,8 @@ class Scheduler:
 
         self.num_preemptions += batch.num_preempted
         if not batch.is_empty:
+            # Copies wait for a forward: none can touch their blocks before one runs.
+            batch.block_copies, self._block_copies = self._block_copies, []
             self.num_steps += 1
             self.num_chunked_prefill_steps += chunked
             self.num_mixed_steps += 0 < num_decodes < len(batch.seqs)
@@ -211,9 +224,12 @@ class Scheduler:
 
     def advance(self, batch: ScheduledBatch) -> None:
         """Count the launched batch as computed (before its sampled tokens are known), so the
-        next schedule() sees where each sequence stands."""
-        for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+        next schedule() sees where each sequence stands; start the forks of a finished prompt."""
+        for seq, n, sampling in zip(batch.seqs, batch.num_new_tokens, batch.is_sampling,
+                                    strict=True):
             seq.num_computed_tokens += n
+            if sampling and seq.forks:
+                self._fork(seq)
 
     def commit(self, batch: ScheduledBatch) -> None:
         """Key for the prefix cache the blocks the advanced batch filled. Call it once every
@@ -226,6 +242,20 @@ class Scheduler:
             if seq.status is running and seq.num_computed_tokens % bs < n:  # a block filled
                 bm.mark_computed(seq)
 
+    def _fork(self, parent: Sequence) -> None:
+        """Start the parent's pending forks on its computed prompt. A fork that finds no room
+        (no free block for its tail, or max_num_seqs running) waits instead, like a preempted
+        sequence: it recomputes its prompt later (mostly prefix-cache hits)."""
+        children, parent.forks = parent.forks, []
+        for child in children:
+            if len(self.running) < self.max_num_seqs and self.block_manager.can_fork(parent):
+                self._block_copies += self.block_manager.fork(parent, child)
+                child.status = SequenceStatus.RUNNING
+                self.running.append(child)
+            else:
+                child.status = SequenceStatus.WAITING
+                self.waiting.appendleft(child)
+
     def finish_step(self, batch: ScheduledBatch) -> None:
         """advance + commit: the synchronous step, whose tokens are all known at launch."""
         self.advance(batch)
@@ -236,6 +266,10 @@ class Scheduler:
     def finish_seq(self, seq: Sequence, reason: str) -> None:
         if seq.status == SequenceStatus.FINISHED:
             return
+        for child in seq.forks:  # ended before its prompt was computed: so do its forks
+            child.status = SequenceStatus.FINISHED
+            child.finish_reason = reason
+        seq.forks = []
         if seq.status == SequenceStatus.RUNNING:
             self.running.remove(seq)
         elif seq in self.waiting:

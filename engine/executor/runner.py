@@ -24,6 +24,7 @@ import time
 
 import numpy as np
 
+from engine.core.outputs import EngineDeadError
 from engine.executor.ops import AttentionMetadata, SamplerOutput, SamplingTensors
 from engine.executor.step_inputs import (
     HostBlockTables,
@@ -33,7 +34,7 @@ from engine.executor.step_inputs import (
 )
 from engine.model.config import EngineConfig, ModelConfig
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("pagedserve." + __name__)
 
 # Decode steps replay captured CUDA graphs (cuda_graph.py) unless enforce_eager is set or
 # PAGEDSERVE_DECODE_GRAPHS=0 (a switch for debugging the kernels eagerly).
@@ -123,20 +124,47 @@ class ModelRunner:
         logger.info("captured %d decode CUDA graphs (batch 1..%d) in %.2f s",
                     len(self.graphs.sizes), self.config.max_num_seqs, time.perf_counter() - t)
 
+    def close(self) -> None:
+        """Drop the device memory the runner holds (graphs and their pool, the KV cache, the
+        model); the engine then closes the ops backend."""
+        self.ops.synchronize()
+        if self.graphs is not None:
+            pool = self.graphs.pool
+            self.graphs = None  # the graphs, their static buffers and captured intermediates
+            pool.free_all_blocks()
+        self.kv_cache = self.model = self._last_sampled = None
+
     # ------------------------------------------------------------------ one step
 
-    def run(self, batch) -> SamplerOutput | None:
+    def run(self, batch, sampling: tuple[list, list[int]]) -> SamplerOutput | None:
         """launch + result: the synchronous step."""
-        return self.launch(batch).result()
+        return self.launch(batch, sampling).result()
 
-    def launch(self, batch) -> StepHandle:
-        """Queue the batch's forward and sampling on the device; read them with .result()."""
+    def launch(self, batch, sampling: tuple[list, list[int]]) -> StepHandle:
+        """Queue the forward and the sampling of one token per row of `sampling`
+        (batch.sampling_rows(): the sequences that sample, and which logits row each fork
+        reads); .result() reads them (None when no row samples)."""
+        try:
+            return self._launch(batch, sampling)
+        except Exception as e:
+            self.raise_if_fatal(e)
+            raise
+
+    def raise_if_fatal(self, e: Exception) -> None:
+        """EngineDeadError if `e` leaves the backend unusable (a lost CUDA context)."""
+        if self.ops.is_fatal(e):
+            raise EngineDeadError(f"the {self.ops.name} backend failed and cannot go on: "
+                                  f"{type(e).__name__}: {e}") from e
+
+    def _launch(self, batch, sampling: tuple[list, list[int]]) -> StepHandle:
         if not batch.seqs:
             return StepHandle(None, self, None)
         ops = self.ops
         inputs = self.prepare_inputs(batch)
         # Device time runs from the first upload; host work before it is not the device's.
         start = ops.record_event() if self.time_gpu else None
+        if batch.block_copies:  # before anything writes after a fork's copied tail
+            ops.copy_blocks(self.kv_cache, batch.block_copies)
         prev = self._last_sampled if inputs.num_placeholders else None
         graphs = self.graphs
         if graphs is not None and inputs.is_decode_only and graphs.can_run(len(batch.seqs)):
@@ -147,13 +175,46 @@ class ModelRunner:
         if not len(inputs.logits_indices):
             self._last_sampled, self._last_rows = None, {}
             return StepHandle(None, self, None if start is None else (start, ops.record_event()))
+        seqs, fork_rows = sampling
+        if fork_rows:  # forks sample from their parent's row
+            rows = np.concatenate([np.arange(len(inputs.logits_indices)), fork_rows])
+            logits = logits[ops.from_host(rows.astype(np.int32))]
         # The forward is queued on the GPU: the sampling settings are built while it runs.
-        seqs = batch.sampling_seqs
-        pending = ops.sample_start(logits, self.prepare_sampling(seqs), prev)
+        try:
+            pending = ops.sample_start(logits, self.prepare_sampling(seqs), prev)
+        except Exception as e:
+            if ops.is_fatal(e):
+                raise
+            pending = _HostSample(self._sample_rows_alone(logits, seqs, prev), ops)
         timing = None if start is None else (start, ops.record_event())
         self._last_sampled = pending.token_ids
         self._last_rows = {seq.seq_id: r for r, seq in enumerate(seqs)}
         return StepHandle(pending, self, timing)
+
+    def _sample_rows_alone(self, logits, seqs: list, prev) -> SamplerOutput:
+        """Sampling the batch raised: sample each row on its own, so that one sequence's bad
+        settings fail that sequence alone (SamplerOutput.errors) and the others go on."""
+        rows = len(seqs)
+        width = max((s.sampling_params.logprobs or 0) for s in seqs)
+        out = SamplerOutput(np.full(rows, -1, np.int32), np.zeros(rows, np.float32),
+                            np.zeros((rows, width), np.int32), np.zeros((rows, width), np.float32),
+                            errors={})
+        for r, seq in enumerate(seqs):
+            try:
+                one = self.ops.sample_start(logits[r : r + 1], self.prepare_sampling([seq]),
+                                            prev).wait()
+            except Exception as e:
+                if self.ops.is_fatal(e):
+                    raise
+                logger.exception("sampling failed for sequence %d of request %s", seq.seq_id,
+                                 seq.request_id)
+                out.errors[r] = f"sampling failed: {type(e).__name__}: {e}"
+                continue
+            out.token_ids[r], out.logprobs[r] = one.token_ids[0], one.logprobs[0]
+            if one.top_ids is not None:
+                k = one.top_ids.shape[1]
+                out.top_ids[r, :k], out.top_logprobs[r, :k] = one.top_ids[0], one.top_logprobs[0]
+        return out
 
     def prepare_inputs(self, batch) -> StepInputs:
         """Host int32 arrays: input_ids, positions, logits_indices, and the attention metadata."""
@@ -189,27 +250,32 @@ class ModelRunner:
         num_rows = len(seqs)
         # One tuple of settings per row; in a batch they are nearly always all equal (one
         # request's defaults, or a benchmark's), and then each column is one np.full.
-        rows = [(p.temperature, p.top_k, p.top_p, p.min_p, p.presence_penalty,
+        # top_k >= vocab keeps every token: capped so that a huge one fits the int32 column.
+        vocab = self.model_config.vocab_size
+        rows = [(p.temperature, min(p.top_k, vocab), p.top_p, p.min_p, p.presence_penalty,
                  p.frequency_penalty, p.repetition_penalty, p.logprobs or 0, p.min_tokens,
                  bool(p.logit_bias)) for p in params]
         if rows.count(rows[0]) == num_rows:
             columns = [np.full(num_rows, v, np.float64) for v in rows[0]]
         else:
             columns = list(np.array(rows, np.float64).T)
+        # A value past float32's range (temperature 1e300) becomes inf; the samplers clamp it.
+        with np.errstate(over="ignore"):
+            f32 = [c.astype(np.float32) for c in columns[:7]]
         try:
             seeds = np.array([s.seed for s in seqs], np.uint64)  # (R,)
         except OverflowError:  # a seed outside [0, 2**64): its low 64 bits
             seeds = np.array([s.seed & 0xFFFFFFFFFFFFFFFF for s in seqs], np.uint64)
         t = SamplingTensors(
-            temperature=columns[0].astype(np.float32),
+            temperature=f32[0],
             top_k=columns[1].astype(np.int32),
-            top_p=columns[2].astype(np.float32),
-            min_p=columns[3].astype(np.float32),
+            top_p=f32[2],
+            min_p=f32[3],
             seeds=seeds,
             steps=np.fromiter((_num_outputs(s) for s in seqs), np.uint32, num_rows),
-            presence_penalty=columns[4].astype(np.float32),
-            frequency_penalty=columns[5].astype(np.float32),
-            repetition_penalty=columns[6].astype(np.float32),
+            presence_penalty=f32[4],
+            frequency_penalty=f32[5],
+            repetition_penalty=f32[6],
             num_logprobs=int(columns[7].max()),
         )
         uses_penalties = (columns[4] != 0) | (columns[5] != 0) | (columns[6] != 1)  # (R,)
@@ -255,7 +321,11 @@ class StepHandle:
         self._pending, self._runner, self._timing = pending, runner, timing
 
     def result(self) -> SamplerOutput | None:
-        out = None if self._pending is None else self._pending.wait()
+        try:
+            out = None if self._pending is None else self._pending.wait()
+        except Exception as e:  # the device failed while running the step
+            self._runner.raise_if_fatal(e)
+            raise
         if self._timing is not None:
             ops = self._runner.ops
             ops.wait_event(self._timing[1])
@@ -263,6 +333,21 @@ class StepHandle:
             self._timing = None
         self._pending = None
         return out
+
+
+class _HostSample:
+    """Rows sampled one by one (the fallback): known at once. The ids the next step's
+    placeholders read go to the device, a failed row's -1 as 0: its request fails, and what the
+    next step computes for it is dropped."""
+
+    __slots__ = ("out", "token_ids")
+
+    def __init__(self, out: SamplerOutput, ops):
+        self.out = out
+        self.token_ids = ops.from_host(np.maximum(out.token_ids, 0).astype(np.int32))
+
+    def wait(self) -> SamplerOutput:
+        return self.out
 
 
 def _num_outputs(seq) -> int:

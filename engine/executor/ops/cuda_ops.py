@@ -7,6 +7,8 @@ so each wrapper checks shapes, dtypes and contiguity before it launches.
 
 from __future__ import annotations
 
+import gc
+
 import cupy
 import numpy as np
 
@@ -22,6 +24,7 @@ from engine.executor.ops.cuda_sampling import DeviceSample, sample_on_device
 
 DTYPES = {"float16": np.float16, "bfloat16": np.uint16}
 _NULL = np.uint64(0)
+_OUT_OF_MEMORY = 2  # cudaErrorMemoryAllocation and CUDA_ERROR_OUT_OF_MEMORY alike
 
 
 def _i32(v) -> np.int32:
@@ -50,6 +53,16 @@ class CudaOps:
         for file in ("gather.cu", "activation.cu", "rms_norm.cu", "rope.cu", "kv_cache.cu",
                      "attention.cu"):
             kernel(file, _first_name(file, self.ctype), self.ctype)  # compile now, fail early
+
+    @staticmethod
+    def is_fatal(error: BaseException) -> bool:
+        """Whether `error` leaves the backend unusable. A CUDA runtime or driver error other
+        than out-of-memory is sticky (an illegal address poisons the whole context: every later
+        call fails too), so the engine cannot go on; an OOM fails a step, not the engine."""
+        if isinstance(error, (cupy.cuda.runtime.CUDARuntimeError,
+                              cupy.cuda.driver.CUDADriverError)):
+            return error.status != _OUT_OF_MEMORY
+        return False
 
     # ---------------------------------------------------------------- checks
 
@@ -123,6 +136,14 @@ class CudaOps:
 
     def kv_bytes_per_token(self, num_layers, num_kv_heads, head_dim) -> int:
         return 2 * num_layers * num_kv_heads * head_dim * 2
+
+    def copy_blocks(self, kv_cache, copies: list[tuple[int, int]]) -> None:
+        """kv_cache[:, :, dst] = kv_cache[:, :, src] for every (src, dst), every layer, k and v.
+        Only forks (n > 1) copy, one small gather per step that has any: CuPy's indexing is
+        enough, no kernel of its own."""
+        self._check(kv_cache, "kv_cache", 6)
+        src, dst = cupy.asarray(np.array(copies, np.int64).reshape(-1, 2).T)
+        kv_cache[:, :, dst] = kv_cache[:, :, src]
 
     # ---------------------------------------------------------------- layers
 
@@ -305,6 +326,16 @@ class CudaOps:
 
     def synchronize(self):
         cupy.cuda.get_current_stream().synchronize()
+
+    def close(self) -> None:
+        """Release what this backend holds (its cuBLAS handle and workspace), then hand the
+        memory pools' free blocks back to the driver. The caller has dropped every array it
+        made (weights, KV cache, graphs) first, or their blocks stay in use."""
+        cupy.cuda.Device().synchronize()
+        self._gemm.close()
+        gc.collect()  # arrays caught in reference cycles would otherwise hold their blocks
+        cupy.get_default_memory_pool().free_all_blocks()
+        cupy.get_default_pinned_memory_pool().free_all_blocks()
 
 
 def _first_name(file: str, ctype: str) -> str:

@@ -18,6 +18,14 @@ class NumpyOps:
     name = "numpy"
     dtype = "float32"
 
+    @staticmethod
+    def is_fatal(error: BaseException) -> bool:
+        """Whether `error` leaves the backend unusable: never on the CPU."""
+        return False
+
+    def close(self) -> None:
+        """Nothing to release: numpy arrays go with their last reference."""
+
     # ---------------------------------------------------------------- memory
 
     def check_model(self, config) -> None:
@@ -44,6 +52,11 @@ class NumpyOps:
 
     def kv_bytes_per_token(self, num_layers, num_kv_heads, head_dim) -> int:
         return 2 * num_layers * num_kv_heads * head_dim * 4
+
+    def copy_blocks(self, kv_cache: np.ndarray, copies: list[tuple[int, int]]) -> None:
+        """kv_cache[:, :, dst] = kv_cache[:, :, src] for every (src, dst), every layer, k and v."""
+        src, dst = np.array(copies, np.int64).reshape(-1, 2).T
+        kv_cache[:, :, dst] = kv_cache[:, :, src]
 
     # ---------------------------------------------------------------- layers
 
