@@ -7,7 +7,10 @@ and `IncrementalDetokenizer`, which turns a growing list of output ids into text
 
 from __future__ import annotations
 
+import functools
 import json
+import re
+import secrets
 from datetime import datetime
 from pathlib import Path
 
@@ -230,9 +233,13 @@ class Tokenizer:
         return self.tokenizer.id_to_token(i)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            tokenize: bool = True, **kwargs) -> list[int] | str:
+                            tokenize: bool = True, special_tokens_in_content: bool = False,
+                            **kwargs) -> list[int] | str:
         """Render `messages` with the model's chat template; ids, or the text if not `tokenize`.
 
+        Special tokens written inside the messages (e.g. a forged `<|im_end|>` in a user's
+        content) are tokenized as plain text, so control tokens come only from the template;
+        `special_tokens_in_content=True` matches them as control tokens, as HF does.
         Extra keyword arguments (e.g. `tools`) become template variables, as in HF.
         """
         if self.chat_template is None:
@@ -242,12 +249,60 @@ class Tokenizer:
             )
         if self._template is None:
             self._template = _compile_template(self.chat_template)
-        text = self._template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs,
-        )
+
+        def render(msgs):
+            return self._template.render(
+                messages=msgs, add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs,
+            )
+
         # The template already wrote any BOS it wants; adding it again would double it.
-        return self.encode(text, add_special_tokens=False) if tokenize else text
+        if not tokenize or special_tokens_in_content or not self.all_special_ids:
+            text = render(messages)
+            return self.encode(text, add_special_tokens=False) if tokenize else text
+        # Each special token in the messages is swapped for a placeholder the client cannot
+        # guess; after rendering, the pieces between placeholders are encoded as usual and each
+        # placeholder as the text of the token it stands for.
+        nonce = secrets.token_hex(8)
+        found: list[str] = []
+
+        def hide(match: re.Match) -> str:
+            found.append(match.group())
+            return f"\ue000{nonce}:{len(found) - 1}\ue001"
+
+        pieces = re.split(f"\ue000{nonce}:(\\d+)\ue001", render(_map_strings(
+            messages, lambda text: self._special_pattern.sub(hide, text))))
+        ids = []
+        for i, piece in enumerate(pieces):
+            if i % 2 == 0:
+                ids += self.encode(piece, add_special_tokens=False) if piece else []
+            else:
+                ids += self._as_text.encode(found[int(piece)], add_special_tokens=False).ids
+        return ids
+
+    @functools.cached_property
+    def _special_pattern(self) -> re.Pattern:
+        special = sorted((self.tokenizer.id_to_token(i) for i in self.all_special_ids),
+                         key=len, reverse=True)  # the longest first: "<|a|>x" before "<|a|>"
+        return re.compile("|".join(re.escape(t) for t in special))
+
+    @functools.cached_property
+    def _as_text(self) -> tokenizers.Tokenizer:
+        """A copy of the tokenizer that spells special tokens as text."""
+        copy = tokenizers.Tokenizer.from_str(self.tokenizer.to_str())
+        copy.encode_special_tokens = True
+        return copy
+
+
+def _map_strings(value, fn):
+    """`value` (JSON-like: dicts, lists, strings) with `fn` applied to every string in it."""
+    if isinstance(value, str):
+        return fn(value)
+    if isinstance(value, dict):
+        return {k: _map_strings(v, fn) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_map_strings(v, fn) for v in value]
+    return value
 
 
 # ---------------------------------------------------------------------------------------------
