@@ -31,6 +31,16 @@ class _Stream:
     is_waiting: bool = True  # no output yet
 
 
+def _deliver(stream: _Stream, callback, *args) -> bool:
+    """Run `callback(*args)` on the stream's event loop; False if that loop has closed (its
+    handler is gone for good), which must not kill the engine thread."""
+    try:
+        stream.loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:
+        return False
+    return True
+
+
 def _resolve(future: asyncio.Future, error: BaseException | None):
     if future.done():  # the handler gave up waiting (client gone)
         return
@@ -171,11 +181,11 @@ class AsyncEngine:
             try:
                 self.engine.add_request(request_id, prompt, params)
             except Exception as e:  # a bad request; the handler turns it into a 400
-                stream.loop.call_soon_threadsafe(_resolve, stream.accepted, e)
+                _deliver(stream, _resolve, stream.accepted, e)
                 return
             self._streams[request_id] = stream
             self._num_waiting += 1
-            stream.loop.call_soon_threadsafe(_resolve, stream.accepted, None)
+            _deliver(stream, _resolve, stream.accepted, None)
         else:
             request_id = command[1]
             if (stream := self._streams.pop(request_id, None)) is not None:
@@ -203,7 +213,8 @@ class AsyncEngine:
                 del self._streams[out.request_id]
                 if self.metrics:
                     self.metrics.on_finished(out)
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+            if not _deliver(stream, stream.queue.put_nowait, out) and not out.finished:
+                self._apply(("abort", out.request_id))
         self._publish_stats(len(outputs))
 
     def _fail_all(self):
@@ -217,7 +228,7 @@ class AsyncEngine:
             except Exception:
                 log.exception("abort of %s after an engine fault failed", request_id)
             error = EngineFault("the engine failed while running this request")
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
+            _deliver(stream, stream.queue.put_nowait, error)
         if self.metrics and streams:
             self.metrics.on_ended("error", len(streams))
 

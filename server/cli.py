@@ -171,19 +171,24 @@ def main(argv: list[str] | None = None) -> int:
 def serve(args: argparse.Namespace, config: EngineConfig) -> int:
     import uvicorn
 
+    logging.basicConfig(level=args.log_level.upper(),
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    uvicorn.run(app_from_args(args, config), host=args.host, port=args.port,
+                log_level=args.log_level)
+    return 0
+
+
+def app_from_args(args: argparse.Namespace, config: EngineConfig, make_engine=None):
+    """The app `serve` runs (the engine loads when the app starts)."""
     from server.app import create_app
     from server.guards import allowed_hosts_for
 
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    app = create_app(config, served_model_name=args.served_model_name,
-                     api_key=args.api_key or os.environ.get("PAGEDSERVE_API_KEY") or None,
-                     max_waiting_requests=args.max_waiting_requests,
-                     allowed_hosts=allowed_hosts_for(args.host, args.allowed_hosts),
-                     allowed_origins=args.allowed_origins or None,
-                     chat_content_special_tokens=args.chat_content_special_tokens)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
-    return 0
+    return create_app(config, served_model_name=args.served_model_name,
+                      api_key=args.api_key or os.environ.get("PAGEDSERVE_API_KEY") or None,
+                      max_waiting_requests=args.max_waiting_requests, make_engine=make_engine,
+                      allowed_hosts=allowed_hosts_for(args.host, args.allowed_hosts),
+                      allowed_origins=args.allowed_origins or None,
+                      chat_content_special_tokens=args.chat_content_special_tokens)
 
 
 def generate(args: argparse.Namespace, config: EngineConfig) -> int:

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import time
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, StreamingResponse
 
 from engine.core.sampling_params import ParamError
@@ -251,8 +251,8 @@ class _SSEResponse(StreamingResponse):
     async def __call__(self, scope, receive, send):
         try:
             await super().__call__(scope, receive, send)
-        except OSError:
-            pass  # the client went away between chunks
+        except (OSError, ClientDisconnect):
+            pass  # the client went away
         finally:
             try:
                 await self.body_iterator.aclose()

@@ -161,8 +161,9 @@ def parse_sampling_params(body: dict, *, chat: bool) -> SamplingParams:
             raise bad_request("logit_bias", "'logit_bias' must map token ids to numbers") from None
     try:
         return SamplingParams(**kw)
-    except ParamError as e:
-        raise bad_request(e.field, str(e)) from None
+    except ParamError as e:  # chat's top_logprobs is SamplingParams' logprobs
+        raise bad_request("top_logprobs" if chat and e.field == "logprobs" else e.field,
+                          str(e)) from None
 
 
 def _number(value) -> float:
