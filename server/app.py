@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
@@ -31,6 +32,7 @@ log = logging.getLogger("pagedserve.server")
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 MAX_BODY_BYTES = 4 * 1024 * 1024
 NO_TOKENIZER = "this model has no tokenizer; send token ids"
+LONG_TEXT = 16_384  # characters; see off_loop
 
 
 @dataclass
@@ -150,6 +152,14 @@ def _depth_exceeds(value, limit: int) -> bool:
     return True
 
 
+async def off_loop(num_chars: int, fn, *args):
+    """fn(*args), on a worker thread when it tokenizes `num_chars` >= LONG_TEXT characters:
+    megabytes take seconds, and the event loop must go on serving everyone else meanwhile."""
+    if num_chars < LONG_TEXT:
+        return fn(*args)
+    return await asyncio.to_thread(fn, *args)
+
+
 def tokenizer_of(engine, param: str):
     """The engine's tokenizer, or a 400 naming `param`, the field that needed it."""
     if engine.tokenizer is None:
@@ -157,13 +167,15 @@ def tokenizer_of(engine, param: str):
     return engine.tokenizer
 
 
-def chat_token_ids(request: Request, engine, messages: list[dict]) -> list[int]:
+async def chat_token_ids(request: Request, engine, messages: list[dict]) -> list[int]:
     """`messages` rendered by the model's chat template, as token ids (400 if it fails)."""
     tokenizer = tokenizer_of(engine, "messages")
     special = request.app.state.settings.chat_content_special_tokens
+    num_chars = sum(len(str(m.get("content"))) for m in messages)
     try:
-        ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True,
-                                            special_tokens_in_content=special)
+        ids = await off_loop(num_chars, functools.partial(
+            tokenizer.apply_chat_template, messages, add_generation_prompt=True, tokenize=True,
+            special_tokens_in_content=special))
     except Exception as e:  # the template's own checks (raise_exception), sandbox refusals
         raise bad_request("messages", f"the chat template failed: {e}") from None
     return [int(t) for t in ids]
@@ -229,12 +241,12 @@ async def tokenize(request: Request):
     engine = ready_engine(request)
     body = await read_json(request)
     if "messages" in body:
-        ids = chat_token_ids(request, engine, parse_messages(body))
+        ids = await chat_token_ids(request, engine, parse_messages(body))
     else:
         prompt = get_field(body, "prompt", "str")
         if prompt is None:
             raise bad_request("prompt", "give 'prompt' (a string) or 'messages'")
-        ids = [int(t) for t in tokenizer_of(engine, "prompt").encode(prompt)]
+        ids = await off_loop(len(prompt), tokenizer_of(engine, "prompt").encode, prompt)
     return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len})
 
 

@@ -18,6 +18,7 @@ from server.app import (
     chat_token_ids,
     check_model,
     check_token_ids,
+    off_loop,
     read_json,
     ready_engine,
     tokenizer_of,
@@ -52,7 +53,7 @@ async def completions(request: Request):
     token_lists = []
     for p in prompts:
         if isinstance(p, str):
-            token_lists.append([int(t) for t in tokenizer_of(engine, "prompt").encode(p)])
+            token_lists.append(await off_loop(len(p), tokenizer_of(engine, "prompt").encode, p))
         else:
             check_token_ids(engine, p, "prompt")
             token_lists.append(p)
@@ -73,7 +74,7 @@ async def chat_completions(request: Request):
     params = parse_sampling_params(body, chat=True)
     stream, include_usage = _stream_flags(body)
     get_field(body, "user", "str")
-    ids = chat_token_ids(request, engine, messages)
+    ids = await chat_token_ids(request, engine, messages)
     _check_length(engine, len(ids), params.max_tokens, "messages")
     call = _Call(request, engine, new_id("chatcmpl"), model, params, chat=True)
     return await call.run([ids], stream, include_usage)

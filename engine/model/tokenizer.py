@@ -224,7 +224,9 @@ class Tokenizer:
         return tokenizer_from_gguf_metadata(gguf_tokenizer_metadata(reader))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        # NOTE: encode_batch releases the GIL where encode holds it, so a server can tokenize
+        # megabytes on a worker thread (seconds) while its event loop goes on serving.
+        return self.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
         return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
@@ -277,7 +279,8 @@ class Tokenizer:
             if i % 2 == 0:
                 ids += self.encode(piece, add_special_tokens=False) if piece else []
             else:
-                ids += self._as_text.encode(found[int(piece)], add_special_tokens=False).ids
+                ids += self._as_text.encode_batch([found[int(piece)]],
+                                                  add_special_tokens=False)[0].ids
         return ids
 
     @functools.cached_property
