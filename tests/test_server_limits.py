@@ -152,6 +152,10 @@ def test_host_and_origin_flags():
     assert args.allowed_hosts == ["a.lan", "b.lan", "c.lan"]
     assert args.allowed_origins == ["https://app.example"]
     assert not args.chat_content_special_tokens
+    app = app_from_args(args, engine_config_from_args(args), make_engine=lambda: None)
+    results = _asgi_calls(app, [lambda http, h=h: http.get("/health", headers={"Host": h})
+                                for h in ("b.lan:80", "localhost", "d.lan")])
+    assert [r.status_code for r in results] == [503, 503, 421]  # 503: no engine ever loads
 
 
 def _asgi_calls(app, calls):

@@ -105,9 +105,11 @@ def random_body(rng: random.Random) -> dict:
     if rng.random() < 0.5:
         body["prompt"] = rng.choice(["hi", "Once upon a time", [1, 2, 3], ["a", "b"]])
         body["messages"] = [{"role": rng.choice(["user", "system"]), "content": junk(rng)}]
-    if rng.random() < 0.8:  # bounded work: long generations are load, not abuse
+    # Bounded work: a missing or null max_tokens lets a chat run to max_model_len, which is
+    # load, not abuse; a junk value (rarely valid, then below 100) is kept one time in five.
+    body.pop("max_completion_tokens", None)
+    if rng.random() < 0.8 or body.get("max_tokens") is None:
         body["max_tokens"] = rng.choice([1, 2, 4])
-        body.pop("max_completion_tokens", None)
     if isinstance(body.get("n"), int) and body["n"] > 4 and rng.random() < 0.9:
         body["n"] = 2
     return body
