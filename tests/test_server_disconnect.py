@@ -165,3 +165,19 @@ def test_long_prompt_does_not_stall_the_others(server):
         pytest.skip("the long prompt was tokenized too fast to measure anything")
     # Blocked behind the tokenization, /health would be answered with the long request.
     assert done["health"] < done["big"] - 0.2, (done["health"] - start, done["big"] - start)
+
+
+def test_hammer_tool_runs(server):
+    """tools/hammer.py end to end at a tiny scale (the fuzz cases have their own test)."""
+    import argparse
+    import os
+
+    from tools import hammer
+
+    args = argparse.Namespace(url=server.url, pid=os.getpid(), api_key=None, streams=8,
+                              disconnects=4, fuzz=0, max_tokens=4, timeout=60, seed=0)
+    report = asyncio.run(hammer.run(args))
+    assert report["phases"]["streams"]["status"] == {200: 8}
+    assert report["phases"]["disconnects"]["status"] == {200: 4}
+    assert (report["num_5xx"], report["num_hangs"], report["kv_blocks_used_at_end"]) == (0, 0, 0)
+    assert report["normal_request_after"] == 200 and report["rss_mib_at_end"]["total"] > 0
