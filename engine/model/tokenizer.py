@@ -10,15 +10,12 @@ from __future__ import annotations
 import functools
 import json
 import re
-import secrets
-from datetime import datetime
 from pathlib import Path
 
-import jinja2
-import jinja2.ext
-import jinja2.sandbox
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+
+from engine.model.chat_template import compile_template, render_split
 
 # GGUF token types (llama.cpp's llama_token_type)
 TOKEN_TYPE_CONTROL = 3
@@ -146,27 +143,7 @@ def tokenizer_from_gguf_metadata(meta: dict) -> Tokenizer:
 
 
 # ---------------------------------------------------------------------------------------------
-# Chat templates, rendered the way HF transformers renders them
-
-
-def _raise_exception(message):
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-    # HF's tojson keeps non-ASCII text as is (jinja's built-in escapes it and HTML characters).
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                      sort_keys=sort_keys)
-
-
-def _compile_template(source: str) -> jinja2.Template:
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
-    )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(source)
+# Chat templates (engine/model/chat_template.py renders them)
 
 
 def _pick_template(chat_template) -> str | None:
@@ -250,7 +227,7 @@ class Tokenizer:
                 "tokenizer.chat_template in the GGUF); use a plain completion prompt instead"
             )
         if self._template is None:
-            self._template = _compile_template(self.chat_template)
+            self._template = compile_template(self.chat_template)
 
         def render(msgs):
             return self._template.render(
@@ -262,25 +239,12 @@ class Tokenizer:
         if not tokenize or special_tokens_in_content or not self.all_special_ids:
             text = render(messages)
             return self.encode(text, add_special_tokens=False) if tokenize else text
-        # Each special token in the messages is swapped for a placeholder the client cannot
-        # guess; after rendering, the pieces between placeholders are encoded as usual and each
-        # placeholder as the text of the token it stands for.
-        nonce = secrets.token_hex(8)
-        found: list[str] = []
-
-        def hide(match: re.Match) -> str:
-            found.append(match.group())
-            return f"\ue000{nonce}:{len(found) - 1}\ue001"
-
-        pieces = re.split(f"\ue000{nonce}:(\\d+)\ue001", render(_map_strings(
-            messages, lambda text: self._special_pattern.sub(hide, text))))
         ids = []
-        for i, piece in enumerate(pieces):
-            if i % 2 == 0:
-                ids += self.encode(piece, add_special_tokens=False) if piece else []
-            else:
-                ids += self._as_text.encode_batch([found[int(piece)]],
-                                                  add_special_tokens=False)[0].ids
+        for piece, is_client_special in render_split(render, messages, self._special_pattern):
+            if is_client_special:  # spelled with ordinary tokens
+                ids += self._as_text.encode_batch([piece], add_special_tokens=False)[0].ids
+            elif piece:
+                ids += self.encode(piece, add_special_tokens=False)
         return ids
 
     @functools.cached_property
@@ -295,17 +259,6 @@ class Tokenizer:
         copy = tokenizers.Tokenizer.from_str(self.tokenizer.to_str())
         copy.encode_special_tokens = True
         return copy
-
-
-def _map_strings(value, fn):
-    """`value` (JSON-like: dicts, lists, strings) with `fn` applied to every string in it."""
-    if isinstance(value, str):
-        return fn(value)
-    if isinstance(value, dict):
-        return {k: _map_strings(v, fn) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_map_strings(v, fn) for v in value]
-    return value
 
 
 # ---------------------------------------------------------------------------------------------
