@@ -53,12 +53,13 @@ async def completions(request: Request):
     token_lists = []
     for p in prompts:
         if isinstance(p, str):
-            token_lists.append(await off_loop(len(p), tokenizer_of(engine, "prompt").encode, p))
+            ids = await off_loop(len(p), tokenizer_of(engine, "prompt").encode, p)
         else:
+            ids = p
+        _check_length(engine, len(ids), params.max_tokens, "prompt")  # before a long id check
+        if ids is p:
             check_token_ids(engine, p, "prompt")
-            token_lists.append(p)
-    for ids in token_lists:
-        _check_length(engine, len(ids), params.max_tokens, "prompt")
+        token_lists.append(ids)
     call = _Call(request, engine, new_id("cmpl"), model, params, chat=False)
     if echo:
         call.echo = [p if isinstance(p, str) else tokenizer_of(engine, "echo").decode(p)
