@@ -24,7 +24,7 @@ from engine.core.outputs import (
     RequestMetrics,
     RequestOutput,
 )
-from engine.core.sampling_params import SamplingParams
+from engine.core.sampling_params import ParamError, SamplingParams
 from engine.core.scheduler import Scheduler
 from engine.core.sequence import Sequence
 from engine.core.stopping import SeqState, check_stop, text_delta
@@ -197,14 +197,16 @@ class LLMEngine:
         return text, ids
 
     def _check_params(self, p: SamplingParams):
+        if p.n > self.config.max_num_seqs:  # the n sequences must fit in one batch
+            raise ParamError("n", f"n ({p.n}) must be <= max_num_seqs ({self.config.max_num_seqs})")
         vocab = self.model_config.vocab_size
         for name, ids in (("logit_bias", p.logit_bias), ("stop_token_ids", p.stop_token_ids)):
             for t in ids:
                 if not 0 <= t < vocab:
-                    raise ValueError(f"{name} has token id {t}, outside the vocabulary "
-                                     f"(vocab_size {vocab})")
+                    raise ParamError(name, f"{name} has token id {t}, outside the vocabulary "
+                                           f"(vocab_size {vocab})")
         if p.stop_list and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer, and the model has none")
+            raise ParamError("stop", "stop strings need a tokenizer, and the model has none")
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its blocks; a request that already finished is ignored."""

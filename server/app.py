@@ -8,26 +8,31 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
+import functools
 import json
 import logging
 import time
 from dataclasses import dataclass
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from engine.core.limits import MAX_JSON_DEPTH
 from engine.model.config import EngineConfig
 from server.async_engine import AsyncEngine
+from server.guards import LOOPBACK_HOSTS, HostGuard, RequestGuard
 from server.metrics import ServerMetrics
 from server.protocol import APIError, bad_request, get_field, parse_messages
 
 log = logging.getLogger("pagedserve.server")
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 MAX_BODY_BYTES = 4 * 1024 * 1024
-OPEN_PATHS = ("/health", "/metrics")  # probes and scrapers carry no key
+NO_TOKENIZER = "this model has no tokenizer; send token ids"
+LONG_TEXT = 16_384  # characters; see off_loop
 
 
 @dataclass
@@ -36,12 +41,20 @@ class ServerSettings:
     api_key: str | None = None
     max_waiting_requests: int | None = None  # None: no limit
     max_body_bytes: int = MAX_BODY_BYTES
+    chat_content_special_tokens: bool = False  # True: HF's way, a client may forge turns
 
 
 def create_app(engine_config: EngineConfig | None = None, *, served_model_name: str | None = None,
                api_key: str | None = None, max_waiting_requests: int | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES, make_engine=None) -> Starlette:
-    """An app that loads the engine in the background; `make_engine` replaces LLMEngine(config)."""
+               max_body_bytes: int = MAX_BODY_BYTES, make_engine=None,
+               allowed_hosts: list[str] | None = LOOPBACK_HOSTS,
+               allowed_origins: list[str] | None = None,
+               chat_content_special_tokens: bool = False) -> Starlette:
+    """An app that loads the engine in the background; `make_engine` replaces LLMEngine(config).
+
+    `allowed_hosts`: the Host names served (None: any); `allowed_origins`: the web origins CORS
+    lets in (None: CORS off). server/guards.py says why.
+    """
     from server.openai_routes import chat_completions, completions
 
     config = engine_config or EngineConfig()
@@ -54,7 +67,7 @@ def create_app(engine_config: EngineConfig | None = None, *, served_model_name: 
     metrics = ServerMetrics()
     engine = AsyncEngine(make_engine, metrics)
     settings = ServerSettings(served_model_name or config.model or DEFAULT_MODEL_NAME, api_key,
-                              max_waiting_requests, max_body_bytes)
+                              max_waiting_requests, max_body_bytes, chat_content_special_tokens)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -73,9 +86,17 @@ def create_app(engine_config: EngineConfig | None = None, *, served_model_name: 
         Route("/version", version, methods=["GET"]),
     ]
     handlers = {APIError: _api_error, 404: _not_found, 405: _not_allowed, Exception: _crash}
-    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
+    # The first is the outermost: a wrong Host is refused before anything else; a CORS preflight
+    # is answered before the key check (browsers send no key on it).
+    middleware = [Middleware(HostGuard, allowed=allowed_hosts)]
+    if allowed_origins:
+        middleware.append(Middleware(CORSMiddleware, allow_origins=allowed_origins,
+                                     allow_methods=["GET", "POST"],
+                                     allow_headers=["Authorization", "Content-Type"]))
+    middleware.append(Middleware(RequestGuard, api_key=api_key))
+    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan,
+                    middleware=middleware)
     app.state.engine, app.state.metrics, app.state.settings = engine, metrics, settings
-    app.add_middleware(_ApiKeyGuard, api_key=api_key)
     return app
 
 
@@ -106,13 +127,59 @@ async def read_json(request: Request) -> dict:
         if size > limit:
             raise too_big
         chunks.append(chunk)
+    too_deep = bad_request("body", f"the JSON body nests arrays and objects more than "
+                                   f"{MAX_JSON_DEPTH} deep")
     try:
         body = json.loads(b"".join(chunks))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an int of 4300+ digits
         raise bad_request("body", f"malformed JSON body: {e}") from None
+    except RecursionError:  # the parser recurses per level; far past MAX_JSON_DEPTH
+        raise too_deep from None
     if not isinstance(body, dict):
         raise bad_request("body", "the JSON body must be an object")
+    if _depth_exceeds(body, MAX_JSON_DEPTH):
+        raise too_deep
     return body
+
+
+def _depth_exceeds(value, limit: int) -> bool:
+    """Whether arrays and objects nest more than `limit` deep (the body itself is depth 1)."""
+    level = [value]
+    for _ in range(limit):
+        level = [c for v in level for c in (v.values() if isinstance(v, dict) else v)
+                 if isinstance(c, (dict, list))]
+        if not level:
+            return False
+    return True
+
+
+async def off_loop(num_chars: int, fn, *args):
+    """fn(*args), on a worker thread when it tokenizes `num_chars` >= LONG_TEXT characters:
+    megabytes take seconds, and the event loop must go on serving everyone else meanwhile."""
+    if num_chars < LONG_TEXT:
+        return fn(*args)
+    return await asyncio.to_thread(fn, *args)
+
+
+def tokenizer_of(engine, param: str):
+    """The engine's tokenizer, or a 400 naming `param`, the field that needed it."""
+    if engine.tokenizer is None:
+        raise bad_request(param, f"'{param}' needs a tokenizer, but {NO_TOKENIZER}")
+    return engine.tokenizer
+
+
+async def chat_token_ids(request: Request, engine, messages: list[dict]) -> list[int]:
+    """`messages` rendered by the model's chat template, as token ids (400 if it fails)."""
+    tokenizer = tokenizer_of(engine, "messages")
+    special = request.app.state.settings.chat_content_special_tokens
+    num_chars = sum(len(str(m.get("content"))) for m in messages)
+    try:
+        ids = await off_loop(num_chars, functools.partial(
+            tokenizer.apply_chat_template, messages, add_generation_prompt=True, tokenize=True,
+            special_tokens_in_content=special))
+    except Exception as e:  # the template's own checks (raise_exception), sandbox refusals
+        raise bad_request("messages", f"the chat template failed: {e}") from None
+    return [int(t) for t in ids]
 
 
 def check_model(request: Request, body: dict) -> str:
@@ -189,18 +256,12 @@ async def tokenize(request: Request):
     engine = ready_engine(request)
     body = await read_json(request)
     if "messages" in body:
-        messages = parse_messages(body)
-        try:
-            ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                       tokenize=True)
-        except Exception as e:
-            raise bad_request("messages", f"the chat template failed: {e}") from None
+        ids = await chat_token_ids(request, engine, parse_messages(body))
     else:
         prompt = get_field(body, "prompt", "str")
         if prompt is None:
             raise bad_request("prompt", "give 'prompt' (a string) or 'messages'")
-        ids = engine.tokenizer.encode(prompt)
-    ids = [int(t) for t in ids]
+        ids = await off_loop(len(prompt), tokenizer_of(engine, "prompt").encode, prompt)
     return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len})
 
 
@@ -211,7 +272,8 @@ async def detokenize(request: Request):
     if tokens is None:
         raise bad_request("tokens", "'tokens' is required")
     check_token_ids(engine, tokens, "tokens")
-    return JSONResponse({"prompt": engine.tokenizer.decode(tokens, skip_special_tokens=False)})
+    text = tokenizer_of(engine, "tokens").decode(tokens, skip_special_tokens=False)
+    return JSONResponse({"prompt": text})
 
 
 def check_token_ids(engine, ids: list, param: str):
@@ -221,7 +283,7 @@ def check_token_ids(engine, ids: list, param: str):
             raise bad_request(param, f"'{param}' holds {t!r}, not a token id in [0, {vocab})")
 
 
-# ---------------------------------------------------------------- errors and auth
+# ---------------------------------------------------------------- errors
 
 
 async def _api_error(request, exc: APIError):
@@ -239,20 +301,3 @@ async def _not_allowed(request, exc):
 async def _crash(request, exc):
     log.exception("unhandled error", exc_info=exc)
     return APIError(500, f"internal error: {exc}", type="server_error").response()
-
-
-class _ApiKeyGuard:
-    """401 unless `Authorization: Bearer <key>` matches; OPEN_PATHS stay open."""
-
-    def __init__(self, app, api_key: str | None):
-        self.app, self.api_key = app, api_key
-
-    async def __call__(self, scope, receive, send):
-        if self.api_key and scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
-            header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-            if not hmac.compare_digest(header.encode(), f"Bearer {self.api_key}".encode()):
-                message = "missing API key" if not header else "invalid API key"
-                error = APIError(401, message, type="authentication_error", code="invalid_api_key")
-                await error.response()(scope, receive, send)
-                return
-        await self.app(scope, receive, send)

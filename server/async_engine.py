@@ -30,6 +30,17 @@ class _Stream:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue  # the group's: RequestOutputs and EngineFaults of all its requests
     accepted: asyncio.Future  # resolved once add_request returned (or raised)
+    is_waiting: bool = True  # no output yet
+
+
+def _deliver(stream: _Stream, callback, *args) -> bool:
+    """Run `callback(*args)` on the stream's event loop; False if that loop has closed (its
+    handler is gone for good), which must not kill the engine thread."""
+    try:
+        stream.loop.call_soon_threadsafe(callback, *args)
+    except RuntimeError:
+        return False
+    return True
 
 
 def _resolve(future: asyncio.Future, error: BaseException | None):
@@ -97,6 +108,7 @@ class AsyncEngine:
         self._commands: collections.deque = collections.deque()
         self._wake = threading.Condition()
         self._streams: dict[str, _Stream] = {}  # engine thread only
+        self._num_waiting = 0  # streams with is_waiting; written by the engine thread only
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.stats = None  # last get_stats(); read by handlers, replaced whole by the thread
@@ -109,10 +121,11 @@ class AsyncEngine:
         return self.engine is not None and self.stats is not None
 
     @property
-    def num_waiting(self) -> int:
-        """Requests waiting in the engine plus those not yet handed to it."""
+    def num_waiting_requests(self) -> int:
+        """Requests (not sequences: n does not count) admitted that have no output yet, plus
+        those not yet handed to the engine; what --max-waiting-requests bounds."""
         pending = sum(1 for c in list(self._commands) if c[0] == "add")
-        return (self.stats.num_waiting if self.stats else 0) + pending
+        return self._num_waiting + pending
 
     def start(self):
         self._thread = threading.Thread(target=self._run, name="pagedserve-engine", daemon=True)
@@ -149,6 +162,9 @@ class AsyncEngine:
             self.load_error = e
             return
         log.debug("engine ready")
+        if getattr(self.engine, "tokenizer", None) is None:
+            log.warning("this model has no tokenizer: text prompts, chat and /tokenize answer "
+                        "400; send token ids")
         while True:
             with self._wake:
                 while not (self._commands or self._stopping
@@ -169,13 +185,15 @@ class AsyncEngine:
             try:
                 self.engine.add_request(request_id, prompt, params)
             except Exception as e:  # a bad request; the handler turns it into a 400
-                stream.loop.call_soon_threadsafe(_resolve, stream.accepted, e)
+                _deliver(stream, _resolve, stream.accepted, e)
                 return
             self._streams[request_id] = stream
-            stream.loop.call_soon_threadsafe(_resolve, stream.accepted, None)
+            self._num_waiting += 1
+            _deliver(stream, _resolve, stream.accepted, None)
         else:
             request_id = command[1]
-            if self._streams.pop(request_id, None) is not None:
+            if (stream := self._streams.pop(request_id, None)) is not None:
+                self._num_waiting -= stream.is_waiting
                 self.engine.abort(request_id)
                 if self.metrics:
                     self.metrics.on_ended("abort")
@@ -192,6 +210,9 @@ class AsyncEngine:
             stream = self._streams.get(out.request_id)
             if stream is None:
                 continue
+            if stream.is_waiting:
+                stream.is_waiting = False
+                self._num_waiting -= 1
             if out.finished:
                 del self._streams[out.request_id]
                 errors = [c.error for c in out.outputs if c.finish_reason == "error"]
@@ -204,20 +225,22 @@ class AsyncEngine:
                     continue
                 if self.metrics:
                     self.metrics.on_finished(out)
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
+            if not _deliver(stream, stream.queue.put_nowait, out) and not out.finished:
+                self._apply(("abort", out.request_id))
         self._publish_stats(len(outputs))
 
     def _fail_all(self):
         # Which sequences the failed step held is the scheduler's secret; every request in flight
         # may share its corrupted state, so all of them are failed and aborted.
         streams, self._streams = self._streams, {}
+        self._num_waiting = 0
         for request_id, stream in streams.items():
             try:
                 self.engine.abort(request_id)
             except Exception:
                 log.exception("abort of %s after an engine fault failed", request_id)
             error = EngineFault("the engine failed while running this request")
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
+            _deliver(stream, stream.queue.put_nowait, error)
         if self.metrics and streams:
             self.metrics.on_ended("error", len(streams))
 
