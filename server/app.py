@@ -21,13 +21,15 @@ from starlette.routing import Route
 
 from engine.model.config import EngineConfig
 from server.async_engine import AsyncEngine
+from server.dashboard import DashboardFeed, dashboard_routes
 from server.metrics import ServerMetrics
 from server.protocol import APIError, bad_request, get_field, parse_messages
 
 log = logging.getLogger("pagedserve.server")
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
 MAX_BODY_BYTES = 4 * 1024 * 1024
-OPEN_PATHS = ("/health", "/metrics")  # probes and scrapers carry no key
+# Probes and scrapers carry no key; the dashboard page holds no data (its feed needs the key).
+OPEN_PATHS = ("/health", "/metrics", "/dashboard")
 
 
 @dataclass
@@ -40,7 +42,8 @@ class ServerSettings:
 
 def create_app(engine_config: EngineConfig | None = None, *, served_model_name: str | None = None,
                api_key: str | None = None, max_waiting_requests: int | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES, make_engine=None) -> Starlette:
+               max_body_bytes: int = MAX_BODY_BYTES, make_engine=None,
+               dashboard: bool = True) -> Starlette:
     """An app that loads the engine in the background; `make_engine` replaces LLMEngine(config)."""
     from server.openai_routes import chat_completions, completions
 
@@ -71,9 +74,12 @@ def create_app(engine_config: EngineConfig | None = None, *, served_model_name: 
         Route("/tokenize", tokenize, methods=["POST"]),
         Route("/detokenize", detokenize, methods=["POST"]),
     ]
+    if dashboard:
+        routes += dashboard_routes()
     handlers = {APIError: _api_error, 404: _not_found, 405: _not_allowed, Exception: _crash}
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
     app.state.engine, app.state.metrics, app.state.settings = engine, metrics, settings
+    app.state.dashboard = DashboardFeed(engine.snapshot)
     app.add_middleware(_ApiKeyGuard, api_key=api_key)
     return app
 

@@ -13,6 +13,7 @@ import asyncio
 import collections
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -31,10 +32,14 @@ class _Stream:
 
 
 def _resolve(future: asyncio.Future, error: BaseException | None):
+    _settle(future, None, error)
+
+
+def _settle(future: asyncio.Future, result, error: BaseException | None):
     if future.done():  # the handler gave up waiting (client gone)
         return
     if error is None:
-        future.set_result(None)
+        future.set_result(result)
     else:
         future.set_exception(error)
 
@@ -98,6 +103,7 @@ class AsyncEngine:
         self._stopping = False
         self._thread: threading.Thread | None = None
         self.stats = None  # last get_stats(); read by handlers, replaced whole by the thread
+        self.busy_s = 0.0  # time spent inside engine.step(), for the dashboard's step time
 
     # ------------------------------------------------------------ handler side (event loop)
 
@@ -127,6 +133,18 @@ class AsyncEngine:
 
     def abort(self, request_id: str):
         self._send(("abort", request_id))
+
+    async def snapshot(self, since: int | None) -> dict:
+        """The dashboard's hook: LLMEngine.snapshot(since), taken by the engine thread between
+        two steps (the engine is not thread-safe); LookupError while the engine is not ready."""
+        if not self.is_ready or self._thread is None or not self._thread.is_alive():
+            raise LookupError("the engine is not running")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._send(("snapshot", since, loop, future))
+        snap = await future
+        snap["stats"]["busy_s"] = self.busy_s
+        return snap
 
     def _send(self, command: tuple):
         with self._wake:
@@ -168,6 +186,13 @@ class AsyncEngine:
                 return
             self._streams[request_id] = stream
             stream.loop.call_soon_threadsafe(_resolve, stream.accepted, None)
+        elif command[0] == "snapshot":
+            _, since, loop, future = command
+            try:
+                snap, error = self.engine.snapshot(since), None
+            except Exception as e:  # a dashboard bug must never stop the engine
+                snap, error = None, e
+            loop.call_soon_threadsafe(_settle, future, snap, error)
         else:
             request_id = command[1]
             if self._streams.pop(request_id, None) is not None:
@@ -176,6 +201,7 @@ class AsyncEngine:
                     self.metrics.on_ended("abort")
 
     def _step(self):
+        start = time.perf_counter()
         try:
             outputs = self.engine.step()
         except Exception:
@@ -183,6 +209,8 @@ class AsyncEngine:
             self._fail_all()
             self._publish_stats(0)
             return
+        finally:
+            self.busy_s += time.perf_counter() - start
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:

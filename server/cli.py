@@ -106,6 +106,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-waiting-requests", type=_positive_int, default=None, metavar="N",
                    help="answer 429 while N requests already wait for a batch slot "
                         "(default: no limit)")
+    s.add_argument("--no-dashboard", dest="dashboard", action="store_false",
+                   help="turn off the live dashboard at /dashboard (and its feed)")
     s.add_argument("--log-level", default="info",
                    choices=("critical", "error", "warning", "info", "debug"),
                    help="logging verbosity (default: info)")
@@ -123,6 +125,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sampling temperature; 0 = greedy (default: 0)")
     g.add_argument("--chat", action="store_true",
                    help="wrap PROMPT as a user message in the model's chat template")
+    t = sub.add_parser("trace", parents=[engine_flags], help="record every step of a small "
+                       "workload to JSON, for the dashboard to replay",
+                       description="Run a teaching workload and record each step's schedule and "
+                                   "block-table changes; open /dashboard and load the file.")
+    t.add_argument("workload", choices=("shared-prefix", "preemption"),
+                   help="shared-prefix: three requests share a cached prefix; preemption: a "
+                        "tiny KV pool runs out and the newest request is preempted")
+    t.add_argument("--model", default=None, help="as for generate (default: SmolLM2-135M)")
+    t.add_argument("--out", default=None, metavar="FILE",
+                   help="where to write the trace (default: WORKLOAD.trace.json)")
     return parser
 
 
@@ -145,6 +157,10 @@ def main(argv: list[str] | None = None) -> int:
         config = engine_config_from_args(args)
         if args.command == "serve":
             return serve(args, config)
+        if args.command == "trace":
+            from server.trace import trace
+
+            return trace(args, config)
         return generate(args, config)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         # Mistakes a user can make (bad path, unknown preset, prompt too long): one clear line.
@@ -160,7 +176,7 @@ def serve(args: argparse.Namespace, config: EngineConfig) -> int:
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     app = create_app(config, served_model_name=args.served_model_name, api_key=args.api_key,
-                     max_waiting_requests=args.max_waiting_requests)
+                     max_waiting_requests=args.max_waiting_requests, dashboard=args.dashboard)
     uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
     return 0
 
