@@ -29,6 +29,9 @@ STATIC = Path(__file__).parent / "static"
 TRACES = STATIC / "traces"
 UPDATES_PER_S = 10
 MAX_BACKLOG = 20  # a viewer this many updates behind is resent a keyframe instead
+# A feed response ends after this long and the page reconnects at once: uvicorn waits for open
+# responses before it stops, and a feed would otherwise never end.
+MAX_STREAM_S = 15.0
 
 # since -> snapshot dict; raises LookupError while the engine is not ready.
 SnapshotFn = Callable[[int | None], Awaitable[dict]]
@@ -97,8 +100,10 @@ async def events(request: Request):
     queue = feed.subscribe()
 
     async def stream():
+        loop = asyncio.get_running_loop()
+        end = loop.time() + MAX_STREAM_S
         try:
-            while True:
+            while loop.time() < end:
                 yield f"data: {await queue.get()}\n\n"
         finally:
             feed.unsubscribe(queue)

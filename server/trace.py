@@ -55,7 +55,8 @@ WORKLOADS = {
          Arrival(4, "req-c", PREFIX + _ids(4000, 5), 6, "req-c arrives: the same prefix again")]),
     "preemption": Workload(
         "three requests grow in a pool of 12 blocks until it runs out: the newest is preempted, "
-        "its blocks freed, and it is recomputed later (mostly prefix-cache hits)",
+        "its blocks are freed, and it waits at the head of the queue until the others finish, "
+        "then recomputes its prompt and the tokens it had generated",
         dict(block_size=4, num_kv_blocks=12, max_num_seqs=8, max_num_batched_tokens=32,
              max_model_len=48),
         [Arrival(1, "req-a", _ids(100, 8), 14, "req-a and req-b arrive: 2 blocks each"),
@@ -117,7 +118,8 @@ def record(engine, workload: Workload, name: str, max_steps: int = 500) -> dict:
         version, generated = snap["v"], snap["stats"]["generation_tokens_total"]
         step += 1
     return {"format": "pagedserve-trace", "version": 1, "workload": name,
-            "description": workload.description, "model": engine.config.model or "default",
+            "description": workload.description,
+            "model": engine.config.model or "SmolLM2-135M-Instruct (the default)",
             "num_blocks": engine.num_kv_blocks, "block_size": engine.config.block_size,
             "frames": frames}
 

@@ -3,6 +3,7 @@ example traces shipped with the page (the browser itself: tests/test_dashboard_b
 
 import asyncio
 import json
+import time
 
 import pytest
 
@@ -117,6 +118,18 @@ def test_page_is_open_but_the_feed_and_traces_need_the_key(serve):
     assert first["kind"] == "key" and second["kind"] == "delta"
     assert second["v"] == first["v"] + 1
     assert first["num_blocks"] == 64 and first["stats"]["kv_blocks_used"] == 0
+
+
+def test_a_feed_response_ends_so_the_server_can_stop(serve, monkeypatch):
+    import server.dashboard
+
+    monkeypatch.setattr(server.dashboard, "MAX_STREAM_S", 0.3)
+    url = serve()
+    start = time.time()
+    with httpx.stream("GET", url + "/dashboard/events", timeout=10) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert time.time() - start < 3 and 1 <= len(lines) <= 10
+    assert json.loads(lines[0][6:])["kind"] == "key"
 
 
 def test_no_dashboard_flag_removes_the_routes(serve):
