@@ -188,8 +188,10 @@ class AsyncEngine:
             stream.loop.call_soon_threadsafe(_resolve, stream.accepted, None)
         elif command[0] == "snapshot":
             _, since, loop, future = command
+            start = time.perf_counter()
             try:
                 snap, error = self.engine.snapshot(since), None
+                snap["cost_s"] = time.perf_counter() - start  # the feed slows down if it grows
             except Exception as e:  # a dashboard bug must never stop the engine
                 snap, error = None, e
             loop.call_soon_threadsafe(_settle, future, snap, error)

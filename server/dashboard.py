@@ -28,6 +28,9 @@ log = logging.getLogger("pagedserve.dashboard")
 STATIC = Path(__file__).parent / "static"
 TRACES = STATIC / "traces"
 UPDATES_PER_S = 10
+# Snapshots are taken on the engine's thread: the feed waits at least this many times what the
+# last one cost there (its "cost_s"), so a dashboard never takes more than ~0.5% of the engine.
+COST_FACTOR = 200
 MAX_BACKLOG = 20  # a viewer this many updates behind is resent a keyframe instead
 # A feed response ends after this long and the page reconnects at once: uvicorn waits for open
 # responses before it stops, and a feed would otherwise never end.
@@ -80,7 +83,8 @@ class DashboardFeed:
                 else:
                     message_for_it = message
                 queue.put_nowait(message_for_it)
-            await asyncio.sleep(max(0.0, self._interval - (loop.time() - start)))
+            interval = max(self._interval, COST_FACTOR * snap.get("cost_s", 0.0))
+            await asyncio.sleep(max(0.0, interval - (loop.time() - start)))
 
 
 def _encode(snap: dict) -> str:

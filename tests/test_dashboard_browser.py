@@ -26,6 +26,7 @@ ws_client = pytest.importorskip("websockets.sync.client")
 
 from conftest import _tiny_loaded  # noqa: E402
 from starlette.applications import Starlette  # noqa: E402
+from test_server import Server  # noqa: E402
 
 from engine.core.block_manager import BlockManager  # noqa: E402
 from engine.core.introspect import Introspector  # noqa: E402
@@ -34,7 +35,6 @@ from engine.core.sequence import Sequence, SequenceStatus  # noqa: E402
 from engine.model.config import EngineConfig  # noqa: E402
 from server.app import create_app  # noqa: E402
 from server.dashboard import DashboardFeed, dashboard_routes  # noqa: E402
-from test_server import Server  # noqa: E402
 
 BROWSER = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")
                 if shutil.which(b)), None)

@@ -22,11 +22,12 @@ changed blocks) per snapshot, so an engine pays almost nothing for a dashboard w
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import dataclass, field
 
 from engine.core.block_manager import BlockManager
-from engine.core.sequence import Sequence, SequenceStatus
+from engine.core.sequence import Sequence
 
 WAITING, PREEMPTED, PREFILL, DECODE = 0, 1, 2, 3  # row states
 MAX_WAITING_ROWS = 256  # a long queue is summed up by num_waiting
@@ -61,13 +62,17 @@ def decode_runs(runs: list[int]) -> list[int]:
 # ---- the engine side ------------------------------------------------------------------------
 
 
-def _row(seq: Sequence, ran: set[int]) -> list[int]:
-    if seq.status is SequenceStatus.RUNNING:
-        state = PREFILL if seq.num_uncomputed_tokens > 1 else DECODE
-    else:
-        state = PREEMPTED if seq.seq_id in ran or seq.num_output_tokens else WAITING
-    computed = min(seq.num_computed_tokens, seq.num_prompt_tokens)
-    return [seq.seq_id, state, computed, seq.num_output_tokens]
+def _rows(running: list[Sequence], waiting: list[Sequence], ran: set[int]) -> list[list[int]]:
+    # Plain attribute reads, no properties: this runs for every running sequence on every update.
+    rows = []
+    for seq in running:
+        n, c, p = len(seq.token_ids), seq.num_computed_tokens, seq.num_prompt_tokens
+        rows.append([seq.seq_id, PREFILL if n - c > 1 else DECODE, c if c < p else p, n - p])
+    for seq in waiting:
+        n, p = len(seq.token_ids), seq.num_prompt_tokens
+        state = PREEMPTED if seq.seq_id in ran or n > p else WAITING
+        rows.append([seq.seq_id, state, 0, n - p])
+    return rows
 
 
 class Introspector:
@@ -148,13 +153,10 @@ class Introspector:
                     unkeyed=encode_runs(sorted(removed)))
 
     def _queues(self, running: list[Sequence], waiting, snap: dict) -> None:
-        shown = list(running)
-        for i, seq in enumerate(waiting):
-            if i == MAX_WAITING_ROWS:
-                break
-            shown.append(seq)
+        waiting_shown = list(itertools.islice(waiting, MAX_WAITING_ROWS))
+        shown = [*running, *waiting_shown]
         ran = self._ran
-        rows = [_row(seq, ran) for seq in shown]
+        rows = _rows(running, waiting_shown, ran)
         names = [[s.seq_id, s.request_id, s.index, s.num_prompt_tokens] for s in shown
                  if s.seq_id not in self._named]
         now = {row[0] for row in rows}
