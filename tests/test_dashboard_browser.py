@@ -34,7 +34,7 @@ from engine.core.sampling_params import SamplingParams  # noqa: E402
 from engine.core.sequence import Sequence, SequenceStatus  # noqa: E402
 from engine.model.config import EngineConfig  # noqa: E402
 from server.app import create_app  # noqa: E402
-from server.dashboard import DashboardFeed, dashboard_routes  # noqa: E402
+from server.dashboard import TRACES, DashboardFeed, dashboard_routes  # noqa: E402
 
 BROWSER = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome")
                 if shutil.which(b)), None)
@@ -60,18 +60,31 @@ class Browser:
         self.ws = self.stack.enter_context(ws_client.connect(page["webSocketDebuggerUrl"],
                                                              max_size=None))
         self.ids = itertools.count(1)
+        self.prompt_answer = None  # what a user types into the page's prompt() dialogs
+        self.prompts = []  # the messages of the dialogs answered
+        self.call("Page.enable")
 
-    def call(self, method: str, **params):
+    def _send(self, method: str, params: dict) -> int:
         msg_id = next(self.ids)
         self.ws.send(json.dumps({"id": msg_id, "method": method, "params": params}))
+        return msg_id
+
+    def call(self, method: str, **params):
+        msg_id = self._send(method, params)
         while True:
             reply = json.loads(self.ws.recv(timeout=20))
+            if reply.get("method") == "Page.javascriptDialogOpening":  # it blocks the page
+                self.prompts.append(reply["params"]["message"])
+                self._send("Page.handleJavaScriptDialog", {
+                    "accept": self.prompt_answer is not None,
+                    "promptText": self.prompt_answer or ""})
             if reply.get("id") == msg_id:
                 assert "error" not in reply, reply
                 return reply["result"]
 
     def eval(self, expression: str):
-        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        result = self.call("Runtime.evaluate", expression=expression, returnByValue=True,
+                           awaitPromise=True)
         assert "exceptionDetails" not in result, result
         return result["result"].get("value")
 
@@ -254,3 +267,33 @@ def test_100k_blocks_and_256_sequences_draw_at_20_fps_or_more(browser):
         browser.close()
         server.should_exit = True
         thread.join(10)
+
+
+def test_key_asked_once_then_a_trace_replays_step_by_step(browser):
+    server = Server(create_app(served_model_name="tiny", api_key="sesame",
+                               make_engine=_slow_engine))
+    try:
+        # The page asks with a prompt() dialog on the feed's 401; a user types the key, once.
+        browser.prompt_answer = "sesame"
+        browser.open(server.url + "/dashboard", "window.dashboard().version > 0")
+        assert len(browser.prompts) == 1 and "API key" in browser.prompts[0]
+        assert browser.eval("localStorage.getItem('pagedserve-api-key')") == "sesame"
+        # The stored key opens the example traces too; step through the shared prefix.
+        browser.open(server.url + "/dashboard?trace=shared-prefix",
+                     "window.dashboard().mode === 'replay'")
+        trace = json.loads((TRACES / "shared-prefix.json").read_text())
+        for k in range(1, 5):
+            browser.eval("document.getElementById('fwd').click()")
+            assert browser.dashboard()["frame"] == k
+            browser.eval("new Promise((done) => requestAnimationFrame(() => done(1)))")  # drawn
+            page = browser.dashboard()
+            stats = trace["frames"][k]["snapshot"]["stats"]
+            assert page["displayedUsed"] == stats["kv_blocks_used"] and page["displayedStep"] == k
+        assert page["shared"] == 4  # the 4 prefix blocks, once req-b and req-c joined
+        browser.eval("document.getElementById('scrub').value = 0; "
+                     "document.getElementById('scrub').dispatchEvent(new Event('input'))")
+        assert browser.dashboard()["frame"] == 0 and browser.dashboard()["used"] == 0
+        assert len(browser.prompts) == 1
+    finally:
+        browser.close()
+        server.stop()
