@@ -73,7 +73,12 @@ class DashboardFeed:
                 log.exception("the dashboard snapshot failed")
                 await asyncio.sleep(1.0)
                 continue
-            self.state.apply(snap)
+            try:
+                self.state.apply(snap)
+            except ValueError:  # a delta this state cannot take: start again from a keyframe
+                log.warning("the dashboard feed lost its place; asking for a keyframe")
+                self.state = DashboardState()
+                continue
             message = _encode(snap)
             for queue in self._viewers:
                 if snap["kind"] == "delta" and queue.qsize() >= MAX_BACKLOG:
