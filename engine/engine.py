@@ -10,6 +10,8 @@ own thread, so nothing here takes a lock.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -17,6 +19,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from engine.core.block_manager import BlockManager
+from engine.core.introspect import Introspector
 from engine.core.outputs import (
     CompletionOutput,
     EngineDeadError,
@@ -403,3 +406,14 @@ class LLMEngine:
             num_chunked_prefill_steps=s.num_chunked_prefill_steps,
             num_mixed_steps=s.num_mixed_steps,
         )
+
+    def snapshot(self, since: int | None = None) -> dict:
+        """The dashboard's view (engine/core/introspect.py): block tables, queues and counters,
+        as a keyframe or, when `since` is the number of the last snapshot, as the changes."""
+        s = self.scheduler
+        return self._introspector.snapshot(s.running, s.waiting,
+                                           dataclasses.asdict(self.get_stats()), since)
+
+    @functools.cached_property
+    def _introspector(self) -> Introspector:
+        return Introspector(self.block_manager)

@@ -24,6 +24,7 @@ from starlette.routing import Route
 from engine.core.limits import MAX_JSON_DEPTH
 from engine.model.config import EngineConfig
 from server.async_engine import AsyncEngine
+from server.dashboard import DashboardFeed, dashboard_routes
 from server.guards import LOOPBACK_HOSTS, HostGuard, RequestGuard
 from server.metrics import ServerMetrics
 from server.protocol import APIError, bad_request, get_field, parse_messages
@@ -49,7 +50,7 @@ def create_app(engine_config: EngineConfig | None = None, *, served_model_name: 
                max_body_bytes: int = MAX_BODY_BYTES, make_engine=None,
                allowed_hosts: list[str] | None = LOOPBACK_HOSTS,
                allowed_origins: list[str] | None = None,
-               chat_content_special_tokens: bool = False) -> Starlette:
+               chat_content_special_tokens: bool = False, dashboard: bool = True) -> Starlette:
     """An app that loads the engine in the background; `make_engine` replaces LLMEngine(config).
 
     `allowed_hosts`: the Host names served (None: any); `allowed_origins`: the web origins CORS
@@ -85,6 +86,8 @@ def create_app(engine_config: EngineConfig | None = None, *, served_model_name: 
         Route("/detokenize", detokenize, methods=["POST"]),
         Route("/version", version, methods=["GET"]),
     ]
+    if dashboard:
+        routes += dashboard_routes()
     handlers = {APIError: _api_error, 404: _not_found, 405: _not_allowed, Exception: _crash}
     # The first is the outermost: a wrong Host is refused before anything else; a CORS preflight
     # is answered before the key check (browsers send no key on it).
@@ -97,6 +100,7 @@ def create_app(engine_config: EngineConfig | None = None, *, served_model_name: 
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan,
                     middleware=middleware)
     app.state.engine, app.state.metrics, app.state.settings = engine, metrics, settings
+    app.state.dashboard = DashboardFeed(engine.snapshot)
     return app
 
 

@@ -13,6 +13,7 @@ import asyncio
 import collections
 import logging
 import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
@@ -44,10 +45,14 @@ def _deliver(stream: _Stream, callback, *args) -> bool:
 
 
 def _resolve(future: asyncio.Future, error: BaseException | None):
+    _settle(future, None, error)
+
+
+def _settle(future: asyncio.Future, result, error: BaseException | None):
     if future.done():  # the handler gave up waiting (client gone)
         return
     if error is None:
-        future.set_result(None)
+        future.set_result(result)
     else:
         future.set_exception(error)
 
@@ -113,6 +118,7 @@ class AsyncEngine:
         self._thread: threading.Thread | None = None
         self.stats = None  # last get_stats(); read by handlers, replaced whole by the thread
         self._stats_log = StatsLogger()  # the "every 10 s while busy" line
+        self.busy_s = 0.0  # time spent inside engine.step(), for the dashboard's step time
 
     # ------------------------------------------------------------ handler side (event loop)
 
@@ -143,6 +149,18 @@ class AsyncEngine:
 
     def abort(self, request_id: str):
         self._send(("abort", request_id))
+
+    async def snapshot(self, since: int | None) -> dict:
+        """The dashboard's hook: LLMEngine.snapshot(since), taken by the engine thread between
+        two steps (the engine is not thread-safe); LookupError while the engine is not ready."""
+        if not self.is_ready or self._thread is None or not self._thread.is_alive():
+            raise LookupError("the engine is not running")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self._send(("snapshot", since, loop, future))
+        snap = await future
+        snap["stats"]["busy_s"] = self.busy_s
+        return snap
 
     def _send(self, command: tuple):
         with self._wake:
@@ -190,6 +208,15 @@ class AsyncEngine:
             self._streams[request_id] = stream
             self._num_waiting += 1
             _deliver(stream, _resolve, stream.accepted, None)
+        elif command[0] == "snapshot":
+            _, since, loop, future = command
+            start = time.perf_counter()
+            try:
+                snap, error = self.engine.snapshot(since), None
+                snap["cost_s"] = time.perf_counter() - start  # the feed slows down if it grows
+            except Exception as e:  # a dashboard bug must never stop the engine
+                snap, error = None, e
+            loop.call_soon_threadsafe(_settle, future, snap, error)
         else:
             request_id = command[1]
             if (stream := self._streams.pop(request_id, None)) is not None:
@@ -199,6 +226,7 @@ class AsyncEngine:
                     self.metrics.on_ended("abort")
 
     def _step(self):
+        start = time.perf_counter()
         try:
             outputs = self.engine.step()
         except Exception:
@@ -206,6 +234,8 @@ class AsyncEngine:
             self._fail_all()
             self._publish_stats(0)
             return
+        finally:
+            self.busy_s += time.perf_counter() - start
         for out in outputs:
             stream = self._streams.get(out.request_id)
             if stream is None:

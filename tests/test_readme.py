@@ -49,7 +49,7 @@ def test_flag_table_matches_help():
 
 
 def test_links_stay_inside_the_repository():
-    for target in re.findall(r"`((?:shared|\.\./)[^`]*)`|\]\(([^)]+)\)", README):
+    for target in re.findall(r"`((?:shared/|\.\./)[^`]*)`|\]\(([^)]+)\)", README):
         path = next(t for t in target if t)
         assert not path.startswith(("shared/", "../")), path
         if not path.startswith(("http://", "https://", "#")):
