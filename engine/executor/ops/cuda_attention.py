@@ -20,8 +20,10 @@ DECODE_THREADS = 128
 # attention_prefill.cu's PF_M (query rows per block), PF_N (keys per tile), PF_THREADS
 PREFILL_M, PREFILL_N, PREFILL_THREADS = 64, 64, 128
 NUM_BLOCKS_TARGET = 1024  # decode blocks that fill an H200's 132 SMs several times over
+# A sequence takes ceil(context / MIN_KEYS_PER_SPLIT) of the grid's splits, at most all of them
+# (attention.cu's seq_splits): the grid is sized for the longest context, each sequence for its own.
 MIN_KEYS_PER_SPLIT = 128
-MAX_SPLITS = 32
+MAX_SPLITS = 128  # one 16k+ sequence over 8 kv heads fills NUM_BLOCKS_TARGET
 LOG2E = 1.4426950408889634  # the kernels' softmax is base 2: scores are scaled by scale * log2(e)
 
 
@@ -88,8 +90,10 @@ def prefill_items(query_start_loc: np.ndarray) -> np.ndarray:
 
 
 def choose_splits(num_items: int, num_kv_heads: int, max_context_len: int) -> int:
-    """Split the context when too few decode blocks would fill the GPU (small batch, long
-    contexts); `num_items` counts decode blocks per kv head."""
+    """The grid's context splits: enough that the decode blocks fill the GPU when the batch is
+    small, no more than the longest context needs (`num_items` counts decode blocks per kv
+    head). A CUDA graph passes its max_model_len here; at replay each sequence uses only the
+    splits its own context needs, and the others exit at once."""
     blocks = max(1, num_items * num_kv_heads)
     if blocks >= NUM_BLOCKS_TARGET:
         return 1
@@ -150,12 +154,14 @@ def paged_attention(qkv, k_cache, v_cache, meta: DeviceAttentionMetadata, num_he
             (num_dec, num_kv_heads * passes, splits), (DECODE_THREADS,),
             (out, part_out, part_ml, qkv, k_cache, v_cache, plan.decode_seqs,
              meta.query_start_loc, meta.context_lens, tables, i32(tables.shape[1]), i32(num_dec),
-             i32(num_heads), i32(num_kv_heads), i32(block_size), scale_log2, i32(splits)))
+             i32(num_heads), i32(num_kv_heads), i32(block_size), scale_log2, i32(splits),
+             i32(MIN_KEYS_PER_SPLIT)))
         if splits > 1:
             kernel("attention.cu", f"decode_reduce_kernel<{ctype}, {head_dim}>", ctype)(
                 (num_dec, num_heads), (head_dim,),
-                (out, part_out, part_ml, plan.decode_seqs, meta.query_start_loc, i32(num_dec),
-                 i32(num_heads), i32(splits)))
+                (out, part_out, part_ml, plan.decode_seqs, meta.query_start_loc,
+                 meta.context_lens, i32(num_dec), i32(num_heads), i32(splits),
+                 i32(MIN_KEYS_PER_SPLIT)))
     if len(plan.prefill_work):
         k = kernel("attention_prefill.cu", f"prefill_attention_kernel<{ctype}, {head_dim}>",
                    ctype)

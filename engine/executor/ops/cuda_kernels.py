@@ -38,6 +38,9 @@ def kernel_names(file: str, ctype: str) -> list[str]:
         return [f"rms_norm_kernel<{ctype}>"] + [f"qk_norm_kernel<{ctype}, {d}>" for d in HEAD_DIMS]
     if file == "rope.cu":
         return [f"rope_kernel<{ctype}, {ctype}>", f"rope_kernel<{ctype}, float>"]
+    if file == "qk_rope_kv.cu":
+        return [f"qk_norm_rope_kv_kernel<{ctype}, {cs}, {d}>" for cs in (ctype, "float")
+                for d in HEAD_DIMS]
     if file == "kv_cache.cu":
         return [f"write_kv_cache_kernel<{ctype}>"]
     if file == "attention.cu":

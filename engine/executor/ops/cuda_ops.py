@@ -51,7 +51,7 @@ class CudaOps:
         self.storage = np.dtype(DTYPES[dtype])
         self._gemm = Gemm()
         for file in ("gather.cu", "activation.cu", "rms_norm.cu", "rope.cu", "kv_cache.cu",
-                     "attention.cu"):
+                     "qk_rope_kv.cu", "attention.cu"):
             kernel(file, _first_name(file, self.ctype), self.ctype)  # compile now, fail early
 
     @staticmethod
@@ -235,6 +235,40 @@ class CudaOps:
             kernel("rope.cu", f"rope_kernel<{self.ctype}, {cs_type}>", self.ctype)(
                 (len(qkv), num_heads + num_kv_heads), (head_dim // 2,),
                 (qkv, positions, cos_sin, _i32(num_heads), _i32(num_kv_heads), _i32(head_dim)))
+
+    def qk_norm_rope_kv_write(self, qkv, positions, cos_sin, q_weight, k_weight, eps, k_cache,
+                              v_cache, slot_mapping, num_heads, num_kv_heads, bias=None):
+        """+ bias, q/k norm, RoPE, k/v into the cache: one launch (cuda/qk_rope_kv.cu)."""
+        self._check(qkv, "qkv", 2)
+        self._check(k_cache, "k_cache", 4)
+        self._check(v_cache, "v_cache", 4)
+        positions = self._ints(positions, "positions")
+        slot_mapping = self._ints(slot_mapping, "slot_mapping")
+        _, cache_kv_heads, block_size, head_dim = k_cache.shape
+        self._head_dim_ok(head_dim)
+        width = (num_heads + 2 * num_kv_heads) * head_dim
+        if qkv.shape[1] != width or cache_kv_heads != num_kv_heads:
+            raise ValueError(f"qkv width {qkv.shape[1]} / cache heads {cache_kv_heads} do not "
+                             f"match num_heads={num_heads}, num_kv_heads={num_kv_heads}, "
+                             f"head_dim={head_dim}")
+        cs_type = "float" if cos_sin.dtype == np.float32 else self.ctype
+        self._check(cos_sin, "cos_sin", 2, cos_sin.dtype if cs_type == "float" else None)
+        if cos_sin.shape[1] != head_dim:
+            raise ValueError(f"cos_sin width {cos_sin.shape[1]} != head_dim {head_dim}")
+        if (q_weight is None) != (k_weight is None):
+            raise ValueError("q_weight and k_weight: give both or neither")
+        norms = [_NULL if w is None else self._check(w, name, 1)
+                 for w, name in ((q_weight, "q_weight"), (k_weight, "k_weight"))]
+        if bias is not None and self._check(bias, "bias", 1).shape[0] != width:
+            raise ValueError(f"bias length {bias.shape[0]} != qkv width {width}")
+        n = len(qkv) * (num_heads + 2 * num_kv_heads)
+        if n:
+            kernel("qk_rope_kv.cu", f"qk_norm_rope_kv_kernel<{self.ctype}, {cs_type}, {head_dim}>",
+                   self.ctype)(
+                _grid(n, 4), (128,),
+                (qkv, k_cache, v_cache, positions, slot_mapping, cos_sin, *norms,
+                 _NULL if bias is None else bias, np.float32(eps), _i32(len(qkv)),
+                 _i32(num_heads), _i32(num_kv_heads), _i32(block_size)))
 
     def silu_and_mul(self, gate_up):
         # gate_up (T, 2 * inter): gate first, then up -> (T, inter)

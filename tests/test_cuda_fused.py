@@ -1,0 +1,109 @@
+"""Issue 12's kernels against their numpy twins (GPU only): the fused q/k-norm + RoPE + KV write,
+flash-decoding splits sized per sequence, the small-batch GEMV, and the one-pass sampling select."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import require_gpu
+
+pytestmark = pytest.mark.gpu
+cupy = require_gpu()
+
+from test_cuda_ops import TOL, make_batch, randn, rel_err, upload  # noqa: E402
+
+from engine.executor.ops.cuda_ops import CudaOps  # noqa: E402
+from engine.executor.ops.numpy_ops import NumpyOps  # noqa: E402
+
+REF = NumpyOps()
+
+
+@pytest.fixture(scope="module", params=["float16", "bfloat16"])
+def ops(request):
+    return CudaOps(request.param)
+
+
+# ------------------------------------------------------------------ q/k norm + RoPE + KV write
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 2, 4, 8])
+@pytest.mark.parametrize("variant", ["qwen3", "qwen2", "llama"])
+def test_qk_norm_rope_kv_write(ops, head_dim, group, variant):
+    from engine.executor.transformer import rope_cos_sin
+    from engine.model.config import ModelConfig
+
+    rng = np.random.default_rng()
+    nkv, t, bs, num_blocks = 2, 13, 16, 6
+    nh = nkv * group
+    width = (nh + 2 * nkv) * head_dim
+    cfg = ModelConfig("LlamaForCausalLM", 10, 64, 64, 1, 1, 1, head_dim, rope_theta=1e6)
+    cos_sin = rope_cos_sin(cfg, 4096)
+    positions = rng.integers(0, 4096, t).astype(np.int32)
+    slots = rng.permutation(num_blocks * bs)[:t].astype(np.int32)
+    slots[3] = -1  # not stored
+    qkv, qkv_h = upload(ops, randn(t, width, rng=rng))
+    norm = variant == "qwen3"
+    qw, qw_h = upload(ops, randn(head_dim, rng=rng)) if norm else (None, None)
+    kw, kw_h = upload(ops, randn(head_dim, rng=rng)) if norm else (None, None)
+    bias, bias_h = upload(ops, randn(width, rng=rng)) if variant == "qwen2" else (None, None)
+    cache, cache_h = upload(ops, randn(2, num_blocks, nkv, bs, head_dim, rng=rng))
+    want, k_h, v_h = qkv_h.copy(), cache_h[0].copy(), cache_h[1].copy()
+    REF.qk_norm_rope_kv_write(want, positions, cos_sin, qw_h, kw_h, 1e-6, k_h, v_h, slots, nh,
+                              nkv, bias=bias_h)
+    for table in (cupy.asarray(cos_sin), ops.from_host(cos_sin)):  # fp32 and compute-dtype tables
+        got, c = qkv.copy(), cache.copy()
+        ops.qk_norm_rope_kv_write(got, positions, table, qw, kw, 1e-6, c[0], c[1], slots, nh, nkv,
+                                  bias=bias)
+        q_size = nh * head_dim
+        assert rel_err(ops.to_host(got)[:, : q_size + nkv * head_dim],
+                       want[:, : q_size + nkv * head_dim]) < 2 * TOL[ops.dtype]
+        assert rel_err(ops.to_host(c[0]), k_h) < 2 * TOL[ops.dtype]
+        assert rel_err(ops.to_host(c[1]), v_h) < TOL[ops.dtype]
+        if bias is None:  # the unfused kernels it replaces, to the last bit but FMA placement
+            ref, rc = qkv.copy(), cache.copy()
+            if norm:
+                ops.qk_norm(ref, qw, kw, 1e-6, nh, nkv)
+            ops.rope(ref, positions, table, nh, nkv)
+            ops.write_kv_cache(ref, rc[0], rc[1], slots, nh, nkv)
+            for a, b in ((got, ref), (c, rc)):
+                a, b = ops.to_host(a), ops.to_host(b)
+                assert np.mean(a == b) > 0.99 and rel_err(a, b) < TOL[ops.dtype] / 8
+
+
+# ------------------------------------------------------------------ flash-decoding splits
+
+
+@pytest.mark.parametrize("grid_splits", [None, 1, 7, "max"])
+@pytest.mark.parametrize("group", [1, 2, 4, 8])
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_decode_splits_per_sequence(ops, head_dim, group, grid_splits):
+    """Any grid split count (None: chosen from the step) gives the same attention, whatever
+    mix of short (one split, no reduction) and long (many splits) contexts the batch holds."""
+    from engine.executor.ops import cuda_attention as ca
+
+    rng = np.random.default_rng()
+    nkv, bs = 2, 16
+    nh = nkv * group
+    ctx = [1, 5, 127, 128, 129, 1000, 5000]
+    num_blocks = sum(-(-c // bs) for c in ctx) + 2
+    meta = make_batch(rng, [1] * len(ctx), ctx, bs, num_blocks)
+    cache, cache_h = upload(ops, randn(2, num_blocks, nkv, bs, head_dim, rng=rng))
+    qkv, qkv_h = upload(ops, randn(len(ctx), (nh + 2 * nkv) * head_dim, rng=rng))
+    scale = head_dim**-0.5
+    want = REF.attention(qkv_h, cache_h[0], cache_h[1], meta, nh, nkv, scale)
+    dmeta = ops.prepare_metadata(meta)
+    if grid_splits is not None:
+        n = ca.MAX_SPLITS if grid_splits == "max" else grid_splits
+        dmeta.num_splits = n
+        assert ca.make_plan(meta.query_start_loc, nkv, group, 5000, n).num_splits == n
+    got = ops.attention(qkv, cache[0], cache[1], dmeta, nh, nkv, scale)
+    assert rel_err(ops.to_host(got), want) < TOL[ops.dtype]
+
+
+def test_choose_splits_fills_the_gpu_from_one_long_sequence():
+    from engine.executor.ops import cuda_attention as ca
+
+    assert ca.choose_splits(1, 8, 32768) * 8 >= ca.NUM_BLOCKS_TARGET  # one long sequence
+    assert ca.choose_splits(1, 8, 100) == 1  # one short one: nothing to split
+    assert ca.choose_splits(256, 8, 32768) == 1  # a full batch fills the GPU already
