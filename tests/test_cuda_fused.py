@@ -107,3 +107,34 @@ def test_choose_splits_fills_the_gpu_from_one_long_sequence():
     assert ca.choose_splits(1, 8, 32768) * 8 >= ca.NUM_BLOCKS_TARGET  # one long sequence
     assert ca.choose_splits(1, 8, 100) == 1  # one short one: nothing to split
     assert ca.choose_splits(256, 8, 32768) == 1  # a full batch fills the GPU already
+
+
+# ------------------------------------------------------------------ small-batch GEMV
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8])
+@pytest.mark.parametrize("n,k", [(1001, 1000), (640, 4096), (8, 8)])
+def test_gemv_linear(ops, m, n, k):
+    from engine.executor.ops import cuda_gemv
+
+    rng = np.random.default_rng()
+    x, x_h = upload(ops, randn(m, k, rng=rng))
+    w, w_h = upload(ops, randn(n, k, rng=rng, scale=k**-0.5))
+    assert cuda_gemv.gemv_fits(x, w, 8)
+    out = cupy.empty((m, n), x.dtype)
+    got = ops.to_host(cuda_gemv.gemv(x, w, out, ops.ctype))
+    assert rel_err(got, REF.linear(x_h, w_h)) < TOL[ops.dtype]
+    assert rel_err(ops.to_host(ops.linear(x, w)), REF.linear(x_h, w_h)) < TOL[ops.dtype]
+
+
+@pytest.mark.parametrize("m", [1, 2, 4, 6])
+def test_silu_mul_linear(ops, m):
+    """Fused into the GEMV up to GEMV_SILU_MAX_M rows, silu_and_mul + linear above."""
+    rng = np.random.default_rng()
+    inter, hidden = 1536, 520
+    gu, gu_h = upload(ops, randn(m, 2 * inter, rng=rng))
+    w, w_h = upload(ops, randn(hidden, inter, rng=rng, scale=inter**-0.5))
+    want = REF.silu_mul_linear(gu_h, w_h)
+    assert rel_err(ops.to_host(ops.silu_mul_linear(gu, w)), want) < TOL[ops.dtype]
+    unfused = ops.to_host(ops.linear(ops.silu_and_mul(gu), w))
+    assert rel_err(ops.to_host(ops.silu_mul_linear(gu, w)), unfused) < TOL[ops.dtype] / 4

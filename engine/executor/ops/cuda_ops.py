@@ -12,7 +12,7 @@ import gc
 import cupy
 import numpy as np
 
-from engine.executor.ops import AttentionMetadata, SamplerOutput, SamplingTensors
+from engine.executor.ops import AttentionMetadata, SamplerOutput, SamplingTensors, cuda_gemv
 from engine.executor.ops.cuda_attention import (
     DeviceAttentionMetadata,
     paged_attention,
@@ -51,7 +51,7 @@ class CudaOps:
         self.storage = np.dtype(DTYPES[dtype])
         self._gemm = Gemm()
         for file in ("gather.cu", "activation.cu", "rms_norm.cu", "rope.cu", "kv_cache.cu",
-                     "qk_rope_kv.cu", "attention.cu"):
+                     "qk_rope_kv.cu", "gemv.cu", "attention.cu"):
             kernel(file, _first_name(file, self.ctype), self.ctype)  # compile now, fail early
 
     @staticmethod
@@ -205,7 +205,10 @@ class CudaOps:
         out = cupy.empty((x.shape[0], weight.shape[0]), self.storage)
         if x.shape[0] == 0:
             return out
-        self._gemm(x, weight, out, self.dtype)
+        if cuda_gemv.gemv_fits(x, weight, cuda_gemv.GEMV_MAX_M):
+            cuda_gemv.gemv(x, weight, out, self.ctype)
+        else:
+            self._gemm(x, weight, out, self.dtype)
         if bias is not None:
             self._check(bias, "bias", 1)
             kernel("activation.cu", f"add_bias_kernel<{self.ctype}>", self.ctype)(
@@ -235,6 +238,18 @@ class CudaOps:
             kernel("rope.cu", f"rope_kernel<{self.ctype}, {cs_type}>", self.ctype)(
                 (len(qkv), num_heads + num_kv_heads), (head_dim // 2,),
                 (qkv, positions, cos_sin, _i32(num_heads), _i32(num_kv_heads), _i32(head_dim)))
+
+    def silu_mul_linear(self, gate_up, weight):
+        """linear(silu_and_mul(gate_up), weight); one GEMV launch at small batches."""
+        self._check(gate_up, "gate_up", 2)
+        self._check(weight, "weight", 2)
+        if gate_up.shape[1] != 2 * weight.shape[1]:
+            raise ValueError(f"silu_mul_linear: gate_up has {gate_up.shape[1]} features, weight "
+                             f"expects 2 x {weight.shape[1]}")
+        if not cuda_gemv.gemv_fits(gate_up, weight, cuda_gemv.GEMV_SILU_MAX_M):
+            return self.linear(self.silu_and_mul(gate_up), weight)
+        out = cupy.empty((gate_up.shape[0], weight.shape[0]), self.storage)
+        return cuda_gemv.gemv(gate_up, weight, out, self.ctype, act=True)
 
     def qk_norm_rope_kv_write(self, qkv, positions, cos_sin, q_weight, k_weight, eps, k_cache,
                               v_cache, slot_mapping, num_heads, num_kv_heads, bias=None):
