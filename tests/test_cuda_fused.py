@@ -10,7 +10,16 @@ from conftest import require_gpu
 pytestmark = pytest.mark.gpu
 cupy = require_gpu()
 
-from test_cuda_ops import TOL, make_batch, randn, rel_err, upload  # noqa: E402
+from test_cuda_ops import (  # noqa: E402
+    TOL,
+    check_sample,
+    make_batch,
+    poison,  # noqa: F401 (autouse: every device allocation starts as NaN)
+    randn,
+    rel_err,
+    tensors,
+    upload,
+)
 
 from engine.executor.ops.cuda_ops import CudaOps  # noqa: E402
 from engine.executor.ops.numpy_ops import NumpyOps  # noqa: E402
@@ -138,3 +147,41 @@ def test_silu_mul_linear(ops, m):
     assert rel_err(ops.to_host(ops.silu_mul_linear(gu, w)), want) < TOL[ops.dtype]
     unfused = ops.to_host(ops.linear(ops.silu_and_mul(gu), w))
     assert rel_err(ops.to_host(ops.silu_mul_linear(gu, w)), unfused) < TOL[ops.dtype] / 4
+
+
+# ------------------------------------------------------------------ sampling select
+
+
+@pytest.mark.parametrize("scale", [0.05, 3.0, 12.0])  # flat (the bisection fallback), peaked
+def test_sample_select_matches_numpy(ops, scale):
+    rng = np.random.default_rng()
+    rows, vocab = 48, 151936
+    logits = randn(rows, vocab, rng=rng, scale=scale)
+    logits[::5, 100:110] = logits[::5, 100:101]  # ties across the thresholds
+    t = tensors(rows)
+    t.temperature = rng.choice([0.5, 0.8, 1.3], rows).astype(np.float32)
+    t.top_k = rng.choice([0, 1, 50, 1000, 5000], rows).astype(np.int32)
+    t.top_p = rng.choice([1.0, 0.95, 0.5], rows).astype(np.float32)
+    t.min_p = rng.choice([0.0, 0.05], rows).astype(np.float32)
+    t.seeds = rng.integers(1, 2**63, rows).astype(np.uint64)
+    check_sample(ops, logits, t, min_agree=0.9)
+
+
+def test_sample_select_agrees_with_the_bisection_kernel(ops):
+    from engine.executor.ops import cuda_sampling
+
+    rng = np.random.default_rng()
+    rows, vocab = 64, 32000
+    logits = cupy.asarray(randn(rows, vocab, rng=rng, scale=4.0))
+    t = tensors(rows)
+    t.temperature = np.full(rows, 0.8, np.float32)
+    t.top_k = rng.choice([0, 5, 50], rows).astype(np.int32)
+    t.top_p = rng.choice([1.0, 0.95], rows).astype(np.float32)
+    t.seeds = rng.integers(1, 2**63, rows).astype(np.uint64)
+    new = ops.sample(logits, t).token_ids
+    cuda_sampling.SAMPLER = "bisect"
+    try:
+        old = ops.sample(logits, t).token_ids
+    finally:
+        cuda_sampling.SAMPLER = "select"
+    assert np.mean(new == old) >= 0.95, (new, old)

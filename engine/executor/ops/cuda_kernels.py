@@ -54,6 +54,8 @@ def kernel_names(file: str, ctype: str) -> list[str]:
         return (["penalty_counts_kernel", "add_logit_bias_kernel"]
                 + [f"adjust_logits_kernel<{t}>" for t in CTYPES.values()]
                 + [f"sample_kernel<{t}>" for t in CTYPES.values()])
+    if file == "sampling_bisect.cu":
+        return [f"sample_bisect_kernel<{t}>" for t in CTYPES.values()]
     raise KeyError(file)
 
 
