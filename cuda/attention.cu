@@ -202,33 +202,53 @@ __global__ void __launch_bounds__(32 * DEC_WARPS) decode_attention_kernel(
 
 // Combines the splits: out = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s, for the sequences
 // that used more than one (the others were written by decode_attention_kernel).
-// Grid: (W, num_heads)  Block: (HD)
+// A sequence may use up to MAX_SPLITS splits: the block's threads first take one split each for
+// the weights 2^(m_s - M) (kept in shared memory), then RED_SUB threads per output dimension sum
+// strided subsets of the splits, so no thread walks all of them one dependent load at a time.
+// Grid: (W, num_heads)  Block: (RED_THREADS)
+constexpr int RED_THREADS = 512, MAX_SPLITS = 256;
 template <typename T, int HD>
-__global__ void decode_reduce_kernel(T* __restrict__ out,               // [num_tokens, nh, HD]
-                                     const float* __restrict__ part_out,  // [S, W, nh, HD]
-                                     const float* __restrict__ part_ml,   // [S, W, nh, 2]
-                                     const int* __restrict__ seqs,        // [W]
-                                     const int* __restrict__ query_start_loc,  // [B + 1]
-                                     const int* __restrict__ context_lens,     // [B]
-                                     int num_items, int num_heads, int num_splits, int min_keys) {
+__global__ void __launch_bounds__(RED_THREADS) decode_reduce_kernel(
+    T* __restrict__ out,                      // [num_tokens, nh, HD]
+    const float* __restrict__ part_out,       // [S, W, nh, HD]
+    const float* __restrict__ part_ml,        // [S, W, nh, 2]
+    const int* __restrict__ seqs,             // [W]
+    const int* __restrict__ query_start_loc,  // [B + 1]
+    const int* __restrict__ context_lens,     // [B]
+    int num_items, int num_heads, int num_splits, int min_keys) {
+  constexpr int RED_SUB = RED_THREADS / HD;
+  __shared__ float w_s[MAX_SPLITS];
+  __shared__ float red[32];
+  __shared__ float num_s[RED_SUB][HD];
   const int seq = seqs[blockIdx.x];
-  const int splits = seq_splits(context_lens[seq], num_splits, min_keys);
+  const int splits = min(seq_splits(context_lens[seq], num_splits, min_keys), MAX_SPLITS);
   if (splits == 1) return;
   const long ih = (long)blockIdx.x * num_heads + blockIdx.y;
   const long stride = (long)num_items * num_heads;
   const long tok = query_start_loc[seq];
   float mx = -INFINITY;
-  for (int s = 0; s < splits; s++) mx = fmaxf(mx, part_ml[(s * stride + ih) * 2]);
-  float num = 0.f, den = 0.f;
-  for (int s = 0; s < splits; s++) {
+  for (int s = threadIdx.x; s < splits; s += RED_THREADS)
+    mx = fmaxf(mx, part_ml[(s * stride + ih) * 2]);
+  mx = block_max(mx, red);
+  float den = 0.f;
+  for (int s = threadIdx.x; s < splits; s += RED_THREADS) {
     const float ms = part_ml[(s * stride + ih) * 2];
-    if (ms == -INFINITY) continue;  // this split saw no key
-    const float w = exp2f(ms - mx);
-    num += w * part_out[(s * stride + ih) * HD + threadIdx.x];
+    const float w = ms == -INFINITY ? 0.f : exp2f(ms - mx);  // a split that saw no key: 0
+    w_s[s] = w;
     den += w * part_ml[(s * stride + ih) * 2 + 1];
   }
-  out[(tok * num_heads + blockIdx.y) * HD + threadIdx.x] =
-      from_float<T>(den > 0.f ? num / den : 0.f);
+  den = block_sum(den, red);  // its barriers also publish w_s
+  const int d = threadIdx.x % HD, sub = threadIdx.x / HD;
+  float num = 0.f;
+#pragma unroll 8
+  for (int s = sub; s < splits; s += RED_SUB)
+    num += w_s[s] * part_out[(s * stride + ih) * HD + d];
+  num_s[sub][d] = num;
+  __syncthreads();
+  if (sub == 0) {
+    for (int k = 1; k < RED_SUB; k++) num += num_s[k][d];
+    out[(tok * num_heads + blockIdx.y) * HD + d] = from_float<T>(den > 0.f ? num / den : 0.f);
+  }
 }
 
 #ifdef PAGEDSERVE_NVCC_CHECK

@@ -106,6 +106,118 @@ __global__ void __launch_bounds__(256) gemv_kernel(T* __restrict__ y,        // 
   }
 }
 
+// The residual add and RMSNorm that precede a layer's first GEMV, fused into it (decode, M <= 4):
+//   res_out = x + residual (rounded to T; residual null: x), h = rms_norm(res_out) * norm_w,
+//   y = h @ w^T.
+// Every block computes h for all M rows into shared memory first (M x K elements: a few KB,
+// read from L1/L2 while other blocks stream weights), then runs gemv_kernel's loop on it; block
+// 0 also stores res_out. The inputs are never written, so the blocks cannot race.
+// Dynamic shared memory: M * K * sizeof(T) bytes.
+// Grid: (ceil(N / GEMV_R))  Block: (128 or 256)
+template <typename T, int M>
+__global__ void __launch_bounds__(256) norm_gemv_kernel(
+    T* __restrict__ y,               // [M, N]
+    T* __restrict__ res_out,         // [M, K]
+    const T* __restrict__ x,         // [M, K]
+    const T* __restrict__ residual,  // [M, K] or null
+    const T* __restrict__ norm_w,    // [K]
+    const T* __restrict__ w,         // [N, K]
+    int N, int K, float eps) {
+  extern __shared__ uint4 h_words[];  // [M][K / 8]
+  __shared__ float red[GEMV_MAX_WARPS][M * GEMV_R];
+  __shared__ float sums[32];
+  const int words = K / 8;
+  const uint4* xw = reinterpret_cast<const uint4*>(x);
+  const uint4* rw = reinterpret_cast<const uint4*>(residual);
+  const uint4* nw = reinterpret_cast<const uint4*>(norm_w);
+  for (int m = 0; m < M; m++) {
+    float ss = 0.f;
+    for (int v = threadIdx.x; v < words; v += blockDim.x) {
+      float a[8], b[8];
+      to_float8<T>(__ldg(xw + m * words + v), a);
+      if (residual != nullptr) to_float8<T>(__ldg(rw + m * words + v), b);
+      uint4 packed;
+      T* sp = reinterpret_cast<T*>(&packed);
+#pragma unroll
+      for (int e = 0; e < 8; e++) {
+        sp[e] = from_float<T>(residual != nullptr ? a[e] + b[e] : a[e]);
+        const float sv = to_float(sp[e]);
+        ss += sv * sv;
+      }
+      h_words[m * words + v] = packed;
+      if (blockIdx.x == 0) reinterpret_cast<uint4*>(res_out)[m * words + v] = packed;
+    }
+    const float inv = rsqrtf(block_sum(ss, sums) / K + eps);  // its barriers publish h_words
+    for (int v = threadIdx.x; v < words; v += blockDim.x) {
+      float sv[8], g[8];
+      to_float8<T>(h_words[m * words + v], sv);
+      to_float8<T>(__ldg(nw + v), g);
+      uint4 packed;
+      T* hp = reinterpret_cast<T*>(&packed);
+#pragma unroll
+      for (int e = 0; e < 8; e++) hp[e] = from_float<T>(sv[e] * inv * g[e]);
+      h_words[m * words + v] = packed;
+    }
+  }
+  __syncthreads();
+
+  const int n0 = blockIdx.x * GEMV_R;
+  float acc[M][GEMV_R];
+#pragma unroll
+  for (int m = 0; m < M; m++)
+#pragma unroll
+    for (int r = 0; r < GEMV_R; r++) acc[m][r] = 0.f;
+  const uint4* wrow[GEMV_R];
+#pragma unroll
+  for (int r = 0; r < GEMV_R; r++)
+    wrow[r] = reinterpret_cast<const uint4*>(w + (long)min(n0 + r, N - 1) * K);
+  for (int base = threadIdx.x; base < words; base += GEMV_U * blockDim.x) {
+    uint4 wr[GEMV_U][GEMV_R];
+#pragma unroll
+    for (int u = 0; u < GEMV_U; u++) {
+      const int v = base + u * blockDim.x;
+#pragma unroll
+      for (int r = 0; r < GEMV_R; r++)
+        wr[u][r] = v < words ? __ldcs(wrow[r] + v) : make_uint4(0u, 0u, 0u, 0u);
+    }
+#pragma unroll
+    for (int u = 0; u < GEMV_U; u++) {
+      const int v = base + u * blockDim.x;
+      if (v < words) {
+        float wf[GEMV_R][8];
+#pragma unroll
+        for (int r = 0; r < GEMV_R; r++) to_float8<T>(wr[u][r], wf[r]);
+#pragma unroll
+        for (int m = 0; m < M; m++) {
+          float xf[8];
+          to_float8<T>(h_words[m * words + v], xf);
+#pragma unroll
+          for (int r = 0; r < GEMV_R; r++)
+#pragma unroll
+            for (int e = 0; e < 8; e++) acc[m][r] += xf[e] * wf[r][e];
+        }
+      }
+    }
+  }
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int m = 0; m < M; m++)
+#pragma unroll
+    for (int r = 0; r < GEMV_R; r++) {
+      const float s = warp_sum(acc[m][r]);
+      if (lane == 0) red[warp][m * GEMV_R + r] = s;
+    }
+  __syncthreads();
+  const int num_warps = blockDim.x >> 5;
+  for (int i = threadIdx.x; i < M * GEMV_R; i += blockDim.x) {
+    const int m = i / GEMV_R, r = i % GEMV_R;
+    if (n0 + r >= N) continue;
+    float s = 0.f;
+    for (int k = 0; k < num_warps; k++) s += red[k][i];
+    y[(long)m * N + n0 + r] = from_float<T>(s);
+  }
+}
+
 #ifdef PAGEDSERVE_NVCC_CHECK
 #define INSTANTIATE(T, M, ACT) \
   template __global__ void gemv_kernel<T, M, ACT>(T*, const T*, const T*, int, int);
@@ -115,4 +227,10 @@ INSTANTIATE(__nv_bfloat16, 3, false)
 INSTANTIATE(__nv_bfloat16, 8, false)
 INSTANTIATE(__nv_bfloat16, 1, true)
 INSTANTIATE(__half, 4, true)
+template __global__ void norm_gemv_kernel<__half, 1>(__half*, __half*, const __half*,
+                                                     const __half*, const __half*, const __half*,
+                                                     int, int, float);
+template __global__ void norm_gemv_kernel<__nv_bfloat16, 4>(
+    __nv_bfloat16*, __nv_bfloat16*, const __nv_bfloat16*, const __nv_bfloat16*,
+    const __nv_bfloat16*, const __nv_bfloat16*, int, int, float);
 #endif

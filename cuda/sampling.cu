@@ -105,37 +105,50 @@ struct RowDist {  // what every pass needs to recompute p_i
   const float* adjusted;
   const void* logits;
   long base;
-  float smx, temp, z;
+  float smx, temp, inv_t, inv_z;  // inv_t 0: 1 / temp is not a normal float (divide instead)
 };
+
+// 1 / temperature when it and its product with any logit gap stay normal floats, else 0.
+__device__ __forceinline__ float inverse_temperature(float temp) {
+  return temp >= 1e-30f && temp <= 1e30f ? __frcp_rn(temp) : 0.f;
+}
+
+// (v - max) / temperature. NOTE: the max is subtracted first, so a denormal temperature (1e-40)
+// sends the other logits to -inf instead of overflowing to inf - inf = nan. A multiply by 1/T
+// where that is safe: an IEEE division costs ~10 instructions per element per pass; the two
+// differ by an ulp of the exponent's argument, below expf's own difference from numpy's exp.
+__device__ __forceinline__ float scaled_gap(float v, float m, float temp, float inv_t) {
+  const float gap = __fsub_rn(v, m);
+  return inv_t != 0.f ? __fmul_rn(gap, inv_t) : __fdiv_rn(gap, temp);
+}
 
 template <typename T>
 __device__ __forceinline__ float adjusted_at(const RowDist& d, int i) {
   return d.adjusted ? d.adjusted[d.base + i] : to_float(static_cast<const T*>(d.logits)[d.base + i]);
 }
 
-// NOTE: the max is subtracted before dividing, so a denormal temperature (1e-40) sends the
-// other logits to -inf instead of overflowing to inf - inf = nan; explicit _rn ops keep numpy's
-// float32 rounding (no fused multiply-add).
+// p_i, the same float ops in every pass (explicit _rn ops: no fused multiply-add), so that every
+// pass sees the same value.
 template <typename T>
 __device__ __forceinline__ float prob_at(const RowDist& d, int i) {
-  return __fdiv_rn(expf(__fdiv_rn(__fsub_rn(adjusted_at<T>(d, i), d.smx), d.temp)), d.z);
+  return __fmul_rn(expf(scaled_gap(adjusted_at<T>(d, i), d.smx, d.temp, d.inv_t)), d.inv_z);
 }
 
-// Online (max, sum of exp((v - max) * inv)) of one thread, merged over the block at the end.
-__device__ __forceinline__ void online_add(float& m, float& s, float v, float temp) {
+// Online (max, sum of exp((v - max) / T)) of one thread, merged over the block at the end.
+__device__ __forceinline__ void online_add(float& m, float& s, float v, float temp, float inv_t) {
   if (v == -INFINITY) return;  // contributes 0; and -inf - -inf would be nan
   if (v > m) {
-    s = s * expf(__fdiv_rn(__fsub_rn(m, v), temp)) + 1.f;  // 0 while m is -inf
+    s = s * expf(scaled_gap(m, v, temp, inv_t)) + 1.f;  // 0 while m is -inf
     m = v;
   } else {
-    s += expf(__fdiv_rn(__fsub_rn(v, m), temp));
+    s += expf(scaled_gap(v, m, temp, inv_t));
   }
 }
 
-__device__ __forceinline__ float online_merge(float m, float s, float temp, float* red,
-                                              float& block_m) {
+__device__ __forceinline__ float online_merge(float m, float s, float temp, float inv_t,
+                                              float* red, float& block_m) {
   block_m = block_max(m, red);
-  const float mine = m == -INFINITY ? 0.f : s * expf(__fdiv_rn(__fsub_rn(m, block_m), temp));
+  const float mine = m == -INFINITY ? 0.f : s * expf(scaled_gap(m, block_m, temp, inv_t));
   return block_sum(mine, red);
 }
 
@@ -392,6 +405,7 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(
   const bool sampling = temperature != 0.f;
   // NOTE: an inf temperature is FLT_MAX, so (v - max) / T stays a number.
   const float temp = sampling ? fminf(temperature, PS_FLT_MAX) : 1.f;
+  const float inv_t = inverse_temperature(temp);
 
   // 1. Statistics in one pass: raw log-sum-exp (logprobs come from the raw logits), the
   //    adjusted row's max and normalizer at this temperature, and its argmax (greedy rows).
@@ -400,19 +414,19 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(
   for (int i = tid; i < vocab; i += blockDim.x) {
     const float raw = to_float(logits[base + i]);
     const float a = adjusted ? adjusted[base + i] : raw;
-    online_add(rm, rs, raw, 1.f);
-    if (sampling) online_add(am, asum, a, temp);
+    online_add(rm, rs, raw, 1.f, 1.f);
+    if (sampling) online_add(am, asum, a, temp, inv_t);
     if (ahead(a, i, bv, bi)) { bv = a; bi = i; }
   }
   float raw_max, smx = -INFINITY;
-  const float log_sum = logf(online_merge(rm, rs, 1.f, red, raw_max));
-  const float z = sampling ? online_merge(am, asum, temp, red, smx) : 1.f;
+  const float log_sum = logf(online_merge(rm, rs, 1.f, 1.f, red, raw_max));
+  const float z = sampling ? online_merge(am, asum, temp, inv_t, red, smx) : 1.f;
   block_argmax(bv, bi, red, redi);
-  const RowDist d{adjusted, logits, base, smx, temp, z};
+  const RowDist d{adjusted, logits, base, smx, temp, inv_t, __frcp_rn(z)};
 
   int token = -1;  // block-uniform throughout: every branch below is taken by all threads
   if (sampling && smx > -INFINITY) {  // a row whose every token is banned has no distribution
-    const float p_max = __fdiv_rn(1.f, z);  // the largest p is exp(0) / Z
+    const float p_max = d.inv_z;  // the largest p is exp(0) / Z
     const int top_k = p[1];
     const float top_p = __int_as_float(p[2]), min_p = __int_as_float(p[3]);
     const bool use_k = top_k > 0 && top_k < vocab, use_p = top_p < 1.f;

@@ -136,6 +136,28 @@ def test_gemv_linear(ops, m, n, k):
     assert rel_err(ops.to_host(ops.linear(x, w)), REF.linear(x_h, w_h)) < TOL[ops.dtype]
 
 
+@pytest.mark.parametrize("m", [1, 3, 4, 6])
+@pytest.mark.parametrize("k", [1024, 4096, 8192])  # 8192 x 4 rows: over the shared-memory cap
+@pytest.mark.parametrize("first", [True, False])  # first layer: no residual yet
+def test_add_rms_norm_linear(ops, m, k, first):
+    """Fused into the GEMV up to NORM_GEMV_MAX_M rows, add_rms_norm + linear above."""
+    rng = np.random.default_rng()
+    n = 1000
+    x, x_h = upload(ops, randn(m, k, rng=rng))
+    res, res_h = (None, None) if first else upload(ops, randn(m, k, rng=rng))
+    nw, nw_h = upload(ops, randn(k, rng=rng))
+    w, w_h = upload(ops, randn(n, k, rng=rng, scale=k**-0.5))
+    want_y, want_res = REF.add_rms_norm_linear(x_h, res_h, nw_h, 1e-6, w_h)
+    res_before = None if first else ops.to_host(res).copy()
+    y, new_res = ops.add_rms_norm_linear(x, res, nw, 1e-6, w)
+    assert rel_err(ops.to_host(y), want_y) < TOL[ops.dtype]
+    assert rel_err(ops.to_host(new_res), want_res) < TOL[ops.dtype]
+    h, unfused_res = ops.add_rms_norm(x, None if first else upload(ops, res_before)[0], nw, 1e-6)
+    unfused = ops.to_host(ops.linear(h, w))
+    assert rel_err(ops.to_host(y), unfused) < TOL[ops.dtype] / 4
+    np.testing.assert_array_equal(ops.to_host(new_res), ops.to_host(unfused_res))
+
+
 @pytest.mark.parametrize("m", [1, 2, 4, 6])
 def test_silu_mul_linear(ops, m):
     """Fused into the GEMV up to GEMV_SILU_MAX_M rows, silu_and_mul + linear above."""

@@ -1,20 +1,19 @@
 """How many ops one transformer layer calls (issue 12: fewer launches per decode layer).
 
 Counted on the numpy backend through a recording wrapper, so CI holds the count. On the cuda
-backend each op is one kernel launch except where noted; a Qwen3 decode layer at batch <= 8
+backend each op is one kernel launch except where noted; a Qwen3 decode layer at batch <= 4
 (CUDA graphs, split attention) launches:
 
-    before (11 ops, 12 kernels)               after (8 ops, 9 kernels)
-    add_rms_norm                              add_rms_norm            (residual add fused)
-    linear qkv            (cuBLAS)            linear qkv              (gemv.cu, M <= 8)
+    before (11 ops, 12 kernels)               after (6 ops, 7 kernels)
+    add_rms_norm, linear qkv (cuBLAS)         add_rms_norm_linear     (gemv.cu: add + norm + GEMV)
     qk_norm, rope, write_kv_cache             qk_norm_rope_kv_write   (qk_rope_kv.cu)
     attention             (decode + reduce)   attention               (decode + reduce)
-    linear o              (cuBLAS)            linear o                (gemv.cu)
-    add_rms_norm                              add_rms_norm
-    linear gate_up        (cuBLAS)            linear gate_up          (gemv.cu)
+    linear o              (cuBLAS)            linear o                (gemv.cu, M <= 8)
+    add_rms_norm, linear gate_up (cuBLAS)     add_rms_norm_linear     (gemv.cu)
     silu_and_mul, linear down (cuBLAS)        silu_mul_linear         (gemv.cu, SiLU fused in)
 
 cuBLAS may itself launch two kernels for one GEMM (split-K + reduction); the GEMV never does.
+Above the GEMV caps (cuda_gemv.py) the fused ops fall back to the unfused kernels.
 """
 
 from __future__ import annotations
@@ -28,8 +27,8 @@ from engine.executor.transformer import Transformer
 from engine.model.config import ModelConfig
 from engine.model.loader import dummy_weights
 
-LAYER_OPS = ["add_rms_norm", "linear", "qk_norm_rope_kv_write", "attention", "linear",
-             "add_rms_norm", "linear", "silu_mul_linear"]
+LAYER_OPS = ["add_rms_norm_linear", "qk_norm_rope_kv_write", "attention", "linear",
+             "add_rms_norm_linear", "silu_mul_linear"]
 
 
 class RecordingOps:

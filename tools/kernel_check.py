@@ -164,6 +164,8 @@ def check_gemv(ops, models):
                     extra=f"cuBLAS {t_b * 1e6:.1f} us ({t_b / t_g:.2f}x) -> {win}")
             if name == "down":
                 check_silu_gemv(ops, model, ws, n, k, rng)
+            if name in ("qkv", "gate_up"):
+                check_norm_gemv(ops, f"{model} {name}", ws, rng)
 
 
 def check_silu_gemv(ops, model, ws, n, k, rng):
@@ -182,6 +184,31 @@ def check_silu_gemv(ops, model, ws, n, k, rng):
             ops.silu_and_mul(gu), ws[next(it) % copies], out, ops.dtype), max(20, copies))
         row("gemv", f"{model} down+SiLU fused M={m}", f"{err:.1e}", t_f, n * k * 2,
             2 * m * n * k, extra=f"silu_and_mul + cuBLAS {t_u * 1e6:.1f} us ({t_u / t_f:.2f}x)")
+
+
+def check_norm_gemv(ops, label, ws, rng):
+    n, k = ws[0].shape
+    copies = len(ws)
+    for m in (1, 2, 4):
+        x, x_h = up(ops, rng.standard_normal((m, k)))
+        res, res_h = up(ops, rng.standard_normal((m, k)))
+        nw, nw_h = up(ops, rng.standard_normal(k))
+        y, new_res = cuda_gemv.norm_gemv(x, res, nw, ws[0], 1e-6, ops.ctype)
+        want_y, want_res = REF.add_rms_norm_linear(x_h, res_h, nw_h, 1e-6, ops.to_host(ws[0]))
+        err = max(rel(ops.to_host(y), want_y), rel(ops.to_host(new_res), want_res))
+        it = iter(range(10**9))
+        t_f = graph_time(lambda x=x, res=res, nw=nw, it=it: cuda_gemv.norm_gemv(
+            x, res, nw, ws[next(it) % copies], 1e-6, ops.ctype), max(20, copies))
+        it = iter(range(10**9))
+        out = cupy.empty((m, n), x.dtype)
+
+        def unfused(x=x, res=res, nw=nw, it=it, out=out):
+            h, _ = ops.add_rms_norm(x, res, nw, 1e-6)
+            cuda_gemv.gemv(h, ws[next(it) % copies], out, ops.ctype)
+
+        t_u = graph_time(unfused, max(20, copies))
+        row("gemv", f"{label} add+norm fused M={m}", f"{err:.1e}", t_f, n * k * 2,
+            2 * m * n * k, extra=f"add_rms_norm + GEMV {t_u * 1e6:.1f} us ({t_u / t_f:.2f}x)")
 
 
 # ----------------------------------------------------------------------------- flash-decoding
@@ -317,9 +344,10 @@ def decode_step(ops, preset, ctx, gemv_on=True):
     ids, pos = np.array([7], np.int32), np.array([ctx], np.int32)
     weight_bytes = config.num_linear_params() * 2
     kv = (ctx + 1) * config.num_layers * config.num_kv_heads * config.head_dim * 4
-    gemv_caps = cuda_gemv.GEMV_MAX_M, cuda_gemv.GEMV_SILU_MAX_M
+    gemv_caps = cuda_gemv.GEMV_MAX_M, cuda_gemv.GEMV_SILU_MAX_M, cuda_gemv.NORM_GEMV_MAX_M
     for on in ((True, False) if gemv_on else (False,)):
-        cuda_gemv.GEMV_MAX_M, cuda_gemv.GEMV_SILU_MAX_M = (8, 4) if on else (0, 0)
+        if not on:  # every linear on cuBLAS, norms and activations their own launches
+            cuda_gemv.GEMV_MAX_M = cuda_gemv.GEMV_SILU_MAX_M = cuda_gemv.NORM_GEMV_MAX_M = 0
         try:
             g = DecodeGraphs(model, cache, max_num_seqs=1, max_blocks_per_seq=nb,
                              max_context_len=max(ctx + 1, 32768))
@@ -334,7 +362,7 @@ def decode_step(ops, preset, ctx, gemv_on=True):
                 statistics.median(times), weight_bytes + kv)
             del g
         finally:
-            cuda_gemv.GEMV_MAX_M, cuda_gemv.GEMV_SILU_MAX_M = gemv_caps
+            cuda_gemv.GEMV_MAX_M, cuda_gemv.GEMV_SILU_MAX_M, cuda_gemv.NORM_GEMV_MAX_M = gemv_caps
     del model, cache
 
 

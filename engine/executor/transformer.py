@@ -65,8 +65,9 @@ class Transformer:
         residual = None
         for i, layer in enumerate(w.layers):
             k_cache, v_cache = kv_cache[i, 0], kv_cache[i, 1]
-            h, residual = ops.add_rms_norm(x, residual, layer.input_norm, c.rms_norm_eps)
-            qkv = ops.linear(h, layer.qkv)  # (T, q_size + 2 * kv_size)
+            # residual += x, RMSNorm, qkv GEMM: one GEMV launch on the GPU at decode batches
+            qkv, residual = ops.add_rms_norm_linear(x, residual, layer.input_norm, c.rms_norm_eps,
+                                                    layer.qkv)  # (T, q_size + 2 * kv_size)
             # bias, q/k norm, RoPE and the cache write: one kernel on the GPU
             ops.qk_norm_rope_kv_write(
                 qkv, positions, self.cos_sin, layer.q_norm if c.qk_norm else None,
@@ -74,9 +75,9 @@ class Transformer:
                 meta.slot_mapping, nh, nkv, bias=layer.qkv_bias)
             attn = ops.attention(qkv, k_cache, v_cache, meta, nh, nkv, self.scale)  # (T, q_size)
             x = ops.linear(attn, layer.o)  # (T, hidden)
-            # the residual add rides in the norm (one kernel, cuda/rms_norm.cu mode 2)
-            h, residual = ops.add_rms_norm(x, residual, layer.post_norm, c.rms_norm_eps)
-            x = ops.silu_mul_linear(ops.linear(h, layer.gate_up), layer.down)
+            gate_up, residual = ops.add_rms_norm_linear(x, residual, layer.post_norm,
+                                                        c.rms_norm_eps, layer.gate_up)
+            x = ops.silu_mul_linear(gate_up, layer.down)
         h, _ = ops.add_rms_norm(x, residual, w.norm, c.rms_norm_eps)
         h = ops.gather_rows(h, logits_indices)  # (R, hidden): only the rows that sample
         return ops.linear(h, w.lm_head)  # (R, vocab)

@@ -24,6 +24,7 @@ NUM_BLOCKS_TARGET = 1024  # decode blocks that fill an H200's 132 SMs several ti
 # (attention.cu's seq_splits): the grid is sized for the longest context, each sequence for its own.
 MIN_KEYS_PER_SPLIT = 128
 MAX_SPLITS = 128  # one 16k+ sequence over 8 kv heads fills NUM_BLOCKS_TARGET
+KERNEL_MAX_SPLITS, REDUCE_THREADS = 256, 512  # attention.cu's MAX_SPLITS and RED_THREADS
 LOG2E = 1.4426950408889634  # the kernels' softmax is base 2: scores are scaled by scale * log2(e)
 
 
@@ -98,7 +99,8 @@ def choose_splits(num_items: int, num_kv_heads: int, max_context_len: int) -> in
     if blocks >= NUM_BLOCKS_TARGET:
         return 1
     by_ctx = max(1, max_context_len // MIN_KEYS_PER_SPLIT)
-    return int(max(1, min(MAX_SPLITS, -(-NUM_BLOCKS_TARGET // blocks), by_ctx)))
+    return int(max(1, min(MAX_SPLITS, KERNEL_MAX_SPLITS, -(-NUM_BLOCKS_TARGET // blocks),
+                           by_ctx)))
 
 
 def make_plan(query_start_loc: np.ndarray, num_kv_heads: int, group: int, max_context_len: int,
@@ -158,7 +160,7 @@ def paged_attention(qkv, k_cache, v_cache, meta: DeviceAttentionMetadata, num_he
              i32(MIN_KEYS_PER_SPLIT)))
         if splits > 1:
             kernel("attention.cu", f"decode_reduce_kernel<{ctype}, {head_dim}>", ctype)(
-                (num_dec, num_heads), (head_dim,),
+                (num_dec, num_heads), (REDUCE_THREADS,),
                 (out, part_out, part_ml, plan.decode_seqs, meta.query_start_loc,
                  meta.context_lens, i32(num_dec), i32(num_heads), i32(splits),
                  i32(MIN_KEYS_PER_SPLIT)))

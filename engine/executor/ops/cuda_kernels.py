@@ -41,7 +41,8 @@ def kernel_names(file: str, ctype: str) -> list[str]:
                 for d in HEAD_DIMS]
     if file == "gemv.cu":
         return ([f"gemv_kernel<{ctype}, {m}, false>" for m in range(1, 9)]
-                + [f"gemv_kernel<{ctype}, {m}, true>" for m in range(1, 5)])
+                + [f"gemv_kernel<{ctype}, {m}, true>" for m in range(1, 5)]
+                + [f"norm_gemv_kernel<{ctype}, {m}>" for m in range(1, 5)])
     if file == "kv_cache.cu":
         return [f"write_kv_cache_kernel<{ctype}>"]
     if file == "attention.cu":

@@ -195,6 +195,22 @@ class CudaOps:
             raise ValueError(f"residual shape {residual.shape} != x shape {x.shape}")
         return self._norm(x, residual, weight, eps, 2), residual
 
+    def add_rms_norm_linear(self, x, residual, norm_weight, eps, weight):
+        """h, residual = add_rms_norm(x, residual, norm_weight, eps); (linear(h, weight),
+        residual). One GEMV launch at small batches (the residual comes back as a new array)."""
+        self._check(x, "x", 2)
+        self._check(norm_weight, "norm_weight", 1)
+        self._check(weight, "weight", 2)
+        if residual is not None and self._check(residual, "residual", 2).shape != x.shape:
+            raise ValueError(f"residual shape {residual.shape} != x shape {x.shape}")
+        if x.shape[1] != weight.shape[1] or norm_weight.shape[0] != x.shape[1]:
+            raise ValueError(f"add_rms_norm_linear: x has {x.shape[1]} features, norm weight "
+                             f"{norm_weight.shape[0]}, weight expects {weight.shape[1]}")
+        if cuda_gemv.norm_gemv_fits(x, residual, norm_weight, weight):
+            return cuda_gemv.norm_gemv(x, residual, norm_weight, weight, eps, self.ctype)
+        h, residual = self.add_rms_norm(x, residual, norm_weight, eps)
+        return self.linear(h, weight), residual
+
     def linear(self, x, weight, bias=None):
         # x (T, in), weight (out, in) as stored by HF, bias (out,) -> (T, out)
         self._check(x, "x", 2)

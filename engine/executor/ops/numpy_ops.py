@@ -72,6 +72,12 @@ class NumpyOps:
         residual = x.copy() if residual is None else residual + x
         return self.rms_norm(residual, weight, eps), residual
 
+    def add_rms_norm_linear(self, x, residual, norm_weight, eps, weight):
+        """add_rms_norm, then linear of its output: (y, residual). The cuda backend runs it as
+        one GEMV at small batches (cuda/gemv.cu's norm_gemv_kernel)."""
+        h, residual = self.add_rms_norm(x, residual, norm_weight, eps)
+        return self.linear(h, weight), residual
+
     def linear(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None):
         # x (T, in), weight (out, in) as stored by HF, bias (out,) -> (T, out)
         y = x @ weight.T
