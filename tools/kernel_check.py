@@ -3,10 +3,11 @@ by CUDA-graph replay (GPU time, no Python launch cost), with its bandwidth / FLO
 H200's ceiling. Ends with the tables: GEMV vs cuBLAS crossover, flash-decoding split settings,
 sampler old vs new, decode steps.
 
-    PYTHONPATH=. python tools/kernel_check.py [--quick]     # ~2-3 min on the H200
+    PYTHONPATH=. python tools/kernel_check.py [--quick] [--only gemv,splits]   # ~2-3 min
     PYTHONPATH=. python tools/gpu_check.py --only new      # the same, from gpu_check
 
---quick skips the Llama-3-8B shapes and the decode steps.
+--quick skips the Llama-3-8B shapes and the decode steps; --only runs the named sections
+(fused, gemv, splits, sampling, decode).
 """
 
 from __future__ import annotations
@@ -366,12 +367,21 @@ def decode_step(ops, preset, ctx, gemv_on=True):
     del model, cache
 
 
-def run_all(ops, quick: bool = False):
-    check_fused(ops)
-    check_gemv(ops, ["qwen3-0.6b"] if quick else ["qwen3-0.6b", "llama3-8b"])
-    check_splits(ops)
-    check_sampling(ops)
-    if not quick:
+def run_all(ops, quick: bool = False, only: str | None = None):
+    """Every section, or those named in `only` (comma-separated: fused, gemv, splits, sampling,
+    decode)."""
+    def want(section: str) -> bool:
+        return only is None or section in only.split(",")
+
+    if want("fused"):
+        check_fused(ops)
+    if want("gemv"):
+        check_gemv(ops, ["qwen3-0.6b"] if quick else ["qwen3-0.6b", "llama3-8b"])
+    if want("splits"):
+        check_splits(ops)
+    if want("sampling"):
+        check_sampling(ops)
+    if want("decode") and not quick:
         decode_step(ops, "qwen3-0.6b", 512)
         decode_step(ops, "qwen3-0.6b", 32532)
         decode_step(ops, "llama3-8b", 512)
@@ -387,7 +397,8 @@ def main():
     ops = CudaOps("bfloat16")
     print(f"GPU: {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}", flush=True)
     t0 = time.perf_counter()
-    run_all(ops, quick="--quick" in sys.argv)
+    only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None
+    run_all(ops, quick="--quick" in sys.argv, only=only)
     print(f"\nkernel_check took {time.perf_counter() - t0:.0f} s")
 
 
