@@ -39,13 +39,11 @@ __device__ __forceinline__ void load_x8(const T* __restrict__ x, int m, int v, i
   for (int e = 0; e < 8; e++) f[e] = to_float(from_float<T>(g[e] / (1.f + expf(-g[e])) * u[e]));
 }
 
-// Grid: (ceil(N / GEMV_R))  Block: (128 or 256; a multiple of 32)
-// K is a multiple of 8 and x, w are 16-byte aligned (checked by the caller).
-template <typename T, int M, bool ACT>
-__global__ void __launch_bounds__(256) gemv_kernel(T* __restrict__ y,        // [M, N]
-                                                   const T* __restrict__ x,  // [M, K] ([M, 2K] ACT)
-                                                   const T* __restrict__ w,  // [N, K]
-                                                   int N, int K) {
+// The product itself, for a block's GEMV_R weight rows: load_x(m, v, f) gives the 8 input
+// elements of row m at word v as floats.
+template <typename T, int M, typename LoadX>
+__device__ __forceinline__ void gemv_rows(T* __restrict__ y, const T* __restrict__ w, int N, int K,
+                                          LoadX load_x) {
   __shared__ float red[GEMV_MAX_WARPS][M * GEMV_R];
   const int n0 = blockIdx.x * GEMV_R, words = K / 8;
   float acc[M][GEMV_R];
@@ -77,7 +75,7 @@ __global__ void __launch_bounds__(256) gemv_kernel(T* __restrict__ y,        // 
 #pragma unroll
         for (int m = 0; m < M; m++) {
           float xf[8];
-          load_x8<T, ACT>(x, m, v, K, xf);
+          load_x(m, v, xf);
 #pragma unroll
           for (int r = 0; r < GEMV_R; r++)
 #pragma unroll
@@ -106,11 +104,21 @@ __global__ void __launch_bounds__(256) gemv_kernel(T* __restrict__ y,        // 
   }
 }
 
+// Grid: (ceil(N / GEMV_R))  Block: (128 or 256; a multiple of 32)
+// K is a multiple of 8 and x, w are 16-byte aligned (checked by the caller).
+template <typename T, int M, bool ACT>
+__global__ void __launch_bounds__(256) gemv_kernel(T* __restrict__ y,        // [M, N]
+                                                   const T* __restrict__ x,  // [M, K] ([M, 2K] ACT)
+                                                   const T* __restrict__ w,  // [N, K]
+                                                   int N, int K) {
+  gemv_rows<T, M>(y, w, N, K, [&](int m, int v, float* f) { load_x8<T, ACT>(x, m, v, K, f); });
+}
+
 // The residual add and RMSNorm that precede a layer's first GEMV, fused into it (decode, M <= 4):
 //   res_out = x + residual (rounded to T; residual null: x), h = rms_norm(res_out) * norm_w,
 //   y = h @ w^T.
 // Every block computes h for all M rows into shared memory first (M x K elements: a few KB,
-// read from L1/L2 while other blocks stream weights), then runs gemv_kernel's loop on it; block
+// read from L1/L2 while other blocks stream weights), then runs gemv_rows on it; block
 // 0 also stores res_out. The inputs are never written, so the blocks cannot race.
 // Dynamic shared memory: M * K * sizeof(T) bytes.
 // Grid: (ceil(N / GEMV_R))  Block: (128 or 256)
@@ -124,7 +132,6 @@ __global__ void __launch_bounds__(256) norm_gemv_kernel(
     const T* __restrict__ w,         // [N, K]
     int N, int K, float eps) {
   extern __shared__ uint4 h_words[];  // [M][K / 8]
-  __shared__ float red[GEMV_MAX_WARPS][M * GEMV_R];
   __shared__ float sums[32];
   const int words = K / 8;
   const uint4* xw = reinterpret_cast<const uint4*>(x);
@@ -160,62 +167,9 @@ __global__ void __launch_bounds__(256) norm_gemv_kernel(
     }
   }
   __syncthreads();
-
-  const int n0 = blockIdx.x * GEMV_R;
-  float acc[M][GEMV_R];
-#pragma unroll
-  for (int m = 0; m < M; m++)
-#pragma unroll
-    for (int r = 0; r < GEMV_R; r++) acc[m][r] = 0.f;
-  const uint4* wrow[GEMV_R];
-#pragma unroll
-  for (int r = 0; r < GEMV_R; r++)
-    wrow[r] = reinterpret_cast<const uint4*>(w + (long)min(n0 + r, N - 1) * K);
-  for (int base = threadIdx.x; base < words; base += GEMV_U * blockDim.x) {
-    uint4 wr[GEMV_U][GEMV_R];
-#pragma unroll
-    for (int u = 0; u < GEMV_U; u++) {
-      const int v = base + u * blockDim.x;
-#pragma unroll
-      for (int r = 0; r < GEMV_R; r++)
-        wr[u][r] = v < words ? __ldcs(wrow[r] + v) : make_uint4(0u, 0u, 0u, 0u);
-    }
-#pragma unroll
-    for (int u = 0; u < GEMV_U; u++) {
-      const int v = base + u * blockDim.x;
-      if (v < words) {
-        float wf[GEMV_R][8];
-#pragma unroll
-        for (int r = 0; r < GEMV_R; r++) to_float8<T>(wr[u][r], wf[r]);
-#pragma unroll
-        for (int m = 0; m < M; m++) {
-          float xf[8];
-          to_float8<T>(h_words[m * words + v], xf);
-#pragma unroll
-          for (int r = 0; r < GEMV_R; r++)
-#pragma unroll
-            for (int e = 0; e < 8; e++) acc[m][r] += xf[e] * wf[r][e];
-        }
-      }
-    }
-  }
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-#pragma unroll
-  for (int m = 0; m < M; m++)
-#pragma unroll
-    for (int r = 0; r < GEMV_R; r++) {
-      const float s = warp_sum(acc[m][r]);
-      if (lane == 0) red[warp][m * GEMV_R + r] = s;
-    }
-  __syncthreads();
-  const int num_warps = blockDim.x >> 5;
-  for (int i = threadIdx.x; i < M * GEMV_R; i += blockDim.x) {
-    const int m = i / GEMV_R, r = i % GEMV_R;
-    if (n0 + r >= N) continue;
-    float s = 0.f;
-    for (int k = 0; k < num_warps; k++) s += red[k][i];
-    y[(long)m * N + n0 + r] = from_float<T>(s);
-  }
+  gemv_rows<T, M>(y, w, N, K, [&](int m, int v, float* f) {
+    to_float8<T>(h_words[m * words + v], f);
+  });
 }
 
 #ifdef PAGEDSERVE_NVCC_CHECK
