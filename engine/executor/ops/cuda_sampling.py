@@ -1,4 +1,9 @@
-"""Sampling on the GPU (cuda/sampling.cu): numpy_sampling.sample's semantics, one sync a step."""
+"""Sampling on the GPU (cuda/sampling.cu): numpy_sampling.sample's semantics, one sync a step.
+
+sample_kernel finds top-k / top-p thresholds from one histogram pass and a sort of the few
+candidates in shared memory (3 passes over a row); SAMPLER = "bisect" selects the previous kernel
+(cuda/sampling_bisect.cu, ~31 passes per threshold), which tools/gpu_check.py times as baseline.
+"""
 
 from __future__ import annotations
 
@@ -8,7 +13,8 @@ import numpy as np
 from engine.executor.ops import SamplerOutput, SamplingTensors
 from engine.executor.ops.cuda_kernels import kernel
 
-NUM_PARAMS = 10  # words per row, laid out as in cuda/sampling.cu
+NUM_PARAMS = 10  # words per row, laid out as in cuda/sampling_common.cuh
+SAMPLER = "select"  # or "bisect": the previous kernel
 
 
 def pack_params(t: SamplingTensors) -> np.ndarray:
@@ -37,38 +43,57 @@ def _ids(a) -> tuple:
     return cupy.asarray(a), a.shape[1]
 
 
-def sample_on_device(logits: cupy.ndarray, t: SamplingTensors, ctype: str) -> SamplerOutput:
-    # logits (R, vocab), float32 / half / bf16 as uint16
+def upload(t: SamplingTensors) -> dict:
+    """The step's per-row settings on the device (host -> device copies only)."""
+    dev = {"params": cupy.asarray(pack_params(t)), "prompt": _ids(t.prompt_ids),
+           "output": _ids(t.output_ids), "bias": None}
+    if t.bias_ids is not None and t.bias_ids.size:
+        dev["bias"] = (cupy.asarray(np.ascontiguousarray(t.bias_ids, np.int32)),
+                       cupy.asarray(np.ascontiguousarray(t.bias_values, np.float32)))
+    return dev
+
+
+def launch(logits: cupy.ndarray, t: SamplingTensors, dev: dict, ctype: str) -> cupy.ndarray:
+    """The sampling kernels on the current stream (no host copy: CUDA-graph capturable) ->
+    (R, 2 + 2 * num_logprobs) int32 results, laid out as in cuda/sampling_common.cuh."""
     rows, vocab = logits.shape
     n_lp = int(t.num_logprobs)
-    if rows == 0:
-        empty = np.empty(0, np.int32)
-        return SamplerOutput(empty, np.empty(0, np.float32))
-    params = cupy.asarray(pack_params(t))
-    i32 = np.int32
+    params, i32 = dev["params"], np.int32
     adjusted = np.uint64(0)
     has_penalty = t.prompt_ids is not None or t.output_ids is not None
-    if has_penalty or t.bias_ids is not None:
+    if has_penalty or dev["bias"] is not None:
         counts = np.uint64(0)
         if has_penalty:
             counts = cupy.zeros((rows, vocab), cupy.int32)
-            prompt, p_len = _ids(t.prompt_ids)
-            output, o_len = _ids(t.output_ids)
+            (prompt, p_len), (output, o_len) = dev["prompt"], dev["output"]
             kernel("sampling.cu", "penalty_counts_kernel")(
                 (rows,), (256,), (counts, prompt, output, i32(p_len), i32(o_len), i32(vocab)))
         adjusted = cupy.empty((rows, vocab), cupy.float32)
         kernel("sampling.cu", f"adjust_logits_kernel<{ctype}>")(
             (rows, -(-vocab // 256)), (256,), (adjusted, logits, counts, params, i32(vocab)))
-        if t.bias_ids is not None and t.bias_ids.size:
-            ids = cupy.asarray(np.ascontiguousarray(t.bias_ids, np.int32))
-            values = cupy.asarray(np.ascontiguousarray(t.bias_values, np.float32))
+        if dev["bias"] is not None:
+            ids, values = dev["bias"]
             kernel("sampling.cu", "add_logit_bias_kernel")(
                 (rows,), (1,), (adjusted, ids, values, i32(ids.shape[1]), i32(vocab)))
-    probs = np.uint64(0) if t.all_greedy else cupy.empty((rows, vocab), cupy.float32)
     result = cupy.empty((rows, 2 + 2 * n_lp), cupy.int32)
-    kernel("sampling.cu", f"sample_kernel<{ctype}>")(
-        (rows,), (1024,), (result, probs, logits, adjusted, params, i32(vocab), i32(n_lp)))
-    host = cupy.asnumpy(result)  # the step's one device -> host sync
+    if SAMPLER == "bisect":
+        probs = np.uint64(0) if t.all_greedy else cupy.empty((rows, vocab), cupy.float32)
+        kernel("sampling_bisect.cu", f"sample_bisect_kernel<{ctype}>")(
+            (rows,), (1024,), (result, probs, logits, adjusted, params, i32(vocab), i32(n_lp)))
+    else:
+        kernel("sampling.cu", f"sample_kernel<{ctype}>")(
+            (rows,), (1024,), (result, logits, adjusted, params, i32(vocab), i32(n_lp)))
+    return result
+
+
+def sample_on_device(logits: cupy.ndarray, t: SamplingTensors, ctype: str) -> SamplerOutput:
+    # logits (R, vocab), float32 / half / bf16 as uint16
+    rows = logits.shape[0]
+    n_lp = int(t.num_logprobs)
+    if rows == 0:
+        empty = np.empty(0, np.int32)
+        return SamplerOutput(empty, np.empty(0, np.float32))
+    host = cupy.asnumpy(launch(logits, t, upload(t), ctype))  # the step's one device -> host sync
     out = SamplerOutput(host[:, 0].copy(), host[:, 1].copy().view(np.float32))
     if n_lp > 0:
         out.top_ids = host[:, 2 : 2 + n_lp].copy()
