@@ -16,11 +16,11 @@ __global__ void penalty_counts_kernel(int* __restrict__ counts,            // [R
   int* row = counts + (long)blockIdx.x * vocab;
   for (int i = threadIdx.x; i < P; i += blockDim.x) {
     const int id = prompt_ids[(long)blockIdx.x * P + i];
-    if (id >= 0) atomicOr(row + id, 1 << 30);
+    if (id >= 0 && id < vocab) atomicOr(row + id, 1 << 30);  // ids past vocab: ignored
   }
   for (int i = threadIdx.x; i < O; i += blockDim.x) {
     const int id = output_ids[(long)blockIdx.x * O + i];
-    if (id >= 0) atomicAdd(row + id, 1);
+    if (id >= 0 && id < vocab) atomicAdd(row + id, 1);
   }
 }
 
@@ -64,7 +64,7 @@ __global__ void add_logit_bias_kernel(float* __restrict__ adjusted,         // [
                                       int NB, int vocab) {
   for (int i = 0; i < NB; i++) {
     const int id = bias_ids[blockIdx.x * NB + i];
-    if (id >= 0) adjusted[(long)blockIdx.x * vocab + id] += bias_values[blockIdx.x * NB + i];
+    if (id >= 0 && id < vocab) adjusted[(long)blockIdx.x * vocab + id] += bias_values[blockIdx.x * NB + i];
   }
 }
 

@@ -3,15 +3,22 @@ by CUDA-graph replay (GPU time, no Python launch cost), with its bandwidth / FLO
 H200's ceiling. Ends with the tables: GEMV vs cuBLAS crossover, flash-decoding split settings,
 sampler old vs new, decode steps.
 
-    PYTHONPATH=. python tools/kernel_check.py [--quick] [--only gemv,splits]   # ~2-3 min
+    PYTHONPATH=. python tools/kernel_check.py [--quick] [--only gemv,splits] [--check-each]
     PYTHONPATH=. python tools/gpu_check.py --only new      # the same, from gpu_check
 
 --quick skips the Llama-3-8B shapes and the decode steps; --only runs the named sections
-(fused, gemv, splits, sampling, decode).
+(fused, gemv, splits, sampling, decode). --check-each synchronizes after every row and every
+section and stops at the first CUDA error, naming where it surfaced (a kernel fault is sticky:
+without this it is reported by whichever later call syncs first). --small shrinks every
+section (few rows, one weight copy, 2-layer decode models, 2 timed calls) for compute-sanitizer:
+
+    for s in fused gemv splits sampling decode; do
+      compute-sanitizer --error-exitcode 9 python tools/kernel_check.py --small --only $s; done
 """
 
 from __future__ import annotations
 
+import dataclasses
 import statistics
 import sys
 import time
@@ -37,11 +44,31 @@ BW, FLOPS = 4.27e12, 800e12  # measured ceilings (shared/GPU.md)
 L2_BYTES = 60 << 20
 REF = NumpyOps()
 tables: dict[str, list[str]] = {}
+OPTS = {"small": False, "check_each": False}
+
+
+class SectionError(RuntimeError):
+    """A CUDA error surfaced by --check-each's sync; the context is unusable after it."""
+
+
+def check_device(where: str):
+    """--check-each: wait for the GPU and raise SectionError naming `where` on a CUDA error."""
+    if not OPTS["check_each"]:
+        return
+    try:
+        cupy.cuda.Device().synchronize()
+    except (cupy.cuda.runtime.CUDARuntimeError, cupy.cuda.driver.CUDADriverError) as e:
+        raise SectionError(f"CUDA error surfaced after {where}: {e}") from e
 
 
 def graph_time(fn, calls: int = 20, reps: int = 10) -> float:
     """Seconds per fn() on the GPU: `calls` calls captured in one CUDA graph, replayed `reps`
     times between events, median. fn launches kernels only (no host sync, no host copy)."""
+    if OPTS["small"]:
+        calls, reps = 2, 1
+    # NOTE: the stream below does not wait for the default stream, where the inputs were made
+    # (and a pageable upload's DMA may still be running): wait for them here.
+    cupy.cuda.Device().synchronize()
     stream = cupy.cuda.Stream(non_blocking=True)
     with stream:
         for _ in range(calls):  # warm-up: compiles, and fills the memory pool for the capture
@@ -77,6 +104,7 @@ def row(table: str, name: str, err, sec: float, nbytes: float = 0, flops: float 
             f"{flops / sec / 1e12:.1f} | {frac * 100:.1f} | {extra} |")
     tables.setdefault(table, []).append(line)
     print(table, line, flush=True)
+    check_device(f"{table} row '{name}'")
 
 
 def up(ops, x):
@@ -140,11 +168,11 @@ SHAPES = {  # name -> (N, K) of the weight
 
 def check_gemv(ops, models):
     rng = np.random.default_rng(1)
-    ms = (1, 2, 4, 8)
+    ms = (1, 8) if OPTS["small"] else (1, 2, 4, 8)
     for model in models:
         for name, (n, k) in SHAPES[model].items():
             nbytes = n * k * 2
-            copies = max(1, -(-3 * L2_BYTES // nbytes))  # cycle through > L2: a cold read
+            copies = 1 if OPTS["small"] else max(1, -(-3 * L2_BYTES // nbytes))  # > L2: cold
             ws = [ops.random_weight((n, k), k**-0.5, rng) for _ in range(copies)]
             calls = max(20, copies)
             for m in ms:
@@ -244,6 +272,8 @@ def check_splits(ops):
     default = (ca.NUM_BLOCKS_TARGET, ca.MIN_KEYS_PER_SPLIT, ca.MAX_SPLITS)
     rng = np.random.default_rng(3)
     cases = [[512], [4096], [16384], [32532], [1024] * 8, [4096] * 8, [1024] * 64]
+    if OPTS["small"]:  # still one long context: the 256-split sweep row
+        cases = [[512], [32532], [1024] * 8, [1024] * 64]
     for ctx in cases:
         meta, cache = _decode_batch(ops, ctx)
         qkv, qkv_h = up(ops, rng.standard_normal((len(ctx), (nh + 2 * nkv) * hd)))
@@ -287,7 +317,7 @@ def _tensors(rows, rng, **kw) -> SamplingTensors:
 
 def check_sampling(ops):
     rng = np.random.default_rng(4)
-    rows, vocab = 256, 151936
+    rows, vocab = (16 if OPTS["small"] else 256), 151936
     logits_h = (rng.standard_normal((rows, vocab)) * 3).astype(np.float32)
     logits = ops.from_host(logits_h)  # the compute dtype, as the lm_head GEMM leaves it
     logits_h = ops.to_host(logits)
@@ -300,7 +330,7 @@ def check_sampling(ops):
         "W1 + repetition 1.1": {"temperature": 0.8, "top_k": 50, "top_p": 0.95,
                                 "repetition_penalty": 1.1},
     }
-    check = 32  # rows held to numpy (numpy sorts every row: slow)
+    check = min(rows, 32)  # rows held to numpy (numpy sorts every row: slow)
     for name, kw in configs.items():
         t = _tensors(rows, rng, **kw)
         if "repetition_penalty" in kw:
@@ -336,6 +366,8 @@ def decode_step(ops, preset, ctx, gemv_on=True):
     from engine.model.loader import dummy_weights
 
     config = ModelConfig.from_preset(preset)
+    if OPTS["small"]:
+        config = dataclasses.replace(config, num_layers=2)
     model = Transformer(config, dummy_weights(config, ops, seed=0), ops, ctx + 16)
     bs = 16
     nb = -(-(ctx + 1) // bs)
@@ -355,7 +387,7 @@ def decode_step(ops, preset, ctx, gemv_on=True):
                              max_context_len=max(ctx + 1, 32768))
             g.capture()
             times = []
-            for _ in range(30):
+            for _ in range(3 if OPTS["small"] else 30):
                 t0 = time.perf_counter()
                 g.run(ids, pos, meta)
                 cupy.cuda.get_current_stream().synchronize()
@@ -384,6 +416,11 @@ def run_all(ops, quick: bool = False, only: str | None = None):
             continue
         try:  # one section failing still leaves the others' tables
             run()
+            check_device(f"section {name}")
+        except SectionError as e:  # the context is dead: later sections would only fail
+            print(f"\n{e}", flush=True)
+            tables.setdefault(name, []).append(f"| FAILED: {e} | | | | | | |")
+            break
         except Exception:
             traceback.print_exc()
             tables.setdefault(name, []).append("| FAILED: see the traceback above | | | | | | |")
@@ -401,6 +438,7 @@ def main():
     print(f"GPU: {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}", flush=True)
     t0 = time.perf_counter()
     only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None
+    OPTS["small"], OPTS["check_each"] = "--small" in sys.argv, "--check-each" in sys.argv
     run_all(ops, quick="--quick" in sys.argv, only=only)
     print(f"\nkernel_check took {time.perf_counter() - t0:.0f} s")
 

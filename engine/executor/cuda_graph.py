@@ -66,6 +66,12 @@ class DecodeGraphs:
         # that an earlier graph freed as scratch during its capture, and that graph's replays
         # would overwrite it.
         metas = {size: self._meta(size) for size in self.sizes}
+        # NOTE: the capture stream is non-blocking: it does not wait for the legacy default
+        # stream, where the weights, the KV cache and this object's buffers (slot_mapping's
+        # fill(-1)) were made. Without this sync the warm-up forward can read slot_mapping
+        # before the fill lands - recycled pool memory, garbage slots - and store k/v far out
+        # of the cache (cudaErrorIllegalAddress, only when the pool held old data).
+        cupy.cuda.Device().synchronize()
         stream = cupy.cuda.Stream(non_blocking=True)
         with cupy.cuda.using_allocator(self.pool.malloc), stream:
             for size in sorted(self.sizes, reverse=True):

@@ -170,6 +170,8 @@ def paged_attention(qkv, k_cache, v_cache, meta: DeviceAttentionMetadata, num_he
     i32, tables = np.int32, meta.block_tables
     scale_log2 = np.float32(scale * LOG2E)
     num_dec, splits = len(plan.decode_seqs), plan.num_splits
+    if not 1 <= splits <= KERNEL_MAX_SPLITS:  # the reduce kernel's shared weights hold this many
+        raise ValueError(f"attention: num_splits {splits} outside 1..{KERNEL_MAX_SPLITS}")
     keys_per_split = i32(plan.keys_per_split or MIN_KEYS_PER_SPLIT)
     if num_dec:
         g, passes = decode_tile(group)
