@@ -162,6 +162,13 @@ def test_add_rms_norm_linear(ops, m, k, first):
     unfused = ops.to_host(ops.linear(h, w))
     assert rel_err(ops.to_host(y), unfused) < TOL[ops.dtype] / 4
     np.testing.assert_array_equal(ops.to_host(new_res), ops.to_host(unfused_res))
+    from engine.executor.ops import cuda_gemv
+
+    res = None if first else upload(ops, res_before)[0]
+    if cuda_gemv.norm_gemv_fits(x, res, nw, w):  # the kernel itself, where ops would not take it
+        y2, res2 = cuda_gemv.norm_gemv(x, res, nw, w, 1e-6, ops.ctype)
+        assert rel_err(ops.to_host(y2), want_y) < TOL[ops.dtype]
+        np.testing.assert_array_equal(ops.to_host(res2), ops.to_host(unfused_res))
 
 
 @pytest.mark.parametrize("m", [1, 2, 4, 6])
@@ -175,6 +182,46 @@ def test_silu_mul_linear(ops, m):
     assert rel_err(ops.to_host(ops.silu_mul_linear(gu, w)), want) < TOL[ops.dtype]
     unfused = ops.to_host(ops.linear(ops.silu_and_mul(gu), w))
     assert rel_err(ops.to_host(ops.silu_mul_linear(gu, w)), unfused) < TOL[ops.dtype] / 4
+    from engine.executor.ops import cuda_gemv
+
+    if m <= cuda_gemv.GEMV_SILU_MAX_M:  # the kernel itself, where ops would not take it
+        out = cupy.empty((m, hidden), gu.dtype)
+        got = ops.to_host(cuda_gemv.gemv(gu, w, out, ops.ctype, act=True))
+        assert rel_err(got, want) < TOL[ops.dtype]
+
+
+# Device run 2 (tools/kernel_check.py): (N, K) -> cuBLAS time / GEMV time at M = 1, 2, 4, 8.
+GEMV_RATIOS = {
+    (4096, 1024): (1.28, 1.20, 0.81, 0.59), (1024, 2048): (4.18, 2.34, 2.46, 1.01),
+    (6144, 1024): (1.15, 1.04, 0.71, 0.50), (1024, 3072): (2.02, 1.81, 1.52, 1.14),
+    (151936, 1024): (1.09, 0.95, 0.61, 0.40), (6144, 4096): (1.15, 1.07, 0.73, 0.53),
+    (4096, 4096): (1.28, 1.13, 0.86, 0.63), (28672, 4096): (1.04, 1.10, 0.68, 0.48),
+    (4096, 14336): (1.10, 1.04, 0.84, 0.58), (128256, 4096): (1.07, 1.06, 0.69, 0.49),
+}
+
+
+def test_gemv_choice_fits_the_measurements():
+    """The GEMV / cuBLAS rule picks the faster path at every measured (shape, M), and the fused
+    prologues only where they were measured faster."""
+    from engine.executor.ops import cuda_gemv
+
+    for (n, k), ratios in GEMV_RATIOS.items():
+        for m, ratio in zip((1, 2, 4, 8), ratios, strict=True):
+            assert (m <= cuda_gemv.gemv_max_rows(n, k)) == (ratio > 1), (n, k, m, ratio)
+    x1, x2 = cupy.zeros((1, 1024), cupy.uint16), cupy.zeros((2, 1024), cupy.uint16)
+    nw = cupy.zeros(1024, cupy.uint16)
+    w_qkv, w_gate_up = cupy.zeros((4096, 1024), cupy.uint16), cupy.zeros((6144, 1024), cupy.uint16)
+    assert cuda_gemv.use_norm_gemv(x1, None, nw, w_qkv)  # 1.25x
+    assert cuda_gemv.use_norm_gemv(x1, x1, nw, w_gate_up)  # 1.06x
+    assert not cuda_gemv.use_norm_gemv(x2, x2, nw, w_qkv)  # 0.75x
+    w_big = cupy.zeros((28672, 16), cupy.uint16)  # llama3 gate_up's N: 0.88x
+    assert not cuda_gemv.use_norm_gemv(cupy.zeros((1, 16), cupy.uint16), None,
+                                       cupy.zeros(16, cupy.uint16), w_big)
+    down = cupy.zeros((1024, 3072), cupy.uint16)
+    assert cuda_gemv.use_silu_gemv(cupy.zeros((2, 6144), cupy.uint16), down)  # 1.39x
+    assert not cuda_gemv.use_silu_gemv(cupy.zeros((4, 6144), cupy.uint16), down)  # 0.93x
+    assert not cuda_gemv.use_silu_gemv(cupy.zeros((1, 16), cupy.uint16),
+                                       cupy.zeros((4096, 8), cupy.uint16))  # llama3: 0.83x
 
 
 # ------------------------------------------------------------------ sampling select
