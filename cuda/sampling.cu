@@ -64,7 +64,8 @@ __global__ void add_logit_bias_kernel(float* __restrict__ adjusted,         // [
                                       int NB, int vocab) {
   for (int i = 0; i < NB; i++) {
     const int id = bias_ids[blockIdx.x * NB + i];
-    if (id >= 0 && id < vocab) adjusted[(long)blockIdx.x * vocab + id] += bias_values[blockIdx.x * NB + i];
+    if (id >= 0 && id < vocab)
+      adjusted[(long)blockIdx.x * vocab + id] += bias_values[blockIdx.x * NB + i];
   }
 }
 
@@ -94,8 +95,13 @@ __device__ int row_argmax(const T* __restrict__ logits, const float* __restrict_
 //      of the two (one bin of margin for top-p's float sums) is a candidate for being kept.
 //   3. when there are at most SEL_CAP candidates (a top-k of a few hundred, or a peaked row's
 //      top-p): collect them into shared memory, sort them there, and do the exact thresholds
-//      and the draw on them. Otherwise: exact thresholds by bisection over p's bit patterns
-//      (~31 passes per rule), then the draw over the whole row (one pass).
+//      and the draw on them. When there are more (a top-p keeping thousands of tokens), the
+//      window of bins that can hold each rule's cut usually still fits: collect and sort only
+//      the window, count and sum every p above it (in a fixed order: no atomics), cut there,
+//      and draw over the whole row (one more pass). Only a row whose window itself overflows (a
+//      nearly flat row) bisects p's bit patterns (~31 passes per rule).
+// The passes read 8 elements per thread per step (16-byte loads where the rows allow), so a
+// block keeps enough bytes in flight to approach the bandwidth.
 constexpr int SEL_BINS = 2048;  // p's float bits >> SEL_SHIFT: p <= 1 has bits < 2^30
 constexpr int SEL_SHIFT = 19;
 constexpr int SEL_CAP = 2048;   // candidates sorted in shared memory (a power of two)
@@ -127,11 +133,47 @@ __device__ __forceinline__ float adjusted_at(const RowDist& d, int i) {
   return d.adjusted ? d.adjusted[d.base + i] : to_float(static_cast<const T*>(d.logits)[d.base + i]);
 }
 
-// p_i, the same float ops in every pass (explicit _rn ops: no fused multiply-add), so that every
-// pass sees the same value.
+// p of an adjusted value, the same float ops in every pass (explicit _rn ops: no fused
+// multiply-add), so that every pass sees the same value.
+__device__ __forceinline__ float prob_of(const RowDist& d, float a) {
+  return __fmul_rn(expf(scaled_gap(a, d.smx, d.temp, d.inv_t)), d.inv_z);
+}
+
 template <typename T>
 __device__ __forceinline__ float prob_at(const RowDist& d, int i) {
-  return __fmul_rn(expf(scaled_gap(adjusted_at<T>(d, i), d.smx, d.temp, d.inv_t)), d.inv_z);
+  return prob_of(d, adjusted_at<T>(d, i));
+}
+
+// Elements i .. i + 7 of a row as floats (i a multiple of 8, the row 16-byte aligned).
+template <typename T>
+__device__ __forceinline__ void load8(const T* __restrict__ row, int i, float* f) {
+  if constexpr (sizeof(T) == 4) {
+    const float4 a = __ldg(reinterpret_cast<const float4*>(row + i));
+    const float4 b = __ldg(reinterpret_cast<const float4*>(row + i) + 1);
+    f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w; f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
+  } else {
+    const uint4 w = __ldg(reinterpret_cast<const uint4*>(row + i));
+    const T* h = reinterpret_cast<const T*>(&w);
+#pragma unroll
+    for (int e = 0; e < 8; e++) f[e] = to_float(h[e]);
+  }
+}
+
+// f(i, adjusted value) for every element of the row, each thread 8 consecutive ones at a time
+// when `vec` (every row 16-byte aligned), else one at a time.
+template <typename T, typename F>
+__device__ __forceinline__ void for_each_value(const RowDist& d, int vocab, bool vec, F f) {
+  if (vec) {
+    for (int i0 = threadIdx.x * 8; i0 < vocab; i0 += blockDim.x * 8) {
+      float a[8];
+      if (d.adjusted) load8<float>(d.adjusted + d.base, i0, a);
+      else load8<T>(static_cast<const T*>(d.logits) + d.base, i0, a);
+#pragma unroll
+      for (int e = 0; e < 8; e++) f(i0 + e, a[e]);
+    }
+  } else {
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) f(i, adjusted_at<T>(d, i));
+  }
 }
 
 // Online (max, sum of exp((v - max) / T)) of one thread, merged over the block at the end.
@@ -284,22 +326,26 @@ __device__ __forceinline__ int warp_incl_int(int v) {
   return v;
 }
 
-// Warp 0, after the histogram: the lowest bin that can hold the kept set's smallest p, and how
-// many p lie at or above it -> sel[0], sel[1]. Lane l owns the 64 bins below SEL_BINS - 64 l
+// Warp 0, after a histogram whose range has c0 p summing to m0 above it (none at the first
+// level): the lowest bin that can hold the kept set's smallest p, and how many p lie at or above
+// it -> sel[0], sel[1]. Lane l owns the 64 bins below SEL_BINS - 64 l
 // (lane 0 the largest p) and walks them downwards with the count and mass of every larger bin.
 //   top-k: the bin where the count from the top reaches k (bin 0 when fewer than k p are > 0);
 //   top-p: the lowest non-empty bin whose larger bins' mass is < top_p, then one non-empty bin
 //          lower still: the float sums here and numpy's cumsum may round a boundary differently;
-//   min-p: the bin of min_p * max p.
-__device__ void select_bins(const int* cnt, const float* mass, bool use_k, int top_k, bool use_p,
-                            float top_p, float tau_m, int* sel) {
+//   min-p: the bin of min_p * max p (b_m, from the caller).
+// Also the window's top -> sel[5]: the highest bin that can hold a cut (top-k's bin; top-p's,
+// or the non-empty bin above it, for the same rounding reason) - everything above is kept
+// whatever the exact cuts are - and how many p lie in [sel[0], sel[5]] -> sel[6].
+__device__ void select_bins(const int* cnt, const float* mass, int c0, float m0, bool use_k,
+                            int top_k, bool use_p, float top_p, int b_m, int* sel) {
   constexpr int PER = SEL_BINS / 32;
   const int lane = threadIdx.x & 31, top = SEL_BINS - PER * lane;
   int c_own = 0;
   float m_own = 0.f;
   for (int b = top - PER; b < top; b++) { c_own += cnt[b]; m_own += mass[b]; }
-  int c_above = warp_incl_int(c_own) - c_own;
-  float m_above = warp_incl(m_own) - m_own;
+  int c_above = warp_incl_int(c_own) - c_own + c0;
+  float m_above = warp_incl(m_own) - m_own + m0;
   int b_k = -1, b_p = SEL_BINS, b_top = -1;
   for (int b = top - 1; b >= top - PER; b--) {
     if (use_k && c_above < top_k && c_above + cnt[b] >= top_k) b_k = b;
@@ -316,31 +362,51 @@ __device__ void select_bins(const int* cnt, const float* mass, bool use_k, int t
     b_top = max(b_top, __shfl_xor_sync(0xffffffffu, b_top, o));
   }
   if (b_p == SEL_BINS) b_p = b_top;  // top_p <= 0 keeps the largest p only
-  int below = -1;  // the highest non-empty bin under b_p
+  int below = -1, above = SEL_BINS;  // the nearest non-empty bins under and over b_p
   for (int b = top - 1; b >= top - PER; b--)
     if (b < b_p && cnt[b] > 0) { below = b; break; }
-  for (int o = 16; o > 0; o >>= 1) below = max(below, __shfl_xor_sync(0xffffffffu, below, o));
-  int b_low = tau_m > 0.f ? (int)(__float_as_uint(tau_m) >> SEL_SHIFT) : 0;
+  for (int b = top - PER; b < top; b++)
+    if (b > b_p && cnt[b] > 0) { above = b; break; }
+  for (int o = 16; o > 0; o >>= 1) {
+    below = max(below, __shfl_xor_sync(0xffffffffu, below, o));
+    above = min(above, __shfl_xor_sync(0xffffffffu, above, o));
+  }
+  int b_low = b_m;
   if (use_k) b_low = max(b_low, max(b_k, 0));
   if (use_p) b_low = max(b_low, below >= 0 ? below : b_p);
   b_low = min(b_low, b_top);  // the largest p is always a candidate
-  int c = 0;
-  for (int b = max(top - PER, b_low); b < top; b++) c += cnt[b];
+  int b_high = b_low;
+  if (use_k) b_high = max(b_high, b_k);
+  if (use_p) b_high = max(b_high, above < SEL_BINS ? above : b_p);
+  int c = 0, cw = 0;
+  for (int b = max(top - PER, b_low); b < top; b++) {
+    c += cnt[b];
+    if (b <= b_high) cw += cnt[b];
+  }
   c = warp_incl_int(c);
-  if (lane == 31) { sel[0] = b_low; sel[1] = c; }
+  cw = warp_incl_int(cw);
+  if (lane == 31) { sel[0] = b_low; sel[1] = c + c0; sel[5] = b_high; sel[6] = cw; }
 }
 
-// Warp 0, on the candidates sorted by p (descending): the exact thresholds as numpy_sampling
-// defines them, and how many candidates they keep -> sel[2] (a prefix of the sorted order).
-__device__ void exact_cut(const float* cand_p, int num_cand, bool use_k, int top_k, bool use_p,
-                          float top_p, float tau_m, int* sel) {
+// Warp 0, on the candidates sorted by p (descending), below `base_c` p summing to `base_m`
+// (everything above the window; 0 and 0 when the candidates reach the top): the exact
+// thresholds as numpy_sampling defines them -> tau_out, and how many candidates they keep ->
+// sel[2] (a prefix of the sorted order), or -1 when a cut lies above the window after all.
+__device__ void exact_cut(const float* cand_p, int num_cand, int base_c, float base_m,
+                          bool use_k, int top_k, bool use_p, float top_p, float tau_m, int* sel,
+                          float* tau_out) {
   const int lane = threadIdx.x & 31;
   float tau = tau_m;
-  if (use_k) tau = fmaxf(tau, top_k <= num_cand ? cand_p[top_k - 1] : 0.f);
+  bool above = false;
+  if (use_k) {
+    const int at = top_k - 1 - base_c;
+    above |= at < 0;
+    tau = fmaxf(tau, at >= 0 && at < num_cand ? cand_p[at] : 0.f);
+  }
   if (use_p) {
     // mass_before(i) = cumsum - p, as numpy computes it; the qualifying i form a prefix.
     int num_q = 0;
-    float running = 0.f;
+    float running = base_m;
     for (int i0 = 0; i0 < num_cand; i0 += 32) {
       const int i = i0 + lane;
       const float q = i < num_cand ? cand_p[i] : 0.f;
@@ -348,6 +414,7 @@ __device__ void exact_cut(const float* cand_p, int num_cand, bool use_k, int top
       num_q += __popc(__ballot_sync(0xffffffffu, i < num_cand && incl - q < top_p));
       running = __shfl_sync(0xffffffffu, incl, 31);
     }
+    above |= num_q == 0 && base_c > 0;  // nothing in the window qualifies: the cut is higher
     tau = fmaxf(tau, cand_p[num_q > 0 ? num_q - 1 : 0]);
   }
   int num_keep = 0;
@@ -356,7 +423,10 @@ __device__ void exact_cut(const float* cand_p, int num_cand, bool use_k, int top
     num_keep += __popc(__ballot_sync(0xffffffffu, i < num_cand && cand_p[i] >= tau &&
                                                        cand_p[i] > 0.f));
   }
-  if (lane == 0) sel[2] = num_keep;
+  if (lane == 0) {
+    sel[2] = above ? -1 : num_keep;
+    *tau_out = tau;
+  }
 }
 
 // Warp 0, on the kept candidates sorted by id: the first id whose running sum of p exceeds
@@ -397,7 +467,9 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(
   __shared__ float mass[SEL_BINS];
   __shared__ float cand_p[SEL_CAP];
   __shared__ int cand_id[SEL_CAP];
-  __shared__ int sel[5];  // low bin, candidates, candidates kept, chosen id, collect counter
+  // low bin, candidates, candidates kept, chosen id, collect counter, window top, its count
+  __shared__ int sel[7];
+  __shared__ float tau_s;
   const long base = (long)blockIdx.x * vocab;
   const int tid = threadIdx.x, warp = tid >> 5;
   const int* p = params + blockIdx.x * NUM_PARAMS;
@@ -406,17 +478,31 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(
   // NOTE: an inf temperature is FLT_MAX, so (v - max) / T stays a number.
   const float temp = sampling ? fminf(temperature, PS_FLT_MAX) : 1.f;
   const float inv_t = inverse_temperature(temp);
+  const bool vec = vocab % 8 == 0 && (reinterpret_cast<size_t>(logits) & 15) == 0 &&
+                   (reinterpret_cast<size_t>(adjusted) & 15) == 0;
 
   // 1. Statistics in one pass: raw log-sum-exp (logprobs come from the raw logits), the
   //    adjusted row's max and normalizer at this temperature, and its argmax (greedy rows).
   float rm = -INFINITY, rs = 0.f, am = -INFINITY, asum = 0.f, bv = -INFINITY;
   int bi = NO_ID;
-  for (int i = tid; i < vocab; i += blockDim.x) {
-    const float raw = to_float(logits[base + i]);
-    const float a = adjusted ? adjusted[base + i] : raw;
+  auto stat = [&](int i, float raw, float a) {
     online_add(rm, rs, raw, 1.f, 1.f);
     if (sampling) online_add(am, asum, a, temp, inv_t);
     if (ahead(a, i, bv, bi)) { bv = a; bi = i; }
+  };
+  if (vec) {
+    for (int i0 = tid * 8; i0 < vocab; i0 += blockDim.x * 8) {
+      float r8[8], a8[8];
+      load8<T>(logits + base, i0, r8);
+      if (adjusted) load8<float>(adjusted + base, i0, a8);
+#pragma unroll
+      for (int e = 0; e < 8; e++) stat(i0 + e, r8[e], adjusted ? a8[e] : r8[e]);
+    }
+  } else {
+    for (int i = tid; i < vocab; i += blockDim.x) {
+      const float raw = to_float(logits[base + i]);
+      stat(i, raw, adjusted ? adjusted[base + i] : raw);
+    }
   }
   float raw_max, smx = -INFINITY;
   const float log_sum = logf(online_merge(rm, rs, 1.f, 1.f, red, raw_max));
@@ -435,39 +521,90 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(
                               (unsigned)p[6]);
     float tau = tau_m;
     if (use_k || use_p) {
-      // 2. Histogram of p's top bits.
-      for (int b = tid; b < SEL_BINS; b += blockDim.x) { cnt[b] = 0; mass[b] = 0.f; }
+      // A p below `p_floor` is never kept, so the histogram and the window skip it: below
+      // min-p's cut, or below top-p's: all the p under (1 - top_p) / vocab sum to less than
+      // 1 - top_p, so the mass above that reaches top_p (halved: a margin for float sums).
+      float p_floor = tau_m;
+      if (use_p) p_floor = fmaxf(p_floor, __fmul_rn(1.f - top_p, 0.5f / vocab));
+      p_floor = fminf(p_floor, p_max);
+      // 2. Histograms: bin(p) = (bits(p) - lo) >> shift over SEL_BINS bins. The first level
+      //    covers every p <= 1 in 1/16 octaves; when its window of cuts overflows SEL_CAP, a
+      //    second level spreads just that window over the bins (the p above it counted).
+      unsigned lo = 0;
+      int shift = SEL_SHIFT, b_low = 0, b_high = 0, num_cand = 0, num_win = 0;
+      for (int level = 0; level < 2; level++) {
+        for (int b = tid; b < SEL_BINS; b += blockDim.x) { cnt[b] = 0; mass[b] = 0.f; }
+        __syncthreads();
+        float out_c = 0.f, out_m = 0.f;  // over the range (a second level only)
+        for_each_value<T>(d, vocab, vec, [&](int, float a) {
+          const float q = prob_of(d, a);
+          const unsigned bits = __float_as_uint(q);
+          if (q > 0.f && q >= p_floor && bits >= lo) {
+            const unsigned b = (bits - lo) >> shift;
+            if (b >= SEL_BINS) {
+              out_c += 1.f;
+              out_m += q;
+            } else {
+              atomicAdd(&cnt[b], 1);
+              if (use_p) atomicAdd(&mass[b], q);
+            }
+          }
+        });
+        const int c0 = (int)block_sum(out_c, red);  // exact: counts stay below 2^24
+        const float m0 = block_sum(out_m, red);  // its barriers publish the histogram
+        const unsigned m_bits = __float_as_uint(tau_m);
+        const int b_m =
+            tau_m <= 0.f || m_bits < lo ? 0 : min(SEL_BINS - 1, (int)((m_bits - lo) >> shift));
+        if (warp == 0) select_bins(cnt, mass, c0, m0, use_k, top_k, use_p, top_p, b_m, sel);
+        __syncthreads();
+        b_low = sel[0], num_cand = sel[1], b_high = sel[5], num_win = sel[6];
+        if (num_cand <= SEL_CAP || num_win <= SEL_CAP || level == 1) break;
+        // The next level's range: bins b_low .. b_high of this one.
+        const unsigned range = (unsigned)(b_high - b_low + 1) << shift;
+        lo += (unsigned)b_low << shift;
+        shift = max(0, 32 - __clz(range - 1) - 11);  // ceil(log2(range)) - log2(SEL_BINS)
+      }
+      // Every candidate from b_low up when they fit; else the window [b_low, b_high], with
+      // the p above it counted and summed.
+      const bool from_top = num_cand <= SEL_CAP;
+      const unsigned cand_lo = lo + ((unsigned)b_low << shift);
+      const unsigned cand_hi = from_top ? 0xffffffffu : lo + ((unsigned)(b_high + 1) << shift);
+      int num_keep = -1;
+      float base_c = 0.f;
       if (tid == 0) sel[4] = 0;
       __syncthreads();
-      for (int i = tid; i < vocab; i += blockDim.x) {
-        const float q = prob_at<T>(d, i);
-        if (q > 0.f) {
-          const int b = __float_as_uint(q) >> SEL_SHIFT;
-          atomicAdd(&cnt[b], 1);
-          if (use_p) atomicAdd(&mass[b], q);
-        }
-      }
-      __syncthreads();
-      if (warp == 0) select_bins(cnt, mass, use_k, top_k, use_p, top_p, tau_m, sel);
-      __syncthreads();
-      const int b_low = sel[0], num_cand = sel[1];
-      if (num_cand <= SEL_CAP) {
-        // 3. Collect the candidates, then everything else happens in shared memory.
-        for (int i = tid; i < vocab; i += blockDim.x) {
-          const float q = prob_at<T>(d, i);
-          if (q > 0.f && (int)(__float_as_uint(q) >> SEL_SHIFT) >= b_low) {
-            const int slot = atomicAdd(&sel[4], 1);
-            if (slot < SEL_CAP) { cand_p[slot] = q; cand_id[slot] = i; }
+      if (from_top || num_win <= SEL_CAP) {
+        // 3. Collect the candidates, then the cuts happen in shared memory.
+        float above_c = 0.f, above_m = 0.f;  // each thread in its own fixed order
+        for_each_value<T>(d, vocab, vec, [&](int i, float a) {
+          const float q = prob_of(d, a);
+          const unsigned bits = __float_as_uint(q);
+          if (q > 0.f && q >= p_floor && bits >= cand_lo) {
+            if (bits >= cand_hi) {
+              above_c += 1.f;
+              above_m += q;
+            } else {
+              const int slot = atomicAdd(&sel[4], 1);
+              if (slot < SEL_CAP) { cand_p[slot] = q; cand_id[slot] = i; }
+            }
           }
-        }
-        __syncthreads();
-        const int n = pow2_at_least(num_cand);
-        for (int i = num_cand + tid; i < n; i += blockDim.x) { cand_p[i] = -1.f; cand_id[i] = NO_ID; }
+        });
+        base_c = block_sum(above_c, red);  // exact: counts stay below 2^24
+        const float base_m = block_sum(above_m, red);  // its barriers publish the candidates
+        const int num = from_top ? num_cand : num_win;
+        const int n = pow2_at_least(num);
+        for (int i = num + tid; i < n; i += blockDim.x) { cand_p[i] = -1.f; cand_id[i] = NO_ID; }
         __syncthreads();
         bitonic_sort(cand_p, cand_id, n, false);
-        if (warp == 0) exact_cut(cand_p, num_cand, use_k, top_k, use_p, top_p, tau_m, sel);
+        if (warp == 0)
+          exact_cut(cand_p, num, (int)base_c, base_m, use_k, top_k, use_p, top_p, tau_m, sel,
+                    &tau_s);
         __syncthreads();
-        const int num_keep = sel[2];
+        num_keep = sel[2];
+        tau = tau_s;
+      }
+      if (num_keep >= 0 && base_c == 0.f) {
+        // Every kept p is a candidate: the draw in shared memory too.
         const int n2 = pow2_at_least(num_keep);
         for (int i = num_keep + tid; i < n2; i += blockDim.x) { cand_p[i] = 0.f; cand_id[i] = NO_ID; }
         __syncthreads();
@@ -475,8 +612,11 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(
         if (warp == 0) draw_sorted(cand_p, cand_id, num_keep, u, sel);
         __syncthreads();
         token = sel[3];
+      } else if (num_keep >= 0) {
+        token = draw_row<T>(d, vocab, tau, u, red, redi);  // the kept p reach above the window
       } else {
-        // Too many candidates (a flat row's top-p, a huge top-k): bisect the exact thresholds.
+        // The window overflows (a nearly flat row): bisect the exact thresholds.
+        tau = tau_m;
         if (use_k) tau = fmaxf(tau, bisect_top_k<T>(d, vocab, top_k, p_max, red));
         if (use_p) tau = fmaxf(tau, bisect_top_p<T>(d, vocab, top_p, p_max, red));
         token = draw_row<T>(d, vocab, tau, u, red, redi);

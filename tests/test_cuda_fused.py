@@ -242,6 +242,23 @@ def test_sample_select_matches_numpy(ops, scale):
     check_sample(ops, logits, t, min_agree=0.9)
 
 
+@pytest.mark.parametrize("vocab", [151936, 151933])  # 16-byte rows, and element-wise loads
+def test_sample_select_window_matches_numpy(ops, vocab):
+    """Rows whose kept set is thousands of tokens (top-p alone on a spread row, a large top-k):
+    only the window of bins around each cut is sorted, the p above it counted and summed."""
+    rng = np.random.default_rng()
+    rows = 32
+    logits = randn(rows, vocab, rng=rng, scale=3.0)
+    logits[::4, 200:220] = logits[::4, 200:201]  # ties
+    t = tensors(rows)
+    t.temperature = rng.choice([0.8, 1.3], rows).astype(np.float32)
+    t.top_k = rng.choice([0, 0, 3000], rows).astype(np.int32)
+    t.top_p = rng.choice([0.95, 0.99, 0.8], rows).astype(np.float32)
+    t.min_p = rng.choice([0.0, 0.0, 1e-4], rows).astype(np.float32)
+    t.seeds = rng.integers(1, 2**63, rows).astype(np.uint64)
+    check_sample(ops, logits, t, min_agree=0.95)
+
+
 def test_sample_select_agrees_with_the_bisection_kernel(ops):
     from engine.executor.ops import cuda_sampling
 
