@@ -231,18 +231,38 @@ __device__ __forceinline__ float warp_incl(float v) {
 
 // The draw over the whole row: the first id whose running sum (id order) of kept p exceeds
 // u * total, kept meaning p >= tau and p > 0; the last kept id when rounding leaves no such id.
-// Warp w owns ids [w * seg, (w + 1) * seg), its lanes interleaved (coalesced reads); the warps
-// that may hold the crossing rescan their segment with warp prefix sums.
+// Warp w owns ids [w * seg, (w + 1) * seg); its lanes take W consecutive ids each (8 with `vec`,
+// one 16-byte load), 32 W per step. The warps that may hold the crossing rescan their segment
+// with warp prefix sums over the lanes' sums; the lane that crosses walks its own W ids.
 template <typename T>
-__device__ int draw_row(const RowDist& d, int vocab, float tau, float u, float* red, int* redi) {
+__device__ int draw_row(const RowDist& d, int vocab, bool vec, float tau, float u, float* red,
+                        int* redi) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, num_warps = blockDim.x >> 5;
-  const int seg = ((vocab + num_warps - 1) / num_warps + 31) / 32 * 32;
+  const int W = vec ? 8 : 1, step = 32 * W;
+  const int seg = ((vocab + num_warps - 1) / num_warps + step - 1) / step * step;
   const int begin = min(vocab, warp * seg), end = min(vocab, begin + seg);
+  // q[e]: the kept p of id i + e (0 where not kept, and for e >= W); i < end, i + W <= end.
+  auto kept = [&](int i, float* q) {
+    if (vec) {
+      if (d.adjusted) load8<float>(d.adjusted + d.base, i, q);
+      else load8<T>(static_cast<const T*>(d.logits) + d.base, i, q);
+    } else {
+      q[0] = adjusted_at<T>(d, i);
+    }
+#pragma unroll
+    for (int e = 0; e < 8; e++) {
+      const float p = e < W ? prob_of(d, q[e]) : 0.f;
+      q[e] = p >= tau && p > 0.f ? p : 0.f;
+    }
+  };
   float mine = 0.f;
   int last = -1;
-  for (int i = begin + lane; i < end; i += 32) {
-    const float q = prob_at<T>(d, i);
-    if (q >= tau && q > 0.f) { mine += q; last = i; }
+  for (int i = begin + lane * W; i < end; i += step) {
+    float q[8];
+    kept(i, q);
+#pragma unroll
+    for (int e = 0; e < 8; e++)
+      if (q[e] > 0.f) { mine += q[e]; last = i + e; }
   }
   mine = warp_sum(mine);
   for (int o = 16; o > 0; o >>= 1) last = max(last, __shfl_xor_sync(0xffffffffu, last, o));
@@ -262,14 +282,29 @@ __device__ int draw_row(const RowDist& d, int vocab, float tau, float u, float* 
   __syncthreads();
   if (mine > 0.f && before + mine > target) {  // usually one warp scans far; later ones stop at once
     float running = before;
-    for (int i0 = begin; i0 < end; i0 += 32) {
-      const int i = i0 + lane;
-      float q = i < end ? prob_at<T>(d, i) : 0.f;
-      if (!(q >= tau && q > 0.f)) q = 0.f;
-      const float incl = running + warp_incl(q);
-      const unsigned hit = __ballot_sync(0xffffffffu, q > 0.f && incl > target);
+    for (int i0 = begin; i0 < end; i0 += step) {
+      const int i = i0 + lane * W;
+      float q[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, own = 0.f;
+      if (i < end) {
+        kept(i, q);
+#pragma unroll
+        for (int e = 0; e < 8; e++) own += q[e];
+      }
+      const float incl = running + warp_incl(own);
+      const unsigned hit = __ballot_sync(0xffffffffu, own > 0.f && incl > target);
       if (hit) {
-        if (lane == 0) atomicMin(&chosen, i0 + __ffs(hit) - 1);
+        if (lane == __ffs(hit) - 1) {
+          float r = incl - own;
+          int pick = -1, lane_last = -1;
+#pragma unroll
+          for (int e = 0; e < 8; e++) {
+            if (q[e] <= 0.f) continue;
+            lane_last = i + e;
+            r += q[e];
+            if (pick < 0 && r > target) pick = i + e;
+          }
+          atomicMin(&chosen, pick >= 0 ? pick : lane_last);  // rounding: the lane's last kept
+        }
         break;
       }
       running = __shfl_sync(0xffffffffu, incl, 31);
@@ -613,16 +648,16 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(
         __syncthreads();
         token = sel[3];
       } else if (num_keep >= 0) {
-        token = draw_row<T>(d, vocab, tau, u, red, redi);  // the kept p reach above the window
+        token = draw_row<T>(d, vocab, vec, tau, u, red, redi);  // the kept p reach above the window
       } else {
         // The window overflows (a nearly flat row): bisect the exact thresholds.
         tau = tau_m;
         if (use_k) tau = fmaxf(tau, bisect_top_k<T>(d, vocab, top_k, p_max, red));
         if (use_p) tau = fmaxf(tau, bisect_top_p<T>(d, vocab, top_p, p_max, red));
-        token = draw_row<T>(d, vocab, tau, u, red, redi);
+        token = draw_row<T>(d, vocab, vec, tau, u, red, redi);
       }
     } else {
-      token = draw_row<T>(d, vocab, tau, u, red, redi);  // temperature and min-p only
+      token = draw_row<T>(d, vocab, vec, tau, u, red, redi);  // temperature and min-p only
     }
   }
   if (token < 0) token = bi;  // greedy, an all-banned row, or nothing kept
