@@ -266,8 +266,8 @@ def check_splits(ops):
         "old (32 splits, all used)": (1024, 1, 32),
         "new default": (ca.NUM_BLOCKS_TARGET, ca.MIN_KEYS_PER_SPLIT, ca.MAX_SPLITS),
         "target 2048": (2048, ca.MIN_KEYS_PER_SPLIT, 256),
-        "min keys 64": (ca.NUM_BLOCKS_TARGET, 64, ca.MAX_SPLITS),
-        "min keys 256": (ca.NUM_BLOCKS_TARGET, 256, ca.MAX_SPLITS),
+        "min keys 32": (ca.NUM_BLOCKS_TARGET, 32, ca.MAX_SPLITS),
+        "min keys 128": (ca.NUM_BLOCKS_TARGET, 128, ca.MAX_SPLITS),
     }
     default = (ca.NUM_BLOCKS_TARGET, ca.MIN_KEYS_PER_SPLIT, ca.MAX_SPLITS)
     rng = np.random.default_rng(3)

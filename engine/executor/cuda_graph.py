@@ -46,7 +46,6 @@ class DecodeGraphs:
         self.slot_mapping.fill(-1)  # the warm-up forward at capture must write no k/v
         self.query_start_loc = cupy.arange(n + 1, dtype=cupy.int32)  # (n + 1,) one token each
         self.block_tables = cupy.zeros((n, max_blocks_per_seq), cupy.int32)
-        self.logits_indices = cupy.arange(n, dtype=cupy.int32)
         self.graphs: dict[int, tuple] = {}  # size -> (graph, logits (size, vocab))
         self.pool = cupy.cuda.MemoryPool()  # owns every intermediate the graphs write
 
@@ -76,8 +75,8 @@ class DecodeGraphs:
         with cupy.cuda.using_allocator(self.pool.malloc), stream:
             for size in sorted(self.sizes, reverse=True):
                 meta = metas[size]
-                args = (self.input_ids[:size], self.positions[:size], self.kv_cache, meta,
-                        self.logits_indices[:size])
+                # every row samples: no logits_indices gather
+                args = (self.input_ids[:size], self.positions[:size], self.kv_cache, meta, None)
                 self.model.forward(*args)  # warm-up: compiles, and fills the pool for capture
                 stream.synchronize()
                 stream.begin_capture()
