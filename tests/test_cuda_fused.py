@@ -277,3 +277,18 @@ def test_sample_select_agrees_with_the_bisection_kernel(ops):
     finally:
         cuda_sampling.SAMPLER = "select"
     assert np.mean(new == old) >= 0.95, (new, old)
+
+
+@pytest.mark.parametrize("preset,per_layer", [("qwen3-0.6b", 7), ("llama3-8b", 9)])
+def test_decode_step_launches(ops, preset, per_layer):
+    """Kernel launches of a batch-1 decode step shaped like a CUDA graph's: per Qwen3 layer the
+    fused add+norm GEMVs, the fused q/k norm + RoPE + KV write, attention (decode + reduce), o
+    and SiLU+down GEMVs; Llama-3-8B shapes unfuse gate_up's norm and down's SiLU (cuda_gemv's
+    rule); outside the layers: embedding, final norm, lm_head."""
+    from tools.kernel_check import launches_per_step
+
+    one, two = (launches_per_step(ops, preset, n) for n in (1, 2))
+    layer = two - one
+    assert sum(layer.values()) == per_layer, layer
+    assert sum((one - layer).values()) == 3, one
+    assert "cublas" not in two, two

@@ -7,17 +7,19 @@ sampler old vs new, decode steps.
     PYTHONPATH=. python tools/gpu_check.py --only new      # the same, from gpu_check
 
 --quick skips the Llama-3-8B shapes and the decode steps; --only runs the named sections
-(fused, gemv, splits, sampling, decode). --check-each synchronizes after every row and every
-section and stops at the first CUDA error, naming where it surfaced (a kernel fault is sticky:
-without this it is reported by whichever later call syncs first). --small shrinks every
-section (few rows, one weight copy, 2-layer decode models, 2 timed calls) for compute-sanitizer:
+(launches, fused, gemv, splits, sampling, decode). --check-each synchronizes after every row
+and every section and stops at the first CUDA error, naming where it surfaced (a kernel fault
+is sticky: without this it is reported by whichever later call syncs first). --small shrinks
+every section (few rows, one weight copy, 2-layer decode models, 2 timed calls) for
+compute-sanitizer:
 
-    for s in fused gemv splits sampling decode; do
+    for s in launches fused gemv splits sampling decode; do
       compute-sanitizer --error-exitcode 9 python tools/kernel_check.py --small --only $s; done
 """
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import statistics
 import sys
@@ -400,10 +402,96 @@ def decode_step(ops, preset, ctx, gemv_on=True):
     del model, cache
 
 
+# ----------------------------------------------------------------------------- launches
+
+
+class _Counted:
+    """A compiled kernel whose launches add to `counts` under its name."""
+
+    def __init__(self, fn, name: str, counts: collections.Counter):
+        self.fn, self.name, self.counts = fn, name, counts
+
+    def __getattr__(self, attr):  # max_dynamic_shared_size_bytes and the like
+        return getattr(self.fn, attr)
+
+    def __setattr__(self, attr, value):
+        if attr in ("fn", "name", "counts"):
+            object.__setattr__(self, attr, value)
+        else:
+            setattr(self.fn, attr, value)
+
+    def __call__(self, *args, **kwargs):
+        self.counts[self.name.split("<")[0]] += 1
+        return self.fn(*args, **kwargs)
+
+
+def count_launches(ops, fn) -> collections.Counter:
+    """Kernel launches by name (cuBLAS GEMMs as "cublas") while fn() runs: every module that
+    launches through cuda_kernels.kernel, and ops' GEMM, wrapped for the call."""
+    from engine.executor.ops import cuda_kernels, cuda_ops
+
+    counts: collections.Counter = collections.Counter()
+    modules = [cuda_ops, cuda_gemv, ca, cuda_sampling]
+    original = cuda_kernels.kernel
+
+    def counting(file, name, ctype="float"):
+        return _Counted(original(file, name, ctype), name, counts)
+
+    gemm = ops._gemm
+
+    def counting_gemm(*args):
+        counts["cublas"] += 1
+        return gemm(*args)
+
+    for m in modules:
+        m.kernel = counting
+    ops._gemm = counting_gemm
+    try:
+        fn()
+    finally:
+        for m in modules:
+            m.kernel = original
+        ops._gemm = gemm
+    return counts
+
+
+def launches_per_step(ops, preset: str, num_layers: int, batch: int = 1) -> collections.Counter:
+    """Launches of one eager decode forward shaped like a CUDA-graph step (fixed split grid, no
+    logits gather) of `preset` cut to num_layers layers."""
+    from engine.executor.transformer import Transformer
+    from engine.model.config import ModelConfig
+    from engine.model.loader import dummy_weights
+
+    config = dataclasses.replace(ModelConfig.from_preset(preset), num_layers=num_layers,
+                                 vocab_size=1024)
+    model = Transformer(config, dummy_weights(config, ops, seed=0), ops, 64)
+    cache = ops.alloc_kv_cache(num_layers, 4 * batch, config.num_kv_heads, 16, config.head_dim)
+    meta = AttentionMetadata(np.arange(batch, dtype=np.int32) * 64 + 40,
+                             np.arange(batch + 1, dtype=np.int32), np.full(batch, 41, np.int32),
+                             np.arange(4 * batch, dtype=np.int32).reshape(batch, 4), 1, 41)
+    dmeta = ops.prepare_metadata(meta)
+    dmeta.num_splits = ca.choose_splits(batch, config.num_kv_heads, 32768)
+    ids, pos = cupy.zeros(batch, cupy.int32), cupy.full(batch, 40, cupy.int32)
+    return count_launches(ops, lambda: model.forward(ids, pos, cache, dmeta, None))
+
+
+def check_launches(ops):
+    for preset in ("qwen3-0.6b", "llama3-8b"):
+        one, two = (launches_per_step(ops, preset, n) for n in (1, 2))
+        per_layer = two - one
+        fixed = one - per_layer
+        line = (f"| {preset} B=1 decode step | {sum(per_layer.values())} per layer + "
+                f"{sum(fixed.values())} | | | | | layer {dict(per_layer)}; outside {dict(fixed)} |")
+        tables.setdefault("launches", []).append(line)
+        print("launches", line, flush=True)
+        check_device(f"launches {preset}")
+
+
 def run_all(ops, quick: bool = False, only: str | None = None):
-    """Every section, or those named in `only` (comma-separated: fused, gemv, splits, sampling,
-    decode)."""
+    """Every section, or those named in `only` (comma-separated: launches, fused, gemv, splits,
+    sampling, decode)."""
     sections = {
+        "launches": lambda: check_launches(ops),
         "fused": lambda: check_fused(ops),
         "gemv": lambda: check_gemv(ops, ["qwen3-0.6b"] if quick else ["qwen3-0.6b", "llama3-8b"]),
         "splits": lambda: check_splits(ops),
