@@ -10,8 +10,8 @@ sampler old vs new, decode steps.
 (launches, fused, gemv, splits, sampling, decode). --check-each synchronizes after every row
 and every section and stops at the first CUDA error, naming where it surfaced (a kernel fault
 is sticky: without this it is reported by whichever later call syncs first). --small shrinks
-every section (few rows, one weight copy, 2-layer decode models, 2 timed calls) for
-compute-sanitizer:
+every section (few rows, one weight copy, 2-layer decode models with a 4096-token vocabulary,
+2 timed calls) for compute-sanitizer:
 
     for s in launches fused gemv splits sampling decode; do
       compute-sanitizer --error-exitcode 9 python tools/kernel_check.py --small --only $s; done
@@ -319,7 +319,7 @@ def _tensors(rows, rng, **kw) -> SamplingTensors:
 
 def check_sampling(ops):
     rng = np.random.default_rng(4)
-    rows, vocab = (16 if OPTS["small"] else 256), 151936
+    rows, vocab = (8 if OPTS["small"] else 256), 151936
     logits_h = (rng.standard_normal((rows, vocab)) * 3).astype(np.float32)
     logits = ops.from_host(logits_h)  # the compute dtype, as the lm_head GEMM leaves it
     logits_h = ops.to_host(logits)
@@ -368,8 +368,8 @@ def decode_step(ops, preset, ctx, gemv_on=True):
     from engine.model.loader import dummy_weights
 
     config = ModelConfig.from_preset(preset)
-    if OPTS["small"]:
-        config = dataclasses.replace(config, num_layers=2)
+    if OPTS["small"]:  # the layers' kernels at full width; a small vocabulary makes it quick
+        config = dataclasses.replace(config, num_layers=2, vocab_size=4096)
     model = Transformer(config, dummy_weights(config, ops, seed=0), ops, ctx + 16)
     bs = 16
     nb = -(-(ctx + 1) // bs)
