@@ -318,8 +318,9 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(
   // NOTE: an inf temperature is FLT_MAX, so (v - max) / T stays a number.
   const float temp = sampling ? fminf(temperature, PS_FLT_MAX) : 1.f;
   const float inv_t = inverse_temperature(temp);
-  const bool vec = vocab % 8 == 0 && (reinterpret_cast<size_t>(logits) & 15) == 0 &&
-                   (reinterpret_cast<size_t>(adjusted) & 15) == 0;
+  const bool vec = vocab % 8 == 0 &&  // 16-byte loads of every row
+                   (reinterpret_cast<unsigned long long>(logits) & 15) == 0 &&
+                   (reinterpret_cast<unsigned long long>(adjusted) & 15) == 0;
 
   // 1. Statistics in one pass: raw log-sum-exp (logprobs come from the raw logits), the
   //    adjusted row's max and normalizer at this temperature, and its argmax (greedy rows).
