@@ -243,12 +243,13 @@ def test_sample_select_matches_numpy(ops, scale):
 
 
 @pytest.mark.parametrize("vocab", [151936, 151933])  # 16-byte rows, and element-wise loads
-def test_sample_select_window_matches_numpy(ops, vocab):
+@pytest.mark.parametrize("scale", [3.0, 1.0])  # flatter rows: the second histogram level
+def test_sample_select_window_matches_numpy(ops, vocab, scale):
     """Rows whose kept set is thousands of tokens (top-p alone on a spread row, a large top-k):
     only the window of bins around each cut is sorted, the p above it counted and summed."""
     rng = np.random.default_rng()
     rows = 32
-    logits = randn(rows, vocab, rng=rng, scale=3.0)
+    logits = randn(rows, vocab, rng=rng, scale=scale)
     logits[::4, 200:220] = logits[::4, 200:201]  # ties
     t = tensors(rows)
     t.temperature = rng.choice([0.8, 1.3], rows).astype(np.float32)
