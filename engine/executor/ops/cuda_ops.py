@@ -206,7 +206,7 @@ class CudaOps:
         if x.shape[1] != weight.shape[1] or norm_weight.shape[0] != x.shape[1]:
             raise ValueError(f"add_rms_norm_linear: x has {x.shape[1]} features, norm weight "
                              f"{norm_weight.shape[0]}, weight expects {weight.shape[1]}")
-        if cuda_gemv.norm_gemv_fits(x, residual, norm_weight, weight):
+        if cuda_gemv.use_norm_gemv(x, residual, norm_weight, weight):
             return cuda_gemv.norm_gemv(x, residual, norm_weight, weight, eps, self.ctype)
         h, residual = self.add_rms_norm(x, residual, norm_weight, eps)
         return self.linear(h, weight), residual
@@ -221,7 +221,7 @@ class CudaOps:
         out = cupy.empty((x.shape[0], weight.shape[0]), self.storage)
         if x.shape[0] == 0:
             return out
-        if cuda_gemv.gemv_fits(x, weight, cuda_gemv.GEMV_MAX_M):
+        if cuda_gemv.use_gemv(x, weight):
             cuda_gemv.gemv(x, weight, out, self.ctype)
         else:
             self._gemm(x, weight, out, self.dtype)
@@ -262,7 +262,7 @@ class CudaOps:
         if gate_up.shape[1] != 2 * weight.shape[1]:
             raise ValueError(f"silu_mul_linear: gate_up has {gate_up.shape[1]} features, weight "
                              f"expects 2 x {weight.shape[1]}")
-        if not cuda_gemv.gemv_fits(gate_up, weight, cuda_gemv.GEMV_SILU_MAX_M):
+        if not cuda_gemv.use_silu_gemv(gate_up, weight):
             return self.linear(self.silu_and_mul(gate_up), weight)
         out = cupy.empty((gate_up.shape[0], weight.shape[0]), self.storage)
         return cuda_gemv.gemv(gate_up, weight, out, self.ctype, act=True)
