@@ -67,6 +67,10 @@ class LLMEngine:
             raise TypeError("sampling_params must be a SamplingParams, "
                             f"got {type(params).__name__}")
         text, ids = encode_prompt(self.tokenizer, prompt)
+        if params.structured_outputs is not None and self.core.grammars is not None:
+            # Compiled here, in the caller's thread, so a grammar that does not compile is this
+            # call's ValueError; the core then finds it in the compiler's cache.
+            self.core.grammars.check(params.structured_outputs)
         arrival = arrival_time if arrival_time is not None else time.time()
         self.processor.add_request(request_id, text, ids, params, arrival)
         try:

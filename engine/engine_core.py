@@ -14,9 +14,11 @@ Single-threaded by design: nothing here takes a lock.
 
 from __future__ import annotations
 
+import concurrent.futures
 import logging
 import time
-from dataclasses import dataclass
+from concurrent.futures import Future
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -30,8 +32,12 @@ from engine.executor.runner import ModelRunner, num_kv_blocks
 from engine.executor.transformer import Transformer
 from engine.model.config import EngineConfig
 from engine.model.loader import checkpoint_dtype, load_model
+from engine.structured_outputs import GrammarCompiler
 
 logger = logging.getLogger(__name__)
+
+
+_ACCEPTED, _ENDED = object(), object()  # _advance_matchers' verdicts besides an error text
 
 
 def auto_dtype(device: str, checkpoint: str) -> str:
@@ -48,6 +54,8 @@ class _CoreRequest:
     seqs: list[Sequence]
     first_scheduled_time: float | None = None
     num_unfinished: int = 0
+    grammar: Future | None = None  # the compiled grammar (structured outputs), while compiling
+    errors: list = field(default_factory=list)  # SeqOutputs of a failed compile, for step()
 
 
 class EngineCore:
@@ -107,6 +115,13 @@ class EngineCore:
         self.runner = ModelRunner(mc, engine_config, self.ops, self.model, self.kv_cache,
                                   eos_token_ids=eos, max_model_len=self.max_model_len)
 
+        # Structured outputs need the tokens' bytes: only a model with a tokenizer has them (a
+        # benchmark may set a compiler of its own on dummy weights).
+        self.grammars = None
+        if self.tokenizer is not None:
+            self.grammars = GrammarCompiler.for_tokenizer(self.tokenizer, mc.vocab_size, eos)
+        self._compiling: list[_CoreRequest] = []  # requests whose grammar is compiling
+
         self._rng = np.random.default_rng(engine_config.seed)
         self._requests: dict[str, _CoreRequest] = {}
         self._prompt_tokens_total = 0
@@ -135,6 +150,14 @@ class EngineCore:
         if len(ids) > self.max_model_len:
             raise ValueError(f"prompt has {len(ids)} tokens, more than max_model_len "
                              f"({self.max_model_len})")
+        grammar = None
+        if params.structured_outputs is not None:
+            if self.grammars is None:
+                raise ValueError("structured_outputs needs the model's tokenizer, and this model "
+                                 "has none")
+            # Compiled on the pool (a cache hit is ready at once); the sequences wait in the
+            # queue meanwhile, and step() hands them their matchers.
+            grammar = self.grammars.submit(params.structured_outputs)
         seqs = []
         for i in range(params.n):
             if params.seed is not None:
@@ -143,13 +166,15 @@ class EngineCore:
             else:
                 seed = int(self._rng.integers(0, 2**63))
             seqs.append(Sequence(req.request_id, list(ids), len(ids), params, index=i,
-                                 seed=seed))
+                                 seed=seed, is_waiting_for_grammar=grammar is not None))
         for seq in seqs:
             # The scheduler rejects a prompt that can never fit before anything is queued: all n
             # sequences share the prompt, so the first one fails or none does.
             self.scheduler.add(seq)
-        self._requests[req.request_id] = _CoreRequest(req.request_id, seqs,
-                                                      num_unfinished=len(seqs))
+        core_req = _CoreRequest(req.request_id, seqs, num_unfinished=len(seqs), grammar=grammar)
+        self._requests[req.request_id] = core_req
+        if grammar is not None:
+            self._compiling.append(core_req)
 
     def abort_requests(self, request_ids: list[str]) -> None:
         """Free the requests' blocks; ids that already finished (or never came) are ignored."""
@@ -168,6 +193,7 @@ class EngineCore:
 
     def _finish(self, req: _CoreRequest, seq: Sequence, reason: str) -> None:
         self.scheduler.finish_seq(seq, reason)
+        seq.matcher = None  # the grammar's state goes with the sequence
         req.num_unfinished -= 1
         if req.num_unfinished == 0:
             del self._requests[req.request_id]
@@ -178,16 +204,48 @@ class EngineCore:
     # ------------------------------------------------------------------ one step
 
     def step(self) -> list[SeqOutput]:
+        failed = self._start_grammars() if self._compiling else []
         batch = self.scheduler.schedule()
         if not batch.seqs:
-            return []
+            if self._compiling and not failed:
+                # Only grammars to wait for: sleep on them rather than spin.
+                concurrent.futures.wait([r.grammar for r in self._compiling], timeout=0.05,
+                                        return_when=concurrent.futures.FIRST_COMPLETED)
+            return failed
         sampling = batch.sampling_seqs
         self._count_prompt_tokens(batch)  # before finish_step moves num_computed_tokens
-        sampled = self.runner.run(batch)
+        fill_bitmask = None
+        if any(s.matcher is not None for s in sampling):
+            matchers = [s.matcher for s in sampling]
+            fill_bitmask = lambda: self.grammars.fill_bitmask(matchers)  # noqa: E731
+        sampled = self.runner.run(batch, fill_bitmask)
         self.scheduler.finish_step(batch)
         if not sampling:
-            return []
-        return self._postprocess(sampling, sampled)
+            return failed
+        return failed + self._postprocess(sampling, sampled)
+
+    def _start_grammars(self) -> list[SeqOutput]:
+        """Give every sequence whose grammar finished compiling its own matcher, so the scheduler
+        takes it; a grammar that failed ends its request with "error"."""
+        still, failed = [], []
+        for req in self._compiling:
+            if not req.grammar.done():
+                still.append(req)
+                continue
+            if self._requests.get(req.request_id) is not req:  # aborted while compiling
+                continue
+            error = req.grammar.exception()
+            for seq in req.seqs:
+                if error is not None:
+                    failed.append(SeqOutput(req.request_id, seq.index, [], None, 0.0, "error",
+                                            None, error=str(error)))
+                    self._finish(req, seq, "error")
+                else:
+                    seq.matcher = req.grammar.result().deep_copy()
+                    seq.is_waiting_for_grammar = False
+            req.grammar = None
+        self._compiling = still
+        return failed
 
     def _count_prompt_tokens(self, batch) -> None:
         now = None
@@ -206,6 +264,7 @@ class EngineCore:
         tokens, logprobs = sampled.token_ids.tolist(), sampled.logprobs.tolist()
         top_ids = top_logprobs = None
         outputs = []
+        verdicts = self._advance_matchers(seqs, tokens)
         for r, seq in enumerate(seqs):
             req = requests[seq.request_id]
             token, logprob = tokens[r], logprobs[r]
@@ -220,12 +279,23 @@ class EngineCore:
                         top_ids, top_logprobs = sampled.top_ids.tolist(), \
                             sampled.top_logprobs.tolist()
                     k = p.logprobs
-                    entry = dict(zip(top_ids[r][:k], top_logprobs[r][:k], strict=True))
+                    # A masked token's logprob is -inf: not a number JSON can carry, and not
+                    # a choice the model had.
+                    entry = {t: v for t, v in zip(top_ids[r][:k], top_logprobs[r][:k],
+                                                  strict=True) if v != -np.inf}
                 entry[token] = logprob
                 new_logprobs = [entry]
             reason, stop = check_stop_ids(seq, token, eos, max_len)
+            error = None
+            if verdicts is not None and reason is None and verdicts[r] is not _ACCEPTED:
+                if verdicts[r] is _ENDED:
+                    # The grammar was complete and allowed only eos, yet the sequence goes on
+                    # (ignore_eos, min_tokens): the token stands for eos.
+                    reason = "stop"
+                else:
+                    reason, error = "error", f"the grammar refused token {token}: {verdicts[r]}"
             out = SeqOutput(seq.request_id, seq.index, [token], new_logprobs,
-                            seq.cumulative_logprob, reason, stop)
+                            seq.cumulative_logprob, reason, stop, error)
             if seq.num_output_tokens == 1:
                 out.first_scheduled_time = req.first_scheduled_time
             outputs.append(out)
@@ -233,6 +303,28 @@ class EngineCore:
                 self._finish(req, seq, reason)
         self._generation_tokens_total += len(seqs)
         return outputs
+
+    def _advance_matchers(self, seqs: list[Sequence], tokens: list[int]) -> list | None:
+        """Feed each constrained sequence's matcher its sampled token (in parallel, off the GIL).
+        Per row: _ACCEPTED, _ENDED (its grammar had already ended), or the grammar's error text;
+        None when no row is constrained."""
+        if all(seq.matcher is None for seq in seqs):
+            return None
+        verdicts = [_ACCEPTED] * len(seqs)
+        rows = []
+        for r, seq in enumerate(seqs):
+            if seq.matcher is None:
+                continue
+            if seq.matcher.is_stopped():
+                verdicts[r] = _ENDED
+            else:
+                rows.append(r)
+        accepted = self.grammars.consume([(seqs[r].matcher, tokens[r]) for r in rows]) \
+            if rows else []
+        for r, ok in zip(rows, accepted, strict=True):
+            if not ok:
+                verdicts[r] = seqs[r].matcher.get_error()
+        return verdicts
 
     # ------------------------------------------------------------------ stats
 
@@ -257,3 +349,5 @@ class EngineCore:
         """Drop the device arrays (weights, KV cache, graphs) so their memory can be freed."""
         self.runner = self.model = self.kv_cache = None
         self._requests.clear()
+        if self.grammars is not None:
+            self.grammars.shutdown()

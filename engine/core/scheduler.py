@@ -166,15 +166,19 @@ class Scheduler:
                 batch.add(seq, n)
                 budget -= n
         # After a preemption, admitting would only take blocks the running ones need back.
-        while self.waiting and batch.num_preempted == 0:
+        i = 0  # the queue's first sequence whose grammar is ready (the others wait in place)
+        while i < len(self.waiting) and batch.num_preempted == 0:
             if budget == 0 or len(batch.seqs) == self.max_num_seqs:
                 break
             if len(self.running) >= self.max_num_seqs:
                 break
-            seq = self.waiting[0]
+            seq = self.waiting[i]
+            if seq.is_waiting_for_grammar:
+                i += 1
+                continue
             if not bm.can_allocate(seq):
                 break  # FCFS: nobody overtakes the head of the queue
-            self.waiting.popleft()
+            del self.waiting[i]
             bm.allocate(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)

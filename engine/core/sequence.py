@@ -35,6 +35,10 @@ class Sequence:
     block_table: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" | "abort"
     cumulative_logprob: float = 0.0
+    # Structured outputs: the llguidance matcher this sequence advances (None: unconstrained),
+    # and whether its grammar is still compiling (the scheduler leaves it waiting until then).
+    matcher: object = None
+    is_waiting_for_grammar: bool = False
 
     def __len__(self) -> int:
         return len(self.token_ids)

@@ -106,8 +106,12 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ one step
 
-    def run(self, batch) -> SamplerOutput | None:
-        """Forward the batch; sample one token per sampling sequence (None when none samples)."""
+    def run(self, batch, fill_bitmask=None) -> SamplerOutput | None:
+        """Forward the batch; sample one token per sampling sequence (None when none samples).
+
+        fill_bitmask() -> (R, ceil(vocab / 32)) int32 allowed-token bits per sampling row
+        (structured outputs): called once the forward is queued, so on the GPU the host fills the
+        masks while the device computes the logits; masked tokens get -inf before sampling."""
         if not batch.seqs:
             return None
         inputs = self.prepare_inputs(batch)
@@ -118,7 +122,10 @@ class ModelRunner:
             logits = self._forward_eager(inputs)  # (R, vocab)
         if not len(inputs.logits_indices):
             return None
-        # The forward is queued on the GPU: the sampling settings are built while it runs.
+        # The forward is queued on the GPU: the masks and sampling settings are built while it
+        # runs.
+        if fill_bitmask is not None:
+            logits = self.ops.apply_token_bitmask(logits, fill_bitmask())
         return self.ops.sample(logits, self.prepare_sampling(batch.sampling_seqs))
 
     def prepare_inputs(self, batch) -> StepInputs:

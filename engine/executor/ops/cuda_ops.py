@@ -261,15 +261,35 @@ class CudaOps:
         # logits (R, vocab): float32, or the compute dtype straight from the lm_head GEMM
         if isinstance(logits, np.ndarray):
             logits = cupy.asarray(np.ascontiguousarray(logits, np.float32))
-        ctype = {np.dtype(np.float32): "float", np.dtype(np.float16): "__half",
-                 np.dtype(np.uint16): "__nv_bfloat16"}.get(np.dtype(logits.dtype))
+        ctype = _LOGIT_CTYPES.get(np.dtype(logits.dtype))
         if ctype is None:
             raise TypeError(f"logits: unsupported dtype {logits.dtype}")
         self._check(logits, "logits", 2, logits.dtype)
         return sample_on_device(logits, tensors, ctype)
 
+    def apply_token_bitmask(self, logits, bitmask: np.ndarray):
+        """Disallowed tokens' logits -> -inf, in place (numpy_ops has the twin); returns logits.
+        logits (R, vocab) float32 or the compute dtype; bitmask (R, ceil(vocab / 32)) int32."""
+        ctype = _LOGIT_CTYPES.get(np.dtype(logits.dtype))
+        if ctype is None:
+            raise TypeError(f"logits: unsupported dtype {logits.dtype}")
+        self._check(logits, "logits", 2, logits.dtype)
+        rows, vocab = logits.shape
+        words = -(-vocab // 32)
+        if bitmask.shape != (rows, words):
+            raise ValueError(f"bitmask: expected shape {(rows, words)}, got {bitmask.shape}")
+        mask = cupy.asarray(np.ascontiguousarray(bitmask, np.int32))
+        kernel("bitmask.cu", f"apply_token_bitmask_kernel<{ctype}>")(
+            (rows, -(-vocab // 256)), (256,), (logits, mask, _i32(vocab), _i32(words)))
+        return logits
+
     def synchronize(self):
         cupy.cuda.get_current_stream().synchronize()
+
+
+# Logits arrive in fp32 or the compute dtype (bf16 stored as uint16).
+_LOGIT_CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float16): "__half",
+                 np.dtype(np.uint16): "__nv_bfloat16"}
 
 
 def _first_name(file: str, ctype: str) -> str:
