@@ -152,12 +152,9 @@ class EngineCore:
                              f"({self.max_model_len})")
         grammar = None
         if params.structured_outputs is not None:
-            if self.grammars is None:
-                raise ValueError("structured_outputs needs the model's tokenizer, and this model "
-                                 "has none")
             # Compiled on the pool (a cache hit is ready at once); the sequences wait in the
             # queue meanwhile, and step() hands them their matchers.
-            grammar = self.grammars.submit(params.structured_outputs)
+            grammar = self.grammar_compiler().submit(params.structured_outputs)
         seqs = []
         for i in range(params.n):
             if params.seed is not None:
@@ -175,6 +172,13 @@ class EngineCore:
         self._requests[req.request_id] = core_req
         if grammar is not None:
             self._compiling.append(core_req)
+
+    def grammar_compiler(self) -> GrammarCompiler:
+        """The structured-outputs compiler; ValueError if this model cannot have one."""
+        if self.grammars is None:
+            raise ValueError("structured_outputs needs the model's tokenizer, and this model has "
+                             "none")
+        return self.grammars
 
     def abort_requests(self, request_ids: list[str]) -> None:
         """Free the requests' blocks; ids that already finished (or never came) are ignored."""

@@ -52,7 +52,16 @@ def create_app(engine_config: EngineConfig | None = None, *, served_model_name: 
             return LLMEngine(config)
 
     metrics = ServerMetrics()
-    engine = AsyncEngine(make_engine, metrics)
+
+    def make_observed_engine():
+        made = make_engine()
+        # Grammars compile where requests are checked, in this process: timed for /metrics.
+        grammars = getattr(made, "grammars", None)
+        if grammars is not None:
+            grammars.on_compile = metrics.grammar_compile_seconds.observe
+        return made
+
+    engine = AsyncEngine(make_observed_engine, metrics)
     settings = ServerSettings(served_model_name or config.model or DEFAULT_MODEL_NAME, api_key,
                               max_waiting_requests, max_body_bytes)
 
