@@ -91,6 +91,14 @@ class GrammarCompiler:
     def for_tokenizer(cls, tokenizer, vocab_size: int, eos_token_ids: list[int], **kw):
         return cls(lambda: ll_tokenizer(tokenizer, vocab_size, eos_token_ids), vocab_size, **kw)
 
+    @classmethod
+    def for_model(cls, tokenizer, model_config, **kw):
+        """For the model's tokenizer, ending at the model's eos ids and the tokenizer's."""
+        eos = list(model_config.eos_token_ids)
+        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+            eos.append(tokenizer.eos_token_id)
+        return cls.for_tokenizer(tokenizer, model_config.vocab_size, eos, **kw)
+
     def _tokenizer(self):
         with self._lock:
             if self._ll_tokenizer is None:

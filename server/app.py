@@ -1,17 +1,18 @@
 """The Starlette app: engine lifecycle, auth, body limits, and the small endpoints.
 
 The generation endpoints live in server/openai_routes.py, what handlers share in
-server/handlers.py. The engine loads on its own thread at
-start-up, so /health answers 503 until it is ready instead of the port staying closed.
+server/handlers.py. The engine core loads in its own process at start-up, so /health answers 503
+until it is ready instead of the port staying closed, and 503 again if the core dies.
 """
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import hmac
 import logging
+import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from starlette.applications import Starlette
@@ -20,7 +21,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from engine.model.config import EngineConfig
-from server.async_engine import AsyncEngine
+from server.async_engine import AsyncEngine, EngineFault, render_chat, tokenize_text
 from server.handlers import check_token_ids, read_json, ready_engine
 from server.metrics import ServerMetrics
 from server.openai_routes import chat_completions, completions
@@ -42,26 +43,16 @@ class ServerSettings:
 
 def create_app(engine_config: EngineConfig | None = None, *, served_model_name: str | None = None,
                api_key: str | None = None, max_waiting_requests: int | None = None,
-               max_body_bytes: int = MAX_BODY_BYTES, make_engine=None) -> Starlette:
-    """An app that loads the engine in the background; `make_engine` replaces LLMEngine(config)."""
+               max_body_bytes: int = MAX_BODY_BYTES, make_core=None,
+               on_fatal: Callable[[str], None] | None = None) -> Starlette:
+    """An app that starts the engine-core process and loads the model in the background.
+
+    make_core: a picklable callable the core process runs instead of EngineCore(config).
+    on_fatal(cause): called once if the core dies (the CLI stops the server, exit code 1).
+    """
     config = engine_config or EngineConfig()
-    if make_engine is None:
-        def make_engine():
-            from engine.engine import LLMEngine
-
-            return LLMEngine(config)
-
     metrics = ServerMetrics()
-
-    def make_observed_engine():
-        made = make_engine()
-        # Grammars compile where requests are checked, in this process: timed for /metrics.
-        grammars = getattr(made, "grammars", None)
-        if grammars is not None:
-            grammars.on_compile = metrics.grammar_compile_seconds.observe
-        return made
-
-    engine = AsyncEngine(make_observed_engine, metrics)
+    engine = AsyncEngine(config, make_core, metrics, on_fatal)
     settings = ServerSettings(served_model_name or config.model or DEFAULT_MODEL_NAME, api_key,
                               max_waiting_requests, max_body_bytes)
 
@@ -69,7 +60,7 @@ def create_app(engine_config: EngineConfig | None = None, *, served_model_name: 
     async def lifespan(app):
         engine.start()
         yield
-        await asyncio.to_thread(engine.shutdown)
+        await engine.shutdown()
 
     routes = [
         Route("/health", health, methods=["GET"]),
@@ -80,7 +71,8 @@ def create_app(engine_config: EngineConfig | None = None, *, served_model_name: 
         Route("/tokenize", tokenize, methods=["POST"]),
         Route("/detokenize", detokenize, methods=["POST"]),
     ]
-    handlers = {APIError: _api_error, 404: _not_found, 405: _not_allowed, Exception: _crash}
+    handlers = {APIError: _api_error, EngineFault: _engine_fault, 404: _not_found,
+                405: _not_allowed, Exception: _crash}
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
     app.state.engine, app.state.metrics, app.state.settings = engine, metrics, settings
     app.add_middleware(_ApiKeyGuard, api_key=api_key)
@@ -94,6 +86,9 @@ async def health(request: Request):
     engine: AsyncEngine = request.app.state.engine
     if engine.load_error is not None:
         return JSONResponse({"status": "error", "error": str(engine.load_error)}, 500)
+    if engine.dead is not None:
+        return JSONResponse({"status": "error", "error": f"the engine core died: {engine.dead}"},
+                            503)
     if not engine.is_ready:
         return JSONResponse({"status": "loading"}, 503)
     return JSONResponse({"status": "ok"})
@@ -115,19 +110,19 @@ async def models(request: Request):
 async def tokenize(request: Request):
     engine = ready_engine(request)
     body = await read_json(request)
+    add_special_tokens = True
     if "messages" in body:
         messages = parse_messages(body)
         try:
-            ids = engine.tokenizer.apply_chat_template(messages, add_generation_prompt=True,
-                                                       tokenize=True)
+            text = await render_chat(engine.tokenizer, messages)
         except Exception as e:
             raise bad_request("messages", f"the chat template failed: {e}") from None
+        add_special_tokens = False  # the template wrote any BOS it wants
     else:
-        prompt = get_field(body, "prompt", "str")
-        if prompt is None:
+        text = get_field(body, "prompt", "str")
+        if text is None:
             raise bad_request("prompt", "give 'prompt' (a string) or 'messages'")
-        ids = engine.tokenizer.encode(prompt)
-    ids = [int(t) for t in ids]
+    _, ids = await tokenize_text(engine.tokenizer, text, sys.maxsize, add_special_tokens)
     return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len})
 
 
@@ -146,6 +141,10 @@ async def detokenize(request: Request):
 
 async def _api_error(request, exc: APIError):
     return exc.response()
+
+
+async def _engine_fault(request, exc: EngineFault):
+    return APIError(500, str(exc), type="server_error", code="engine_dead").response()
 
 
 async def _not_found(request, exc):

@@ -1,42 +1,65 @@
-"""The engine on its own thread, fed by asyncio handlers through a command queue.
+"""The API process's half of the engine: the core runs in its own process (engine/core_client.py);
+here, on the event loop, live the tokenizer and the OutputProcessor (text, stop strings).
 
-The engine is not thread-safe, so exactly one thread ever calls add_request / abort / step: the
-engine thread. Handlers append ("add" | "abort") commands and wake it; it drains the commands
-before each step and steps while any request is unfinished, then sleeps on a condition. Outputs go
-back to each request's asyncio.Queue through loop.call_soon_threadsafe, so neither side ever
-blocks the other.
+Handlers submit requests through a RequestGroup and read RequestOutputs from its queue. One task
+reads the core's messages (one per step), turns them into RequestOutputs and hands each to its
+group; nothing here blocks the loop: sends never wait, and large tokenizations run in threads.
+If the core dies, every request in flight gets an EngineFault naming the cause, /health turns
+503, and `on_fatal` (the CLI stops the server with a non-zero exit) is called.
 """
 
 from __future__ import annotations
 
 import asyncio
-import collections
 import logging
-import threading
+import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from engine.core.outputs import EngineCoreRequest
+from engine.core_client import MPClient
+from engine.model.config import EngineConfig, ModelConfig
+from engine.model.loader import load_tokenizer
+from engine.output_processor import OutputProcessor
+from engine.structured_outputs import GrammarCompiler
+
 log = logging.getLogger("pagedserve.engine")
+
+# Prompts longer than this are tokenized in a thread; shorter ones cost less than the hop.
+INLINE_TOKENIZE_CHARS = 4096
+
+
+async def tokenize_text(tokenizer, text: str, max_tokens: int, add_special_tokens: bool = True
+                   ) -> tuple[int, list[int] | None]:
+    """Tokenizer.encode_within, in a thread unless the text is short, so that a large prompt
+    never stalls the event loop."""
+    if len(text) <= INLINE_TOKENIZE_CHARS:
+        return tokenizer.encode_within(text, max_tokens, add_special_tokens)
+    return await asyncio.to_thread(tokenizer.encode_within, text, max_tokens, add_special_tokens)
+
+
+async def render_chat(tokenizer, messages: list[dict], **template_vars) -> str:
+    """The chat template's text (the template is Python: run in a thread, as it may be long).
+    `template_vars` (e.g. tools) become template variables."""
+    return await asyncio.to_thread(tokenizer.apply_chat_template, messages,
+                                   add_generation_prompt=True, tokenize=False, **template_vars)
 
 
 class EngineFault(RuntimeError):
-    """engine.step() raised; the requests in flight were failed and the engine keeps serving."""
+    """The engine core failed; the requests in flight were failed with this message."""
 
 
-@dataclass(eq=False)
-class _Stream:
-    loop: asyncio.AbstractEventLoop
-    queue: asyncio.Queue  # the group's: RequestOutputs and EngineFaults of all its requests
-    accepted: asyncio.Future  # resolved once add_request returned (or raised)
+@dataclass
+class ModelInfo:
+    """What handlers read about the served model (what `ready_engine` returns)."""
 
-
-def _resolve(future: asyncio.Future, error: BaseException | None):
-    if future.done():  # the handler gave up waiting (client gone)
-        return
-    if error is None:
-        future.set_result(None)
-    else:
-        future.set_exception(error)
+    tokenizer: object | None
+    model_config: ModelConfig
+    max_model_len: int
+    num_kv_blocks: int
+    # Structured outputs are compiled here too, before submission, so a grammar that does not
+    # compile is the call's 400 (engine/structured_outputs.py); None without a tokenizer.
+    grammars: object | None = None
 
 
 class RequestGroup:
@@ -48,19 +71,19 @@ class RequestGroup:
 
     def __init__(self, engine: AsyncEngine):
         self.engine = engine
-        self.queue: asyncio.Queue = asyncio.Queue()
+        self.queue: asyncio.Queue = asyncio.Queue()  # RequestOutputs, or an EngineFault
         self.unfinished: set[str] = set()
 
     async def add(self, request_id: str, prompt, params):
-        """Hand one request to the engine; add_request's ValueError is raised here."""
-        loop = asyncio.get_running_loop()
-        stream = _Stream(loop, self.queue, loop.create_future())
+        """Hand one request to the engine core; its rejection (ValueError) is raised here.
+        `prompt`: text, or {"prompt_token_ids": [...]}."""
+        engine = self.engine
+        text, ids = await engine.encode(prompt)
         self.unfinished.add(request_id)  # before the await: a cancel must still abort it
-        self.engine._send(("add", request_id, prompt, params, stream))
         try:
-            await stream.accepted
-        except Exception:
-            self.unfinished.discard(request_id)  # rejected: it never entered the engine
+            await engine._submit(self, request_id, text, ids, params)
+        except BaseException:
+            self.unfinished.discard(request_id)
             raise
 
     async def outputs(self) -> AsyncIterator:
@@ -68,7 +91,7 @@ class RequestGroup:
         while self.unfinished:
             item = await self.queue.get()
             if isinstance(item, EngineFault):
-                self.unfinished.clear()  # the engine thread already dropped them all
+                self.unfinished.clear()  # the engine already dropped them all
                 raise item
             if item.finished:
                 self.unfinished.discard(item.request_id)
@@ -88,128 +111,164 @@ class RequestGroup:
 
 
 class AsyncEngine:
-    def __init__(self, make_engine: Callable[[], object], metrics=None):
-        self._make_engine = make_engine
-        self.metrics = metrics
-        self.engine = None  # set on the engine thread once loaded
+    def __init__(self, engine_config: EngineConfig, make_core=None, metrics=None,
+                 on_fatal: Callable[[str], None] | None = None):
+        """`make_core`: a picklable callable the core process calls instead of
+        EngineCore(engine_config); `on_fatal(cause)`: called once if the core dies."""
+        self.config, self.make_core = engine_config, make_core
+        self.metrics, self.on_fatal = metrics, on_fatal
+        self.engine: ModelInfo | None = None  # set once the core is ready
         self.load_error: BaseException | None = None
-        self._commands: collections.deque = collections.deque()
-        self._wake = threading.Condition()
-        self._streams: dict[str, _Stream] = {}  # engine thread only
-        self._stopping = False
-        self._thread: threading.Thread | None = None
-        self.stats = None  # last get_stats(); read by handlers, replaced whole by the thread
-
-    # ------------------------------------------------------------ handler side (event loop)
+        self.dead: str | None = None  # why the core died
+        self.stats = None  # the core's last EngineStats
+        self.client: MPClient | None = None
+        self.processor: OutputProcessor | None = None
+        self._groups: dict[str, RequestGroup] = {}  # request id -> its group, while unfinished
+        self._pending: dict[str, asyncio.Future] = {}  # sent, not yet accepted by the core
+        self._task: asyncio.Task | None = None
 
     @property
     def is_ready(self) -> bool:
-        return self.engine is not None and self.stats is not None
+        return self.engine is not None and self.dead is None
 
     @property
     def num_waiting(self) -> int:
-        """Requests waiting in the engine plus those not yet handed to it."""
-        pending = sum(1 for c in list(self._commands) if c[0] == "add")
-        return (self.stats.num_waiting if self.stats else 0) + pending
+        """Requests waiting in the core plus those on their way to it."""
+        return (self.stats.num_waiting if self.stats else 0) + len(self._pending)
 
     def start(self):
-        self._thread = threading.Thread(target=self._run, name="pagedserve-engine", daemon=True)
-        self._thread.start()
+        """Spawn the core (from the event loop's thread, whose life the core's is tied to) and
+        load it in the background."""
+        self.client = MPClient(self.config, self.make_core)
+        self.client.start()
+        self._task = asyncio.get_running_loop().create_task(self._run())
 
-    def shutdown(self, timeout: float = 10.0):
-        with self._wake:
-            self._stopping = True
-            self._wake.notify()
-        if self._thread is not None:
-            self._thread.join(timeout)
+    async def shutdown(self):
+        if self._task is not None:
+            self._task.cancel()
+        if self.client is not None:
+            await asyncio.to_thread(self.client.shutdown)
 
     def group(self) -> RequestGroup:
         return RequestGroup(self)
 
+    async def encode(self, prompt) -> tuple[str | None, list[int]]:
+        """(text, token ids) of a prompt given as text or as {"prompt_token_ids": [...]}."""
+        if isinstance(prompt, dict):
+            return prompt.get("prompt"), prompt["prompt_token_ids"]
+        info = self.engine
+        if info.tokenizer is None:
+            raise ValueError("prompt is text but the model has no tokenizer; "
+                             "pass {'prompt_token_ids': [...]}")
+        num_tokens, ids = await tokenize_text(info.tokenizer, prompt, info.max_model_len)
+        if ids is None:
+            raise ValueError(f"prompt has {num_tokens} tokens, more than max_model_len "
+                             f"({info.max_model_len})")
+        return prompt, ids
+
+    async def _submit(self, group: RequestGroup, request_id: str, text, ids, params):
+        if self.dead is not None:
+            raise EngineFault(f"the engine core died: {self.dead}")
+        arrival = time.time()
+        self.processor.add_request(request_id, text, ids, params, arrival)  # may raise
+        accepted = asyncio.get_running_loop().create_future()
+        self._pending[request_id] = accepted
+        self._groups[request_id] = group
+        self.client.add_request(EngineCoreRequest(request_id, ids, params, arrival))
+        await accepted
+
     def abort(self, request_id: str):
-        self._send(("abort", request_id))
+        """Stop a request wherever it is; a request already finished is ignored."""
+        self._pending.pop(request_id, None)
+        self._groups.pop(request_id, None)
+        if self.processor is not None and self.processor.abort(request_id) is not None:
+            self.client.abort_requests([request_id])
+            if self.metrics:
+                self.metrics.on_ended("abort")
 
-    def _send(self, command: tuple):
-        with self._wake:
-            self._commands.append(command)
-            self._wake.notify()
+    # ------------------------------------------------------------ the core's messages
 
-    # ------------------------------------------------------------ engine thread
-
-    def _run(self):
+    async def _run(self):
         try:
-            self.engine = self._make_engine()
-            self._publish_stats(0)
-        except BaseException as e:  # reported by /health; the server stays up to say why
-            log.exception("loading the engine failed")
+            tokenizer = asyncio.ensure_future(asyncio.to_thread(load_tokenizer, self.config.model))
+            ready = await self.client.wait_ready()
+            tokenizer = await tokenizer
+            self.engine = ModelInfo(tokenizer, ready.model_config, ready.max_model_len,
+                                    ready.num_kv_blocks, self._grammars(tokenizer,
+                                                                        ready.model_config))
+        except Exception as e:  # reported by /health; the server stays up to say why
+            log.error("loading the engine failed: %s", e)
             self.load_error = e
             return
+        self.processor = OutputProcessor(self.engine.tokenizer)
         log.info("engine ready")
-        while True:
-            with self._wake:
-                while not (self._commands or self._stopping
-                           or self.engine.has_unfinished_requests()):
-                    self._wake.wait()
-                if self._stopping:
-                    return
-                commands = list(self._commands)
-                self._commands.clear()
-            for command in commands:
-                self._apply(command)
-            if self.engine.has_unfinished_requests():
-                self._step()
-
-    def _apply(self, command: tuple):
-        if command[0] == "add":
-            _, request_id, prompt, params, stream = command
-            try:
-                self.engine.add_request(request_id, prompt, params)
-            except Exception as e:  # a bad request; the handler turns it into a 400
-                stream.loop.call_soon_threadsafe(_resolve, stream.accepted, e)
-                return
-            self._streams[request_id] = stream
-            stream.loop.call_soon_threadsafe(_resolve, stream.accepted, None)
-        else:
-            request_id = command[1]
-            if self._streams.pop(request_id, None) is not None:
-                self.engine.abort(request_id)
-                if self.metrics:
-                    self.metrics.on_ended("abort")
-
-    def _step(self):
         try:
-            outputs = self.engine.step()
-        except Exception:
-            log.exception("engine step failed; failing the requests in flight")
-            self._fail_all()
-            self._publish_stats(0)
+            while True:
+                message = await self.client.get_output_async()
+                self._handle(message)
+                if message.fatal is not None:
+                    self._die(message.fatal)
+                    return
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a bug here would otherwise hang every request silently
+            log.exception("handling the engine core's output failed")
+            self._die(f"the API process failed on the core's output: {type(e).__name__}: {e}")
+
+    def _grammars(self, tokenizer, model_config):
+        if tokenizer is None:
+            return None
+        observe = self.metrics.grammar_compile_seconds.observe if self.metrics else None
+        return GrammarCompiler.for_model(tokenizer, model_config, on_compile=observe)
+
+    def _handle(self, message):
+        pending = self._pending
+        for request_id in message.accepted:
+            future = pending.pop(request_id, None)
+            if future is not None:
+                future.set_result(None)
+        for request_id, why in message.rejected:
+            future = pending.pop(request_id, None)
+            self._groups.pop(request_id, None)
+            self.processor.abort(request_id)
+            if future is not None:
+                future.set_exception(ValueError(why))
+        num_outputs = 0
+        if message.outputs:
+            results, stopped = self.processor.process(message.outputs)
+            if stopped:
+                self.client.finish_sequences(stopped)
+            num_outputs = len(results)
+            groups = self._groups
+            for out in results:
+                group = groups.get(out.request_id)
+                if group is None:
+                    continue
+                if out.finished:
+                    del groups[out.request_id]
+                    if self.metrics:
+                        self.metrics.on_finished(out)
+                group.queue.put_nowait(out)
+        if message.stats is not None:
+            self.stats = message.stats
+            if self.metrics:
+                self.metrics.on_step(num_outputs, message.stats)
+
+    def _die(self, cause: str):
+        if self.dead is not None:
             return
-        for out in outputs:
-            stream = self._streams.get(out.request_id)
-            if stream is None:
-                continue
-            if out.finished:
-                del self._streams[out.request_id]
-                if self.metrics:
-                    self.metrics.on_finished(out)
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, out)
-        self._publish_stats(len(outputs))
+        self.dead = cause
+        log.error("the engine core died: %s; failing %d requests", cause, len(self._groups))
+        fault = EngineFault(f"the engine core died: {cause}")
+        for future in self._pending.values():
+            if not future.done():
+                future.set_exception(fault)
+        for group in set(self._groups.values()):
+            group.queue.put_nowait(fault)
+        if self.metrics and self._groups:
+            self.metrics.on_ended("error", len(self._groups))
+        self._pending.clear()
+        self._groups.clear()
+        if self.on_fatal is not None:
+            self.on_fatal(cause)
 
-    def _fail_all(self):
-        # Which sequences the failed step held is the scheduler's secret; every request in flight
-        # may share its corrupted state, so all of them are failed and aborted.
-        streams, self._streams = self._streams, {}
-        for request_id, stream in streams.items():
-            try:
-                self.engine.abort(request_id)
-            except Exception:
-                log.exception("abort of %s after an engine fault failed", request_id)
-            error = EngineFault("the engine failed while running this request")
-            stream.loop.call_soon_threadsafe(stream.queue.put_nowait, error)
-        if self.metrics and streams:
-            self.metrics.on_ended("error", len(streams))
-
-    def _publish_stats(self, num_outputs: int):
-        self.stats = self.engine.get_stats()
-        if self.metrics:
-            self.metrics.on_step(num_outputs, self.stats)

@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
+import threading
 import time
 
 from engine.model.config import ConfigError, EngineConfig
@@ -152,16 +154,38 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
 
+# After the engine core dies: the server stops taking requests at once, gives the answers in
+# flight this long to drain, and the process ends by this deadline whatever is still open.
+DRAIN_S = 2.0
+EXIT_DEADLINE_S = 4.0
+
+
 def serve(args: argparse.Namespace, config: EngineConfig) -> int:
+    """Run the API process; it spawns the engine-core process. Exit code 1 if the core died."""
     import uvicorn
 
     from server.app import create_app
 
     logging.basicConfig(level=args.log_level.upper(),
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    died: list[str] = []
+
+    def on_fatal(cause: str):
+        # A supervisor restarts a server that exits non-zero; one that stays up with a dead core
+        # would only answer 503s.
+        died.append(cause)
+        server.should_exit = True
+        threading.Timer(EXIT_DEADLINE_S, os._exit, (1,)).start()
+
     app = create_app(config, served_model_name=args.served_model_name, api_key=args.api_key,
-                     max_waiting_requests=args.max_waiting_requests)
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level)
+                     max_waiting_requests=args.max_waiting_requests, on_fatal=on_fatal)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
+                                           log_level=args.log_level,
+                                           timeout_graceful_shutdown=DRAIN_S))
+    server.run()
+    if died:
+        print(f"pagedserve: the engine core died: {died[0]}", file=sys.stderr)
+        return 1
     return 0
 
 

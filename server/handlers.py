@@ -14,10 +14,14 @@ from server.protocol import APIError, bad_request, get_field
 
 
 def ready_engine(request: Request):
-    """The loaded engine, or a 503 while it loads (or a 500 if loading failed)."""
+    """What handlers read of the served model (AsyncEngine.engine: tokenizer, model_config,
+    max_model_len), or a 503 while it loads or once the core died (a 500 if loading failed)."""
     engine: AsyncEngine = request.app.state.engine
     if engine.load_error is not None:
         raise APIError(500, f"the model failed to load: {engine.load_error}", type="server_error")
+    if engine.dead is not None:
+        raise APIError(503, f"the engine core died: {engine.dead}", type="server_error",
+                       code="engine_dead")
     if not engine.is_ready:
         raise APIError(503, "the model is still loading; retry shortly", type="server_error",
                        code="model_loading")

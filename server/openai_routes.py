@@ -13,7 +13,7 @@ import time
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
-from server.async_engine import EngineFault
+from server.async_engine import EngineFault, render_chat, tokenize_text
 from server.handlers import (
     check_model,
     check_token_ids,
@@ -58,12 +58,12 @@ async def completions(request: Request):
     token_lists = []
     for p in prompts:
         if isinstance(p, str):
-            token_lists.append([int(t) for t in engine.tokenizer.encode(p)])
+            num_tokens, ids = await tokenize_text(engine.tokenizer, p, engine.max_model_len)
         else:
             check_token_ids(engine, p, "prompt")
-            token_lists.append(p)
-    for ids in token_lists:
-        _check_length(engine, len(ids), params.max_tokens, "prompt")
+            num_tokens, ids = len(p), p
+        _check_length(engine, num_tokens, params.max_tokens, "prompt")
+        token_lists.append(ids)
     call = _Call(request, engine, new_id("cmpl"), model, params, chat=False)
     if echo:
         call.echo = [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in prompts]
@@ -90,13 +90,13 @@ async def chat_completions(request: Request):
     get_field(body, "user", "str")
     extra = {"tools": tools} if tools and tool_choice != "none" else {}
     try:
-        ids = engine.tokenizer.apply_chat_template(template_messages(messages),
-                                                   add_generation_prompt=True, tokenize=True,
-                                                   **extra)
+        text = await render_chat(engine.tokenizer, template_messages(messages), **extra)
     except Exception as e:
         raise bad_request("messages", f"the chat template failed: {e}") from None
-    ids = [int(t) for t in ids]
-    _check_length(engine, len(ids), params.max_tokens, "messages")
+    # The template already wrote any BOS it wants; adding it again would double it.
+    num_tokens, ids = await tokenize_text(engine.tokenizer, text, engine.max_model_len,
+                                     add_special_tokens=False)
+    _check_length(engine, num_tokens, params.max_tokens, "messages")
     call = _Call(request, engine, new_id("chatcmpl"), model, params, chat=True)
     if extra:
         call.tool_parser = ToolCallParser(tool_choice, [t["function"]["name"] for t in tools])

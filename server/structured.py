@@ -53,7 +53,9 @@ def parse_structured_outputs(body: dict) -> tuple[StructuredOutputsParams | None
 async def check_compiles(engine, so: StructuredOutputsParams, field: str) -> None:
     """Compile `so` on a worker thread (the event loop never waits on llguidance); a grammar that
     does not compile is a 400 naming `field`. The compiled grammar stays in the engine's cache."""
+    if engine.grammars is None:
+        raise bad_request(field, f"'{field}' needs the model's tokenizer, and this model has none")
     try:
-        await asyncio.to_thread(engine.check_structured_outputs, so)
+        await asyncio.to_thread(engine.grammars.check, so)
     except ValueError as e:
         raise bad_request(field, f"'{field}': {e}") from None

@@ -2,6 +2,7 @@
 (vocab 49152 with the real SmolLM2 tokenizer) on numpy, and the official `openai` SDK."""
 
 import asyncio
+import concurrent.futures
 import re
 import threading
 import time
@@ -60,17 +61,19 @@ class Server:
         self.thread.join(10)
 
 
-def _make_engine():
-    from engine.engine import LLMEngine
+def _make_core():
+    """Runs in the engine-core process (the API process loads the same SmolLM2 tokenizer, the
+    default model's)."""
+    from engine.engine_core import EngineCore
 
     config = EngineConfig(device="numpy", max_num_seqs=64, max_model_len=MAX_MODEL_LEN,
                           num_kv_blocks=1024)
-    return LLMEngine(config, loaded_model=_tiny_loaded(49152, True))
+    return EngineCore(config, loaded_model=_tiny_loaded(49152, True))
 
 
 @pytest.fixture(scope="module")
 def server():
-    s = Server(create_app(served_model_name=MODEL, make_engine=_make_engine))
+    s = Server(create_app(served_model_name=MODEL, make_core=_make_core))
     yield s
     s.stop()
 
@@ -233,30 +236,49 @@ def test_length_size_and_queue_limits(server):
     server.wait_idle()
 
 
-def test_engine_fault_fails_the_request_and_keeps_serving(server):
-    engine = server.app.state.engine.engine
-    real_step = engine.step
-    errors = server.metric("pagedserve_requests_finished_total", '{finish_reason="error"}')
+def _make_failing_core():
+    """A core whose step raises, as a CUDA error would, once it holds two requests."""
+    core = _make_core()
+    real_step = core.step
 
-    def broken_step():
-        engine.step = real_step
-        raise RuntimeError("simulated device fault")
+    def step():
+        if core.scheduler.num_running + core.scheduler.num_waiting == 2:
+            raise RuntimeError("simulated device fault")
+        return real_step()
 
-    engine.step = broken_step
-    r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "hi"})
-    assert r.status_code == 500 and r.json()["error"]["type"] == "server_error"
-    server.wait_idle()
-    assert server.metric("pagedserve_requests_finished_total",
-                         '{finish_reason="error"}') == errors + 1
-    r = httpx.post(server.url + "/v1/completions", json={"model": MODEL, "prompt": "hi"})
-    assert r.status_code == 200
-    # Streamed: the headers are out already, so the fault arrives as an error event.
-    engine.step = broken_step
-    r = httpx.post(server.url + "/v1/chat/completions",
-                   json={"model": MODEL, "messages": CHAT, "stream": True})
-    events = [line for line in r.text.splitlines() if line]
-    assert '"server_error"' in events[-2] and events[-1] == "data: [DONE]"
-    server.wait_idle()
+    core.step = step
+    return core
+
+
+def test_core_fault_fails_requests_in_flight_naming_the_cause():
+    causes = []
+    s = Server(create_app(served_model_name=MODEL, make_core=_make_failing_core,
+                          on_fatal=causes.append))
+    try:
+        def streamed():
+            body = {"model": MODEL, "messages": CHAT, "stream": True, "max_tokens": 200,
+                    "ignore_eos": True}
+            return httpx.post(s.url + "/v1/chat/completions", json=body, timeout=30)
+
+        with concurrent.futures.ThreadPoolExecutor() as pool:
+            stream = pool.submit(streamed)
+            whole = httpx.post(s.url + "/v1/completions", timeout=30,
+                               json={"model": MODEL, "prompt": "hi", "max_tokens": 200,
+                                     "ignore_eos": True})
+            events = [line for line in stream.result().text.splitlines() if line]
+        assert whole.status_code == 500
+        error = whole.json()["error"]
+        assert error["type"] == "server_error" and "simulated device fault" in error["message"]
+        # Streamed: the headers are out already, so the fault arrives as an error event.
+        assert "simulated device fault" in events[-2] and events[-1] == "data: [DONE]"
+        health = httpx.get(s.url + "/health")
+        assert health.status_code == 503 and "simulated device fault" in health.text
+        assert len(causes) == 1 and "simulated device fault" in causes[0]
+        assert s.metric("pagedserve_requests_finished_total", '{finish_reason="error"}') == 2
+        r = httpx.post(s.url + "/v1/completions", json={"model": MODEL, "prompt": "hi"})
+        assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
+    finally:
+        s.stop()
 
 
 def test_models_tokenize_detokenize(server, client):
@@ -276,7 +298,7 @@ def test_models_tokenize_detokenize(server, client):
 
 def test_api_key_and_default_bind():
     # The guard answers before the engine is involved, so no engine is ever loaded here.
-    app = create_app(api_key="sekret", make_engine=lambda: None)
+    app = create_app(api_key="sekret", make_core=_make_core)
 
     async def calls():
         transport = httpx.ASGITransport(app=app)

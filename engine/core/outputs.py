@@ -57,6 +57,18 @@ class EngineStats:
     num_mixed_steps: int
 
 
+@dataclass
+class EngineCoreOutputs:
+    """One message from the engine core to its front: a step's outputs, and what became of the
+    requests and commands it took since its last message."""
+
+    outputs: list[SeqOutput] = field(default_factory=list)
+    accepted: list[str] = field(default_factory=list)  # request ids add_request took
+    rejected: list[tuple[str, str]] = field(default_factory=list)  # (request id, why)
+    stats: EngineStats | None = None
+    fatal: str | None = None  # the core is going down, and why
+
+
 # ---------------------------------------------------------------- to users
 
 

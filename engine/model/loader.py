@@ -267,27 +267,40 @@ def load_model(model: str | None, ops, load_format: str = "auto", seed: int = 0)
         if path.suffix != ".gguf":
             raise LoadError(f"model file {str(path)!r} is not a .gguf file; pass a folder for HF")
         from engine.model import gguf_loader
-        from engine.model.tokenizer import tokenizer_from_gguf_metadata
 
         gguf_file = gguf_loader.read_gguf(path)
         config = gguf_loader.config_from_gguf(gguf_file)
-        tokenizer = tokenizer_from_gguf_metadata(
-            {k: v for k, v in gguf_file.metadata.items() if k.startswith("tokenizer.")}
-        )
         if load_format == "dummy":
             weights = dummy_weights(config, ops, seed)
         else:
             weights = gguf_loader.load_gguf_weights(gguf_file, config, ops)
-        return LoadedModel(config, weights, tokenizer)
+        return LoadedModel(config, weights, _gguf_tokenizer(gguf_file))
 
     config = ModelConfig.from_pretrained(path)
-    tokenizer = None
-    if (path / "tokenizer.json").is_file():
-        from engine.model.tokenizer import Tokenizer
-
-        tokenizer = Tokenizer.from_pretrained(path)
     if load_format == "dummy":
         weights = dummy_weights(config, ops, seed)
     else:
         weights = load_safetensors_weights(path, config, ops)
-    return LoadedModel(config, weights, tokenizer)
+    return LoadedModel(config, weights, load_tokenizer(str(path)))
+
+
+def load_tokenizer(model: str | None):
+    """The tokenizer of what load_model would load, without its weights (the API process needs
+    only this); None for presets and folders without a tokenizer.json."""
+    path = default_model_path() if model is None else Path(model)
+    if path.is_file() and path.suffix == ".gguf":
+        from engine.model import gguf_loader
+
+        return _gguf_tokenizer(gguf_loader.read_gguf(path))
+    if path.is_dir() and (path / "tokenizer.json").is_file():
+        from engine.model.tokenizer import Tokenizer
+
+        return Tokenizer.from_pretrained(path)
+    return None
+
+
+def _gguf_tokenizer(gguf_file):
+    from engine.model.tokenizer import tokenizer_from_gguf_metadata
+
+    return tokenizer_from_gguf_metadata(
+        {k: v for k, v in gguf_file.metadata.items() if k.startswith("tokenizer.")})

@@ -1,0 +1,172 @@
+"""Clients of the engine core: the same commands whether the core runs here or in its own process.
+
+    EngineCoreClient  the core in this process; get_output() runs one step (LLMEngine, LLM)
+    MPClient          the core in a spawned process (engine/core_process.py) over ZeroMQ;
+                      await get_output_async() yields each message as it arrives (the server)
+
+Both take add_request / abort_requests / finish_sequences / shutdown. In-process, add_request
+raises a rejection at once; across processes it comes back in EngineCoreOutputs.rejected.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import multiprocessing
+import os
+import shutil
+import signal
+import tempfile
+
+import msgspec
+import zmq
+import zmq.asyncio
+
+from engine.core.outputs import EngineCoreOutputs, EngineCoreRequest
+from engine.core_process import (
+    ABORT,
+    ADD,
+    FINISH,
+    OUTPUTS,
+    READY,
+    STOP,
+    CoreReady,
+    run_core_process,
+)
+from engine.engine_core import EngineCore
+from engine.model.config import EngineConfig
+
+logger = logging.getLogger("pagedserve.core_client")
+
+# After the core process exits, how long its last message may still be on its way.
+LAST_MESSAGE_GRACE_S = 0.2
+
+
+class CoreDied(RuntimeError):
+    """The engine core is gone; the message says why (its error, or how the process ended)."""
+
+
+class EngineCoreClient:
+    def __init__(self, core: EngineCore):
+        self.core = core
+
+    def add_request(self, req: EngineCoreRequest) -> None:
+        self.core.add_request(req)
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        self.core.abort_requests(request_ids)
+
+    def finish_sequences(self, items: list[tuple[str, int, str]]) -> None:
+        self.core.finish_sequences(items)
+
+    def get_output(self) -> EngineCoreOutputs:
+        """Run one step."""
+        return EngineCoreOutputs(self.core.step())
+
+    def shutdown(self) -> None:
+        self.core.shutdown()
+
+
+class MPClient:
+    """The core in a child process. Call start() from a thread that lives as long as the client
+    (the event loop's): on Linux the child dies with the thread that started it."""
+
+    def __init__(self, engine_config: EngineConfig, make_core=None):
+        self.config, self.make_core = engine_config, make_core
+        self.process = None
+        self._closing = False
+        self._encode = msgspec.msgpack.Encoder().encode
+        self._decode_outputs = msgspec.msgpack.Decoder(EngineCoreOutputs).decode
+
+    def start(self) -> None:
+        """Bind the sockets and spawn the core; wait_ready() then waits for it to load."""
+        self._dir = tempfile.mkdtemp(prefix="pagedserve-")
+        input_address = f"ipc://{self._dir}/input"
+        output_address = f"ipc://{self._dir}/output"
+        self._ctx = zmq.Context()
+        self._inputs = self._ctx.socket(zmq.PUSH)
+        self._inputs.setsockopt(zmq.SNDHWM, 0)  # never block the event loop on a send
+        self._inputs.bind(input_address)
+        actx = zmq.asyncio.Context.shadow(self._ctx)
+        self._outputs = actx.socket(zmq.PULL)
+        self._outputs.setsockopt(zmq.RCVHWM, 0)
+        self._outputs.bind(output_address)
+        # The API's own voice on the output stream: it reports the core's death in line with
+        # the messages the core sent before it died.
+        self._obituary = self._ctx.socket(zmq.PUSH)
+        self._obituary.connect(output_address)
+        # spawn, not fork: CUDA must start fresh in the child, and nothing of this process
+        # (event loop, threads, sockets) is copied into it.
+        spawn = multiprocessing.get_context("spawn")
+        self.process = spawn.Process(
+            target=run_core_process, name="pagedserve-core", daemon=True,
+            args=(self.config, input_address, output_address, os.getpid(), self.make_core,
+                  logging.getLogger().getEffectiveLevel()))
+        self.process.start()
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self.process.sentinel, self._on_process_exit, loop)
+
+    async def wait_ready(self) -> CoreReady:
+        kind, payload = await self._outputs.recv_multipart()
+        if kind == READY:
+            return msgspec.msgpack.decode(payload, type=CoreReady)
+        raise CoreDied(self._decode_outputs(payload).fatal)
+
+    async def get_output_async(self) -> EngineCoreOutputs:
+        """The next message; when the core has died, one whose `fatal` says why."""
+        _kind, payload = await self._outputs.recv_multipart()
+        return self._decode_outputs(payload)
+
+    def add_request(self, req: EngineCoreRequest) -> None:
+        self._send(ADD, self._encode(req))
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        self._send(ABORT, self._encode(request_ids))
+
+    def finish_sequences(self, items: list[tuple[str, int, str]]) -> None:
+        self._send(FINISH, self._encode(items))
+
+    def _send(self, kind: bytes, payload: bytes) -> None:
+        # A PUSH socket blocks while no peer is connected, i.e. once the core is gone: then the
+        # command is moot, and the core's death reaches the caller through get_output_async().
+        try:
+            self._inputs.send_multipart([kind, payload], zmq.NOBLOCK, copy=False)
+        except zmq.Again:
+            logger.warning("the engine core is not connected; a command was dropped")
+
+    def _on_process_exit(self, loop: asyncio.AbstractEventLoop) -> None:
+        loop.remove_reader(self.process.sentinel)
+        if self._closing:
+            return
+        self.process.join(0)
+        cause = describe_exit(self.process.exitcode)
+        logger.error("the engine core process %s", cause)
+        message = self._encode(EngineCoreOutputs(fatal=f"the engine core process {cause}"))
+        loop.call_later(LAST_MESSAGE_GRACE_S, self._obituary.send_multipart, [OUTPUTS, message])
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        """Stop the core (it frees the GPU as it exits) and remove the sockets."""
+        if self.process is None:
+            return
+        self._closing = True
+        if self.process.is_alive():
+            self._send(STOP, b"")
+            self.process.join(timeout)
+            if self.process.is_alive():
+                logger.warning("the engine core did not stop in %.0f s; killing it", timeout)
+                self.process.kill()
+                self.process.join()
+        for sock in (self._inputs, self._outputs, self._obituary):
+            sock.close(linger=0)
+        self._ctx.term()
+        shutil.rmtree(self._dir, ignore_errors=True)
+        self.process = None
+
+
+def describe_exit(exitcode: int | None) -> str:
+    if exitcode is not None and exitcode < 0:
+        try:
+            return f"was killed by {signal.Signals(-exitcode).name}"
+        except ValueError:
+            return f"was killed by signal {-exitcode}"
+    return f"exited with code {exitcode}"

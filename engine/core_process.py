@@ -1,0 +1,156 @@
+"""The engine-core process: EngineCore in a busy loop, fed and read over ZeroMQ.
+
+    API process  --PUSH [kind, msgpack]-->  inputs   (ADD request | ABORT ids | FINISH seqs | STOP)
+                 <--PULL [kind, msgpack]--  outputs  (READY once, then OUTPUTS per loop turn)
+
+Each turn drains every waiting command, runs one step if any request is unfinished, and sends one
+EngineCoreOutputs: the step's SeqOutputs, the requests accepted or rejected, the stats. Idle, it
+sleeps on the input socket. Token ids only cross; the API process holds the text.
+
+It never outlives the API process (PR_SET_PDEATHSIG on Linux, and a parent check every turn), and
+a step that raises ends it: the last message names the error, the exit code is 1, and the API
+process fails what was in flight rather than serve from a core whose state (or GPU) is suspect.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import signal
+import sys
+from dataclasses import dataclass
+
+import msgspec
+import zmq
+
+from engine.core.outputs import EngineCoreOutputs, EngineCoreRequest
+from engine.engine_core import EngineCore
+from engine.model.config import EngineConfig, ModelConfig
+
+logger = logging.getLogger("pagedserve.core")
+
+# First frame of every message: what the second one holds.
+ADD, ABORT, FINISH, STOP = b"A", b"X", b"F", b"S"  # API -> core
+READY, OUTPUTS = b"R", b"O"  # core -> API
+
+IDLE_POLL_MS = 500  # how often an idle core checks that its parent lives
+
+
+@dataclass
+class CoreReady:
+    """What the API process needs from the loaded core before it serves."""
+
+    model_config: ModelConfig
+    max_model_len: int
+    num_kv_blocks: int
+
+
+def run_core_process(engine_config: EngineConfig, input_address: str, output_address: str,
+                     parent_pid: int, make_core=None, log_level: int = logging.INFO) -> None:
+    """The process entry. `make_core`: a picklable callable returning an EngineCore, in place of
+    EngineCore(engine_config) (tests run tiny random models with it)."""
+    _die_with_parent(parent_pid)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the API process's to handle
+    logging.basicConfig(level=log_level,
+                        format="%(asctime)s %(levelname)s %(name)s (core): %(message)s")
+    ctx = zmq.Context()
+    inputs = ctx.socket(zmq.PULL)
+    inputs.connect(input_address)
+    outputs = ctx.socket(zmq.PUSH)
+    outputs.connect(output_address)
+    encode = msgspec.msgpack.Encoder().encode
+    code = 1
+    try:
+        try:
+            core = make_core() if make_core is not None else EngineCore(engine_config)
+        except Exception as e:
+            logger.exception("loading the engine core failed")
+            fatal = EngineCoreOutputs(fatal=f"loading the model failed: {_describe(e)}")
+            outputs.send_multipart([OUTPUTS, encode(fatal)])
+            return
+        ready = CoreReady(core.model_config, core.max_model_len, core.num_kv_blocks)
+        outputs.send_multipart([READY, encode(ready)])
+        code = _BusyLoop(core, inputs, outputs, parent_pid).run()
+        core.shutdown()
+    finally:
+        outputs.close(linger=2000)  # the last message (maybe the fatal one) must get out
+        inputs.close(linger=0)
+        ctx.term()
+        sys.exit(code)
+
+
+class _BusyLoop:
+    def __init__(self, core: EngineCore, inputs, outputs, parent_pid: int):
+        self.core, self.inputs, self.outputs, self.parent_pid = core, inputs, outputs, parent_pid
+        self.encode = msgspec.msgpack.Encoder().encode
+        self.decoders = {ADD: msgspec.msgpack.Decoder(EngineCoreRequest),
+                         ABORT: msgspec.msgpack.Decoder(list[str]),
+                         FINISH: msgspec.msgpack.Decoder(list[tuple[str, int, str]])}
+
+    def run(self) -> int:
+        """Serve until told to stop (0) or a step fails (1); return the exit code."""
+        core, inputs = self.core, self.inputs
+        while True:
+            if not core.has_unfinished_requests() and not inputs.poll(IDLE_POLL_MS):
+                if os.getppid() != self.parent_pid:
+                    return 0
+                continue
+            message = EngineCoreOutputs()
+            received, stop = self._drain(message)
+            if stop or os.getppid() != self.parent_pid:
+                return 0
+            stepped = core.has_unfinished_requests()
+            if stepped:
+                try:
+                    message.outputs = core.step()
+                except Exception as e:
+                    logger.exception("engine step failed; the engine core exits")
+                    message.fatal = f"engine step failed: {_describe(e)}"
+                    self.outputs.send_multipart([OUTPUTS, self.encode(message)])
+                    return 1
+            if received or stepped:
+                message.stats = core.get_stats()
+                self.outputs.send_multipart([OUTPUTS, self.encode(message)])
+
+    def _drain(self, message: EngineCoreOutputs) -> tuple[bool, bool]:
+        """Apply every waiting command; (anything received, STOP received)."""
+        core, decoders = self.core, self.decoders
+        received = False
+        while True:
+            try:
+                kind, payload = self.inputs.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return received, False
+            received = True
+            if kind == STOP:
+                return True, True
+            value = decoders[kind].decode(payload)
+            if kind == ADD:
+                try:
+                    core.add_request(value)
+                except Exception as e:  # a request the core cannot run: the API answers 400
+                    message.rejected.append((value.request_id, str(e)))
+                else:
+                    message.accepted.append(value.request_id)
+            elif kind == ABORT:
+                core.abort_requests(value)
+            else:
+                core.finish_sequences(value)
+
+
+def _describe(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}"
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    """Have the kernel kill this process when its parent dies (Linux), so a killed API process
+    never leaves a core holding the GPU; elsewhere the busy loop's parent check does it."""
+    if sys.platform.startswith("linux"):
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+        except (OSError, AttributeError):
+            logger.warning("PR_SET_PDEATHSIG unavailable; relying on the parent check")
+    if os.getppid() != parent_pid:  # the parent died before the line above took effect
+        os._exit(0)
