@@ -118,7 +118,11 @@ class GrammarCompiler:
             if matcher is not None:
                 self._cache.move_to_end(text)
                 return matcher
-        tokenizer = self._tokenizer()
+        try:
+            tokenizer = self._tokenizer()
+        except Exception as e:  # a tokenizer llguidance cannot read: no request can be served
+            raise ValueError(f"structured_outputs: llguidance cannot use this model's "
+                             f"tokenizer: {e}") from e
         start = time.perf_counter()
         matcher = llguidance.LLMatcher(tokenizer, text, log_level=0)
         seconds = time.perf_counter() - start
@@ -163,6 +167,9 @@ class GrammarCompiler:
         constrained = [(m, r) for r, m in enumerate(matchers) if m is not None]
         if constrained:
             llnp.fill_next_token_bitmask_par(self._llexecutor(), constrained, bitmask)
+            for m, r in constrained:
+                if m.is_error():  # e.g. the parser hit a limit: allow nothing, never everything
+                    bitmask[r] = 0  # (the core then ends the sequence with "error")
         return bitmask
 
     def consume(self, pairs: list[tuple[object, int]]) -> list[bool]:

@@ -47,6 +47,11 @@ class CudaOps:
         self.ctype = CTYPES[dtype]
         self.storage = np.dtype(DTYPES[dtype])
         self._gemm = Gemm()
+        # Structured outputs: the bitmask's pinned staging buffer, and the event after its last
+        # copy out (apply_token_bitmask).
+        self._mask_stage: np.ndarray | None = None
+        self._mask_stage_mem = None
+        self._mask_copied: cupy.cuda.Event | None = None
         for file in ("gather.cu", "activation.cu", "rms_norm.cu", "rope.cu", "kv_cache.cu",
                      "attention.cu"):
             kernel(file, _first_name(file, self.ctype), self.ctype)  # compile now, fail early
@@ -278,10 +283,28 @@ class CudaOps:
         words = -(-vocab // 32)
         if bitmask.shape != (rows, words):
             raise ValueError(f"bitmask: expected shape {(rows, words)}, got {bitmask.shape}")
-        mask = cupy.asarray(np.ascontiguousarray(bitmask, np.int32))
+        mask = self._upload_bitmask(np.ascontiguousarray(bitmask, np.int32))
         kernel("bitmask.cu", f"apply_token_bitmask_kernel<{ctype}>")(
             (rows, -(-vocab // 256)), (256,), (logits, mask, _i32(vocab), _i32(words)))
         return logits
+
+    def _upload_bitmask(self, bitmask: np.ndarray) -> cupy.ndarray:
+        """The bitmask on the device, copied through pinned memory: the copy queues on the stream
+        behind the forward instead of waiting for it (a pageable copy may)."""
+        if self._mask_copied is not None:
+            self._mask_copied.synchronize()  # the stage's previous copy has left it
+        if self._mask_stage is None or self._mask_stage.size < bitmask.size:
+            self._mask_stage_mem = cupy.cuda.alloc_pinned_memory(bitmask.nbytes)
+            self._mask_stage = np.frombuffer(self._mask_stage_mem, np.int32, bitmask.size)
+        host = self._mask_stage[: bitmask.size].reshape(bitmask.shape)
+        np.copyto(host, bitmask)
+        mask = cupy.empty(bitmask.shape, cupy.int32)
+        stream = cupy.cuda.get_current_stream()
+        cupy.cuda.runtime.memcpyAsync(mask.data.ptr, host.ctypes.data, bitmask.nbytes,
+                                      cupy.cuda.runtime.memcpyHostToDevice, stream.ptr)
+        self._mask_copied = cupy.cuda.Event(disable_timing=True)
+        self._mask_copied.record(stream)
+        return mask
 
     def synchronize(self):
         cupy.cuda.get_current_stream().synchronize()
