@@ -2,9 +2,10 @@
 
     LLMEngine = tokenizer + OutputProcessor (text, stop strings)  +  EngineCore (token ids, model)
 
-    step():  outputs = core.step()                          schedule, forward, sample, stop ids
+    step():  outputs = client.get_output()                  core.step(): schedule, forward,
+                                                             sample, stop ids
              results, stopped = processor.process(outputs)   detokenize, stop strings
-             core.finish_sequences(stopped)                  free what a stop string ended
+             client.finish_sequences(stopped)                free what a stop string ended
 
 `pagedserve serve` splits the same two halves over two processes (server/async_engine.py,
 engine/core_client.py); LLM uses this class.
@@ -18,6 +19,7 @@ import numpy as np
 
 from engine.core.outputs import EngineCoreRequest, EngineStats, RequestOutput
 from engine.core.sampling_params import SamplingParams
+from engine.core_client import EngineCoreClient
 from engine.engine_core import EngineCore, auto_dtype
 from engine.model.config import EngineConfig
 from engine.output_processor import OutputProcessor
@@ -30,6 +32,7 @@ class LLMEngine:
         """`loaded_model` (anything with .config, .weights, .tokenizer) skips load_model; tests use
         it to run tiny random models."""
         self.core = core = EngineCore(engine_config, loaded_model)
+        self.client = EngineCoreClient(core)
         self.config = engine_config
         self.tokenizer = core.tokenizer
         self.model_config = core.model_config
@@ -74,7 +77,7 @@ class LLMEngine:
         arrival = arrival_time if arrival_time is not None else time.time()
         self.processor.add_request(request_id, text, ids, params, arrival)
         try:
-            self.core.add_request(EngineCoreRequest(request_id, ids, params, arrival))
+            self.client.add_request(EngineCoreRequest(request_id, ids, params, arrival))
         except Exception:
             self.processor.abort(request_id)
             raise
@@ -92,7 +95,7 @@ class LLMEngine:
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its blocks; a request that already finished is ignored."""
-        self.core.abort_requests([request_id])
+        self.client.abort_requests([request_id])
         out = self.processor.abort(request_id)
         if out is not None:
             self._aborted.append(out)
@@ -105,9 +108,9 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         results, self._aborted = self._aborted, []
         if self.core.has_unfinished_requests():
-            processed, stopped = self.processor.process(self.core.step())
+            processed, stopped = self.processor.process(self.client.get_output().outputs)
             if stopped:
-                self.core.finish_sequences(stopped)
+                self.client.finish_sequences(stopped)
             results += processed
         return results
 

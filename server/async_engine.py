@@ -11,7 +11,12 @@ If the core dies, every request in flight gets an EngineFault naming the cause, 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import contextlib
+import functools
 import logging
+import os
+import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -29,20 +34,34 @@ log = logging.getLogger("pagedserve.engine")
 INLINE_TOKENIZE_CHARS = 4096
 
 
+def _lower_priority():
+    # Bulk tokenizing yields the CPU to the event loop when cores are short (Linux nices each
+    # thread on its own).
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+
+
+_TOKENIZE_POOL = concurrent.futures.ThreadPoolExecutor(
+    max_workers=4, thread_name_prefix="pagedserve-tokenize", initializer=_lower_priority)
+
+
 async def tokenize_text(tokenizer, text: str, max_tokens: int, add_special_tokens: bool = True
-                   ) -> tuple[int, list[int] | None]:
+                        ) -> tuple[int, list[int] | None]:
     """Tokenizer.encode_within, in a thread unless the text is short, so that a large prompt
     never stalls the event loop."""
     if len(text) <= INLINE_TOKENIZE_CHARS:
         return tokenizer.encode_within(text, max_tokens, add_special_tokens)
-    return await asyncio.to_thread(tokenizer.encode_within, text, max_tokens, add_special_tokens)
+    return await asyncio.get_running_loop().run_in_executor(
+        _TOKENIZE_POOL, tokenizer.encode_within, text, max_tokens, add_special_tokens)
 
 
 async def render_chat(tokenizer, messages: list[dict], **template_vars) -> str:
     """The chat template's text (the template is Python: run in a thread, as it may be long).
     `template_vars` (e.g. tools) become template variables."""
-    return await asyncio.to_thread(tokenizer.apply_chat_template, messages,
-                                   add_generation_prompt=True, tokenize=False, **template_vars)
+    return await asyncio.get_running_loop().run_in_executor(
+        _TOKENIZE_POOL, functools.partial(tokenizer.apply_chat_template, messages,
+                                          add_generation_prompt=True, tokenize=False,
+                                          **template_vars))
 
 
 class EngineFault(RuntimeError):
@@ -146,6 +165,8 @@ class AsyncEngine:
     async def shutdown(self):
         if self._task is not None:
             self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task  # off the output socket before the client closes it
         if self.client is not None:
             await asyncio.to_thread(self.client.shutdown)
 

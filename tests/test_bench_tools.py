@@ -224,3 +224,11 @@ def test_synthetic_vocabulary_keeps_the_bytes_and_the_eos_ids():
     assert len(tokens) == len(set(tokens)) == 600
     assert tokens[5].startswith(b"<|eos") and tokens[599].startswith(b"<|eos")
     assert {bytes([b]) for b in range(256)} <= set(tokens)
+
+
+def test_bench_wire_round_trips_a_step_message(capsys):
+    from tools import bench_wire
+
+    bench_wire.main(["--num-seqs", "4", "--repeat", "2", "--logprobs"])
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == ["msgspec", "pickle5"]

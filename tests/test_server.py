@@ -317,3 +317,4 @@ def test_api_key_and_default_bind():
     assert asyncio.run(calls()) == [401, 401, "invalid_api_key", 503, 503, 200]
     args = build_parser().parse_args(["serve"])
     assert (args.host, args.port, args.model) == ("127.0.0.1", 8000, None)
+

@@ -1,0 +1,172 @@
+"""`pagedserve serve` from the outside: an API process and its engine-core process, and what
+happens when either one is killed."""
+
+import concurrent.futures
+import gc
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+pytest.importorskip("uvicorn")
+
+from conftest import _smollm2_tokenizer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def tiny_model_folder(path: Path, with_tokenizer: bool) -> Path:
+    """An HF folder holding a config (`--load-format dummy` draws the weights) and, if asked, the
+    SmolLM2 tokenizer."""
+    path.mkdir()
+    config = {"architectures": ["LlamaForCausalLM"], "vocab_size": 512, "hidden_size": 64,
+              "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "max_position_embeddings": 2048, "eos_token_id": 2}
+    if with_tokenizer:
+        config["vocab_size"] = 49152
+        _smollm2_tokenizer().tokenizer.save(str(path / "tokenizer.json"))
+    (path / "config.json").write_text(json.dumps(config))
+    return path
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _children(pid: int) -> dict[int, str]:
+    """{pid: command line} of the processes whose parent is `pid` (Linux /proc)."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode()
+        except OSError:
+            continue
+        if int(stat.rsplit(")", 1)[1].split()[1]) == pid:
+            found[int(entry.name)] = cmdline
+    return found
+
+
+def _is_running(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited already
+
+
+class Served:
+    def __init__(self, tmp_path: Path, with_tokenizer: bool = False):
+        model = tiny_model_folder(tmp_path / "tiny", with_tokenizer)
+        self.url = f"http://127.0.0.1:{_free_port()}"
+        self.log = open(tmp_path / "server.log", "w+")  # noqa: SIM115
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "server.cli", "serve", str(model), "--device", "numpy",
+             "--load-format", "dummy", "--port", self.url.rsplit(":", 1)[1],
+             "--max-model-len", "1024", "--num-kv-blocks", "128", "--max-num-seqs", "8",
+             "--log-level", "warning"],
+            cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1"})
+        deadline = time.time() + 90
+        while True:
+            assert self.proc.poll() is None, f"the server exited: {self.output()}"
+            assert time.time() < deadline, f"the server did not get ready: {self.output()}"
+            try:
+                if httpx.get(self.url + "/health").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            time.sleep(0.1)
+        cores = [p for p, cmd in _children(self.proc.pid).items() if "spawn_main" in cmd]
+        assert len(cores) == 1, _children(self.proc.pid)
+        self.core_pid = cores[0]
+
+    def output(self) -> str:
+        self.log.seek(0)
+        return self.log.read()
+
+    def close(self):
+        if self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.log.close()
+
+
+@pytest.fixture
+def served(tmp_path):
+    s = Served(tmp_path)
+    yield s
+    s.close()
+
+
+def test_killing_the_core_fails_requests_and_exits_the_server(served):
+    body = {"model": "x", "prompt": [[5, 6, 7]], "max_tokens": 1000, "ignore_eos": True,
+            "stream": True}
+    body["model"] = httpx.get(served.url + "/v1/models").json()["data"][0]["id"]
+    with httpx.stream("POST", served.url + "/v1/completions", json=body, timeout=30) as r:
+        lines = r.iter_lines()
+        assert next(lines).startswith("data: {")  # the request runs in the core
+        os.kill(served.core_pid, signal.SIGKILL)
+        killed = time.monotonic()
+        events = [line for line in lines if line]
+    assert "SIGKILL" in events[-2] and '"server_error"' in events[-2]
+    assert events[-1] == "data: [DONE]"
+    code = served.proc.wait(timeout=10)
+    assert time.monotonic() - killed < 5.0
+    assert code != 0
+    assert "the engine core died" in served.output()
+
+
+def test_killing_the_api_process_leaves_no_core_behind(served):
+    children = _children(served.proc.pid)
+    assert _is_running(served.core_pid)
+    served.proc.kill()
+    served.proc.wait()
+    deadline = time.monotonic() + 5
+    while any(_is_running(p) for p in children):
+        assert time.monotonic() < deadline, f"left behind: {children}"
+        time.sleep(0.05)
+
+
+def test_health_answers_while_a_4mb_prompt_is_tokenized(tmp_path):
+    """Tokenizing runs in a thread: the API process's event loop keeps answering meanwhile."""
+    served = Served(tmp_path, with_tokenizer=True)
+    # 4 MB (10**6 tokens), inside the server's default body limit of 4 MiB.
+    text = ("The quick brown fox jumps over the lazy dog 12345. " * 80000)[:4_000_000]
+    body = json.dumps({"model": str(tmp_path / "tiny"), "prompt": text}).encode()
+    # This process's own pauses (building the body, a full garbage collection) must not count.
+    gc.collect()
+    gc.freeze()
+    try:
+        with concurrent.futures.ThreadPoolExecutor() as pool, httpx.Client() as http:
+            http.get(served.url + "/health")  # connected before the clock starts
+            big = pool.submit(httpx.post, served.url + "/v1/completions", content=body,
+                              timeout=120, headers={"content-type": "application/json"})
+            latencies = []
+            while not big.done():
+                start = time.perf_counter()
+                assert http.get(served.url + "/health").status_code == 200
+                latencies.append(time.perf_counter() - start)
+                time.sleep(0.01)
+            r = big.result()
+    finally:
+        gc.unfreeze()
+        served.close()
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
+    assert "maximum context length" in r.text
+    assert len(latencies) > 20, "the tokenization was too quick to measure anything"
+    # Every answer within 50 ms; one may be late by a hiccup of the OS scheduler on a loaded
+    # box, never by the tokenization (that held the loop for seconds before it went to a thread).
+    worst, second = sorted(latencies)[-1], sorted(latencies)[-2]
+    assert second < 0.05 and worst < 0.25, f"/health took {worst * 1000:.0f} ms"
