@@ -9,6 +9,7 @@ import pytest
 
 from engine import SamplingParams, StructuredOutputsParams
 from engine.core.block_manager import BlockManager
+from engine.core.outputs import EngineCoreRequest
 from engine.core.scheduler import Scheduler
 from engine.core.sequence import Sequence
 
@@ -173,3 +174,39 @@ def test_scheduler_skips_a_sequence_whose_grammar_is_compiling():
     assert list(scheduler.waiting) == [waiting]
     waiting.is_waiting_for_grammar = False
     assert waiting in scheduler.schedule().seqs
+
+
+def test_a_request_waits_for_its_grammar_while_others_run(engine):
+    """Compiling never holds up the step: the constrained request waits in the queue (others
+    run meanwhile), starts once its grammar is ready, and may be aborted while it waits."""
+    from concurrent.futures import Future
+
+    grammars = engine.core.grammars
+    so = StructuredOutputsParams(choice=["yes", "no"])
+    compiled = grammars.check(so)
+    pending: list[Future] = []
+    grammars.submit = lambda _so: pending.append(Future()) or pending[-1]
+    engine.add_request("constrained", "Answer:", SamplingParams(structured_outputs=so, seed=1))
+    engine.add_request("aborted", "Answer:", SamplingParams(structured_outputs=so))
+    engine.add_request("free", "Answer:", SamplingParams(max_tokens=3, ignore_eos=True))
+    finished = {}
+    for _ in range(4):
+        finished |= {o.request_id: o for o in engine.step() if o.finished}
+    assert set(finished) == {"free"} and engine.get_stats().num_waiting == 2
+    engine.abort("aborted")
+    pending[0].set_result(compiled)
+    pending[1].set_result(compiled)
+    while engine.has_unfinished_requests():
+        finished |= {o.request_id: o for o in engine.step() if o.finished}
+    assert finished["constrained"].outputs[0].text in ("yes", "no")
+    assert finished["aborted"].outputs[0].finish_reason == "abort"
+    assert engine.get_stats().kv_blocks_used == 0
+    # A grammar that fails in the core (the front had not checked it) ends its request "error".
+    failed = Future()
+    failed.set_exception(ValueError("structured_outputs.regex does not compile: bad"))
+    grammars.submit = lambda _so: failed
+    engine.core.add_request(EngineCoreRequest("core-only", [5, 6], SamplingParams(
+        structured_outputs=so), 0.0))
+    [out] = engine.core.step()
+    assert out.finish_reason == "error" and "does not compile" in out.error
+    assert not engine.core.has_unfinished_requests()
