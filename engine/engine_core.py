@@ -220,8 +220,9 @@ class EngineCore:
         self._count_prompt_tokens(batch)  # before finish_step moves num_computed_tokens
         fill_bitmask = None
         if any(s.matcher is not None for s in sampling):
-            matchers = [s.matcher for s in sampling]
-            fill_bitmask = lambda: self.grammars.fill_bitmask(matchers)  # noqa: E731
+            # Read when called, after the forward is queued: each matcher as it stands then.
+            fill_bitmask = lambda: self.grammars.fill_bitmask(  # noqa: E731
+                [s.matcher for s in sampling])
         sampled = self.runner.run(batch, fill_bitmask)
         self.scheduler.finish_step(batch)
         if not sampling:

@@ -163,8 +163,9 @@ class GrammarCompiler:
             self._bitmask = np.empty((max(rows, 2 * len(self._bitmask)), self.num_words),
                                      np.int32)
         bitmask = self._bitmask[:rows]
-        bitmask.fill(-1)
         constrained = [(m, r) for r, m in enumerate(matchers) if m is not None]
+        if len(constrained) < rows:  # llguidance writes the constrained rows whole
+            bitmask.fill(-1)
         if constrained:
             llnp.fill_next_token_bitmask_par(self._llexecutor(), constrained, bitmask)
             for m, r in constrained:

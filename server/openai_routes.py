@@ -51,7 +51,7 @@ async def completions(request: Request):
     model = check_model(request, body)
     prompts = parse_prompts(body)
     params = parse_sampling_params(body, chat=False)
-    await _constrain(request, engine, params, *parse_structured_outputs(body))
+    await _constrain(request, engine, params, *parse_structured_outputs(body), len(prompts))
     stream, include_usage = _stream_flags(body)
     echo = get_field(body, "echo", "bool", False)
     get_field(body, "user", "str")
@@ -103,13 +103,14 @@ async def chat_completions(request: Request):
     return await call.run([ids], stream, include_usage)
 
 
-async def _constrain(request: Request, engine, params, so, field: str | None) -> None:
+async def _constrain(request: Request, engine, params, so, field: str | None,
+                     num_prompts: int = 1) -> None:
     """Set `so` on params once its grammar compiles (a 400 naming `field` if it does not)."""
     if so is None:
         return
     await check_compiles(engine, so, field)
     params.structured_outputs = so
-    request.app.state.metrics.constrained_requests.inc()
+    request.app.state.metrics.constrained_requests.inc(num_prompts)
 
 
 def _stream_flags(body: dict) -> tuple[bool, bool]:
