@@ -197,7 +197,6 @@ class EngineCore:
 
     def _finish(self, req: _CoreRequest, seq: Sequence, reason: str) -> None:
         self.scheduler.finish_seq(seq, reason)
-        seq.matcher = None  # the grammar's state goes with the sequence
         req.num_unfinished -= 1
         if req.num_unfinished == 0:
             del self._requests[req.request_id]

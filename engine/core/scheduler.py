@@ -220,6 +220,7 @@ class Scheduler:
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
+        seq.matcher = None  # its grammar's state (structured outputs) ends with it
         self.block_manager.free(seq)
 
     def abort(self, request_id: str) -> list[Sequence]:
