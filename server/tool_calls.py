@@ -22,6 +22,7 @@ from server.protocol import bad_request, get_field
 
 _HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
 HERMES_OPEN = "<tool_call>"
+LLAMA_PYTHON_TAG = "<|python_tag|>"  # Llama 3.1+ may open a call with it
 
 
 def parse_tools(body: dict) -> tuple[list[dict] | None, str | None]:
@@ -139,7 +140,7 @@ class ToolCallParser:
                 content = text[: text.index(HERMES_OPEN)].strip()
                 return content or None, calls
             return text, []
-        stripped = text.strip()
+        stripped = text.strip().removeprefix(LLAMA_PYTHON_TAG).lstrip()
         if stripped.startswith("{"):  # Llama 3.x: JSON objects, ";"-separated when several
             calls = [self._call(part) for part in _split_json_objects(stripped)]
             if calls and all(calls):
@@ -189,12 +190,14 @@ class ToolCallStream:
         if self.holding:
             return []
         text = self.text
-        if text.lstrip().startswith("{") or HERMES_OPEN in text:
+        head = text.lstrip()
+        if head.startswith(("{", LLAMA_PYTHON_TAG)) or HERMES_OPEN in text:
             self.holding = True
             return []
-        # Hold a tail that may be the start of "<tool_call>".
-        keep = next((k for k in range(min(len(text), len(HERMES_OPEN) - 1), 0, -1)
-                     if HERMES_OPEN.startswith(text[-k:])), 0)
+        # Hold a tail that may be the start of a call's opening tag.
+        keep = max((k for tag in (HERMES_OPEN, LLAMA_PYTHON_TAG)
+                    for k in range(min(len(text), len(tag) - 1), 0, -1)
+                    if tag.startswith(text[-k:])), default=0)
         if not text[: len(text) - keep].strip() and self.num_sent == 0:
             keep = len(text)  # leading whitespace: wait to see whether a call follows
         end = len(text) - keep

@@ -158,6 +158,8 @@ def test_auto_tool_calls_are_parsed_from_hermes_and_llama_forms():
                                   '{"name": "get_time", "parameters": {"zone": 2}}')
     assert content is None and [json.loads(c["function"]["arguments"])["zone"]
                                 for c in calls] == [-3, 2]
+    _, calls = parser.parse('<|python_tag|>{"name": "get_time", "parameters": {"zone": 0}}')
+    assert [c["function"]["name"] for c in calls] == ["get_time"]
     for not_a_call in ('{"name": "unknown", "arguments": {}}', "plain words",
                        "<tool_call>{broken</tool_call>"):
         assert parser.parse(not_a_call) == (not_a_call, [])
