@@ -56,6 +56,7 @@ def test_apply_token_bitmask_matches_numpy(dtype, storage, rows, vocab):
 def _engine(enforce_eager: bool) -> LLMEngine:
     config = ModelConfig.from_preset("qwen3-0.6b")
     config.num_layers, config.vocab_size = 2, 49152
+    config.eos_token_ids = [2]  # SmolLM2's <|im_end|>: the preset's id is outside this vocab
     loaded = types.SimpleNamespace(config=config, tokenizer=_smollm2_tokenizer(),
                                    weights=dummy_weights(config, CudaOps("bfloat16"), seed=3))
     return LLMEngine(EngineConfig(device="cuda", dtype="bfloat16", max_model_len=256,
