@@ -7,6 +7,8 @@
 #ifndef INFINITY  // NVRTC does not include math.h
 #define INFINITY __int_as_float(0x7f800000)
 #endif
+#define PS_FLT_MAX __int_as_float(0x7f7fffff)  // float.h's FLT_MAX / FLT_MIN, which NVRTC lacks
+#define PS_FLT_MIN __int_as_float(0x00800000)
 
 __device__ __forceinline__ float to_float(float x) { return x; }
 __device__ __forceinline__ float to_float(__half x) { return __half2float(x); }

@@ -1,4 +1,5 @@
-// Row gather: the embedding lookup and the selection of the rows that sample.
+// Row gather: the embedding lookup and the selection of the rows that sample; and the
+// placeholder ids of an overlapped step, gathered from the previous step's sampled ids.
 #include "common.cuh"
 
 // Copies whole rows in 16-byte words, so it serves every dtype.
@@ -11,6 +12,20 @@ __global__ void gather_rows_kernel(uint4* __restrict__ out,        // [num_out_r
   const long row = idx[blockIdx.x];
   for (int w = threadIdx.x; w < words; w += blockDim.x)
     out[(long)blockIdx.x * words + w] = src[row * words + w];
+}
+
+// In place: each id <= -2 is a placeholder for row -2 - id of the previous step's sampled ids
+// (engine/executor/step_inputs.py); other ids (tokens, -1 padding) stay. The numpy twin is
+// numpy_ops.resolve_placeholders.
+// Grid: (ceil(n / 256))  Block: (256)
+__global__ void resolve_placeholders_kernel(int* __restrict__ ids,            // [n]
+                                            const int* __restrict__ sampled,  // [rows, stride]
+                                            int n, int stride) {
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < n) {
+    const int id = ids[i];
+    if (id <= -2) ids[i] = sampled[(long)(-2 - id) * stride];  // column 0: the sampled id
+  }
 }
 
 // fp32 -> compute dtype, for weights made or uploaded in fp32.

@@ -47,6 +47,21 @@ __device__ void block_argmax(float& v, int& id, float* sv, int* si) {
   }
 }
 
+// Greedy choice over the adjusted (or raw) row: largest value, lowest id on ties; every thread
+// gets it, and 0x7fffffff when no value compares (all NaN).
+template <typename T>
+__device__ int row_argmax(const T* __restrict__ logits, const float* __restrict__ adjusted,
+                          long base, int vocab, float* sv, int* si) {
+  float bv = -INFINITY;
+  int bi = 0x7fffffff;
+  for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+    const float v = adjusted ? adjusted[base + i] : to_float(logits[base + i]);
+    if (ahead(v, i, bv, bi)) { bv = v; bi = i; }
+  }
+  block_argmax(bv, bi, sv, si);
+  return bi;
+}
+
 // Marks the tokens a row has seen: output tokens counted, prompt tokens flagged by bit 30.
 // Grid: (R)  Block: (256)
 __global__ void penalty_counts_kernel(int* __restrict__ counts,            // [R, vocab], zeroed
@@ -83,9 +98,15 @@ __global__ void adjust_logits_kernel(float* __restrict__ adjusted,     // [R, vo
     const float repetition = __int_as_float(p[9]);
     const int c = counts[at];
     const int n = c & ((1 << 30) - 1);
-    if (repetition != 1.f && c != 0) l = l > 0.f ? __fdiv_rn(l, repetition) : __fmul_rn(l, repetition);
+    if (repetition != 1.f && c != 0) {
+      // NOTE: 1e-50 is 0 and 1e50 is inf in float32: clamped, as numpy_sampling does, so that
+      // the penalized row stays finite (no x / 0, no 0 * inf).
+      const float r = fminf(fmaxf(repetition, PS_FLT_MIN), PS_FLT_MAX);
+      l = l > 0.f ? __fdiv_rn(l, r) : __fmul_rn(l, r);
+    }
     l = __fsub_rn(l, __fmul_rn(frequency, (float)n));
     l = __fsub_rn(l, n > 0 ? presence : 0.f);
+    l = fminf(fmaxf(l, -PS_FLT_MAX), PS_FLT_MAX);
   }
   adjusted[at] = l;
 }
@@ -127,28 +148,23 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(
   for (int i = tid; i < vocab; i += blockDim.x) se += expf(to_float(logits[base + i]) - raw_max);
   const float log_sum = logf(block_sum(se, red));
 
-  int token;
-  if (temperature == 0.f) {
-    float bv = -INFINITY;
-    int bi = 0x7fffffff;
-    for (int i = tid; i < vocab; i += blockDim.x) {
-      const float v = adjusted ? adjusted[base + i] : to_float(logits[base + i]);
-      if (ahead(v, i, bv, bi)) { bv = v; bi = i; }
-    }
-    block_argmax(bv, bi, red, redi);
-    token = bi;
-  } else {
-    // 2. probs = softmax(adjusted / temperature), written out for the threshold passes.
-    float smx = -INFINITY;
-    for (int i = tid; i < vocab; i += blockDim.x) {
-      const float v = adjusted ? adjusted[base + i] : to_float(logits[base + i]);
-      smx = fmaxf(smx, __fdiv_rn(v, temperature));
-    }
+  // The adjusted row's max; a row whose every token is banned (-inf) has no distribution.
+  float smx = -INFINITY;
+  if (temperature != 0.f) {
+    for (int i = tid; i < vocab; i += blockDim.x)
+      smx = fmaxf(smx, adjusted ? adjusted[base + i] : to_float(logits[base + i]));
     smx = block_max(smx, red);
+  }
+  int token = -1;  // block-uniform throughout: every branch below is taken by all threads
+  if (temperature != 0.f && smx > -INFINITY) {
+    // 2. probs = softmax(adjusted / temperature), written out for the threshold passes.
+    // NOTE: the max is subtracted before dividing, so a denormal temperature (1e-40) sends the
+    // other logits to -inf instead of overflowing to inf - inf = nan; an inf one is FLT_MAX.
+    const float temp = fminf(temperature, PS_FLT_MAX);
     float z = 0.f;
     for (int i = tid; i < vocab; i += blockDim.x) {
       const float v = adjusted ? adjusted[base + i] : to_float(logits[base + i]);
-      const float e = expf(__fdiv_rn(v, temperature) - smx);
+      const float e = expf(__fdiv_rn(__fsub_rn(v, smx), temp));
       probs[base + i] = e;
       z += e;
     }
@@ -231,6 +247,9 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(
     // Float rounding can leave the target at or past the total: take the last kept id then.
     token = chosen_first != 0x7fffffff ? chosen_first : chosen_last;
   }
+  if (token < 0) token = row_argmax(logits, adjusted, base, vocab, red, redi);  // greedy, or
+                                                                               // nothing kept
+  if (token >= vocab) token = 0;  // only a row of NaN logits has no argmax
 
   // 5. Results: the token's raw logprob, then the top raw logprobs (value desc, id asc).
   const int width = 2 + 2 * num_logprobs;

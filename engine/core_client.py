@@ -2,7 +2,7 @@
 
     EngineCoreClient  the core in this process; get_output() runs one step (LLMEngine, LLM)
     MPClient          the core in a spawned process (engine/core_process.py) over ZeroMQ;
-                      await get_output_async() yields each message as it arrives (the server)
+                      await get_output_async() gives each message as it arrives (the server)
 
 Both take add_request / abort_requests / finish_sequences / shutdown. In-process, add_request
 raises a rejection at once; across processes it comes back in EngineCoreOutputs.rejected.
@@ -14,6 +14,7 @@ import asyncio
 import logging
 import multiprocessing
 import os
+import pickle
 import shutil
 import signal
 import tempfile
@@ -26,9 +27,9 @@ from engine.core.outputs import EngineCoreOutputs, EngineCoreRequest
 from engine.core_process import (
     ABORT,
     ADD,
+    FAILED,
     FINISH,
     OUTPUTS,
-    READY,
     STOP,
     CoreReady,
     run_core_process,
@@ -38,7 +39,8 @@ from engine.model.config import EngineConfig
 
 logger = logging.getLogger("pagedserve.core_client")
 
-# After the core process exits, how long its last message may still be on its way.
+# After the core process exits, how long its last message may still be on its way (its own
+# account of its death comes before the API's).
 LAST_MESSAGE_GRACE_S = 0.2
 
 
@@ -68,8 +70,13 @@ class EngineCoreClient:
 
 
 class MPClient:
-    """The core in a child process. Call start() from a thread that lives as long as the client
-    (the event loop's): on Linux the child dies with the thread that started it."""
+    """The core in a child process.
+
+    start() spawns it and wait_ready() waits for its model to load (both without an event loop,
+    so the CLI loads before it serves); attach() then joins the running event loop, where
+    get_output_async() reads the core's messages. Call start() from a thread that lives as long
+    as the client: on Linux the child dies with the thread that started it.
+    """
 
     def __init__(self, engine_config: EngineConfig, make_core=None):
         self.config, self.make_core = engine_config, make_core
@@ -79,42 +86,55 @@ class MPClient:
         self._decode_outputs = msgspec.msgpack.Decoder(EngineCoreOutputs).decode
 
     def start(self) -> None:
-        """Bind the sockets and spawn the core; wait_ready() then waits for it to load."""
+        """Bind the sockets and spawn the core."""
         self._dir = tempfile.mkdtemp(prefix="pagedserve-")
         input_address = f"ipc://{self._dir}/input"
-        output_address = f"ipc://{self._dir}/output"
+        self._output_address = f"ipc://{self._dir}/output"
         self._ctx = zmq.Context()
         self._inputs = self._ctx.socket(zmq.PUSH)
         self._inputs.setsockopt(zmq.SNDHWM, 0)  # never block the event loop on a send
         self._inputs.bind(input_address)
-        actx = zmq.asyncio.Context.shadow(self._ctx)
-        self._outputs = actx.socket(zmq.PULL)
+        self._outputs = self._ctx.socket(zmq.PULL)
         self._outputs.setsockopt(zmq.RCVHWM, 0)
-        self._outputs.bind(output_address)
-        # The API's own voice on the output stream: it reports the core's death in line with
-        # the messages the core sent before it died.
-        self._obituary = self._ctx.socket(zmq.PUSH)
-        self._obituary.connect(output_address)
+        self._outputs.bind(self._output_address)
+        self._async_outputs = self._obituary = None
+        level = logging.getLevelName(logging.getLogger("pagedserve").getEffectiveLevel())
         # spawn, not fork: CUDA must start fresh in the child, and nothing of this process
         # (event loop, threads, sockets) is copied into it.
         spawn = multiprocessing.get_context("spawn")
         self.process = spawn.Process(
             target=run_core_process, name="pagedserve-core", daemon=True,
-            args=(self.config, input_address, output_address, os.getpid(), self.make_core,
-                  logging.getLogger().getEffectiveLevel()))
+            args=(self.config, input_address, self._output_address, os.getpid(), self.make_core,
+                  str(level).lower()))
         self.process.start()
-        loop = asyncio.get_running_loop()
-        loop.add_reader(self.process.sentinel, self._on_process_exit, loop)
 
-    async def wait_ready(self) -> CoreReady:
-        kind, payload = await self._outputs.recv_multipart()
-        if kind == READY:
-            return msgspec.msgpack.decode(payload, type=CoreReady)
-        raise CoreDied(self._decode_outputs(payload).fatal)
+    def wait_ready(self) -> CoreReady:
+        """Block until the core has loaded; raise what loading raised in the core, or CoreDied.
+        Runs on any one thread; the event loop's sockets come after, in attach()."""
+        while not self._outputs.poll(100):
+            if not self.process.is_alive():
+                raise CoreDied(f"the engine core process {describe_exit(self.process.exitcode)} "
+                               "while loading")
+        kind, payload = self._outputs.recv_multipart()
+        if kind == FAILED:
+            raise pickle.loads(payload)
+        return msgspec.msgpack.decode(payload, type=CoreReady)
+
+    def attach(self) -> None:
+        """Read the core's messages on the running event loop, and watch the process there."""
+        loop = asyncio.get_running_loop()
+        self._async_outputs = zmq.asyncio.Socket.shadow(self._outputs.underlying)
+        # The API's own voice on the output stream: it reports the core's death in line with
+        # the messages the core sent before it died.
+        self._obituary = self._ctx.socket(zmq.PUSH)
+        self._obituary.connect(self._output_address)
+        loop.add_reader(self.process.sentinel, self._on_process_exit, loop)
+        if not self.process.is_alive():  # died before the reader was there to see it
+            self._on_process_exit(loop)
 
     async def get_output_async(self) -> EngineCoreOutputs:
         """The next message; when the core has died, one whose `fatal` says why."""
-        _kind, payload = await self._outputs.recv_multipart()
+        _kind, payload = await self._async_outputs.recv_multipart()
         return self._decode_outputs(payload)
 
     def add_request(self, req: EngineCoreRequest) -> None:
@@ -136,13 +156,18 @@ class MPClient:
 
     def _on_process_exit(self, loop: asyncio.AbstractEventLoop) -> None:
         loop.remove_reader(self.process.sentinel)
-        if self._closing:
+        if not self._closing and self._obituary is not None:
+            loop.call_later(LAST_MESSAGE_GRACE_S, self._report_death)
+
+    def _report_death(self) -> None:
+        if self._closing:  # shut down meanwhile: nobody is left to tell
             return
-        self.process.join(0)
+        # The sentinel fires as the process closes its files, a moment before it can be reaped.
+        self.process.join(1.0)
         cause = describe_exit(self.process.exitcode)
         logger.error("the engine core process %s", cause)
         message = self._encode(EngineCoreOutputs(fatal=f"the engine core process {cause}"))
-        loop.call_later(LAST_MESSAGE_GRACE_S, self._obituary.send_multipart, [OUTPUTS, message])
+        self._obituary.send_multipart([OUTPUTS, message])
 
     def shutdown(self, timeout: float = 5.0) -> None:
         """Stop the core (it frees the GPU as it exits) and remove the sockets."""
@@ -157,7 +182,8 @@ class MPClient:
                 self.process.kill()
                 self.process.join()
         for sock in (self._inputs, self._outputs, self._obituary):
-            sock.close(linger=0)
+            if sock is not None:
+                sock.close(linger=0)
         self._ctx.term()
         shutil.rmtree(self._dir, ignore_errors=True)
         self.process = None

@@ -17,6 +17,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import pickle
 import signal
 import sys
 from dataclasses import dataclass
@@ -26,13 +27,14 @@ import zmq
 
 from engine.core.outputs import EngineCoreOutputs, EngineCoreRequest
 from engine.engine_core import EngineCore
+from engine.logs import configure_logging, engine_lines
 from engine.model.config import EngineConfig, ModelConfig
 
-logger = logging.getLogger("pagedserve.core")
+logger = logging.getLogger("pagedserve.core_process")
 
 # First frame of every message: what the second one holds.
 ADD, ABORT, FINISH, STOP = b"A", b"X", b"F", b"S"  # API -> core
-READY, OUTPUTS = b"R", b"O"  # core -> API
+READY, FAILED, OUTPUTS = b"R", b"E", b"O"  # core -> API (FAILED: loading raised; pickled)
 
 IDLE_POLL_MS = 500  # how often an idle core checks that its parent lives
 
@@ -44,16 +46,16 @@ class CoreReady:
     model_config: ModelConfig
     max_model_len: int
     num_kv_blocks: int
+    summary: list[str]  # device, memory, graphs: the start-up lines the API process logs
 
 
 def run_core_process(engine_config: EngineConfig, input_address: str, output_address: str,
-                     parent_pid: int, make_core=None, log_level: int = logging.INFO) -> None:
+                     parent_pid: int, make_core=None, log_level: str = "info") -> None:
     """The process entry. `make_core`: a picklable callable returning an EngineCore, in place of
     EngineCore(engine_config) (tests run tiny random models with it)."""
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the API process's to handle
-    logging.basicConfig(level=log_level,
-                        format="%(asctime)s %(levelname)s %(name)s (core): %(message)s")
+    configure_logging(log_level)  # the API process's format, on the same stderr
     ctx = zmq.Context()
     inputs = ctx.socket(zmq.PULL)
     inputs.connect(input_address)
@@ -65,11 +67,12 @@ def run_core_process(engine_config: EngineConfig, input_address: str, output_add
         try:
             core = make_core() if make_core is not None else EngineCore(engine_config)
         except Exception as e:
-            logger.exception("loading the engine core failed")
-            fatal = EngineCoreOutputs(fatal=f"loading the model failed: {_describe(e)}")
-            outputs.send_multipart([OUTPUTS, encode(fatal)])
+            # The API process raises it again, so its one-line report (or 400) stays its own.
+            logger.debug("loading the engine core failed", exc_info=True)
+            outputs.send_multipart([FAILED, _pickled(e)])
             return
-        ready = CoreReady(core.model_config, core.max_model_len, core.num_kv_blocks)
+        ready = CoreReady(core.model_config, core.max_model_len, core.num_kv_blocks,
+                          engine_lines(core))
         outputs.send_multipart([READY, encode(ready)])
         code = _BusyLoop(core, inputs, outputs, parent_pid).run()
         core.shutdown()
@@ -141,6 +144,13 @@ class _BusyLoop:
 
 def _describe(e: BaseException) -> str:
     return f"{type(e).__name__}: {e}"
+
+
+def _pickled(e: Exception) -> bytes:
+    try:
+        return pickle.dumps(e)
+    except Exception:  # an exception that does not pickle: its type and message
+        return pickle.dumps(RuntimeError(_describe(e)))
 
 
 def _die_with_parent(parent_pid: int) -> None:

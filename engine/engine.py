@@ -58,6 +58,33 @@ class LLMEngine:
     def ops(self):
         return self.core.ops
 
+    @property
+    def model(self):
+        return self.core.model
+
+    @property
+    def kv_cache(self):
+        return self.core.kv_cache
+
+    @property
+    def async_scheduling(self) -> bool:
+        return self.core.async_scheduling
+
+    @property
+    def dead_error(self):
+        """The EngineDeadError that stopped the core, or None while it runs."""
+        return self.core.dead_error
+
+    @property
+    def is_closed(self) -> bool:
+        return self.core.is_closed
+
+    def shutdown(self) -> None:
+        """Drop every request and free the engine's memory (the GPU's included); idempotent.
+        Any later call but this one raises RuntimeError."""
+        self.core.shutdown()
+        self._aborted = []
+
     # ------------------------------------------------------------------ requests
 
     def add_request(self, request_id: str, prompt, sampling_params: SamplingParams | None = None,
@@ -101,11 +128,18 @@ class LLMEngine:
             self._aborted.append(out)
 
     def has_unfinished_requests(self) -> bool:
+        """False once the engine is dead or shut down: nothing it holds can run any more."""
+        if self.core.dead_error is not None or self.core.is_closed:
+            return False
         return self.core.has_unfinished_requests() or bool(self._aborted)
 
     # ------------------------------------------------------------------ one step
 
     def step(self) -> list[RequestOutput]:
+        """One model step. A failure of one sequence fails its request alone (finish_reason
+        "error", the cause in CompletionOutput.error); a failure of the whole forward fails the
+        step's requests; either way the engine goes on. EngineDeadError: it cannot go on."""
+        self.core.check_alive()
         results, self._aborted = self._aborted, []
         if self.core.has_unfinished_requests():
             processed, stopped = self.processor.process(self.client.get_output().outputs)

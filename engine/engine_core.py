@@ -1,8 +1,27 @@
 """EngineCore: token ids in, token ids out, one model step at a time.
 
     step():  batch = scheduler.schedule()      which sequences, how many new tokens each
-             sampled = runner.run(batch)        one forward, one sample
+             handle = runner.launch(batch)      one forward, one sample, queued on the device
+             sampled = previous.result()        the step launched one call earlier (overlap)
              return self._postprocess(...)      append, check stop ids, free blocks
+
+Overlapped (async_scheduling, the default on cuda): one step stays in flight. step() launches
+step N+1 before it reads step N's tokens, so scheduling, input building and postprocessing on the
+host run while the device computes:
+
+    host:    | sched N+1 | launch N+1 | wait N | post N | sched N+2 | launch N+2 | wait N+1 | ...
+    device:  ...  step N  ][           step N+1            ][           step N+2 ...
+
+Step N+1's decodes read step N's sampled ids on the device (runner.py: placeholders). A sequence
+that finished at step N (eos, stop id, a stop string the front found, an abort) was scheduled into
+N+1 all the same: its token from N+1 is dropped, never emitted, and its blocks were freed when
+the finish was noticed. Without async_scheduling, step() reads the step it just launched.
+
+Structured outputs: a constrained row's mask needs its sequence's previous token, which may be in
+the step still in flight. The runner asks for the masks once the forward of N+1 is queued
+(fill_bitmask); that is when a step holding constrained rows reads step N's tokens, advances the
+matchers, and fills the masks, while the device computes N+1's forward. So such steps lose the
+overlap of postprocessing, never the forward's, and every mask is exact.
 
 It owns the scheduler, the block manager and the runner (and with them the device), and knows no
 text: the output processor (engine/output_processor.py) detokenizes and finds stop strings, and
@@ -18,12 +37,12 @@ import concurrent.futures
 import logging
 import time
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import numpy as np
 
 from engine.core.block_manager import BlockManager
-from engine.core.outputs import EngineCoreRequest, EngineStats, SeqOutput
+from engine.core.outputs import EngineCoreRequest, EngineDeadError, EngineStats, SeqOutput
 from engine.core.scheduler import Scheduler
 from engine.core.sequence import Sequence
 from engine.core.stopping import check_stop_ids
@@ -34,7 +53,7 @@ from engine.model.config import EngineConfig
 from engine.model.loader import checkpoint_dtype, load_model
 from engine.structured_outputs import GrammarCompiler
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("pagedserve." + __name__)
 
 
 _ACCEPTED, _ENDED = object(), object()  # _advance_matchers' verdicts besides an error text
@@ -48,6 +67,13 @@ def auto_dtype(device: str, checkpoint: str) -> str:
     return "float16" if checkpoint == "float16" else "bfloat16"
 
 
+@dataclass(slots=True)
+class _Launched:
+    batch: object  # ScheduledBatch
+    rows: list[Sequence]  # who samples, in the order of the step's sampled ids (forks last)
+    handle: object  # runner.StepHandle
+
+
 @dataclass(eq=False, slots=True)
 class _CoreRequest:
     request_id: str
@@ -55,7 +81,6 @@ class _CoreRequest:
     first_scheduled_time: float | None = None
     num_unfinished: int = 0
     grammar: Future | None = None  # the compiled grammar (structured outputs), while compiling
-    errors: list = field(default_factory=list)  # SeqOutputs of a failed compile, for step()
 
 
 class EngineCore:
@@ -65,15 +90,11 @@ class EngineCore:
         engine_config.validate()
         self.config = engine_config
         device = resolve_device(engine_config.device)
-        logger.info("pagedserve device: %s", device)
         dtype = engine_config.dtype
         if dtype == "auto":
             dtype = auto_dtype(device, loaded_model.config.dtype if loaded_model else
                                checkpoint_dtype(engine_config.model))
-        if device == "cuda" and dtype == "float32":
-            raise ValueError("dtype 'float32' is the numpy backend's; the cuda backend computes in "
-                             "'float16' or 'bfloat16'")
-        self.ops = get_ops(device, dtype)
+        self.ops = get_ops(device, dtype, engine_config.cpu_threads)
         if loaded_model is None:
             loaded_model = load_model(engine_config.model, self.ops,
                                       load_format=engine_config.load_format,
@@ -93,7 +114,6 @@ class EngineCore:
         bs = engine_config.block_size
         self.kv_cache = self.ops.alloc_kv_cache(mc.num_layers, num_blocks, mc.num_kv_heads, bs,
                                                 mc.head_dim)
-        logger.info("KV cache: %d blocks of %d tokens (%d tokens)", num_blocks, bs, num_blocks * bs)
         if num_blocks * bs < self.max_model_len:
             # A sequence longer than the whole pool could only preempt itself forever.
             if engine_config.max_model_len is not None:
@@ -115,22 +135,26 @@ class EngineCore:
         self.runner = ModelRunner(mc, engine_config, self.ops, self.model, self.kv_cache,
                                   eos_token_ids=eos, max_model_len=self.max_model_len)
 
+        self.async_scheduling = (device == "cuda" if engine_config.async_scheduling is None
+                                 else engine_config.async_scheduling)
+        self._in_flight: _Launched | None = None  # the launched step whose tokens are unread
         # Structured outputs need the tokens' bytes: only a model with a tokenizer has them (a
         # benchmark may set a compiler of its own on dummy weights).
         self.grammars = None
         if self.tokenizer is not None:
             self.grammars = GrammarCompiler.for_tokenizer(self.tokenizer, mc.vocab_size, eos)
         self._compiling: list[_CoreRequest] = []  # requests whose grammar is compiling
-
         self._rng = np.random.default_rng(engine_config.seed)
         self._requests: dict[str, _CoreRequest] = {}
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
+        self.dead_error: EngineDeadError | None = None  # set once the core cannot go on
 
     # ------------------------------------------------------------------ requests
 
     def add_request(self, req: EngineCoreRequest) -> None:
         """Queue a request; raise ValueError naming the field if it can never run."""
+        self.check_alive()
         if req.request_id in self._requests:
             raise ValueError(f"request_id {req.request_id!r} is already in use")
         ids, params = req.prompt_token_ids, req.params
@@ -164,10 +188,11 @@ class EngineCore:
                 seed = int(self._rng.integers(0, 2**63))
             seqs.append(Sequence(req.request_id, list(ids), len(ids), params, index=i,
                                  seed=seed, is_waiting_for_grammar=grammar is not None))
-        for seq in seqs:
-            # The scheduler rejects a prompt that can never fit before anything is queued: all n
-            # sequences share the prompt, so the first one fails or none does.
-            self.scheduler.add(seq)
+        # Only the first sequence is queued: the other n - 1 fork from it once its prompt is
+        # computed, sharing the prompt's blocks. The scheduler rejects a prompt that can never
+        # fit before anything is queued.
+        self.scheduler.add(seqs[0])
+        seqs[0].forks = seqs[1:]
         core_req = _CoreRequest(req.request_id, seqs, num_unfinished=len(seqs), grammar=grammar)
         self._requests[req.request_id] = core_req
         if grammar is not None:
@@ -201,37 +226,107 @@ class EngineCore:
         if req.num_unfinished == 0:
             del self._requests[req.request_id]
 
+    def _fail(self, request_id: str, cause: str, outputs: list[SeqOutput]) -> None:
+        """End every unfinished sequence of the request with finish_reason "error" and `cause`,
+        freeing its blocks, and say so in `outputs`; a request that already ended is left
+        alone."""
+        req = self._requests.pop(request_id, None)
+        if req is None:
+            return
+        for seq in req.seqs:
+            if seq.finish_reason is None:
+                self.scheduler.finish_seq(seq, "error")  # its pending forks end with it
+            if seq.finish_reason == "error":
+                seq.error = seq.error or cause
+                outputs.append(SeqOutput(request_id, seq.index, [], None, seq.cumulative_logprob,
+                                         "error", None, seq.error))
+
     def has_unfinished_requests(self) -> bool:
+        """False once the core is dead or shut down: nothing it holds can run any more."""
+        if self.dead_error is not None or self.is_closed:
+            return False
         return bool(self._requests)
+
+    def check_alive(self) -> None:
+        """Raise RuntimeError once shut down, EngineDeadError once dead."""
+        if self.is_closed:
+            raise RuntimeError("this engine was shut down; build a new one")
+        if self.dead_error is not None:
+            raise EngineDeadError(f"the engine stopped: {self.dead_error}") from self.dead_error
+
+    @property
+    def is_closed(self) -> bool:
+        return self.runner is None
 
     # ------------------------------------------------------------------ one step
 
     def step(self) -> list[SeqOutput]:
-        failed = self._start_grammars() if self._compiling else []
+        """Launch the next step; return the tokens of the step launched last (overlapped) or of
+        this one (synchronous). A failure of one sequence fails its request alone (SeqOutput
+        finish_reason "error"); a failure of a whole step fails that step's requests; either way
+        the core goes on. EngineDeadError: it cannot go on."""
+        self.check_alive()
+        outputs: list[SeqOutput] = []
+        if self._compiling:
+            self._start_grammars(outputs)
         batch = self.scheduler.schedule()
-        if not batch.seqs:
-            if self._compiling and not failed:
-                # Only grammars to wait for: sleep on them rather than spin.
-                concurrent.futures.wait([r.grammar for r in self._compiling], timeout=0.05,
-                                        return_when=concurrent.futures.FIRST_COMPLETED)
-            return failed
-        sampling = batch.sampling_seqs
-        self._count_prompt_tokens(batch)  # before finish_step moves num_computed_tokens
-        fill_bitmask = None
-        if any(s.matcher is not None for s in sampling):
-            # Read when called, after the forward is queued: each matcher as it stands then.
-            fill_bitmask = lambda: self.grammars.fill_bitmask(  # noqa: E731
-                [s.matcher for s in sampling])
-        sampled = self.runner.run(batch, fill_bitmask)
-        self.scheduler.finish_step(batch)
-        if not sampling:
-            return failed
-        return failed + self._postprocess(sampling, sampled)
+        launched = None
+        if not batch.seqs and self._in_flight is None and self._compiling and not outputs:
+            # Only grammars to wait for: sleep on them rather than spin.
+            concurrent.futures.wait([r.grammar for r in self._compiling], timeout=0.05,
+                                    return_when=concurrent.futures.FIRST_COMPLETED)
+        if batch.seqs:
+            self._count_prompt_tokens(batch)  # before advance moves num_computed_tokens
+            rows = batch.sampling_rows()
+            fill = self._mask_filler(rows[0], outputs)
+            handle = self._guard(lambda: self.runner.launch(batch, rows, fill), batch, outputs)
+            if handle is not None:
+                launched = _Launched(batch, rows[0], handle)
+                for seq in rows[0]:
+                    seq.has_pending_token = True  # until _postprocess appends or drops it
+                self.scheduler.advance(batch)
+        if self.async_scheduling:
+            done, self._in_flight = self._in_flight, launched
+        else:
+            done = launched
+        if done is not None:
+            self._read(done, outputs)
+        if launched is not None:
+            # Every token the launched batch computed is known now: the previous step's are in.
+            self.scheduler.commit(launched.batch)
+        if self._in_flight is not None and not self._requests:
+            # Nothing left to serve: read the last step (its tokens all belong to finished
+            # sequences) rather than leave it pending until the next request.
+            self._in_flight, last = None, self._in_flight
+            self._guard(last.handle.result, last.batch, outputs)
+        return outputs
 
-    def _start_grammars(self) -> list[SeqOutput]:
+    def _read(self, done: _Launched, outputs: list[SeqOutput]) -> None:
+        """Wait for a launched step's tokens and postprocess them."""
+        sampled = self._guard(done.handle.result, done.batch, outputs)
+        if sampled is not None:
+            self._postprocess(done.rows, sampled, outputs)
+
+    def _mask_filler(self, rows: list[Sequence], outputs: list[SeqOutput]):
+        """fill_bitmask for runner.launch when a row is constrained, else None."""
+        if all(seq.matcher is None for seq in rows):
+            return None
+
+        def fill():
+            # Called with this step's forward queued. A constrained row's mask needs its
+            # sequence's previous token: read the step in flight first (its matchers advance).
+            if self._in_flight is not None:
+                done, self._in_flight = self._in_flight, None
+                self._read(done, outputs)
+            # A row finished meanwhile has no matcher: unconstrained, and its token is dropped.
+            return self.grammars.fill_bitmask([seq.matcher for seq in rows])
+
+        return fill
+
+    def _start_grammars(self, outputs: list[SeqOutput]) -> None:
         """Give every sequence whose grammar finished compiling its own matcher, so the scheduler
         takes it; a grammar that failed ends its request with "error"."""
-        still, failed = [], []
+        still = []
         for req in self._compiling:
             if not req.grammar.done():
                 still.append(req)
@@ -239,17 +334,29 @@ class EngineCore:
             if self._requests.get(req.request_id) is not req:  # aborted while compiling
                 continue
             error = req.grammar.exception()
+            if error is not None:
+                self._fail(req.request_id, str(error), outputs)
+                continue
             for seq in req.seqs:
-                if error is not None:
-                    failed.append(SeqOutput(req.request_id, seq.index, [], None, 0.0, "error",
-                                            None, error=str(error)))
-                    self._finish(req, seq, "error")
-                else:
-                    seq.matcher = req.grammar.result().deep_copy()
-                    seq.is_waiting_for_grammar = False
+                seq.matcher = req.grammar.result().deep_copy()
+                seq.is_waiting_for_grammar = False
             req.grammar = None
         self._compiling = still
-        return failed
+
+    def _guard(self, work, batch, outputs: list[SeqOutput]):
+        """work()'s answer; if it raises, the batch's requests fail (None is returned), or the
+        core is dead (EngineDeadError propagates, and every later call raises it again)."""
+        try:
+            return work()
+        except EngineDeadError as e:
+            self.dead_error = e
+            raise
+        except Exception as e:
+            logger.exception("the model step failed; failing its requests")
+            cause = f"the model step failed: {type(e).__name__}: {e}"
+            for seq in batch.seqs:
+                self._fail(seq.request_id, cause, outputs)
+            return None
 
     def _count_prompt_tokens(self, batch) -> None:
         now = None
@@ -261,63 +368,81 @@ class EngineCore:
                     req.first_scheduled_time = now = now or time.time()
                 self._prompt_tokens_total += min(c + n, seq.num_prompt_tokens) - c
 
-    def _postprocess(self, seqs: list[Sequence], sampled) -> list[SeqOutput]:
-        """Append each sampled token, check the id stop rules, free finished sequences."""
-        requests = self._requests
-        eos, max_len = self.eos_token_ids, self.max_model_len
+    def _postprocess(self, seqs: list[Sequence], sampled, outputs: list[SeqOutput]) -> None:
+        """Append each sampled token, check the id stop rules, free finished sequences. The token
+        of a sequence that finished after the step was launched is dropped."""
         tokens, logprobs = sampled.token_ids.tolist(), sampled.logprobs.tolist()
-        top_ids = top_logprobs = None
-        outputs = []
-        verdicts = self._advance_matchers(seqs, tokens)
+        errors = sampled.errors or {}
+        top = None
+        if sampled.top_ids is not None and sampled.top_ids.size:
+            top = (sampled.top_ids.tolist(), sampled.top_logprobs.tolist())
+        num_appended = 0
+        verdicts = self._advance_matchers(seqs, tokens, errors)
         for r, seq in enumerate(seqs):
-            req = requests[seq.request_id]
-            token, logprob = tokens[r], logprobs[r]
-            seq.token_ids.append(token)
-            seq.cumulative_logprob += logprob
-            p = seq.sampling_params
-            new_logprobs = None
-            if p.logprobs is not None:
-                entry = {}
-                if p.logprobs:
-                    if top_ids is None:
-                        top_ids, top_logprobs = sampled.top_ids.tolist(), \
-                            sampled.top_logprobs.tolist()
-                    k = p.logprobs
-                    # A masked token's logprob is -inf: not a number JSON can carry, and not
-                    # a choice the model had.
-                    entry = {t: v for t, v in zip(top_ids[r][:k], top_logprobs[r][:k],
-                                                  strict=True) if v != -np.inf}
-                entry[token] = logprob
-                new_logprobs = [entry]
-            reason, stop = check_stop_ids(seq, token, eos, max_len)
-            error = None
-            if verdicts is not None and reason is None and verdicts[r] is not _ACCEPTED:
-                if verdicts[r] is _ENDED:
-                    # The grammar was complete and allowed only eos, yet the sequence goes on
-                    # (ignore_eos, min_tokens): the token stands for eos.
-                    reason = "stop"
-                else:
-                    reason, error = "error", f"the grammar refused token {token}: {verdicts[r]}"
-            out = SeqOutput(seq.request_id, seq.index, [token], new_logprobs,
-                            seq.cumulative_logprob, reason, stop, error)
-            if seq.num_output_tokens == 1:
-                out.first_scheduled_time = req.first_scheduled_time
-            outputs.append(out)
-            if reason is not None:
-                self._finish(req, seq, reason)
-        self._generation_tokens_total += len(seqs)
-        return outputs
+            seq.has_pending_token = False
+            if seq.finish_reason is not None:
+                continue
+            req = self._requests[seq.request_id]
+            if r in errors:
+                self._fail(seq.request_id, errors[r], outputs)
+                continue
+            verdict = _ACCEPTED if verdicts is None else verdicts[r]
+            if verdict is not _ACCEPTED and verdict is not _ENDED:
+                self._fail(seq.request_id, f"the grammar refused token {tokens[r]}: {verdict}",
+                           outputs)
+                continue
+            try:
+                outputs.append(self._append(req, seq, tokens[r], logprobs[r], top, r,
+                                            verdict is _ENDED))
+                num_appended += 1
+            except Exception as e:  # the stop check, for this request alone
+                logger.exception("request %s failed after its step", seq.request_id)
+                self._fail(seq.request_id, f"{type(e).__name__}: {e}", outputs)
+        self._generation_tokens_total += num_appended
 
-    def _advance_matchers(self, seqs: list[Sequence], tokens: list[int]) -> list | None:
+    def _append(self, req: _CoreRequest, seq: Sequence, token: int, logprob: float, top,
+                r: int, grammar_ended: bool = False) -> SeqOutput:
+        """Row r of the step: append its token to `seq`, check stops, free it if it ends.
+        grammar_ended: the sequence's grammar was complete (it allowed only eos)."""
+        if not 0 <= token < self.model_config.vocab_size:  # never hand the front garbage
+            raise RuntimeError(f"the sampler returned token id {token}, outside the vocabulary")
+        seq.token_ids.append(token)
+        seq.cumulative_logprob += logprob
+        p = seq.sampling_params
+        new_logprobs = None
+        if p.logprobs is not None:
+            entry = {}
+            if p.logprobs:
+                k = p.logprobs
+                # A masked token's logprob is -inf: not a number JSON can carry, and not a
+                # choice the model had.
+                entry = {t: v for t, v in zip(top[0][r][:k], top[1][r][:k], strict=True)
+                         if v != -np.inf}
+            entry[token] = logprob
+            new_logprobs = [entry]
+        reason, stop = check_stop_ids(seq, token, self.eos_token_ids, self.max_model_len)
+        if reason is None and grammar_ended:
+            # The sequence goes on past eos (ignore_eos, min_tokens): the token stands for eos.
+            reason = "stop"
+        out = SeqOutput(seq.request_id, seq.index, [token], new_logprobs,
+                        seq.cumulative_logprob, reason, stop)
+        if seq.num_output_tokens == 1:
+            out.first_scheduled_time = req.first_scheduled_time
+        if reason is not None:
+            self._finish(req, seq, reason)
+        return out
+
+    def _advance_matchers(self, seqs: list[Sequence], tokens: list[int],
+                          skip: dict) -> list | None:
         """Feed each constrained sequence's matcher its sampled token (in parallel, off the GIL).
         Per row: _ACCEPTED, _ENDED (its grammar had already ended), or the grammar's error text;
-        None when no row is constrained."""
+        None when no row is constrained. Rows in `skip` (failed sampling) are left alone."""
         if all(seq.matcher is None for seq in seqs):
             return None
         verdicts = [_ACCEPTED] * len(seqs)
         rows = []
         for r, seq in enumerate(seqs):
-            if seq.matcher is None:
+            if seq.matcher is None or r in skip:
                 continue
             if seq.matcher.is_stopped():
                 verdicts[r] = _ENDED
@@ -350,8 +475,16 @@ class EngineCore:
         )
 
     def shutdown(self) -> None:
-        """Drop the device arrays (weights, KV cache, graphs) so their memory can be freed."""
-        self.runner = self.model = self.kv_cache = None
+        """Drop every request and free the core's memory: on the GPU the KV cache, weights,
+        decode graphs, cuBLAS workspace and the pool blocks they used. Idempotent; any later
+        call but this one raises RuntimeError."""
+        if self.is_closed:
+            return
         self._requests.clear()
+        self._in_flight = None
         if self.grammars is not None:
             self.grammars.shutdown()
+        # Every reference to a device array goes before the backend hands its pools back.
+        self.runner.close()
+        self.runner = self.model = self.kv_cache = None
+        self.ops.close()

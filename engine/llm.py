@@ -1,8 +1,11 @@
 """LLM: offline batch generation in one call, on top of LLMEngine (vLLM's `LLM` entry point).
 
-    llm = LLM()                                   # the default model, on the GPU if there is one
-    outs = llm.generate(["Hello"], SamplingParams(max_tokens=32))
-    print(outs[0].outputs[0].text)
+    with LLM() as llm:                            # the default model, on the GPU if there is one
+        outs = llm.generate(["Hello"], SamplingParams(max_tokens=32))
+    print(outs[0].outputs[0].text)                # leaving `with` (or close()) frees the GPU
+
+A request that fails alone comes back with finish_reason "error" and the cause in
+CompletionOutput.error; EngineDeadError (engine.core.outputs) means the engine cannot go on.
 """
 
 from __future__ import annotations
@@ -39,6 +42,20 @@ class LLM:
         llm._ids = itertools.count()
         return llm
 
+    def close(self) -> None:
+        """Free the engine's memory (GPU included); idempotent. The LLM cannot be used after."""
+        self.engine.shutdown()
+
+    def __enter__(self) -> LLM:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def _check_open(self) -> None:
+        if self.engine.is_closed:
+            raise RuntimeError("this LLM was closed; create a new LLM to generate again")
+
     def get_tokenizer(self):
         return self.engine.tokenizer
 
@@ -49,6 +66,7 @@ class LLM:
         prompts: a str, a {"prompt_token_ids": [...]} dict, or a list of either.
         sampling_params: one SamplingParams for all, or a list with one per prompt.
         """
+        self._check_open()
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         prompts = list(prompts)
@@ -66,6 +84,7 @@ class LLM:
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True,
              add_generation_prompt: bool = True) -> list[RequestOutput]:
         """messages: one conversation (a list of {"role", "content"} dicts) or a list of them."""
+        self._check_open()
         tokenizer = self.engine.tokenizer
         if tokenizer is None:
             raise ValueError("chat needs a tokenizer with a chat template; this model has none")

@@ -94,7 +94,7 @@ class OutputProcessor:
                 metrics.first_token_time = now
                 metrics.first_scheduled_time = out.first_scheduled_time or now
             if out.finish_reason == "error":
-                state.finish_reason = "error"
+                state.finish_reason, state.error = "error", out.error
             else:
                 last = len(out.new_token_ids) - 1
                 lps = out.new_logprobs
@@ -137,7 +137,8 @@ class OutputProcessor:
                 state.index, text, ListPrefix(token_ids, num_prompt, num_tokens),
                 state.cumulative_logprob, None if lps is None else ListPrefix(lps, 0, len(lps)),
                 state.finish_reason, state.stop_reason, delta_text,
-                token_ids[num_prompt + num_sent :], None if lps is None else lps[num_sent:]))
+                token_ids[num_prompt + num_sent :], None if lps is None else lps[num_sent:],
+                state.error))
             if state.finish_reason is None:
                 finished = False
         if finished and req.metrics.finished_time is None:

@@ -70,6 +70,7 @@ def create_app(engine_config: EngineConfig | None = None, *, served_model_name: 
         Route("/v1/chat/completions", chat_completions, methods=["POST"]),
         Route("/tokenize", tokenize, methods=["POST"]),
         Route("/detokenize", detokenize, methods=["POST"]),
+        Route("/version", version, methods=["GET"]),
     ]
     handlers = {APIError: _api_error, EngineFault: _engine_fault, 404: _not_found,
                 405: _not_allowed, Exception: _crash}
@@ -105,6 +106,20 @@ async def models(request: Request):
             "created": int(time.time()), "owned_by": "pagedserve",
             "max_model_len": engine.max_model_len}
     return JSONResponse({"object": "list", "data": [card]})
+
+
+async def version(request: Request):
+    return JSONResponse({"version": package_version()})
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed_version
+
+    try:
+        return installed_version("pagedserve")
+    except PackageNotFoundError:  # a checkout on PYTHONPATH, never installed
+        return "unknown"
 
 
 async def tokenize(request: Request):

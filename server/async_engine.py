@@ -23,6 +23,7 @@ from dataclasses import dataclass
 
 from engine.core.outputs import EngineCoreRequest
 from engine.core_client import MPClient
+from engine.logs import StatsLogger
 from engine.model.config import EngineConfig, ModelConfig
 from engine.model.loader import load_tokenizer
 from engine.output_processor import OutputProcessor
@@ -109,8 +110,7 @@ class RequestGroup:
         """Every RequestOutput of the group's requests, in arrival order, until all finish."""
         while self.unfinished:
             item = await self.queue.get()
-            if isinstance(item, EngineFault):
-                self.unfinished.clear()  # the engine already dropped them all
+            if isinstance(item, EngineFault):  # leaving the group aborts the others
                 raise item
             if item.finished:
                 self.unfinished.discard(item.request_id)
@@ -145,6 +145,7 @@ class AsyncEngine:
         self._groups: dict[str, RequestGroup] = {}  # request id -> its group, while unfinished
         self._pending: dict[str, asyncio.Future] = {}  # sent, not yet accepted by the core
         self._task: asyncio.Task | None = None
+        self._stats_log = StatsLogger()  # the "every 10 s while busy" line
 
     @property
     def is_ready(self) -> bool:
@@ -155,12 +156,32 @@ class AsyncEngine:
         """Requests waiting in the core plus those on their way to it."""
         return (self.stats.num_waiting if self.stats else 0) + len(self._pending)
 
-    def start(self):
-        """Spawn the core (from the event loop's thread, whose life the core's is tied to) and
-        load it in the background."""
+    def load(self) -> list[str]:
+        """Spawn the core and wait until its model is loaded (the CLI, before it serves); raise
+        what loading raised. Returns the core's start-up lines (device, memory, graphs)."""
         self.client = MPClient(self.config, self.make_core)
         self.client.start()
+        try:
+            ready = self.client.wait_ready()
+            self._set_ready(ready, load_tokenizer(self.config.model))  # after: HF ids are cached
+        except BaseException:
+            self.client.shutdown()
+            raise
+        return ready.summary
+
+    def start(self):
+        """On the event loop: serve from a core load() made ready, or else spawn one (from this
+        thread, whose life the core's is tied to) and load it in the background meanwhile."""
+        if self.client is None:
+            self.client = MPClient(self.config, self.make_core)
+            self.client.start()
         self._task = asyncio.get_running_loop().create_task(self._run())
+
+    def _set_ready(self, ready, tokenizer):
+        self.engine = ModelInfo(tokenizer, ready.model_config, ready.max_model_len,
+                                ready.num_kv_blocks, self._grammars(tokenizer,
+                                                                    ready.model_config))
+        self.processor = OutputProcessor(tokenizer)
 
     async def shutdown(self):
         if self._task is not None:
@@ -202,6 +223,8 @@ class AsyncEngine:
         """Stop a request wherever it is; a request already finished is ignored."""
         self._pending.pop(request_id, None)
         self._groups.pop(request_id, None)
+        if self.dead is not None:  # the core took every request with it
+            return
         if self.processor is not None and self.processor.abort(request_id) is not None:
             self.client.abort_requests([request_id])
             if self.metrics:
@@ -210,19 +233,17 @@ class AsyncEngine:
     # ------------------------------------------------------------ the core's messages
 
     async def _run(self):
-        try:
-            tokenizer = asyncio.ensure_future(asyncio.to_thread(load_tokenizer, self.config.model))
-            ready = await self.client.wait_ready()
-            tokenizer = await tokenizer
-            self.engine = ModelInfo(tokenizer, ready.model_config, ready.max_model_len,
-                                    ready.num_kv_blocks, self._grammars(tokenizer,
-                                                                        ready.model_config))
-        except Exception as e:  # reported by /health; the server stays up to say why
-            log.error("loading the engine failed: %s", e)
-            self.load_error = e
-            return
-        self.processor = OutputProcessor(self.engine.tokenizer)
-        log.info("engine ready")
+        if self.engine is None:
+            try:
+                ready = await asyncio.to_thread(self.client.wait_ready)
+                tokenizer = await asyncio.to_thread(load_tokenizer, self.config.model)
+            except Exception as e:  # reported by /health; the server stays up to say why
+                log.error("loading the engine failed: %s", e)
+                self.load_error = e
+                return
+            self._set_ready(ready, tokenizer)
+            log.debug("engine ready")
+        self.client.attach()
         try:
             while True:
                 message = await self.client.get_output_async()
@@ -267,6 +288,13 @@ class AsyncEngine:
                     continue
                 if out.finished:
                     del groups[out.request_id]
+                    errors = [c.error for c in out.outputs if c.finish_reason == "error"]
+                    if errors:  # this request alone failed (its sampling, stop check, text)
+                        group.queue.put_nowait(EngineFault(
+                            f"the engine failed while running this request: {errors[0]}"))
+                        if self.metrics:
+                            self.metrics.on_ended("error")
+                        continue
                     if self.metrics:
                         self.metrics.on_finished(out)
                 group.queue.put_nowait(out)
@@ -274,6 +302,7 @@ class AsyncEngine:
             self.stats = message.stats
             if self.metrics:
                 self.metrics.on_step(num_outputs, message.stats)
+            self._stats_log.on_stats(message.stats)
 
     def _die(self, cause: str):
         if self.dead is not None:

@@ -8,11 +8,20 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+import socket
 import sys
 import threading
 import time
 
+from engine.executor.ops import DeviceError
+from engine.logs import configure_logging, model_line
 from engine.model.config import ConfigError, EngineConfig
+
+log = logging.getLogger("pagedserve.cli")
+
+
+class StartupError(RuntimeError):
+    """The server cannot start (port taken); the message says why."""
 
 
 def _positive_int(text: str) -> int:
@@ -46,19 +55,20 @@ def _port(text: str) -> int:
 
 
 def _engine_flags() -> argparse.ArgumentParser:
-    """The EngineConfig flags, shared by both subcommands."""
+    """The flags both subcommands share: EngineConfig's, and --log-level."""
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("engine")
-    g.add_argument("--device", choices=("auto", "cuda", "numpy"), default="auto",
-                   help="where the model runs: cuda (CuPy kernels), numpy (the CPU reference), "
-                        "or auto = cuda when an NVIDIA GPU and CuPy are present (default: auto)")
+    g.add_argument("--device", choices=("auto", "cuda", "cpu", "numpy"), default="auto",
+                   help="where the model runs: cuda (CuPy kernels), cpu (the numpy reference; "
+                        "numpy is another name for it), or auto = cuda when an NVIDIA GPU and "
+                        "CuPy are present (default: auto)")
     g.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"), default="auto",
                    help="weight and activation dtype; cuda computes in float16 or bfloat16, "
-                        "numpy in float32; auto = float16 for an fp16 checkpoint, else bfloat16 "
-                        "on cuda, float32 on numpy")
+                        "cpu in float32 (others are refused); auto = float16 for an fp16 "
+                        "checkpoint, else bfloat16 on cuda, float32 on cpu")
     g.add_argument("--max-model-len", type=_positive_int, default=None, metavar="N",
                    help="longest sequence (prompt + output) in tokens (default: the model's "
-                        "max_position_embeddings)")
+                        "max_position_embeddings, lowered to what the KV cache holds)")
     g.add_argument("--max-num-seqs", type=_positive_int, default=256, metavar="N",
                    help="most sequences in one batch (default: 256)")
     g.add_argument("--max-num-batched-tokens", type=_positive_int, default=8192, metavar="N",
@@ -74,11 +84,21 @@ def _engine_flags() -> argparse.ArgumentParser:
                    help="reuse the KV blocks of prompts that share a prefix (default: on)")
     g.add_argument("--enforce-eager", action="store_true",
                    help="never capture CUDA graphs; run every decode step eagerly")
+    g.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                   help="schedule and launch step N+1 while step N runs on the device; "
+                        "--no-async-scheduling keeps the synchronous loop (default: on for "
+                        "cuda, off for cpu)")
     g.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
                    help="auto = read the weights; dummy = random weights at the model's shapes "
                         "(benchmarks without a checkpoint; MODEL may then be a preset name)")
     g.add_argument("--seed", type=int, default=0,
                    help="seed of the engine's random numbers (dummy weights, unseeded sampling)")
+    g.add_argument("--cpu-threads", type=_positive_int, default=1, metavar="N",
+                   help="BLAS threads of the cpu backend (and the host side of cuda); 1 is "
+                        "fastest on a small, busy machine (default: 1)")
+    g.add_argument("--log-level", default=None,
+                   choices=("critical", "error", "warning", "info", "debug"),
+                   help="logging verbosity (default: info for serve, warning for generate)")
     return p
 
 
@@ -94,7 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Serve MODEL over an OpenAI-compatible HTTP API "
                                    "(/v1/completions, /v1/chat/completions, /metrics, ...).")
     s.add_argument("model", nargs="?", default=None, metavar="MODEL",
-                   help="an HF model folder, a .gguf file, a preset name (with --load-format "
+                   help="an HF model folder, a Hugging Face id (ORG/NAME: the local HF cache, "
+                        "else a download), a .gguf file, a preset name (with --load-format "
                         "dummy), or nothing for the default model (SmolLM2-135M-Instruct)")
     s.add_argument("--host", default="127.0.0.1",
                    help="address to bind; use 0.0.0.0 to accept other machines (default: "
@@ -108,17 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-waiting-requests", type=_positive_int, default=None, metavar="N",
                    help="answer 429 while N requests already wait for a batch slot "
                         "(default: no limit)")
-    s.add_argument("--log-level", default="info",
-                   choices=("critical", "error", "warning", "info", "debug"),
-                   help="logging verbosity (default: info)")
 
     g = sub.add_parser("generate", parents=[engine_flags], help="complete one prompt and print "
                        "it with the speed", description="Complete PROMPT once and print the text, "
                        "then the token counts and the speed.")
     g.add_argument("prompt", metavar="PROMPT", help="the prompt text")
     g.add_argument("--model", default=None,
-                   help="an HF model folder, a .gguf file, or a preset name (with --load-format "
-                        "dummy); default: SmolLM2-135M-Instruct")
+                   help="an HF model folder, a Hugging Face id (ORG/NAME), a .gguf file, or a "
+                        "preset name (with --load-format dummy); default: SmolLM2-135M-Instruct")
     g.add_argument("--max-tokens", type=_positive_int, default=64, metavar="N",
                    help="most tokens to generate (default: 64)")
     g.add_argument("--temperature", type=float, default=0.0, metavar="T",
@@ -135,23 +153,60 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         block_size=args.block_size, num_kv_blocks=args.num_kv_blocks,
         gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
-        load_format=args.load_format, seed=args.seed)
+        async_scheduling=args.async_scheduling, load_format=args.load_format, seed=args.seed,
+        cpu_threads=args.cpu_threads)
     config.validate()
     return config
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Exit status: 0, 2 for a bad flag or input, 1 when the server or the model cannot start;
+    every failure is one line on stderr (--log-level debug adds the traceback)."""
+    started = time.perf_counter()
     parser = build_parser()
     args = parser.parse_args(argv)
+    configure_logging(args.log_level or ("info" if args.command == "serve" else "warning"))
     try:
         config = engine_config_from_args(args)
         if args.command == "serve":
-            return serve(args, config)
+            return serve(args, config, started)
         return generate(args, config)
+    except KeyboardInterrupt:
+        return 130
     except (ConfigError, ValueError, FileNotFoundError) as e:
         # Mistakes a user can make (bad path, unknown preset, prompt too long): one clear line.
-        print(f"pagedserve: error: {e}", file=sys.stderr)
-        return 2
+        return _fail(f"{e}", 2)
+    except (StartupError, DeviceError) as e:
+        return _fail(f"{e}", 1)
+    except Exception as e:  # anything else that stops the model from loading, still one line
+        return _fail(f"{type(e).__name__}: {e}", 1)
+
+
+def _fail(message: str, status: int) -> int:
+    log.debug("the traceback", exc_info=True)
+    print(f"pagedserve: error: {message}", file=sys.stderr)
+    return status
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    """The listening address, taken before the model loads so a busy port fails in a second."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    # IPPROTO_TCP spelled out: asyncio sets TCP_NODELAY only on sockets whose proto says TCP,
+    # and without it every response waits ~40 ms on Nagle + delayed ACK.
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn does
+    try:
+        sock.bind((host, port))
+    except OSError as e:
+        sock.close()
+        raise StartupError(f"cannot listen on {host}:{port}: {e.strerror or e}") from None
+    return sock
+
+
+def load_engine(config: EngineConfig):
+    from engine.engine import LLMEngine
+
+    return LLMEngine(config)
 
 
 # After the engine core dies: the server stops taking requests at once, gives the answers in
@@ -160,41 +215,68 @@ DRAIN_S = 2.0
 EXIT_DEADLINE_S = 4.0
 
 
-def serve(args: argparse.Namespace, config: EngineConfig) -> int:
-    """Run the API process; it spawns the engine-core process. Exit code 1 if the core died."""
+def serve(args: argparse.Namespace, config: EngineConfig, started: float) -> int:
+    """The API process: binds the port, spawns the engine-core process and waits for its model,
+    then serves. Exit status 1 if the core dies while serving."""
     import uvicorn
 
-    from server.app import create_app
+    from server.app import DEFAULT_MODEL_NAME, create_app
 
-    logging.basicConfig(level=args.log_level.upper(),
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    sock = bind_socket(args.host, args.port)
     died: list[str] = []
 
     def on_fatal(cause: str):
-        # A supervisor restarts a server that exits non-zero; one that stays up with a dead core
-        # would only answer 503s.
+        # A supervisor restarts a server that exits non-zero; one that stayed up with a dead
+        # core would only answer 503s.
         died.append(cause)
         server.should_exit = True
         threading.Timer(EXIT_DEADLINE_S, os._exit, (1,)).start()
 
     app = create_app(config, served_model_name=args.served_model_name, api_key=args.api_key,
                      max_waiting_requests=args.max_waiting_requests, on_fatal=on_fatal)
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port,
-                                           log_level=args.log_level,
-                                           timeout_graceful_shutdown=DRAIN_S))
-    server.run()
+    engine = app.state.engine
+    summary = engine.load()  # raises what loading raised, in the core process
+    try:
+        name = config.model or f"{DEFAULT_MODEL_NAME} (default)"
+        for line in (model_line(engine.engine.model_config, name), *summary,
+                     f"ready in {time.perf_counter() - started:.1f} s"):
+            log.info(line)
+        host, port = sock.getsockname()[:2]
+        url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        server = _server_class()(uvicorn.Config(app, log_config=None, log_level=None,
+                                                timeout_graceful_shutdown=DRAIN_S), url)
+        server.run(sockets=[sock])
+    finally:
+        engine.client.shutdown()  # a no-op after the lifespan's; here if uvicorn never started
     if died:
-        print(f"pagedserve: the engine core died: {died[0]}", file=sys.stderr)
+        log.error("the engine core died: %s", died[0])
         return 1
-    return 0
+    return 0 if server.started else 1
+
+
+def _server_class():
+    import uvicorn
+
+    class Server(uvicorn.Server):
+        """uvicorn, saying "serving on URL" once it accepts connections."""
+
+        def __init__(self, config, url: str):
+            super().__init__(config)
+            self.url = url
+
+        async def startup(self, sockets=None):
+            await super().startup(sockets)
+            if self.started:
+                log.info("serving on %s", self.url)
+
+    return Server
 
 
 def generate(args: argparse.Namespace, config: EngineConfig) -> int:
     from engine.core.sampling_params import SamplingParams
-    from engine.engine import LLMEngine
 
     t_load = time.perf_counter()
-    engine = LLMEngine(config)
+    engine = load_engine(config)
     load_s = time.perf_counter() - t_load
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
     if args.chat:
@@ -220,11 +302,15 @@ def generate(args: argparse.Namespace, config: EngineConfig) -> int:
     # Decode speed excludes the prefill, the number one compares with other engines.
     decode_s = elapsed - (first_token_s or 0.0)
     decode_rate = (num_generated - 1) / decode_s if num_generated > 1 and decode_s > 0 else 0.0
-    print(f"[{num_prompt} prompt tokens, {num_generated} generated in {elapsed:.2f} s: "
+    print(f"[{_count(num_prompt, 'prompt token')}, {num_generated} generated in {elapsed:.2f} s: "
           f"{num_generated / elapsed:.1f} tok/s overall, {decode_rate:.1f} tok/s decode, "
           f"first token {1000 * (first_token_s or 0):.0f} ms; model loaded in {load_s:.1f} s; "
           f"finish: {final.outputs[0].finish_reason}]", file=sys.stderr)
     return 0
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
 
 
 if __name__ == "__main__":  # python -m server.cli, where the console script is not installed

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from http import HTTPStatus
 
 from starlette.responses import JSONResponse
 
@@ -16,7 +17,11 @@ from engine.core.sampling_params import SamplingParams
 
 
 class APIError(Exception):
-    """An error answered in OpenAI's schema: {"error": {message, type, param, code}}."""
+    """An error answered in OpenAI's schema: {"error": {message, type, param, code}}.
+
+    `code` is always a string: the specific one given ("model_not_found"), else the HTTP
+    status's name in snake case ("bad_request", "internal_server_error").
+    """
 
     def __init__(self, status: int, message: str, param: str | None = None,
                  type: str = "invalid_request_error", code: str | None = None):
@@ -26,7 +31,7 @@ class APIError(Exception):
 
     def response(self) -> JSONResponse:
         body = {"message": self.message, "type": self.type, "param": self.param,
-                "code": self.code if self.code is not None else self.status}
+                "code": self.code or HTTPStatus(self.status).phrase.lower().replace(" ", "_")}
         return JSONResponse({"error": body}, status_code=self.status)
 
 

@@ -103,6 +103,44 @@ def run_engine():
     return run
 
 
+# ---- sampling parameters at their extremes (tests/test_sampling.py, test_cuda_sampling.py) ------
+
+
+def extreme_sampling_params(vocab_size: int):
+    """A hypothesis strategy: SamplingParams that pass validation, drawn from the edges of every
+    sampling field (float32 underflow and overflow included)."""
+    from hypothesis import strategies as st
+
+    from engine.core.sampling_params import SamplingParams
+
+    def edges(*values, lo=None, hi=None):
+        some = st.sampled_from(values)
+        return some if lo is None else some | st.floats(lo, hi, allow_nan=False)
+
+    token = st.integers(0, vocab_size - 1)
+    return st.builds(
+        SamplingParams,
+        n=st.integers(1, 3),
+        temperature=edges(0.0, 1e-45, 1e-40, 1e-30, 1e-5, 0.7, 1.0, 1e10, 1e38, 1e300,
+                          lo=0.0, hi=1e300),
+        top_p=edges(1e-50, 1e-45, 1e-30, 1e-8, 0.5, 0.999, 1.0, lo=1e-300, hi=1.0),
+        top_k=st.sampled_from([0, -1, 1, 2, 50, vocab_size - 1, vocab_size, 2**31, 10**30]),
+        min_p=edges(0.0, 1e-50, 1e-8, 0.5, 1.0, lo=0.0, hi=1.0),
+        presence_penalty=edges(-2.0, 0.0, 2.0, lo=-2.0, hi=2.0),
+        frequency_penalty=edges(-2.0, 0.0, 2.0, lo=-2.0, hi=2.0),
+        repetition_penalty=edges(1e-300, 1e-50, 1e-38, 0.5, 1.0, 2.0, 1e38, 1e50, 1e300,
+                                 lo=1e-300, hi=1e300),
+        logit_bias=st.dictionaries(token, edges(-100.0, 100.0, 0.0, 1e-40, lo=-100.0, hi=100.0),
+                                   max_size=4),
+        stop_token_ids=st.lists(token, max_size=3),
+        min_tokens=st.integers(0, 3),
+        max_tokens=st.just(3),
+        ignore_eos=st.booleans(),
+        logprobs=st.sampled_from([None, 0, 20]),
+        seed=st.sampled_from([None, 0, 1, 2**64 + 5, -7]),
+    )
+
+
 # ---- loader fixtures (tests/test_loader.py, test_golden.py) -------------------------------------
 
 

@@ -27,7 +27,7 @@ TINY_CONFIG = {
     "num_key_value_heads": 2, "head_dim": 16, "max_position_embeddings": 1024,
     "tie_word_embeddings": True, "eos_token_id": 1,
 }
-TINY_ARGS = ["--device", "numpy", "--load-format", "dummy", "--num-prompts", "6",
+TINY_ARGS = ["--device", "cpu", "--load-format", "dummy", "--num-prompts", "6",
              "--scale", "0.05", "--no-warmup", "--json"]
 
 
@@ -101,8 +101,13 @@ def test_bench_throughput_end_to_end(tiny_model, capsys):
     # All requests fit at once, so the engine takes exactly the roofline's step count.
     assert result["num_steps"] == max(expected)
     assert result["output_tok_s"] == pytest.approx(result["output_tokens"] / result["wall_s"])
-    assert 0 < result["runner_busy_fraction"] <= 1
-    assert json.loads(capsys.readouterr().out) == result
+    assert 0 < result["gpu_busy_steady_fraction"] <= 1 and 0 < result["gpu_busy_fraction"] < 1
+    assert result["async_scheduling"] is False  # numpy's default
+    overlapped = bench_throughput.main(["--model", tiny_model, *TINY_ARGS, "--async-scheduling"])
+    assert overlapped["async_scheduling"] is True
+    assert overlapped["num_steps"] == result["num_steps"]
+    assert overlapped["output_tokens"] == result["output_tokens"]
+    assert json.loads(capsys.readouterr().out.splitlines()[0]) == result
 
 
 def test_seed_table_end_to_end(tiny_model, tmp_path, capsys):

@@ -40,6 +40,12 @@ class FakeKV:
         seq.num_computed_tokens += n
         self.bm.mark_computed(seq)
 
+    def copy(self, copies):
+        bs = self.bm.block_size
+        for src, dst in copies:
+            for off in range(bs):
+                self.slots[dst * bs + off] = self.slots.get(src * bs + off)
+
     def check(self, seq):
         for pos in range(seq.num_computed_tokens):
             assert self.slots.get(self.slot(seq, pos)) == tuple(seq.token_ids[: pos + 1]), pos
@@ -93,6 +99,23 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
     @precondition(lambda self: self.live)
     @rule(data=st.data())
+    def fork(self, data):
+        """n > 1: a sibling takes a fully computed sequence's blocks (tail copied)."""
+        parent = data.draw(st.sampled_from(self.live))
+        if parent.num_uncomputed_tokens or not parent.num_computed_tokens:
+            return
+        if not self.bm.can_fork(parent):
+            return
+        child = make_seq(parent.token_ids)
+        free_before = self.bm.num_free_blocks
+        copies = self.bm.fork(parent, child)
+        self.kv.copy(copies)
+        assert free_before - self.bm.num_free_blocks == len(copies) <= 1
+        assert child.num_computed_tokens == parent.num_computed_tokens
+        self.live.append(child)
+
+    @precondition(lambda self: self.live)
+    @rule(data=st.data())
     def free(self, data):
         seq = data.draw(st.sampled_from(self.live))
         self.live.remove(seq)
@@ -115,6 +138,20 @@ class BlockManagerMachine(RuleBasedStateMachine):
 
 TestBlockManagerMachine = BlockManagerMachine.TestCase
 TestBlockManagerMachine.settings = settings(max_examples=60, stateful_step_count=40, deadline=None)
+
+
+class NoPrefixCacheMachine(BlockManagerMachine):
+    """The same, without prefix caching: forks are then the only way blocks are shared."""
+
+    def __init__(self):
+        super().__init__()
+        self.bm = BlockManager(num_blocks=12, block_size=4, enable_prefix_caching=False)
+        self.kv = FakeKV(self.bm)
+
+
+TestNoPrefixCacheMachine = NoPrefixCacheMachine.TestCase
+TestNoPrefixCacheMachine.settings = settings(max_examples=40, stateful_step_count=40,
+                                             deadline=None)
 
 
 def test_random_workload_returns_every_block():

@@ -1,12 +1,25 @@
-"""`pagedserve` command line: flag parsing, clear errors, and `generate` on a tiny dummy model."""
+"""`pagedserve` command line: flag parsing, clear errors, and `generate` on a tiny dummy model.
+
+The start-up failures run the command in a subprocess, as a user or a supervisor would: each must
+end with one line on stderr and a non-zero exit status, never a traceback.
+"""
 
 import json
+import os
 import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 from conftest import _smollm2_tokenizer
 
 from server.cli import build_parser, main
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -38,7 +51,7 @@ def test_generate_prints_text_and_speed(tiny_folder, capsys, chat):
     assert _generate(tiny_folder, *args) == 0
     out, err = capsys.readouterr()
     assert len(out) > 1, "no completion text printed"  # random weights may print only spaces
-    match = re.search(r"\[(\d+) prompt tokens, (\d+) generated in [\d.]+ s: ([\d.]+) tok/s", err)
+    match = re.search(r"\[(\d+) prompt tokens?, (\d+) generated in [\d.]+ s: ([\d.]+) tok/s", err)
     assert match, err
     num_prompt, num_generated, rate = int(match[1]), int(match[2]), float(match[3])
     # The chat template wraps the prompt in role markers, so it has more tokens.
@@ -91,3 +104,132 @@ def test_help_lists_subcommands(capsys):
     out = capsys.readouterr().out
     for flag in ("--host", "--api-key", "--max-num-batched-tokens", "--enforce-eager"):
         assert flag in out
+
+
+def test_generate_counts_one_prompt_token(tiny_folder, capsys):
+    assert _generate(tiny_folder, "--max-tokens", "2", "Hello") == 0
+    assert "[1 prompt token, " in capsys.readouterr().err
+
+
+def test_cpu_is_the_device_name_and_numpy_its_alias(tiny_folder, capsys):
+    p = build_parser()
+    assert p.parse_args(["serve", "--device", "cpu"]).device == "cpu"
+    assert p.parse_args(["generate", "--device", "numpy", "x"]).device == "numpy"
+    assert main(["generate", "--model", str(tiny_folder), "--load-format", "dummy", "--device",
+                 "cpu", "--max-model-len", "64", "--num-kv-blocks", "8", "--max-tokens", "2",
+                 "Hi"]) == 0
+    capsys.readouterr()
+
+
+def test_float16_on_the_cpu_is_refused(tiny_folder, capsys):
+    assert _generate(tiny_folder, "--dtype", "float16", "Hi") == 2
+    err = capsys.readouterr().err
+    assert "float16" in err and "cpu backend computes in float32" in err
+
+
+# ----------------------------------------------------------------------------- subprocess runs
+
+
+def _run(*argv, env=None, timeout=60):
+    """`pagedserve ARGV` in a fresh interpreter, from this checkout."""
+    full_env = {**os.environ, "PYTHONPATH": str(ROOT), **(env or {})}
+    return subprocess.run([sys.executable, "-m", "server.cli", *argv], cwd=ROOT, env=full_env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def _one_line_failure(result, *needles):
+    assert result.returncode != 0, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pagedserve: error: "), result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def test_a_busy_port_fails_before_the_model_loads(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # The model does not exist either: the port is what must be reported, so it was first.
+        result = _run("serve", str(tmp_path / "missing"), "--port", str(port))
+    _one_line_failure(result, f"127.0.0.1:{port}", "cannot listen")
+
+
+@pytest.mark.parametrize("command", ["serve", "generate"])
+def test_a_model_that_cannot_load_exits_non_zero(tmp_path, command):
+    missing = str(tmp_path / "missing.gguf")
+    argv = ["serve", missing, "--port", "0"] if command == "serve" else [
+        "generate", "--model", missing, "hi"]
+    _one_line_failure(_run(*argv), "missing.gguf", "does not exist")
+
+
+def _cuda_argv(command):
+    if command == "serve":
+        return ["serve", "smollm2-135m", "--load-format", "dummy", "--device", "cuda", "--port",
+                "0"]
+    return ["generate", "--model", "smollm2-135m", "--load-format", "dummy", "--device", "cuda",
+            "hi"]
+
+
+@pytest.mark.parametrize("command", ["serve", "generate"])
+def test_cuda_without_cupy_names_the_extra(command):
+    try:
+        import cupy  # noqa: F401
+        pytest.skip("CuPy is installed here")
+    except ImportError:
+        pass
+    _one_line_failure(_run(*_cuda_argv(command)), "needs CuPy",
+                      "pip install 'pagedserve[cuda1")
+
+
+@pytest.mark.parametrize("command", ["serve", "generate"])
+def test_cupy_without_a_gpu_says_so(tmp_path, command):
+    fake = tmp_path / "fake" / "cupy"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(
+        "class _Runtime:\n"
+        "    @staticmethod\n"
+        "    def getDeviceCount():\n"
+        "        raise RuntimeError('cudaErrorNoDevice: no CUDA-capable device is detected')\n"
+        "class cuda:\n"
+        "    runtime = _Runtime\n")
+    env = {"PYTHONPATH": f"{fake.parent}{os.pathsep}{ROOT}"}
+    _one_line_failure(_run(*_cuda_argv(command), env=env), "cannot reach a GPU",
+                      "cudaErrorNoDevice")
+
+
+def test_serve_logs_its_start_up_then_serves(tiny_folder):
+    """Start-up lines, then "serving on URL" (and not uvicorn's own), /version, string error
+    codes, and a quiet exit on Ctrl-C."""
+    import httpx
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve", str(tiny_folder), "--load-format", "dummy",
+         "--device", "cpu", "--port", "0", "--max-model-len", "128", "--num-kv-blocks", "16"],
+        cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    lines = []
+    try:
+        deadline = time.time() + 60
+        while not (lines and "serving on" in lines[-1]):
+            assert time.time() < deadline and proc.poll() is None, "".join(lines)
+            lines.append(proc.stderr.readline())
+        url = lines[-1].split("serving on ")[1].strip()
+        assert httpx.get(url + "/health").json() == {"status": "ok"}
+        assert httpx.get(url + "/version").json()["version"]
+        error = httpx.get(url + "/v1/nothing").json()["error"]
+        assert error["code"] == "not_found"
+        error = httpx.post(url + "/v1/completions", json={"prompt": 5}).json()["error"]
+        assert error["code"] == "bad_request" and error["param"] == "prompt"
+    finally:
+        proc.send_signal(signal.SIGINT)
+        rest = proc.communicate(timeout=30)[1]
+    log = "".join(lines)
+    for needle in ("LlamaForCausalLM", "device cpu (numpy), 1 BLAS thread, dtype float32",
+                   "max_model_len 128, KV cache 16 blocks x 16 tokens", "ready in"):
+        assert needle in log, log
+    assert "Uvicorn running" not in log + rest and "Traceback" not in log + rest
+    assert all(re.match(r"(INFO|WARNING) \d\d-\d\d [\d:]+ pagedserve\.", line)
+               for line in lines), log  # one format, one logger tree
+    assert proc.returncode == 130  # Ctrl-C's status after uvicorn's graceful shutdown

@@ -10,9 +10,9 @@ from conftest import require_gpu
 pytestmark = pytest.mark.gpu
 cupy = require_gpu()
 
-from engine import runner  # noqa: E402
 from engine.core.sampling_params import SamplingParams  # noqa: E402
 from engine.engine import LLMEngine  # noqa: E402
+from engine.executor import runner  # noqa: E402
 from engine.executor.ops.cuda_ops import CudaOps  # noqa: E402
 from engine.llm import LLM  # noqa: E402
 from engine.model.config import EngineConfig, ModelConfig  # noqa: E402

@@ -283,6 +283,18 @@ def test_sample_penalties_and_bias(ops):
     check_sample(ops, logits, t, min_agree=0.75)
 
 
+def test_copy_blocks(ops):
+    rng = np.random.default_rng(0)
+    host = rng.standard_normal((2, 2, 9, 2, 16, 64)).astype(np.float32)
+    cache = ops.from_host(host)
+    want = ops.to_host(cache).copy()  # the same bits, rounded to the storage dtype once
+    copies = [(1, 4), (7, 0), (3, 8)]
+    REF.copy_blocks(want, copies)
+    ops.copy_blocks(cache, copies)
+    np.testing.assert_array_equal(ops.to_host(cache), want)
+    assert not np.array_equal(want[:, :, 4], want[:, :, 5])  # the copy did something
+
+
 def test_unsupported_head_dim_is_refused_by_name(ops):
     from engine.model.config import ModelConfig
 

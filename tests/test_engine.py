@@ -64,14 +64,68 @@ def test_prefix_cache_reuses_blocks_and_keeps_output(make_engine, run_engine):
     assert out["b"].outputs[0].token_ids == alone["b"].outputs[0].token_ids
 
 
-def test_n_sequences_share_the_prompt_blocks(make_engine, run_engine):
-    engine = make_engine()
-    prompt = ids(range(3, 100))
-    out, _ = run_engine(engine, {"n": (prompt, greedy(6, n=3))})
-    outs = out["n"].outputs
-    assert [o.index for o in outs] == [0, 1, 2]
-    assert outs[0].token_ids == outs[1].token_ids == outs[2].token_ids  # greedy: all alike
+def run_checked(engine, requests: dict, unfork: bool = False) -> dict:
+    """Run to the end, checking the block manager's books after every step. unfork=True queues
+    a request's n sequences independently, as the engine did before forks: the reference."""
+    for request_id, (prompt, params) in requests.items():
+        engine.add_request(request_id, prompt, params)
+        if unfork:
+            first = engine.core._requests[request_id].seqs[0]
+            for child in first.forks:
+                engine.scheduler.add(child)
+            first.forks = []
+    final = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = out
+        engine.block_manager.check_invariants(engine.scheduler.running)
     assert engine.get_stats().kv_blocks_used == 0
+    return final
+
+
+@pytest.mark.parametrize("caching", [True, False])
+def test_n_sequences_fork_from_one_computed_prompt(make_engine, caching):
+    engine = make_engine(enable_prefix_caching=caching, block_size=16)
+    prompt = ids(range(3, 203))  # 200 tokens: 12 full blocks and a tail of 8
+    params = SamplingParams(n=4, temperature=1.0, seed=7, max_tokens=5, ignore_eos=True,
+                            logprobs=1)
+    engine.add_request("n", prompt, params)
+    engine.step()  # the whole prompt, once, and the first token of all four
+    stats = engine.get_stats()
+    assert stats.prompt_tokens_total == 200
+    assert stats.kv_blocks_used == 12 + 4  # shared full blocks + a tail each
+    assert stats.num_running == 4
+    engine.block_manager.check_invariants(engine.scheduler.running)
+    run_checked(engine, {})
+    assert engine.get_stats().prompt_tokens_total == 200
+    # Forked or computed four times, the seeded outputs are the same.
+    forked = run_checked(make_engine(enable_prefix_caching=caching), {"n": (prompt, params)})
+    alone = run_checked(make_engine(enable_prefix_caching=caching), {"n": (prompt, params)},
+                        unfork=True)
+    for f, a in zip(forked["n"].outputs, alone["n"].outputs, strict=True):
+        assert f.index == a.index and f.token_ids == a.token_ids and len(f.token_ids) == 5
+        assert f.cumulative_logprob == pytest.approx(a.cumulative_logprob, abs=1e-4)
+    assert len({tuple(o.token_ids) for o in forked["n"].outputs}) > 1  # distinct seeds
+
+
+def test_forks_without_room_wait_and_still_match(make_engine):
+    """max_num_seqs 2: one sibling forks, two wait and recompute; outputs do not change."""
+    prompt = ids(range(3, 40))
+    params = SamplingParams(n=4, temperature=1.0, seed=3, max_tokens=6, ignore_eos=True)
+    small = run_checked(make_engine(max_num_seqs=2), {"n": (prompt, params)})
+    big = run_checked(make_engine(), {"n": (prompt, params)})
+    assert [o.token_ids for o in small["n"].outputs] == [o.token_ids for o in big["n"].outputs]
+
+
+def test_abort_before_the_fork_frees_every_block(make_engine):
+    engine = make_engine(max_num_batched_tokens=16)  # the prompt takes several steps
+    engine.add_request("n", ids(range(3, 60)), SamplingParams(n=3, max_tokens=4))
+    engine.step()
+    engine.abort("n")
+    [out] = engine.step()
+    assert out.finished and [o.finish_reason for o in out.outputs] == ["abort"] * 3
+    assert engine.get_stats().kv_blocks_used == 0 and not engine.has_unfinished_requests()
 
 
 def test_oversize_prompt_rejected_with_both_numbers(make_engine):

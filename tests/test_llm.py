@@ -66,3 +66,27 @@ def test_llm_builds_its_engine_from_flags(tmp_path):
         LLM(str(tmp_path), device="numpy", load_format="dummy", no_such_flag=1)
     with pytest.raises(ValueError, match="block_size"):
         LLM(str(tmp_path), device="numpy", load_format="dummy", block_size=0)
+
+
+def test_close_is_idempotent_and_a_closed_llm_refuses_use(make_engine):
+    prompt = {"prompt_token_ids": [5, 6, 7]}
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    with LLM.from_engine(make_engine()) as llm:
+        engine = llm.engine
+        want = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
+        engine.add_request("left-running", prompt, params)  # dropped by close
+    assert engine.is_closed and engine.kv_cache is None and engine.model is None
+    llm.close()  # again: nothing happens
+    engine.shutdown()
+    with pytest.raises(RuntimeError, match="closed; create a new LLM"):
+        llm.generate(prompt, params, use_tqdm=False)
+    with pytest.raises(RuntimeError, match="closed"):
+        llm.chat([{"role": "user", "content": "hi"}])
+    with pytest.raises(RuntimeError, match="shut down"):
+        engine.step()
+    with pytest.raises(RuntimeError, match="shut down"):
+        engine.add_request("x", prompt, params)
+    assert not engine.has_unfinished_requests()
+    # A new one in the same process works as the first did.
+    with LLM.from_engine(make_engine()) as again:
+        assert again.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids == want

@@ -79,3 +79,45 @@ def test_imports_point_only_down_the_floors(module, path):
             else:
                 assert top in sys.stdlib_module_names or top == "__future__" \
                     or top in THIRD_PARTY[floor], f"{module} ({floor}) imports {name}"
+
+
+def test_cuda_extras_bring_the_cuda_libraries():
+    """A machine with only the NVIDIA driver: CuPy's `ctk` extra installs the CUDA runtime,
+    NVRTC and cuBLAS wheels the kernels need; README names the driver each extra wants."""
+    tomllib = pytest.importorskip("tomllib")
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"]
+    assert [r.split(">=")[0] for r in extras["cuda12"]] == ["cupy-cuda12x[ctk]"]
+    assert [r.split(">=")[0] for r in extras["cuda13"]] == ["cupy-cuda13x[ctk]"]
+    readme = (ROOT / "README.md").read_text()
+    assert "525.60.13" in readme and "580.65.06" in readme
+    dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]
+    assert {d.split(">=")[0] for d in dependencies} >= {"threadpoolctl", "huggingface_hub"}
+
+
+@pytest.mark.skipif(subprocess.run(["which", "make"], capture_output=True).returncode != 0,
+                    reason="no make")
+def test_make_serve_installs_only_when_pyproject_changed(tmp_path):
+    """After one install, `make serve` runs no pip (no network) until pyproject.toml changes."""
+    import os
+    import time
+
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").touch()
+
+    def dry_run(target):
+        return subprocess.run(["make", "-n", target, f"VENV={venv}"], cwd=ROOT,
+                              capture_output=True, text=True, check=True).stdout
+
+    assert "pip install" in dry_run("serve")
+    stamps = {p: venv / f".installed{p}" for p in ("", "-test")}
+    future = time.time() + 3600  # newer than pyproject.toml and the Makefile
+    for stamp in stamps.values():
+        stamp.touch()
+        os.utime(stamp, (future, future))
+    for target in ("serve", "test"):
+        assert "pip" not in dry_run(target), target
+    assert "pagedserve serve" in dry_run("serve")
+    os.utime(stamps[""], (0, 0))  # pyproject.toml is newer again
+    assert "pip install" in dry_run("serve") and "pip install" in dry_run("test")

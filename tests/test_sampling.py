@@ -2,10 +2,13 @@
 
 import numpy as np
 import pytest
+from conftest import extreme_sampling_params
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from engine.core.sampling_params import SamplingParams
 from engine.executor.ops import SamplingTensors
-from engine.executor.ops.numpy_sampling import apply_penalties, filter_probs, log_softmax
+from engine.executor.ops.numpy_sampling import apply_penalties, filter_probs, log_softmax, sample
 
 PROMPT = {"prompt_token_ids": list(range(3, 40))}
 
@@ -66,9 +69,9 @@ def test_ignore_eos(make_engine, run_engine):
 def test_penalties_reach_the_sampler(make_engine, run_engine, monkeypatch):
     e = make_engine()
     seen = []
-    real_sample = e.runner.ops.sample
-    monkeypatch.setattr(e.runner.ops, "sample", lambda logits, t: seen.append(t) or
-                        real_sample(logits, t))
+    real_sample = e.runner.ops.sample_start
+    monkeypatch.setattr(e.runner.ops, "sample_start", lambda logits, t, prev=None: seen.append(t)
+                        or real_sample(logits, t, prev))
     plain = tokens(e, run_engine, temperature=0, max_tokens=6)
     assert seen[-1].prompt_ids is None  # no penalty: no token lists are built
     for kw in ({"repetition_penalty": 2.0}, {"frequency_penalty": 2.0},
@@ -129,9 +132,9 @@ def test_stop_token_ids(make_engine, run_engine):
 def test_logprobs_are_the_log_softmax_of_the_logits(make_engine, run_engine, monkeypatch):
     e = make_engine()
     logits_seen = []
-    real_sample = e.runner.ops.sample
-    monkeypatch.setattr(e.runner.ops, "sample", lambda logits, t: logits_seen.append(
-        np.array(logits, np.float64)) or real_sample(logits, t))
+    real_sample = e.runner.ops.sample_start
+    monkeypatch.setattr(e.runner.ops, "sample_start", lambda logits, t, prev=None: (
+        logits_seen.append(np.array(logits, np.float64)) or real_sample(logits, t, prev)))
     params = SamplingParams(temperature=0.7, seed=2, max_tokens=5, ignore_eos=True, logprobs=3)
     [out] = generate(e, run_engine, params)
     assert len(out.logprobs) == 5
@@ -226,3 +229,52 @@ def test_filter_probs_keeps_the_right_sets():
 def test_invalid_values_raise_naming_the_field(field, kw):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kw)
+
+
+# ---- totality: any valid parameters give a valid token ------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def shared_engine():
+    from conftest import _tiny_loaded
+
+    from engine.engine import LLMEngine
+    from engine.model.config import EngineConfig
+
+    return LLMEngine(EngineConfig(device="numpy"), loaded_model=_tiny_loaded(512, False))
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.lists(extreme_sampling_params(512), min_size=1, max_size=4))
+def test_sampler_is_total(shared_engine, params):
+    e = shared_engine
+    for i, p in enumerate(params):
+        e.add_request(f"r{i}", PROMPT, p)
+    final = {}
+    while e.has_unfinished_requests():
+        final.update((o.request_id, o) for o in e.step() if o.finished)
+    assert len(final) == len(params)
+    for out in final.values():
+        assert len(out.outputs) == params[int(out.request_id[1:])].n
+        for c in out.outputs:
+            assert c.finish_reason in ("stop", "length"), c
+            assert 1 <= len(c.token_ids) <= 3 and all(0 <= t < 512 for t in c.token_ids)
+            assert np.isfinite(c.cumulative_logprob)
+    assert e.get_stats().kv_blocks_used == 0
+
+
+@pytest.mark.parametrize("kw", [dict(temperature=1e-40), dict(top_p=1e-50),
+                                dict(temperature=1e-40, top_p=1e-50, top_k=3, min_p=0.5),
+                                dict(top_p=1e-50, repetition_penalty=1e-50)])
+def test_underflowing_filters_keep_the_top_token(make_engine, run_engine, kw):
+    e = make_engine()
+    want = tokens(e, run_engine, temperature=0, **{k: v for k, v in kw.items()
+                                                  if k == "repetition_penalty"})
+    assert tokens(e, run_engine, seed=3, **kw) == want
+
+
+def test_a_row_with_every_token_banned_takes_id_0():
+    logits = np.random.default_rng(0).standard_normal((2, 6)).astype(np.float32)
+    t = _tensors(2, temperature=[1.0, 0.0], bias_ids=[list(range(6))] * 2)
+    t.bias_values = np.full((2, 6), -np.inf, np.float32)
+    assert sample(logits, t).token_ids.tolist() == [0, 0]

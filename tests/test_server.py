@@ -281,6 +281,46 @@ def test_core_fault_fails_requests_in_flight_naming_the_cause():
         s.stop()
 
 
+def _make_flaky_core():
+    """A core whose stop check fails for requests of max_tokens 7 at their second token (the core
+    process is this test's alone, so patching its module is safe)."""
+    import engine.engine_core as core_module
+
+    check_stop = core_module.check_stop_ids
+
+    def flaky(seq, *a):
+        if seq.sampling_params.max_tokens == 7 and seq.num_output_tokens == 2:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "injected")
+        return check_stop(seq, *a)
+
+    core_module.check_stop_ids = flaky
+    return _make_core()
+
+
+def test_one_failing_request_gets_500_naming_the_cause_and_others_go_on():
+    s = Server(create_app(served_model_name=MODEL, make_core=_make_flaky_core))
+    body = {"model": MODEL, "prompt": "hi", "ignore_eos": True}
+    results = {}
+
+    def post(name, max_tokens):
+        results[name] = httpx.post(s.url + "/v1/completions", timeout=30,
+                                   json={**body, "max_tokens": max_tokens})
+
+    try:
+        threads = [threading.Thread(target=post, args=a) for a in (("bad", 7), ("good", 12))]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        bad, good = results["bad"], results["good"]
+        assert bad.status_code == 500 and "injected" in bad.json()["error"]["message"]
+        assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 12
+        s.wait_idle()
+        assert httpx.get(s.url + "/health").status_code == 200  # the core goes on
+    finally:
+        s.stop()
+
+
 def test_models_tokenize_detokenize(server, client):
     assert [m.id for m in client.models.list()] == [MODEL]
     missing = httpx.get(server.url + "/v1/nothing")

@@ -9,7 +9,7 @@ weight bytes / 4.27 TB/s is the floor per token.
 Usage:
     python tools/bench_latency.py --model llama3-8b --load-format dummy --device cuda
     python tools/bench_latency.py --model qwen3-0.6b --load-format dummy --device cuda --json
-    python tools/bench_latency.py --model smollm2-135m --load-format dummy --device numpy \
+    python tools/bench_latency.py --model smollm2-135m --load-format dummy --device cpu \
         --prompt-len 8 --output-len 4                        # a tiny CPU run
 Process start is read from the OS (/proc/self/stat), so "cold start" includes interpreter start
 and imports; kernels compiled by an earlier run come from CuPy's on-disk cache.

@@ -27,7 +27,7 @@ def rows(records: list[dict]) -> list[str]:
                 f"| {name} | {r['output_tok_s']:,.0f} output tok/s ({r['wall_s']:.1f} s) | "
                 f"{r['roofline_output_tok_s']:,.0f} tok/s ({r['fraction_of_roofline']:.0%}) | "
                 f"{r['sampling']}, {r['num_steps']} steps, {r['num_preemptions']} preemptions, "
-                f"runner busy {r['runner_busy_fraction']:.0%} |")
+                f"{_busy(r)} |")
         elif name.startswith("latency"):
             out.append(
                 f"| {name} | batch-1 TPOT {r['tpot_s'] * 1e3:.2f} ms, TTFT "
@@ -50,6 +50,13 @@ def rows(records: list[dict]) -> list[str]:
                 f"{i['mean']:.1f}/{i['median']:.1f}/{i['p99']:.1f} ms; {r['completed']} ok, "
                 f"{r['failed']} failed |")
     return out
+
+
+def _busy(r: dict) -> str:
+    if "gpu_busy_fraction" not in r:  # results written before GPU-busy timing
+        return f"runner busy {r['runner_busy_fraction']:.0%}"
+    return (f"GPU busy {r['gpu_busy_fraction']:.0%} (steady {r['gpu_busy_steady_fraction']:.0%}), "
+            f"async scheduling {'on' if r['async_scheduling'] else 'off'}")
 
 
 def main(argv: list[str] | None = None) -> None:

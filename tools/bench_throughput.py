@@ -4,14 +4,19 @@ Each request is W1's prompt (token ids) with `max_tokens = O[i]` and `ignore_eos
 unless `--temperature` is given. The clock runs from the first `add_request` to the step that
 returns the last token. Printed beside the figure: the roofline bound of the same work on the H200
 test GPU (tools/workloads.py) and the ratio measured / bound, the wall time, the number of engine
-steps and of preemptions, and the fraction of the wall time spent inside the model runner
-(forward + sample, input upload and sampled-ids download included).
+steps and of preemptions, and the GPU busy fraction: the device time of every step (events
+around it: from its input upload to its sampled ids' copy; on numpy the CPU time of the forward
+and sampling) over the wall time, overall and over the steady state (the middle 80% of the
+steps). With async scheduling (the default on cuda) the host prepares step N+1 while the GPU runs
+step N, so busy approaches 100%; `--no-async-scheduling` measures the synchronous loop.
 
 Usage:
     python tools/bench_throughput.py --model qwen3-0.6b --load-format dummy --device cuda \
         --dtype bfloat16                                   # the W1 figure
+    python tools/bench_throughput.py --model qwen3-0.6b --load-format dummy --device cuda \
+        --dtype bfloat16 --no-async-scheduling             # the same, host and GPU serialized
     python tools/bench_throughput.py --model llama3-8b --load-format dummy --device cuda --json
-    python tools/bench_throughput.py --model smollm2-135m --load-format dummy --device numpy \
+    python tools/bench_throughput.py --model smollm2-135m --load-format dummy --device cpu \
         --num-prompts 4 --scale 0.02                       # a tiny CPU run (slow: numpy)
 
 `--structured` runs W1 twice, unconstrained and then every request constrained by a JSON schema
@@ -46,7 +51,7 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
     """The engine flags shared by bench_throughput and seed_table (names follow vLLM)."""
     ap.add_argument("--model", default="qwen3-0.6b", help="HF folder, .gguf file or preset name")
     ap.add_argument("--load-format", default="dummy", choices=("auto", "dummy"))
-    ap.add_argument("--device", default="auto", choices=("auto", "cuda", "numpy"))
+    ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "numpy"))
     ap.add_argument("--dtype", default="auto", choices=("auto", "float16", "bfloat16", "float32"))
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
@@ -55,6 +60,8 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--num-kv-blocks", type=int, default=None)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                    help="schedule step N+1 while step N runs (default: on for cuda)")
     ap.add_argument("--num-prompts", type=int, default=256)
     ap.add_argument("--scale", type=float, default=1.0, help="shrink prompt/output lengths")
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
@@ -74,7 +81,7 @@ def build_llm(args: argparse.Namespace, enable_prefix_caching: bool = True):
                num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=enable_prefix_caching,
                seed=args.seed, load_format=args.load_format,
                gpu_memory_utilization=args.gpu_memory_utilization,
-               enforce_eager=args.enforce_eager)
+               enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling)
 
 
 def workload(args: argparse.Namespace, vocab_size: int) -> tuple[list[list[int]], list[int]]:
@@ -95,17 +102,6 @@ def resolved_dtype(engine) -> str:
     return "float32" if engine.ops.name == "numpy" else "bfloat16"
 
 
-def _timed(fn, totals: list[float]):
-    def wrapper(*a, **kw):
-        t = time.perf_counter()
-        try:
-            return fn(*a, **kw)
-        finally:
-            totals.append(time.perf_counter() - t)
-
-    return wrapper
-
-
 def run_requests(engine, prompts: list[list[int]], output_lens: list[int],
                  temperature: float = 0.0, tag: str = "w1", structured=None) -> dict:
     """Submit every request at once, step until all finish; a trace of what happened.
@@ -116,9 +112,9 @@ def run_requests(engine, prompts: list[list[int]], output_lens: list[int],
     from engine import SamplingParams
 
     stats0 = engine.get_stats()
-    runner_times: list[float] = []
-    run = engine.runner.run
-    engine.runner.run = _timed(run, runner_times)  # instance attribute: undone below
+    runner = engine.runner
+    runner.time_gpu, gpu_times = True, runner.gpu_step_times
+    del gpu_times[:]
     step_times, blocks, held, batch_seqs = [], [], [], []
     token_counts: dict[str, int] = {}
     try:
@@ -141,16 +137,18 @@ def run_requests(engine, prompts: list[list[int]], output_lens: list[int],
                     token_counts[out.request_id] = len(out.outputs[0].token_ids)
         wall = time.perf_counter() - t0
     finally:
-        engine.runner.run = run
-        if "run" in vars(engine.runner):  # drop the shadowing attribute, back to the method
-            del engine.runner.run
+        runner.time_gpu = False
     stats1 = engine.get_stats()
+    # Steady state: the middle 80% of the step() calls, beside the device time of the steps
+    # launched in them (the overlapped loop reads each one a call later: one step's skew).
+    lo, hi = len(step_times) // 10, len(step_times) - len(step_times) // 10
     return {
         "wall_s": wall,
-        "num_steps": len(step_times),
+        "num_steps": stats1.num_steps - stats0.num_steps,
         "num_preemptions": stats1.num_preemptions - stats0.num_preemptions,
         "step_time_s": sum(step_times),
-        "runner_time_s": sum(runner_times),
+        "gpu_time_s": sum(gpu_times),
+        "gpu_busy_steady_fraction": sum(gpu_times[lo:hi]) / max(1e-12, sum(step_times[lo:hi])),
         "output_tokens_per_request": [token_counts.get(f"{tag}-{i}", 0)
                                       for i in range(len(prompts))],
         "kv_blocks_per_step": blocks,
@@ -230,7 +228,9 @@ def summarize(args, engine, prompts, output_lens, trace) -> dict:
         "total_tok_s": (output_tokens + sum(prompt_lens)) / wall,
         "num_steps": trace["num_steps"],
         "num_preemptions": trace["num_preemptions"],
-        "runner_busy_fraction": trace["runner_time_s"] / wall,
+        "async_scheduling": engine.async_scheduling,
+        "gpu_busy_fraction": trace["gpu_time_s"] / wall,
+        "gpu_busy_steady_fraction": trace["gpu_busy_steady_fraction"],
         "roofline_output_tok_s": bound["output_tok_s"],
         "roofline_bound_s": bound["bound_time_s"],
         "roofline_bound_by": bound["bound"],
@@ -249,8 +249,10 @@ def format_report(r: dict) -> str:
         f"roofline (H200, {r['roofline_bound_by']}-bound) {r['roofline_output_tok_s']:.0f} output "
         f"tok/s in {r['roofline_bound_s']:.3f} s   measured / bound = "
         f"{r['fraction_of_roofline']:.1%}",
-        f"steps {r['num_steps']}   preemptions {r['num_preemptions']}   "
-        f"runner busy {r['runner_busy_fraction']:.1%} of wall",
+        f"steps {r['num_steps']}   preemptions {r['num_preemptions']}   async scheduling "
+        f"{'on' if r['async_scheduling'] else 'off'}",
+        f"GPU busy {r['gpu_busy_fraction']:.1%} of wall   steady state "
+        f"{r['gpu_busy_steady_fraction']:.1%}",
     ])
 
 

@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Every figure of README's "Performance" table in one run on the GPU machine:
-#   bash tools/h200_bench.sh [STEP ...]   steps: gputest w1 w1-8b latency-8b seed latency w2 w1-eager
+#   bash tools/h200_bench.sh [STEP ...]
+#   steps: gputest w1 w1-sync w1-8b w1-8b-sync latency-8b seed latency w2 w1-eager
 #   structured (W1 constrained by a JSON schema vs unconstrained; not in the default list)
 # gputest runs the CUDA-graph tests first; if they fail, the rest runs with graphs off.
 # Each tool prints one JSON line; they are collected in $OUT/bench.jsonl (default ./bench-out/)
@@ -15,7 +16,7 @@ if [ -d .whl ]; then
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
-steps=${*:-gputest w1 w1-8b latency-8b seed latency w2 w1-eager}
+steps=${*:-gputest w1 w1-sync w1-8b w1-8b-sync latency-8b seed latency w2 w1-eager}
 log="$OUT/bench.jsonl"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 
@@ -36,16 +37,20 @@ L="--model llama3-8b --load-format dummy --device cuda --dtype bfloat16"
 for step in $steps; do
   case $step in
     gputest)
-      if ! timeout 150 python3 -m pytest -q -x -m gpu tests/test_cuda_graph_engine.py \
-          tests/test_cuda_model.py 2>&1 | tail -n 15; then
+      if ! timeout 200 python3 -m pytest -q -x -m gpu tests/test_cuda_graph_engine.py \
+          tests/test_cuda_model.py tests/test_cuda_overlap.py 2>&1 | tail -n 15; then
         echo "CUDA-graph tests failed: the benchmarks below run eagerly"
         export PAGEDSERVE_DECODE_GRAPHS=0
       fi ;;
     w1) record w1-qwen3-0.6b 120 python3 tools/bench_throughput.py $Q ;;
     structured) record structured-w1-qwen3-0.6b 240 python3 tools/bench_throughput.py $Q --structured ;;
+    w1-sync) record w1-qwen3-0.6b-sync 120 python3 tools/bench_throughput.py $Q \
+      --no-async-scheduling ;;
     w1-eager) record w1-qwen3-0.6b-eager 90 python3 tools/bench_throughput.py $Q --enforce-eager ;;
     latency) record latency-qwen3-0.6b 60 python3 tools/bench_latency.py $Q ;;
     w1-8b) record w1-llama3-8b 150 python3 tools/bench_throughput.py $L ;;
+    w1-8b-sync) record w1-llama3-8b-sync 150 python3 tools/bench_throughput.py $L \
+      --no-async-scheduling ;;
     latency-8b) record latency-llama3-8b 90 python3 tools/bench_latency.py $L ;;
     seed) record seed-table-qwen3-0.6b 150 python3 tools/seed_table.py $Q --static-batch-size 32 ;;
     w2)

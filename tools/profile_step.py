@@ -5,12 +5,17 @@ times `--steps` decode steps split into:
 
     schedule        scheduler.schedule()
     prepare         runner.prepare_inputs() + runner.prepare_sampling() (host arrays)
-    forward+sample  the rest of runner.run(): upload, forward, sample, and the wait for the GPU
-    postprocess     the rest of engine.step(): finish_step, append tokens, stop checks, outputs
+    launch          the rest of runner.launch(): upload, queue the forward and the sampling
+    wait            StepHandle.result(): waiting for the device's sampled ids
+    postprocess     the rest of engine.step(): append tokens, stop checks, outputs
+
+With overlapped scheduling (on by default on cuda; `--no-async-scheduling` turns it off) the wait
+is for the step launched one call earlier, so it shrinks to what the device runs longer than the
+host works.
 
 Usage:
     python tools/profile_step.py --device cuda --model qwen3-0.6b       # dummy weights
-    python tools/profile_step.py --device numpy                         # tiny model on the CPU
+    python tools/profile_step.py --device cpu                         # tiny model on the CPU
 
 On numpy the model is a tiny random one (vocab 512, hidden 64, 2 layers) so that the forward is
 cheap and the host's share shows; W1's prompts are scaled by `--scale` (0.25 by default there).
@@ -29,10 +34,11 @@ if __package__ in (None, ""):  # run as a script: make the checkout importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools.workloads import scale_requests, w1_requests  # noqa: E402
 
-PHASES = ("schedule", "prepare", "forward+sample", "postprocess")
+PHASES = ("schedule", "prepare", "launch", "wait", "postprocess")
 
 
-def tiny_engine(max_num_seqs: int, num_kv_blocks: int, block_size: int = 16):
+def tiny_engine(max_num_seqs: int, num_kv_blocks: int, block_size: int = 16,
+                async_scheduling: bool | None = None):
     """LLMEngine on numpy with a 2-layer random llama (vocab 512, hidden 64)."""
     from engine.engine import LLMEngine
     from engine.executor.ops.numpy_ops import NumpyOps
@@ -45,8 +51,9 @@ def tiny_engine(max_num_seqs: int, num_kv_blocks: int, block_size: int = 16):
                          tie_word_embeddings=True)
     loaded = types.SimpleNamespace(config=config, tokenizer=None,
                                    weights=dummy_weights(config, NumpyOps(), seed=0))
-    return LLMEngine(EngineConfig(device="numpy", max_num_seqs=max_num_seqs,
-                                  num_kv_blocks=num_kv_blocks, block_size=block_size),
+    return LLMEngine(EngineConfig(device="cpu", max_num_seqs=max_num_seqs,
+                                  num_kv_blocks=num_kv_blocks, block_size=block_size,
+                                  async_scheduling=async_scheduling),
                      loaded_model=loaded)
 
 
@@ -56,17 +63,20 @@ def gpu_engine(args):
 
     return LLMEngine(EngineConfig(model=args.model, device=args.device, load_format="dummy",
                                   max_num_seqs=args.max_num_seqs, dtype=args.dtype,
-                                  enforce_eager=args.enforce_eager))
+                                  enforce_eager=args.enforce_eager,
+                                  async_scheduling=args.async_scheduling))
 
 
 class _Timers:
-    """Wraps methods of live objects (instance attributes, removed by restore) to sum their time."""
+    """Wraps methods of live objects or classes to sum their time; restore() undoes it."""
 
     def __init__(self):
         self.totals: dict[str, float] = {}
-        self._patched: list[tuple[object, str]] = []
+        self._patched: list[tuple[object, str, object]] = []
 
     def wrap(self, obj, name: str, key: str):
+        # What obj itself holds under `name` (None: it came from obj's class).
+        self._patched.append((obj, name, vars(obj).get(name)))
         fn = getattr(obj, name)
         totals = self.totals
 
@@ -78,17 +88,20 @@ class _Timers:
                 totals[key] = totals.get(key, 0.0) + time.perf_counter() - t
 
         setattr(obj, name, timed)
-        self._patched.append((obj, name))
 
     def restore(self):
-        for obj, name in self._patched:
-            vars(obj).pop(name, None)
+        for obj, name, original in reversed(self._patched):
+            if original is None:
+                delattr(obj, name)
+            else:
+                setattr(obj, name, original)
         self._patched = []
 
 
 def profile_batch(engine, prompts, num_steps: int, sync=None) -> dict:
     """Milliseconds per decode step for each phase, with len(prompts) sequences decoding."""
     from engine import SamplingParams
+    from engine.executor.runner import StepHandle
 
     params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=num_steps + 8)
     ids = [f"p{len(prompts)}-{i}" for i in range(len(prompts))]
@@ -105,7 +118,8 @@ def profile_batch(engine, prompts, num_steps: int, sync=None) -> dict:
     timers.wrap(sched, "schedule", "schedule")
     timers.wrap(engine.runner, "prepare_inputs", "prepare_inputs")
     timers.wrap(engine.runner, "prepare_sampling", "prepare_sampling")
-    timers.wrap(engine.runner, "run", "run")
+    timers.wrap(engine.runner, "launch", "launch")
+    timers.wrap(StepHandle, "result", "wait")
     batch_sizes = []
     t0 = time.perf_counter()
     try:
@@ -125,8 +139,9 @@ def profile_batch(engine, prompts, num_steps: int, sync=None) -> dict:
     phases = {
         "schedule": t.get("schedule", 0.0),
         "prepare": prepare,
-        "forward+sample": t.get("run", 0.0) - prepare,
-        "postprocess": total - t.get("schedule", 0.0) - t.get("run", 0.0),
+        "launch": t.get("launch", 0.0) - prepare,
+        "wait": t.get("wait", 0.0),
+        "postprocess": total - t.get("schedule", 0.0) - t.get("launch", 0.0) - t.get("wait", 0.0),
     }
     ms = {k: 1e3 * v / num_steps for k, v in phases.items()}
     ms["total"] = 1e3 * total / num_steps
@@ -137,7 +152,7 @@ def profile_batch(engine, prompts, num_steps: int, sync=None) -> dict:
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", default="numpy", choices=("numpy", "cuda"))
+    ap.add_argument("--device", default="cpu", choices=("cpu", "numpy", "cuda"))
     ap.add_argument("--model", default="qwen3-0.6b", help="preset (cuda, dummy weights)")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--batch-sizes", default="1,64,256")
@@ -146,16 +161,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     help="shrink W1's prompts (default 0.25 on numpy, 1 on cuda)")
     ap.add_argument("--max-num-seqs", type=int, default=256)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
+                    help="overlap host and device (default: on for cuda)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.batch_sizes.split(",")]
-    scale = args.scale or (0.25 if args.device == "numpy" else 1.0)
+    on_cpu = args.device != "cuda"
+    scale = args.scale or (0.25 if on_cpu else 1.0)
     prompts, outputs = w1_requests(max(sizes))
-    prompts, _ = scale_requests(prompts, outputs, scale, 512 if args.device == "numpy" else None)
+    prompts, _ = scale_requests(prompts, outputs, scale, 512 if on_cpu else None)
     sync = None
-    if args.device == "numpy":
+    if on_cpu:
         longest = max(len(p) for p in prompts) + args.steps + 16
-        engine = tiny_engine(args.max_num_seqs, max(sizes) * (-(-longest // 16)) + 16)
+        engine = tiny_engine(args.max_num_seqs, max(sizes) * (-(-longest // 16)) + 16,
+                             async_scheduling=args.async_scheduling)
     else:
         engine = gpu_engine(args)
         sync = engine.ops.synchronize

@@ -11,9 +11,8 @@ Both runs sample, after every step, the tokens actually held in the cache (sum o
 sequences' computed tokens). Figures side by side: output tok/s, wall time, steps, mean sequences
 per step, busy fraction and KV memory reserved vs used.
 
-Busy fraction = time inside the model runner (`runner.run`: input upload, forward, sample,
-sampled-ids download) / wall time. The engine does not time its steps on the GPU, so this is host
-time around the runner, not CUDA events; what it leaves out is the scheduler and postprocessing.
+Busy fraction = device time of the steps (CUDA events from each step's input upload to its
+sampled ids' copy; on numpy the CPU time of the forward and sampling) / wall time.
 KV waste % = 1 - sum over steps of tokens held / sum over steps of tokens reserved.
 Prefix caching is off for both runs (`--enable-prefix-caching` turns it on): the second run would
 otherwise find the first run's prompts in the cache.
@@ -21,7 +20,7 @@ otherwise find the first run's prompts in the cache.
 Usage:
     python tools/seed_table.py --model qwen3-0.6b --load-format dummy --device cuda \
         --static-batch-size 32 --chart seed_table.png
-    python tools/seed_table.py --model smollm2-135m --load-format dummy --device numpy \
+    python tools/seed_table.py --model smollm2-135m --load-format dummy --device cpu \
         --num-prompts 4 --scale 0.02 --static-batch-size 2 --json   # tiny CPU run (slow: numpy)
 `--chart` needs matplotlib (`pip install pagedserve[chart]`).
 """
@@ -79,7 +78,7 @@ def summarize(trace: dict, reserved_per_step: list[int], kv_bytes: int) -> dict:
         "num_steps": trace["num_steps"],
         "num_preemptions": trace["num_preemptions"],
         "mean_seqs_per_step": sum(trace["seqs_per_step"]) / steps,
-        "busy_fraction": trace["runner_time_s"] / trace["wall_s"],
+        "busy_fraction": trace["gpu_time_s"] / trace["wall_s"],
         "kv_reserved_peak_mib": (reserved_per_step[peak] if held else 0) * kv_bytes / MIB,
         "kv_used_peak_mib": max(held, default=0) * kv_bytes / MIB,
         "kv_reserved_mean_mib": sum(reserved_per_step) / steps * kv_bytes / MIB,
@@ -177,7 +176,7 @@ def main(argv: list[str] | None = None) -> dict:
         "requested_output_tokens": sum(output_lens),
         "static_batch_size": args.static_batch_size,
         "static_reserved_tokens_per_request": max_len,
-        "busy_fraction_source": "runner.run host time / wall time",
+        "busy_fraction_source": "device time of the steps (CUDA events; CPU time on numpy) / wall",
         "static": summarize(static_trace, static_reserved, kv_bytes),
         "paged": summarize(paged_trace, paged_reserved, kv_bytes),
     }

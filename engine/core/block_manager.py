@@ -8,9 +8,10 @@ Prefix caching: once every token of a full block is computed, the block is keyed
 over all tokens from the start of the sequence to the block's end, so equal keys mean equal
 prefixes (and therefore equal k/v). A new sequence reuses the longest run of keyed blocks from its
 start; a reused block is shared (its reference count goes up) and is never written again, since
-all writes land after the cached prefix. Freed keyed blocks stay findable until the allocator
-needs them: it takes the least recently freed block first (LRU), and unkeyed free blocks before
-any keyed one, so cached prefixes survive as long as possible.
+all writes land after the cached prefix. A request's n sequences share their prompt the same
+way: the siblings fork from the first once its prompt is computed (`fork`). Freed keyed blocks
+stay findable until the allocator needs them: it takes the least recently freed block first
+(LRU), and unkeyed free blocks before any keyed one, so cached prefixes survive the longest.
 """
 
 from __future__ import annotations
@@ -165,6 +166,37 @@ class BlockManager:
             # Another sequence may have computed the same block first; keep its copy findable.
             self._cached.setdefault(key, table[i])
 
+    # ---- forks (n > 1) ------------------------------------------------------------------------
+
+    def _fork_cost(self, parent: Sequence) -> int:
+        return 1 if parent.num_computed_tokens % self.block_size else 0
+
+    def can_fork(self, parent: Sequence) -> bool:
+        return self._fork_cost(parent) <= len(self._free)
+
+    def fork(self, parent: Sequence, child: Sequence) -> list[tuple[int, int]]:
+        """Give `child` (same tokens, no blocks) the parent's computed tokens: the full blocks are
+        shared, the partial last block is copied into a block of its own, since both will write
+        after it. Returns the (src, dst) block copies the KV cache must make before either
+        sequence next writes."""
+        if child.block_table:
+            raise RuntimeError(f"sequence {child.seq_id} already holds blocks")
+        cost = self._fork_cost(parent)
+        if cost > len(self._free):
+            raise RuntimeError(f"fork needs {cost} free blocks, {len(self._free)} left")
+        num_full = parent.num_computed_tokens // self.block_size
+        shared = parent.block_table[:num_full]
+        for block_id in shared:
+            self.blocks[block_id].ref_count += 1
+        child.block_table = list(shared)
+        copies = []
+        if cost:
+            dst = self._take_free()
+            child.block_table.append(dst)
+            copies.append((parent.block_table[num_full], dst))
+        child.num_computed_tokens = parent.num_computed_tokens
+        return copies
+
     # ---- release -----------------------------------------------------------------------------
 
     def free(self, seq: Sequence) -> None:
@@ -200,11 +232,14 @@ class BlockManager:
     def check_invariants(self, live_seqs: list[Sequence]) -> None:
         """Raise AssertionError if the books disagree with the block tables of `live_seqs`."""
         holders = [0] * self.num_blocks
+        full_for_all = [True] * self.num_blocks  # computed to its end in every table holding it
         bs = self.block_size
         for seq in live_seqs:
             key = 0
+            num_full = seq.num_computed_tokens // bs
             for i, block_id in enumerate(seq.block_table):
                 holders[block_id] += 1
+                full_for_all[block_id] &= i < num_full
                 if self.blocks[block_id].hash is not None:  # its key must match seq's tokens
                     key = hash_block(key, seq.token_ids[i * bs : (i + 1) * bs])
                     assert self.blocks[block_id].hash == key, f"block {block_id}: wrong key"
@@ -212,10 +247,8 @@ class BlockManager:
             b, ref = block.block_id, block.ref_count
             assert block.ref_count == holders[b], f"block {b}: ref {ref} != {holders[b]}"
             assert (block.ref_count == 0) == (b in self._free), f"block {b}: free list disagrees"
-            if block.ref_count > 1:  # shared only as a prefix-cache hit
-                assert block.hash is not None and self._cached.get(block.hash) == b, (
-                    f"block {b} is shared but not a cached block"
-                )
+            if block.ref_count > 1:  # shared (a prefix-cache hit or a fork): never written again
+                assert full_for_all[b], f"block {b} is shared but some holder still writes it"
             if block.ref_count == 0 and block.hash is not None:
                 assert self._cached.get(block.hash) == b, f"free keyed block {b} is not findable"
         assert len(self._free) == sum(1 for h in holders if h == 0)

@@ -90,6 +90,12 @@ class ListPrefix:
 _NEW_LIST = object()  # default of delta_token_ids: a new empty list
 
 
+class EngineDeadError(RuntimeError):
+    """The engine cannot go on (the CUDA context is lost, say): every request in flight is lost,
+    and every later call raises this again. Callers tell it apart from a failure of one request
+    (finish_reason "error") or of one step (its requests fail, the engine goes on)."""
+
+
 @dataclass(init=False)
 class CompletionOutput:
     index: int  # which of the request's n outputs
@@ -97,17 +103,18 @@ class CompletionOutput:
     token_ids: list[int]  # given as a list or a ListPrefix; always read as a list of its own
     cumulative_logprob: float
     logprobs: list[dict[int, float]] | None  # per token {token_id: logprob}, when asked for
-    finish_reason: str | None  # None while running; "stop" | "length" | "abort"
+    finish_reason: str | None  # None while running; "stop" | "length" | "abort" | "error"
     stop_reason: str | int | None = None  # the stop string or stop token id that ended it
     delta_text: str = ""
     delta_token_ids: list[int] = field(default_factory=list)
     delta_logprobs: list[dict[int, float]] | None = None
+    error: str | None = None  # the cause, when finish_reason is "error"
 
     def __init__(self, index: int, text: str, token_ids: list[int] | ListPrefix,
                  cumulative_logprob: float, logprobs: list[dict[int, float]] | ListPrefix | None,
                  finish_reason: str | None, stop_reason: str | int | None = None,
                  delta_text: str = "", delta_token_ids: list[int] = _NEW_LIST,
-                 delta_logprobs: list[dict[int, float]] | None = None):
+                 delta_logprobs: list[dict[int, float]] | None = None, error: str | None = None):
         # Written out rather than generated: token_ids and logprobs are stored behind the
         # properties below, and plain stores keep this cheap (the engine makes one per running
         # request per step).
@@ -121,6 +128,7 @@ class CompletionOutput:
         self.delta_text = delta_text
         self.delta_token_ids = [] if delta_token_ids is _NEW_LIST else delta_token_ids
         self.delta_logprobs = delta_logprobs
+        self.error = error
 
     @property
     def finished(self) -> bool:

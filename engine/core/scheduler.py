@@ -8,6 +8,14 @@ never stalls the decodes. When the KV cache runs out of blocks, the newest runni
 preempted: its blocks are freed and it waits at the front of the queue to be recomputed as a
 prefill of its prompt plus the tokens it had generated (its full blocks usually survive in the
 prefix cache, so the recompute is mostly hits).
+
+Overlapped steps: the engine may schedule step N+1 before step N's sampled tokens reach the host.
+`advance(batch)` counts a launched batch's tokens as computed at once, so a sequence that sampled
+at step N has num_computed_tokens == len(token_ids): its token is *pending*. It decodes at N+1 like
+any other (its input is resolved on the device from N's sampled ids), its slot is at position
+len(token_ids), and its blocks grow for it. `commit(batch)` keys the blocks the batch filled, once
+every token in them is known; a block is never keyed over a pending token. A sequence whose pending
+token will end it for sure (max_tokens, max_model_len) is not scheduled again.
 """
 
 from __future__ import annotations
@@ -25,9 +33,23 @@ class ScheduledBatch:
     # Tokens each sequence computes this step, from seq.num_computed_tokens on.
     num_new_tokens: list[int] = field(default_factory=list)
     # Whether each sequence samples a token this step: its new tokens reach the end of its
-    # token_ids (decided here, once; the runner and the engine core read it).
+    # token_ids, or past it by its pending token (decided here, once; the runner and the engine
+    # core read it).
     is_sampling: list[bool] = field(default_factory=list)
     num_preempted: int = 0  # preemptions made while building this batch
+    # (src, dst) KV blocks to copy before the forward: the partial tails of forked sequences.
+    block_copies: list[tuple[int, int]] = field(default_factory=list)
+
+    def sampling_rows(self) -> tuple[list[Sequence], list[int]]:
+        """Who samples this step, in row order, read before advance: the sequences that sample
+        (in batch order), then the waiting forks of those, each sampling its first token from
+        its parent's logits; and for each fork, its parent's row."""
+        seqs = [s for s, sampling in zip(self.seqs, self.is_sampling, strict=True) if sampling]
+        fork_rows = []
+        for row, seq in enumerate(seqs[:]):
+            seqs += seq.forks
+            fork_rows += [row] * len(seq.forks)
+        return seqs, fork_rows
 
     @property
     def num_tokens(self) -> int:
@@ -37,15 +59,10 @@ class ScheduledBatch:
     def is_empty(self) -> bool:
         return not self.seqs
 
-    @property
-    def sampling_seqs(self) -> list[Sequence]:
-        """The sequences that sample, in batch order (the rows of the sampler's output)."""
-        return [s for s, sampling in zip(self.seqs, self.is_sampling, strict=True) if sampling]
-
     def add(self, seq: Sequence, n: int) -> None:
         self.seqs.append(seq)
         self.num_new_tokens.append(n)
-        self.is_sampling.append(seq.num_computed_tokens + n == len(seq.token_ids))
+        self.is_sampling.append(seq.num_computed_tokens + n >= len(seq.token_ids))
 
 
 class Scheduler:
@@ -73,6 +90,7 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_chunked_prefill_steps = 0  # steps where some prefill ran with tokens left over
         self.num_mixed_steps = 0  # steps with both decodes and prefill chunks
+        self._block_copies: list[tuple[int, int]] = []  # made by forks, run by the next batch
 
     # ---- queue -------------------------------------------------------------------------------
 
@@ -127,9 +145,13 @@ class Scheduler:
         # Appended to directly: the hot loop. A decode always samples.
         seqs, num_new, sampling = batch.seqs, batch.num_new_tokens, batch.is_sampling
         max_num_seqs = self.max_num_seqs
+        max_len = self.max_model_len
         for seq in list(self.running):
             c = seq.num_computed_tokens
-            if seq.status is not running or len(seq.token_ids) - c != 1:
+            num_tokens = len(seq.token_ids)
+            if seq.status is not running or num_tokens - c > 1:
+                continue
+            if c == num_tokens and _ends_with_pending(seq, max_len):
                 continue
             if budget == 0 or len(seqs) == max_num_seqs:
                 break
@@ -176,7 +198,9 @@ class Scheduler:
             if seq.is_waiting_for_grammar:
                 i += 1
                 continue
-            if not bm.can_allocate(seq):
+            # A preempted sequence or a fork that found no room may still wait for a token of
+            # the step in flight: admitted now, its prompt would lack it. FCFS: one step's wait.
+            if seq.has_pending_token or not bm.can_allocate(seq):
                 break  # FCFS: nobody overtakes the head of the queue
             del self.waiting[i]
             bm.allocate(seq)
@@ -189,6 +213,8 @@ class Scheduler:
 
         self.num_preemptions += batch.num_preempted
         if not batch.is_empty:
+            # Copies wait for a forward: none can touch their blocks before one runs.
+            batch.block_copies, self._block_copies = self._block_copies, []
             self.num_steps += 1
             self.num_chunked_prefill_steps += chunked
             self.num_mixed_steps += 0 < num_decodes < len(batch.seqs)
@@ -200,27 +226,62 @@ class Scheduler:
         self.running.remove(seq)
         self.waiting.appendleft(seq)
 
-    def finish_step(self, batch: ScheduledBatch) -> None:
-        """Record that the model computed the batch (before the engine appends sampled tokens)."""
+    def advance(self, batch: ScheduledBatch) -> None:
+        """Count the launched batch as computed (before its sampled tokens are known), so the
+        next schedule() sees where each sequence stands; start the forks of a finished prompt."""
+        for seq, n, sampling in zip(batch.seqs, batch.num_new_tokens, batch.is_sampling,
+                                    strict=True):
+            seq.num_computed_tokens += n
+            if sampling and seq.forks:
+                self._fork(seq)
+
+    def commit(self, batch: ScheduledBatch) -> None:
+        """Key for the prefix cache the blocks the advanced batch filled. Call it once every
+        token the batch computed is known: after the previous step's tokens are appended."""
         bm, bs = self.block_manager, self.block_manager.block_size
+        running = SequenceStatus.RUNNING
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
-            c = seq.num_computed_tokens
-            seq.num_computed_tokens = c + n
-            if c % bs + n >= bs:  # a block filled up: key it for the prefix cache
+            # A sequence finished since the launch (a stop in the previous step's tokens, an
+            # abort) holds no blocks to key.
+            if seq.status is running and seq.num_computed_tokens % bs < n:  # a block filled
                 bm.mark_computed(seq)
+
+    def _fork(self, parent: Sequence) -> None:
+        """Start the parent's pending forks on its computed prompt. A fork that finds no room
+        (no free block for its tail, or max_num_seqs running) waits instead, like a preempted
+        sequence: it recomputes its prompt later (mostly prefix-cache hits)."""
+        children, parent.forks = parent.forks, []
+        for child in children:
+            if len(self.running) < self.max_num_seqs and self.block_manager.can_fork(parent):
+                self._block_copies += self.block_manager.fork(parent, child)
+                child.status = SequenceStatus.RUNNING
+                self.running.append(child)
+            else:
+                child.status = SequenceStatus.WAITING
+                self.waiting.appendleft(child)
+
+    def finish_step(self, batch: ScheduledBatch) -> None:
+        """advance + commit: the synchronous step, whose tokens are all known at launch."""
+        self.advance(batch)
+        self.commit(batch)
 
     # ---- endings -----------------------------------------------------------------------------
 
     def finish_seq(self, seq: Sequence, reason: str) -> None:
         if seq.status == SequenceStatus.FINISHED:
             return
+        for child in seq.forks:  # ended before its prompt was computed: so do its forks
+            child.status = SequenceStatus.FINISHED
+            child.finish_reason = reason
+            child.matcher = None
+        seq.forks = []
+        seq.matcher = None  # its grammar's state (structured outputs) ends with it
         if seq.status == SequenceStatus.RUNNING:
             self.running.remove(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
-        seq.matcher = None  # its grammar's state (structured outputs) ends with it
         self.block_manager.free(seq)
 
     def abort(self, request_id: str) -> list[Sequence]:
@@ -229,3 +290,13 @@ class Scheduler:
         for seq in seqs:
             self.finish_seq(seq, "abort")
         return seqs
+
+
+def _ends_with_pending(seq: Sequence, max_model_len: int) -> bool:
+    """True if the sequence's pending token ends it whatever its value (check_stop's length
+    rules), so computing past it would be wasted."""
+    max_tokens = seq.sampling_params.max_tokens
+    num_tokens = len(seq.token_ids) + 1
+    if max_tokens is not None and num_tokens - seq.num_prompt_tokens >= max_tokens:
+        return True
+    return num_tokens >= max_model_len

@@ -33,8 +33,16 @@ class Sequence:
     num_computed_tokens: int = 0  # tokens whose k/v are in the cache (prefix-cache hits included)
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
     block_table: list[int] = field(default_factory=list)
-    finish_reason: str | None = None  # "stop" | "length" | "abort"
+    finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
+    error: str | None = None  # why, when finish_reason is "error"
     cumulative_logprob: float = 0.0
+    # A request's other n - 1 sequences, held here until this one's prompt is computed; then
+    # they fork from it (Scheduler.finish_step) instead of each computing the prompt again.
+    forks: list[Sequence] = field(default_factory=list)
+    # A token sampled by a launched step and not yet appended (overlapped steps read a step's
+    # tokens after launching the next): set and cleared by the engine core; a waiting sequence
+    # that has one is not admitted (its prompt would lack the token).
+    has_pending_token: bool = False
     # Structured outputs: the llguidance matcher this sequence advances (None: unconstrained),
     # and whether its grammar is still compiling (the scheduler leaves it waiting until then).
     matcher: object = None
@@ -57,7 +65,9 @@ class Sequence:
 
     @property
     def num_uncomputed_tokens(self) -> int:
-        """Tokens still to run through the model before this sequence can sample again."""
+        """Tokens still to run through the model before this sequence can sample again; 0 while
+        its last sampled token is pending (overlapped steps: still on the device, not yet in
+        token_ids, and counted as computed by the step that sampled it)."""
         return len(self.token_ids) - self.num_computed_tokens
 
     @property

@@ -20,7 +20,9 @@ def check_stop_ids(seq: Sequence, token: int, eos_token_ids: list[int],
     on."""
     p = seq.sampling_params
     num_output_tokens = len(seq.token_ids) - seq.num_prompt_tokens
-    if num_output_tokens > p.min_tokens:
+    # vLLM's rule: the min_tokens-th token may already end the sequence (the runner's bias keeps
+    # eos and stop ids out of the tokens before it; stop strings are searched from it on).
+    if num_output_tokens >= p.min_tokens:
         if p.stop_token_ids and token in p.stop_token_ids:
             return "stop", token
         if not p.ignore_eos and token in eos_token_ids:
@@ -48,6 +50,7 @@ class SeqState:
     cumulative_logprob: float = 0.0
     finish_reason: str | None = None
     stop_reason: str | int | None = None
+    error: str | None = None  # the cause, when finish_reason is "error"
 
     def append(self, token: int, finish_reason: str | None, stop_reason: int | None) -> bool:
         """Take one token with the core's verdict on it; True if the sequence ends here (a stop
@@ -62,11 +65,15 @@ class SeqState:
         old_len = len(self.text)
         self._extend_text(token)
         num_output_tokens = len(self.token_ids) - self.num_prompt_tokens
-        if p.stop_list and num_output_tokens > p.min_tokens and self.detokenizer is not None:
-            longest = max(len(s) for s in p.stop_list)
-            start = max(0, old_len - longest + 1)
-            hits = [(i, s) for s in p.stop_list if (i := self.text.find(s, start)) >= 0]
-            if hits:
+        if p.stop_list and num_output_tokens >= p.min_tokens and self.detokenizer is not None:
+            # Each stop only where it would end in the new text: an earlier match was either
+            # found by an earlier search or came before min_tokens (and went out, as it should
+            # have). A window shared by all stops (the longest one's) would find a short stop
+            # again, late.
+            text = self.text
+            hits = [(i, s) for s in p.stop_list
+                    if (i := text.find(s, max(0, old_len - len(s) + 1))) >= 0]
+            if hits:  # the earliest start; at equal starts the shorter stop, which is a prefix
                 i, stop = min(hits)
                 self.text = self.text[: i + (len(stop) if p.include_stop_str_in_output else 0)]
                 self.finish_reason, self.stop_reason = "stop", stop

@@ -3,7 +3,9 @@
 A decode step launches ~15 kernels per layer; from Python each costs microseconds, so at small
 batches the GPU mostly waits. Replaying a captured graph launches them all at once. Inputs live in
 persistent device buffers that each step overwrites; padding rows have slot -1 and context 0, so
-they write nothing and attend to nothing.
+they write nothing and attend to nothing. The host stages them in one of two pinned buffers, in
+turn, so staging step N+1 never overwrites what step N's (asynchronous) upload still reads; input
+placeholders of an overlapped step are resolved on the stream right before the replay.
 
     graphs = DecodeGraphs(model, kv_cache, max_num_seqs=64, max_blocks_per_seq=256)
     graphs.capture()
@@ -37,8 +39,12 @@ class DecodeGraphs:
         self.max_context_len = max_context_len or max_blocks_per_seq * block_size
         # Persistent inputs, (n,) unless noted. The per-step ones sit in one buffer so that a step
         # uploads once: [input_ids | positions | slot_mapping | context_lens | staged tables].
-        self._host = np.zeros(4 * n + n * max_blocks_per_seq, np.int32)
-        self._device = cupy.zeros(len(self._host), cupy.int32)
+        size = 4 * n + n * max_blocks_per_seq
+        self._pinned = [cupy.cuda.alloc_pinned_memory(size * 4) for _ in range(2)]
+        self._staging = [np.frombuffer(m, np.int32, size) for m in self._pinned]
+        self._uploaded: list = [None, None]  # event after each staging buffer's last upload
+        self._turn = 0
+        self._device = cupy.zeros(size, cupy.int32)
         self.input_ids = self._device[:n]
         self.positions = self._device[n : 2 * n]
         self.slot_mapping = self._device[2 * n : 3 * n]
@@ -83,8 +89,10 @@ class DecodeGraphs:
     def can_run(self, num_seqs: int) -> bool:
         return bool(self.graphs) and num_seqs <= self.sizes[-1]
 
-    def run(self, input_ids: np.ndarray, positions: np.ndarray, meta: AttentionMetadata):
-        """Replays the graph of the smallest captured size >= B; returns logits (B, vocab)."""
+    def run(self, input_ids: np.ndarray, positions: np.ndarray, meta: AttentionMetadata,
+            prev_sampled=None):
+        """Replays the graph of the smallest captured size >= B; returns logits (B, vocab).
+        `prev_sampled`: the previous step's sampled ids, for placeholder input ids."""
         b = len(meta.context_lens)
         size = next(s for s in self.sizes if s >= b)
         graph, logits, _ = self.graphs[size]
@@ -94,7 +102,10 @@ class DecodeGraphs:
             raise ValueError(f"block_tables has {width} columns; graphs captured for "
                              f"{max_blocks}")
         # Padding rows b..size-1: slot -1 writes nothing, context 0 attends to nothing.
-        h = self._host
+        turn, self._turn = self._turn, 1 - self._turn
+        if self._uploaded[turn] is not None:
+            self._uploaded[turn].synchronize()  # two steps back: long done in practice
+        h = self._staging[turn]
         for i, (a, pad) in enumerate(((input_ids, 0), (positions, 0), (meta.slot_mapping, -1),
                                       (meta.context_lens, 0))):
             h[i * n : i * n + b] = a
@@ -103,10 +114,14 @@ class DecodeGraphs:
         h[4 * n : end].reshape(b, width)[:] = meta.block_tables
         stream = cupy.cuda.get_current_stream()
         self._device[:end].set(h[:end], stream)  # the step's one host -> device copy
+        event = self._uploaded[turn] = cupy.cuda.Event(disable_timing=True)
+        event.record(stream)
         # The staged (b, width) tables into the (n, max_blocks) rows the graph reads, on the GPU.
         item = self._device.itemsize
         cupy.cuda.runtime.memcpy2DAsync(
             self.block_tables.data.ptr, max_blocks * item, self._device.data.ptr + 4 * n * item,
             width * item, width * item, b, cupy.cuda.runtime.memcpyDeviceToDevice, stream.ptr)
+        if prev_sampled is not None:
+            self.model.ops.resolve_placeholders(self.input_ids[:b], prev_sampled)
         graph.launch(stream)
         return logits[:b]

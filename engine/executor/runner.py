@@ -6,6 +6,14 @@ computes seq.token_ids[c : c + n] with c = seq.num_computed_tokens (before the s
 n = batch.num_new_tokens[i]; it samples iff batch.is_sampling[i] (the scheduler decides: its
 prompt, or recompute, is done). The runner never changes a sequence: the engine core does that
 after the step.
+
+    handle = runner.launch(batch)      # queued on the device; returns at once on cuda
+    ...                                # the host schedules and launches the next step meanwhile
+    sampled = handle.result()          # waits for this step's sampled ids (pinned copy + event)
+
+A sequence whose last token is pending (it sampled in the previous launch, whose result the host
+has not read: num_computed_tokens == len(token_ids)) decodes from a placeholder that the device
+resolves from the previous launch's sampled ids; its penalties' output ids likewise.
 """
 
 from __future__ import annotations
@@ -16,11 +24,13 @@ import time
 
 import numpy as np
 
+from engine.core.outputs import EngineDeadError
 from engine.executor.ops import AttentionMetadata, SamplerOutput, SamplingTensors
+from engine.executor.sampling_inputs import sampling_tensors
 from engine.executor.step_inputs import HostBlockTables, StepInputs, build_step_inputs
 from engine.model.config import EngineConfig, ModelConfig
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("pagedserve." + __name__)
 
 # Decode steps replay captured CUDA graphs (cuda_graph.py) unless enforce_eager is set or
 # PAGEDSERVE_DECODE_GRAPHS=0 (a switch for debugging the kernels eagerly).
@@ -88,6 +98,12 @@ class ModelRunner:
         self.max_blocks_per_seq = -(-max_len // self.block_size)
         # Twice the batch cap: a batch's sequences always find rows without evicting each other.
         self.host_tables = HostBlockTables(2 * engine_config.max_num_seqs, self.max_blocks_per_seq)
+        # The last launch's sampled ids on the device, and which sequence owns which row of them:
+        # what the next launch's placeholders read.
+        self._last_sampled = None
+        self._last_rows: dict[int, int] = {}
+        self.time_gpu = False  # record device time per step (benchmarks) in gpu_step_times
+        self.gpu_step_times: list[float] = []  # seconds, in launch order, once results are read
         self.graphs = None
         if ops.name == "cuda" and not engine_config.enforce_eager and DECODE_GRAPHS:
             self.capture_decode_graphs()
@@ -104,38 +120,116 @@ class ModelRunner:
         logger.info("captured %d decode CUDA graphs (batch 1..%d) in %.2f s",
                     len(self.graphs.sizes), self.config.max_num_seqs, time.perf_counter() - t)
 
+    def close(self) -> None:
+        """Drop the device memory the runner holds (graphs and their pool, the KV cache, the
+        model); the engine then closes the ops backend."""
+        self.ops.synchronize()
+        if self.graphs is not None:
+            pool = self.graphs.pool
+            self.graphs = None  # the graphs, their static buffers and captured intermediates
+            pool.free_all_blocks()
+        self.kv_cache = self.model = self._last_sampled = None
+
     # ------------------------------------------------------------------ one step
 
-    def run(self, batch, fill_bitmask=None) -> SamplerOutput | None:
-        """Forward the batch; sample one token per sampling sequence (None when none samples).
+    def run(self, batch, sampling: tuple[list, list[int]],
+            fill_bitmask=None) -> SamplerOutput | None:
+        """launch + result: the synchronous step."""
+        return self.launch(batch, sampling, fill_bitmask).result()
+
+    def launch(self, batch, sampling: tuple[list, list[int]], fill_bitmask=None) -> StepHandle:
+        """Queue the forward and the sampling of one token per row of `sampling`
+        (batch.sampling_rows(): the sequences that sample, and which logits row each fork
+        reads); .result() reads them (None when no row samples).
 
         fill_bitmask() -> (R, ceil(vocab / 32)) int32 allowed-token bits per sampling row
         (structured outputs): called once the forward is queued, so on the GPU the host fills the
         masks while the device computes the logits; masked tokens get -inf before sampling."""
+        try:
+            return self._launch(batch, sampling, fill_bitmask)
+        except Exception as e:
+            self.raise_if_fatal(e)
+            raise
+
+    def raise_if_fatal(self, e: Exception) -> None:
+        """EngineDeadError if `e` leaves the backend unusable (a lost CUDA context)."""
+        if self.ops.is_fatal(e):
+            raise EngineDeadError(f"the {self.ops.name} backend failed and cannot go on: "
+                                  f"{type(e).__name__}: {e}") from e
+
+    def _launch(self, batch, sampling: tuple[list, list[int]], fill_bitmask) -> StepHandle:
         if not batch.seqs:
-            return None
+            return StepHandle(None, self, None)
+        ops = self.ops
         inputs = self.prepare_inputs(batch)
+        # Device time runs from the first upload; host work before it is not the device's.
+        start = ops.record_event() if self.time_gpu else None
+        if batch.block_copies:  # before anything writes after a fork's copied tail
+            ops.copy_blocks(self.kv_cache, batch.block_copies)
+        prev = self._last_sampled if inputs.num_placeholders else None
         graphs = self.graphs
         if graphs is not None and inputs.is_decode_only and graphs.can_run(len(batch.seqs)):
-            logits = graphs.run(inputs.input_ids, inputs.positions, inputs.meta)  # (B, vocab)
+            logits = graphs.run(inputs.input_ids, inputs.positions, inputs.meta,
+                                prev)  # (B, vocab)
         else:
-            logits = self._forward_eager(inputs)  # (R, vocab)
+            logits = self._forward_eager(inputs, prev)  # (R, vocab)
         if not len(inputs.logits_indices):
-            return None
+            self._last_sampled, self._last_rows = None, {}
+            return StepHandle(None, self, None if start is None else (start, ops.record_event()))
+        seqs, fork_rows = sampling
+        if fork_rows:  # forks sample from their parent's row
+            rows = np.concatenate([np.arange(len(inputs.logits_indices)), fork_rows])
+            logits = logits[ops.from_host(rows.astype(np.int32))]
         # The forward is queued on the GPU: the masks and sampling settings are built while it
         # runs.
         if fill_bitmask is not None:
-            logits = self.ops.apply_token_bitmask(logits, fill_bitmask())
-        return self.ops.sample(logits, self.prepare_sampling(batch.sampling_seqs))
+            logits = ops.apply_token_bitmask(logits, fill_bitmask())
+        try:
+            pending = ops.sample_start(logits, self.prepare_sampling(seqs), prev)
+        except Exception as e:
+            if ops.is_fatal(e):
+                raise
+            pending = _HostSample(self._sample_rows_alone(logits, seqs, prev), ops)
+        timing = None if start is None else (start, ops.record_event())
+        self._last_sampled = pending.token_ids
+        self._last_rows = {seq.seq_id: r for r, seq in enumerate(seqs)}
+        return StepHandle(pending, self, timing)
+
+    def _sample_rows_alone(self, logits, seqs: list, prev) -> SamplerOutput:
+        """Sampling the batch raised: sample each row on its own, so that one sequence's bad
+        settings fail that sequence alone (SamplerOutput.errors) and the others go on."""
+        rows = len(seqs)
+        width = max((s.sampling_params.logprobs or 0) for s in seqs)
+        out = SamplerOutput(np.full(rows, -1, np.int32), np.zeros(rows, np.float32),
+                            np.zeros((rows, width), np.int32), np.zeros((rows, width), np.float32),
+                            errors={})
+        for r, seq in enumerate(seqs):
+            try:
+                one = self.ops.sample_start(logits[r : r + 1], self.prepare_sampling([seq]),
+                                            prev).wait()
+            except Exception as e:
+                if self.ops.is_fatal(e):
+                    raise
+                logger.exception("sampling failed for sequence %d of request %s", seq.seq_id,
+                                 seq.request_id)
+                out.errors[r] = f"sampling failed: {type(e).__name__}: {e}"
+                continue
+            out.token_ids[r], out.logprobs[r] = one.token_ids[0], one.logprobs[0]
+            if one.top_ids is not None:
+                k = one.top_ids.shape[1]
+                out.top_ids[r, :k], out.top_logprobs[r, :k] = one.top_ids[0], one.top_logprobs[0]
+        return out
 
     def prepare_inputs(self, batch) -> StepInputs:
         """Host int32 arrays: input_ids, positions, logits_indices, and the attention metadata."""
-        return build_step_inputs(batch, self.block_size, self.host_tables)
+        return build_step_inputs(batch, self.block_size, self.host_tables, self._last_rows)
 
-    def _forward_eager(self, inputs: StepInputs):
+    def _forward_eager(self, inputs: StepInputs, prev):
         flat, where = inputs.pack()
         dev = self.ops.from_host(flat)  # the step's one host -> device copy
         view = {name: dev[s] for name, s in where.items()}
+        if prev is not None:
+            self.ops.resolve_placeholders(view["input_ids"], prev)
         host = inputs.meta
         arrays = dict(slot_mapping=view["slot_mapping"], query_start_loc=view["query_start_loc"],
                       context_lens=view["context_lens"],
@@ -154,65 +248,44 @@ class ModelRunner:
     # ------------------------------------------------------------------ sampling settings
 
     def prepare_sampling(self, seqs: list) -> SamplingTensors:
-        params = [s.sampling_params for s in seqs]
-        num_rows = len(seqs)
-        # One tuple of settings per row; in a batch they are nearly always all equal (one
-        # request's defaults, or a benchmark's), and then each column is one np.full.
-        rows = [(p.temperature, p.top_k, p.top_p, p.min_p, p.presence_penalty,
-                 p.frequency_penalty, p.repetition_penalty, p.logprobs or 0, p.min_tokens,
-                 bool(p.logit_bias)) for p in params]
-        if rows.count(rows[0]) == num_rows:
-            columns = [np.full(num_rows, v, np.float64) for v in rows[0]]
-        else:
-            columns = list(np.array(rows, np.float64).T)
+        """Settings of the rows that sample (sampling_inputs.py), placeholders included."""
+        return sampling_tensors(seqs, self.model_config.vocab_size, self.eos_token_ids,
+                                self._last_rows)
+
+
+class StepHandle:
+    """A launched step. result() waits for its sampled ids (None when no row sampled)."""
+
+    __slots__ = ("_pending", "_runner", "_timing")
+
+    def __init__(self, pending, runner: ModelRunner, timing):
+        self._pending, self._runner, self._timing = pending, runner, timing
+
+    def result(self) -> SamplerOutput | None:
         try:
-            seeds = np.array([s.seed for s in seqs], np.uint64)  # (R,)
-        except OverflowError:  # a seed outside [0, 2**64): its low 64 bits
-            seeds = np.array([s.seed & 0xFFFFFFFFFFFFFFFF for s in seqs], np.uint64)
-        t = SamplingTensors(
-            temperature=columns[0].astype(np.float32),
-            top_k=columns[1].astype(np.int32),
-            top_p=columns[2].astype(np.float32),
-            min_p=columns[3].astype(np.float32),
-            seeds=seeds,
-            steps=np.fromiter((len(s.token_ids) - s.num_prompt_tokens for s in seqs), np.uint32,
-                              num_rows),
-            presence_penalty=columns[4].astype(np.float32),
-            frequency_penalty=columns[5].astype(np.float32),
-            repetition_penalty=columns[6].astype(np.float32),
-            num_logprobs=int(columns[7].max()),
-        )
-        uses_penalties = (columns[4] != 0) | (columns[5] != 0) | (columns[6] != 1)  # (R,)
-        if uses_penalties.any():
-            # Rows without penalties stay all -1: they cost nothing in the penalty pass.
-            t.prompt_ids = _pad([s.prompt_token_ids if u else []
-                                 for s, u in zip(seqs, uses_penalties.tolist(), strict=True)])
-            t.output_ids = _pad([s.output_token_ids if u else []
-                                 for s, u in zip(seqs, uses_penalties.tolist(), strict=True)])
-        if columns[8].any() or columns[9].any():  # some row has min_tokens or a logit_bias
-            biases = [self._row_bias(s) for s in seqs]
-            if any(biases):
-                width = max(len(b) for b in biases)
-                t.bias_ids = np.full((num_rows, width), -1, np.int32)  # (R, max_biases)
-                t.bias_values = np.zeros((num_rows, width), np.float32)  # (R, max_biases)
-                for r, bias in enumerate(biases):
-                    t.bias_ids[r, : len(bias)] = list(bias.keys())
-                    t.bias_values[r, : len(bias)] = list(bias.values())
-        return t
-
-    def _row_bias(self, seq) -> dict[int, float]:
-        p = seq.sampling_params
-        bias = dict(p.logit_bias)
-        if seq.num_output_tokens < p.min_tokens:
-            # min_tokens: no token that would end the sequence, whatever ignore_eos says.
-            for token_id in (*self.eos_token_ids, *p.stop_token_ids):
-                bias[token_id] = -np.inf
-        return bias
+            out = None if self._pending is None else self._pending.wait()
+        except Exception as e:  # the device failed while running the step
+            self._runner.raise_if_fatal(e)
+            raise
+        if self._timing is not None:
+            ops = self._runner.ops
+            ops.wait_event(self._timing[1])
+            self._runner.gpu_step_times.append(ops.elapsed_s(*self._timing))
+            self._timing = None
+        self._pending = None
+        return out
 
 
-def _pad(rows: list[list[int]]) -> np.ndarray:
-    """(R, max(1, longest row)) int32, padded with -1."""
-    out = np.full((len(rows), max(1, max(len(r) for r in rows))), -1, np.int32)
-    for r, ids in enumerate(rows):
-        out[r, : len(ids)] = ids
-    return out
+class _HostSample:
+    """Rows sampled one by one (the fallback): known at once. The ids the next step's
+    placeholders read go to the device, a failed row's -1 as 0: its request fails, and what the
+    next step computes for it is dropped."""
+
+    __slots__ = ("out", "token_ids")
+
+    def __init__(self, out: SamplerOutput, ops):
+        self.out = out
+        self.token_ids = ops.from_host(np.maximum(out.token_ids, 0).astype(np.int32))
+
+    def wait(self) -> SamplerOutput:
+        return self.out

@@ -5,6 +5,11 @@ the step) and n = batch.num_new_tokens[i]; it samples iff batch.is_sampling[i]. 
 sequence a few times (its counters, its new tokens); positions, slots and logits rows are array
 arithmetic. Block tables are the one per-step input that is big (B x blocks per sequence), so they
 are kept as rows of a persistent array and only the blocks a sequence gained are copied.
+
+Overlapped steps: a sequence whose last sampled token is still on the device (pending, see
+engine/core/scheduler.py: num_computed_tokens == len(token_ids)) gets a placeholder input id,
+`placeholder(row)` = -2 - row, where row is its row in the previous step's sampled ids; the runner
+resolves it on the device before the forward (ops.resolve_placeholders). -1 stays free for padding.
 """
 
 from __future__ import annotations
@@ -24,6 +29,7 @@ class StepInputs:
     logits_indices: np.ndarray  # (R,) int32, rows of the flat batch that sample
     meta: AttentionMetadata  # host arrays
     samples: np.ndarray  # (B,) bool, which sequences sample this step
+    num_placeholders: int = 0  # input ids that are rows of the previous step's sampled ids
 
     @property
     def is_decode_only(self) -> bool:
@@ -101,24 +107,48 @@ class HostBlockTables:
         return entry
 
 
-def build_step_inputs(batch, block_size: int, tables: HostBlockTables) -> StepInputs:
+def placeholder(row: int) -> int:
+    """The input id standing for row `row` of the previous step's sampled ids."""
+    return -2 - row
+
+
+def build_step_inputs(batch, block_size: int, tables: HostBlockTables,
+                      pending_rows: dict[int, int] | None = None) -> StepInputs:
+    """`pending_rows`: seq_id -> row in the previous step's sampled ids, for the sequences of the
+    batch whose last token is pending (none in a synchronous loop)."""
     seqs, num_new = batch.seqs, batch.num_new_tokens
     num_seqs = len(seqs)
     computed = np.fromiter((s.num_computed_tokens for s in seqs), np.int32, num_seqs)  # (B,)
+    lengths = np.fromiter((len(s.token_ids) for s in seqs), np.int32, num_seqs)  # (B,)
+    pending = computed == lengths  # (B,) the token to compute is still on the device
+    num_placeholders = int(pending.sum())
     new = np.asarray(num_new, np.int32)  # (B,)
     context_lens = computed + new  # (B,)
     query_start_loc = np.zeros(num_seqs + 1, np.int32)  # (B+1,)
     np.cumsum(new, out=query_start_loc[1:])
     num_tokens = int(query_start_loc[-1])
     if num_tokens == num_seqs:  # one token each: decodes (or 1-token prefill chunks)
-        input_ids = np.fromiter((s.token_ids[s.num_computed_tokens] for s in seqs), np.int32,
-                                num_seqs)  # (T,)
+        if num_placeholders:
+            rows = pending_rows or {}
+            input_ids = np.fromiter(
+                (s.token_ids[c] if c < len(s.token_ids) else placeholder(rows[s.seq_id])
+                 for s, c in zip(seqs, computed.tolist(), strict=True)), np.int32, num_seqs)
+        else:
+            input_ids = np.fromiter((s.token_ids[s.num_computed_tokens] for s in seqs),
+                                    np.int32, num_seqs)  # (T,)
         positions = computed
         token_seq = np.arange(num_seqs)  # (T,) sequence of each token
     else:
         chunks = (s.token_ids[c : c + n]
                   for s, c, n in zip(seqs, computed.tolist(), num_new, strict=True))
-        input_ids = np.fromiter(itertools.chain.from_iterable(chunks), np.int32, num_tokens)
+        input_ids = np.fromiter(itertools.chain.from_iterable(chunks), np.int32,
+                                num_tokens - num_placeholders)
+        if num_placeholders:  # only decodes are pending: one placeholder at their single slot
+            rows = pending_rows or {}
+            at = query_start_loc[:-1][pending]  # (P,) flat index of each pending token
+            values = [placeholder(rows[s.seq_id]) for s, p in zip(seqs, pending.tolist(),
+                                                                  strict=True) if p]
+            input_ids = np.insert(input_ids, at - np.arange(len(at)), values).astype(np.int32)
         token_seq = np.repeat(np.arange(num_seqs), new)
         positions = (np.arange(num_tokens, dtype=np.int32)
                      - (query_start_loc[:-1] - computed)[token_seq])  # (T,)
@@ -136,4 +166,4 @@ def build_step_inputs(batch, block_size: int, tables: HostBlockTables) -> StepIn
         max_context_len=int(context_lens.max()),
     )
     logits_indices = (query_start_loc[1:] - 1)[samples]  # (R,)
-    return StepInputs(input_ids, positions, logits_indices, meta, samples)
+    return StepInputs(input_ids, positions, logits_indices, meta, samples, num_placeholders)

@@ -160,7 +160,7 @@ class EngineConfig:
     model: str | None = (
         None  # HF folder, .gguf file, preset name (with load_format="dummy"), None = default
     )
-    device: str = "auto"  # auto | cuda | numpy
+    device: str = "auto"  # auto | cuda | cpu (numpy, its first name, is an alias)
     dtype: str = "auto"  # auto | float16 | bfloat16 | float32
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     max_num_seqs: int = 256
@@ -170,11 +170,17 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
+    # Schedule step N+1 while step N runs on the device (engine/engine.py). None: on for cuda,
+    # off for numpy (where the host is the device, so nothing overlaps).
+    async_scheduling: bool | None = None
     load_format: str = "auto"  # auto | dummy
     seed: int = 0
+    # BLAS threads of the host's numpy; 1 measured fastest on a busy 2-core machine (see
+    # engine/executor/ops/__init__.py set_cpu_threads); more help long prompts on idle cores.
+    cpu_threads: int = 1
 
     def validate(self):
-        positive = ("max_num_seqs", "max_num_batched_tokens", "block_size")
+        positive = ("max_num_seqs", "max_num_batched_tokens", "block_size", "cpu_threads")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
@@ -182,12 +188,15 @@ class EngineConfig:
             raise ConfigError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ConfigError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.async_scheduling not in (None, True, False):
+            raise ConfigError("async_scheduling must be True, False or None (auto), got "
+                              f"{self.async_scheduling!r}")
         if not 0 < self.gpu_memory_utilization <= 1:
             raise ConfigError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
             )
         choices = {
-            "device": ("auto", "cuda", "numpy"),
+            "device": ("auto", "cuda", "cpu", "numpy"),
             "dtype": ("auto", "float16", "bfloat16", "float32"),
             "load_format": ("auto", "dummy"),
         }

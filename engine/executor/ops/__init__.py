@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.model.config import ConfigError
+
 
 @dataclass
 class AttentionMetadata:
@@ -48,9 +50,12 @@ class SamplingTensors:
       2. penalties on the logits (vLLM's definitions): repetition over prompt and output tokens,
          then frequency and presence over output tokens.
       3. logit_bias is added (min_tokens enters here as a -inf bias on stop ids).
-      4. temperature == 0: greedy argmax (lowest id on ties). Otherwise divide by temperature,
-         softmax, keep p >= k-th largest p (top_k), keep p >= smallest p whose strictly larger
-         mass < top_p (top_p), keep p >= min_p * max p (min_p); all three keep ties.
+      4. temperature == 0: greedy argmax (lowest id on ties). Otherwise exp((logit - max) /
+         temperature), normalized; keep p >= k-th largest p (top_k), keep p >= smallest p whose
+         strictly larger mass < top_p (top_p), keep p >= min_p * max p (min_p); all three keep
+         ties, and the largest p is always kept. A row with every logit -inf takes the argmax.
+         Every float32 value is valid (a 0 top_p, a denormal temperature, an inf or 0
+         repetition penalty): the sampler clamps rather than fails.
       5. draw: u = uniform(seed, step) from a counter-based hash; the token is the first id whose
          running sum (in id order) of kept p exceeds u * (sum of kept p). So a row's draws depend
          only on its seed and step, never on the rest of the batch.
@@ -84,30 +89,87 @@ class SamplerOutput:
     logprobs: np.ndarray  # (R,) float32, raw logprob of each chosen token
     top_ids: np.ndarray | None = None  # (R, num_logprobs) int32
     top_logprobs: np.ndarray | None = None  # (R, num_logprobs) float32
+    # Rows whose sampling raised (the runner retries row by row): row -> the cause; token -1.
+    errors: dict[int, str] | None = None
 
 
-def get_ops(device: str, dtype: str = "float32"):
-    """The backend for `device` ('numpy' or 'cuda'); cupy is imported only for 'cuda'."""
-    if device == "numpy":
+class DeviceError(RuntimeError):
+    """The chosen device cannot run on this machine (no CuPy, no GPU); the message says which."""
+
+
+# The name users type (and vLLM's) for the numpy backend, and the alias it had first.
+CPU_NAMES = ("cpu", "numpy")
+
+
+def get_ops(device: str, dtype: str = "float32", cpu_threads: int = 1):
+    """The backend for `device` ('cpu'/'numpy' or 'cuda'); cupy is imported only for 'cuda'.
+
+    `cpu_threads` caps the BLAS threads of the host's numpy (every backend does some host work).
+    """
+    set_cpu_threads(cpu_threads)
+    if device in CPU_NAMES:
+        if dtype not in ("auto", "float32"):
+            raise ConfigError(f"dtype {dtype!r} runs only on the cuda backend; the cpu backend "
+                              "computes in float32 (use dtype 'auto' or 'float32')")
         from engine.executor.ops.numpy_ops import NumpyOps
 
         return NumpyOps()
     if device == "cuda":
+        if dtype == "float32":
+            raise ConfigError("dtype 'float32' runs only on the cpu backend; the cuda backend "
+                              "computes in 'float16' or 'bfloat16'")
+        check_cuda()
         from engine.executor.ops.cuda_ops import CudaOps
 
         return CudaOps(dtype)
-    raise ValueError(f"device must be 'numpy' or 'cuda', got {device!r}")
+    raise ValueError(f"device must be 'cpu', 'numpy' or 'cuda', got {device!r}")
+
+
+def set_cpu_threads(num_threads: int):
+    """Process-wide: OpenBLAS has one thread pool. Measured on a 2-core machine serving the
+    default model next to another CPU-bound process, 1 thread decoded at 15-19 tok/s and 2 at
+    8-9 (the threads wait on each other), hence EngineConfig's default of 1."""
+    from threadpoolctl import threadpool_limits
+
+    threadpool_limits(limits=num_threads, user_api="blas")
+
+
+def check_cuda():
+    """Raise DeviceError naming what is missing when CuPy or a GPU is not there."""
+    try:
+        import cupy
+    except ImportError:
+        raise DeviceError(f"device 'cuda' needs CuPy, which is not installed; install it with "
+                          f"pip install 'pagedserve[{cuda_extra()}]'") from None
+    try:
+        num_gpus = cupy.cuda.runtime.getDeviceCount()
+    except Exception as e:  # CUDARuntimeError: no driver, or a driver too old for this CuPy
+        raise DeviceError(f"device 'cuda': CuPy cannot reach a GPU ({e})") from None
+    if num_gpus == 0:
+        raise DeviceError("device 'cuda': CuPy sees no NVIDIA GPU")
+
+
+def cuda_extra() -> str:
+    """The pagedserve extra matching the NVIDIA driver (asked through libcuda, without CuPy):
+    'cuda13' for a driver that runs CUDA 13, else 'cuda12'."""
+    import ctypes
+
+    version = ctypes.c_int(0)
+    try:
+        ctypes.CDLL("libcuda.so.1").cuDriverGetVersion(ctypes.byref(version))
+    except (OSError, AttributeError):
+        return "cuda12"  # no driver to ask; the more common one
+    return "cuda13" if version.value >= 13000 else "cuda12"
 
 
 def resolve_device(device: str) -> str:
-    """'auto' -> 'cuda' when CuPy is installed and sees a GPU, else 'numpy'."""
+    """'auto' -> 'cuda' when CuPy is installed and sees a GPU, else 'numpy'; 'cpu' -> 'numpy'."""
+    if device in CPU_NAMES:
+        return "numpy"
     if device != "auto":
         return device
     try:
-        import cupy
-
-        if cupy.cuda.runtime.getDeviceCount() > 0:
-            return "cuda"
-    except Exception:  # no cupy, no driver, or no device: all mean "run on the CPU"
-        pass
-    return "numpy"
+        check_cuda()
+    except DeviceError:  # no cupy, no driver, or no device: all mean "run on the CPU"
+        return "numpy"
+    return "cuda"

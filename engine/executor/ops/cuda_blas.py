@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import weakref
 
 import cupy
 
@@ -41,7 +42,18 @@ class Gemm:
         self._set_stream.argtypes = [p, p]
         self._set_workspace = lib.cublasSetWorkspace_v2
         self._set_workspace.argtypes = [p, p, ctypes.c_size_t]
-        self.handle = cupy.cuda.device.get_cublas_handle()
+        destroy = lib.cublasDestroy_v2
+        destroy.argtypes = [p]
+        # NOTE: a handle of its own, not CuPy's per-device one: the workspace set below would
+        # otherwise stay on the shared handle after this Gemm (and its workspace) is gone, and
+        # the next user of that handle - another engine, or CuPy - would write freed memory.
+        handle = ctypes.c_void_p()
+        self._check(lib.cublasCreate_v2(ctypes.byref(handle)), "cublasCreate_v2")
+        self.handle = handle.value
+        # Destroyed by close(), or when this Gemm is collected; not at interpreter exit, when
+        # the CUDA context may already be gone.
+        self._destroy = weakref.finalize(self, destroy, self.handle)
+        self._destroy.atexit = False
         # A fixed workspace: cuBLAS must not allocate while a CUDA graph is being captured.
         self._workspace = cupy.empty(WORKSPACE_BYTES, cupy.uint8)
         self._stream = None  # the stream the handle was last bound to
@@ -57,6 +69,12 @@ class Gemm:
         self._check(self._set_workspace(self.handle, self._workspace.data.ptr, WORKSPACE_BYTES),
                     "cublasSetWorkspace_v2")
         self._stream = stream_ptr
+
+    def close(self) -> None:
+        """Destroy the handle and let the workspace go (idempotent); the caller has synchronized."""
+        if self._destroy.alive:
+            self._check(self._destroy(), "cublasDestroy_v2")
+        self.handle = self._workspace = None
 
     @staticmethod
     def _check(status: int, what: str):

@@ -31,7 +31,7 @@ def cuda_dir() -> Path:
 def kernel_names(file: str, ctype: str) -> list[str]:
     """Every kernel instance of `file` for the compute type `ctype`."""
     if file == "gather.cu":
-        return ["gather_rows_kernel", f"from_float_kernel<{ctype}>"]
+        return ["gather_rows_kernel", "resolve_placeholders_kernel", f"from_float_kernel<{ctype}>"]
     if file == "activation.cu":
         return [f"silu_and_mul_kernel<{ctype}>", f"add_bias_kernel<{ctype}>"]
     if file == "rms_norm.cu":

@@ -7,6 +7,8 @@ so each wrapper checks shapes, dtypes and contiguity before it launches.
 
 from __future__ import annotations
 
+import gc
+
 import cupy
 import numpy as np
 
@@ -18,10 +20,11 @@ from engine.executor.ops.cuda_attention import (
 )
 from engine.executor.ops.cuda_blas import Gemm
 from engine.executor.ops.cuda_kernels import CTYPES, HEAD_DIMS, kernel, kernel_names
-from engine.executor.ops.cuda_sampling import sample_on_device
+from engine.executor.ops.cuda_sampling import DeviceSample, sample_on_device
 
 DTYPES = {"float16": np.float16, "bfloat16": np.uint16}
 _NULL = np.uint64(0)
+_OUT_OF_MEMORY = 2  # cudaErrorMemoryAllocation and CUDA_ERROR_OUT_OF_MEMORY alike
 
 
 def _i32(v) -> np.int32:
@@ -55,6 +58,16 @@ class CudaOps:
         for file in ("gather.cu", "activation.cu", "rms_norm.cu", "rope.cu", "kv_cache.cu",
                      "attention.cu"):
             kernel(file, _first_name(file, self.ctype), self.ctype)  # compile now, fail early
+
+    @staticmethod
+    def is_fatal(error: BaseException) -> bool:
+        """Whether `error` leaves the backend unusable. A CUDA runtime or driver error other
+        than out-of-memory is sticky (an illegal address poisons the whole context: every later
+        call fails too), so the engine cannot go on; an OOM fails a step, not the engine."""
+        if isinstance(error, (cupy.cuda.runtime.CUDARuntimeError,
+                              cupy.cuda.driver.CUDADriverError)):
+            return error.status != _OUT_OF_MEMORY
+        return False
 
     # ---------------------------------------------------------------- checks
 
@@ -128,6 +141,14 @@ class CudaOps:
 
     def kv_bytes_per_token(self, num_layers, num_kv_heads, head_dim) -> int:
         return 2 * num_layers * num_kv_heads * head_dim * 2
+
+    def copy_blocks(self, kv_cache, copies: list[tuple[int, int]]) -> None:
+        """kv_cache[:, :, dst] = kv_cache[:, :, src] for every (src, dst), every layer, k and v.
+        Only forks (n > 1) copy, one small gather per step that has any: CuPy's indexing is
+        enough, no kernel of its own."""
+        self._check(kv_cache, "kv_cache", 6)
+        src, dst = cupy.asarray(np.array(copies, np.int64).reshape(-1, 2).T)
+        kv_cache[:, :, dst] = kv_cache[:, :, src]
 
     # ---------------------------------------------------------------- layers
 
@@ -264,13 +285,48 @@ class CudaOps:
 
     def sample(self, logits, tensors: SamplingTensors) -> SamplerOutput:
         # logits (R, vocab): float32, or the compute dtype straight from the lm_head GEMM
+        return self.sample_start(logits, tensors).wait()
+
+    def sample_start(self, logits, tensors: SamplingTensors,
+                     prev_sampled: cupy.ndarray | None = None) -> DeviceSample:
+        """Queue the sampling; .wait() on the answer reads it. `prev_sampled` (the previous
+        step's DeviceSample.token_ids) resolves placeholders among the penalties' output ids."""
         if isinstance(logits, np.ndarray):
             logits = cupy.asarray(np.ascontiguousarray(logits, np.float32))
         ctype = _LOGIT_CTYPES.get(np.dtype(logits.dtype))
         if ctype is None:
             raise TypeError(f"logits: unsupported dtype {logits.dtype}")
         self._check(logits, "logits", 2, logits.dtype)
-        return sample_on_device(logits, tensors, ctype)
+        resolve = None
+        if prev_sampled is not None:
+            def resolve(ids):
+                self.resolve_placeholders(ids, prev_sampled)
+        return DeviceSample(sample_on_device(logits, tensors, ctype, resolve))
+
+    def resolve_placeholders(self, ids, prev_sampled) -> None:
+        """In place on the device: placeholder ids (<= -2) become the previous step's sampled
+        ids (numpy_ops.resolve_placeholders is the twin)."""
+        # ids (N,) int32; prev_sampled (R,) or (R, W) int32, column 0 the ids
+        self._check(ids, "ids", 1, np.int32)
+        self._check(prev_sampled, "prev_sampled", None, np.int32)
+        if prev_sampled.ndim not in (1, 2):
+            raise ValueError(f"prev_sampled: expected 1 or 2 dimensions, got {prev_sampled.shape}")
+        stride = 1 if prev_sampled.ndim == 1 else prev_sampled.shape[1]
+        if len(ids):
+            kernel("gather.cu", "resolve_placeholders_kernel", self.ctype)(
+                _grid(len(ids), 256), (256,), (ids, prev_sampled, _i32(len(ids)), _i32(stride)))
+
+    def record_event(self) -> cupy.cuda.Event:
+        """An event on the current stream, for timing the device (benchmarks)."""
+        event = cupy.cuda.Event()
+        event.record()
+        return event
+
+    def wait_event(self, event: cupy.cuda.Event) -> None:
+        event.synchronize()
+
+    def elapsed_s(self, start: cupy.cuda.Event, end: cupy.cuda.Event) -> float:
+        return cupy.cuda.get_elapsed_time(start, end) / 1e3
 
     def apply_token_bitmask(self, logits, bitmask: np.ndarray):
         """Disallowed tokens' logits -> -inf, in place (numpy_ops has the twin); returns logits.
@@ -308,6 +364,16 @@ class CudaOps:
 
     def synchronize(self):
         cupy.cuda.get_current_stream().synchronize()
+
+    def close(self) -> None:
+        """Release what this backend holds (its cuBLAS handle and workspace), then hand the
+        memory pools' free blocks back to the driver. The caller has dropped every array it
+        made (weights, KV cache, graphs) first, or their blocks stay in use."""
+        cupy.cuda.Device().synchronize()
+        self._gemm.close()
+        gc.collect()  # arrays caught in reference cycles would otherwise hold their blocks
+        cupy.get_default_memory_pool().free_all_blocks()
+        cupy.get_default_pinned_memory_pool().free_all_blocks()
 
 
 # Logits arrive in fp32 or the compute dtype (bf16 stored as uint16).

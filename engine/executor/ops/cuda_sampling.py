@@ -1,4 +1,9 @@
-"""Sampling on the GPU (cuda/sampling.cu): numpy_sampling.sample's semantics, one sync a step."""
+"""Sampling on the GPU (cuda/sampling.cu): numpy_sampling.sample's semantics.
+
+The sampled ids stay on the device (the next overlapped step's placeholders read them there) and
+reach the host through a copy into pinned memory followed by an event: DeviceSample.wait() is the
+step's one host <-> device sync, and it can come after the next step is launched.
+"""
 
 from __future__ import annotations
 
@@ -37,13 +42,17 @@ def _ids(a) -> tuple:
     return cupy.asarray(a), a.shape[1]
 
 
-def sample_on_device(logits: cupy.ndarray, t: SamplingTensors, ctype: str) -> SamplerOutput:
+def sample_on_device(logits: cupy.ndarray, t: SamplingTensors, ctype: str,
+                     resolve=None) -> cupy.ndarray:
+    """Queue the penalties, bias and draw; (R, 2 + 2 * num_logprobs) int32 on the device: per row
+    the id, its logprob's bits, then the top ids and their logprobs' bits.
+
+    resolve(ids): replaces placeholders among the penalties' output ids (overlapped steps)."""
     # logits (R, vocab), float32 / half / bf16 as uint16
     rows, vocab = logits.shape
     n_lp = int(t.num_logprobs)
     if rows == 0:
-        empty = np.empty(0, np.int32)
-        return SamplerOutput(empty, np.empty(0, np.float32))
+        return cupy.empty((0, 2 + 2 * n_lp), cupy.int32)
     params = cupy.asarray(pack_params(t))
     i32 = np.int32
     adjusted = np.uint64(0)
@@ -54,6 +63,8 @@ def sample_on_device(logits: cupy.ndarray, t: SamplingTensors, ctype: str) -> Sa
             counts = cupy.zeros((rows, vocab), cupy.int32)
             prompt, p_len = _ids(t.prompt_ids)
             output, o_len = _ids(t.output_ids)
+            if resolve is not None and o_len:
+                resolve(output.reshape(-1))
             kernel("sampling.cu", "penalty_counts_kernel")(
                 (rows,), (256,), (counts, prompt, output, i32(p_len), i32(o_len), i32(vocab)))
         adjusted = cupy.empty((rows, vocab), cupy.float32)
@@ -68,9 +79,36 @@ def sample_on_device(logits: cupy.ndarray, t: SamplingTensors, ctype: str) -> Sa
     result = cupy.empty((rows, 2 + 2 * n_lp), cupy.int32)
     kernel("sampling.cu", f"sample_kernel<{ctype}>")(
         (rows,), (1024,), (result, probs, logits, adjusted, params, i32(vocab), i32(n_lp)))
-    host = cupy.asnumpy(result)  # the step's one device -> host sync
-    out = SamplerOutput(host[:, 0].copy(), host[:, 1].copy().view(np.float32))
-    if n_lp > 0:
-        out.top_ids = host[:, 2 : 2 + n_lp].copy()
-        out.top_logprobs = host[:, 2 + n_lp :].copy().view(np.float32)
-    return out
+    return result
+
+
+class DeviceSample:
+    """Sampled ids on their way to the host: a copy into pinned memory, then an event."""
+
+    __slots__ = ("token_ids", "_mem", "_host", "_event")
+
+    def __init__(self, result: cupy.ndarray):
+        # result (R, 2 + 2 * num_logprobs) int32, from sample_on_device
+        self.token_ids = result  # column 0: what the next step's placeholders read
+        stream = cupy.cuda.get_current_stream()
+        # A buffer of its own from CuPy's pinned pool: the step after this one copies into
+        # another while this one may still be unread (that is the double buffering).
+        self._mem = cupy.cuda.alloc_pinned_memory(max(4, result.nbytes))
+        self._host = np.frombuffer(self._mem, np.int32, result.size).reshape(result.shape)
+        if result.size:
+            cupy.cuda.runtime.memcpyAsync(self._host.ctypes.data, result.data.ptr, result.nbytes,
+                                          cupy.cuda.runtime.memcpyDeviceToHost, stream.ptr)
+        self._event = cupy.cuda.Event(disable_timing=True)
+        self._event.record(stream)
+
+    def wait(self) -> SamplerOutput:
+        """The SamplerOutput once the copy has landed (blocks until then)."""
+        self._event.synchronize()
+        host = self._host
+        n_lp = (host.shape[1] - 2) // 2
+        out = SamplerOutput(host[:, 0].copy(), host[:, 1].copy().view(np.float32))
+        if n_lp > 0:
+            out.top_ids = host[:, 2 : 2 + n_lp].copy()
+            out.top_logprobs = host[:, 2 + n_lp :].copy().view(np.float32)
+        self._host = self._mem = None  # back to the pool: nothing writes it any more
+        return out

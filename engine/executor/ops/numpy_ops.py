@@ -6,6 +6,8 @@ tests hold each cuda kernel to the function of the same name here.
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 
 from engine.executor.ops import AttentionMetadata, SamplerOutput, SamplingTensors
@@ -15,6 +17,14 @@ from engine.executor.ops.numpy_sampling import sample
 class NumpyOps:
     name = "numpy"
     dtype = "float32"
+
+    @staticmethod
+    def is_fatal(error: BaseException) -> bool:
+        """Whether `error` leaves the backend unusable: never on the CPU."""
+        return False
+
+    def close(self) -> None:
+        """Nothing to release: numpy arrays go with their last reference."""
 
     # ---------------------------------------------------------------- memory
 
@@ -42,6 +52,11 @@ class NumpyOps:
 
     def kv_bytes_per_token(self, num_layers, num_kv_heads, head_dim) -> int:
         return 2 * num_layers * num_kv_heads * head_dim * 4
+
+    def copy_blocks(self, kv_cache: np.ndarray, copies: list[tuple[int, int]]) -> None:
+        """kv_cache[:, :, dst] = kv_cache[:, :, src] for every (src, dst), every layer, k and v."""
+        src, dst = np.array(copies, np.int64).reshape(-1, 2).T
+        kv_cache[:, :, dst] = kv_cache[:, :, src]
 
     # ---------------------------------------------------------------- layers
 
@@ -139,7 +154,29 @@ class NumpyOps:
 
     def sample(self, logits: np.ndarray, tensors: SamplingTensors) -> SamplerOutput:
         # logits (R, vocab) float32
-        return sample(np.asarray(logits, np.float32), tensors)
+        return self.sample_start(logits, tensors).wait()
+
+    def sample_start(self, logits: np.ndarray, tensors: SamplingTensors,
+                     prev_sampled: np.ndarray | None = None) -> ReadySample:
+        """Sample now (numpy has no device to wait for); `prev_sampled` resolves placeholders
+        among the penalties' output ids (step_inputs.placeholder)."""
+        if prev_sampled is not None and tensors.output_ids is not None:
+            tensors.output_ids = tensors.output_ids.copy()
+            resolve_placeholders(tensors.output_ids.reshape(-1), prev_sampled)
+        return ReadySample(sample(np.asarray(logits, np.float32), tensors))
+
+    def resolve_placeholders(self, ids: np.ndarray, prev_sampled: np.ndarray) -> None:
+        resolve_placeholders(ids, prev_sampled)
+
+    def record_event(self) -> float:
+        """A point in time of this backend's device, the CPU: steps run as they are launched."""
+        return time.perf_counter()
+
+    def wait_event(self, event: float) -> None:
+        pass
+
+    def elapsed_s(self, start: float, end: float) -> float:
+        return end - start
 
     def apply_token_bitmask(self, logits: np.ndarray, bitmask: np.ndarray) -> np.ndarray:
         """Disallowed tokens' logits -> -inf, in place; returns `logits`.
@@ -154,6 +191,32 @@ class NumpyOps:
 
     def synchronize(self):
         pass
+
+
+class ReadySample:
+    """sample_start's answer: on numpy the ids are known at once."""
+
+    __slots__ = ("out",)
+
+    def __init__(self, out: SamplerOutput):
+        self.out = out
+
+    @property
+    def token_ids(self) -> np.ndarray:
+        """(R,) int32: what the next step's placeholders read."""
+        return self.out.token_ids
+
+    def wait(self) -> SamplerOutput:
+        return self.out
+
+
+def resolve_placeholders(ids: np.ndarray, sampled: np.ndarray) -> None:
+    """In place: each id <= -2 becomes sampled[-2 - id] (column 0 if `sampled` is (R, W))."""
+    # ids (N,) int32, sampled (R,) or (R, W) int32
+    held = ids <= -2
+    if held.any():
+        column = sampled if sampled.ndim == 1 else sampled[:, 0]
+        ids[held] = column[-2 - ids[held]]
 
 
 def _split_heads(qkv: np.ndarray, num_heads: int, num_kv_heads: int, head_dim: int):

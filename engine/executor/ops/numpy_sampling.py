@@ -10,6 +10,8 @@ import numpy as np
 from engine.executor.ops import SamplerOutput, SamplingTensors
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
+FLT_MIN = np.finfo(np.float32).tiny
+FLT_MAX = np.finfo(np.float32).max
 
 
 def mix64(x: np.ndarray) -> np.ndarray:
@@ -35,7 +37,11 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def apply_penalties(logits: np.ndarray, t: SamplingTensors) -> np.ndarray:
-    """vLLM's penalties: repetition over prompt+output tokens, frequency/presence over output."""
+    """vLLM's penalties: repetition over prompt+output tokens, frequency/presence over output.
+
+    NOTE: a repetition penalty of 1e-50 is 0 in float32 and 1e50 is inf, and dividing by either
+    would put inf or nan into the row: the penalty is clamped to [FLT_MIN, FLT_MAX] and the
+    penalized logits to [-FLT_MAX, FLT_MAX], so every row stays finite."""
     logits = logits.copy()
     num_rows, vocab = logits.shape
     for r in range(num_rows):
@@ -48,11 +54,12 @@ def apply_penalties(logits: np.ndarray, t: SamplingTensors) -> np.ndarray:
                 prompt = t.prompt_ids[r]
                 seen[prompt[prompt >= 0]] = True
             row = logits[r]
-            penalty = t.repetition_penalty[r]
-            row[seen] = np.where(row[seen] > 0, row[seen] / penalty, row[seen] * penalty)
+            penalty = np.clip(t.repetition_penalty[r], FLT_MIN, FLT_MAX)
+            with np.errstate(over="ignore"):
+                row[seen] = np.where(row[seen] > 0, row[seen] / penalty, row[seen] * penalty)
         logits[r] -= t.frequency_penalty[r] * counts
         logits[r] -= t.presence_penalty[r] * (counts > 0)
-    return logits
+    return np.clip(logits, -FLT_MAX, FLT_MAX)
 
 
 def filter_probs(probs: np.ndarray, top_k: int, top_p: float, min_p: float) -> np.ndarray:
@@ -66,8 +73,10 @@ def filter_probs(probs: np.ndarray, top_k: int, top_p: float, min_p: float) -> n
     if top_p < 1.0:
         # Smallest p whose strictly-larger mass is < top_p; the first of a run of ties in `ordered`
         # has exactly the strictly-larger mass before it.
+        # top_p below float32's smallest denormal is 0 and keeps nothing by that rule: the largest
+        # p is kept whatever top_p is, which is the rule's limit as top_p goes to 0.
         mass_before = np.cumsum(ordered) - ordered
-        keep &= probs >= ordered[mass_before < top_p].min()
+        keep &= probs >= ordered[mass_before < top_p].min(initial=ordered[0])
     if min_p > 0.0:
         keep &= probs >= min_p * ordered[0]
     return np.where(keep, probs, 0.0).astype(np.float32)
@@ -88,17 +97,26 @@ def sample(logits: np.ndarray, t: SamplingTensors) -> SamplerOutput:
     token_ids = np.empty(num_rows, np.int32)
     u = uniform(t.seeds, t.steps)
     for r in range(num_rows):
-        if t.temperature[r] == 0:
-            token_ids[r] = np.argmax(logits[r])
+        row = logits[r]
+        top = row.max()
+        # A row whose every token is banned (-inf) has no distribution: its argmax is id 0.
+        if t.temperature[r] == 0 or not np.isfinite(top):
+            token_ids[r] = np.argmax(row)
             continue
-        scaled = logits[r] / t.temperature[r]
-        probs = np.exp(scaled - scaled.max())
+        # NOTE: the max is subtracted before dividing, so a temperature of 1e-40 (a float32
+        # denormal) sends every other logit to -inf instead of overflowing to inf - inf = nan.
+        temperature = min(t.temperature[r], FLT_MAX)
+        with np.errstate(over="ignore"):
+            probs = np.exp((row - top) / temperature)
         probs = filter_probs(probs / probs.sum(), int(t.top_k[r]), float(t.top_p[r]),
                              float(t.min_p[r]))
         cumulative = np.cumsum(probs, dtype=np.float32)
         chosen = int(np.searchsorted(cumulative, u[r] * cumulative[-1], side="right"))
         # Never pick a filtered-out token, even where float rounding lands on the boundary.
         kept = np.flatnonzero(probs)
+        if not len(kept):  # nothing survived the filters: the argmax, never an error
+            token_ids[r] = np.argmax(row)
+            continue
         token_ids[r] = kept[np.searchsorted(kept, min(chosen, kept[-1]))]
 
     out = SamplerOutput(token_ids, raw_logprobs[np.arange(num_rows), token_ids].astype(np.float32))

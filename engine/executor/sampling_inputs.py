@@ -1,0 +1,100 @@
+"""The sampling settings of a step's rows as SamplingTensors (ops/__init__.py), built on the
+host while the forward runs.
+
+A row whose last token is pending (overlapped steps: it sampled in the previous launch and
+num_computed_tokens == len(token_ids)) counts that token in its seed step and min_tokens, and
+carries its placeholder (step_inputs.placeholder) among its penalties' output ids; the sampler
+resolves it on the device from the previous step's sampled ids.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from engine.executor.ops import SamplingTensors
+from engine.executor.step_inputs import placeholder
+
+
+def sampling_tensors(seqs: list, vocab_size: int, eos_token_ids: list[int],
+                     pending_rows: dict[int, int]) -> SamplingTensors:
+    """Settings of the rows that sample. `pending_rows`: seq_id -> row of the previous step's
+    sampled ids, for the rows whose last token is pending."""
+    params = [s.sampling_params for s in seqs]
+    num_rows = len(seqs)
+    # One tuple of settings per row; in a batch they are nearly always all equal (one
+    # request's defaults, or a benchmark's), and then each column is one np.full.
+    # top_k >= vocab keeps every token: capped so that a huge one fits the int32 column.
+    rows = [(p.temperature, min(p.top_k, vocab_size), p.top_p, p.min_p, p.presence_penalty,
+             p.frequency_penalty, p.repetition_penalty, p.logprobs or 0, p.min_tokens,
+             bool(p.logit_bias)) for p in params]
+    if rows.count(rows[0]) == num_rows:
+        columns = [np.full(num_rows, v, np.float64) for v in rows[0]]
+    else:
+        columns = list(np.array(rows, np.float64).T)
+    # A value past float32's range (temperature 1e300) becomes inf; the samplers clamp it.
+    with np.errstate(over="ignore"):
+        f32 = [c.astype(np.float32) for c in columns[:7]]
+    try:
+        seeds = np.array([s.seed for s in seqs], np.uint64)  # (R,)
+    except OverflowError:  # a seed outside [0, 2**64): its low 64 bits
+        seeds = np.array([s.seed & 0xFFFFFFFFFFFFFFFF for s in seqs], np.uint64)
+    t = SamplingTensors(
+        temperature=f32[0],
+        top_k=columns[1].astype(np.int32),
+        top_p=f32[2],
+        min_p=f32[3],
+        seeds=seeds,
+        steps=np.fromiter((_num_outputs(s) for s in seqs), np.uint32, num_rows),
+        presence_penalty=f32[4],
+        frequency_penalty=f32[5],
+        repetition_penalty=f32[6],
+        num_logprobs=int(columns[7].max()),
+    )
+    uses_penalties = (columns[4] != 0) | (columns[5] != 0) | (columns[6] != 1)  # (R,)
+    if uses_penalties.any():
+        # Rows without penalties stay all -1: they cost nothing in the penalty pass.
+        t.prompt_ids = _pad([s.prompt_token_ids if u else []
+                             for s, u in zip(seqs, uses_penalties.tolist(), strict=True)])
+        t.output_ids = _pad([_output_ids(s, pending_rows) if u else []
+                             for s, u in zip(seqs, uses_penalties.tolist(), strict=True)])
+    if columns[8].any() or columns[9].any():  # some row has min_tokens or a logit_bias
+        biases = [_row_bias(s, eos_token_ids) for s in seqs]
+        if any(biases):
+            width = max(len(b) for b in biases)
+            t.bias_ids = np.full((num_rows, width), -1, np.int32)  # (R, max_biases)
+            t.bias_values = np.zeros((num_rows, width), np.float32)  # (R, max_biases)
+            for r, bias in enumerate(biases):
+                t.bias_ids[r, : len(bias)] = list(bias.keys())
+                t.bias_values[r, : len(bias)] = list(bias.values())
+    return t
+
+
+def _output_ids(seq, pending_rows: dict[int, int]) -> list[int]:
+    ids = seq.output_token_ids
+    if seq.num_computed_tokens == len(seq.token_ids):  # pending: still on the device
+        ids.append(placeholder(pending_rows[seq.seq_id]))
+    return ids
+
+
+def _row_bias(seq, eos_token_ids: list[int]) -> dict[int, float]:
+    p = seq.sampling_params
+    bias = dict(p.logit_bias)
+    if _num_outputs(seq) < p.min_tokens:
+        # min_tokens: no token that would end the sequence, whatever ignore_eos says.
+        for token_id in (*eos_token_ids, *p.stop_token_ids):
+            bias[token_id] = -np.inf
+    return bias
+
+
+def _num_outputs(seq) -> int:
+    """Tokens the sequence has generated, its pending one included."""
+    pending = seq.num_computed_tokens == len(seq.token_ids)
+    return len(seq.token_ids) - seq.num_prompt_tokens + pending
+
+
+def _pad(rows: list[list[int]]) -> np.ndarray:
+    """(R, max(1, longest row)) int32, padded with -1."""
+    out = np.full((len(rows), max(1, max(len(r) for r in rows))), -1, np.int32)
+    for r, ids in enumerate(rows):
+        out[r, : len(ids)] = ids
+    return out

@@ -1,0 +1,75 @@
+"""The cuda sampler is total: parameters at the edges of float32 give valid tokens on the GPU,
+the same ones as the numpy reference where the draw is deterministic."""
+
+from __future__ import annotations
+
+import types
+
+import numpy as np
+import pytest
+from conftest import extreme_sampling_params, require_gpu
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+pytestmark = pytest.mark.gpu
+cupy = require_gpu()
+
+from engine.core.sampling_params import SamplingParams  # noqa: E402
+from engine.core.sequence import Sequence  # noqa: E402
+from engine.engine import LLMEngine  # noqa: E402
+from engine.executor.ops import numpy_sampling  # noqa: E402
+from engine.executor.ops.cuda_ops import CudaOps  # noqa: E402
+from engine.model.config import EngineConfig, ModelConfig  # noqa: E402
+from engine.model.loader import dummy_weights  # noqa: E402
+
+VOCAB = 4096
+PROMPT = {"prompt_token_ids": [(7 * j) % VOCAB for j in range(40)]}
+
+
+@pytest.fixture(scope="module")
+def engine():
+    config = ModelConfig.from_preset("qwen3-0.6b")
+    config.num_layers, config.vocab_size = 2, VOCAB
+    loaded = types.SimpleNamespace(config=config, tokenizer=None,
+                                   weights=dummy_weights(config, CudaOps("bfloat16"), seed=3))
+    return LLMEngine(EngineConfig(device="cuda", dtype="bfloat16", max_model_len=256,
+                                  max_num_seqs=8, num_kv_blocks=128, enforce_eager=True),
+                     loaded_model=loaded)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(extreme_sampling_params(VOCAB), min_size=1, max_size=4))
+def test_cuda_sampler_is_total(engine, params):
+    for i, p in enumerate(params):
+        engine.add_request(f"r{i}", PROMPT, p)
+    final = {}
+    while engine.has_unfinished_requests():
+        final.update((o.request_id, o) for o in engine.step() if o.finished)
+    assert len(final) == len(params)
+    for out in final.values():
+        assert len(out.outputs) == params[int(out.request_id[1:])].n
+        for c in out.outputs:
+            assert c.finish_reason in ("stop", "length"), c
+            assert all(0 <= t < VOCAB for t in c.token_ids), c.token_ids
+    assert engine.get_stats().kv_blocks_used == 0
+
+
+DETERMINISTIC = [  # each keeps one token (or bans all): the GPU must pick numpy's
+    dict(temperature=1e-40), dict(top_p=1e-50), dict(temperature=1e-40, top_p=1e-50, top_k=3),
+    dict(temperature=1e-40, min_p=1.0), dict(repetition_penalty=1e-50, temperature=0),
+    dict(repetition_penalty=1e50, temperature=0), dict(repetition_penalty=1e-50, top_p=1e-50),
+    dict(logit_bias={5: 100.0, 6: -100.0}, temperature=1e-30, top_k=10**30),
+    dict(stop_token_ids=list(range(VOCAB)), min_tokens=2, ignore_eos=True),  # all banned
+]
+
+
+@pytest.mark.parametrize("kw", DETERMINISTIC, ids=str)
+def test_cuda_matches_numpy_at_the_edges(engine, kw):
+    rng = np.random.default_rng(0)
+    seqs = [Sequence("x", list(rng.integers(0, VOCAB, 30)), 20, SamplingParams(**kw), seed=r)
+            for r in range(6)]
+    t = engine.runner.prepare_sampling(seqs)
+    logits = (rng.standard_normal((6, VOCAB)) * 4).astype(np.float32)
+    want = numpy_sampling.sample(logits, t).token_ids
+    got = engine.ops.sample(cupy.asarray(logits), t).token_ids
+    np.testing.assert_array_equal(got, want)

@@ -1,0 +1,118 @@
+"""Where models come from: Hugging Face ids through the local HF cache, and what the GGUF cache
+keeps (float16 for quantized tensors, float32 where float32 is the source)."""
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import GOLDEN_DIR
+
+from engine.model import gguf_loader
+
+ROOT = Path(__file__).resolve().parents[1]
+REPO = "testorg/tiny-llama"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def _hf_home(tmp_path) -> Path:
+    """An HF_HOME whose hub cache holds REPO (the golden tiny llama plus a word-level tokenizer),
+    laid out as huggingface_hub writes it: models--ORG--NAME/{refs/main, snapshots/<commit>/}."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    home = tmp_path / "hf"
+    repo = home / "hub" / f"models--{REPO.replace('/', '--')}"
+    snapshot = repo / "snapshots" / COMMIT
+    shutil.copytree(GOLDEN_DIR / "llama", snapshot, ignore=shutil.ignore_patterns("*.npz"))
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    tok = Tokenizer(models.WordLevel({f"w{i}": i for i in range(320)}, unk_token="w0"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.save(str(snapshot / "tokenizer.json"))
+    return home
+
+
+def _run(*argv, env):
+    return subprocess.run([sys.executable, "-m", "server.cli", *argv], cwd=ROOT,
+                          env={**os.environ, "PYTHONPATH": str(ROOT), **env},
+                          capture_output=True, text=True, timeout=60)
+
+
+def test_hf_id_loads_from_the_local_cache(tmp_path):
+    env = {"HF_HOME": str(_hf_home(tmp_path))}
+    result = _run("generate", "--model", REPO, "--device", "cpu", "--max-tokens", "3", "w5 w6",
+                  env=env)
+    assert result.returncode == 0, result.stderr
+    assert "[2 prompt tokens, 3 generated" in result.stderr
+
+
+def test_hf_id_not_found_offline_says_where_it_looked(tmp_path):
+    home = _hf_home(tmp_path)
+    result = _run("generate", "--model", "testorg/absent", "hi",
+                  env={"HF_HOME": str(home), "HF_HUB_OFFLINE": "1"})
+    lines = result.stderr.strip().splitlines()
+    assert result.returncode != 0 and len(lines) == 1, result.stderr
+    assert "'testorg/absent'" in lines[0] and str(home / "hub") in lines[0]
+    assert "HF_HUB_OFFLINE=1" in lines[0]
+
+
+def test_hf_id_pattern():
+    from engine.model.loader import is_hf_id
+
+    assert is_hf_id("HuggingFaceTB/SmolLM2-135M-Instruct") and is_hf_id("Qwen/Qwen3-0.6B")
+    assert not is_hf_id("qwen3-0.6b") and not is_hf_id("/abs/path") and not is_hf_id("a/b/c")
+    assert not is_hf_id(str(GOLDEN_DIR / "llama")) and not is_hf_id(None)
+
+
+def _write_gguf(path, tensors: dict):
+    """name -> (float32 array, GGML type) written as that type."""
+    import gguf
+    from gguf.quants import quantize
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    for name, (array, qtype) in tensors.items():
+        if qtype == gguf.GGMLQuantizationType.F32:
+            w.add_tensor(name, array)
+        else:
+            w.add_tensor(name, quantize(array, qtype), raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
+def test_gguf_cache_keeps_quantized_tensors_in_float16(tmp_path):
+    import gguf
+    from gguf.quants import dequantize
+
+    Q = gguf.GGMLQuantizationType
+    rng = np.random.default_rng(0)
+    matrix = rng.standard_normal((8, 64)).astype(np.float32)
+    norm = (1 + rng.standard_normal(64) * 1e-3).astype(np.float32)  # needs float32's precision
+    _write_gguf(tmp_path / "m.gguf", {"q8.weight": (matrix, Q.Q8_0), "q41.weight":
+                                      (matrix, Q.Q4_1), "norm.weight": (norm, Q.F32)})
+    reader = gguf.GGUFReader(tmp_path / "m.gguf")
+    out = gguf_loader._dequantize(reader, tmp_path / "m.gguf")
+    assert out["norm.weight"].dtype == np.float32
+    np.testing.assert_array_equal(out["norm.weight"], norm)
+    for t in reader.tensors:
+        if t.tensor_type == Q.F32:
+            continue
+        exact = dequantize(t.data, t.tensor_type).reshape(matrix.shape)
+        assert out[t.name].dtype == np.float16
+        # float16 rounding (2^-11 relative) is far below the quantization step
+        np.testing.assert_allclose(out[t.name], exact, rtol=2**-11, atol=1e-7)
+        assert np.abs(exact - matrix).max() > 10 * np.abs(out[t.name] - exact).max()
+
+
+@pytest.mark.parametrize("scale", [1e5])
+def test_gguf_values_beyond_float16_stay_float32(tmp_path, scale):
+    import gguf
+
+    big = (np.random.default_rng(1).standard_normal((4, 32)) * scale).astype(np.float32)
+    _write_gguf(tmp_path / "b.gguf", {"big.weight": (big, gguf.GGMLQuantizationType.Q8_0)})
+    out = gguf_loader._dequantize(gguf.GGUFReader(tmp_path / "b.gguf"), tmp_path / "b.gguf")
+    assert out["big.weight"].dtype == np.float32 and np.isfinite(out["big.weight"]).all()
