@@ -51,12 +51,9 @@ from engine.executor.runner import ModelRunner, num_kv_blocks
 from engine.executor.transformer import Transformer
 from engine.model.config import EngineConfig
 from engine.model.loader import checkpoint_dtype, load_model
-from engine.structured_outputs import GrammarCompiler
+from engine.structured_outputs import ACCEPTED, ENDED, GrammarCompiler
 
 logger = logging.getLogger("pagedserve." + __name__)
-
-
-_ACCEPTED, _ENDED = object(), object()  # _advance_matchers' verdicts besides an error text
 
 
 def auto_dtype(device: str, checkpoint: str) -> str:
@@ -377,7 +374,9 @@ class EngineCore:
         if sampled.top_ids is not None and sampled.top_ids.size:
             top = (sampled.top_ids.tolist(), sampled.top_logprobs.tolist())
         num_appended = 0
-        verdicts = self._advance_matchers(seqs, tokens, errors)
+        verdicts = None
+        if any(seq.matcher is not None for seq in seqs):
+            verdicts = self.grammars.advance([seq.matcher for seq in seqs], tokens, errors)
         for r, seq in enumerate(seqs):
             seq.has_pending_token = False
             if seq.finish_reason is not None:
@@ -386,14 +385,14 @@ class EngineCore:
             if r in errors:
                 self._fail(seq.request_id, errors[r], outputs)
                 continue
-            verdict = _ACCEPTED if verdicts is None else verdicts[r]
-            if verdict is not _ACCEPTED and verdict is not _ENDED:
+            verdict = ACCEPTED if verdicts is None else verdicts[r]
+            if verdict is not ACCEPTED and verdict is not ENDED:
                 self._fail(seq.request_id, f"the grammar refused token {tokens[r]}: {verdict}",
                            outputs)
                 continue
             try:
                 outputs.append(self._append(req, seq, tokens[r], logprobs[r], top, r,
-                                            verdict is _ENDED))
+                                            verdict is ENDED))
                 num_appended += 1
             except Exception as e:  # the stop check, for this request alone
                 logger.exception("request %s failed after its step", seq.request_id)
@@ -431,29 +430,6 @@ class EngineCore:
         if reason is not None:
             self._finish(req, seq, reason)
         return out
-
-    def _advance_matchers(self, seqs: list[Sequence], tokens: list[int],
-                          skip: dict) -> list | None:
-        """Feed each constrained sequence's matcher its sampled token (in parallel, off the GIL).
-        Per row: _ACCEPTED, _ENDED (its grammar had already ended), or the grammar's error text;
-        None when no row is constrained. Rows in `skip` (failed sampling) are left alone."""
-        if all(seq.matcher is None for seq in seqs):
-            return None
-        verdicts = [_ACCEPTED] * len(seqs)
-        rows = []
-        for r, seq in enumerate(seqs):
-            if seq.matcher is None or r in skip:
-                continue
-            if seq.matcher.is_stopped():
-                verdicts[r] = _ENDED
-            else:
-                rows.append(r)
-        accepted = self.grammars.consume([(seqs[r].matcher, tokens[r]) for r in rows]) \
-            if rows else []
-        for r, ok in zip(rows, accepted, strict=True):
-            if not ok:
-                verdicts[r] = seqs[r].matcher.get_error()
-        return verdicts
 
     # ------------------------------------------------------------------ stats
 

@@ -17,7 +17,6 @@ step's forward.
 from __future__ import annotations
 
 import json
-import logging
 import threading
 import time
 from collections import OrderedDict
@@ -27,7 +26,7 @@ import numpy as np
 
 from engine.core.sampling_params import StructuredOutputsParams
 
-logger = logging.getLogger(__name__)
+ACCEPTED, ENDED = object(), object()  # GrammarCompiler.advance's verdicts besides an error text
 
 # Compact JSON, as OpenAI's strict mode writes it: a model that may put whitespace anywhere can
 # also put it everywhere (a small or random one fills max_tokens with newlines).
@@ -178,3 +177,23 @@ class GrammarCompiler:
         if len(pairs) == 1:
             return [pairs[0][0].consume_token(pairs[0][1])]
         return self._llexecutor().consume_token_par(pairs)
+
+    def advance(self, matchers: list, tokens: list[int], skip) -> list:
+        """Feed each row's matcher (None: unconstrained) its sampled token, in parallel. Per row:
+        ACCEPTED, ENDED (the grammar had already ended: the token stands for eos), or the
+        grammar's error text. Rows in `skip` (their sampling failed) are left alone."""
+        verdicts = [ACCEPTED] * len(matchers)
+        rows = []
+        for r, m in enumerate(matchers):
+            if m is None or r in skip:
+                continue
+            if m.is_stopped():
+                verdicts[r] = ENDED
+            else:
+                rows.append(r)
+        if rows:
+            accepted = self.consume([(matchers[r], tokens[r]) for r in rows])
+            for r, ok in zip(rows, accepted, strict=True):
+                if not ok:
+                    verdicts[r] = matchers[r].get_error()
+        return verdicts
