@@ -371,6 +371,7 @@ class CudaOps:
         made (weights, KV cache, graphs) first, or their blocks stay in use."""
         cupy.cuda.Device().synchronize()
         self._gemm.close()
+        self._mask_stage = self._mask_stage_mem = self._mask_copied = None  # pinned staging
         gc.collect()  # arrays caught in reference cycles would otherwise hold their blocks
         cupy.get_default_memory_pool().free_all_blocks()
         cupy.get_default_pinned_memory_pool().free_all_blocks()
