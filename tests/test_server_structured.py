@@ -190,3 +190,18 @@ def test_assistant_tool_calls_reach_the_template_as_mappings():
     assert fixed[1]["tool_calls"][0]["function"]["arguments"] == {"zone": 1}
     assert messages[1]["tool_calls"][0]["function"]["arguments"] == '{"zone": 1}'  # untouched
     assert fixed[2] == messages[2]
+
+
+def test_auto_and_none_leave_plain_text_alone(server, client):
+    for choice in ("auto", "none"):
+        out = client.chat.completions.create(model=MODEL, messages=CHAT, tools=TOOLS,
+                                             tool_choice=choice, max_tokens=8, temperature=0,
+                                             extra_body={"ignore_eos": True})
+        message = out.choices[0].message
+        assert message.tool_calls is None and message.content
+        assert out.choices[0].finish_reason == "length"
+        streamed = _streamed(client.chat.completions.create(
+            model=MODEL, messages=CHAT, tools=TOOLS, tool_choice=choice, max_tokens=8,
+            temperature=0, stream=True, extra_body={"ignore_eos": True}))
+        assert streamed[0]["content"] == message.content and not streamed[0]["tool_calls"]
+        assert streamed[0]["finish_reason"] == "length"
