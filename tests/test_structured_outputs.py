@@ -40,16 +40,16 @@ NUM: /[0-9]/
 
 
 def _sample(engine, so, n=200, max_tokens=60, prompt="Answer:", **kw):
-    """n seeded samples at temperature 1 (one request of n sequences); their CompletionOutputs."""
-    params = SamplingParams(n=n, temperature=1.0, seed=7, max_tokens=max_tokens,
-                            structured_outputs=so, **kw)
-    engine.add_request("r", prompt, params)
-    final = None
+    """n seeded samples at temperature 1 (requests of at most 100 sequences, as n is capped);
+    their CompletionOutputs."""
+    for k in range(0, n, 100):
+        params = SamplingParams(n=min(100, n - k), temperature=1.0, seed=7 + k,
+                                max_tokens=max_tokens, structured_outputs=so, **kw)
+        engine.add_request(f"r{k}", prompt, params)
+    final = {}
     while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                final = out
-    return final.outputs
+        final |= {out.request_id: out for out in engine.step() if out.finished}
+    return [c for k in range(0, n, 100) for c in final[f"r{k}"].outputs]
 
 
 @pytest.fixture
