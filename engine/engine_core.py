@@ -17,6 +17,12 @@ that finished at step N (eos, stop id, a stop string the front found, an abort) 
 N+1 all the same: its token from N+1 is dropped, never emitted, and its blocks were freed when
 the finish was noticed. Without async_scheduling, step() reads the step it just launched.
 
+Structured outputs: a constrained row's mask needs its sequence's previous token, which may be in
+the step still in flight. The runner asks for the masks once the forward of N+1 is queued
+(fill_bitmask); that is when a step holding constrained rows reads step N's tokens, advances the
+matchers, and fills the masks, while the device computes N+1's forward. So such steps lose the
+overlap of postprocessing, never the forward's, and every mask is exact.
+
 It owns the scheduler, the block manager and the runner (and with them the device), and knows no
 text: the output processor (engine/output_processor.py) detokenizes and finds stop strings, and
 tells the core through finish_sequences. In `pagedserve serve` it runs alone in the engine-core
@@ -27,10 +33,12 @@ Single-threaded by design: nothing here takes a lock.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import logging
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -47,6 +55,7 @@ from engine.executor.runner import ModelRunner, num_kv_blocks
 from engine.executor.transformer import Transformer
 from engine.model.config import EngineConfig
 from engine.model.loader import checkpoint_dtype, load_model
+from engine.structured_outputs import ACCEPTED, ENDED, GrammarCompiler
 
 logger = logging.getLogger("pagedserve." + __name__)
 
@@ -72,6 +81,7 @@ class _CoreRequest:
     seqs: list[Sequence]
     first_scheduled_time: float | None = None
     num_unfinished: int = 0
+    grammar: Future | None = None  # the compiled grammar (structured outputs), while compiling
 
 
 class EngineCore:
@@ -129,6 +139,12 @@ class EngineCore:
         self.async_scheduling = (device == "cuda" if engine_config.async_scheduling is None
                                  else engine_config.async_scheduling)
         self._in_flight: _Launched | None = None  # the launched step whose tokens are unread
+        # Structured outputs need the tokens' bytes: only a model with a tokenizer has them (a
+        # benchmark may set a compiler of its own on dummy weights).
+        self.grammars = None
+        if self.tokenizer is not None:
+            self.grammars = GrammarCompiler.for_tokenizer(self.tokenizer, mc.vocab_size, eos)
+        self._compiling: list[_CoreRequest] = []  # requests whose grammar is compiling
         self._rng = np.random.default_rng(engine_config.seed)
         self._requests: dict[str, _CoreRequest] = {}
         self._prompt_tokens_total = 0
@@ -162,6 +178,11 @@ class EngineCore:
         if len(ids) > self.max_model_len:
             raise ValueError(f"prompt has {len(ids)} tokens, more than max_model_len "
                              f"({self.max_model_len})")
+        grammar = None
+        if params.structured_outputs is not None:
+            # Compiled on the pool (a cache hit is ready at once); the sequences wait in the
+            # queue meanwhile, and step() hands them their matchers.
+            grammar = self.grammar_compiler().submit(params.structured_outputs)
         seqs = []
         for i in range(params.n):
             if params.seed is not None:
@@ -170,14 +191,23 @@ class EngineCore:
             else:
                 seed = int(self._rng.integers(0, 2**63))
             seqs.append(Sequence(req.request_id, list(ids), len(ids), params, index=i,
-                                 seed=seed))
+                                 seed=seed, is_waiting_for_grammar=grammar is not None))
         # Only the first sequence is queued: the other n - 1 fork from it once its prompt is
         # computed, sharing the prompt's blocks. The scheduler rejects a prompt that can never
         # fit before anything is queued.
         self.scheduler.add(seqs[0])
         seqs[0].forks = seqs[1:]
-        self._requests[req.request_id] = _CoreRequest(req.request_id, seqs,
-                                                      num_unfinished=len(seqs))
+        core_req = _CoreRequest(req.request_id, seqs, num_unfinished=len(seqs), grammar=grammar)
+        self._requests[req.request_id] = core_req
+        if grammar is not None:
+            self._compiling.append(core_req)
+
+    def grammar_compiler(self) -> GrammarCompiler:
+        """The structured-outputs compiler; ValueError if this model cannot have one."""
+        if self.grammars is None:
+            raise ValueError("structured_outputs needs the model's tokenizer, and this model has "
+                             "none")
+        return self.grammars
 
     def abort_requests(self, request_ids: list[str]) -> None:
         """Free the requests' blocks; ids that already finished (or never came) are ignored."""
@@ -241,12 +271,19 @@ class EngineCore:
         the core goes on. EngineDeadError: it cannot go on."""
         self.check_alive()
         outputs: list[SeqOutput] = []
+        if self._compiling:
+            self._start_grammars(outputs)
         batch = self.scheduler.schedule()
         launched = None
+        if not batch.seqs and self._in_flight is None and self._compiling and not outputs:
+            # Only grammars to wait for: sleep on them rather than spin.
+            concurrent.futures.wait([r.grammar for r in self._compiling], timeout=0.05,
+                                    return_when=concurrent.futures.FIRST_COMPLETED)
         if batch.seqs:
             self._count_prompt_tokens(batch)  # before advance moves num_computed_tokens
             rows = batch.sampling_rows()
-            handle = self._guard(lambda: self.runner.launch(batch, rows), batch, outputs)
+            fill = self._mask_filler(rows[0], outputs)
+            handle = self._guard(lambda: self.runner.launch(batch, rows, fill), batch, outputs)
             if handle is not None:
                 launched = _Launched(batch, rows[0], handle)
                 for seq in rows[0]:
@@ -257,9 +294,7 @@ class EngineCore:
         else:
             done = launched
         if done is not None:
-            sampled = self._guard(done.handle.result, done.batch, outputs)
-            if sampled is not None:
-                self._postprocess(done.rows, sampled, outputs)
+            self._read(done, outputs)
         if launched is not None:
             # Every token the launched batch computed is known now: the previous step's are in.
             self.scheduler.commit(launched.batch)
@@ -269,6 +304,48 @@ class EngineCore:
             self._in_flight, last = None, self._in_flight
             self._guard(last.handle.result, last.batch, outputs)
         return outputs
+
+    def _read(self, done: _Launched, outputs: list[SeqOutput]) -> None:
+        """Wait for a launched step's tokens and postprocess them."""
+        sampled = self._guard(done.handle.result, done.batch, outputs)
+        if sampled is not None:
+            self._postprocess(done.rows, sampled, outputs)
+
+    def _mask_filler(self, rows: list[Sequence], outputs: list[SeqOutput]):
+        """fill_bitmask for runner.launch when a row is constrained, else None."""
+        if all(seq.matcher is None for seq in rows):
+            return None
+
+        def fill():
+            # Called with this step's forward queued. A constrained row's mask needs its
+            # sequence's previous token: read the step in flight first (its matchers advance).
+            if self._in_flight is not None:
+                done, self._in_flight = self._in_flight, None
+                self._read(done, outputs)
+            # A row finished meanwhile has no matcher: unconstrained, and its token is dropped.
+            return self.grammars.fill_bitmask([seq.matcher for seq in rows])
+
+        return fill
+
+    def _start_grammars(self, outputs: list[SeqOutput]) -> None:
+        """Give every sequence whose grammar finished compiling its own matcher, so the scheduler
+        takes it; a grammar that failed ends its request with "error"."""
+        still = []
+        for req in self._compiling:
+            if not req.grammar.done():
+                still.append(req)
+                continue
+            if self._requests.get(req.request_id) is not req:  # aborted while compiling
+                continue
+            error = req.grammar.exception()
+            if error is not None:
+                self._fail(req.request_id, str(error), outputs)
+                continue
+            for seq in req.seqs:
+                seq.matcher = req.grammar.result().deep_copy()
+                seq.is_waiting_for_grammar = False
+            req.grammar = None
+        self._compiling = still
 
     def _guard(self, work, batch, outputs: list[SeqOutput]):
         """work()'s answer; if it raises, the batch's requests fail (None is returned), or the
@@ -304,6 +381,9 @@ class EngineCore:
         if sampled.top_ids is not None and sampled.top_ids.size:
             top = (sampled.top_ids.tolist(), sampled.top_logprobs.tolist())
         num_appended = 0
+        verdicts = None
+        if any(seq.matcher is not None for seq in seqs):
+            verdicts = self.grammars.advance([seq.matcher for seq in seqs], tokens, errors)
         for r, seq in enumerate(seqs):
             seq.has_pending_token = False
             if seq.finish_reason is not None:
@@ -312,8 +392,14 @@ class EngineCore:
             if r in errors:
                 self._fail(seq.request_id, errors[r], outputs)
                 continue
+            verdict = ACCEPTED if verdicts is None else verdicts[r]
+            if verdict is not ACCEPTED and verdict is not ENDED:
+                self._fail(seq.request_id, f"the grammar refused token {tokens[r]}: {verdict}",
+                           outputs)
+                continue
             try:
-                outputs.append(self._append(req, seq, tokens[r], logprobs[r], top, r))
+                outputs.append(self._append(req, seq, tokens[r], logprobs[r], top, r,
+                                            verdict is ENDED))
                 num_appended += 1
             except Exception as e:  # the stop check, for this request alone
                 logger.exception("request %s failed after its step", seq.request_id)
@@ -321,8 +407,9 @@ class EngineCore:
         self._generation_tokens_total += num_appended
 
     def _append(self, req: _CoreRequest, seq: Sequence, token: int, logprob: float, top,
-                r: int) -> SeqOutput:
-        """Row r of the step: append its token to `seq`, check stops, free it if it ends."""
+                r: int, grammar_ended: bool = False) -> SeqOutput:
+        """Row r of the step: append its token to `seq`, check stops, free it if it ends.
+        grammar_ended: the sequence's grammar was complete (it allowed only eos)."""
         if not 0 <= token < self.model_config.vocab_size:  # never hand the front garbage
             raise RuntimeError(f"the sampler returned token id {token}, outside the vocabulary")
         seq.token_ids.append(token)
@@ -333,10 +420,16 @@ class EngineCore:
             entry = {}
             if p.logprobs:
                 k = p.logprobs
-                entry = dict(zip(top[0][r][:k], top[1][r][:k], strict=True))
+                # A masked token's logprob is -inf: not a number JSON can carry, and not a
+                # choice the model had.
+                entry = {t: v for t, v in zip(top[0][r][:k], top[1][r][:k], strict=True)
+                         if v != -np.inf}
             entry[token] = logprob
             new_logprobs = [entry]
         reason, stop = check_stop_ids(seq, token, self.eos_token_ids, self.max_model_len)
+        if reason is None and grammar_ended:
+            # The sequence goes on past eos (ignore_eos, min_tokens): the token stands for eos.
+            reason = "stop"
         out = SeqOutput(seq.request_id, seq.index, [token], new_logprobs,
                         seq.cumulative_logprob, reason, stop)
         if seq.num_output_tokens == 1:
@@ -383,6 +476,8 @@ class EngineCore:
             return
         self._requests.clear()
         self._in_flight = None
+        if self.grammars is not None:
+            self.grammars.shutdown()
         # Every reference to a device array goes before the backend hands its pools back.
         self.runner.close()
         self.runner = self.model = self.kv_cache = None

@@ -103,15 +103,17 @@ def tokenizer_of(engine, param: str):
     return engine.tokenizer
 
 
-async def chat_token_ids(request: Request, engine, messages: list[dict]) -> list[int]:
-    """`messages` rendered by the model's chat template, as token ids (400 if it fails)."""
+async def chat_token_ids(request: Request, engine, messages: list[dict],
+                         **template_vars) -> list[int]:
+    """`messages` rendered by the model's chat template, as token ids (400 if it fails).
+    `template_vars` (e.g. tools) become template variables."""
     tokenizer = tokenizer_of(engine, "messages")
     special = request.app.state.settings.chat_content_special_tokens
     num_chars = sum(len(str(m.get("content"))) for m in messages)
     try:
         ids = await off_loop(num_chars, functools.partial(
             tokenizer.apply_chat_template, messages, add_generation_prompt=True, tokenize=True,
-            special_tokens_in_content=special))
+            special_tokens_in_content=special, **template_vars))
     except Exception as e:  # the template's own checks (raise_exception), sandbox refusals
         raise bad_request("messages", f"the chat template failed: {e}") from None
     return [int(t) for t in ids]

@@ -51,6 +51,13 @@ class ServerMetrics:
         self.batch_size = Histogram("pagedserve_batch_size", "Requests that advanced in one "
                                     "engine step.", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
                                     registry=r)
+        self.constrained_requests = Counter(
+            "pagedserve_structured_output_requests", "Requests whose output a grammar constrains "
+            "(response_format, structured_outputs, or a forced tool call).", registry=r)
+        self.grammar_compile_seconds = Histogram(
+            "pagedserve_grammar_compile_seconds", "Time to compile a grammar or JSON schema "
+            "(cache misses only).", buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                                             0.1, 0.25, 0.5, 1, 2.5), registry=r)
         r.register(_StatsCollector(self))
 
     def on_step(self, num_outputs: int, stats) -> None:

@@ -39,6 +39,14 @@ from server.protocol import (
     parse_sampling_params,
     usage,
 )
+from server.structured import check_compiles, parse_structured_outputs
+from server.tool_calls import (
+    ToolCallParser,
+    ToolCallStream,
+    parse_tools,
+    template_messages,
+    tool_grammar,
+)
 
 
 async def completions(request: Request):
@@ -47,6 +55,7 @@ async def completions(request: Request):
     model = check_model(request, body)
     prompts = parse_prompts(body)
     params = parse_sampling_params(body, chat=False)
+    await _constrain(request, engine, params, *parse_structured_outputs(body), len(prompts))
     stream, include_usage = _stream_flags(body)
     echo = get_field(body, "echo", "bool", False)
     get_field(body, "user", "str")
@@ -75,12 +84,35 @@ async def chat_completions(request: Request):
     model = check_model(request, body)
     messages = parse_messages(body)
     params = parse_sampling_params(body, chat=True)
+    so, so_field = parse_structured_outputs(body)
+    tools, tool_choice = parse_tools(body)
+    parallel = get_field(body, "parallel_tool_calls", "bool", True)
+    forced = tool_grammar(tools, tool_choice, parallel) if tools else None
+    if forced is not None:
+        if so is not None:
+            raise bad_request("tool_choice", f"tool_choice {tool_choice!r} constrains the output "
+                                             f"itself; it cannot be combined with '{so_field}'")
+        so, so_field = forced, "tools"
+    await _constrain(request, engine, params, so, so_field)
     stream, include_usage = _stream_flags(body)
     get_field(body, "user", "str")
-    ids = await chat_token_ids(request, engine, messages)
+    extra = {"tools": tools} if tools and tool_choice != "none" else {}
+    ids = await chat_token_ids(request, engine, template_messages(messages), **extra)
     _check_length(engine, len(ids), params.max_tokens, "messages")
     call = _Call(request, engine, new_id("chatcmpl"), model, params, chat=True)
+    if extra:
+        call.tool_parser = ToolCallParser(tool_choice, [t["function"]["name"] for t in tools])
     return await call.run([ids], stream, include_usage)
+
+
+async def _constrain(request: Request, engine, params, so, field: str | None,
+                     num_prompts: int = 1) -> None:
+    """Set `so` on params once its grammar compiles (a 400 naming `field` if it does not)."""
+    if so is None:
+        return
+    await check_compiles(engine, so, field)
+    params.structured_outputs = so
+    request.app.state.metrics.constrained_requests.inc(num_prompts)
 
 
 def _stream_flags(body: dict) -> tuple[bool, bool]:
@@ -112,6 +144,8 @@ class _Call:
         self.request, self.engine, self.id, self.model = request, engine, call_id, model
         self.params, self.chat = params, chat
         self.echo: list[str] | None = None
+        self.tool_parser: ToolCallParser | None = None  # chat with tools: output read as calls
+        self._tool_streams: dict[int, ToolCallStream] = {}  # streamed choice index -> its reader
         self.created = int(time.time())
         if engine.tokenizer is None:  # token ids in, token ids out: name them as vLLM does
             self.token_str = lambda t: f"token_id:{t}"
@@ -184,6 +218,12 @@ class _Call:
             choice = {"index": index, "logprobs": logprobs, "finish_reason": c.finish_reason}
             if whole:
                 choice["message"] = {"role": "assistant", "content": text}
+                if self.tool_parser is not None:
+                    content, calls = self.tool_parser.parse(text)
+                    if calls:
+                        choice["message"] = {"role": "assistant", "content": content,
+                                             "tool_calls": calls}
+                        choice["finish_reason"] = "tool_calls"
             else:
                 choice["delta"] = {"content": text} if text else {}
             return choice
@@ -220,6 +260,10 @@ class _Call:
                         if not c.delta_text and not c.delta_token_ids and not c.finished:
                             continue
                         choice = self._choice(out.request_id, c, whole=False)
+                        if self.tool_parser is not None:
+                            for tool_chunk in self._tool_chunks(choice, c):
+                                yield chunk([tool_chunk])
+                            continue
                         if self.chat and c.finished:
                             choice["finish_reason"] = None
                             if choice["delta"]:
@@ -235,6 +279,26 @@ class _Call:
         if include_usage:
             yield chunk([], usage(self.num_prompt_tokens, num_generated))
         yield "data: [DONE]\n\n"
+
+
+    def _tool_chunks(self, choice: dict, c) -> list[dict]:
+        """The streamed choices for one step of a choice under tools (ToolCallStream)."""
+        index = choice["index"]
+        stream = self._tool_streams.setdefault(index, ToolCallStream(self.tool_parser))
+        deltas = stream.feed(c.delta_text)
+        finish_reason = None
+        if c.finished:
+            last, is_call = stream.finish()
+            deltas += last
+            finish_reason = "tool_calls" if is_call else c.finish_reason
+        out = [{"index": index, "delta": d, "logprobs": None, "finish_reason": None}
+               for d in deltas]
+        if out and choice["logprobs"] is not None:
+            out[0]["logprobs"] = choice["logprobs"]
+        if c.finished:
+            out.append({"index": index, "delta": {}, "logprobs": None,
+                        "finish_reason": finish_reason})
+        return out
 
 
 def _sse(obj: dict) -> str:

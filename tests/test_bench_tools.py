@@ -210,6 +210,27 @@ def test_bench_latency_end_to_end(tiny_model, capsys):
     assert "TPOT" in capsys.readouterr().out
 
 
+def test_bench_throughput_structured_runs_the_same_tokens_constrained(tiny_model, capsys):
+    pytest.importorskip("llguidance")
+    result = bench_throughput.main(["--model", tiny_model, *TINY_ARGS, "--structured"])
+    free, constrained = result["unconstrained"], result["structured"]
+    # The schema never completes early: every constrained request runs to its max_tokens.
+    assert constrained["output_tokens"] == free["output_tokens"] == free["requested_output_tokens"]
+    assert "JSON schema" in constrained["sampling"]
+    assert result["structured_over_unconstrained"] == pytest.approx(
+        constrained["output_tok_s"] / free["output_tok_s"])
+    assert json.loads(capsys.readouterr().out) == result
+
+
+def test_synthetic_vocabulary_keeps_the_bytes_and_the_eos_ids():
+    from tools.structured_workload import synthetic_tokens
+
+    tokens = synthetic_tokens(600, [5, 599])
+    assert len(tokens) == len(set(tokens)) == 600
+    assert tokens[5].startswith(b"<|eos") and tokens[599].startswith(b"<|eos")
+    assert {bytes([b]) for b in range(256)} <= set(tokens)
+
+
 def test_bench_wire_round_trips_a_step_message(capsys):
     from tools import bench_wire
 

@@ -2,6 +2,7 @@
 # Every figure of README's "Performance" table in one run on the GPU machine:
 #   bash tools/h200_bench.sh [STEP ...]
 #   steps: gputest w1 w1-sync w1-8b w1-8b-sync latency-8b seed latency w2 w1-eager
+#   structured (W1 constrained by a JSON schema vs unconstrained; not in the default list)
 # gputest runs the CUDA-graph tests first; if they fail, the rest runs with graphs off.
 # Each tool prints one JSON line; they are collected in $OUT/bench.jsonl (default ./bench-out/)
 # and summarised by tools/bench_table.py at the end. Wheels the GPU machine lacks (server deps) are
@@ -42,6 +43,7 @@ for step in $steps; do
         export PAGEDSERVE_DECODE_GRAPHS=0
       fi ;;
     w1) record w1-qwen3-0.6b 120 python3 tools/bench_throughput.py $Q ;;
+    structured) record structured-w1-qwen3-0.6b 240 python3 tools/bench_throughput.py $Q --structured ;;
     w1-sync) record w1-qwen3-0.6b-sync 120 python3 tools/bench_throughput.py $Q \
       --no-async-scheduling ;;
     w1-eager) record w1-qwen3-0.6b-eager 90 python3 tools/bench_throughput.py $Q --enforce-eager ;;

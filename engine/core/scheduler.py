@@ -188,17 +188,21 @@ class Scheduler:
                 batch.add(seq, n)
                 budget -= n
         # After a preemption, admitting would only take blocks the running ones need back.
-        while self.waiting and batch.num_preempted == 0:
+        i = 0  # the queue's first sequence whose grammar is ready (the others wait in place)
+        while i < len(self.waiting) and batch.num_preempted == 0:
             if budget == 0 or len(batch.seqs) == self.max_num_seqs:
                 break
             if len(self.running) >= self.max_num_seqs:
                 break
-            seq = self.waiting[0]
+            seq = self.waiting[i]
+            if seq.is_waiting_for_grammar:
+                i += 1
+                continue
             # A preempted sequence or a fork that found no room may still wait for a token of
             # the step in flight: admitted now, its prompt would lack it. FCFS: one step's wait.
             if seq.has_pending_token or not bm.can_allocate(seq):
                 break  # FCFS: nobody overtakes the head of the queue
-            self.waiting.popleft()
+            del self.waiting[i]
             bm.allocate(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -269,7 +273,9 @@ class Scheduler:
         for child in seq.forks:  # ended before its prompt was computed: so do its forks
             child.status = SequenceStatus.FINISHED
             child.finish_reason = reason
+            child.matcher = None
         seq.forks = []
+        seq.matcher = None  # its grammar's state (structured outputs) ends with it
         if seq.status == SequenceStatus.RUNNING:
             self.running.remove(seq)
         elif seq in self.waiting:

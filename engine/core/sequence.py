@@ -43,6 +43,10 @@ class Sequence:
     # tokens after launching the next): set and cleared by the engine core; a waiting sequence
     # that has one is not admitted (its prompt would lack the token).
     has_pending_token: bool = False
+    # Structured outputs: the llguidance matcher this sequence advances (None: unconstrained),
+    # and whether its grammar is still compiling (the scheduler leaves it waiting until then).
+    matcher: object = None
+    is_waiting_for_grammar: bool = False
 
     def __len__(self) -> int:
         return len(self.token_ids)

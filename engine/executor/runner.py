@@ -132,16 +132,21 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ one step
 
-    def run(self, batch, sampling: tuple[list, list[int]]) -> SamplerOutput | None:
+    def run(self, batch, sampling: tuple[list, list[int]],
+            fill_bitmask=None) -> SamplerOutput | None:
         """launch + result: the synchronous step."""
-        return self.launch(batch, sampling).result()
+        return self.launch(batch, sampling, fill_bitmask).result()
 
-    def launch(self, batch, sampling: tuple[list, list[int]]) -> StepHandle:
+    def launch(self, batch, sampling: tuple[list, list[int]], fill_bitmask=None) -> StepHandle:
         """Queue the forward and the sampling of one token per row of `sampling`
         (batch.sampling_rows(): the sequences that sample, and which logits row each fork
-        reads); .result() reads them (None when no row samples)."""
+        reads); .result() reads them (None when no row samples).
+
+        fill_bitmask() -> (R, ceil(vocab / 32)) int32 allowed-token bits per sampling row
+        (structured outputs): called once the forward is queued, so on the GPU the host fills the
+        masks while the device computes the logits; masked tokens get -inf before sampling."""
         try:
-            return self._launch(batch, sampling)
+            return self._launch(batch, sampling, fill_bitmask)
         except Exception as e:
             self.raise_if_fatal(e)
             raise
@@ -152,7 +157,7 @@ class ModelRunner:
             raise EngineDeadError(f"the {self.ops.name} backend failed and cannot go on: "
                                   f"{type(e).__name__}: {e}") from e
 
-    def _launch(self, batch, sampling: tuple[list, list[int]]) -> StepHandle:
+    def _launch(self, batch, sampling: tuple[list, list[int]], fill_bitmask) -> StepHandle:
         if not batch.seqs:
             return StepHandle(None, self, None)
         ops = self.ops
@@ -175,7 +180,10 @@ class ModelRunner:
         if fork_rows:  # forks sample from their parent's row
             rows = np.concatenate([np.arange(len(inputs.logits_indices)), fork_rows])
             logits = logits[ops.from_host(rows.astype(np.int32))]
-        # The forward is queued on the GPU: the sampling settings are built while it runs.
+        # The forward is queued on the GPU: the masks and sampling settings are built while it
+        # runs.
+        if fill_bitmask is not None:
+            logits = ops.apply_token_bitmask(logits, fill_bitmask())
         try:
             pending = ops.sample_start(logits, self.prepare_sampling(seqs), prev)
         except Exception as e:
