@@ -17,6 +17,19 @@ that finished at step N (eos, stop id, a stop string the front found, an abort) 
 N+1 all the same: its token from N+1 is dropped, never emitted, and its blocks were freed when
 the finish was noticed. Without async_scheduling, step() reads the step it just launched.
 
+Speculative decoding (speculative_config, n-gram): while at most disable_by_batch_size sequences
+run, each decode proposes drafts from its own tokens (ngram_proposer.py) and the step verifies
+them (scheduler.py, step_inputs.py, sampling_inputs.DraftRow). Such a step is synchronous: the
+step in flight is read first, so proposals see every token, and the verdict (which drafts were
+accepted, which KV slots to roll back) is known before the next schedule. Larger batches keep
+the overlapped loop. Verification samples every position as plain decoding would (same seed
+step, same history) and keeps drafts while they equal the sampled token, then that token: for a
+deterministic proposal this is exactly rejection sampling (accept x with probability p(x); on
+rejection, a draw from p without x), and it makes greedy and seeded outputs identical to plain
+decoding. So penalties, logit_bias, min_tokens, logprobs and the stop rules all see exactly the
+accepted tokens, and no request is excluded (a sequence whose n - 1 forks wait on its prompt
+does not draft: they fork from its computed tokens).
+
 It owns the scheduler, the block manager and the runner (and with them the device), and knows no
 text: the output processor (engine/output_processor.py) detokenizes and finds stop strings, and
 tells the core through finish_sequences. In `pagedserve serve` it runs alone in the engine-core
@@ -36,13 +49,14 @@ import numpy as np
 from engine.core.block_manager import BlockManager
 from engine.core.outputs import EngineCoreRequest, EngineDeadError, EngineStats, SeqOutput
 from engine.core.scheduler import Scheduler
-from engine.core.sequence import Sequence
+from engine.core.sequence import Sequence, SequenceStatus
 from engine.core.stopping import check_stop_ids
 from engine.executor.ops import get_ops, resolve_device
 from engine.executor.runner import ModelRunner, num_kv_blocks
 from engine.executor.transformer import Transformer
 from engine.model.config import EngineConfig
 from engine.model.loader import checkpoint_dtype, load_model
+from engine.ngram_proposer import NgramProposer
 
 logger = logging.getLogger("pagedserve." + __name__)
 
@@ -126,6 +140,14 @@ class EngineCore:
                                  else engine_config.async_scheduling)
         self._in_flight: _Launched | None = None  # the launched step whose tokens are unread
         self._rng = np.random.default_rng(engine_config.seed)
+        spec = engine_config.speculative_config
+        self.spec_config = spec
+        self.proposer = NgramProposer(spec) if spec is not None else None
+        self._spec_num_drafts = 0  # sequence-steps that verified at least one draft
+        self._spec_num_draft_tokens = 0
+        self._spec_num_accepted_tokens = 0
+        # [i]: sequence-steps that accepted i drafts (what tools/bench_spec.py replays)
+        self.spec_accepted_hist = [0] * (spec.num_speculative_tokens + 1 if spec else 0)
         self._requests: dict[str, _CoreRequest] = {}
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
@@ -234,6 +256,11 @@ class EngineCore:
         the core goes on. EngineDeadError: it cannot go on."""
         self.check_alive()
         outputs: list[SeqOutput] = []
+        speculate = self._should_speculate()
+        if speculate and self._in_flight is not None:
+            done, self._in_flight = self._in_flight, None
+            self._read(done, outputs)
+        drafted = self._propose() if speculate else []
         batch = self.scheduler.schedule()
         launched = None
         if batch.seqs:
@@ -245,14 +272,14 @@ class EngineCore:
                 for seq in rows[0]:
                     seq.has_pending_token = True  # until _postprocess appends or drops it
                 self.scheduler.advance(batch)
-        if self.async_scheduling:
+        if self.async_scheduling and not speculate:
             done, self._in_flight = self._in_flight, launched
         else:
             done = launched
         if done is not None:
-            sampled = self._guard(done.handle.result, done.batch, outputs)
-            if sampled is not None:
-                self._postprocess(done.rows, sampled, outputs)
+            self._read(done, outputs)
+        for seq in drafted:
+            seq.spec_token_ids = []
         if launched is not None:
             # Every token the launched batch computed is known now: the previous step's are in.
             self.scheduler.commit(launched.batch)
@@ -262,6 +289,27 @@ class EngineCore:
             self._in_flight, last = None, self._in_flight
             self._guard(last.handle.result, last.batch, outputs)
         return outputs
+
+    def _read(self, done: _Launched, outputs: list[SeqOutput]) -> None:
+        sampled = self._guard(done.handle.result, done.batch, outputs)
+        if sampled is not None:
+            self._postprocess(done.rows, sampled, outputs)
+
+    def _should_speculate(self) -> bool:
+        return (self.proposer is not None
+                and 0 < self.scheduler.num_running <= self.spec_config.disable_by_batch_size)
+
+    def _propose(self) -> list[Sequence]:
+        """Give each decode its drafts; return the sequences that got some."""
+        running = SequenceStatus.RUNNING
+        decodes = [s for s in self.scheduler.running if s.status is running and not s.forks
+                   and len(s.token_ids) - s.num_computed_tokens == 1]
+        drafted = []
+        for seq, draft in zip(decodes, self.proposer.propose(decodes), strict=True):
+            if draft:
+                seq.spec_token_ids = draft
+                drafted.append(seq)
+        return drafted
 
     def _guard(self, work, batch, outputs: list[SeqOutput]):
         """work()'s answer; if it raises, the batch's requests fail (None is returned), or the
@@ -290,49 +338,82 @@ class EngineCore:
 
     def _postprocess(self, seqs: list[Sequence], sampled, outputs: list[SeqOutput]) -> None:
         """Append each sampled token, check the id stop rules, free finished sequences. The token
-        of a sequence that finished after the step was launched is dropped."""
+        of a sequence that finished after the step was launched is dropped. A sequence that
+        verified k drafts owns k + 1 rows: it takes its accepted drafts and one more token, and
+        its KV slots past them are rolled back."""
         tokens, logprobs = sampled.token_ids.tolist(), sampled.logprobs.tolist()
         errors = sampled.errors or {}
         top = None
         if sampled.top_ids is not None and sampled.top_ids.size:
             top = (sampled.top_ids.tolist(), sampled.top_logprobs.tolist())
         num_appended = 0
-        for r, seq in enumerate(seqs):
+        r = 0  # this sequence's first row
+        for seq in seqs:
+            k = len(seq.spec_token_ids)
+            first, r = r, r + 1 + k
             seq.has_pending_token = False
             if seq.finish_reason is not None:
                 continue
             req = self._requests[seq.request_id]
-            if r in errors:
-                self._fail(seq.request_id, errors[r], outputs)
+            if errors and any(i in errors for i in range(first, r)):
+                self._fail(seq.request_id, next(errors[i] for i in range(first, r)
+                                                if i in errors), outputs)
                 continue
+            num = self._verify(seq, tokens, first) if k else 1
             try:
-                outputs.append(self._append(req, seq, tokens[r], logprobs[r], top, r))
-                num_appended += 1
+                out = self._append(req, seq, tokens, logprobs, top, first, num)
+                outputs.append(out)
+                num_appended += len(out.new_token_ids)
+                if k and out.finish_reason is None:  # the k/v of rejected drafts are garbage
+                    self.block_manager.truncate(seq, len(seq.token_ids) - 1)
             except Exception as e:  # the stop check, for this request alone
                 logger.exception("request %s failed after its step", seq.request_id)
                 self._fail(seq.request_id, f"{type(e).__name__}: {e}", outputs)
         self._generation_tokens_total += num_appended
 
-    def _append(self, req: _CoreRequest, seq: Sequence, token: int, logprob: float, top,
-                r: int) -> SeqOutput:
-        """Row r of the step: append its token to `seq`, check stops, free it if it ends."""
-        if not 0 <= token < self.model_config.vocab_size:  # never hand the front garbage
-            raise RuntimeError(f"the sampler returned token id {token}, outside the vocabulary")
-        seq.token_ids.append(token)
-        seq.cumulative_logprob += logprob
+    def _verify(self, seq: Sequence, tokens: list[int], first: int) -> int:
+        """How many of rows first.. the sequence takes: its drafts while each equals the token
+        sampled before it, then the first sampled token that differs (or the bonus after the
+        last draft)."""
+        draft = seq.spec_token_ids
+        num_accepted = 0
+        while num_accepted < len(draft) and tokens[first + num_accepted] == draft[num_accepted]:
+            num_accepted += 1
+        self._spec_num_drafts += 1
+        self._spec_num_draft_tokens += len(draft)
+        self._spec_num_accepted_tokens += num_accepted
+        self.spec_accepted_hist[num_accepted] += 1
+        return num_accepted + 1
+
+    def _append(self, req: _CoreRequest, seq: Sequence, tokens: list[int],
+                logprobs: list[float], top, first: int, num: int) -> SeqOutput:
+        """Rows first .. first + num of the step: append their tokens to `seq` until a stop
+        rule ends it (the rest are dropped); free it if it ends."""
         p = seq.sampling_params
-        new_logprobs = None
-        if p.logprobs is not None:
-            entry = {}
-            if p.logprobs:
-                k = p.logprobs
-                entry = dict(zip(top[0][r][:k], top[1][r][:k], strict=True))
-            entry[token] = logprob
-            new_logprobs = [entry]
-        reason, stop = check_stop_ids(seq, token, self.eos_token_ids, self.max_model_len)
-        out = SeqOutput(seq.request_id, seq.index, [token], new_logprobs,
+        new_tokens, new_logprobs = [], [] if p.logprobs is not None else None
+        num_before = seq.num_output_tokens
+        reason = stop = None
+        for r in range(first, first + num):
+            token, logprob = tokens[r], logprobs[r]
+            if not 0 <= token < self.model_config.vocab_size:  # never hand the front garbage
+                raise RuntimeError(f"the sampler returned token id {token}, outside the "
+                                   "vocabulary")
+            seq.token_ids.append(token)
+            seq.cumulative_logprob += logprob
+            new_tokens.append(token)
+            if new_logprobs is not None:
+                entry = {}
+                if p.logprobs:
+                    k = p.logprobs
+                    entry = dict(zip(top[0][r][:k], top[1][r][:k], strict=True))
+                entry[token] = logprob
+                new_logprobs.append(entry)
+            reason, stop = check_stop_ids(seq, token, self.eos_token_ids, self.max_model_len)
+            if reason is not None:
+                break
+        out = SeqOutput(seq.request_id, seq.index, new_tokens, new_logprobs,
                         seq.cumulative_logprob, reason, stop)
-        if seq.num_output_tokens == 1:
+        if num_before == 0:
             out.first_scheduled_time = req.first_scheduled_time
         if reason is not None:
             self._finish(req, seq, reason)
@@ -355,6 +436,9 @@ class EngineCore:
             num_steps=s.num_steps,
             num_chunked_prefill_steps=s.num_chunked_prefill_steps,
             num_mixed_steps=s.num_mixed_steps,
+            spec_num_drafts=self._spec_num_drafts,
+            spec_num_draft_tokens=self._spec_num_draft_tokens,
+            spec_num_accepted_tokens=self._spec_num_accepted_tokens,
         )
 
     def shutdown(self) -> None:

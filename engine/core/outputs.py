@@ -55,6 +55,12 @@ class EngineStats:
     num_steps: int
     num_chunked_prefill_steps: int
     num_mixed_steps: int
+    # Speculative decoding: sequence-steps that verified drafts, drafts verified, drafts accepted.
+    # Acceptance rate = accepted / draft tokens; mean accepted length (tokens per verifying
+    # sequence-step, the bonus token included) = 1 + accepted / drafts.
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
 
 
 @dataclass
