@@ -413,6 +413,8 @@ class EngineCore:
                 break
         out = SeqOutput(seq.request_id, seq.index, new_tokens, new_logprobs,
                         seq.cumulative_logprob, reason, stop)
+        if num > 1:
+            out.token_logprobs = logprobs[first : first + len(new_tokens)]
         if num_before == 0:
             out.first_scheduled_time = req.first_scheduled_time
         if reason is not None:

@@ -42,13 +42,13 @@ class NgramProposer:
             return []
         ends = np.flatnonzero(a[:last] == a[last])  # (C,) where a 1-gram match ends
         n = 1
-        while n < self.max_n and len(ends):
-            ends = ends[ends >= n]
-            longer = ends[a[ends - n] == a[last - n]]
+        while n < self.max_n and n < last:
+            room = ends[ends >= n]  # (C',) candidates with a token n places back
+            longer = room[a[room - n] == a[last - n]]
             if not len(longer):
                 break
             ends, n = longer, n + 1
-        if n < self.min_n or not len(ends):
+        if n < self.min_n or not len(ends):  # too short, or not even the last token matched
             return []
         start = int(ends[-1]) + 1
         return a[start : start + self.k].tolist()
