@@ -354,3 +354,34 @@ def test_sampled_frequencies_match_plain_decoding():
     # The test can fail: two positions of plain decoding draw from different distributions.
     statistic, df = chi_square_two_samples(plain[:, 1], plain[:, 5])
     assert statistic > chi_square_critical(df)
+
+
+# ---- the flag and the metrics -----------------------------------------------------------------
+
+def test_cli_flag_and_metrics(capsys):
+    from server.cli import build_parser, engine_config_from_args
+    from server.metrics import ServerMetrics
+
+    parser = build_parser()
+    args = parser.parse_args(["serve", "--speculative-config",
+                              '{"method": "ngram", "num_speculative_tokens": 4}'])
+    config = engine_config_from_args(args)
+    assert config.speculative_config == SpeculativeConfig(num_speculative_tokens=4)
+    with pytest.raises(SystemExit):
+        parser.parse_args(["serve", "--speculative-config", "[4]"])
+    assert "expected a JSON object" in capsys.readouterr().err
+    with pytest.raises(ConfigError, match="prompt_lookup_max"):
+        engine_config_from_args(parser.parse_args(
+            ["serve", "--speculative-config", '{"num_speculative_tokens": 2, '
+             '"prompt_lookup_max": 0}']))
+
+    from engine.core.outputs import EngineStats
+
+    metrics = ServerMetrics()
+    metrics.on_step(1, EngineStats(1, 0, 2, 10, 0, 0, 0, 5, 7, 3, 0, 0, spec_num_drafts=4,
+                                   spec_num_draft_tokens=12, spec_num_accepted_tokens=6))
+    text = metrics.render().decode()
+    assert "pagedserve_spec_decode_num_draft_tokens_total 12.0" in text
+    assert "pagedserve_spec_decode_num_accepted_tokens_total 6.0" in text
+    assert "pagedserve_spec_decode_acceptance_rate 0.5" in text
+    assert "pagedserve_spec_decode_mean_accepted_length 2.5" in text
