@@ -17,18 +17,8 @@ that finished at step N (eos, stop id, a stop string the front found, an abort) 
 N+1 all the same: its token from N+1 is dropped, never emitted, and its blocks were freed when
 the finish was noticed. Without async_scheduling, step() reads the step it just launched.
 
-Speculative decoding (speculative_config, n-gram): while at most disable_by_batch_size sequences
-run, each decode proposes drafts from its own tokens (ngram_proposer.py) and the step verifies
-them (scheduler.py, step_inputs.py, sampling_inputs.DraftRow). Such a step is synchronous: the
-step in flight is read first, so proposals see every token, and the verdict (which drafts were
-accepted, which KV slots to roll back) is known before the next schedule. Larger batches keep
-the overlapped loop. Verification samples every position as plain decoding would (same seed
-step, same history) and keeps drafts while they equal the sampled token, then that token: for a
-deterministic proposal this is exactly rejection sampling (accept x with probability p(x); on
-rejection, a draw from p without x), and it makes greedy and seeded outputs identical to plain
-decoding. So penalties, logit_bias, min_tokens, logprobs and the stop rules all see exactly the
-accepted tokens, and no request is excluded (a sequence whose n - 1 forks wait on its prompt
-does not draft: they fork from its computed tokens).
+Speculative decoding (speculative_config): while few sequences run, a step verifies n-gram drafts
+synchronously (engine/spec_decode.py); larger batches keep the overlapped loop.
 
 It owns the scheduler, the block manager and the runner (and with them the device), and knows no
 text: the output processor (engine/output_processor.py) detokenizes and finds stop strings, and
@@ -49,14 +39,14 @@ import numpy as np
 from engine.core.block_manager import BlockManager
 from engine.core.outputs import EngineCoreRequest, EngineDeadError, EngineStats, SeqOutput
 from engine.core.scheduler import Scheduler
-from engine.core.sequence import Sequence, SequenceStatus
+from engine.core.sequence import Sequence
 from engine.core.stopping import check_stop_ids
 from engine.executor.ops import get_ops, resolve_device
 from engine.executor.runner import ModelRunner, num_kv_blocks
 from engine.executor.transformer import Transformer
 from engine.model.config import EngineConfig
 from engine.model.loader import checkpoint_dtype, load_model
-from engine.ngram_proposer import NgramProposer
+from engine.spec_decode import SpecDecoder
 
 logger = logging.getLogger("pagedserve." + __name__)
 
@@ -141,13 +131,7 @@ class EngineCore:
         self._in_flight: _Launched | None = None  # the launched step whose tokens are unread
         self._rng = np.random.default_rng(engine_config.seed)
         spec = engine_config.speculative_config
-        self.spec_config = spec
-        self.proposer = NgramProposer(spec) if spec is not None else None
-        self._spec_num_drafts = 0  # sequence-steps that verified at least one draft
-        self._spec_num_draft_tokens = 0
-        self._spec_num_accepted_tokens = 0
-        # [i]: sequence-steps that accepted i drafts (what tools/bench_spec.py replays)
-        self.spec_accepted_hist = [0] * (spec.num_speculative_tokens + 1 if spec else 0)
+        self.spec = SpecDecoder(spec) if spec is not None else None  # None: never speculates
         self._requests: dict[str, _CoreRequest] = {}
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
@@ -256,11 +240,11 @@ class EngineCore:
         the core goes on. EngineDeadError: it cannot go on."""
         self.check_alive()
         outputs: list[SeqOutput] = []
-        speculate = self._should_speculate()
-        if speculate and self._in_flight is not None:
+        speculate = self.spec is not None and self.spec.should_speculate(self.scheduler)
+        if speculate and self._in_flight is not None:  # drafts are drawn from known tokens
             done, self._in_flight = self._in_flight, None
             self._read(done, outputs)
-        drafted = self._propose() if speculate else []
+        drafted = self.spec.propose(self.scheduler.running) if speculate else []
         batch = self.scheduler.schedule()
         launched = None
         if batch.seqs:
@@ -294,22 +278,6 @@ class EngineCore:
         sampled = self._guard(done.handle.result, done.batch, outputs)
         if sampled is not None:
             self._postprocess(done.rows, sampled, outputs)
-
-    def _should_speculate(self) -> bool:
-        return (self.proposer is not None
-                and 0 < self.scheduler.num_running <= self.spec_config.disable_by_batch_size)
-
-    def _propose(self) -> list[Sequence]:
-        """Give each decode its drafts; return the sequences that got some."""
-        running = SequenceStatus.RUNNING
-        decodes = [s for s in self.scheduler.running if s.status is running and not s.forks
-                   and len(s.token_ids) - s.num_computed_tokens == 1]
-        drafted = []
-        for seq, draft in zip(decodes, self.proposer.propose(decodes), strict=True):
-            if draft:
-                seq.spec_token_ids = draft
-                drafted.append(seq)
-        return drafted
 
     def _guard(self, work, batch, outputs: list[SeqOutput]):
         """work()'s answer; if it raises, the batch's requests fail (None is returned), or the
@@ -359,7 +327,7 @@ class EngineCore:
                 self._fail(seq.request_id, next(errors[i] for i in range(first, r)
                                                 if i in errors), outputs)
                 continue
-            num = self._verify(seq, tokens, first) if k else 1
+            num = self.spec.verify(seq, tokens, first) if k else 1
             try:
                 out = self._append(req, seq, tokens, logprobs, top, first, num)
                 outputs.append(out)
@@ -370,20 +338,6 @@ class EngineCore:
                 logger.exception("request %s failed after its step", seq.request_id)
                 self._fail(seq.request_id, f"{type(e).__name__}: {e}", outputs)
         self._generation_tokens_total += num_appended
-
-    def _verify(self, seq: Sequence, tokens: list[int], first: int) -> int:
-        """How many of rows first.. the sequence takes: its drafts while each equals the token
-        sampled before it, then the first sampled token that differs (or the bonus after the
-        last draft)."""
-        draft = seq.spec_token_ids
-        num_accepted = 0
-        while num_accepted < len(draft) and tokens[first + num_accepted] == draft[num_accepted]:
-            num_accepted += 1
-        self._spec_num_drafts += 1
-        self._spec_num_draft_tokens += len(draft)
-        self._spec_num_accepted_tokens += num_accepted
-        self.spec_accepted_hist[num_accepted] += 1
-        return num_accepted + 1
 
     def _append(self, req: _CoreRequest, seq: Sequence, tokens: list[int],
                 logprobs: list[float], top, first: int, num: int) -> SeqOutput:
@@ -438,9 +392,7 @@ class EngineCore:
             num_steps=s.num_steps,
             num_chunked_prefill_steps=s.num_chunked_prefill_steps,
             num_mixed_steps=s.num_mixed_steps,
-            spec_num_drafts=self._spec_num_drafts,
-            spec_num_draft_tokens=self._spec_num_draft_tokens,
-            spec_num_accepted_tokens=self._spec_num_accepted_tokens,
+            **(self.spec.stats() if self.spec is not None else {}),
         )
 
     def shutdown(self) -> None:

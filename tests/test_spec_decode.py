@@ -171,8 +171,8 @@ def test_greedy_is_plain_decoding_with_chunked_prefill_and_preemption(make_engin
     s = engine.get_stats()
     assert s.num_preemptions > 0 and s.num_chunked_prefill_steps > 0
     assert 0 < s.spec_num_accepted_tokens < s.spec_num_draft_tokens
-    assert sum(engine.core.spec_accepted_hist) == s.spec_num_drafts
-    assert sum(engine.core.spec_accepted_hist[2:]) > 0
+    assert sum(engine.core.spec.accepted_hist) == s.spec_num_drafts
+    assert sum(engine.core.spec.accepted_hist[2:]) > 0
 
 
 class OracleProposer:
@@ -204,9 +204,9 @@ def test_every_verdict_with_an_oracle_proposer(make_engine):
                   max_model_len=120)
     want = drive(make_engine(**fields), requests)
     engine = make_engine(speculative_config=spec(k=5), **fields)
-    engine.core.proposer = OracleProposer(want, 5, seed=0)
+    engine.core.spec.proposer = OracleProposer(want, 5, seed=0)
     assert_same(drive(engine, requests), want)
-    hist = engine.core.spec_accepted_hist
+    hist = engine.core.spec.accepted_hist
     assert all(hist), hist  # each number of accepted drafts, 0 to 5, happened
     assert engine.get_stats().num_preemptions > 0
 
@@ -242,7 +242,7 @@ def test_overlapped_loop_and_batch_size_switch(make_engine):
                 for i, p in enumerate(copy_heavy(rng, 8))}
     want = drive(make_engine(), requests)
     engine = make_engine(async_scheduling=True, speculative_config=spec(disable_by_batch_size=4))
-    engine.core.proposer = OracleProposer(want, 3, seed=1)
+    engine.core.spec.proposer = OracleProposer(want, 3, seed=1)
     seen = []
     prepare = engine.runner.prepare_inputs
 
@@ -296,7 +296,7 @@ def test_stop_strings_see_exactly_the_accepted_tokens(make_engine):
     want = drive(make(), requests)
     engine = make(speculative_config=spec(k=5))
     # Drafts from the run without stop strings: they run past the stop string.
-    engine.core.proposer = OracleProposer(first, 5, seed=2, key=lambda r: r.rstrip("i"))
+    engine.core.spec.proposer = OracleProposer(first, 5, seed=2, key=lambda r: r.rstrip("i"))
     assert_same(drive(engine, requests), want)
     assert engine.get_stats().spec_num_accepted_tokens > 0
 
