@@ -33,13 +33,19 @@ if __package__ in (None, ""):  # run as a script: make the checkout importable
 from tools.spec_workload import spec_conversations  # noqa: E402
 
 
-def spec_summary(hist: list[int]) -> dict:
-    """Acceptance figures of a histogram: hist[i] = verifying steps that accepted i drafts."""
+def spec_summary(hist: list[int], no_draft_steps: int = 0) -> dict:
+    """Acceptance figures of a histogram: hist[i] = verifying steps that accepted i drafts;
+    no_draft_steps: decode steps whose sequence found no n-gram (one token each)."""
     k, steps = len(hist) - 1, sum(hist)
     accepted = sum(i * n for i, n in enumerate(hist))
-    return {"k": k, "verify_steps": steps,
+    decode_steps = steps + no_draft_steps
+    return {"k": k, "verify_steps": steps, "no_draft_steps": no_draft_steps,
             "acceptance_rate": accepted / (k * steps) if steps else 0.0,
-            "mean_accepted_length": 1 + accepted / steps if steps else 1.0, "hist": list(hist)}
+            "mean_accepted_length": 1 + accepted / steps if steps else 1.0,
+            # what batch-1 decode can gain at most: one forward per this many tokens
+            "tokens_per_decode_step": (decode_steps + accepted) / decode_steps
+            if decode_steps else 1.0,
+            "hist": list(hist)}
 
 
 def _decode(engine, request_id: str, prompt_ids: list[int], max_tokens: int) -> tuple[list, float]:
@@ -60,7 +66,7 @@ def _decode(engine, request_id: str, prompt_ids: list[int], max_tokens: int) -> 
 
 def acceptance(args, llm) -> dict:
     engine, core = llm.engine, llm.engine.core
-    spec, kinds, rows = core.spec, {}, []
+    spec, kinds, rows, no_draft = core.spec, {}, [], {}
     tokenizer = engine.tokenizer
     plain_s = spec_s = num_tokens = 0
     for i, (kind, messages) in enumerate(spec_conversations()[: args.limit]):
@@ -68,40 +74,49 @@ def acceptance(args, llm) -> dict:
         core.spec = None
         want, t_plain = _decode(engine, f"plain-{i}", ids, args.max_tokens)
         core.spec = spec
-        before = list(spec.accepted_hist)
+        before, steps_before = list(spec.accepted_hist), core.scheduler.num_steps
         got, t_spec = _decode(engine, f"spec-{i}", ids, args.max_tokens)
+        decode_steps = core.scheduler.num_steps - steps_before - 1  # the prefill step: 1
         if got != want:
             raise AssertionError(f"prompt {i} ({kind}): speculation changed the greedy output")
         hist = [a - b for a, b in zip(spec.accepted_hist, before, strict=True)]
         kh = kinds.setdefault(kind, [0] * len(hist))
         kinds[kind] = [a + b for a, b in zip(kh, hist, strict=True)]
+        no_draft[kind] = no_draft.get(kind, 0) + decode_steps - sum(hist)
         plain_s, spec_s, num_tokens = plain_s + t_plain, spec_s + t_spec, num_tokens + len(got)
-        rows.append({"kind": kind, "tokens": len(got), **spec_summary(hist),
+        rows.append({"kind": kind, "tokens": len(got),
+                     **spec_summary(hist, decode_steps - sum(hist)),
                      "text": tokenizer.decode(got)[:60]})
     total = [sum(c) for c in zip(*kinds.values(), strict=True)]
     return {"mode": "acceptance", "model": args.model or "default (SmolLM2-135M-Instruct)",
             "device": engine.ops.name, "max_tokens": args.max_tokens,
-            "overall": spec_summary(total),
-            "by_kind": {k: spec_summary(h) for k, h in kinds.items()}, "prompts": rows,
+            "overall": spec_summary(total, sum(no_draft.values())),
+            "by_kind": {k: spec_summary(h, no_draft[k]) for k, h in kinds.items()},
+            "prompts": rows,
             "plain_tok_s": num_tokens / plain_s, "spec_tok_s": num_tokens / spec_s}
 
 
-class _RepeatLast:
-    """Replay's proposer: k drafts every step (their values do not matter, only their count)."""
+class _ReplayProposer:
+    """Replay's proposer: k drafts (their values do not matter, only their count), or none as
+    often as the measured run found no n-gram."""
 
-    def __init__(self, k: int):
-        self.k = k
+    def __init__(self, k: int, p_none: float, rng):
+        self.k, self.p_none, self.rng = k, p_none, rng
 
     def propose(self, seqs):
-        return [(s.token_ids[-self.k :] * self.k)[: self.k] for s in seqs]
+        k = self.k
+        return [[] if self.rng.random() < self.p_none else (s.token_ids[-k:] * k)[:k]
+                for s in seqs]
 
 
-def install_replay(spec, hist: list[int], vocab_size: int, seed: int = 0) -> None:
-    """Make `spec` (engine.spec_decode.SpecDecoder) propose k drafts per step and accept as many
-    as a draw from `hist` says."""
+def install_replay(spec, hist: list[int], no_draft_steps: int, vocab_size: int,
+                   seed: int = 0) -> None:
+    """Make `spec` (engine.spec_decode.SpecDecoder) propose k drafts per step (none as often as
+    no_draft_steps says) and accept as many as a draw from `hist` says."""
     rng = np.random.default_rng(seed)
     p = np.asarray(hist, float) / sum(hist)
-    spec.proposer = _RepeatLast(len(hist) - 1)
+    spec.proposer = _ReplayProposer(len(hist) - 1, no_draft_steps / (no_draft_steps + sum(hist)),
+                                    rng)
     verify = spec.verify
 
     def replayed(seq, tokens: list[int], first: int) -> int:
@@ -115,7 +130,7 @@ def install_replay(spec, hist: list[int], vocab_size: int, seed: int = 0) -> Non
     spec.verify = replayed
 
 
-def replay(args, llm, hist: list[int]) -> dict:
+def replay(args, llm, hist: list[int], no_draft_steps: int) -> dict:
     engine, core = llm.engine, llm.engine.core
     mc = engine.model_config
     prompt = [(31 * i + 7) % mc.vocab_size for i in range(args.prompt_len)]
@@ -123,17 +138,18 @@ def replay(args, llm, hist: list[int]) -> dict:
     spec, core.spec = core.spec, None
     want, t_plain = _decode(engine, "plain", prompt, args.output_len)
     core.spec = spec
-    install_replay(spec, hist, mc.vocab_size, args.seed)
+    install_replay(spec, hist, no_draft_steps, mc.vocab_size, args.seed)
     _decode(engine, "warmup-spec", prompt[:16], 8)
-    before = list(spec.accepted_hist)
+    before, steps_before = list(spec.accepted_hist), core.scheduler.num_steps
     got, t_spec = _decode(engine, "spec", prompt, args.output_len)
     done = [a - b for a, b in zip(spec.accepted_hist, before, strict=True)]
+    no_draft_done = core.scheduler.num_steps - steps_before - 1 - sum(done)
     plain_tpot, spec_tpot = t_plain / (len(want) - 1), t_spec / (len(got) - 1)
     return {"mode": "replay", "note": "acceptance replayed from the measured histogram (dummy "
             "weights produce no copyable text); verify rows, rollback and sync steps are real",
             "model": args.model, "device": engine.ops.name, "prompt_len": args.prompt_len,
-            "output_len": args.output_len, "replayed": spec_summary(hist),
-            "achieved": spec_summary(done), "plain_tpot_ms": plain_tpot * 1e3,
+            "output_len": args.output_len, "replayed": spec_summary(hist, no_draft_steps),
+            "achieved": spec_summary(done, no_draft_done), "plain_tpot_ms": plain_tpot * 1e3,
             "spec_tpot_ms": spec_tpot * 1e3, "speedup": plain_tpot / spec_tpot}
 
 
@@ -151,6 +167,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--save-profile", default=None, help="acceptance: write the histogram here")
     ap.add_argument("--replay", default=None, help="replay: a --save-profile file")
     ap.add_argument("--accepted-hist", default=None, help="replay: N0,N1,..,Nk inline")
+    ap.add_argument("--no-draft-steps", type=int, default=0,
+                    help="replay with --accepted-hist: steps that found no n-gram")
     ap.add_argument("--prompt-len", type=int, default=128, help="replay")
     ap.add_argument("--output-len", type=int, default=256, help="replay")
     ap.add_argument("--max-model-len", type=int, default=None)
@@ -158,11 +176,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
 
-    hist = None
+    hist, no_draft_steps = None, 0
     if args.replay:
-        hist = json.loads(Path(args.replay).read_text())["overall"]["hist"]
+        overall = json.loads(Path(args.replay).read_text())["overall"]
+        hist, no_draft_steps = overall["hist"], overall["no_draft_steps"]
     elif args.accepted_hist:
         hist = [int(n) for n in args.accepted_hist.split(",")]
+        no_draft_steps = args.no_draft_steps
     k = len(hist) - 1 if hist else args.num_speculative_tokens
     from engine import LLM
 
@@ -173,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
               max_model_len=args.max_model_len, max_num_seqs=8, seed=args.seed,
               speculative_config=spec)
     with llm:
-        result = replay(args, llm, hist) if hist else acceptance(args, llm)
+        result = replay(args, llm, hist, no_draft_steps) if hist else acceptance(args, llm)
     if args.save_profile and not hist:
         Path(args.save_profile).write_text(json.dumps(result, indent=1) + "\n")
     if args.json:
@@ -186,8 +206,10 @@ def main(argv: list[str] | None = None) -> dict:
 def _print(r: dict) -> None:
     def line(name, s):
         return (f"{name:<8} acceptance {s['acceptance_rate']:.1%}  mean accepted length "
-                f"{s['mean_accepted_length']:.2f}  ({s['verify_steps']} verify steps, k={s['k']}, "
-                f"accepted drafts per step {s['hist']})")
+                f"{s['mean_accepted_length']:.2f}  tokens per decode step "
+                f"{s['tokens_per_decode_step']:.2f}  ({s['verify_steps']} verify steps, "
+                f"{s['no_draft_steps']} without a draft; k={s['k']}, accepted drafts per verify "
+                f"step {s['hist']})")
 
     print(f"{r['model']} on {r['device']}")
     if r["mode"] == "acceptance":
