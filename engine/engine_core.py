@@ -38,6 +38,7 @@ import numpy as np
 
 from engine.core.block_manager import BlockManager
 from engine.core.outputs import EngineCoreRequest, EngineDeadError, EngineStats, SeqOutput
+from engine.core.sampling_params import ParamError
 from engine.core.scheduler import Scheduler
 from engine.core.sequence import Sequence
 from engine.core.stopping import check_stop_ids
@@ -150,12 +151,15 @@ class EngineCore:
             if not 0 <= t < vocab:
                 raise ValueError(f"prompt_token_ids[{i}] = {t!r} is not a token id "
                                  f"(vocab_size {vocab})")
+        if params.n > self.config.max_num_seqs:  # the n sequences must fit in one batch
+            raise ParamError("n", f"n ({params.n}) must be <= max_num_seqs "
+                                  f"({self.config.max_num_seqs})")
         for name, bad in (("logit_bias", params.logit_bias), ("stop_token_ids",
                                                                params.stop_token_ids)):
             for t in bad:
                 if not 0 <= t < vocab:
-                    raise ValueError(f"{name} has token id {t}, outside the vocabulary "
-                                     f"(vocab_size {vocab})")
+                    raise ParamError(name, f"{name} has token id {t}, outside the vocabulary "
+                                           f"(vocab_size {vocab})")
         if not ids:
             raise ValueError("prompt is empty: it must have at least one token")
         if len(ids) > self.max_model_len:

@@ -22,6 +22,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from engine.core.outputs import EngineCoreRequest
+from engine.core.sampling_params import ParamError
 from engine.core_client import MPClient
 from engine.logs import StatsLogger
 from engine.model.config import EngineConfig, ModelConfig
@@ -138,7 +139,9 @@ class AsyncEngine:
         self.processor: OutputProcessor | None = None
         self._groups: dict[str, RequestGroup] = {}  # request id -> its group, while unfinished
         self._pending: dict[str, asyncio.Future] = {}  # sent, not yet accepted by the core
+        self._waiting: set[str] = set()  # requests sent that have no output yet
         self._task: asyncio.Task | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self._stats_log = StatsLogger()  # the "every 10 s while busy" line
 
     @property
@@ -146,9 +149,10 @@ class AsyncEngine:
         return self.engine is not None and self.dead is None
 
     @property
-    def num_waiting(self) -> int:
-        """Requests waiting in the core plus those on their way to it."""
-        return (self.stats.num_waiting if self.stats else 0) + len(self._pending)
+    def num_waiting_requests(self) -> int:
+        """Requests (not sequences: n does not count) sent to the core that have no output yet;
+        what --max-waiting-requests bounds."""
+        return len(self._waiting)
 
     def load(self) -> list[str]:
         """Spawn the core and wait until its model is loaded (the CLI, before it serves); raise
@@ -169,12 +173,16 @@ class AsyncEngine:
         if self.client is None:
             self.client = MPClient(self.config, self.make_core)
             self.client.start()
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self.loop = asyncio.get_running_loop()  # handlers run here, and only here
+        self._task = self.loop.create_task(self._run())
 
     def _set_ready(self, ready, tokenizer):
         self.engine = ModelInfo(tokenizer, ready.model_config, ready.max_model_len,
                                 ready.num_kv_blocks)
         self.processor = OutputProcessor(tokenizer)
+        if tokenizer is None:
+            log.warning("this model has no tokenizer: text prompts, chat and /tokenize answer "
+                        "400; send token ids")
 
     async def shutdown(self):
         if self._task is not None:
@@ -209,6 +217,7 @@ class AsyncEngine:
         accepted = asyncio.get_running_loop().create_future()
         self._pending[request_id] = accepted
         self._groups[request_id] = group
+        self._waiting.add(request_id)
         self.client.add_request(EngineCoreRequest(request_id, ids, params, arrival))
         await accepted
 
@@ -216,6 +225,7 @@ class AsyncEngine:
         """Stop a request wherever it is; a request already finished is ignored."""
         self._pending.pop(request_id, None)
         self._groups.pop(request_id, None)
+        self._waiting.discard(request_id)
         if self.dead is not None:  # the core took every request with it
             return
         if self.processor is not None and self.processor.abort(request_id) is not None:
@@ -256,23 +266,25 @@ class AsyncEngine:
             future = pending.pop(request_id, None)
             if future is not None:
                 future.set_result(None)
-        for request_id, why in message.rejected:
+        for request_id, field, why in message.rejected:
             future = pending.pop(request_id, None)
             self._groups.pop(request_id, None)
+            self._waiting.discard(request_id)
             self.processor.abort(request_id)
             if future is not None:
-                future.set_exception(ValueError(why))
+                future.set_exception(ParamError(field, why) if field else ValueError(why))
         num_outputs = 0
         if message.outputs:
             results, stopped = self.processor.process(message.outputs)
             if stopped:
                 self.client.finish_sequences(stopped)
             num_outputs = len(results)
-            groups = self._groups
+            groups, waiting = self._groups, self._waiting
             for out in results:
                 group = groups.get(out.request_id)
                 if group is None:
                     continue
+                waiting.discard(out.request_id)
                 if out.finished:
                     del groups[out.request_id]
                     errors = [c.error for c in out.outputs if c.finish_reason == "error"]
@@ -306,6 +318,7 @@ class AsyncEngine:
             self.metrics.on_ended("error", len(self._groups))
         self._pending.clear()
         self._groups.clear()
+        self._waiting.clear()
         if self.on_fatal is not None:
             self.on_fatal(cause)
 

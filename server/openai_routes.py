@@ -10,15 +10,19 @@ from __future__ import annotations
 import json
 import time
 
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, StreamingResponse
 
-from server.async_engine import EngineFault, render_chat, tokenize_text
+from engine.core.sampling_params import ParamError
+from server.async_engine import EngineFault
 from server.handlers import (
+    chat_token_ids,
     check_model,
     check_token_ids,
+    off_loop,
     read_json,
     ready_engine,
+    tokenizer_of,
     until_disconnect,
 )
 from server.protocol import (
@@ -49,15 +53,19 @@ async def completions(request: Request):
     token_lists = []
     for p in prompts:
         if isinstance(p, str):
-            num_tokens, ids = await tokenize_text(engine.tokenizer, p, engine.max_model_len)
+            # The count first: an over-long text's ids never become a list (encode_within).
+            num_tokens, ids = await off_loop(len(p), tokenizer_of(engine, "prompt").encode_within,
+                                             p, engine.max_model_len)
         else:
-            check_token_ids(engine, p, "prompt")
             num_tokens, ids = len(p), p
-        _check_length(engine, num_tokens, params.max_tokens, "prompt")
+        _check_length(engine, num_tokens, params.max_tokens, "prompt")  # before a long id check
+        if ids is p:
+            check_token_ids(engine, p, "prompt")
         token_lists.append(ids)
     call = _Call(request, engine, new_id("cmpl"), model, params, chat=False)
     if echo:
-        call.echo = [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in prompts]
+        call.echo = [p if isinstance(p, str) else tokenizer_of(engine, "echo").decode(p)
+                     for p in prompts]
     return await call.run(token_lists, stream, include_usage)
 
 
@@ -69,14 +77,8 @@ async def chat_completions(request: Request):
     params = parse_sampling_params(body, chat=True)
     stream, include_usage = _stream_flags(body)
     get_field(body, "user", "str")
-    try:
-        text = await render_chat(engine.tokenizer, messages)
-    except Exception as e:
-        raise bad_request("messages", f"the chat template failed: {e}") from None
-    # The template already wrote any BOS it wants; adding it again would double it.
-    num_tokens, ids = await tokenize_text(engine.tokenizer, text, engine.max_model_len,
-                                     add_special_tokens=False)
-    _check_length(engine, num_tokens, params.max_tokens, "messages")
+    ids = await chat_token_ids(request, engine, messages)
+    _check_length(engine, len(ids), params.max_tokens, "messages")
     call = _Call(request, engine, new_id("chatcmpl"), model, params, chat=True)
     return await call.run([ids], stream, include_usage)
 
@@ -111,12 +113,16 @@ class _Call:
         self.params, self.chat = params, chat
         self.echo: list[str] | None = None
         self.created = int(time.time())
-        self.token_str = lambda t: engine.tokenizer.decode([t], skip_special_tokens=False)
+        if engine.tokenizer is None:  # token ids in, token ids out: name them as vLLM does
+            self.token_str = lambda t: f"token_id:{t}"
+        else:
+            self.token_str = lambda t: engine.tokenizer.decode([t], skip_special_tokens=False)
 
     async def run(self, token_lists: list[list[int]], stream: bool, include_usage: bool):
         state = self.request.app.state
         limit = state.settings.max_waiting_requests
-        if limit is not None and state.engine.num_waiting + len(token_lists) > limit:
+        # Requests, not sequences: each prompt of the call is one, whatever its n.
+        if limit is not None and state.engine.num_waiting_requests + len(token_lists) > limit:
             raise APIError(429, f"the server's waiting queue is full ({limit} requests); retry "
                                 "later", type="rate_limit_exceeded", code="too_many_requests")
         group = state.engine.group()
@@ -129,18 +135,16 @@ class _Call:
         except BaseException:
             group.close()
             raise
-        return _SSEResponse(self._events(group, include_usage), media_type="text/event-stream",
-                            headers={"Cache-Control": "no-cache"})
+        return _SSEResponse(group, self._events(group, include_usage))
 
     async def _submit(self, group, token_lists):
         for request_id, ids in zip(self.index_of, token_lists, strict=True):
             try:
                 await group.add(request_id, {"prompt_token_ids": ids}, self.params)
-            except ValueError as e:  # the engine's admission checks name the field first
-                field = str(e).split(" ")[0].split("[")[0]
-                if field not in ("logit_bias", "stop_token_ids", "stop", "max_tokens"):
-                    field = "messages" if self.chat else "prompt"
-                raise bad_request(field, str(e)) from None
+            except ParamError as e:
+                raise bad_request(e.field, str(e)) from None
+            except ValueError as e:  # the prompt's own checks (length, KV-cache capacity)
+                raise bad_request("messages" if self.chat else "prompt", str(e)) from None
 
     def _choice_index(self, request_id: str, index: int) -> int:
         return self.index_of[request_id] * self.params.n + index
@@ -238,13 +242,23 @@ def _sse(obj: dict) -> str:
 
 
 class _SSEResponse(StreamingResponse):
-    """A StreamingResponse that always closes its generator, so a client gone mid-stream has its
-    requests aborted at once rather than when the generator is garbage-collected."""
+    """An SSE stream that owns the call's RequestGroup from its submission: however the response
+    ends (done, client gone before the first chunk or mid-stream, error) the group is closed, so
+    its unfinished requests are aborted at once. Closing the generator alone would not do: a
+    client gone before the first chunk leaves it unstarted, and closing it then runs nothing."""
+
+    def __init__(self, group, events):
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache"})
+        self.group = group
 
     async def __call__(self, scope, receive, send):
         try:
             await super().__call__(scope, receive, send)
-        except OSError:
-            pass  # the client went away between chunks
+        except (OSError, ClientDisconnect):
+            pass  # the client went away
         finally:
-            await self.body_iterator.aclose()
+            try:
+                await self.body_iterator.aclose()
+            finally:
+                self.group.close()
