@@ -331,52 +331,62 @@ class EngineCore:
                 self._fail(seq.request_id, next(errors[i] for i in range(first, r)
                                                 if i in errors), outputs)
                 continue
-            num = self.spec.verify(seq, tokens, first) if k else 1
             try:
-                out = self._append(req, seq, tokens, logprobs, top, first, num)
+                if k:
+                    out = self._append_verified(req, seq, tokens, logprobs, top, first)
+                else:
+                    out = self._append(req, seq, tokens[first], logprobs[first], top, first)
                 outputs.append(out)
                 num_appended += len(out.new_token_ids)
-                if k and out.finish_reason is None:  # the k/v of rejected drafts are garbage
-                    self.block_manager.truncate(seq, len(seq.token_ids) - 1)
             except Exception as e:  # the stop check, for this request alone
                 logger.exception("request %s failed after its step", seq.request_id)
                 self._fail(seq.request_id, f"{type(e).__name__}: {e}", outputs)
         self._generation_tokens_total += num_appended
 
-    def _append(self, req: _CoreRequest, seq: Sequence, tokens: list[int],
-                logprobs: list[float], top, first: int, num: int) -> SeqOutput:
-        """Rows first .. first + num of the step: append their tokens to `seq` until a stop
-        rule ends it (the rest are dropped); free it if it ends."""
+    def _append(self, req: _CoreRequest, seq: Sequence, token: int, logprob: float, top,
+                r: int) -> SeqOutput:
+        """Row r of the step: append its token to `seq`, check stops, free it if it ends."""
+        if not 0 <= token < self.model_config.vocab_size:  # never hand the front garbage
+            raise RuntimeError(f"the sampler returned token id {token}, outside the vocabulary")
+        seq.token_ids.append(token)
+        seq.cumulative_logprob += logprob
         p = seq.sampling_params
-        new_tokens, new_logprobs = [], [] if p.logprobs is not None else None
-        num_before = seq.num_output_tokens
-        reason = stop = None
-        for r in range(first, first + num):
-            token, logprob = tokens[r], logprobs[r]
-            if not 0 <= token < self.model_config.vocab_size:  # never hand the front garbage
-                raise RuntimeError(f"the sampler returned token id {token}, outside the "
-                                   "vocabulary")
-            seq.token_ids.append(token)
-            seq.cumulative_logprob += logprob
-            new_tokens.append(token)
-            if new_logprobs is not None:
-                entry = {}
-                if p.logprobs:
-                    k = p.logprobs
-                    entry = dict(zip(top[0][r][:k], top[1][r][:k], strict=True))
-                entry[token] = logprob
-                new_logprobs.append(entry)
-            reason, stop = check_stop_ids(seq, token, self.eos_token_ids, self.max_model_len)
-            if reason is not None:
-                break
-        out = SeqOutput(seq.request_id, seq.index, new_tokens, new_logprobs,
+        new_logprobs = None
+        if p.logprobs is not None:
+            entry = {}
+            if p.logprobs:
+                k = p.logprobs
+                entry = dict(zip(top[0][r][:k], top[1][r][:k], strict=True))
+            entry[token] = logprob
+            new_logprobs = [entry]
+        reason, stop = check_stop_ids(seq, token, self.eos_token_ids, self.max_model_len)
+        out = SeqOutput(seq.request_id, seq.index, [token], new_logprobs,
                         seq.cumulative_logprob, reason, stop)
-        if num > 1:
-            out.token_logprobs = logprobs[first : first + len(new_tokens)]
-        if num_before == 0:
+        if seq.num_output_tokens == 1:
             out.first_scheduled_time = req.first_scheduled_time
         if reason is not None:
             self._finish(req, seq, reason)
+        return out
+
+    def _append_verified(self, req: _CoreRequest, seq: Sequence, tokens: list[int],
+                         logprobs: list[float], top, first: int) -> SeqOutput:
+        """A sequence that verified drafts in rows first..: append what the verdict keeps, one
+        token at a time until a stop rule ends it (the rest are dropped), in one SeqOutput; roll
+        back the KV slots past them (the rejected drafts' k/v are garbage)."""
+        num = self.spec.verify(seq, tokens, first)
+        outs = []
+        for r in range(first, first + num):
+            outs.append(self._append(req, seq, tokens[r], logprobs[r], top, r))
+            if outs[-1].finish_reason is not None:
+                break
+        out = outs[-1]
+        out.first_scheduled_time = outs[0].first_scheduled_time
+        out.new_token_ids = [o.new_token_ids[0] for o in outs]
+        if out.new_logprobs is not None:
+            out.new_logprobs = [o.new_logprobs[0] for o in outs]
+        out.token_logprobs = logprobs[first : first + len(outs)]
+        if out.finish_reason is None:
+            self.block_manager.truncate(seq, len(seq.token_ids) - 1)
         return out
 
     # ------------------------------------------------------------------ stats

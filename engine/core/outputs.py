@@ -39,8 +39,9 @@ class SeqOutput:
     error: str | None = None  # why, when finish_reason == "error"
     # Set on a sequence's first output: when its request was first scheduled.
     first_scheduled_time: float | None = None
-    # With more than one new token (speculative decoding): each one's logprob, so a front that
-    # cuts the tokens at a stop string can take the dropped ones out of cumulative_logprob.
+    # From a step that verified drafts (speculative decoding, maybe several new tokens): each
+    # one's logprob, so a front that cuts them at a stop string can take the dropped ones out of
+    # cumulative_logprob.
     token_logprobs: list[float] | None = None
 
 
