@@ -41,6 +41,9 @@ class SpecDecoder:
         """Set the drafts of the running decodes; return the sequences that got some (the engine
         core empties their spec_token_ids after the step)."""
         status = SequenceStatus.RUNNING
+        # NOTE: when structured outputs (a grammar matcher per sequence) join this code, exclude
+        # constrained sequences here until DraftRow advances a copy of the matcher through the
+        # drafts: row j's mask must be the one after the first j drafts.
         decodes = [s for s in running if s.status is status and not s.forks
                    and len(s.token_ids) - s.num_computed_tokens == 1]
         drafted = []
