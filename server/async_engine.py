@@ -3,7 +3,7 @@ here, on the event loop, live the tokenizer and the OutputProcessor (text, stop 
 
 Handlers submit requests through a RequestGroup and read RequestOutputs from its queue. One task
 reads the core's messages (one per step), turns them into RequestOutputs and hands each to its
-group; nothing here blocks the loop: sends never wait, and large tokenizations run in threads.
+group; nothing here blocks the loop: sends never wait (handlers tokenize long texts in threads).
 If the core dies, every request in flight gets an EngineFault naming the cause, /health turns
 503, and `on_fatal` (the CLI stops the server with a non-zero exit) is called.
 """
@@ -11,12 +11,8 @@ If the core dies, every request in flight gets an EngineFault naming the cause, 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
-import functools
 import logging
-import os
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -30,37 +26,6 @@ from engine.model.loader import load_tokenizer
 from engine.output_processor import OutputProcessor
 
 log = logging.getLogger("pagedserve.engine")
-
-# Prompts longer than this are tokenized in a thread; shorter ones cost less than the hop.
-INLINE_TOKENIZE_CHARS = 4096
-
-
-def _lower_priority():
-    # Bulk tokenizing yields the CPU to the event loop when cores are short (Linux nices each
-    # thread on its own).
-    with contextlib.suppress(OSError, AttributeError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-
-
-_TOKENIZE_POOL = concurrent.futures.ThreadPoolExecutor(
-    max_workers=4, thread_name_prefix="pagedserve-tokenize", initializer=_lower_priority)
-
-
-async def tokenize_text(tokenizer, text: str, max_tokens: int, add_special_tokens: bool = True
-                        ) -> tuple[int, list[int] | None]:
-    """Tokenizer.encode_within, in a thread unless the text is short, so that a large prompt
-    never stalls the event loop."""
-    if len(text) <= INLINE_TOKENIZE_CHARS:
-        return tokenizer.encode_within(text, max_tokens, add_special_tokens)
-    return await asyncio.get_running_loop().run_in_executor(
-        _TOKENIZE_POOL, tokenizer.encode_within, text, max_tokens, add_special_tokens)
-
-
-async def render_chat(tokenizer, messages: list[dict]) -> str:
-    """The chat template's text (the template is Python: run in a thread, as it may be long)."""
-    return await asyncio.get_running_loop().run_in_executor(
-        _TOKENIZE_POOL, functools.partial(tokenizer.apply_chat_template, messages,
-                                          add_generation_prompt=True, tokenize=False))
 
 
 class EngineFault(RuntimeError):
@@ -89,14 +54,14 @@ class RequestGroup:
         self.queue: asyncio.Queue = asyncio.Queue()  # RequestOutputs, or an EngineFault
         self.unfinished: set[str] = set()
 
-    async def add(self, request_id: str, prompt, params):
-        """Hand one request to the engine core; its rejection (ValueError) is raised here.
-        `prompt`: text, or {"prompt_token_ids": [...]}."""
-        engine = self.engine
-        text, ids = await engine.encode(prompt)
+    async def add(self, request_id: str, prompt: dict, params):
+        """Hand one request to the engine core; its rejection (ValueError, ParamError naming
+        the field) is raised here. `prompt`: {"prompt_token_ids": [...], "prompt": text or
+        absent}; handlers tokenize, off the event loop when long (server/handlers.py)."""
         self.unfinished.add(request_id)  # before the await: a cancel must still abort it
         try:
-            await engine._submit(self, request_id, text, ids, params)
+            await self.engine._submit(self, request_id, prompt.get("prompt"),
+                                      prompt["prompt_token_ids"], params)
         except BaseException:
             self.unfinished.discard(request_id)
             raise
@@ -194,20 +159,6 @@ class AsyncEngine:
 
     def group(self) -> RequestGroup:
         return RequestGroup(self)
-
-    async def encode(self, prompt) -> tuple[str | None, list[int]]:
-        """(text, token ids) of a prompt given as text or as {"prompt_token_ids": [...]}."""
-        if isinstance(prompt, dict):
-            return prompt.get("prompt"), prompt["prompt_token_ids"]
-        info = self.engine
-        if info.tokenizer is None:
-            raise ValueError("prompt is text but the model has no tokenizer; "
-                             "pass {'prompt_token_ids': [...]}")
-        num_tokens, ids = await tokenize_text(info.tokenizer, prompt, info.max_model_len)
-        if ids is None:
-            raise ValueError(f"prompt has {num_tokens} tokens, more than max_model_len "
-                             f"({info.max_model_len})")
-        return prompt, ids
 
     async def _submit(self, group: RequestGroup, request_id: str, text, ids, params):
         if self.dead is not None:
