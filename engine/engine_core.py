@@ -22,6 +22,8 @@ the step still in flight. The runner asks for the masks once the forward of N+1 
 (fill_bitmask); that is when a step holding constrained rows reads step N's tokens, advances the
 matchers, and fills the masks, while the device computes N+1's forward. So such steps lose the
 overlap of postprocessing, never the forward's, and every mask is exact.
+Speculative decoding (speculative_config): while few sequences run, a step verifies n-gram drafts
+synchronously (engine/spec_decode.py); larger batches keep the overlapped loop.
 
 It owns the scheduler, the block manager and the runner (and with them the device), and knows no
 text: the output processor (engine/output_processor.py) detokenizes and finds stop strings, and
@@ -55,6 +57,7 @@ from engine.executor.runner import ModelRunner, num_kv_blocks
 from engine.executor.transformer import Transformer
 from engine.model.config import EngineConfig
 from engine.model.loader import checkpoint_dtype, load_model
+from engine.spec_decode import SpecDecoder
 from engine.structured_outputs import ACCEPTED, ENDED, GrammarCompiler
 
 logger = logging.getLogger("pagedserve." + __name__)
@@ -146,6 +149,8 @@ class EngineCore:
             self.grammars = GrammarCompiler.for_tokenizer(self.tokenizer, mc.vocab_size, eos)
         self._compiling: list[_CoreRequest] = []  # requests whose grammar is compiling
         self._rng = np.random.default_rng(engine_config.seed)
+        spec = engine_config.speculative_config
+        self.spec = SpecDecoder(spec) if spec is not None else None  # None: never speculates
         self._requests: dict[str, _CoreRequest] = {}
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
@@ -273,6 +278,14 @@ class EngineCore:
         outputs: list[SeqOutput] = []
         if self._compiling:
             self._start_grammars(outputs)
+        # NOTE: a constrained sequence's mask for draft row j would need its matcher advanced
+        # through the first j drafts; until that exists, no step speculates while one runs.
+        speculate = (self.spec is not None and self.spec.should_speculate(self.scheduler)
+                     and not self._has_constrained())
+        if speculate and self._in_flight is not None:  # drafts are drawn from known tokens
+            done, self._in_flight = self._in_flight, None
+            self._read(done, outputs)
+        drafted = self.spec.propose(self.scheduler.running) if speculate else []
         batch = self.scheduler.schedule()
         launched = None
         if not batch.seqs and self._in_flight is None and self._compiling and not outputs:
@@ -289,12 +302,14 @@ class EngineCore:
                 for seq in rows[0]:
                     seq.has_pending_token = True  # until _postprocess appends or drops it
                 self.scheduler.advance(batch)
-        if self.async_scheduling:
+        if self.async_scheduling and not speculate:
             done, self._in_flight = self._in_flight, launched
         else:
             done = launched
         if done is not None:
             self._read(done, outputs)
+        for seq in drafted:
+            seq.spec_token_ids = []
         if launched is not None:
             # Every token the launched batch computed is known now: the previous step's are in.
             self.scheduler.commit(launched.batch)
@@ -304,6 +319,10 @@ class EngineCore:
             self._in_flight, last = None, self._in_flight
             self._guard(last.handle.result, last.batch, outputs)
         return outputs
+
+    def _has_constrained(self) -> bool:
+        s = self.scheduler
+        return any(seq.matcher is not None for seq in (*s.running, *s.waiting))
 
     def _read(self, done: _Launched, outputs: list[SeqOutput]) -> None:
         """Wait for a launched step's tokens and postprocess them."""
@@ -374,7 +393,9 @@ class EngineCore:
 
     def _postprocess(self, seqs: list[Sequence], sampled, outputs: list[SeqOutput]) -> None:
         """Append each sampled token, check the id stop rules, free finished sequences. The token
-        of a sequence that finished after the step was launched is dropped."""
+        of a sequence that finished after the step was launched is dropped. A sequence that
+        verified k drafts owns k + 1 rows: it takes its accepted drafts and one more token, and
+        its KV slots past them are rolled back."""
         tokens, logprobs = sampled.token_ids.tolist(), sampled.logprobs.tolist()
         errors = sampled.errors or {}
         top = None
@@ -383,24 +404,33 @@ class EngineCore:
         num_appended = 0
         verdicts = None
         if any(seq.matcher is not None for seq in seqs):
+            # Constrained steps never speculate (step()), so row i is sequence i here.
             verdicts = self.grammars.advance([seq.matcher for seq in seqs], tokens, errors)
-        for r, seq in enumerate(seqs):
+        r = 0  # this sequence's first row
+        for i, seq in enumerate(seqs):
+            k = len(seq.spec_token_ids)
+            first, r = r, r + 1 + k
             seq.has_pending_token = False
             if seq.finish_reason is not None:
                 continue
             req = self._requests[seq.request_id]
-            if r in errors:
-                self._fail(seq.request_id, errors[r], outputs)
+            if errors and any(j in errors for j in range(first, r)):
+                self._fail(seq.request_id, next(errors[j] for j in range(first, r)
+                                                if j in errors), outputs)
                 continue
-            verdict = ACCEPTED if verdicts is None else verdicts[r]
+            verdict = ACCEPTED if verdicts is None else verdicts[i]
             if verdict is not ACCEPTED and verdict is not ENDED:
-                self._fail(seq.request_id, f"the grammar refused token {tokens[r]}: {verdict}",
-                           outputs)
+                self._fail(seq.request_id,
+                           f"the grammar refused token {tokens[first]}: {verdict}", outputs)
                 continue
             try:
-                outputs.append(self._append(req, seq, tokens[r], logprobs[r], top, r,
-                                            verdict is ENDED))
-                num_appended += 1
+                if k:
+                    out = self._append_verified(req, seq, tokens, logprobs, top, first)
+                else:
+                    out = self._append(req, seq, tokens[first], logprobs[first], top, first,
+                                       verdict is ENDED)
+                outputs.append(out)
+                num_appended += len(out.new_token_ids)
             except Exception as e:  # the stop check, for this request alone
                 logger.exception("request %s failed after its step", seq.request_id)
                 self._fail(seq.request_id, f"{type(e).__name__}: {e}", outputs)
@@ -438,6 +468,27 @@ class EngineCore:
             self._finish(req, seq, reason)
         return out
 
+    def _append_verified(self, req: _CoreRequest, seq: Sequence, tokens: list[int],
+                         logprobs: list[float], top, first: int) -> SeqOutput:
+        """A sequence that verified drafts in rows first..: append what the verdict keeps, one
+        token at a time until a stop rule ends it (the rest are dropped), in one SeqOutput; roll
+        back the KV slots past them (the rejected drafts' k/v are garbage)."""
+        num = self.spec.verify(seq, tokens, first)
+        outs = []
+        for r in range(first, first + num):
+            outs.append(self._append(req, seq, tokens[r], logprobs[r], top, r))
+            if outs[-1].finish_reason is not None:
+                break
+        out = outs[-1]
+        out.first_scheduled_time = outs[0].first_scheduled_time
+        out.new_token_ids = [o.new_token_ids[0] for o in outs]
+        if out.new_logprobs is not None:
+            out.new_logprobs = [o.new_logprobs[0] for o in outs]
+        out.token_logprobs = logprobs[first : first + len(outs)]
+        if out.finish_reason is None:
+            self.block_manager.truncate(seq, len(seq.token_ids) - 1)
+        return out
+
     # ------------------------------------------------------------------ stats
 
     def get_stats(self) -> EngineStats:
@@ -455,6 +506,7 @@ class EngineCore:
             num_steps=s.num_steps,
             num_chunked_prefill_steps=s.num_chunked_prefill_steps,
             num_mixed_steps=s.num_mixed_steps,
+            **(self.spec.stats() if self.spec is not None else {}),
         )
 
     def snapshot(self, since: int | None = None) -> dict:

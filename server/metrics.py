@@ -28,6 +28,12 @@ _COUNTERS = {
     "prompt_tokens_total": ("pagedserve_prompt_tokens", "Prompt tokens admitted."),
     "generation_tokens_total": ("pagedserve_generation_tokens", "Tokens generated."),
     "num_steps": ("pagedserve_engine_steps", "Engine steps (model forward passes)."),
+    "spec_num_drafts": ("pagedserve_spec_decode_num_drafts",
+                        "Speculative decoding: sequence-steps that verified drafts."),
+    "spec_num_draft_tokens": ("pagedserve_spec_decode_num_draft_tokens",
+                              "Speculative decoding: draft tokens verified."),
+    "spec_num_accepted_tokens": ("pagedserve_spec_decode_num_accepted_tokens",
+                                 "Speculative decoding: draft tokens accepted."),
 }
 
 
@@ -107,3 +113,11 @@ class _StatsCollector:
                                 value=self.metrics.max_running)
         for field, (name, doc) in _COUNTERS.items():
             yield CounterMetricFamily(name, doc, value=getattr(stats, field, 0))
+        drafts, accepted = stats.spec_num_draft_tokens, stats.spec_num_accepted_tokens
+        if drafts:
+            yield GaugeMetricFamily("pagedserve_spec_decode_acceptance_rate",
+                                    "Draft tokens accepted / verified, since start.",
+                                    value=accepted / drafts)
+            yield GaugeMetricFamily("pagedserve_spec_decode_mean_accepted_length",
+                                    "Tokens per verifying sequence-step (accepted drafts + 1), "
+                                    "since start.", value=1 + accepted / stats.spec_num_drafts)

@@ -239,6 +239,28 @@ def test_bench_wire_round_trips_a_step_message(capsys):
     assert [line.split()[0] for line in lines] == ["msgspec", "pickle5"]
 
 
+def test_bench_spec_replays_the_accepted_lengths(tiny_model, capsys):
+    from tools import bench_spec
+    from tools.spec_workload import spec_conversations
+
+    kinds = [kind for kind, _ in spec_conversations()]
+    assert sorted(set(kinds)) == ["json", "passage", "rename"] and len(kinds) == 9
+    assert bench_spec.spec_summary([1, 0, 3], 2) == {
+        "k": 2, "verify_steps": 4, "no_draft_steps": 2, "acceptance_rate": 0.75,
+        "mean_accepted_length": 2.5, "tokens_per_decode_step": 2.0, "hist": [1, 0, 3]}
+    result = bench_spec.main(["--model", tiny_model, "--load-format", "dummy", "--device",
+                              "numpy", "--accepted-hist", "1,1,1,4", "--no-draft-steps", "2",
+                              "--prompt-len", "12", "--output-len", "60"])
+    achieved = result["achieved"]
+    assert achieved["k"] == 3 and sum(achieved["hist"]) > 10
+    # Drawn from the histogram: most steps take all three drafts.
+    assert achieved["hist"][3] > achieved["hist"][0]
+    assert 2.0 < achieved["mean_accepted_length"] <= 4.0
+    assert achieved["no_draft_steps"] > 0
+    assert result["speedup"] > 0
+    assert "replayed" in capsys.readouterr().out
+
+
 def test_bench_latency_context_len_sets_the_prompt_and_the_floor(tiny_model):
     from tools import bench_latency
 

@@ -33,6 +33,11 @@ def rows(records: list[dict]) -> list[str]:
                 f"| {name} | batch-1 TPOT {r['tpot_s'] * 1e3:.2f} ms, TTFT "
                 f"{r['ttft_s'] * 1e3:.1f} ms | weights read {r['tpot_floor_s'] * 1e3:.2f} ms "
                 f"({r['tpot_over_floor']:.2f}x) | cold start {r['cold_start_s']:.1f} s |")
+        elif name.startswith("spec"):
+            out.append(
+                f"| {name} | batch-1 TPOT {r['plain_tpot_ms']:.2f} -> {r['spec_tpot_ms']:.2f} ms "
+                f"= {r['speedup']:.2f}x | — | replayed mean accepted length "
+                f"{r['achieved']['mean_accepted_length']:.2f} (k={r['achieved']['k']}) |")
         elif name.startswith("seed"):
             s, p = r["static"], r["paged"]
             out.append(

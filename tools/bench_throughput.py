@@ -62,6 +62,8 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                     help="schedule step N+1 while step N runs (default: on for cuda)")
+    ap.add_argument("--speculative-config", type=json.loads, default=None, metavar="JSON",
+                    help='e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'')
     ap.add_argument("--num-prompts", type=int, default=256)
     ap.add_argument("--scale", type=float, default=1.0, help="shrink prompt/output lengths")
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
@@ -81,7 +83,8 @@ def build_llm(args: argparse.Namespace, enable_prefix_caching: bool = True):
                num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=enable_prefix_caching,
                seed=args.seed, load_format=args.load_format,
                gpu_memory_utilization=args.gpu_memory_utilization,
-               enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling)
+               enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling,
+               speculative_config=args.speculative_config)
 
 
 def workload(args: argparse.Namespace, vocab_size: int) -> tuple[list[list[int]], list[int]]:
@@ -236,6 +239,10 @@ def summarize(args, engine, prompts, output_lens, trace) -> dict:
         "roofline_bound_by": bound["bound"],
         "fraction_of_roofline": (output_tokens / wall) / bound["output_tok_s"],
     }
+    if args.speculative_config:
+        stats = engine.get_stats()
+        result["spec_num_draft_tokens"] = stats.spec_num_draft_tokens
+        result["spec_num_accepted_tokens"] = stats.spec_num_accepted_tokens
     return result
 
 

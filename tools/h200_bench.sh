@@ -3,6 +3,8 @@
 #   bash tools/h200_bench.sh [STEP ...]
 #   steps: gputest w1 w1-sync w1-8b w1-8b-sync latency-8b seed latency w2 w1-eager
 #   structured (W1 constrained by a JSON schema vs unconstrained; not in the default list)
+#          spec-8b spec-8b-min1 w1-8b-spec (speculative decoding: batch-1 replays of the
+#          measured acceptance, W1 with speculation configured)
 # gputest runs the CUDA-graph tests first; if they fail, the rest runs with graphs off.
 # Each tool prints one JSON line; they are collected in $OUT/bench.jsonl (default ./bench-out/)
 # and summarised by tools/bench_table.py at the end. Wheels the GPU machine lacks (server deps) are
@@ -52,6 +54,12 @@ for step in $steps; do
     w1-8b-sync) record w1-llama3-8b-sync 150 python3 tools/bench_throughput.py $L \
       --no-async-scheduling ;;
     latency-8b) record latency-llama3-8b 90 python3 tools/bench_latency.py $L ;;
+    spec-8b) record spec-replay-llama3-8b 200 python3 tools/bench_spec.py $L \
+      --replay tools/results/spec_profile.json ;;
+    spec-8b-min1) record spec-replay-llama3-8b-min1 200 python3 tools/bench_spec.py $L \
+      --replay tools/results/spec_profile_min1.json ;;
+    w1-8b-spec) record w1-llama3-8b-spec 150 python3 tools/bench_throughput.py $L \
+      --speculative-config '{"method": "ngram", "num_speculative_tokens": 4}' ;;
     seed) record seed-table-qwen3-0.6b 150 python3 tools/seed_table.py $Q --static-batch-size 32 ;;
     w2)
       python3 -m server.cli serve qwen3-0.6b --load-format dummy --device cuda --port 8011 \

@@ -16,6 +16,12 @@ any other (its input is resolved on the device from N's sampled ids), its slot i
 len(token_ids), and its blocks grow for it. `commit(batch)` keys the blocks the batch filled, once
 every token in them is known; a block is never keyed over a pending token. A sequence whose pending
 token will end it for sure (max_tokens, max_model_len) is not scheduled again.
+
+Speculative decoding: a decode whose seq.spec_token_ids the engine core filled computes its last
+token and the drafts in one go. Drafts count in the token budget and are trimmed here so that no
+accepted token could pass max_tokens or max_model_len; drafts never preempt anyone (a decode whose
+drafts find no free block runs without them). The engine core runs such steps synchronously and
+rolls back the slots of rejected drafts (BlockManager.truncate) before commit keys any block.
 """
 
 from __future__ import annotations
@@ -39,6 +45,9 @@ class ScheduledBatch:
     num_preempted: int = 0  # preemptions made while building this batch
     # (src, dst) KV blocks to copy before the forward: the partial tails of forked sequences.
     block_copies: list[tuple[int, int]] = field(default_factory=list)
+    # Draft tokens scheduled for verification (speculative decoding): a decode with drafts
+    # computes 1 + len(seq.spec_token_ids) tokens and samples at each of them.
+    num_spec_tokens: int = 0
 
     def sampling_rows(self) -> tuple[list[Sequence], list[int]]:
         """Who samples this step, in row order, read before advance: the sequences that sample
@@ -155,6 +164,13 @@ class Scheduler:
                 continue
             if budget == 0 or len(seqs) == max_num_seqs:
                 break
+            if seq.spec_token_ids and self._trim_drafts(seq, budget):
+                n = 1 + len(seq.spec_token_ids)
+                bm.append(seq, n)
+                batch.add(seq, n)
+                batch.num_spec_tokens += n - 1
+                budget -= n
+                continue
             if c < len(seq.block_table) * bs:  # its new token's slot is in a block it holds
                 seqs.append(seq)
                 num_new.append(1)
@@ -219,6 +235,19 @@ class Scheduler:
             self.num_chunked_prefill_steps += chunked
             self.num_mixed_steps += 0 < num_decodes < len(batch.seqs)
         return batch
+
+    def _trim_drafts(self, seq: Sequence, budget: int) -> int:
+        """Cut seq.spec_token_ids to what fits this step; return how many are left. Every draft
+        accepted plus the bonus token must stay within max_tokens and max_model_len."""
+        num_tokens = len(seq.token_ids)
+        k = min(len(seq.spec_token_ids), budget - 1, self.max_model_len - num_tokens - 1)
+        max_tokens = seq.sampling_params.max_tokens
+        if max_tokens is not None:
+            k = min(k, max_tokens - (num_tokens - seq.num_prompt_tokens) - 1)
+        if k > 0 and not self.block_manager.can_append(seq, 1 + k):
+            k = 0
+        seq.spec_token_ids = seq.spec_token_ids[: max(k, 0)]
+        return len(seq.spec_token_ids)
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)

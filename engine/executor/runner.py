@@ -26,7 +26,7 @@ import numpy as np
 
 from engine.core.outputs import EngineDeadError
 from engine.executor.ops import AttentionMetadata, SamplerOutput, SamplingTensors
-from engine.executor.sampling_inputs import sampling_tensors
+from engine.executor.sampling_inputs import expand_draft_rows, sampling_tensors
 from engine.executor.step_inputs import HostBlockTables, StepInputs, build_step_inputs
 from engine.model.config import EngineConfig, ModelConfig
 
@@ -177,6 +177,8 @@ class ModelRunner:
             self._last_sampled, self._last_rows = None, {}
             return StepHandle(None, self, None if start is None else (start, ops.record_event()))
         seqs, fork_rows = sampling
+        if batch.num_spec_tokens:  # 1 + k rows for a sequence verifying k drafts
+            seqs, fork_rows = expand_draft_rows(seqs, fork_rows)
         if fork_rows:  # forks sample from their parent's row
             rows = np.concatenate([np.arange(len(inputs.logits_indices)), fork_rows])
             logits = logits[ops.from_host(rows.astype(np.int32))]
