@@ -46,7 +46,7 @@ def rows(records: list[dict]) -> list[str]:
                 f"{p['output_tok_s'] / s['output_tok_s']:.2f}x | — | KV waste paged "
                 f"{p['kv_waste_pct']:.1f}% vs contiguous {s['kv_waste_pct']:.1f}%; busy "
                 f"{p['busy_fraction']:.0%} vs {s['busy_fraction']:.0%} |")
-        elif name.startswith("w2"):
+        elif name.startswith(("w2", "w1-http")):
             t, p, i = r["ttft_ms"], r["tpot_ms"], r["itl_ms"]
             out.append(
                 f"| {name} | {r['output_tok_s']:,.0f} output tok/s, {r['request_throughput']:.2f} "

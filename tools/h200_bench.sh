@@ -70,6 +70,9 @@ for step in $steps; do
           2> /dev/null && break
         sleep 1
       done
+      # W1-HTTP first (all 256 requests at once: the serving path at saturation), then W2.
+      record w1-http-qwen3-0.6b 120 python3 tools/bench_serving.py \
+        --base-url http://127.0.0.1:8011 --model qwen3-0.6b
       record w2-qwen3-0.6b-rate16 100 python3 tools/bench_serving.py \
         --base-url http://127.0.0.1:8011 --model qwen3-0.6b --request-rate 16
       kill $server; wait $server 2> /dev/null ;;
