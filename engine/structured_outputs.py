@@ -61,10 +61,19 @@ def grammar_of(so: StructuredOutputsParams) -> str:
 def ll_tokenizer(tokenizer, vocab_size: int, eos_token_ids: list[int]):
     """llguidance's view of our Tokenizer (engine/model/tokenizer.py): its tokens as bytes, for
     a model whose logits are `vocab_size` wide (ids past the tokenizer's are never allowed)."""
+    return make_ll_tokenizer(tokenizer.tokenizer.to_str(), vocab_size, eos_token_ids)
+
+
+def make_ll_tokenizer(source, vocab_size: int, eos_token_ids: list[int]):
+    """llguidance.LLTokenizer over `source` (a tokenizer.json string or a TokenizerWrapper)."""
     import llguidance
 
-    return llguidance.LLTokenizer(tokenizer.tokenizer.to_str(), n_vocab=vocab_size,
-                                  eos_token=list(eos_token_ids))
+    try:
+        return llguidance.LLTokenizer(source, n_vocab=vocab_size, eos_token=list(eos_token_ids))
+    except TypeError:
+        # NOTE: llguidance before 1.7 (the newest wheel on some platforms) takes one eos id: the
+        # grammar then ends on the first, and the engine's own eos rule still stops on the others.
+        return llguidance.LLTokenizer(source, n_vocab=vocab_size, eos_token=eos_token_ids[0])
 
 
 class GrammarCompiler:

@@ -51,13 +51,13 @@ def copy_heavy(rng, num, vocab=512):
     return prompts
 
 
-def assert_same(got: dict, want: dict):
+def assert_same(got: dict, want: dict, logprob_tol: float = 1e-3):
     assert set(got) == set(want)
     for request_id in want:
         for g, w in zip(got[request_id].outputs, want[request_id].outputs, strict=True):
             assert g.token_ids == w.token_ids, request_id
             assert g.text == w.text and g.finish_reason == w.finish_reason, request_id
-            assert g.cumulative_logprob == pytest.approx(w.cumulative_logprob, abs=1e-3)
+            assert g.cumulative_logprob == pytest.approx(w.cumulative_logprob, abs=logprob_tol)
             if w.logprobs is not None:
                 assert [sorted(e) for e in g.logprobs] == [sorted(e) for e in w.logprobs]
 

@@ -79,11 +79,11 @@ def synthetic_grammar_compiler(vocab_size: int, eos_token_ids: list[int]):
     """An engine GrammarCompiler over the synthetic vocabulary (for dummy weights)."""
     import llguidance
 
-    from engine.structured_outputs import GrammarCompiler
+    from engine.structured_outputs import GrammarCompiler, make_ll_tokenizer
 
     def make():
         tokens = synthetic_tokens(vocab_size, eos_token_ids)
         wrapper = llguidance.TokenizerWrapper(_SyntheticTokenizer(tokens, eos_token_ids))
-        return llguidance.LLTokenizer(wrapper, n_vocab=vocab_size, eos_token=list(eos_token_ids))
+        return make_ll_tokenizer(wrapper, vocab_size, eos_token_ids)
 
     return GrammarCompiler(make, vocab_size)
