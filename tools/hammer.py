@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import os
 import random
 import re
 import time
@@ -189,28 +190,36 @@ async def gather_bounded(coros, limit: int):
     await asyncio.gather(*(one(c) for c in coros))
 
 
+def process_tree(pid: int) -> list[int]:
+    """pid and all its descendants: `pagedserve serve` runs its engine core as a child process."""
+    tree, i = [pid], 0
+    while i < len(tree):
+        for task in os.listdir(f"/proc/{tree[i]}/task"):
+            try:
+                with open(f"/proc/{tree[i]}/task/{task}/children") as f:
+                    tree += [int(c) for c in f.read().split()]
+            except FileNotFoundError:  # the thread ended while we listed them
+                pass
+        i += 1
+    return tree
+
+
 def rss_mib(pid: int | None) -> dict | None:
-    """The server's resident memory, whole and without its largest anonymous mapping: on the
-    numpy backend that is the KV cache, whose pages become resident as blocks are first used
-    (the allocator takes least recently used blocks, so it walks the whole pool over time)."""
+    """The resident memory of the server (API process) and of its children (the engine core,
+    which holds the weights and the KV cache), summed. The numpy backend writes its whole KV
+    cache when it allocates it, so growth here is memory that was kept, not first-touched."""
     if pid is None:
         return None
-    with open(f"/proc/{pid}/status") as f:
-        total_kb = int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
-    largest = (0, 0)  # (size, rss) in kB of the largest anonymous mapping
-    with open(f"/proc/{pid}/smaps") as f:
-        size = anonymous = None
-        for line in f:
-            fields = line.split()
-            if re.match(r"[0-9a-f]+-[0-9a-f]+$", fields[0]):
-                anonymous = len(fields) < 6
-            elif fields[0] == "Size:":
-                size = int(fields[1])
-            elif fields[0] == "Rss:" and anonymous and size > largest[0]:
-                largest = (size, int(fields[1]))
-    return {"total": round(total_kb / 1024, 1),
-            "without_largest_anonymous_mapping": round((total_kb - largest[1]) / 1024, 1),
-            "largest_anonymous_mapping": round(largest[1] / 1024, 1)}
+    per_pid = {}
+    for p in process_tree(pid):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                per_pid[p] = int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
+        except (FileNotFoundError, AttributeError):  # ended, or a zombie without VmRSS
+            pass
+    return {"total": round(sum(per_pid.values()) / 1024, 1),
+            "server": round(per_pid.get(pid, 0) / 1024, 1),
+            "children": round((sum(per_pid.values()) - per_pid.get(pid, 0)) / 1024, 1)}
 
 
 async def kv_blocks_used(http) -> float:
@@ -270,7 +279,8 @@ async def run(args) -> dict:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", default="http://127.0.0.1:8000")
-    p.add_argument("--pid", type=int, default=None, help="the server's PID, to read its RSS")
+    p.add_argument("--pid", type=int, default=None,
+                   help="the server's PID, to read its RSS and its children's")
     p.add_argument("--api-key", default=None)
     p.add_argument("--streams", type=int, default=512, help="concurrent streams (default 512)")
     p.add_argument("--disconnects", type=int, default=100,

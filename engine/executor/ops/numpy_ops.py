@@ -48,7 +48,12 @@ class NumpyOps:
 
     def alloc_kv_cache(self, num_layers, num_blocks, num_kv_heads, block_size, head_dim):
         # (num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim): [l, 0] keys, [l, 1] vals
-        return np.zeros((num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim), np.float32)
+        shape = (num_layers, 2, num_blocks, num_kv_heads, block_size, head_dim)
+        # np.zeros maps pages lazily, so RSS would grow as the allocator first walks the pool and
+        # look like a leak; writing every page now makes the cache resident from the start.
+        kv_cache = np.empty(shape, np.float32)
+        kv_cache.fill(0.0)
+        return kv_cache
 
     def kv_bytes_per_token(self, num_layers, num_kv_heads, head_dim) -> int:
         return 2 * num_layers * num_kv_heads * head_dim * 4

@@ -1,0 +1,43 @@
+"""Memory the hammer (tools/hammer.py, issue 9) must read right: the numpy KV cache is resident
+from its allocation, and the server's RSS includes the engine-core child process."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+
+from engine.executor.ops.numpy_ops import NumpyOps
+from tools.hammer import process_tree, rss_mib
+
+
+def vm_rss_kib() -> int:
+    with open("/proc/self/status") as f:
+        return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
+
+
+def test_numpy_kv_cache_is_resident_when_allocated():
+    before = vm_rss_kib()
+    # 8 layers x k,v x 256 blocks x 4 heads x 16 tokens x 64 dims x 4 bytes = 64 MiB
+    cache = NumpyOps().alloc_kv_cache(8, 256, 4, 16, 64)
+    grown_mib = (vm_rss_kib() - before) / 1024
+    assert cache.nbytes == 64 << 20 and not cache.any()
+    assert grown_mib > 56, grown_mib  # np.zeros would map its pages only on first write
+
+
+def test_rss_sums_the_process_and_its_children():
+    # A child that makes 64 MiB resident, as the engine core holds the weights and KV cache.
+    child = subprocess.Popen([sys.executable, "-c",
+                              "import sys; b = bytearray(64 << 20); print(1, flush=True); "
+                              "sys.stdin.read()"],
+                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+    try:
+        assert child.stdout.readline() == b"1\n"
+        assert child.pid in process_tree(os.getpid())
+        rss = rss_mib(os.getpid())
+        assert rss["children"] > 64, rss
+        assert abs(rss["total"] - rss["server"] - rss["children"]) <= 0.1, rss
+    finally:
+        child.communicate(b"")
+    assert child.returncode == 0
