@@ -1,11 +1,13 @@
 """Engines come and go in one process: LLM.close() / `with LLM(...)` hands back every byte of GPU
 memory it took (KV cache, weights, decode graphs, cuBLAS workspace, pool blocks), cycle after
-cycle. Run once under compute-sanitizer too:
-    compute-sanitizer --tool memcheck python -m pytest -q -m gpu tests/test_cuda_lifecycle.py
+cycle. Run once under compute-sanitizer too, smaller (memcheck slows kernels ~50x):
+    LIFECYCLE_CYCLES=2 LIFECYCLE_OUTPUT_SCALE=64 compute-sanitizer --tool memcheck \
+        python -m pytest -q -m gpu tests/test_cuda_lifecycle.py
 """
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -22,8 +24,9 @@ from engine.llm import LLM  # noqa: E402
 from tools.workloads import w1_requests  # noqa: E402
 
 MiB = 1 << 20
-CYCLES = 5
-OUTPUT_SCALE = 8  # W1's 256 prompts, all in flight at once, outputs cut to 1/8 (~18.6k tokens)
+CYCLES = int(os.environ.get("LIFECYCLE_CYCLES", 5))
+# W1's 256 prompts, all in flight at once, outputs cut to 1/8 (~18.6k tokens)
+OUTPUT_SCALE = int(os.environ.get("LIFECYCLE_OUTPUT_SCALE", 8))
 
 
 def memory() -> tuple[int, int]:
