@@ -68,6 +68,8 @@ class _CoreRequest:
     seqs: list[Sequence]
     first_scheduled_time: float | None = None
     num_unfinished: int = 0
+    prompt_logprobs: list | None = None  # collected so far, when the params ask
+    has_output: bool = False  # the first output (which carries prompt_logprobs) went out
 
 
 class EngineCore:
@@ -164,13 +166,16 @@ class EngineCore:
                 seed = int(self._rng.integers(0, 2**63))
             seqs.append(Sequence(req.request_id, list(ids), len(ids), params, index=i,
                                  seed=seed))
+            if i:  # forks take the prompt computed once: only the first scores it
+                seqs[-1].next_prompt_logprob = len(ids)
         # Only the first sequence is queued: the other n - 1 fork from it once its prompt is
         # computed, sharing the prompt's blocks. The scheduler rejects a prompt that can never
         # fit before anything is queued.
         self.scheduler.add(seqs[0])
         seqs[0].forks = seqs[1:]
-        self._requests[req.request_id] = _CoreRequest(req.request_id, seqs,
-                                                      num_unfinished=len(seqs))
+        self._requests[req.request_id] = _CoreRequest(
+            req.request_id, seqs, num_unfinished=len(seqs),
+            prompt_logprobs=None if params.prompt_logprobs is None else [None])
 
     def abort_requests(self, request_ids: list[str]) -> None:
         """Free the requests' blocks; ids that already finished (or never came) are ignored."""
@@ -251,9 +256,14 @@ class EngineCore:
             done = launched
         if done is not None:
             sampled = self._guard(done.handle.result, done.batch, outputs)
+            self._collect_prompt_logprobs(done.handle.prompt_logprobs)
+            if done is launched:
+                # Synchronous: key the blocks before a sequence that ends here frees them, or a
+                # prompt run with max_tokens=1 would never reach the prefix cache.
+                self.scheduler.commit(launched.batch)
             if sampled is not None:
                 self._postprocess(done.rows, sampled, outputs)
-        if launched is not None:
+        if launched is not None and done is not launched:
             # Every token the launched batch computed is known now: the previous step's are in.
             self.scheduler.commit(launched.batch)
         if self._in_flight is not None and not self._requests:
@@ -287,6 +297,20 @@ class EngineCore:
                 if req.first_scheduled_time is None:
                     req.first_scheduled_time = now = now or time.time()
                 self._prompt_tokens_total += min(c + n, seq.num_prompt_tokens) - c
+
+    def _collect_prompt_logprobs(self, scored: list) -> None:
+        """Keep each request's scored prompt positions, in order; a recompute's repeats are
+        dropped."""
+        for item in scored:
+            seq = item.seq
+            req = self._requests.get(seq.request_id)
+            if req is None or req.prompt_logprobs is None:
+                continue
+            collected = req.prompt_logprobs
+            for position, entry in enumerate(item.entries, item.start):
+                if position == len(collected):
+                    collected.append(entry)
+            seq.next_prompt_logprob = len(collected)
 
     def _postprocess(self, seqs: list[Sequence], sampled, outputs: list[SeqOutput]) -> None:
         """Append each sampled token, check the id stop rules, free finished sequences. The token
@@ -334,6 +358,10 @@ class EngineCore:
                         seq.cumulative_logprob, reason, stop)
         if seq.num_output_tokens == 1:
             out.first_scheduled_time = req.first_scheduled_time
+        if not req.has_output:
+            req.has_output = True
+            out.prompt_logprobs = req.prompt_logprobs
+            out.num_cached_tokens = seq.num_cached_tokens
         if reason is not None:
             self._finish(req, seq, reason)
         return out

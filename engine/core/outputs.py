@@ -39,6 +39,10 @@ class SeqOutput:
     error: str | None = None  # why, when finish_reason == "error"
     # Set on a sequence's first output: when its request was first scheduled.
     first_scheduled_time: float | None = None
+    # Set on the request's first output only: its prompt's logprobs (first entry None; when
+    # params.prompt_logprobs is set) and how many prompt tokens the prefix cache held.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    num_cached_tokens: int | None = None
 
 
 @dataclass
@@ -172,3 +176,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics
+    # Per prompt token {token id: logprob} (its own and the top-k), None for the first; set
+    # when SamplingParams.prompt_logprobs is.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache

@@ -24,6 +24,7 @@ class SamplingParams:
     max_tokens: int | None = 16  # None: up to max_model_len
     min_tokens: int = 0
     logprobs: int | None = None  # top-k logprobs per generated token
+    prompt_logprobs: int | None = None  # top-k logprobs per prompt token (scoring a text)
     skip_special_tokens: bool = True
     stop_list: list[str] = field(init=False, repr=False)
 
@@ -69,6 +70,12 @@ class SamplingParams:
         check(
             self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
             "logprobs",
+            "must be an integer in [0, 20]",
+        )
+        check(
+            self.prompt_logprobs is None
+            or (isinstance(self.prompt_logprobs, int) and 0 <= self.prompt_logprobs <= 20),
+            "prompt_logprobs",
             "must be an integer in [0, 20]",
         )
         check(self.seed is None or isinstance(self.seed, int), "seed", "must be an integer")

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.executor.ops import AttentionMetadata
+from engine.executor.prompt_logprobs import PromptRows, prompt_rows
 
 
 @dataclass
@@ -30,6 +31,7 @@ class StepInputs:
     meta: AttentionMetadata  # host arrays
     samples: np.ndarray  # (B,) bool, which sequences sample this step
     num_placeholders: int = 0  # input ids that are rows of the previous step's sampled ids
+    prompt: PromptRows | None = None  # rows scoring prompt tokens, read after the sampling rows
 
     @property
     def is_decode_only(self) -> bool:
@@ -42,8 +44,11 @@ class StepInputs:
         Each array starts on a 32-byte boundary, so a kernel may load it in 16-byte words.
         """
         m = self.meta
+        rows = self.logits_indices
+        if self.prompt is not None:
+            rows = np.concatenate([rows, self.prompt.rows])  # (R + Q,)
         parts = {"input_ids": self.input_ids, "positions": self.positions,
-                 "logits_indices": self.logits_indices, "slot_mapping": m.slot_mapping,
+                 "logits_indices": rows, "slot_mapping": m.slot_mapping,
                  "query_start_loc": m.query_start_loc, "context_lens": m.context_lens,
                  "block_tables": m.block_tables.reshape(-1)}
         where, start = {}, 0
@@ -166,4 +171,5 @@ def build_step_inputs(batch, block_size: int, tables: HostBlockTables,
         max_context_len=int(context_lens.max()),
     )
     logits_indices = (query_start_loc[1:] - 1)[samples]  # (R,)
-    return StepInputs(input_ids, positions, logits_indices, meta, samples, num_placeholders)
+    return StepInputs(input_ids, positions, logits_indices, meta, samples, num_placeholders,
+                      prompt_rows(seqs, num_new, query_start_loc))
