@@ -144,14 +144,14 @@ class EngineCore:
         vocab = self.model_config.vocab_size
         for i, t in enumerate(ids):
             if not 0 <= t < vocab:
-                raise ValueError(f"prompt_token_ids[{i}] = {t!r} is not a token id "
+                raise ValueError(f"prompt_token_ids[{i}] = {t!r}: token id {t} is out of "
+                                 f"vocabulary (vocab_size {vocab})")
+        for name, given in (("logit_bias", params.logit_bias), ("stop_token_ids",
+                                                                 params.stop_token_ids)):
+            bad = [t for t in given if not 0 <= t < vocab]
+            if bad:  # vLLM's clients look for the ids, the size and "out of vocabulary"
+                raise ValueError(f"{name} has token id(s) {bad} out of vocabulary "
                                  f"(vocab_size {vocab})")
-        for name, bad in (("logit_bias", params.logit_bias), ("stop_token_ids",
-                                                               params.stop_token_ids)):
-            for t in bad:
-                if not 0 <= t < vocab:
-                    raise ValueError(f"{name} has token id {t}, outside the vocabulary "
-                                     f"(vocab_size {vocab})")
         if not ids:
             raise ValueError("prompt is empty: it must have at least one token")
         if len(ids) > self.max_model_len:

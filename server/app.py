@@ -22,9 +22,9 @@ from starlette.routing import Route
 
 from engine.model.config import EngineConfig
 from server.async_engine import AsyncEngine, EngineFault, render_chat, tokenize_text
-from server.handlers import check_token_ids, read_json, ready_engine
+from server.handlers import check_token_ids, load_tracked, read_json, ready_engine
 from server.metrics import ServerMetrics
-from server.openai_routes import chat_completions, completions
+from server.openai_routes import chat_completions, completions, invocations
 from server.protocol import APIError, bad_request, get_field, parse_messages
 
 log = logging.getLogger("pagedserve.server")
@@ -39,12 +39,14 @@ class ServerSettings:
     api_key: str | None = None
     max_waiting_requests: int | None = None  # None: no limit
     max_body_bytes: int = MAX_BODY_BYTES
+    enable_server_load_tracking: bool = False  # count calls in flight for GET /load
 
 
 def create_app(engine_config: EngineConfig | None = None, *, served_model_name: str | None = None,
                api_key: str | None = None, max_waiting_requests: int | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, make_core=None,
-               on_fatal: Callable[[str], None] | None = None) -> Starlette:
+               on_fatal: Callable[[str], None] | None = None,
+               enable_server_load_tracking: bool = False) -> Starlette:
     """An app that starts the engine-core process and loads the model in the background.
 
     make_core: a picklable callable the core process runs instead of EngineCore(config).
@@ -54,7 +56,8 @@ def create_app(engine_config: EngineConfig | None = None, *, served_model_name: 
     metrics = ServerMetrics()
     engine = AsyncEngine(config, make_core, metrics, on_fatal)
     settings = ServerSettings(served_model_name or config.model or DEFAULT_MODEL_NAME, api_key,
-                              max_waiting_requests, max_body_bytes)
+                              max_waiting_requests, max_body_bytes,
+                              enable_server_load_tracking)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -66,8 +69,10 @@ def create_app(engine_config: EngineConfig | None = None, *, served_model_name: 
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/v1/models", models, methods=["GET"]),
-        Route("/v1/completions", completions, methods=["POST"]),
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", load_tracked(completions), methods=["POST"]),
+        Route("/v1/chat/completions", load_tracked(chat_completions), methods=["POST"]),
+        Route("/invocations", load_tracked(invocations), methods=["POST"]),
+        Route("/load", load, methods=["GET"]),
         Route("/tokenize", tokenize, methods=["POST"]),
         Route("/detokenize", detokenize, methods=["POST"]),
         Route("/version", version, methods=["GET"]),
@@ -76,6 +81,7 @@ def create_app(engine_config: EngineConfig | None = None, *, served_model_name: 
                 405: _not_allowed, Exception: _crash}
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
     app.state.engine, app.state.metrics, app.state.settings = engine, metrics, settings
+    app.state.server_load = 0  # generation calls in flight (load_tracked)
     app.add_middleware(_ApiKeyGuard, api_key=api_key)
     return app
 
@@ -93,6 +99,11 @@ async def health(request: Request):
     if not engine.is_ready:
         return JSONResponse({"status": "loading"}, 503)
     return JSONResponse({"status": "ok"})
+
+
+async def load(request: Request):
+    """vLLM's server load: generation calls in flight (0 unless load tracking is on)."""
+    return JSONResponse({"server_load": request.app.state.server_load})
 
 
 async def metrics_endpoint(request: Request):

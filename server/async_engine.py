@@ -55,11 +55,14 @@ async def tokenize_text(tokenizer, text: str, max_tokens: int, add_special_token
         _TOKENIZE_POOL, tokenizer.encode_within, text, max_tokens, add_special_tokens)
 
 
-async def render_chat(tokenizer, messages: list[dict]) -> str:
-    """The chat template's text (the template is Python: run in a thread, as it may be long)."""
+async def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+                      **template_vars) -> str:
+    """The chat template's text (the template is Python: run in a thread, as it may be long).
+    `template_vars` (e.g. documents) become template variables."""
     return await asyncio.get_running_loop().run_in_executor(
         _TOKENIZE_POOL, functools.partial(tokenizer.apply_chat_template, messages,
-                                          add_generation_prompt=True, tokenize=False))
+                                          add_generation_prompt=add_generation_prompt,
+                                          tokenize=False, **template_vars))
 
 
 class EngineFault(RuntimeError):

@@ -129,6 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-waiting-requests", type=_positive_int, default=None, metavar="N",
                    help="answer 429 while N requests already wait for a batch slot "
                         "(default: no limit)")
+    s.add_argument("--enable-server-load-tracking", action="store_true",
+                   help="count generation calls in flight, read at GET /load (vLLM's flag)")
 
     g = sub.add_parser("generate", parents=[engine_flags], help="complete one prompt and print "
                        "it with the speed", description="Complete PROMPT once and print the text, "
@@ -233,7 +235,8 @@ def serve(args: argparse.Namespace, config: EngineConfig, started: float) -> int
         threading.Timer(EXIT_DEADLINE_S, os._exit, (1,)).start()
 
     app = create_app(config, served_model_name=args.served_model_name, api_key=args.api_key,
-                     max_waiting_requests=args.max_waiting_requests, on_fatal=on_fatal)
+                     max_waiting_requests=args.max_waiting_requests, on_fatal=on_fatal,
+                     enable_server_load_tracking=args.enable_server_load_tracking)
     engine = app.state.engine
     summary = engine.load()  # raises what loading raised, in the core process
     try:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 
 from starlette.requests import Request
@@ -85,4 +86,32 @@ def check_token_ids(engine, ids: list, param: str):
     vocab = engine.model_config.vocab_size
     for t in ids:
         if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
-            raise bad_request(param, f"'{param}' holds {t!r}, not a token id in [0, {vocab})")
+            raise bad_request(param, f"'{param}' holds {t!r}: token id {t!r} is out of "
+                                     f"vocabulary (vocab_size {vocab})")
+
+
+def load_tracked(handler):
+    """The handler, counted in app.state.server_load (GET /load) while it runs, a streamed
+    answer until it ends or its client leaves, when server load tracking is on."""
+    @functools.wraps(handler)
+    async def tracked(request: Request):
+        state = request.app.state
+        if not state.settings.enable_server_load_tracking:
+            return await handler(request)
+        state.server_load += 1
+
+        def done():
+            state.server_load -= 1
+
+        try:
+            response = await handler(request)
+        except BaseException:
+            done()
+            raise
+        if hasattr(response, "on_close"):  # a stream: counted until it closes
+            response.on_close = done
+        else:
+            done()
+        return response
+
+    return tracked

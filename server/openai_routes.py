@@ -8,12 +8,23 @@ the RequestGroup aborts whatever is unfinished when a handler leaves for any rea
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 
 from server.async_engine import EngineFault, render_chat, tokenize_text
+from server.extras import (
+    ChatPrompt,
+    chat_prompt,
+    echo_logprobs,
+    join_logprobs,
+    prompt_logprobs_json,
+    read_extras,
+    truncate,
+    usage,
+)
 from server.handlers import (
     check_model,
     check_token_ids,
@@ -33,52 +44,80 @@ from server.protocol import (
     parse_messages,
     parse_prompts,
     parse_sampling_params,
-    usage,
 )
 
 
 async def completions(request: Request):
+    return await completions_body(request, await read_json(request))
+
+
+async def completions_body(request: Request, body: dict):
     engine = ready_engine(request)
-    body = await read_json(request)
     model = check_model(request, body)
     prompts = parse_prompts(body)
+    extras = read_extras(body, chat=False)
     params = parse_sampling_params(body, chat=False)
     stream, include_usage = _stream_flags(body)
-    echo = get_field(body, "echo", "bool", False)
     get_field(body, "user", "str")
     token_lists = []
     for p in prompts:
         if isinstance(p, str):
-            num_tokens, ids = await tokenize_text(engine.tokenizer, p, engine.max_model_len)
+            num_tokens, ids = await _tokenize(engine, p, extras)
         else:
             check_token_ids(engine, p, "prompt")
             num_tokens, ids = len(p), p
+        if ids is not None:
+            ids = truncate(ids, extras, engine.max_model_len)
+            num_tokens = len(ids)
         _check_length(engine, num_tokens, params.max_tokens, "prompt")
         token_lists.append(ids)
-    call = _Call(request, engine, new_id("cmpl"), model, params, chat=False)
-    if echo:
-        call.echo = [p if isinstance(p, str) else engine.tokenizer.decode(p) for p in prompts]
+    call = _Call(request, engine, new_id("cmpl"), model, params, chat=False, extras=extras)
+    if extras.echo:
+        call.echo = [p if isinstance(p, str) and extras.truncate is None
+                     else engine.tokenizer.decode(ids) for p, ids in zip(prompts, token_lists,
+                                                                          strict=True)]
     return await call.run(token_lists, stream, include_usage)
 
 
 async def chat_completions(request: Request):
+    return await chat_completions_body(request, await read_json(request))
+
+
+async def chat_completions_body(request: Request, body: dict):
     engine = ready_engine(request)
-    body = await read_json(request)
     model = check_model(request, body)
     messages = parse_messages(body)
+    extras = read_extras(body, chat=True)
     params = parse_sampling_params(body, chat=True)
     stream, include_usage = _stream_flags(body)
     get_field(body, "user", "str")
-    try:
-        text = await render_chat(engine.tokenizer, messages)
-    except Exception as e:
-        raise bad_request("messages", f"the chat template failed: {e}") from None
+    prompt = await chat_prompt(render_chat, engine.tokenizer, messages, body)
     # The template already wrote any BOS it wants; adding it again would double it.
-    num_tokens, ids = await tokenize_text(engine.tokenizer, text, engine.max_model_len,
-                                     add_special_tokens=False)
+    num_tokens, ids = await _tokenize(engine, prompt.text, extras, add_special_tokens=False)
+    if ids is not None:
+        ids = truncate(ids, extras, engine.max_model_len)
+        num_tokens = len(ids)
     _check_length(engine, num_tokens, params.max_tokens, "messages")
-    call = _Call(request, engine, new_id("chatcmpl"), model, params, chat=True)
+    call = _Call(request, engine, new_id("chatcmpl"), model, params, chat=True, extras=extras)
+    call.chat_prompt = prompt
     return await call.run([ids], stream, include_usage)
+
+
+async def invocations(request: Request):
+    """SageMaker's one route: a chat body (it has `messages`) or a completions body."""
+    body = await read_json(request)
+    if "messages" in body:
+        return await chat_completions_body(request, body)
+    if "prompt" in body:
+        return await completions_body(request, body)
+    raise bad_request("body", "an /invocations body must be a chat completions request (with "
+                              "'messages') or a completions request (with 'prompt')")
+
+
+async def _tokenize(engine, text: str, extras, add_special_tokens: bool = True):
+    # A prompt to be truncated is tokenized whole, whatever its length.
+    limit = engine.max_model_len if extras.truncate is None else sys.maxsize
+    return await tokenize_text(engine.tokenizer, text, limit, add_special_tokens)
 
 
 def _stream_flags(body: dict) -> tuple[bool, bool]:
@@ -106,10 +145,13 @@ def _check_length(engine, num_prompt: int, max_tokens: int | None, param: str):
 class _Call:
     """One HTTP call: submits its prompts, then answers with JSON or an SSE stream."""
 
-    def __init__(self, request: Request, engine, call_id: str, model: str, params, chat: bool):
+    def __init__(self, request: Request, engine, call_id: str, model: str, params, chat: bool,
+                 extras):
         self.request, self.engine, self.id, self.model = request, engine, call_id, model
-        self.params, self.chat = params, chat
-        self.echo: list[str] | None = None
+        self.params, self.chat, self.extras = params, chat, extras
+        self.echo: list[str] | None = None  # completions: each prompt's text, echoed
+        self.chat_prompt: ChatPrompt | None = None
+        self.first: dict[str, object] = {}  # request id -> its first RequestOutput
         self.created = int(time.time())
         self.token_str = lambda t: engine.tokenizer.decode([t], skip_special_tokens=False)
 
@@ -121,6 +163,7 @@ class _Call:
                                 "later", type="rate_limit_exceeded", code="too_many_requests")
         group = state.engine.group()
         self.index_of = {f"{self.id}-{i}": i for i in range(len(token_lists))}
+        self.token_lists = token_lists
         self.num_prompt_tokens = sum(len(ids) for ids in token_lists)
         if not stream:
             return await until_disconnect(self.request, self._collect(group, token_lists))
@@ -153,6 +196,7 @@ class _Call:
             await self._submit(group, token_lists)
             try:
                 async for out in group.outputs():
+                    self.first.setdefault(out.request_id, out)
                     if out.finished:
                         final[out.request_id] = out
             except EngineFault as e:
@@ -160,18 +204,32 @@ class _Call:
         choices, num_generated = [], 0
         for request_id in self.index_of:
             for c in final[request_id].outputs:
-                num_generated += len(c.token_ids)
+                num_generated += 0 if self.extras.score_only else len(c.token_ids)
                 choices.append(self._choice(request_id, c, whole=True))
         choices.sort(key=lambda c: c["index"])
         build = chat_body if self.chat else completion_body
-        use = usage(self.num_prompt_tokens, num_generated)
-        return JSONResponse(build(self.id, self.model, choices, use, self.created))
+        body = build(self.id, self.model, choices, self._usage(num_generated), self.created)
+        if self.chat:  # one prompt: its scores and ids sit beside the choices
+            body["prompt_logprobs"] = self._prompt_logprobs(next(iter(self.index_of)))
+            if self.extras.return_token_ids:
+                body["prompt_token_ids"] = self.token_lists[0]
+        return JSONResponse(body)
+
+    def _usage(self, num_generated: int) -> dict:
+        cached = sum(out.num_cached_tokens for out in self.first.values())
+        return usage(self.num_prompt_tokens, num_generated, cached)
+
+    def _prompt_logprobs(self, request_id: str) -> list | None:
+        out = self.first.get(request_id)
+        return prompt_logprobs_json(out and out.prompt_logprobs, self.token_str)
 
     def _choice(self, request_id: str, c, whole: bool) -> dict:
         """A choice for the whole output (`whole`) or for this step's delta."""
         text = c.text if whole else c.delta_text
         token_ids = c.token_ids if whole else c.delta_token_ids
         lps = c.logprobs if whole else c.delta_logprobs
+        if self.extras.score_only:  # the one token made to score the prompt is not sent
+            text, token_ids, lps = "", [], []
         index = self._choice_index(request_id, c.index)
         if self.chat:
             logprobs = None
@@ -179,43 +237,74 @@ class _Call:
                 logprobs = chat_logprobs(token_ids, lps, self.token_str, self.params.logprobs)
             choice = {"index": index, "logprobs": logprobs, "finish_reason": c.finish_reason}
             if whole:
-                choice["message"] = {"role": "assistant", "content": text}
+                prompt = self.chat_prompt
+                choice["message"] = {"role": prompt.role, "content": prompt.echo + text}
             else:
                 choice["delta"] = {"content": text} if text else {}
+            if self.extras.return_token_ids:
+                choice["token_ids"] = list(token_ids)
             return choice
+        i = self.index_of[request_id]
+        echo = self.echo[i] if whole and self.echo else ""
         logprobs = None
         if self.params.logprobs is not None and lps is not None:
-            logprobs = completion_logprobs(token_ids, lps, self.token_str)
-        if whole and self.echo:
-            text = self.echo[self.index_of[request_id]] + text
-        return {"index": index, "text": text, "logprobs": logprobs,
-                "finish_reason": c.finish_reason}
+            logprobs = completion_logprobs(token_ids, lps, self.token_str, len(echo))
+            if echo:
+                logprobs = join_logprobs(self._echo_logprobs(request_id), logprobs)
+        choice = {"index": index, "text": echo + text, "logprobs": logprobs,
+                  "finish_reason": c.finish_reason}
+        if whole:
+            choice["prompt_logprobs"] = self._prompt_logprobs(request_id)
+        if self.extras.return_token_ids:
+            if whole:
+                choice["prompt_token_ids"] = self.token_lists[i]
+            choice["token_ids"] = list(token_ids)
+        return choice
+
+    def _echo_logprobs(self, request_id: str) -> dict:
+        out = self.first[request_id]
+        return echo_logprobs(self.token_lists[self.index_of[request_id]], out.prompt_logprobs,
+                             self.token_str)
 
     # ------------------------------------------------------------ streamed
 
     async def _events(self, group, include_usage: bool):
         build = chat_body if self.chat else completion_body
-        chunk = lambda choices, use=None: _sse(  # noqa: E731
-            build(self.id, self.model, choices, use, self.created, chunk=True))
+        continuous = include_usage and self.extras.continuous_usage
+        num_generated = 0
+
+        def chunk(choices, use=None):
+            if continuous and use is None:
+                use = self._usage(num_generated)
+            return _sse(build(self.id, self.model, choices, use, self.created, chunk=True))
+
         async with group:
-            for i in self.index_of.values():  # the opening chunk of every choice
-                for j in range(self.params.n):
-                    index = i * self.params.n + j
-                    if self.chat:
-                        opening = {"index": index, "delta": {"role": "assistant", "content": ""},
-                                   "logprobs": None, "finish_reason": None}
-                        yield chunk([opening])
-                    elif self.echo:
-                        yield chunk([{"index": index, "text": self.echo[i], "logprobs": None,
-                                      "finish_reason": None}])
-            num_generated = 0
+            if self.chat:  # the opening chunk of every choice
+                prompt = self.chat_prompt
+                for index in range(len(self.index_of) * self.params.n):
+                    delta = {"role": prompt.role, "content": ""}
+                    yield chunk([{"index": index, "delta": delta, "logprobs": None,
+                                  "finish_reason": None}])
+                    if prompt.echo:
+                        yield chunk([{"index": index, "delta": {"content": prompt.echo},
+                                      "logprobs": None, "finish_reason": None}])
+            opened = set()  # completions: the choices whose echo (and prompt ids) went out
             try:
                 async for out in group.outputs():
+                    self.first.setdefault(out.request_id, out)
                     for c in out.outputs:
-                        num_generated += len(c.delta_token_ids)
+                        if not self.extras.score_only:
+                            num_generated += len(c.delta_token_ids)
+                        if not self.chat and (out.request_id, c.index) not in opened:
+                            opened.add((out.request_id, c.index))
+                            opening = self._opening(out.request_id, c.index)
+                            if opening is not None:
+                                yield chunk([opening])
                         if not c.delta_text and not c.delta_token_ids and not c.finished:
                             continue
                         choice = self._choice(out.request_id, c, whole=False)
+                        if self.extras.score_only and not c.finished:
+                            continue
                         if self.chat and c.finished:
                             choice["finish_reason"] = None
                             if choice["delta"]:
@@ -229,8 +318,24 @@ class _Call:
                 yield "data: [DONE]\n\n"
                 return
         if include_usage:
-            yield chunk([], usage(self.num_prompt_tokens, num_generated))
+            yield chunk([], self._usage(num_generated))
         yield "data: [DONE]\n\n"
+
+    def _opening(self, request_id: str, index: int) -> dict | None:
+        """A completions choice's first chunk: its echoed prompt (scored when logprobs are
+        asked) and its prompt ids when return_token_ids is set; None if neither."""
+        i = self.index_of[request_id]
+        if not self.echo and not self.extras.return_token_ids:
+            return None
+        choice = {"index": self._choice_index(request_id, index),
+                  "text": self.echo[i] if self.echo else "", "logprobs": None,
+                  "finish_reason": None}
+        if self.echo and self.params.logprobs is not None:
+            choice["logprobs"] = self._echo_logprobs(request_id)
+        if self.extras.return_token_ids:
+            choice["prompt_token_ids"] = self.token_lists[i]
+            choice["token_ids"] = []
+        return choice
 
 
 def _sse(obj: dict) -> str:
@@ -241,10 +346,16 @@ class _SSEResponse(StreamingResponse):
     """A StreamingResponse that always closes its generator, so a client gone mid-stream has its
     requests aborted at once rather than when the generator is garbage-collected."""
 
+    on_close = None  # called once the stream ends, however it ends (handlers.load_tracked)
+
     async def __call__(self, scope, receive, send):
         try:
             await super().__call__(scope, receive, send)
         except OSError:
             pass  # the client went away between chunks
         finally:
-            await self.body_iterator.aclose()
+            try:
+                await self.body_iterator.aclose()
+            finally:
+                if self.on_close is not None:
+                    self.on_close()

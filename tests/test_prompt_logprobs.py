@@ -129,5 +129,12 @@ def test_validation():
     with pytest.raises(ValueError, match="prompt_logprobs"):
         SamplingParams(prompt_logprobs=21)
     with pytest.raises(ValueError, match="prompt_logprobs"):
-        SamplingParams(prompt_logprobs=-1)
-    assert np.isfinite(SamplingParams(prompt_logprobs=0).prompt_logprobs)
+        SamplingParams(prompt_logprobs=-2)
+
+
+def test_minus_one_is_the_whole_vocabulary(make_engine):
+    out = run_one(make_engine(), {"prompt_token_ids": [5, 6, 7]},
+                  SamplingParams(prompt_logprobs=-1, max_tokens=1))
+    for entry in out.prompt_logprobs[1:]:
+        assert len(entry) == 512
+        assert np.exp(list(entry.values())).sum() == pytest.approx(1, abs=1e-4)

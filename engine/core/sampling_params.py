@@ -24,7 +24,8 @@ class SamplingParams:
     max_tokens: int | None = 16  # None: up to max_model_len
     min_tokens: int = 0
     logprobs: int | None = None  # top-k logprobs per generated token
-    prompt_logprobs: int | None = None  # top-k logprobs per prompt token (scoring a text)
+    # top-k logprobs per prompt token (scoring a text); -1: the whole vocabulary
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
     stop_list: list[str] = field(init=False, repr=False)
 
@@ -74,9 +75,9 @@ class SamplingParams:
         )
         check(
             self.prompt_logprobs is None
-            or (isinstance(self.prompt_logprobs, int) and 0 <= self.prompt_logprobs <= 20),
+            or (isinstance(self.prompt_logprobs, int) and -1 <= self.prompt_logprobs <= 20),
             "prompt_logprobs",
-            "must be an integer in [0, 20]",
+            "must be an integer in [0, 20], or -1 for the whole vocabulary",
         )
         check(self.seed is None or isinstance(self.seed, int), "seed", "must be an integer")
         check(

@@ -21,7 +21,13 @@ class PromptRows:
     num_top: int  # top-k width: the largest prompt_logprobs among the spans' sequences
 
 
-def prompt_rows(seqs: list, num_new: list[int], query_start_loc: np.ndarray) -> PromptRows | None:
+def _num_top(seq, vocab_size: int) -> int:
+    k = seq.sampling_params.prompt_logprobs
+    return vocab_size if k == -1 else k
+
+
+def prompt_rows(seqs: list, num_new: list[int], query_start_loc: np.ndarray,
+                vocab_size: int) -> PromptRows | None:
     """The rows of this step that score prompt tokens; None when no sequence asks."""
     rows, targets, spans, num_top = [], [], [], 0
     for i, seq in enumerate(seqs):
@@ -36,7 +42,7 @@ def prompt_rows(seqs: list, num_new: list[int], query_start_loc: np.ndarray) -> 
         rows.append(np.arange(start, start + end - first, dtype=np.int32))
         targets.append(seq.token_ids[first + 1 : end + 1])
         spans.append((seq, first + 1, end - first))
-        num_top = max(num_top, seq.sampling_params.prompt_logprobs)
+        num_top = max(num_top, _num_top(seq, vocab_size))
     if not spans:
         return None
     return PromptRows(np.concatenate(rows), np.array(sum(targets, []), np.int32), spans, num_top)
@@ -64,7 +70,7 @@ class PendingPromptLogprobs:
         shifted = logits - logits.max(axis=1, keepdims=True)
         lp = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))  # (Q, vocab)
         chosen = lp[np.arange(len(lp)), p.targets].tolist()  # (Q,)
-        k = p.num_top
+        k = min(p.num_top, lp.shape[1])
         if k:
             top = np.argpartition(-lp, k - 1, axis=1)[:, :k]  # (Q, k), unordered
             order = np.argsort(-np.take_along_axis(lp, top, 1), axis=1, kind="stable")
@@ -74,7 +80,7 @@ class PendingPromptLogprobs:
         out, q = [], 0
         targets = p.targets.tolist()
         for seq, start, count in p.spans:
-            want = seq.sampling_params.prompt_logprobs
+            want = _num_top(seq, lp.shape[1])
             entries = []
             for r in range(q, q + count):
                 entry = dict(zip(top_ids_l[r][:want], top_lps_l[r][:want], strict=True)) \

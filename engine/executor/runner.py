@@ -222,7 +222,8 @@ class ModelRunner:
 
     def prepare_inputs(self, batch) -> StepInputs:
         """Host int32 arrays: input_ids, positions, logits_indices, and the attention metadata."""
-        return build_step_inputs(batch, self.block_size, self.host_tables, self._last_rows)
+        return build_step_inputs(batch, self.block_size, self.host_tables, self._last_rows,
+                                 self.model_config.vocab_size)
 
     def _forward_eager(self, inputs: StepInputs, prev):
         flat, where = inputs.pack()

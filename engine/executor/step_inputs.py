@@ -118,9 +118,11 @@ def placeholder(row: int) -> int:
 
 
 def build_step_inputs(batch, block_size: int, tables: HostBlockTables,
-                      pending_rows: dict[int, int] | None = None) -> StepInputs:
+                      pending_rows: dict[int, int] | None = None,
+                      vocab_size: int = 0) -> StepInputs:
     """`pending_rows`: seq_id -> row in the previous step's sampled ids, for the sequences of the
-    batch whose last token is pending (none in a synchronous loop)."""
+    batch whose last token is pending (none in a synchronous loop). `vocab_size`: the top-k
+    width of prompt_logprobs=-1."""
     seqs, num_new = batch.seqs, batch.num_new_tokens
     num_seqs = len(seqs)
     computed = np.fromiter((s.num_computed_tokens for s in seqs), np.int32, num_seqs)  # (B,)
@@ -172,4 +174,4 @@ def build_step_inputs(batch, block_size: int, tables: HostBlockTables,
     )
     logits_indices = (query_start_loc[1:] - 1)[samples]  # (R,)
     return StepInputs(input_ids, positions, logits_indices, meta, samples, num_placeholders,
-                      prompt_rows(seqs, num_new, query_start_loc))
+                      prompt_rows(seqs, num_new, query_start_loc, vocab_size))
