@@ -3,7 +3,7 @@ they add to its answer.
 
 - prompt scoring: `prompt_logprobs`, completions `echo` + `logprobs` (the echoed prompt's tokens
   scored too; `max_tokens: 0` scores without generating);
-- `truncate_prompt_tokens` + `truncation_side`, `return_token_ids`;
+- `truncate_prompt_tokens` + `truncation_side`, `return_token_ids`, `return_tokens_as_token_ids`;
 - usage: `prompt_tokens_details.cached_tokens`, `stream_options.continuous_usage_stats`;
 - chat: `echo`, `add_generation_prompt`, `continue_final_message`, `chat_template_kwargs`,
   `documents` (chat_template.py).
@@ -23,6 +23,7 @@ class Extras:
     truncate: int | None = None  # keep this many prompt tokens (-1: max_model_len)
     truncation_side: str = "left"  # which end loses tokens
     return_token_ids: bool = False
+    tokens_as_ids: bool = False  # logprobs name tokens "token_id:N" (decodes nothing)
     continuous_usage: bool = False  # usage on every streamed chunk
 
 
@@ -40,6 +41,7 @@ def read_extras(body: dict, *, chat: bool) -> Extras:
         raise bad_request("truncation_side", "'truncation_side' must be 'left' or 'right', got "
                                              f"{x.truncation_side!r}")
     x.return_token_ids = get_field(body, "return_token_ids", "bool", False)
+    x.tokens_as_ids = get_field(body, "return_tokens_as_token_ids", "bool", False)
     options = get_field(body, "stream_options", "dict", {})
     x.continuous_usage = options.get("continuous_usage_stats", False)
     if not isinstance(x.continuous_usage, bool):

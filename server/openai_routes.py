@@ -154,6 +154,8 @@ class _Call:
         self.first: dict[str, object] = {}  # request id -> its first RequestOutput
         self.created = int(time.time())
         self.token_str = lambda t: engine.tokenizer.decode([t], skip_special_tokens=False)
+        if extras.tokens_as_ids:  # vLLM's return_tokens_as_token_ids
+            self.token_str = "token_id:{}".format
 
     async def run(self, token_lists: list[list[int]], stream: bool, include_usage: bool):
         state = self.request.app.state
@@ -276,7 +278,13 @@ class _Call:
         def chunk(choices, use=None):
             if continuous and use is None:
                 use = self._usage(num_generated)
-            return _sse(build(self.id, self.model, choices, use, self.created, chunk=True))
+            body = build(self.id, self.model, choices, use, self.created, chunk=True)
+            if self.chat and self.extras.return_token_ids and not sent_prompt_ids:
+                body["prompt_token_ids"] = self.token_lists[0]  # the first chunk only
+                sent_prompt_ids.append(True)
+            return _sse(body)
+
+        sent_prompt_ids = []
 
         async with group:
             if self.chat:  # the opening chunk of every choice
@@ -295,16 +303,19 @@ class _Call:
                     for c in out.outputs:
                         if not self.extras.score_only:
                             num_generated += len(c.delta_token_ids)
-                        if not self.chat and (out.request_id, c.index) not in opened:
+                        first = not self.chat and (out.request_id, c.index) not in opened
+                        if first:
                             opened.add((out.request_id, c.index))
-                            opening = self._opening(out.request_id, c.index)
-                            if opening is not None:
-                                yield chunk([opening])
+                            if self.echo:
+                                yield chunk([self._opening(out.request_id, c.index)])
                         if not c.delta_text and not c.delta_token_ids and not c.finished:
                             continue
                         choice = self._choice(out.request_id, c, whole=False)
                         if self.extras.score_only and not c.finished:
                             continue
+                        if first and self.extras.return_token_ids and not self.echo:
+                            choice["prompt_token_ids"] = self.token_lists[
+                                self.index_of[out.request_id]]
                         if self.chat and c.finished:
                             choice["finish_reason"] = None
                             if choice["delta"]:
@@ -321,15 +332,12 @@ class _Call:
             yield chunk([], self._usage(num_generated))
         yield "data: [DONE]\n\n"
 
-    def _opening(self, request_id: str, index: int) -> dict | None:
-        """A completions choice's first chunk: its echoed prompt (scored when logprobs are
-        asked) and its prompt ids when return_token_ids is set; None if neither."""
+    def _opening(self, request_id: str, index: int) -> dict:
+        """An echoing completions choice's first chunk: the prompt (scored when logprobs are
+        asked), and its ids when return_token_ids is set."""
         i = self.index_of[request_id]
-        if not self.echo and not self.extras.return_token_ids:
-            return None
-        choice = {"index": self._choice_index(request_id, index),
-                  "text": self.echo[i] if self.echo else "", "logprobs": None,
-                  "finish_reason": None}
+        choice = {"index": self._choice_index(request_id, index), "text": self.echo[i],
+                  "logprobs": None, "finish_reason": None}
         if self.echo and self.params.logprobs is not None:
             choice["logprobs"] = self._echo_logprobs(request_id)
         if self.extras.return_token_ids:

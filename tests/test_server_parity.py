@@ -150,16 +150,28 @@ def test_truncate_prompt_tokens(server, client):
         assert r.status_code == 400 and r.json()["error"]["param"] == param
 
 
-def test_return_token_ids_match_the_text(client):
-    out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, extra_body={
-        "return_token_ids": True, "ignore_eos": True})
+def test_return_token_ids_match_the_text(server, client):
+    out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, logprobs=0,
+                                    extra_body={"return_token_ids": True, "ignore_eos": True,
+                                                "return_tokens_as_token_ids": True})
     c = out.choices[0]
     assert len(c.token_ids) == 4 and out.usage.prompt_tokens == len(c.prompt_token_ids)
+    assert c.logprobs.tokens == [f"token_id:{t}" for t in c.token_ids]
     streamed = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4,
                                               stream=True, extra_body={"return_token_ids": True,
                                                                        "ignore_eos": True}))
     assert streamed[0].choices[0].prompt_token_ids == c.prompt_token_ids
+    assert streamed[0].choices[0].text  # the ids ride on the first content chunk
     assert len(sum((ch.choices[0].token_ids for ch in streamed), [])) == 4
+    plain = post(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 1}).json()
+    assert "token_ids" not in plain["choices"][0]
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+        "model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3,
+        "stream": True, "return_token_ids": True, "ignore_eos": True})
+    events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    assert "prompt_token_ids" in events[0]
+    assert all("prompt_token_ids" not in e for e in events[1:])
+    assert len(sum((e["choices"][0].get("token_ids", []) for e in events), [])) == 3
 
 
 SAYING = "An apple a day, keeps"
