@@ -138,3 +138,16 @@ def test_minus_one_is_the_whole_vocabulary(make_engine):
     for entry in out.prompt_logprobs[1:]:
         assert len(entry) == 512
         assert np.exp(list(entry.values())).sum() == pytest.approx(1, abs=1e-4)
+
+
+def test_offline_llm_scores_prompts_like_vllm(make_engine):
+    from engine.llm import LLM
+
+    llm = LLM.from_engine(make_engine(text=True))
+    [out] = llm.generate("Hello there, how are you?", SamplingParams(prompt_logprobs=2,
+                                                                     max_tokens=1),
+                         use_tqdm=False)
+    assert out.prompt_logprobs[0] is None
+    assert len(out.prompt_logprobs) == len(out.prompt_token_ids)
+    for token, entry in zip(out.prompt_token_ids[1:], out.prompt_logprobs[1:], strict=True):
+        assert token in entry
