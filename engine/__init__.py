@@ -4,7 +4,7 @@ Importing this package imports neither cupy nor torch; cupy loads only when the 
 chosen.
 """
 
-__all__ = ["LLM", "SamplingParams"]
+__all__ = ["LLM", "BeamSearchParams", "SamplingParams"]
 
 
 def __getattr__(name):
@@ -17,4 +17,8 @@ def __getattr__(name):
         from engine.core.sampling_params import SamplingParams
 
         return SamplingParams
+    if name == "BeamSearchParams":
+        from engine.core.sampling_params import BeamSearchParams
+
+        return BeamSearchParams
     raise AttributeError(name)

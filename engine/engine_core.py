@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.beam_search import BeamSearch
 from engine.core.block_manager import BlockManager
 from engine.core.outputs import EngineCoreRequest, EngineDeadError, EngineStats, SeqOutput
 from engine.core.scheduler import Scheduler
@@ -69,6 +70,7 @@ class _CoreRequest:
     first_scheduled_time: float | None = None
     num_unfinished: int = 0
     prompt_logprobs: list | None = None  # collected so far, when the params ask
+    beam: BeamSearch | None = None  # use_beam_search: the live and finished beams
     has_output: bool = False  # the first output (which carries prompt_logprobs) went out
 
 
@@ -158,7 +160,7 @@ class EngineCore:
             raise ValueError(f"prompt has {len(ids)} tokens, more than max_model_len "
                              f"({self.max_model_len})")
         seqs = []
-        for i in range(params.n):
+        for i in range(1 if params.use_beam_search else params.n):  # beams fork as they go
             if params.seed is not None:
                 seq_seed = np.random.SeedSequence([params.seed & (2**64 - 1), i])
                 seed = int(seq_seed.generate_state(1, np.uint64)[0])
@@ -173,9 +175,12 @@ class EngineCore:
         # fit before anything is queued.
         self.scheduler.add(seqs[0])
         seqs[0].forks = seqs[1:]
-        self._requests[req.request_id] = _CoreRequest(
+        core_req = self._requests[req.request_id] = _CoreRequest(
             req.request_id, seqs, num_unfinished=len(seqs),
             prompt_logprobs=None if params.prompt_logprobs is None else [None])
+        if params.use_beam_search:
+            core_req.beam = BeamSearch(req.request_id, list(seqs), self.eos_token_ids,
+                                       self.max_model_len, token_logprobs={seqs[0].seq_id: []})
 
     def abort_requests(self, request_ids: list[str]) -> None:
         """Free the requests' blocks; ids that already finished (or never came) are ignored."""
@@ -204,6 +209,12 @@ class EngineCore:
         alone."""
         req = self._requests.pop(request_id, None)
         if req is None:
+            return
+        if req.beam is not None:  # no beam was ever sent: every output fails
+            for seq in req.beam.live:
+                self.scheduler.finish_seq(seq, "error")
+            outputs += [SeqOutput(request_id, i, [], None, 0.0, "error", None, cause)
+                        for i in range(req.seqs[0].sampling_params.n)]
             return
         for seq in req.seqs:
             if seq.finish_reason is None:
@@ -330,12 +341,41 @@ class EngineCore:
                 self._fail(seq.request_id, errors[r], outputs)
                 continue
             try:
+                if req.beam is not None:
+                    self._beam_row(req, seq, top[0][r], top[1][r], outputs)
+                    continue
                 outputs.append(self._append(req, seq, tokens[r], logprobs[r], top, r))
                 num_appended += 1
             except Exception as e:  # the stop check, for this request alone
                 logger.exception("request %s failed after its step", seq.request_id)
                 self._fail(seq.request_id, f"{type(e).__name__}: {e}", outputs)
         self._generation_tokens_total += num_appended
+
+    def _beam_row(self, req: _CoreRequest, seq: Sequence, top_ids: list[int],
+                  top_logprobs: list[float], outputs: list[SeqOutput]) -> None:
+        """One beam's candidates; once all live beams have theirs, the next beams (forks share
+        the KV blocks) or, at the end, the request's outputs."""
+        beam = req.beam
+        if not beam.report(seq, top_ids, top_logprobs):
+            return
+        done = beam.expand(self.scheduler, self._fork_beam)
+        if done is None:
+            return
+        done[0].prompt_logprobs = req.prompt_logprobs
+        done[0].num_cached_tokens = req.seqs[0].num_cached_tokens
+        done[0].first_scheduled_time = req.first_scheduled_time
+        self._generation_tokens_total += sum(len(o.new_token_ids) for o in done)
+        outputs += done
+        del self._requests[req.request_id]
+
+    @staticmethod
+    def _fork_beam(parent: Sequence) -> Sequence:
+        child = Sequence(parent.request_id, list(parent.token_ids), parent.num_prompt_tokens,
+                         parent.sampling_params, seed=parent.seed,
+                         cumulative_logprob=parent.cumulative_logprob,
+                         next_prompt_logprob=parent.num_prompt_tokens)
+        child.num_cached_tokens = parent.num_cached_tokens
+        return child
 
     def _append(self, req: _CoreRequest, seq: Sequence, token: int, logprob: float, top,
                 r: int) -> SeqOutput:

@@ -180,3 +180,20 @@ class RequestOutput:
     # when SamplingParams.prompt_logprobs is.
     prompt_logprobs: list[dict[int, float] | None] | None = None
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+
+
+@dataclass
+class BeamSearchSequence:
+    """One sequence of LLM.beam_search (vLLM's shape): prompt and output together."""
+
+    tokens: list[int]
+    logprobs: list[dict[int, float] | None]  # None for the prompt's tokens
+    cum_logprob: float
+    text: str
+    finish_reason: str | None
+    stop_reason: int | str | None
+
+
+@dataclass
+class BeamSearchOutput:
+    sequences: list[BeamSearchSequence]  # best first

@@ -27,6 +27,13 @@ class SamplingParams:
     # top-k logprobs per prompt token (scoring a text); -1: the whole vocabulary
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    # Beam search: best_of (default n) beams, the n best returned; a beam's score is its
+    # cumulative logprob / length ** length_penalty; early_stopping ends the search once
+    # best_of beams are finished.
+    use_beam_search: bool = False
+    best_of: int | None = None
+    length_penalty: float = 1.0
+    early_stopping: bool = False
     stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -79,6 +86,13 @@ class SamplingParams:
             "prompt_logprobs",
             "must be an integer in [0, 20], or -1 for the whole vocabulary",
         )
+        check(self.best_of is None or (isinstance(self.best_of, int) and self.best_of >= self.n),
+              "best_of", f"must be an integer >= n ({self.n})")
+        check(self.best_of in (None, self.n) or self.use_beam_search, "best_of",
+              "other than n needs use_beam_search")
+        # The sampler hands back at most 20 logprobs per row: 2 candidates per beam.
+        check(not self.use_beam_search or self.beam_width <= 10, "best_of" if self.best_of
+              else "n", "must be <= 10 with use_beam_search")
         check(self.seed is None or isinstance(self.seed, int), "seed", "must be an integer")
         check(
             all(isinstance(s, str) and s for s in self.stop_list),
@@ -88,3 +102,30 @@ class SamplingParams:
         for token_id, value in self.logit_bias.items():
             if not -100 <= value <= 100:
                 raise ValueError(f"logit_bias[{token_id}] must be in [-100, 100], got {value}")
+
+    @property
+    def beam_width(self) -> int:
+        return self.best_of or self.n
+
+    @property
+    def num_top_logprobs(self) -> int:
+        """Top logprobs the sampler returns per row: logprobs, or a beam's 2 x width candidates."""
+        top = self.logprobs or 0
+        return max(top, 2 * self.beam_width) if self.use_beam_search else top
+
+
+@dataclass
+class BeamSearchParams:
+    """LLM.beam_search's settings, as vLLM names them."""
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False
+
+    def sampling_params(self) -> SamplingParams:
+        return SamplingParams(n=self.beam_width, use_beam_search=True, temperature=0,
+                              max_tokens=self.max_tokens, ignore_eos=self.ignore_eos,
+                              length_penalty=self.length_penalty, logprobs=0,
+                              include_stop_str_in_output=self.include_stop_str_in_output)

@@ -151,8 +151,9 @@ class Scheduler:
             num_tokens = len(seq.token_ids)
             if seq.status is not running or num_tokens - c > 1:
                 continue
-            if c == num_tokens and _ends_with_pending(seq, max_len):
-                continue
+            if c == num_tokens and (seq.sampling_params.use_beam_search
+                                    or _ends_with_pending(seq, max_len)):
+                continue  # a beam's next token is chosen on the host, with its siblings
             if budget == 0 or len(seqs) == max_num_seqs:
                 break
             if c < len(seq.block_table) * bs:  # its new token's slot is in a block it holds
@@ -248,13 +249,20 @@ class Scheduler:
         sequence: it recomputes its prompt later (mostly prefix-cache hits)."""
         children, parent.forks = parent.forks, []
         for child in children:
-            if len(self.running) < self.max_num_seqs and self.block_manager.can_fork(parent):
-                self._block_copies += self.block_manager.fork(parent, child)
-                child.status = SequenceStatus.RUNNING
-                self.running.append(child)
-            else:
-                child.status = SequenceStatus.WAITING
-                self.waiting.appendleft(child)
+            self.fork(parent, child)
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Start `child` (the parent's tokens, no blocks) on the parent's blocks, its partial
+        tail copied (copy-on-write by block); with no room, or a parent that holds no blocks
+        (preempted), it waits and recomputes."""
+        if (parent.status == SequenceStatus.RUNNING and len(self.running) < self.max_num_seqs
+                and self.block_manager.can_fork(parent)):
+            self._block_copies += self.block_manager.fork(parent, child)
+            child.status = SequenceStatus.RUNNING
+            self.running.append(child)
+        else:
+            child.status = SequenceStatus.WAITING
+            self.waiting.appendleft(child)
 
     def finish_step(self, batch: ScheduledBatch) -> None:
         """advance + commit: the synchronous step, whose tokens are all known at launch."""

@@ -199,7 +199,7 @@ class ModelRunner:
         """Sampling the batch raised: sample each row on its own, so that one sequence's bad
         settings fail that sequence alone (SamplerOutput.errors) and the others go on."""
         rows = len(seqs)
-        width = max((s.sampling_params.logprobs or 0) for s in seqs)
+        width = max(s.sampling_params.num_top_logprobs for s in seqs)
         out = SamplerOutput(np.full(rows, -1, np.int32), np.zeros(rows, np.float32),
                             np.zeros((rows, width), np.int32), np.zeros((rows, width), np.float32),
                             errors={})
