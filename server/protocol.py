@@ -123,7 +123,9 @@ def parse_sampling_params(body: dict, *, chat: bool) -> SamplingParams:
                        ("presence_penalty", "number"), ("frequency_penalty", "number"),
                        ("repetition_penalty", "number"), ("min_tokens", "int"),
                        ("ignore_eos", "bool"), ("skip_special_tokens", "bool"),
-                       ("include_stop_str_in_output", "bool"), ("prompt_logprobs", "int")):
+                       ("include_stop_str_in_output", "bool"), ("prompt_logprobs", "int"),
+                       ("use_beam_search", "bool"), ("best_of", "int"),
+                       ("length_penalty", "number"), ("early_stopping", "bool")):
         value = get_field(body, name, kind)
         if value is not None:
             kw[name] = value

@@ -268,3 +268,21 @@ def test_load_counts_calls_in_flight(server):
         assert 1 in seen and seen <= {0, 1}
         assert load() == 0
     server.wait_idle()
+
+
+def test_beam_search_over_http(server, client):
+    out = client.completions.create(model=MODEL, prompt=PROMPT, n=2, max_tokens=5,
+                                    temperature=0, extra_body={"use_beam_search": True,
+                                                               "ignore_eos": True})
+    texts = [c.text for c in out.choices]
+    assert len(set(texts)) == 2 and out.usage.completion_tokens == 10
+    streamed = list(client.completions.create(model=MODEL, prompt=PROMPT, n=2, max_tokens=5,
+                                              temperature=0, stream=True, extra_body={
+                                                  "use_beam_search": True, "ignore_eos": True}))
+    got = ["".join(c.choices[0].text for c in streamed if c.choices and c.choices[0].index == i)
+           for i in range(2)]
+    assert got == texts
+    r = post(server, "/v1/completions", {"prompt": PROMPT, "n": 2, "best_of": 1,
+                                         "use_beam_search": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "best_of"
+    server.wait_idle()
