@@ -8,7 +8,7 @@ import functools
 import json
 
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 from server.async_engine import AsyncEngine
 from server.protocol import APIError, bad_request, get_field
@@ -115,3 +115,26 @@ def load_tracked(handler):
         return response
 
     return tracked
+
+
+def sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+class SSEResponse(StreamingResponse):
+    """A StreamingResponse that always closes its generator, so a client gone mid-stream has its
+    requests aborted at once rather than when the generator is garbage-collected."""
+
+    on_close = None  # called once the stream ends, however it ends (handlers.load_tracked)
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        except OSError:
+            pass  # the client went away between chunks
+        finally:
+            try:
+                await self.body_iterator.aclose()
+            finally:
+                if self.on_close is not None:
+                    self.on_close()

@@ -12,7 +12,7 @@ import sys
 import time
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse, StreamingResponse
+from starlette.responses import JSONResponse
 
 from server.async_engine import EngineFault, render_chat, tokenize_text
 from server.extras import (
@@ -26,10 +26,12 @@ from server.extras import (
     usage,
 )
 from server.handlers import (
+    SSEResponse,
     check_model,
     check_token_ids,
     read_json,
     ready_engine,
+    sse,
     until_disconnect,
 )
 from server.protocol import (
@@ -174,7 +176,7 @@ class _Call:
         except BaseException:
             group.close()
             raise
-        return _SSEResponse(self._events(group, include_usage), media_type="text/event-stream",
+        return SSEResponse(self._events(group, include_usage), media_type="text/event-stream",
                             headers={"Cache-Control": "no-cache"})
 
     async def _submit(self, group, token_lists):
@@ -282,7 +284,7 @@ class _Call:
             if self.chat and self.extras.return_token_ids and not sent_prompt_ids:
                 body["prompt_token_ids"] = self.token_lists[0]  # the first chunk only
                 sent_prompt_ids.append(True)
-            return _sse(body)
+            return sse(body)
 
         sent_prompt_ids = []
 
@@ -325,7 +327,7 @@ class _Call:
                         yield chunk([choice])
             except EngineFault as e:
                 error = APIError(500, str(e), type="server_error")
-                yield _sse(json.loads(error.response().body))
+                yield sse(json.loads(error.response().body))
                 yield "data: [DONE]\n\n"
                 return
         if include_usage:
@@ -344,26 +346,3 @@ class _Call:
             choice["prompt_token_ids"] = self.token_lists[i]
             choice["token_ids"] = []
         return choice
-
-
-def _sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-class _SSEResponse(StreamingResponse):
-    """A StreamingResponse that always closes its generator, so a client gone mid-stream has its
-    requests aborted at once rather than when the generator is garbage-collected."""
-
-    on_close = None  # called once the stream ends, however it ends (handlers.load_tracked)
-
-    async def __call__(self, scope, receive, send):
-        try:
-            await super().__call__(scope, receive, send)
-        except OSError:
-            pass  # the client went away between chunks
-        finally:
-            try:
-                await self.body_iterator.aclose()
-            finally:
-                if self.on_close is not None:
-                    self.on_close()
