@@ -11,6 +11,7 @@ raises a rejection at once; across processes it comes back in EngineCoreOutputs.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import os
@@ -175,7 +176,8 @@ class MPClient:
             return
         self._closing = True
         if self.process.is_alive():
-            self._send(STOP, b"")
+            with contextlib.suppress(zmq.Again):  # not connected: it is exiting already
+                self._inputs.send_multipart([STOP, b""], zmq.NOBLOCK)
             self.process.join(timeout)
             if self.process.is_alive():
                 logger.warning("the engine core did not stop in %.0f s; killing it", timeout)

@@ -74,6 +74,8 @@ def run_core_process(engine_config: EngineConfig, input_address: str, output_add
         ready = CoreReady(core.model_config, core.max_model_len, core.num_kv_blocks,
                           engine_lines(core))
         outputs.send_multipart([READY, encode(ready)])
+        # /metrics shows the engine's numbers from the start, not after the first request.
+        outputs.send_multipart([OUTPUTS, encode(EngineCoreOutputs(stats=core.get_stats()))])
         code = _BusyLoop(core, inputs, outputs, parent_pid).run()
         core.shutdown()
     finally:
@@ -133,7 +135,8 @@ class _BusyLoop:
                 try:
                     core.add_request(value)
                 except Exception as e:  # a request the core cannot run: the API answers 400
-                    message.rejected.append((value.request_id, str(e)))
+                    message.rejected.append((value.request_id, getattr(e, "field", None),
+                                             str(e)))
                 else:
                     message.accepted.append(value.request_id)
             elif kind == ABORT:

@@ -36,6 +36,7 @@ import numpy as np
 from engine.beam_search import BeamSearch
 from engine.core.block_manager import BlockManager
 from engine.core.outputs import EngineCoreRequest, EngineDeadError, EngineStats, SeqOutput
+from engine.core.sampling_params import ParamError
 from engine.core.scheduler import Scheduler
 from engine.core.sequence import Sequence
 from engine.core.stopping import check_stop_ids
@@ -152,8 +153,11 @@ class EngineCore:
                                                                  params.stop_token_ids)):
             bad = [t for t in given if not 0 <= t < vocab]
             if bad:  # vLLM's clients look for the ids, the size and "out of vocabulary"
-                raise ValueError(f"{name} has token id(s) {bad} out of vocabulary "
-                                 f"(vocab_size {vocab})")
+                raise ParamError(name, f"{name} has token id(s) {bad} out of vocabulary "
+                                       f"(vocab_size {vocab})")
+        if params.n > self.config.max_num_seqs:  # the n sequences must fit in one batch
+            raise ParamError("n", f"n ({params.n}) must be <= max_num_seqs "
+                                  f"({self.config.max_num_seqs})")
         if not ids:
             raise ValueError("prompt is empty: it must have at least one token")
         if len(ids) > self.max_model_len:

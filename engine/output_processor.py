@@ -20,7 +20,7 @@ from engine.core.outputs import (
     RequestOutput,
     SeqOutput,
 )
-from engine.core.sampling_params import SamplingParams
+from engine.core.sampling_params import ParamError, SamplingParams
 from engine.core.stopping import SeqState, text_delta
 
 
@@ -45,7 +45,7 @@ class OutputProcessor:
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                     params: SamplingParams, arrival_time: float) -> None:
         if params.stop_list and self.tokenizer is None:
-            raise ValueError("stop strings need a tokenizer, and the model has none")
+            raise ParamError("stop", "stop strings need a tokenizer, and the model has none")
         states = []
         for i in range(params.n):
             detok = None

@@ -1,36 +1,45 @@
-"""The Starlette app: engine lifecycle, auth, body limits, and the small endpoints.
+"""The Starlette app: engine lifecycle, guards, and the small endpoints.
 
 The generation endpoints live in server/openai_routes.py, what handlers share in
-server/handlers.py. The engine core loads in its own process at start-up, so /health answers 503
-until it is ready instead of the port staying closed, and 503 again if the core dies.
+server/handlers.py. The engine core loads in its own process (engine/core_process.py); an app
+started without AsyncEngine.load() (tests) answers /health 503 until it is ready instead of
+keeping the port closed, and 503 again if the core dies.
 """
 
 from __future__ import annotations
 
 import contextlib
-import hmac
 import logging
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from engine.model.config import EngineConfig
-from server.async_engine import AsyncEngine, EngineFault, render_chat, tokenize_text
-from server.handlers import check_token_ids, load_tracked, read_json, ready_engine
+from server.async_engine import AsyncEngine, EngineFault
+from server.guards import LOOPBACK_HOSTS, HostGuard, RequestGuard
+from server.handlers import (
+    MAX_BODY_BYTES,
+    chat_token_ids,
+    check_token_ids,
+    load_tracked,
+    off_loop,
+    read_json,
+    ready_engine,
+    tokenizer_of,
+)
 from server.metrics import ServerMetrics
 from server.openai_routes import chat_completions, completions, invocations
 from server.protocol import APIError, bad_request, get_field, parse_messages
 
 log = logging.getLogger("pagedserve.server")
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
-MAX_BODY_BYTES = 4 * 1024 * 1024
-OPEN_PATHS = ("/health", "/metrics")  # probes and scrapers carry no key
 
 
 @dataclass
@@ -39,6 +48,7 @@ class ServerSettings:
     api_key: str | None = None
     max_waiting_requests: int | None = None  # None: no limit
     max_body_bytes: int = MAX_BODY_BYTES
+    chat_content_special_tokens: bool = False  # True: HF's way, a client may forge turns
     enable_server_load_tracking: bool = False  # count calls in flight for GET /load
 
 
@@ -46,17 +56,22 @@ def create_app(engine_config: EngineConfig | None = None, *, served_model_name: 
                api_key: str | None = None, max_waiting_requests: int | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, make_core=None,
                on_fatal: Callable[[str], None] | None = None,
+               allowed_hosts: list[str] | None = LOOPBACK_HOSTS,
+               allowed_origins: list[str] | None = None,
+               chat_content_special_tokens: bool = False,
                enable_server_load_tracking: bool = False) -> Starlette:
-    """An app that starts the engine-core process and loads the model in the background.
+    """An app whose engine core runs in its own process (app.state.engine, an AsyncEngine).
 
-    make_core: a picklable callable the core process runs instead of EngineCore(config).
-    on_fatal(cause): called once if the core dies (the CLI stops the server, exit code 1).
+    `make_core`: a picklable callable the core process runs instead of EngineCore(config).
+    `on_fatal(cause)`: called once if the core dies (the CLI stops the server, exit status 1).
+    `allowed_hosts`: the Host names served (None: any); `allowed_origins`: the web origins CORS
+    lets in (None: CORS off). server/guards.py says why.
     """
     config = engine_config or EngineConfig()
     metrics = ServerMetrics()
     engine = AsyncEngine(config, make_core, metrics, on_fatal)
     settings = ServerSettings(served_model_name or config.model or DEFAULT_MODEL_NAME, api_key,
-                              max_waiting_requests, max_body_bytes,
+                              max_waiting_requests, max_body_bytes, chat_content_special_tokens,
                               enable_server_load_tracking)
 
     @contextlib.asynccontextmanager
@@ -79,10 +94,18 @@ def create_app(engine_config: EngineConfig | None = None, *, served_model_name: 
     ]
     handlers = {APIError: _api_error, EngineFault: _engine_fault, 404: _not_found,
                 405: _not_allowed, Exception: _crash}
-    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan)
+    # The first is the outermost: a wrong Host is refused before anything else; a CORS preflight
+    # is answered before the key check (browsers send no key on it).
+    middleware = [Middleware(HostGuard, allowed=allowed_hosts)]
+    if allowed_origins:
+        middleware.append(Middleware(CORSMiddleware, allow_origins=allowed_origins,
+                                     allow_methods=["GET", "POST"],
+                                     allow_headers=["Authorization", "Content-Type"]))
+    middleware.append(Middleware(RequestGuard, api_key=api_key))
+    app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan,
+                    middleware=middleware)
     app.state.engine, app.state.metrics, app.state.settings = engine, metrics, settings
     app.state.server_load = 0  # generation calls in flight (load_tracked)
-    app.add_middleware(_ApiKeyGuard, api_key=api_key)
     return app
 
 
@@ -136,19 +159,13 @@ def package_version() -> str:
 async def tokenize(request: Request):
     engine = ready_engine(request)
     body = await read_json(request)
-    add_special_tokens = True
     if "messages" in body:
-        messages = parse_messages(body)
-        try:
-            text = await render_chat(engine.tokenizer, messages)
-        except Exception as e:
-            raise bad_request("messages", f"the chat template failed: {e}") from None
-        add_special_tokens = False  # the template wrote any BOS it wants
+        ids = await chat_token_ids(request, engine, parse_messages(body))
     else:
-        text = get_field(body, "prompt", "str")
-        if text is None:
+        prompt = get_field(body, "prompt", "str")
+        if prompt is None:
             raise bad_request("prompt", "give 'prompt' (a string) or 'messages'")
-    _, ids = await tokenize_text(engine.tokenizer, text, sys.maxsize, add_special_tokens)
+        ids = await off_loop(len(prompt), tokenizer_of(engine, "prompt").encode, prompt)
     return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len})
 
 
@@ -159,10 +176,11 @@ async def detokenize(request: Request):
     if tokens is None:
         raise bad_request("tokens", "'tokens' is required")
     check_token_ids(engine, tokens, "tokens")
-    return JSONResponse({"prompt": engine.tokenizer.decode(tokens, skip_special_tokens=False)})
+    text = tokenizer_of(engine, "tokens").decode(tokens, skip_special_tokens=False)
+    return JSONResponse({"prompt": text})
 
 
-# ---------------------------------------------------------------- errors and auth
+# ---------------------------------------------------------------- errors
 
 
 async def _api_error(request, exc: APIError):
@@ -170,7 +188,7 @@ async def _api_error(request, exc: APIError):
 
 
 async def _engine_fault(request, exc: EngineFault):
-    return APIError(500, str(exc), type="server_error", code="engine_dead").response()
+    return APIError(500, str(exc), type="server_error").response()
 
 
 async def _not_found(request, exc):
@@ -184,20 +202,3 @@ async def _not_allowed(request, exc):
 async def _crash(request, exc):
     log.exception("unhandled error", exc_info=exc)
     return APIError(500, f"internal error: {exc}", type="server_error").response()
-
-
-class _ApiKeyGuard:
-    """401 unless `Authorization: Bearer <key>` matches; OPEN_PATHS stay open."""
-
-    def __init__(self, app, api_key: str | None):
-        self.app, self.api_key = app, api_key
-
-    async def __call__(self, scope, receive, send):
-        if self.api_key and scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
-            header = dict(scope["headers"]).get(b"authorization", b"").decode("latin-1")
-            if not hmac.compare_digest(header.encode(), f"Bearer {self.api_key}".encode()):
-                message = "missing API key" if not header else "invalid API key"
-                error = APIError(401, message, type="authentication_error", code="invalid_api_key")
-                await error.response()(scope, receive, send)
-                return
-        await self.app(scope, receive, send)

@@ -3,7 +3,7 @@ here, on the event loop, live the tokenizer and the OutputProcessor (text, stop 
 
 Handlers submit requests through a RequestGroup and read RequestOutputs from its queue. One task
 reads the core's messages (one per step), turns them into RequestOutputs and hands each to its
-group; nothing here blocks the loop: sends never wait, and large tokenizations run in threads.
+group; nothing here blocks the loop: sends never wait (handlers tokenize long texts in threads).
 If the core dies, every request in flight gets an EngineFault naming the cause, /health turns
 503, and `on_fatal` (the CLI stops the server with a non-zero exit) is called.
 """
@@ -11,17 +11,14 @@ If the core dies, every request in flight gets an EngineFault naming the cause, 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import contextlib
-import functools
 import logging
-import os
-import threading
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from engine.core.outputs import EngineCoreRequest
+from engine.core.sampling_params import ParamError
 from engine.core_client import MPClient
 from engine.logs import StatsLogger
 from engine.model.config import EngineConfig, ModelConfig
@@ -29,40 +26,6 @@ from engine.model.loader import load_tokenizer
 from engine.output_processor import OutputProcessor
 
 log = logging.getLogger("pagedserve.engine")
-
-# Prompts longer than this are tokenized in a thread; shorter ones cost less than the hop.
-INLINE_TOKENIZE_CHARS = 4096
-
-
-def _lower_priority():
-    # Bulk tokenizing yields the CPU to the event loop when cores are short (Linux nices each
-    # thread on its own).
-    with contextlib.suppress(OSError, AttributeError):
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
-
-
-_TOKENIZE_POOL = concurrent.futures.ThreadPoolExecutor(
-    max_workers=4, thread_name_prefix="pagedserve-tokenize", initializer=_lower_priority)
-
-
-async def tokenize_text(tokenizer, text: str, max_tokens: int, add_special_tokens: bool = True
-                        ) -> tuple[int, list[int] | None]:
-    """Tokenizer.encode_within, in a thread unless the text is short, so that a large prompt
-    never stalls the event loop."""
-    if len(text) <= INLINE_TOKENIZE_CHARS:
-        return tokenizer.encode_within(text, max_tokens, add_special_tokens)
-    return await asyncio.get_running_loop().run_in_executor(
-        _TOKENIZE_POOL, tokenizer.encode_within, text, max_tokens, add_special_tokens)
-
-
-async def render_chat(tokenizer, messages: list[dict], add_generation_prompt: bool = True,
-                      **template_vars) -> str:
-    """The chat template's text (the template is Python: run in a thread, as it may be long).
-    `template_vars` (e.g. documents) become template variables."""
-    return await asyncio.get_running_loop().run_in_executor(
-        _TOKENIZE_POOL, functools.partial(tokenizer.apply_chat_template, messages,
-                                          add_generation_prompt=add_generation_prompt,
-                                          tokenize=False, **template_vars))
 
 
 class EngineFault(RuntimeError):
@@ -91,14 +54,14 @@ class RequestGroup:
         self.queue: asyncio.Queue = asyncio.Queue()  # RequestOutputs, or an EngineFault
         self.unfinished: set[str] = set()
 
-    async def add(self, request_id: str, prompt, params):
-        """Hand one request to the engine core; its rejection (ValueError) is raised here.
-        `prompt`: text, or {"prompt_token_ids": [...]}."""
-        engine = self.engine
-        text, ids = await engine.encode(prompt)
+    async def add(self, request_id: str, prompt: dict, params):
+        """Hand one request to the engine core; its rejection (ValueError, ParamError naming
+        the field) is raised here. `prompt`: {"prompt_token_ids": [...], "prompt": text or
+        absent}; handlers tokenize, off the event loop when long (server/handlers.py)."""
         self.unfinished.add(request_id)  # before the await: a cancel must still abort it
         try:
-            await engine._submit(self, request_id, text, ids, params)
+            await self.engine._submit(self, request_id, prompt.get("prompt"),
+                                      prompt["prompt_token_ids"], params)
         except BaseException:
             self.unfinished.discard(request_id)
             raise
@@ -141,7 +104,9 @@ class AsyncEngine:
         self.processor: OutputProcessor | None = None
         self._groups: dict[str, RequestGroup] = {}  # request id -> its group, while unfinished
         self._pending: dict[str, asyncio.Future] = {}  # sent, not yet accepted by the core
+        self._waiting: set[str] = set()  # requests sent that have no output yet
         self._task: asyncio.Task | None = None
+        self.loop: asyncio.AbstractEventLoop | None = None
         self._stats_log = StatsLogger()  # the "every 10 s while busy" line
 
     @property
@@ -149,9 +114,10 @@ class AsyncEngine:
         return self.engine is not None and self.dead is None
 
     @property
-    def num_waiting(self) -> int:
-        """Requests waiting in the core plus those on their way to it."""
-        return (self.stats.num_waiting if self.stats else 0) + len(self._pending)
+    def num_waiting_requests(self) -> int:
+        """Requests (not sequences: n does not count) sent to the core that have no output yet;
+        what --max-waiting-requests bounds."""
+        return len(self._waiting)
 
     def load(self) -> list[str]:
         """Spawn the core and wait until its model is loaded (the CLI, before it serves); raise
@@ -172,12 +138,16 @@ class AsyncEngine:
         if self.client is None:
             self.client = MPClient(self.config, self.make_core)
             self.client.start()
-        self._task = asyncio.get_running_loop().create_task(self._run())
+        self.loop = asyncio.get_running_loop()  # handlers run here, and only here
+        self._task = self.loop.create_task(self._run())
 
     def _set_ready(self, ready, tokenizer):
         self.engine = ModelInfo(tokenizer, ready.model_config, ready.max_model_len,
                                 ready.num_kv_blocks)
         self.processor = OutputProcessor(tokenizer)
+        if tokenizer is None:
+            log.warning("this model has no tokenizer: text prompts, chat and /tokenize answer "
+                        "400; send token ids")
 
     async def shutdown(self):
         if self._task is not None:
@@ -190,20 +160,6 @@ class AsyncEngine:
     def group(self) -> RequestGroup:
         return RequestGroup(self)
 
-    async def encode(self, prompt) -> tuple[str | None, list[int]]:
-        """(text, token ids) of a prompt given as text or as {"prompt_token_ids": [...]}."""
-        if isinstance(prompt, dict):
-            return prompt.get("prompt"), prompt["prompt_token_ids"]
-        info = self.engine
-        if info.tokenizer is None:
-            raise ValueError("prompt is text but the model has no tokenizer; "
-                             "pass {'prompt_token_ids': [...]}")
-        num_tokens, ids = await tokenize_text(info.tokenizer, prompt, info.max_model_len)
-        if ids is None:
-            raise ValueError(f"prompt has {num_tokens} tokens, more than max_model_len "
-                             f"({info.max_model_len})")
-        return prompt, ids
-
     async def _submit(self, group: RequestGroup, request_id: str, text, ids, params):
         if self.dead is not None:
             raise EngineFault(f"the engine core died: {self.dead}")
@@ -212,6 +168,7 @@ class AsyncEngine:
         accepted = asyncio.get_running_loop().create_future()
         self._pending[request_id] = accepted
         self._groups[request_id] = group
+        self._waiting.add(request_id)
         self.client.add_request(EngineCoreRequest(request_id, ids, params, arrival))
         await accepted
 
@@ -219,6 +176,7 @@ class AsyncEngine:
         """Stop a request wherever it is; a request already finished is ignored."""
         self._pending.pop(request_id, None)
         self._groups.pop(request_id, None)
+        self._waiting.discard(request_id)
         if self.dead is not None:  # the core took every request with it
             return
         if self.processor is not None and self.processor.abort(request_id) is not None:
@@ -259,23 +217,25 @@ class AsyncEngine:
             future = pending.pop(request_id, None)
             if future is not None:
                 future.set_result(None)
-        for request_id, why in message.rejected:
+        for request_id, field, why in message.rejected:
             future = pending.pop(request_id, None)
             self._groups.pop(request_id, None)
+            self._waiting.discard(request_id)
             self.processor.abort(request_id)
             if future is not None:
-                future.set_exception(ValueError(why))
+                future.set_exception(ParamError(field, why) if field else ValueError(why))
         num_outputs = 0
         if message.outputs:
             results, stopped = self.processor.process(message.outputs)
             if stopped:
                 self.client.finish_sequences(stopped)
             num_outputs = len(results)
-            groups = self._groups
+            groups, waiting = self._groups, self._waiting
             for out in results:
                 group = groups.get(out.request_id)
                 if group is None:
                     continue
+                waiting.discard(out.request_id)
                 if out.finished:
                     del groups[out.request_id]
                     errors = [c.error for c in out.outputs if c.finish_reason == "error"]
@@ -309,6 +269,7 @@ class AsyncEngine:
             self.metrics.on_ended("error", len(self._groups))
         self._pending.clear()
         self._groups.clear()
+        self._waiting.clear()
         if self.on_fatal is not None:
             self.on_fatal(cause)
 

@@ -102,6 +102,10 @@ def _engine_flags() -> argparse.ArgumentParser:
     return p
 
 
+def _names(text: str) -> list[str]:
+    return [n.strip() for n in text.split(",") if n.strip()]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pagedserve",
@@ -123,7 +127,18 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--port", type=_port, default=8000, help="TCP port (default: 8000)")
     s.add_argument("--api-key", default=None,
                    help="require `Authorization: Bearer KEY` on every endpoint except /health "
-                        "and /metrics")
+                        "and /metrics (default: $PAGEDSERVE_API_KEY, which `ps` does not show)")
+    s.add_argument("--allowed-hosts", type=_names, action="extend", default=[], metavar="H,..",
+                   help="Host header names to serve besides localhost, 127.0.0.1 and [::1] "
+                        "(any port; '*' = any). Bound to a loopback address, other names get "
+                        "421, which stops DNS-rebinding web pages (default: none added; "
+                        "bound elsewhere, any Host unless this is given)")
+    s.add_argument("--allowed-origins", type=_names, action="extend", default=[], metavar="O,..",
+                   help="web origins (e.g. https://app.example) that CORS lets call the API from "
+                        "a browser; '*' = any (default: CORS off)")
+    s.add_argument("--chat-content-special-tokens", action="store_true",
+                   help="tokenize special tokens inside chat message content as control tokens "
+                        "(HF's behaviour; lets a client forge turns). Default: they stay text")
     s.add_argument("--served-model-name", default=None, metavar="NAME",
                    help="the model name clients send and /v1/models lists (default: MODEL)")
     s.add_argument("--max-waiting-requests", type=_positive_int, default=None, metavar="N",
@@ -222,7 +237,7 @@ def serve(args: argparse.Namespace, config: EngineConfig, started: float) -> int
     then serves. Exit status 1 if the core dies while serving."""
     import uvicorn
 
-    from server.app import DEFAULT_MODEL_NAME, create_app
+    from server.app import DEFAULT_MODEL_NAME
 
     sock = bind_socket(args.host, args.port)
     died: list[str] = []
@@ -234,9 +249,7 @@ def serve(args: argparse.Namespace, config: EngineConfig, started: float) -> int
         server.should_exit = True
         threading.Timer(EXIT_DEADLINE_S, os._exit, (1,)).start()
 
-    app = create_app(config, served_model_name=args.served_model_name, api_key=args.api_key,
-                     max_waiting_requests=args.max_waiting_requests, on_fatal=on_fatal,
-                     enable_server_load_tracking=args.enable_server_load_tracking)
+    app = app_from_args(args, config, on_fatal=on_fatal)
     engine = app.state.engine
     summary = engine.load()  # raises what loading raised, in the core process
     try:
@@ -273,6 +286,21 @@ def _server_class():
                 log.info("serving on %s", self.url)
 
     return Server
+
+
+def app_from_args(args: argparse.Namespace, config: EngineConfig, make_core=None, on_fatal=None):
+    """The app `serve` runs (create_app says what make_core and on_fatal are)."""
+    from server.app import create_app
+    from server.guards import allowed_hosts_for
+
+    return create_app(config, served_model_name=args.served_model_name,
+                      api_key=args.api_key or os.environ.get("PAGEDSERVE_API_KEY") or None,
+                      max_waiting_requests=args.max_waiting_requests, make_core=make_core,
+                      on_fatal=on_fatal,
+                      allowed_hosts=allowed_hosts_for(args.host, args.allowed_hosts),
+                      allowed_origins=args.allowed_origins or None,
+                      chat_content_special_tokens=args.chat_content_special_tokens,
+                      enable_server_load_tracking=args.enable_server_load_tracking)
 
 
 def generate(args: argparse.Namespace, config: EngineConfig) -> int:

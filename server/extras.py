@@ -6,7 +6,7 @@ they add to its answer.
 - `truncate_prompt_tokens` + `truncation_side`, `return_token_ids`, `return_tokens_as_token_ids`;
 - usage: `prompt_tokens_details.cached_tokens`, `stream_options.continuous_usage_stats`;
 - chat: `echo`, `add_generation_prompt`, `continue_final_message`, `chat_template_kwargs`,
-  `documents` (chat_template.py).
+  `documents` (rendered by Tokenizer.apply_chat_template).
 """
 
 from __future__ import annotations
@@ -114,50 +114,36 @@ def join_logprobs(first: dict, then: dict | None) -> dict:
 
 
 @dataclass
-class ChatPrompt:
-    text: str  # the rendered template
+class ChatOptions:
+    template_options: dict  # for Tokenizer.apply_chat_template (handlers.chat_token_ids)
     role: str  # the answer's role: assistant, or the last message's when it is continued
     echo: str  # what the answer's content starts with ("" unless echo)
 
 
 # Template variables the renderer sets itself: chat_template_kwargs may not pass them.
-_RESERVED = ("messages", "tokenize", "bos_token", "eos_token")
+_RESERVED = ("messages", "tokenize", "bos_token", "eos_token", "special_tokens_in_content",
+             "continue_final_message")
 
 
-async def chat_prompt(render, tokenizer, messages: list[dict], body: dict) -> ChatPrompt:
-    """Render the chat as the body asks; `render` is async_engine.render_chat."""
+def chat_options(messages: list[dict], body: dict) -> ChatOptions:
+    """How to render the chat, and how the answer starts, as the body asks."""
     add_generation = get_field(body, "add_generation_prompt", "bool", True)
     continue_final = get_field(body, "continue_final_message", "bool", False)
     if add_generation and continue_final:
         raise bad_request("continue_final_message", "Cannot set both `continue_final_message` "
                                                     "and `add_generation_prompt` to True.")
-    variables = dict(get_field(body, "chat_template_kwargs", "dict", {}))
-    reserved = [k for k in variables if k in _RESERVED]
+    options = dict(get_field(body, "chat_template_kwargs", "dict", {}))
+    reserved = [k for k in options if k in _RESERVED]
     if reserved:
         raise bad_request("chat_template_kwargs", f"'chat_template_kwargs' may not set {reserved}")
     documents = get_field(body, "documents", "list")
     if documents is not None:
-        variables["documents"] = documents
-    variables.setdefault("add_generation_prompt", add_generation)
-    try:
-        text = await render(tokenizer, messages, **variables)
-    except Exception as e:
-        raise bad_request("messages", f"the chat template failed: {e}") from None
+        options["documents"] = documents
+    options.setdefault("add_generation_prompt", add_generation)
+    options["continue_final_message"] = continue_final
     last = messages[-1]
-    content = last.get("content") or ""
-    if continue_final:
-        text = _cut_after(text, content)
     role = "assistant" if add_generation else last["role"]
-    echo = content if get_field(body, "echo", "bool", False) and last["role"] == role else ""
-    return ChatPrompt(text, role, echo)
-
-
-def _cut_after(text: str, final: str) -> str:
-    """The rendered chat up to the end of the final message, so the model continues it instead
-    of starting a new turn (the template closed it)."""
-    for needle in (final, final.strip()):
-        at = text.rfind(needle) if needle else -1
-        if at >= 0:
-            return text[: at + len(needle)]
-    raise bad_request("continue_final_message", "continue_final_message is set but the final "
-                                                "message does not appear in the rendered chat")
+    echo = ""
+    if get_field(body, "echo", "bool", False) and last["role"] == role:
+        echo = last.get("content") or ""
+    return ChatOptions(options, role, echo)

@@ -1,17 +1,26 @@
-"""What every handler shares: the ready engine, the JSON body, the model check, disconnects."""
+"""What every handler shares: the ready engine, the JSON body, tokenizing off the event loop,
+the model check, disconnects."""
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import functools
 import json
+import os
+import threading
 
 from starlette.requests import Request
-from starlette.responses import Response, StreamingResponse
+from starlette.responses import Response
 
+from engine.core.limits import MAX_JSON_DEPTH
 from server.async_engine import AsyncEngine
 from server.protocol import APIError, bad_request, get_field
+
+MAX_BODY_BYTES = 4 * 1024 * 1024
+NO_TOKENIZER = "this model has no tokenizer; send token ids"
+LONG_TEXT = 16_384  # characters; see off_loop
 
 
 def ready_engine(request: Request):
@@ -42,13 +51,73 @@ async def read_json(request: Request) -> dict:
         if size > limit:
             raise too_big
         chunks.append(chunk)
+    too_deep = bad_request("body", f"the JSON body nests arrays and objects more than "
+                                   f"{MAX_JSON_DEPTH} deep")
     try:
         body = json.loads(b"".join(chunks))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an int of 4300+ digits
         raise bad_request("body", f"malformed JSON body: {e}") from None
+    except RecursionError:  # the parser recurses per level; far past MAX_JSON_DEPTH
+        raise too_deep from None
     if not isinstance(body, dict):
         raise bad_request("body", "the JSON body must be an object")
+    if _depth_exceeds(body, MAX_JSON_DEPTH):
+        raise too_deep
     return body
+
+
+def _depth_exceeds(value, limit: int) -> bool:
+    """Whether arrays and objects nest more than `limit` deep (the body itself is depth 1)."""
+    level = [value]
+    for _ in range(limit):
+        level = [c for v in level for c in (v.values() if isinstance(v, dict) else v)
+                 if isinstance(c, (dict, list))]
+        if not level:
+            return False
+    return True
+
+
+def _lower_priority():
+    # Bulk tokenizing yields the CPU to the event loop when cores are short (Linux nices each
+    # thread on its own).
+    with contextlib.suppress(OSError, AttributeError):
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), 10)
+
+
+_TOKENIZE_POOL = concurrent.futures.ThreadPoolExecutor(
+    max_workers=4, thread_name_prefix="pagedserve-tokenize", initializer=_lower_priority)
+
+
+async def off_loop(num_chars: int, fn, *args):
+    """fn(*args), on a worker thread when it tokenizes `num_chars` >= LONG_TEXT characters:
+    megabytes take seconds, and the event loop must go on serving everyone else meanwhile."""
+    if num_chars < LONG_TEXT:
+        return fn(*args)
+    return await asyncio.get_running_loop().run_in_executor(_TOKENIZE_POOL, fn, *args)
+
+
+def tokenizer_of(engine, param: str):
+    """The engine's tokenizer, or a 400 naming `param`, the field that needed it."""
+    if engine.tokenizer is None:
+        raise bad_request(param, f"'{param}' needs a tokenizer, but {NO_TOKENIZER}")
+    return engine.tokenizer
+
+
+async def chat_token_ids(request: Request, engine, messages: list[dict],
+                         **template_options) -> list[int]:
+    """`messages` rendered by the model's chat template, as token ids (400 if it fails).
+    `template_options`: add_generation_prompt, continue_final_message, template variables."""
+    template_options.setdefault("add_generation_prompt", True)
+    tokenizer = tokenizer_of(engine, "messages")
+    special = request.app.state.settings.chat_content_special_tokens
+    num_chars = sum(len(str(m.get("content"))) for m in messages)
+    try:
+        ids = await off_loop(num_chars, functools.partial(
+            tokenizer.apply_chat_template, messages, tokenize=True,
+            special_tokens_in_content=special, **template_options))
+    except Exception as e:  # the template's own checks (raise_exception), sandbox refusals
+        raise bad_request("messages", f"the chat template failed: {e}") from None
+    return [int(t) for t in ids]
 
 
 def check_model(request: Request, body: dict) -> str:
@@ -80,6 +149,8 @@ async def until_disconnect(request: Request, work):
 async def _wait_disconnect(request: Request):
     while (await request.receive())["type"] != "http.disconnect":
         pass
+
+
 
 
 def check_token_ids(engine, ids: list, param: str):
@@ -115,26 +186,3 @@ def load_tracked(handler):
         return response
 
     return tracked
-
-
-def sse(obj: dict) -> str:
-    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
-
-
-class SSEResponse(StreamingResponse):
-    """A StreamingResponse that always closes its generator, so a client gone mid-stream has its
-    requests aborted at once rather than when the generator is garbage-collected."""
-
-    on_close = None  # called once the stream ends, however it ends (handlers.load_tracked)
-
-    async def __call__(self, scope, receive, send):
-        try:
-            await super().__call__(scope, receive, send)
-        except OSError:
-            pass  # the client went away between chunks
-        finally:
-            try:
-                await self.body_iterator.aclose()
-            finally:
-                if self.on_close is not None:
-                    self.on_close()

@@ -15,8 +15,9 @@ _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.
 
 # EngineStats field -> (metric name, help); the counters' exposed names gain a `_total` suffix.
 _GAUGES = {
-    "num_running": ("pagedserve_num_requests_running", "Requests in the running batch."),
-    "num_waiting": ("pagedserve_num_requests_waiting", "Requests waiting to be scheduled."),
+    "num_running": ("pagedserve_num_requests_running", "Sequences in the running batch."),
+    "num_waiting": ("pagedserve_num_requests_waiting", "Sequences waiting to be scheduled "
+                    "(n per request; --max-waiting-requests counts requests)."),
     "kv_blocks_used": ("pagedserve_kv_blocks_used", "KV-cache blocks held by live sequences."),
     "kv_blocks_total": ("pagedserve_kv_blocks_total", "KV-cache blocks in the pool."),
 }

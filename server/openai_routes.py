@@ -11,13 +11,14 @@ import json
 import sys
 import time
 
-from starlette.requests import Request
-from starlette.responses import JSONResponse
+from starlette.requests import ClientDisconnect, Request
+from starlette.responses import JSONResponse, StreamingResponse
 
-from server.async_engine import EngineFault, render_chat, tokenize_text
+from engine.core.sampling_params import ParamError
+from server.async_engine import EngineFault
 from server.extras import (
-    ChatPrompt,
-    chat_prompt,
+    ChatOptions,
+    chat_options,
     echo_logprobs,
     join_logprobs,
     prompt_logprobs_json,
@@ -26,12 +27,13 @@ from server.extras import (
     usage,
 )
 from server.handlers import (
-    SSEResponse,
+    chat_token_ids,
     check_model,
     check_token_ids,
+    off_loop,
     read_json,
     ready_engine,
-    sse,
+    tokenizer_of,
     until_disconnect,
 )
 from server.protocol import (
@@ -61,23 +63,28 @@ async def completions_body(request: Request, body: dict):
     params = parse_sampling_params(body, chat=False)
     stream, include_usage = _stream_flags(body)
     get_field(body, "user", "str")
+    # A prompt to be truncated is tokenized whole, whatever its length.
+    limit = engine.max_model_len if extras.truncate is None else sys.maxsize
     token_lists = []
     for p in prompts:
         if isinstance(p, str):
-            num_tokens, ids = await _tokenize(engine, p, extras)
+            # The count first: an over-long text's ids never become a list (encode_within).
+            num_tokens, ids = await off_loop(len(p), tokenizer_of(engine, "prompt").encode_within,
+                                             p, limit)
         else:
-            check_token_ids(engine, p, "prompt")
             num_tokens, ids = len(p), p
-        if ids is not None:
+        if ids is not None and extras.truncate is not None:
             ids = truncate(ids, extras, engine.max_model_len)
             num_tokens = len(ids)
-        _check_length(engine, num_tokens, params.max_tokens, "prompt")
+        _check_length(engine, num_tokens, params.max_tokens, "prompt")  # before a long id check
+        if isinstance(p, list):
+            check_token_ids(engine, ids, "prompt")
         token_lists.append(ids)
     call = _Call(request, engine, new_id("cmpl"), model, params, chat=False, extras=extras)
     if extras.echo:
         call.echo = [p if isinstance(p, str) and extras.truncate is None
-                     else engine.tokenizer.decode(ids) for p, ids in zip(prompts, token_lists,
-                                                                          strict=True)]
+                     else tokenizer_of(engine, "echo").decode(ids)
+                     for p, ids in zip(prompts, token_lists, strict=True)]
     return await call.run(token_lists, stream, include_usage)
 
 
@@ -93,15 +100,12 @@ async def chat_completions_body(request: Request, body: dict):
     params = parse_sampling_params(body, chat=True)
     stream, include_usage = _stream_flags(body)
     get_field(body, "user", "str")
-    prompt = await chat_prompt(render_chat, engine.tokenizer, messages, body)
-    # The template already wrote any BOS it wants; adding it again would double it.
-    num_tokens, ids = await _tokenize(engine, prompt.text, extras, add_special_tokens=False)
-    if ids is not None:
-        ids = truncate(ids, extras, engine.max_model_len)
-        num_tokens = len(ids)
-    _check_length(engine, num_tokens, params.max_tokens, "messages")
+    options = chat_options(messages, body)
+    ids = await chat_token_ids(request, engine, messages, **options.template_options)
+    ids = truncate(ids, extras, engine.max_model_len)
+    _check_length(engine, len(ids), params.max_tokens, "messages")
     call = _Call(request, engine, new_id("chatcmpl"), model, params, chat=True, extras=extras)
-    call.chat_prompt = prompt
+    call.chat_options = options
     return await call.run([ids], stream, include_usage)
 
 
@@ -114,12 +118,6 @@ async def invocations(request: Request):
         return await completions_body(request, body)
     raise bad_request("body", "an /invocations body must be a chat completions request (with "
                               "'messages') or a completions request (with 'prompt')")
-
-
-async def _tokenize(engine, text: str, extras, add_special_tokens: bool = True):
-    # A prompt to be truncated is tokenized whole, whatever its length.
-    limit = engine.max_model_len if extras.truncate is None else sys.maxsize
-    return await tokenize_text(engine.tokenizer, text, limit, add_special_tokens)
 
 
 def _stream_flags(body: dict) -> tuple[bool, bool]:
@@ -152,17 +150,19 @@ class _Call:
         self.request, self.engine, self.id, self.model = request, engine, call_id, model
         self.params, self.chat, self.extras = params, chat, extras
         self.echo: list[str] | None = None  # completions: each prompt's text, echoed
-        self.chat_prompt: ChatPrompt | None = None
+        self.chat_options: ChatOptions | None = None
         self.first: dict[str, object] = {}  # request id -> its first RequestOutput
         self.created = int(time.time())
-        self.token_str = lambda t: engine.tokenizer.decode([t], skip_special_tokens=False)
-        if extras.tokens_as_ids:  # vLLM's return_tokens_as_token_ids
-            self.token_str = "token_id:{}".format
+        if engine.tokenizer is None or extras.tokens_as_ids:  # vLLM's names for token ids
+            self.token_str = lambda t: f"token_id:{t}"
+        else:
+            self.token_str = lambda t: engine.tokenizer.decode([t], skip_special_tokens=False)
 
     async def run(self, token_lists: list[list[int]], stream: bool, include_usage: bool):
         state = self.request.app.state
         limit = state.settings.max_waiting_requests
-        if limit is not None and state.engine.num_waiting + len(token_lists) > limit:
+        # Requests, not sequences: each prompt of the call is one, whatever its n.
+        if limit is not None and state.engine.num_waiting_requests + len(token_lists) > limit:
             raise APIError(429, f"the server's waiting queue is full ({limit} requests); retry "
                                 "later", type="rate_limit_exceeded", code="too_many_requests")
         group = state.engine.group()
@@ -176,18 +176,16 @@ class _Call:
         except BaseException:
             group.close()
             raise
-        return SSEResponse(self._events(group, include_usage), media_type="text/event-stream",
-                            headers={"Cache-Control": "no-cache"})
+        return _SSEResponse(group, self._events(group, include_usage))
 
     async def _submit(self, group, token_lists):
         for request_id, ids in zip(self.index_of, token_lists, strict=True):
             try:
                 await group.add(request_id, {"prompt_token_ids": ids}, self.params)
-            except ValueError as e:  # the engine's admission checks name the field first
-                field = str(e).split(" ")[0].split("[")[0]
-                if field not in ("logit_bias", "stop_token_ids", "stop", "max_tokens"):
-                    field = "messages" if self.chat else "prompt"
-                raise bad_request(field, str(e)) from None
+            except ParamError as e:
+                raise bad_request(e.field, str(e)) from None
+            except ValueError as e:  # the prompt's own checks (length, KV-cache capacity)
+                raise bad_request("messages" if self.chat else "prompt", str(e)) from None
 
     def _choice_index(self, request_id: str, index: int) -> int:
         return self.index_of[request_id] * self.params.n + index
@@ -241,8 +239,8 @@ class _Call:
                 logprobs = chat_logprobs(token_ids, lps, self.token_str, self.params.logprobs)
             choice = {"index": index, "logprobs": logprobs, "finish_reason": c.finish_reason}
             if whole:
-                prompt = self.chat_prompt
-                choice["message"] = {"role": prompt.role, "content": prompt.echo + text}
+                options = self.chat_options
+                choice["message"] = {"role": options.role, "content": options.echo + text}
             else:
                 choice["delta"] = {"content": text} if text else {}
             if self.extras.return_token_ids:
@@ -276,6 +274,7 @@ class _Call:
         build = chat_body if self.chat else completion_body
         continuous = include_usage and self.extras.continuous_usage
         num_generated = 0
+        sent_prompt_ids = []
 
         def chunk(choices, use=None):
             if continuous and use is None:
@@ -284,21 +283,19 @@ class _Call:
             if self.chat and self.extras.return_token_ids and not sent_prompt_ids:
                 body["prompt_token_ids"] = self.token_lists[0]  # the first chunk only
                 sent_prompt_ids.append(True)
-            return sse(body)
-
-        sent_prompt_ids = []
+            return _sse(body)
 
         async with group:
             if self.chat:  # the opening chunk of every choice
-                prompt = self.chat_prompt
+                options = self.chat_options
                 for index in range(len(self.index_of) * self.params.n):
-                    delta = {"role": prompt.role, "content": ""}
+                    delta = {"role": options.role, "content": ""}
                     yield chunk([{"index": index, "delta": delta, "logprobs": None,
                                   "finish_reason": None}])
-                    if prompt.echo:
-                        yield chunk([{"index": index, "delta": {"content": prompt.echo},
+                    if options.echo:
+                        yield chunk([{"index": index, "delta": {"content": options.echo},
                                       "logprobs": None, "finish_reason": None}])
-            opened = set()  # completions: the choices whose echo (and prompt ids) went out
+            opened = set()  # completions: the choices whose first chunk went out
             try:
                 async for out in group.outputs():
                     self.first.setdefault(out.request_id, out)
@@ -327,7 +324,7 @@ class _Call:
                         yield chunk([choice])
             except EngineFault as e:
                 error = APIError(500, str(e), type="server_error")
-                yield sse(json.loads(error.response().body))
+                yield _sse(json.loads(error.response().body))
                 yield "data: [DONE]\n\n"
                 return
         if include_usage:
@@ -340,9 +337,40 @@ class _Call:
         i = self.index_of[request_id]
         choice = {"index": self._choice_index(request_id, index), "text": self.echo[i],
                   "logprobs": None, "finish_reason": None}
-        if self.echo and self.params.logprobs is not None:
+        if self.params.logprobs is not None:
             choice["logprobs"] = self._echo_logprobs(request_id)
         if self.extras.return_token_ids:
             choice["prompt_token_ids"] = self.token_lists[i]
             choice["token_ids"] = []
         return choice
+
+
+def _sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+class _SSEResponse(StreamingResponse):
+    """An SSE stream that owns the call's RequestGroup from its submission: however the response
+    ends (done, client gone before the first chunk or mid-stream, error) the group is closed, so
+    its unfinished requests are aborted at once. Closing the generator alone would not do: a
+    client gone before the first chunk leaves it unstarted, and closing it then runs nothing."""
+
+    on_close = None  # called once the stream ends, however it ends (handlers.load_tracked)
+
+    def __init__(self, group, events):
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache"})
+        self.group = group
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        except (OSError, ClientDisconnect):
+            pass  # the client went away
+        finally:
+            try:
+                await self.body_iterator.aclose()
+            finally:
+                self.group.close()
+                if self.on_close is not None:
+                    self.on_close()

@@ -13,7 +13,8 @@ from http import HTTPStatus
 
 from starlette.responses import JSONResponse
 
-from engine.core.sampling_params import SamplingParams
+from engine.core.limits import MAX_MESSAGES, MAX_PROMPTS
+from engine.core.sampling_params import ParamError, SamplingParams
 
 
 class APIError(Exception):
@@ -90,6 +91,9 @@ def parse_prompts(body: dict) -> list[str | list[int]]:
         prompts = list(prompt)
     else:
         raise error
+    if len(prompts) > MAX_PROMPTS:
+        raise bad_request("prompt", f"'prompt' holds {len(prompts)} prompts; at most "
+                                    f"{MAX_PROMPTS} are served in one call")
     if any(p == "" for p in prompts):
         raise bad_request("prompt", "'prompt' must not be empty")
     return prompts
@@ -99,6 +103,9 @@ def parse_messages(body: dict) -> list[dict]:
     messages = get_field(body, "messages", "list")
     if not messages:
         raise bad_request("messages", "'messages' is required and must be a non-empty array")
+    if len(messages) > MAX_MESSAGES:
+        raise bad_request("messages", f"'messages' holds {len(messages)} messages; at most "
+                                      f"{MAX_MESSAGES} are served in one call")
     for i, m in enumerate(messages):
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
             raise bad_request("messages", f"messages[{i}] must be an object with a string 'role'")
@@ -166,17 +173,24 @@ def parse_sampling_params(body: dict, *, chat: bool) -> SamplingParams:
         bad = [k for k in logit_bias if not str(k).lstrip("-").isdigit()]
         if bad:
             raise bad_request("logit_bias", f"'logit_bias' keys must be token ids; {bad} are not")
-        bad = [k for k, v in logit_bias.items()
-               if not isinstance(v, (int, float)) or isinstance(v, bool)]
-        if bad:
+        try:
+            kw["logit_bias"] = {int(k): _number(v) for k, v in logit_bias.items()}
+        except (TypeError, ValueError, OverflowError):
+            bad = [k for k, v in logit_bias.items()
+                   if isinstance(v, bool) or not isinstance(v, (int, float))]
             raise bad_request("logit_bias", f"'logit_bias' values must be numbers; those of "
-                                            f"{bad} are not")
-        kw["logit_bias"] = {int(k): float(v) for k, v in logit_bias.items()}
+                                            f"{bad} are not") from None
     try:
         return SamplingParams(**kw)
-    except (ValueError, TypeError) as e:
-        # SamplingParams names the field first: "top_p must be in (0, 1], got 2".
-        raise bad_request(str(e).split(" ")[0].split("[")[0], str(e)) from None
+    except ParamError as e:  # chat's top_logprobs is SamplingParams' logprobs
+        raise bad_request("top_logprobs" if chat and e.field == "logprobs" else e.field,
+                          str(e)) from None
+
+
+def _number(value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError("not a number")
+    return float(value)
 
 
 # ---------------------------------------------------------------- responses

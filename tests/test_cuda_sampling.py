@@ -58,7 +58,7 @@ DETERMINISTIC = [  # each keeps one token (or bans all): the GPU must pick numpy
     dict(temperature=1e-40), dict(top_p=1e-50), dict(temperature=1e-40, top_p=1e-50, top_k=3),
     dict(temperature=1e-40, min_p=1.0), dict(repetition_penalty=1e-50, temperature=0),
     dict(repetition_penalty=1e50, temperature=0), dict(repetition_penalty=1e-50, top_p=1e-50),
-    dict(logit_bias={5: 100.0, 6: -100.0}, temperature=1e-30, top_k=10**30),
+    dict(logit_bias={5: 100.0, 6: -100.0}, temperature=1e-30, top_k=2**31 - 1),
     dict(stop_token_ids=list(range(VOCAB)), min_tokens=2, ignore_eos=True),  # all banned
 ]
 

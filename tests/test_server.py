@@ -210,7 +210,8 @@ ERRORS = [  # (path, body, status, param)
 
 @pytest.mark.parametrize("path, body, status, param", ERRORS)
 def test_errors_name_the_field(server, path, body, status, param):
-    kwargs = {"content": body} if isinstance(body, bytes) else {"json": body}
+    kwargs = ({"content": body, "headers": {"Content-Type": "application/json"}}
+              if isinstance(body, bytes) else {"json": body})
     r = httpx.post(server.url + path, **kwargs)
     assert r.status_code == status, r.text
     error = r.json()["error"]
@@ -343,7 +344,7 @@ def test_api_key_and_default_bind():
 
     async def calls():
         transport = httpx.ASGITransport(app=app)
-        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as http:
             good = {"Authorization": "Bearer sekret"}
             return [
                 (await http.get("/v1/models")).status_code,

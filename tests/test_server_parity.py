@@ -2,7 +2,6 @@
 real SmolLM2 tokenizer: prompt scoring, truncation, token ids, usage details, chat prefill,
 /invocations and /load."""
 
-import asyncio
 import concurrent.futures
 import json
 
@@ -15,7 +14,7 @@ pytest.importorskip("uvicorn")
 from test_server import MODEL, Server, _make_core  # noqa: E402
 
 from server.app import create_app  # noqa: E402
-from server.extras import chat_prompt  # noqa: E402
+from server.extras import chat_options  # noqa: E402
 from server.protocol import APIError  # noqa: E402
 
 PROMPT = "The quick brown fox jumps over the lazy dog"
@@ -205,23 +204,31 @@ def test_chat_continue_final_message_and_echo(server):
     assert content.startswith(SAYING)
 
 
-def test_chat_template_variables_reach_the_template():
-    seen = {}
-
-    async def render(tokenizer, messages, **variables):
-        seen.update(variables)
-        return "<user>hi</user><assistant>Sure: " + messages[-1]["content"] + "</assistant>"
-
+def test_chat_template_options():
     messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello"}]
     body = {"chat_template_kwargs": {"enable_thinking": False}, "documents": [{"text": "d"}],
-            "add_generation_prompt": False, "continue_final_message": True}
-    prompt = asyncio.run(chat_prompt(render, None, messages, body))
-    assert seen == {"enable_thinking": False, "documents": [{"text": "d"}],
-                    "add_generation_prompt": False}
-    assert prompt.text.endswith("Sure: Hello") and prompt.role == "assistant"
-    with pytest.raises(APIError, match="messages"):
-        asyncio.run(chat_prompt(render, None, messages, {"chat_template_kwargs":
-                                                         {"messages": []}}))
+            "add_generation_prompt": False, "continue_final_message": True, "echo": True}
+    options = chat_options(messages, body)
+    assert options.template_options == {
+        "enable_thinking": False, "documents": [{"text": "d"}], "add_generation_prompt": False,
+        "continue_final_message": True}
+    assert options.role == "assistant" and options.echo == "Hello"
+    with pytest.raises(APIError, match="chat_template_kwargs"):
+        chat_options(messages, {"chat_template_kwargs": {"messages": []}})
+    with pytest.raises(APIError, match="Cannot set both"):
+        chat_options(messages, {"continue_final_message": True})
+
+
+def test_continue_final_message_cuts_the_rendered_chat():
+    from engine.model.chat_template import compile_template, cut_after_final
+
+    template = compile_template("{% for m in messages %}<{{ m.role }}>{{ m.content }}</s>"
+                                "{% endfor %}")
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure: "}]
+    text = template.render(messages=messages)
+    assert cut_after_final(text, messages[-1]) == "<user>hi</s><assistant>Sure: "
+    with pytest.raises(ValueError, match="does not appear"):
+        cut_after_final(text, {"role": "assistant", "content": "absent"})
 
 
 @pytest.mark.parametrize("body, param, words", [

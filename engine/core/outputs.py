@@ -68,7 +68,8 @@ class EngineCoreOutputs:
 
     outputs: list[SeqOutput] = field(default_factory=list)
     accepted: list[str] = field(default_factory=list)  # request ids add_request took
-    rejected: list[tuple[str, str]] = field(default_factory=list)  # (request id, why)
+    # (request id, the field at fault if the error named one (ParamError), why)
+    rejected: list[tuple[str, str | None, str]] = field(default_factory=list)
     stats: EngineStats | None = None
     fatal: str | None = None  # the core is going down, and why
 

@@ -2,7 +2,26 @@
 
 from __future__ import annotations
 
+import math
+import reprlib
 from dataclasses import dataclass, field
+
+from engine.core.limits import (
+    MAX_LOGIT_BIAS,
+    MAX_LOGPROBS,
+    MAX_N,
+    MAX_STOP_STRING_CHARS,
+    MAX_STOP_STRINGS,
+    MAX_STOP_TOKEN_IDS,
+)
+
+
+class ParamError(ValueError):
+    """A request parameter out of its rules; `field` names it, so callers never parse the text."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass
@@ -50,12 +69,20 @@ class SamplingParams:
     def _validate(self):
         def check(ok: bool, name: str, rule: str):
             if not ok:
-                raise ValueError(f"{name} {rule}, got {getattr(self, name)!r}")
+                raise ParamError(name, f"{name} {rule}, got {reprlib.repr(getattr(self, name))}")
 
-        check(isinstance(self.n, int) and self.n >= 1, "n", "must be an integer >= 1")
+        for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
+                     "repetition_penalty"):
+            value = getattr(self, name)
+            check(isinstance(value, (int, float)) and not isinstance(value, bool)
+                  and math.isfinite(value), name, "must be a finite number")
+        check(isinstance(self.n, int) and 1 <= self.n <= MAX_N, "n",
+              f"must be an integer in [1, {MAX_N}]")
         check(self.temperature >= 0, "temperature", "must be >= 0")
         check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
-        check(isinstance(self.top_k, int) and self.top_k >= 0, "top_k", "must be -1, 0 or >= 1")
+        # NOTE: the sampler holds top_k as int32; a larger k keeps the whole vocabulary anyway.
+        check(isinstance(self.top_k, int) and 0 <= self.top_k < 2**31, "top_k",
+              "must be -1, 0 or in [1, 2**31)")
         check(0 <= self.min_p <= 1, "min_p", "must be in [0, 1]")
         check(-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]")
         check(-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]")
@@ -76,32 +103,44 @@ class SamplingParams:
             f"must be <= max_tokens ({self.max_tokens})",
         )
         check(
-            self.logprobs is None or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= 20),
+            self.logprobs is None
+            or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
             "logprobs",
-            "must be an integer in [0, 20]",
+            f"must be an integer in [0, {MAX_LOGPROBS}]",
         )
         check(
             self.prompt_logprobs is None
-            or (isinstance(self.prompt_logprobs, int) and -1 <= self.prompt_logprobs <= 20),
+            or (isinstance(self.prompt_logprobs, int)
+                and -1 <= self.prompt_logprobs <= MAX_LOGPROBS),
             "prompt_logprobs",
-            "must be an integer in [0, 20], or -1 for the whole vocabulary",
+            f"must be an integer in [0, {MAX_LOGPROBS}], or -1 for the whole vocabulary",
         )
         check(self.best_of is None or (isinstance(self.best_of, int) and self.best_of >= self.n),
               "best_of", f"must be an integer >= n ({self.n})")
         check(self.best_of in (None, self.n) or self.use_beam_search, "best_of",
               "other than n needs use_beam_search")
-        # The sampler hands back at most 20 logprobs per row: 2 candidates per beam.
-        check(not self.use_beam_search or self.beam_width <= 10, "best_of" if self.best_of
-              else "n", "must be <= 10 with use_beam_search")
+        # The sampler hands back at most MAX_LOGPROBS per row: 2 candidates per beam.
+        check(not self.use_beam_search or 2 * self.beam_width <= MAX_LOGPROBS,
+              "best_of" if self.best_of else "n",
+              f"must be <= {MAX_LOGPROBS // 2} with use_beam_search")
         check(self.seed is None or isinstance(self.seed, int), "seed", "must be an integer")
         check(
             all(isinstance(s, str) and s for s in self.stop_list),
             "stop",
             "must be non-empty strings",
         )
+        check(len(self.stop_list) <= MAX_STOP_STRINGS, "stop",
+              f"must hold at most {MAX_STOP_STRINGS} strings")
+        check(all(len(s) <= MAX_STOP_STRING_CHARS for s in self.stop_list), "stop",
+              f"strings must be at most {MAX_STOP_STRING_CHARS} characters each")
+        check(len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS, "stop_token_ids",
+              f"must hold at most {MAX_STOP_TOKEN_IDS} ids")
+        check(len(self.logit_bias) <= MAX_LOGIT_BIAS, "logit_bias",
+              f"must hold at most {MAX_LOGIT_BIAS} entries")
         for token_id, value in self.logit_bias.items():
-            if not -100 <= value <= 100:
-                raise ValueError(f"logit_bias[{token_id}] must be in [-100, 100], got {value}")
+            if not -100 <= value <= 100:  # also refuses NaN
+                raise ParamError("logit_bias",
+                                 f"logit_bias[{token_id}] must be in [-100, 100], got {value}")
 
     @property
     def beam_width(self) -> int:

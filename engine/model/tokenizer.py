@@ -7,15 +7,15 @@ and `IncrementalDetokenizer`, which turns a growing list of output ids into text
 
 from __future__ import annotations
 
+import functools
 import json
-from datetime import datetime
+import re
 from pathlib import Path
 
-import jinja2
-import jinja2.ext
-import jinja2.sandbox
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+
+from engine.model.chat_template import compile_template, cut_after_final, render_split
 
 # GGUF token types (llama.cpp's llama_token_type)
 TOKEN_TYPE_CONTROL = 3
@@ -143,27 +143,7 @@ def tokenizer_from_gguf_metadata(meta: dict) -> Tokenizer:
 
 
 # ---------------------------------------------------------------------------------------------
-# Chat templates, rendered the way HF transformers renders them
-
-
-def _raise_exception(message):
-    raise jinja2.exceptions.TemplateError(message)
-
-
-def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-    # HF's tojson keeps non-ASCII text as is (jinja's built-in escapes it and HTML characters).
-    return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
-                      sort_keys=sort_keys)
-
-
-def _compile_template(source: str) -> jinja2.Template:
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
-    )
-    env.filters["tojson"] = _tojson
-    env.globals["raise_exception"] = _raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    return env.from_string(source)
+# Chat templates (engine/model/chat_template.py renders them)
 
 
 def _pick_template(chat_template) -> str | None:
@@ -221,7 +201,9 @@ class Tokenizer:
         return tokenizer_from_gguf_metadata(gguf_tokenizer_metadata(reader))
 
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
+        # NOTE: encode_batch releases the GIL where encode holds it, so a server can tokenize
+        # megabytes on a worker thread (seconds) while its event loop goes on serving.
+        return self.tokenizer.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def encode_within(self, text: str, max_tokens: int, add_special_tokens: bool = True
                       ) -> tuple[int, list[int] | None]:
@@ -241,9 +223,16 @@ class Tokenizer:
         return self.tokenizer.id_to_token(i)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            tokenize: bool = True, **kwargs) -> list[int] | str:
+                            tokenize: bool = True, special_tokens_in_content: bool = False,
+                            continue_final_message: bool = False,
+                            **kwargs) -> list[int] | str:
         """Render `messages` with the model's chat template; ids, or the text if not `tokenize`.
 
+        Special tokens written inside the messages (e.g. a forged `<|im_end|>` in a user's
+        content) are tokenized as plain text, so control tokens come only from the template;
+        `special_tokens_in_content=True` matches them as control tokens, as HF does.
+        `continue_final_message`: the text ends with the last message's content, left open for
+        the model to continue (assistant prefill), as in HF.
         Extra keyword arguments (e.g. `tools`) become template variables, as in HF.
         """
         if self.chat_template is None:
@@ -252,13 +241,39 @@ class Tokenizer:
                 "tokenizer.chat_template in the GGUF); use a plain completion prompt instead"
             )
         if self._template is None:
-            self._template = _compile_template(self.chat_template)
-        text = self._template.render(
-            messages=messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs,
-        )
+            self._template = compile_template(self.chat_template)
+
+        def render(msgs):
+            text = self._template.render(
+                messages=msgs, add_generation_prompt=add_generation_prompt,
+                bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs,
+            )
+            return cut_after_final(text, msgs[-1]) if continue_final_message else text
+
         # The template already wrote any BOS it wants; adding it again would double it.
-        return self.encode(text, add_special_tokens=False) if tokenize else text
+        if not tokenize or special_tokens_in_content or not self.all_special_ids:
+            text = render(messages)
+            return self.encode(text, add_special_tokens=False) if tokenize else text
+        ids = []
+        for piece, is_client_special in render_split(render, messages, self._special_pattern):
+            if is_client_special:  # spelled with ordinary tokens
+                ids += self._as_text.encode_batch([piece], add_special_tokens=False)[0].ids
+            elif piece:
+                ids += self.encode(piece, add_special_tokens=False)
+        return ids
+
+    @functools.cached_property
+    def _special_pattern(self) -> re.Pattern:
+        special = sorted((self.tokenizer.id_to_token(i) for i in self.all_special_ids),
+                         key=len, reverse=True)  # the longest first: "<|a|>x" before "<|a|>"
+        return re.compile("|".join(re.escape(t) for t in special))
+
+    @functools.cached_property
+    def _as_text(self) -> tokenizers.Tokenizer:
+        """A copy of the tokenizer that spells special tokens as text."""
+        copy = tokenizers.Tokenizer.from_str(self.tokenizer.to_str())
+        copy.encode_special_tokens = True
+        return copy
 
 
 # ---------------------------------------------------------------------------------------------

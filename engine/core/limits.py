@@ -1,0 +1,16 @@
+"""Every size bound on one request, in one place (README "Limits" lists them).
+
+Each number has one owner that checks it and raises one error naming the field:
+SamplingParams checks the sampling ones (engine/core/sampling_params.py), LLMEngine.add_request the
+one that depends on the engine (n <= max_num_seqs), the server's protocol the ones of the HTTP body.
+"""
+
+MAX_N = 128  # completions per prompt; also at most the engine's max_num_seqs
+MAX_LOGPROBS = 20  # top logprobs per token (OpenAI's limit)
+MAX_STOP_STRINGS = 32
+MAX_STOP_STRING_CHARS = 256  # each stop string; the stop search scans this much text per token
+MAX_STOP_TOKEN_IDS = 1024
+MAX_LOGIT_BIAS = 1024  # entries of logit_bias
+MAX_PROMPTS = 256  # prompts in one completions call (each one engine request)
+MAX_MESSAGES = 1024  # chat messages in one call
+MAX_JSON_DEPTH = 32  # nesting of arrays and objects in a request body

@@ -1,0 +1,95 @@
+"""Who may call the server: the Host check, the JSON-only rule for POST bodies, the API key.
+
+A web page the user visits can send requests to a server on localhost. Three rules keep it out:
+- Host: bound to a loopback address, only `localhost`, `127.0.0.1` and `[::1]` are served, so a
+  DNS-rebinding page (whose Host is its own name) gets 421.
+- POST bodies must be `application/json`: a browser sends that type cross-site only after a CORS
+  preflight, which fails unless `--allowed-origins` lets the page in. Form and text/plain posts,
+  which need no preflight, get 415.
+- CORS itself stays off (no Access-Control-* headers) unless `--allowed-origins` is given.
+"""
+
+from __future__ import annotations
+
+import hmac
+import ipaddress
+
+from server.protocol import APIError
+
+LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
+OPEN_PATHS = ("/health", "/metrics")  # probes and scrapers carry no key
+
+
+def is_loopback(bind_host: str) -> bool:
+    if bind_host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(bind_host.strip("[]")).is_loopback
+    except ValueError:  # a name: whatever it resolves to, treat it as public
+        return False
+
+
+def allowed_hosts_for(bind_host: str, extra: list[str]) -> list[str] | None:
+    """The Host names to serve for a server bound to `bind_host` (None: any)."""
+    if is_loopback(bind_host) or extra:
+        return [*LOOPBACK_HOSTS, *extra]
+    return None
+
+
+def host_name(header: str) -> str:
+    """`Host` without its port: "localhost:8000" -> "localhost", "[::1]:80" -> "[::1]"."""
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header[: header.find("]") + 1]
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+class HostGuard:
+    """421 unless the Host header names one of `allowed` (any port); None or "*" allow all."""
+
+    def __init__(self, app, allowed: list[str] | None):
+        self.app = app
+        self.allowed = None if allowed is None or "*" in allowed else {h.lower() for h in allowed}
+
+    async def __call__(self, scope, receive, send):
+        if self.allowed is not None and scope["type"] == "http":
+            header = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            if host_name(header) not in self.allowed:
+                error = APIError(421, f"this server does not serve Host {header!r}; it serves "
+                                      f"{sorted(self.allowed)} (widen with --allowed-hosts)",
+                                 param="Host", code="host_not_allowed")
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class RequestGuard:
+    """401 unless `Authorization: Bearer <key>` matches (OPEN_PATHS stay open); then 415 for a
+    POST whose body is not `application/json`."""
+
+    def __init__(self, app, api_key: str | None):
+        self.app, self.api_key = app, api_key
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            error = self._check(scope)
+            if error is not None:
+                await error.response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+    def _check(self, scope) -> APIError | None:
+        headers = dict(scope["headers"])
+        if self.api_key and scope["path"] not in OPEN_PATHS:
+            header = headers.get(b"authorization", b"")
+            if not hmac.compare_digest(header, f"Bearer {self.api_key}".encode()):
+                message = "missing API key" if not header else "invalid API key"
+                return APIError(401, message, type="authentication_error", code="invalid_api_key")
+        if scope["method"] == "POST":
+            media_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
+            if media_type != b"application/json":
+                return APIError(415, "the request body must be JSON, sent with "
+                                     f"'Content-Type: application/json' (got "
+                                     f"{media_type.decode('latin-1')!r})",
+                                param="Content-Type", code="unsupported_media_type")
+        return None
