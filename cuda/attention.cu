@@ -12,10 +12,20 @@
 
 constexpr int DEC_WARPS = 4;
 
+// Flash-decoding: how many of the grid's `num_splits` context splits a sequence of `ctx` keys
+// uses: about `min_keys` keys or more each, so a short sequence takes one split (and skips the
+// reduction) while one long sequence spreads over every split the grid has. Both kernels below
+// compute it from the device's context_lens, so a CUDA graph captured with the largest split
+// count replays correctly for any mix of lengths; a split beyond it exits at once.
+__device__ __forceinline__ int seq_splits(int ctx, int num_splits, int min_keys) {
+  return max(1, min(num_splits, (ctx + min_keys - 1) / min_keys));
+}
+
 // Grid: (num_decode_items, num_kv_heads * passes, num_splits)  Block: (32 * DEC_WARPS)
 // passes = ceil(group / G): a block computes query heads g0 .. g0 + G - 1 of its kv head.
-// With num_splits == 1 the normalized result goes to `out`; otherwise each split writes its
-// unnormalized sum and (max, sum) in base 2 to the workspace and decode_reduce_kernel combines.
+// A sequence that uses one split (seq_splits) writes its normalized result to `out`; otherwise
+// each of its splits writes its unnormalized sum and (max, sum) in base 2 to the workspace and
+// decode_reduce_kernel combines them.
 template <typename T, int HD, int G, int U>
 __global__ void __launch_bounds__(32 * DEC_WARPS) decode_attention_kernel(
     T* __restrict__ out,                    // [num_tokens, num_heads, HD]
@@ -29,7 +39,7 @@ __global__ void __launch_bounds__(32 * DEC_WARPS) decode_attention_kernel(
     const int* __restrict__ context_lens,     // [B]
     const int* __restrict__ block_tables,     // [B, max_blocks]
     int max_blocks, int num_items, int num_heads, int num_kv_heads, int block_size,
-    float scale_log2, int num_splits) {
+    float scale_log2, int num_splits, int min_keys) {
   constexpr int LPK = HD / 8, KPW = 32 / LPK, CH = KPW * U;  // CH: keys per warp iteration
   __shared__ float o_s[DEC_WARPS][G][HD];
   __shared__ float m_s[DEC_WARPS][G], l_s[DEC_WARPS][G];
@@ -42,7 +52,9 @@ __global__ void __launch_bounds__(32 * DEC_WARPS) decode_attention_kernel(
   const int seq = seqs[item];
   const int tok = query_start_loc[seq];
   const int ctx = context_lens[seq];
-  const int per_split = ((ctx + num_splits - 1) / num_splits + CH - 1) / CH * CH;
+  const int splits = seq_splits(ctx, num_splits, min_keys);
+  if (split >= splits) return;  // the whole block: no barrier is skipped
+  const int per_split = ((ctx + splits - 1) / splits + CH - 1) / CH * CH;
   const int k_begin = split * per_split, k_end = min(ctx, k_begin + per_split);
   const long row_stride = (long)(num_heads + 2 * num_kv_heads) * HD;
   const int* table = block_tables + (long)seq * max_blocks;
@@ -175,7 +187,7 @@ __global__ void __launch_bounds__(32 * DEC_WARPS) decode_attention_kernel(
       }
     }
     const int head = kvh * group + g0 + g;
-    if (num_splits == 1) {
+    if (splits == 1) {
       out[((long)tok * num_heads + head) * HD + d] = from_float<T>(den > 0.f ? num / den : 0.f);
     } else {
       const long at = ((long)split * num_items + item) * num_heads + head;
@@ -188,44 +200,70 @@ __global__ void __launch_bounds__(32 * DEC_WARPS) decode_attention_kernel(
   }
 }
 
-// Combines the splits: out = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s.
-// Grid: (W, num_heads)  Block: (HD)
+// Combines the splits: out = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s, for the sequences
+// that used more than one (the others were written by decode_attention_kernel).
+// A sequence may use up to MAX_SPLITS splits: the block's threads first take one split each for
+// the weights 2^(m_s - M) (kept in shared memory), then RED_SUB threads per output dimension sum
+// strided subsets of the splits, so no thread walks all of them one dependent load at a time.
+// Grid: (W, num_heads)  Block: (RED_THREADS)
+constexpr int RED_THREADS = 512, MAX_SPLITS = 256;
 template <typename T, int HD>
-__global__ void decode_reduce_kernel(T* __restrict__ out,               // [num_tokens, nh, HD]
-                                     const float* __restrict__ part_out,  // [S, W, nh, HD]
-                                     const float* __restrict__ part_ml,   // [S, W, nh, 2]
-                                     const int* __restrict__ seqs,        // [W]
-                                     const int* __restrict__ query_start_loc,  // [B + 1]
-                                     int num_items, int num_heads, int num_splits) {
+__global__ void __launch_bounds__(RED_THREADS) decode_reduce_kernel(
+    T* __restrict__ out,                      // [num_tokens, nh, HD]
+    const float* __restrict__ part_out,       // [S, W, nh, HD]
+    const float* __restrict__ part_ml,        // [S, W, nh, 2]
+    const int* __restrict__ seqs,             // [W]
+    const int* __restrict__ query_start_loc,  // [B + 1]
+    const int* __restrict__ context_lens,     // [B]
+    int num_items, int num_heads, int num_splits, int min_keys) {
+  constexpr int RED_SUB = RED_THREADS / HD;
+  __shared__ float w_s[MAX_SPLITS];
+  __shared__ float red[32];
+  __shared__ float num_s[RED_SUB][HD];
+  const int seq = seqs[blockIdx.x];
+  const int splits = min(seq_splits(context_lens[seq], num_splits, min_keys), MAX_SPLITS);
+  if (splits == 1) return;
   const long ih = (long)blockIdx.x * num_heads + blockIdx.y;
   const long stride = (long)num_items * num_heads;
-  const long tok = query_start_loc[seqs[blockIdx.x]];
+  const long tok = query_start_loc[seq];
   float mx = -INFINITY;
-  for (int s = 0; s < num_splits; s++) mx = fmaxf(mx, part_ml[(s * stride + ih) * 2]);
-  float num = 0.f, den = 0.f;
-  for (int s = 0; s < num_splits; s++) {
+  for (int s = threadIdx.x; s < splits; s += RED_THREADS)
+    mx = fmaxf(mx, part_ml[(s * stride + ih) * 2]);
+  mx = block_max(mx, red);
+  float den = 0.f;
+  for (int s = threadIdx.x; s < splits; s += RED_THREADS) {
     const float ms = part_ml[(s * stride + ih) * 2];
-    if (ms == -INFINITY) continue;  // this split saw no key
-    const float w = exp2f(ms - mx);
-    num += w * part_out[(s * stride + ih) * HD + threadIdx.x];
+    const float w = ms == -INFINITY ? 0.f : exp2f(ms - mx);  // a split that saw no key: 0
+    w_s[s] = w;
     den += w * part_ml[(s * stride + ih) * 2 + 1];
   }
-  out[(tok * num_heads + blockIdx.y) * HD + threadIdx.x] =
-      from_float<T>(den > 0.f ? num / den : 0.f);
+  den = block_sum(den, red);  // its barriers also publish w_s
+  const int d = threadIdx.x % HD, sub = threadIdx.x / HD;
+  float num = 0.f;
+#pragma unroll 8
+  for (int s = sub; s < splits; s += RED_SUB)
+    num += w_s[s] * part_out[(s * stride + ih) * HD + d];
+  num_s[sub][d] = num;
+  __syncthreads();
+  if (sub == 0) {
+    for (int k = 1; k < RED_SUB; k++) num += num_s[k][d];
+    out[(tok * num_heads + blockIdx.y) * HD + d] = from_float<T>(den > 0.f ? num / den : 0.f);
+  }
 }
 
 #ifdef PAGEDSERVE_NVCC_CHECK
 #define INSTANTIATE_DEC(T, HD, G)                                                               \
   template __global__ void decode_attention_kernel<T, HD, G, 2>(              \
       T*, float*, float*, const T*, const T*, const T*, const int*, const int*, const int*,     \
-      const int*, int, int, int, int, int, float, int);
+      const int*, int, int, int, int, int, float, int, int);
 #define INSTANTIATE(T, HD)                                                                      \
   INSTANTIATE_DEC(T, HD, 1)                                                                     \
   INSTANTIATE_DEC(T, HD, 2)                                                                     \
   INSTANTIATE_DEC(T, HD, 4)                                                                     \
   INSTANTIATE_DEC(T, HD, 8)                                                                     \
   template __global__ void decode_reduce_kernel<T, HD>(T*, const float*, const float*,          \
-                                                       const int*, const int*, int, int, int);
+                                                       const int*, const int*, const int*,  \
+                                                       int, int, int, int);
 INSTANTIATE(__half, 64)
 INSTANTIATE(__half, 128)
 INSTANTIATE(__nv_bfloat16, 64)

@@ -31,6 +31,7 @@ from engine.core_process import (
     FAILED,
     FINISH,
     OUTPUTS,
+    SNAPSHOT,
     STOP,
     CoreReady,
     run_core_process,
@@ -146,6 +147,10 @@ class MPClient:
 
     def finish_sequences(self, items: list[tuple[str, int, str]]) -> None:
         self._send(FINISH, self._encode(items))
+
+    def request_snapshot(self, ticket: int, since: int | None) -> None:
+        """The core answers in EngineCoreOutputs.snapshots, under `ticket`."""
+        self._send(SNAPSHOT, self._encode((ticket, since)))
 
     def _send(self, kind: bytes, payload: bytes) -> None:
         # A PUSH socket blocks while no peer is connected, i.e. once the core is gone: then the

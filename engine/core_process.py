@@ -1,7 +1,9 @@
 """The engine-core process: EngineCore in a busy loop, fed and read over ZeroMQ.
 
-    API process  --PUSH [kind, msgpack]-->  inputs   (ADD request | ABORT ids | FINISH seqs | STOP)
-                 <--PULL [kind, msgpack]--  outputs  (READY once, then OUTPUTS per loop turn)
+    API process  --PUSH [kind, msgpack]-->  inputs   (ADD request | ABORT ids | FINISH seqs |
+                                                      SNAPSHOT (the dashboard) | STOP)
+                 <--PULL [kind, msgpack]--  outputs  (READY or FAILED once, then OUTPUTS per
+                                                      loop turn)
 
 Each turn drains every waiting command, runs one step if any request is unfinished, and sends one
 EngineCoreOutputs: the step's SeqOutputs, the requests accepted or rejected, the stats. Idle, it
@@ -20,6 +22,7 @@ import os
 import pickle
 import signal
 import sys
+import time
 from dataclasses import dataclass
 
 import msgspec
@@ -33,7 +36,7 @@ from engine.model.config import EngineConfig, ModelConfig
 logger = logging.getLogger("pagedserve.core_process")
 
 # First frame of every message: what the second one holds.
-ADD, ABORT, FINISH, STOP = b"A", b"X", b"F", b"S"  # API -> core
+ADD, ABORT, FINISH, SNAPSHOT, STOP = b"A", b"X", b"F", b"P", b"S"  # API -> core
 READY, FAILED, OUTPUTS = b"R", b"E", b"O"  # core -> API (FAILED: loading raised; pickled)
 
 IDLE_POLL_MS = 500  # how often an idle core checks that its parent lives
@@ -91,7 +94,9 @@ class _BusyLoop:
         self.encode = msgspec.msgpack.Encoder().encode
         self.decoders = {ADD: msgspec.msgpack.Decoder(EngineCoreRequest),
                          ABORT: msgspec.msgpack.Decoder(list[str]),
-                         FINISH: msgspec.msgpack.Decoder(list[tuple[str, int, str]])}
+                         FINISH: msgspec.msgpack.Decoder(list[tuple[str, int, str]]),
+                         SNAPSHOT: msgspec.msgpack.Decoder(tuple[int, int | None])}
+        self.busy_s = 0.0  # time inside core.step(), for the dashboard's step time
 
     def run(self) -> int:
         """Serve until told to stop (0) or a step fails (1); return the exit code."""
@@ -107,6 +112,7 @@ class _BusyLoop:
                 return 0
             stepped = core.has_unfinished_requests()
             if stepped:
+                start = time.perf_counter()
                 try:
                     message.outputs = core.step()
                 except Exception as e:
@@ -114,6 +120,7 @@ class _BusyLoop:
                     message.fatal = f"engine step failed: {_describe(e)}"
                     self.outputs.send_multipart([OUTPUTS, self.encode(message)])
                     return 1
+                self.busy_s += time.perf_counter() - start
             if received or stepped:
                 message.stats = core.get_stats()
                 self.outputs.send_multipart([OUTPUTS, self.encode(message)])
@@ -141,8 +148,22 @@ class _BusyLoop:
                     message.accepted.append(value.request_id)
             elif kind == ABORT:
                 core.abort_requests(value)
+            elif kind == SNAPSHOT:
+                message.snapshots.append((value[0], _snapshot_of(core, value[1], self.busy_s)))
             else:
                 core.finish_sequences(value)
+
+
+def _snapshot_of(core: EngineCore, since: int | None, busy_s: float) -> dict:
+    start = time.perf_counter()
+    try:
+        snap = core.snapshot(since)
+    except Exception as e:  # a dashboard bug must never stop the engine
+        logger.exception("the dashboard snapshot failed")
+        return {"error": _describe(e)}
+    snap["stats"]["busy_s"] = busy_s
+    snap["cost_s"] = time.perf_counter() - start  # the feed slows down if it grows
+    return snap
 
 
 def _describe(e: BaseException) -> str:

@@ -137,6 +137,10 @@ class LLMEngine:
         return self.core.get_stats()
 
 
+    def snapshot(self, since: int | None = None) -> dict:
+        """The dashboard's view (engine/core/introspect.py); EngineCore.snapshot says more."""
+        return self.core.snapshot(since)
+
 def encode_prompt(tokenizer, prompt) -> tuple[str | None, list[int]]:
     """(text, token ids) of a prompt given as text or as {"prompt_token_ids": [...]}; the core
     checks the ids against the vocabulary."""

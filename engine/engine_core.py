@@ -27,6 +27,8 @@ Single-threaded by design: nothing here takes a lock.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import logging
 import time
 from dataclasses import dataclass
@@ -35,6 +37,7 @@ import numpy as np
 
 from engine.beam_search import BeamSearch
 from engine.core.block_manager import BlockManager
+from engine.core.introspect import Introspector
 from engine.core.outputs import EngineCoreRequest, EngineDeadError, EngineStats, SeqOutput
 from engine.core.sampling_params import ParamError
 from engine.core.scheduler import Scheduler
@@ -428,6 +431,17 @@ class EngineCore:
             num_chunked_prefill_steps=s.num_chunked_prefill_steps,
             num_mixed_steps=s.num_mixed_steps,
         )
+
+    def snapshot(self, since: int | None = None) -> dict:
+        """The dashboard's view: block tables, queues and counters, as a keyframe or, when
+        `since` is the number of the last snapshot, as the changes (engine/core/introspect.py)."""
+        s = self.scheduler
+        return self._introspector.snapshot(s.running, s.waiting,
+                                           dataclasses.asdict(self.get_stats()), since)
+
+    @functools.cached_property
+    def _introspector(self) -> Introspector:
+        return Introspector(self.block_manager)
 
     def shutdown(self) -> None:
         """Drop every request and free the core's memory: on the GPU the KV cache, weights,

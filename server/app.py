@@ -23,6 +23,7 @@ from starlette.routing import Route
 
 from engine.model.config import EngineConfig
 from server.async_engine import AsyncEngine, EngineFault
+from server.dashboard import DashboardFeed, dashboard_routes
 from server.guards import LOOPBACK_HOSTS, HostGuard, RequestGuard
 from server.handlers import (
     MAX_BODY_BYTES,
@@ -58,7 +59,7 @@ def create_app(engine_config: EngineConfig | None = None, *, served_model_name: 
                on_fatal: Callable[[str], None] | None = None,
                allowed_hosts: list[str] | None = LOOPBACK_HOSTS,
                allowed_origins: list[str] | None = None,
-               chat_content_special_tokens: bool = False,
+               chat_content_special_tokens: bool = False, dashboard: bool = True,
                enable_server_load_tracking: bool = False) -> Starlette:
     """An app whose engine core runs in its own process (app.state.engine, an AsyncEngine).
 
@@ -92,6 +93,8 @@ def create_app(engine_config: EngineConfig | None = None, *, served_model_name: 
         Route("/detokenize", detokenize, methods=["POST"]),
         Route("/version", version, methods=["GET"]),
     ]
+    if dashboard:
+        routes += dashboard_routes()
     handlers = {APIError: _api_error, EngineFault: _engine_fault, 404: _not_found,
                 405: _not_allowed, Exception: _crash}
     # The first is the outermost: a wrong Host is refused before anything else; a CORS preflight
@@ -106,6 +109,7 @@ def create_app(engine_config: EngineConfig | None = None, *, served_model_name: 
                     middleware=middleware)
     app.state.engine, app.state.metrics, app.state.settings = engine, metrics, settings
     app.state.server_load = 0  # generation calls in flight (load_tracked)
+    app.state.dashboard = DashboardFeed(engine.snapshot)
     return app
 
 

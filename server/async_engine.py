@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Callable
@@ -105,6 +106,8 @@ class AsyncEngine:
         self._groups: dict[str, RequestGroup] = {}  # request id -> its group, while unfinished
         self._pending: dict[str, asyncio.Future] = {}  # sent, not yet accepted by the core
         self._waiting: set[str] = set()  # requests sent that have no output yet
+        self._snapshots: dict[int, asyncio.Future] = {}  # ticket -> the dashboard's waiter
+        self._tickets = itertools.count()
         self._task: asyncio.Task | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._stats_log = StatsLogger()  # the "every 10 s while busy" line
@@ -172,6 +175,22 @@ class AsyncEngine:
         self.client.add_request(EngineCoreRequest(request_id, ids, params, arrival))
         await accepted
 
+    async def snapshot(self, since: int | None) -> dict:
+        """The dashboard's hook: EngineCore.snapshot(since), taken by the core between two steps;
+        LookupError while the core is not running."""
+        if not self.is_ready:
+            raise LookupError("the engine is not running")
+        ticket = next(self._tickets)
+        future = self._snapshots[ticket] = asyncio.get_running_loop().create_future()
+        self.client.request_snapshot(ticket, since)
+        try:
+            snap = await future
+        finally:
+            self._snapshots.pop(ticket, None)
+        if "error" in snap:
+            raise RuntimeError(f"the engine's snapshot failed: {snap['error']}")
+        return snap
+
     def abort(self, request_id: str):
         """Stop a request wherever it is; a request already finished is ignored."""
         self._pending.pop(request_id, None)
@@ -212,6 +231,10 @@ class AsyncEngine:
             self._die(f"the API process failed on the core's output: {type(e).__name__}: {e}")
 
     def _handle(self, message):
+        for ticket, snap in message.snapshots:
+            future = self._snapshots.get(ticket)
+            if future is not None and not future.done():  # the feed may have timed out
+                future.set_result(snap)
         pending = self._pending
         for request_id in message.accepted:
             future = pending.pop(request_id, None)
@@ -260,6 +283,9 @@ class AsyncEngine:
         self.dead = cause
         log.error("the engine core died: %s; failing %d requests", cause, len(self._groups))
         fault = EngineFault(f"the engine core died: {cause}")
+        for future in self._snapshots.values():
+            if not future.done():
+                future.set_exception(LookupError("the engine is not running"))
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(fault)

@@ -146,6 +146,8 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: no limit)")
     s.add_argument("--enable-server-load-tracking", action="store_true",
                    help="count generation calls in flight, read at GET /load (vLLM's flag)")
+    s.add_argument("--no-dashboard", dest="dashboard", action="store_false",
+                   help="turn off the live dashboard at /dashboard (and its feed)")
 
     g = sub.add_parser("generate", parents=[engine_flags], help="complete one prompt and print "
                        "it with the speed", description="Complete PROMPT once and print the text, "
@@ -160,6 +162,16 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sampling temperature; 0 = greedy (default: 0)")
     g.add_argument("--chat", action="store_true",
                    help="wrap PROMPT as a user message in the model's chat template")
+    t = sub.add_parser("trace", parents=[engine_flags], help="record every step of a small "
+                       "workload to JSON, for the dashboard to replay",
+                       description="Run a teaching workload and record each step's schedule and "
+                                   "block-table changes; open /dashboard and load the file.")
+    t.add_argument("workload", choices=("shared-prefix", "preemption"),
+                   help="shared-prefix: three requests share a cached prefix; preemption: a "
+                        "tiny KV pool runs out and the newest request is preempted")
+    t.add_argument("--model", default=None, help="as for generate (default: SmolLM2-135M)")
+    t.add_argument("--out", default=None, metavar="FILE",
+                   help="where to write the trace (default: WORKLOAD.trace.json)")
     return parser
 
 
@@ -187,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
         config = engine_config_from_args(args)
         if args.command == "serve":
             return serve(args, config, started)
+        if args.command == "trace":
+            from server.trace import trace
+
+            return trace(args, config)
         return generate(args, config)
     except KeyboardInterrupt:
         return 130
@@ -300,6 +316,7 @@ def app_from_args(args: argparse.Namespace, config: EngineConfig, make_core=None
                       allowed_hosts=allowed_hosts_for(args.host, args.allowed_hosts),
                       allowed_origins=args.allowed_origins or None,
                       chat_content_special_tokens=args.chat_content_special_tokens,
+                      dashboard=args.dashboard,
                       enable_server_load_tracking=args.enable_server_load_tracking)
 
 

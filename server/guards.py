@@ -17,7 +17,8 @@ import ipaddress
 from server.protocol import APIError
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
-OPEN_PATHS = ("/health", "/metrics")  # probes and scrapers carry no key
+# Probes and scrapers carry no key; the dashboard page holds no data (its feed needs the key).
+OPEN_PATHS = ("/health", "/metrics", "/dashboard")
 
 
 def is_loopback(bind_host: str) -> bool:

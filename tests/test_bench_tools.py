@@ -216,3 +216,14 @@ def test_bench_wire_round_trips_a_step_message(capsys):
     bench_wire.main(["--num-seqs", "4", "--repeat", "2", "--logprobs"])
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == ["msgspec", "pickle5"]
+
+
+def test_bench_latency_context_len_sets_the_prompt_and_the_floor(tiny_model):
+    from tools import bench_latency
+
+    args = ["--model", tiny_model, "--load-format", "dummy", "--device", "numpy",
+            "--num-kv-blocks", "64", "--output-len", "4"]
+    short = bench_latency.main(args + ["--prompt-len", "12"])
+    long = bench_latency.main(args + ["--context-len", "100"])
+    assert long["prompt_len"] == 96 and long["output_tokens"] == 4
+    assert long["tpot_floor_s"] > short["tpot_floor_s"]  # more KV cache to read per token

@@ -31,3 +31,22 @@ def test_compiles(source, arch, tmp_path):
          "-o", str(tmp_path / "out.ptx"), str(source)],
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
+@pytest.mark.parametrize("source", SOURCES, ids=lambda p: p.name)
+def test_every_named_instance_compiles(source, tmp_path):
+    """The exact instances CuPy asks NVRTC for (cuda_kernels.kernel_names, fp16 and bf16)
+    compile for sm_90: taking each one's address instantiates it, so a name that matches no
+    template fails here."""
+    from engine.executor.ops.cuda_kernels import kernel_names
+
+    names = dict.fromkeys(
+        n for c in ("__half", "__nv_bfloat16") for n in kernel_names(source.name, c))
+    body = "".join(f"  (void)&{name};\n" for name in names)
+    unit = tmp_path / "unit.cu"
+    unit.write_text(f'#include "{source}"\nvoid pagedserve_instances() {{\n{body}}}\n')
+    result = subprocess.run(
+        [NVCC, "-std=c++17", "-arch=sm_90", f"-I{CUDA_DIR}", "-ptx", "-o",
+         str(tmp_path / "u.ptx"), str(unit)], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr

@@ -22,7 +22,7 @@ from engine.executor.ops.cuda_ops import CudaOps  # noqa: E402
 from engine.model.config import EngineConfig, ModelConfig  # noqa: E402
 from engine.model.loader import dummy_weights  # noqa: E402
 
-VOCAB = 4096
+VOCAB = 1024  # == MAX_STOP_TOKEN_IDS, so one request can ban every token
 PROMPT = {"prompt_token_ids": [(7 * j) % VOCAB for j in range(40)]}
 
 

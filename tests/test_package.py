@@ -31,6 +31,9 @@ def test_wheel_ships_the_cuda_sources(tmp_path):
     sources = {p.name for p in (ROOT / "cuda").iterdir() if p.suffix in (".cu", ".cuh")}
     assert sources and sources <= shipped
     assert "engine/model/presets/qwen3-0.6b.json" in names
+    # The dashboard page and its example traces, served from the installed package.
+    assert {"server/static/dashboard.html", "server/static/traces/shared-prefix.json",
+            "server/static/traces/preemption.json"} <= set(names)
     assert any(n.endswith("entry_points.txt") for n in names)
 
 

@@ -5,6 +5,7 @@ whole decode steps (Qwen3-0.6B shapes, dummy weights). Prints a table last.
         [--baseline old_attention.cu]
 
 --only SUBSTR runs the sections whose name holds SUBSTR (layers, attn, sampling, decode-step);
+--only new runs tools/kernel_check.py instead (issue 12's kernels, CUDA-graph timed);
 --variants also times the decode kernel at other unroll depths; --baseline times a previous
 attention.cu (its paged_attention_kernel / attention_reduce_kernel) on the same decode and
 prefill cases.
@@ -324,6 +325,11 @@ def main():
             attention_variants(ops)
     if want("sampling"):
         check_sampling(ops)
+    if only == "new":  # issue 12's kernels: tools/kernel_check.py prints its own tables
+        from tools.kernel_check import run_all
+
+        run_all(ops, quick="--quick" in sys.argv)
+        return
     if want("decode-step"):
         for batch in (1, 64):
             decode_step(ops, batch, graphs="--graphs" in sys.argv)

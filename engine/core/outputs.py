@@ -72,6 +72,8 @@ class EngineCoreOutputs:
     rejected: list[tuple[str, str | None, str]] = field(default_factory=list)
     stats: EngineStats | None = None
     fatal: str | None = None  # the core is going down, and why
+    # (ticket, EngineCore.snapshot) for each SNAPSHOT asked since: the dashboard's view
+    snapshots: list[tuple[int, dict]] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- to users

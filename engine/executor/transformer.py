@@ -65,16 +65,19 @@ class Transformer:
         residual = None
         for i, layer in enumerate(w.layers):
             k_cache, v_cache = kv_cache[i, 0], kv_cache[i, 1]
-            h, residual = ops.add_rms_norm(x, residual, layer.input_norm, c.rms_norm_eps)
-            qkv = ops.linear(h, layer.qkv, layer.qkv_bias)  # (T, q_size + 2 * kv_size)
-            if c.qk_norm:
-                ops.qk_norm(qkv, layer.q_norm, layer.k_norm, c.rms_norm_eps, nh, nkv)
-            ops.rope(qkv, positions, self.cos_sin, nh, nkv)
-            ops.write_kv_cache(qkv, k_cache, v_cache, meta.slot_mapping, nh, nkv)
+            # residual += x, RMSNorm, qkv GEMM: one GEMV launch on the GPU at decode batches
+            qkv, residual = ops.add_rms_norm_linear(x, residual, layer.input_norm, c.rms_norm_eps,
+                                                    layer.qkv)  # (T, q_size + 2 * kv_size)
+            # bias, q/k norm, RoPE and the cache write: one kernel on the GPU
+            ops.qk_norm_rope_kv_write(
+                qkv, positions, self.cos_sin, layer.q_norm if c.qk_norm else None,
+                layer.k_norm if c.qk_norm else None, c.rms_norm_eps, k_cache, v_cache,
+                meta.slot_mapping, nh, nkv, bias=layer.qkv_bias)
             attn = ops.attention(qkv, k_cache, v_cache, meta, nh, nkv, self.scale)  # (T, q_size)
             x = ops.linear(attn, layer.o)  # (T, hidden)
-            h, residual = ops.add_rms_norm(x, residual, layer.post_norm, c.rms_norm_eps)
-            x = ops.linear(ops.silu_and_mul(ops.linear(h, layer.gate_up)), layer.down)
+            gate_up, residual = ops.add_rms_norm_linear(x, residual, layer.post_norm,
+                                                        c.rms_norm_eps, layer.gate_up)
+            x = ops.silu_mul_linear(gate_up, layer.down)
         h, _ = ops.add_rms_norm(x, residual, w.norm, c.rms_norm_eps)
         h = ops.gather_rows(h, logits_indices)  # (R, hidden): only the rows that sample
         return ops.linear(h, w.lm_head)  # (R, vocab)

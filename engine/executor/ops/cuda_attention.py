@@ -20,8 +20,13 @@ DECODE_THREADS = 128
 # attention_prefill.cu's PF_M (query rows per block), PF_N (keys per tile), PF_THREADS
 PREFILL_M, PREFILL_N, PREFILL_THREADS = 64, 64, 128
 NUM_BLOCKS_TARGET = 1024  # decode blocks that fill an H200's 132 SMs several times over
+# A sequence takes ceil(context / keys per split) of the grid's splits, at most all of them
+# (attention.cu's seq_splits): the grid is sized for the longest context, each sequence for its own.
+# Keys per split: MIN_KEYS_PER_SPLIT under CUDA graphs; in eager steps the step's decode keys over
+# NUM_BLOCKS_TARGET blocks when that is more (splits_for_contexts).
 MIN_KEYS_PER_SPLIT = 128
-MAX_SPLITS = 32
+MAX_SPLITS = 128  # one 16k+ sequence over 8 kv heads fills NUM_BLOCKS_TARGET
+KERNEL_MAX_SPLITS, REDUCE_THREADS = 256, 512  # attention.cu's MAX_SPLITS and RED_THREADS
 LOG2E = 1.4426950408889634  # the kernels' softmax is base 2: scores are scaled by scale * log2(e)
 
 
@@ -65,7 +70,9 @@ class AttentionPlan:
 
     decode_seqs: cupy.ndarray  # (Wd,) int32: sequences with one new token
     prefill_work: cupy.ndarray  # (Wp, 3) int32: (sequence, first new token, tokens <= PREFILL_M)
-    num_splits: int  # context splits of the decode kernel
+    num_splits: int  # context splits of the decode kernel's grid
+    # keys per split a sequence aims at (attention.cu's seq_splits); None: MIN_KEYS_PER_SPLIT
+    keys_per_split: int | None = None
 
 
 def decode_tile(group: int) -> tuple[int, int]:
@@ -88,22 +95,47 @@ def prefill_items(query_start_loc: np.ndarray) -> np.ndarray:
 
 
 def choose_splits(num_items: int, num_kv_heads: int, max_context_len: int) -> int:
-    """Split the context when too few decode blocks would fill the GPU (small batch, long
-    contexts); `num_items` counts decode blocks per kv head."""
+    """The grid's context splits: enough that the decode blocks fill the GPU when the batch is
+    small, no more than the longest context needs (`num_items` counts decode blocks per kv
+    head). A CUDA graph passes its max_model_len here; at replay each sequence uses only the
+    splits its own context needs, and the others exit at once."""
     blocks = max(1, num_items * num_kv_heads)
     if blocks >= NUM_BLOCKS_TARGET:
         return 1
     by_ctx = max(1, max_context_len // MIN_KEYS_PER_SPLIT)
-    return int(max(1, min(MAX_SPLITS, -(-NUM_BLOCKS_TARGET // blocks), by_ctx)))
+    return int(max(1, min(MAX_SPLITS, KERNEL_MAX_SPLITS, -(-NUM_BLOCKS_TARGET // blocks),
+                           by_ctx)))
+
+
+def splits_for_contexts(decode_ctx: np.ndarray, blocks_per_split: int) -> tuple[int, int]:
+    """(grid splits, keys per split) for an eager step whose decode rows have these contexts:
+    the step's keys spread over about NUM_BLOCKS_TARGET blocks, so one long sequence among short
+    ones still gets enough splits to fill the GPU, and many long ones get few."""
+    ctx = np.asarray(decode_ctx, np.int64)
+    if not len(ctx):
+        return 1, MIN_KEYS_PER_SPLIT
+    keys = max(MIN_KEYS_PER_SPLIT, -(-int(ctx.sum()) * blocks_per_split // NUM_BLOCKS_TARGET))
+    splits = int(max(1, min(MAX_SPLITS, KERNEL_MAX_SPLITS, -(-int(ctx.max()) // keys))))
+    return splits, keys
 
 
 def make_plan(query_start_loc: np.ndarray, num_kv_heads: int, group: int, max_context_len: int,
-              num_splits: int | None = None) -> AttentionPlan:
+              num_splits: int | None = None, context_lens: np.ndarray | None = None
+              ) -> AttentionPlan:
+    """num_splits fixes the grid (CUDA graphs: sequences then aim at MIN_KEYS_PER_SPLIT keys per
+    split); else the host's context_lens size it (eager), else max_context_len does."""
     num_new = np.diff(np.asarray(query_start_loc, np.int64))
     decode = np.flatnonzero(num_new == 1)
     passes = decode_tile(group)[1]
-    splits = num_splits or choose_splits(len(decode) * passes, num_kv_heads, max_context_len)
-    return AttentionPlan(_up(decode), _up(prefill_items(query_start_loc)), splits)
+    keys = None
+    if num_splits:
+        splits = num_splits
+    elif context_lens is not None:
+        splits, keys = splits_for_contexts(np.asarray(context_lens)[decode],
+                                           num_kv_heads * passes)
+    else:
+        splits = choose_splits(len(decode) * passes, num_kv_heads, max_context_len)
+    return AttentionPlan(_up(decode), _up(prefill_items(query_start_loc)), splits, keys)
 
 
 def decode_plan(num_seqs: int, num_kv_heads: int, group: int, max_context_len: int):
@@ -130,7 +162,7 @@ def paged_attention(qkv, k_cache, v_cache, meta: DeviceAttentionMetadata, num_he
     plan = meta.work.get(group)
     if plan is None:
         plan = make_plan(meta.host.query_start_loc, num_kv_heads, group, meta.max_context_len,
-                         meta.num_splits)
+                         meta.num_splits, meta.host.context_lens)
         meta.work[group] = plan
     out = cupy.empty((num_tokens, num_heads * head_dim), qkv.dtype)
     if num_tokens == 0:
@@ -138,6 +170,7 @@ def paged_attention(qkv, k_cache, v_cache, meta: DeviceAttentionMetadata, num_he
     i32, tables = np.int32, meta.block_tables
     scale_log2 = np.float32(scale * LOG2E)
     num_dec, splits = len(plan.decode_seqs), plan.num_splits
+    keys_per_split = i32(plan.keys_per_split or MIN_KEYS_PER_SPLIT)
     if num_dec:
         g, passes = decode_tile(group)
         if splits > 1:
@@ -150,12 +183,13 @@ def paged_attention(qkv, k_cache, v_cache, meta: DeviceAttentionMetadata, num_he
             (num_dec, num_kv_heads * passes, splits), (DECODE_THREADS,),
             (out, part_out, part_ml, qkv, k_cache, v_cache, plan.decode_seqs,
              meta.query_start_loc, meta.context_lens, tables, i32(tables.shape[1]), i32(num_dec),
-             i32(num_heads), i32(num_kv_heads), i32(block_size), scale_log2, i32(splits)))
+             i32(num_heads), i32(num_kv_heads), i32(block_size), scale_log2, i32(splits),
+             keys_per_split))
         if splits > 1:
             kernel("attention.cu", f"decode_reduce_kernel<{ctype}, {head_dim}>", ctype)(
-                (num_dec, num_heads), (head_dim,),
-                (out, part_out, part_ml, plan.decode_seqs, meta.query_start_loc, i32(num_dec),
-                 i32(num_heads), i32(splits)))
+                (num_dec, num_heads), (REDUCE_THREADS,),
+                (out, part_out, part_ml, plan.decode_seqs, meta.query_start_loc,
+                 meta.context_lens, i32(num_dec), i32(num_heads), i32(splits), keys_per_split))
     if len(plan.prefill_work):
         k = kernel("attention_prefill.cu", f"prefill_attention_kernel<{ctype}, {head_dim}>",
                    ctype)

@@ -9,8 +9,6 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-import cupy
-
 # numpy storage dtype name -> the C++ element type the kernels are instantiated with
 CTYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}
 HEAD_DIMS = (64, 128)
@@ -38,6 +36,13 @@ def kernel_names(file: str, ctype: str) -> list[str]:
         return [f"rms_norm_kernel<{ctype}>"] + [f"qk_norm_kernel<{ctype}, {d}>" for d in HEAD_DIMS]
     if file == "rope.cu":
         return [f"rope_kernel<{ctype}, {ctype}>", f"rope_kernel<{ctype}, float>"]
+    if file == "qk_rope_kv.cu":
+        return [f"qk_norm_rope_kv_kernel<{ctype}, {cs}, {d}>" for cs in (ctype, "float")
+                for d in HEAD_DIMS]
+    if file == "gemv.cu":
+        return ([f"gemv_kernel<{ctype}, {m}, false>" for m in range(1, 9)]
+                + [f"gemv_kernel<{ctype}, {m}, true>" for m in range(1, 5)]
+                + [f"norm_gemv_kernel<{ctype}, {m}>" for m in range(1, 5)])
     if file == "kv_cache.cu":
         return [f"write_kv_cache_kernel<{ctype}>"]
     if file == "attention.cu":
@@ -50,11 +55,16 @@ def kernel_names(file: str, ctype: str) -> list[str]:
         return (["penalty_counts_kernel", "add_logit_bias_kernel"]
                 + [f"adjust_logits_kernel<{t}>" for t in CTYPES.values()]
                 + [f"sample_kernel<{t}>" for t in CTYPES.values()])
+    if file == "sampling_bisect.cu":
+        return [f"sample_bisect_kernel<{t}>" for t in CTYPES.values()]
     raise KeyError(file)
 
 
 @functools.cache
-def _module(file: str, ctype: str) -> tuple[cupy.RawModule, frozenset]:
+def _module(file: str, ctype: str):
+    """(cupy.RawModule, its kernel names); cupy is imported here, so kernel_names works without."""
+    import cupy
+
     folder = cuda_dir()
     names = kernel_names(file, ctype)
     module = cupy.RawModule(
@@ -67,7 +77,7 @@ def _module(file: str, ctype: str) -> tuple[cupy.RawModule, frozenset]:
 
 
 @functools.cache
-def kernel(file: str, name: str, ctype: str = "float") -> cupy.RawKernel:
+def kernel(file: str, name: str, ctype: str = "float"):
     """The compiled kernel `name` from cuda/`file`; ctype picks the module's instantiation set."""
     module, names = _module(file, ctype)
     if name not in names:

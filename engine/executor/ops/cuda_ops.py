@@ -12,7 +12,7 @@ import gc
 import cupy
 import numpy as np
 
-from engine.executor.ops import AttentionMetadata, SamplerOutput, SamplingTensors
+from engine.executor.ops import AttentionMetadata, SamplerOutput, SamplingTensors, cuda_gemv
 from engine.executor.ops.cuda_attention import (
     DeviceAttentionMetadata,
     paged_attention,
@@ -51,7 +51,7 @@ class CudaOps:
         self.storage = np.dtype(DTYPES[dtype])
         self._gemm = Gemm()
         for file in ("gather.cu", "activation.cu", "rms_norm.cu", "rope.cu", "kv_cache.cu",
-                     "attention.cu"):
+                     "qk_rope_kv.cu", "gemv.cu", "attention.cu"):
             kernel(file, _first_name(file, self.ctype), self.ctype)  # compile now, fail early
 
     @staticmethod
@@ -195,6 +195,22 @@ class CudaOps:
             raise ValueError(f"residual shape {residual.shape} != x shape {x.shape}")
         return self._norm(x, residual, weight, eps, 2), residual
 
+    def add_rms_norm_linear(self, x, residual, norm_weight, eps, weight):
+        """h, residual = add_rms_norm(x, residual, norm_weight, eps); (linear(h, weight),
+        residual). One GEMV launch at small batches (the residual comes back as a new array)."""
+        self._check(x, "x", 2)
+        self._check(norm_weight, "norm_weight", 1)
+        self._check(weight, "weight", 2)
+        if residual is not None and self._check(residual, "residual", 2).shape != x.shape:
+            raise ValueError(f"residual shape {residual.shape} != x shape {x.shape}")
+        if x.shape[1] != weight.shape[1] or norm_weight.shape[0] != x.shape[1]:
+            raise ValueError(f"add_rms_norm_linear: x has {x.shape[1]} features, norm weight "
+                             f"{norm_weight.shape[0]}, weight expects {weight.shape[1]}")
+        if cuda_gemv.norm_gemv_fits(x, residual, norm_weight, weight):
+            return cuda_gemv.norm_gemv(x, residual, norm_weight, weight, eps, self.ctype)
+        h, residual = self.add_rms_norm(x, residual, norm_weight, eps)
+        return self.linear(h, weight), residual
+
     def linear(self, x, weight, bias=None):
         # x (T, in), weight (out, in) as stored by HF, bias (out,) -> (T, out)
         self._check(x, "x", 2)
@@ -205,7 +221,10 @@ class CudaOps:
         out = cupy.empty((x.shape[0], weight.shape[0]), self.storage)
         if x.shape[0] == 0:
             return out
-        self._gemm(x, weight, out, self.dtype)
+        if cuda_gemv.gemv_fits(x, weight, cuda_gemv.GEMV_MAX_M):
+            cuda_gemv.gemv(x, weight, out, self.ctype)
+        else:
+            self._gemm(x, weight, out, self.dtype)
         if bias is not None:
             self._check(bias, "bias", 1)
             kernel("activation.cu", f"add_bias_kernel<{self.ctype}>", self.ctype)(
@@ -235,6 +254,52 @@ class CudaOps:
             kernel("rope.cu", f"rope_kernel<{self.ctype}, {cs_type}>", self.ctype)(
                 (len(qkv), num_heads + num_kv_heads), (head_dim // 2,),
                 (qkv, positions, cos_sin, _i32(num_heads), _i32(num_kv_heads), _i32(head_dim)))
+
+    def silu_mul_linear(self, gate_up, weight):
+        """linear(silu_and_mul(gate_up), weight); one GEMV launch at small batches."""
+        self._check(gate_up, "gate_up", 2)
+        self._check(weight, "weight", 2)
+        if gate_up.shape[1] != 2 * weight.shape[1]:
+            raise ValueError(f"silu_mul_linear: gate_up has {gate_up.shape[1]} features, weight "
+                             f"expects 2 x {weight.shape[1]}")
+        if not cuda_gemv.gemv_fits(gate_up, weight, cuda_gemv.GEMV_SILU_MAX_M):
+            return self.linear(self.silu_and_mul(gate_up), weight)
+        out = cupy.empty((gate_up.shape[0], weight.shape[0]), self.storage)
+        return cuda_gemv.gemv(gate_up, weight, out, self.ctype, act=True)
+
+    def qk_norm_rope_kv_write(self, qkv, positions, cos_sin, q_weight, k_weight, eps, k_cache,
+                              v_cache, slot_mapping, num_heads, num_kv_heads, bias=None):
+        """+ bias, q/k norm, RoPE, k/v into the cache: one launch (cuda/qk_rope_kv.cu)."""
+        self._check(qkv, "qkv", 2)
+        self._check(k_cache, "k_cache", 4)
+        self._check(v_cache, "v_cache", 4)
+        positions = self._ints(positions, "positions")
+        slot_mapping = self._ints(slot_mapping, "slot_mapping")
+        _, cache_kv_heads, block_size, head_dim = k_cache.shape
+        self._head_dim_ok(head_dim)
+        width = (num_heads + 2 * num_kv_heads) * head_dim
+        if qkv.shape[1] != width or cache_kv_heads != num_kv_heads:
+            raise ValueError(f"qkv width {qkv.shape[1]} / cache heads {cache_kv_heads} do not "
+                             f"match num_heads={num_heads}, num_kv_heads={num_kv_heads}, "
+                             f"head_dim={head_dim}")
+        cs_type = "float" if cos_sin.dtype == np.float32 else self.ctype
+        self._check(cos_sin, "cos_sin", 2, cos_sin.dtype if cs_type == "float" else None)
+        if cos_sin.shape[1] != head_dim:
+            raise ValueError(f"cos_sin width {cos_sin.shape[1]} != head_dim {head_dim}")
+        if (q_weight is None) != (k_weight is None):
+            raise ValueError("q_weight and k_weight: give both or neither")
+        norms = [_NULL if w is None else self._check(w, name, 1)
+                 for w, name in ((q_weight, "q_weight"), (k_weight, "k_weight"))]
+        if bias is not None and self._check(bias, "bias", 1).shape[0] != width:
+            raise ValueError(f"bias length {bias.shape[0]} != qkv width {width}")
+        n = len(qkv) * (num_heads + 2 * num_kv_heads)
+        if n:
+            kernel("qk_rope_kv.cu", f"qk_norm_rope_kv_kernel<{self.ctype}, {cs_type}, {head_dim}>",
+                   self.ctype)(
+                _grid(n, 4), (128,),
+                (qkv, k_cache, v_cache, positions, slot_mapping, cos_sin, *norms,
+                 _NULL if bias is None else bias, np.float32(eps), _i32(len(qkv)),
+                 _i32(num_heads), _i32(num_kv_heads), _i32(block_size)))
 
     def silu_and_mul(self, gate_up):
         # gate_up (T, 2 * inter): gate first, then up -> (T, inter)

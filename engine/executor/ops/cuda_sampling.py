@@ -1,5 +1,9 @@
 """Sampling on the GPU (cuda/sampling.cu): numpy_sampling.sample's semantics.
 
+sample_kernel finds top-k / top-p thresholds from one histogram pass and a sort of the few
+candidates in shared memory (3 passes over a row); SAMPLER = "bisect" selects the previous kernel
+(cuda/sampling_bisect.cu, ~31 passes per threshold), which tools/gpu_check.py times as baseline.
+
 The sampled ids stay on the device (the next overlapped step's placeholders read them there) and
 reach the host through a copy into pinned memory followed by an event: DeviceSample.wait() is the
 step's one host <-> device sync, and it can come after the next step is launched.
@@ -13,7 +17,8 @@ import numpy as np
 from engine.executor.ops import SamplerOutput, SamplingTensors
 from engine.executor.ops.cuda_kernels import kernel
 
-NUM_PARAMS = 10  # words per row, laid out as in cuda/sampling.cu
+NUM_PARAMS = 10  # words per row, laid out as in cuda/sampling_common.cuh
+SAMPLER = "select"  # or "bisect": the previous kernel
 
 
 def pack_params(t: SamplingTensors) -> np.ndarray:
@@ -42,6 +47,54 @@ def _ids(a) -> tuple:
     return cupy.asarray(a), a.shape[1]
 
 
+def upload(t: SamplingTensors, resolve=None) -> dict:
+    """The step's per-row settings on the device (host -> device copies only).
+
+    resolve(ids): replaces placeholders among the penalties' output ids (overlapped steps)."""
+    dev = {"params": cupy.asarray(pack_params(t)), "prompt": _ids(t.prompt_ids),
+           "output": _ids(t.output_ids), "bias": None}
+    output, o_len = dev["output"]
+    if resolve is not None and o_len:
+        resolve(output.reshape(-1))
+    if t.bias_ids is not None and t.bias_ids.size:
+        dev["bias"] = (cupy.asarray(np.ascontiguousarray(t.bias_ids, np.int32)),
+                       cupy.asarray(np.ascontiguousarray(t.bias_values, np.float32)))
+    return dev
+
+
+def launch(logits: cupy.ndarray, t: SamplingTensors, dev: dict, ctype: str) -> cupy.ndarray:
+    """The sampling kernels on the current stream (no host copy: CUDA-graph capturable) ->
+    (R, 2 + 2 * num_logprobs) int32 results, laid out as in cuda/sampling_common.cuh."""
+    rows, vocab = logits.shape
+    n_lp = int(t.num_logprobs)
+    params, i32 = dev["params"], np.int32
+    adjusted = np.uint64(0)
+    has_penalty = t.prompt_ids is not None or t.output_ids is not None
+    if has_penalty or dev["bias"] is not None:
+        counts = np.uint64(0)
+        if has_penalty:
+            counts = cupy.zeros((rows, vocab), cupy.int32)
+            (prompt, p_len), (output, o_len) = dev["prompt"], dev["output"]
+            kernel("sampling.cu", "penalty_counts_kernel")(
+                (rows,), (256,), (counts, prompt, output, i32(p_len), i32(o_len), i32(vocab)))
+        adjusted = cupy.empty((rows, vocab), cupy.float32)
+        kernel("sampling.cu", f"adjust_logits_kernel<{ctype}>")(
+            (rows, -(-vocab // 256)), (256,), (adjusted, logits, counts, params, i32(vocab)))
+        if dev["bias"] is not None:
+            ids, values = dev["bias"]
+            kernel("sampling.cu", "add_logit_bias_kernel")(
+                (rows,), (1,), (adjusted, ids, values, i32(ids.shape[1]), i32(vocab)))
+    result = cupy.empty((rows, 2 + 2 * n_lp), cupy.int32)
+    if SAMPLER == "bisect":
+        probs = np.uint64(0) if t.all_greedy else cupy.empty((rows, vocab), cupy.float32)
+        kernel("sampling_bisect.cu", f"sample_bisect_kernel<{ctype}>")(
+            (rows,), (1024,), (result, probs, logits, adjusted, params, i32(vocab), i32(n_lp)))
+    else:
+        kernel("sampling.cu", f"sample_kernel<{ctype}>")(
+            (rows,), (1024,), (result, logits, adjusted, params, i32(vocab), i32(n_lp)))
+    return result
+
+
 def sample_on_device(logits: cupy.ndarray, t: SamplingTensors, ctype: str,
                      resolve=None) -> cupy.ndarray:
     """Queue the penalties, bias and draw; (R, 2 + 2 * num_logprobs) int32 on the device: per row
@@ -49,37 +102,10 @@ def sample_on_device(logits: cupy.ndarray, t: SamplingTensors, ctype: str,
 
     resolve(ids): replaces placeholders among the penalties' output ids (overlapped steps)."""
     # logits (R, vocab), float32 / half / bf16 as uint16
-    rows, vocab = logits.shape
-    n_lp = int(t.num_logprobs)
+    rows = logits.shape[0]
     if rows == 0:
-        return cupy.empty((0, 2 + 2 * n_lp), cupy.int32)
-    params = cupy.asarray(pack_params(t))
-    i32 = np.int32
-    adjusted = np.uint64(0)
-    has_penalty = t.prompt_ids is not None or t.output_ids is not None
-    if has_penalty or t.bias_ids is not None:
-        counts = np.uint64(0)
-        if has_penalty:
-            counts = cupy.zeros((rows, vocab), cupy.int32)
-            prompt, p_len = _ids(t.prompt_ids)
-            output, o_len = _ids(t.output_ids)
-            if resolve is not None and o_len:
-                resolve(output.reshape(-1))
-            kernel("sampling.cu", "penalty_counts_kernel")(
-                (rows,), (256,), (counts, prompt, output, i32(p_len), i32(o_len), i32(vocab)))
-        adjusted = cupy.empty((rows, vocab), cupy.float32)
-        kernel("sampling.cu", f"adjust_logits_kernel<{ctype}>")(
-            (rows, -(-vocab // 256)), (256,), (adjusted, logits, counts, params, i32(vocab)))
-        if t.bias_ids is not None and t.bias_ids.size:
-            ids = cupy.asarray(np.ascontiguousarray(t.bias_ids, np.int32))
-            values = cupy.asarray(np.ascontiguousarray(t.bias_values, np.float32))
-            kernel("sampling.cu", "add_logit_bias_kernel")(
-                (rows,), (1,), (adjusted, ids, values, i32(ids.shape[1]), i32(vocab)))
-    probs = np.uint64(0) if t.all_greedy else cupy.empty((rows, vocab), cupy.float32)
-    result = cupy.empty((rows, 2 + 2 * n_lp), cupy.int32)
-    kernel("sampling.cu", f"sample_kernel<{ctype}>")(
-        (rows,), (1024,), (result, probs, logits, adjusted, params, i32(vocab), i32(n_lp)))
-    return result
+        return cupy.empty((0, 2 + 2 * int(t.num_logprobs)), cupy.int32)
+    return launch(logits, t, upload(t, resolve), ctype)
 
 
 class DeviceSample:

@@ -74,6 +74,12 @@ class NumpyOps:
         residual = x.copy() if residual is None else residual + x
         return self.rms_norm(residual, weight, eps), residual
 
+    def add_rms_norm_linear(self, x, residual, norm_weight, eps, weight):
+        """add_rms_norm, then linear of its output: (y, residual). The cuda backend runs it as
+        one GEMV at small batches (cuda/gemv.cu's norm_gemv_kernel)."""
+        h, residual = self.add_rms_norm(x, residual, norm_weight, eps)
+        return self.linear(h, weight), residual
+
     def linear(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None):
         # x (T, in), weight (out, in) as stored by HF, bias (out,) -> (T, out)
         y = x @ weight.T
@@ -101,10 +107,27 @@ class NumpyOps:
             x[..., :half] = x1 * cos - x2 * sin
             x[..., half:] = x2 * cos + x1 * sin
 
+    def qk_norm_rope_kv_write(self, qkv, positions, cos_sin, q_weight, k_weight, eps, k_cache,
+                              v_cache, slot_mapping, num_heads, num_kv_heads, bias=None):
+        """Everything between the qkv GEMM and attention, in place on qkv: + bias (if any), q/k
+        norm (if weights are given), RoPE on q and k, then k and v into the cache at their slots.
+        The cuda backend runs it as one kernel (cuda/qk_rope_kv.cu)."""
+        if bias is not None:
+            qkv += bias
+        if q_weight is not None:
+            self.qk_norm(qkv, q_weight, k_weight, eps, num_heads, num_kv_heads)
+        self.rope(qkv, positions, cos_sin, num_heads, num_kv_heads)
+        self.write_kv_cache(qkv, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads)
+
     def silu_and_mul(self, gate_up: np.ndarray) -> np.ndarray:
         # gate_up (T, 2 * inter): gate first, then up -> (T, inter)
         gate, up = np.split(gate_up, 2, axis=-1)
         return gate / (1.0 + np.exp(-gate)) * up
+
+    def silu_mul_linear(self, gate_up: np.ndarray, weight: np.ndarray) -> np.ndarray:
+        """linear(silu_and_mul(gate_up), weight): the MLP's second half as one op, so that the
+        cuda backend can fuse the activation into its small-batch GEMV (cuda/gemv.cu)."""
+        return self.linear(self.silu_and_mul(gate_up), weight)
 
     def gather_rows(self, x: np.ndarray, indices: np.ndarray) -> np.ndarray:
         return x[indices]

@@ -1,0 +1,173 @@
+"""The dashboard's server side: its routes and key, the SSE feed, `pagedserve trace` and the
+example traces shipped with the page (the browser itself: tests/test_dashboard_browser.py)."""
+
+import asyncio
+import json
+import time
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+
+from conftest import _tiny_loaded  # noqa: E402
+from test_server import Server  # noqa: E402
+
+from engine.core.introspect import DashboardState  # noqa: E402
+from engine.model.config import EngineConfig  # noqa: E402
+from server.app import create_app  # noqa: E402
+from server.cli import build_parser, main  # noqa: E402
+from server.dashboard import TRACES, DashboardFeed  # noqa: E402
+from server.trace import WORKLOADS, record  # noqa: E402
+
+
+def _make_core():
+    """Runs in the engine-core process."""
+    from engine.engine_core import EngineCore
+
+    config = EngineConfig(device="numpy", max_num_seqs=16, max_model_len=128, num_kv_blocks=64,
+                          block_size=4)
+    return EngineCore(config, loaded_model=_tiny_loaded(512, False))
+
+
+def _replay(trace: dict) -> list[tuple[DashboardState, list[int], dict]]:
+    """Apply every frame; yield the state, its ref counts and the frame."""
+    state, out = DashboardState(), []
+    for frame in trace["frames"]:
+        state.apply(frame["snapshot"])
+        out.append((state, state.ref_counts(), frame))
+    return out
+
+
+def _check_trace(trace: dict, workload: str):
+    assert trace["format"] == "pagedserve-trace" and trace["workload"] == workload
+    frames = _replay(trace)
+    for state, refs, frame in frames:  # what the page draws agrees with the engine's counters
+        assert sum(1 for r in refs if r) == frame["snapshot"]["stats"]["kv_blocks_used"]
+        assert all(isinstance(x, int) for row in state.rows for x in row)
+    assert frames[-1][2]["snapshot"]["stats"]["kv_blocks_used"] == 0
+    assert all(f["batch"] for _, _, f in frames[1:]), "every recorded step ran something"
+    if workload == "shared-prefix":
+        assert max(max(refs) for _, refs, _ in frames) == 3  # the 4 prefix blocks, held 3 times
+        assert frames[-1][2]["snapshot"]["stats"]["prefix_cache_hits"] == 8
+    else:
+        assert sum(f["num_preempted"] for _, _, f in frames) >= 1
+        assert any(r[1] == 1 for _, _, f in frames for r in f["snapshot"]["rows"])  # PREEMPTED
+
+
+@pytest.mark.parametrize("workload", sorted(WORKLOADS))
+def test_shipped_example_traces_replay_consistently(workload):
+    _check_trace(json.loads((TRACES / f"{workload}.json").read_text()), workload)
+
+
+@pytest.mark.parametrize("workload", sorted(WORKLOADS))
+def test_trace_records_every_step_on_a_tiny_model(make_engine, workload):
+    w = WORKLOADS[workload]
+    engine = make_engine(**w.engine)
+    trace = record(engine, w, workload)
+    _check_trace(json.loads(json.dumps(trace)), workload)
+    assert trace["num_blocks"] == w.engine["num_kv_blocks"]
+
+
+def test_trace_command_is_parsed():
+    args = build_parser().parse_args(["trace", "preemption", "--out", "x.json"])
+    assert (args.command, args.workload, args.out) == ("trace", "preemption", "x.json")
+    assert build_parser().parse_args(["serve", "--no-dashboard"]).dashboard is False
+    assert build_parser().parse_args(["serve"]).dashboard is True
+    with pytest.raises(SystemExit):
+        main(["trace", "no-such-workload"])
+
+
+def _events(url: str, n: int, headers=None) -> list[dict]:
+    out = []
+    with httpx.stream("GET", url + "/dashboard/events", headers=headers or {}, timeout=10) as r:
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        for line in r.iter_lines():
+            if line.startswith("data: "):
+                out.append(json.loads(line[6:]))
+                if len(out) == n:
+                    break
+    return out
+
+
+@pytest.fixture
+def serve():
+    servers = []
+
+    def start(**kwargs):
+        servers.append(Server(create_app(served_model_name="tiny", make_core=_make_core,
+                                         **kwargs)))
+        return servers[-1].url
+
+    yield start
+    for s in servers:
+        s.stop()
+
+
+def test_page_is_open_but_the_feed_and_traces_need_the_key(serve):
+    url = serve(api_key="sesame")
+    page = httpx.get(url + "/dashboard")
+    script = page.text.split("<script>")[1]
+    assert page.status_code == 200 and "<canvas" in page.text
+    assert "http://" not in script and "https://" not in script  # nothing from elsewhere
+    assert httpx.get(url + "/dashboard/events").status_code == 401
+    assert httpx.get(url + "/dashboard/traces").status_code == 401
+    key = {"Authorization": "Bearer sesame"}
+    assert httpx.get(url + "/dashboard/traces", headers=key).json() == ["preemption",
+                                                                        "shared-prefix"]
+    assert httpx.get(url + "/dashboard/traces/nope", headers=key).status_code == 404
+    first, second = _events(url, 2, key)
+    assert first["kind"] == "key" and second["kind"] == "delta"
+    assert second["v"] == first["v"] + 1
+    assert first["num_blocks"] == 64 and first["stats"]["kv_blocks_used"] == 0
+
+
+def test_a_feed_response_ends_so_the_server_can_stop(serve, monkeypatch):
+    import server.dashboard
+
+    monkeypatch.setattr(server.dashboard, "MAX_STREAM_S", 0.3)
+    url = serve()
+    start = time.time()
+    with httpx.stream("GET", url + "/dashboard/events", timeout=10) as r:
+        lines = [line for line in r.iter_lines() if line.startswith("data: ")]
+    assert time.time() - start < 3 and 1 <= len(lines) <= 10
+    assert json.loads(lines[0][6:])["kind"] == "key"
+
+
+def test_no_dashboard_flag_removes_the_routes(serve):
+    url = serve(dashboard=False)
+    assert [httpx.get(url + p).status_code for p in ("/dashboard", "/dashboard/events")] == \
+        [404, 404]
+
+
+def test_feed_fans_out_and_a_late_viewer_starts_from_a_keyframe():
+    from engine.core.block_manager import BlockManager
+    from engine.core.introspect import Introspector
+    from engine.core.sampling_params import SamplingParams
+    from engine.core.sequence import Sequence
+
+    bm = BlockManager(32, 4)
+    intro = Introspector(bm)
+    seqs = []
+
+    async def snapshot(since):
+        seq = Sequence(f"r{len(seqs)}", [1, 2, 3, 4, 5], 5, SamplingParams())
+        bm.allocate(seq)
+        seqs.append(seq)
+        return intro.snapshot(seqs, [], {"n": len(seqs)}, since)
+
+    async def main():
+        feed = DashboardFeed(snapshot, updates_per_s=100)
+        early = feed.subscribe()
+        got = [json.loads(await early.get()) for _ in range(3)]
+        late = feed.subscribe()
+        first_late = json.loads(await late.get())
+        feed.unsubscribe(early)
+        feed.unsubscribe(late)
+        return got, first_late
+
+    got, first_late = asyncio.run(main())
+    assert [s["kind"] for s in got] == ["key", "delta", "delta"]
+    assert first_late["kind"] == "key" and first_late["v"] >= got[-1]["v"]
+    state = DashboardState()
+    state.apply(first_late)
+    assert state.num_used_blocks == 2 * len(state.tables)

@@ -1,0 +1,409 @@
+"""Issue 12's kernels on the GPU: each one against its numpy twin (or the path it replaces), timed
+by CUDA-graph replay (GPU time, no Python launch cost), with its bandwidth / FLOP rate and % of the
+H200's ceiling. Ends with the tables: GEMV vs cuBLAS crossover, flash-decoding split settings,
+sampler old vs new, decode steps.
+
+    PYTHONPATH=. python tools/kernel_check.py [--quick] [--only gemv,splits]   # ~2-3 min
+    PYTHONPATH=. python tools/gpu_check.py --only new      # the same, from gpu_check
+
+--quick skips the Llama-3-8B shapes and the decode steps; --only runs the named sections
+(fused, gemv, splits, sampling, decode).
+"""
+
+from __future__ import annotations
+
+import statistics
+import sys
+import time
+import traceback
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as a script: make the checkout importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import cupy  # noqa: E402
+import numpy as np  # noqa: E402
+
+from engine.executor.ops import (  # noqa: E402
+    AttentionMetadata,
+    SamplingTensors,
+    cuda_gemv,
+    cuda_sampling,
+)
+from engine.executor.ops import cuda_attention as ca  # noqa: E402
+from engine.executor.ops.numpy_ops import NumpyOps  # noqa: E402
+
+BW, FLOPS = 4.27e12, 800e12  # measured ceilings (shared/GPU.md)
+L2_BYTES = 60 << 20
+REF = NumpyOps()
+tables: dict[str, list[str]] = {}
+
+
+def graph_time(fn, calls: int = 20, reps: int = 10) -> float:
+    """Seconds per fn() on the GPU: `calls` calls captured in one CUDA graph, replayed `reps`
+    times between events, median. fn launches kernels only (no host sync, no host copy)."""
+    stream = cupy.cuda.Stream(non_blocking=True)
+    with stream:
+        for _ in range(calls):  # warm-up: compiles, and fills the memory pool for the capture
+            fn()
+        stream.synchronize()
+        stream.begin_capture()
+        for _ in range(calls):
+            fn()
+        graph = stream.end_capture()
+        graph.launch(stream)
+        times = []
+        for _ in range(reps):
+            start, end = cupy.cuda.Event(), cupy.cuda.Event()
+            start.record(stream)
+            graph.launch(stream)
+            end.record(stream)
+            end.synchronize()
+            times.append(cupy.cuda.get_elapsed_time(start, end) / 1e3 / calls)
+    return statistics.median(times)
+
+
+def rel(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    if not np.isfinite(got).all():
+        return float("nan")
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
+def row(table: str, name: str, err, sec: float, nbytes: float = 0, flops: float = 0,
+        extra: str = ""):
+    frac = max(nbytes / sec / BW, flops / sec / FLOPS)
+    line = (f"| {name} | {err} | {sec * 1e6:.1f} | {nbytes / sec / 1e9:.0f} | "
+            f"{flops / sec / 1e12:.1f} | {frac * 100:.1f} | {extra} |")
+    tables.setdefault(table, []).append(line)
+    print(table, line, flush=True)
+
+
+def up(ops, x):
+    d = ops.from_host(np.asarray(x, np.float32))
+    return d, ops.to_host(d)
+
+
+# ----------------------------------------------------------------------------- fused qk/rope/kv
+
+
+def check_fused(ops):
+    from engine.executor.transformer import rope_cos_sin
+    from engine.model.config import ModelConfig
+
+    rng = np.random.default_rng(0)
+    nh, nkv, hd, bs = 16, 8, 128, 16
+    width = (nh + 2 * nkv) * hd
+    cfg = ModelConfig("Qwen3ForCausalLM", 10, 1024, 3072, 1, nh, nkv, hd, rope_theta=1e6)
+    cs_h = rope_cos_sin(cfg, 8192)
+    cs = ops.from_host(cs_h)
+    for t in (1, 64, 256):
+        qkv, qkv_h = up(ops, rng.standard_normal((t, width)))
+        qn, qn_h = up(ops, rng.standard_normal(hd))
+        kn, kn_h = up(ops, rng.standard_normal(hd))
+        pos = rng.integers(0, 8192, t).astype(np.int32)
+        slots = rng.permutation(64 * bs)[:t].astype(np.int32)
+        cache, cache_h = up(ops, np.zeros((2, 64, nkv, bs, hd)))
+        pos_d, slots_d = cupy.asarray(pos), cupy.asarray(slots)
+        want, k_h, v_h = qkv_h.copy(), cache_h[0].copy(), cache_h[1].copy()
+        REF.qk_norm_rope_kv_write(want, pos, cs_h, qn_h, kn_h, 1e-6, k_h, v_h, slots, nh, nkv)
+        got = qkv.copy()
+        ops.qk_norm_rope_kv_write(got, pos_d, cs, qn, kn, 1e-6, cache[0], cache[1], slots_d, nh,
+                                  nkv)
+        err = max(rel(ops.to_host(got)[:, : (nh + nkv) * hd], want[:, : (nh + nkv) * hd]),
+                  rel(ops.to_host(cache[0]), k_h), rel(ops.to_host(cache[1]), v_h))
+        nbytes = t * (width + (nh + nkv) * hd + 2 * nkv * hd) * 2
+
+        def fused(got=got, cache=cache, pos_d=pos_d, slots_d=slots_d, qn=qn, kn=kn):
+            ops.qk_norm_rope_kv_write(got, pos_d, cs, qn, kn, 1e-6, cache[0], cache[1],
+                                      slots_d, nh, nkv)
+
+        def unfused(got=got, cache=cache, pos_d=pos_d, slots_d=slots_d, qn=qn, kn=kn):
+            ops.qk_norm(got, qn, kn, 1e-6, nh, nkv)
+            ops.rope(got, pos_d, cs, nh, nkv)
+            ops.write_kv_cache(got, cache[0], cache[1], slots_d, nh, nkv)
+
+        t_f, t_u = graph_time(fused), graph_time(unfused)
+        row("fused", f"qk_norm_rope_kv T={t} (Qwen3 16/8/128)", f"{err:.1e}", t_f, nbytes,
+            extra=f"unfused 3 kernels {t_u * 1e6:.1f} us ({t_u / t_f:.2f}x)")
+
+
+# ----------------------------------------------------------------------------- GEMV vs cuBLAS
+
+SHAPES = {  # name -> (N, K) of the weight
+    "qwen3-0.6b": {"qkv": (4096, 1024), "o": (1024, 2048), "gate_up": (6144, 1024),
+                   "down": (1024, 3072), "lm_head": (151936, 1024)},
+    "llama3-8b": {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
+                  "down": (4096, 14336), "lm_head": (128256, 4096)},
+}
+
+
+def check_gemv(ops, models):
+    rng = np.random.default_rng(1)
+    ms = (1, 2, 4, 8)
+    for model in models:
+        for name, (n, k) in SHAPES[model].items():
+            nbytes = n * k * 2
+            copies = max(1, -(-3 * L2_BYTES // nbytes))  # cycle through > L2: a cold read
+            ws = [ops.random_weight((n, k), k**-0.5, rng) for _ in range(copies)]
+            calls = max(20, copies)
+            for m in ms:
+                x, x_h = up(ops, rng.standard_normal((m, k)))
+                out = cupy.empty((m, n), ws[0].dtype)
+                blas = cupy.empty((m, n), ws[0].dtype)
+                ops._gemm(x, ws[0], blas, ops.dtype)
+                cuda_gemv.gemv(x, ws[0], out, ops.ctype)
+                err = rel(ops.to_host(out), ops.to_host(blas))
+                it = iter(range(10**9))
+                t_g = graph_time(lambda x=x, out=out, it=it, ws=ws: cuda_gemv.gemv(
+                    x, ws[next(it) % len(ws)], out, ops.ctype), calls)
+                it = iter(range(10**9))
+                t_b = graph_time(lambda x=x, blas=blas, it=it, ws=ws: ops._gemm(
+                    x, ws[next(it) % len(ws)], blas, ops.dtype), calls)
+                win = "GEMV" if t_g < t_b else "cuBLAS"
+                row("gemv", f"{model} {name} {n}x{k} M={m}", f"{err:.1e}", t_g,
+                    nbytes + m * k * 2, 2 * m * n * k,
+                    extra=f"cuBLAS {t_b * 1e6:.1f} us ({t_b / t_g:.2f}x) -> {win}")
+            if name == "down":
+                check_silu_gemv(ops, model, ws, n, k, rng)
+            if name in ("qkv", "gate_up"):
+                check_norm_gemv(ops, f"{model} {name}", ws, rng)
+
+
+def check_silu_gemv(ops, model, ws, n, k, rng):
+    copies = len(ws)
+    for m in (1, 2, 4):
+        gu, gu_h = up(ops, rng.standard_normal((m, 2 * k)))
+        out = cupy.empty((m, n), ws[0].dtype)
+        cuda_gemv.gemv(gu, ws[0], out, ops.ctype, act=True)
+        want = REF.silu_mul_linear(gu_h, ops.to_host(ws[0]))
+        err = rel(ops.to_host(out), want)
+        it = iter(range(10**9))
+        t_f = graph_time(lambda gu=gu, out=out, it=it: cuda_gemv.gemv(
+            gu, ws[next(it) % copies], out, ops.ctype, act=True), max(20, copies))
+        it = iter(range(10**9))
+        t_u = graph_time(lambda gu=gu, out=out, it=it: ops._gemm(
+            ops.silu_and_mul(gu), ws[next(it) % copies], out, ops.dtype), max(20, copies))
+        row("gemv", f"{model} down+SiLU fused M={m}", f"{err:.1e}", t_f, n * k * 2,
+            2 * m * n * k, extra=f"silu_and_mul + cuBLAS {t_u * 1e6:.1f} us ({t_u / t_f:.2f}x)")
+
+
+def check_norm_gemv(ops, label, ws, rng):
+    n, k = ws[0].shape
+    copies = len(ws)
+    for m in (1, 2, 4):
+        x, x_h = up(ops, rng.standard_normal((m, k)))
+        res, res_h = up(ops, rng.standard_normal((m, k)))
+        nw, nw_h = up(ops, rng.standard_normal(k))
+        y, new_res = cuda_gemv.norm_gemv(x, res, nw, ws[0], 1e-6, ops.ctype)
+        want_y, want_res = REF.add_rms_norm_linear(x_h, res_h, nw_h, 1e-6, ops.to_host(ws[0]))
+        err = max(rel(ops.to_host(y), want_y), rel(ops.to_host(new_res), want_res))
+        it = iter(range(10**9))
+        t_f = graph_time(lambda x=x, res=res, nw=nw, it=it: cuda_gemv.norm_gemv(
+            x, res, nw, ws[next(it) % copies], 1e-6, ops.ctype), max(20, copies))
+        it = iter(range(10**9))
+        out = cupy.empty((m, n), x.dtype)
+
+        def unfused(x=x, res=res, nw=nw, it=it, out=out):
+            h, _ = ops.add_rms_norm(x, res, nw, 1e-6)
+            cuda_gemv.gemv(h, ws[next(it) % copies], out, ops.ctype)
+
+        t_u = graph_time(unfused, max(20, copies))
+        row("gemv", f"{label} add+norm fused M={m}", f"{err:.1e}", t_f, n * k * 2,
+            2 * m * n * k, extra=f"add_rms_norm + GEMV {t_u * 1e6:.1f} us ({t_u / t_f:.2f}x)")
+
+
+# ----------------------------------------------------------------------------- flash-decoding
+
+
+def _decode_batch(ops, ctx, nkv=8, hd=128, bs=16):
+    rng = np.random.default_rng(2)
+    nb = [-(-c // bs) for c in ctx]
+    tables_ = np.full((len(ctx), max(nb)), -1, np.int32)
+    used = 0
+    for s, k in enumerate(nb):
+        tables_[s, :k] = np.arange(used, used + k)
+        used += k
+    meta = AttentionMetadata(np.full(len(ctx), -1, np.int32),
+                             np.arange(len(ctx) + 1, dtype=np.int32), np.array(ctx, np.int32),
+                             tables_, 1, max(ctx))
+    cache = ops.random_weight((2, used, nkv, bs, hd), 1.0, rng)
+    return meta, cache
+
+
+def check_splits(ops):
+    nh, nkv, hd = 16, 8, 128
+    scale = hd**-0.5
+    settings = {  # name -> (NUM_BLOCKS_TARGET, MIN_KEYS_PER_SPLIT, MAX_SPLITS)
+        "old (32 splits, all used)": (1024, 1, 32),
+        "new default": (ca.NUM_BLOCKS_TARGET, ca.MIN_KEYS_PER_SPLIT, ca.MAX_SPLITS),
+        "target 2048": (2048, ca.MIN_KEYS_PER_SPLIT, 256),
+        "min keys 64": (ca.NUM_BLOCKS_TARGET, 64, ca.MAX_SPLITS),
+        "min keys 256": (ca.NUM_BLOCKS_TARGET, 256, ca.MAX_SPLITS),
+    }
+    default = (ca.NUM_BLOCKS_TARGET, ca.MIN_KEYS_PER_SPLIT, ca.MAX_SPLITS)
+    rng = np.random.default_rng(3)
+    cases = [[512], [4096], [16384], [32532], [1024] * 8, [4096] * 8, [1024] * 64]
+    for ctx in cases:
+        meta, cache = _decode_batch(ops, ctx)
+        qkv, qkv_h = up(ops, rng.standard_normal((len(ctx), (nh + 2 * nkv) * hd)))
+        kv_bytes = sum(ctx) * nkv * hd * 2 * 2
+        want = None
+        if sum(ctx) <= 40000:
+            want = REF.attention(qkv_h, ops.to_host(cache[0]), ops.to_host(cache[1]), meta, nh,
+                                 nkv, scale)
+        for name, (target, min_keys, max_splits) in settings.items():
+            ca.NUM_BLOCKS_TARGET, ca.MIN_KEYS_PER_SPLIT, ca.MAX_SPLITS = target, min_keys, \
+                max_splits
+            try:
+                # a CUDA graph's grid: sized for a 32k max_model_len, whatever the step's contexts
+                dmeta = ops.prepare_metadata(meta)
+                dmeta.num_splits = ca.choose_splits(len(ctx), nkv, 32768)
+
+                def attn(dmeta=dmeta, qkv=qkv, cache=cache):
+                    return ops.attention(qkv, cache[0], cache[1], dmeta, nh, nkv, scale)
+
+                err = "-" if want is None else f"{rel(ops.to_host(attn()), want):.1e}"
+                label = f"B={len(ctx)} ctx={ctx[0]} {name}"
+                row("splits", label, err, graph_time(attn), kv_bytes,
+                    extra=f"grid splits {dmeta.num_splits}")
+            finally:
+                ca.NUM_BLOCKS_TARGET, ca.MIN_KEYS_PER_SPLIT, ca.MAX_SPLITS = default
+
+
+# ----------------------------------------------------------------------------- sampling
+
+
+def _tensors(rows, rng, **kw) -> SamplingTensors:
+    t = SamplingTensors(np.zeros(rows, np.float32), np.zeros(rows, np.int32),
+                        np.ones(rows, np.float32), np.zeros(rows, np.float32),
+                        rng.integers(1, 2**63, rows).astype(np.uint64),
+                        np.arange(rows, dtype=np.uint32), np.zeros(rows, np.float32),
+                        np.zeros(rows, np.float32), np.ones(rows, np.float32))
+    for key, value in kw.items():
+        getattr(t, key)[:] = value
+    return t
+
+
+def check_sampling(ops):
+    rng = np.random.default_rng(4)
+    rows, vocab = 256, 151936
+    logits_h = (rng.standard_normal((rows, vocab)) * 3).astype(np.float32)
+    logits = ops.from_host(logits_h)  # the compute dtype, as the lm_head GEMM leaves it
+    logits_h = ops.to_host(logits)
+    configs = {
+        "greedy": {},
+        "T=0.8": {"temperature": 0.8},
+        "T=0.8 top_k=50 top_p=0.95": {"temperature": 0.8, "top_k": 50, "top_p": 0.95},
+        "T=0.8 top_p=0.95": {"temperature": 0.8, "top_p": 0.95},
+        "T=0.8 min_p=0.05": {"temperature": 0.8, "min_p": 0.05},
+        "W1 + repetition 1.1": {"temperature": 0.8, "top_k": 50, "top_p": 0.95,
+                                "repetition_penalty": 1.1},
+    }
+    check = 32  # rows held to numpy (numpy sorts every row: slow)
+    for name, kw in configs.items():
+        t = _tensors(rows, rng, **kw)
+        if "repetition_penalty" in kw:
+            t.prompt_ids = rng.integers(0, vocab, (rows, 512)).astype(np.int32)
+            t.output_ids = rng.integers(0, vocab, (rows, 128)).astype(np.int32)
+        sub = _tensors(check, rng)
+        for f in ("temperature", "top_k", "top_p", "min_p", "seeds", "steps", "presence_penalty",
+                  "frequency_penalty", "repetition_penalty"):
+            setattr(sub, f, getattr(t, f)[:check])
+        if t.prompt_ids is not None:
+            sub.prompt_ids, sub.output_ids = t.prompt_ids[:check], t.output_ids[:check]
+        want = REF.sample(logits_h[:check], sub).token_ids
+        times = {}
+        for sampler in ("bisect", "select"):
+            cuda_sampling.SAMPLER = sampler
+            got = ops.sample(logits[:check], sub).token_ids
+            dev = cuda_sampling.upload(t)
+            times[sampler] = (np.mean(got == want), graph_time(
+                lambda t=t, dev=dev: cuda_sampling.launch(logits, t, dev, ops.ctype), 5, 5))
+        cuda_sampling.SAMPLER = "select"
+        (agree, sec), (old_agree, old) = times["select"], times["bisect"]
+        row("sampling", f"{name} ({rows}x{vocab})", f"agree {agree:.2f}", sec, logits.nbytes,
+            extra=f"bisect {old * 1e6:.0f} us, agree {old_agree:.2f} ({old / sec:.1f}x)")
+
+
+# ----------------------------------------------------------------------------- decode steps
+
+
+def decode_step(ops, preset, ctx, gemv_on=True):
+    from engine.executor.cuda_graph import DecodeGraphs
+    from engine.executor.transformer import Transformer
+    from engine.model.config import ModelConfig
+    from engine.model.loader import dummy_weights
+
+    config = ModelConfig.from_preset(preset)
+    model = Transformer(config, dummy_weights(config, ops, seed=0), ops, ctx + 16)
+    bs = 16
+    nb = -(-(ctx + 1) // bs)
+    cache = ops.alloc_kv_cache(config.num_layers, nb, config.num_kv_heads, bs, config.head_dim)
+    tables_ = np.arange(nb, dtype=np.int32).reshape(1, -1)
+    meta = AttentionMetadata(np.array([ctx], np.int32), np.arange(2, dtype=np.int32),
+                             np.array([ctx + 1], np.int32), tables_, 1, ctx + 1)
+    ids, pos = np.array([7], np.int32), np.array([ctx], np.int32)
+    weight_bytes = config.num_linear_params() * 2
+    kv = (ctx + 1) * config.num_layers * config.num_kv_heads * config.head_dim * 4
+    gemv_caps = cuda_gemv.GEMV_MAX_M, cuda_gemv.GEMV_SILU_MAX_M, cuda_gemv.NORM_GEMV_MAX_M
+    for on in ((True, False) if gemv_on else (False,)):
+        if not on:  # every linear on cuBLAS, norms and activations their own launches
+            cuda_gemv.GEMV_MAX_M = cuda_gemv.GEMV_SILU_MAX_M = cuda_gemv.NORM_GEMV_MAX_M = 0
+        try:
+            g = DecodeGraphs(model, cache, max_num_seqs=1, max_blocks_per_seq=nb,
+                             max_context_len=max(ctx + 1, 32768))
+            g.capture()
+            times = []
+            for _ in range(30):
+                t0 = time.perf_counter()
+                g.run(ids, pos, meta)
+                cupy.cuda.get_current_stream().synchronize()
+                times.append(time.perf_counter() - t0)
+            row("decode", f"{preset} B=1 ctx={ctx} graph, GEMV {'on' if on else 'off'}", "-",
+                statistics.median(times), weight_bytes + kv)
+            del g
+        finally:
+            cuda_gemv.GEMV_MAX_M, cuda_gemv.GEMV_SILU_MAX_M, cuda_gemv.NORM_GEMV_MAX_M = gemv_caps
+    del model, cache
+
+
+def run_all(ops, quick: bool = False, only: str | None = None):
+    """Every section, or those named in `only` (comma-separated: fused, gemv, splits, sampling,
+    decode)."""
+    sections = {
+        "fused": lambda: check_fused(ops),
+        "gemv": lambda: check_gemv(ops, ["qwen3-0.6b"] if quick else ["qwen3-0.6b", "llama3-8b"]),
+        "splits": lambda: check_splits(ops),
+        "sampling": lambda: check_sampling(ops),
+        "decode": lambda: None if quick else [decode_step(ops, p, c) for p, c in (
+            ("qwen3-0.6b", 512), ("qwen3-0.6b", 32532), ("llama3-8b", 512))],
+    }
+    for name, run in sections.items():
+        if only is not None and name not in only.split(","):
+            continue
+        try:  # one section failing still leaves the others' tables
+            run()
+        except Exception:
+            traceback.print_exc()
+            tables.setdefault(name, []).append("| FAILED: see the traceback above | | | | | | |")
+        cupy.get_default_memory_pool().free_all_blocks()
+    for name, lines in tables.items():
+        print(f"\n### {name}\n| case | err / agreement | us | GB/s | TFLOP/s | % of ceiling | "
+              "notes |\n|---|---|---|---|---|---|---|")
+        print("\n".join(lines))
+
+
+def main():
+    from engine.executor.ops.cuda_ops import CudaOps
+
+    ops = CudaOps("bfloat16")
+    print(f"GPU: {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}", flush=True)
+    t0 = time.perf_counter()
+    only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None
+    run_all(ops, quick="--quick" in sys.argv, only=only)
+    print(f"\nkernel_check took {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
