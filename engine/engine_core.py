@@ -161,6 +161,9 @@ class EngineCore:
         if params.n > self.config.max_num_seqs:  # the n sequences must fit in one batch
             raise ParamError("n", f"n ({params.n}) must be <= max_num_seqs "
                                   f"({self.config.max_num_seqs})")
+        if params.use_beam_search and params.beam_width > self.config.max_num_seqs:
+            raise ParamError("best_of", f"best_of (the beam width, {params.beam_width}) must "
+                                        f"be <= max_num_seqs ({self.config.max_num_seqs})")
         if not ids:
             raise ValueError("prompt is empty: it must have at least one token")
         if len(ids) > self.max_model_len:

@@ -62,17 +62,21 @@ def run_checked(engine, prompt, params):
     dict(block_size=4),
     dict(block_size=4, async_scheduling=True),
     dict(block_size=2, num_kv_blocks=12, max_num_batched_tokens=6),  # preemptions
+    # Too few blocks for all beams at once: a beam that reported makes way for its sibling.
+    dict(block_size=2, num_kv_blocks=7, max_num_batched_tokens=6),
+    dict(block_size=2, num_kv_blocks=7, max_num_batched_tokens=6, async_scheduling=True),
 ])
 def test_equals_brute_force_with_shared_blocks(make_engine, fields):
     ref = make_engine()
     params = SamplingParams(n=2, best_of=3, use_beam_search=True, max_tokens=6, ignore_eos=True)
     want = brute_force(ref, PROMPT, 3, 2, 6)
-    out, shared = run_checked(make_engine(**fields), PROMPT, params)
+    engine = make_engine(**fields)
+    out, shared = run_checked(engine, PROMPT, params)
     got = [(c.token_ids, c.cumulative_logprob) for c in out.outputs]
     assert [g[0] for g in got] == [w[0] for w in want]
     assert [g[1] for g in got] == pytest.approx([w[1] for w in want], abs=1e-4)
     assert all(c.finish_reason == "length" for c in out.outputs)
-    assert shared
+    assert shared or engine.scheduler.num_preemptions
 
 
 def test_stop_ids_finish_beams_and_length_penalty_ranks_them(make_engine):
@@ -125,3 +129,10 @@ def test_validation():
         SamplingParams(n=1, best_of=2)
     with pytest.raises(ValueError, match="n must be <= 10"):
         SamplingParams(n=11, use_beam_search=True)
+
+
+def test_beam_width_must_fit_a_batch(make_engine):
+    engine = make_engine(max_num_seqs=2)
+    with pytest.raises(ValueError, match="best_of"):
+        engine.add_request("b", {"prompt_token_ids": PROMPT},
+                           SamplingParams(n=1, best_of=3, use_beam_search=True))

@@ -208,6 +208,8 @@ class Scheduler:
             batch.add(seq, n)
             budget -= n
 
+        if batch.is_empty and self.waiting and not bm.can_allocate(self.waiting[0]):
+            self._unblock_beams(batch)
         self.num_preemptions += batch.num_preempted
         if not batch.is_empty:
             # Copies wait for a forward: none can touch their blocks before one runs.
@@ -216,6 +218,18 @@ class Scheduler:
             self.num_chunked_prefill_steps += chunked
             self.num_mixed_steps += 0 < num_decodes < len(batch.seqs)
         return batch
+
+    def _unblock_beams(self, batch: ScheduledBatch) -> None:
+        """Nothing runs: the running sequences are beams that reported their candidates and
+        wait for a sibling (engine/beam_search.py), and the sibling waits for blocks they hold.
+        One of them makes way, queued behind the others; its candidates are kept."""
+        stuck = [s for s in self.running if s.sampling_params.use_beam_search
+                 and not s.has_pending_token and s.num_computed_tokens == len(s.token_ids)]
+        if stuck:
+            self._preempt(stuck[-1])
+            self.waiting.remove(stuck[-1])
+            self.waiting.append(stuck[-1])
+            batch.num_preempted += 1
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
