@@ -263,7 +263,9 @@ def serve(args: argparse.Namespace, config: EngineConfig, started: float) -> int
         # core would only answer 503s.
         died.append(cause)
         server.should_exit = True
-        threading.Timer(EXIT_DEADLINE_S, os._exit, (1,)).start()
+        deadline = threading.Timer(EXIT_DEADLINE_S, os._exit, (1,))
+        deadline.daemon = True  # a clean shutdown before it exits at once
+        deadline.start()
 
     app = app_from_args(args, config, on_fatal=on_fatal)
     engine = app.state.engine
