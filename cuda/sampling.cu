@@ -6,6 +6,7 @@
 // Results leave packed the same way (one download per step):
 //   [R, 2 + 2 * num_logprobs]: token id, its raw logprob (f32), top ids, top raw logprobs (f32)
 #include "sampling_common.cuh"
+#include "sampling_select.cuh"
 
 // Marks the tokens a row has seen: output tokens counted, prompt tokens flagged by bit 30.
 // Grid: (R)  Block: (256)
@@ -16,11 +17,11 @@ __global__ void penalty_counts_kernel(int* __restrict__ counts,            // [R
   int* row = counts + (long)blockIdx.x * vocab;
   for (int i = threadIdx.x; i < P; i += blockDim.x) {
     const int id = prompt_ids[(long)blockIdx.x * P + i];
-    if (id >= 0) atomicOr(row + id, 1 << 30);
+    if (id >= 0 && id < vocab) atomicOr(row + id, 1 << 30);  // ids past vocab: ignored
   }
   for (int i = threadIdx.x; i < O; i += blockDim.x) {
     const int id = output_ids[(long)blockIdx.x * O + i];
-    if (id >= 0) atomicAdd(row + id, 1);
+    if (id >= 0 && id < vocab) atomicAdd(row + id, 1);
   }
 }
 
@@ -64,23 +65,9 @@ __global__ void add_logit_bias_kernel(float* __restrict__ adjusted,         // [
                                       int NB, int vocab) {
   for (int i = 0; i < NB; i++) {
     const int id = bias_ids[blockIdx.x * NB + i];
-    if (id >= 0) adjusted[(long)blockIdx.x * vocab + id] += bias_values[blockIdx.x * NB + i];
+    if (id >= 0 && id < vocab)
+      adjusted[(long)blockIdx.x * vocab + id] += bias_values[blockIdx.x * NB + i];
   }
-}
-
-// Greedy choice over the adjusted (or raw) row: largest value, lowest id on ties; every thread
-// gets it, and 0x7fffffff when no value compares (all NaN).
-template <typename T>
-__device__ int row_argmax(const T* __restrict__ logits, const float* __restrict__ adjusted,
-                          long base, int vocab, float* sv, int* si) {
-  float bv = -INFINITY;
-  int bi = 0x7fffffff;
-  for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
-    const float v = adjusted ? adjusted[base + i] : to_float(logits[base + i]);
-    if (ahead(v, i, bv, bi)) { bv = v; bi = i; }
-  }
-  block_argmax(bv, bi, sv, si);
-  return bi;
 }
 
 // ---------------------------------------------------------------------------- the sampler
@@ -94,13 +81,15 @@ __device__ int row_argmax(const T* __restrict__ logits, const float* __restrict_
 //      of the two (one bin of margin for top-p's float sums) is a candidate for being kept.
 //   3. when there are at most SEL_CAP candidates (a top-k of a few hundred, or a peaked row's
 //      top-p): collect them into shared memory, sort them there, and do the exact thresholds
-//      and the draw on them. Otherwise: exact thresholds by bisection over p's bit patterns
-//      (~31 passes per rule), then the draw over the whole row (one pass).
-constexpr int SEL_BINS = 2048;  // p's float bits >> SEL_SHIFT: p <= 1 has bits < 2^30
-constexpr int SEL_SHIFT = 19;
-constexpr int SEL_CAP = 2048;   // candidates sorted in shared memory (a power of two)
-constexpr int NO_ID = 0x7fffffff;
-
+//      and the draw on them. When there are more (a top-p keeping thousands of tokens), the
+//      window of bins that can hold each rule's cut usually still fits: collect and sort only
+//      the window, count and sum every p above it (in a fixed order: no atomics), cut there,
+//      and draw over the whole row (one more pass). A crowded window gets a second, finer
+//      histogram of its own range first; only a row whose window overflows even then (a nearly
+//      flat row) bisects p's bit patterns (~31 passes per rule).
+// The shared-memory steps (bins, sorts, cuts) are in sampling_select.cuh.
+// The passes read 8 elements per thread per step (16-byte loads where the rows allow), so a
+// block keeps enough bytes in flight to approach the bandwidth.
 struct RowDist {  // what every pass needs to recompute p_i
   const float* adjusted;
   const void* logits;
@@ -127,11 +116,47 @@ __device__ __forceinline__ float adjusted_at(const RowDist& d, int i) {
   return d.adjusted ? d.adjusted[d.base + i] : to_float(static_cast<const T*>(d.logits)[d.base + i]);
 }
 
-// p_i, the same float ops in every pass (explicit _rn ops: no fused multiply-add), so that every
-// pass sees the same value.
+// p of an adjusted value, the same float ops in every pass (explicit _rn ops: no fused
+// multiply-add), so that every pass sees the same value.
+__device__ __forceinline__ float prob_of(const RowDist& d, float a) {
+  return __fmul_rn(expf(scaled_gap(a, d.smx, d.temp, d.inv_t)), d.inv_z);
+}
+
 template <typename T>
 __device__ __forceinline__ float prob_at(const RowDist& d, int i) {
-  return __fmul_rn(expf(scaled_gap(adjusted_at<T>(d, i), d.smx, d.temp, d.inv_t)), d.inv_z);
+  return prob_of(d, adjusted_at<T>(d, i));
+}
+
+// Elements i .. i + 7 of a row as floats (i a multiple of 8, the row 16-byte aligned).
+template <typename T>
+__device__ __forceinline__ void load8(const T* __restrict__ row, int i, float* f) {
+  if constexpr (sizeof(T) == 4) {
+    const float4 a = __ldg(reinterpret_cast<const float4*>(row + i));
+    const float4 b = __ldg(reinterpret_cast<const float4*>(row + i) + 1);
+    f[0] = a.x; f[1] = a.y; f[2] = a.z; f[3] = a.w; f[4] = b.x; f[5] = b.y; f[6] = b.z; f[7] = b.w;
+  } else {
+    const uint4 w = __ldg(reinterpret_cast<const uint4*>(row + i));
+    const T* h = reinterpret_cast<const T*>(&w);
+#pragma unroll
+    for (int e = 0; e < 8; e++) f[e] = to_float(h[e]);
+  }
+}
+
+// f(i, adjusted value) for every element of the row, each thread 8 consecutive ones at a time
+// when `vec` (every row 16-byte aligned), else one at a time.
+template <typename T, typename F>
+__device__ __forceinline__ void for_each_value(const RowDist& d, int vocab, bool vec, F f) {
+  if (vec) {
+    for (int i0 = threadIdx.x * 8; i0 < vocab; i0 += blockDim.x * 8) {
+      float a[8];
+      if (d.adjusted) load8<float>(d.adjusted + d.base, i0, a);
+      else load8<T>(static_cast<const T*>(d.logits) + d.base, i0, a);
+#pragma unroll
+      for (int e = 0; e < 8; e++) f(i0 + e, a[e]);
+    }
+  } else {
+    for (int i = threadIdx.x; i < vocab; i += blockDim.x) f(i, adjusted_at<T>(d, i));
+  }
 }
 
 // Online (max, sum of exp((v - max) / T)) of one thread, merged over the block at the end.
@@ -152,55 +177,40 @@ __device__ __forceinline__ float online_merge(float m, float s, float temp, floa
   return block_sum(mine, red);
 }
 
-// Is (pa, ia) ahead of (pb, ib) in "larger p first, then lower id"?
-__device__ __forceinline__ bool p_ahead(float pa, int ia, float pb, int ib) {
-  return pa > pb || (pa == pb && ia < ib);
-}
-
-// Bitonic sort of n (a power of two <= SEL_CAP) pairs in shared memory, by p (descending, ids
-// ascending on ties) or by id alone (ascending). Every thread of the block calls it.
-__device__ void bitonic_sort(float* p, int* id, int n, bool by_id) {
-  for (int size = 2; size <= n; size <<= 1) {
-    for (int stride = size >> 1; stride > 0; stride >>= 1) {
-      for (int i = threadIdx.x; i < n / 2; i += blockDim.x) {
-        const int lo = 2 * i - (i & (stride - 1)), hi = lo + stride;
-        const bool up = (lo & size) == 0;  // this run ends sorted forwards
-        const bool hi_first = by_id ? id[hi] < id[lo] : p_ahead(p[hi], id[hi], p[lo], id[lo]);
-        if (hi_first == up) {
-          const float tp = p[lo]; p[lo] = p[hi]; p[hi] = tp;
-          const int ti = id[lo]; id[lo] = id[hi]; id[hi] = ti;
-        }
-      }
-      __syncthreads();
-    }
-  }
-}
-
-// Inclusive prefix sum over the warp.
-__device__ __forceinline__ float warp_incl(float v) {
-  const int lane = threadIdx.x & 31;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const float n = __shfl_up_sync(0xffffffffu, v, o);
-    if (lane >= o) v += n;
-  }
-  return v;
-}
-
 // The draw over the whole row: the first id whose running sum (id order) of kept p exceeds
 // u * total, kept meaning p >= tau and p > 0; the last kept id when rounding leaves no such id.
-// Warp w owns ids [w * seg, (w + 1) * seg), its lanes interleaved (coalesced reads); the warps
-// that may hold the crossing rescan their segment with warp prefix sums.
+// Warp w owns ids [w * seg, (w + 1) * seg); its lanes take W consecutive ids each (8 with `vec`,
+// one 16-byte load), 32 W per step. The warps that may hold the crossing rescan their segment
+// with warp prefix sums over the lanes' sums; the lane that crosses walks its own W ids.
 template <typename T>
-__device__ int draw_row(const RowDist& d, int vocab, float tau, float u, float* red, int* redi) {
+__device__ int draw_row(const RowDist& d, int vocab, bool vec, float tau, float u, float* red,
+                        int* redi) {
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, num_warps = blockDim.x >> 5;
-  const int seg = ((vocab + num_warps - 1) / num_warps + 31) / 32 * 32;
+  const int W = vec ? 8 : 1, step = 32 * W;
+  const int seg = ((vocab + num_warps - 1) / num_warps + step - 1) / step * step;
   const int begin = min(vocab, warp * seg), end = min(vocab, begin + seg);
+  // q[e]: the kept p of id i + e (0 where not kept, and for e >= W); i < end, i + W <= end.
+  auto kept = [&](int i, float* q) {
+    if (vec) {
+      if (d.adjusted) load8<float>(d.adjusted + d.base, i, q);
+      else load8<T>(static_cast<const T*>(d.logits) + d.base, i, q);
+    } else {
+      q[0] = adjusted_at<T>(d, i);
+    }
+#pragma unroll
+    for (int e = 0; e < 8; e++) {
+      const float p = e < W ? prob_of(d, q[e]) : 0.f;
+      q[e] = p >= tau && p > 0.f ? p : 0.f;
+    }
+  };
   float mine = 0.f;
   int last = -1;
-  for (int i = begin + lane; i < end; i += 32) {
-    const float q = prob_at<T>(d, i);
-    if (q >= tau && q > 0.f) { mine += q; last = i; }
+  for (int i = begin + lane * W; i < end; i += step) {
+    float q[8];
+    kept(i, q);
+#pragma unroll
+    for (int e = 0; e < 8; e++)
+      if (q[e] > 0.f) { mine += q[e]; last = i + e; }
   }
   mine = warp_sum(mine);
   for (int o = 16; o > 0; o >>= 1) last = max(last, __shfl_xor_sync(0xffffffffu, last, o));
@@ -220,14 +230,29 @@ __device__ int draw_row(const RowDist& d, int vocab, float tau, float u, float* 
   __syncthreads();
   if (mine > 0.f && before + mine > target) {  // usually one warp scans far; later ones stop at once
     float running = before;
-    for (int i0 = begin; i0 < end; i0 += 32) {
-      const int i = i0 + lane;
-      float q = i < end ? prob_at<T>(d, i) : 0.f;
-      if (!(q >= tau && q > 0.f)) q = 0.f;
-      const float incl = running + warp_incl(q);
-      const unsigned hit = __ballot_sync(0xffffffffu, q > 0.f && incl > target);
+    for (int i0 = begin; i0 < end; i0 += step) {
+      const int i = i0 + lane * W;
+      float q[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f}, own = 0.f;
+      if (i < end) {
+        kept(i, q);
+#pragma unroll
+        for (int e = 0; e < 8; e++) own += q[e];
+      }
+      const float incl = running + warp_incl(own);
+      const unsigned hit = __ballot_sync(0xffffffffu, own > 0.f && incl > target);
       if (hit) {
-        if (lane == 0) atomicMin(&chosen, i0 + __ffs(hit) - 1);
+        if (lane == __ffs(hit) - 1) {
+          float r = incl - own;
+          int pick = -1, lane_last = -1;
+#pragma unroll
+          for (int e = 0; e < 8; e++) {
+            if (q[e] <= 0.f) continue;
+            lane_last = i + e;
+            r += q[e];
+            if (pick < 0 && r > target) pick = i + e;
+          }
+          atomicMin(&chosen, pick >= 0 ? pick : lane_last);  // rounding: the lane's last kept
+        }
         break;
       }
       running = __shfl_sync(0xffffffffu, incl, 31);
@@ -268,121 +293,6 @@ __device__ float bisect_top_p(const RowDist& d, int vocab, float top_p, float p_
   return __uint_as_float(lo);
 }
 
-__device__ __forceinline__ int pow2_at_least(int n) {
-  int p = 1;
-  while (p < n) p <<= 1;
-  return p;
-}
-
-__device__ __forceinline__ int warp_incl_int(int v) {
-  const int lane = threadIdx.x & 31;
-#pragma unroll
-  for (int o = 1; o < 32; o <<= 1) {
-    const int n = __shfl_up_sync(0xffffffffu, v, o);
-    if (lane >= o) v += n;
-  }
-  return v;
-}
-
-// Warp 0, after the histogram: the lowest bin that can hold the kept set's smallest p, and how
-// many p lie at or above it -> sel[0], sel[1]. Lane l owns the 64 bins below SEL_BINS - 64 l
-// (lane 0 the largest p) and walks them downwards with the count and mass of every larger bin.
-//   top-k: the bin where the count from the top reaches k (bin 0 when fewer than k p are > 0);
-//   top-p: the lowest non-empty bin whose larger bins' mass is < top_p, then one non-empty bin
-//          lower still: the float sums here and numpy's cumsum may round a boundary differently;
-//   min-p: the bin of min_p * max p.
-__device__ void select_bins(const int* cnt, const float* mass, bool use_k, int top_k, bool use_p,
-                            float top_p, float tau_m, int* sel) {
-  constexpr int PER = SEL_BINS / 32;
-  const int lane = threadIdx.x & 31, top = SEL_BINS - PER * lane;
-  int c_own = 0;
-  float m_own = 0.f;
-  for (int b = top - PER; b < top; b++) { c_own += cnt[b]; m_own += mass[b]; }
-  int c_above = warp_incl_int(c_own) - c_own;
-  float m_above = warp_incl(m_own) - m_own;
-  int b_k = -1, b_p = SEL_BINS, b_top = -1;
-  for (int b = top - 1; b >= top - PER; b--) {
-    if (use_k && c_above < top_k && c_above + cnt[b] >= top_k) b_k = b;
-    if (cnt[b] > 0) {
-      if (m_above < top_p) b_p = b;
-      b_top = max(b_top, b);
-    }
-    c_above += cnt[b];
-    m_above += mass[b];
-  }
-  for (int o = 16; o > 0; o >>= 1) {
-    b_k = max(b_k, __shfl_xor_sync(0xffffffffu, b_k, o));
-    b_p = min(b_p, __shfl_xor_sync(0xffffffffu, b_p, o));
-    b_top = max(b_top, __shfl_xor_sync(0xffffffffu, b_top, o));
-  }
-  if (b_p == SEL_BINS) b_p = b_top;  // top_p <= 0 keeps the largest p only
-  int below = -1;  // the highest non-empty bin under b_p
-  for (int b = top - 1; b >= top - PER; b--)
-    if (b < b_p && cnt[b] > 0) { below = b; break; }
-  for (int o = 16; o > 0; o >>= 1) below = max(below, __shfl_xor_sync(0xffffffffu, below, o));
-  int b_low = tau_m > 0.f ? (int)(__float_as_uint(tau_m) >> SEL_SHIFT) : 0;
-  if (use_k) b_low = max(b_low, max(b_k, 0));
-  if (use_p) b_low = max(b_low, below >= 0 ? below : b_p);
-  b_low = min(b_low, b_top);  // the largest p is always a candidate
-  int c = 0;
-  for (int b = max(top - PER, b_low); b < top; b++) c += cnt[b];
-  c = warp_incl_int(c);
-  if (lane == 31) { sel[0] = b_low; sel[1] = c; }
-}
-
-// Warp 0, on the candidates sorted by p (descending): the exact thresholds as numpy_sampling
-// defines them, and how many candidates they keep -> sel[2] (a prefix of the sorted order).
-__device__ void exact_cut(const float* cand_p, int num_cand, bool use_k, int top_k, bool use_p,
-                          float top_p, float tau_m, int* sel) {
-  const int lane = threadIdx.x & 31;
-  float tau = tau_m;
-  if (use_k) tau = fmaxf(tau, top_k <= num_cand ? cand_p[top_k - 1] : 0.f);
-  if (use_p) {
-    // mass_before(i) = cumsum - p, as numpy computes it; the qualifying i form a prefix.
-    int num_q = 0;
-    float running = 0.f;
-    for (int i0 = 0; i0 < num_cand; i0 += 32) {
-      const int i = i0 + lane;
-      const float q = i < num_cand ? cand_p[i] : 0.f;
-      const float incl = running + warp_incl(q);
-      num_q += __popc(__ballot_sync(0xffffffffu, i < num_cand && incl - q < top_p));
-      running = __shfl_sync(0xffffffffu, incl, 31);
-    }
-    tau = fmaxf(tau, cand_p[num_q > 0 ? num_q - 1 : 0]);
-  }
-  int num_keep = 0;
-  for (int i0 = 0; i0 < num_cand; i0 += 32) {
-    const int i = i0 + lane;
-    num_keep += __popc(__ballot_sync(0xffffffffu, i < num_cand && cand_p[i] >= tau &&
-                                                       cand_p[i] > 0.f));
-  }
-  if (lane == 0) sel[2] = num_keep;
-}
-
-// Warp 0, on the kept candidates sorted by id: the first id whose running sum of p exceeds
-// u * total, else the last kept id -> sel[3].
-__device__ void draw_sorted(const float* cand_p, const int* cand_id, int num_keep, float u,
-                            int* sel) {
-  const int lane = threadIdx.x & 31;
-  // NOTE: summed in the same order as the search below, so the search ends inside the set.
-  float total = 0.f;
-  for (int i0 = 0; i0 < num_keep; i0 += 32) {
-    const int i = i0 + lane;
-    total += __shfl_sync(0xffffffffu, warp_incl(i < num_keep ? cand_p[i] : 0.f), 31);
-  }
-  const float target = __fmul_rn(u, total);
-  int chosen = num_keep - 1;
-  float running = 0.f;
-  for (int i0 = 0; i0 < num_keep; i0 += 32) {
-    const int i = i0 + lane;
-    const float incl = running + warp_incl(i < num_keep ? cand_p[i] : 0.f);
-    const unsigned hit = __ballot_sync(0xffffffffu, i < num_keep && incl > target);
-    if (hit) { chosen = i0 + __ffs(hit) - 1; break; }
-    running = __shfl_sync(0xffffffffu, incl, 31);
-  }
-  if (lane == 0) sel[3] = num_keep > 0 ? cand_id[chosen] : -1;  // none kept: the argmax
-}
-
 // Grid: (R)  Block: (SAMPLE_THREADS)
 template <typename T>
 __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(
@@ -397,7 +307,9 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(
   __shared__ float mass[SEL_BINS];
   __shared__ float cand_p[SEL_CAP];
   __shared__ int cand_id[SEL_CAP];
-  __shared__ int sel[5];  // low bin, candidates, candidates kept, chosen id, collect counter
+  // low bin, candidates, candidates kept, chosen id, collect counter, window top, its count
+  __shared__ int sel[7];
+  __shared__ float tau_s;
   const long base = (long)blockIdx.x * vocab;
   const int tid = threadIdx.x, warp = tid >> 5;
   const int* p = params + blockIdx.x * NUM_PARAMS;
@@ -406,17 +318,32 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(
   // NOTE: an inf temperature is FLT_MAX, so (v - max) / T stays a number.
   const float temp = sampling ? fminf(temperature, PS_FLT_MAX) : 1.f;
   const float inv_t = inverse_temperature(temp);
+  const bool vec = vocab % 8 == 0 &&  // 16-byte loads of every row
+                   (reinterpret_cast<unsigned long long>(logits) & 15) == 0 &&
+                   (reinterpret_cast<unsigned long long>(adjusted) & 15) == 0;
 
   // 1. Statistics in one pass: raw log-sum-exp (logprobs come from the raw logits), the
   //    adjusted row's max and normalizer at this temperature, and its argmax (greedy rows).
   float rm = -INFINITY, rs = 0.f, am = -INFINITY, asum = 0.f, bv = -INFINITY;
   int bi = NO_ID;
-  for (int i = tid; i < vocab; i += blockDim.x) {
-    const float raw = to_float(logits[base + i]);
-    const float a = adjusted ? adjusted[base + i] : raw;
+  auto stat = [&](int i, float raw, float a) {
     online_add(rm, rs, raw, 1.f, 1.f);
     if (sampling) online_add(am, asum, a, temp, inv_t);
     if (ahead(a, i, bv, bi)) { bv = a; bi = i; }
+  };
+  if (vec) {
+    for (int i0 = tid * 8; i0 < vocab; i0 += blockDim.x * 8) {
+      float r8[8], a8[8];
+      load8<T>(logits + base, i0, r8);
+      if (adjusted) load8<float>(adjusted + base, i0, a8);
+#pragma unroll
+      for (int e = 0; e < 8; e++) stat(i0 + e, r8[e], adjusted ? a8[e] : r8[e]);
+    }
+  } else {
+    for (int i = tid; i < vocab; i += blockDim.x) {
+      const float raw = to_float(logits[base + i]);
+      stat(i, raw, adjusted ? adjusted[base + i] : raw);
+    }
   }
   float raw_max, smx = -INFINITY;
   const float log_sum = logf(online_merge(rm, rs, 1.f, 1.f, red, raw_max));
@@ -435,39 +362,90 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(
                               (unsigned)p[6]);
     float tau = tau_m;
     if (use_k || use_p) {
-      // 2. Histogram of p's top bits.
-      for (int b = tid; b < SEL_BINS; b += blockDim.x) { cnt[b] = 0; mass[b] = 0.f; }
+      // A p below `p_floor` is never kept, so the histogram and the window skip it: below
+      // min-p's cut, or below top-p's: all the p under (1 - top_p) / vocab sum to less than
+      // 1 - top_p, so the mass above that reaches top_p (halved: a margin for float sums).
+      float p_floor = tau_m;
+      if (use_p) p_floor = fmaxf(p_floor, __fmul_rn(1.f - top_p, 0.5f / vocab));
+      p_floor = fminf(p_floor, p_max);
+      // 2. Histograms: bin(p) = (bits(p) - lo) >> shift over SEL_BINS bins. The first level
+      //    covers every p <= 1 in 1/16 octaves; when its window of cuts overflows SEL_CAP, a
+      //    second level spreads just that window over the bins (the p above it counted).
+      unsigned lo = 0;
+      int shift = SEL_SHIFT, b_low = 0, b_high = 0, num_cand = 0, num_win = 0;
+      for (int level = 0; level < 2; level++) {
+        for (int b = tid; b < SEL_BINS; b += blockDim.x) { cnt[b] = 0; mass[b] = 0.f; }
+        __syncthreads();
+        float out_c = 0.f, out_m = 0.f;  // over the range (a second level only)
+        for_each_value<T>(d, vocab, vec, [&](int, float a) {
+          const float q = prob_of(d, a);
+          const unsigned bits = __float_as_uint(q);
+          if (q > 0.f && q >= p_floor && bits >= lo) {
+            const unsigned b = (bits - lo) >> shift;
+            if (b >= SEL_BINS) {
+              out_c += 1.f;
+              out_m += q;
+            } else {
+              atomicAdd(&cnt[b], 1);
+              if (use_p) atomicAdd(&mass[b], q);
+            }
+          }
+        });
+        const int c0 = (int)block_sum(out_c, red);  // exact: counts stay below 2^24
+        const float m0 = block_sum(out_m, red);  // its barriers publish the histogram
+        const unsigned m_bits = __float_as_uint(tau_m);
+        const int b_m =
+            tau_m <= 0.f || m_bits < lo ? 0 : min(SEL_BINS - 1, (int)((m_bits - lo) >> shift));
+        if (warp == 0) select_bins(cnt, mass, c0, m0, use_k, top_k, use_p, top_p, b_m, sel);
+        __syncthreads();
+        b_low = sel[0], num_cand = sel[1], b_high = sel[5], num_win = sel[6];
+        if (num_cand <= SEL_CAP || num_win <= SEL_CAP || level == 1) break;
+        // The next level's range: bins b_low .. b_high of this one.
+        const unsigned range = (unsigned)(b_high - b_low + 1) << shift;
+        lo += (unsigned)b_low << shift;
+        shift = max(0, 32 - __clz(range - 1) - 11);  // ceil(log2(range)) - log2(SEL_BINS)
+      }
+      // Every candidate from b_low up when they fit; else the window [b_low, b_high], with
+      // the p above it counted and summed.
+      const bool from_top = num_cand <= SEL_CAP;
+      const unsigned cand_lo = lo + ((unsigned)b_low << shift);
+      const unsigned cand_hi = from_top ? 0xffffffffu : lo + ((unsigned)(b_high + 1) << shift);
+      int num_keep = -1;
+      float base_c = 0.f;
       if (tid == 0) sel[4] = 0;
       __syncthreads();
-      for (int i = tid; i < vocab; i += blockDim.x) {
-        const float q = prob_at<T>(d, i);
-        if (q > 0.f) {
-          const int b = __float_as_uint(q) >> SEL_SHIFT;
-          atomicAdd(&cnt[b], 1);
-          if (use_p) atomicAdd(&mass[b], q);
-        }
-      }
-      __syncthreads();
-      if (warp == 0) select_bins(cnt, mass, use_k, top_k, use_p, top_p, tau_m, sel);
-      __syncthreads();
-      const int b_low = sel[0], num_cand = sel[1];
-      if (num_cand <= SEL_CAP) {
-        // 3. Collect the candidates, then everything else happens in shared memory.
-        for (int i = tid; i < vocab; i += blockDim.x) {
-          const float q = prob_at<T>(d, i);
-          if (q > 0.f && (int)(__float_as_uint(q) >> SEL_SHIFT) >= b_low) {
-            const int slot = atomicAdd(&sel[4], 1);
-            if (slot < SEL_CAP) { cand_p[slot] = q; cand_id[slot] = i; }
+      if (from_top || num_win <= SEL_CAP) {
+        // 3. Collect the candidates, then the cuts happen in shared memory.
+        float above_c = 0.f, above_m = 0.f;  // each thread in its own fixed order
+        for_each_value<T>(d, vocab, vec, [&](int i, float a) {
+          const float q = prob_of(d, a);
+          const unsigned bits = __float_as_uint(q);
+          if (q > 0.f && q >= p_floor && bits >= cand_lo) {
+            if (bits >= cand_hi) {
+              above_c += 1.f;
+              above_m += q;
+            } else {
+              const int slot = atomicAdd(&sel[4], 1);
+              if (slot < SEL_CAP) { cand_p[slot] = q; cand_id[slot] = i; }
+            }
           }
-        }
-        __syncthreads();
-        const int n = pow2_at_least(num_cand);
-        for (int i = num_cand + tid; i < n; i += blockDim.x) { cand_p[i] = -1.f; cand_id[i] = NO_ID; }
+        });
+        base_c = block_sum(above_c, red);  // exact: counts stay below 2^24
+        const float base_m = block_sum(above_m, red);  // its barriers publish the candidates
+        const int num = from_top ? num_cand : num_win;
+        const int n = pow2_at_least(num);
+        for (int i = num + tid; i < n; i += blockDim.x) { cand_p[i] = -1.f; cand_id[i] = NO_ID; }
         __syncthreads();
         bitonic_sort(cand_p, cand_id, n, false);
-        if (warp == 0) exact_cut(cand_p, num_cand, use_k, top_k, use_p, top_p, tau_m, sel);
+        if (warp == 0)
+          exact_cut(cand_p, num, (int)base_c, base_m, use_k, top_k, use_p, top_p, tau_m, sel,
+                    &tau_s);
         __syncthreads();
-        const int num_keep = sel[2];
+        num_keep = sel[2];
+        tau = tau_s;
+      }
+      if (num_keep >= 0 && base_c == 0.f) {
+        // Every kept p is a candidate: the draw in shared memory too.
         const int n2 = pow2_at_least(num_keep);
         for (int i = num_keep + tid; i < n2; i += blockDim.x) { cand_p[i] = 0.f; cand_id[i] = NO_ID; }
         __syncthreads();
@@ -475,14 +453,17 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(
         if (warp == 0) draw_sorted(cand_p, cand_id, num_keep, u, sel);
         __syncthreads();
         token = sel[3];
+      } else if (num_keep >= 0) {
+        token = draw_row<T>(d, vocab, vec, tau, u, red, redi);  // the kept p reach above the window
       } else {
-        // Too many candidates (a flat row's top-p, a huge top-k): bisect the exact thresholds.
+        // The window overflows (a nearly flat row): bisect the exact thresholds.
+        tau = tau_m;
         if (use_k) tau = fmaxf(tau, bisect_top_k<T>(d, vocab, top_k, p_max, red));
         if (use_p) tau = fmaxf(tau, bisect_top_p<T>(d, vocab, top_p, p_max, red));
-        token = draw_row<T>(d, vocab, tau, u, red, redi);
+        token = draw_row<T>(d, vocab, vec, tau, u, red, redi);
       }
     } else {
-      token = draw_row<T>(d, vocab, tau, u, red, redi);  // temperature and min-p only
+      token = draw_row<T>(d, vocab, vec, tau, u, red, redi);  // temperature and min-p only
     }
   }
   if (token < 0) token = bi;  // greedy, an all-banned row, or nothing kept

@@ -4,7 +4,7 @@ Importing this package imports neither cupy nor torch; cupy loads only when the 
 chosen.
 """
 
-__all__ = ["LLM", "BeamSearchParams", "SamplingParams"]
+__all__ = ["LLM", "BeamSearchParams", "SamplingParams", "StructuredOutputsParams"]
 
 
 def __getattr__(name):
@@ -13,12 +13,8 @@ def __getattr__(name):
         from engine.llm import LLM
 
         return LLM
-    if name == "SamplingParams":
-        from engine.core.sampling_params import SamplingParams
+    if name in ("BeamSearchParams", "SamplingParams", "StructuredOutputsParams"):
+        from engine.core import sampling_params
 
-        return SamplingParams
-    if name == "BeamSearchParams":
-        from engine.core.sampling_params import BeamSearchParams
-
-        return BeamSearchParams
+        return getattr(sampling_params, name)
     raise AttributeError(name)

@@ -97,6 +97,10 @@ class LLMEngine:
             raise TypeError("sampling_params must be a SamplingParams, "
                             f"got {type(params).__name__}")
         text, ids = encode_prompt(self.tokenizer, prompt)
+        if params.structured_outputs is not None:
+            # Compiled here, in the caller's thread, so a grammar that does not compile is this
+            # call's ValueError; the core then finds it in the compiler's cache.
+            self.check_structured_outputs(params.structured_outputs)
         arrival = arrival_time if arrival_time is not None else time.time()
         self.processor.add_request(request_id, text, ids, params, arrival)
         try:
@@ -104,6 +108,17 @@ class LLMEngine:
         except Exception:
             self.processor.abort(request_id)
             raise
+
+    @property
+    def grammars(self):
+        """The structured-outputs compiler (engine/structured_outputs.py); None without a
+        tokenizer."""
+        return self.core.grammars
+
+    def check_structured_outputs(self, so) -> None:
+        """Compile `so` (cached); ValueError naming the field if it cannot constrain this model.
+        Thread-safe: the server calls it off its event loop before submitting."""
+        self.core.grammar_compiler().check(so)
 
     def abort(self, request_id: str) -> None:
         """Stop a request and free its blocks; a request that already finished is ignored."""

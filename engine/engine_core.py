@@ -17,6 +17,15 @@ that finished at step N (eos, stop id, a stop string the front found, an abort) 
 N+1 all the same: its token from N+1 is dropped, never emitted, and its blocks were freed when
 the finish was noticed. Without async_scheduling, step() reads the step it just launched.
 
+Structured outputs: a constrained row's mask needs its sequence's previous token, which may be in
+the step still in flight. The runner asks for the masks once the forward of N+1 is queued
+(fill_bitmask); that is when a step holding constrained rows reads step N's tokens, advances the
+matchers, and fills the masks, while the device computes N+1's forward. So such steps lose the
+overlap of postprocessing, never the forward's, and every mask is exact.
+Speculative decoding (speculative_config): while few sequences run, a step verifies n-gram drafts
+synchronously (engine/spec_decode.py); larger batches keep the overlapped loop. Beams never
+speculate (their step reads one row per beam).
+
 It owns the scheduler, the block manager and the runner (and with them the device), and knows no
 text: the output processor (engine/output_processor.py) detokenizes and finds stop strings, and
 tells the core through finish_sequences. In `pagedserve serve` it runs alone in the engine-core
@@ -27,10 +36,12 @@ Single-threaded by design: nothing here takes a lock.
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 import functools
 import logging
 import time
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import numpy as np
@@ -48,6 +59,8 @@ from engine.executor.runner import ModelRunner, num_kv_blocks
 from engine.executor.transformer import Transformer
 from engine.model.config import EngineConfig
 from engine.model.loader import checkpoint_dtype, load_model
+from engine.spec_decode import SpecDecoder
+from engine.structured_outputs import ACCEPTED, ENDED, GrammarCompiler
 
 logger = logging.getLogger("pagedserve." + __name__)
 
@@ -76,6 +89,7 @@ class _CoreRequest:
     prompt_logprobs: list | None = None  # collected so far, when the params ask
     beam: BeamSearch | None = None  # use_beam_search: the live and finished beams
     has_output: bool = False  # the first output (which carries prompt_logprobs) went out
+    grammar: Future | None = None  # the compiled grammar (structured outputs), while compiling
 
 
 class EngineCore:
@@ -133,7 +147,15 @@ class EngineCore:
         self.async_scheduling = (device == "cuda" if engine_config.async_scheduling is None
                                  else engine_config.async_scheduling)
         self._in_flight: _Launched | None = None  # the launched step whose tokens are unread
+        # Structured outputs need the tokens' bytes: only a model with a tokenizer has them (a
+        # benchmark may set a compiler of its own on dummy weights).
+        self.grammars = None
+        if self.tokenizer is not None:
+            self.grammars = GrammarCompiler.for_tokenizer(self.tokenizer, mc.vocab_size, eos)
+        self._compiling: list[_CoreRequest] = []  # requests whose grammar is compiling
         self._rng = np.random.default_rng(engine_config.seed)
+        spec = engine_config.speculative_config
+        self.spec = SpecDecoder(spec) if spec is not None else None  # None: never speculates
         self._requests: dict[str, _CoreRequest] = {}
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
@@ -169,6 +191,11 @@ class EngineCore:
         if len(ids) > self.max_model_len:
             raise ValueError(f"prompt has {len(ids)} tokens, more than max_model_len "
                              f"({self.max_model_len})")
+        grammar = None
+        if params.structured_outputs is not None:
+            # Compiled on the pool (a cache hit is ready at once); the sequences wait in the
+            # queue meanwhile, and step() hands them their matchers.
+            grammar = self.grammar_compiler().submit(params.structured_outputs)
         seqs = []
         for i in range(1 if params.use_beam_search else params.n):  # beams fork as they go
             if params.seed is not None:
@@ -177,7 +204,7 @@ class EngineCore:
             else:
                 seed = int(self._rng.integers(0, 2**63))
             seqs.append(Sequence(req.request_id, list(ids), len(ids), params, index=i,
-                                 seed=seed))
+                                 seed=seed, is_waiting_for_grammar=grammar is not None))
             if i:  # forks take the prompt computed once: only the first scores it
                 seqs[-1].next_prompt_logprob = len(ids)
         # Only the first sequence is queued: the other n - 1 fork from it once its prompt is
@@ -187,10 +214,19 @@ class EngineCore:
         seqs[0].forks = seqs[1:]
         core_req = self._requests[req.request_id] = _CoreRequest(
             req.request_id, seqs, num_unfinished=len(seqs),
-            prompt_logprobs=None if params.prompt_logprobs is None else [None])
+            prompt_logprobs=None if params.prompt_logprobs is None else [None], grammar=grammar)
         if params.use_beam_search:
             core_req.beam = BeamSearch(req.request_id, list(seqs), self.eos_token_ids,
                                        self.max_model_len, token_logprobs={seqs[0].seq_id: []})
+        if grammar is not None:
+            self._compiling.append(core_req)
+
+    def grammar_compiler(self) -> GrammarCompiler:
+        """The structured-outputs compiler; ValueError if this model cannot have one."""
+        if self.grammars is None:
+            raise ValueError("structured_outputs needs the model's tokenizer, and this model has "
+                             "none")
+        return self.grammars
 
     def abort_requests(self, request_ids: list[str]) -> None:
         """Free the requests' blocks; ids that already finished (or never came) are ignored."""
@@ -260,31 +296,46 @@ class EngineCore:
         the core goes on. EngineDeadError: it cannot go on."""
         self.check_alive()
         outputs: list[SeqOutput] = []
+        if self._compiling:
+            self._start_grammars(outputs)
+        # NOTE: a constrained sequence's mask for draft row j would need its matcher advanced
+        # through the first j drafts; until that exists, no step speculates while one runs.
+        speculate = (self.spec is not None and self.spec.should_speculate(self.scheduler)
+                     and not self._has_constrained())
+        if speculate and self._in_flight is not None:  # drafts are drawn from known tokens
+            done, self._in_flight = self._in_flight, None
+            self._read(done, outputs)
+        drafted = self.spec.propose(self.scheduler.running) if speculate else []
         batch = self.scheduler.schedule()
         launched = None
+        if not batch.seqs and self._in_flight is None and self._compiling and not outputs:
+            # Only grammars to wait for: sleep on them rather than spin.
+            concurrent.futures.wait([r.grammar for r in self._compiling], timeout=0.05,
+                                    return_when=concurrent.futures.FIRST_COMPLETED)
         if batch.seqs:
             self._count_prompt_tokens(batch)  # before advance moves num_computed_tokens
             rows = batch.sampling_rows()
-            handle = self._guard(lambda: self.runner.launch(batch, rows), batch, outputs)
+            fill = self._mask_filler(rows[0], outputs)
+            handle = self._guard(lambda: self.runner.launch(batch, rows, fill), batch, outputs)
             if handle is not None:
                 launched = _Launched(batch, rows[0], handle)
                 for seq in rows[0]:
                     seq.has_pending_token = True  # until _postprocess appends or drops it
                 self.scheduler.advance(batch)
-        if self.async_scheduling:
+        if self.async_scheduling and not speculate:
             done, self._in_flight = self._in_flight, launched
         else:
             done = launched
+        # Synchronous and no drafts: key the blocks before a sequence that ends here frees them,
+        # or a prompt run with max_tokens=1 would never reach the prefix cache. Drafts are first
+        # verified (token_ids lacks them until then), so such a step keys after.
+        commit_first = (done is launched and launched is not None
+                        and not launched.batch.num_spec_tokens)
         if done is not None:
-            sampled = self._guard(done.handle.result, done.batch, outputs)
-            self._collect_prompt_logprobs(done.handle.prompt_logprobs)
-            if done is launched:
-                # Synchronous: key the blocks before a sequence that ends here frees them, or a
-                # prompt run with max_tokens=1 would never reach the prefix cache.
-                self.scheduler.commit(launched.batch)
-            if sampled is not None:
-                self._postprocess(done.rows, sampled, outputs)
-        if launched is not None and done is not launched:
+            self._read(done, outputs, commit_first)
+        for seq in drafted:
+            seq.spec_token_ids = []
+        if launched is not None and not commit_first:
             # Every token the launched batch computed is known now: the previous step's are in.
             self.scheduler.commit(launched.batch)
         if self._in_flight is not None and not self._requests:
@@ -293,6 +344,56 @@ class EngineCore:
             self._in_flight, last = None, self._in_flight
             self._guard(last.handle.result, last.batch, outputs)
         return outputs
+
+    def _has_constrained(self) -> bool:
+        s = self.scheduler
+        return any(seq.matcher is not None for seq in (*s.running, *s.waiting))
+
+    def _read(self, done: _Launched, outputs: list[SeqOutput], commit_first=False) -> None:
+        """Wait for a launched step's tokens and postprocess them; commit_first: key its blocks
+        for the prefix cache before."""
+        sampled = self._guard(done.handle.result, done.batch, outputs)
+        self._collect_prompt_logprobs(done.handle.prompt_logprobs)
+        if commit_first:
+            self.scheduler.commit(done.batch)
+        if sampled is not None:
+            self._postprocess(done.rows, sampled, outputs)
+
+    def _mask_filler(self, rows: list[Sequence], outputs: list[SeqOutput]):
+        """fill_bitmask for runner.launch when a row is constrained, else None."""
+        if all(seq.matcher is None for seq in rows):
+            return None
+
+        def fill():
+            # Called with this step's forward queued. A constrained row's mask needs its
+            # sequence's previous token: read the step in flight first (its matchers advance).
+            if self._in_flight is not None:
+                done, self._in_flight = self._in_flight, None
+                self._read(done, outputs)
+            # A row finished meanwhile has no matcher: unconstrained, and its token is dropped.
+            return self.grammars.fill_bitmask([seq.matcher for seq in rows])
+
+        return fill
+
+    def _start_grammars(self, outputs: list[SeqOutput]) -> None:
+        """Give every sequence whose grammar finished compiling its own matcher, so the scheduler
+        takes it; a grammar that failed ends its request with "error"."""
+        still = []
+        for req in self._compiling:
+            if not req.grammar.done():
+                still.append(req)
+                continue
+            if self._requests.get(req.request_id) is not req:  # aborted while compiling
+                continue
+            error = req.grammar.exception()
+            if error is not None:
+                self._fail(req.request_id, str(error), outputs)
+                continue
+            for seq in req.seqs:
+                seq.matcher = req.grammar.result().deep_copy()
+                seq.is_waiting_for_grammar = False
+            req.grammar = None
+        self._compiling = still
 
     def _guard(self, work, batch, outputs: list[SeqOutput]):
         """work()'s answer; if it raises, the batch's requests fail (None is returned), or the
@@ -335,27 +436,47 @@ class EngineCore:
 
     def _postprocess(self, seqs: list[Sequence], sampled, outputs: list[SeqOutput]) -> None:
         """Append each sampled token, check the id stop rules, free finished sequences. The token
-        of a sequence that finished after the step was launched is dropped."""
+        of a sequence that finished after the step was launched is dropped. A sequence that
+        verified k drafts owns k + 1 rows: it takes its accepted drafts and one more token, and
+        its KV slots past them are rolled back."""
         tokens, logprobs = sampled.token_ids.tolist(), sampled.logprobs.tolist()
         errors = sampled.errors or {}
         top = None
         if sampled.top_ids is not None and sampled.top_ids.size:
             top = (sampled.top_ids.tolist(), sampled.top_logprobs.tolist())
         num_appended = 0
-        for r, seq in enumerate(seqs):
+        verdicts = None
+        if any(seq.matcher is not None for seq in seqs):
+            # Constrained steps never speculate (step()), so row i is sequence i here.
+            verdicts = self.grammars.advance([seq.matcher for seq in seqs], tokens, errors)
+        r = 0  # this sequence's first row
+        for i, seq in enumerate(seqs):
+            k = len(seq.spec_token_ids)
+            first, r = r, r + 1 + k
             seq.has_pending_token = False
             if seq.finish_reason is not None:
                 continue
             req = self._requests[seq.request_id]
-            if r in errors:
-                self._fail(seq.request_id, errors[r], outputs)
+            if errors and any(j in errors for j in range(first, r)):
+                self._fail(seq.request_id, next(errors[j] for j in range(first, r)
+                                                if j in errors), outputs)
+                continue
+            verdict = ACCEPTED if verdicts is None else verdicts[i]
+            if verdict is not ACCEPTED and verdict is not ENDED:
+                self._fail(seq.request_id,
+                           f"the grammar refused token {tokens[first]}: {verdict}", outputs)
                 continue
             try:
-                if req.beam is not None:
-                    self._beam_row(req, seq, top[0][r], top[1][r], outputs)
+                if req.beam is not None:  # beams never speculate: k == 0
+                    self._beam_row(req, seq, top[0][first], top[1][first], outputs)
                     continue
-                outputs.append(self._append(req, seq, tokens[r], logprobs[r], top, r))
-                num_appended += 1
+                if k:
+                    out = self._append_verified(req, seq, tokens, logprobs, top, first)
+                else:
+                    out = self._append(req, seq, tokens[first], logprobs[first], top, first,
+                                       verdict is ENDED)
+                outputs.append(out)
+                num_appended += len(out.new_token_ids)
             except Exception as e:  # the stop check, for this request alone
                 logger.exception("request %s failed after its step", seq.request_id)
                 self._fail(seq.request_id, f"{type(e).__name__}: {e}", outputs)
@@ -388,8 +509,9 @@ class EngineCore:
         return child
 
     def _append(self, req: _CoreRequest, seq: Sequence, token: int, logprob: float, top,
-                r: int) -> SeqOutput:
-        """Row r of the step: append its token to `seq`, check stops, free it if it ends."""
+                r: int, grammar_ended: bool = False) -> SeqOutput:
+        """Row r of the step: append its token to `seq`, check stops, free it if it ends.
+        grammar_ended: the sequence's grammar was complete (it allowed only eos)."""
         if not 0 <= token < self.model_config.vocab_size:  # never hand the front garbage
             raise RuntimeError(f"the sampler returned token id {token}, outside the vocabulary")
         seq.token_ids.append(token)
@@ -400,10 +522,16 @@ class EngineCore:
             entry = {}
             if p.logprobs:
                 k = p.logprobs
-                entry = dict(zip(top[0][r][:k], top[1][r][:k], strict=True))
+                # A masked token's logprob is -inf: not a number JSON can carry, and not a
+                # choice the model had.
+                entry = {t: v for t, v in zip(top[0][r][:k], top[1][r][:k], strict=True)
+                         if v != -np.inf}
             entry[token] = logprob
             new_logprobs = [entry]
         reason, stop = check_stop_ids(seq, token, self.eos_token_ids, self.max_model_len)
+        if reason is None and grammar_ended:
+            # The sequence goes on past eos (ignore_eos, min_tokens): the token stands for eos.
+            reason = "stop"
         out = SeqOutput(seq.request_id, seq.index, [token], new_logprobs,
                         seq.cumulative_logprob, reason, stop)
         if seq.num_output_tokens == 1:
@@ -414,6 +542,29 @@ class EngineCore:
             out.num_cached_tokens = seq.num_cached_tokens
         if reason is not None:
             self._finish(req, seq, reason)
+        return out
+
+    def _append_verified(self, req: _CoreRequest, seq: Sequence, tokens: list[int],
+                         logprobs: list[float], top, first: int) -> SeqOutput:
+        """A sequence that verified drafts in rows first..: append what the verdict keeps, one
+        token at a time until a stop rule ends it (the rest are dropped), in one SeqOutput; roll
+        back the KV slots past them (the rejected drafts' k/v are garbage)."""
+        num = self.spec.verify(seq, tokens, first)
+        outs = []
+        for r in range(first, first + num):
+            outs.append(self._append(req, seq, tokens[r], logprobs[r], top, r))
+            if outs[-1].finish_reason is not None:
+                break
+        out = outs[-1]
+        out.first_scheduled_time = outs[0].first_scheduled_time
+        out.prompt_logprobs = outs[0].prompt_logprobs
+        out.num_cached_tokens = outs[0].num_cached_tokens
+        out.new_token_ids = [o.new_token_ids[0] for o in outs]
+        if out.new_logprobs is not None:
+            out.new_logprobs = [o.new_logprobs[0] for o in outs]
+        out.token_logprobs = logprobs[first : first + len(outs)]
+        if out.finish_reason is None:
+            self.block_manager.truncate(seq, len(seq.token_ids) - 1)
         return out
 
     # ------------------------------------------------------------------ stats
@@ -433,6 +584,7 @@ class EngineCore:
             num_steps=s.num_steps,
             num_chunked_prefill_steps=s.num_chunked_prefill_steps,
             num_mixed_steps=s.num_mixed_steps,
+            **(self.spec.stats() if self.spec is not None else {}),
         )
 
     def snapshot(self, since: int | None = None) -> dict:
@@ -454,6 +606,8 @@ class EngineCore:
             return
         self._requests.clear()
         self._in_flight = None
+        if self.grammars is not None:
+            self.grammars.shutdown()
         # Every reference to a device array goes before the backend hands its pools back.
         self.runner.close()
         self.runner = self.model = self.kv_cache = None

@@ -104,9 +104,16 @@ def stats_line(before, now, seconds: float) -> str:
     queries = now.prefix_cache_queries - before.prefix_cache_queries
     hits = now.prefix_cache_hits - before.prefix_cache_hits
     kv = 100 * now.kv_blocks_used / max(1, now.kv_blocks_total)
-    return (f"prompt {prompt:.1f} tok/s, generation {generation:.1f} tok/s, "
+    line = (f"prompt {prompt:.1f} tok/s, generation {generation:.1f} tok/s, "
             f"running {now.num_running}, waiting {now.num_waiting}, KV cache {kv:.1f}% used, "
             f"prefix-cache hit rate {100 * hits / max(1, queries):.1f}%")
+    drafts = now.spec_num_draft_tokens - before.spec_num_draft_tokens
+    if drafts:
+        accepted = now.spec_num_accepted_tokens - before.spec_num_accepted_tokens
+        steps = now.spec_num_drafts - before.spec_num_drafts
+        line += (f", spec acceptance {100 * accepted / drafts:.1f}%, mean accepted length "
+                 f"{1 + accepted / steps:.2f}")
+    return line
 
 
 class StatsLogger:

@@ -115,6 +115,8 @@ class OutputProcessor:
                             stopped.append((out.request_id, out.index, state.stop_reason))
                         break
                 state.cumulative_logprob = out.cumulative_logprob
+                if k < last and out.token_logprobs:  # tokens past a stop string: not output
+                    state.cumulative_logprob -= sum(out.token_logprobs[k + 1 :])
             changed[out.request_id] = req
             if state.finish_reason is not None:
                 req.num_unfinished -= 1

@@ -25,6 +25,7 @@ from engine.logs import StatsLogger
 from engine.model.config import EngineConfig, ModelConfig
 from engine.model.loader import load_tokenizer
 from engine.output_processor import OutputProcessor
+from engine.structured_outputs import GrammarCompiler
 
 log = logging.getLogger("pagedserve.engine")
 
@@ -41,6 +42,9 @@ class ModelInfo:
     model_config: ModelConfig
     max_model_len: int
     num_kv_blocks: int
+    # Structured outputs are compiled here too, before submission, so a grammar that does not
+    # compile is the call's 400 (engine/structured_outputs.py); None without a tokenizer.
+    grammars: object | None = None
 
 
 class RequestGroup:
@@ -146,7 +150,8 @@ class AsyncEngine:
 
     def _set_ready(self, ready, tokenizer):
         self.engine = ModelInfo(tokenizer, ready.model_config, ready.max_model_len,
-                                ready.num_kv_blocks)
+                                ready.num_kv_blocks, self._grammars(tokenizer,
+                                                                    ready.model_config))
         self.processor = OutputProcessor(tokenizer)
         if tokenizer is None:
             log.warning("this model has no tokenizer: text prompts, chat and /tokenize answer "
@@ -229,6 +234,12 @@ class AsyncEngine:
         except Exception as e:  # a bug here would otherwise hang every request silently
             log.exception("handling the engine core's output failed")
             self._die(f"the API process failed on the core's output: {type(e).__name__}: {e}")
+
+    def _grammars(self, tokenizer, model_config):
+        if tokenizer is None:
+            return None
+        observe = self.metrics.grammar_compile_seconds.observe if self.metrics else None
+        return GrammarCompiler.for_model(tokenizer, model_config, on_compile=observe)
 
     def _handle(self, message):
         for ticket, snap in message.snapshots:

@@ -6,6 +6,7 @@ Flag names follow vLLM's, so a vLLM command line mostly works unchanged.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import socket
@@ -41,6 +42,16 @@ def _fraction(text: str) -> float:
         raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
     if not 0 < value <= 1:
         raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
     return value
 
 
@@ -96,6 +107,10 @@ def _engine_flags() -> argparse.ArgumentParser:
     g.add_argument("--cpu-threads", type=_positive_int, default=1, metavar="N",
                    help="BLAS threads of the cpu backend (and the host side of cuda); 1 is "
                         "fastest on a small, busy machine (default: 1)")
+    g.add_argument("--speculative-config", type=_json_object, default=None, metavar="JSON",
+                   help='n-gram speculative decoding, e.g. \'{"method": "ngram", '
+                        '"num_speculative_tokens": 3, "prompt_lookup_max": 4, '
+                        '"prompt_lookup_min": 2, "disable_by_batch_size": 8}\' (default: off)')
     g.add_argument("--log-level", default=None,
                    choices=("critical", "error", "warning", "info", "debug"),
                    help="logging verbosity (default: info for serve, warning for generate)")
@@ -183,7 +198,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
         async_scheduling=args.async_scheduling, load_format=args.load_format, seed=args.seed,
-        cpu_threads=args.cpu_threads)
+        cpu_threads=args.cpu_threads, speculative_config=args.speculative_config)
     config.validate()
     return config
 

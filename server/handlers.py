@@ -106,7 +106,8 @@ def tokenizer_of(engine, param: str):
 async def chat_token_ids(request: Request, engine, messages: list[dict],
                          **template_options) -> list[int]:
     """`messages` rendered by the model's chat template, as token ids (400 if it fails).
-    `template_options`: add_generation_prompt, continue_final_message, template variables."""
+    `template_options`: add_generation_prompt, continue_final_message, template variables
+    (e.g. tools)."""
     template_options.setdefault("add_generation_prompt", True)
     tokenizer = tokenizer_of(engine, "messages")
     special = request.app.state.settings.chat_content_special_tokens

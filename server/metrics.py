@@ -28,6 +28,12 @@ _COUNTERS = {
     "prompt_tokens_total": ("pagedserve_prompt_tokens", "Prompt tokens admitted."),
     "generation_tokens_total": ("pagedserve_generation_tokens", "Tokens generated."),
     "num_steps": ("pagedserve_engine_steps", "Engine steps (model forward passes)."),
+    "spec_num_drafts": ("pagedserve_spec_decode_num_drafts",
+                        "Speculative decoding: sequence-steps that verified drafts."),
+    "spec_num_draft_tokens": ("pagedserve_spec_decode_num_draft_tokens",
+                              "Speculative decoding: draft tokens verified."),
+    "spec_num_accepted_tokens": ("pagedserve_spec_decode_num_accepted_tokens",
+                                 "Speculative decoding: draft tokens accepted."),
 }
 
 
@@ -51,6 +57,13 @@ class ServerMetrics:
         self.batch_size = Histogram("pagedserve_batch_size", "Requests that advanced in one "
                                     "engine step.", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256, 512),
                                     registry=r)
+        self.constrained_requests = Counter(
+            "pagedserve_structured_output_requests", "Requests whose output a grammar constrains "
+            "(response_format, structured_outputs, or a forced tool call).", registry=r)
+        self.grammar_compile_seconds = Histogram(
+            "pagedserve_grammar_compile_seconds", "Time to compile a grammar or JSON schema "
+            "(cache misses only).", buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05,
+                                             0.1, 0.25, 0.5, 1, 2.5), registry=r)
         r.register(_StatsCollector(self))
 
     def on_step(self, num_outputs: int, stats) -> None:
@@ -100,3 +113,11 @@ class _StatsCollector:
                                 value=self.metrics.max_running)
         for field, (name, doc) in _COUNTERS.items():
             yield CounterMetricFamily(name, doc, value=getattr(stats, field, 0))
+        drafts, accepted = stats.spec_num_draft_tokens, stats.spec_num_accepted_tokens
+        if drafts:
+            yield GaugeMetricFamily("pagedserve_spec_decode_acceptance_rate",
+                                    "Draft tokens accepted / verified, since start.",
+                                    value=accepted / drafts)
+            yield GaugeMetricFamily("pagedserve_spec_decode_mean_accepted_length",
+                                    "Tokens per verifying sequence-step (accepted drafts + 1), "
+                                    "since start.", value=1 + accepted / stats.spec_num_drafts)

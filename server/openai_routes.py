@@ -49,6 +49,14 @@ from server.protocol import (
     parse_prompts,
     parse_sampling_params,
 )
+from server.structured import check_compiles, parse_structured_outputs
+from server.tool_calls import (
+    ToolCallParser,
+    ToolCallStream,
+    parse_tools,
+    template_messages,
+    tool_grammar,
+)
 
 
 async def completions(request: Request):
@@ -61,6 +69,7 @@ async def completions_body(request: Request, body: dict):
     prompts = parse_prompts(body)
     extras = read_extras(body, chat=False)
     params = parse_sampling_params(body, chat=False)
+    await _constrain(request, engine, params, *parse_structured_outputs(body), len(prompts))
     stream, include_usage = _stream_flags(body)
     get_field(body, "user", "str")
     # A prompt to be truncated is tokenized whole, whatever its length.
@@ -98,14 +107,28 @@ async def chat_completions_body(request: Request, body: dict):
     messages = parse_messages(body)
     extras = read_extras(body, chat=True)
     params = parse_sampling_params(body, chat=True)
+    so, so_field = parse_structured_outputs(body)
+    tools, tool_choice = parse_tools(body)
+    parallel = get_field(body, "parallel_tool_calls", "bool", True)
+    forced = tool_grammar(tools, tool_choice, parallel) if tools else None
+    if forced is not None:
+        if so is not None:
+            raise bad_request("tool_choice", f"tool_choice {tool_choice!r} constrains the output "
+                                             f"itself; it cannot be combined with '{so_field}'")
+        so, so_field = forced, "tools"
+    await _constrain(request, engine, params, so, so_field)
     stream, include_usage = _stream_flags(body)
     get_field(body, "user", "str")
     options = chat_options(messages, body)
-    ids = await chat_token_ids(request, engine, messages, **options.template_options)
+    extra = {"tools": tools} if tools and tool_choice != "none" else {}
+    ids = await chat_token_ids(request, engine, template_messages(messages),
+                               **{**options.template_options, **extra})
     ids = truncate(ids, extras, engine.max_model_len)
     _check_length(engine, len(ids), params.max_tokens, "messages")
     call = _Call(request, engine, new_id("chatcmpl"), model, params, chat=True, extras=extras)
     call.chat_options = options
+    if extra:
+        call.tool_parser = ToolCallParser(tool_choice, [t["function"]["name"] for t in tools])
     return await call.run([ids], stream, include_usage)
 
 
@@ -118,6 +141,18 @@ async def invocations(request: Request):
         return await completions_body(request, body)
     raise bad_request("body", "an /invocations body must be a chat completions request (with "
                               "'messages') or a completions request (with 'prompt')")
+
+
+async def _constrain(request: Request, engine, params, so, field: str | None,
+                     num_prompts: int = 1) -> None:
+    """Set `so` on params once its grammar compiles (a 400 naming `field` if it does not)."""
+    if so is None:
+        return
+    if params.use_beam_search:  # SamplingParams' rule: the field is set after it checked
+        raise bad_request(field, f"'{field}' is not supported with use_beam_search")
+    await check_compiles(engine, so, field)
+    params.structured_outputs = so
+    request.app.state.metrics.constrained_requests.inc(num_prompts)
 
 
 def _stream_flags(body: dict) -> tuple[bool, bool]:
@@ -152,6 +187,8 @@ class _Call:
         self.echo: list[str] | None = None  # completions: each prompt's text, echoed
         self.chat_options: ChatOptions | None = None
         self.first: dict[str, object] = {}  # request id -> its first RequestOutput
+        self.tool_parser: ToolCallParser | None = None  # chat with tools: output read as calls
+        self._tool_streams: dict[int, ToolCallStream] = {}  # streamed choice index -> its reader
         self.created = int(time.time())
         if engine.tokenizer is None or extras.tokens_as_ids:  # vLLM's names for token ids
             self.token_str = lambda t: f"token_id:{t}"
@@ -241,6 +278,14 @@ class _Call:
             if whole:
                 options = self.chat_options
                 choice["message"] = {"role": options.role, "content": options.echo + text}
+                if self.tool_parser is not None:
+                    content, calls = self.tool_parser.parse(text)
+                    if calls:
+                        if options.echo:
+                            content = options.echo + (content or "")
+                        choice["message"] = {"role": options.role, "content": content,
+                                             "tool_calls": calls}
+                        choice["finish_reason"] = "tool_calls"
             else:
                 choice["delta"] = {"content": text} if text else {}
             if self.extras.return_token_ids:
@@ -315,6 +360,10 @@ class _Call:
                         if first and self.extras.return_token_ids and not self.echo:
                             choice["prompt_token_ids"] = self.token_lists[
                                 self.index_of[out.request_id]]
+                        if self.tool_parser is not None:
+                            for tool_chunk in self._tool_chunks(choice, c):
+                                yield chunk([tool_chunk])
+                            continue
                         if self.chat and c.finished:
                             choice["finish_reason"] = None
                             if choice["delta"]:
@@ -343,6 +392,26 @@ class _Call:
             choice["prompt_token_ids"] = self.token_lists[i]
             choice["token_ids"] = []
         return choice
+
+
+    def _tool_chunks(self, choice: dict, c) -> list[dict]:
+        """The streamed choices for one step of a choice under tools (ToolCallStream)."""
+        index = choice["index"]
+        stream = self._tool_streams.setdefault(index, ToolCallStream(self.tool_parser))
+        deltas = stream.feed(c.delta_text)
+        finish_reason = None
+        if c.finished:
+            last, is_call = stream.finish()
+            deltas += last
+            finish_reason = "tool_calls" if is_call else c.finish_reason
+        out = [{"index": index, "delta": d, "logprobs": None, "finish_reason": None}
+               for d in deltas]
+        if out and choice["logprobs"] is not None:
+            out[0]["logprobs"] = choice["logprobs"]
+        if c.finished:
+            out.append({"index": index, "delta": {}, "logprobs": None,
+                        "finish_reason": finish_reason})
+        return out
 
 
 def _sse(obj: dict) -> str:

@@ -210,12 +210,55 @@ def test_bench_latency_end_to_end(tiny_model, capsys):
     assert "TPOT" in capsys.readouterr().out
 
 
+def test_bench_throughput_structured_runs_the_same_tokens_constrained(tiny_model, capsys):
+    pytest.importorskip("llguidance")
+    result = bench_throughput.main(["--model", tiny_model, *TINY_ARGS, "--structured"])
+    free, constrained = result["unconstrained"], result["structured"]
+    # The schema never completes early: every constrained request runs to its max_tokens.
+    assert constrained["output_tokens"] == free["output_tokens"] == free["requested_output_tokens"]
+    assert "JSON schema" in constrained["sampling"]
+    assert result["structured_over_unconstrained"] == pytest.approx(
+        constrained["output_tok_s"] / free["output_tok_s"])
+    assert json.loads(capsys.readouterr().out) == result
+
+
+def test_synthetic_vocabulary_keeps_the_bytes_and_the_eos_ids():
+    from tools.structured_workload import synthetic_tokens
+
+    tokens = synthetic_tokens(600, [5, 599])
+    assert len(tokens) == len(set(tokens)) == 600
+    assert tokens[5].startswith(b"<|eos") and tokens[599].startswith(b"<|eos")
+    assert {bytes([b]) for b in range(256)} <= set(tokens)
+
+
 def test_bench_wire_round_trips_a_step_message(capsys):
     from tools import bench_wire
 
     bench_wire.main(["--num-seqs", "4", "--repeat", "2", "--logprobs"])
     lines = capsys.readouterr().out.splitlines()
     assert [line.split()[0] for line in lines] == ["msgspec", "pickle5"]
+
+
+def test_bench_spec_replays_the_accepted_lengths(tiny_model, capsys):
+    from tools import bench_spec
+    from tools.spec_workload import spec_conversations
+
+    kinds = [kind for kind, _ in spec_conversations()]
+    assert sorted(set(kinds)) == ["json", "passage", "rename"] and len(kinds) == 9
+    assert bench_spec.spec_summary([1, 0, 3], 2) == {
+        "k": 2, "verify_steps": 4, "no_draft_steps": 2, "acceptance_rate": 0.75,
+        "mean_accepted_length": 2.5, "tokens_per_decode_step": 2.0, "hist": [1, 0, 3]}
+    result = bench_spec.main(["--model", tiny_model, "--load-format", "dummy", "--device",
+                              "numpy", "--accepted-hist", "1,1,1,4", "--no-draft-steps", "2",
+                              "--prompt-len", "12", "--output-len", "60"])
+    achieved = result["achieved"]
+    assert achieved["k"] == 3 and sum(achieved["hist"]) > 10
+    # Drawn from the histogram: most steps take all three drafts.
+    assert achieved["hist"][3] > achieved["hist"][0]
+    assert 2.0 < achieved["mean_accepted_length"] <= 4.0
+    assert achieved["no_draft_steps"] > 0
+    assert result["speedup"] > 0
+    assert "replayed" in capsys.readouterr().out
 
 
 def test_bench_latency_context_len_sets_the_prompt_and_the_floor(tiny_model):

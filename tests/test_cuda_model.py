@@ -107,3 +107,29 @@ def test_decode_graph_matches_eager():
     eager = ops.to_host(model.forward(ids, positions, cache, ops.prepare_metadata(meta), last))
     assert np.isfinite(replayed).all()
     np.testing.assert_allclose(replayed, eager, rtol=2e-2, atol=2e-3)
+
+
+def test_decode_graph_capture_waits_for_default_stream():
+    """The capture stream does not wait for the default stream by itself: capture must, or its
+    warm-up forward reads slot_mapping before fill(-1) lands and stores k/v at whatever slots
+    the recycled pool memory held (in kernel_check, an illegal address)."""
+    from engine.executor.cuda_graph import DecodeGraphs
+
+    config = ModelConfig.from_preset("qwen3-0.6b")
+    config.num_layers, config.vocab_size = 1, 1024
+    ops = CudaOps("bfloat16")
+    model = Transformer(config, dummy_weights(config, ops, seed=3), ops, 256)
+    n, max_blocks = 4, 8
+    cache = ops.alloc_kv_cache(1, 16, config.num_kv_heads, 16, config.head_dim)
+    cupy.cuda.Device().synchronize()
+    # Garbage where DecodeGraphs' input buffer will land: every slot, length and table says 5.
+    stale = cupy.full(4 * n + n * max_blocks, 5, cupy.int32)
+    cupy.cuda.Device().synchronize()
+    del stale
+    spin = cupy.RawKernel(r"""extern "C" __global__ void spin(long long cycles) {
+        const long long t = clock64(); while (clock64() - t < cycles) {} }""", "spin")
+    spin((1,), (1,), (np.int64(200_000_000),))  # ~0.1 s on the default stream: the fill waits
+    graphs = DecodeGraphs(model, cache, max_num_seqs=n, max_blocks_per_seq=max_blocks)
+    graphs.capture()
+    cupy.cuda.Device().synchronize()
+    assert not cupy.any(cache), "the capture's warm-up stored k/v into the cache"

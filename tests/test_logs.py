@@ -24,6 +24,9 @@ def test_stats_line_is_rates_over_the_window():
     assert stats_line(before, now, 10.0) == (
         "prompt 50.0 tok/s, generation 20.0 tok/s, running 3, waiting 2, KV cache 25.0% used, "
         "prefix-cache hit rate 60.0%")
+    spec = _stats(spec_num_drafts=4, spec_num_draft_tokens=16, spec_num_accepted_tokens=8)
+    assert stats_line(before, spec, 1.0).endswith(
+        ", spec acceptance 50.0%, mean accepted length 3.00")
 
 
 def test_stats_logger_logs_every_interval_while_busy(caplog):

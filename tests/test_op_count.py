@@ -13,7 +13,8 @@ backend each op is one kernel launch except where noted; a Qwen3 decode layer at
     silu_and_mul, linear down (cuBLAS)        silu_mul_linear         (gemv.cu, SiLU fused in)
 
 cuBLAS may itself launch two kernels for one GEMM (split-K + reduction); the GEMV never does.
-Above the GEMV caps (cuda_gemv.py) the fused ops fall back to the unfused kernels.
+Where cuda_gemv.py's measured rule says the fusion does not pay (more rows; Llama-3-8B's gate_up
+and down at any batch) the fused ops fall back to the unfused kernels.
 """
 
 from __future__ import annotations
@@ -104,3 +105,18 @@ def test_fused_op_is_the_composition_of_the_unfused_ones():
     np.testing.assert_array_equal(caches[0], caches[2])
     np.testing.assert_array_equal(caches[1], caches[3])
     assert np.any(caches[0][0, :, 2] != 0) and not np.any(caches[0][1])  # slot -1 stored nothing
+
+
+def test_decode_step_without_logits_indices_skips_the_gather():
+    """CUDA graphs pass None (every row samples): same logits, one launch fewer."""
+    calls, logits, config = _decode_step("Qwen3ForCausalLM", qk_norm=True)
+    ops = RecordingOps(NumpyOps())
+    model = Transformer(config, dummy_weights(config, NumpyOps(), seed=0), ops, 64)
+    cache = ops.inner.alloc_kv_cache(3, 8, 2, 4, 16)
+    meta = AttentionMetadata(np.array([5, 21], np.int32), np.arange(3, dtype=np.int32),
+                             np.array([6, 6], np.int32),
+                             np.arange(8, dtype=np.int32).reshape(2, 4), 1, 6)
+    ops.calls.clear()
+    got = model.forward(np.array([3, 9], np.int32), np.array([5, 5], np.int32), cache, meta, None)
+    assert "gather_rows" not in ops.calls and len(ops.calls) == len(calls) - 1
+    np.testing.assert_array_equal(got, logits)

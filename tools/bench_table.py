@@ -15,6 +15,13 @@ def rows(records: list[dict]) -> list[str]:
         name, r = rec["bench"], rec.get("result")
         if r is None:
             out.append(f"| {name} | — | — | {rec.get('error', 'no result')} |")
+        elif name.startswith("structured"):
+            u, c = r["unconstrained"], r["structured"]
+            out.append(
+                f"| {name} | JSON schema {c['output_tok_s']:,.0f} vs unconstrained "
+                f"{u['output_tok_s']:,.0f} output tok/s = {r['structured_over_unconstrained']:.0%} "
+                f"| — | {c['num_steps']} steps, runner busy {c['runner_busy_fraction']:.0%} vs "
+                f"{u['runner_busy_fraction']:.0%} |")
         elif name.startswith("w1"):
             out.append(
                 f"| {name} | {r['output_tok_s']:,.0f} output tok/s ({r['wall_s']:.1f} s) | "
@@ -26,6 +33,11 @@ def rows(records: list[dict]) -> list[str]:
                 f"| {name} | batch-1 TPOT {r['tpot_s'] * 1e3:.2f} ms, TTFT "
                 f"{r['ttft_s'] * 1e3:.1f} ms | weights read {r['tpot_floor_s'] * 1e3:.2f} ms "
                 f"({r['tpot_over_floor']:.2f}x) | cold start {r['cold_start_s']:.1f} s |")
+        elif name.startswith("spec"):
+            out.append(
+                f"| {name} | batch-1 TPOT {r['plain_tpot_ms']:.2f} -> {r['spec_tpot_ms']:.2f} ms "
+                f"= {r['speedup']:.2f}x | — | replayed mean accepted length "
+                f"{r['achieved']['mean_accepted_length']:.2f} (k={r['achieved']['k']}) |")
         elif name.startswith("seed"):
             s, p = r["static"], r["paged"]
             out.append(
@@ -34,7 +46,7 @@ def rows(records: list[dict]) -> list[str]:
                 f"{p['output_tok_s'] / s['output_tok_s']:.2f}x | — | KV waste paged "
                 f"{p['kv_waste_pct']:.1f}% vs contiguous {s['kv_waste_pct']:.1f}%; busy "
                 f"{p['busy_fraction']:.0%} vs {s['busy_fraction']:.0%} |")
-        elif name.startswith("w2"):
+        elif name.startswith(("w2", "w1-http")):
             t, p, i = r["ttft_ms"], r["tpot_ms"], r["itl_ms"]
             out.append(
                 f"| {name} | {r['output_tok_s']:,.0f} output tok/s, {r['request_throughput']:.2f} "

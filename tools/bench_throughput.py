@@ -19,6 +19,14 @@ Usage:
     python tools/bench_throughput.py --model smollm2-135m --load-format dummy --device cpu \
         --num-prompts 4 --scale 0.02                       # a tiny CPU run (slow: numpy)
 
+`--structured` runs W1 twice, unconstrained and then every request constrained by a JSON schema
+(tools/structured_workload.py: it never completes before max_tokens, so both runs generate the
+same tokens), and prints both figures and their ratio (issue 13's target: >= 85%). Dummy weights
+have no tokenizer: the grammar is compiled against a synthetic vocabulary of the model's size.
+
+    python tools/bench_throughput.py --model qwen3-0.6b --load-format dummy --device cuda \
+        --dtype bfloat16 --structured
+
 `--scale` shrinks every prompt and output length (at least 1 token each); `--num-prompts` draws
 fewer requests (the first ones are not W1's first ones: the draw depends on the count). A warm-up
 of two short requests runs first (kernels compile, graphs capture) unless `--no-warmup`.
@@ -54,12 +62,16 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                     help="schedule step N+1 while step N runs (default: on for cuda)")
+    ap.add_argument("--speculative-config", type=json.loads, default=None, metavar="JSON",
+                    help='e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'')
     ap.add_argument("--num-prompts", type=int, default=256)
     ap.add_argument("--scale", type=float, default=1.0, help="shrink prompt/output lengths")
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     ap.add_argument("--seed", type=int, default=0, help="seed of W1 and of the engine")
     ap.add_argument("--no-warmup", action="store_true")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--structured", action="store_true",
+                    help="also run every request constrained by a JSON schema; print the ratio")
 
 
 def build_llm(args: argparse.Namespace, enable_prefix_caching: bool = True):
@@ -71,7 +83,8 @@ def build_llm(args: argparse.Namespace, enable_prefix_caching: bool = True):
                num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=enable_prefix_caching,
                seed=args.seed, load_format=args.load_format,
                gpu_memory_utilization=args.gpu_memory_utilization,
-               enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling)
+               enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling,
+               speculative_config=args.speculative_config)
 
 
 def workload(args: argparse.Namespace, vocab_size: int) -> tuple[list[list[int]], list[int]]:
@@ -93,7 +106,7 @@ def resolved_dtype(engine) -> str:
 
 
 def run_requests(engine, prompts: list[list[int]], output_lens: list[int],
-                 temperature: float = 0.0, tag: str = "w1") -> dict:
+                 temperature: float = 0.0, tag: str = "w1", structured=None) -> dict:
     """Submit every request at once, step until all finish; a trace of what happened.
 
     Per step it samples the KV blocks allocated and the tokens actually held in the cache (sum of
@@ -111,7 +124,8 @@ def run_requests(engine, prompts: list[list[int]], output_lens: list[int],
         t0 = time.perf_counter()
         for i, (p, o) in enumerate(zip(prompts, output_lens, strict=True)):
             params = SamplingParams(temperature=temperature, ignore_eos=True, max_tokens=o,
-                                    seed=i if temperature > 0 else None)
+                                    seed=i if temperature > 0 else None,
+                                    structured_outputs=structured)
             engine.add_request(f"{tag}-{i}", {"prompt_token_ids": p}, params)
         while engine.has_unfinished_requests():
             ts = time.perf_counter()
@@ -162,7 +176,43 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.no_warmup:
         warmup(engine, mc.vocab_size)
     trace = run_requests(engine, prompts, output_lens, args.temperature)
+    result = summarize(args, engine, prompts, output_lens, trace)
+    if args.structured:
+        result = {"unconstrained": result,
+                  "structured": run_structured(args, engine, prompts, output_lens)}
+        result["structured_over_unconstrained"] = (result["structured"]["output_tok_s"]
+                                                   / result["unconstrained"]["output_tok_s"])
+        print(json.dumps(result) if args.json else "\n".join([
+            format_report(result["unconstrained"]), "-- constrained by a JSON schema:",
+            format_report(result["structured"]),
+            f"structured / unconstrained output tok/s = "
+            f"{result['structured_over_unconstrained']:.1%}"]))
+        return result
+    print(json.dumps(result) if args.json else format_report(result))
+    return result
 
+
+def run_structured(args, engine, prompts, output_lens) -> dict:
+    """The same requests, each constrained by tools/structured_workload.SCHEMA."""
+    from engine import StructuredOutputsParams
+    from tools.structured_workload import SCHEMA, synthetic_grammar_compiler
+
+    if engine.grammars is None:  # dummy weights: no tokenizer, so a synthetic vocabulary
+        mc = engine.model_config
+        engine.core.grammars = synthetic_grammar_compiler(mc.vocab_size, list(mc.eos_token_ids))
+    so = StructuredOutputsParams(json=SCHEMA)
+    engine.check_structured_outputs(so)  # compiled (and the vocabulary built) before the clock
+    if not args.no_warmup:
+        run_requests(engine, prompts[:2], [4, 4], tag="warmup-structured", structured=so)
+    trace = run_requests(engine, prompts, output_lens, args.temperature, tag="structured",
+                         structured=so)
+    result = summarize(args, engine, prompts, output_lens, trace)
+    result["sampling"] += ", JSON schema"
+    return result
+
+
+def summarize(args, engine, prompts, output_lens, trace) -> dict:
+    mc = engine.model_config
     dtype = resolved_dtype(engine)
     prompt_lens = [len(p) for p in prompts]
     bound = roofline(mc, prompt_lens, output_lens, dtype_bytes=DTYPE_BYTES.get(dtype, 2),
@@ -189,7 +239,10 @@ def main(argv: list[str] | None = None) -> dict:
         "roofline_bound_by": bound["bound"],
         "fraction_of_roofline": (output_tokens / wall) / bound["output_tok_s"],
     }
-    print(json.dumps(result) if args.json else format_report(result))
+    if args.speculative_config:
+        stats = engine.get_stats()
+        result["spec_num_draft_tokens"] = stats.spec_num_draft_tokens
+        result["spec_num_accepted_tokens"] = stats.spec_num_accepted_tokens
     return result
 
 

@@ -2,6 +2,9 @@
 # Every figure of README's "Performance" table in one run on the GPU machine:
 #   bash tools/h200_bench.sh [STEP ...]
 #   steps: gputest w1 w1-sync w1-8b w1-8b-sync latency-8b seed latency w2 w1-eager
+#   structured (W1 constrained by a JSON schema vs unconstrained; not in the default list)
+#          spec-8b spec-8b-min1 w1-8b-spec (speculative decoding: batch-1 replays of the
+#          measured acceptance, W1 with speculation configured)
 # gputest runs the CUDA-graph tests first; if they fail, the rest runs with graphs off.
 # Each tool prints one JSON line; they are collected in $OUT/bench.jsonl (default ./bench-out/)
 # and summarised by tools/bench_table.py at the end. Wheels the GPU machine lacks (server deps) are
@@ -42,6 +45,7 @@ for step in $steps; do
         export PAGEDSERVE_DECODE_GRAPHS=0
       fi ;;
     w1) record w1-qwen3-0.6b 120 python3 tools/bench_throughput.py $Q ;;
+    structured) record structured-w1-qwen3-0.6b 240 python3 tools/bench_throughput.py $Q --structured ;;
     w1-sync) record w1-qwen3-0.6b-sync 120 python3 tools/bench_throughput.py $Q \
       --no-async-scheduling ;;
     w1-eager) record w1-qwen3-0.6b-eager 90 python3 tools/bench_throughput.py $Q --enforce-eager ;;
@@ -50,6 +54,12 @@ for step in $steps; do
     w1-8b-sync) record w1-llama3-8b-sync 150 python3 tools/bench_throughput.py $L \
       --no-async-scheduling ;;
     latency-8b) record latency-llama3-8b 90 python3 tools/bench_latency.py $L ;;
+    spec-8b) record spec-replay-llama3-8b 200 python3 tools/bench_spec.py $L \
+      --replay tools/results/spec_profile.json ;;
+    spec-8b-min1) record spec-replay-llama3-8b-min1 200 python3 tools/bench_spec.py $L \
+      --replay tools/results/spec_profile_min1.json ;;
+    w1-8b-spec) record w1-llama3-8b-spec 150 python3 tools/bench_throughput.py $L \
+      --speculative-config '{"method": "ngram", "num_speculative_tokens": 4}' ;;
     seed) record seed-table-qwen3-0.6b 150 python3 tools/seed_table.py $Q --static-batch-size 32 ;;
     w2)
       python3 -m server.cli serve qwen3-0.6b --load-format dummy --device cuda --port 8011 \
@@ -60,6 +70,9 @@ for step in $steps; do
           2> /dev/null && break
         sleep 1
       done
+      # W1-HTTP first (all 256 requests at once: the serving path at saturation), then W2.
+      record w1-http-qwen3-0.6b 120 python3 tools/bench_serving.py \
+        --base-url http://127.0.0.1:8011 --model qwen3-0.6b
       record w2-qwen3-0.6b-rate16 100 python3 tools/bench_serving.py \
         --base-url http://127.0.0.1:8011 --model qwen3-0.6b --request-rate 16
       kill $server; wait $server 2> /dev/null ;;

@@ -3,15 +3,24 @@ by CUDA-graph replay (GPU time, no Python launch cost), with its bandwidth / FLO
 H200's ceiling. Ends with the tables: GEMV vs cuBLAS crossover, flash-decoding split settings,
 sampler old vs new, decode steps.
 
-    PYTHONPATH=. python tools/kernel_check.py [--quick] [--only gemv,splits]   # ~2-3 min
+    PYTHONPATH=. python tools/kernel_check.py [--quick] [--only gemv,splits] [--check-each]
     PYTHONPATH=. python tools/gpu_check.py --only new      # the same, from gpu_check
 
 --quick skips the Llama-3-8B shapes and the decode steps; --only runs the named sections
-(fused, gemv, splits, sampling, decode).
+(launches, fused, gemv, splits, sampling, decode). --check-each synchronizes after every row
+and every section and stops at the first CUDA error, naming where it surfaced (a kernel fault
+is sticky: without this it is reported by whichever later call syncs first). --small shrinks
+every section (few rows, one weight copy, 2-layer decode models with a 4096-token vocabulary,
+2 timed calls) for compute-sanitizer:
+
+    for s in launches fused gemv splits sampling decode; do
+      compute-sanitizer --error-exitcode 9 python tools/kernel_check.py --small --only $s; done
 """
 
 from __future__ import annotations
 
+import collections
+import dataclasses
 import statistics
 import sys
 import time
@@ -37,11 +46,31 @@ BW, FLOPS = 4.27e12, 800e12  # measured ceilings (shared/GPU.md)
 L2_BYTES = 60 << 20
 REF = NumpyOps()
 tables: dict[str, list[str]] = {}
+OPTS = {"small": False, "check_each": False}
+
+
+class SectionError(RuntimeError):
+    """A CUDA error surfaced by --check-each's sync; the context is unusable after it."""
+
+
+def check_device(where: str):
+    """--check-each: wait for the GPU and raise SectionError naming `where` on a CUDA error."""
+    if not OPTS["check_each"]:
+        return
+    try:
+        cupy.cuda.Device().synchronize()
+    except (cupy.cuda.runtime.CUDARuntimeError, cupy.cuda.driver.CUDADriverError) as e:
+        raise SectionError(f"CUDA error surfaced after {where}: {e}") from e
 
 
 def graph_time(fn, calls: int = 20, reps: int = 10) -> float:
     """Seconds per fn() on the GPU: `calls` calls captured in one CUDA graph, replayed `reps`
     times between events, median. fn launches kernels only (no host sync, no host copy)."""
+    if OPTS["small"]:
+        calls, reps = 2, 1
+    # NOTE: the stream below does not wait for the default stream, where the inputs were made
+    # (and a pageable upload's DMA may still be running): wait for them here.
+    cupy.cuda.Device().synchronize()
     stream = cupy.cuda.Stream(non_blocking=True)
     with stream:
         for _ in range(calls):  # warm-up: compiles, and fills the memory pool for the capture
@@ -77,6 +106,7 @@ def row(table: str, name: str, err, sec: float, nbytes: float = 0, flops: float 
             f"{flops / sec / 1e12:.1f} | {frac * 100:.1f} | {extra} |")
     tables.setdefault(table, []).append(line)
     print(table, line, flush=True)
+    check_device(f"{table} row '{name}'")
 
 
 def up(ops, x):
@@ -140,11 +170,11 @@ SHAPES = {  # name -> (N, K) of the weight
 
 def check_gemv(ops, models):
     rng = np.random.default_rng(1)
-    ms = (1, 2, 4, 8)
+    ms = (1, 8) if OPTS["small"] else (1, 2, 4, 8)
     for model in models:
         for name, (n, k) in SHAPES[model].items():
             nbytes = n * k * 2
-            copies = max(1, -(-3 * L2_BYTES // nbytes))  # cycle through > L2: a cold read
+            copies = 1 if OPTS["small"] else max(1, -(-3 * L2_BYTES // nbytes))  # > L2: cold
             ws = [ops.random_weight((n, k), k**-0.5, rng) for _ in range(copies)]
             calls = max(20, copies)
             for m in ms:
@@ -238,12 +268,14 @@ def check_splits(ops):
         "old (32 splits, all used)": (1024, 1, 32),
         "new default": (ca.NUM_BLOCKS_TARGET, ca.MIN_KEYS_PER_SPLIT, ca.MAX_SPLITS),
         "target 2048": (2048, ca.MIN_KEYS_PER_SPLIT, 256),
-        "min keys 64": (ca.NUM_BLOCKS_TARGET, 64, ca.MAX_SPLITS),
-        "min keys 256": (ca.NUM_BLOCKS_TARGET, 256, ca.MAX_SPLITS),
+        "min keys 32": (ca.NUM_BLOCKS_TARGET, 32, ca.MAX_SPLITS),
+        "min keys 128": (ca.NUM_BLOCKS_TARGET, 128, ca.MAX_SPLITS),
     }
     default = (ca.NUM_BLOCKS_TARGET, ca.MIN_KEYS_PER_SPLIT, ca.MAX_SPLITS)
     rng = np.random.default_rng(3)
     cases = [[512], [4096], [16384], [32532], [1024] * 8, [4096] * 8, [1024] * 64]
+    if OPTS["small"]:  # still one long context: the 256-split sweep row
+        cases = [[512], [32532], [1024] * 8, [1024] * 64]
     for ctx in cases:
         meta, cache = _decode_batch(ops, ctx)
         qkv, qkv_h = up(ops, rng.standard_normal((len(ctx), (nh + 2 * nkv) * hd)))
@@ -287,7 +319,7 @@ def _tensors(rows, rng, **kw) -> SamplingTensors:
 
 def check_sampling(ops):
     rng = np.random.default_rng(4)
-    rows, vocab = 256, 151936
+    rows, vocab = (8 if OPTS["small"] else 256), 151936
     logits_h = (rng.standard_normal((rows, vocab)) * 3).astype(np.float32)
     logits = ops.from_host(logits_h)  # the compute dtype, as the lm_head GEMM leaves it
     logits_h = ops.to_host(logits)
@@ -300,7 +332,7 @@ def check_sampling(ops):
         "W1 + repetition 1.1": {"temperature": 0.8, "top_k": 50, "top_p": 0.95,
                                 "repetition_penalty": 1.1},
     }
-    check = 32  # rows held to numpy (numpy sorts every row: slow)
+    check = min(rows, 32)  # rows held to numpy (numpy sorts every row: slow)
     for name, kw in configs.items():
         t = _tensors(rows, rng, **kw)
         if "repetition_penalty" in kw:
@@ -336,6 +368,8 @@ def decode_step(ops, preset, ctx, gemv_on=True):
     from engine.model.loader import dummy_weights
 
     config = ModelConfig.from_preset(preset)
+    if OPTS["small"]:  # the layers' kernels at full width; a small vocabulary makes it quick
+        config = dataclasses.replace(config, num_layers=2, vocab_size=4096)
     model = Transformer(config, dummy_weights(config, ops, seed=0), ops, ctx + 16)
     bs = 16
     nb = -(-(ctx + 1) // bs)
@@ -355,7 +389,7 @@ def decode_step(ops, preset, ctx, gemv_on=True):
                              max_context_len=max(ctx + 1, 32768))
             g.capture()
             times = []
-            for _ in range(30):
+            for _ in range(3 if OPTS["small"] else 30):
                 t0 = time.perf_counter()
                 g.run(ids, pos, meta)
                 cupy.cuda.get_current_stream().synchronize()
@@ -368,10 +402,96 @@ def decode_step(ops, preset, ctx, gemv_on=True):
     del model, cache
 
 
+# ----------------------------------------------------------------------------- launches
+
+
+class _Counted:
+    """A compiled kernel whose launches add to `counts` under its name."""
+
+    def __init__(self, fn, name: str, counts: collections.Counter):
+        self.fn, self.name, self.counts = fn, name, counts
+
+    def __getattr__(self, attr):  # max_dynamic_shared_size_bytes and the like
+        return getattr(self.fn, attr)
+
+    def __setattr__(self, attr, value):
+        if attr in ("fn", "name", "counts"):
+            object.__setattr__(self, attr, value)
+        else:
+            setattr(self.fn, attr, value)
+
+    def __call__(self, *args, **kwargs):
+        self.counts[self.name.split("<")[0]] += 1
+        return self.fn(*args, **kwargs)
+
+
+def count_launches(ops, fn) -> collections.Counter:
+    """Kernel launches by name (cuBLAS GEMMs as "cublas") while fn() runs: every module that
+    launches through cuda_kernels.kernel, and ops' GEMM, wrapped for the call."""
+    from engine.executor.ops import cuda_kernels, cuda_ops
+
+    counts: collections.Counter = collections.Counter()
+    modules = [cuda_ops, cuda_gemv, ca, cuda_sampling]
+    original = cuda_kernels.kernel
+
+    def counting(file, name, ctype="float"):
+        return _Counted(original(file, name, ctype), name, counts)
+
+    gemm = ops._gemm
+
+    def counting_gemm(*args):
+        counts["cublas"] += 1
+        return gemm(*args)
+
+    for m in modules:
+        m.kernel = counting
+    ops._gemm = counting_gemm
+    try:
+        fn()
+    finally:
+        for m in modules:
+            m.kernel = original
+        ops._gemm = gemm
+    return counts
+
+
+def launches_per_step(ops, preset: str, num_layers: int, batch: int = 1) -> collections.Counter:
+    """Launches of one eager decode forward shaped like a CUDA-graph step (fixed split grid, no
+    logits gather) of `preset` cut to num_layers layers."""
+    from engine.executor.transformer import Transformer
+    from engine.model.config import ModelConfig
+    from engine.model.loader import dummy_weights
+
+    config = dataclasses.replace(ModelConfig.from_preset(preset), num_layers=num_layers,
+                                 vocab_size=1024)
+    model = Transformer(config, dummy_weights(config, ops, seed=0), ops, 64)
+    cache = ops.alloc_kv_cache(num_layers, 4 * batch, config.num_kv_heads, 16, config.head_dim)
+    meta = AttentionMetadata(np.arange(batch, dtype=np.int32) * 64 + 40,
+                             np.arange(batch + 1, dtype=np.int32), np.full(batch, 41, np.int32),
+                             np.arange(4 * batch, dtype=np.int32).reshape(batch, 4), 1, 41)
+    dmeta = ops.prepare_metadata(meta)
+    dmeta.num_splits = ca.choose_splits(batch, config.num_kv_heads, 32768)
+    ids, pos = cupy.zeros(batch, cupy.int32), cupy.full(batch, 40, cupy.int32)
+    return count_launches(ops, lambda: model.forward(ids, pos, cache, dmeta, None))
+
+
+def check_launches(ops):
+    for preset in ("qwen3-0.6b", "llama3-8b"):
+        one, two = (launches_per_step(ops, preset, n) for n in (1, 2))
+        per_layer = two - one
+        fixed = one - per_layer
+        line = (f"| {preset} B=1 decode step | {sum(per_layer.values())} per layer + "
+                f"{sum(fixed.values())} | | | | | layer {dict(per_layer)}; outside {dict(fixed)} |")
+        tables.setdefault("launches", []).append(line)
+        print("launches", line, flush=True)
+        check_device(f"launches {preset}")
+
+
 def run_all(ops, quick: bool = False, only: str | None = None):
-    """Every section, or those named in `only` (comma-separated: fused, gemv, splits, sampling,
-    decode)."""
+    """Every section, or those named in `only` (comma-separated: launches, fused, gemv, splits,
+    sampling, decode)."""
     sections = {
+        "launches": lambda: check_launches(ops),
         "fused": lambda: check_fused(ops),
         "gemv": lambda: check_gemv(ops, ["qwen3-0.6b"] if quick else ["qwen3-0.6b", "llama3-8b"]),
         "splits": lambda: check_splits(ops),
@@ -384,6 +504,11 @@ def run_all(ops, quick: bool = False, only: str | None = None):
             continue
         try:  # one section failing still leaves the others' tables
             run()
+            check_device(f"section {name}")
+        except SectionError as e:  # the context is dead: later sections would only fail
+            print(f"\n{e}", flush=True)
+            tables.setdefault(name, []).append(f"| FAILED: {e} | | | | | | |")
+            break
         except Exception:
             traceback.print_exc()
             tables.setdefault(name, []).append("| FAILED: see the traceback above | | | | | | |")
@@ -401,6 +526,7 @@ def main():
     print(f"GPU: {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}", flush=True)
     t0 = time.perf_counter()
     only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None
+    OPTS["small"], OPTS["check_each"] = "--small" in sys.argv, "--check-each" in sys.argv
     run_all(ops, quick="--quick" in sys.argv, only=only)
     print(f"\nkernel_check took {time.perf_counter() - t0:.0f} s")
 

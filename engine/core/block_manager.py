@@ -155,6 +155,28 @@ class BlockManager:
             raise RuntimeError(f"append needs {missing} free blocks, {len(self._free)} left")
         seq.block_table.extend(self._take_free() for _ in range(missing))
 
+    def truncate(self, seq: Sequence, num_computed_tokens: int) -> None:
+        """Roll `seq` back to its first `num_computed_tokens` computed tokens (speculative
+        decoding: the k/v of rejected drafts are garbage) and free the blocks past them. Those
+        blocks were taken this step and never keyed; a kept block's stale slots are rewritten
+        before anything reads them. The table becomes a new list, so the runner's mirror of it
+        (step_inputs.HostBlockTables) copies it afresh."""
+        if not 0 <= num_computed_tokens <= seq.num_computed_tokens:
+            raise ValueError(f"cannot truncate sequence {seq.seq_id} from "
+                             f"{seq.num_computed_tokens} to {num_computed_tokens} tokens")
+        keep = self.blocks_for(num_computed_tokens)
+        table = seq.block_table
+        if keep < len(table):
+            for block_id in reversed(table[keep:]):
+                block = self.blocks[block_id]
+                if block.hash is not None:
+                    raise RuntimeError(f"truncate would drop keyed block {block_id}")
+                block.ref_count -= 1
+                if block.ref_count == 0:
+                    self._release(block)
+            seq.block_table = table[:keep]
+        seq.num_computed_tokens = num_computed_tokens
+
     def mark_computed(self, seq: Sequence) -> None:
         """Key the full blocks whose every token is now computed, making them findable."""
         if not self.enable_prefix_caching:

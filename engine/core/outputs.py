@@ -44,6 +44,11 @@ class SeqOutput:
     prompt_logprobs: list[dict[int, float] | None] | None = None
     num_cached_tokens: int | None = None
 
+    # From a step that verified drafts (speculative decoding, maybe several new tokens): each
+    # one's logprob, so a front that cuts them at a stop string can take the dropped ones out of
+    # cumulative_logprob.
+    token_logprobs: list[float] | None = None
+
 
 @dataclass
 class EngineStats:
@@ -59,6 +64,12 @@ class EngineStats:
     num_steps: int
     num_chunked_prefill_steps: int
     num_mixed_steps: int
+    # Speculative decoding: sequence-steps that verified drafts, drafts verified, drafts accepted.
+    # Acceptance rate = accepted / draft tokens; mean accepted length (tokens per verifying
+    # sequence-step, the bonus token included) = 1 + accepted / drafts.
+    spec_num_drafts: int = 0
+    spec_num_draft_tokens: int = 0
+    spec_num_accepted_tokens: int = 0
 
 
 @dataclass

@@ -24,6 +24,50 @@ class ParamError(ValueError):
         self.field = field
 
 
+_STRUCTURED_KINDS = ("json", "regex", "choice", "grammar", "json_object")
+
+
+@dataclass
+class StructuredOutputsParams:
+    """What the output must match: exactly one of the fields (vLLM's names).
+
+    json: a JSON schema (dict, or its text); regex: a regular expression; choice: one of these
+    strings; grammar: a Lark grammar (llguidance's dialect, or GBNF); json_object: any JSON
+    object. The engine compiles it with llguidance and masks every disallowed token.
+    """
+
+    json: dict | str | None = None
+    regex: str | None = None
+    choice: list[str] | None = None
+    grammar: str | None = None
+    json_object: bool | None = None
+
+    def __post_init__(self):
+        given = [k for k in _STRUCTURED_KINDS if getattr(self, k) not in (None, False)]
+        if len(given) != 1:
+            raise ParamError("structured_outputs", "structured_outputs must set exactly one of "
+                             f"{', '.join(_STRUCTURED_KINDS)}; got {given or 'none'}")
+        kind = given[0]
+        value = getattr(self, kind)
+        ok = {"json": isinstance(value, (dict, str)),
+              "regex": isinstance(value, str) and bool(value),
+              "choice": isinstance(value, list) and bool(value)
+              and all(isinstance(c, str) and c for c in value),
+              "grammar": isinstance(value, str) and bool(value),
+              "json_object": value is True}[kind]
+        if not ok:
+            rule = {"json": "a JSON schema object or its text", "regex": "a non-empty string",
+                    "choice": "a non-empty list of non-empty strings",
+                    "grammar": "a non-empty string", "json_object": "true"}[kind]
+            raise ParamError("structured_outputs",
+                             f"structured_outputs.{kind} must be {rule}, got {reprlib.repr(value)}")
+
+    @property
+    def kind(self) -> str:
+        """Which field is set: "json", "regex", "choice", "grammar" or "json_object"."""
+        return next(k for k in _STRUCTURED_KINDS if getattr(self, k) not in (None, False))
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
@@ -53,6 +97,8 @@ class SamplingParams:
     best_of: int | None = None
     length_penalty: float = 1.0
     early_stopping: bool = False
+
+    structured_outputs: StructuredOutputsParams | None = None  # constrain the output
     stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -64,6 +110,8 @@ class SamplingParams:
             self.top_k = 0
         self.stop_token_ids = list(self.stop_token_ids or [])
         self.logit_bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
+        if isinstance(self.structured_outputs, dict):  # as msgspec or a JSON body hands it over
+            self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         self._validate()
 
     def _validate(self):
@@ -129,6 +177,12 @@ class SamplingParams:
             "stop",
             "must be non-empty strings",
         )
+        so = self.structured_outputs
+        check(so is None or isinstance(so, StructuredOutputsParams), "structured_outputs",
+              "must be a StructuredOutputsParams")
+        # Beams branch on the top candidates of one row; each would need its own matcher fork.
+        check(so is None or not self.use_beam_search, "structured_outputs",
+              "is not supported with use_beam_search")
         check(len(self.stop_list) <= MAX_STOP_STRINGS, "stop",
               f"must hold at most {MAX_STOP_STRINGS} strings")
         check(all(len(s) <= MAX_STOP_STRING_CHARS for s in self.stop_list), "stop",

@@ -16,6 +16,12 @@ any other (its input is resolved on the device from N's sampled ids), its slot i
 len(token_ids), and its blocks grow for it. `commit(batch)` keys the blocks the batch filled, once
 every token in them is known; a block is never keyed over a pending token. A sequence whose pending
 token will end it for sure (max_tokens, max_model_len) is not scheduled again.
+
+Speculative decoding: a decode whose seq.spec_token_ids the engine core filled computes its last
+token and the drafts in one go. Drafts count in the token budget and are trimmed here so that no
+accepted token could pass max_tokens or max_model_len; drafts never preempt anyone (a decode whose
+drafts find no free block runs without them). The engine core runs such steps synchronously and
+rolls back the slots of rejected drafts (BlockManager.truncate) before commit keys any block.
 """
 
 from __future__ import annotations
@@ -39,6 +45,9 @@ class ScheduledBatch:
     num_preempted: int = 0  # preemptions made while building this batch
     # (src, dst) KV blocks to copy before the forward: the partial tails of forked sequences.
     block_copies: list[tuple[int, int]] = field(default_factory=list)
+    # Draft tokens scheduled for verification (speculative decoding): a decode with drafts
+    # computes 1 + len(seq.spec_token_ids) tokens and samples at each of them.
+    num_spec_tokens: int = 0
 
     def sampling_rows(self) -> tuple[list[Sequence], list[int]]:
         """Who samples this step, in row order, read before advance: the sequences that sample
@@ -156,6 +165,13 @@ class Scheduler:
                 continue  # a beam's next token is chosen on the host, with its siblings
             if budget == 0 or len(seqs) == max_num_seqs:
                 break
+            if seq.spec_token_ids and self._trim_drafts(seq, budget):
+                n = 1 + len(seq.spec_token_ids)
+                bm.append(seq, n)
+                batch.add(seq, n)
+                batch.num_spec_tokens += n - 1
+                budget -= n
+                continue
             if c < len(seq.block_table) * bs:  # its new token's slot is in a block it holds
                 seqs.append(seq)
                 num_new.append(1)
@@ -189,17 +205,21 @@ class Scheduler:
                 batch.add(seq, n)
                 budget -= n
         # After a preemption, admitting would only take blocks the running ones need back.
-        while self.waiting and batch.num_preempted == 0:
+        i = 0  # the queue's first sequence whose grammar is ready (the others wait in place)
+        while i < len(self.waiting) and batch.num_preempted == 0:
             if budget == 0 or len(batch.seqs) == self.max_num_seqs:
                 break
             if len(self.running) >= self.max_num_seqs:
                 break
-            seq = self.waiting[0]
+            seq = self.waiting[i]
+            if seq.is_waiting_for_grammar:
+                i += 1
+                continue
             # A preempted sequence or a fork that found no room may still wait for a token of
             # the step in flight: admitted now, its prompt would lack it. FCFS: one step's wait.
             if seq.has_pending_token or not bm.can_allocate(seq):
                 break  # FCFS: nobody overtakes the head of the queue
-            self.waiting.popleft()
+            del self.waiting[i]
             bm.allocate(seq)
             seq.status = SequenceStatus.RUNNING
             self.running.append(seq)
@@ -230,6 +250,19 @@ class Scheduler:
             self.waiting.remove(stuck[-1])
             self.waiting.append(stuck[-1])
             batch.num_preempted += 1
+
+    def _trim_drafts(self, seq: Sequence, budget: int) -> int:
+        """Cut seq.spec_token_ids to what fits this step; return how many are left. Every draft
+        accepted plus the bonus token must stay within max_tokens and max_model_len."""
+        num_tokens = len(seq.token_ids)
+        k = min(len(seq.spec_token_ids), budget - 1, self.max_model_len - num_tokens - 1)
+        max_tokens = seq.sampling_params.max_tokens
+        if max_tokens is not None:
+            k = min(k, max_tokens - (num_tokens - seq.num_prompt_tokens) - 1)
+        if k > 0 and not self.block_manager.can_append(seq, 1 + k):
+            k = 0
+        seq.spec_token_ids = seq.spec_token_ids[: max(k, 0)]
+        return len(seq.spec_token_ids)
 
     def _preempt(self, seq: Sequence) -> None:
         self.block_manager.free(seq)
@@ -291,7 +324,9 @@ class Scheduler:
         for child in seq.forks:  # ended before its prompt was computed: so do its forks
             child.status = SequenceStatus.FINISHED
             child.finish_reason = reason
+            child.matcher = None
         seq.forks = []
+        seq.matcher = None  # its grammar's state (structured outputs) ends with it
         if seq.status == SequenceStatus.RUNNING:
             self.running.remove(seq)
         elif seq in self.waiting:

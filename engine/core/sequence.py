@@ -36,6 +36,9 @@ class Sequence:
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str | None = None  # why, when finish_reason is "error"
     cumulative_logprob: float = 0.0
+    # Draft tokens this step verifies after the last token (speculative decoding): set by the
+    # engine core's proposer, trimmed by the scheduler, empty in a step without speculation.
+    spec_token_ids: list[int] = field(default_factory=list)
     # A request's other n - 1 sequences, held here until this one's prompt is computed; then
     # they fork from it (Scheduler.finish_step) instead of each computing the prompt again.
     forks: list[Sequence] = field(default_factory=list)
@@ -47,6 +50,10 @@ class Sequence:
     # runner computes rows for positions from here on; a recompute after preemption skips those
     # already collected, and the prefix cache may not cover the ones still wanted.
     next_prompt_logprob: int = 1
+    # Structured outputs: the llguidance matcher this sequence advances (None: unconstrained),
+    # and whether its grammar is still compiling (the scheduler leaves it waiting until then).
+    matcher: object = None
+    is_waiting_for_grammar: bool = False
 
     @property
     def wants_prompt_logprobs(self) -> bool:

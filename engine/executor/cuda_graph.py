@@ -52,7 +52,6 @@ class DecodeGraphs:
         self.slot_mapping.fill(-1)  # the warm-up forward at capture must write no k/v
         self.query_start_loc = cupy.arange(n + 1, dtype=cupy.int32)  # (n + 1,) one token each
         self.block_tables = cupy.zeros((n, max_blocks_per_seq), cupy.int32)
-        self.logits_indices = cupy.arange(n, dtype=cupy.int32)
         self.graphs: dict[int, tuple] = {}  # size -> (graph, logits (size, vocab))
         self.pool = cupy.cuda.MemoryPool()  # owns every intermediate the graphs write
 
@@ -72,12 +71,18 @@ class DecodeGraphs:
         # that an earlier graph freed as scratch during its capture, and that graph's replays
         # would overwrite it.
         metas = {size: self._meta(size) for size in self.sizes}
+        # NOTE: the capture stream is non-blocking: it does not wait for the legacy default
+        # stream, where the weights, the KV cache and this object's buffers (slot_mapping's
+        # fill(-1)) were made. Without this sync the warm-up forward can read slot_mapping
+        # before the fill lands - recycled pool memory, garbage slots - and store k/v far out
+        # of the cache (cudaErrorIllegalAddress, only when the pool held old data).
+        cupy.cuda.Device().synchronize()
         stream = cupy.cuda.Stream(non_blocking=True)
         with cupy.cuda.using_allocator(self.pool.malloc), stream:
             for size in sorted(self.sizes, reverse=True):
                 meta = metas[size]
-                args = (self.input_ids[:size], self.positions[:size], self.kv_cache, meta,
-                        self.logits_indices[:size])
+                # every row samples: no logits_indices gather
+                args = (self.input_ids[:size], self.positions[:size], self.kv_cache, meta, None)
                 self.model.forward(*args)  # warm-up: compiles, and fills the pool for capture
                 stream.synchronize()
                 stream.begin_capture()

@@ -27,7 +27,7 @@ import numpy as np
 from engine.core.outputs import EngineDeadError
 from engine.executor.ops import AttentionMetadata, SamplerOutput, SamplingTensors
 from engine.executor.prompt_logprobs import PendingPromptLogprobs, PromptLogprobs
-from engine.executor.sampling_inputs import sampling_tensors
+from engine.executor.sampling_inputs import expand_draft_rows, sampling_tensors
 from engine.executor.step_inputs import HostBlockTables, StepInputs, build_step_inputs
 from engine.model.config import EngineConfig, ModelConfig
 
@@ -133,16 +133,21 @@ class ModelRunner:
 
     # ------------------------------------------------------------------ one step
 
-    def run(self, batch, sampling: tuple[list, list[int]]) -> SamplerOutput | None:
+    def run(self, batch, sampling: tuple[list, list[int]],
+            fill_bitmask=None) -> SamplerOutput | None:
         """launch + result: the synchronous step."""
-        return self.launch(batch, sampling).result()
+        return self.launch(batch, sampling, fill_bitmask).result()
 
-    def launch(self, batch, sampling: tuple[list, list[int]]) -> StepHandle:
+    def launch(self, batch, sampling: tuple[list, list[int]], fill_bitmask=None) -> StepHandle:
         """Queue the forward and the sampling of one token per row of `sampling`
         (batch.sampling_rows(): the sequences that sample, and which logits row each fork
-        reads); .result() reads them (None when no row samples)."""
+        reads); .result() reads them (None when no row samples).
+
+        fill_bitmask() -> (R, ceil(vocab / 32)) int32 allowed-token bits per sampling row
+        (structured outputs): called once the forward is queued, so on the GPU the host fills the
+        masks while the device computes the logits; masked tokens get -inf before sampling."""
         try:
-            return self._launch(batch, sampling)
+            return self._launch(batch, sampling, fill_bitmask)
         except Exception as e:
             self.raise_if_fatal(e)
             raise
@@ -153,7 +158,7 @@ class ModelRunner:
             raise EngineDeadError(f"the {self.ops.name} backend failed and cannot go on: "
                                   f"{type(e).__name__}: {e}") from e
 
-    def _launch(self, batch, sampling: tuple[list, list[int]]) -> StepHandle:
+    def _launch(self, batch, sampling: tuple[list, list[int]], fill_bitmask) -> StepHandle:
         if not batch.seqs:
             return StepHandle(None, self, None)
         ops = self.ops
@@ -180,10 +185,15 @@ class ModelRunner:
             return StepHandle(None, self, None if start is None else (start, ops.record_event()),
                               prompt)
         seqs, fork_rows = sampling
+        if batch.num_spec_tokens:  # 1 + k rows for a sequence verifying k drafts
+            seqs, fork_rows = expand_draft_rows(seqs, fork_rows)
         if fork_rows:  # forks sample from their parent's row
             rows = np.concatenate([np.arange(len(inputs.logits_indices)), fork_rows])
             logits = logits[ops.from_host(rows.astype(np.int32))]
-        # The forward is queued on the GPU: the sampling settings are built while it runs.
+        # The forward is queued on the GPU: the masks and sampling settings are built while it
+        # runs.
+        if fill_bitmask is not None:
+            logits = ops.apply_token_bitmask(logits, fill_bitmask())
         try:
             pending = ops.sample_start(logits, self.prepare_sampling(seqs), prev)
         except Exception as e:

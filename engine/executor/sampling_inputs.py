@@ -69,6 +69,42 @@ def sampling_tensors(seqs: list, vocab_size: int, eos_token_ids: list[int],
     return t
 
 
+class DraftRow:
+    """Row j of a sequence verifying drafts: the sequence as it would be had it accepted its
+    first j drafts. Sampled with that history (penalties, min_tokens) and at that seed step,
+    row j draws exactly the token plain decoding would draw there, so greedy and seeded
+    requests come out identical with or without speculation."""
+
+    __slots__ = ("num_computed_tokens", "num_prompt_tokens", "sampling_params", "seed", "seq_id",
+                 "token_ids")
+
+    def __init__(self, seq, j: int):
+        self.token_ids = seq.token_ids + seq.spec_token_ids[:j]
+        self.num_computed_tokens = len(self.token_ids) - 1  # not pending: the step is synchronous
+        self.num_prompt_tokens = seq.num_prompt_tokens
+        self.sampling_params, self.seed, self.seq_id = seq.sampling_params, seq.seed, seq.seq_id
+
+    @property
+    def prompt_token_ids(self) -> list[int]:
+        return self.token_ids[: self.num_prompt_tokens]
+
+    @property
+    def output_token_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt_tokens :]
+
+
+def expand_draft_rows(seqs: list, fork_rows: list[int]) -> tuple[list, list[int]]:
+    """batch.sampling_rows() with each sequence's k drafts as k more rows after its own (in the
+    order of step_inputs' logits rows); forks keep reading their parent's first row."""
+    rows, first_row = [], []
+    num_base = len(seqs) - len(fork_rows)  # forks come last and never draft
+    for seq in seqs[:num_base]:
+        first_row.append(len(rows))
+        rows.append(seq)
+        rows += [DraftRow(seq, j) for j in range(1, len(seq.spec_token_ids) + 1)]
+    return rows + seqs[num_base:], [first_row[r] for r in fork_rows]
+
+
 def _output_ids(seq, pending_rows: dict[int, int]) -> list[int]:
     ids = seq.output_token_ids
     if seq.num_computed_tokens == len(seq.token_ids):  # pending: still on the device

@@ -10,6 +10,10 @@ Overlapped steps: a sequence whose last sampled token is still on the device (pe
 engine/core/scheduler.py: num_computed_tokens == len(token_ids)) gets a placeholder input id,
 `placeholder(row)` = -2 - row, where row is its row in the previous step's sampled ids; the runner
 resolves it on the device before the forward (ops.resolve_placeholders). -1 stays free for padding.
+
+Speculative decoding: a sequence with draft tokens (seq.spec_token_ids, batch.num_spec_tokens > 0)
+computes its last token followed by its k drafts and samples at all 1 + k of them, so it owns
+1 + k consecutive logits rows. Such steps are synchronous: no placeholders.
 """
 
 from __future__ import annotations
@@ -146,7 +150,8 @@ def build_step_inputs(batch, block_size: int, tables: HostBlockTables,
         positions = computed
         token_seq = np.arange(num_seqs)  # (T,) sequence of each token
     else:
-        chunks = (s.token_ids[c : c + n]
+        chunks = (s.token_ids[c : c + n] + s.spec_token_ids if s.spec_token_ids
+                  else s.token_ids[c : c + n]
                   for s, c, n in zip(seqs, computed.tolist(), num_new, strict=True))
         input_ids = np.fromiter(itertools.chain.from_iterable(chunks), np.int32,
                                 num_tokens - num_placeholders)
@@ -172,6 +177,21 @@ def build_step_inputs(batch, block_size: int, tables: HostBlockTables,
         max_query_len=int(new.max()),
         max_context_len=int(context_lens.max()),
     )
-    logits_indices = (query_start_loc[1:] - 1)[samples]  # (R,)
+    if batch.num_spec_tokens:
+        logits_indices = _spec_logits_indices(seqs, samples, query_start_loc)
+    else:
+        logits_indices = (query_start_loc[1:] - 1)[samples]  # (R,)
+    # Prompt-logprob rows come after every sampling row, the draft rows included.
     return StepInputs(input_ids, positions, logits_indices, meta, samples, num_placeholders,
                       prompt_rows(seqs, num_new, query_start_loc, vocab_size))
+
+
+def _spec_logits_indices(seqs: list, samples: np.ndarray, query_start_loc: np.ndarray
+                         ) -> np.ndarray:
+    """(R,) int32: the last 1 + k rows of each sampling sequence with k drafts."""
+    num_drafts = np.fromiter((len(s.spec_token_ids) for s in seqs), np.int32, len(seqs))  # (B,)
+    counts = np.where(samples, 1 + num_drafts, 0)  # (B,) logits rows per sequence
+    owner = np.repeat(np.arange(len(seqs)), counts)  # (R,)
+    first_row = np.cumsum(counts) - counts  # (B,)
+    offset = np.arange(len(owner)) - first_row[owner]  # (R,) 0..k within its sequence
+    return (query_start_loc[1:][owner] - counts[owner] + offset).astype(np.int32)

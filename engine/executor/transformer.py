@@ -54,7 +54,8 @@ class Transformer:
         self.scale = config.head_dim**-0.5
 
     def forward(self, input_ids, positions, kv_cache, meta: AttentionMetadata, logits_indices):
-        """Logits for the rows in logits_indices, after writing every new token's k/v to the cache.
+        """Logits for the rows in logits_indices (None: every row, as in a decode-only step),
+        after writing every new token's k/v to the cache.
 
         input_ids (T,) int32, positions (T,) int32, kv_cache (layers, 2, blocks, kv_heads,
         block_size, head_dim), logits_indices (R,) int32 -> logits (R, vocab) float32
@@ -79,5 +80,6 @@ class Transformer:
                                                         c.rms_norm_eps, layer.gate_up)
             x = ops.silu_mul_linear(gate_up, layer.down)
         h, _ = ops.add_rms_norm(x, residual, w.norm, c.rms_norm_eps)
-        h = ops.gather_rows(h, logits_indices)  # (R, hidden): only the rows that sample
+        if logits_indices is not None:  # None saves a launch when every row samples
+            h = ops.gather_rows(h, logits_indices)  # (R, hidden): only the rows that sample
         return ops.linear(h, w.lm_head)  # (R, vocab)

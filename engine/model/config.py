@@ -8,7 +8,7 @@ or from a shipped preset (engine/model/presets/*.json) for dummy weights.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 # HF architecture name -> (family, q/k/v bias, per-head q/k RMSNorm)
@@ -154,6 +154,51 @@ def _as_list(value) -> list[int]:
 
 
 @dataclass
+class SpeculativeConfig:
+    """N-gram speculative decoding (prompt lookup), with vLLM's names. Each step, a decoding
+    sequence whose last tokens (the longest suffix of prompt_lookup_max down to
+    prompt_lookup_min tokens) occurred earlier in its prompt + output proposes the
+    num_speculative_tokens that followed; the model verifies them in the same forward."""
+
+    method: str = "ngram"
+    num_speculative_tokens: int = 3
+    prompt_lookup_max: int = 4
+    prompt_lookup_min: int = 2
+    # No speculation in a step whose running batch is larger: verification costs k extra
+    # tokens per sequence, which pays at low load (bound by weight reads) but not under load.
+    disable_by_batch_size: int = 8
+
+    @classmethod
+    def from_dict(cls, d: dict) -> SpeculativeConfig:
+        if not isinstance(d, dict):
+            raise ConfigError(f"speculative_config must be a dict, got {type(d).__name__}")
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError(f"speculative_config has unknown field(s) {unknown}; known: "
+                              f"{sorted(known)}")
+        if "num_speculative_tokens" not in d:
+            raise ConfigError("speculative_config.num_speculative_tokens is required")
+        config = cls(**d)
+        config.validate()
+        return config
+
+    def validate(self) -> None:
+        if self.method != "ngram":
+            raise ConfigError(f"speculative_config.method must be 'ngram' (the one method "
+                              f"implemented), got {self.method!r}")
+        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min",
+                     "disable_by_batch_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ConfigError(f"speculative_config.{name} must be an integer >= 1, "
+                                  f"got {value!r}")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ConfigError(f"speculative_config.prompt_lookup_min ({self.prompt_lookup_min}) "
+                              f"must be <= prompt_lookup_max ({self.prompt_lookup_max})")
+
+
+@dataclass
 class EngineConfig:
     """Everything the engine needs besides the model; field names follow vLLM's flags."""
 
@@ -178,8 +223,17 @@ class EngineConfig:
     # BLAS threads of the host's numpy; 1 measured fastest on a busy 2-core machine (see
     # engine/executor/ops/__init__.py set_cpu_threads); more help long prompts on idle cores.
     cpu_threads: int = 1
+    # A dict of SpeculativeConfig fields (validate() turns it into one), or None: no speculation.
+    speculative_config: SpeculativeConfig | dict | None = None
 
     def validate(self):
+        if isinstance(self.speculative_config, dict):
+            self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
+        elif self.speculative_config is not None:
+            if not isinstance(self.speculative_config, SpeculativeConfig):
+                raise ConfigError("speculative_config must be a dict or None, got "
+                                  f"{type(self.speculative_config).__name__}")
+            self.speculative_config.validate()
         positive = ("max_num_seqs", "max_num_batched_tokens", "block_size", "cpu_threads")
         for name in positive:
             if getattr(self, name) < 1:

@@ -51,6 +51,8 @@ def kernel_names(file: str, ctype: str) -> list[str]:
                 + [f"decode_reduce_kernel<{ctype}, {d}>" for d in HEAD_DIMS])
     if file == "attention_prefill.cu":
         return [f"prefill_attention_kernel<{ctype}, {d}>" for d in HEAD_DIMS]
+    if file == "bitmask.cu":
+        return [f"apply_token_bitmask_kernel<{t}>" for t in CTYPES.values()]
     if file == "sampling.cu":
         return (["penalty_counts_kernel", "add_logit_bias_kernel"]
                 + [f"adjust_logits_kernel<{t}>" for t in CTYPES.values()]

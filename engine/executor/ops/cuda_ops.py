@@ -50,6 +50,11 @@ class CudaOps:
         self.ctype = CTYPES[dtype]
         self.storage = np.dtype(DTYPES[dtype])
         self._gemm = Gemm()
+        # Structured outputs: the bitmask's pinned staging buffer, and the event after its last
+        # copy out (apply_token_bitmask).
+        self._mask_stage: np.ndarray | None = None
+        self._mask_stage_mem = None
+        self._mask_copied: cupy.cuda.Event | None = None
         for file in ("gather.cu", "activation.cu", "rms_norm.cu", "rope.cu", "kv_cache.cu",
                      "qk_rope_kv.cu", "gemv.cu", "attention.cu"):
             kernel(file, _first_name(file, self.ctype), self.ctype)  # compile now, fail early
@@ -206,7 +211,7 @@ class CudaOps:
         if x.shape[1] != weight.shape[1] or norm_weight.shape[0] != x.shape[1]:
             raise ValueError(f"add_rms_norm_linear: x has {x.shape[1]} features, norm weight "
                              f"{norm_weight.shape[0]}, weight expects {weight.shape[1]}")
-        if cuda_gemv.norm_gemv_fits(x, residual, norm_weight, weight):
+        if cuda_gemv.use_norm_gemv(x, residual, norm_weight, weight):
             return cuda_gemv.norm_gemv(x, residual, norm_weight, weight, eps, self.ctype)
         h, residual = self.add_rms_norm(x, residual, norm_weight, eps)
         return self.linear(h, weight), residual
@@ -221,7 +226,7 @@ class CudaOps:
         out = cupy.empty((x.shape[0], weight.shape[0]), self.storage)
         if x.shape[0] == 0:
             return out
-        if cuda_gemv.gemv_fits(x, weight, cuda_gemv.GEMV_MAX_M):
+        if cuda_gemv.use_gemv(x, weight):
             cuda_gemv.gemv(x, weight, out, self.ctype)
         else:
             self._gemm(x, weight, out, self.dtype)
@@ -262,7 +267,7 @@ class CudaOps:
         if gate_up.shape[1] != 2 * weight.shape[1]:
             raise ValueError(f"silu_mul_linear: gate_up has {gate_up.shape[1]} features, weight "
                              f"expects 2 x {weight.shape[1]}")
-        if not cuda_gemv.gemv_fits(gate_up, weight, cuda_gemv.GEMV_SILU_MAX_M):
+        if not cuda_gemv.use_silu_gemv(gate_up, weight):
             return self.linear(self.silu_and_mul(gate_up), weight)
         out = cupy.empty((gate_up.shape[0], weight.shape[0]), self.storage)
         return cuda_gemv.gemv(gate_up, weight, out, self.ctype, act=True)
@@ -353,8 +358,7 @@ class CudaOps:
         step's DeviceSample.token_ids) resolves placeholders among the penalties' output ids."""
         if isinstance(logits, np.ndarray):
             logits = cupy.asarray(np.ascontiguousarray(logits, np.float32))
-        ctype = {np.dtype(np.float32): "float", np.dtype(np.float16): "__half",
-                 np.dtype(np.uint16): "__nv_bfloat16"}.get(np.dtype(logits.dtype))
+        ctype = _LOGIT_CTYPES.get(np.dtype(logits.dtype))
         if ctype is None:
             raise TypeError(f"logits: unsupported dtype {logits.dtype}")
         self._check(logits, "logits", 2, logits.dtype)
@@ -389,6 +393,40 @@ class CudaOps:
     def elapsed_s(self, start: cupy.cuda.Event, end: cupy.cuda.Event) -> float:
         return cupy.cuda.get_elapsed_time(start, end) / 1e3
 
+    def apply_token_bitmask(self, logits, bitmask: np.ndarray):
+        """Disallowed tokens' logits -> -inf, in place (numpy_ops has the twin); returns logits.
+        logits (R, vocab) float32 or the compute dtype; bitmask (R, ceil(vocab / 32)) int32."""
+        ctype = _LOGIT_CTYPES.get(np.dtype(logits.dtype))
+        if ctype is None:
+            raise TypeError(f"logits: unsupported dtype {logits.dtype}")
+        self._check(logits, "logits", 2, logits.dtype)
+        rows, vocab = logits.shape
+        words = -(-vocab // 32)
+        if bitmask.shape != (rows, words):
+            raise ValueError(f"bitmask: expected shape {(rows, words)}, got {bitmask.shape}")
+        mask = self._upload_bitmask(np.ascontiguousarray(bitmask, np.int32))
+        kernel("bitmask.cu", f"apply_token_bitmask_kernel<{ctype}>")(
+            (rows, -(-vocab // 256)), (256,), (logits, mask, _i32(vocab), _i32(words)))
+        return logits
+
+    def _upload_bitmask(self, bitmask: np.ndarray) -> cupy.ndarray:
+        """The bitmask on the device, copied through pinned memory: the copy queues on the stream
+        behind the forward instead of waiting for it (a pageable copy may)."""
+        if self._mask_copied is not None:
+            self._mask_copied.synchronize()  # the stage's previous copy has left it
+        if self._mask_stage is None or self._mask_stage.size < bitmask.size:
+            self._mask_stage_mem = cupy.cuda.alloc_pinned_memory(bitmask.nbytes)
+            self._mask_stage = np.frombuffer(self._mask_stage_mem, np.int32, bitmask.size)
+        host = self._mask_stage[: bitmask.size].reshape(bitmask.shape)
+        np.copyto(host, bitmask)
+        mask = cupy.empty(bitmask.shape, cupy.int32)
+        stream = cupy.cuda.get_current_stream()
+        cupy.cuda.runtime.memcpyAsync(mask.data.ptr, host.ctypes.data, bitmask.nbytes,
+                                      cupy.cuda.runtime.memcpyHostToDevice, stream.ptr)
+        self._mask_copied = cupy.cuda.Event(disable_timing=True)
+        self._mask_copied.record(stream)
+        return mask
+
     def synchronize(self):
         cupy.cuda.get_current_stream().synchronize()
 
@@ -398,9 +436,15 @@ class CudaOps:
         made (weights, KV cache, graphs) first, or their blocks stay in use."""
         cupy.cuda.Device().synchronize()
         self._gemm.close()
+        self._mask_stage = self._mask_stage_mem = self._mask_copied = None  # pinned staging
         gc.collect()  # arrays caught in reference cycles would otherwise hold their blocks
         cupy.get_default_memory_pool().free_all_blocks()
         cupy.get_default_pinned_memory_pool().free_all_blocks()
+
+
+# Logits arrive in fp32 or the compute dtype (bf16 stored as uint16).
+_LOGIT_CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float16): "__half",
+                 np.dtype(np.uint16): "__nv_bfloat16"}
 
 
 def _first_name(file: str, ctype: str) -> str:

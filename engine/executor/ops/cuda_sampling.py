@@ -1,8 +1,10 @@
 """Sampling on the GPU (cuda/sampling.cu): numpy_sampling.sample's semantics.
 
-sample_kernel finds top-k / top-p thresholds from one histogram pass and a sort of the few
-candidates in shared memory (3 passes over a row); SAMPLER = "bisect" selects the previous kernel
-(cuda/sampling_bisect.cu, ~31 passes per threshold), which tools/gpu_check.py times as baseline.
+sample_kernel finds top-k / top-p thresholds from a histogram pass and a sort of the few
+candidates in shared memory (3 passes over a row; 4 or 5 when the kept set is thousands of
+tokens: the cut's window of bins, refined once more if needed, and a draw over the row; it
+bisects only for nearly flat rows); SAMPLER = "bisect" selects the previous kernel
+(cuda/sampling_bisect.cu, ~31 passes per threshold), which tools/kernel_check.py times as baseline.
 
 The sampled ids stay on the device (the next overlapped step's placeholders read them there) and
 reach the host through a copy into pinned memory followed by an event: DeviceSample.wait() is the

@@ -201,6 +201,17 @@ class NumpyOps:
     def elapsed_s(self, start: float, end: float) -> float:
         return end - start
 
+    def apply_token_bitmask(self, logits: np.ndarray, bitmask: np.ndarray) -> np.ndarray:
+        """Disallowed tokens' logits -> -inf, in place; returns `logits`.
+        logits (R, vocab) float32; bitmask (R, ceil(vocab / 32)) int32, bit j of word w set when
+        token 32 * w + j is allowed (llguidance's packing)."""
+        vocab = logits.shape[1]
+        # Little-endian words: byte k of word w holds tokens 32w + 8k .. 32w + 8k + 7, low bit 1st.
+        allowed = np.unpackbits(np.ascontiguousarray(bitmask).view(np.uint8), axis=1,
+                                bitorder="little")[:, :vocab]  # (R, vocab) uint8
+        logits[allowed == 0] = -np.inf
+        return logits
+
     def synchronize(self):
         pass
 

@@ -64,6 +64,8 @@ def apply_penalties(logits: np.ndarray, t: SamplingTensors) -> np.ndarray:
 
 def filter_probs(probs: np.ndarray, top_k: int, top_p: float, min_p: float) -> np.ndarray:
     """Zero the probabilities outside top-k / top-p / min-p; every rule keeps ties."""
+    if not 0 < top_k < len(probs) and top_p >= 1.0 and min_p <= 0.0:
+        return probs.astype(np.float32)  # no rule is on: skip the sort
     keep = np.ones(probs.shape, bool)
     ordered = np.sort(probs)[::-1]
     if 0 < top_k < len(probs):

@@ -1,0 +1,199 @@
+"""Structured outputs with llguidance: grammars compiled once, one matcher per constrained
+sequence, and the batch's token bitmask.
+
+    grammars = GrammarCompiler(tokenizer, vocab_size, eos_token_ids)
+    grammars.check(so)                  # compile now (cached); ValueError naming the field
+    future = grammars.submit(so)        # compile on the pool; the request waits for it
+    matcher = future.result().deep_copy()   # each sequence advances its own copy
+    bitmask = grammars.fill_bitmask(matchers)   # (R, ceil(V/32)) int32, llguidance's packing
+
+Compiling is llguidance's LLMatcher constructor (it drops the GIL); a compiled matcher, still at
+its start, is kept per grammar text in an LRU and copied for every sequence that uses it. Mask
+filling and token consumption for the batch go through llguidance's LLExecutor, which spreads the
+rows over its own threads, also without the GIL, so the host fills masks while the GPU runs the
+step's forward.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections import OrderedDict
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import numpy as np
+
+from engine.core.sampling_params import StructuredOutputsParams
+
+ACCEPTED, ENDED = object(), object()  # GrammarCompiler.advance's verdicts besides an error text
+
+# Compact JSON, as OpenAI's strict mode writes it: a model that may put whitespace anywhere can
+# also put it everywhere (a small or random one fills max_tokens with newlines).
+JSON_OPTIONS = {"whitespace_flexible": False, "item_separator": ", ", "key_separator": ": "}
+
+
+def grammar_of(so: StructuredOutputsParams) -> str:
+    """llguidance's grammar text for `so`; ValueError naming the field if it is malformed (that
+    it compiles is checked by GrammarCompiler)."""
+    import llguidance
+
+    kind = so.kind
+    try:
+        if kind == "json":
+            schema = json.loads(so.json) if isinstance(so.json, str) else so.json
+            if not isinstance(schema, dict):
+                raise ValueError("a JSON schema must be an object")
+            return llguidance.LLMatcher.grammar_from_json_schema(json.dumps(schema),
+                                                                  defaults=JSON_OPTIONS)
+        if kind == "json_object":
+            return llguidance.LLMatcher.grammar_from_json_schema('{"type": "object"}',
+                                                                  defaults=JSON_OPTIONS)
+        if kind == "regex":
+            return llguidance.LLMatcher.grammar_from_regex(so.regex)
+        if kind == "choice":
+            return llguidance.grammar_from("choice", json.dumps(so.choice))
+        return llguidance.grammar_from("grammar", so.grammar)  # Lark, or GBNF turned into Lark
+    except ValueError as e:
+        raise ValueError(f"structured_outputs.{kind} is invalid: {e}") from None
+
+
+def ll_tokenizer(tokenizer, vocab_size: int, eos_token_ids: list[int]):
+    """llguidance's view of our Tokenizer (engine/model/tokenizer.py): its tokens as bytes, for
+    a model whose logits are `vocab_size` wide (ids past the tokenizer's are never allowed)."""
+    import llguidance
+
+    return llguidance.LLTokenizer(tokenizer.tokenizer.to_str(), n_vocab=vocab_size,
+                                  eos_token=list(eos_token_ids))
+
+
+class GrammarCompiler:
+    """Compiles grammars (cached by text), fills bitmasks, advances matchers."""
+
+    def __init__(self, make_ll_tokenizer, vocab_size: int, max_cached: int = 256,
+                 num_threads: int = 2, on_compile=None):
+        """`make_ll_tokenizer()` -> llguidance.LLTokenizer, called once, on first use (it takes
+        ~0.3 s for a 50k vocabulary). `on_compile(seconds)` observes every compile (metrics)."""
+        self._make_ll_tokenizer = make_ll_tokenizer
+        self._ll_tokenizer = None
+        self.vocab_size = vocab_size
+        self.num_words = -(-vocab_size // 32)
+        self.max_cached = max_cached
+        self.on_compile = on_compile
+        self._cache: OrderedDict[str, object] = OrderedDict()  # grammar text -> LLMatcher
+        self._lock = threading.Lock()  # the cache and the tokenizer: pool threads share them
+        self._pool = ThreadPoolExecutor(num_threads, thread_name_prefix="pagedserve-grammar")
+        self._executor = None  # llguidance.LLExecutor, made on first fill
+        self._bitmask = np.empty((0, self.num_words), np.int32)
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer, vocab_size: int, eos_token_ids: list[int], **kw):
+        return cls(lambda: ll_tokenizer(tokenizer, vocab_size, eos_token_ids), vocab_size, **kw)
+
+    @classmethod
+    def for_model(cls, tokenizer, model_config, **kw):
+        """For the model's tokenizer, ending at the model's eos ids and the tokenizer's."""
+        eos = list(model_config.eos_token_ids)
+        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
+            eos.append(tokenizer.eos_token_id)
+        return cls.for_tokenizer(tokenizer, model_config.vocab_size, eos, **kw)
+
+    def _tokenizer(self):
+        with self._lock:
+            if self._ll_tokenizer is None:
+                self._ll_tokenizer = self._make_ll_tokenizer()
+            return self._ll_tokenizer
+
+    # ------------------------------------------------------------------ compiling
+
+    def check(self, so: StructuredOutputsParams):
+        """The compiled matcher for `so` (at its start: copy it before use); ValueError naming the
+        field and llguidance's reason when it does not compile."""
+        import llguidance
+
+        text = grammar_of(so)
+        with self._lock:
+            matcher = self._cache.get(text)
+            if matcher is not None:
+                self._cache.move_to_end(text)
+                return matcher
+        try:
+            tokenizer = self._tokenizer()
+        except Exception as e:  # a tokenizer llguidance cannot read: no request can be served
+            raise ValueError(f"structured_outputs: llguidance cannot use this model's "
+                             f"tokenizer: {e}") from e
+        start = time.perf_counter()
+        matcher = llguidance.LLMatcher(tokenizer, text, log_level=0)
+        seconds = time.perf_counter() - start
+        if self.on_compile is not None:
+            self.on_compile(seconds)
+        if matcher.is_error():
+            raise ValueError(f"structured_outputs.{so.kind} does not compile: "
+                             f"{matcher.get_error()}")
+        with self._lock:
+            self._cache[text] = matcher
+            while len(self._cache) > self.max_cached:
+                self._cache.popitem(last=False)
+        return matcher
+
+    def submit(self, so: StructuredOutputsParams) -> Future:
+        """check(so) on the pool: a Future of the compiled matcher (or of the ValueError)."""
+        return self._pool.submit(self.check, so)
+
+    def shutdown(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # ------------------------------------------------------------------ one step
+
+    def _llexecutor(self):
+        if self._executor is None:
+            import llguidance
+
+            self._executor = llguidance.LLExecutor()
+        return self._executor
+
+    def fill_bitmask(self, matchers: list) -> np.ndarray:
+        """(R, ceil(V/32)) int32 for the R rows of a step: bit j of word w allows token 32w + j;
+        a row whose matcher is None allows every token."""
+        import llguidance.numpy as llnp
+
+        rows = len(matchers)
+        if len(self._bitmask) < rows:
+            self._bitmask = np.empty((max(rows, 2 * len(self._bitmask)), self.num_words),
+                                     np.int32)
+        bitmask = self._bitmask[:rows]
+        constrained = [(m, r) for r, m in enumerate(matchers) if m is not None]
+        if len(constrained) < rows:  # llguidance writes the constrained rows whole
+            bitmask.fill(-1)
+        if constrained:
+            llnp.fill_next_token_bitmask_par(self._llexecutor(), constrained, bitmask)
+            for m, r in constrained:
+                if m.is_error():  # e.g. the parser hit a limit: allow nothing, never everything
+                    bitmask[r] = 0  # (the core then ends the sequence with "error")
+        return bitmask
+
+    def consume(self, pairs: list[tuple[object, int]]) -> list[bool]:
+        """Advance each (matcher, sampled token) pair; False where the token broke the grammar."""
+        if len(pairs) == 1:
+            return [pairs[0][0].consume_token(pairs[0][1])]
+        return self._llexecutor().consume_token_par(pairs)
+
+    def advance(self, matchers: list, tokens: list[int], skip) -> list:
+        """Feed each row's matcher (None: unconstrained) its sampled token, in parallel. Per row:
+        ACCEPTED, ENDED (the grammar had already ended: the token stands for eos), or the
+        grammar's error text. Rows in `skip` (their sampling failed) are left alone."""
+        verdicts = [ACCEPTED] * len(matchers)
+        rows = []
+        for r, m in enumerate(matchers):
+            if m is None or r in skip:
+                continue
+            if m.is_stopped():
+                verdicts[r] = ENDED
+            else:
+                rows.append(r)
+        if rows:
+            accepted = self.consume([(matchers[r], tokens[r]) for r in rows])
+            for r, ok in zip(rows, accepted, strict=True):
+                if not ok:
+                    verdicts[r] = matchers[r].get_error()
+        return verdicts

@@ -1,0 +1,61 @@
+"""Structured outputs over HTTP: OpenAI's `response_format` and vLLM's `structured_outputs` body
+field read into StructuredOutputsParams, and the grammar compiled before the request is submitted,
+so a schema that does not compile is this call's 400 (naming the field and llguidance's reason)
+and never a 200 with unconstrained text.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from engine.core.sampling_params import StructuredOutputsParams
+from server.protocol import bad_request, get_field
+
+
+def parse_structured_outputs(body: dict) -> tuple[StructuredOutputsParams | None, str | None]:
+    """(what the output must match, the body field it came from), or (None, None)."""
+    response_format = get_field(body, "response_format", "dict")
+    vllm = get_field(body, "structured_outputs", "dict")
+    if response_format is not None and vllm is not None:
+        raise bad_request("structured_outputs", "give either 'response_format' or "
+                                                "'structured_outputs', not both")
+    if vllm is not None:
+        try:
+            return StructuredOutputsParams(**vllm), "structured_outputs"
+        except TypeError:
+            raise bad_request("structured_outputs", "'structured_outputs' takes one of json, "
+                              f"regex, choice, grammar, json_object; got {sorted(vllm)}") from None
+        except ValueError as e:
+            raise bad_request("structured_outputs", str(e)) from None
+    if response_format is None:
+        return None, None
+    kind = response_format.get("type")
+    if kind == "text":
+        return None, None
+    if kind == "json_object":
+        return StructuredOutputsParams(json_object=True), "response_format"
+    if kind == "json_schema":
+        spec = response_format.get("json_schema")
+        if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
+            raise bad_request("response_format", "'response_format.json_schema' must be an "
+                                                 "object with a string 'name'")
+        schema = spec.get("schema")
+        if schema is None:  # OpenAI allows it: then any JSON object
+            return StructuredOutputsParams(json_object=True), "response_format"
+        if not isinstance(schema, dict):
+            raise bad_request("response_format", "'response_format.json_schema.schema' must be "
+                                                 "a JSON schema object")
+        return StructuredOutputsParams(json=schema), "response_format"
+    raise bad_request("response_format", "'response_format.type' must be 'text', 'json_object' "
+                                         f"or 'json_schema', got {kind!r}")
+
+
+async def check_compiles(engine, so: StructuredOutputsParams, field: str) -> None:
+    """Compile `so` on a worker thread (the event loop never waits on llguidance); a grammar that
+    does not compile is a 400 naming `field`. The compiled grammar stays in the engine's cache."""
+    if engine.grammars is None:
+        raise bad_request(field, f"'{field}' needs the model's tokenizer, and this model has none")
+    try:
+        await asyncio.to_thread(engine.grammars.check, so)
+    except ValueError as e:
+        raise bad_request(field, f"'{field}': {e}") from None

@@ -1,0 +1,222 @@
+"""Tool calling on /v1/chat/completions: `tools`, `tool_choice`, `parallel_tool_calls`.
+
+    tools, choice = parse_tools(body)            # checked; choice: "none" | "auto" | "required" |
+                                                 # the name of the one function to call
+    so = tool_grammar(tools, choice, parallel)   # "required" / a named tool: the output is forced
+    calls = ToolCallParser(choice, names)        # output text -> (content, tool_calls)
+
+How a model writes a call ("auto"): the Hermes / Qwen form `<tool_call>{"name": ..., "arguments":
+{...}}</tool_call>` (one block per call), or Llama 3.x's bare JSON `{"name": ..., "parameters":
+{...}}` (several separated by ";"). With "required" the grammar makes the output a JSON array of
+{"name", "arguments"} objects; with a named tool it makes the output that tool's arguments object.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import uuid
+
+from engine.core.sampling_params import StructuredOutputsParams
+from server.protocol import bad_request, get_field
+
+_HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
+HERMES_OPEN = "<tool_call>"
+LLAMA_PYTHON_TAG = "<|python_tag|>"  # Llama 3.1+ may open a call with it
+
+
+def parse_tools(body: dict) -> tuple[list[dict] | None, str | None]:
+    """(the request's tools, tool_choice as "none" | "auto" | "required" | a function name)."""
+    tools = get_field(body, "tools", "list")
+    choice = body.get("tool_choice")
+    if not tools:
+        if choice not in (None, "none"):
+            raise bad_request("tool_choice", "'tool_choice' needs 'tools'")
+        return None, None
+    names = []
+    for i, tool in enumerate(tools):
+        fn = tool.get("function") if isinstance(tool, dict) else None
+        if not isinstance(tool, dict) or tool.get("type", "function") != "function" \
+                or not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise bad_request("tools", f"tools[{i}] must be {{'type': 'function', 'function': "
+                                       "{'name': ..., 'parameters': {...}}}")
+        params = fn.get("parameters")
+        if params is not None and not isinstance(params, dict):
+            raise bad_request("tools", f"tools[{i}].function.parameters must be a JSON schema "
+                                       "object")
+        names.append(fn["name"])
+    if choice is None:
+        choice = "auto"
+    elif isinstance(choice, dict):
+        fn = choice.get("function")
+        name = fn.get("name") if isinstance(fn, dict) else None
+        if choice.get("type") != "function" or not isinstance(name, str):
+            raise bad_request("tool_choice", "'tool_choice' must be 'none', 'auto', 'required' "
+                              "or {'type': 'function', 'function': {'name': ...}}")
+        if name not in names:
+            raise bad_request("tool_choice", f"'tool_choice' names {name!r}, which is not among "
+                                             f"the tools ({', '.join(names)})")
+        return tools, name
+    elif choice not in ("none", "auto", "required"):
+        raise bad_request("tool_choice", "'tool_choice' must be 'none', 'auto', 'required' or "
+                                         f"a function object, got {choice!r}")
+    return tools, choice
+
+
+def _parameters(tool: dict) -> dict:
+    return tool["function"].get("parameters") or {"type": "object"}
+
+
+def tool_grammar(tools: list[dict], choice: str, parallel: bool
+                 ) -> StructuredOutputsParams | None:
+    """The constraint that enforces `choice` ("required" or a tool name); None for "auto"/"none"."""
+    if choice in ("auto", "none"):
+        return None
+    if choice != "required":
+        [tool] = [t for t in tools if t["function"]["name"] == choice]
+        return StructuredOutputsParams(json=_parameters(tool))
+    calls = [{"type": "object", "properties": {"name": {"const": t["function"]["name"]},
+                                               "arguments": _parameters(t)},
+              "required": ["name", "arguments"], "additionalProperties": False} for t in tools]
+    schema = {"type": "array", "items": {"anyOf": calls}, "minItems": 1}
+    if not parallel:
+        schema["maxItems"] = 1
+    return StructuredOutputsParams(json=schema)
+
+
+def template_messages(messages: list[dict]) -> list[dict]:
+    """Messages as chat templates expect them: an assistant's tool call arguments as a mapping
+    (OpenAI sends them as JSON text; HF templates write them with `tojson`)."""
+    out = []
+    for m in messages:
+        calls = m.get("tool_calls")
+        if m.get("role") == "assistant" and isinstance(calls, list):
+            fixed = []
+            for call in calls:
+                fn = dict(call.get("function") or {}) if isinstance(call, dict) else {}
+                if isinstance(fn.get("arguments"), str):
+                    try:
+                        fn["arguments"] = json.loads(fn["arguments"])
+                    except json.JSONDecodeError:
+                        pass  # the template gets the text as it came
+                fixed.append({**call, "function": fn} if isinstance(call, dict) else call)
+            m = {**m, "tool_calls": fixed}
+        out.append(m)
+    return out
+
+
+def new_call(name: str, arguments) -> dict:
+    text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
+    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
+            "function": {"name": name, "arguments": text}}
+
+
+class ToolCallParser:
+    """Reads one choice's output as tool calls, whole or as it streams."""
+
+    def __init__(self, choice: str, names: list[str]):
+        self.choice, self.names = choice, set(names)
+
+    def parse(self, text: str) -> tuple[str | None, list[dict]]:
+        """(content left outside the calls or None, tool calls); no calls when none parse."""
+        if self.choice == "required":
+            try:
+                items = json.loads(text)
+                return None, [new_call(c["name"], c["arguments"]) for c in items]
+            except (json.JSONDecodeError, TypeError, KeyError):
+                return text, []
+        if self.choice not in ("auto", "none"):  # a named tool: the text is its arguments
+            try:
+                json.loads(text)
+            except json.JSONDecodeError:
+                return text, []
+            return None, [new_call(self.choice, text)]
+        return self._parse_auto(text)
+
+    def _parse_auto(self, text: str) -> tuple[str | None, list[dict]]:
+        if HERMES_OPEN in text:
+            calls = [self._call(body) for body in _HERMES.findall(text)]
+            if calls and all(calls):
+                content = text[: text.index(HERMES_OPEN)].strip()
+                return content or None, calls
+            return text, []
+        stripped = text.strip().removeprefix(LLAMA_PYTHON_TAG).lstrip()
+        if stripped.startswith("{"):  # Llama 3.x: JSON objects, ";"-separated when several
+            calls = [self._call(part) for part in _split_json_objects(stripped)]
+            if calls and all(calls):
+                return None, calls
+        return text, []
+
+    def _call(self, body: str) -> dict | None:
+        try:
+            obj = json.loads(body)
+        except json.JSONDecodeError:
+            return None
+        if not isinstance(obj, dict) or obj.get("name") not in self.names:
+            return None
+        args = obj.get("arguments", obj.get("parameters", {}))
+        if isinstance(args, str):  # some models write the arguments as JSON text already
+            return new_call(obj["name"], args)
+        return new_call(obj["name"], args) if isinstance(args, dict) else None
+
+
+def _split_json_objects(text: str) -> list[str]:
+    decoder, parts, i = json.JSONDecoder(), [], 0
+    while i < len(text):
+        try:
+            _, end = decoder.raw_decode(text, i)
+        except json.JSONDecodeError:
+            return [text]  # not a run of objects: let the caller's parse fail on the whole
+        parts.append(text[i:end])
+        i = end
+        while i < len(text) and text[i] in " \n\t;":
+            i += 1
+    return parts
+
+
+class ToolCallStream:
+    """One streamed choice under tools: content goes out as it comes until the output may be a
+    tool call; from there it is held, and the calls go out as delta.tool_calls when it ends."""
+
+    def __init__(self, parser: ToolCallParser):
+        self.parser = parser
+        self.text = ""
+        self.num_sent = 0  # chars of text already sent as content
+        self.holding = parser.choice not in ("auto", "none")  # forced calls: hold everything
+
+    def feed(self, delta: str) -> list[dict]:
+        """Deltas to send now for this new text."""
+        self.text += delta
+        if self.holding:
+            return []
+        text = self.text
+        head = text.lstrip()
+        if head.startswith(("{", LLAMA_PYTHON_TAG)) or HERMES_OPEN in text:
+            self.holding = True
+            return []
+        # Hold a tail that may be the start of a call's opening tag.
+        keep = max((k for tag in (HERMES_OPEN, LLAMA_PYTHON_TAG)
+                    for k in range(min(len(text), len(tag) - 1), 0, -1)
+                    if tag.startswith(text[-k:])), default=0)
+        if not text[: len(text) - keep].strip() and self.num_sent == 0:
+            keep = len(text)  # leading whitespace: wait to see whether a call follows
+        end = len(text) - keep
+        if end <= self.num_sent:
+            return []
+        out = [{"content": text[self.num_sent:end]}]
+        self.num_sent = end
+        return out
+
+    def finish(self) -> tuple[list[dict], bool]:
+        """(deltas to send at the end, whether the output was tool calls)."""
+        content, calls = self.parser.parse(self.text)
+        deltas = []
+        if calls:
+            held = (content or "")[self.num_sent:] if content else ""
+            if held:
+                deltas.append({"content": held})
+            deltas.append({"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]})
+            return deltas, True
+        if len(self.text) > self.num_sent:
+            deltas.append({"content": self.text[self.num_sent:]})
+        return deltas, False

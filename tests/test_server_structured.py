@@ -1,0 +1,211 @@
+"""Structured outputs and tool calling through the server with the `openai` SDK (tiny random model
+with the real SmolLM2 vocabulary: its free output is noise, so only the grammar makes it parse)."""
+
+import json
+import re
+
+import pytest
+
+jsonschema = pytest.importorskip("jsonschema")
+pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+from test_server import MODEL, Server, _make_core  # noqa: E402
+
+from server.app import create_app  # noqa: E402
+from server.tool_calls import ToolCallParser, ToolCallStream, template_messages  # noqa: E402
+
+SCHEMA = {
+    "type": "object",
+    "properties": {"city": {"enum": ["Paris", "Rome", "Oslo"]},
+                   "days": {"type": "integer", "minimum": 1, "maximum": 14},
+                   "stops": {"type": "array", "items": {"type": "integer", "minimum": 0,
+                                                        "maximum": 9}, "maxItems": 3}},
+    "required": ["city", "days", "stops"],
+    "additionalProperties": False,
+}
+WEATHER = {"type": "object", "properties": {"city": {"enum": ["Paris", "Rome"]},
+                                            "unit": {"enum": ["c", "f"]}},
+           "required": ["city", "unit"], "additionalProperties": False}
+TIME = {"type": "object", "properties": {"zone": {"type": "integer", "minimum": -12,
+                                                  "maximum": 12}},
+        "required": ["zone"], "additionalProperties": False}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "get_time", "parameters": TIME}}]
+CHAT = [{"role": "user", "content": "Plan a trip."}]
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = Server(create_app(served_model_name=MODEL, make_core=_make_core))
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def _streamed(chunks) -> dict[int, dict]:
+    """choice index -> {"content", "tool_calls", "finish_reason"} put together from SSE chunks."""
+    out: dict[int, dict] = {}
+    for chunk in chunks:
+        for c in chunk.choices:
+            o = out.setdefault(c.index, {"content": "", "tool_calls": [], "finish_reason": None})
+            o["content"] += c.delta.content or ""
+            o["tool_calls"] += c.delta.tool_calls or []
+            o["finish_reason"] = c.finish_reason or o["finish_reason"]
+    return out
+
+
+def test_json_schema_response_format_chat_and_completions(server, client):
+    fmt = {"type": "json_schema", "json_schema": {"name": "trip", "schema": SCHEMA,
+                                                  "strict": True}}
+    before = server.metric("pagedserve_structured_output_requests_total")
+    whole = client.chat.completions.create(model=MODEL, messages=CHAT, n=16, temperature=1.0,
+                                           seed=1, max_tokens=60, response_format=fmt)
+    for choice in whole.choices:
+        assert choice.finish_reason == "stop"
+        jsonschema.validate(json.loads(choice.message.content), SCHEMA)
+    streamed = _streamed(client.chat.completions.create(
+        model=MODEL, messages=CHAT, n=4, temperature=1.0, seed=2, max_tokens=60,
+        response_format=fmt, stream=True))
+    assert len(streamed) == 4
+    for o in streamed.values():
+        jsonschema.validate(json.loads(o["content"]), SCHEMA)
+    # vLLM's field on completions, whole and streamed.
+    for stream in (False, True):
+        out = client.completions.create(model=MODEL, prompt="Code:", n=8, temperature=1.0,
+                                        max_tokens=20, stream=stream,
+                                        extra_body={"structured_outputs":
+                                                    {"regex": "[A-Z]{2}-[0-9]{3}"}})
+        texts = {}
+        for chunk in (out if stream else [out]):
+            for c in chunk.choices:
+                texts[c.index] = texts.get(c.index, "") + c.text
+        assert len(texts) == 8 and all(re.fullmatch("[A-Z]{2}-[0-9]{3}", t)
+                                       for t in texts.values()), texts
+    assert server.metric("pagedserve_structured_output_requests_total") == before + 4
+    assert server.metric("pagedserve_grammar_compile_seconds_count") >= 2
+    server.wait_idle()
+
+
+def test_required_and_named_tool_calls(server, client):
+    schemas = {"get_weather": WEATHER, "get_time": TIME}
+    out = client.chat.completions.create(model=MODEL, messages=CHAT, tools=TOOLS, n=8,
+                                         tool_choice="required", temperature=1.0, seed=3,
+                                         max_tokens=80, parallel_tool_calls=False)
+    for choice in out.choices:
+        assert choice.finish_reason == "tool_calls", choice
+        [call] = choice.message.tool_calls
+        assert call.type == "function" and call.id.startswith("call_")
+        jsonschema.validate(json.loads(call.function.arguments), schemas[call.function.name])
+    named = {"type": "function", "function": {"name": "get_time"}}
+    out = client.chat.completions.create(model=MODEL, messages=CHAT, tools=TOOLS, n=4,
+                                         tool_choice=named, temperature=1.0, max_tokens=40)
+    for choice in out.choices:
+        [call] = choice.message.tool_calls
+        assert call.function.name == "get_time" and choice.finish_reason == "tool_calls"
+        jsonschema.validate(json.loads(call.function.arguments), TIME)
+    streamed = _streamed(client.chat.completions.create(
+        model=MODEL, messages=CHAT, tools=TOOLS, tool_choice="required", temperature=1.0,
+        max_tokens=80, stream=True, n=2))
+    for o in streamed.values():
+        assert o["finish_reason"] == "tool_calls" and o["content"] == ""
+        for call in o["tool_calls"]:
+            jsonschema.validate(json.loads(call.function.arguments),
+                                schemas[call.function.name])
+    server.wait_idle()
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"response_format": {"type": "json_schema",
+                          "json_schema": {"name": "x", "schema": {"type": "objec"}}}},
+     "response_format"),
+    ({"response_format": {"type": "xml"}}, "response_format"),
+    ({"structured_outputs": {"regex": "a(b"}}, "structured_outputs"),
+    ({"structured_outputs": {"grammar": "start: foo"}}, "structured_outputs"),
+    ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters":
+                                                  {"type": "objec"}}}],
+      "tool_choice": "required"}, "tools"),
+    ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
+     "tool_choice"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    # Beams each pick from one row's top candidates: no grammar per beam.
+    ({"use_beam_search": True, "structured_outputs": {"choice": ["a", "b"]}},
+     "structured_outputs"),
+    ({"use_beam_search": True, "tools": TOOLS, "tool_choice": "required"}, "tools"),
+])
+def test_a_bad_schema_or_tool_is_a_400_naming_the_field(server, body, param):
+    r = httpx.post(server.url + "/v1/chat/completions",
+                   json={"model": MODEL, "messages": CHAT, "max_tokens": 4, **body})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == param
+    if '"objec"' in json.dumps(body):
+        assert "objec" in r.json()["error"]["message"]  # llguidance's reason reaches the client
+
+
+def test_auto_tool_calls_are_parsed_from_hermes_and_llama_forms():
+    parser = ToolCallParser("auto", ["get_weather", "get_time"])
+    text = ('Let me look. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome", '
+            '"unit": "c"}}\n</tool_call>\n<tool_call>{"name": "get_time", "arguments": '
+            '{"zone": 1}}</tool_call>')
+    content, calls = parser.parse(text)
+    assert content == "Let me look."
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == \
+        [("get_weather", {"city": "Rome", "unit": "c"}), ("get_time", {"zone": 1})]
+    content, calls = parser.parse('{"name": "get_time", "parameters": {"zone": -3}}; '
+                                  '{"name": "get_time", "parameters": {"zone": 2}}')
+    assert content is None and [json.loads(c["function"]["arguments"])["zone"]
+                                for c in calls] == [-3, 2]
+    _, calls = parser.parse('<|python_tag|>{"name": "get_time", "parameters": {"zone": 0}}')
+    assert [c["function"]["name"] for c in calls] == ["get_time"]
+    for not_a_call in ('{"name": "unknown", "arguments": {}}', "plain words",
+                       "<tool_call>{broken</tool_call>"):
+        assert parser.parse(not_a_call) == (not_a_call, [])
+
+
+def test_streamed_auto_output_sends_content_then_holds_a_call():
+    stream = ToolCallStream(ToolCallParser("auto", ["get_time"]))
+    sent = []
+    for piece in ["Sure", ", one", " moment <tool", '_call>{"name": "get_time", ',
+                  '"arguments": {"zone": 3}}</tool_call>']:
+        sent += stream.feed(piece)
+    assert "".join(d["content"] for d in sent) == "Sure, one moment "
+    last, is_call = stream.finish()
+    assert is_call and last[-1]["tool_calls"][0]["function"]["name"] == "get_time"
+    plain = ToolCallStream(ToolCallParser("auto", ["get_time"]))
+    deltas = plain.feed("no tools <tool") + plain.feed(" here")
+    deltas += plain.finish()[0]
+    assert "".join(d["content"] for d in deltas) == "no tools <tool here"
+
+
+def test_assistant_tool_calls_reach_the_template_as_mappings():
+    messages = [{"role": "user", "content": "hi"},
+                {"role": "assistant", "content": None, "tool_calls": [
+                    {"id": "call_1", "type": "function",
+                     "function": {"name": "get_time", "arguments": '{"zone": 1}'}}]},
+                {"role": "tool", "tool_call_id": "call_1", "content": "12:00"}]
+    fixed = template_messages(messages)
+    assert fixed[1]["tool_calls"][0]["function"]["arguments"] == {"zone": 1}
+    assert messages[1]["tool_calls"][0]["function"]["arguments"] == '{"zone": 1}'  # untouched
+    assert fixed[2] == messages[2]
+
+
+def test_auto_and_none_leave_plain_text_alone(server, client):
+    for choice in ("auto", "none"):
+        out = client.chat.completions.create(model=MODEL, messages=CHAT, tools=TOOLS,
+                                             tool_choice=choice, max_tokens=8, temperature=0,
+                                             extra_body={"ignore_eos": True})
+        message = out.choices[0].message
+        assert message.tool_calls is None and message.content
+        assert out.choices[0].finish_reason == "length"
+        streamed = _streamed(client.chat.completions.create(
+            model=MODEL, messages=CHAT, tools=TOOLS, tool_choice=choice, max_tokens=8,
+            temperature=0, stream=True, extra_body={"ignore_eos": True}))
+        assert streamed[0]["content"] == message.content and not streamed[0]["tool_calls"]
+        assert streamed[0]["finish_reason"] == "length"

@@ -1,0 +1,247 @@
+"""Structured outputs on the numpy engine: a tiny random model (its free output is noise) with the
+real SmolLM2 vocabulary, so only the mask can make its outputs parse."""
+
+import json
+import re
+
+import numpy as np
+import pytest
+
+from engine import SamplingParams, StructuredOutputsParams
+from engine.core.block_manager import BlockManager
+from engine.core.outputs import EngineCoreRequest
+from engine.core.scheduler import Scheduler
+from engine.core.sequence import Sequence
+
+jsonschema = pytest.importorskip("jsonschema")
+llguidance_numpy = pytest.importorskip("llguidance.numpy")
+
+PERSON = {  # nested: objects, arrays, enums, bounded numbers, required fields
+    "type": "object",
+    "properties": {
+        "pet": {"enum": ["cat", "dog"]},
+        "age": {"type": "integer", "minimum": 0, "maximum": 120},
+        "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 2},
+        "pos": {"type": "object", "properties": {"x": {"type": "integer", "minimum": -5,
+                                                       "maximum": 5}},
+                "required": ["x"], "additionalProperties": False},
+    },
+    "required": ["pet", "age", "pos"],
+    "additionalProperties": False,
+}
+REGEX = r"[A-Z][a-z]{1,3}-[0-9]{2}"
+CHOICES = ["red", "green", "blue violet"]
+LARK = """
+start: expr
+expr: NUM | "(" expr OP expr ")"
+OP: "+" | "*"
+NUM: /[0-9]/
+"""
+
+
+def _sample(engine, so, n=200, max_tokens=60, prompt="Answer:", **kw):
+    """n seeded samples at temperature 1 (requests of at most 100 sequences, as n is capped);
+    their CompletionOutputs."""
+    for k in range(0, n, 100):
+        params = SamplingParams(n=min(100, n - k), temperature=1.0, seed=7 + k,
+                                max_tokens=max_tokens, structured_outputs=so, **kw)
+        engine.add_request(f"r{k}", prompt, params)
+    final = {}
+    while engine.has_unfinished_requests():
+        final |= {out.request_id: out for out in engine.step() if out.finished}
+    return [c for k in range(0, n, 100) for c in final[f"r{k}"].outputs]
+
+
+@pytest.fixture
+def engine(make_engine):
+    return make_engine(text=True, max_num_seqs=256, num_kv_blocks=1024, max_model_len=256,
+                       max_num_batched_tokens=2048)
+
+
+def _lark_value(text: str) -> int:
+    """Evaluate the LARK grammar's expressions (and so check they parse)."""
+    assert re.fullmatch(r"[0-9()+*]+", text), text
+    return eval(text)  # noqa: S307 - only digits, parentheses, + and *
+
+
+@pytest.mark.parametrize("kind", ["json", "regex", "choice", "grammar"])
+def test_every_sample_matches(engine, kind):
+    so = {"json": StructuredOutputsParams(json=PERSON),
+          "regex": StructuredOutputsParams(regex=REGEX),
+          "choice": StructuredOutputsParams(choice=CHOICES),
+          "grammar": StructuredOutputsParams(grammar=LARK)}[kind]
+    outputs = _sample(engine, so, max_tokens=60 if kind != "grammar" else 200)
+    assert len(outputs) == 200
+    texts = [c.text for c in outputs]
+    assert all(c.finish_reason == "stop" for c in outputs), [c.text for c in outputs
+                                                             if c.finish_reason != "stop"]
+    for text in texts:
+        if kind == "json":
+            jsonschema.validate(json.loads(text), PERSON)
+        elif kind == "regex":
+            assert re.fullmatch(REGEX, text), text
+        elif kind == "choice":
+            assert text in CHOICES
+        else:
+            _lark_value(text)
+    assert len(set(texts)) > 5 if kind != "choice" else set(texts) == set(CHOICES)
+    assert engine.get_stats().kv_blocks_used == 0
+
+
+def test_unconstrained_output_is_noise(engine):
+    """The control: without the mask the same model does not write JSON."""
+    params = SamplingParams(n=20, temperature=1.0, seed=7, max_tokens=20)
+    engine.add_request("r", "Answer:", params)
+    texts = []
+    while engine.has_unfinished_requests():
+        texts += [c.text for o in engine.step() if o.finished for c in o.outputs]
+    assert not any(t.startswith('{"pet": ') for t in texts)
+
+
+def test_json_object_stop_strings_max_tokens_and_logprobs(engine):
+    outputs = _sample(engine, StructuredOutputsParams(json_object=True), n=8, max_tokens=30,
+                      logprobs=3)
+    for c in outputs:
+        if c.finish_reason == "stop":
+            assert isinstance(json.loads(c.text), dict)
+        else:
+            assert c.finish_reason == "length" and len(c.token_ids) == 30
+        # Logprobs of the constrained distribution: only allowed tokens, their mass <= 1.
+        for entry in c.logprobs:
+            assert all(np.isfinite(v) for v in entry.values())
+            assert sum(np.exp(v) for v in entry.values()) <= 1 + 1e-4
+    # One allowed token, then only eos: each has all the constrained mass.
+    [c] = _sample(engine, StructuredOutputsParams(regex="a"), n=1, logprobs=2)
+    assert c.text == "a" and c.finish_reason == "stop"
+    assert c.token_ids[1] == 2  # eos
+    got = [e[t] for t, e in zip(c.token_ids, c.logprobs, strict=True)]
+    assert got == pytest.approx([0.0, 0.0], abs=1e-5)
+    # A stop string inside the constrained text ends it there, like any other.
+    [c] = _sample(engine, StructuredOutputsParams(regex="abc(de)+f"), n=1, stop=["de"])
+    assert c.text == "abc" and c.finish_reason == "stop" and c.stop_reason == "de"
+    # max_tokens cuts a grammar that needs more: "length", never an unconstrained tail.
+    [c] = _sample(engine, StructuredOutputsParams(regex="x{40}"), n=1, max_tokens=3)
+    assert c.finish_reason == "length" and len(c.token_ids) == 3 and set(c.text) == {"x"}
+
+
+def test_prefix_caching_and_n_sequences_keep_their_own_matchers(make_engine):
+    engine = make_engine(text=True, enable_prefix_caching=True, num_kv_blocks=256)
+    so = StructuredOutputsParams(choice=["alpha beta gamma", "delta"])
+    prompt = "Pick one of the names, please, and say nothing else at all. " * 3
+    first = _sample(engine, so, n=6, prompt=prompt)
+    again = _sample(engine, so, n=6, prompt=prompt)  # the prompt blocks: prefix-cache hits
+    assert engine.get_stats().prefix_cache_hits > 0
+    assert [c.text for c in first] == [c.text for c in again]
+    assert {c.text for c in first} <= {"alpha beta gamma", "delta"}
+
+
+def test_a_grammar_that_does_not_compile_is_refused_by_name(engine):
+    for so, field in ((StructuredOutputsParams(json={"type": "objec"}), "structured_outputs.json"),
+                      (StructuredOutputsParams(regex="a(b"), "structured_outputs.regex"),
+                      (StructuredOutputsParams(grammar="start: foo"),
+                       "structured_outputs.grammar")):
+        with pytest.raises(ValueError, match=re.escape(field)):
+            engine.add_request("bad", "x", SamplingParams(structured_outputs=so))
+    assert not engine.has_unfinished_requests()
+    with pytest.raises(ValueError, match="exactly one"):
+        StructuredOutputsParams(regex="a", choice=["b"])
+    with pytest.raises(ValueError, match="structured_outputs.choice"):
+        StructuredOutputsParams(choice=[])
+
+
+def test_apply_token_bitmask_matches_llguidance_reference():
+    from engine.executor.ops.numpy_ops import NumpyOps
+
+    rng = np.random.default_rng(0)
+    for vocab in (1, 31, 32, 33, 1000):
+        logits = rng.standard_normal((3, vocab)).astype(np.float32)
+        bitmask = rng.integers(-2**31, 2**31, (3, -(-vocab // 32)), dtype=np.int64).astype(
+            np.int32)
+        want = logits.copy()
+        llguidance_numpy.apply_token_bitmask_inplace(want, bitmask)
+        got = NumpyOps().apply_token_bitmask(logits.copy(), bitmask)
+        np.testing.assert_array_equal(got, want)
+
+
+def test_scheduler_skips_a_sequence_whose_grammar_is_compiling():
+    scheduler = Scheduler(BlockManager(16, 4, False), 4, 64, 64)
+    params = SamplingParams(max_tokens=4)
+    waiting = Sequence("a", [1, 2, 3], 3, params, is_waiting_for_grammar=True)
+    ready = Sequence("b", [4, 5], 2, params)
+    scheduler.add(waiting)
+    scheduler.add(ready)
+    assert scheduler.schedule().seqs == [ready]
+    assert list(scheduler.waiting) == [waiting]
+    waiting.is_waiting_for_grammar = False
+    assert waiting in scheduler.schedule().seqs
+
+
+def test_a_request_waits_for_its_grammar_while_others_run(engine):
+    """Compiling never holds up the step: the constrained request waits in the queue (others
+    run meanwhile), starts once its grammar is ready, and may be aborted while it waits."""
+    from concurrent.futures import Future
+
+    grammars = engine.core.grammars
+    so = StructuredOutputsParams(choice=["yes", "no"])
+    compiled = grammars.check(so)
+    pending: list[Future] = []
+    grammars.submit = lambda _so: pending.append(Future()) or pending[-1]
+    engine.add_request("constrained", "Answer:", SamplingParams(structured_outputs=so, seed=1))
+    engine.add_request("aborted", "Answer:", SamplingParams(structured_outputs=so))
+    engine.add_request("free", "Answer:", SamplingParams(max_tokens=3, ignore_eos=True))
+    finished = {}
+    for _ in range(4):
+        finished |= {o.request_id: o for o in engine.step() if o.finished}
+    assert set(finished) == {"free"} and engine.get_stats().num_waiting == 2
+    engine.abort("aborted")
+    pending[0].set_result(compiled)
+    pending[1].set_result(compiled)
+    while engine.has_unfinished_requests():
+        finished |= {o.request_id: o for o in engine.step() if o.finished}
+    assert finished["constrained"].outputs[0].text in ("yes", "no")
+    assert finished["aborted"].outputs[0].finish_reason == "abort"
+    assert engine.get_stats().kv_blocks_used == 0
+    # A grammar that fails in the core (the front had not checked it) ends its request "error".
+    failed = Future()
+    failed.set_exception(ValueError("structured_outputs.regex does not compile: bad"))
+    grammars.submit = lambda _so: failed
+    engine.core.add_request(EngineCoreRequest("core-only", [5, 6], SamplingParams(
+        structured_outputs=so), 0.0))
+    [out] = engine.core.step()
+    assert out.finish_reason == "error" and "does not compile" in out.error
+    assert not engine.core.has_unfinished_requests()
+
+
+def test_overlapped_scheduling_gives_the_same_constrained_outputs(make_engine):
+    """With async_scheduling a constrained row's mask waits for its previous token (the step in
+    flight is read before the masks are filled): the outputs equal the synchronous loop's, for
+    constrained requests beside free ones, n > 1, stop strings and logprobs."""
+    def run(async_scheduling: bool):
+        engine = make_engine(text=True, async_scheduling=async_scheduling, num_kv_blocks=512,
+                             max_num_seqs=64)
+        requests = {
+            "json": SamplingParams(n=6, temperature=1.0, seed=3, max_tokens=60, logprobs=2,
+                                   structured_outputs=StructuredOutputsParams(json=PERSON)),
+            "free": SamplingParams(n=2, temperature=1.0, seed=4, max_tokens=12),
+            "choice": SamplingParams(n=3, temperature=1.0, seed=5, stop=["ee"],
+                                     structured_outputs=StructuredOutputsParams(choice=CHOICES)),
+        }
+        for request_id, params in requests.items():
+            engine.add_request(request_id, "Answer:", params)
+        final = {}
+        while engine.has_unfinished_requests():
+            final |= {o.request_id: o for o in engine.step() if o.finished}
+        assert engine.get_stats().kv_blocks_used == 0
+        return {k: [(c.text, c.token_ids, c.finish_reason) for c in o.outputs]
+                for k, o in final.items()}, final["json"].outputs
+
+    overlapped, overlapped_json = run(True)
+    synchronous, synchronous_json = run(False)
+    assert overlapped == synchronous
+    for a, b in zip(overlapped_json, synchronous_json, strict=True):  # the batches differ:
+        for x, y in zip(a.logprobs, b.logprobs, strict=True):  # float rounding may too
+            assert x.keys() == y.keys() and list(x.values()) == pytest.approx(list(y.values()),
+                                                                              abs=1e-4)
+    for text, *_ in overlapped["json"]:
+        jsonschema.validate(json.loads(text), PERSON)
+    assert {text for text, *_ in overlapped["choice"]} <= {"red", "gr", "blue violet"}
