@@ -4,7 +4,7 @@ Importing this package imports neither cupy nor torch; cupy loads only when the 
 chosen.
 """
 
-__all__ = ["LLM", "SamplingParams", "StructuredOutputsParams"]
+__all__ = ["LLM", "BeamSearchParams", "SamplingParams", "StructuredOutputsParams"]
 
 
 def __getattr__(name):
@@ -13,7 +13,7 @@ def __getattr__(name):
         from engine.llm import LLM
 
         return LLM
-    if name in ("SamplingParams", "StructuredOutputsParams"):
+    if name in ("BeamSearchParams", "SamplingParams", "StructuredOutputsParams"):
         from engine.core import sampling_params
 
         return getattr(sampling_params, name)

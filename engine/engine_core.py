@@ -23,7 +23,8 @@ the step still in flight. The runner asks for the masks once the forward of N+1 
 matchers, and fills the masks, while the device computes N+1's forward. So such steps lose the
 overlap of postprocessing, never the forward's, and every mask is exact.
 Speculative decoding (speculative_config): while few sequences run, a step verifies n-gram drafts
-synchronously (engine/spec_decode.py); larger batches keep the overlapped loop.
+synchronously (engine/spec_decode.py); larger batches keep the overlapped loop. Beams never
+speculate (their step reads one row per beam).
 
 It owns the scheduler, the block manager and the runner (and with them the device), and knows no
 text: the output processor (engine/output_processor.py) detokenizes and finds stop strings, and
@@ -45,6 +46,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.beam_search import BeamSearch
 from engine.core.block_manager import BlockManager
 from engine.core.introspect import Introspector
 from engine.core.outputs import EngineCoreRequest, EngineDeadError, EngineStats, SeqOutput
@@ -84,6 +86,9 @@ class _CoreRequest:
     seqs: list[Sequence]
     first_scheduled_time: float | None = None
     num_unfinished: int = 0
+    prompt_logprobs: list | None = None  # collected so far, when the params ask
+    beam: BeamSearch | None = None  # use_beam_search: the live and finished beams
+    has_output: bool = False  # the first output (which carries prompt_logprobs) went out
     grammar: Future | None = None  # the compiled grammar (structured outputs), while compiling
 
 
@@ -167,17 +172,20 @@ class EngineCore:
         vocab = self.model_config.vocab_size
         for i, t in enumerate(ids):
             if not 0 <= t < vocab:
-                raise ValueError(f"prompt_token_ids[{i}] = {t!r} is not a token id "
-                                 f"(vocab_size {vocab})")
+                raise ValueError(f"prompt_token_ids[{i}] = {t!r}: token id {t} is out of "
+                                 f"vocabulary (vocab_size {vocab})")
+        for name, given in (("logit_bias", params.logit_bias), ("stop_token_ids",
+                                                                 params.stop_token_ids)):
+            bad = [t for t in given if not 0 <= t < vocab]
+            if bad:  # vLLM's clients look for the ids, the size and "out of vocabulary"
+                raise ParamError(name, f"{name} has token id(s) {bad} out of vocabulary "
+                                       f"(vocab_size {vocab})")
         if params.n > self.config.max_num_seqs:  # the n sequences must fit in one batch
             raise ParamError("n", f"n ({params.n}) must be <= max_num_seqs "
                                   f"({self.config.max_num_seqs})")
-        for name, bad in (("logit_bias", params.logit_bias), ("stop_token_ids",
-                                                               params.stop_token_ids)):
-            for t in bad:
-                if not 0 <= t < vocab:
-                    raise ParamError(name, f"{name} has token id {t}, outside the vocabulary "
-                                           f"(vocab_size {vocab})")
+        if params.use_beam_search and params.beam_width > self.config.max_num_seqs:
+            raise ParamError("best_of", f"best_of (the beam width, {params.beam_width}) must "
+                                        f"be <= max_num_seqs ({self.config.max_num_seqs})")
         if not ids:
             raise ValueError("prompt is empty: it must have at least one token")
         if len(ids) > self.max_model_len:
@@ -189,7 +197,7 @@ class EngineCore:
             # queue meanwhile, and step() hands them their matchers.
             grammar = self.grammar_compiler().submit(params.structured_outputs)
         seqs = []
-        for i in range(params.n):
+        for i in range(1 if params.use_beam_search else params.n):  # beams fork as they go
             if params.seed is not None:
                 seq_seed = np.random.SeedSequence([params.seed & (2**64 - 1), i])
                 seed = int(seq_seed.generate_state(1, np.uint64)[0])
@@ -197,13 +205,19 @@ class EngineCore:
                 seed = int(self._rng.integers(0, 2**63))
             seqs.append(Sequence(req.request_id, list(ids), len(ids), params, index=i,
                                  seed=seed, is_waiting_for_grammar=grammar is not None))
+            if i:  # forks take the prompt computed once: only the first scores it
+                seqs[-1].next_prompt_logprob = len(ids)
         # Only the first sequence is queued: the other n - 1 fork from it once its prompt is
         # computed, sharing the prompt's blocks. The scheduler rejects a prompt that can never
         # fit before anything is queued.
         self.scheduler.add(seqs[0])
         seqs[0].forks = seqs[1:]
-        core_req = _CoreRequest(req.request_id, seqs, num_unfinished=len(seqs), grammar=grammar)
-        self._requests[req.request_id] = core_req
+        core_req = self._requests[req.request_id] = _CoreRequest(
+            req.request_id, seqs, num_unfinished=len(seqs),
+            prompt_logprobs=None if params.prompt_logprobs is None else [None], grammar=grammar)
+        if params.use_beam_search:
+            core_req.beam = BeamSearch(req.request_id, list(seqs), self.eos_token_ids,
+                                       self.max_model_len, token_logprobs={seqs[0].seq_id: []})
         if grammar is not None:
             self._compiling.append(core_req)
 
@@ -241,6 +255,12 @@ class EngineCore:
         alone."""
         req = self._requests.pop(request_id, None)
         if req is None:
+            return
+        if req.beam is not None:  # no beam was ever sent: every output fails
+            for seq in req.beam.live:
+                self.scheduler.finish_seq(seq, "error")
+            outputs += [SeqOutput(request_id, i, [], None, 0.0, "error", None, cause)
+                        for i in range(req.seqs[0].sampling_params.n)]
             return
         for seq in req.seqs:
             if seq.finish_reason is None:
@@ -306,11 +326,16 @@ class EngineCore:
             done, self._in_flight = self._in_flight, launched
         else:
             done = launched
+        # Synchronous and no drafts: key the blocks before a sequence that ends here frees them,
+        # or a prompt run with max_tokens=1 would never reach the prefix cache. Drafts are first
+        # verified (token_ids lacks them until then), so such a step keys after.
+        commit_first = (done is launched and launched is not None
+                        and not launched.batch.num_spec_tokens)
         if done is not None:
-            self._read(done, outputs)
+            self._read(done, outputs, commit_first)
         for seq in drafted:
             seq.spec_token_ids = []
-        if launched is not None:
+        if launched is not None and not commit_first:
             # Every token the launched batch computed is known now: the previous step's are in.
             self.scheduler.commit(launched.batch)
         if self._in_flight is not None and not self._requests:
@@ -324,9 +349,13 @@ class EngineCore:
         s = self.scheduler
         return any(seq.matcher is not None for seq in (*s.running, *s.waiting))
 
-    def _read(self, done: _Launched, outputs: list[SeqOutput]) -> None:
-        """Wait for a launched step's tokens and postprocess them."""
+    def _read(self, done: _Launched, outputs: list[SeqOutput], commit_first=False) -> None:
+        """Wait for a launched step's tokens and postprocess them; commit_first: key its blocks
+        for the prefix cache before."""
         sampled = self._guard(done.handle.result, done.batch, outputs)
+        self._collect_prompt_logprobs(done.handle.prompt_logprobs)
+        if commit_first:
+            self.scheduler.commit(done.batch)
         if sampled is not None:
             self._postprocess(done.rows, sampled, outputs)
 
@@ -391,6 +420,20 @@ class EngineCore:
                     req.first_scheduled_time = now = now or time.time()
                 self._prompt_tokens_total += min(c + n, seq.num_prompt_tokens) - c
 
+    def _collect_prompt_logprobs(self, scored: list) -> None:
+        """Keep each request's scored prompt positions, in order; a recompute's repeats are
+        dropped."""
+        for item in scored:
+            seq = item.seq
+            req = self._requests.get(seq.request_id)
+            if req is None or req.prompt_logprobs is None:
+                continue
+            collected = req.prompt_logprobs
+            for position, entry in enumerate(item.entries, item.start):
+                if position == len(collected):
+                    collected.append(entry)
+            seq.next_prompt_logprob = len(collected)
+
     def _postprocess(self, seqs: list[Sequence], sampled, outputs: list[SeqOutput]) -> None:
         """Append each sampled token, check the id stop rules, free finished sequences. The token
         of a sequence that finished after the step was launched is dropped. A sequence that
@@ -424,6 +467,9 @@ class EngineCore:
                            f"the grammar refused token {tokens[first]}: {verdict}", outputs)
                 continue
             try:
+                if req.beam is not None:  # beams never speculate: k == 0
+                    self._beam_row(req, seq, top[0][first], top[1][first], outputs)
+                    continue
                 if k:
                     out = self._append_verified(req, seq, tokens, logprobs, top, first)
                 else:
@@ -435,6 +481,32 @@ class EngineCore:
                 logger.exception("request %s failed after its step", seq.request_id)
                 self._fail(seq.request_id, f"{type(e).__name__}: {e}", outputs)
         self._generation_tokens_total += num_appended
+
+    def _beam_row(self, req: _CoreRequest, seq: Sequence, top_ids: list[int],
+                  top_logprobs: list[float], outputs: list[SeqOutput]) -> None:
+        """One beam's candidates; once all live beams have theirs, the next beams (forks share
+        the KV blocks) or, at the end, the request's outputs."""
+        beam = req.beam
+        if not beam.report(seq, top_ids, top_logprobs):
+            return
+        done = beam.expand(self.scheduler, self._fork_beam)
+        if done is None:
+            return
+        done[0].prompt_logprobs = req.prompt_logprobs
+        done[0].num_cached_tokens = req.seqs[0].num_cached_tokens
+        done[0].first_scheduled_time = req.first_scheduled_time
+        self._generation_tokens_total += sum(len(o.new_token_ids) for o in done)
+        outputs += done
+        del self._requests[req.request_id]
+
+    @staticmethod
+    def _fork_beam(parent: Sequence) -> Sequence:
+        child = Sequence(parent.request_id, list(parent.token_ids), parent.num_prompt_tokens,
+                         parent.sampling_params, seed=parent.seed,
+                         cumulative_logprob=parent.cumulative_logprob,
+                         next_prompt_logprob=parent.num_prompt_tokens)
+        child.num_cached_tokens = parent.num_cached_tokens
+        return child
 
     def _append(self, req: _CoreRequest, seq: Sequence, token: int, logprob: float, top,
                 r: int, grammar_ended: bool = False) -> SeqOutput:
@@ -464,6 +536,10 @@ class EngineCore:
                         seq.cumulative_logprob, reason, stop)
         if seq.num_output_tokens == 1:
             out.first_scheduled_time = req.first_scheduled_time
+        if not req.has_output:
+            req.has_output = True
+            out.prompt_logprobs = req.prompt_logprobs
+            out.num_cached_tokens = seq.num_cached_tokens
         if reason is not None:
             self._finish(req, seq, reason)
         return out
@@ -481,6 +557,8 @@ class EngineCore:
                 break
         out = outs[-1]
         out.first_scheduled_time = outs[0].first_scheduled_time
+        out.prompt_logprobs = outs[0].prompt_logprobs
+        out.num_cached_tokens = outs[0].num_cached_tokens
         out.new_token_ids = [o.new_token_ids[0] for o in outs]
         if out.new_logprobs is not None:
             out.new_logprobs = [o.new_logprobs[0] for o in outs]

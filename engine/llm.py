@@ -12,8 +12,8 @@ from __future__ import annotations
 
 import itertools
 
-from engine.core.outputs import RequestOutput
-from engine.core.sampling_params import SamplingParams
+from engine.core.outputs import BeamSearchOutput, BeamSearchSequence, RequestOutput
+from engine.core.sampling_params import BeamSearchParams, SamplingParams
 from engine.engine import LLMEngine
 from engine.model.config import EngineConfig
 
@@ -80,6 +80,20 @@ class LLM:
                 raise ValueError(f"sampling_params has {len(params)} entries for "
                                  f"{len(prompts)} prompts; pass one, or one per prompt")
         return self._run(prompts, params, use_tqdm)
+
+    def beam_search(self, prompts, params: BeamSearchParams, use_tqdm: bool = False
+                    ) -> list[BeamSearchOutput]:
+        """vLLM's offline beam search: per prompt, the beam_width best sequences, best first;
+        each sequence's tokens and text include the prompt's."""
+        if isinstance(prompts, (str, dict)):
+            prompts = [prompts]
+        outputs = self.generate(prompts, params.sampling_params(), use_tqdm)
+        return [BeamSearchOutput([
+            BeamSearchSequence(out.prompt_token_ids + c.token_ids,
+                               [None] * len(out.prompt_token_ids) + c.logprobs,
+                               c.cumulative_logprob, (out.prompt or "") + c.text,
+                               c.finish_reason, c.stop_reason)
+            for c in out.outputs]) for out in outputs]
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True,
              add_generation_prompt: bool = True) -> list[RequestOutput]:

@@ -33,6 +33,8 @@ class _Request:
     states: list[SeqState]
     metrics: RequestMetrics
     num_unfinished: int
+    prompt_logprobs: list | None = None
+    num_cached_tokens: int = 0
 
 
 class OutputProcessor:
@@ -93,6 +95,9 @@ class OutputProcessor:
             if metrics.first_token_time is None:
                 metrics.first_token_time = now
                 metrics.first_scheduled_time = out.first_scheduled_time or now
+            if out.num_cached_tokens is not None:
+                req.prompt_logprobs = out.prompt_logprobs
+                req.num_cached_tokens = out.num_cached_tokens
             if out.finish_reason == "error":
                 state.finish_reason, state.error = "error", out.error
             else:
@@ -146,4 +151,4 @@ class OutputProcessor:
         if finished and req.metrics.finished_time is None:
             req.metrics.finished_time = time.time()
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outputs, finished,
-                             req.metrics)
+                             req.metrics, req.prompt_logprobs, req.num_cached_tokens)

@@ -44,7 +44,10 @@ class SpecDecoder:
         # NOTE: when structured outputs (a grammar matcher per sequence) join this code, exclude
         # constrained sequences here until DraftRow advances a copy of the matcher through the
         # drafts: row j's mask must be the one after the first j drafts.
+        # NOTE: beams never speculate: a beam step reads one row's top candidates for every beam
+        # (engine/beam_search.py), and its forks share blocks a rollback would have to respect.
         decodes = [s for s in running if s.status is status and not s.forks
+                   and not s.sampling_params.use_beam_search
                    and len(s.token_ids) - s.num_computed_tokens == 1]
         drafted = []
         for seq, draft in zip(decodes, self.proposer.propose(decodes), strict=True):

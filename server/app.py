@@ -29,13 +29,14 @@ from server.handlers import (
     MAX_BODY_BYTES,
     chat_token_ids,
     check_token_ids,
+    load_tracked,
     off_loop,
     read_json,
     ready_engine,
     tokenizer_of,
 )
 from server.metrics import ServerMetrics
-from server.openai_routes import chat_completions, completions
+from server.openai_routes import chat_completions, completions, invocations
 from server.protocol import APIError, bad_request, get_field, parse_messages
 
 log = logging.getLogger("pagedserve.server")
@@ -49,6 +50,7 @@ class ServerSettings:
     max_waiting_requests: int | None = None  # None: no limit
     max_body_bytes: int = MAX_BODY_BYTES
     chat_content_special_tokens: bool = False  # True: HF's way, a client may forge turns
+    enable_server_load_tracking: bool = False  # count calls in flight for GET /load
 
 
 def create_app(engine_config: EngineConfig | None = None, *, served_model_name: str | None = None,
@@ -57,7 +59,8 @@ def create_app(engine_config: EngineConfig | None = None, *, served_model_name: 
                on_fatal: Callable[[str], None] | None = None,
                allowed_hosts: list[str] | None = LOOPBACK_HOSTS,
                allowed_origins: list[str] | None = None,
-               chat_content_special_tokens: bool = False, dashboard: bool = True) -> Starlette:
+               chat_content_special_tokens: bool = False, dashboard: bool = True,
+               enable_server_load_tracking: bool = False) -> Starlette:
     """An app whose engine core runs in its own process (app.state.engine, an AsyncEngine).
 
     `make_core`: a picklable callable the core process runs instead of EngineCore(config).
@@ -69,7 +72,8 @@ def create_app(engine_config: EngineConfig | None = None, *, served_model_name: 
     metrics = ServerMetrics()
     engine = AsyncEngine(config, make_core, metrics, on_fatal)
     settings = ServerSettings(served_model_name or config.model or DEFAULT_MODEL_NAME, api_key,
-                              max_waiting_requests, max_body_bytes, chat_content_special_tokens)
+                              max_waiting_requests, max_body_bytes, chat_content_special_tokens,
+                              enable_server_load_tracking)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -81,8 +85,10 @@ def create_app(engine_config: EngineConfig | None = None, *, served_model_name: 
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/v1/models", models, methods=["GET"]),
-        Route("/v1/completions", completions, methods=["POST"]),
-        Route("/v1/chat/completions", chat_completions, methods=["POST"]),
+        Route("/v1/completions", load_tracked(completions), methods=["POST"]),
+        Route("/v1/chat/completions", load_tracked(chat_completions), methods=["POST"]),
+        Route("/invocations", load_tracked(invocations), methods=["POST"]),
+        Route("/load", load, methods=["GET"]),
         Route("/tokenize", tokenize, methods=["POST"]),
         Route("/detokenize", detokenize, methods=["POST"]),
         Route("/version", version, methods=["GET"]),
@@ -102,6 +108,7 @@ def create_app(engine_config: EngineConfig | None = None, *, served_model_name: 
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan,
                     middleware=middleware)
     app.state.engine, app.state.metrics, app.state.settings = engine, metrics, settings
+    app.state.server_load = 0  # generation calls in flight (load_tracked)
     app.state.dashboard = DashboardFeed(engine.snapshot)
     return app
 
@@ -119,6 +126,11 @@ async def health(request: Request):
     if not engine.is_ready:
         return JSONResponse({"status": "loading"}, 503)
     return JSONResponse({"status": "ok"})
+
+
+async def load(request: Request):
+    """vLLM's server load: generation calls in flight (0 unless load tracking is on)."""
+    return JSONResponse({"server_load": request.app.state.server_load})
 
 
 async def metrics_endpoint(request: Request):

@@ -159,6 +159,8 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--max-waiting-requests", type=_positive_int, default=None, metavar="N",
                    help="answer 429 while N requests already wait for a batch slot "
                         "(default: no limit)")
+    s.add_argument("--enable-server-load-tracking", action="store_true",
+                   help="count generation calls in flight, read at GET /load (vLLM's flag)")
     s.add_argument("--no-dashboard", dest="dashboard", action="store_false",
                    help="turn off the live dashboard at /dashboard (and its feed)")
 
@@ -331,7 +333,8 @@ def app_from_args(args: argparse.Namespace, config: EngineConfig, make_core=None
                       allowed_hosts=allowed_hosts_for(args.host, args.allowed_hosts),
                       allowed_origins=args.allowed_origins or None,
                       chat_content_special_tokens=args.chat_content_special_tokens,
-                      dashboard=args.dashboard)
+                      dashboard=args.dashboard,
+                      enable_server_load_tracking=args.enable_server_load_tracking)
 
 
 def generate(args: argparse.Namespace, config: EngineConfig) -> int:

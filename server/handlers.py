@@ -104,16 +104,18 @@ def tokenizer_of(engine, param: str):
 
 
 async def chat_token_ids(request: Request, engine, messages: list[dict],
-                         **template_vars) -> list[int]:
+                         **template_options) -> list[int]:
     """`messages` rendered by the model's chat template, as token ids (400 if it fails).
-    `template_vars` (e.g. tools) become template variables."""
+    `template_options`: add_generation_prompt, continue_final_message, template variables
+    (e.g. tools)."""
+    template_options.setdefault("add_generation_prompt", True)
     tokenizer = tokenizer_of(engine, "messages")
     special = request.app.state.settings.chat_content_special_tokens
     num_chars = sum(len(str(m.get("content"))) for m in messages)
     try:
         ids = await off_loop(num_chars, functools.partial(
-            tokenizer.apply_chat_template, messages, add_generation_prompt=True, tokenize=True,
-            special_tokens_in_content=special, **template_vars))
+            tokenizer.apply_chat_template, messages, tokenize=True,
+            special_tokens_in_content=special, **template_options))
     except Exception as e:  # the template's own checks (raise_exception), sandbox refusals
         raise bad_request("messages", f"the chat template failed: {e}") from None
     return [int(t) for t in ids]
@@ -156,4 +158,32 @@ def check_token_ids(engine, ids: list, param: str):
     vocab = engine.model_config.vocab_size
     for t in ids:
         if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
-            raise bad_request(param, f"'{param}' holds {t!r}, not a token id in [0, {vocab})")
+            raise bad_request(param, f"'{param}' holds {t!r}: token id {t!r} is out of "
+                                     f"vocabulary (vocab_size {vocab})")
+
+
+def load_tracked(handler):
+    """The handler, counted in app.state.server_load (GET /load) while it runs, a streamed
+    answer until it ends or its client leaves, when server load tracking is on."""
+    @functools.wraps(handler)
+    async def tracked(request: Request):
+        state = request.app.state
+        if not state.settings.enable_server_load_tracking:
+            return await handler(request)
+        state.server_load += 1
+
+        def done():
+            state.server_load -= 1
+
+        try:
+            response = await handler(request)
+        except BaseException:
+            done()
+            raise
+        if hasattr(response, "on_close"):  # a stream: counted until it closes
+            response.on_close = done
+        else:
+            done()
+        return response
+
+    return tracked

@@ -8,6 +8,7 @@ the RequestGroup aborts whatever is unfinished when a handler leaves for any rea
 from __future__ import annotations
 
 import json
+import sys
 import time
 
 from starlette.requests import ClientDisconnect, Request
@@ -15,6 +16,16 @@ from starlette.responses import JSONResponse, StreamingResponse
 
 from engine.core.sampling_params import ParamError
 from server.async_engine import EngineFault
+from server.extras import (
+    ChatOptions,
+    chat_options,
+    echo_logprobs,
+    join_logprobs,
+    prompt_logprobs_json,
+    read_extras,
+    truncate,
+    usage,
+)
 from server.handlers import (
     chat_token_ids,
     check_model,
@@ -37,7 +48,6 @@ from server.protocol import (
     parse_messages,
     parse_prompts,
     parse_sampling_params,
-    usage,
 )
 from server.structured import check_compiles, parse_structured_outputs
 from server.tool_calls import (
@@ -50,39 +60,52 @@ from server.tool_calls import (
 
 
 async def completions(request: Request):
+    return await completions_body(request, await read_json(request))
+
+
+async def completions_body(request: Request, body: dict):
     engine = ready_engine(request)
-    body = await read_json(request)
     model = check_model(request, body)
     prompts = parse_prompts(body)
+    extras = read_extras(body, chat=False)
     params = parse_sampling_params(body, chat=False)
     await _constrain(request, engine, params, *parse_structured_outputs(body), len(prompts))
     stream, include_usage = _stream_flags(body)
-    echo = get_field(body, "echo", "bool", False)
     get_field(body, "user", "str")
+    # A prompt to be truncated is tokenized whole, whatever its length.
+    limit = engine.max_model_len if extras.truncate is None else sys.maxsize
     token_lists = []
     for p in prompts:
         if isinstance(p, str):
             # The count first: an over-long text's ids never become a list (encode_within).
             num_tokens, ids = await off_loop(len(p), tokenizer_of(engine, "prompt").encode_within,
-                                             p, engine.max_model_len)
+                                             p, limit)
         else:
             num_tokens, ids = len(p), p
+        if ids is not None and extras.truncate is not None:
+            ids = truncate(ids, extras, engine.max_model_len)
+            num_tokens = len(ids)
         _check_length(engine, num_tokens, params.max_tokens, "prompt")  # before a long id check
-        if ids is p:
-            check_token_ids(engine, p, "prompt")
+        if isinstance(p, list):
+            check_token_ids(engine, ids, "prompt")
         token_lists.append(ids)
-    call = _Call(request, engine, new_id("cmpl"), model, params, chat=False)
-    if echo:
-        call.echo = [p if isinstance(p, str) else tokenizer_of(engine, "echo").decode(p)
-                     for p in prompts]
+    call = _Call(request, engine, new_id("cmpl"), model, params, chat=False, extras=extras)
+    if extras.echo:
+        call.echo = [p if isinstance(p, str) and extras.truncate is None
+                     else tokenizer_of(engine, "echo").decode(ids)
+                     for p, ids in zip(prompts, token_lists, strict=True)]
     return await call.run(token_lists, stream, include_usage)
 
 
 async def chat_completions(request: Request):
+    return await chat_completions_body(request, await read_json(request))
+
+
+async def chat_completions_body(request: Request, body: dict):
     engine = ready_engine(request)
-    body = await read_json(request)
     model = check_model(request, body)
     messages = parse_messages(body)
+    extras = read_extras(body, chat=True)
     params = parse_sampling_params(body, chat=True)
     so, so_field = parse_structured_outputs(body)
     tools, tool_choice = parse_tools(body)
@@ -96,13 +119,28 @@ async def chat_completions(request: Request):
     await _constrain(request, engine, params, so, so_field)
     stream, include_usage = _stream_flags(body)
     get_field(body, "user", "str")
+    options = chat_options(messages, body)
     extra = {"tools": tools} if tools and tool_choice != "none" else {}
-    ids = await chat_token_ids(request, engine, template_messages(messages), **extra)
+    ids = await chat_token_ids(request, engine, template_messages(messages),
+                               **{**options.template_options, **extra})
+    ids = truncate(ids, extras, engine.max_model_len)
     _check_length(engine, len(ids), params.max_tokens, "messages")
-    call = _Call(request, engine, new_id("chatcmpl"), model, params, chat=True)
+    call = _Call(request, engine, new_id("chatcmpl"), model, params, chat=True, extras=extras)
+    call.chat_options = options
     if extra:
         call.tool_parser = ToolCallParser(tool_choice, [t["function"]["name"] for t in tools])
     return await call.run([ids], stream, include_usage)
+
+
+async def invocations(request: Request):
+    """SageMaker's one route: a chat body (it has `messages`) or a completions body."""
+    body = await read_json(request)
+    if "messages" in body:
+        return await chat_completions_body(request, body)
+    if "prompt" in body:
+        return await completions_body(request, body)
+    raise bad_request("body", "an /invocations body must be a chat completions request (with "
+                              "'messages') or a completions request (with 'prompt')")
 
 
 async def _constrain(request: Request, engine, params, so, field: str | None,
@@ -110,6 +148,8 @@ async def _constrain(request: Request, engine, params, so, field: str | None,
     """Set `so` on params once its grammar compiles (a 400 naming `field` if it does not)."""
     if so is None:
         return
+    if params.use_beam_search:  # SamplingParams' rule: the field is set after it checked
+        raise bad_request(field, f"'{field}' is not supported with use_beam_search")
     await check_compiles(engine, so, field)
     params.structured_outputs = so
     request.app.state.metrics.constrained_requests.inc(num_prompts)
@@ -140,14 +180,17 @@ def _check_length(engine, num_prompt: int, max_tokens: int | None, param: str):
 class _Call:
     """One HTTP call: submits its prompts, then answers with JSON or an SSE stream."""
 
-    def __init__(self, request: Request, engine, call_id: str, model: str, params, chat: bool):
+    def __init__(self, request: Request, engine, call_id: str, model: str, params, chat: bool,
+                 extras):
         self.request, self.engine, self.id, self.model = request, engine, call_id, model
-        self.params, self.chat = params, chat
-        self.echo: list[str] | None = None
+        self.params, self.chat, self.extras = params, chat, extras
+        self.echo: list[str] | None = None  # completions: each prompt's text, echoed
+        self.chat_options: ChatOptions | None = None
+        self.first: dict[str, object] = {}  # request id -> its first RequestOutput
         self.tool_parser: ToolCallParser | None = None  # chat with tools: output read as calls
         self._tool_streams: dict[int, ToolCallStream] = {}  # streamed choice index -> its reader
         self.created = int(time.time())
-        if engine.tokenizer is None:  # token ids in, token ids out: name them as vLLM does
+        if engine.tokenizer is None or extras.tokens_as_ids:  # vLLM's names for token ids
             self.token_str = lambda t: f"token_id:{t}"
         else:
             self.token_str = lambda t: engine.tokenizer.decode([t], skip_special_tokens=False)
@@ -161,6 +204,7 @@ class _Call:
                                 "later", type="rate_limit_exceeded", code="too_many_requests")
         group = state.engine.group()
         self.index_of = {f"{self.id}-{i}": i for i in range(len(token_lists))}
+        self.token_lists = token_lists
         self.num_prompt_tokens = sum(len(ids) for ids in token_lists)
         if not stream:
             return await until_disconnect(self.request, self._collect(group, token_lists))
@@ -191,6 +235,7 @@ class _Call:
             await self._submit(group, token_lists)
             try:
                 async for out in group.outputs():
+                    self.first.setdefault(out.request_id, out)
                     if out.finished:
                         final[out.request_id] = out
             except EngineFault as e:
@@ -198,18 +243,32 @@ class _Call:
         choices, num_generated = [], 0
         for request_id in self.index_of:
             for c in final[request_id].outputs:
-                num_generated += len(c.token_ids)
+                num_generated += 0 if self.extras.score_only else len(c.token_ids)
                 choices.append(self._choice(request_id, c, whole=True))
         choices.sort(key=lambda c: c["index"])
         build = chat_body if self.chat else completion_body
-        use = usage(self.num_prompt_tokens, num_generated)
-        return JSONResponse(build(self.id, self.model, choices, use, self.created))
+        body = build(self.id, self.model, choices, self._usage(num_generated), self.created)
+        if self.chat:  # one prompt: its scores and ids sit beside the choices
+            body["prompt_logprobs"] = self._prompt_logprobs(next(iter(self.index_of)))
+            if self.extras.return_token_ids:
+                body["prompt_token_ids"] = self.token_lists[0]
+        return JSONResponse(body)
+
+    def _usage(self, num_generated: int) -> dict:
+        cached = sum(out.num_cached_tokens for out in self.first.values())
+        return usage(self.num_prompt_tokens, num_generated, cached)
+
+    def _prompt_logprobs(self, request_id: str) -> list | None:
+        out = self.first.get(request_id)
+        return prompt_logprobs_json(out and out.prompt_logprobs, self.token_str)
 
     def _choice(self, request_id: str, c, whole: bool) -> dict:
         """A choice for the whole output (`whole`) or for this step's delta."""
         text = c.text if whole else c.delta_text
         token_ids = c.token_ids if whole else c.delta_token_ids
         lps = c.logprobs if whole else c.delta_logprobs
+        if self.extras.score_only:  # the one token made to score the prompt is not sent
+            text, token_ids, lps = "", [], []
         index = self._choice_index(request_id, c.index)
         if self.chat:
             logprobs = None
@@ -217,49 +276,90 @@ class _Call:
                 logprobs = chat_logprobs(token_ids, lps, self.token_str, self.params.logprobs)
             choice = {"index": index, "logprobs": logprobs, "finish_reason": c.finish_reason}
             if whole:
-                choice["message"] = {"role": "assistant", "content": text}
+                options = self.chat_options
+                choice["message"] = {"role": options.role, "content": options.echo + text}
                 if self.tool_parser is not None:
                     content, calls = self.tool_parser.parse(text)
                     if calls:
-                        choice["message"] = {"role": "assistant", "content": content,
+                        if options.echo:
+                            content = options.echo + (content or "")
+                        choice["message"] = {"role": options.role, "content": content,
                                              "tool_calls": calls}
                         choice["finish_reason"] = "tool_calls"
             else:
                 choice["delta"] = {"content": text} if text else {}
+            if self.extras.return_token_ids:
+                choice["token_ids"] = list(token_ids)
             return choice
+        i = self.index_of[request_id]
+        echo = self.echo[i] if whole and self.echo else ""
         logprobs = None
         if self.params.logprobs is not None and lps is not None:
-            logprobs = completion_logprobs(token_ids, lps, self.token_str)
-        if whole and self.echo:
-            text = self.echo[self.index_of[request_id]] + text
-        return {"index": index, "text": text, "logprobs": logprobs,
-                "finish_reason": c.finish_reason}
+            logprobs = completion_logprobs(token_ids, lps, self.token_str, len(echo))
+            if echo:
+                logprobs = join_logprobs(self._echo_logprobs(request_id), logprobs)
+        choice = {"index": index, "text": echo + text, "logprobs": logprobs,
+                  "finish_reason": c.finish_reason}
+        if whole:
+            choice["prompt_logprobs"] = self._prompt_logprobs(request_id)
+        if self.extras.return_token_ids:
+            if whole:
+                choice["prompt_token_ids"] = self.token_lists[i]
+            choice["token_ids"] = list(token_ids)
+        return choice
+
+    def _echo_logprobs(self, request_id: str) -> dict:
+        out = self.first[request_id]
+        return echo_logprobs(self.token_lists[self.index_of[request_id]], out.prompt_logprobs,
+                             self.token_str)
 
     # ------------------------------------------------------------ streamed
 
     async def _events(self, group, include_usage: bool):
         build = chat_body if self.chat else completion_body
-        chunk = lambda choices, use=None: _sse(  # noqa: E731
-            build(self.id, self.model, choices, use, self.created, chunk=True))
+        continuous = include_usage and self.extras.continuous_usage
+        num_generated = 0
+        sent_prompt_ids = []
+
+        def chunk(choices, use=None):
+            if continuous and use is None:
+                use = self._usage(num_generated)
+            body = build(self.id, self.model, choices, use, self.created, chunk=True)
+            if self.chat and self.extras.return_token_ids and not sent_prompt_ids:
+                body["prompt_token_ids"] = self.token_lists[0]  # the first chunk only
+                sent_prompt_ids.append(True)
+            return _sse(body)
+
         async with group:
-            for i in self.index_of.values():  # the opening chunk of every choice
-                for j in range(self.params.n):
-                    index = i * self.params.n + j
-                    if self.chat:
-                        opening = {"index": index, "delta": {"role": "assistant", "content": ""},
-                                   "logprobs": None, "finish_reason": None}
-                        yield chunk([opening])
-                    elif self.echo:
-                        yield chunk([{"index": index, "text": self.echo[i], "logprobs": None,
-                                      "finish_reason": None}])
-            num_generated = 0
+            if self.chat:  # the opening chunk of every choice
+                options = self.chat_options
+                for index in range(len(self.index_of) * self.params.n):
+                    delta = {"role": options.role, "content": ""}
+                    yield chunk([{"index": index, "delta": delta, "logprobs": None,
+                                  "finish_reason": None}])
+                    if options.echo:
+                        yield chunk([{"index": index, "delta": {"content": options.echo},
+                                      "logprobs": None, "finish_reason": None}])
+            opened = set()  # completions: the choices whose first chunk went out
             try:
                 async for out in group.outputs():
+                    self.first.setdefault(out.request_id, out)
                     for c in out.outputs:
-                        num_generated += len(c.delta_token_ids)
+                        if not self.extras.score_only:
+                            num_generated += len(c.delta_token_ids)
+                        first = not self.chat and (out.request_id, c.index) not in opened
+                        if first:
+                            opened.add((out.request_id, c.index))
+                            if self.echo:
+                                yield chunk([self._opening(out.request_id, c.index)])
                         if not c.delta_text and not c.delta_token_ids and not c.finished:
                             continue
                         choice = self._choice(out.request_id, c, whole=False)
+                        if self.extras.score_only and not c.finished:
+                            continue
+                        if first and self.extras.return_token_ids and not self.echo:
+                            choice["prompt_token_ids"] = self.token_lists[
+                                self.index_of[out.request_id]]
                         if self.tool_parser is not None:
                             for tool_chunk in self._tool_chunks(choice, c):
                                 yield chunk([tool_chunk])
@@ -277,8 +377,21 @@ class _Call:
                 yield "data: [DONE]\n\n"
                 return
         if include_usage:
-            yield chunk([], usage(self.num_prompt_tokens, num_generated))
+            yield chunk([], self._usage(num_generated))
         yield "data: [DONE]\n\n"
+
+    def _opening(self, request_id: str, index: int) -> dict:
+        """An echoing completions choice's first chunk: the prompt (scored when logprobs are
+        asked), and its ids when return_token_ids is set."""
+        i = self.index_of[request_id]
+        choice = {"index": self._choice_index(request_id, index), "text": self.echo[i],
+                  "logprobs": None, "finish_reason": None}
+        if self.params.logprobs is not None:
+            choice["logprobs"] = self._echo_logprobs(request_id)
+        if self.extras.return_token_ids:
+            choice["prompt_token_ids"] = self.token_lists[i]
+            choice["token_ids"] = []
+        return choice
 
 
     def _tool_chunks(self, choice: dict, c) -> list[dict]:
@@ -311,6 +424,8 @@ class _SSEResponse(StreamingResponse):
     its unfinished requests are aborted at once. Closing the generator alone would not do: a
     client gone before the first chunk leaves it unstarted, and closing it then runs nothing."""
 
+    on_close = None  # called once the stream ends, however it ends (handlers.load_tracked)
+
     def __init__(self, group, events):
         super().__init__(events, media_type="text/event-stream",
                          headers={"Cache-Control": "no-cache"})
@@ -326,3 +441,5 @@ class _SSEResponse(StreamingResponse):
                 await self.body_iterator.aclose()
             finally:
                 self.group.close()
+                if self.on_close is not None:
+                    self.on_close()

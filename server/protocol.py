@@ -36,6 +36,9 @@ class APIError(Exception):
         return JSONResponse({"error": body}, status_code=self.status)
 
 
+INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # seeds: what vLLM (a C long) accepts
+
+
 def bad_request(param: str, message: str) -> APIError:
     return APIError(400, message, param=param)
 
@@ -127,10 +130,15 @@ def parse_sampling_params(body: dict, *, chat: bool) -> SamplingParams:
                        ("presence_penalty", "number"), ("frequency_penalty", "number"),
                        ("repetition_penalty", "number"), ("min_tokens", "int"),
                        ("ignore_eos", "bool"), ("skip_special_tokens", "bool"),
-                       ("include_stop_str_in_output", "bool")):
+                       ("include_stop_str_in_output", "bool"), ("prompt_logprobs", "int"),
+                       ("use_beam_search", "bool"), ("best_of", "int"),
+                       ("length_penalty", "number"), ("early_stopping", "bool")):
         value = get_field(body, name, kind)
         if value is not None:
             kw[name] = value
+    if not INT64_MIN <= kw.get("seed", 0) <= INT64_MAX:
+        raise bad_request("seed", f"'seed' must be in [{INT64_MIN}, {INT64_MAX}] (int64), got "
+                                  f"{kw['seed']}")
     max_tokens = get_field(body, "max_tokens", "int")
     if chat:
         max_tokens = get_field(body, "max_completion_tokens", "int", max_tokens)
@@ -140,12 +148,14 @@ def parse_sampling_params(body: dict, *, chat: bool) -> SamplingParams:
             raise bad_request("top_logprobs", "'top_logprobs' needs 'logprobs': true")
     else:
         max_tokens = 16 if not f("max_tokens") else max_tokens  # OpenAI's completions default
+        echo = get_field(body, "echo", "bool", False)
+        if echo and max_tokens == 0:  # score the prompt: one token is made, and dropped
+            max_tokens = 1
         if (logprobs := get_field(body, "logprobs", "int")) is not None:
             kw["logprobs"] = logprobs
+            if echo:  # the echoed prompt's tokens get logprobs too
+                kw.setdefault("prompt_logprobs", logprobs)
     kw["max_tokens"] = max_tokens
-    best_of = get_field(body, "best_of", "int")
-    if best_of is not None and best_of != kw.get("n", 1):
-        raise bad_request("best_of", "'best_of' is not supported beyond its default, 'n'")
     stop = body.get("stop")
     if stop is not None:
         if isinstance(stop, str):
@@ -160,10 +170,16 @@ def parse_sampling_params(body: dict, *, chat: bool) -> SamplingParams:
         kw["stop_token_ids"] = stop_token_ids
     logit_bias = get_field(body, "logit_bias", "dict")
     if logit_bias is not None:
+        bad = [k for k in logit_bias if not str(k).lstrip("-").isdigit()]
+        if bad:
+            raise bad_request("logit_bias", f"'logit_bias' keys must be token ids; {bad} are not")
         try:
             kw["logit_bias"] = {int(k): _number(v) for k, v in logit_bias.items()}
         except (TypeError, ValueError, OverflowError):
-            raise bad_request("logit_bias", "'logit_bias' must map token ids to numbers") from None
+            bad = [k for k, v in logit_bias.items()
+                   if isinstance(v, bool) or not isinstance(v, (int, float))]
+            raise bad_request("logit_bias", f"'logit_bias' values must be numbers; those of "
+                                            f"{bad} are not") from None
     try:
         return SamplingParams(**kw)
     except ParamError as e:  # chat's top_logprobs is SamplingParams' logprobs

@@ -133,9 +133,10 @@ def test_many_prompts_n_logprobs_echo(server, client):
                                     extra_body={"ignore_eos": True})
     assert [c.index for c in out.choices] == [0, 1, 2, 3]
     assert out.choices[0].text.startswith("Hello")
-    lp = out.choices[2].logprobs
-    assert len(lp.tokens) == 4 and len(lp.top_logprobs[0]) >= 2
-    assert all(v <= 0 for v in lp.token_logprobs)
+    lp = out.choices[2].logprobs  # echo: the prompt's 2 tokens are scored too
+    assert len(lp.tokens) == 2 + 4 and lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(len(t) >= 2 for t in lp.top_logprobs[1:])
+    assert all(v <= 0 for v in lp.token_logprobs[1:])
     assert out.usage.completion_tokens == 16
     ids = client.completions.create(model=MODEL, prompt=[[19556, 905]], max_tokens=2, echo=True)
     assert ids.usage.prompt_tokens == 2 and ids.choices[0].text.startswith("Hello")

@@ -135,6 +135,10 @@ def test_required_and_named_tool_calls(server, client):
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
      "tool_choice"),
     ({"tool_choice": "required"}, "tool_choice"),
+    # Beams each pick from one row's top candidates: no grammar per beam.
+    ({"use_beam_search": True, "structured_outputs": {"choice": ["a", "b"]}},
+     "structured_outputs"),
+    ({"use_beam_search": True, "tools": TOOLS, "tool_choice": "required"}, "tools"),
 ])
 def test_a_bad_schema_or_tool_is_a_400_naming_the_field(server, body, param):
     r = httpx.post(server.url + "/v1/chat/completions",

@@ -87,7 +87,13 @@ class BlockManager:
     def _num_reusable_blocks(self, seq: Sequence) -> int:
         # The block holding the last token is never reused, even when cached: that token must be
         # recomputed to produce logits, and its block would then be written while shared.
-        return (len(seq.token_ids) - 1) // self.block_size if self.enable_prefix_caching else 0
+        if not self.enable_prefix_caching:
+            return 0
+        num_tokens = len(seq.token_ids)
+        if seq.wants_prompt_logprobs:
+            # The logits of the position before each wanted prompt token must be computed.
+            num_tokens = seq.next_prompt_logprob
+        return (num_tokens - 1) // self.block_size
 
     def _match_prefix(self, seq: Sequence) -> list[int]:
         """Ids of the cached blocks covering the longest reusable prefix of `seq`."""

@@ -39,6 +39,11 @@ class SeqOutput:
     error: str | None = None  # why, when finish_reason == "error"
     # Set on a sequence's first output: when its request was first scheduled.
     first_scheduled_time: float | None = None
+    # Set on the request's first output only: its prompt's logprobs (first entry None; when
+    # params.prompt_logprobs is set) and how many prompt tokens the prefix cache held.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    num_cached_tokens: int | None = None
+
     # From a step that verified drafts (speculative decoding, maybe several new tokens): each
     # one's logprob, so a front that cuts them at a stop string can take the dropped ones out of
     # cumulative_logprob.
@@ -185,3 +190,24 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     metrics: RequestMetrics
+    # Per prompt token {token id: logprob} (its own and the top-k), None for the first; set
+    # when SamplingParams.prompt_logprobs is.
+    prompt_logprobs: list[dict[int, float] | None] | None = None
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+
+
+@dataclass
+class BeamSearchSequence:
+    """One sequence of LLM.beam_search (vLLM's shape): prompt and output together."""
+
+    tokens: list[int]
+    logprobs: list[dict[int, float] | None]  # None for the prompt's tokens
+    cum_logprob: float
+    text: str
+    finish_reason: str | None
+    stop_reason: int | str | None
+
+
+@dataclass
+class BeamSearchOutput:
+    sequences: list[BeamSearchSequence]  # best first

@@ -87,7 +87,17 @@ class SamplingParams:
     max_tokens: int | None = 16  # None: up to max_model_len
     min_tokens: int = 0
     logprobs: int | None = None  # top-k logprobs per generated token
+    # top-k logprobs per prompt token (scoring a text); -1: the whole vocabulary
+    prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    # Beam search: best_of (default n) beams, the n best returned; a beam's score is its
+    # cumulative logprob / length ** length_penalty; early_stopping ends the search once
+    # best_of beams are finished.
+    use_beam_search: bool = False
+    best_of: int | None = None
+    length_penalty: float = 1.0
+    early_stopping: bool = False
+
     structured_outputs: StructuredOutputsParams | None = None  # constrain the output
     stop_list: list[str] = field(init=False, repr=False)
 
@@ -146,6 +156,21 @@ class SamplingParams:
             "logprobs",
             f"must be an integer in [0, {MAX_LOGPROBS}]",
         )
+        check(
+            self.prompt_logprobs is None
+            or (isinstance(self.prompt_logprobs, int)
+                and -1 <= self.prompt_logprobs <= MAX_LOGPROBS),
+            "prompt_logprobs",
+            f"must be an integer in [0, {MAX_LOGPROBS}], or -1 for the whole vocabulary",
+        )
+        check(self.best_of is None or (isinstance(self.best_of, int) and self.best_of >= self.n),
+              "best_of", f"must be an integer >= n ({self.n})")
+        check(self.best_of in (None, self.n) or self.use_beam_search, "best_of",
+              "other than n needs use_beam_search")
+        # The sampler hands back at most MAX_LOGPROBS per row: 2 candidates per beam.
+        check(not self.use_beam_search or 2 * self.beam_width <= MAX_LOGPROBS,
+              "best_of" if self.best_of else "n",
+              f"must be <= {MAX_LOGPROBS // 2} with use_beam_search")
         check(self.seed is None or isinstance(self.seed, int), "seed", "must be an integer")
         check(
             all(isinstance(s, str) and s for s in self.stop_list),
@@ -155,6 +180,9 @@ class SamplingParams:
         so = self.structured_outputs
         check(so is None or isinstance(so, StructuredOutputsParams), "structured_outputs",
               "must be a StructuredOutputsParams")
+        # Beams branch on the top candidates of one row; each would need its own matcher fork.
+        check(so is None or not self.use_beam_search, "structured_outputs",
+              "is not supported with use_beam_search")
         check(len(self.stop_list) <= MAX_STOP_STRINGS, "stop",
               f"must hold at most {MAX_STOP_STRINGS} strings")
         check(all(len(s) <= MAX_STOP_STRING_CHARS for s in self.stop_list), "stop",
@@ -167,3 +195,30 @@ class SamplingParams:
             if not -100 <= value <= 100:  # also refuses NaN
                 raise ParamError("logit_bias",
                                  f"logit_bias[{token_id}] must be in [-100, 100], got {value}")
+
+    @property
+    def beam_width(self) -> int:
+        return self.best_of or self.n
+
+    @property
+    def num_top_logprobs(self) -> int:
+        """Top logprobs the sampler returns per row: logprobs, or a beam's 2 x width candidates."""
+        top = self.logprobs or 0
+        return max(top, 2 * self.beam_width) if self.use_beam_search else top
+
+
+@dataclass
+class BeamSearchParams:
+    """LLM.beam_search's settings, as vLLM names them."""
+
+    beam_width: int
+    max_tokens: int
+    ignore_eos: bool = False
+    length_penalty: float = 1.0
+    include_stop_str_in_output: bool = False
+
+    def sampling_params(self) -> SamplingParams:
+        return SamplingParams(n=self.beam_width, use_beam_search=True, temperature=0,
+                              max_tokens=self.max_tokens, ignore_eos=self.ignore_eos,
+                              length_penalty=self.length_penalty, logprobs=0,
+                              include_stop_str_in_output=self.include_stop_str_in_output)

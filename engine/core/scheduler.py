@@ -160,8 +160,9 @@ class Scheduler:
             num_tokens = len(seq.token_ids)
             if seq.status is not running or num_tokens - c > 1:
                 continue
-            if c == num_tokens and _ends_with_pending(seq, max_len):
-                continue
+            if c == num_tokens and (seq.sampling_params.use_beam_search
+                                    or _ends_with_pending(seq, max_len)):
+                continue  # a beam's next token is chosen on the host, with its siblings
             if budget == 0 or len(seqs) == max_num_seqs:
                 break
             if seq.spec_token_ids and self._trim_drafts(seq, budget):
@@ -227,6 +228,8 @@ class Scheduler:
             batch.add(seq, n)
             budget -= n
 
+        if batch.is_empty and self.waiting and not bm.can_allocate(self.waiting[0]):
+            self._unblock_beams(batch)
         self.num_preemptions += batch.num_preempted
         if not batch.is_empty:
             # Copies wait for a forward: none can touch their blocks before one runs.
@@ -235,6 +238,18 @@ class Scheduler:
             self.num_chunked_prefill_steps += chunked
             self.num_mixed_steps += 0 < num_decodes < len(batch.seqs)
         return batch
+
+    def _unblock_beams(self, batch: ScheduledBatch) -> None:
+        """Nothing runs: the running sequences are beams that reported their candidates and
+        wait for a sibling (engine/beam_search.py), and the sibling waits for blocks they hold.
+        One of them makes way, queued behind the others; its candidates are kept."""
+        stuck = [s for s in self.running if s.sampling_params.use_beam_search
+                 and not s.has_pending_token and s.num_computed_tokens == len(s.token_ids)]
+        if stuck:
+            self._preempt(stuck[-1])
+            self.waiting.remove(stuck[-1])
+            self.waiting.append(stuck[-1])
+            batch.num_preempted += 1
 
     def _trim_drafts(self, seq: Sequence, budget: int) -> int:
         """Cut seq.spec_token_ids to what fits this step; return how many are left. Every draft
@@ -281,13 +296,20 @@ class Scheduler:
         sequence: it recomputes its prompt later (mostly prefix-cache hits)."""
         children, parent.forks = parent.forks, []
         for child in children:
-            if len(self.running) < self.max_num_seqs and self.block_manager.can_fork(parent):
-                self._block_copies += self.block_manager.fork(parent, child)
-                child.status = SequenceStatus.RUNNING
-                self.running.append(child)
-            else:
-                child.status = SequenceStatus.WAITING
-                self.waiting.appendleft(child)
+            self.fork(parent, child)
+
+    def fork(self, parent: Sequence, child: Sequence) -> None:
+        """Start `child` (the parent's tokens, no blocks) on the parent's blocks, its partial
+        tail copied (copy-on-write by block); with no room, or a parent that holds no blocks
+        (preempted), it waits and recomputes."""
+        if (parent.status == SequenceStatus.RUNNING and len(self.running) < self.max_num_seqs
+                and self.block_manager.can_fork(parent)):
+            self._block_copies += self.block_manager.fork(parent, child)
+            child.status = SequenceStatus.RUNNING
+            self.running.append(child)
+        else:
+            child.status = SequenceStatus.WAITING
+            self.waiting.appendleft(child)
 
     def finish_step(self, batch: ScheduledBatch) -> None:
         """advance + commit: the synchronous step, whose tokens are all known at launch."""

@@ -46,10 +46,19 @@ class Sequence:
     # tokens after launching the next): set and cleared by the engine core; a waiting sequence
     # that has one is not admitted (its prompt would lack the token).
     has_pending_token: bool = False
+    # prompt_logprobs: the prompt position whose logprob comes next (position 0 has none). The
+    # runner computes rows for positions from here on; a recompute after preemption skips those
+    # already collected, and the prefix cache may not cover the ones still wanted.
+    next_prompt_logprob: int = 1
     # Structured outputs: the llguidance matcher this sequence advances (None: unconstrained),
     # and whether its grammar is still compiling (the scheduler leaves it waiting until then).
     matcher: object = None
     is_waiting_for_grammar: bool = False
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return (self.sampling_params.prompt_logprobs is not None
+                and self.next_prompt_logprob < self.num_prompt_tokens)
 
     def __len__(self) -> int:
         return len(self.token_ids)

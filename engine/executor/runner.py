@@ -26,6 +26,7 @@ import numpy as np
 
 from engine.core.outputs import EngineDeadError
 from engine.executor.ops import AttentionMetadata, SamplerOutput, SamplingTensors
+from engine.executor.prompt_logprobs import PendingPromptLogprobs, PromptLogprobs
 from engine.executor.sampling_inputs import expand_draft_rows, sampling_tensors
 from engine.executor.step_inputs import HostBlockTables, StepInputs, build_step_inputs
 from engine.model.config import EngineConfig, ModelConfig
@@ -168,14 +169,21 @@ class ModelRunner:
             ops.copy_blocks(self.kv_cache, batch.block_copies)
         prev = self._last_sampled if inputs.num_placeholders else None
         graphs = self.graphs
-        if graphs is not None and inputs.is_decode_only and graphs.can_run(len(batch.seqs)):
+        prompt = None
+        if (graphs is not None and inputs.is_decode_only and inputs.prompt is None
+                and graphs.can_run(len(batch.seqs))):
             logits = graphs.run(inputs.input_ids, inputs.positions, inputs.meta,
                                 prev)  # (B, vocab)
         else:
-            logits = self._forward_eager(inputs, prev)  # (R, vocab)
+            logits = self._forward_eager(inputs, prev)  # (R + Q, vocab)
+            if inputs.prompt is not None:
+                num_rows = len(inputs.logits_indices)
+                prompt = PendingPromptLogprobs(ops, logits[num_rows:], inputs.prompt)
+                logits = logits[:num_rows]  # (R, vocab)
         if not len(inputs.logits_indices):
             self._last_sampled, self._last_rows = None, {}
-            return StepHandle(None, self, None if start is None else (start, ops.record_event()))
+            return StepHandle(None, self, None if start is None else (start, ops.record_event()),
+                              prompt)
         seqs, fork_rows = sampling
         if batch.num_spec_tokens:  # 1 + k rows for a sequence verifying k drafts
             seqs, fork_rows = expand_draft_rows(seqs, fork_rows)
@@ -195,13 +203,13 @@ class ModelRunner:
         timing = None if start is None else (start, ops.record_event())
         self._last_sampled = pending.token_ids
         self._last_rows = {seq.seq_id: r for r, seq in enumerate(seqs)}
-        return StepHandle(pending, self, timing)
+        return StepHandle(pending, self, timing, prompt)
 
     def _sample_rows_alone(self, logits, seqs: list, prev) -> SamplerOutput:
         """Sampling the batch raised: sample each row on its own, so that one sequence's bad
         settings fail that sequence alone (SamplerOutput.errors) and the others go on."""
         rows = len(seqs)
-        width = max((s.sampling_params.logprobs or 0) for s in seqs)
+        width = max(s.sampling_params.num_top_logprobs for s in seqs)
         out = SamplerOutput(np.full(rows, -1, np.int32), np.zeros(rows, np.float32),
                             np.zeros((rows, width), np.int32), np.zeros((rows, width), np.float32),
                             errors={})
@@ -224,7 +232,8 @@ class ModelRunner:
 
     def prepare_inputs(self, batch) -> StepInputs:
         """Host int32 arrays: input_ids, positions, logits_indices, and the attention metadata."""
-        return build_step_inputs(batch, self.block_size, self.host_tables, self._last_rows)
+        return build_step_inputs(batch, self.block_size, self.host_tables, self._last_rows,
+                                 self.model_config.vocab_size)
 
     def _forward_eager(self, inputs: StepInputs, prev):
         flat, where = inputs.pack()
@@ -256,16 +265,21 @@ class ModelRunner:
 
 
 class StepHandle:
-    """A launched step. result() waits for its sampled ids (None when no row sampled)."""
+    """A launched step. result() waits for its sampled ids (None when no row sampled); after it,
+    prompt_logprobs holds the prompt positions the step scored (prompt_logprobs.py)."""
 
-    __slots__ = ("_pending", "_runner", "_timing")
+    __slots__ = ("_pending", "_runner", "_timing", "_prompt", "prompt_logprobs")
 
-    def __init__(self, pending, runner: ModelRunner, timing):
+    def __init__(self, pending, runner: ModelRunner, timing, prompt=None):
         self._pending, self._runner, self._timing = pending, runner, timing
+        self._prompt = prompt
+        self.prompt_logprobs: list[PromptLogprobs] = []
 
     def result(self) -> SamplerOutput | None:
         try:
             out = None if self._pending is None else self._pending.wait()
+            if self._prompt is not None:
+                self.prompt_logprobs, self._prompt = self._prompt.wait(), None
         except Exception as e:  # the device failed while running the step
             self._runner.raise_if_fatal(e)
             raise

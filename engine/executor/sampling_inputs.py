@@ -25,7 +25,7 @@ def sampling_tensors(seqs: list, vocab_size: int, eos_token_ids: list[int],
     # request's defaults, or a benchmark's), and then each column is one np.full.
     # top_k >= vocab keeps every token: capped so that a huge one fits the int32 column.
     rows = [(p.temperature, min(p.top_k, vocab_size), p.top_p, p.min_p, p.presence_penalty,
-             p.frequency_penalty, p.repetition_penalty, p.logprobs or 0, p.min_tokens,
+             p.frequency_penalty, p.repetition_penalty, p.num_top_logprobs, p.min_tokens,
              bool(p.logit_bias)) for p in params]
     if rows.count(rows[0]) == num_rows:
         columns = [np.full(num_rows, v, np.float64) for v in rows[0]]

@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.executor.ops import AttentionMetadata
+from engine.executor.prompt_logprobs import PromptRows, prompt_rows
 
 
 @dataclass
@@ -34,6 +35,7 @@ class StepInputs:
     meta: AttentionMetadata  # host arrays
     samples: np.ndarray  # (B,) bool, which sequences sample this step
     num_placeholders: int = 0  # input ids that are rows of the previous step's sampled ids
+    prompt: PromptRows | None = None  # rows scoring prompt tokens, read after the sampling rows
 
     @property
     def is_decode_only(self) -> bool:
@@ -46,8 +48,11 @@ class StepInputs:
         Each array starts on a 32-byte boundary, so a kernel may load it in 16-byte words.
         """
         m = self.meta
+        rows = self.logits_indices
+        if self.prompt is not None:
+            rows = np.concatenate([rows, self.prompt.rows])  # (R + Q,)
         parts = {"input_ids": self.input_ids, "positions": self.positions,
-                 "logits_indices": self.logits_indices, "slot_mapping": m.slot_mapping,
+                 "logits_indices": rows, "slot_mapping": m.slot_mapping,
                  "query_start_loc": m.query_start_loc, "context_lens": m.context_lens,
                  "block_tables": m.block_tables.reshape(-1)}
         where, start = {}, 0
@@ -117,9 +122,11 @@ def placeholder(row: int) -> int:
 
 
 def build_step_inputs(batch, block_size: int, tables: HostBlockTables,
-                      pending_rows: dict[int, int] | None = None) -> StepInputs:
+                      pending_rows: dict[int, int] | None = None,
+                      vocab_size: int = 0) -> StepInputs:
     """`pending_rows`: seq_id -> row in the previous step's sampled ids, for the sequences of the
-    batch whose last token is pending (none in a synchronous loop)."""
+    batch whose last token is pending (none in a synchronous loop). `vocab_size`: the top-k
+    width of prompt_logprobs=-1."""
     seqs, num_new = batch.seqs, batch.num_new_tokens
     num_seqs = len(seqs)
     computed = np.fromiter((s.num_computed_tokens for s in seqs), np.int32, num_seqs)  # (B,)
@@ -174,7 +181,9 @@ def build_step_inputs(batch, block_size: int, tables: HostBlockTables,
         logits_indices = _spec_logits_indices(seqs, samples, query_start_loc)
     else:
         logits_indices = (query_start_loc[1:] - 1)[samples]  # (R,)
-    return StepInputs(input_ids, positions, logits_indices, meta, samples, num_placeholders)
+    # Prompt-logprob rows come after every sampling row, the draft rows included.
+    return StepInputs(input_ids, positions, logits_indices, meta, samples, num_placeholders,
+                      prompt_rows(seqs, num_new, query_start_loc, vocab_size))
 
 
 def _spec_logits_indices(seqs: list, samples: np.ndarray, query_start_loc: np.ndarray

@@ -64,3 +64,15 @@ def _map_strings(value, fn):
     if isinstance(value, (list, tuple)):
         return [_map_strings(v, fn) for v in value]
     return value
+
+
+def cut_after_final(text: str, message: dict) -> str:
+    """The rendered chat up to the end of the final message's content, so the model continues
+    that message instead of starting a new turn (the template closed it)."""
+    content = message.get("content") or ""
+    for needle in (content, content.strip()):
+        at = text.rfind(needle) if needle else -1
+        if at >= 0:
+            return text[: at + len(needle)]
+    raise ValueError("continue_final_message is set but the final message does not appear in "
+                     "the rendered chat")

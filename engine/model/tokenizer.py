@@ -15,7 +15,7 @@ from pathlib import Path
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 
-from engine.model.chat_template import compile_template, render_split
+from engine.model.chat_template import compile_template, cut_after_final, render_split
 
 # GGUF token types (llama.cpp's llama_token_type)
 TOKEN_TYPE_CONTROL = 3
@@ -224,12 +224,15 @@ class Tokenizer:
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             tokenize: bool = True, special_tokens_in_content: bool = False,
+                            continue_final_message: bool = False,
                             **kwargs) -> list[int] | str:
         """Render `messages` with the model's chat template; ids, or the text if not `tokenize`.
 
         Special tokens written inside the messages (e.g. a forged `<|im_end|>` in a user's
         content) are tokenized as plain text, so control tokens come only from the template;
         `special_tokens_in_content=True` matches them as control tokens, as HF does.
+        `continue_final_message`: the text ends with the last message's content, left open for
+        the model to continue (assistant prefill), as in HF.
         Extra keyword arguments (e.g. `tools`) become template variables, as in HF.
         """
         if self.chat_template is None:
@@ -241,10 +244,11 @@ class Tokenizer:
             self._template = compile_template(self.chat_template)
 
         def render(msgs):
-            return self._template.render(
+            text = self._template.render(
                 messages=msgs, add_generation_prompt=add_generation_prompt,
                 bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs,
             )
+            return cut_after_final(text, msgs[-1]) if continue_final_message else text
 
         # The template already wrote any BOS it wants; adding it again would double it.
         if not tokenize or special_tokens_in_content or not self.all_special_ids:

@@ -1,0 +1,121 @@
+"""Beam search in the engine core, on shared KV blocks.
+
+A request keeps `beam_width` live beams, all of one length. Each step every live beam samples
+one row whose top 2 x width raw logprobs are the candidates; once every live beam has reported
+(a preempted one reports after its recompute), the best `width` candidates that do not end the
+sequence become the next beams: the first candidate of a beam extends that beam's own sequence,
+each further one forks it (Scheduler.fork: full blocks shared by reference count, the partial
+tail copied). A beam with no candidate left is freed. Candidates that end on an eos or stop id
+are finished beams. The search ends at max_tokens (or max_model_len), or with early_stopping once
+`width` beams are finished; the n best by score = cumulative logprob / length ** length_penalty
+(prompt included, vLLM's rule) are emitted at once as the request's only outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from engine.core.outputs import SeqOutput
+from engine.core.sequence import Sequence
+
+
+@dataclass
+class _Finished:
+    token_ids: list[int]
+    logprobs: list[float]
+    cumulative_logprob: float
+    finish_reason: str
+    stop_reason: int | None
+    score: float
+
+
+@dataclass(eq=False)
+class BeamSearch:
+    request_id: str
+    live: list[Sequence]
+    eos_token_ids: list[int]
+    max_model_len: int
+    finished: list[_Finished] = field(default_factory=list)
+    rows: dict[int, tuple[list[int], list[float]]] = field(default_factory=dict)  # by seq_id
+    token_logprobs: dict[int, list[float]] = field(default_factory=dict)  # per live beam
+
+    def report(self, seq: Sequence, top_ids: list[int], top_logprobs: list[float]) -> bool:
+        """One live beam's candidates; True once every live beam has reported."""
+        self.rows[seq.seq_id] = (top_ids, top_logprobs)
+        return all(s.seq_id in self.rows for s in self.live)
+
+    def expand(self, scheduler, fork_seq) -> list[SeqOutput] | None:
+        """Choose the next beams (fork_seq(parent) -> a new Sequence, unscheduled); the
+        request's outputs if the search ended, else None."""
+        p = self.live[0].sampling_params
+        width = p.beam_width
+        stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_token_ids))
+        candidates = []  # (cumulative logprob, beam order, rank, beam, token, logprob)
+        for order, seq in enumerate(self.live):
+            ids, lps = self.rows[seq.seq_id]
+            for rank, (token, lp) in enumerate(zip(ids[: 2 * width], lps[: 2 * width],
+                                                   strict=True)):
+                candidates.append((seq.cumulative_logprob + lp, order, rank, seq, token, lp))
+        self.rows.clear()
+        candidates.sort(key=lambda c: (-c[0], c[1], c[2]))
+        chosen = []
+        for cum, _, _, seq, token, lp in candidates:
+            if token in stops:
+                self._finish(seq, [token], [lp], cum, "stop", token)
+            elif len(chosen) < width:
+                chosen.append((seq, token, lp))
+        # Fork first, from each beam's state before this step's token; then append.
+        used, extended = set(), []
+        for seq, token, lp in chosen:
+            if seq.seq_id in used:
+                child = fork_seq(seq)
+                self.token_logprobs[child.seq_id] = list(self.token_logprobs[seq.seq_id])
+                scheduler.fork(seq, child)
+                extended.append((child, token, lp))
+            else:
+                used.add(seq.seq_id)
+                extended.append((seq, token, lp))
+        for seq in self.live:
+            if seq.seq_id not in used:  # pruned: its blocks go back (shared ones stay)
+                scheduler.finish_seq(seq, "abort")
+                self.token_logprobs.pop(seq.seq_id, None)
+        self.live = []
+        for seq, token, lp in extended:
+            seq.token_ids.append(token)
+            seq.cumulative_logprob += lp
+            self.token_logprobs[seq.seq_id].append(lp)
+            self.live.append(seq)
+        if not self.live or (p.early_stopping and len(self.finished) >= width):
+            return self.end(scheduler, p)
+        first = self.live[0]
+        if ((p.max_tokens is not None and first.num_output_tokens >= p.max_tokens)
+                or len(first.token_ids) >= self.max_model_len):
+            return self.end(scheduler, p)
+        return None
+
+    def _finish(self, seq: Sequence, extra: list[int], extra_lps: list[float], cum: float,
+                reason: str, stop: int | None) -> None:
+        """Keep `seq` (+ `extra`: its stop token, in its ids as elsewhere; the front shows its
+        text only with include_stop_str_in_output) among the finished if it scores among the
+        best; the length scored leaves the stop token out."""
+        p = seq.sampling_params
+        lps = self.token_logprobs[seq.seq_id] + extra_lps
+        self.finished.append(_Finished(seq.output_token_ids + extra, lps, cum, reason, stop,
+                                       cum / len(seq.token_ids) ** p.length_penalty))
+        self.finished.sort(key=lambda f: -f.score)
+        del self.finished[p.beam_width :]
+
+    def end(self, scheduler, p) -> list[SeqOutput]:
+        """Finish the live beams too ("length"); the n best as the request's outputs."""
+        for seq in self.live:
+            self._finish(seq, [], [], seq.cumulative_logprob, "length", None)
+            scheduler.finish_seq(seq, "length")
+        self.live = []
+        best = self.finished[: p.n]
+        outputs = []
+        for i, f in enumerate(best):
+            lps = None if p.logprobs is None else [
+                {t: lp} for t, lp in zip(f.token_ids, f.logprobs, strict=False)]
+            outputs.append(SeqOutput(self.request_id, i, f.token_ids, lps,
+                                     f.cumulative_logprob, f.finish_reason, f.stop_reason))
+        return outputs

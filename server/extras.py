@@ -1,0 +1,149 @@
+"""vLLM's extensions to the OpenAI API: what a call asks beyond OpenAI's fields, and the JSON
+they add to its answer.
+
+- prompt scoring: `prompt_logprobs`, completions `echo` + `logprobs` (the echoed prompt's tokens
+  scored too; `max_tokens: 0` scores without generating);
+- `truncate_prompt_tokens` + `truncation_side`, `return_token_ids`, `return_tokens_as_token_ids`;
+- usage: `prompt_tokens_details.cached_tokens`, `stream_options.continuous_usage_stats`;
+- chat: `echo`, `add_generation_prompt`, `continue_final_message`, `chat_template_kwargs`,
+  `documents` (rendered by Tokenizer.apply_chat_template).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from server.protocol import bad_request, get_field
+
+
+@dataclass
+class Extras:
+    echo: bool = False
+    score_only: bool = False  # completions echo with max_tokens 0: nothing generated is sent
+    truncate: int | None = None  # keep this many prompt tokens (-1: max_model_len)
+    truncation_side: str = "left"  # which end loses tokens
+    return_token_ids: bool = False
+    tokens_as_ids: bool = False  # logprobs name tokens "token_id:N" (decodes nothing)
+    continuous_usage: bool = False  # usage on every streamed chunk
+
+
+def read_extras(body: dict, *, chat: bool) -> Extras:
+    """The extension fields of a completions or chat body, checked."""
+    x = Extras()
+    x.echo = get_field(body, "echo", "bool", False)
+    x.score_only = not chat and x.echo and body.get("max_tokens") == 0
+    x.truncate = get_field(body, "truncate_prompt_tokens", "int")
+    if x.truncate is not None and x.truncate < 1 and x.truncate != -1:
+        raise bad_request("truncate_prompt_tokens", "'truncate_prompt_tokens' must be -1 (the "
+                          f"model's max length) or >= 1, got {x.truncate}")
+    x.truncation_side = get_field(body, "truncation_side", "str", "left")
+    if x.truncation_side not in ("left", "right"):
+        raise bad_request("truncation_side", "'truncation_side' must be 'left' or 'right', got "
+                                             f"{x.truncation_side!r}")
+    x.return_token_ids = get_field(body, "return_token_ids", "bool", False)
+    x.tokens_as_ids = get_field(body, "return_tokens_as_token_ids", "bool", False)
+    options = get_field(body, "stream_options", "dict", {})
+    x.continuous_usage = options.get("continuous_usage_stats", False)
+    if not isinstance(x.continuous_usage, bool):
+        raise bad_request("stream_options", "'stream_options.continuous_usage_stats' must be a "
+                                            "boolean")
+    return x
+
+
+def truncate(ids: list[int], x: Extras, max_model_len: int) -> list[int]:
+    """The prompt ids truncate_prompt_tokens keeps (all of them when it is not set)."""
+    if x.truncate is None:
+        return ids
+    keep = max_model_len if x.truncate == -1 else x.truncate
+    if keep > max_model_len:
+        raise bad_request("truncate_prompt_tokens", f"'truncate_prompt_tokens' ({keep}) must be "
+                                                    f"<= max_model_len ({max_model_len})")
+    return ids[-keep:] if x.truncation_side == "left" else ids[:keep]
+
+
+# ---------------------------------------------------------------- answers
+
+
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens,
+            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+
+
+def prompt_logprobs_json(entries: list | None, token_str) -> list | None:
+    """vLLM's `prompt_logprobs`: per prompt token None (the first) or
+    {token id: {logprob, rank, decoded_token}}, rank counted among the entry's top tokens."""
+    if entries is None:
+        return None
+    out = []
+    for entry in entries:
+        if entry is None:
+            out.append(None)
+            continue
+        ranked = sorted(entry.items(), key=lambda kv: -kv[1])
+        out.append({str(t): {"logprob": v, "rank": r, "decoded_token": token_str(t)}
+                    for r, (t, v) in enumerate(ranked, 1)})
+    return out
+
+
+def echo_logprobs(prompt_ids: list[int], entries: list, token_str) -> dict:
+    """The legacy completions `logprobs` object of an echoed prompt: the first token has no
+    logprob (None), each other one its own and its top ones; offsets count from the prompt's
+    start."""
+    out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
+    offset = 0
+    for tid, entry in zip(prompt_ids, entries or [None] * len(prompt_ids), strict=True):
+        text = token_str(tid)
+        out["tokens"].append(text)
+        out["token_logprobs"].append(None if entry is None else entry.get(tid))
+        out["top_logprobs"].append(None if entry is None else {
+            token_str(t): v for t, v in sorted(entry.items(), key=lambda kv: -kv[1])})
+        out["text_offset"].append(offset)
+        offset += len(text)
+    return out
+
+
+def join_logprobs(first: dict, then: dict | None) -> dict:
+    """Two legacy logprobs objects, one after the other."""
+    if then is None:
+        return first
+    return {k: first[k] + then[k] for k in first}
+
+
+# ---------------------------------------------------------------- chat
+
+
+@dataclass
+class ChatOptions:
+    template_options: dict  # for Tokenizer.apply_chat_template (handlers.chat_token_ids)
+    role: str  # the answer's role: assistant, or the last message's when it is continued
+    echo: str  # what the answer's content starts with ("" unless echo)
+
+
+# Template variables the renderer sets itself: chat_template_kwargs may not pass them.
+_RESERVED = ("messages", "tokenize", "bos_token", "eos_token", "special_tokens_in_content",
+             "continue_final_message")
+
+
+def chat_options(messages: list[dict], body: dict) -> ChatOptions:
+    """How to render the chat, and how the answer starts, as the body asks."""
+    add_generation = get_field(body, "add_generation_prompt", "bool", True)
+    continue_final = get_field(body, "continue_final_message", "bool", False)
+    if add_generation and continue_final:
+        raise bad_request("continue_final_message", "Cannot set both `continue_final_message` "
+                                                    "and `add_generation_prompt` to True.")
+    options = dict(get_field(body, "chat_template_kwargs", "dict", {}))
+    reserved = [k for k in options if k in _RESERVED]
+    if reserved:
+        raise bad_request("chat_template_kwargs", f"'chat_template_kwargs' may not set {reserved}")
+    documents = get_field(body, "documents", "list")
+    if documents is not None:
+        options["documents"] = documents
+    options.setdefault("add_generation_prompt", add_generation)
+    options["continue_final_message"] = continue_final
+    last = messages[-1]
+    role = "assistant" if add_generation else last["role"]
+    echo = ""
+    if get_field(body, "echo", "bool", False) and last["role"] == role:
+        echo = last.get("content") or ""
+    return ChatOptions(options, role, echo)

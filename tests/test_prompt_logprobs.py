@@ -1,0 +1,153 @@
+"""Prompt logprobs (SamplingParams.prompt_logprobs): scored by the prefill chunks that compute
+them, the same whatever the chunking, the loop or the prefix cache, and equal to the logprobs the
+sampler gives the same tokens when it generates them."""
+
+import numpy as np
+import pytest
+
+from engine.core.sampling_params import SamplingParams
+
+PROMPT = {"prompt_token_ids": [(7 * i + 3) % 500 + 5 for i in range(23)]}
+
+
+def run_one(engine, prompt, params):
+    engine.add_request("r", prompt, params)
+    final = None
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            final = out
+    return final
+
+
+def test_first_entry_none_then_one_dict_per_prompt_token(make_engine):
+    out = run_one(make_engine(), PROMPT, SamplingParams(prompt_logprobs=3, max_tokens=2))
+    ids = PROMPT["prompt_token_ids"]
+    lps = out.prompt_logprobs
+    assert lps[0] is None and len(lps) == len(ids)
+    for token, entry in zip(ids[1:], lps[1:], strict=True):
+        assert token in entry and 3 <= len(entry) <= 4
+        top = sorted((v for k, v in entry.items()), reverse=True)[:3]
+        assert max(entry.values()) == top[0] and all(v <= 0 for v in entry.values())
+        assert entry[token] <= top[0] + 1e-6
+    # prompt_logprobs=0: the prompt token's own logprob only.
+    out0 = run_one(make_engine(), PROMPT, SamplingParams(prompt_logprobs=0, max_tokens=1))
+    assert [list(e) for e in out0.prompt_logprobs[1:]] == [[t] for t in ids[1:]]
+    assert [e[t] for e, t in zip(out0.prompt_logprobs[1:], ids[1:], strict=True)] == \
+        pytest.approx([lps[i][t] for i, t in enumerate(ids[1:], 1)], abs=1e-5)
+    plain = run_one(make_engine(), PROMPT, SamplingParams(max_tokens=1))
+    assert plain.prompt_logprobs is None
+
+
+def test_equal_to_the_samplers_logprobs_of_generated_tokens(make_engine):
+    """Generate greedily with logprobs, then score prompt + generated text: same numbers."""
+    gen = run_one(make_engine(), PROMPT, SamplingParams(temperature=0, max_tokens=6,
+                                                        ignore_eos=True, logprobs=0))
+    out = gen.outputs[0]
+    text = PROMPT["prompt_token_ids"] + out.token_ids
+    scored = run_one(make_engine(), {"prompt_token_ids": text},
+                     SamplingParams(prompt_logprobs=0, max_tokens=1))
+    n = len(PROMPT["prompt_token_ids"])
+    got = [scored.prompt_logprobs[n + i][t] for i, t in enumerate(out.token_ids)]
+    want = [d[t] for d, t in zip(out.logprobs, out.token_ids, strict=True)]
+    assert got == pytest.approx(want, abs=1e-4)
+
+
+@pytest.mark.parametrize("fields", [
+    dict(max_num_batched_tokens=5, block_size=4),  # chunked prefill, chunks cross blocks
+    dict(max_num_batched_tokens=7, async_scheduling=True),
+    dict(max_num_batched_tokens=64, async_scheduling=True, block_size=8),
+])
+def test_same_whatever_the_chunking_and_loop(make_engine, fields):
+    params = SamplingParams(prompt_logprobs=2, max_tokens=3, temperature=0)
+    want = run_one(make_engine(max_num_batched_tokens=256), PROMPT, params)
+    got = run_one(make_engine(**fields), PROMPT, params)
+    for a, b in zip(want.prompt_logprobs[1:], got.prompt_logprobs[1:], strict=True):
+        assert list(a) == list(b)
+        assert list(a.values()) == pytest.approx(list(b.values()), abs=1e-5)
+    assert got.outputs[0].token_ids == want.outputs[0].token_ids
+
+
+def test_prefix_cache_hits_do_not_skip_scored_positions(make_engine):
+    engine = make_engine(block_size=4)
+    params = SamplingParams(prompt_logprobs=1, max_tokens=1)
+    first = run_one(engine, PROMPT, SamplingParams(max_tokens=1))  # fills the prefix cache
+    assert first.num_cached_tokens == 0
+    again = run_one(engine, PROMPT, SamplingParams(max_tokens=1))
+    assert again.num_cached_tokens == 20  # 5 full blocks of the 23 tokens; the last recomputed
+    scored = run_one(engine, PROMPT, params)
+    fresh = run_one(make_engine(block_size=4), PROMPT, params)
+    assert scored.num_cached_tokens == 0
+    assert len(scored.prompt_logprobs) == len(PROMPT["prompt_token_ids"])
+    for a, b in zip(scored.prompt_logprobs[1:], fresh.prompt_logprobs[1:], strict=True):
+        assert list(a.values()) == pytest.approx(list(b.values()), abs=1e-5)
+
+
+def test_only_asking_sequences_get_rows_and_batchmates_are_unchanged(make_engine):
+    engine = make_engine(max_num_batched_tokens=64)
+    rows = []
+    prepare = engine.runner.prepare_inputs
+
+    def spy(batch):
+        inputs = prepare(batch)
+        rows.append(0 if inputs.prompt is None else len(inputs.prompt.rows))
+        return inputs
+
+    engine.runner.prepare_inputs = spy
+    other = {"prompt_token_ids": [9, 8, 7, 6, 5, 4]}
+    engine.add_request("a", PROMPT, SamplingParams(prompt_logprobs=1, max_tokens=4,
+                                                   temperature=0, n=2))
+    engine.add_request("b", other, SamplingParams(max_tokens=4, temperature=0))
+    final = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            final[out.request_id] = out
+    assert sum(rows) == len(PROMPT["prompt_token_ids"]) - 1  # once, n=2 or not
+    alone = run_one(make_engine(), other, SamplingParams(max_tokens=4, temperature=0))
+    assert final["b"].outputs[0].token_ids == alone.outputs[0].token_ids
+    assert final["b"].prompt_logprobs is None
+    assert len(final["a"].prompt_logprobs) == len(PROMPT["prompt_token_ids"])
+
+
+def test_recompute_after_preemption_keeps_one_entry_per_position(make_engine):
+    # 10 blocks of 4: two 23-token prompts growing to 31 tokens cannot both stay.
+    engine = make_engine(block_size=4, num_kv_blocks=10, max_num_batched_tokens=8)
+    params = SamplingParams(prompt_logprobs=1, max_tokens=8, ignore_eos=True, temperature=0)
+    for name in "ab":
+        engine.add_request(name, PROMPT, params)
+    final = {}
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            final[out.request_id] = out
+    fresh = run_one(make_engine(), PROMPT, params)
+    for name in "ab":
+        got = final[name].prompt_logprobs
+        assert len(got) == len(PROMPT["prompt_token_ids"])
+        assert [list(e) for e in got[1:]] == [list(e) for e in fresh.prompt_logprobs[1:]]
+
+
+def test_validation():
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        SamplingParams(prompt_logprobs=21)
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        SamplingParams(prompt_logprobs=-2)
+
+
+def test_minus_one_is_the_whole_vocabulary(make_engine):
+    out = run_one(make_engine(), {"prompt_token_ids": [5, 6, 7]},
+                  SamplingParams(prompt_logprobs=-1, max_tokens=1))
+    for entry in out.prompt_logprobs[1:]:
+        assert len(entry) == 512
+        assert np.exp(list(entry.values())).sum() == pytest.approx(1, abs=1e-4)
+
+
+def test_offline_llm_scores_prompts_like_vllm(make_engine):
+    from engine.llm import LLM
+
+    llm = LLM.from_engine(make_engine(text=True))
+    [out] = llm.generate("Hello there, how are you?", SamplingParams(prompt_logprobs=2,
+                                                                     max_tokens=1),
+                         use_tqdm=False)
+    assert out.prompt_logprobs[0] is None
+    assert len(out.prompt_logprobs) == len(out.prompt_token_ids)
+    for token, entry in zip(out.prompt_token_ids[1:], out.prompt_logprobs[1:], strict=True):
+        assert token in entry

@@ -1,0 +1,295 @@
+"""vLLM's extensions to the OpenAI API (server/extras.py) end to end, on the tiny model with the
+real SmolLM2 tokenizer: prompt scoring, truncation, token ids, usage details, chat prefill,
+/invocations and /load."""
+
+import concurrent.futures
+import json
+
+import pytest
+
+httpx = pytest.importorskip("httpx")
+openai = pytest.importorskip("openai")
+pytest.importorskip("uvicorn")
+
+from test_server import MODEL, Server, _make_core  # noqa: E402
+
+from server.app import create_app  # noqa: E402
+from server.extras import chat_options  # noqa: E402
+from server.protocol import APIError  # noqa: E402
+
+PROMPT = "The quick brown fox jumps over the lazy dog"
+
+
+@pytest.fixture(scope="module")
+def server():
+    s = Server(create_app(served_model_name=MODEL, make_core=_make_core,
+                          enable_server_load_tracking=True))
+    yield s
+    s.stop()
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
+
+def post(server, path, body):
+    return httpx.post(server.url + path, json={"model": MODEL, **body}, timeout=60)
+
+
+def test_echo_logprobs_score_the_prompt(server, client):
+    prompt_ids = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=1,
+                                           extra_body={"return_token_ids": True})
+    num_prompt = len(prompt_ids.choices[0].prompt_token_ids)
+    out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=5, temperature=0,
+                                    echo=True, logprobs=2, extra_body={"ignore_eos": True})
+    c = out.choices[0]
+    lp = c.logprobs
+    assert c.text.startswith(PROMPT)
+    assert len(lp.tokens) == num_prompt + 5
+    assert lp.token_logprobs[0] is None and lp.top_logprobs[0] is None
+    assert all(v <= 0 for v in lp.token_logprobs[1:])
+    assert all(2 <= len(t) <= 3 for t in lp.top_logprobs[1:])
+    # Offsets run over the prompt from 0, then the generated text from the prompt's end.
+    assert lp.text_offset[0] == 0 and lp.text_offset[num_prompt] == len(PROMPT)
+    assert "".join(lp.tokens) == c.text
+    assert lp.text_offset == sorted(lp.text_offset)
+    # max_tokens 0: the same prompt scores, nothing generated.
+    scored = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=0, echo=True,
+                                       logprobs=2)
+    s = scored.choices[0]
+    assert s.text == PROMPT and scored.usage.completion_tokens == 0
+    assert s.logprobs.token_logprobs[1:] == pytest.approx(lp.token_logprobs[1:num_prompt],
+                                                           abs=1e-5)
+    r = post(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 0})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+
+
+def test_scoring_generated_text_gives_the_samplers_logprobs(client):
+    gen = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0,
+                                    logprobs=0, extra_body={"ignore_eos": True,
+                                                            "return_token_ids": True})
+    g = gen.choices[0]
+    ids = g.prompt_token_ids + g.token_ids
+    scored = client.completions.create(model=MODEL, prompt=ids, max_tokens=0, echo=True,
+                                       logprobs=0)
+    got = scored.choices[0].logprobs.token_logprobs[len(g.prompt_token_ids):]
+    assert got == pytest.approx(g.logprobs.token_logprobs, abs=1e-4)
+
+
+def test_prompt_logprobs_on_completions_and_chat(server, client):
+    out = client.completions.create(model=MODEL, prompt=[PROMPT, "Hello there"], max_tokens=2,
+                                    extra_body={"prompt_logprobs": 1, "return_token_ids": True})
+    for c in out.choices:
+        assert len(c.prompt_logprobs) == len(c.prompt_token_ids)
+        assert c.prompt_logprobs[0] is None
+        for tid, entry in zip(c.prompt_token_ids[1:], c.prompt_logprobs[1:], strict=True):
+            assert str(tid) in entry and 1 <= len(entry) <= 2
+            assert {"logprob", "rank", "decoded_token"} <= set(entry[str(tid)])
+    plain = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=1)
+    assert plain.choices[0].prompt_logprobs is None
+    chat = post(server, "/v1/chat/completions", {
+        "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 2, "prompt_logprobs": 0,
+        "return_token_ids": True}).json()
+    assert len(chat["prompt_logprobs"]) == len(chat["prompt_token_ids"]) > 3
+    assert chat["prompt_logprobs"][0] is None
+    assert len(chat["choices"][0]["token_ids"]) == chat["usage"]["completion_tokens"]
+    r = post(server, "/v1/completions", {"prompt": PROMPT, "prompt_logprobs": 21})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt_logprobs"
+
+
+def test_streamed_echo_carries_the_prompt_scores(client):
+    chunks = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3, echo=True,
+                                            logprobs=1, stream=True))
+    first = chunks[0].choices[0]
+    assert first.text == PROMPT and first.logprobs.token_logprobs[0] is None
+    assert len(first.logprobs.tokens) > 5
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text.startswith(PROMPT)
+
+
+def test_usage_every_chunk_and_cached_tokens(client):
+    stream = client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=4, stream=True, extra_body={"ignore_eos": True},
+        stream_options={"include_usage": True, "continuous_usage_stats": True})
+    chunks = list(stream)
+    for c in chunks:
+        u = c.usage
+        assert u.completion_tokens > 0 and u.total_tokens == u.prompt_tokens + u.completion_tokens
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 4
+    quiet = list(client.completions.create(
+        model=MODEL, prompt=PROMPT, max_tokens=2, stream=True,
+        stream_options={"include_usage": False, "continuous_usage_stats": True}))
+    assert all(c.usage is None for c in quiet)
+    long_ids = [100 + i for i in range(40)]  # 2 full blocks of 16 come back from the cache
+    first = client.completions.create(model=MODEL, prompt=long_ids, max_tokens=1)
+    again = client.completions.create(model=MODEL, prompt=long_ids, max_tokens=1)
+    assert first.usage.prompt_tokens_details.cached_tokens == 0
+    assert again.usage.prompt_tokens_details.cached_tokens == 32
+    chat = client.chat.completions.create(model=MODEL, max_tokens=1,
+                                          messages=[{"role": "user", "content": "Hi"}])
+    assert chat.usage.prompt_tokens_details.cached_tokens >= 0
+
+
+def test_truncate_prompt_tokens(server, client):
+    ids = [100 + i for i in range(300)]  # longer than max_model_len 256
+    left = client.completions.create(model=MODEL, prompt=ids, max_tokens=1, extra_body={
+        "truncate_prompt_tokens": 10, "return_token_ids": True})
+    assert left.usage.prompt_tokens == 10 and left.choices[0].prompt_token_ids == ids[-10:]
+    right = client.completions.create(model=MODEL, prompt=ids, max_tokens=1, extra_body={
+        "truncate_prompt_tokens": 10, "truncation_side": "right", "return_token_ids": True})
+    assert right.choices[0].prompt_token_ids == ids[:10]
+    text = client.completions.create(model=MODEL, prompt=PROMPT * 80, max_tokens=1,
+                                     extra_body={"truncate_prompt_tokens": 20})
+    assert text.usage.prompt_tokens == 20
+    for body, param in (({"truncate_prompt_tokens": 300}, "truncate_prompt_tokens"),
+                        ({"truncate_prompt_tokens": 0}, "truncate_prompt_tokens"),
+                        ({"truncation_side": "middle"}, "truncation_side")):
+        r = post(server, "/v1/completions", {"prompt": ids, **body})
+        assert r.status_code == 400 and r.json()["error"]["param"] == param
+
+
+def test_return_token_ids_match_the_text(server, client):
+    out = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4, logprobs=0,
+                                    extra_body={"return_token_ids": True, "ignore_eos": True,
+                                                "return_tokens_as_token_ids": True})
+    c = out.choices[0]
+    assert len(c.token_ids) == 4 and out.usage.prompt_tokens == len(c.prompt_token_ids)
+    assert c.logprobs.tokens == [f"token_id:{t}" for t in c.token_ids]
+    streamed = list(client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=4,
+                                              stream=True, extra_body={"return_token_ids": True,
+                                                                       "ignore_eos": True}))
+    assert streamed[0].choices[0].prompt_token_ids == c.prompt_token_ids
+    assert streamed[0].choices[0].text  # the ids ride on the first content chunk
+    assert len(sum((ch.choices[0].token_ids for ch in streamed), [])) == 4
+    plain = post(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 1}).json()
+    assert "token_ids" not in plain["choices"][0]
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+        "model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3,
+        "stream": True, "return_token_ids": True, "ignore_eos": True})
+    events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    assert "prompt_token_ids" in events[0]
+    assert all("prompt_token_ids" not in e for e in events[1:])
+    assert len(sum((e["choices"][0].get("token_ids", []) for e in events), [])) == 3
+
+
+SAYING = "An apple a day, keeps"
+
+
+def test_chat_continue_final_message_and_echo(server):
+    messages = [{"role": "user", "content": "tell me a saying"},
+                {"role": "assistant", "content": SAYING}]
+    body = {"messages": messages, "max_tokens": 3, "return_token_ids": True,
+            "continue_final_message": True, "add_generation_prompt": False}
+    for echo in (True, False):
+        r = post(server, "/v1/chat/completions", {**body, "echo": echo}).json()
+        message = r["choices"][0]["message"]
+        assert message["role"] == "assistant"
+        assert message["content"].startswith(SAYING) == echo
+    # The prompt ends inside the assistant turn: no <|im_end|> after the saying.
+    ids = r["prompt_token_ids"]
+    tok = httpx.post(server.url + "/detokenize", json={"model": MODEL, "tokens": ids}).json()
+    assert tok["prompt"].endswith(SAYING)
+    closed = post(server, "/v1/chat/completions", {"messages": messages, "max_tokens": 1,
+                                                   "return_token_ids": True,
+                                                   "add_generation_prompt": False}).json()
+    assert len(closed["prompt_token_ids"]) > len(ids)  # the turn closed after the saying
+    r = post(server, "/v1/chat/completions", {**body, "add_generation_prompt": True})
+    assert r.status_code == 400 and "Cannot set both" in r.json()["error"]["message"]
+    streamed = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+        "model": MODEL, **body, "echo": True, "stream": True})
+    events = [json.loads(line[6:]) for line in streamed.text.splitlines()
+              if line.startswith("data: {")]
+    content = "".join(e["choices"][0]["delta"].get("content", "") for e in events if e["choices"])
+    assert content.startswith(SAYING)
+
+
+def test_chat_template_options():
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Hello"}]
+    body = {"chat_template_kwargs": {"enable_thinking": False}, "documents": [{"text": "d"}],
+            "add_generation_prompt": False, "continue_final_message": True, "echo": True}
+    options = chat_options(messages, body)
+    assert options.template_options == {
+        "enable_thinking": False, "documents": [{"text": "d"}], "add_generation_prompt": False,
+        "continue_final_message": True}
+    assert options.role == "assistant" and options.echo == "Hello"
+    with pytest.raises(APIError, match="chat_template_kwargs"):
+        chat_options(messages, {"chat_template_kwargs": {"messages": []}})
+    with pytest.raises(APIError, match="Cannot set both"):
+        chat_options(messages, {"continue_final_message": True})
+
+
+def test_continue_final_message_cuts_the_rendered_chat():
+    from engine.model.chat_template import compile_template, cut_after_final
+
+    template = compile_template("{% for m in messages %}<{{ m.role }}>{{ m.content }}</s>"
+                                "{% endfor %}")
+    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure: "}]
+    text = template.render(messages=messages)
+    assert cut_after_final(text, messages[-1]) == "<user>hi</s><assistant>Sure: "
+    with pytest.raises(ValueError, match="does not appear"):
+        cut_after_final(text, {"role": "assistant", "content": "absent"})
+
+
+@pytest.mark.parametrize("body, param, words", [
+    ({"prompt": "hi", "seed": 2**63}, "seed", ["int64"]),
+    ({"prompt": "hi", "seed": -(2**63) - 1}, "seed", ["int64"]),
+    ({"prompt": "hi", "logit_bias": {"abc": 1, "5": 2}}, "logit_bias", ["'abc'"]),
+    ({"prompt": "hi", "logit_bias": {"49153": 1}}, "logit_bias",
+     ["49153", "49152", "out of vocabulary"]),
+    ({"prompt": [49152]}, "prompt", ["out of vocabulary"]),
+    ({"prompt": "hi", "stop_token_ids": [60000]}, "stop_token_ids", ["out of vocabulary"]),
+])
+def test_validation_words(server, body, param, words):
+    r = post(server, "/v1/completions", body)
+    assert r.status_code == 400, r.text
+    error = r.json()["error"]
+    assert error["param"] == param
+    for w in words:
+        assert w in error["message"]
+    ok = post(server, "/v1/completions", {"prompt": "hi", "seed": 2**63 - 1, "max_tokens": 1})
+    assert ok.status_code == 200
+
+
+def test_invocations_dispatch_by_body(server):
+    chat = post(server, "/invocations", {"messages": [{"role": "user", "content": "Hi"}],
+                                         "max_tokens": 2})
+    assert chat.status_code == 200 and chat.json()["object"] == "chat.completion"
+    completion = post(server, "/invocations", {"prompt": "Hi", "max_tokens": 2})
+    assert completion.status_code == 200 and completion.json()["object"] == "text_completion"
+    bad = post(server, "/invocations", {"input": "Hi"})
+    assert bad.status_code == 400 and bad.json()["error"]["param"] == "body"
+
+
+def test_load_counts_calls_in_flight(server):
+    load = lambda: httpx.get(server.url + "/load").json()["server_load"]  # noqa: E731
+    assert load() == 0
+    for stream in (False, True):
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            call = pool.submit(post, server, "/v1/completions", {
+                "prompt": "Hi", "max_tokens": 250, "ignore_eos": True, "stream": stream})
+            seen = set()
+            while not call.done():
+                seen.add(load())
+            assert call.result().status_code == 200
+        assert 1 in seen and seen <= {0, 1}
+        assert load() == 0
+    server.wait_idle()
+
+
+def test_beam_search_over_http(server, client):
+    out = client.completions.create(model=MODEL, prompt=PROMPT, n=2, max_tokens=5,
+                                    temperature=0, extra_body={"use_beam_search": True,
+                                                               "ignore_eos": True})
+    texts = [c.text for c in out.choices]
+    assert len(set(texts)) == 2 and out.usage.completion_tokens == 10
+    streamed = list(client.completions.create(model=MODEL, prompt=PROMPT, n=2, max_tokens=5,
+                                              temperature=0, stream=True, extra_body={
+                                                  "use_beam_search": True, "ignore_eos": True}))
+    got = ["".join(c.choices[0].text for c in streamed if c.choices and c.choices[0].index == i)
+           for i in range(2)]
+    assert got == texts
+    r = post(server, "/v1/completions", {"prompt": PROMPT, "n": 2, "best_of": 1,
+                                         "use_beam_search": True})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "best_of"
+    server.wait_idle()
