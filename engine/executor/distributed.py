@@ -33,6 +33,8 @@ import numpy as np
 COLLECTIVE_TIMEOUT_S = 60.0
 # How often a waiting rank asks check_peers() whether someone died.
 PEER_CHECK_S = 0.1
+# Segments this process created: it owns their unlinking (tests run ranks as threads).
+_CREATED: set[str] = set()
 
 
 class CommunicatorError(RuntimeError):
@@ -71,11 +73,13 @@ class ShmCommunicator:
         total = header + 2 * size * slot_bytes
         if name is None:
             self._shm = shared_memory.SharedMemory(create=True, size=total)
+            _CREATED.add(self._shm.name)
         else:
             self._shm = shared_memory.SharedMemory(name=name)
-            # The creator owns (and unlinks) the segment; without this, this process's resource
-            # tracker would unlink it too when this process exits, and warn about a "leak".
-            resource_tracker.unregister(self._shm._name, "shared_memory")
+            if name not in _CREATED:
+                # The creator owns (and unlinks) the segment; without this, this process's
+                # resource tracker would unlink it too at exit, and warn about a "leak".
+                resource_tracker.unregister(self._shm._name, "shared_memory")
         self.name = self._shm.name
         buf = self._shm.buf
         self._counters = np.ndarray((size,), np.int64, buf, 0)  # (size,)
