@@ -54,6 +54,7 @@ from engine.core.sampling_params import ParamError
 from engine.core.scheduler import Scheduler
 from engine.core.sequence import Sequence
 from engine.core.stopping import check_stop_ids
+from engine.executor.distributed import CommunicatorError
 from engine.executor.ops import get_ops, resolve_device
 from engine.executor.runner import ModelRunner, num_kv_blocks
 from engine.executor.transformer import Transformer
@@ -303,6 +304,18 @@ class EngineCore:
             raise RuntimeError("this engine was shut down; build a new one")
         if self.dead_error is not None:
             raise EngineDeadError(f"the engine stopped: {self.dead_error}") from self.dead_error
+
+    def check_workers(self) -> None:
+        """EngineDeadError once a tensor-parallel worker has died or failed: an idle engine
+        notices it here (the engine-core process asks while it waits) rather than at the next
+        step."""
+        if self.workers is None or self.dead_error is not None or self.is_closed:
+            return
+        try:
+            self.workers.check_peers()
+        except CommunicatorError as e:
+            self.dead_error = EngineDeadError(f"the tensor-parallel group failed: {e}")
+            raise self.dead_error from e
 
     @property
     def is_closed(self) -> bool:

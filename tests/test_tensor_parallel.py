@@ -240,3 +240,54 @@ def test_a_missing_rank_fails_the_start_naming_it(monkeypatch):
         _llm(2, tp_local_ranks=1, master_port=_free_port())
     with pytest.raises(ConfigError, match="master_port"):
         _llm(2, tp_local_ranks=1)
+
+
+# ---- the server ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("busy", [True, False])
+def test_killing_a_worker_ends_the_server_with_a_clear_error(tmp_path, busy):
+    """Mid-request: the stream ends with the error; idle: the core notices within a second.
+    Either way the server exits non-zero within seconds."""
+    pytest.importorskip("uvicorn")
+    httpx = pytest.importorskip("httpx")
+    from test_two_process import Served, _children
+
+    served = Served(tmp_path, extra=("--tensor-parallel-size", "2"))
+    try:
+        workers = [p for p, cmd in _children(served.core_pid).items() if "worker_main" in cmd]
+        assert len(workers) == 1
+        model = httpx.get(served.url + "/v1/models").json()["data"][0]["id"]
+        body = {"model": model, "prompt": [[5, 6, 7]], "max_tokens": 1000, "ignore_eos": True,
+                "stream": True}
+        if busy:
+            with httpx.stream("POST", served.url + "/v1/completions", json=body,
+                              timeout=30) as r:
+                lines = r.iter_lines()
+                assert next(lines).startswith("data: {")
+                os.kill(workers[0], signal.SIGKILL)
+                killed = time.monotonic()
+                events = [line for line in lines if line]
+            assert "rank 1" in events[-2] and "SIGKILL" in events[-2], events[-2]
+        else:
+            os.kill(workers[0], signal.SIGKILL)
+            killed = time.monotonic()
+        assert served.proc.wait(timeout=10) != 0
+        assert time.monotonic() - killed < 5.0
+        assert "tensor-parallel worker rank 1" in served.output()
+    finally:
+        served.close()
+
+
+def test_cli_refuses_a_size_that_does_not_divide_in_one_line(tmp_path, capsys):
+    from test_two_process import tiny_model_folder
+
+    from server.cli import main
+
+    model = tiny_model_folder(tmp_path / "tiny", with_tokenizer=False)
+    code = main(["generate", "hi", "--model", str(model), "--device", "cpu", "--load-format",
+                 "dummy", "--tensor-parallel-size", "3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err == ["pagedserve: error: tensor_parallel_size (3) must divide the model's "
+                   "num_attention_heads (4)"]
