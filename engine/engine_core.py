@@ -57,6 +57,7 @@ from engine.core.stopping import check_stop_ids
 from engine.executor.distributed import CommunicatorError
 from engine.executor.ops import get_ops, resolve_device
 from engine.executor.runner import ModelRunner, num_kv_blocks
+from engine.executor.tensor_parallel import release_unused_memory
 from engine.executor.transformer import Transformer
 from engine.executor.workers import WorkerGroup
 from engine.model.config import EngineConfig
@@ -126,6 +127,8 @@ class EngineCore:
             self.workers = WorkerGroup(engine_config, device, dtype, self.ops, loaded_model,
                                        send_weights)
             self.ops, part, weights = self.workers.ops, self.workers.config, self.workers.weights
+            loaded_model = None  # only this rank's slice stays
+            release_unused_memory(self.ops)
         try:
             self._start(engine_config, mc, part, weights)
         except BaseException:

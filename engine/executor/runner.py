@@ -216,7 +216,8 @@ class ModelRunner:
         timing = None if start is None else (start, ops.record_event())
         self._last_sampled = pending.token_ids
         if self.workers is not None:  # the worker ranks' placeholders read them too
-            self.ops.comm.broadcast(pending.token_ids)
+            ids = pending.token_ids  # (R,), or (R, W) with the ids in column 0 (cuda)
+            self.ops.comm.broadcast(ids if ids.ndim == 1 else ids[:, 0].copy())
         self._last_rows = {seq.seq_id: r for r, seq in enumerate(seqs)}
         return StepHandle(pending, self, timing, prompt)
 

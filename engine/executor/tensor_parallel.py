@@ -123,6 +123,15 @@ def _like(w, index):
     return cupy.asarray(index)
 
 
+def release_unused_memory(ops) -> None:
+    """Hand the blocks that the dropped full weights held back to the device (cuda), so that
+    the KV cache, sized from free memory, gets them."""
+    if ops.name == "cuda":
+        import cupy
+
+        cupy.get_default_memory_pool().free_all_blocks()
+
+
 # ----------------------------------------------------------------------------- ops
 
 

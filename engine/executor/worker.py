@@ -31,6 +31,7 @@ from engine.executor.runner import ModelRunner
 from engine.executor.tensor_parallel import (
     TensorParallelOps,
     map_weights,
+    release_unused_memory,
     shard_config,
     shard_weights,
 )
@@ -153,6 +154,7 @@ class _Worker:
         part = shard_config(mc, size)
         weights = shard_weights(full, mc, rank, size)
         del full, cfg
+        release_unused_memory(ops)
         tp_ops = TensorParallelOps(ops, comm, rank, size, mc.vocab_size)
         self.sock.send_multipart([LOADED, json.dumps({"rank": rank}).encode()])
 

@@ -92,7 +92,6 @@ class WorkerGroup:
         size = engine_config.tensor_parallel_size
         num_local = engine_config.tp_local_ranks or size
         mc = loaded.config
-        check_tensor_parallel(mc, size)
         if device == "cuda":
             import cupy
 
@@ -100,6 +99,7 @@ class WorkerGroup:
             if num_local > num_gpus:
                 raise ConfigError(f"tensor_parallel_size ({size}) needs {num_local} GPUs on this "
                                   f"host, and CuPy sees {num_gpus}")
+        check_tensor_parallel(mc, size)
         self.size, self.procs, self.identities = size, {}, {}
         self.comm = None
         self._ctx = zmq.Context()
