@@ -7,6 +7,8 @@ broadcast); a collective returns once every rank has joined it.
     gather(x)       rank 0: the ranks' (R, n) pieces side by side, (R, size * n); others: None
     broadcast(x)    rank 0's x, written into x on the other ranks; returns x
     barrier()
+    wait(event)     until the device has passed `event` (collectives queued on a stream may
+                    never finish if a peer died: this wait watches the peers)
 
 Two backends behind that interface:
 - ShmCommunicator (the numpy backend, one host): processes exchanging numpy arrays through one
@@ -180,8 +182,8 @@ class ShmCommunicator:
     def barrier(self) -> None:
         self._exchange(None, 0)
 
-    def wait_stream(self) -> None:
-        """Nothing is queued: every collective above has completed when it returns."""
+    def wait(self, event) -> None:
+        """Nothing is queued: every collective has completed when it returns."""
 
 
 # ----------------------------------------------------------------------------- NCCL
@@ -254,21 +256,26 @@ class NcclCommunicator:
     def barrier(self) -> None:
         one = self._cupy.zeros(1, self._cupy.float32)
         self.all_reduce(one)
-        self.wait_stream()
-
-    def wait_stream(self) -> None:
-        """Block until the current stream's work (collectives included) is done, asking
-        check_peers() meanwhile: a collective whose peer died never completes, so waiting on the
-        stream alone would hang; then the communicator is aborted."""
         event = self._cupy.cuda.Event(disable_timing=True)
         event.record()
-        start = time.perf_counter()
+        self.wait(event)
+
+    def wait(self, event) -> None:
+        """Block until `event` (recorded on the compute stream after some collectives) has
+        passed, asking check_peers() meanwhile: a collective whose peer died never completes,
+        so a plain wait would hang; then the communicator is aborted.
+
+        NOTE: it polls the event (yielding the GIL between polls) rather than sleeping, which
+        would add up to a sleep's granularity (~0.1 ms) to every decode step."""
+        start = last_check = time.perf_counter()
         while not event.done:
-            time.sleep(200e-6)
-            if time.perf_counter() - start > PEER_CHECK_S:
+            time.sleep(0)
+            now = time.perf_counter()
+            if now - last_check > PEER_CHECK_S:
+                last_check = now
                 try:
                     self.check_peers()
-                    if time.perf_counter() - start > self.timeout_s:
+                    if now - start > self.timeout_s:
                         raise CommunicatorError(
                             f"a collective did not complete within {self.timeout_s:.0f} s")
                 except CommunicatorError:

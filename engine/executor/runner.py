@@ -199,7 +199,7 @@ class ModelRunner:
         if not len(inputs.logits_indices):
             self._last_sampled, self._last_rows = None, {}
             return StepHandle(None, self, None if start is None else (start, ops.record_event()),
-                              prompt)
+                              prompt, self._group_done())
         if fork_rows:  # forks sample from their parent's row
             rows = np.concatenate([np.arange(len(inputs.logits_indices)), fork_rows])
             logits = logits[ops.from_host(rows.astype(np.int32))]
@@ -219,7 +219,12 @@ class ModelRunner:
             ids = pending.token_ids  # (R,), or (R, W) with the ids in column 0 (cuda)
             self.ops.comm.broadcast(ids if ids.ndim == 1 else ids[:, 0].copy())
         self._last_rows = {seq.seq_id: r for r, seq in enumerate(seqs)}
-        return StepHandle(pending, self, timing, prompt)
+        return StepHandle(pending, self, timing, prompt, self._group_done())
+
+    def _group_done(self):
+        """Tensor parallel: an event after the step's collectives, which result() waits on while
+        it watches the other ranks (a collective whose peer died never completes)."""
+        return None if self.workers is None else self.ops.record_event()
 
     def _sample_rows_alone(self, logits, seqs: list, prev) -> SamplerOutput:
         """Sampling the batch raised: sample each row on its own, so that one sequence's bad
@@ -306,17 +311,17 @@ class StepHandle:
     """A launched step. result() waits for its sampled ids (None when no row sampled); after it,
     prompt_logprobs holds the prompt positions the step scored (prompt_logprobs.py)."""
 
-    __slots__ = ("_pending", "_runner", "_timing", "_prompt", "prompt_logprobs")
+    __slots__ = ("_pending", "_runner", "_timing", "_prompt", "_done", "prompt_logprobs")
 
-    def __init__(self, pending, runner: ModelRunner, timing, prompt=None):
+    def __init__(self, pending, runner: ModelRunner, timing, prompt=None, done=None):
         self._pending, self._runner, self._timing = pending, runner, timing
-        self._prompt = prompt
+        self._prompt, self._done = prompt, done
         self.prompt_logprobs: list[PromptLogprobs] = []
 
     def result(self) -> SamplerOutput | None:
         try:
-            if self._runner.workers is not None:  # a collective whose peer died never ends
-                self._runner.ops.comm.wait_stream()
+            if self._done is not None:
+                self._runner.ops.comm.wait(self._done)
             out = None if self._pending is None else self._pending.wait()
             if self._prompt is not None:
                 self.prompt_logprobs, self._prompt = self._prompt.wait(), None

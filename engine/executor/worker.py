@@ -141,11 +141,8 @@ class _Worker:
             cupy.cuda.Device(self.gpu if self.gpu is not None
                              else rank % cupy.cuda.runtime.getDeviceCount()).use()
         ops = get_ops(cfg.device, cfg.dtype, ec.cpu_threads)
-        kind, setup = cfg.comm
-        if kind == "shm":
-            comm = ShmCommunicator(setup, rank, size, self.check_peers)
-        else:
-            comm = NcclCommunicator(setup, rank, size, cfg.dtype, self.check_peers)
+        kind, setup, dtype = *cfg.comm, cfg.dtype
+        comm = ShmCommunicator(setup, rank, size, self.check_peers) if kind == "shm" else None
         if cfg.weights is not None:
             mc, full = cfg.model_config, map_weights(ops.from_host, cfg.weights)
         else:
@@ -155,8 +152,12 @@ class _Worker:
         weights = shard_weights(full, mc, rank, size)
         del full, cfg
         release_unused_memory(ops)
-        tp_ops = TensorParallelOps(ops, comm, rank, size, mc.vocab_size)
         self.sock.send_multipart([LOADED, json.dumps({"rank": rank}).encode()])
+        # NCCL's init blocks until every rank calls it: after LOADED, so that rank 0 joins only
+        # once every rank has loaded (or has reported why it could not).
+        if comm is None:
+            comm = NcclCommunicator(setup, rank, size, dtype, self.check_peers)
+        tp_ops = TensorParallelOps(ops, comm, rank, size, mc.vocab_size)
 
         num_blocks, max_model_len, eos = pickle.loads(self._receive(CACHE, None)[0])
         kv_cache = ops.alloc_kv_cache(part.num_layers, num_blocks, part.num_kv_heads,

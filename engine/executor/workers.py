@@ -7,9 +7,10 @@
     (ranks K..N-1: `pagedserve worker --rank R`
      on their hosts)
     wait for every HELLO  <----------------------
-    CONFIG (engine config, communicator setup) ->  join the communicator, load and shard the model
-    join the communicator, shard its own          send LOADED (or FAILED {error})
+    CONFIG (engine config, communicator setup) ->  attach the shared memory (cpu); load and
+    shard its own                                 shard the model; send LOADED (or FAILED)
     wait for every LOADED  <---------------------
+    NCCL init (cuda)  <------------------------->  NCCL init (cuda)
     CACHE (KV blocks, max_model_len)  --------->  allocate its KV cache, build its runner (which
     build its runner (captures the decode            captures the decode graphs in step with
     graphs)                                           rank 0's: they hold collectives)
@@ -130,11 +131,11 @@ class WorkerGroup:
                 config.model_config = mc
                 config.weights = map_weights(ops.to_host, loaded.weights)
             self._send_all(CONFIG, pickle.dumps(config))
-            if device == "cuda":  # joins once every rank does
-                self.comm = NcclCommunicator(setup[1], 0, size, dtype, self.check_peers)
             self.config = shard_config(mc, size)
             self.weights = shard_weights(loaded.weights, mc, 0, size)
             self._wait_for(LOADED, LOAD_TIMEOUT_S, "load the model")
+            if device == "cuda":  # returns once every rank has joined (right after LOADED)
+                self.comm = NcclCommunicator(setup[1], 0, size, dtype, self.check_peers)
             self.comm.unlink()  # every rank has attached
         except BaseException:
             self.close()
