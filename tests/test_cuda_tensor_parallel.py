@@ -60,6 +60,16 @@ def test_tp2_greedy_tokens_match_tp1_with_graphs_and_eager():
     assert _generate(loaded, 2, enforce_eager=True) == want
 
 
+def _nccl_available() -> bool:
+    try:
+        from cupy.cuda import nccl
+    except ImportError:
+        return False
+    return bool(getattr(nccl, "available", True))
+
+
+@pytest.mark.skipif(not _nccl_available(), reason="CuPy finds no NCCL (install the "
+                                                  "nvidia-nccl-cu12/13 wheel: the cuda extras)")
 def test_one_rank_nccl_group_runs_the_transformer_and_its_graphs():
     """What one GPU can check of the NCCL path: a 1-rank communicator behind TensorParallelOps
     (vocab-masked embedding, bf16 all-reduces, the logits gather) gives the plain backend's
