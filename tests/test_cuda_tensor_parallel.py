@@ -47,8 +47,8 @@ def _generate(loaded, size: int, enforce_eager: bool = False):
 
 
 def test_more_ranks_than_gpus_is_refused_at_start_up():
-    with pytest.raises(ConfigError, match=rf"needs {NUM_GPUS + 1} GPUs on this host, and CuPy "
-                                          rf"sees {NUM_GPUS}"):
+    with pytest.raises(ConfigError, match=rf"needs {NUM_GPUS + 1} GPUs on this host from GPU 0 "
+                                          rf"on, and CuPy sees {NUM_GPUS}"):
         _generate(_tiny_qwen3(), NUM_GPUS + 1)
 
 

@@ -93,13 +93,15 @@ class WorkerGroup:
         size = engine_config.tensor_parallel_size
         num_local = engine_config.tp_local_ranks or size
         mc = loaded.config
+        first_gpu = 0  # local rank r runs on GPU first_gpu + r, rank 0 on the current one
         if device == "cuda":
             import cupy
 
             num_gpus = cupy.cuda.runtime.getDeviceCount()
-            if num_local > num_gpus:
+            first_gpu = cupy.cuda.Device().id
+            if first_gpu + num_local > num_gpus:
                 raise ConfigError(f"tensor_parallel_size ({size}) needs {num_local} GPUs on this "
-                                  f"host, and CuPy sees {num_gpus}")
+                                  f"host from GPU {first_gpu} on, and CuPy sees {num_gpus}")
         check_tensor_parallel(mc, size)
         self.size, self.procs, self.identities = size, {}, {}
         self.comm = None
@@ -119,7 +121,7 @@ class WorkerGroup:
                 port = self._sock.bind_to_random_port(f"tcp://{addr}")
             self.address = f"{addr}:{port}"
             for rank in range(1, num_local):
-                self.procs[rank] = _spawn_worker(rank, addr, port)
+                self.procs[rank] = _spawn_worker(rank, first_gpu + rank, addr, port)
             self._wait_for(HELLO, RENDEZVOUS_TIMEOUT_S, "join")
             if device == "cuda":
                 setup = ("nccl", NcclCommunicator.new_unique_id())
@@ -237,11 +239,11 @@ class WorkerGroup:
         self._sock = None
 
 
-def _spawn_worker(rank: int, addr: str, port: int) -> subprocess.Popen:
+def _spawn_worker(rank: int, gpu: int, addr: str, port: int) -> subprocess.Popen:
     """A local rank: this Python, this environment (NCCL_* included, untouched)."""
     code = "import sys; from engine.executor.worker import worker_main; sys.exit(worker_main())"
     args = [sys.executable, "-c", code, "--rank", str(rank), "--master-addr", addr,
-            "--master-port", str(port), "--gpu", str(rank), "--parent-pid", str(os.getpid())]
+            "--master-port", str(port), "--gpu", str(gpu), "--parent-pid", str(os.getpid())]
     return subprocess.Popen(args)
 
 
