@@ -103,17 +103,17 @@ class WorkerGroup:
                 raise ConfigError(f"tensor_parallel_size ({size}) needs {num_local} GPUs on this "
                                   f"host from GPU {first_gpu} on, and CuPy sees {num_gpus}")
         check_tensor_parallel(mc, size)
+        addr, port = master_address(engine_config)
+        if num_local < size and not port:
+            raise ConfigError(f"tp_local_ranks ({num_local}) < tensor_parallel_size ({size}): "
+                              f"the ranks on other hosts need a known master_port (or "
+                              f"${MASTER_PORT_ENV}) to join")
         self.size, self.procs, self.identities = size, {}, {}
         self.comm = None
         self._ctx = zmq.Context()
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.SNDHWM, 0)
         self._sock.setsockopt(zmq.RCVHWM, 0)
-        addr, port = master_address(engine_config)
-        if num_local < size and not port:
-            raise ConfigError(f"tp_local_ranks ({num_local}) < tensor_parallel_size ({size}): "
-                              f"the ranks on other hosts need a known master_port (or "
-                              f"${MASTER_PORT_ENV}) to join")
         try:
             if port:
                 self._sock.bind(f"tcp://{addr}:{port}")
