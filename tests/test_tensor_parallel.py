@@ -51,21 +51,20 @@ def _forward(config: ModelConfig, weights, ops, num_kv_heads: int):
     return Transformer(config, weights, ops, 64).forward(ids, positions, cache, meta, None)
 
 
-def _tp_logits(config: ModelConfig, weights, size: int) -> list:
-    root = ShmCommunicator(None, 0, size)
-    comms = [root] + [ShmCommunicator(root.name, r, size) for r in range(1, size)]
-    results, errors = [None] * size, []
+def _ranks_as_threads(size: int, work, slot_bytes: int = ShmCommunicator.SLOT_BYTES,
+                      timeout_s: float = 30.0) -> list:
+    root = ShmCommunicator(None, 0, size, slot_bytes=slot_bytes, timeout_s=timeout_s)
+    comms = [root] + [ShmCommunicator(root.name, r, size, slot_bytes=slot_bytes,
+                                      timeout_s=timeout_s) for r in range(1, size)]
+    results = [None] * size
 
-    def rank(r):
+    def run(r):
         try:
-            ops = TensorParallelOps(NumpyOps(), comms[r], r, size, config.vocab_size)
-            part = shard_config(config, size)
-            results[r] = _forward(part, shard_weights(weights, config, r, size), ops,
-                                  part.num_kv_heads)
-        except Exception as e:  # pragma: no cover - shown by the assert below
-            errors.append(e)
+            results[r] = work(comms[r])
+        except Exception as e:
+            results[r] = e
 
-    threads = [threading.Thread(target=rank, args=(r,)) for r in range(size)]
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(size)]
     for t in threads:
         t.start()
     for t in threads:
@@ -73,7 +72,18 @@ def _tp_logits(config: ModelConfig, weights, size: int) -> list:
     root.unlink()
     for c in comms:
         c.close()
-    assert not errors, errors
+    return results
+
+
+def _tp_logits(config: ModelConfig, weights, size: int) -> list:
+    def rank(comm):
+        ops = TensorParallelOps(NumpyOps(), comm, comm.rank, size, config.vocab_size)
+        part = shard_config(config, size)
+        return _forward(part, shard_weights(weights, config, comm.rank, size), ops,
+                        part.num_kv_heads)
+
+    results = _ranks_as_threads(size, rank)
+    assert not [r for r in results if isinstance(r, Exception)], results
     return results
 
 
@@ -110,6 +120,37 @@ def test_kv_heads_fewer_than_ranks_are_replicated_to_the_right_ranks():
         full = weights.layers[0].qkv
         np.testing.assert_array_equal(qkv[:d], full[rank * d : (rank + 1) * d])
         np.testing.assert_array_equal(qkv[d : 2 * d], full[q + kv_head * d : q + (kv_head + 1) * d])
+
+
+def test_collectives_larger_than_a_slot_go_through_in_chunks():
+    size = 3
+
+    def work(comm):
+        r = comm.rank
+        x = np.arange(1000, dtype=np.float32).reshape(10, 100) * (r + 1)
+        ids = np.arange(77, dtype=np.int32) if r == 0 else np.zeros(77, np.int32)
+        return (comm.all_reduce(x), comm.gather(x[:, :30] + r), comm.broadcast(ids))
+
+    results = _ranks_as_threads(size, work, slot_bytes=64)  # 16 floats a chunk
+    base = np.arange(1000, dtype=np.float32).reshape(10, 100)
+    for r, (summed, gathered, ids) in enumerate(results):
+        np.testing.assert_array_equal(summed, base * 6)
+        np.testing.assert_array_equal(ids, np.arange(77))
+        if r:
+            assert gathered is None
+    want = np.concatenate([base[:, :30] * (r + 1) + r for r in range(size)], axis=1)
+    np.testing.assert_array_equal(results[0][1], want)
+
+
+def test_a_rank_that_never_joins_times_out_naming_it():
+    def work(comm):
+        if comm.rank == 1:
+            return None
+        return comm.all_reduce(np.ones(4, np.float32))
+
+    results = _ranks_as_threads(2, work, timeout_s=0.3)
+    assert isinstance(results[0], CommunicatorError)
+    assert "rank(s) [1] did not join a collective within 0.3 s" in str(results[0])
 
 
 # ---- errors at start-up --------------------------------------------------------------------------
@@ -183,12 +224,16 @@ def tp1_outputs():
         return _generate(llm), _generate(llm, n=2, temperature=0.8, seed=3)
 
 
-@pytest.mark.parametrize("size,async_scheduling", [(2, False), (4, True)])
-def test_tp2_and_tp4_generate_what_tp1_generates(size, async_scheduling, tp1_outputs):
-    """Chunked prefills (32-token budget), a mixed batch, forks (n=2) and, with async
-    scheduling, placeholders that the workers resolve from rank 0's broadcast ids."""
+@pytest.mark.parametrize("size,fields", [
+    (2, {"async_scheduling": False, "speculative_config": {"num_speculative_tokens": 3}}),
+    (4, {"async_scheduling": True}),
+])
+def test_tp2_and_tp4_generate_what_tp1_generates(size, fields, tp1_outputs):
+    """Chunked prefills (32-token budget), a mixed batch, forks (n=2); at TP=2 n-gram drafts
+    verified in the forward (greedy output unchanged by them); at TP=4 async scheduling, whose
+    placeholders the workers resolve from rank 0's broadcast ids."""
     want, want_n = tp1_outputs
-    with _llm(size, async_scheduling=async_scheduling) as llm:
+    with _llm(size, **fields) as llm:
         pids = llm.engine.core.workers.worker_pids
         assert sorted(pids) == list(range(1, size))
         _assert_same(_generate(llm), want)

@@ -133,7 +133,7 @@ class ShmCommunicator:
                 if now - start > self.timeout_s:
                     late = [r for r in range(self.size) if counters[r] < g]
                     raise CommunicatorError(f"tensor-parallel rank(s) {late} did not join a "
-                                            f"collective within {self.timeout_s:.0f} s")
+                                            f"collective within {self.timeout_s:g} s")
 
     def _chunks(self, flat: np.ndarray):
         step = self.slot_bytes // flat.itemsize
