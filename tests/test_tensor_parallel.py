@@ -279,6 +279,30 @@ def test_a_rank_started_by_hand_joins_through_the_master_address(monkeypatch, tp
         proc.kill()
 
 
+def test_a_rank_that_cannot_load_the_model_fails_the_start_with_its_reason(tmp_path,
+                                                                           monkeypatch):
+    """A model path that exists on rank 0's host only (here: relative to another directory)."""
+    from test_two_process import ROOT, tiny_model_folder
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    tiny_model_folder(tmp_path / "a" / "tiny", with_tokenizer=False)
+    monkeypatch.chdir(tmp_path / "a")
+    port = _free_port()
+    code = "import sys; from engine.executor.worker import worker_main; sys.exit(worker_main())"
+    proc = subprocess.Popen([sys.executable, "-c", code, "--rank", "1", "--master-addr",
+                             "127.0.0.1", "--master-port", str(port)], cwd=tmp_path / "b",
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.PIPE)
+    try:
+        with pytest.raises(CommunicatorError, match=r"rank 1 failed: .*tiny"):
+            LLMEngine(EngineConfig(model="tiny", load_format="dummy", device="numpy",
+                                   tensor_parallel_size=2, tp_local_ranks=1, master_port=port))
+        assert proc.wait(10) == 1
+        assert b"pagedserve worker rank 1: error:" in proc.stderr.read()
+    finally:
+        proc.kill()
+
+
 def test_a_missing_rank_fails_the_start_naming_it(monkeypatch):
     monkeypatch.setattr(workers, "RENDEZVOUS_TIMEOUT_S", 0.5)
     with pytest.raises(CommunicatorError, match=r"rank\(s\) \[1\] did not join.*pagedserve worker"):

@@ -95,8 +95,8 @@ def run_worker(rank: int, master_addr: str | None, master_port: int | None,
     except Exception as e:
         message = f"{type(e).__name__}: {e}"
         print(f"pagedserve worker rank {rank}: error: {message}", file=sys.stderr)
-        if not isinstance(e, CommunicatorError):
-            traceback.print_exc()
+        if not isinstance(e, (CommunicatorError, ValueError, FileNotFoundError)):
+            traceback.print_exc()  # not a mistake a user can make: the details help
         sock.send_multipart([FAILED, json.dumps({**say, "error": message}).encode()])
         return 1
     finally:
