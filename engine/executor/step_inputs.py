@@ -19,7 +19,7 @@ computes its last token followed by its k drafts and samples at all 1 + k of the
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -36,6 +36,8 @@ class StepInputs:
     samples: np.ndarray  # (B,) bool, which sequences sample this step
     num_placeholders: int = 0  # input ids that are rows of the previous step's sampled ids
     prompt: PromptRows | None = None  # rows scoring prompt tokens, read after the sampling rows
+    # pack()'s result, made once: rank 0 of a tensor-parallel group sends what it uploads
+    _packed: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def is_decode_only(self) -> bool:
@@ -47,6 +49,8 @@ class StepInputs:
 
         Each array starts on a 32-byte boundary, so a kernel may load it in 16-byte words.
         """
+        if self._packed is not None:
+            return self._packed
         m = self.meta
         rows = self.logits_indices
         if self.prompt is not None:
@@ -62,7 +66,8 @@ class StepInputs:
         flat = np.zeros(start, np.int32)
         for name, a in parts.items():
             flat[where[name]] = a
-        return flat, where
+        self._packed = flat, where
+        return self._packed
 
 
 @dataclass
