@@ -105,6 +105,13 @@ class _BusyLoop:
             if not core.has_unfinished_requests() and not inputs.poll(IDLE_POLL_MS):
                 if os.getppid() != self.parent_pid:
                     return 0
+                try:
+                    core.check_workers()
+                except Exception as e:  # a dead tensor-parallel worker: the core cannot go on
+                    logger.error("%s; the engine core exits", e)
+                    message = EngineCoreOutputs(fatal=_describe(e))
+                    self.outputs.send_multipart([OUTPUTS, self.encode(message)])
+                    return 1
                 continue
             message = EngineCoreOutputs()
             received, stop = self._drain(message)

@@ -54,9 +54,12 @@ from engine.core.sampling_params import ParamError
 from engine.core.scheduler import Scheduler
 from engine.core.sequence import Sequence
 from engine.core.stopping import check_stop_ids
+from engine.executor.distributed import CommunicatorError
 from engine.executor.ops import get_ops, resolve_device
 from engine.executor.runner import ModelRunner, num_kv_blocks
+from engine.executor.tensor_parallel import release_unused_memory
 from engine.executor.transformer import Transformer
+from engine.executor.workers import WorkerGroup
 from engine.model.config import EngineConfig
 from engine.model.loader import checkpoint_dtype, load_model
 from engine.spec_decode import SpecDecoder
@@ -104,6 +107,7 @@ class EngineCore:
             dtype = auto_dtype(device, loaded_model.config.dtype if loaded_model else
                                checkpoint_dtype(engine_config.model))
         self.ops = get_ops(device, dtype, engine_config.cpu_threads)
+        send_weights = loaded_model is not None  # workers cannot load a model given in memory
         if loaded_model is None:
             loaded_model = load_model(engine_config.model, self.ops,
                                       load_format=engine_config.load_format,
@@ -116,13 +120,31 @@ class EngineCore:
         if self.max_model_len > mc.max_position_embeddings:
             logger.warning("max_model_len %d exceeds the model's max_position_embeddings %d",
                            self.max_model_len, mc.max_position_embeddings)
-        self.model = Transformer(mc, loaded_model.weights, self.ops, self.max_model_len)
+        # Tensor parallel: this process is rank 0; `part` is one rank's shape (its heads, its
+        # slice of the MLP), which its transformer and KV cache take.
+        self.workers, part, weights = None, mc, loaded_model.weights
+        if engine_config.tensor_parallel_size > 1:
+            self.workers = WorkerGroup(engine_config, device, dtype, self.ops, loaded_model,
+                                       send_weights)
+            self.ops, part, weights = self.workers.ops, self.workers.config, self.workers.weights
+            loaded_model = None  # only this rank's slice stays
+            release_unused_memory(self.ops)
+        try:
+            self._start(engine_config, mc, part, weights)
+        except BaseException:
+            if self.workers is not None:
+                self.workers.close()
+            raise
 
-        self.num_kv_blocks = num_blocks = num_kv_blocks(mc, engine_config, self.ops,
+    def _start(self, engine_config: EngineConfig, mc, part, weights) -> None:
+        """Model, KV cache, scheduler and runner, on this rank's part of the model."""
+        self.model = Transformer(part, weights, self.ops, self.max_model_len)
+
+        self.num_kv_blocks = num_blocks = num_kv_blocks(part, engine_config, self.ops,
                                                         self.max_model_len)
         bs = engine_config.block_size
-        self.kv_cache = self.ops.alloc_kv_cache(mc.num_layers, num_blocks, mc.num_kv_heads, bs,
-                                                mc.head_dim)
+        self.kv_cache = self.ops.alloc_kv_cache(part.num_layers, num_blocks, part.num_kv_heads,
+                                                bs, part.head_dim)
         if num_blocks * bs < self.max_model_len:
             # A sequence longer than the whole pool could only preempt itself forever.
             if engine_config.max_model_len is not None:
@@ -141,10 +163,13 @@ class EngineCore:
         if tok_eos is not None and tok_eos not in eos:
             eos.append(tok_eos)
         self.eos_token_ids = eos
+        if self.workers is not None:
+            self.workers.start_runners(num_blocks, self.max_model_len, eos)
         self.runner = ModelRunner(mc, engine_config, self.ops, self.model, self.kv_cache,
-                                  eos_token_ids=eos, max_model_len=self.max_model_len)
+                                  eos_token_ids=eos, max_model_len=self.max_model_len,
+                                  workers=self.workers)
 
-        self.async_scheduling = (device == "cuda" if engine_config.async_scheduling is None
+        self.async_scheduling = (self.ops.name == "cuda" if engine_config.async_scheduling is None
                                  else engine_config.async_scheduling)
         self._in_flight: _Launched | None = None  # the launched step whose tokens are unread
         # Structured outputs need the tokens' bytes: only a model with a tokenizer has them (a
@@ -282,6 +307,18 @@ class EngineCore:
             raise RuntimeError("this engine was shut down; build a new one")
         if self.dead_error is not None:
             raise EngineDeadError(f"the engine stopped: {self.dead_error}") from self.dead_error
+
+    def check_workers(self) -> None:
+        """EngineDeadError once a tensor-parallel worker has died or failed: an idle engine
+        notices it here (the engine-core process asks while it waits) rather than at the next
+        step."""
+        if self.workers is None or self.dead_error is not None or self.is_closed:
+            return
+        try:
+            self.workers.check_peers()
+        except CommunicatorError as e:
+            self.dead_error = EngineDeadError(f"the tensor-parallel group failed: {e}")
+            raise self.dead_error from e
 
     @property
     def is_closed(self) -> bool:
@@ -625,4 +662,6 @@ class EngineCore:
         # Every reference to a device array goes before the backend hands its pools back.
         self.runner.close()
         self.runner = self.model = self.kv_cache = None
+        if self.workers is not None:
+            self.workers.close()
         self.ops.close()

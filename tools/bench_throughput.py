@@ -64,6 +64,8 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
                     help="schedule step N+1 while step N runs (default: on for cuda)")
     ap.add_argument("--speculative-config", type=json.loads, default=None, metavar="JSON",
                     help='e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'')
+    ap.add_argument("--tensor-parallel-size", type=int, default=1,
+                    help="GPUs (ranks) each layer is split over")
     ap.add_argument("--num-prompts", type=int, default=256)
     ap.add_argument("--scale", type=float, default=1.0, help="shrink prompt/output lengths")
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
@@ -84,7 +86,8 @@ def build_llm(args: argparse.Namespace, enable_prefix_caching: bool = True):
                seed=args.seed, load_format=args.load_format,
                gpu_memory_utilization=args.gpu_memory_utilization,
                enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling,
-               speculative_config=args.speculative_config)
+               speculative_config=args.speculative_config,
+               tensor_parallel_size=args.tensor_parallel_size)
 
 
 def workload(args: argparse.Namespace, vocab_size: int) -> tuple[list[list[int]], list[int]]:

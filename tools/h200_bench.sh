@@ -5,6 +5,9 @@
 #   structured (W1 constrained by a JSON schema vs unconstrained; not in the default list)
 #          spec-8b spec-8b-min1 w1-8b-spec (speculative decoding: batch-1 replays of the
 #          measured acceptance, W1 with speculation configured)
+#   tensor parallel (issue 18; need 2 GPUs, nvidia-h200-x2; not in the default list):
+#          gputest-tp w1-tp2 latency-tp2 allreduce-tp2 parity-tp2
+#          (compare with w1-8b and latency-8b, the TP=1 figures)
 # gputest runs the CUDA-graph tests first; if they fail, the rest runs with graphs off.
 # Each tool prints one JSON line; they are collected in $OUT/bench.jsonl (default ./bench-out/)
 # and summarised by tools/bench_table.py at the end. Wheels the GPU machine lacks (server deps) are
@@ -60,6 +63,16 @@ for step in $steps; do
       --replay tools/results/spec_profile_min1.json ;;
     w1-8b-spec) record w1-llama3-8b-spec 150 python3 tools/bench_throughput.py $L \
       --speculative-config '{"method": "ngram", "num_speculative_tokens": 4}' ;;
+    gputest-tp) timeout 300 python3 -m pytest -q -m gpu tests/test_cuda_tensor_parallel.py \
+      2>&1 | tail -n 15 ;;
+    w1-tp2) record w1-llama3-8b-tp2 240 python3 tools/bench_throughput.py $L \
+      --tensor-parallel-size 2 ;;
+    latency-tp2) record latency-llama3-8b-tp2 150 python3 tools/bench_latency.py $L \
+      --tensor-parallel-size 2 ;;
+    allreduce-tp2) record allreduce-llama3-8b-tp2 120 python3 tools/bench_allreduce.py \
+      --model llama3-8b --tensor-parallel-size 2 --batch 1 256 ;;
+    parity-tp2) record parity-llama3-8b-tp2 400 python3 tools/tp_parity.py --model llama3-8b \
+      --tensor-parallel-size 2 --num-prompts 64 ;;
     seed) record seed-table-qwen3-0.6b 150 python3 tools/seed_table.py $Q --static-batch-size 32 ;;
     w2)
       python3 -m server.cli serve qwen3-0.6b --load-format dummy --device cuda --port 8011 \
