@@ -156,6 +156,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(HF's behaviour; lets a client forge turns). Default: they stay text")
     s.add_argument("--served-model-name", default=None, metavar="NAME",
                    help="the model name clients send and /v1/models lists (default: MODEL)")
+    s.add_argument("--data-parallel-size", "-dp", type=_positive_int, default=1, metavar="N",
+                   help="run N engine cores, each a full copy of the model on its own GPU (core i "
+                        "on GPU i of CUDA_VISIBLE_DEVICES), behind this one API process; each "
+                        "request goes to the core with the least unfinished work, or, with "
+                        "prefix caching, to the core that ran its prompt's first blocks "
+                        "(default: 1)")
     s.add_argument("--max-waiting-requests", type=_positive_int, default=None, metavar="N",
                    help="answer 429 while N requests already wait for a batch slot "
                         "(default: no limit)")
@@ -198,7 +204,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
         async_scheduling=args.async_scheduling, load_format=args.load_format, seed=args.seed,
-        cpu_threads=args.cpu_threads, speculative_config=args.speculative_config)
+        cpu_threads=args.cpu_threads, speculative_config=args.speculative_config,
+        data_parallel_size=getattr(args, "data_parallel_size", 1))  # serve's flag alone
     config.validate()
     return config
 
