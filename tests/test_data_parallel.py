@@ -3,6 +3,7 @@ balancer (engine/core/dp_router.py), and a DP=2 server on the tiny model against
 
 import collections
 import random
+import re
 import time
 
 import pytest
@@ -301,3 +302,33 @@ def test_dp2_abort_reaches_the_core_that_runs_the_request(dp_server, monkeypatch
         assert sent == {0: [], 1: [request_id]}
         assert client.balancer.owner(request_id) is None
     dp_server.wait_idle()
+
+
+# ---------------------------------------------------------------- a DP=2 `pagedserve serve`
+
+
+def test_killing_one_core_ends_the_server_naming_it(tmp_path):
+    import os
+    import signal
+
+    from test_two_process import Served, _is_running
+
+    served = Served(tmp_path, data_parallel_size=2)
+    try:
+        model = httpx.get(served.url + "/v1/models").json()["data"][0]["id"]
+        body = {"model": model, "prompt": [[5, 6, 7]], "max_tokens": 1000, "ignore_eos": True,
+                "stream": True}
+        with httpx.stream("POST", served.url + "/v1/completions", json=body, timeout=30) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: {")
+            os.kill(served.core_pids[1], signal.SIGKILL)
+            killed = time.monotonic()
+            events = [line for line in lines if line]
+        # Whichever core ran it, the request fails: the server is going down.
+        assert re.search(r"engine core [01] of 2: .* SIGKILL", events[-2])
+        assert served.proc.wait(timeout=10) != 0
+        assert time.monotonic() - killed < 5.0
+        assert re.search(r"the engine core died: engine core [01] of 2", served.output())
+        assert not _is_running(served.core_pids[0])  # the other core went with it
+    finally:
+        served.close()

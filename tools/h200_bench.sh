@@ -5,6 +5,7 @@
 #   structured (W1 constrained by a JSON schema vs unconstrained; not in the default list)
 #          spec-8b spec-8b-min1 w1-8b-spec (speculative decoding: batch-1 replays of the
 #          measured acceptance, W1 with speculation configured)
+#          w1-http-dp (W1-HTTP on llama3-8b, 1 then $DP engine cores; needs $DP GPUs)
 # gputest runs the CUDA-graph tests first; if they fail, the rest runs with graphs off.
 # Each tool prints one JSON line; they are collected in $OUT/bench.jsonl (default ./bench-out/)
 # and summarised by tools/bench_table.py at the end. Wheels the GPU machine lacks (server deps) are
@@ -76,6 +77,20 @@ for step in $steps; do
       record w2-qwen3-0.6b-rate16 100 python3 tools/bench_serving.py \
         --base-url http://127.0.0.1:8011 --model qwen3-0.6b --request-rate 16
       kill $server; wait $server 2> /dev/null ;;
+    w1-http-dp)  # W1-HTTP on llama3-8b: one engine core, then ${DP:-2} (one per GPU; issue 18)
+      for dp in 1 "${DP:-2}"; do
+        python3 -m server.cli serve llama3-8b --load-format dummy --device cuda --port 8012 \
+          --data-parallel-size "$dp" --log-level warning > "$OUT/server-dp$dp.log" 2>&1 &
+        server=$!
+        for _ in $(seq 1 300); do
+          python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8012/health')" \
+            2> /dev/null && break
+          sleep 1
+        done
+        record "w1-http-llama3-8b-dp$dp" 200 python3 tools/bench_serving.py \
+          --base-url http://127.0.0.1:8012 --model llama3-8b
+        kill $server; wait $server 2> /dev/null
+      done ;;
     *) echo "unknown step $step" ;;
   esac
 done
