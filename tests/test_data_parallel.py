@@ -204,12 +204,15 @@ def test_unseeded_sampling_differs_across_ranks_and_seeded_does_not():
 
 
 @pytest.fixture(scope="module")
-def dp_server():
-    # Cores without a tokenizer (the API process has its own): they load in a second.
+def dp_server(tmp_path_factory):
+    from test_two_process import tiny_model_folder
+
+    # Token ids only, no tokenizer on either side: the cores and the API process load at once.
+    folder = tiny_model_folder(tmp_path_factory.mktemp("dp") / "tiny", with_tokenizer=False)
     make_core = tiny_server_core(text=False, max_num_seqs=64, max_model_len=256,
                                  num_kv_blocks=1024)
-    s = Server(create_app(EngineConfig(device="numpy", data_parallel_size=2),
-                          served_model_name=MODEL, make_core=make_core))
+    config = EngineConfig(model=str(folder), device="numpy", data_parallel_size=2)
+    s = Server(create_app(config, served_model_name=MODEL, make_core=make_core))
     yield s
     s.stop()
 
