@@ -22,7 +22,8 @@ from engine.core.outputs import (  # noqa: E402
     SeqOutput,
 )
 from engine.core.sampling_params import SamplingParams  # noqa: E402
-from engine.dp_client import DPClient, core_devices, sum_stats  # noqa: E402
+from engine.core_client import MPClient  # noqa: E402
+from engine.dp_client import DPClient, core_client_for, core_devices, sum_stats  # noqa: E402
 from engine.engine_core import EngineCore  # noqa: E402
 from engine.executor.ops import DeviceError  # noqa: E402
 from engine.model.config import ConfigError, EngineConfig  # noqa: E402
@@ -129,6 +130,7 @@ def _stats(**fields) -> EngineStats:
 
 
 def test_commands_go_to_the_core_that_owns_the_request():
+    assert type(core_client_for(EngineConfig())) is MPClient  # DP=1: no extra hop
     dp = DPClient(EngineConfig(device="numpy", data_parallel_size=2))
     assert [c.config.data_parallel_rank for c in dp.clients] == [0, 1]
     assert dp.devices == [None, None]  # the cpu backend ignores GPUs
