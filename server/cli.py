@@ -204,8 +204,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
         async_scheduling=args.async_scheduling, load_format=args.load_format, seed=args.seed,
-        cpu_threads=args.cpu_threads, speculative_config=args.speculative_config,
-        data_parallel_size=getattr(args, "data_parallel_size", 1))  # serve's flag alone
+        cpu_threads=args.cpu_threads, speculative_config=args.speculative_config)
     config.validate()
     return config
 
@@ -277,6 +276,8 @@ def serve(args: argparse.Namespace, config: EngineConfig, started: float) -> int
 
     from server.app import DEFAULT_MODEL_NAME
 
+    # serve's own engine flag (several cores need this API process; argparse checked it >= 1)
+    config.data_parallel_size = args.data_parallel_size
     sock = bind_socket(args.host, args.port)
     died: list[str] = []
 

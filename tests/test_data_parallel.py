@@ -318,7 +318,7 @@ def test_killing_one_core_ends_the_server_naming_it(tmp_path):
 
     from test_two_process import Served, _is_running
 
-    served = Served(tmp_path, data_parallel_size=2)
+    served = Served(tmp_path, extra=("--data-parallel-size", "2"))
     try:
         model = httpx.get(served.url + "/v1/models").json()["data"][0]["id"]
         body = {"model": model, "prompt": [[5, 6, 7]], "max_tokens": 1000, "ignore_eos": True,

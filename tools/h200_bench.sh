@@ -5,11 +5,11 @@
 #   structured (W1 constrained by a JSON schema vs unconstrained; not in the default list)
 #          spec-8b spec-8b-min1 w1-8b-spec (speculative decoding: batch-1 replays of the
 #          measured acceptance, W1 with speculation configured)
-#          w1-http-dp (W1-HTTP on llama3-8b, 1 then $DP engine cores; needs $DP GPUs)
 # gputest runs the CUDA-graph tests first; if they fail, the rest runs with graphs off.
 # Each tool prints one JSON line; they are collected in $OUT/bench.jsonl (default ./bench-out/)
 # and summarised by tools/bench_table.py at the end. Wheels the GPU machine lacks (server deps) are
 # installed from .whl/ when present (../shared/tools/gpu_wheels.sh downloads them).
+# w1-http-dp (not in the default list): W1-HTTP on llama3-8b, 1 then $DP (2) engine cores.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-out}

@@ -215,6 +215,10 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
+    # Data parallel: engine cores behind one API process (engine/dp_client.py), each a full copy
+    # of the model; the rank is set per core, and keeps unseeded sampling apart across cores.
+    data_parallel_size: int = 1
+    data_parallel_rank: int = 0
     # Schedule step N+1 while step N runs on the device (engine/engine.py). None: on for cuda,
     # off for numpy (where the host is the device, so nothing overlaps).
     async_scheduling: bool | None = None
@@ -225,10 +229,6 @@ class EngineConfig:
     cpu_threads: int = 1
     # A dict of SpeculativeConfig fields (validate() turns it into one), or None: no speculation.
     speculative_config: SpeculativeConfig | dict | None = None
-    # Data parallel: engine cores behind one API process (engine/dp_client.py), each a full copy
-    # of the model; the rank is set per core, and keeps unseeded sampling apart across cores.
-    data_parallel_size: int = 1
-    data_parallel_rank: int = 0
 
     def validate(self):
         if isinstance(self.speculative_config, dict):
@@ -238,14 +238,10 @@ class EngineConfig:
                 raise ConfigError("speculative_config must be a dict or None, got "
                                   f"{type(self.speculative_config).__name__}")
             self.speculative_config.validate()
-        positive = ("max_num_seqs", "max_num_batched_tokens", "block_size", "cpu_threads",
-                    "data_parallel_size")
+        positive = ("max_num_seqs", "max_num_batched_tokens", "block_size", "cpu_threads")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not 0 <= self.data_parallel_rank < self.data_parallel_size:
-            raise ConfigError(f"data_parallel_rank must be in [0, data_parallel_size = "
-                              f"{self.data_parallel_size}), got {self.data_parallel_rank}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
@@ -265,3 +261,8 @@ class EngineConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.data_parallel_size < 1:
+            raise ConfigError(f"data_parallel_size must be >= 1, got {self.data_parallel_size}")
+        if not 0 <= self.data_parallel_rank < self.data_parallel_size:
+            raise ConfigError(f"data_parallel_rank must be in [0, data_parallel_size = "
+                              f"{self.data_parallel_size}), got {self.data_parallel_rank}")
