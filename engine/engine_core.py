@@ -178,7 +178,9 @@ class EngineCore:
         if self.tokenizer is not None:
             self.grammars = GrammarCompiler.for_tokenizer(self.tokenizer, mc.vocab_size, eos)
         self._compiling: list[_CoreRequest] = []  # requests whose grammar is compiling
-        self._rng = np.random.default_rng(engine_config.seed)
+        # Unseeded requests draw their seeds here; data-parallel cores offset theirs by rank, so
+        # two cores never hand the same seed stream to the requests they run.
+        self._rng = np.random.default_rng(engine_config.seed + engine_config.data_parallel_rank)
         spec = engine_config.speculative_config
         self.spec = SpecDecoder(spec) if spec is not None else None  # None: never speculates
         self._requests: dict[str, _CoreRequest] = {}

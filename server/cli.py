@@ -170,6 +170,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "(HF's behaviour; lets a client forge turns). Default: they stay text")
     s.add_argument("--served-model-name", default=None, metavar="NAME",
                    help="the model name clients send and /v1/models lists (default: MODEL)")
+    s.add_argument("--data-parallel-size", "-dp", type=_positive_int, default=1, metavar="N",
+                   help="run N engine cores, each a full copy of the model on its own GPU (core i "
+                        "on GPU i of CUDA_VISIBLE_DEVICES), behind this one API process; each "
+                        "request goes to the core with the least unfinished work, or, with "
+                        "prefix caching, to the core that ran its prompt's first blocks "
+                        "(default: 1)")
     s.add_argument("--max-waiting-requests", type=_positive_int, default=None, metavar="N",
                    help="answer 429 while N requests already wait for a batch slot "
                         "(default: no limit)")
@@ -295,6 +301,8 @@ def serve(args: argparse.Namespace, config: EngineConfig, started: float) -> int
 
     from server.app import DEFAULT_MODEL_NAME
 
+    # serve's own engine flag (several cores need this API process; argparse checked it >= 1)
+    config.data_parallel_size = args.data_parallel_size
     sock = bind_socket(args.host, args.port)
     died: list[str] = []
 

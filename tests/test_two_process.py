@@ -89,8 +89,11 @@ class Served:
                 pass
             time.sleep(0.1)
         cores = [p for p, cmd in _children(self.proc.pid).items() if "spawn_main" in cmd]
-        assert len(cores) == 1, _children(self.proc.pid)
-        self.core_pid = cores[0]
+        flag = "--data-parallel-size"
+        num_cores = int(extra[extra.index(flag) + 1]) if flag in extra else 1
+        assert len(cores) == num_cores, _children(self.proc.pid)
+        self.core_pids = cores
+        self.core_pid = self.core_pids[0]
 
     def output(self) -> str:
         self.log.seek(0)

@@ -12,6 +12,7 @@
 # Each tool prints one JSON line; they are collected in $OUT/bench.jsonl (default ./bench-out/)
 # and summarised by tools/bench_table.py at the end. Wheels the GPU machine lacks (server deps) are
 # installed from .whl/ when present (../shared/tools/gpu_wheels.sh downloads them).
+# w1-http-dp (not in the default list): W1-HTTP on llama3-8b, 1 then $DP (2) engine cores.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-out}
@@ -89,6 +90,20 @@ for step in $steps; do
       record w2-qwen3-0.6b-rate16 100 python3 tools/bench_serving.py \
         --base-url http://127.0.0.1:8011 --model qwen3-0.6b --request-rate 16
       kill $server; wait $server 2> /dev/null ;;
+    w1-http-dp)  # W1-HTTP on llama3-8b: one engine core, then ${DP:-2} (one per GPU; issue 18)
+      for dp in 1 "${DP:-2}"; do
+        python3 -m server.cli serve llama3-8b --load-format dummy --device cuda --port 8012 \
+          --data-parallel-size "$dp" --log-level warning > "$OUT/server-dp$dp.log" 2>&1 &
+        server=$!
+        for _ in $(seq 1 300); do
+          python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8012/health')" \
+            2> /dev/null && break
+          sleep 1
+        done
+        record "w1-http-llama3-8b-dp$dp" 200 python3 tools/bench_serving.py \
+          --base-url http://127.0.0.1:8012 --model llama3-8b
+        kill $server; wait $server 2> /dev/null
+      done ;;
     *) echo "unknown step $step" ;;
   esac
 done

@@ -215,6 +215,10 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
+    # Data parallel: engine cores behind one API process (engine/dp_client.py), each a full copy
+    # of the model; the rank is set per core, and keeps unseeded sampling apart across cores.
+    data_parallel_size: int = 1
+    data_parallel_rank: int = 0
     # Schedule step N+1 while step N runs on the device (engine/engine.py). None: on for cuda,
     # off for numpy (where the host is the device, so nothing overlaps).
     async_scheduling: bool | None = None
@@ -272,3 +276,8 @@ class EngineConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.data_parallel_size < 1:
+            raise ConfigError(f"data_parallel_size must be >= 1, got {self.data_parallel_size}")
+        if not 0 <= self.data_parallel_rank < self.data_parallel_size:
+            raise ConfigError(f"data_parallel_rank must be in [0, data_parallel_size = "
+                              f"{self.data_parallel_size}), got {self.data_parallel_rank}")
