@@ -1,9 +1,9 @@
 """The Starlette app: engine lifecycle, guards, and the small endpoints.
 
-The generation endpoints live in server/openai_routes.py, what handlers share in
-server/handlers.py. The engine core loads in its own process (engine/core_process.py); an app
-started without AsyncEngine.load() (tests) answers /health 503 until it is ready instead of
-keeping the port closed, and 503 again if the core dies.
+The generation endpoints live in server/openai_routes.py (+ generation_call.py, sse_stream.py),
+what handlers share in server/handlers.py. The engine core loads in its own process
+(engine/core_process.py); an app started without AsyncEngine.load() (tests) answers /health 503
+until it is ready instead of keeping the port closed, and 503 again if the core dies.
 """
 
 from __future__ import annotations
