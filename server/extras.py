@@ -27,8 +27,9 @@ class Extras:
     continuous_usage: bool = False  # usage on every streamed chunk
 
 
-def read_extras(body: dict, *, chat: bool) -> Extras:
-    """The extension fields of a completions or chat body, checked."""
+def read_extras(body: dict, *, chat: bool, settings) -> Extras:
+    """The extension fields of a completions or chat body, checked; `settings` (app.ServerSettings)
+    gives the server-wide defaults."""
     x = Extras()
     x.echo = get_field(body, "echo", "bool", False)
     x.score_only = not chat and x.echo and body.get("max_tokens") == 0
@@ -41,7 +42,8 @@ def read_extras(body: dict, *, chat: bool) -> Extras:
         raise bad_request("truncation_side", "'truncation_side' must be 'left' or 'right', got "
                                              f"{x.truncation_side!r}")
     x.return_token_ids = get_field(body, "return_token_ids", "bool", False)
-    x.tokens_as_ids = get_field(body, "return_tokens_as_token_ids", "bool", False)
+    x.tokens_as_ids = get_field(body, "return_tokens_as_token_ids", "bool",
+                                settings.return_tokens_as_token_ids)
     options = get_field(body, "stream_options", "dict", {})
     x.continuous_usage = options.get("continuous_usage_stats", False)
     if not isinstance(x.continuous_usage, bool):

@@ -96,8 +96,7 @@ class GenerationCall:
         body = build(self.id, self.model, choices, self.usage(num_generated), self.created)
         if self.chat:  # one prompt: its scores and ids sit beside the choices
             body["prompt_logprobs"] = self._prompt_logprobs(next(iter(self.index_of)))
-            if self.extras.return_token_ids:
-                body["prompt_token_ids"] = self.token_lists[0]
+            body["prompt_token_ids"] = self.token_lists[0] if self.extras.return_token_ids else None
         return JSONResponse(body)
 
     def usage(self, num_generated: int) -> dict:
@@ -127,11 +126,12 @@ class GenerationCall:
                 logprobs = join_logprobs(self.echo_logprobs(request_id), logprobs)
         choice = {"index": index, "text": echo + text, "logprobs": logprobs,
                   "finish_reason": c.finish_reason}
-        if whole:
+        ids = self.extras.return_token_ids
+        if whole:  # vLLM's fields, null when not asked for
             choice["prompt_logprobs"] = self._prompt_logprobs(request_id)
-        if self.extras.return_token_ids:
-            if whole:
-                choice["prompt_token_ids"] = self.token_lists[i]
+            choice["prompt_token_ids"] = self.token_lists[i] if ids else None
+            choice["token_ids"] = list(token_ids) if ids else None
+        elif ids:
             choice["token_ids"] = list(token_ids)
         return choice
 
@@ -156,6 +156,8 @@ class GenerationCall:
             choice["delta"] = {"content": text} if text else {}
         if self.extras.return_token_ids:
             choice["token_ids"] = list(token_ids)
+        elif whole:
+            choice["token_ids"] = None
         return choice
 
     def echo_logprobs(self, request_id: str) -> dict:

@@ -43,7 +43,7 @@ async def completions_body(request: Request, body: dict):
     engine = ready_engine(request)
     model = check_model(request, body)
     prompts = parse_prompts(body)
-    extras = read_extras(body, chat=False)
+    extras = read_extras(body, chat=False, settings=request.app.state.settings)
     params = parse_sampling_params(body, chat=False)
     await _constrain(request, engine, params, *parse_structured_outputs(body), len(prompts))
     stream, include_usage = _stream_flags(body)
@@ -69,7 +69,7 @@ async def completions_body(request: Request, body: dict):
                           extras=extras)
     if extras.echo:
         call.echo = [p if isinstance(p, str) and extras.truncate is None
-                     else tokenizer_of(engine, "echo").decode(ids)
+                     else tokenizer_of(engine, "echo").decode(ids, skip_special_tokens=False)
                      for p, ids in zip(prompts, token_lists, strict=True)]
     return await call.run(token_lists, stream, include_usage)
 
@@ -82,7 +82,7 @@ async def chat_completions_body(request: Request, body: dict):
     engine = ready_engine(request)
     model = check_model(request, body)
     messages = parse_messages(body)
-    extras = read_extras(body, chat=True)
+    extras = read_extras(body, chat=True, settings=request.app.state.settings)
     params = parse_sampling_params(body, chat=True)
     so, so_field = parse_structured_outputs(body)
     tools, tool_choice = parse_tools(body)
