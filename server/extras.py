@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from server.protocol import bad_request, get_field
+from server.protocol import bad_request, get_field, legacy_top_logprobs
 
 
 @dataclass
@@ -98,8 +98,8 @@ def echo_logprobs(prompt_ids: list[int], entries: list, token_str) -> dict:
         text = token_str(tid)
         out["tokens"].append(text)
         out["token_logprobs"].append(None if entry is None else entry.get(tid))
-        out["top_logprobs"].append(None if entry is None else {
-            token_str(t): v for t, v in sorted(entry.items(), key=lambda kv: -kv[1])})
+        out["top_logprobs"].append(None if entry is None
+                                   else legacy_top_logprobs(tid, entry, token_str))
         out["text_offset"].append(offset)
         offset += len(text)
     return out

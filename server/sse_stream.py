@@ -67,13 +67,7 @@ async def events(call, group, include_usage: bool):
                         for tool_chunk in _tool_chunks(stream, choice, c):
                             yield chunk([tool_chunk])
                         continue
-                    if call.chat and c.finished:
-                        choice["finish_reason"] = None
-                        if choice["delta"]:
-                            yield chunk([choice])
-                        choice = {"index": choice["index"], "delta": {}, "logprobs": None,
-                                  "finish_reason": c.finish_reason}
-                    yield chunk([choice])
+                    yield chunk([choice])  # a last one carries its text and finish_reason
         except EngineFault as e:
             error = APIError(500, str(e), type="server_error")
             yield sse(json.loads(error.response().body))

@@ -238,6 +238,10 @@ def test_continue_final_message_cuts_the_rendered_chat():
     ({"prompt": "hi", "logit_bias": {"49153": 1}}, "logit_bias",
      ["49153", "49152", "out of vocabulary"]),
     ({"prompt": [49152]}, "prompt", ["out of vocabulary"]),
+    ({"prompt": "hi", "seed": 2**63}, "seed", ["less_than_equal"]),
+    ({"prompt_embeds": "abc"}, "prompt", ["Either prompt or prompt_embeds"]),
+    ({"prompt": "hi", "prompt_embeds": "abc"}, "prompt_embeds", ["not supported"]),
+    ({"prompt": "hi", "allowed_token_ids": [5]}, "allowed_token_ids", ["not supported"]),
     ({"prompt": "hi", "stop_token_ids": [60000]}, "stop_token_ids", ["out of vocabulary"]),
 ])
 def test_validation_words(server, body, param, words):
@@ -263,6 +267,16 @@ def test_vllm_fields_sent_null_and_token_prompts_echoed_whole(server, client):
                                     logprobs=0)
     assert out.choices[0].text.startswith("<|endoftext|>" * 3)
     assert out.choices[0].logprobs.tokens[:3] == ["<|endoftext|>"] * 3
+
+
+def test_chat_stream_last_chunk_carries_text_and_finish_reason(client):
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=3, stream=True,
+        extra_body={"ignore_eos": True}))
+    finishing = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finishing) == 1 and finishing[0] is chunks[-1]
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert chunks[-1].choices[0].delta.content  # vLLM's shape: no empty closing chunk
 
 
 def test_tokens_as_ids_server_default():
