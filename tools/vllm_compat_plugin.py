@@ -69,6 +69,9 @@ SKIPS = {
     "test_response_format_json_object": MODEL_ANSWER,
     "test_response_format_json_schema": MODEL_ANSWER,
     "test_complex_message_content": MODEL_ANSWER,
+    "test_structured_outputs_json_chat": "a specific model's text: the model must close its "
+                                         "JSON within 1000 tokens (the grammar allows a string "
+                                         "to run on, and the tiny model's do)",
     "test_single_chat_session": "a specific model's tokens: usage must be exactly 37 prompt "
                                 "tokens, zephyr's chat template around the messages",
     "test_more_than_one_prompt_logprobs_chat": "a specific model's predictions: a prompt token "
