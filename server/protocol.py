@@ -217,11 +217,6 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
 def completion_logprobs(token_ids, logprobs, token_str, text_offset: int = 0) -> dict:
     """The legacy completions `logprobs` object for the given tokens."""
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
