@@ -207,6 +207,12 @@ class EngineCore:
             if bad:  # vLLM's clients look for the ids, the size and "out of vocabulary"
                 raise ParamError(name, f"{name} has token id(s) {bad} out of vocabulary "
                                        f"(vocab_size {vocab})")
+        cap = vocab if self.config.max_logprobs == -1 else self.config.max_logprobs
+        for name, k in (("logprobs", params.logprobs), ("prompt_logprobs", params.prompt_logprobs)):
+            if k is not None and (vocab if k == -1 else k) > cap:
+                asked = f"-1 (the whole vocabulary, {vocab})" if k == -1 else str(k)
+                raise ParamError(name, f"{name} {asked} is more than max_logprobs ({cap}); "
+                                       "the server's --max-logprobs sets it")
         if params.n > self.config.max_num_seqs:  # the n sequences must fit in one batch
             raise ParamError("n", f"n ({params.n}) must be <= max_num_seqs "
                                   f"({self.config.max_num_seqs})")

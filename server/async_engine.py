@@ -71,6 +71,9 @@ class RequestGroup:
                                       prompt["prompt_token_ids"], params)
         except BaseException:
             self.unfinished.discard(request_id)
+            # Cancelled (the client left) while the core accepts it: it was sent, so it must
+            # be aborted, or it would run to its end for no one.
+            self.engine.abort(request_id)
             raise
 
     async def outputs(self) -> AsyncIterator:
@@ -253,14 +256,14 @@ class AsyncEngine:
         pending = self._pending
         for request_id in message.accepted:
             future = pending.pop(request_id, None)
-            if future is not None:
+            if future is not None and not future.done():
                 future.set_result(None)
         for request_id, field, why in message.rejected:
             future = pending.pop(request_id, None)
             self._groups.pop(request_id, None)
             self._waiting.discard(request_id)
             self.processor.abort(request_id)
-            if future is not None:
+            if future is not None and not future.done():
                 future.set_exception(ParamError(field, why) if field else ValueError(why))
         num_outputs = 0
         if message.outputs:

@@ -109,6 +109,9 @@ def _engine_flags() -> argparse.ArgumentParser:
     g.add_argument("--cpu-threads", type=_positive_int, default=1, metavar="N",
                    help="BLAS threads of the cpu backend (and the host side of cuda); 1 is "
                         "fastest on a small, busy machine (default: 1)")
+    g.add_argument("--max-logprobs", type=int, default=20, metavar="N",
+                   help="most logprobs a request may ask per token; -1 = the whole vocabulary, "
+                        "which prompt_logprobs=-1 needs (default: 20, as vLLM)")
     g.add_argument("--speculative-config", type=_json_object, default=None, metavar="JSON",
                    help='n-gram speculative decoding, e.g. \'{"method": "ngram", '
                         '"num_speculative_tokens": 3, "prompt_lookup_max": 4, '
@@ -181,6 +184,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(default: no limit)")
     s.add_argument("--enable-server-load-tracking", action="store_true",
                    help="count generation calls in flight, read at GET /load (vLLM's flag)")
+    s.add_argument("--return-tokens-as-token-ids", action="store_true",
+                   help="logprobs name tokens 'token_id:N' unless a request sets "
+                        "return_tokens_as_token_ids false (vLLM's flag)")
     s.add_argument("--no-dashboard", dest="dashboard", action="store_false",
                    help="turn off the live dashboard at /dashboard (and its feed)")
 
@@ -227,7 +233,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         async_scheduling=args.async_scheduling, load_format=args.load_format, seed=args.seed,
         cpu_threads=args.cpu_threads, speculative_config=args.speculative_config,
         tensor_parallel_size=args.tensor_parallel_size, tp_local_ranks=args.tp_local_ranks,
-        master_addr=args.master_addr, master_port=args.master_port)
+        master_addr=args.master_addr, master_port=args.master_port,
+        max_logprobs=args.max_logprobs)
     config.validate()
     return config
 
@@ -367,7 +374,8 @@ def app_from_args(args: argparse.Namespace, config: EngineConfig, make_core=None
                       allowed_origins=args.allowed_origins or None,
                       chat_content_special_tokens=args.chat_content_special_tokens,
                       dashboard=args.dashboard,
-                      enable_server_load_tracking=args.enable_server_load_tracking)
+                      enable_server_load_tracking=args.enable_server_load_tracking,
+                      return_tokens_as_token_ids=args.return_tokens_as_token_ids)
 
 
 def generate(args: argparse.Namespace, config: EngineConfig) -> int:

@@ -237,6 +237,9 @@ class EngineConfig:
     tp_local_ranks: int | None = None
     master_addr: str | None = None
     master_port: int | None = None
+    # Most logprobs a request may ask per token (-1: the whole vocabulary, which
+    # prompt_logprobs=-1 asks). The CLI defaults to vLLM's 20; a library caller, to no cap.
+    max_logprobs: int = -1
 
     def validate(self):
         if isinstance(self.speculative_config, dict):
@@ -251,6 +254,8 @@ class EngineConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_logprobs < -1:
+            raise ConfigError(f"max_logprobs must be >= -1, got {self.max_logprobs}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
