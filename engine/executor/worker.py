@@ -146,11 +146,10 @@ class _Worker:
         if cfg.weights is not None:
             mc, full = cfg.model_config, map_weights(ops.from_host, cfg.weights)
         else:
-            loaded = load_model(ec.model, ops, load_format=ec.load_format, seed=ec.seed)
-            mc, full = loaded.config, loaded.weights
+            mc, full = _load(ec, ops)
         part = shard_config(mc, size)
         weights = shard_weights(full, mc, rank, size)
-        del full, cfg
+        del full, cfg  # the full weights go: only this rank's slice stays
         release_unused_memory(ops)
         self.sock.send_multipart([LOADED, json.dumps({"rank": rank}).encode()])
         # NCCL's init blocks until every rank calls it: after LOADED, so that rank 0 joins only
@@ -174,6 +173,12 @@ class _Worker:
             runner.close()
             comm.close()
             ops.close()
+
+
+def _load(ec, ops):
+    """(model config, full weights) from engine_config.model, as rank 0 loaded them."""
+    loaded = load_model(ec.model, ops, load_format=ec.load_format, seed=ec.seed)
+    return loaded.config, loaded.weights
 
 
 def _die_with_parent(parent_pid: int) -> None:
