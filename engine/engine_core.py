@@ -410,7 +410,7 @@ class EngineCore:
         if all(seq.matcher is None for seq in rows):
             return None
 
-        def fill():
+        def fill(out):
             # Called with this step's forward queued. A constrained row's mask needs its
             # sequence's previous token: read the step in flight first. Once its matchers have
             # advanced, the masks fill on the grammar threads while the rest of its
@@ -418,15 +418,15 @@ class EngineCore:
             # uses (its token is dropped).
             matchers = [seq.matcher for seq in rows]
             if self._in_flight is None:
-                return self.grammars.fill_bitmask(matchers)
+                return self.grammars.fill_bitmask(matchers, out)
             done, self._in_flight = self._in_flight, None
             filling = []
             self._read(done, outputs, on_advanced=lambda: filling.append(
-                self.grammars.fill_bitmask_soon(matchers)))
+                self.grammars.fill_bitmask_soon(matchers, out)))
             if filling:
                 return filling[0].result()
             # Its step failed: no matcher advanced; a failed row has no matcher any more.
-            return self.grammars.fill_bitmask([seq.matcher for seq in rows])
+            return self.grammars.fill_bitmask([seq.matcher for seq in rows], out)
 
         return fill
 

@@ -151,7 +151,8 @@ class ModelRunner:
         (batch.sampling_rows(): the sequences that sample, and which logits row each fork
         reads); .result() reads them (None when no row samples).
 
-        fill_bitmask() -> (R, ceil(vocab / 32)) int32 allowed-token bits per sampling row
+        fill_bitmask(out) fills out (R, ceil(vocab / 32)) int32 with the allowed-token bits of
+        each sampling row and returns it
         (structured outputs): called once the forward is queued, so on the GPU the host fills the
         masks while the device computes the logits; masked tokens get -inf before sampling."""
         try:
@@ -205,8 +206,10 @@ class ModelRunner:
             logits = logits[ops.from_host(rows.astype(np.int32))]
         # The forward is queued on the GPU: the masks and sampling settings are built while it
         # runs.
-        if fill_bitmask is not None:
-            logits = ops.apply_token_bitmask(logits, fill_bitmask())
+        if fill_bitmask is not None:  # filled in place: the cuda backend's pinned stage
+            words = -(-logits.shape[1] // 32)
+            logits = ops.apply_token_bitmask(
+                logits, fill_bitmask(ops.bitmask_buffer(logits.shape[0], words)))
         try:
             pending = ops.sample_start(logits, self.prepare_sampling(seqs), prev)
         except Exception as e:

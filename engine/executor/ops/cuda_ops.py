@@ -416,16 +416,28 @@ class CudaOps:
             (rows, -(-vocab // 256)), (256,), (logits, mask, _i32(vocab), _i32(words)))
         return logits
 
+    def bitmask_buffer(self, rows: int, words: int) -> np.ndarray:
+        """The pinned staging buffer as a (rows, words) int32 array: a bitmask filled there goes
+        to the device without another host copy (4.9 MB for 256 rows of a 152k vocabulary)."""
+        if self._mask_copied is not None:
+            self._mask_copied.synchronize()  # the stage's previous copy has left it
+            self._mask_copied = None
+        size = rows * words
+        if self._mask_stage is None or self._mask_stage.size < size:
+            self._mask_stage_mem = cupy.cuda.alloc_pinned_memory(size * 4)
+            self._mask_stage = np.frombuffer(self._mask_stage_mem, np.int32, size)
+        return self._mask_stage[:size].reshape(rows, words)
+
     def _upload_bitmask(self, bitmask: np.ndarray) -> cupy.ndarray:
         """The bitmask on the device, copied through pinned memory: the copy queues on the stream
         behind the forward instead of waiting for it (a pageable copy may)."""
-        if self._mask_copied is not None:
-            self._mask_copied.synchronize()  # the stage's previous copy has left it
-        if self._mask_stage is None or self._mask_stage.size < bitmask.size:
-            self._mask_stage_mem = cupy.cuda.alloc_pinned_memory(bitmask.nbytes)
-            self._mask_stage = np.frombuffer(self._mask_stage_mem, np.int32, bitmask.size)
-        host = self._mask_stage[: bitmask.size].reshape(bitmask.shape)
-        np.copyto(host, bitmask)
+        in_stage = (self._mask_stage is not None and self._mask_copied is None
+                    and bitmask.ctypes.data == self._mask_stage.ctypes.data)
+        if in_stage:  # filled in bitmask_buffer's array
+            host = bitmask
+        else:
+            host = self.bitmask_buffer(*bitmask.shape)
+            np.copyto(host, bitmask)
         mask = cupy.empty(bitmask.shape, cupy.int32)
         stream = cupy.cuda.get_current_stream()
         cupy.cuda.runtime.memcpyAsync(mask.data.ptr, host.ctypes.data, bitmask.nbytes,

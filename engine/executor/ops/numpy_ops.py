@@ -217,6 +217,11 @@ class NumpyOps:
     def elapsed_s(self, start: float, end: float) -> float:
         return end - start
 
+    def bitmask_buffer(self, rows: int, words: int) -> np.ndarray:
+        """A host array for a step's token bitmask, to be filled and then given to
+        apply_token_bitmask (the cuda backend hands out its pinned staging buffer)."""
+        return np.empty((rows, words), np.int32)
+
     def apply_token_bitmask(self, logits: np.ndarray, bitmask: np.ndarray) -> np.ndarray:
         """Disallowed tokens' logits -> -inf, in place; returns `logits`.
         logits (R, vocab) float32; bitmask (R, ceil(vocab / 32)) int32, bit j of word w set when
