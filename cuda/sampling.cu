@@ -8,30 +8,75 @@
 #include "sampling_common.cuh"
 #include "sampling_select.cuh"
 
-// Marks the tokens a row has seen: output tokens counted, prompt tokens flagged by bit 30.
-// Grid: (R)  Block: (256)
-__global__ void penalty_counts_kernel(int* __restrict__ counts,            // [R, vocab], zeroed
-                                      const int* __restrict__ prompt_ids,  // [R, P], -1 padded
-                                      const int* __restrict__ output_ids,  // [R, O], -1 padded
-                                      int P, int O, int vocab) {
-  int* row = counts + (long)blockIdx.x * vocab;
-  for (int i = threadIdx.x; i < P; i += blockDim.x) {
-    const int id = prompt_ids[(long)blockIdx.x * P + i];
-    if (id >= 0 && id < vocab) atomicOr(row + id, 1 << 30);  // ids past vocab: ignored
+// ----------------------------------------------------------------------- penalty counts
+// A token's count word in a slot of the table: times drawn (low 30 bits), PROMPT_BIT when the
+// prompt holds it (numpy_sampling.TokenCounts). The bitmap beside it has bit t set when word t
+// is not 0, so the sampler's passes read 1 bit per token and the word only where it is set.
+constexpr int PROMPT_BIT = 1 << 30;
+
+// A logit after vLLM's penalties (repetition, then frequency, then presence) from its count word.
+// NOTE: explicit _rn intrinsics keep the float32 rounding numpy does (no fused multiply-add); a
+// repetition of 1e-50 is 0 and 1e50 is inf in float32: clamped, as numpy_sampling does, so that
+// the penalized row stays finite (no x / 0, no 0 * inf).
+__device__ __forceinline__ float penalized(float l, int c, float repetition, float frequency,
+                                           float presence) {
+  const int n = c & (PROMPT_BIT - 1);
+  if (repetition != 1.f && c != 0) {
+    const float r = fminf(fmaxf(repetition, PS_FLT_MIN), PS_FLT_MAX);
+    l = l > 0.f ? __fdiv_rn(l, r) : __fmul_rn(l, r);
   }
-  for (int i = threadIdx.x; i < O; i += blockDim.x) {
-    const int id = output_ids[(long)blockIdx.x * O + i];
-    if (id >= 0 && id < vocab) atomicAdd(row + id, 1);
+  l = __fsub_rn(l, __fmul_rn(frequency, (float)n));
+  l = __fsub_rn(l, n > 0 ? presence : 0.f);
+  return fminf(fmaxf(l, -PS_FLT_MAX), PS_FLT_MAX);
+}
+
+// Resets the slots of the rows being rebuilt from their token ids (-1 padded; ids past vocab
+// are ignored): output tokens counted, prompt tokens flagged, the bitmap to match.
+// Grid: (R)  Block: (256)
+__global__ void rebuild_counts_kernel(int* __restrict__ counts,            // [S, vocab]
+                                      unsigned* __restrict__ seen,         // [S, words]
+                                      const int* __restrict__ slots,       // [2, R] slot, rebuild
+                                      const int* __restrict__ prompt_ids,  // [R, P]
+                                      const int* __restrict__ output_ids,  // [R, O]
+                                      int num_rows, int P, int O, int vocab, int words) {
+  const int r = blockIdx.x, slot = slots[r];
+  if (slot < 0 || !slots[num_rows + r]) return;
+  int* row = counts + (long)slot * vocab;
+  unsigned* bits = seen + (long)slot * words;
+  for (int i = threadIdx.x; i < vocab; i += blockDim.x) row[i] = 0;
+  for (int i = threadIdx.x; i < words; i += blockDim.x) bits[i] = 0u;
+  __syncthreads();  // the zeros land before any thread's atomics
+  for (int i = threadIdx.x; i < P + O; i += blockDim.x) {
+    const int id = i < P ? prompt_ids[(long)r * P + i] : output_ids[(long)r * O + i - P];
+    if (id < 0 || id >= vocab) continue;
+    if (i < P) atomicOr(row + id, PROMPT_BIT);
+    else atomicAdd(row + id, 1);
+    atomicOr(bits + id / 32, 1u << (id % 32));
   }
 }
 
-// adjusted = penalized logits (vLLM's order: repetition, then frequency, then presence).
-// NOTE: explicit _rn intrinsics keep the float32 rounding numpy does (no fused multiply-add).
+// Each row with a slot counts the token it drew (rows have distinct slots).
+// Grid: (ceil(R / 256))  Block: (256)
+__global__ void count_drawn_kernel(int* __restrict__ counts,        // [S, vocab]
+                                   unsigned* __restrict__ seen,     // [S, words]
+                                   const int* __restrict__ slots,   // [2, R] slot, rebuild
+                                   const int* __restrict__ result,  // [R, width] id first
+                                   int num_rows, int width, int vocab, int words) {
+  const int r = blockIdx.x * blockDim.x + threadIdx.x;
+  if (r >= num_rows || slots[r] < 0) return;
+  const int id = result[(long)r * width], slot = slots[r];
+  if (id < 0 || id >= vocab) return;
+  counts[(long)slot * vocab + id] += 1;
+  seen[(long)slot * words + id / 32] |= 1u << (id % 32);
+}
+
+// adjusted = penalized logits, for the rows that also add a logit bias (or the bisect sampler).
 // Grid: (R, ceil(vocab / 256))  Block: (256)
 template <typename T>
 __global__ void adjust_logits_kernel(float* __restrict__ adjusted,     // [R, vocab]
                                      const T* __restrict__ logits,     // [R, vocab]
-                                     const int* __restrict__ counts,   // [R, vocab] or null
+                                     const int* __restrict__ counts,   // [S, vocab] or null
+                                     const int* __restrict__ slots,    // [2, R] or null
                                      const int* __restrict__ params,   // [R, NUM_PARAMS]
                                      int vocab) {
   const int v = blockIdx.y * blockDim.x + threadIdx.x;
@@ -40,19 +85,9 @@ __global__ void adjust_logits_kernel(float* __restrict__ adjusted,     // [R, vo
   float l = to_float(logits[at]);
   if (counts != nullptr) {
     const int* p = params + blockIdx.x * NUM_PARAMS;
-    const float presence = __int_as_float(p[7]), frequency = __int_as_float(p[8]);
-    const float repetition = __int_as_float(p[9]);
-    const int c = counts[at];
-    const int n = c & ((1 << 30) - 1);
-    if (repetition != 1.f && c != 0) {
-      // NOTE: 1e-50 is 0 and 1e50 is inf in float32: clamped, as numpy_sampling does, so that
-      // the penalized row stays finite (no x / 0, no 0 * inf).
-      const float r = fminf(fmaxf(repetition, PS_FLT_MIN), PS_FLT_MAX);
-      l = l > 0.f ? __fdiv_rn(l, r) : __fmul_rn(l, r);
-    }
-    l = __fsub_rn(l, __fmul_rn(frequency, (float)n));
-    l = __fsub_rn(l, n > 0 ? presence : 0.f);
-    l = fminf(fmaxf(l, -PS_FLT_MAX), PS_FLT_MAX);
+    const int slot = slots[blockIdx.x];
+    const int c = slot >= 0 ? counts[(long)slot * vocab + v] : 0;
+    l = penalized(l, c, __int_as_float(p[9]), __int_as_float(p[8]), __int_as_float(p[7]));
   }
   adjusted[at] = l;
 }
@@ -95,7 +130,27 @@ struct RowDist {  // what every pass needs to recompute p_i
   const void* logits;
   long base;
   float smx, temp, inv_t, inv_z;  // inv_t 0: 1 / temp is not a normal float (divide instead)
+  // Penalties read from the kept counts (no `adjusted` row) when `pen`: this row's slot, null
+  // for a row without one (its logits still take penalized()'s clamp, as in numpy).
+  bool pen;
+  const int* counts;          // [vocab] the slot's count words
+  const unsigned char* seen;  // [vocab / 8] the slot's bitmap, 8 tokens a byte
+  float rep, freq, pres;
 };
+
+// The value the sampler sees for token i: its raw logit penalized from its count word.
+__device__ __forceinline__ float pen_one(const RowDist& d, int i, float raw) {
+  const int c = d.counts != nullptr && ((d.seen[i >> 3] >> (i & 7)) & 1) ? d.counts[i] : 0;
+  return penalized(raw, c, d.rep, d.freq, d.pres);
+}
+
+// The same for tokens i0 .. i0 + 7 (i0 a multiple of 8: one byte of the bitmap).
+__device__ __forceinline__ void pen8(const RowDist& d, int i0, float* f) {
+  const unsigned bits = d.counts != nullptr ? d.seen[i0 >> 3] : 0u;
+#pragma unroll
+  for (int e = 0; e < 8; e++)
+    f[e] = penalized(f[e], (bits >> e) & 1u ? d.counts[i0 + e] : 0, d.rep, d.freq, d.pres);
+}
 
 // 1 / temperature when it and its product with any logit gap stay normal floats, else 0.
 __device__ __forceinline__ float inverse_temperature(float temp) {
@@ -113,7 +168,9 @@ __device__ __forceinline__ float scaled_gap(float v, float m, float temp, float 
 
 template <typename T>
 __device__ __forceinline__ float adjusted_at(const RowDist& d, int i) {
-  return d.adjusted ? d.adjusted[d.base + i] : to_float(static_cast<const T*>(d.logits)[d.base + i]);
+  if (d.adjusted) return d.adjusted[d.base + i];
+  const float raw = to_float(static_cast<const T*>(d.logits)[d.base + i]);
+  return d.pen ? pen_one(d, i, raw) : raw;
 }
 
 // p of an adjusted value, the same float ops in every pass (explicit _rn ops: no fused
@@ -149,8 +206,12 @@ __device__ __forceinline__ void for_each_value(const RowDist& d, int vocab, bool
   if (vec) {
     for (int i0 = threadIdx.x * 8; i0 < vocab; i0 += blockDim.x * 8) {
       float a[8];
-      if (d.adjusted) load8<float>(d.adjusted + d.base, i0, a);
-      else load8<T>(static_cast<const T*>(d.logits) + d.base, i0, a);
+      if (d.adjusted) {
+        load8<float>(d.adjusted + d.base, i0, a);
+      } else {
+        load8<T>(static_cast<const T*>(d.logits) + d.base, i0, a);
+        if (d.pen) pen8(d, i0, a);
+      }
 #pragma unroll
       for (int e = 0; e < 8; e++) f(i0 + e, a[e]);
     }
@@ -192,8 +253,12 @@ __device__ int draw_row(const RowDist& d, int vocab, bool vec, float tau, float 
   // q[e]: the kept p of id i + e (0 where not kept, and for e >= W); i < end, i + W <= end.
   auto kept = [&](int i, float* q) {
     if (vec) {
-      if (d.adjusted) load8<float>(d.adjusted + d.base, i, q);
-      else load8<T>(static_cast<const T*>(d.logits) + d.base, i, q);
+      if (d.adjusted) {
+        load8<float>(d.adjusted + d.base, i, q);
+      } else {
+        load8<T>(static_cast<const T*>(d.logits) + d.base, i, q);
+        if (d.pen) pen8(d, i, q);
+      }
     } else {
       q[0] = adjusted_at<T>(d, i);
     }
@@ -293,6 +358,8 @@ __device__ float bisect_top_p(const RowDist& d, int vocab, float top_p, float p_
   return __uint_as_float(lo);
 }
 
+// Penalties come either in `adjusted` (with a logit bias) or from the count table: `counts`
+// non-null and `adjusted` null.
 // Grid: (R)  Block: (SAMPLE_THREADS)
 template <typename T>
 __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(
@@ -300,7 +367,10 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(
     const T* __restrict__ logits,         // [R, vocab] raw
     const float* __restrict__ adjusted,   // [R, vocab] penalized + biased, or null (= raw)
     const int* __restrict__ params,       // [R, NUM_PARAMS]
-    int vocab, int num_logprobs) {
+    const int* __restrict__ counts,       // [S, vocab] count words, or null
+    const unsigned* __restrict__ seen,    // [S, words] their bitmap
+    const int* __restrict__ slots,        // [2, R]: each row's slot (-1: none), rebuild flags
+    int words, int vocab, int num_logprobs) {
   __shared__ float red[32];
   __shared__ int redi[32];
   __shared__ int cnt[SEL_BINS];
@@ -321,6 +391,12 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(
   const bool vec = vocab % 8 == 0 &&  // 16-byte loads of every row
                    (reinterpret_cast<unsigned long long>(logits) & 15) == 0 &&
                    (reinterpret_cast<unsigned long long>(adjusted) & 15) == 0;
+  RowDist d{adjusted, logits, base, -INFINITY, temp, inv_t, 0.f, counts != nullptr && !adjusted,
+            nullptr, nullptr, __int_as_float(p[9]), __int_as_float(p[8]), __int_as_float(p[7])};
+  if (d.pen && slots[blockIdx.x] >= 0) {
+    d.counts = counts + (long)slots[blockIdx.x] * vocab;
+    d.seen = reinterpret_cast<const unsigned char*>(seen + (long)slots[blockIdx.x] * words);
+  }
 
   // 1. Statistics in one pass: raw log-sum-exp (logprobs come from the raw logits), the
   //    adjusted row's max and normalizer at this temperature, and its argmax (greedy rows).
@@ -335,21 +411,28 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(
     for (int i0 = tid * 8; i0 < vocab; i0 += blockDim.x * 8) {
       float r8[8], a8[8];
       load8<T>(logits + base, i0, r8);
-      if (adjusted) load8<float>(adjusted + base, i0, a8);
+      if (adjusted) {
+        load8<float>(adjusted + base, i0, a8);
+      } else {
 #pragma unroll
-      for (int e = 0; e < 8; e++) stat(i0 + e, r8[e], adjusted ? a8[e] : r8[e]);
+        for (int e = 0; e < 8; e++) a8[e] = r8[e];
+        if (d.pen) pen8(d, i0, a8);
+      }
+#pragma unroll
+      for (int e = 0; e < 8; e++) stat(i0 + e, r8[e], a8[e]);
     }
   } else {
     for (int i = tid; i < vocab; i += blockDim.x) {
       const float raw = to_float(logits[base + i]);
-      stat(i, raw, adjusted ? adjusted[base + i] : raw);
+      stat(i, raw, adjusted ? adjusted[base + i] : d.pen ? pen_one(d, i, raw) : raw);
     }
   }
   float raw_max, smx = -INFINITY;
   const float log_sum = logf(online_merge(rm, rs, 1.f, 1.f, red, raw_max));
   const float z = sampling ? online_merge(am, asum, temp, inv_t, red, smx) : 1.f;
   block_argmax(bv, bi, red, redi);
-  const RowDist d{adjusted, logits, base, smx, temp, inv_t, __frcp_rn(z)};
+  d.smx = smx;
+  d.inv_z = __frcp_rn(z);
 
   int token = -1;  // block-uniform throughout: every branch below is taken by all threads
   if (sampling && smx > -INFINITY) {  // a row whose every token is banned has no distribution
@@ -497,13 +580,14 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(
 
 #ifdef PAGEDSERVE_NVCC_CHECK
 template __global__ void adjust_logits_kernel<float>(float*, const float*, const int*, const int*,
-                                                     int);
+                                                     const int*, int);
 template __global__ void adjust_logits_kernel<__nv_bfloat16>(float*, const __nv_bfloat16*,
-                                                             const int*, const int*, int);
-template __global__ void sample_kernel<float>(int*, const float*, const float*, const int*, int,
-                                              int);
-template __global__ void sample_kernel<__half>(int*, const __half*, const float*, const int*, int,
-                                               int);
-template __global__ void sample_kernel<__nv_bfloat16>(int*, const __nv_bfloat16*, const float*,
-                                                      const int*, int, int);
+                                                             const int*, const int*, const int*,
+                                                             int);
+#define INSTANTIATE_SAMPLE(T)                                                                   \
+  template __global__ void sample_kernel<T>(int*, const T*, const float*, const int*, const int*, \
+                                            const unsigned*, const int*, int, int, int);
+INSTANTIATE_SAMPLE(float)
+INSTANTIATE_SAMPLE(__half)
+INSTANTIATE_SAMPLE(__nv_bfloat16)
 #endif

@@ -3,6 +3,7 @@ the same ones as the numpy reference where the draw is deterministic."""
 
 from __future__ import annotations
 
+import dataclasses
 import types
 
 import numpy as np
@@ -68,8 +69,12 @@ def test_cuda_matches_numpy_at_the_edges(engine, kw):
     rng = np.random.default_rng(0)
     seqs = [Sequence("x", list(rng.integers(0, VOCAB, 30)), 20, SamplingParams(**kw), seed=r)
             for r in range(6)]
-    t = engine.runner.prepare_sampling(seqs)
+    t = engine.runner.prepare_sampling(seqs)  # penalties: kept counts, every slot rebuilt
     logits = (rng.standard_normal((6, VOCAB)) * 4).astype(np.float32)
-    want = numpy_sampling.sample(logits, t).token_ids
+    host = t if t.count_table is None else dataclasses.replace(
+        t, count_table=numpy_sampling.TokenCounts(engine.runner.penalty_slots.num_slots, VOCAB))
+    want = numpy_sampling.sample(logits, host).token_ids
     got = engine.ops.sample(cupy.asarray(logits), t).token_ids
     np.testing.assert_array_equal(got, want)
+    if t.count_table is not None:
+        np.testing.assert_array_equal(t.count_table.table, host.count_table.table)

@@ -356,6 +356,32 @@ def check_sampling(ops):
         (agree, sec), (old_agree, old) = times["select"], times["bisect"]
         row("sampling", f"{name} ({rows}x{vocab})", f"agree {agree:.2f}", sec, logits.nbytes,
             extra=f"bisect {old * 1e6:.0f} us, agree {old_agree:.2f} ({old / sec:.1f}x)")
+        if t.prompt_ids is not None:
+            check_kept_counts(ops, name, logits, t, sub, want, sec)
+
+
+def check_kept_counts(ops, name, logits, t, sub, want, ids_sec):
+    """Penalties from counts kept on the device (steady decoding: no row rebuilt) against the
+    same step sending every row's ids."""
+    rows, vocab = logits.shape
+
+    def kept(tensors, rebuild):
+        n = len(tensors.temperature)
+        return dataclasses.replace(tensors, count_slots=np.arange(n, dtype=np.int32),
+                                   rebuild=np.full(n, rebuild),
+                                   count_table=ops.alloc_token_counts(n, vocab))
+
+    got = ops.sample(logits[: len(sub.temperature)], kept(sub, True)).token_ids
+    steady = kept(t, True)
+    ops.sample(logits, steady)  # fills the table
+    steady.rebuild[:] = False
+    steady.prompt_ids = np.full((rows, 1), -1, np.int32)
+    steady.output_ids = np.full((rows, 1), -1, np.int32)
+    dev = cuda_sampling.upload(steady)
+    sec = graph_time(lambda: cuda_sampling.launch(logits, steady, dev, ops.ctype), 5, 5)
+    row("sampling", f"{name}, kept counts ({rows}x{vocab})", f"agree {np.mean(got == want):.2f}",
+        sec, logits.nbytes, extra=f"ids sent every step {ids_sec * 1e6:.0f} us "
+        f"({ids_sec / sec:.1f}x)")
 
 
 # ----------------------------------------------------------------------------- decode steps

@@ -54,7 +54,7 @@ def kernel_names(file: str, ctype: str) -> list[str]:
     if file == "bitmask.cu":
         return [f"apply_token_bitmask_kernel<{t}>" for t in CTYPES.values()]
     if file == "sampling.cu":
-        return (["penalty_counts_kernel", "add_logit_bias_kernel"]
+        return (["rebuild_counts_kernel", "count_drawn_kernel", "add_logit_bias_kernel"]
                 + [f"adjust_logits_kernel<{t}>" for t in CTYPES.values()]
                 + [f"sample_kernel<{t}>" for t in CTYPES.values()])
     if file == "sampling_bisect.cu":

@@ -20,7 +20,7 @@ from engine.executor.ops.cuda_attention import (
 )
 from engine.executor.ops.cuda_blas import Gemm
 from engine.executor.ops.cuda_kernels import CTYPES, HEAD_DIMS, kernel, kernel_names
-from engine.executor.ops.cuda_sampling import DeviceSample, sample_on_device
+from engine.executor.ops.cuda_sampling import DeviceSample, DeviceTokenCounts, sample_on_device
 
 DTYPES = {"float16": np.float16, "bfloat16": np.uint16}
 _NULL = np.uint64(0)
@@ -351,6 +351,10 @@ class CudaOps:
     def sample(self, logits, tensors: SamplingTensors) -> SamplerOutput:
         # logits (R, vocab): float32, or the compute dtype straight from the lm_head GEMM
         return self.sample_start(logits, tensors).wait()
+
+    def alloc_token_counts(self, num_slots: int, vocab: int) -> DeviceTokenCounts:
+        """The per-sequence token counts that penalties read between steps."""
+        return DeviceTokenCounts(num_slots, vocab)
 
     def sample_start(self, logits, tensors: SamplingTensors,
                      prev_sampled: cupy.ndarray | None = None) -> DeviceSample:
