@@ -37,6 +37,7 @@ from engine.executor.ops import (  # noqa: E402
     AttentionMetadata,
     SamplingTensors,
     cuda_gemv,
+    cuda_kernels,
     cuda_sampling,
 )
 from engine.executor.ops import cuda_attention as ca  # noqa: E402
@@ -407,9 +408,12 @@ def decode_step(ops, preset, ctx, gemv_on=True):
     weight_bytes = config.num_linear_params() * 2
     kv = (ctx + 1) * config.num_layers * config.num_kv_heads * config.head_dim * 4
     gemv_caps = cuda_gemv.GEMV_MAX_M, cuda_gemv.GEMV_SILU_MAX_M, cuda_gemv.NORM_GEMV_MAX_M
-    for on in ((True, False) if gemv_on else (False,)):
-        if not on:  # every linear on cuBLAS, norms and activations their own launches
+    pdl, reference = cuda_kernels.PDL, None
+    # (GEMV, PDL): the default first; its logits are the reference the others are held to
+    for gemv, use_pdl in ((True, True), (True, False), (False, False))[: 3 if gemv_on else 1]:
+        if not gemv:  # every linear on cuBLAS, norms and activations their own launches
             cuda_gemv.GEMV_MAX_M = cuda_gemv.GEMV_SILU_MAX_M = cuda_gemv.NORM_GEMV_MAX_M = 0
+        cuda_kernels.PDL = use_pdl
         try:
             g = DecodeGraphs(model, cache, max_num_seqs=1, max_blocks_per_seq=nb,
                              max_context_len=max(ctx + 1, 32768))
@@ -417,15 +421,31 @@ def decode_step(ops, preset, ctx, gemv_on=True):
             times = []
             for _ in range(3 if OPTS["small"] else 30):
                 t0 = time.perf_counter()
-                g.run(ids, pos, meta)
+                logits = g.run(ids, pos, meta)
                 cupy.cuda.get_current_stream().synchronize()
                 times.append(time.perf_counter() - t0)
-            row("decode", f"{preset} B=1 ctx={ctx} graph, GEMV {'on' if on else 'off'}", "-",
-                statistics.median(times), weight_bytes + kv)
+            # PDL on and off run the same kernels: their logits must agree bit for bit
+            got = cupy.asnumpy(logits).view(np.uint16)
+            err = "-" if reference is None else (
+                "same" if np.array_equal(got, reference) else "DIFFER" if gemv else "-")
+            reference = got if reference is None else reference
+            sample = time_greedy_sample(ops, logits) if (gemv and use_pdl) else None
+            row("decode", f"{preset} B=1 ctx={ctx} graph, GEMV {'on' if gemv else 'off'}, "
+                f"PDL {'on' if use_pdl else 'off'}", err, statistics.median(times),
+                weight_bytes + kv, extra="" if sample is None else
+                f"+ greedy sample {sample * 1e6:.1f} us (graph replay, host sync excluded)")
             del g
         finally:
             cuda_gemv.GEMV_MAX_M, cuda_gemv.GEMV_SILU_MAX_M, cuda_gemv.NORM_GEMV_MAX_M = gemv_caps
+            cuda_kernels.PDL = pdl
     del model, cache
+
+
+def time_greedy_sample(ops, logits) -> float:
+    """GPU time of the greedy sampler on one decode step's logits (what follows the graph)."""
+    t = _tensors(len(logits), np.random.default_rng(0))
+    dev = cuda_sampling.upload(t)
+    return graph_time(lambda: cuda_sampling.launch(logits, t, dev, ops.ctype), 20, 5)
 
 
 # ----------------------------------------------------------------------------- launches
@@ -454,7 +474,7 @@ class _Counted:
 def count_launches(ops, fn) -> collections.Counter:
     """Kernel launches by name (cuBLAS GEMMs as "cublas") while fn() runs: every module that
     launches through cuda_kernels.kernel, and ops' GEMM, wrapped for the call."""
-    from engine.executor.ops import cuda_kernels, cuda_ops
+    from engine.executor.ops import cuda_ops
 
     counts: collections.Counter = collections.Counter()
     modules = [cuda_ops, cuda_gemv, ca, cuda_sampling]
@@ -472,12 +492,14 @@ def count_launches(ops, fn) -> collections.Counter:
     for m in modules:
         m.kernel = counting
     ops._gemm = counting_gemm
+    pdl, cuda_kernels.PDL = cuda_kernels.PDL, False  # a PDL launch bypasses the counting wrapper
     try:
         fn()
     finally:
         for m in modules:
             m.kernel = original
         ops._gemm = gemm
+        cuda_kernels.PDL = pdl
     return counts
 
 

@@ -41,7 +41,7 @@ from __future__ import annotations
 import cupy
 import numpy as np
 
-from engine.executor.ops.cuda_kernels import kernel
+from engine.executor.ops.cuda_kernels import kernel, launch
 
 # cuda_kernels.kernel_names compiles M = 1..8 (1..4 with the activation or the norm): the caps
 # stay within.
@@ -85,8 +85,8 @@ def gemv(x: cupy.ndarray, w: cupy.ndarray, out: cupy.ndarray, ctype: str, act: b
     silu(gate) * up. One launch."""
     m, n, k = x.shape[0], w.shape[0], w.shape[1]
     threads = 256 if k >= 2048 else 128
-    kernel("gemv.cu", f"gemv_kernel<{ctype}, {m}, {'true' if act else 'false'}>", ctype)(
-        (-(-n // GEMV_R),), (threads,), (out, x, w, np.int32(n), np.int32(k)))
+    launch(kernel("gemv.cu", f"gemv_kernel<{ctype}, {m}, {'true' if act else 'false'}>", ctype),
+           (-(-n // GEMV_R),), (threads,), (out, x, w, np.int32(n), np.int32(k)), pdl=True)
     return out
 
 
@@ -113,8 +113,8 @@ def norm_gemv(x, residual, norm_w, w, eps: float, ctype: str):
     n = w.shape[0]
     y = cupy.empty((m, n), x.dtype)
     res_out = cupy.empty_like(x)
-    kernel("gemv.cu", f"norm_gemv_kernel<{ctype}, {m}>", ctype)(
-        (-(-n // GEMV_R),), (256 if k >= 2048 else 128,),
-        (y, res_out, x, np.uint64(0) if residual is None else residual, norm_w, w, np.int32(n),
-         np.int32(k), np.float32(eps)), shared_mem=m * k * x.itemsize)
+    launch(kernel("gemv.cu", f"norm_gemv_kernel<{ctype}, {m}>", ctype),
+           (-(-n // GEMV_R),), (256 if k >= 2048 else 128,),
+           (y, res_out, x, np.uint64(0) if residual is None else residual, norm_w, w,
+            np.int32(n), np.int32(k), np.float32(eps)), shared_mem=m * k * x.itemsize, pdl=True)
     return y, res_out

@@ -28,6 +28,10 @@ from engine.executor.ops.cuda_kernels import kernel
 
 NUM_PARAMS = 10  # words per row, laid out as in cuda/sampling_common.cuh
 SAMPLER = "select"  # or "bisect": the previous kernel
+# cuda/sampling_greedy.cu splits a row over up to this many blocks, of at least GREEDY_CHUNK
+# logits each, aiming at GREEDY_BLOCKS blocks in all.
+GREEDY_MAX_CHUNKS, GREEDY_CHUNK, GREEDY_BLOCKS = 64, 2048, 2048
+_greedy_done: dict[int, cupy.ndarray] = {}  # device -> (rows,) int32 counters, kept at 0
 
 
 def pack_params(t: SamplingTensors) -> np.ndarray:
@@ -99,6 +103,9 @@ def launch(logits: cupy.ndarray, t: SamplingTensors, dev: dict, ctype: str) -> c
     (R, 2 + 2 * num_logprobs) int32 results, laid out as in cuda/sampling_common.cuh."""
     rows, vocab = logits.shape
     n_lp = int(t.num_logprobs)
+    if (SAMPLER == "select" and t.all_greedy and n_lp == 0 and dev["slots"] is None
+            and dev["bias"] is None):
+        return greedy(logits, ctype)
     params, i32, null = dev["params"], np.int32, np.uint64(0)
     slots, counts = dev["slots"], t.count_table
     if t.count_slots is not None:
@@ -139,6 +146,27 @@ def launch(logits: cupy.ndarray, t: SamplingTensors, dev: dict, ctype: str) -> c
             (-(-rows // 256),), (256,), (counts.counts, counts.seen, dev["slots"], result,
                                          i32(rows), i32(result.shape[1]), i32(vocab),
                                          i32(counts.words)))
+    return result
+
+
+def greedy(logits: cupy.ndarray, ctype: str) -> cupy.ndarray:
+    """(R, 2) int32 results of rows that are all greedy, without penalties, bias or top
+    logprobs: the argmax and its raw logprob, each row over several blocks."""
+    rows, vocab = logits.shape
+    chunks = max(1, min(GREEDY_MAX_CHUNKS, -(-vocab // GREEDY_CHUNK), -(-GREEDY_BLOCKS // rows)))
+    per_chunk = -(-vocab // chunks)
+    chunk = -(-per_chunk // 8) * 8  # a multiple of 8: 16-byte loads stay within a chunk
+    chunks = -(-vocab // chunk)
+    device = cupy.cuda.Device().id
+    done = _greedy_done.get(device)
+    if done is None or len(done) < rows:  # each launch leaves its counters at 0
+        done = _greedy_done[device] = cupy.zeros(max(rows, 256), cupy.int32)
+    partial = cupy.empty((rows, chunks, 4), cupy.float32)
+    result = cupy.empty((rows, 2), cupy.int32)
+    vec = vocab % 8 == 0 and logits.data.ptr % 16 == 0
+    kernel("sampling_greedy.cu", f"greedy_kernel<{ctype}>")(
+        (rows, chunks), (256,), (result, partial, done, logits, np.int32(vocab), np.int32(chunk),
+                                 np.int32(vec)))
     return result
 
 
