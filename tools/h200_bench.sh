@@ -3,6 +3,7 @@
 #   bash tools/h200_bench.sh [STEP ...]
 #   steps: gputest w1 w1-sync w1-8b w1-8b-sync latency-8b seed latency w2 w1-eager
 #   structured (W1 constrained by a JSON schema vs unconstrained; not in the default list)
+#   latency-32k (batch-1 decode at the end of a 32,532-token context, Qwen3-0.6B shapes)
 #   w1-sampled (W1 as chat traffic samples: temperature 0.8, top_p 0.95, top_k 50,
 #          repetition_penalty 1.1; issue 12's target is >= 95% of w1 in the same run)
 #          spec-8b spec-8b-min1 w1-8b-spec (speculative decoding: batch-1 replays of the
@@ -54,6 +55,8 @@ for step in $steps; do
       --no-async-scheduling ;;
     w1-eager) record w1-qwen3-0.6b-eager 90 python3 tools/bench_throughput.py $Q --enforce-eager ;;
     latency) record latency-qwen3-0.6b 60 python3 tools/bench_latency.py $Q ;;
+    latency-32k) record latency-32k-qwen3-0.6b 120 python3 tools/bench_latency.py $Q \
+      --context-len 32532 ;;
     w1-8b) record w1-llama3-8b 150 python3 tools/bench_throughput.py $L ;;
     w1-8b-sync) record w1-llama3-8b-sync 150 python3 tools/bench_throughput.py $L \
       --no-async-scheduling ;;
