@@ -108,6 +108,12 @@ def test_decode_splits_per_sequence(ops, head_dim, group, grid_splits):
         assert ca.make_plan(meta.query_start_loc, nkv, group, 5000, n).num_splits == n
     got = ops.attention(qkv, cache[0], cache[1], dmeta, nh, nkv, scale)
     assert rel_err(ops.to_host(got), want) < TOL[ops.dtype]
+    # The splits' merge counters are left at 0: a second layer on the same plan (and a graph
+    # replay) merges again, to the same values.
+    plan = dmeta.work[group]
+    assert not plan.done.any()
+    again = ops.attention(qkv, cache[0], cache[1], dmeta, nh, nkv, scale)
+    np.testing.assert_array_equal(ops.to_host(again), ops.to_host(got))
 
 
 def test_choose_splits_fills_the_gpu_from_one_long_sequence():

@@ -37,28 +37,30 @@ def pdl():
 
 
 def test_launch_passes_pointers_scalars_and_shared_memory(ops, pdl):
-    pdl(True)
+    from engine.executor.ops import cuda_gemv
+
     rng = np.random.default_rng(0)
     x = ops.from_host(rng.standard_normal((3, 64)).astype(np.float32))
     w = ops.from_host(rng.standard_normal((40, 64)).astype(np.float32))
     res = ops.from_host(rng.standard_normal((3, 64)).astype(np.float32))
     norm_w = ops.from_host(rng.standard_normal(64).astype(np.float32))
+    ids = cupy.asarray(np.array([2, 0, 2], np.int32))
+    assert cuda_kernels._launch_ex() is not None, "no PDL on this GPU / driver (sm_90+ wanted)"
     # norm_gemv: pointers, a null pointer (np.uint64), ints, a float and dynamic shared memory
-    from engine.executor.ops import cuda_gemv
-
     for residual in (res, None):
-        y, r = cuda_gemv.norm_gemv(x, residual, norm_w, w, 1e-6, ops.ctype)
         pdl(False)
         y0, r0 = cuda_gemv.norm_gemv(x, residual, norm_w, w, 1e-6, ops.ctype)
         pdl(True)
+        with cuda_kernels.programmatic_launches():
+            y, r = cuda_gemv.norm_gemv(x, residual, norm_w, w, 1e-6, ops.ctype)
         np.testing.assert_array_equal(ops.to_host(y), ops.to_host(y0))
         np.testing.assert_array_equal(ops.to_host(r), ops.to_host(r0))
-    ids = cupy.asarray(np.array([2, 0, 2], np.int32))
-    np.testing.assert_array_equal(ops.to_host(ops.embedding(ids, x)), ops.to_host(x)[[2, 0, 2]])
-    assert cuda_kernels._launch_ex() is not None, "no PDL on this GPU / driver (sm_90+ wanted)"
-    with pytest.raises(TypeError, match="numpy scalar"):
-        cuda_kernels.launch(cuda_kernels.kernel("gather.cu", "gather_rows_kernel", ops.ctype),
-                            (1,), (32,), (x, x, ids, 4), pdl=True)
+    with cuda_kernels.programmatic_launches():
+        gathered = ops.embedding(ids, x)
+        with pytest.raises(TypeError, match="numpy scalar"):
+            cuda_kernels.launch(cuda_kernels.kernel("gather.cu", "gather_rows_kernel", ops.ctype),
+                                (1,), (32,), (x, x, ids, 4), pdl=True)
+    np.testing.assert_array_equal(ops.to_host(gathered), ops.to_host(x)[[2, 0, 2]])
 
 
 def _model(ops, preset, layers=3):
@@ -85,8 +87,9 @@ def test_decode_logits_equal_with_and_without_pdl(ops, pdl, preset):
         ids = rng.integers(0, c.vocab_size, batch).astype(np.int32)
         for on in (False, True):
             pdl(on)
-            eager = model.forward(ops.from_host(ids), ops.from_host(ctx.astype(np.int32)),
-                                  cache, ops.prepare_metadata(meta), None)
+            with cuda_kernels.programmatic_launches():  # eager PDL too (graphs capture in it)
+                eager = model.forward(ops.from_host(ids), ops.from_host(ctx.astype(np.int32)),
+                                      cache, ops.prepare_metadata(meta), None)
             graphs = DecodeGraphs(model, cache, max_num_seqs=8, max_blocks_per_seq=nb)
             graphs.capture()
             replayed = [graphs.run(ids, ctx.astype(np.int32), meta) for _ in range(3)]

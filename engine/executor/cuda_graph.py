@@ -18,7 +18,7 @@ from __future__ import annotations
 import cupy
 import numpy as np
 
-from engine.executor.ops import AttentionMetadata
+from engine.executor.ops import AttentionMetadata, cuda_kernels
 from engine.executor.ops.cuda_attention import DeviceAttentionMetadata, decode_plan
 
 
@@ -78,7 +78,10 @@ class DecodeGraphs:
         # of the cache (cudaErrorIllegalAddress, only when the pool held old data).
         cupy.cuda.Device().synchronize()
         stream = cupy.cuda.Stream(non_blocking=True)
-        with cupy.cuda.using_allocator(self.pool.malloc), stream:
+        # The warm-up and the capture launch the decode kernels as programmatic dependent
+        # launches (cuda_kernels.py): each one's launch and ramp-up hide behind its predecessor.
+        with cupy.cuda.using_allocator(self.pool.malloc), stream, \
+                cuda_kernels.programmatic_launches():
             for size in sorted(self.sizes, reverse=True):
                 meta = metas[size]
                 # every row samples: no logits_indices gather

@@ -34,7 +34,7 @@ NUM_BLOCKS_TARGET = 1024  # decode blocks that fill an H200's 132 SMs several ti
 # 8.6 us against 11.4, 8 x 1024 at 16.4 against 19.7, and long contexts unchanged.
 MIN_KEYS_PER_SPLIT = 64
 MAX_SPLITS = 128  # one 16k+ sequence over 8 kv heads fills NUM_BLOCKS_TARGET
-KERNEL_MAX_SPLITS, REDUCE_THREADS = 256, 512  # attention.cu's MAX_SPLITS and RED_THREADS
+KERNEL_MAX_SPLITS = 256  # attention.cu's MAX_SPLITS
 LOG2E = 1.4426950408889634  # the kernels' softmax is base 2: scores are scaled by scale * log2(e)
 
 
@@ -81,6 +81,8 @@ class AttentionPlan:
     num_splits: int  # context splits of the decode kernel's grid
     # keys per split a sequence aims at (attention.cu's seq_splits); None: MIN_KEYS_PER_SPLIT
     keys_per_split: int | None = None
+    # (Wd, kv heads * passes) int32 split counters of the decode kernel's merge, kept at 0
+    done: cupy.ndarray | None = None
 
 
 def decode_tile(group: int) -> tuple[int, int]:
@@ -143,7 +145,8 @@ def make_plan(query_start_loc: np.ndarray, num_kv_heads: int, group: int, max_co
                                            num_kv_heads * passes)
     else:
         splits = choose_splits(len(decode) * passes, num_kv_heads, max_context_len)
-    return AttentionPlan(_up(decode), _up(prefill_items(query_start_loc)), splits, keys)
+    return AttentionPlan(_up(decode), _up(prefill_items(query_start_loc)), splits, keys,
+                         cupy.zeros(max(1, len(decode) * num_kv_heads * passes), cupy.int32))
 
 
 def decode_plan(num_seqs: int, num_kv_heads: int, group: int, max_context_len: int):
@@ -178,7 +181,7 @@ def paged_attention(qkv, k_cache, v_cache, meta: DeviceAttentionMetadata, num_he
     i32, tables = np.int32, meta.block_tables
     scale_log2 = np.float32(scale * LOG2E)
     num_dec, splits = len(plan.decode_seqs), plan.num_splits
-    if not 1 <= splits <= KERNEL_MAX_SPLITS:  # the reduce kernel's shared weights hold this many
+    if not 1 <= splits <= KERNEL_MAX_SPLITS:  # the merge's shared weights hold this many
         raise ValueError(f"attention: num_splits {splits} outside 1..{KERNEL_MAX_SPLITS}")
     keys_per_split = i32(plan.keys_per_split or MIN_KEYS_PER_SPLIT)
     if num_dec:
@@ -191,16 +194,10 @@ def paged_attention(qkv, k_cache, v_cache, meta: DeviceAttentionMetadata, num_he
         launch(kernel("attention.cu",
                       f"decode_attention_kernel<{ctype}, {head_dim}, {g}, {DECODE_UNROLL}>", ctype),
                (num_dec, num_kv_heads * passes, splits), (DECODE_THREADS,),
-               (out, part_out, part_ml, qkv, k_cache, v_cache, plan.decode_seqs,
+               (out, part_out, part_ml, plan.done, qkv, k_cache, v_cache, plan.decode_seqs,
                 meta.query_start_loc, meta.context_lens, tables, i32(tables.shape[1]),
                 i32(num_dec), i32(num_heads), i32(num_kv_heads), i32(block_size), scale_log2,
                 i32(splits), keys_per_split), pdl=True)
-        if splits > 1:
-            launch(kernel("attention.cu", f"decode_reduce_kernel<{ctype}, {head_dim}>", ctype),
-                   (num_dec, num_heads), (REDUCE_THREADS,),
-                   (out, part_out, part_ml, plan.decode_seqs, meta.query_start_loc,
-                    meta.context_lens, i32(num_dec), i32(num_heads), i32(splits),
-                    keys_per_split), pdl=True)
     if len(plan.prefill_work):
         k = kernel("attention_prefill.cu", f"prefill_attention_kernel<{ctype}, {head_dim}>",
                    ctype)

@@ -10,12 +10,15 @@ attribute, through ctypes: CuPy has no launch attributes); the kernel itself wai
 pdl_wait() (cuda/common.cuh). A decode step is a chain of small kernels of a few microseconds
 each, and this hides each one's launch and ramp-up behind its predecessor; a GEMV also starts
 streaming its weights before the wait. CUDA graphs capture the launches with their programmatic
-edges. Only kernels that call pdl_wait() first may be launched so. PAGEDSERVE_PDL=0, a GPU
-before sm_90 or a driver without cuLaunchKernelEx launch normally.
+edges. PDL applies inside `with programmatic_launches():` (DecodeGraphs' capture): building a
+launch through ctypes costs more host time than CuPy's, which a captured graph pays once and an
+eager step at every launch. Only kernels that call pdl_wait() first may be launched so.
+PAGEDSERVE_PDL=0, a GPU before sm_90 or a driver without cuLaunchKernelEx launch normally.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import logging
@@ -26,6 +29,7 @@ import numpy as np
 
 logger = logging.getLogger("pagedserve." + __name__)
 PDL = os.environ.get("PAGEDSERVE_PDL", "1") != "0"
+_pdl_scope = [False]  # inside programmatic_launches()
 
 # numpy storage dtype name -> the C++ element type the kernels are instantiated with
 CTYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}
@@ -64,9 +68,8 @@ def kernel_names(file: str, ctype: str) -> list[str]:
     if file == "kv_cache.cu":
         return [f"write_kv_cache_kernel<{ctype}>"]
     if file == "attention.cu":
-        return ([f"decode_attention_kernel<{ctype}, {d}, {g}, {DECODE_UNROLL}>"
-                 for d in HEAD_DIMS for g in DECODE_GROUPS]
-                + [f"decode_reduce_kernel<{ctype}, {d}>" for d in HEAD_DIMS])
+        return [f"decode_attention_kernel<{ctype}, {d}, {g}, {DECODE_UNROLL}>"
+                for d in HEAD_DIMS for g in DECODE_GROUPS]
     if file == "attention_prefill.cu":
         return [f"prefill_attention_kernel<{ctype}, {d}>" for d in HEAD_DIMS]
     if file == "bitmask.cu":
@@ -163,10 +166,21 @@ def _dims(d) -> tuple:
     return d + (1,) * (3 - len(d))
 
 
+@contextlib.contextmanager
+def programmatic_launches():
+    """Within it, launch(..., pdl=True) is a programmatic dependent launch (module docstring)."""
+    saved, _pdl_scope[0] = _pdl_scope[0], True
+    try:
+        yield
+    finally:
+        _pdl_scope[0] = saved
+
+
 def launch(fn, grid, block, args: tuple, shared_mem: int = 0, pdl: bool = False) -> None:
-    """fn(grid, block, args, shared_mem=...) on the current stream; with pdl, as a programmatic
-    dependent launch where the GPU can (module docstring). fn must then call pdl_wait() first."""
-    launch_ex = _launch_ex() if pdl and PDL else None
+    """fn(grid, block, args, shared_mem=...) on the current stream; with pdl inside
+    programmatic_launches(), as a programmatic dependent launch where the GPU can (module
+    docstring). fn must then call pdl_wait() first."""
+    launch_ex = _launch_ex() if pdl and PDL and _pdl_scope[0] else None
     ptr = getattr(fn, "ptr", None)
     if launch_ex is None or ptr is None:
         fn(grid, block, args, shared_mem=shared_mem)
