@@ -180,9 +180,13 @@ def launch(fn, grid, block, args: tuple, shared_mem: int = 0, pdl: bool = False)
     """fn(grid, block, args, shared_mem=...) on the current stream; with pdl inside
     programmatic_launches(), as a programmatic dependent launch where the GPU can (module
     docstring). fn must then call pdl_wait() first."""
+    global PDL
     launch_ex = _launch_ex() if pdl and PDL and _pdl_scope[0] else None
     ptr = getattr(fn, "ptr", None)
-    if launch_ex is None or ptr is None:
+    if launch_ex is not None and ptr is None:
+        logger.warning("CuPy's kernel has no .ptr: launching without PDL")
+        PDL, launch_ex = False, None
+    if launch_ex is None:
         fn(grid, block, args, shared_mem=shared_mem)
         return
     import cupy
@@ -194,6 +198,7 @@ def launch(fn, grid, block, args: tuple, shared_mem: int = 0, pdl: bool = False)
     config = _Config((ctypes.c_uint * 3)(*_dims(grid)), (ctypes.c_uint * 3)(*_dims(block)),
                      shared_mem, cupy.cuda.get_current_stream().ptr, ctypes.pointer(attr), 1)
     status = launch_ex(ctypes.byref(config), ptr, params, None)
-    if status != 0:
-        raise RuntimeError(f"cuLaunchKernelEx failed with CUresult {status} (PAGEDSERVE_PDL=0 "
-                           "launches without programmatic dependent launch)")
+    if status != 0:  # nothing was queued: launch it the plain way, and every later one too
+        logger.warning("cuLaunchKernelEx failed (CUresult %d): launching without PDL", status)
+        PDL = False
+        fn(grid, block, args, shared_mem=shared_mem)
