@@ -95,5 +95,6 @@ def test_decode_logits_equal_with_and_without_pdl(ops, pdl, preset):
             replayed = [graphs.run(ids, ctx.astype(np.int32), meta) for _ in range(3)]
             results[batch, on] = [cupy.asnumpy(x).view(np.uint16) for x in (eager, *replayed)]
             del graphs
+            assert cuda_kernels.PDL == on  # no launch fell back to a plain one
         for got, want in zip(results[batch, True], results[batch, False], strict=True):
             np.testing.assert_array_equal(got, want)
