@@ -76,8 +76,9 @@ def test_cuda_matches_numpy_at_the_edges(engine, kw):
     want = numpy_sampling.sample(logits, host).token_ids
     got = engine.ops.sample(cupy.asarray(logits), t).token_ids
     np.testing.assert_array_equal(got, want)
-    if t.count_table is not None:
-        np.testing.assert_array_equal(t.count_table.table, host.count_table.table)
+    if t.count_table is not None:  # the rows' slots, rebuilt and counted alike
+        used = t.count_slots[t.count_slots >= 0]
+        np.testing.assert_array_equal(t.count_table.table[used], host.count_table.table[used])
 
 
 @pytest.mark.parametrize("rows, vocab", [(1, 151936), (3, 1001), (256, 151936), (5, 4096)])
