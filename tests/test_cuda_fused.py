@@ -223,6 +223,9 @@ def test_gemv_choice_fits_the_measurements():
     w_big = cupy.zeros((28672, 16), cupy.uint16)  # llama3 gate_up's N: 0.88x
     assert not cuda_gemv.use_norm_gemv(cupy.zeros((1, 16), cupy.uint16), None,
                                        cupy.zeros(16, cupy.uint16), w_big)
+    x4k = cupy.zeros((1, 4096), cupy.uint16)  # llama3 qkv: K past NORM_GEMV_MAX_K
+    assert not cuda_gemv.use_norm_gemv(x4k, None, cupy.zeros(4096, cupy.uint16),
+                                       cupy.zeros((6144, 4096), cupy.uint16))
     down = cupy.zeros((1024, 3072), cupy.uint16)
     assert cuda_gemv.use_silu_gemv(cupy.zeros((2, 6144), cupy.uint16), down)  # 1.39x
     assert not cuda_gemv.use_silu_gemv(cupy.zeros((4, 6144), cupy.uint16), down)  # 0.93x

@@ -409,10 +409,18 @@ def decode_step(ops, preset, ctx, gemv_on=True):
     kv = (ctx + 1) * config.num_layers * config.num_kv_heads * config.head_dim * 4
     gemv_caps = cuda_gemv.GEMV_MAX_M, cuda_gemv.GEMV_SILU_MAX_M, cuda_gemv.NORM_GEMV_MAX_M
     pdl, reference = cuda_kernels.PDL, None
-    # (GEMV, PDL): the default first; its logits are the reference the others are held to
-    for gemv, use_pdl in ((True, True), (True, False), (False, False))[: 3 if gemv_on else 1]:
+    # (GEMV, PDL, fused add + norm): the default first; its logits are the reference PDL off is
+    # held to
+    variants = ((True, True, None), (True, False, None), (True, True, False), (True, True, True),
+                (False, False, None))
+    for gemv, use_pdl, fuse_norm in variants if gemv_on else variants[:1]:
         if not gemv:  # every linear on cuBLAS, norms and activations their own launches
             cuda_gemv.GEMV_MAX_M = cuda_gemv.GEMV_SILU_MAX_M = cuda_gemv.NORM_GEMV_MAX_M = 0
+        if fuse_norm is False:
+            cuda_gemv.NORM_GEMV_MAX_M = 0
+        norm_k = cuda_gemv.NORM_GEMV_MAX_K
+        if fuse_norm:
+            cuda_gemv.NORM_GEMV_MAX_K = 1 << 20
         cuda_kernels.PDL = use_pdl
         try:
             g = DecodeGraphs(model, cache, max_num_seqs=1, max_blocks_per_seq=nb,
@@ -426,17 +434,19 @@ def decode_step(ops, preset, ctx, gemv_on=True):
                 times.append(time.perf_counter() - t0)
             # PDL on and off run the same kernels: their logits must agree bit for bit
             got = cupy.asnumpy(logits).view(np.uint16)
-            err = "-" if reference is None else (
-                "same" if np.array_equal(got, reference) else "DIFFER" if gemv else "-")
+            err = "-" if reference is None or not gemv or fuse_norm is not None else (
+                "same" if np.array_equal(got, reference) else "DIFFER")
             reference = got if reference is None else reference
             sample = time_greedy_sample(ops, logits) if (gemv and use_pdl) else None
+            norm = {None: "", False: ", norm unfused", True: ", norm fused at any K"}[fuse_norm]
             row("decode", f"{preset} B=1 ctx={ctx} graph, GEMV {'on' if gemv else 'off'}, "
-                f"PDL {'on' if use_pdl else 'off'}", err, statistics.median(times),
+                f"PDL {'on' if use_pdl else 'off'}{norm}", err, statistics.median(times),
                 weight_bytes + kv, extra="" if sample is None else
                 f"+ greedy sample {sample * 1e6:.1f} us (graph replay, host sync excluded)")
             del g
         finally:
             cuda_gemv.GEMV_MAX_M, cuda_gemv.GEMV_SILU_MAX_M, cuda_gemv.NORM_GEMV_MAX_M = gemv_caps
+            cuda_gemv.NORM_GEMV_MAX_K = norm_k
             cuda_kernels.PDL = pdl
     del model, cache
 
