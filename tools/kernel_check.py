@@ -20,6 +20,7 @@ every section (few rows, one weight copy, 2-layer decode models with a 4096-toke
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import statistics
 import sys
@@ -64,16 +65,19 @@ def check_device(where: str):
         raise SectionError(f"CUDA error surfaced after {where}: {e}") from e
 
 
-def graph_time(fn, calls: int = 20, reps: int = 10) -> float:
+def graph_time(fn, calls: int = 20, reps: int = 10, pdl: bool = False) -> float:
     """Seconds per fn() on the GPU: `calls` calls captured in one CUDA graph, replayed `reps`
-    times between events, median. fn launches kernels only (no host sync, no host copy)."""
+    times between events, median. fn launches kernels only (no host sync, no host copy).
+    pdl: captured as programmatic dependent launches, as decode graphs are (each call's kernel
+    overlaps the previous one's tail, as in a chain of different kernels)."""
     if OPTS["small"]:
         calls, reps = 2, 1
     # NOTE: the stream below does not wait for the default stream, where the inputs were made
     # (and a pageable upload's DMA may still be running): wait for them here.
     cupy.cuda.Device().synchronize()
     stream = cupy.cuda.Stream(non_blocking=True)
-    with stream:
+    scope = cuda_kernels.programmatic_launches() if pdl else contextlib.nullcontext()
+    with stream, scope:
         for _ in range(calls):  # warm-up: compiles, and fills the memory pool for the capture
             fn()
         stream.synchronize()
@@ -192,9 +196,16 @@ def check_gemv(ops, models):
                 t_b = graph_time(lambda x=x, blas=blas, it=it, ws=ws: ops._gemm(
                     x, ws[next(it) % len(ws)], blas, ops.dtype), calls)
                 win = "GEMV" if t_g < t_b else "cuBLAS"
+                chained = ""
+                if m <= 2:  # as in a decode graph: PDL, the weights stream during the previous
+                    it = iter(range(10**9))
+                    t_p = graph_time(lambda x=x, out=out, it=it, ws=ws: cuda_gemv.gemv(
+                        x, ws[next(it) % len(ws)], out, ops.ctype), calls, pdl=True)
+                    chained = (f"; PDL chain {t_p * 1e6:.1f} us = "
+                               f"{nbytes / t_p / BW * 100:.0f}% of the copy ceiling")
                 row("gemv", f"{model} {name} {n}x{k} M={m}", f"{err:.1e}", t_g,
                     nbytes + m * k * 2, 2 * m * n * k,
-                    extra=f"cuBLAS {t_b * 1e6:.1f} us ({t_b / t_g:.2f}x) -> {win}")
+                    extra=f"cuBLAS {t_b * 1e6:.1f} us ({t_b / t_g:.2f}x) -> {win}{chained}")
             if name == "down":
                 check_silu_gemv(ops, model, ws, n, k, rng)
             if name in ("qkv", "gate_up"):
