@@ -86,7 +86,8 @@ def use_silu_gemv(gate_up: cupy.ndarray, w: cupy.ndarray) -> bool:
 
 def gemv(x: cupy.ndarray, w: cupy.ndarray, out: cupy.ndarray, ctype: str, act: bool = False):
     """out (M, N) = x (M, K) @ w (N, K)^T; with act, x is gate_up (M, 2K) and the input is
-    silu(gate) * up. One launch."""
+    silu(gate) * up. One launch. NOTE: under PDL the kernel reads w before waiting for the
+    previous kernel: w must be a weight, never the output of a kernel of the same stream."""
     m, n, k = x.shape[0], w.shape[0], w.shape[1]
     threads = 256 if k >= 2048 else 128
     launch(kernel("gemv.cu", f"gemv_kernel<{ctype}, {m}, {'true' if act else 'false'}>", ctype),
