@@ -282,6 +282,10 @@ def check_splits(ops):
         "target 2048": (2048, ca.MIN_KEYS_PER_SPLIT, 256),
         "min keys 32": (ca.NUM_BLOCKS_TARGET, 32, ca.MAX_SPLITS),
         "min keys 128": (ca.NUM_BLOCKS_TARGET, 128, ca.MAX_SPLITS),
+        # one wave: 8 kv heads x 112 or 96 splits stay under the ~7 blocks per SM that the
+        # kernel's registers allow (1024 blocks leave a second, partial wave)
+        "max splits 112": (ca.NUM_BLOCKS_TARGET, ca.MIN_KEYS_PER_SPLIT, 112),
+        "max splits 96": (ca.NUM_BLOCKS_TARGET, ca.MIN_KEYS_PER_SPLIT, 96),
     }
     default = (ca.NUM_BLOCKS_TARGET, ca.MIN_KEYS_PER_SPLIT, ca.MAX_SPLITS)
     rng = np.random.default_rng(3)
