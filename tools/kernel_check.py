@@ -289,7 +289,8 @@ def check_splits(ops):
     }
     default = (ca.NUM_BLOCKS_TARGET, ca.MIN_KEYS_PER_SPLIT, ca.MAX_SPLITS)
     rng = np.random.default_rng(3)
-    cases = [[512], [4096], [16384], [32532], [1024] * 8, [4096] * 8, [1024] * 64]
+    w1_mix = rng.integers(100, 1101, 256).tolist()  # W1's decode steps: 256 x 100..1100
+    cases = [[512], [4096], [16384], [32532], [1024] * 8, [4096] * 8, [1024] * 64, w1_mix]
     if OPTS["small"]:  # still one long context: the 256-split sweep row
         cases = [[512], [32532], [1024] * 8, [1024] * 64]
     for ctx in cases:
@@ -312,7 +313,7 @@ def check_splits(ops):
                     return ops.attention(qkv, cache[0], cache[1], dmeta, nh, nkv, scale)
 
                 err = "-" if want is None else f"{rel(ops.to_host(attn()), want):.1e}"
-                label = f"B={len(ctx)} ctx={ctx[0]} {name}"
+                label = f"B={len(ctx)} ctx={ctx[0] if ctx is not w1_mix else '100..1100'} {name}"
                 row("splits", label, err, graph_time(attn), kv_bytes,
                     extra=f"grid splits {dmeta.num_splits}")
             finally:
