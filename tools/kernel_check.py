@@ -276,16 +276,17 @@ def _decode_batch(ops, ctx, nkv=8, hd=128, bs=16):
 def check_splits(ops):
     nh, nkv, hd = 16, 8, 128
     scale = hd**-0.5
-    settings = {  # name -> (NUM_BLOCKS_TARGET, MIN_KEYS_PER_SPLIT, MAX_SPLITS)
-        "old (32 splits, all used)": (1024, 1, 32),
-        "new default": (ca.NUM_BLOCKS_TARGET, ca.MIN_KEYS_PER_SPLIT, ca.MAX_SPLITS),
-        "target 2048": (2048, ca.MIN_KEYS_PER_SPLIT, 256),
-        "min keys 32": (ca.NUM_BLOCKS_TARGET, 32, ca.MAX_SPLITS),
-        "min keys 128": (ca.NUM_BLOCKS_TARGET, 128, ca.MAX_SPLITS),
-        # one wave: 8 kv heads x 112 or 96 splits stay under the ~7 blocks per SM that the
-        # kernel's registers allow (1024 blocks leave a second, partial wave)
-        "max splits 112": (ca.NUM_BLOCKS_TARGET, ca.MIN_KEYS_PER_SPLIT, 112),
-        "max splits 96": (ca.NUM_BLOCKS_TARGET, ca.MIN_KEYS_PER_SPLIT, 96),
+    wave = ca.decode_wave(nh // nkv, hd, ops.ctype)
+    settings = {  # name -> (NUM_BLOCKS_TARGET, MIN_KEYS_PER_SPLIT, MAX_SPLITS, one wave)
+        "old (32 splits, all used)": (1024, 1, 32, False),
+        f"new default (one wave: {wave} blocks)": (ca.NUM_BLOCKS_TARGET, ca.MIN_KEYS_PER_SPLIT,
+                                                   ca.MAX_SPLITS, True),
+        "1024 blocks (round 2)": (ca.NUM_BLOCKS_TARGET, ca.MIN_KEYS_PER_SPLIT, ca.MAX_SPLITS,
+                                  False),
+        "target 2048": (2048, ca.MIN_KEYS_PER_SPLIT, 256, False),
+        "min keys 32, one wave": (ca.NUM_BLOCKS_TARGET, 32, ca.MAX_SPLITS, True),
+        "min keys 128, one wave": (ca.NUM_BLOCKS_TARGET, 128, ca.MAX_SPLITS, True),
+        "max splits 96": (ca.NUM_BLOCKS_TARGET, ca.MIN_KEYS_PER_SPLIT, 96, False),
     }
     default = (ca.NUM_BLOCKS_TARGET, ca.MIN_KEYS_PER_SPLIT, ca.MAX_SPLITS)
     rng = np.random.default_rng(3)
@@ -301,13 +302,14 @@ def check_splits(ops):
         if sum(ctx) <= 40000:
             want = REF.attention(qkv_h, ops.to_host(cache[0]), ops.to_host(cache[1]), meta, nh,
                                  nkv, scale)
-        for name, (target, min_keys, max_splits) in settings.items():
+        for name, (target, min_keys, max_splits, one_wave) in settings.items():
             ca.NUM_BLOCKS_TARGET, ca.MIN_KEYS_PER_SPLIT, ca.MAX_SPLITS = target, min_keys, \
                 max_splits
             try:
                 # a CUDA graph's grid: sized for a 32k max_model_len, whatever the step's contexts
                 dmeta = ops.prepare_metadata(meta)
-                dmeta.num_splits = ca.choose_splits(len(ctx), nkv, 32768)
+                dmeta.num_splits = ca.choose_splits(len(ctx), nkv, 32768,
+                                                    wave if one_wave else None)
 
                 def attn(dmeta=dmeta, qkv=qkv, cache=cache):
                     return ops.attention(qkv, cache[0], cache[1], dmeta, nh, nkv, scale)

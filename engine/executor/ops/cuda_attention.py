@@ -8,6 +8,7 @@ tokens. A mixed batch launches both, each writing its own rows of the output.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass, field
 
 import cupy
@@ -104,36 +105,65 @@ def prefill_items(query_start_loc: np.ndarray) -> np.ndarray:
     return np.stack([seq, start, count], axis=1).astype(np.int32).reshape(-1, 3)
 
 
-def choose_splits(num_items: int, num_kv_heads: int, max_context_len: int) -> int:
+def decode_wave(group: int, head_dim: int, ctype: str) -> int:
+    """How many decode blocks the GPU holds at once (one wave), from the compiled kernel's
+    registers: 72 per thread for Qwen3's G = 2 leave 7 blocks per SM, 924 on an H200, so a grid
+    of 1024 ran a second wave of 100 blocks after the first; Llama-3's G = 4 (127 registers)
+    holds 528. NUM_BLOCKS_TARGET when the kernel does not say."""
+    return _wave(decode_tile(group)[0], head_dim, ctype)
+
+
+@functools.cache
+def _wave(g: int, head_dim: int, ctype: str) -> int:
+    fn = kernel("attention.cu",
+                f"decode_attention_kernel<{ctype}, {head_dim}, {g}, {DECODE_UNROLL}>", ctype)
+    regs = getattr(fn, "num_regs", 0)
+    if not regs:
+        return NUM_BLOCKS_TARGET
+    attrs = cupy.cuda.Device().attributes
+    warps = DECODE_THREADS // 32
+    regs_per_block = -(-regs * 32 // 256) * 256 * warps  # allocated per warp, 256 at a time
+    per_sm = min(attrs.get("MaxRegistersPerMultiprocessor", 65536) // regs_per_block,
+                 attrs.get("MaxThreadsPerMultiProcessor", 2048) // DECODE_THREADS)
+    return max(1, per_sm) * attrs.get("MultiProcessorCount", 132)
+
+
+def choose_splits(num_items: int, num_kv_heads: int, max_context_len: int,
+                  wave: int | None = None) -> int:
     """The grid's context splits: enough that the decode blocks fill the GPU when the batch is
     small, no more than the longest context needs (`num_items` counts decode blocks per kv
-    head). A CUDA graph passes its max_model_len here; at replay each sequence uses only the
-    splits its own context needs, and the others exit at once."""
+    head), and within one wave (decode_wave) when given. A CUDA graph passes its max_model_len
+    here; at replay each sequence uses only the splits its own context needs, and the others
+    exit at once."""
+    target = min(NUM_BLOCKS_TARGET, wave or NUM_BLOCKS_TARGET)
     blocks = max(1, num_items * num_kv_heads)
-    if blocks >= NUM_BLOCKS_TARGET:
+    if blocks >= target:
         return 1
     by_ctx = max(1, max_context_len // MIN_KEYS_PER_SPLIT)
-    return int(max(1, min(MAX_SPLITS, KERNEL_MAX_SPLITS, -(-NUM_BLOCKS_TARGET // blocks),
-                           by_ctx)))
+    return int(max(1, min(MAX_SPLITS, KERNEL_MAX_SPLITS, target // blocks, by_ctx)))
 
 
-def splits_for_contexts(decode_ctx: np.ndarray, blocks_per_split: int) -> tuple[int, int]:
+def splits_for_contexts(decode_ctx: np.ndarray, blocks_per_split: int,
+                        wave: int | None = None) -> tuple[int, int]:
     """(grid splits, keys per split) for an eager step whose decode rows have these contexts:
-    the step's keys spread over about NUM_BLOCKS_TARGET blocks, so one long sequence among short
-    ones still gets enough splits to fill the GPU, and many long ones get few."""
+    the step's keys spread over about NUM_BLOCKS_TARGET blocks (at most a wave), so one long
+    sequence among short ones still gets enough splits to fill the GPU, and many long ones get
+    few."""
+    target = min(NUM_BLOCKS_TARGET, wave or NUM_BLOCKS_TARGET)
     ctx = np.asarray(decode_ctx, np.int64)
     if not len(ctx):
         return 1, MIN_KEYS_PER_SPLIT
-    keys = max(MIN_KEYS_PER_SPLIT, -(-int(ctx.sum()) * blocks_per_split // NUM_BLOCKS_TARGET))
+    keys = max(MIN_KEYS_PER_SPLIT, -(-int(ctx.sum()) * blocks_per_split // target))
     splits = int(max(1, min(MAX_SPLITS, KERNEL_MAX_SPLITS, -(-int(ctx.max()) // keys))))
     return splits, keys
 
 
 def make_plan(query_start_loc: np.ndarray, num_kv_heads: int, group: int, max_context_len: int,
-              num_splits: int | None = None, context_lens: np.ndarray | None = None
-              ) -> AttentionPlan:
+              num_splits: int | None = None, context_lens: np.ndarray | None = None,
+              wave: int | None = None) -> AttentionPlan:
     """num_splits fixes the grid (CUDA graphs: sequences then aim at MIN_KEYS_PER_SPLIT keys per
-    split); else the host's context_lens size it (eager), else max_context_len does."""
+    split); else the host's context_lens size it (eager), else max_context_len does; `wave`
+    (decode_wave) caps the blocks at what the GPU holds at once."""
     num_new = np.diff(np.asarray(query_start_loc, np.int64))
     decode = np.flatnonzero(num_new == 1)
     passes = decode_tile(group)[1]
@@ -142,16 +172,17 @@ def make_plan(query_start_loc: np.ndarray, num_kv_heads: int, group: int, max_co
         splits = num_splits
     elif context_lens is not None:
         splits, keys = splits_for_contexts(np.asarray(context_lens)[decode],
-                                           num_kv_heads * passes)
+                                           num_kv_heads * passes, wave)
     else:
-        splits = choose_splits(len(decode) * passes, num_kv_heads, max_context_len)
+        splits = choose_splits(len(decode) * passes, num_kv_heads, max_context_len, wave)
     return AttentionPlan(_up(decode), _up(prefill_items(query_start_loc)), splits, keys,
                          cupy.zeros(max(1, len(decode) * num_kv_heads * passes), cupy.int32))
 
 
-def decode_plan(num_seqs: int, num_kv_heads: int, group: int, max_context_len: int):
+def decode_plan(num_seqs: int, num_kv_heads: int, group: int, max_context_len: int,
+                wave: int | None = None):
     """The plan of a decode-only step of `num_seqs` sequences (CUDA graph capture)."""
-    return make_plan(np.arange(num_seqs + 1), num_kv_heads, group, max_context_len)
+    return make_plan(np.arange(num_seqs + 1), num_kv_heads, group, max_context_len, wave=wave)
 
 
 def paged_attention(qkv, k_cache, v_cache, meta: DeviceAttentionMetadata, num_heads: int,
@@ -173,7 +204,8 @@ def paged_attention(qkv, k_cache, v_cache, meta: DeviceAttentionMetadata, num_he
     plan = meta.work.get(group)
     if plan is None:
         plan = make_plan(meta.host.query_start_loc, num_kv_heads, group, meta.max_context_len,
-                         meta.num_splits, meta.host.context_lens)
+                         meta.num_splits, meta.host.context_lens,
+                         decode_wave(group, head_dim, ctype))
         meta.work[group] = plan
     out = cupy.empty((num_tokens, num_heads * head_dim), qkv.dtype)
     if num_tokens == 0:
