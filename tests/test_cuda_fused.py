@@ -116,6 +116,20 @@ def test_decode_splits_per_sequence(ops, head_dim, group, grid_splits):
     np.testing.assert_array_equal(ops.to_host(again), ops.to_host(got))
 
 
+def test_splits_stay_within_one_wave(ops):
+    """decode_wave: the blocks resident at once; a graph's grid for one long sequence fills it
+    without a second, partial wave."""
+    from engine.executor.ops import cuda_attention as ca
+
+    for group in (1, 2, 4, 8):
+        wave = ca.decode_wave(group, 128, ops.ctype)
+        sms = cupy.cuda.Device().attributes["MultiProcessorCount"]
+        assert sms <= wave <= 16 * sms  # 1 to 16 blocks of 128 threads per SM
+        splits = ca.choose_splits(1, 8, 32768, wave)
+        assert wave - 8 < splits * 8 <= wave or splits == ca.MAX_SPLITS
+    assert ca.decode_wave(8, 128, ops.ctype) < ca.decode_wave(2, 128, ops.ctype)  # registers
+
+
 def test_choose_splits_fills_the_gpu_from_one_long_sequence():
     from engine.executor.ops import cuda_attention as ca
 
