@@ -21,20 +21,16 @@ __device__ __forceinline__ int seq_splits(int ctx, int num_splits, int min_keys)
   return max(1, min(num_splits, (ctx + min_keys - 1) / min_keys));
 }
 
-constexpr int MAX_SPLITS = 256;
-
 // Grid: (num_decode_items, num_kv_heads * passes, num_splits)  Block: (32 * DEC_WARPS)
 // passes = ceil(group / G): a block computes query heads g0 .. g0 + G - 1 of its kv head.
 // A sequence that uses one split (seq_splits) writes its normalized result to `out`; otherwise
-// each of its splits writes its unnormalized sum and (max, sum) in base 2 to the workspace, and
-// the last of them to finish (a counter per item and blockIdx.y, left at 0 again) combines them:
-// no second kernel.
+// each of its splits writes its unnormalized sum and (max, sum) in base 2 to the workspace and
+// decode_reduce_kernel combines them.
 template <typename T, int HD, int G, int U>
 __global__ void __launch_bounds__(32 * DEC_WARPS) decode_attention_kernel(
     T* __restrict__ out,                    // [num_tokens, num_heads, HD]
     float* __restrict__ part_out,           // [num_splits, W, num_heads, HD]
     float* __restrict__ part_ml,            // [num_splits, W, num_heads, 2]
-    int* __restrict__ done,                 // [W, gridDim.y] splits finished; 0 before and after
     const T* __restrict__ qkv,              // [num_tokens, (num_heads + 2 nkv) * HD]
     const T* __restrict__ k_cache,          // [num_blocks, nkv, block_size, HD]
     const T* __restrict__ v_cache,          // [num_blocks, nkv, block_size, HD]
@@ -203,59 +199,73 @@ __global__ void __launch_bounds__(32 * DEC_WARPS) decode_attention_kernel(
       }
     }
   }
+}
+
+// Combines the splits: out = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s, for the sequences
+// that used more than one (the others were written by decode_attention_kernel).
+// A sequence may use up to MAX_SPLITS splits: the block's threads first take one split each for
+// the weights 2^(m_s - M) (kept in shared memory), then RED_SUB threads per output dimension sum
+// strided subsets of the splits, so no thread walks all of them one dependent load at a time.
+// Grid: (W, num_heads)  Block: (RED_THREADS)
+constexpr int RED_THREADS = 512, MAX_SPLITS = 256;
+template <typename T, int HD>
+__global__ void __launch_bounds__(RED_THREADS) decode_reduce_kernel(
+    T* __restrict__ out,                      // [num_tokens, nh, HD]
+    const float* __restrict__ part_out,       // [S, W, nh, HD]
+    const float* __restrict__ part_ml,        // [S, W, nh, 2]
+    const int* __restrict__ seqs,             // [W]
+    const int* __restrict__ query_start_loc,  // [B + 1]
+    const int* __restrict__ context_lens,     // [B]
+    int num_items, int num_heads, int num_splits, int min_keys) {
+  constexpr int RED_SUB = RED_THREADS / HD;
+  __shared__ float w_s[MAX_SPLITS];
+  __shared__ float red[32];
+  __shared__ float num_s[RED_SUB][HD];
+  pdl_start();
+  const int seq = seqs[blockIdx.x];
+  const int splits = min(seq_splits(context_lens[seq], num_splits, min_keys), MAX_SPLITS);
   if (splits == 1) return;
-  // The last split of this (item, kv head, pass) to finish merges them all.
-  __shared__ bool is_last;
-  __shared__ float w_s[G][MAX_SPLITS];  // 2^(m_s - M) per head and split
-  __shared__ float den_s[G];
-  __threadfence();  // this block's partials are visible before the counter says so
-  __syncthreads();
-  int* counter = done + (long)item * gridDim.y + blockIdx.y;
-  if (threadIdx.x == 0) is_last = atomicAdd(counter, 1) == splits - 1;
-  __syncthreads();
-  if (!is_last) return;
-  __threadfence();
+  const long ih = (long)blockIdx.x * num_heads + blockIdx.y;
   const long stride = (long)num_items * num_heads;
-  if (warp < G && g0 + warp < group) {  // warp g: the weights and denominator of head g
-    const long ih = (long)item * num_heads + kvh * group + g0 + warp;
-    float mx = -INFINITY;
-    for (int s = lane; s < splits; s += 32) mx = fmaxf(mx, __ldcg(part_ml + (s * stride + ih) * 2));
-    mx = warp_max(mx);
-    float den = 0.f;
-    for (int s = lane; s < splits; s += 32) {
-      const float ms = __ldcg(part_ml + (s * stride + ih) * 2);
-      const float w = ms == -INFINITY ? 0.f : exp2f(ms - mx);  // a split that saw no key: 0
-      w_s[warp][s] = w;
-      den += w * __ldcg(part_ml + (s * stride + ih) * 2 + 1);
-    }
-    den = warp_sum(den);
-    if (lane == 0) den_s[warp] = den;
+  const long tok = query_start_loc[seq];
+  float mx = -INFINITY;
+  for (int s = threadIdx.x; s < splits; s += RED_THREADS)
+    mx = fmaxf(mx, part_ml[(s * stride + ih) * 2]);
+  mx = block_max(mx, red);
+  float den = 0.f;
+  for (int s = threadIdx.x; s < splits; s += RED_THREADS) {
+    const float ms = part_ml[(s * stride + ih) * 2];
+    const float w = ms == -INFINITY ? 0.f : exp2f(ms - mx);  // a split that saw no key: 0
+    w_s[s] = w;
+    den += w * part_ml[(s * stride + ih) * 2 + 1];
   }
-  __syncthreads();
-  for (int i = threadIdx.x; i < G * HD; i += 32 * DEC_WARPS) {
-    const int g = i / HD, d = i % HD;
-    if (g0 + g >= group) continue;
-    const long ih = (long)item * num_heads + kvh * group + g0 + g;
-    float num = 0.f;
+  den = block_sum(den, red);  // its barriers also publish w_s
+  const int d = threadIdx.x % HD, sub = threadIdx.x / HD;
+  float num = 0.f;
 #pragma unroll 8
-    for (int s = 0; s < splits; s++) num += w_s[g][s] * __ldcg(part_out + (s * stride + ih) * HD + d);
-    const float den = den_s[g];
-    out[((long)tok * num_heads + kvh * group + g0 + g) * HD + d] =
-        from_float<T>(den > 0.f ? num / den : 0.f);
+  for (int s = sub; s < splits; s += RED_SUB)
+    num += w_s[s] * part_out[(s * stride + ih) * HD + d];
+  num_s[sub][d] = num;
+  __syncthreads();
+  if (sub == 0) {
+    for (int k = 1; k < RED_SUB; k++) num += num_s[k][d];
+    out[(tok * num_heads + blockIdx.y) * HD + d] = from_float<T>(den > 0.f ? num / den : 0.f);
   }
-  if (threadIdx.x == 0) *counter = 0;  // ready for the next layer or replay
 }
 
 #ifdef PAGEDSERVE_NVCC_CHECK
 #define INSTANTIATE_DEC(T, HD, G)                                                               \
   template __global__ void decode_attention_kernel<T, HD, G, 2>(              \
-      T*, float*, float*, int*, const T*, const T*, const T*, const int*, const int*,           \
-      const int*, const int*, int, int, int, int, int, float, int, int);
+      T*, float*, float*, const T*, const T*, const T*, const int*, const int*, const int*,     \
+      const int*, int, int, int, int, int, float, int, int);
 #define INSTANTIATE(T, HD)                                                                      \
   INSTANTIATE_DEC(T, HD, 1)                                                                     \
   INSTANTIATE_DEC(T, HD, 2)                                                                     \
   INSTANTIATE_DEC(T, HD, 4)                                                                     \
-  INSTANTIATE_DEC(T, HD, 8)
+  INSTANTIATE_DEC(T, HD, 8)                                                                     \
+  template __global__ void decode_reduce_kernel<T, HD>(T*, const float*, const float*,          \
+                                                       const int*, const int*, const int*,  \
+                                                       int, int, int, int);
 INSTANTIATE(__half, 64)
 INSTANTIATE(__half, 128)
 INSTANTIATE(__nv_bfloat16, 64)

@@ -21,11 +21,7 @@ import cupy
 import numpy as np
 
 from engine.executor.ops import AttentionMetadata, cuda_kernels
-from engine.executor.ops.cuda_attention import (
-    DeviceAttentionMetadata,
-    decode_plan,
-    decode_wave,
-)
+from engine.executor.ops.cuda_attention import DeviceAttentionMetadata, decode_plan
 
 logger = logging.getLogger("pagedserve." + __name__)
 
@@ -67,8 +63,7 @@ class DecodeGraphs:
         c = self.model.config
         group = c.num_heads // c.num_kv_heads
         # every row a decode; the context splits are fixed for the graph's lifetime
-        plan = decode_plan(size, c.num_kv_heads, group, self.max_context_len,
-                           decode_wave(group, c.head_dim, self.model.ops.ctype))
+        plan = decode_plan(size, c.num_kv_heads, group, self.max_context_len)
         return DeviceAttentionMetadata(
             self.slot_mapping[:size], self.query_start_loc[: size + 1], self.context_lens[:size],
             self.block_tables[:size], 1, self.max_context_len, host=None,

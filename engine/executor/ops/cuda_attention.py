@@ -8,7 +8,6 @@ tokens. A mixed batch launches both, each writing its own rows of the output.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass, field
 
 import cupy
@@ -35,7 +34,7 @@ NUM_BLOCKS_TARGET = 1024  # decode blocks that fill an H200's 132 SMs several ti
 # 8.6 us against 11.4, 8 x 1024 at 16.4 against 19.7, and long contexts unchanged.
 MIN_KEYS_PER_SPLIT = 64
 MAX_SPLITS = 128  # one 16k+ sequence over 8 kv heads fills NUM_BLOCKS_TARGET
-KERNEL_MAX_SPLITS = 256  # attention.cu's MAX_SPLITS
+KERNEL_MAX_SPLITS, REDUCE_THREADS = 256, 512  # attention.cu's MAX_SPLITS and RED_THREADS
 LOG2E = 1.4426950408889634  # the kernels' softmax is base 2: scores are scaled by scale * log2(e)
 
 
@@ -82,8 +81,6 @@ class AttentionPlan:
     num_splits: int  # context splits of the decode kernel's grid
     # keys per split a sequence aims at (attention.cu's seq_splits); None: MIN_KEYS_PER_SPLIT
     keys_per_split: int | None = None
-    # (Wd, kv heads * passes) int32 split counters of the decode kernel's merge, kept at 0
-    done: cupy.ndarray | None = None
 
 
 def decode_tile(group: int) -> tuple[int, int]:
@@ -105,65 +102,36 @@ def prefill_items(query_start_loc: np.ndarray) -> np.ndarray:
     return np.stack([seq, start, count], axis=1).astype(np.int32).reshape(-1, 3)
 
 
-def decode_wave(group: int, head_dim: int, ctype: str) -> int:
-    """How many decode blocks the GPU holds at once (one wave), from the compiled kernel's
-    registers: 72 per thread for Qwen3's G = 2 leave 7 blocks per SM, 924 on an H200, so a grid
-    of 1024 ran a second wave of 100 blocks after the first; Llama-3's G = 4 (127 registers)
-    holds 528. NUM_BLOCKS_TARGET when the kernel does not say."""
-    return _wave(decode_tile(group)[0], head_dim, ctype)
-
-
-@functools.cache
-def _wave(g: int, head_dim: int, ctype: str) -> int:
-    fn = kernel("attention.cu",
-                f"decode_attention_kernel<{ctype}, {head_dim}, {g}, {DECODE_UNROLL}>", ctype)
-    regs = getattr(fn, "num_regs", 0)
-    if not regs:
-        return NUM_BLOCKS_TARGET
-    attrs = cupy.cuda.Device().attributes
-    warps = DECODE_THREADS // 32
-    regs_per_block = -(-regs * 32 // 256) * 256 * warps  # allocated per warp, 256 at a time
-    per_sm = min(attrs.get("MaxRegistersPerMultiprocessor", 65536) // regs_per_block,
-                 attrs.get("MaxThreadsPerMultiProcessor", 2048) // DECODE_THREADS)
-    return max(1, per_sm) * attrs.get("MultiProcessorCount", 132)
-
-
-def choose_splits(num_items: int, num_kv_heads: int, max_context_len: int,
-                  wave: int | None = None) -> int:
+def choose_splits(num_items: int, num_kv_heads: int, max_context_len: int) -> int:
     """The grid's context splits: enough that the decode blocks fill the GPU when the batch is
     small, no more than the longest context needs (`num_items` counts decode blocks per kv
-    head), and within one wave (decode_wave) when given. A CUDA graph passes its max_model_len
-    here; at replay each sequence uses only the splits its own context needs, and the others
-    exit at once."""
-    target = min(NUM_BLOCKS_TARGET, wave or NUM_BLOCKS_TARGET)
+    head). A CUDA graph passes its max_model_len here; at replay each sequence uses only the
+    splits its own context needs, and the others exit at once."""
     blocks = max(1, num_items * num_kv_heads)
-    if blocks >= target:
+    if blocks >= NUM_BLOCKS_TARGET:
         return 1
     by_ctx = max(1, max_context_len // MIN_KEYS_PER_SPLIT)
-    return int(max(1, min(MAX_SPLITS, KERNEL_MAX_SPLITS, target // blocks, by_ctx)))
+    return int(max(1, min(MAX_SPLITS, KERNEL_MAX_SPLITS, -(-NUM_BLOCKS_TARGET // blocks),
+                           by_ctx)))
 
 
-def splits_for_contexts(decode_ctx: np.ndarray, blocks_per_split: int,
-                        wave: int | None = None) -> tuple[int, int]:
+def splits_for_contexts(decode_ctx: np.ndarray, blocks_per_split: int) -> tuple[int, int]:
     """(grid splits, keys per split) for an eager step whose decode rows have these contexts:
-    the step's keys spread over about NUM_BLOCKS_TARGET blocks (at most a wave), so one long
-    sequence among short ones still gets enough splits to fill the GPU, and many long ones get
-    few."""
-    target = min(NUM_BLOCKS_TARGET, wave or NUM_BLOCKS_TARGET)
+    the step's keys spread over about NUM_BLOCKS_TARGET blocks, so one long sequence among short
+    ones still gets enough splits to fill the GPU, and many long ones get few."""
     ctx = np.asarray(decode_ctx, np.int64)
     if not len(ctx):
         return 1, MIN_KEYS_PER_SPLIT
-    keys = max(MIN_KEYS_PER_SPLIT, -(-int(ctx.sum()) * blocks_per_split // target))
+    keys = max(MIN_KEYS_PER_SPLIT, -(-int(ctx.sum()) * blocks_per_split // NUM_BLOCKS_TARGET))
     splits = int(max(1, min(MAX_SPLITS, KERNEL_MAX_SPLITS, -(-int(ctx.max()) // keys))))
     return splits, keys
 
 
 def make_plan(query_start_loc: np.ndarray, num_kv_heads: int, group: int, max_context_len: int,
-              num_splits: int | None = None, context_lens: np.ndarray | None = None,
-              wave: int | None = None) -> AttentionPlan:
+              num_splits: int | None = None, context_lens: np.ndarray | None = None
+              ) -> AttentionPlan:
     """num_splits fixes the grid (CUDA graphs: sequences then aim at MIN_KEYS_PER_SPLIT keys per
-    split); else the host's context_lens size it (eager), else max_context_len does; `wave`
-    (decode_wave) caps the blocks at what the GPU holds at once."""
+    split); else the host's context_lens size it (eager), else max_context_len does."""
     num_new = np.diff(np.asarray(query_start_loc, np.int64))
     decode = np.flatnonzero(num_new == 1)
     passes = decode_tile(group)[1]
@@ -172,17 +140,15 @@ def make_plan(query_start_loc: np.ndarray, num_kv_heads: int, group: int, max_co
         splits = num_splits
     elif context_lens is not None:
         splits, keys = splits_for_contexts(np.asarray(context_lens)[decode],
-                                           num_kv_heads * passes, wave)
+                                           num_kv_heads * passes)
     else:
-        splits = choose_splits(len(decode) * passes, num_kv_heads, max_context_len, wave)
-    return AttentionPlan(_up(decode), _up(prefill_items(query_start_loc)), splits, keys,
-                         cupy.zeros(max(1, len(decode) * num_kv_heads * passes), cupy.int32))
+        splits = choose_splits(len(decode) * passes, num_kv_heads, max_context_len)
+    return AttentionPlan(_up(decode), _up(prefill_items(query_start_loc)), splits, keys)
 
 
-def decode_plan(num_seqs: int, num_kv_heads: int, group: int, max_context_len: int,
-                wave: int | None = None):
+def decode_plan(num_seqs: int, num_kv_heads: int, group: int, max_context_len: int):
     """The plan of a decode-only step of `num_seqs` sequences (CUDA graph capture)."""
-    return make_plan(np.arange(num_seqs + 1), num_kv_heads, group, max_context_len, wave=wave)
+    return make_plan(np.arange(num_seqs + 1), num_kv_heads, group, max_context_len)
 
 
 def paged_attention(qkv, k_cache, v_cache, meta: DeviceAttentionMetadata, num_heads: int,
@@ -204,8 +170,7 @@ def paged_attention(qkv, k_cache, v_cache, meta: DeviceAttentionMetadata, num_he
     plan = meta.work.get(group)
     if plan is None:
         plan = make_plan(meta.host.query_start_loc, num_kv_heads, group, meta.max_context_len,
-                         meta.num_splits, meta.host.context_lens,
-                         decode_wave(group, head_dim, ctype))
+                         meta.num_splits, meta.host.context_lens)
         meta.work[group] = plan
     out = cupy.empty((num_tokens, num_heads * head_dim), qkv.dtype)
     if num_tokens == 0:
@@ -213,7 +178,7 @@ def paged_attention(qkv, k_cache, v_cache, meta: DeviceAttentionMetadata, num_he
     i32, tables = np.int32, meta.block_tables
     scale_log2 = np.float32(scale * LOG2E)
     num_dec, splits = len(plan.decode_seqs), plan.num_splits
-    if not 1 <= splits <= KERNEL_MAX_SPLITS:  # the merge's shared weights hold this many
+    if not 1 <= splits <= KERNEL_MAX_SPLITS:  # the reduce kernel's shared weights hold this many
         raise ValueError(f"attention: num_splits {splits} outside 1..{KERNEL_MAX_SPLITS}")
     keys_per_split = i32(plan.keys_per_split or MIN_KEYS_PER_SPLIT)
     if num_dec:
@@ -226,10 +191,16 @@ def paged_attention(qkv, k_cache, v_cache, meta: DeviceAttentionMetadata, num_he
         launch(kernel("attention.cu",
                       f"decode_attention_kernel<{ctype}, {head_dim}, {g}, {DECODE_UNROLL}>", ctype),
                (num_dec, num_kv_heads * passes, splits), (DECODE_THREADS,),
-               (out, part_out, part_ml, plan.done, qkv, k_cache, v_cache, plan.decode_seqs,
+               (out, part_out, part_ml, qkv, k_cache, v_cache, plan.decode_seqs,
                 meta.query_start_loc, meta.context_lens, tables, i32(tables.shape[1]),
                 i32(num_dec), i32(num_heads), i32(num_kv_heads), i32(block_size), scale_log2,
                 i32(splits), keys_per_split), pdl=True)
+        if splits > 1:
+            launch(kernel("attention.cu", f"decode_reduce_kernel<{ctype}, {head_dim}>", ctype),
+                   (num_dec, num_heads), (REDUCE_THREADS,),
+                   (out, part_out, part_ml, plan.decode_seqs, meta.query_start_loc,
+                    meta.context_lens, i32(num_dec), i32(num_heads), i32(splits),
+                    keys_per_split), pdl=True)
     if len(plan.prefill_work):
         k = kernel("attention_prefill.cu", f"prefill_attention_kernel<{ctype}, {head_dim}>",
                    ctype)

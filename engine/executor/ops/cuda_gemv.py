@@ -31,11 +31,9 @@ so > 1 means the GEMV path wins:
 - Plain GEMV (gemv_max_rows): M <= 2, and up to 8 rows when N <= 1024 (cuBLAS gets too few
   output tiles to fill the GPU); 1 row when N >= 64 K (a tall lm_head over a small hidden size).
 - The fused prologues are recomputed by every one of the N / GEMV_R blocks, for all M rows: the
-  add + RMSNorm only pays at M = 1 and N <= 8192 (NORM_GEMV_MAX_N), and K <= 2048
-  (NORM_GEMV_MAX_K): at Llama-3-8B's K = 4096 each block re-reads 24 KB of inputs, and in a
-  CUDA graph with PDL the plain GEMV streams its weights while the separate norm runs (a
-  choice made before measuring it: tools/kernel_check.py's decode rows "norm unfused"); the
-  SiLU while M * N <= 2048 (SILU_GEMV_MAX_MN).
+  add + RMSNorm only pays at M = 1 and N <= 8192 (NORM_GEMV_MAX_N; device run B's decode
+  steps: unfusing it costs Qwen3-0.6B 65 us and Llama-3-8B's qkv 94 us per token, PDL on or
+  off); the SiLU while M * N <= 2048 (SILU_GEMV_MAX_MN).
 The *_MAX_M caps below bound all of these (0 turns a path off: tools/kernel_check.py does).
 """
 
@@ -52,7 +50,6 @@ GEMV_MAX_M = 8  # rows (tokens) up to which linear() may take the GEMV; 0 = alwa
 GEMV_SILU_MAX_M = 4  # rows up to which silu_mul_linear() may fuse the activation into the GEMV
 NORM_GEMV_MAX_M = 4  # rows up to which add_rms_norm_linear() may fuse the residual add and norm
 NORM_GEMV_MAX_N = 8192  # outputs up to which the fused add + norm pays (at M = 1)
-NORM_GEMV_MAX_K = 2048  # inputs up to which it pays
 SILU_GEMV_MAX_MN = 2048  # rows x outputs up to which the fused SiLU pays
 GEMV_R = 4  # gemv.cu's weight rows per block
 # norm_gemv_kernel stages M x K inputs in shared memory; with its ~1 KB of static shared memory
@@ -107,7 +104,7 @@ def norm_gemv_fits(x: cupy.ndarray, residual, norm_w: cupy.ndarray, w: cupy.ndar
 
 def use_norm_gemv(x: cupy.ndarray, residual, norm_w: cupy.ndarray, w: cupy.ndarray) -> bool:
     """add_rms_norm_linear(): the fused add + norm + GEMV where it is faster (M = 1, N small)."""
-    return (w.shape[0] <= NORM_GEMV_MAX_N and w.shape[1] <= NORM_GEMV_MAX_K
+    return (w.shape[0] <= NORM_GEMV_MAX_N
             and norm_gemv_fits(x, residual, norm_w, w, min(1, NORM_GEMV_MAX_M)))
 
 

@@ -13,7 +13,12 @@ streaming its weights before the wait. CUDA graphs capture the launches with the
 edges. PDL applies inside `with programmatic_launches():` (DecodeGraphs' capture): building a
 launch through ctypes costs more host time than CuPy's, which a captured graph pays once and an
 eager step at every launch. Only kernels that call pdl_wait() first may be launched so.
-PAGEDSERVE_PDL=0, a GPU before sm_90 or a driver without cuLaunchKernelEx launch normally.
+
+It is off unless PAGEDSERVE_PDL=1: on the H200 (device run B, tools/kernel_check.py decode rows)
+batch-1 decode steps took the same time with it (Qwen3-0.6B 1127 vs 1131 us, Llama-3-8B 5026 vs
+5043) with bit-identical logits: a decode GEMV's ~1000 blocks fill the SMs, so the next kernel's
+blocks find no room to start early. A GPU before sm_90 or a driver without cuLaunchKernelEx
+launch normally either way.
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ from pathlib import Path
 import numpy as np
 
 logger = logging.getLogger("pagedserve." + __name__)
-PDL = os.environ.get("PAGEDSERVE_PDL", "1") != "0"
+PDL = os.environ.get("PAGEDSERVE_PDL", "0") == "1"
 _pdl_scope = [False]  # inside programmatic_launches()
 
 # numpy storage dtype name -> the C++ element type the kernels are instantiated with
@@ -68,8 +73,9 @@ def kernel_names(file: str, ctype: str) -> list[str]:
     if file == "kv_cache.cu":
         return [f"write_kv_cache_kernel<{ctype}>"]
     if file == "attention.cu":
-        return [f"decode_attention_kernel<{ctype}, {d}, {g}, {DECODE_UNROLL}>"
-                for d in HEAD_DIMS for g in DECODE_GROUPS]
+        return ([f"decode_attention_kernel<{ctype}, {d}, {g}, {DECODE_UNROLL}>"
+                 for d in HEAD_DIMS for g in DECODE_GROUPS]
+                + [f"decode_reduce_kernel<{ctype}, {d}>" for d in HEAD_DIMS])
     if file == "attention_prefill.cu":
         return [f"prefill_attention_kernel<{ctype}, {d}>" for d in HEAD_DIMS]
     if file == "bitmask.cu":
@@ -137,7 +143,7 @@ def _launch_ex():
     """libcuda's cuLaunchKernelEx when this GPU and driver can do PDL, else None."""
     import cupy
 
-    if not PDL or int(cupy.cuda.Device().compute_capability) < 90:
+    if int(cupy.cuda.Device().compute_capability) < 90:
         return None
     try:
         fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
