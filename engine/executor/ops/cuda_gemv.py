@@ -31,9 +31,9 @@ so > 1 means the GEMV path wins:
 - Plain GEMV (gemv_max_rows): M <= 2, and up to 8 rows when N <= 1024 (cuBLAS gets too few
   output tiles to fill the GPU); 1 row when N >= 64 K (a tall lm_head over a small hidden size).
 - The fused prologues are recomputed by every one of the N / GEMV_R blocks, for all M rows: the
-  add + RMSNorm only pays at M = 1 and N <= 8192 (NORM_GEMV_MAX_N; device run B's decode
-  steps: unfusing it costs Qwen3-0.6B 65 us and Llama-3-8B's qkv 94 us per token, PDL on or
-  off); the SiLU while M * N <= 2048 (SILU_GEMV_MAX_MN).
+  add + RMSNorm only pays at M = 1 and N <= 8192 (NORM_GEMV_MAX_N; device run B's batch-1
+  decode steps: unfusing it cost Qwen3-0.6B 65 us and Llama-3-8B's qkv 94 us per token); the
+  SiLU while M * N <= 2048 (SILU_GEMV_MAX_MN).
 The *_MAX_M caps below bound all of these (0 turns a path off: tools/kernel_check.py does).
 """
 

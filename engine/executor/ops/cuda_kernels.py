@@ -14,11 +14,9 @@ edges. PDL applies inside `with programmatic_launches():` (DecodeGraphs' capture
 launch through ctypes costs more host time than CuPy's, which a captured graph pays once and an
 eager step at every launch. Only kernels that call pdl_wait() first may be launched so.
 
-It is off unless PAGEDSERVE_PDL=1: on the H200 (device run B, tools/kernel_check.py decode rows)
-batch-1 decode steps took the same time with it (Qwen3-0.6B 1127 vs 1131 us, Llama-3-8B 5026 vs
-5043) with bit-identical logits: a decode GEMV's ~1000 blocks fill the SMs, so the next kernel's
-blocks find no room to start early. A GPU before sm_90 or a driver without cuLaunchKernelEx
-launch normally either way.
+It is off unless PAGEDSERVE_PDL=1, not yet measured: device run B's "PDL on" rows ran plain
+launches (the handle was looked up on CuPy's RawKernel instead of its .kernel). A GPU before
+sm_90 or a driver without cuLaunchKernelEx launch normally either way.
 """
 
 from __future__ import annotations
@@ -188,9 +186,10 @@ def launch(fn, grid, block, args: tuple, shared_mem: int = 0, pdl: bool = False)
     docstring). fn must then call pdl_wait() first."""
     global PDL
     launch_ex = _launch_ex() if pdl and PDL and _pdl_scope[0] else None
-    ptr = getattr(fn, "ptr", None)
+    # RawModule.get_function gives a RawKernel; its .kernel is the Function holding the CUfunction
+    ptr = getattr(getattr(fn, "kernel", fn), "ptr", None)
     if launch_ex is not None and ptr is None:
-        logger.warning("CuPy's kernel has no .ptr: launching without PDL")
+        logger.warning("CuPy's kernel has no CUfunction handle: launching without PDL")
         PDL, launch_ex = False, None
     if launch_ex is None:
         fn(grid, block, args, shared_mem=shared_mem)
