@@ -77,6 +77,7 @@ def graph_time(fn, calls: int = 20, reps: int = 10, pdl: bool = False) -> float:
     cupy.cuda.Device().synchronize()
     stream = cupy.cuda.Stream(non_blocking=True)
     scope = cuda_kernels.programmatic_launches() if pdl else contextlib.nullcontext()
+    saved, cuda_kernels.PDL = cuda_kernels.PDL, pdl or cuda_kernels.PDL  # PDL is opt-in
     with stream, scope:
         for _ in range(calls):  # warm-up: compiles, and fills the memory pool for the capture
             fn()
@@ -94,6 +95,7 @@ def graph_time(fn, calls: int = 20, reps: int = 10, pdl: bool = False) -> float:
             end.record(stream)
             end.synchronize()
             times.append(cupy.cuda.get_elapsed_time(start, end) / 1e3 / calls)
+    cuda_kernels.PDL = saved
     return statistics.median(times)
 
 
