@@ -3,6 +3,9 @@
 #   bash tools/h200_bench.sh [STEP ...]
 #   steps: gputest w1 w1-sync w1-8b w1-8b-sync latency-8b seed latency w2 w1-eager
 #   structured (W1 constrained by a JSON schema vs unconstrained; not in the default list)
+#   latency-32k (batch-1 decode at the end of a 32,532-token context, Qwen3-0.6B shapes)
+#   w1-sampled (W1 as chat traffic samples: temperature 0.8, top_p 0.95, top_k 50,
+#          repetition_penalty 1.1; issue 12's target is >= 95% of w1 in the same run)
 #          spec-8b spec-8b-min1 w1-8b-spec (speculative decoding: batch-1 replays of the
 #          measured acceptance, W1 with speculation configured)
 #   tensor parallel (issue 18; need 2 GPUs, nvidia-h200-x2; not in the default list):
@@ -22,7 +25,7 @@ if [ -d .whl ]; then
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
-steps=${*:-gputest w1 w1-sync w1-8b w1-8b-sync latency-8b seed latency w2 w1-eager}
+steps=${*:-gputest w1 w1-sampled w1-sync w1-8b w1-8b-sync latency-8b seed latency w2 w1-eager}
 log="$OUT/bench.jsonl"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 
@@ -49,11 +52,15 @@ for step in $steps; do
         export PAGEDSERVE_DECODE_GRAPHS=0
       fi ;;
     w1) record w1-qwen3-0.6b 120 python3 tools/bench_throughput.py $Q ;;
+    w1-sampled) record w1-sampled-qwen3-0.6b 120 python3 tools/bench_throughput.py $Q \
+      --temperature 0.8 --top-p 0.95 --top-k 50 --repetition-penalty 1.1 ;;
     structured) record structured-w1-qwen3-0.6b 240 python3 tools/bench_throughput.py $Q --structured ;;
     w1-sync) record w1-qwen3-0.6b-sync 120 python3 tools/bench_throughput.py $Q \
       --no-async-scheduling ;;
     w1-eager) record w1-qwen3-0.6b-eager 90 python3 tools/bench_throughput.py $Q --enforce-eager ;;
     latency) record latency-qwen3-0.6b 60 python3 tools/bench_latency.py $Q ;;
+    latency-32k) record latency-32k-qwen3-0.6b 120 python3 tools/bench_latency.py $Q \
+      --context-len 32532 ;;
     w1-8b) record w1-llama3-8b 150 python3 tools/bench_throughput.py $L ;;
     w1-8b-sync) record w1-llama3-8b-sync 150 python3 tools/bench_throughput.py $L \
       --no-async-scheduling ;;

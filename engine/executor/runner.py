@@ -26,6 +26,7 @@ import numpy as np
 
 from engine.core.outputs import EngineDeadError
 from engine.executor.ops import AttentionMetadata, SamplerOutput, SamplingTensors
+from engine.executor.penalty_slots import PenaltySlots
 from engine.executor.prompt_logprobs import PendingPromptLogprobs, PromptLogprobs
 from engine.executor.sampling_inputs import expand_draft_rows, sampling_tensors
 from engine.executor.step_inputs import (
@@ -41,6 +42,9 @@ logger = logging.getLogger("pagedserve." + __name__)
 # Decode steps replay captured CUDA graphs (cuda_graph.py) unless enforce_eager is set or
 # PAGEDSERVE_DECODE_GRAPHS=0 (a switch for debugging the kernels eagerly).
 DECODE_GRAPHS = os.environ.get("PAGEDSERVE_DECODE_GRAPHS", "1") != "0"
+# Penalties read token counts the sampler keeps on the device (penalty_slots.py) unless
+# PAGEDSERVE_DEVICE_COUNTS=0, which sends every row's prompt and output ids each step instead.
+DEVICE_COUNTS = os.environ.get("PAGEDSERVE_DEVICE_COUNTS", "1") != "0"
 
 # The numpy backend is a reference, not a server: its KV pool holds at most this many bytes.
 NUMPY_KV_CACHE_BYTES = 1 << 30
@@ -111,6 +115,10 @@ class ModelRunner:
         # what the next launch's placeholders read.
         self._last_sampled = None
         self._last_rows: dict[int, int] = {}
+        # Token counts for penalties, one slot per sequence of a batch; the table is allocated
+        # by the first step that has a penalty.
+        self.penalty_slots = PenaltySlots(engine_config.max_num_seqs) if DEVICE_COUNTS else None
+        self.token_counts = None
         self.time_gpu = False  # record device time per step (benchmarks) in gpu_step_times
         self.gpu_step_times: list[float] = []  # seconds, in launch order, once results are read
         self.graphs = None
@@ -137,7 +145,7 @@ class ModelRunner:
             pool = self.graphs.pool
             self.graphs = None  # the graphs, their static buffers and captured intermediates
             pool.free_all_blocks()
-        self.kv_cache = self.model = self._last_sampled = None
+        self.kv_cache = self.model = self._last_sampled = self.token_counts = None
 
     # ------------------------------------------------------------------ one step
 
@@ -239,8 +247,8 @@ class ModelRunner:
                             errors={})
         for r, seq in enumerate(seqs):
             try:
-                one = self.ops.sample_start(logits[r : r + 1], self.prepare_sampling([seq]),
-                                            prev).wait()
+                one = self.ops.sample_start(logits[r : r + 1],
+                                            self.prepare_sampling([seq]), prev).wait()
             except Exception as e:
                 if self.ops.is_fatal(e):
                     raise
@@ -305,9 +313,17 @@ class ModelRunner:
     # ------------------------------------------------------------------ sampling settings
 
     def prepare_sampling(self, seqs: list) -> SamplingTensors:
-        """Settings of the rows that sample (sampling_inputs.py), placeholders included."""
-        return sampling_tensors(seqs, self.model_config.vocab_size, self.eos_token_ids,
-                                self._last_rows)
+        """Settings of the rows that sample (sampling_inputs.py), placeholders included.
+        Penalties read the token counts kept on the device, except in steps where a sequence
+        has several rows (speculation's drafts would share its slot): those send ids."""
+        t = sampling_tensors(seqs, self.model_config.vocab_size, self.eos_token_ids,
+                             self._last_rows, self.penalty_slots)
+        if t.count_slots is not None:
+            if self.token_counts is None:  # the first step with a penalty
+                self.token_counts = self.ops.alloc_token_counts(
+                    self.penalty_slots.num_slots, self.model_config.vocab_size)
+            t.count_table = self.token_counts
+        return t
 
 
 class StepHandle:

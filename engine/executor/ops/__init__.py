@@ -78,6 +78,19 @@ class SamplingTensors:
     bias_ids: np.ndarray | None = None  # (R, max_biases) int32
     bias_values: np.ndarray | None = None  # (R, max_biases) float32
     num_logprobs: int = 0  # top-k logprobs to return per row (max over rows)
+    # Penalties from token counts kept on the device between steps: row r reads slot
+    # count_slots[r] of count_table (ops.alloc_token_counts; -1: no penalties). A row with
+    # `rebuild` set first resets its slot from its prompt_ids / output_ids (the other rows' are
+    # empty); every row with a slot adds its drawn token to the slot. None: prompt_ids /
+    # output_ids alone.
+    count_slots: np.ndarray | None = None  # (R,) int32
+    rebuild: np.ndarray | None = None  # (R,) bool
+    count_table: object | None = None  # the backend's TokenCounts / DeviceTokenCounts
+
+    @property
+    def has_penalties(self) -> bool:
+        return (self.count_slots is not None or self.prompt_ids is not None
+                or self.output_ids is not None)
 
     @property
     def all_greedy(self) -> bool:

@@ -19,8 +19,8 @@ from engine.executor.ops.cuda_attention import (
     prepare_metadata,
 )
 from engine.executor.ops.cuda_blas import Gemm
-from engine.executor.ops.cuda_kernels import CTYPES, HEAD_DIMS, kernel, kernel_names
-from engine.executor.ops.cuda_sampling import DeviceSample, sample_on_device
+from engine.executor.ops.cuda_kernels import CTYPES, HEAD_DIMS, kernel, kernel_names, launch
+from engine.executor.ops.cuda_sampling import DeviceSample, DeviceTokenCounts, sample_on_device
 
 DTYPES = {"float16": np.float16, "bfloat16": np.uint16}
 _NULL = np.uint64(0)
@@ -159,8 +159,8 @@ class CudaOps:
             return cupy.take(src, idx, axis=0)
         out = cupy.empty((n_rows, src.shape[1]), src.dtype)
         if n_rows:
-            kernel("gather.cu", "gather_rows_kernel", self.ctype)(
-                (n_rows,), (128,), (out, src, idx, _i32(width_bytes // 16)))
+            launch(kernel("gather.cu", "gather_rows_kernel", self.ctype),
+                   (n_rows,), (128,), (out, src, idx, _i32(width_bytes // 16)), pdl=True)
         return out
 
     def embedding(self, ids, table):
@@ -176,10 +176,10 @@ class CudaOps:
         rows, hidden = x.shape
         out = cupy.empty_like(x)
         if rows:
-            kernel("rms_norm.cu", f"rms_norm_kernel<{self.ctype}>", self.ctype)(
-                (rows,), (256,),
-                (out, _NULL if residual is None else residual, x, weight, np.float32(eps),
-                 _i32(hidden), _i32(mode)))
+            launch(kernel("rms_norm.cu", f"rms_norm_kernel<{self.ctype}>", self.ctype),
+                   (rows,), (256,),
+                   (out, _NULL if residual is None else residual, x, weight, np.float32(eps),
+                    _i32(hidden), _i32(mode)), pdl=True)
         return out
 
     def rms_norm(self, x, weight, eps: float):
@@ -306,12 +306,13 @@ class CudaOps:
             raise ValueError(f"bias length {bias.shape[0]} != qkv width {width}")
         n = len(qkv) * (num_heads + 2 * num_kv_heads)
         if n:
-            kernel("qk_rope_kv.cu", f"qk_norm_rope_kv_kernel<{self.ctype}, {cs_type}, {head_dim}>",
-                   self.ctype)(
-                _grid(n, 4), (128,),
-                (qkv, k_cache, v_cache, positions, slot_mapping, cos_sin, *norms,
-                 _NULL if bias is None else bias, np.float32(eps), _i32(len(qkv)),
-                 _i32(num_heads), _i32(num_kv_heads), _i32(block_size)))
+            launch(kernel("qk_rope_kv.cu",
+                          f"qk_norm_rope_kv_kernel<{self.ctype}, {cs_type}, {head_dim}>",
+                          self.ctype),
+                   _grid(n, 4), (128,),
+                   (qkv, k_cache, v_cache, positions, slot_mapping, cos_sin, *norms,
+                    _NULL if bias is None else bias, np.float32(eps), _i32(len(qkv)),
+                    _i32(num_heads), _i32(num_kv_heads), _i32(block_size)), pdl=True)
 
     def silu_and_mul(self, gate_up):
         # gate_up (T, 2 * inter): gate first, then up -> (T, inter)
@@ -319,8 +320,9 @@ class CudaOps:
         inter = gate_up.shape[1] // 2
         out = cupy.empty((gate_up.shape[0], inter), self.storage)
         if out.size:
-            kernel("activation.cu", f"silu_and_mul_kernel<{self.ctype}>", self.ctype)(
-                _grid(out.size, 256), (256,), (out, gate_up, np.int64(out.size), _i32(inter)))
+            launch(kernel("activation.cu", f"silu_and_mul_kernel<{self.ctype}>", self.ctype),
+                   _grid(out.size, 256), (256,), (out, gate_up, np.int64(out.size), _i32(inter)),
+                   pdl=True)
         return out
 
     # ---------------------------------------------------------------- attention
@@ -358,6 +360,10 @@ class CudaOps:
     def sample(self, logits, tensors: SamplingTensors) -> SamplerOutput:
         # logits (R, vocab): float32, or the compute dtype straight from the lm_head GEMM
         return self.sample_start(logits, tensors).wait()
+
+    def alloc_token_counts(self, num_slots: int, vocab: int) -> DeviceTokenCounts:
+        """The per-sequence token counts that penalties read between steps."""
+        return DeviceTokenCounts(num_slots, vocab)
 
     def sample_start(self, logits, tensors: SamplingTensors,
                      prev_sampled: cupy.ndarray | None = None) -> DeviceSample:

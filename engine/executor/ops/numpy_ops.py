@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 from engine.executor.ops import AttentionMetadata, SamplerOutput, SamplingTensors
-from engine.executor.ops.numpy_sampling import sample
+from engine.executor.ops.numpy_sampling import TokenCounts, sample
 
 
 class NumpyOps:
@@ -203,6 +203,10 @@ class NumpyOps:
             tensors.output_ids = tensors.output_ids.copy()
             resolve_placeholders(tensors.output_ids.reshape(-1), prev_sampled)
         return ReadySample(sample(np.asarray(logits, np.float32), tensors))
+
+    def alloc_token_counts(self, num_slots: int, vocab: int) -> TokenCounts:
+        """The per-sequence token counts that penalties read between steps."""
+        return TokenCounts(num_slots, vocab)
 
     def resolve_placeholders(self, ids: np.ndarray, prev_sampled: np.ndarray) -> None:
         resolve_placeholders(ids, prev_sampled)
