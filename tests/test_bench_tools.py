@@ -261,6 +261,22 @@ def test_bench_spec_replays_the_accepted_lengths(tiny_model, capsys):
     assert "replayed" in capsys.readouterr().out
 
 
+def test_bench_spec_sweeps_batch_sizes(tiny_model, capsys):
+    from tools import bench_spec
+
+    result = bench_spec.main(["--model", tiny_model, "--load-format", "dummy", "--device",
+                              "numpy", "--accepted-hist", "0,0,0,1", "--prompt-len", "12",
+                              "--output-len", "24", "--batch-sizes", "1,3"])
+    rows = result["by_batch"]
+    assert [row["batch"] for row in rows] == [1, 3]
+    for row in rows:
+        assert row["speedup"] == pytest.approx(row["spec_tok_s"] / row["plain_tok_s"])
+    gains = [row["speedup"] >= bench_spec.MIN_GAIN for row in rows]
+    assert result["suggested_disable_by_batch_size"] == (
+        0 if not gains[0] else 1 if not gains[1] else 3)
+    assert "suggested disable_by_batch_size" in capsys.readouterr().out
+
+
 def test_bench_latency_context_len_sets_the_prompt_and_the_floor(tiny_model):
     from tools import bench_latency
 

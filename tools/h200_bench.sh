@@ -3,8 +3,11 @@
 #   bash tools/h200_bench.sh [STEP ...]
 #   steps: gputest w1 w1-sync w1-8b w1-8b-sync latency-8b seed latency w2 w1-eager
 #   structured (W1 constrained by a JSON schema vs unconstrained; not in the default list)
-#          spec-8b spec-8b-min1 w1-8b-spec (speculative decoding: batch-1 replays of the
-#          measured acceptance, W1 with speculation configured)
+#          spec-8b spec-8b-min1 spec-8b-sweep w1-8b-spec w1-spec (speculative decoding: batch-1
+#          replays of the measured acceptance, a batch-size sweep that suggests
+#          disable_by_batch_size, W1 with speculation configured on Llama-3-8B / Qwen3-0.6B; the
+#          summary prints W1 spec / plain when both ran, e.g. `w1-8b w1-8b-spec`)
+#          w1-http-dash (W1-HTTP with the dashboard closed and open on one server: the ratio)
 # gputest runs the CUDA-graph tests first; if they fail, the rest runs with graphs off.
 # Each tool prints one JSON line; they are collected in $OUT/bench.jsonl (default ./bench-out/)
 # and summarised by tools/bench_table.py at the end. Wheels the GPU machine lacks (server deps) are
@@ -21,6 +24,19 @@ export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 steps=${*:-gputest w1 w1-sync w1-8b w1-8b-sync latency-8b seed latency w2 w1-eager}
 log="$OUT/bench.jsonl"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+
+SPEC='{"method": "ngram", "num_speculative_tokens": 4}'
+
+start_server() {  # start_server: qwen3-0.6b on :8011 in the background, $server its pid
+  python3 -m server.cli serve qwen3-0.6b --load-format dummy --device cuda --port 8011 \
+    --log-level warning > "$OUT/server.log" 2>&1 &
+  server=$!
+  for _ in $(seq 1 120); do
+    python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8011/health')" \
+      2> /dev/null && break
+    sleep 1
+  done
+}
 
 record() {  # record NAME TIMEOUT CMD...: run a tool with --json, keep its last line tagged NAME
   local name=$1 limit=$2; shift 2
@@ -58,18 +74,22 @@ for step in $steps; do
       --replay tools/results/spec_profile.json ;;
     spec-8b-min1) record spec-replay-llama3-8b-min1 200 python3 tools/bench_spec.py $L \
       --replay tools/results/spec_profile_min1.json ;;
+    spec-8b-sweep) record spec-sweep-llama3-8b 300 python3 tools/bench_spec.py $L \
+      --replay tools/results/spec_profile.json --output-len 128 --batch-sizes 1,2,4,8,16,32 ;;
     w1-8b-spec) record w1-llama3-8b-spec 150 python3 tools/bench_throughput.py $L \
-      --speculative-config '{"method": "ngram", "num_speculative_tokens": 4}' ;;
+      --speculative-config "$SPEC" ;;
+    w1-spec) record w1-qwen3-0.6b-spec 120 python3 tools/bench_throughput.py $Q \
+      --speculative-config "$SPEC" ;;
     seed) record seed-table-qwen3-0.6b 150 python3 tools/seed_table.py $Q --static-batch-size 32 ;;
+    w1-http-dash)
+      start_server
+      # alternating passes, dashboard closed / open (4 SSE viewers), 3 of each
+      record w1-http-dashboard-qwen3-0.6b 240 python3 tools/bench_serving.py \
+        --base-url http://127.0.0.1:8011 --model qwen3-0.6b --dashboard-clients 4 \
+        --dashboard-compare --passes 3
+      kill $server; wait $server 2> /dev/null ;;
     w2)
-      python3 -m server.cli serve qwen3-0.6b --load-format dummy --device cuda --port 8011 \
-        --log-level warning > "$OUT/server.log" 2>&1 &
-      server=$!
-      for _ in $(seq 1 120); do
-        python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8011/health')" \
-          2> /dev/null && break
-        sleep 1
-      done
+      start_server
       # W1-HTTP first (all 256 requests at once: the serving path at saturation), then W2.
       record w1-http-qwen3-0.6b 120 python3 tools/bench_serving.py \
         --base-url http://127.0.0.1:8011 --model qwen3-0.6b
