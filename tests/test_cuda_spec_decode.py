@@ -20,8 +20,10 @@ from engine.engine import LLMEngine  # noqa: E402
 from engine.model.config import EngineConfig  # noqa: E402
 
 # NOTE: bf16 logits change in the last bits with the batch's shape (GEMM tiling), so the two
-# runs' summed logprobs agree to about 1e-4 relative, not exactly; the tokens must be equal.
-BF16_LOGPROB_TOL = 2e-2
+# runs' summed logprobs differ: by 0.10 on a sum of -57 over ~40 sampled tokens on the H200
+# (2026-12-03), about 2e-3 relative. The tokens must be equal; a wrong position or context
+# would move a sum by several units per token.
+BF16_LOGPROB_TOL = 0.3
 
 @pytest.fixture(scope="module")
 def loaded():
