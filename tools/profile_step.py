@@ -208,7 +208,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
                     help="overlap host and device (default: on for cuda)")
     ap.add_argument("--speculative-tokens", type=int, default=0,
                     help="K > 0: speculative decoding with K drafts, acceptance replayed")
-    ap.add_argument("--spec-profile", default="tools/results/spec_profile.json")
+    ap.add_argument("--spec-profile", default=str(Path(__file__).parent / "results" /
+                                                  "spec_profile.json"),
+                    help="the acceptance histogram that --speculative-tokens replays")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.batch_sizes.split(",")]
