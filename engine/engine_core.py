@@ -349,15 +349,16 @@ class EngineCore:
         s = self.scheduler
         return any(seq.matcher is not None for seq in (*s.running, *s.waiting))
 
-    def _read(self, done: _Launched, outputs: list[SeqOutput], commit_first=False) -> None:
+    def _read(self, done: _Launched, outputs: list[SeqOutput], commit_first=False,
+              on_advanced=None) -> None:
         """Wait for a launched step's tokens and postprocess them; commit_first: key its blocks
-        for the prefix cache before."""
+        for the prefix cache before; on_advanced: called once its matchers have advanced."""
         sampled = self._guard(done.handle.result, done.batch, outputs)
         self._collect_prompt_logprobs(done.handle.prompt_logprobs)
         if commit_first:
             self.scheduler.commit(done.batch)
         if sampled is not None:
-            self._postprocess(done.rows, sampled, outputs)
+            self._postprocess(done.rows, sampled, outputs, on_advanced)
 
     def _mask_filler(self, rows: list[Sequence], outputs: list[SeqOutput]):
         """fill_bitmask for runner.launch when a row is constrained, else None."""
@@ -366,11 +367,20 @@ class EngineCore:
 
         def fill():
             # Called with this step's forward queued. A constrained row's mask needs its
-            # sequence's previous token: read the step in flight first (its matchers advance).
-            if self._in_flight is not None:
-                done, self._in_flight = self._in_flight, None
-                self._read(done, outputs)
-            # A row finished meanwhile has no matcher: unconstrained, and its token is dropped.
+            # sequence's previous token: read the step in flight first. Once its matchers have
+            # advanced, the masks fill on the grammar threads while the rest of its
+            # postprocessing runs here; a row that finishes meanwhile gets a mask it never
+            # uses (its token is dropped).
+            matchers = [seq.matcher for seq in rows]
+            if self._in_flight is None:
+                return self.grammars.fill_bitmask(matchers)
+            done, self._in_flight = self._in_flight, None
+            filling = []
+            self._read(done, outputs, on_advanced=lambda: filling.append(
+                self.grammars.fill_bitmask_soon(matchers)))
+            if filling:
+                return filling[0].result()
+            # Its step failed: no matcher advanced; a failed row has no matcher any more.
             return self.grammars.fill_bitmask([seq.matcher for seq in rows])
 
         return fill
@@ -434,11 +444,13 @@ class EngineCore:
                     collected.append(entry)
             seq.next_prompt_logprob = len(collected)
 
-    def _postprocess(self, seqs: list[Sequence], sampled, outputs: list[SeqOutput]) -> None:
+    def _postprocess(self, seqs: list[Sequence], sampled, outputs: list[SeqOutput],
+                     on_advanced=None) -> None:
         """Append each sampled token, check the id stop rules, free finished sequences. The token
         of a sequence that finished after the step was launched is dropped. A sequence that
         verified k drafts owns k + 1 rows: it takes its accepted drafts and one more token, and
-        its KV slots past them are rolled back."""
+        its KV slots past them are rolled back. on_advanced() runs once the matchers have taken
+        their tokens, before the rest."""
         tokens, logprobs = sampled.token_ids.tolist(), sampled.logprobs.tolist()
         errors = sampled.errors or {}
         top = None
@@ -449,6 +461,8 @@ class EngineCore:
         if any(seq.matcher is not None for seq in seqs):
             # Constrained steps never speculate (step()), so row i is sequence i here.
             verdicts = self.grammars.advance([seq.matcher for seq in seqs], tokens, errors)
+        if on_advanced is not None:
+            on_advanced()
         r = 0  # this sequence's first row
         for i, seq in enumerate(seqs):
             k = len(seq.spec_token_ids)
