@@ -279,6 +279,22 @@ def test_bench_spec_replays_the_accepted_lengths(tiny_model, capsys):
     assert "replayed" in capsys.readouterr().out
 
 
+def test_bench_spec_sweeps_batch_sizes(tiny_model, capsys):
+    from tools import bench_spec
+
+    result = bench_spec.main(["--model", tiny_model, "--load-format", "dummy", "--device",
+                              "numpy", "--accepted-hist", "0,0,0,1", "--prompt-len", "12",
+                              "--output-len", "24", "--batch-sizes", "1,3"])
+    rows = result["by_batch"]
+    assert [row["batch"] for row in rows] == [1, 3]
+    for row in rows:
+        assert row["speedup"] == pytest.approx(row["spec_tok_s"] / row["plain_tok_s"])
+    gains = [row["speedup"] >= bench_spec.MIN_GAIN for row in rows]
+    assert result["suggested_disable_by_batch_size"] == (
+        0 if not gains[0] else 1 if not gains[1] else 3)
+    assert "suggested disable_by_batch_size" in capsys.readouterr().out
+
+
 def test_bench_latency_context_len_sets_the_prompt_and_the_floor(tiny_model):
     from tools import bench_latency
 
@@ -288,3 +304,18 @@ def test_bench_latency_context_len_sets_the_prompt_and_the_floor(tiny_model):
     long = bench_latency.main(args + ["--context-len", "100"])
     assert long["prompt_len"] == 96 and long["output_tokens"] == 4
     assert long["tpot_floor_s"] > short["tpot_floor_s"]  # more KV cache to read per token
+
+
+def test_profile_step_splits_a_speculative_step(capsys):
+    from tools import profile_step
+
+    rows = profile_step.main(["--device", "cpu", "--batch-sizes", "1", "--steps", "12",
+                              "--speculative-tokens", "3", "--max-num-seqs", "4", "--json"])
+    (row,) = rows
+    assert set(profile_step.PHASES + ("propose", "forward")) <= set(row)
+    assert row["forward"] > 0 and row["propose"] > 0
+    # the replayed profile accepts drafts: more than one token per step at batch 1
+    assert row["batch"] == 1 and row["tokens_per_step"] > 1.2
+    host = sum(row[k] for k in profile_step.PHASES if k != "wait") + row["propose"]
+    assert host + row["forward"] + row["wait"] == pytest.approx(row["total"], rel=1e-6)
+    assert json.loads(capsys.readouterr().out) == rows

@@ -11,6 +11,15 @@ Usage:
     python tools/bench_serving.py --base-url http://127.0.0.1:8000 --request-rate 16
     python tools/bench_serving.py --num-prompts 64 --request-rate inf --json
 
+With the dashboard open (issue 15: the engine must lose <= 1% of W1 with it): `--dashboard-clients
+N` keeps N SSE connections to /dashboard/events open for the whole run, reading and counting the
+snapshots (a feed ends every 15 s and is reopened, as the page does); `--dashboard-compare` runs W1
+in alternating passes with the dashboard closed and open (`--passes` of each, on the same server,
+after a short warm-up) and prints open / closed output tok/s. Each pass changes the first token
+of every prompt, so no pass reuses another's prefix-cache blocks and all do the same work.
+
+    python tools/bench_serving.py --dashboard-clients 4 --dashboard-compare --json
+
 Definitions (per request): TTFT = first streamed token chunk - request sent; TPOT = (latency -
 TTFT) / (output tokens - 1); ITL = every gap between consecutive token chunks (pooled over all
 requests). Output tokens are the server's `usage.completion_tokens` when it sends usage, else the
@@ -127,18 +136,44 @@ async def send_request(client, url: str, model: str, prompt: list[int], max_toke
     return result
 
 
+async def watch_dashboard(client, counts: list[int], i: int, errors: list[str]) -> None:
+    """One dashboard viewer: read /dashboard/events and count its snapshots into counts[i],
+    reopening the feed whenever the server ends it, until cancelled."""
+    while True:
+        try:
+            async with client.stream("GET", "/dashboard/events") as response:
+                if response.status_code != 200:
+                    text = (await response.aread()).decode(errors="replace")
+                    errors.append(f"dashboard: HTTP {response.status_code}: {text[:200]}")
+                    return
+                async for line in response.aiter_lines():
+                    if line.startswith("data:"):
+                        counts[i] += 1
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # noqa: BLE001 - a dropped feed is reopened, as the page does
+            errors.append(f"dashboard: {type(e).__name__}: {e}")
+            await asyncio.sleep(0.2)
+
+
 async def run_benchmark(base_url: str, model: str | None, prompts: list[list[int]],
                         output_lens: list[int], request_rate: float, seed: int = 0,
-                        timeout_s: float = 3600.0, transport=None) -> dict:
-    """`transport`: an httpx transport to use instead of the network (tests)."""
+                        timeout_s: float = 3600.0, transport=None, dashboard_clients: int = 0,
+                        api_key: str | None = None) -> dict:
+    """`transport`: an httpx transport to use instead of the network (tests).
+    `dashboard_clients`: dashboard feeds held open (and read) while the requests run."""
     import httpx  # the test extra; only this tool needs it
 
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
     async with httpx.AsyncClient(base_url=base_url, timeout=timeout_s, limits=limits,
-                                 transport=transport) as client:
+                                 transport=transport, headers=headers) as client:
         if model is None:
             listing = (await client.get("/v1/models")).raise_for_status().json()
             model = listing["data"][0]["id"]
+        snapshots, dash_errors = [0] * dashboard_clients, []
+        viewers = [asyncio.create_task(watch_dashboard(client, snapshots, i, dash_errors))
+                   for i in range(dashboard_clients)]
         offsets = arrival_offsets(len(prompts), request_rate, seed)
         t0 = time.perf_counter()
 
@@ -147,15 +182,57 @@ async def run_benchmark(base_url: str, model: str | None, prompts: list[list[int
             return await send_request(client, "/v1/completions", model, prompts[i],
                                       output_lens[i], t0)
 
-        results = await asyncio.gather(*(delayed(i) for i in range(len(prompts))))
-        duration = time.perf_counter() - t0
+        try:
+            results = await asyncio.gather(*(delayed(i) for i in range(len(prompts))))
+            duration = time.perf_counter() - t0
+        finally:
+            for task in viewers:
+                task.cancel()
+            await asyncio.gather(*viewers, return_exceptions=True)
     metrics = compute_metrics(list(results), duration)
     metrics.update(model=model, base_url=base_url, request_rate=request_rate,
                    num_prompts=len(prompts))
+    if dashboard_clients:
+        metrics.update(dashboard_clients=dashboard_clients,
+                       dashboard_snapshots=sum(snapshots),
+                       dashboard_snapshots_per_client=snapshots)
+        if dash_errors:
+            metrics["dashboard_first_error"] = dash_errors[0]
     errors = [r.error for r in results if r.error]
     if errors:
         metrics["first_error"] = errors[0]
     return metrics
+
+
+async def compare_dashboard(base_url: str, model: str | None, prompts: list[list[int]],
+                            output_lens: list[int], request_rate: float, clients: int,
+                            passes: int, seed: int = 0, timeout_s: float = 3600.0,
+                            api_key: str | None = None) -> dict:
+    """W1 with the dashboard closed and open, in alternating passes on the same server: each
+    pass's figures, and the ratio of the open passes' mean output tok/s to the closed ones'."""
+    kw = dict(seed=seed, timeout_s=timeout_s, api_key=api_key)
+
+    def fresh(first: int) -> list[list[int]]:
+        # A first token of its own per pass: no pass hits another's prefix-cache blocks.
+        return [[first] + prompt[1:] for prompt in prompts]
+
+    # warm-up: kernels compiled, connections open
+    await run_benchmark(base_url, model, fresh(99)[:8], [8] * min(8, len(prompts)),
+                        float("inf"), **kw)
+    runs: dict[int, list[dict]] = {0: [], clients: []}
+    for p in range(passes):
+        for n in (0, clients):
+            runs[n].append(await run_benchmark(base_url, model, fresh(100 + 2 * p + bool(n)),
+                                               output_lens, request_rate,
+                                               dashboard_clients=n, **kw))
+    closed = [r["output_tok_s"] for r in runs[0]]
+    opened = [r["output_tok_s"] for r in runs[clients]]
+    return {"closed": runs[0], "dashboard": runs[clients], "passes": passes,
+            "dashboard_clients": clients,
+            "dashboard_snapshots": sum(r["dashboard_snapshots"] for r in runs[clients]),
+            "closed_output_tok_s": float(np.mean(closed)),
+            "dashboard_output_tok_s": float(np.mean(opened)),
+            "dashboard_over_closed": float(np.mean(opened) / np.mean(closed))}
 
 
 def format_report(m: dict) -> str:
@@ -171,8 +248,24 @@ def format_report(m: dict) -> str:
     for key in ("ttft_ms", "tpot_ms", "itl_ms", "e2e_latency_ms"):
         s = m[key]
         lines.append(f"{key[:-3]:<14}{s['mean']:>10.2f}{s['median']:>10.2f}{s['p99']:>10.2f}")
+    if "dashboard_clients" in m:
+        lines.append(f"dashboard open: {m['dashboard_clients']} SSE clients read "
+                     f"{m['dashboard_snapshots']} snapshots")
     if "first_error" in m:
         lines.append(f"first error: {m['first_error']}")
+    return "\n".join(lines)
+
+
+def format_comparison(m: dict) -> str:
+    lines = []
+    for name in ("closed", "dashboard"):
+        for i, r in enumerate(m[name]):
+            lines += [f"-- pass {i + 1}, dashboard {'open' if name == 'dashboard' else 'closed'}:",
+                      format_report(r)]
+    lines.append(f"dashboard open / closed output tok/s = {m['dashboard_output_tok_s']:.1f} / "
+                 f"{m['closed_output_tok_s']:.1f} = {m['dashboard_over_closed']:.2%} "
+                 f"({m['dashboard_clients']} clients read {m['dashboard_snapshots']} snapshots; "
+                 f"issue 15: >= 99%)")
     return "\n".join(lines)
 
 
@@ -187,13 +280,30 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--vocab-size", type=int, default=None, help="fold prompt ids below this")
     ap.add_argument("--seed", type=int, default=0, help="seed of W1 and of the arrival process")
     ap.add_argument("--timeout", type=float, default=3600.0, help="per-request timeout (s)")
+    ap.add_argument("--api-key", default=None, help="sent as a Bearer token")
+    ap.add_argument("--dashboard-clients", type=int, default=0,
+                    help="hold N dashboard feeds (/dashboard/events) open during the run")
+    ap.add_argument("--dashboard-compare", action="store_true",
+                    help="alternate passes with the dashboard closed and open; print the ratio")
+    ap.add_argument("--passes", type=int, default=2, help="--dashboard-compare: of each")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
     prompts, output_lens = w1_requests(args.num_prompts, args.seed)
     if args.scale != 1.0 or args.vocab_size:
         prompts, output_lens = scale_requests(prompts, output_lens, args.scale, args.vocab_size)
-    metrics = asyncio.run(run_benchmark(args.base_url.rstrip("/"), args.model, prompts,
-                                        output_lens, args.request_rate, args.seed, args.timeout))
+    base_url = args.base_url.rstrip("/")
+    if args.dashboard_compare:
+        if args.dashboard_clients < 1:
+            ap.error("--dashboard-compare needs --dashboard-clients >= 1")
+        metrics = asyncio.run(compare_dashboard(
+            base_url, args.model, prompts, output_lens, args.request_rate,
+            args.dashboard_clients, args.passes, args.seed, args.timeout, args.api_key))
+        print(json.dumps(metrics) if args.json else format_comparison(metrics))
+        return metrics
+    metrics = asyncio.run(run_benchmark(base_url, args.model, prompts, output_lens,
+                                        args.request_rate, args.seed, args.timeout,
+                                        dashboard_clients=args.dashboard_clients,
+                                        api_key=args.api_key))
     print(json.dumps(metrics) if args.json else format_report(metrics))
     return metrics
 

@@ -10,7 +10,9 @@ replay (--replay FILE, or --accepted-hist N0,N1,..,Nk): one request at batch 1 o
     write no text worth copying, so every step proposes k drafts and the number accepted is drawn
     from the measured histogram (the verifier is handed sampled tokens that agree with exactly that
     many drafts): the k + 1 verify rows, the rollback and the synchronous step are all real, the
-    acceptance is replayed. The output says so.
+    acceptance is replayed. The output says so. --batch-sizes 1,2,4,.. replays B requests at once
+    for each B (decode tok/s without and with speculation) and suggests disable_by_batch_size:
+    the largest B up to which speculation gains at least MIN_GAIN at every measured size.
 
 Usage:
     python tools/bench_spec.py --device cpu --save-profile tools/results/spec_profile.json
@@ -48,20 +50,33 @@ def spec_summary(hist: list[int], no_draft_steps: int = 0) -> dict:
             "hist": list(hist)}
 
 
+# Speculation must gain at least this much at a batch size for the sweep to keep it on there.
+MIN_GAIN = 1.05
+
+
 def _decode(engine, request_id: str, prompt_ids: list[int], max_tokens: int) -> tuple[list, float]:
     """Greedy tokens of one request alone, and the seconds from its first token to its last."""
+    tokens, seconds = _decode_batch(engine, request_id, [prompt_ids], max_tokens)
+    return tokens[0], seconds
+
+
+def _decode_batch(engine, tag: str, prompts: list[list[int]], max_tokens: int,
+                  ignore_eos: bool = False) -> tuple[list[list], float]:
+    """Greedy tokens of requests run together, and the seconds from the first token to the last."""
     from engine import SamplingParams
 
-    engine.add_request(request_id, {"prompt_token_ids": prompt_ids},
-                       SamplingParams(temperature=0, max_tokens=max_tokens))
-    tokens, first = [], None
+    for i, p in enumerate(prompts):
+        engine.add_request(f"{tag}-{i}", {"prompt_token_ids": p},
+                           SamplingParams(temperature=0, max_tokens=max_tokens,
+                                          ignore_eos=ignore_eos))
+    tokens, first = {f"{tag}-{i}": [] for i in range(len(prompts))}, None
     while engine.has_unfinished_requests():
         for out in engine.step():
             new = out.outputs[0].delta_token_ids
             if new and first is None:
                 first = time.perf_counter()
-            tokens += new
-    return tokens, time.perf_counter() - first
+            tokens[out.request_id] += new
+    return list(tokens.values()), time.perf_counter() - first
 
 
 def acceptance(args, llm) -> dict:
@@ -153,6 +168,33 @@ def replay(args, llm, hist: list[int], no_draft_steps: int) -> dict:
             "spec_tpot_ms": spec_tpot * 1e3, "speedup": plain_tpot / spec_tpot}
 
 
+def batch_sweep(args, llm, sizes: list[int]) -> dict:
+    """Decode tok/s of B requests at once, without and with speculation (replayed acceptance,
+    install_replay done), for each B; and the disable_by_batch_size it suggests."""
+    engine, core = llm.engine, llm.engine.core
+    vocab = engine.model_config.vocab_size
+    spec, rows = core.spec, []
+    for b in sizes:
+        prompts = [[(31 * i + 7 + 101 * j) % vocab for i in range(args.prompt_len)]
+                   for j in range(b)]
+        speeds = {}
+        for name, s in (("plain", None), ("spec", spec)):
+            core.spec = s
+            toks, seconds = _decode_batch(engine, f"{name}-{b}", prompts, args.output_len,
+                                          ignore_eos=True)
+            speeds[name] = (sum(len(t) for t in toks) - b) / seconds  # tokens after the first
+        rows.append({"batch": b, "plain_tok_s": speeds["plain"], "spec_tok_s": speeds["spec"],
+                     "speedup": speeds["spec"] / speeds["plain"]})
+    core.spec = spec
+    suggested = 0
+    for row in rows:
+        if row["speedup"] < MIN_GAIN:
+            break
+        suggested = row["batch"]
+    return {"by_batch": rows, "min_gain": MIN_GAIN,
+            "suggested_disable_by_batch_size": suggested}
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
@@ -171,6 +213,8 @@ def main(argv: list[str] | None = None) -> dict:
                     help="replay with --accepted-hist: steps that found no n-gram")
     ap.add_argument("--prompt-len", type=int, default=128, help="replay")
     ap.add_argument("--output-len", type=int, default=256, help="replay")
+    ap.add_argument("--batch-sizes", default=None,
+                    help="replay: also sweep these batch sizes, e.g. 1,2,4,8,16,32")
     ap.add_argument("--max-model-len", type=int, default=None)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print one JSON object")
@@ -184,16 +228,21 @@ def main(argv: list[str] | None = None) -> dict:
         hist = [int(n) for n in args.accepted_hist.split(",")]
         no_draft_steps = args.no_draft_steps
     k = len(hist) - 1 if hist else args.num_speculative_tokens
+    sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes and hist else []
     from engine import LLM
 
-    # disable_by_batch_size stays above 1: every measurement here is at batch 1.
+    # Speculation stays on at every batch size measured here.
+    max_seqs = max([8, *sizes])
     spec = {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max":
-            args.prompt_lookup_max, "prompt_lookup_min": args.prompt_lookup_min}
+            args.prompt_lookup_max, "prompt_lookup_min": args.prompt_lookup_min,
+            "disable_by_batch_size": max_seqs}
     llm = LLM(model=args.model, device=args.device, dtype=args.dtype, load_format=args.load_format,
-              max_model_len=args.max_model_len, max_num_seqs=8, seed=args.seed,
+              max_model_len=args.max_model_len, max_num_seqs=max_seqs, seed=args.seed,
               speculative_config=spec)
     with llm:
         result = replay(args, llm, hist, no_draft_steps) if hist else acceptance(args, llm)
+        if sizes:
+            result |= batch_sweep(args, llm, sizes)
     if args.save_profile and not hist:
         Path(args.save_profile).write_text(json.dumps(result, indent=1) + "\n")
     if args.json:
@@ -224,6 +273,12 @@ def _print(r: dict) -> None:
         print(line("achieved", r["achieved"]))
         print(f"batch 1, prompt {r['prompt_len']}, {r['output_len']} tokens: TPOT "
               f"{r['plain_tpot_ms']:.2f} -> {r['spec_tpot_ms']:.2f} ms ({r['speedup']:.2f}x)")
+        for row in r.get("by_batch", []):
+            print(f"batch {row['batch']:3d}: decode {row['plain_tok_s']:8.1f} -> "
+                  f"{row['spec_tok_s']:8.1f} tok/s ({row['speedup']:.2f}x)")
+        if "by_batch" in r:
+            print(f"suggested disable_by_batch_size (speculation gains >= {r['min_gain']:.2f}x "
+                  f"up to it): {r['suggested_disable_by_batch_size']}")
 
 
 if __name__ == "__main__":

@@ -25,22 +25,27 @@ def rows(records: list[dict]) -> list[str]:
                    f"; maxLength strings {bounded['output_tok_s']:,.0f} = "
                    f"{r['bounded_over_unconstrained']:.0%} ")
                 + f"| — | {c['num_steps']} steps, {_busy(c)} vs {_busy(u)} |")
-        elif name.startswith("w1"):
+        elif name.startswith("w1") and "http" not in name:
             out.append(
                 f"| {name} | {r['output_tok_s']:,.0f} output tok/s ({r['wall_s']:.1f} s) | "
                 f"{r['roofline_output_tok_s']:,.0f} tok/s ({r['fraction_of_roofline']:.0%}) | "
                 f"{r['sampling']}, {r['num_steps']} steps, {r['num_preemptions']} preemptions, "
-                f"{_busy(r)} |")
+                f"{_busy(r)}{_spec(r)} |")
         elif name.startswith("latency"):
             out.append(
                 f"| {name} | batch-1 TPOT {r['tpot_s'] * 1e3:.2f} ms, TTFT "
                 f"{r['ttft_s'] * 1e3:.1f} ms | weights read {r['tpot_floor_s'] * 1e3:.2f} ms "
                 f"({r['tpot_over_floor']:.2f}x) | cold start {r['cold_start_s']:.1f} s |")
         elif name.startswith("spec"):
+            sweep = "".join(f"; batch {b['batch']} {b['speedup']:.2f}x"
+                            for b in r.get("by_batch", []))
+            if sweep:
+                sweep += (f"; suggested disable_by_batch_size "
+                          f"{r['suggested_disable_by_batch_size']}")
             out.append(
                 f"| {name} | batch-1 TPOT {r['plain_tpot_ms']:.2f} -> {r['spec_tpot_ms']:.2f} ms "
                 f"= {r['speedup']:.2f}x | — | replayed mean accepted length "
-                f"{r['achieved']['mean_accepted_length']:.2f} (k={r['achieved']['k']}) |")
+                f"{r['achieved']['mean_accepted_length']:.2f} (k={r['achieved']['k']}){sweep} |")
         elif name.startswith("seed"):
             s, p = r["static"], r["paged"]
             out.append(
@@ -49,6 +54,12 @@ def rows(records: list[dict]) -> list[str]:
                 f"{p['output_tok_s'] / s['output_tok_s']:.2f}x | — | KV waste paged "
                 f"{p['kv_waste_pct']:.1f}% vs contiguous {s['kv_waste_pct']:.1f}%; busy "
                 f"{p['busy_fraction']:.0%} vs {s['busy_fraction']:.0%} |")
+        elif "dashboard_over_closed" in r:
+            out.append(
+                f"| {name} | dashboard open {r['dashboard_output_tok_s']:,.0f} vs closed "
+                f"{r['closed_output_tok_s']:,.0f} output tok/s = {r['dashboard_over_closed']:.1%} "
+                f"| — | {r['passes']} passes of each; {r['dashboard_clients']} SSE clients read "
+                f"{r['dashboard_snapshots']} snapshots |")
         elif name.startswith(("w2", "w1-http")):
             t, p, i = r["ttft_ms"], r["tpot_ms"], r["itl_ms"]
             out.append(
@@ -58,6 +69,28 @@ def rows(records: list[dict]) -> list[str]:
                 f"{i['mean']:.1f}/{i['median']:.1f}/{i['p99']:.1f} ms; {r['completed']} ok, "
                 f"{r['failed']} failed |")
     return out
+
+
+def ratios(records: list[dict]) -> list[str]:
+    """W1 with speculation configured against W1 without, where both ran (issue 14: >= 0.97)."""
+    by_name = {rec["bench"]: rec.get("result") for rec in records}
+    out = []
+    for name, r in by_name.items():
+        plain = by_name.get(name.removesuffix("-spec"))
+        if name.endswith("-spec") and r and plain and "output_tok_s" in plain:
+            out.append(f"{name} / {name.removesuffix('-spec')}: output tok/s "
+                       f"{r['output_tok_s']:,.0f} / {plain['output_tok_s']:,.0f} = "
+                       f"{r['output_tok_s'] / plain['output_tok_s']:.3f} (no more than 3% "
+                       f"slower: >= 0.970)")
+    return out
+
+
+def _spec(r: dict) -> str:
+    if "spec_num_draft_tokens" not in r:
+        return ""
+    drafts = r["spec_num_draft_tokens"]
+    rate = r["spec_num_accepted_tokens"] / drafts if drafts else 0.0
+    return f", speculation: {drafts} drafts, {rate:.0%} accepted"
 
 
 def _busy(r: dict) -> str:
@@ -71,7 +104,7 @@ def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
     with open(argv[0]) as f:
         records = [json.loads(line) for line in f if line.strip()]
-    print("\n".join(rows(records)))
+    print("\n".join(rows(records) + ratios(records)))
 
 
 if __name__ == "__main__":

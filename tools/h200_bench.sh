@@ -6,8 +6,11 @@
 #   latency-32k (batch-1 decode at the end of a 32,532-token context, Qwen3-0.6B shapes)
 #   w1-sampled (W1 as chat traffic samples: temperature 0.8, top_p 0.95, top_k 50,
 #          repetition_penalty 1.1; issue 12's target is >= 95% of w1 in the same run)
-#          spec-8b spec-8b-min1 w1-8b-spec (speculative decoding: batch-1 replays of the
-#          measured acceptance, W1 with speculation configured)
+#          spec-8b spec-8b-min1 spec-8b-sweep w1-8b-spec w1-spec (speculative decoding: batch-1
+#          replays of the measured acceptance, a batch-size sweep that suggests
+#          disable_by_batch_size, W1 with speculation configured on Llama-3-8B / Qwen3-0.6B; the
+#          summary prints W1 spec / plain when both ran, e.g. `w1-8b w1-8b-spec`)
+#          w1-http-dash (W1-HTTP with the dashboard closed and open on one server: the ratio)
 #   tensor parallel (issue 18; need 2 GPUs, nvidia-h200-x2; not in the default list):
 #          gputest-tp w1-tp2 latency-tp2 allreduce-tp2 parity-tp2
 #          (compare with w1-8b and latency-8b, the TP=1 figures)
@@ -28,6 +31,19 @@ export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 steps=${*:-gputest w1 w1-sampled w1-sync w1-8b w1-8b-sync latency-8b seed latency w2 w1-eager}
 log="$OUT/bench.jsonl"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
+
+SPEC='{"method": "ngram", "num_speculative_tokens": 4}'
+
+start_server() {  # start_server: qwen3-0.6b on :8011 in the background, $server its pid
+  python3 -m server.cli serve qwen3-0.6b --load-format dummy --device cuda --port 8011 \
+    --log-level warning > "$OUT/server.log" 2>&1 &
+  server=$!
+  for _ in $(seq 1 120); do
+    python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8011/health')" \
+      2> /dev/null && break
+    sleep 1
+  done
+}
 
 record() {  # record NAME TIMEOUT CMD...: run a tool with --json, keep its last line tagged NAME
   local name=$1 limit=$2; shift 2
@@ -69,8 +85,12 @@ for step in $steps; do
       --replay tools/results/spec_profile.json ;;
     spec-8b-min1) record spec-replay-llama3-8b-min1 200 python3 tools/bench_spec.py $L \
       --replay tools/results/spec_profile_min1.json ;;
+    spec-8b-sweep) record spec-sweep-llama3-8b 300 python3 tools/bench_spec.py $L \
+      --replay tools/results/spec_profile.json --output-len 128 --batch-sizes 1,2,4,8,16,32 ;;
     w1-8b-spec) record w1-llama3-8b-spec 150 python3 tools/bench_throughput.py $L \
-      --speculative-config '{"method": "ngram", "num_speculative_tokens": 4}' ;;
+      --speculative-config "$SPEC" ;;
+    w1-spec) record w1-qwen3-0.6b-spec 120 python3 tools/bench_throughput.py $Q \
+      --speculative-config "$SPEC" ;;
     gputest-tp) timeout 300 python3 -m pytest -q -m gpu tests/test_cuda_tensor_parallel.py \
       2>&1 | tail -n 15 ;;
     w1-tp2) record w1-llama3-8b-tp2 240 python3 tools/bench_throughput.py $L \
@@ -82,15 +102,15 @@ for step in $steps; do
     parity-tp2) record parity-llama3-8b-tp2 400 python3 tools/tp_parity.py --model llama3-8b \
       --tensor-parallel-size 2 --num-prompts 64 ;;
     seed) record seed-table-qwen3-0.6b 150 python3 tools/seed_table.py $Q --static-batch-size 32 ;;
+    w1-http-dash)
+      start_server
+      # alternating passes, dashboard closed / open (4 SSE viewers), 3 of each
+      record w1-http-dashboard-qwen3-0.6b 240 python3 tools/bench_serving.py \
+        --base-url http://127.0.0.1:8011 --model qwen3-0.6b --dashboard-clients 4 \
+        --dashboard-compare --passes 3
+      kill $server; wait $server 2> /dev/null ;;
     w2)
-      python3 -m server.cli serve qwen3-0.6b --load-format dummy --device cuda --port 8011 \
-        --log-level warning > "$OUT/server.log" 2>&1 &
-      server=$!
-      for _ in $(seq 1 120); do
-        python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8011/health')" \
-          2> /dev/null && break
-        sleep 1
-      done
+      start_server
       # W1-HTTP first (all 256 requests at once: the serving path at saturation), then W2.
       record w1-http-qwen3-0.6b 120 python3 tools/bench_serving.py \
         --base-url http://127.0.0.1:8011 --model qwen3-0.6b

@@ -13,6 +13,17 @@ With overlapped scheduling (on by default on cuda; `--no-async-scheduling` turns
 is for the step launched one call earlier, so it shrinks to what the device runs longer than the
 host works.
 
+`--speculative-tokens K` profiles speculative decoding (batch <= 8 speculates): every step
+proposes K drafts and accepts as many as tools/results/spec_profile.json's histogram says (the
+replay of tools/bench_spec.py), and two more phases come out of the others:
+
+    propose         the n-gram proposer (part of postprocess above)
+    forward         the model's forward and the sampling as the host sees them (part of launch):
+                    on numpy the computation itself, on cuda eager launches (graphs: ~0)
+
+so that on the CPU, total - forward is the host's work per step that the device would wait for
+(speculative steps are synchronous: the next proposal needs the accepted tokens).
+
 Usage:
     python tools/profile_step.py --device cuda --model qwen3-0.6b       # dummy weights
     python tools/profile_step.py --device cpu                         # tiny model on the CPU
@@ -38,7 +49,7 @@ PHASES = ("schedule", "prepare", "launch", "wait", "postprocess")
 
 
 def tiny_engine(max_num_seqs: int, num_kv_blocks: int, block_size: int = 16,
-                async_scheduling: bool | None = None):
+                async_scheduling: bool | None = None, speculative_config: dict | None = None):
     """LLMEngine on numpy with a 2-layer random llama (vocab 512, hidden 64)."""
     from engine.engine import LLMEngine
     from engine.executor.ops.numpy_ops import NumpyOps
@@ -53,7 +64,8 @@ def tiny_engine(max_num_seqs: int, num_kv_blocks: int, block_size: int = 16,
                                    weights=dummy_weights(config, NumpyOps(), seed=0))
     return LLMEngine(EngineConfig(device="cpu", max_num_seqs=max_num_seqs,
                                   num_kv_blocks=num_kv_blocks, block_size=block_size,
-                                  async_scheduling=async_scheduling),
+                                  async_scheduling=async_scheduling,
+                                  speculative_config=speculative_config),
                      loaded_model=loaded)
 
 
@@ -64,7 +76,25 @@ def gpu_engine(args):
     return LLMEngine(EngineConfig(model=args.model, device=args.device, load_format="dummy",
                                   max_num_seqs=args.max_num_seqs, dtype=args.dtype,
                                   enforce_eager=args.enforce_eager,
-                                  async_scheduling=args.async_scheduling))
+                                  async_scheduling=args.async_scheduling,
+                                  speculative_config=spec_config(args)))
+
+
+def spec_config(args) -> dict | None:
+    if not args.speculative_tokens:
+        return None
+    return {"method": "ngram", "num_speculative_tokens": args.speculative_tokens}
+
+
+def install_spec_replay(engine, profile: str) -> None:
+    """Drafts and verdicts replayed from a measured acceptance profile (tools/bench_spec.py)."""
+    from tools.bench_spec import install_replay
+
+    overall = json.loads(Path(profile).read_text())["overall"]
+    k = engine.core.spec.config.num_speculative_tokens
+    hist = (overall["hist"] + [0] * k)[: k + 1]  # the profile's k may differ: truncated/padded
+    install_replay(engine.core.spec, hist, overall["no_draft_steps"],
+                   engine.model_config.vocab_size)
 
 
 class _Timers:
@@ -103,7 +133,9 @@ def profile_batch(engine, prompts, num_steps: int, sync=None) -> dict:
     from engine import SamplingParams
     from engine.executor.runner import StepHandle
 
-    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=num_steps + 8)
+    spec = engine.core.spec
+    per_step = 1 + (spec.config.num_speculative_tokens if spec is not None else 0)
+    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=(num_steps + 8) * per_step)
     ids = [f"p{len(prompts)}-{i}" for i in range(len(prompts))]
     for request_id, p in zip(ids, prompts, strict=True):
         engine.add_request(request_id, {"prompt_token_ids": p}, params)
@@ -120,6 +152,11 @@ def profile_batch(engine, prompts, num_steps: int, sync=None) -> dict:
     timers.wrap(engine.runner, "prepare_sampling", "prepare_sampling")
     timers.wrap(engine.runner, "launch", "launch")
     timers.wrap(StepHandle, "result", "wait")
+    if spec is not None:
+        timers.wrap(spec, "propose", "propose")
+        timers.wrap(engine.core.model, "forward", "forward")
+        timers.wrap(engine.core.ops, "sample_start", "forward")
+    tokens_before = engine.core.get_stats().generation_tokens_total
     batch_sizes = []
     t0 = time.perf_counter()
     try:
@@ -136,17 +173,23 @@ def profile_batch(engine, prompts, num_steps: int, sync=None) -> dict:
     engine.step()
     t = timers.totals
     prepare = t.get("prepare_inputs", 0.0) + t.get("prepare_sampling", 0.0)
+    forward, propose = t.get("forward", 0.0), t.get("propose", 0.0)
     phases = {
         "schedule": t.get("schedule", 0.0),
         "prepare": prepare,
-        "launch": t.get("launch", 0.0) - prepare,
+        "launch": t.get("launch", 0.0) - prepare - forward,
         "wait": t.get("wait", 0.0),
-        "postprocess": total - t.get("schedule", 0.0) - t.get("launch", 0.0) - t.get("wait", 0.0),
+        "postprocess": total - t.get("schedule", 0.0) - t.get("launch", 0.0) - t.get("wait", 0.0)
+        - propose,
     }
+    if spec is not None:
+        phases |= {"propose": propose, "forward": forward}
     ms = {k: 1e3 * v / num_steps for k, v in phases.items()}
     ms["total"] = 1e3 * total / num_steps
     ms["batch"] = max(batch_sizes)
-    ms["tok_s"] = sum(batch_sizes) / total
+    num_tokens = engine.core.get_stats().generation_tokens_total - tokens_before
+    ms["tok_s"] = num_tokens / total
+    ms["tokens_per_step"] = num_tokens / num_steps
     return ms
 
 
@@ -163,6 +206,11 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--enforce-eager", action="store_true")
     ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                     help="overlap host and device (default: on for cuda)")
+    ap.add_argument("--speculative-tokens", type=int, default=0,
+                    help="K > 0: speculative decoding with K drafts, acceptance replayed")
+    ap.add_argument("--spec-profile", default=str(Path(__file__).parent / "results" /
+                                                  "spec_profile.json"),
+                    help="the acceptance histogram that --speculative-tokens replays")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.batch_sizes.split(",")]
@@ -174,18 +222,23 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if on_cpu:
         longest = max(len(p) for p in prompts) + args.steps + 16
         engine = tiny_engine(args.max_num_seqs, max(sizes) * (-(-longest // 16)) + 16,
-                             async_scheduling=args.async_scheduling)
+                             async_scheduling=args.async_scheduling,
+                             speculative_config=spec_config(args))
     else:
         engine = gpu_engine(args)
         sync = engine.ops.synchronize
+    if args.speculative_tokens:
+        install_spec_replay(engine, args.spec_profile)
+    phases = PHASES + (("propose", "forward") if args.speculative_tokens else ())
     rows = []
     for b in sizes:
         row = profile_batch(engine, prompts[:b], args.steps, sync)
         rows.append(row)
         if not args.json:
-            cells = "  ".join(f"{k} {row[k]:7.3f}" for k in PHASES)
+            cells = "  ".join(f"{k} {row[k]:7.3f}" for k in phases)
             print(f"batch {row['batch']:4d}: {cells}  total {row['total']:7.3f} ms/step  "
-                  f"({row['tok_s']:.0f} tok/s)", flush=True)
+                  f"({row['tok_s']:.0f} tok/s, {row['tokens_per_step']:.2f} tokens/step)",
+                  flush=True)
     if args.json:
         print(json.dumps(rows))
     return rows

@@ -7,6 +7,10 @@ they write nothing and attend to nothing. The host stages them in one of two pin
 turn, so staging step N+1 never overwrites what step N's (asynchronous) upload still reads; input
 placeholders of an overlapped step are resolved on the stream right before the replay.
 
+Speculative verify steps replay the same graphs: StepInputs.as_decode_rows() turns the 1 + k
+tokens of each sequence into 1 + k decode rows (row t attends to keys 0..positions[t] of its
+sequence), so B sequences verifying k drafts replay the graph of the smallest size >= B * (1 + k).
+
     graphs = DecodeGraphs(model, kv_cache, max_num_seqs=64, max_blocks_per_seq=256)
     graphs.capture()
     if meta.is_decode_only and graphs.can_run(len(meta.context_lens)):

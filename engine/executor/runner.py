@@ -122,20 +122,27 @@ class ModelRunner:
         self.time_gpu = False  # record device time per step (benchmarks) in gpu_step_times
         self.gpu_step_times: list[float] = []  # seconds, in launch order, once results are read
         self.graphs = None
+        # Steps that replayed a decode graph, and how many of them verified drafts (tests).
+        self.num_graph_steps = self.num_graph_verify_steps = 0
         if ops.name == "cuda" and not engine_config.enforce_eager and DECODE_GRAPHS:
             self.capture_decode_graphs()
 
     def capture_decode_graphs(self) -> None:
-        """Capture the decode forward for every padded batch size up to max_num_seqs."""
+        """Capture the decode forward for every padded batch size up to max_num_seqs, or up to
+        the rows of the largest verify step when speculation is configured."""
         from engine.executor.cuda_graph import DecodeGraphs
 
         t = time.perf_counter()
-        graphs = DecodeGraphs(self.model, self.kv_cache, self.config.max_num_seqs,
-                              self.max_blocks_per_seq)
+        max_rows = self.config.max_num_seqs
+        spec = self.config.speculative_config
+        if spec is not None:  # verify steps: 1 + k rows per sequence (StepInputs.as_decode_rows)
+            max_rows = max(max_rows, min(spec.disable_by_batch_size, max_rows)
+                           * (1 + spec.num_speculative_tokens))
+        graphs = DecodeGraphs(self.model, self.kv_cache, max_rows, self.max_blocks_per_seq)
         graphs.capture()
         self.graphs = graphs
-        logger.info("captured %d decode CUDA graphs (batch 1..%d) in %.2f s",
-                    len(self.graphs.sizes), self.config.max_num_seqs, time.perf_counter() - t)
+        logger.info("captured %d decode CUDA graphs (1..%d rows) in %.2f s",
+                    len(self.graphs.sizes), max_rows, time.perf_counter() - t)
 
     def close(self) -> None:
         """Drop the device memory the runner holds (graphs and their pool, the KV cache, the
@@ -186,19 +193,19 @@ class ModelRunner:
         if batch.block_copies:  # before anything writes after a fork's copied tail
             ops.copy_blocks(self.kv_cache, batch.block_copies)
         prev = self._last_sampled if inputs.num_placeholders else None
-        graphs = self.graphs
         prompt = None
-        use_graph = (graphs is not None and inputs.is_decode_only and inputs.prompt is None
-                     and graphs.can_run(len(batch.seqs)))
+        rows = self._graph_rows(inputs, batch)
         seqs, fork_rows = sampling
         if batch.num_spec_tokens:  # 1 + k rows for a sequence verifying k drafts
             seqs, fork_rows = expand_draft_rows(seqs, fork_rows)
         if self.workers is not None:
-            self.workers.send_step(inputs, batch.block_copies, use_graph, prev is not None,
+            self.workers.send_step(inputs, batch.block_copies, rows is not None, prev is not None,
                                    len(seqs) if len(inputs.logits_indices) else 0)
-        if use_graph:
-            logits = graphs.run(inputs.input_ids, inputs.positions, inputs.meta,
-                                prev)  # (B, vocab)
+        if rows is not None:
+            logits = self.graphs.run(rows.input_ids, rows.positions, rows.meta,
+                                     prev)  # (T, vocab): B decodes, or a verify's T tokens
+            self.num_graph_steps += 1
+            self.num_graph_verify_steps += bool(batch.num_spec_tokens)
         else:
             logits = self._forward_eager(inputs, prev)  # (R + Q, vocab)
             if inputs.prompt is not None:
@@ -236,6 +243,19 @@ class ModelRunner:
         """Tensor parallel: an event after the step's collectives, which result() waits on while
         it watches the other ranks (a collective whose peer died never completes)."""
         return None if self.workers is None else self.ops.record_event()
+
+    def _graph_rows(self, inputs: StepInputs, batch) -> StepInputs | None:
+        """The step as the rows a decode graph replays, or None: it runs eagerly."""
+        if self.graphs is None or inputs.prompt is not None:
+            return None
+        rows = inputs if inputs.is_decode_only else None
+        # NOTE: tensor-parallel workers replay the packed inputs as they are (run_worker_step),
+        # so at TP > 1 verify steps run eagerly rather than as decode rows.
+        if rows is None and batch.num_spec_tokens and self.workers is None:
+            rows = inputs.as_decode_rows()
+        if rows is None or not self.graphs.can_run(len(rows.input_ids)):
+            return None
+        return rows
 
     def _sample_rows_alone(self, logits, seqs: list, prev) -> SamplerOutput:
         """Sampling the batch raised: sample each row on its own, so that one sequence's bad

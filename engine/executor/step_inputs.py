@@ -95,6 +95,34 @@ class WorkerStep:
             max_query_len=self.max_query_len, max_context_len=self.max_context_len)
         return view, meta
 
+    def as_decode_rows(self) -> StepInputs | None:
+        """This step with every new token as a decode of its own, or None unless every token
+        samples (a verify step of decodes and their drafts) with no prompt rows.
+
+        Row t attends to its sequence's keys 0..positions[t] through that sequence's block
+        table: causal attention over a sequence's new tokens is one decode per token once the
+        step has written their k/v, which the model does before attention. So a verify step
+        replays the decode CUDA graph of B * (1 + k) rows (cuda_graph.py) instead of running the
+        prefill path eagerly; no row is padded within a sequence, and a sequence that proposed
+        fewer drafts simply has fewer rows."""
+        num_tokens = len(self.input_ids)
+        if (self.prompt is not None or self.num_placeholders
+                or len(self.logits_indices) != num_tokens
+                or not np.array_equal(self.logits_indices, np.arange(num_tokens))):
+            return None
+        m = self.meta
+        token_seq = np.repeat(np.arange(len(m.context_lens)), np.diff(m.query_start_loc))  # (T,)
+        meta = AttentionMetadata(
+            slot_mapping=m.slot_mapping,
+            query_start_loc=np.arange(num_tokens + 1, dtype=np.int32),
+            context_lens=(self.positions + 1).astype(np.int32),
+            block_tables=m.block_tables[token_seq],  # (T, width)
+            max_query_len=1,
+            max_context_len=m.max_context_len,
+        )
+        return StepInputs(self.input_ids, self.positions, self.logits_indices, meta,
+                          np.ones(num_tokens, bool))
+
 
 class HostBlockTables:
     """The block tables of recent sequences as rows of one (rows, max_blocks) int32 array.
