@@ -14,6 +14,9 @@ CTYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}
 HEAD_DIMS = (64, 128)
 DECODE_GROUPS = (1, 2, 4, 8)  # query heads per decode block (template G); larger groups take passes
 DECODE_UNROLL = 2  # 16-byte K and V loads per lane in flight (U); 2 beat 4 and 8 on the H200
+# attention_prefill_gqa.cu's (MI, NW, BN) variants; the first is the one the engine uses, the
+# others are compiled for tools/kernel_check.py's comparison
+PREFILL_CONFIGS = ((2, 4, 64), (2, 4, 32), (1, 4, 64), (1, 8, 64))
 
 
 def cuda_dir() -> Path:
@@ -51,6 +54,9 @@ def kernel_names(file: str, ctype: str) -> list[str]:
                 + [f"decode_reduce_kernel<{ctype}, {d}>" for d in HEAD_DIMS])
     if file == "attention_prefill.cu":
         return [f"prefill_attention_kernel<{ctype}, {d}>" for d in HEAD_DIMS]
+    if file == "attention_prefill_gqa.cu":
+        return [f"prefill_gqa_kernel<{ctype}, {d}, {mi}, {nw}, {bn}>" for d in HEAD_DIMS
+                for mi, nw, bn in PREFILL_CONFIGS]
     if file == "bitmask.cu":
         return [f"apply_token_bitmask_kernel<{t}>" for t in CTYPES.values()]
     if file == "sampling.cu":

@@ -1,0 +1,118 @@
+"""The prefill attention kernels (v1 attention_prefill.cu, every compiled variant of v2
+attention_prefill_gqa.cu) against the numpy twin: long prompts, chunked prefill over a cached
+prefix, several sequences and decodes in one launch, GQA 1:1 .. 16:1, block sizes 16 and 32,
+head_dim 64 and 128, fp16 and bf16 (GPU only)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import require_gpu
+
+pytestmark = pytest.mark.gpu
+cupy = require_gpu()
+
+from engine.executor.ops import AttentionMetadata  # noqa: E402
+from engine.executor.ops import cuda_attention as ca  # noqa: E402
+from engine.executor.ops.cuda_kernels import PREFILL_CONFIGS  # noqa: E402
+from engine.executor.ops.cuda_ops import CudaOps  # noqa: E402
+from engine.executor.ops.numpy_ops import NumpyOps  # noqa: E402
+
+TOL = {"float16": 2e-3, "bfloat16": 1e-2}  # relative L2 error vs the fp32 reference
+REF = NumpyOps()
+KERNELS = [("v1", PREFILL_CONFIGS[0])] + [("v2", c) for c in PREFILL_CONFIGS]
+
+CASES = {  # name -> (num_heads, num_kv_heads, head_dim, block_size, num_new, context_lens)
+    "long 4:1 bs16": (8, 2, 128, 16, [1030], [1030]),
+    "chunked 4:1 bs32 with a decode": (8, 2, 128, 32, [300, 1, 517], [1500, 700, 517]),
+    "1:1 bs16 several": (4, 4, 128, 16, [257, 64, 2], [257, 300, 2]),
+    "8:1 hd64 bs32": (16, 2, 64, 32, [190, 70], [400, 70]),
+    "3:1 hd128 bs16 chunk": (6, 2, 128, 16, [130], [999]),
+    "16:1 hd64 bs16": (16, 1, 64, 16, [100, 9], [100, 33]),
+}
+
+
+@pytest.fixture(scope="module", params=["float16", "bfloat16"])
+def ops(request):
+    return CudaOps(request.param)
+
+
+@pytest.fixture(autouse=True)
+def poison():
+    """Device allocations start as 0xFF bytes (NaN): an output row no kernel writes shows."""
+    pool = cupy.cuda.MemoryPool()
+
+    def malloc(size):
+        mem = pool.malloc(size)
+        cupy.cuda.runtime.memsetAsync(mem.ptr, 0xFF, size, cupy.cuda.get_current_stream().ptr)
+        return mem
+
+    cupy.cuda.set_allocator(malloc)
+    yield
+    cupy.cuda.set_allocator(cupy.get_default_memory_pool().malloc)
+
+
+@pytest.fixture
+def restore_kernel():
+    saved = ca.PREFILL_KERNEL, ca.PREFILL_CONFIG
+    yield
+    ca.PREFILL_KERNEL, ca.PREFILL_CONFIG = saved
+
+
+def batch(rng, num_new, ctx, block_size):
+    """Metadata whose sequences own shuffled blocks (the gather must follow the table)."""
+    nb = [-(-c // block_size) for c in ctx]
+    perm = rng.permutation(sum(nb) + 2).astype(np.int32)
+    tables = np.full((len(ctx), max(nb) + 1), -1, np.int32)  # a padded table column
+    used = 0
+    for s, k in enumerate(nb):
+        tables[s, :k] = perm[used : used + k]
+        used += k
+    qsl = np.concatenate([[0], np.cumsum(num_new)]).astype(np.int32)
+    meta = AttentionMetadata(np.full(int(qsl[-1]), -1, np.int32), qsl, np.array(ctx, np.int32),
+                             tables, max(num_new), max(ctx))
+    return meta, sum(nb) + 2
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_prefill_kernels_match_the_twin(ops, case, restore_kernel):
+    nh, nkv, hd, bs, num_new, ctx = CASES[case]
+    rng = np.random.default_rng(len(case))
+    meta, num_blocks = batch(rng, num_new, ctx, bs)
+    cache = ops.from_host(rng.standard_normal((2, num_blocks, nkv, bs, hd)).astype(np.float32))
+    qkv = ops.from_host(rng.standard_normal((sum(num_new), (nh + 2 * nkv) * hd)).astype(
+        np.float32))
+    cache_h, qkv_h = ops.to_host(cache), ops.to_host(qkv)
+    want = REF.attention(qkv_h, cache_h[0], cache_h[1], meta, nh, nkv, hd**-0.5)
+    for kernel, config in KERNELS:
+        ca.PREFILL_KERNEL, ca.PREFILL_CONFIG = kernel, config
+        dmeta = ops.prepare_metadata(meta)
+        got = ops.to_host(ops.attention(qkv, cache[0], cache[1], dmeta, nh, nkv, hd**-0.5))
+        assert dmeta.work[nh // nkv].prefill_config == (None if kernel == "v1" else config)
+        assert np.isfinite(got).all(), f"{kernel} {config}: NaN/inf (a row left unwritten)"
+        err = np.linalg.norm(got - want) / np.linalg.norm(want)
+        assert err < TOL[ops.dtype], f"{kernel} {config}: relative error {err:.2e}"
+
+
+def test_prefill_items_cover_every_new_token_once_longest_first():
+    qsl = np.array([0, 100, 101, 141, 400], np.int32)  # 100 new, a decode, 40, 259
+    ctx = np.array([100, 50, 1000, 259], np.int32)
+    items = ca.prefill_items(qsl, 32, ctx)
+    assert (items[:, 2] <= 32).all() and (items[:, 2] > 0).all()
+    for s, n in [(0, 100), (2, 40), (3, 259)]:
+        mine = items[items[:, 0] == s]
+        covered = np.concatenate([np.arange(a, a + c) for _, a, c in mine])
+        np.testing.assert_array_equal(np.sort(covered), np.arange(n))
+    assert 1 not in items[:, 0]
+    num_new = np.diff(qsl)
+    last_key = ctx[items[:, 0]] - num_new[items[:, 0]] + items[:, 1] + items[:, 2]
+    assert (np.diff(last_key) <= 0).all() and last_key[0] == 1000
+
+
+def test_prefill_tiling_falls_back_to_v1(restore_kernel):
+    ca.PREFILL_KERNEL, ca.PREFILL_CONFIG = "v2", (2, 4, 64)
+    assert ca.prefill_tiling(4) == ((2, 4, 64), 32)
+    assert ca.prefill_tiling(3) == ((2, 4, 64), 42)
+    assert ca.prefill_tiling(129) == (None, ca.PREFILL_M)  # wider than the block's 128 rows
+    ca.PREFILL_KERNEL = "v1"
+    assert ca.prefill_tiling(4) == (None, ca.PREFILL_M)
