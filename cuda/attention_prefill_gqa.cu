@@ -55,6 +55,10 @@ __global__ void __launch_bounds__(NW * 32) prefill_gqa_kernel(
     cp_async16(q_s + r * LD + d, src, valid);
   }
 
+  // NOTE: block_size is a runtime value, commonly a power of two: shift and mask then, as an
+  // integer division per 16-byte copy costs about as much as the copy's other address math.
+  const int bs_shift = __ffs(block_size) - 1;
+  const bool bs_pow2 = (block_size & (block_size - 1)) == 0;
   auto load_tile = [&](int t, int stage) {
     const int kb = t * BN;
 #pragma unroll
@@ -64,8 +68,16 @@ __global__ void __launch_bounds__(NW * 32) prefill_gqa_kernel(
       const bool valid = key < kv_len;
       long off = 0;
       if (valid) {
-        const long blk = table[key / block_size];
-        off = ((blk * num_kv_heads + kvh) * block_size + key % block_size) * HD + d;
+        int bi, slot;
+        if (bs_pow2) {
+          bi = key >> bs_shift;
+          slot = key & (block_size - 1);
+        } else {
+          bi = key / block_size;
+          slot = key - bi * block_size;
+        }
+        const long blk = table[bi];
+        off = ((blk * num_kv_heads + kvh) * block_size + slot) * HD + d;
       }
       cp_async16(k_s + (stage * BN + j) * LD + d, k_cache + off, valid);
       cp_async16(v_s + (stage * BN + j) * LD + d, v_cache + off, valid);
@@ -269,4 +281,5 @@ INSTANTIATE(__nv_bfloat16, 128, 2, 4, 64)
 INSTANTIATE(__nv_bfloat16, 128, 2, 4, 32)
 INSTANTIATE(__nv_bfloat16, 128, 1, 8, 64)
 INSTANTIATE(__nv_bfloat16, 128, 1, 4, 64)
+INSTANTIATE(__nv_bfloat16, 128, 2, 8, 64)
 #endif
