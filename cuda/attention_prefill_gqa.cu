@@ -106,8 +106,12 @@ __global__ void __launch_bounds__(NW * 32) prefill_gqa_kernel(
       }
     }
   }
-  lo = __reduce_min_sync(0xffffffffu, lo);
-  hi = __reduce_max_sync(0xffffffffu, hi);  // -1: a warp of padding rows only, which skips all
+#pragma unroll
+  for (int x = 1; x < 32; x <<= 1) {
+    lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, x));
+    hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, x));
+  }
+  // hi = -1: a warp of padding rows only, which skips every tile
 
   const int cq = (lane & 3) * 2;
   // ldmatrix address of this lane in a 16 x 16 A tile (Q) at row 0, column 0
