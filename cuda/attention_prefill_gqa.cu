@@ -278,12 +278,11 @@ __global__ void __launch_bounds__(NW * 32) prefill_gqa_kernel(
   template __global__ void prefill_gqa_kernel<T, HD, MI, NW, BN>(                              \
       T*, const T*, const T*, const T*, const int*, const int*, const int*, const int*, int,   \
       int, int, int, float);
-INSTANTIATE(__half, 64, 2, 4, 64)
-INSTANTIATE(__half, 128, 2, 4, 64)
-INSTANTIATE(__nv_bfloat16, 64, 2, 4, 64)
+INSTANTIATE(__half, 64, 2, 8, 64)
+INSTANTIATE(__half, 128, 2, 8, 64)
+INSTANTIATE(__nv_bfloat16, 64, 2, 8, 64)
+INSTANTIATE(__nv_bfloat16, 128, 2, 8, 64)
 INSTANTIATE(__nv_bfloat16, 128, 2, 4, 64)
-INSTANTIATE(__nv_bfloat16, 128, 2, 4, 32)
 INSTANTIATE(__nv_bfloat16, 128, 1, 8, 64)
 INSTANTIATE(__nv_bfloat16, 128, 1, 4, 64)
-INSTANTIATE(__nv_bfloat16, 128, 2, 8, 64)
 #endif

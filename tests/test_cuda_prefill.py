@@ -1,7 +1,7 @@
-"""The prefill attention kernels (v1 attention_prefill.cu, every compiled variant of v2
-attention_prefill_gqa.cu) against the numpy twin: long prompts, chunked prefill over a cached
-prefix, several sequences and decodes in one launch, GQA 1:1 .. 16:1, block sizes 16 and 32,
-head_dim 64 and 128, fp16 and bf16 (GPU only)."""
+"""The prefill attention kernels (v1 attention_prefill.cu; v2 attention_prefill_gqa.cu as the
+engine picks it, and each compiled variant) against the numpy twin: long prompts, chunked prefill
+over a cached prefix, several sequences and decodes in one launch, GQA 1:1 .. 16:1, block sizes 16
+and 32, head_dim 64 and 128, fp16 and bf16 (GPU only)."""
 
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ pytestmark = pytest.mark.gpu
 cupy = require_gpu()
 
 from engine.executor.ops import AttentionMetadata  # noqa: E402
-from engine.executor.ops import cuda_attention as ca  # noqa: E402
+from engine.executor.ops import cuda_prefill as cpf  # noqa: E402
 from engine.executor.ops.cuda_kernels import PREFILL_CONFIGS  # noqa: E402
 from engine.executor.ops.cuda_ops import CudaOps  # noqa: E402
 from engine.executor.ops.numpy_ops import NumpyOps  # noqa: E402
 
 TOL = {"float16": 2e-3, "bfloat16": 1e-2}  # relative L2 error vs the fp32 reference
 REF = NumpyOps()
-KERNELS = [("v1", PREFILL_CONFIGS[0])] + [("v2", c) for c in PREFILL_CONFIGS]
+KERNELS = [("v1", None), ("v2", None)] + [("v2", c) for c in PREFILL_CONFIGS]
 
 CASES = {  # name -> (num_heads, num_kv_heads, head_dim, block_size, num_new, context_lens)
     "long 4:1 bs16": (8, 2, 128, 16, [1030], [1030]),
@@ -54,9 +54,9 @@ def poison():
 
 @pytest.fixture
 def restore_kernel():
-    saved = ca.PREFILL_KERNEL, ca.PREFILL_CONFIG
+    saved = cpf.PREFILL_KERNEL, cpf.PREFILL_CONFIG
     yield
-    ca.PREFILL_KERNEL, ca.PREFILL_CONFIG = saved
+    cpf.PREFILL_KERNEL, cpf.PREFILL_CONFIG = saved
 
 
 def batch(rng, num_new, ctx, block_size):
@@ -85,10 +85,11 @@ def test_prefill_kernels_match_the_twin(ops, case, restore_kernel):
     cache_h, qkv_h = ops.to_host(cache), ops.to_host(qkv)
     want = REF.attention(qkv_h, cache_h[0], cache_h[1], meta, nh, nkv, hd**-0.5)
     for kernel, config in KERNELS:
-        ca.PREFILL_KERNEL, ca.PREFILL_CONFIG = kernel, config
+        cpf.PREFILL_KERNEL, cpf.PREFILL_CONFIG = kernel, config
         dmeta = ops.prepare_metadata(meta)
         got = ops.to_host(ops.attention(qkv, cache[0], cache[1], dmeta, nh, nkv, hd**-0.5))
-        assert dmeta.work[nh // nkv].prefill_config == (None if kernel == "v1" else config)
+        picked = dmeta.work[nh // nkv].prefill_config
+        assert picked == config if config or kernel == "v1" else picked in PREFILL_CONFIGS
         assert np.isfinite(got).all(), f"{kernel} {config}: NaN/inf (a row left unwritten)"
         err = np.linalg.norm(got - want) / np.linalg.norm(want)
         assert err < TOL[ops.dtype], f"{kernel} {config}: relative error {err:.2e}"
@@ -97,7 +98,7 @@ def test_prefill_kernels_match_the_twin(ops, case, restore_kernel):
 def test_prefill_items_cover_every_new_token_once_longest_first():
     qsl = np.array([0, 100, 101, 141, 400], np.int32)  # 100 new, a decode, 40, 259
     ctx = np.array([100, 50, 1000, 259], np.int32)
-    items = ca.prefill_items(qsl, 32, ctx)
+    items = cpf.prefill_items(qsl, 32, ctx)
     assert (items[:, 2] <= 32).all() and (items[:, 2] > 0).all()
     for s, n in [(0, 100), (2, 40), (3, 259)]:
         mine = items[items[:, 0] == s]
@@ -109,10 +110,18 @@ def test_prefill_items_cover_every_new_token_once_longest_first():
     assert (np.diff(last_key) <= 0).all() and last_key[0] == 1000
 
 
-def test_prefill_tiling_falls_back_to_v1(restore_kernel):
-    ca.PREFILL_KERNEL, ca.PREFILL_CONFIG = "v2", (2, 4, 64)
-    assert ca.prefill_tiling(4) == ((2, 4, 64), 32)
-    assert ca.prefill_tiling(3) == ((2, 4, 64), 42)
-    assert ca.prefill_tiling(129) == (None, ca.PREFILL_M)  # wider than the block's 128 rows
-    ca.PREFILL_KERNEL = "v1"
-    assert ca.prefill_tiling(4) == (None, ca.PREFILL_M)
+def test_prefill_plan_picks_by_the_tail_and_falls_back_to_v1(restore_kernel, monkeypatch):
+    monkeypatch.setattr(cpf, "_num_sms", lambda: 132)
+    one = np.array([0, 2048], np.int32)
+    # Qwen3 heads (2:1): 256-row blocks make 128 blocks for 132 SMs, the longest 16x the shortest
+    assert cpf.prefill_plan(one, [2048], 8, 2)[0] == (1, 8, 64)
+    config, items = cpf.prefill_plan(one, [2048], 8, 4)  # Llama-3 heads (4:1)
+    assert config == (2, 8, 64) and (items[:, 2] == 64).all() and len(items) == 32
+    assert cpf.prefill_plan(np.array([0, 8192], np.int32), [8192], 8, 2)[0] == (2, 8, 64)
+    assert cpf.prefill_plan(one, [2048], 1, 257)[0] is None  # wider than every v2 block
+    cpf.PREFILL_CONFIG = (1, 4, 64)
+    assert cpf.prefill_plan(one, [2048], 8, 3)[1][0, 2] == 21  # forced: 64 rows / 3 heads
+    assert cpf.prefill_plan(one, [2048], 1, 65)[0] is None
+    cpf.PREFILL_KERNEL, cpf.PREFILL_CONFIG = "v1", None
+    config, items = cpf.prefill_plan(one, [2048], 8, 4)
+    assert config is None and (items[:, 2] == cpf.PREFILL_M).all()

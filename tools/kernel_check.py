@@ -38,6 +38,7 @@ from engine.executor.ops import (  # noqa: E402
     SamplingTensors,
     cuda_gemv,
     cuda_kernels,
+    cuda_prefill,
     cuda_sampling,
 )
 from engine.executor.ops import cuda_attention as ca  # noqa: E402
@@ -311,9 +312,9 @@ PREFILL_HEADS = {"llama3-8b": (32, 8, 128), "qwen3-0.6b": (16, 8, 128)}  # (nh, 
 
 
 def prefill_kernels():
-    """(label, PREFILL_KERNEL, PREFILL_CONFIG): v1 (the timing baseline), then every compiled v2
-    variant, the engine's default first."""
-    out = [("v1", "v1", ca.PREFILL_CONFIG)]
+    """(label, PREFILL_KERNEL, PREFILL_CONFIG): v1 (the timing baseline), v2 with the variant
+    prefill_plan picks (what the engine runs), then every compiled v2 variant."""
+    out = [("v1", "v1", None), ("v2 auto", "v2", None)]
     for c in cuda_kernels.PREFILL_CONFIGS:
         out.append((f"v2 MI={c[0]} NW={c[1]} BN={c[2]}", "v2", c))
     return out
@@ -337,19 +338,21 @@ def _prefill_batch(ops, num_new, ctx, nkv, hd, bs, rng):
 
 
 def _run_prefill(ops, kernel_choice, qkv, cache, meta, nh, nkv):
-    ca.PREFILL_KERNEL, ca.PREFILL_CONFIG = kernel_choice
+    """(attention call, the v2 variant its plan picked or None)."""
+    cuda_prefill.PREFILL_KERNEL, cuda_prefill.PREFILL_CONFIG = kernel_choice
     dmeta = ops.prepare_metadata(meta)  # a fresh plan, cut for this kernel
     hd = cache.shape[-1]
 
     def attn():
         return ops.attention(qkv, cache[0], cache[1], dmeta, nh, nkv, hd**-0.5)
-    return attn
+    attn()  # makes the plan (an upload: not inside a graph capture)
+    return attn, dmeta.work[nh // nkv].prefill_config
 
 
 def check_prefill(ops):
     """Each prefill kernel against the numpy twin on small mixed batches (max relative and
     absolute error), then timed on long prompts: TFLOP/s of causal work, % of H200_DENSE."""
-    default = (ca.PREFILL_KERNEL, ca.PREFILL_CONFIG)
+    default = (cuda_prefill.PREFILL_KERNEL, cuda_prefill.PREFILL_CONFIG)
     rng = np.random.default_rng(5)
     kernels = prefill_kernels()
     try:
@@ -365,7 +368,7 @@ def check_prefill(ops):
             want = REF.attention(qkv_h, ops.to_host(cache[0]), ops.to_host(cache[1]), meta, nh,
                                  nkv, hd**-0.5)
             for name, *choice in kernels:
-                got = ops.to_host(_run_prefill(ops, choice, qkv, cache, meta, nh, nkv)())
+                got = ops.to_host(_run_prefill(ops, choice, qkv, cache, meta, nh, nkv)[0]())
                 err = f"{rel(got, want):.1e} max {np.max(np.abs(got - want)):.1e}"
                 print("prefill check", label, name, err, flush=True)
                 tables.setdefault("prefill", []).append(f"| check {label}: {name} | {err} |"
@@ -385,17 +388,18 @@ def check_prefill(ops):
                 calls = 3 if max(ctx) > 8192 else 10
                 base = got_v1 = None
                 for name, *choice in kernels:
-                    fn = _run_prefill(ops, choice, qkv, cache, meta, nh, nkv)
+                    fn, picked = _run_prefill(ops, choice, qkv, cache, meta, nh, nkv)
                     got = ops.to_host(fn())
                     got_v1 = got if got_v1 is None else got_v1
                     sec = graph_time(fn, calls, 5)
                     base = base or sec
+                    name += f" -> {picked}" if name == "v2 auto" else ""
                     row("prefill", f"{preset} {label} {name}",
                         f"vs v1 {rel(got, got_v1):.1e}", sec, flops=flops,
                         extra=f"{flops / sec / H200_DENSE * 100:.1f}% of 780; "
                               f"{base / sec:.2f}x v1")
     finally:
-        ca.PREFILL_KERNEL, ca.PREFILL_CONFIG = default
+        cuda_prefill.PREFILL_KERNEL, cuda_prefill.PREFILL_CONFIG = default
 
 
 # ----------------------------------------------------------------------------- sampling

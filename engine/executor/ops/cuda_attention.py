@@ -2,39 +2,22 @@
 
 A step's sequences split in two: those with one new token (decodes) go to cuda/attention.cu's
 memory-bound decode kernel, one block per (sequence, kv head, context split); those with several
-(prefill chunks) go to a tensor-core kernel: cuda/attention_prefill_gqa.cu by default, one block
-per (kv head, tile of new tokens) so that a kv group's query heads share each K/V tile, or with
-PAGEDSERVE_PREFILL_KERNEL=v1 the older cuda/attention_prefill.cu, one block per (query head, tile of
-PREFILL_M new tokens). A mixed batch launches both, each writing its own rows of the output.
+(prefill chunks) go to a tensor-core kernel (cuda_prefill.py picks which, and cuts the work). A
+mixed batch launches both, each writing its own rows of the output.
 """
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 
 import cupy
 import numpy as np
 
 from engine.executor.ops import AttentionMetadata
-from engine.executor.ops.cuda_kernels import (
-    DECODE_GROUPS,
-    DECODE_UNROLL,
-    HEAD_DIMS,
-    PREFILL_CONFIGS,
-    kernel,
-)
+from engine.executor.ops.cuda_kernels import DECODE_GROUPS, DECODE_UNROLL, HEAD_DIMS, kernel
+from engine.executor.ops.cuda_prefill import prefill_attention, prefill_plan
 
 DECODE_THREADS = 128
-# attention_prefill.cu's PF_M (query rows per block), PF_N (keys per tile), PF_THREADS
-PREFILL_M, PREFILL_N, PREFILL_THREADS = 64, 64, 128
-PREFILL_KERNELS = ("v2", "v1")  # v2: attention_prefill_gqa.cu; v1: attention_prefill.cu
-# The prefill kernel of new plans (tools/kernel_check.py switches it to compare both).
-PREFILL_KERNEL = os.environ.get("PAGEDSERVE_PREFILL_KERNEL", "v2")
-if PREFILL_KERNEL not in PREFILL_KERNELS:
-    raise ValueError(f"PAGEDSERVE_PREFILL_KERNEL={PREFILL_KERNEL!r}: one of {PREFILL_KERNELS}")
-# attention_prefill_gqa.cu's (MI, NW, BN): m16 row tiles per warp, warps, keys per tile
-PREFILL_CONFIG = PREFILL_CONFIGS[0]
 NUM_BLOCKS_TARGET = 1024  # decode blocks that fill an H200's 132 SMs several times over
 # A sequence takes ceil(context / keys per split) of the grid's splits, at most all of them
 # (attention.cu's seq_splits): the grid is sized for the longest context, each sequence for its own.
@@ -91,8 +74,7 @@ class AttentionPlan:
     num_splits: int  # context splits of the decode kernel's grid
     # keys per split a sequence aims at (attention.cu's seq_splits); None: MIN_KEYS_PER_SPLIT
     keys_per_split: int | None = None
-    # the prefill kernel prefill_work was cut for: attention_prefill_gqa.cu's (MI, NW, BN), or
-    # None for attention_prefill.cu (v1)
+    # the prefill kernel prefill_work was cut for (cuda_prefill.prefill_plan)
     prefill_config: tuple[int, int, int] | None = None
 
 
@@ -100,35 +82,6 @@ def decode_tile(group: int) -> tuple[int, int]:
     """(query heads per decode block, blocks per kv head)."""
     g = next((g for g in DECODE_GROUPS if g >= group), DECODE_GROUPS[-1])
     return g, -(-group // g)
-
-
-def prefill_items(query_start_loc: np.ndarray, tile: int = PREFILL_M,
-                  context_lens: np.ndarray | None = None) -> np.ndarray:
-    """(W, 3) int32 rows (sequence, first new token, tokens): the new tokens of every sequence
-    with more than one, in tiles of `tile`. With context_lens, sorted by the tile's last key,
-    longest first: the heaviest causal tiles start first and the short ones fill the tail."""
-    num_new = np.diff(np.asarray(query_start_loc, np.int64))
-    num_new = np.where(num_new > 1, num_new, 0)
-    tiles = -(-num_new // tile)
-    seq = np.repeat(np.arange(len(num_new)), tiles)
-    first_tile = np.repeat(np.cumsum(tiles) - tiles, tiles)
-    start = (np.arange(len(seq)) - first_tile) * tile
-    count = np.minimum(tile, num_new[seq] - start)
-    items = np.stack([seq, start, count], axis=1)
-    if context_lens is not None and len(items):
-        ctx = np.asarray(context_lens, np.int64)
-        last_key = ctx[seq] - num_new[seq] + start + count
-        items = items[np.argsort(-last_key, kind="stable")]
-    return items.astype(np.int32).reshape(-1, 3)
-
-
-def prefill_tiling(group: int) -> tuple[tuple[int, int, int] | None, int]:
-    """(attention_prefill_gqa.cu config or None for v1, new tokens per work item). A group wider
-    than the v2 block's rows falls back to v1."""
-    mi, nw, _ = PREFILL_CONFIG
-    if PREFILL_KERNEL == "v2" and group <= 16 * mi * nw:
-        return PREFILL_CONFIG, 16 * mi * nw // group
-    return None, PREFILL_M
 
 
 def choose_splits(num_items: int, num_kv_heads: int, max_context_len: int) -> int:
@@ -172,8 +125,7 @@ def make_plan(query_start_loc: np.ndarray, num_kv_heads: int, group: int, max_co
                                            num_kv_heads * passes)
     else:
         splits = choose_splits(len(decode) * passes, num_kv_heads, max_context_len)
-    config, tile = prefill_tiling(group)
-    items = prefill_items(query_start_loc, tile, None if config is None else context_lens)
+    config, items = prefill_plan(query_start_loc, context_lens, num_kv_heads, group)
     return AttentionPlan(_up(decode), _up(items), splits, keys, config)
 
 
@@ -232,32 +184,6 @@ def paged_attention(qkv, k_cache, v_cache, meta: DeviceAttentionMetadata, num_he
                 (out, part_out, part_ml, plan.decode_seqs, meta.query_start_loc,
                  meta.context_lens, i32(num_dec), i32(num_heads), i32(splits), keys_per_split))
     if len(plan.prefill_work):
-        prefill_attention(out, qkv, k_cache, v_cache, meta, plan, num_heads, num_kv_heads,
-                          scale_log2, ctype)
+        prefill_attention(out, qkv, k_cache, v_cache, meta, plan.prefill_work,
+                          plan.prefill_config, num_heads, num_kv_heads, scale_log2, ctype)
     return out
-
-
-def prefill_attention(out, qkv, k_cache, v_cache, meta: DeviceAttentionMetadata,
-                      plan: AttentionPlan, num_heads: int, num_kv_heads: int, scale_log2,
-                      ctype: str):
-    """The prefill rows of `out`, by the kernel plan.prefill_work was cut for."""
-    i32, tables = np.int32, meta.block_tables
-    head_dim, block_size = k_cache.shape[3], k_cache.shape[2]
-    if plan.prefill_config is None:
-        k = kernel("attention_prefill.cu", f"prefill_attention_kernel<{ctype}, {head_dim}>",
-                   ctype)
-        smem = 2 * 2 * PREFILL_N * (head_dim + 8) * 2  # 2 stages x (K, V) x keys x padded row
-        grid, threads = (num_heads, len(plan.prefill_work)), PREFILL_THREADS
-    else:
-        mi, nw, bn = plan.prefill_config
-        k = kernel("attention_prefill_gqa.cu",
-                   f"prefill_gqa_kernel<{ctype}, {head_dim}, {mi}, {nw}, {bn}>", ctype)
-        # Q rows + 2 stages x (K, V) x keys, padded rows of 16-bit elements
-        smem = (16 * mi * nw + 2 * 2 * bn) * (head_dim + 8) * 2
-        grid, threads = (num_kv_heads, len(plan.prefill_work)), nw * 32
-    if k.max_dynamic_shared_size_bytes < smem:
-        k.max_dynamic_shared_size_bytes = smem
-    k(grid, (threads,),
-      (out, qkv, k_cache, v_cache, plan.prefill_work, meta.query_start_loc, meta.context_lens,
-       tables, i32(tables.shape[1]), i32(num_heads), i32(num_kv_heads), i32(block_size),
-       scale_log2), shared_mem=smem)
