@@ -88,7 +88,9 @@ def test_prefill_kernels_match_the_twin(ops, case, restore_kernel):
         cpf.PREFILL_KERNEL, cpf.PREFILL_CONFIG = kernel, config
         dmeta = ops.prepare_metadata(meta)
         got = ops.to_host(ops.attention(qkv, cache[0], cache[1], dmeta, nh, nkv, hd**-0.5))
-        picked = dmeta.work[nh // nkv].prefill_config
+        plan = dmeta.work[nh // nkv]
+        picked = plan.prefill_config
+        assert plan.prefill_kernel == kernel
         assert picked == config if config or kernel == "v1" else picked in PREFILL_CONFIGS
         assert np.isfinite(got).all(), f"{kernel} {config}: NaN/inf (a row left unwritten)"
         err = np.linalg.norm(got - want) / np.linalg.norm(want)
@@ -114,14 +116,14 @@ def test_prefill_plan_picks_by_the_tail_and_falls_back_to_v1(restore_kernel, mon
     monkeypatch.setattr(cpf, "_num_sms", lambda: 132)
     one = np.array([0, 2048], np.int32)
     # Qwen3 heads (2:1): 256-row blocks make 128 blocks for 132 SMs, the longest 16x the shortest
-    assert cpf.prefill_plan(one, [2048], 8, 2)[0] == (1, 8, 64)
-    config, items = cpf.prefill_plan(one, [2048], 8, 4)  # Llama-3 heads (4:1)
+    assert cpf.prefill_plan(one, [2048], 8, 2)[:2] == ("v2", (1, 8, 64))
+    _, config, items = cpf.prefill_plan(one, [2048], 8, 4)  # Llama-3 heads (4:1)
     assert config == (2, 8, 64) and (items[:, 2] == 64).all() and len(items) == 32
-    assert cpf.prefill_plan(np.array([0, 8192], np.int32), [8192], 8, 2)[0] == (2, 8, 64)
-    assert cpf.prefill_plan(one, [2048], 1, 257)[0] is None  # wider than every v2 block
+    assert cpf.prefill_plan(np.array([0, 8192], np.int32), [8192], 8, 2)[1] == (2, 8, 64)
+    assert cpf.prefill_plan(one, [2048], 1, 257)[:2] == ("v1", None)  # wider than any v2 block
     cpf.PREFILL_CONFIG = (1, 4, 64)
-    assert cpf.prefill_plan(one, [2048], 8, 3)[1][0, 2] == 21  # forced: 64 rows / 3 heads
-    assert cpf.prefill_plan(one, [2048], 1, 65)[0] is None
+    assert cpf.prefill_plan(one, [2048], 8, 3)[2][0, 2] == 21  # forced: 64 rows / 3 heads
+    assert cpf.prefill_plan(one, [2048], 1, 65)[:2] == ("v1", None)
     cpf.PREFILL_KERNEL, cpf.PREFILL_CONFIG = "v1", None
-    config, items = cpf.prefill_plan(one, [2048], 8, 4)
-    assert config is None and (items[:, 2] == cpf.PREFILL_M).all()
+    name, config, items = cpf.prefill_plan(one, [2048], 8, 4)
+    assert (name, config) == ("v1", None) and (items[:, 2] == cpf.PREFILL_M).all()

@@ -7,11 +7,11 @@ sampler old vs new, decode steps.
     PYTHONPATH=. python tools/gpu_check.py --only new      # the same, from gpu_check
 
 --quick skips the Llama-3-8B shapes and the decode steps; --only runs the named sections
-(launches, fused, gemv, splits, sampling, prefill, decode). --check-each synchronizes after every
-row and every section and stops at the first CUDA error, naming where it surfaced (a kernel fault
-is sticky: without this it is reported by whichever later call syncs first). --small shrinks
-every section (few rows, one weight copy, 2-layer decode models with a 4096-token vocabulary,
-2 timed calls) for compute-sanitizer:
+(launches, fused, gemv, splits, sampling, prefill, prefill90, decode). --check-each synchronizes
+after every row and every section and stops at the first CUDA error, naming where it surfaced (a
+kernel fault is sticky: without this it is reported by whichever later call syncs first). --small
+shrinks every section (few rows, one weight copy, 2-layer decode models with a 4096-token
+vocabulary, 2 timed calls) for compute-sanitizer:
 
     for s in launches fused gemv splits sampling prefill decode; do
       compute-sanitizer --error-exitcode 9 python tools/kernel_check.py --small --only $s; done
@@ -312,12 +312,22 @@ PREFILL_HEADS = {"llama3-8b": (32, 8, 128), "qwen3-0.6b": (16, 8, 128)}  # (nh, 
 
 
 def prefill_kernels():
-    """(label, PREFILL_KERNEL, PREFILL_CONFIG): v1 (the timing baseline), v2 with the variant
-    prefill_plan picks (what the engine runs), then every compiled v2 variant."""
-    out = [("v1", "v1", None), ("v2 auto", "v2", None)]
+    """(label, PREFILL_KERNEL, PREFILL_CONFIG, SM90_SWAP_DESC): v1 (the timing baseline), v2 with
+    the variant prefill_plan picks (what the engine runs), then every compiled v2 variant."""
+    out = [("v1", "v1", None, 0), ("v2 auto", "v2", None, 0)]
     for c in cuda_kernels.PREFILL_CONFIGS:
-        out.append((f"v2 MI={c[0]} NW={c[1]} BN={c[2]}", "v2", c))
+        out.append((f"v2 MI={c[0]} NW={c[1]} BN={c[2]}", "v2", c, 0))
     return out
+
+
+def sm90_kernels():
+    """The experimental wgmma kernel's variants after v2 auto; last, the same with the wgmma
+    descriptors' LBO and SBO swapped (which reading of the layout the hardware wants)."""
+    out = [("v2 auto", "v2", None, 0)]
+    for c in cuda_kernels.SM90_CONFIGS:
+        out.append((f"sm90 MI={c[0]} NW={c[1]} BN={c[2]}", "sm90", c, 0))
+    c = cuda_kernels.SM90_CONFIGS[0]
+    return out + [(f"sm90 MI={c[0]} NW={c[1]} BN={c[2]} LBO/SBO swapped", "sm90", c, 1)]
 
 
 def _prefill_batch(ops, num_new, ctx, nkv, hd, bs, rng):
@@ -339,7 +349,8 @@ def _prefill_batch(ops, num_new, ctx, nkv, hd, bs, rng):
 
 def _run_prefill(ops, kernel_choice, qkv, cache, meta, nh, nkv):
     """(attention call, the v2 variant its plan picked or None)."""
-    cuda_prefill.PREFILL_KERNEL, cuda_prefill.PREFILL_CONFIG = kernel_choice
+    (cuda_prefill.PREFILL_KERNEL, cuda_prefill.PREFILL_CONFIG,
+     cuda_prefill.SM90_SWAP_DESC) = kernel_choice
     dmeta = ops.prepare_metadata(meta)  # a fresh plan, cut for this kernel
     hd = cache.shape[-1]
 
@@ -349,12 +360,14 @@ def _run_prefill(ops, kernel_choice, qkv, cache, meta, nh, nkv):
     return attn, dmeta.work[nh // nkv].prefill_config
 
 
-def check_prefill(ops):
+def check_prefill(ops, table: str = "prefill", kernels=None):
     """Each prefill kernel against the numpy twin on small mixed batches (max relative and
-    absolute error), then timed on long prompts: TFLOP/s of causal work, % of H200_DENSE."""
-    default = (cuda_prefill.PREFILL_KERNEL, cuda_prefill.PREFILL_CONFIG)
+    absolute error), then timed on long prompts: TFLOP/s of causal work, % of H200_DENSE, and
+    speed-up over the first kernel (v1; for prefill90, v2 auto)."""
+    default = (cuda_prefill.PREFILL_KERNEL, cuda_prefill.PREFILL_CONFIG,
+               cuda_prefill.SM90_SWAP_DESC)
     rng = np.random.default_rng(5)
-    kernels = prefill_kernels()
+    kernels = kernels or prefill_kernels()
     try:
         checks = [  # (label, nh, nkv, hd, bs, num_new, ctx)
             ("4:1 hd128 bs16 3 seqs, chunked", 32, 8, 128, 16, [300, 1, 77], [300, 40, 500]),
@@ -370,10 +383,10 @@ def check_prefill(ops):
             for name, *choice in kernels:
                 got = ops.to_host(_run_prefill(ops, choice, qkv, cache, meta, nh, nkv)[0]())
                 err = f"{rel(got, want):.1e} max {np.max(np.abs(got - want)):.1e}"
-                print("prefill check", label, name, err, flush=True)
-                tables.setdefault("prefill", []).append(f"| check {label}: {name} | {err} |"
-                                                        " | | | | |")
-                check_device(f"prefill check {label} {name}")
+                print(table, "check", label, name, err, flush=True)
+                tables.setdefault(table, []).append(f"| check {label}: {name} | {err} |"
+                                                    " | | | | |")
+                check_device(f"{table} check {label} {name}")
         cases = [("1 x 2k", [2048], [2048]), ("1 x 8k", [8192], [8192]),
                  ("1 x 32k", [32768], [32768]), ("2k new on 8k ctx", [2048], [8192])]
         if OPTS["small"]:
@@ -386,20 +399,21 @@ def check_prefill(ops):
                     [np.arange(c - n, c) for n, c in zip(num_new, ctx, strict=True)])
                 flops = 4 * nh * hd * float(np.sum(positions + 1))
                 calls = 3 if max(ctx) > 8192 else 10
-                base = got_v1 = None
+                base = got_first = None
                 for name, *choice in kernels:
                     fn, picked = _run_prefill(ops, choice, qkv, cache, meta, nh, nkv)
                     got = ops.to_host(fn())
-                    got_v1 = got if got_v1 is None else got_v1
+                    got_first = got if got_first is None else got_first
                     sec = graph_time(fn, calls, 5)
                     base = base or sec
                     name += f" -> {picked}" if name == "v2 auto" else ""
-                    row("prefill", f"{preset} {label} {name}",
-                        f"vs v1 {rel(got, got_v1):.1e}", sec, flops=flops,
+                    row(table, f"{preset} {label} {name}",
+                        f"vs {kernels[0][0]} {rel(got, got_first):.1e}", sec, flops=flops,
                         extra=f"{flops / sec / H200_DENSE * 100:.1f}% of 780; "
-                              f"{base / sec:.2f}x v1")
+                              f"{base / sec:.2f}x {kernels[0][0]}")
     finally:
-        cuda_prefill.PREFILL_KERNEL, cuda_prefill.PREFILL_CONFIG = default
+        (cuda_prefill.PREFILL_KERNEL, cuda_prefill.PREFILL_CONFIG,
+         cuda_prefill.SM90_SWAP_DESC) = default
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -588,7 +602,7 @@ def check_launches(ops):
 
 def run_all(ops, quick: bool = False, only: str | None = None):
     """Every section, or those named in `only` (comma-separated: launches, fused, gemv, splits,
-    sampling, prefill, decode)."""
+    sampling, prefill, prefill90, decode)."""
     sections = {
         "launches": lambda: check_launches(ops),
         "fused": lambda: check_fused(ops),
@@ -596,6 +610,7 @@ def run_all(ops, quick: bool = False, only: str | None = None):
         "splits": lambda: check_splits(ops),
         "sampling": lambda: check_sampling(ops),
         "prefill": lambda: check_prefill(ops),
+        "prefill90": lambda: check_prefill(ops, "prefill90", sm90_kernels()),
         "decode": lambda: None if quick else [decode_step(ops, p, c) for p, c in (
             ("qwen3-0.6b", 512), ("qwen3-0.6b", 32532), ("llama3-8b", 512))],
     }

@@ -74,7 +74,8 @@ class AttentionPlan:
     num_splits: int  # context splits of the decode kernel's grid
     # keys per split a sequence aims at (attention.cu's seq_splits); None: MIN_KEYS_PER_SPLIT
     keys_per_split: int | None = None
-    # the prefill kernel prefill_work was cut for (cuda_prefill.prefill_plan)
+    # the prefill kernel prefill_work was cut for, and its config (cuda_prefill.prefill_plan)
+    prefill_kernel: str = "v1"
     prefill_config: tuple[int, int, int] | None = None
 
 
@@ -125,8 +126,8 @@ def make_plan(query_start_loc: np.ndarray, num_kv_heads: int, group: int, max_co
                                            num_kv_heads * passes)
     else:
         splits = choose_splits(len(decode) * passes, num_kv_heads, max_context_len)
-    config, items = prefill_plan(query_start_loc, context_lens, num_kv_heads, group)
-    return AttentionPlan(_up(decode), _up(items), splits, keys, config)
+    name, config, items = prefill_plan(query_start_loc, context_lens, num_kv_heads, group)
+    return AttentionPlan(_up(decode), _up(items), splits, keys, name, config)
 
 
 def decode_plan(num_seqs: int, num_kv_heads: int, group: int, max_context_len: int):
@@ -185,5 +186,6 @@ def paged_attention(qkv, k_cache, v_cache, meta: DeviceAttentionMetadata, num_he
                  meta.context_lens, i32(num_dec), i32(num_heads), i32(splits), keys_per_split))
     if len(plan.prefill_work):
         prefill_attention(out, qkv, k_cache, v_cache, meta, plan.prefill_work,
-                          plan.prefill_config, num_heads, num_kv_heads, scale_log2, ctype)
+                          plan.prefill_kernel, plan.prefill_config, num_heads, num_kv_heads,
+                          scale_log2, ctype)
     return out

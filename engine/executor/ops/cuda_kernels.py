@@ -7,6 +7,8 @@ All the template instances a file needs are compiled together on first use and c
 from __future__ import annotations
 
 import functools
+import os
+import tempfile
 from pathlib import Path
 
 # numpy storage dtype name -> the C++ element type the kernels are instantiated with
@@ -16,6 +18,9 @@ DECODE_GROUPS = (1, 2, 4, 8)  # query heads per decode block (template G); large
 DECODE_UNROLL = 2  # 16-byte K and V loads per lane in flight (U); 2 beat 4 and 8 on the H200
 # attention_prefill_gqa.cu's (MI, NW, BN) variants, which cuda_prefill.prefill_plan picks among
 PREFILL_CONFIGS = ((2, 8, 64), (2, 4, 64), (1, 8, 64), (1, 4, 64))
+SM90_CONFIGS = ((2, 8, 64), (1, 8, 64), (2, 4, 64))  # attention_prefill_sm90.cu's (experimental)
+# wgmma needs sm_90a, an arch CuPy's RawModule cannot ask NVRTC for: these compile by _sm90a_module
+SM90A_FILES = ("attention_prefill_sm90.cu",)
 
 
 def cuda_dir() -> Path:
@@ -56,6 +61,9 @@ def kernel_names(file: str, ctype: str) -> list[str]:
     if file == "attention_prefill_gqa.cu":
         return [f"prefill_gqa_kernel<{ctype}, {d}, {mi}, {nw}, {bn}>" for d in HEAD_DIMS
                 for mi, nw, bn in PREFILL_CONFIGS]
+    if file == "attention_prefill_sm90.cu":
+        return [f"prefill_sm90_kernel<{ctype}, {d}, {mi}, {nw}, {bn}>" for d in HEAD_DIMS
+                for mi, nw, bn in SM90_CONFIGS]
     if file == "bitmask.cu":
         return [f"apply_token_bitmask_kernel<{t}>" for t in CTYPES.values()]
     if file == "sampling.cu":
@@ -74,6 +82,8 @@ def _module(file: str, ctype: str):
 
     folder = cuda_dir()
     names = kernel_names(file, ctype)
+    if file in SM90A_FILES:
+        return _sm90a_module(folder, file, names), frozenset(names)
     module = cupy.RawModule(
         code=(folder / file).read_text(),
         options=("-std=c++17", f"-I{folder}"),
@@ -90,3 +100,49 @@ def kernel(file: str, name: str, ctype: str = "float"):
     if name not in names:
         raise ValueError(f"kernel {name!r} is not a compiled variant of {file}: {sorted(names)}")
     return module.get_function(name)
+
+
+class _LoweredModule:
+    """A cubin loaded as a cupy.RawModule whose kernels are found by their NVRTC lowered names."""
+
+    def __init__(self, module, lowered: dict[str, str]):
+        self.module, self.lowered = module, lowered
+
+    def get_function(self, name: str):
+        return self.module.get_function(self.lowered[name])
+
+
+def _sm90a_module(folder: Path, file: str, names: list[str]) -> _LoweredModule:
+    """NVRTC straight from CuPy's bindings with -arch=sm_90a (RawModule appends the device's plain
+    sm_90), with the include options RawModule would pass."""
+    import cupy
+    from cupy_backends.cuda.libs import nvrtc
+
+    options = ("-std=c++17", f"-I{folder}", "-ftz=true")
+    try:
+        from cupy._core.core import assemble_cupy_compiler_options
+
+        options = assemble_cupy_compiler_options(options)
+    except ImportError:  # an older CuPy: the toolkit's headers
+        options += (f"-I{Path(cupy.cuda.get_cuda_path() or '/usr/local/cuda') / 'include'}",)
+    prog = nvrtc.createProgram((folder / file).read_text(), file, (), ())
+    try:
+        for name in names:
+            nvrtc.addNameExpression(prog, name)
+        try:
+            nvrtc.compileProgram(prog, options + ("-arch=sm_90a",))
+        except nvrtc.NVRTCError as e:
+            raise RuntimeError(f"NVRTC (sm_90a) failed on {file}:\n"
+                               f"{nvrtc.getProgramLog(prog)}") from e
+        cubin = nvrtc.getCUBIN(prog)
+        lowered = {name: nvrtc.getLoweredName(prog, name) for name in names}
+    finally:
+        nvrtc.destroyProgram(prog)
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        module = cupy.RawModule(path=f.name)
+        module.get_function(lowered[names[0]])  # loads the file now
+    finally:
+        os.unlink(f.name)
+    return _LoweredModule(module, lowered)

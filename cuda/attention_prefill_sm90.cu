@@ -1,0 +1,326 @@
+// Paged causal prefill attention for Hopper (sm_90a only; EXPERIMENTAL, not used by the engine
+// until tools/kernel_check.py --only prefill90 holds it to the numpy twin on the device).
+//
+// The blocks, rows and work items of attention_prefill_gqa.cu (v2): one block per (kv head, tile
+// of new tokens), row r = query head r / TOK at new token r % TOK. What changes is S = Q K^T: each
+// warpgroup multiplies its 64-row Q tiles by the K tile with wgmma straight from shared memory
+// (no ldmatrix, no per-warp copy of K fragments through registers). O += P V stays on mma.sync
+// (P from registers, V by ldmatrix.trans). Warp w of a warpgroup owns rows 16 (w % 4) .. + 15 of
+// each of its MI 64-row tiles, the rows wgmma's accumulator gives it.
+// Q and K sit in shared memory in wgmma's unswizzled K-major layout: 8 x 8 core matrices of 128
+// contiguous bytes, K-adjacent ones 128 B apart (LBO), 8-row groups HD x 16 B apart (SBO).
+#include "mma.cuh"
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// Matrix descriptor of a K-major, unswizzled operand at `p` (bits 0-13 address / 16, 16-29 LBO / 16,
+// 32-45 SBO / 16, swizzle mode 0 in bits 62-63). swap exchanges LBO and SBO (a device check).
+__device__ __forceinline__ unsigned long long wgmma_desc(const void* p, int lbo, int sbo,
+                                                         int swap) {
+  if (swap) {
+    const int t = lbo;
+    lbo = sbo;
+    sbo = t;
+  }
+  return (unsigned long long)((smem_addr(p) & 0x3FFFF) >> 4) |
+         ((unsigned long long)(lbo >> 4) << 16) | ((unsigned long long)(sbo >> 4) << 32);
+}
+
+#define PS_WGMMA_OUT                                                                           \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),          \
+      "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),  \
+      "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),            \
+      "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]),            \
+      "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+#define PS_WGMMA_REGS                                                                          \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, "     \
+  "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+
+// d (64 x 64 fp32, this thread's 32) = (accumulate ? d : 0) + A (64 x 16) B (16 x 64), both from
+// shared memory; asynchronous until wgmma_wait.
+__device__ __forceinline__ void wgmma_64x64x16(float (&d)[32], unsigned long long a,
+                                               unsigned long long b, int accumulate, __half) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " PS_WGMMA_REGS
+               ", %32, %33, p, 1, 1, 0, 0;\n}\n"
+               : PS_WGMMA_OUT
+               : "l"(a), "l"(b), "r"(accumulate));
+}
+__device__ __forceinline__ void wgmma_64x64x16(float (&d)[32], unsigned long long a,
+                                               unsigned long long b, int accumulate,
+                                               __nv_bfloat16) {
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " PS_WGMMA_REGS
+               ", %32, %33, p, 1, 1, 0, 0;\n}\n"
+               : PS_WGMMA_OUT
+               : "l"(a), "l"(b), "r"(accumulate));
+}
+
+// Keeps the compiler from moving accesses of the accumulators across the wgmma fence / wait.
+__device__ __forceinline__ void fence_regs(float (&d)[32]) {
+#pragma unroll
+  for (int i = 0; i < 32; i++) asm volatile("" : "+f"(d[i])::"memory");
+}
+#endif
+
+// Grid: (num_kv_heads, num_items)  Block: (NW * 32), NW a multiple of 4 (whole warpgroups)
+// Dynamic shared memory: (BM + 2 BN) x HD elements (Q, 2 stages of K) + 2 x BN x (HD + 8) (V).
+template <typename T, int HD, int MI, int NW, int BN>
+__global__ void __launch_bounds__(NW * 32) prefill_sm90_kernel(
+    T* __restrict__ out,                    // [num_tokens, num_heads, HD]
+    const T* __restrict__ qkv,              // [num_tokens, (num_heads + 2 nkv) * HD]
+    const T* __restrict__ k_cache,          // [num_blocks, nkv, block_size, HD]
+    const T* __restrict__ v_cache,          // [num_blocks, nkv, block_size, HD]
+    const int* __restrict__ work,           // [W, 3]: seq, first new token, tokens (<= TOK)
+    const int* __restrict__ query_start_loc,  // [B + 1]
+    const int* __restrict__ context_lens,     // [B]
+    const int* __restrict__ block_tables,     // [B, max_blocks]
+    int max_blocks, int num_heads, int num_kv_heads, int block_size, float scale_log2,
+    int swap_desc) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int BM = 16 * MI * NW, LD = HD + 8, THREADS = NW * 32, CPR = HD / 8;
+  constexpr int GROUP_ELEMS = HD * 8;  // one 8-row group of the core-matrix layout
+  static_assert(NW % 4 == 0 && BN == 64, "whole warpgroups; S tiles are m64n64");
+  static_assert(BN * CPR % THREADS == 0, "a K/V tile splits evenly over the threads");
+  extern __shared__ __align__(128) unsigned char smem_raw[];
+  T* q_s = reinterpret_cast<T*>(smem_raw);  // [BM / 8][HD / 8][8][8]
+  T* k_s = q_s + BM * HD;                   // [2][BN / 8][HD / 8][8][8]
+  T* v_s = k_s + 2 * BN * HD;               // [2][BN][LD]
+  __shared__ int warp_hi[NW];
+
+  const int kvh = blockIdx.x, item = blockIdx.y;
+  const int group = num_heads / num_kv_heads, tok_per_head = BM / group;
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int seq = work[item * 3], tile0 = work[item * 3 + 1], ntok = work[item * 3 + 2];
+  const int q0 = query_start_loc[seq] + tile0;
+  const int num_new = query_start_loc[seq + 1] - query_start_loc[seq];
+  const int first_pos = context_lens[seq] - num_new + tile0;
+  const int kv_len = first_pos + ntok;
+  const long row_stride = (long)(num_heads + 2 * num_kv_heads) * HD;
+  const int* table = block_tables + (long)seq * max_blocks;
+  const T tag{};
+
+  // Copies in core-matrix order: 8 consecutive threads fill one 128-byte core matrix (rows
+  // r .. r + 7 of one 16-byte column), so shared-memory writes are contiguous.
+  for (int c = tid; c < BM * CPR; c += THREADS) {
+    const int rr = c & 7, kc = (c >> 3) % CPR, rg = c / (8 * CPR), r = rg * 8 + rr;
+    const int h = r / tok_per_head, tok = r % tok_per_head;
+    const bool valid = h < group && tok < ntok;
+    const T* src =
+        valid ? qkv + (long)(q0 + tok) * row_stride + (kvh * group + h) * HD + kc * 8 : qkv;
+    cp_async16(q_s + rg * GROUP_ELEMS + kc * 64 + rr * 8, src, valid);
+  }
+
+  const int bs_shift = __ffs(block_size) - 1;
+  const bool bs_pow2 = (block_size & (block_size - 1)) == 0;
+  auto load_tile = [&](int t, int stage) {
+    const int kb = t * BN;
+#pragma unroll
+    for (int i = 0; i < BN * CPR / THREADS; i++) {
+      const int c = tid + i * THREADS;
+      const int rr = c & 7, kc = (c >> 3) % CPR, rg = c / (8 * CPR), j = rg * 8 + rr;
+      const int key = kb + j;
+      const bool valid = key < kv_len;
+      long off = 0;
+      if (valid) {
+        int bi, slot;
+        if (bs_pow2) {
+          bi = key >> bs_shift;
+          slot = key & (block_size - 1);
+        } else {
+          bi = key / block_size;
+          slot = key - bi * block_size;
+        }
+        off = (((long)table[bi] * num_kv_heads + kvh) * block_size + slot) * HD + kc * 8;
+      }
+      cp_async16(k_s + stage * BN * HD + rg * GROUP_ELEMS + kc * 64 + rr * 8, k_cache + off,
+                 valid);
+      cp_async16(v_s + (stage * BN + j) * LD + kc * 8, v_cache + off, valid);
+    }
+    asm volatile("cp.async.commit_group;");
+  };
+  const int num_tiles = (kv_len + BN - 1) / BN;
+  load_tile(0, 0);
+
+  const int wg = warp >> 2;
+  auto row_base = [&](int mi) { return wg * 64 * MI + mi * 64 + (warp & 3) * 16; };
+  int pos[MI][2];
+  int lo = 0x7fffffff, hi = -1;
+#pragma unroll
+  for (int mi = 0; mi < MI; mi++) {
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+      const int r = row_base(mi) + (lane >> 2) + 8 * hf;
+      const int h = r / tok_per_head, tok = r % tok_per_head;
+      const bool valid = h < group && tok < ntok;
+      pos[mi][hf] = first_pos + (valid ? tok : 0);
+      if (valid) {
+        lo = min(lo, pos[mi][hf]);
+        hi = max(hi, pos[mi][hf]);
+      }
+    }
+  }
+#pragma unroll
+  for (int x = 1; x < 32; x <<= 1) {
+    lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, x));
+    hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, x));
+  }
+  if (lane == 0) warp_hi[warp] = hi;  // read after the first barrier: the warpgroup's bound
+  int wg_hi = -1;
+
+  const int cq = (lane & 3) * 2;
+  const int a_row = (lane & 7) + ((lane >> 3) & 1) * 8, a_col = (lane >> 4) * 8;
+  float o[MI][HD / 8][4];
+  float s[MI][32];  // S tile mi as wgmma's accumulator: element 4 n + e = mma.sync's s[n][e]
+  float m[MI][2], l[MI][2];
+#pragma unroll
+  for (int mi = 0; mi < MI; mi++) {
+#pragma unroll
+    for (int i = 0; i < HD / 8; i++) o[mi][i][0] = o[mi][i][1] = o[mi][i][2] = o[mi][i][3] = 0.f;
+#pragma unroll
+    for (int i = 0; i < 32; i++) s[mi][i] = 0.f;
+    m[mi][0] = m[mi][1] = -INFINITY;
+    l[mi][0] = l[mi][1] = 0.f;
+  }
+
+  for (int t = 0; t < num_tiles; t++) {
+    if (t + 1 < num_tiles) {
+      load_tile(t + 1, (t + 1) & 1);
+      asm volatile("cp.async.wait_group 1;");
+    } else {
+      asm volatile("cp.async.wait_group 0;");
+    }
+    // NOTE: cp.async writes are generic-proxy writes; wgmma reads through the async proxy.
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    __syncthreads();
+    if (t == 0)
+      wg_hi = max(max(warp_hi[wg * 4], warp_hi[wg * 4 + 1]),
+                  max(warp_hi[wg * 4 + 2], warp_hi[wg * 4 + 3]));
+    const int kb = t * BN;
+    if (kb <= wg_hi) {  // uniform over the warpgroup, as wgmma requires
+#pragma unroll
+      for (int mi = 0; mi < MI; mi++) fence_regs(s[mi]);
+      asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#pragma unroll
+      for (int mi = 0; mi < MI; mi++) {
+#pragma unroll
+        for (int kk = 0; kk < HD / 16; kk++) {
+          const unsigned long long da = wgmma_desc(
+              q_s + (wg * 64 * MI + mi * 64) / 8 * GROUP_ELEMS + kk * 128, 128, HD * 16,
+              swap_desc);
+          const unsigned long long db =
+              wgmma_desc(k_s + (t & 1) * BN * HD + kk * 128, 128, HD * 16, swap_desc);
+          wgmma_64x64x16(s[mi], da, db, kk > 0, tag);
+        }
+      }
+      asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+      asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+#pragma unroll
+      for (int mi = 0; mi < MI; mi++) fence_regs(s[mi]);
+    }
+    if (kb <= hi) {
+      const T* vt = v_s + (t & 1) * BN * LD;
+      const bool need_mask = kb + BN - 1 > lo;
+      unsigned pf[MI][BN / 16][4];
+#pragma unroll
+      for (int mi = 0; mi < MI; mi++) {
+        float mx0 = m[mi][0], mx1 = m[mi][1];
+#pragma unroll
+        for (int i = 0; i < BN / 8; i++) {
+          if (need_mask) {
+#pragma unroll
+            for (int e = 0; e < 4; e++)
+              if (kb + i * 8 + cq + (e & 1) > pos[mi][e >> 1]) s[mi][4 * i + e] = -INFINITY;
+          }
+          mx0 = fmaxf(mx0, fmaxf(s[mi][4 * i], s[mi][4 * i + 1]));
+          mx1 = fmaxf(mx1, fmaxf(s[mi][4 * i + 2], s[mi][4 * i + 3]));
+        }
+#pragma unroll
+        for (int x = 1; x < 4; x <<= 1) {
+          mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, x));
+          mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, x));
+        }
+        const float alpha0 = fast_exp2((m[mi][0] - mx0) * scale_log2);
+        const float alpha1 = fast_exp2((m[mi][1] - mx1) * scale_log2);
+        m[mi][0] = mx0;
+        m[mi][1] = mx1;
+        const float sub0 = mx0 * scale_log2, sub1 = mx1 * scale_log2;
+        float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+        for (int j = 0; j < BN / 16; j++) {
+          float p[2][4];
+#pragma unroll
+          for (int h = 0; h < 2; h++) {
+            const float* sv = &s[mi][4 * (2 * j + h)];
+            p[h][0] = fast_exp2(fmaf(sv[0], scale_log2, -sub0));
+            p[h][1] = fast_exp2(fmaf(sv[1], scale_log2, -sub0));
+            p[h][2] = fast_exp2(fmaf(sv[2], scale_log2, -sub1));
+            p[h][3] = fast_exp2(fmaf(sv[3], scale_log2, -sub1));
+            sum0 += p[h][0] + p[h][1];
+            sum1 += p[h][2] + p[h][3];
+          }
+          pf[mi][j][0] = pack2(p[0][0], p[0][1], tag);
+          pf[mi][j][1] = pack2(p[0][2], p[0][3], tag);
+          pf[mi][j][2] = pack2(p[1][0], p[1][1], tag);
+          pf[mi][j][3] = pack2(p[1][2], p[1][3], tag);
+        }
+        l[mi][0] = l[mi][0] * alpha0 + sum0;
+        l[mi][1] = l[mi][1] * alpha1 + sum1;
+        if (!__all_sync(0xffffffffu, alpha0 == 1.f && alpha1 == 1.f)) {
+#pragma unroll
+          for (int i = 0; i < HD / 8; i++) {
+            o[mi][i][0] *= alpha0;
+            o[mi][i][1] *= alpha0;
+            o[mi][i][2] *= alpha1;
+            o[mi][i][3] *= alpha1;
+          }
+        }
+      }
+#pragma unroll
+      for (int j = 0; j < BN / 16; j++) {
+#pragma unroll
+        for (int d2 = 0; d2 < HD / 16; d2++) {
+          unsigned b[4];
+          ldsm_x4_trans(b, vt + (j * 16 + a_row) * LD + d2 * 16 + a_col);
+#pragma unroll
+          for (int mi = 0; mi < MI; mi++) {
+            mma16816(o[mi][2 * d2], pf[mi][j], b[0], b[1], tag);
+            mma16816(o[mi][2 * d2 + 1], pf[mi][j], b[2], b[3], tag);
+          }
+        }
+      }
+    }
+    __syncthreads();  // the next iteration's load overwrites this stage
+  }
+
+#pragma unroll
+  for (int mi = 0; mi < MI; mi++) {
+#pragma unroll
+    for (int hf = 0; hf < 2; hf++) {
+      float sum = l[mi][hf];
+#pragma unroll
+      for (int x = 1; x < 4; x <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, x);
+      const int r = row_base(mi) + (lane >> 2) + 8 * hf;
+      const int h = r / tok_per_head, tok = r % tok_per_head;
+      if (h >= group || tok >= ntok) continue;
+      const float inv = 1.f / sum;
+      T* dst = out + ((long)(q0 + tok) * num_heads + kvh * group + h) * HD + cq;
+#pragma unroll
+      for (int i = 0; i < HD / 8; i++)
+        *reinterpret_cast<unsigned*>(dst + i * 8) =
+            pack2(o[mi][i][2 * hf] * inv, o[mi][i][2 * hf + 1] * inv, tag);
+    }
+  }
+#endif
+}
+
+#ifdef PAGEDSERVE_NVCC_CHECK
+#define INSTANTIATE(T, HD, MI, NW, BN)                                                         \
+  template __global__ void prefill_sm90_kernel<T, HD, MI, NW, BN>(                             \
+      T*, const T*, const T*, const T*, const int*, const int*, const int*, const int*, int,   \
+      int, int, int, float, int);
+INSTANTIATE(__half, 128, 2, 8, 64)
+INSTANTIATE(__nv_bfloat16, 64, 2, 8, 64)
+INSTANTIATE(__nv_bfloat16, 128, 2, 8, 64)
+INSTANTIATE(__nv_bfloat16, 128, 1, 8, 64)
+INSTANTIATE(__nv_bfloat16, 128, 2, 4, 64)
+#endif
