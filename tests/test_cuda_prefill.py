@@ -1,7 +1,8 @@
 """The prefill attention kernels (v1 attention_prefill.cu; v2 attention_prefill_gqa.cu as the
 engine picks it, and each compiled variant) against the numpy twin: long prompts, chunked prefill
 over a cached prefix, several sequences and decodes in one launch, GQA 1:1 .. 16:1, block sizes 16
-and 32, head_dim 64 and 128, fp16 and bf16 (GPU only)."""
+and 32, head_dim 64 and 128, fp16 and bf16 (GPU only). Last in the file, the experimental wgmma
+kernel (attention_prefill_sm90.cu, sm_90 only): a fault there cannot hide the others' results."""
 
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ cupy = require_gpu()
 
 from engine.executor.ops import AttentionMetadata  # noqa: E402
 from engine.executor.ops import cuda_prefill as cpf  # noqa: E402
-from engine.executor.ops.cuda_kernels import PREFILL_CONFIGS  # noqa: E402
+from engine.executor.ops.cuda_kernels import PREFILL_CONFIGS, SM90_CONFIGS  # noqa: E402
 from engine.executor.ops.cuda_ops import CudaOps  # noqa: E402
 from engine.executor.ops.numpy_ops import NumpyOps  # noqa: E402
 
 TOL = {"float16": 2e-3, "bfloat16": 1e-2}  # relative L2 error vs the fp32 reference
 REF = NumpyOps()
 KERNELS = [("v1", None), ("v2", None)] + [("v2", c) for c in PREFILL_CONFIGS]
+IS_SM90 = cupy.cuda.Device().compute_capability == "90"
 
 CASES = {  # name -> (num_heads, num_kv_heads, head_dim, block_size, num_new, context_lens)
     "long 4:1 bs16": (8, 2, 128, 16, [1030], [1030]),
@@ -74,8 +76,8 @@ def batch(rng, num_new, ctx, block_size):
     return meta, sum(nb) + 2
 
 
-@pytest.mark.parametrize("case", list(CASES))
-def test_prefill_kernels_match_the_twin(ops, case, restore_kernel):
+def check_kernels(ops, case, kernels):
+    """Every (kernel, config) of `kernels` on CASES[case] against the numpy twin."""
     nh, nkv, hd, bs, num_new, ctx = CASES[case]
     rng = np.random.default_rng(len(case))
     meta, num_blocks = batch(rng, num_new, ctx, bs)
@@ -84,7 +86,7 @@ def test_prefill_kernels_match_the_twin(ops, case, restore_kernel):
         np.float32))
     cache_h, qkv_h = ops.to_host(cache), ops.to_host(qkv)
     want = REF.attention(qkv_h, cache_h[0], cache_h[1], meta, nh, nkv, hd**-0.5)
-    for kernel, config in KERNELS:
+    for kernel, config in kernels:
         cpf.PREFILL_KERNEL, cpf.PREFILL_CONFIG = kernel, config
         dmeta = ops.prepare_metadata(meta)
         got = ops.to_host(ops.attention(qkv, cache[0], cache[1], dmeta, nh, nkv, hd**-0.5))
@@ -95,6 +97,11 @@ def test_prefill_kernels_match_the_twin(ops, case, restore_kernel):
         assert np.isfinite(got).all(), f"{kernel} {config}: NaN/inf (a row left unwritten)"
         err = np.linalg.norm(got - want) / np.linalg.norm(want)
         assert err < TOL[ops.dtype], f"{kernel} {config}: relative error {err:.2e}"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_prefill_kernels_match_the_twin(ops, case, restore_kernel):
+    check_kernels(ops, case, KERNELS)
 
 
 def test_prefill_items_cover_every_new_token_once_longest_first():
@@ -127,3 +134,12 @@ def test_prefill_plan_picks_by_the_tail_and_falls_back_to_v1(restore_kernel, mon
     cpf.PREFILL_KERNEL, cpf.PREFILL_CONFIG = "v1", None
     name, config, items = cpf.prefill_plan(one, [2048], 8, 4)
     assert (name, config) == ("v1", None) and (items[:, 2] == cpf.PREFILL_M).all()
+
+
+@pytest.mark.skipif(not IS_SM90, reason="wgmma needs an sm_90 GPU")
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_sm90_prefill_matches_the_twin(dtype, case, restore_kernel):
+    # its own CudaOps, not the module's `ops`: pytest groups a module fixture's tests by its
+    # parameter, which would run these before the bfloat16 ones above
+    check_kernels(CudaOps(dtype), case, [("sm90", c) for c in SM90_CONFIGS])

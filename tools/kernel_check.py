@@ -7,11 +7,11 @@ sampler old vs new, decode steps.
     PYTHONPATH=. python tools/gpu_check.py --only new      # the same, from gpu_check
 
 --quick skips the Llama-3-8B shapes and the decode steps; --only runs the named sections
-(launches, fused, gemv, splits, sampling, prefill, prefill90, decode). --check-each synchronizes
-after every row and every section and stops at the first CUDA error, naming where it surfaced (a
-kernel fault is sticky: without this it is reported by whichever later call syncs first). --small
-shrinks every section (few rows, one weight copy, 2-layer decode models with a 4096-token
-vocabulary, 2 timed calls) for compute-sanitizer:
+(launches, fused, gemv, splits, sampling, prefill (then prefill90), prefill90, decode).
+--check-each synchronizes after every row and every section and stops at the first CUDA error,
+naming where it surfaced (a kernel fault is sticky: without this it is reported by whichever later
+call syncs first). --small shrinks every section (few rows, one weight copy, 2-layer decode models
+with a 4096-token vocabulary, 2 timed calls) for compute-sanitizer:
 
     for s in launches fused gemv splits sampling prefill decode; do
       compute-sanitizer --error-exitcode 9 python tools/kernel_check.py --small --only $s; done
@@ -330,6 +330,14 @@ def sm90_kernels():
     return out + [(f"sm90 MI={c[0]} NW={c[1]} BN={c[2]} LBO/SBO swapped", "sm90", c, 1)]
 
 
+def check_prefill90(ops):
+    """The experimental wgmma kernel (Hopper only) in a table of its own, prefill90."""
+    if cupy.cuda.Device().compute_capability != "90":
+        print("prefill90: skipped, wgmma needs an sm_90 GPU", flush=True)
+        return
+    check_prefill(ops, "prefill90", sm90_kernels())
+
+
 def _prefill_batch(ops, num_new, ctx, nkv, hd, bs, rng):
     """Metadata and a random (2, blocks, nkv, bs, hd) cache for sequences with num_new[s] new
     tokens ending at ctx[s]; blocks are permuted so that the gather follows the table."""
@@ -609,8 +617,9 @@ def run_all(ops, quick: bool = False, only: str | None = None):
         "gemv": lambda: check_gemv(ops, ["qwen3-0.6b"] if quick else ["qwen3-0.6b", "llama3-8b"]),
         "splits": lambda: check_splits(ops),
         "sampling": lambda: check_sampling(ops),
-        "prefill": lambda: check_prefill(ops),
-        "prefill90": lambda: check_prefill(ops, "prefill90", sm90_kernels()),
+        # v2 first: a fault in the experimental wgmma kernel cannot hide its table
+        "prefill": lambda: (check_prefill(ops), check_prefill90(ops)),
+        "prefill90": lambda: check_prefill90(ops),
         "decode": lambda: None if quick else [decode_step(ops, p, c) for p, c in (
             ("qwen3-0.6b", 512), ("qwen3-0.6b", 32532), ("llama3-8b", 512))],
     }
