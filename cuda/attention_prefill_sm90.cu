@@ -63,8 +63,9 @@ __device__ __forceinline__ void fence_regs(float (&d)[32]) {
 #endif
 
 // Grid: (num_kv_heads, num_items)  Block: (NW * 32), NW a multiple of 4 (whole warpgroups)
-// Dynamic shared memory: (BM + 2 BN) x HD elements (Q, 2 stages of K) + 2 x BN x (HD + 8) (V).
-template <typename T, int HD, int MI, int NW, int BN>
+// Dynamic shared memory: (BM + ST x BN) x HD elements (Q, ST stages of K) + ST x BN x (HD + 8)
+// (V).
+template <typename T, int HD, int MI, int NW, int BN, int ST>
 __global__ void __launch_bounds__(NW * 32) prefill_sm90_kernel(
     T* __restrict__ out,                    // [num_tokens, num_heads, HD]
     const T* __restrict__ qkv,              // [num_tokens, (num_heads + 2 nkv) * HD]
@@ -83,8 +84,8 @@ __global__ void __launch_bounds__(NW * 32) prefill_sm90_kernel(
   static_assert(BN * CPR % THREADS == 0, "a K/V tile splits evenly over the threads");
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* q_s = reinterpret_cast<T*>(smem_raw);  // [BM / 8][HD / 8][8][8]
-  T* k_s = q_s + BM * HD;                   // [2][BN / 8][HD / 8][8][8]
-  T* v_s = k_s + 2 * BN * HD;               // [2][BN][LD]
+  T* k_s = q_s + BM * HD;                   // [ST][BN / 8][HD / 8][8][8]
+  T* v_s = k_s + ST * BN * HD;              // [ST][BN][LD]
   __shared__ int warp_hi[NW];
 
   const int kvh = blockIdx.x, item = blockIdx.y;
@@ -138,8 +139,16 @@ __global__ void __launch_bounds__(NW * 32) prefill_sm90_kernel(
     }
     asm volatile("cp.async.commit_group;");
   };
+  // ST stages: tiles t + 1 .. t + ST - 1 load while tile t is used. Every iteration commits one
+  // cp.async group (empty past the last tile), so "all but the newest ST - 1 groups" is tile t.
   const int num_tiles = (kv_len + BN - 1) / BN;
-  load_tile(0, 0);
+#pragma unroll
+  for (int st = 0; st < ST - 1; st++) {
+    if (st < num_tiles)
+      load_tile(st, st);
+    else
+      asm volatile("cp.async.commit_group;");
+  }
 
   const int wg = warp >> 2;
   auto row_base = [&](int mi) { return wg * 64 * MI + mi * 64 + (warp & 3) * 16; };
@@ -170,25 +179,25 @@ __global__ void __launch_bounds__(NW * 32) prefill_sm90_kernel(
   const int cq = (lane & 3) * 2;
   const int a_row = (lane & 7) + ((lane >> 3) & 1) * 8, a_col = (lane >> 4) * 8;
   float o[MI][HD / 8][4];
-  float s[MI][32];  // S tile mi as wgmma's accumulator: element 4 n + e = mma.sync's s[n][e]
+  float s[32];  // an S tile as wgmma's accumulator: element 4 n + e = mma.sync's s[n][e]
   float m[MI][2], l[MI][2];
 #pragma unroll
   for (int mi = 0; mi < MI; mi++) {
 #pragma unroll
     for (int i = 0; i < HD / 8; i++) o[mi][i][0] = o[mi][i][1] = o[mi][i][2] = o[mi][i][3] = 0.f;
-#pragma unroll
-    for (int i = 0; i < 32; i++) s[mi][i] = 0.f;
     m[mi][0] = m[mi][1] = -INFINITY;
     l[mi][0] = l[mi][1] = 0.f;
   }
+#pragma unroll
+  for (int i = 0; i < 32; i++) s[i] = 0.f;
 
-  for (int t = 0; t < num_tiles; t++) {
-    if (t + 1 < num_tiles) {
-      load_tile(t + 1, (t + 1) & 1);
-      asm volatile("cp.async.wait_group 1;");
-    } else {
-      asm volatile("cp.async.wait_group 0;");
-    }
+  for (int t = 0, stage = 0; t < num_tiles; t++, stage = stage + 1 == ST ? 0 : stage + 1) {
+    const int next = t + ST - 1;  // into the stage tile t - 1 used, free since the last barrier
+    if (next < num_tiles)
+      load_tile(next, next % ST);
+    else
+      asm volatile("cp.async.commit_group;");
+    asm volatile("cp.async.wait_group %0;" ::"n"(ST - 1));
     // NOTE: cp.async writes are generic-proxy writes; wgmma reads through the async proxy.
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
     __syncthreads();
@@ -196,43 +205,40 @@ __global__ void __launch_bounds__(NW * 32) prefill_sm90_kernel(
       wg_hi = max(max(warp_hi[wg * 4], warp_hi[wg * 4 + 1]),
                   max(warp_hi[wg * 4 + 2], warp_hi[wg * 4 + 3]));
     const int kb = t * BN;
-    if (kb <= wg_hi) {  // uniform over the warpgroup, as wgmma requires
-#pragma unroll
-      for (int mi = 0; mi < MI; mi++) fence_regs(s[mi]);
-      asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+    // One S tile (32 registers) at a time: its wgmma, then its softmax into P fragments.
+    // NOTE: wgmma is warpgroup-wide (every warp issues each one); the softmax and P V are per
+    // warp, skipped by warps whose rows all lie before this tile.
+    if (kb <= wg_hi) {
+      const T* vt = v_s + stage * BN * LD;
+      const bool need_mask = kb + BN - 1 > lo;
+      unsigned pf[MI][BN / 16][4];
 #pragma unroll
       for (int mi = 0; mi < MI; mi++) {
+        fence_regs(s);
+        asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
 #pragma unroll
         for (int kk = 0; kk < HD / 16; kk++) {
           const unsigned long long da = wgmma_desc(
               q_s + (wg * 64 * MI + mi * 64) / 8 * GROUP_ELEMS + kk * 128, 128, HD * 16,
               swap_desc);
           const unsigned long long db =
-              wgmma_desc(k_s + (t & 1) * BN * HD + kk * 128, 128, HD * 16, swap_desc);
-          wgmma_64x64x16(s[mi], da, db, kk > 0, tag);
+              wgmma_desc(k_s + stage * BN * HD + kk * 128, 128, HD * 16, swap_desc);
+          wgmma_64x64x16(s, da, db, kk > 0, tag);
         }
-      }
-      asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-      asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-#pragma unroll
-      for (int mi = 0; mi < MI; mi++) fence_regs(s[mi]);
-    }
-    if (kb <= hi) {
-      const T* vt = v_s + (t & 1) * BN * LD;
-      const bool need_mask = kb + BN - 1 > lo;
-      unsigned pf[MI][BN / 16][4];
-#pragma unroll
-      for (int mi = 0; mi < MI; mi++) {
+        asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+        asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+        fence_regs(s);
+        if (kb > hi) continue;
         float mx0 = m[mi][0], mx1 = m[mi][1];
 #pragma unroll
         for (int i = 0; i < BN / 8; i++) {
           if (need_mask) {
 #pragma unroll
             for (int e = 0; e < 4; e++)
-              if (kb + i * 8 + cq + (e & 1) > pos[mi][e >> 1]) s[mi][4 * i + e] = -INFINITY;
+              if (kb + i * 8 + cq + (e & 1) > pos[mi][e >> 1]) s[4 * i + e] = -INFINITY;
           }
-          mx0 = fmaxf(mx0, fmaxf(s[mi][4 * i], s[mi][4 * i + 1]));
-          mx1 = fmaxf(mx1, fmaxf(s[mi][4 * i + 2], s[mi][4 * i + 3]));
+          mx0 = fmaxf(mx0, fmaxf(s[4 * i], s[4 * i + 1]));
+          mx1 = fmaxf(mx1, fmaxf(s[4 * i + 2], s[4 * i + 3]));
         }
 #pragma unroll
         for (int x = 1; x < 4; x <<= 1) {
@@ -250,7 +256,7 @@ __global__ void __launch_bounds__(NW * 32) prefill_sm90_kernel(
           float p[2][4];
 #pragma unroll
           for (int h = 0; h < 2; h++) {
-            const float* sv = &s[mi][4 * (2 * j + h)];
+            const float* sv = &s[4 * (2 * j + h)];
             p[h][0] = fast_exp2(fmaf(sv[0], scale_log2, -sub0));
             p[h][1] = fast_exp2(fmaf(sv[1], scale_log2, -sub0));
             p[h][2] = fast_exp2(fmaf(sv[2], scale_log2, -sub1));
@@ -275,16 +281,18 @@ __global__ void __launch_bounds__(NW * 32) prefill_sm90_kernel(
           }
         }
       }
+      if (kb <= hi) {
 #pragma unroll
-      for (int j = 0; j < BN / 16; j++) {
+        for (int j = 0; j < BN / 16; j++) {
 #pragma unroll
-        for (int d2 = 0; d2 < HD / 16; d2++) {
-          unsigned b[4];
-          ldsm_x4_trans(b, vt + (j * 16 + a_row) * LD + d2 * 16 + a_col);
+          for (int d2 = 0; d2 < HD / 16; d2++) {
+            unsigned b[4];
+            ldsm_x4_trans(b, vt + (j * 16 + a_row) * LD + d2 * 16 + a_col);
 #pragma unroll
-          for (int mi = 0; mi < MI; mi++) {
-            mma16816(o[mi][2 * d2], pf[mi][j], b[0], b[1], tag);
-            mma16816(o[mi][2 * d2 + 1], pf[mi][j], b[2], b[3], tag);
+            for (int mi = 0; mi < MI; mi++) {
+              mma16816(o[mi][2 * d2], pf[mi][j], b[0], b[1], tag);
+              mma16816(o[mi][2 * d2 + 1], pf[mi][j], b[2], b[3], tag);
+            }
           }
         }
       }
@@ -314,13 +322,14 @@ __global__ void __launch_bounds__(NW * 32) prefill_sm90_kernel(
 }
 
 #ifdef PAGEDSERVE_NVCC_CHECK
-#define INSTANTIATE(T, HD, MI, NW, BN)                                                         \
-  template __global__ void prefill_sm90_kernel<T, HD, MI, NW, BN>(                             \
+#define INSTANTIATE(T, HD, MI, NW, BN, ST)                                                       \
+  template __global__ void prefill_sm90_kernel<T, HD, MI, NW, BN, ST>(                         \
       T*, const T*, const T*, const T*, const int*, const int*, const int*, const int*, int,   \
       int, int, int, float, int);
-INSTANTIATE(__half, 128, 2, 8, 64)
-INSTANTIATE(__nv_bfloat16, 64, 2, 8, 64)
-INSTANTIATE(__nv_bfloat16, 128, 2, 8, 64)
-INSTANTIATE(__nv_bfloat16, 128, 1, 8, 64)
-INSTANTIATE(__nv_bfloat16, 128, 2, 4, 64)
+INSTANTIATE(__half, 128, 2, 8, 64, 2)
+INSTANTIATE(__nv_bfloat16, 64, 2, 8, 64, 2)
+INSTANTIATE(__nv_bfloat16, 128, 2, 8, 64, 2)
+INSTANTIATE(__nv_bfloat16, 128, 2, 8, 64, 3)
+INSTANTIATE(__nv_bfloat16, 128, 1, 8, 64, 2)
+INSTANTIATE(__nv_bfloat16, 128, 2, 4, 64, 2)
 #endif

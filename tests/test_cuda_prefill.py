@@ -123,12 +123,12 @@ def test_prefill_plan_picks_by_the_tail_and_falls_back_to_v1(restore_kernel, mon
     monkeypatch.setattr(cpf, "_num_sms", lambda: 132)
     one = np.array([0, 2048], np.int32)
     # Qwen3 heads (2:1): 256-row blocks make 128 blocks for 132 SMs, the longest 16x the shortest
-    assert cpf.prefill_plan(one, [2048], 8, 2)[:2] == ("v2", (1, 8, 64))
+    assert cpf.prefill_plan(one, [2048], 8, 2)[:2] == ("v2", (1, 8, 64, 2))
     _, config, items = cpf.prefill_plan(one, [2048], 8, 4)  # Llama-3 heads (4:1)
-    assert config == (2, 8, 64) and (items[:, 2] == 64).all() and len(items) == 32
-    assert cpf.prefill_plan(np.array([0, 8192], np.int32), [8192], 8, 2)[1] == (2, 8, 64)
+    assert config[:2] == (2, 8) and (items[:, 2] == 64).all() and len(items) == 32
+    assert cpf.prefill_plan(np.array([0, 8192], np.int32), [8192], 8, 2)[1][:2] == (2, 8)
     assert cpf.prefill_plan(one, [2048], 1, 257)[:2] == ("v1", None)  # wider than any v2 block
-    cpf.PREFILL_CONFIG = (1, 4, 64)
+    cpf.PREFILL_CONFIG = (1, 4, 64, 2)
     assert cpf.prefill_plan(one, [2048], 8, 3)[2][0, 2] == 21  # forced: 64 rows / 3 heads
     assert cpf.prefill_plan(one, [2048], 1, 65)[:2] == ("v1", None)
     cpf.PREFILL_KERNEL, cpf.PREFILL_CONFIG = "v1", None

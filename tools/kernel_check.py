@@ -316,7 +316,7 @@ def prefill_kernels():
     the variant prefill_plan picks (what the engine runs), then every compiled v2 variant."""
     out = [("v1", "v1", None, 0), ("v2 auto", "v2", None, 0)]
     for c in cuda_kernels.PREFILL_CONFIGS:
-        out.append((f"v2 MI={c[0]} NW={c[1]} BN={c[2]}", "v2", c, 0))
+        out.append((f"v2 MI={c[0]} NW={c[1]} BN={c[2]} ST={c[3]}", "v2", c, 0))
     return out
 
 
@@ -325,9 +325,10 @@ def sm90_kernels():
     descriptors' LBO and SBO swapped (which reading of the layout the hardware wants)."""
     out = [("v2 auto", "v2", None, 0)]
     for c in cuda_kernels.SM90_CONFIGS:
-        out.append((f"sm90 MI={c[0]} NW={c[1]} BN={c[2]}", "sm90", c, 0))
+        out.append((f"sm90 MI={c[0]} NW={c[1]} BN={c[2]} ST={c[3]}", "sm90", c, 0))
     c = cuda_kernels.SM90_CONFIGS[0]
-    return out + [(f"sm90 MI={c[0]} NW={c[1]} BN={c[2]} LBO/SBO swapped", "sm90", c, 1)]
+    return out + [(f"sm90 MI={c[0]} NW={c[1]} BN={c[2]} ST={c[3]} LBO/SBO swapped", "sm90", c,
+                   1)]
 
 
 def check_prefill90(ops):

@@ -16,9 +16,10 @@ CTYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}
 HEAD_DIMS = (64, 128)
 DECODE_GROUPS = (1, 2, 4, 8)  # query heads per decode block (template G); larger groups take passes
 DECODE_UNROLL = 2  # 16-byte K and V loads per lane in flight (U); 2 beat 4 and 8 on the H200
-# attention_prefill_gqa.cu's (MI, NW, BN) variants, which cuda_prefill.prefill_plan picks among
-PREFILL_CONFIGS = ((2, 8, 64), (2, 4, 64), (1, 8, 64), (1, 4, 64))
-SM90_CONFIGS = ((2, 8, 64), (1, 8, 64), (2, 4, 64))  # attention_prefill_sm90.cu's (experimental)
+# attention_prefill_gqa.cu's (MI, NW, BN, ST) variants, which cuda_prefill.prefill_plan picks among
+PREFILL_CONFIGS = ((2, 8, 64, 3), (2, 8, 64, 2), (2, 4, 64, 2), (1, 8, 64, 2), (1, 4, 64, 2))
+# attention_prefill_sm90.cu's (experimental)
+SM90_CONFIGS = ((2, 8, 64, 3), (2, 8, 64, 2), (1, 8, 64, 2), (2, 4, 64, 2))
 # wgmma needs sm_90a, an arch CuPy's RawModule cannot ask NVRTC for: these compile by _sm90a_module
 SM90A_FILES = ("attention_prefill_sm90.cu",)
 
@@ -59,11 +60,11 @@ def kernel_names(file: str, ctype: str) -> list[str]:
     if file == "attention_prefill.cu":
         return [f"prefill_attention_kernel<{ctype}, {d}>" for d in HEAD_DIMS]
     if file == "attention_prefill_gqa.cu":
-        return [f"prefill_gqa_kernel<{ctype}, {d}, {mi}, {nw}, {bn}>" for d in HEAD_DIMS
-                for mi, nw, bn in PREFILL_CONFIGS]
+        return [f"prefill_gqa_kernel<{ctype}, {d}, {', '.join(map(str, c))}>" for d in HEAD_DIMS
+                for c in PREFILL_CONFIGS]
     if file == "attention_prefill_sm90.cu":
-        return [f"prefill_sm90_kernel<{ctype}, {d}, {mi}, {nw}, {bn}>" for d in HEAD_DIMS
-                for mi, nw, bn in SM90_CONFIGS]
+        return [f"prefill_sm90_kernel<{ctype}, {d}, {', '.join(map(str, c))}>" for d in HEAD_DIMS
+                for c in SM90_CONFIGS]
     if file == "bitmask.cu":
         return [f"apply_token_bitmask_kernel<{t}>" for t in CTYPES.values()]
     if file == "sampling.cu":

@@ -3,7 +3,8 @@ than one new token), how their new tokens are cut into work items, and the launc
 
 v2, cuda/attention_prefill_gqa.cu (the default): one block per (kv head, tile of new tokens), so
 that a kv group's query heads share every K/V tile the block loads. Its variants (MI, NW, BN) trade
-rows per block against blocks in flight; prefill_plan picks one per step with a small cost model
+rows per block against blocks in flight (and ST, cp.async stages, against shared memory);
+prefill_plan picks one per step with a small cost model
 (the causal tail: one 2k prompt makes too few big blocks to fill the GPU evenly).
 v1, cuda/attention_prefill.cu (PAGEDSERVE_PREFILL_KERNEL=v1): one block per (query head, 64 new
 tokens); kept as the fallback and as tools/kernel_check.py's timing baseline.
@@ -28,17 +29,18 @@ if PREFILL_KERNEL not in PREFILL_KERNELS:
     raise ValueError(f"PAGEDSERVE_PREFILL_KERNEL={PREFILL_KERNEL!r}: one of {PREFILL_KERNELS}")
 # None: prefill_plan picks a v2 variant per step; one of PREFILL_CONFIGS (or SM90_CONFIGS)
 # forces it (kernel_check)
-PREFILL_CONFIG: tuple[int, int, int] | None = None
+PREFILL_CONFIG: tuple[int, int, int, int] | None = None
 SM90_SWAP_DESC = 0  # 1 swaps the wgmma descriptors' LBO and SBO (kernel_check's device probe)
-# v2 variant (MI, NW, BN) -> (TFLOP/s of causal work with every SM busy, blocks per SM), from
-# device run 1 (tools/kernel_check.py --only prefill, H200, Llama-3-8B heads, one 32k prompt).
-PREFILL_RATES = {(2, 8, 64): (297.0, 1), (2, 4, 64): (282.0, 2), (1, 8, 64): (247.0, 1),
-                 (1, 4, 64): (235.0, 2)}
+# v2 variant (MI, NW, BN, ST) -> (TFLOP/s of causal work with every SM busy, blocks per SM),
+# from device run 1 (tools/kernel_check.py --only prefill, H200, Llama-3-8B heads, one 32k
+# prompt). NOTE: the 3-stage variant is not measured yet: the 2-stage figure, so ties pick it.
+PREFILL_RATES = {(2, 8, 64, 3): (297.0, 1), (2, 8, 64, 2): (297.0, 1), (2, 4, 64, 2): (282.0, 2),
+                 (1, 8, 64, 2): (247.0, 1), (1, 4, 64, 2): (235.0, 2)}
 if set(PREFILL_RATES) != set(PREFILL_CONFIGS):  # a rate for every compiled variant, and no more
     raise ValueError(f"PREFILL_RATES {sorted(PREFILL_RATES)} != PREFILL_CONFIGS")
 
 
-def block_rows(config: tuple[int, int, int]) -> int:
+def block_rows(config: tuple[int, int, int, int]) -> int:
     """Query rows of a v2 block: 16 x MI x NW."""
     return 16 * config[0] * config[1]
 
@@ -111,7 +113,7 @@ def prefill_plan(query_start_loc: np.ndarray, context_lens: np.ndarray | None,
 
 
 def prefill_attention(out, qkv, k_cache, v_cache, meta, work: cupy.ndarray, name: str,
-                      config: tuple[int, int, int] | None, num_heads: int, num_kv_heads: int,
+                      config: tuple[int, int, int, int] | None, num_heads: int, num_kv_heads: int,
                       scale_log2, ctype: str):
     """The prefill rows of `out` (T, nh * hd), by the kernel `name` with the `config` that `work`
     (W, 3) was cut for (prefill_plan); meta is the step's DeviceAttentionMetadata."""
@@ -124,17 +126,17 @@ def prefill_attention(out, qkv, k_cache, v_cache, meta, work: cupy.ndarray, name
         smem = 2 * 2 * PREFILL_N * (head_dim + 8) * 2  # 2 stages x (K, V) x keys x padded row
         grid, threads = (num_heads, len(work)), PREFILL_THREADS
     else:
-        mi, nw, bn = config
-        args = f"{ctype}, {head_dim}, {mi}, {nw}, {bn}"
+        _, nw, bn, st = config
+        args = f"{ctype}, {head_dim}, {', '.join(map(str, config))}"
         if name == "sm90":
             k = kernel("attention_prefill_sm90.cu", f"prefill_sm90_kernel<{args}>", ctype)
-            # Q + 2 stages of K in the core-matrix layout, 2 stages of V in padded rows
-            smem = ((block_rows(config) + 2 * bn) * head_dim + 2 * bn * (head_dim + 8)) * 2
+            # Q + ST stages of K in the core-matrix layout, ST stages of V in padded rows
+            smem = ((block_rows(config) + st * bn) * head_dim + st * bn * (head_dim + 8)) * 2
             extra = (i32(SM90_SWAP_DESC),)
         else:
             k = kernel("attention_prefill_gqa.cu", f"prefill_gqa_kernel<{args}>", ctype)
-            # Q rows + 2 stages x (K, V) x keys, padded rows of 16-bit elements
-            smem = (block_rows(config) + 2 * 2 * bn) * (head_dim + 8) * 2
+            # Q rows + ST stages x (K, V) x keys, padded rows of 16-bit elements
+            smem = (block_rows(config) + st * 2 * bn) * (head_dim + 8) * 2
         grid, threads = (num_kv_heads, len(work)), nw * 32
     if k.max_dynamic_shared_size_bytes < smem:
         k.max_dynamic_shared_size_bytes = smem
