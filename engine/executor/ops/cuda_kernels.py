@@ -117,8 +117,8 @@ def _sm90a_module(folder: Path, file: str, names: list[str]) -> _LoweredModule:
     """NVRTC straight from CuPy's bindings with -arch=sm_90a (RawModule appends the device's plain
     sm_90), with the include options RawModule would pass."""
     import cupy
-    from cupy_backends.cuda.libs import nvrtc
 
+    nvrtc = cupy.cuda.nvrtc  # CuPy's NVRTC bindings (cupy_backends.cuda.libs.nvrtc)
     options = ("-std=c++17", f"-I{folder}", "-ftz=true")
     try:
         from cupy._core.core import assemble_cupy_compiler_options
