@@ -4,16 +4,21 @@
 // The blocks, rows and work items of attention_prefill_gqa.cu (v2): one block per (kv head, tile
 // of new tokens), row r = query head r / TOK at new token r % TOK. What changes is S = Q K^T: each
 // warpgroup multiplies its 64-row Q tiles by the K tile with wgmma straight from shared memory
-// (no ldmatrix, no per-warp copy of K fragments through registers). O += P V stays on mma.sync
-// (P from registers, V by ldmatrix.trans). Warp w of a warpgroup owns rows 16 (w % 4) .. + 15 of
-// each of its MI 64-row tiles, the rows wgmma's accumulator gives it.
-// Q and K sit in shared memory in wgmma's unswizzled K-major layout: 8 x 8 core matrices of 128
-// contiguous bytes, K-adjacent ones 128 B apart (LBO), 8-row groups HD x 16 B apart (SBO).
+// (no ldmatrix, no per-warp copy of K fragments through registers). O += P V runs on mma.sync (P
+// from registers, V by ldmatrix.trans from padded rows) or, with PVW = 1, on wgmma too (P from
+// registers as the A operand, V from shared memory as an MN-major B operand). Warp w of a
+// warpgroup owns rows 16 (w % 4) .. + 15 of each of its MI 64-row tiles, the rows wgmma's
+// accumulators give it (the same fragment layout as mma.sync's, 8 columns per 4 registers).
+// Q and K (and V with PVW) sit in shared memory in wgmma's unswizzled layout: 8 x 8 core matrices
+// of 128 contiguous bytes (8 rows of 16 B: a row is 8 consecutive head_dim values of one query or
+// key), head_dim-adjacent ones 128 B apart, 8-row groups HD x 16 B apart. For S = Q K^T, head_dim
+// is K (LBO = 128, SBO = HD x 16); for P V the keys are K (LBO = HD x 16, SBO = 128).
 #include "mma.cuh"
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-// Matrix descriptor of a K-major, unswizzled operand at `p` (bits 0-13 address / 16, 16-29 LBO / 16,
-// 32-45 SBO / 16, swizzle mode 0 in bits 62-63). swap exchanges LBO and SBO (a device check).
+// Matrix descriptor of an unswizzled operand at `p` (bits 0-13 address / 16, 16-29 LBO / 16,
+// 32-45 SBO / 16, swizzle mode 0 in bits 62-63). LBO: bytes between core matrices adjacent in K;
+// SBO: in M or N. swap exchanges them (kernel_check's probe of that reading of the PTX manual).
 __device__ __forceinline__ unsigned long long wgmma_desc(const void* p, int lbo, int sbo,
                                                          int swap) {
   if (swap) {
@@ -55,17 +60,71 @@ __device__ __forceinline__ void wgmma_64x64x16(float (&d)[32], unsigned long lon
                : "l"(a), "l"(b), "r"(accumulate));
 }
 
+#define PS_WGMMA_OUT64                                                                         \
+  PS_WGMMA_OUT, "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]),  \
+      "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]),            \
+      "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]),            \
+      "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]),            \
+      "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]),            \
+      "+f"(d[62]), "+f"(d[63])
+#define PS_WGMMA_REGS64                                                                        \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, "     \
+  "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, " \
+  "%37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, " \
+  "%55, %56, %57, %58, %59, %60, %61, %62, %63}"
+
+// d (64 x N fp32, this thread's N / 2) += A (64 x 16: this warp's 16 rows in registers, as
+// mma.sync's A fragment) B (16 x N from shared memory, MN-major: the final 1 transposes it).
+template <int N> struct WgmmaRS;
+template <> struct WgmmaRS<64> {
+  __device__ static void run(float (&d)[32], const unsigned (&a)[4], unsigned long long b,
+                             __half) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.f16.f16 " PS_WGMMA_REGS
+                 ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+                 : PS_WGMMA_OUT
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+  }
+  __device__ static void run(float (&d)[32], const unsigned (&a)[4], unsigned long long b,
+                             __nv_bfloat16) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %37, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " PS_WGMMA_REGS
+                 ", {%32, %33, %34, %35}, %36, p, 1, 1, 1;\n}\n"
+                 : PS_WGMMA_OUT
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+  }
+};
+template <> struct WgmmaRS<128> {
+  __device__ static void run(float (&d)[64], const unsigned (&a)[4], unsigned long long b,
+                             __half) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.f16.f16 " PS_WGMMA_REGS64
+                 ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+                 : PS_WGMMA_OUT64
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+  }
+  __device__ static void run(float (&d)[64], const unsigned (&a)[4], unsigned long long b,
+                             __nv_bfloat16) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " PS_WGMMA_REGS64
+                 ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+                 : PS_WGMMA_OUT64
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(b), "r"(1));
+  }
+};
+
 // Keeps the compiler from moving accesses of the accumulators across the wgmma fence / wait.
-__device__ __forceinline__ void fence_regs(float (&d)[32]) {
+template <int N>
+__device__ __forceinline__ void fence_regs(float (&d)[N]) {
 #pragma unroll
-  for (int i = 0; i < 32; i++) asm volatile("" : "+f"(d[i])::"memory");
+  for (int i = 0; i < N; i++) asm volatile("" : "+f"(d[i])::"memory");
 }
 #endif
 
 // Grid: (num_kv_heads, num_items)  Block: (NW * 32), NW a multiple of 4 (whole warpgroups)
 // Dynamic shared memory: (BM + ST x BN) x HD elements (Q, ST stages of K) + ST x BN x (HD + 8)
-// (V).
-template <typename T, int HD, int MI, int NW, int BN, int ST>
+// (V in padded rows) or, with PVW, ST x BN x HD (V in the core-matrix layout).
+template <typename T, int HD, int MI, int NW, int BN, int ST, int PVW>
 __global__ void __launch_bounds__(NW * 32) prefill_sm90_kernel(
     T* __restrict__ out,                    // [num_tokens, num_heads, HD]
     const T* __restrict__ qkv,              // [num_tokens, (num_heads + 2 nkv) * HD]
@@ -76,7 +135,7 @@ __global__ void __launch_bounds__(NW * 32) prefill_sm90_kernel(
     const int* __restrict__ context_lens,     // [B]
     const int* __restrict__ block_tables,     // [B, max_blocks]
     int max_blocks, int num_heads, int num_kv_heads, int block_size, float scale_log2,
-    int swap_desc) {
+    int swap_desc) {  // bit 0: swap S's descriptors' LBO and SBO; bit 1: P V's
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int BM = 16 * MI * NW, LD = HD + 8, THREADS = NW * 32, CPR = HD / 8;
   constexpr int GROUP_ELEMS = HD * 8;  // one 8-row group of the core-matrix layout
@@ -85,7 +144,7 @@ __global__ void __launch_bounds__(NW * 32) prefill_sm90_kernel(
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* q_s = reinterpret_cast<T*>(smem_raw);  // [BM / 8][HD / 8][8][8]
   T* k_s = q_s + BM * HD;                   // [ST][BN / 8][HD / 8][8][8]
-  T* v_s = k_s + ST * BN * HD;              // [ST][BN][LD]
+  T* v_s = k_s + ST * BN * HD;  // [ST][BN][LD], or with PVW [ST][BN / 8][HD / 8][8][8]
   __shared__ int warp_hi[NW];
 
   const int kvh = blockIdx.x, item = blockIdx.y;
@@ -135,7 +194,9 @@ __global__ void __launch_bounds__(NW * 32) prefill_sm90_kernel(
       }
       cp_async16(k_s + stage * BN * HD + rg * GROUP_ELEMS + kc * 64 + rr * 8, k_cache + off,
                  valid);
-      cp_async16(v_s + (stage * BN + j) * LD + kc * 8, v_cache + off, valid);
+      cp_async16(PVW ? v_s + stage * BN * HD + rg * GROUP_ELEMS + kc * 64 + rr * 8
+                     : v_s + (stage * BN + j) * LD + kc * 8,
+                 v_cache + off, valid);
     }
     asm volatile("cp.async.commit_group;");
   };
@@ -178,7 +239,7 @@ __global__ void __launch_bounds__(NW * 32) prefill_sm90_kernel(
 
   const int cq = (lane & 3) * 2;
   const int a_row = (lane & 7) + ((lane >> 3) & 1) * 8, a_col = (lane >> 4) * 8;
-  float o[MI][HD / 8][4];
+  float o[MI][HD / 8][4];  // as wgmma's accumulator (PVW): element 4 i + e is o[mi][i][e]
   float s[32];  // an S tile as wgmma's accumulator: element 4 n + e = mma.sync's s[n][e]
   float m[MI][2], l[MI][2];
 #pragma unroll
@@ -220,15 +281,15 @@ __global__ void __launch_bounds__(NW * 32) prefill_sm90_kernel(
         for (int kk = 0; kk < HD / 16; kk++) {
           const unsigned long long da = wgmma_desc(
               q_s + (wg * 64 * MI + mi * 64) / 8 * GROUP_ELEMS + kk * 128, 128, HD * 16,
-              swap_desc);
+              swap_desc & 1);
           const unsigned long long db =
-              wgmma_desc(k_s + stage * BN * HD + kk * 128, 128, HD * 16, swap_desc);
+              wgmma_desc(k_s + stage * BN * HD + kk * 128, 128, HD * 16, swap_desc & 1);
           wgmma_64x64x16(s, da, db, kk > 0, tag);
         }
         asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
         asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
         fence_regs(s);
-        if (kb > hi) continue;
+        if (!PVW && kb > hi) continue;  // PVW: every warp's P feeds the warpgroup's wgmma
         float mx0 = m[mi][0], mx1 = m[mi][1];
 #pragma unroll
         for (int i = 0; i < BN / 8; i++) {
@@ -281,7 +342,24 @@ __global__ void __launch_bounds__(NW * 32) prefill_sm90_kernel(
           }
         }
       }
-      if (kb <= hi) {
+      if constexpr (PVW) {
+#pragma unroll
+        for (int mi = 0; mi < MI; mi++) fence_regs(reinterpret_cast<float(&)[HD / 2]>(o[mi]));
+        asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#pragma unroll
+        for (int mi = 0; mi < MI; mi++) {
+#pragma unroll
+          for (int j = 0; j < BN / 16; j++) {  // keys 16 j .. 16 j + 15: two 8-key groups
+            const unsigned long long dv = wgmma_desc(
+                v_s + stage * BN * HD + 2 * j * GROUP_ELEMS, HD * 16, 128, swap_desc & 2);
+            WgmmaRS<HD>::run(reinterpret_cast<float(&)[HD / 2]>(o[mi]), pf[mi][j], dv, tag);
+          }
+        }
+        asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+        asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+#pragma unroll
+        for (int mi = 0; mi < MI; mi++) fence_regs(reinterpret_cast<float(&)[HD / 2]>(o[mi]));
+      } else if (kb <= hi) {
 #pragma unroll
         for (int j = 0; j < BN / 16; j++) {
 #pragma unroll
@@ -322,14 +400,19 @@ __global__ void __launch_bounds__(NW * 32) prefill_sm90_kernel(
 }
 
 #ifdef PAGEDSERVE_NVCC_CHECK
-#define INSTANTIATE(T, HD, MI, NW, BN, ST)                                                       \
-  template __global__ void prefill_sm90_kernel<T, HD, MI, NW, BN, ST>(                         \
+#define INSTANTIATE(T, HD, MI, NW, BN, ST, PVW)                                                \
+  template __global__ void prefill_sm90_kernel<T, HD, MI, NW, BN, ST, PVW>(                    \
       T*, const T*, const T*, const T*, const int*, const int*, const int*, const int*, int,   \
       int, int, int, float, int);
-INSTANTIATE(__half, 128, 2, 8, 64, 2)
-INSTANTIATE(__nv_bfloat16, 64, 2, 8, 64, 2)
-INSTANTIATE(__nv_bfloat16, 128, 2, 8, 64, 2)
-INSTANTIATE(__nv_bfloat16, 128, 2, 8, 64, 3)
-INSTANTIATE(__nv_bfloat16, 128, 1, 8, 64, 2)
-INSTANTIATE(__nv_bfloat16, 128, 2, 4, 64, 2)
+INSTANTIATE(__half, 128, 2, 8, 64, 2, 0)
+INSTANTIATE(__half, 128, 2, 8, 64, 2, 1)
+INSTANTIATE(__half, 64, 2, 8, 64, 2, 1)
+INSTANTIATE(__nv_bfloat16, 64, 2, 8, 64, 2, 0)
+INSTANTIATE(__nv_bfloat16, 64, 2, 8, 64, 2, 1)
+INSTANTIATE(__nv_bfloat16, 128, 2, 8, 64, 2, 0)
+INSTANTIATE(__nv_bfloat16, 128, 2, 8, 64, 3, 0)
+INSTANTIATE(__nv_bfloat16, 128, 2, 8, 64, 3, 1)
+INSTANTIATE(__nv_bfloat16, 128, 2, 8, 64, 2, 1)
+INSTANTIATE(__nv_bfloat16, 128, 1, 8, 64, 2, 1)
+INSTANTIATE(__nv_bfloat16, 128, 2, 4, 64, 2, 0)
 #endif

@@ -321,14 +321,24 @@ def prefill_kernels():
 
 
 def sm90_kernels():
-    """The experimental wgmma kernel's variants after v2 auto; last, the same with the wgmma
-    descriptors' LBO and SBO swapped (which reading of the layout the hardware wants)."""
+    """The experimental wgmma kernel's variants, after v2 auto."""
     out = [("v2 auto", "v2", None, 0)]
     for c in cuda_kernels.SM90_CONFIGS:
-        out.append((f"sm90 MI={c[0]} NW={c[1]} BN={c[2]} ST={c[3]}", "sm90", c, 0))
-    c = cuda_kernels.SM90_CONFIGS[0]
-    return out + [(f"sm90 MI={c[0]} NW={c[1]} BN={c[2]} ST={c[3]} LBO/SBO swapped", "sm90", c,
-                   1)]
+        out.append((f"sm90 MI={c[0]} NW={c[1]} BN={c[2]} ST={c[3]} PV {'wgmma' if c[4] else 'mma'}",
+                    "sm90", c, 0))
+    return out
+
+
+def sm90_probes():
+    """The first P V on mma.sync and on wgmma variants with the wgmma descriptors' LBO and SBO
+    swapped (SM90_SWAP_DESC bit 0: S's, bit 1: P V's): which reading of the layout the hardware
+    wants. Checked last, untimed: a wrong reading may fault."""
+    mma = next(c for c in cuda_kernels.SM90_CONFIGS if not c[4])
+    wg = next(c for c in cuda_kernels.SM90_CONFIGS if c[4])
+    return [("v2 auto", "v2", None, 0), ("sm90 PV mma, S swapped", "sm90", mma, 1),
+            ("sm90 PV wgmma, S swapped", "sm90", wg, 1),
+            ("sm90 PV wgmma, P V swapped", "sm90", wg, 2),
+            ("sm90 PV wgmma, both swapped", "sm90", wg, 3)]
 
 
 def check_prefill90(ops):
@@ -337,6 +347,7 @@ def check_prefill90(ops):
         print("prefill90: skipped, wgmma needs an sm_90 GPU", flush=True)
         return
     check_prefill(ops, "prefill90", sm90_kernels())
+    check_prefill(ops, "prefill90", sm90_probes(), timed=False)
 
 
 def _prefill_batch(ops, num_new, ctx, nkv, hd, bs, rng):
@@ -369,7 +380,7 @@ def _run_prefill(ops, kernel_choice, qkv, cache, meta, nh, nkv):
     return attn, dmeta.work[nh // nkv].prefill_config
 
 
-def check_prefill(ops, table: str = "prefill", kernels=None):
+def check_prefill(ops, table: str = "prefill", kernels=None, timed: bool = True):
     """Each prefill kernel against the numpy twin on small mixed batches (max relative and
     absolute error), then timed on long prompts: TFLOP/s of causal work, % of H200_DENSE, and
     speed-up over the first kernel (v1; for prefill90, v2 auto)."""
@@ -398,7 +409,9 @@ def check_prefill(ops, table: str = "prefill", kernels=None):
                 check_device(f"{table} check {label} {name}")
         cases = [("1 x 2k", [2048], [2048]), ("1 x 8k", [8192], [8192]),
                  ("1 x 32k", [32768], [32768]), ("2k new on 8k ctx", [2048], [8192])]
-        if OPTS["small"]:
+        if not timed:
+            cases = []
+        elif OPTS["small"]:
             cases = cases[:1] + cases[3:]
         for preset, (nh, nkv, hd) in PREFILL_HEADS.items():
             for label, num_new, ctx in cases:

@@ -9,7 +9,7 @@ prefill_plan picks one per step with a small cost model
 v1, cuda/attention_prefill.cu (PAGEDSERVE_PREFILL_KERNEL=v1): one block per (query head, 64 new
 tokens); kept as the fallback and as tools/kernel_check.py's timing baseline.
 sm90, cuda/attention_prefill_sm90.cu (PAGEDSERVE_PREFILL_KERNEL=sm90, EXPERIMENTAL, Hopper only):
-v2's blocks and work items with S = Q K^T on wgmma.
+v2's blocks and work items with S = Q K^T (and with PVW, P V) on wgmma.
 """
 
 from __future__ import annotations
@@ -29,8 +29,9 @@ if PREFILL_KERNEL not in PREFILL_KERNELS:
     raise ValueError(f"PAGEDSERVE_PREFILL_KERNEL={PREFILL_KERNEL!r}: one of {PREFILL_KERNELS}")
 # None: prefill_plan picks a v2 variant per step; one of PREFILL_CONFIGS (or SM90_CONFIGS)
 # forces it (kernel_check)
-PREFILL_CONFIG: tuple[int, int, int, int] | None = None
-SM90_SWAP_DESC = 0  # 1 swaps the wgmma descriptors' LBO and SBO (kernel_check's device probe)
+PREFILL_CONFIG: tuple[int, ...] | None = None
+# bit 0 swaps the LBO and SBO of S's wgmma descriptors, bit 1 of P V's (kernel_check's probe)
+SM90_SWAP_DESC = 0
 # v2 variant (MI, NW, BN, ST) -> (TFLOP/s of causal work with every SM busy, blocks per SM),
 # from device run 1 (tools/kernel_check.py --only prefill, H200, Llama-3-8B heads, one 32k
 # prompt). NOTE: the 3-stage variant is not measured yet: the 2-stage figure, so ties pick it.
@@ -40,7 +41,7 @@ if set(PREFILL_RATES) != set(PREFILL_CONFIGS):  # a rate for every compiled vari
     raise ValueError(f"PREFILL_RATES {sorted(PREFILL_RATES)} != PREFILL_CONFIGS")
 
 
-def block_rows(config: tuple[int, int, int, int]) -> int:
+def block_rows(config: tuple[int, ...]) -> int:
     """Query rows of a v2 block: 16 x MI x NW."""
     return 16 * config[0] * config[1]
 
@@ -113,7 +114,7 @@ def prefill_plan(query_start_loc: np.ndarray, context_lens: np.ndarray | None,
 
 
 def prefill_attention(out, qkv, k_cache, v_cache, meta, work: cupy.ndarray, name: str,
-                      config: tuple[int, int, int, int] | None, num_heads: int, num_kv_heads: int,
+                      config: tuple[int, ...] | None, num_heads: int, num_kv_heads: int,
                       scale_log2, ctype: str):
     """The prefill rows of `out` (T, nh * hd), by the kernel `name` with the `config` that `work`
     (W, 3) was cut for (prefill_plan); meta is the step's DeviceAttentionMetadata."""
@@ -126,12 +127,14 @@ def prefill_attention(out, qkv, k_cache, v_cache, meta, work: cupy.ndarray, name
         smem = 2 * 2 * PREFILL_N * (head_dim + 8) * 2  # 2 stages x (K, V) x keys x padded row
         grid, threads = (num_heads, len(work)), PREFILL_THREADS
     else:
-        _, nw, bn, st = config
+        nw, bn, st = config[1:4]
         args = f"{ctype}, {head_dim}, {', '.join(map(str, config))}"
         if name == "sm90":
             k = kernel("attention_prefill_sm90.cu", f"prefill_sm90_kernel<{args}>", ctype)
-            # Q + ST stages of K in the core-matrix layout, ST stages of V in padded rows
-            smem = ((block_rows(config) + st * bn) * head_dim + st * bn * (head_dim + 8)) * 2
+            # Q + ST stages of K in the core-matrix layout; ST stages of V in it too (PVW) or
+            # in padded rows
+            v_row = head_dim if config[4] else head_dim + 8
+            smem = ((block_rows(config) + st * bn) * head_dim + st * bn * v_row) * 2
             extra = (i32(SM90_SWAP_DESC),)
         else:
             k = kernel("attention_prefill_gqa.cu", f"prefill_gqa_kernel<{args}>", ctype)
