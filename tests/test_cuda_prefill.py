@@ -129,7 +129,7 @@ def test_prefill_plan_picks_by_the_tail_and_falls_back_to_v1(restore_kernel, mon
     assert cpf.prefill_plan(np.array([0, 8192], np.int32), [8192], 8, 2)[1][:2] == (2, 8)
     assert cpf.prefill_plan(one, [2048], 1, 257)[:2] == ("v1", None)  # wider than any v2 block
     cpf.PREFILL_CONFIG = (1, 4, 64, 2)
-    assert cpf.prefill_plan(one, [2048], 8, 3)[2][0, 2] == 21  # forced: 64 rows / 3 heads
+    assert cpf.prefill_plan(one, [2048], 8, 3)[2][:, 2].max() == 21  # forced: 64 rows / 3 heads
     assert cpf.prefill_plan(one, [2048], 1, 65)[:2] == ("v1", None)
     cpf.PREFILL_KERNEL, cpf.PREFILL_CONFIG = "v1", None
     name, config, items = cpf.prefill_plan(one, [2048], 8, 4)
