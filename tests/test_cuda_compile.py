@@ -53,11 +53,12 @@ def test_every_named_instance_compiles(source, tmp_path):
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
-def test_wgmma_prefill_compiles_for_sm90a(tmp_path):
-    """attention_prefill_sm90.cu's body exists only for sm_90a (wgmma): compile it there, through
-    ptxas, which checks the wgmma operands."""
+@pytest.mark.parametrize("name", ["attention_prefill_sm90.cu", "attention_prefill_sm90p.cu"])
+def test_wgmma_prefill_compiles_for_sm90a(name, tmp_path):
+    """The wgmma kernels' bodies exist only for sm_90a: compile them there, through ptxas, which
+    checks the wgmma operands."""
     result = subprocess.run(
         [NVCC, "-std=c++17", "-arch=sm_90a", "-DPAGEDSERVE_NVCC_CHECK", "-cubin", "-o",
-         str(tmp_path / "out.cubin"), str(CUDA_DIR / "attention_prefill_sm90.cu")],
+         str(tmp_path / "out.cubin"), str(CUDA_DIR / name)],
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr

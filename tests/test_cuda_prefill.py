@@ -2,7 +2,8 @@
 engine picks it, and each compiled variant) against the numpy twin: long prompts, chunked prefill
 over a cached prefix, several sequences and decodes in one launch, GQA 1:1 .. 16:1, block sizes 16
 and 32, head_dim 64 and 128, fp16 and bf16 (GPU only). Last in the file, the experimental wgmma
-kernel (attention_prefill_sm90.cu, sm_90 only): a fault there cannot hide the others' results."""
+kernels (attention_prefill_sm90.cu, _sm90p.cu; sm_90 only): a fault there cannot hide the others'
+results."""
 
 from __future__ import annotations
 
@@ -15,7 +16,11 @@ cupy = require_gpu()
 
 from engine.executor.ops import AttentionMetadata  # noqa: E402
 from engine.executor.ops import cuda_prefill as cpf  # noqa: E402
-from engine.executor.ops.cuda_kernels import PREFILL_CONFIGS, SM90_CONFIGS  # noqa: E402
+from engine.executor.ops.cuda_kernels import (  # noqa: E402
+    PREFILL_CONFIGS,
+    SM90_CONFIGS,
+    SM90P_CONFIGS,
+)
 from engine.executor.ops.cuda_ops import CudaOps  # noqa: E402
 from engine.executor.ops.numpy_ops import NumpyOps  # noqa: E402
 
@@ -142,4 +147,5 @@ def test_prefill_plan_picks_by_the_tail_and_falls_back_to_v1(restore_kernel, mon
 def test_sm90_prefill_matches_the_twin(dtype, case, restore_kernel):
     # its own CudaOps, not the module's `ops`: pytest groups a module fixture's tests by its
     # parameter, which would run these before the bfloat16 ones above
-    check_kernels(CudaOps(dtype), case, [("sm90", c) for c in SM90_CONFIGS])
+    check_kernels(CudaOps(dtype), case,
+                  [("sm90", c) for c in SM90_CONFIGS] + [("sm90p", c) for c in SM90P_CONFIGS])

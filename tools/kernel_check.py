@@ -323,6 +323,8 @@ def prefill_kernels():
 def sm90_kernels():
     """The experimental wgmma kernel's variants, after v2 auto."""
     out = [("v2 auto", "v2", None, 0)]
+    for c in cuda_kernels.SM90P_CONFIGS:
+        out.append((f"sm90p (pipelined) NW={c[1]}", "sm90p", c, 0))
     for c in cuda_kernels.SM90_CONFIGS:
         out.append((f"sm90 MI={c[0]} NW={c[1]} BN={c[2]} ST={c[3]} PV {'wgmma' if c[4] else 'mma'}",
                     "sm90", c, 0))

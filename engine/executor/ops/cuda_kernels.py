@@ -21,8 +21,10 @@ PREFILL_CONFIGS = ((2, 8, 64, 3), (2, 8, 64, 2), (2, 4, 64, 2), (1, 8, 64, 2), (
 # attention_prefill_sm90.cu's (MI, NW, BN, ST, PVW: P V on wgmma too), experimental
 SM90_CONFIGS = ((2, 8, 64, 2, 1), (1, 8, 64, 2, 1), (2, 8, 64, 3, 1), (2, 8, 64, 2, 0),
                 (1, 8, 64, 2, 0))
+# attention_prefill_sm90p.cu's (pipelined, experimental), in the same form: only NW varies
+SM90P_CONFIGS = ((1, 8, 64, 4, 1), (1, 12, 64, 4, 1))
 # wgmma needs sm_90a, an arch CuPy's RawModule cannot ask NVRTC for: these compile by _sm90a_module
-SM90A_FILES = ("attention_prefill_sm90.cu",)
+SM90A_FILES = ("attention_prefill_sm90.cu", "attention_prefill_sm90p.cu")
 
 
 def cuda_dir() -> Path:
@@ -66,6 +68,9 @@ def kernel_names(file: str, ctype: str) -> list[str]:
     if file == "attention_prefill_sm90.cu":
         return [f"prefill_sm90_kernel<{ctype}, {d}, {', '.join(map(str, c))}>" for d in HEAD_DIMS
                 for c in SM90_CONFIGS]
+    if file == "attention_prefill_sm90p.cu":
+        return [f"prefill_sm90p_kernel<{ctype}, {d}, {c[1]}>" for d in HEAD_DIMS
+                for c in SM90P_CONFIGS]
     if file == "bitmask.cu":
         return [f"apply_token_bitmask_kernel<{t}>" for t in CTYPES.values()]
     if file == "sampling.cu":

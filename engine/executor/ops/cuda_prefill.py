@@ -9,7 +9,8 @@ prefill_plan picks one per step with a small cost model
 v1, cuda/attention_prefill.cu (PAGEDSERVE_PREFILL_KERNEL=v1): one block per (query head, 64 new
 tokens); kept as the fallback and as tools/kernel_check.py's timing baseline.
 sm90, cuda/attention_prefill_sm90.cu (PAGEDSERVE_PREFILL_KERNEL=sm90, EXPERIMENTAL, Hopper only):
-v2's blocks and work items with S = Q K^T (and with PVW, P V) on wgmma.
+v2's blocks and work items with S = Q K^T (and with PVW, P V) on wgmma. sm90p,
+cuda/attention_prefill_sm90p.cu (likewise experimental): both on wgmma, software-pipelined.
 """
 
 from __future__ import annotations
@@ -20,10 +21,10 @@ import os
 import cupy
 import numpy as np
 
-from engine.executor.ops.cuda_kernels import PREFILL_CONFIGS, SM90_CONFIGS, kernel
+from engine.executor.ops.cuda_kernels import PREFILL_CONFIGS, SM90_CONFIGS, SM90P_CONFIGS, kernel
 
 PREFILL_M, PREFILL_N, PREFILL_THREADS = 64, 64, 128  # v1's PF_M, PF_N, PF_THREADS
-PREFILL_KERNELS = ("v2", "v1", "sm90")
+PREFILL_KERNELS = ("v2", "v1", "sm90", "sm90p")
 PREFILL_KERNEL = os.environ.get("PAGEDSERVE_PREFILL_KERNEL", "v2")
 if PREFILL_KERNEL not in PREFILL_KERNELS:
     raise ValueError(f"PAGEDSERVE_PREFILL_KERNEL={PREFILL_KERNEL!r}: one of {PREFILL_KERNELS}")
@@ -93,8 +94,9 @@ def prefill_plan(query_start_loc: np.ndarray, context_lens: np.ndarray | None,
     than every v2 block's rows falls back to v1."""
     if PREFILL_KERNEL == "v1":
         return "v1", None, prefill_items(query_start_loc)
-    if PREFILL_KERNEL == "sm90":
-        configs = [PREFILL_CONFIG or SM90_CONFIGS[0]]
+    if PREFILL_KERNEL in ("sm90", "sm90p"):
+        configs = [PREFILL_CONFIG or (SM90_CONFIGS if PREFILL_KERNEL == "sm90" else
+                                      SM90P_CONFIGS)[0]]
     else:
         configs = [PREFILL_CONFIG] if PREFILL_CONFIG else list(PREFILL_RATES)
     configs = [c for c in configs if block_rows(c) >= group]
@@ -129,7 +131,12 @@ def prefill_attention(out, qkv, k_cache, v_cache, meta, work: cupy.ndarray, name
     else:
         nw, bn, st = config[1:4]
         args = f"{ctype}, {head_dim}, {', '.join(map(str, config))}"
-        if name == "sm90":
+        if name == "sm90p":
+            k = kernel("attention_prefill_sm90p.cu",
+                       f"prefill_sm90p_kernel<{ctype}, {head_dim}, {nw}>", ctype)
+            smem = (block_rows(config) + 2 * st * bn) * head_dim * 2  # Q; ST stages of K, V
+            extra = (i32(SM90_SWAP_DESC),)
+        elif name == "sm90":
             k = kernel("attention_prefill_sm90.cu", f"prefill_sm90_kernel<{args}>", ctype)
             # Q + ST stages of K in the core-matrix layout; ST stages of V in it too (PVW) or
             # in padded rows
