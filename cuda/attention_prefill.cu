@@ -1,4 +1,6 @@
 // Paged causal attention for sequences with several new tokens (prefill chunks), on tensor cores.
+// v1, kept as the fallback (PAGEDSERVE_PREFILL_KERNEL=v1, or a kv group wider than v2's block)
+// and as tools/kernel_check.py's timing baseline; attention_prefill_gqa.cu (v2) is the default.
 //
 // FlashAttention-2 style: a block takes a tile of up to PF_M consecutive new tokens of one
 // sequence and one query head; each of its 4 warps owns 16 query rows. The block walks the keys
@@ -6,62 +8,12 @@
 // table into shared memory with cp.async (two stages: the next tile loads during this one's math).
 // S = Q K^T and O += P V run on mma.sync m16n8k16 (fp32 accumulate); the online softmax (base 2)
 // stays in registers. Warps skip key tiles that lie wholly above their diagonal.
-#include "common.cuh"
+#include "mma.cuh"
 
 constexpr int PF_M = 64;   // query rows per block (4 warps x 16)
 constexpr int PF_N = 64;   // keys per tile
 constexpr int PF_THREADS = 128;
 static_assert(PF_M == 16 * (PF_THREADS / 32), "each warp owns 16 query rows");
-
-__device__ __forceinline__ void mma16816(float (&c)[4], const unsigned (&a)[4], unsigned b0,
-                                         unsigned b1, __half) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-__device__ __forceinline__ void mma16816(float (&c)[4], const unsigned (&a)[4], unsigned b0,
-                                         unsigned b1, __nv_bfloat16) {
-  asm volatile(
-      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
-      "{%8,%9}, {%0,%1,%2,%3};"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-}
-
-// Two floats as one 32-bit register of 16-bit values, the first in the low half.
-__device__ __forceinline__ unsigned pack2(float a, float b, __half) {
-  __half2 h = __floats2half2_rn(a, b);
-  return *reinterpret_cast<unsigned*>(&h);
-}
-__device__ __forceinline__ unsigned pack2(float a, float b, __nv_bfloat16) {
-  __nv_bfloat162 h = __floats2bfloat162_rn(a, b);
-  return *reinterpret_cast<unsigned*>(&h);
-}
-
-__device__ __forceinline__ unsigned smem_addr(const void* p) {
-  return static_cast<unsigned>(__cvta_generic_to_shared(p));
-}
-
-__device__ __forceinline__ void ldsm_x4(unsigned (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
-}
-
-__device__ __forceinline__ void ldsm_x4_trans(unsigned (&r)[4], const void* p) {
-  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];"
-               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
-               : "r"(smem_addr(p)));
-}
-
-// 16 bytes global -> shared without a register round trip; `valid` false writes zeros.
-__device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src),
-               "r"(valid ? 16 : 0));
-}
 
 // Grid: (num_heads, num_prefill_items)  Block: (PF_THREADS)
 // Dynamic shared memory: 2 stages x (K, V) x PF_N x (HD + 8) elements.

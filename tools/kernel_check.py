@@ -7,13 +7,13 @@ sampler old vs new, decode steps.
     PYTHONPATH=. python tools/gpu_check.py --only new      # the same, from gpu_check
 
 --quick skips the Llama-3-8B shapes and the decode steps; --only runs the named sections
-(launches, fused, gemv, splits, sampling, decode). --check-each synchronizes after every row
-and every section and stops at the first CUDA error, naming where it surfaced (a kernel fault
-is sticky: without this it is reported by whichever later call syncs first). --small shrinks
-every section (few rows, one weight copy, 2-layer decode models with a 4096-token vocabulary,
-2 timed calls) for compute-sanitizer:
+(launches, fused, gemv, splits, sampling, prefill (then prefill90), prefill90, decode).
+--check-each synchronizes after every row and every section and stops at the first CUDA error,
+naming where it surfaced (a kernel fault is sticky: without this it is reported by whichever later
+call syncs first). --small shrinks every section (few rows, one weight copy, 2-layer decode models
+with a 4096-token vocabulary, 2 timed calls) for compute-sanitizer:
 
-    for s in launches fused gemv splits sampling decode; do
+    for s in launches fused gemv splits sampling prefill decode; do
       compute-sanitizer --error-exitcode 9 python tools/kernel_check.py --small --only $s; done
 """
 
@@ -39,6 +39,7 @@ from engine.executor.ops import (  # noqa: E402
     SamplingTensors,
     cuda_gemv,
     cuda_kernels,
+    cuda_prefill,
     cuda_sampling,
 )
 from engine.executor.ops import cuda_attention as ca  # noqa: E402
@@ -322,6 +323,141 @@ def check_splits(ops):
                 ca.NUM_BLOCKS_TARGET, ca.MIN_KEYS_PER_SPLIT, ca.MAX_SPLITS = default
 
 
+# ----------------------------------------------------------------------------- prefill attention
+
+H200_DENSE = 780e12  # cuBLAS dense bf16 on the lent H200: the figure prefill is held to
+PREFILL_HEADS = {"llama3-8b": (32, 8, 128), "qwen3-0.6b": (16, 8, 128)}  # (nh, nkv, hd)
+
+
+def prefill_kernels():
+    """(label, PREFILL_KERNEL, PREFILL_CONFIG, SM90_SWAP_DESC): v1 (the timing baseline), v2 with
+    the variant prefill_plan picks (what the engine runs), then every compiled v2 variant."""
+    out = [("v1", "v1", None, 0), ("v2 auto", "v2", None, 0)]
+    for c in cuda_kernels.PREFILL_CONFIGS:
+        out.append((f"v2 MI={c[0]} NW={c[1]} BN={c[2]} ST={c[3]}", "v2", c, 0))
+    return out
+
+
+def sm90_kernels():
+    """The experimental wgmma kernel's variants, after v2 auto."""
+    out = [("v2 auto", "v2", None, 0)]
+    for c in cuda_kernels.SM90P_CONFIGS:
+        out.append((f"sm90p (pipelined) NW={c[1]}", "sm90p", c, 0))
+    for c in cuda_kernels.SM90_CONFIGS:
+        out.append((f"sm90 MI={c[0]} NW={c[1]} BN={c[2]} ST={c[3]} PV {'wgmma' if c[4] else 'mma'}",
+                    "sm90", c, 0))
+    return out
+
+
+def sm90_probes():
+    """The first P V on mma.sync and on wgmma variants with the wgmma descriptors' LBO and SBO
+    swapped (SM90_SWAP_DESC bit 0: S's, bit 1: P V's): which reading of the layout the hardware
+    wants. Checked last, untimed: a wrong reading may fault."""
+    mma = next(c for c in cuda_kernels.SM90_CONFIGS if not c[4])
+    wg = next(c for c in cuda_kernels.SM90_CONFIGS if c[4])
+    return [("v2 auto", "v2", None, 0), ("sm90 PV mma, S swapped", "sm90", mma, 1),
+            ("sm90 PV wgmma, S swapped", "sm90", wg, 1),
+            ("sm90 PV wgmma, P V swapped", "sm90", wg, 2),
+            ("sm90 PV wgmma, both swapped", "sm90", wg, 3)]
+
+
+def check_prefill90(ops):
+    """The experimental wgmma kernel (Hopper only) in a table of its own, prefill90."""
+    if cupy.cuda.Device().compute_capability != "90":
+        print("prefill90: skipped, wgmma needs an sm_90 GPU", flush=True)
+        return
+    check_prefill(ops, "prefill90", sm90_kernels())
+    check_prefill(ops, "prefill90", sm90_probes(), timed=False)
+
+
+def _prefill_batch(ops, num_new, ctx, nkv, hd, bs, rng):
+    """Metadata and a random (2, blocks, nkv, bs, hd) cache for sequences with num_new[s] new
+    tokens ending at ctx[s]; blocks are permuted so that the gather follows the table."""
+    nb = [-(-c // bs) for c in ctx]
+    perm = rng.permutation(sum(nb) + 1).astype(np.int32)
+    tables_ = np.full((len(ctx), max(nb)), -1, np.int32)
+    used = 0
+    for s, k in enumerate(nb):
+        tables_[s, :k] = perm[used : used + k]
+        used += k
+    qsl = np.concatenate([[0], np.cumsum(num_new)]).astype(np.int32)
+    meta = AttentionMetadata(np.full(int(qsl[-1]), -1, np.int32), qsl, np.array(ctx, np.int32),
+                             tables_, max(num_new), max(ctx))
+    cache = ops.random_weight((2, sum(nb) + 1, nkv, bs, hd), 1.0, rng)
+    return meta, cache
+
+
+def _run_prefill(ops, kernel_choice, qkv, cache, meta, nh, nkv):
+    """(attention call, the v2 variant its plan picked or None)."""
+    (cuda_prefill.PREFILL_KERNEL, cuda_prefill.PREFILL_CONFIG,
+     cuda_prefill.SM90_SWAP_DESC) = kernel_choice
+    dmeta = ops.prepare_metadata(meta)  # a fresh plan, cut for this kernel
+    hd = cache.shape[-1]
+
+    def attn():
+        return ops.attention(qkv, cache[0], cache[1], dmeta, nh, nkv, hd**-0.5)
+    attn()  # makes the plan (an upload: not inside a graph capture)
+    return attn, dmeta.work[nh // nkv].prefill_config
+
+
+def check_prefill(ops, table: str = "prefill", kernels=None, timed: bool = True):
+    """Each prefill kernel against the numpy twin on small mixed batches (max relative and
+    absolute error), then timed on long prompts: TFLOP/s of causal work, % of H200_DENSE, and
+    speed-up over the first kernel (v1; for prefill90, v2 auto)."""
+    default = (cuda_prefill.PREFILL_KERNEL, cuda_prefill.PREFILL_CONFIG,
+               cuda_prefill.SM90_SWAP_DESC)
+    rng = np.random.default_rng(5)
+    kernels = kernels or prefill_kernels()
+    try:
+        checks = [  # (label, nh, nkv, hd, bs, num_new, ctx)
+            ("4:1 hd128 bs16 3 seqs, chunked", 32, 8, 128, 16, [300, 1, 77], [300, 40, 500]),
+            ("1:1 hd128 bs32 chunked", 8, 8, 128, 32, [129, 64], [1000, 64]),
+            ("8:1 hd64 bs16", 16, 2, 64, 16, [200, 33], [200, 90]),
+            ("3:1 hd128 bs16", 6, 2, 128, 16, [150], [170]),
+        ]
+        for label, nh, nkv, hd, bs, num_new, ctx in checks:
+            meta, cache = _prefill_batch(ops, num_new, ctx, nkv, hd, bs, rng)
+            qkv, qkv_h = up(ops, rng.standard_normal((sum(num_new), (nh + 2 * nkv) * hd)))
+            want = REF.attention(qkv_h, ops.to_host(cache[0]), ops.to_host(cache[1]), meta, nh,
+                                 nkv, hd**-0.5)
+            for name, *choice in kernels:
+                got = ops.to_host(_run_prefill(ops, choice, qkv, cache, meta, nh, nkv)[0]())
+                err = f"{rel(got, want):.1e} max {np.max(np.abs(got - want)):.1e}"
+                print(table, "check", label, name, err, flush=True)
+                tables.setdefault(table, []).append(f"| check {label}: {name} | {err} |"
+                                                    " | | | | |")
+                check_device(f"{table} check {label} {name}")
+        cases = [("1 x 2k", [2048], [2048]), ("1 x 8k", [8192], [8192]),
+                 ("1 x 32k", [32768], [32768]), ("2k new on 8k ctx", [2048], [8192])]
+        if not timed:
+            cases = []
+        elif OPTS["small"]:
+            cases = cases[:1] + cases[3:]
+        for preset, (nh, nkv, hd) in PREFILL_HEADS.items():
+            for label, num_new, ctx in cases:
+                meta, cache = _prefill_batch(ops, num_new, ctx, nkv, hd, 16, rng)
+                qkv = ops.random_weight((sum(num_new), (nh + 2 * nkv) * hd), 1.0, rng)
+                positions = np.concatenate(
+                    [np.arange(c - n, c) for n, c in zip(num_new, ctx, strict=True)])
+                flops = 4 * nh * hd * float(np.sum(positions + 1))
+                calls = 3 if max(ctx) > 8192 else 10
+                base = got_first = None
+                for name, *choice in kernels:
+                    fn, picked = _run_prefill(ops, choice, qkv, cache, meta, nh, nkv)
+                    got = ops.to_host(fn())
+                    got_first = got if got_first is None else got_first
+                    sec = graph_time(fn, calls, 5)
+                    base = base or sec
+                    name += f" -> {picked}" if name == "v2 auto" else ""
+                    row(table, f"{preset} {label} {name}",
+                        f"vs {kernels[0][0]} {rel(got, got_first):.1e}", sec, flops=flops,
+                        extra=f"{flops / sec / H200_DENSE * 100:.1f}% of 780; "
+                              f"{base / sec:.2f}x {kernels[0][0]}")
+    finally:
+        (cuda_prefill.PREFILL_KERNEL, cuda_prefill.PREFILL_CONFIG,
+         cuda_prefill.SM90_SWAP_DESC) = default
+
+
 # ----------------------------------------------------------------------------- sampling
 
 
@@ -560,13 +696,16 @@ def check_launches(ops):
 
 def run_all(ops, quick: bool = False, only: str | None = None):
     """Every section, or those named in `only` (comma-separated: launches, fused, gemv, splits,
-    sampling, decode)."""
+    sampling, prefill, prefill90, decode)."""
     sections = {
         "launches": lambda: check_launches(ops),
         "fused": lambda: check_fused(ops),
         "gemv": lambda: check_gemv(ops, ["qwen3-0.6b"] if quick else ["qwen3-0.6b", "llama3-8b"]),
         "splits": lambda: check_splits(ops),
         "sampling": lambda: check_sampling(ops),
+        # v2 first: a fault in the experimental wgmma kernel cannot hide its table
+        "prefill": lambda: (check_prefill(ops), check_prefill90(ops)),
+        "prefill90": lambda: check_prefill90(ops),
         "decode": lambda: None if quick else [decode_step(ops, p, c) for p, c in (
             ("qwen3-0.6b", 512), ("qwen3-0.6b", 32532), ("llama3-8b", 512))],
     }

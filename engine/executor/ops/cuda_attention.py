@@ -2,8 +2,8 @@
 
 A step's sequences split in two: those with one new token (decodes) go to cuda/attention.cu's
 memory-bound decode kernel, one block per (sequence, kv head, context split); those with several
-(prefill chunks) go to cuda/attention_prefill.cu's tensor-core kernel, in tiles of PREFILL_M new
-tokens. A mixed batch launches both, each writing its own rows of the output.
+(prefill chunks) go to a tensor-core kernel (cuda_prefill.py picks which, and cuts the work). A
+mixed batch launches both, each writing its own rows of the output.
 """
 
 from __future__ import annotations
@@ -21,10 +21,9 @@ from engine.executor.ops.cuda_kernels import (
     kernel,
     launch,
 )
+from engine.executor.ops.cuda_prefill import prefill_attention, prefill_plan
 
 DECODE_THREADS = 128
-# attention_prefill.cu's PF_M (query rows per block), PF_N (keys per tile), PF_THREADS
-PREFILL_M, PREFILL_N, PREFILL_THREADS = 64, 64, 128
 NUM_BLOCKS_TARGET = 1024  # decode blocks that fill an H200's 132 SMs several times over
 # A sequence takes ceil(context / keys per split) of the grid's splits, at most all of them
 # (attention.cu's seq_splits): the grid is sized for the longest context, each sequence for its own.
@@ -77,29 +76,19 @@ class AttentionPlan:
     """Which kernel takes which rows of a step (the same for every layer)."""
 
     decode_seqs: cupy.ndarray  # (Wd,) int32: sequences with one new token
-    prefill_work: cupy.ndarray  # (Wp, 3) int32: (sequence, first new token, tokens <= PREFILL_M)
+    prefill_work: cupy.ndarray  # (Wp, 3) int32: (sequence, first new token, tokens <= tile)
     num_splits: int  # context splits of the decode kernel's grid
     # keys per split a sequence aims at (attention.cu's seq_splits); None: MIN_KEYS_PER_SPLIT
     keys_per_split: int | None = None
+    # the prefill kernel prefill_work was cut for, and its config (cuda_prefill.prefill_plan)
+    prefill_kernel: str = "v1"
+    prefill_config: tuple[int, int, int] | None = None
 
 
 def decode_tile(group: int) -> tuple[int, int]:
     """(query heads per decode block, blocks per kv head)."""
     g = next((g for g in DECODE_GROUPS if g >= group), DECODE_GROUPS[-1])
     return g, -(-group // g)
-
-
-def prefill_items(query_start_loc: np.ndarray) -> np.ndarray:
-    """(W, 3) int32 rows (sequence, first new token, tokens): the new tokens of every sequence
-    with more than one, in tiles of PREFILL_M."""
-    num_new = np.diff(np.asarray(query_start_loc, np.int64))
-    num_new = np.where(num_new > 1, num_new, 0)
-    tiles = -(-num_new // PREFILL_M)
-    seq = np.repeat(np.arange(len(num_new)), tiles)
-    first_tile = np.repeat(np.cumsum(tiles) - tiles, tiles)
-    start = (np.arange(len(seq)) - first_tile) * PREFILL_M
-    count = np.minimum(PREFILL_M, num_new[seq] - start)
-    return np.stack([seq, start, count], axis=1).astype(np.int32).reshape(-1, 3)
 
 
 def choose_splits(num_items: int, num_kv_heads: int, max_context_len: int) -> int:
@@ -143,7 +132,8 @@ def make_plan(query_start_loc: np.ndarray, num_kv_heads: int, group: int, max_co
                                            num_kv_heads * passes)
     else:
         splits = choose_splits(len(decode) * passes, num_kv_heads, max_context_len)
-    return AttentionPlan(_up(decode), _up(prefill_items(query_start_loc)), splits, keys)
+    name, config, items = prefill_plan(query_start_loc, context_lens, num_kv_heads, group)
+    return AttentionPlan(_up(decode), _up(items), splits, keys, name, config)
 
 
 def decode_plan(num_seqs: int, num_kv_heads: int, group: int, max_context_len: int):
@@ -202,13 +192,7 @@ def paged_attention(qkv, k_cache, v_cache, meta: DeviceAttentionMetadata, num_he
                     meta.context_lens, i32(num_dec), i32(num_heads), i32(splits),
                     keys_per_split), pdl=True)
     if len(plan.prefill_work):
-        k = kernel("attention_prefill.cu", f"prefill_attention_kernel<{ctype}, {head_dim}>",
-                   ctype)
-        smem = 2 * 2 * PREFILL_N * (head_dim + 8) * 2  # 2 stages x (K, V) x keys x padded row
-        if k.max_dynamic_shared_size_bytes < smem:
-            k.max_dynamic_shared_size_bytes = smem
-        k((num_heads, len(plan.prefill_work)), (PREFILL_THREADS,),
-          (out, qkv, k_cache, v_cache, plan.prefill_work, meta.query_start_loc,
-           meta.context_lens, tables, i32(tables.shape[1]), i32(num_heads), i32(num_kv_heads),
-           i32(block_size), scale_log2), shared_mem=smem)
+        prefill_attention(out, qkv, k_cache, v_cache, meta, plan.prefill_work,
+                          plan.prefill_kernel, plan.prefill_config, num_heads, num_kv_heads,
+                          scale_log2, ctype)
     return out
