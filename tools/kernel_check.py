@@ -7,7 +7,7 @@ sampler old vs new, decode steps.
     PYTHONPATH=. python tools/gpu_check.py --only new      # the same, from gpu_check
 
 --quick skips the Llama-3-8B shapes and the decode steps; --only runs the named sections
-(launches, fused, gemv, splits, sampling, decode). --check-each synchronizes after every row
+(launches, fused, gemv, splits, sampling, gguf, decode). --check-each synchronizes after every row
 and every section and stops at the first CUDA error, naming where it surfaced (a kernel fault
 is sticky: without this it is reported by whichever later call syncs first). --small shrinks
 every section (few rows, one weight copy, 2-layer decode models with a 4096-token vocabulary,
@@ -41,6 +41,7 @@ from engine.executor.ops import (  # noqa: E402
 )
 from engine.executor.ops import cuda_attention as ca  # noqa: E402
 from engine.executor.ops.numpy_ops import NumpyOps  # noqa: E402
+from tools.kernel_check_gguf import check_gguf  # noqa: E402
 
 BW, FLOPS = 4.27e12, 800e12  # measured ceilings (shared/GPU.md)
 L2_BYTES = 60 << 20
@@ -489,13 +490,14 @@ def check_launches(ops):
 
 def run_all(ops, quick: bool = False, only: str | None = None):
     """Every section, or those named in `only` (comma-separated: launches, fused, gemv, splits,
-    sampling, decode)."""
+    sampling, gguf, decode)."""
     sections = {
         "launches": lambda: check_launches(ops),
         "fused": lambda: check_fused(ops),
         "gemv": lambda: check_gemv(ops, ["qwen3-0.6b"] if quick else ["qwen3-0.6b", "llama3-8b"]),
         "splits": lambda: check_splits(ops),
         "sampling": lambda: check_sampling(ops),
+        "gguf": lambda: check_gguf(ops, graph_time, OPTS["small"]),
         "decode": lambda: None if quick else [decode_step(ops, p, c) for p, c in (
             ("qwen3-0.6b", 512), ("qwen3-0.6b", 32532), ("llama3-8b", 512))],
     }

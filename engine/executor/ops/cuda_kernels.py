@@ -13,6 +13,8 @@ from pathlib import Path
 CTYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}
 HEAD_DIMS = (64, 128)
 DECODE_GROUPS = (1, 2, 4, 8)  # query heads per decode block (template G); larger groups take passes
+GGUF_KINDS = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")  # format structs in cuda/gguf.cu
+GGUF_GEMV_M = (1, 2, 4, 8)  # rows compiled for the GGUF GEMV (fewer rows run the next size up)
 DECODE_UNROLL = 2  # 16-byte K and V loads per lane in flight (U); 2 beat 4 and 8 on the H200
 
 
@@ -51,6 +53,9 @@ def kernel_names(file: str, ctype: str) -> list[str]:
                 + [f"decode_reduce_kernel<{ctype}, {d}>" for d in HEAD_DIMS])
     if file == "attention_prefill.cu":
         return [f"prefill_attention_kernel<{ctype}, {d}>" for d in HEAD_DIMS]
+    if file == "gguf.cu":
+        return ([f"gguf_gemv_kernel<{f}, {ctype}, {m}>" for f in GGUF_KINDS for m in GGUF_GEMV_M]
+                + [f"gguf_dequant_kernel<{f}, {o}>" for f in GGUF_KINDS for o in (ctype, "float")])
     if file == "bitmask.cu":
         return [f"apply_token_bitmask_kernel<{t}>" for t in CTYPES.values()]
     if file == "sampling.cu":
