@@ -167,8 +167,7 @@ __global__ void gguf_dequant_kernel(Out* __restrict__ out, const u8* __restrict_
 
 // ------------------------------------------------------------------------------------ GEMV
 
-constexpr int GG_WARPS = 4;  // warps per block, splitting K (tiles round-robin)
-constexpr int GG_R = 2;      // weight rows per block: each x load serves both
+constexpr int GG_WARPS = 4;  // most warps per block, splitting K (tiles round-robin)
 
 template <typename T>
 __device__ __forceinline__ void load_x16(const T* p, float* f) {
@@ -183,45 +182,46 @@ __device__ __forceinline__ void load_x16(const T* p, float* f) {
   }
 }
 
-// y (rows, N) = x (rows, K) @ dequantized(w)^T, rows <= M.
-// Each warp stages a tile (TILE blocks) of its GG_R weight rows in shared memory with 16-byte
+// y (rows, N) = x (rows, K) @ dequantized(w)^T, rows <= M. Each block computes R outputs, so each
+// x load serves R weight rows (R = cuda_kernels.GGUF_GEMV_R; others compiled for kernel_check).
+// Each warp stages a tile (TILE blocks) of its R weight rows in shared memory with 16-byte
 // loads, the next tile's loads in flight while it computes on this one; lanes take groups of 16.
 // A row that does not start on 16 bytes is read from the 16-byte word holding its first byte and
 // sits `shift` bytes into the staged tile: shift is a multiple of the format's ALIGN (row_bytes
 // is a multiple of BYTES), so blocks keep their alignment in shared memory. The last row's last
 // word may cover up to 15 bytes past the weight, inside the 512-byte-rounded allocation.
-// Grid: (ceil(N / GG_R))  Block: (32 * warps), warps <= GG_WARPS
-template <class F, typename T, int M>
+// Grid: (ceil(N / R))  Block: (32 * warps), warps <= GG_WARPS
+template <class F, typename T, int M, int R>
 __global__ void __launch_bounds__(32 * GG_WARPS)
 gguf_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const u8* __restrict__ w, int N,
                  int K, int rows, int row_bytes) {
   constexpr int TILE_WORDS = F::TILE * F::BYTES / 16;  // + 1 staged for a row's shift
   constexpr int PER_LANE = (TILE_WORDS + 1 + 31) / 32;
-  __shared__ uint4 tile[GG_WARPS][GG_R][TILE_WORDS + 1];
-  __shared__ float red[GG_WARPS][GG_R * M];
+  __shared__ uint4 tile[GG_WARPS][R][TILE_WORDS + 1];
+  __shared__ float red[GG_WARPS][R * M];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  const int n0 = blockIdx.x * GG_R;
+  const int n0 = blockIdx.x * R;
   const int nb = K / F::VALUES;
   const int ntiles = (nb + F::TILE - 1) / F::TILE;
-  const uint4* src[GG_R];
-  int shift[GG_R], words[GG_R];
+  const uint4* src[R];
+  int shift[R], words[R];
 #pragma unroll
-  for (int r = 0; r < GG_R; r++) {
+  for (int r = 0; r < R; r++) {
     const long start = (long)min(n0 + r, N - 1) * row_bytes;
     src[r] = reinterpret_cast<const uint4*>(w + (start & ~15L));
     shift[r] = (int)(start & 15);
     words[r] = (shift[r] + row_bytes + 15) / 16;
   }
 
-  float acc[GG_R][M];
+  float acc[R][M];
 #pragma unroll
-  for (int r = 0; r < GG_R; r++)
+  for (int r = 0; r < R; r++)
 #pragma unroll
     for (int m = 0; m < M; m++) acc[r][m] = 0.f;
-  uint4 next[GG_R][PER_LANE];
+  uint4 next[R][PER_LANE];
   auto fetch = [&](int t) {
 #pragma unroll
-    for (int r = 0; r < GG_R; r++)
+    for (int r = 0; r < R; r++)
 #pragma unroll
       for (int i = 0; i < PER_LANE; i++) {
         const int wi = lane + 32 * i, gw = t * TILE_WORDS + wi;
@@ -232,7 +232,7 @@ gguf_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const u8* __restric
   if (warp < ntiles) fetch(warp);
   for (int t = warp; t < ntiles; t += warps) {
 #pragma unroll
-    for (int r = 0; r < GG_R; r++)
+    for (int r = 0; r < R; r++)
 #pragma unroll
       for (int i = 0; i < PER_LANE; i++)
         if (lane + 32 * i <= TILE_WORDS) tile[warp][r][lane + 32 * i] = next[r][i];
@@ -241,9 +241,9 @@ gguf_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const u8* __restric
     const int groups = min(F::TILE, nb - t * F::TILE) * F::GROUPS;
     for (int gi = lane; gi < groups; gi += 32) {
       const int b = gi / F::GROUPS, g = gi % F::GROUPS;
-      float q[GG_R][16], a[GG_R], bm[GG_R];
+      float q[R][16], a[R], bm[R];
 #pragma unroll
-      for (int r = 0; r < GG_R; r++)
+      for (int r = 0; r < R; r++)
         F::group(reinterpret_cast<const u8*>(tile[warp][r]) + shift[r] + b * F::BYTES, g, q[r],
                  a[r], bm[r]);
       const int k0 = (t * F::TILE + b) * F::VALUES + 16 * g;
@@ -255,7 +255,7 @@ gguf_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const u8* __restric
 #pragma unroll
           for (int i = 0; i < 16; i++) sx += xv[i];
 #pragma unroll
-          for (int r = 0; r < GG_R; r++) {
+          for (int r = 0; r < R; r++) {
             float s = 0.f;
 #pragma unroll
             for (int i = 0; i < 16; i++) s = fmaf(q[r][i], xv[i], s);
@@ -268,7 +268,7 @@ gguf_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const u8* __restric
     __syncwarp();
   }
 #pragma unroll
-  for (int r = 0; r < GG_R; r++)
+  for (int r = 0; r < R; r++)
 #pragma unroll
     for (int m = 0; m < M; m++) {
       const float v = warp_sum(acc[r][m]);
@@ -276,7 +276,7 @@ gguf_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const u8* __restric
     }
   __syncthreads();
   const int r = threadIdx.x / M, m = threadIdx.x % M;
-  if (threadIdx.x < GG_R * M && m < rows && n0 + r < N) {
+  if (threadIdx.x < R * M && m < rows && n0 + r < N) {
     float s = 0.f;
     for (int i = 0; i < warps; i++) s += red[i][r * M + m];
     y[(long)m * N + n0 + r] = from_float<T>(s);

@@ -4,8 +4,9 @@ and timed at Llama-3-8B shapes.
 - dequantize: the device's float32 output equals the twin bit for bit (count of differing values),
   its bf16 output equals the twin rounded to bf16;
 - GEMV: against the twin's float matrix times x, at M = 1, 3, 8, rows aligned and not;
-- timing, cold weights (more copies than L2 holds): the fused GEMV at M = 1, 2, 4, 8 and the
-  dequantize + cuBLAS path at M = 1, 8, 16, 64, in us and GB/s of the packed bytes read.
+- timing, cold weights (more copies than L2 holds): the fused GEMV at M = 1, 2, 4, 8 (at M = 1 on
+  the SWEEP shapes every compiled rows-per-block R x 1, 2, 4 warps) and the dequantize + cuBLAS
+  path at M = 1, 8, 16, 64, in us and GB/s of the packed bytes read.
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import cupy
 import numpy as np
 
 from engine.executor.ops import cuda_quant_gguf as cq
+from engine.executor.ops.cuda_kernels import GGUF_GEMV_R, GGUF_GEMV_VARIANTS
 from engine.model import gguf_quants as gq
 from engine.model.quantized import QuantizedWeight
 
 L2_BYTES = 60 << 20
+SWEEP = ("o 4096x4096", "gate_up 28672x4096", "down 4096x14336")  # GEMV variants tried at M=1
 SHAPES = {"qkv 6144x4096": (6144, 4096), "o 4096x4096": (4096, 4096),
           "gate 14336x4096": (14336, 4096), "gate_up 28672x4096": (28672, 4096),
           "down 4096x14336": (4096, 14336), "lm_head 128256x4096": (128256, 4096)}
@@ -81,11 +84,17 @@ def check_speed(ops, small: bool, timer, report):
             for m in ((1,) if small else (1, 2, 4, 8)):
                 x = ops.from_host(rng.standard_normal((m, k)).astype(np.float32))
                 out = cupy.empty((m, n), ops.storage)
-                it = iter(range(10**9))
-                t = timer(lambda x=x, out=out, it=it, ws=ws: cq.gemv(
-                    x, ws[next(it) % len(ws)], out, ops.ctype), max(20, copies))
-                report(f"{kind} {name} GEMV M={m}", f"{t * 1e6:.1f} us",
-                       f"{nbytes / t / 1e9:.0f} GB/s packed ({nbytes / t / 4.27e12:.0%})")
+                variants = [(GGUF_GEMV_R, None)]
+                if m == 1 and not small and name in SWEEP:
+                    variants = [(r, w) for mm, r in GGUF_GEMV_VARIANTS if mm == 1
+                                for w in (1, 2, 4)]
+                for r, w in variants:
+                    it = iter(range(10**9))
+                    t = timer(lambda x=x, out=out, it=it, ws=ws, r=r, w=w: cq.gemv(
+                        x, ws[next(it) % len(ws)], out, ops.ctype, r, w), max(20, copies))
+                    label = "" if w is None else f" R={r} warps={w}"
+                    report(f"{kind} {name} GEMV M={m}{label}", f"{t * 1e6:.1f} us",
+                           f"{nbytes / t / 1e9:.0f} GB/s packed ({nbytes / t / 4.27e12:.0%})")
             if small or name.startswith("lm_head"):
                 continue
             for m in (1, 8, 16, 64):

@@ -18,14 +18,13 @@ import cupy
 import numpy as np
 
 from engine.executor.ops import cuda_gemv
-from engine.executor.ops.cuda_kernels import GGUF_GEMV_M, kernel
+from engine.executor.ops.cuda_kernels import GGUF_GEMV_M, GGUF_GEMV_R, kernel
 from engine.model.gguf_quants import BLOCKS, row_bytes
 from engine.model.quantized import QuantizedWeight
 
 GGUF_GEMV_MAX_M = 8  # rows up to which linear() takes the fused GEMV (0 = never: kernel_check)
 SCRATCH_ELEMS = 64 << 20  # dequantized values per cuBLAS pass (128 MiB in bf16)
-GEMV_WARPS = 4  # cuda/gguf.cu GG_WARPS
-GEMV_R = 2  # cuda/gguf.cu GG_R
+GEMV_WARPS = 4  # warps per GEMV block, at most cuda/gguf.cu's GG_WARPS
 STORAGE = {"__half": np.float16, "__nv_bfloat16": np.uint16}  # compute type -> storage dtype
 TILES = {"Q8_0": 16, "Q4_0": 32, "Q4_1": 32, "Q4_K": 4, "Q5_K": 4, "Q6_K": 8}  # gguf.cu TILE
 
@@ -84,15 +83,18 @@ def gemv_fits(x: cupy.ndarray, weight: QuantizedWeight, max_m: int | None = None
             and x.data.ptr % 16 == 0 and weight.data.data.ptr % 16 == 0)
 
 
-def gemv(x: cupy.ndarray, weight: QuantizedWeight, out: cupy.ndarray, ctype: str):
-    """out (M, N) = x (M, K) @ dequantized(weight)^T, M <= 8. One launch."""
+def gemv(x: cupy.ndarray, weight: QuantizedWeight, out: cupy.ndarray, ctype: str,
+         rows_per_block: int = GGUF_GEMV_R, warps: int | None = None):
+    """out (M, N) = x (M, K) @ dequantized(weight)^T, M <= 8. One launch. rows_per_block and
+    warps: variants kernel_check compares (GGUF_GEMV_VARIANTS)."""
     n, k = weight.shape
     m = x.shape[0]
     compiled = next(c for c in GGUF_GEMV_M if c >= m)
     ntiles = -(-(k // BLOCKS[weight.kind][0]) // TILES[weight.kind])
-    warps = max(1, min(GEMV_WARPS, ntiles))
-    kernel("gguf.cu", f"gguf_gemv_kernel<{weight.kind}, {ctype}, {compiled}>", ctype)(
-        (-(-n // GEMV_R),), (32 * warps,),
+    warps = max(1, min(GEMV_WARPS if warps is None else warps, ntiles))
+    name = f"gguf_gemv_kernel<{weight.kind}, {ctype}, {compiled}, {rows_per_block}>"
+    kernel("gguf.cu", name, ctype)(
+        (-(-n // rows_per_block),), (32 * warps,),
         (out, x, weight.data, np.int32(n), np.int32(k), np.int32(m),
          np.int32(row_bytes(weight.kind, k))))
     return out
