@@ -2,10 +2,10 @@
 // twin of engine/model/gguf_quants.py, and a small-batch GEMV that reads the packed blocks.
 //
 // Every format is described by one struct that splits a block into groups of 16 values, each
-//   value = a * q + b        (b only for formats with a minimum: Q4_1, Q4_K, Q5_K)
-// with q a small integer held exactly in a float. The dequantize kernel evaluates that with the
-// rounding of the numpy twin (__fmul_rn / __fadd_rn: no FMA contraction), so it is bit-exact in
-// fp32; the GEMV factors a and b out of each group's dot product instead (sum a * (q . x) + b *
+//   value = a * (u - OFFSET) + b        (b only for formats with a minimum: Q4_1, Q4_K, Q5_K)
+// with u a small stored integer. The dequantize kernel evaluates that with the rounding of the
+// numpy twin (__fmul_rn / __fadd_rn: no FMA contraction), so it is bit-exact in fp32; the GEMV
+// factors a and b out of each group's dot product instead (a * (u . x) + (b - a * OFFSET) *
 // sum x), which only reorders float sums.
 //
 // Weights: (N, row_bytes) bytes, each row its own run of blocks (K / VALUES blocks of BYTES).
@@ -41,41 +41,46 @@ __device__ __forceinline__ float f16_at(const u8* p) {
 }
 
 // ------------------------------------------------------------------------------------ formats
-// VALUES / BYTES per block, GROUPS of 16 values per block, ALIGN of a block's start, TILE: blocks
-// the GEMV stages per step (TILE * BYTES is a multiple of 16). group() gives group g's 16 q and
-// its a (and b).
+// VALUES / BYTES per block, GROUPS of GV values per block (GV = 16, or 32 where a scale covers 32:
+// the K-quants' scale unpacking is then paid once per 32 weights), ALIGN of a block's start, TILE:
+// blocks the GEMV stages per step (TILE * BYTES is a multiple of 16). group() gives group g's GV
+// stored integers u (unsigned, one per byte of q[GV / 4], value i in byte i % 4 of q[i / 4]) and
+// a, b with
+//   value = a * (u - OFFSET) + b        (b = 0 unless HAS_MIN)
+// Bytes are unpacked four at a time (shift and mask whole words), which keeps the GEMV's integer
+// work per weight below what the memory system delivers.
 
-struct Q8_0 {
-  static constexpr int VALUES = 32, BYTES = 34, GROUPS = 2, ALIGN = 2, TILE = 16;
+struct Q8_0 {  // int8 q stored as u = q + 128
+  static constexpr int VALUES = 32, BYTES = 34, GV = 16, ALIGN = 2, TILE = 16, OFFSET = 128;
   static constexpr bool HAS_MIN = false;
-  __device__ static void group(const u8* blk, int g, float* q, float& a, float& b) {
+  __device__ static void group(const u8* blk, int g, unsigned* q, float& a, float& b) {
     const Bytes16 t = load16<2>(blk + 2 + 16 * g);
 #pragma unroll
-    for (int i = 0; i < 16; i++) q[i] = (float)(signed char)t.b[i];
+    for (int i = 0; i < 4; i++) q[i] = t.u[i] ^ 0x80808080u;
     a = f16_at(blk);
     b = 0.f;
   }
 };
 
-struct Q4_0 {  // group 0: low nibbles of the 16 bytes, group 1: high nibbles; q - 8
-  static constexpr int VALUES = 32, BYTES = 18, GROUPS = 2, ALIGN = 2, TILE = 32;
+struct Q4_0 {  // group 0: low nibbles of the 16 bytes, group 1: high nibbles
+  static constexpr int VALUES = 32, BYTES = 18, GV = 16, ALIGN = 2, TILE = 32, OFFSET = 8;
   static constexpr bool HAS_MIN = false;
-  __device__ static void group(const u8* blk, int g, float* q, float& a, float& b) {
+  __device__ static void group(const u8* blk, int g, unsigned* q, float& a, float& b) {
     const Bytes16 t = load16<2>(blk + 2);
 #pragma unroll
-    for (int i = 0; i < 16; i++) q[i] = (float)((t.b[i] >> (4 * g)) & 15) - 8.f;
+    for (int i = 0; i < 4; i++) q[i] = (t.u[i] >> (4 * g)) & 0x0F0F0F0Fu;
     a = f16_at(blk);
     b = 0.f;
   }
 };
 
 struct Q4_1 {
-  static constexpr int VALUES = 32, BYTES = 20, GROUPS = 2, ALIGN = 4, TILE = 32;
+  static constexpr int VALUES = 32, BYTES = 20, GV = 16, ALIGN = 4, TILE = 32, OFFSET = 0;
   static constexpr bool HAS_MIN = true;
-  __device__ static void group(const u8* blk, int g, float* q, float& a, float& b) {
+  __device__ static void group(const u8* blk, int g, unsigned* q, float& a, float& b) {
     const Bytes16 t = load16<4>(blk + 4);
 #pragma unroll
-    for (int i = 0; i < 16; i++) q[i] = (float)((t.b[i] >> (4 * g)) & 15);
+    for (int i = 0; i < 4; i++) q[i] = (t.u[i] >> (4 * g)) & 0x0F0F0F0Fu;
     a = f16_at(blk);
     b = f16_at(blk + 2);
   }
@@ -93,7 +98,7 @@ __device__ __forceinline__ void k_scale(const u8* blk, int s, int& sc, int& mn) 
   }
 }
 
-// a = d * sc, b = -(dmin * mn): a * q + b rounds as (d * sc) * q - dmin * mn does.
+// a = d * sc, b = -(dmin * mn): a * u + b rounds as (d * sc) * u - dmin * mn does.
 __device__ __forceinline__ void k_affine(const u8* blk, int s, float& a, float& b) {
   int sc, mn;
   k_scale(blk, s, sc, mn);
@@ -101,66 +106,78 @@ __device__ __forceinline__ void k_affine(const u8* blk, int s, float& a, float& 
   b = -__fmul_rn(f16_at(blk + 2), (float)mn);
 }
 
-struct Q4_K {  // group g: sub-block s = g / 2, values 16 (g % 2) ..; 32-byte runs hold 2 sub-blocks
-  static constexpr int VALUES = 256, BYTES = 144, GROUPS = 16, ALIGN = 16, TILE = 4;
+struct Q4_K {  // group g = sub-block g; each 32-byte run holds 2 sub-blocks (low, high nibbles)
+  static constexpr int VALUES = 256, BYTES = 144, GV = 32, ALIGN = 16, TILE = 4, OFFSET = 0;
   static constexpr bool HAS_MIN = true;
-  __device__ static void group(const u8* blk, int g, float* q, float& a, float& b) {
-    const int s = g >> 1, h = g & 1;
-    const Bytes16 t = load16<16>(blk + 16 + (s >> 1) * 32 + 16 * h);
+  __device__ static void group(const u8* blk, int g, unsigned* q, float& a, float& b) {
 #pragma unroll
-    for (int i = 0; i < 16; i++) q[i] = (float)((t.b[i] >> (4 * (s & 1))) & 15);
-    k_affine(blk, s, a, b);
+    for (int h = 0; h < 2; h++) {
+      const Bytes16 t = load16<16>(blk + 16 + (g >> 1) * 32 + 16 * h);
+#pragma unroll
+      for (int i = 0; i < 4; i++) q[4 * h + i] = (t.u[i] >> (4 * (g & 1))) & 0x0F0F0F0Fu;
+    }
+    k_affine(blk, g, a, b);
   }
 };
 
-struct Q5_K {  // Q4_K's low 4 bits (at 48) plus bit s of qh byte l (at 16) as the fifth
-  static constexpr int VALUES = 256, BYTES = 176, GROUPS = 16, ALIGN = 16, TILE = 4;
+struct Q5_K {  // Q4_K's low 4 bits (at 48) plus bit g of qh byte l (at 16) as the fifth
+  static constexpr int VALUES = 256, BYTES = 176, GV = 32, ALIGN = 16, TILE = 4, OFFSET = 0;
   static constexpr bool HAS_MIN = true;
-  __device__ static void group(const u8* blk, int g, float* q, float& a, float& b) {
-    const int s = g >> 1, h = g & 1;
-    const Bytes16 lo = load16<16>(blk + 48 + (s >> 1) * 32 + 16 * h);
-    const Bytes16 hi = load16<16>(blk + 16 + 16 * h);
+  __device__ static void group(const u8* blk, int g, unsigned* q, float& a, float& b) {
 #pragma unroll
-    for (int i = 0; i < 16; i++)
-      q[i] = (float)(((lo.b[i] >> (4 * (s & 1))) & 15) | (((hi.b[i] >> s) & 1) << 4));
-    k_affine(blk, s, a, b);
+    for (int h = 0; h < 2; h++) {
+      const Bytes16 lo = load16<16>(blk + 48 + (g >> 1) * 32 + 16 * h);
+      const Bytes16 hi = load16<16>(blk + 16 + 16 * h);
+#pragma unroll
+      for (int i = 0; i < 4; i++)
+        q[4 * h + i] =
+            ((lo.u[i] >> (4 * (g & 1))) & 0x0F0F0F0Fu) | (((hi.u[i] >> g) & 0x01010101u) << 4);
+    }
+    k_affine(blk, g, a, b);
   }
 };
 
 struct Q6_K {  // halves of 128 values: low 4 bits in ql (at 0), high 2 in qh (at 128), int8
-               // scales per 16 values (at 192), d (at 208); q - 32
-  static constexpr int VALUES = 256, BYTES = 210, GROUPS = 16, ALIGN = 2, TILE = 8;
+               // scales per 16 values (at 192), d (at 208)
+  static constexpr int VALUES = 256, BYTES = 210, GV = 16, ALIGN = 2, TILE = 8, OFFSET = 32;
   static constexpr bool HAS_MIN = false;
-  __device__ static void group(const u8* blk, int g, float* q, float& a, float& b) {
+  __device__ static void group(const u8* blk, int g, unsigned* q, float& a, float& b) {
     const int half = g >> 3, v0 = 16 * (g & 7);  // value v0 + i of the half
     const Bytes16 lo = load16<2>(blk + 64 * half + (v0 & 63));
     const Bytes16 hi = load16<2>(blk + 128 + 32 * half + (v0 & 31));
     const int lo_shift = 4 * (v0 >> 6), hi_shift = 2 * (v0 >> 5);
 #pragma unroll
-    for (int i = 0; i < 16; i++)
-      q[i] = (float)((((lo.b[i] >> lo_shift) & 15) | (((hi.b[i] >> hi_shift) & 3) << 4)) - 32);
+    for (int i = 0; i < 4; i++)
+      q[i] = ((lo.u[i] >> lo_shift) & 0x0F0F0F0Fu) | (((hi.u[i] >> hi_shift) & 0x03030303u) << 4);
     a = __fmul_rn(f16_at(blk + 208), (float)(signed char)blk[192 + g]);
     b = 0.f;
   }
 };
 
+__device__ __forceinline__ int byte_of(const unsigned* q, int i) {
+  return (q[i >> 2] >> (8 * (i & 3))) & 255;
+}
+
 // ------------------------------------------------------------------------------------ dequantize
 
 // out (R, K) = the dequantized rows ids[r] (ids null: row r) of w (N, row_bytes).
-// Grid: (ceil(K / 16 / 128), R)  Block: (128), one thread per group of 16 values
+// Grid: (ceil(K / 16 / 128), R)  Block: (128), one thread per group of GV values
 template <class F, typename Out>
 __global__ void gguf_dequant_kernel(Out* __restrict__ out, const u8* __restrict__ w,
                                     const int* __restrict__ ids, int K, int row_bytes) {
   const int r = blockIdx.y, gi = blockIdx.x * blockDim.x + threadIdx.x;
-  if (gi >= K / 16) return;
+  constexpr int GROUPS = F::VALUES / F::GV;
+  if (gi >= K / F::GV) return;
   const long src_row = ids ? ids[r] : r;
-  const int blk = gi / F::GROUPS, g = gi % F::GROUPS;
-  float q[16], a, b;
+  const int blk = gi / GROUPS, g = gi % GROUPS;
+  unsigned q[F::GV / 4];
+  float a, b;
   F::group(w + src_row * row_bytes + (long)blk * F::BYTES, g, q, a, b);
-  Out* o = out + (long)r * K + (long)gi * 16;
+  Out* o = out + (long)r * K + (long)gi * F::GV;
 #pragma unroll
-  for (int i = 0; i < 16; i++) {
-    const float v = F::HAS_MIN ? __fadd_rn(__fmul_rn(a, q[i]), b) : __fmul_rn(a, q[i]);
+  for (int i = 0; i < F::GV; i++) {
+    const float u = (float)(byte_of(q, i) - F::OFFSET);  // exact
+    const float v = F::HAS_MIN ? __fadd_rn(__fmul_rn(a, u), b) : __fmul_rn(a, u);
     o[i] = from_float<Out>(v);
   }
 }
@@ -168,6 +185,19 @@ __global__ void gguf_dequant_kernel(Out* __restrict__ out, const u8* __restrict_
 // ------------------------------------------------------------------------------------ GEMV
 
 constexpr int GG_WARPS = 4;  // most warps per block, splitting K (tiles round-robin)
+
+// Stored integer i of q as a float without an int-to-float conversion (a quarter-rate instruction
+// that would bound the GEMV below the memory bandwidth): one byte permute builds the float's bits.
+//   narrow (u < 128): bits 0x40 u 00 00 = 2 + u / 64 exactly; the caller takes out the 2 and 1/64
+//     (sum (2 + u/64) x = 2 sum x + sum u x / 64, no cancellation worth a bit at these sizes);
+//   WIDE: bits 0x4B 00 00 u = 2^23 + u exactly, minus 2^23 + OFFSET: u - OFFSET.
+template <bool WIDE, int OFFSET>
+__device__ __forceinline__ float weight_float(const unsigned* q, int i) {
+  if (WIDE)
+    return __uint_as_float(__byte_perm(q[i >> 2], 0x4B000000u, 0x7650 | (i & 3))) -
+           (8388608.f + (float)OFFSET);
+  return __uint_as_float(__byte_perm(q[i >> 2], 0x40000000u, 0x7054 | ((i & 3) << 8)));
+}
 
 template <typename T>
 __device__ __forceinline__ void load_x16(const T* p, float* f) {
@@ -185,7 +215,7 @@ __device__ __forceinline__ void load_x16(const T* p, float* f) {
 // y (rows, N) = x (rows, K) @ dequantized(w)^T, rows <= M. Each block computes R outputs, so each
 // x load serves R weight rows (R = cuda_kernels.GGUF_GEMV_R; others compiled for kernel_check).
 // Each warp stages a tile (TILE blocks) of its R weight rows in shared memory with 16-byte
-// loads, the next tile's loads in flight while it computes on this one; lanes take groups of 16.
+// loads, the next tile's loads in flight while it computes on this one; lanes take groups.
 // A row that does not start on 16 bytes is read from the 16-byte word holding its first byte and
 // sits `shift` bytes into the staged tile: shift is a multiple of the format's ALIGN (row_bytes
 // is a multiple of BYTES), so blocks keep their alignment in shared memory. The last row's last
@@ -195,6 +225,8 @@ template <class F, typename T, int M, int R>
 __global__ void __launch_bounds__(32 * GG_WARPS)
 gguf_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const u8* __restrict__ w, int N,
                  int K, int rows, int row_bytes) {
+  constexpr bool WIDE = F::OFFSET >= 128;  // stored integers up to 255 (Q8_0)
+  constexpr int GROUPS = F::VALUES / F::GV;
   constexpr int TILE_WORDS = F::TILE * F::BYTES / 16;  // + 1 staged for a row's shift
   constexpr int PER_LANE = (TILE_WORDS + 1 + 31) / 32;
   __shared__ uint4 tile[GG_WARPS][R][TILE_WORDS + 1];
@@ -238,29 +270,35 @@ gguf_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const u8* __restric
         if (lane + 32 * i <= TILE_WORDS) tile[warp][r][lane + 32 * i] = next[r][i];
     __syncwarp();
     if (t + warps < ntiles) fetch(t + warps);
-    const int groups = min(F::TILE, nb - t * F::TILE) * F::GROUPS;
+    const int groups = min(F::TILE, nb - t * F::TILE) * GROUPS;
     for (int gi = lane; gi < groups; gi += 32) {
-      const int b = gi / F::GROUPS, g = gi % F::GROUPS;
-      float q[R][16], a[R], bm[R];
+      const int b = gi / GROUPS, g = gi % GROUPS;
+      unsigned q[R][F::GV / 4];
+      float A[R], C[R];  // the group adds A * s + C * sum(x), s as below
 #pragma unroll
-      for (int r = 0; r < R; r++)
+      for (int r = 0; r < R; r++) {
+        float a, bm;
         F::group(reinterpret_cast<const u8*>(tile[warp][r]) + shift[r] + b * F::BYTES, g, q[r],
-                 a[r], bm[r]);
-      const int k0 = (t * F::TILE + b) * F::VALUES + 16 * g;
+                 a, bm);
+        A[r] = WIDE ? a : 64.f * a;
+        C[r] = WIDE ? bm : bm - a * (float)(F::OFFSET + 128);
+      }
+      const int k0 = (t * F::TILE + b) * F::VALUES + F::GV * g;
 #pragma unroll
       for (int m = 0; m < M; m++) {
         if (m < rows) {
-          float xv[16], sx = 0.f;
-          load_x16(x + (long)m * K + k0, xv);
+          float xv[F::GV], sx = 0.f;
 #pragma unroll
-          for (int i = 0; i < 16; i++) sx += xv[i];
+          for (int j = 0; j < F::GV; j += 16) load_x16(x + (long)m * K + k0 + j, xv + j);
+#pragma unroll
+          for (int i = 0; i < F::GV; i++) sx += xv[i];
 #pragma unroll
           for (int r = 0; r < R; r++) {
             float s = 0.f;
 #pragma unroll
-            for (int i = 0; i < 16; i++) s = fmaf(q[r][i], xv[i], s);
-            acc[r][m] = fmaf(a[r], s, acc[r][m]);
-            if (F::HAS_MIN) acc[r][m] = fmaf(bm[r], sx, acc[r][m]);
+            for (int i = 0; i < F::GV; i++)
+              s = fmaf(weight_float<WIDE, F::OFFSET>(q[r], i), xv[i], s);
+            acc[r][m] = fmaf(A[r], s, fmaf(C[r], sx, acc[r][m]));
           }
         }
       }
