@@ -173,13 +173,21 @@ __global__ void gguf_dequant_kernel(Out* __restrict__ out, const u8* __restrict_
   unsigned q[F::GV / 4];
   float a, b;
   F::group(w + src_row * row_bytes + (long)blk * F::BYTES, g, q, a, b);
-  Out* o = out + (long)r * K + (long)gi * F::GV;
+  // NOTE: the GV outputs are assembled in registers and written with 16-byte stores; one
+  // 2-byte store per value (32-byte stride across the warp) ran at ~200 GB/s.
+  union {
+    uint4 v[F::GV * sizeof(Out) / 16];
+    Out o[F::GV];
+  } vals;
 #pragma unroll
   for (int i = 0; i < F::GV; i++) {
     const float u = (float)(byte_of(q, i) - F::OFFSET);  // exact
     const float v = F::HAS_MIN ? __fadd_rn(__fmul_rn(a, u), b) : __fmul_rn(a, u);
-    o[i] = from_float<Out>(v);
+    vals.o[i] = from_float<Out>(v);
   }
+  uint4* o = reinterpret_cast<uint4*>(out + (long)r * K + (long)gi * F::GV);
+#pragma unroll
+  for (int i = 0; i < F::GV * (int)sizeof(Out) / 16; i++) o[i] = vals.v[i];
 }
 
 // ------------------------------------------------------------------------------------ GEMV
@@ -212,14 +220,29 @@ __device__ __forceinline__ void load_x16(const T* p, float* f) {
   }
 }
 
+// 16 bytes global -> shared without passing through registers (sm_80+), so a warp keeps many
+// tiles in flight: a decode GEMV reads each weight once, and only bytes in flight hide latency.
+__device__ __forceinline__ void cp_async16(void* smem, const void* gmem) {
+  const unsigned dst = static_cast<unsigned>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16;\n" ::"r"(dst), "l"(gmem));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+constexpr int GG_STAGE_BYTES = 8192;  // shared memory per warp for tiles in flight
+
 // y (rows, N) = x (rows, K) @ dequantized(w)^T, rows <= M. Each block computes R outputs, so each
 // x load serves R weight rows (R = cuda_kernels.GGUF_GEMV_R; others compiled for kernel_check).
-// Each warp stages a tile (TILE blocks) of its R weight rows in shared memory with 16-byte
-// loads, the next tile's loads in flight while it computes on this one; lanes take groups.
-// A row that does not start on 16 bytes is read from the 16-byte word holding its first byte and
-// sits `shift` bytes into the staged tile: shift is a multiple of the format's ALIGN (row_bytes
-// is a multiple of BYTES), so blocks keep their alignment in shared memory. The last row's last
-// word may cover up to 15 bytes past the weight, inside the 512-byte-rounded allocation.
+// The block's warps split the row's tiles (TILE blocks each) round-robin; each warp streams its
+// tiles of the R rows into a ring of STAGES shared-memory slots with cp.async, STAGES - 1 tiles
+// in flight while it computes on one; lanes take groups. A row that does not start on 16 bytes
+// is read from the 16-byte word holding its first byte and sits `shift` bytes into the staged
+// tile: shift is a multiple of the format's ALIGN (row_bytes is a multiple of BYTES), so blocks
+// keep their alignment in shared memory. The last row's last word may cover up to 15 bytes past
+// the weight, inside the 512-byte-rounded allocation.
 // Grid: (ceil(N / R))  Block: (32 * warps), warps <= GG_WARPS
 template <class F, typename T, int M, int R>
 __global__ void __launch_bounds__(32 * GG_WARPS)
@@ -227,14 +250,16 @@ gguf_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const u8* __restric
                  int K, int rows, int row_bytes) {
   constexpr bool WIDE = F::OFFSET >= 128;  // stored integers up to 255 (Q8_0)
   constexpr int GROUPS = F::VALUES / F::GV;
-  constexpr int TILE_WORDS = F::TILE * F::BYTES / 16;  // + 1 staged for a row's shift
-  constexpr int PER_LANE = (TILE_WORDS + 1 + 31) / 32;
-  __shared__ uint4 tile[GG_WARPS][R][TILE_WORDS + 1];
+  constexpr int TILE_WORDS = F::TILE * F::BYTES / 16 + 1;  // + 1 for a row's shift
+  constexpr int FIT = GG_STAGE_BYTES / (R * TILE_WORDS * 16);
+  constexpr int STAGES = FIT < 2 ? 2 : (FIT > 8 ? 8 : FIT);
+  __shared__ uint4 tile[GG_WARPS][STAGES][R][TILE_WORDS];
   __shared__ float red[GG_WARPS][R * M];
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
   const int n0 = blockIdx.x * R;
   const int nb = K / F::VALUES;
   const int ntiles = (nb + F::TILE - 1) / F::TILE;
+  const int my_tiles = warp < ntiles ? (ntiles - warp + warps - 1) / warps : 0;
   const uint4* src[R];
   int shift[R], words[R];
 #pragma unroll
@@ -244,32 +269,32 @@ gguf_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const u8* __restric
     shift[r] = (int)(start & 15);
     words[r] = (shift[r] + row_bytes + 15) / 16;
   }
+  // the warp's i-th tile (tile warp + i * warps) into ring slot i % STAGES; one commit group each
+  auto issue = [&](int i) {
+    if (i < my_tiles) {
+      const int t = warp + i * warps;
+#pragma unroll
+      for (int r = 0; r < R; r++)
+        for (int wi = lane; wi < TILE_WORDS; wi += 32) {
+          const int gw = (t * (TILE_WORDS - 1)) + wi;  // tiles advance by whole tile bytes
+          if (gw < words[r]) cp_async16(&tile[warp][i % STAGES][r][wi], src[r] + gw);
+        }
+    }
+    cp_async_commit();  // empty groups keep the count uniform
+  };
 
   float acc[R][M];
 #pragma unroll
   for (int r = 0; r < R; r++)
 #pragma unroll
     for (int m = 0; m < M; m++) acc[r][m] = 0.f;
-  uint4 next[R][PER_LANE];
-  auto fetch = [&](int t) {
 #pragma unroll
-    for (int r = 0; r < R; r++)
-#pragma unroll
-      for (int i = 0; i < PER_LANE; i++) {
-        const int wi = lane + 32 * i, gw = t * TILE_WORDS + wi;
-        next[r][i] = (wi <= TILE_WORDS && gw < words[r]) ? __ldcs(src[r] + gw)  // read once
-                                                         : make_uint4(0u, 0u, 0u, 0u);
-      }
-  };
-  if (warp < ntiles) fetch(warp);
-  for (int t = warp; t < ntiles; t += warps) {
-#pragma unroll
-    for (int r = 0; r < R; r++)
-#pragma unroll
-      for (int i = 0; i < PER_LANE; i++)
-        if (lane + 32 * i <= TILE_WORDS) tile[warp][r][lane + 32 * i] = next[r][i];
-    __syncwarp();
-    if (t + warps < ntiles) fetch(t + warps);
+  for (int i = 0; i < STAGES - 1; i++) issue(i);
+  for (int i = 0; i < my_tiles; i++) {
+    issue(i + STAGES - 1);  // into the slot freed by the previous iteration
+    cp_async_wait<STAGES - 1>();  // this lane's copies of tile i have landed
+    __syncwarp();                  // and every lane's
+    const int t = warp + i * warps;
     const int groups = min(F::TILE, nb - t * F::TILE) * GROUPS;
     for (int gi = lane; gi < groups; gi += 32) {
       const int b = gi / GROUPS, g = gi % GROUPS;
@@ -278,8 +303,8 @@ gguf_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const u8* __restric
 #pragma unroll
       for (int r = 0; r < R; r++) {
         float a, bm;
-        F::group(reinterpret_cast<const u8*>(tile[warp][r]) + shift[r] + b * F::BYTES, g, q[r],
-                 a, bm);
+        F::group(reinterpret_cast<const u8*>(tile[warp][i % STAGES][r]) + shift[r] + b * F::BYTES,
+                 g, q[r], a, bm);
         A[r] = WIDE ? a : 64.f * a;
         C[r] = WIDE ? bm : bm - a * (float)(F::OFFSET + 128);
       }
@@ -291,20 +316,21 @@ gguf_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const u8* __restric
 #pragma unroll
           for (int j = 0; j < F::GV; j += 16) load_x16(x + (long)m * K + k0 + j, xv + j);
 #pragma unroll
-          for (int i = 0; i < F::GV; i++) sx += xv[i];
+          for (int j = 0; j < F::GV; j++) sx += xv[j];
 #pragma unroll
           for (int r = 0; r < R; r++) {
             float s = 0.f;
 #pragma unroll
-            for (int i = 0; i < F::GV; i++)
-              s = fmaf(weight_float<WIDE, F::OFFSET>(q[r], i), xv[i], s);
+            for (int j = 0; j < F::GV; j++)
+              s = fmaf(weight_float<WIDE, F::OFFSET>(q[r], j), xv[j], s);
             acc[r][m] = fmaf(A[r], s, fmaf(C[r], sx, acc[r][m]));
           }
         }
       }
     }
-    __syncwarp();
+    __syncwarp();  // the slot is read before the next issue() overwrites it
   }
+  cp_async_wait<0>();
 #pragma unroll
   for (int r = 0; r < R; r++)
 #pragma unroll
