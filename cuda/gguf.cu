@@ -312,18 +312,19 @@ gguf_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const u8* __restric
 #pragma unroll
       for (int m = 0; m < M; m++) {
         if (m < rows) {
-          float xv[F::GV], sx = 0.f;
+          // two interleaved partial sums halve the dependent chains
+          float xv[F::GV], sx[2] = {0.f, 0.f};
 #pragma unroll
           for (int j = 0; j < F::GV; j += 16) load_x16(x + (long)m * K + k0 + j, xv + j);
 #pragma unroll
-          for (int j = 0; j < F::GV; j++) sx += xv[j];
+          for (int j = 0; j < F::GV; j++) sx[j & 1] += xv[j];
 #pragma unroll
           for (int r = 0; r < R; r++) {
-            float s = 0.f;
+            float sw[2] = {0.f, 0.f};
 #pragma unroll
             for (int j = 0; j < F::GV; j++)
-              s = fmaf(weight_float<WIDE, F::OFFSET>(q[r], j), xv[j], s);
-            acc[r][m] = fmaf(A[r], s, fmaf(C[r], sx, acc[r][m]));
+              sw[j & 1] = fmaf(weight_float<WIDE, F::OFFSET>(q[r], j), xv[j], sw[j & 1]);
+            acc[r][m] = fmaf(A[r], sw[0] + sw[1], fmaf(C[r], sx[0] + sx[1], acc[r][m]));
           }
         }
       }
