@@ -6,7 +6,7 @@ and timed at Llama-3-8B shapes.
 - GEMV: against the twin's float matrix times x, at M = 1, 3, 8, rows aligned and not;
 - timing of the TIMED formats, cold weights (more copies than L2 holds): the fused GEMV at M = 1,
   2, 4, 8 (at M = 1 on the SWEEP shapes every compiled rows-per-block R x 1, 2, 4 warps) and the
-  dequantize + cuBLAS path at M = 16, 64, in us and GB/s of the packed bytes read.
+  dequantize + cuBLAS path at M = 8, 16, 64, in us and GB/s of the packed bytes read.
 """
 
 from __future__ import annotations
@@ -98,7 +98,7 @@ def check_speed(ops, small: bool, timer, report):
                            f"{nbytes / t / 1e9:.0f} GB/s packed ({nbytes / t / 4.27e12:.0%})")
             if small or name.startswith("lm_head"):
                 continue
-            for m in (16, 64):
+            for m in (8, 16, 64):
                 x = ops.from_host(rng.standard_normal((m, k)).astype(np.float32))
                 saved, cq.GGUF_GEMV_MAX_M = cq.GGUF_GEMV_MAX_M, 0  # force dequantize + cuBLAS
                 try:
