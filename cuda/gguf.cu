@@ -192,7 +192,7 @@ __global__ void gguf_dequant_kernel(Out* __restrict__ out, const u8* __restrict_
 
 // ------------------------------------------------------------------------------------ GEMV
 
-constexpr int GG_WARPS = 4;  // most warps per block, splitting K (tiles round-robin)
+constexpr int GG_WARPS = 4;  // warps per GEMV block, each with row groups of its own
 
 // Stored integer i of q as a float without an int-to-float conversion (a quarter-rate instruction
 // that would bound the GEMV below the memory bandwidth): one byte permute builds the float's bits.
@@ -234,16 +234,19 @@ __device__ __forceinline__ void cp_async_wait() {
 
 constexpr int GG_STAGE_BYTES = 8192;  // shared memory per warp for tiles in flight
 
-// y (rows, N) = x (rows, K) @ dequantized(w)^T, rows <= M. Each block computes R outputs, so each
-// x load serves R weight rows (R = cuda_kernels.GGUF_GEMV_R; others compiled for kernel_check).
-// The block's warps split the row's tiles (TILE blocks each) round-robin; each warp streams its
-// tiles of the R rows into a ring of STAGES shared-memory slots with cp.async, STAGES - 1 tiles
-// in flight while it computes on one; lanes take groups. A row that does not start on 16 bytes
-// is read from the 16-byte word holding its first byte and sits `shift` bytes into the staged
-// tile: shift is a multiple of the format's ALIGN (row_bytes is a multiple of BYTES), so blocks
-// keep their alignment in shared memory. The last row's last word may cover up to 15 bytes past
-// the weight, inside the 512-byte-rounded allocation.
-// Grid: (ceil(N / R))  Block: (32 * warps), warps <= GG_WARPS
+// y (rows, N) = x (rows, K) @ dequantized(w)^T, rows <= M.
+// Work: row groups of R weight rows (each x load serves the R rows; R = cuda_kernels.GGUF_GEMV_R,
+// others compiled for kernel_check), each cut into tiles of TILE blocks. Every warp owns the row
+// groups gwarp, gwarp + total warps, ... and streams their tiles, one row group after the other,
+// through a ring of STAGES shared-memory slots with cp.async: STAGES - 1 tiles stay in flight
+// while it computes on one, across row-group boundaries, so the grid runs as a stream (device run
+// 2: a warp that loaded one tile and then computed left the GPU waiting, ~30% of bandwidth).
+// Lanes take groups; a finished row group is summed over the warp and written by lane 0.
+// A row that does not start on 16 bytes is read from the 16-byte word holding its first byte and
+// sits `shift` bytes into the staged tile: shift is a multiple of the format's ALIGN (row_bytes
+// is a multiple of BYTES), so blocks keep their alignment in shared memory. The last row's last
+// word may cover up to 15 bytes past the weight, inside the 512-byte-rounded allocation.
+// Grid: (a few blocks per SM, at most ceil(N / R / GG_WARPS))  Block: (32 * GG_WARPS)
 template <class F, typename T, int M, int R>
 __global__ void __launch_bounds__(32 * GG_WARPS)
 gguf_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const u8* __restrict__ w, int N,
@@ -254,33 +257,30 @@ gguf_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const u8* __restric
   constexpr int FIT = GG_STAGE_BYTES / (R * TILE_WORDS * 16);
   constexpr int STAGES = FIT < 2 ? 2 : (FIT > 8 ? 8 : FIT);
   __shared__ uint4 tile[GG_WARPS][STAGES][R][TILE_WORDS];
-  __shared__ float red[GG_WARPS][R * M];
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, warps = blockDim.x >> 5;
-  const int n0 = blockIdx.x * R;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int total_warps = gridDim.x * GG_WARPS, gwarp = blockIdx.x * GG_WARPS + warp;
+  const int num_groups = (N + R - 1) / R;
   const int nb = K / F::VALUES;
   const int ntiles = (nb + F::TILE - 1) / F::TILE;
-  const int my_tiles = warp < ntiles ? (ntiles - warp + warps - 1) / warps : 0;
-  const uint4* src[R];
-  int shift[R], words[R];
+  const int items = gwarp < num_groups ? (num_groups - gwarp + total_warps - 1) / total_warps
+                                             * ntiles : 0;
+  // item j (row group gwarp + (j / ntiles) * total_warps, tile j % ntiles) into slot j % STAGES;
+  // one commit group each, empty ones too, so that the wait count stays uniform
+  auto issue = [&](int j) {
+    if (j < items) {
+      const int rg = gwarp + (j / ntiles) * total_warps, t = j % ntiles;
 #pragma unroll
-  for (int r = 0; r < R; r++) {
-    const long start = (long)min(n0 + r, N - 1) * row_bytes;
-    src[r] = reinterpret_cast<const uint4*>(w + (start & ~15L));
-    shift[r] = (int)(start & 15);
-    words[r] = (shift[r] + row_bytes + 15) / 16;
-  }
-  // the warp's i-th tile (tile warp + i * warps) into ring slot i % STAGES; one commit group each
-  auto issue = [&](int i) {
-    if (i < my_tiles) {
-      const int t = warp + i * warps;
-#pragma unroll
-      for (int r = 0; r < R; r++)
+      for (int r = 0; r < R; r++) {
+        const long start = (long)min(rg * R + r, N - 1) * row_bytes;
+        const uint4* src = reinterpret_cast<const uint4*>(w + (start & ~15L));
+        const int row_words = (int)(((start + row_bytes + 15) >> 4) - (start >> 4));
         for (int wi = lane; wi < TILE_WORDS; wi += 32) {
-          const int gw = (t * (TILE_WORDS - 1)) + wi;  // tiles advance by whole tile bytes
-          if (gw < words[r]) cp_async16(&tile[warp][i % STAGES][r][wi], src[r] + gw);
+          const int gw = t * (TILE_WORDS - 1) + wi;  // tiles advance by whole tile bytes
+          if (gw < row_words) cp_async16(&tile[warp][j % STAGES][r][wi], src + gw);
         }
+      }
     }
-    cp_async_commit();  // empty groups keep the count uniform
+    cp_async_commit();
   };
 
   float acc[R][M];
@@ -289,12 +289,12 @@ gguf_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const u8* __restric
 #pragma unroll
     for (int m = 0; m < M; m++) acc[r][m] = 0.f;
 #pragma unroll
-  for (int i = 0; i < STAGES - 1; i++) issue(i);
-  for (int i = 0; i < my_tiles; i++) {
-    issue(i + STAGES - 1);  // into the slot freed by the previous iteration
-    cp_async_wait<STAGES - 1>();  // this lane's copies of tile i have landed
-    __syncwarp();                  // and every lane's
-    const int t = warp + i * warps;
+  for (int j = 0; j < STAGES - 1; j++) issue(j);
+  for (int j = 0; j < items; j++) {
+    issue(j + STAGES - 1);        // into the slot freed by the previous item
+    cp_async_wait<STAGES - 1>();  // this lane's copies of item j have landed
+    __syncwarp();                 // and every lane's
+    const int rg = gwarp + (j / ntiles) * total_warps, t = j % ntiles;
     const int groups = min(F::TILE, nb - t * F::TILE) * GROUPS;
     for (int gi = lane; gi < groups; gi += 32) {
       const int b = gi / GROUPS, g = gi % GROUPS;
@@ -302,8 +302,9 @@ gguf_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const u8* __restric
       float A[R], C[R];  // the group adds A * s + C * sum(x), s as below
 #pragma unroll
       for (int r = 0; r < R; r++) {
+        const int shift = (int)(((long)min(rg * R + r, N - 1) * row_bytes) & 15);
         float a, bm;
-        F::group(reinterpret_cast<const u8*>(tile[warp][i % STAGES][r]) + shift[r] + b * F::BYTES,
+        F::group(reinterpret_cast<const u8*>(tile[warp][j % STAGES][r]) + shift + b * F::BYTES,
                  g, q[r], a, bm);
         A[r] = WIDE ? a : 64.f * a;
         C[r] = WIDE ? bm : bm - a * (float)(F::OFFSET + 128);
@@ -315,35 +316,32 @@ gguf_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const u8* __restric
           // two interleaved partial sums halve the dependent chains
           float xv[F::GV], sx[2] = {0.f, 0.f};
 #pragma unroll
-          for (int j = 0; j < F::GV; j += 16) load_x16(x + (long)m * K + k0 + j, xv + j);
+          for (int i = 0; i < F::GV; i += 16) load_x16(x + (long)m * K + k0 + i, xv + i);
 #pragma unroll
-          for (int j = 0; j < F::GV; j++) sx[j & 1] += xv[j];
+          for (int i = 0; i < F::GV; i++) sx[i & 1] += xv[i];
 #pragma unroll
           for (int r = 0; r < R; r++) {
             float sw[2] = {0.f, 0.f};
 #pragma unroll
-            for (int j = 0; j < F::GV; j++)
-              sw[j & 1] = fmaf(weight_float<WIDE, F::OFFSET>(q[r], j), xv[j], sw[j & 1]);
+            for (int i = 0; i < F::GV; i++)
+              sw[i & 1] = fmaf(weight_float<WIDE, F::OFFSET>(q[r], i), xv[i], sw[i & 1]);
             acc[r][m] = fmaf(A[r], sw[0] + sw[1], fmaf(C[r], sx[0] + sx[1], acc[r][m]));
           }
         }
       }
     }
-    __syncwarp();  // the slot is read before the next issue() overwrites it
+    __syncwarp();  // the slot is read before a later issue() overwrites it
+    if (t == ntiles - 1) {  // the row group is done (warp-uniform branch)
+#pragma unroll
+      for (int r = 0; r < R; r++)
+#pragma unroll
+        for (int m = 0; m < M; m++) {
+          const float v = warp_sum(acc[r][m]);
+          acc[r][m] = 0.f;
+          if (lane == 0 && m < rows && rg * R + r < N)
+            y[(long)m * N + rg * R + r] = from_float<T>(v);
+        }
+    }
   }
   cp_async_wait<0>();
-#pragma unroll
-  for (int r = 0; r < R; r++)
-#pragma unroll
-    for (int m = 0; m < M; m++) {
-      const float v = warp_sum(acc[r][m]);
-      if (lane == 0) red[warp][r * M + m] = v;
-    }
-  __syncthreads();
-  const int r = threadIdx.x / M, m = threadIdx.x % M;
-  if (threadIdx.x < R * M && m < rows && n0 + r < N) {
-    float s = 0.f;
-    for (int i = 0; i < warps; i++) s += red[i][r * M + m];
-    y[(long)m * N + n0 + r] = from_float<T>(s);
-  }
 }

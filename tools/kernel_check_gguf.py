@@ -5,8 +5,8 @@ and timed at Llama-3-8B shapes.
   its bf16 output equals the twin rounded to bf16;
 - GEMV: against the twin's float matrix times x, at M = 1, 3, 8, rows aligned and not;
 - timing of the TIMED formats, cold weights (more copies than L2 holds): the fused GEMV at M = 1,
-  2, 4, 8 (at M = 1 on the SWEEP shapes every compiled rows-per-block R x 1, 2, 4 warps) and the
-  dequantize + cuBLAS path at M = 8, 16, 64, in us and GB/s of the packed bytes read.
+  2, 4, 8 (at M = 1 on the SWEEP shapes every compiled rows-per-block R x 2, 4, 6 blocks per SM)
+  and the dequantize + cuBLAS path at M = 8, 16, 64, in us and GB/s of the packed bytes read.
 """
 
 from __future__ import annotations
@@ -87,13 +87,13 @@ def check_speed(ops, small: bool, timer, report):
                 out = cupy.empty((m, n), ops.storage)
                 variants = [(GGUF_GEMV_R, None)]
                 if m == 1 and not small and name in SWEEP and kind != "Q6_K":
-                    variants = [(r, w) for mm, r in GGUF_GEMV_VARIANTS if mm == 1
-                                for w in (1, 2, 4)]
+                    variants = [(r, b) for mm, r in GGUF_GEMV_VARIANTS if mm == 1
+                                for b in (2, 4, 6)]
                 for r, w in variants:
                     it = iter(range(10**9))
                     t = timer(lambda x=x, out=out, it=it, ws=ws, r=r, w=w: cq.gemv(
                         x, ws[next(it) % len(ws)], out, ops.ctype, r, w), max(20, copies))
-                    label = "" if w is None else f" R={r} warps={w}"
+                    label = "" if w is None else f" R={r} blocks/SM={w}"
                     report(f"{kind} {name} GEMV M={m}{label}", f"{t * 1e6:.1f} us",
                            f"{nbytes / t / 1e9:.0f} GB/s packed ({nbytes / t / 4.27e12:.0%})")
             if small or name.startswith("lm_head"):

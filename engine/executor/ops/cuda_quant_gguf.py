@@ -14,6 +14,8 @@ runs every captured shape once before capture, so capture itself never allocates
 
 from __future__ import annotations
 
+import functools
+
 import cupy
 import numpy as np
 
@@ -24,9 +26,10 @@ from engine.model.quantized import QuantizedWeight
 
 GGUF_GEMV_MAX_M = 8  # rows up to which linear() takes the fused GEMV (0 = never: kernel_check)
 SCRATCH_ELEMS = 64 << 20  # dequantized values per cuBLAS pass (128 MiB in bf16)
-GEMV_WARPS = 4  # warps per GEMV block, at most cuda/gguf.cu's GG_WARPS
+GEMV_WARPS = 4  # warps per GEMV block: cuda/gguf.cu's GG_WARPS
+# GEMV blocks per SM: 4 x 4 warps, each with up to 7 tiles in flight, keep ~100 KB per SM moving
+GEMV_BLOCKS_PER_SM = 4
 STORAGE = {"__half": np.float16, "__nv_bfloat16": np.uint16}  # compute type -> storage dtype
-TILES = {"Q8_0": 16, "Q4_0": 32, "Q4_1": 32, "Q4_K": 4, "Q5_K": 4, "Q6_K": 8}  # gguf.cu TILE
 
 
 def is_gguf(weight) -> bool:
@@ -84,20 +87,27 @@ def gemv_fits(x: cupy.ndarray, weight: QuantizedWeight, max_m: int | None = None
 
 
 def gemv(x: cupy.ndarray, weight: QuantizedWeight, out: cupy.ndarray, ctype: str,
-         rows_per_block: int = GGUF_GEMV_R, warps: int | None = None):
-    """out (M, N) = x (M, K) @ dequantized(weight)^T, M <= 8. One launch. rows_per_block and
-    warps: variants kernel_check compares (GGUF_GEMV_VARIANTS)."""
+         rows_per_block: int = GGUF_GEMV_R, blocks_per_sm: int | None = None):
+    """out (M, N) = x (M, K) @ dequantized(weight)^T, M <= 8. One launch: a few blocks per SM,
+    each warp streaming row groups (cuda/gguf.cu). rows_per_block and blocks_per_sm: variants
+    kernel_check compares (GGUF_GEMV_VARIANTS)."""
     n, k = weight.shape
     m = x.shape[0]
     compiled = next(c for c in GGUF_GEMV_M if c >= m)
-    ntiles = -(-(k // BLOCKS[weight.kind][0]) // TILES[weight.kind])
-    warps = max(1, min(GEMV_WARPS if warps is None else warps, ntiles))
+    row_groups = -(-n // rows_per_block)
+    per_sm = GEMV_BLOCKS_PER_SM if blocks_per_sm is None else blocks_per_sm
+    blocks = max(1, min(-(-row_groups // GEMV_WARPS), per_sm * _sm_count()))
     name = f"gguf_gemv_kernel<{weight.kind}, {ctype}, {compiled}, {rows_per_block}>"
     kernel("gguf.cu", name, ctype)(
-        (-(-n // rows_per_block),), (32 * warps,),
+        (blocks,), (32 * GEMV_WARPS,),
         (out, x, weight.data, np.int32(n), np.int32(k), np.int32(m),
          np.int32(row_bytes(weight.kind, k))))
     return out
+
+
+@functools.cache
+def _sm_count() -> int:
+    return int(cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["multiProcessorCount"])
 
 
 class GGUFLinear:
