@@ -252,6 +252,7 @@ __global__ void __launch_bounds__(32 * GG_WARPS)
 gguf_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const u8* __restrict__ w, int N,
                  int K, int rows, int row_bytes) {
   constexpr bool WIDE = F::OFFSET >= 128;  // stored integers up to 255 (Q8_0)
+  constexpr bool NEED_SUM = !WIDE || F::HAS_MIN;  // C != 0: the group needs sum(x)
   constexpr int GROUPS = F::VALUES / F::GV;
   constexpr int TILE_WORDS = F::TILE * F::BYTES / 16 + 1;  // + 1 for a row's shift
   constexpr int FIT = GG_STAGE_BYTES / (R * TILE_WORDS * 16);
@@ -317,15 +318,18 @@ gguf_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const u8* __restric
           float xv[F::GV], sx[2] = {0.f, 0.f};
 #pragma unroll
           for (int i = 0; i < F::GV; i += 16) load_x16(x + (long)m * K + k0 + i, xv + i);
+          if (NEED_SUM) {
 #pragma unroll
-          for (int i = 0; i < F::GV; i++) sx[i & 1] += xv[i];
+            for (int i = 0; i < F::GV; i++) sx[i & 1] += xv[i];
+          }
 #pragma unroll
           for (int r = 0; r < R; r++) {
             float sw[2] = {0.f, 0.f};
 #pragma unroll
             for (int i = 0; i < F::GV; i++)
               sw[i & 1] = fmaf(weight_float<WIDE, F::OFFSET>(q[r], i), xv[i], sw[i & 1]);
-            acc[r][m] = fmaf(A[r], sw[0] + sw[1], fmaf(C[r], sx[0] + sx[1], acc[r][m]));
+            const float base = NEED_SUM ? fmaf(C[r], sx[0] + sx[1], acc[r][m]) : acc[r][m];
+            acc[r][m] = fmaf(A[r], sw[0] + sw[1], base);
           }
         }
       }
