@@ -8,6 +8,7 @@ template <typename T>
 __global__ void silu_and_mul_kernel(T* __restrict__ out,            // [num_tokens, inter]
                                     const T* __restrict__ gate_up,  // [num_tokens, 2 * inter]
                                     long n, int inter) {
+  pdl_start();
   const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= n) return;
   const long t = i / inter, j = i % inter;

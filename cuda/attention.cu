@@ -43,6 +43,7 @@ __global__ void __launch_bounds__(32 * DEC_WARPS) decode_attention_kernel(
   constexpr int LPK = HD / 8, KPW = 32 / LPK, CH = KPW * U;  // CH: keys per warp iteration
   __shared__ float o_s[DEC_WARPS][G][HD];
   __shared__ float m_s[DEC_WARPS][G], l_s[DEC_WARPS][G];
+  pdl_start();
 
   const int group = num_heads / num_kv_heads, passes = (group + G - 1) / G;
   const int kvh = blockIdx.y / passes, g0 = (blockIdx.y % passes) * G;
@@ -220,6 +221,7 @@ __global__ void __launch_bounds__(RED_THREADS) decode_reduce_kernel(
   __shared__ float w_s[MAX_SPLITS];
   __shared__ float red[32];
   __shared__ float num_s[RED_SUB][HD];
+  pdl_start();
   const int seq = seqs[blockIdx.x];
   const int splits = min(seq_splits(context_lens[seq], num_splits, min_keys), MAX_SPLITS);
   if (splits == 1) return;

@@ -56,3 +56,28 @@ __device__ __forceinline__ float block_max(float v, float* smem) {
   v = lane < num_warps ? smem[lane] : -INFINITY;
   return warp_max(v);
 }
+
+// Programmatic dependent launch (Hopper; cuda_kernels.launch with pdl=True): such a kernel may be
+// resident before the previous kernel on the stream has finished. pdl_wait() returns once that
+// kernel has completed and its writes are visible: call it before reading anything an earlier
+// kernel wrote and before writing anything (the previous kernel may still read memory this one
+// overwrites), in every block, early-exiting ones too, so that this grid's completion still
+// implies the previous grid's. Only reads of never-written data (weights) may come first.
+// pdl_trigger() after the wait lets the next kernel launch early (one kernel ahead, not a chain).
+// Both are no-ops without PDL and before sm_90.
+__device__ __forceinline__ void pdl_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_trigger() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ void pdl_start() {
+  pdl_wait();
+  pdl_trigger();
+}

@@ -9,6 +9,7 @@ __global__ void gather_rows_kernel(uint4* __restrict__ out,        // [num_out_r
                                    const uint4* __restrict__ src,  // [num_src_rows, words]
                                    const int* __restrict__ idx,    // [num_out_rows]
                                    int words) {
+  pdl_start();
   const long row = idx[blockIdx.x];
   for (int w = threadIdx.x; w < words; w += blockDim.x)
     out[(long)blockIdx.x * words + w] = src[row * words + w];

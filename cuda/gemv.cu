@@ -40,10 +40,13 @@ __device__ __forceinline__ void load_x8(const T* __restrict__ x, int m, int v, i
 }
 
 // The product itself, for a block's GEMV_R weight rows: load_x(m, v, f) gives the 8 input
-// elements of row m at word v as floats.
-template <typename T, int M, typename LoadX>
+// elements of row m at word v as floats. ready() runs once in every thread, after the first
+// weight words are requested and before any input is read: with PDL it waits for the previous
+// kernel there, so the weights start streaming while that kernel finishes (at Qwen3-0.6B's K
+// the first words are all of the block's weights).
+template <typename T, int M, typename LoadX, typename Ready>
 __device__ __forceinline__ void gemv_rows(T* __restrict__ y, const T* __restrict__ w, int N, int K,
-                                          LoadX load_x) {
+                                          LoadX load_x, Ready ready) {
   __shared__ float red[GEMV_MAX_WARPS][M * GEMV_R];
   const int n0 = blockIdx.x * GEMV_R, words = K / 8;
   float acc[M][GEMV_R];
@@ -56,8 +59,8 @@ __device__ __forceinline__ void gemv_rows(T* __restrict__ y, const T* __restrict
   for (int r = 0; r < GEMV_R; r++)
     wrow[r] = reinterpret_cast<const uint4*>(w + (long)min(n0 + r, N - 1) * K);
 
-  for (int base = threadIdx.x; base < words; base += GEMV_U * blockDim.x) {
-    uint4 wr[GEMV_U][GEMV_R];
+  uint4 wr[GEMV_U][GEMV_R];
+  auto load_w = [&](int base) {
 #pragma unroll
     for (int u = 0; u < GEMV_U; u++) {
       const int v = base + u * blockDim.x;
@@ -65,6 +68,11 @@ __device__ __forceinline__ void gemv_rows(T* __restrict__ y, const T* __restrict
       for (int r = 0; r < GEMV_R; r++)
         wr[u][r] = v < words ? __ldcs(wrow[r] + v) : make_uint4(0u, 0u, 0u, 0u);  // read once
     }
+  };
+  load_w(threadIdx.x);
+  ready();
+  for (int base = threadIdx.x; base < words; base += GEMV_U * blockDim.x) {
+    if (base != threadIdx.x) load_w(base);
 #pragma unroll
     for (int u = 0; u < GEMV_U; u++) {
       const int v = base + u * blockDim.x;
@@ -111,7 +119,8 @@ __global__ void __launch_bounds__(256) gemv_kernel(T* __restrict__ y,        // 
                                                    const T* __restrict__ x,  // [M, K] ([M, 2K] ACT)
                                                    const T* __restrict__ w,  // [N, K]
                                                    int N, int K) {
-  gemv_rows<T, M>(y, w, N, K, [&](int m, int v, float* f) { load_x8<T, ACT>(x, m, v, K, f); });
+  gemv_rows<T, M>(y, w, N, K, [&](int m, int v, float* f) { load_x8<T, ACT>(x, m, v, K, f); },
+                  [] { pdl_start(); });
 }
 
 // The residual add and RMSNorm that precede a layer's first GEMV, fused into it (decode, M <= 4):
@@ -137,39 +146,43 @@ __global__ void __launch_bounds__(256) norm_gemv_kernel(
   const uint4* xw = reinterpret_cast<const uint4*>(x);
   const uint4* rw = reinterpret_cast<const uint4*>(residual);
   const uint4* nw = reinterpret_cast<const uint4*>(norm_w);
-  for (int m = 0; m < M; m++) {
-    float ss = 0.f;
-    for (int v = threadIdx.x; v < words; v += blockDim.x) {
-      float a[8], b[8];
-      to_float8<T>(__ldg(xw + m * words + v), a);
-      if (residual != nullptr) to_float8<T>(__ldg(rw + m * words + v), b);
-      uint4 packed;
-      T* sp = reinterpret_cast<T*>(&packed);
+  // the norm, once the first weight words are on their way
+  auto norm = [&] {
+    pdl_start();
+    for (int m = 0; m < M; m++) {
+      float ss = 0.f;
+      for (int v = threadIdx.x; v < words; v += blockDim.x) {
+        float a[8], b[8];
+        to_float8<T>(__ldg(xw + m * words + v), a);
+        if (residual != nullptr) to_float8<T>(__ldg(rw + m * words + v), b);
+        uint4 packed;
+        T* sp = reinterpret_cast<T*>(&packed);
 #pragma unroll
-      for (int e = 0; e < 8; e++) {
-        sp[e] = from_float<T>(residual != nullptr ? a[e] + b[e] : a[e]);
-        const float sv = to_float(sp[e]);
-        ss += sv * sv;
+        for (int e = 0; e < 8; e++) {
+          sp[e] = from_float<T>(residual != nullptr ? a[e] + b[e] : a[e]);
+          const float sv = to_float(sp[e]);
+          ss += sv * sv;
+        }
+        h_words[m * words + v] = packed;
+        if (blockIdx.x == 0) reinterpret_cast<uint4*>(res_out)[m * words + v] = packed;
       }
-      h_words[m * words + v] = packed;
-      if (blockIdx.x == 0) reinterpret_cast<uint4*>(res_out)[m * words + v] = packed;
-    }
-    const float inv = rsqrtf(block_sum(ss, sums) / K + eps);  // its barriers publish h_words
-    for (int v = threadIdx.x; v < words; v += blockDim.x) {
-      float sv[8], g[8];
-      to_float8<T>(h_words[m * words + v], sv);
-      to_float8<T>(__ldg(nw + v), g);
-      uint4 packed;
-      T* hp = reinterpret_cast<T*>(&packed);
+      const float inv = rsqrtf(block_sum(ss, sums) / K + eps);  // its barriers publish h_words
+      for (int v = threadIdx.x; v < words; v += blockDim.x) {
+        float sv[8], g[8];
+        to_float8<T>(h_words[m * words + v], sv);
+        to_float8<T>(__ldg(nw + v), g);
+        uint4 packed;
+        T* hp = reinterpret_cast<T*>(&packed);
 #pragma unroll
-      for (int e = 0; e < 8; e++) hp[e] = from_float<T>(sv[e] * inv * g[e]);
-      h_words[m * words + v] = packed;
+        for (int e = 0; e < 8; e++) hp[e] = from_float<T>(sv[e] * inv * g[e]);
+        h_words[m * words + v] = packed;
+      }
     }
-  }
-  __syncthreads();
+    __syncthreads();
+  };
   gemv_rows<T, M>(y, w, N, K, [&](int m, int v, float* f) {
     to_float8<T>(h_words[m * words + v], f);
-  });
+  }, norm);
 }
 
 #ifdef PAGEDSERVE_NVCC_CHECK

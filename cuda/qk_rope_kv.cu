@@ -24,6 +24,7 @@ __global__ void __launch_bounds__(128) qk_norm_rope_kv_kernel(
     const T* __restrict__ bias,            // [(nh + 2 nkv) * HD] or null
     float eps, int num_tokens, int num_heads, int num_kv_heads, int block_size) {
   constexpr int PER = HD / 32, HALF = PER / 2;
+  pdl_start();
   const int heads = num_heads + 2 * num_kv_heads;
   const long warp = (long)blockIdx.x * 4 + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;

@@ -12,6 +12,7 @@ __global__ void rms_norm_kernel(T* __restrict__ out,           // [num_rows, hid
                                 const T* __restrict__ x,       // [num_rows, hidden]
                                 const T* __restrict__ weight,  // [hidden]
                                 float eps, int hidden, int mode) {
+  pdl_start();
   __shared__ float red[32];
   const long base = (long)blockIdx.x * hidden;
   float ss = 0.f;

@@ -6,56 +6,8 @@
 // Results leave packed the same way (one download per step):
 //   [R, 2 + 2 * num_logprobs]: token id, its raw logprob (f32), top ids, top raw logprobs (f32)
 #include "sampling_common.cuh"
+#include "sampling_penalty.cuh"
 #include "sampling_select.cuh"
-
-// Marks the tokens a row has seen: output tokens counted, prompt tokens flagged by bit 30.
-// Grid: (R)  Block: (256)
-__global__ void penalty_counts_kernel(int* __restrict__ counts,            // [R, vocab], zeroed
-                                      const int* __restrict__ prompt_ids,  // [R, P], -1 padded
-                                      const int* __restrict__ output_ids,  // [R, O], -1 padded
-                                      int P, int O, int vocab) {
-  int* row = counts + (long)blockIdx.x * vocab;
-  for (int i = threadIdx.x; i < P; i += blockDim.x) {
-    const int id = prompt_ids[(long)blockIdx.x * P + i];
-    if (id >= 0 && id < vocab) atomicOr(row + id, 1 << 30);  // ids past vocab: ignored
-  }
-  for (int i = threadIdx.x; i < O; i += blockDim.x) {
-    const int id = output_ids[(long)blockIdx.x * O + i];
-    if (id >= 0 && id < vocab) atomicAdd(row + id, 1);
-  }
-}
-
-// adjusted = penalized logits (vLLM's order: repetition, then frequency, then presence).
-// NOTE: explicit _rn intrinsics keep the float32 rounding numpy does (no fused multiply-add).
-// Grid: (R, ceil(vocab / 256))  Block: (256)
-template <typename T>
-__global__ void adjust_logits_kernel(float* __restrict__ adjusted,     // [R, vocab]
-                                     const T* __restrict__ logits,     // [R, vocab]
-                                     const int* __restrict__ counts,   // [R, vocab] or null
-                                     const int* __restrict__ params,   // [R, NUM_PARAMS]
-                                     int vocab) {
-  const int v = blockIdx.y * blockDim.x + threadIdx.x;
-  if (v >= vocab) return;
-  const long at = (long)blockIdx.x * vocab + v;
-  float l = to_float(logits[at]);
-  if (counts != nullptr) {
-    const int* p = params + blockIdx.x * NUM_PARAMS;
-    const float presence = __int_as_float(p[7]), frequency = __int_as_float(p[8]);
-    const float repetition = __int_as_float(p[9]);
-    const int c = counts[at];
-    const int n = c & ((1 << 30) - 1);
-    if (repetition != 1.f && c != 0) {
-      // NOTE: 1e-50 is 0 and 1e50 is inf in float32: clamped, as numpy_sampling does, so that
-      // the penalized row stays finite (no x / 0, no 0 * inf).
-      const float r = fminf(fmaxf(repetition, PS_FLT_MIN), PS_FLT_MAX);
-      l = l > 0.f ? __fdiv_rn(l, r) : __fmul_rn(l, r);
-    }
-    l = __fsub_rn(l, __fmul_rn(frequency, (float)n));
-    l = __fsub_rn(l, n > 0 ? presence : 0.f);
-    l = fminf(fmaxf(l, -PS_FLT_MAX), PS_FLT_MAX);
-  }
-  adjusted[at] = l;
-}
 
 // Adds logit_bias pairs (sequentially per row, like np.add.at, so repeated ids add up in order).
 // Grid: (R)  Block: (1)
@@ -94,32 +46,74 @@ struct RowDist {  // what every pass needs to recompute p_i
   const float* adjusted;
   const void* logits;
   long base;
-  float smx, temp, inv_t, inv_z;  // inv_t 0: 1 / temp is not a normal float (divide instead)
+  float smx, temp, inv_t, inv_z;  // inv_t: log2(e) / temp, 0 when not a normal float (divide)
+  // Penalties read from the kept counts (no `adjusted` row) when `pen`: this row's slot, null
+  // for a row without one (its logits still take penalized()'s clamp, as in numpy).
+  bool pen;
+  const int* counts;          // [vocab] the slot's count words
+  const unsigned char* seen;  // [vocab / 8] the slot's bitmap, 8 tokens a byte
+  float rep, freq, pres;
 };
 
-// 1 / temperature when it and its product with any logit gap stay normal floats, else 0.
-__device__ __forceinline__ float inverse_temperature(float temp) {
-  return temp >= 1e-30f && temp <= 1e30f ? __frcp_rn(temp) : 0.f;
+// The value the sampler sees for token i: its raw logit penalized from its count word.
+__device__ __forceinline__ float pen_one(const RowDist& d, int i, float raw) {
+  const int c = d.counts != nullptr && ((d.seen[i >> 3] >> (i & 7)) & 1) ? d.counts[i] : 0;
+  return penalized(raw, c, d.rep, d.freq, d.pres);
 }
 
-// (v - max) / temperature. NOTE: the max is subtracted first, so a denormal temperature (1e-40)
-// sends the other logits to -inf instead of overflowing to inf - inf = nan. A multiply by 1/T
-// where that is safe: an IEEE division costs ~10 instructions per element per pass; the two
-// differ by an ulp of the exponent's argument, below expf's own difference from numpy's exp.
+// The same for tokens i0 .. i0 + 7 (i0 a multiple of 8: one byte of the bitmap). Unseen tokens
+// (count 0) only take the clamp, when the frequency penalty is finite (x - f * 0 == x).
+__device__ __forceinline__ void pen8(const RowDist& d, int i0, float* f) {
+  const unsigned bits = d.counts != nullptr ? d.seen[i0 >> 3] : 0u;
+  if (bits == 0u && fabsf(d.freq) <= PS_FLT_MAX) {
+#pragma unroll
+    for (int e = 0; e < 8; e++) f[e] = fminf(fmaxf(f[e], -PS_FLT_MAX), PS_FLT_MAX);
+    return;
+  }
+#pragma unroll
+  for (int e = 0; e < 8; e++)
+    f[e] = penalized(f[e], (bits >> e) & 1u ? d.counts[i0 + e] : 0, d.rep, d.freq, d.pres);
+}
+
+constexpr float LOG2E_S = 1.4426950408889634f;
+
+// log2(e) / temperature when it and its product with any logit gap stay normal floats, else 0.
+__device__ __forceinline__ float inverse_temperature(float temp) {
+  return temp >= 1e-30f && temp <= 1e30f ? __fmul_rn(__frcp_rn(temp), LOG2E_S) : 0.f;
+}
+
+// (v - max) / temperature in base 2: exp((v - max) / T) = exp2(scaled_gap). NOTE: the max is
+// subtracted first, so a denormal temperature (1e-40) sends the other logits to -inf instead of
+// overflowing to inf - inf = nan. A multiply by log2(e) / T where that is safe: an IEEE
+// division costs ~10 instructions per element per pass, and exp2f (one MUFU.EX2) a third of
+// expf; together they differ from numpy's exp by ~1e-6 relative for the p that matter (gaps
+// of a few units), and every pass computes p the same way.
 __device__ __forceinline__ float scaled_gap(float v, float m, float temp, float inv_t) {
   const float gap = __fsub_rn(v, m);
-  return inv_t != 0.f ? __fmul_rn(gap, inv_t) : __fdiv_rn(gap, temp);
+  return inv_t != 0.f ? __fmul_rn(gap, inv_t) : __fmul_rn(__fdiv_rn(gap, temp), LOG2E_S);
 }
 
 template <typename T>
 __device__ __forceinline__ float adjusted_at(const RowDist& d, int i) {
-  return d.adjusted ? d.adjusted[d.base + i] : to_float(static_cast<const T*>(d.logits)[d.base + i]);
+  if (d.adjusted) return d.adjusted[d.base + i];
+  const float raw = to_float(static_cast<const T*>(d.logits)[d.base + i]);
+  return d.pen ? pen_one(d, i, raw) : raw;
 }
 
 // p of an adjusted value, the same float ops in every pass (explicit _rn ops: no fused
 // multiply-add), so that every pass sees the same value.
 __device__ __forceinline__ float prob_of(const RowDist& d, float a) {
-  return __fmul_rn(expf(scaled_gap(a, d.smx, d.temp, d.inv_t)), d.inv_z);
+  return __fmul_rn(exp2f(scaled_gap(a, d.smx, d.temp, d.inv_t)), d.inv_z);
+}
+
+// An adjusted value under which prob_of(d, a) < p_lo for certain, so a pass can skip the
+// exponential of most of the row: (a - smx) * inv_t < log2(p_lo * Z), less a margin of 2^-10
+// in the exponent and 2^-20 of the magnitudes for the roundings of a - smx, the products and
+// exp2f. -inf (no skipping) when p_lo is 0 or the temperature takes the division path.
+__device__ __forceinline__ float logit_floor(const RowDist& d, float p_lo) {
+  if (!(p_lo > 0.f) || d.inv_t == 0.f || d.smx == -INFINITY) return -INFINITY;
+  const float gap = (log2f(p_lo) - log2f(d.inv_z) - 0x1p-10f) / d.inv_t;
+  return d.smx + gap - (fabsf(d.smx) + fabsf(gap)) * 0x1p-20f;
 }
 
 template <typename T>
@@ -149,8 +143,12 @@ __device__ __forceinline__ void for_each_value(const RowDist& d, int vocab, bool
   if (vec) {
     for (int i0 = threadIdx.x * 8; i0 < vocab; i0 += blockDim.x * 8) {
       float a[8];
-      if (d.adjusted) load8<float>(d.adjusted + d.base, i0, a);
-      else load8<T>(static_cast<const T*>(d.logits) + d.base, i0, a);
+      if (d.adjusted) {
+        load8<float>(d.adjusted + d.base, i0, a);
+      } else {
+        load8<T>(static_cast<const T*>(d.logits) + d.base, i0, a);
+        if (d.pen) pen8(d, i0, a);
+      }
 #pragma unroll
       for (int e = 0; e < 8; e++) f(i0 + e, a[e]);
     }
@@ -160,20 +158,39 @@ __device__ __forceinline__ void for_each_value(const RowDist& d, int vocab, bool
 }
 
 // Online (max, sum of exp((v - max) / T)) of one thread, merged over the block at the end.
+// Eight values at a time: one comparison with the running max per eight, and eight independent
+// exponentials (no chain through m from value to value).
+__device__ __forceinline__ void online_add8(float& m, float& s, const float* v, float temp,
+                                            float inv_t) {
+  float hi = v[0];
+#pragma unroll
+  for (int e = 1; e < 8; e++) hi = fmaxf(hi, v[e]);
+  if (hi == -INFINITY) return;  // all contribute 0; and -inf - -inf would be nan
+  if (hi > m) {
+    s = m == -INFINITY ? 0.f : s * exp2f(scaled_gap(m, hi, temp, inv_t));
+    m = hi;
+  }
+  float add = 0.f;
+#pragma unroll
+  for (int e = 0; e < 8; e++)  // v == m also covers m = +inf (inf - inf would be nan)
+    add += v[e] == m ? 1.f : v[e] == -INFINITY ? 0.f : exp2f(scaled_gap(v[e], m, temp, inv_t));
+  s += add;
+}
+
 __device__ __forceinline__ void online_add(float& m, float& s, float v, float temp, float inv_t) {
   if (v == -INFINITY) return;  // contributes 0; and -inf - -inf would be nan
   if (v > m) {
-    s = s * expf(scaled_gap(m, v, temp, inv_t)) + 1.f;  // 0 while m is -inf
+    s = s * exp2f(scaled_gap(m, v, temp, inv_t)) + 1.f;  // 0 while m is -inf
     m = v;
   } else {
-    s += expf(scaled_gap(v, m, temp, inv_t));
+    s += exp2f(scaled_gap(v, m, temp, inv_t));
   }
 }
 
 __device__ __forceinline__ float online_merge(float m, float s, float temp, float inv_t,
                                               float* red, float& block_m) {
   block_m = block_max(m, red);
-  const float mine = m == -INFINITY ? 0.f : s * expf(scaled_gap(m, block_m, temp, inv_t));
+  const float mine = m == -INFINITY ? 0.f : s * exp2f(scaled_gap(m, block_m, temp, inv_t));
   return block_sum(mine, red);
 }
 
@@ -190,16 +207,21 @@ __device__ int draw_row(const RowDist& d, int vocab, bool vec, float tau, float 
   const int seg = ((vocab + num_warps - 1) / num_warps + step - 1) / step * step;
   const int begin = min(vocab, warp * seg), end = min(vocab, begin + seg);
   // q[e]: the kept p of id i + e (0 where not kept, and for e >= W); i < end, i + W <= end.
+  const float a_tau = logit_floor(d, tau);  // below it p < tau: no exponential needed
   auto kept = [&](int i, float* q) {
     if (vec) {
-      if (d.adjusted) load8<float>(d.adjusted + d.base, i, q);
-      else load8<T>(static_cast<const T*>(d.logits) + d.base, i, q);
+      if (d.adjusted) {
+        load8<float>(d.adjusted + d.base, i, q);
+      } else {
+        load8<T>(static_cast<const T*>(d.logits) + d.base, i, q);
+        if (d.pen) pen8(d, i, q);
+      }
     } else {
       q[0] = adjusted_at<T>(d, i);
     }
 #pragma unroll
     for (int e = 0; e < 8; e++) {
-      const float p = e < W ? prob_of(d, q[e]) : 0.f;
+      const float p = e < W && q[e] >= a_tau ? prob_of(d, q[e]) : 0.f;
       q[e] = p >= tau && p > 0.f ? p : 0.f;
     }
   };
@@ -293,6 +315,8 @@ __device__ float bisect_top_p(const RowDist& d, int vocab, float top_p, float p_
   return __uint_as_float(lo);
 }
 
+// Penalties come either in `adjusted` (with a logit bias) or from the count table: `counts`
+// non-null and `adjusted` null.
 // Grid: (R)  Block: (SAMPLE_THREADS)
 template <typename T>
 __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(
@@ -300,7 +324,10 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(
     const T* __restrict__ logits,         // [R, vocab] raw
     const float* __restrict__ adjusted,   // [R, vocab] penalized + biased, or null (= raw)
     const int* __restrict__ params,       // [R, NUM_PARAMS]
-    int vocab, int num_logprobs) {
+    const int* __restrict__ counts,       // [S, vocab] count words, or null
+    const unsigned* __restrict__ seen,    // [S, words] their bitmap
+    const int* __restrict__ slots,        // [2, R]: each row's slot (-1: none), rebuild flags
+    int words, int vocab, int num_logprobs) {
   __shared__ float red[32];
   __shared__ int redi[32];
   __shared__ int cnt[SEL_BINS];
@@ -321,13 +348,19 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(
   const bool vec = vocab % 8 == 0 &&  // 16-byte loads of every row
                    (reinterpret_cast<unsigned long long>(logits) & 15) == 0 &&
                    (reinterpret_cast<unsigned long long>(adjusted) & 15) == 0;
+  RowDist d{adjusted, logits, base, -INFINITY, temp, inv_t, 0.f, counts != nullptr && !adjusted,
+            nullptr, nullptr, __int_as_float(p[9]), __int_as_float(p[8]), __int_as_float(p[7])};
+  if (d.pen && slots[blockIdx.x] >= 0) {
+    d.counts = counts + (long)slots[blockIdx.x] * vocab;
+    d.seen = reinterpret_cast<const unsigned char*>(seen + (long)slots[blockIdx.x] * words);
+  }
 
   // 1. Statistics in one pass: raw log-sum-exp (logprobs come from the raw logits), the
   //    adjusted row's max and normalizer at this temperature, and its argmax (greedy rows).
   float rm = -INFINITY, rs = 0.f, am = -INFINITY, asum = 0.f, bv = -INFINITY;
   int bi = NO_ID;
   auto stat = [&](int i, float raw, float a) {
-    online_add(rm, rs, raw, 1.f, 1.f);
+    online_add(rm, rs, raw, 1.f, LOG2E_S);
     if (sampling) online_add(am, asum, a, temp, inv_t);
     if (ahead(a, i, bv, bi)) { bv = a; bi = i; }
   };
@@ -335,21 +368,31 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(
     for (int i0 = tid * 8; i0 < vocab; i0 += blockDim.x * 8) {
       float r8[8], a8[8];
       load8<T>(logits + base, i0, r8);
-      if (adjusted) load8<float>(adjusted + base, i0, a8);
+      if (adjusted) {
+        load8<float>(adjusted + base, i0, a8);
+      } else {
 #pragma unroll
-      for (int e = 0; e < 8; e++) stat(i0 + e, r8[e], adjusted ? a8[e] : r8[e]);
+        for (int e = 0; e < 8; e++) a8[e] = r8[e];
+        if (d.pen) pen8(d, i0, a8);
+      }
+      online_add8(rm, rs, r8, 1.f, LOG2E_S);
+      if (sampling) online_add8(am, asum, a8, temp, inv_t);
+#pragma unroll
+      for (int e = 0; e < 8; e++)
+        if (ahead(a8[e], i0 + e, bv, bi)) { bv = a8[e]; bi = i0 + e; }
     }
   } else {
     for (int i = tid; i < vocab; i += blockDim.x) {
       const float raw = to_float(logits[base + i]);
-      stat(i, raw, adjusted ? adjusted[base + i] : raw);
+      stat(i, raw, adjusted ? adjusted[base + i] : d.pen ? pen_one(d, i, raw) : raw);
     }
   }
   float raw_max, smx = -INFINITY;
-  const float log_sum = logf(online_merge(rm, rs, 1.f, 1.f, red, raw_max));
+  const float log_sum = logf(online_merge(rm, rs, 1.f, LOG2E_S, red, raw_max));
   const float z = sampling ? online_merge(am, asum, temp, inv_t, red, smx) : 1.f;
   block_argmax(bv, bi, red, redi);
-  const RowDist d{adjusted, logits, base, smx, temp, inv_t, __frcp_rn(z)};
+  d.smx = smx;
+  d.inv_z = __frcp_rn(z);
 
   int token = -1;  // block-uniform throughout: every branch below is taken by all threads
   if (sampling && smx > -INFINITY) {  // a row whose every token is banned has no distribution
@@ -377,7 +420,9 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(
         for (int b = tid; b < SEL_BINS; b += blockDim.x) { cnt[b] = 0; mass[b] = 0.f; }
         __syncthreads();
         float out_c = 0.f, out_m = 0.f;  // over the range (a second level only)
+        const float a_floor = logit_floor(d, fmaxf(p_floor, __uint_as_float(lo)));
         for_each_value<T>(d, vocab, vec, [&](int, float a) {
+          if (a < a_floor) return;  // p below the range: no exponential needed
           const float q = prob_of(d, a);
           const unsigned bits = __float_as_uint(q);
           if (q > 0.f && q >= p_floor && bits >= lo) {
@@ -417,7 +462,9 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(
       if (from_top || num_win <= SEL_CAP) {
         // 3. Collect the candidates, then the cuts happen in shared memory.
         float above_c = 0.f, above_m = 0.f;  // each thread in its own fixed order
+        const float a_floor = logit_floor(d, fmaxf(p_floor, __uint_as_float(cand_lo)));
         for_each_value<T>(d, vocab, vec, [&](int i, float a) {
+          if (a < a_floor) return;  // p below the candidates
           const float q = prob_of(d, a);
           const unsigned bits = __float_as_uint(q);
           if (q > 0.f && q >= p_floor && bits >= cand_lo) {
@@ -497,13 +544,14 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(
 
 #ifdef PAGEDSERVE_NVCC_CHECK
 template __global__ void adjust_logits_kernel<float>(float*, const float*, const int*, const int*,
-                                                     int);
+                                                     const int*, int);
 template __global__ void adjust_logits_kernel<__nv_bfloat16>(float*, const __nv_bfloat16*,
-                                                             const int*, const int*, int);
-template __global__ void sample_kernel<float>(int*, const float*, const float*, const int*, int,
-                                              int);
-template __global__ void sample_kernel<__half>(int*, const __half*, const float*, const int*, int,
-                                               int);
-template __global__ void sample_kernel<__nv_bfloat16>(int*, const __nv_bfloat16*, const float*,
-                                                      const int*, int, int);
+                                                             const int*, const int*, const int*,
+                                                             int);
+#define INSTANTIATE_SAMPLE(T)                                                                   \
+  template __global__ void sample_kernel<T>(int*, const T*, const float*, const int*, const int*, \
+                                            const unsigned*, const int*, int, int, int);
+INSTANTIATE_SAMPLE(float)
+INSTANTIATE_SAMPLE(__half)
+INSTANTIATE_SAMPLE(__nv_bfloat16)
 #endif

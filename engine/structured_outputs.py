@@ -93,6 +93,8 @@ class GrammarCompiler:
         self._lock = threading.Lock()  # the cache and the tokenizer: pool threads share them
         self._pool = ThreadPoolExecutor(num_threads, thread_name_prefix="pagedserve-grammar")
         self._executor = None  # llguidance.LLExecutor, made on first fill
+        # fill_bitmask_soon's thread: masks fill there while the core postprocesses a step.
+        self._filler = ThreadPoolExecutor(1, thread_name_prefix="pagedserve-masks")
         self._bitmask = np.empty((0, self.num_words), np.int32)
 
     @classmethod
@@ -151,6 +153,7 @@ class GrammarCompiler:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._filler.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ one step
 
@@ -161,16 +164,22 @@ class GrammarCompiler:
             self._executor = llguidance.LLExecutor()
         return self._executor
 
-    def fill_bitmask(self, matchers: list) -> np.ndarray:
+    def fill_bitmask(self, matchers: list, out: np.ndarray | None = None) -> np.ndarray:
         """(R, ceil(V/32)) int32 for the R rows of a step: bit j of word w allows token 32w + j;
-        a row whose matcher is None allows every token."""
+        a row whose matcher is None allows every token. Written into `out` when given."""
         import llguidance.numpy as llnp
 
         rows = len(matchers)
-        if len(self._bitmask) < rows:
-            self._bitmask = np.empty((max(rows, 2 * len(self._bitmask)), self.num_words),
-                                     np.int32)
-        bitmask = self._bitmask[:rows]
+        if out is not None:
+            if out.shape != (rows, self.num_words) or out.dtype != np.int32:
+                raise ValueError(f"fill_bitmask: out must be ({rows}, {self.num_words}) int32, "
+                                 f"got {out.shape} {out.dtype}")
+            bitmask = out
+        else:
+            if len(self._bitmask) < rows:
+                self._bitmask = np.empty((max(rows, 2 * len(self._bitmask)), self.num_words),
+                                         np.int32)
+            bitmask = self._bitmask[:rows]
         constrained = [(m, r) for r, m in enumerate(matchers) if m is not None]
         if len(constrained) < rows:  # llguidance writes the constrained rows whole
             bitmask.fill(-1)
@@ -180,6 +189,11 @@ class GrammarCompiler:
                 if m.is_error():  # e.g. the parser hit a limit: allow nothing, never everything
                     bitmask[r] = 0  # (the core then ends the sequence with "error")
         return bitmask
+
+    def fill_bitmask_soon(self, matchers: list, out: np.ndarray | None = None) -> Future:
+        """fill_bitmask on a thread of its own (llguidance's own threads do the work, without
+        the GIL); the caller must not advance these matchers until the future is done."""
+        return self._filler.submit(self.fill_bitmask, matchers, out)
 
     def consume(self, pairs: list[tuple[object, int]]) -> list[bool]:
         """Advance each (matcher, sampled token) pair; False where the token broke the grammar."""

@@ -110,6 +110,20 @@ def test_bench_throughput_end_to_end(tiny_model, capsys):
     assert json.loads(capsys.readouterr().out.splitlines()[0]) == result
 
 
+def test_bench_throughput_sampled(tiny_model, capsys):
+    """The sampling flags reach every request and the JSON line (w1-sampled in h200_bench.sh)."""
+    flags = ["--temperature", "0.8", "--top-p", "0.95", "--top-k", "50", "--min-p", "0.01",
+             "--repetition-penalty", "1.1"]
+    result = bench_throughput.main(["--model", tiny_model, *TINY_ARGS, *flags])
+    assert result["output_tokens"] == result["requested_output_tokens"]
+    assert (result["temperature"], result["top_p"], result["top_k"], result["min_p"],
+            result["repetition_penalty"]) == (0.8, 0.95, 50, 0.01, 1.1)
+    assert result["sampling"] == ("temperature 0.8, top_p 0.95, top_k 50, min_p 0.01, "
+                                  "repetition_penalty 1.1")
+    assert json.loads(capsys.readouterr().out.splitlines()[0]) == result
+    assert bench_throughput.describe_sampling({"temperature": 0.0, "top_k": 0}) == "greedy"
+
+
 def test_seed_table_end_to_end(tiny_model, tmp_path, capsys):
     chart = tmp_path / "table.png"
     result = seed_table.main(["--model", tiny_model, *TINY_ARGS, "--static-batch-size", "4",
@@ -214,11 +228,15 @@ def test_bench_throughput_structured_runs_the_same_tokens_constrained(tiny_model
     pytest.importorskip("llguidance")
     result = bench_throughput.main(["--model", tiny_model, *TINY_ARGS, "--structured"])
     free, constrained = result["unconstrained"], result["structured"]
-    # The schema never completes early: every constrained request runs to its max_tokens.
-    assert constrained["output_tokens"] == free["output_tokens"] == free["requested_output_tokens"]
-    assert "JSON schema" in constrained["sampling"]
+    bounded = result["structured_bounded"]
+    # The schemas never complete early: every constrained request runs to its max_tokens.
+    assert (constrained["output_tokens"] == bounded["output_tokens"] == free["output_tokens"]
+            == free["requested_output_tokens"])
+    assert "JSON schema" in constrained["sampling"] and "maxLength" in bounded["sampling"]
     assert result["structured_over_unconstrained"] == pytest.approx(
         constrained["output_tok_s"] / free["output_tok_s"])
+    assert result["bounded_over_unconstrained"] == pytest.approx(
+        bounded["output_tok_s"] / free["output_tok_s"])
     assert json.loads(capsys.readouterr().out) == result
 
 

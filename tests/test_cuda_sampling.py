@@ -3,6 +3,7 @@ the same ones as the numpy reference where the draw is deterministic."""
 
 from __future__ import annotations
 
+import dataclasses
 import types
 
 import numpy as np
@@ -68,8 +69,58 @@ def test_cuda_matches_numpy_at_the_edges(engine, kw):
     rng = np.random.default_rng(0)
     seqs = [Sequence("x", list(rng.integers(0, VOCAB, 30)), 20, SamplingParams(**kw), seed=r)
             for r in range(6)]
-    t = engine.runner.prepare_sampling(seqs)
+    t = engine.runner.prepare_sampling(seqs)  # penalties: kept counts, every slot rebuilt
     logits = (rng.standard_normal((6, VOCAB)) * 4).astype(np.float32)
-    want = numpy_sampling.sample(logits, t).token_ids
+    host = t if t.count_table is None else dataclasses.replace(
+        t, count_table=numpy_sampling.TokenCounts(engine.runner.penalty_slots.num_slots, VOCAB))
+    want = numpy_sampling.sample(logits, host).token_ids
     got = engine.ops.sample(cupy.asarray(logits), t).token_ids
     np.testing.assert_array_equal(got, want)
+    if t.count_table is not None:  # the rows' slots, rebuilt and counted alike
+        used = t.count_slots[t.count_slots >= 0]
+        np.testing.assert_array_equal(t.count_table.table[used], host.count_table.table[used])
+
+
+@pytest.mark.parametrize("rows, vocab", [(1, 151936), (3, 1001), (256, 151936), (5, 4096)])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_greedy_rows_split_over_blocks_match_numpy(rows, vocab, dtype):
+    """All-greedy steps without penalties or top logprobs take cuda/sampling_greedy.cu (a row
+    over several blocks); the same ids as numpy, ties to the lowest id, banned rows to 0, and
+    the counters it leaves at 0 serve the next launch."""
+    from engine.executor.ops import cuda_sampling
+
+    ops = CudaOps("bfloat16")
+    rng = np.random.default_rng(rows)
+    logits = (rng.standard_normal((rows, vocab)) * 3).astype(np.float32)
+    logits[0, [vocab - 1, vocab // 2]] = 50.0  # a tie across chunks: the lower id wins
+    if rows > 2:
+        logits[1] = -np.inf  # every token banned: id 0
+        logits[2, 7:13] = logits[2].max() + 1  # a tie inside a chunk
+    dev = cupy.asarray(logits) if dtype == "float32" else ops.from_host(logits)
+    host = logits if dtype == "float32" else ops.to_host(dev)
+    t = numpy_sampling_tensors(rows)
+    launches = []
+    real = cuda_sampling.greedy
+    cuda_sampling.greedy = lambda *a: launches.append(1) or real(*a)
+    try:
+        for _ in range(3):
+            got = ops.sample(dev, t)
+            want = numpy_sampling.sample(host, t)
+            np.testing.assert_array_equal(got.token_ids, want.token_ids)
+            finite = np.isfinite(want.logprobs)
+            np.testing.assert_allclose(got.logprobs[finite], want.logprobs[finite], atol=2e-4)
+    finally:
+        cuda_sampling.greedy = real
+    assert len(launches) == 3
+    assert want.token_ids[0] == vocab // 2
+    assert not cuda_sampling._greedy_done[cupy.cuda.Device().id].any()
+
+
+def numpy_sampling_tensors(rows: int):
+    from engine.executor.ops import SamplingTensors
+
+    return SamplingTensors(np.zeros(rows, np.float32), np.zeros(rows, np.int32),
+                           np.ones(rows, np.float32), np.zeros(rows, np.float32),
+                           np.arange(rows, dtype=np.uint64), np.zeros(rows, np.uint32),
+                           np.zeros(rows, np.float32), np.zeros(rows, np.float32),
+                           np.ones(rows, np.float32))

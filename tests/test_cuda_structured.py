@@ -30,10 +30,11 @@ SCHEMA = {"type": "object",
           "required": ["pet", "age", "tags"], "additionalProperties": False}
 
 
+@pytest.mark.parametrize("in_stage", [False, True], ids=["copied", "filled-in-stage"])
 @pytest.mark.parametrize("dtype,storage", [("float32", np.float32), ("float16", np.float16),
                                            ("bfloat16", np.uint16)])
 @pytest.mark.parametrize("rows,vocab", [(1, 31), (3, 4096), (7, 49152), (64, 151936)])
-def test_apply_token_bitmask_matches_numpy(dtype, storage, rows, vocab):
+def test_apply_token_bitmask_matches_numpy(dtype, storage, rows, vocab, in_stage):
     rng = np.random.default_rng(vocab + rows)
     logits = rng.standard_normal((rows, vocab)).astype(np.float32)
     bitmask = rng.integers(-2**31, 2**31, (rows, -(-vocab // 32)), dtype=np.int64).astype(np.int32)
@@ -44,7 +45,13 @@ def test_apply_token_bitmask_matches_numpy(dtype, storage, rows, vocab):
         dev = cupy.asarray((logits.view(np.uint32) >> 16).astype(np.uint16))
     else:
         dev = cupy.asarray(logits.astype(storage))
-    ops.apply_token_bitmask(dev, bitmask)
+    if in_stage:  # the runner's way: filled in the pinned stage, uploaded without a copy
+        stage = ops.bitmask_buffer(*bitmask.shape)
+        stage[...] = bitmask
+        ops.apply_token_bitmask(dev, stage)
+        ops.bitmask_buffer(*bitmask.shape)[...] = 0  # the next fill waits for that upload
+    else:
+        ops.apply_token_bitmask(dev, bitmask)
     got = cupy.asnumpy(dev)
     got = (got.astype(np.uint32) << 16).view(np.float32) if storage is np.uint16 else \
         got.astype(np.float32)

@@ -8,7 +8,14 @@ from hypothesis import strategies as st
 
 from engine.core.sampling_params import SamplingParams
 from engine.executor.ops import SamplingTensors
-from engine.executor.ops.numpy_sampling import apply_penalties, filter_probs, log_softmax, sample
+from engine.executor.ops.numpy_sampling import (
+    TokenCounts,
+    apply_penalties,
+    count_words,
+    filter_probs,
+    log_softmax,
+    sample,
+)
 
 PROMPT = {"prompt_token_ids": list(range(3, 40))}
 
@@ -70,18 +77,24 @@ def test_penalties_reach_the_sampler(make_engine, run_engine, monkeypatch):
     e = make_engine()
     seen = []
     real_sample = e.runner.ops.sample_start
-    monkeypatch.setattr(e.runner.ops, "sample_start", lambda logits, t, prev=None: seen.append(t)
-                        or real_sample(logits, t, prev))
+    monkeypatch.setattr(e.runner.ops, "sample_start", lambda logits, t, prev=None:
+                        seen.append(t) or real_sample(logits, t, prev))
     plain = tokens(e, run_engine, temperature=0, max_tokens=6)
-    assert seen[-1].prompt_ids is None  # no penalty: no token lists are built
+    assert seen[-1].prompt_ids is None and seen[-1].count_slots is None  # nothing built
     for kw in ({"repetition_penalty": 2.0}, {"frequency_penalty": 2.0},
                {"presence_penalty": 2.0}):
         seen.clear()
         out = tokens(e, run_engine, temperature=0, max_tokens=6, **kw)
         assert out != plain, kw
-        last = seen[-1]
-        assert last.prompt_ids[0].tolist() == PROMPT["prompt_token_ids"]
-        assert last.output_ids[0].tolist() == out[:5]
+        # The ids go once, at the first draw; then the sampler's kept counts are the history.
+        first, later = seen[0], seen[1:]
+        assert first.rebuild.tolist() == [True]
+        assert first.prompt_ids[0].tolist() == PROMPT["prompt_token_ids"]
+        assert all(not t.rebuild.any() and (t.prompt_ids == -1).all() for t in later)
+        slot = int(first.count_slots[0])
+        table = seen[-1].count_table.table
+        assert (table[slot] & 0xFFFF).sum() == len(out)  # every draw counted
+        assert sorted(np.flatnonzero(table[slot] & 0xFFFF)) == sorted(set(out))
 
 
 def test_seeded_sampling_is_independent_of_the_batch(make_engine, run_engine):
@@ -203,7 +216,51 @@ def test_apply_penalties_by_hand():
     # repetition: seen = {0, 4} (prompt) + {1, 3} (output): positive / 2, negative * 2
     # frequency: token 3 twice, token 1 once; presence: tokens 1 and 3
     want = [2.0 / 2, -1.0 * 2 - 0.5 - 0.25, 0.5, 3.0 / 2 - 1.0 - 0.25, -2.0 * 2]
-    np.testing.assert_allclose(apply_penalties(logits, t)[0], want, rtol=1e-6)
+    words = count_words(t.prompt_ids, t.output_ids, 1, 5)
+    np.testing.assert_allclose(apply_penalties(logits, t, words)[0], want, rtol=1e-6)
+
+
+def test_kept_counts_sample_like_the_ids():
+    """Penalties from a TokenCounts table (rebuilt, then kept by the draws) give the tokens and
+    the table the ids would: step by step, rows in another order, one row rebuilt midway."""
+    rng = np.random.default_rng(0)
+    vocab, rows = 64, 3
+    prompts = [rng.integers(0, vocab, 9).tolist() for _ in range(rows)]
+    outputs = [[], rng.integers(0, vocab, 4).tolist(), []]
+    counts = TokenCounts(5, vocab)
+    slots = np.array([4, 0, 2], np.int32)
+    for step in range(6):
+        logits = rng.standard_normal((rows, vocab)).astype(np.float32) * 2
+        params = dict(temperature=[0.9] * rows, top_k=[20] * rows, seeds=[1, 2, 3],
+                      steps=[step] * rows, repetition_penalty=[1.3, 0.7, 1.0],
+                      frequency_penalty=[0.0, 0.4, -0.3], presence_penalty=[0.5, 0.0, 0.2])
+        by_ids = _tensors(rows, **params, prompt_ids=_pad(prompts), output_ids=_pad(outputs))
+        rebuild = np.array([step == 0, step in (0, 3), step == 0])
+        kept = _tensors(rows, **params, count_slots=slots, rebuild=rebuild,
+                        prompt_ids=_pad([p if b else [] for p, b in zip(prompts, rebuild,
+                                                                         strict=True)]),
+                        output_ids=_pad([o if b else [] for o, b in zip(outputs, rebuild,
+                                                                         strict=True)]))
+        if step == 3:
+            counts.table[0] = 7  # garbage that the rebuild must clear
+        kept.count_table = counts
+        want, got = sample(logits, by_ids), sample(logits, kept)
+        np.testing.assert_array_equal(got.token_ids, want.token_ids)
+        np.testing.assert_array_equal(got.logprobs, want.logprobs)
+        for r in range(rows):
+            outputs[r].append(int(want.token_ids[r]))
+        np.testing.assert_array_equal(counts.table[slots],
+                                      count_words(_pad(prompts), _pad(outputs), rows, vocab))
+    assert not counts.table[[1, 3]].any()  # slots no row uses stay untouched
+    with pytest.raises(ValueError, match="count_slots"):
+        sample(logits[:2], _tensors(2, count_slots=[1, 1], rebuild=[False, False]))
+
+
+def _pad(rows):
+    out = np.full((len(rows), max(1, max(map(len, rows)))), -1, np.int32)
+    for r, ids in enumerate(rows):
+        out[r, : len(ids)] = ids
+    return out
 
 
 def test_filter_probs_keeps_the_right_sets():

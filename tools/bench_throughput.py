@@ -1,14 +1,16 @@
 """W1 — offline throughput: all of W1's requests submitted at once to one engine.
 
 Each request is W1's prompt (token ids) with `max_tokens = O[i]` and `ignore_eos=True`, greedy
-unless `--temperature` is given. The clock runs from the first `add_request` to the step that
-returns the last token. Printed beside the figure: the roofline bound of the same work on the H200
-test GPU (tools/workloads.py) and the ratio measured / bound, the wall time, the number of engine
-steps and of preemptions, and the GPU busy fraction: the device time of every step (events
-around it: from its input upload to its sampled ids' copy; on numpy the CPU time of the forward
-and sampling) over the wall time, overall and over the steady state (the middle 80% of the
-steps). With async scheduling (the default on cuda) the host prepares step N+1 while the GPU runs
-step N, so busy approaches 100%; `--no-async-scheduling` measures the synchronous loop.
+unless `--temperature` is given (with `--top-p`, `--top-k`, `--min-p`, `--repetition-penalty`: issue
+12's sampled W1 is `--temperature 0.8 --top-p 0.95 --top-k 50 --repetition-penalty 1.1`). The clock
+runs from the first `add_request` to the step that returns the last token. Printed beside the
+figure: the roofline bound of the same work on the H200 test GPU (tools/workloads.py) and the ratio
+measured / bound, the wall time, the number of engine steps and of preemptions, and the GPU busy
+fraction: the device time of every step (events around it: from its input upload to its sampled ids'
+copy; on numpy the CPU time of the forward and sampling) over the wall time, overall and over the
+steady state (the middle 80% of the steps). With async scheduling (the default on cuda) the host
+prepares step N+1 while the GPU runs step N, so busy approaches 100%; `--no-async-scheduling`
+measures the synchronous loop.
 
 Usage:
     python tools/bench_throughput.py --model qwen3-0.6b --load-format dummy --device cuda \
@@ -68,9 +70,15 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
                     help="schedule step N+1 while step N runs (default: on for cuda)")
     ap.add_argument("--speculative-config", type=json.loads, default=None, metavar="JSON",
                     help='e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'')
+    ap.add_argument("--tensor-parallel-size", type=int, default=1,
+                    help="GPUs (ranks) each layer is split over")
     ap.add_argument("--num-prompts", type=int, default=256)
     ap.add_argument("--scale", type=float, default=1.0, help="shrink prompt/output lengths")
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    ap.add_argument("--top-p", type=float, default=1.0, help="1: off")
+    ap.add_argument("--top-k", type=int, default=0, help="0: off")
+    ap.add_argument("--min-p", type=float, default=0.0, help="0: off")
+    ap.add_argument("--repetition-penalty", type=float, default=1.0, help="1: off")
     ap.add_argument("--seed", type=int, default=0, help="seed of W1 and of the engine")
     ap.add_argument("--no-warmup", action="store_true")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
@@ -89,7 +97,8 @@ def build_llm(args: argparse.Namespace, enable_prefix_caching: bool = True):
                gguf_dequantize=args.gguf_dequantize,
                gpu_memory_utilization=args.gpu_memory_utilization,
                enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling,
-               speculative_config=args.speculative_config)
+               speculative_config=args.speculative_config,
+               tensor_parallel_size=args.tensor_parallel_size)
 
 
 def workload(args: argparse.Namespace, vocab_size: int) -> tuple[list[list[int]], list[int]]:
@@ -110,9 +119,28 @@ def resolved_dtype(engine) -> str:
     return "float32" if engine.ops.name == "numpy" else "bfloat16"
 
 
+def sampling_settings(args: argparse.Namespace) -> dict:
+    """The SamplingParams fields the command line sets (greedy: temperature 0 and nothing else)."""
+    return {"temperature": args.temperature, "top_p": args.top_p, "top_k": args.top_k,
+            "min_p": args.min_p, "repetition_penalty": args.repetition_penalty}
+
+
+def describe_sampling(settings: dict) -> str:
+    """'greedy', or the settings that differ from their defaults: 'temperature 0.8, top_p 0.95'."""
+    defaults = {"top_p": 1.0, "top_k": 0, "min_p": 0.0, "repetition_penalty": 1.0}
+    if settings.get("temperature", 0.0) == 0 and all(
+            settings.get(k, v) == v for k, v in defaults.items()):
+        return "greedy"
+    return ", ".join(f"{k} {v}" for k, v in settings.items()
+                     if k == "temperature" or v != defaults[k])
+
+
 def run_requests(engine, prompts: list[list[int]], output_lens: list[int],
-                 temperature: float = 0.0, tag: str = "w1", structured=None) -> dict:
+                 temperature: float = 0.0, tag: str = "w1", structured=None,
+                 sampling: dict | None = None) -> dict:
     """Submit every request at once, step until all finish; a trace of what happened.
+
+    `sampling`: more SamplingParams fields (top_p, top_k, min_p, repetition_penalty).
 
     Per step it samples the KV blocks allocated and the tokens actually held in the cache (sum of
     the running sequences' computed tokens), and the number of sequences in the batch.
@@ -130,7 +158,7 @@ def run_requests(engine, prompts: list[list[int]], output_lens: list[int],
         for i, (p, o) in enumerate(zip(prompts, output_lens, strict=True)):
             params = SamplingParams(temperature=temperature, ignore_eos=True, max_tokens=o,
                                     seed=i if temperature > 0 else None,
-                                    structured_outputs=structured)
+                                    structured_outputs=structured, **(sampling or {}))
             engine.add_request(f"{tag}-{i}", {"prompt_token_ids": p}, params)
         while engine.has_unfinished_requests():
             ts = time.perf_counter()
@@ -180,39 +208,50 @@ def main(argv: list[str] | None = None) -> dict:
     prompts, output_lens = workload(args, mc.vocab_size)
     if not args.no_warmup:
         warmup(engine, mc.vocab_size)
-    trace = run_requests(engine, prompts, output_lens, args.temperature)
+    settings = sampling_settings(args)
+    trace = run_requests(engine, prompts, output_lens, settings.pop("temperature"),
+                         sampling=settings)
     result = summarize(args, engine, prompts, output_lens, trace)
     if args.structured:
+        from tools.structured_workload import BOUNDED_SCHEMA, SCHEMA
+
         result = {"unconstrained": result,
-                  "structured": run_structured(args, engine, prompts, output_lens)}
-        result["structured_over_unconstrained"] = (result["structured"]["output_tok_s"]
-                                                   / result["unconstrained"]["output_tok_s"])
+                  "structured": run_structured(args, engine, prompts, output_lens, SCHEMA),
+                  "structured_bounded": run_structured(args, engine, prompts, output_lens,
+                                                       BOUNDED_SCHEMA, " (maxLength strings)")}
+        base = result["unconstrained"]["output_tok_s"]
+        result["structured_over_unconstrained"] = result["structured"]["output_tok_s"] / base
+        result["bounded_over_unconstrained"] = result["structured_bounded"]["output_tok_s"] / base
         print(json.dumps(result) if args.json else "\n".join([
             format_report(result["unconstrained"]), "-- constrained by a JSON schema:",
             format_report(result["structured"]),
+            "-- constrained by the same schema with maxLength strings:",
+            format_report(result["structured_bounded"]),
             f"structured / unconstrained output tok/s = "
-            f"{result['structured_over_unconstrained']:.1%}"]))
+            f"{result['structured_over_unconstrained']:.1%} (free strings), "
+            f"{result['bounded_over_unconstrained']:.1%} (maxLength strings)"]))
         return result
     print(json.dumps(result) if args.json else format_report(result))
     return result
 
 
-def run_structured(args, engine, prompts, output_lens) -> dict:
-    """The same requests, each constrained by tools/structured_workload.SCHEMA."""
+def run_structured(args, engine, prompts, output_lens, schema: dict, label: str = "") -> dict:
+    """The same requests, each constrained by `schema` (tools/structured_workload.py)."""
     from engine import StructuredOutputsParams
-    from tools.structured_workload import SCHEMA, synthetic_grammar_compiler
+    from tools.structured_workload import synthetic_grammar_compiler
 
     if engine.grammars is None:  # dummy weights: no tokenizer, so a synthetic vocabulary
         mc = engine.model_config
         engine.core.grammars = synthetic_grammar_compiler(mc.vocab_size, list(mc.eos_token_ids))
-    so = StructuredOutputsParams(json=SCHEMA)
+    so = StructuredOutputsParams(json=schema)
     engine.check_structured_outputs(so)  # compiled (and the vocabulary built) before the clock
     if not args.no_warmup:
         run_requests(engine, prompts[:2], [4, 4], tag="warmup-structured", structured=so)
-    trace = run_requests(engine, prompts, output_lens, args.temperature, tag="structured",
-                         structured=so)
+    settings = sampling_settings(args)
+    trace = run_requests(engine, prompts, output_lens, settings.pop("temperature"),
+                         tag="structured", structured=so, sampling=settings)
     result = summarize(args, engine, prompts, output_lens, trace)
-    result["sampling"] += ", JSON schema"
+    result["sampling"] += ", JSON schema" + label
     return result
 
 
@@ -227,7 +266,8 @@ def summarize(args, engine, prompts, output_lens, trace) -> dict:
     result = {
         "workload": "W1", "model": args.model, "device": engine.ops.name, "dtype": dtype,
         "num_prompts": len(prompts), "scale": args.scale,
-        "sampling": "greedy" if args.temperature == 0 else f"temperature {args.temperature}",
+        "sampling": describe_sampling(sampling_settings(args)),
+        **sampling_settings(args),
         "prompt_tokens": sum(prompt_lens),
         "requested_output_tokens": sum(output_lens),
         "output_tokens": output_tokens,

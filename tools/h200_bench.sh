@@ -3,13 +3,20 @@
 #   bash tools/h200_bench.sh [STEP ...]
 #   steps: gputest w1 w1-sync w1-8b w1-8b-sync latency-8b seed latency w2 w1-eager
 #   structured (W1 constrained by a JSON schema vs unconstrained; not in the default list)
+#   latency-32k (batch-1 decode at the end of a 32,532-token context, Qwen3-0.6B shapes)
+#   w1-sampled (W1 as chat traffic samples: temperature 0.8, top_p 0.95, top_k 50,
+#          repetition_penalty 1.1; issue 12's target is >= 95% of w1 in the same run)
 #          spec-8b spec-8b-min1 w1-8b-spec (speculative decoding: batch-1 replays of the
 #          measured acceptance, W1 with speculation configured)
-#          latency-8b-q4k latency-8b-q8 (batch-1 decode with weights kept in GGUF blocks)
+#   tensor parallel (issue 18; need 2 GPUs, nvidia-h200-x2; not in the default list):
+#          gputest-tp w1-tp2 latency-tp2 allreduce-tp2 parity-tp2
+#          (compare with w1-8b and latency-8b, the TP=1 figures)
+#   latency-8b-q4k latency-8b-q8 (batch-1 decode with weights kept in GGUF blocks)
 # gputest runs the CUDA-graph tests first; if they fail, the rest runs with graphs off.
 # Each tool prints one JSON line; they are collected in $OUT/bench.jsonl (default ./bench-out/)
 # and summarised by tools/bench_table.py at the end. Wheels the GPU machine lacks (server deps) are
 # installed from .whl/ when present (../shared/tools/gpu_wheels.sh downloads them).
+# w1-http-dp (not in the default list): W1-HTTP on llama3-8b, 1 then $DP (2) engine cores.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-out}
@@ -19,7 +26,7 @@ if [ -d .whl ]; then
   export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
 fi
 export PYTHONPATH=.:${PYTHONPATH:-} PYTHONUNBUFFERED=1
-steps=${*:-gputest w1 w1-sync w1-8b w1-8b-sync latency-8b seed latency w2 w1-eager}
+steps=${*:-gputest w1 w1-sampled w1-sync w1-8b w1-8b-sync latency-8b seed latency w2 w1-eager}
 log="$OUT/bench.jsonl"
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | tee "$OUT/gpu.txt"
 
@@ -46,11 +53,15 @@ for step in $steps; do
         export PAGEDSERVE_DECODE_GRAPHS=0
       fi ;;
     w1) record w1-qwen3-0.6b 120 python3 tools/bench_throughput.py $Q ;;
+    w1-sampled) record w1-sampled-qwen3-0.6b 120 python3 tools/bench_throughput.py $Q \
+      --temperature 0.8 --top-p 0.95 --top-k 50 --repetition-penalty 1.1 ;;
     structured) record structured-w1-qwen3-0.6b 240 python3 tools/bench_throughput.py $Q --structured ;;
     w1-sync) record w1-qwen3-0.6b-sync 120 python3 tools/bench_throughput.py $Q \
       --no-async-scheduling ;;
     w1-eager) record w1-qwen3-0.6b-eager 90 python3 tools/bench_throughput.py $Q --enforce-eager ;;
     latency) record latency-qwen3-0.6b 60 python3 tools/bench_latency.py $Q ;;
+    latency-32k) record latency-32k-qwen3-0.6b 120 python3 tools/bench_latency.py $Q \
+      --context-len 32532 ;;
     w1-8b) record w1-llama3-8b 150 python3 tools/bench_throughput.py $L ;;
     w1-8b-sync) record w1-llama3-8b-sync 150 python3 tools/bench_throughput.py $L \
       --no-async-scheduling ;;
@@ -65,6 +76,16 @@ for step in $steps; do
       --replay tools/results/spec_profile_min1.json ;;
     w1-8b-spec) record w1-llama3-8b-spec 150 python3 tools/bench_throughput.py $L \
       --speculative-config '{"method": "ngram", "num_speculative_tokens": 4}' ;;
+    gputest-tp) timeout 300 python3 -m pytest -q -m gpu tests/test_cuda_tensor_parallel.py \
+      2>&1 | tail -n 15 ;;
+    w1-tp2) record w1-llama3-8b-tp2 240 python3 tools/bench_throughput.py $L \
+      --tensor-parallel-size 2 ;;
+    latency-tp2) record latency-llama3-8b-tp2 150 python3 tools/bench_latency.py $L \
+      --tensor-parallel-size 2 ;;
+    allreduce-tp2) record allreduce-llama3-8b-tp2 120 python3 tools/bench_allreduce.py \
+      --model llama3-8b --tensor-parallel-size 2 --batch 1 256 ;;
+    parity-tp2) record parity-llama3-8b-tp2 400 python3 tools/tp_parity.py --model llama3-8b \
+      --tensor-parallel-size 2 --num-prompts 64 ;;
     seed) record seed-table-qwen3-0.6b 150 python3 tools/seed_table.py $Q --static-batch-size 32 ;;
     w2)
       python3 -m server.cli serve qwen3-0.6b --load-format dummy --device cuda --port 8011 \
@@ -81,6 +102,20 @@ for step in $steps; do
       record w2-qwen3-0.6b-rate16 100 python3 tools/bench_serving.py \
         --base-url http://127.0.0.1:8011 --model qwen3-0.6b --request-rate 16
       kill $server; wait $server 2> /dev/null ;;
+    w1-http-dp)  # W1-HTTP on llama3-8b: one engine core, then ${DP:-2} (one per GPU; issue 18)
+      for dp in 1 "${DP:-2}"; do
+        python3 -m server.cli serve llama3-8b --load-format dummy --device cuda --port 8012 \
+          --data-parallel-size "$dp" --log-level warning > "$OUT/server-dp$dp.log" 2>&1 &
+        server=$!
+        for _ in $(seq 1 300); do
+          python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8012/health')" \
+            2> /dev/null && break
+          sleep 1
+        done
+        record "w1-http-llama3-8b-dp$dp" 200 python3 tools/bench_serving.py \
+          --base-url http://127.0.0.1:8012 --model llama3-8b
+        kill $server; wait $server 2> /dev/null
+      done ;;
     *) echo "unknown step $step" ;;
   esac
 done

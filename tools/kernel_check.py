@@ -20,6 +20,7 @@ every section (few rows, one weight copy, 2-layer decode models with a 4096-toke
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import statistics
 import sys
@@ -37,6 +38,7 @@ from engine.executor.ops import (  # noqa: E402
     AttentionMetadata,
     SamplingTensors,
     cuda_gemv,
+    cuda_kernels,
     cuda_sampling,
 )
 from engine.executor.ops import cuda_attention as ca  # noqa: E402
@@ -64,16 +66,20 @@ def check_device(where: str):
         raise SectionError(f"CUDA error surfaced after {where}: {e}") from e
 
 
-def graph_time(fn, calls: int = 20, reps: int = 10) -> float:
+def graph_time(fn, calls: int = 20, reps: int = 10, pdl: bool = False) -> float:
     """Seconds per fn() on the GPU: `calls` calls captured in one CUDA graph, replayed `reps`
-    times between events, median. fn launches kernels only (no host sync, no host copy)."""
+    times between events, median. fn launches kernels only (no host sync, no host copy).
+    pdl: captured as programmatic dependent launches, as decode graphs are (each call's kernel
+    overlaps the previous one's tail, as in a chain of different kernels)."""
     if OPTS["small"]:
         calls, reps = 2, 1
     # NOTE: the stream below does not wait for the default stream, where the inputs were made
     # (and a pageable upload's DMA may still be running): wait for them here.
     cupy.cuda.Device().synchronize()
     stream = cupy.cuda.Stream(non_blocking=True)
-    with stream:
+    scope = cuda_kernels.programmatic_launches() if pdl else contextlib.nullcontext()
+    saved, cuda_kernels.PDL = cuda_kernels.PDL, pdl or cuda_kernels.PDL  # PDL is opt-in
+    with stream, scope:
         for _ in range(calls):  # warm-up: compiles, and fills the memory pool for the capture
             fn()
         stream.synchronize()
@@ -90,6 +96,7 @@ def graph_time(fn, calls: int = 20, reps: int = 10) -> float:
             end.record(stream)
             end.synchronize()
             times.append(cupy.cuda.get_elapsed_time(start, end) / 1e3 / calls)
+    cuda_kernels.PDL = saved
     return statistics.median(times)
 
 
@@ -192,9 +199,16 @@ def check_gemv(ops, models):
                 t_b = graph_time(lambda x=x, blas=blas, it=it, ws=ws: ops._gemm(
                     x, ws[next(it) % len(ws)], blas, ops.dtype), calls)
                 win = "GEMV" if t_g < t_b else "cuBLAS"
+                chained = ""
+                if m <= 2:  # as in a decode graph: PDL, the weights stream during the previous
+                    it = iter(range(10**9))
+                    t_p = graph_time(lambda x=x, out=out, it=it, ws=ws: cuda_gemv.gemv(
+                        x, ws[next(it) % len(ws)], out, ops.ctype), calls, pdl=True)
+                    chained = (f"; PDL chain {t_p * 1e6:.1f} us = "
+                               f"{nbytes / t_p / BW * 100:.0f}% of the copy ceiling")
                 row("gemv", f"{model} {name} {n}x{k} M={m}", f"{err:.1e}", t_g,
                     nbytes + m * k * 2, 2 * m * n * k,
-                    extra=f"cuBLAS {t_b * 1e6:.1f} us ({t_b / t_g:.2f}x) -> {win}")
+                    extra=f"cuBLAS {t_b * 1e6:.1f} us ({t_b / t_g:.2f}x) -> {win}{chained}")
             if name == "down":
                 check_silu_gemv(ops, model, ws, n, k, rng)
             if name in ("qkv", "gate_up"):
@@ -271,10 +285,15 @@ def check_splits(ops):
         "target 2048": (2048, ca.MIN_KEYS_PER_SPLIT, 256),
         "min keys 32": (ca.NUM_BLOCKS_TARGET, 32, ca.MAX_SPLITS),
         "min keys 128": (ca.NUM_BLOCKS_TARGET, 128, ca.MAX_SPLITS),
+        # one wave: the decode kernel's 72 registers (Qwen3's G = 2) leave 7 blocks per SM, 924
+        # on an H200; 128 splits x 8 kv heads = 1024 blocks run a second, partial wave
+        "max splits 112": (ca.NUM_BLOCKS_TARGET, ca.MIN_KEYS_PER_SPLIT, 112),
+        "max splits 96": (ca.NUM_BLOCKS_TARGET, ca.MIN_KEYS_PER_SPLIT, 96),
     }
     default = (ca.NUM_BLOCKS_TARGET, ca.MIN_KEYS_PER_SPLIT, ca.MAX_SPLITS)
     rng = np.random.default_rng(3)
-    cases = [[512], [4096], [16384], [32532], [1024] * 8, [4096] * 8, [1024] * 64]
+    w1_mix = rng.integers(100, 1101, 256).tolist()  # W1's decode steps: 256 x 100..1100
+    cases = [[512], [4096], [16384], [32532], [1024] * 8, [4096] * 8, [1024] * 64, w1_mix]
     if OPTS["small"]:  # still one long context: the 256-split sweep row
         cases = [[512], [32532], [1024] * 8, [1024] * 64]
     for ctx in cases:
@@ -297,7 +316,7 @@ def check_splits(ops):
                     return ops.attention(qkv, cache[0], cache[1], dmeta, nh, nkv, scale)
 
                 err = "-" if want is None else f"{rel(ops.to_host(attn()), want):.1e}"
-                label = f"B={len(ctx)} ctx={ctx[0]} {name}"
+                label = f"B={len(ctx)} ctx={ctx[0] if ctx is not w1_mix else '100..1100'} {name}"
                 row("splits", label, err, graph_time(attn), kv_bytes,
                     extra=f"grid splits {dmeta.num_splits}")
             finally:
@@ -357,6 +376,32 @@ def check_sampling(ops):
         (agree, sec), (old_agree, old) = times["select"], times["bisect"]
         row("sampling", f"{name} ({rows}x{vocab})", f"agree {agree:.2f}", sec, logits.nbytes,
             extra=f"bisect {old * 1e6:.0f} us, agree {old_agree:.2f} ({old / sec:.1f}x)")
+        if t.prompt_ids is not None:
+            check_kept_counts(ops, name, logits, t, sub, want, sec)
+
+
+def check_kept_counts(ops, name, logits, t, sub, want, ids_sec):
+    """Penalties from counts kept on the device (steady decoding: no row rebuilt) against the
+    same step sending every row's ids."""
+    rows, vocab = logits.shape
+
+    def kept(tensors, rebuild):
+        n = len(tensors.temperature)
+        return dataclasses.replace(tensors, count_slots=np.arange(n, dtype=np.int32),
+                                   rebuild=np.full(n, rebuild),
+                                   count_table=ops.alloc_token_counts(n, vocab))
+
+    got = ops.sample(logits[: len(sub.temperature)], kept(sub, True)).token_ids
+    steady = kept(t, True)
+    ops.sample(logits, steady)  # fills the table
+    steady.rebuild[:] = False
+    steady.prompt_ids = np.full((rows, 1), -1, np.int32)
+    steady.output_ids = np.full((rows, 1), -1, np.int32)
+    dev = cuda_sampling.upload(steady)
+    sec = graph_time(lambda: cuda_sampling.launch(logits, steady, dev, ops.ctype), 5, 5)
+    row("sampling", f"{name}, kept counts ({rows}x{vocab})", f"agree {np.mean(got == want):.2f}",
+        sec, logits.nbytes, extra=f"ids sent every step {ids_sec * 1e6:.0f} us "
+        f"({ids_sec / sec:.1f}x)")
 
 
 # ----------------------------------------------------------------------------- decode steps
@@ -382,9 +427,16 @@ def decode_step(ops, preset, ctx, gemv_on=True):
     weight_bytes = config.num_linear_params() * 2
     kv = (ctx + 1) * config.num_layers * config.num_kv_heads * config.head_dim * 4
     gemv_caps = cuda_gemv.GEMV_MAX_M, cuda_gemv.GEMV_SILU_MAX_M, cuda_gemv.NORM_GEMV_MAX_M
-    for on in ((True, False) if gemv_on else (False,)):
-        if not on:  # every linear on cuBLAS, norms and activations their own launches
+    pdl, reference = cuda_kernels.PDL, None
+    # (GEMV, PDL, fused add + norm): the default first; its logits are the reference PDL on is
+    # held to
+    variants = ((True, False, None), (True, True, None), (True, False, False), (False, False, None))
+    for gemv, use_pdl, fuse_norm in variants if gemv_on else variants[:1]:
+        if not gemv:  # every linear on cuBLAS, norms and activations their own launches
             cuda_gemv.GEMV_MAX_M = cuda_gemv.GEMV_SILU_MAX_M = cuda_gemv.NORM_GEMV_MAX_M = 0
+        if fuse_norm is False:
+            cuda_gemv.NORM_GEMV_MAX_M = 0
+        cuda_kernels.PDL = use_pdl
         try:
             g = DecodeGraphs(model, cache, max_num_seqs=1, max_blocks_per_seq=nb,
                              max_context_len=max(ctx + 1, 32768))
@@ -392,15 +444,32 @@ def decode_step(ops, preset, ctx, gemv_on=True):
             times = []
             for _ in range(3 if OPTS["small"] else 30):
                 t0 = time.perf_counter()
-                g.run(ids, pos, meta)
+                logits = g.run(ids, pos, meta)
                 cupy.cuda.get_current_stream().synchronize()
                 times.append(time.perf_counter() - t0)
-            row("decode", f"{preset} B=1 ctx={ctx} graph, GEMV {'on' if on else 'off'}", "-",
-                statistics.median(times), weight_bytes + kv)
+            # PDL on and off run the same kernels: their logits must agree bit for bit
+            got = cupy.asnumpy(logits).view(np.uint16)
+            err = "-" if reference is None or not gemv or fuse_norm is not None else (
+                "same" if np.array_equal(got, reference) else "DIFFER")
+            reference = got if reference is None else reference
+            sample = time_greedy_sample(ops, logits) if reference is got else None
+            norm = ", norm unfused" if fuse_norm is False else ""
+            row("decode", f"{preset} B=1 ctx={ctx} graph, GEMV {'on' if gemv else 'off'}, "
+                f"PDL {'on' if use_pdl else 'off'}{norm}", err, statistics.median(times),
+                weight_bytes + kv, extra="" if sample is None else
+                f"+ greedy sample {sample * 1e6:.1f} us (graph replay, host sync excluded)")
             del g
         finally:
             cuda_gemv.GEMV_MAX_M, cuda_gemv.GEMV_SILU_MAX_M, cuda_gemv.NORM_GEMV_MAX_M = gemv_caps
+            cuda_kernels.PDL = pdl
     del model, cache
+
+
+def time_greedy_sample(ops, logits) -> float:
+    """GPU time of the greedy sampler on one decode step's logits (what follows the graph)."""
+    t = _tensors(len(logits), np.random.default_rng(0))
+    dev = cuda_sampling.upload(t)
+    return graph_time(lambda: cuda_sampling.launch(logits, t, dev, ops.ctype), 20, 5)
 
 
 # ----------------------------------------------------------------------------- launches
@@ -429,7 +498,7 @@ class _Counted:
 def count_launches(ops, fn) -> collections.Counter:
     """Kernel launches by name (cuBLAS GEMMs as "cublas") while fn() runs: every module that
     launches through cuda_kernels.kernel, and ops' GEMM, wrapped for the call."""
-    from engine.executor.ops import cuda_kernels, cuda_ops
+    from engine.executor.ops import cuda_ops
 
     counts: collections.Counter = collections.Counter()
     modules = [cuda_ops, cuda_gemv, ca, cuda_sampling]
@@ -447,12 +516,14 @@ def count_launches(ops, fn) -> collections.Counter:
     for m in modules:
         m.kernel = counting
     ops._gemm = counting_gemm
+    pdl, cuda_kernels.PDL = cuda_kernels.PDL, False  # a PDL launch bypasses the counting wrapper
     try:
         fn()
     finally:
         for m in modules:
             m.kernel = original
         ops._gemm = gemm
+        cuda_kernels.PDL = pdl
     return counts
 
 

@@ -15,11 +15,15 @@ placeholders of an overlapped step are resolved on the stream right before the r
 
 from __future__ import annotations
 
+import logging
+
 import cupy
 import numpy as np
 
-from engine.executor.ops import AttentionMetadata
+from engine.executor.ops import AttentionMetadata, cuda_kernels
 from engine.executor.ops.cuda_attention import DeviceAttentionMetadata, decode_plan
+
+logger = logging.getLogger("pagedserve." + __name__)
 
 
 def padded_sizes(max_num_seqs: int) -> list[int]:
@@ -77,8 +81,24 @@ class DecodeGraphs:
         # before the fill lands - recycled pool memory, garbage slots - and store k/v far out
         # of the cache (cudaErrorIllegalAddress, only when the pool held old data).
         cupy.cuda.Device().synchronize()
+        try:
+            self._capture_all(metas)
+        except Exception as e:  # a driver that cannot capture programmatic launches
+            if not cuda_kernels.PDL:
+                raise
+            logger.warning("capturing decode graphs with PDL failed (%s: %s): capturing them "
+                           "without", type(e).__name__, e)
+            cuda_kernels.PDL = False
+            self.graphs.clear()
+            cupy.cuda.Device().synchronize()
+            self._capture_all(metas)
+
+    def _capture_all(self, metas: dict):
         stream = cupy.cuda.Stream(non_blocking=True)
-        with cupy.cuda.using_allocator(self.pool.malloc), stream:
+        # With PAGEDSERVE_PDL=1 the warm-up and the capture launch the decode kernels as
+        # programmatic dependent launches (cuda_kernels.py; opt-in, not yet measured).
+        with cupy.cuda.using_allocator(self.pool.malloc), stream, \
+                cuda_kernels.programmatic_launches():
             for size in sorted(self.sizes, reverse=True):
                 meta = metas[size]
                 # every row samples: no logits_indices gather
@@ -86,8 +106,10 @@ class DecodeGraphs:
                 self.model.forward(*args)  # warm-up: compiles, and fills the pool for capture
                 stream.synchronize()
                 stream.begin_capture()
-                logits = self.model.forward(*args)
-                graph = stream.end_capture()
+                try:
+                    logits = self.model.forward(*args)
+                finally:  # leaves capture mode even when the forward raised
+                    graph = stream.end_capture()
                 self.graphs[size] = (graph, logits, meta)
         stream.synchronize()
 
@@ -129,4 +151,4 @@ class DecodeGraphs:
         if prev_sampled is not None:
             self.model.ops.resolve_placeholders(self.input_ids[:b], prev_sampled)
         graph.launch(stream)
-        return logits[:b]
+        return None if logits is None else logits[:b]  # None: a tensor-parallel worker rank

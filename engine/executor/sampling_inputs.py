@@ -12,13 +12,16 @@ from __future__ import annotations
 import numpy as np
 
 from engine.executor.ops import SamplingTensors
+from engine.executor.penalty_slots import PenaltySlots
 from engine.executor.step_inputs import placeholder
 
 
 def sampling_tensors(seqs: list, vocab_size: int, eos_token_ids: list[int],
-                     pending_rows: dict[int, int]) -> SamplingTensors:
+                     pending_rows: dict[int, int],
+                     slots: PenaltySlots | None = None) -> SamplingTensors:
     """Settings of the rows that sample. `pending_rows`: seq_id -> row of the previous step's
-    sampled ids, for the rows whose last token is pending."""
+    sampled ids, for the rows whose last token is pending. `slots`: penalties read counts kept
+    on the device (count_slots), and only rows whose slot is rebuilt carry their ids."""
     params = [s.sampling_params for s in seqs]
     num_rows = len(seqs)
     # One tuple of settings per row; in a batch they are nearly always all equal (one
@@ -52,11 +55,18 @@ def sampling_tensors(seqs: list, vocab_size: int, eos_token_ids: list[int],
     )
     uses_penalties = (columns[4] != 0) | (columns[5] != 0) | (columns[6] != 1)  # (R,)
     if uses_penalties.any():
-        # Rows without penalties stay all -1: they cost nothing in the penalty pass.
+        send = uses_penalties.tolist()  # the rows whose ids go to the device
+        assigned = None if slots is None else slots.assign(
+            [s.seq_id if u else None for s, u in zip(seqs, send, strict=True)],
+            [_num_outputs(s) if u else 0 for s, u in zip(seqs, send, strict=True)])
+        if assigned is not None:
+            t.count_slots, t.rebuild = assigned
+            send = t.rebuild.tolist()
+        # Rows without ids to send stay all -1: they cost nothing in the penalty pass.
         t.prompt_ids = _pad([s.prompt_token_ids if u else []
-                             for s, u in zip(seqs, uses_penalties.tolist(), strict=True)])
+                             for s, u in zip(seqs, send, strict=True)])
         t.output_ids = _pad([_output_ids(s, pending_rows) if u else []
-                             for s, u in zip(seqs, uses_penalties.tolist(), strict=True)])
+                             for s, u in zip(seqs, send, strict=True)])
     if columns[8].any() or columns[9].any():  # some row has min_tokens or a logit_bias
         biases = [_row_bias(s, eos_token_ids) for s in seqs]
         if any(biases):

@@ -13,6 +13,7 @@ Query head h reads KV head h // (num_heads // num_kv_heads) (grouped-query atten
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -77,6 +78,19 @@ class SamplingTensors:
     bias_ids: np.ndarray | None = None  # (R, max_biases) int32
     bias_values: np.ndarray | None = None  # (R, max_biases) float32
     num_logprobs: int = 0  # top-k logprobs to return per row (max over rows)
+    # Penalties from token counts kept on the device between steps: row r reads slot
+    # count_slots[r] of count_table (ops.alloc_token_counts; -1: no penalties). A row with
+    # `rebuild` set first resets its slot from its prompt_ids / output_ids (the other rows' are
+    # empty); every row with a slot adds its drawn token to the slot. None: prompt_ids /
+    # output_ids alone.
+    count_slots: np.ndarray | None = None  # (R,) int32
+    rebuild: np.ndarray | None = None  # (R,) bool
+    count_table: object | None = None  # the backend's TokenCounts / DeviceTokenCounts
+
+    @property
+    def has_penalties(self) -> bool:
+        return (self.count_slots is not None or self.prompt_ids is not None
+                or self.output_ids is not None)
 
     @property
     def all_greedy(self) -> bool:
@@ -147,6 +161,19 @@ def check_cuda():
         raise DeviceError(f"device 'cuda': CuPy cannot reach a GPU ({e})") from None
     if num_gpus == 0:
         raise DeviceError("device 'cuda': CuPy sees no NVIDIA GPU")
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them (ids or UUIDs; "0",
+    "1", ... when it is unset); DeviceError without CuPy or a GPU."""
+    check_cuda()
+    import cupy
+
+    count = cupy.cuda.runtime.getDeviceCount()
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is None:
+        return [str(i) for i in range(count)]
+    return [name.strip() for name in listed.split(",")][:count]
 
 
 def cuda_extra() -> str:

@@ -14,7 +14,13 @@ import cupy
 import numpy as np
 
 from engine.executor.ops import AttentionMetadata
-from engine.executor.ops.cuda_kernels import DECODE_GROUPS, DECODE_UNROLL, HEAD_DIMS, kernel
+from engine.executor.ops.cuda_kernels import (
+    DECODE_GROUPS,
+    DECODE_UNROLL,
+    HEAD_DIMS,
+    kernel,
+    launch,
+)
 
 DECODE_THREADS = 128
 # attention_prefill.cu's PF_M (query rows per block), PF_N (keys per tile), PF_THREADS
@@ -182,18 +188,19 @@ def paged_attention(qkv, k_cache, v_cache, meta: DeviceAttentionMetadata, num_he
             part_ml = cupy.empty((splits, num_dec, num_heads, 2), cupy.float32)
         else:
             part_out = part_ml = np.uint64(0)
-        kernel("attention.cu",
-               f"decode_attention_kernel<{ctype}, {head_dim}, {g}, {DECODE_UNROLL}>", ctype)(
-            (num_dec, num_kv_heads * passes, splits), (DECODE_THREADS,),
-            (out, part_out, part_ml, qkv, k_cache, v_cache, plan.decode_seqs,
-             meta.query_start_loc, meta.context_lens, tables, i32(tables.shape[1]), i32(num_dec),
-             i32(num_heads), i32(num_kv_heads), i32(block_size), scale_log2, i32(splits),
-             keys_per_split))
+        launch(kernel("attention.cu",
+                      f"decode_attention_kernel<{ctype}, {head_dim}, {g}, {DECODE_UNROLL}>", ctype),
+               (num_dec, num_kv_heads * passes, splits), (DECODE_THREADS,),
+               (out, part_out, part_ml, qkv, k_cache, v_cache, plan.decode_seqs,
+                meta.query_start_loc, meta.context_lens, tables, i32(tables.shape[1]),
+                i32(num_dec), i32(num_heads), i32(num_kv_heads), i32(block_size), scale_log2,
+                i32(splits), keys_per_split), pdl=True)
         if splits > 1:
-            kernel("attention.cu", f"decode_reduce_kernel<{ctype}, {head_dim}>", ctype)(
-                (num_dec, num_heads), (REDUCE_THREADS,),
-                (out, part_out, part_ml, plan.decode_seqs, meta.query_start_loc,
-                 meta.context_lens, i32(num_dec), i32(num_heads), i32(splits), keys_per_split))
+            launch(kernel("attention.cu", f"decode_reduce_kernel<{ctype}, {head_dim}>", ctype),
+                   (num_dec, num_heads), (REDUCE_THREADS,),
+                   (out, part_out, part_ml, plan.decode_seqs, meta.query_start_loc,
+                    meta.context_lens, i32(num_dec), i32(num_heads), i32(splits),
+                    keys_per_split), pdl=True)
     if len(plan.prefill_work):
         k = kernel("attention_prefill.cu", f"prefill_attention_kernel<{ctype}, {head_dim}>",
                    ctype)

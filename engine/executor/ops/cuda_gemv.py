@@ -31,8 +31,9 @@ so > 1 means the GEMV path wins:
 - Plain GEMV (gemv_max_rows): M <= 2, and up to 8 rows when N <= 1024 (cuBLAS gets too few
   output tiles to fill the GPU); 1 row when N >= 64 K (a tall lm_head over a small hidden size).
 - The fused prologues are recomputed by every one of the N / GEMV_R blocks, for all M rows: the
-  add + RMSNorm only pays at M = 1 and N <= 8192 (NORM_GEMV_MAX_N); the SiLU while
-  M * N <= 2048 (SILU_GEMV_MAX_MN).
+  add + RMSNorm only pays at M = 1 and N <= 8192 (NORM_GEMV_MAX_N; device run B's batch-1
+  decode steps: unfusing it cost Qwen3-0.6B 65 us and Llama-3-8B's qkv 94 us per token); the
+  SiLU while M * N <= 2048 (SILU_GEMV_MAX_MN).
 The *_MAX_M caps below bound all of these (0 turns a path off: tools/kernel_check.py does).
 """
 
@@ -41,7 +42,7 @@ from __future__ import annotations
 import cupy
 import numpy as np
 
-from engine.executor.ops.cuda_kernels import kernel
+from engine.executor.ops.cuda_kernels import kernel, launch
 
 # cuda_kernels.kernel_names compiles M = 1..8 (1..4 with the activation or the norm): the caps
 # stay within.
@@ -82,11 +83,12 @@ def use_silu_gemv(gate_up: cupy.ndarray, w: cupy.ndarray) -> bool:
 
 def gemv(x: cupy.ndarray, w: cupy.ndarray, out: cupy.ndarray, ctype: str, act: bool = False):
     """out (M, N) = x (M, K) @ w (N, K)^T; with act, x is gate_up (M, 2K) and the input is
-    silu(gate) * up. One launch."""
+    silu(gate) * up. One launch. NOTE: under PDL the kernel reads w before waiting for the
+    previous kernel: w must be a weight, never the output of a kernel of the same stream."""
     m, n, k = x.shape[0], w.shape[0], w.shape[1]
     threads = 256 if k >= 2048 else 128
-    kernel("gemv.cu", f"gemv_kernel<{ctype}, {m}, {'true' if act else 'false'}>", ctype)(
-        (-(-n // GEMV_R),), (threads,), (out, x, w, np.int32(n), np.int32(k)))
+    launch(kernel("gemv.cu", f"gemv_kernel<{ctype}, {m}, {'true' if act else 'false'}>", ctype),
+           (-(-n // GEMV_R),), (threads,), (out, x, w, np.int32(n), np.int32(k)), pdl=True)
     return out
 
 
@@ -113,8 +115,8 @@ def norm_gemv(x, residual, norm_w, w, eps: float, ctype: str):
     n = w.shape[0]
     y = cupy.empty((m, n), x.dtype)
     res_out = cupy.empty_like(x)
-    kernel("gemv.cu", f"norm_gemv_kernel<{ctype}, {m}>", ctype)(
-        (-(-n // GEMV_R),), (256 if k >= 2048 else 128,),
-        (y, res_out, x, np.uint64(0) if residual is None else residual, norm_w, w, np.int32(n),
-         np.int32(k), np.float32(eps)), shared_mem=m * k * x.itemsize)
+    launch(kernel("gemv.cu", f"norm_gemv_kernel<{ctype}, {m}>", ctype),
+           (-(-n // GEMV_R),), (256 if k >= 2048 else 128,),
+           (y, res_out, x, np.uint64(0) if residual is None else residual, norm_w, w,
+            np.int32(n), np.int32(k), np.float32(eps)), shared_mem=m * k * x.itemsize, pdl=True)
     return y, res_out

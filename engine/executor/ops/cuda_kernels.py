@@ -1,13 +1,38 @@
-"""Compiles the kernels in cuda/*.cu with NVRTC (cupy.RawModule), each variant once.
+"""Compiles the kernels in cuda/*.cu with NVRTC (cupy.RawModule), each variant once, and
+launches them, with Hopper's programmatic dependent launch where a kernel allows it.
 
 A kernel is asked for by file and C++ name, e.g. kernel("rms_norm.cu", "rms_norm_kernel<__half>").
 All the template instances a file needs are compiled together on first use and cached.
+
+launch(fn, grid, block, args, pdl=True) lets the kernel become resident while the previous
+kernel on the stream still runs (cuLaunchKernelEx with the programmatic-stream-serialization
+attribute, through ctypes: CuPy has no launch attributes); the kernel itself waits for it with
+pdl_wait() (cuda/common.cuh). A decode step is a chain of small kernels of a few microseconds
+each, and this hides each one's launch and ramp-up behind its predecessor; a GEMV also starts
+streaming its weights before the wait. CUDA graphs capture the launches with their programmatic
+edges. PDL applies inside `with programmatic_launches():` (DecodeGraphs' capture): building a
+launch through ctypes costs more host time than CuPy's, which a captured graph pays once and an
+eager step at every launch. Only kernels that call pdl_wait() first may be launched so.
+
+It is off unless PAGEDSERVE_PDL=1, not yet measured: device run B's "PDL on" rows ran plain
+launches (the handle was looked up on CuPy's RawKernel instead of its .kernel). A GPU before
+sm_90 or a driver without cuLaunchKernelEx launch normally either way.
 """
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import functools
+import logging
+import os
 from pathlib import Path
+
+import numpy as np
+
+logger = logging.getLogger("pagedserve." + __name__)
+PDL = os.environ.get("PAGEDSERVE_PDL", "0") == "1"
+_pdl_scope = [False]  # inside programmatic_launches()
 
 # numpy storage dtype name -> the C++ element type the kernels are instantiated with
 CTYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}
@@ -62,9 +87,11 @@ def kernel_names(file: str, ctype: str) -> list[str]:
     if file == "bitmask.cu":
         return [f"apply_token_bitmask_kernel<{t}>" for t in CTYPES.values()]
     if file == "sampling.cu":
-        return (["penalty_counts_kernel", "add_logit_bias_kernel"]
+        return (["rebuild_counts_kernel", "count_drawn_kernel", "add_logit_bias_kernel"]
                 + [f"adjust_logits_kernel<{t}>" for t in CTYPES.values()]
                 + [f"sample_kernel<{t}>" for t in CTYPES.values()])
+    if file == "sampling_greedy.cu":
+        return [f"greedy_kernel<{t}>" for t in CTYPES.values()]
     if file == "sampling_bisect.cu":
         return [f"sample_bisect_kernel<{t}>" for t in CTYPES.values()]
     raise KeyError(file)
@@ -93,3 +120,98 @@ def kernel(file: str, name: str, ctype: str = "float"):
     if name not in names:
         raise ValueError(f"kernel {name!r} is not a compiled variant of {file}: {sorted(names)}")
     return module.get_function(name)
+
+
+# ---------------------------------------------------------------------------- launching
+
+
+class _AttrValue(ctypes.Union):  # CUlaunchAttributeValue: a 64-byte union
+    _fields_ = [("pad", ctypes.c_char * 64), ("align", ctypes.c_uint64), ("flag", ctypes.c_uint)]
+
+
+class _Attr(ctypes.Structure):  # CUlaunchAttribute
+    _fields_ = [("id", ctypes.c_int), ("pad", ctypes.c_char * 4), ("value", _AttrValue)]
+
+
+class _Config(ctypes.Structure):  # CUlaunchConfig
+    _fields_ = [("grid", ctypes.c_uint * 3), ("block", ctypes.c_uint * 3),
+                ("shared_mem", ctypes.c_uint), ("stream", ctypes.c_void_p),
+                ("attrs", ctypes.POINTER(_Attr)), ("num_attrs", ctypes.c_uint)]
+
+
+PROGRAMMATIC_STREAM_SERIALIZATION = 6  # CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION
+_SCALARS = {np.int32: ctypes.c_int32, np.uint32: ctypes.c_uint32, np.int64: ctypes.c_int64,
+            np.uint64: ctypes.c_uint64, np.float32: ctypes.c_float, np.float64: ctypes.c_double}
+
+
+@functools.cache
+def _launch_ex():
+    """libcuda's cuLaunchKernelEx when this GPU and driver can do PDL, else None."""
+    import cupy
+
+    if int(cupy.cuda.Device().compute_capability) < 90:
+        return None
+    try:
+        fn = ctypes.CDLL("libcuda.so.1").cuLaunchKernelEx
+    except (OSError, AttributeError):
+        return None
+    fn.argtypes = [ctypes.POINTER(_Config), ctypes.c_void_p, ctypes.POINTER(ctypes.c_void_p),
+                   ctypes.c_void_p]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+def _c_arg(a):
+    import cupy
+
+    if isinstance(a, cupy.ndarray):
+        return ctypes.c_void_p(a.data.ptr)
+    kind = _SCALARS.get(type(a))
+    if kind is None:
+        raise TypeError(f"launch: argument of type {type(a).__name__}; pass a cupy array or a "
+                        "numpy scalar of the kernel parameter's type")
+    return kind(a.item())
+
+
+def _dims(d) -> tuple:
+    d = tuple(d) if isinstance(d, (tuple, list)) else (d,)
+    return d + (1,) * (3 - len(d))
+
+
+@contextlib.contextmanager
+def programmatic_launches():
+    """Within it, launch(..., pdl=True) is a programmatic dependent launch (module docstring)."""
+    saved, _pdl_scope[0] = _pdl_scope[0], True
+    try:
+        yield
+    finally:
+        _pdl_scope[0] = saved
+
+
+def launch(fn, grid, block, args: tuple, shared_mem: int = 0, pdl: bool = False) -> None:
+    """fn(grid, block, args, shared_mem=...) on the current stream; with pdl inside
+    programmatic_launches(), as a programmatic dependent launch where the GPU can (module
+    docstring). fn must then call pdl_wait() first."""
+    global PDL
+    launch_ex = _launch_ex() if pdl and PDL and _pdl_scope[0] else None
+    # RawModule.get_function gives a RawKernel; its .kernel is the Function holding the CUfunction
+    ptr = getattr(getattr(fn, "kernel", fn), "ptr", None)
+    if launch_ex is not None and ptr is None:
+        logger.warning("CuPy's kernel has no CUfunction handle: launching without PDL")
+        PDL, launch_ex = False, None
+    if launch_ex is None:
+        fn(grid, block, args, shared_mem=shared_mem)
+        return
+    import cupy
+
+    values = [_c_arg(a) for a in args]
+    params = (ctypes.c_void_p * max(1, len(values)))(*[ctypes.addressof(v) for v in values])
+    attr = _Attr(id=PROGRAMMATIC_STREAM_SERIALIZATION)
+    attr.value.flag = 1
+    config = _Config((ctypes.c_uint * 3)(*_dims(grid)), (ctypes.c_uint * 3)(*_dims(block)),
+                     shared_mem, cupy.cuda.get_current_stream().ptr, ctypes.pointer(attr), 1)
+    status = launch_ex(ctypes.byref(config), ptr, params, None)
+    if status != 0:  # nothing was queued: launch it the plain way, and every later one too
+        logger.warning("cuLaunchKernelEx failed (CUresult %d): launching without PDL", status)
+        PDL = False
+        fn(grid, block, args, shared_mem=shared_mem)

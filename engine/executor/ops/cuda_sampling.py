@@ -1,5 +1,12 @@
 """Sampling on the GPU (cuda/sampling.cu): numpy_sampling.sample's semantics.
 
+Penalties read a table of per-sequence token counts (DeviceTokenCounts: count words and a bitmap
+of the non-zero ones) that the sampler keeps: rows being rebuilt are reset from their ids first,
+every row with a slot adds its drawn token after the draw (SamplingTensors.count_slots). A step
+that sends ids instead (count_slots None) builds a table of its own rows. The sampling passes read
+one bit per token for penalties; a step with a logit bias (or the bisect sampler) writes the
+penalized logits to a float32 copy first.
+
 sample_kernel finds top-k / top-p thresholds from a histogram pass and a sort of the few
 candidates in shared memory (3 passes over a row; 4 or 5 when the kept set is thousands of
 tokens: the cut's window of bins, refined once more if needed, and a draw over the row; it
@@ -21,6 +28,10 @@ from engine.executor.ops.cuda_kernels import kernel
 
 NUM_PARAMS = 10  # words per row, laid out as in cuda/sampling_common.cuh
 SAMPLER = "select"  # or "bisect": the previous kernel
+# cuda/sampling_greedy.cu splits a row over up to this many blocks, of at least GREEDY_CHUNK
+# logits each, aiming at GREEDY_BLOCKS blocks in all.
+GREEDY_MAX_CHUNKS, GREEDY_CHUNK, GREEDY_BLOCKS = 64, 2048, 2048
+_greedy_done: dict[int, cupy.ndarray] = {}  # device -> (rows,) int32 counters, kept at 0
 
 
 def pack_params(t: SamplingTensors) -> np.ndarray:
@@ -42,6 +53,21 @@ def pack_params(t: SamplingTensors) -> np.ndarray:
     return words.view(np.int32)
 
 
+class DeviceTokenCounts:
+    """numpy_sampling.TokenCounts on the device, with the bitmap of its non-zero words."""
+
+    def __init__(self, num_slots: int, vocab: int, zero: bool = True):
+        make = cupy.zeros if zero else cupy.empty
+        self.vocab, self.words = vocab, -(-vocab // 32)
+        self.counts = make((num_slots, vocab), cupy.int32)  # (S, vocab) count words
+        self.seen = make((num_slots, self.words), cupy.uint32)  # (S, words) bit t: word t != 0
+
+    @property
+    def table(self) -> np.ndarray:
+        """(S, vocab) int32 on the host, as numpy's TokenCounts holds it (tests)."""
+        return cupy.asnumpy(self.counts)
+
+
 def _ids(a) -> tuple:
     if a is None or a.size == 0:
         return np.uint64(0), 0
@@ -54,7 +80,15 @@ def upload(t: SamplingTensors, resolve=None) -> dict:
 
     resolve(ids): replaces placeholders among the penalties' output ids (overlapped steps)."""
     dev = {"params": cupy.asarray(pack_params(t)), "prompt": _ids(t.prompt_ids),
-           "output": _ids(t.output_ids), "bias": None}
+           "output": _ids(t.output_ids), "bias": None, "slots": None}
+    rows = len(t.temperature)
+    if t.count_slots is not None:
+        slots = t.count_slots
+        rebuild = np.zeros(rows) if t.rebuild is None else t.rebuild
+    elif t.has_penalties:  # ids only: each row rebuilds a slot of a table of the step's own
+        slots, rebuild = np.arange(rows), np.ones(rows)
+    if t.has_penalties:  # (2, R): each row's slot, then its rebuild flag
+        dev["slots"] = cupy.asarray(np.stack([slots, rebuild]).astype(np.int32))
     output, o_len = dev["output"]
     if resolve is not None and o_len:
         resolve(output.reshape(-1))
@@ -69,31 +103,70 @@ def launch(logits: cupy.ndarray, t: SamplingTensors, dev: dict, ctype: str) -> c
     (R, 2 + 2 * num_logprobs) int32 results, laid out as in cuda/sampling_common.cuh."""
     rows, vocab = logits.shape
     n_lp = int(t.num_logprobs)
-    params, i32 = dev["params"], np.int32
-    adjusted = np.uint64(0)
-    has_penalty = t.prompt_ids is not None or t.output_ids is not None
-    if has_penalty or dev["bias"] is not None:
-        counts = np.uint64(0)
-        if has_penalty:
-            counts = cupy.zeros((rows, vocab), cupy.int32)
-            (prompt, p_len), (output, o_len) = dev["prompt"], dev["output"]
-            kernel("sampling.cu", "penalty_counts_kernel")(
-                (rows,), (256,), (counts, prompt, output, i32(p_len), i32(o_len), i32(vocab)))
+    if (SAMPLER == "select" and t.all_greedy and n_lp == 0 and dev["slots"] is None
+            and dev["bias"] is None):
+        return greedy(logits, ctype)
+    params, i32, null = dev["params"], np.int32, np.uint64(0)
+    slots, counts = dev["slots"], t.count_table
+    if t.count_slots is not None:
+        if not isinstance(counts, DeviceTokenCounts) or counts.vocab != vocab:
+            raise ValueError(f"count_slots need a DeviceTokenCounts count_table of the logits' "
+                             f"vocabulary ({vocab}), got {counts!r}")
+    elif slots is not None:  # ids only: a table of this step's rows, each rebuilt
+        counts = DeviceTokenCounts(rows, vocab, zero=False)
+    if counts is not None:
+        (prompt, p_len), (output, o_len) = dev["prompt"], dev["output"]
+        kernel("sampling.cu", "rebuild_counts_kernel")(
+            (rows,), (256,), (counts.counts, counts.seen, slots, prompt, output, i32(rows),
+                              i32(p_len), i32(o_len), i32(vocab), i32(counts.words)))
+    adjusted = null
+    if dev["bias"] is not None or (SAMPLER == "bisect" and counts is not None):
         adjusted = cupy.empty((rows, vocab), cupy.float32)
         kernel("sampling.cu", f"adjust_logits_kernel<{ctype}>")(
-            (rows, -(-vocab // 256)), (256,), (adjusted, logits, counts, params, i32(vocab)))
+            (rows, -(-vocab // 256)), (256,),
+            (adjusted, logits, null if counts is None else counts.counts,
+             null if counts is None else slots, params, i32(vocab)))
         if dev["bias"] is not None:
             ids, values = dev["bias"]
             kernel("sampling.cu", "add_logit_bias_kernel")(
                 (rows,), (1,), (adjusted, ids, values, i32(ids.shape[1]), i32(vocab)))
     result = cupy.empty((rows, 2 + 2 * n_lp), cupy.int32)
     if SAMPLER == "bisect":
-        probs = np.uint64(0) if t.all_greedy else cupy.empty((rows, vocab), cupy.float32)
+        probs = null if t.all_greedy else cupy.empty((rows, vocab), cupy.float32)
         kernel("sampling_bisect.cu", f"sample_bisect_kernel<{ctype}>")(
             (rows,), (1024,), (result, probs, logits, adjusted, params, i32(vocab), i32(n_lp)))
     else:
+        table = (null, null, null, 0) if counts is None else (counts.counts, counts.seen, slots,
+                                                               counts.words)
         kernel("sampling.cu", f"sample_kernel<{ctype}>")(
-            (rows,), (1024,), (result, logits, adjusted, params, i32(vocab), i32(n_lp)))
+            (rows,), (1024,), (result, logits, adjusted, params, *table[:3], i32(table[3]),
+                               i32(vocab), i32(n_lp)))
+    if t.count_slots is not None:  # the kept table counts this step's draws
+        kernel("sampling.cu", "count_drawn_kernel")(
+            (-(-rows // 256),), (256,), (counts.counts, counts.seen, dev["slots"], result,
+                                         i32(rows), i32(result.shape[1]), i32(vocab),
+                                         i32(counts.words)))
+    return result
+
+
+def greedy(logits: cupy.ndarray, ctype: str) -> cupy.ndarray:
+    """(R, 2) int32 results of rows that are all greedy, without penalties, bias or top
+    logprobs: the argmax and its raw logprob, each row over several blocks."""
+    rows, vocab = logits.shape
+    chunks = max(1, min(GREEDY_MAX_CHUNKS, -(-vocab // GREEDY_CHUNK), -(-GREEDY_BLOCKS // rows)))
+    per_chunk = -(-vocab // chunks)
+    chunk = -(-per_chunk // 8) * 8  # a multiple of 8: 16-byte loads stay within a chunk
+    chunks = -(-vocab // chunk)
+    device = cupy.cuda.Device().id
+    done = _greedy_done.get(device)
+    if done is None or len(done) < rows:  # each launch leaves its counters at 0
+        done = _greedy_done[device] = cupy.zeros(max(rows, 256), cupy.int32)
+    partial = cupy.empty((rows, chunks, 4), cupy.float32)
+    result = cupy.empty((rows, 2), cupy.int32)
+    vec = vocab % 8 == 0 and logits.data.ptr % 16 == 0
+    kernel("sampling_greedy.cu", f"greedy_kernel<{ctype}>")(
+        (rows, chunks), (256,), (result, partial, done, logits, np.int32(vocab), np.int32(chunk),
+                                 np.int32(vec)))
     return result
 
 

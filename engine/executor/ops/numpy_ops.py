@@ -11,7 +11,7 @@ import time
 import numpy as np
 
 from engine.executor.ops import AttentionMetadata, SamplerOutput, SamplingTensors
-from engine.executor.ops.numpy_sampling import sample
+from engine.executor.ops.numpy_sampling import TokenCounts, sample
 from engine.model import gguf_quants  # noqa: F401  (registers the GGUF formats' dequantization)
 from engine.model.quantized import QuantizedWeight, dequantize
 
@@ -155,6 +155,17 @@ class NumpyOps:
     def gather_rows(self, x: np.ndarray, indices: np.ndarray) -> np.ndarray:
         return x[indices]
 
+    # ---------------------------------------------------------------- tensor parallel
+
+    def all_reduce(self, x):
+        """The sum over tensor-parallel ranks: one rank here (tensor_parallel.py has the N-rank
+        version), so x itself."""
+        return x
+
+    def gather_vocab(self, logits):
+        """Every rank's vocabulary columns side by side: one rank holds them all."""
+        return logits
+
     # ---------------------------------------------------------------- attention
 
     def prepare_metadata(self, meta: AttentionMetadata) -> AttentionMetadata:
@@ -211,6 +222,10 @@ class NumpyOps:
             resolve_placeholders(tensors.output_ids.reshape(-1), prev_sampled)
         return ReadySample(sample(np.asarray(logits, np.float32), tensors))
 
+    def alloc_token_counts(self, num_slots: int, vocab: int) -> TokenCounts:
+        """The per-sequence token counts that penalties read between steps."""
+        return TokenCounts(num_slots, vocab)
+
     def resolve_placeholders(self, ids: np.ndarray, prev_sampled: np.ndarray) -> None:
         resolve_placeholders(ids, prev_sampled)
 
@@ -223,6 +238,11 @@ class NumpyOps:
 
     def elapsed_s(self, start: float, end: float) -> float:
         return end - start
+
+    def bitmask_buffer(self, rows: int, words: int) -> np.ndarray:
+        """A host array for a step's token bitmask, to be filled and then given to
+        apply_token_bitmask (the cuda backend hands out its pinned staging buffer)."""
+        return np.empty((rows, words), np.int32)
 
     def apply_token_bitmask(self, logits: np.ndarray, bitmask: np.ndarray) -> np.ndarray:
         """Disallowed tokens' logits -> -inf, in place; returns `logits`.

@@ -36,23 +36,75 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
-def apply_penalties(logits: np.ndarray, t: SamplingTensors) -> np.ndarray:
-    """vLLM's penalties: repetition over prompt+output tokens, frequency/presence over output.
+# A count word: how often the token was drawn (low 30 bits) and whether the prompt holds it.
+PROMPT_BIT = 1 << 30
+COUNT_MASK = PROMPT_BIT - 1
+
+
+class TokenCounts:
+    """Per-sequence token counts kept between steps (the table a SamplingTensors' count_slots
+    index): (num_slots, vocab) int32 count words. The cuda backend keeps the same table on the
+    device, plus a bitmap of the non-zero words."""
+
+    def __init__(self, num_slots: int, vocab: int):
+        self.table = np.zeros((num_slots, vocab), np.int32)  # (S, vocab)
+
+
+def count_words(prompt_ids: np.ndarray | None, output_ids: np.ndarray | None, num_rows: int,
+                vocab: int) -> np.ndarray:
+    """(R, vocab) int32 count words of rows of token ids padded with -1 (ids past vocab are
+    ignored, as the cuda kernel does)."""
+    words = np.zeros((num_rows, vocab), np.int32)
+    for r in range(num_rows):
+        if output_ids is not None:
+            out = output_ids[r]
+            words[r] = np.bincount(out[(out >= 0) & (out < vocab)], minlength=vocab)
+        if prompt_ids is not None:
+            prompt = prompt_ids[r]
+            words[r, prompt[(prompt >= 0) & (prompt < vocab)]] |= PROMPT_BIT
+    return words
+
+
+def penalty_words(t: SamplingTensors, vocab: int) -> np.ndarray:
+    """(R, vocab) count words each row's penalties read. With count_slots: the `rebuild` rows'
+    slots are reset from their ids first (the table changes)."""
+    num_rows = len(t.temperature)
+    if t.count_slots is None:
+        return count_words(t.prompt_ids, t.output_ids, num_rows, vocab)
+    counts = t.count_table
+    if not isinstance(counts, TokenCounts):
+        raise ValueError(f"SamplingTensors.count_slots need a TokenCounts count_table, got "
+                         f"{type(counts).__name__}")
+    slots = np.asarray(t.count_slots)
+    used = slots[slots >= 0]
+    if len(np.unique(used)) != len(used):
+        raise ValueError(f"count_slots: a slot is used by two rows ({slots.tolist()})")
+    rebuild = np.flatnonzero(t.rebuild & (slots >= 0)) if t.rebuild is not None else []
+    if len(rebuild):
+        counts.table[slots[rebuild]] = count_words(
+            None if t.prompt_ids is None else t.prompt_ids[rebuild],
+            None if t.output_ids is None else t.output_ids[rebuild], len(rebuild), vocab)
+    return np.where((slots >= 0)[:, None], counts.table[np.maximum(slots, 0)], 0)
+
+
+def add_drawn(counts: TokenCounts, slots: np.ndarray, token_ids: np.ndarray) -> None:
+    """Each row with a slot counts the token it drew."""
+    rows = np.flatnonzero(slots >= 0)
+    counts.table[slots[rows], token_ids[rows]] += 1
+
+
+def apply_penalties(logits: np.ndarray, t: SamplingTensors, words: np.ndarray) -> np.ndarray:
+    """vLLM's penalties: repetition over prompt+output tokens, frequency/presence over output,
+    from each row's count words (words != 0: seen; words & COUNT_MASK: drawn so often).
 
     NOTE: a repetition penalty of 1e-50 is 0 in float32 and 1e50 is inf, and dividing by either
     would put inf or nan into the row: the penalty is clamped to [FLT_MIN, FLT_MAX] and the
     penalized logits to [-FLT_MAX, FLT_MAX], so every row stays finite."""
     logits = logits.copy()
-    num_rows, vocab = logits.shape
-    for r in range(num_rows):
-        out = t.output_ids[r] if t.output_ids is not None else np.empty(0, np.int32)
-        out = out[out >= 0]
-        counts = np.bincount(out, minlength=vocab).astype(np.float32)
+    for r in range(len(logits)):
+        counts = (words[r] & COUNT_MASK).astype(np.float32)
         if t.repetition_penalty[r] != 1.0:
-            seen = counts > 0
-            if t.prompt_ids is not None:
-                prompt = t.prompt_ids[r]
-                seen[prompt[prompt >= 0]] = True
+            seen = words[r] != 0
             row = logits[r]
             penalty = np.clip(t.repetition_penalty[r], FLT_MIN, FLT_MAX)
             with np.errstate(over="ignore"):
@@ -83,10 +135,11 @@ def filter_probs(probs: np.ndarray, top_k: int, top_p: float, min_p: float) -> n
 
 
 def sample(logits: np.ndarray, t: SamplingTensors) -> SamplerOutput:
+    """t.count_table, when the rows have count_slots, is updated: rebuilt rows, then each draw."""
     # logits (R, vocab) float32
     raw_logprobs = log_softmax(logits)
-    if t.prompt_ids is not None or t.output_ids is not None:
-        logits = apply_penalties(logits, t)
+    if t.has_penalties:
+        logits = apply_penalties(logits, t, penalty_words(t, logits.shape[1]))
     if t.bias_ids is not None:
         logits = logits.copy()
         for r in range(len(logits)):
@@ -119,6 +172,8 @@ def sample(logits: np.ndarray, t: SamplingTensors) -> SamplerOutput:
             continue
         token_ids[r] = kept[np.searchsorted(kept, min(chosen, kept[-1]))]
 
+    if t.count_slots is not None:
+        add_drawn(t.count_table, np.asarray(t.count_slots), token_ids)
     out = SamplerOutput(token_ids, raw_logprobs[np.arange(num_rows), token_ids].astype(np.float32))
     if t.num_logprobs > 0:
         top = np.argsort(-raw_logprobs, axis=-1, kind="stable")[:, : t.num_logprobs]
