@@ -111,6 +111,8 @@ class EngineCore:
         if loaded_model is None:
             loaded_model = load_model(engine_config.model, self.ops,
                                       load_format=engine_config.load_format,
+                                      quantization=engine_config.quantization,
+                                      gguf_dequantize=engine_config.gguf_dequantize,
                                       seed=engine_config.seed)
         self.model_config = mc = loaded_model.config
         self.ops.check_model(mc)

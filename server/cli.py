@@ -19,6 +19,7 @@ from engine.executor.ops import DeviceError
 from engine.executor.worker import add_worker_flags, run_worker
 from engine.logs import configure_logging, model_line
 from engine.model.config import ConfigError, EngineConfig
+from engine.model.gguf_quants import KINDS as GGUF_KINDS
 
 log = logging.getLogger("pagedserve.cli")
 
@@ -104,6 +105,14 @@ def _engine_flags() -> argparse.ArgumentParser:
     g.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
                    help="auto = read the weights; dummy = random weights at the model's shapes "
                         "(benchmarks without a checkpoint; MODEL may then be a preset name)")
+    g.add_argument("--quantization", default=None, choices=[k.lower() for k in GGUF_KINDS],
+                   help="dummy weights drawn as random blocks of this GGUF format (with "
+                        "--load-format dummy; a .gguf file's formats come from the file)")
+    g.add_argument("--gguf-dequantize", action=argparse.BooleanOptionalAction, default=None,
+                   help="dequantize a .gguf file's Q8_0/Q4_0/Q4_1/Q4_K/Q5_K/Q6_K tensors at load "
+                        "(the old path: 16-bit weights on the GPU, a converted cache on disk); "
+                        "--no-gguf-dequantize keeps them quantized on cpu too (default: kept "
+                        "quantized on cuda, dequantized on cpu)")
     g.add_argument("--seed", type=int, default=0,
                    help="seed of the engine's random numbers (dummy weights, unseeded sampling)")
     g.add_argument("--cpu-threads", type=_positive_int, default=1, metavar="N",
@@ -231,6 +240,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
         async_scheduling=args.async_scheduling, load_format=args.load_format, seed=args.seed,
+        quantization=args.quantization, gguf_dequantize=args.gguf_dequantize,
         cpu_threads=args.cpu_threads, speculative_config=args.speculative_config,
         tensor_parallel_size=args.tensor_parallel_size, tp_local_ranks=args.tp_local_ranks,
         master_addr=args.master_addr, master_port=args.master_port,

@@ -79,7 +79,21 @@ def test_serve_flags():
     assert (args.api_key, args.max_waiting_requests, args.served_model_name) == ("k", 4, "q")
 
 
+def test_quantization_flags_reach_the_engine_config():
+    from server.cli import engine_config_from_args
+
+    p = build_parser()
+    config = engine_config_from_args(p.parse_args(["serve"]))
+    assert (config.quantization, config.gguf_dequantize) == (None, None)
+    config = engine_config_from_args(p.parse_args(
+        ["serve", "llama3-8b", "--load-format", "dummy", "--quantization", "q4_k",
+         "--no-gguf-dequantize"]))
+    assert (config.quantization, config.gguf_dequantize) == ("q4_k", False)
+    assert engine_config_from_args(p.parse_args(["serve", "--gguf-dequantize"])).gguf_dequantize
+
+
 @pytest.mark.parametrize("argv, needle", [
+    (["serve", "--quantization", "q3_k"], "--quantization"),
     (["serve", "--port", "70000"], "--port"),
     (["serve", "--max-num-seqs", "0"], "--max-num-seqs"),
     (["serve", "--gpu-memory-utilization", "1.5"], "--gpu-memory-utilization"),

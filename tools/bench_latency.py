@@ -13,6 +13,8 @@ Usage:
         --prompt-len 8 --output-len 4                        # a tiny CPU run
     python tools/bench_latency.py --model qwen3-0.6b --load-format dummy --device cuda \
         --context-len 32532 --output-len 64                  # decode at a long context
+    python tools/bench_latency.py --model llama3-8b --load-format dummy --device cuda \
+        --quantization q4_k                                  # weights kept in GGUF blocks
 --context-len N decodes at an N-token context (the prompt is N - output_len tokens, at least
 16) and adds reading that KV cache once per token to the floor.
 Process start is read from the OS (/proc/self/stat), so "cold start" includes interpreter start
@@ -30,8 +32,8 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the checkout importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from engine.logs import weights_nbytes  # noqa: E402
 from tools.bench_throughput import DTYPE_BYTES, add_engine_args, build_llm  # noqa: E402
-from tools.workloads import weight_bytes  # noqa: E402
 
 BANDWIDTH = 4.27e12  # bytes/s, the H200 test GPU's measured copy ceiling (shared/GPU.md)
 
@@ -89,17 +91,20 @@ def main(argv: list[str] | None = None) -> dict:
     # the KV cache read at the mean context of the decode steps
     mean_ctx = args.prompt_len + args.output_len / 2
     kv = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * elem * mean_ctx
-    floor = (weight_bytes(mc, elem) + kv) / BANDWIDTH
+    weights = weights_nbytes(engine.model.weights)  # as held: quantized formats at their size
+    floor = (weights + kv) / BANDWIDTH
     result = {
         "model": args.model, "device": engine.ops.name, "dtype": dtype,
+        "quantization": args.quantization, "weights_mb": weights / 1e6,
         "cold_start_s": ready_s, "prompt_len": args.prompt_len, **r,
         "tpot_floor_s": floor, "tpot_over_floor": r["tpot_s"] / floor,
     }
     if args.json:
         print(json.dumps(result))
     else:
-        print(f"{args.model} ({engine.ops.name}, {dtype}): cold start {ready_s:.2f} s "
-              f"(process start -> engine ready)")
+        quant = f", {args.quantization} blocks" if args.quantization else ""
+        print(f"{args.model} ({engine.ops.name}, {dtype}{quant}): weights {weights / 1e6:.0f} MB, "
+              f"cold start {ready_s:.2f} s (process start -> engine ready)")
         print(f"batch 1, prompt {args.prompt_len}: TTFT {r['ttft_s'] * 1e3:.1f} ms, "
               f"TPOT {r['tpot_s'] * 1e3:.2f} ms over {r['output_tokens']} tokens; weight + KV "
               f"read floor {floor * 1e3:.2f} ms ({r['tpot_s'] / floor:.2f}x)")

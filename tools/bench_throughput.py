@@ -53,6 +53,10 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
     """The engine flags shared by bench_throughput and seed_table (names follow vLLM)."""
     ap.add_argument("--model", default="qwen3-0.6b", help="HF folder, .gguf file or preset name")
     ap.add_argument("--load-format", default="dummy", choices=("auto", "dummy"))
+    ap.add_argument("--quantization", default=None,
+                    help="dummy weights as random blocks of a GGUF format: q4_k, q8_0, ...")
+    ap.add_argument("--gguf-dequantize", action=argparse.BooleanOptionalAction, default=None,
+                    help="a .gguf file's block formats dequantized at load (default: on cpu)")
     ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "numpy"))
     ap.add_argument("--dtype", default="auto", choices=("auto", "float16", "bfloat16", "float32"))
     ap.add_argument("--max-num-seqs", type=int, default=256)
@@ -89,7 +93,8 @@ def build_llm(args: argparse.Namespace, enable_prefix_caching: bool = True):
                max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
                num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=enable_prefix_caching,
-               seed=args.seed, load_format=args.load_format,
+               seed=args.seed, load_format=args.load_format, quantization=args.quantization,
+               gguf_dequantize=args.gguf_dequantize,
                gpu_memory_utilization=args.gpu_memory_utilization,
                enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling,
                speculative_config=args.speculative_config,

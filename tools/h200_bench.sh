@@ -14,6 +14,7 @@
 #   tensor parallel (issue 18; need 2 GPUs, nvidia-h200-x2; not in the default list):
 #          gputest-tp w1-tp2 latency-tp2 allreduce-tp2 parity-tp2
 #          (compare with w1-8b and latency-8b, the TP=1 figures)
+#   latency-8b-q4k latency-8b-q8 (batch-1 decode with weights kept in GGUF blocks)
 # gputest runs the CUDA-graph tests first; if they fail, the rest runs with graphs off.
 # Each tool prints one JSON line; they are collected in $OUT/bench.jsonl (default ./bench-out/)
 # and summarised by tools/bench_table.py at the end. Wheels the GPU machine lacks (server deps) are
@@ -81,6 +82,10 @@ for step in $steps; do
     w1-8b-sync) record w1-llama3-8b-sync 150 python3 tools/bench_throughput.py $L \
       --no-async-scheduling ;;
     latency-8b) record latency-llama3-8b 90 python3 tools/bench_latency.py $L ;;
+    latency-8b-q4k) record latency-llama3-8b-q4_k 120 python3 tools/bench_latency.py $L \
+      --quantization q4_k ;;
+    latency-8b-q8) record latency-llama3-8b-q8_0 120 python3 tools/bench_latency.py $L \
+      --quantization q8_0 ;;
     spec-8b) record spec-replay-llama3-8b 200 python3 tools/bench_spec.py $L \
       --replay tools/results/spec_profile.json ;;
     spec-8b-min1) record spec-replay-llama3-8b-min1 200 python3 tools/bench_spec.py $L \

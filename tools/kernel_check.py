@@ -7,13 +7,13 @@ sampler old vs new, decode steps.
     PYTHONPATH=. python tools/gpu_check.py --only new      # the same, from gpu_check
 
 --quick skips the Llama-3-8B shapes and the decode steps; --only runs the named sections
-(launches, fused, gemv, splits, sampling, prefill (then prefill90), prefill90, decode).
+(launches, fused, gemv, splits, sampling, prefill (then prefill90), prefill90, gguf, decode).
 --check-each synchronizes after every row and every section and stops at the first CUDA error,
 naming where it surfaced (a kernel fault is sticky: without this it is reported by whichever later
 call syncs first). --small shrinks every section (few rows, one weight copy, 2-layer decode models
 with a 4096-token vocabulary, 2 timed calls) for compute-sanitizer:
 
-    for s in launches fused gemv splits sampling prefill decode; do
+    for s in launches fused gemv splits sampling prefill gguf decode; do
       compute-sanitizer --error-exitcode 9 python tools/kernel_check.py --small --only $s; done
 """
 
@@ -44,6 +44,7 @@ from engine.executor.ops import (  # noqa: E402
 )
 from engine.executor.ops import cuda_attention as ca  # noqa: E402
 from engine.executor.ops.numpy_ops import NumpyOps  # noqa: E402
+from tools.kernel_check_gguf import check_gguf  # noqa: E402
 
 BW, FLOPS = 4.27e12, 800e12  # measured ceilings (shared/GPU.md)
 L2_BYTES = 60 << 20
@@ -696,7 +697,7 @@ def check_launches(ops):
 
 def run_all(ops, quick: bool = False, only: str | None = None):
     """Every section, or those named in `only` (comma-separated: launches, fused, gemv, splits,
-    sampling, prefill, prefill90, decode)."""
+    sampling, prefill, prefill90, gguf, decode)."""
     sections = {
         "launches": lambda: check_launches(ops),
         "fused": lambda: check_fused(ops),
@@ -706,6 +707,7 @@ def run_all(ops, quick: bool = False, only: str | None = None):
         # v2 first: a fault in the experimental wgmma kernel cannot hide its table
         "prefill": lambda: (check_prefill(ops), check_prefill90(ops)),
         "prefill90": lambda: check_prefill90(ops),
+        "gguf": lambda: check_gguf(ops, graph_time, OPTS["small"]),
         "decode": lambda: None if quick else [decode_step(ops, p, c) for p, c in (
             ("qwen3-0.6b", 512), ("qwen3-0.6b", 32532), ("llama3-8b", 512))],
     }

@@ -223,6 +223,12 @@ class EngineConfig:
     # off for numpy (where the host is the device, so nothing overlaps).
     async_scheduling: bool | None = None
     load_format: str = "auto"  # auto | dummy
+    # Weights kept quantized: a GGUF block format for dummy weights ("q4_k", "q8_0", ...; a GGUF
+    # file's formats come from the file). Checked by model/loader.load_model.
+    quantization: str | None = None
+    # GGUF files: dequantize block formats at load (True) or keep them (False); None: kept on
+    # cuda, dequantized on cpu (where dequantizing on every call costs more than the step).
+    gguf_dequantize: bool | None = None
     seed: int = 0
     # BLAS threads of the host's numpy; 1 measured fastest on a busy 2-core machine (see
     # engine/executor/ops/__init__.py set_cpu_threads); more help long prompts on idle cores.

@@ -290,19 +290,28 @@ def checkpoint_dtype(model: str | None) -> str:
         return "float32"
 
 
-def load_model(model: str | None, ops, load_format: str = "auto", seed: int = 0) -> LoadedModel:
+def load_model(model: str | None, ops, load_format: str = "auto", seed: int = 0,
+               quantization: str | None = None,
+               gguf_dequantize: bool | None = None) -> LoadedModel:
     """model: None (the default GGUF), a .gguf file, an HF folder, a Hugging Face id (ORG/NAME),
     or with load_format='dummy' also a preset name (engine/model/presets/). 'dummy' reads only
-    the config (and tokenizer) and draws random weights."""
+    the config (and tokenizer) and draws random weights; with quantization set to a GGUF block
+    format ('q4_k', 'q8_0', ...) those weights are random blocks of that format.
+    gguf_dequantize: a GGUF file's block-format tensors dequantized at load (True) or kept
+    quantized (False); None: kept on the GPU, dequantized on the cpu backend (its per-call
+    dequantization costs far more than the step)."""
     if load_format not in ("auto", "dummy"):
         raise LoadError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
+    gguf_kind = _gguf_quantization(quantization, load_format)
+    make_dummy = dummy_weights if gguf_kind is None else functools.partial(
+        _dummy_gguf_weights, kind=gguf_kind)
     path = default_model_path() if model is None else Path(model)
     if is_hf_id(model):
         path = resolve_hf_id(model)
     if not path.exists():
         if load_format == "dummy" and model is not None and "/" not in model:
             config = ModelConfig.from_preset(model)  # raises, listing the presets, if unknown
-            return LoadedModel(config, dummy_weights(config, ops, seed), None)
+            return LoadedModel(config, make_dummy(config, ops, seed), None)
         hint = ""
         if (PRESETS_DIR / f"{path}.json").is_file():
             hint = (" (it is a config preset: presets load only with load_format='dummy', "
@@ -317,17 +326,44 @@ def load_model(model: str | None, ops, load_format: str = "auto", seed: int = 0)
         gguf_file = gguf_loader.read_gguf(path)
         config = gguf_loader.config_from_gguf(gguf_file)
         if load_format == "dummy":
-            weights = dummy_weights(config, ops, seed)
+            weights = make_dummy(config, ops, seed)
+        elif not (ops.name == "numpy" if gguf_dequantize is None else gguf_dequantize):
+            from engine.model.gguf_weights import load_quantized_gguf
+
+            weights = load_quantized_gguf(gguf_file, config, ops)
         else:
             weights = gguf_loader.load_gguf_weights(gguf_file, config, ops)
         return LoadedModel(config, weights, _gguf_tokenizer(gguf_file))
 
     config = ModelConfig.from_pretrained(path)
     if load_format == "dummy":
-        weights = dummy_weights(config, ops, seed)
+        weights = make_dummy(config, ops, seed)
     else:
         weights = load_safetensors_weights(path, config, ops)
     return LoadedModel(config, weights, load_tokenizer(str(path)))
+
+
+def _gguf_quantization(quantization: str | None, load_format: str) -> str | None:
+    """The GGUF block format `quantization` names ('q4_k' -> 'Q4_K'), or None when it names none.
+    Block formats are drawn only for dummy weights: a GGUF file's formats come from the file."""
+    from engine.model.gguf_quants import KINDS
+
+    if quantization is None:
+        return None
+    if quantization.upper() not in KINDS:
+        names = ", ".join(repr(k.lower()) for k in KINDS)
+        raise LoadError(f"quantization must be None or a GGUF block format ({names}), "
+                        f"got {quantization!r}")
+    if load_format != "dummy":
+        raise LoadError(f"quantization {quantization!r} (a GGUF block format) applies to "
+                        "load_format='dummy' only; a GGUF file's formats come from the file")
+    return quantization.upper()
+
+
+def _dummy_gguf_weights(config: ModelConfig, ops, seed: int = 0, *, kind: str) -> ModelWeights:
+    from engine.model.gguf_weights import dummy_quantized_weights
+
+    return dummy_quantized_weights(config, ops, kind, seed)
 
 
 def load_tokenizer(model: str | None):

@@ -39,6 +39,10 @@ _pdl_scope = [False]  # inside programmatic_launches()
 CTYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}
 HEAD_DIMS = (64, 128)
 DECODE_GROUPS = (1, 2, 4, 8)  # query heads per decode block (template G); larger groups take passes
+GGUF_KINDS = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")  # format structs in cuda/gguf.cu
+GGUF_GEMV_M = (1, 2, 4, 8)  # rows compiled for the GGUF GEMV (fewer rows run the next size up)
+GGUF_GEMV_R = 2  # weight rows per GEMV block (template GG_R); other R at M = 1 for kernel_check
+GGUF_GEMV_VARIANTS = [(m, GGUF_GEMV_R) for m in GGUF_GEMV_M] + [(1, 1), (1, 3)]
 DECODE_UNROLL = 2  # 16-byte K and V loads per lane in flight (U); 2 beat 4 and 8 on the H200
 # attention_prefill_gqa.cu's (MI, NW, BN, ST) variants, which cuda_prefill.prefill_plan picks among
 PREFILL_CONFIGS = ((2, 8, 64, 3), (2, 8, 64, 2), (2, 4, 64, 2), (1, 8, 64, 2), (1, 4, 64, 2))
@@ -95,6 +99,10 @@ def kernel_names(file: str, ctype: str) -> list[str]:
     if file == "attention_prefill_sm90p.cu":
         return [f"prefill_sm90p_kernel<{ctype}, {d}, {c[1]}>" for d in HEAD_DIMS
                 for c in SM90P_CONFIGS]
+    if file == "gguf.cu":
+        return ([f"gguf_gemv_kernel<{f}, {ctype}, {m}, {r}>" for f in GGUF_KINDS
+                 for m, r in GGUF_GEMV_VARIANTS]
+                + [f"gguf_dequant_kernel<{f}, {o}>" for f in GGUF_KINDS for o in (ctype, "float")])
     if file == "bitmask.cu":
         return [f"apply_token_bitmask_kernel<{t}>" for t in CTYPES.values()]
     if file == "sampling.cu":

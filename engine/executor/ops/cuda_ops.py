@@ -7,6 +7,7 @@ so each wrapper checks shapes, dtypes and contiguity before it launches.
 
 from __future__ import annotations
 
+import functools
 import gc
 
 import cupy
@@ -20,7 +21,9 @@ from engine.executor.ops.cuda_attention import (
 )
 from engine.executor.ops.cuda_blas import Gemm
 from engine.executor.ops.cuda_kernels import CTYPES, HEAD_DIMS, kernel, kernel_names, launch
+from engine.executor.ops.cuda_quant_gguf import GGUFLinear, is_gguf
 from engine.executor.ops.cuda_sampling import DeviceSample, DeviceTokenCounts, sample_on_device
+from engine.model.quantized import QuantizedWeight
 
 DTYPES = {"float16": np.float16, "bfloat16": np.uint16}
 _NULL = np.uint64(0)
@@ -166,6 +169,8 @@ class CudaOps:
     def embedding(self, ids, table):
         # ids (T,) int32, table (vocab, hidden) -> (T, hidden)
         ids = self._ints(ids, "ids")
+        if isinstance(table, QuantizedWeight):
+            return self._quantized_embedding(ids, table)
         return self._gather(self._check(table, "embedding table", 2), ids, len(ids))
 
     def gather_rows(self, x, indices):
@@ -203,6 +208,9 @@ class CudaOps:
     def add_rms_norm_linear(self, x, residual, norm_weight, eps, weight):
         """h, residual = add_rms_norm(x, residual, norm_weight, eps); (linear(h, weight),
         residual). One GEMV launch at small batches (the residual comes back as a new array)."""
+        if isinstance(weight, QuantizedWeight):
+            h, residual = self.add_rms_norm(x, residual, norm_weight, eps)
+            return self._quantized_linear(h, weight), residual
         self._check(x, "x", 2)
         self._check(norm_weight, "norm_weight", 1)
         self._check(weight, "weight", 2)
@@ -219,6 +227,10 @@ class CudaOps:
     def linear(self, x, weight, bias=None):
         # x (T, in), weight (out, in) as stored by HF, bias (out,) -> (T, out)
         self._check(x, "x", 2)
+        if isinstance(weight, QuantizedWeight):
+            if bias is not None:
+                raise ValueError("linear: a bias with a quantized weight is not supported")
+            return self._quantized_linear(x, weight)
         self._check(weight, "weight", 2)
         if x.shape[1] != weight.shape[1]:
             raise ValueError(
@@ -269,6 +281,8 @@ class CudaOps:
 
     def silu_mul_linear(self, gate_up, weight):
         """linear(silu_and_mul(gate_up), weight); one GEMV launch at small batches."""
+        if isinstance(weight, QuantizedWeight):
+            return self._quantized_linear(self.silu_and_mul(gate_up), weight)
         self._check(gate_up, "gate_up", 2)
         self._check(weight, "weight", 2)
         if gate_up.shape[1] != 2 * weight.shape[1]:
@@ -324,6 +338,27 @@ class CudaOps:
                    _grid(out.size, 256), (256,), (out, gate_up, np.int64(out.size), _i32(inter)),
                    pdl=True)
         return out
+
+    # ---------------------------------------------------------------- GGUF weights
+
+    @functools.cached_property
+    def _gguf(self) -> GGUFLinear:
+        return GGUFLinear(self)
+
+    def _quantized_linear(self, x, weight: QuantizedWeight):
+        """linear() of a GGUF block-format weight (engine/executor/ops/cuda_quant_gguf.py)."""
+        self._check(x, "x", 2)
+        if x.shape[1] != weight.shape[1]:
+            raise ValueError(f"linear: x has {x.shape[1]} features, {weight.kind} weight "
+                             f"expects {weight.shape[1]}")
+        if not is_gguf(weight):
+            raise TypeError(f"no cuda kernels for weights of kind {weight.kind!r}")
+        return self._gguf.linear(x, weight)
+
+    def _quantized_embedding(self, ids, table: QuantizedWeight):
+        if not is_gguf(table):
+            raise TypeError(f"no cuda kernels for embeddings of kind {table.kind!r}")
+        return self._gguf.embedding(ids, table)
 
     # ---------------------------------------------------------------- attention
 

@@ -12,6 +12,8 @@ import numpy as np
 
 from engine.executor.ops import AttentionMetadata, SamplerOutput, SamplingTensors
 from engine.executor.ops.numpy_sampling import TokenCounts, sample
+from engine.model import gguf_quants  # noqa: F401  (registers the GGUF formats' dequantization)
+from engine.model.quantized import QuantizedWeight, dequantize
 
 
 class NumpyOps:
@@ -67,6 +69,8 @@ class NumpyOps:
 
     def embedding(self, ids: np.ndarray, table: np.ndarray) -> np.ndarray:
         # ids (T,) int32, table (vocab, hidden) -> (T, hidden)
+        if isinstance(table, QuantizedWeight):
+            return self._quantized_embedding(ids, table)
         return table[ids]
 
     def rms_norm(self, x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
@@ -87,8 +91,22 @@ class NumpyOps:
 
     def linear(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None):
         # x (T, in), weight (out, in) as stored by HF, bias (out,) -> (T, out)
+        if isinstance(weight, QuantizedWeight):
+            weight = self._quantized_matrix(weight)
         y = x @ weight.T
         return y if bias is None else y + bias
+
+    def _quantized_matrix(self, weight: QuantizedWeight) -> np.ndarray:
+        """(out, in) float32 of a weight kept quantized: dequantized on every call (speed is not
+        this backend's job; holding float copies would undo the memory saving)."""
+        return dequantize(weight)
+
+    def _quantized_embedding(self, ids: np.ndarray, table: QuantizedWeight) -> np.ndarray:
+        """Only the looked-up rows are dequantized (every format quantizes row by row)."""
+        scale = None if table.scale is None else np.asarray(table.scale)[ids]
+        rows = QuantizedWeight(table.kind, (len(ids), table.shape[1]),
+                               np.asarray(table.data)[ids], scale)
+        return dequantize(rows)
 
     def qk_norm(self, qkv, q_weight, k_weight, eps, num_heads, num_kv_heads):
         """Per-head RMSNorm of the q and k heads of qkv, in place (Qwen3)."""

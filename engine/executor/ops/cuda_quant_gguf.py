@@ -1,0 +1,155 @@
+"""GGUF weights kept in their block formats on the GPU (cuda/gguf.cu), behind CudaOps' linear and
+embedding.
+
+- Decode (x with <= GGUF_GEMV_MAX_M rows): one fused dequantize-GEMV launch that streams the
+  packed blocks; bytes read per token are the quantized size.
+- Larger batches (prefill): the weight is dequantized into a bf16/fp16 scratch, SCRATCH_ELEMS
+  values at a time, and multiplied by cuBLAS; the dequantization is a read of the packed bytes plus
+  a write and a read of the scratch, small next to a prefill's GEMM.
+- Embeddings gather rows: only the looked-up rows are dequantized.
+
+The scratch belongs to the CudaOps object and grows on first use. The CUDA-graph warm-up forward
+runs every captured shape once before capture, so capture itself never allocates it.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import cupy
+import numpy as np
+
+from engine.executor.ops import cuda_gemv
+from engine.executor.ops.cuda_kernels import GGUF_GEMV_M, GGUF_GEMV_R, kernel
+from engine.model.gguf_quants import BLOCKS, row_bytes
+from engine.model.quantized import QuantizedWeight
+
+GGUF_GEMV_MAX_M = 8  # rows up to which linear() takes the fused GEMV (0 = never: kernel_check)
+SCRATCH_ELEMS = 64 << 20  # dequantized values per cuBLAS pass (128 MiB in bf16)
+GEMV_WARPS = 4  # warps per GEMV block: cuda/gguf.cu's GG_WARPS
+# GEMV blocks per SM: 4 x 4 warps, each with up to 7 tiles in flight, keep ~100 KB per SM moving
+GEMV_BLOCKS_PER_SM = 4
+STORAGE = {"__half": np.float16, "__nv_bfloat16": np.uint16}  # compute type -> storage dtype
+
+
+def is_gguf(weight) -> bool:
+    return isinstance(weight, QuantizedWeight) and weight.kind in BLOCKS
+
+
+def check(weight: QuantizedWeight, name: str = "weight") -> QuantizedWeight:
+    """CuPy checks nothing: a wrong layout would read garbage."""
+    rows, cols = weight.shape
+    data = weight.data
+    want = (rows, row_bytes(weight.kind, cols))
+    if not isinstance(data, cupy.ndarray) or data.dtype != np.uint8 or data.shape != want:
+        raise TypeError(f"{name}: {weight.kind} data must be a cupy uint8 array of shape {want}, "
+                        f"got {type(data).__name__} {getattr(data, 'dtype', '')} "
+                        f"{getattr(data, 'shape', '')}")
+    if not data.flags.c_contiguous:
+        raise ValueError(f"{name}: {weight.kind} data must be C-contiguous")
+    return weight
+
+
+def dequantize(weight: QuantizedWeight, ctype: str, exact: bool = False,
+               ids: cupy.ndarray | None = None, out: cupy.ndarray | None = None,
+               row_start: int = 0, num_rows: int | None = None) -> cupy.ndarray:
+    """Rows of the float matrix: ids[r] for r < len(ids) if ids is given, else rows row_start ..
+    row_start + num_rows. In the compute type `ctype`'s storage, or with `exact` in float32 (the
+    bit-exact twin of gguf_quants.dequantize_gguf). out: the (R, K) array to write into."""
+    check(weight)
+    rows, k = weight.shape
+    data = weight.data
+    if ids is None:
+        num_rows = rows - row_start if num_rows is None else num_rows
+        data = data[row_start : row_start + num_rows]
+    else:
+        num_rows = len(ids)
+    dtype = np.float32 if exact else STORAGE[ctype]
+    if out is None:
+        out = cupy.empty((num_rows, k), dtype)
+    elif out.shape != (num_rows, k) or out.dtype != dtype or not out.flags.c_contiguous:
+        raise ValueError(f"out: expected contiguous {np.dtype(dtype)} {(num_rows, k)}, got "
+                         f"{out.dtype} {out.shape}")
+    if num_rows:
+        store = "float" if exact else ctype
+        kernel("gguf.cu", f"gguf_dequant_kernel<{weight.kind}, {store}>", ctype)(
+            (-(-k // 16 // 128), num_rows), (128,),
+            (out, data, np.uint64(0) if ids is None else ids, np.int32(k),
+             np.int32(row_bytes(weight.kind, k))))
+    return out
+
+
+def gemv_fits(x: cupy.ndarray, weight: QuantizedWeight, max_m: int | None = None) -> bool:
+    """Whether the fused GEMV can run: few rows, x in 16-byte words, weight 16-byte aligned."""
+    max_m = GGUF_GEMV_MAX_M if max_m is None else max_m
+    return (0 < x.shape[0] <= min(max_m, GGUF_GEMV_M[-1]) and x.shape[1] % 16 == 0
+            and x.data.ptr % 16 == 0 and weight.data.data.ptr % 16 == 0)
+
+
+def gemv(x: cupy.ndarray, weight: QuantizedWeight, out: cupy.ndarray, ctype: str,
+         rows_per_block: int = GGUF_GEMV_R, blocks_per_sm: int | None = None):
+    """out (M, N) = x (M, K) @ dequantized(weight)^T, M <= 8. One launch: a few blocks per SM,
+    each warp streaming row groups (cuda/gguf.cu). rows_per_block and blocks_per_sm: variants
+    kernel_check compares (GGUF_GEMV_VARIANTS)."""
+    n, k = weight.shape
+    m = x.shape[0]
+    compiled = next(c for c in GGUF_GEMV_M if c >= m)
+    row_groups = -(-n // rows_per_block)
+    per_sm = GEMV_BLOCKS_PER_SM if blocks_per_sm is None else blocks_per_sm
+    blocks = max(1, min(-(-row_groups // GEMV_WARPS), per_sm * _sm_count()))
+    name = f"gguf_gemv_kernel<{weight.kind}, {ctype}, {compiled}, {rows_per_block}>"
+    kernel("gguf.cu", name, ctype)(
+        (blocks,), (32 * GEMV_WARPS,),
+        (out, x, weight.data, np.int32(n), np.int32(k), np.int32(m),
+         np.int32(row_bytes(weight.kind, k))))
+    return out
+
+
+@functools.cache
+def _sm_count() -> int:
+    return int(cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["multiProcessorCount"])
+
+
+class GGUFLinear:
+    """linear and embedding for GGUF weights on one CudaOps (which lends its cuBLAS GEMM)."""
+
+    def __init__(self, ops):
+        self.ops = ops
+        self._scratch: cupy.ndarray | None = None  # (SCRATCH_ELEMS at most,) compute dtype
+
+    def scratch(self, numel: int) -> cupy.ndarray:
+        if self._scratch is None or self._scratch.size < numel:
+            self._scratch = None  # let the old one go before the new one is made
+            self._scratch = cupy.empty(numel, self.ops.storage)
+        return self._scratch[:numel]
+
+    def linear(self, x: cupy.ndarray, weight: QuantizedWeight) -> cupy.ndarray:
+        # x (T, K), weight (N, K) quantized -> (T, N)
+        check(weight)
+        n, k = weight.shape
+        out = cupy.empty((x.shape[0], n), self.ops.storage)
+        if x.shape[0] == 0:
+            return out
+        if gemv_fits(x, weight):
+            return gemv(x, weight, out, self.ops.ctype)
+        chunk = max(1, min(n, SCRATCH_ELEMS // k))
+        for start in range(0, n, chunk):
+            rows = min(chunk, n - start)
+            w = dequantize(weight, self.ops.ctype, out=self.scratch(rows * k).reshape(rows, k),
+                           row_start=start, num_rows=rows)
+            if rows == n:
+                self._dense(x, w, out)
+            else:  # a weight larger than the scratch: its output columns pass by pass
+                part = cupy.empty((x.shape[0], rows), self.ops.storage)
+                out[:, start : start + rows] = self._dense(x, w, part)
+        return out
+
+    def _dense(self, x: cupy.ndarray, w: cupy.ndarray, out: cupy.ndarray) -> cupy.ndarray:
+        if cuda_gemv.use_gemv(x, w):
+            return cuda_gemv.gemv(x, w, out, self.ops.ctype)
+        self.ops._gemm(x, w, out, self.ops.dtype)
+        return out
+
+    def embedding(self, ids: cupy.ndarray, weight: QuantizedWeight) -> cupy.ndarray:
+        # ids (T,) int32 -> (T, K): only the looked-up rows are dequantized
+        return dequantize(weight, self.ops.ctype, ids=ids)

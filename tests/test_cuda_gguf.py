@@ -1,0 +1,122 @@
+"""cuda/gguf.cu against its numpy twin (engine/model/gguf_quants.py), GPU only: dequantization bit
+for bit in float32, the fused GEMV and the dequantize + cuBLAS path within bf16/fp16 rounding,
+embeddings by row gather, and the ops' dispatch on QuantizedWeight."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import require_gpu
+
+pytestmark = pytest.mark.gpu
+cupy = require_gpu()
+
+from engine.executor.ops import cuda_quant_gguf as cq  # noqa: E402
+from engine.executor.ops.cuda_ops import CudaOps  # noqa: E402
+from engine.model import gguf_quants as gq  # noqa: E402
+from engine.model.quantized import QuantizedWeight  # noqa: E402
+
+TOL = {"float16": 3e-3, "bfloat16": 1.5e-2}  # relative L2 error vs the fp32 reference
+
+
+@pytest.fixture(scope="module", params=["float16", "bfloat16"])
+def ops(request):
+    return CudaOps(request.param)
+
+
+def weight(kind, rows, cols, seed=0, random_scales=True):
+    host = gq.random_blocks(kind, (rows, cols), 0.02, np.random.default_rng(seed),
+                            random_scales=random_scales)
+    twin = gq.dequantize_gguf(QuantizedWeight(kind, (rows, cols), host))
+    return QuantizedWeight(kind, (rows, cols), cupy.asarray(host)), twin
+
+
+def rel(got, want):
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+# cols: 16-byte rows and rows that are not (Q4_1 at 576 is the default model's 360-byte rows)
+@pytest.mark.parametrize("kind", gq.KINDS)
+@pytest.mark.parametrize("blocks", [3, 8, 18])
+def test_dequantize_is_the_twin_bit_for_bit(ops, kind, blocks):
+    cols = blocks * gq.BLOCKS[kind][0]
+    w, twin = weight(kind, 7, cols)
+    got = cq.dequantize(w, ops.ctype, exact=True).get()
+    assert got.dtype == np.float32
+    np.testing.assert_array_equal(got.view(np.uint32), twin.view(np.uint32))
+    # in the compute type: the twin rounded once (what the prefill scratch holds)
+    np.testing.assert_array_equal(ops.to_host(cq.dequantize(w, ops.ctype)),
+                                  ops.to_host(ops.from_host(twin)))
+
+
+@pytest.mark.parametrize("kind", gq.KINDS)
+def test_embedding_dequantizes_the_gathered_rows(ops, kind):
+    w, twin = weight(kind, 40, 2 * gq.BLOCKS[kind][0])
+    ids = np.array([3, 39, 0, 3, 17], np.int32)
+    got = cq.dequantize(w, ops.ctype, exact=True, ids=cupy.asarray(ids)).get()
+    np.testing.assert_array_equal(got.view(np.uint32), twin[ids].view(np.uint32))
+    np.testing.assert_array_equal(ops.to_host(ops.embedding(ids, w)),
+                                  ops.to_host(ops.from_host(twin[ids])))
+
+
+@pytest.mark.parametrize("kind", gq.KINDS)
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 9, 33])
+@pytest.mark.parametrize("blocks", [4, 18, 56])
+def test_linear_matches_the_twin(ops, kind, m, blocks):
+    """M <= 8 takes the fused GEMV, more rows dequantize + cuBLAS; odd rows (N = 37) and rows not
+    on 16 bytes (blocks = 18 for the 32-value formats) included."""
+    cols = blocks * gq.BLOCKS[kind][0]
+    if cols > 8192:
+        pytest.skip("enough with the K-quants at 4 and 18 blocks")
+    w, twin = weight(kind, 37, cols, seed=m, random_scales=False)
+    x_h = np.random.default_rng(m).standard_normal((m, cols)).astype(np.float32)
+    x = ops.from_host(x_h)
+    want = ops.to_host(x) @ twin.T
+    assert (m <= cq.GGUF_GEMV_MAX_M) == cq.gemv_fits(x, w)
+    got = ops.to_host(ops.linear(x, w))
+    assert rel(got, want) < TOL[ops.dtype]
+
+
+def test_fused_ops_take_quantized_weights(ops):
+    """add_rms_norm_linear and silu_mul_linear: the unfused ops then the quantized linear."""
+    from engine.executor.ops.numpy_ops import NumpyOps
+
+    ref = NumpyOps()
+    rng = np.random.default_rng(5)
+    w, twin = weight("Q4_K", 64, 512, random_scales=False)
+    x_h, r_h, n_h = (rng.standard_normal(s).astype(np.float32) for s in ((2, 512), (2, 512),
+                                                                       (512,)))
+    y, res = ops.add_rms_norm_linear(ops.from_host(x_h), ops.from_host(r_h), ops.from_host(n_h),
+                                     1e-5, w)
+    y_ref, res_ref = ref.add_rms_norm_linear(x_h, r_h, n_h, 1e-5, twin)
+    assert rel(ops.to_host(y), y_ref) < TOL[ops.dtype]
+    assert rel(ops.to_host(res), res_ref) < TOL[ops.dtype]
+    gate_up = rng.standard_normal((3, 1024)).astype(np.float32)
+    got = ops.to_host(ops.silu_mul_linear(ops.from_host(gate_up), w))
+    assert rel(got, ref.silu_mul_linear(gate_up, twin)) < TOL[ops.dtype]
+
+
+def test_large_weights_go_through_the_scratch_in_passes(ops, monkeypatch):
+    monkeypatch.setattr(cq, "SCRATCH_ELEMS", 10 * 256)  # 10 rows of 256 per pass
+    w, twin = weight("Q6_K", 37, 256, random_scales=False)
+    x_h = np.random.default_rng(1).standard_normal((12, 256)).astype(np.float32)
+    x = ops.from_host(x_h)
+    got = ops.to_host(cq.GGUFLinear(ops).linear(x, w))
+    assert rel(got, ops.to_host(x) @ twin.T) < TOL[ops.dtype]
+
+
+def test_linear_is_capturable_in_a_cuda_graph(ops):
+    """Decode steps replay graphs: the GEMV and the scratch path launch nothing that syncs."""
+    w, twin = weight("Q8_0", 64, 256, random_scales=False)
+    for m in (1, 16):
+        x = ops.from_host(np.random.default_rng(m).standard_normal((m, 256)).astype(np.float32))
+        eager = ops.to_host(ops.linear(x, w))  # grows the scratch before the capture
+        stream = cupy.cuda.Stream(non_blocking=True)
+        cupy.cuda.Device().synchronize()
+        with stream:
+            stream.begin_capture()
+            out = ops.linear(x, w)
+            graph = stream.end_capture()
+            graph.launch(stream)
+            stream.synchronize()
+        np.testing.assert_array_equal(ops.to_host(out), eager)

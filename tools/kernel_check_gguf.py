@@ -1,0 +1,138 @@
+"""kernel_check's `gguf` section: cuda/gguf.cu against its numpy twin (engine/model/gguf_quants.py)
+and timed at Llama-3-8B shapes.
+
+- dequantize: the device's float32 output equals the twin bit for bit (count of differing values),
+  its bf16 output equals the twin rounded to bf16;
+- GEMV: against the twin's float matrix times x, at M = 1, 3, 8, rows aligned and not;
+- timing of the TIMED formats, cold weights (more copies than L2 holds): the fused GEMV at M = 1,
+  2, 4, 8 (at M = 1 on the SWEEP shapes every compiled rows-per-block R x 2, 4, 6 blocks per SM)
+  and the dequantize + cuBLAS path at M = 8, 64 (DEQUANT_SHAPES), in us and GB/s of the packed
+  bytes read. Twin checks print one summary line, and each failure.
+"""
+
+from __future__ import annotations
+
+import cupy
+import numpy as np
+
+from engine.executor.ops import cuda_quant_gguf as cq
+from engine.executor.ops.cuda_kernels import GGUF_GEMV_R, GGUF_GEMV_VARIANTS
+from engine.model import gguf_quants as gq
+from engine.model.quantized import QuantizedWeight
+
+L2_BYTES = 60 << 20
+SWEEP = ("o 4096x4096", "down 4096x14336")  # shapes where GEMV variants are tried at M=1
+TIMED = ("Q4_K", "Q6_K", "Q8_0")  # the targets' formats and Q4_K_M's other one
+DEQUANT_SHAPES = ("qkv 6144x4096", "gate_up 28672x4096", "down 4096x14336")
+SHAPES = {"qkv 6144x4096": (6144, 4096), "o 4096x4096": (4096, 4096),
+          "gate 14336x4096": (14336, 4096), "gate_up 28672x4096": (28672, 4096),
+          "down 4096x14336": (4096, 14336), "lm_head 128256x4096": (128256, 4096)}
+
+
+def finite_blocks(kind: str, shape: tuple, rng) -> np.ndarray:
+    """Random blocks with every bit random except the float16 scales (random finite values)."""
+    return gq.random_blocks(kind, shape, 0.02, rng, random_scales=True)
+
+
+def upload(kind: str, host: np.ndarray, shape: tuple) -> QuantizedWeight:
+    return QuantizedWeight(kind, shape, cupy.asarray(host))
+
+
+def bf16_round(a: np.ndarray) -> np.ndarray:
+    """float32 -> nearest-even bf16 -> float32 (what from_float<__nv_bfloat16> does)."""
+    bits = a.astype(np.float32).view(np.uint32).astype(np.uint64)
+    bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16
+    return bits.astype(np.uint32).view(np.float32)
+
+
+def check_twins(ops, small: bool, report):
+    rng = np.random.default_rng(0)
+    for kind in gq.KINDS:
+        values = gq.BLOCKS[kind][0]
+        for rows, k in ((64, 4096), (9, 3 * values)) if not small else ((9, 3 * values),):
+            host = finite_blocks(kind, (rows, k), rng)
+            want = gq.dequantize_gguf(QuantizedWeight(kind, (rows, k), host))
+            w = upload(kind, host, (rows, k))
+            got = cq.dequantize(w, ops.ctype, exact=True).get()
+            diff = int(np.count_nonzero(got.view(np.uint32) != want.view(np.uint32)))
+            got16 = ops.to_host(cq.dequantize(w, ops.ctype))
+            diff16 = int(np.count_nonzero(got16 != bf16_round(want)))
+            ids = rng.integers(0, rows, 5).astype(np.int32)
+            emb = cq.dequantize(w, ops.ctype, exact=True, ids=cupy.asarray(ids)).get()
+            diff_emb = int(np.count_nonzero(emb.view(np.uint32) != want[ids].view(np.uint32)))
+            report(f"{kind} dequantize {rows}x{k}",
+                   f"fp32 diff {diff}, bf16 diff {diff16}, gather diff {diff_emb}",
+                   "OK" if diff == diff16 == diff_emb == 0 else "MISMATCH", quiet=True)
+            for m in (1, 3, 8):
+                x_h = rng.standard_normal((m, k)).astype(np.float32)
+                x = ops.from_host(x_h)
+                out = cupy.empty((m, rows), ops.storage)
+                cq.gemv(x, w, out, ops.ctype)
+                ref = ops.to_host(x) @ want.T
+                err = float(np.linalg.norm(ops.to_host(out) - ref) / np.linalg.norm(ref))
+                report(f"{kind} GEMV {rows}x{k} M={m}", f"rel err {err:.1e}",
+                       "OK" if err < 1e-2 else "MISMATCH", quiet=True)
+
+
+def check_speed(ops, small: bool, timer, report):
+    rng = np.random.default_rng(1)
+    shapes = {"small 1024x1024": (1024, 1024)} if small else SHAPES
+    for kind in TIMED:
+        for name, (n, k) in shapes.items():
+            nbytes = n * gq.row_bytes(kind, k)
+            copies = 1 if small else max(1, -(-3 * L2_BYTES // nbytes))
+            host = gq.random_blocks(kind, (n, k), 0.02, rng)
+            ws = [upload(kind, host, (n, k)) for _ in range(copies)]
+            gl = cq.GGUFLinear(ops)
+            for m in ((1,) if small else (1, 2, 4, 8)):
+                x = ops.from_host(rng.standard_normal((m, k)).astype(np.float32))
+                out = cupy.empty((m, n), ops.storage)
+                variants = [(GGUF_GEMV_R, None)]
+                if m == 1 and not small and name in SWEEP and kind != "Q6_K":
+                    variants = [(r, b) for mm, r in GGUF_GEMV_VARIANTS if mm == 1
+                                for b in (2, 4, 6)]
+                for r, w in variants:
+                    it = iter(range(10**9))
+                    t = timer(lambda x=x, out=out, it=it, ws=ws, r=r, w=w: cq.gemv(
+                        x, ws[next(it) % len(ws)], out, ops.ctype, r, w), max(20, copies))
+                    label = "" if w is None else f" R={r} blocks/SM={w}"
+                    report(f"{kind} {name} GEMV M={m}{label}", f"{t * 1e6:.1f} us",
+                           f"{nbytes / t / 1e9:.0f} GB/s packed ({nbytes / t / 4.27e12:.0%})")
+            if small or name not in DEQUANT_SHAPES:
+                continue
+            for m in (8, 64):
+                x = ops.from_host(rng.standard_normal((m, k)).astype(np.float32))
+                saved, cq.GGUF_GEMV_MAX_M = cq.GGUF_GEMV_MAX_M, 0  # force dequantize + cuBLAS
+                try:
+                    gl.linear(x, ws[0])  # grows the scratch outside capture
+                    it = iter(range(10**9))
+                    t = timer(lambda x=x, it=it, ws=ws, gl=gl: gl.linear(x, ws[next(it) % len(ws)]),
+                              max(20, copies))
+                finally:
+                    cq.GGUF_GEMV_MAX_M = saved
+                bf16 = n * k * 2
+                report(f"{kind} {name} dequant+cuBLAS M={m}", f"{t * 1e6:.1f} us",
+                       f"bf16 weight read alone {bf16 / 4.27e12 * 1e6:.1f} us")
+
+
+def check_gguf(ops, timer, small: bool = False):
+    """timer(fn, calls) -> seconds per call on the GPU (kernel_check.graph_time)."""
+    lines = []
+
+    checks = []
+
+    def report(case, a, b, quiet=False):
+        """quiet: a twin check, printed only when it fails (one summary line otherwise)."""
+        line = f"| {case} | {a} | {b} |"
+        lines.append(line)
+        if quiet:
+            checks.append(b)
+        if not quiet or b != "OK":
+            print("gguf", line, flush=True)
+
+    check_twins(ops, small, report)
+    print(f"gguf | twin checks | {checks.count('OK')} of {len(checks)} OK | dequantize bit-exact, "
+          "GEMV rel err < 1e-2 |", flush=True)
+    cupy.get_default_memory_pool().free_all_blocks()
+    check_speed(ops, small, timer, report)
+    return lines
