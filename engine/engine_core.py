@@ -107,7 +107,8 @@ class EngineCore:
         if loaded_model is None:
             loaded_model = load_model(engine_config.model, self.ops,
                                       load_format=engine_config.load_format,
-                                      seed=engine_config.seed)
+                                      seed=engine_config.seed,
+                                      quantization=engine_config.quantization)
         self.model_config = mc = loaded_model.config
         self.ops.check_model(mc)
         # Kept for the in-process front (LLMEngine); the core itself reads only its eos id.

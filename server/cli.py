@@ -102,6 +102,11 @@ def _engine_flags() -> argparse.ArgumentParser:
     g.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
                    help="auto = read the weights; dummy = random weights at the model's shapes "
                         "(benchmarks without a checkpoint; MODEL may then be a preset name)")
+    g.add_argument("--quantization", "-q", choices=("fp8",), default=None,
+                   help="fp8: the linear layers (qkv, o, gate_up, down) run W8A8 in FP8 E4M3, a "
+                        "bf16/fp16 checkpoint quantized at load (per-channel weight scales, "
+                        "per-token activation scales); embeddings and lm_head stay 16-bit. A "
+                        "checkpoint stored in FP8 loads as FP8 without it (default: none)")
     g.add_argument("--seed", type=int, default=0,
                    help="seed of the engine's random numbers (dummy weights, unseeded sampling)")
     g.add_argument("--cpu-threads", type=_positive_int, default=1, metavar="N",
@@ -198,7 +203,8 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         gpu_memory_utilization=args.gpu_memory_utilization,
         enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
         async_scheduling=args.async_scheduling, load_format=args.load_format, seed=args.seed,
-        cpu_threads=args.cpu_threads, speculative_config=args.speculative_config)
+        cpu_threads=args.cpu_threads, speculative_config=args.speculative_config,
+        quantization=args.quantization)
     config.validate()
     return config
 

@@ -60,6 +60,8 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--num-kv-blocks", type=int, default=None)
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
     ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--quantization", choices=("fp8",), default=None,
+                    help="fp8: linear layers in FP8 E4M3 W8A8, quantized at load")
     ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                     help="schedule step N+1 while step N runs (default: on for cuda)")
     ap.add_argument("--speculative-config", type=json.loads, default=None, metavar="JSON",
@@ -84,7 +86,7 @@ def build_llm(args: argparse.Namespace, enable_prefix_caching: bool = True):
                seed=args.seed, load_format=args.load_format,
                gpu_memory_utilization=args.gpu_memory_utilization,
                enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling,
-               speculative_config=args.speculative_config)
+               speculative_config=args.speculative_config, quantization=args.quantization)
 
 
 def workload(args: argparse.Namespace, vocab_size: int) -> tuple[list[list[int]], list[int]]:
@@ -221,6 +223,7 @@ def summarize(args, engine, prompts, output_lens, trace) -> dict:
     wall = trace["wall_s"]
     result = {
         "workload": "W1", "model": args.model, "device": engine.ops.name, "dtype": dtype,
+        "quantization": args.quantization,
         "num_prompts": len(prompts), "scale": args.scale,
         "sampling": "greedy" if args.temperature == 0 else f"temperature {args.temperature}",
         "prompt_tokens": sum(prompt_lens),
@@ -248,7 +251,9 @@ def summarize(args, engine, prompts, output_lens, trace) -> dict:
 
 def format_report(r: dict) -> str:
     return "\n".join([
-        f"W1 on {r['model']} ({r['device']}, {r['dtype']}, {r['sampling']}): {r['num_prompts']} "
+        f"W1 on {r['model']} ({r['device']}, {r['dtype']}"
+        f"{', ' + r['quantization'] if r.get('quantization') else ''}, {r['sampling']}): "
+        f"{r['num_prompts']} "
         f"requests, {r['prompt_tokens']} prompt + {r['output_tokens']} output tokens "
         f"(requested {r['requested_output_tokens']})",
         f"output {r['output_tok_s']:.1f} tok/s   total {r['total_tok_s']:.1f} tok/s   "

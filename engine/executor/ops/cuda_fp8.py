@@ -1,0 +1,179 @@
+"""FP8 (E4M3) W8A8 on the cuda backend: cuda/fp8.cu and cuBLASLt behind the three ops that take a
+weight (linear, add_rms_norm_linear, silu_mul_linear). engine/model/fp8.py is the numpy twin.
+
+Each matrix product is two launches: one kernel quantizes the activations per token, fused with
+the residual add + RMSNorm or the SiLU-mul that produces them (so the bf16 activation never goes
+through memory), then the product runs as
+- the FP8 GEMV at decode batches (M <= FP8_GEMV_MAX_M): one read of the weights, half the bytes
+  of bf16;
+- cuBLASLt's FP8 GEMM above that (cuda_blaslt.py), or the GEMV 8 rows at a time for a shape
+  cuBLASLt has no plan for.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import cupy
+import numpy as np
+
+from engine.executor.ops.cuda_blas import Gemm
+from engine.executor.ops.cuda_blaslt import Fp8Gemm
+from engine.executor.ops.cuda_kernels import kernel
+from engine.model.quantized import QuantizedWeight
+
+FP8_GEMV_MAX_M = 8  # rows up to which the GEMV runs instead of cuBLASLt (compiled for 1..8)
+GEMV_ROWS_PER_BLOCK = 4  # fp8.cu's F8_R
+_LT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Gemm -> its Fp8Gemm
+
+
+def fp8_gemm(gemm: Gemm) -> Fp8Gemm:
+    """The cuBLASLt FP8 GEMM sharing `gemm`'s handle and workspace (made at first use)."""
+    if gemm not in _LT:
+        _LT[gemm] = Fp8Gemm(gemm)
+    return _LT[gemm]
+
+
+def _i32(v) -> np.int32:
+    return np.int32(v)
+
+
+def check_weight(w: QuantizedWeight, in_features: int | None = None) -> None:
+    data, scale = w.data, w.scale
+    if not isinstance(data, cupy.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
+        raise TypeError("fp8 weight: expected a 2-D uint8 cupy array of E4M3 codes")
+    if not (data.flags.c_contiguous and isinstance(scale, cupy.ndarray)
+            and scale.dtype == np.float32 and scale.shape == (data.shape[0],)
+            and scale.flags.c_contiguous):
+        raise ValueError(f"fp8 weight: codes {data.shape} must be C-contiguous with one float32 "
+                         "scale per row")
+    if in_features is not None and data.shape[1] != in_features:
+        raise ValueError(f"fp8 linear: x has {in_features} features, weight expects "
+                         f"{data.shape[1]}")
+
+
+def _check_k(k: int) -> None:
+    if k % 16:
+        raise ValueError(f"fp8 on the cuda backend needs in_features divisible by 16 (16-byte "
+                         f"loads of E4M3 codes), got {k}")
+
+
+# ----------------------------------------------------------------------------- quantization
+
+
+def quantize_rows(x: cupy.ndarray, ctype: str) -> tuple[cupy.ndarray, cupy.ndarray]:
+    """x (rows, K) -> (codes (rows, K) uint8, scales (rows,) float32); fp8.quantize_rows' twin."""
+    rows, k = x.shape
+    q, s = cupy.empty((rows, k), cupy.uint8), cupy.empty(rows, cupy.float32)
+    if rows:
+        kernel("fp8.cu", f"fp8_quantize_kernel<{ctype}>", ctype)(
+            (rows,), (256,), (q, s, x, _i32(k)))
+    return q, s
+
+
+def quantize_weight(w: cupy.ndarray, ctype: str) -> QuantizedWeight:
+    """(out, in) -> an "fp8" QuantizedWeight on the device, per-output-channel scales."""
+    _check_k(w.shape[1])
+    q, s = quantize_rows(w, ctype)
+    return QuantizedWeight("fp8", tuple(w.shape), q, s)
+
+
+def norm_quantize(x, residual, norm_w, eps: float, ctype: str):
+    """(codes, scales, residual): residual += x (residual None: starts as x), then
+    quantize_rows(rms_norm(residual) * norm_w rounded to the compute dtype)."""
+    rows, k = x.shape
+    mode = 1 if residual is None else 2
+    residual = cupy.empty_like(x) if residual is None else residual
+    q, s = cupy.empty((rows, k), cupy.uint8), cupy.empty(rows, cupy.float32)
+    if rows:
+        kernel("fp8.cu", f"fp8_norm_quantize_kernel<{ctype}>", ctype)(
+            (rows,), (256,), (q, s, residual, x, norm_w, np.float32(eps), _i32(k), _i32(mode)))
+    return q, s, residual
+
+
+def silu_quantize(gate_up: cupy.ndarray, ctype: str):
+    """quantize_rows(silu(gate) * up rounded to the compute dtype); gate_up (rows, 2K)."""
+    rows, k = gate_up.shape[0], gate_up.shape[1] // 2
+    q, s = cupy.empty((rows, k), cupy.uint8), cupy.empty(rows, cupy.float32)
+    if rows:
+        kernel("fp8.cu", f"fp8_silu_quantize_kernel<{ctype}>", ctype)(
+            (rows,), (256,), (q, s, gate_up, _i32(k)))
+    return q, s
+
+
+# ----------------------------------------------------------------------------- products
+
+
+def gemv(q, s, w: QuantizedWeight, out, ctype: str):
+    """out (M, N) = (q . w^T) * s * w.scale for M <= 8 rows: one launch."""
+    m = q.shape[0]
+    n, k = w.data.shape
+    words = k // 16
+    threads = min(256, max(64, -(-words // 64) * 32))  # about 2 words per thread per row
+    kernel("fp8.cu", f"fp8_gemv_kernel<{ctype}, {m}>", ctype)(
+        (-(-n // GEMV_ROWS_PER_BLOCK),), (threads,), (out, q, s, w.data, w.scale, _i32(n), _i32(k)))
+    return out
+
+
+def matmul(ops, q, s, w: QuantizedWeight, use_gemv: bool | None = None):
+    """(M, N) in the compute dtype = (q . w^T) * s[m] * w.scale[n]: GEMV or cuBLASLt by M."""
+    m = q.shape[0]
+    n = w.data.shape[0]
+    out = cupy.empty((m, n), ops.storage)
+    if m == 0:
+        return out
+    if use_gemv is None:
+        use_gemv = m <= FP8_GEMV_MAX_M
+    if use_gemv and m <= 8:
+        return gemv(q, s, w, out, ops.ctype)
+
+    def scale(acc, y):
+        kernel("fp8.cu", f"fp8_scale_kernel<{ops.ctype}>", ops.ctype)(
+            (-(-y.size // 256),), (256,), (y, acc, s, w.scale, np.int64(y.size), _i32(n)))
+
+    if fp8_gemm(ops._gemm)(q, s, w.data, w.scale, out, ops.dtype, scale) is None:
+        # NOTE: no cuBLASLt plan for this shape: correct but slow, every 8 rows re-read w.
+        for r in range(0, m, 8):
+            gemv(q[r:r + 8], s[r:r + 8], w, out[r:r + 8], ops.ctype)
+    return out
+
+
+# ----------------------------------------------------------------------------- the ops
+
+
+def linear(ops, x, weight: QuantizedWeight, bias=None):
+    """ops.linear for an fp8 weight: x (T, in) -> (T, out)."""
+    ops._check(x, "x", 2)
+    check_weight(weight, x.shape[1])
+    q, s = quantize_rows(x, ops.ctype)
+    out = matmul(ops, q, s, weight)
+    if bias is not None and out.size:
+        ops._check(bias, "bias", 1)
+        kernel("activation.cu", f"add_bias_kernel<{ops.ctype}>", ops.ctype)(
+            (-(-out.size // 256),), (256,), (out, bias, np.int64(out.size), _i32(out.shape[1])))
+    return out
+
+
+def add_rms_norm_linear(ops, x, residual, norm_weight, eps, weight: QuantizedWeight):
+    """ops.add_rms_norm_linear for an fp8 weight: (y, residual), the norm fused into the
+    activation quantization (the residual is updated in place, or made when None)."""
+    ops._check(x, "x", 2)
+    ops._check(norm_weight, "norm_weight", 1)
+    if residual is not None and ops._check(residual, "residual", 2).shape != x.shape:
+        raise ValueError(f"residual shape {residual.shape} != x shape {x.shape}")
+    if norm_weight.shape[0] != x.shape[1]:
+        raise ValueError(f"add_rms_norm_linear: x has {x.shape[1]} features, norm weight "
+                         f"{norm_weight.shape[0]}")
+    check_weight(weight, x.shape[1])
+    q, s, residual = norm_quantize(x, residual, norm_weight, eps, ops.ctype)
+    return matmul(ops, q, s, weight), residual
+
+
+def silu_mul_linear(ops, gate_up, weight: QuantizedWeight):
+    """ops.silu_mul_linear for an fp8 weight, the SiLU-mul fused into the quantization."""
+    ops._check(gate_up, "gate_up", 2)
+    if gate_up.shape[1] % 2:
+        raise ValueError(f"silu_mul_linear: gate_up width {gate_up.shape[1]} is odd")
+    check_weight(weight, gate_up.shape[1] // 2)
+    q, s = silu_quantize(gate_up, ops.ctype)
+    return matmul(ops, q, s, weight)
