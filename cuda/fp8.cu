@@ -6,14 +6,43 @@
 // NOTE: x / s and absmax / 448 are IEEE divisions (NVRTC's default -prec-div=true), so the codes
 // and scales are bit-identical to numpy's. Products of two E4M3 values are exact in fp32; only the
 // order of the fp32 sums differs from the twin.
-#include <cuda_fp8.h>
-
 #include "common.cuh"
 
 constexpr float E4M3_MAX = 448.f;
 
+// E4M3 encoding: round to nearest even, +-inf and beyond +-448 saturate to +-448, NaN -> 0x7F.
+// sm_89+ converts in hardware; older GPUs run the twin's integer algorithm. (No cuda_fp8.h: not
+// every NVRTC ships it.)
 __device__ __forceinline__ unsigned char encode_e4m3(float v) {
-  return __nv_cvt_float_to_fp8(v, __NV_SATFINITE, __NV_E4M3);  // RNE; +-inf -> +-448; NaN -> 0x7F
+#if __CUDA_ARCH__ >= 890
+  unsigned short pair;  // {cvt(a) high byte, cvt(b) low byte}
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(pair) : "f"(0.f), "f"(v));
+  return (unsigned char)(pair & 0xFFu);
+#else
+  const unsigned bits = __float_as_uint(v), mag = bits & 0x7FFFFFFFu;
+  if (mag > 0x7F800000u) return 0x7F;
+  const int code = mag < 0x3C800000u  // below 2^-6: subnormal steps of 2^-9
+                       ? (int)rintf(fabsf(v) * 512.f)
+                       : (int)((mag + 0x7FFFFu + ((mag >> 20) & 1u)) >> 20) - (120 << 3);
+  return (unsigned char)(min(code, 0x7E) | ((bits >> 24) & 0x80u));
+#endif
+}
+
+__device__ __forceinline__ float decode_e4m3(unsigned c) {
+  const unsigned e = (c >> 3) & 15u, m = c & 7u;
+  const float v = e == 0 ? m * (1.f / 512.f) : __uint_as_float(((e + 120u) << 23) | (m << 20));
+  return (c & 0x80u) ? -v : v;
+}
+
+// Two E4M3 codes (low byte first) -> two floats, exactly (every E4M3 value is exact in fp16).
+__device__ __forceinline__ float2 decode_e4m3x2(unsigned short pair) {
+#if __CUDA_ARCH__ >= 890
+  unsigned h2;
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"(pair));
+  return __half22float2(*reinterpret_cast<const __half2*>(&h2));
+#else
+  return make_float2(decode_e4m3(pair & 0xFFu), decode_e4m3(pair >> 8));
+#endif
 }
 
 __device__ __forceinline__ float row_scale(float absmax) {
@@ -22,80 +51,151 @@ __device__ __forceinline__ float row_scale(float absmax) {
 }
 
 // ------------------------------------------------------------------------------ quantization
+// One block per row; a thread takes 8-element words w = t, t + blockDim, ... (K % 8 == 0, rows
+// 16-byte aligned). Pass 1 finds the row's absmax, pass 2 encodes: the row is read (or
+// recomputed) twice, from L1/L2 the second time.
 
-// Row-wise quantization of x (activations per token, or a weight per output channel).
-// Grid: (rows)  Block: (256)
 template <typename T>
-__global__ void fp8_quantize_kernel(unsigned char* __restrict__ q,     // [rows, K]
-                                    float* __restrict__ scale,   // [rows]
-                                    const T* __restrict__ x,     // [rows, K]
+__device__ __forceinline__ void load8(const T* p, float* f) {
+  const uint4 w = *reinterpret_cast<const uint4*>(p);
+  const T* h = reinterpret_cast<const T*>(&w);
+#pragma unroll
+  for (int e = 0; e < 8; e++) f[e] = to_float(h[e]);
+}
+
+template <typename T>
+__device__ __forceinline__ void store8(T* p, const float* f) {
+  uint4 w;
+  T* h = reinterpret_cast<T*>(&w);
+#pragma unroll
+  for (int e = 0; e < 8; e++) h[e] = from_float<T>(f[e]);
+  *reinterpret_cast<uint4*>(p) = w;
+}
+
+// Round the 8 values to T (what an unfused kernel would store) and fold their |max| into amax.
+template <typename T>
+__device__ __forceinline__ void round8(float* f, float& amax) {
+#pragma unroll
+  for (int e = 0; e < 8; e++) {
+    f[e] = to_float(from_float<T>(f[e]));
+    amax = fmaxf(amax, fabsf(f[e]));
+  }
+}
+
+__device__ __forceinline__ void encode8(unsigned char* q, const float* f, float s) {
+  uint2 w;
+  unsigned char* b = reinterpret_cast<unsigned char*>(&w);
+#pragma unroll
+  for (int e = 0; e < 8; e++) b[e] = encode_e4m3(f[e] / s);
+  *reinterpret_cast<uint2*>(q) = w;
+}
+
+// x (a row per token, or a weight's row per output channel) -> codes and the row's scale.
+// Grid: (rows)  Block: (64..1024, a multiple of 32)
+template <typename T>
+__global__ void fp8_quantize_kernel(unsigned char* __restrict__ q,  // [rows, K]
+                                    float* __restrict__ scale,      // [rows]
+                                    const T* __restrict__ x,        // [rows, K]
                                     int K) {
   __shared__ float red[32];
-  const long base = (long)blockIdx.x * K;
-  float amax = 0.f;
-  for (int i = threadIdx.x; i < K; i += blockDim.x) amax = fmaxf(amax, fabsf(to_float(x[base + i])));
+  const T* row = x + (long)blockIdx.x * K;
+  float f[8], amax = 0.f;
+  for (int w = threadIdx.x; w < K / 8; w += blockDim.x) {
+    load8(row + 8 * w, f);
+    round8<T>(f, amax);
+  }
   const float s = row_scale(block_max(amax, red));
-  for (int i = threadIdx.x; i < K; i += blockDim.x) q[base + i] = encode_e4m3(to_float(x[base + i]) / s);
+  for (int w = threadIdx.x; w < K / 8; w += blockDim.x) {
+    load8(row + 8 * w, f);
+    encode8(q + (long)blockIdx.x * K + 8 * w, f, s);
+  }
   if (threadIdx.x == 0) scale[blockIdx.x] = s;
 }
 
-// silu(gate) * up rounded to T (exactly silu_and_mul_kernel's value), then quantized: the MLP's
-// down projection input without the bf16 round trip through memory.
-// Grid: (rows)  Block: (256)
+// silu(gate) * up, rounded to T as silu_and_mul_kernel rounds it, then quantized: the down
+// projection's input never goes through memory in 16 bits.
+// Grid: (rows)  Block: (64..1024, a multiple of 32)
 template <typename T>
-__global__ void fp8_silu_quantize_kernel(unsigned char* __restrict__ q,         // [rows, K]
-                                         float* __restrict__ scale,       // [rows]
-                                         const T* __restrict__ gate_up,   // [rows, 2K]
+__global__ void fp8_silu_quantize_kernel(unsigned char* __restrict__ q,      // [rows, K]
+                                         float* __restrict__ scale,          // [rows]
+                                         const T* __restrict__ gate_up,      // [rows, 2K]
                                          int K) {
   __shared__ float red[32];
   const T* g = gate_up + (long)blockIdx.x * 2 * K;
-  const T* u = g + K;
-  auto act = [&](int i) {
-    const float gv = to_float(g[i]);
-    return to_float(from_float<T>(gv / (1.f + expf(-gv)) * to_float(u[i])));
+  auto act = [&](int w, float* f) {
+    float u[8];
+    load8(g + 8 * w, f);
+    load8(g + K + 8 * w, u);
+#pragma unroll
+    for (int e = 0; e < 8; e++) f[e] = f[e] / (1.f + expf(-f[e])) * u[e];
   };
-  float amax = 0.f;
-  for (int i = threadIdx.x; i < K; i += blockDim.x) amax = fmaxf(amax, fabsf(act(i)));
+  float f[8], amax = 0.f;
+  for (int w = threadIdx.x; w < K / 8; w += blockDim.x) {
+    act(w, f);
+    round8<T>(f, amax);
+  }
   const float s = row_scale(block_max(amax, red));
-  unsigned char* qr = q + (long)blockIdx.x * K;
-  for (int i = threadIdx.x; i < K; i += blockDim.x) qr[i] = encode_e4m3(act(i) / s);
+  for (int w = threadIdx.x; w < K / 8; w += blockDim.x) {
+    act(w, f);
+    float dummy = 0.f;
+    round8<T>(f, dummy);
+    encode8(q + (long)blockIdx.x * K + 8 * w, f, s);
+  }
   if (threadIdx.x == 0) scale[blockIdx.x] = s;
 }
 
-// The residual add + RMSNorm of rms_norm_kernel (same modes, same loop and reduction order at
-// 256 threads, so the normalized row is bit-identical to that kernel's output), then quantized.
-// mode 1: residual = x; mode 2: residual += x (rounded to T); the norm reads the residual.
-// Grid: (rows)  Block: (256, exactly: the sum's order must match rms_norm_kernel)
+// The residual add + RMSNorm of rms_norm_kernel (mode 1: residual = x; mode 2: residual += x,
+// rounded to T), h = norm(residual) * weight rounded to T, then h quantized. h_out (null in the
+// engine) stores h, so that tests hold the codes to the twin's quantization of h bit for bit.
+// NOTE: the sum of squares runs in a different order than rms_norm_kernel's, so h may differ from
+// that kernel's output in the last bit.
+// Grid: (rows)  Block: (64..1024, a multiple of 32)
 template <typename T>
-__global__ void fp8_norm_quantize_kernel(unsigned char* __restrict__ q,          // [rows, K]
-                                         float* __restrict__ scale,        // [rows]
-                                         T* __restrict__ residual,         // [rows, K]
-                                         const T* __restrict__ x,          // [rows, K]
-                                         const T* __restrict__ weight,     // [K]
+__global__ void fp8_norm_quantize_kernel(unsigned char* __restrict__ q,   // [rows, K]
+                                         float* __restrict__ scale,       // [rows]
+                                         T* __restrict__ residual,        // [rows, K]
+                                         T* __restrict__ h_out,           // [rows, K] or null
+                                         const T* __restrict__ x,         // [rows, K]
+                                         const T* __restrict__ weight,    // [K]
                                          float eps, int K, int mode) {
   __shared__ float red[32];
   const long base = (long)blockIdx.x * K;
-  float ss = 0.f;
-  for (int i = threadIdx.x; i < K; i += blockDim.x) {
-    float v = to_float(x[base + i]);
+  float f[8], r[8], ss = 0.f;
+  for (int w = threadIdx.x; w < K / 8; w += blockDim.x) {
+    load8(x + base + 8 * w, f);
     if (mode == 2) {
-      const T s = from_float<T>(v + to_float(residual[base + i]));
-      residual[base + i] = s;
-      v = to_float(s);
-    } else {
-      residual[base + i] = x[base + i];
+      load8(residual + base + 8 * w, r);
+#pragma unroll
+      for (int e = 0; e < 8; e++) f[e] += r[e];
     }
-    ss += v * v;
+    store8(residual + base + 8 * w, f);
+#pragma unroll
+    for (int e = 0; e < 8; e++) {
+      const float v = to_float(from_float<T>(f[e]));
+      ss += v * v;
+    }
   }
   const float inv = rsqrtf(block_sum(ss, red) / K + eps);
-  // Each thread re-reads only the residual elements it wrote itself: no barrier needed.
-  auto h = [&](int i) {
-    return to_float(from_float<T>(to_float(residual[base + i]) * inv * to_float(weight[i])));
+  // A thread re-reads only the residual words it wrote itself: no barrier needed.
+  auto h = [&](int w, float* out) {
+    load8(residual + base + 8 * w, out);
+    load8(weight + 8 * w, r);
+#pragma unroll
+    for (int e = 0; e < 8; e++) out[e] = out[e] * inv * r[e];
   };
   float amax = 0.f;
-  for (int i = threadIdx.x; i < K; i += blockDim.x) amax = fmaxf(amax, fabsf(h(i)));
+  for (int w = threadIdx.x; w < K / 8; w += blockDim.x) {
+    h(w, f);
+    round8<T>(f, amax);
+  }
   const float s = row_scale(block_max(amax, red));
-  for (int i = threadIdx.x; i < K; i += blockDim.x) q[base + i] = encode_e4m3(h(i) / s);
+  for (int w = threadIdx.x; w < K / 8; w += blockDim.x) {
+    h(w, f);
+    float dummy = 0.f;
+    round8<T>(f, dummy);
+    encode8(q + base + 8 * w, f, s);
+    if (h_out != nullptr) store8(h_out + base + 8 * w, f);
+  }
   if (threadIdx.x == 0) scale[blockIdx.x] = s;
 }
 
@@ -105,14 +205,12 @@ constexpr int F8_R = 4;  // weight rows per GEMV block
 constexpr int F8_U = 2;  // 16-byte weight words per row in flight per thread
 constexpr int F8_MAX_WARPS = 8;
 
-// 8 E4M3 codes (half of a 16-byte word: h = 0 low, 1 high) -> floats, through the f16x2
-// conversion sm_89+ does in one instruction per pair (every E4M3 value is exact in fp16).
+// 8 E4M3 codes (half of a 16-byte word: h = 0 low, 1 high) -> floats.
 __device__ __forceinline__ void fp8x8_to_float(const uint4& w, int h, float* f) {
-  const __nv_fp8x2_storage_t* p = reinterpret_cast<const __nv_fp8x2_storage_t*>(&w) + 4 * h;
+  const unsigned short* p = reinterpret_cast<const unsigned short*>(&w) + 4 * h;
 #pragma unroll
   for (int e = 0; e < 4; e++) {
-    const __half2_raw raw = __nv_cvt_fp8x2_to_halfraw2(p[e], __NV_E4M3);
-    const float2 v = __half22float2(*reinterpret_cast<const __half2*>(&raw));
+    const float2 v = decode_e4m3x2(p[e]);
     f[2 * e] = v.x;
     f[2 * e + 1] = v.y;
   }
@@ -211,7 +309,8 @@ template __global__ void fp8_quantize_kernel<__nv_bfloat16>(unsigned char*, floa
                                                             const __nv_bfloat16*, int);
 template __global__ void fp8_silu_quantize_kernel<__half>(unsigned char*, float*, const __half*, int);
 template __global__ void fp8_norm_quantize_kernel<__nv_bfloat16>(
-    unsigned char*, float*, __nv_bfloat16*, const __nv_bfloat16*, const __nv_bfloat16*, float, int, int);
+    unsigned char*, float*, __nv_bfloat16*, __nv_bfloat16*, const __nv_bfloat16*,
+    const __nv_bfloat16*, float, int, int);
 template __global__ void fp8_gemv_kernel<__nv_bfloat16, 1>(__nv_bfloat16*, const unsigned char*,
                                                            const float*, const unsigned char*,
                                                            const float*, int, int);

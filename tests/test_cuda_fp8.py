@@ -53,28 +53,35 @@ def assert_quantized_equal(q, s, x_host):
     np.testing.assert_array_equal(cupy.asnumpy(q), want_q)
 
 
-@pytest.mark.parametrize("rows, k", [(1, 64), (5, 1000), (300, 4096)])
+@pytest.mark.parametrize("rows, k", [(1, 64), (5, 1008), (300, 4096), (2, 14336)])
 def test_quantize_rows_bit_exact(ops, rows, k):
     x, x_h = upload(ops, activations(np.random.default_rng(k), rows, k))
     q, s = cuda_fp8.quantize_rows(x, ops.ctype)
     assert_quantized_equal(q, s, x_h)
-    if k % 16 == 0:  # weights: the same kernel, a row per output channel
-        qw = ops.quantize_fp8(x)
-        np.testing.assert_array_equal(cupy.asnumpy(qw.data), fp8.quantize_weight(x_h).data)
-    else:
-        with pytest.raises(ValueError, match="divisible by 16"):
-            ops.quantize_fp8(x)
+    qw = ops.quantize_fp8(x)  # weights: the same kernel, a row per output channel
+    np.testing.assert_array_equal(cupy.asnumpy(qw.data), fp8.quantize_weight(x_h).data)
 
 
+def test_quantize_needs_k_divisible_by_16(ops):
+    with pytest.raises(ValueError, match="divisible by 16"):
+        ops.quantize_fp8(upload(ops, np.ones((4, 1000)))[0])
+
+
+@pytest.mark.parametrize("k", [576, 4096])
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_norm_quantize_equals_rms_norm_then_quantize(ops, with_residual):
+def test_norm_quantize_equals_rms_norm_then_quantize(ops, with_residual, k):
+    """Codes bit-exact vs the twin's quantization of the kernel's own normalized row h; h within
+    an ulp of rms_norm_kernel's (its sum of squares runs in another order); the residual equal."""
     rng = np.random.default_rng(7)
-    x, _ = upload(ops, activations(rng, 6, 576))
-    nw, _ = upload(ops, rng.standard_normal(576) + 1)
-    res = upload(ops, rng.standard_normal((6, 576)))[0] if with_residual else None
-    h, res_ref = ops.add_rms_norm(x, None if res is None else res.copy(), nw, 1e-5)
-    q, s, res_out = cuda_fp8.norm_quantize(x, res, nw, 1e-5, ops.ctype)
+    x, _ = upload(ops, activations(rng, 6, k))
+    nw, _ = upload(ops, rng.standard_normal(k) + 1)
+    res = upload(ops, rng.standard_normal((6, k)))[0] if with_residual else None
+    h_ref, res_ref = ops.add_rms_norm(x, None if res is None else res.copy(), nw, 1e-5)
+    h = cupy.empty_like(x)
+    q, s, res_out = cuda_fp8.norm_quantize(x, res, nw, 1e-5, ops.ctype, h_out=h)
     assert_quantized_equal(q, s, ops.to_host(h))
+    np.testing.assert_allclose(ops.to_host(h), ops.to_host(h_ref), rtol=2 * ROUND[ops.dtype],
+                               atol=1e-6)
     np.testing.assert_array_equal(ops.to_host(res_out), ops.to_host(res_ref))
 
 

@@ -52,52 +52,66 @@ def check_weight(w: QuantizedWeight, in_features: int | None = None) -> None:
                          f"{data.shape[1]}")
 
 
-def _check_k(k: int) -> None:
+def _check_k(k: int, *arrays) -> None:
+    """The kernels load 16-byte words: K a multiple of 16, every array 16-byte aligned."""
     if k % 16:
         raise ValueError(f"fp8 on the cuda backend needs in_features divisible by 16 (16-byte "
                          f"loads of E4M3 codes), got {k}")
+    if any(a is not None and a.data.ptr % 16 for a in arrays):
+        raise ValueError("fp8: activations and weights must be 16-byte aligned")
 
 
 # ----------------------------------------------------------------------------- quantization
 
 
+def _threads(k: int) -> int:
+    """Threads of a row-quantizing block: about one 8-element word each, so that a decode row
+    (one block on one SM) is a couple of loads per thread, not dozens."""
+    return min(1024, max(64, -(-k // 256) * 32))
+
+
 def quantize_rows(x: cupy.ndarray, ctype: str) -> tuple[cupy.ndarray, cupy.ndarray]:
     """x (rows, K) -> (codes (rows, K) uint8, scales (rows,) float32); fp8.quantize_rows' twin."""
     rows, k = x.shape
+    _check_k(k, x)
     q, s = cupy.empty((rows, k), cupy.uint8), cupy.empty(rows, cupy.float32)
     if rows:
         kernel("fp8.cu", f"fp8_quantize_kernel<{ctype}>", ctype)(
-            (rows,), (256,), (q, s, x, _i32(k)))
+            (rows,), (_threads(k),), (q, s, x, _i32(k)))
     return q, s
 
 
 def quantize_weight(w: cupy.ndarray, ctype: str) -> QuantizedWeight:
     """(out, in) -> an "fp8" QuantizedWeight on the device, per-output-channel scales."""
-    _check_k(w.shape[1])
     q, s = quantize_rows(w, ctype)
     return QuantizedWeight("fp8", tuple(w.shape), q, s)
 
 
-def norm_quantize(x, residual, norm_w, eps: float, ctype: str):
+def norm_quantize(x, residual, norm_w, eps: float, ctype: str, h_out=None):
     """(codes, scales, residual): residual += x (residual None: starts as x), then
-    quantize_rows(rms_norm(residual) * norm_w rounded to the compute dtype)."""
+    quantize_rows(h), h = rms_norm(residual) * norm_w rounded to the compute dtype; h_out (tests)
+    receives h."""
     rows, k = x.shape
+    _check_k(k, x, residual, norm_w, h_out)
     mode = 1 if residual is None else 2
     residual = cupy.empty_like(x) if residual is None else residual
     q, s = cupy.empty((rows, k), cupy.uint8), cupy.empty(rows, cupy.float32)
     if rows:
         kernel("fp8.cu", f"fp8_norm_quantize_kernel<{ctype}>", ctype)(
-            (rows,), (256,), (q, s, residual, x, norm_w, np.float32(eps), _i32(k), _i32(mode)))
+            (rows,), (_threads(k),),
+            (q, s, residual, np.uint64(0) if h_out is None else h_out, x, norm_w,
+             np.float32(eps), _i32(k), _i32(mode)))
     return q, s, residual
 
 
 def silu_quantize(gate_up: cupy.ndarray, ctype: str):
     """quantize_rows(silu(gate) * up rounded to the compute dtype); gate_up (rows, 2K)."""
     rows, k = gate_up.shape[0], gate_up.shape[1] // 2
+    _check_k(k, gate_up)
     q, s = cupy.empty((rows, k), cupy.uint8), cupy.empty(rows, cupy.float32)
     if rows:
         kernel("fp8.cu", f"fp8_silu_quantize_kernel<{ctype}>", ctype)(
-            (rows,), (256,), (q, s, gate_up, _i32(k)))
+            (rows,), (_threads(k),), (q, s, gate_up, _i32(k)))
     return q, s
 
 
