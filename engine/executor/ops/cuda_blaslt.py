@@ -14,6 +14,7 @@ workspace per call, so captured CUDA graphs replay it like cublasGemmEx.
 from __future__ import annotations
 
 import ctypes
+import logging
 import os
 import weakref
 
@@ -21,6 +22,7 @@ import cupy
 
 from engine.executor.ops.cuda_blas import DATA_TYPES, WORKSPACE_BYTES, Gemm
 
+logger = logging.getLogger("pagedserve." + __name__)
 CUDA_R_8F_E4M3 = 28
 CUBLAS_COMPUTE_32F = 68
 CUDA_R_32F = DATA_TYPES["float32"]
@@ -65,10 +67,11 @@ class Fp8Gemm:
         lib.cublasLtMatmulDescCreate.argtypes = [p, i, i]
         lib.cublasLtMatrixLayoutCreate.argtypes = [p, i, u64, u64, i64]
         lib.cublasLtMatmulPreferenceSetAttribute.argtypes = [p, i, p, sz]
-        self._descs: dict[tuple, int] = {}  # (outer, D type) -> cublasLtMatmulDesc_t
+        self._descs: dict[tuple, int | None] = {}  # (outer,) -> cublasLtMatmulDesc_t
         self._layouts: dict[tuple, int] = {}  # (type, rows, cols, ld) -> cublasLtMatrixLayout_t
         self.plans: dict[tuple, tuple | None] = {}  # (M, N, K, dtype) -> (mode, algo) or None
         self.modes = ("outer", "fp32+scale")  # tried in this order (tests narrow it)
+        self._logged: set[tuple] = set()
         pref = ctypes.c_void_p()
         self._check(lib.cublasLtMatmulPreferenceCreate(ctypes.byref(pref)), "PreferenceCreate")
         self._pref = pref.value
@@ -118,13 +121,14 @@ class Fp8Gemm:
             self._layouts[key] = layout.value
         return self._layouts[key]
 
-    def _plan(self, m: int, n: int, k: int, dtype: str, scales: tuple[int, int]):
+    def _plan(self, m: int, n: int, k: int, dtype: str, scales: tuple[int, int],
+              modes: tuple[str, ...] | None = None):
         """("outer" | "fp32+scale", algo) for this shape, or None if cuBLASLt has neither."""
         key = (m, n, k, dtype)
-        if key in self.plans:
+        if key in self.plans and modes is None:
             return self.plans[key]
         self.plans[key] = None
-        for mode in self.modes:
+        for mode in self.modes if modes is None else modes:
             desc = self._desc(mode == "outer")
             if desc is None:
                 continue
@@ -139,6 +143,11 @@ class Fp8Gemm:
             if status == 0 and count.value > 0:
                 self.plans[key] = (mode, result)
                 break
+        if key[1:] not in self._logged:  # once per weight shape: which way the scales go
+            self._logged.add(key[1:])
+            logger.info("cuBLASLt FP8 %s x %s (M=%d): %s", n, k, m,
+                        "no plan, GEMV fallback" if self.plans[key] is None
+                        else self.plans[key][0])
         return self.plans[key]
 
     def _layouts_for(self, m: int, n: int, k: int, out_type: int):
@@ -167,11 +176,17 @@ class Fp8Gemm:
         else:
             d_array = cupy.empty((m, n), cupy.float32)
         a, b, d = self._layouts_for(m, n, k, DATA_TYPES[dtype] if outer else CUDA_R_32F)
-        self._check(self._matmul(
+        status = self._matmul(
             self._gemm.handle, desc, ctypes.byref(self._one), qw.data.ptr, a, qx.data.ptr, b,
             ctypes.byref(self._zero), d_array.data.ptr, d, d_array.data.ptr, d,
             ctypes.byref(heuristic), self._gemm._workspace.data.ptr, WORKSPACE_BYTES,
-            cupy.cuda.get_current_stream().ptr), "Matmul")
+            cupy.cuda.get_current_stream().ptr)
+        if status != 0 and outer:  # planned but refused at run time: scale by kernel instead
+            logger.info("cuBLASLt FP8 outer-vector scaling refused (status %d): fp32+scale",
+                        status)
+            self._plan(m, n, k, dtype, (sx.data.ptr, sw.data.ptr), modes=("fp32+scale",))
+            return self(qx, sx, qw, sw, out, dtype, scale_kernel)
+        self._check(status, "Matmul")
         if not outer:
             scale_kernel(d_array, out)
         return mode

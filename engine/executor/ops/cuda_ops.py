@@ -125,7 +125,11 @@ class CudaOps:
 
     def quantize_fp8(self, weight: cupy.ndarray) -> QuantizedWeight:
         """(out, in) weight -> E4M3 codes with per-output-channel scales, on the device."""
-        return cuda_fp8.quantize_weight(self._check(weight, "weight", 2), self.ctype)
+        q = cuda_fp8.quantize_weight(self._check(weight, "weight", 2), self.ctype)
+        # The 16-bit (and fp32 staging) copies of the weights quantized so far stay cached in
+        # CuPy's pool, which the KV cache's sizing counts as used: hand them back.
+        cupy.get_default_memory_pool().free_all_blocks()
+        return q
 
     def to_host(self, array) -> np.ndarray:
         a = cupy.asnumpy(array) if isinstance(array, cupy.ndarray) else np.asarray(array)
