@@ -94,6 +94,7 @@ def check_products(ops, kc, rng, name, n, k):
                t_gemv, n * k + m * k, 2 * m * n * k,
                extra=f"FP8 cuBLASLt {t_lt * 1e6:.1f} us, bf16 {t_bf * 1e6:.1f} us "
                      f"({t_bf / t_gemv:.2f}x) -> {best}")
+    check_fused(ops, kc, rng, name, qws, cycled)
     for m in ((256,) if small else (256, 2048)):
         x = ops.from_host(rng.standard_normal((m, k)).astype(np.float32))
         q, s = cuda_fp8.quantize_rows(x, ops.ctype)
@@ -108,6 +109,31 @@ def check_products(ops, kc, rng, name, n, k):
                _twin_err(ops, kc, y, q, s, qws[0]), t_lt, n * k + m * k + m * n * 2,
                2 * m * n * k, extra=f"+ quantize {t_q * 1e6:.1f} us; bf16 cuBLAS "
                                     f"{t_bf * 1e6:.1f} us ({t_bf / (t_lt + t_q):.2f}x incl. quant)")
+
+
+def check_fused(ops, kc, rng, name, qws, cycled):
+    """Batch 1: quantization fused into the GEMV (cuda/fp8_fused.cu) vs its two launches."""
+    n, k = qws[0].data.shape
+    prologue = {"o": 0, "down": 1}.get(name, 2)  # qkv and gate_up follow add + RMSNorm
+
+    def up(shape):
+        return ops.from_host(rng.standard_normal(shape).astype(np.float32))
+
+    x = up((1, 2 * k if prologue == 1 else k))
+    res, nw = up((1, k)), up((k,))
+    extra = (res, nw, 1e-5) if prologue == 2 else ()
+    y, _ = cuda_fp8.fused_gemv(prologue, x, qws[0], ops.ctype, *extra)
+    unfused = {0: lambda: cuda_fp8.quantize_rows(x, ops.ctype),
+               1: lambda: cuda_fp8.silu_quantize(x, ops.ctype),
+               2: lambda: cuda_fp8.norm_quantize(x, res, nw, 1e-5, ops.ctype)[:2]}[prologue]
+    q, s = unfused()
+    t_f = cycled(lambda i: cuda_fp8.fused_gemv(prologue, x, qws[i], ops.ctype, *extra))
+    t_u = cycled(lambda i: cuda_fp8.gemv(*unfused(), qws[i], cupy.empty((1, n), ops.storage),
+                                         ops.ctype))
+    kind = ("quantize", "SiLU-mul+quantize", "add+RMSNorm+quantize")[prologue]
+    kc.row("fp8", f"{name} {n}x{k} M=1 fused {kind} + GEMV", _twin_err(ops, kc, y, q, s, qws[0]),
+           t_f, n * k, 2 * n * k, extra=f"two launches {t_u * 1e6:.1f} us ({t_u / t_f:.2f}x) -> "
+                                        f"{'fused' if t_f < t_u else 'unfused'}")
 
 
 def decode_step(ops, kc, preset: str = "llama3-8b", ctx: int = 512):
@@ -128,8 +154,11 @@ def decode_step(ops, kc, preset: str = "llama3-8b", ctx: int = 512):
                              np.arange(nb, dtype=np.int32).reshape(1, -1), 1, ctx + 1)
     ids, pos = np.array([7], np.int32), np.array([ctx], np.int32)
     kv = (ctx + 1) * config.num_layers * config.num_kv_heads * config.head_dim * 4
-    for quant in (None, "fp8"):
-        weights = dummy_weights(config, ops, seed=0, quantization=quant)
+    fused_cap = cuda_fp8.FP8_FUSED_MAX_N
+    for quant, fused in ((None, False), ("fp8", False), ("fp8", True)):
+        cuda_fp8.FP8_FUSED_MAX_N = fused_cap if fused else 0
+        if quant is None or not fused:
+            weights = dummy_weights(config, ops, seed=0, quantization=quant)
         read = weights_nbytes(weights) - weights.embed.nbytes * (weights.embed is not
                                                                  weights.lm_head)
         model = Transformer(config, weights, ops, ctx + 16)
@@ -144,8 +173,11 @@ def decode_step(ops, kc, preset: str = "llama3-8b", ctx: int = 512):
             g.run(ids, pos, meta)
             cupy.cuda.get_current_stream().synchronize()
             times.append(time.perf_counter() - t0)
-        kc.row("fp8", f"decode {preset} B=1 ctx={ctx} graph, {quant or 'bf16'} weights "
-               f"({weights_nbytes(weights) / 1e6:.0f} MB)", "-", statistics.median(times),
-               read + kv, extra=f"GEMV caps {cuda_gemv.GEMV_MAX_M}/{cuda_fp8.FP8_GEMV_MAX_M}")
-        del g, model, cache, weights
+        label = f"{quant or 'bf16'}{', fused quantize' if fused else ''}"
+        kc.row("fp8", f"decode {preset} B=1 ctx={ctx} graph, {label} "
+               f"({weights_nbytes(weights) / 1e6:.0f} MB weights)", "-",
+               statistics.median(times), read + kv,
+               extra=f"GEMV caps {cuda_gemv.GEMV_MAX_M}/{cuda_fp8.FP8_GEMV_MAX_M}")
+        del g, model, cache
         cupy.get_default_memory_pool().free_all_blocks()
+    cuda_fp8.FP8_FUSED_MAX_N = fused_cap

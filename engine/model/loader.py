@@ -40,7 +40,8 @@ class LoadError(ValueError):
 # ----------------------------------------------------------------------------- safetensors
 
 # safetensors dtype -> numpy dtype of the stored bits (BF16 is widened to float32 on read; FP8
-# E4M3 stays as its uint8 codes, engine/model/fp8.py decodes them)
+# E4M3 stays as its uint8 codes, engine/model/fp8.py decodes them: safetensors' own numpy loader
+# fails on F8_E4M3, asking numpy for a float8 dtype it does not have)
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
               "F8_E4M3": np.uint8}
 

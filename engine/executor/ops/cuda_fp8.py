@@ -1,8 +1,10 @@
-"""FP8 (E4M3) W8A8 on the cuda backend: cuda/fp8.cu and cuBLASLt behind the three ops that take a
-weight (linear, add_rms_norm_linear, silu_mul_linear). engine/model/fp8.py is the numpy twin.
+"""FP8 (E4M3) W8A8 on the cuda backend: cuda/fp8.cu, fp8_fused.cu and cuBLASLt behind the three
+ops that take a weight (linear, add_rms_norm_linear, silu_mul_linear). engine/model/fp8.py is the
+numpy twin.
 
-Each matrix product is two launches: one kernel quantizes the activations per token, fused with
-the residual add + RMSNorm or the SiLU-mul that produces them (so the bf16 activation never goes
+Each matrix product is two launches (one at batch 1 for weights of up to FP8_FUSED_MAX_N
+outputs: cuda/fp8_fused.cu): one kernel quantizes the activations per token, fused with the
+residual add + RMSNorm or the SiLU-mul that produces them (so the bf16 activation never goes
 through memory), then the product runs as
 - the FP8 GEMV at decode batches (M <= FP8_GEMV_MAX_M): one read of the weights, half the bytes
   of bf16;
@@ -24,6 +26,13 @@ from engine.model.quantized import QuantizedWeight
 
 FP8_GEMV_MAX_M = 8  # rows up to which the GEMV runs instead of cuBLASLt (compiled for 1..8)
 GEMV_ROWS_PER_BLOCK = 4  # fp8.cu's F8_R
+# Batch 1: the activation's quantization fused into the GEMV (cuda/fp8_fused.cu) for weights of
+# up to this many outputs: every one of the N / 8 blocks recomputes the quantized row from L2,
+# which pays while that stays small next to the weight bytes (0 turns the fusion off).
+FP8_FUSED_MAX_N = 8192
+FUSED_ROWS_PER_BLOCK = 8
+FUSED_SMEM_BYTES = 46 << 10  # the row in T plus its codes, under the 48 KB a block gets by default
+_NULL = np.uint64(0)
 _LT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Gemm -> its Fp8Gemm
 
 
@@ -152,6 +161,29 @@ def matmul(ops, q, s, w: QuantizedWeight, use_gemv: bool | None = None):
     return out
 
 
+def use_fused(m: int, w: QuantizedWeight, itemsize: int) -> bool:
+    n, k = w.data.shape
+    return m == 1 and n <= FP8_FUSED_MAX_N and k * (itemsize + 1) <= FUSED_SMEM_BYTES
+
+
+def fused_gemv(prologue: int, x, w: QuantizedWeight, ctype: str, residual=None, norm_w=None,
+               eps: float = 0.0):
+    """(y (1, N), res_out (1, K) or None) for one row, quantization and product in one launch.
+    prologue 0: y = linear(x); 1: x is gate_up, y = silu_mul_linear(x); 2: res_out = x +
+    residual (x if None), y = linear(rms_norm(res_out) * norm_w)."""
+    n, k = w.data.shape
+    _check_k(k, x, residual, norm_w)
+    y = cupy.empty((1, n), x.dtype)
+    res_out = cupy.empty((1, k), x.dtype) if prologue == 2 else None
+    kernel("fp8_fused.cu", f"fp8_fused_gemv_kernel<{ctype}, {prologue}, {FUSED_ROWS_PER_BLOCK}>",
+           ctype)(
+        (-(-n // FUSED_ROWS_PER_BLOCK),), (256 if k >= 8192 else 128,),
+        (y, _NULL if res_out is None else res_out, x, _NULL if residual is None else residual,
+         _NULL if norm_w is None else norm_w, w.data, w.scale, _i32(n), _i32(k),
+         np.float32(eps)), shared_mem=k * (x.itemsize + 1))
+    return y, res_out
+
+
 # ----------------------------------------------------------------------------- the ops
 
 
@@ -159,8 +191,11 @@ def linear(ops, x, weight: QuantizedWeight, bias=None):
     """ops.linear for an fp8 weight: x (T, in) -> (T, out)."""
     ops._check(x, "x", 2)
     check_weight(weight, x.shape[1])
-    q, s = quantize_rows(x, ops.ctype)
-    out = matmul(ops, q, s, weight)
+    if use_fused(x.shape[0], weight, x.itemsize):
+        out = fused_gemv(0, x, weight, ops.ctype)[0]
+    else:
+        q, s = quantize_rows(x, ops.ctype)
+        out = matmul(ops, q, s, weight)
     if bias is not None and out.size:
         ops._check(bias, "bias", 1)
         kernel("activation.cu", f"add_bias_kernel<{ops.ctype}>", ops.ctype)(
@@ -170,7 +205,7 @@ def linear(ops, x, weight: QuantizedWeight, bias=None):
 
 def add_rms_norm_linear(ops, x, residual, norm_weight, eps, weight: QuantizedWeight):
     """ops.add_rms_norm_linear for an fp8 weight: (y, residual), the norm fused into the
-    activation quantization (the residual is updated in place, or made when None)."""
+    activation quantization (the residual updated in place, or a new one at batch 1)."""
     ops._check(x, "x", 2)
     ops._check(norm_weight, "norm_weight", 1)
     if residual is not None and ops._check(residual, "residual", 2).shape != x.shape:
@@ -179,6 +214,8 @@ def add_rms_norm_linear(ops, x, residual, norm_weight, eps, weight: QuantizedWei
         raise ValueError(f"add_rms_norm_linear: x has {x.shape[1]} features, norm weight "
                          f"{norm_weight.shape[0]}")
     check_weight(weight, x.shape[1])
+    if use_fused(x.shape[0], weight, x.itemsize):
+        return fused_gemv(2, x, weight, ops.ctype, residual, norm_weight, eps)
     q, s, residual = norm_quantize(x, residual, norm_weight, eps, ops.ctype)
     return matmul(ops, q, s, weight), residual
 
@@ -189,5 +226,7 @@ def silu_mul_linear(ops, gate_up, weight: QuantizedWeight):
     if gate_up.shape[1] % 2:
         raise ValueError(f"silu_mul_linear: gate_up width {gate_up.shape[1]} is odd")
     check_weight(weight, gate_up.shape[1] // 2)
+    if use_fused(gate_up.shape[0], weight, gate_up.itemsize):
+        return fused_gemv(1, gate_up, weight, ops.ctype)[0]
     q, s = silu_quantize(gate_up, ops.ctype)
     return matmul(ops, q, s, weight)
