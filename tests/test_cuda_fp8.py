@@ -1,7 +1,12 @@
-"""FP8 kernels (cuda/fp8.cu, cuBLASLt) against the numpy twin engine/model/fp8.py (GPU only).
+"""FP8 kernels (cuda/fp8.cu, fp8_fused.cu, cuBLASLt) against the numpy twin engine/model/fp8.py
+(GPU only).
 
 Quantization is bit-exact (codes and scales); products agree within the output's rounding to the
-compute dtype plus fp32 summation-order error (K * 2^-24 of the sum of |terms|)."""
+compute dtype plus fp32 summation-order error (K * 2^-24 of the sum of |terms|) for our kernels.
+NOTE: cuBLASLt's FP8 tensor cores keep fewer bits than fp32 in their running sums (about 14 on
+Hopper, as DeepSeek-V3's report measured), so its products get LT_SLACK of the sum of |terms|
+(measured on the H200: fp16 outputs fail the fp32 bound, bf16 ones pass); still 32x below the
+2^-4 of one E4M3 rounding."""
 
 from __future__ import annotations
 
@@ -27,6 +32,7 @@ from engine.model.loader import dummy_weights  # noqa: E402
 
 REF = NumpyOps()
 ROUND = {"float16": 2.0**-10, "bfloat16": 2.0**-7}  # > half an ulp of the output, relative
+LT_SLACK = 2.0**-9
 
 
 @pytest.fixture(scope="module", params=["float16", "bfloat16"])
@@ -91,16 +97,17 @@ def test_silu_quantize_equals_silu_and_mul_then_quantize(ops):
     assert_quantized_equal(q, s, ops.to_host(ops.silu_and_mul(gu)))
 
 
-def twin_product(q, s, qw):
-    """(exact twin in float64, fp32 summation-order slack) for codes on the device."""
+def twin_product(q, s, qw, rel_slack=None):
+    """(exact twin in float64, summation slack: rel_slack, by default fp32's K * 2^-24, of the sum
+    of |terms|) for codes on the device."""
     dx, dw = fp8.decode(cupy.asnumpy(q)).astype(np.float64), fp8.decode(cupy.asnumpy(qw.data))
     scale = cupy.asnumpy(s)[:, None] * cupy.asnumpy(qw.scale)[None, :]
-    k = dx.shape[1]
-    return (dx @ dw.T) * scale, k * 2.0**-24 * (np.abs(dx) @ np.abs(dw).T) * scale
+    rel_slack = dx.shape[1] * 2.0**-24 if rel_slack is None else rel_slack
+    return (dx @ dw.T) * scale, rel_slack * (np.abs(dx) @ np.abs(dw).T) * scale
 
 
-def assert_product_close(ops, y, q, s, qw):
-    want, slack = twin_product(q, s, qw)
+def assert_product_close(ops, y, q, s, qw, rel_slack=None):
+    want, slack = twin_product(q, s, qw, rel_slack)
     got = ops.to_host(y).astype(np.float64)
     assert np.isfinite(got).all()
     bad = np.abs(got - want) > ROUND[ops.dtype] * np.abs(want) + slack + 1e-30
@@ -164,7 +171,7 @@ def test_gemm_vs_twin(ops, mode, m, n, k):
     if mode == "outer" and (plan is None or plan[0] != "outer"):
         pytest.skip("this cuBLASLt has no outer-vector FP8 scaling for the shape")
     assert (plan is None) == (mode == "gemv chunks") and (plan is None or plan[0] == mode)
-    assert_product_close(ops, y, q, s, qw)
+    assert_product_close(ops, y, q, s, qw, None if plan is None else LT_SLACK)
 
 
 @pytest.mark.parametrize("m", [1, 4, 40])
@@ -204,9 +211,14 @@ def test_engine_fp8_graphs_match_eager_and_weights_shrink():
     ops = CudaOps("bfloat16")
     plain = dummy_weights(config, ops, seed=3)
     quantized = dummy_weights(config, ops, seed=3, quantization="fp8")
-    embed = plain.embed.nbytes + plain.lm_head.nbytes
-    ratio = (weights_nbytes(quantized) - embed) / (weights_nbytes(plain) - embed)
-    assert 0.49 < ratio < 0.52, ratio
+    def linear_bytes(weights):
+        return sum(getattr(layer, f).nbytes for layer in weights.layers
+                   for f in ("qkv", "o", "gate_up", "down"))
+
+    ratio = linear_bytes(quantized) / linear_bytes(plain)
+    assert 0.5 < ratio < 0.503, ratio  # 1 byte a weight + 4 bytes a row (K >= 1024), vs 2
+    untouched = weights_nbytes(plain) - linear_bytes(plain)
+    assert weights_nbytes(quantized) - linear_bytes(quantized) == untouched
     loaded = types.SimpleNamespace(config=config, tokenizer=None, weights=quantized)
     for max_num_seqs in (8, 16):
         tokens = {}

@@ -49,12 +49,14 @@ def check_quantize(ops, kc, rng):
         kc.row("fp8", f"quantize rows {rows}x{k}", _mismatches(q, s, x_h), t, rows * k * 3)
         nw = ops.from_host(rng.standard_normal(k).astype(np.float32) + 1)
         res = ops.from_host(rng.standard_normal((rows, k)).astype(np.float32))
-        h, _ = ops.add_rms_norm(x, res.copy(), nw, 1e-5)
-        q, s, _ = cuda_fp8.norm_quantize(x, res.copy(), nw, 1e-5, ops.ctype)
+        h_ref, _ = ops.add_rms_norm(x, res.copy(), nw, 1e-5)
+        h = cupy.empty_like(x)  # the kernel's normalized row: its codes are the twin's of it
+        q, s, _ = cuda_fp8.norm_quantize(x, res.copy(), nw, 1e-5, ops.ctype, h_out=h)
         t = kc.graph_time(lambda x=x, res=res, nw=nw: cuda_fp8.norm_quantize(
             x, res, nw, 1e-5, ops.ctype))
+        off = int((ops.to_host(h) != ops.to_host(h_ref)).sum())
         kc.row("fp8", f"add+RMSNorm+quantize {rows}x{k}", _mismatches(q, s, ops.to_host(h)), t,
-               rows * k * 7)
+               rows * k * 7, extra=f"h != rms_norm_kernel's in {off} of {rows * k} (sum order)")
         gu = ops.from_host(rng.standard_normal((rows, 2 * k)).astype(np.float32))
         q, s = cuda_fp8.silu_quantize(gu, ops.ctype)
         t = kc.graph_time(lambda gu=gu: cuda_fp8.silu_quantize(gu, ops.ctype))
@@ -84,31 +86,30 @@ def check_products(ops, kc, rng, name, n, k):
         x = ops.from_host(rng.standard_normal((m, k)).astype(np.float32))
         q, s = cuda_fp8.quantize_rows(x, ops.ctype)
         y = cupy.empty((m, n), ops.storage)
-        cuda_fp8.gemv(q, s, qws[0], y, ops.ctype)
+        err = _twin_err(ops, kc, cuda_fp8.gemv(q, s, qws[0], y, ops.ctype), q, s, qws[0])
         t_gemv = cycled(lambda i, q=q, s=s, y=y: cuda_fp8.gemv(q, s, qws[i], y, ops.ctype))
         t_lt = cycled(lambda i, q=q, s=s: cuda_fp8.matmul(ops, q, s, qws[i], use_gemv=False))
         t_bf = cycled(lambda i, x=x: ops.linear(x, ws[i]))  # bf16 as the engine runs it
         best = min(("FP8 GEMV", t_gemv), ("FP8 cuBLASLt", t_lt), ("bf16", t_bf),
                    key=lambda p: p[1])[0]
-        kc.row("fp8", f"{name} {n}x{k} M={m} FP8 GEMV", _twin_err(ops, kc, y, q, s, qws[0]),
-               t_gemv, n * k + m * k, 2 * m * n * k,
+        kc.row("fp8", f"{name} {n}x{k} M={m} FP8 GEMV", err, t_gemv, n * k + m * k, 2 * m * n * k,
                extra=f"FP8 cuBLASLt {t_lt * 1e6:.1f} us, bf16 {t_bf * 1e6:.1f} us "
                      f"({t_bf / t_gemv:.2f}x) -> {best}")
     check_fused(ops, kc, rng, name, qws, cycled)
     for m in ((256,) if small else (256, 2048)):
         x = ops.from_host(rng.standard_normal((m, k)).astype(np.float32))
         q, s = cuda_fp8.quantize_rows(x, ops.ctype)
-        y = cuda_fp8.matmul(ops, q, s, qws[0], use_gemv=False)
+        err = _twin_err(ops, kc, cuda_fp8.matmul(ops, q, s, qws[0], use_gemv=False), q, s, qws[0])
         plan = lt.plans.get((m, n, k, ops.dtype))
         mode = "no cuBLASLt plan: GEMV chunks" if plan is None else plan[0]
         t_lt = cycled(lambda i, q=q, s=s: cuda_fp8.matmul(ops, q, s, qws[i], use_gemv=False))
         t_q = kc.graph_time(lambda x=x: cuda_fp8.quantize_rows(x, ops.ctype))
         out = cupy.empty((m, n), ops.storage)
         t_bf = cycled(lambda i, x=x, out=out: ops._gemm(x, ws[i], out, ops.dtype))
-        kc.row("fp8", f"{name} {n}x{k} M={m} FP8 cuBLASLt ({mode})",
-               _twin_err(ops, kc, y, q, s, qws[0]), t_lt, n * k + m * k + m * n * 2,
-               2 * m * n * k, extra=f"+ quantize {t_q * 1e6:.1f} us; bf16 cuBLAS "
-                                    f"{t_bf * 1e6:.1f} us ({t_bf / (t_lt + t_q):.2f}x incl. quant)")
+        kc.row("fp8", f"{name} {n}x{k} M={m} FP8 cuBLASLt ({mode})", err, t_lt,
+               n * k + m * k + m * n * 2, 2 * m * n * k,
+               extra=f"+ quantize {t_q * 1e6:.1f} us; bf16 cuBLAS {t_bf * 1e6:.1f} us "
+                     f"({t_bf / (t_lt + t_q):.2f}x incl. quant)")
 
 
 def check_fused(ops, kc, rng, name, qws, cycled):
@@ -122,18 +123,19 @@ def check_fused(ops, kc, rng, name, qws, cycled):
     x = up((1, 2 * k if prologue == 1 else k))
     res, nw = up((1, k)), up((k,))
     extra = (res, nw, 1e-5) if prologue == 2 else ()
-    y, _ = cuda_fp8.fused_gemv(prologue, x, qws[0], ops.ctype, *extra)
+    y = cuda_fp8.fused_gemv(prologue, x, qws[0], ops.ctype, *extra)[0]
     unfused = {0: lambda: cuda_fp8.quantize_rows(x, ops.ctype),
                1: lambda: cuda_fp8.silu_quantize(x, ops.ctype),
                2: lambda: cuda_fp8.norm_quantize(x, res, nw, 1e-5, ops.ctype)[:2]}[prologue]
     q, s = unfused()
+    err = _twin_err(ops, kc, y, q, s, qws[0])
     t_f = cycled(lambda i: cuda_fp8.fused_gemv(prologue, x, qws[i], ops.ctype, *extra))
     t_u = cycled(lambda i: cuda_fp8.gemv(*unfused(), qws[i], cupy.empty((1, n), ops.storage),
                                          ops.ctype))
     kind = ("quantize", "SiLU-mul+quantize", "add+RMSNorm+quantize")[prologue]
-    kc.row("fp8", f"{name} {n}x{k} M=1 fused {kind} + GEMV", _twin_err(ops, kc, y, q, s, qws[0]),
-           t_f, n * k, 2 * n * k, extra=f"two launches {t_u * 1e6:.1f} us ({t_u / t_f:.2f}x) -> "
-                                        f"{'fused' if t_f < t_u else 'unfused'}")
+    kc.row("fp8", f"{name} {n}x{k} M=1 fused {kind} + GEMV", err, t_f, n * k, 2 * n * k,
+           extra=f"two launches {t_u * 1e6:.1f} us ({t_u / t_f:.2f}x) -> "
+                 f"{'fused' if t_f < t_u else 'unfused'}")
 
 
 def decode_step(ops, kc, preset: str = "llama3-8b", ctx: int = 512):

@@ -24,8 +24,11 @@ from engine.executor.ops.cuda_blaslt import Fp8Gemm
 from engine.executor.ops.cuda_kernels import kernel
 from engine.model.quantized import QuantizedWeight
 
-FP8_GEMV_MAX_M = 8  # rows up to which the GEMV runs instead of cuBLASLt (compiled for 1..8)
-GEMV_ROWS_PER_BLOCK = 4  # fp8.cu's F8_R
+# Rows up to which the GEMV runs instead of cuBLASLt (compiled for 1..8; 0: always cuBLASLt).
+# H200, Llama-3-8B shapes (kernel_check --only fp8): the GEMV wins at M <= 4 (qkv, o, down) and
+# M <= 2 for gate_up (28672 outputs), cuBLASLt above; FP8 cuBLASLt at M = 8 takes 14-45 us.
+FP8_GEMV_MAX_M = 4
+FP8_GEMV_MAX_M_TALL = 2  # ... for weights of >= 16384 outputs
 # Batch 1: the activation's quantization fused into the GEMV (cuda/fp8_fused.cu) for weights of
 # up to this many outputs: every one of the N / 8 blocks recomputes the quantized row from L2,
 # which pays while that stays small next to the weight bytes (0 turns the fusion off).
@@ -127,14 +130,25 @@ def silu_quantize(gate_up: cupy.ndarray, ctype: str):
 # ----------------------------------------------------------------------------- products
 
 
+def gemv_rows_per_block(m: int) -> int:
+    """fp8_gemv_kernel's R for M rows (cuda_kernels.kernel_names compiles these)."""
+    return 8 if m <= 2 else 4
+
+
+def gemv_wins(m: int, n: int) -> bool:
+    """Whether the GEMV beats cuBLASLt for M rows of an N-output weight (caps above)."""
+    return m <= (FP8_GEMV_MAX_M if n < 16384 else min(FP8_GEMV_MAX_M, FP8_GEMV_MAX_M_TALL))
+
+
 def gemv(q, s, w: QuantizedWeight, out, ctype: str):
     """out (M, N) = (q . w^T) * s * w.scale for M <= 8 rows: one launch."""
     m = q.shape[0]
     n, k = w.data.shape
     words = k // 16
     threads = min(256, max(64, -(-words // 64) * 32))  # about 2 words per thread per row
-    kernel("fp8.cu", f"fp8_gemv_kernel<{ctype}, {m}>", ctype)(
-        (-(-n // GEMV_ROWS_PER_BLOCK),), (threads,), (out, q, s, w.data, w.scale, _i32(n), _i32(k)))
+    r = gemv_rows_per_block(m)
+    kernel("fp8.cu", f"fp8_gemv_kernel<{ctype}, {m}, {r}>", ctype)(
+        (-(-n // r),), (threads,), (out, q, s, w.data, w.scale, _i32(n), _i32(k)))
     return out
 
 
@@ -146,7 +160,7 @@ def matmul(ops, q, s, w: QuantizedWeight, use_gemv: bool | None = None):
     if m == 0:
         return out
     if use_gemv is None:
-        use_gemv = m <= FP8_GEMV_MAX_M
+        use_gemv = gemv_wins(m, n)
     if use_gemv and m <= 8:
         return gemv(q, s, w, out, ops.ctype)
 
