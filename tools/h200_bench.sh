@@ -5,6 +5,7 @@
 #   structured (W1 constrained by a JSON schema vs unconstrained; not in the default list)
 #          spec-8b spec-8b-min1 w1-8b-spec (speculative decoding: batch-1 replays of the
 #          measured acceptance, W1 with speculation configured)
+#          latency-8b-fp8 w1-8b-fp8 (Llama-3-8B shapes with --quantization fp8)
 # gputest runs the CUDA-graph tests first; if they fail, the rest runs with graphs off.
 # Each tool prints one JSON line; they are collected in $OUT/bench.jsonl (default ./bench-out/)
 # and summarised by tools/bench_table.py at the end. Wheels the GPU machine lacks (server deps) are
@@ -54,6 +55,10 @@ for step in $steps; do
     w1-8b-sync) record w1-llama3-8b-sync 150 python3 tools/bench_throughput.py $L \
       --no-async-scheduling ;;
     latency-8b) record latency-llama3-8b 90 python3 tools/bench_latency.py $L ;;
+    latency-8b-fp8) record latency-llama3-8b-fp8 90 python3 tools/bench_latency.py $L \
+      --quantization fp8 ;;
+    w1-8b-fp8) record w1-llama3-8b-fp8 150 python3 tools/bench_throughput.py $L \
+      --quantization fp8 ;;
     spec-8b) record spec-replay-llama3-8b 200 python3 tools/bench_spec.py $L \
       --replay tools/results/spec_profile.json ;;
     spec-8b-min1) record spec-replay-llama3-8b-min1 200 python3 tools/bench_spec.py $L \
