@@ -123,42 +123,42 @@ __global__ void fp8_norm_quantize_kernel(unsigned char* __restrict__ q,   // [ro
 
 // ------------------------------------------------------------------------------ products
 
+constexpr int F8_R = 4;  // weight rows per GEMV block (8 measured slower on the H200)
 constexpr int F8_U = 2;  // 16-byte weight words per row in flight per thread
 constexpr int F8_MAX_WARPS = 8;
 
 // y (M, N) = (qx (M, K) . qw (N, K)^T) * sx * sw for decode batches (M <= 8): a pure read of the
-// weights, half the bytes of bf16. Block b computes outputs R*b .. R*b + R-1 for all M rows (R = 8
-// at M <= 2: a block then streams as many bytes as bf16's 4-row GEMV blocks do); its
+// weights, half the bytes of bf16. Block b computes outputs R*b .. R*b + R-1 for all M rows; its
 // threads split K in 16-byte words (16 codes), U words per row in flight; partial sums meet
 // through shuffles and shared memory. K is a multiple of 16, qx and qw 16-byte aligned.
-// Grid: (ceil(N / R))  Block: (64..256, a multiple of 32)
-template <typename T, int M, int R>
+// Grid: (ceil(N / F8_R))  Block: (64..256, a multiple of 32)
+template <typename T, int M>
 __global__ void __launch_bounds__(256) fp8_gemv_kernel(T* __restrict__ y,              // [M, N]
                                                        const unsigned char* __restrict__ qx,  // [M, K]
                                                        const float* __restrict__ sx,    // [M]
                                                        const unsigned char* __restrict__ qw,  // [N, K]
                                                        const float* __restrict__ sw,    // [N]
                                                        int N, int K) {
-  __shared__ float red[F8_MAX_WARPS][M * R];
-  const int n0 = blockIdx.x * R, words = K / 16;
-  float acc[M][R];
+  __shared__ float red[F8_MAX_WARPS][M * F8_R];
+  const int n0 = blockIdx.x * F8_R, words = K / 16;
+  float acc[M][F8_R];
 #pragma unroll
   for (int m = 0; m < M; m++)
 #pragma unroll
-    for (int r = 0; r < R; r++) acc[m][r] = 0.f;
-  const uint4* wrow[R];
+    for (int r = 0; r < F8_R; r++) acc[m][r] = 0.f;
+  const uint4* wrow[F8_R];
 #pragma unroll
-  for (int r = 0; r < R; r++)
+  for (int r = 0; r < F8_R; r++)
     wrow[r] = reinterpret_cast<const uint4*>(qw + (long)min(n0 + r, N - 1) * K);
   const uint4* xw = reinterpret_cast<const uint4*>(qx);
 
   for (int base = threadIdx.x; base < words; base += F8_U * blockDim.x) {
-    uint4 wr[F8_U][R];
+    uint4 wr[F8_U][F8_R];
 #pragma unroll
     for (int u = 0; u < F8_U; u++) {
       const int v = base + u * blockDim.x;
 #pragma unroll
-      for (int r = 0; r < R; r++)
+      for (int r = 0; r < F8_R; r++)
         wr[u][r] = v < words ? __ldcs(wrow[r] + v) : make_uint4(0u, 0u, 0u, 0u);  // read once
     }
 #pragma unroll
@@ -167,15 +167,15 @@ __global__ void __launch_bounds__(256) fp8_gemv_kernel(T* __restrict__ y,       
       if (v >= words) continue;
 #pragma unroll
       for (int h = 0; h < 2; h++) {
-        float wf[R][8];
+        float wf[F8_R][8];
 #pragma unroll
-        for (int r = 0; r < R; r++) fp8x8_to_float(wr[u][r], h, wf[r]);
+        for (int r = 0; r < F8_R; r++) fp8x8_to_float(wr[u][r], h, wf[r]);
 #pragma unroll
         for (int m = 0; m < M; m++) {
           float xf[8];
           fp8x8_to_float(__ldg(xw + (long)m * words + v), h, xf);
 #pragma unroll
-          for (int r = 0; r < R; r++)
+          for (int r = 0; r < F8_R; r++)
 #pragma unroll
             for (int e = 0; e < 8; e++) acc[m][r] += xf[e] * wf[r][e];
         }
@@ -187,14 +187,14 @@ __global__ void __launch_bounds__(256) fp8_gemv_kernel(T* __restrict__ y,       
 #pragma unroll
   for (int m = 0; m < M; m++)
 #pragma unroll
-    for (int r = 0; r < R; r++) {
+    for (int r = 0; r < F8_R; r++) {
       const float s = warp_sum(acc[m][r]);
-      if (lane == 0) red[warp][m * R + r] = s;
+      if (lane == 0) red[warp][m * F8_R + r] = s;
     }
   __syncthreads();
   const int num_warps = blockDim.x >> 5;
-  for (int i = threadIdx.x; i < M * R; i += blockDim.x) {
-    const int m = i / R, r = i % R;
+  for (int i = threadIdx.x; i < M * F8_R; i += blockDim.x) {
+    const int m = i / F8_R, r = i % F8_R;
     if (n0 + r >= N) continue;
     float s = 0.f;
     for (int k = 0; k < num_warps; k++) s += red[k][i];
@@ -222,10 +222,10 @@ template __global__ void fp8_silu_quantize_kernel<__half>(unsigned char*, float*
 template __global__ void fp8_norm_quantize_kernel<__nv_bfloat16>(
     unsigned char*, float*, __nv_bfloat16*, __nv_bfloat16*, const __nv_bfloat16*,
     const __nv_bfloat16*, float, int, int);
-template __global__ void fp8_gemv_kernel<__nv_bfloat16, 1, 8>(__nv_bfloat16*, const unsigned char*,
+template __global__ void fp8_gemv_kernel<__nv_bfloat16, 1>(__nv_bfloat16*, const unsigned char*,
                                                            const float*, const unsigned char*,
                                                            const float*, int, int);
-template __global__ void fp8_gemv_kernel<__half, 8, 4>(__half*, const unsigned char*, const float*,
+template __global__ void fp8_gemv_kernel<__half, 8>(__half*, const unsigned char*, const float*,
                                                     const unsigned char*, const float*, int, int);
 template __global__ void fp8_scale_kernel<__nv_bfloat16>(__nv_bfloat16*, const float*,
                                                          const float*, const float*, long, int);

@@ -175,7 +175,7 @@ def decode_step(ops, kc, preset: str = "llama3-8b", ctx: int = 512):
             g.run(ids, pos, meta)
             cupy.cuda.get_current_stream().synchronize()
             times.append(time.perf_counter() - t0)
-        label = f"{quant or 'bf16'}{', fused quantize' if fused else ''}"
+        label = f"{quant or 'bf16'}{', o-proj quantize fused' if fused else ''}"
         kc.row("fp8", f"decode {preset} B=1 ctx={ctx} graph, {label} "
                f"({weights_nbytes(weights) / 1e6:.0f} MB weights)", "-",
                statistics.median(times), read + kv,

@@ -2,10 +2,10 @@
 ops that take a weight (linear, add_rms_norm_linear, silu_mul_linear). engine/model/fp8.py is the
 numpy twin.
 
-Each matrix product is two launches (one at batch 1 for weights of up to FP8_FUSED_MAX_N
-outputs: cuda/fp8_fused.cu): one kernel quantizes the activations per token, fused with the
-residual add + RMSNorm or the SiLU-mul that produces them (so the bf16 activation never goes
-through memory), then the product runs as
+Each matrix product is two launches (one where cuda/fp8_fused.cu pays at batch 1: the caps
+below): one kernel quantizes the activations per token, fused with the residual add + RMSNorm or
+the SiLU-mul that produces them (so the bf16 activation never goes through memory), then the
+product runs as
 - the FP8 GEMV at decode batches (M <= FP8_GEMV_MAX_M): one read of the weights, half the bytes
   of bf16;
 - cuBLASLt's FP8 GEMM above that (cuda_blaslt.py), or the GEMV 8 rows at a time for a shape
@@ -26,13 +26,18 @@ from engine.model.quantized import QuantizedWeight
 
 # Rows up to which the GEMV runs instead of cuBLASLt (compiled for 1..8; 0: always cuBLASLt).
 # H200, Llama-3-8B shapes (kernel_check --only fp8): the GEMV wins at M <= 4 (qkv, o, down) and
-# M <= 2 for gate_up (28672 outputs), cuBLASLt above; FP8 cuBLASLt at M = 8 takes 14-45 us.
+# M <= 2 for gate_up (28672 outputs), cuBLASLt above (14-48 us at M = 8).
 FP8_GEMV_MAX_M = 4
 FP8_GEMV_MAX_M_TALL = 2  # ... for weights of >= 16384 outputs
+GEMV_ROWS_PER_BLOCK = 4  # fp8.cu's F8_R
 # Batch 1: the activation's quantization fused into the GEMV (cuda/fp8_fused.cu) for weights of
-# up to this many outputs: every one of the N / 8 blocks recomputes the quantized row from L2,
-# which pays while that stays small next to the weight bytes (0 turns the fusion off).
+# up to this many outputs (0 turns it off): every one of the N / 8 blocks recomputes the quantized
+# row from L2. On the H200 (kernel_check --only fp8) that pays for the plain quantization of the
+# o projection's input (1.14x), not for the add + RMSNorm (qkv 0.94x, gate_up 0.73x) nor for the
+# SiLU-mul over 14336 inputs (down 0.71x): those two stay separate launches unless given a cap.
 FP8_FUSED_MAX_N = 8192
+FP8_FUSED_NORM_MAX_N = 0
+FP8_FUSED_SILU_MAX_N = 0
 FUSED_ROWS_PER_BLOCK = 8
 FUSED_SMEM_BYTES = 46 << 10  # the row in T plus its codes, under the 48 KB a block gets by default
 _NULL = np.uint64(0)
@@ -130,11 +135,6 @@ def silu_quantize(gate_up: cupy.ndarray, ctype: str):
 # ----------------------------------------------------------------------------- products
 
 
-def gemv_rows_per_block(m: int) -> int:
-    """fp8_gemv_kernel's R for M rows (cuda_kernels.kernel_names compiles these)."""
-    return 8 if m <= 2 else 4
-
-
 def gemv_wins(m: int, n: int) -> bool:
     """Whether the GEMV beats cuBLASLt for M rows of an N-output weight (caps above)."""
     return m <= (FP8_GEMV_MAX_M if n < 16384 else min(FP8_GEMV_MAX_M, FP8_GEMV_MAX_M_TALL))
@@ -146,9 +146,8 @@ def gemv(q, s, w: QuantizedWeight, out, ctype: str):
     n, k = w.data.shape
     words = k // 16
     threads = min(256, max(64, -(-words // 64) * 32))  # about 2 words per thread per row
-    r = gemv_rows_per_block(m)
-    kernel("fp8.cu", f"fp8_gemv_kernel<{ctype}, {m}, {r}>", ctype)(
-        (-(-n // r),), (threads,), (out, q, s, w.data, w.scale, _i32(n), _i32(k)))
+    kernel("fp8.cu", f"fp8_gemv_kernel<{ctype}, {m}>", ctype)(
+        (-(-n // GEMV_ROWS_PER_BLOCK),), (threads,), (out, q, s, w.data, w.scale, _i32(n), _i32(k)))
     return out
 
 
@@ -175,9 +174,9 @@ def matmul(ops, q, s, w: QuantizedWeight, use_gemv: bool | None = None):
     return out
 
 
-def use_fused(m: int, w: QuantizedWeight, itemsize: int) -> bool:
+def use_fused(m: int, w: QuantizedWeight, itemsize: int, max_n: int) -> bool:
     n, k = w.data.shape
-    return m == 1 and n <= FP8_FUSED_MAX_N and k * (itemsize + 1) <= FUSED_SMEM_BYTES
+    return m == 1 and n <= max_n and k * (itemsize + 1) <= FUSED_SMEM_BYTES
 
 
 def fused_gemv(prologue: int, x, w: QuantizedWeight, ctype: str, residual=None, norm_w=None,
@@ -205,7 +204,7 @@ def linear(ops, x, weight: QuantizedWeight, bias=None):
     """ops.linear for an fp8 weight: x (T, in) -> (T, out)."""
     ops._check(x, "x", 2)
     check_weight(weight, x.shape[1])
-    if use_fused(x.shape[0], weight, x.itemsize):
+    if use_fused(x.shape[0], weight, x.itemsize, FP8_FUSED_MAX_N):
         out = fused_gemv(0, x, weight, ops.ctype)[0]
     else:
         q, s = quantize_rows(x, ops.ctype)
@@ -228,7 +227,7 @@ def add_rms_norm_linear(ops, x, residual, norm_weight, eps, weight: QuantizedWei
         raise ValueError(f"add_rms_norm_linear: x has {x.shape[1]} features, norm weight "
                          f"{norm_weight.shape[0]}")
     check_weight(weight, x.shape[1])
-    if use_fused(x.shape[0], weight, x.itemsize):
+    if use_fused(x.shape[0], weight, x.itemsize, FP8_FUSED_NORM_MAX_N):
         return fused_gemv(2, x, weight, ops.ctype, residual, norm_weight, eps)
     q, s, residual = norm_quantize(x, residual, norm_weight, eps, ops.ctype)
     return matmul(ops, q, s, weight), residual
@@ -240,7 +239,7 @@ def silu_mul_linear(ops, gate_up, weight: QuantizedWeight):
     if gate_up.shape[1] % 2:
         raise ValueError(f"silu_mul_linear: gate_up width {gate_up.shape[1]} is odd")
     check_weight(weight, gate_up.shape[1] // 2)
-    if use_fused(gate_up.shape[0], weight, gate_up.itemsize):
+    if use_fused(gate_up.shape[0], weight, gate_up.itemsize, FP8_FUSED_SILU_MAX_N):
         return fused_gemv(1, gate_up, weight, ops.ctype)[0]
     q, s = silu_quantize(gate_up, ops.ctype)
     return matmul(ops, q, s, weight)

@@ -46,7 +46,7 @@ def kernel_names(file: str, ctype: str) -> list[str]:
     if file == "fp8.cu":
         return ([f"fp8_{k}_kernel<{ctype}>" for k in ("quantize", "silu_quantize",
                                                       "norm_quantize", "scale")]
-                + [f"fp8_gemv_kernel<{ctype}, {m}, {8 if m <= 2 else 4}>" for m in range(1, 9)])
+                + [f"fp8_gemv_kernel<{ctype}, {m}>" for m in range(1, 9)])
     if file == "fp8_fused.cu":
         return [f"fp8_fused_gemv_kernel<{ctype}, {p}, 8>" for p in range(3)]
     if file == "kv_cache.cu":
