@@ -80,8 +80,12 @@ class MPClient:
     as the client: on Linux the child dies with the thread that started it.
     """
 
-    def __init__(self, engine_config: EngineConfig, make_core=None):
+    def __init__(self, engine_config: EngineConfig, make_core=None, cuda_devices: str | None = None,
+                 name: str = "pagedserve-core"):
+        """`cuda_devices`: the core's CUDA_VISIBLE_DEVICES (None: this process's); `name`: the
+        process's name (data parallel numbers its cores)."""
         self.config, self.make_core = engine_config, make_core
+        self.cuda_devices, self.name = cuda_devices, name
         self.process = None
         self._closing = False
         self._encode = msgspec.msgpack.Encoder().encode
@@ -105,9 +109,9 @@ class MPClient:
         # (event loop, threads, sockets) is copied into it.
         spawn = multiprocessing.get_context("spawn")
         self.process = spawn.Process(
-            target=run_core_process, name="pagedserve-core", daemon=True,
+            target=run_core_process, name=self.name, daemon=True,
             args=(self.config, input_address, self._output_address, os.getpid(), self.make_core,
-                  str(level).lower()))
+                  str(level).lower(), self.cuda_devices))
         self.process.start()
 
     def wait_ready(self) -> CoreReady:
@@ -137,6 +141,19 @@ class MPClient:
     async def get_output_async(self) -> EngineCoreOutputs:
         """The next message; when the core has died, one whose `fatal` says why."""
         _kind, payload = await self._async_outputs.recv_multipart()
+        return self._decode_outputs(payload)
+
+    @property
+    def output_socket(self) -> zmq.asyncio.Socket:
+        """The socket get_output_async reads (after attach()), for a poller over several cores."""
+        return self._async_outputs
+
+    def get_output_nowait(self) -> EngineCoreOutputs | None:
+        """The next message if one has arrived, else None."""
+        try:
+            _kind, payload = self._outputs.recv_multipart(zmq.NOBLOCK)
+        except zmq.Again:
+            return None
         return self._decode_outputs(payload)
 
     def add_request(self, req: EngineCoreRequest) -> None:

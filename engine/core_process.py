@@ -53,9 +53,15 @@ class CoreReady:
 
 
 def run_core_process(engine_config: EngineConfig, input_address: str, output_address: str,
-                     parent_pid: int, make_core=None, log_level: str = "info") -> None:
+                     parent_pid: int, make_core=None, log_level: str = "info",
+                     cuda_devices: str | None = None) -> None:
     """The process entry. `make_core`: a picklable callable returning an EngineCore, in place of
-    EngineCore(engine_config) (tests run tiny random models with it)."""
+    EngineCore(engine_config) (tests run tiny random models with it). `cuda_devices`: the GPUs
+    this core may see (CUDA_VISIBLE_DEVICES; data parallel gives each core its own), or None
+    to keep the API process's."""
+    if cuda_devices is not None:
+        # Read by CUDA when it initializes, which nothing imported so far has made it do.
+        os.environ["CUDA_VISIBLE_DEVICES"] = cuda_devices
     _die_with_parent(parent_pid)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the API process's to handle
     configure_logging(log_level)  # the API process's format, on the same stderr
@@ -105,6 +111,13 @@ class _BusyLoop:
             if not core.has_unfinished_requests() and not inputs.poll(IDLE_POLL_MS):
                 if os.getppid() != self.parent_pid:
                     return 0
+                try:
+                    core.check_workers()
+                except Exception as e:  # a dead tensor-parallel worker: the core cannot go on
+                    logger.error("%s; the engine core exits", e)
+                    message = EngineCoreOutputs(fatal=_describe(e))
+                    self.outputs.send_multipart([OUTPUTS, self.encode(message)])
+                    return 1
                 continue
             message = EngineCoreOutputs()
             received, stop = self._drain(message)

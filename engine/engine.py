@@ -21,7 +21,7 @@ from engine.core.outputs import EngineCoreRequest, EngineStats, RequestOutput
 from engine.core.sampling_params import SamplingParams
 from engine.core_client import EngineCoreClient
 from engine.engine_core import EngineCore, auto_dtype
-from engine.model.config import EngineConfig
+from engine.model.config import ConfigError, EngineConfig
 from engine.output_processor import OutputProcessor
 
 __all__ = ["EngineStats", "LLMEngine", "auto_dtype"]
@@ -31,6 +31,11 @@ class LLMEngine:
     def __init__(self, engine_config: EngineConfig, loaded_model=None):
         """`loaded_model` (anything with .config, .weights, .tokenizer) skips load_model; tests use
         it to run tiny random models."""
+        if engine_config.data_parallel_size > 1:
+            raise ConfigError(
+                f"data_parallel_size {engine_config.data_parallel_size}: LLM and LLMEngine run "
+                "one engine core in this process; serve several with `pagedserve serve "
+                "--data-parallel-size N`")
         self.core = core = EngineCore(engine_config, loaded_model)
         self.client = EngineCoreClient(core)
         self.config = engine_config

@@ -54,9 +54,12 @@ from engine.core.sampling_params import ParamError
 from engine.core.scheduler import Scheduler
 from engine.core.sequence import Sequence
 from engine.core.stopping import check_stop_ids
+from engine.executor.distributed import CommunicatorError
 from engine.executor.ops import get_ops, resolve_device
 from engine.executor.runner import ModelRunner, num_kv_blocks
+from engine.executor.tensor_parallel import release_unused_memory
 from engine.executor.transformer import Transformer
+from engine.executor.workers import WorkerGroup
 from engine.model.config import EngineConfig
 from engine.model.loader import checkpoint_dtype, load_model
 from engine.spec_decode import SpecDecoder
@@ -104,6 +107,7 @@ class EngineCore:
             dtype = auto_dtype(device, loaded_model.config.dtype if loaded_model else
                                checkpoint_dtype(engine_config.model))
         self.ops = get_ops(device, dtype, engine_config.cpu_threads)
+        send_weights = loaded_model is not None  # workers cannot load a model given in memory
         if loaded_model is None:
             loaded_model = load_model(engine_config.model, self.ops,
                                       load_format=engine_config.load_format,
@@ -117,13 +121,31 @@ class EngineCore:
         if self.max_model_len > mc.max_position_embeddings:
             logger.warning("max_model_len %d exceeds the model's max_position_embeddings %d",
                            self.max_model_len, mc.max_position_embeddings)
-        self.model = Transformer(mc, loaded_model.weights, self.ops, self.max_model_len)
+        # Tensor parallel: this process is rank 0; `part` is one rank's shape (its heads, its
+        # slice of the MLP), which its transformer and KV cache take.
+        self.workers, part, weights = None, mc, loaded_model.weights
+        if engine_config.tensor_parallel_size > 1:
+            self.workers = WorkerGroup(engine_config, device, dtype, self.ops, loaded_model,
+                                       send_weights)
+            self.ops, part, weights = self.workers.ops, self.workers.config, self.workers.weights
+            loaded_model = None  # only this rank's slice stays
+            release_unused_memory(self.ops)
+        try:
+            self._start(engine_config, mc, part, weights)
+        except BaseException:
+            if self.workers is not None:
+                self.workers.close()
+            raise
 
-        self.num_kv_blocks = num_blocks = num_kv_blocks(mc, engine_config, self.ops,
+    def _start(self, engine_config: EngineConfig, mc, part, weights) -> None:
+        """Model, KV cache, scheduler and runner, on this rank's part of the model."""
+        self.model = Transformer(part, weights, self.ops, self.max_model_len)
+
+        self.num_kv_blocks = num_blocks = num_kv_blocks(part, engine_config, self.ops,
                                                         self.max_model_len)
         bs = engine_config.block_size
-        self.kv_cache = self.ops.alloc_kv_cache(mc.num_layers, num_blocks, mc.num_kv_heads, bs,
-                                                mc.head_dim)
+        self.kv_cache = self.ops.alloc_kv_cache(part.num_layers, num_blocks, part.num_kv_heads,
+                                                bs, part.head_dim)
         if num_blocks * bs < self.max_model_len:
             # A sequence longer than the whole pool could only preempt itself forever.
             if engine_config.max_model_len is not None:
@@ -142,10 +164,13 @@ class EngineCore:
         if tok_eos is not None and tok_eos not in eos:
             eos.append(tok_eos)
         self.eos_token_ids = eos
+        if self.workers is not None:
+            self.workers.start_runners(num_blocks, self.max_model_len, eos)
         self.runner = ModelRunner(mc, engine_config, self.ops, self.model, self.kv_cache,
-                                  eos_token_ids=eos, max_model_len=self.max_model_len)
+                                  eos_token_ids=eos, max_model_len=self.max_model_len,
+                                  workers=self.workers)
 
-        self.async_scheduling = (device == "cuda" if engine_config.async_scheduling is None
+        self.async_scheduling = (self.ops.name == "cuda" if engine_config.async_scheduling is None
                                  else engine_config.async_scheduling)
         self._in_flight: _Launched | None = None  # the launched step whose tokens are unread
         # Structured outputs need the tokens' bytes: only a model with a tokenizer has them (a
@@ -154,7 +179,9 @@ class EngineCore:
         if self.tokenizer is not None:
             self.grammars = GrammarCompiler.for_tokenizer(self.tokenizer, mc.vocab_size, eos)
         self._compiling: list[_CoreRequest] = []  # requests whose grammar is compiling
-        self._rng = np.random.default_rng(engine_config.seed)
+        # Unseeded requests draw their seeds here; data-parallel cores offset theirs by rank, so
+        # two cores never hand the same seed stream to the requests they run.
+        self._rng = np.random.default_rng(engine_config.seed + engine_config.data_parallel_rank)
         spec = engine_config.speculative_config
         self.spec = SpecDecoder(spec) if spec is not None else None  # None: never speculates
         self._requests: dict[str, _CoreRequest] = {}
@@ -181,6 +208,12 @@ class EngineCore:
             if bad:  # vLLM's clients look for the ids, the size and "out of vocabulary"
                 raise ParamError(name, f"{name} has token id(s) {bad} out of vocabulary "
                                        f"(vocab_size {vocab})")
+        cap = vocab if self.config.max_logprobs == -1 else self.config.max_logprobs
+        for name, k in (("logprobs", params.logprobs), ("prompt_logprobs", params.prompt_logprobs)):
+            if k is not None and (vocab if k == -1 else k) > cap:
+                asked = f"-1 (the whole vocabulary, {vocab})" if k == -1 else str(k)
+                raise ParamError(name, f"{name} {asked} is more than max_logprobs ({cap}); "
+                                       "the server's --max-logprobs sets it")
         if params.n > self.config.max_num_seqs:  # the n sequences must fit in one batch
             raise ParamError("n", f"n ({params.n}) must be <= max_num_seqs "
                                   f"({self.config.max_num_seqs})")
@@ -284,6 +317,18 @@ class EngineCore:
         if self.dead_error is not None:
             raise EngineDeadError(f"the engine stopped: {self.dead_error}") from self.dead_error
 
+    def check_workers(self) -> None:
+        """EngineDeadError once a tensor-parallel worker has died or failed: an idle engine
+        notices it here (the engine-core process asks while it waits) rather than at the next
+        step."""
+        if self.workers is None or self.dead_error is not None or self.is_closed:
+            return
+        try:
+            self.workers.check_peers()
+        except CommunicatorError as e:
+            self.dead_error = EngineDeadError(f"the tensor-parallel group failed: {e}")
+            raise self.dead_error from e
+
     @property
     def is_closed(self) -> bool:
         return self.runner is None
@@ -350,15 +395,16 @@ class EngineCore:
         s = self.scheduler
         return any(seq.matcher is not None for seq in (*s.running, *s.waiting))
 
-    def _read(self, done: _Launched, outputs: list[SeqOutput], commit_first=False) -> None:
+    def _read(self, done: _Launched, outputs: list[SeqOutput], commit_first=False,
+              on_advanced=None) -> None:
         """Wait for a launched step's tokens and postprocess them; commit_first: key its blocks
-        for the prefix cache before."""
+        for the prefix cache before; on_advanced: called once its matchers have advanced."""
         sampled = self._guard(done.handle.result, done.batch, outputs)
         self._collect_prompt_logprobs(done.handle.prompt_logprobs)
         if commit_first:
             self.scheduler.commit(done.batch)
         if sampled is not None:
-            self._postprocess(done.rows, sampled, outputs)
+            self._postprocess(done.rows, sampled, outputs, on_advanced)
 
     def _mask_filler(self, rows: list[Sequence], outputs: list[SeqOutput]):
         """fill_bitmask for runner.launch when a row is constrained, else None."""
@@ -367,11 +413,20 @@ class EngineCore:
 
         def fill():
             # Called with this step's forward queued. A constrained row's mask needs its
-            # sequence's previous token: read the step in flight first (its matchers advance).
-            if self._in_flight is not None:
-                done, self._in_flight = self._in_flight, None
-                self._read(done, outputs)
-            # A row finished meanwhile has no matcher: unconstrained, and its token is dropped.
+            # sequence's previous token: read the step in flight first. Once its matchers have
+            # advanced, the masks fill on the grammar threads while the rest of its
+            # postprocessing runs here; a row that finishes meanwhile gets a mask it never
+            # uses (its token is dropped).
+            matchers = [seq.matcher for seq in rows]
+            if self._in_flight is None:
+                return self.grammars.fill_bitmask(matchers)
+            done, self._in_flight = self._in_flight, None
+            filling = []
+            self._read(done, outputs, on_advanced=lambda: filling.append(
+                self.grammars.fill_bitmask_soon(matchers)))
+            if filling:
+                return filling[0].result()
+            # Its step failed: no matcher advanced; a failed row has no matcher any more.
             return self.grammars.fill_bitmask([seq.matcher for seq in rows])
 
         return fill
@@ -435,11 +490,13 @@ class EngineCore:
                     collected.append(entry)
             seq.next_prompt_logprob = len(collected)
 
-    def _postprocess(self, seqs: list[Sequence], sampled, outputs: list[SeqOutput]) -> None:
+    def _postprocess(self, seqs: list[Sequence], sampled, outputs: list[SeqOutput],
+                     on_advanced=None) -> None:
         """Append each sampled token, check the id stop rules, free finished sequences. The token
         of a sequence that finished after the step was launched is dropped. A sequence that
         verified k drafts owns k + 1 rows: it takes its accepted drafts and one more token, and
-        its KV slots past them are rolled back."""
+        its KV slots past them are rolled back. on_advanced() runs once the matchers have taken
+        their tokens, before the rest."""
         tokens, logprobs = sampled.token_ids.tolist(), sampled.logprobs.tolist()
         errors = sampled.errors or {}
         top = None
@@ -450,6 +507,8 @@ class EngineCore:
         if any(seq.matcher is not None for seq in seqs):
             # Constrained steps never speculate (step()), so row i is sequence i here.
             verdicts = self.grammars.advance([seq.matcher for seq in seqs], tokens, errors)
+        if on_advanced is not None:
+            on_advanced()
         r = 0  # this sequence's first row
         for i, seq in enumerate(seqs):
             k = len(seq.spec_token_ids)
@@ -612,4 +671,6 @@ class EngineCore:
         # Every reference to a device array goes before the backend hands its pools back.
         self.runner.close()
         self.runner = self.model = self.kv_cache = None
+        if self.workers is not None:
+            self.workers.close()
         self.ops.close()

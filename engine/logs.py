@@ -78,6 +78,9 @@ def engine_lines(engine) -> list[str]:
     bs = config.block_size
     kv_bytes = ops.kv_bytes_per_token(mc.num_layers, mc.num_kv_heads, mc.head_dim) * bs
     weights = _size(weights_nbytes(engine.model.weights))
+    if config.tensor_parallel_size > 1:  # the weights are rank 0's slice; the KV cache, all ranks'
+        device += f", tensor parallel over {config.tensor_parallel_size} ranks"
+        weights += " per rank"
     graphs = getattr(engine.runner, "graphs", None)
     if ops.name != "cuda":
         graph_text = "none (cpu)"

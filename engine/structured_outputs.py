@@ -93,6 +93,8 @@ class GrammarCompiler:
         self._lock = threading.Lock()  # the cache and the tokenizer: pool threads share them
         self._pool = ThreadPoolExecutor(num_threads, thread_name_prefix="pagedserve-grammar")
         self._executor = None  # llguidance.LLExecutor, made on first fill
+        # fill_bitmask_soon's thread: masks fill there while the core postprocesses a step.
+        self._filler = ThreadPoolExecutor(1, thread_name_prefix="pagedserve-masks")
         self._bitmask = np.empty((0, self.num_words), np.int32)
 
     @classmethod
@@ -151,6 +153,7 @@ class GrammarCompiler:
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self._filler.shutdown(wait=False, cancel_futures=True)
 
     # ------------------------------------------------------------------ one step
 
@@ -180,6 +183,11 @@ class GrammarCompiler:
                 if m.is_error():  # e.g. the parser hit a limit: allow nothing, never everything
                     bitmask[r] = 0  # (the core then ends the sequence with "error")
         return bitmask
+
+    def fill_bitmask_soon(self, matchers: list) -> Future:
+        """fill_bitmask on a thread of its own (llguidance's own threads do the work, without
+        the GIL); the caller must not advance these matchers until the future is done."""
+        return self._filler.submit(self.fill_bitmask, matchers)
 
     def consume(self, pairs: list[tuple[object, int]]) -> list[bool]:
         """Advance each (matcher, sampled token) pair; False where the token broke the grammar."""

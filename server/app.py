@@ -1,9 +1,9 @@
 """The Starlette app: engine lifecycle, guards, and the small endpoints.
 
-The generation endpoints live in server/openai_routes.py, what handlers share in
-server/handlers.py. The engine core loads in its own process (engine/core_process.py); an app
-started without AsyncEngine.load() (tests) answers /health 503 until it is ready instead of
-keeping the port closed, and 503 again if the core dies.
+The generation endpoints live in server/openai_routes.py (+ generation_call.py, sse_stream.py),
+what handlers share in server/handlers.py. The engine core loads in its own process
+(engine/core_process.py); an app started without AsyncEngine.load() (tests) answers /health 503
+until it is ready instead of keeping the port closed, and 503 again if the core dies.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ class ServerSettings:
     max_body_bytes: int = MAX_BODY_BYTES
     chat_content_special_tokens: bool = False  # True: HF's way, a client may forge turns
     enable_server_load_tracking: bool = False  # count calls in flight for GET /load
+    return_tokens_as_token_ids: bool = False  # the default of the request field of that name
 
 
 def create_app(engine_config: EngineConfig | None = None, *, served_model_name: str | None = None,
@@ -60,7 +61,8 @@ def create_app(engine_config: EngineConfig | None = None, *, served_model_name: 
                allowed_hosts: list[str] | None = LOOPBACK_HOSTS,
                allowed_origins: list[str] | None = None,
                chat_content_special_tokens: bool = False, dashboard: bool = True,
-               enable_server_load_tracking: bool = False) -> Starlette:
+               enable_server_load_tracking: bool = False,
+               return_tokens_as_token_ids: bool = False) -> Starlette:
     """An app whose engine core runs in its own process (app.state.engine, an AsyncEngine).
 
     `make_core`: a picklable callable the core process runs instead of EngineCore(config).
@@ -73,7 +75,7 @@ def create_app(engine_config: EngineConfig | None = None, *, served_model_name: 
     engine = AsyncEngine(config, make_core, metrics, on_fatal)
     settings = ServerSettings(served_model_name or config.model or DEFAULT_MODEL_NAME, api_key,
                               max_waiting_requests, max_body_bytes, chat_content_special_tokens,
-                              enable_server_load_tracking)
+                              enable_server_load_tracking, return_tokens_as_token_ids)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

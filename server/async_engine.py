@@ -1,5 +1,6 @@
-"""The API process's half of the engine: the core runs in its own process (engine/core_client.py);
-here, on the event loop, live the tokenizer and the OutputProcessor (text, stop strings).
+"""The API process's half of the engine: the core runs in its own process (engine/core_client.py;
+with data_parallel_size > 1, several cores behind one DPClient, engine/dp_client.py); here, on
+the event loop, live the tokenizer and the OutputProcessor (text, stop strings).
 
 Handlers submit requests through a RequestGroup and read RequestOutputs from its queue. One task
 reads the core's messages (one per step), turns them into RequestOutputs and hands each to its
@@ -21,6 +22,7 @@ from dataclasses import dataclass
 from engine.core.outputs import EngineCoreRequest
 from engine.core.sampling_params import ParamError
 from engine.core_client import MPClient
+from engine.dp_client import DPClient, core_client_for
 from engine.logs import StatsLogger
 from engine.model.config import EngineConfig, ModelConfig
 from engine.model.loader import load_tokenizer
@@ -69,6 +71,9 @@ class RequestGroup:
                                       prompt["prompt_token_ids"], params)
         except BaseException:
             self.unfinished.discard(request_id)
+            # Cancelled (the client left) while the core accepts it: it was sent, so it must
+            # be aborted, or it would run to its end for no one.
+            self.engine.abort(request_id)
             raise
 
     async def outputs(self) -> AsyncIterator:
@@ -105,7 +110,7 @@ class AsyncEngine:
         self.load_error: BaseException | None = None
         self.dead: str | None = None  # why the core died
         self.stats = None  # the core's last EngineStats
-        self.client: MPClient | None = None
+        self.client: MPClient | DPClient | None = None  # DPClient: data_parallel_size > 1
         self.processor: OutputProcessor | None = None
         self._groups: dict[str, RequestGroup] = {}  # request id -> its group, while unfinished
         self._pending: dict[str, asyncio.Future] = {}  # sent, not yet accepted by the core
@@ -129,7 +134,7 @@ class AsyncEngine:
     def load(self) -> list[str]:
         """Spawn the core and wait until its model is loaded (the CLI, before it serves); raise
         what loading raised. Returns the core's start-up lines (device, memory, graphs)."""
-        self.client = MPClient(self.config, self.make_core)
+        self.client = core_client_for(self.config, self.make_core)
         self.client.start()
         try:
             ready = self.client.wait_ready()
@@ -143,7 +148,7 @@ class AsyncEngine:
         """On the event loop: serve from a core load() made ready, or else spawn one (from this
         thread, whose life the core's is tied to) and load it in the background meanwhile."""
         if self.client is None:
-            self.client = MPClient(self.config, self.make_core)
+            self.client = core_client_for(self.config, self.make_core)
             self.client.start()
         self.loop = asyncio.get_running_loop()  # handlers run here, and only here
         self._task = self.loop.create_task(self._run())
@@ -222,6 +227,8 @@ class AsyncEngine:
             self._set_ready(ready, tokenizer)
             log.debug("engine ready")
         self.client.attach()
+        if isinstance(self.client, DPClient) and self.metrics:
+            self.metrics.core_stats = self.client.core_stats  # updated in place
         try:
             while True:
                 message = await self.client.get_output_async()
@@ -249,14 +256,14 @@ class AsyncEngine:
         pending = self._pending
         for request_id in message.accepted:
             future = pending.pop(request_id, None)
-            if future is not None:
+            if future is not None and not future.done():
                 future.set_result(None)
         for request_id, field, why in message.rejected:
             future = pending.pop(request_id, None)
             self._groups.pop(request_id, None)
             self._waiting.discard(request_id)
             self.processor.abort(request_id)
-            if future is not None:
+            if future is not None and not future.done():
                 future.set_exception(ParamError(field, why) if field else ValueError(why))
         num_outputs = 0
         if message.outputs:

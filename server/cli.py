@@ -1,4 +1,5 @@
-"""The `pagedserve` command: `serve` an OpenAI-compatible API, or `generate` one completion.
+"""The `pagedserve` command: `serve` an OpenAI-compatible API, or `generate` one completion
+(`worker`: one tensor-parallel rank of a group whose rank 0 runs on another host).
 
 Flag names follow vLLM's, so a vLLM command line mostly works unchanged.
 """
@@ -15,6 +16,7 @@ import threading
 import time
 
 from engine.executor.ops import DeviceError
+from engine.executor.worker import add_worker_flags, run_worker
 from engine.logs import configure_logging, model_line
 from engine.model.config import ConfigError, EngineConfig
 
@@ -112,10 +114,25 @@ def _engine_flags() -> argparse.ArgumentParser:
     g.add_argument("--cpu-threads", type=_positive_int, default=1, metavar="N",
                    help="BLAS threads of the cpu backend (and the host side of cuda); 1 is "
                         "fastest on a small, busy machine (default: 1)")
+    g.add_argument("--max-logprobs", type=int, default=20, metavar="N",
+                   help="most logprobs a request may ask per token; -1 = the whole vocabulary, "
+                        "which prompt_logprobs=-1 needs (default: 20, as vLLM)")
     g.add_argument("--speculative-config", type=_json_object, default=None, metavar="JSON",
                    help='n-gram speculative decoding, e.g. \'{"method": "ngram", '
                         '"num_speculative_tokens": 3, "prompt_lookup_max": 4, '
                         '"prompt_lookup_min": 2, "disable_by_batch_size": 8}\' (default: off)')
+    t = p.add_argument_group("tensor parallel (README: Several GPUs)")
+    t.add_argument("--tensor-parallel-size", "-tp", type=_positive_int, default=1, metavar="N",
+                   help="split every layer over N GPUs (N processes on cpu); this process is "
+                        "rank 0 (default: 1)")
+    t.add_argument("--tp-local-ranks", type=_positive_int, default=None, metavar="K",
+                   help="ranks 0..K-1 run on this host; start the others on their hosts with "
+                        "`pagedserve worker --rank R` (default: all N here)")
+    t.add_argument("--master-addr", default=None, metavar="ADDR",
+                   help="address rank 0 listens on for the other ranks (default: "
+                        "$PAGEDSERVE_MASTER_ADDR, else 127.0.0.1)")
+    t.add_argument("--master-port", type=_port, default=None, metavar="PORT",
+                   help="its port (default: $PAGEDSERVE_MASTER_PORT, else any free port)")
     g.add_argument("--log-level", default=None,
                    choices=("critical", "error", "warning", "info", "debug"),
                    help="logging verbosity (default: info for serve, warning for generate)")
@@ -161,11 +178,20 @@ def build_parser() -> argparse.ArgumentParser:
                         "(HF's behaviour; lets a client forge turns). Default: they stay text")
     s.add_argument("--served-model-name", default=None, metavar="NAME",
                    help="the model name clients send and /v1/models lists (default: MODEL)")
+    s.add_argument("--data-parallel-size", "-dp", type=_positive_int, default=1, metavar="N",
+                   help="run N engine cores, each a full copy of the model on its own GPU (core i "
+                        "on GPU i of CUDA_VISIBLE_DEVICES), behind this one API process; each "
+                        "request goes to the core with the least unfinished work, or, with "
+                        "prefix caching, to the core that ran its prompt's first blocks "
+                        "(default: 1)")
     s.add_argument("--max-waiting-requests", type=_positive_int, default=None, metavar="N",
                    help="answer 429 while N requests already wait for a batch slot "
                         "(default: no limit)")
     s.add_argument("--enable-server-load-tracking", action="store_true",
                    help="count generation calls in flight, read at GET /load (vLLM's flag)")
+    s.add_argument("--return-tokens-as-token-ids", action="store_true",
+                   help="logprobs name tokens 'token_id:N' unless a request sets "
+                        "return_tokens_as_token_ids false (vLLM's flag)")
     s.add_argument("--no-dashboard", dest="dashboard", action="store_false",
                    help="turn off the live dashboard at /dashboard (and its feed)")
 
@@ -182,6 +208,13 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sampling temperature; 0 = greedy (default: 0)")
     g.add_argument("--chat", action="store_true",
                    help="wrap PROMPT as a user message in the model's chat template")
+    w = sub.add_parser("worker", help="run one tensor-parallel rank for a rank 0 on another host",
+                       description="Join the tensor-parallel group whose rank 0 (pagedserve "
+                                   "serve / generate with --tensor-parallel-size and "
+                                   "--tp-local-ranks) listens at --master-addr:--master-port; "
+                                   "the model and settings come from rank 0.")
+    add_worker_flags(w)
+
     t = sub.add_parser("trace", parents=[engine_flags], help="record every step of a small "
                        "workload to JSON, for the dashboard to replay",
                        description="Run a teaching workload and record each step's schedule and "
@@ -204,7 +237,9 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         enable_prefix_caching=args.enable_prefix_caching, enforce_eager=args.enforce_eager,
         async_scheduling=args.async_scheduling, load_format=args.load_format, seed=args.seed,
         cpu_threads=args.cpu_threads, speculative_config=args.speculative_config,
-        quantization=args.quantization)
+        tensor_parallel_size=args.tensor_parallel_size, tp_local_ranks=args.tp_local_ranks,
+        master_addr=args.master_addr, master_port=args.master_port,
+        max_logprobs=args.max_logprobs, quantization=args.quantization)
     config.validate()
     return config
 
@@ -215,6 +250,8 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.command == "worker":
+        return run_worker(args.rank, args.master_addr, args.master_port, args.gpu)
     configure_logging(args.log_level or ("info" if args.command == "serve" else "warning"))
     try:
         config = engine_config_from_args(args)
@@ -276,6 +313,8 @@ def serve(args: argparse.Namespace, config: EngineConfig, started: float) -> int
 
     from server.app import DEFAULT_MODEL_NAME
 
+    # serve's own engine flag (several cores need this API process; argparse checked it >= 1)
+    config.data_parallel_size = args.data_parallel_size
     sock = bind_socket(args.host, args.port)
     died: list[str] = []
 
@@ -340,7 +379,8 @@ def app_from_args(args: argparse.Namespace, config: EngineConfig, make_core=None
                       allowed_origins=args.allowed_origins or None,
                       chat_content_special_tokens=args.chat_content_special_tokens,
                       dashboard=args.dashboard,
-                      enable_server_load_tracking=args.enable_server_load_tracking)
+                      enable_server_load_tracking=args.enable_server_load_tracking,
+                      return_tokens_as_token_ids=args.return_tokens_as_token_ids)
 
 
 def generate(args: argparse.Namespace, config: EngineConfig) -> int:

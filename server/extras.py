@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from server.protocol import bad_request, get_field
+from server.protocol import bad_request, get_field, legacy_top_logprobs
 
 
 @dataclass
@@ -27,8 +27,9 @@ class Extras:
     continuous_usage: bool = False  # usage on every streamed chunk
 
 
-def read_extras(body: dict, *, chat: bool) -> Extras:
-    """The extension fields of a completions or chat body, checked."""
+def read_extras(body: dict, *, chat: bool, settings) -> Extras:
+    """The extension fields of a completions or chat body, checked; `settings` (app.ServerSettings)
+    gives the server-wide defaults."""
     x = Extras()
     x.echo = get_field(body, "echo", "bool", False)
     x.score_only = not chat and x.echo and body.get("max_tokens") == 0
@@ -41,7 +42,8 @@ def read_extras(body: dict, *, chat: bool) -> Extras:
         raise bad_request("truncation_side", "'truncation_side' must be 'left' or 'right', got "
                                              f"{x.truncation_side!r}")
     x.return_token_ids = get_field(body, "return_token_ids", "bool", False)
-    x.tokens_as_ids = get_field(body, "return_tokens_as_token_ids", "bool", False)
+    x.tokens_as_ids = get_field(body, "return_tokens_as_token_ids", "bool",
+                                settings.return_tokens_as_token_ids)
     options = get_field(body, "stream_options", "dict", {})
     x.continuous_usage = options.get("continuous_usage_stats", False)
     if not isinstance(x.continuous_usage, bool):
@@ -96,8 +98,8 @@ def echo_logprobs(prompt_ids: list[int], entries: list, token_str) -> dict:
         text = token_str(tid)
         out["tokens"].append(text)
         out["token_logprobs"].append(None if entry is None else entry.get(tid))
-        out["top_logprobs"].append(None if entry is None else {
-            token_str(t): v for t, v in sorted(entry.items(), key=lambda kv: -kv[1])})
+        out["top_logprobs"].append(None if entry is None
+                                   else legacy_top_logprobs(tid, entry, token_str))
         out["text_offset"].append(offset)
         offset += len(text)
     return out

@@ -41,6 +41,8 @@ class ServerMetrics:
     def __init__(self):
         self.registry = CollectorRegistry()
         self.stats = None  # the engine's last get_stats(), set by the engine thread
+        # Data parallel: each core's last EngineStats (None before its first); `stats` sums them.
+        self.core_stats: list | None = None
         self.max_running = 0
         r = self.registry
         self.finished = Counter("pagedserve_requests_finished", "Requests ended, by finish reason "
@@ -113,6 +115,8 @@ class _StatsCollector:
                                 value=self.metrics.max_running)
         for field, (name, doc) in _COUNTERS.items():
             yield CounterMetricFamily(name, doc, value=getattr(stats, field, 0))
+        if self.metrics.core_stats is not None:
+            yield from _per_core(self.metrics.core_stats)
         drafts, accepted = stats.spec_num_draft_tokens, stats.spec_num_accepted_tokens
         if drafts:
             yield GaugeMetricFamily("pagedserve_spec_decode_acceptance_rate",
@@ -121,3 +125,14 @@ class _StatsCollector:
             yield GaugeMetricFamily("pagedserve_spec_decode_mean_accepted_length",
                                     "Tokens per verifying sequence-step (accepted drafts + 1), "
                                     "since start.", value=1 + accepted / stats.spec_num_drafts)
+
+
+def _per_core(core_stats: list):
+    """The data-parallel cores' gauges apart, labelled core="i" (the sums are above)."""
+    for field, (name, doc) in _GAUGES.items():
+        family = GaugeMetricFamily(name.replace("pagedserve_", "pagedserve_core_", 1),
+                                   f"{doc} Per data-parallel engine core.", labels=["core"])
+        for i, stats in enumerate(core_stats):
+            if stats is not None:
+                family.add_metric([str(i)], getattr(stats, field))
+        yield family

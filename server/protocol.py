@@ -79,8 +79,13 @@ def parse_prompts(body: dict) -> list[str | list[int]]:
     prompt = body.get("prompt")
     error = bad_request("prompt", "'prompt' must be a string, an array of strings, an array of "
                                   "token ids, or an array of token id arrays")
-    if prompt is None:
-        raise bad_request("prompt", "'prompt' is required")
+    if prompt is None:  # vLLM's words, which its clients match on
+        raise bad_request("prompt", "Either prompt or prompt_embeds must be provided and "
+                                    "non-empty. ('prompt' is required here: prompt_embeds are "
+                                    "not supported)")
+    if body.get("prompt_embeds") is not None:
+        raise bad_request("prompt_embeds", "'prompt_embeds' are not supported; send text or "
+                                           "token ids in 'prompt'")
     if isinstance(prompt, str):
         prompts = [prompt]
     elif isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
@@ -121,9 +126,19 @@ def parse_messages(body: dict) -> list[dict]:
     return messages
 
 
+# vLLM sampling fields this server does not implement: refused by name rather than ignored, so
+# that a client relying on one never gets an unconstrained answer.
+UNSUPPORTED_VLLM_FIELDS = ("allowed_token_ids", "logprob_token_ids", "prompt_logprob_token_ids",
+                           "bad_words")
+
+
 def parse_sampling_params(body: dict, *, chat: bool) -> SamplingParams:
     """The sampling fields of a completions or chat body, checked, as SamplingParams."""
     f = body.__contains__
+    for name in UNSUPPORTED_VLLM_FIELDS:
+        if body.get(name) is not None:
+            raise bad_request(name, f"'{name}' (a vLLM sampling field) is not supported by "
+                                    "this server")
     kw = {}
     for name, kind in (("n", "int"), ("temperature", "number"), ("top_p", "number"),
                        ("top_k", "int"), ("min_p", "number"), ("seed", "int"),
@@ -137,8 +152,10 @@ def parse_sampling_params(body: dict, *, chat: bool) -> SamplingParams:
         if value is not None:
             kw[name] = value
     if not INT64_MIN <= kw.get("seed", 0) <= INT64_MAX:
+        # The name of the bound broken, as pydantic (and so vLLM) reports it.
+        rule = "less_than_equal" if kw["seed"] > INT64_MAX else "greater_than_equal"
         raise bad_request("seed", f"'seed' must be in [{INT64_MIN}, {INT64_MAX}] (int64), got "
-                                  f"{kw['seed']}")
+                                  f"{kw['seed']} ({rule})")
     max_tokens = get_field(body, "max_tokens", "int")
     if chat:
         max_tokens = get_field(body, "max_completion_tokens", "int", max_tokens)
@@ -200,11 +217,6 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
-def usage(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
-
-
 def completion_logprobs(token_ids, logprobs, token_str, text_offset: int = 0) -> dict:
     """The legacy completions `logprobs` object for the given tokens."""
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
@@ -212,7 +224,7 @@ def completion_logprobs(token_ids, logprobs, token_str, text_offset: int = 0) ->
         text = token_str(tid)
         out["tokens"].append(text)
         out["token_logprobs"].append(lp.get(tid))
-        out["top_logprobs"].append({token_str(t): v for t, v in _top(lp)})
+        out["top_logprobs"].append(legacy_top_logprobs(tid, lp, token_str))
         out["text_offset"].append(text_offset)
         text_offset += len(text)
     return out
@@ -230,6 +242,13 @@ def chat_logprobs(token_ids, logprobs, token_str, num_top: int) -> dict:
         item["top_logprobs"] = [entry(t, v) for t, v in _top(lp)[:num_top]]
         content.append(item)
     return {"content": content}
+
+
+def legacy_top_logprobs(tid: int, lp: dict[int, float], token_str) -> dict[str, float]:
+    """One position's legacy `top_logprobs`: its own token first, as vLLM orders them (clients
+    read the first key as the token), then the others by logprob."""
+    ranked = sorted(lp.items(), key=lambda kv: (kv[0] != tid, -kv[1]))
+    return {token_str(t): v for t, v in ranked}
 
 
 def _top(lp: dict[int, float]) -> list[tuple[int, float]]:

@@ -214,11 +214,15 @@ def test_bench_throughput_structured_runs_the_same_tokens_constrained(tiny_model
     pytest.importorskip("llguidance")
     result = bench_throughput.main(["--model", tiny_model, *TINY_ARGS, "--structured"])
     free, constrained = result["unconstrained"], result["structured"]
-    # The schema never completes early: every constrained request runs to its max_tokens.
-    assert constrained["output_tokens"] == free["output_tokens"] == free["requested_output_tokens"]
-    assert "JSON schema" in constrained["sampling"]
+    bounded = result["structured_bounded"]
+    # The schemas never complete early: every constrained request runs to its max_tokens.
+    assert (constrained["output_tokens"] == bounded["output_tokens"] == free["output_tokens"]
+            == free["requested_output_tokens"])
+    assert "JSON schema" in constrained["sampling"] and "maxLength" in bounded["sampling"]
     assert result["structured_over_unconstrained"] == pytest.approx(
         constrained["output_tok_s"] / free["output_tok_s"])
+    assert result["bounded_over_unconstrained"] == pytest.approx(
+        bounded["output_tok_s"] / free["output_tok_s"])
     assert json.loads(capsys.readouterr().out) == result
 
 

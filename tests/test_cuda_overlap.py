@@ -182,11 +182,14 @@ def test_preemption_and_stops_async_equals_sync_on_cuda(loaded, eager):
         # Half of them stop at a token they produce greedily: found one step late with overlap.
         stop = [probe[r].outputs[0].token_ids[2 + i]] if i % 2 else []
         requests[r] = (p, SamplingParams(temperature=0, max_tokens=20 + i, ignore_eos=True,
-                                         stop_token_ids=stop))
+                                         stop_token_ids=stop, logprobs=2))
     requests["long"] = (ids(range(3, 40)), SamplingParams(temperature=0, max_tokens=None,
-                                                          ignore_eos=True))
+                                                          ignore_eos=True, logprobs=2))
+    # NOTE: a preempted sequence is recomputed as a prefill (GEMMs, not GEMVs) at a step that
+    # differs between the loops, so its later logits move in the last bf16 bits: a greedy pick
+    # may flip where the two best tokens were within that noise (near_tie), nowhere else.
     engine, placeholders, got = compare(make, requests, logprob_tol=BF16_LOGPROB_TOL,
-                                        max_num_seqs=8, num_kv_blocks=14,
+                                        near_tie=0.1, max_num_seqs=8, num_kv_blocks=14,
                                         max_model_len=200)
     assert engine.get_stats().num_preemptions > 0 and placeholders > 50
     assert sum(got[f"r{i}"].outputs[0].finish_reason == "stop" for i in range(1, 10, 2)) >= 3

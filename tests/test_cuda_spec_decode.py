@@ -18,9 +18,10 @@ from engine.core.sampling_params import SamplingParams  # noqa: E402
 from engine.engine import LLMEngine  # noqa: E402
 from engine.model.config import EngineConfig  # noqa: E402
 
-# NOTE: bf16 logits change in the last bits with the batch's shape (GEMM tiling), so the two
-# runs' summed logprobs agree to about 1e-4 relative, not exactly; the tokens must be equal.
-BF16_LOGPROB_TOL = 2e-2
+# NOTE: verify rows run through the prefill attention and GEMMs, plain decode through the decode
+# kernel and GEMVs: bf16 logprobs differ by ~1e-3 per token (measured: 0.10 over ~60 tokens), so
+# the summed logprobs are held to 0.25; the tokens must be equal.
+BF16_LOGPROB_TOL = 0.25
 
 
 

@@ -28,8 +28,10 @@ from engine.executor.transformer import Transformer
 from engine.model.config import ModelConfig
 from engine.model.loader import dummy_weights
 
-LAYER_OPS = ["add_rms_norm_linear", "qk_norm_rope_kv_write", "attention", "linear",
-             "add_rms_norm_linear", "silu_mul_linear"]
+# all_reduce (and gather_vocab after the LM head) are identities on one rank: no launch; under
+# tensor parallelism they are the collectives (engine/executor/tensor_parallel.py).
+LAYER_OPS = ["add_rms_norm_linear", "qk_norm_rope_kv_write", "attention", "linear", "all_reduce",
+             "add_rms_norm_linear", "silu_mul_linear", "all_reduce"]
 
 
 class RecordingOps:
@@ -73,8 +75,8 @@ def _decode_step(arch: str, **overrides):
 def test_ops_per_decode_layer(arch, overrides):
     calls, logits, config = _decode_step(arch, **overrides)
     assert calls[:1] == ["embedding"]
-    assert calls[-3:] == ["add_rms_norm", "gather_rows", "linear"]
-    layers = calls[1:-3]
+    assert calls[-4:] == ["add_rms_norm", "gather_rows", "linear", "gather_vocab"]
+    layers = calls[1:-4]
     assert len(layers) == len(LAYER_OPS) * config.num_layers, layers
     for i in range(config.num_layers):
         assert layers[i * len(LAYER_OPS) : (i + 1) * len(LAYER_OPS)] == LAYER_OPS

@@ -44,10 +44,19 @@ def drive(engine, requests: dict, abort_after: dict | None = None):
     return final, deltas, sum(seen)
 
 
+def _first_difference(a: list, b: list) -> int:
+    pairs = enumerate(zip(a, b, strict=False))
+    return next((i for i, (x, y) in pairs if x != y), min(len(a), len(b)))
+
+
 def compare(make_engine, requests, text=False, abort_after=None, logprob_tol=1e-4,
-            **fields):
+            near_tie=0.0, **fields):
     """Run the requests without and with overlap; assert equal outputs; return the async run's
-    engine and its placeholder count."""
+    engine and its placeholder count.
+
+    near_tie > 0 (reduced-precision backends whose two runs batch differently): a request may
+    diverge at a position where the synchronous run's two best tokens were within near_tie of
+    each other (its requests must ask for logprobs >= 1); it is compared up to there only."""
     sync_engine = make_engine(text=text, async_scheduling=False, **fields)
     async_engine = make_engine(text=text, async_scheduling=True, **fields)
     assert not sync_engine.async_scheduling and async_engine.async_scheduling
@@ -66,6 +75,13 @@ def compare(make_engine, requests, text=False, abort_after=None, logprob_tol=1e-
             want_deltas.pop((request_id, g.index))
     for request_id in set(requests) - aborted:
         for g, w in zip(got[request_id].outputs, want[request_id].outputs, strict=True):
+            if near_tie and g.token_ids != w.token_ids:
+                at = _first_difference(g.token_ids, w.token_ids)
+                best = sorted(w.logprobs[at].values(), reverse=True)
+                assert len(best) >= 2 and best[0] - best[1] < near_tie, (request_id, at, best)
+                got_deltas.pop((request_id, g.index))
+                want_deltas.pop((request_id, w.index))
+                continue
             assert g.token_ids == w.token_ids, request_id
             assert g.text == w.text and g.finish_reason == w.finish_reason, request_id
             assert g.stop_reason == w.stop_reason, request_id

@@ -44,7 +44,8 @@ THIRD_PARTY = {
     "engine.core": set(),
     "engine.model": {"numpy", "tokenizers", "jinja2", "gguf", "safetensors", "tqdm",
                      "huggingface_hub"},
-    "engine.executor": {"numpy", "cupy", "threadpoolctl"},
+    # zmq: tensor-parallel ranks receive each step's inputs over it (executor/workers.py)
+    "engine.executor": {"numpy", "cupy", "threadpoolctl", "zmq"},
     "engine": {"numpy", "zmq", "msgspec", "tqdm", "llguidance"},
 }
 
@@ -90,8 +91,10 @@ def test_cuda_extras_bring_the_cuda_libraries():
     tomllib = pytest.importorskip("tomllib")
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"][
         "optional-dependencies"]
-    assert [r.split(">=")[0] for r in extras["cuda12"]] == ["cupy-cuda12x[ctk]"]
-    assert [r.split(">=")[0] for r in extras["cuda13"]] == ["cupy-cuda13x[ctk]"]
+    assert [r.split(">=")[0] for r in extras["cuda12"]] == ["cupy-cuda12x[ctk]",
+                                                            "nvidia-nccl-cu12"]
+    assert [r.split(">=")[0] for r in extras["cuda13"]] == ["cupy-cuda13x[ctk]",
+                                                            "nvidia-nccl-cu13"]
     readme = (ROOT / "README.md").read_text()
     assert "525.60.13" in readme and "580.65.06" in readme
     dependencies = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["dependencies"]

@@ -140,6 +140,23 @@ def test_minus_one_is_the_whole_vocabulary(make_engine):
         assert np.exp(list(entry.values())).sum() == pytest.approx(1, abs=1e-4)
 
 
+def test_max_logprobs_caps_what_a_request_asks(make_engine):
+    from engine.core.sampling_params import ParamError
+
+    capped = make_engine(max_logprobs=20)  # the server's default, as vLLM's
+    for params, field in ((SamplingParams(prompt_logprobs=-1), "prompt_logprobs"),
+                          (SamplingParams(logprobs=5, max_tokens=1), None)):
+        if field is None:
+            capped.add_request("ok", PROMPT, params)
+            continue
+        with pytest.raises(ParamError, match="max_logprobs") as e:
+            capped.add_request("r", PROMPT, params)
+        assert e.value.field == field
+    with pytest.raises(ParamError) as e:
+        make_engine(max_logprobs=3).add_request("r", PROMPT, SamplingParams(logprobs=4))
+    assert e.value.field == "logprobs"
+
+
 def test_offline_llm_scores_prompts_like_vllm(make_engine):
     from engine.llm import LLM
 

@@ -183,3 +183,36 @@ def test_hammer_tool_runs(server):
     assert report["phases"]["disconnects"]["status"] == {200: 4}
     assert (report["num_5xx"], report["num_hangs"], report["kv_blocks_used_at_end"]) == (0, 0, 0)
     assert report["normal_request_after"] == 200 and report["rss_mib_at_end"]["total"] > 0
+
+
+def test_cancelled_while_the_core_accepts_is_aborted_and_the_engine_lives():
+    """vLLM's test_request_cancellation found it: 200 clients timing out before the core had
+    accepted their requests left cancelled waiters, and the core's acceptance then killed the
+    API process (InvalidStateError); the requests were never aborted either."""
+    import types
+
+    from engine.core.sampling_params import SamplingParams
+    from engine.model.config import EngineConfig
+    from engine.output_processor import OutputProcessor
+    from server.async_engine import AsyncEngine
+
+    sent, aborted = [], []
+    engine = AsyncEngine(EngineConfig())
+    engine.processor = OutputProcessor(None)
+    engine.client = types.SimpleNamespace(add_request=lambda r: sent.append(r.request_id),
+                                          abort_requests=aborted.extend)
+
+    async def main():
+        group = engine.group()
+        task = asyncio.create_task(group.add("r", {"prompt_token_ids": [1, 2]},
+                                             SamplingParams(max_tokens=4)))
+        await asyncio.sleep(0)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        engine._handle(types.SimpleNamespace(snapshots=[], accepted=["r"], rejected=[],
+                                             outputs=[], stats=None))
+
+    asyncio.run(main())
+    assert sent == ["r"] and aborted == ["r"]
+    assert engine.dead is None and not engine._pending and not engine._groups

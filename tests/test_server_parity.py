@@ -163,7 +163,7 @@ def test_return_token_ids_match_the_text(server, client):
     assert streamed[0].choices[0].text  # the ids ride on the first content chunk
     assert len(sum((ch.choices[0].token_ids for ch in streamed), [])) == 4
     plain = post(server, "/v1/completions", {"prompt": PROMPT, "max_tokens": 1}).json()
-    assert "token_ids" not in plain["choices"][0]
+    assert plain["choices"][0]["token_ids"] is None  # vLLM sends the field, null
     r = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
         "model": MODEL, "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 3,
         "stream": True, "return_token_ids": True, "ignore_eos": True})
@@ -238,6 +238,10 @@ def test_continue_final_message_cuts_the_rendered_chat():
     ({"prompt": "hi", "logit_bias": {"49153": 1}}, "logit_bias",
      ["49153", "49152", "out of vocabulary"]),
     ({"prompt": [49152]}, "prompt", ["out of vocabulary"]),
+    ({"prompt": "hi", "seed": 2**63}, "seed", ["less_than_equal"]),
+    ({"prompt_embeds": "abc"}, "prompt", ["Either prompt or prompt_embeds"]),
+    ({"prompt": "hi", "prompt_embeds": "abc"}, "prompt_embeds", ["not supported"]),
+    ({"prompt": "hi", "allowed_token_ids": [5]}, "allowed_token_ids", ["not supported"]),
     ({"prompt": "hi", "stop_token_ids": [60000]}, "stop_token_ids", ["out of vocabulary"]),
 ])
 def test_validation_words(server, body, param, words):
@@ -249,6 +253,41 @@ def test_validation_words(server, body, param, words):
         assert w in error["message"]
     ok = post(server, "/v1/completions", {"prompt": "hi", "seed": 2**63 - 1, "max_tokens": 1})
     assert ok.status_code == 200
+
+
+def test_vllm_fields_sent_null_and_token_prompts_echoed_whole(server, client):
+    plain = post(server, "/v1/completions", {"prompt": "Hi", "max_tokens": 1}).json()
+    assert plain["choices"][0]["prompt_token_ids"] is None
+    assert plain["choices"][0]["token_ids"] is None
+    chat = post(server, "/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}],
+                                                 "max_tokens": 1}).json()
+    assert chat["prompt_token_ids"] is None and chat["choices"][0]["token_ids"] is None
+    # A prompt of ids is echoed as the tokenizer spells them, special tokens included (vLLM).
+    out = client.completions.create(model=MODEL, prompt=[0, 0, 0], max_tokens=2, echo=True,
+                                    logprobs=0)
+    assert out.choices[0].text.startswith("<|endoftext|>" * 3)
+    assert out.choices[0].logprobs.tokens[:3] == ["<|endoftext|>"] * 3
+
+
+def test_chat_stream_last_chunk_carries_text_and_finish_reason(client):
+    chunks = list(client.chat.completions.create(
+        model=MODEL, messages=[{"role": "user", "content": "Hi"}], max_tokens=3, stream=True,
+        extra_body={"ignore_eos": True}))
+    finishing = [c for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert len(finishing) == 1 and finishing[0] is chunks[-1]
+    assert chunks[-1].choices[0].finish_reason == "length"
+    assert chunks[-1].choices[0].delta.content  # vLLM's shape: no empty closing chunk
+
+
+def test_tokens_as_ids_server_default():
+    from server.app import ServerSettings
+    from server.extras import read_extras
+
+    settings = ServerSettings("m", return_tokens_as_token_ids=True)
+    assert read_extras({}, chat=False, settings=settings).tokens_as_ids
+    body = {"return_tokens_as_token_ids": False}
+    assert not read_extras(body, chat=True, settings=settings).tokens_as_ids
+    assert not read_extras({}, chat=False, settings=ServerSettings("m")).tokens_as_ids
 
 
 def test_invocations_dispatch_by_body(server):

@@ -67,7 +67,7 @@ def _is_running(pid: int) -> bool:
 
 
 class Served:
-    def __init__(self, tmp_path: Path, with_tokenizer: bool = False):
+    def __init__(self, tmp_path: Path, with_tokenizer: bool = False, extra: tuple = ()):
         model = tiny_model_folder(tmp_path / "tiny", with_tokenizer)
         self.url = f"http://127.0.0.1:{_free_port()}"
         self.log = open(tmp_path / "server.log", "w+")  # noqa: SIM115
@@ -75,7 +75,7 @@ class Served:
             [sys.executable, "-m", "server.cli", "serve", str(model), "--device", "numpy",
              "--load-format", "dummy", "--port", self.url.rsplit(":", 1)[1],
              "--max-model-len", "1024", "--num-kv-blocks", "128", "--max-num-seqs", "8",
-             "--log-level", "warning"],
+             "--log-level", "warning", *extra],
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
             env={**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1"})
         deadline = time.time() + 90
@@ -89,8 +89,11 @@ class Served:
                 pass
             time.sleep(0.1)
         cores = [p for p, cmd in _children(self.proc.pid).items() if "spawn_main" in cmd]
-        assert len(cores) == 1, _children(self.proc.pid)
-        self.core_pid = cores[0]
+        flag = "--data-parallel-size"
+        num_cores = int(extra[extra.index(flag) + 1]) if flag in extra else 1
+        assert len(cores) == num_cores, _children(self.proc.pid)
+        self.core_pids = cores
+        self.core_pid = self.core_pids[0]
 
     def output(self) -> str:
         self.log.seek(0)

@@ -17,11 +17,14 @@ def rows(records: list[dict]) -> list[str]:
             out.append(f"| {name} | — | — | {rec.get('error', 'no result')} |")
         elif name.startswith("structured"):
             u, c = r["unconstrained"], r["structured"]
+            bounded = r.get("structured_bounded")
             out.append(
                 f"| {name} | JSON schema {c['output_tok_s']:,.0f} vs unconstrained "
                 f"{u['output_tok_s']:,.0f} output tok/s = {r['structured_over_unconstrained']:.0%} "
-                f"| — | {c['num_steps']} steps, runner busy {c['runner_busy_fraction']:.0%} vs "
-                f"{u['runner_busy_fraction']:.0%} |")
+                + ("" if bounded is None else
+                   f"; maxLength strings {bounded['output_tok_s']:,.0f} = "
+                   f"{r['bounded_over_unconstrained']:.0%} ")
+                + f"| — | {c['num_steps']} steps, {_busy(c)} vs {_busy(u)} |")
         elif name.startswith("w1"):
             out.append(
                 f"| {name} | {r['output_tok_s']:,.0f} output tok/s ({r['wall_s']:.1f} s) | "

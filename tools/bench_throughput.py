@@ -66,6 +66,8 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
                     help="schedule step N+1 while step N runs (default: on for cuda)")
     ap.add_argument("--speculative-config", type=json.loads, default=None, metavar="JSON",
                     help='e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'')
+    ap.add_argument("--tensor-parallel-size", type=int, default=1,
+                    help="GPUs (ranks) each layer is split over")
     ap.add_argument("--num-prompts", type=int, default=256)
     ap.add_argument("--scale", type=float, default=1.0, help="shrink prompt/output lengths")
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
@@ -86,7 +88,8 @@ def build_llm(args: argparse.Namespace, enable_prefix_caching: bool = True):
                seed=args.seed, load_format=args.load_format,
                gpu_memory_utilization=args.gpu_memory_utilization,
                enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling,
-               speculative_config=args.speculative_config, quantization=args.quantization)
+               speculative_config=args.speculative_config,
+               tensor_parallel_size=args.tensor_parallel_size, quantization=args.quantization)
 
 
 def workload(args: argparse.Namespace, vocab_size: int) -> tuple[list[list[int]], list[int]]:
@@ -180,36 +183,44 @@ def main(argv: list[str] | None = None) -> dict:
     trace = run_requests(engine, prompts, output_lens, args.temperature)
     result = summarize(args, engine, prompts, output_lens, trace)
     if args.structured:
+        from tools.structured_workload import BOUNDED_SCHEMA, SCHEMA
+
         result = {"unconstrained": result,
-                  "structured": run_structured(args, engine, prompts, output_lens)}
-        result["structured_over_unconstrained"] = (result["structured"]["output_tok_s"]
-                                                   / result["unconstrained"]["output_tok_s"])
+                  "structured": run_structured(args, engine, prompts, output_lens, SCHEMA),
+                  "structured_bounded": run_structured(args, engine, prompts, output_lens,
+                                                       BOUNDED_SCHEMA, " (maxLength strings)")}
+        base = result["unconstrained"]["output_tok_s"]
+        result["structured_over_unconstrained"] = result["structured"]["output_tok_s"] / base
+        result["bounded_over_unconstrained"] = result["structured_bounded"]["output_tok_s"] / base
         print(json.dumps(result) if args.json else "\n".join([
             format_report(result["unconstrained"]), "-- constrained by a JSON schema:",
             format_report(result["structured"]),
+            "-- constrained by the same schema with maxLength strings:",
+            format_report(result["structured_bounded"]),
             f"structured / unconstrained output tok/s = "
-            f"{result['structured_over_unconstrained']:.1%}"]))
+            f"{result['structured_over_unconstrained']:.1%} (free strings), "
+            f"{result['bounded_over_unconstrained']:.1%} (maxLength strings)"]))
         return result
     print(json.dumps(result) if args.json else format_report(result))
     return result
 
 
-def run_structured(args, engine, prompts, output_lens) -> dict:
-    """The same requests, each constrained by tools/structured_workload.SCHEMA."""
+def run_structured(args, engine, prompts, output_lens, schema: dict, label: str = "") -> dict:
+    """The same requests, each constrained by `schema` (tools/structured_workload.py)."""
     from engine import StructuredOutputsParams
-    from tools.structured_workload import SCHEMA, synthetic_grammar_compiler
+    from tools.structured_workload import synthetic_grammar_compiler
 
     if engine.grammars is None:  # dummy weights: no tokenizer, so a synthetic vocabulary
         mc = engine.model_config
         engine.core.grammars = synthetic_grammar_compiler(mc.vocab_size, list(mc.eos_token_ids))
-    so = StructuredOutputsParams(json=SCHEMA)
+    so = StructuredOutputsParams(json=schema)
     engine.check_structured_outputs(so)  # compiled (and the vocabulary built) before the clock
     if not args.no_warmup:
         run_requests(engine, prompts[:2], [4, 4], tag="warmup-structured", structured=so)
     trace = run_requests(engine, prompts, output_lens, args.temperature, tag="structured",
                          structured=so)
     result = summarize(args, engine, prompts, output_lens, trace)
-    result["sampling"] += ", JSON schema"
+    result["sampling"] += ", JSON schema" + label
     return result
 
 

@@ -6,10 +6,14 @@
 #          spec-8b spec-8b-min1 w1-8b-spec (speculative decoding: batch-1 replays of the
 #          measured acceptance, W1 with speculation configured)
 #          latency-8b-fp8 w1-8b-fp8 (Llama-3-8B shapes with --quantization fp8)
+#   tensor parallel (issue 18; need 2 GPUs, nvidia-h200-x2; not in the default list):
+#          gputest-tp w1-tp2 latency-tp2 allreduce-tp2 parity-tp2
+#          (compare with w1-8b and latency-8b, the TP=1 figures)
 # gputest runs the CUDA-graph tests first; if they fail, the rest runs with graphs off.
 # Each tool prints one JSON line; they are collected in $OUT/bench.jsonl (default ./bench-out/)
 # and summarised by tools/bench_table.py at the end. Wheels the GPU machine lacks (server deps) are
 # installed from .whl/ when present (../shared/tools/gpu_wheels.sh downloads them).
+# w1-http-dp (not in the default list): W1-HTTP on llama3-8b, 1 then $DP (2) engine cores.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-out}
@@ -65,6 +69,16 @@ for step in $steps; do
       --replay tools/results/spec_profile_min1.json ;;
     w1-8b-spec) record w1-llama3-8b-spec 150 python3 tools/bench_throughput.py $L \
       --speculative-config '{"method": "ngram", "num_speculative_tokens": 4}' ;;
+    gputest-tp) timeout 300 python3 -m pytest -q -m gpu tests/test_cuda_tensor_parallel.py \
+      2>&1 | tail -n 15 ;;
+    w1-tp2) record w1-llama3-8b-tp2 240 python3 tools/bench_throughput.py $L \
+      --tensor-parallel-size 2 ;;
+    latency-tp2) record latency-llama3-8b-tp2 150 python3 tools/bench_latency.py $L \
+      --tensor-parallel-size 2 ;;
+    allreduce-tp2) record allreduce-llama3-8b-tp2 120 python3 tools/bench_allreduce.py \
+      --model llama3-8b --tensor-parallel-size 2 --batch 1 256 ;;
+    parity-tp2) record parity-llama3-8b-tp2 400 python3 tools/tp_parity.py --model llama3-8b \
+      --tensor-parallel-size 2 --num-prompts 64 ;;
     seed) record seed-table-qwen3-0.6b 150 python3 tools/seed_table.py $Q --static-batch-size 32 ;;
     w2)
       python3 -m server.cli serve qwen3-0.6b --load-format dummy --device cuda --port 8011 \
@@ -81,6 +95,20 @@ for step in $steps; do
       record w2-qwen3-0.6b-rate16 100 python3 tools/bench_serving.py \
         --base-url http://127.0.0.1:8011 --model qwen3-0.6b --request-rate 16
       kill $server; wait $server 2> /dev/null ;;
+    w1-http-dp)  # W1-HTTP on llama3-8b: one engine core, then ${DP:-2} (one per GPU; issue 18)
+      for dp in 1 "${DP:-2}"; do
+        python3 -m server.cli serve llama3-8b --load-format dummy --device cuda --port 8012 \
+          --data-parallel-size "$dp" --log-level warning > "$OUT/server-dp$dp.log" 2>&1 &
+        server=$!
+        for _ in $(seq 1 300); do
+          python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8012/health')" \
+            2> /dev/null && break
+          sleep 1
+        done
+        record "w1-http-llama3-8b-dp$dp" 200 python3 tools/bench_serving.py \
+          --base-url http://127.0.0.1:8012 --model llama3-8b
+        kill $server; wait $server 2> /dev/null
+      done ;;
     *) echo "unknown step $step" ;;
   esac
 done

@@ -129,4 +129,4 @@ class DecodeGraphs:
         if prev_sampled is not None:
             self.model.ops.resolve_placeholders(self.input_ids[:b], prev_sampled)
         graph.launch(stream)
-        return logits[:b]
+        return None if logits is None else logits[:b]  # None: a tensor-parallel worker rank

@@ -28,7 +28,12 @@ from engine.core.outputs import EngineDeadError
 from engine.executor.ops import AttentionMetadata, SamplerOutput, SamplingTensors
 from engine.executor.prompt_logprobs import PendingPromptLogprobs, PromptLogprobs
 from engine.executor.sampling_inputs import expand_draft_rows, sampling_tensors
-from engine.executor.step_inputs import HostBlockTables, StepInputs, build_step_inputs
+from engine.executor.step_inputs import (
+    HostBlockTables,
+    StepInputs,
+    WorkerStep,
+    build_step_inputs,
+)
 from engine.model.config import EngineConfig, ModelConfig
 
 logger = logging.getLogger("pagedserve." + __name__)
@@ -84,13 +89,16 @@ def num_kv_blocks(model_config: ModelConfig, engine_config: EngineConfig, ops,
 class ModelRunner:
     def __init__(self, model_config: ModelConfig, engine_config: EngineConfig, ops, model,
                  kv_cache, eos_token_ids: list[int] | None = None,
-                 max_model_len: int | None = None):
+                 max_model_len: int | None = None, workers=None):
+        """`workers`: on rank 0 of a tensor-parallel group, the group (workers.py), which each
+        step's inputs are sent to; None on one rank and on the worker ranks themselves."""
         self.model_config = model_config
         self.config = engine_config
         self.ops = ops
         self.model = model
         self.kv_cache = kv_cache  # (layers, 2, num_blocks, kv_heads, block_size, head_dim)
         self.block_size = engine_config.block_size
+        self.workers = workers
         # Ids that min_tokens holds back (the engine adds the tokenizer's eos here).
         self.eos_token_ids = list(model_config.eos_token_ids if eos_token_ids is None
                                   else eos_token_ids)
@@ -153,8 +161,9 @@ class ModelRunner:
             raise
 
     def raise_if_fatal(self, e: Exception) -> None:
-        """EngineDeadError if `e` leaves the backend unusable (a lost CUDA context)."""
-        if self.ops.is_fatal(e):
+        """EngineDeadError if `e` leaves the backend unusable (a lost CUDA context), or if the
+        step ran on a tensor-parallel group: its ranks would be out of step from here on."""
+        if self.ops.is_fatal(e) or self.workers is not None:
             raise EngineDeadError(f"the {self.ops.name} backend failed and cannot go on: "
                                   f"{type(e).__name__}: {e}") from e
 
@@ -170,8 +179,15 @@ class ModelRunner:
         prev = self._last_sampled if inputs.num_placeholders else None
         graphs = self.graphs
         prompt = None
-        if (graphs is not None and inputs.is_decode_only and inputs.prompt is None
-                and graphs.can_run(len(batch.seqs))):
+        use_graph = (graphs is not None and inputs.is_decode_only and inputs.prompt is None
+                     and graphs.can_run(len(batch.seqs)))
+        seqs, fork_rows = sampling
+        if batch.num_spec_tokens:  # 1 + k rows for a sequence verifying k drafts
+            seqs, fork_rows = expand_draft_rows(seqs, fork_rows)
+        if self.workers is not None:
+            self.workers.send_step(inputs, batch.block_copies, use_graph, prev is not None,
+                                   len(seqs) if len(inputs.logits_indices) else 0)
+        if use_graph:
             logits = graphs.run(inputs.input_ids, inputs.positions, inputs.meta,
                                 prev)  # (B, vocab)
         else:
@@ -183,10 +199,7 @@ class ModelRunner:
         if not len(inputs.logits_indices):
             self._last_sampled, self._last_rows = None, {}
             return StepHandle(None, self, None if start is None else (start, ops.record_event()),
-                              prompt)
-        seqs, fork_rows = sampling
-        if batch.num_spec_tokens:  # 1 + k rows for a sequence verifying k drafts
-            seqs, fork_rows = expand_draft_rows(seqs, fork_rows)
+                              prompt, self._group_done())
         if fork_rows:  # forks sample from their parent's row
             rows = np.concatenate([np.arange(len(inputs.logits_indices)), fork_rows])
             logits = logits[ops.from_host(rows.astype(np.int32))]
@@ -202,8 +215,16 @@ class ModelRunner:
             pending = _HostSample(self._sample_rows_alone(logits, seqs, prev), ops)
         timing = None if start is None else (start, ops.record_event())
         self._last_sampled = pending.token_ids
+        if self.workers is not None:  # the worker ranks' placeholders read them too
+            ids = pending.token_ids  # (R,), or (R, W) with the ids in column 0 (cuda)
+            self.ops.comm.broadcast(ids if ids.ndim == 1 else ids[:, 0].copy())
         self._last_rows = {seq.seq_id: r for r, seq in enumerate(seqs)}
-        return StepHandle(pending, self, timing, prompt)
+        return StepHandle(pending, self, timing, prompt, self._group_done())
+
+    def _group_done(self):
+        """Tensor parallel: an event after the step's collectives, which result() waits on while
+        it watches the other ranks (a collective whose peer died never completes)."""
+        return None if self.workers is None else self.ops.record_event()
 
     def _sample_rows_alone(self, logits, seqs: list, prev) -> SamplerOutput:
         """Sampling the batch raised: sample each row on its own, so that one sequence's bad
@@ -237,11 +258,14 @@ class ModelRunner:
 
     def _forward_eager(self, inputs: StepInputs, prev):
         flat, where = inputs.pack()
+        return self._forward_packed(flat, where, inputs.meta, prev)
+
+    def _forward_packed(self, flat: np.ndarray, where: dict[str, slice], host: AttentionMetadata,
+                        prev):
         dev = self.ops.from_host(flat)  # the step's one host -> device copy
         view = {name: dev[s] for name, s in where.items()}
         if prev is not None:
             self.ops.resolve_placeholders(view["input_ids"], prev)
-        host = inputs.meta
         arrays = dict(slot_mapping=view["slot_mapping"], query_start_loc=view["query_start_loc"],
                       context_lens=view["context_lens"],
                       block_tables=view["block_tables"].reshape(host.block_tables.shape))
@@ -256,6 +280,25 @@ class ModelRunner:
         return self.model.forward(view["input_ids"], view["positions"], self.kv_cache, meta,
                                   view["logits_indices"])  # (R, vocab)
 
+    def run_worker_step(self, step: WorkerStep, flat: np.ndarray) -> None:
+        """A tensor-parallel worker rank's part of rank 0's step: the same block copies and
+        forward on this rank's shard (its logits go to rank 0 in the forward's gather), then
+        the sampled ids rank 0 broadcasts, which the next step's placeholders read."""
+        ops = self.ops
+        if step.block_copies:
+            ops.copy_blocks(self.kv_cache, step.block_copies)
+        prev = self._last_sampled if step.has_prev else None
+        view, host = step.host_views(flat)
+        if step.use_graph:
+            self.graphs.run(view["input_ids"], view["positions"], host, prev)
+        else:
+            where = {name: slice(a, b) for name, (a, b) in step.where.items()}
+            self._forward_packed(flat, where, host, prev)
+        self._last_sampled = None
+        if step.num_rows:
+            self._last_sampled = ops.comm.broadcast(ops.from_host(np.zeros(step.num_rows,
+                                                                           np.int32)))
+
     # ------------------------------------------------------------------ sampling settings
 
     def prepare_sampling(self, seqs: list) -> SamplingTensors:
@@ -268,15 +311,17 @@ class StepHandle:
     """A launched step. result() waits for its sampled ids (None when no row sampled); after it,
     prompt_logprobs holds the prompt positions the step scored (prompt_logprobs.py)."""
 
-    __slots__ = ("_pending", "_runner", "_timing", "_prompt", "prompt_logprobs")
+    __slots__ = ("_pending", "_runner", "_timing", "_prompt", "_done", "prompt_logprobs")
 
-    def __init__(self, pending, runner: ModelRunner, timing, prompt=None):
+    def __init__(self, pending, runner: ModelRunner, timing, prompt=None, done=None):
         self._pending, self._runner, self._timing = pending, runner, timing
-        self._prompt = prompt
+        self._prompt, self._done = prompt, done
         self.prompt_logprobs: list[PromptLogprobs] = []
 
     def result(self) -> SamplerOutput | None:
         try:
+            if self._done is not None:
+                self._runner.ops.comm.wait(self._done)
             out = None if self._pending is None else self._pending.wait()
             if self._prompt is not None:
                 self.prompt_logprobs, self._prompt = self._prompt.wait(), None

@@ -19,7 +19,7 @@ computes its last token followed by its k drafts and samples at all 1 + k of the
 from __future__ import annotations
 
 import itertools
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -36,6 +36,8 @@ class StepInputs:
     samples: np.ndarray  # (B,) bool, which sequences sample this step
     num_placeholders: int = 0  # input ids that are rows of the previous step's sampled ids
     prompt: PromptRows | None = None  # rows scoring prompt tokens, read after the sampling rows
+    # pack()'s result, made once: rank 0 of a tensor-parallel group sends what it uploads
+    _packed: tuple | None = field(default=None, init=False, repr=False, compare=False)
 
     @property
     def is_decode_only(self) -> bool:
@@ -47,6 +49,8 @@ class StepInputs:
 
         Each array starts on a 32-byte boundary, so a kernel may load it in 16-byte words.
         """
+        if self._packed is not None:
+            return self._packed
         m = self.meta
         rows = self.logits_indices
         if self.prompt is not None:
@@ -62,7 +66,34 @@ class StepInputs:
         flat = np.zeros(start, np.int32)
         for name, a in parts.items():
             flat[where[name]] = a
-        return flat, where
+        self._packed = flat, where
+        return self._packed
+
+
+@dataclass
+class WorkerStep:
+    """What tensor-parallel worker ranks need to run rank 0's step (runner.run_worker_step): the
+    layout of StepInputs.pack()'s buffer (which travels beside this, as raw int32), and how rank 0
+    runs the step."""
+
+    where: dict[str, tuple[int, int]]  # name -> (start, stop) in the packed buffer
+    block_tables_shape: tuple[int, int]  # (B, width)
+    max_query_len: int
+    max_context_len: int
+    block_copies: list  # (src, dst) KV blocks to copy first
+    use_graph: bool  # rank 0 replays a decode graph (the same graph replays everywhere)
+    has_prev: bool  # placeholders read the previous step's sampled ids
+    num_rows: int  # sampled rows: the size of the sampled-ids broadcast after the step
+
+    def host_views(self, flat: np.ndarray) -> tuple[dict[str, np.ndarray], AttentionMetadata]:
+        """The packed arrays as views of `flat`, and the host attention metadata over them."""
+        view = {name: flat[a:b] for name, (a, b) in self.where.items()}
+        meta = AttentionMetadata(
+            slot_mapping=view["slot_mapping"], query_start_loc=view["query_start_loc"],
+            context_lens=view["context_lens"],
+            block_tables=view["block_tables"].reshape(self.block_tables_shape),
+            max_query_len=self.max_query_len, max_context_len=self.max_context_len)
+        return view, meta
 
 
 class HostBlockTables:

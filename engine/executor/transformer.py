@@ -3,6 +3,8 @@
 Llama, Mistral, Qwen2 and Qwen3 differ only in switches of ModelConfig: q/k/v bias (Qwen2),
 per-head q/k RMSNorm (Qwen3), llama3 RoPE scaling, tied embeddings. Weights arrive already fused
 (q/k/v into one matrix, gate/up into another) so each layer runs four matrix products.
+Under tensor parallelism each rank runs this on its slice of the weights (tensor_parallel.py); the
+ops' all_reduce and gather_vocab join the slices, and are identities on one rank.
 """
 
 from __future__ import annotations
@@ -75,11 +77,13 @@ class Transformer:
                 layer.k_norm if c.qk_norm else None, c.rms_norm_eps, k_cache, v_cache,
                 meta.slot_mapping, nh, nkv, bias=layer.qkv_bias)
             attn = ops.attention(qkv, k_cache, v_cache, meta, nh, nkv, self.scale)  # (T, q_size)
-            x = ops.linear(attn, layer.o)  # (T, hidden)
+            x = ops.all_reduce(ops.linear(attn, layer.o))  # (T, hidden), summed over ranks
             gate_up, residual = ops.add_rms_norm_linear(x, residual, layer.post_norm,
                                                         c.rms_norm_eps, layer.gate_up)
-            x = ops.silu_mul_linear(gate_up, layer.down)
+            x = ops.all_reduce(ops.silu_mul_linear(gate_up, layer.down))
         h, _ = ops.add_rms_norm(x, residual, w.norm, c.rms_norm_eps)
         if logits_indices is not None:  # None saves a launch when every row samples
             h = ops.gather_rows(h, logits_indices)  # (R, hidden): only the rows that sample
-        return ops.linear(h, w.lm_head)  # (R, vocab)
+        # (R, vocab): with tensor parallelism each rank's vocabulary slice, joined on rank 0
+        # (None on the other ranks)
+        return ops.gather_vocab(ops.linear(h, w.lm_head))

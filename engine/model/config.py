@@ -232,6 +232,10 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     enforce_eager: bool = False
+    # Data parallel: engine cores behind one API process (engine/dp_client.py), each a full copy
+    # of the model; the rank is set per core, and keeps unseeded sampling apart across cores.
+    data_parallel_size: int = 1
+    data_parallel_rank: int = 0
     # Schedule step N+1 while step N runs on the device (engine/engine.py). None: on for cuda,
     # off for numpy (where the host is the device, so nothing overlaps).
     async_scheduling: bool | None = None
@@ -245,6 +249,17 @@ class EngineConfig:
     cpu_threads: int = 1
     # A dict of SpeculativeConfig fields (validate() turns it into one), or None: no speculation.
     speculative_config: SpeculativeConfig | dict | None = None
+    # Tensor parallelism (engine/executor/tensor_parallel.py): one rank per GPU (per process on
+    # the cpu backend); this process is rank 0. Ranks 0..tp_local_ranks-1 run on this host (None:
+    # all); the others are started with `pagedserve worker --rank R` on theirs and join rank 0 at
+    # master_addr:master_port (None: $PAGEDSERVE_MASTER_ADDR / _PORT, else 127.0.0.1, any port).
+    tensor_parallel_size: int = 1
+    tp_local_ranks: int | None = None
+    master_addr: str | None = None
+    master_port: int | None = None
+    # Most logprobs a request may ask per token (-1: the whole vocabulary, which
+    # prompt_logprobs=-1 asks). The CLI defaults to vLLM's 20; a library caller, to no cap.
+    max_logprobs: int = -1
 
     def validate(self):
         if isinstance(self.speculative_config, dict):
@@ -254,14 +269,23 @@ class EngineConfig:
                 raise ConfigError("speculative_config must be a dict or None, got "
                                   f"{type(self.speculative_config).__name__}")
             self.speculative_config.validate()
-        positive = ("max_num_seqs", "max_num_batched_tokens", "block_size", "cpu_threads")
+        positive = ("max_num_seqs", "max_num_batched_tokens", "block_size", "cpu_threads",
+                    "tensor_parallel_size")
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if self.max_logprobs < -1:
+            raise ConfigError(f"max_logprobs must be >= -1, got {self.max_logprobs}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
             raise ConfigError(f"num_kv_blocks must be >= 1, got {self.num_kv_blocks}")
+        if self.tp_local_ranks is not None:
+            if not 1 <= self.tp_local_ranks <= self.tensor_parallel_size:
+                raise ConfigError(f"tp_local_ranks must be in 1..tensor_parallel_size "
+                                  f"({self.tensor_parallel_size}), got {self.tp_local_ranks}")
+        if self.master_port is not None and not 0 <= self.master_port <= 65535:
+            raise ConfigError(f"master_port must be in 0..65535, got {self.master_port}")
         if self.async_scheduling not in (None, True, False):
             raise ConfigError("async_scheduling must be True, False or None (auto), got "
                               f"{self.async_scheduling!r}")
@@ -278,3 +302,8 @@ class EngineConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        if self.data_parallel_size < 1:
+            raise ConfigError(f"data_parallel_size must be >= 1, got {self.data_parallel_size}")
+        if not 0 <= self.data_parallel_rank < self.data_parallel_size:
+            raise ConfigError(f"data_parallel_rank must be in [0, data_parallel_size = "
+                              f"{self.data_parallel_size}), got {self.data_parallel_rank}")

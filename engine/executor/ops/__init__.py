@@ -13,6 +13,7 @@ Query head h reads KV head h // (num_heads // num_kv_heads) (grouped-query atten
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -147,6 +148,19 @@ def check_cuda():
         raise DeviceError(f"device 'cuda': CuPy cannot reach a GPU ({e})") from None
     if num_gpus == 0:
         raise DeviceError("device 'cuda': CuPy sees no NVIDIA GPU")
+
+
+def visible_gpus() -> list[str]:
+    """The GPUs this process may use, as CUDA_VISIBLE_DEVICES names them (ids or UUIDs; "0",
+    "1", ... when it is unset); DeviceError without CuPy or a GPU."""
+    check_cuda()
+    import cupy
+
+    count = cupy.cuda.runtime.getDeviceCount()
+    listed = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if listed is None:
+        return [str(i) for i in range(count)]
+    return [name.strip() for name in listed.split(",")][:count]
 
 
 def cuda_extra() -> str:

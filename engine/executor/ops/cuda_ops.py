@@ -257,6 +257,13 @@ class CudaOps:
                 _grid(out.size, 256), (256,), (out, bias, np.int64(out.size), _i32(out.shape[1])))
         return out
 
+    def all_reduce(self, x):
+        """One rank: x itself (tensor_parallel.py has the N-rank version, over NCCL)."""
+        return x
+
+    def gather_vocab(self, logits):
+        return logits
+
     def qk_norm(self, qkv, q_weight, k_weight, eps, num_heads, num_kv_heads):
         """Per-head RMSNorm of the q and k heads of qkv, in place (Qwen3)."""
         head_dim = q_weight.shape[0]

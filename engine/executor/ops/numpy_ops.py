@@ -148,6 +148,17 @@ class NumpyOps:
     def gather_rows(self, x: np.ndarray, indices: np.ndarray) -> np.ndarray:
         return x[indices]
 
+    # ---------------------------------------------------------------- tensor parallel
+
+    def all_reduce(self, x):
+        """The sum over tensor-parallel ranks: one rank here (tensor_parallel.py has the N-rank
+        version), so x itself."""
+        return x
+
+    def gather_vocab(self, logits):
+        """Every rank's vocabulary columns side by side: one rank holds them all."""
+        return logits
+
     # ---------------------------------------------------------------- attention
 
     def prepare_metadata(self, meta: AttentionMetadata) -> AttentionMetadata:

@@ -1,0 +1,168 @@
+"""Data parallel: N engine cores behind one API process, each a full copy of the model on its
+own GPU (or its own group of tensor-parallel GPUs).
+
+    AsyncEngine --add--> DPClient --route--> MPClient 0 --ZeroMQ--> engine core 0 (GPU 0)
+                                        \\--> MPClient 1 --ZeroMQ--> engine core 1 (GPU 1)
+                <--one core's message at a time, stats summed over the cores--
+
+The DPClient takes MPClient's commands and answers with its messages, so the API process runs
+the same whatever N is; with N = 1 it is not used at all (core_client_for gives the MPClient).
+A request lives on one core: the LoadBalancer (engine/core/dp_router.py) picks it, and aborts and
+stop-string finishes go to that core. Each message carries the sum of the cores' latest stats
+(/metrics, the stats line); `core_stats` keeps them apart. The dashboard sees core 0. A core that
+dies ends the whole: its fatal message names it, and the API process stops every core.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+
+import zmq
+import zmq.asyncio
+
+from engine.core.dp_router import LoadBalancer
+from engine.core.outputs import EngineCoreOutputs, EngineCoreRequest, EngineStats
+from engine.core_client import CoreDied, MPClient
+from engine.core_process import CoreReady
+from engine.executor.ops import DeviceError, resolve_device, visible_gpus
+from engine.model.config import EngineConfig
+
+logger = logging.getLogger("pagedserve.dp_client")
+
+
+def core_client_for(engine_config: EngineConfig, make_core=None) -> MPClient | DPClient:
+    """The client of the server's engine core(s): one MPClient, or a DPClient over several."""
+    if engine_config.data_parallel_size == 1:
+        return MPClient(engine_config, make_core)
+    return DPClient(engine_config, make_core)
+
+
+def gpus_per_core(engine_config: EngineConfig) -> int:
+    # tensor_parallel_size comes with tensor parallelism (a sibling branch); until then, 1.
+    return getattr(engine_config, "tensor_parallel_size", 1)
+
+
+def core_devices(engine_config: EngineConfig) -> list[str | None]:
+    """Each core's CUDA_VISIBLE_DEVICES: core i gets GPUs [i * tp, (i + 1) * tp) of this
+    process's; None for all on the cpu backend. DeviceError when there are too few GPUs."""
+    num_cores, per_core = engine_config.data_parallel_size, gpus_per_core(engine_config)
+    if resolve_device(engine_config.device) != "cuda":
+        return [None] * num_cores
+    gpus = visible_gpus()
+    if num_cores * per_core > len(gpus):
+        raise DeviceError(
+            f"data_parallel_size {num_cores} x tensor_parallel_size {per_core} needs "
+            f"{num_cores * per_core} GPUs, but {len(gpus)} visible: {', '.join(gpus) or 'none'}")
+    return [",".join(gpus[i * per_core : (i + 1) * per_core]) for i in range(num_cores)]
+
+
+class DPClient:
+    """MPClient's interface over engine_config.data_parallel_size cores."""
+
+    def __init__(self, engine_config: EngineConfig, make_core=None):
+        num_cores = engine_config.data_parallel_size
+        self.devices = core_devices(engine_config)
+        self.clients = [
+            MPClient(dataclasses.replace(engine_config, data_parallel_rank=i), make_core,
+                     self.devices[i], name=f"pagedserve-core-{i}") for i in range(num_cores)]
+        self.balancer = LoadBalancer(num_cores, engine_config.block_size,
+                                     prefix_aware=engine_config.enable_prefix_caching)
+        self.core_stats: list[EngineStats | None] = [None] * num_cores
+        self._inbox: collections.deque[tuple[int, EngineCoreOutputs]] = collections.deque()
+        self._poller: zmq.asyncio.Poller | None = None
+
+    @property
+    def num_cores(self) -> int:
+        return len(self.clients)
+
+    def start(self) -> None:
+        """Spawn every core; they load at the same time."""
+        for client in self.clients:
+            client.start()
+
+    def wait_ready(self) -> CoreReady:
+        """Block until every core has loaded; raise the first failure, naming the core."""
+        readies = []
+        for i, client in enumerate(self.clients):
+            try:
+                readies.append(client.wait_ready())
+            except CoreDied as e:
+                raise CoreDied(f"engine core {i} of {self.num_cores}: {e}") from None
+        first = readies[0]
+        where = ("" if self.devices[0] is None else
+                 " on GPUs " + " | ".join(str(d) for d in self.devices))
+        summary = [*first.summary, f"data parallel: {self.num_cores} engine cores{where}, "
+                                   "each with the KV cache above"]
+        # The cores are alike, but each sized its cache from its own GPU's free memory.
+        return CoreReady(first.model_config, min(r.max_model_len for r in readies),
+                         min(r.num_kv_blocks for r in readies), summary)
+
+    def attach(self) -> None:
+        self._poller = zmq.asyncio.Poller()
+        for client in self.clients:
+            client.attach()
+            self._poller.register(client.output_socket, zmq.POLLIN)
+
+    async def get_output_async(self) -> EngineCoreOutputs:
+        """The next message of any core (one per core in turn when several wait)."""
+        while not self._inbox:
+            for i, client in enumerate(self.clients):
+                message = client.get_output_nowait()
+                if message is not None:
+                    self._inbox.append((i, message))
+            if not self._inbox:
+                await self._poller.poll()
+        return self._merged(*self._inbox.popleft())
+
+    def _merged(self, core: int, message: EngineCoreOutputs) -> EngineCoreOutputs:
+        balancer = self.balancer
+        for out in message.outputs:
+            if out.finish_reason is not None:
+                balancer.finish(out.request_id, out.index)
+        for request_id, _field, _why in message.rejected:
+            balancer.forget(request_id)
+        if message.stats is not None:
+            self.core_stats[core] = message.stats
+            message.stats = sum_stats([s for s in self.core_stats if s is not None])
+        if message.fatal is not None:
+            message.fatal = f"engine core {core} of {self.num_cores}: {message.fatal}"
+        return message
+
+    def add_request(self, req: EngineCoreRequest) -> None:
+        core = self.balancer.route(req.request_id, req.prompt_token_ids, req.params.n)
+        self.clients[core].add_request(req)
+
+    def abort_requests(self, request_ids: list[str]) -> None:
+        by_core = collections.defaultdict(list)
+        for request_id in request_ids:
+            core = self.balancer.forget(request_id)
+            if core is not None:  # else it ended already
+                by_core[core].append(request_id)
+        for core, ids in by_core.items():
+            self.clients[core].abort_requests(ids)
+
+    def finish_sequences(self, items: list[tuple[str, int, str]]) -> None:
+        by_core = collections.defaultdict(list)
+        for item in items:
+            core = self.balancer.owner(item[0])
+            if core is not None:
+                by_core[core].append(item)
+                self.balancer.finish(item[0], item[1])
+        for core, core_items in by_core.items():
+            self.clients[core].finish_sequences(core_items)
+
+    def request_snapshot(self, ticket: int, since: int | None) -> None:
+        """The dashboard shows core 0 (its block tables, queues and counters)."""
+        self.clients[0].request_snapshot(ticket, since)
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        for client in self.clients:
+            client.shutdown(timeout)
+
+
+def sum_stats(stats: list[EngineStats]) -> EngineStats:
+    """The cores' stats added up: counts, gauges and KV blocks alike."""
+    return EngineStats(**{f.name: sum(getattr(s, f.name) for s in stats)
+                          for f in dataclasses.fields(EngineStats)})

@@ -1,0 +1,256 @@
+"""Tensor-parallel ranks: rank 0 (the engine core, WorkerGroup) and its worker ranks
+(run_worker), over one ZeroMQ socket that rank 0 binds at its master address.
+
+    rank 0: WorkerGroup                           rank r >= 1: run_worker
+    bind ROUTER tcp://master_addr:master_port
+    spawn the local ranks 1..K-1  ------------->  connect a DEALER, send HELLO {rank}
+    (ranks K..N-1: `pagedserve worker --rank R`
+     on their hosts)
+    wait for every HELLO  <----------------------
+    CONFIG (engine config, communicator setup) ->  attach the shared memory (cpu); load and
+    shard its own                                 shard the model; send LOADED (or FAILED)
+    wait for every LOADED  <---------------------
+    NCCL init (cuda)  <------------------------->  NCCL init (cuda)
+    CACHE (KV blocks, max_model_len)  --------->  allocate its KV cache, build its runner (which
+    build its runner (captures the decode            captures the decode graphs in step with
+    graphs)                                           rank 0's: they hold collectives)
+    per step: STEP (WorkerStep, packed inputs) ->  runner.run_worker_step
+    STOP  -------------------------------------->  exit 0
+
+The engine core (scheduler, block manager, sampling) stays single on rank 0; workers only run the
+forward of the step rank 0 sends them. A worker that dies or fails ends the group: rank 0's next
+collective raises CommunicatorError naming the rank (distributed.py checks peers as it waits).
+Local workers die with rank 0 (PR_SET_PDEATHSIG).
+
+Rank 0's address: EngineConfig.master_addr / master_port, else PAGEDSERVE_MASTER_ADDR /
+PAGEDSERVE_MASTER_PORT, else 127.0.0.1 and a free port (all ranks local).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pickle
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+
+import zmq
+
+from engine.executor.distributed import CommunicatorError, NcclCommunicator, ShmCommunicator
+from engine.executor.step_inputs import StepInputs, WorkerStep
+from engine.executor.tensor_parallel import (
+    TensorParallelOps,
+    check_tensor_parallel,
+    map_weights,
+    shard_config,
+    shard_weights,
+)
+from engine.model.config import ConfigError, EngineConfig, ModelConfig
+from engine.model.weights import ModelWeights
+
+HELLO, CONFIG, LOADED, FAILED, CACHE, STEP, STOP = b"H", b"C", b"L", b"E", b"K", b"S", b"Q"
+MASTER_ADDR_ENV, MASTER_PORT_ENV = "PAGEDSERVE_MASTER_ADDR", "PAGEDSERVE_MASTER_PORT"
+# How long rank 0 waits for every rank to say HELLO, and then to load its model.
+RENDEZVOUS_TIMEOUT_S = float(os.environ.get("PAGEDSERVE_RENDEZVOUS_TIMEOUT", "300"))
+LOAD_TIMEOUT_S = 3600.0
+IDLE_POLL_MS = 500  # how often an idle worker checks that rank 0 lives
+
+
+def master_address(config: EngineConfig) -> tuple[str, int]:
+    addr = config.master_addr or os.environ.get(MASTER_ADDR_ENV) or "127.0.0.1"
+    port = config.master_port
+    if port is None:
+        port = int(os.environ.get(MASTER_PORT_ENV) or 0)
+    return addr, port
+
+
+@dataclass
+class WorkerConfig:
+    """CONFIG: everything a worker needs besides its rank."""
+
+    engine_config: EngineConfig
+    device: str  # resolved: numpy | cuda
+    dtype: str  # resolved
+    size: int
+    comm: tuple  # ("shm", segment name) or ("nccl", unique id)
+    model_config: ModelConfig | None = None  # with weights: the model rank 0 was handed
+    weights: ModelWeights | None = None  # host arrays (tests' tiny models); None: load it
+
+
+class WorkerGroup:
+    """Rank 0's side of the group: starts it (constructor), sends each step, stops it.
+
+    After the constructor: `ops` (the backend with collectives), `config` (one rank's shape)
+    and `weights` (rank 0's slice)."""
+
+    def __init__(self, engine_config: EngineConfig, device: str, dtype: str, ops, loaded,
+                 send_weights: bool):
+        """`loaded`: rank 0's full model (.config, .weights); `send_weights`: hand the weights to
+        the workers (a model given in memory) instead of having each load engine_config.model."""
+        size = engine_config.tensor_parallel_size
+        num_local = engine_config.tp_local_ranks or size
+        mc = loaded.config
+        first_gpu = 0  # local rank r runs on GPU first_gpu + r, rank 0 on the current one
+        if device == "cuda":
+            import cupy
+
+            num_gpus = cupy.cuda.runtime.getDeviceCount()
+            first_gpu = cupy.cuda.Device().id
+            if first_gpu + num_local > num_gpus:
+                raise ConfigError(f"tensor_parallel_size ({size}) needs {num_local} GPUs on this "
+                                  f"host from GPU {first_gpu} on, and CuPy sees {num_gpus}")
+        check_tensor_parallel(mc, size)
+        addr, port = master_address(engine_config)
+        if num_local < size and not port:
+            raise ConfigError(f"tp_local_ranks ({num_local}) < tensor_parallel_size ({size}): "
+                              f"the ranks on other hosts need a known master_port (or "
+                              f"${MASTER_PORT_ENV}) to join")
+        self.size, self.procs, self.identities = size, {}, {}
+        self.comm = None
+        self._ctx = zmq.Context()
+        self._sock = self._ctx.socket(zmq.ROUTER)
+        self._sock.setsockopt(zmq.SNDHWM, 0)
+        self._sock.setsockopt(zmq.RCVHWM, 0)
+        try:
+            if port:
+                self._sock.bind(f"tcp://{addr}:{port}")
+            else:
+                port = self._sock.bind_to_random_port(f"tcp://{addr}")
+            self.address = f"{addr}:{port}"
+            for rank in range(1, num_local):
+                self.procs[rank] = _spawn_worker(rank, first_gpu + rank, addr, port)
+            self._wait_for(HELLO, RENDEZVOUS_TIMEOUT_S, "join")
+            if device == "cuda":
+                setup = ("nccl", NcclCommunicator.new_unique_id())
+            else:
+                self.comm = ShmCommunicator(None, 0, size, self.check_peers)
+                setup = ("shm", self.comm.name)
+            config = WorkerConfig(engine_config, device, dtype, size, setup)
+            if send_weights:
+                config.model_config = mc
+                config.weights = map_weights(ops.to_host, loaded.weights)
+            self._send_all(CONFIG, pickle.dumps(config))
+            self.config = shard_config(mc, size)
+            self.weights = shard_weights(loaded.weights, mc, 0, size)
+            self._wait_for(LOADED, LOAD_TIMEOUT_S, "load the model")
+            if device == "cuda":  # returns once every rank has joined (right after LOADED)
+                self.comm = NcclCommunicator(setup[1], 0, size, dtype, self.check_peers)
+            self.comm.unlink()  # every rank has attached
+        except BaseException:
+            self.close()
+            raise
+        self.ops = TensorParallelOps(ops, self.comm, 0, size, mc.vocab_size)
+
+    # ---------------------------------------------------------------- start-up
+
+    def _send_all(self, kind: bytes, payload: bytes) -> None:
+        for identity in self.identities.values():
+            self._sock.send_multipart([identity, kind, payload])
+
+    def _wait_for(self, kind: bytes, timeout_s: float, what: str) -> None:
+        """Until every rank 1..N-1 has sent `kind`; CommunicatorError if one fails, dies or
+        stays silent for timeout_s."""
+        waiting = set(range(1, self.size))
+        deadline = time.monotonic() + timeout_s
+        while waiting:
+            self._check_local()
+            if not self._sock.poll(100):
+                if time.monotonic() > deadline:
+                    raise CommunicatorError(
+                        f"tensor-parallel rank(s) {sorted(waiting)} did not {what} within "
+                        f"{timeout_s:.0f} s (rank 0 listens on {self.address}; start a rank on "
+                        f"another host with `pagedserve worker --rank R --master-addr ADDR "
+                        f"--master-port PORT`)")
+                continue
+            identity, got, payload = self._sock.recv_multipart()
+            info = json.loads(payload)
+            rank = info.get("rank")
+            if got == FAILED:
+                raise CommunicatorError(f"tensor-parallel rank {rank} failed: {info['error']}")
+            if got != kind or rank not in waiting:
+                raise CommunicatorError(f"tensor-parallel rank {rank!r} sent {got!r} out of turn "
+                                        f"(is another group using {self.address}?)")
+            if kind == HELLO:
+                self.identities[rank] = identity
+            waiting.discard(rank)
+
+    def start_runners(self, num_blocks: int, max_model_len: int, eos_token_ids: list[int]):
+        """Each worker allocates its KV cache and builds its runner; call just before rank 0
+        builds its own (their graph captures run collectives together)."""
+        self._send_all(CACHE, pickle.dumps((num_blocks, max_model_len, eos_token_ids)))
+
+    # ---------------------------------------------------------------- steps
+
+    def send_step(self, inputs: StepInputs, block_copies: list, use_graph: bool,
+                  has_prev: bool, num_rows: int) -> None:
+        flat, where = inputs.pack()
+        m = inputs.meta
+        step = WorkerStep({name: (s.start, s.stop) for name, s in where.items()},
+                          tuple(m.block_tables.shape), int(m.max_query_len),
+                          int(m.max_context_len), list(block_copies), use_graph, has_prev,
+                          num_rows)
+        header = pickle.dumps(step)
+        for identity in self.identities.values():
+            self._sock.send_multipart([identity, STEP, header, flat])
+
+    def check_peers(self) -> None:
+        """CommunicatorError if a worker died or reported a failure (the collectives' check)."""
+        self._check_local()
+        while self._sock.poll(0):
+            _identity, got, payload = self._sock.recv_multipart()
+            if got == FAILED:
+                info = json.loads(payload)
+                raise CommunicatorError(f"tensor-parallel rank {info.get('rank')} failed: "
+                                        f"{info['error']}")
+
+    def _check_local(self) -> None:
+        for rank, proc in self.procs.items():
+            if proc.poll() is not None:
+                raise CommunicatorError(f"tensor-parallel worker rank {rank} (pid {proc.pid}) "
+                                        f"{_describe_exit(proc.returncode)}")
+
+    @property
+    def worker_pids(self) -> dict[int, int]:
+        """The local workers' process ids, by rank."""
+        return {rank: proc.pid for rank, proc in self.procs.items()}
+
+    def close(self, timeout_s: float = 5.0) -> None:
+        """Stop every worker (the local ones are killed if they do not exit in time)."""
+        if self._sock is None:
+            return
+        for identity in self.identities.values():
+            self._sock.send_multipart([identity, STOP, b""], zmq.NOBLOCK)
+        deadline = time.monotonic() + timeout_s
+        for proc in self.procs.values():
+            try:
+                proc.wait(max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        if self.comm is not None:
+            self.comm.unlink()
+            self.comm.close()
+            self.comm = None
+        self._sock.close(linger=0)
+        self._ctx.term()
+        self._sock = None
+
+
+def _spawn_worker(rank: int, gpu: int, addr: str, port: int) -> subprocess.Popen:
+    """A local rank: this Python, this environment (NCCL_* included, untouched)."""
+    code = "import sys; from engine.executor.worker import worker_main; sys.exit(worker_main())"
+    args = [sys.executable, "-c", code, "--rank", str(rank), "--master-addr", addr,
+            "--master-port", str(port), "--gpu", str(gpu), "--parent-pid", str(os.getpid())]
+    return subprocess.Popen(args)
+
+
+def _describe_exit(code: int | None) -> str:
+    if code is not None and code < 0:
+        try:
+            return f"was killed by {signal.Signals(-code).name}"
+        except ValueError:
+            return f"was killed by signal {-code}"
+    return f"exited with code {code}"

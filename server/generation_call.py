@@ -1,0 +1,166 @@
+"""One generation call (completions or chat) once its request is checked: it submits each prompt
+as an engine request, then answers with one JSON body or hands its outputs to the SSE stream
+(server/sse_stream.py). Choice `index` = prompt index * n + output index.
+"""
+
+from __future__ import annotations
+
+import time
+
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+
+from engine.core.sampling_params import ParamError
+from server.async_engine import EngineFault
+from server.extras import ChatOptions, echo_logprobs, join_logprobs, prompt_logprobs_json, usage
+from server.handlers import until_disconnect
+from server.protocol import (
+    APIError,
+    bad_request,
+    chat_body,
+    chat_logprobs,
+    completion_body,
+    completion_logprobs,
+)
+from server.sse_stream import SSEResponse, events
+from server.tool_calls import ToolCallParser
+
+
+class GenerationCall:
+    """One HTTP call: submits its prompts, then answers with JSON or an SSE stream."""
+
+    def __init__(self, request: Request, engine, call_id: str, model: str, params, chat: bool,
+                 extras):
+        self.request, self.engine, self.id, self.model = request, engine, call_id, model
+        self.params, self.chat, self.extras = params, chat, extras
+        self.echo: list[str] | None = None  # completions: each prompt's text, echoed
+        self.chat_options: ChatOptions | None = None
+        self.first: dict[str, object] = {}  # request id -> its first RequestOutput
+        self.tool_parser: ToolCallParser | None = None  # chat with tools: output read as calls
+        self.created = int(time.time())
+        if engine.tokenizer is None or extras.tokens_as_ids:  # vLLM's names for token ids
+            self.token_str = lambda t: f"token_id:{t}"
+        else:
+            self.token_str = lambda t: engine.tokenizer.decode([t], skip_special_tokens=False)
+
+    async def run(self, token_lists: list[list[int]], stream: bool, include_usage: bool):
+        state = self.request.app.state
+        limit = state.settings.max_waiting_requests
+        # Requests, not sequences: each prompt of the call is one, whatever its n.
+        if limit is not None and state.engine.num_waiting_requests + len(token_lists) > limit:
+            raise APIError(429, f"the server's waiting queue is full ({limit} requests); retry "
+                                "later", type="rate_limit_exceeded", code="too_many_requests")
+        group = state.engine.group()
+        self.index_of = {f"{self.id}-{i}": i for i in range(len(token_lists))}
+        self.token_lists = token_lists
+        self.num_prompt_tokens = sum(len(ids) for ids in token_lists)
+        if not stream:
+            return await until_disconnect(self.request, self._collect(group, token_lists))
+        try:
+            await self._submit(group, token_lists)
+        except BaseException:
+            group.close()
+            raise
+        return SSEResponse(group, events(self, group, include_usage))
+
+    async def _submit(self, group, token_lists):
+        for request_id, ids in zip(self.index_of, token_lists, strict=True):
+            try:
+                await group.add(request_id, {"prompt_token_ids": ids}, self.params)
+            except ParamError as e:
+                raise bad_request(e.field, str(e)) from None
+            except ValueError as e:  # the prompt's own checks (length, KV-cache capacity)
+                raise bad_request("messages" if self.chat else "prompt", str(e)) from None
+
+    def choice_index(self, request_id: str, index: int) -> int:
+        return self.index_of[request_id] * self.params.n + index
+
+    async def _collect(self, group, token_lists):
+        final = {}
+        async with group:
+            await self._submit(group, token_lists)
+            try:
+                async for out in group.outputs():
+                    self.first.setdefault(out.request_id, out)
+                    if out.finished:
+                        final[out.request_id] = out
+            except EngineFault as e:
+                raise APIError(500, str(e), type="server_error") from None
+        choices, num_generated = [], 0
+        for request_id in self.index_of:
+            for c in final[request_id].outputs:
+                num_generated += 0 if self.extras.score_only else len(c.token_ids)
+                choices.append(self.choice(request_id, c, whole=True))
+        choices.sort(key=lambda c: c["index"])
+        build = chat_body if self.chat else completion_body
+        body = build(self.id, self.model, choices, self.usage(num_generated), self.created)
+        if self.chat:  # one prompt: its scores and ids sit beside the choices
+            body["prompt_logprobs"] = self._prompt_logprobs(next(iter(self.index_of)))
+            body["prompt_token_ids"] = self.token_lists[0] if self.extras.return_token_ids else None
+        return JSONResponse(body)
+
+    def usage(self, num_generated: int) -> dict:
+        cached = sum(out.num_cached_tokens for out in self.first.values())
+        return usage(self.num_prompt_tokens, num_generated, cached)
+
+    def _prompt_logprobs(self, request_id: str) -> list | None:
+        out = self.first.get(request_id)
+        return prompt_logprobs_json(out and out.prompt_logprobs, self.token_str)
+
+    def choice(self, request_id: str, c, whole: bool) -> dict:
+        """A choice for the whole output (`whole`) or for this step's delta."""
+        text = c.text if whole else c.delta_text
+        token_ids = c.token_ids if whole else c.delta_token_ids
+        lps = c.logprobs if whole else c.delta_logprobs
+        if self.extras.score_only:  # the one token made to score the prompt is not sent
+            text, token_ids, lps = "", [], []
+        index = self.choice_index(request_id, c.index)
+        if self.chat:
+            return self._chat_choice(index, text, token_ids, lps, c.finish_reason, whole)
+        i = self.index_of[request_id]
+        echo = self.echo[i] if whole and self.echo else ""
+        logprobs = None
+        if self.params.logprobs is not None and lps is not None:
+            logprobs = completion_logprobs(token_ids, lps, self.token_str, len(echo))
+            if echo:
+                logprobs = join_logprobs(self.echo_logprobs(request_id), logprobs)
+        choice = {"index": index, "text": echo + text, "logprobs": logprobs,
+                  "finish_reason": c.finish_reason}
+        ids = self.extras.return_token_ids
+        if whole:  # vLLM's fields, null when not asked for
+            choice["prompt_logprobs"] = self._prompt_logprobs(request_id)
+            choice["prompt_token_ids"] = self.token_lists[i] if ids else None
+            choice["token_ids"] = list(token_ids) if ids else None
+        elif ids:
+            choice["token_ids"] = list(token_ids)
+        return choice
+
+    def _chat_choice(self, index: int, text: str, token_ids, lps, finish_reason,
+                     whole: bool) -> dict:
+        logprobs = None
+        if self.params.logprobs is not None and lps is not None:
+            logprobs = chat_logprobs(token_ids, lps, self.token_str, self.params.logprobs)
+        choice = {"index": index, "logprobs": logprobs, "finish_reason": finish_reason}
+        if whole:
+            options = self.chat_options
+            choice["message"] = {"role": options.role, "content": options.echo + text}
+            if self.tool_parser is not None:
+                content, calls = self.tool_parser.parse(text)
+                if calls:
+                    if options.echo:
+                        content = options.echo + (content or "")
+                    choice["message"] = {"role": options.role, "content": content,
+                                         "tool_calls": calls}
+                    choice["finish_reason"] = "tool_calls"
+        else:
+            choice["delta"] = {"content": text} if text else {}
+        if self.extras.return_token_ids:
+            choice["token_ids"] = list(token_ids)
+        elif whole:
+            choice["token_ids"] = None
+        return choice
+
+    def echo_logprobs(self, request_id: str) -> dict:
+        out = self.first[request_id]
+        return echo_logprobs(self.token_lists[self.index_of[request_id]], out.prompt_logprobs,
+                             self.token_str)

@@ -1,0 +1,142 @@
+"""The streamed answer of a generation call (server/generation_call.py): its outputs as SSE
+chunks, and the response that closes the call's RequestGroup however the stream ends.
+"""
+
+from __future__ import annotations
+
+import json
+
+from starlette.requests import ClientDisconnect
+from starlette.responses import StreamingResponse
+
+from server.async_engine import EngineFault
+from server.protocol import APIError, chat_body, completion_body
+from server.tool_calls import ToolCallStream
+
+
+async def events(call, group, include_usage: bool):
+    """The SSE chunks of `call` (a GenerationCall), its requests already submitted to `group`."""
+    build = chat_body if call.chat else completion_body
+    continuous = include_usage and call.extras.continuous_usage
+    num_generated = 0
+    sent_prompt_ids = []
+    tool_streams: dict[int, ToolCallStream] = {}  # choice index -> its reader
+
+    def chunk(choices, use=None):
+        if continuous and use is None:
+            use = call.usage(num_generated)
+        body = build(call.id, call.model, choices, use, call.created, chunk=True)
+        if call.chat and call.extras.return_token_ids and not sent_prompt_ids:
+            body["prompt_token_ids"] = call.token_lists[0]  # the first chunk only
+            sent_prompt_ids.append(True)
+        return sse(body)
+
+    async with group:
+        if call.chat:  # the opening chunk of every choice
+            options = call.chat_options
+            for index in range(len(call.index_of) * call.params.n):
+                delta = {"role": options.role, "content": ""}
+                yield chunk([{"index": index, "delta": delta, "logprobs": None,
+                              "finish_reason": None}])
+                if options.echo:
+                    yield chunk([{"index": index, "delta": {"content": options.echo},
+                                  "logprobs": None, "finish_reason": None}])
+        opened = set()  # completions: the choices whose first chunk went out
+        try:
+            async for out in group.outputs():
+                call.first.setdefault(out.request_id, out)
+                for c in out.outputs:
+                    if not call.extras.score_only:
+                        num_generated += len(c.delta_token_ids)
+                    first = not call.chat and (out.request_id, c.index) not in opened
+                    if first:
+                        opened.add((out.request_id, c.index))
+                        if call.echo:
+                            yield chunk([_opening(call, out.request_id, c.index)])
+                    if not c.delta_text and not c.delta_token_ids and not c.finished:
+                        continue
+                    choice = call.choice(out.request_id, c, whole=False)
+                    if call.extras.score_only and not c.finished:
+                        continue
+                    if first and call.extras.return_token_ids and not call.echo:
+                        choice["prompt_token_ids"] = call.token_lists[
+                            call.index_of[out.request_id]]
+                    if call.tool_parser is not None:
+                        stream = tool_streams.setdefault(choice["index"],
+                                                         ToolCallStream(call.tool_parser))
+                        for tool_chunk in _tool_chunks(stream, choice, c):
+                            yield chunk([tool_chunk])
+                        continue
+                    yield chunk([choice])  # a last one carries its text and finish_reason
+        except EngineFault as e:
+            error = APIError(500, str(e), type="server_error")
+            yield sse(json.loads(error.response().body))
+            yield "data: [DONE]\n\n"
+            return
+    if include_usage:
+        yield chunk([], call.usage(num_generated))
+    yield "data: [DONE]\n\n"
+
+
+def _opening(call, request_id: str, index: int) -> dict:
+    """An echoing completions choice's first chunk: the prompt (scored when logprobs are
+    asked), and its ids when return_token_ids is set."""
+    i = call.index_of[request_id]
+    choice = {"index": call.choice_index(request_id, index), "text": call.echo[i],
+              "logprobs": None, "finish_reason": None}
+    if call.params.logprobs is not None:
+        choice["logprobs"] = call.echo_logprobs(request_id)
+    if call.extras.return_token_ids:
+        choice["prompt_token_ids"] = call.token_lists[i]
+        choice["token_ids"] = []
+    return choice
+
+
+def _tool_chunks(stream: ToolCallStream, choice: dict, c) -> list[dict]:
+    """The streamed choices for one step of a choice under tools."""
+    index = choice["index"]
+    deltas = stream.feed(c.delta_text)
+    finish_reason = None
+    if c.finished:
+        last, is_call = stream.finish()
+        deltas += last
+        finish_reason = "tool_calls" if is_call else c.finish_reason
+    out = [{"index": index, "delta": d, "logprobs": None, "finish_reason": None}
+           for d in deltas]
+    if out and choice["logprobs"] is not None:
+        out[0]["logprobs"] = choice["logprobs"]
+    if c.finished:
+        out.append({"index": index, "delta": {}, "logprobs": None,
+                    "finish_reason": finish_reason})
+    return out
+
+
+def sse(obj: dict) -> str:
+    return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
+
+
+class SSEResponse(StreamingResponse):
+    """An SSE stream that owns the call's RequestGroup from its submission: however the response
+    ends (done, client gone before the first chunk or mid-stream, error) the group is closed, so
+    its unfinished requests are aborted at once. Closing the generator alone would not do: a
+    client gone before the first chunk leaves it unstarted, and closing it then runs nothing."""
+
+    on_close = None  # called once the stream ends, however it ends (handlers.load_tracked)
+
+    def __init__(self, group, events):
+        super().__init__(events, media_type="text/event-stream",
+                         headers={"Cache-Control": "no-cache"})
+        self.group = group
+
+    async def __call__(self, scope, receive, send):
+        try:
+            await super().__call__(scope, receive, send)
+        except (OSError, ClientDisconnect):
+            pass  # the client went away
+        finally:
+            try:
+                await self.body_iterator.aclose()
+            finally:
+                self.group.close()
+                if self.on_close is not None:
+                    self.on_close()

@@ -1,0 +1,362 @@
+"""Tensor parallelism on the numpy backend (issue 17): sharded weights + the shared-memory
+communicator give TP=1's logits (within 1e-4) and greedy tokens, on threads (the math) and on
+worker processes (the whole engine); a dead worker ends the engine with a clear error."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import numpy as np
+import pytest
+from conftest import _tiny_loaded, tiny_model_config
+
+from engine.core.outputs import EngineDeadError
+from engine.core.sampling_params import SamplingParams
+from engine.engine import LLMEngine
+from engine.executor import workers
+from engine.executor.distributed import CommunicatorError, ShmCommunicator
+from engine.executor.ops import AttentionMetadata
+from engine.executor.ops.numpy_ops import NumpyOps
+from engine.executor.tensor_parallel import (
+    TensorParallelOps,
+    check_tensor_parallel,
+    shard_config,
+    shard_weights,
+)
+from engine.executor.transformer import Transformer
+from engine.llm import LLM
+from engine.model.config import ConfigError, EngineConfig, ModelConfig
+from engine.model.loader import dummy_weights
+from engine.model.quantized import QuantizedWeight
+
+# ---- the math, ranks as threads -----------------------------------------------------------------
+
+
+def _forward(config: ModelConfig, weights, ops, num_kv_heads: int):
+    """Logits of every row of a 2-sequence prefill (5 and 3 tokens), (8, vocab)."""
+    cache = NumpyOps().alloc_kv_cache(config.num_layers, 4, num_kv_heads, 4, config.head_dim)
+    meta = AttentionMetadata(slot_mapping=np.array([0, 1, 2, 3, 4, 8, 9, 10], np.int32),
+                             query_start_loc=np.array([0, 5, 8], np.int32),
+                             context_lens=np.array([5, 3], np.int32),
+                             block_tables=np.array([[0, 1], [2, -1]], np.int32),
+                             max_query_len=5, max_context_len=5)
+    ids = np.array([5, 17, 3, 60, 22, 9, 41, 1], np.int32)
+    positions = np.array([0, 1, 2, 3, 4, 0, 1, 2], np.int32)
+    return Transformer(config, weights, ops, 64).forward(ids, positions, cache, meta, None)
+
+
+def _ranks_as_threads(size: int, work, slot_bytes: int = ShmCommunicator.SLOT_BYTES,
+                      timeout_s: float = 30.0) -> list:
+    root = ShmCommunicator(None, 0, size, slot_bytes=slot_bytes, timeout_s=timeout_s)
+    comms = [root] + [ShmCommunicator(root.name, r, size, slot_bytes=slot_bytes,
+                                      timeout_s=timeout_s) for r in range(1, size)]
+    results = [None] * size
+
+    def run(r):
+        try:
+            results[r] = work(comms[r])
+        except Exception as e:
+            results[r] = e
+
+    threads = [threading.Thread(target=run, args=(r,)) for r in range(size)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    root.unlink()
+    for c in comms:
+        c.close()
+    return results
+
+
+def _tp_logits(config: ModelConfig, weights, size: int) -> list:
+    def rank(comm):
+        ops = TensorParallelOps(NumpyOps(), comm, comm.rank, size, config.vocab_size)
+        part = shard_config(config, size)
+        return _forward(part, shard_weights(weights, config, comm.rank, size), ops,
+                        part.num_kv_heads)
+
+    results = _ranks_as_threads(size, rank)
+    assert not [r for r in results if isinstance(r, Exception)], results
+    return results
+
+
+@pytest.mark.parametrize("size", [2, 4])
+@pytest.mark.parametrize("arch,overrides", [
+    ("LlamaForCausalLM", {}),  # 2 KV heads: split at N=2, replicated at N=4
+    ("Qwen2ForCausalLM", {"attention_bias": True}),
+    ("Qwen3ForCausalLM", {"qk_norm": True, "tie_word_embeddings": True}),
+])
+def test_tp_logits_match_one_rank(size, arch, overrides):
+    config = tiny_model_config(vocab_size=128, architecture=arch, **overrides)
+    weights = dummy_weights(config, NumpyOps(), seed=1)
+    weights.lm_head *= 10
+    for layer in weights.layers:  # sharp attention and MLP, so a wrong slice shows
+        layer.qkv *= 8
+        layer.o *= 4
+        layer.gate_up *= 4
+        layer.down *= 4
+        if layer.qkv_bias is not None:
+            layer.qkv_bias += 0.5
+    want = _forward(config, weights, NumpyOps(), config.num_kv_heads)
+    got = _tp_logits(config, weights, size)
+    np.testing.assert_allclose(got[0], want, rtol=1e-4, atol=1e-4)
+    assert all(g is None for g in got[1:])  # only rank 0 holds the logits
+    assert np.abs(want).max() > 1  # not trivially small
+
+
+def test_kv_heads_fewer_than_ranks_are_replicated_to_the_right_ranks():
+    config = tiny_model_config(num_heads=4, num_kv_heads=2)
+    weights = dummy_weights(config, NumpyOps(), seed=0)
+    d, q = config.head_dim, config.q_size
+    for rank, kv_head in ((0, 0), (1, 0), (2, 1), (3, 1)):
+        qkv = shard_weights(weights, config, rank, 4).layers[0].qkv  # (d + 2d, hidden)
+        full = weights.layers[0].qkv
+        np.testing.assert_array_equal(qkv[:d], full[rank * d : (rank + 1) * d])
+        np.testing.assert_array_equal(qkv[d : 2 * d], full[q + kv_head * d : q + (kv_head + 1) * d])
+
+
+def test_collectives_larger_than_a_slot_go_through_in_chunks():
+    size = 3
+
+    def work(comm):
+        r = comm.rank
+        x = np.arange(1000, dtype=np.float32).reshape(10, 100) * (r + 1)
+        ids = np.arange(77, dtype=np.int32) if r == 0 else np.zeros(77, np.int32)
+        return (comm.all_reduce(x), comm.gather(x[:, :30] + r), comm.broadcast(ids))
+
+    results = _ranks_as_threads(size, work, slot_bytes=64)  # 16 floats a chunk
+    base = np.arange(1000, dtype=np.float32).reshape(10, 100)
+    for r, (summed, gathered, ids) in enumerate(results):
+        np.testing.assert_array_equal(summed, base * 6)
+        np.testing.assert_array_equal(ids, np.arange(77))
+        if r:
+            assert gathered is None
+    want = np.concatenate([base[:, :30] * (r + 1) + r for r in range(size)], axis=1)
+    np.testing.assert_array_equal(results[0][1], want)
+
+
+def test_a_rank_that_never_joins_times_out_naming_it():
+    def work(comm):
+        if comm.rank == 1:
+            return None
+        return comm.all_reduce(np.ones(4, np.float32))
+
+    results = _ranks_as_threads(2, work, timeout_s=0.3)
+    assert isinstance(results[0], CommunicatorError)
+    assert "rank(s) [1] did not join a collective within 0.3 s" in str(results[0])
+
+
+# ---- errors at start-up --------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides,size,field", [
+    ({}, 3, "num_attention_heads (4)"),
+    ({"intermediate_size": 100}, 8, None),  # 8 does not divide 4 heads either: heads first
+    ({"intermediate_size": 130}, 4, "intermediate_size (130)"),
+    ({"vocab_size": 510}, 4, "vocab_size (510)"),
+    ({"num_heads": 12, "num_kv_heads": 3}, 2, "num_key_value_heads (3)"),
+])
+def test_sizes_that_do_not_divide_are_refused(overrides, size, field):
+    config = tiny_model_config(**overrides)
+    with pytest.raises(ConfigError, match=r"tensor_parallel_size \(\d\)") as e:
+        check_tensor_parallel(config, size)
+    if field:
+        assert field in str(e.value)
+
+
+def test_quantized_weights_are_refused():
+    config = tiny_model_config()
+    weights = dummy_weights(config, NumpyOps(), seed=0)
+    weights.layers[0].o = QuantizedWeight("Q8_0", (64, 64), np.zeros(4, np.uint8))
+    with pytest.raises(ConfigError, match="quantized weights"):
+        shard_weights(weights, config, 0, 2)
+
+
+def test_bad_tp_settings_name_the_field():
+    with pytest.raises(ConfigError, match="tensor_parallel_size must be >= 1"):
+        EngineConfig(tensor_parallel_size=0).validate()
+    with pytest.raises(ConfigError, match="tp_local_ranks"):
+        EngineConfig(tensor_parallel_size=2, tp_local_ranks=3).validate()
+
+
+def test_engine_refuses_a_size_that_does_not_divide_before_spawning():
+    with pytest.raises(ConfigError, match=r"tensor_parallel_size \(3\) must divide"):
+        LLMEngine(EngineConfig(device="numpy", tensor_parallel_size=3),
+                  loaded_model=_tiny_loaded(512, False))
+
+
+# ---- the engine with worker processes ------------------------------------------------------------
+
+PROMPTS = [[1, 2, 3, 4, 5], list(range(10, 47)), [7] * 20, [300, 200, 100]]
+
+
+def _generate(llm: LLM, **params):
+    params = {"max_tokens": 10, "temperature": 0.0, "logprobs": 3, **params}
+    outs = llm.generate([{"prompt_token_ids": p} for p in PROMPTS], SamplingParams(**params),
+                        use_tqdm=False)
+    return [[(c.token_ids, c.logprobs) for c in o.outputs] for o in outs]
+
+
+def _llm(size: int, **fields) -> LLM:
+    fields = dict(device="numpy", tensor_parallel_size=size, max_num_batched_tokens=32, **fields)
+    return LLM.from_engine(LLMEngine(EngineConfig(**fields), loaded_model=_tiny_loaded(512, False)))
+
+
+def _assert_same(got, want):
+    for g_seqs, w_seqs in zip(got, want, strict=True):
+        for (g_ids, g_lp), (w_ids, w_lp) in zip(g_seqs, w_seqs, strict=True):
+            assert g_ids == w_ids
+            for g, w in zip(g_lp, w_lp, strict=True):
+                assert g.keys() == w.keys()
+                np.testing.assert_allclose(list(g.values()), list(w.values()), atol=1e-4)
+
+
+@pytest.fixture(scope="module")
+def tp1_outputs():
+    with _llm(1) as llm:
+        return _generate(llm), _generate(llm, n=2, temperature=0.8, seed=3)
+
+
+@pytest.mark.parametrize("size,fields", [
+    (2, {"async_scheduling": False, "speculative_config": {"num_speculative_tokens": 3}}),
+    (4, {"async_scheduling": True}),
+])
+def test_tp2_and_tp4_generate_what_tp1_generates(size, fields, tp1_outputs):
+    """Chunked prefills (32-token budget), a mixed batch, forks (n=2); at TP=2 n-gram drafts
+    verified in the forward (greedy output unchanged by them); at TP=4 async scheduling, whose
+    placeholders the workers resolve from rank 0's broadcast ids."""
+    want, want_n = tp1_outputs
+    with _llm(size, **fields) as llm:
+        pids = llm.engine.core.workers.worker_pids
+        assert sorted(pids) == list(range(1, size))
+        _assert_same(_generate(llm), want)
+        _assert_same(_generate(llm, n=2, temperature=0.8, seed=3), want_n)
+    for pid in pids.values():  # close() stopped them
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+
+def test_killing_a_worker_ends_the_engine_with_a_clear_error():
+    with _llm(2) as llm:
+        _generate(llm)
+        pid = llm.engine.core.workers.worker_pids[1]
+        os.kill(pid, signal.SIGKILL)
+        start = time.monotonic()
+        with pytest.raises(EngineDeadError, match=r"rank 1 \(pid \d+\) was killed by SIGKILL"):
+            _generate(llm)
+        assert time.monotonic() - start < 5
+        with pytest.raises(EngineDeadError):  # and stays dead
+            _generate(llm)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_a_rank_started_by_hand_joins_through_the_master_address(monkeypatch, tp1_outputs):
+    """The several-hosts path on one host: rank 1 is `pagedserve worker`, not spawned."""
+    port = _free_port()
+    monkeypatch.setenv("PAGEDSERVE_MASTER_PORT", str(port))
+    code = "import sys; from engine.executor.worker import worker_main; sys.exit(worker_main())"
+    proc = subprocess.Popen([sys.executable, "-c", code, "--rank", "1",
+                             "--master-addr", "127.0.0.1"])
+    try:
+        want = tp1_outputs[0]
+        with _llm(2, tp_local_ranks=1) as llm:
+            assert llm.engine.core.workers.worker_pids == {}
+            _assert_same(_generate(llm), want)
+        assert proc.wait(10) == 0  # stopped by rank 0
+    finally:
+        proc.kill()
+
+
+def test_a_rank_that_cannot_load_the_model_fails_the_start_with_its_reason(tmp_path,
+                                                                           monkeypatch):
+    """A model path that exists on rank 0's host only (here: relative to another directory)."""
+    from test_two_process import ROOT, tiny_model_folder
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    tiny_model_folder(tmp_path / "a" / "tiny", with_tokenizer=False)
+    monkeypatch.chdir(tmp_path / "a")
+    port = _free_port()
+    code = "import sys; from engine.executor.worker import worker_main; sys.exit(worker_main())"
+    proc = subprocess.Popen([sys.executable, "-c", code, "--rank", "1", "--master-addr",
+                             "127.0.0.1", "--master-port", str(port)], cwd=tmp_path / "b",
+                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.PIPE)
+    try:
+        with pytest.raises(CommunicatorError, match=r"rank 1 failed: .*tiny"):
+            LLMEngine(EngineConfig(model="tiny", load_format="dummy", device="numpy",
+                                   tensor_parallel_size=2, tp_local_ranks=1, master_port=port))
+        assert proc.wait(10) == 1
+        assert b"pagedserve worker rank 1: error:" in proc.stderr.read()
+    finally:
+        proc.kill()
+
+
+def test_a_missing_rank_fails_the_start_naming_it(monkeypatch):
+    monkeypatch.setattr(workers, "RENDEZVOUS_TIMEOUT_S", 0.5)
+    with pytest.raises(CommunicatorError, match=r"rank\(s\) \[1\] did not join.*pagedserve worker"):
+        _llm(2, tp_local_ranks=1, master_port=_free_port())
+    with pytest.raises(ConfigError, match="master_port"):
+        _llm(2, tp_local_ranks=1)
+
+
+# ---- the server ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("busy", [True, False])
+def test_killing_a_worker_ends_the_server_with_a_clear_error(tmp_path, busy):
+    """Mid-request: the stream ends with the error; idle: the core notices within a second.
+    Either way the server exits non-zero within seconds."""
+    pytest.importorskip("uvicorn")
+    httpx = pytest.importorskip("httpx")
+    from test_two_process import Served, _children
+
+    served = Served(tmp_path, extra=("--tensor-parallel-size", "2"))
+    try:
+        workers = [p for p, cmd in _children(served.core_pid).items() if "worker_main" in cmd]
+        assert len(workers) == 1
+        model = httpx.get(served.url + "/v1/models").json()["data"][0]["id"]
+        body = {"model": model, "prompt": [[5, 6, 7]], "max_tokens": 1000, "ignore_eos": True,
+                "stream": True}
+        if busy:
+            with httpx.stream("POST", served.url + "/v1/completions", json=body,
+                              timeout=30) as r:
+                lines = r.iter_lines()
+                assert next(lines).startswith("data: {")
+                os.kill(workers[0], signal.SIGKILL)
+                killed = time.monotonic()
+                events = [line for line in lines if line]
+            assert "rank 1" in events[-2] and "SIGKILL" in events[-2], events[-2]
+        else:
+            os.kill(workers[0], signal.SIGKILL)
+            killed = time.monotonic()
+        assert served.proc.wait(timeout=10) != 0
+        assert time.monotonic() - killed < 5.0
+        assert "tensor-parallel worker rank 1" in served.output()
+    finally:
+        served.close()
+
+
+def test_cli_refuses_a_size_that_does_not_divide_in_one_line(tmp_path, capsys):
+    from test_two_process import tiny_model_folder
+
+    from server.cli import main
+
+    model = tiny_model_folder(tmp_path / "tiny", with_tokenizer=False)
+    code = main(["generate", "hi", "--model", str(model), "--device", "cpu", "--load-format",
+                 "dummy", "--tensor-parallel-size", "3"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2
+    assert err == ["pagedserve: error: tensor_parallel_size (3) must divide the model's "
+                   "num_attention_heads (4)"]
