@@ -105,9 +105,15 @@ def _engine_flags() -> argparse.ArgumentParser:
     g.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
                    help="auto = read the weights; dummy = random weights at the model's shapes "
                         "(benchmarks without a checkpoint; MODEL may then be a preset name)")
-    g.add_argument("--quantization", default=None, choices=[k.lower() for k in GGUF_KINDS],
-                   help="dummy weights drawn as random blocks of this GGUF format (with "
-                        "--load-format dummy; a .gguf file's formats come from the file)")
+    g.add_argument("--quantization", "-q", default=None,
+                   choices=("fp8", *(k.lower() for k in GGUF_KINDS)),
+                   help="fp8: the linear layers (qkv, o, gate_up, down) run W8A8 in FP8 E4M3, a "
+                        "bf16/fp16 checkpoint quantized at load (per-channel weight scales, "
+                        "per-token activation scales); embeddings and lm_head stay 16-bit. A "
+                        "checkpoint stored in FP8 loads as FP8 without it. A GGUF block format "
+                        "(q4_k, q8_0, ...): dummy weights drawn as random blocks of that format "
+                        "(with --load-format dummy; a .gguf file's formats come from the file). "
+                        "Default: none")
     g.add_argument("--gguf-dequantize", action=argparse.BooleanOptionalAction, default=None,
                    help="dequantize a .gguf file's Q8_0/Q4_0/Q4_1/Q4_K/Q5_K/Q6_K tensors at load "
                         "(the old path: 16-bit weights on the GPU, a converted cache on disk); "

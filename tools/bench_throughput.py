@@ -54,7 +54,8 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--model", default="qwen3-0.6b", help="HF folder, .gguf file or preset name")
     ap.add_argument("--load-format", default="dummy", choices=("auto", "dummy"))
     ap.add_argument("--quantization", default=None,
-                    help="dummy weights as random blocks of a GGUF format: q4_k, q8_0, ...")
+                    help="fp8 (linear layers in FP8 E4M3 W8A8, quantized at load), or dummy "
+                         "weights as random blocks of a GGUF format: q4_k, q8_0, ...")
     ap.add_argument("--gguf-dequantize", action=argparse.BooleanOptionalAction, default=None,
                     help="a .gguf file's block formats dequantized at load (default: on cpu)")
     ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "numpy"))
@@ -265,6 +266,7 @@ def summarize(args, engine, prompts, output_lens, trace) -> dict:
     wall = trace["wall_s"]
     result = {
         "workload": "W1", "model": args.model, "device": engine.ops.name, "dtype": dtype,
+        "quantization": args.quantization,
         "num_prompts": len(prompts), "scale": args.scale,
         "sampling": describe_sampling(sampling_settings(args)),
         **sampling_settings(args),
@@ -293,7 +295,9 @@ def summarize(args, engine, prompts, output_lens, trace) -> dict:
 
 def format_report(r: dict) -> str:
     return "\n".join([
-        f"W1 on {r['model']} ({r['device']}, {r['dtype']}, {r['sampling']}): {r['num_prompts']} "
+        f"W1 on {r['model']} ({r['device']}, {r['dtype']}"
+        f"{', ' + r['quantization'] if r.get('quantization') else ''}, {r['sampling']}): "
+        f"{r['num_prompts']} "
         f"requests, {r['prompt_tokens']} prompt + {r['output_tokens']} output tokens "
         f"(requested {r['requested_output_tokens']})",
         f"output {r['output_tok_s']:.1f} tok/s   total {r['total_tok_s']:.1f} tok/s   "

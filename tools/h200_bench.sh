@@ -11,6 +11,7 @@
 #          disable_by_batch_size, W1 with speculation configured on Llama-3-8B / Qwen3-0.6B; the
 #          summary prints W1 spec / plain when both ran, e.g. `w1-8b w1-8b-spec`)
 #          w1-http-dash (W1-HTTP with the dashboard closed and open on one server: the ratio)
+#          latency-8b-fp8 w1-8b-fp8 (Llama-3-8B shapes with --quantization fp8)
 #   tensor parallel (issue 18; need 2 GPUs, nvidia-h200-x2; not in the default list):
 #          gputest-tp w1-tp2 latency-tp2 allreduce-tp2 parity-tp2
 #          (compare with w1-8b and latency-8b, the TP=1 figures)
@@ -86,6 +87,10 @@ for step in $steps; do
       --quantization q4_k ;;
     latency-8b-q8) record latency-llama3-8b-q8_0 120 python3 tools/bench_latency.py $L \
       --quantization q8_0 ;;
+    latency-8b-fp8) record latency-llama3-8b-fp8 90 python3 tools/bench_latency.py $L \
+      --quantization fp8 ;;
+    w1-8b-fp8) record w1-llama3-8b-fp8 150 python3 tools/bench_throughput.py $L \
+      --quantization fp8 ;;
     spec-8b) record spec-replay-llama3-8b 200 python3 tools/bench_spec.py $L \
       --replay tools/results/spec_profile.json ;;
     spec-8b-min1) record spec-replay-llama3-8b-min1 200 python3 tools/bench_spec.py $L \

@@ -7,11 +7,11 @@ sampler old vs new, decode steps.
     PYTHONPATH=. python tools/gpu_check.py --only new      # the same, from gpu_check
 
 --quick skips the Llama-3-8B shapes and the decode steps; --only runs the named sections
-(launches, fused, gemv, splits, sampling, prefill (then prefill90), prefill90, gguf, decode).
---check-each synchronizes after every row and every section and stops at the first CUDA error,
-naming where it surfaced (a kernel fault is sticky: without this it is reported by whichever later
-call syncs first). --small shrinks every section (few rows, one weight copy, 2-layer decode models
-with a 4096-token vocabulary, 2 timed calls) for compute-sanitizer:
+(launches, fused, gemv, splits, sampling, prefill (then prefill90), prefill90, gguf, decode, fp8:
+tools/kernel_check_fp8.py). --check-each synchronizes after every row and every section and stops
+at the first CUDA error, naming where it surfaced (a kernel fault is sticky: without this it is
+reported by whichever later call syncs first). --small shrinks every section (few rows, one weight
+copy, 2-layer decode models with a 4096-token vocabulary, 2 timed calls) for compute-sanitizer:
 
     for s in launches fused gemv splits sampling prefill gguf decode; do
       compute-sanitizer --error-exitcode 9 python tools/kernel_check.py --small --only $s; done
@@ -44,6 +44,7 @@ from engine.executor.ops import (  # noqa: E402
 )
 from engine.executor.ops import cuda_attention as ca  # noqa: E402
 from engine.executor.ops.numpy_ops import NumpyOps  # noqa: E402
+from tools import kernel_check_fp8  # noqa: E402
 from tools.kernel_check_gguf import check_gguf  # noqa: E402
 
 BW, FLOPS = 4.27e12, 800e12  # measured ceilings (shared/GPU.md)
@@ -697,7 +698,7 @@ def check_launches(ops):
 
 def run_all(ops, quick: bool = False, only: str | None = None):
     """Every section, or those named in `only` (comma-separated: launches, fused, gemv, splits,
-    sampling, prefill, prefill90, gguf, decode)."""
+    sampling, prefill, prefill90, gguf, decode, fp8)."""
     sections = {
         "launches": lambda: check_launches(ops),
         "fused": lambda: check_fused(ops),
@@ -710,6 +711,7 @@ def run_all(ops, quick: bool = False, only: str | None = None):
         "gguf": lambda: check_gguf(ops, graph_time, OPTS["small"]),
         "decode": lambda: None if quick else [decode_step(ops, p, c) for p, c in (
             ("qwen3-0.6b", 512), ("qwen3-0.6b", 32532), ("llama3-8b", 512))],
+        "fp8": lambda: kernel_check_fp8.check_fp8(ops, sys.modules[__name__]),
     }
     for name, run in sections.items():
         if only is not None and name not in only.split(","):

@@ -48,6 +48,8 @@ class ModelConfig:
     eos_token_ids: list[int] = field(default_factory=list)
     bos_token_id: int | None = None
     dtype: str = "float32"  # dtype the checkpoint is stored in: float32 | float16 | bfloat16
+    # "fp8": the checkpoint stores its linear weights as E4M3 with scales (quantization_config)
+    quantization: str | None = None
 
     def __post_init__(self):
         if self.num_heads % self.num_kv_heads:
@@ -122,6 +124,7 @@ class ModelConfig:
             eos_token_ids=eos,
             bos_token_id=cfg.get("bos_token_id"),
             dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
+            quantization=_checkpoint_quantization(cfg.get("quantization_config")),
         )
 
     @classmethod
@@ -145,6 +148,20 @@ class ModelConfig:
             known = sorted(p.stem for p in PRESETS_DIR.glob("*.json"))
             raise ConfigError(f"unknown preset {name!r}; known presets: {', '.join(known)}")
         return cls.from_dict(json.loads(path.read_text()))
+
+
+def _checkpoint_quantization(qc: dict | None) -> str | None:
+    """config.json's quantization_config -> "fp8" or None; other schemes are refused."""
+    if not qc:
+        return None
+    method = qc.get("quant_method")
+    if method != "fp8":
+        raise ConfigError(f"quantization_config.quant_method {method!r} is not supported "
+                          "(only 'fp8' checkpoints load as they are)")
+    if qc.get("weight_block_size"):
+        raise ConfigError("quantization_config.weight_block_size: block-wise FP8 scales are not "
+                          "supported (per-tensor or per-channel weight_scale only)")
+    return "fp8"
 
 
 def _as_list(value) -> list[int]:
@@ -223,8 +240,10 @@ class EngineConfig:
     # off for numpy (where the host is the device, so nothing overlaps).
     async_scheduling: bool | None = None
     load_format: str = "auto"  # auto | dummy
-    # Weights kept quantized: a GGUF block format for dummy weights ("q4_k", "q8_0", ...; a GGUF
-    # file's formats come from the file). Checked by model/loader.load_model.
+    # Linear layers kept quantized (model/loader.load_model checks it): "fp8" quantizes a
+    # bf16/fp16 checkpoint's qkv, o, gate_up and down to FP8 E4M3 at load (per-output-channel
+    # scales; an FP8 checkpoint is FP8 without it); a GGUF block format ("q4_k", "q8_0", ...)
+    # draws dummy weights in that format (a GGUF file's formats come from the file).
     quantization: str | None = None
     # GGUF files: dequantize block formats at load (True) or keep them (False); None: kept on
     # cuda, dequantized on cpu (where dequantizing on every call costs more than the step).
@@ -283,6 +302,7 @@ class EngineConfig:
             "device": ("auto", "cuda", "cpu", "numpy"),
             "dtype": ("auto", "float16", "bfloat16", "float32"),
             "load_format": ("auto", "dummy"),
+            "quantization": (None, "fp8"),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:

@@ -20,6 +20,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
+from engine.model import fp8
 from engine.model.config import PRESETS_DIR, ModelConfig
 from engine.model.weights import LayerWeights, ModelWeights
 
@@ -38,8 +39,11 @@ class LoadError(ValueError):
 
 # ----------------------------------------------------------------------------- safetensors
 
-# safetensors dtype -> numpy dtype of the stored bits (BF16 is widened to float32 on read)
-_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
+# safetensors dtype -> numpy dtype of the stored bits (BF16 is widened to float32 on read; FP8
+# E4M3 stays as its uint8 codes, engine/model/fp8.py decodes them: safetensors' own numpy loader
+# fails on F8_E4M3, asking numpy for a float8 dtype it does not have)
+_ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
+              "F8_E4M3": np.uint8}
 
 
 class SafetensorsFile:
@@ -79,7 +83,8 @@ class SafetensorsFile:
         self._map = np.memmap(path, np.uint8, "r") if size else np.zeros(0, np.uint8)
 
     def get(self, name: str) -> np.ndarray:
-        """The tensor as a host array: F32 and F16 as stored (a view), BF16 widened to float32."""
+        """The tensor as a host array: F32, F16 and F8_E4M3 (uint8 codes) as stored (a view),
+        BF16 widened to float32."""
         info = self.tensors[name]
         dtype = _ST_DTYPES.get(info["dtype"])
         if dtype is None:
@@ -116,8 +121,10 @@ def _open_checkpoint(folder: Path) -> dict[str, SafetensorsFile]:
     return {name: st for name in st.tensors}
 
 
-def load_safetensors_weights(folder: str | Path, config: ModelConfig, ops) -> ModelWeights:
-    """Read an HF checkpoint into ModelWeights on `ops`, fusing q/k/v and gate/up."""
+def load_safetensors_weights(folder: str | Path, config: ModelConfig, ops,
+                             quantization: str | None = None) -> ModelWeights:
+    """Read an HF checkpoint into ModelWeights on `ops`, fusing q/k/v and gate/up; with
+    quantization="fp8" the four matrix products of each layer are quantized as they arrive."""
     folder = Path(folder)
     files = _open_checkpoint(folder)
     c = config
@@ -140,6 +147,25 @@ def load_safetensors_weights(folder: str | Path, config: ModelConfig, ops) -> Mo
     def get(name: str, shape: tuple) -> object:
         return ops.from_host(host(name, shape))
 
+    def fp8_part(name: str, shape: tuple) -> fp8.QuantizedWeight:
+        array = host(name, shape)
+        if files[name].tensors[name]["dtype"] != "F8_E4M3":  # a layer the checkpoint left out
+            return fp8.quantize_weight(array)
+        if name + "_scale" not in files:
+            raise LoadError(f"FP8 checkpoint {str(folder)!r} has no {name + '_scale'!r}")
+        try:
+            return fp8.from_checkpoint(name, array, files[name + "_scale"].get(name + "_scale"))
+        except ValueError as e:
+            raise LoadError(str(e)) from None
+
+    def linear(*parts: tuple[str, tuple]) -> object:
+        """A matrix product's weight (parts fused by rows): FP8 as an FP8 checkpoint stores it,
+        FP8 quantized here when asked, else in the compute dtype."""
+        if c.quantization == "fp8":
+            return ops.from_host(fp8.stack([fp8_part(n, s) for n, s in parts]))
+        w = fused(*parts)
+        return ops.quantize_fp8(w) if quantization == "fp8" else w
+
     layers = []
     for n in tqdm(range(c.num_layers), desc="loading weights", unit="layer", disable=None):
         p = f"model.layers.{n}."
@@ -154,7 +180,7 @@ def load_safetensors_weights(folder: str | Path, config: ModelConfig, ops) -> Mo
         layers.append(
             LayerWeights(
                 input_norm=get(p + "input_layernorm.weight", (h,)),
-                qkv=fused(
+                qkv=linear(
                     (a + "q_proj.weight", (c.q_size, h)),
                     (a + "k_proj.weight", (c.kv_size, h)),
                     (a + "v_proj.weight", (c.kv_size, h)),
@@ -162,12 +188,12 @@ def load_safetensors_weights(folder: str | Path, config: ModelConfig, ops) -> Mo
                 qkv_bias=qkv_bias,
                 q_norm=get(a + "q_norm.weight", (c.head_dim,)) if c.qk_norm else None,
                 k_norm=get(a + "k_norm.weight", (c.head_dim,)) if c.qk_norm else None,
-                o=get(a + "o_proj.weight", (h, c.q_size)),
+                o=linear((a + "o_proj.weight", (h, c.q_size))),
                 post_norm=get(p + "post_attention_layernorm.weight", (h,)),
-                gate_up=fused(
+                gate_up=linear(
                     (p + "mlp.gate_proj.weight", (i, h)), (p + "mlp.up_proj.weight", (i, h))
                 ),  # (2 * intermediate, hidden)
-                down=get(p + "mlp.down_proj.weight", (h, i)),
+                down=linear((p + "mlp.down_proj.weight", (h, i))),
             )
         )
     embed = get("model.embed_tokens.weight", (c.vocab_size, h))
@@ -181,10 +207,12 @@ def load_safetensors_weights(folder: str | Path, config: ModelConfig, ops) -> Mo
 # ----------------------------------------------------------------------------- dummy
 
 
-def dummy_weights(config: ModelConfig, ops, seed: int = 0) -> ModelWeights:
+def dummy_weights(config: ModelConfig, ops, seed: int = 0,
+                  quantization: str | None = None) -> ModelWeights:
     """Random weights at the model's shapes (benchmarks and tests without a checkpoint).
 
     Matrices are N(0, 0.02) like HF's initializer; norms are ones, so activations stay finite.
+    quantization="fp8" quantizes the four matrix products of each layer (the same draws).
     """
     rng = np.random.default_rng(seed)
     c = config
@@ -193,17 +221,20 @@ def dummy_weights(config: ModelConfig, ops, seed: int = 0) -> ModelWeights:
     def rand(*shape):
         return ops.random_weight(shape, 0.02, rng)
 
+    def linear(*shape):
+        return ops.quantize_fp8(rand(*shape)) if quantization == "fp8" else rand(*shape)
+
     layers = [
         LayerWeights(
             input_norm=ops.ones((h,)),
-            qkv=rand(c.q_size + 2 * c.kv_size, h),
+            qkv=linear(c.q_size + 2 * c.kv_size, h),
             qkv_bias=rand(c.q_size + 2 * c.kv_size) if c.attention_bias else None,
             q_norm=ops.ones((c.head_dim,)) if c.qk_norm else None,
             k_norm=ops.ones((c.head_dim,)) if c.qk_norm else None,
-            o=rand(h, c.q_size),
+            o=linear(h, c.q_size),
             post_norm=ops.ones((h,)),
-            gate_up=rand(2 * i, h),
-            down=rand(h, i),
+            gate_up=linear(2 * i, h),
+            down=linear(h, i),
         )
         for _ in range(c.num_layers)
     ]
@@ -295,16 +326,18 @@ def load_model(model: str | None, ops, load_format: str = "auto", seed: int = 0,
                gguf_dequantize: bool | None = None) -> LoadedModel:
     """model: None (the default GGUF), a .gguf file, an HF folder, a Hugging Face id (ORG/NAME),
     or with load_format='dummy' also a preset name (engine/model/presets/). 'dummy' reads only
-    the config (and tokenizer) and draws random weights; with quantization set to a GGUF block
-    format ('q4_k', 'q8_0', ...) those weights are random blocks of that format.
+    the config (and tokenizer) and draws random weights.
+    quantization: "fp8": the linear layers in FP8 E4M3 (engine/model/fp8.py), an HF checkpoint
+    quantized at load or dummy weights (an FP8 checkpoint is FP8 either way); a GGUF block format
+    ('q4_k', 'q8_0', ...): dummy weights drawn as random blocks of that format.
     gguf_dequantize: a GGUF file's block-format tensors dequantized at load (True) or kept
     quantized (False); None: kept on the GPU, dequantized on the cpu backend (its per-call
     dequantization costs far more than the step)."""
     if load_format not in ("auto", "dummy"):
         raise LoadError(f"load_format must be 'auto' or 'dummy', got {load_format!r}")
     gguf_kind = _gguf_quantization(quantization, load_format)
-    make_dummy = dummy_weights if gguf_kind is None else functools.partial(
-        _dummy_gguf_weights, kind=gguf_kind)
+    make_dummy = (functools.partial(dummy_weights, quantization=quantization)
+                  if gguf_kind is None else functools.partial(_dummy_gguf_weights, kind=gguf_kind))
     path = default_model_path() if model is None else Path(model)
     if is_hf_id(model):
         path = resolve_hf_id(model)
@@ -327,6 +360,9 @@ def load_model(model: str | None, ops, load_format: str = "auto", seed: int = 0,
         config = gguf_loader.config_from_gguf(gguf_file)
         if load_format == "dummy":
             weights = make_dummy(config, ops, seed)
+        elif quantization is not None:
+            raise LoadError(f"quantization={quantization!r} applies to HF checkpoints and dummy "
+                            "weights; a GGUF file keeps its own quantization")
         elif not (ops.name == "numpy" if gguf_dequantize is None else gguf_dequantize):
             from engine.model.gguf_weights import load_quantized_gguf
 
@@ -337,9 +373,11 @@ def load_model(model: str | None, ops, load_format: str = "auto", seed: int = 0,
 
     config = ModelConfig.from_pretrained(path)
     if load_format == "dummy":
-        weights = make_dummy(config, ops, seed)
+        weights = (make_dummy(config, ops, seed) if gguf_kind is not None else
+                   dummy_weights(config, ops, seed,
+                                 quantization=quantization or config.quantization))
     else:
-        weights = load_safetensors_weights(path, config, ops)
+        weights = load_safetensors_weights(path, config, ops, quantization)
     return LoadedModel(config, weights, load_tokenizer(str(path)))
 
 
@@ -348,11 +386,11 @@ def _gguf_quantization(quantization: str | None, load_format: str) -> str | None
     Block formats are drawn only for dummy weights: a GGUF file's formats come from the file."""
     from engine.model.gguf_quants import KINDS
 
-    if quantization is None:
+    if quantization is None or quantization == "fp8":
         return None
     if quantization.upper() not in KINDS:
         names = ", ".join(repr(k.lower()) for k in KINDS)
-        raise LoadError(f"quantization must be None or a GGUF block format ({names}), "
+        raise LoadError(f"quantization must be None, 'fp8' or a GGUF block format ({names}), "
                         f"got {quantization!r}")
     if load_format != "dummy":
         raise LoadError(f"quantization {quantization!r} (a GGUF block format) applies to "

@@ -82,6 +82,12 @@ def kernel_names(file: str, ctype: str) -> list[str]:
         return ([f"gemv_kernel<{ctype}, {m}, false>" for m in range(1, 9)]
                 + [f"gemv_kernel<{ctype}, {m}, true>" for m in range(1, 5)]
                 + [f"norm_gemv_kernel<{ctype}, {m}>" for m in range(1, 5)])
+    if file == "fp8.cu":
+        return ([f"fp8_{k}_kernel<{ctype}>" for k in ("quantize", "silu_quantize",
+                                                      "norm_quantize", "scale")]
+                + [f"fp8_gemv_kernel<{ctype}, {m}>" for m in range(1, 9)])
+    if file == "fp8_fused.cu":
+        return [f"fp8_fused_gemv_kernel<{ctype}, {p}, 8>" for p in range(3)]
     if file == "kv_cache.cu":
         return [f"write_kv_cache_kernel<{ctype}>"]
     if file == "attention.cu":

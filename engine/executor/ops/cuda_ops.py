@@ -13,7 +13,13 @@ import gc
 import cupy
 import numpy as np
 
-from engine.executor.ops import AttentionMetadata, SamplerOutput, SamplingTensors, cuda_gemv
+from engine.executor.ops import (
+    AttentionMetadata,
+    SamplerOutput,
+    SamplingTensors,
+    cuda_fp8,
+    cuda_gemv,
+)
 from engine.executor.ops.cuda_attention import (
     DeviceAttentionMetadata,
     paged_attention,
@@ -104,6 +110,8 @@ class CudaOps:
     # ---------------------------------------------------------------- memory
 
     def from_host(self, array: np.ndarray) -> cupy.ndarray:
+        if isinstance(array, QuantizedWeight):
+            return _upload_quantized(array)
         array = np.asarray(array)
         if array.dtype.kind != "f":
             return cupy.asarray(np.ascontiguousarray(array))
@@ -116,6 +124,14 @@ class CudaOps:
             kernel("gather.cu", f"from_float_kernel<{self.ctype}>", self.ctype)(
                 _grid(n, 256), (256,), (out, x, np.int64(n)))
         return out
+
+    def quantize_fp8(self, weight: cupy.ndarray) -> QuantizedWeight:
+        """(out, in) weight -> E4M3 codes with per-output-channel scales, on the device."""
+        q = cuda_fp8.quantize_weight(self._check(weight, "weight", 2), self.ctype)
+        # The 16-bit (and fp32 staging) copies of the weights quantized so far stay cached in
+        # CuPy's pool, which the KV cache's sizing counts as used: hand them back.
+        cupy.get_default_memory_pool().free_all_blocks()
+        return q
 
     def to_host(self, array) -> np.ndarray:
         a = cupy.asnumpy(array) if isinstance(array, cupy.ndarray) else np.asarray(array)
@@ -208,6 +224,8 @@ class CudaOps:
     def add_rms_norm_linear(self, x, residual, norm_weight, eps, weight):
         """h, residual = add_rms_norm(x, residual, norm_weight, eps); (linear(h, weight),
         residual). One GEMV launch at small batches (the residual comes back as a new array)."""
+        if isinstance(weight, QuantizedWeight) and weight.kind == "fp8":
+            return cuda_fp8.add_rms_norm_linear(self, x, residual, norm_weight, eps, weight)
         if isinstance(weight, QuantizedWeight):
             h, residual = self.add_rms_norm(x, residual, norm_weight, eps)
             return self._quantized_linear(h, weight), residual
@@ -226,6 +244,8 @@ class CudaOps:
 
     def linear(self, x, weight, bias=None):
         # x (T, in), weight (out, in) as stored by HF, bias (out,) -> (T, out)
+        if isinstance(weight, QuantizedWeight) and weight.kind == "fp8":
+            return cuda_fp8.linear(self, x, weight, bias)
         self._check(x, "x", 2)
         if isinstance(weight, QuantizedWeight):
             if bias is not None:
@@ -281,6 +301,8 @@ class CudaOps:
 
     def silu_mul_linear(self, gate_up, weight):
         """linear(silu_and_mul(gate_up), weight); one GEMV launch at small batches."""
+        if isinstance(weight, QuantizedWeight) and weight.kind == "fp8":
+            return cuda_fp8.silu_mul_linear(self, gate_up, weight)
         if isinstance(weight, QuantizedWeight):
             return self._quantized_linear(self.silu_and_mul(gate_up), weight)
         self._check(gate_up, "gate_up", 2)
@@ -505,6 +527,13 @@ class CudaOps:
 # Logits arrive in fp32 or the compute dtype (bf16 stored as uint16).
 _LOGIT_CTYPES = {np.dtype(np.float32): "float", np.dtype(np.float16): "__half",
                  np.dtype(np.uint16): "__nv_bfloat16"}
+
+
+def _upload_quantized(w: QuantizedWeight) -> QuantizedWeight:
+    """A host QuantizedWeight with its arrays (codes or blocks, and scales) on the device."""
+    def up(a):
+        return None if a is None else cupy.asarray(np.ascontiguousarray(a))
+    return QuantizedWeight(w.kind, w.shape, up(w.data), up(w.scale))
 
 
 def _first_name(file: str, ctype: str) -> str:

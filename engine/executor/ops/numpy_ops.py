@@ -12,7 +12,10 @@ import numpy as np
 
 from engine.executor.ops import AttentionMetadata, SamplerOutput, SamplingTensors
 from engine.executor.ops.numpy_sampling import TokenCounts, sample
-from engine.model import gguf_quants  # noqa: F401  (registers the GGUF formats' dequantization)
+from engine.model import (
+    fp8,
+    gguf_quants,  # noqa: F401  (registers the GGUF formats' dequantization)
+)
 from engine.model.quantized import QuantizedWeight, dequantize
 
 
@@ -34,13 +37,20 @@ class NumpyOps:
         """The reference runs every shape the model code knows."""
 
     def from_host(self, array: np.ndarray) -> np.ndarray:
-        """A weight or buffer on this backend (fp32 for floats, int32 kept)."""
+        """A weight or buffer on this backend (fp32 for floats, int32 kept; a QuantizedWeight
+        as it is)."""
+        if isinstance(array, QuantizedWeight):
+            return array
         if array.dtype.kind == "f":
             return np.ascontiguousarray(array, dtype=np.float32)
         return np.ascontiguousarray(array)
 
     def to_host(self, array) -> np.ndarray:
         return np.asarray(array)
+
+    def quantize_fp8(self, weight: np.ndarray) -> QuantizedWeight:
+        """(out, in) weight -> E4M3 codes with per-output-channel scales (engine/model/fp8.py)."""
+        return fp8.quantize_weight(weight)
 
     def random_weight(self, shape: tuple, std: float, rng: np.random.Generator) -> np.ndarray:
         return (rng.standard_normal(shape, dtype=np.float32) * std).astype(np.float32)
@@ -91,6 +101,8 @@ class NumpyOps:
 
     def linear(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None):
         # x (T, in), weight (out, in) as stored by HF, bias (out,) -> (T, out)
+        if isinstance(weight, QuantizedWeight) and weight.kind == "fp8":
+            return _fp8_linear(x, weight, bias)
         if isinstance(weight, QuantizedWeight):
             weight = self._quantized_matrix(weight)
         y = x @ weight.T
@@ -283,6 +295,12 @@ def resolve_placeholders(ids: np.ndarray, sampled: np.ndarray) -> None:
     if held.any():
         column = sampled if sampled.ndim == 1 else sampled[:, 0]
         ids[held] = column[-2 - ids[held]]
+
+
+def _fp8_linear(x: np.ndarray, weight: QuantizedWeight, bias: np.ndarray | None):
+    """W8A8 with per-token activation scales: the definition cuda/fp8.cu is held to."""
+    y = fp8.fp8_linear(x, weight)
+    return y if bias is None else y + bias
 
 
 def _split_heads(qkv: np.ndarray, num_heads: int, num_kv_heads: int, head_dim: int):

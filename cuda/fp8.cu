@@ -1,0 +1,232 @@
+// FP8 (E4M3) W8A8: per-row quantization of activations and weights (fused with the RMSNorm or the
+// SiLU-mul that precedes a matrix product), the small-batch FP8 GEMV, and the epilogue that scales
+// cuBLASLt's fp32 product. engine/model/fp8.py is the numpy twin that defines every value here:
+//   quantize:  s = absmax(row) / 448 (1 for an all-zero row), q = e4m3_rn_satfinite(x / s)
+//   product:   y[m, n] = (sum_k dec(qx[m, k]) * dec(qw[n, k])) * sx[m] * sw[n]
+// NOTE: x / s and absmax / 448 are IEEE divisions (NVRTC's default -prec-div=true), so the codes
+// and scales are bit-identical to numpy's. Products of two E4M3 values are exact in fp32; only the
+// order of the fp32 sums differs from the twin.
+#include "fp8.cuh"
+
+// ------------------------------------------------------------------------------ quantization
+// One block per row; a thread takes 8-element words w = t, t + blockDim, ... Pass 1 finds the
+// row's absmax, pass 2 encodes: the row is read (or recomputed) twice, from L1/L2 the second time.
+
+// x (a row per token, or a weight's row per output channel) -> codes and the row's scale.
+// Grid: (rows)  Block: (64..1024, a multiple of 32)
+template <typename T>
+__global__ void fp8_quantize_kernel(unsigned char* __restrict__ q,  // [rows, K]
+                                    float* __restrict__ scale,      // [rows]
+                                    const T* __restrict__ x,        // [rows, K]
+                                    int K) {
+  __shared__ float red[32];
+  const T* row = x + (long)blockIdx.x * K;
+  float f[8], amax = 0.f;
+  for (int w = threadIdx.x; w < K / 8; w += blockDim.x) {
+    load8(row + 8 * w, f);
+    round8<T>(f, amax);
+  }
+  const float s = row_scale(block_max(amax, red));
+  for (int w = threadIdx.x; w < K / 8; w += blockDim.x) {
+    load8(row + 8 * w, f);
+    encode8(q + (long)blockIdx.x * K + 8 * w, f, s);
+  }
+  if (threadIdx.x == 0) scale[blockIdx.x] = s;
+}
+
+// silu(gate) * up, rounded to T as silu_and_mul_kernel rounds it, then quantized: the down
+// projection's input never goes through memory in 16 bits.
+// Grid: (rows)  Block: (64..1024, a multiple of 32)
+template <typename T>
+__global__ void fp8_silu_quantize_kernel(unsigned char* __restrict__ q,      // [rows, K]
+                                         float* __restrict__ scale,          // [rows]
+                                         const T* __restrict__ gate_up,      // [rows, 2K]
+                                         int K) {
+  __shared__ float red[32];
+  const T* g = gate_up + (long)blockIdx.x * 2 * K;
+  auto act = [&](int w, float* f) {
+    float u[8];
+    load8(g + 8 * w, f);
+    load8(g + K + 8 * w, u);
+#pragma unroll
+    for (int e = 0; e < 8; e++) f[e] = f[e] / (1.f + expf(-f[e])) * u[e];
+  };
+  float f[8], amax = 0.f;
+  for (int w = threadIdx.x; w < K / 8; w += blockDim.x) {
+    act(w, f);
+    round8<T>(f, amax);
+  }
+  const float s = row_scale(block_max(amax, red));
+  for (int w = threadIdx.x; w < K / 8; w += blockDim.x) {
+    act(w, f);
+    float dummy = 0.f;
+    round8<T>(f, dummy);
+    encode8(q + (long)blockIdx.x * K + 8 * w, f, s);
+  }
+  if (threadIdx.x == 0) scale[blockIdx.x] = s;
+}
+
+// The residual add + RMSNorm of rms_norm_kernel (mode 1: residual = x; mode 2: residual += x,
+// rounded to T), h = norm(residual) * weight rounded to T, then h quantized. h_out (null in the
+// engine) stores h, so that tests hold the codes to the twin's quantization of h bit for bit.
+// NOTE: the sum of squares runs in a different order than rms_norm_kernel's, so h may differ from
+// that kernel's output in the last bit.
+// Grid: (rows)  Block: (64..1024, a multiple of 32)
+template <typename T>
+__global__ void fp8_norm_quantize_kernel(unsigned char* __restrict__ q,   // [rows, K]
+                                         float* __restrict__ scale,       // [rows]
+                                         T* __restrict__ residual,        // [rows, K]
+                                         T* __restrict__ h_out,           // [rows, K] or null
+                                         const T* __restrict__ x,         // [rows, K]
+                                         const T* __restrict__ weight,    // [K]
+                                         float eps, int K, int mode) {
+  __shared__ float red[32];
+  const long base = (long)blockIdx.x * K;
+  float f[8], r[8], ss = 0.f;
+  for (int w = threadIdx.x; w < K / 8; w += blockDim.x) {
+    load8(x + base + 8 * w, f);
+    if (mode == 2) {
+      load8(residual + base + 8 * w, r);
+#pragma unroll
+      for (int e = 0; e < 8; e++) f[e] += r[e];
+    }
+    store8(residual + base + 8 * w, f);
+#pragma unroll
+    for (int e = 0; e < 8; e++) {
+      const float v = to_float(from_float<T>(f[e]));
+      ss += v * v;
+    }
+  }
+  const float inv = rsqrtf(block_sum(ss, red) / K + eps);
+  // A thread re-reads only the residual words it wrote itself: no barrier needed.
+  auto h = [&](int w, float* out) {
+    load8(residual + base + 8 * w, out);
+    load8(weight + 8 * w, r);
+#pragma unroll
+    for (int e = 0; e < 8; e++) out[e] = out[e] * inv * r[e];
+  };
+  float amax = 0.f;
+  for (int w = threadIdx.x; w < K / 8; w += blockDim.x) {
+    h(w, f);
+    round8<T>(f, amax);
+  }
+  const float s = row_scale(block_max(amax, red));
+  for (int w = threadIdx.x; w < K / 8; w += blockDim.x) {
+    h(w, f);
+    float dummy = 0.f;
+    round8<T>(f, dummy);
+    encode8(q + base + 8 * w, f, s);
+    if (h_out != nullptr) store8(h_out + base + 8 * w, f);
+  }
+  if (threadIdx.x == 0) scale[blockIdx.x] = s;
+}
+
+// ------------------------------------------------------------------------------ products
+
+constexpr int F8_R = 4;  // weight rows per GEMV block (8 measured slower on the H200)
+constexpr int F8_U = 2;  // 16-byte weight words per row in flight per thread
+constexpr int F8_MAX_WARPS = 8;
+
+// y (M, N) = (qx (M, K) . qw (N, K)^T) * sx * sw for decode batches (M <= 8): a pure read of the
+// weights, half the bytes of bf16. Block b computes outputs R*b .. R*b + R-1 for all M rows; its
+// threads split K in 16-byte words (16 codes), U words per row in flight; partial sums meet
+// through shuffles and shared memory. K is a multiple of 16, qx and qw 16-byte aligned.
+// Grid: (ceil(N / F8_R))  Block: (64..256, a multiple of 32)
+template <typename T, int M>
+__global__ void __launch_bounds__(256) fp8_gemv_kernel(T* __restrict__ y,              // [M, N]
+                                                       const unsigned char* __restrict__ qx,  // [M, K]
+                                                       const float* __restrict__ sx,    // [M]
+                                                       const unsigned char* __restrict__ qw,  // [N, K]
+                                                       const float* __restrict__ sw,    // [N]
+                                                       int N, int K) {
+  __shared__ float red[F8_MAX_WARPS][M * F8_R];
+  const int n0 = blockIdx.x * F8_R, words = K / 16;
+  float acc[M][F8_R];
+#pragma unroll
+  for (int m = 0; m < M; m++)
+#pragma unroll
+    for (int r = 0; r < F8_R; r++) acc[m][r] = 0.f;
+  const uint4* wrow[F8_R];
+#pragma unroll
+  for (int r = 0; r < F8_R; r++)
+    wrow[r] = reinterpret_cast<const uint4*>(qw + (long)min(n0 + r, N - 1) * K);
+  const uint4* xw = reinterpret_cast<const uint4*>(qx);
+
+  for (int base = threadIdx.x; base < words; base += F8_U * blockDim.x) {
+    uint4 wr[F8_U][F8_R];
+#pragma unroll
+    for (int u = 0; u < F8_U; u++) {
+      const int v = base + u * blockDim.x;
+#pragma unroll
+      for (int r = 0; r < F8_R; r++)
+        wr[u][r] = v < words ? __ldcs(wrow[r] + v) : make_uint4(0u, 0u, 0u, 0u);  // read once
+    }
+#pragma unroll
+    for (int u = 0; u < F8_U; u++) {
+      const int v = base + u * blockDim.x;
+      if (v >= words) continue;
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+        float wf[F8_R][8];
+#pragma unroll
+        for (int r = 0; r < F8_R; r++) fp8x8_to_float(wr[u][r], h, wf[r]);
+#pragma unroll
+        for (int m = 0; m < M; m++) {
+          float xf[8];
+          fp8x8_to_float(__ldg(xw + (long)m * words + v), h, xf);
+#pragma unroll
+          for (int r = 0; r < F8_R; r++)
+#pragma unroll
+            for (int e = 0; e < 8; e++) acc[m][r] += xf[e] * wf[r][e];
+        }
+      }
+    }
+  }
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int m = 0; m < M; m++)
+#pragma unroll
+    for (int r = 0; r < F8_R; r++) {
+      const float s = warp_sum(acc[m][r]);
+      if (lane == 0) red[warp][m * F8_R + r] = s;
+    }
+  __syncthreads();
+  const int num_warps = blockDim.x >> 5;
+  for (int i = threadIdx.x; i < M * F8_R; i += blockDim.x) {
+    const int m = i / F8_R, r = i % F8_R;
+    if (n0 + r >= N) continue;
+    float s = 0.f;
+    for (int k = 0; k < num_warps; k++) s += red[k][i];
+    y[(long)m * N + n0 + r] = from_float<T>(s * sx[m] * sw[n0 + r]);
+  }
+}
+
+// The epilogue of a cuBLASLt FP8 product run without per-channel scales (fp32 out, scales 1):
+// y = acc * sx[m] * sw[n], rounded to T.
+// Grid: (ceil(M * N / 256))  Block: (256)
+template <typename T>
+__global__ void fp8_scale_kernel(T* __restrict__ y,              // [M, N]
+                                 const float* __restrict__ acc,  // [M, N]
+                                 const float* __restrict__ sx,   // [M]
+                                 const float* __restrict__ sw,   // [N]
+                                 long total, int N) {
+  const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
+  if (i < total) y[i] = from_float<T>(acc[i] * sx[i / N] * sw[i % N]);
+}
+
+#ifdef PAGEDSERVE_NVCC_CHECK
+template __global__ void fp8_quantize_kernel<__nv_bfloat16>(unsigned char*, float*,
+                                                            const __nv_bfloat16*, int);
+template __global__ void fp8_silu_quantize_kernel<__half>(unsigned char*, float*, const __half*, int);
+template __global__ void fp8_norm_quantize_kernel<__nv_bfloat16>(
+    unsigned char*, float*, __nv_bfloat16*, __nv_bfloat16*, const __nv_bfloat16*,
+    const __nv_bfloat16*, float, int, int);
+template __global__ void fp8_gemv_kernel<__nv_bfloat16, 1>(__nv_bfloat16*, const unsigned char*,
+                                                           const float*, const unsigned char*,
+                                                           const float*, int, int);
+template __global__ void fp8_gemv_kernel<__half, 8>(__half*, const unsigned char*, const float*,
+                                                    const unsigned char*, const float*, int, int);
+template __global__ void fp8_scale_kernel<__nv_bfloat16>(__nv_bfloat16*, const float*,
+                                                         const float*, const float*, long, int);
+#endif

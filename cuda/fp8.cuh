@@ -1,0 +1,96 @@
+// FP8 (E4M3) helpers shared by fp8.cu and fp8_fused.cu: conversions (the twin is
+// engine/model/fp8.py) and 8-element row words.
+#pragma once
+#include "common.cuh"
+
+constexpr float E4M3_MAX = 448.f;
+
+// E4M3 encoding: round to nearest even, +-inf and beyond +-448 saturate to +-448, NaN -> 0x7F.
+// sm_89+ converts in hardware; older GPUs run the twin's integer algorithm. (No cuda_fp8.h: not
+// every NVRTC ships it.)
+__device__ __forceinline__ unsigned char encode_e4m3(float v) {
+#if __CUDA_ARCH__ >= 890
+  unsigned short pair;  // {cvt(a) high byte, cvt(b) low byte}
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(pair) : "f"(0.f), "f"(v));
+  return (unsigned char)(pair & 0xFFu);
+#else
+  const unsigned bits = __float_as_uint(v), mag = bits & 0x7FFFFFFFu;
+  if (mag > 0x7F800000u) return 0x7F;
+  const int code = mag < 0x3C800000u  // below 2^-6: subnormal steps of 2^-9
+                       ? (int)rintf(fabsf(v) * 512.f)
+                       : (int)((mag + 0x7FFFFu + ((mag >> 20) & 1u)) >> 20) - (120 << 3);
+  return (unsigned char)(min(code, 0x7E) | ((bits >> 24) & 0x80u));
+#endif
+}
+
+__device__ __forceinline__ float decode_e4m3(unsigned c) {
+  const unsigned e = (c >> 3) & 15u, m = c & 7u;
+  const float v = e == 0 ? m * (1.f / 512.f) : __uint_as_float(((e + 120u) << 23) | (m << 20));
+  return (c & 0x80u) ? -v : v;
+}
+
+// Two E4M3 codes (low byte first) -> two floats, exactly (every E4M3 value is exact in fp16).
+__device__ __forceinline__ float2 decode_e4m3x2(unsigned short pair) {
+#if __CUDA_ARCH__ >= 890
+  unsigned h2;
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(h2) : "h"(pair));
+  return __half22float2(*reinterpret_cast<const __half2*>(&h2));
+#else
+  return make_float2(decode_e4m3(pair & 0xFFu), decode_e4m3(pair >> 8));
+#endif
+}
+
+__device__ __forceinline__ float row_scale(float absmax) {
+  const float s = absmax / E4M3_MAX;
+  return s == 0.f ? 1.f : s;
+}
+
+// ------------------------------------------------------------------------------ row words
+// Rows are read as 16-byte words of 8 elements (K % 16 == 0, rows 16-byte aligned).
+
+template <typename T>
+__device__ __forceinline__ void load8(const T* p, float* f) {
+  const uint4 w = *reinterpret_cast<const uint4*>(p);
+  const T* h = reinterpret_cast<const T*>(&w);
+#pragma unroll
+  for (int e = 0; e < 8; e++) f[e] = to_float(h[e]);
+}
+
+template <typename T>
+__device__ __forceinline__ void store8(T* p, const float* f) {
+  uint4 w;
+  T* h = reinterpret_cast<T*>(&w);
+#pragma unroll
+  for (int e = 0; e < 8; e++) h[e] = from_float<T>(f[e]);
+  *reinterpret_cast<uint4*>(p) = w;
+}
+
+// Round the 8 values to T (what an unfused kernel would store) and fold their |max| into amax.
+template <typename T>
+__device__ __forceinline__ void round8(float* f, float& amax) {
+#pragma unroll
+  for (int e = 0; e < 8; e++) {
+    f[e] = to_float(from_float<T>(f[e]));
+    amax = fmaxf(amax, fabsf(f[e]));
+  }
+}
+
+__device__ __forceinline__ void encode8(unsigned char* q, const float* f, float s) {
+  uint2 w;
+  unsigned char* b = reinterpret_cast<unsigned char*>(&w);
+#pragma unroll
+  for (int e = 0; e < 8; e++) b[e] = encode_e4m3(f[e] / s);
+  *reinterpret_cast<uint2*>(q) = w;
+}
+
+// 8 E4M3 codes (half of a 16-byte word: h = 0 low, 1 high) -> floats.
+__device__ __forceinline__ void fp8x8_to_float(const uint4& w, int h, float* f) {
+  const unsigned short* p = reinterpret_cast<const unsigned short*>(&w) + 4 * h;
+#pragma unroll
+  for (int e = 0; e < 4; e++) {
+    const float2 v = decode_e4m3x2(p[e]);
+    f[2 * e] = v.x;
+    f[2 * e + 1] = v.y;
+  }
+}
+

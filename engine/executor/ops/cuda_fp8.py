@@ -1,0 +1,245 @@
+"""FP8 (E4M3) W8A8 on the cuda backend: cuda/fp8.cu, fp8_fused.cu and cuBLASLt behind the three
+ops that take a weight (linear, add_rms_norm_linear, silu_mul_linear). engine/model/fp8.py is the
+numpy twin.
+
+Each matrix product is two launches (one where cuda/fp8_fused.cu pays at batch 1: the caps
+below): one kernel quantizes the activations per token, fused with the residual add + RMSNorm or
+the SiLU-mul that produces them (so the bf16 activation never goes through memory), then the
+product runs as
+- the FP8 GEMV at decode batches (M <= FP8_GEMV_MAX_M): one read of the weights, half the bytes
+  of bf16;
+- cuBLASLt's FP8 GEMM above that (cuda_blaslt.py), or the GEMV 8 rows at a time for a shape
+  cuBLASLt has no plan for.
+"""
+
+from __future__ import annotations
+
+import weakref
+
+import cupy
+import numpy as np
+
+from engine.executor.ops.cuda_blas import Gemm
+from engine.executor.ops.cuda_blaslt import Fp8Gemm
+from engine.executor.ops.cuda_kernels import kernel
+from engine.model.quantized import QuantizedWeight
+
+# Rows up to which the GEMV runs instead of cuBLASLt (compiled for 1..8; 0: always cuBLASLt).
+# H200, Llama-3-8B shapes (kernel_check --only fp8): the GEMV wins at M <= 4 (qkv, o, down) and
+# M <= 2 for gate_up (28672 outputs), cuBLASLt above (14-48 us at M = 8).
+FP8_GEMV_MAX_M = 4
+FP8_GEMV_MAX_M_TALL = 2  # ... for weights of >= 16384 outputs
+GEMV_ROWS_PER_BLOCK = 4  # fp8.cu's F8_R
+# Batch 1: the activation's quantization fused into the GEMV (cuda/fp8_fused.cu) for weights of
+# up to this many outputs (0 turns it off): every one of the N / 8 blocks recomputes the quantized
+# row from L2. On the H200 (kernel_check --only fp8) that pays for the plain quantization of the
+# o projection's input (1.14x), not for the add + RMSNorm (qkv 0.94x, gate_up 0.73x) nor for the
+# SiLU-mul over 14336 inputs (down 0.71x): those two stay separate launches unless given a cap.
+FP8_FUSED_MAX_N = 8192
+FP8_FUSED_NORM_MAX_N = 0
+FP8_FUSED_SILU_MAX_N = 0
+FUSED_ROWS_PER_BLOCK = 8
+FUSED_SMEM_BYTES = 46 << 10  # the row in T plus its codes, under the 48 KB a block gets by default
+_NULL = np.uint64(0)
+_LT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Gemm -> its Fp8Gemm
+
+
+def fp8_gemm(gemm: Gemm) -> Fp8Gemm:
+    """The cuBLASLt FP8 GEMM sharing `gemm`'s handle and workspace (made at first use)."""
+    if gemm not in _LT:
+        _LT[gemm] = Fp8Gemm(gemm)
+    return _LT[gemm]
+
+
+def _i32(v) -> np.int32:
+    return np.int32(v)
+
+
+def check_weight(w: QuantizedWeight, in_features: int | None = None) -> None:
+    data, scale = w.data, w.scale
+    if not isinstance(data, cupy.ndarray) or data.dtype != np.uint8 or data.ndim != 2:
+        raise TypeError("fp8 weight: expected a 2-D uint8 cupy array of E4M3 codes")
+    if not (data.flags.c_contiguous and isinstance(scale, cupy.ndarray)
+            and scale.dtype == np.float32 and scale.shape == (data.shape[0],)
+            and scale.flags.c_contiguous):
+        raise ValueError(f"fp8 weight: codes {data.shape} must be C-contiguous with one float32 "
+                         "scale per row")
+    if in_features is not None and data.shape[1] != in_features:
+        raise ValueError(f"fp8 linear: x has {in_features} features, weight expects "
+                         f"{data.shape[1]}")
+
+
+def _check_k(k: int, *arrays) -> None:
+    """The kernels load 16-byte words: K a multiple of 16, every array 16-byte aligned."""
+    if k % 16:
+        raise ValueError(f"fp8 on the cuda backend needs in_features divisible by 16 (16-byte "
+                         f"loads of E4M3 codes), got {k}")
+    if any(a is not None and a.data.ptr % 16 for a in arrays):
+        raise ValueError("fp8: activations and weights must be 16-byte aligned")
+
+
+# ----------------------------------------------------------------------------- quantization
+
+
+def _threads(k: int) -> int:
+    """Threads of a row-quantizing block: about one 8-element word each, so that a decode row
+    (one block on one SM) is a couple of loads per thread, not dozens."""
+    return min(1024, max(64, -(-k // 256) * 32))
+
+
+def quantize_rows(x: cupy.ndarray, ctype: str) -> tuple[cupy.ndarray, cupy.ndarray]:
+    """x (rows, K) -> (codes (rows, K) uint8, scales (rows,) float32); fp8.quantize_rows' twin."""
+    rows, k = x.shape
+    _check_k(k, x)
+    q, s = cupy.empty((rows, k), cupy.uint8), cupy.empty(rows, cupy.float32)
+    if rows:
+        kernel("fp8.cu", f"fp8_quantize_kernel<{ctype}>", ctype)(
+            (rows,), (_threads(k),), (q, s, x, _i32(k)))
+    return q, s
+
+
+def quantize_weight(w: cupy.ndarray, ctype: str) -> QuantizedWeight:
+    """(out, in) -> an "fp8" QuantizedWeight on the device, per-output-channel scales."""
+    q, s = quantize_rows(w, ctype)
+    return QuantizedWeight("fp8", tuple(w.shape), q, s)
+
+
+def norm_quantize(x, residual, norm_w, eps: float, ctype: str, h_out=None):
+    """(codes, scales, residual): residual += x (residual None: starts as x), then
+    quantize_rows(h), h = rms_norm(residual) * norm_w rounded to the compute dtype; h_out (tests)
+    receives h."""
+    rows, k = x.shape
+    _check_k(k, x, residual, norm_w, h_out)
+    mode = 1 if residual is None else 2
+    residual = cupy.empty_like(x) if residual is None else residual
+    q, s = cupy.empty((rows, k), cupy.uint8), cupy.empty(rows, cupy.float32)
+    if rows:
+        kernel("fp8.cu", f"fp8_norm_quantize_kernel<{ctype}>", ctype)(
+            (rows,), (_threads(k),),
+            (q, s, residual, np.uint64(0) if h_out is None else h_out, x, norm_w,
+             np.float32(eps), _i32(k), _i32(mode)))
+    return q, s, residual
+
+
+def silu_quantize(gate_up: cupy.ndarray, ctype: str):
+    """quantize_rows(silu(gate) * up rounded to the compute dtype); gate_up (rows, 2K)."""
+    rows, k = gate_up.shape[0], gate_up.shape[1] // 2
+    _check_k(k, gate_up)
+    q, s = cupy.empty((rows, k), cupy.uint8), cupy.empty(rows, cupy.float32)
+    if rows:
+        kernel("fp8.cu", f"fp8_silu_quantize_kernel<{ctype}>", ctype)(
+            (rows,), (_threads(k),), (q, s, gate_up, _i32(k)))
+    return q, s
+
+
+# ----------------------------------------------------------------------------- products
+
+
+def gemv_wins(m: int, n: int) -> bool:
+    """Whether the GEMV beats cuBLASLt for M rows of an N-output weight (caps above)."""
+    return m <= (FP8_GEMV_MAX_M if n < 16384 else min(FP8_GEMV_MAX_M, FP8_GEMV_MAX_M_TALL))
+
+
+def gemv(q, s, w: QuantizedWeight, out, ctype: str):
+    """out (M, N) = (q . w^T) * s * w.scale for M <= 8 rows: one launch."""
+    m = q.shape[0]
+    n, k = w.data.shape
+    words = k // 16
+    threads = min(256, max(64, -(-words // 64) * 32))  # about 2 words per thread per row
+    kernel("fp8.cu", f"fp8_gemv_kernel<{ctype}, {m}>", ctype)(
+        (-(-n // GEMV_ROWS_PER_BLOCK),), (threads,), (out, q, s, w.data, w.scale, _i32(n), _i32(k)))
+    return out
+
+
+def matmul(ops, q, s, w: QuantizedWeight, use_gemv: bool | None = None):
+    """(M, N) in the compute dtype = (q . w^T) * s[m] * w.scale[n]: GEMV or cuBLASLt by M."""
+    m = q.shape[0]
+    n = w.data.shape[0]
+    out = cupy.empty((m, n), ops.storage)
+    if m == 0:
+        return out
+    if use_gemv is None:
+        use_gemv = gemv_wins(m, n)
+    if use_gemv and m <= 8:
+        return gemv(q, s, w, out, ops.ctype)
+
+    def scale(acc, y):
+        kernel("fp8.cu", f"fp8_scale_kernel<{ops.ctype}>", ops.ctype)(
+            (-(-y.size // 256),), (256,), (y, acc, s, w.scale, np.int64(y.size), _i32(n)))
+
+    if fp8_gemm(ops._gemm)(q, s, w.data, w.scale, out, ops.dtype, scale) is None:
+        # NOTE: no cuBLASLt plan for this shape: correct but slow, every 8 rows re-read w.
+        for r in range(0, m, 8):
+            gemv(q[r:r + 8], s[r:r + 8], w, out[r:r + 8], ops.ctype)
+    return out
+
+
+def use_fused(m: int, w: QuantizedWeight, itemsize: int, max_n: int) -> bool:
+    n, k = w.data.shape
+    return m == 1 and n <= max_n and k * (itemsize + 1) <= FUSED_SMEM_BYTES
+
+
+def fused_gemv(prologue: int, x, w: QuantizedWeight, ctype: str, residual=None, norm_w=None,
+               eps: float = 0.0):
+    """(y (1, N), res_out (1, K) or None) for one row, quantization and product in one launch.
+    prologue 0: y = linear(x); 1: x is gate_up, y = silu_mul_linear(x); 2: res_out = x +
+    residual (x if None), y = linear(rms_norm(res_out) * norm_w)."""
+    n, k = w.data.shape
+    _check_k(k, x, residual, norm_w)
+    y = cupy.empty((1, n), x.dtype)
+    res_out = cupy.empty((1, k), x.dtype) if prologue == 2 else None
+    kernel("fp8_fused.cu", f"fp8_fused_gemv_kernel<{ctype}, {prologue}, {FUSED_ROWS_PER_BLOCK}>",
+           ctype)(
+        (-(-n // FUSED_ROWS_PER_BLOCK),), (256 if k >= 8192 else 128,),
+        (y, _NULL if res_out is None else res_out, x, _NULL if residual is None else residual,
+         _NULL if norm_w is None else norm_w, w.data, w.scale, _i32(n), _i32(k),
+         np.float32(eps)), shared_mem=k * (x.itemsize + 1))
+    return y, res_out
+
+
+# ----------------------------------------------------------------------------- the ops
+
+
+def linear(ops, x, weight: QuantizedWeight, bias=None):
+    """ops.linear for an fp8 weight: x (T, in) -> (T, out)."""
+    ops._check(x, "x", 2)
+    check_weight(weight, x.shape[1])
+    if use_fused(x.shape[0], weight, x.itemsize, FP8_FUSED_MAX_N):
+        out = fused_gemv(0, x, weight, ops.ctype)[0]
+    else:
+        q, s = quantize_rows(x, ops.ctype)
+        out = matmul(ops, q, s, weight)
+    if bias is not None and out.size:
+        ops._check(bias, "bias", 1)
+        kernel("activation.cu", f"add_bias_kernel<{ops.ctype}>", ops.ctype)(
+            (-(-out.size // 256),), (256,), (out, bias, np.int64(out.size), _i32(out.shape[1])))
+    return out
+
+
+def add_rms_norm_linear(ops, x, residual, norm_weight, eps, weight: QuantizedWeight):
+    """ops.add_rms_norm_linear for an fp8 weight: (y, residual), the norm fused into the
+    activation quantization (the residual updated in place, or a new one at batch 1)."""
+    ops._check(x, "x", 2)
+    ops._check(norm_weight, "norm_weight", 1)
+    if residual is not None and ops._check(residual, "residual", 2).shape != x.shape:
+        raise ValueError(f"residual shape {residual.shape} != x shape {x.shape}")
+    if norm_weight.shape[0] != x.shape[1]:
+        raise ValueError(f"add_rms_norm_linear: x has {x.shape[1]} features, norm weight "
+                         f"{norm_weight.shape[0]}")
+    check_weight(weight, x.shape[1])
+    if use_fused(x.shape[0], weight, x.itemsize, FP8_FUSED_NORM_MAX_N):
+        return fused_gemv(2, x, weight, ops.ctype, residual, norm_weight, eps)
+    q, s, residual = norm_quantize(x, residual, norm_weight, eps, ops.ctype)
+    return matmul(ops, q, s, weight), residual
+
+
+def silu_mul_linear(ops, gate_up, weight: QuantizedWeight):
+    """ops.silu_mul_linear for an fp8 weight, the SiLU-mul fused into the quantization."""
+    ops._check(gate_up, "gate_up", 2)
+    if gate_up.shape[1] % 2:
+        raise ValueError(f"silu_mul_linear: gate_up width {gate_up.shape[1]} is odd")
+    check_weight(weight, gate_up.shape[1] // 2)
+    if use_fused(gate_up.shape[0], weight, gate_up.itemsize, FP8_FUSED_SILU_MAX_N):
+        return fused_gemv(1, gate_up, weight, ops.ctype)[0]
+    q, s = silu_quantize(gate_up, ops.ctype)
+    return matmul(ops, q, s, weight)

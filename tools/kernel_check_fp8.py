@@ -1,0 +1,185 @@
+"""kernel_check.py's `fp8` section (--only fp8): FP8 W8A8 kernels against engine/model/fp8.py and
+timed at Llama-3-8B shapes against bf16.
+
+- quantization kernels (plain, fused with add + RMSNorm, fused with SiLU-mul): codes and scales
+  bit-exact vs the twin (mismatch counts), time per call;
+- FP8 GEMV (M = 1..8) vs FP8 cuBLASLt vs bf16 GEMV / cuBLAS at the same M (GB/s of weights);
+- FP8 cuBLASLt GEMM at M = 256 and 2048 vs bf16 cuBLAS (TFLOP/s), with the scale mode cuBLASLt
+  took ("outer": scales in its epilogue; "fp32+scale": fp32 out + fp8_scale_kernel);
+- a batch-1 decode step of Llama-3-8B shapes (CUDA graph), FP8 vs bf16 weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import statistics
+import time
+
+import cupy
+import numpy as np
+
+from engine.executor.ops import cuda_fp8, cuda_gemv
+from engine.model import fp8
+
+SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
+          "down": (4096, 14336)}
+
+
+def check_fp8(ops, kc):
+    """kc: the kernel_check module (its row, graph_time, rel, OPTS and L2 size)."""
+    rng = np.random.default_rng(11)
+    check_quantize(ops, kc, rng)
+    for name, (n, k) in SHAPES.items():
+        check_products(ops, kc, rng, name, n, k)
+    decode_step(ops, kc)
+
+
+def _mismatches(q, s, x_host) -> str:
+    want_q, want_s = fp8.quantize_rows(x_host)
+    bad = int((cupy.asnumpy(q) != want_q).sum()) + int((cupy.asnumpy(s) != want_s).sum())
+    return "bit-exact" if bad == 0 else f"{bad} MISMATCHES"
+
+
+def check_quantize(ops, kc, rng):
+    for rows, k in ((1, 4096), (8, 14336), (2048, 4096)):
+        x = ops.from_host(rng.standard_normal((rows, k)).astype(np.float32))
+        x_h = ops.to_host(x)
+        q, s = cuda_fp8.quantize_rows(x, ops.ctype)
+        t = kc.graph_time(lambda x=x: cuda_fp8.quantize_rows(x, ops.ctype))
+        kc.row("fp8", f"quantize rows {rows}x{k}", _mismatches(q, s, x_h), t, rows * k * 3)
+        nw = ops.from_host(rng.standard_normal(k).astype(np.float32) + 1)
+        res = ops.from_host(rng.standard_normal((rows, k)).astype(np.float32))
+        h_ref, _ = ops.add_rms_norm(x, res.copy(), nw, 1e-5)
+        h = cupy.empty_like(x)  # the kernel's normalized row: its codes are the twin's of it
+        q, s, _ = cuda_fp8.norm_quantize(x, res.copy(), nw, 1e-5, ops.ctype, h_out=h)
+        t = kc.graph_time(lambda x=x, res=res, nw=nw: cuda_fp8.norm_quantize(
+            x, res, nw, 1e-5, ops.ctype))
+        off = int((ops.to_host(h) != ops.to_host(h_ref)).sum())
+        kc.row("fp8", f"add+RMSNorm+quantize {rows}x{k}", _mismatches(q, s, ops.to_host(h)), t,
+               rows * k * 7, extra=f"h != rms_norm_kernel's in {off} of {rows * k} (sum order)")
+        gu = ops.from_host(rng.standard_normal((rows, 2 * k)).astype(np.float32))
+        q, s = cuda_fp8.silu_quantize(gu, ops.ctype)
+        t = kc.graph_time(lambda gu=gu: cuda_fp8.silu_quantize(gu, ops.ctype))
+        kc.row("fp8", f"SiLU-mul+quantize {rows}x{k}", _mismatches(
+            q, s, ops.to_host(ops.silu_and_mul(gu))), t, rows * k * 5)
+
+
+def _twin_err(ops, kc, y, q, s, qw) -> str:
+    dx, dw = fp8.decode(cupy.asnumpy(q)), fp8.decode(cupy.asnumpy(qw.data))
+    want = (dx @ dw.T) * cupy.asnumpy(s)[:, None] * cupy.asnumpy(qw.scale)[None, :]
+    return f"{kc.rel(ops.to_host(y), want):.1e}"
+
+
+def check_products(ops, kc, rng, name, n, k):
+    small = kc.OPTS["small"]
+    copies = 1 if small else max(1, -(-3 * kc.L2_BYTES // (n * k)))  # > L2: weights read cold
+    ws = [ops.random_weight((n, k), k**-0.5, rng) for _ in range(copies)]
+    qws = [ops.quantize_fp8(w) for w in ws]
+    calls = max(20, copies)
+    lt = cuda_fp8.fp8_gemm(ops._gemm)
+
+    def cycled(fn):
+        it = iter(range(10**9))
+        return kc.graph_time(lambda: fn(next(it) % copies), calls)
+
+    for m in ((1, 8) if small else (1, 2, 4, 8)):
+        x = ops.from_host(rng.standard_normal((m, k)).astype(np.float32))
+        q, s = cuda_fp8.quantize_rows(x, ops.ctype)
+        y = cupy.empty((m, n), ops.storage)
+        err = _twin_err(ops, kc, cuda_fp8.gemv(q, s, qws[0], y, ops.ctype), q, s, qws[0])
+        t_gemv = cycled(lambda i, q=q, s=s, y=y: cuda_fp8.gemv(q, s, qws[i], y, ops.ctype))
+        t_lt = cycled(lambda i, q=q, s=s: cuda_fp8.matmul(ops, q, s, qws[i], use_gemv=False))
+        t_bf = cycled(lambda i, x=x: ops.linear(x, ws[i]))  # bf16 as the engine runs it
+        best = min(("FP8 GEMV", t_gemv), ("FP8 cuBLASLt", t_lt), ("bf16", t_bf),
+                   key=lambda p: p[1])[0]
+        kc.row("fp8", f"{name} {n}x{k} M={m} FP8 GEMV", err, t_gemv, n * k + m * k, 2 * m * n * k,
+               extra=f"FP8 cuBLASLt {t_lt * 1e6:.1f} us, bf16 {t_bf * 1e6:.1f} us "
+                     f"({t_bf / t_gemv:.2f}x) -> {best}")
+    check_fused(ops, kc, rng, name, qws, cycled)
+    for m in ((256,) if small else (256, 2048)):
+        x = ops.from_host(rng.standard_normal((m, k)).astype(np.float32))
+        q, s = cuda_fp8.quantize_rows(x, ops.ctype)
+        err = _twin_err(ops, kc, cuda_fp8.matmul(ops, q, s, qws[0], use_gemv=False), q, s, qws[0])
+        plan = lt.plans.get((m, n, k, ops.dtype))
+        mode = "no cuBLASLt plan: GEMV chunks" if plan is None else plan[0]
+        t_lt = cycled(lambda i, q=q, s=s: cuda_fp8.matmul(ops, q, s, qws[i], use_gemv=False))
+        t_q = kc.graph_time(lambda x=x: cuda_fp8.quantize_rows(x, ops.ctype))
+        out = cupy.empty((m, n), ops.storage)
+        t_bf = cycled(lambda i, x=x, out=out: ops._gemm(x, ws[i], out, ops.dtype))
+        kc.row("fp8", f"{name} {n}x{k} M={m} FP8 cuBLASLt ({mode})", err, t_lt,
+               n * k + m * k + m * n * 2, 2 * m * n * k,
+               extra=f"+ quantize {t_q * 1e6:.1f} us; bf16 cuBLAS {t_bf * 1e6:.1f} us "
+                     f"({t_bf / (t_lt + t_q):.2f}x incl. quant)")
+
+
+def check_fused(ops, kc, rng, name, qws, cycled):
+    """Batch 1: quantization fused into the GEMV (cuda/fp8_fused.cu) vs its two launches."""
+    n, k = qws[0].data.shape
+    prologue = {"o": 0, "down": 1}.get(name, 2)  # qkv and gate_up follow add + RMSNorm
+
+    def up(shape):
+        return ops.from_host(rng.standard_normal(shape).astype(np.float32))
+
+    x = up((1, 2 * k if prologue == 1 else k))
+    res, nw = up((1, k)), up((k,))
+    extra = (res, nw, 1e-5) if prologue == 2 else ()
+    y = cuda_fp8.fused_gemv(prologue, x, qws[0], ops.ctype, *extra)[0]
+    unfused = {0: lambda: cuda_fp8.quantize_rows(x, ops.ctype),
+               1: lambda: cuda_fp8.silu_quantize(x, ops.ctype),
+               2: lambda: cuda_fp8.norm_quantize(x, res, nw, 1e-5, ops.ctype)[:2]}[prologue]
+    q, s = unfused()
+    err = _twin_err(ops, kc, y, q, s, qws[0])
+    t_f = cycled(lambda i: cuda_fp8.fused_gemv(prologue, x, qws[i], ops.ctype, *extra))
+    t_u = cycled(lambda i: cuda_fp8.gemv(*unfused(), qws[i], cupy.empty((1, n), ops.storage),
+                                         ops.ctype))
+    kind = ("quantize", "SiLU-mul+quantize", "add+RMSNorm+quantize")[prologue]
+    kc.row("fp8", f"{name} {n}x{k} M=1 fused {kind} + GEMV", err, t_f, n * k, 2 * n * k,
+           extra=f"two launches {t_u * 1e6:.1f} us ({t_u / t_f:.2f}x) -> "
+                 f"{'fused' if t_f < t_u else 'unfused'}")
+
+
+def decode_step(ops, kc, preset: str = "llama3-8b", ctx: int = 512):
+    """Batch-1 decode, one CUDA graph per step, bf16 then FP8 weights (dummy, same draws)."""
+    from engine.executor.cuda_graph import DecodeGraphs
+    from engine.executor.ops import AttentionMetadata
+    from engine.executor.transformer import Transformer
+    from engine.logs import weights_nbytes
+    from engine.model.config import ModelConfig
+    from engine.model.loader import dummy_weights
+
+    config = ModelConfig.from_preset(preset)
+    if kc.OPTS["small"]:
+        config = dataclasses.replace(config, num_layers=2, vocab_size=4096)
+    bs, nb = 16, -(-(ctx + 1) // 16)
+    meta = AttentionMetadata(np.array([ctx], np.int32), np.arange(2, dtype=np.int32),
+                             np.array([ctx + 1], np.int32),
+                             np.arange(nb, dtype=np.int32).reshape(1, -1), 1, ctx + 1)
+    ids, pos = np.array([7], np.int32), np.array([ctx], np.int32)
+    kv = (ctx + 1) * config.num_layers * config.num_kv_heads * config.head_dim * 4
+    fused_cap = cuda_fp8.FP8_FUSED_MAX_N
+    for quant, fused in ((None, False), ("fp8", False), ("fp8", True)):
+        cuda_fp8.FP8_FUSED_MAX_N = fused_cap if fused else 0
+        if quant is None or not fused:
+            weights = dummy_weights(config, ops, seed=0, quantization=quant)
+        read = weights_nbytes(weights) - weights.embed.nbytes * (weights.embed is not
+                                                                 weights.lm_head)
+        model = Transformer(config, weights, ops, ctx + 16)
+        cache = ops.alloc_kv_cache(config.num_layers, nb, config.num_kv_heads, bs,
+                                   config.head_dim)
+        g = DecodeGraphs(model, cache, max_num_seqs=1, max_blocks_per_seq=nb,
+                         max_context_len=max(ctx + 1, 32768))
+        g.capture()
+        times = []
+        for _ in range(3 if kc.OPTS["small"] else 30):
+            t0 = time.perf_counter()
+            g.run(ids, pos, meta)
+            cupy.cuda.get_current_stream().synchronize()
+            times.append(time.perf_counter() - t0)
+        label = f"{quant or 'bf16'}{', o-proj quantize fused' if fused else ''}"
+        kc.row("fp8", f"decode {preset} B=1 ctx={ctx} graph, {label} "
+               f"({weights_nbytes(weights) / 1e6:.0f} MB weights)", "-",
+               statistics.median(times), read + kv,
+               extra=f"GEMV caps {cuda_gemv.GEMV_MAX_M}/{cuda_fp8.FP8_GEMV_MAX_M}")
+        del g, model, cache
+        cupy.get_default_memory_pool().free_all_blocks()
+    cuda_fp8.FP8_FUSED_MAX_N = fused_cap
