@@ -232,7 +232,7 @@ def test_dummy_weights_in_a_block_format(kind):
 
 
 def test_dummy_quantization_through_load_model_and_its_errors():
-    with pytest.raises(LoadError, match="quantization must be None or a GGUF block format"):
+    with pytest.raises(LoadError, match="quantization must be None, 'fp8' or a GGUF block format"):
         load_model("smollm2-135m", OPS, load_format="dummy", quantization="q3_k")
     with pytest.raises(LoadError, match="load_format='dummy' only"):
         load_model(None, OPS, quantization="q8_0")

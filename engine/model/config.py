@@ -298,11 +298,14 @@ class EngineConfig:
             raise ConfigError(
                 f"gpu_memory_utilization must be in (0, 1], got {self.gpu_memory_utilization}"
             )
+        from engine.model.gguf_quants import KINDS as GGUF_KINDS
+
         choices = {
             "device": ("auto", "cuda", "cpu", "numpy"),
             "dtype": ("auto", "float16", "bfloat16", "float32"),
             "load_format": ("auto", "dummy"),
-            "quantization": (None, "fp8"),
+            # fp8, or a GGUF block format for dummy weights (model/gguf_quants.py)
+            "quantization": (None, "fp8", *(k.lower() for k in GGUF_KINDS)),
         }
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
