@@ -16,8 +16,8 @@ CTYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}
 HEAD_DIMS = (64, 128)
 DECODE_GROUPS = (1, 2, 4, 8)  # query heads per decode block (template G); larger groups take passes
 DECODE_UNROLL = 2  # 16-byte K and V loads per lane in flight (U); 2 beat 4 and 8 on the H200
-# attention_prefill_gqa.cu's (MI, NW, BN, ST) variants, which cuda_prefill.prefill_plan picks among
-PREFILL_CONFIGS = ((2, 8, 64, 3), (2, 8, 64, 2), (2, 4, 64, 2), (1, 8, 64, 2), (1, 4, 64, 2))
+# attention_prefill_gqa.cu's (MI, NW, BN) variants, which cuda_prefill.prefill_plan picks among
+PREFILL_CONFIGS = ((2, 8, 64), (2, 4, 64), (1, 8, 64), (1, 4, 64))
 # attention_prefill_sm90.cu's (MI, NW, BN, ST, PVW: P V on wgmma too), experimental
 SM90_CONFIGS = ((2, 8, 64, 2, 1), (1, 8, 64, 2, 1), (2, 8, 64, 3, 1), (2, 8, 64, 2, 0),
                 (1, 8, 64, 2, 0))
