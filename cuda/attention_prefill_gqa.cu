@@ -8,15 +8,15 @@
 // Q, never stored, and left out of the warp's key bounds. Each warp owns MI m16 row tiles (MI = 2
 // halves the shared-memory reads of K and V per FLOP; Q then comes from shared memory by ldmatrix).
 // The block walks keys 0 .. last position in tiles of BN, gathered from the paged cache through
-// the block table with cp.async (ST stages: the next tiles load during this one's math). Warps
+// the block table with cp.async (two stages: the next tile loads during this one's math). Warps
 // skip key tiles wholly above their last row and mask only the tiles that cross a row's diagonal.
 // The online softmax is base 2 on raw scores, scale folded into one FMA before ex2.
 // Work items come from the host sorted by their last key, longest first (the causal tail).
 #include "mma.cuh"
 
 // Grid: (num_kv_heads, num_items)  Block: (NW * 32)
-// Dynamic shared memory: (BM + ST stages x (K, V) x BN) x (HD + 8) elements.
-template <typename T, int HD, int MI, int NW, int BN, int ST>
+// Dynamic shared memory: (BM + 2 stages x (K, V) x BN) x (HD + 8) elements.
+template <typename T, int HD, int MI, int NW, int BN>
 __global__ void __launch_bounds__(NW * 32) prefill_gqa_kernel(
     T* __restrict__ out,                    // [num_tokens, num_heads, HD]
     const T* __restrict__ qkv,              // [num_tokens, (num_heads + 2 nkv) * HD]
@@ -31,8 +31,8 @@ __global__ void __launch_bounds__(NW * 32) prefill_gqa_kernel(
   static_assert(BN * CPR % THREADS == 0, "a K/V tile splits evenly over the threads");
   extern __shared__ __align__(16) unsigned char smem_raw[];
   T* q_s = reinterpret_cast<T*>(smem_raw);  // [BM][LD]
-  T* k_s = q_s + BM * LD;                   // [ST][BN][LD]
-  T* v_s = k_s + ST * BN * LD;              // [ST][BN][LD]
+  T* k_s = q_s + BM * LD;                   // [2][BN][LD]
+  T* v_s = k_s + 2 * BN * LD;               // [2][BN][LD]
 
   const int kvh = blockIdx.x, item = blockIdx.y;
   const int group = num_heads / num_kv_heads, tok_per_head = BM / group;
@@ -84,16 +84,8 @@ __global__ void __launch_bounds__(NW * 32) prefill_gqa_kernel(
     }
     asm volatile("cp.async.commit_group;");
   };
-  // ST stages: tiles t + 1 .. t + ST - 1 load while tile t is used. Every iteration commits one
-  // cp.async group (empty past the last tile), so "all but the newest ST - 1 groups" is tile t.
   const int num_tiles = (kv_len + BN - 1) / BN;
-#pragma unroll
-  for (int st = 0; st < ST - 1; st++) {
-    if (st < num_tiles)
-      load_tile(st, st);
-    else
-      asm volatile("cp.async.commit_group;");
-  }
+  load_tile(0, 0);
 
   // This lane's rows: row0 + mi * 16 + (lane >> 2) + 8 * half. Their positions give the causal
   // mask; the warp's lowest and highest valid position decide which tiles it masks and skips.
@@ -136,13 +128,13 @@ __global__ void __launch_bounds__(NW * 32) prefill_gqa_kernel(
     l[mi][0] = l[mi][1] = 0.f;
   }
 
-  for (int t = 0, stage = 0; t < num_tiles; t++, stage = stage + 1 == ST ? 0 : stage + 1) {
-    const int next = t + ST - 1;  // into the stage tile t - 1 used, free since the last barrier
-    if (next < num_tiles)
-      load_tile(next, next % ST);
-    else
-      asm volatile("cp.async.commit_group;");
-    asm volatile("cp.async.wait_group %0;" ::"n"(ST - 1));
+  for (int t = 0; t < num_tiles; t++) {
+    if (t + 1 < num_tiles) {
+      load_tile(t + 1, (t + 1) & 1);
+      asm volatile("cp.async.wait_group 1;");
+    } else {
+      asm volatile("cp.async.wait_group 0;");
+    }
     __syncthreads();
     if constexpr (MI == 1) {
       if (t == 0) {
@@ -153,8 +145,8 @@ __global__ void __launch_bounds__(NW * 32) prefill_gqa_kernel(
     }
     const int kb = t * BN;
     if (kb <= hi) {
-      const T* kt = k_s + stage * BN * LD;
-      const T* vt = v_s + stage * BN * LD;
+      const T* kt = k_s + (t & 1) * BN * LD;
+      const T* vt = v_s + (t & 1) * BN * LD;
       float s[MI][BN / 8][4];
 #pragma unroll
       for (int mi = 0; mi < MI; mi++)
@@ -282,16 +274,15 @@ __global__ void __launch_bounds__(NW * 32) prefill_gqa_kernel(
 }
 
 #ifdef PAGEDSERVE_NVCC_CHECK
-#define INSTANTIATE(T, HD, MI, NW, BN, ST)                                                       \
-  template __global__ void prefill_gqa_kernel<T, HD, MI, NW, BN, ST>(                          \
+#define INSTANTIATE(T, HD, MI, NW, BN)                                                         \
+  template __global__ void prefill_gqa_kernel<T, HD, MI, NW, BN>(                              \
       T*, const T*, const T*, const T*, const int*, const int*, const int*, const int*, int,   \
       int, int, int, float);
-INSTANTIATE(__half, 64, 2, 8, 64, 2)
-INSTANTIATE(__half, 128, 2, 8, 64, 2)
-INSTANTIATE(__nv_bfloat16, 64, 2, 8, 64, 2)
-INSTANTIATE(__nv_bfloat16, 128, 2, 8, 64, 2)
-INSTANTIATE(__nv_bfloat16, 128, 2, 8, 64, 3)
-INSTANTIATE(__nv_bfloat16, 128, 2, 4, 64, 2)
-INSTANTIATE(__nv_bfloat16, 128, 1, 8, 64, 2)
-INSTANTIATE(__nv_bfloat16, 128, 1, 4, 64, 2)
+INSTANTIATE(__half, 64, 2, 8, 64)
+INSTANTIATE(__half, 128, 2, 8, 64)
+INSTANTIATE(__nv_bfloat16, 64, 2, 8, 64)
+INSTANTIATE(__nv_bfloat16, 128, 2, 8, 64)
+INSTANTIATE(__nv_bfloat16, 128, 2, 4, 64)
+INSTANTIATE(__nv_bfloat16, 128, 1, 8, 64)
+INSTANTIATE(__nv_bfloat16, 128, 1, 4, 64)
 #endif

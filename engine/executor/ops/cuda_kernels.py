@@ -44,8 +44,8 @@ GGUF_GEMV_M = (1, 2, 4, 8)  # rows compiled for the GGUF GEMV (fewer rows run th
 GGUF_GEMV_R = 2  # weight rows per GEMV block (template GG_R); other R at M = 1 for kernel_check
 GGUF_GEMV_VARIANTS = [(m, GGUF_GEMV_R) for m in GGUF_GEMV_M] + [(1, 1), (1, 3)]
 DECODE_UNROLL = 2  # 16-byte K and V loads per lane in flight (U); 2 beat 4 and 8 on the H200
-# attention_prefill_gqa.cu's (MI, NW, BN, ST) variants, which cuda_prefill.prefill_plan picks among
-PREFILL_CONFIGS = ((2, 8, 64, 3), (2, 8, 64, 2), (2, 4, 64, 2), (1, 8, 64, 2), (1, 4, 64, 2))
+# attention_prefill_gqa.cu's (MI, NW, BN) variants, which cuda_prefill.prefill_plan picks among
+PREFILL_CONFIGS = ((2, 8, 64), (2, 4, 64), (1, 8, 64), (1, 4, 64))
 # attention_prefill_sm90.cu's (MI, NW, BN, ST, PVW: P V on wgmma too), experimental
 SM90_CONFIGS = ((2, 8, 64, 2, 1), (1, 8, 64, 2, 1), (2, 8, 64, 3, 1), (2, 8, 64, 2, 0),
                 (1, 8, 64, 2, 0))

@@ -3,8 +3,7 @@ than one new token), how their new tokens are cut into work items, and the launc
 
 v2, cuda/attention_prefill_gqa.cu (the default): one block per (kv head, tile of new tokens), so
 that a kv group's query heads share every K/V tile the block loads. Its variants (MI, NW, BN) trade
-rows per block against blocks in flight (and ST, cp.async stages, against shared memory);
-prefill_plan picks one per step with a small cost model
+rows per block against blocks in flight; prefill_plan picks one per step with a small cost model
 (the causal tail: one 2k prompt makes too few big blocks to fill the GPU evenly).
 v1, cuda/attention_prefill.cu (PAGEDSERVE_PREFILL_KERNEL=v1): one block per (query head, 64 new
 tokens); kept as the fallback and as tools/kernel_check.py's timing baseline.
@@ -33,11 +32,10 @@ if PREFILL_KERNEL not in PREFILL_KERNELS:
 PREFILL_CONFIG: tuple[int, ...] | None = None
 # bit 0 swaps the LBO and SBO of S's wgmma descriptors, bit 1 of P V's (kernel_check's probe)
 SM90_SWAP_DESC = 0
-# v2 variant (MI, NW, BN, ST) -> (TFLOP/s of causal work with every SM busy, blocks per SM),
-# from device run 1 (tools/kernel_check.py --only prefill, H200, Llama-3-8B heads, one 32k
-# prompt). NOTE: the 3-stage variant is not measured yet: the 2-stage figure, so ties pick it.
-PREFILL_RATES = {(2, 8, 64, 3): (297.0, 1), (2, 8, 64, 2): (297.0, 1), (2, 4, 64, 2): (282.0, 2),
-                 (1, 8, 64, 2): (247.0, 1), (1, 4, 64, 2): (235.0, 2)}
+# v2 variant (MI, NW, BN) -> (TFLOP/s of causal work with every SM busy, blocks per SM), from
+# device run 1 (tools/kernel_check.py --only prefill, H200, Llama-3-8B heads, one 32k prompt).
+PREFILL_RATES = {(2, 8, 64): (297.0, 1), (2, 4, 64): (282.0, 2), (1, 8, 64): (247.0, 1),
+                 (1, 4, 64): (235.0, 2)}
 if set(PREFILL_RATES) != set(PREFILL_CONFIGS):  # a rate for every compiled variant, and no more
     raise ValueError(f"PREFILL_RATES {sorted(PREFILL_RATES)} != PREFILL_CONFIGS")
 
@@ -129,14 +127,16 @@ def prefill_attention(out, qkv, k_cache, v_cache, meta, work: cupy.ndarray, name
         smem = 2 * 2 * PREFILL_N * (head_dim + 8) * 2  # 2 stages x (K, V) x keys x padded row
         grid, threads = (num_heads, len(work)), PREFILL_THREADS
     else:
-        nw, bn, st = config[1:4]
-        args = f"{ctype}, {head_dim}, {', '.join(map(str, config))}"
+        nw, bn = config[1:3]
         if name == "sm90p":
+            st = config[3]
             k = kernel("attention_prefill_sm90p.cu",
                        f"prefill_sm90p_kernel<{ctype}, {head_dim}, {nw}>", ctype)
             smem = (block_rows(config) + 2 * st * bn) * head_dim * 2  # Q; ST stages of K, V
             extra = (i32(SM90_SWAP_DESC),)
         elif name == "sm90":
+            st = config[3]
+            args = f"{ctype}, {head_dim}, {', '.join(map(str, config))}"
             k = kernel("attention_prefill_sm90.cu", f"prefill_sm90_kernel<{args}>", ctype)
             # Q + ST stages of K in the core-matrix layout; ST stages of V in it too (PVW) or
             # in padded rows
@@ -144,9 +144,10 @@ def prefill_attention(out, qkv, k_cache, v_cache, meta, work: cupy.ndarray, name
             smem = ((block_rows(config) + st * bn) * head_dim + st * bn * v_row) * 2
             extra = (i32(SM90_SWAP_DESC),)
         else:
+            args = f"{ctype}, {head_dim}, {', '.join(map(str, config))}"
             k = kernel("attention_prefill_gqa.cu", f"prefill_gqa_kernel<{args}>", ctype)
-            # Q rows + ST stages x (K, V) x keys, padded rows of 16-bit elements
-            smem = (block_rows(config) + st * 2 * bn) * (head_dim + 8) * 2
+            # Q rows + 2 stages x (K, V) x keys, padded rows of 16-bit elements
+            smem = (block_rows(config) + 2 * 2 * bn) * (head_dim + 8) * 2
         grid, threads = (num_kv_heads, len(work)), nw * 32
     if k.max_dynamic_shared_size_bytes < smem:
         k.max_dynamic_shared_size_bytes = smem
