@@ -69,32 +69,6 @@ class StepInputs:
         self._packed = flat, where
         return self._packed
 
-
-@dataclass
-class WorkerStep:
-    """What tensor-parallel worker ranks need to run rank 0's step (runner.run_worker_step): the
-    layout of StepInputs.pack()'s buffer (which travels beside this, as raw int32), and how rank 0
-    runs the step."""
-
-    where: dict[str, tuple[int, int]]  # name -> (start, stop) in the packed buffer
-    block_tables_shape: tuple[int, int]  # (B, width)
-    max_query_len: int
-    max_context_len: int
-    block_copies: list  # (src, dst) KV blocks to copy first
-    use_graph: bool  # rank 0 replays a decode graph (the same graph replays everywhere)
-    has_prev: bool  # placeholders read the previous step's sampled ids
-    num_rows: int  # sampled rows: the size of the sampled-ids broadcast after the step
-
-    def host_views(self, flat: np.ndarray) -> tuple[dict[str, np.ndarray], AttentionMetadata]:
-        """The packed arrays as views of `flat`, and the host attention metadata over them."""
-        view = {name: flat[a:b] for name, (a, b) in self.where.items()}
-        meta = AttentionMetadata(
-            slot_mapping=view["slot_mapping"], query_start_loc=view["query_start_loc"],
-            context_lens=view["context_lens"],
-            block_tables=view["block_tables"].reshape(self.block_tables_shape),
-            max_query_len=self.max_query_len, max_context_len=self.max_context_len)
-        return view, meta
-
     def as_decode_rows(self) -> StepInputs | None:
         """This step with every new token as a decode of its own, or None unless every token
         samples (a verify step of decodes and their drafts) with no prompt rows.
@@ -122,6 +96,32 @@ class WorkerStep:
         )
         return StepInputs(self.input_ids, self.positions, self.logits_indices, meta,
                           np.ones(num_tokens, bool))
+
+
+@dataclass
+class WorkerStep:
+    """What tensor-parallel worker ranks need to run rank 0's step (runner.run_worker_step): the
+    layout of StepInputs.pack()'s buffer (which travels beside this, as raw int32), and how rank 0
+    runs the step."""
+
+    where: dict[str, tuple[int, int]]  # name -> (start, stop) in the packed buffer
+    block_tables_shape: tuple[int, int]  # (B, width)
+    max_query_len: int
+    max_context_len: int
+    block_copies: list  # (src, dst) KV blocks to copy first
+    use_graph: bool  # rank 0 replays a decode graph (the same graph replays everywhere)
+    has_prev: bool  # placeholders read the previous step's sampled ids
+    num_rows: int  # sampled rows: the size of the sampled-ids broadcast after the step
+
+    def host_views(self, flat: np.ndarray) -> tuple[dict[str, np.ndarray], AttentionMetadata]:
+        """The packed arrays as views of `flat`, and the host attention metadata over them."""
+        view = {name: flat[a:b] for name, (a, b) in self.where.items()}
+        meta = AttentionMetadata(
+            slot_mapping=view["slot_mapping"], query_start_loc=view["query_start_loc"],
+            context_lens=view["context_lens"],
+            block_tables=view["block_tables"].reshape(self.block_tables_shape),
+            max_query_len=self.max_query_len, max_context_len=self.max_context_len)
+        return view, meta
 
 
 class HostBlockTables:
