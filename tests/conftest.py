@@ -13,6 +13,24 @@ import pytest
 from engine.model.config import EngineConfig, ModelConfig
 
 
+@pytest.fixture
+def poison_device_memory():
+    """Every device allocation starts as 0xFF bytes (NaN in fp16, bf16 and fp32), so an output
+    element no kernel writes shows. Use with pytest.mark.usefixtures in a GPU test module."""
+    import cupy
+
+    pool = cupy.cuda.MemoryPool()
+
+    def malloc(size):
+        mem = pool.malloc(size)
+        cupy.cuda.runtime.memsetAsync(mem.ptr, 0xFF, size, cupy.cuda.get_current_stream().ptr)
+        return mem
+
+    cupy.cuda.set_allocator(malloc)
+    yield
+    cupy.cuda.set_allocator(cupy.get_default_memory_pool().malloc)
+
+
 def require_gpu():
     """Call at the top of a GPU test module: skips the module without CuPy or an NVIDIA device,
     else returns cupy. Mark the module `pytestmark = pytest.mark.gpu` too."""

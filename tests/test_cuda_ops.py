@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from conftest import require_gpu
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("poison_device_memory")]
 cupy = require_gpu()
 
 from engine.executor.ops import AttentionMetadata, SamplingTensors  # noqa: E402
@@ -21,20 +21,6 @@ REF = NumpyOps()
 def ops(request):
     return CudaOps(request.param)
 
-
-@pytest.fixture(autouse=True)
-def poison():
-    """Every device allocation starts as 0xFF bytes: NaN in fp16, bf16 and fp32."""
-    pool = cupy.cuda.MemoryPool()
-
-    def malloc(size):
-        mem = pool.malloc(size)
-        cupy.cuda.runtime.memsetAsync(mem.ptr, 0xFF, size, cupy.cuda.get_current_stream().ptr)
-        return mem
-
-    cupy.cuda.set_allocator(malloc)
-    yield
-    cupy.cuda.set_allocator(cupy.get_default_memory_pool().malloc)
 
 
 def rel_err(got, want) -> float:

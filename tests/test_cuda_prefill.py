@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import require_gpu
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("poison_device_memory")]
 cupy = require_gpu()
 
 from engine.executor.ops import AttentionMetadata  # noqa: E402
@@ -48,20 +48,6 @@ CASES = {  # name -> (num_heads, num_kv_heads, head_dim, block_size, num_new, co
 def ops(request):
     return CudaOps(request.param)
 
-
-@pytest.fixture(autouse=True)
-def poison():
-    """Device allocations start as 0xFF bytes (NaN): an output row no kernel writes shows."""
-    pool = cupy.cuda.MemoryPool()
-
-    def malloc(size):
-        mem = pool.malloc(size)
-        cupy.cuda.runtime.memsetAsync(mem.ptr, 0xFF, size, cupy.cuda.get_current_stream().ptr)
-        return mem
-
-    cupy.cuda.set_allocator(malloc)
-    yield
-    cupy.cuda.set_allocator(cupy.get_default_memory_pool().malloc)
 
 
 @pytest.fixture
