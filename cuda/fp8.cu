@@ -19,6 +19,7 @@ __global__ void fp8_quantize_kernel(unsigned char* __restrict__ q,  // [rows, K]
                                     float* __restrict__ scale,      // [rows]
                                     const T* __restrict__ x,        // [rows, K]
                                     int K) {
+  pdl_start();  // PDL: everything below reads or writes what earlier kernels touch
   __shared__ float red[32];
   const T* row = x + (long)blockIdx.x * K;
   float f[8], amax = 0.f;
@@ -42,6 +43,7 @@ __global__ void fp8_silu_quantize_kernel(unsigned char* __restrict__ q,      // 
                                          float* __restrict__ scale,          // [rows]
                                          const T* __restrict__ gate_up,      // [rows, 2K]
                                          int K) {
+  pdl_start();  // PDL: everything below reads or writes what earlier kernels touch
   __shared__ float red[32];
   const T* g = gate_up + (long)blockIdx.x * 2 * K;
   auto act = [&](int w, float* f) {
@@ -80,6 +82,7 @@ __global__ void fp8_norm_quantize_kernel(unsigned char* __restrict__ q,   // [ro
                                          const T* __restrict__ x,         // [rows, K]
                                          const T* __restrict__ weight,    // [K]
                                          float eps, int K, int mode) {
+  pdl_start();  // PDL: everything below reads or writes what earlier kernels touch
   __shared__ float red[32];
   const long base = (long)blockIdx.x * K;
   float f[8], r[8], ss = 0.f;
@@ -152,8 +155,8 @@ __global__ void __launch_bounds__(256) fp8_gemv_kernel(T* __restrict__ y,       
     wrow[r] = reinterpret_cast<const uint4*>(qw + (long)min(n0 + r, N - 1) * K);
   const uint4* xw = reinterpret_cast<const uint4*>(qx);
 
-  for (int base = threadIdx.x; base < words; base += F8_U * blockDim.x) {
-    uint4 wr[F8_U][F8_R];
+  uint4 wr[F8_U][F8_R];
+  auto load_w = [&](int base) {
 #pragma unroll
     for (int u = 0; u < F8_U; u++) {
       const int v = base + u * blockDim.x;
@@ -161,6 +164,14 @@ __global__ void __launch_bounds__(256) fp8_gemv_kernel(T* __restrict__ y,       
       for (int r = 0; r < F8_R; r++)
         wr[u][r] = v < words ? __ldcs(wrow[r] + v) : make_uint4(0u, 0u, 0u, 0u);  // read once
     }
+  };
+  // The first weight words are requested before the PDL wait: under PDL they stream while the
+  // previous kernel (the activation's quantization) finishes; at K = 4096 they are all of a
+  // thread's words. Only qx and sx, read after it, come from an earlier kernel.
+  load_w(threadIdx.x);
+  pdl_start();
+  for (int base = threadIdx.x; base < words; base += F8_U * blockDim.x) {
+    if (base != threadIdx.x) load_w(base);
 #pragma unroll
     for (int u = 0; u < F8_U; u++) {
       const int v = base + u * blockDim.x;
@@ -211,6 +222,7 @@ __global__ void fp8_scale_kernel(T* __restrict__ y,              // [M, N]
                                  const float* __restrict__ sx,   // [M]
                                  const float* __restrict__ sw,   // [N]
                                  long total, int N) {
+  pdl_start();
   const long i = (long)blockIdx.x * blockDim.x + threadIdx.x;
   if (i < total) y[i] = from_float<T>(acc[i] * sx[i / N] * sw[i % N]);
 }

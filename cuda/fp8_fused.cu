@@ -39,6 +39,7 @@ __global__ void __launch_bounds__(256) fp8_fused_gemv_kernel(
     wrow[r] = reinterpret_cast<const uint4*>(qw + (long)min(n0 + r, N - 1) * K);
     wr[r] = tid < words ? __ldcs(wrow[r] + tid) : make_uint4(0u, 0u, 0u, 0u);  // in flight
   }
+  pdl_start();  // PDL: the weight words above stream while the previous kernel finishes
 
   // ---- prologue: the row in T into hbuf (each thread its own 8-element words), its absmax
   float f[8], g[8], amax = 0.f;

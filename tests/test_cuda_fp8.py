@@ -235,3 +235,49 @@ def test_engine_fp8_graphs_match_eager_and_weights_shrink():
         assert all(len(t) == 10 for t in tokens[False])
         if max_num_seqs == 4:
             assert tokens[False] == tokens[True]
+
+
+def test_fp8_decode_logits_equal_with_and_without_pdl(monkeypatch):
+    """The FP8 kernels as programmatic dependent launches (the GEMVs read weights before the
+    wait): decode logits, eager and from CUDA graphs, bit-identical with PDL on and off, at
+    batches 1, 2, 4 (GEMV) and 8 (cuBLASLt beside PDL kernels); the lm_head in FP8 as well."""
+    from engine.executor.cuda_graph import DecodeGraphs
+    from engine.executor.ops import AttentionMetadata, cuda_kernels
+    from engine.executor.transformer import Transformer
+
+    monkeypatch.setattr(fp8, "LM_HEAD", True)
+    ops = CudaOps("bfloat16")
+    config = ModelConfig.from_preset("llama3-8b")
+    config.num_layers, config.vocab_size = 2, 4096
+    weights = dummy_weights(config, ops, seed=1, quantization="fp8")
+    assert weights.lm_head.kind == "fp8"
+    model = Transformer(config, weights, ops, 2048)
+    rng = np.random.default_rng(1)
+    bs, nb = 16, 40
+    cache = ops.alloc_kv_cache(2, 8 * nb, config.num_kv_heads, bs, config.head_dim)
+    cache[:] = ops.from_host(rng.standard_normal(cache.shape).astype(np.float32) * 0.5)
+    saved = cuda_kernels.PDL
+    try:
+        for batch in (1, 2, 4, 8):
+            ctx = rng.integers(100, nb * bs - 1, batch)
+            tables = (np.arange(batch)[:, None] * nb + np.arange(nb)).astype(np.int32)
+            meta = AttentionMetadata((tables[np.arange(batch), ctx // bs] * bs + ctx % bs)
+                                     .astype(np.int32), np.arange(batch + 1, dtype=np.int32),
+                                     (ctx + 1).astype(np.int32), tables, 1, int(ctx.max()) + 1)
+            ids = rng.integers(0, config.vocab_size, batch).astype(np.int32)
+            results = {}
+            for on in (False, True):
+                cuda_kernels.PDL = on
+                with cuda_kernels.programmatic_launches():
+                    eager = model.forward(ops.from_host(ids), ops.from_host(ctx.astype(np.int32)),
+                                          cache, ops.prepare_metadata(meta), None)
+                graphs = DecodeGraphs(model, cache, max_num_seqs=8, max_blocks_per_seq=nb)
+                graphs.capture()
+                replayed = [graphs.run(ids, ctx.astype(np.int32), meta) for _ in range(2)]
+                results[on] = [cupy.asnumpy(x).view(np.uint16) for x in (eager, *replayed)]
+                del graphs
+                assert cuda_kernels.PDL == on  # no launch fell back to a plain one
+            for got, want in zip(results[True], results[False], strict=True):
+                np.testing.assert_array_equal(got, want)
+    finally:
+        cuda_kernels.PDL = saved

@@ -139,9 +139,11 @@ def check_fused(ops, kc, rng, name, qws, cycled):
 
 
 def decode_step(ops, kc, preset: str = "llama3-8b", ctx: int = 512):
-    """Batch-1 decode, one CUDA graph per step, bf16 then FP8 weights (dummy, same draws)."""
+    """Batch-1 decode, one CUDA graph per step: bf16, FP8 layers, FP8 layers + FP8 lm_head
+    (dummy weights, same draws), each with plain and programmatic dependent launches; the FP8
+    lm_head's logits against the bf16 lm_head's on the same step."""
     from engine.executor.cuda_graph import DecodeGraphs
-    from engine.executor.ops import AttentionMetadata
+    from engine.executor.ops import AttentionMetadata, cuda_kernels
     from engine.executor.transformer import Transformer
     from engine.logs import weights_nbytes
     from engine.model.config import ModelConfig
@@ -156,30 +158,41 @@ def decode_step(ops, kc, preset: str = "llama3-8b", ctx: int = 512):
                              np.arange(nb, dtype=np.int32).reshape(1, -1), 1, ctx + 1)
     ids, pos = np.array([7], np.int32), np.array([ctx], np.int32)
     kv = (ctx + 1) * config.num_layers * config.num_kv_heads * config.head_dim * 4
-    fused_cap = cuda_fp8.FP8_FUSED_MAX_N
-    for quant, fused in ((None, False), ("fp8", False), ("fp8", True)):
-        cuda_fp8.FP8_FUSED_MAX_N = fused_cap if fused else 0
-        if quant is None or not fused:
-            weights = dummy_weights(config, ops, seed=0, quantization=quant)
+    saved_pdl = cuda_kernels.PDL
+    logits = {}
+    for label in ("bf16", "fp8", "fp8 + fp8 lm_head"):
+        if label != "fp8 + fp8 lm_head":
+            weights = dummy_weights(config, ops, seed=0, quantization=None if label == "bf16"
+                                    else "fp8")
+        else:
+            weights = dataclasses.replace(weights, lm_head=ops.quantize_fp8(weights.lm_head))
         read = weights_nbytes(weights) - weights.embed.nbytes * (weights.embed is not
                                                                  weights.lm_head)
         model = Transformer(config, weights, ops, ctx + 16)
         cache = ops.alloc_kv_cache(config.num_layers, nb, config.num_kv_heads, bs,
                                    config.head_dim)
-        g = DecodeGraphs(model, cache, max_num_seqs=1, max_blocks_per_seq=nb,
-                         max_context_len=max(ctx + 1, 32768))
-        g.capture()
-        times = []
-        for _ in range(3 if kc.OPTS["small"] else 30):
-            t0 = time.perf_counter()
-            g.run(ids, pos, meta)
-            cupy.cuda.get_current_stream().synchronize()
-            times.append(time.perf_counter() - t0)
-        label = f"{quant or 'bf16'}{', o-proj quantize fused' if fused else ''}"
-        kc.row("fp8", f"decode {preset} B=1 ctx={ctx} graph, {label} "
-               f"({weights_nbytes(weights) / 1e6:.0f} MB weights)", "-",
-               statistics.median(times), read + kv,
-               extra=f"GEMV caps {cuda_gemv.GEMV_MAX_M}/{cuda_fp8.FP8_GEMV_MAX_M}")
-        del g, model, cache
+        for pdl in (False, True):
+            cuda_kernels.PDL = pdl
+            g = DecodeGraphs(model, cache, max_num_seqs=1, max_blocks_per_seq=nb,
+                             max_context_len=max(ctx + 1, 32768))
+            g.capture()
+            times = []
+            for _ in range(3 if kc.OPTS["small"] else 30):
+                t0 = time.perf_counter()
+                out = g.run(ids, pos, meta)
+                cupy.cuda.get_current_stream().synchronize()
+                times.append(time.perf_counter() - t0)
+            logits[label] = np.asarray(ops.to_host(out), np.float32)
+            extra = f"GEMV caps {cuda_gemv.GEMV_MAX_M}/{cuda_fp8.FP8_GEMV_MAX_M}"
+            if label == "fp8 + fp8 lm_head":
+                want = logits["fp8"]
+                extra += (f"; logits vs bf16 lm_head: {kc.rel(logits[label], want):.1e} rel, "
+                          f"top-1 {'same' if logits[label].argmax() == want.argmax() else 'DIFF'}")
+            kc.row("fp8", f"decode {preset} B=1 ctx={ctx} graph, {label}, PDL "
+                   f"{'off' if not pdl else 'on' if cuda_kernels.PDL else 'FELL BACK'} "
+                   f"({weights_nbytes(weights) / 1e6:.0f} MB weights)",
+                   "-", statistics.median(times), read + kv, extra=extra)
+            del g
+        del model, cache
         cupy.get_default_memory_pool().free_all_blocks()
-    cuda_fp8.FP8_FUSED_MAX_N = fused_cap
+    cuda_kernels.PDL = saved_pdl

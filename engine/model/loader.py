@@ -199,6 +199,7 @@ def load_safetensors_weights(folder: str | Path, config: ModelConfig, ops,
     embed = get("model.embed_tokens.weight", (c.vocab_size, h))
     tied = c.tie_word_embeddings
     lm_head = embed if tied else get("lm_head.weight", (c.vocab_size, h))
+    lm_head = fp8_lm_head(ops, lm_head, "fp8" in (quantization, c.quantization))
     return ModelWeights(
         embed=embed, layers=layers, norm=get("model.norm.weight", (h,)), lm_head=lm_head
     )
@@ -240,7 +241,14 @@ def dummy_weights(config: ModelConfig, ops, seed: int = 0,
     ]
     embed = rand(c.vocab_size, h)
     lm_head = embed if c.tie_word_embeddings else rand(c.vocab_size, h)
+    lm_head = fp8_lm_head(ops, lm_head, quantization == "fp8")
     return ModelWeights(embed=embed, layers=layers, norm=ops.ones((h,)), lm_head=lm_head)
+
+
+def fp8_lm_head(ops, lm_head, fp8_layers: bool):
+    """The lm_head in FP8 as well when the layers are and fp8.LM_HEAD is on (a copy when it is
+    tied: the embedding stays in the compute dtype for its row gathers)."""
+    return ops.quantize_fp8(lm_head) if fp8_layers and fp8.LM_HEAD else lm_head
 
 
 # ----------------------------------------------------------------------------- Hugging Face ids

@@ -10,6 +10,8 @@ product runs as
   of bf16;
 - cuBLASLt's FP8 GEMM above that (cuda_blaslt.py), or the GEMV 8 rows at a time for a shape
   cuBLASLt has no plan for.
+Every kernel here may be a programmatic dependent launch (cuda_kernels.launch, PAGEDSERVE_PDL=1
+in decode graphs): the GEMVs request their first weight words before waiting for the quantization.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ import numpy as np
 
 from engine.executor.ops.cuda_blas import Gemm
 from engine.executor.ops.cuda_blaslt import Fp8Gemm
-from engine.executor.ops.cuda_kernels import kernel
+from engine.executor.ops.cuda_kernels import kernel, launch
 from engine.model.quantized import QuantizedWeight
 
 # Rows up to which the GEMV runs instead of cuBLASLt (compiled for 1..8; 0: always cuBLASLt).
@@ -93,8 +95,8 @@ def quantize_rows(x: cupy.ndarray, ctype: str) -> tuple[cupy.ndarray, cupy.ndarr
     _check_k(k, x)
     q, s = cupy.empty((rows, k), cupy.uint8), cupy.empty(rows, cupy.float32)
     if rows:
-        kernel("fp8.cu", f"fp8_quantize_kernel<{ctype}>", ctype)(
-            (rows,), (_threads(k),), (q, s, x, _i32(k)))
+        launch(kernel("fp8.cu", f"fp8_quantize_kernel<{ctype}>", ctype),
+               (rows,), (_threads(k),), (q, s, x, _i32(k)), pdl=True)
     return q, s
 
 
@@ -114,10 +116,10 @@ def norm_quantize(x, residual, norm_w, eps: float, ctype: str, h_out=None):
     residual = cupy.empty_like(x) if residual is None else residual
     q, s = cupy.empty((rows, k), cupy.uint8), cupy.empty(rows, cupy.float32)
     if rows:
-        kernel("fp8.cu", f"fp8_norm_quantize_kernel<{ctype}>", ctype)(
-            (rows,), (_threads(k),),
-            (q, s, residual, np.uint64(0) if h_out is None else h_out, x, norm_w,
-             np.float32(eps), _i32(k), _i32(mode)))
+        launch(kernel("fp8.cu", f"fp8_norm_quantize_kernel<{ctype}>", ctype),
+               (rows,), (_threads(k),),
+               (q, s, residual, _NULL if h_out is None else h_out, x, norm_w,
+                np.float32(eps), _i32(k), _i32(mode)), pdl=True)
     return q, s, residual
 
 
@@ -127,8 +129,8 @@ def silu_quantize(gate_up: cupy.ndarray, ctype: str):
     _check_k(k, gate_up)
     q, s = cupy.empty((rows, k), cupy.uint8), cupy.empty(rows, cupy.float32)
     if rows:
-        kernel("fp8.cu", f"fp8_silu_quantize_kernel<{ctype}>", ctype)(
-            (rows,), (_threads(k),), (q, s, gate_up, _i32(k)))
+        launch(kernel("fp8.cu", f"fp8_silu_quantize_kernel<{ctype}>", ctype),
+               (rows,), (_threads(k),), (q, s, gate_up, _i32(k)), pdl=True)
     return q, s
 
 
@@ -141,13 +143,15 @@ def gemv_wins(m: int, n: int) -> bool:
 
 
 def gemv(q, s, w: QuantizedWeight, out, ctype: str):
-    """out (M, N) = (q . w^T) * s * w.scale for M <= 8 rows: one launch."""
+    """out (M, N) = (q . w^T) * s * w.scale for M <= 8 rows: one launch. NOTE: under PDL the
+    kernel reads w before waiting for the previous kernel: w must be a weight."""
     m = q.shape[0]
     n, k = w.data.shape
     words = k // 16
     threads = min(256, max(64, -(-words // 64) * 32))  # about 2 words per thread per row
-    kernel("fp8.cu", f"fp8_gemv_kernel<{ctype}, {m}>", ctype)(
-        (-(-n // GEMV_ROWS_PER_BLOCK),), (threads,), (out, q, s, w.data, w.scale, _i32(n), _i32(k)))
+    launch(kernel("fp8.cu", f"fp8_gemv_kernel<{ctype}, {m}>", ctype),
+           (-(-n // GEMV_ROWS_PER_BLOCK),), (threads,),
+           (out, q, s, w.data, w.scale, _i32(n), _i32(k)), pdl=True)
     return out
 
 
@@ -164,8 +168,9 @@ def matmul(ops, q, s, w: QuantizedWeight, use_gemv: bool | None = None):
         return gemv(q, s, w, out, ops.ctype)
 
     def scale(acc, y):
-        kernel("fp8.cu", f"fp8_scale_kernel<{ops.ctype}>", ops.ctype)(
-            (-(-y.size // 256),), (256,), (y, acc, s, w.scale, np.int64(y.size), _i32(n)))
+        launch(kernel("fp8.cu", f"fp8_scale_kernel<{ops.ctype}>", ops.ctype),
+               (-(-y.size // 256),), (256,), (y, acc, s, w.scale, np.int64(y.size), _i32(n)),
+               pdl=True)
 
     if fp8_gemm(ops._gemm)(q, s, w.data, w.scale, out, ops.dtype, scale) is None:
         # NOTE: no cuBLASLt plan for this shape: correct but slow, every 8 rows re-read w.
@@ -188,12 +193,12 @@ def fused_gemv(prologue: int, x, w: QuantizedWeight, ctype: str, residual=None, 
     _check_k(k, x, residual, norm_w)
     y = cupy.empty((1, n), x.dtype)
     res_out = cupy.empty((1, k), x.dtype) if prologue == 2 else None
-    kernel("fp8_fused.cu", f"fp8_fused_gemv_kernel<{ctype}, {prologue}, {FUSED_ROWS_PER_BLOCK}>",
-           ctype)(
-        (-(-n // FUSED_ROWS_PER_BLOCK),), (256 if k >= 8192 else 128,),
-        (y, _NULL if res_out is None else res_out, x, _NULL if residual is None else residual,
-         _NULL if norm_w is None else norm_w, w.data, w.scale, _i32(n), _i32(k),
-         np.float32(eps)), shared_mem=k * (x.itemsize + 1))
+    launch(kernel("fp8_fused.cu",
+                  f"fp8_fused_gemv_kernel<{ctype}, {prologue}, {FUSED_ROWS_PER_BLOCK}>", ctype),
+           (-(-n // FUSED_ROWS_PER_BLOCK),), (256 if k >= 8192 else 128,),
+           (y, _NULL if res_out is None else res_out, x, _NULL if residual is None else residual,
+            _NULL if norm_w is None else norm_w, w.data, w.scale, _i32(n), _i32(k),
+            np.float32(eps)), shared_mem=k * (x.itemsize + 1), pdl=True)
     return y, res_out
 
 
