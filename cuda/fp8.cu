@@ -10,28 +10,59 @@
 
 // ------------------------------------------------------------------------------ quantization
 // One block per row; a thread takes 8-element words w = t, t + blockDim, ... Pass 1 finds the
-// row's absmax, pass 2 encodes: the row is read (or recomputed) twice, from L1/L2 the second time.
+// row's absmax, pass 2 encodes. A thread keeps its first F8_QC words in registers between the
+// passes (all of them for K <= F8_QC * 8 * blockDim: 16384 at 1024 threads); a longer row's other
+// words are read (or recomputed) again, from L1/L2.
+
+constexpr int F8_QC = 2;
+
+// The two passes over a row: make(w, f) gives word w's 8 values (before rounding to T); emit(w,
+// f, s) stores word w, f rounded to T, with the row's scale s. Returns s.
+template <typename T, typename Make, typename Emit>
+__device__ __forceinline__ float quantize_row(int words, float* red, Make make, Emit emit) {
+  float c[F8_QC][8], f[8], amax = 0.f;
+#pragma unroll
+  for (int i = 0; i < F8_QC; i++) {
+    const int w = threadIdx.x + i * blockDim.x;
+    if (w < words) {
+      make(w, c[i]);
+      round8<T>(c[i], amax);
+    }
+  }
+  for (int w = threadIdx.x + F8_QC * blockDim.x; w < words; w += blockDim.x) {
+    make(w, f);
+    round8<T>(f, amax);
+  }
+  const float s = row_scale(block_max(amax, red));
+#pragma unroll
+  for (int i = 0; i < F8_QC; i++) {
+    const int w = threadIdx.x + i * blockDim.x;
+    if (w < words) emit(w, c[i], s);
+  }
+  for (int w = threadIdx.x + F8_QC * blockDim.x; w < words; w += blockDim.x) {
+    float dummy = 0.f;
+    make(w, f);
+    round8<T>(f, dummy);
+    emit(w, f, s);
+  }
+  return s;
+}
 
 // x (a row per token, or a weight's row per output channel) -> codes and the row's scale.
 // Grid: (rows)  Block: (64..1024, a multiple of 32)
 template <typename T>
-__global__ void fp8_quantize_kernel(unsigned char* __restrict__ q,  // [rows, K]
-                                    float* __restrict__ scale,      // [rows]
-                                    const T* __restrict__ x,        // [rows, K]
-                                    int K) {
+__global__ void __launch_bounds__(1024) fp8_quantize_kernel(
+    unsigned char* __restrict__ q,  // [rows, K]
+    float* __restrict__ scale,      // [rows]
+    const T* __restrict__ x,        // [rows, K]
+    int K) {
   pdl_start();  // PDL: everything below reads or writes what earlier kernels touch
   __shared__ float red[32];
   const T* row = x + (long)blockIdx.x * K;
-  float f[8], amax = 0.f;
-  for (int w = threadIdx.x; w < K / 8; w += blockDim.x) {
-    load8(row + 8 * w, f);
-    round8<T>(f, amax);
-  }
-  const float s = row_scale(block_max(amax, red));
-  for (int w = threadIdx.x; w < K / 8; w += blockDim.x) {
-    load8(row + 8 * w, f);
-    encode8(q + (long)blockIdx.x * K + 8 * w, f, s);
-  }
+  unsigned char* qrow = q + (long)blockIdx.x * K;
+  const float s = quantize_row<T>(
+      K / 8, red, [&](int w, float* f) { load8(row + 8 * w, f); },
+      [&](int w, const float* f, float sc) { encode8(qrow + 8 * w, f, sc); });
   if (threadIdx.x == 0) scale[blockIdx.x] = s;
 }
 
@@ -39,32 +70,25 @@ __global__ void fp8_quantize_kernel(unsigned char* __restrict__ q,  // [rows, K]
 // projection's input never goes through memory in 16 bits.
 // Grid: (rows)  Block: (64..1024, a multiple of 32)
 template <typename T>
-__global__ void fp8_silu_quantize_kernel(unsigned char* __restrict__ q,      // [rows, K]
-                                         float* __restrict__ scale,          // [rows]
-                                         const T* __restrict__ gate_up,      // [rows, 2K]
-                                         int K) {
+__global__ void __launch_bounds__(1024) fp8_silu_quantize_kernel(
+    unsigned char* __restrict__ q,      // [rows, K]
+    float* __restrict__ scale,          // [rows]
+    const T* __restrict__ gate_up,      // [rows, 2K]
+    int K) {
   pdl_start();  // PDL: everything below reads or writes what earlier kernels touch
   __shared__ float red[32];
   const T* g = gate_up + (long)blockIdx.x * 2 * K;
-  auto act = [&](int w, float* f) {
-    float u[8];
-    load8(g + 8 * w, f);
-    load8(g + K + 8 * w, u);
+  unsigned char* qrow = q + (long)blockIdx.x * K;
+  const float s = quantize_row<T>(
+      K / 8, red,
+      [&](int w, float* f) {
+        float u[8];
+        load8(g + 8 * w, f);
+        load8(g + K + 8 * w, u);
 #pragma unroll
-    for (int e = 0; e < 8; e++) f[e] = f[e] / (1.f + expf(-f[e])) * u[e];
-  };
-  float f[8], amax = 0.f;
-  for (int w = threadIdx.x; w < K / 8; w += blockDim.x) {
-    act(w, f);
-    round8<T>(f, amax);
-  }
-  const float s = row_scale(block_max(amax, red));
-  for (int w = threadIdx.x; w < K / 8; w += blockDim.x) {
-    act(w, f);
-    float dummy = 0.f;
-    round8<T>(f, dummy);
-    encode8(q + (long)blockIdx.x * K + 8 * w, f, s);
-  }
+        for (int e = 0; e < 8; e++) f[e] = f[e] / (1.f + expf(-f[e])) * u[e];
+      },
+      [&](int w, const float* f, float sc) { encode8(qrow + 8 * w, f, sc); });
   if (threadIdx.x == 0) scale[blockIdx.x] = s;
 }
 
@@ -75,13 +99,14 @@ __global__ void fp8_silu_quantize_kernel(unsigned char* __restrict__ q,      // 
 // that kernel's output in the last bit.
 // Grid: (rows)  Block: (64..1024, a multiple of 32)
 template <typename T>
-__global__ void fp8_norm_quantize_kernel(unsigned char* __restrict__ q,   // [rows, K]
-                                         float* __restrict__ scale,       // [rows]
-                                         T* __restrict__ residual,        // [rows, K]
-                                         T* __restrict__ h_out,           // [rows, K] or null
-                                         const T* __restrict__ x,         // [rows, K]
-                                         const T* __restrict__ weight,    // [K]
-                                         float eps, int K, int mode) {
+__global__ void __launch_bounds__(1024) fp8_norm_quantize_kernel(
+    unsigned char* __restrict__ q,   // [rows, K]
+    float* __restrict__ scale,       // [rows]
+    T* __restrict__ residual,        // [rows, K]
+    T* __restrict__ h_out,           // [rows, K] or null
+    const T* __restrict__ x,         // [rows, K]
+    const T* __restrict__ weight,    // [K]
+    float eps, int K, int mode) {
   pdl_start();  // PDL: everything below reads or writes what earlier kernels touch
   __shared__ float red[32];
   const long base = (long)blockIdx.x * K;
@@ -102,25 +127,19 @@ __global__ void fp8_norm_quantize_kernel(unsigned char* __restrict__ q,   // [ro
   }
   const float inv = rsqrtf(block_sum(ss, red) / K + eps);
   // A thread re-reads only the residual words it wrote itself: no barrier needed.
-  auto h = [&](int w, float* out) {
-    load8(residual + base + 8 * w, out);
-    load8(weight + 8 * w, r);
+  const float s = quantize_row<T>(
+      K / 8, red,
+      [&](int w, float* out) {
+        float g[8];
+        load8(residual + base + 8 * w, out);
+        load8(weight + 8 * w, g);
 #pragma unroll
-    for (int e = 0; e < 8; e++) out[e] = out[e] * inv * r[e];
-  };
-  float amax = 0.f;
-  for (int w = threadIdx.x; w < K / 8; w += blockDim.x) {
-    h(w, f);
-    round8<T>(f, amax);
-  }
-  const float s = row_scale(block_max(amax, red));
-  for (int w = threadIdx.x; w < K / 8; w += blockDim.x) {
-    h(w, f);
-    float dummy = 0.f;
-    round8<T>(f, dummy);
-    encode8(q + base + 8 * w, f, s);
-    if (h_out != nullptr) store8(h_out + base + 8 * w, f);
-  }
+        for (int e = 0; e < 8; e++) out[e] = out[e] * inv * g[e];
+      },
+      [&](int w, const float* h, float sc) {
+        encode8(q + base + 8 * w, h, sc);
+        if (h_out != nullptr) store8(h_out + base + 8 * w, h);
+      });
   if (threadIdx.x == 0) scale[blockIdx.x] = s;
 }
 
