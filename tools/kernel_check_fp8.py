@@ -92,9 +92,21 @@ def check_products(ops, kc, rng, name, n, k):
         t_bf = cycled(lambda i, x=x: ops.linear(x, ws[i]))  # bf16 as the engine runs it
         best = min(("FP8 GEMV", t_gemv), ("FP8 cuBLASLt", t_lt), ("bf16", t_bf),
                    key=lambda p: p[1])[0]
+        other = ""
+        if m <= 2:  # the other GEMV block size, and a decode graph's chain: quantize + GEMV, PDL
+            words = cuda_fp8.FP8_GEMV_WORDS
+            cuda_fp8.FP8_GEMV_WORDS = 6 - words  # 2 <-> 4
+            t_w = cycled(lambda i, q=q, s=s, y=y: cuda_fp8.gemv(q, s, qws[i], y, ops.ctype))
+            cuda_fp8.FP8_GEMV_WORDS = words
+            it = iter(range(10**9))
+            t_p = kc.graph_time(lambda x=x, y=y, it=it: cuda_fp8.gemv(
+                *cuda_fp8.quantize_rows(x, ops.ctype), qws[next(it) % copies], y, ops.ctype),
+                calls, pdl=True)
+            other = (f"; {6 - words} words/thread {t_w * 1e6:.1f} us; quantize + GEMV PDL chain "
+                     f"{t_p * 1e6:.1f} us")
         kc.row("fp8", f"{name} {n}x{k} M={m} FP8 GEMV", err, t_gemv, n * k + m * k, 2 * m * n * k,
                extra=f"FP8 cuBLASLt {t_lt * 1e6:.1f} us, bf16 {t_bf * 1e6:.1f} us "
-                     f"({t_bf / t_gemv:.2f}x) -> {best}")
+                     f"({t_bf / t_gemv:.2f}x) -> {best}{other}")
     check_fused(ops, kc, rng, name, qws, cycled)
     for m in ((256,) if small else (256, 2048)):
         x = ops.from_host(rng.standard_normal((m, k)).astype(np.float32))
@@ -171,8 +183,14 @@ def decode_step(ops, kc, preset: str = "llama3-8b", ctx: int = 512):
         model = Transformer(config, weights, ops, ctx + 16)
         cache = ops.alloc_kv_cache(config.num_layers, nb, config.num_kv_heads, bs,
                                    config.head_dim)
-        for pdl in (False, True):
+        variants = [(False, {}), (True, {})]
+        if label != "bf16":  # the knobs that PDL may move (cuda_fp8.py), one at a time
+            variants += [(True, {"FP8_FUSED_MAX_N": 0}), (True, {"FP8_GEMV_WORDS": 4})]
+        for pdl, knobs in variants:
             cuda_kernels.PDL = pdl
+            saved = {name: getattr(cuda_fp8, name) for name in knobs}
+            for name, value in knobs.items():
+                setattr(cuda_fp8, name, value)
             g = DecodeGraphs(model, cache, max_num_seqs=1, max_blocks_per_seq=nb,
                              max_context_len=max(ctx + 1, 32768))
             g.capture()
@@ -182,15 +200,18 @@ def decode_step(ops, kc, preset: str = "llama3-8b", ctx: int = 512):
                 out = g.run(ids, pos, meta)
                 cupy.cuda.get_current_stream().synchronize()
                 times.append(time.perf_counter() - t0)
+            for name, value in saved.items():
+                setattr(cuda_fp8, name, value)
             logits[label] = np.asarray(ops.to_host(out), np.float32)
             extra = f"GEMV caps {cuda_gemv.GEMV_MAX_M}/{cuda_fp8.FP8_GEMV_MAX_M}"
             if label == "fp8 + fp8 lm_head":
                 want = logits["fp8"]
                 extra += (f"; logits vs bf16 lm_head: {kc.rel(logits[label], want):.1e} rel, "
                           f"top-1 {'same' if logits[label].argmax() == want.argmax() else 'DIFF'}")
+            knob_text = "".join(f", {n}={v}" for n, v in knobs.items())
             kc.row("fp8", f"decode {preset} B=1 ctx={ctx} graph, {label}, PDL "
-                   f"{'off' if not pdl else 'on' if cuda_kernels.PDL else 'FELL BACK'} "
-                   f"({weights_nbytes(weights) / 1e6:.0f} MB weights)",
+                   f"{'off' if not pdl else 'on' if cuda_kernels.PDL else 'FELL BACK'}"
+                   f"{knob_text} ({weights_nbytes(weights) / 1e6:.0f} MB weights)",
                    "-", statistics.median(times), read + kv, extra=extra)
             del g
         del model, cache

@@ -32,6 +32,11 @@ from engine.model.quantized import QuantizedWeight
 FP8_GEMV_MAX_M = 4
 FP8_GEMV_MAX_M_TALL = 2  # ... for weights of >= 16384 outputs
 GEMV_ROWS_PER_BLOCK = 4  # fp8.cu's F8_R
+# 16-byte weight words per thread per row: a GEMV block has (words of a row) / this threads (64 to
+# 256). 2 as measured so far; 4 halves the threads of a block, so that more blocks are resident
+# (qkv's 1536 blocks of 128 threads take 1.5 waves at 62 registers a thread); kernel_check --only
+# fp8 times both at M = 1.
+FP8_GEMV_WORDS = 2
 # Batch 1: the activation's quantization fused into the GEMV (cuda/fp8_fused.cu) for weights of
 # up to this many outputs (0 turns it off): every one of the N / 8 blocks recomputes the quantized
 # row from L2. On the H200 (kernel_check --only fp8) that pays for the plain quantization of the
@@ -148,7 +153,7 @@ def gemv(q, s, w: QuantizedWeight, out, ctype: str):
     m = q.shape[0]
     n, k = w.data.shape
     words = k // 16
-    threads = min(256, max(64, -(-words // 64) * 32))  # about 2 words per thread per row
+    threads = min(256, max(64, -(-words // (32 * FP8_GEMV_WORDS)) * 32))
     launch(kernel("fp8.cu", f"fp8_gemv_kernel<{ctype}, {m}>", ctype),
            (-(-n // GEMV_ROWS_PER_BLOCK),), (threads,),
            (out, q, s, w.data, w.scale, _i32(n), _i32(k)), pdl=True)
