@@ -2,11 +2,13 @@
 timed at Llama-3-8B shapes against bf16.
 
 - quantization kernels (plain, fused with add + RMSNorm, fused with SiLU-mul): codes and scales
-  bit-exact vs the twin (mismatch counts), time per call;
-- FP8 GEMV (M = 1..8) vs FP8 cuBLASLt vs bf16 GEMV / cuBLAS at the same M (GB/s of weights);
+  bit-exact vs the twin (mismatch counts), time per call, beside the bf16 path's norm / SiLU-mul;
+- FP8 GEMV (M = 1..8) vs FP8 cuBLASLt vs bf16 GEMV / cuBLAS at the same M (GB/s of weights); at
+  M <= 2 also the other FP8_GEMV_WORDS and the quantize + GEMV pair chained by PDL;
 - FP8 cuBLASLt GEMM at M = 256 and 2048 vs bf16 cuBLAS (TFLOP/s), with the scale mode cuBLASLt
   took ("outer": scales in its epilogue; "fp32+scale": fp32 out + fp8_scale_kernel);
-- a batch-1 decode step of Llama-3-8B shapes (CUDA graph), FP8 vs bf16 weights.
+- a batch-1 decode step of Llama-3-8B shapes (CUDA graph): bf16, FP8, FP8 with the lm_head in
+  FP8 too (its logits vs the bf16 lm_head's), PDL off and on, and cuda_fp8's knobs under PDL.
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ def _mismatches(q, s, x_host) -> str:
 
 
 def check_quantize(ops, kc, rng):
-    for rows, k in ((1, 4096), (8, 14336), (2048, 4096)):
+    for rows, k in ((1, 4096), (8, 14336), (2048, 4096), (2048, 14336)):
         x = ops.from_host(rng.standard_normal((rows, k)).astype(np.float32))
         x_h = ops.to_host(x)
         q, s = cuda_fp8.quantize_rows(x, ops.ctype)
@@ -55,13 +57,17 @@ def check_quantize(ops, kc, rng):
         t = kc.graph_time(lambda x=x, res=res, nw=nw: cuda_fp8.norm_quantize(
             x, res, nw, 1e-5, ops.ctype))
         off = int((ops.to_host(h) != ops.to_host(h_ref)).sum())
+        t_bf = kc.graph_time(lambda x=x, res=res, nw=nw: ops.add_rms_norm(x, res, nw, 1e-5))
         kc.row("fp8", f"add+RMSNorm+quantize {rows}x{k}", _mismatches(q, s, ops.to_host(h)), t,
-               rows * k * 7, extra=f"h != rms_norm_kernel's in {off} of {rows * k} (sum order)")
+               rows * k * 7, extra=f"h != rms_norm_kernel's in {off} of {rows * k} (sum "
+                                   f"order); bf16 add_rms_norm {t_bf * 1e6:.1f} us")
         gu = ops.from_host(rng.standard_normal((rows, 2 * k)).astype(np.float32))
         q, s = cuda_fp8.silu_quantize(gu, ops.ctype)
         t = kc.graph_time(lambda gu=gu: cuda_fp8.silu_quantize(gu, ops.ctype))
+        t_bf = kc.graph_time(lambda gu=gu: ops.silu_and_mul(gu))
         kc.row("fp8", f"SiLU-mul+quantize {rows}x{k}", _mismatches(
-            q, s, ops.to_host(ops.silu_and_mul(gu))), t, rows * k * 5)
+            q, s, ops.to_host(ops.silu_and_mul(gu))), t, rows * k * 5,
+            extra=f"bf16 silu_and_mul {t_bf * 1e6:.1f} us")
 
 
 def _twin_err(ops, kc, y, q, s, qw) -> str:
