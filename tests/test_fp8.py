@@ -174,10 +174,11 @@ def golden_logits(weights, config, prompt):
 
 
 @pytest.mark.parametrize("name", ["llama", "qwen2", "qwen3"])
-def test_tiny_golden_model_fp8_logits_close(name):
+def test_tiny_golden_model_fp8_logits_close(name, monkeypatch):
     """Tolerance: logits within 10% relative (Frobenius) of fp32's and no logit off by more than
     0.4 x their std (measured: 4.5-6.3% and 0.16-0.32: E4M3 rounds each operand by ~2.6% RMS, four
     products per layer); the top token agrees at >= 80% of positions."""
+    monkeypatch.setattr(fp8, "LM_HEAD", False)
     folder = GOLDEN_DIR / name
     config = ModelConfig.from_pretrained(folder)
     weights = load_safetensors_weights(folder, config, NumpyOps())
@@ -204,6 +205,7 @@ def test_tiny_golden_model_fp8_lm_head(name, monkeypatch):
     folder = GOLDEN_DIR / name
     config = ModelConfig.from_pretrained(folder)
     weights = load_safetensors_weights(folder, config, NumpyOps())
+    monkeypatch.setattr(fp8, "LM_HEAD", False)
     layers_only = load_safetensors_weights(folder, config, NumpyOps(), quantization="fp8")
     monkeypatch.setattr(fp8, "LM_HEAD", True)
     quantized = load_safetensors_weights(folder, config, NumpyOps(), quantization="fp8")
@@ -297,7 +299,8 @@ def test_quantization_field_and_gguf_refusal(tmp_path):
         load_model(str(tmp_path / "m.gguf"), NumpyOps(), quantization="fp8")
 
 
-def test_dummy_fp8_weights_same_draws():
+def test_dummy_fp8_weights_same_draws(monkeypatch):
+    monkeypatch.setattr(fp8, "LM_HEAD", False)
     config = tiny_model_config()
     ops = NumpyOps()
     plain = dummy_weights(config, ops, seed=3)
@@ -305,7 +308,7 @@ def test_dummy_fp8_weights_same_draws():
     np.testing.assert_array_equal(quantized.layers[1].down.data,
                                   fp8.quantize_weight(plain.layers[1].down).data)
     assert quantized.embed.dtype == np.float32  # the embedding stays float
-    assert quantized.lm_head is quantized.embed  # tied, and fp8.LM_HEAD off by default
+    assert quantized.lm_head is quantized.embed  # tied, fp8.LM_HEAD off
 
 
 def test_dummy_fp8_lm_head_is_a_quantized_copy(monkeypatch):
