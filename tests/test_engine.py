@@ -70,7 +70,7 @@ def run_checked(engine, requests: dict, unfork: bool = False) -> dict:
     for request_id, (prompt, params) in requests.items():
         engine.add_request(request_id, prompt, params)
         if unfork:
-            first = engine.core._requests[request_id].seqs[0]
+            first = engine.core.requests[request_id].seqs[0]
             for child in first.forks:
                 engine.scheduler.add(child)
             first.forks = []

@@ -53,7 +53,7 @@ def test_bad_sampling_settings_fail_their_request_alone(make_engine, reference, 
 
 
 def test_a_failing_stop_check_fails_its_request_alone(make_engine, reference, monkeypatch):
-    import engine.engine_core as core_module
+    import engine.core_postprocess as core_module
 
     check_stop = core_module.check_stop_ids
 

@@ -286,7 +286,7 @@ def test_core_fault_fails_requests_in_flight_naming_the_cause():
 def _make_flaky_core():
     """A core whose stop check fails for requests of max_tokens 7 at their second token (the core
     process is this test's alone, so patching its module is safe)."""
-    import engine.engine_core as core_module
+    import engine.core_postprocess as core_module
 
     check_stop = core_module.check_stop_ids
 
