@@ -26,7 +26,10 @@ Speculative decoding (speculative_config): while few sequences run, a step verif
 synchronously (engine/spec_decode.py); larger batches keep the overlapped loop. Beams never
 speculate (their step reads one row per beam).
 
-This file is the loop. What happens to requests around it lives beside it:
+This file is the loop. How the core is built, and what happens to requests around the loop, live
+beside it:
+    core_setup.py        build_core_parts: backend, model (tensor-parallel group), KV cache sized
+                         to memory, scheduler, runner
     core_requests.py     RequestTable: intake and its checks, seeds, grammars compiling, and how a
                          request ends (finish, fail, abort)
     core_postprocess.py  Postprocessor: a step's sampled rows into its sequences and SeqOutputs
@@ -47,33 +50,18 @@ import functools
 import logging
 from dataclasses import dataclass
 
-from engine.core.block_manager import BlockManager
 from engine.core.introspect import Introspector
 from engine.core.outputs import EngineCoreRequest, EngineDeadError, EngineStats, SeqOutput
-from engine.core.scheduler import Scheduler
 from engine.core.sequence import Sequence
 from engine.core_postprocess import Postprocessor
 from engine.core_requests import RequestTable
+from engine.core_setup import build_core_parts
 from engine.executor.distributed import CommunicatorError
-from engine.executor.ops import get_ops, resolve_device
-from engine.executor.runner import ModelRunner, num_kv_blocks
-from engine.executor.tensor_parallel import release_unused_memory
-from engine.executor.transformer import Transformer
-from engine.executor.workers import WorkerGroup
 from engine.model.config import EngineConfig
-from engine.model.loader import checkpoint_dtype, load_model
 from engine.spec_decode import SpecDecoder
 from engine.structured_outputs import GrammarCompiler
 
 logger = logging.getLogger("pagedserve." + __name__)
-
-
-def auto_dtype(device: str, checkpoint: str) -> str:
-    """dtype="auto": numpy computes in fp32; the GPU keeps fp16 checkpoints in fp16 and runs
-    bf16 and fp32 ones (and dequantized GGUF) in bf16, whose range fp32 weights fit."""
-    if device == "numpy":
-        return "float32"
-    return "float16" if checkpoint == "float16" else "bfloat16"
 
 
 @dataclass(slots=True)
@@ -89,90 +77,25 @@ class EngineCore:
         it to run tiny random models."""
         engine_config.validate()
         self.config = engine_config
-        device = resolve_device(engine_config.device)
-        dtype = engine_config.dtype
-        if dtype == "auto":
-            dtype = auto_dtype(device, loaded_model.config.dtype if loaded_model else
-                               checkpoint_dtype(engine_config.model))
-        self.ops = get_ops(device, dtype, engine_config.cpu_threads)
-        send_weights = loaded_model is not None  # workers cannot load a model given in memory
-        if loaded_model is None:
-            loaded_model = load_model(engine_config.model, self.ops,
-                                      load_format=engine_config.load_format,
-                                      quantization=engine_config.quantization,
-                                      gguf_dequantize=engine_config.gguf_dequantize,
-                                      seed=engine_config.seed)
-        self.model_config = mc = loaded_model.config
-        self.ops.check_model(mc)
-        # Kept for the in-process front (LLMEngine); the core itself reads only its eos id.
-        self.tokenizer = loaded_model.tokenizer
-        self.max_model_len = engine_config.max_model_len or mc.max_position_embeddings
-        if self.max_model_len > mc.max_position_embeddings:
-            logger.warning("max_model_len %d exceeds the model's max_position_embeddings %d",
-                           self.max_model_len, mc.max_position_embeddings)
-        # Tensor parallel: this process is rank 0; `part` is one rank's shape (its heads, its
-        # slice of the MLP), which its transformer and KV cache take.
-        self.workers, part, weights = None, mc, loaded_model.weights
-        if engine_config.tensor_parallel_size > 1:
-            self.workers = WorkerGroup(engine_config, device, dtype, self.ops, loaded_model,
-                                       send_weights)
-            self.ops, part, weights = self.workers.ops, self.workers.config, self.workers.weights
-            loaded_model = None  # only this rank's slice stays
-            release_unused_memory(self.ops)
-        try:
-            self._start(engine_config, mc, part, weights)
-        except BaseException:
-            if self.workers is not None:
-                self.workers.close()
-            raise
-
-    def _start(self, engine_config: EngineConfig, mc, part, weights) -> None:
-        """Model, KV cache, scheduler and runner, on this rank's part of the model."""
-        self.model = Transformer(part, weights, self.ops, self.max_model_len)
-
-        self.num_kv_blocks = num_blocks = num_kv_blocks(part, engine_config, self.ops,
-                                                        self.max_model_len)
-        bs = engine_config.block_size
-        self.kv_cache = self.ops.alloc_kv_cache(part.num_layers, num_blocks, part.num_kv_heads,
-                                                bs, part.head_dim)
-        if num_blocks * bs < self.max_model_len:
-            # A sequence longer than the whole pool could only preempt itself forever.
-            if engine_config.max_model_len is not None:
-                raise ValueError(
-                    f"max_model_len ({self.max_model_len}) is more than the KV cache holds "
-                    f"({num_blocks} blocks x {bs} = {num_blocks * bs} tokens); lower "
-                    "max_model_len or give more num_kv_blocks / gpu_memory_utilization")
-            logger.warning("max_model_len lowered from %d to %d, what the KV cache holds",
-                           self.max_model_len, num_blocks * bs)
-            self.max_model_len = num_blocks * bs
-        self.block_manager = BlockManager(num_blocks, bs, engine_config.enable_prefix_caching)
-        self.scheduler = Scheduler(self.block_manager, engine_config.max_num_seqs,
-                                   engine_config.max_num_batched_tokens, self.max_model_len)
-        eos = list(mc.eos_token_ids)
-        tok_eos = getattr(self.tokenizer, "eos_token_id", None)
-        if tok_eos is not None and tok_eos not in eos:
-            eos.append(tok_eos)
-        self.eos_token_ids = eos
-        if self.workers is not None:
-            self.workers.start_runners(num_blocks, self.max_model_len, eos)
-        self.runner = ModelRunner(mc, engine_config, self.ops, self.model, self.kv_cache,
-                                  eos_token_ids=eos, max_model_len=self.max_model_len,
-                                  workers=self.workers)
+        parts = build_core_parts(engine_config, loaded_model)
+        # The parts (core_setup.py), each an attribute: tools and tests look inside a step.
+        self.ops, self.workers, self.model = parts.ops, parts.workers, parts.model
+        self.kv_cache, self.num_kv_blocks = parts.kv_cache, parts.num_kv_blocks
+        self.block_manager, self.scheduler = parts.block_manager, parts.scheduler
+        self.runner, self.max_model_len = parts.runner, parts.max_model_len
+        self.model_config = mc = parts.model_config
+        self.tokenizer, self.eos_token_ids = parts.tokenizer, parts.eos_token_ids
+        self.grammars = parts.grammars  # a benchmark may set its own (tools/bench_throughput.py)
 
         self.async_scheduling = (self.ops.name == "cuda" if engine_config.async_scheduling is None
                                  else engine_config.async_scheduling)
         self._in_flight: _Launched | None = None  # the launched step whose tokens are unread
-        # Structured outputs need the tokens' bytes: only a model with a tokenizer has them (a
-        # benchmark may set a compiler of its own on dummy weights).
-        self.grammars = None
-        if self.tokenizer is not None:
-            self.grammars = GrammarCompiler.for_tokenizer(self.tokenizer, mc.vocab_size, eos)
         spec = engine_config.speculative_config
         self.spec = SpecDecoder(spec) if spec is not None else None  # None: never speculates
         self.requests = RequestTable(engine_config, self.scheduler, mc.vocab_size,
-                                     self.max_model_len, eos)
-        self.postprocessor = Postprocessor(self.requests, self.scheduler, self.block_manager, eos,
-                                           self.max_model_len, mc.vocab_size)
+                                     self.max_model_len, self.eos_token_ids)
+        self.postprocessor = Postprocessor(self.requests, self.scheduler, self.block_manager,
+                                           self.eos_token_ids, self.max_model_len, mc.vocab_size)
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         self.dead_error: EngineDeadError | None = None  # set once the core cannot go on
