@@ -182,6 +182,25 @@ def extreme_sampling_params(vocab_size: int):
     )
 
 
+def check_sampler_is_total(engine, prompt: dict, params: list, vocab_size: int) -> dict:
+    """Run one request per SamplingParams of `params` (from extreme_sampling_params) to the end:
+    each has its n choices, each ended by a stop rule or its length with token ids inside the
+    vocabulary, and every block is free again. Returns {request_id: final RequestOutput}."""
+    for i, p in enumerate(params):
+        engine.add_request(f"r{i}", prompt, p)
+    final = {}
+    while engine.has_unfinished_requests():
+        final.update((o.request_id, o) for o in engine.step() if o.finished)
+    assert len(final) == len(params)
+    for out in final.values():
+        assert len(out.outputs) == params[int(out.request_id[1:])].n
+        for c in out.outputs:
+            assert c.finish_reason in ("stop", "length"), c
+            assert all(0 <= t < vocab_size for t in c.token_ids), c.token_ids
+    assert engine.get_stats().kv_blocks_used == 0
+    return final
+
+
 # ---- loader fixtures (tests/test_loader.py, test_golden.py) -------------------------------------
 
 
