@@ -9,7 +9,7 @@ import types
 
 import numpy as np
 import pytest
-from conftest import require_gpu, tiny_model_config
+from conftest import require_gpu, sharpen, tiny_model_config
 from test_overlap import compare, ids, random_requests
 
 pytestmark = pytest.mark.gpu
@@ -102,13 +102,7 @@ def _wide_margin_model():
     config = tiny_model_config(4096, architecture="Qwen3ForCausalLM", qk_norm=True, num_heads=8,
                                num_kv_heads=2, head_dim=64, hidden_size=256,
                                intermediate_size=512, tie_word_embeddings=False)
-    w = dummy_weights(config, NumpyOps(), seed=5)
-    w.lm_head *= 10
-    for layer in w.layers:
-        layer.qkv *= 8
-        layer.o *= 4
-        layer.gate_up *= 4
-        layer.down *= 4
+    w = sharpen(dummy_weights(config, NumpyOps(), seed=5))
     dev = CudaOps("bfloat16")
 
     def up(a):
