@@ -26,32 +26,37 @@ from engine.model.config import EngineConfig  # noqa: E402
 # take the other token where its two best were within NEAR_TIE (as tests/test_cuda_overlap.py).
 # A seeded sampled request draws the same random numbers in both runs (bit-equal streams on the
 # numpy backend, tests/test_spec_decode.py), but bf16 noise of ~0.03 in a logit moves a Gumbel-max
-# pick whenever the two best perturbed scores are that close (a few % of tokens): such a request is
-# compared up to its first difference, and the test bounds how many diverge.
+# pick whenever the two best perturbed scores are that close (a few % of tokens, so about half of
+# 25-token requests): a sampled request is compared up to its first difference, and the test asks
+# that the equal prefixes hold at least 40% of the sampled tokens (a wrong verify step, e.g. rejection
+# sampling that draws other numbers, diverges at its first verify: a prefix of 1-2 tokens).
 BF16_LOGPROB_TOL = 0.25
 NEAR_TIE = 0.1
+SAMPLED_PREFIX_SHARE = 0.4
 
 
-def assert_same_or_near_tie(got: dict, want: dict, greedy: set) -> tuple[int, int]:
+def assert_same_or_near_tie(got: dict, want: dict, greedy: set) -> tuple[int, float]:
     """Outputs equal, except that a greedy request may diverge from `want` where want's two best
     tokens were within NEAR_TIE (its requests ask for logprobs=2) and a sampled one anywhere after
-    an equal prefix. Returns how many greedy and how many sampled requests diverged."""
+    an equal prefix. Returns how many greedy requests diverged and the share of the sampled
+    requests' tokens that lie in equal prefixes (1.0 when there are none)."""
     assert set(got) == set(want)
-    diverged = {True: 0, False: 0}
+    diverged, prefix, total = 0, 0, 0
     for request_id in want:
         g, w = got[request_id].outputs[0], want[request_id].outputs[0]
+        at = _first_difference(g.token_ids, w.token_ids)
+        if request_id not in greedy:
+            prefix, total = prefix + at, total + len(w.token_ids)
         if g.token_ids != w.token_ids:
-            at = _first_difference(g.token_ids, w.token_ids)
-            assert g.token_ids[:at] == w.token_ids[:at]
             assert at < min(len(g.token_ids), len(w.token_ids)), (request_id, "length differs")
             if request_id in greedy:
                 best = sorted(w.logprobs[at].values(), reverse=True)
                 assert len(best) >= 2 and best[0] - best[1] < NEAR_TIE, (request_id, at, best)
-            diverged[request_id in greedy] += 1
+                diverged += 1
             continue
         assert g.finish_reason == w.finish_reason, request_id
         assert g.cumulative_logprob == pytest.approx(w.cumulative_logprob, abs=BF16_LOGPROB_TOL)
-    return diverged[True], diverged[False]
+    return diverged, prefix / total if total else 1.0
 
 
 @pytest.fixture(scope="module")
@@ -78,9 +83,9 @@ def test_spec_equals_plain_on_cuda(loaded, eager):
     # every decode step speculates (at most 8 run): every verdict, many times over
     engine = make(speculative_config=spec(k=4, disable_by_batch_size=8))
     engine.core.spec.proposer = OracleProposer(want, 4, seed=0)
-    greedy_diverged, sampled_diverged = assert_same_or_near_tie(drive(engine, requests), want,
-                                                                greedy)
-    assert greedy_diverged <= 2 and sampled_diverged <= 3, (greedy_diverged, sampled_diverged)
+    greedy_diverged, sampled_share = assert_same_or_near_tie(drive(engine, requests), want, greedy)
+    assert greedy_diverged <= 2 and sampled_share >= SAMPLED_PREFIX_SHARE, (greedy_diverged,
+                                                                           sampled_share)
     assert all(engine.core.spec.accepted_hist)
     verified_in_graphs = engine.core.runner.num_graph_verify_steps
     assert verified_in_graphs == 0 if eager else verified_in_graphs > 0
