@@ -121,7 +121,7 @@ def _engine_flags() -> argparse.ArgumentParser:
     g.add_argument("--speculative-config", type=_json_object, default=None, metavar="JSON",
                    help='n-gram speculative decoding, e.g. \'{"method": "ngram", '
                         '"num_speculative_tokens": 3, "prompt_lookup_max": 4, '
-                        '"prompt_lookup_min": 2, "disable_by_batch_size": 8}\' (default: off)')
+                        '"prompt_lookup_min": 2, "disable_by_batch_size": 32}\' (default: off)')
     t = p.add_argument_group("tensor parallel (README: Several GPUs)")
     t.add_argument("--tensor-parallel-size", "-tp", type=_positive_int, default=1, metavar="N",
                    help="split every layer over N GPUs (N processes on cpu); this process is "

@@ -27,9 +27,9 @@ from engine.model.config import EngineConfig  # noqa: E402
 # A seeded sampled request draws the same random numbers in both runs (bit-equal streams on the
 # numpy backend, tests/test_spec_decode.py), but bf16 noise of ~0.03 in a logit moves a Gumbel-max
 # pick whenever the two best perturbed scores are that close (a few % of tokens, so about half of
-# 25-token requests): a sampled request is compared up to its first difference, and the test asks
-# that the equal prefixes hold at least 40% of the sampled tokens (a wrong verify step, e.g. rejection
-# sampling that draws other numbers, diverges at its first verify: a prefix of 1-2 tokens).
+# 25-token requests): a sampled request is compared up to its first difference, and the test
+# asks that the equal prefixes hold at least 40% of the sampled tokens (a wrong verify step, e.g.
+# rejection sampling that draws other numbers, diverges at its first verify: 1-2 tokens).
 BF16_LOGPROB_TOL = 0.25
 NEAR_TIE = 0.1
 SAMPLED_PREFIX_SHARE = 0.4
