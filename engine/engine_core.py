@@ -203,14 +203,14 @@ class EngineCore:
             if not 0 <= t < vocab:
                 raise ValueError(f"prompt_token_ids[{i}] = {t!r}: token id {t} is out of "
                                  f"vocabulary (vocab_size {vocab})")
-        for name, given in (("logit_bias", params.logit_bias), ("stop_token_ids",
-                                                                 params.stop_token_ids)):
-            bad = [t for t in given if not 0 <= t < vocab]
+        for name in ("logit_bias", "stop_token_ids", "allowed_token_ids", "logprob_token_ids"):
+            bad = [t for t in getattr(params, name) or () if not 0 <= t < vocab]
             if bad:  # vLLM's clients look for the ids, the size and "out of vocabulary"
                 raise ParamError(name, f"{name} has token id(s) {bad} out of vocabulary "
                                        f"(vocab_size {vocab})")
         cap = vocab if self.config.max_logprobs == -1 else self.config.max_logprobs
-        for name, k in (("logprobs", params.logprobs), ("prompt_logprobs", params.prompt_logprobs)):
+        top_k = None if params.logprob_token_ids else params.logprobs  # chosen ids: no top-k
+        for name, k in (("logprobs", top_k), ("prompt_logprobs", params.prompt_logprobs)):
             if k is not None and (vocab if k == -1 else k) > cap:
                 asked = f"-1 (the whole vocabulary, {vocab})" if k == -1 else str(k)
                 raise ParamError(name, f"{name} {asked} is more than max_logprobs ({cap}); "
@@ -503,6 +503,10 @@ class EngineCore:
         top = None
         if sampled.top_ids is not None and sampled.top_ids.size:
             top = (sampled.top_ids.tolist(), sampled.top_logprobs.tolist())
+        if sampled.row_logprobs:  # chosen ids or the whole vocabulary instead of the top-k
+            top = top or ([[]] * len(tokens), [[]] * len(tokens))
+            for r, (ids, lps) in sampled.row_logprobs.items():
+                top[0][r], top[1][r] = ids.tolist(), lps.tolist()
         num_appended = 0
         verdicts = None
         if any(seq.matcher is not None for seq in seqs):
@@ -582,7 +586,7 @@ class EngineCore:
         if p.logprobs is not None:
             entry = {}
             if p.logprobs:
-                k = p.logprobs
+                k = None if p.logprobs == -1 else p.logprobs  # -1: the row holds them all
                 # A masked token's logprob is -inf: not a number JSON can carry, and not a
                 # choice the model had.
                 entry = {t: v for t, v in zip(top[0][r][:k], top[1][r][:k], strict=True)
