@@ -166,7 +166,7 @@ def parse_sampling_params(body: dict, *, chat: bool) -> SamplingParams:
     if chat:
         max_tokens = get_field(body, "max_completion_tokens", "int", max_tokens)
         if get_field(body, "logprobs", "bool", False):
-            top = get_field(body, "top_logprobs", "int", 0)
+            top = get_field(body, "top_logprobs", "int", 0)  # checked even when ids replace it
             if not chosen:
                 kw["logprobs"] = top
         elif f("top_logprobs") and body["top_logprobs"] is not None:

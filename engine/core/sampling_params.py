@@ -124,7 +124,7 @@ class SamplingParams:
         self._validate()
 
     def _normalize_token_lists(self):
-        if self.logprob_token_ids is not None and not len(self.logprob_token_ids):
+        if isinstance(self.logprob_token_ids, (list, tuple)) and not self.logprob_token_ids:
             self.logprob_token_ids = None  # asks nothing (vLLM's reading)
         for name in ("logprob_token_ids", "allowed_token_ids"):
             ids = getattr(self, name)
