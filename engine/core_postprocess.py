@@ -50,6 +50,10 @@ class Postprocessor:
         top = None
         if sampled.top_ids is not None and sampled.top_ids.size:
             top = (sampled.top_ids.tolist(), sampled.top_logprobs.tolist())
+        if sampled.row_logprobs:  # chosen ids or the whole vocabulary instead of the top-k
+            top = top or ([[]] * len(tokens), [[]] * len(tokens))
+            for r, (ids, lps) in sampled.row_logprobs.items():
+                top[0][r], top[1][r] = ids.tolist(), lps.tolist()
         num_emitted = 0
         verdicts = None
         if any(seq.matcher is not None for seq in seqs):
@@ -105,7 +109,7 @@ class Postprocessor:
         if p.logprobs is not None:
             entry = {}
             if p.logprobs:
-                k = p.logprobs
+                k = None if p.logprobs == -1 else p.logprobs  # -1: the row holds them all
                 # A masked token's logprob is -inf: not a number JSON can carry, and not a
                 # choice the model had.
                 entry = {t: v for t, v in zip(top[0][r][:k], top[1][r][:k], strict=True)

@@ -114,14 +114,14 @@ class RequestTable:
             if not 0 <= t < vocab:
                 raise ValueError(f"prompt_token_ids[{i}] = {t!r}: token id {t} is out of "
                                  f"vocabulary (vocab_size {vocab})")
-        for name, given in (("logit_bias", params.logit_bias), ("stop_token_ids",
-                                                                 params.stop_token_ids)):
-            bad = [t for t in given if not 0 <= t < vocab]
+        for name in ("logit_bias", "stop_token_ids", "allowed_token_ids", "logprob_token_ids"):
+            bad = [t for t in getattr(params, name) or () if not 0 <= t < vocab]
             if bad:  # vLLM's clients look for the ids, the size and "out of vocabulary"
                 raise ParamError(name, f"{name} has token id(s) {bad} out of vocabulary "
                                        f"(vocab_size {vocab})")
         cap = vocab if config.max_logprobs == -1 else config.max_logprobs
-        for name, k in (("logprobs", params.logprobs), ("prompt_logprobs", params.prompt_logprobs)):
+        top_k = None if params.logprob_token_ids else params.logprobs  # chosen ids: no top-k
+        for name, k in (("logprobs", top_k), ("prompt_logprobs", params.prompt_logprobs)):
             if k is not None and (vocab if k == -1 else k) > cap:
                 asked = f"-1 (the whole vocabulary, {vocab})" if k == -1 else str(k)
                 raise ParamError(name, f"{name} {asked} is more than max_logprobs ({cap}); "

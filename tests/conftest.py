@@ -177,7 +177,8 @@ def extreme_sampling_params(vocab_size: int):
         min_tokens=st.integers(0, 3),
         max_tokens=st.just(3),
         ignore_eos=st.booleans(),
-        logprobs=st.sampled_from([None, 0, 20]),
+        logprobs=st.sampled_from([None, 0, 20, -1]),
+        allowed_token_ids=st.none() | st.lists(token, min_size=1, max_size=4),
         seed=st.sampled_from([None, 0, 1, 2**64 + 5, -7]),
     )
 

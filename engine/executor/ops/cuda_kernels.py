@@ -115,6 +115,8 @@ def kernel_names(file: str, ctype: str) -> list[str]:
         return (["rebuild_counts_kernel", "count_drawn_kernel", "add_logit_bias_kernel"]
                 + [f"adjust_logits_kernel<{t}>" for t in CTYPES.values()]
                 + [f"sample_kernel<{t}>" for t in CTYPES.values()])
+    if file == "sampling_tokens.cu":
+        return ["allow_only_kernel"] + [f"row_logprobs_kernel<{t}>" for t in CTYPES.values()]
     if file == "sampling_greedy.cu":
         return [f"greedy_kernel<{t}>" for t in CTYPES.values()]
     if file == "sampling_bisect.cu":

@@ -28,7 +28,12 @@ from engine.executor.ops.cuda_attention import (
 from engine.executor.ops.cuda_blas import Gemm
 from engine.executor.ops.cuda_kernels import CTYPES, HEAD_DIMS, kernel, kernel_names, launch
 from engine.executor.ops.cuda_quant_gguf import GGUFLinear, is_gguf
-from engine.executor.ops.cuda_sampling import DeviceSample, DeviceTokenCounts, sample_on_device
+from engine.executor.ops.cuda_sampling import (
+    DeviceSample,
+    DeviceTokenCounts,
+    row_logprobs_on_device,
+    sample_on_device,
+)
 from engine.model.quantized import QuantizedWeight
 
 DTYPES = {"float16": np.float16, "bfloat16": np.uint16}
@@ -436,7 +441,8 @@ class CudaOps:
         if prev_sampled is not None:
             def resolve(ids):
                 self.resolve_placeholders(ids, prev_sampled)
-        return DeviceSample(sample_on_device(logits, tensors, ctype, resolve))
+        result = sample_on_device(logits, tensors, ctype, resolve)
+        return DeviceSample(result, row_logprobs_on_device(logits, tensors, ctype), tensors)
 
     def resolve_placeholders(self, ids, prev_sampled) -> None:
         """In place on the device: placeholder ids (<= -2) become the previous step's sampled

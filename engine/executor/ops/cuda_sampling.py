@@ -25,6 +25,7 @@ import numpy as np
 
 from engine.executor.ops import SamplerOutput, SamplingTensors
 from engine.executor.ops.cuda_kernels import kernel
+from engine.executor.ops.numpy_sampling import gather_row_logprobs
 
 NUM_PARAMS = 10  # words per row, laid out as in cuda/sampling_common.cuh
 SAMPLER = "select"  # or "bisect": the previous kernel
@@ -95,6 +96,9 @@ def upload(t: SamplingTensors, resolve=None) -> dict:
     if t.bias_ids is not None and t.bias_ids.size:
         dev["bias"] = (cupy.asarray(np.ascontiguousarray(t.bias_ids, np.int32)),
                        cupy.asarray(np.ascontiguousarray(t.bias_values, np.float32)))
+    dev["allowed"] = None if t.allowed_rows is None else (
+        cupy.asarray(np.ascontiguousarray(t.allowed_rows, np.int32)),
+        cupy.asarray(np.ascontiguousarray(t.allowed_ids, np.int32)))
     return dev
 
 
@@ -104,7 +108,7 @@ def launch(logits: cupy.ndarray, t: SamplingTensors, dev: dict, ctype: str) -> c
     rows, vocab = logits.shape
     n_lp = int(t.num_logprobs)
     if (SAMPLER == "select" and t.all_greedy and n_lp == 0 and dev["slots"] is None
-            and dev["bias"] is None):
+            and dev["bias"] is None and dev["allowed"] is None):
         return greedy(logits, ctype)
     params, i32, null = dev["params"], np.int32, np.uint64(0)
     slots, counts = dev["slots"], t.count_table
@@ -120,7 +124,8 @@ def launch(logits: cupy.ndarray, t: SamplingTensors, dev: dict, ctype: str) -> c
             (rows,), (256,), (counts.counts, counts.seen, slots, prompt, output, i32(rows),
                               i32(p_len), i32(o_len), i32(vocab), i32(counts.words)))
     adjusted = null
-    if dev["bias"] is not None or (SAMPLER == "bisect" and counts is not None):
+    if (dev["bias"] is not None or dev["allowed"] is not None
+            or (SAMPLER == "bisect" and counts is not None)):
         adjusted = cupy.empty((rows, vocab), cupy.float32)
         kernel("sampling.cu", f"adjust_logits_kernel<{ctype}>")(
             (rows, -(-vocab // 256)), (256,),
@@ -130,6 +135,11 @@ def launch(logits: cupy.ndarray, t: SamplingTensors, dev: dict, ctype: str) -> c
             ids, values = dev["bias"]
             kernel("sampling.cu", "add_logit_bias_kernel")(
                 (rows,), (1,), (adjusted, ids, values, i32(ids.shape[1]), i32(vocab)))
+        if dev["allowed"] is not None:
+            which, allowed = dev["allowed"]
+            kernel("sampling_tokens.cu", "allow_only_kernel")(
+                (-(-vocab // 256), len(which)), (256,),
+                (adjusted, which, allowed, i32(allowed.shape[1]), i32(vocab)))
     result = cupy.empty((rows, 2 + 2 * n_lp), cupy.int32)
     if SAMPLER == "bisect":
         probs = null if t.all_greedy else cupy.empty((rows, vocab), cupy.float32)
@@ -183,33 +193,66 @@ def sample_on_device(logits: cupy.ndarray, t: SamplingTensors, ctype: str,
     return launch(logits, t, upload(t, resolve), ctype)
 
 
+def row_logprobs_on_device(logits: cupy.ndarray, t: SamplingTensors, ctype: str) -> tuple | None:
+    """Queue the logprobs of the rows that want chosen ids or the whole vocabulary (nothing
+    when no row does): (chosen (N, max_ids), full (F, vocab)) float32 on the device, either
+    None."""
+    # logits (R, vocab), float32 / half / bf16 as uint16
+    if t.logprob_rows is None and t.full_logprob_rows is None:
+        return None
+    vocab, fn = logits.shape[1], kernel("sampling_tokens.cu", f"row_logprobs_kernel<{ctype}>")
+
+    def run(rows: np.ndarray, ids: np.ndarray | None) -> cupy.ndarray:
+        width = vocab if ids is None else ids.shape[1]
+        out = cupy.empty((len(rows), width), cupy.float32)
+        fn((len(rows),), (1024,), (out, logits, cupy.asarray(rows.astype(np.int32)),
+                                   np.uint64(0) if ids is None else cupy.asarray(ids, np.int32),
+                                   np.int32(width), np.int32(vocab)))
+        return out
+
+    return (None if t.logprob_rows is None else run(t.logprob_rows, t.logprob_ids),
+            None if t.full_logprob_rows is None else run(t.full_logprob_rows, None))
+
+
 class DeviceSample:
     """Sampled ids on their way to the host: a copy into pinned memory, then an event."""
 
-    __slots__ = ("token_ids", "_mem", "_host", "_event")
+    __slots__ = ("token_ids", "_mems", "_hosts", "_event", "_tensors")
 
-    def __init__(self, result: cupy.ndarray):
-        # result (R, 2 + 2 * num_logprobs) int32, from sample_on_device
+    def __init__(self, result: cupy.ndarray, row_logprobs: tuple | None = None,
+                 tensors: SamplingTensors | None = None):
+        # result (R, 2 + 2 * num_logprobs) int32, from sample_on_device; row_logprobs from
+        # row_logprobs_on_device with the tensors they were asked by
         self.token_ids = result  # column 0: what the next step's placeholders read
         stream = cupy.cuda.get_current_stream()
-        # A buffer of its own from CuPy's pinned pool: the step after this one copies into
-        # another while this one may still be unread (that is the double buffering).
-        self._mem = cupy.cuda.alloc_pinned_memory(max(4, result.nbytes))
-        self._host = np.frombuffer(self._mem, np.int32, result.size).reshape(result.shape)
-        if result.size:
-            cupy.cuda.runtime.memcpyAsync(self._host.ctypes.data, result.data.ptr, result.nbytes,
-                                          cupy.cuda.runtime.memcpyDeviceToHost, stream.ptr)
+        self._tensors = tensors
+        self._mems, self._hosts = [], []
+        for a in (result, *(row_logprobs or ())):
+            # A buffer of its own from CuPy's pinned pool: the step after this one copies into
+            # another while this one may still be unread (that is the double buffering).
+            host = None
+            if a is not None:
+                mem = cupy.cuda.alloc_pinned_memory(max(4, a.nbytes))
+                host = np.frombuffer(mem, a.dtype, a.size).reshape(a.shape)
+                self._mems.append(mem)
+                if a.size:
+                    cupy.cuda.runtime.memcpyAsync(host.ctypes.data, a.data.ptr, a.nbytes,
+                                                  cupy.cuda.runtime.memcpyDeviceToHost,
+                                                  stream.ptr)
+            self._hosts.append(host)
         self._event = cupy.cuda.Event(disable_timing=True)
         self._event.record(stream)
 
     def wait(self) -> SamplerOutput:
-        """The SamplerOutput once the copy has landed (blocks until then)."""
+        """The SamplerOutput once the copies have landed (blocks until then)."""
         self._event.synchronize()
-        host = self._host
+        host = self._hosts[0]
         n_lp = (host.shape[1] - 2) // 2
         out = SamplerOutput(host[:, 0].copy(), host[:, 1].copy().view(np.float32))
         if n_lp > 0:
             out.top_ids = host[:, 2 : 2 + n_lp].copy()
             out.top_logprobs = host[:, 2 + n_lp :].copy().view(np.float32)
-        self._host = self._mem = None  # back to the pool: nothing writes it any more
+        if len(self._hosts) > 1:  # copied out by gather_row_logprobs
+            out.row_logprobs = gather_row_logprobs(self._tensors, *self._hosts[1:])
+        self._hosts = self._mems = None  # back to the pool: nothing writes them any more
         return out
