@@ -43,6 +43,8 @@ The *_MAX_M caps below bound all of these (0 turns a path off: tools/kernel_chec
 
 from __future__ import annotations
 
+import os
+
 import cupy
 import numpy as np
 
@@ -54,8 +56,17 @@ GEMV_MAX_M = 8  # rows (tokens) up to which linear() may take the GEMV; 0 = alwa
 NORM_GEMV_MAX_M = 4  # rows up to which add_rms_norm_linear() may fuse the residual add and norm
 NORM_GEMV_MAX_N = None  # outputs up to which the fused add + norm is used (None: any)
 GLU_GEMV_MAX_M = 4  # rows up to which mlp() may fuse the SiLU-and-mul into the gate_up GEMV
+# qkv_rope_kv() at batch 1: the per-head q/k norm + RoPE + KV store in the qkv GEMV's last block
+# per head (gemv.cu's norm_gemv_rope_kernel), one launch fewer per layer. Off until a device run
+# has measured it: PAGEDSERVE_ROPE_GEMV=1.
+ROPE_GEMV = os.environ.get("PAGEDSERVE_ROPE_GEMV", "0") == "1"
+MAX_ROPE_HEADS = 1024  # tickets CudaOps keeps for it: nh + 2 nkv heads at most
 GEMV_R = 4  # gemv.cu's weight rows per block
 GEMV_EARLY = 1  # gemv.cu's flag: trigger the next kernel before waiting for the previous
+# Threads per block for K < 2048 and for larger K. Fewer threads make more, smaller blocks, more
+# of them resident at once, so more of a GEMV's weights stream before its PDL wait (each thread
+# requests GEMV_U words of each of its rows first); kernel_check's step section measures both.
+GEMV_THREADS = (128, 256)
 
 
 def gemv_max_rows(n: int, k: int) -> int:
@@ -104,7 +115,8 @@ def _launch(y, res_out, x, residual, norm_w, w, eps: float, ctype: str, glu: boo
     outputs = n // 2 if glu else n
     null = np.uint64(0)
     flags = GEMV_EARLY if cuda_kernels.PDL_EARLY else 0
-    launch(kernel("gemv.cu", name, ctype), (-(-outputs // rows),), (256 if k >= 2048 else 128,),
+    threads = GEMV_THREADS[k >= 2048]
+    launch(kernel("gemv.cu", name, ctype), (-(-outputs // rows),), (threads,),
            (y, null if res_out is None else res_out, x, null if residual is None else residual,
             null if norm_w is None else norm_w, w, np.int32(n), np.int32(k), np.float32(eps),
             np.int32(flags)), pdl=True)
@@ -133,3 +145,25 @@ def norm_gemv(x, residual, norm_w, w, eps: float, ctype: str, glu: bool = False)
     res_out = cupy.empty_like(x)
     _launch(y, res_out, x, residual, norm_w, w, eps, ctype, glu)
     return y, res_out
+
+
+def norm_gemv_rope(x, residual, norm_w, w, eps: float, ctype: str, cs_type: str, head_dim: int,
+                   rope_args: tuple, num_heads: int, num_kv_heads: int, block_size: int,
+                   tickets: cupy.ndarray):
+    """(qkv, res_out) of one token: norm_gemv, then the per-head bias / q-k norm / RoPE / KV
+    store (qk_rope_kv.cuh) in the GEMV's last block per head. One launch. rope_args:
+    (k_cache, v_cache, positions, slot_mapping, cos_sin, q_weight, k_weight, bias), checked by
+    CudaOps._rope_kv_args; eps serves both norms."""
+    n, k = w.shape
+    if n // head_dim > len(tickets):
+        raise ValueError(f"norm_gemv_rope: {n // head_dim} heads > {len(tickets)} tickets")
+    qkv = cupy.empty((1, n), x.dtype)
+    res_out = cupy.empty_like(x)
+    flags = GEMV_EARLY if cuda_kernels.PDL_EARLY else 0
+    launch(kernel("gemv.cu", f"norm_gemv_rope_kernel<{ctype}, {cs_type}, {head_dim}>", ctype),
+           (n // GEMV_R,), (GEMV_THREADS[k >= 2048],),
+           (qkv, res_out, x, np.uint64(0) if residual is None else residual, norm_w, w,
+            np.int32(n), np.int32(k), np.float32(eps), np.int32(flags), *rope_args,
+            np.float32(eps), np.int32(num_heads), np.int32(num_kv_heads), np.int32(block_size),
+            tickets), pdl=True)
+    return qkv, res_out

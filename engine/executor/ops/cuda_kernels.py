@@ -85,7 +85,9 @@ def kernel_names(file: str, ctype: str) -> list[str]:
     if file == "gemv.cu":  # <T, M, NORM, GLU>
         return ([f"gemv_kernel<{ctype}, {m}, false, false>" for m in range(1, 9)]
                 + [f"gemv_kernel<{ctype}, {m}, {n}, {g}>" for m in range(1, 5)
-                   for n, g in (("true", "false"), ("false", "true"), ("true", "true"))])
+                   for n, g in (("true", "false"), ("false", "true"), ("true", "true"))]
+                + [f"norm_gemv_rope_kernel<{ctype}, {cs}, {d}>" for cs in (ctype, "float")
+                   for d in HEAD_DIMS])
     if file == "fp8.cu":
         return ([f"fp8_{k}_kernel<{ctype}>" for k in ("quantize", "silu_quantize",
                                                       "norm_quantize", "scale")]

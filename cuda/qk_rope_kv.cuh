@@ -1,0 +1,69 @@
+// The per-head work between the qkv GEMM and attention: the qkv bias (Qwen2), the per-head q/k
+// RMSNorm (Qwen3), RoPE on q and k, and the k/v store into the paged cache. One warp does one
+// (token, head); qk_rope_kv.cu launches it over all of them, gemv.cu's norm_gemv_rope_kernel runs
+// it in the last GEMV block to finish each head.
+#pragma once
+#include "common.cuh"
+
+// Lane l holds elements l, l + 32, ... of the head, so the rotary partner of element j
+// (j + HD / 2) sits in the same lane and every store of a head is a coalesced row.
+// NOTE: each stage rounds to T before the next, as the unfused kernels (and HF) do, so the fused
+// path is bit-identical to add_bias -> qk_norm -> rope -> write_kv_cache.
+// NOTE: the head is read through L2 (__ldcg): in norm_gemv_rope_kernel other blocks wrote it.
+// q_weight / k_weight null: no q/k norm; bias null: no bias; slot -1: k/v not stored.
+template <typename T, typename CS, int HD>
+__device__ __forceinline__ void qk_rope_kv_head(
+    T* __restrict__ qkv,                   // [num_tokens, (nh + 2 nkv) * HD], q and k updated
+    T* __restrict__ k_cache,               // [num_blocks, nkv, block_size, HD]
+    T* __restrict__ v_cache,               // [num_blocks, nkv, block_size, HD]
+    const int* __restrict__ positions,     // [num_tokens]
+    const int* __restrict__ slot_mapping,  // [num_tokens]
+    const CS* __restrict__ cos_sin,        // [max_positions, HD]: cos of HD/2 freqs, then sin
+    const T* __restrict__ q_weight,        // [HD] or null
+    const T* __restrict__ k_weight,        // [HD] or null
+    const T* __restrict__ bias,            // [(nh + 2 nkv) * HD] or null
+    float eps, long t, int h, int num_heads, int num_kv_heads, int block_size, int lane) {
+  constexpr int PER = HD / 32, HALF = PER / 2;
+  const int heads = num_heads + 2 * num_kv_heads;
+  T* p = qkv + t * heads * HD + (long)h * HD;
+  float v[PER];
+#pragma unroll
+  for (int i = 0; i < PER; i++) {
+    v[i] = to_float(__ldcg(p + lane + 32 * i));
+    if (bias != nullptr) v[i] = to_float(from_float<T>(v[i] + to_float(bias[h * HD + lane + 32 * i])));
+  }
+  const bool is_q = h < num_heads, is_v = h >= num_heads + num_kv_heads;
+  if (!is_v) {
+    const T* w = is_q ? q_weight : k_weight;
+    if (w != nullptr) {
+      float ss = 0.f;
+#pragma unroll
+      for (int i = 0; i < PER; i++) ss += v[i] * v[i];
+      const float inv = rsqrtf(warp_sum(ss) / HD + eps);
+#pragma unroll
+      for (int i = 0; i < PER; i++)
+        v[i] = to_float(from_float<T>(v[i] * inv * to_float(w[lane + 32 * i])));
+    }
+    const long pos = positions[t];
+#pragma unroll
+    for (int i = 0; i < HALF; i++) {
+      const int j = lane + 32 * i;
+      const float c = to_float(cos_sin[pos * HD + j]), s = to_float(cos_sin[pos * HD + HD / 2 + j]);
+      const float x1 = v[i], x2 = v[i + HALF];
+      v[i] = to_float(from_float<T>(x1 * c - x2 * s));
+      v[i + HALF] = to_float(from_float<T>(x2 * c + x1 * s));
+    }
+  }
+  if (!is_v || bias != nullptr) {
+#pragma unroll
+    for (int i = 0; i < PER; i++) p[lane + 32 * i] = from_float<T>(v[i]);
+  }
+  if (is_q) return;
+  const long slot = slot_mapping[t];
+  if (slot < 0) return;
+  const int kvh = is_v ? h - num_heads - num_kv_heads : h - num_heads;
+  T* cache = (is_v ? v_cache : k_cache) +
+             (((slot / block_size) * num_kv_heads + kvh) * block_size + slot % block_size) * HD;
+#pragma unroll
+  for (int i = 0; i < PER; i++) cache[lane + 32 * i] = from_float<T>(v[i]);
+}
