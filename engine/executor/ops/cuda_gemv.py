@@ -107,7 +107,8 @@ def use_norm_gemv(x: cupy.ndarray, residual, norm_w: cupy.ndarray, w: cupy.ndarr
             and norm_gemv_fits(x, residual, norm_w, w, min(1, NORM_GEMV_MAX_M)))
 
 
-def _launch(y, res_out, x, residual, norm_w, w, eps: float, ctype: str, glu: bool):
+def _launch(y, res_out, x, residual, norm_w, w, eps: float, ctype: str, glu: bool,
+            pdl: bool = True):
     m, (n, k) = x.shape[0], w.shape
     norm = norm_w is not None
     name = f"gemv_kernel<{ctype}, {m}, {str(norm).lower()}, {str(glu).lower()}>"
@@ -119,14 +120,15 @@ def _launch(y, res_out, x, residual, norm_w, w, eps: float, ctype: str, glu: boo
     launch(kernel("gemv.cu", name, ctype), (-(-outputs // rows),), (threads,),
            (y, null if res_out is None else res_out, x, null if residual is None else residual,
             null if norm_w is None else norm_w, w, np.int32(n), np.int32(k), np.float32(eps),
-            np.int32(flags)), pdl=True)
+            np.int32(flags)), pdl=pdl)
 
 
-def gemv(x: cupy.ndarray, w: cupy.ndarray, out: cupy.ndarray, ctype: str):
+def gemv(x: cupy.ndarray, w: cupy.ndarray, out: cupy.ndarray, ctype: str,
+         w_is_fresh: bool = False):
     """out (M, N) = x (M, K) @ w (N, K)^T. One launch. NOTE: under PDL the kernel reads w
-    before waiting for the previous kernel: w must be a weight, never the output of a kernel of
-    the same stream."""
-    _launch(out, None, x, None, None, w, 0.0, ctype, glu=False)
+    before waiting for the previous kernel, so a w that a kernel of the same stream has just
+    written (a dequantized scratch weight) needs w_is_fresh: a plain launch."""
+    _launch(out, None, x, None, None, w, 0.0, ctype, glu=False, pdl=not w_is_fresh)
     return out
 
 
