@@ -22,7 +22,7 @@
 // GLU (the MLP's gate_up, w = [gate (I rows); up (I rows)]): block b takes gate rows R/2 * b ..
 //   and the same up rows, and stores silu(gate) * up (M, I) instead of gate_up (M, 2I), as
 //   silu_and_mul_kernel would from the rounded gate_up: the down GEMV then reads plain input.
-#include "qk_rope_kv.cuh"
+#include "common.cuh"
 
 constexpr int GEMV_R = 4;           // weight rows per block
 constexpr int GEMV_U = 2;           // 16-byte words per weight row in flight per thread
@@ -35,14 +35,20 @@ __device__ __forceinline__ void to_float8(const uint4& w, float* f) {
   for (int e = 0; e < 8; e++) f[e] = to_float(h[e]);
 }
 
-// One block's work (gemv_kernel's arguments); every thread returns from it, none early.
+// flags: PDL_EARLY (common.cuh).
+// Grid: (ceil(N / R)); GLU: (ceil(N / 2 / (R / 2)))  Block: (64, 128 or 256; a multiple of 32)
+// K is a multiple of 8 and every pointer 16-byte aligned (checked by the caller, cuda_gemv.py).
+// NOTE: under PDL the first weight words are requested before pdl_wait(): w must never be the
+// output of a kernel of the same stream.
 template <typename T, int M, bool NORM, bool GLU>
-__device__ __forceinline__ void gemv_block(T* __restrict__ y, T* __restrict__ res_out,
-                                           const T* __restrict__ x,
-                                           const T* __restrict__ residual,
-                                           const T* __restrict__ norm_w,
-                                           const T* __restrict__ w, int N, int K, float eps,
-                                           int flags) {
+__global__ void __launch_bounds__(256) gemv_kernel(
+    T* __restrict__ y,               // [M, N] ([M, N / 2] with GLU)
+    T* __restrict__ res_out,         // [M, K] with NORM, else unused
+    const T* __restrict__ x,         // [M, K]
+    const T* __restrict__ residual,  // [M, K] or null (NORM only)
+    const T* __restrict__ norm_w,    // [K] (NORM only)
+    const T* __restrict__ w,         // [N, K]
+    int N, int K, float eps, int flags) {
   constexpr int H = GEMV_R / 2;  // GLU: gate rows (and up rows) per block
   __shared__ float red[GEMV_MAX_WARPS][M * GEMV_R + M];
   const int words = K / 8, half = N / 2;
@@ -156,66 +162,6 @@ __device__ __forceinline__ void gemv_block(T* __restrict__ y, T* __restrict__ re
   }
 }
 
-// flags: PDL_EARLY (common.cuh).
-// Grid: (ceil(N / R)); GLU: (ceil(N / 2 / (R / 2)))  Block: (64, 128 or 256; a multiple of 32)
-// K is a multiple of 8 and every pointer 16-byte aligned (checked by the caller, cuda_gemv.py).
-// NOTE: under PDL the first weight words are requested before pdl_wait(): w must never be the
-// output of a kernel of the same stream.
-template <typename T, int M, bool NORM, bool GLU>
-__global__ void __launch_bounds__(256) gemv_kernel(
-    T* __restrict__ y,               // [M, N] ([M, N / 2] with GLU)
-    T* __restrict__ res_out,         // [M, K] with NORM, else unused
-    const T* __restrict__ x,         // [M, K]
-    const T* __restrict__ residual,  // [M, K] or null (NORM only)
-    const T* __restrict__ norm_w,    // [K] (NORM only)
-    const T* __restrict__ w,         // [N, K]
-    int N, int K, float eps, int flags) {
-  gemv_block<T, M, NORM, GLU>(y, res_out, x, residual, norm_w, w, N, K, eps, flags);
-}
-
-// A layer's first GEMV with everything up to attention in it (batch 1): the add + RMSNorm
-// prologue (NORM above), y = qkv, then the per-head bias / q-k norm / RoPE / KV-cache store of
-// qk_rope_kv.cuh, which needs a whole head (HD rows, HD / R blocks): each block takes a ticket
-// for its head once its outputs are stored, and the block that takes the head's last ticket does
-// the head (the threadfence-reduction pattern). It hands its ticket counter back to 0 for the
-// next launch. One launch instead of two.
-// Grid: (N / R)  Block: (64, 128 or 256)
-template <typename T, typename CS, int HD>
-__global__ void __launch_bounds__(256) norm_gemv_rope_kernel(
-    T* __restrict__ qkv,             // [1, (nh + 2 nkv) * HD] = N
-    T* __restrict__ res_out,         // [1, K]
-    const T* __restrict__ x,         // [1, K]
-    const T* __restrict__ residual,  // [1, K] or null
-    const T* __restrict__ norm_w,    // [K]
-    const T* __restrict__ w,         // [N, K]
-    int N, int K, float eps, int flags,
-    T* __restrict__ k_cache,               // [num_blocks, nkv, block_size, HD]
-    T* __restrict__ v_cache,               // [num_blocks, nkv, block_size, HD]
-    const int* __restrict__ positions,     // [1]
-    const int* __restrict__ slot_mapping,  // [1]
-    const CS* __restrict__ cos_sin,        // [max_positions, HD]
-    const T* __restrict__ q_weight,        // [HD] or null
-    const T* __restrict__ k_weight,        // [HD] or null
-    const T* __restrict__ bias,            // [N] or null
-    float qk_eps, int num_heads, int num_kv_heads, int block_size,
-    unsigned* __restrict__ tickets) {      // [nh + 2 nkv], 0 between launches
-  static_assert(HD % GEMV_R == 0, "a block's rows lie in one head");
-  __shared__ bool last;
-  gemv_block<T, 1, true, false>(qkv, res_out, x, residual, norm_w, w, N, K, eps, flags);
-  const int h = blockIdx.x * GEMV_R / HD;
-  __threadfence();  // this thread's qkv stores are visible before its block takes a ticket
-  __syncthreads();
-  if (threadIdx.x == 0) last = atomicAdd(tickets + h, 1u) == HD / GEMV_R - 1;
-  __syncthreads();
-  if (!last) return;
-  __threadfence();  // every other block of the head stored its rows before its ticket
-  if (threadIdx.x < 32)
-    qk_rope_kv_head<T, CS, HD>(qkv, k_cache, v_cache, positions, slot_mapping, cos_sin, q_weight,
-                               k_weight, bias, qk_eps, 0, h, num_heads, num_kv_heads, block_size,
-                               threadIdx.x);
-  if (threadIdx.x == 0) tickets[h] = 0u;
-}
-
 #ifdef PAGEDSERVE_NVCC_CHECK
 #define INSTANTIATE(T, M, NORM, GLU)                                                            \
   template __global__ void gemv_kernel<T, M, NORM, GLU>(T*, T*, const T*, const T*, const T*,   \
@@ -228,10 +174,4 @@ INSTANTIATE(__half, 4, true, false)
 INSTANTIATE(__nv_bfloat16, 2, false, true)
 INSTANTIATE(__nv_bfloat16, 1, true, true)
 INSTANTIATE(__half, 4, true, true)
-#define INSTANTIATE_ROPE(T, CS, HD)                                                             \
-  template __global__ void norm_gemv_rope_kernel<T, CS, HD>(                                    \
-      T*, T*, const T*, const T*, const T*, const T*, int, int, float, int, T*, T*, const int*,  \
-      const int*, const CS*, const T*, const T*, const T*, float, int, int, int, unsigned*);
-INSTANTIATE_ROPE(__half, float, 128)
-INSTANTIATE_ROPE(__nv_bfloat16, __nv_bfloat16, 64)
 #endif

@@ -2,10 +2,14 @@
 // the per-head q/k RMSNorm (Qwen3), RoPE on q and k, and the k/v store into the paged cache.
 // It replaces up to four launches (add_bias, qk_norm, rope, write_kv_cache) and reads the qkv row
 // once. Its numpy twin is NumpyOps.qk_norm_rope_kv_write, the composition of those four ops.
-#include "qk_rope_kv.cuh"
+#include "common.cuh"
 
-// One warp per (token, head) over q heads, then k heads, then v heads of the fused qkv row
-// (qk_rope_kv.cuh has the per-head work and its NOTEs).
+// One warp per (token, head) over q heads, then k heads, then v heads of the fused qkv row; lane l
+// holds elements l, l + 32, ... of the head, so the rotary partner of element j (j + HD / 2) sits in
+// the same lane and every store of a head is a coalesced row.
+// NOTE: each stage rounds to T before the next, as the unfused kernels (and HF) do, so the fused
+// path is bit-identical to add_bias -> qk_norm -> rope -> write_kv_cache.
+// q_weight / k_weight null: no q/k norm; bias null: no bias; slot -1: k/v not stored.
 // flags: PDL_EARLY (common.cuh).
 // Grid: (ceil(num_tokens * (num_heads + 2 * num_kv_heads) / 4))  Block: (128)
 template <typename T, typename CS, int HD>
@@ -20,13 +24,55 @@ __global__ void __launch_bounds__(128) qk_norm_rope_kv_kernel(
     const T* __restrict__ k_weight,        // [HD] or null
     const T* __restrict__ bias,            // [(nh + 2 nkv) * HD] or null
     float eps, int num_tokens, int num_heads, int num_kv_heads, int block_size, int flags) {
+  constexpr int PER = HD / 32, HALF = PER / 2;
   pdl_enter(flags);
   const int heads = num_heads + 2 * num_kv_heads;
   const long warp = (long)blockIdx.x * 4 + (threadIdx.x >> 5);
+  const int lane = threadIdx.x & 31;
   if (warp >= (long)num_tokens * heads) return;
-  qk_rope_kv_head<T, CS, HD>(qkv, k_cache, v_cache, positions, slot_mapping, cos_sin, q_weight,
-                             k_weight, bias, eps, warp / heads, warp % heads, num_heads,
-                             num_kv_heads, block_size, threadIdx.x & 31);
+  const long t = warp / heads;
+  const int h = warp % heads;
+  T* p = qkv + t * heads * HD + (long)h * HD;
+  float v[PER];
+#pragma unroll
+  for (int i = 0; i < PER; i++) {
+    v[i] = to_float(p[lane + 32 * i]);
+    if (bias != nullptr) v[i] = to_float(from_float<T>(v[i] + to_float(bias[h * HD + lane + 32 * i])));
+  }
+  const bool is_q = h < num_heads, is_v = h >= num_heads + num_kv_heads;
+  if (!is_v) {
+    const T* w = is_q ? q_weight : k_weight;
+    if (w != nullptr) {
+      float ss = 0.f;
+#pragma unroll
+      for (int i = 0; i < PER; i++) ss += v[i] * v[i];
+      const float inv = rsqrtf(warp_sum(ss) / HD + eps);
+#pragma unroll
+      for (int i = 0; i < PER; i++)
+        v[i] = to_float(from_float<T>(v[i] * inv * to_float(w[lane + 32 * i])));
+    }
+    const long pos = positions[t];
+#pragma unroll
+    for (int i = 0; i < HALF; i++) {
+      const int j = lane + 32 * i;
+      const float c = to_float(cos_sin[pos * HD + j]), s = to_float(cos_sin[pos * HD + HD / 2 + j]);
+      const float x1 = v[i], x2 = v[i + HALF];
+      v[i] = to_float(from_float<T>(x1 * c - x2 * s));
+      v[i + HALF] = to_float(from_float<T>(x2 * c + x1 * s));
+    }
+  }
+  if (!is_v || bias != nullptr) {
+#pragma unroll
+    for (int i = 0; i < PER; i++) p[lane + 32 * i] = from_float<T>(v[i]);
+  }
+  if (is_q) return;
+  const long slot = slot_mapping[t];
+  if (slot < 0) return;
+  const int kvh = is_v ? h - num_heads - num_kv_heads : h - num_heads;
+  T* cache = (is_v ? v_cache : k_cache) +
+             (((slot / block_size) * num_kv_heads + kvh) * block_size + slot % block_size) * HD;
+#pragma unroll
+  for (int i = 0; i < PER; i++) cache[lane + 32 * i] = from_float<T>(v[i]);
 }
 
 #ifdef PAGEDSERVE_NVCC_CHECK

@@ -4,10 +4,9 @@ Counted on the numpy backend through a recording wrapper, so CI holds the count.
 backend each op is one kernel launch except where noted; a Qwen3 decode layer at batch 1
 (CUDA graphs, split attention) launches:
 
-    before (11 ops, 12 kernels)               after (4 ops, 7 kernels; 6 with ROPE_GEMV)
-    add_rms_norm, linear qkv (cuBLAS)         qkv_rope_kv: qkv GEMV with the add + norm
-    qk_norm, rope, write_kv_cache               before it (gemv.cu), then qk_rope_kv.cu (or
-                                                the GEMV's last block per head does it)
+    before (11 ops, 12 kernels)               after (5 ops, 7 kernels)
+    add_rms_norm, linear qkv (cuBLAS)         add_rms_norm_linear     (gemv.cu: add + norm + GEMV)
+    qk_norm, rope, write_kv_cache             qk_norm_rope_kv_write   (qk_rope_kv.cu)
     attention             (decode + reduce)   attention               (decode + reduce)
     linear o              (cuBLAS)            linear o                (gemv.cu, M <= 8)
     add_rms_norm, linear gate_up (cuBLAS)     mlp: gate_up GEMV with the add + norm before it
@@ -32,7 +31,8 @@ from engine.model.loader import dummy_weights
 
 # all_reduce (and gather_vocab after the LM head) are identities on one rank: no launch; under
 # tensor parallelism they are the collectives (engine/executor/tensor_parallel.py).
-LAYER_OPS = ["qkv_rope_kv", "attention", "linear", "all_reduce", "mlp", "all_reduce"]
+LAYER_OPS = ["add_rms_norm_linear", "qk_norm_rope_kv_write", "attention", "linear", "all_reduce",
+             "mlp", "all_reduce"]
 
 
 class RecordingOps:

@@ -209,15 +209,18 @@ def check_gemv(ops, models, ms=(1, 2, 4, 8)):
                         x, ws[next(it) % len(ws)], out, ops.ctype), calls, pdl=True)
                     chained = (f"; PDL chain {t_p * 1e6:.1f} us = "
                                f"{nbytes / t_p / BW * 100:.0f}% of the copy ceiling")
-                    saved = cuda_gemv.GEMV_THREADS
-                    cuda_gemv.GEMV_THREADS = (64, 128)  # half the default blocks' threads
+                    saved = cuda_gemv.GEMV_THREADS, cuda_gemv.GEMV_THREADS_M1
+                    # twice the threads per block at M = 1 and K < 2048, half elsewhere
+                    cuda_gemv.GEMV_THREADS, cuda_gemv.GEMV_THREADS_M1 = (64, 128), 128
                     it = iter(range(10**9))
                     try:
                         t_h = graph_time(lambda x=x, out=out, it=it, ws=ws: cuda_gemv.gemv(
                             x, ws[next(it) % len(ws)], out, ops.ctype), calls, pdl=True)
                     finally:
-                        cuda_gemv.GEMV_THREADS = saved
-                    chained += f"; with half the threads per block {t_h * 1e6:.1f} us"
+                        cuda_gemv.GEMV_THREADS, cuda_gemv.GEMV_THREADS_M1 = saved
+                    chained += (f"; {cuda_gemv.gemv_threads(m, k)} threads per block, with "
+                                f"{128 if m == 1 and k < 2048 else 'half as many'}: "
+                                f"{t_h * 1e6:.1f} us")
                 row("gemv", f"{model} {name} {n}x{k} M={m}", f"{err:.1e}", t_g,
                     nbytes + m * k * 2, 2 * m * n * k,
                     extra=f"cuBLAS {t_b * 1e6:.1f} us ({t_b / t_g:.2f}x) -> {win}{chained}")
@@ -582,7 +585,7 @@ def decode_step(ops, preset, ctx, gemv_on=True):
     weight_bytes = config.num_linear_params() * 2
     kv = (ctx + 1) * config.num_layers * config.num_kv_heads * config.head_dim * 4
     knobs = ("GEMV_MAX_M", "NORM_GEMV_MAX_M", "NORM_GEMV_MAX_N", "GLU_GEMV_MAX_M", "GEMV_THREADS",
-             "ROPE_GEMV")
+             "GEMV_THREADS_M1")
     saved = {name: getattr(cuda_gemv, name) for name in knobs}
     pdl, early, reference = cuda_kernels.PDL, cuda_kernels.PDL_EARLY, None
     # (label, PDL, PDL_EARLY, cuda_gemv knobs, same kernels as the first?): the default first;
@@ -590,20 +593,16 @@ def decode_step(ops, preset, ctx, gemv_on=True):
     variants = [("default", pdl, early, {}, True),
                 ("PDL off", False, False, {}, True),
                 ("PDL on, early trigger", True, True, {}, True),
-                ("GEMV 64 threads at K < 2048", pdl, early, {"GEMV_THREADS": (64, 256)}, False),
+                ("GEMV 128 threads at K < 2048", pdl, early, {"GEMV_THREADS_M1": 128}, False),
                 ("GEMV 128 threads at K >= 2048", pdl, early, {"GEMV_THREADS": (128, 128)},
                  False),
-                ("early trigger, GEMV 64 / 128 threads", True, True,
-                 {"GEMV_THREADS": (64, 128)}, False),
+                ("early trigger, GEMV 128 threads at K < 2048", True, True,
+                 {"GEMV_THREADS_M1": 128}, False),
                 ("SiLU unfused", pdl, early, {"GLU_GEMV_MAX_M": 0}, True),
                 ("norm unfused over N > 8192", pdl, early, {"NORM_GEMV_MAX_N": 8192}, False),
                 ("norm unfused", pdl, early, {"NORM_GEMV_MAX_M": 0}, False),
                 ("GEMV off", pdl, early, {name: 0 for name in knobs if name.endswith("_M")},
-                 False),
-                # last: the newest kernel (a fault would end the section, not the earlier rows)
-                ("q/k norm + RoPE + KV store in the qkv GEMV", pdl, early, {"ROPE_GEMV": True},
-                 True),
-                ("the same, early trigger", True, True, {"ROPE_GEMV": True}, True)]
+                 False)]
     for label, use_pdl, use_early, caps, same in variants if gemv_on else variants[:1]:
         for name, value in caps.items():
             setattr(cuda_gemv, name, value)
@@ -718,18 +717,12 @@ def launches_per_step(ops, preset: str, num_layers: int, batch: int = 1) -> coll
 
 
 def check_launches(ops):
-    saved = cuda_gemv.ROPE_GEMV
-    for preset, rope in (("qwen3-0.6b", False), ("llama3-8b", False), ("qwen3-0.6b", True)):
-        cuda_gemv.ROPE_GEMV = rope
-        try:
-            one, two = (launches_per_step(ops, preset, n) for n in (1, 2))
-        finally:
-            cuda_gemv.ROPE_GEMV = saved
+    for preset in ("qwen3-0.6b", "llama3-8b"):
+        one, two = (launches_per_step(ops, preset, n) for n in (1, 2))
         per_layer = two - one
         fixed = one - per_layer
-        line = (f"| {preset} B=1 decode step{', ROPE_GEMV' if rope else ''} | "
-                f"{sum(per_layer.values())} per layer + {sum(fixed.values())} | | | | | "
-                f"layer {dict(per_layer)}; outside {dict(fixed)} |")
+        line = (f"| {preset} B=1 decode step | {sum(per_layer.values())} per layer + "
+                f"{sum(fixed.values())} | | | | | layer {dict(per_layer)}; outside {dict(fixed)} |")
         tables.setdefault("launches", []).append(line)
         print("launches", line, flush=True)
         check_device(f"launches {preset}")

@@ -68,12 +68,14 @@ class Transformer:
         residual = None
         for i, layer in enumerate(w.layers):
             k_cache, v_cache = kv_cache[i, 0], kv_cache[i, 1]
-            # residual += x, RMSNorm, qkv GEMM, then bias, q/k norm, RoPE and the cache write:
-            # a GEMV launch and one kernel on the GPU at batch 1 (or only the GEMV)
-            qkv, residual = ops.qkv_rope_kv(
-                x, residual, layer.input_norm, c.rms_norm_eps, layer.qkv, positions, self.cos_sin,
-                layer.q_norm if c.qk_norm else None, layer.k_norm if c.qk_norm else None,
-                k_cache, v_cache, meta.slot_mapping, nh, nkv, bias=layer.qkv_bias)
+            # residual += x, RMSNorm, qkv GEMM: one GEMV launch on the GPU at decode batches
+            qkv, residual = ops.add_rms_norm_linear(x, residual, layer.input_norm, c.rms_norm_eps,
+                                                    layer.qkv)  # (T, q_size + 2 * kv_size)
+            # bias, q/k norm, RoPE and the cache write: one kernel on the GPU
+            ops.qk_norm_rope_kv_write(
+                qkv, positions, self.cos_sin, layer.q_norm if c.qk_norm else None,
+                layer.k_norm if c.qk_norm else None, c.rms_norm_eps, k_cache, v_cache,
+                meta.slot_mapping, nh, nkv, bias=layer.qkv_bias)
             attn = ops.attention(qkv, k_cache, v_cache, meta, nh, nkv, self.scale)  # (T, q_size)
             x = ops.all_reduce(ops.linear(attn, layer.o))  # (T, hidden), summed over ranks
             # residual += x, RMSNorm, gate_up, SiLU-and-mul, down: two GEMVs at batch 1

@@ -33,17 +33,18 @@ so > 1 means the GEMV path wins:
 - The fused add + RMSNorm (NORM) is recomputed by every one of the N / GEMV_R blocks for all M
   rows: it pays at M = 1 only. The table above is the kernel before this one, which staged the
   normalized row in shared memory before its first FMA (and so paid only for N <= 8192); the
-  one-pass kernel of today folds the norm into the stream (gemv.cu) and takes any N
-  (NORM_GEMV_MAX_N) until a device run says otherwise.
+  one-pass kernel of today folds the norm into the stream (gemv.cu) and pays at any N. Device
+  run 2 (kernel_check --only gemv1,step, PDL chains): Llama-3-8B gate_up 56.1 us against 61.8
+  unfused, qkv 15.7 against 21.5; Qwen3-0.6B qkv 4.5 against 5.7; a Llama-3-8B batch-1 step
+  4.33 ms against 4.62 with gate_up's norm unfused (4.93 with both).
 - The SiLU-and-mul rides on the gate_up GEMV's output (GLU): the down projection is then a plain
   GEMV (the table's "SiLU" rows were the activation recomputed by each down-projection block,
-  0.83x at Llama-3-8B's shapes; now no launch and no recomputation).
+  0.83x at Llama-3-8B's shapes). Run 2: Qwen3-0.6B add+norm+GLU gate_up 5.8 us against 8.0
+  unfused; a batch-1 step 901 us against 927 with silu_and_mul as its own launch.
 The *_MAX_M caps below bound all of these (0 turns a path off: tools/kernel_check.py does).
 """
 
 from __future__ import annotations
-
-import os
 
 import cupy
 import numpy as np
@@ -56,17 +57,16 @@ GEMV_MAX_M = 8  # rows (tokens) up to which linear() may take the GEMV; 0 = alwa
 NORM_GEMV_MAX_M = 4  # rows up to which add_rms_norm_linear() may fuse the residual add and norm
 NORM_GEMV_MAX_N = None  # outputs up to which the fused add + norm is used (None: any)
 GLU_GEMV_MAX_M = 4  # rows up to which mlp() may fuse the SiLU-and-mul into the gate_up GEMV
-# qkv_rope_kv() at batch 1: the per-head q/k norm + RoPE + KV store in the qkv GEMV's last block
-# per head (gemv.cu's norm_gemv_rope_kernel), one launch fewer per layer. Off until a device run
-# has measured it: PAGEDSERVE_ROPE_GEMV=1.
-ROPE_GEMV = os.environ.get("PAGEDSERVE_ROPE_GEMV", "0") == "1"
-MAX_ROPE_HEADS = 1024  # tickets CudaOps keeps for it: nh + 2 nkv heads at most
 GEMV_R = 4  # gemv.cu's weight rows per block
 GEMV_EARLY = 1  # gemv.cu's flag: trigger the next kernel before waiting for the previous
-# Threads per block for K < 2048 and for larger K. Fewer threads make more, smaller blocks, more
-# of them resident at once, so more of a GEMV's weights stream before its PDL wait (each thread
-# requests GEMV_U words of each of its rows first); kernel_check's step section measures both.
+# Threads per block for K < 2048 and for larger K; at one row and K < 2048, GEMV_THREADS_M1.
+# Fewer threads make more, smaller blocks, more of them resident at once, so more of a GEMV's
+# weights stream before its PDL wait (each thread requests GEMV_U words of each of its rows
+# first). Device run 2 (kernel_check --only step,gemv1): 64 threads at M = 1 took a Qwen3-0.6B
+# batch-1 step from 901 to 867 us (qkv 3.5 -> 3.2 us, gate_up 5.0 -> 4.7 in a PDL chain); 128 at
+# K >= 2048 lost everywhere (Llama-3-8B down 28.0 -> 31.8 us).
 GEMV_THREADS = (128, 256)
+GEMV_THREADS_M1 = 64
 
 
 def gemv_max_rows(n: int, k: int) -> int:
@@ -107,6 +107,10 @@ def use_norm_gemv(x: cupy.ndarray, residual, norm_w: cupy.ndarray, w: cupy.ndarr
             and norm_gemv_fits(x, residual, norm_w, w, min(1, NORM_GEMV_MAX_M)))
 
 
+def gemv_threads(m: int, k: int) -> int:
+    return GEMV_THREADS_M1 if m == 1 and k < 2048 else GEMV_THREADS[k >= 2048]
+
+
 def _launch(y, res_out, x, residual, norm_w, w, eps: float, ctype: str, glu: bool,
             pdl: bool = True):
     m, (n, k) = x.shape[0], w.shape
@@ -116,7 +120,7 @@ def _launch(y, res_out, x, residual, norm_w, w, eps: float, ctype: str, glu: boo
     outputs = n // 2 if glu else n
     null = np.uint64(0)
     flags = GEMV_EARLY if cuda_kernels.PDL_EARLY else 0
-    threads = GEMV_THREADS[k >= 2048]
+    threads = gemv_threads(m, k)
     launch(kernel("gemv.cu", name, ctype), (-(-outputs // rows),), (threads,),
            (y, null if res_out is None else res_out, x, null if residual is None else residual,
             null if norm_w is None else norm_w, w, np.int32(n), np.int32(k), np.float32(eps),
@@ -148,24 +152,3 @@ def norm_gemv(x, residual, norm_w, w, eps: float, ctype: str, glu: bool = False)
     _launch(y, res_out, x, residual, norm_w, w, eps, ctype, glu)
     return y, res_out
 
-
-def norm_gemv_rope(x, residual, norm_w, w, eps: float, ctype: str, cs_type: str, head_dim: int,
-                   rope_args: tuple, num_heads: int, num_kv_heads: int, block_size: int,
-                   tickets: cupy.ndarray):
-    """(qkv, res_out) of one token: norm_gemv, then the per-head bias / q-k norm / RoPE / KV
-    store (qk_rope_kv.cuh) in the GEMV's last block per head. One launch. rope_args:
-    (k_cache, v_cache, positions, slot_mapping, cos_sin, q_weight, k_weight, bias), checked by
-    CudaOps._rope_kv_args; eps serves both norms."""
-    n, k = w.shape
-    if n // head_dim > len(tickets):
-        raise ValueError(f"norm_gemv_rope: {n // head_dim} heads > {len(tickets)} tickets")
-    qkv = cupy.empty((1, n), x.dtype)
-    res_out = cupy.empty_like(x)
-    flags = GEMV_EARLY if cuda_kernels.PDL_EARLY else 0
-    launch(kernel("gemv.cu", f"norm_gemv_rope_kernel<{ctype}, {cs_type}, {head_dim}>", ctype),
-           (n // GEMV_R,), (GEMV_THREADS[k >= 2048],),
-           (qkv, res_out, x, np.uint64(0) if residual is None else residual, norm_w, w,
-            np.int32(n), np.int32(k), np.float32(eps), np.int32(flags), *rope_args,
-            np.float32(eps), np.int32(num_heads), np.int32(num_kv_heads), np.int32(block_size),
-            tickets), pdl=True)
-    return qkv, res_out

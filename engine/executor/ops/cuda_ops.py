@@ -65,9 +65,6 @@ class CudaOps:
         self._mask_stage: np.ndarray | None = None
         self._mask_stage_mem = None
         self._mask_copied: cupy.cuda.Event | None = None
-        # norm_gemv_rope_kernel's per-head tickets: zero between launches (each launch hands
-        # them back), shared by its launches on this backend's one stream
-        self._tickets = cupy.zeros(cuda_gemv.MAX_ROPE_HEADS, cupy.uint32)
         for file in ("gather.cu", "activation.cu", "rms_norm.cu", "rope.cu", "kv_cache.cu",
                      "qk_rope_kv.cu", "gemv.cu", "attention.cu"):
             kernel(file, _first_name(file, self.ctype), self.ctype)  # compile now, fail early
@@ -345,31 +342,15 @@ class CudaOps:
                               v_cache, slot_mapping, num_heads, num_kv_heads, bias=None):
         """+ bias, q/k norm, RoPE, k/v into the cache: one launch (cuda/qk_rope_kv.cu)."""
         self._check(qkv, "qkv", 2)
-        head_dim, cs_type, block_size, args = self._rope_kv_args(
-            qkv.shape[1], positions, cos_sin, q_weight, k_weight, k_cache, v_cache, slot_mapping,
-            num_heads, num_kv_heads, bias)
-        n = len(qkv) * (num_heads + 2 * num_kv_heads)
-        if n:
-            launch(kernel("qk_rope_kv.cu",
-                          f"qk_norm_rope_kv_kernel<{self.ctype}, {cs_type}, {head_dim}>",
-                          self.ctype),
-                   _grid(n, 4), (128,),
-                   (qkv, *args, np.float32(eps), _i32(len(qkv)), _i32(num_heads),
-                    _i32(num_kv_heads), _i32(block_size), _i32(cuda_kernels.PDL_EARLY)),
-                   pdl=True)
-
-    def _rope_kv_args(self, width, positions, cos_sin, q_weight, k_weight, k_cache, v_cache,
-                      slot_mapping, num_heads, num_kv_heads, bias):
-        """Checked arguments of the per-head work after the qkv GEMM (cuda/qk_rope_kv.cuh):
-        (head_dim, cos_sin's C++ type, block_size, the kernel's pointers after qkv)."""
         self._check(k_cache, "k_cache", 4)
         self._check(v_cache, "v_cache", 4)
         positions = self._ints(positions, "positions")
         slot_mapping = self._ints(slot_mapping, "slot_mapping")
         _, cache_kv_heads, block_size, head_dim = k_cache.shape
         self._head_dim_ok(head_dim)
-        if width != (num_heads + 2 * num_kv_heads) * head_dim or cache_kv_heads != num_kv_heads:
-            raise ValueError(f"qkv width {width} / cache heads {cache_kv_heads} do not "
+        width = (num_heads + 2 * num_kv_heads) * head_dim
+        if qkv.shape[1] != width or cache_kv_heads != num_kv_heads:
+            raise ValueError(f"qkv width {qkv.shape[1]} / cache heads {cache_kv_heads} do not "
                              f"match num_heads={num_heads}, num_kv_heads={num_kv_heads}, "
                              f"head_dim={head_dim}")
         cs_type = "float" if cos_sin.dtype == np.float32 else self.ctype
@@ -382,37 +363,16 @@ class CudaOps:
                  for w, name in ((q_weight, "q_weight"), (k_weight, "k_weight"))]
         if bias is not None and self._check(bias, "bias", 1).shape[0] != width:
             raise ValueError(f"bias length {bias.shape[0]} != qkv width {width}")
-        return head_dim, cs_type, block_size, (k_cache, v_cache, positions, slot_mapping,
-                                               cos_sin, *norms, _NULL if bias is None else bias)
-
-    def qkv_rope_kv(self, x, residual, norm_weight, eps, qkv_weight, positions, cos_sin,
-                    q_weight, k_weight, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads,
-                    bias=None):
-        """add_rms_norm_linear(x, residual, norm_weight, eps, qkv_weight), then
-        qk_norm_rope_kv_write on its output: (qkv, residual). With cuda_gemv.ROPE_GEMV, at
-        batch 1: one launch (cuda/gemv.cu's norm_gemv_rope_kernel)."""
-        fused = (cuda_gemv.ROPE_GEMV and not isinstance(qkv_weight, QuantizedWeight)
-                 and cuda_gemv.use_norm_gemv(self._check(x, "x", 2), residual,
-                                             self._check(norm_weight, "norm_weight", 1),
-                                             self._check(qkv_weight, "qkv_weight", 2)))
-        if not fused:
-            qkv, residual = self.add_rms_norm_linear(x, residual, norm_weight, eps, qkv_weight)
-            self.qk_norm_rope_kv_write(qkv, positions, cos_sin, q_weight, k_weight, eps, k_cache,
-                                       v_cache, slot_mapping, num_heads, num_kv_heads, bias)
-            return qkv, residual
-        if residual is not None and self._check(residual, "residual", 2).shape != x.shape:
-            raise ValueError(f"residual shape {residual.shape} != x shape {x.shape}")
-        if not x.shape[1] == qkv_weight.shape[1] == norm_weight.shape[0]:
-            raise ValueError(f"qkv_rope_kv: x has {x.shape[1]} features, norm weight "
-                             f"{norm_weight.shape[0]}, qkv weight expects {qkv_weight.shape[1]}")
-        head_dim, cs_type, block_size, args = self._rope_kv_args(
-            qkv_weight.shape[0], positions, cos_sin, q_weight, k_weight, k_cache, v_cache,
-            slot_mapping, num_heads, num_kv_heads, bias)
-        if len(args[2]) != 1 or len(args[3]) != 1:
-            raise ValueError("qkv_rope_kv: positions and slot_mapping must hold the one token")
-        return cuda_gemv.norm_gemv_rope(x, residual, norm_weight, qkv_weight, eps, self.ctype,
-                                        cs_type, head_dim, args, num_heads, num_kv_heads,
-                                        block_size, self._tickets)
+        n = len(qkv) * (num_heads + 2 * num_kv_heads)
+        if n:
+            launch(kernel("qk_rope_kv.cu",
+                          f"qk_norm_rope_kv_kernel<{self.ctype}, {cs_type}, {head_dim}>",
+                          self.ctype),
+                   _grid(n, 4), (128,),
+                   (qkv, k_cache, v_cache, positions, slot_mapping, cos_sin, *norms,
+                    _NULL if bias is None else bias, np.float32(eps), _i32(len(qkv)),
+                    _i32(num_heads), _i32(num_kv_heads), _i32(block_size),
+                    _i32(cuda_kernels.PDL_EARLY)), pdl=True)
 
     def silu_and_mul(self, gate_up):
         # gate_up (T, 2 * inter): gate first, then up -> (T, inter)

@@ -154,17 +154,6 @@ class NumpyOps:
         self.rope(qkv, positions, cos_sin, num_heads, num_kv_heads)
         self.write_kv_cache(qkv, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads)
 
-    def qkv_rope_kv(self, x, residual, norm_weight, eps, qkv_weight, positions, cos_sin,
-                    q_weight, k_weight, k_cache, v_cache, slot_mapping, num_heads, num_kv_heads,
-                    bias=None):
-        """A layer up to attention: add_rms_norm_linear(x, residual, norm_weight, eps,
-        qkv_weight), then qk_norm_rope_kv_write on its output -> (qkv, residual). The cuda
-        backend may run it as one GEMV launch at batch 1 (cuda/gemv.cu's norm_gemv_rope_kernel)."""
-        qkv, residual = self.add_rms_norm_linear(x, residual, norm_weight, eps, qkv_weight)
-        self.qk_norm_rope_kv_write(qkv, positions, cos_sin, q_weight, k_weight, eps, k_cache,
-                                   v_cache, slot_mapping, num_heads, num_kv_heads, bias)
-        return qkv, residual
-
     def silu_and_mul(self, gate_up: np.ndarray) -> np.ndarray:
         # gate_up (T, 2 * inter): gate first, then up -> (T, inter)
         gate, up = np.split(gate_up, 2, axis=-1)
