@@ -159,7 +159,9 @@ def test_add_rms_norm_linear(ops, m, k, first):
     assert rel_err(ops.to_host(new_res), want_res) < TOL[ops.dtype]
     h, unfused_res = ops.add_rms_norm(x, None if first else upload(ops, res_before)[0], nw, 1e-6)
     unfused = ops.to_host(ops.linear(h, w))
-    assert rel_err(ops.to_host(y), unfused) < TOL[ops.dtype] / 4
+    # NOTE: / 2, not tighter: the one-pass kernel does not round the normalized row to the dtype
+    # before the product as the unfused pair does (gemv.cu)
+    assert rel_err(ops.to_host(y), unfused) < TOL[ops.dtype] / 2
     np.testing.assert_array_equal(ops.to_host(new_res), ops.to_host(unfused_res))
     from engine.executor.ops import cuda_gemv
 
@@ -170,23 +172,45 @@ def test_add_rms_norm_linear(ops, m, k, first):
         np.testing.assert_array_equal(ops.to_host(res2), ops.to_host(unfused_res))
 
 
-@pytest.mark.parametrize("m", [1, 2, 4, 6])
-def test_silu_mul_linear(ops, m):
-    """Fused into the GEMV up to GEMV_SILU_MAX_M rows, silu_and_mul + linear above."""
-    rng = np.random.default_rng()
-    inter, hidden = 1536, 520
-    gu, gu_h = upload(ops, randn(m, 2 * inter, rng=rng))
-    w, w_h = upload(ops, randn(hidden, inter, rng=rng, scale=inter**-0.5))
-    want = REF.silu_mul_linear(gu_h, w_h)
-    assert rel_err(ops.to_host(ops.silu_mul_linear(gu, w)), want) < TOL[ops.dtype]
-    unfused = ops.to_host(ops.linear(ops.silu_and_mul(gu), w))
-    assert rel_err(ops.to_host(ops.silu_mul_linear(gu, w)), unfused) < TOL[ops.dtype] / 4
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 6])
+@pytest.mark.parametrize("first", [True, False])  # first layer: no residual yet
+def test_mlp(ops, m, first):
+    """mlp(): the SiLU-and-mul on the gate_up GEMV's output (with the add + norm fused in at
+    M = 1), the down GEMV after; the unfused ops above the caps."""
     from engine.executor.ops import cuda_gemv
 
-    if m <= cuda_gemv.GEMV_SILU_MAX_M:  # the kernel itself, where ops would not take it
-        out = cupy.empty((m, hidden), gu.dtype)
-        got = ops.to_host(cuda_gemv.gemv(gu, w, out, ops.ctype, act=True))
-        assert rel_err(got, want) < TOL[ops.dtype]
+    rng = np.random.default_rng()
+    hidden, inter = 1032, 1540  # inter / 2 rows per block: the last GLU block is half full
+    x, x_h = upload(ops, randn(m, hidden, rng=rng))
+    res, res_h = (None, None) if first else upload(ops, randn(m, hidden, rng=rng))
+    nw, nw_h = upload(ops, randn(hidden, rng=rng))
+    gu, gu_h = upload(ops, randn(2 * inter, hidden, rng=rng, scale=hidden**-0.5))
+    down, down_h = upload(ops, randn(hidden, inter, rng=rng, scale=inter**-0.5))
+    want_y, want_res = REF.mlp(x_h, res_h, nw_h, 1e-6, gu_h, down_h)
+    res_before = None if first else ops.to_host(res).copy()
+    y, new_res = ops.mlp(x, res, nw, 1e-6, gu, down)
+    assert rel_err(ops.to_host(y), want_y) < TOL[ops.dtype]
+    assert rel_err(ops.to_host(new_res), want_res) < TOL[ops.dtype]
+    # the kernels themselves, where ops would not take them
+    h, _ = ops.add_rms_norm(x, None if first else upload(ops, res_before)[0], nw, 1e-6)
+    unfused_act = ops.to_host(ops.silu_and_mul(ops.linear(h, gu)))
+    if m <= 4:
+        act = ops.to_host(cuda_gemv.glu_gemv(h, gu, ops.ctype))
+        if m <= cuda_gemv.gemv_max_rows(*gu.shape):  # the same GEMV sums, then the same SiLU
+            np.testing.assert_array_equal(act, unfused_act)
+        assert rel_err(act, unfused_act) < TOL[ops.dtype] / 4
+        act, res2 = cuda_gemv.norm_gemv(x, None if first else upload(ops, res_before)[0], nw,
+                                        gu, 1e-6, ops.ctype, glu=True)
+        assert rel_err(ops.to_host(act), unfused_act) < TOL[ops.dtype]
+        np.testing.assert_array_equal(ops.to_host(res2), ops.to_host(new_res))
+
+
+def test_silu_mul_linear(ops):
+    rng = np.random.default_rng()
+    gu, gu_h = upload(ops, randn(2, 2 * 1536, rng=rng))
+    w, w_h = upload(ops, randn(520, 1536, rng=rng, scale=1536**-0.5))
+    assert rel_err(ops.to_host(ops.silu_mul_linear(gu, w)),
+                   REF.silu_mul_linear(gu_h, w_h)) < TOL[ops.dtype]
 
 
 # Device run 2 (tools/kernel_check.py): (N, K) -> cuBLAS time / GEMV time at M = 1, 2, 4, 8.
@@ -213,14 +237,11 @@ def test_gemv_choice_fits_the_measurements():
     assert cuda_gemv.use_norm_gemv(x1, None, nw, w_qkv)  # 1.25x
     assert cuda_gemv.use_norm_gemv(x1, x1, nw, w_gate_up)  # 1.06x
     assert not cuda_gemv.use_norm_gemv(x2, x2, nw, w_qkv)  # 0.75x
-    w_big = cupy.zeros((28672, 16), cupy.uint16)  # llama3 gate_up's N: 0.88x
-    assert not cuda_gemv.use_norm_gemv(cupy.zeros((1, 16), cupy.uint16), None,
-                                       cupy.zeros(16, cupy.uint16), w_big)
-    down = cupy.zeros((1024, 3072), cupy.uint16)
-    assert cuda_gemv.use_silu_gemv(cupy.zeros((2, 6144), cupy.uint16), down)  # 1.39x
-    assert not cuda_gemv.use_silu_gemv(cupy.zeros((4, 6144), cupy.uint16), down)  # 0.93x
-    assert not cuda_gemv.use_silu_gemv(cupy.zeros((1, 16), cupy.uint16),
-                                       cupy.zeros((4096, 8), cupy.uint16))  # llama3: 0.83x
+    assert cuda_gemv.use_glu_gemv(x2, w_gate_up) and not cuda_gemv.use_glu_gemv(
+        cupy.zeros((4, 1024), cupy.uint16), w_gate_up)  # gate_up on the GEMV at M <= 2
+    # 64 threads per block only at one row and K < 2048 (device run 2)
+    assert [cuda_gemv.gemv_threads(m, k) for m, k in ((1, 1024), (2, 1024), (1, 4096))] == [
+        64, 128, 256]
 
 
 # ------------------------------------------------------------------ sampling select
@@ -283,12 +304,12 @@ def test_sample_select_agrees_with_the_bisection_kernel(ops):
     assert np.mean(new == old) >= 0.95, (new, old)
 
 
-@pytest.mark.parametrize("preset,per_layer", [("qwen3-0.6b", 7), ("llama3-8b", 9)])
+@pytest.mark.parametrize("preset,per_layer", [("qwen3-0.6b", 7), ("llama3-8b", 7)])
 def test_decode_step_launches(ops, preset, per_layer):
-    """Kernel launches of a batch-1 decode step shaped like a CUDA graph's: per Qwen3 layer the
-    fused add+norm GEMVs, the fused q/k norm + RoPE + KV write, attention (decode + reduce), o
-    and SiLU+down GEMVs; Llama-3-8B shapes unfuse gate_up's norm and down's SiLU (cuda_gemv's
-    rule); outside the layers: embedding, final norm, lm_head."""
+    """Kernel launches of a batch-1 decode step shaped like a CUDA graph's, per layer: the
+    fused add+norm qkv GEMV, the fused q/k norm + RoPE + KV write, attention (decode + reduce),
+    the o GEMV, the fused add+norm gate_up GEMV with the SiLU-and-mul on its output, the down
+    GEMV; outside the layers: embedding, final norm, lm_head."""
     from tools.kernel_check import launches_per_step
 
     one, two = (launches_per_step(ops, preset, n) for n in (1, 2))
