@@ -8,9 +8,10 @@ sampler old vs new, decode steps.
 
 --quick skips the Llama-3-8B shapes and the decode steps; --only runs the named sections
 (launches, fused, gemv, splits, sampling, prefill, prefill90 (experimental), gguf, decode, fp8:
-tools/kernel_check_fp8.py). --check-each synchronizes after every row and every section and stops
-at the first CUDA error, naming where it surfaced (a kernel fault is sticky: without this it is
-reported by whichever later call syncs first). --small shrinks every section (few rows, one weight
+tools/kernel_check_fp8.py, attn: decode attention v1 vs mma, tools/kernel_check_attn.py).
+--check-each synchronizes after every row and every section and stops at the first CUDA error,
+naming where it surfaced (a kernel fault is sticky: without this it is reported by whichever later
+call syncs first). --small shrinks every section (few rows, one weight
 copy, 2-layer decode models with a 4096-token vocabulary, 2 timed calls) for compute-sanitizer:
 
     for s in launches fused gemv splits sampling prefill gguf decode; do
@@ -45,6 +46,7 @@ from engine.executor.ops import (  # noqa: E402
 from engine.executor.ops import cuda_attention as ca  # noqa: E402
 from engine.executor.ops.numpy_ops import NumpyOps  # noqa: E402
 from tools import kernel_check_fp8  # noqa: E402
+from tools.kernel_check_attn import check_attn  # noqa: E402
 from tools.kernel_check_gguf import check_gguf  # noqa: E402
 
 BW, FLOPS = 4.27e12, 800e12  # measured ceilings (shared/GPU.md)
@@ -544,7 +546,7 @@ def check_kept_counts(ops, name, logits, t, sub, want, ids_sec):
 # ----------------------------------------------------------------------------- decode steps
 
 
-def decode_step(ops, preset, ctx, gemv_on=True):
+def decode_step(ops, preset, ctx, gemv_on=True, tag=""):
     from engine.executor.cuda_graph import DecodeGraphs
     from engine.executor.transformer import Transformer
     from engine.model.config import ModelConfig
@@ -592,7 +594,7 @@ def decode_step(ops, preset, ctx, gemv_on=True):
             sample = time_greedy_sample(ops, logits) if reference is got else None
             norm = ", norm unfused" if fuse_norm is False else ""
             row("decode", f"{preset} B=1 ctx={ctx} graph, GEMV {'on' if gemv else 'off'}, "
-                f"PDL {'on' if use_pdl else 'off'}{norm}", err, statistics.median(times),
+                f"PDL {'on' if use_pdl else 'off'}{norm}{tag}", err, statistics.median(times),
                 weight_bytes + kv, extra="" if sample is None else
                 f"+ greedy sample {sample * 1e6:.1f} us (graph replay, host sync excluded)")
             del g
@@ -698,12 +700,13 @@ def check_launches(ops):
 
 def run_all(ops, quick: bool = False, only: str | None = None):
     """Every section, or those named in `only` (comma-separated: launches, fused, gemv, splits,
-    sampling, prefill, prefill90, gguf, decode, fp8)."""
+    sampling, prefill, prefill90, gguf, decode, fp8, attn)."""
     sections = {
         "launches": lambda: check_launches(ops),
         "fused": lambda: check_fused(ops),
         "gemv": lambda: check_gemv(ops, ["qwen3-0.6b"] if quick else ["qwen3-0.6b", "llama3-8b"]),
         "splits": lambda: check_splits(ops),
+        "attn": lambda: check_attn(ops, sys.modules[__name__]),
         "sampling": lambda: check_sampling(ops),
         "prefill": lambda: check_prefill(ops),
         "prefill90": lambda: check_prefill90(ops),
