@@ -20,7 +20,7 @@ constexpr int DM_KEYS = 16;  // keys per warp tile: one k16 step of P V, two n8 
 // passes = ceil(group / GR). Dynamic shared memory: max(NW x ST x (K, V) x DM_KEYS x (HD + 8)
 // 16-bit elements, NW x GR x HD floats for the merge).
 template <typename T, int HD, int GR, int NW, int ST>
-__global__ void __launch_bounds__(NW * 32) decode_mma_kernel(
+__global__ void __launch_bounds__(NW * 32, 12 / NW) decode_mma_kernel(
     T* __restrict__ out,                    // [num_tokens, num_heads, HD]
     float* __restrict__ part_out,           // [num_splits, W, num_heads, HD]
     float* __restrict__ part_ml,            // [num_splits, W, num_heads, 2]
@@ -59,9 +59,9 @@ __global__ void __launch_bounds__(NW * 32) decode_mma_kernel(
   T* v_s = k_s + ST * TILE;
   const int first = k_begin + warp * DM_KEYS;  // this warp's tiles: first + i * NW * DM_KEYS
   const int nt = first < k_end ? (k_end - first + NW * DM_KEYS - 1) / (NW * DM_KEYS) : 0;
-  // NOTE: block_size is a runtime value, commonly a power of two: shift and mask then.
-  const int bs_shift = __ffs(block_size) - 1;
-  const bool bs_pow2 = (block_size & (block_size - 1)) == 0;
+  // Tiles start at multiples of DM_KEYS: when block_size is a multiple of it too (16, 32, ...),
+  // a tile lies in one cache block, whose K rows are consecutive: one block-table read per tile.
+  const bool tile_in_block = block_size % DM_KEYS == 0;
   // Tile i into stage i % ST; one commit group per call, empty past the last tile, so that
   // wait_group ST - 1 always means "tile i has landed".
   auto load_tile = [&](int i) {
@@ -69,15 +69,23 @@ __global__ void __launch_bounds__(NW * 32) decode_mma_kernel(
       const int kb = first + i * NW * DM_KEYS;
       T* ks = k_s + (i % ST) * TILE;
       T* vs = v_s + (i % ST) * TILE;
+      long base = 0;  // element offset of key kb's row, when the tile lies in one cache block
+      if (tile_in_block) {
+        const int bi = kb / block_size;
+        base = (((long)table[bi] * num_kv_heads + kvh) * block_size + kb - bi * block_size) * HD;
+      }
 #pragma unroll
       for (int c = 0; c < CPL; c++) {
         const int idx = lane + 32 * c, j = idx / CPR, d = (idx % CPR) * 8, key = kb + j;
         const bool valid = key < k_end;
         long off = 0;
         if (valid) {
-          const int bi = bs_pow2 ? key >> bs_shift : key / block_size;
-          const int slot = key - bi * block_size;
-          off = (((long)table[bi] * num_kv_heads + kvh) * block_size + slot) * HD + d;
+          if (tile_in_block) {
+            off = base + j * HD + d;
+          } else {
+            const int bi = key / block_size, slot = key - bi * block_size;
+            off = (((long)table[bi] * num_kv_heads + kvh) * block_size + slot) * HD + d;
+          }
         }
         cp_async16(ks + j * LD + d, k_cache + off, valid);  // invalid keys: zeros
         cp_async16(vs + j * LD + d, v_cache + off, valid);

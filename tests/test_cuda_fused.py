@@ -115,15 +115,17 @@ def test_decode_splits_per_sequence(ops, head_dim, group, grid_splits):
 
 @pytest.mark.parametrize("config", DECODE_MMA_CONFIGS, ids=str)
 @pytest.mark.parametrize("group", [2, 4, 16])
-def test_decode_mma_configs(ops, group, config, monkeypatch):
+@pytest.mark.parametrize("bs", [16, 8])
+def test_decode_mma_configs(ops, bs, group, config, monkeypatch):
     """Every (warps, stages) variant of the tensor-core decode kernel against the twin: contexts
-    that end inside a warp's tile, wrap each warp's stage ring many times, or give a warp none."""
+    that end inside a warp's tile, wrap each warp's stage ring many times, or give a warp none;
+    cache blocks that hold whole 16-key tiles (one table read per tile) and half ones."""
     from engine.executor.ops import cuda_attention as ca
 
     monkeypatch.setattr(ca, "DECODE_KERNEL", "mma")
     monkeypatch.setattr(ca, "DECODE_MMA_CONFIG", config)
     rng = np.random.default_rng()
-    nkv, bs, hd = 2, 16, 128
+    nkv, hd = 2, 128
     nh = nkv * group
     ctx = [3, 16, 17, 63, 64, 65, 200, 3000]
     num_blocks = sum(-(-c // bs) for c in ctx) + 2
