@@ -22,12 +22,15 @@ def ops(request):
     return CudaOps(request.param)
 
 
-@pytest.fixture(params=["v1", "mma"])
+@pytest.fixture(params=["v1", "mma", "mma fused"])
 def decode_kernel(request, monkeypatch):
-    """Each decode attention kernel in turn (cuda_attention.DECODE_KERNEL)."""
+    """Each decode attention kernel in turn (cuda_attention.DECODE_KERNEL), mma also with its
+    splits combined by their last block (DECODE_FUSED_REDUCE)."""
     from engine.executor.ops import cuda_attention
 
-    monkeypatch.setattr(cuda_attention, "DECODE_KERNEL", request.param)
+    kernel, _, fused = request.param.partition(" ")
+    monkeypatch.setattr(cuda_attention, "DECODE_KERNEL", kernel)
+    monkeypatch.setattr(cuda_attention, "DECODE_FUSED_REDUCE", bool(fused))
     return request.param
 
 

@@ -31,6 +31,8 @@ DECODE_THREADS = 128  # attention.cu's DEC_WARPS warps
 # shows the tensor-core one faster (tools/kernel_check.py --only splits)
 DECODE_KERNEL = os.environ.get("PAGEDSERVE_DECODE_KERNEL", "v1")
 DECODE_MMA_CONFIG = DECODE_MMA_CONFIGS[0]  # (warps, cp.async stages per warp)
+# mma only: the last split block of a sequence's kv head combines the splits (no reduce launch)
+DECODE_FUSED_REDUCE = os.environ.get("PAGEDSERVE_DECODE_FUSED_REDUCE", "0") == "1"
 NUM_BLOCKS_TARGET = 1024  # decode blocks that fill an H200's 132 SMs several times over
 # A sequence takes ceil(context / keys per split) of the grid's splits, at most all of them
 # (attention.cu's seq_splits): the grid is sized for the longest context, each sequence for its own.
@@ -90,6 +92,8 @@ class AttentionPlan:
     # the prefill kernel prefill_work was cut for, and its config (cuda_prefill.prefill_plan)
     prefill_kernel: str = "v1"
     prefill_config: tuple[int, int, int] | None = None
+    # the fused combine's ticket per decode block row, zero between launches (every layer's)
+    tickets: cupy.ndarray | None = None
 
 
 def decode_kernel() -> str:
@@ -198,20 +202,27 @@ def paged_attention(qkv, k_cache, v_cache, meta: DeviceAttentionMetadata, num_he
                 i32(num_dec), i32(num_heads), i32(num_kv_heads), i32(block_size), scale_log2,
                 i32(splits), keys_per_split)
         grid = (num_dec, num_kv_heads * passes, splits)
+        fused = decode_kernel() == "mma" and DECODE_FUSED_REDUCE and splits > 1
         if decode_kernel() == "mma":
             nw, st = DECODE_MMA_CONFIG
+            if fused and plan.tickets is None:
+                plan.tickets = cupy.zeros(num_dec * num_kv_heads * passes, cupy.int32)
             k = kernel("attention_decode_mma.cu",
                        f"decode_mma_kernel<{ctype}, {head_dim}, {g}, {nw}, {st}>", ctype)
             # each warp's stages of K and V tiles (16 keys, padded rows), reused by the merge
-            smem = max(nw * st * 2 * 16 * (head_dim + 8) * 2, nw * g * head_dim * 4)
+            # and by the fused combine's weights
+            smem = max(nw * st * 2 * 16 * (head_dim + 8) * 2, nw * g * head_dim * 4,
+                       g * KERNEL_MAX_SPLITS * 4)
             if k.max_dynamic_shared_size_bytes < smem:
                 k.max_dynamic_shared_size_bytes = smem
-            launch(k, grid, (nw * 32,), args, shared_mem=smem, pdl=True)
+            tickets = plan.tickets if fused else np.uint64(0)
+            launch(k, grid, (nw * 32,), args[:10] + (tickets,) + args[10:], shared_mem=smem,
+                   pdl=True)
         else:
             launch(kernel("attention.cu",
                           f"decode_attention_kernel<{ctype}, {head_dim}, {g}, {DECODE_UNROLL}>",
                           ctype), grid, (DECODE_THREADS,), args, pdl=True)
-        if splits > 1:
+        if splits > 1 and not fused:
             launch(kernel("attention.cu", f"decode_reduce_kernel<{ctype}, {head_dim}>", ctype),
                    (num_dec, num_heads), (REDUCE_THREADS,),
                    (out, part_out, part_ml, plan.decode_seqs, meta.query_start_loc,
