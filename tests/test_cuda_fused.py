@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from conftest import require_gpu
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("poison_device_memory")]
 cupy = require_gpu()
 
 from test_cuda_ops import (  # noqa: E402
@@ -15,7 +15,6 @@ from test_cuda_ops import (  # noqa: E402
     check_sample,
     decode_kernel,  # noqa: F401 (a fixture: each decode kernel in turn)
     make_batch,
-    poison,  # noqa: F401 (autouse: every device allocation starts as NaN)
     randn,
     rel_err,
     tensors,
