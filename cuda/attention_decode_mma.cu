@@ -11,56 +11,14 @@
 // warp runs S = Q K^T (HD / 16 x 2 mma.sync m16n8k16, K by ldmatrix), the online softmax in base 2
 // on raw scores (scale * log2 e folded into one FMA before ex2, two quad shuffles per row max), and
 // O += P V (P from the score registers, V by ldmatrix.trans). The warps merge in shared memory.
-// With `tickets`, the last split block of each (sequence, kv head, pass) to finish combines the
-// splits itself (a ticket counter per block row, as in the CUDA threadFenceReduction sample), so
-// no decode_reduce_kernel launch follows.
 #include "decode_splits.cuh"
 #include "mma.cuh"
 
 constexpr int DM_KEYS = 16;  // keys per warp tile: one k16 step of P V, two n8 tiles of Q K^T
-constexpr int DM_MAX_SPLITS = 256;  // splits the fused combine holds weights for (attention.cu's too)
-
-// The fused combine, run by the block that took the last ticket: out = sum_s 2^(m_s - M) o_s /
-// sum_s 2^(m_s - M) l_s over the `splits` partials of query heads g0 .. g0 + GR - 1. Partials of
-// other blocks are read through L2 (__ldcg): this SM's L1 may hold a stale line of the workspace.
-template <typename T, int HD, int GR, int NW>
-__device__ void combine_splits(T* __restrict__ out, const float* __restrict__ part_out,
-                               const float* __restrict__ part_ml, float* w_s, int splits,
-                               int item, int num_items, int num_heads, int head0, int rows,
-                               int tok) {
-  __shared__ float den_s[GR];
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  for (int g = warp; g < rows; g += NW) {
-    const long at = (long)item * num_heads + head0 + g, stride = (long)num_items * num_heads;
-    float mx = -INFINITY;
-    for (int s = lane; s < splits; s += 32) mx = fmaxf(mx, __ldcg(part_ml + (s * stride + at) * 2));
-    mx = warp_max(mx);  // finite: the sequence's first split saw keys
-    float den = 0.f;
-    for (int s = lane; s < splits; s += 32) {
-      const float ms = __ldcg(part_ml + (s * stride + at) * 2);
-      const float w = ms == -INFINITY ? 0.f : exp2f(ms - mx);  // a split that saw no key: 0
-      w_s[g * DM_MAX_SPLITS + s] = w;
-      den += w * __ldcg(part_ml + (s * stride + at) * 2 + 1);
-    }
-    den = warp_sum(den);
-    if (lane == 0) den_s[g] = den;
-  }
-  __syncthreads();
-  for (int idx = threadIdx.x; idx < rows * HD; idx += NW * 32) {
-    const int g = idx / HD, d = idx % HD;
-    const long at = (long)item * num_heads + head0 + g, stride = (long)num_items * num_heads;
-    float num = 0.f;
-#pragma unroll 8
-    for (int s = 0; s < splits; s++)
-      num += w_s[g * DM_MAX_SPLITS + s] * __ldcg(part_out + (s * stride + at) * HD + d);
-    const float den = den_s[g];
-    out[((long)tok * num_heads + head0 + g) * HD + d] = from_float<T>(den > 0.f ? num / den : 0.f);
-  }
-}
 
 // Grid: (num_decode_items, num_kv_heads * passes, num_splits)  Block: (NW * 32)
 // passes = ceil(group / GR). Dynamic shared memory: max(NW x ST x (K, V) x DM_KEYS x (HD + 8)
-// 16-bit elements, NW x GR x HD floats for the merge, GR x DM_MAX_SPLITS floats for the combine).
+// 16-bit elements, NW x GR x HD floats for the merge).
 template <typename T, int HD, int GR, int NW, int ST>
 __global__ void __launch_bounds__(NW * 32, 12 / NW) decode_mma_kernel(
     T* __restrict__ out,                    // [num_tokens, num_heads, HD]
@@ -73,7 +31,6 @@ __global__ void __launch_bounds__(NW * 32, 12 / NW) decode_mma_kernel(
     const int* __restrict__ query_start_loc,  // [B + 1]
     const int* __restrict__ context_lens,     // [B]
     const int* __restrict__ block_tables,     // [B, max_blocks]
-    int* __restrict__ tickets,  // [W, nkv * passes], zeros (left so), or null: reduce kernel
     int max_blocks, int num_items, int num_heads, int num_kv_heads, int block_size,
     float scale_log2, int num_splits, int min_keys) {
   static_assert(GR == 8 || GR == 16, "one m16 tile of query heads");
@@ -294,28 +251,13 @@ __global__ void __launch_bounds__(NW * 32, 12 / NW) decode_mma_kernel(
       }
     }
   }
-  if (splits == 1 || tickets == nullptr) return;
-  __shared__ int last;
-  __threadfence();  // this block's partials reach L2 before its ticket is counted
-  __syncthreads();
-  if (threadIdx.x == 0) {
-    int* ticket = tickets + (long)item * gridDim.y + blockIdx.y;
-    last = atomicAdd(ticket, 1) == splits - 1;
-    if (last) *ticket = 0;  // every split has counted: zero again for the next layer or replay
-  }
-  __syncthreads();
-  if (!last) return;
-  __threadfence();
-  combine_splits<T, HD, GR, NW>(out, part_out, part_ml, reinterpret_cast<float*>(smem_raw),
-                                splits, item, num_items, num_heads, kvh * group + g0,
-                                min(GR, group - g0), tok);
 }
 
 #ifdef PAGEDSERVE_NVCC_CHECK
 #define INSTANTIATE(T, HD, GR, NW, ST)                                                         \
   template __global__ void decode_mma_kernel<T, HD, GR, NW, ST>(                               \
       T*, float*, float*, const T*, const T*, const T*, const int*, const int*, const int*,    \
-      const int*, int*, int, int, int, int, int, float, int, int);
+      const int*, int, int, int, int, int, float, int, int);
 INSTANTIATE(__half, 64, 8, 4, 2)
 INSTANTIATE(__half, 128, 16, 4, 2)
 INSTANTIATE(__nv_bfloat16, 64, 16, 4, 2)

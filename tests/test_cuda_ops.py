@@ -22,15 +22,12 @@ def ops(request):
     return CudaOps(request.param)
 
 
-@pytest.fixture(params=["v1", "mma", "mma fused"])
+@pytest.fixture(params=["v1", "mma"])
 def decode_kernel(request, monkeypatch):
-    """Each decode attention kernel in turn (cuda_attention.DECODE_KERNEL), mma also with its
-    splits combined by their last block (DECODE_FUSED_REDUCE)."""
+    """Each decode attention kernel in turn (cuda_attention.DECODE_KERNEL)."""
     from engine.executor.ops import cuda_attention
 
-    kernel, _, fused = request.param.partition(" ")
-    monkeypatch.setattr(cuda_attention, "DECODE_KERNEL", kernel)
-    monkeypatch.setattr(cuda_attention, "DECODE_FUSED_REDUCE", bool(fused))
+    monkeypatch.setattr(cuda_attention, "DECODE_KERNEL", request.param)
     return request.param
 
 

@@ -5,9 +5,8 @@ cp.async stages) variant), timed by CUDA-graph replay on the grid the engine's d
 of the H200's 4.27 TB/s:
 - W1's decode mix at batch 256 (contexts 100..1100), Llama-3-8B heads (32 q / 8 kv, hd 128) and
   Qwen3-0.6B heads (16 / 8, hd 128);
-- one sequence of 16,384 and of 32,532 tokens, with split-count sweeps for mma, and mma with the
-  splits combined by their last block instead of decode_reduce_kernel ("fused");
-- a whole batch-1 decode step of Qwen3-0.6B shapes at a 32,532-token context: v1, mma, mma fused.
+- one sequence of 16,384 and of 32,532 tokens, with split-count sweeps for mma;
+- a whole batch-1 decode step of Qwen3-0.6B shapes at a 32,532-token context: v1, then mma.
 Errors: against the numpy twin where the cache is small enough to copy back, else against v1.
 """
 
@@ -19,7 +18,8 @@ from engine.executor.ops import cuda_attention as ca
 from engine.executor.ops.cuda_kernels import DECODE_MMA_CONFIGS
 
 HEADS = {"llama3-8b": (32, 8, 128), "qwen3-0.6b": (16, 8, 128)}  # (nh, nkv, hd)
-SWEEP_SPLITS = (48, 64, 96, 144, 256)  # grid splits for one long sequence (default: MAX_SPLITS)
+# grid splits for one long sequence besides the default MAX_SPLITS, and (warps, stages) there
+SWEEP = (((4, 2), 40), ((4, 2), 56), ((4, 2), 96), ((4, 2), 128), ((4, 3), 32))
 
 
 def check_attn(ops, kc):
@@ -33,14 +33,13 @@ def check_attn(ops, kc):
         cases = [("qwen3-0.6b", "B=8 x 300", [300] * 8), ("llama3-8b", "1 x 4096", [4096])]
     for preset, label, ctx in cases:
         check_case(ops, kc, rng, preset, label, ctx)
-    saved = ca.DECODE_KERNEL, ca.DECODE_FUSED_REDUCE
+    saved = ca.DECODE_KERNEL
     try:
-        for kernel, fused in (("v1", False), ("mma", False), ("mma", True)):
-            ca.DECODE_KERNEL, ca.DECODE_FUSED_REDUCE = kernel, fused
-            kc.decode_step(ops, "qwen3-0.6b", 32532, gemv_on=False,
-                           tag=f", attn {kernel}{' fused' if fused else ''}")
+        for kernel in ("v1", "mma"):
+            ca.DECODE_KERNEL = kernel
+            kc.decode_step(ops, "qwen3-0.6b", 32532, gemv_on=False, tag=f", attn {kernel}")
     finally:
-        ca.DECODE_KERNEL, ca.DECODE_FUSED_REDUCE = saved
+        ca.DECODE_KERNEL = saved
 
 
 def check_case(ops, kc, rng, preset, label, ctx):
@@ -53,18 +52,15 @@ def check_case(ops, kc, rng, preset, label, ctx):
         want = kc.REF.attention(qkv_h, ops.to_host(cache[0]), ops.to_host(cache[1]), meta, nh,
                                 nkv, scale)
     kv_bytes = sum(ctx) * nkv * hd * 2 * 2
-    # (kernel, (warps, stages), grid splits or None: the default, fused combine)
-    variants = [("v1", None, None, False)] + [("mma", c, None, False) for c in DECODE_MMA_CONFIGS]
-    if len(ctx) == 1:
-        cfg = DECODE_MMA_CONFIGS[0]
-        variants += [("mma", cfg, None, True)]
-        if not kc.OPTS["small"]:
-            variants += [("mma", cfg, s, False) for s in SWEEP_SPLITS]
-            variants += [("mma", cfg, s, True) for s in (64, 96)]
+    # (kernel, (warps, stages), grid splits or None: the default)
+    # v1 at its own former default of 128 splits, the baseline of the "x v1" column
+    variants = [("v1", None, 128)] + [("mma", c, None) for c in DECODE_MMA_CONFIGS]
+    if len(ctx) == 1 and not kc.OPTS["small"]:
+        variants += [("mma", c, s) for c, s in SWEEP]
     base_sec = base_out = None
-    for kernel, config, max_splits, fused in variants:
+    for kernel, config, max_splits in variants:
         sec, got, splits = time_kernel(ops, kc, meta, cache, qkv, nh, nkv, scale, kernel, config,
-                                       max_splits, fused)
+                                       max_splits)
         if want is not None:
             err = f"{kc.rel(got, want):.1e}"
         else:
@@ -72,18 +68,17 @@ def check_case(ops, kc, rng, preset, label, ctx):
         if base_sec is None:
             base_sec, base_out = sec, got
         name = f"{preset} {label} {kernel}" + (f" NW={config[0]} ST={config[1]}" if config else "")
-        name += (f" max splits {max_splits}" if max_splits else "") + (" fused" if fused else "")
+        name += f" max splits {max_splits}" if max_splits else ""
         kc.row("attn", name, err, sec, kv_bytes,
                extra=f"{kv_bytes / sec / 1e12:.2f} TB/s; {base_sec / sec:.2f}x v1; "
                f"grid splits {splits}")
 
 
-def time_kernel(ops, kc, meta, cache, qkv, nh, nkv, scale, kernel, config, max_splits, fused):
+def time_kernel(ops, kc, meta, cache, qkv, nh, nkv, scale, kernel, config, max_splits):
     """(seconds per call, output on the host, grid splits) of one decode kernel variant."""
-    saved = (ca.DECODE_KERNEL, ca.DECODE_MMA_CONFIG, ca.MAX_SPLITS, ca.NUM_BLOCKS_TARGET,
-             ca.DECODE_FUSED_REDUCE)
+    saved = ca.DECODE_KERNEL, ca.DECODE_MMA_CONFIG, ca.MAX_SPLITS, ca.NUM_BLOCKS_TARGET
     try:
-        ca.DECODE_KERNEL, ca.DECODE_FUSED_REDUCE = kernel, fused
+        ca.DECODE_KERNEL = kernel
         ca.DECODE_MMA_CONFIG = config or ca.DECODE_MMA_CONFIG
         if max_splits:
             ca.MAX_SPLITS = max_splits
@@ -99,5 +94,4 @@ def time_kernel(ops, kc, meta, cache, qkv, nh, nkv, scale, kernel, config, max_s
         got = ops.to_host(attn())
         return kc.graph_time(attn), got, dmeta.num_splits
     finally:
-        (ca.DECODE_KERNEL, ca.DECODE_MMA_CONFIG, ca.MAX_SPLITS, ca.NUM_BLOCKS_TARGET,
-         ca.DECODE_FUSED_REDUCE) = saved
+        ca.DECODE_KERNEL, ca.DECODE_MMA_CONFIG, ca.MAX_SPLITS, ca.NUM_BLOCKS_TARGET = saved

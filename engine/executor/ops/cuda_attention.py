@@ -27,12 +27,12 @@ from engine.executor.ops.cuda_kernels import (
 from engine.executor.ops.cuda_prefill import prefill_attention, prefill_plan
 
 DECODE_THREADS = 128  # attention.cu's DEC_WARPS warps
-# "mma": attention_decode_mma.cu; "v1": attention.cu's scalar kernel, the default until the device
-# shows the tensor-core one faster (tools/kernel_check.py --only splits)
-DECODE_KERNEL = os.environ.get("PAGEDSERVE_DECODE_KERNEL", "v1")
+# "mma": attention_decode_mma.cu; "v1": attention.cu's scalar kernel. Device run 2
+# (tools/kernel_check.py --only attn): W1's batch-256 decode mix 168 against 295 us (Llama-3-8B
+# heads, 3.78 TB/s, 89% of the H200's bandwidth) and 166 against 209 (Qwen3-0.6B heads); W1 with
+# mma: Qwen3-0.6B 22,868 output tok/s, Llama-3-8B 9,265 (7,678 before).
+DECODE_KERNEL = os.environ.get("PAGEDSERVE_DECODE_KERNEL", "mma")
 DECODE_MMA_CONFIG = DECODE_MMA_CONFIGS[0]  # (warps, cp.async stages per warp)
-# mma only: the last split block of a sequence's kv head combines the splits (no reduce launch)
-DECODE_FUSED_REDUCE = os.environ.get("PAGEDSERVE_DECODE_FUSED_REDUCE", "0") == "1"
 NUM_BLOCKS_TARGET = 1024  # decode blocks that fill an H200's 132 SMs several times over
 # A sequence takes ceil(context / keys per split) of the grid's splits, at most all of them
 # (attention.cu's seq_splits): the grid is sized for the longest context, each sequence for its own.
@@ -41,7 +41,10 @@ NUM_BLOCKS_TARGET = 1024  # decode blocks that fill an H200's 132 SMs several ti
 # 64, not 128: device run 2 (tools/kernel_check.py, splits) measured one 512-token sequence at
 # 8.6 us against 11.4, 8 x 1024 at 16.4 against 19.7, and long contexts unchanged.
 MIN_KEYS_PER_SPLIT = 64
-MAX_SPLITS = 128  # one 16k+ sequence over 8 kv heads fills NUM_BLOCKS_TARGET
+# 48 splits x 8 kv heads = 384 mma blocks: one wave at 3 blocks per SM, each split long enough
+# to keep its warps' cp.async rings busy. Device run 2, one sequence of 32,532 tokens: 43.6 us
+# (3.05 TB/s) against 46.1 at 128 splits (v1 at 128: 45.5 Qwen3 heads, 65.8 Llama-3 heads).
+MAX_SPLITS = 48
 KERNEL_MAX_SPLITS, REDUCE_THREADS = 256, 512  # attention.cu's MAX_SPLITS and RED_THREADS
 LOG2E = 1.4426950408889634  # the kernels' softmax is base 2: scores are scaled by scale * log2(e)
 
@@ -92,8 +95,6 @@ class AttentionPlan:
     # the prefill kernel prefill_work was cut for, and its config (cuda_prefill.prefill_plan)
     prefill_kernel: str = "v1"
     prefill_config: tuple[int, int, int] | None = None
-    # the fused combine's ticket per decode block row, zero between launches (every layer's)
-    tickets: cupy.ndarray | None = None
 
 
 def decode_kernel() -> str:
@@ -202,27 +203,20 @@ def paged_attention(qkv, k_cache, v_cache, meta: DeviceAttentionMetadata, num_he
                 i32(num_dec), i32(num_heads), i32(num_kv_heads), i32(block_size), scale_log2,
                 i32(splits), keys_per_split)
         grid = (num_dec, num_kv_heads * passes, splits)
-        fused = decode_kernel() == "mma" and DECODE_FUSED_REDUCE and splits > 1
         if decode_kernel() == "mma":
             nw, st = DECODE_MMA_CONFIG
-            if fused and plan.tickets is None:
-                plan.tickets = cupy.zeros(num_dec * num_kv_heads * passes, cupy.int32)
             k = kernel("attention_decode_mma.cu",
                        f"decode_mma_kernel<{ctype}, {head_dim}, {g}, {nw}, {st}>", ctype)
             # each warp's stages of K and V tiles (16 keys, padded rows), reused by the merge
-            # and by the fused combine's weights
-            smem = max(nw * st * 2 * 16 * (head_dim + 8) * 2, nw * g * head_dim * 4,
-                       g * KERNEL_MAX_SPLITS * 4)
+            smem = max(nw * st * 2 * 16 * (head_dim + 8) * 2, nw * g * head_dim * 4)
             if k.max_dynamic_shared_size_bytes < smem:
                 k.max_dynamic_shared_size_bytes = smem
-            tickets = plan.tickets if fused else np.uint64(0)
-            launch(k, grid, (nw * 32,), args[:10] + (tickets,) + args[10:], shared_mem=smem,
-                   pdl=True)
+            launch(k, grid, (nw * 32,), args, shared_mem=smem, pdl=True)
         else:
             launch(kernel("attention.cu",
                           f"decode_attention_kernel<{ctype}, {head_dim}, {g}, {DECODE_UNROLL}>",
                           ctype), grid, (DECODE_THREADS,), args, pdl=True)
-        if splits > 1 and not fused:
+        if splits > 1:
             launch(kernel("attention.cu", f"decode_reduce_kernel<{ctype}, {head_dim}>", ctype),
                    (num_dec, num_heads), (REDUCE_THREADS,),
                    (out, part_out, part_ml, plan.decode_seqs, meta.query_start_loc,
