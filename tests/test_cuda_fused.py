@@ -13,6 +13,7 @@ cupy = require_gpu()
 from test_cuda_ops import (  # noqa: E402
     TOL,
     check_sample,
+    decode_kernel,  # noqa: F401 (a fixture: each decode kernel in turn)
     make_batch,
     randn,
     rel_err,
@@ -20,6 +21,7 @@ from test_cuda_ops import (  # noqa: E402
     upload,
 )
 
+from engine.executor.ops.cuda_kernels import DECODE_MMA_CONFIGS  # noqa: E402
 from engine.executor.ops.cuda_ops import CudaOps  # noqa: E402
 from engine.executor.ops.numpy_ops import NumpyOps  # noqa: E402
 
@@ -83,8 +85,9 @@ def test_qk_norm_rope_kv_write(ops, head_dim, group, variant):
 
 
 @pytest.mark.parametrize("grid_splits", [None, 1, 7, "max"])
-@pytest.mark.parametrize("group", [1, 2, 4, 8])
+@pytest.mark.parametrize("group", [1, 2, 4, 8, 24])
 @pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.usefixtures("decode_kernel")
 def test_decode_splits_per_sequence(ops, head_dim, group, grid_splits):
     """Any grid split count (None: chosen from the step) gives the same attention, whatever
     mix of short (one split, no reduction) and long (many splits) contexts the batch holds."""
@@ -109,15 +112,43 @@ def test_decode_splits_per_sequence(ops, head_dim, group, grid_splits):
     assert rel_err(ops.to_host(got), want) < TOL[ops.dtype]
 
 
+@pytest.mark.parametrize("config", DECODE_MMA_CONFIGS, ids=str)
+@pytest.mark.parametrize("group", [2, 4, 16])
+@pytest.mark.parametrize("bs", [16, 8])
+def test_decode_mma_configs(ops, bs, group, config, monkeypatch):
+    """Every (warps, stages) variant of the tensor-core decode kernel against the twin: contexts
+    that end inside a warp's tile, wrap each warp's stage ring many times, or give a warp none;
+    cache blocks that hold whole 16-key tiles (one table read per tile) and half ones."""
+    from engine.executor.ops import cuda_attention as ca
+
+    monkeypatch.setattr(ca, "DECODE_KERNEL", "mma")
+    monkeypatch.setattr(ca, "DECODE_MMA_CONFIG", config)
+    rng = np.random.default_rng()
+    nkv, hd = 2, 128
+    nh = nkv * group
+    ctx = [3, 16, 17, 63, 64, 65, 200, 3000]
+    num_blocks = sum(-(-c // bs) for c in ctx) + 2
+    meta = make_batch(rng, [1] * len(ctx), ctx, bs, num_blocks)
+    cache, cache_h = upload(ops, randn(2, num_blocks, nkv, bs, hd, rng=rng))
+    qkv, qkv_h = upload(ops, randn(len(ctx), (nh + 2 * nkv) * hd, rng=rng, scale=3.0))
+    want = REF.attention(qkv_h, cache_h[0], cache_h[1], meta, nh, nkv, hd**-0.5)
+    for splits in (1, 5, 256):
+        dmeta = ops.prepare_metadata(meta)
+        dmeta.num_splits = splits
+        got = ops.attention(qkv, cache[0], cache[1], dmeta, nh, nkv, hd**-0.5)
+        assert rel_err(ops.to_host(got), want) < TOL[ops.dtype], splits
+
+
 def test_choose_splits_fills_the_gpu_from_one_long_sequence():
     from engine.executor.ops import cuda_attention as ca
 
-    assert ca.choose_splits(1, 8, 32768) * 8 >= ca.NUM_BLOCKS_TARGET  # one long sequence
+    # one long sequence: every split the grid may have, at least two blocks per SM of an H200
+    assert ca.choose_splits(1, 8, 32768) == ca.MAX_SPLITS and ca.MAX_SPLITS * 8 >= 2 * 132
     assert ca.choose_splits(1, 8, 100) == 1  # one short one: nothing to split
     assert ca.choose_splits(256, 8, 32768) == 1  # a full batch fills the GPU already
     # eager steps: from the contexts themselves
     splits, keys = ca.splits_for_contexts(np.array([32768] + [100] * 15), 8)
-    assert splits * 8 >= ca.NUM_BLOCKS_TARGET * 0.9  # the long one alone fills the GPU
+    assert splits == ca.MAX_SPLITS  # the long one alone fills the GPU
     assert ca.splits_for_contexts(np.array([50] * 4), 8) == (1, ca.MIN_KEYS_PER_SPLIT)
     splits, keys = ca.splits_for_contexts(np.array([4096] * 256), 8)
     assert splits <= 2 and keys >= 4096 // 2  # a full batch: few splits, long ones

@@ -9,9 +9,10 @@ sampler old vs new, decode steps.
 --quick skips the Llama-3-8B shapes and the decode steps; --only runs the named sections
 (launches, fused, gemv, gemv1 (M = 1 only), splits, sampling, prefill, prefill90 (experimental),
 gguf, decode, step (decode-step variants at batch 1, ctx 512: PDL, early trigger, fusions), fp8:
-tools/kernel_check_fp8.py). --check-each synchronizes after every row and every section and stops
-at the first CUDA error, naming where it surfaced (a kernel fault is sticky: without this it is
-reported by whichever later call syncs first). --small shrinks every section (few rows, one weight
+tools/kernel_check_fp8.py, attn: decode attention v1 vs mma, tools/kernel_check_attn.py).
+--check-each synchronizes after every row and every section and stops at the first CUDA error,
+naming where it surfaced (a kernel fault is sticky: without this it is reported by whichever
+later call syncs first). --small shrinks every section (few rows, one weight
 copy, 2-layer decode models with a 4096-token vocabulary, 2 timed calls) for compute-sanitizer:
 
     for s in launches fused gemv splits sampling prefill gguf decode; do
@@ -46,6 +47,7 @@ from engine.executor.ops import (  # noqa: E402
 from engine.executor.ops import cuda_attention as ca  # noqa: E402
 from engine.executor.ops.numpy_ops import NumpyOps  # noqa: E402
 from tools import kernel_check_fp8  # noqa: E402
+from tools.kernel_check_attn import check_attn  # noqa: E402
 from tools.kernel_check_gguf import check_gguf  # noqa: E402
 
 BW, FLOPS = 4.27e12, 800e12  # measured ceilings (shared/GPU.md)
@@ -565,7 +567,7 @@ def check_kept_counts(ops, name, logits, t, sub, want, ids_sec):
 # ----------------------------------------------------------------------------- decode steps
 
 
-def decode_step(ops, preset, ctx, gemv_on=True):
+def decode_step(ops, preset, ctx, gemv_on=True, tag=""):
     from engine.executor.cuda_graph import DecodeGraphs
     from engine.executor.transformer import Transformer
     from engine.model.config import ModelConfig
@@ -622,7 +624,7 @@ def decode_step(ops, preset, ctx, gemv_on=True):
                 "same" if np.array_equal(got, reference) else "DIFFER")
             reference = got if reference is None else reference
             sample = time_greedy_sample(ops, logits) if reference is got else None
-            row("decode", f"{preset} B=1 ctx={ctx} graph, {label} (PDL "
+            row("decode", f"{preset} B=1 ctx={ctx} graph, {label}{tag} (PDL "
                 f"{'on' if cuda_kernels.PDL else 'off'})", err, statistics.median(times),
                 weight_bytes + kv, extra="" if sample is None else
                 f"+ greedy sample {sample * 1e6:.1f} us (graph replay, host sync excluded)")
@@ -730,12 +732,13 @@ def check_launches(ops):
 
 def run_all(ops, quick: bool = False, only: str | None = None):
     """Every section, or those named in `only` (comma-separated: launches, fused, gemv, gemv1,
-    splits, sampling, prefill, prefill90, gguf, decode, step, fp8)."""
+    splits, sampling, prefill, prefill90, gguf, decode, step, fp8, attn)."""
     sections = {
         "launches": lambda: check_launches(ops),
         "fused": lambda: check_fused(ops),
         "gemv": lambda: check_gemv(ops, ["qwen3-0.6b"] if quick else ["qwen3-0.6b", "llama3-8b"]),
         "splits": lambda: check_splits(ops),
+        "attn": lambda: check_attn(ops, sys.modules[__name__]),
         "sampling": lambda: check_sampling(ops),
         "prefill": lambda: check_prefill(ops),
         "prefill90": lambda: check_prefill90(ops),

@@ -49,6 +49,8 @@ GGUF_GEMV_M = (1, 2, 4, 8)  # rows compiled for the GGUF GEMV (fewer rows run th
 GGUF_GEMV_R = 2  # weight rows per GEMV block (template GG_R); other R at M = 1 for kernel_check
 GGUF_GEMV_VARIANTS = [(m, GGUF_GEMV_R) for m in GGUF_GEMV_M] + [(1, 1), (1, 3)]
 DECODE_UNROLL = 2  # 16-byte K and V loads per lane in flight (U); 2 beat 4 and 8 on the H200
+# attention_decode_mma.cu's (warps, cp.async stages per warp) variants; rows GR are 8 or 16
+DECODE_MMA_CONFIGS = ((4, 2), (4, 3), (8, 2))
 # attention_prefill_gqa.cu's (MI, NW, BN) variants, which cuda_prefill.prefill_plan picks among
 PREFILL_CONFIGS = ((2, 8, 64), (2, 4, 64), (1, 8, 64), (1, 4, 64))
 # attention_prefill_sm90.cu's (MI, NW, BN, ST, PVW: P V on wgmma too), experimental
@@ -99,6 +101,9 @@ def kernel_names(file: str, ctype: str) -> list[str]:
         return ([f"decode_attention_kernel<{ctype}, {d}, {g}, {DECODE_UNROLL}>"
                  for d in HEAD_DIMS for g in DECODE_GROUPS]
                 + [f"decode_reduce_kernel<{ctype}, {d}>" for d in HEAD_DIMS])
+    if file == "attention_decode_mma.cu":
+        return [f"decode_mma_kernel<{ctype}, {d}, {gr}, {nw}, {st}>" for d in HEAD_DIMS
+                for gr in (8, 16) for nw, st in DECODE_MMA_CONFIGS]
     if file == "attention_prefill.cu":
         return [f"prefill_attention_kernel<{ctype}, {d}>" for d in HEAD_DIMS]
     if file == "attention_prefill_gqa.cu":

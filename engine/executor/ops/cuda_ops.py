@@ -23,6 +23,7 @@ from engine.executor.ops import (
 )
 from engine.executor.ops.cuda_attention import (
     DeviceAttentionMetadata,
+    decode_kernel,
     paged_attention,
     prepare_metadata,
 )
@@ -70,8 +71,9 @@ class CudaOps:
         self._mask_stage: np.ndarray | None = None
         self._mask_stage_mem = None
         self._mask_copied: cupy.cuda.Event | None = None
+        decode_file = ("attention_decode_mma.cu",) if decode_kernel() == "mma" else ()
         for file in ("gather.cu", "activation.cu", "rms_norm.cu", "rope.cu", "kv_cache.cu",
-                     "qk_rope_kv.cu", "gemv.cu", "attention.cu"):
+                     "qk_rope_kv.cu", "gemv.cu", "attention.cu") + decode_file:
             kernel(file, _first_name(file, self.ctype), self.ctype)  # compile now, fail early
 
     @staticmethod
