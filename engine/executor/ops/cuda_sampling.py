@@ -12,6 +12,10 @@ candidates in shared memory (3 passes over a row; 4 or 5 when the kept set is th
 tokens: the cut's window of bins, refined once more if needed, and a draw over the row; it
 bisects only for nearly flat rows); SAMPLER = "bisect" selects the previous kernel
 (cuda/sampling_bisect.cu, ~31 passes per threshold), which tools/kernel_check.py times as baseline.
+SAMPLER = "twopass" (PAGEDSERVE_SAMPLER=twopass; not yet measured on the device) runs the same
+kernel with a leaner statistics pass and, for rows with a top-k, the cut from the block's thread
+maxima in one more pass (cuda/sampling_twopass.cuh); above 132 rows it gives a row 512 threads,
+so that two rows share an SM in one wave instead of two waves of one.
 
 The sampled ids stay on the device (the next overlapped step's placeholders read them there) and
 reach the host through a copy into pinned memory followed by an event: DeviceSample.wait() is the
@@ -20,6 +24,8 @@ step's one host <-> device sync, and it can come after the next step is launched
 
 from __future__ import annotations
 
+import os
+
 import cupy
 import numpy as np
 
@@ -27,7 +33,8 @@ from engine.executor.ops import SamplerOutput, SamplingTensors
 from engine.executor.ops.cuda_kernels import kernel
 
 NUM_PARAMS = 10  # words per row, laid out as in cuda/sampling_common.cuh
-SAMPLER = "select"  # or "bisect": the previous kernel
+SAMPLER = os.environ.get("PAGEDSERVE_SAMPLER", "select")  # "twopass", or "bisect": the old one
+SAMPLERS = ("select", "twopass", "bisect")
 # cuda/sampling_greedy.cu splits a row over up to this many blocks, of at least GREEDY_CHUNK
 # logits each, aiming at GREEDY_BLOCKS blocks in all.
 GREEDY_MAX_CHUNKS, GREEDY_CHUNK, GREEDY_BLOCKS = 64, 2048, 2048
@@ -103,7 +110,10 @@ def launch(logits: cupy.ndarray, t: SamplingTensors, dev: dict, ctype: str) -> c
     (R, 2 + 2 * num_logprobs) int32 results, laid out as in cuda/sampling_common.cuh."""
     rows, vocab = logits.shape
     n_lp = int(t.num_logprobs)
-    if (SAMPLER == "select" and t.all_greedy and n_lp == 0 and dev["slots"] is None
+    if SAMPLER not in SAMPLERS:
+        raise ValueError(f"cuda_sampling.SAMPLER (PAGEDSERVE_SAMPLER) must be one of {SAMPLERS}, "
+                         f"got {SAMPLER!r}")
+    if (SAMPLER != "bisect" and t.all_greedy and n_lp == 0 and dev["slots"] is None
             and dev["bias"] is None):
         return greedy(logits, ctype)
     params, i32, null = dev["params"], np.int32, np.uint64(0)
@@ -138,15 +148,27 @@ def launch(logits: cupy.ndarray, t: SamplingTensors, dev: dict, ctype: str) -> c
     else:
         table = (null, null, null, 0) if counts is None else (counts.counts, counts.seen, slots,
                                                                counts.words)
+        twopass = SAMPLER == "twopass"
+        threads = 512 if twopass and rows > _sm_count() else 1024
         kernel("sampling.cu", f"sample_kernel<{ctype}>")(
-            (rows,), (1024,), (result, logits, adjusted, params, *table[:3], i32(table[3]),
-                               i32(vocab), i32(n_lp)))
+            (rows,), (threads,), (result, logits, adjusted, params, *table[:3], i32(table[3]),
+                                  i32(vocab), i32(n_lp), i32(twopass)))
     if t.count_slots is not None:  # the kept table counts this step's draws
         kernel("sampling.cu", "count_drawn_kernel")(
             (-(-rows // 256),), (256,), (counts.counts, counts.seen, dev["slots"], result,
                                          i32(rows), i32(result.shape[1]), i32(vocab),
                                          i32(counts.words)))
     return result
+
+
+_sm_counts: dict[int, int] = {}
+
+
+def _sm_count() -> int:
+    device = cupy.cuda.Device()
+    if device.id not in _sm_counts:
+        _sm_counts[device.id] = device.attributes["MultiProcessorCount"]
+    return _sm_counts[device.id]
 
 
 def greedy(logits: cupy.ndarray, ctype: str) -> cupy.ndarray:
