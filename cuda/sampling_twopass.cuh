@@ -163,13 +163,15 @@ __device__ int thread_max_bin(float bv, float smx, float scale, int k, int* cnt,
 }
 
 // Pass 2: every value whose bin_gap is below `limit` into (cand_p, cand_id), p as prob_of gives
-// it; the number of such values -> sel[4] (more than SEL_CAP: only the first SEL_CAP stored).
+// it; the number of such values -> sel[4], exact up to SEL_CAP, else only some count above it
+// (once it is above, nothing more is counted: a flat row does not queue 152k atomics on it).
 template <typename T>
 __device__ void collect_top(const RowDist& d, int vocab, bool vec, float scale, float limit,
                             float* cand_p, int* cand_id, int* sel) {
   if (threadIdx.x == 0) sel[4] = 0;
   __syncthreads();
   auto push = [&](int i, float a) {
+    if (*reinterpret_cast<volatile int*>(&sel[4]) > SEL_CAP) return;
     const int slot = atomicAdd(&sel[4], 1);
     if (slot < SEL_CAP) { cand_p[slot] = prob_of(d, a); cand_id[slot] = i; }
   };
