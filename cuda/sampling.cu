@@ -319,8 +319,8 @@ __device__ float bisect_top_p(const RowDist& d, int vocab, float top_p, float p_
 
 // Penalties come either in `adjusted` (with a logit bias) or from the count table: `counts`
 // non-null and `adjusted` null. `twopass`: the leaner statistics pass and, for rows with a
-// top-k of at most half the block, the two-pass cut of sampling_twopass.cuh; 0 keeps the
-// device-checked steps above exactly.
+// top-k or top-p that the block's thread maxima bound, the two-pass cut of sampling_twopass.cuh;
+// 0 keeps the device-checked steps above exactly.
 // Grid: (R)  Block: (SAMPLE_THREADS, or any multiple of 32 below it)
 template <typename T>
 __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(
@@ -413,9 +413,9 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(
     const float u = uniform01(((unsigned long long)(unsigned)p[5] << 32) | (unsigned)p[4],
                               (unsigned)p[6]);
     float tau = tau_m;
-    if (twopass && use_k)  // -2 where it does not apply
-      token = twopass_top_k<T>(d, vocab, vec, thread_max, top_k, use_p, top_p, tau_m, u, cnt,
-                               cand_p, cand_id, sel, &tau_s, red);
+    if (twopass && (use_k || use_p))  // -2 where it does not apply
+      token = twopass_cut<T>(d, vocab, vec, thread_max, use_k, top_k, use_p, top_p, tau_m, u,
+                             cnt, mass, cand_p, cand_id, sel, &tau_s, red);
     if (token != -2) {
       // drawn by the two-pass cut
     } else if (use_k || use_p) {

@@ -1,5 +1,5 @@
-// The two-pass top-k path of sampling.cu's sample_kernel (cuda_sampling.SAMPLER = "twopass"),
-// included by sampling.cu after RowDist, prob_of and online_add8, which it uses.
+// The two-pass top-k / top-p path of sampling.cu's sample_kernel (cuda_sampling.SAMPLER =
+// "twopass"), included by sampling.cu after RowDist, prob_of and online_add8, which it uses.
 //
 // Where the time of a 256 x 152k step goes: with one block per row, each pass over the logits
 // costs what its instructions per element cost (a row per SM-half, the SM's issue slots and its
@@ -10,13 +10,16 @@
 //   each thread's max is a real element of the row, so the k-th largest of the block's thread
 //     maxima is at most the row's k-th largest value: a histogram of the thread maxima in bins
 //     of (max - a) gives a bin at or above which at least k values lie, so the row's top-k set
-//     lies at or above it too (one bin of margin for p's rounding). The bins spread the thread
-//     maxima over SEL_BINS, between 1/16 and 1/4096 of a base-2 unit of p wide (a flat row's
-//     top values are close together; the margin bin stays far wider than p's rounding);
+//     lies at or above it too (one bin of margin for p's rounding); likewise the bin where their
+//     mass reaches top_p bounds top-p's kept set (a peaked row's: a spread one falls back). The
+//     bins spread the thread maxima over SEL_BINS, between 1/16 and 1/4096 of a base-2 unit of
+//     p wide (a flat row's top values are close together; the margin bin stays far wider than
+//     p's rounding);
 //   pass 2 reads the row once more, with one subtraction, multiply and compare per element,
 //     and collects the few values in those bins (with their p) into shared memory, where the
 //     old exact cuts and the draw run on them (sampling_select.cuh).
-// A row whose candidates overflow SEL_CAP (flat rows, ties) takes the old histogram steps.
+// A row whose bound is not found, or whose candidates overflow SEL_CAP, takes the old histogram
+// steps (from the histogram on: pass 1 is not repeated).
 #pragma once
 
 // 2^x with one MUFU.EX2 (flushes denormal results to 0): for the sums of pass 1 only; every p
@@ -135,27 +138,45 @@ __device__ __forceinline__ float bin_scale(const RowDist& d, float bv, float* re
   return far > 0.f && __fmul_rn(far, coarse) < fit ? fminf(__fdiv_rn(fit, far), fine) : coarse;
 }
 
-// Every thread: the bin (of SEL_BINS) holding the k-th largest of the block's thread maxima
-// `bv`, or -1 when that is the last bin (the k-th lies 128 base-2 units down or is -inf).
-__device__ int thread_max_bin(float bv, float smx, float scale, int k, int* cnt, int* sel) {
-  for (int b = threadIdx.x; b < SEL_BINS; b += blockDim.x) cnt[b] = 0;
+// Every thread: a bin (of SEL_BINS) at or above which the row's kept set lies, from the block's
+// thread maxima `bv` (each thread's max, a real value of the row): the bin where their count
+// reaches k (at least k values lie at or above it), and with top-p the bin where their mass
+// reaches top_p + TP_MARGIN (every value below it has at least that much mass above it: not
+// kept); of the two found, the one nearer the top. -1 when neither is found above the last bin.
+// TP_MARGIN: room for float32 sums here and in numpy's cumsum to round differently.
+constexpr float TP_MARGIN = 1.f / 1024.f;
+
+__device__ int thread_max_bin(const RowDist& d, float bv, float scale, bool use_k, int k,
+                              bool use_p, float top_p, int* cnt, float* mass, int* sel) {
+  for (int b = threadIdx.x; b < SEL_BINS; b += blockDim.x) { cnt[b] = 0; mass[b] = 0.f; }
   __syncthreads();
-  const float g = bin_gap(smx, bv, scale);  // NaN and -inf thread maxima: the last bin
-  atomicAdd(&cnt[g < (float)(SEL_BINS - 1) ? (int)g : SEL_BINS - 1], 1);
+  const float g = bin_gap(d.smx, bv, scale);  // NaN and -inf thread maxima: the last bin
+  const int bin = g < (float)(SEL_BINS - 1) ? (int)g : SEL_BINS - 1;
+  atomicAdd(&cnt[bin], 1);
+  if (use_p && bin < SEL_BINS - 1) atomicAdd(&mass[bin], prob_of(d, bv));
   __syncthreads();
   if (threadIdx.x < 32) {
     constexpr int PER = SEL_BINS / 32;
     const int lane = threadIdx.x, first = lane * PER;  // lane 0: the largest values
+    const float reach = top_p + TP_MARGIN;
     int own = 0;
-    for (int b = first; b < first + PER; b++) own += cnt[b];
-    int before = warp_incl_int(own) - own, found = -1;
-    if (before < k && before + own >= k) {
+    float own_m = 0.f;
+    for (int b = first; b < first + PER; b++) { own += cnt[b]; own_m += mass[b]; }
+    int before = warp_incl_int(own) - own, found = SEL_BINS;
+    float before_m = warp_incl(own_m) - own_m;
+    if (use_k && before < k && before + own >= k) {
       for (int b = first; b < first + PER; b++) {
         before += cnt[b];
         if (before >= k) { found = b; break; }
       }
     }
-    for (int o = 16; o > 0; o >>= 1) found = max(found, __shfl_xor_sync(0xffffffffu, found, o));
+    if (use_p && before_m < reach && before_m + own_m >= reach) {
+      for (int b = first; b < first + PER; b++) {
+        before_m += mass[b];
+        if (before_m >= reach) { found = min(found, b); break; }
+      }
+    }
+    for (int o = 16; o > 0; o >>= 1) found = min(found, __shfl_xor_sync(0xffffffffu, found, o));
     if (lane == 0) sel[0] = found < SEL_BINS - 1 ? found : -1;
   }
   __syncthreads();
@@ -190,18 +211,22 @@ __device__ void collect_top(const RowDist& d, int vocab, bool vec, float scale, 
   __syncthreads();
 }
 
-// The two-pass top-k cut and draw of one row (block-uniform): the drawn id (-1: none kept, the
-// argmax), or -2 when this path does not apply (the caller takes the old steps).
+// The two-pass cut and draw of one row with top-k and/or top-p (block-uniform): the drawn id
+// (-1: none kept, the argmax), or -2 when this path does not apply (the caller takes the old
+// steps): the thread maxima bound neither rule (a top-k above half the block, a top-p whose
+// kept set is spread over more values than the block has threads), or too many candidates.
 template <typename T>
-__device__ int twopass_top_k(const RowDist& d, int vocab, bool vec, float bv, int top_k,
-                             bool use_p, float top_p, float tau_m, float u, int* cnt,
-                             float* cand_p, int* cand_id, int* sel, float* tau_s, float* red) {
-  if (d.inv_t == 0.f || !(fabsf(d.smx) < INFINITY) || top_k > (int)blockDim.x / 2) return -2;
+__device__ int twopass_cut(const RowDist& d, int vocab, bool vec, float bv, bool use_k,
+                           int top_k, bool use_p, float top_p, float tau_m, float u, int* cnt,
+                           float* mass, float* cand_p, int* cand_id, int* sel, float* tau_s,
+                           float* red) {
+  const bool bound_k = use_k && top_k <= (int)blockDim.x / 2;
+  if (d.inv_t == 0.f || !(fabsf(d.smx) < INFINITY) || !(bound_k || use_p)) return -2;
   const float scale = bin_scale(d, bv, red);
-  const int b_k = thread_max_bin(bv, d.smx, scale, top_k, cnt, sel);
-  if (b_k < 0) return -2;
-  // One bin of margin: a value just below the k-th's bin may round to the same p.
-  collect_top<T>(d, vocab, vec, scale, (float)(b_k + 2), cand_p, cand_id, sel);
+  const int b = thread_max_bin(d, bv, scale, bound_k, top_k, use_p, top_p, cnt, mass, sel);
+  if (b < 0) return -2;
+  // One bin of margin: a value just below the bound's bin may round to the same p.
+  collect_top<T>(d, vocab, vec, scale, (float)(b + 2), cand_p, cand_id, sel);
   const int num = sel[4];
   if (num > SEL_CAP) return -2;
   const int n = pow2_at_least(num);
@@ -210,7 +235,7 @@ __device__ int twopass_top_k(const RowDist& d, int vocab, bool vec, float bv, in
   bitonic_sort(cand_p, cand_id, n, false);
   // The candidates are every value from the top down: nothing above them (0, 0).
   if (threadIdx.x < 32)
-    exact_cut(cand_p, num, 0, 0.f, true, top_k, use_p, top_p, tau_m, sel, tau_s);
+    exact_cut(cand_p, num, 0, 0.f, use_k, top_k, use_p, top_p, tau_m, sel, tau_s);
   __syncthreads();
   const int num_keep = sel[2];
   const int n2 = pow2_at_least(num_keep);

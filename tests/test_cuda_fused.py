@@ -296,11 +296,11 @@ def test_sample_select_agrees_with_the_bisection_kernel(ops):
 
 @pytest.mark.parametrize("rows, vocab", [(200, 151936), (40, 151933), (16, 1000)])
 def test_sample_twopass_top_k_matches_numpy(ops, rows, vocab):
-    """The two-pass top-k cut (cuda/sampling_twopass.cuh): rows with a top-k of at most half
-    the block (512 threads above 132 rows) take it, on peaked and flat rows, with ties at the
-    top and across the cut; larger top-k, rows with fewer finite values than k and the division
-    temperature path fall back to the histogram steps. Same ids as numpy, and as the select
-    sampler."""
+    """The two-pass cut (cuda/sampling_twopass.cuh): rows with a top-k of at most half the block
+    (512 threads above 132 rows), or a top-p the thread maxima reach, take it, on peaked and
+    flat rows, with ties at the top and across the cut; larger top-k without such a top-p,
+    spread top-p, rows with fewer finite values than k and the division temperature path fall
+    back to the histogram steps. Same ids as numpy, and as the select sampler."""
     from engine.executor.ops import cuda_sampling
 
     rng = np.random.default_rng(rows)
@@ -313,7 +313,7 @@ def test_sample_twopass_top_k_matches_numpy(ops, rows, vocab):
     t = tensors(rows)
     t.temperature = rng.choice([0.5, 0.8, 1.3], rows).astype(np.float32)
     t.temperature[3] = 1e-35  # the division path: the histogram steps
-    t.top_k = rng.choice([1, 2, 20, 50, 256, 257, 600], rows).astype(np.int32)
+    t.top_k = rng.choice([0, 1, 2, 20, 50, 256, 257, 600], rows).astype(np.int32)
     t.top_p = rng.choice([1.0, 0.95, 0.5], rows).astype(np.float32)
     t.min_p = rng.choice([0.0, 0.0, 0.05], rows).astype(np.float32)
     t.seeds = rng.integers(1, 2**63, rows).astype(np.uint64)
