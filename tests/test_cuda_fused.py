@@ -7,14 +7,13 @@ import numpy as np
 import pytest
 from conftest import require_gpu
 
-pytestmark = pytest.mark.gpu
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("poison_device_memory")]
 cupy = require_gpu()
 
 from test_cuda_ops import (  # noqa: E402
     TOL,
     check_sample,
     make_batch,
-    poison,  # noqa: F401 (autouse: every device allocation starts as NaN)
     randn,
     rel_err,
     tensors,

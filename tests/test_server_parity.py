@@ -8,10 +8,10 @@ import json
 import pytest
 
 httpx = pytest.importorskip("httpx")
-openai = pytest.importorskip("openai")
+pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
 
-from test_server import MODEL, Server, _make_core  # noqa: E402
+from test_server import MODEL, Server, _make_core, sdk_client  # noqa: E402
 
 from server.app import create_app  # noqa: E402
 from server.extras import chat_options  # noqa: E402
@@ -22,15 +22,14 @@ PROMPT = "The quick brown fox jumps over the lazy dog"
 
 @pytest.fixture(scope="module")
 def server():
-    s = Server(create_app(served_model_name=MODEL, make_core=_make_core,
-                          enable_server_load_tracking=True))
-    yield s
-    s.stop()
+    with Server(create_app(served_model_name=MODEL, make_core=_make_core,
+                           enable_server_load_tracking=True)) as s:
+        yield s
 
 
 @pytest.fixture
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    return sdk_client(server)
 
 
 def post(server, path, body):
