@@ -12,10 +12,12 @@ candidates in shared memory (3 passes over a row; 4 or 5 when the kept set is th
 tokens: the cut's window of bins, refined once more if needed, and a draw over the row; it
 bisects only for nearly flat rows); SAMPLER = "bisect" selects the previous kernel
 (cuda/sampling_bisect.cu, ~31 passes per threshold), which tools/kernel_check.py times as baseline.
-SAMPLER = "twopass" (PAGEDSERVE_SAMPLER=twopass; not yet measured on the device) runs the same
-kernel with a leaner statistics pass and, for rows with a top-k, the cut from the block's thread
-maxima in one more pass (cuda/sampling_twopass.cuh); above 132 rows it gives a row 512 threads,
-so that two rows share an SM in one wave instead of two waves of one.
+SAMPLER = "twopass", the default (device run 2: top_k 50 + top_p 0.95 over 256 x 151,936 in
+126 us against select's 246, W1 sampled at 98.5% of greedy), runs the same kernel with a leaner
+statistics pass and, for rows with a top-k or a peaked top-p, the cut from the block's thread
+maxima in one more pass (cuda/sampling_twopass.cuh); above one row per SM it gives a row 512
+threads, so that two rows share an SM in one wave instead of two waves of one. SAMPLER = "select"
+(PAGEDSERVE_SAMPLER=select) keeps the previous steps exactly.
 
 The sampled ids stay on the device (the next overlapped step's placeholders read them there) and
 reach the host through a copy into pinned memory followed by an event: DeviceSample.wait() is the
@@ -33,8 +35,11 @@ from engine.executor.ops import SamplerOutput, SamplingTensors
 from engine.executor.ops.cuda_kernels import kernel
 
 NUM_PARAMS = 10  # words per row, laid out as in cuda/sampling_common.cuh
-SAMPLER = os.environ.get("PAGEDSERVE_SAMPLER", "select")  # "twopass", or "bisect": the old one
+SAMPLER = os.environ.get("PAGEDSERVE_SAMPLER", "twopass")  # or "select", "bisect": older ones
 SAMPLERS = ("select", "twopass", "bisect")
+# twopass threads per row; None: 512 when there are more rows than SMs, else 1024
+TWOPASS_THREADS: int | None = None
+TWOPASS_DEPTH = 1  # twopass: each thread's loads 1 (device-checked) or 2 groups of 8 ahead
 # cuda/sampling_greedy.cu splits a row over up to this many blocks, of at least GREEDY_CHUNK
 # logits each, aiming at GREEDY_BLOCKS blocks in all.
 GREEDY_MAX_CHUNKS, GREEDY_CHUNK, GREEDY_BLOCKS = 64, 2048, 2048
@@ -148,8 +153,10 @@ def launch(logits: cupy.ndarray, t: SamplingTensors, dev: dict, ctype: str) -> c
     else:
         table = (null, null, null, 0) if counts is None else (counts.counts, counts.seen, slots,
                                                                counts.words)
-        twopass = SAMPLER == "twopass"
-        threads = 512 if twopass and rows > _sm_count() else 1024
+        twopass = TWOPASS_DEPTH if SAMPLER == "twopass" else 0
+        threads = 1024
+        if twopass:
+            threads = TWOPASS_THREADS or (512 if rows > _sm_count() else 1024)
         kernel("sampling.cu", f"sample_kernel<{ctype}>")(
             (rows,), (threads,), (result, logits, adjusted, params, *table[:3], i32(table[3]),
                                   i32(vocab), i32(n_lp), i32(twopass)))
