@@ -278,8 +278,18 @@ def test_gemv_choice_fits_the_measurements():
 # ------------------------------------------------------------------ sampling select
 
 
+@pytest.fixture(params=["select", "twopass"])
+def sampler(request):
+    """cuda_sampling.SAMPLER for the test, restored after it."""
+    from engine.executor.ops import cuda_sampling
+
+    saved, cuda_sampling.SAMPLER = cuda_sampling.SAMPLER, request.param
+    yield request.param
+    cuda_sampling.SAMPLER = saved
+
+
 @pytest.mark.parametrize("scale", [0.05, 3.0, 12.0])  # flat (the bisection fallback), peaked
-def test_sample_select_matches_numpy(ops, scale):
+def test_sample_select_matches_numpy(ops, scale, sampler):
     rng = np.random.default_rng()
     rows, vocab = 48, 151936
     logits = randn(rows, vocab, rng=rng, scale=scale)
@@ -297,7 +307,7 @@ def test_sample_select_matches_numpy(ops, scale):
 
 @pytest.mark.parametrize("vocab", [151936, 151933])  # 16-byte rows, and element-wise loads
 @pytest.mark.parametrize("scale", [3.0, 1.0])  # flatter rows: the second histogram level
-def test_sample_select_window_matches_numpy(ops, vocab, scale):
+def test_sample_select_window_matches_numpy(ops, vocab, scale, sampler):
     """Rows whose kept set is thousands of tokens (top-p alone on a spread row, a large top-k):
     only the window of bins around each cut is sorted, the p above it counted and summed."""
     rng = np.random.default_rng()
@@ -327,12 +337,56 @@ def test_sample_select_agrees_with_the_bisection_kernel(ops):
     t.top_p = rng.choice([1.0, 0.95], rows).astype(np.float32)
     t.seeds = rng.integers(1, 2**63, rows).astype(np.uint64)
     new = ops.sample(logits, t).token_ids
-    cuda_sampling.SAMPLER = "bisect"
+    saved, cuda_sampling.SAMPLER = cuda_sampling.SAMPLER, "bisect"
     try:
         old = ops.sample(logits, t).token_ids
     finally:
-        cuda_sampling.SAMPLER = "select"
+        cuda_sampling.SAMPLER = saved
     assert np.mean(new == old) >= 0.95, (new, old)
+
+
+@pytest.mark.parametrize("depth", [1, 2])  # the passes' loads one or two groups ahead
+@pytest.mark.parametrize("rows, vocab", [(140, 151936), (40, 151933), (16, 1000)])
+def test_sample_twopass_top_k_matches_numpy(ops, rows, vocab, depth):
+    """The two-pass cut (cuda/sampling_twopass.cuh): rows with a top-k of at most half the block
+    (512 threads above 132 rows), or a top-p the thread maxima reach, take it, on peaked and
+    flat rows, with ties at the top and across the cut; larger top-k without such a top-p,
+    spread top-p, rows with fewer finite values than k and the division temperature path fall
+    back to the histogram steps. Same ids as numpy, and as the select sampler, on half / bf16
+    logits."""
+    from engine.executor.ops import cuda_sampling
+
+    rng = np.random.default_rng(rows)
+    scales = rng.choice([0.05, 1.0, 3.0, 12.0], rows).astype(np.float32)
+    logits = randn(rows, vocab, rng=rng) * scales[:, None]
+    logits[::5, 100:110] = logits[::5, 100:101]  # ties, somewhere
+    top = logits[1::6].max(axis=1, keepdims=True)
+    logits[1::6, 300:304] = top  # ties at the top
+    logits[2, 10:] = -np.inf  # 10 finite values: fewer than most top-k
+    t = tensors(rows)
+    t.temperature = rng.choice([0.5, 0.8, 1.3], rows).astype(np.float32)
+    t.temperature[3] = 1e-35  # the division path: the histogram steps
+    t.top_k = rng.choice([0, 1, 2, 20, 50, 256, 257, 600], rows).astype(np.int32)
+    t.top_p = rng.choice([1.0, 0.95, 0.5], rows).astype(np.float32)
+    t.min_p = rng.choice([0.0, 0.0, 0.05], rows).astype(np.float32)
+    t.seeds = rng.integers(1, 2**63, rows).astype(np.uint64)
+    dev = ops.from_host(logits)  # the compute dtype, as the lm_head leaves it
+    want = REF.sample(ops.to_host(dev), t)
+    saved = cuda_sampling.SAMPLER, cuda_sampling.TWOPASS_DEPTH
+    try:
+        cuda_sampling.SAMPLER, cuda_sampling.TWOPASS_DEPTH = "twopass", depth
+        got = ops.sample(dev, t)
+        cuda_sampling.SAMPLER = "select"
+        old = ops.sample(dev, t).token_ids
+    finally:
+        cuda_sampling.SAMPLER, cuda_sampling.TWOPASS_DEPTH = saved
+    new = got.token_ids
+    assert np.mean(new == want.token_ids) >= 0.9, (new, want.token_ids)
+    assert np.mean(new == old) >= 0.95, (new, old)
+    one = t.top_k == 1  # one kept token (ties aside): no summation order can move the draw
+    np.testing.assert_array_equal(new[one], want.token_ids[one])
+    same = new == want.token_ids
+    np.testing.assert_allclose(got.logprobs[same], want.logprobs[same], rtol=1e-4, atol=1e-4)
 
 
 @pytest.mark.parametrize("preset,per_layer", [("qwen3-0.6b", 7), ("llama3-8b", 7)])

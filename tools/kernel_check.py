@@ -526,23 +526,51 @@ def check_sampling(ops):
             sub.prompt_ids, sub.output_ids = t.prompt_ids[:check], t.output_ids[:check]
         want = REF.sample(logits_h[:check], sub).token_ids
         times = {}
-        for sampler in ("bisect", "select"):
-            cuda_sampling.SAMPLER = sampler
-            got = ops.sample(logits[:check], sub).token_ids
-            dev = cuda_sampling.upload(t)
-            times[sampler] = (np.mean(got == want), graph_time(
-                lambda t=t, dev=dev: cuda_sampling.launch(logits, t, dev, ops.ctype), 5, 5))
-        cuda_sampling.SAMPLER = "select"
-        (agree, sec), (old_agree, old) = times["select"], times["bisect"]
-        row("sampling", f"{name} ({rows}x{vocab})", f"agree {agree:.2f}", sec, logits.nbytes,
-            extra=f"bisect {old * 1e6:.0f} us, agree {old_agree:.2f} ({old / sec:.1f}x)")
+        saved = cuda_sampling.SAMPLER
+        try:
+            for sampler in ("bisect", "select", "twopass"):
+                cuda_sampling.SAMPLER = sampler
+                got = ops.sample(logits[:check], sub).token_ids
+                dev = cuda_sampling.upload(t)
+                times[sampler] = (np.mean(got == want), graph_time(
+                    lambda t=t, dev=dev: cuda_sampling.launch(logits, t, dev, ops.ctype), 5, 5))
+            # twopass's knobs: loads two groups ahead; 1024 threads a row whatever the rows
+            # (the default: 512 above the SMs)
+            variants = {}
+            for depth, threads in ((2, None), (1, 1024), (2, 1024)):
+                cuda_sampling.TWOPASS_DEPTH, cuda_sampling.TWOPASS_THREADS = depth, threads
+                agree2 = np.mean(ops.sample(logits[:check], sub).token_ids == want)
+                variants[depth, threads] = agree2, graph_time(
+                    lambda t=t, dev=dev: cuda_sampling.launch(logits, t, dev, ops.ctype), 5, 5)
+        finally:
+            cuda_sampling.SAMPLER, cuda_sampling.TWOPASS_THREADS = saved, None
+            cuda_sampling.TWOPASS_DEPTH = 1
+        (agree, sec), (old_agree, old) = times["twopass"], times["select"]
+        bisect_agree, bisect = times["bisect"]
+        row("sampling", f"{name} ({rows}x{vocab}), twopass", f"agree {agree:.2f}", sec,
+            logits.nbytes, extra=f"select {old * 1e6:.1f} us, agree {old_agree:.2f} "
+            f"({old / sec:.2f}x); bisect {bisect * 1e6:.0f} us, agree {bisect_agree:.2f}; "
+            + "; ".join(f"depth {d} threads {n or 'auto'} {v * 1e6:.1f} us agree {a:.2f}"
+                        for (d, n), (a, v) in variants.items()))
         if t.prompt_ids is not None:
-            check_kept_counts(ops, name, logits, t, sub, want, sec)
+            for sampler in ("select", "twopass"):
+                check_kept_counts(ops, name, logits, t, sub, want, sampler)
 
 
-def check_kept_counts(ops, name, logits, t, sub, want, ids_sec):
+def check_kept_counts(ops, name, logits, t, sub, want, sampler):
     """Penalties from counts kept on the device (steady decoding: no row rebuilt) against the
-    same step sending every row's ids."""
+    same step sending every row's ids, with `sampler`."""
+    rows, vocab = logits.shape
+    saved, cuda_sampling.SAMPLER = cuda_sampling.SAMPLER, sampler
+    try:
+        dev = cuda_sampling.upload(t)
+        ids_sec = graph_time(lambda: cuda_sampling.launch(logits, t, dev, ops.ctype), 5, 5)
+        _kept_counts_row(ops, name, logits, t, sub, want, sampler, ids_sec)
+    finally:
+        cuda_sampling.SAMPLER = saved
+
+
+def _kept_counts_row(ops, name, logits, t, sub, want, sampler, ids_sec):
     rows, vocab = logits.shape
 
     def kept(tensors, rebuild):
@@ -559,7 +587,8 @@ def check_kept_counts(ops, name, logits, t, sub, want, ids_sec):
     steady.output_ids = np.full((rows, 1), -1, np.int32)
     dev = cuda_sampling.upload(steady)
     sec = graph_time(lambda: cuda_sampling.launch(logits, steady, dev, ops.ctype), 5, 5)
-    row("sampling", f"{name}, kept counts ({rows}x{vocab})", f"agree {np.mean(got == want):.2f}",
+    row("sampling", f"{name}, kept counts ({rows}x{vocab}), {sampler}",
+        f"agree {np.mean(got == want):.2f}",
         sec, logits.nbytes, extra=f"ids sent every step {ids_sec * 1e6:.0f} us "
         f"({ids_sec / sec:.1f}x)")
 
