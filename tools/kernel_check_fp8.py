@@ -180,8 +180,10 @@ def decode_step(ops, kc, preset: str = "llama3-8b", ctx: int = 512):
     logits = {}
     for label in ("bf16", "fp8", "fp8 + fp8 lm_head"):
         if label != "fp8 + fp8 lm_head":
+            saved_lm_head, fp8.LM_HEAD = fp8.LM_HEAD, False  # the bf16 lm_head first
             weights = dummy_weights(config, ops, seed=0, quantization=None if label == "bf16"
                                     else "fp8")
+            fp8.LM_HEAD = saved_lm_head
         else:
             weights = dataclasses.replace(weights, lm_head=ops.quantize_fp8(weights.lm_head))
         read = weights_nbytes(weights) - weights.embed.nbytes * (weights.embed is not
@@ -191,7 +193,7 @@ def decode_step(ops, kc, preset: str = "llama3-8b", ctx: int = 512):
                                    config.head_dim)
         variants = [(False, {}), (True, {})]
         if label != "bf16":  # the knobs that PDL may move (cuda_fp8.py), one at a time
-            variants += [(True, {"FP8_FUSED_MAX_N": 0}), (True, {"FP8_GEMV_WORDS": 4})]
+            variants += [(True, {"FP8_FUSED_MAX_N": 8192}), (True, {"FP8_GEMV_WORDS": 4})]
         for pdl, knobs in variants:
             cuda_kernels.PDL = pdl
             saved = {name: getattr(cuda_fp8, name) for name in knobs}

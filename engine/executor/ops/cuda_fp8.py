@@ -33,16 +33,17 @@ FP8_GEMV_MAX_M = 4
 FP8_GEMV_MAX_M_TALL = 2  # ... for weights of >= 16384 outputs
 GEMV_ROWS_PER_BLOCK = 4  # fp8.cu's F8_R
 # 16-byte weight words per thread per row: a GEMV block has (words of a row) / this threads (64 to
-# 256). 2 as measured so far; 4 halves the threads of a block, so that more blocks are resident
-# (qkv's 1536 blocks of 128 threads take 1.5 waves at 62 registers a thread); kernel_check --only
-# fp8 times both at M = 1.
+# 256). 4 (half the threads, more blocks resident) is a little faster alone on qkv and o but
+# slower in the Llama-3-8B batch-1 step on the H200 (3.12 vs 3.07 ms, PDL on); kernel_check
+# --only fp8 times both.
 FP8_GEMV_WORDS = 2
 # Batch 1: the activation's quantization fused into the GEMV (cuda/fp8_fused.cu) for weights of
 # up to this many outputs (0 turns it off): every one of the N / 8 blocks recomputes the quantized
-# row from L2. On the H200 (kernel_check --only fp8) that pays for the plain quantization of the
-# o projection's input (1.14x), not for the add + RMSNorm (qkv 0.94x, gate_up 0.73x) nor for the
-# SiLU-mul over 14336 inputs (down 0.71x): those two stay separate launches unless given a cap.
-FP8_FUSED_MAX_N = 8192
+# row from L2. On the H200 (kernel_check --only fp8) that paid for the o projection with plain
+# launches (1.14x), but with PDL (the default) two launches win: the GEMV streams its weights while
+# the quantization runs (Llama-3-8B batch-1 step 3.01 vs 3.07 ms fused). Nor does it pay for the
+# add + RMSNorm (qkv 0.89x, gate_up 0.71x) or the SiLU-mul (down 0.63x).
+FP8_FUSED_MAX_N = 0
 FP8_FUSED_NORM_MAX_N = 0
 FP8_FUSED_SILU_MAX_N = 0
 FUSED_ROWS_PER_BLOCK = 8
