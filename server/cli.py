@@ -100,8 +100,8 @@ def _engine_flags() -> argparse.ArgumentParser:
                    choices=("fp8", *(k.lower() for k in GGUF_KINDS)),
                    help="fp8: the linear layers (qkv, o, gate_up, down) run W8A8 in FP8 E4M3, a "
                         "bf16/fp16 checkpoint quantized at load (per-channel weight scales, "
-                        "per-token activation scales), and the lm_head (PAGEDSERVE_FP8_LM_HEAD=0 "
-                        "keeps it 16-bit); the embedding stays 16-bit. A "
+                        "per-token activation scales); the embedding and lm_head stay 16-bit "
+                        "(PAGEDSERVE_FP8_LM_HEAD=1 makes the lm_head FP8 too). A "
                         "checkpoint stored in FP8 loads as FP8 without it. A GGUF block format "
                         "(q4_k, q8_0, ...): dummy weights drawn as random blocks of that format "
                         "(with --load-format dummy; a .gguf file's formats come from the file). "
