@@ -77,6 +77,33 @@ def test_linear_matches_the_twin(ops, kind, m, blocks):
     assert rel(got, want) < TOL[ops.dtype]
 
 
+@pytest.mark.parametrize("kind", ["Q4_K", "Q8_0"])
+@pytest.mark.parametrize("m", [1, 2, 3, 8])
+@pytest.mark.parametrize("rows, cols", [(37, 2048), (37, 6144), (5000, 2048)])
+def test_gemv_v2_matches_the_twin(ops, kind, m, rows, cols):
+    """The second GEMV (x staged per block, K in steps of 2048): odd N, several steps per row,
+    and more rows than the grid has warps (each warp then takes several rows)."""
+    assert cq.gemv2_fits(kind, 8 if m > 4 else m, cols)
+    w, twin = weight(kind, rows, cols, seed=m, random_scales=False)
+    x = ops.from_host(np.random.default_rng(m).standard_normal((m, cols)).astype(np.float32))
+    want = ops.to_host(x) @ twin.T
+    for version in ("v2", "v1"):
+        out = cupy.full((m, rows), np.nan, ops.storage)
+        got = ops.to_host(cq.gemv(x, w, out, ops.ctype, version=version))
+        assert rel(got, want) < TOL[ops.dtype], version
+
+
+def test_gemv_v2_is_what_linear_takes_when_chosen(ops, monkeypatch):
+    monkeypatch.setattr(cq, "GEMV_KERNEL", "v2")
+    w, twin = weight("Q4_K", 64, 4096, random_scales=False)
+    x = ops.from_host(np.random.default_rng(3).standard_normal((1, 4096)).astype(np.float32))
+    got = ops.to_host(ops.linear(x, w))
+    out = cupy.empty((1, 64), ops.storage)
+    np.testing.assert_array_equal(got, ops.to_host(cq.gemv(x, w, out, ops.ctype, version="v2")))
+    assert rel(got, ops.to_host(x) @ twin.T) < TOL[ops.dtype]
+    assert not cq.gemv2_fits("Q4_K", 1, 4096 + 256) and not cq.gemv2_fits("Q6_K", 1, 4096)
+
+
 def test_fused_ops_take_quantized_weights(ops):
     """add_rms_norm_linear and silu_mul_linear: the unfused ops then the quantized linear."""
     from engine.executor.ops.numpy_ops import NumpyOps
@@ -105,11 +132,13 @@ def test_large_weights_go_through_the_scratch_in_passes(ops, monkeypatch):
     assert rel(got, ops.to_host(x) @ twin.T) < TOL[ops.dtype]
 
 
-def test_linear_is_capturable_in_a_cuda_graph(ops):
+@pytest.mark.parametrize("version, cols", [("v1", 256), ("v2", 2048)])
+def test_linear_is_capturable_in_a_cuda_graph(ops, monkeypatch, version, cols):
     """Decode steps replay graphs: the GEMV and the scratch path launch nothing that syncs."""
-    w, twin = weight("Q8_0", 64, 256, random_scales=False)
+    monkeypatch.setattr(cq, "GEMV_KERNEL", version)
+    w, twin = weight("Q8_0", 64, cols, random_scales=False)
     for m in (1, 16):
-        x = ops.from_host(np.random.default_rng(m).standard_normal((m, 256)).astype(np.float32))
+        x = ops.from_host(np.random.default_rng(m).standard_normal((m, cols)).astype(np.float32))
         eager = ops.to_host(ops.linear(x, w))  # grows the scratch before the capture
         stream = cupy.cuda.Stream(non_blocking=True)
         cupy.cuda.Device().synchronize()

@@ -3,11 +3,12 @@ and timed at Llama-3-8B shapes.
 
 - dequantize: the device's float32 output equals the twin bit for bit (count of differing values),
   its bf16 output equals the twin rounded to bf16;
-- GEMV: against the twin's float matrix times x, at M = 1, 3, 8, rows aligned and not;
+- GEMV: against the twin's float matrix times x, at M = 1, 3, 8, rows aligned and not, both
+  GEMV kernels (v2 where it applies: Q4_K and Q8_0 with K a multiple of 2048);
 - timing of the TIMED formats, cold weights (more copies than L2 holds): the fused GEMV at M = 1,
-  2, 4, 8 (at M = 1 on the SWEEP shapes every compiled rows-per-block R x 2, 4, 6 blocks per SM)
-  and the dequantize + cuBLAS path at M = 8, 64 (DEQUANT_SHAPES), in us and GB/s of the packed
-  bytes read. Twin checks print one summary line, and each failure.
+  2, 4, 8, v1 and v2 on one line (at M = 1 on the SWEEP shapes v1's every compiled rows-per-block
+  R x 2, 4, 6 blocks per SM) and the dequantize + cuBLAS path at M = 8, 64 (DEQUANT_SHAPES), in us
+  and GB/s of the packed bytes read. Twin checks print one summary line, and each failure.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import cupy
 import numpy as np
 
 from engine.executor.ops import cuda_quant_gguf as cq
-from engine.executor.ops.cuda_kernels import GGUF_GEMV_R, GGUF_GEMV_VARIANTS
+from engine.executor.ops.cuda_kernels import GGUF_GEMV_M, GGUF_GEMV_VARIANTS
 from engine.model import gguf_quants as gq
 from engine.model.quantized import QuantizedWeight
 
@@ -66,12 +67,19 @@ def check_twins(ops, small: bool, report):
             for m in (1, 3, 8):
                 x_h = rng.standard_normal((m, k)).astype(np.float32)
                 x = ops.from_host(x_h)
-                out = cupy.empty((m, rows), ops.storage)
-                cq.gemv(x, w, out, ops.ctype)
                 ref = ops.to_host(x) @ want.T
-                err = float(np.linalg.norm(ops.to_host(out) - ref) / np.linalg.norm(ref))
-                report(f"{kind} GEMV {rows}x{k} M={m}", f"rel err {err:.1e}",
-                       "OK" if err < 1e-2 else "MISMATCH", quiet=True)
+                for version in versions(kind, m, k):
+                    out = cupy.empty((m, rows), ops.storage)
+                    cq.gemv(x, w, out, ops.ctype, version=version)
+                    err = float(np.linalg.norm(ops.to_host(out) - ref) / np.linalg.norm(ref))
+                    report(f"{kind} GEMV {version} {rows}x{k} M={m}", f"rel err {err:.1e}",
+                           "OK" if err < 1e-2 else "MISMATCH", quiet=True)
+
+
+def versions(kind: str, m: int, k: int) -> tuple:
+    """The GEMV kernels that run (kind, m rows, K)."""
+    compiled = next(c for c in GGUF_GEMV_M if c >= m)
+    return ("v1", "v2") if cq.gemv2_fits(kind, compiled, k) else ("v1",)
 
 
 def check_speed(ops, small: bool, timer, report):
@@ -87,17 +95,25 @@ def check_speed(ops, small: bool, timer, report):
             for m in ((1,) if small else (1, 2, 4, 8)):
                 x = ops.from_host(rng.standard_normal((m, k)).astype(np.float32))
                 out = cupy.empty((m, n), ops.storage)
-                variants = [(GGUF_GEMV_R, None)]
-                if m == 1 and not small and name in SWEEP and kind != "Q6_K":
-                    variants = [(r, b) for mm, r in GGUF_GEMV_VARIANTS if mm == 1
-                                for b in (2, 4, 6)]
-                for r, w in variants:
+                times = {}
+                for version in versions(kind, m, k):
                     it = iter(range(10**9))
-                    t = timer(lambda x=x, out=out, it=it, ws=ws, r=r, w=w: cq.gemv(
-                        x, ws[next(it) % len(ws)], out, ops.ctype, r, w), max(20, copies))
-                    label = "" if w is None else f" R={r} blocks/SM={w}"
-                    report(f"{kind} {name} GEMV M={m}{label}", f"{t * 1e6:.1f} us",
-                           f"{nbytes / t / 1e9:.0f} GB/s packed ({nbytes / t / 4.27e12:.0%})")
+                    times[version] = timer(lambda x=x, out=out, it=it, ws=ws, v=version: cq.gemv(
+                        x, ws[next(it) % len(ws)], out, ops.ctype, version=v), max(20, copies))
+                report(f"{kind} {name} GEMV M={m}", " | ".join(
+                    f"{v} {t * 1e6:.1f} us {nbytes / t / 1e9:.0f} GB/s ({nbytes / t / 4.27e12:.0%})"
+                    for v, t in times.items()),
+                    f"v2 {times['v1'] / times['v2']:.2f}x v1" if "v2" in times else "v1 only")
+                if m == 1 and not small and name in SWEEP and kind != "Q6_K":
+                    for r, b in [(r, b) for mm, r in GGUF_GEMV_VARIANTS if mm == 1
+                                 for b in (2, 4, 6)]:
+                        it = iter(range(10**9))
+                        t = timer(lambda x=x, out=out, it=it, ws=ws, r=r, b=b: cq.gemv(
+                            x, ws[next(it) % len(ws)], out, ops.ctype, r, b, "v1"),
+                            max(20, copies))
+                        report(f"{kind} {name} GEMV v1 M={m} R={r} blocks/SM={b}",
+                               f"{t * 1e6:.1f} us",
+                               f"{nbytes / t / 1e9:.0f} GB/s packed ({nbytes / t / 4.27e12:.0%})")
             if small or name not in DEQUANT_SHAPES:
                 continue
             for m in (8, 64):

@@ -2,7 +2,10 @@
 embedding.
 
 - Decode (x with <= GGUF_GEMV_MAX_M rows): one fused dequantize-GEMV launch that streams the
-  packed blocks; bytes read per token are the quantized size.
+  packed blocks; bytes read per token are the quantized size. Q4_K and Q8_0 have a second GEMV
+  (gguf.cu's "GEMV v2": x staged once per block, 16-byte weight loads straight into registers,
+  one step ahead), taken with PAGEDSERVE_GGUF_GEMV=v2 where it fits (K a multiple of 2048, x in
+  shared memory); it becomes the default once the device measures it faster.
 - Larger batches (prefill): the weight is dequantized into a bf16/fp16 scratch, SCRATCH_ELEMS
   values at a time, and multiplied by cuBLAS; the dequantization is a read of the packed bytes plus
   a write and a read of the scratch, small next to a prefill's GEMM.
@@ -15,12 +18,19 @@ runs every captured shape once before capture, so capture itself never allocates
 from __future__ import annotations
 
 import functools
+import os
 
 import cupy
 import numpy as np
 
 from engine.executor.ops import cuda_gemv
-from engine.executor.ops.cuda_kernels import GGUF_GEMV_M, GGUF_GEMV_R, kernel
+from engine.executor.ops.cuda_kernels import (
+    GGUF_GEMV2_KINDS,
+    GGUF_GEMV_M,
+    GGUF_GEMV_R,
+    kernel,
+    launch,
+)
 from engine.model.gguf_quants import BLOCKS, row_bytes
 from engine.model.quantized import QuantizedWeight
 
@@ -30,6 +40,11 @@ GEMV_WARPS = 4  # warps per GEMV block: cuda/gguf.cu's GG_WARPS
 # GEMV blocks per SM: 4 x 4 warps, each with up to 7 tiles in flight, keep ~100 KB per SM moving
 GEMV_BLOCKS_PER_SM = 4
 STORAGE = {"__half": np.float16, "__nv_bfloat16": np.uint16}  # compute type -> storage dtype
+GEMV_KERNEL = os.environ.get("PAGEDSERVE_GGUF_GEMV", "v1")  # "v2": the second GEMV where it fits
+GEMV2_WARPS = 8  # gguf.cu's G2_WARPS
+GEMV2_CHUNK = 2048  # G2_CHUNK: K must be a multiple
+GEMV2_STAGE = {"Q4_K": 0, "Q8_0": 136}  # 16-byte words of shared memory per warp (F::STAGE)
+GEMV2_MAX_BLOCKS_PER_SM = 4
 
 
 def is_gguf(weight) -> bool:
@@ -86,14 +101,35 @@ def gemv_fits(x: cupy.ndarray, weight: QuantizedWeight, max_m: int | None = None
             and x.data.ptr % 16 == 0 and weight.data.data.ptr % 16 == 0)
 
 
+def gemv2_smem(kind: str, m: int, k: int) -> int:
+    """Dynamic shared memory of gguf_gemv2_kernel: x and its sums per 32 values in float, and
+    each warp's staging words."""
+    return m * k * 4 + m * k // 32 * 4 + GEMV2_WARPS * GEMV2_STAGE[kind] * 16
+
+
+def gemv2_fits(kind: str, m: int, k: int) -> bool:
+    """Whether the second GEMV runs this (kind, compiled rows m, K)."""
+    return (kind in GGUF_GEMV2_KINDS and k % GEMV2_CHUNK == 0
+            and gemv2_smem(kind, m, k) <= _device()["sharedMemPerBlockOptin"])
+
+
 def gemv(x: cupy.ndarray, weight: QuantizedWeight, out: cupy.ndarray, ctype: str,
-         rows_per_block: int = GGUF_GEMV_R, blocks_per_sm: int | None = None):
+         rows_per_block: int = GGUF_GEMV_R, blocks_per_sm: int | None = None,
+         version: str | None = None):
     """out (M, N) = x (M, K) @ dequantized(weight)^T, M <= 8. One launch: a few blocks per SM,
     each warp streaming row groups (cuda/gguf.cu). rows_per_block and blocks_per_sm: variants
-    kernel_check compares (GGUF_GEMV_VARIANTS)."""
+    kernel_check compares (GGUF_GEMV_VARIANTS). version: "v1" or "v2" (GEMV_KERNEL by default);
+    v2 where it fits, else v1."""
     n, k = weight.shape
     m = x.shape[0]
     compiled = next(c for c in GGUF_GEMV_M if c >= m)
+    if (version or GEMV_KERNEL) == "v2" and gemv2_fits(weight.kind, compiled, k):
+        name = f"gguf_gemv2_kernel<G2_{weight.kind}, {ctype}, {compiled}>"
+        blocks, smem = _gemv2_config(name, ctype, weight.kind, compiled, n, k)
+        launch(kernel("gguf.cu", name, ctype), (blocks,), (32 * GEMV2_WARPS,),
+               (out, x, weight.data, np.int32(n), np.int32(k), np.int32(m),
+                np.int32(row_bytes(weight.kind, k))), shared_mem=smem, pdl=True)
+        return out
     row_groups = -(-n // rows_per_block)
     per_sm = GEMV_BLOCKS_PER_SM if blocks_per_sm is None else blocks_per_sm
     blocks = max(1, min(-(-row_groups // GEMV_WARPS), per_sm * _sm_count()))
@@ -106,8 +142,28 @@ def gemv(x: cupy.ndarray, weight: QuantizedWeight, out: cupy.ndarray, ctype: str
 
 
 @functools.cache
+def _gemv2_config(name: str, ctype: str, kind: str, m: int, n: int, k: int) -> tuple[int, int]:
+    """(blocks, shared memory bytes): as many blocks as stay resident together (warps stride
+    over the rows, so a block that waited for a free SM would leave its rows for last)."""
+    fn = kernel("gguf.cu", name, ctype)
+    smem = gemv2_smem(kind, m, k)
+    if fn.max_dynamic_shared_size_bytes < smem:
+        fn.max_dynamic_shared_size_bytes = smem
+    prop = _device()
+    warp_regs = -(-fn.num_regs * 32 // 256) * 256  # registers are granted per warp by 256
+    per_sm = min(GEMV2_MAX_BLOCKS_PER_SM,
+                 prop["regsPerMultiprocessor"] // (warp_regs * GEMV2_WARPS),
+                 prop["sharedMemPerMultiprocessor"] // (smem + 1024))  # 1 KB reserved per block
+    return max(1, min(-(-n // GEMV2_WARPS), max(1, per_sm) * _sm_count())), smem
+
+
+@functools.cache
+def _device() -> dict:
+    return cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+
+
 def _sm_count() -> int:
-    return int(cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["multiProcessorCount"])
+    return int(_device()["multiProcessorCount"])
 
 
 class GGUFLinear:
