@@ -509,15 +509,89 @@ __device__ __forceinline__ void load_x8(const T* p, float* f) {
   }
 }
 
-// y (rows, N) = x (rows, K) @ dequantized(w)^T, rows <= M. Warp gw of the grid takes weight rows
+// x's staged copy (module comment): PRE 0 stages x (M, K) itself; PRE 1 (silu_mul_linear) gets
+// the MLP's gate_up (M, 2K) and stages silu(gate) * up; PRE 2 (add_rms_norm_linear) stages
+// rms_norm(x + residual) * norm_w and block 0 writes x + residual to res_out. Each value is
+// rounded to T on the way exactly where silu_and_mul_kernel / norm_gemv_kernel round it, so the
+// product sees what the unfused ops would hand the GEMV. Ends with a barrier.
+template <typename T, int M, int PRE>
+__device__ __forceinline__ void g2_stage_x(float* xs, float* xsum, const T* __restrict__ x,
+                                           int K, int rows, const T* __restrict__ residual,
+                                           const T* __restrict__ norm_w, T* __restrict__ res_out,
+                                           float eps) {
+  __shared__ float red[32];
+  constexpr int STRIDE = 8 * 32 * G2_WARPS;  // every thread runs the same count (K % 2048 == 0)
+  auto put_sums = [&](int m, int k, const float* f) {  // sums of 32 values: 4 threads' 8
+    float s = ((f[0] + f[1]) + (f[2] + f[3])) + ((f[4] + f[5]) + (f[6] + f[7]));
+    s += __shfl_xor_sync(0xffffffffu, s, 1);
+    s += __shfl_xor_sync(0xffffffffu, s, 2);
+    if ((threadIdx.x & 3) == 0) xsum[m * (K / 32) + k / 32] = s;
+  };
+  for (int m = 0; m < M; m++) {
+    float ss = 0.f;
+    for (int k = 8 * threadIdx.x; k < K; k += STRIDE) {
+      float f[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+      if (m < rows) {
+        if constexpr (PRE == 1) {
+          float u[8];
+          load_x8(x + (long)m * 2 * K + k, f);
+          load_x8(x + (long)m * 2 * K + K + k, u);
+#pragma unroll
+          for (int e = 0; e < 8; e++)
+            f[e] = to_float(from_float<T>(f[e] / (1.f + expf(-f[e])) * u[e]));
+        } else {
+          load_x8(x + (long)m * K + k, f);
+        }
+        if constexpr (PRE == 2) {
+          union {
+            uint4 v;
+            T h[8];
+          } sum;
+          float r[8];
+          if (residual != nullptr) load_x8(residual + (long)m * K + k, r);
+#pragma unroll
+          for (int e = 0; e < 8; e++) {
+            sum.h[e] = from_float<T>(residual != nullptr ? f[e] + r[e] : f[e]);
+            f[e] = to_float(sum.h[e]);
+            ss += f[e] * f[e];
+          }
+          if (blockIdx.x == 0) *reinterpret_cast<uint4*>(res_out + (long)m * K + k) = sum.v;
+        }
+      }
+      float4* dst = reinterpret_cast<float4*>(xs + m * K + g2_pos(k));
+      dst[0] = make_float4(f[0], f[1], f[2], f[3]);
+      dst[32] = make_float4(f[4], f[5], f[6], f[7]);  // values k + 4 .. k + 7: the next float4
+      if constexpr (PRE != 2) put_sums(m, k, f);
+    }
+    if constexpr (PRE == 2) {  // each thread rescales the values it staged itself
+      const float inv = rsqrtf(block_sum(ss, red) / K + eps);
+      for (int k = 8 * threadIdx.x; k < K; k += STRIDE) {
+        float4* dst = reinterpret_cast<float4*>(xs + m * K + g2_pos(k));
+        const float4 a = dst[0], b = dst[32];
+        float f[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w}, g[8];
+        load_x8(norm_w + k, g);
+#pragma unroll
+        for (int e = 0; e < 8; e++) f[e] = to_float(from_float<T>(f[e] * inv * g[e]));
+        dst[0] = make_float4(f[0], f[1], f[2], f[3]);
+        dst[32] = make_float4(f[4], f[5], f[6], f[7]);
+        put_sums(m, k, f);
+      }
+    }
+  }
+  __syncthreads();
+}
+
+// y (rows, N) = x (rows, K) @ dequantized(w)^T, rows <= M, x as PRE makes it (g2_stage_x; the
+// extra arguments are null where PRE does not use them). Warp gw of the grid takes weight rows
 // gw, gw + (warps in the grid), ...; each row is K / 2048 warp steps, loaded F::STEPS at a time
 // one load ahead of the compute. Dynamic shared memory: M K floats of x, M K / 32 sums,
 // G2_WARPS * F::STAGE words (cuda_quant_gguf.gemv2_smem).
 // Grid: (at most what stays resident, cuda_quant_gguf.gemv2)  Block: (32 * G2_WARPS)
-template <class F, typename T, int M>
+template <class F, typename T, int M, int PRE>
 __global__ void __launch_bounds__(32 * G2_WARPS, M == 1 ? 3 : 2)
 gguf_gemv2_kernel(T* __restrict__ y, const T* __restrict__ x, const u8* __restrict__ w, int N,
-                  int K, int rows, int row_bytes) {
+                  int K, int rows, int row_bytes, const T* __restrict__ residual,
+                  const T* __restrict__ norm_w, T* __restrict__ res_out, float eps) {
   extern __shared__ uint4 g2_smem[];
   float* xs = reinterpret_cast<float*>(g2_smem);
   float* xsum = xs + M * K;
@@ -536,24 +610,7 @@ gguf_gemv2_kernel(T* __restrict__ y, const T* __restrict__ x, const u8* __restri
   };
   if (items > 0) load(cur, 0);  // weights are never written: they may stream before the wait
   pdl_wait();
-  for (int m = 0; m < M; m++)
-    for (int k = 8 * threadIdx.x; k < K; k += 8 * 32 * G2_WARPS) {  // every thread, same count
-      float f[8];
-      if (m < rows) {
-        load_x8(x + (long)m * K + k, f);
-      } else {
-#pragma unroll
-        for (int e = 0; e < 8; e++) f[e] = 0.f;
-      }
-      float4* dst = reinterpret_cast<float4*>(xs + m * K + g2_pos(k));
-      dst[0] = make_float4(f[0], f[1], f[2], f[3]);
-      dst[32] = make_float4(f[4], f[5], f[6], f[7]);  // values k + 4 .. k + 7: the next float4
-      float s = ((f[0] + f[1]) + (f[2] + f[3])) + ((f[4] + f[5]) + (f[6] + f[7]));
-      s += __shfl_xor_sync(0xffffffffu, s, 1);
-      s += __shfl_xor_sync(0xffffffffu, s, 2);
-      if ((threadIdx.x & 3) == 0) xsum[m * (K / 32) + k / 32] = s;
-    }
-  __syncthreads();
+  g2_stage_x<T, M, PRE>(xs, xsum, x, K, rows, residual, norm_w, res_out, eps);
   pdl_trigger();
   float acc[M];
 #pragma unroll

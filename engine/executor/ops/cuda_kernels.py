@@ -109,8 +109,8 @@ def kernel_names(file: str, ctype: str) -> list[str]:
     if file == "gguf.cu":
         return ([f"gguf_gemv_kernel<{f}, {ctype}, {m}, {r}>" for f in GGUF_KINDS
                  for m, r in GGUF_GEMV_VARIANTS]
-                + [f"gguf_gemv2_kernel<G2_{f}, {ctype}, {m}>" for f in GGUF_GEMV2_KINDS
-                   for m in GGUF_GEMV_M]
+                + [f"gguf_gemv2_kernel<G2_{f}, {ctype}, {m}, {pre}>" for f in GGUF_GEMV2_KINDS
+                   for m in GGUF_GEMV_M for pre in range(3) if m == 1 or pre == 0]
                 + [f"gguf_dequant_kernel<{f}, {o}>" for f in GGUF_KINDS for o in (ctype, "float")])
     if file == "bitmask.cu":
         return [f"apply_token_bitmask_kernel<{t}>" for t in CTYPES.values()]

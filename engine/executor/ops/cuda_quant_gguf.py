@@ -113,23 +113,45 @@ def gemv2_fits(kind: str, m: int, k: int) -> bool:
             and gemv2_smem(kind, m, k) <= _device()["sharedMemPerBlockOptin"])
 
 
+def use_gemv2(x: cupy.ndarray, weight: QuantizedWeight, version: str | None = None) -> bool:
+    """Whether gemv() takes the second GEMV for x (M, K or 2K) (version: GEMV_KERNEL if None)."""
+    m = x.shape[0]
+    return ((version or GEMV_KERNEL) == "v2" and 0 < m <= min(GGUF_GEMV_MAX_M, GGUF_GEMV_M[-1])
+            and x.data.ptr % 16 == 0 and weight.data.data.ptr % 16 == 0
+            and gemv2_fits(weight.kind, next(c for c in GGUF_GEMV_M if c >= m), weight.shape[1]))
+
+
+def gemv2(x: cupy.ndarray, weight: QuantizedWeight, out: cupy.ndarray, ctype: str,
+          pre: int = 0, residual=None, norm_w=None, res_out=None, eps: float = 0.0):
+    """The second GEMV (use_gemv2). pre 0: out = x @ W^T; 1: x is gate_up (M, 2K) and the input
+    silu(gate) * up; 2: the input rms_norm(x + residual) * norm_w, x + residual into res_out
+    (1 and 2 compiled for M = 1)."""
+    n, k = weight.shape
+    m = x.shape[0]
+    compiled = next(c for c in GGUF_GEMV_M if c >= m)
+    name = f"gguf_gemv2_kernel<G2_{weight.kind}, {ctype}, {compiled}, {pre}>"
+    blocks, smem = _gemv2_config(name, ctype, weight.kind, compiled, n, k)
+    null = np.uint64(0)
+    launch(kernel("gguf.cu", name, ctype), (blocks,), (32 * GEMV2_WARPS,),
+           (out, x, weight.data, np.int32(n), np.int32(k), np.int32(m),
+            np.int32(row_bytes(weight.kind, k)), null if residual is None else residual,
+            null if norm_w is None else norm_w, null if res_out is None else res_out,
+            np.float32(eps)), shared_mem=smem, pdl=True)
+    return out
+
+
 def gemv(x: cupy.ndarray, weight: QuantizedWeight, out: cupy.ndarray, ctype: str,
          rows_per_block: int = GGUF_GEMV_R, blocks_per_sm: int | None = None,
          version: str | None = None):
     """out (M, N) = x (M, K) @ dequantized(weight)^T, M <= 8. One launch: a few blocks per SM,
     each warp streaming row groups (cuda/gguf.cu). rows_per_block and blocks_per_sm: variants
     kernel_check compares (GGUF_GEMV_VARIANTS). version: "v1" or "v2" (GEMV_KERNEL by default);
-    v2 where it fits, else v1."""
+    v2 where it fits (use_gemv2), else v1."""
     n, k = weight.shape
     m = x.shape[0]
+    if use_gemv2(x, weight, version):
+        return gemv2(x, weight, out, ctype)
     compiled = next(c for c in GGUF_GEMV_M if c >= m)
-    if (version or GEMV_KERNEL) == "v2" and gemv2_fits(weight.kind, compiled, k):
-        name = f"gguf_gemv2_kernel<G2_{weight.kind}, {ctype}, {compiled}>"
-        blocks, smem = _gemv2_config(name, ctype, weight.kind, compiled, n, k)
-        launch(kernel("gguf.cu", name, ctype), (blocks,), (32 * GEMV2_WARPS,),
-               (out, x, weight.data, np.int32(n), np.int32(k), np.int32(m),
-                np.int32(row_bytes(weight.kind, k))), shared_mem=smem, pdl=True)
-        return out
     row_groups = -(-n // rows_per_block)
     per_sm = GEMV_BLOCKS_PER_SM if blocks_per_sm is None else blocks_per_sm
     blocks = max(1, min(-(-row_groups // GEMV_WARPS), per_sm * _sm_count()))
@@ -153,7 +175,8 @@ def _gemv2_config(name: str, ctype: str, kind: str, m: int, n: int, k: int) -> t
     warp_regs = -(-fn.num_regs * 32 // 256) * 256  # registers are granted per warp by 256
     per_sm = min(GEMV2_MAX_BLOCKS_PER_SM,
                  prop["regsPerMultiprocessor"] // (warp_regs * GEMV2_WARPS),
-                 prop["sharedMemPerMultiprocessor"] // (smem + 1024))  # 1 KB reserved per block
+                 prop["sharedMemPerMultiprocessor"] // (smem + fn.shared_size_bytes
+                                                         + prop["reservedSharedMemPerBlock"]))
     return max(1, min(-(-n // GEMV2_WARPS), max(1, per_sm) * _sm_count())), smem
 
 
@@ -199,6 +222,28 @@ class GGUFLinear:
                 part = cupy.empty((x.shape[0], rows), self.ops.storage)
                 out[:, start : start + rows] = self._dense(x, w, part)
         return out
+
+    def add_rms_norm_linear(self, x, residual, norm_w, eps: float, weight: QuantizedWeight):
+        """(linear(h, weight), x + residual) with h = rms_norm(x + residual) * norm_w: one launch
+        where the second GEMV runs at M = 1 (the fused variants compiled), else the ops'
+        add_rms_norm, then linear."""
+        check(weight)
+        if (use_gemv2(x, weight) and x.shape == (1, weight.shape[1])
+                and (residual is None or residual.shape == x.shape)):
+            res_out = cupy.empty_like(x)
+            out = cupy.empty((x.shape[0], weight.shape[0]), self.ops.storage)
+            gemv2(x, weight, out, self.ops.ctype, 2, residual, norm_w, res_out, eps)
+            return out, res_out
+        h, residual = self.ops.add_rms_norm(x, residual, norm_w, eps)
+        return self.linear(h, weight), residual
+
+    def silu_mul_linear(self, gate_up, weight: QuantizedWeight):
+        """linear(silu_and_mul(gate_up), weight): one launch where the second GEMV runs at M = 1."""
+        check(weight)
+        if use_gemv2(gate_up, weight) and gate_up.shape == (1, 2 * weight.shape[1]):
+            out = cupy.empty((gate_up.shape[0], weight.shape[0]), self.ops.storage)
+            return gemv2(gate_up, weight, out, self.ops.ctype, 1)
+        return self.linear(self.ops.silu_and_mul(gate_up), weight)
 
     def _dense(self, x: cupy.ndarray, w: cupy.ndarray, out: cupy.ndarray) -> cupy.ndarray:
         if cuda_gemv.use_gemv(x, w):
