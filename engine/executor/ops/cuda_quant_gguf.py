@@ -229,7 +229,9 @@ class GGUFLinear:
         add_rms_norm, then linear."""
         check(weight)
         if (use_gemv2(x, weight) and x.shape == (1, weight.shape[1])
-                and (residual is None or residual.shape == x.shape)):
+                and norm_w.data.ptr % 16 == 0
+                and (residual is None or (residual.shape == x.shape
+                                          and residual.data.ptr % 16 == 0))):
             res_out = cupy.empty_like(x)
             out = cupy.empty((x.shape[0], weight.shape[0]), self.ops.storage)
             gemv2(x, weight, out, self.ops.ctype, 2, residual, norm_w, res_out, eps)
