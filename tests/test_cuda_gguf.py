@@ -78,8 +78,8 @@ def test_linear_matches_the_twin(ops, kind, m, blocks):
 
 
 @pytest.mark.parametrize("kind", ["Q4_K", "Q8_0"])
-@pytest.mark.parametrize("m", [1, 2, 3, 8])
-@pytest.mark.parametrize("rows, cols", [(37, 2048), (37, 6144), (5000, 2048)])
+@pytest.mark.parametrize("m, rows, cols", [(m, 37, k) for m in (1, 2, 3, 8) for k in (2048, 6144)]
+                         + [(1, 5000, 2048), (3, 5000, 2048)])
 def test_gemv_v2_matches_the_twin(ops, kind, m, rows, cols):
     """The second GEMV (x staged per block, K in steps of 2048): odd N, several steps per row,
     and more rows than the grid has warps (each warp then takes several rows)."""
