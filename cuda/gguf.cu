@@ -495,18 +495,18 @@ struct G2_Q8_0 {
   }
 };
 
-// 8 values of x from p (16-byte aligned) as float
+// 8 values of T from p (16-byte aligned) as they are stored: W = sizeof(T) / 2 words
 template <typename T>
-__device__ __forceinline__ void load_x8(const T* p, float* f) {
-  if constexpr (sizeof(T) == 2) {
-    const uint4 v = __ldg(reinterpret_cast<const uint4*>(p));
-    const T* h = reinterpret_cast<const T*>(&v);
+__device__ __forceinline__ void load_raw8(const T* p, uint4* r) {
 #pragma unroll
-    for (int e = 0; e < 8; e++) f[e] = to_float(h[e]);
-  } else {
+  for (int i = 0; i < (int)sizeof(T) / 2; i++) r[i] = __ldg(reinterpret_cast<const uint4*>(p) + i);
+}
+
+template <typename T>
+__device__ __forceinline__ void raw_to_float8(const uint4* r, float* f) {
+  const T* h = reinterpret_cast<const T*>(r);
 #pragma unroll
-    for (int e = 0; e < 8; e++) f[e] = to_float(p[e]);
-  }
+  for (int e = 0; e < 8; e++) f[e] = to_float(h[e]);
 }
 
 // x's staged copy (module comment): PRE 0 stages x (M, K) itself; PRE 1 (silu_mul_linear) gets
@@ -521,6 +521,10 @@ __device__ __forceinline__ void g2_stage_x(float* xs, float* xsum, const T* __re
                                            float eps) {
   __shared__ float red[32];
   constexpr int STRIDE = 8 * 32 * G2_WARPS;  // every thread runs the same count (K % 2048 == 0)
+  // NOTE: a thread's loads for U strides are issued before any is used: one at a time, the 7
+  // strides of K = 14336 cost 7 L2 round trips before the first product (device run 2: the
+  // fused SiLU's staging made the down projection 2.8 us slower than two launches).
+  constexpr int U = PRE == 0 ? 4 : 2, W = sizeof(T) / 2;  // W: 16-byte words of 8 values
   auto put_sums = [&](int m, int k, const float* f) {  // sums of 32 values: 4 threads' 8
     float s = ((f[0] + f[1]) + (f[2] + f[3])) + ((f[4] + f[5]) + (f[6] + f[7]));
     s += __shfl_xor_sync(0xffffffffu, s, 1);
@@ -529,52 +533,81 @@ __device__ __forceinline__ void g2_stage_x(float* xs, float* xsum, const T* __re
   };
   for (int m = 0; m < M; m++) {
     float ss = 0.f;
-    for (int k = 8 * threadIdx.x; k < K; k += STRIDE) {
-      float f[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-      if (m < rows) {
+    for (int k0 = 8 * threadIdx.x; k0 < K; k0 += U * STRIDE) {
+      uint4 a[U][W], b[U][W];  // x (gate for PRE 1); up (PRE 1) or the residual (PRE 2)
+#pragma unroll
+      for (int u = 0; u < U; u++) {
+        const int k = k0 + u * STRIDE;
+        if (m >= rows || k >= K) continue;
         if constexpr (PRE == 1) {
-          float u[8];
-          load_x8(x + (long)m * 2 * K + k, f);
-          load_x8(x + (long)m * 2 * K + K + k, u);
-#pragma unroll
-          for (int e = 0; e < 8; e++)
-            f[e] = to_float(from_float<T>(f[e] / (1.f + expf(-f[e])) * u[e]));
+          load_raw8(x + (long)m * 2 * K + k, a[u]);
+          load_raw8(x + (long)m * 2 * K + K + k, b[u]);
         } else {
-          load_x8(x + (long)m * K + k, f);
-        }
-        if constexpr (PRE == 2) {
-          union {
-            uint4 v;
-            T h[8];
-          } sum;
-          float r[8];
-          if (residual != nullptr) load_x8(residual + (long)m * K + k, r);
-#pragma unroll
-          for (int e = 0; e < 8; e++) {
-            sum.h[e] = from_float<T>(residual != nullptr ? f[e] + r[e] : f[e]);
-            f[e] = to_float(sum.h[e]);
-            ss += f[e] * f[e];
-          }
-          if (blockIdx.x == 0) *reinterpret_cast<uint4*>(res_out + (long)m * K + k) = sum.v;
+          load_raw8(x + (long)m * K + k, a[u]);
+          if (PRE == 2 && residual != nullptr) load_raw8(residual + (long)m * K + k, b[u]);
         }
       }
-      float4* dst = reinterpret_cast<float4*>(xs + m * K + g2_pos(k));
-      dst[0] = make_float4(f[0], f[1], f[2], f[3]);
-      dst[32] = make_float4(f[4], f[5], f[6], f[7]);  // values k + 4 .. k + 7: the next float4
-      if constexpr (PRE != 2) put_sums(m, k, f);
+#pragma unroll
+      for (int u = 0; u < U; u++) {
+        const int k = k0 + u * STRIDE;
+        if (k >= K) break;  // the same for the whole block
+        float f[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+        if (m < rows) {
+          raw_to_float8<T>(a[u], f);
+          if constexpr (PRE == 1) {
+            float up[8];
+            raw_to_float8<T>(b[u], up);
+#pragma unroll
+            for (int e = 0; e < 8; e++)
+              f[e] = to_float(from_float<T>(f[e] / (1.f + expf(-f[e])) * up[e]));
+          }
+          if constexpr (PRE == 2) {
+            union {
+              uint4 v[W];
+              T h[8];
+            } sum;
+            float r[8];
+            if (residual != nullptr) raw_to_float8<T>(b[u], r);
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+              sum.h[e] = from_float<T>(residual != nullptr ? f[e] + r[e] : f[e]);
+              f[e] = to_float(sum.h[e]);
+              ss += f[e] * f[e];
+            }
+            if (blockIdx.x == 0) {
+#pragma unroll
+              for (int i = 0; i < W; i++)
+                reinterpret_cast<uint4*>(res_out + (long)m * K + k)[i] = sum.v[i];
+            }
+          }
+        }
+        float4* dst = reinterpret_cast<float4*>(xs + m * K + g2_pos(k));
+        dst[0] = make_float4(f[0], f[1], f[2], f[3]);
+        dst[32] = make_float4(f[4], f[5], f[6], f[7]);  // values k + 4 .. k + 7: the next float4
+        if constexpr (PRE != 2) put_sums(m, k, f);
+      }
     }
     if constexpr (PRE == 2) {  // each thread rescales the values it staged itself
       const float inv = rsqrtf(block_sum(ss, red) / K + eps);
-      for (int k = 8 * threadIdx.x; k < K; k += STRIDE) {
-        float4* dst = reinterpret_cast<float4*>(xs + m * K + g2_pos(k));
-        const float4 a = dst[0], b = dst[32];
-        float f[8] = {a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w}, g[8];
-        load_x8(norm_w + k, g);
+      for (int k0 = 8 * threadIdx.x; k0 < K; k0 += U * STRIDE) {
+        uint4 g[U][W];
 #pragma unroll
-        for (int e = 0; e < 8; e++) f[e] = to_float(from_float<T>(f[e] * inv * g[e]));
-        dst[0] = make_float4(f[0], f[1], f[2], f[3]);
-        dst[32] = make_float4(f[4], f[5], f[6], f[7]);
-        put_sums(m, k, f);
+        for (int u = 0; u < U; u++)
+          if (k0 + u * STRIDE < K) load_raw8(norm_w + k0 + u * STRIDE, g[u]);
+#pragma unroll
+        for (int u = 0; u < U; u++) {
+          const int k = k0 + u * STRIDE;
+          if (k >= K) break;
+          float4* dst = reinterpret_cast<float4*>(xs + m * K + g2_pos(k));
+          const float4 lo = dst[0], hi = dst[32];
+          float f[8] = {lo.x, lo.y, lo.z, lo.w, hi.x, hi.y, hi.z, hi.w}, w8[8];
+          raw_to_float8<T>(g[u], w8);
+#pragma unroll
+          for (int e = 0; e < 8; e++) f[e] = to_float(from_float<T>(f[e] * inv * w8[e]));
+          dst[0] = make_float4(f[0], f[1], f[2], f[3]);
+          dst[32] = make_float4(f[4], f[5], f[6], f[7]);
+          put_sums(m, k, f);
+        }
       }
     }
   }

@@ -93,8 +93,8 @@ def test_gemv_v2_matches_the_twin(ops, kind, m, rows, cols):
         assert rel(got, want) < TOL[ops.dtype], version
 
 
-def test_gemv_v2_is_what_linear_takes_when_chosen(ops, monkeypatch):
-    monkeypatch.setattr(cq, "GEMV_KERNEL", "v2")
+def test_gemv_v2_is_what_linear_takes_by_default(ops, monkeypatch):
+    monkeypatch.setattr(cq, "GEMV_KERNEL", "auto")  # the default (PAGEDSERVE_GGUF_GEMV unset)
     w, twin = weight("Q4_K", 64, 4096, random_scales=False)
     x = ops.from_host(np.random.default_rng(3).standard_normal((1, 4096)).astype(np.float32))
     got = ops.to_host(ops.linear(x, w))

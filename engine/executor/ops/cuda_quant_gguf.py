@@ -4,8 +4,9 @@ embedding.
 - Decode (x with <= GGUF_GEMV_MAX_M rows): one fused dequantize-GEMV launch that streams the
   packed blocks; bytes read per token are the quantized size. Q4_K and Q8_0 have a second GEMV
   (gguf.cu's "GEMV v2": x staged once per block, 16-byte weight loads straight into registers,
-  one step ahead), taken with PAGEDSERVE_GGUF_GEMV=v2 where it fits (K a multiple of 2048, x in
-  shared memory); it becomes the default once the device measures it faster.
+  one step ahead) where it fits (K a multiple of 2048, x in shared memory) and where device run 2
+  measured it faster: Q8_0 at every M (1.09-1.96x), Q4_K up to 4 rows (1.2-1.8x at M = 1; at 8
+  rows v1 is as fast). PAGEDSERVE_GGUF_GEMV=v1 or v2 forces one.
 - Larger batches (prefill): the weight is dequantized into a bf16/fp16 scratch, SCRATCH_ELEMS
   values at a time, and multiplied by cuBLAS; the dequantization is a read of the packed bytes plus
   a write and a read of the scratch, small next to a prefill's GEMM.
@@ -40,7 +41,8 @@ GEMV_WARPS = 4  # warps per GEMV block: cuda/gguf.cu's GG_WARPS
 # GEMV blocks per SM: 4 x 4 warps, each with up to 7 tiles in flight, keep ~100 KB per SM moving
 GEMV_BLOCKS_PER_SM = 4
 STORAGE = {"__half": np.float16, "__nv_bfloat16": np.uint16}  # compute type -> storage dtype
-GEMV_KERNEL = os.environ.get("PAGEDSERVE_GGUF_GEMV", "v1")  # "v2": the second GEMV where it fits
+GEMV_KERNEL = os.environ.get("PAGEDSERVE_GGUF_GEMV", "auto")  # or "v1", "v2" (module docstring)
+GEMV2_AUTO_MAX_M = {"Q4_K": 4, "Q8_0": 8}  # compiled rows up to which "auto" takes v2
 GEMV2_WARPS = 8  # gguf.cu's G2_WARPS
 GEMV2_CHUNK = 2048  # G2_CHUNK: K must be a multiple
 GEMV2_STAGE = {"Q4_K": 0, "Q8_0": 136}  # 16-byte words of shared memory per warp (F::STAGE)
@@ -116,9 +118,14 @@ def gemv2_fits(kind: str, m: int, k: int) -> bool:
 def use_gemv2(x: cupy.ndarray, weight: QuantizedWeight, version: str | None = None) -> bool:
     """Whether gemv() takes the second GEMV for x (M, K or 2K) (version: GEMV_KERNEL if None)."""
     m = x.shape[0]
-    return ((version or GEMV_KERNEL) == "v2" and 0 < m <= min(GGUF_GEMV_MAX_M, GGUF_GEMV_M[-1])
-            and x.data.ptr % 16 == 0 and weight.data.data.ptr % 16 == 0
-            and gemv2_fits(weight.kind, next(c for c in GGUF_GEMV_M if c >= m), weight.shape[1]))
+    version = version or GEMV_KERNEL
+    if version == "v1" or not 0 < m <= min(GGUF_GEMV_MAX_M, GGUF_GEMV_M[-1]):
+        return False
+    compiled = next(c for c in GGUF_GEMV_M if c >= m)
+    if version == "auto" and compiled > GEMV2_AUTO_MAX_M.get(weight.kind, 0):
+        return False
+    return (x.data.ptr % 16 == 0 and weight.data.data.ptr % 16 == 0
+            and gemv2_fits(weight.kind, compiled, weight.shape[1]))
 
 
 def gemv2(x: cupy.ndarray, weight: QuantizedWeight, out: cupy.ndarray, ctype: str,
@@ -145,8 +152,8 @@ def gemv(x: cupy.ndarray, weight: QuantizedWeight, out: cupy.ndarray, ctype: str
          version: str | None = None):
     """out (M, N) = x (M, K) @ dequantized(weight)^T, M <= 8. One launch: a few blocks per SM,
     each warp streaming row groups (cuda/gguf.cu). rows_per_block and blocks_per_sm: variants
-    kernel_check compares (GGUF_GEMV_VARIANTS). version: "v1" or "v2" (GEMV_KERNEL by default);
-    v2 where it fits (use_gemv2), else v1."""
+    kernel_check compares (GGUF_GEMV_VARIANTS). version: "v1", "v2" or "auto" (GEMV_KERNEL by
+    default); v2 where use_gemv2 says so, else v1."""
     n, k = weight.shape
     m = x.shape[0]
     if use_gemv2(x, weight, version):
