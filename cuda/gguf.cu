@@ -388,57 +388,77 @@ __device__ __forceinline__ float narrow_float(unsigned v, int e) {
 // Q4_K: lane l takes block l / 4 of the warp step's 8 and in it the 64 values of sub-blocks
 // 2p, 2p + 1 (p = l % 4): qs words 2p and 2p + 1 (low nibbles: sub-block 2p, high: 2p + 1) and
 // the block's first word (d, dmin, the 12 scale bytes), which the block's 4 lanes load together.
+// R weight rows at once share each x read from shared memory (R = 1: 4 bytes of x per weight
+// read from shared memory, which bounds the product before the memory does).
+template <int R>
 struct G2_Q4_K {
-  static constexpr int WORDS = 3, STEPS = 2, STAGE = 0;  // STEPS: warp steps loaded at once
-  __device__ static void load(uint4* r, const u8* row, int step, int lane) {
-    const u8* blk = row + (step * 8 + (lane >> 2)) * 144;
-    r[0] = ldg16(blk);
-    r[1] = ldg16(blk + 16 + 32 * (lane & 3));
-    r[2] = ldg16(blk + 32 + 32 * (lane & 3));
+  static constexpr int ROWS = R, WORDS = 3 * R, STAGE = 0;
+  static constexpr int STEPS = R == 1 ? 2 : 1;  // warp steps loaded at once: 48 bytes a lane
+  __device__ static void load(uint4* r, const u8* const* rows, int step, int lane) {
+#pragma unroll
+    for (int ri = 0; ri < R; ri++) {
+      const u8* blk = rows[ri] + (step * 8 + (lane >> 2)) * 144;
+      r[3 * ri] = ldg16(blk);
+      r[3 * ri + 1] = ldg16(blk + 16 + 32 * (lane & 3));
+      r[3 * ri + 2] = ldg16(blk + 32 + 32 * (lane & 3));
+    }
   }
   template <int M>
   __device__ static void dot(const uint4* r, const float* xs, const float* xsum, int K, int step,
                              int lane, uint4*, float* acc) {
     const int p = lane & 3;
-    const uint4 hd = r[0];
-    const float d = __half2float(__ushort_as_half((unsigned short)(hd.x & 0xFFFF)));
-    const float dmin = __half2float(__ushort_as_half((unsigned short)(hd.x >> 16)));
-    float A[2], C[2];  // sub-block t adds A * sum (2 + u / 64) x + C * sum x (64 a, b - 128 a)
+    float A[R][2], C[R][2];  // sub-block t adds A * sum (2 + u / 64) x + C * sum x (64 a, b - 128 a)
 #pragma unroll
-    for (int t = 0; t < 2; t++) {  // gguf_quants.k_scales for sub-block 2p + t, without branches
-      const int sh = 8 * ((2 * p + t) & 3);
-      const unsigned yb = (hd.y >> sh) & 255, zb = (hd.z >> sh) & 255, wb = (hd.w >> sh) & 255;
-      const unsigned sc = p < 2 ? yb & 63 : (wb & 15) | (yb >> 6 << 4);
-      const unsigned mn = p < 2 ? zb & 63 : (wb >> 4) | (zb >> 6 << 4);
-      const float a = __fmul_rn(d, (float)sc), b = -__fmul_rn(dmin, (float)mn);
-      A[t] = 64.f * a;
-      C[t] = b - 128.f * a;
+    for (int ri = 0; ri < R; ri++) {
+      const uint4 hd = r[3 * ri];
+      const float d = __half2float(__ushort_as_half((unsigned short)(hd.x & 0xFFFF)));
+      const float dmin = __half2float(__ushort_as_half((unsigned short)(hd.x >> 16)));
+#pragma unroll
+      for (int t = 0; t < 2; t++) {  // gguf_quants.k_scales for sub-block 2p + t, no branches
+        const int sh = 8 * ((2 * p + t) & 3);
+        const unsigned yb = (hd.y >> sh) & 255, zb = (hd.z >> sh) & 255, wb = (hd.w >> sh) & 255;
+        const unsigned sc = p < 2 ? yb & 63 : (wb & 15) | (yb >> 6 << 4);
+        const unsigned mn = p < 2 ? zb & 63 : (wb >> 4) | (zb >> 6 << 4);
+        const float a = __fmul_rn(d, (float)sc), b = -__fmul_rn(dmin, (float)mn);
+        A[ri][t] = 64.f * a;
+        C[ri][t] = b - 128.f * a;
+      }
     }
 #pragma unroll
     for (int m = 0; m < M; m++) {
       const float4* x4 = reinterpret_cast<const float4*>(xs + (long)m * K) + step * 512 + lane;
-      float s[2][2] = {{0.f, 0.f}, {0.f, 0.f}};  // [sub-block][partial]
+      float s[R][2][2];  // [row][sub-block][partial]
+#pragma unroll
+      for (int ri = 0; ri < R; ri++) s[ri][0][0] = s[ri][0][1] = s[ri][1][0] = s[ri][1][1] = 0.f;
 #pragma unroll
       for (int h = 0; h < 2; h++)
 #pragma unroll
         for (int i = 0; i < 4; i++) {
-          const unsigned q = word_of(r[1 + h], i);
-          const unsigned lo = q & 0x0F0F0F0Fu, hi = (q >> 4) & 0x0F0F0F0Fu;
           const float4 xl = x4[(4 * h + i) * 32], xh = x4[(8 + 4 * h + i) * 32];
           const int c = i & 1;
-          s[0][c] = fmaf(narrow_float(lo, 0), xl.x, s[0][c]);
-          s[1][c] = fmaf(narrow_float(hi, 0), xh.x, s[1][c]);
-          s[0][c] = fmaf(narrow_float(lo, 1), xl.y, s[0][c]);
-          s[1][c] = fmaf(narrow_float(hi, 1), xh.y, s[1][c]);
-          s[0][c] = fmaf(narrow_float(lo, 2), xl.z, s[0][c]);
-          s[1][c] = fmaf(narrow_float(hi, 2), xh.z, s[1][c]);
-          s[0][c] = fmaf(narrow_float(lo, 3), xl.w, s[0][c]);
-          s[1][c] = fmaf(narrow_float(hi, 3), xh.w, s[1][c]);
+#pragma unroll
+          for (int ri = 0; ri < R; ri++) {
+            const unsigned q = word_of(r[3 * ri + 1 + h], i);
+            const unsigned lo = q & 0x0F0F0F0Fu, hi = (q >> 4) & 0x0F0F0F0Fu;
+            float(&t)[2][2] = s[ri];
+            t[0][c] = fmaf(narrow_float(lo, 0), xl.x, t[0][c]);
+            t[1][c] = fmaf(narrow_float(hi, 0), xh.x, t[1][c]);
+            t[0][c] = fmaf(narrow_float(lo, 1), xl.y, t[0][c]);
+            t[1][c] = fmaf(narrow_float(hi, 1), xh.y, t[1][c]);
+            t[0][c] = fmaf(narrow_float(lo, 2), xl.z, t[0][c]);
+            t[1][c] = fmaf(narrow_float(hi, 2), xh.z, t[1][c]);
+            t[0][c] = fmaf(narrow_float(lo, 3), xl.w, t[0][c]);
+            t[1][c] = fmaf(narrow_float(hi, 3), xh.w, t[1][c]);
+          }
         }
       const float2 sx =
           reinterpret_cast<const float2*>(xsum + (long)m * (K / 32))[step * 32 + lane];
-      acc[m] = fmaf(A[0], s[0][0] + s[0][1], fmaf(C[0], sx.x, acc[m]));
-      acc[m] = fmaf(A[1], s[1][0] + s[1][1], fmaf(C[1], sx.y, acc[m]));
+#pragma unroll
+      for (int ri = 0; ri < R; ri++) {
+        float& a = acc[ri * M + m];
+        a = fmaf(A[ri][0], s[ri][0][0] + s[ri][0][1], fmaf(C[ri][0], sx.x, a));
+        a = fmaf(A[ri][1], s[ri][1][0] + s[ri][1][1], fmaf(C[ri][1], sx.y, a));
+      }
     }
   }
 };
@@ -449,9 +469,9 @@ struct G2_Q4_K {
 // words (68 l bytes in: a 17-word stride, no bank conflict). Rows start on 16 bytes: K is a
 // multiple of 2048, so row_bytes of 2176.
 struct G2_Q8_0 {
-  static constexpr int WORDS = 5, STEPS = 1, STAGE = 136;
-  __device__ static void load(uint4* r, const u8* row, int step, int lane) {
-    const u8* src = row + step * 2176 + 16 * lane;
+  static constexpr int ROWS = 1, WORDS = 5, STEPS = 1, STAGE = 136;
+  __device__ static void load(uint4* r, const u8* const* rows, int step, int lane) {
+    const u8* src = rows[0] + step * 2176 + 16 * lane;
 #pragma unroll
     for (int i = 0; i < 4; i++) r[i] = ldg16(src + 512 * i);
     if (lane < 8) r[4] = ldg16(src + 2048);
@@ -615,9 +635,9 @@ __device__ __forceinline__ void g2_stage_x(float* xs, float* xsum, const T* __re
 }
 
 // y (rows, N) = x (rows, K) @ dequantized(w)^T, rows <= M, x as PRE makes it (g2_stage_x; the
-// extra arguments are null where PRE does not use them). Warp gw of the grid takes weight rows
-// gw, gw + (warps in the grid), ...; each row is K / 2048 warp steps, loaded F::STEPS at a time
-// one load ahead of the compute. Dynamic shared memory: M K floats of x, M K / 32 sums,
+// extra arguments are null where PRE does not use them). Warp gw of the grid takes the groups of
+// F::ROWS weight rows gw, gw + (warps in the grid), ...; each group is K / 2048 warp steps,
+// loaded F::STEPS at a time one load ahead of the compute. Dynamic shared memory: M K floats of x, M K / 32 sums,
 // G2_WARPS * F::STAGE words (cuda_quant_gguf.gemv2_smem).
 // Grid: (at most what stays resident, cuda_quant_gguf.gemv2)  Block: (32 * G2_WARPS)
 template <class F, typename T, int M, int PRE>
@@ -631,37 +651,44 @@ gguf_gemv2_kernel(T* __restrict__ y, const T* __restrict__ x, const u8* __restri
   uint4* stage = reinterpret_cast<uint4*>(xsum + M * (K / 32)) + (threadIdx.x >> 5) * F::STAGE;
   const int lane = threadIdx.x & 31;
   const int total_warps = gridDim.x * G2_WARPS, gw = blockIdx.x * G2_WARPS + (threadIdx.x >> 5);
+  constexpr int R = F::ROWS;  // weight rows a warp takes at once: row group g is rows R g ..
   const int steps = K / G2_CHUNK, per_row = (steps + F::STEPS - 1) / F::STEPS;
-  const int items = gw < N ? (N - gw + total_warps - 1) / total_warps * per_row : 0;
+  const int groups = (N + R - 1) / R;
+  const int items = gw < groups ? (groups - gw + total_warps - 1) / total_warps * per_row : 0;
   uint4 cur[F::STEPS][F::WORDS], nxt[F::STEPS][F::WORDS];
   auto load = [&](uint4 (*r)[F::WORDS], int j) {
-    const u8* row = w + (long)(gw + j / per_row * total_warps) * row_bytes;
+    const int g = gw + j / per_row * total_warps;
+    const u8* rows[R];  // a group past N's last row reads that row again (and writes nothing)
+#pragma unroll
+    for (int i = 0; i < R; i++) rows[i] = w + (long)min(g * R + i, N - 1) * row_bytes;
     const int s0 = j % per_row * F::STEPS;
 #pragma unroll
     for (int s = 0; s < F::STEPS; s++)
-      if (s0 + s < steps) F::load(r[s], row, s0 + s, lane);
+      if (s0 + s < steps) F::load(r[s], rows, s0 + s, lane);
   };
   if (items > 0) load(cur, 0);  // weights are never written: they may stream before the wait
   pdl_wait();
   g2_stage_x<T, M, PRE>(xs, xsum, x, K, rows, residual, norm_w, res_out, eps);
   pdl_trigger();
-  float acc[M];
+  float acc[R * M];  // [row of the group][m]
 #pragma unroll
-  for (int m = 0; m < M; m++) acc[m] = 0.f;
+  for (int i = 0; i < R * M; i++) acc[i] = 0.f;
   for (int j = 0; j < items; j++) {
     if (j + 1 < items) load(nxt, j + 1);
     const int s0 = j % per_row * F::STEPS;
 #pragma unroll
     for (int s = 0; s < F::STEPS; s++)
       if (s0 + s < steps) F::template dot<M>(cur[s], xs, xsum, K, s0 + s, lane, stage, acc);
-    if (j % per_row == per_row - 1) {  // the row is done (warp-uniform)
-      const int row = gw + j / per_row * total_warps;
+    if (j % per_row == per_row - 1) {  // the row group is done (warp-uniform)
+      const int row0 = (gw + j / per_row * total_warps) * R;
 #pragma unroll
-      for (int m = 0; m < M; m++) {
-        const float v = warp_sum(acc[m]);
-        acc[m] = 0.f;
-        if (lane == 0 && m < rows) y[(long)m * N + row] = from_float<T>(v);
-      }
+      for (int i = 0; i < R; i++)
+#pragma unroll
+        for (int m = 0; m < M; m++) {
+          const float v = warp_sum(acc[i * M + m]);
+          acc[i * M + m] = 0.f;
+          if (lane == 0 && m < rows && row0 + i < N) y[(long)m * N + row0 + i] = from_float<T>(v);
+        }
     }
 #pragma unroll
     for (int s = 0; s < F::STEPS; s++)

@@ -71,7 +71,8 @@ def check_twins(ops, small: bool, report):
                 ref = ops.to_host(x) @ want.T
                 for version in versions(kind, m, k):
                     out = cupy.empty((m, rows), ops.storage)
-                    cq.gemv(x, w, out, ops.ctype, version=version)
+                    cq.gemv(x, w, out, ops.ctype, version=version[:2],
+                            rows2=2 if version == "v2x2" else None)
                     err = float(np.linalg.norm(ops.to_host(out) - ref) / np.linalg.norm(ref))
                     report(f"{kind} GEMV {version} {rows}x{k} M={m}", f"rel err {err:.1e}",
                            "OK" if err < 1e-2 else "MISMATCH", quiet=True)
@@ -80,7 +81,10 @@ def check_twins(ops, small: bool, report):
 def versions(kind: str, m: int, k: int) -> tuple:
     """The GEMV kernels that run (kind, m rows, K)."""
     compiled = next(c for c in GGUF_GEMV_M if c >= m)
-    return ("v1", "v2") if cq.gemv2_fits(kind, compiled, k) else ("v1",)
+    if not cq.gemv2_fits(kind, compiled, k):
+        return ("v1",)
+    # v2x2: Q4_K's 2 weight rows per warp at M = 1 (cq.GEMV2_ROWS)
+    return ("v1", "v2", "v2x2") if kind == "Q4_K" and m == 1 else ("v1", "v2")
 
 
 def check_speed(ops, small: bool, timer, report):
@@ -100,7 +104,8 @@ def check_speed(ops, small: bool, timer, report):
                 for version in versions(kind, m, k):
                     it = iter(range(10**9))
                     times[version] = timer(lambda x=x, out=out, it=it, ws=ws, v=version: cq.gemv(
-                        x, ws[next(it) % len(ws)], out, ops.ctype, version=v), max(20, copies))
+                        x, ws[next(it) % len(ws)], out, ops.ctype, version=v[:2],
+                        rows2=2 if v == "v2x2" else 1), max(20, copies))
                 report(f"{kind} {name} GEMV M={m}", " | ".join(
                     f"{v} {t * 1e6:.1f} us {nbytes / t / 1e9:.0f} GB/s ({nbytes / t / 4.27e12:.0%})"
                     for v, t in times.items()),

@@ -27,6 +27,7 @@ import numpy as np
 from engine.executor.ops import cuda_gemv
 from engine.executor.ops.cuda_kernels import (
     GGUF_GEMV2_KINDS,
+    GGUF_GEMV2_STRUCTS,
     GGUF_GEMV_M,
     GGUF_GEMV_R,
     kernel,
@@ -43,6 +44,9 @@ GEMV_BLOCKS_PER_SM = 4
 STORAGE = {"__half": np.float16, "__nv_bfloat16": np.uint16}  # compute type -> storage dtype
 GEMV_KERNEL = os.environ.get("PAGEDSERVE_GGUF_GEMV", "auto")  # or "v1", "v2" (module docstring)
 GEMV2_AUTO_MAX_M = {"Q4_K": 4, "Q8_0": 8}  # compiled rows up to which "auto" takes v2
+# weight rows a warp takes at once at M = 1 (each x read from shared memory serves them all);
+# Q4_K's 2 awaits the device (PAGEDSERVE_GGUF_Q4K_ROWS=2)
+GEMV2_ROWS = {"Q4_K": int(os.environ.get("PAGEDSERVE_GGUF_Q4K_ROWS", "1")), "Q8_0": 1}
 GEMV2_WARPS = 8  # gguf.cu's G2_WARPS
 GEMV2_CHUNK = 2048  # G2_CHUNK: K must be a multiple
 GEMV2_STAGE = {"Q4_K": 0, "Q8_0": 136}  # 16-byte words of shared memory per warp (F::STAGE)
@@ -129,15 +133,19 @@ def use_gemv2(x: cupy.ndarray, weight: QuantizedWeight, version: str | None = No
 
 
 def gemv2(x: cupy.ndarray, weight: QuantizedWeight, out: cupy.ndarray, ctype: str,
-          pre: int = 0, residual=None, norm_w=None, res_out=None, eps: float = 0.0):
+          pre: int = 0, residual=None, norm_w=None, res_out=None, eps: float = 0.0,
+          rows: int | None = None):
     """The second GEMV (use_gemv2). pre 0: out = x @ W^T; 1: x is gate_up (M, 2K) and the input
     silu(gate) * up; 2: the input rms_norm(x + residual) * norm_w, x + residual into res_out
-    (1 and 2 compiled for M = 1)."""
+    (1 and 2 compiled for M = 1). rows: weight rows per warp at M = 1 (GEMV2_ROWS by default;
+    kernel_check compares)."""
     n, k = weight.shape
     m = x.shape[0]
     compiled = next(c for c in GGUF_GEMV_M if c >= m)
-    name = f"gguf_gemv2_kernel<G2_{weight.kind}, {ctype}, {compiled}, {pre}>"
-    blocks, smem = _gemv2_config(name, ctype, weight.kind, compiled, n, k)
+    r = (GEMV2_ROWS[weight.kind] if rows is None else rows) if compiled == 1 else 1
+    struct = GGUF_GEMV2_STRUCTS[weight.kind, r]
+    name = f"gguf_gemv2_kernel<{struct}, {ctype}, {compiled}, {pre}>"
+    blocks, smem = _gemv2_config(name, ctype, weight.kind, compiled, n, k, r)
     null = np.uint64(0)
     launch(kernel("gguf.cu", name, ctype), (blocks,), (32 * GEMV2_WARPS,),
            (out, x, weight.data, np.int32(n), np.int32(k), np.int32(m),
@@ -149,15 +157,15 @@ def gemv2(x: cupy.ndarray, weight: QuantizedWeight, out: cupy.ndarray, ctype: st
 
 def gemv(x: cupy.ndarray, weight: QuantizedWeight, out: cupy.ndarray, ctype: str,
          rows_per_block: int = GGUF_GEMV_R, blocks_per_sm: int | None = None,
-         version: str | None = None):
+         version: str | None = None, rows2: int | None = None):
     """out (M, N) = x (M, K) @ dequantized(weight)^T, M <= 8. One launch: a few blocks per SM,
     each warp streaming row groups (cuda/gguf.cu). rows_per_block and blocks_per_sm: variants
     kernel_check compares (GGUF_GEMV_VARIANTS). version: "v1", "v2" or "auto" (GEMV_KERNEL by
-    default); v2 where use_gemv2 says so, else v1."""
+    default); v2 where use_gemv2 says so, else v1. rows2: gemv2's rows."""
     n, k = weight.shape
     m = x.shape[0]
     if use_gemv2(x, weight, version):
-        return gemv2(x, weight, out, ctype)
+        return gemv2(x, weight, out, ctype, rows=rows2)
     compiled = next(c for c in GGUF_GEMV_M if c >= m)
     row_groups = -(-n // rows_per_block)
     per_sm = GEMV_BLOCKS_PER_SM if blocks_per_sm is None else blocks_per_sm
@@ -171,7 +179,8 @@ def gemv(x: cupy.ndarray, weight: QuantizedWeight, out: cupy.ndarray, ctype: str
 
 
 @functools.cache
-def _gemv2_config(name: str, ctype: str, kind: str, m: int, n: int, k: int) -> tuple[int, int]:
+def _gemv2_config(name: str, ctype: str, kind: str, m: int, n: int, k: int,
+                  rows: int) -> tuple[int, int]:
     """(blocks, shared memory bytes): at most as many blocks as stay resident together (warps
     stride over the rows, so a block that waited for a free SM would leave its rows for last),
     and as few as give every warp the same number of rows: 4096 rows on 3168 resident warps
@@ -187,7 +196,7 @@ def _gemv2_config(name: str, ctype: str, kind: str, m: int, n: int, k: int) -> t
                  prop["regsPerMultiprocessor"] // (warp_regs * GEMV2_WARPS),
                  prop["sharedMemPerMultiprocessor"] // (smem + fn.shared_size_bytes
                                                          + prop["reservedSharedMemPerBlock"]))
-    groups = -(-n // GEMV2_WARPS)  # a block's warps take a group of rows at a time
+    groups = -(-n // (GEMV2_WARPS * rows))  # a block's warps take so many rows at a time
     rounds = -(-groups // (max(1, per_sm) * _sm_count()))
     return -(-groups // rounds), smem
 
