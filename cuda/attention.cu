@@ -8,18 +8,12 @@
 // each warp keeps 2 * U such loads in flight before it computes. Dot products reduce across the
 // LPK lanes of a key with shuffles; each warp runs its own online softmax (base 2) over its keys
 // with fp32 accumulators in registers; the block's warps merge in shared memory at the end.
+// attention_decode_mma.cu holds a tensor-core kernel for the same job (cuda_attention.py picks);
+// decode_reduce_kernel below combines the splits of either.
 #include "common.cuh"
+#include "decode_splits.cuh"
 
 constexpr int DEC_WARPS = 4;
-
-// Flash-decoding: how many of the grid's `num_splits` context splits a sequence of `ctx` keys
-// uses: about `min_keys` keys or more each, so a short sequence takes one split (and skips the
-// reduction) while one long sequence spreads over every split the grid has. Both kernels below
-// compute it from the device's context_lens, so a CUDA graph captured with the largest split
-// count replays correctly for any mix of lengths; a split beyond it exits at once.
-__device__ __forceinline__ int seq_splits(int ctx, int num_splits, int min_keys) {
-  return max(1, min(num_splits, (ctx + min_keys - 1) / min_keys));
-}
 
 // Grid: (num_decode_items, num_kv_heads * passes, num_splits)  Block: (32 * DEC_WARPS)
 // passes = ceil(group / G): a block computes query heads g0 .. g0 + G - 1 of its kv head.
@@ -202,7 +196,7 @@ __global__ void __launch_bounds__(32 * DEC_WARPS) decode_attention_kernel(
 }
 
 // Combines the splits: out = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s, for the sequences
-// that used more than one (the others were written by decode_attention_kernel).
+// that used more than one (the others were written by the decode kernel itself).
 // A sequence may use up to MAX_SPLITS splits: the block's threads first take one split each for
 // the weights 2^(m_s - M) (kept in shared memory), then RED_SUB threads per output dimension sum
 // strided subsets of the splits, so no thread walks all of them one dependent load at a time.

@@ -57,14 +57,18 @@ __device__ __forceinline__ float block_max(float v, float* smem) {
   return warp_max(v);
 }
 
-// Programmatic dependent launch (Hopper; cuda_kernels.launch with pdl=True): such a kernel may be
-// resident before the previous kernel on the stream has finished. pdl_wait() returns once that
-// kernel has completed and its writes are visible: call it before reading anything an earlier
-// kernel wrote and before writing anything (the previous kernel may still read memory this one
-// overwrites), in every block, early-exiting ones too, so that this grid's completion still
-// implies the previous grid's. Only reads of never-written data (weights) may come first.
-// pdl_trigger() after the wait lets the next kernel launch early (one kernel ahead, not a chain).
-// Both are no-ops without PDL and before sm_90.
+// Programmatic dependent launch (Hopper; cuda_kernels.launch with pdl=True, the default on sm_90):
+// such a kernel may be resident before the previous kernel on the stream has finished.
+// pdl_wait() returns once that kernel has completed and its writes are visible. Every block of a
+// kernel launched so calls it, early-exiting blocks too, before it reads anything an earlier
+// kernel wrote and before it writes anything (the previous kernel may still read memory this one
+// overwrites): then this grid's completion implies its predecessor's, and so on down the chain,
+// which is what lets a kernel read the output of one launched two or more before it. Only reads
+// of never-written data (weights) may come before the wait.
+// pdl_trigger() lets the next kernel launch (once every block of this one has called it or
+// exited). It may come before the wait (pdl_enter with PDL_EARLY: two kernels ahead in flight) -
+// the next kernel still waits for this one's completion, and this one for its predecessor's.
+// All of these are no-ops for a kernel launched plainly and before sm_90.
 __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.wait;" ::: "memory");
@@ -80,4 +84,15 @@ __device__ __forceinline__ void pdl_trigger() {
 __device__ __forceinline__ void pdl_start() {
   pdl_wait();
   pdl_trigger();
+}
+
+constexpr int PDL_EARLY = 1;  // a kernel's `flags` bit (cuda_kernels.PDL_EARLY): trigger first
+
+__device__ __forceinline__ void pdl_enter(int flags) {
+  if (flags & PDL_EARLY) {
+    pdl_trigger();
+    pdl_wait();
+  } else {
+    pdl_start();
+  }
 }

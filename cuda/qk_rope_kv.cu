@@ -10,6 +10,7 @@
 // NOTE: each stage rounds to T before the next, as the unfused kernels (and HF) do, so the fused
 // path is bit-identical to add_bias -> qk_norm -> rope -> write_kv_cache.
 // q_weight / k_weight null: no q/k norm; bias null: no bias; slot -1: k/v not stored.
+// flags: PDL_EARLY (common.cuh).
 // Grid: (ceil(num_tokens * (num_heads + 2 * num_kv_heads) / 4))  Block: (128)
 template <typename T, typename CS, int HD>
 __global__ void __launch_bounds__(128) qk_norm_rope_kv_kernel(
@@ -22,9 +23,9 @@ __global__ void __launch_bounds__(128) qk_norm_rope_kv_kernel(
     const T* __restrict__ q_weight,        // [HD] or null
     const T* __restrict__ k_weight,        // [HD] or null
     const T* __restrict__ bias,            // [(nh + 2 nkv) * HD] or null
-    float eps, int num_tokens, int num_heads, int num_kv_heads, int block_size) {
+    float eps, int num_tokens, int num_heads, int num_kv_heads, int block_size, int flags) {
   constexpr int PER = HD / 32, HALF = PER / 2;
-  pdl_start();
+  pdl_enter(flags);
   const int heads = num_heads + 2 * num_kv_heads;
   const long warp = (long)blockIdx.x * 4 + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
@@ -78,7 +79,7 @@ __global__ void __launch_bounds__(128) qk_norm_rope_kv_kernel(
 #define INSTANTIATE(T, CS, HD)                                                                  \
   template __global__ void qk_norm_rope_kv_kernel<T, CS, HD>(                                   \
       T*, T*, T*, const int*, const int*, const CS*, const T*, const T*, const T*, float, int,  \
-      int, int, int);
+      int, int, int, int);
 INSTANTIATE(__half, __half, 64)
 INSTANTIATE(__half, float, 128)
 INSTANTIATE(__nv_bfloat16, __nv_bfloat16, 128)

@@ -315,9 +315,13 @@ __device__ float bisect_top_p(const RowDist& d, int vocab, float top_p, float p_
   return __uint_as_float(lo);
 }
 
+#include "sampling_twopass.cuh"  // uses RowDist, prob_of, online_add8 above
+
 // Penalties come either in `adjusted` (with a logit bias) or from the count table: `counts`
-// non-null and `adjusted` null.
-// Grid: (R)  Block: (SAMPLE_THREADS)
+// non-null and `adjusted` null. `twopass` (1 or 2: the passes' loads one or two groups ahead):
+// the leaner statistics pass and, for rows with a top-k or top-p that the block's thread maxima
+// bound, the two-pass cut of sampling_twopass.cuh; 0 keeps the older steps above exactly.
+// Grid: (R)  Block: (SAMPLE_THREADS, or any multiple of 32 below it)
 template <typename T>
 __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(
     int* __restrict__ result,             // [R, 2 + 2 * num_logprobs]
@@ -327,7 +331,7 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(
     const int* __restrict__ counts,       // [S, vocab] count words, or null
     const unsigned* __restrict__ seen,    // [S, words] their bitmap
     const int* __restrict__ slots,        // [2, R]: each row's slot (-1: none), rebuild flags
-    int words, int vocab, int num_logprobs) {
+    int words, int vocab, int num_logprobs, int twopass) {
   __shared__ float red[32];
   __shared__ int redi[32];
   __shared__ int cnt[SEL_BINS];
@@ -364,7 +368,9 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(
     if (sampling) online_add(am, asum, a, temp, inv_t);
     if (ahead(a, i, bv, bi)) { bv = a; bi = i; }
   };
-  if (vec) {
+  if (vec && twopass) {
+    lean_stats<T>(d, vocab, twopass, sampling, rm, rs, am, asum, bv, bi);
+  } else if (vec) {
     for (int i0 = tid * 8; i0 < vocab; i0 += blockDim.x * 8) {
       float r8[8], a8[8];
       load8<T>(logits + base, i0, r8);
@@ -390,11 +396,14 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(
   float raw_max, smx = -INFINITY;
   const float log_sum = logf(online_merge(rm, rs, 1.f, LOG2E_S, red, raw_max));
   const float z = sampling ? online_merge(am, asum, temp, inv_t, red, smx) : 1.f;
+  const float thread_max = bv;  // the two-pass cut's bound
   block_argmax(bv, bi, red, redi);
   d.smx = smx;
   d.inv_z = __frcp_rn(z);
 
-  int token = -1;  // block-uniform throughout: every branch below is taken by all threads
+  // -2: not drawn yet, -1: nothing kept (the argmax). Block-uniform throughout: every branch
+  // below is taken by all threads.
+  int token = -2;
   if (sampling && smx > -INFINITY) {  // a row whose every token is banned has no distribution
     const float p_max = d.inv_z;  // the largest p is exp(0) / Z
     const int top_k = p[1];
@@ -404,7 +413,12 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(
     const float u = uniform01(((unsigned long long)(unsigned)p[5] << 32) | (unsigned)p[4],
                               (unsigned)p[6]);
     float tau = tau_m;
-    if (use_k || use_p) {
+    if (twopass && (use_k || use_p))  // -2 where it does not apply
+      token = twopass_cut<T>(d, vocab, vec, twopass, thread_max, use_k, top_k, use_p, top_p,
+                             tau_m, u, cnt, mass, cand_p, cand_id, sel, &tau_s, red);
+    if (token != -2) {
+      // drawn by the two-pass cut
+    } else if (use_k || use_p) {
       // A p below `p_floor` is never kept, so the histogram and the window skip it: below
       // min-p's cut, or below top-p's: all the p under (1 - top_p) / vocab sum to less than
       // 1 - top_p, so the mass above that reaches top_p (halved: a margin for float sums).
@@ -550,7 +564,7 @@ template __global__ void adjust_logits_kernel<__nv_bfloat16>(float*, const __nv_
                                                              int);
 #define INSTANTIATE_SAMPLE(T)                                                                   \
   template __global__ void sample_kernel<T>(int*, const T*, const float*, const int*, const int*, \
-                                            const unsigned*, const int*, int, int, int);
+                                            const unsigned*, const int*, int, int, int, int);
 INSTANTIATE_SAMPLE(float)
 INSTANTIATE_SAMPLE(__half)
 INSTANTIATE_SAMPLE(__nv_bfloat16)

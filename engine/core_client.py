@@ -17,7 +17,6 @@ import multiprocessing
 import os
 import pickle
 import shutil
-import signal
 import tempfile
 
 import msgspec
@@ -37,6 +36,7 @@ from engine.core_process import (
     run_core_process,
 )
 from engine.engine_core import EngineCore
+from engine.executor.workers import describe_exit
 from engine.model.config import EngineConfig
 
 logger = logging.getLogger("pagedserve.core_client")
@@ -211,12 +211,3 @@ class MPClient:
         self._ctx.term()
         shutil.rmtree(self._dir, ignore_errors=True)
         self.process = None
-
-
-def describe_exit(exitcode: int | None) -> str:
-    if exitcode is not None and exitcode < 0:
-        try:
-            return f"was killed by {signal.Signals(-exitcode).name}"
-        except ValueError:
-            return f"was killed by signal {-exitcode}"
-    return f"exited with code {exitcode}"

@@ -20,7 +20,8 @@ import numpy as np
 from engine.core.outputs import EngineCoreRequest, EngineStats, RequestOutput
 from engine.core.sampling_params import SamplingParams
 from engine.core_client import EngineCoreClient
-from engine.engine_core import EngineCore, auto_dtype
+from engine.core_setup import auto_dtype
+from engine.engine_core import EngineCore
 from engine.model.config import ConfigError, EngineConfig
 from engine.output_processor import OutputProcessor
 

@@ -28,24 +28,25 @@ class StartupError(RuntimeError):
     """The server cannot start (port taken); the message says why."""
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+def _checked(cast, what: str, bounds: str, ok):
+    """An argparse type: `cast` the text (else "expected WHAT"), then ok(value) (else "must be
+    BOUNDS")."""
+
+    def parse(text: str):
+        try:
+            value = cast(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
+        return value
+
+    return parse
 
 
-def _fraction(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
-    if not 0 < value <= 1:
-        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
-    return value
+_positive_int = _checked(int, "an integer", ">= 1", lambda v: v >= 1)
+_fraction = _checked(float, "a number", "in (0, 1]", lambda v: 0 < v <= 1)
+_port = _checked(int, "a port number", "in [0, 65535]", lambda v: 0 <= v <= 65535)
 
 
 def _json_object(text: str) -> dict:
@@ -55,16 +56,6 @@ def _json_object(text: str) -> dict:
         raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r} ({e})") from None
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
-    return value
-
-
-def _port(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a port number, got {text!r}") from None
-    if not 0 <= value <= 65535:
-        raise argparse.ArgumentTypeError(f"must be in [0, 65535], got {value}")
     return value
 
 
@@ -130,7 +121,7 @@ def _engine_flags() -> argparse.ArgumentParser:
     g.add_argument("--speculative-config", type=_json_object, default=None, metavar="JSON",
                    help='n-gram speculative decoding, e.g. \'{"method": "ngram", '
                         '"num_speculative_tokens": 3, "prompt_lookup_max": 4, '
-                        '"prompt_lookup_min": 2, "disable_by_batch_size": 8}\' (default: off)')
+                        '"prompt_lookup_min": 2, "disable_by_batch_size": 32}\' (default: off)')
     t = p.add_argument_group("tensor parallel (README: Several GPUs)")
     t.add_argument("--tensor-parallel-size", "-tp", type=_positive_int, default=1, metavar="N",
                    help="split every layer over N GPUs (N processes on cpu); this process is "

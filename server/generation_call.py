@@ -139,7 +139,9 @@ class GenerationCall:
                      whole: bool) -> dict:
         logprobs = None
         if self.params.logprobs is not None and lps is not None:
-            logprobs = chat_logprobs(token_ids, lps, self.token_str, self.params.logprobs)
+            p = self.params
+            num_top = None if p.logprobs == -1 or p.logprob_token_ids else p.logprobs
+            logprobs = chat_logprobs(token_ids, lps, self.token_str, num_top)
         choice = {"index": index, "logprobs": logprobs, "finish_reason": finish_reason}
         if whole:
             options = self.chat_options

@@ -128,8 +128,7 @@ def parse_messages(body: dict) -> list[dict]:
 
 # vLLM sampling fields this server does not implement: refused by name rather than ignored, so
 # that a client relying on one never gets an unconstrained answer.
-UNSUPPORTED_VLLM_FIELDS = ("allowed_token_ids", "logprob_token_ids", "prompt_logprob_token_ids",
-                           "bad_words")
+UNSUPPORTED_VLLM_FIELDS = ("prompt_logprob_token_ids", "bad_words")
 
 
 def parse_sampling_params(body: dict, *, chat: bool) -> SamplingParams:
@@ -156,22 +155,39 @@ def parse_sampling_params(body: dict, *, chat: bool) -> SamplingParams:
         rule = "less_than_equal" if kw["seed"] > INT64_MAX else "greater_than_equal"
         raise bad_request("seed", f"'seed' must be in [{INT64_MIN}, {INT64_MAX}] (int64), got "
                                   f"{kw['seed']} ({rule})")
+    for name in ("allowed_token_ids", "logprob_token_ids"):
+        ids = get_field(body, name, "list")
+        if ids is not None and not _is_token_list(ids):
+            raise bad_request(name, f"'{name}' must be an array of token ids")
+        if ids:  # an empty list asks nothing (vLLM's reading)
+            kw[name] = ids
+    chosen = "logprob_token_ids" in kw  # logprobs of these ids replace the top-k
     max_tokens = get_field(body, "max_tokens", "int")
     if chat:
         max_tokens = get_field(body, "max_completion_tokens", "int", max_tokens)
         if get_field(body, "logprobs", "bool", False):
-            kw["logprobs"] = get_field(body, "top_logprobs", "int", 0)
+            top = get_field(body, "top_logprobs", "int", 0)  # checked even when ids replace it
+            if not chosen:
+                kw["logprobs"] = top
         elif f("top_logprobs") and body["top_logprobs"] is not None:
             raise bad_request("top_logprobs", "'top_logprobs' needs 'logprobs': true")
+        elif chosen:
+            raise bad_request("logprob_token_ids", "'logprob_token_ids' needs 'logprobs': true")
     else:
         max_tokens = 16 if not f("max_tokens") else max_tokens  # OpenAI's completions default
         echo = get_field(body, "echo", "bool", False)
         if echo and max_tokens == 0:  # score the prompt: one token is made, and dropped
             max_tokens = 1
         if (logprobs := get_field(body, "logprobs", "int")) is not None:
-            kw["logprobs"] = logprobs
+            if not chosen:
+                kw["logprobs"] = logprobs
             if echo:  # the echoed prompt's tokens get logprobs too
                 kw.setdefault("prompt_logprobs", logprobs)
+        elif chosen:
+            raise bad_request("logprob_token_ids", "'logprob_token_ids' needs 'logprobs' set")
+        if chosen and echo and body.get("max_tokens") == 0:
+            raise bad_request("logprob_token_ids", "'logprob_token_ids' needs generated tokens: "
+                                                   "echo with max_tokens 0 generates none")
     kw["max_tokens"] = max_tokens
     stop = body.get("stop")
     if stop is not None:
@@ -230,8 +246,9 @@ def completion_logprobs(token_ids, logprobs, token_str, text_offset: int = 0) ->
     return out
 
 
-def chat_logprobs(token_ids, logprobs, token_str, num_top: int) -> dict:
-    """The chat `logprobs` object: {"content": [{token, logprob, bytes, top_logprobs}]}."""
+def chat_logprobs(token_ids, logprobs, token_str, num_top: int | None) -> dict:
+    """The chat `logprobs` object: {"content": [{token, logprob, bytes, top_logprobs}]};
+    num_top None: every entry (logprob_token_ids, top_logprobs -1)."""
     def entry(tid, value):
         text = token_str(tid)
         return {"token": text, "logprob": value, "bytes": list(text.encode())}

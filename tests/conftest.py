@@ -55,21 +55,26 @@ def tiny_model_config(vocab_size: int = 512, **overrides) -> ModelConfig:
     return ModelConfig(**fields)
 
 
-@functools.cache
-def _tiny_loaded(vocab_size: int, with_tokenizer: bool):
-    from engine.executor.ops.numpy_ops import NumpyOps
-    from engine.model.loader import dummy_weights
-
-    config = tiny_model_config(vocab_size, tie_word_embeddings=False)
-    weights = dummy_weights(config, NumpyOps(), seed=0)
-    # Wider logits than N(0, 0.02) gives, so greedy choices are far from float-rounding ties, and
-    # sharp attention, so a wrong position, slot or context length changes the output.
+def sharpen(weights):
+    """Scale random (host) weights in place: wider logits than N(0, 0.02) gives, so greedy
+    choices are far from float-rounding ties, and sharp attention and MLP, so a wrong position,
+    slot, context length or slice changes the output. Returns `weights`."""
     weights.lm_head *= 10
     for layer in weights.layers:
         layer.qkv *= 8
         layer.o *= 4
         layer.gate_up *= 4
         layer.down *= 4
+    return weights
+
+
+@functools.cache
+def _tiny_loaded(vocab_size: int, with_tokenizer: bool):
+    from engine.executor.ops.numpy_ops import NumpyOps
+    from engine.model.loader import dummy_weights
+
+    config = tiny_model_config(vocab_size, tie_word_embeddings=False)
+    weights = sharpen(dummy_weights(config, NumpyOps(), seed=0))
     tokenizer = _smollm2_tokenizer() if with_tokenizer else None
     return types.SimpleNamespace(config=config, weights=weights, tokenizer=tokenizer)
 
@@ -101,6 +106,24 @@ def make_engine():
         return LLMEngine(EngineConfig(**fields), loaded_model=loaded)
 
     return make
+
+
+def step_to_end(engine, check_step=None, max_steps: int = 5000) -> dict:
+    """Step until every request has ended: {request_id: its final RequestOutput}. After every step
+    the block manager's books balance (and check_step(engine) holds, when given); at the end every
+    block is free."""
+    final, steps = {}, 0
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            if out.finished:
+                final[out.request_id] = out
+        engine.block_manager.check_invariants(engine.scheduler.running)
+        if check_step is not None:
+            check_step(engine)
+        steps += 1
+        assert steps < max_steps, "no progress"
+    assert engine.get_stats().kv_blocks_used == 0
+    return final
 
 
 @pytest.fixture
@@ -154,9 +177,29 @@ def extreme_sampling_params(vocab_size: int):
         min_tokens=st.integers(0, 3),
         max_tokens=st.just(3),
         ignore_eos=st.booleans(),
-        logprobs=st.sampled_from([None, 0, 20]),
+        logprobs=st.sampled_from([None, 0, 20, -1]),
+        allowed_token_ids=st.none() | st.lists(token, min_size=1, max_size=4),
         seed=st.sampled_from([None, 0, 1, 2**64 + 5, -7]),
     )
+
+
+def check_sampler_is_total(engine, prompt: dict, params: list, vocab_size: int) -> dict:
+    """Run one request per SamplingParams of `params` (from extreme_sampling_params) to the end:
+    each has its n choices, each ended by a stop rule or its length with token ids inside the
+    vocabulary, and every block is free again. Returns {request_id: final RequestOutput}."""
+    for i, p in enumerate(params):
+        engine.add_request(f"r{i}", prompt, p)
+    final = {}
+    while engine.has_unfinished_requests():
+        final.update((o.request_id, o) for o in engine.step() if o.finished)
+    assert len(final) == len(params)
+    for out in final.values():
+        assert len(out.outputs) == params[int(out.request_id[1:])].n
+        for c in out.outputs:
+            assert c.finish_reason in ("stop", "length"), c
+            assert all(0 <= t < vocab_size for t in c.token_ids), c.token_ids
+    assert engine.get_stats().kv_blocks_used == 0
+    return final
 
 
 # ---- loader fixtures (tests/test_loader.py, test_golden.py) -------------------------------------

@@ -25,9 +25,8 @@ from tools.workloads import scale_requests, w1_requests  # noqa: E402
 def server():
     make_core = tiny_server_core(text=False, max_num_seqs=16, max_model_len=128,
                                  num_kv_blocks=512)
-    s = Server(create_app(served_model_name="tiny", make_core=make_core))
-    yield s
-    s.stop()
+    with Server(create_app(served_model_name="tiny", make_core=make_core)) as s:
+        yield s
 
 
 def _workload(num: int):

@@ -7,6 +7,7 @@ cycle. Run once under compute-sanitizer too, smaller (memcheck slows kernels ~50
 
 from __future__ import annotations
 
+import gc
 import os
 import sys
 from pathlib import Path
@@ -27,6 +28,18 @@ MiB = 1 << 20
 CYCLES = int(os.environ.get("LIFECYCLE_CYCLES", 5))
 # W1's 256 prompts, all in flight at once, outputs cut to 1/8 (~18.6k tokens)
 OUTPUT_SCALE = int(os.environ.get("LIFECYCLE_OUTPUT_SCALE", 8))
+
+
+def live_device_arrays() -> str:
+    """What still holds pool memory: each live cupy array's shape, dtype and who refers to it
+    (the failure message of the test below; a leak is found from the log of one device run)."""
+    found = []
+    for obj in gc.get_objects():
+        if isinstance(obj, cupy.ndarray) and obj.nbytes:
+            owners = [type(r).__name__ + (f" {sorted(r)[:6]}" if isinstance(r, dict) else "")
+                      for r in gc.get_referrers(obj) if r is not found]
+            found.append(f"{obj.shape} {obj.dtype} {obj.nbytes} B <- {owners[:4]}")
+    return "; ".join(found[:20]) or "no live cupy array (a raw allocation or a leaked pointer)"
 
 
 def memory() -> tuple[int, int]:
@@ -50,7 +63,11 @@ def test_create_run_close_cycles_return_the_memory():
             assert [len(o.outputs[0].token_ids) for o in outs] == [p.max_tokens for p in params]
             assert llm.engine.get_stats().kv_blocks_used == 0
         used, free = memory()
-        assert used == used_before, f"{(used - used_before) / MiB:.1f} MiB left in the pool"
+        if used != used_before:
+            gc.collect()
+            cycle = "freed by gc.collect()" if memory()[0] == used_before else "not freed by gc"
+            pytest.fail(f"{used - used_before} B left in the pool ({cycle}): "
+                        + live_device_arrays())
         free_after.append(free)
     # The first engine loads kernels and cuBLAS's own state for good; after it nothing grows.
     assert free_before - free_after[0] < 512 * MiB, (free_before - free_after[0]) / MiB

@@ -22,6 +22,15 @@ def ops(request):
     return CudaOps(request.param)
 
 
+@pytest.fixture(params=["v1", "mma"])
+def decode_kernel(request, monkeypatch):
+    """Each decode attention kernel in turn (cuda_attention.DECODE_KERNEL)."""
+    from engine.executor.ops import cuda_attention
+
+    monkeypatch.setattr(cuda_attention, "DECODE_KERNEL", request.param)
+    return request.param
+
+
 
 def rel_err(got, want) -> float:
     got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
@@ -151,7 +160,7 @@ BATCHES = {
 @pytest.mark.parametrize("group", [1, 2, 3, 4, 8, 16])
 @pytest.mark.parametrize("block_size", [16, 32])
 @pytest.mark.parametrize("head_dim", [64, 128])
-def test_write_kv_cache_and_attention(ops, head_dim, block_size, group, batch):
+def test_write_kv_cache_and_attention(ops, head_dim, block_size, group, batch, decode_kernel):
     rng = np.random.default_rng()
     num_new, ctx = BATCHES[batch]
     nkv, num_blocks = 2, sum(-(-c // block_size) for c in ctx) + 3
@@ -172,7 +181,7 @@ def test_write_kv_cache_and_attention(ops, head_dim, block_size, group, batch):
     assert rel_err(ops.to_host(got), want) < TOL[ops.dtype]
 
 
-def test_attention_padding_rows_are_zero(ops):
+def test_attention_padding_rows_are_zero(ops, decode_kernel):
     """CUDA-graph padding rows (context 0) attend to nothing: zeros, not NaN; the others exact."""
     from engine.executor.ops.cuda_attention import DeviceAttentionMetadata, decode_plan
 

@@ -9,7 +9,7 @@ import types
 
 import numpy as np
 import pytest
-from conftest import require_gpu, tiny_model_config
+from conftest import require_gpu, sharpen, tiny_model_config
 from test_overlap import compare, ids, random_requests
 
 pytestmark = pytest.mark.gpu
@@ -28,6 +28,9 @@ from engine.model.weights import ModelWeights  # noqa: E402
 # NOTE: bf16 logits change in the last bits with the batch's shape (GEMM tiling), so the two
 # runs' summed logprobs agree to about 1e-4 relative, not exactly; the tokens must be equal.
 BF16_LOGPROB_TOL = 2e-2
+# A preempted sequence's recompute runs its context through prefill GEMMs instead of decode
+# GEMVs: ~1e-4 per token more, 0.022 summed over the 163 tokens of "long" below (H200, session 4).
+RECOMPUTED_LOGPROB_TOL = 0.1
 
 
 
@@ -99,13 +102,7 @@ def _wide_margin_model():
     config = tiny_model_config(4096, architecture="Qwen3ForCausalLM", qk_norm=True, num_heads=8,
                                num_kv_heads=2, head_dim=64, hidden_size=256,
                                intermediate_size=512, tie_word_embeddings=False)
-    w = dummy_weights(config, NumpyOps(), seed=5)
-    w.lm_head *= 10
-    for layer in w.layers:
-        layer.qkv *= 8
-        layer.o *= 4
-        layer.gate_up *= 4
-        layer.down *= 4
+    w = sharpen(dummy_weights(config, NumpyOps(), seed=5))
     dev = CudaOps("bfloat16")
 
     def up(a):
@@ -188,7 +185,7 @@ def test_preemption_and_stops_async_equals_sync_on_cuda(loaded, eager):
     # NOTE: a preempted sequence is recomputed as a prefill (GEMMs, not GEMVs) at a step that
     # differs between the loops, so its later logits move in the last bf16 bits: a greedy pick
     # may flip where the two best tokens were within that noise (near_tie), nowhere else.
-    engine, placeholders, got = compare(make, requests, logprob_tol=BF16_LOGPROB_TOL,
+    engine, placeholders, got = compare(make, requests, logprob_tol=RECOMPUTED_LOGPROB_TOL,
                                         near_tie=0.1, max_num_seqs=8, num_kv_blocks=14,
                                         max_model_len=200)
     assert engine.get_stats().num_preemptions > 0 and placeholders > 50

@@ -51,9 +51,17 @@ def _tensors(rows, step, rng, **kw) -> SamplingTensors:
     return t
 
 
+@pytest.fixture(params=["select", "twopass"])
+def sampler(request):
+    """cuda_sampling.SAMPLER for the test, restored after it."""
+    saved, cuda_sampling.SAMPLER = cuda_sampling.SAMPLER, request.param
+    yield request.param
+    cuda_sampling.SAMPLER = saved
+
+
 @pytest.mark.parametrize("vocab", [4096, 1001], ids=["vectorized", "scalar"])
 @pytest.mark.parametrize("bias", [False, True], ids=["sparse", "dense"])
-def test_kept_counts_match_numpy(ops, vocab, bias):
+def test_kept_counts_match_numpy(ops, vocab, bias, sampler):
     rng = np.random.default_rng(vocab)
     rows, num_slots = 8, 12
     prompts = [rng.integers(0, vocab, int(rng.integers(5, 60))).tolist() for _ in range(rows)]
@@ -112,12 +120,12 @@ def test_bisect_sampler_keeps_the_counts_too(ops):
                  output_ids=_pad([[] for _ in range(rows)]))
     device, host = ops.alloc_token_counts(rows, vocab), TokenCounts(rows, vocab)
     want = sample(logits, dataclasses.replace(t, count_table=host))
-    cuda_sampling.SAMPLER = "bisect"
+    saved, cuda_sampling.SAMPLER = cuda_sampling.SAMPLER, "bisect"
     try:
         got = ops.sample(cupy.asarray(logits, cupy.float32),
                          dataclasses.replace(t, count_table=device))
     finally:
-        cuda_sampling.SAMPLER = "select"
+        cuda_sampling.SAMPLER = saved
     np.testing.assert_array_equal(got.token_ids, want.token_ids)
     np.testing.assert_array_equal(device.table, host.table)
 

@@ -8,7 +8,7 @@ import types
 
 import numpy as np
 import pytest
-from conftest import extreme_sampling_params, require_gpu
+from conftest import check_sampler_is_total, extreme_sampling_params, require_gpu
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -41,18 +41,7 @@ def engine():
 @settings(max_examples=40, deadline=None)
 @given(st.lists(extreme_sampling_params(VOCAB), min_size=1, max_size=4))
 def test_cuda_sampler_is_total(engine, params):
-    for i, p in enumerate(params):
-        engine.add_request(f"r{i}", PROMPT, p)
-    final = {}
-    while engine.has_unfinished_requests():
-        final.update((o.request_id, o) for o in engine.step() if o.finished)
-    assert len(final) == len(params)
-    for out in final.values():
-        assert len(out.outputs) == params[int(out.request_id[1:])].n
-        for c in out.outputs:
-            assert c.finish_reason in ("stop", "length"), c
-            assert all(0 <= t < VOCAB for t in c.token_ids), c.token_ids
-    assert engine.get_stats().kv_blocks_used == 0
+    check_sampler_is_total(engine, PROMPT, params, VOCAB)
 
 
 DETERMINISTIC = [  # each keeps one token (or bans all): the GPU must pick numpy's

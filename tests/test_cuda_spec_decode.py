@@ -24,28 +24,39 @@ from engine.model.config import EngineConfig  # noqa: E402
 # rows), eagerly also through the prefill attention: bf16 logprobs differ by ~1e-3 per token
 # (measured: 0.10 over ~60 tokens), so summed logprobs are held to 0.25, and a greedy request may
 # take the other token where its two best were within NEAR_TIE (as tests/test_cuda_overlap.py).
+# A seeded sampled request draws the same random numbers in both runs (bit-equal streams on the
+# numpy backend, tests/test_spec_decode.py), but bf16 noise of ~0.03 in a logit moves a Gumbel-max
+# pick whenever the two best perturbed scores are that close (a few % of tokens, so about half of
+# 25-token requests): a sampled request is compared up to its first difference, and the test
+# asks that the equal prefixes hold at least 40% of the sampled tokens (a wrong verify step, e.g.
+# rejection sampling that draws other numbers, diverges at its first verify: 1-2 tokens).
 BF16_LOGPROB_TOL = 0.25
 NEAR_TIE = 0.1
+SAMPLED_PREFIX_SHARE = 0.4
 
 
-def assert_same_or_near_tie(got: dict, want: dict, greedy: set) -> int:
+def assert_same_or_near_tie(got: dict, want: dict, greedy: set) -> tuple[int, float]:
     """Outputs equal, except that a greedy request may diverge from `want` where want's two best
-    tokens were within NEAR_TIE (its requests ask for logprobs=2); it is compared up to there.
-    Returns how many diverged (a test bounds it)."""
+    tokens were within NEAR_TIE (its requests ask for logprobs=2) and a sampled one anywhere after
+    an equal prefix. Returns how many greedy requests diverged and the share of the sampled
+    requests' tokens that lie in equal prefixes (1.0 when there are none)."""
     assert set(got) == set(want)
-    diverged = 0
+    diverged, prefix, total = 0, 0, 0
     for request_id in want:
         g, w = got[request_id].outputs[0], want[request_id].outputs[0]
-        if g.token_ids != w.token_ids and request_id in greedy:
-            at = _first_difference(g.token_ids, w.token_ids)
-            best = sorted(w.logprobs[at].values(), reverse=True)
-            assert len(best) >= 2 and best[0] - best[1] < NEAR_TIE, (request_id, at, best)
-            diverged += 1
+        at = _first_difference(g.token_ids, w.token_ids)
+        if request_id not in greedy:
+            prefix, total = prefix + at, total + len(w.token_ids)
+        if g.token_ids != w.token_ids:
+            assert at < min(len(g.token_ids), len(w.token_ids)), (request_id, "length differs")
+            if request_id in greedy:
+                best = sorted(w.logprobs[at].values(), reverse=True)
+                assert len(best) >= 2 and best[0] - best[1] < NEAR_TIE, (request_id, at, best)
+                diverged += 1
             continue
-        assert g.token_ids == w.token_ids, request_id
         assert g.finish_reason == w.finish_reason, request_id
         assert g.cumulative_logprob == pytest.approx(w.cumulative_logprob, abs=BF16_LOGPROB_TOL)
-    return diverged
+    return diverged, prefix / total if total else 1.0
 
 
 @pytest.fixture(scope="module")
@@ -72,7 +83,9 @@ def test_spec_equals_plain_on_cuda(loaded, eager):
     # every decode step speculates (at most 8 run): every verdict, many times over
     engine = make(speculative_config=spec(k=4, disable_by_batch_size=8))
     engine.core.spec.proposer = OracleProposer(want, 4, seed=0)
-    assert assert_same_or_near_tie(drive(engine, requests), want, greedy) <= 2
+    greedy_diverged, sampled_share = assert_same_or_near_tie(drive(engine, requests), want, greedy)
+    assert greedy_diverged <= 2 and sampled_share >= SAMPLED_PREFIX_SHARE, (greedy_diverged,
+                                                                           sampled_share)
     assert all(engine.core.spec.accepted_hist)
     verified_in_graphs = engine.core.runner.num_graph_verify_steps
     assert verified_in_graphs == 0 if eager else verified_in_graphs > 0
@@ -101,8 +114,8 @@ def test_graph_verify_equals_eager_verify_and_plain_greedy(loaded):
         engine = make(eager, speculative_config=spec(k=4, disable_by_batch_size=4))
         engine.core.spec.proposer = OracleProposer(want, 4, seed=2)
         got[eager] = drive(engine, requests)
-        assert assert_same_or_near_tie(got[eager], want, set(requests)) <= 1
+        assert assert_same_or_near_tie(got[eager], want, set(requests))[0] <= 1
         runner = engine.core.runner
         assert (runner.num_graph_verify_steps > 0) != eager
         assert engine.get_stats().spec_num_accepted_tokens > 0
-    assert assert_same_or_near_tie(got[False], got[True], set(requests)) <= 1
+    assert assert_same_or_near_tie(got[False], got[True], set(requests))[0] <= 1

@@ -214,9 +214,8 @@ def dp_server(tmp_path_factory):
     make_core = tiny_server_core(text=False, max_num_seqs=64, max_model_len=256,
                                  num_kv_blocks=1024)
     config = EngineConfig(model=str(folder), device="numpy", data_parallel_size=2)
-    s = Server(create_app(config, served_model_name=MODEL, make_core=make_core))
-    yield s
-    s.stop()
+    with Server(create_app(config, served_model_name=MODEL, make_core=make_core)) as s:
+        yield s
 
 
 def _token_ids(server, prompt: list[int], **params) -> list[list[int]]:

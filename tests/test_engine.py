@@ -4,6 +4,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import step_to_end
 
 from engine.core.sampling_params import SamplingParams
 from engine.model.config import EngineConfig
@@ -70,18 +71,11 @@ def run_checked(engine, requests: dict, unfork: bool = False) -> dict:
     for request_id, (prompt, params) in requests.items():
         engine.add_request(request_id, prompt, params)
         if unfork:
-            first = engine.core._requests[request_id].seqs[0]
+            first = engine.core.requests[request_id].seqs[0]
             for child in first.forks:
                 engine.scheduler.add(child)
             first.forks = []
-    final = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                final[out.request_id] = out
-        engine.block_manager.check_invariants(engine.scheduler.running)
-    assert engine.get_stats().kv_blocks_used == 0
-    return final
+    return step_to_end(engine)
 
 
 @pytest.mark.parametrize("caching", [True, False])

@@ -4,6 +4,7 @@ alone, a failed forward ends that step's requests, and an engine that cannot go 
 from __future__ import annotations
 
 import pytest
+from conftest import step_to_end
 
 from engine.core.outputs import EngineDeadError
 from engine.core.sampling_params import SamplingParams
@@ -19,14 +20,7 @@ def params(**kw):
 def run(engine, prompts=PROMPTS, **kw):
     for request_id, prompt in prompts.items():
         engine.add_request(request_id, prompt, params(**kw))
-    final = {}
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                final[out.request_id] = out.outputs[0]
-        engine.block_manager.check_invariants(engine.scheduler.running)
-    assert engine.get_stats().kv_blocks_used == 0
-    return final
+    return {request_id: out.outputs[0] for request_id, out in step_to_end(engine).items()}
 
 
 @pytest.fixture
@@ -53,7 +47,7 @@ def test_bad_sampling_settings_fail_their_request_alone(make_engine, reference, 
 
 
 def test_a_failing_stop_check_fails_its_request_alone(make_engine, reference, monkeypatch):
-    import engine.engine_core as core_module
+    import engine.core_postprocess as core_module
 
     check_stop = core_module.check_stop_ids
 

@@ -4,6 +4,7 @@ structured outputs (refused, naming the field)."""
 
 import numpy as np
 import pytest
+from conftest import step_to_end
 
 from engine.core.sampling_params import ParamError, SamplingParams, StructuredOutputsParams
 
@@ -17,19 +18,13 @@ def drive(engine, requests: dict, late: dict = {}, after: int = 0) -> dict:  # n
     """Run to the end; `late` requests join after `after` steps."""
     for request_id, (prompt, params) in requests.items():
         engine.add_request(request_id, {"prompt_token_ids": prompt}, params)
-    final, steps = {}, 0
-    while engine.has_unfinished_requests() or late:
-        if steps == after:
-            for request_id, (prompt, params) in late.items():
-                engine.add_request(request_id, {"prompt_token_ids": prompt}, params)
-            late = {}
-        steps += 1
-        for out in engine.step():
-            if out.finished:
-                final[out.request_id] = out
+    final = {}
+    for _ in range(after if late else 0):
+        final.update((out.request_id, out) for out in engine.step() if out.finished)
         engine.block_manager.check_invariants(engine.scheduler.running)
-    assert engine.get_stats().kv_blocks_used == 0
-    return final
+    for request_id, (prompt, params) in late.items():
+        engine.add_request(request_id, {"prompt_token_ids": prompt}, params)
+    return final | step_to_end(engine)
 
 
 def test_prompt_logprob_rows_after_draft_rows(make_engine):

@@ -1,20 +1,21 @@
 """How many ops one transformer layer calls (issue 12: fewer launches per decode layer).
 
 Counted on the numpy backend through a recording wrapper, so CI holds the count. On the cuda
-backend each op is one kernel launch except where noted; a Qwen3 decode layer at batch <= 4
+backend each op is one kernel launch except where noted; a Qwen3 decode layer at batch 1
 (CUDA graphs, split attention) launches:
 
-    before (11 ops, 12 kernels)               after (6 ops, 7 kernels)
+    before (11 ops, 12 kernels)               after (5 ops, 7 kernels)
     add_rms_norm, linear qkv (cuBLAS)         add_rms_norm_linear     (gemv.cu: add + norm + GEMV)
     qk_norm, rope, write_kv_cache             qk_norm_rope_kv_write   (qk_rope_kv.cu)
     attention             (decode + reduce)   attention               (decode + reduce)
     linear o              (cuBLAS)            linear o                (gemv.cu, M <= 8)
-    add_rms_norm, linear gate_up (cuBLAS)     add_rms_norm_linear     (gemv.cu)
-    silu_and_mul, linear down (cuBLAS)        silu_mul_linear         (gemv.cu, SiLU fused in)
+    add_rms_norm, linear gate_up (cuBLAS)     mlp: gate_up GEMV with the add + norm before it
+    silu_and_mul, linear down (cuBLAS)             and the SiLU-and-mul on its output; down GEMV
 
-cuBLAS may itself launch two kernels for one GEMM (split-K + reduction); the GEMV never does.
-Where cuda_gemv.py's measured rule says the fusion does not pay (more rows; Llama-3-8B's gate_up
-and down at any batch) the fused ops fall back to the unfused kernels.
+Llama-3-8B shapes launch the same 7 (issue 12's first count there was 9: its gate_up's norm and
+the SiLU ran as their own kernels). cuBLAS may itself launch two kernels for one GEMM (split-K +
+reduction); the GEMV never does. Where cuda_gemv.py's rule says a fusion does not pay (more
+rows) the ops fall back to the unfused kernels.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from engine.model.loader import dummy_weights
 # all_reduce (and gather_vocab after the LM head) are identities on one rank: no launch; under
 # tensor parallelism they are the collectives (engine/executor/tensor_parallel.py).
 LAYER_OPS = ["add_rms_norm_linear", "qk_norm_rope_kv_write", "attention", "linear", "all_reduce",
-             "add_rms_norm_linear", "silu_mul_linear", "all_reduce"]
+             "mlp", "all_reduce"]
 
 
 class RecordingOps:
@@ -81,6 +82,19 @@ def test_ops_per_decode_layer(arch, overrides):
     for i in range(config.num_layers):
         assert layers[i * len(LAYER_OPS) : (i + 1) * len(LAYER_OPS)] == LAYER_OPS
     assert logits.shape == (2, 64) and np.isfinite(logits).all()
+
+
+def test_mlp_is_the_composition_of_the_unfused_ops():
+    rng = np.random.default_rng(0)
+    ops = NumpyOps()
+    x, res = rng.standard_normal((2, 2, 16)).astype(np.float32)
+    nw = rng.standard_normal(16).astype(np.float32)
+    gate_up, down = rng.standard_normal((2, 24, 16)).astype(np.float32)
+    y, new_res = ops.mlp(x, res, nw, 1e-6, gate_up, down[:16, :12])
+    h = ops.rms_norm(x + res, nw, 1e-6)
+    g, u = np.split(h @ gate_up.T, 2, axis=1)
+    np.testing.assert_allclose(y, (g / (1 + np.exp(-g)) * u) @ down[:16, :12].T, rtol=1e-5)
+    np.testing.assert_array_equal(new_res, x + res)
 
 
 def test_fused_op_is_the_composition_of_the_unfused_ones():

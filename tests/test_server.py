@@ -60,6 +60,17 @@ class Server:
         self.uvicorn.should_exit = True
         self.thread.join(10)
 
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.stop()
+
+
+def sdk_client(server: Server):
+    """The openai SDK on `server`; no retries, so a failure shows at once."""
+    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+
 
 def _make_core():
     """Runs in the engine-core process (the API process loads the same SmolLM2 tokenizer, the
@@ -73,14 +84,13 @@ def _make_core():
 
 @pytest.fixture(scope="module")
 def server():
-    s = Server(create_app(served_model_name=MODEL, make_core=_make_core))
-    yield s
-    s.stop()
+    with Server(create_app(served_model_name=MODEL, make_core=_make_core)) as s:
+        yield s
 
 
 @pytest.fixture
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    return sdk_client(server)
 
 
 CHAT = [{"role": "user", "content": "Tell me a story."}]
@@ -286,7 +296,7 @@ def test_core_fault_fails_requests_in_flight_naming_the_cause():
 def _make_flaky_core():
     """A core whose stop check fails for requests of max_tokens 7 at their second token (the core
     process is this test's alone, so patching its module is safe)."""
-    import engine.engine_core as core_module
+    import engine.core_postprocess as core_module
 
     check_stop = core_module.check_stop_ids
 

@@ -23,10 +23,9 @@ ABORT, LENGTH = '{finish_reason="abort"}', '{finish_reason="length"}'
 
 @pytest.fixture(scope="module")
 def server():
-    s = Server(create_app(served_model_name=MODEL, make_core=tiny_server_core(
-        max_num_seqs=16, max_model_len=256, num_kv_blocks=256)))
-    yield s
-    s.stop()
+    with Server(create_app(served_model_name=MODEL, make_core=tiny_server_core(
+            max_num_seqs=16, max_model_len=256, num_kv_blocks=256))) as s:
+        yield s
 
 
 def stream_then_close(server: Server, path: str, body: dict, num_chunks: int) -> bytes:
@@ -60,9 +59,8 @@ def _make_slow_core():
 
 @pytest.fixture(scope="module")
 def slow_server():
-    s = Server(create_app(served_model_name=MODEL, make_core=_make_slow_core))
-    yield s
-    s.stop()
+    with Server(create_app(served_model_name=MODEL, make_core=_make_slow_core)) as s:
+        yield s
 
 
 @pytest.mark.parametrize("path, num_chunks", [

@@ -8,10 +8,10 @@ import json
 import pytest
 
 httpx = pytest.importorskip("httpx")
-openai = pytest.importorskip("openai")
+pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
 
-from test_server import MODEL, Server, _make_core  # noqa: E402
+from test_server import MODEL, Server, _make_core, sdk_client  # noqa: E402
 
 from server.app import create_app  # noqa: E402
 from server.extras import chat_options  # noqa: E402
@@ -22,15 +22,14 @@ PROMPT = "The quick brown fox jumps over the lazy dog"
 
 @pytest.fixture(scope="module")
 def server():
-    s = Server(create_app(served_model_name=MODEL, make_core=_make_core,
-                          enable_server_load_tracking=True))
-    yield s
-    s.stop()
+    with Server(create_app(served_model_name=MODEL, make_core=_make_core,
+                           enable_server_load_tracking=True)) as s:
+        yield s
 
 
 @pytest.fixture
 def client(server):
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    return sdk_client(server)
 
 
 def post(server, path, body):
@@ -173,6 +172,37 @@ def test_return_token_ids_match_the_text(server, client):
     assert len(sum((e["choices"][0].get("token_ids", []) for e in events), [])) == 3
 
 
+def test_chosen_ids_allowed_ids_and_the_whole_vocabulary(server, client):
+    """vLLM's test_logprob_token_ids with values: the chosen ids' logprobs are the ones the
+    whole vocabulary (logprobs -1) gives the same position."""
+    ask = dict(model=MODEL, prompt="Hello", max_tokens=1, temperature=0.0)
+    out = client.completions.create(**ask, logprobs=5, extra_body={
+        "logprob_token_ids": [5000, 7], "allowed_token_ids": [42],
+        "return_tokens_as_token_ids": True})
+    lp = out.choices[0].logprobs
+    assert lp.tokens == ["token_id:42"]
+    assert set(lp.top_logprobs[0]) == {"token_id:42", "token_id:5000", "token_id:7"}
+    whole = client.completions.create(**ask, logprobs=-1, extra_body={
+        "allowed_token_ids": [42], "return_tokens_as_token_ids": True})
+    every = whole.choices[0].logprobs.top_logprobs[0]
+    assert len(every) == 49152
+    for key, value in lp.top_logprobs[0].items():
+        assert value == pytest.approx(every[key], abs=1e-5)
+    assert lp.token_logprobs[0] == pytest.approx(every["token_id:42"], abs=1e-5)
+    # chat: every chosen entry is listed (the sampled one too), and -1 lists the vocabulary
+    msgs = [{"role": "user", "content": "Hi"}]
+    chat = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=2, logprobs=True,
+                                          top_logprobs=3, extra_body={
+                                              "logprob_token_ids": [300, 301], "ignore_eos": True})
+    for item in chat.choices[0].logprobs.content:
+        listed = [t.token for t in item.top_logprobs]
+        assert {"om", "il", item.token} == set(listed) and len(listed) == len(set(listed))
+    chat = client.chat.completions.create(model=MODEL, messages=msgs, max_tokens=1, logprobs=True,
+                                          top_logprobs=-1)
+    top = chat.choices[0].logprobs.content[0].top_logprobs
+    assert len(top) == 49152 and top[0].logprob == max(t.logprob for t in top)
+
+
 SAYING = "An apple a day, keeps"
 
 
@@ -241,7 +271,12 @@ def test_continue_final_message_cuts_the_rendered_chat():
     ({"prompt": "hi", "seed": 2**63}, "seed", ["less_than_equal"]),
     ({"prompt_embeds": "abc"}, "prompt", ["Either prompt or prompt_embeds"]),
     ({"prompt": "hi", "prompt_embeds": "abc"}, "prompt_embeds", ["not supported"]),
-    ({"prompt": "hi", "allowed_token_ids": [5]}, "allowed_token_ids", ["not supported"]),
+    ({"prompt": "hi", "bad_words": ["x"]}, "bad_words", ["not supported"]),
+    ({"prompt": "hi", "allowed_token_ids": [5, 49152]}, "allowed_token_ids",
+     ["49152", "out of vocabulary"]),
+    ({"prompt": "hi", "logprob_token_ids": [5]}, "logprob_token_ids", ["'logprobs'"]),
+    ({"prompt": "hi", "logprob_token_ids": [5], "logprobs": 1, "echo": True, "max_tokens": 0},
+     "logprob_token_ids", ["echo"]),
     ({"prompt": "hi", "stop_token_ids": [60000]}, "stop_token_ids", ["out of vocabulary"]),
 ])
 def test_validation_words(server, body, param, words):

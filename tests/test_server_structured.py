@@ -10,7 +10,7 @@ jsonschema = pytest.importorskip("jsonschema")
 pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from test_server import MODEL, Server, _make_core  # noqa: E402
+from test_server import MODEL, Server, _make_core, sdk_client  # noqa: E402
 
 from server.app import create_app  # noqa: E402
 from server.tool_calls import ToolCallParser, ToolCallStream, template_messages  # noqa: E402
@@ -37,16 +37,13 @@ CHAT = [{"role": "user", "content": "Plan a trip."}]
 
 @pytest.fixture(scope="module")
 def server():
-    s = Server(create_app(served_model_name=MODEL, make_core=_make_core))
-    yield s
-    s.stop()
+    with Server(create_app(served_model_name=MODEL, make_core=_make_core)) as s:
+        yield s
 
 
 @pytest.fixture
 def client(server):
-    import openai
-
-    return openai.OpenAI(base_url=server.url + "/v1", api_key="unused", max_retries=0)
+    return sdk_client(server)
 
 
 def _streamed(chunks) -> dict[int, dict]:

@@ -5,6 +5,7 @@ after every step with rollbacks."""
 
 import numpy as np
 import pytest
+from conftest import step_to_end
 
 from engine.core.block_manager import BlockManager
 from engine.core.sampling_params import SamplingParams
@@ -23,22 +24,17 @@ def spec(k=3, **fields):
 
 
 def drive(engine, requests: dict):
-    """Step to the end, checking the block manager's books after every step."""
+    """Step to the end, checking the block manager's books after every step, and that no
+    sequence keeps drafts (or their blocks) past the step that verified them."""
     for request_id, (prompt, params) in requests.items():
         engine.add_request(request_id, prompt, params)
-    final, steps = {}, 0
-    while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                final[out.request_id] = out
-        engine.block_manager.check_invariants(engine.scheduler.running)
-        for seq in engine.scheduler.running:
-            assert not seq.spec_token_ids  # drafts live for one step
-            assert len(seq.block_table) <= engine.block_manager.blocks_for(len(seq.token_ids))
-        steps += 1
-        assert steps < 5000, "no progress"
-    assert engine.get_stats().kv_blocks_used == 0
-    return final
+    return step_to_end(engine, _drafts_are_gone)
+
+
+def _drafts_are_gone(engine):
+    for seq in engine.scheduler.running:
+        assert not seq.spec_token_ids  # drafts live for one step
+        assert len(seq.block_table) <= engine.block_manager.blocks_for(len(seq.token_ids))
 
 
 def copy_heavy(rng, num, vocab=512):

@@ -14,7 +14,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import _tiny_loaded, tiny_model_config
+from conftest import _tiny_loaded, sharpen, tiny_model_config
 
 from engine.core.outputs import EngineDeadError
 from engine.core.sampling_params import SamplingParams
@@ -95,13 +95,8 @@ def _tp_logits(config: ModelConfig, weights, size: int) -> list:
 ])
 def test_tp_logits_match_one_rank(size, arch, overrides):
     config = tiny_model_config(vocab_size=128, architecture=arch, **overrides)
-    weights = dummy_weights(config, NumpyOps(), seed=1)
-    weights.lm_head *= 10
-    for layer in weights.layers:  # sharp attention and MLP, so a wrong slice shows
-        layer.qkv *= 8
-        layer.o *= 4
-        layer.gate_up *= 4
-        layer.down *= 4
+    weights = sharpen(dummy_weights(config, NumpyOps(), seed=1))
+    for layer in weights.layers:
         if layer.qkv_bias is not None:
             layer.qkv_bias += 0.5
     want = _forward(config, weights, NumpyOps(), config.num_kv_heads)

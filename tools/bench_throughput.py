@@ -199,16 +199,23 @@ def warmup(engine, vocab_size: int) -> None:
     run_requests(engine, prompts, [4, 4], tag="warmup")
 
 
+def llm_and_workload(args: argparse.Namespace, enable_prefix_caching: bool = True):
+    """build_llm's LLM, the workload in its vocabulary and, unless --no-warmup, a warm-up run:
+    (llm, prompts, output_lens)."""
+    llm = build_llm(args, enable_prefix_caching)
+    vocab_size = llm.engine.model_config.vocab_size
+    prompts, output_lens = workload(args, vocab_size)
+    if not args.no_warmup:
+        warmup(llm.engine, vocab_size)
+    return llm, prompts, output_lens
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_engine_args(ap)
     args = ap.parse_args(argv)
-    llm = build_llm(args)
+    llm, prompts, output_lens = llm_and_workload(args)
     engine = llm.engine
-    mc = engine.model_config
-    prompts, output_lens = workload(args, mc.vocab_size)
-    if not args.no_warmup:
-        warmup(engine, mc.vocab_size)
     settings = sampling_settings(args)
     trace = run_requests(engine, prompts, output_lens, settings.pop("temperature"),
                          sampling=settings)

@@ -22,13 +22,11 @@ import numpy as np
 
 from engine.executor.ops import AttentionMetadata, SamplingTensors
 from engine.executor.ops.cuda_ops import CudaOps
-from engine.executor.ops.numpy_ops import NumpyOps
 from engine.executor.transformer import Transformer, rope_cos_sin
 from engine.model.config import ModelConfig
 from engine.model.loader import dummy_weights
+from tools.kernel_check import BW, FLOPS, REF, rel, up
 
-BW, FLOPS = 4.27e12, 800e12  # measured ceilings (shared/GPU.md)
-REF = NumpyOps()
 rows: list[tuple] = []
 
 
@@ -48,13 +46,6 @@ def bench(fn, reps: int = 20) -> float:
     return statistics.median(times)
 
 
-def rel(got, want) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    if not np.isfinite(got).all():
-        return float("nan")
-    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
-
-
 def record(name, err, sec, nbytes=0, flops=0):
     bw = nbytes / sec / 1e9 if nbytes else 0
     tf = flops / sec / 1e12 if flops else 0
@@ -62,11 +53,6 @@ def record(name, err, sec, nbytes=0, flops=0):
     rows.append((name, err, sec * 1e6, bw, tf, frac))
     print(f"{name:44s} err {err:9.2e}  {sec * 1e6:9.1f} us  {bw:7.0f} GB/s  {tf:6.1f} TF/s  "
           f"{frac * 100:5.1f}%", flush=True)
-
-
-def up(ops, x):
-    d = ops.from_host(np.asarray(x, np.float32))
-    return d, ops.to_host(d)
 
 
 def check_layers(ops):

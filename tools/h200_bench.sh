@@ -95,8 +95,8 @@ for step in $steps; do
       --replay tools/results/spec_profile.json ;;
     spec-8b-min1) record spec-replay-llama3-8b-min1 200 python3 tools/bench_spec.py $L \
       --replay tools/results/spec_profile_min1.json ;;
-    spec-8b-sweep) record spec-sweep-llama3-8b 300 python3 tools/bench_spec.py $L \
-      --replay tools/results/spec_profile.json --output-len 128 --batch-sizes 1,2,4,8,16,32 ;;
+    spec-8b-sweep) record spec-sweep-llama3-8b 400 python3 tools/bench_spec.py $L \
+      --replay tools/results/spec_profile.json --output-len 128 --batch-sizes 1,2,4,8,16,32,64,128 ;;
     w1-8b-spec) record w1-llama3-8b-spec 150 python3 tools/bench_throughput.py $L \
       --speculative-config "$SPEC" ;;
     w1-spec) record w1-qwen3-0.6b-spec 120 python3 tools/bench_throughput.py $Q \

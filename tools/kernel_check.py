@@ -7,10 +7,12 @@ sampler old vs new, decode steps.
     PYTHONPATH=. python tools/gpu_check.py --only new      # the same, from gpu_check
 
 --quick skips the Llama-3-8B shapes and the decode steps; --only runs the named sections
-(launches, fused, gemv, splits, sampling, prefill, prefill90 (experimental), gguf, decode, fp8:
-tools/kernel_check_fp8.py). --check-each synchronizes after every row and every section and stops
-at the first CUDA error, naming where it surfaced (a kernel fault is sticky: without this it is
-reported by whichever later call syncs first). --small shrinks every section (few rows, one weight
+(launches, fused, gemv, gemv1 (M = 1 only), splits, sampling, prefill, prefill90 (experimental),
+gguf, decode, step (decode-step variants at batch 1, ctx 512: PDL, early trigger, fusions), fp8:
+tools/kernel_check_fp8.py, attn: decode attention v1 vs mma, tools/kernel_check_attn.py).
+--check-each synchronizes after every row and every section and stops at the first CUDA error,
+naming where it surfaced (a kernel fault is sticky: without this it is reported by whichever
+later call syncs first). --small shrinks every section (few rows, one weight
 copy, 2-layer decode models with a 4096-token vocabulary, 2 timed calls) for compute-sanitizer:
 
     for s in launches fused gemv splits sampling prefill gguf decode; do
@@ -45,6 +47,7 @@ from engine.executor.ops import (  # noqa: E402
 from engine.executor.ops import cuda_attention as ca  # noqa: E402
 from engine.executor.ops.numpy_ops import NumpyOps  # noqa: E402
 from tools import kernel_check_fp8  # noqa: E402
+from tools.kernel_check_attn import check_attn  # noqa: E402
 from tools.kernel_check_gguf import check_gguf  # noqa: E402
 
 BW, FLOPS = 4.27e12, 800e12  # measured ceilings (shared/GPU.md)
@@ -178,9 +181,9 @@ SHAPES = {  # name -> (N, K) of the weight
 }
 
 
-def check_gemv(ops, models):
+def check_gemv(ops, models, ms=(1, 2, 4, 8)):
     rng = np.random.default_rng(1)
-    ms = (1, 8) if OPTS["small"] else (1, 2, 4, 8)
+    ms = (1, 8) if OPTS["small"] else ms
     for model in models:
         for name, (n, k) in SHAPES[model].items():
             nbytes = n * k * 2
@@ -208,55 +211,75 @@ def check_gemv(ops, models):
                         x, ws[next(it) % len(ws)], out, ops.ctype), calls, pdl=True)
                     chained = (f"; PDL chain {t_p * 1e6:.1f} us = "
                                f"{nbytes / t_p / BW * 100:.0f}% of the copy ceiling")
+                    saved = cuda_gemv.GEMV_THREADS, cuda_gemv.GEMV_THREADS_M1
+                    # twice the threads per block at M = 1 and K < 2048, half elsewhere
+                    cuda_gemv.GEMV_THREADS, cuda_gemv.GEMV_THREADS_M1 = (64, 128), 128
+                    it = iter(range(10**9))
+                    try:
+                        t_h = graph_time(lambda x=x, out=out, it=it, ws=ws: cuda_gemv.gemv(
+                            x, ws[next(it) % len(ws)], out, ops.ctype), calls, pdl=True)
+                    finally:
+                        cuda_gemv.GEMV_THREADS, cuda_gemv.GEMV_THREADS_M1 = saved
+                    chained += (f"; {cuda_gemv.gemv_threads(m, k)} threads per block, with "
+                                f"{128 if m == 1 and k < 2048 else 'half as many'}: "
+                                f"{t_h * 1e6:.1f} us")
                 row("gemv", f"{model} {name} {n}x{k} M={m}", f"{err:.1e}", t_g,
                     nbytes + m * k * 2, 2 * m * n * k,
                     extra=f"cuBLAS {t_b * 1e6:.1f} us ({t_b / t_g:.2f}x) -> {win}{chained}")
-            if name == "down":
-                check_silu_gemv(ops, model, ws, n, k, rng)
+            if name == "gate_up":
+                check_glu_gemv(ops, model, ws, rng, ms)
             if name in ("qkv", "gate_up"):
-                check_norm_gemv(ops, f"{model} {name}", ws, rng)
+                check_norm_gemv(ops, f"{model} {name}", ws, rng, ms)
 
 
-def check_silu_gemv(ops, model, ws, n, k, rng):
-    copies = len(ws)
-    for m in (1, 2, 4):
-        gu, gu_h = up(ops, rng.standard_normal((m, 2 * k)))
-        out = cupy.empty((m, n), ws[0].dtype)
-        cuda_gemv.gemv(gu, ws[0], out, ops.ctype, act=True)
-        want = REF.silu_mul_linear(gu_h, ops.to_host(ws[0]))
-        err = rel(ops.to_host(out), want)
-        it = iter(range(10**9))
-        t_f = graph_time(lambda gu=gu, out=out, it=it: cuda_gemv.gemv(
-            gu, ws[next(it) % copies], out, ops.ctype, act=True), max(20, copies))
-        it = iter(range(10**9))
-        t_u = graph_time(lambda gu=gu, out=out, it=it: ops._gemm(
-            ops.silu_and_mul(gu), ws[next(it) % copies], out, ops.dtype), max(20, copies))
-        row("gemv", f"{model} down+SiLU fused M={m}", f"{err:.1e}", t_f, n * k * 2,
-            2 * m * n * k, extra=f"silu_and_mul + cuBLAS {t_u * 1e6:.1f} us ({t_u / t_f:.2f}x)")
-
-
-def check_norm_gemv(ops, label, ws, rng):
+def check_glu_gemv(ops, model, ws, rng, ms):
+    """The gate_up GEMV with the SiLU-and-mul on its output, against GEMV + silu_and_mul."""
     n, k = ws[0].shape
     copies = len(ws)
-    for m in (1, 2, 4):
+    for m in [m for m in ms if m <= 2]:
+        x, x_h = up(ops, rng.standard_normal((m, k)))
+        act = cuda_gemv.glu_gemv(x, ws[0], ops.ctype)
+        err = rel(ops.to_host(act), REF.silu_and_mul(REF.linear(x_h, ops.to_host(ws[0]))))
+        it = iter(range(10**9))
+        t_f = graph_time(lambda x=x, it=it: cuda_gemv.glu_gemv(
+            x, ws[next(it) % copies], ops.ctype), max(20, copies), pdl=True)
+        it = iter(range(10**9))
+        out = cupy.empty((m, n), x.dtype)
+        t_u = graph_time(lambda x=x, it=it, out=out: ops.silu_and_mul(cuda_gemv.gemv(
+            x, ws[next(it) % copies], out, ops.ctype)), max(20, copies), pdl=True)
+        row("gemv", f"{model} gate_up+SiLU (GLU) M={m}, PDL", f"{err:.1e}", t_f, n * k * 2,
+            2 * m * n * k, extra=f"GEMV + silu_and_mul {t_u * 1e6:.1f} us ({t_u / t_f:.2f}x)")
+
+
+def check_norm_gemv(ops, label, ws, rng, ms):
+    """The one-pass add + RMSNorm GEMV (with GLU for gate_up) against add_rms_norm + GEMV."""
+    n, k = ws[0].shape
+    copies = len(ws)
+    glu = "gate_up" in label
+    for m in [m for m in ms if m <= 4]:
         x, x_h = up(ops, rng.standard_normal((m, k)))
         res, res_h = up(ops, rng.standard_normal((m, k)))
         nw, nw_h = up(ops, rng.standard_normal(k))
-        y, new_res = cuda_gemv.norm_gemv(x, res, nw, ws[0], 1e-6, ops.ctype)
+        y, new_res = cuda_gemv.norm_gemv(x, res, nw, ws[0], 1e-6, ops.ctype, glu=glu)
         want_y, want_res = REF.add_rms_norm_linear(x_h, res_h, nw_h, 1e-6, ops.to_host(ws[0]))
+        want_y = REF.silu_and_mul(want_y) if glu else want_y
         err = max(rel(ops.to_host(y), want_y), rel(ops.to_host(new_res), want_res))
         it = iter(range(10**9))
         t_f = graph_time(lambda x=x, res=res, nw=nw, it=it: cuda_gemv.norm_gemv(
-            x, res, nw, ws[next(it) % copies], 1e-6, ops.ctype), max(20, copies))
+            x, res, nw, ws[next(it) % copies], 1e-6, ops.ctype, glu=glu), max(20, copies),
+            pdl=True)
         it = iter(range(10**9))
         out = cupy.empty((m, n), x.dtype)
 
         def unfused(x=x, res=res, nw=nw, it=it, out=out):
             h, _ = ops.add_rms_norm(x, res, nw, 1e-6)
-            cuda_gemv.gemv(h, ws[next(it) % copies], out, ops.ctype)
+            w = ws[next(it) % copies]
+            return cuda_gemv.glu_gemv(h, w, ops.ctype) if glu else cuda_gemv.gemv(
+                h, w, out, ops.ctype)
 
-        t_u = graph_time(unfused, max(20, copies))
-        row("gemv", f"{label} add+norm fused M={m}", f"{err:.1e}", t_f, n * k * 2,
+        t_u = graph_time(unfused, max(20, copies), pdl=True)
+        what = "add+norm+SiLU" if glu else "add+norm"
+        row("gemv", f"{label} {what} fused M={m}, PDL", f"{err:.1e}", t_f, n * k * 2,
             2 * m * n * k, extra=f"add_rms_norm + GEMV {t_u * 1e6:.1f} us ({t_u / t_f:.2f}x)")
 
 
@@ -503,23 +526,51 @@ def check_sampling(ops):
             sub.prompt_ids, sub.output_ids = t.prompt_ids[:check], t.output_ids[:check]
         want = REF.sample(logits_h[:check], sub).token_ids
         times = {}
-        for sampler in ("bisect", "select"):
-            cuda_sampling.SAMPLER = sampler
-            got = ops.sample(logits[:check], sub).token_ids
-            dev = cuda_sampling.upload(t)
-            times[sampler] = (np.mean(got == want), graph_time(
-                lambda t=t, dev=dev: cuda_sampling.launch(logits, t, dev, ops.ctype), 5, 5))
-        cuda_sampling.SAMPLER = "select"
-        (agree, sec), (old_agree, old) = times["select"], times["bisect"]
-        row("sampling", f"{name} ({rows}x{vocab})", f"agree {agree:.2f}", sec, logits.nbytes,
-            extra=f"bisect {old * 1e6:.0f} us, agree {old_agree:.2f} ({old / sec:.1f}x)")
+        saved = cuda_sampling.SAMPLER
+        try:
+            for sampler in ("bisect", "select", "twopass"):
+                cuda_sampling.SAMPLER = sampler
+                got = ops.sample(logits[:check], sub).token_ids
+                dev = cuda_sampling.upload(t)
+                times[sampler] = (np.mean(got == want), graph_time(
+                    lambda t=t, dev=dev: cuda_sampling.launch(logits, t, dev, ops.ctype), 5, 5))
+            # twopass's knobs: loads two groups ahead; 1024 threads a row whatever the rows
+            # (the default: 512 above the SMs)
+            variants = {}
+            for depth, threads in ((2, None), (1, 1024), (2, 1024)):
+                cuda_sampling.TWOPASS_DEPTH, cuda_sampling.TWOPASS_THREADS = depth, threads
+                agree2 = np.mean(ops.sample(logits[:check], sub).token_ids == want)
+                variants[depth, threads] = agree2, graph_time(
+                    lambda t=t, dev=dev: cuda_sampling.launch(logits, t, dev, ops.ctype), 5, 5)
+        finally:
+            cuda_sampling.SAMPLER, cuda_sampling.TWOPASS_THREADS = saved, None
+            cuda_sampling.TWOPASS_DEPTH = 1
+        (agree, sec), (old_agree, old) = times["twopass"], times["select"]
+        bisect_agree, bisect = times["bisect"]
+        row("sampling", f"{name} ({rows}x{vocab}), twopass", f"agree {agree:.2f}", sec,
+            logits.nbytes, extra=f"select {old * 1e6:.1f} us, agree {old_agree:.2f} "
+            f"({old / sec:.2f}x); bisect {bisect * 1e6:.0f} us, agree {bisect_agree:.2f}; "
+            + "; ".join(f"depth {d} threads {n or 'auto'} {v * 1e6:.1f} us agree {a:.2f}"
+                        for (d, n), (a, v) in variants.items()))
         if t.prompt_ids is not None:
-            check_kept_counts(ops, name, logits, t, sub, want, sec)
+            for sampler in ("select", "twopass"):
+                check_kept_counts(ops, name, logits, t, sub, want, sampler)
 
 
-def check_kept_counts(ops, name, logits, t, sub, want, ids_sec):
+def check_kept_counts(ops, name, logits, t, sub, want, sampler):
     """Penalties from counts kept on the device (steady decoding: no row rebuilt) against the
-    same step sending every row's ids."""
+    same step sending every row's ids, with `sampler`."""
+    rows, vocab = logits.shape
+    saved, cuda_sampling.SAMPLER = cuda_sampling.SAMPLER, sampler
+    try:
+        dev = cuda_sampling.upload(t)
+        ids_sec = graph_time(lambda: cuda_sampling.launch(logits, t, dev, ops.ctype), 5, 5)
+        _kept_counts_row(ops, name, logits, t, sub, want, sampler, ids_sec)
+    finally:
+        cuda_sampling.SAMPLER = saved
+
+
+def _kept_counts_row(ops, name, logits, t, sub, want, sampler, ids_sec):
     rows, vocab = logits.shape
 
     def kept(tensors, rebuild):
@@ -536,7 +587,8 @@ def check_kept_counts(ops, name, logits, t, sub, want, ids_sec):
     steady.output_ids = np.full((rows, 1), -1, np.int32)
     dev = cuda_sampling.upload(steady)
     sec = graph_time(lambda: cuda_sampling.launch(logits, steady, dev, ops.ctype), 5, 5)
-    row("sampling", f"{name}, kept counts ({rows}x{vocab})", f"agree {np.mean(got == want):.2f}",
+    row("sampling", f"{name}, kept counts ({rows}x{vocab}), {sampler}",
+        f"agree {np.mean(got == want):.2f}",
         sec, logits.nbytes, extra=f"ids sent every step {ids_sec * 1e6:.0f} us "
         f"({ids_sec / sec:.1f}x)")
 
@@ -544,7 +596,7 @@ def check_kept_counts(ops, name, logits, t, sub, want, ids_sec):
 # ----------------------------------------------------------------------------- decode steps
 
 
-def decode_step(ops, preset, ctx, gemv_on=True):
+def decode_step(ops, preset, ctx, gemv_on=True, tag=""):
     from engine.executor.cuda_graph import DecodeGraphs
     from engine.executor.transformer import Transformer
     from engine.model.config import ModelConfig
@@ -563,17 +615,29 @@ def decode_step(ops, preset, ctx, gemv_on=True):
     ids, pos = np.array([7], np.int32), np.array([ctx], np.int32)
     weight_bytes = config.num_linear_params() * 2
     kv = (ctx + 1) * config.num_layers * config.num_kv_heads * config.head_dim * 4
-    gemv_caps = cuda_gemv.GEMV_MAX_M, cuda_gemv.GEMV_SILU_MAX_M, cuda_gemv.NORM_GEMV_MAX_M
-    pdl, reference = cuda_kernels.PDL, None
-    # (GEMV, PDL, fused add + norm): the default first; its logits are the reference PDL on is
-    # held to
-    variants = ((True, False, None), (True, True, None), (True, False, False), (False, False, None))
-    for gemv, use_pdl, fuse_norm in variants if gemv_on else variants[:1]:
-        if not gemv:  # every linear on cuBLAS, norms and activations their own launches
-            cuda_gemv.GEMV_MAX_M = cuda_gemv.GEMV_SILU_MAX_M = cuda_gemv.NORM_GEMV_MAX_M = 0
-        if fuse_norm is False:
-            cuda_gemv.NORM_GEMV_MAX_M = 0
-        cuda_kernels.PDL = use_pdl
+    knobs = ("GEMV_MAX_M", "NORM_GEMV_MAX_M", "NORM_GEMV_MAX_N", "GLU_GEMV_MAX_M", "GEMV_THREADS",
+             "GEMV_THREADS_M1")
+    saved = {name: getattr(cuda_gemv, name) for name in knobs}
+    pdl, early, reference = cuda_kernels.PDL, cuda_kernels.PDL_EARLY, None
+    # (label, PDL, PDL_EARLY, cuda_gemv knobs, same kernels as the first?): the default first;
+    # its logits are the reference that the runs of the same kernels must equal bit for bit
+    variants = [("default", pdl, early, {}, True),
+                ("PDL off", False, False, {}, True),
+                ("PDL on, early trigger", True, True, {}, True),
+                ("GEMV 128 threads at K < 2048", pdl, early, {"GEMV_THREADS_M1": 128}, False),
+                ("GEMV 128 threads at K >= 2048", pdl, early, {"GEMV_THREADS": (128, 128)},
+                 False),
+                ("early trigger, GEMV 128 threads at K < 2048", True, True,
+                 {"GEMV_THREADS_M1": 128}, False),
+                ("SiLU unfused", pdl, early, {"GLU_GEMV_MAX_M": 0}, True),
+                ("norm unfused over N > 8192", pdl, early, {"NORM_GEMV_MAX_N": 8192}, False),
+                ("norm unfused", pdl, early, {"NORM_GEMV_MAX_M": 0}, False),
+                ("GEMV off", pdl, early, {name: 0 for name in knobs if name.endswith("_M")},
+                 False)]
+    for label, use_pdl, use_early, caps, same in variants if gemv_on else variants[:1]:
+        for name, value in caps.items():
+            setattr(cuda_gemv, name, value)
+        cuda_kernels.PDL, cuda_kernels.PDL_EARLY = use_pdl, use_early
         try:
             g = DecodeGraphs(model, cache, max_num_seqs=1, max_blocks_per_seq=nb,
                              max_context_len=max(ctx + 1, 32768))
@@ -584,21 +648,20 @@ def decode_step(ops, preset, ctx, gemv_on=True):
                 logits = g.run(ids, pos, meta)
                 cupy.cuda.get_current_stream().synchronize()
                 times.append(time.perf_counter() - t0)
-            # PDL on and off run the same kernels: their logits must agree bit for bit
             got = cupy.asnumpy(logits).view(np.uint16)
-            err = "-" if reference is None or not gemv or fuse_norm is not None else (
+            err = "-" if reference is None or not same else (
                 "same" if np.array_equal(got, reference) else "DIFFER")
             reference = got if reference is None else reference
             sample = time_greedy_sample(ops, logits) if reference is got else None
-            norm = ", norm unfused" if fuse_norm is False else ""
-            row("decode", f"{preset} B=1 ctx={ctx} graph, GEMV {'on' if gemv else 'off'}, "
-                f"PDL {'on' if use_pdl else 'off'}{norm}", err, statistics.median(times),
+            row("decode", f"{preset} B=1 ctx={ctx} graph, {label}{tag} (PDL "
+                f"{'on' if cuda_kernels.PDL else 'off'})", err, statistics.median(times),
                 weight_bytes + kv, extra="" if sample is None else
                 f"+ greedy sample {sample * 1e6:.1f} us (graph replay, host sync excluded)")
             del g
         finally:
-            cuda_gemv.GEMV_MAX_M, cuda_gemv.GEMV_SILU_MAX_M, cuda_gemv.NORM_GEMV_MAX_M = gemv_caps
-            cuda_kernels.PDL = pdl
+            for name, value in saved.items():
+                setattr(cuda_gemv, name, value)
+            cuda_kernels.PDL, cuda_kernels.PDL_EARLY = pdl, early
     del model, cache
 
 
@@ -697,19 +760,23 @@ def check_launches(ops):
 
 
 def run_all(ops, quick: bool = False, only: str | None = None):
-    """Every section, or those named in `only` (comma-separated: launches, fused, gemv, splits,
-    sampling, prefill, prefill90, gguf, decode, fp8)."""
+    """Every section, or those named in `only` (comma-separated: launches, fused, gemv, gemv1,
+    splits, sampling, prefill, prefill90, gguf, decode, step, fp8, attn)."""
     sections = {
         "launches": lambda: check_launches(ops),
         "fused": lambda: check_fused(ops),
         "gemv": lambda: check_gemv(ops, ["qwen3-0.6b"] if quick else ["qwen3-0.6b", "llama3-8b"]),
         "splits": lambda: check_splits(ops),
+        "attn": lambda: check_attn(ops, sys.modules[__name__]),
         "sampling": lambda: check_sampling(ops),
         "prefill": lambda: check_prefill(ops),
         "prefill90": lambda: check_prefill90(ops),
         "gguf": lambda: check_gguf(ops, graph_time, OPTS["small"]),
         "decode": lambda: None if quick else [decode_step(ops, p, c) for p, c in (
             ("qwen3-0.6b", 512), ("qwen3-0.6b", 32532), ("llama3-8b", 512))],
+        # batch 1 only: the M = 1 GEMV rows, and the decode-step variants at a short context
+        "gemv1": lambda: check_gemv(ops, ["qwen3-0.6b", "llama3-8b"], ms=(1,)),
+        "step": lambda: [decode_step(ops, p, 512) for p in ("qwen3-0.6b", "llama3-8b")],
         "fp8": lambda: kernel_check_fp8.check_fp8(ops, sys.modules[__name__]),
     }
     for name, run in sections.items():

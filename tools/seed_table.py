@@ -38,11 +38,9 @@ if __package__ in (None, ""):  # run as a script: make the checkout importable
 from tools.bench_throughput import (  # noqa: E402
     DTYPE_BYTES,
     add_engine_args,
-    build_llm,
+    llm_and_workload,
     resolved_dtype,
     run_requests,
-    warmup,
-    workload,
 )
 from tools.workloads import kv_bytes_per_token  # noqa: E402
 
@@ -153,12 +151,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--enable-prefix-caching", action="store_true")
     ap.add_argument("--chart", default=None, help="write a PNG chart here (needs matplotlib)")
     args = ap.parse_args(argv)
-    llm = build_llm(args, enable_prefix_caching=args.enable_prefix_caching)
+    llm, prompts, output_lens = llm_and_workload(args, args.enable_prefix_caching)
     engine = llm.engine
     mc = engine.model_config
-    prompts, output_lens = workload(args, mc.vocab_size)
-    if not args.no_warmup:
-        warmup(engine, mc.vocab_size)
     dtype = resolved_dtype(engine)
     kv_bytes = kv_bytes_per_token(mc, DTYPE_BYTES.get(dtype, 2))
 

@@ -7,6 +7,7 @@ one that depends on the engine (n <= max_num_seqs), the server's protocol the on
 
 MAX_N = 128  # completions per prompt; also at most the engine's max_num_seqs
 MAX_LOGPROBS = 20  # top logprobs per token (OpenAI's limit)
+MAX_LOGPROB_TOKEN_IDS = 128  # logprob_token_ids per request (vLLM's limit)
 MAX_STOP_STRINGS = 32
 MAX_STOP_STRING_CHARS = 256  # each stop string; the stop search scans this much text per token
 MAX_STOP_TOKEN_IDS = 1024

@@ -8,6 +8,7 @@ from dataclasses import dataclass, field
 
 from engine.core.limits import (
     MAX_LOGIT_BIAS,
+    MAX_LOGPROB_TOKEN_IDS,
     MAX_LOGPROBS,
     MAX_N,
     MAX_STOP_STRING_CHARS,
@@ -86,7 +87,14 @@ class SamplingParams:
     ignore_eos: bool = False
     max_tokens: int | None = 16  # None: up to max_model_len
     min_tokens: int = 0
-    logprobs: int | None = None  # top-k logprobs per generated token
+    # top-k logprobs per generated token; -1: the whole vocabulary
+    logprobs: int | None = None
+    # Logprobs of exactly these token ids (and the sampled one) per generated token, instead of
+    # the top-k; `logprobs`, when given, must be their number (it defaults to it).
+    logprob_token_ids: list[int] | None = None
+    # Sample only among these token ids (a set: kept sorted, without repeats). Logprobs stay
+    # the model's own (taken before this rule, like penalties and logit_bias).
+    allowed_token_ids: list[int] | None = None
     # top-k logprobs per prompt token (scoring a text); -1: the whole vocabulary
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
@@ -110,9 +118,35 @@ class SamplingParams:
             self.top_k = 0
         self.stop_token_ids = list(self.stop_token_ids or [])
         self.logit_bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
+        self._normalize_token_lists()
         if isinstance(self.structured_outputs, dict):  # as msgspec or a JSON body hands it over
             self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         self._validate()
+
+    def _normalize_token_lists(self):
+        if isinstance(self.logprob_token_ids, (list, tuple)) and not self.logprob_token_ids:
+            self.logprob_token_ids = None  # asks nothing (vLLM's reading)
+        for name in ("logprob_token_ids", "allowed_token_ids"):
+            ids = getattr(self, name)
+            if ids is None:
+                continue
+            if not (isinstance(ids, (list, tuple)) and ids and all(
+                    isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids)):
+                raise ParamError(name, f"{name} must be a non-empty list of token ids, got "
+                                       f"{reprlib.repr(ids)}")
+        if self.allowed_token_ids is not None:
+            self.allowed_token_ids = sorted(set(self.allowed_token_ids))
+        ids = self.logprob_token_ids
+        if ids is not None:
+            self.logprob_token_ids = list(ids)
+            if len(ids) > MAX_LOGPROB_TOKEN_IDS:
+                raise ParamError("logprob_token_ids", f"logprob_token_ids must hold at most "
+                                 f"{MAX_LOGPROB_TOKEN_IDS} ids, got {len(ids)}")
+            if self.logprobs is None:
+                self.logprobs = len(ids)
+            elif self.logprobs != len(ids):  # vLLM's rule
+                raise ParamError("logprob_token_ids", f"logprobs ({self.logprobs}) must equal "
+                                 f"the number of logprob_token_ids ({len(ids)}) when both are set")
 
     def _validate(self):
         def check(ok: bool, name: str, rule: str):
@@ -151,10 +185,10 @@ class SamplingParams:
             f"must be <= max_tokens ({self.max_tokens})",
         )
         check(
-            self.logprobs is None
-            or (isinstance(self.logprobs, int) and 0 <= self.logprobs <= MAX_LOGPROBS),
+            self.logprobs is None or self.logprob_token_ids is not None
+            or (isinstance(self.logprobs, int) and -1 <= self.logprobs <= MAX_LOGPROBS),
             "logprobs",
-            f"must be an integer in [0, {MAX_LOGPROBS}]",
+            f"must be an integer in [0, {MAX_LOGPROBS}], or -1 for the whole vocabulary",
         )
         check(
             self.prompt_logprobs is None
@@ -167,6 +201,12 @@ class SamplingParams:
               "best_of", f"must be an integer >= n ({self.n})")
         check(self.best_of in (None, self.n) or self.use_beam_search, "best_of",
               "other than n needs use_beam_search")
+        # A beam reads its candidates from the top-k logprobs of its row.
+        for name in ("logprob_token_ids", "allowed_token_ids"):
+            check(getattr(self, name) is None or not self.use_beam_search, name,
+                  "is not supported with use_beam_search")
+        check(self.logprobs != -1 or not self.use_beam_search, "logprobs",
+              "-1 (the whole vocabulary) is not supported with use_beam_search")
         # The sampler hands back at most MAX_LOGPROBS per row: 2 candidates per beam.
         check(not self.use_beam_search or 2 * self.beam_width <= MAX_LOGPROBS,
               "best_of" if self.best_of else "n",
@@ -202,9 +242,10 @@ class SamplingParams:
 
     @property
     def num_top_logprobs(self) -> int:
-        """Top logprobs the sampler returns per row: logprobs, or a beam's 2 x width candidates."""
-        top = self.logprobs or 0
-        return max(top, 2 * self.beam_width) if self.use_beam_search else top
+        """Top logprobs the sampler returns per row: logprobs, or a beam's 2 x width candidates.
+        0 for a row whose logprobs are chosen ids or the whole vocabulary (computed apart)."""
+        top = 0 if self.logprob_token_ids is not None or self.logprobs == -1 else self.logprobs
+        return max(top or 0, 2 * self.beam_width) if self.use_beam_search else top or 0
 
 
 @dataclass

@@ -99,8 +99,8 @@ class DecodeGraphs:
 
     def _capture_all(self, metas: dict):
         stream = cupy.cuda.Stream(non_blocking=True)
-        # With PAGEDSERVE_PDL=1 the warm-up and the capture launch the decode kernels as
-        # programmatic dependent launches (cuda_kernels.py; opt-in, not yet measured).
+        # On sm_90 (unless PAGEDSERVE_PDL=0) the warm-up and the capture launch the decode
+        # kernels as programmatic dependent launches (cuda_kernels.py).
         with cupy.cuda.using_allocator(self.pool.malloc), stream, \
                 cuda_kernels.programmatic_launches():
             for size in sorted(self.sizes, reverse=True):

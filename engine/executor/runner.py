@@ -280,6 +280,8 @@ class ModelRunner:
             if one.top_ids is not None:
                 k = one.top_ids.shape[1]
                 out.top_ids[r, :k], out.top_logprobs[r, :k] = one.top_ids[0], one.top_logprobs[0]
+            if one.row_logprobs:
+                out.row_logprobs = {**(out.row_logprobs or {}), r: one.row_logprobs[0]}
         return out
 
     def prepare_inputs(self, batch) -> StepInputs:

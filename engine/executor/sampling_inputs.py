@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.executor.ops import SamplingTensors
+from engine.executor.ops import ALLOWED_PAD, SamplingTensors
 from engine.executor.penalty_slots import PenaltySlots
 from engine.executor.step_inputs import placeholder
 
@@ -29,7 +29,8 @@ def sampling_tensors(seqs: list, vocab_size: int, eos_token_ids: list[int],
     # top_k >= vocab keeps every token: capped so that a huge one fits the int32 column.
     rows = [(p.temperature, min(p.top_k, vocab_size), p.top_p, p.min_p, p.presence_penalty,
              p.frequency_penalty, p.repetition_penalty, p.num_top_logprobs, p.min_tokens,
-             bool(p.logit_bias)) for p in params]
+             bool(p.logit_bias), p.logprob_token_ids is not None, p.logprobs == -1,
+             p.allowed_token_ids is not None) for p in params]
     if rows.count(rows[0]) == num_rows:
         columns = [np.full(num_rows, v, np.float64) for v in rows[0]]
     else:
@@ -76,6 +77,16 @@ def sampling_tensors(seqs: list, vocab_size: int, eos_token_ids: list[int],
             for r, bias in enumerate(biases):
                 t.bias_ids[r, : len(bias)] = list(bias.keys())
                 t.bias_values[r, : len(bias)] = list(bias.values())
+    if columns[10].any():
+        which = np.flatnonzero(columns[10])
+        t.logprob_rows = which.astype(np.int32)
+        t.logprob_ids = _pad([params[r].logprob_token_ids for r in which])
+    if columns[11].any():
+        t.full_logprob_rows = np.flatnonzero(columns[11]).astype(np.int32)
+    if columns[12].any():
+        which = np.flatnonzero(columns[12])
+        t.allowed_rows = which.astype(np.int32)
+        t.allowed_ids = _pad([params[r].allowed_token_ids for r in which], ALLOWED_PAD)
     return t
 
 
@@ -138,9 +149,9 @@ def _num_outputs(seq) -> int:
     return len(seq.token_ids) - seq.num_prompt_tokens + pending
 
 
-def _pad(rows: list[list[int]]) -> np.ndarray:
-    """(R, max(1, longest row)) int32, padded with -1."""
-    out = np.full((len(rows), max(1, max(len(r) for r in rows))), -1, np.int32)
+def _pad(rows: list[list[int]], pad: int = -1) -> np.ndarray:
+    """(R, max(1, longest row)) int32, padded with `pad`."""
+    out = np.full((len(rows), max(1, max(len(r) for r in rows))), pad, np.int32)
     for r, ids in enumerate(rows):
         out[r, : len(ids)] = ids
     return out

@@ -78,9 +78,10 @@ class Transformer:
                 meta.slot_mapping, nh, nkv, bias=layer.qkv_bias)
             attn = ops.attention(qkv, k_cache, v_cache, meta, nh, nkv, self.scale)  # (T, q_size)
             x = ops.all_reduce(ops.linear(attn, layer.o))  # (T, hidden), summed over ranks
-            gate_up, residual = ops.add_rms_norm_linear(x, residual, layer.post_norm,
-                                                        c.rms_norm_eps, layer.gate_up)
-            x = ops.all_reduce(ops.silu_mul_linear(gate_up, layer.down))
+            # residual += x, RMSNorm, gate_up, SiLU-and-mul, down: two GEMVs at batch 1
+            x, residual = ops.mlp(x, residual, layer.post_norm, c.rms_norm_eps, layer.gate_up,
+                                  layer.down)
+            x = ops.all_reduce(x)  # (T, hidden), summed over ranks
         h, _ = ops.add_rms_norm(x, residual, w.norm, c.rms_norm_eps)
         if logits_indices is not None:  # None saves a launch when every row samples
             h = ops.gather_rows(h, logits_indices)  # (R, hidden): only the rows that sample

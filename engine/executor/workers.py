@@ -210,7 +210,7 @@ class WorkerGroup:
         for rank, proc in self.procs.items():
             if proc.poll() is not None:
                 raise CommunicatorError(f"tensor-parallel worker rank {rank} (pid {proc.pid}) "
-                                        f"{_describe_exit(proc.returncode)}")
+                                        f"{describe_exit(proc.returncode)}")
 
     @property
     def worker_pids(self) -> dict[int, int]:
@@ -247,7 +247,8 @@ def _spawn_worker(rank: int, gpu: int, addr: str, port: int) -> subprocess.Popen
     return subprocess.Popen(args)
 
 
-def _describe_exit(code: int | None) -> str:
+def describe_exit(code: int | None) -> str:
+    """How a child process ended, from its exit code (negative: the signal that killed it)."""
     if code is not None and code < 0:
         try:
             return f"was killed by {signal.Signals(-code).name}"

@@ -42,6 +42,9 @@ class AttentionMetadata:
         return self.max_query_len == 1
 
 
+ALLOWED_PAD = 2**31 - 1  # pads SamplingTensors.allowed_ids
+
+
 @dataclass
 class SamplingTensors:
     """Per-row sampling settings for the rows that sample this step (R rows), built on the host.
@@ -50,7 +53,8 @@ class SamplingTensors:
       1. logprobs are taken from the raw logits (log_softmax, before anything below).
       2. penalties on the logits (vLLM's definitions): repetition over prompt and output tokens,
          then frequency and presence over output tokens.
-      3. logit_bias is added (min_tokens enters here as a -inf bias on stop ids).
+      3. logit_bias is added (min_tokens enters here as a -inf bias on stop ids); then a row
+         with allowed ids (allowed_token_ids) sets every other token's logit to -inf.
       4. temperature == 0: greedy argmax (lowest id on ties). Otherwise exp((logit - max) /
          temperature), normalized; keep p >= k-th largest p (top_k), keep p >= smallest p whose
          strictly larger mass < top_p (top_p), keep p >= min_p * max p (min_p); all three keep
@@ -78,6 +82,15 @@ class SamplingTensors:
     bias_ids: np.ndarray | None = None  # (R, max_biases) int32
     bias_values: np.ndarray | None = None  # (R, max_biases) float32
     num_logprobs: int = 0  # top-k logprobs to return per row (max over rows)
+    # Rows whose logprobs are not the top-k (SamplerOutput.row_logprobs), off the common path:
+    # chosen token ids (logprob_token_ids), padded with -1, or the whole vocabulary.
+    logprob_rows: np.ndarray | None = None  # (N,) int32
+    logprob_ids: np.ndarray | None = None  # (N, max_ids) int32
+    full_logprob_rows: np.ndarray | None = None  # (F,) int32
+    # Rows that sample only among some tokens (allowed_token_ids): ascending, padded with
+    # ALLOWED_PAD (above every id, so the padded rows stay sorted).
+    allowed_rows: np.ndarray | None = None  # (M,) int32
+    allowed_ids: np.ndarray | None = None  # (M, max_allowed) int32
     # Penalties from token counts kept on the device between steps: row r reads slot
     # count_slots[r] of count_table (ops.alloc_token_counts; -1: no penalties). A row with
     # `rebuild` set first resets its slot from its prompt_ids / output_ids (the other rows' are
@@ -103,6 +116,10 @@ class SamplerOutput:
     logprobs: np.ndarray  # (R,) float32, raw logprob of each chosen token
     top_ids: np.ndarray | None = None  # (R, num_logprobs) int32
     top_logprobs: np.ndarray | None = None  # (R, num_logprobs) float32
+    # Rows whose logprobs are chosen ids or the whole vocabulary (SamplingTensors.logprob_rows,
+    # full_logprob_rows) rather than top_ids: row -> (ids, raw logprobs), the whole vocabulary
+    # best first.
+    row_logprobs: dict[int, tuple[np.ndarray, np.ndarray]] | None = None
     # Rows whose sampling raised (the runner retries row by row): row -> the cause; token -1.
     errors: dict[int, str] | None = None
 

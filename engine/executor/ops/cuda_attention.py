@@ -1,13 +1,15 @@
 """Paged attention on the GPU: the step's metadata on the device, and the attention kernels' launch.
 
-A step's sequences split in two: those with one new token (decodes) go to cuda/attention.cu's
-memory-bound decode kernel, one block per (sequence, kv head, context split); those with several
+A step's sequences split in two: those with one new token (decodes) go to a memory-bound decode
+kernel, one block per (sequence, kv head, context split): cuda/attention_decode_mma.cu's (tensor
+cores, cp.async stages) or cuda/attention.cu's first one (DECODE_KERNEL); those with several
 (prefill chunks) go to a tensor-core kernel (cuda_prefill.py picks which, and cuts the work). A
 mixed batch launches both, each writing its own rows of the output.
 """
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 
 import cupy
@@ -16,6 +18,7 @@ import numpy as np
 from engine.executor.ops import AttentionMetadata
 from engine.executor.ops.cuda_kernels import (
     DECODE_GROUPS,
+    DECODE_MMA_CONFIGS,
     DECODE_UNROLL,
     HEAD_DIMS,
     kernel,
@@ -23,7 +26,13 @@ from engine.executor.ops.cuda_kernels import (
 )
 from engine.executor.ops.cuda_prefill import prefill_attention, prefill_plan
 
-DECODE_THREADS = 128
+DECODE_THREADS = 128  # attention.cu's DEC_WARPS warps
+# "mma": attention_decode_mma.cu; "v1": attention.cu's scalar kernel. Device run 2
+# (tools/kernel_check.py --only attn): W1's batch-256 decode mix 168 against 295 us (Llama-3-8B
+# heads, 3.78 TB/s, 89% of the H200's bandwidth) and 166 against 209 (Qwen3-0.6B heads); W1 with
+# mma: Qwen3-0.6B 22,868 output tok/s, Llama-3-8B 9,265 (7,678 before).
+DECODE_KERNEL = os.environ.get("PAGEDSERVE_DECODE_KERNEL", "mma")
+DECODE_MMA_CONFIG = DECODE_MMA_CONFIGS[0]  # (warps, cp.async stages per warp)
 NUM_BLOCKS_TARGET = 1024  # decode blocks that fill an H200's 132 SMs several times over
 # A sequence takes ceil(context / keys per split) of the grid's splits, at most all of them
 # (attention.cu's seq_splits): the grid is sized for the longest context, each sequence for its own.
@@ -32,7 +41,10 @@ NUM_BLOCKS_TARGET = 1024  # decode blocks that fill an H200's 132 SMs several ti
 # 64, not 128: device run 2 (tools/kernel_check.py, splits) measured one 512-token sequence at
 # 8.6 us against 11.4, 8 x 1024 at 16.4 against 19.7, and long contexts unchanged.
 MIN_KEYS_PER_SPLIT = 64
-MAX_SPLITS = 128  # one 16k+ sequence over 8 kv heads fills NUM_BLOCKS_TARGET
+# 48 splits x 8 kv heads = 384 mma blocks: one wave at 3 blocks per SM, each split long enough
+# to keep its warps' cp.async rings busy. Device run 2, one sequence of 32,532 tokens: 43.6 us
+# (3.05 TB/s) against 46.1 at 128 splits (v1 at 128: 45.5 Qwen3 heads, 65.8 Llama-3 heads).
+MAX_SPLITS = 48
 KERNEL_MAX_SPLITS, REDUCE_THREADS = 256, 512  # attention.cu's MAX_SPLITS and RED_THREADS
 LOG2E = 1.4426950408889634  # the kernels' softmax is base 2: scores are scaled by scale * log2(e)
 
@@ -85,9 +97,17 @@ class AttentionPlan:
     prefill_config: tuple[int, int, int] | None = None
 
 
+def decode_kernel() -> str:
+    if DECODE_KERNEL not in ("mma", "v1"):
+        raise ValueError(f"PAGEDSERVE_DECODE_KERNEL must be 'mma' or 'v1', got {DECODE_KERNEL!r}")
+    return DECODE_KERNEL
+
+
 def decode_tile(group: int) -> tuple[int, int]:
-    """(query heads per decode block, blocks per kv head)."""
-    g = next((g for g in DECODE_GROUPS if g >= group), DECODE_GROUPS[-1])
+    """(query heads per decode block, blocks per kv head): the mma kernel's rows are one m16 tile
+    (8 of them when the group fits: the other 8 skip their softmax)."""
+    groups = (8, 16) if decode_kernel() == "mma" else DECODE_GROUPS
+    g = next((g for g in groups if g >= group), groups[-1])
     return g, -(-group // g)
 
 
@@ -178,13 +198,24 @@ def paged_attention(qkv, k_cache, v_cache, meta: DeviceAttentionMetadata, num_he
             part_ml = cupy.empty((splits, num_dec, num_heads, 2), cupy.float32)
         else:
             part_out = part_ml = np.uint64(0)
-        launch(kernel("attention.cu",
-                      f"decode_attention_kernel<{ctype}, {head_dim}, {g}, {DECODE_UNROLL}>", ctype),
-               (num_dec, num_kv_heads * passes, splits), (DECODE_THREADS,),
-               (out, part_out, part_ml, qkv, k_cache, v_cache, plan.decode_seqs,
+        args = (out, part_out, part_ml, qkv, k_cache, v_cache, plan.decode_seqs,
                 meta.query_start_loc, meta.context_lens, tables, i32(tables.shape[1]),
                 i32(num_dec), i32(num_heads), i32(num_kv_heads), i32(block_size), scale_log2,
-                i32(splits), keys_per_split), pdl=True)
+                i32(splits), keys_per_split)
+        grid = (num_dec, num_kv_heads * passes, splits)
+        if decode_kernel() == "mma":
+            nw, st = DECODE_MMA_CONFIG
+            k = kernel("attention_decode_mma.cu",
+                       f"decode_mma_kernel<{ctype}, {head_dim}, {g}, {nw}, {st}>", ctype)
+            # each warp's stages of K and V tiles (16 keys, padded rows), reused by the merge
+            smem = max(nw * st * 2 * 16 * (head_dim + 8) * 2, nw * g * head_dim * 4)
+            if k.max_dynamic_shared_size_bytes < smem:
+                k.max_dynamic_shared_size_bytes = smem
+            launch(k, grid, (nw * 32,), args, shared_mem=smem, pdl=True)
+        else:
+            launch(kernel("attention.cu",
+                          f"decode_attention_kernel<{ctype}, {head_dim}, {g}, {DECODE_UNROLL}>",
+                          ctype), grid, (DECODE_THREADS,), args, pdl=True)
         if splits > 1:
             launch(kernel("attention.cu", f"decode_reduce_kernel<{ctype}, {head_dim}>", ctype),
                    (num_dec, num_heads), (REDUCE_THREADS,),

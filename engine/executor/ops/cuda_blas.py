@@ -20,21 +20,23 @@ DATA_TYPES = {"float16": CUDA_R_16F, "bfloat16": CUDA_R_16BF, "float32": CUDA_R_
 WORKSPACE_BYTES = 32 << 20
 
 
-def _load_cublas() -> ctypes.CDLL:
-    cupy.cuda.device.get_cublas_handle()  # makes CuPy load its libcublas
+def load_cupys_library(name: str) -> ctypes.CDLL:
+    """`name` ("libcublas", "libcublasLt") as CuPy's cuBLAS loaded it: the copy CuPy runs on,
+    found in this process's memory maps, rather than whichever one the loader would find."""
+    cupy.cuda.device.get_cublas_handle()  # makes CuPy load libcublas, which loads libcublasLt
     with open("/proc/self/maps") as maps:
         for line in maps:
             path = line.split()[-1]
-            if os.path.basename(path).startswith("libcublas.so"):
+            if os.path.basename(path).startswith(name + ".so"):
                 return ctypes.CDLL(path)
-    return ctypes.CDLL("libcublas.so")
+    return ctypes.CDLL(name + ".so")
 
 
 class Gemm:
     """y (T, out) = x (T, in) @ w (out, in)^T with fp32 accumulation (CUBLAS_COMPUTE_32F)."""
 
     def __init__(self):
-        lib = _load_cublas()
+        lib = load_cupys_library("libcublas")
         self._gemm = lib.cublasGemmEx
         p, i = ctypes.c_void_p, ctypes.c_int
         self._gemm.argtypes = [p, i, i, i, i, i, p, p, i, i, p, i, i, p, p, i, i, i, i]

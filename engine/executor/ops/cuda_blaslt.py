@@ -15,12 +15,11 @@ from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import weakref
 
 import cupy
 
-from engine.executor.ops.cuda_blas import DATA_TYPES, WORKSPACE_BYTES, Gemm
+from engine.executor.ops.cuda_blas import DATA_TYPES, WORKSPACE_BYTES, Gemm, load_cupys_library
 
 logger = logging.getLogger("pagedserve." + __name__)
 CUDA_R_8F_E4M3 = 28
@@ -41,20 +40,10 @@ class _Heuristic(ctypes.Structure):  # cublasLtMatmulHeuristicResult_t
                 ("reserved", ctypes.c_int * 4)]
 
 
-def _load_cublaslt() -> ctypes.CDLL:
-    cupy.cuda.device.get_cublas_handle()  # makes CuPy load libcublas, which loads libcublasLt
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            path = line.split()[-1]
-            if os.path.basename(path).startswith("libcublasLt.so"):
-                return ctypes.CDLL(path)
-    return ctypes.CDLL("libcublasLt.so")
-
-
 class Fp8Gemm:
     def __init__(self, gemm: Gemm):
         self._gemm = gemm
-        lib = _load_cublaslt()
+        lib = load_cupys_library("libcublasLt")
         p, i, u64, i64, sz = (ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64, ctypes.c_int64,
                               ctypes.c_size_t)
         self._matmul = lib.cublasLtMatmul

@@ -30,10 +30,17 @@ so > 1 means the GEMV path wins:
 
 - Plain GEMV (gemv_max_rows): M <= 2, and up to 8 rows when N <= 1024 (cuBLAS gets too few
   output tiles to fill the GPU); 1 row when N >= 64 K (a tall lm_head over a small hidden size).
-- The fused prologues are recomputed by every one of the N / GEMV_R blocks, for all M rows: the
-  add + RMSNorm only pays at M = 1 and N <= 8192 (NORM_GEMV_MAX_N; device run B's batch-1
-  decode steps: unfusing it cost Qwen3-0.6B 65 us and Llama-3-8B's qkv 94 us per token); the
-  SiLU while M * N <= 2048 (SILU_GEMV_MAX_MN).
+- The fused add + RMSNorm (NORM) is recomputed by every one of the N / GEMV_R blocks for all M
+  rows: it pays at M = 1 only. The table above is the kernel before this one, which staged the
+  normalized row in shared memory before its first FMA (and so paid only for N <= 8192); the
+  one-pass kernel of today folds the norm into the stream (gemv.cu) and pays at any N. Device
+  run 2 (kernel_check --only gemv1,step, PDL chains): Llama-3-8B gate_up 56.1 us against 61.8
+  unfused, qkv 15.7 against 21.5; Qwen3-0.6B qkv 4.5 against 5.7; a Llama-3-8B batch-1 step
+  4.33 ms against 4.62 with gate_up's norm unfused (4.93 with both).
+- The SiLU-and-mul rides on the gate_up GEMV's output (GLU): the down projection is then a plain
+  GEMV (the table's "SiLU" rows were the activation recomputed by each down-projection block,
+  0.83x at Llama-3-8B's shapes). Run 2: Qwen3-0.6B add+norm+GLU gate_up 5.8 us against 8.0
+  unfused; a batch-1 step 901 us against 927 with silu_and_mul as its own launch.
 The *_MAX_M caps below bound all of these (0 turns a path off: tools/kernel_check.py does).
 """
 
@@ -42,19 +49,24 @@ from __future__ import annotations
 import cupy
 import numpy as np
 
+from engine.executor.ops import cuda_kernels
 from engine.executor.ops.cuda_kernels import kernel, launch
 
-# cuda_kernels.kernel_names compiles M = 1..8 (1..4 with the activation or the norm): the caps
-# stay within.
+# cuda_kernels.kernel_names compiles M = 1..8 (1..4 with NORM or GLU): the caps stay within.
 GEMV_MAX_M = 8  # rows (tokens) up to which linear() may take the GEMV; 0 = always cuBLAS
-GEMV_SILU_MAX_M = 4  # rows up to which silu_mul_linear() may fuse the activation into the GEMV
 NORM_GEMV_MAX_M = 4  # rows up to which add_rms_norm_linear() may fuse the residual add and norm
-NORM_GEMV_MAX_N = 8192  # outputs up to which the fused add + norm pays (at M = 1)
-SILU_GEMV_MAX_MN = 2048  # rows x outputs up to which the fused SiLU pays
+NORM_GEMV_MAX_N = None  # outputs up to which the fused add + norm is used (None: any)
+GLU_GEMV_MAX_M = 4  # rows up to which mlp() may fuse the SiLU-and-mul into the gate_up GEMV
 GEMV_R = 4  # gemv.cu's weight rows per block
-# norm_gemv_kernel stages M x K inputs in shared memory; with its ~1 KB of static shared memory
-# this stays under the 48 KB a block gets without opting in.
-NORM_SMEM_BYTES = 40 << 10
+GEMV_EARLY = 1  # gemv.cu's flag: trigger the next kernel before waiting for the previous
+# Threads per block for K < 2048 and for larger K; at one row and K < 2048, GEMV_THREADS_M1.
+# Fewer threads make more, smaller blocks, more of them resident at once, so more of a GEMV's
+# weights stream before its PDL wait (each thread requests GEMV_U words of each of its rows
+# first). Device run 2 (kernel_check --only step,gemv1): 64 threads at M = 1 took a Qwen3-0.6B
+# batch-1 step from 901 to 867 us (qkv 3.5 -> 3.2 us, gate_up 5.0 -> 4.7 in a PDL chain); 128 at
+# K >= 2048 lost everywhere (Llama-3-8B down 28.0 -> 31.8 us).
+GEMV_THREADS = (128, 256)
+GEMV_THREADS_M1 = 64
 
 
 def gemv_max_rows(n: int, k: int) -> int:
@@ -75,48 +87,68 @@ def use_gemv(x: cupy.ndarray, w: cupy.ndarray) -> bool:
     return gemv_fits(x, w, min(GEMV_MAX_M, gemv_max_rows(*w.shape)))
 
 
-def use_silu_gemv(gate_up: cupy.ndarray, w: cupy.ndarray) -> bool:
-    """silu_mul_linear(): the activation fused into the GEMV where that is faster."""
-    m, n = gate_up.shape[0], w.shape[0]
-    return m * n <= SILU_GEMV_MAX_MN and gemv_fits(gate_up, w, GEMV_SILU_MAX_M)
-
-
-def gemv(x: cupy.ndarray, w: cupy.ndarray, out: cupy.ndarray, ctype: str, act: bool = False):
-    """out (M, N) = x (M, K) @ w (N, K)^T; with act, x is gate_up (M, 2K) and the input is
-    silu(gate) * up. One launch. NOTE: under PDL the kernel reads w before waiting for the
-    previous kernel: w must be a weight, never the output of a kernel of the same stream."""
-    m, n, k = x.shape[0], w.shape[0], w.shape[1]
-    threads = 256 if k >= 2048 else 128
-    launch(kernel("gemv.cu", f"gemv_kernel<{ctype}, {m}, {'true' if act else 'false'}>", ctype),
-           (-(-n // GEMV_R),), (threads,), (out, x, w, np.int32(n), np.int32(k)), pdl=True)
-    return out
+def use_glu_gemv(x: cupy.ndarray, gate_up: cupy.ndarray) -> bool:
+    """mlp(): x @ gate_up^T on the GEMV (use_gemv's rule), its output the SiLU-and-mul."""
+    return gate_up.shape[0] % 2 == 0 and gemv_fits(
+        x, gate_up, min(GLU_GEMV_MAX_M, GEMV_MAX_M, gemv_max_rows(*gate_up.shape)))
 
 
 def norm_gemv_fits(x: cupy.ndarray, residual, norm_w: cupy.ndarray, w: cupy.ndarray,
                    max_m: int | None = None) -> bool:
-    """Whether norm_gemv can run (max_m rows, NORM_GEMV_MAX_M by default)."""
-    m, k = x.shape
-    arrays = [x, norm_w, w] + ([] if residual is None else [residual])
+    """Whether the NORM kernel can run (max_m rows, NORM_GEMV_MAX_M by default)."""
+    arrays = [norm_w] + ([] if residual is None else [residual])
     max_m = NORM_GEMV_MAX_M if max_m is None else max_m
-    return (0 < m <= max_m and k % 8 == 0 and m * k * x.itemsize <= NORM_SMEM_BYTES
-            and all(a.data.ptr % 16 == 0 for a in arrays))
+    return gemv_fits(x, w, max_m) and all(a.data.ptr % 16 == 0 for a in arrays)
 
 
 def use_norm_gemv(x: cupy.ndarray, residual, norm_w: cupy.ndarray, w: cupy.ndarray) -> bool:
-    """add_rms_norm_linear(): the fused add + norm + GEMV where it is faster (M = 1, N small)."""
-    return (w.shape[0] <= NORM_GEMV_MAX_N
+    """add_rms_norm_linear() and mlp(): the fused add + norm where it is faster (M = 1)."""
+    return ((NORM_GEMV_MAX_N is None or w.shape[0] <= NORM_GEMV_MAX_N)
             and norm_gemv_fits(x, residual, norm_w, w, min(1, NORM_GEMV_MAX_M)))
 
 
-def norm_gemv(x, residual, norm_w, w, eps: float, ctype: str):
+def gemv_threads(m: int, k: int) -> int:
+    return GEMV_THREADS_M1 if m == 1 and k < 2048 else GEMV_THREADS[k >= 2048]
+
+
+def _launch(y, res_out, x, residual, norm_w, w, eps: float, ctype: str, glu: bool,
+            pdl: bool = True):
+    m, (n, k) = x.shape[0], w.shape
+    norm = norm_w is not None
+    name = f"gemv_kernel<{ctype}, {m}, {str(norm).lower()}, {str(glu).lower()}>"
+    rows = GEMV_R // 2 if glu else GEMV_R
+    outputs = n // 2 if glu else n
+    null = np.uint64(0)
+    flags = GEMV_EARLY if cuda_kernels.PDL_EARLY else 0
+    threads = gemv_threads(m, k)
+    launch(kernel("gemv.cu", name, ctype), (-(-outputs // rows),), (threads,),
+           (y, null if res_out is None else res_out, x, null if residual is None else residual,
+            null if norm_w is None else norm_w, w, np.int32(n), np.int32(k), np.float32(eps),
+            np.int32(flags)), pdl=pdl)
+
+
+def gemv(x: cupy.ndarray, w: cupy.ndarray, out: cupy.ndarray, ctype: str,
+         w_is_fresh: bool = False):
+    """out (M, N) = x (M, K) @ w (N, K)^T. One launch. NOTE: under PDL the kernel reads w
+    before waiting for the previous kernel, so a w that a kernel of the same stream has just
+    written (a dequantized scratch weight) needs w_is_fresh: a plain launch."""
+    _launch(out, None, x, None, None, w, 0.0, ctype, glu=False, pdl=not w_is_fresh)
+    return out
+
+
+def glu_gemv(x: cupy.ndarray, gate_up: cupy.ndarray, ctype: str) -> cupy.ndarray:
+    """silu_and_mul(x @ gate_up^T): (M, I) from x (M, K) and gate_up (2I, K). One launch."""
+    act = cupy.empty((x.shape[0], gate_up.shape[0] // 2), x.dtype)
+    _launch(act, None, x, None, None, gate_up, 0.0, ctype, glu=True)
+    return act
+
+
+def norm_gemv(x, residual, norm_w, w, eps: float, ctype: str, glu: bool = False):
     """(y, res_out): res_out = x + residual (x when residual is None), y = (rms_norm(res_out) *
-    norm_w) @ w^T. One launch."""
-    m, k = x.shape
-    n = w.shape[0]
-    y = cupy.empty((m, n), x.dtype)
+    norm_w) @ w^T, with glu its silu_and_mul. One launch."""
+    m, n = x.shape[0], w.shape[0]
+    y = cupy.empty((m, n // 2 if glu else n), x.dtype)
     res_out = cupy.empty_like(x)
-    launch(kernel("gemv.cu", f"norm_gemv_kernel<{ctype}, {m}>", ctype),
-           (-(-n // GEMV_R),), (256 if k >= 2048 else 128,),
-           (y, res_out, x, np.uint64(0) if residual is None else residual, norm_w, w,
-            np.int32(n), np.int32(k), np.float32(eps)), shared_mem=m * k * x.itemsize, pdl=True)
+    _launch(y, res_out, x, residual, norm_w, w, eps, ctype, glu)
     return y, res_out
+

@@ -12,11 +12,15 @@ each, and this hides each one's launch and ramp-up behind its predecessor; a GEM
 streaming its weights before the wait. CUDA graphs capture the launches with their programmatic
 edges. PDL applies inside `with programmatic_launches():` (DecodeGraphs' capture): building a
 launch through ctypes costs more host time than CuPy's, which a captured graph pays once and an
-eager step at every launch. Only kernels that call pdl_wait() first may be launched so.
+eager step at every launch. Only kernels of which every block calls pdl_wait() before it reads
+what an earlier kernel wrote, and before it writes anything, may be launched so (common.cuh).
 
-It is off unless PAGEDSERVE_PDL=1, not yet measured: device run B's "PDL on" rows ran plain
-launches (the handle was looked up on CuPy's RawKernel instead of its .kernel). A GPU before
-sm_90 or a driver without cuLaunchKernelEx launch normally either way.
+It is on where the GPU (sm_90+) and the driver (cuLaunchKernelEx) can do it, PAGEDSERVE_PDL=0
+turns it off; elsewhere kernels launch plainly. Device run 2 (tools/bench_latency.py, batch 1,
+PDL off -> on): Qwen3-0.6B 0.99 -> 0.81 ms/token, Llama-3-8B 4.31 -> 4.16. PAGEDSERVE_PDL_EARLY=1
+(PDL_EARLY) makes the GEMVs and the q/k-norm + RoPE kernel trigger their successor before they
+wait on their predecessor; off: run 2 measured it 3% faster in a decode graph and 5% slower in
+bench_latency (Qwen3-0.6B), no gain for Llama-3-8B.
 """
 
 from __future__ import annotations
@@ -32,7 +36,8 @@ from pathlib import Path
 import numpy as np
 
 logger = logging.getLogger("pagedserve." + __name__)
-PDL = os.environ.get("PAGEDSERVE_PDL", "0") == "1"
+PDL = os.environ.get("PAGEDSERVE_PDL", "1") != "0"
+PDL_EARLY = os.environ.get("PAGEDSERVE_PDL_EARLY", "0") == "1"
 _pdl_scope = [False]  # inside programmatic_launches()
 
 # numpy storage dtype name -> the C++ element type the kernels are instantiated with
@@ -47,6 +52,8 @@ GGUF_GEMV2_KINDS = ("Q4_K", "Q8_0")  # formats with a second GEMV (gguf.cu's G2_
 # the G2_ struct of (kind, weight rows a warp takes at once); Q4_K's 2-row form at M = 1 only
 GGUF_GEMV2_STRUCTS = {("Q4_K", 1): "G2_Q4_K<1>", ("Q4_K", 2): "G2_Q4_K<2>", ("Q8_0", 1): "G2_Q8_0"}
 DECODE_UNROLL = 2  # 16-byte K and V loads per lane in flight (U); 2 beat 4 and 8 on the H200
+# attention_decode_mma.cu's (warps, cp.async stages per warp) variants; rows GR are 8 or 16
+DECODE_MMA_CONFIGS = ((4, 2), (4, 3), (8, 2))
 # attention_prefill_gqa.cu's (MI, NW, BN) variants, which cuda_prefill.prefill_plan picks among
 PREFILL_CONFIGS = ((2, 8, 64), (2, 4, 64), (1, 8, 64), (1, 4, 64))
 # attention_prefill_sm90.cu's (MI, NW, BN, ST, PVW: P V on wgmma too), experimental
@@ -81,10 +88,10 @@ def kernel_names(file: str, ctype: str) -> list[str]:
     if file == "qk_rope_kv.cu":
         return [f"qk_norm_rope_kv_kernel<{ctype}, {cs}, {d}>" for cs in (ctype, "float")
                 for d in HEAD_DIMS]
-    if file == "gemv.cu":
-        return ([f"gemv_kernel<{ctype}, {m}, false>" for m in range(1, 9)]
-                + [f"gemv_kernel<{ctype}, {m}, true>" for m in range(1, 5)]
-                + [f"norm_gemv_kernel<{ctype}, {m}>" for m in range(1, 5)])
+    if file == "gemv.cu":  # <T, M, NORM, GLU>
+        return ([f"gemv_kernel<{ctype}, {m}, false, false>" for m in range(1, 9)]
+                + [f"gemv_kernel<{ctype}, {m}, {n}, {g}>" for m in range(1, 5)
+                   for n, g in (("true", "false"), ("false", "true"), ("true", "true"))])
     if file == "fp8.cu":
         return ([f"fp8_{k}_kernel<{ctype}>" for k in ("quantize", "silu_quantize",
                                                       "norm_quantize", "scale")]
@@ -97,6 +104,9 @@ def kernel_names(file: str, ctype: str) -> list[str]:
         return ([f"decode_attention_kernel<{ctype}, {d}, {g}, {DECODE_UNROLL}>"
                  for d in HEAD_DIMS for g in DECODE_GROUPS]
                 + [f"decode_reduce_kernel<{ctype}, {d}>" for d in HEAD_DIMS])
+    if file == "attention_decode_mma.cu":
+        return [f"decode_mma_kernel<{ctype}, {d}, {gr}, {nw}, {st}>" for d in HEAD_DIMS
+                for gr in (8, 16) for nw, st in DECODE_MMA_CONFIGS]
     if file == "attention_prefill.cu":
         return [f"prefill_attention_kernel<{ctype}, {d}>" for d in HEAD_DIMS]
     if file == "attention_prefill_gqa.cu":
@@ -121,6 +131,8 @@ def kernel_names(file: str, ctype: str) -> list[str]:
         return (["rebuild_counts_kernel", "count_drawn_kernel", "add_logit_bias_kernel"]
                 + [f"adjust_logits_kernel<{t}>" for t in CTYPES.values()]
                 + [f"sample_kernel<{t}>" for t in CTYPES.values()])
+    if file == "sampling_tokens.cu":
+        return ["allow_only_kernel"] + [f"row_logprobs_kernel<{t}>" for t in CTYPES.values()]
     if file == "sampling_greedy.cu":
         return [f"greedy_kernel<{t}>" for t in CTYPES.values()]
     if file == "sampling_bisect.cu":

@@ -19,16 +19,23 @@ from engine.executor.ops import (
     SamplingTensors,
     cuda_fp8,
     cuda_gemv,
+    cuda_kernels,
 )
 from engine.executor.ops.cuda_attention import (
     DeviceAttentionMetadata,
+    decode_kernel,
     paged_attention,
     prepare_metadata,
 )
 from engine.executor.ops.cuda_blas import Gemm
 from engine.executor.ops.cuda_kernels import CTYPES, HEAD_DIMS, kernel, kernel_names, launch
 from engine.executor.ops.cuda_quant_gguf import GGUFLinear, is_gguf
-from engine.executor.ops.cuda_sampling import DeviceSample, DeviceTokenCounts, sample_on_device
+from engine.executor.ops.cuda_sampling import (
+    DeviceSample,
+    DeviceTokenCounts,
+    row_logprobs_on_device,
+    sample_on_device,
+)
 from engine.model.quantized import QuantizedWeight
 
 DTYPES = {"float16": np.float16, "bfloat16": np.uint16}
@@ -64,8 +71,9 @@ class CudaOps:
         self._mask_stage: np.ndarray | None = None
         self._mask_stage_mem = None
         self._mask_copied: cupy.cuda.Event | None = None
+        decode_file = ("attention_decode_mma.cu",) if decode_kernel() == "mma" else ()
         for file in ("gather.cu", "activation.cu", "rms_norm.cu", "rope.cu", "kv_cache.cu",
-                     "qk_rope_kv.cu", "gemv.cu", "attention.cu"):
+                     "qk_rope_kv.cu", "gemv.cu", "attention.cu") + decode_file:
             kernel(file, _first_name(file, self.ctype), self.ctype)  # compile now, fail early
 
     @staticmethod
@@ -303,22 +311,44 @@ class CudaOps:
                 (qkv, positions, cos_sin, _i32(num_heads), _i32(num_kv_heads), _i32(head_dim)))
 
     def silu_mul_linear(self, gate_up, weight):
-        """linear(silu_and_mul(gate_up), weight); one GEMV launch at small batches."""
+        """linear(silu_and_mul(gate_up), weight); mlp() fuses the activation instead."""
         if isinstance(weight, QuantizedWeight) and weight.kind == "fp8":
             return cuda_fp8.silu_mul_linear(self, gate_up, weight)
-        if isinstance(weight, QuantizedWeight):
-            if is_gguf(weight):
-                return self._gguf.silu_mul_linear(self._check(gate_up, "gate_up", 2), weight)
-            return self._quantized_linear(self.silu_and_mul(gate_up), weight)
+        if isinstance(weight, QuantizedWeight) and is_gguf(weight):
+            return self._gguf.silu_mul_linear(self._check(gate_up, "gate_up", 2), weight)
+        if not isinstance(weight, QuantizedWeight):
+            self._check(gate_up, "gate_up", 2)
+            if gate_up.shape[1] != 2 * self._check(weight, "weight", 2).shape[1]:
+                raise ValueError(f"silu_mul_linear: gate_up has {gate_up.shape[1]} features, "
+                                 f"weight expects 2 x {weight.shape[1]}")
+        return self.linear(self.silu_and_mul(gate_up), weight)
+
+    def mlp(self, x, residual, norm_weight, eps, gate_up, down):
+        """add_rms_norm_linear(..., gate_up), then silu_mul_linear(..., down): (y, residual).
+        At small batches the SiLU-and-mul is the gate_up GEMV's output (cuda_gemv.glu_gemv), with
+        the add + norm fused in at batch 1: two launches for the whole MLP."""
+        plain = not isinstance(gate_up, QuantizedWeight) and not isinstance(down, QuantizedWeight)
+        if not plain or not cuda_gemv.use_glu_gemv(self._check(x, "x", 2), gate_up):
+            gate_up_out, residual = self.add_rms_norm_linear(x, residual, norm_weight, eps,
+                                                             gate_up)
+            return self.silu_mul_linear(gate_up_out, down), residual
+        self._check(norm_weight, "norm_weight", 1)
         self._check(gate_up, "gate_up", 2)
-        self._check(weight, "weight", 2)
-        if gate_up.shape[1] != 2 * weight.shape[1]:
-            raise ValueError(f"silu_mul_linear: gate_up has {gate_up.shape[1]} features, weight "
-                             f"expects 2 x {weight.shape[1]}")
-        if not cuda_gemv.use_silu_gemv(gate_up, weight):
-            return self.linear(self.silu_and_mul(gate_up), weight)
-        out = cupy.empty((gate_up.shape[0], weight.shape[0]), self.storage)
-        return cuda_gemv.gemv(gate_up, weight, out, self.ctype, act=True)
+        if residual is not None and self._check(residual, "residual", 2).shape != x.shape:
+            raise ValueError(f"residual shape {residual.shape} != x shape {x.shape}")
+        if not x.shape[1] == gate_up.shape[1] == norm_weight.shape[0]:
+            raise ValueError(f"mlp: x has {x.shape[1]} features, norm weight "
+                             f"{norm_weight.shape[0]}, gate_up expects {gate_up.shape[1]}")
+        if 2 * self._check(down, "down", 2).shape[1] != gate_up.shape[0]:
+            raise ValueError(f"mlp: gate_up has {gate_up.shape[0]} outputs, down expects "
+                             f"2 x {down.shape[1]}")
+        if cuda_gemv.use_norm_gemv(x, residual, norm_weight, gate_up):
+            act, residual = cuda_gemv.norm_gemv(x, residual, norm_weight, gate_up, eps,
+                                                self.ctype, glu=True)
+        else:
+            h, residual = self.add_rms_norm(x, residual, norm_weight, eps)
+            act = cuda_gemv.glu_gemv(h, gate_up, self.ctype)
+        return self.linear(act, down), residual
 
     def qk_norm_rope_kv_write(self, qkv, positions, cos_sin, q_weight, k_weight, eps, k_cache,
                               v_cache, slot_mapping, num_heads, num_kv_heads, bias=None):
@@ -353,7 +383,8 @@ class CudaOps:
                    _grid(n, 4), (128,),
                    (qkv, k_cache, v_cache, positions, slot_mapping, cos_sin, *norms,
                     _NULL if bias is None else bias, np.float32(eps), _i32(len(qkv)),
-                    _i32(num_heads), _i32(num_kv_heads), _i32(block_size)), pdl=True)
+                    _i32(num_heads), _i32(num_kv_heads), _i32(block_size),
+                    _i32(cuda_kernels.PDL_EARLY)), pdl=True)
 
     def silu_and_mul(self, gate_up):
         # gate_up (T, 2 * inter): gate first, then up -> (T, inter)
@@ -441,7 +472,8 @@ class CudaOps:
         if prev_sampled is not None:
             def resolve(ids):
                 self.resolve_placeholders(ids, prev_sampled)
-        return DeviceSample(sample_on_device(logits, tensors, ctype, resolve))
+        result = sample_on_device(logits, tensors, ctype, resolve)
+        return DeviceSample(result, row_logprobs_on_device(logits, tensors, ctype), tensors)
 
     def resolve_placeholders(self, ids, prev_sampled) -> None:
         """In place on the device: placeholder ids (<= -2) become the previous step's sampled

@@ -269,8 +269,8 @@ class GGUFLinear:
         return self.linear(self.ops.silu_and_mul(gate_up), weight)
 
     def _dense(self, x: cupy.ndarray, w: cupy.ndarray, out: cupy.ndarray) -> cupy.ndarray:
-        if cuda_gemv.use_gemv(x, w):
-            return cuda_gemv.gemv(x, w, out, self.ops.ctype)
+        if cuda_gemv.use_gemv(x, w):  # w: just dequantized by the previous kernel
+            return cuda_gemv.gemv(x, w, out, self.ops.ctype, w_is_fresh=True)
         self.ops._gemm(x, w, out, self.ops.dtype)
         return out
 

@@ -12,6 +12,12 @@ candidates in shared memory (3 passes over a row; 4 or 5 when the kept set is th
 tokens: the cut's window of bins, refined once more if needed, and a draw over the row; it
 bisects only for nearly flat rows); SAMPLER = "bisect" selects the previous kernel
 (cuda/sampling_bisect.cu, ~31 passes per threshold), which tools/kernel_check.py times as baseline.
+SAMPLER = "twopass", the default (device run 2: top_k 50 + top_p 0.95 over 256 x 151,936 in
+126 us against select's 246, W1 sampled at 98.5% of greedy), runs the same kernel with a leaner
+statistics pass and, for rows with a top-k or a peaked top-p, the cut from the block's thread
+maxima in one more pass (cuda/sampling_twopass.cuh); above one row per SM it gives a row 512
+threads, so that two rows share an SM in one wave instead of two waves of one. SAMPLER = "select"
+(PAGEDSERVE_SAMPLER=select) keeps the previous steps exactly.
 
 The sampled ids stay on the device (the next overlapped step's placeholders read them there) and
 reach the host through a copy into pinned memory followed by an event: DeviceSample.wait() is the
@@ -20,18 +26,24 @@ step's one host <-> device sync, and it can come after the next step is launched
 
 from __future__ import annotations
 
+import os
+
 import cupy
 import numpy as np
 
 from engine.executor.ops import SamplerOutput, SamplingTensors
 from engine.executor.ops.cuda_kernels import kernel
+from engine.executor.ops.numpy_sampling import gather_row_logprobs
 
 NUM_PARAMS = 10  # words per row, laid out as in cuda/sampling_common.cuh
-SAMPLER = "select"  # or "bisect": the previous kernel
+SAMPLER = os.environ.get("PAGEDSERVE_SAMPLER", "twopass")  # or "select", "bisect": older ones
+SAMPLERS = ("select", "twopass", "bisect")
+# twopass threads per row; None: 512 when there are more rows than SMs, else 1024
+TWOPASS_THREADS: int | None = None
+TWOPASS_DEPTH = 1  # twopass: each thread's loads 1 (device-checked) or 2 groups of 8 ahead
 # cuda/sampling_greedy.cu splits a row over up to this many blocks, of at least GREEDY_CHUNK
 # logits each, aiming at GREEDY_BLOCKS blocks in all.
 GREEDY_MAX_CHUNKS, GREEDY_CHUNK, GREEDY_BLOCKS = 64, 2048, 2048
-_greedy_done: dict[int, cupy.ndarray] = {}  # device -> (rows,) int32 counters, kept at 0
 
 
 def pack_params(t: SamplingTensors) -> np.ndarray:
@@ -95,6 +107,9 @@ def upload(t: SamplingTensors, resolve=None) -> dict:
     if t.bias_ids is not None and t.bias_ids.size:
         dev["bias"] = (cupy.asarray(np.ascontiguousarray(t.bias_ids, np.int32)),
                        cupy.asarray(np.ascontiguousarray(t.bias_values, np.float32)))
+    dev["allowed"] = None if t.allowed_rows is None else (
+        cupy.asarray(np.ascontiguousarray(t.allowed_rows, np.int32)),
+        cupy.asarray(np.ascontiguousarray(t.allowed_ids, np.int32)))
     return dev
 
 
@@ -103,8 +118,11 @@ def launch(logits: cupy.ndarray, t: SamplingTensors, dev: dict, ctype: str) -> c
     (R, 2 + 2 * num_logprobs) int32 results, laid out as in cuda/sampling_common.cuh."""
     rows, vocab = logits.shape
     n_lp = int(t.num_logprobs)
-    if (SAMPLER == "select" and t.all_greedy and n_lp == 0 and dev["slots"] is None
-            and dev["bias"] is None):
+    if SAMPLER not in SAMPLERS:
+        raise ValueError(f"cuda_sampling.SAMPLER (PAGEDSERVE_SAMPLER) must be one of {SAMPLERS}, "
+                         f"got {SAMPLER!r}")
+    if (SAMPLER != "bisect" and t.all_greedy and n_lp == 0 and dev["slots"] is None
+            and dev["bias"] is None and dev["allowed"] is None):
         return greedy(logits, ctype)
     params, i32, null = dev["params"], np.int32, np.uint64(0)
     slots, counts = dev["slots"], t.count_table
@@ -120,7 +138,8 @@ def launch(logits: cupy.ndarray, t: SamplingTensors, dev: dict, ctype: str) -> c
             (rows,), (256,), (counts.counts, counts.seen, slots, prompt, output, i32(rows),
                               i32(p_len), i32(o_len), i32(vocab), i32(counts.words)))
     adjusted = null
-    if dev["bias"] is not None or (SAMPLER == "bisect" and counts is not None):
+    if (dev["bias"] is not None or dev["allowed"] is not None
+            or (SAMPLER == "bisect" and counts is not None)):
         adjusted = cupy.empty((rows, vocab), cupy.float32)
         kernel("sampling.cu", f"adjust_logits_kernel<{ctype}>")(
             (rows, -(-vocab // 256)), (256,),
@@ -130,6 +149,11 @@ def launch(logits: cupy.ndarray, t: SamplingTensors, dev: dict, ctype: str) -> c
             ids, values = dev["bias"]
             kernel("sampling.cu", "add_logit_bias_kernel")(
                 (rows,), (1,), (adjusted, ids, values, i32(ids.shape[1]), i32(vocab)))
+        if dev["allowed"] is not None:
+            which, allowed = dev["allowed"]
+            kernel("sampling_tokens.cu", "allow_only_kernel")(
+                (-(-vocab // 256), len(which)), (256,),
+                (adjusted, which, allowed, i32(allowed.shape[1]), i32(vocab)))
     result = cupy.empty((rows, 2 + 2 * n_lp), cupy.int32)
     if SAMPLER == "bisect":
         probs = null if t.all_greedy else cupy.empty((rows, vocab), cupy.float32)
@@ -138,15 +162,29 @@ def launch(logits: cupy.ndarray, t: SamplingTensors, dev: dict, ctype: str) -> c
     else:
         table = (null, null, null, 0) if counts is None else (counts.counts, counts.seen, slots,
                                                                counts.words)
+        twopass = TWOPASS_DEPTH if SAMPLER == "twopass" else 0
+        threads = 1024
+        if twopass:
+            threads = TWOPASS_THREADS or (512 if rows > _sm_count() else 1024)
         kernel("sampling.cu", f"sample_kernel<{ctype}>")(
-            (rows,), (1024,), (result, logits, adjusted, params, *table[:3], i32(table[3]),
-                               i32(vocab), i32(n_lp)))
+            (rows,), (threads,), (result, logits, adjusted, params, *table[:3], i32(table[3]),
+                                  i32(vocab), i32(n_lp), i32(twopass)))
     if t.count_slots is not None:  # the kept table counts this step's draws
         kernel("sampling.cu", "count_drawn_kernel")(
             (-(-rows // 256),), (256,), (counts.counts, counts.seen, dev["slots"], result,
                                          i32(rows), i32(result.shape[1]), i32(vocab),
                                          i32(counts.words)))
     return result
+
+
+_sm_counts: dict[int, int] = {}
+
+
+def _sm_count() -> int:
+    device = cupy.cuda.Device()
+    if device.id not in _sm_counts:
+        _sm_counts[device.id] = device.attributes["MultiProcessorCount"]
+    return _sm_counts[device.id]
 
 
 def greedy(logits: cupy.ndarray, ctype: str) -> cupy.ndarray:
@@ -157,10 +195,9 @@ def greedy(logits: cupy.ndarray, ctype: str) -> cupy.ndarray:
     per_chunk = -(-vocab // chunks)
     chunk = -(-per_chunk // 8) * 8  # a multiple of 8: 16-byte loads stay within a chunk
     chunks = -(-vocab // chunk)
-    device = cupy.cuda.Device().id
-    done = _greedy_done.get(device)
-    if done is None or len(done) < rows:  # each launch leaves its counters at 0
-        done = _greedy_done[device] = cupy.zeros(max(rows, 256), cupy.int32)
+    # Per launch, not kept per process: an engine's close() then returns every byte it took
+    # (tests/test_cuda_lifecycle.py); the memset is one small graph node.
+    done = cupy.zeros(rows, cupy.int32)
     partial = cupy.empty((rows, chunks, 4), cupy.float32)
     result = cupy.empty((rows, 2), cupy.int32)
     vec = vocab % 8 == 0 and logits.data.ptr % 16 == 0
@@ -183,33 +220,66 @@ def sample_on_device(logits: cupy.ndarray, t: SamplingTensors, ctype: str,
     return launch(logits, t, upload(t, resolve), ctype)
 
 
+def row_logprobs_on_device(logits: cupy.ndarray, t: SamplingTensors, ctype: str) -> tuple | None:
+    """Queue the logprobs of the rows that want chosen ids or the whole vocabulary (nothing
+    when no row does): (chosen (N, max_ids), full (F, vocab)) float32 on the device, either
+    None."""
+    # logits (R, vocab), float32 / half / bf16 as uint16
+    if t.logprob_rows is None and t.full_logprob_rows is None:
+        return None
+    vocab, fn = logits.shape[1], kernel("sampling_tokens.cu", f"row_logprobs_kernel<{ctype}>")
+
+    def run(rows: np.ndarray, ids: np.ndarray | None) -> cupy.ndarray:
+        width = vocab if ids is None else ids.shape[1]
+        out = cupy.empty((len(rows), width), cupy.float32)
+        fn((len(rows),), (1024,), (out, logits, cupy.asarray(rows.astype(np.int32)),
+                                   np.uint64(0) if ids is None else cupy.asarray(ids, np.int32),
+                                   np.int32(width), np.int32(vocab)))
+        return out
+
+    return (None if t.logprob_rows is None else run(t.logprob_rows, t.logprob_ids),
+            None if t.full_logprob_rows is None else run(t.full_logprob_rows, None))
+
+
 class DeviceSample:
     """Sampled ids on their way to the host: a copy into pinned memory, then an event."""
 
-    __slots__ = ("token_ids", "_mem", "_host", "_event")
+    __slots__ = ("token_ids", "_mems", "_hosts", "_event", "_tensors")
 
-    def __init__(self, result: cupy.ndarray):
-        # result (R, 2 + 2 * num_logprobs) int32, from sample_on_device
+    def __init__(self, result: cupy.ndarray, row_logprobs: tuple | None = None,
+                 tensors: SamplingTensors | None = None):
+        # result (R, 2 + 2 * num_logprobs) int32, from sample_on_device; row_logprobs from
+        # row_logprobs_on_device with the tensors they were asked by
         self.token_ids = result  # column 0: what the next step's placeholders read
         stream = cupy.cuda.get_current_stream()
-        # A buffer of its own from CuPy's pinned pool: the step after this one copies into
-        # another while this one may still be unread (that is the double buffering).
-        self._mem = cupy.cuda.alloc_pinned_memory(max(4, result.nbytes))
-        self._host = np.frombuffer(self._mem, np.int32, result.size).reshape(result.shape)
-        if result.size:
-            cupy.cuda.runtime.memcpyAsync(self._host.ctypes.data, result.data.ptr, result.nbytes,
-                                          cupy.cuda.runtime.memcpyDeviceToHost, stream.ptr)
+        self._tensors = tensors
+        self._mems, self._hosts = [], []
+        for a in (result, *(row_logprobs or ())):
+            # A buffer of its own from CuPy's pinned pool: the step after this one copies into
+            # another while this one may still be unread (that is the double buffering).
+            host = None
+            if a is not None:
+                mem = cupy.cuda.alloc_pinned_memory(max(4, a.nbytes))
+                host = np.frombuffer(mem, a.dtype, a.size).reshape(a.shape)
+                self._mems.append(mem)
+                if a.size:
+                    cupy.cuda.runtime.memcpyAsync(host.ctypes.data, a.data.ptr, a.nbytes,
+                                                  cupy.cuda.runtime.memcpyDeviceToHost,
+                                                  stream.ptr)
+            self._hosts.append(host)
         self._event = cupy.cuda.Event(disable_timing=True)
         self._event.record(stream)
 
     def wait(self) -> SamplerOutput:
-        """The SamplerOutput once the copy has landed (blocks until then)."""
+        """The SamplerOutput once the copies have landed (blocks until then)."""
         self._event.synchronize()
-        host = self._host
+        host = self._hosts[0]
         n_lp = (host.shape[1] - 2) // 2
         out = SamplerOutput(host[:, 0].copy(), host[:, 1].copy().view(np.float32))
         if n_lp > 0:
             out.top_ids = host[:, 2 : 2 + n_lp].copy()
             out.top_logprobs = host[:, 2 + n_lp :].copy().view(np.float32)
-        self._host = self._mem = None  # back to the pool: nothing writes it any more
+        if len(self._hosts) > 1:  # copied out by gather_row_logprobs
+            out.row_logprobs = gather_row_logprobs(self._tensors, *self._hosts[1:])
+        self._hosts = self._mems = None  # back to the pool: nothing writes them any more
         return out

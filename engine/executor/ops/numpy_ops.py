@@ -95,7 +95,7 @@ class NumpyOps:
 
     def add_rms_norm_linear(self, x, residual, norm_weight, eps, weight):
         """add_rms_norm, then linear of its output: (y, residual). The cuda backend runs it as
-        one GEMV at small batches (cuda/gemv.cu's norm_gemv_kernel)."""
+        one GEMV at small batches (cuda/gemv.cu's gemv_kernel with NORM)."""
         h, residual = self.add_rms_norm(x, residual, norm_weight, eps)
         return self.linear(h, weight), residual
 
@@ -160,9 +160,15 @@ class NumpyOps:
         return gate / (1.0 + np.exp(-gate)) * up
 
     def silu_mul_linear(self, gate_up: np.ndarray, weight: np.ndarray) -> np.ndarray:
-        """linear(silu_and_mul(gate_up), weight): the MLP's second half as one op, so that the
-        cuda backend can fuse the activation into its small-batch GEMV (cuda/gemv.cu)."""
+        """linear(silu_and_mul(gate_up), weight): the MLP's second half (mlp() calls it)."""
         return self.linear(self.silu_and_mul(gate_up), weight)
+
+    def mlp(self, x, residual, norm_weight, eps, gate_up, down):
+        """The MLP after attention: add_rms_norm_linear(x, residual, norm_weight, eps, gate_up),
+        then silu_mul_linear(.., down) -> (y, residual). The cuda backend runs it as two GEMV
+        launches at batch 1 (the SiLU-and-mul on the gate_up GEMV's output)."""
+        gate_up_out, residual = self.add_rms_norm_linear(x, residual, norm_weight, eps, gate_up)
+        return self.silu_mul_linear(gate_up_out, down), residual
 
     def gather_rows(self, x: np.ndarray, indices: np.ndarray) -> np.ndarray:
         return x[indices]

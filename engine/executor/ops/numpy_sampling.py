@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.executor.ops import SamplerOutput, SamplingTensors
+from engine.executor.ops import ALLOWED_PAD, SamplerOutput, SamplingTensors
 
 _MASK64 = np.uint64(0xFFFFFFFFFFFFFFFF)
 FLT_MIN = np.finfo(np.float32).tiny
@@ -137,7 +137,7 @@ def filter_probs(probs: np.ndarray, top_k: int, top_p: float, min_p: float) -> n
 def sample(logits: np.ndarray, t: SamplingTensors) -> SamplerOutput:
     """t.count_table, when the rows have count_slots, is updated: rebuilt rows, then each draw."""
     # logits (R, vocab) float32
-    raw_logprobs = log_softmax(logits)
+    raw, raw_logprobs = logits, log_softmax(logits)
     if t.has_penalties:
         logits = apply_penalties(logits, t, penalty_words(t, logits.shape[1]))
     if t.bias_ids is not None:
@@ -145,6 +145,8 @@ def sample(logits: np.ndarray, t: SamplingTensors) -> SamplerOutput:
         for r in range(len(logits)):
             ids = t.bias_ids[r]
             np.add.at(logits[r], ids[ids >= 0], t.bias_values[r][ids >= 0])
+    if t.allowed_rows is not None:
+        logits = allow_only(logits, t.allowed_rows, t.allowed_ids)
 
     num_rows = len(logits)
     token_ids = np.empty(num_rows, np.int32)
@@ -179,4 +181,51 @@ def sample(logits: np.ndarray, t: SamplingTensors) -> SamplerOutput:
         top = np.argsort(-raw_logprobs, axis=-1, kind="stable")[:, : t.num_logprobs]
         out.top_ids = top.astype(np.int32)
         out.top_logprobs = np.take_along_axis(raw_logprobs, top, axis=-1).astype(np.float32)
+    if t.logprob_rows is not None or t.full_logprob_rows is not None:
+        chosen = None if t.logprob_rows is None else row_logprobs(raw, t.logprob_rows,
+                                                                  t.logprob_ids)
+        full = None if t.full_logprob_rows is None else row_logprobs(raw, t.full_logprob_rows)
+        out.row_logprobs = gather_row_logprobs(t, chosen, full)
+    return out
+
+
+def allow_only(logits: np.ndarray, rows: np.ndarray, allowed: np.ndarray) -> np.ndarray:
+    """A copy of `logits` where each of `rows` keeps only its allowed ids; every other logit
+    is -inf. The twin of cuda/sampling_tokens.cu's allow_only_kernel."""
+    # logits (R, vocab) float32; rows (M,) int32; allowed (M, max_allowed) int32, ALLOWED_PAD
+    out = logits.copy()
+    for row, ids in zip(rows.tolist(), allowed, strict=True):
+        keep = np.zeros(logits.shape[1], bool)
+        keep[ids[ids != ALLOWED_PAD]] = True
+        out[row, ~keep] = -np.inf
+    return out
+
+
+def row_logprobs(logits: np.ndarray, rows: np.ndarray, ids: np.ndarray | None = None
+                 ) -> np.ndarray:
+    """(N, W) float32: each listed row's raw logprobs (log_softmax of its logits) at its ids
+    (-1: -inf), or with `ids` None at every token (W = vocab). The twin of
+    cuda/sampling_tokens.cu's row_logprobs_kernel."""
+    # logits (R, vocab) float32; rows (N,) int32; ids (N, W) int32, padded with -1
+    lp = log_softmax(np.asarray(logits, np.float32)[rows])  # (N, vocab)
+    if ids is None:
+        return lp.astype(np.float32)
+    picked = np.take_along_axis(lp, np.maximum(ids, 0), axis=1)
+    return np.where(ids >= 0, picked, -np.inf).astype(np.float32)
+
+
+def gather_row_logprobs(t: SamplingTensors, chosen: np.ndarray | None,
+                        full: np.ndarray | None) -> dict[int, tuple[np.ndarray, np.ndarray]]:
+    """SamplerOutput.row_logprobs from row_logprobs' answers (both backends): each row's
+    requested ids with their logprobs, or the whole vocabulary best first."""
+    # chosen (N, max_ids) float32 for t.logprob_rows; full (F, vocab) float32
+    out = {}
+    if chosen is not None:
+        for i, row in enumerate(t.logprob_rows.tolist()):
+            n = int((t.logprob_ids[i] >= 0).sum())
+            out[row] = (t.logprob_ids[i, :n].copy(), chosen[i, :n].copy())
+    if full is not None:
+        for i, row in enumerate(t.full_logprob_rows.tolist()):
+            order = np.argsort(-full[i], kind="stable").astype(np.int32)
+            out[row] = (order, full[i, order])
     return out

@@ -1,0 +1,267 @@
+// Paged decode attention on tensor cores: the same job, grid and output as attention.cu's
+// decode_attention_kernel (whose decode_reduce_kernel combines the splits of both), with far fewer
+// instructions per key, so that the kernel is bound by the bandwidth of reading K and V.
+//
+// One block takes one sequence, one kv head and one context split, and up to GR query heads of
+// that kv head as the rows of one m16 tile (GR = 8: rows 8..15 are padding and their softmax is
+// skipped; tensor-core FLOPs cost next to nothing here). Each K/V byte is read once per step.
+// Every warp streams its own tiles of DM_KEYS keys (warp w takes tiles w, w + NW, ...): cp.async
+// copies them from the paged cache into the warp's own ST-stage ring in shared memory, so ST - 1
+// tiles load while one is computed, and warps never wait for each other until the end. Per tile a
+// warp runs S = Q K^T (HD / 16 x 2 mma.sync m16n8k16, K by ldmatrix), the online softmax in base 2
+// on raw scores (scale * log2 e folded into one FMA before ex2, two quad shuffles per row max), and
+// O += P V (P from the score registers, V by ldmatrix.trans). The warps merge in shared memory.
+#include "decode_splits.cuh"
+#include "mma.cuh"
+
+constexpr int DM_KEYS = 16;  // keys per warp tile: one k16 step of P V, two n8 tiles of Q K^T
+
+// Grid: (num_decode_items, num_kv_heads * passes, num_splits)  Block: (NW * 32)
+// passes = ceil(group / GR). Dynamic shared memory: max(NW x ST x (K, V) x DM_KEYS x (HD + 8)
+// 16-bit elements, NW x GR x HD floats for the merge).
+template <typename T, int HD, int GR, int NW, int ST>
+__global__ void __launch_bounds__(NW * 32, 12 / NW) decode_mma_kernel(
+    T* __restrict__ out,                    // [num_tokens, num_heads, HD]
+    float* __restrict__ part_out,           // [num_splits, W, num_heads, HD]
+    float* __restrict__ part_ml,            // [num_splits, W, num_heads, 2]
+    const T* __restrict__ qkv,              // [num_tokens, (num_heads + 2 nkv) * HD]
+    const T* __restrict__ k_cache,          // [num_blocks, nkv, block_size, HD]
+    const T* __restrict__ v_cache,          // [num_blocks, nkv, block_size, HD]
+    const int* __restrict__ seqs,           // [W] the sequence of each decode item
+    const int* __restrict__ query_start_loc,  // [B + 1]
+    const int* __restrict__ context_lens,     // [B]
+    const int* __restrict__ block_tables,     // [B, max_blocks]
+    int max_blocks, int num_items, int num_heads, int num_kv_heads, int block_size,
+    float scale_log2, int num_splits, int min_keys) {
+  static_assert(GR == 8 || GR == 16, "one m16 tile of query heads");
+  constexpr int LD = HD + 8, CPR = HD / 8, TILE = DM_KEYS * LD;
+  constexpr int CPL = DM_KEYS * CPR / 32;  // 16-byte copies per lane per tile, of K and of V
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  __shared__ float m_s[NW][GR], l_s[NW][GR];
+  pdl_start();
+
+  const int group = num_heads / num_kv_heads, passes = (group + GR - 1) / GR;
+  const int kvh = blockIdx.y / passes, g0 = (blockIdx.y % passes) * GR;
+  const int item = blockIdx.x, split = blockIdx.z;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int seq = seqs[item];
+  const int tok = query_start_loc[seq];
+  const int ctx = context_lens[seq];
+  const int splits = seq_splits(ctx, num_splits, min_keys);
+  if (split >= splits) return;  // the whole block: no barrier is skipped
+  const int per_split = ((ctx + splits - 1) / splits + DM_KEYS - 1) / DM_KEYS * DM_KEYS;
+  const int k_begin = split * per_split, k_end = min(ctx, k_begin + per_split);
+  const long row_stride = (long)(num_heads + 2 * num_kv_heads) * HD;
+  const int* table = block_tables + (long)seq * max_blocks;
+  const T tag{};
+
+  T* k_s = reinterpret_cast<T*>(smem_raw) + warp * 2 * ST * TILE;  // [ST][DM_KEYS][LD]
+  T* v_s = k_s + ST * TILE;
+  const int first = k_begin + warp * DM_KEYS;  // this warp's tiles: first + i * NW * DM_KEYS
+  const int nt = first < k_end ? (k_end - first + NW * DM_KEYS - 1) / (NW * DM_KEYS) : 0;
+  // Tiles start at multiples of DM_KEYS: when block_size is a multiple of it too (16, 32, ...),
+  // a tile lies in one cache block, whose K rows are consecutive: one block-table read per tile.
+  const bool tile_in_block = block_size % DM_KEYS == 0;
+  // Tile i into stage i % ST; one commit group per call, empty past the last tile, so that
+  // wait_group ST - 1 always means "tile i has landed".
+  auto load_tile = [&](int i) {
+    if (i < nt) {
+      const int kb = first + i * NW * DM_KEYS;
+      T* ks = k_s + (i % ST) * TILE;
+      T* vs = v_s + (i % ST) * TILE;
+      long base = 0;  // element offset of key kb's row, when the tile lies in one cache block
+      if (tile_in_block) {
+        const int bi = kb / block_size;
+        base = (((long)table[bi] * num_kv_heads + kvh) * block_size + kb - bi * block_size) * HD;
+      }
+#pragma unroll
+      for (int c = 0; c < CPL; c++) {
+        const int idx = lane + 32 * c, j = idx / CPR, d = (idx % CPR) * 8, key = kb + j;
+        const bool valid = key < k_end;
+        long off = 0;
+        if (valid) {
+          if (tile_in_block) {
+            off = base + j * HD + d;
+          } else {
+            const int bi = key / block_size, slot = key - bi * block_size;
+            off = (((long)table[bi] * num_kv_heads + kvh) * block_size + slot) * HD + d;
+          }
+        }
+        cp_async16(ks + j * LD + d, k_cache + off, valid);  // invalid keys: zeros
+        cp_async16(vs + j * LD + d, v_cache + off, valid);
+      }
+    }
+    asm volatile("cp.async.commit_group;");
+  };
+#pragma unroll
+  for (int i = 0; i < ST - 1; i++) load_tile(i);
+
+  // Q as the A operand, straight from global memory: this lane's rows r and r + 8 (query heads
+  // g0 + r of the kv head), dims 2 (lane % 4) + {0, 1, 8, 9} of each k16 step. Padding rows: 0.
+  const int r = lane >> 2, cq = (lane & 3) * 2;
+  const bool row0_ok = g0 + r < group, row1_ok = GR == 16 && g0 + r + 8 < group;
+  const T* q0 = qkv + tok * row_stride + (long)(kvh * group + g0 + r) * HD + cq;
+  const T* q1 = q0 + 8 * HD;
+  unsigned qf[HD / 16][4];
+#pragma unroll
+  for (int kk = 0; kk < HD / 16; kk++) {
+    qf[kk][0] = row0_ok ? *reinterpret_cast<const unsigned*>(q0 + kk * 16) : 0u;
+    qf[kk][1] = row1_ok ? *reinterpret_cast<const unsigned*>(q1 + kk * 16) : 0u;
+    qf[kk][2] = row0_ok ? *reinterpret_cast<const unsigned*>(q0 + kk * 16 + 8) : 0u;
+    qf[kk][3] = row1_ok ? *reinterpret_cast<const unsigned*>(q1 + kk * 16 + 8) : 0u;
+  }
+
+  // ldmatrix lane addresses: K (B operand of Q K^T, keys as rows) and V (.trans, B of P V)
+  const int kb_row = (lane & 7) + (lane >> 4) * 8, kb_col = ((lane >> 3) & 1) * 8;
+  const int v_row = (lane & 7) + ((lane >> 3) & 1) * 8, v_col = (lane >> 4) * 8;
+  float o[HD / 8][4];
+#pragma unroll
+  for (int i = 0; i < HD / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // raw-score max, sum: rows r, r + 8
+
+  for (int i = 0; i < nt; i++) {
+    __syncwarp();  // every lane is done reading tile i - 1, whose stage tile i + ST - 1 takes
+    load_tile(i + ST - 1);
+    asm volatile("cp.async.wait_group %0;" ::"n"(ST - 1));
+    __syncwarp();  // the other lanes' copies of tile i are visible too
+    const T* kt = k_s + (i % ST) * TILE;
+    const T* vt = v_s + (i % ST) * TILE;
+    const int kb = first + i * NW * DM_KEYS;
+
+    float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; kk++) {
+      unsigned b[4];
+      ldsm_x4(b, kt + kb_row * LD + kk * 16 + kb_col);
+      mma16816(s[0], qf[kk], b[0], b[1], tag);
+      mma16816(s[1], qf[kk], b[2], b[3], tag);
+    }
+    if (kb + DM_KEYS > k_end) {  // the warp's last tile may run past the split's keys
+#pragma unroll
+      for (int n = 0; n < 2; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+          if (kb + n * 8 + cq + (e & 1) >= k_end) s[n][e] = -INFINITY;
+    }
+    // Every tile holds at least one valid key, so the new maxima are finite.
+    float mx0 = fmaxf(m0, fmaxf(fmaxf(s[0][0], s[0][1]), fmaxf(s[1][0], s[1][1])));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+    const float alpha0 = fast_exp2((m0 - mx0) * scale_log2);  // 0 while m0 is -inf
+    const float sub0 = mx0 * scale_log2;
+    m0 = mx0;
+    float p[2][4];
+#pragma unroll
+    for (int n = 0; n < 2; n++) {
+      p[n][0] = fast_exp2(fmaf(s[n][0], scale_log2, -sub0));
+      p[n][1] = fast_exp2(fmaf(s[n][1], scale_log2, -sub0));
+    }
+    l0 = l0 * alpha0 + (p[0][0] + p[0][1] + p[1][0] + p[1][1]);
+    float alpha1 = 1.f;
+    if constexpr (GR == 16) {
+      float mx1 = fmaxf(m1, fmaxf(fmaxf(s[0][2], s[0][3]), fmaxf(s[1][2], s[1][3])));
+      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+      alpha1 = fast_exp2((m1 - mx1) * scale_log2);
+      const float sub1 = mx1 * scale_log2;
+      m1 = mx1;
+#pragma unroll
+      for (int n = 0; n < 2; n++) {
+        p[n][2] = fast_exp2(fmaf(s[n][2], scale_log2, -sub1));
+        p[n][3] = fast_exp2(fmaf(s[n][3], scale_log2, -sub1));
+      }
+      l1 = l1 * alpha1 + (p[0][2] + p[0][3] + p[1][2] + p[1][3]);
+    } else {
+#pragma unroll
+      for (int n = 0; n < 2; n++) p[n][2] = p[n][3] = 0.f;  // padding rows 8..15
+    }
+    // P as the A operand over the tile's 16 keys (the score accumulators' layout).
+    const unsigned pf[4] = {pack2(p[0][0], p[0][1], tag), pack2(p[0][2], p[0][3], tag),
+                            pack2(p[1][0], p[1][1], tag), pack2(p[1][2], p[1][3], tag)};
+    // Past the first tiles a row's max rarely moves: skip the rescale when it moved nowhere.
+    if (!__all_sync(0xffffffffu, alpha0 == 1.f && alpha1 == 1.f)) {
+#pragma unroll
+      for (int d = 0; d < HD / 8; d++) {
+        o[d][0] *= alpha0;
+        o[d][1] *= alpha0;
+        o[d][2] *= alpha1;
+        o[d][3] *= alpha1;
+      }
+    }
+#pragma unroll
+    for (int d2 = 0; d2 < HD / 16; d2++) {
+      unsigned b[4];
+      ldsm_x4_trans(b, vt + v_row * LD + d2 * 16 + v_col);
+      mma16816(o[2 * d2], pf, b[0], b[1], tag);
+      mma16816(o[2 * d2 + 1], pf, b[2], b[3], tag);
+    }
+  }
+  asm volatile("cp.async.wait_group 0;");  // only empty groups remain; leave none behind
+
+  // Merge the warps: row sums over the quad, then (max, sum, O) per warp through shared memory,
+  // which the stages held until every warp is past its loop.
+#pragma unroll
+  for (int x = 1; x < 4; x <<= 1) {
+    l0 += __shfl_xor_sync(0xffffffffu, l0, x);
+    l1 += __shfl_xor_sync(0xffffffffu, l1, x);
+  }
+  __syncthreads();
+  float* o_s = reinterpret_cast<float*>(smem_raw);  // [NW][GR][HD]
+#pragma unroll
+  for (int d = 0; d < HD / 8; d++) {
+    *reinterpret_cast<float2*>(o_s + (warp * GR + r) * HD + d * 8 + cq) =
+        make_float2(o[d][0], o[d][1]);
+    if constexpr (GR == 16)
+      *reinterpret_cast<float2*>(o_s + (warp * GR + r + 8) * HD + d * 8 + cq) =
+          make_float2(o[d][2], o[d][3]);
+  }
+  if ((lane & 3) == 0) {
+    m_s[warp][r] = m0 * scale_log2;  // base 2 units, as the reduction expects; -inf stays
+    l_s[warp][r] = l0;
+    if constexpr (GR == 16) {
+      m_s[warp][r + 8] = m1 * scale_log2;
+      l_s[warp][r + 8] = l1;
+    }
+  }
+  __syncthreads();
+  for (int idx = threadIdx.x; idx < GR * HD; idx += NW * 32) {
+    const int g = idx / HD, d = idx % HD;
+    if (g0 + g >= group) continue;
+    float mx = -INFINITY;
+#pragma unroll
+    for (int w = 0; w < NW; w++) mx = fmaxf(mx, m_s[w][g]);
+    float num = 0.f, den = 0.f;
+    if (mx != -INFINITY) {
+#pragma unroll
+      for (int w = 0; w < NW; w++) {
+        const float a = exp2f(m_s[w][g] - mx);  // a warp that saw no key: 0
+        num += a * o_s[(w * GR + g) * HD + d];
+        den += a * l_s[w][g];
+      }
+    }
+    const int head = kvh * group + g0 + g;
+    if (splits == 1) {
+      out[((long)tok * num_heads + head) * HD + d] = from_float<T>(den > 0.f ? num / den : 0.f);
+    } else {
+      const long at = ((long)split * num_items + item) * num_heads + head;
+      part_out[at * HD + d] = num;
+      if (d == 0) {
+        part_ml[at * 2] = mx;
+        part_ml[at * 2 + 1] = den;
+      }
+    }
+  }
+}
+
+#ifdef PAGEDSERVE_NVCC_CHECK
+#define INSTANTIATE(T, HD, GR, NW, ST)                                                         \
+  template __global__ void decode_mma_kernel<T, HD, GR, NW, ST>(                               \
+      T*, float*, float*, const T*, const T*, const T*, const int*, const int*, const int*,    \
+      const int*, int, int, int, int, int, float, int, int);
+INSTANTIATE(__half, 64, 8, 4, 2)
+INSTANTIATE(__half, 128, 16, 4, 2)
+INSTANTIATE(__nv_bfloat16, 64, 16, 4, 2)
+INSTANTIATE(__nv_bfloat16, 128, 8, 4, 2)
+INSTANTIATE(__nv_bfloat16, 128, 8, 4, 3)
+INSTANTIATE(__nv_bfloat16, 128, 8, 8, 2)
+#endif
