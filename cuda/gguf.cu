@@ -529,12 +529,11 @@ __device__ __forceinline__ void raw_to_float8(const uint4* r, float* f) {
   for (int e = 0; e < 8; e++) f[e] = to_float(h[e]);
 }
 
-// x's staged copy (module comment): PRE 0 stages x (M, K) itself; PRE 1 (silu_mul_linear) gets
-// the MLP's gate_up (M, 2K) and stages silu(gate) * up; PRE 2 (add_rms_norm_linear) stages
-// rms_norm(x + residual) * norm_w and block 0 writes x + residual to res_out. Each value is
-// rounded to T on the way exactly where silu_and_mul_kernel / norm_gemv_kernel round it, so the
-// product sees what the unfused ops would hand the GEMV. Ends with a barrier.
-template <typename T, int M, int PRE>
+// x's staged copy (module comment): x (M, K) itself, or with NORM (add_rms_norm_linear)
+// rms_norm(x + residual) * norm_w, with block 0 writing x + residual to res_out; each value
+// rounded to T where rms_norm_kernel rounds it, so the product sees what add_rms_norm would hand
+// the GEMV. Ends with a barrier.
+template <typename T, int M, bool NORM>
 __device__ __forceinline__ void g2_stage_x(float* xs, float* xsum, const T* __restrict__ x,
                                            int K, int rows, const T* __restrict__ residual,
                                            const T* __restrict__ norm_w, T* __restrict__ res_out,
@@ -542,9 +541,10 @@ __device__ __forceinline__ void g2_stage_x(float* xs, float* xsum, const T* __re
   __shared__ float red[32];
   constexpr int STRIDE = 8 * 32 * G2_WARPS;  // every thread runs the same count (K % 2048 == 0)
   // NOTE: a thread's loads for U strides are issued before any is used: one at a time, the 7
-  // strides of K = 14336 cost 7 L2 round trips before the first product (device run 2: the
-  // fused SiLU's staging made the down projection 2.8 us slower than two launches).
-  constexpr int U = PRE == 0 ? 4 : 2, W = sizeof(T) / 2;  // W: 16-byte words of 8 values
+  // strides of K = 14336 cost 7 L2 round trips before the first product. (A SiLU-and-mul fused
+  // here the same way stayed 1-3 us slower than its own launch on the device, runs 2 and 3:
+  // every block recomputes it, K = 14336 exponentials.)
+  constexpr int U = NORM ? 2 : 4, W = sizeof(T) / 2;  // W: 16-byte words of 8 values
   auto put_sums = [&](int m, int k, const float* f) {  // sums of 32 values: 4 threads' 8
     float s = ((f[0] + f[1]) + (f[2] + f[3])) + ((f[4] + f[5]) + (f[6] + f[7]));
     s += __shfl_xor_sync(0xffffffffu, s, 1);
@@ -554,18 +554,13 @@ __device__ __forceinline__ void g2_stage_x(float* xs, float* xsum, const T* __re
   for (int m = 0; m < M; m++) {
     float ss = 0.f;
     for (int k0 = 8 * threadIdx.x; k0 < K; k0 += U * STRIDE) {
-      uint4 a[U][W], b[U][W];  // x (gate for PRE 1); up (PRE 1) or the residual (PRE 2)
+      uint4 a[U][W], b[U][W];  // x; the residual (NORM)
 #pragma unroll
       for (int u = 0; u < U; u++) {
         const int k = k0 + u * STRIDE;
         if (m >= rows || k >= K) continue;
-        if constexpr (PRE == 1) {
-          load_raw8(x + (long)m * 2 * K + k, a[u]);
-          load_raw8(x + (long)m * 2 * K + K + k, b[u]);
-        } else {
-          load_raw8(x + (long)m * K + k, a[u]);
-          if (PRE == 2 && residual != nullptr) load_raw8(residual + (long)m * K + k, b[u]);
-        }
+        load_raw8(x + (long)m * K + k, a[u]);
+        if (NORM && residual != nullptr) load_raw8(residual + (long)m * K + k, b[u]);
       }
 #pragma unroll
       for (int u = 0; u < U; u++) {
@@ -574,14 +569,7 @@ __device__ __forceinline__ void g2_stage_x(float* xs, float* xsum, const T* __re
         float f[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
         if (m < rows) {
           raw_to_float8<T>(a[u], f);
-          if constexpr (PRE == 1) {
-            float up[8];
-            raw_to_float8<T>(b[u], up);
-#pragma unroll
-            for (int e = 0; e < 8; e++)
-              f[e] = to_float(from_float<T>(f[e] / (1.f + expf(-f[e])) * up[e]));
-          }
-          if constexpr (PRE == 2) {
+          if constexpr (NORM) {
             union {
               uint4 v[W];
               T h[8];
@@ -604,10 +592,10 @@ __device__ __forceinline__ void g2_stage_x(float* xs, float* xsum, const T* __re
         float4* dst = reinterpret_cast<float4*>(xs + m * K + g2_pos(k));
         dst[0] = make_float4(f[0], f[1], f[2], f[3]);
         dst[32] = make_float4(f[4], f[5], f[6], f[7]);  // values k + 4 .. k + 7: the next float4
-        if constexpr (PRE != 2) put_sums(m, k, f);
+        if constexpr (!NORM) put_sums(m, k, f);
       }
     }
-    if constexpr (PRE == 2) {  // each thread rescales the values it staged itself
+    if constexpr (NORM) {  // each thread rescales the values it staged itself
       const float inv = rsqrtf(block_sum(ss, red) / K + eps);
       for (int k0 = 8 * threadIdx.x; k0 < K; k0 += U * STRIDE) {
         uint4 g[U][W];
@@ -634,13 +622,13 @@ __device__ __forceinline__ void g2_stage_x(float* xs, float* xsum, const T* __re
   __syncthreads();
 }
 
-// y (rows, N) = x (rows, K) @ dequantized(w)^T, rows <= M, x as PRE makes it (g2_stage_x; the
-// extra arguments are null where PRE does not use them). Warp gw of the grid takes the groups of
+// y (rows, N) = x (rows, K) @ dequantized(w)^T, rows <= M, x as NORM makes it (g2_stage_x; the
+// extra arguments are null without NORM). Warp gw of the grid takes the groups of
 // F::ROWS weight rows gw, gw + (warps in the grid), ...; each group is K / 2048 warp steps,
 // loaded F::STEPS at a time one load ahead of the compute. Dynamic shared memory: M K floats of x, M K / 32 sums,
 // G2_WARPS * F::STAGE words (cuda_quant_gguf.gemv2_smem).
 // Grid: (at most what stays resident, cuda_quant_gguf.gemv2)  Block: (32 * G2_WARPS)
-template <class F, typename T, int M, int PRE>
+template <class F, typename T, int M, bool NORM>
 __global__ void __launch_bounds__(32 * G2_WARPS, M == 1 ? 3 : 2)
 gguf_gemv2_kernel(T* __restrict__ y, const T* __restrict__ x, const u8* __restrict__ w, int N,
                   int K, int rows, int row_bytes, const T* __restrict__ residual,
@@ -668,7 +656,7 @@ gguf_gemv2_kernel(T* __restrict__ y, const T* __restrict__ x, const u8* __restri
   };
   if (items > 0) load(cur, 0);  // weights are never written: they may stream before the wait
   pdl_wait();
-  g2_stage_x<T, M, PRE>(xs, xsum, x, K, rows, residual, norm_w, res_out, eps);
+  g2_stage_x<T, M, NORM>(xs, xsum, x, K, rows, residual, norm_w, res_out, eps);
   pdl_trigger();
   float acc[R * M];  // [row of the group][m]
 #pragma unroll

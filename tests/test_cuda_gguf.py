@@ -107,10 +107,10 @@ def test_gemv_v2_is_what_linear_takes_by_default(ops, monkeypatch):
 
 
 @pytest.mark.parametrize("kind, m", [("Q4_K", 1), ("Q8_0", 1), ("Q4_K", 3), ("Q8_0", 8)])
-def test_gemv_v2_fuses_the_norm_and_the_activation(ops, monkeypatch, kind, m):
-    """add_rms_norm_linear and silu_mul_linear in one launch each at M = 1 (the unfused ops
-    above): the GEMV of what the unfused ops hand it (the sum and the norm rounded to the dtype
-    where rms_norm.cu rounds them)."""
+def test_gemv_v2_fuses_the_norm(ops, monkeypatch, kind, m):
+    """add_rms_norm_linear in one launch at M = 1 (the unfused ops above): the GEMV of what the
+    unfused ops hand it (the sum and the norm rounded to the dtype where rms_norm.cu rounds
+    them)."""
     monkeypatch.setattr(cq, "GEMV_KERNEL", "v2")
     rng = np.random.default_rng(m)
     w, _ = weight(kind, 300, 2048, random_scales=False)
@@ -124,10 +124,6 @@ def test_gemv_v2_fuses_the_norm_and_the_activation(ops, monkeypatch, kind, m):
         y_ref = cq.gemv(h, w, cupy.empty_like(y), ops.ctype, version="v2")
         # the norm's sum may round differently in its last bit: at most an ulp of a few inputs
         assert rel(ops.to_host(y), ops.to_host(y_ref)) < 1e-3
-    gate_up = ops.from_host(rng.standard_normal((m, 4096)).astype(np.float32))
-    y = ops.silu_mul_linear(gate_up, w)
-    y_ref = cq.gemv(ops.silu_and_mul(gate_up), w, cupy.empty_like(y), ops.ctype, version="v2")
-    np.testing.assert_array_equal(ops.to_host(y), ops.to_host(y_ref))
 
 
 def test_fused_ops_take_quantized_weights(ops):

@@ -25,7 +25,7 @@ L2_BYTES = 60 << 20
 SWEEP = ("o 4096x4096", "down 4096x14336")  # shapes where GEMV variants are tried at M=1
 TIMED = ("Q4_K", "Q6_K", "Q8_0")  # the targets' formats and Q4_K_M's other one
 DEQUANT_SHAPES = ("qkv 6144x4096", "gate_up 28672x4096", "down 4096x14336")
-FUSED_SHAPES = ("qkv 6144x4096", "gate_up 28672x4096", "down 4096x14336")
+FUSED_SHAPES = ("qkv 6144x4096", "gate_up 28672x4096")  # v2's add + norm at M = 1
 SHAPES = {"qkv 6144x4096": (6144, 4096), "o 4096x4096": (4096, 4096),
           "gate 14336x4096": (14336, 4096), "gate_up 28672x4096": (28672, 4096),
           "down 4096x14336": (4096, 14336), "lm_head 128256x4096": (128256, 4096)}
@@ -140,22 +140,17 @@ def check_speed(ops, small: bool, timer, report):
 
 
 def check_fused(ops, kind, name, shape, ws, copies, timer, report, rng):
-    """v2 with the norm (qkv, gate_up) or the activation (down) fused, M = 1, against the two
-    launches; the twin check is the GEMV of what the unfused op hands it."""
-    n, k = shape
+    """v2 with the add + norm fused, M = 1, against the two launches; the twin check is the
+    GEMV of what the unfused op hands it."""
+    k = shape[1]
     gl = cq.GGUFLinear(ops)
     saved, cq.GEMV_KERNEL = cq.GEMV_KERNEL, "v2"
     try:
-        if name.startswith("down"):
-            a = ops.from_host(rng.standard_normal((1, 2 * k)).astype(np.float32))
-            fused = lambda w: gl.silu_mul_linear(a, w)  # noqa: E731
-            unfused = lambda w: gl.linear(ops.silu_and_mul(a), w)  # noqa: E731
-        else:
-            x, r, g = (ops.from_host(rng.standard_normal(s).astype(np.float32))
-                       for s in ((1, k), (1, k), (k,)))
-            fused = lambda w: gl.add_rms_norm_linear(x, r, g, 1e-5, w)[0]  # noqa: E731
-            # add_rms_norm adds into r in place: the check's call below runs before the timing
-            unfused = lambda w: gl.linear(ops.add_rms_norm(x, r, g, 1e-5)[0], w)  # noqa: E731
+        x, r, g = (ops.from_host(rng.standard_normal(s).astype(np.float32))
+                   for s in ((1, k), (1, k), (k,)))
+        fused = lambda w: gl.add_rms_norm_linear(x, r, g, 1e-5, w)[0]  # noqa: E731
+        # add_rms_norm adds into r in place: the check's call below runs before the timing
+        unfused = lambda w: gl.linear(ops.add_rms_norm(x, r, g, 1e-5)[0], w)  # noqa: E731
         err = rel_err(ops.to_host(fused(ws[0])), ops.to_host(unfused(ws[0])))
         times = []
         for fn in (fused, unfused):
@@ -163,8 +158,7 @@ def check_fused(ops, kind, name, shape, ws, copies, timer, report, rng):
             times.append(timer(lambda fn=fn, it=it: fn(ws[next(it) % len(ws)]), max(20, copies)))
     finally:
         cq.GEMV_KERNEL = saved
-    what = "activation" if name.startswith("down") else "add + norm"
-    report(f"{kind} {name} v2 {what} fused M=1", f"{times[0] * 1e6:.1f} us, unfused "
+    report(f"{kind} {name} v2 add + norm fused M=1", f"{times[0] * 1e6:.1f} us, unfused "
            f"{times[1] * 1e6:.1f} us", f"rel err {err:.1e} " + ("OK" if err < 1e-3 else "MISMATCH"))
 
 

@@ -121,9 +121,9 @@ def kernel_names(file: str, ctype: str) -> list[str]:
     if file == "gguf.cu":
         return ([f"gguf_gemv_kernel<{f}, {ctype}, {m}, {r}>" for f in GGUF_KINDS
                  for m, r in GGUF_GEMV_VARIANTS]
-                + [f"gguf_gemv2_kernel<{st}, {ctype}, {m}, {pre}>"
-                   for (_, r), st in GGUF_GEMV2_STRUCTS.items()
-                   for m in GGUF_GEMV_M for pre in range(3) if m == 1 or (pre == 0 and r == 1)]
+                + [f"gguf_gemv2_kernel<{st}, {ctype}, {m}, {norm}>"
+                   for (_, r), st in GGUF_GEMV2_STRUCTS.items() for m in GGUF_GEMV_M
+                   for norm in ("false", "true") if m == 1 or (norm == "false" and r == 1)]
                 + [f"gguf_dequant_kernel<{f}, {o}>" for f in GGUF_KINDS for o in (ctype, "float")])
     if file == "bitmask.cu":
         return [f"apply_token_bitmask_kernel<{t}>" for t in CTYPES.values()]

@@ -314,8 +314,6 @@ class CudaOps:
         """linear(silu_and_mul(gate_up), weight); mlp() fuses the activation instead."""
         if isinstance(weight, QuantizedWeight) and weight.kind == "fp8":
             return cuda_fp8.silu_mul_linear(self, gate_up, weight)
-        if isinstance(weight, QuantizedWeight) and is_gguf(weight):
-            return self._gguf.silu_mul_linear(self._check(gate_up, "gate_up", 2), weight)
         if not isinstance(weight, QuantizedWeight):
             self._check(gate_up, "gate_up", 2)
             if gate_up.shape[1] != 2 * self._check(weight, "weight", 2).shape[1]:

@@ -45,7 +45,7 @@ STORAGE = {"__half": np.float16, "__nv_bfloat16": np.uint16}  # compute type -> 
 GEMV_KERNEL = os.environ.get("PAGEDSERVE_GGUF_GEMV", "auto")  # or "v1", "v2" (module docstring)
 GEMV2_AUTO_MAX_M = {"Q4_K": 4, "Q8_0": 8}  # compiled rows up to which "auto" takes v2
 # weight rows a warp takes at once at M = 1 (each x read from shared memory serves them all);
-# Q4_K's 2 awaits the device (PAGEDSERVE_GGUF_Q4K_ROWS=2)
+# Q4_K's 2 (PAGEDSERVE_GGUF_Q4K_ROWS=2) measured 0-7% faster per GEMV in run 3, not in a whole step
 GEMV2_ROWS = {"Q4_K": int(os.environ.get("PAGEDSERVE_GGUF_Q4K_ROWS", "1")), "Q8_0": 1}
 GEMV2_WARPS = 8  # gguf.cu's G2_WARPS
 GEMV2_CHUNK = 2048  # G2_CHUNK: K must be a multiple
@@ -133,18 +133,17 @@ def use_gemv2(x: cupy.ndarray, weight: QuantizedWeight, version: str | None = No
 
 
 def gemv2(x: cupy.ndarray, weight: QuantizedWeight, out: cupy.ndarray, ctype: str,
-          pre: int = 0, residual=None, norm_w=None, res_out=None, eps: float = 0.0,
+          norm: bool = False, residual=None, norm_w=None, res_out=None, eps: float = 0.0,
           rows: int | None = None):
-    """The second GEMV (use_gemv2). pre 0: out = x @ W^T; 1: x is gate_up (M, 2K) and the input
-    silu(gate) * up; 2: the input rms_norm(x + residual) * norm_w, x + residual into res_out
-    (1 and 2 compiled for M = 1). rows: weight rows per warp at M = 1 (GEMV2_ROWS by default;
-    kernel_check compares)."""
+    """The second GEMV (use_gemv2): out = x @ W^T, or with norm (compiled for M = 1) out =
+    (rms_norm(x + residual) * norm_w) @ W^T and x + residual into res_out. rows: weight rows per
+    warp at M = 1 (GEMV2_ROWS by default; kernel_check compares)."""
     n, k = weight.shape
     m = x.shape[0]
     compiled = next(c for c in GGUF_GEMV_M if c >= m)
     r = (GEMV2_ROWS[weight.kind] if rows is None else rows) if compiled == 1 else 1
     struct = GGUF_GEMV2_STRUCTS[weight.kind, r]
-    name = f"gguf_gemv2_kernel<{struct}, {ctype}, {compiled}, {pre}>"
+    name = f"gguf_gemv2_kernel<{struct}, {ctype}, {compiled}, {'true' if norm else 'false'}>"
     blocks, smem = _gemv2_config(name, ctype, weight.kind, compiled, n, k, r)
     null = np.uint64(0)
     launch(kernel("gguf.cu", name, ctype), (blocks,), (32 * GEMV2_WARPS,),
@@ -255,18 +254,10 @@ class GGUFLinear:
                                           and residual.data.ptr % 16 == 0))):
             res_out = cupy.empty_like(x)
             out = cupy.empty((x.shape[0], weight.shape[0]), self.ops.storage)
-            gemv2(x, weight, out, self.ops.ctype, 2, residual, norm_w, res_out, eps)
+            gemv2(x, weight, out, self.ops.ctype, True, residual, norm_w, res_out, eps)
             return out, res_out
         h, residual = self.ops.add_rms_norm(x, residual, norm_w, eps)
         return self.linear(h, weight), residual
-
-    def silu_mul_linear(self, gate_up, weight: QuantizedWeight):
-        """linear(silu_and_mul(gate_up), weight): one launch where the second GEMV runs at M = 1."""
-        check(weight)
-        if use_gemv2(gate_up, weight) and gate_up.shape == (1, 2 * weight.shape[1]):
-            out = cupy.empty((gate_up.shape[0], weight.shape[0]), self.ops.storage)
-            return gemv2(gate_up, weight, out, self.ops.ctype, 1)
-        return self.linear(self.ops.silu_and_mul(gate_up), weight)
 
     def _dense(self, x: cupy.ndarray, w: cupy.ndarray, out: cupy.ndarray) -> cupy.ndarray:
         if cuda_gemv.use_gemv(x, w):  # w: just dequantized by the previous kernel
