@@ -318,9 +318,9 @@ __device__ float bisect_top_p(const RowDist& d, int vocab, float top_p, float p_
 #include "sampling_twopass.cuh"  // uses RowDist, prob_of, online_add8 above
 
 // Penalties come either in `adjusted` (with a logit bias) or from the count table: `counts`
-// non-null and `adjusted` null. `twopass` (1 or 2: the passes' loads one or two groups ahead):
-// the leaner statistics pass and, for rows with a top-k or top-p that the block's thread maxima
-// bound, the two-pass cut of sampling_twopass.cuh; 0 keeps the older steps above exactly.
+// non-null and `adjusted` null. `twopass`: the leaner statistics pass and, for rows with a
+// top-k or top-p that the block's thread maxima bound, the two-pass cut of sampling_twopass.cuh;
+// 0 keeps the older steps above exactly.
 // Grid: (R)  Block: (SAMPLE_THREADS, or any multiple of 32 below it)
 template <typename T>
 __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(
@@ -369,7 +369,7 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(
     if (ahead(a, i, bv, bi)) { bv = a; bi = i; }
   };
   if (vec && twopass) {
-    lean_stats<T>(d, vocab, twopass, sampling, rm, rs, am, asum, bv, bi);
+    lean_stats<T>(d, vocab, sampling, rm, rs, am, asum, bv, bi);
   } else if (vec) {
     for (int i0 = tid * 8; i0 < vocab; i0 += blockDim.x * 8) {
       float r8[8], a8[8];
@@ -414,8 +414,8 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(
                               (unsigned)p[6]);
     float tau = tau_m;
     if (twopass && (use_k || use_p))  // -2 where it does not apply
-      token = twopass_cut<T>(d, vocab, vec, twopass, thread_max, use_k, top_k, use_p, top_p,
-                             tau_m, u, cnt, mass, cand_p, cand_id, sel, &tau_s, red);
+      token = twopass_cut<T>(d, vocab, vec, thread_max, use_k, top_k, use_p, top_p, tau_m, u,
+                             cnt, mass, cand_p, cand_id, sel, &tau_s, red);
     if (token != -2) {
       // drawn by the two-pass cut
     } else if (use_k || use_p) {

@@ -84,22 +84,18 @@ __device__ __forceinline__ void unpack8(const Raw8<T>& r, float* f) {
 }
 
 // f(i0, raw[8], adjusted[8]) for every group of 8 of the row (16-byte rows only), the next
-// DEPTH groups' raw logits in flight while this one is computed.
-template <typename T, int DEPTH, typename F>
-__device__ __forceinline__ void for_each8_ahead(const RowDist& d, int vocab, F f) {
-  static_assert(DEPTH == 1 || DEPTH == 2, "one or two groups ahead");
+// group's raw logits in flight while this one is computed.
+template <typename T, typename F>
+__device__ __forceinline__ void for_each8_prefetch(const RowDist& d, int vocab, F f) {
   const T* row = static_cast<const T*>(d.logits) + d.base;
   const int step = blockDim.x * 8;
   int i0 = threadIdx.x * 8;
   if (i0 >= vocab) return;
-  Raw8<T> cur = fetch8<T>(row, i0), nxt, after;
-  if (DEPTH == 2 && i0 + step < vocab) nxt = fetch8<T>(row, i0 + step);
+  Raw8<T> cur = fetch8<T>(row, i0);
   for (; i0 < vocab; i0 += step) {
-    if (DEPTH == 1) {
-      if (i0 + step < vocab) nxt = fetch8<T>(row, i0 + step);
-    } else if (i0 + 2 * step < vocab) {
-      after = fetch8<T>(row, i0 + 2 * step);
-    }
+    const bool more = i0 + step < vocab;
+    Raw8<T> nxt;
+    if (more) nxt = fetch8<T>(row, i0 + step);
     float r8[8], a8[8];
     unpack8<T>(cur, r8);
     if (d.adjusted) {
@@ -110,26 +106,17 @@ __device__ __forceinline__ void for_each8_ahead(const RowDist& d, int vocab, F f
       if (d.pen) pen8(d, i0, a8);
     }
     f(i0, r8, a8);
-    cur = nxt;
-    if (DEPTH == 2) nxt = after;
+    if (more) cur = nxt;
   }
-}
-
-// for_each8_ahead at one or two groups ahead (sample_kernel's `twopass` 1 or 2: both timed by
-// tools/kernel_check.py until the device picks one).
-template <typename T, typename F>
-__device__ __forceinline__ void for_each8_prefetch(const RowDist& d, int vocab, int depth, F f) {
-  if (depth == 2) for_each8_ahead<T, 2>(d, vocab, f);
-  else for_each8_ahead<T, 1>(d, vocab, f);
 }
 
 // Pass 1 over a 16-byte row: the per-thread (raw max, raw sum), (adjusted max, its sum at the
 // temperature) and argmax of the adjusted values, as sample_kernel's statistics pass leaves them.
 template <typename T>
-__device__ __forceinline__ void lean_stats(const RowDist& d, int vocab, int depth, bool sampling,
-                                           float& rm, float& rs, float& am, float& asum,
-                                           float& bv, int& bi) {
-  for_each8_prefetch<T>(d, vocab, depth, [&](int i0, const float* r8, const float* a8) {
+__device__ __forceinline__ void lean_stats(const RowDist& d, int vocab, bool sampling, float& rm,
+                                           float& rs, float& am, float& asum, float& bv,
+                                           int& bi) {
+  for_each8_prefetch<T>(d, vocab, [&](int i0, const float* r8, const float* a8) {
     lean_add8(rm, rs, r8, 1.f, LOG2E_S);
     if (sampling) lean_add8(am, asum, a8, d.temp, d.inv_t);
     argmax8(a8, i0, bv, bi);
@@ -200,8 +187,8 @@ __device__ int thread_max_bin(const RowDist& d, float bv, float scale, bool use_
 // it; the number of such values -> sel[4], exact up to SEL_CAP, else only some count above it
 // (once it is above, nothing more is counted: a flat row does not queue 152k atomics on it).
 template <typename T>
-__device__ void collect_top(const RowDist& d, int vocab, bool vec, int depth, float scale,
-                            float limit, float* cand_p, int* cand_id, int* sel) {
+__device__ void collect_top(const RowDist& d, int vocab, bool vec, float scale, float limit,
+                            float* cand_p, int* cand_id, int* sel) {
   if (threadIdx.x == 0) sel[4] = 0;
   __syncthreads();
   auto push = [&](int i, float a) {
@@ -210,7 +197,7 @@ __device__ void collect_top(const RowDist& d, int vocab, bool vec, int depth, fl
     if (slot < SEL_CAP) { cand_p[slot] = prob_of(d, a); cand_id[slot] = i; }
   };
   if (vec) {
-    for_each8_prefetch<T>(d, vocab, depth, [&](int i0, const float*, const float* a8) {
+    for_each8_prefetch<T>(d, vocab, [&](int i0, const float*, const float* a8) {
 #pragma unroll
       for (int e = 0; e < 8; e++)
         if (bin_gap(d.smx, a8[e], scale) < limit) push(i0 + e, a8[e]);
@@ -229,17 +216,17 @@ __device__ void collect_top(const RowDist& d, int vocab, bool vec, int depth, fl
 // steps): the thread maxima bound neither rule (a top-k above half the block, a top-p whose
 // kept set is spread over more values than the block has threads), or too many candidates.
 template <typename T>
-__device__ int twopass_cut(const RowDist& d, int vocab, bool vec, int depth, float bv,
-                           bool use_k, int top_k, bool use_p, float top_p, float tau_m, float u,
-                           int* cnt, float* mass, float* cand_p, int* cand_id, int* sel,
-                           float* tau_s, float* red) {
+__device__ int twopass_cut(const RowDist& d, int vocab, bool vec, float bv, bool use_k,
+                           int top_k, bool use_p, float top_p, float tau_m, float u, int* cnt,
+                           float* mass, float* cand_p, int* cand_id, int* sel, float* tau_s,
+                           float* red) {
   const bool bound_k = use_k && top_k <= (int)blockDim.x / 2;
   if (d.inv_t == 0.f || !(fabsf(d.smx) < INFINITY) || !(bound_k || use_p)) return -2;
   const float scale = bin_scale(d, bv, red);
   const int b = thread_max_bin(d, bv, scale, bound_k, top_k, use_p, top_p, cnt, mass, sel);
   if (b < 0) return -2;
   // One bin of margin: a value just below the bound's bin may round to the same p.
-  collect_top<T>(d, vocab, vec, depth, scale, (float)(b + 2), cand_p, cand_id, sel);
+  collect_top<T>(d, vocab, vec, scale, (float)(b + 2), cand_p, cand_id, sel);
   const int num = sel[4];
   if (num > SEL_CAP) return -2;
   const int n = pow2_at_least(num);

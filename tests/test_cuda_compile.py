@@ -62,3 +62,17 @@ def test_wgmma_prefill_compiles_for_sm90a(name, tmp_path):
          str(tmp_path / "out.cubin"), str(CUDA_DIR / name)],
         capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr
+
+
+def test_source_key_changes_with_a_header(tmp_path):
+    """CuPy caches kernels by source text: the text handed to it carries a digest of cuda/*.cuh,
+    so a changed header alone recompiles."""
+    from engine.executor.ops.cuda_kernels import source
+
+    (tmp_path / "k.cu").write_text('#include "h.cuh"\n')
+    (tmp_path / "h.cuh").write_text("#define A 1\n")
+    before = source(tmp_path, "k.cu")
+    assert before.startswith('#include "h.cuh"\n')
+    assert source(tmp_path, "k.cu") == before
+    (tmp_path / "h.cuh").write_text("#define A 2\n")
+    assert source(tmp_path, "k.cu") != before

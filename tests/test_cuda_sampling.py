@@ -75,7 +75,7 @@ def test_cuda_matches_numpy_at_the_edges(engine, kw):
 def test_greedy_rows_split_over_blocks_match_numpy(rows, vocab, dtype):
     """All-greedy steps without penalties or top logprobs take cuda/sampling_greedy.cu (a row
     over several blocks); the same ids as numpy, ties to the lowest id, banned rows to 0, and
-    the counters it leaves at 0 serve the next launch."""
+    three launches in a row agree (each zeroes its own per-row counters)."""
     from engine.executor.ops import cuda_sampling
 
     ops = CudaOps("bfloat16")
@@ -102,7 +102,6 @@ def test_greedy_rows_split_over_blocks_match_numpy(rows, vocab, dtype):
         cuda_sampling.greedy = real
     assert len(launches) == 3
     assert want.token_ids[0] == vocab // 2
-    assert not cuda_sampling._greedy_done[cupy.cuda.Device().id].any()
 
 
 def numpy_sampling_tensors(rows: int):

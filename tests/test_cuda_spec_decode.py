@@ -23,7 +23,8 @@ from engine.model.config import EngineConfig  # noqa: E402
 # NOTE: verify rows run through other GEMM shapes (M = rows x (1 + k)) than plain decode (M =
 # rows), eagerly also through the prefill attention: bf16 logprobs differ by ~1e-3 per token
 # (measured: 0.10 over ~60 tokens), so summed logprobs are held to 0.25, and a greedy request may
-# take the other token where its two best were within NEAR_TIE (as tests/test_cuda_overlap.py).
+# take the other token where its two best were within NEAR_TIE (measured: a flip at a gap of
+# 0.125 with the tensor-core decode attention against the eager verify's prefill attention).
 # A seeded sampled request draws the same random numbers in both runs (bit-equal streams on the
 # numpy backend, tests/test_spec_decode.py), but bf16 noise of ~0.03 in a logit moves a Gumbel-max
 # pick whenever the two best perturbed scores are that close (a few % of tokens, so about half of
@@ -31,7 +32,7 @@ from engine.model.config import EngineConfig  # noqa: E402
 # asks that the equal prefixes hold at least 40% of the sampled tokens (a wrong verify step, e.g.
 # rejection sampling that draws other numbers, diverges at its first verify: 1-2 tokens).
 BF16_LOGPROB_TOL = 0.25
-NEAR_TIE = 0.1
+NEAR_TIE = 0.2
 SAMPLED_PREFIX_SHARE = 0.4
 
 

@@ -534,24 +534,13 @@ def check_sampling(ops):
                 dev = cuda_sampling.upload(t)
                 times[sampler] = (np.mean(got == want), graph_time(
                     lambda t=t, dev=dev: cuda_sampling.launch(logits, t, dev, ops.ctype), 5, 5))
-            # twopass's knobs: loads two groups ahead; 1024 threads a row whatever the rows
-            # (the default: 512 above the SMs)
-            variants = {}
-            for depth, threads in ((2, None), (1, 1024), (2, 1024)):
-                cuda_sampling.TWOPASS_DEPTH, cuda_sampling.TWOPASS_THREADS = depth, threads
-                agree2 = np.mean(ops.sample(logits[:check], sub).token_ids == want)
-                variants[depth, threads] = agree2, graph_time(
-                    lambda t=t, dev=dev: cuda_sampling.launch(logits, t, dev, ops.ctype), 5, 5)
         finally:
-            cuda_sampling.SAMPLER, cuda_sampling.TWOPASS_THREADS = saved, None
-            cuda_sampling.TWOPASS_DEPTH = 1
+            cuda_sampling.SAMPLER = saved
         (agree, sec), (old_agree, old) = times["twopass"], times["select"]
         bisect_agree, bisect = times["bisect"]
         row("sampling", f"{name} ({rows}x{vocab}), twopass", f"agree {agree:.2f}", sec,
             logits.nbytes, extra=f"select {old * 1e6:.1f} us, agree {old_agree:.2f} "
-            f"({old / sec:.2f}x); bisect {bisect * 1e6:.0f} us, agree {bisect_agree:.2f}; "
-            + "; ".join(f"depth {d} threads {n or 'auto'} {v * 1e6:.1f} us agree {a:.2f}"
-                        for (d, n), (a, v) in variants.items()))
+            f"({old / sec:.2f}x); bisect {bisect * 1e6:.0f} us, agree {bisect_agree:.2f}")
         if t.prompt_ids is not None:
             for sampler in ("select", "twopass"):
                 check_kept_counts(ops, name, logits, t, sub, want, sampler)

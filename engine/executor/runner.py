@@ -18,6 +18,7 @@ resolves from the previous launch's sampled ids; its penalties' output ids likew
 
 from __future__ import annotations
 
+import gc
 import logging
 import os
 import time
@@ -151,6 +152,7 @@ class ModelRunner:
         if self.graphs is not None:
             pool = self.graphs.pool
             self.graphs = None  # the graphs, their static buffers and captured intermediates
+            gc.collect()  # a graph caught in a reference cycle would keep its pool blocks in use
             pool.free_all_blocks()
         self.kv_cache = self.model = self._last_sampled = self.token_counts = None
 

@@ -28,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import functools
+import hashlib
 import logging
 import os
 import tempfile
@@ -140,6 +141,15 @@ def kernel_names(file: str, ctype: str) -> list[str]:
     raise KeyError(file)
 
 
+def source(folder: Path, file: str) -> str:
+    """cuda/`file`'s text plus a digest of the headers beside it: CuPy's kernel cache is keyed on
+    the source text, so an upgrade that changes only a .cuh would otherwise reuse stale binaries."""
+    headers = hashlib.sha256()
+    for header in sorted(folder.glob("*.cuh")):
+        headers.update(header.name.encode() + header.read_bytes())
+    return (folder / file).read_text() + f"\n// cuda/*.cuh sha256 {headers.hexdigest()}\n"
+
+
 @functools.cache
 def _module(file: str, ctype: str):
     """(cupy.RawModule, its kernel names); cupy is imported here, so kernel_names works without."""
@@ -150,7 +160,7 @@ def _module(file: str, ctype: str):
     if file in SM90A_FILES:
         return _sm90a_module(folder, file, names), frozenset(names)
     module = cupy.RawModule(
-        code=(folder / file).read_text(),
+        code=source(folder, file),
         options=("-std=c++17", f"-I{folder}"),
         name_expressions=names,
     )
