@@ -77,6 +77,55 @@ def test_linear_matches_the_twin(ops, kind, m, blocks):
     assert rel(got, want) < TOL[ops.dtype]
 
 
+@pytest.mark.parametrize("kind", ["Q4_K", "Q8_0"])
+@pytest.mark.parametrize("m, rows, cols", [(m, 37, k) for m in (1, 2, 3, 8) for k in (2048, 6144)]
+                         + [(1, 5000, 2048), (3, 5000, 2048)])
+def test_gemv_v2_matches_the_twin(ops, kind, m, rows, cols):
+    """The second GEMV (x staged per block, K in steps of 2048): odd N, several steps per row,
+    and more rows than the grid has warps (each warp then takes several rows)."""
+    assert cq.gemv2_fits(kind, 8 if m > 4 else m, cols)
+    w, twin = weight(kind, rows, cols, seed=m, random_scales=False)
+    x = ops.from_host(np.random.default_rng(m).standard_normal((m, cols)).astype(np.float32))
+    want = ops.to_host(x) @ twin.T
+    for version, rows2 in (("v2", 1), ("v2", 2), ("v1", None)):
+        if rows2 == 2 and (kind != "Q4_K" or m != 1):
+            continue  # Q4_K's 2 weight rows per warp are compiled for M = 1
+        out = cupy.full((m, rows), np.nan, ops.storage)
+        got = ops.to_host(cq.gemv(x, w, out, ops.ctype, version=version, rows2=rows2))
+        assert rel(got, want) < TOL[ops.dtype], (version, rows2)
+
+
+def test_gemv_v2_is_what_linear_takes_by_default(ops, monkeypatch):
+    monkeypatch.setattr(cq, "GEMV_KERNEL", "auto")  # the default (PAGEDSERVE_GGUF_GEMV unset)
+    w, twin = weight("Q4_K", 64, 4096, random_scales=False)
+    x = ops.from_host(np.random.default_rng(3).standard_normal((1, 4096)).astype(np.float32))
+    got = ops.to_host(ops.linear(x, w))
+    out = cupy.empty((1, 64), ops.storage)
+    np.testing.assert_array_equal(got, ops.to_host(cq.gemv(x, w, out, ops.ctype, version="v2")))
+    assert rel(got, ops.to_host(x) @ twin.T) < TOL[ops.dtype]
+    assert not cq.gemv2_fits("Q4_K", 1, 4096 + 256) and not cq.gemv2_fits("Q6_K", 1, 4096)
+
+
+@pytest.mark.parametrize("kind, m", [("Q4_K", 1), ("Q8_0", 1), ("Q4_K", 3), ("Q8_0", 8)])
+def test_gemv_v2_fuses_the_norm(ops, monkeypatch, kind, m):
+    """add_rms_norm_linear in one launch at M = 1 (the unfused ops above): the GEMV of what the
+    unfused ops hand it (the sum and the norm rounded to the dtype where rms_norm.cu rounds
+    them)."""
+    monkeypatch.setattr(cq, "GEMV_KERNEL", "v2")
+    rng = np.random.default_rng(m)
+    w, _ = weight(kind, 300, 2048, random_scales=False)
+    x, r, g = (ops.from_host(rng.standard_normal(s).astype(np.float32))
+               for s in ((m, 2048), (m, 2048), (2048,)))
+    r_copy = r.copy()
+    for residual in (r, None):
+        y, res = ops.add_rms_norm_linear(x, residual, g, 1e-5, w)
+        h, res_ref = ops.add_rms_norm(x, None if residual is None else r_copy.copy(), g, 1e-5)
+        np.testing.assert_array_equal(ops.to_host(res), ops.to_host(res_ref))
+        y_ref = cq.gemv(h, w, cupy.empty_like(y), ops.ctype, version="v2")
+        # the norm's sum may round differently in its last bit: at most an ulp of a few inputs
+        assert rel(ops.to_host(y), ops.to_host(y_ref)) < 1e-3
+
+
 def test_fused_ops_take_quantized_weights(ops):
     """add_rms_norm_linear and silu_mul_linear: the unfused ops then the quantized linear."""
     from engine.executor.ops.numpy_ops import NumpyOps
@@ -105,11 +154,13 @@ def test_large_weights_go_through_the_scratch_in_passes(ops, monkeypatch):
     assert rel(got, ops.to_host(x) @ twin.T) < TOL[ops.dtype]
 
 
-def test_linear_is_capturable_in_a_cuda_graph(ops):
+@pytest.mark.parametrize("version, cols", [("v1", 256), ("v2", 2048)])
+def test_linear_is_capturable_in_a_cuda_graph(ops, monkeypatch, version, cols):
     """Decode steps replay graphs: the GEMV and the scratch path launch nothing that syncs."""
-    w, twin = weight("Q8_0", 64, 256, random_scales=False)
+    monkeypatch.setattr(cq, "GEMV_KERNEL", version)
+    w, twin = weight("Q8_0", 64, cols, random_scales=False)
     for m in (1, 16):
-        x = ops.from_host(np.random.default_rng(m).standard_normal((m, 256)).astype(np.float32))
+        x = ops.from_host(np.random.default_rng(m).standard_normal((m, cols)).astype(np.float32))
         eager = ops.to_host(ops.linear(x, w))  # grows the scratch before the capture
         stream = cupy.cuda.Stream(non_blocking=True)
         cupy.cuda.Device().synchronize()

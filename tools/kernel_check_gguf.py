@@ -3,11 +3,12 @@ and timed at Llama-3-8B shapes.
 
 - dequantize: the device's float32 output equals the twin bit for bit (count of differing values),
   its bf16 output equals the twin rounded to bf16;
-- GEMV: against the twin's float matrix times x, at M = 1, 3, 8, rows aligned and not;
+- GEMV: against the twin's float matrix times x, at M = 1, 3, 8, rows aligned and not, both
+  GEMV kernels (v2 where it applies: Q4_K and Q8_0 with K a multiple of 2048);
 - timing of the TIMED formats, cold weights (more copies than L2 holds): the fused GEMV at M = 1,
-  2, 4, 8 (at M = 1 on the SWEEP shapes every compiled rows-per-block R x 2, 4, 6 blocks per SM)
-  and the dequantize + cuBLAS path at M = 8, 64 (DEQUANT_SHAPES), in us and GB/s of the packed
-  bytes read. Twin checks print one summary line, and each failure.
+  2, 4, 8, v1 and v2 on one line (at M = 1 on the SWEEP shapes v1's every compiled rows-per-block
+  R x 2, 4, 6 blocks per SM) and the dequantize + cuBLAS path at M = 8, 64 (DEQUANT_SHAPES), in us
+  and GB/s of the packed bytes read. Twin checks print one summary line, and each failure.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import cupy
 import numpy as np
 
 from engine.executor.ops import cuda_quant_gguf as cq
-from engine.executor.ops.cuda_kernels import GGUF_GEMV_R, GGUF_GEMV_VARIANTS
+from engine.executor.ops.cuda_kernels import GGUF_GEMV2_KINDS, GGUF_GEMV_M, GGUF_GEMV_VARIANTS
 from engine.model import gguf_quants as gq
 from engine.model.quantized import QuantizedWeight
 
@@ -24,6 +25,7 @@ L2_BYTES = 60 << 20
 SWEEP = ("o 4096x4096", "down 4096x14336")  # shapes where GEMV variants are tried at M=1
 TIMED = ("Q4_K", "Q6_K", "Q8_0")  # the targets' formats and Q4_K_M's other one
 DEQUANT_SHAPES = ("qkv 6144x4096", "gate_up 28672x4096", "down 4096x14336")
+FUSED_SHAPES = ("qkv 6144x4096", "gate_up 28672x4096")  # v2's add + norm at M = 1
 SHAPES = {"qkv 6144x4096": (6144, 4096), "o 4096x4096": (4096, 4096),
           "gate 14336x4096": (14336, 4096), "gate_up 28672x4096": (28672, 4096),
           "down 4096x14336": (4096, 14336), "lm_head 128256x4096": (128256, 4096)}
@@ -66,12 +68,23 @@ def check_twins(ops, small: bool, report):
             for m in (1, 3, 8):
                 x_h = rng.standard_normal((m, k)).astype(np.float32)
                 x = ops.from_host(x_h)
-                out = cupy.empty((m, rows), ops.storage)
-                cq.gemv(x, w, out, ops.ctype)
                 ref = ops.to_host(x) @ want.T
-                err = float(np.linalg.norm(ops.to_host(out) - ref) / np.linalg.norm(ref))
-                report(f"{kind} GEMV {rows}x{k} M={m}", f"rel err {err:.1e}",
-                       "OK" if err < 1e-2 else "MISMATCH", quiet=True)
+                for version in versions(kind, m, k):
+                    out = cupy.empty((m, rows), ops.storage)
+                    cq.gemv(x, w, out, ops.ctype, version=version[:2],
+                            rows2=2 if version == "v2x2" else None)
+                    err = float(np.linalg.norm(ops.to_host(out) - ref) / np.linalg.norm(ref))
+                    report(f"{kind} GEMV {version} {rows}x{k} M={m}", f"rel err {err:.1e}",
+                           "OK" if err < 1e-2 else "MISMATCH", quiet=True)
+
+
+def versions(kind: str, m: int, k: int) -> tuple:
+    """The GEMV kernels that run (kind, m rows, K)."""
+    compiled = next(c for c in GGUF_GEMV_M if c >= m)
+    if not cq.gemv2_fits(kind, compiled, k):
+        return ("v1",)
+    # v2x2: Q4_K's 2 weight rows per warp at M = 1 (cq.GEMV2_ROWS)
+    return ("v1", "v2", "v2x2") if kind == "Q4_K" and m == 1 else ("v1", "v2")
 
 
 def check_speed(ops, small: bool, timer, report):
@@ -87,17 +100,28 @@ def check_speed(ops, small: bool, timer, report):
             for m in ((1,) if small else (1, 2, 4, 8)):
                 x = ops.from_host(rng.standard_normal((m, k)).astype(np.float32))
                 out = cupy.empty((m, n), ops.storage)
-                variants = [(GGUF_GEMV_R, None)]
-                if m == 1 and not small and name in SWEEP and kind != "Q6_K":
-                    variants = [(r, b) for mm, r in GGUF_GEMV_VARIANTS if mm == 1
-                                for b in (2, 4, 6)]
-                for r, w in variants:
+                times = {}
+                for version in versions(kind, m, k):
                     it = iter(range(10**9))
-                    t = timer(lambda x=x, out=out, it=it, ws=ws, r=r, w=w: cq.gemv(
-                        x, ws[next(it) % len(ws)], out, ops.ctype, r, w), max(20, copies))
-                    label = "" if w is None else f" R={r} blocks/SM={w}"
-                    report(f"{kind} {name} GEMV M={m}{label}", f"{t * 1e6:.1f} us",
-                           f"{nbytes / t / 1e9:.0f} GB/s packed ({nbytes / t / 4.27e12:.0%})")
+                    times[version] = timer(lambda x=x, out=out, it=it, ws=ws, v=version: cq.gemv(
+                        x, ws[next(it) % len(ws)], out, ops.ctype, version=v[:2],
+                        rows2=2 if v == "v2x2" else 1), max(20, copies))
+                report(f"{kind} {name} GEMV M={m}", " | ".join(
+                    f"{v} {t * 1e6:.1f} us {nbytes / t / 1e9:.0f} GB/s ({nbytes / t / 4.27e12:.0%})"
+                    for v, t in times.items()),
+                    f"v2 {times['v1'] / times['v2']:.2f}x v1" if "v2" in times else "v1 only")
+                if m == 1 and not small and name in SWEEP and kind != "Q6_K":
+                    for r, b in [(r, b) for mm, r in GGUF_GEMV_VARIANTS if mm == 1
+                                 for b in (2, 4, 6)]:
+                        it = iter(range(10**9))
+                        t = timer(lambda x=x, out=out, it=it, ws=ws, r=r, b=b: cq.gemv(
+                            x, ws[next(it) % len(ws)], out, ops.ctype, r, b, "v1"),
+                            max(20, copies))
+                        report(f"{kind} {name} GEMV v1 M={m} R={r} blocks/SM={b}",
+                               f"{t * 1e6:.1f} us",
+                               f"{nbytes / t / 1e9:.0f} GB/s packed ({nbytes / t / 4.27e12:.0%})")
+            if kind in GGUF_GEMV2_KINDS and name in FUSED_SHAPES and not small:
+                check_fused(ops, kind, name, (n, k), ws, copies, timer, report, rng)
             if small or name not in DEQUANT_SHAPES:
                 continue
             for m in (8, 64):
@@ -113,6 +137,33 @@ def check_speed(ops, small: bool, timer, report):
                 bf16 = n * k * 2
                 report(f"{kind} {name} dequant+cuBLAS M={m}", f"{t * 1e6:.1f} us",
                        f"bf16 weight read alone {bf16 / 4.27e12 * 1e6:.1f} us")
+
+
+def check_fused(ops, kind, name, shape, ws, copies, timer, report, rng):
+    """v2 with the add + norm fused, M = 1, against the two launches; the twin check is the
+    GEMV of what the unfused op hands it."""
+    k = shape[1]
+    gl = cq.GGUFLinear(ops)
+    saved, cq.GEMV_KERNEL = cq.GEMV_KERNEL, "v2"
+    try:
+        x, r, g = (ops.from_host(rng.standard_normal(s).astype(np.float32))
+                   for s in ((1, k), (1, k), (k,)))
+        fused = lambda w: gl.add_rms_norm_linear(x, r, g, 1e-5, w)[0]  # noqa: E731
+        # add_rms_norm adds into r in place: the check's call below runs before the timing
+        unfused = lambda w: gl.linear(ops.add_rms_norm(x, r, g, 1e-5)[0], w)  # noqa: E731
+        err = rel_err(ops.to_host(fused(ws[0])), ops.to_host(unfused(ws[0])))
+        times = []
+        for fn in (fused, unfused):
+            it = iter(range(10**9))
+            times.append(timer(lambda fn=fn, it=it: fn(ws[next(it) % len(ws)]), max(20, copies)))
+    finally:
+        cq.GEMV_KERNEL = saved
+    report(f"{kind} {name} v2 add + norm fused M=1", f"{times[0] * 1e6:.1f} us, unfused "
+           f"{times[1] * 1e6:.1f} us", f"rel err {err:.1e} " + ("OK" if err < 1e-3 else "MISMATCH"))
+
+
+def rel_err(got: np.ndarray, want: np.ndarray) -> float:
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
 def check_gguf(ops, timer, small: bool = False):

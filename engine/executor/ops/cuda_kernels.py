@@ -49,6 +49,9 @@ GGUF_KINDS = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")  # format structs 
 GGUF_GEMV_M = (1, 2, 4, 8)  # rows compiled for the GGUF GEMV (fewer rows run the next size up)
 GGUF_GEMV_R = 2  # weight rows per GEMV block (template GG_R); other R at M = 1 for kernel_check
 GGUF_GEMV_VARIANTS = [(m, GGUF_GEMV_R) for m in GGUF_GEMV_M] + [(1, 1), (1, 3)]
+GGUF_GEMV2_KINDS = ("Q4_K", "Q8_0")  # formats with a second GEMV (gguf.cu's G2_ structs)
+# the G2_ struct of (kind, weight rows a warp takes at once); Q4_K's 2-row form at M = 1 only
+GGUF_GEMV2_STRUCTS = {("Q4_K", 1): "G2_Q4_K<1>", ("Q4_K", 2): "G2_Q4_K<2>", ("Q8_0", 1): "G2_Q8_0"}
 DECODE_UNROLL = 2  # 16-byte K and V loads per lane in flight (U); 2 beat 4 and 8 on the H200
 # attention_decode_mma.cu's (warps, cp.async stages per warp) variants; rows GR are 8 or 16
 DECODE_MMA_CONFIGS = ((4, 2), (4, 3), (8, 2))
@@ -119,6 +122,9 @@ def kernel_names(file: str, ctype: str) -> list[str]:
     if file == "gguf.cu":
         return ([f"gguf_gemv_kernel<{f}, {ctype}, {m}, {r}>" for f in GGUF_KINDS
                  for m, r in GGUF_GEMV_VARIANTS]
+                + [f"gguf_gemv2_kernel<{st}, {ctype}, {m}, {norm}>"
+                   for (_, r), st in GGUF_GEMV2_STRUCTS.items() for m in GGUF_GEMV_M
+                   for norm in ("false", "true") if m == 1 or (norm == "false" and r == 1)]
                 + [f"gguf_dequant_kernel<{f}, {o}>" for f in GGUF_KINDS for o in (ctype, "float")])
     if file == "bitmask.cu":
         return [f"apply_token_bitmask_kernel<{t}>" for t in CTYPES.values()]

@@ -235,6 +235,9 @@ class CudaOps:
         if isinstance(weight, QuantizedWeight) and weight.kind == "fp8":
             return cuda_fp8.add_rms_norm_linear(self, x, residual, norm_weight, eps, weight)
         if isinstance(weight, QuantizedWeight):
+            if is_gguf(weight):
+                self._check(x, "x", 2)
+                return self._gguf.add_rms_norm_linear(x, residual, norm_weight, eps, weight)
             h, residual = self.add_rms_norm(x, residual, norm_weight, eps)
             return self._quantized_linear(h, weight), residual
         self._check(x, "x", 2)

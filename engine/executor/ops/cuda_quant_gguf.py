@@ -2,7 +2,11 @@
 embedding.
 
 - Decode (x with <= GGUF_GEMV_MAX_M rows): one fused dequantize-GEMV launch that streams the
-  packed blocks; bytes read per token are the quantized size.
+  packed blocks; bytes read per token are the quantized size. Q4_K and Q8_0 have a second GEMV
+  (gguf.cu's "GEMV v2": x staged once per block, 16-byte weight loads straight into registers,
+  one step ahead) where it fits (K a multiple of 2048, x in shared memory) and where device run 2
+  measured it faster: Q8_0 at every M (1.09-1.96x), Q4_K up to 4 rows (1.2-1.8x at M = 1; at 8
+  rows v1 is as fast). PAGEDSERVE_GGUF_GEMV=v1 or v2 forces one.
 - Larger batches (prefill): the weight is dequantized into a bf16/fp16 scratch, SCRATCH_ELEMS
   values at a time, and multiplied by cuBLAS; the dequantization is a read of the packed bytes plus
   a write and a read of the scratch, small next to a prefill's GEMM.
@@ -15,12 +19,20 @@ runs every captured shape once before capture, so capture itself never allocates
 from __future__ import annotations
 
 import functools
+import os
 
 import cupy
 import numpy as np
 
 from engine.executor.ops import cuda_gemv
-from engine.executor.ops.cuda_kernels import GGUF_GEMV_M, GGUF_GEMV_R, kernel
+from engine.executor.ops.cuda_kernels import (
+    GGUF_GEMV2_KINDS,
+    GGUF_GEMV2_STRUCTS,
+    GGUF_GEMV_M,
+    GGUF_GEMV_R,
+    kernel,
+    launch,
+)
 from engine.model.gguf_quants import BLOCKS, row_bytes
 from engine.model.quantized import QuantizedWeight
 
@@ -30,6 +42,15 @@ GEMV_WARPS = 4  # warps per GEMV block: cuda/gguf.cu's GG_WARPS
 # GEMV blocks per SM: 4 x 4 warps, each with up to 7 tiles in flight, keep ~100 KB per SM moving
 GEMV_BLOCKS_PER_SM = 4
 STORAGE = {"__half": np.float16, "__nv_bfloat16": np.uint16}  # compute type -> storage dtype
+GEMV_KERNEL = os.environ.get("PAGEDSERVE_GGUF_GEMV", "auto")  # or "v1", "v2" (module docstring)
+GEMV2_AUTO_MAX_M = {"Q4_K": 4, "Q8_0": 8}  # compiled rows up to which "auto" takes v2
+# weight rows a warp takes at once at M = 1 (each x read from shared memory serves them all);
+# Q4_K's 2 (PAGEDSERVE_GGUF_Q4K_ROWS=2) measured 0-7% faster per GEMV in run 3, not in a whole step
+GEMV2_ROWS = {"Q4_K": int(os.environ.get("PAGEDSERVE_GGUF_Q4K_ROWS", "1")), "Q8_0": 1}
+GEMV2_WARPS = 8  # gguf.cu's G2_WARPS
+GEMV2_CHUNK = 2048  # G2_CHUNK: K must be a multiple
+GEMV2_STAGE = {"Q4_K": 0, "Q8_0": 136}  # 16-byte words of shared memory per warp (F::STAGE)
+GEMV2_MAX_BLOCKS_PER_SM = 4
 
 
 def is_gguf(weight) -> bool:
@@ -86,13 +107,64 @@ def gemv_fits(x: cupy.ndarray, weight: QuantizedWeight, max_m: int | None = None
             and x.data.ptr % 16 == 0 and weight.data.data.ptr % 16 == 0)
 
 
-def gemv(x: cupy.ndarray, weight: QuantizedWeight, out: cupy.ndarray, ctype: str,
-         rows_per_block: int = GGUF_GEMV_R, blocks_per_sm: int | None = None):
-    """out (M, N) = x (M, K) @ dequantized(weight)^T, M <= 8. One launch: a few blocks per SM,
-    each warp streaming row groups (cuda/gguf.cu). rows_per_block and blocks_per_sm: variants
-    kernel_check compares (GGUF_GEMV_VARIANTS)."""
+def gemv2_smem(kind: str, m: int, k: int) -> int:
+    """Dynamic shared memory of gguf_gemv2_kernel: x and its sums per 32 values in float, and
+    each warp's staging words."""
+    return m * k * 4 + m * k // 32 * 4 + GEMV2_WARPS * GEMV2_STAGE[kind] * 16
+
+
+def gemv2_fits(kind: str, m: int, k: int) -> bool:
+    """Whether the second GEMV runs this (kind, compiled rows m, K)."""
+    return (kind in GGUF_GEMV2_KINDS and k % GEMV2_CHUNK == 0
+            and gemv2_smem(kind, m, k) <= _device()["sharedMemPerBlockOptin"])
+
+
+def use_gemv2(x: cupy.ndarray, weight: QuantizedWeight, version: str | None = None) -> bool:
+    """Whether gemv() takes the second GEMV for x (M, K or 2K) (version: GEMV_KERNEL if None)."""
+    m = x.shape[0]
+    version = version or GEMV_KERNEL
+    if version == "v1" or not 0 < m <= min(GGUF_GEMV_MAX_M, GGUF_GEMV_M[-1]):
+        return False
+    compiled = next(c for c in GGUF_GEMV_M if c >= m)
+    if version == "auto" and compiled > GEMV2_AUTO_MAX_M.get(weight.kind, 0):
+        return False
+    return (x.data.ptr % 16 == 0 and weight.data.data.ptr % 16 == 0
+            and gemv2_fits(weight.kind, compiled, weight.shape[1]))
+
+
+def gemv2(x: cupy.ndarray, weight: QuantizedWeight, out: cupy.ndarray, ctype: str,
+          norm: bool = False, residual=None, norm_w=None, res_out=None, eps: float = 0.0,
+          rows: int | None = None):
+    """The second GEMV (use_gemv2): out = x @ W^T, or with norm (compiled for M = 1) out =
+    (rms_norm(x + residual) * norm_w) @ W^T and x + residual into res_out. rows: weight rows per
+    warp at M = 1 (GEMV2_ROWS by default; kernel_check compares)."""
     n, k = weight.shape
     m = x.shape[0]
+    compiled = next(c for c in GGUF_GEMV_M if c >= m)
+    r = (GEMV2_ROWS[weight.kind] if rows is None else rows) if compiled == 1 else 1
+    struct = GGUF_GEMV2_STRUCTS[weight.kind, r]
+    name = f"gguf_gemv2_kernel<{struct}, {ctype}, {compiled}, {'true' if norm else 'false'}>"
+    blocks, smem = _gemv2_config(name, ctype, weight.kind, compiled, n, k, r)
+    null = np.uint64(0)
+    launch(kernel("gguf.cu", name, ctype), (blocks,), (32 * GEMV2_WARPS,),
+           (out, x, weight.data, np.int32(n), np.int32(k), np.int32(m),
+            np.int32(row_bytes(weight.kind, k)), null if residual is None else residual,
+            null if norm_w is None else norm_w, null if res_out is None else res_out,
+            np.float32(eps)), shared_mem=smem, pdl=True)
+    return out
+
+
+def gemv(x: cupy.ndarray, weight: QuantizedWeight, out: cupy.ndarray, ctype: str,
+         rows_per_block: int = GGUF_GEMV_R, blocks_per_sm: int | None = None,
+         version: str | None = None, rows2: int | None = None):
+    """out (M, N) = x (M, K) @ dequantized(weight)^T, M <= 8. One launch: a few blocks per SM,
+    each warp streaming row groups (cuda/gguf.cu). rows_per_block and blocks_per_sm: variants
+    kernel_check compares (GGUF_GEMV_VARIANTS). version: "v1", "v2" or "auto" (GEMV_KERNEL by
+    default); v2 where use_gemv2 says so, else v1. rows2: gemv2's rows."""
+    n, k = weight.shape
+    m = x.shape[0]
+    if use_gemv2(x, weight, version):
+        return gemv2(x, weight, out, ctype, rows=rows2)
     compiled = next(c for c in GGUF_GEMV_M if c >= m)
     row_groups = -(-n // rows_per_block)
     per_sm = GEMV_BLOCKS_PER_SM if blocks_per_sm is None else blocks_per_sm
@@ -106,8 +178,35 @@ def gemv(x: cupy.ndarray, weight: QuantizedWeight, out: cupy.ndarray, ctype: str
 
 
 @functools.cache
+def _gemv2_config(name: str, ctype: str, kind: str, m: int, n: int, k: int,
+                  rows: int) -> tuple[int, int]:
+    """(blocks, shared memory bytes): at most as many blocks as stay resident together (warps
+    stride over the rows, so a block that waited for a free SM would leave its rows for last),
+    and as few as give every warp the same number of rows: 4096 rows on 3168 resident warps
+    would leave 928 warps a second row to read with the SMs nearly idle; 2048 warps of 2 rows
+    each share the bandwidth to the end."""
+    fn = kernel("gguf.cu", name, ctype)
+    smem = gemv2_smem(kind, m, k)
+    if fn.max_dynamic_shared_size_bytes < smem:
+        fn.max_dynamic_shared_size_bytes = smem
+    prop = _device()
+    warp_regs = -(-fn.num_regs * 32 // 256) * 256  # registers are granted per warp by 256
+    per_sm = min(GEMV2_MAX_BLOCKS_PER_SM,
+                 prop["regsPerMultiprocessor"] // (warp_regs * GEMV2_WARPS),
+                 prop["sharedMemPerMultiprocessor"] // (smem + fn.shared_size_bytes
+                                                         + prop["reservedSharedMemPerBlock"]))
+    groups = -(-n // (GEMV2_WARPS * rows))  # a block's warps take so many rows at a time
+    rounds = -(-groups // (max(1, per_sm) * _sm_count()))
+    return -(-groups // rounds), smem
+
+
+@functools.cache
+def _device() -> dict:
+    return cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)
+
+
 def _sm_count() -> int:
-    return int(cupy.cuda.runtime.getDeviceProperties(cupy.cuda.Device().id)["multiProcessorCount"])
+    return int(_device()["multiProcessorCount"])
 
 
 class GGUFLinear:
@@ -143,6 +242,22 @@ class GGUFLinear:
                 part = cupy.empty((x.shape[0], rows), self.ops.storage)
                 out[:, start : start + rows] = self._dense(x, w, part)
         return out
+
+    def add_rms_norm_linear(self, x, residual, norm_w, eps: float, weight: QuantizedWeight):
+        """(linear(h, weight), x + residual) with h = rms_norm(x + residual) * norm_w: one launch
+        where the second GEMV runs at M = 1 (the fused variants compiled), else the ops'
+        add_rms_norm, then linear."""
+        check(weight)
+        if (use_gemv2(x, weight) and x.shape == (1, weight.shape[1])
+                and norm_w.data.ptr % 16 == 0
+                and (residual is None or (residual.shape == x.shape
+                                          and residual.data.ptr % 16 == 0))):
+            res_out = cupy.empty_like(x)
+            out = cupy.empty((x.shape[0], weight.shape[0]), self.ops.storage)
+            gemv2(x, weight, out, self.ops.ctype, True, residual, norm_w, res_out, eps)
+            return out, res_out
+        h, residual = self.ops.add_rms_norm(x, residual, norm_w, eps)
+        return self.linear(h, weight), residual
 
     def _dense(self, x: cupy.ndarray, w: cupy.ndarray, out: cupy.ndarray) -> cupy.ndarray:
         if cuda_gemv.use_gemv(x, w):  # w: just dequantized by the previous kernel
