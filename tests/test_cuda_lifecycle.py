@@ -1,6 +1,8 @@
 """Engines come and go in one process: LLM.close() / `with LLM(...)` hands back every byte of GPU
 memory it took (KV cache, weights, decode graphs, cuBLAS workspace, pool blocks), cycle after
-cycle. Run once under compute-sanitizer too, smaller (memcheck slows kernels ~50x):
+cycle. Run it alone on the GPU: the free-memory checks read the device's free memory, which
+other processes on the same GPU (parallel test lanes) move by gigabytes. Run once under
+compute-sanitizer too, smaller (memcheck slows kernels ~50x):
     LIFECYCLE_CYCLES=2 LIFECYCLE_OUTPUT_SCALE=64 compute-sanitizer --tool memcheck \
         python -m pytest -q -m gpu tests/test_cuda_lifecycle.py
 """
