@@ -36,12 +36,15 @@ nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader | 
 
 SPEC='{"method": "ngram", "num_speculative_tokens": 4}'
 
-start_server() {  # start_server: qwen3-0.6b on :8011 in the background, $server its pid
-  python3 -m server.cli serve qwen3-0.6b --load-format dummy --device cuda --port 8011 \
-    --log-level warning > "$OUT/server.log" 2>&1 &
+start_server() {  # start_server [MODEL PORT WAIT LOG EXTRA...]: serve in the background;
+  # $server is its pid
+  local model=${1:-qwen3-0.6b} port=${2:-8011} wait=${3:-120} out=${4:-$OUT/server.log}
+  shift $(( $# < 4 ? $# : 4 ))
+  python3 -m server.cli serve "$model" --load-format dummy --device cuda --port "$port" \
+    --log-level warning "$@" > "$out" 2>&1 &
   server=$!
-  for _ in $(seq 1 120); do
-    python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8011/health')" \
+  for _ in $(seq 1 "$wait"); do
+    python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:$port/health')" \
       2> /dev/null && break
     sleep 1
   done
@@ -129,14 +132,7 @@ for step in $steps; do
       kill $server; wait $server 2> /dev/null ;;
     w1-http-dp)  # W1-HTTP on llama3-8b: one engine core, then ${DP:-2} (one per GPU; issue 18)
       for dp in 1 "${DP:-2}"; do
-        python3 -m server.cli serve llama3-8b --load-format dummy --device cuda --port 8012 \
-          --data-parallel-size "$dp" --log-level warning > "$OUT/server-dp$dp.log" 2>&1 &
-        server=$!
-        for _ in $(seq 1 300); do
-          python3 -c "import urllib.request as u; u.urlopen('http://127.0.0.1:8012/health')" \
-            2> /dev/null && break
-          sleep 1
-        done
+        start_server llama3-8b 8012 300 "$OUT/server-dp$dp.log" --data-parallel-size "$dp"
         record "w1-http-llama3-8b-dp$dp" 200 python3 tools/bench_serving.py \
           --base-url http://127.0.0.1:8012 --model llama3-8b
         kill $server; wait $server 2> /dev/null
