@@ -194,9 +194,13 @@ def run_requests(engine, prompts: list[list[int]], output_lens: list[int],
     }
 
 
-def warmup(engine, vocab_size: int) -> None:
+def warmup(engine, vocab_size: int, args: argparse.Namespace | None = None) -> None:
+    """A few short requests first, sampled as the run will be (its kernels and buffers are then
+    ready before the clock starts)."""
     prompts = [[(7 * j + k) % vocab_size for j in range(16)] for k in range(2)]
-    run_requests(engine, prompts, [4, 4], tag="warmup")
+    settings = {} if args is None else sampling_settings(args)
+    run_requests(engine, prompts, [4, 4], settings.pop("temperature", 0.0), tag="warmup",
+                 sampling=settings)
 
 
 def llm_and_workload(args: argparse.Namespace, enable_prefix_caching: bool = True):
@@ -206,7 +210,7 @@ def llm_and_workload(args: argparse.Namespace, enable_prefix_caching: bool = Tru
     vocab_size = llm.engine.model_config.vocab_size
     prompts, output_lens = workload(args, vocab_size)
     if not args.no_warmup:
-        warmup(llm.engine, vocab_size)
+        warmup(llm.engine, vocab_size, args)
     return llm, prompts, output_lens
 
 

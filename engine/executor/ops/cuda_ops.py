@@ -72,9 +72,13 @@ class CudaOps:
         self._mask_stage_mem = None
         self._mask_copied: cupy.cuda.Event | None = None
         decode_file = ("attention_decode_mma.cu",) if decode_kernel() == "mma" else ()
+        # Compiled now: errors show at start-up, and no request waits for NVRTC (the sampler's
+        # first compile on a fresh machine takes seconds: it was timed inside W1 sampled).
         for file in ("gather.cu", "activation.cu", "rms_norm.cu", "rope.cu", "kv_cache.cu",
                      "qk_rope_kv.cu", "gemv.cu", "attention.cu") + decode_file:
-            kernel(file, _first_name(file, self.ctype), self.ctype)  # compile now, fail early
+            kernel(file, _first_name(file, self.ctype), self.ctype)
+        for file in ("sampling.cu", "sampling_greedy.cu"):  # cuda_sampling looks these up so
+            kernel(file, _first_name(file, "float"))
 
     @staticmethod
     def is_fatal(error: BaseException) -> bool:
