@@ -26,6 +26,7 @@ so that on the CPU, total - forward is the host's work per step that the device 
 
 Usage:
     python tools/profile_step.py --device cuda --model qwen3-0.6b       # dummy weights
+    python tools/profile_step.py --device cuda --sampled              # as chat traffic samples
     python tools/profile_step.py --device cpu                         # tiny model on the CPU
 
 On numpy the model is a tiny random one (vocab 512, hidden 64, 2 layers) so that the forward is
@@ -128,14 +129,20 @@ class _Timers:
         self._patched = []
 
 
-def profile_batch(engine, prompts, num_steps: int, sync=None) -> dict:
-    """Milliseconds per decode step for each phase, with len(prompts) sequences decoding."""
+# --sampled: the settings chat traffic samples with (issue 12's W1 sampled workload)
+CHAT_SAMPLING = {"temperature": 0.8, "top_p": 0.95, "top_k": 50, "repetition_penalty": 1.1}
+
+
+def profile_batch(engine, prompts, num_steps: int, sync=None, sampling: dict | None = None) -> dict:
+    """Milliseconds per decode step for each phase, with len(prompts) sequences decoding,
+    greedy or with `sampling`'s SamplingParams fields."""
     from engine import SamplingParams
     from engine.executor.runner import StepHandle
 
     spec = engine.core.spec
     per_step = 1 + (spec.config.num_speculative_tokens if spec is not None else 0)
-    params = SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=(num_steps + 8) * per_step)
+    params = SamplingParams(**(sampling or {"temperature": 0.0}), ignore_eos=True, seed=0,
+                            max_tokens=(num_steps + 8) * per_step)
     ids = [f"p{len(prompts)}-{i}" for i in range(len(prompts))]
     for request_id, p in zip(ids, prompts, strict=True):
         engine.add_request(request_id, {"prompt_token_ids": p}, params)
@@ -211,6 +218,9 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--spec-profile", default=str(Path(__file__).parent / "results" /
                                                   "spec_profile.json"),
                     help="the acceptance histogram that --speculative-tokens replays")
+    ap.add_argument("--sampled", action="store_true",
+                    help="sample as chat traffic does (temperature 0.8, top_p 0.95, top_k 50, "
+                         "repetition_penalty 1.1) instead of greedily")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     sizes = [int(s) for s in args.batch_sizes.split(",")]
@@ -232,7 +242,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     phases = PHASES + (("propose", "forward") if args.speculative_tokens else ())
     rows = []
     for b in sizes:
-        row = profile_batch(engine, prompts[:b], args.steps, sync)
+        row = profile_batch(engine, prompts[:b], args.steps, sync,
+                            CHAT_SAMPLING if args.sampled else None)
         rows.append(row)
         if not args.json:
             cells = "  ".join(f"{k} {row[k]:7.3f}" for k in phases)
