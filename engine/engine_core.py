@@ -48,6 +48,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import time
 from dataclasses import dataclass
 
 from engine.core.introspect import Introspector
@@ -69,6 +70,7 @@ class _Launched:
     batch: object  # ScheduledBatch
     rows: list[Sequence]  # who samples, in the order of the step's sampled ids (forks last)
     handle: object  # runner.StepHandle
+    launched_at: float  # time.monotonic() once launch() returned
 
 
 class EngineCore:
@@ -99,6 +101,9 @@ class EngineCore:
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         self.dead_error: EngineDeadError | None = None  # set once the core cannot go on
+        # The step whose tokens were read last: when it was launched and when its tokens were
+        # back (time.monotonic()); the core process stamps first tokens with them.
+        self.last_read: tuple[float, float] = (0.0, 0.0)
 
     # ------------------------------------------------------------------ requests
 
@@ -182,7 +187,7 @@ class EngineCore:
             fill = self._mask_filler(rows[0], outputs)
             handle = self._guard(lambda: self.runner.launch(batch, rows, fill), batch, outputs)
             if handle is not None:
-                launched = _Launched(batch, rows[0], handle)
+                launched = _Launched(batch, rows[0], handle, time.monotonic())
                 for seq in rows[0]:
                     seq.has_pending_token = True  # until postprocessing appends or drops it
                 self.scheduler.advance(batch)
@@ -218,6 +223,7 @@ class EngineCore:
         """Wait for a launched step's tokens and postprocess them; commit_first: key its blocks
         for the prefix cache before; on_advanced: called once its matchers have advanced."""
         sampled = self._guard(done.handle.result, done.batch, outputs)
+        self.last_read = (done.launched_at, time.monotonic())
         self.requests.collect_prompt_logprobs(done.handle.prompt_logprobs)
         if commit_first:
             self.scheduler.commit(done.batch)
