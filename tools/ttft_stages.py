@@ -72,3 +72,28 @@ def format_stages(b: dict) -> str:
         s = b["stages"][name]
         lines.append(f"{name:<10}{s['mean']:>9.2f}{s['median']:>9.2f}{s['p99']:>9.2f}  {what}")
     return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python tools/ttft_stages.py BENCH.jsonl [NAME]`: the stage tables of the runs recorded
+    there by tools/h200_bench.sh (the last one named NAME, or every one with stages)."""
+    import argparse
+    import json
+
+    ap = argparse.ArgumentParser(description=main.__doc__)
+    ap.add_argument("jsonl")
+    ap.add_argument("name", nargs="?")
+    args = ap.parse_args(argv)
+    found = {}
+    with open(args.jsonl) as f:
+        for line in f:
+            row = json.loads(line)
+            stages = row.get("result", {}).get("stages")
+            if stages is not None and args.name in (None, row["bench"]):
+                found[row["bench"]] = stages
+    for name, stages in found.items():
+        print(f"== {name}\n{format_stages(stages)}")
+
+
+if __name__ == "__main__":
+    main()
