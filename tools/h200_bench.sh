@@ -23,6 +23,8 @@
 # w1-http-dp (not in the default list): W1-HTTP on llama3-8b, 1 then $DP (2) engine cores.
 # w2 with STAGES=1 also prints where W2's first tokens waited, stage by stage (bench_serving
 # --stages, tools/ttft_stages.py); W2_SERVE_FLAGS (e.g. --no-async-scheduling) go to its server.
+# w2-stages (not in the default list): W2 with its stages after a short warm-up instead of
+# W1-HTTP (about 30 s less), recorded as w2-stages<W2_SERVE_FLAGS>.
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-out}
@@ -133,6 +135,16 @@ for step in $steps; do
       record w2-qwen3-0.6b-rate16 100 python3 tools/bench_serving.py \
         --base-url http://127.0.0.1:8011 --model qwen3-0.6b --request-rate 16 ${STAGES:+--stages}
       [ -n "${STAGES:-}" ] && python3 tools/ttft_stages.py "$log" w2-qwen3-0.6b-rate16
+      kill $server; wait $server 2> /dev/null ;;
+    w2-stages)
+      # shellcheck disable=SC2086  # the flags are words
+      start_server qwen3-0.6b 8011 120 "$OUT/server.log" ${W2_SERVE_FLAGS:-}
+      python3 tools/bench_serving.py --base-url http://127.0.0.1:8011 --model qwen3-0.6b \
+        --num-prompts 32 > /dev/null  # warm-up: kernels, cuBLAS shapes, connections
+      name="w2-stages${W2_SERVE_FLAGS:-}"; name=${name// /}
+      record "$name" 100 python3 tools/bench_serving.py --base-url http://127.0.0.1:8011 \
+        --model qwen3-0.6b --request-rate 16 --stages
+      python3 tools/ttft_stages.py "$log" "$name"
       kill $server; wait $server 2> /dev/null ;;
     w1-http-dp)  # W1-HTTP on llama3-8b: one engine core, then ${DP:-2} (one per GPU; issue 18)
       for dp in 1 "${DP:-2}"; do
