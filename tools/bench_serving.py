@@ -321,8 +321,6 @@ def main(argv: list[str] | None = None) -> dict:
                                         args.request_rate, args.seed, args.timeout,
                                         dashboard_clients=args.dashboard_clients,
                                         api_key=args.api_key, stages=args.stages))
-    if args.json and args.stages:  # the table for a reader, above the one JSON line
-        print(format_stages(metrics["stages"]), file=sys.stderr)
     print(json.dumps(metrics) if args.json else format_report(metrics))
     return metrics
 
