@@ -279,6 +279,9 @@ class AsyncEngine:
                 self.client.finish_sequences(stopped)
             num_outputs = len(results)
             groups, waiting = self._groups, self._waiting
+            if message.first_token_times:
+                # First tokens first: their streams wake (and write) ahead of the others'.
+                results.sort(key=lambda out: out.request_id not in waiting)
             for out in results:
                 group = groups.get(out.request_id)
                 if group is None:
