@@ -6,6 +6,7 @@ request at once rather than on its next poll timeout."""
 import asyncio
 import math
 import time
+import types
 
 import pytest
 
@@ -97,3 +98,39 @@ def test_the_core_answers_before_its_step_and_wakes_at_once_when_idle():
             assert received - sent < 0.2, f"the idle core took {received - sent:.3f} s to wake"
     finally:
         client.shutdown()
+
+
+def test_first_tokens_are_handed_out_ahead_of_the_other_outputs():
+    from engine.core.outputs import EngineCoreOutputs, SeqOutput
+    from engine.output_processor import OutputProcessor
+    from server.async_engine import AsyncEngine
+
+    engine = AsyncEngine(EngineConfig())
+    engine.processor = OutputProcessor(None)
+    engine.client = types.SimpleNamespace(add_request=lambda r: None)
+    handed = []
+
+    class Recorder:
+        def put_nowait(self, out):
+            handed.append(out.request_id)
+
+    async def main():
+        groups = {}
+        for request_id in ("old-a", "old-b", "new"):
+            groups[request_id] = group = engine.group()
+            group.queue = Recorder()
+            task = asyncio.create_task(group.add(request_id, {"prompt_token_ids": [1, 2]},
+                                                 SamplingParams(max_tokens=8)))
+            await asyncio.sleep(0)
+            engine._handle(EngineCoreOutputs(accepted=[request_id]))
+            await task
+        engine._handle(EngineCoreOutputs([SeqOutput(r, 0, [5], None, 0.0, None, None)
+                                          for r in ("old-a", "old-b")]))
+        handed.clear()
+        # One step's outputs, the new request's first token last among them.
+        engine._handle(EngineCoreOutputs(
+            [SeqOutput(r, 0, [6], None, 0.0, None, None) for r in ("old-a", "old-b", "new")],
+            first_token_times=[("new", 0.0, 0.0, 0.0, 0.0)]))
+
+    asyncio.run(main())
+    assert handed == ["new", "old-a", "old-b"]
