@@ -6,8 +6,11 @@
                                                       loop turn)
 
 Each turn drains every waiting command, runs one step if any request is unfinished, and sends one
-EngineCoreOutputs: the step's SeqOutputs, the requests accepted or rejected, the stats. Idle, it
-sleeps on the input socket. Token ids only cross; the API process holds the text.
+EngineCoreOutputs: the step's SeqOutputs, the requests accepted or rejected, the stats. What the
+commands asked for (accepted, rejected, snapshots) goes ahead in a message of its own when a step
+follows, so no answer waits for a step. Idle, it sleeps on the input socket, woken by the next
+command. Token ids only cross; the API process holds the text. Each message and each request's
+first token carry monotonic stamps (server/timeline.py: where a first token waits).
 
 It never outlives the API process (PR_SET_PDEATHSIG on Linux, and a parent check every turn), and
 a step that raises ends it: the last message names the error, the exit code is 1, and the API
@@ -18,6 +21,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import math
 import os
 import pickle
 import signal
@@ -103,6 +107,8 @@ class _BusyLoop:
                          FINISH: msgspec.msgpack.Decoder(list[tuple[str, int, str]]),
                          SNAPSHOT: msgspec.msgpack.Decoder(tuple[int, int | None])}
         self.busy_s = 0.0  # time inside core.step(), for the dashboard's step time
+        # request id -> when its ADD was read (time.monotonic()), until its first output goes
+        self.received: dict[str, float] = {}
 
     def run(self) -> int:
         """Serve until told to stop (0) or a step fails (1); return the exit code."""
@@ -124,6 +130,11 @@ class _BusyLoop:
             if stop or os.getppid() != self.parent_pid:
                 return 0
             stepped = core.has_unfinished_requests()
+            if stepped and (message.accepted or message.rejected or message.snapshots):
+                # Answer the commands before the step: a handler starts its response (and a
+                # client sees its 400) while the step runs, not after it.
+                self._send(message)
+                message = EngineCoreOutputs()
             if stepped:
                 start = time.perf_counter()
                 try:
@@ -134,9 +145,27 @@ class _BusyLoop:
                     self.outputs.send_multipart([OUTPUTS, self.encode(message)])
                     return 1
                 self.busy_s += time.perf_counter() - start
+                if self.received and message.outputs:
+                    self._note_first_tokens(message)
             if received or stepped:
                 message.stats = core.get_stats()
-                self.outputs.send_multipart([OUTPUTS, self.encode(message)])
+                self._send(message)
+
+    def _send(self, message: EngineCoreOutputs) -> None:
+        message.sent_time = time.monotonic()
+        self.outputs.send_multipart([OUTPUTS, self.encode(message)])
+
+    def _note_first_tokens(self, message: EngineCoreOutputs) -> None:
+        """Stamp the requests whose first output this step made (server/timeline.py)."""
+        launched, sampled = self.core.last_read
+        wall_to_monotonic = time.monotonic() - time.time()  # first_scheduled_time is time.time()
+        for out in message.outputs:
+            received = self.received.pop(out.request_id, None)
+            if received is not None:
+                scheduled = (math.nan if out.first_scheduled_time is None  # failed unscheduled
+                             else out.first_scheduled_time + wall_to_monotonic)
+                message.first_token_times.append((out.request_id, received, scheduled, launched,
+                                                  sampled))
 
     def _drain(self, message: EngineCoreOutputs) -> tuple[bool, bool]:
         """Apply every waiting command; (anything received, STOP received)."""
@@ -147,6 +176,8 @@ class _BusyLoop:
                 kind, payload = self.inputs.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return received, False
+            if not received:
+                now = time.monotonic()
             received = True
             if kind == STOP:
                 return True, True
@@ -159,8 +190,11 @@ class _BusyLoop:
                                              str(e)))
                 else:
                     message.accepted.append(value.request_id)
+                    self.received[value.request_id] = now
             elif kind == ABORT:
                 core.abort_requests(value)
+                for request_id in value:
+                    self.received.pop(request_id, None)
             elif kind == SNAPSHOT:
                 message.snapshots.append((value[0], _snapshot_of(core, value[1], self.busy_s)))
             else:

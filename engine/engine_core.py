@@ -48,6 +48,8 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
+import os
+import time
 from dataclasses import dataclass
 
 from engine.core.introspect import Introspector
@@ -69,6 +71,7 @@ class _Launched:
     batch: object  # ScheduledBatch
     rows: list[Sequence]  # who samples, in the order of the step's sampled ids (forks last)
     handle: object  # runner.StepHandle
+    launched_at: float  # time.monotonic() once launch() returned
 
 
 class EngineCore:
@@ -90,6 +93,11 @@ class EngineCore:
         self.async_scheduling = (self.ops.name == "cuda" if engine_config.async_scheduling is None
                                  else engine_config.async_scheduling)
         self._in_flight: _Launched | None = None  # the launched step whose tokens are unread
+        # Overlap only while this many sequences run: below it, a step waits for the one before
+        # so that a request arriving meanwhile joins the next step, not the one after it (the
+        # first token comes a step sooner; each step pays its host time on the device's clock).
+        # An experiment until measured on the GPU: PAGEDSERVE_OVERLAP_MIN_SEQS, default 0.
+        self.overlap_min_seqs = int(os.environ.get("PAGEDSERVE_OVERLAP_MIN_SEQS", "0"))
         spec = engine_config.speculative_config
         self.spec = SpecDecoder(spec) if spec is not None else None  # None: never speculates
         self.requests = RequestTable(engine_config, self.scheduler, mc.vocab_size,
@@ -99,6 +107,9 @@ class EngineCore:
         self._prompt_tokens_total = 0
         self._generation_tokens_total = 0
         self.dead_error: EngineDeadError | None = None  # set once the core cannot go on
+        # The step whose tokens were read last: when it was launched and when its tokens were
+        # back (time.monotonic()); the core process stamps first tokens with them.
+        self.last_read: tuple[float, float] = (0.0, 0.0)
 
     # ------------------------------------------------------------------ requests
 
@@ -167,7 +178,10 @@ class EngineCore:
         # through the first j drafts; until that exists, no step speculates while one runs.
         speculate = (self.spec is not None and self.spec.should_speculate(self.scheduler)
                      and not self._has_constrained())
-        if speculate and self._in_flight is not None:  # drafts are drawn from known tokens
+        overlap = (self.async_scheduling and not speculate
+                   and self.scheduler.num_running >= self.overlap_min_seqs)
+        if not overlap and self._in_flight is not None:
+            # Drafts are drawn from known tokens; a synchronous step is scheduled from them.
             done, self._in_flight = self._in_flight, None
             self._read(done, outputs)
         drafted = self.spec.propose(self.scheduler.running) if speculate else []
@@ -182,11 +196,11 @@ class EngineCore:
             fill = self._mask_filler(rows[0], outputs)
             handle = self._guard(lambda: self.runner.launch(batch, rows, fill), batch, outputs)
             if handle is not None:
-                launched = _Launched(batch, rows[0], handle)
+                launched = _Launched(batch, rows[0], handle, time.monotonic())
                 for seq in rows[0]:
                     seq.has_pending_token = True  # until postprocessing appends or drops it
                 self.scheduler.advance(batch)
-        if self.async_scheduling and not speculate:
+        if overlap:
             done, self._in_flight = self._in_flight, launched
         else:
             done = launched
@@ -218,6 +232,7 @@ class EngineCore:
         """Wait for a launched step's tokens and postprocess them; commit_first: key its blocks
         for the prefix cache before; on_advanced: called once its matchers have advanced."""
         sampled = self._guard(done.handle.result, done.batch, outputs)
+        self.last_read = (done.launched_at, time.monotonic())
         self.requests.collect_prompt_logprobs(done.handle.prompt_logprobs)
         if commit_first:
             self.scheduler.commit(done.batch)

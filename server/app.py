@@ -94,6 +94,7 @@ def create_app(engine_config: EngineConfig | None = None, *, served_model_name: 
         Route("/tokenize", tokenize, methods=["POST"]),
         Route("/detokenize", detokenize, methods=["POST"]),
         Route("/version", version, methods=["GET"]),
+        Route("/debug/first_token", first_token_stages, methods=["GET"]),
     ]
     if dashboard:
         routes += dashboard_routes()
@@ -146,6 +147,11 @@ async def models(request: Request):
             "created": int(time.time()), "owned_by": "pagedserve",
             "max_model_len": engine.max_model_len}
     return JSONResponse({"object": "list", "data": [card]})
+
+
+async def first_token_stages(request: Request):
+    """Where the last requests' first tokens waited: server/timeline.py."""
+    return JSONResponse(request.app.state.engine.timeline.as_json())
 
 
 async def version(request: Request):

@@ -28,6 +28,7 @@ from engine.model.config import EngineConfig, ModelConfig
 from engine.model.loader import load_tokenizer
 from engine.output_processor import OutputProcessor
 from engine.structured_outputs import GrammarCompiler
+from server.timeline import ACCEPTED, SENT, Timeline
 
 log = logging.getLogger("pagedserve.engine")
 
@@ -120,6 +121,7 @@ class AsyncEngine:
         self._task: asyncio.Task | None = None
         self.loop: asyncio.AbstractEventLoop | None = None
         self._stats_log = StatsLogger()  # the "every 10 s while busy" line
+        self.timeline = Timeline()  # where first tokens wait (GET /debug/first_token)
 
     @property
     def is_ready(self) -> bool:
@@ -182,8 +184,10 @@ class AsyncEngine:
         self._pending[request_id] = accepted
         self._groups[request_id] = group
         self._waiting.add(request_id)
+        self.timeline.stamp(request_id, SENT)
         self.client.add_request(EngineCoreRequest(request_id, ids, params, arrival))
         await accepted
+        self.timeline.stamp(request_id, ACCEPTED)
 
     async def snapshot(self, since: int | None) -> dict:
         """The dashboard's hook: EngineCore.snapshot(since), taken by the core between two steps;
@@ -232,6 +236,9 @@ class AsyncEngine:
         try:
             while True:
                 message = await self.client.get_output_async()
+                if message.first_token_times:
+                    self.timeline.core_stamps(message.first_token_times, message.sent_time,
+                                              time.monotonic())
                 self._handle(message)
                 if message.fatal is not None:
                     self._die(message.fatal)
@@ -272,6 +279,9 @@ class AsyncEngine:
                 self.client.finish_sequences(stopped)
             num_outputs = len(results)
             groups, waiting = self._groups, self._waiting
+            if message.first_token_times:
+                # First tokens first: their streams wake (and write) ahead of the others'.
+                results.sort(key=lambda out: out.request_id not in waiting)
             for out in results:
                 group = groups.get(out.request_id)
                 if group is None:

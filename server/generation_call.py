@@ -23,6 +23,7 @@ from server.protocol import (
     completion_logprobs,
 )
 from server.sse_stream import SSEResponse, events
+from server.timeline import arrival_of
 from server.tool_calls import ToolCallParser
 
 
@@ -64,7 +65,9 @@ class GenerationCall:
         return SSEResponse(group, events(self, group, include_usage))
 
     async def _submit(self, group, token_lists):
+        arrived, tokenized = arrival_of(self.request), time.monotonic()
         for request_id, ids in zip(self.index_of, token_lists, strict=True):
+            group.engine.timeline.start(request_id, arrived, tokenized)
             try:
                 await group.add(request_id, {"prompt_token_ids": ids}, self.params)
             except ParamError as e:

@@ -32,10 +32,12 @@ from server.protocol import (
     parse_sampling_params,
 )
 from server.structured import check_compiles, parse_structured_outputs
+from server.timeline import mark_arrival
 from server.tool_calls import ToolCallParser, parse_tools, template_messages, tool_grammar
 
 
 async def completions(request: Request):
+    mark_arrival(request)
     return await completions_body(request, await read_json(request))
 
 
@@ -75,6 +77,7 @@ async def completions_body(request: Request, body: dict):
 
 
 async def chat_completions(request: Request):
+    mark_arrival(request)
     return await chat_completions_body(request, await read_json(request))
 
 
@@ -112,6 +115,7 @@ async def chat_completions_body(request: Request, body: dict):
 
 async def invocations(request: Request):
     """SageMaker's one route: a chat body (it has `messages`) or a completions body."""
+    mark_arrival(request)
     body = await read_json(request)
     if "messages" in body:
         return await chat_completions_body(request, body)

@@ -11,6 +11,7 @@ from starlette.responses import StreamingResponse
 
 from server.async_engine import EngineFault
 from server.protocol import APIError, chat_body, completion_body
+from server.timeline import FIRST_CHUNK
 from server.tool_calls import ToolCallStream
 
 
@@ -44,6 +45,7 @@ async def events(call, group, include_usage: bool):
         opened = set()  # completions: the choices whose first chunk went out
         try:
             async for out in group.outputs():
+                is_first = out.request_id not in call.first
                 call.first.setdefault(out.request_id, out)
                 for c in out.outputs:
                     if not call.extras.score_only:
@@ -68,6 +70,8 @@ async def events(call, group, include_usage: bool):
                             yield chunk([tool_chunk])
                         continue
                     yield chunk([choice])  # a last one carries its text and finish_reason
+                if is_first:  # its chunks are written: send() returned before we resumed
+                    group.engine.timeline.stamp(out.request_id, FIRST_CHUNK)
         except EngineFault as e:
             error = APIError(500, str(e), type="server_error")
             yield sse(json.loads(error.response().body))

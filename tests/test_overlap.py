@@ -116,6 +116,20 @@ def test_greedy_under_chunked_prefill_mixed_batches_and_preemption(make_engine):
     assert placeholders > 100  # decodes really read the previous step's ids on the device
 
 
+def test_overlap_only_above_a_batch_size_switches_both_ways(make_engine, monkeypatch):
+    """PAGEDSERVE_OVERLAP_MIN_SEQS: steps with fewer sequences running are synchronous; the loop
+    moves between the two as the batch grows and drains, with the same tokens as the sync one."""
+    requests = random_requests(0, 20, lambda i, rng: SamplingParams(
+        temperature=0, ignore_eos=True, max_tokens=[1, 2, 40, 33][i % 4]), 100)
+    _, full, _ = compare(make_engine, requests, max_num_batched_tokens=48, num_kv_blocks=16,
+                         max_num_seqs=8)
+    monkeypatch.setenv("PAGEDSERVE_OVERLAP_MIN_SEQS", "4")
+    engine, placeholders, _ = compare(make_engine, requests, max_num_batched_tokens=48,
+                                      num_kv_blocks=16, max_num_seqs=8)
+    assert engine.core.overlap_min_seqs == 4
+    assert 0 < placeholders < full  # some steps overlapped, not all
+
+
 def test_seeded_sampling_n_and_logprobs(make_engine):
     def params(i, rng):
         return SamplingParams(n=1 + i % 3, temperature=0.8, top_k=[0, 20][i % 2],

@@ -40,6 +40,7 @@ import numpy as np
 
 if __package__ in (None, ""):  # run as a script: make the checkout importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tools.ttft_stages import format_stages, stage_breakdown  # noqa: E402
 from tools.workloads import scale_requests, w1_requests  # noqa: E402
 
 
@@ -52,6 +53,9 @@ class RequestResult:
     end: float = 0.0  # when the stream finished
     output_len: int = 0  # tokens the server reports it generated
     error: str | None = None
+    call_id: str | None = None  # the server's id of the call (`id` of its chunks)
+    sent_at: float = 0.0  # time.monotonic() when sent, and when its first token chunk came
+    first_at: float = 0.0  # (--stages lines them up with the server's stamps on one host)
 
     @property
     def success(self) -> bool:
@@ -107,7 +111,8 @@ async def send_request(client, url: str, model: str, prompt: list[int], max_toke
                        t0: float) -> RequestResult:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
-    result = RequestResult(len(prompt), max_tokens, time.perf_counter() - t0)
+    result = RequestResult(len(prompt), max_tokens, time.perf_counter() - t0,
+                           sent_at=time.monotonic())
     num_chunks, usage_tokens = 0, None
     try:
         async with client.stream("POST", url, json=body) as response:
@@ -127,6 +132,8 @@ async def send_request(client, url: str, model: str, prompt: list[int], max_toke
                 # A chunk with a choice carries newly generated tokens (text may be "" for a
                 # token that ends mid-character); usage-only chunks carry none.
                 if chunk.get("choices"):
+                    if not result.chunk_times:
+                        result.first_at, result.call_id = time.monotonic(), chunk.get("id")
                     result.chunk_times.append(time.perf_counter() - t0)
                     num_chunks += 1
     except Exception as e:  # noqa: BLE001 - a failed request is counted, not fatal
@@ -159,9 +166,10 @@ async def watch_dashboard(client, counts: list[int], i: int, errors: list[str]) 
 async def run_benchmark(base_url: str, model: str | None, prompts: list[list[int]],
                         output_lens: list[int], request_rate: float, seed: int = 0,
                         timeout_s: float = 3600.0, transport=None, dashboard_clients: int = 0,
-                        api_key: str | None = None) -> dict:
+                        api_key: str | None = None, stages: bool = False) -> dict:
     """`transport`: an httpx transport to use instead of the network (tests).
-    `dashboard_clients`: dashboard feeds held open (and read) while the requests run."""
+    `dashboard_clients`: dashboard feeds held open (and read) while the requests run.
+    `stages`: add where the first tokens waited (tools/ttft_stages.py) as "stages"."""
     import httpx  # the test extra; only this tool needs it
 
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
@@ -189,7 +197,11 @@ async def run_benchmark(base_url: str, model: str | None, prompts: list[list[int
             for task in viewers:
                 task.cancel()
             await asyncio.gather(*viewers, return_exceptions=True)
+        if stages:
+            server = (await client.get("/debug/first_token")).raise_for_status().json()
     metrics = compute_metrics(list(results), duration)
+    if stages:
+        metrics["stages"] = stage_breakdown(results, server)
     metrics.update(model=model, base_url=base_url, request_rate=request_rate,
                    num_prompts=len(prompts))
     if dashboard_clients:
@@ -253,6 +265,8 @@ def format_report(m: dict) -> str:
                      f"{m['dashboard_snapshots']} snapshots")
     if "first_error" in m:
         lines.append(f"first error: {m['first_error']}")
+    if "stages" in m:
+        lines.append(format_stages(m["stages"]))
     return "\n".join(lines)
 
 
@@ -286,6 +300,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dashboard-compare", action="store_true",
                     help="alternate passes with the dashboard closed and open; print the ratio")
     ap.add_argument("--passes", type=int, default=2, help="--dashboard-compare: of each")
+    ap.add_argument("--stages", action="store_true",
+                    help="also report where first tokens waited (stage by stage, from the "
+                         "server's GET /debug/first_token)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
     prompts, output_lens = w1_requests(args.num_prompts, args.seed)
@@ -303,7 +320,7 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = asyncio.run(run_benchmark(base_url, args.model, prompts, output_lens,
                                         args.request_rate, args.seed, args.timeout,
                                         dashboard_clients=args.dashboard_clients,
-                                        api_key=args.api_key))
+                                        api_key=args.api_key, stages=args.stages))
     print(json.dumps(metrics) if args.json else format_report(metrics))
     return metrics
 

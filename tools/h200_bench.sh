@@ -21,6 +21,11 @@
 # and summarised by tools/bench_table.py at the end. Wheels the GPU machine lacks (server deps) are
 # installed from .whl/ when present (../shared/tools/gpu_wheels.sh downloads them).
 # w1-http-dp (not in the default list): W1-HTTP on llama3-8b, 1 then $DP (2) engine cores.
+# w2 with STAGES=1 also prints where W2's first tokens waited, stage by stage (bench_serving
+# --stages, tools/ttft_stages.py); W2_SERVE_FLAGS (e.g. --no-async-scheduling) go to its server.
+# w2-stages (not in the default list): W2 with its stages after a short warm-up instead of
+# W1-HTTP (about 30 s less), recorded as w2-stages<W2_SERVE_FLAGS>; then the fixed latencies
+# alone: 48 short requests (W1 scaled by 0.1) at 4/s, between which the engine idles (w2-idle...).
 set -u -o pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-bench-out}
@@ -123,12 +128,28 @@ for step in $steps; do
         --dashboard-compare --passes 3
       kill $server; wait $server 2> /dev/null ;;
     w2)
-      start_server
+      # shellcheck disable=SC2086  # the flags are words
+      start_server qwen3-0.6b 8011 120 "$OUT/server.log" ${W2_SERVE_FLAGS:-}
       # W1-HTTP first (all 256 requests at once: the serving path at saturation), then W2.
       record w1-http-qwen3-0.6b 120 python3 tools/bench_serving.py \
         --base-url http://127.0.0.1:8011 --model qwen3-0.6b
       record w2-qwen3-0.6b-rate16 100 python3 tools/bench_serving.py \
-        --base-url http://127.0.0.1:8011 --model qwen3-0.6b --request-rate 16
+        --base-url http://127.0.0.1:8011 --model qwen3-0.6b --request-rate 16 ${STAGES:+--stages}
+      [ -n "${STAGES:-}" ] && python3 tools/ttft_stages.py "$log" w2-qwen3-0.6b-rate16
+      kill $server; wait $server 2> /dev/null ;;
+    w2-stages)
+      # shellcheck disable=SC2086  # the flags are words
+      start_server qwen3-0.6b 8011 120 "$OUT/server.log" ${W2_SERVE_FLAGS:-}
+      python3 tools/bench_serving.py --base-url http://127.0.0.1:8011 --model qwen3-0.6b \
+        --num-prompts 32 > /dev/null  # warm-up: kernels, cuBLAS shapes, connections
+      name="w2-stages${W2_SERVE_FLAGS:-}"; name=${name// /}
+      record "$name" 100 python3 tools/bench_serving.py --base-url http://127.0.0.1:8011 \
+        --model qwen3-0.6b --request-rate 16 --stages
+      python3 tools/ttft_stages.py "$log" "$name"
+      record "${name/w2/w2-idle}" 40 python3 tools/bench_serving.py \
+        --base-url http://127.0.0.1:8011 --model qwen3-0.6b --request-rate 4 --num-prompts 48 \
+        --scale 0.1 --stages
+      python3 tools/ttft_stages.py "$log" "${name/w2/w2-idle}"
       kill $server; wait $server 2> /dev/null ;;
     w1-http-dp)  # W1-HTTP on llama3-8b: one engine core, then ${DP:-2} (one per GPU; issue 18)
       for dp in 1 "${DP:-2}"; do

@@ -85,6 +85,11 @@ class EngineCoreOutputs:
     fatal: str | None = None  # the core is going down, and why
     # (ticket, EngineCore.snapshot) for each SNAPSHOT asked since: the dashboard's view
     snapshots: list[tuple[int, dict]] = field(default_factory=list)
+    # Where first tokens wait (server/timeline.py), in time.monotonic() seconds: when the core
+    # sent this message, and (request id, received, first scheduled, that step launched, its
+    # tokens read) for each request whose first token it carries. Set by the core process.
+    sent_time: float = 0.0
+    first_token_times: list[tuple[str, float, float, float, float]] = field(default_factory=list)
 
 
 # ---------------------------------------------------------------- to users
