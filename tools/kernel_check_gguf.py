@@ -122,12 +122,20 @@ def check_speed(ops, small: bool, timer, report):
                     times[version] = timer(lambda x=x, out=out, it=it, ws=ws, v=version: cq.gemv(
                         x, ws[next(it) % len(ws)], out, ops.ctype, version=v[:2],
                         rows2=2 if v == "v2x2" else 1), max(20, copies))
-                others = min(t for v, t in times.items() if v != "v3")
+                plain = dict(times)
+                for version in ("v2", "v3") if m == 1 else ():
+                    if version in times:  # as in a decode graph: weights stream during the wait
+                        it = iter(range(10**9))
+                        times[f"{version} PDL chain"] = timer(
+                            lambda x=x, out=out, it=it, ws=ws, v=version: cq.gemv(
+                                x, ws[next(it) % len(ws)], out, ops.ctype, version=v),
+                            max(20, copies), pdl=True)
+                others = min(t for v, t in plain.items() if v != "v3")
                 report(f"{kind} {name} GEMV M={m}", " | ".join(
                     f"{v} {t * 1e6:.1f} us {nbytes / t / 1e9:.0f} GB/s ({nbytes / t / PEAK_BW:.0%})"
                     for v, t in times.items()),
-                    f"v3 {others / times['v3']:.2f}x best other" if "v3" in times else
-                    f"v2 {times['v1'] / times['v2']:.2f}x v1" if "v2" in times else "v1 only")
+                    f"v3 {others / plain['v3']:.2f}x best other" if "v3" in plain else
+                    f"v2 {plain['v1'] / plain['v2']:.2f}x v1" if "v2" in plain else "v1 only")
             if kind in GGUF_GEMV2_KINDS and name in FUSED_SHAPES and not small:
                 check_fused(ops, kind, name, (n, k), ws, copies, timer, report, rng)
             if small or name not in DEQUANT_SHAPES:
@@ -168,12 +176,14 @@ def check_fused_version(ops, kind, name, shape, ws, copies, timer, report, rng, 
         times = []
         for fn in (fused, unfused):
             it = iter(range(10**9))
-            times.append(timer(lambda fn=fn, it=it: fn(ws[next(it) % len(ws)]), max(20, copies)))
+            times.append(timer(lambda fn=fn, it=it: fn(ws[next(it) % len(ws)]), max(20, copies),
+                               pdl=True))
     finally:
         cq.GEMV_KERNEL = saved
     # v3: a last-bit difference in the norm can move a quantized x by one step
     tol = 2e-3 if version == "v3" else 1e-3
-    report(f"{kind} {name} {version} add + norm fused M=1", f"{times[0] * 1e6:.1f} us, unfused "
+    report(f"{kind} {name} {version} add + norm fused M=1, PDL chain",
+           f"{times[0] * 1e6:.1f} us, unfused "
            f"{times[1] * 1e6:.1f} us", f"rel err {err:.1e} " + ("OK" if err < tol else "MISMATCH"))
 
 
@@ -182,7 +192,7 @@ def rel_err(got: np.ndarray, want: np.ndarray) -> float:
 
 
 def check_gguf(ops, timer, small: bool = False):
-    """timer(fn, calls) -> seconds per call on the GPU (kernel_check.graph_time)."""
+    """timer(fn, calls, pdl=False) -> seconds per call on the GPU (kernel_check.graph_time)."""
     lines = []
 
     checks = []
