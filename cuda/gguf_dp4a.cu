@@ -19,12 +19,13 @@
 // float2 / int2). K must be a multiple of 2048; weights are read in 16-byte words straight into
 // registers, a step ahead of the compute; the first ones before the PDL wait. Every format is a
 // struct: WORDS 16-byte words a lane loads per step, STEPS steps per load, STAGE shared words
-// per warp, BLOCKS_M1 blocks per SM to fit the registers for at M = 1, load() and dot().
+// per warp, BLOCKS_M1 blocks per SM to fit the registers for at M = 1 (or BIG warps in one
+// block), load() and dot().
 #include "common.cuh"
 
 typedef unsigned char u8;
 
-constexpr int G3_WARPS = 8;     // warps per block
+constexpr int G3_WARPS = 8;     // warps per block (a GEMV's W: G3_WARPS, or F::BIG at M = 1)
 constexpr int G3_CHUNK = 2048;  // values of a weight row per warp step: 64 a lane
 
 // byte of x value k in the staged int8 copy: 16-byte word i (values 16 i .. of lane l's 64) of
@@ -46,7 +47,7 @@ __device__ __forceinline__ float g3_f16(unsigned bits) {
 // 16 bytes (d, dmin, 12 scale bytes), which the block's 4 lanes load together.
 struct G3_Q4_K {
   // 2 steps per load: 96 bytes a lane; at M = 1 3 blocks per SM (4 would spill registers)
-  static constexpr int WORDS = 3, STEPS = 2, STAGE = 0, BLOCKS_M1 = 3;
+  static constexpr int WORDS = 3, STEPS = 2, STAGE = 0, BLOCKS_M1 = 3, BIG = 24;
   __device__ static void load(uint4* r, const u8* row, int step, int lane) {
     const u8* blk = row + (step * 8 + (lane >> 2)) * 144;
     r[0] = g3_ldg16(blk);
@@ -99,7 +100,8 @@ struct G3_Q4_K {
 // a 17-word stride, no bank conflict). Block 2l's quants start 2 bytes into a word: one byte
 // permute realigns each 4. Rows start on 16 bytes (K a multiple of 2048: row_bytes of 2176).
 struct G3_Q8_0 {
-  static constexpr int WORDS = 5, STEPS = 1, STAGE = 136, BLOCKS_M1 = 4;  // 64 registers at M = 1
+  // at M = 1 64 registers: 4 blocks per SM, or one of 32 warps
+  static constexpr int WORDS = 5, STEPS = 1, STAGE = 136, BLOCKS_M1 = 4, BIG = 32;
   __device__ static void load(uint4* r, const u8* row, int step, int lane) {
     const u8* src = row + step * 2176 + 16 * lane;
 #pragma unroll
@@ -196,7 +198,7 @@ __device__ __forceinline__ void g3_stage_x(u8* xq, float* xd, int* xs, float* sc
                                            float eps) {
   __shared__ float red[32];
   // K % 2048 == 0: a warp's 256 values are all in or all out, so the shuffles see full warps
-  constexpr int STRIDE = 8 * 32 * G3_WARPS;
+  const int STRIDE = 8 * blockDim.x;
   // U strides' loads in flight before any is used (2 with NORM: its residual loads too)
   constexpr int U = NORM ? 2 : 4, W = sizeof(T) / 2;
   for (int m = 0; m < M; m++) {
@@ -283,9 +285,11 @@ __device__ __forceinline__ void g3_carve(uint4* smem, int K, u8*& xq, float*& xd
 // NORM makes it (g3_stage_x; the extra arguments null without NORM). Warp gw of the grid takes
 // rows gw, gw + (warps in the grid), ...; each row is K / 2048 warp steps, loaded F::STEPS at a
 // time one load ahead of the compute.
-// Grid: (at most what stays resident, cuda_quant_gguf.gemv3)  Block: (32 * G3_WARPS)
-template <class F, typename T, int M, bool NORM>
-__global__ void __launch_bounds__(32 * G3_WARPS, M == 1 ? F::BLOCKS_M1 : 2)
+// W warps per block: G3_WARPS, several blocks per SM, or F::BIG, one block per SM (x staged
+// once per SM, and as many warps resident as the registers allow).
+// Grid: (at most what stays resident, cuda_quant_gguf.gemv3)  Block: (32 * W)
+template <class F, typename T, int M, bool NORM, int W>
+__global__ void __launch_bounds__(32 * W, W != G3_WARPS ? 1 : M == 1 ? F::BLOCKS_M1 : 2)
 gguf_gemv3_kernel(T* __restrict__ y, const T* __restrict__ x, const u8* __restrict__ w, int N,
                   int K, int rows, int row_bytes, const T* __restrict__ residual,
                   const T* __restrict__ norm_w, T* __restrict__ res_out, float eps) {
@@ -296,9 +300,9 @@ gguf_gemv3_kernel(T* __restrict__ y, const T* __restrict__ x, const u8* __restri
   uint4* rest;
   g3_carve<M>(g3_smem, K, xq, xd, xs, rest);
   uint4* stage = rest + (threadIdx.x >> 5) * F::STAGE;
-  float* scratch = reinterpret_cast<float*>(rest + G3_WARPS * F::STAGE);
+  float* scratch = reinterpret_cast<float*>(rest + W * F::STAGE);
   const int lane = threadIdx.x & 31;
-  const int total_warps = gridDim.x * G3_WARPS, gw = blockIdx.x * G3_WARPS + (threadIdx.x >> 5);
+  const int total_warps = gridDim.x * W, gw = blockIdx.x * W + (threadIdx.x >> 5);
   const int steps = K / G3_CHUNK, per_row = (steps + F::STEPS - 1) / F::STEPS;
   const int items = gw < N ? (N - gw + total_warps - 1) / total_warps * per_row : 0;
   uint4 cur[F::STEPS][F::WORDS], nxt[F::STEPS][F::WORDS];
@@ -366,10 +370,10 @@ gguf_quantize_x_kernel(signed char* __restrict__ q, float* __restrict__ dx, int*
 }
 
 #ifdef PAGEDSERVE_NVCC_CHECK
-template __global__ void gguf_gemv3_kernel<G3_Q4_K, __nv_bfloat16, 1, true>(
+template __global__ void gguf_gemv3_kernel<G3_Q4_K, __nv_bfloat16, 1, true, 24>(
     __nv_bfloat16*, const __nv_bfloat16*, const u8*, int, int, int, int, const __nv_bfloat16*,
     const __nv_bfloat16*, __nv_bfloat16*, float);
-template __global__ void gguf_gemv3_kernel<G3_Q8_0, __half, 4, false>(
+template __global__ void gguf_gemv3_kernel<G3_Q8_0, __half, 4, false, 8>(
     __half*, const __half*, const u8*, int, int, int, int, const __half*, const __half*, __half*,
     float);
 template __global__ void gguf_quantize_x_kernel<__nv_bfloat16, 1, true>(

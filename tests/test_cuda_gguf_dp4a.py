@@ -75,17 +75,20 @@ def test_gemv_v3_matches_the_twin(ops, kind, m, rows, cols):
     assert cq.gemv3_fits(kind, 8 if m > 4 else m, cols)
     w, host = weight(kind, rows, cols, seed=m)
     x = ops.from_host(np.random.default_rng(m).standard_normal((m, cols)).astype(np.float32))
-    out = cupy.full((m, rows), np.nan, ops.storage)
     assert cq.gemv_version(x, w, "v3") == "v3"
-    got = ops.to_host(cq.gemv(x, w, out, ops.ctype, version="v3"))
     x_h = ops.to_host(x)
-    assert rel(got, gguf_dot.linear(x_h, host)) < TWIN_TOL[ops.dtype]
-    assert rel(got, x_h @ gq.dequantize_gguf(host).T) < FLOAT_TOL
+    for big in (False, True) if m == 1 else (False,):  # one block per SM (cq.GEMV3_BIG)
+        out = cupy.full((m, rows), np.nan, ops.storage)
+        got = ops.to_host(cq.gemv(x, w, out, ops.ctype, version="v3", big=big))
+        assert rel(got, gguf_dot.linear(x_h, host)) < TWIN_TOL[ops.dtype], big
+        assert rel(got, x_h @ gq.dequantize_gguf(host).T) < FLOAT_TOL
 
 
 @pytest.mark.parametrize("kind", ["Q4_K", "Q8_0"])
-def test_gemv_v3_fuses_the_norm(ops, monkeypatch, kind):
+@pytest.mark.parametrize("big", [False, True])
+def test_gemv_v3_fuses_the_norm(ops, monkeypatch, kind, big):
     monkeypatch.setattr(cq, "GEMV_KERNEL", "v3")
+    monkeypatch.setattr(cq, "GEMV3_BIG", big)
     rng = np.random.default_rng(1)
     w, _ = weight(kind, 300, 4096)
     x, r, g = (ops.from_host(rng.standard_normal(s).astype(np.float32))

@@ -75,9 +75,9 @@ def check_twins(ops, small: bool, report):
                 for version in versions(kind, m, k):
                     out = cupy.empty((m, rows), ops.storage)
                     cq.gemv(x, w, out, ops.ctype, version=version[:2],
-                            rows2=2 if version == "v2x2" else None)
+                            rows2=2 if version == "v2x2" else None, big=version == "v3 big")
                     twin = (gguf_dot.linear(ops.to_host(x), QuantizedWeight(kind, (rows, k), host))
-                            if version == "v3" else ref)
+                            if version.startswith("v3") else ref)
                     err = rel_err(ops.to_host(out), twin)
                     report(f"{kind} GEMV {version} {rows}x{k} M={m}", f"rel err {err:.1e}",
                            "OK" if err < 1e-2 else "MISMATCH", quiet=True)
@@ -99,7 +99,8 @@ def versions(kind: str, m: int, k: int) -> tuple:
         # v2x2: Q4_K's 2 weight rows per warp at M = 1 (cq.GEMV2_ROWS)
         found += ["v2", "v2x2"] if kind == "Q4_K" and m == 1 else ["v2"]
     if cq.gemv3_fits(kind, compiled, k):
-        found.append("v3")
+        # v3 big: one block of GGUF_GEMV3_BIG warps per SM (cq.GEMV3_BIG)
+        found += ["v3", "v3 big"] if m == 1 else ["v3"]
     return tuple(found)
 
 
@@ -121,20 +122,21 @@ def check_speed(ops, small: bool, timer, report):
                     it = iter(range(10**9))
                     times[version] = timer(lambda x=x, out=out, it=it, ws=ws, v=version: cq.gemv(
                         x, ws[next(it) % len(ws)], out, ops.ctype, version=v[:2],
-                        rows2=2 if v == "v2x2" else 1), max(20, copies))
+                        rows2=2 if v == "v2x2" else 1, big=v == "v3 big"), max(20, copies))
                 plain = dict(times)
-                for version in ("v2", "v3") if m == 1 else ():
+                for version in ("v2", "v3", "v3 big") if m == 1 else ():
                     if version in times:  # as in a decode graph: weights stream during the wait
                         it = iter(range(10**9))
                         times[f"{version} PDL chain"] = timer(
                             lambda x=x, out=out, it=it, ws=ws, v=version: cq.gemv(
-                                x, ws[next(it) % len(ws)], out, ops.ctype, version=v),
-                            max(20, copies), pdl=True)
-                others = min(t for v, t in plain.items() if v != "v3")
+                                x, ws[next(it) % len(ws)], out, ops.ctype, version=v[:2],
+                                big=v == "v3 big"), max(20, copies), pdl=True)
+                others = min(t for v, t in plain.items() if not v.startswith("v3"))
                 report(f"{kind} {name} GEMV M={m}", " | ".join(
                     f"{v} {t * 1e6:.1f} us {nbytes / t / 1e9:.0f} GB/s ({nbytes / t / PEAK_BW:.0%})"
                     for v, t in times.items()),
-                    f"v3 {others / plain['v3']:.2f}x best other" if "v3" in plain else
+                    f"v3 {others / min(t for v, t in plain.items() if v.startswith('v3')):.2f}x "
+                    "best other" if "v3" in plain else
                     f"v2 {plain['v1'] / plain['v2']:.2f}x v1" if "v2" in plain else "v1 only")
             if kind in GGUF_GEMV2_KINDS and name in FUSED_SHAPES and not small:
                 check_fused(ops, kind, name, (n, k), ws, copies, timer, report, rng)
@@ -158,14 +160,15 @@ def check_speed(ops, small: bool, timer, report):
 def check_fused(ops, kind, name, shape, ws, copies, timer, report, rng):
     """v2 and v3 with the add + norm fused, M = 1, against the two launches; the twin check is
     the GEMV of what the unfused op hands it."""
-    for version in ("v2", "v3") if kind in GGUF_GEMV3_KINDS else ("v2",):
+    for version in ("v2", "v3", "v3 big") if kind in GGUF_GEMV3_KINDS else ("v2",):
         check_fused_version(ops, kind, name, shape, ws, copies, timer, report, rng, version)
 
 
 def check_fused_version(ops, kind, name, shape, ws, copies, timer, report, rng, version):
     k = shape[1]
     gl = cq.GGUFLinear(ops)
-    saved, cq.GEMV_KERNEL = cq.GEMV_KERNEL, version
+    saved = cq.GEMV_KERNEL, cq.GEMV3_BIG
+    cq.GEMV_KERNEL, cq.GEMV3_BIG = version[:2], version == "v3 big"
     try:
         x, r, g = (ops.from_host(rng.standard_normal(s).astype(np.float32))
                    for s in ((1, k), (1, k), (k,)))
@@ -179,9 +182,9 @@ def check_fused_version(ops, kind, name, shape, ws, copies, timer, report, rng, 
             times.append(timer(lambda fn=fn, it=it: fn(ws[next(it) % len(ws)]), max(20, copies),
                                pdl=True))
     finally:
-        cq.GEMV_KERNEL = saved
+        cq.GEMV_KERNEL, cq.GEMV3_BIG = saved
     # v3: a last-bit difference in the norm can move a quantized x by one step
-    tol = 2e-3 if version == "v3" else 1e-3
+    tol = 2e-3 if version.startswith("v3") else 1e-3
     report(f"{kind} {name} {version} add + norm fused M=1, PDL chain",
            f"{times[0] * 1e6:.1f} us, unfused "
            f"{times[1] * 1e6:.1f} us", f"rel err {err:.1e} " + ("OK" if err < tol else "MISMATCH"))

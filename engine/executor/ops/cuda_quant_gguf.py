@@ -32,6 +32,7 @@ from engine.executor.ops import cuda_gemv
 from engine.executor.ops.cuda_kernels import (
     GGUF_GEMV2_KINDS,
     GGUF_GEMV2_STRUCTS,
+    GGUF_GEMV3_BIG,
     GGUF_GEMV3_KINDS,
     GGUF_GEMV_M,
     GGUF_GEMV_R,
@@ -58,6 +59,8 @@ GEMV2_STAGE = {"Q4_K": 0, "Q8_0": 136}  # 16-byte words of shared memory per war
 GEMV2_MAX_BLOCKS_PER_SM = 4
 GEMV3_AUTO_MAX_M: dict[str, int] = {}  # compiled rows up to which "auto" takes v3: none measured
 GEMV3_WARPS = 8  # gguf_dp4a.cu's G3_WARPS
+# at M = 1 one block of GGUF_GEMV3_BIG warps per SM, not several of 8 (kernel_check: "v3 big")
+GEMV3_BIG = os.environ.get("PAGEDSERVE_GGUF_V3_BIG", "0") == "1"
 GEMV3_STAGE = {"Q4_K": 0, "Q8_0": 136}  # 16-byte words of shared memory per warp (F::STAGE)
 
 
@@ -127,11 +130,12 @@ def gemv2_fits(kind: str, m: int, k: int) -> bool:
             and gemv2_smem(kind, m, k) <= _device()["sharedMemPerBlockOptin"])
 
 
-def gemv3_smem(kind: str | None, m: int, k: int, norm: bool = False) -> int:
+def gemv3_smem(kind: str | None, m: int, k: int, norm: bool = False,
+               warps: int = GEMV3_WARPS) -> int:
     """Dynamic shared memory of gguf_gemv3_kernel (kind None: gguf_quantize_x_kernel): x's int8
     copy, its scales and sums per 32 values, each warp's staging words, and with norm K floats
     between the norm's two passes."""
-    stage = GEMV3_WARPS * GEMV3_STAGE[kind] * 16 if kind else 0
+    stage = warps * GEMV3_STAGE[kind] * 16 if kind else 0
     return m * k + m * k // 32 * 8 + stage + (4 * k if norm else 0)
 
 
@@ -161,17 +165,21 @@ def gemv_version(x: cupy.ndarray, weight: QuantizedWeight, version: str | None =
 
 
 def gemv3(x: cupy.ndarray, weight: QuantizedWeight, out: cupy.ndarray, ctype: str,
-          norm: bool = False, residual=None, norm_w=None, res_out=None, eps: float = 0.0):
+          norm: bool = False, residual=None, norm_w=None, res_out=None, eps: float = 0.0,
+          big: bool | None = None):
     """The third GEMV (x quantized to int8): out = x @ W^T, or with norm (M = 1) out =
-    (rms_norm(x + residual) * norm_w) @ W^T and x + residual into res_out."""
+    (rms_norm(x + residual) * norm_w) @ W^T and x + residual into res_out. big: one block per
+    SM at M = 1 (GEMV3_BIG if None)."""
     n, k = weight.shape
     m = x.shape[0]
     compiled = next(c for c in GGUF_GEMV_M if c >= m)
+    big = GEMV3_BIG if big is None else big
+    warps = GGUF_GEMV3_BIG[weight.kind] if big and compiled == 1 else GEMV3_WARPS
     name = (f"gguf_gemv3_kernel<G3_{weight.kind}, {ctype}, {compiled}, "
-            f"{'true' if norm else 'false'}>")
-    blocks, smem = _gemv3_config(name, ctype, weight.kind, compiled, n, k, norm)
+            f"{'true' if norm else 'false'}, {warps}>")
+    blocks, smem = _gemv3_config(name, ctype, weight.kind, compiled, n, k, norm, warps)
     null = np.uint64(0)
-    launch(kernel("gguf_dp4a.cu", name, ctype), (blocks,), (32 * GEMV3_WARPS,),
+    launch(kernel("gguf_dp4a.cu", name, ctype), (blocks,), (32 * warps,),
            (out, x, weight.data, np.int32(n), np.int32(k), np.int32(m),
             np.int32(row_bytes(weight.kind, k)), null if residual is None else residual,
             null if norm_w is None else norm_w, null if res_out is None else res_out,
@@ -225,16 +233,16 @@ def gemv2(x: cupy.ndarray, weight: QuantizedWeight, out: cupy.ndarray, ctype: st
 
 def gemv(x: cupy.ndarray, weight: QuantizedWeight, out: cupy.ndarray, ctype: str,
          rows_per_block: int = GGUF_GEMV_R, blocks_per_sm: int | None = None,
-         version: str | None = None, rows2: int | None = None):
+         version: str | None = None, rows2: int | None = None, big: bool | None = None):
     """out (M, N) = x (M, K) @ dequantized(weight)^T, M <= 8. One launch: a few blocks per SM,
     each warp streaming row groups (cuda/gguf.cu). rows_per_block and blocks_per_sm: variants
     kernel_check compares (GGUF_GEMV_VARIANTS). version: "v1", "v2", "v3" or "auto" (GEMV_KERNEL
-    by default), as gemv_version resolves it. rows2: gemv2's rows."""
+    by default), as gemv_version resolves it. rows2: gemv2's rows; big: gemv3's."""
     n, k = weight.shape
     m = x.shape[0]
     chosen = gemv_version(x, weight, version)
     if chosen == "v3":
-        return gemv3(x, weight, out, ctype)
+        return gemv3(x, weight, out, ctype, big=big)
     if chosen == "v2":
         return gemv2(x, weight, out, ctype, rows=rows2)
     compiled = next(c for c in GGUF_GEMV_M if c >= m)
@@ -258,11 +266,11 @@ def _gemv2_config(name: str, ctype: str, kind: str, m: int, n: int, k: int,
 
 
 @functools.cache
-def _gemv3_config(name: str, ctype: str, kind: str, m: int, n: int, k: int,
-                  norm: bool) -> tuple[int, int]:
+def _gemv3_config(name: str, ctype: str, kind: str, m: int, n: int, k: int, norm: bool,
+                  warps: int) -> tuple[int, int]:
     """(blocks, shared memory bytes) of gemv3 (_grid): one row per warp at a time."""
-    smem = gemv3_smem(kind, m, k, norm)
-    return _grid(kernel("gguf_dp4a.cu", name, ctype), smem, GEMV3_WARPS, n), smem
+    smem = gemv3_smem(kind, m, k, norm, warps)
+    return _grid(kernel("gguf_dp4a.cu", name, ctype), smem, warps, n), smem
 
 
 def _grid(fn, smem: int, warps: int, groups: int) -> int:
