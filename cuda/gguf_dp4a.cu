@@ -8,6 +8,7 @@
 // their raw nibbles or bytes; the weight's (sub-)block scales apply once per 32 values in float:
 //   Q8_0  y += dx * d * (q_w . q_x)
 //   Q4_K  y += dx * (a * (u . q_x) - b * sum q_x)     a = d * sc, b = dmin * mn (gguf_quants)
+//   Q6_K  y += dx * d * (sc0 * ((u - 32) . q_x)_0 + sc1 * (...)_1)   int8 sc per 16 values
 // The integer dot products are exact, so the kernel equals the twin up to float summation order.
 // NOTE: x's quantization is the twin's bit for bit: id = 127 / amax and dx = amax / 127 are
 // correctly rounded divisions, q = x * id (one rounding) rounded half to even (__float2int_rn,
@@ -141,6 +142,73 @@ struct G3_Q8_0 {
       const float2 dx = reinterpret_cast<const float2*>(xd)[(long)m * (K / 32) / 2 +
                                                              step * 32 + lane];
       acc[m] += dx.x * (d0 * (float)s0) + dx.y * (d1 * (float)s1);
+    }
+  }
+};
+
+// Q6_K: a warp step's 8 blocks are 1680 bytes (105 words; 210-byte blocks start on 2 bytes),
+// loaded by the warp word after word and passed through shared memory. Lane l takes block
+// b = l / 4 and in it values 64 p .. 64 p + 63 (p = l % 4), i.e. of half h = p / 2 the values
+// 64 s .. 64 s + 63 (s = p % 2): nibble s of the 64 ql bytes at 64 h, bits 4 s and 4 s + 2 of
+// the 32 qh bytes at 128 + 32 h, the 4 int8 scales at 192 + 8 h + 4 s, d at 208. An odd
+// block starts 2 bytes into a word: each word is a funnel shift of two (the 16 lanes' distinct
+// ql addresses fall on distinct banks). Per 16 values (u - 32) . q = u . q - 32 sum q, the sum
+// by a dp4a with ones.
+struct G3_Q6_K {
+  // the stage holds one word more than the step: block 7's d is read as half of a pair
+  static constexpr int WORDS = 4, STEPS = 1, STAGE = 106, BLOCKS_M1 = 3, BIG = 24;
+  __device__ static void load(uint4* r, const u8* row, int step, int lane) {
+    const u8* src = row + step * 1680 + 16 * lane;
+#pragma unroll
+    for (int i = 0; i < 3; i++) r[i] = g3_ldg16(src + 512 * i);
+    if (lane < 9) r[3] = g3_ldg16(src + 1536);
+  }
+  template <int M>
+  __device__ static void dot(const uint4* r, const u8* xq, const float* xd, const int*, int K,
+                             int step, int lane, uint4* stage, float* acc) {
+    __syncwarp();  // every lane has read the previous step's words
+#pragma unroll
+    for (int i = 0; i < 3; i++) stage[lane + 32 * i] = r[i];
+    if (lane < 9) stage[96 + lane] = r[3];
+    __syncwarp();
+    const unsigned* S = reinterpret_cast<const unsigned*>(stage);
+    const int b = lane >> 2, h = (lane >> 1) & 1, s = lane & 1;
+    const int w0 = (210 * b) >> 2, sh = 8 * ((210 * b) & 3);  // sh: 0 or 16
+    auto word = [&](int off) {  // the 4 bytes at block byte off (a multiple of 4)
+      return __funnelshift_r(S[w0 + off / 4], S[w0 + off / 4 + 1], sh);
+    };
+    const float d = g3_f16(word(208));
+    const unsigned scw = word(192 + 8 * h + 4 * s);
+    int sc[4];
+#pragma unroll
+    for (int g = 0; g < 4; g++) sc[g] = (int)(signed char)(scw >> (8 * g));
+    int q[16];  // the lane's 64 stored 6-bit values u, 4 a word
+#pragma unroll
+    for (int i = 0; i < 8; i++) {
+      const unsigned hi = word(128 + 32 * h + 4 * i) >> (4 * s);
+      q[i] = (int)(((word(64 * h + 4 * i) >> (4 * s)) & 0x0F0F0F0Fu) | ((hi & 0x03030303u) << 4));
+      q[8 + i] = (int)(((word(64 * h + 32 + 4 * i) >> (4 * s)) & 0x0F0F0F0Fu) |
+                       (((hi >> 2) & 0x03030303u) << 4));
+    }
+#pragma unroll
+    for (int m = 0; m < M; m++) {
+      const uint4* xw = reinterpret_cast<const uint4*>(xq + (long)m * K) + step * 128 + lane;
+      int isum[2] = {0, 0};  // per 32 values: sum of sc * (u - 32) . q over its two 16s
+#pragma unroll
+      for (int g = 0; g < 4; g++) {
+        const uint4 xv = xw[32 * g];
+        const int x4[4] = {(int)xv.x, (int)xv.y, (int)xv.z, (int)xv.w};
+        int dq = 0, dsum = 0;
+#pragma unroll
+        for (int t = 0; t < 4; t++) {
+          dq = __dp4a(q[4 * g + t], x4[t], dq);
+          dsum = __dp4a(0x01010101, x4[t], dsum);
+        }
+        isum[g >> 1] += sc[g] * (dq - 32 * dsum);
+      }
+      const float2 dx = reinterpret_cast<const float2*>(xd)[(long)m * (K / 32) / 2 +
+                                                             step * 32 + lane];
+      acc[m] += dx.x * (d * (float)isum[0]) + dx.y * (d * (float)isum[1]);
     }
   }
 };

@@ -67,7 +67,7 @@ def test_x_quantization_with_the_fused_norm(ops):
     np.testing.assert_allclose(dx.get(), want[1], rtol=1e-6)
 
 
-@pytest.mark.parametrize("kind", ["Q4_K", "Q8_0"])
+@pytest.mark.parametrize("kind", ["Q4_K", "Q8_0", "Q6_K"])
 @pytest.mark.parametrize("m, rows, cols", [(m, 37, k) for m in (1, 2, 3, 8) for k in (2048, 6144)]
                          + [(1, 5000, 2048), (4, 5000, 2048), (1, 96, 14336)])
 def test_gemv_v3_matches_the_twin(ops, kind, m, rows, cols):
@@ -84,7 +84,7 @@ def test_gemv_v3_matches_the_twin(ops, kind, m, rows, cols):
         assert rel(got, x_h @ gq.dequantize_gguf(host).T) < FLOAT_TOL
 
 
-@pytest.mark.parametrize("kind", ["Q4_K", "Q8_0"])
+@pytest.mark.parametrize("kind", ["Q4_K", "Q8_0", "Q6_K"])
 @pytest.mark.parametrize("big", [False, True])
 def test_gemv_v3_fuses_the_norm(ops, monkeypatch, kind, big):
     monkeypatch.setattr(cq, "GEMV_KERNEL", "v3")
@@ -118,7 +118,7 @@ def test_gemv_v3_is_capturable_in_a_cuda_graph(ops, monkeypatch):
 
 
 def test_forced_v3_falls_back_where_it_does_not_fit(ops):
-    w, _ = weight("Q6_K", 8, 2048)
+    w, _ = weight("Q5_K", 8, 2048)
     x = ops.from_host(np.ones((1, 2048), np.float32))
     assert cq.gemv_version(x, w, "v3") == "v1"
     w, _ = weight("Q8_0", 8, 2048 + 32)

@@ -26,7 +26,7 @@ from engine.model.quantized import QuantizedWeight
 
 L2_BYTES = 60 << 20
 PEAK_BW = 4.8e12  # the H200's HBM3e bandwidth (spec sheet)
-TIMED = ("Q4_K", "Q8_0")  # the targets' formats
+TIMED = ("Q4_K", "Q8_0", "Q6_K")  # the targets' formats and Q4_K_M's other one (M = 1 only)
 DEQUANT_SHAPES = ("qkv 6144x4096", "gate_up 28672x4096", "down 4096x14336")
 FUSED_SHAPES = ("qkv 6144x4096", "gate_up 28672x4096")  # v2's add + norm at M = 1
 SHAPES = {"qkv 6144x4096": (6144, 4096), "o 4096x4096": (4096, 4096),
@@ -114,7 +114,7 @@ def check_speed(ops, small: bool, timer, report):
             host = gq.random_blocks(kind, (n, k), 0.02, rng)
             ws = [upload(kind, host, (n, k)) for _ in range(copies)]
             gl = cq.GGUFLinear(ops)
-            for m in ((1,) if small else (1, 2, 4, 8)):
+            for m in ((1,) if small or kind == "Q6_K" else (1, 2, 4, 8)):
                 x = ops.from_host(rng.standard_normal((m, k)).astype(np.float32))
                 out = cupy.empty((m, n), ops.storage)
                 times = {}
@@ -138,7 +138,7 @@ def check_speed(ops, small: bool, timer, report):
                     f"v3 {others / min(t for v, t in plain.items() if v.startswith('v3')):.2f}x "
                     "best other" if "v3" in plain else
                     f"v2 {plain['v1'] / plain['v2']:.2f}x v1" if "v2" in plain else "v1 only")
-            if kind in GGUF_GEMV2_KINDS and name in FUSED_SHAPES and not small:
+            if kind in GGUF_GEMV3_KINDS and name in FUSED_SHAPES and not small:
                 check_fused(ops, kind, name, (n, k), ws, copies, timer, report, rng)
             if small or name not in DEQUANT_SHAPES:
                 continue
@@ -158,9 +158,9 @@ def check_speed(ops, small: bool, timer, report):
 
 
 def check_fused(ops, kind, name, shape, ws, copies, timer, report, rng):
-    """v2 and v3 with the add + norm fused, M = 1, against the two launches; the twin check is
-    the GEMV of what the unfused op hands it."""
-    for version in ("v2", "v3", "v3 big") if kind in GGUF_GEMV3_KINDS else ("v2",):
+    """v2 (where it exists) and v3 with the add + norm fused, M = 1, against the two launches;
+    the twin check is the GEMV of what the unfused op hands it."""
+    for version in ("v2", "v3", "v3 big") if kind in GGUF_GEMV2_KINDS else ("v3", "v3 big"):
         check_fused_version(ops, kind, name, shape, ws, copies, timer, report, rng, version)
 
 

@@ -7,6 +7,7 @@ x (M, K) is quantized per 32 values: dx = amax / 127, q = rint(x * (127 / amax))
 once. Then per 32 values of a weight row
     Q8_0  dx * d * (q_w . q)
     Q4_K  dx * (a * (u . q) - b * sum q)      a = d * sc, b = dmin * mn  (gguf_quants)
+    Q6_K  dx * d * (sc0 * (w0 . q0) + sc1 * (w1 . q1))   per 16 values: w = u - 32, int8 sc
 which is the weight's exact dequantization (gguf_quants) times the quantized x, regrouped: the
 integer dot products are exact (float32 sums of integers below 2^24), so the kernel differs from
 this only by the order of its float sums.
@@ -18,10 +19,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.model.gguf_quants import BLOCKS, _f16, _nibbles, k_scales
+from engine.model.gguf_quants import BLOCKS, _f16, _nibbles, k_scales, q6_k_quants
 from engine.model.quantized import QuantizedWeight
 
-KINDS = ("Q4_K", "Q8_0")  # formats multiplied with x quantized (cuda/gguf_dp4a.cu has them)
+KINDS = ("Q4_K", "Q8_0", "Q6_K")  # formats multiplied with x quantized (cuda/gguf_dp4a.cu's)
 
 
 def quantize_x(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -60,17 +61,30 @@ def _linear(x: np.ndarray, weight: QuantizedWeight) -> np.ndarray:
         b = (_f16(blocks, 2) * mn.astype(np.float32)).reshape(rows, -1)
         return _sum_groups(q, wq, lambda s, dots: dx[:, s, None] * (
             a[None, :, s] * dots - b[None, :, s] * sums[:, s, None].astype(np.float32)))
+    if weight.kind == "Q6_K":
+        wq, sc = q6_k_quants(blocks)
+        wq = wq.reshape(rows, -1, 32)
+        scale = (_f16(blocks, 208) * np.ones((1, 8), np.float32)).reshape(rows, -1)  # d per 32
+        sc = sc.astype(np.float32).reshape(rows, -1, 2)  # (N, K / 32, 2): per 16 values
+        # every sc * dot of 16 values and their sum are integers below 2^24: exact
+        return _sum_groups(q, wq, lambda s, dots: dx[:, s, None] * (scale[None, :, s] * (
+            sc[None, :, s, 0] * dots[0] + sc[None, :, s, 1] * dots[1])), halves=True)
     raise ValueError(f"no int8-activation product for weight kind {weight.kind!r}")
 
 
-def _sum_groups(q: np.ndarray, wq: np.ndarray, term) -> np.ndarray:
+def _sum_groups(q: np.ndarray, wq: np.ndarray, term, halves: bool = False) -> np.ndarray:
     """Sum over groups s of 32 values of term(s, dots), dots (M, N) the exact integer products of
-    x's and the weight's group s (in float32: every partial sum is an integer below 2^24)."""
+    x's and the weight's group s (in float32: every partial sum is an integer below 2^24); with
+    halves, dots is the pair of products of the group's two runs of 16 values."""
     m, groups = q.shape[0], wq.shape[1]
     qx = q.reshape(m, groups, 32).astype(np.float32)
     qw = wq.astype(np.float32)
     y = np.zeros((m, wq.shape[0]), np.float32)
     for s in range(groups):
-        y += term(s, qx[:, s] @ qw[:, s].T)
+        if halves:
+            dots = [qx[:, s, h : h + 16] @ qw[:, s, h : h + 16].T for h in (0, 16)]
+        else:
+            dots = qx[:, s] @ qw[:, s].T
+        y += term(s, dots)
     return y
 

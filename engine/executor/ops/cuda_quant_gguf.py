@@ -61,7 +61,7 @@ GEMV3_AUTO_MAX_M: dict[str, int] = {}  # compiled rows up to which "auto" takes 
 GEMV3_WARPS = 8  # gguf_dp4a.cu's G3_WARPS
 # at M = 1 one block of GGUF_GEMV3_BIG warps per SM, not several of 8 (kernel_check: "v3 big")
 GEMV3_BIG = os.environ.get("PAGEDSERVE_GGUF_V3_BIG", "0") == "1"
-GEMV3_STAGE = {"Q4_K": 0, "Q8_0": 136}  # 16-byte words of shared memory per warp (F::STAGE)
+GEMV3_STAGE = {"Q4_K": 0, "Q8_0": 136, "Q6_K": 106}  # 16-byte words of shared memory per warp
 
 
 def is_gguf(weight) -> bool:
