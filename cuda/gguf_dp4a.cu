@@ -351,12 +351,16 @@ __device__ __forceinline__ void g3_carve(uint4* smem, int K, u8*& xq, float*& xd
 
 // y (rows, N) = x (rows, K) @ dequantized(w)^T with x quantized (module comment), rows <= M; x as
 // NORM makes it (g3_stage_x; the extra arguments null without NORM). Warp gw of the grid takes
-// rows gw, gw + (warps in the grid), ...; each row is K / 2048 warp steps, loaded F::STEPS at a
-// time one load ahead of the compute.
+// outputs gw, gw + (warps in the grid), ...; each row is K / 2048 warp steps, loaded F::STEPS at
+// a time one load ahead of the compute (across rows).
+// GLU (w = [gate (N / 2 rows); up (N / 2 rows)], the MLP's gate_up): y is (rows, N / 2) =
+// silu(gate) * up, output o from rows o and N / 2 + o, one after the other in one warp; each
+// rounded to T first and combined as silu_and_mul_kernel does, so y is bit for bit the unfused
+// GEMV followed by activation.cu.
 // W warps per block: G3_WARPS, several blocks per SM, or F::BIG, one block per SM (x staged
 // once per SM, and as many warps resident as the registers allow).
 // Grid: (at most what stays resident, cuda_quant_gguf.gemv3)  Block: (32 * W)
-template <class F, typename T, int M, bool NORM, int W>
+template <class F, typename T, int M, bool NORM, int W, bool GLU>
 __global__ void __launch_bounds__(32 * W, W != G3_WARPS ? 1 : M == 1 ? F::BLOCKS_M1 : 2)
 gguf_gemv3_kernel(T* __restrict__ y, const T* __restrict__ x, const u8* __restrict__ w, int N,
                   int K, int rows, int row_bytes, const T* __restrict__ residual,
@@ -372,10 +376,13 @@ gguf_gemv3_kernel(T* __restrict__ y, const T* __restrict__ x, const u8* __restri
   const int lane = threadIdx.x & 31;
   const int total_warps = gridDim.x * W, gw = blockIdx.x * W + (threadIdx.x >> 5);
   const int steps = K / G3_CHUNK, per_row = (steps + F::STEPS - 1) / F::STEPS;
-  const int items = gw < N ? (N - gw + total_warps - 1) / total_warps * per_row : 0;
+  constexpr int PARTS = GLU ? 2 : 1;  // weight rows per output
+  const int outs = N / PARTS, per_out = PARTS * per_row;
+  const int items = gw < outs ? (outs - gw + total_warps - 1) / total_warps * per_out : 0;
   uint4 cur[F::STEPS][F::WORDS], nxt[F::STEPS][F::WORDS];
   auto load = [&](uint4 (*r)[F::WORDS], int j) {
-    const u8* row = w + (long)(gw + j / per_row * total_warps) * row_bytes;
+    const int o = gw + j / per_out * total_warps, part = j / per_row % PARTS;
+    const u8* row = w + (long)(o + part * outs) * row_bytes;
     const int s0 = j % per_row * F::STEPS;
 #pragma unroll
     for (int s = 0; s < F::STEPS; s++)
@@ -385,9 +392,9 @@ gguf_gemv3_kernel(T* __restrict__ y, const T* __restrict__ x, const u8* __restri
   pdl_wait();
   g3_stage_x<T, M, NORM>(xq, xd, xs, scratch, x, K, rows, residual, norm_w, res_out, eps);
   pdl_trigger();
-  float acc[M];
+  float acc[M], gate[M];
 #pragma unroll
-  for (int m = 0; m < M; m++) acc[m] = 0.f;
+  for (int m = 0; m < M; m++) acc[m] = gate[m] = 0.f;
   for (int j = 0; j < items; j++) {
     if (j + 1 < items) load(nxt, j + 1);
     const int s0 = j % per_row * F::STEPS;
@@ -395,12 +402,18 @@ gguf_gemv3_kernel(T* __restrict__ y, const T* __restrict__ x, const u8* __restri
     for (int s = 0; s < F::STEPS; s++)
       if (s0 + s < steps) F::template dot<M>(cur[s], xq, xd, xs, K, s0 + s, lane, stage, acc);
     if (j % per_row == per_row - 1) {  // the row is done (warp-uniform)
-      const int row = gw + j / per_row * total_warps;
+      const int o = gw + j / per_out * total_warps;
+      const bool is_gate = GLU && j / per_row % 2 == 0;
 #pragma unroll
       for (int m = 0; m < M; m++) {
-        const float v = warp_sum(acc[m]);
+        const float v = to_float(from_float<T>(warp_sum(acc[m])));
         acc[m] = 0.f;
-        if (lane == 0 && m < rows) y[(long)m * N + row] = from_float<T>(v);
+        if (is_gate) {
+          gate[m] = v;
+        } else if (lane == 0 && m < rows) {
+          y[(long)m * outs + o] =
+              from_float<T>(GLU ? gate[m] / (1.f + expf(-gate[m])) * v : v);
+        }
       }
     }
 #pragma unroll
@@ -438,10 +451,10 @@ gguf_quantize_x_kernel(signed char* __restrict__ q, float* __restrict__ dx, int*
 }
 
 #ifdef PAGEDSERVE_NVCC_CHECK
-template __global__ void gguf_gemv3_kernel<G3_Q4_K, __nv_bfloat16, 1, true, 24>(
+template __global__ void gguf_gemv3_kernel<G3_Q4_K, __nv_bfloat16, 1, true, 24, true>(
     __nv_bfloat16*, const __nv_bfloat16*, const u8*, int, int, int, int, const __nv_bfloat16*,
     const __nv_bfloat16*, __nv_bfloat16*, float);
-template __global__ void gguf_gemv3_kernel<G3_Q8_0, __half, 4, false, 8>(
+template __global__ void gguf_gemv3_kernel<G3_Q8_0, __half, 4, false, 8, false>(
     __half*, const __half*, const u8*, int, int, int, int, const __half*, const __half*, __half*,
     float);
 template __global__ void gguf_quantize_x_kernel<__nv_bfloat16, 1, true>(

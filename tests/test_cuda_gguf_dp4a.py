@@ -101,6 +101,42 @@ def test_gemv_v3_fuses_the_norm(ops, monkeypatch, kind, big):
         assert rel(ops.to_host(y), ops.to_host(y_ref)) < 2e-3
 
 
+@pytest.mark.parametrize("kind", ["Q4_K", "Q8_0", "Q6_K"])
+@pytest.mark.parametrize("big", [False, True])
+def test_gemv_v3_glu_is_the_unfused_ops_bit_for_bit(ops, monkeypatch, kind, big):
+    """add + norm + gate_up + SiLU in one launch: the fused-norm GEMV, then silu_and_mul."""
+    monkeypatch.setattr(cq, "GEMV_KERNEL", "v3")
+    monkeypatch.setattr(cq, "GEMV3_BIG", big)
+    rng = np.random.default_rng(2)
+    w, _ = weight(kind, 2 * 300, 2048)
+    x, r, g = (ops.from_host(rng.standard_normal(s).astype(np.float32))
+               for s in ((1, 2048), (1, 2048), (2048,)))
+    gl = cq.GGUFLinear(ops)
+    assert gl.add_rms_norm_glu(x, r, g, 1e-5, w) is None or cq.GEMV3_GLU  # off by default
+    act, res = gl.add_rms_norm_glu(x, r, g, 1e-5, w, glu=True)
+    y, res_ref = gl.add_rms_norm_linear(x, r, g, 1e-5, w)
+    np.testing.assert_array_equal(ops.to_host(res), ops.to_host(res_ref))
+    np.testing.assert_array_equal(ops.to_host(act), ops.to_host(ops.silu_and_mul(y)))
+    assert gl.add_rms_norm_glu(ops.from_host(np.ones((2, 2048), np.float32)), None, g, 1e-5, w,
+                               glu=True) is None  # one row only
+
+
+def test_mlp_takes_the_glu_gemv(ops, monkeypatch):
+    monkeypatch.setattr(cq, "GEMV_KERNEL", "v3")
+    monkeypatch.setattr(cq, "GEMV3_GLU", True)
+    rng = np.random.default_rng(4)
+    gate_up, _ = weight("Q4_K", 2 * 2048, 2048)
+    down, _ = weight("Q4_K", 2048, 2048, seed=1)
+    x, r, g = (ops.from_host(rng.standard_normal(s).astype(np.float32))
+               for s in ((1, 2048), (1, 2048), (2048,)))
+    y, res = ops.mlp(x, r, g, 1e-5, gate_up, down)
+    monkeypatch.setattr(cq, "GEMV3_GLU", False)
+    h, res_ref = ops.add_rms_norm_linear(x, r, g, 1e-5, gate_up)
+    np.testing.assert_array_equal(ops.to_host(res), ops.to_host(res_ref))
+    np.testing.assert_array_equal(ops.to_host(y),
+                                  ops.to_host(ops.linear(ops.silu_and_mul(h), down)))
+
+
 def test_gemv_v3_is_capturable_in_a_cuda_graph(ops, monkeypatch):
     monkeypatch.setattr(cq, "GEMV_KERNEL", "v3")
     w, _ = weight("Q4_K", 64, 4096)

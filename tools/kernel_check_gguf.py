@@ -176,8 +176,14 @@ def check_fused_version(ops, kind, name, shape, ws, copies, timer, report, rng, 
         # add_rms_norm adds into r in place: the check's call below runs before the timing
         unfused = lambda w: gl.linear(ops.add_rms_norm(x, r, g, 1e-5)[0], w)  # noqa: E731
         err = rel_err(ops.to_host(fused(ws[0])), ops.to_host(unfused(ws[0])))
+        fns = [fused, unfused]
+        glu = version.startswith("v3") and name.startswith("gate_up")
+        if glu:  # + the SiLU-and-mul in the same launch, against the fused GEMV and its kernel
+            fns.append(lambda w: gl.add_rms_norm_glu(x, r, g, 1e-5, w, glu=True)[0])
+            fns.append(lambda w: ops.silu_and_mul(fused(w)))
+            glu_same = bool((ops.to_host(fns[2](ws[0])) == ops.to_host(fns[3](ws[0]))).all())
         times = []
-        for fn in (fused, unfused):
+        for fn in fns:
             it = iter(range(10**9))
             times.append(timer(lambda fn=fn, it=it: fn(ws[next(it) % len(ws)]), max(20, copies),
                                pdl=True))
@@ -188,6 +194,10 @@ def check_fused_version(ops, kind, name, shape, ws, copies, timer, report, rng, 
     report(f"{kind} {name} {version} add + norm fused M=1, PDL chain",
            f"{times[0] * 1e6:.1f} us, unfused "
            f"{times[1] * 1e6:.1f} us", f"rel err {err:.1e} " + ("OK" if err < tol else "MISMATCH"))
+    if glu:
+        report(f"{kind} {name} {version} add + norm + SiLU fused (GLU) M=1, PDL chain",
+               f"{times[2] * 1e6:.1f} us, fused GEMV + silu_and_mul {times[3] * 1e6:.1f} us",
+               "bit-exact OK" if glu_same else "MISMATCH")
 
 
 def rel_err(got: np.ndarray, want: np.ndarray) -> float:

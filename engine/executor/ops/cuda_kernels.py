@@ -131,9 +131,11 @@ def kernel_names(file: str, ctype: str) -> list[str]:
                    for norm in ("false", "true") if m == 1 or (norm == "false" and r == 1)]
                 + [f"gguf_dequant_kernel<{f}, {o}>" for f in GGUF_KINDS for o in (ctype, "float")])
     if file == "gguf_dp4a.cu":
-        return ([f"gguf_gemv3_kernel<G3_{f}, {ctype}, {m}, {norm}, {w}>" for f in GGUF_GEMV3_KINDS
-                 for m in GGUF_GEMV_M for norm in ("false", "true") if m == 1 or norm == "false"
-                 for w in (8, GGUF_GEMV3_BIG[f]) if m == 1 or w == 8]
+        # <F, T, M, NORM, W, GLU>: NORM and GLU (add + norm + gate_up + SiLU) at M = 1
+        return ([f"gguf_gemv3_kernel<G3_{f}, {ctype}, {m}, {norm}, {w}, {glu}>"
+                 for f in GGUF_GEMV3_KINDS for m in GGUF_GEMV_M
+                 for norm, glu in (("false", "false"), ("true", "false"), ("true", "true"))
+                 if m == 1 or norm == "false" for w in (8, GGUF_GEMV3_BIG[f]) if m == 1 or w == 8]
                 + [f"gguf_quantize_x_kernel<{ctype}, {m}, {norm}>" for m in GGUF_GEMV_M
                    for norm in ("false", "true") if m == 1 or norm == "false"])
     if file == "bitmask.cu":

@@ -325,6 +325,11 @@ class CudaOps:
         """add_rms_norm_linear(..., gate_up), then silu_mul_linear(..., down): (y, residual).
         At small batches the SiLU-and-mul is the gate_up GEMV's output (cuda_gemv.glu_gemv), with
         the add + norm fused in at batch 1: two launches for the whole MLP."""
+        if is_gguf(gate_up):  # the SiLU fused into a GGUF gate_up GEMV where it runs
+            fused = self._gguf.add_rms_norm_glu(self._check(x, "x", 2), residual, norm_weight,
+                                                eps, gate_up)
+            if fused is not None:
+                return self.linear(fused[0], down), fused[1]
         plain = not isinstance(gate_up, QuantizedWeight) and not isinstance(down, QuantizedWeight)
         if not plain or not cuda_gemv.use_glu_gemv(self._check(x, "x", 2), gate_up):
             gate_up_out, residual = self.add_rms_norm_linear(x, residual, norm_weight, eps,

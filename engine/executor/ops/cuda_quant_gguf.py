@@ -61,6 +61,8 @@ GEMV3_AUTO_MAX_M: dict[str, int] = {}  # compiled rows up to which "auto" takes 
 GEMV3_WARPS = 8  # gguf_dp4a.cu's G3_WARPS
 # at M = 1 one block of GGUF_GEMV3_BIG warps per SM, not several of 8 (kernel_check: "v3 big")
 GEMV3_BIG = os.environ.get("PAGEDSERVE_GGUF_V3_BIG", "0") == "1"
+# the MLP's add + norm + gate_up + SiLU in one launch at M = 1 (GGUFLinear.add_rms_norm_glu)
+GEMV3_GLU = os.environ.get("PAGEDSERVE_GGUF_GLU", "0") == "1"
 GEMV3_STAGE = {"Q4_K": 0, "Q8_0": 136, "Q6_K": 106}  # 16-byte words of shared memory per warp
 
 
@@ -166,18 +168,20 @@ def gemv_version(x: cupy.ndarray, weight: QuantizedWeight, version: str | None =
 
 def gemv3(x: cupy.ndarray, weight: QuantizedWeight, out: cupy.ndarray, ctype: str,
           norm: bool = False, residual=None, norm_w=None, res_out=None, eps: float = 0.0,
-          big: bool | None = None):
+          big: bool | None = None, glu: bool = False):
     """The third GEMV (x quantized to int8): out = x @ W^T, or with norm (M = 1) out =
     (rms_norm(x + residual) * norm_w) @ W^T and x + residual into res_out. big: one block per
-    SM at M = 1 (GEMV3_BIG if None)."""
+    SM at M = 1 (GEMV3_BIG if None). glu (with norm): W is gate_up and out (1, N / 2) its
+    silu(gate) * up, as silu_and_mul would make it."""
     n, k = weight.shape
     m = x.shape[0]
     compiled = next(c for c in GGUF_GEMV_M if c >= m)
     big = GEMV3_BIG if big is None else big
     warps = GGUF_GEMV3_BIG[weight.kind] if big and compiled == 1 else GEMV3_WARPS
     name = (f"gguf_gemv3_kernel<G3_{weight.kind}, {ctype}, {compiled}, "
-            f"{'true' if norm else 'false'}, {warps}>")
-    blocks, smem = _gemv3_config(name, ctype, weight.kind, compiled, n, k, norm, warps)
+            f"{'true' if norm else 'false'}, {warps}, {'true' if glu else 'false'}>")
+    outs = n // 2 if glu else n
+    blocks, smem = _gemv3_config(name, ctype, weight.kind, compiled, outs, k, norm, warps)
     null = np.uint64(0)
     launch(kernel("gguf_dp4a.cu", name, ctype), (blocks,), (32 * warps,),
            (out, x, weight.data, np.int32(n), np.int32(k), np.int32(m),
@@ -351,6 +355,24 @@ class GGUFLinear:
             return out, res_out
         h, residual = self.ops.add_rms_norm(x, residual, norm_w, eps)
         return self.linear(h, weight), residual
+
+    def add_rms_norm_glu(self, x, residual, norm_w, eps: float, gate_up: QuantizedWeight,
+                         glu: bool | None = None):
+        """(silu_and_mul(linear(h, gate_up)), x + residual), h = rms_norm(x + residual) * norm_w,
+        in one v3 launch where it runs (x one row, GEMV3_GLU or glu); None elsewhere."""
+        check(gate_up, "gate_up")
+        n, k = gate_up.shape
+        if not (GEMV3_GLU if glu is None else glu) or x.shape != (1, k) or n % 2:
+            return None
+        if (gemv_version(x, gate_up) != "v3" or not gemv3_fits(gate_up.kind, 1, k, True)
+                or norm_w.data.ptr % 16
+                or (residual is not None and (residual.shape != x.shape
+                                              or residual.data.ptr % 16))):
+            return None
+        res_out = cupy.empty_like(x)
+        out = cupy.empty((1, n // 2), self.ops.storage)
+        gemv3(x, gate_up, out, self.ops.ctype, True, residual, norm_w, res_out, eps, glu=True)
+        return out, res_out
 
     def _dense(self, x: cupy.ndarray, w: cupy.ndarray, out: cupy.ndarray) -> cupy.ndarray:
         if cuda_gemv.use_gemv(x, w):  # w: just dequantized by the previous kernel
