@@ -154,6 +154,11 @@ def test_gemv_v3_is_capturable_in_a_cuda_graph(ops, monkeypatch):
 
 
 def test_forced_v3_falls_back_where_it_does_not_fit(ops):
+    """Formats without it, K off its 2048 grid, and weights that keep x unquantized (the
+    lm_head: QuantizedWeight.quantize_x)."""
+    w, _ = weight("Q4_K", 8, 2048)
+    w.quantize_x = False
+    assert cq.gemv_version(ops.from_host(np.ones((1, 2048), np.float32)), w, "v3") == "v2"
     w, _ = weight("Q5_K", 8, 2048)
     x = ops.from_host(np.ones((1, 2048), np.float32))
     assert cq.gemv_version(x, w, "v3") == "v1"

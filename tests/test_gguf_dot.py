@@ -57,3 +57,24 @@ def test_linear_names_kinds_it_does_not_have():
         gguf_dot.linear(np.ones((1, 256), np.float32), w)
     with pytest.raises(ValueError, match="multiple of 32"):
         gguf_dot.quantize_x(np.ones((1, 48), np.float32))
+
+
+def test_the_lm_head_keeps_x_unquantized(monkeypatch):
+    """gguf_dot.lm_head marks it (the loaders call it); the numpy backend then multiplies x as it
+    is, unless PAGEDSERVE_GGUF_INT8_LM_HEAD (INT8_LM_HEAD)."""
+    from engine.executor.ops.numpy_ops import NumpyOps
+    from engine.model.config import ModelConfig
+    from engine.model.gguf_weights import dummy_quantized_weights
+
+    config = ModelConfig("LlamaForCausalLM", vocab_size=64, hidden_size=256,
+                         intermediate_size=512, num_layers=1, num_heads=4, num_kv_heads=2,
+                         head_dim=64)
+    ops = NumpyOps()
+    w = dummy_quantized_weights(config, ops, "Q8_0")
+    assert not w.lm_head.quantize_x and w.layers[0].down.quantize_x
+    x = np.random.default_rng(0).standard_normal((2, 256)).astype(np.float32)
+    np.testing.assert_array_equal(ops.linear(x, w.lm_head), x @ dequantize(w.lm_head).T)
+    assert not gguf_dot.quantizes_x(w.lm_head) and gguf_dot.quantizes_x(w.layers[0].o)
+    monkeypatch.setattr(gguf_dot, "INT8_LM_HEAD", True)
+    assert gguf_dot.lm_head(w.lm_head).quantize_x
+    np.testing.assert_array_equal(ops.linear(x, w.lm_head), gguf_dot.linear(x, w.lm_head))

@@ -7,6 +7,7 @@ so each wrapper checks shapes, dtypes and contiguity before it launches.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 
@@ -573,7 +574,7 @@ def _upload_quantized(w: QuantizedWeight) -> QuantizedWeight:
     """A host QuantizedWeight with its arrays (codes or blocks, and scales) on the device."""
     def up(a):
         return None if a is None else cupy.asarray(np.ascontiguousarray(a))
-    return QuantizedWeight(w.kind, w.shape, up(w.data), up(w.scale))
+    return dataclasses.replace(w, data=up(w.data), scale=up(w.scale))
 
 
 def _first_name(file: str, ctype: str) -> str:

@@ -157,7 +157,7 @@ def gemv_version(x: cupy.ndarray, weight: QuantizedWeight, version: str | None =
     compiled = next(c for c in GGUF_GEMV_M if c >= m)
     if x.data.ptr % 16 or weight.data.data.ptr % 16:
         return "v1"
-    if (version in ("v3", "auto") and gemv3_fits(kind, compiled, k)
+    if (version in ("v3", "auto") and weight.quantize_x and gemv3_fits(kind, compiled, k)
             and (version == "v3" or compiled <= GEMV3_AUTO_MAX_M.get(kind, 0))):
         return "v3"
     if gemv2_fits(kind, compiled, k) and (

@@ -104,7 +104,7 @@ class NumpyOps:
         # x (T, in), weight (out, in) as stored by HF, bias (out,) -> (T, out)
         if isinstance(weight, QuantizedWeight) and weight.kind == "fp8":
             return _fp8_linear(x, weight, bias)
-        if isinstance(weight, QuantizedWeight) and weight.kind in gguf_dot.KINDS:
+        if gguf_dot.quantizes_x(weight):
             y = gguf_dot.linear(x, weight)  # x quantized to int8, as cuda/gguf_dp4a.cu does
             return y if bias is None else y + bias
         if isinstance(weight, QuantizedWeight):
