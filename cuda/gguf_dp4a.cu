@@ -20,8 +20,8 @@
 // float2 / int2). K must be a multiple of 2048; weights are read in 16-byte words straight into
 // registers, a step ahead of the compute; the first ones before the PDL wait. Every format is a
 // struct: WORDS 16-byte words a lane loads per step, STEPS steps per load, STAGE shared words
-// per warp, BLOCKS_M1 blocks per SM to fit the registers for at M = 1 (or BIG warps in one
-// block), load() and dot().
+// per warp, BIG warps for the one-block-per-SM form at M = 1, load() and dot(). At M = 1 three
+// blocks of G3_WARPS fit per SM (85 registers; 4 would spill).
 #include "common.cuh"
 
 typedef unsigned char u8;
@@ -39,6 +39,13 @@ __device__ __forceinline__ uint4 g3_ldg16(const void* p) {
   return __ldg(reinterpret_cast<const uint4*>(p));
 }
 
+// bytes p .. p + n into L2, one instruction (p and n multiples of 16); nothing before sm_90
+__device__ __forceinline__ void g3_prefetch_l2(const void* p, int n) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(n) : "memory");
+#endif
+}
+
 __device__ __forceinline__ float g3_f16(unsigned bits) {
   return __half2float(__ushort_as_half((unsigned short)(bits & 0xFFFF)));
 }
@@ -47,8 +54,7 @@ __device__ __forceinline__ float g3_f16(unsigned bits) {
 // the 32 qs bytes of run p (low nibbles: sub-block 2p, high: 2p + 1) and the block's first
 // 16 bytes (d, dmin, 12 scale bytes), which the block's 4 lanes load together.
 struct G3_Q4_K {
-  // 2 steps per load: 96 bytes a lane; at M = 1 3 blocks per SM (4 would spill registers)
-  static constexpr int WORDS = 3, STEPS = 2, STAGE = 0, BLOCKS_M1 = 3, BIG = 24;
+  static constexpr int WORDS = 3, STEPS = 2, STAGE = 0, BIG = 24;  // 2 steps: 96 bytes a lane
   __device__ static void load(uint4* r, const u8* row, int step, int lane) {
     const u8* blk = row + (step * 8 + (lane >> 2)) * 144;
     r[0] = g3_ldg16(blk);
@@ -101,8 +107,7 @@ struct G3_Q4_K {
 // a 17-word stride, no bank conflict). Block 2l's quants start 2 bytes into a word: one byte
 // permute realigns each 4. Rows start on 16 bytes (K a multiple of 2048: row_bytes of 2176).
 struct G3_Q8_0 {
-  // at M = 1 64 registers: 4 blocks per SM, or one of 32 warps
-  static constexpr int WORDS = 5, STEPS = 1, STAGE = 136, BLOCKS_M1 = 4, BIG = 32;
+  static constexpr int WORDS = 5, STEPS = 1, STAGE = 136, BIG = 32;
   __device__ static void load(uint4* r, const u8* row, int step, int lane) {
     const u8* src = row + step * 2176 + 16 * lane;
 #pragma unroll
@@ -156,7 +161,7 @@ struct G3_Q8_0 {
 // by a dp4a with ones.
 struct G3_Q6_K {
   // the stage holds one word more than the step: block 7's d is read as half of a pair
-  static constexpr int WORDS = 4, STEPS = 1, STAGE = 106, BLOCKS_M1 = 3, BIG = 24;
+  static constexpr int WORDS = 4, STEPS = 1, STAGE = 106, BIG = 24;
   __device__ static void load(uint4* r, const u8* row, int step, int lane) {
     const u8* src = row + step * 1680 + 16 * lane;
 #pragma unroll
@@ -359,12 +364,15 @@ __device__ __forceinline__ void g3_carve(uint4* smem, int K, u8*& xq, float*& xd
 // GEMV followed by activation.cu.
 // W warps per block: G3_WARPS, several blocks per SM, or F::BIG, one block per SM (x staged
 // once per SM, and as many warps resident as the registers allow).
+// ahead > 0: each warp keeps its next `ahead` outputs' rows streaming into L2 by bulk prefetches
+// (one instruction a row), the first ones before the PDL wait: the registers hold one load in
+// flight, L2 holds the rest of the pipeline.
 // Grid: (at most what stays resident, cuda_quant_gguf.gemv3)  Block: (32 * W)
 template <class F, typename T, int M, bool NORM, int W, bool GLU>
-__global__ void __launch_bounds__(32 * W, W != G3_WARPS ? 1 : M == 1 ? F::BLOCKS_M1 : 2)
+__global__ void __launch_bounds__(32 * W, W != G3_WARPS ? 1 : M == 1 ? 3 : 2)
 gguf_gemv3_kernel(T* __restrict__ y, const T* __restrict__ x, const u8* __restrict__ w, int N,
                   int K, int rows, int row_bytes, const T* __restrict__ residual,
-                  const T* __restrict__ norm_w, T* __restrict__ res_out, float eps) {
+                  const T* __restrict__ norm_w, T* __restrict__ res_out, float eps, int ahead) {
   extern __shared__ uint4 g3_smem[];
   u8* xq;
   float* xd;
@@ -388,7 +396,15 @@ gguf_gemv3_kernel(T* __restrict__ y, const T* __restrict__ x, const u8* __restri
     for (int s = 0; s < F::STEPS; s++)
       if (s0 + s < steps) F::load(r[s], row, s0 + s, lane);
   };
+  auto prefetch = [&](int i) {  // the rows of this warp's output i
+    const int o = gw + i * total_warps;
+    if (lane == 0 && o < outs)
+#pragma unroll
+      for (int part = 0; part < PARTS; part++)
+        g3_prefetch_l2(w + (long)(o + part * outs) * row_bytes, row_bytes);
+  };
   if (items > 0) load(cur, 0);  // weights are never written: they may stream before the wait
+  for (int i = 1; i <= ahead; i++) prefetch(i);
   pdl_wait();
   g3_stage_x<T, M, NORM>(xq, xd, xs, scratch, x, K, rows, residual, norm_w, res_out, eps);
   pdl_trigger();
@@ -397,6 +413,7 @@ gguf_gemv3_kernel(T* __restrict__ y, const T* __restrict__ x, const u8* __restri
   for (int m = 0; m < M; m++) acc[m] = gate[m] = 0.f;
   for (int j = 0; j < items; j++) {
     if (j + 1 < items) load(nxt, j + 1);
+    if (ahead > 0 && j % per_out == 0 && j > 0) prefetch(j / per_out + ahead);
     const int s0 = j % per_row * F::STEPS;
 #pragma unroll
     for (int s = 0; s < F::STEPS; s++)
@@ -453,10 +470,10 @@ gguf_quantize_x_kernel(signed char* __restrict__ q, float* __restrict__ dx, int*
 #ifdef PAGEDSERVE_NVCC_CHECK
 template __global__ void gguf_gemv3_kernel<G3_Q4_K, __nv_bfloat16, 1, true, 24, true>(
     __nv_bfloat16*, const __nv_bfloat16*, const u8*, int, int, int, int, const __nv_bfloat16*,
-    const __nv_bfloat16*, __nv_bfloat16*, float);
+    const __nv_bfloat16*, __nv_bfloat16*, float, int);
 template __global__ void gguf_gemv3_kernel<G3_Q8_0, __half, 4, false, 8, false>(
     __half*, const __half*, const u8*, int, int, int, int, const __half*, const __half*, __half*,
-    float);
+    float, int);
 template __global__ void gguf_quantize_x_kernel<__nv_bfloat16, 1, true>(
     signed char*, float*, int*, const __nv_bfloat16*, int, int, const __nv_bfloat16*,
     const __nv_bfloat16*, __nv_bfloat16*, float);

@@ -74,8 +74,7 @@ def check_twins(ops, small: bool, report):
                 ref = ops.to_host(x) @ want.T
                 for version in versions(kind, m, k):
                     out = cupy.empty((m, rows), ops.storage)
-                    cq.gemv(x, w, out, ops.ctype, version=version[:2],
-                            rows2=2 if version == "v2x2" else None, big=version == "v3 big")
+                    cq.gemv(x, w, out, ops.ctype, **variant(version))
                     twin = (gguf_dot.linear(ops.to_host(x), QuantizedWeight(kind, (rows, k), host))
                             if version.startswith("v3") else ref)
                     err = rel_err(ops.to_host(out), twin)
@@ -99,9 +98,19 @@ def versions(kind: str, m: int, k: int) -> tuple:
         # v2x2: Q4_K's 2 weight rows per warp at M = 1 (cq.GEMV2_ROWS)
         found += ["v2", "v2x2"] if kind == "Q4_K" and m == 1 else ["v2"]
     if cq.gemv3_fits(kind, compiled, k):
-        # v3 big: one block of GGUF_GEMV3_BIG warps per SM (cq.GEMV3_BIG)
-        found += ["v3", "v3 big"] if m == 1 else ["v3"]
+        # v3 big: one block of GGUF_GEMV3_BIG warps per SM (cq.GEMV3_BIG); v3 L2: L2_AHEAD rows
+        # per warp prefetched into L2 (cq.GEMV3_AHEAD)
+        found += ["v3", "v3 big", "v3 L2"] if m == 1 else ["v3"]
     return tuple(found)
+
+
+L2_AHEAD = 3
+
+
+def variant(version: str) -> dict:
+    """cq.gemv's arguments for a versions() name."""
+    return {"version": version[:2], "rows2": 2 if version == "v2x2" else None,
+            "big": version == "v3 big", "ahead": L2_AHEAD if version == "v3 L2" else 0}
 
 
 def check_speed(ops, small: bool, timer, report):
@@ -121,16 +130,16 @@ def check_speed(ops, small: bool, timer, report):
                 for version in versions(kind, m, k):
                     it = iter(range(10**9))
                     times[version] = timer(lambda x=x, out=out, it=it, ws=ws, v=version: cq.gemv(
-                        x, ws[next(it) % len(ws)], out, ops.ctype, version=v[:2],
-                        rows2=2 if v == "v2x2" else 1, big=v == "v3 big"), max(20, copies))
+                        x, ws[next(it) % len(ws)], out, ops.ctype, **variant(v)),
+                        max(20, copies))
                 plain = dict(times)
-                for version in ("v2", "v3", "v3 big") if m == 1 else ():
+                for version in ("v2", "v3", "v3 big", "v3 L2") if m == 1 else ():
                     if version in times:  # as in a decode graph: weights stream during the wait
                         it = iter(range(10**9))
                         times[f"{version} PDL chain"] = timer(
                             lambda x=x, out=out, it=it, ws=ws, v=version: cq.gemv(
-                                x, ws[next(it) % len(ws)], out, ops.ctype, version=v[:2],
-                                big=v == "v3 big"), max(20, copies), pdl=True)
+                                x, ws[next(it) % len(ws)], out, ops.ctype, **variant(v)),
+                            max(20, copies), pdl=True)
                 others = min(t for v, t in plain.items() if not v.startswith("v3"))
                 report(f"{kind} {name} GEMV M={m}", " | ".join(
                     f"{v} {t * 1e6:.1f} us {nbytes / t / 1e9:.0f} GB/s ({nbytes / t / PEAK_BW:.0%})"

@@ -61,6 +61,8 @@ GEMV3_AUTO_MAX_M: dict[str, int] = {}  # compiled rows up to which "auto" takes 
 GEMV3_WARPS = 8  # gguf_dp4a.cu's G3_WARPS
 # at M = 1 one block of GGUF_GEMV3_BIG warps per SM, not several of 8 (kernel_check: "v3 big")
 GEMV3_BIG = os.environ.get("PAGEDSERVE_GGUF_V3_BIG", "0") == "1"
+# rows each v3 warp keeps streaming into L2 ahead of its loads (0: none; kernel_check "v3 L2")
+GEMV3_AHEAD = int(os.environ.get("PAGEDSERVE_GGUF_V3_AHEAD", "0"))
 # the MLP's add + norm + gate_up + SiLU in one launch at M = 1 (GGUFLinear.add_rms_norm_glu)
 GEMV3_GLU = os.environ.get("PAGEDSERVE_GGUF_GLU", "0") == "1"
 GEMV3_STAGE = {"Q4_K": 0, "Q8_0": 136, "Q6_K": 106}  # 16-byte words of shared memory per warp
@@ -168,11 +170,12 @@ def gemv_version(x: cupy.ndarray, weight: QuantizedWeight, version: str | None =
 
 def gemv3(x: cupy.ndarray, weight: QuantizedWeight, out: cupy.ndarray, ctype: str,
           norm: bool = False, residual=None, norm_w=None, res_out=None, eps: float = 0.0,
-          big: bool | None = None, glu: bool = False):
+          big: bool | None = None, glu: bool = False, ahead: int | None = None):
     """The third GEMV (x quantized to int8): out = x @ W^T, or with norm (M = 1) out =
     (rms_norm(x + residual) * norm_w) @ W^T and x + residual into res_out. big: one block per
     SM at M = 1 (GEMV3_BIG if None). glu (with norm): W is gate_up and out (1, N / 2) its
-    silu(gate) * up, as silu_and_mul would make it."""
+    silu(gate) * up, as silu_and_mul would make it. ahead: rows prefetched into L2 per warp
+    (GEMV3_AHEAD if None)."""
     n, k = weight.shape
     m = x.shape[0]
     compiled = next(c for c in GGUF_GEMV_M if c >= m)
@@ -187,7 +190,8 @@ def gemv3(x: cupy.ndarray, weight: QuantizedWeight, out: cupy.ndarray, ctype: st
            (out, x, weight.data, np.int32(n), np.int32(k), np.int32(m),
             np.int32(row_bytes(weight.kind, k)), null if residual is None else residual,
             null if norm_w is None else norm_w, null if res_out is None else res_out,
-            np.float32(eps)), shared_mem=smem, pdl=True)
+            np.float32(eps), np.int32(GEMV3_AHEAD if ahead is None else ahead)),
+           shared_mem=smem, pdl=True)
     return out
 
 
@@ -237,16 +241,17 @@ def gemv2(x: cupy.ndarray, weight: QuantizedWeight, out: cupy.ndarray, ctype: st
 
 def gemv(x: cupy.ndarray, weight: QuantizedWeight, out: cupy.ndarray, ctype: str,
          rows_per_block: int = GGUF_GEMV_R, blocks_per_sm: int | None = None,
-         version: str | None = None, rows2: int | None = None, big: bool | None = None):
+         version: str | None = None, rows2: int | None = None, big: bool | None = None,
+         ahead: int | None = None):
     """out (M, N) = x (M, K) @ dequantized(weight)^T, M <= 8. One launch: a few blocks per SM,
     each warp streaming row groups (cuda/gguf.cu). rows_per_block and blocks_per_sm: variants
     kernel_check compares (GGUF_GEMV_VARIANTS). version: "v1", "v2", "v3" or "auto" (GEMV_KERNEL
-    by default), as gemv_version resolves it. rows2: gemv2's rows; big: gemv3's."""
+    by default), as gemv_version resolves it. rows2: gemv2's rows; big and ahead: gemv3's."""
     n, k = weight.shape
     m = x.shape[0]
     chosen = gemv_version(x, weight, version)
     if chosen == "v3":
-        return gemv3(x, weight, out, ctype, big=big)
+        return gemv3(x, weight, out, ctype, big=big, ahead=ahead)
     if chosen == "v2":
         return gemv2(x, weight, out, ctype, rows=rows2)
     compiled = next(c for c in GGUF_GEMV_M if c >= m)
