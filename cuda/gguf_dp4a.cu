@@ -39,13 +39,6 @@ __device__ __forceinline__ uint4 g3_ldg16(const void* p) {
   return __ldg(reinterpret_cast<const uint4*>(p));
 }
 
-// bytes p .. p + n into L2, one instruction (p and n multiples of 16); nothing before sm_90
-__device__ __forceinline__ void g3_prefetch_l2(const void* p, int n) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("cp.async.bulk.prefetch.L2.global [%0], %1;" ::"l"(p), "r"(n) : "memory");
-#endif
-}
-
 __device__ __forceinline__ float g3_f16(unsigned bits) {
   return __half2float(__ushort_as_half((unsigned short)(bits & 0xFFFF)));
 }
@@ -364,15 +357,15 @@ __device__ __forceinline__ void g3_carve(uint4* smem, int K, u8*& xq, float*& xd
 // GEMV followed by activation.cu.
 // W warps per block: G3_WARPS, several blocks per SM, or F::BIG, one block per SM (x staged
 // once per SM, and as many warps resident as the registers allow).
-// ahead > 0: each warp keeps its next `ahead` outputs' rows streaming into L2 by bulk prefetches
-// (one instruction a row), the first ones before the PDL wait: the registers hold one load in
-// flight, L2 holds the rest of the pipeline.
+// NOTE: device run B measured, at M = 1: one block per SM faster for Q4_K and Q6_K (and Q8_0 at
+// K = 14336: 18.5 vs 23.0 us in a PDL chain), slower for Q8_0 at K = 4096
+// (cuda_quant_gguf.use_big); rows streamed into L2 ahead by bulk prefetches slower everywhere.
 // Grid: (at most what stays resident, cuda_quant_gguf.gemv3)  Block: (32 * W)
 template <class F, typename T, int M, bool NORM, int W, bool GLU>
 __global__ void __launch_bounds__(32 * W, W != G3_WARPS ? 1 : M == 1 ? 3 : 2)
 gguf_gemv3_kernel(T* __restrict__ y, const T* __restrict__ x, const u8* __restrict__ w, int N,
                   int K, int rows, int row_bytes, const T* __restrict__ residual,
-                  const T* __restrict__ norm_w, T* __restrict__ res_out, float eps, int ahead) {
+                  const T* __restrict__ norm_w, T* __restrict__ res_out, float eps) {
   extern __shared__ uint4 g3_smem[];
   u8* xq;
   float* xd;
@@ -396,15 +389,7 @@ gguf_gemv3_kernel(T* __restrict__ y, const T* __restrict__ x, const u8* __restri
     for (int s = 0; s < F::STEPS; s++)
       if (s0 + s < steps) F::load(r[s], row, s0 + s, lane);
   };
-  auto prefetch = [&](int i) {  // the rows of this warp's output i
-    const int o = gw + i * total_warps;
-    if (lane == 0 && o < outs)
-#pragma unroll
-      for (int part = 0; part < PARTS; part++)
-        g3_prefetch_l2(w + (long)(o + part * outs) * row_bytes, row_bytes);
-  };
   if (items > 0) load(cur, 0);  // weights are never written: they may stream before the wait
-  for (int i = 1; i <= ahead; i++) prefetch(i);
   pdl_wait();
   g3_stage_x<T, M, NORM>(xq, xd, xs, scratch, x, K, rows, residual, norm_w, res_out, eps);
   pdl_trigger();
@@ -413,7 +398,6 @@ gguf_gemv3_kernel(T* __restrict__ y, const T* __restrict__ x, const u8* __restri
   for (int m = 0; m < M; m++) acc[m] = gate[m] = 0.f;
   for (int j = 0; j < items; j++) {
     if (j + 1 < items) load(nxt, j + 1);
-    if (ahead > 0 && j % per_out == 0 && j > 0) prefetch(j / per_out + ahead);
     const int s0 = j % per_row * F::STEPS;
 #pragma unroll
     for (int s = 0; s < F::STEPS; s++)
@@ -470,10 +454,10 @@ gguf_quantize_x_kernel(signed char* __restrict__ q, float* __restrict__ dx, int*
 #ifdef PAGEDSERVE_NVCC_CHECK
 template __global__ void gguf_gemv3_kernel<G3_Q4_K, __nv_bfloat16, 1, true, 24, true>(
     __nv_bfloat16*, const __nv_bfloat16*, const u8*, int, int, int, int, const __nv_bfloat16*,
-    const __nv_bfloat16*, __nv_bfloat16*, float, int);
+    const __nv_bfloat16*, __nv_bfloat16*, float);
 template __global__ void gguf_gemv3_kernel<G3_Q8_0, __half, 4, false, 8, false>(
     __half*, const __half*, const u8*, int, int, int, int, const __half*, const __half*, __half*,
-    float, int);
+    float);
 template __global__ void gguf_quantize_x_kernel<__nv_bfloat16, 1, true>(
     signed char*, float*, int*, const __nv_bfloat16*, int, int, const __nv_bfloat16*,
     const __nv_bfloat16*, __nv_bfloat16*, float);

@@ -98,19 +98,15 @@ def versions(kind: str, m: int, k: int) -> tuple:
         # v2x2: Q4_K's 2 weight rows per warp at M = 1 (cq.GEMV2_ROWS)
         found += ["v2", "v2x2"] if kind == "Q4_K" and m == 1 else ["v2"]
     if cq.gemv3_fits(kind, compiled, k):
-        # v3 big: one block of GGUF_GEMV3_BIG warps per SM (cq.GEMV3_BIG); v3 L2: L2_AHEAD rows
-        # per warp prefetched into L2 (cq.GEMV3_AHEAD)
-        found += ["v3", "v3 big", "v3 L2"] if m == 1 else ["v3"]
+        # v3: several blocks per SM; v3 big: one block of GGUF_GEMV3_BIG warps (cq.use_big)
+        found += ["v3", "v3 big"] if m == 1 else ["v3"]
     return tuple(found)
-
-
-L2_AHEAD = 3
 
 
 def variant(version: str) -> dict:
     """cq.gemv's arguments for a versions() name."""
     return {"version": version[:2], "rows2": 2 if version == "v2x2" else None,
-            "big": version == "v3 big", "ahead": L2_AHEAD if version == "v3 L2" else 0}
+            "big": version == "v3 big"}
 
 
 def check_speed(ops, small: bool, timer, report):
@@ -133,7 +129,7 @@ def check_speed(ops, small: bool, timer, report):
                         x, ws[next(it) % len(ws)], out, ops.ctype, **variant(v)),
                         max(20, copies))
                 plain = dict(times)
-                for version in ("v2", "v3", "v3 big", "v3 L2") if m == 1 else ():
+                for version in ("v2", "v3", "v3 big") if m == 1 else ():
                     if version in times:  # as in a decode graph: weights stream during the wait
                         it = iter(range(10**9))
                         times[f"{version} PDL chain"] = timer(

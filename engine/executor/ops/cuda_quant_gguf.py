@@ -8,9 +8,9 @@ embedding.
   measured it faster: Q8_0 at every M (1.09-1.96x), Q4_K up to 4 rows (1.2-1.8x at M = 1; at 8
   rows v1 is as fast). PAGEDSERVE_GGUF_GEMV=v1 or v2 forces one.
   A third, v3 (cuda/gguf_dp4a.cu), quantizes x to int8 in each block and takes integer dot
-  products on the packed quants (engine/model/gguf_dot.py is its twin): PAGEDSERVE_GGUF_GEMV=v3
-  forces it where it fits, "auto" takes it where GEMV3_AUTO_MAX_M says the device measured it
-  faster.
+  products on the packed quants (engine/model/gguf_dot.py is its twin), for Q4_K, Q8_0 and Q6_K:
+  "auto" takes it at every M up to 8 (GEMV3_AUTO_MAX_M: device run B, 1.14-3.6x over v1/v2), except
+  for the lm_head, which keeps x unquantized (QuantizedWeight.quantize_x: v2 or v1 there).
 - Larger batches (prefill): the weight is dequantized into a bf16/fp16 scratch, SCRATCH_ELEMS
   values at a time, and multiplied by cuBLAS; the dequantization is a read of the packed bytes plus
   a write and a read of the scratch, small next to a prefill's GEMM.
@@ -57,12 +57,15 @@ GEMV2_WARPS = 8  # gguf.cu's G2_WARPS
 GEMV2_CHUNK = 2048  # G2_CHUNK: K must be a multiple
 GEMV2_STAGE = {"Q4_K": 0, "Q8_0": 136}  # 16-byte words of shared memory per warp (F::STAGE)
 GEMV2_MAX_BLOCKS_PER_SM = 4
-GEMV3_AUTO_MAX_M: dict[str, int] = {}  # compiled rows up to which "auto" takes v3: none measured
+# compiled rows up to which "auto" takes v3: device run B measured it faster than v1 and v2 at
+# every M, shape and format (1.14-3.6x)
+GEMV3_AUTO_MAX_M = {"Q4_K": 8, "Q8_0": 8, "Q6_K": 8}
 GEMV3_WARPS = 8  # gguf_dp4a.cu's G3_WARPS
-# at M = 1 one block of GGUF_GEMV3_BIG warps per SM, not several of 8 (kernel_check: "v3 big")
-GEMV3_BIG = os.environ.get("PAGEDSERVE_GGUF_V3_BIG", "0") == "1"
-# rows each v3 warp keeps streaming into L2 ahead of its loads (0: none; kernel_check "v3 L2")
-GEMV3_AHEAD = int(os.environ.get("PAGEDSERVE_GGUF_V3_AHEAD", "0"))
+# at M = 1 one block of GGUF_GEMV3_BIG warps per SM, not several of 8 (kernel_check: "v3 big"):
+# where K >= GEMV3_BIG_MIN_K (device run B, gguf_dp4a.cu's NOTE); PAGEDSERVE_GGUF_V3_BIG=1/0 forces
+_BIG_ENV = os.environ.get("PAGEDSERVE_GGUF_V3_BIG")
+GEMV3_BIG: bool | None = None if _BIG_ENV is None else _BIG_ENV == "1"
+GEMV3_BIG_MIN_K = {"Q4_K": 0, "Q6_K": 0, "Q8_0": 8192}
 # the MLP's add + norm + gate_up + SiLU in one launch at M = 1 (GGUFLinear.add_rms_norm_glu)
 GEMV3_GLU = os.environ.get("PAGEDSERVE_GGUF_GLU", "0") == "1"
 GEMV3_STAGE = {"Q4_K": 0, "Q8_0": 136, "Q6_K": 106}  # 16-byte words of shared memory per warp
@@ -168,18 +171,22 @@ def gemv_version(x: cupy.ndarray, weight: QuantizedWeight, version: str | None =
     return "v1"
 
 
+def use_big(kind: str, k: int) -> bool:
+    """Whether gemv3 at M = 1 runs one block per SM (GEMV3_BIG, else GEMV3_BIG_MIN_K)."""
+    return GEMV3_BIG if GEMV3_BIG is not None else k >= GEMV3_BIG_MIN_K[kind]
+
+
 def gemv3(x: cupy.ndarray, weight: QuantizedWeight, out: cupy.ndarray, ctype: str,
           norm: bool = False, residual=None, norm_w=None, res_out=None, eps: float = 0.0,
-          big: bool | None = None, glu: bool = False, ahead: int | None = None):
+          big: bool | None = None, glu: bool = False):
     """The third GEMV (x quantized to int8): out = x @ W^T, or with norm (M = 1) out =
     (rms_norm(x + residual) * norm_w) @ W^T and x + residual into res_out. big: one block per
-    SM at M = 1 (GEMV3_BIG if None). glu (with norm): W is gate_up and out (1, N / 2) its
-    silu(gate) * up, as silu_and_mul would make it. ahead: rows prefetched into L2 per warp
-    (GEMV3_AHEAD if None)."""
+    SM at M = 1 (use_big if None). glu (with norm): W is gate_up and out (1, N / 2) its
+    silu(gate) * up, as silu_and_mul would make it."""
     n, k = weight.shape
     m = x.shape[0]
     compiled = next(c for c in GGUF_GEMV_M if c >= m)
-    big = GEMV3_BIG if big is None else big
+    big = use_big(weight.kind, k) if big is None else big
     warps = GGUF_GEMV3_BIG[weight.kind] if big and compiled == 1 else GEMV3_WARPS
     name = (f"gguf_gemv3_kernel<G3_{weight.kind}, {ctype}, {compiled}, "
             f"{'true' if norm else 'false'}, {warps}, {'true' if glu else 'false'}>")
@@ -190,8 +197,7 @@ def gemv3(x: cupy.ndarray, weight: QuantizedWeight, out: cupy.ndarray, ctype: st
            (out, x, weight.data, np.int32(n), np.int32(k), np.int32(m),
             np.int32(row_bytes(weight.kind, k)), null if residual is None else residual,
             null if norm_w is None else norm_w, null if res_out is None else res_out,
-            np.float32(eps), np.int32(GEMV3_AHEAD if ahead is None else ahead)),
-           shared_mem=smem, pdl=True)
+            np.float32(eps)), shared_mem=smem, pdl=True)
     return out
 
 
@@ -241,17 +247,16 @@ def gemv2(x: cupy.ndarray, weight: QuantizedWeight, out: cupy.ndarray, ctype: st
 
 def gemv(x: cupy.ndarray, weight: QuantizedWeight, out: cupy.ndarray, ctype: str,
          rows_per_block: int = GGUF_GEMV_R, blocks_per_sm: int | None = None,
-         version: str | None = None, rows2: int | None = None, big: bool | None = None,
-         ahead: int | None = None):
+         version: str | None = None, rows2: int | None = None, big: bool | None = None):
     """out (M, N) = x (M, K) @ dequantized(weight)^T, M <= 8. One launch: a few blocks per SM,
     each warp streaming row groups (cuda/gguf.cu). rows_per_block and blocks_per_sm: variants
     kernel_check compares (GGUF_GEMV_VARIANTS). version: "v1", "v2", "v3" or "auto" (GEMV_KERNEL
-    by default), as gemv_version resolves it. rows2: gemv2's rows; big and ahead: gemv3's."""
+    by default), as gemv_version resolves it. rows2: gemv2's rows; big: gemv3's."""
     n, k = weight.shape
     m = x.shape[0]
     chosen = gemv_version(x, weight, version)
     if chosen == "v3":
-        return gemv3(x, weight, out, ctype, big=big, ahead=ahead)
+        return gemv3(x, weight, out, ctype, big=big)
     if chosen == "v2":
         return gemv2(x, weight, out, ctype, rows=rows2)
     compiled = next(c for c in GGUF_GEMV_M if c >= m)
