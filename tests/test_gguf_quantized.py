@@ -16,7 +16,7 @@ from gguf.quants import quantize as gguf_quantize
 from engine.executor.ops import AttentionMetadata
 from engine.executor.ops.numpy_ops import NumpyOps
 from engine.executor.transformer import Transformer
-from engine.model import gguf_loader, gguf_quants
+from engine.model import gguf_dot, gguf_loader, gguf_quants
 from engine.model.config import ModelConfig
 from engine.model.loader import LoadError, load_model
 from engine.model.quantized import QuantizedWeight, dequantize
@@ -73,20 +73,24 @@ def test_bad_layout_names_the_shapes():
 
 @pytest.mark.parametrize("kind", gguf_quants.KINDS)
 def test_numpy_ops_dequantize_per_call(kind):
+    """Formats with an int8-activation kernel (gguf_dot.KINDS) multiply through its twin; the
+    others multiply x by the dequantized matrix."""
     cols = 2 * gguf_quants.BLOCKS[kind][0]
     w = QuantizedWeight(kind, (24, cols), blocks(kind, 24, cols))
     dense = dequantize(w)
     rng = np.random.default_rng(2)
     x = rng.standard_normal((3, cols)).astype(np.float32)
-    np.testing.assert_array_equal(OPS.linear(x, w), x @ dense.T)
+    product = gguf_dot.linear if kind in gguf_dot.KINDS else lambda x, w: x @ dense.T
+    np.testing.assert_array_equal(OPS.linear(x, w), product(x, w))
     ids = np.array([5, 0, 23, 5], np.int32)
     np.testing.assert_array_equal(OPS.embedding(ids, w), dense[ids])
     r, n = rng.standard_normal((2, 3, cols)).astype(np.float32), np.ones(cols, np.float32)
     y, res = OPS.add_rms_norm_linear(x, r, n, 1e-5, w)
-    np.testing.assert_array_equal(y, OPS.add_rms_norm_linear(x, r, n, 1e-5, dense)[0])
+    h, _ = OPS.add_rms_norm(x, r, n, 1e-5)
+    np.testing.assert_array_equal(y, product(h, w))
     gate_up = rng.standard_normal((3, 2 * cols)).astype(np.float32)
     np.testing.assert_array_equal(OPS.silu_mul_linear(gate_up, w),
-                                  OPS.silu_mul_linear(gate_up, dense))
+                                  product(OPS.silu_and_mul(gate_up), w))
 
 
 # ----------------------------------------------------------------------------- loader
@@ -173,22 +177,31 @@ def test_quantized_load_keeps_blocks_fuses_and_falls_back_on_mixed_types(tmp_pat
 
 
 @pytest.mark.parametrize("tied", [False, True])
-def test_quantized_model_logits_match_the_dequantized_model(tmp_path, tied):
+def test_quantized_model_logits_match_the_dequantized_model(tmp_path, monkeypatch, tied):
     """NOTE: the dequantized path keeps 4/8-bit tensors in float16 (gguf_loader's cache), the
-    quantized one dequantizes exactly in float32: logits agree to the float16 rounding of the
-    weights, relative error < 5e-3 (measured ~1e-3)."""
+    quantized one dequantizes exactly in float32: with x in float (no gguf_dot kinds) logits
+    agree to the float16 rounding of the weights, relative error < 5e-3 (measured ~1e-3), the
+    same argmax everywhere. With the Q4_K, Q8_0 and Q6_K products on int8 activations (gguf_dot,
+    the default; the lm_head keeps x unquantized) relative error < 3e-2 (measured 1.4e-2
+    untied, 1.7e-2 tied, on this random 2-layer model)."""
     config = ModelConfig(**{**vars(CONFIG), "tie_word_embeddings": tied})
     write_quantized_gguf(tmp_path / "q.gguf", config)
     quant = load_model(str(tmp_path / "q.gguf"), OPS, gguf_dequantize=False)
     deq = load_model(str(tmp_path / "q.gguf"), OPS, gguf_dequantize=True)
     assert isinstance(quant.weights.layers[1].qkv, QuantizedWeight)
+    assert quant.weights.layers[1].qkv.kind in gguf_dot.KINDS
     assert isinstance(deq.weights.layers[1].qkv, np.ndarray)
     assert (quant.weights.lm_head is quant.weights.embed) == tied
     ids = np.array([3, 17, 5, 60, 1, 9, 33], np.int32)
-    logits = [_prefill_logits(m, ids) for m in (quant, deq)]
-    err = np.linalg.norm(logits[0] - logits[1]) / np.linalg.norm(logits[1])
+    want = _prefill_logits(deq, ids)
+    err = np.linalg.norm(_prefill_logits(quant, ids) - want) / np.linalg.norm(want)
+    assert 5e-3 < err < 3e-2
+    assert not quant.weights.lm_head.quantize_x and quant.weights.layers[1].qkv.quantize_x
+    monkeypatch.setattr(gguf_dot, "KINDS", ())
+    got = _prefill_logits(quant, ids)
+    err = np.linalg.norm(got - want) / np.linalg.norm(want)
     assert 0 < err < 5e-3
-    assert np.array_equal(logits[0].argmax(-1), logits[1].argmax(-1))
+    assert np.array_equal(got.argmax(-1), want.argmax(-1))
 
 
 def _prefill_logits(loaded, ids, ops=OPS):

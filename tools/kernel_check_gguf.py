@@ -3,12 +3,14 @@ and timed at Llama-3-8B shapes.
 
 - dequantize: the device's float32 output equals the twin bit for bit (count of differing values),
   its bf16 output equals the twin rounded to bf16;
-- GEMV: against the twin's float matrix times x, at M = 1, 3, 8, rows aligned and not, both
-  GEMV kernels (v2 where it applies: Q4_K and Q8_0 with K a multiple of 2048);
+- GEMV: v1 and v2 against the twin's float matrix times x, v3 (x quantized to int8,
+  cuda/gguf_dp4a.cu) against its twin engine/model/gguf_dot.py, at M = 1, 3, 8, rows aligned and
+  not (v2 and v3 where they apply: Q4_K and Q8_0 with K a multiple of 2048); v3's quantized x
+  against the twin's bit for bit;
 - timing of the TIMED formats, cold weights (more copies than L2 holds): the fused GEMV at M = 1,
-  2, 4, 8, v1 and v2 on one line (at M = 1 on the SWEEP shapes v1's every compiled rows-per-block
-  R x 2, 4, 6 blocks per SM) and the dequantize + cuBLAS path at M = 8, 64 (DEQUANT_SHAPES), in us
-  and GB/s of the packed bytes read. Twin checks print one summary line, and each failure.
+  2, 4, 8, every version on one line, and the dequantize + cuBLAS path at M = 8, 64
+  (DEQUANT_SHAPES), in us, GB/s of the packed bytes read and % of the H200's 4.8 TB/s. Twin
+  checks print one summary line, and each failure.
 """
 
 from __future__ import annotations
@@ -17,13 +19,14 @@ import cupy
 import numpy as np
 
 from engine.executor.ops import cuda_quant_gguf as cq
-from engine.executor.ops.cuda_kernels import GGUF_GEMV2_KINDS, GGUF_GEMV_M, GGUF_GEMV_VARIANTS
+from engine.executor.ops.cuda_kernels import GGUF_GEMV2_KINDS, GGUF_GEMV3_KINDS, GGUF_GEMV_M
+from engine.model import gguf_dot
 from engine.model import gguf_quants as gq
 from engine.model.quantized import QuantizedWeight
 
 L2_BYTES = 60 << 20
-SWEEP = ("o 4096x4096", "down 4096x14336")  # shapes where GEMV variants are tried at M=1
-TIMED = ("Q4_K", "Q6_K", "Q8_0")  # the targets' formats and Q4_K_M's other one
+PEAK_BW = 4.8e12  # the H200's HBM3e bandwidth (spec sheet)
+TIMED = ("Q4_K", "Q8_0", "Q6_K")  # the targets' formats and Q4_K_M's other one (M = 1 only)
 DEQUANT_SHAPES = ("qkv 6144x4096", "gate_up 28672x4096", "down 4096x14336")
 FUSED_SHAPES = ("qkv 6144x4096", "gate_up 28672x4096")  # v2's add + norm at M = 1
 SHAPES = {"qkv 6144x4096": (6144, 4096), "o 4096x4096": (4096, 4096),
@@ -71,20 +74,39 @@ def check_twins(ops, small: bool, report):
                 ref = ops.to_host(x) @ want.T
                 for version in versions(kind, m, k):
                     out = cupy.empty((m, rows), ops.storage)
-                    cq.gemv(x, w, out, ops.ctype, version=version[:2],
-                            rows2=2 if version == "v2x2" else None)
-                    err = float(np.linalg.norm(ops.to_host(out) - ref) / np.linalg.norm(ref))
+                    cq.gemv(x, w, out, ops.ctype, **variant(version))
+                    twin = (gguf_dot.linear(ops.to_host(x), QuantizedWeight(kind, (rows, k), host))
+                            if version.startswith("v3") else ref)
+                    err = rel_err(ops.to_host(out), twin)
                     report(f"{kind} GEMV {version} {rows}x{k} M={m}", f"rel err {err:.1e}",
                            "OK" if err < 1e-2 else "MISMATCH", quiet=True)
+                if "v3" in versions(kind, m, k):
+                    q, dx, sums, _ = cq.quantize_x(x, ops.ctype)
+                    tq, tdx, tsums = gguf_dot.quantize_x(ops.to_host(x))
+                    diff = (int(np.count_nonzero(q.get() != tq))
+                            + int(np.count_nonzero(dx.get().view(np.uint32) != tdx.view(np.uint32)))
+                            + int(np.count_nonzero(sums.get() != tsums)))
+                    report(f"v3 x quantization M={m} K={k}", f"{diff} values differ",
+                           "OK" if diff == 0 else "MISMATCH", quiet=True)
 
 
 def versions(kind: str, m: int, k: int) -> tuple:
     """The GEMV kernels that run (kind, m rows, K)."""
     compiled = next(c for c in GGUF_GEMV_M if c >= m)
-    if not cq.gemv2_fits(kind, compiled, k):
-        return ("v1",)
-    # v2x2: Q4_K's 2 weight rows per warp at M = 1 (cq.GEMV2_ROWS)
-    return ("v1", "v2", "v2x2") if kind == "Q4_K" and m == 1 else ("v1", "v2")
+    found = ["v1"]
+    if cq.gemv2_fits(kind, compiled, k):
+        # v2x2: Q4_K's 2 weight rows per warp at M = 1 (cq.GEMV2_ROWS)
+        found += ["v2", "v2x2"] if kind == "Q4_K" and m == 1 else ["v2"]
+    if cq.gemv3_fits(kind, compiled, k):
+        # v3: several blocks per SM; v3 big: one block of GGUF_GEMV3_BIG warps (cq.use_big)
+        found += ["v3", "v3 big"] if m == 1 else ["v3"]
+    return tuple(found)
+
+
+def variant(version: str) -> dict:
+    """cq.gemv's arguments for a versions() name."""
+    return {"version": version[:2], "rows2": 2 if version == "v2x2" else None,
+            "big": version == "v3 big"}
 
 
 def check_speed(ops, small: bool, timer, report):
@@ -97,30 +119,31 @@ def check_speed(ops, small: bool, timer, report):
             host = gq.random_blocks(kind, (n, k), 0.02, rng)
             ws = [upload(kind, host, (n, k)) for _ in range(copies)]
             gl = cq.GGUFLinear(ops)
-            for m in ((1,) if small else (1, 2, 4, 8)):
+            for m in ((1,) if small or kind == "Q6_K" else (1, 2, 4, 8)):
                 x = ops.from_host(rng.standard_normal((m, k)).astype(np.float32))
                 out = cupy.empty((m, n), ops.storage)
                 times = {}
                 for version in versions(kind, m, k):
                     it = iter(range(10**9))
                     times[version] = timer(lambda x=x, out=out, it=it, ws=ws, v=version: cq.gemv(
-                        x, ws[next(it) % len(ws)], out, ops.ctype, version=v[:2],
-                        rows2=2 if v == "v2x2" else 1), max(20, copies))
-                report(f"{kind} {name} GEMV M={m}", " | ".join(
-                    f"{v} {t * 1e6:.1f} us {nbytes / t / 1e9:.0f} GB/s ({nbytes / t / 4.27e12:.0%})"
-                    for v, t in times.items()),
-                    f"v2 {times['v1'] / times['v2']:.2f}x v1" if "v2" in times else "v1 only")
-                if m == 1 and not small and name in SWEEP and kind != "Q6_K":
-                    for r, b in [(r, b) for mm, r in GGUF_GEMV_VARIANTS if mm == 1
-                                 for b in (2, 4, 6)]:
+                        x, ws[next(it) % len(ws)], out, ops.ctype, **variant(v)),
+                        max(20, copies))
+                plain = dict(times)
+                for version in ("v2", "v3", "v3 big") if m == 1 else ():
+                    if version in times:  # as in a decode graph: weights stream during the wait
                         it = iter(range(10**9))
-                        t = timer(lambda x=x, out=out, it=it, ws=ws, r=r, b=b: cq.gemv(
-                            x, ws[next(it) % len(ws)], out, ops.ctype, r, b, "v1"),
-                            max(20, copies))
-                        report(f"{kind} {name} GEMV v1 M={m} R={r} blocks/SM={b}",
-                               f"{t * 1e6:.1f} us",
-                               f"{nbytes / t / 1e9:.0f} GB/s packed ({nbytes / t / 4.27e12:.0%})")
-            if kind in GGUF_GEMV2_KINDS and name in FUSED_SHAPES and not small:
+                        times[f"{version} PDL chain"] = timer(
+                            lambda x=x, out=out, it=it, ws=ws, v=version: cq.gemv(
+                                x, ws[next(it) % len(ws)], out, ops.ctype, **variant(v)),
+                            max(20, copies), pdl=True)
+                others = min(t for v, t in plain.items() if not v.startswith("v3"))
+                report(f"{kind} {name} GEMV M={m}", " | ".join(
+                    f"{v} {t * 1e6:.1f} us {nbytes / t / 1e9:.0f} GB/s ({nbytes / t / PEAK_BW:.0%})"
+                    for v, t in times.items()),
+                    f"v3 {others / min(t for v, t in plain.items() if v.startswith('v3')):.2f}x "
+                    "best other" if "v3" in plain else
+                    f"v2 {plain['v1'] / plain['v2']:.2f}x v1" if "v2" in plain else "v1 only")
+            if kind in GGUF_GEMV3_KINDS and name in FUSED_SHAPES and not small:
                 check_fused(ops, kind, name, (n, k), ws, copies, timer, report, rng)
             if small or name not in DEQUANT_SHAPES:
                 continue
@@ -136,15 +159,21 @@ def check_speed(ops, small: bool, timer, report):
                     cq.GGUF_GEMV_MAX_M = saved
                 bf16 = n * k * 2
                 report(f"{kind} {name} dequant+cuBLAS M={m}", f"{t * 1e6:.1f} us",
-                       f"bf16 weight read alone {bf16 / 4.27e12 * 1e6:.1f} us")
+                       f"bf16 weight read alone {bf16 / PEAK_BW * 1e6:.1f} us")
 
 
 def check_fused(ops, kind, name, shape, ws, copies, timer, report, rng):
-    """v2 with the add + norm fused, M = 1, against the two launches; the twin check is the
-    GEMV of what the unfused op hands it."""
+    """v2 (where it exists) and v3 with the add + norm fused, M = 1, against the two launches;
+    the twin check is the GEMV of what the unfused op hands it."""
+    for version in ("v2", "v3", "v3 big") if kind in GGUF_GEMV2_KINDS else ("v3", "v3 big"):
+        check_fused_version(ops, kind, name, shape, ws, copies, timer, report, rng, version)
+
+
+def check_fused_version(ops, kind, name, shape, ws, copies, timer, report, rng, version):
     k = shape[1]
     gl = cq.GGUFLinear(ops)
-    saved, cq.GEMV_KERNEL = cq.GEMV_KERNEL, "v2"
+    saved = cq.GEMV_KERNEL, cq.GEMV3_BIG
+    cq.GEMV_KERNEL, cq.GEMV3_BIG = version[:2], version == "v3 big"
     try:
         x, r, g = (ops.from_host(rng.standard_normal(s).astype(np.float32))
                    for s in ((1, k), (1, k), (k,)))
@@ -152,14 +181,28 @@ def check_fused(ops, kind, name, shape, ws, copies, timer, report, rng):
         # add_rms_norm adds into r in place: the check's call below runs before the timing
         unfused = lambda w: gl.linear(ops.add_rms_norm(x, r, g, 1e-5)[0], w)  # noqa: E731
         err = rel_err(ops.to_host(fused(ws[0])), ops.to_host(unfused(ws[0])))
+        fns = [fused, unfused]
+        glu = version.startswith("v3") and name.startswith("gate_up")
+        if glu:  # + the SiLU-and-mul in the same launch, against the fused GEMV and its kernel
+            fns.append(lambda w: gl.add_rms_norm_glu(x, r, g, 1e-5, w, glu=True)[0])
+            fns.append(lambda w: ops.silu_and_mul(fused(w)))
+            glu_same = bool((ops.to_host(fns[2](ws[0])) == ops.to_host(fns[3](ws[0]))).all())
         times = []
-        for fn in (fused, unfused):
+        for fn in fns:
             it = iter(range(10**9))
-            times.append(timer(lambda fn=fn, it=it: fn(ws[next(it) % len(ws)]), max(20, copies)))
+            times.append(timer(lambda fn=fn, it=it: fn(ws[next(it) % len(ws)]), max(20, copies),
+                               pdl=True))
     finally:
-        cq.GEMV_KERNEL = saved
-    report(f"{kind} {name} v2 add + norm fused M=1", f"{times[0] * 1e6:.1f} us, unfused "
-           f"{times[1] * 1e6:.1f} us", f"rel err {err:.1e} " + ("OK" if err < 1e-3 else "MISMATCH"))
+        cq.GEMV_KERNEL, cq.GEMV3_BIG = saved
+    # v3: a last-bit difference in the norm can move a quantized x by one step
+    tol = 2e-3 if version.startswith("v3") else 1e-3
+    report(f"{kind} {name} {version} add + norm fused M=1, PDL chain",
+           f"{times[0] * 1e6:.1f} us, unfused "
+           f"{times[1] * 1e6:.1f} us", f"rel err {err:.1e} " + ("OK" if err < tol else "MISMATCH"))
+    if glu:
+        report(f"{kind} {name} {version} add + norm + SiLU fused (GLU) M=1, PDL chain",
+               f"{times[2] * 1e6:.1f} us, fused GEMV + silu_and_mul {times[3] * 1e6:.1f} us",
+               "bit-exact OK" if glu_same else "MISMATCH")
 
 
 def rel_err(got: np.ndarray, want: np.ndarray) -> float:
@@ -167,7 +210,7 @@ def rel_err(got: np.ndarray, want: np.ndarray) -> float:
 
 
 def check_gguf(ops, timer, small: bool = False):
-    """timer(fn, calls) -> seconds per call on the GPU (kernel_check.graph_time)."""
+    """timer(fn, calls, pdl=False) -> seconds per call on the GPU (kernel_check.graph_time)."""
     lines = []
 
     checks = []

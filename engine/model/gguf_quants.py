@@ -100,17 +100,23 @@ def _q5_k(b: np.ndarray) -> np.ndarray:
     return _k_affine(b, (low | (high << np.uint8(4))).astype(np.float32))
 
 
-def _q6_k(b: np.ndarray) -> np.ndarray:
+def q6_k_quants(b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Q6_K blocks (n, 210) -> (q - 32 (n, 256) int8, scales (n, 16) int8, one per 16 values)."""
     n = b.shape[0]
     # two halves of 128 values; in half h value v has its low 4 bits in ql byte 64h + v % 64
     # (low nibble for v < 64) and its high 2 bits at bit 2 * (v // 32) of qh byte 32h + v % 32
     low = _nibbles(b[:, :128], 64).reshape(n, 2, 128)
     qh = b[:, 128:192].reshape(n, 2, 1, 32) >> np.array([0, 2, 4, 6], np.uint8).reshape(1, 1, 4, 1)
     high = (qh & np.uint8(3)).reshape(n, 2, 128)
-    q = ((low | (high << np.uint8(4))).astype(np.int8) - np.int8(32)).astype(np.float32)
-    sc = np.ascontiguousarray(b[:, 192:208]).view(np.int8).astype(np.float32)  # (n, 16)
-    d = (_f16(b, 208) * sc)[:, :, None]  # (n, 16, 1): one scale per 16 values
-    return (d * q.reshape(n, 16, 16)).reshape(n, QK_K)
+    q = (low | (high << np.uint8(4))).astype(np.int8) - np.int8(32)
+    return q.reshape(n, QK_K), np.ascontiguousarray(b[:, 192:208]).view(np.int8)
+
+
+def _q6_k(b: np.ndarray) -> np.ndarray:
+    n = b.shape[0]
+    q, sc = q6_k_quants(b)
+    d = (_f16(b, 208) * sc.astype(np.float32))[:, :, None]  # (n, 16, 1): one scale per 16 values
+    return (d * q.astype(np.float32).reshape(n, 16, 16)).reshape(n, QK_K)
 
 
 _BLOCK_FNS = {"Q8_0": _q8_0, "Q4_0": _q4_0, "Q4_1": _q4_1,

@@ -22,7 +22,7 @@ from collections import Counter
 import numpy as np
 from tqdm import tqdm
 
-from engine.model import gguf_quants
+from engine.model import gguf_dot, gguf_quants
 from engine.model.config import ModelConfig
 from engine.model.gguf_loader import GGUFError, GGUFFile, open_gguf, unpermute_rows
 from engine.model.quantized import QuantizedWeight, dequantize
@@ -99,8 +99,8 @@ def load_quantized_gguf(gguf_file: GGUFFile, c: ModelConfig, ops) -> ModelWeight
             down=_device(take(b + "ffn_down.weight", (h, i)), ops),
         ))
     embed = _device(take("token_embd.weight", (c.vocab_size, h)), ops)
-    lm_head = embed if c.tie_word_embeddings else _device(
-        take("output.weight", (c.vocab_size, h)), ops)
+    lm_head = gguf_dot.lm_head(embed if c.tie_word_embeddings else _device(
+        take("output.weight", (c.vocab_size, h)), ops))
     weights = ModelWeights(embed=embed, layers=layers,
                            norm=_device(take("output_norm.weight", (h,)), ops), lm_head=lm_head)
     kinds = Counter(t.tensor_type.name for t in reader.tensors)
@@ -139,5 +139,5 @@ def dummy_quantized_weights(config: ModelConfig, ops, kind: str, seed: int = 0) 
         for _ in range(c.num_layers)
     ]
     embed = rand(c.vocab_size, h)
-    lm_head = embed if c.tie_word_embeddings else rand(c.vocab_size, h)
+    lm_head = gguf_dot.lm_head(embed if c.tie_word_embeddings else rand(c.vocab_size, h))
     return ModelWeights(embed=embed, layers=layers, norm=ops.ones((h,)), lm_head=lm_head)

@@ -20,6 +20,9 @@ class QuantizedWeight:
     shape: tuple[int, int]  # (out_features, in_features) of the float matrix it stands for
     data: object  # the packed values, laid out as the format stores them (host or device array)
     scale: object | None = None  # formats with scales outside the blocks (fp8: (out,) float32)
+    # GGUF formats with an int8-activation product (gguf_dot.KINDS): whether products with this
+    # weight quantize x (False: the lm_head, gguf_dot.lm_head)
+    quantize_x: bool = True
 
     @property
     def nbytes(self) -> int:

@@ -52,6 +52,10 @@ GGUF_GEMV_VARIANTS = [(m, GGUF_GEMV_R) for m in GGUF_GEMV_M] + [(1, 1), (1, 3)]
 GGUF_GEMV2_KINDS = ("Q4_K", "Q8_0")  # formats with a second GEMV (gguf.cu's G2_ structs)
 # the G2_ struct of (kind, weight rows a warp takes at once); Q4_K's 2-row form at M = 1 only
 GGUF_GEMV2_STRUCTS = {("Q4_K", 1): "G2_Q4_K<1>", ("Q4_K", 2): "G2_Q4_K<2>", ("Q8_0", 1): "G2_Q8_0"}
+# formats of gguf_dp4a.cu (x quantized to int8: G3_ structs), and the warps of its
+# one-block-per-SM form at M = 1 (F::BIG)
+GGUF_GEMV3_BIG = {"Q4_K": 24, "Q8_0": 32, "Q6_K": 24}
+GGUF_GEMV3_KINDS = tuple(GGUF_GEMV3_BIG)
 DECODE_UNROLL = 2  # 16-byte K and V loads per lane in flight (U); 2 beat 4 and 8 on the H200
 # attention_decode_mma.cu's (warps, cp.async stages per warp) variants; rows GR are 8 or 16
 DECODE_MMA_CONFIGS = ((4, 2), (4, 3), (8, 2))
@@ -126,6 +130,14 @@ def kernel_names(file: str, ctype: str) -> list[str]:
                    for (_, r), st in GGUF_GEMV2_STRUCTS.items() for m in GGUF_GEMV_M
                    for norm in ("false", "true") if m == 1 or (norm == "false" and r == 1)]
                 + [f"gguf_dequant_kernel<{f}, {o}>" for f in GGUF_KINDS for o in (ctype, "float")])
+    if file == "gguf_dp4a.cu":
+        # <F, T, M, NORM, W, GLU>: NORM and GLU (add + norm + gate_up + SiLU) at M = 1
+        return ([f"gguf_gemv3_kernel<G3_{f}, {ctype}, {m}, {norm}, {w}, {glu}>"
+                 for f in GGUF_GEMV3_KINDS for m in GGUF_GEMV_M
+                 for norm, glu in (("false", "false"), ("true", "false"), ("true", "true"))
+                 if m == 1 or norm == "false" for w in (8, GGUF_GEMV3_BIG[f]) if m == 1 or w == 8]
+                + [f"gguf_quantize_x_kernel<{ctype}, {m}, {norm}>" for m in GGUF_GEMV_M
+                   for norm in ("false", "true") if m == 1 or norm == "false"])
     if file == "bitmask.cu":
         return [f"apply_token_bitmask_kernel<{t}>" for t in CTYPES.values()]
     if file == "sampling.cu":

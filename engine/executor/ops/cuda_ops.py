@@ -7,6 +7,7 @@ so each wrapper checks shapes, dtypes and contiguity before it launches.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import gc
 
@@ -329,6 +330,11 @@ class CudaOps:
         """add_rms_norm_linear(..., gate_up), then silu_mul_linear(..., down): (y, residual).
         At small batches the SiLU-and-mul is the gate_up GEMV's output (cuda_gemv.glu_gemv), with
         the add + norm fused in at batch 1: two launches for the whole MLP."""
+        if is_gguf(gate_up):  # the SiLU fused into a GGUF gate_up GEMV where it runs
+            fused = self._gguf.add_rms_norm_glu(self._check(x, "x", 2), residual, norm_weight,
+                                                eps, gate_up)
+            if fused is not None:
+                return self.linear(fused[0], down), fused[1]
         plain = not isinstance(gate_up, QuantizedWeight) and not isinstance(down, QuantizedWeight)
         if not plain or not cuda_gemv.use_glu_gemv(self._check(x, "x", 2), gate_up):
             gate_up_out, residual = self.add_rms_norm_linear(x, residual, norm_weight, eps,
@@ -572,7 +578,7 @@ def _upload_quantized(w: QuantizedWeight) -> QuantizedWeight:
     """A host QuantizedWeight with its arrays (codes or blocks, and scales) on the device."""
     def up(a):
         return None if a is None else cupy.asarray(np.ascontiguousarray(a))
-    return QuantizedWeight(w.kind, w.shape, up(w.data), up(w.scale))
+    return dataclasses.replace(w, data=up(w.data), scale=up(w.scale))
 
 
 def _first_name(file: str, ctype: str) -> str:

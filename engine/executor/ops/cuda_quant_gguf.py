@@ -7,6 +7,10 @@ embedding.
   one step ahead) where it fits (K a multiple of 2048, x in shared memory) and where device run 2
   measured it faster: Q8_0 at every M (1.09-1.96x), Q4_K up to 4 rows (1.2-1.8x at M = 1; at 8
   rows v1 is as fast). PAGEDSERVE_GGUF_GEMV=v1 or v2 forces one.
+  A third, v3 (cuda/gguf_dp4a.cu), quantizes x to int8 in each block and takes integer dot
+  products on the packed quants (engine/model/gguf_dot.py is its twin), for Q4_K, Q8_0 and Q6_K:
+  "auto" takes it at every M up to 8 (GEMV3_AUTO_MAX_M: device run B, 1.14-3.6x over v1/v2), except
+  for the lm_head, which keeps x unquantized (QuantizedWeight.quantize_x: v2 or v1 there).
 - Larger batches (prefill): the weight is dequantized into a bf16/fp16 scratch, SCRATCH_ELEMS
   values at a time, and multiplied by cuBLAS; the dequantization is a read of the packed bytes plus
   a write and a read of the scratch, small next to a prefill's GEMM.
@@ -28,6 +32,8 @@ from engine.executor.ops import cuda_gemv
 from engine.executor.ops.cuda_kernels import (
     GGUF_GEMV2_KINDS,
     GGUF_GEMV2_STRUCTS,
+    GGUF_GEMV3_BIG,
+    GGUF_GEMV3_KINDS,
     GGUF_GEMV_M,
     GGUF_GEMV_R,
     kernel,
@@ -42,7 +48,7 @@ GEMV_WARPS = 4  # warps per GEMV block: cuda/gguf.cu's GG_WARPS
 # GEMV blocks per SM: 4 x 4 warps, each with up to 7 tiles in flight, keep ~100 KB per SM moving
 GEMV_BLOCKS_PER_SM = 4
 STORAGE = {"__half": np.float16, "__nv_bfloat16": np.uint16}  # compute type -> storage dtype
-GEMV_KERNEL = os.environ.get("PAGEDSERVE_GGUF_GEMV", "auto")  # or "v1", "v2" (module docstring)
+GEMV_KERNEL = os.environ.get("PAGEDSERVE_GGUF_GEMV", "auto")  # or v1, v2, v3 (module docstring)
 GEMV2_AUTO_MAX_M = {"Q4_K": 4, "Q8_0": 8}  # compiled rows up to which "auto" takes v2
 # weight rows a warp takes at once at M = 1 (each x read from shared memory serves them all);
 # Q4_K's 2 (PAGEDSERVE_GGUF_Q4K_ROWS=2) measured 0-7% faster per GEMV in run 3, not in a whole step
@@ -51,6 +57,18 @@ GEMV2_WARPS = 8  # gguf.cu's G2_WARPS
 GEMV2_CHUNK = 2048  # G2_CHUNK: K must be a multiple
 GEMV2_STAGE = {"Q4_K": 0, "Q8_0": 136}  # 16-byte words of shared memory per warp (F::STAGE)
 GEMV2_MAX_BLOCKS_PER_SM = 4
+# compiled rows up to which "auto" takes v3: device run B measured it faster than v1 and v2 at
+# every M, shape and format (1.14-3.6x)
+GEMV3_AUTO_MAX_M = {"Q4_K": 8, "Q8_0": 8, "Q6_K": 8}
+GEMV3_WARPS = 8  # gguf_dp4a.cu's G3_WARPS
+# at M = 1 one block of GGUF_GEMV3_BIG warps per SM, not several of 8 (kernel_check: "v3 big"):
+# where K >= GEMV3_BIG_MIN_K (device run B, gguf_dp4a.cu's NOTE); PAGEDSERVE_GGUF_V3_BIG=1/0 forces
+_BIG_ENV = os.environ.get("PAGEDSERVE_GGUF_V3_BIG")
+GEMV3_BIG: bool | None = None if _BIG_ENV is None else _BIG_ENV == "1"
+GEMV3_BIG_MIN_K = {"Q4_K": 0, "Q6_K": 0, "Q8_0": 8192}
+# the MLP's add + norm + gate_up + SiLU in one launch at M = 1 (GGUFLinear.add_rms_norm_glu)
+GEMV3_GLU = os.environ.get("PAGEDSERVE_GGUF_GLU", "0") == "1"
+GEMV3_STAGE = {"Q4_K": 0, "Q8_0": 136, "Q6_K": 106}  # 16-byte words of shared memory per warp
 
 
 def is_gguf(weight) -> bool:
@@ -119,23 +137,96 @@ def gemv2_fits(kind: str, m: int, k: int) -> bool:
             and gemv2_smem(kind, m, k) <= _device()["sharedMemPerBlockOptin"])
 
 
-def use_gemv2(x: cupy.ndarray, weight: QuantizedWeight, version: str | None = None) -> bool:
-    """Whether gemv() takes the second GEMV for x (M, K or 2K) (version: GEMV_KERNEL if None)."""
-    m = x.shape[0]
+def gemv3_smem(kind: str | None, m: int, k: int, norm: bool = False,
+               warps: int = GEMV3_WARPS) -> int:
+    """Dynamic shared memory of gguf_gemv3_kernel (kind None: gguf_quantize_x_kernel): x's int8
+    copy, its scales and sums per 32 values, each warp's staging words, and with norm K floats
+    between the norm's two passes."""
+    stage = warps * GEMV3_STAGE[kind] * 16 if kind else 0
+    return m * k + m * k // 32 * 8 + stage + (4 * k if norm else 0)
+
+
+def gemv3_fits(kind: str, m: int, k: int, norm: bool = False) -> bool:
+    """Whether the third GEMV runs this (kind, compiled rows m, K)."""
+    return (kind in GGUF_GEMV3_KINDS and k % GEMV2_CHUNK == 0
+            and gemv3_smem(kind, m, k, norm) <= _device()["sharedMemPerBlockOptin"])
+
+
+def gemv_version(x: cupy.ndarray, weight: QuantizedWeight, version: str | None = None) -> str:
+    """Which GEMV gemv() runs for x (M, K): "v3", "v2" or "v1" (version: GEMV_KERNEL if None;
+    a forced v3 that does not fit falls back to auto's v2/v1 choice, a forced v2 to v1)."""
+    m, kind, k = x.shape[0], weight.kind, weight.shape[1]
     version = version or GEMV_KERNEL
     if version == "v1" or not 0 < m <= min(GGUF_GEMV_MAX_M, GGUF_GEMV_M[-1]):
-        return False
+        return "v1"
     compiled = next(c for c in GGUF_GEMV_M if c >= m)
-    if version == "auto" and compiled > GEMV2_AUTO_MAX_M.get(weight.kind, 0):
-        return False
-    return (x.data.ptr % 16 == 0 and weight.data.data.ptr % 16 == 0
-            and gemv2_fits(weight.kind, compiled, weight.shape[1]))
+    if x.data.ptr % 16 or weight.data.data.ptr % 16:
+        return "v1"
+    if (version in ("v3", "auto") and weight.quantize_x and gemv3_fits(kind, compiled, k)
+            and (version == "v3" or compiled <= GEMV3_AUTO_MAX_M.get(kind, 0))):
+        return "v3"
+    if gemv2_fits(kind, compiled, k) and (
+            version == "v2" or compiled <= GEMV2_AUTO_MAX_M.get(kind, 0)):
+        return "v2"
+    return "v1"
+
+
+def use_big(kind: str, k: int) -> bool:
+    """Whether gemv3 at M = 1 runs one block per SM (GEMV3_BIG, else GEMV3_BIG_MIN_K)."""
+    return GEMV3_BIG if GEMV3_BIG is not None else k >= GEMV3_BIG_MIN_K[kind]
+
+
+def gemv3(x: cupy.ndarray, weight: QuantizedWeight, out: cupy.ndarray, ctype: str,
+          norm: bool = False, residual=None, norm_w=None, res_out=None, eps: float = 0.0,
+          big: bool | None = None, glu: bool = False):
+    """The third GEMV (x quantized to int8): out = x @ W^T, or with norm (M = 1) out =
+    (rms_norm(x + residual) * norm_w) @ W^T and x + residual into res_out. big: one block per
+    SM at M = 1 (use_big if None). glu (with norm): W is gate_up and out (1, N / 2) its
+    silu(gate) * up, as silu_and_mul would make it."""
+    n, k = weight.shape
+    m = x.shape[0]
+    compiled = next(c for c in GGUF_GEMV_M if c >= m)
+    big = use_big(weight.kind, k) if big is None else big
+    warps = GGUF_GEMV3_BIG[weight.kind] if big and compiled == 1 else GEMV3_WARPS
+    name = (f"gguf_gemv3_kernel<G3_{weight.kind}, {ctype}, {compiled}, "
+            f"{'true' if norm else 'false'}, {warps}, {'true' if glu else 'false'}>")
+    outs = n // 2 if glu else n
+    blocks, smem = _gemv3_config(name, ctype, weight.kind, compiled, outs, k, norm, warps)
+    null = np.uint64(0)
+    launch(kernel("gguf_dp4a.cu", name, ctype), (blocks,), (32 * warps,),
+           (out, x, weight.data, np.int32(n), np.int32(k), np.int32(m),
+            np.int32(row_bytes(weight.kind, k)), null if residual is None else residual,
+            null if norm_w is None else norm_w, null if res_out is None else res_out,
+            np.float32(eps)), shared_mem=smem, pdl=True)
+    return out
+
+
+def quantize_x(x: cupy.ndarray, ctype: str, residual=None, norm_w=None, eps: float = 0.0):
+    """x as gemv3 stages it, written out: (q (M, K) int8, dx (M, K / 32) float32, sums (M,
+    K / 32) int32, x + residual or None), for the twin test; norm_w given: the fused norm's."""
+    m, k = x.shape
+    compiled = next(c for c in GGUF_GEMV_M if c >= m)
+    norm = norm_w is not None
+    q = cupy.empty((m, k), np.int8)
+    dx = cupy.empty((m, k // 32), np.float32)
+    sums = cupy.empty((m, k // 32), np.int32)
+    res_out = cupy.empty_like(x) if norm else None
+    name = f"gguf_quantize_x_kernel<{ctype}, {compiled}, {'true' if norm else 'false'}>"
+    fn = kernel("gguf_dp4a.cu", name, ctype)
+    smem = gemv3_smem(None, compiled, k, norm)
+    fn.max_dynamic_shared_size_bytes = max(fn.max_dynamic_shared_size_bytes, smem)
+    null = np.uint64(0)
+    launch(fn, (1,), (32 * GEMV3_WARPS,),
+           (q, dx, sums, x, np.int32(k), np.int32(m), null if residual is None else residual,
+            null if norm_w is None else norm_w, null if res_out is None else res_out,
+            np.float32(eps)), shared_mem=smem, pdl=True)
+    return q, dx, sums, res_out
 
 
 def gemv2(x: cupy.ndarray, weight: QuantizedWeight, out: cupy.ndarray, ctype: str,
           norm: bool = False, residual=None, norm_w=None, res_out=None, eps: float = 0.0,
           rows: int | None = None):
-    """The second GEMV (use_gemv2): out = x @ W^T, or with norm (compiled for M = 1) out =
+    """The second GEMV (gemv_version): out = x @ W^T, or with norm (compiled for M = 1) out =
     (rms_norm(x + residual) * norm_w) @ W^T and x + residual into res_out. rows: weight rows per
     warp at M = 1 (GEMV2_ROWS by default; kernel_check compares)."""
     n, k = weight.shape
@@ -156,14 +247,17 @@ def gemv2(x: cupy.ndarray, weight: QuantizedWeight, out: cupy.ndarray, ctype: st
 
 def gemv(x: cupy.ndarray, weight: QuantizedWeight, out: cupy.ndarray, ctype: str,
          rows_per_block: int = GGUF_GEMV_R, blocks_per_sm: int | None = None,
-         version: str | None = None, rows2: int | None = None):
+         version: str | None = None, rows2: int | None = None, big: bool | None = None):
     """out (M, N) = x (M, K) @ dequantized(weight)^T, M <= 8. One launch: a few blocks per SM,
     each warp streaming row groups (cuda/gguf.cu). rows_per_block and blocks_per_sm: variants
-    kernel_check compares (GGUF_GEMV_VARIANTS). version: "v1", "v2" or "auto" (GEMV_KERNEL by
-    default); v2 where use_gemv2 says so, else v1. rows2: gemv2's rows."""
+    kernel_check compares (GGUF_GEMV_VARIANTS). version: "v1", "v2", "v3" or "auto" (GEMV_KERNEL
+    by default), as gemv_version resolves it. rows2: gemv2's rows; big: gemv3's."""
     n, k = weight.shape
     m = x.shape[0]
-    if use_gemv2(x, weight, version):
+    chosen = gemv_version(x, weight, version)
+    if chosen == "v3":
+        return gemv3(x, weight, out, ctype, big=big)
+    if chosen == "v2":
         return gemv2(x, weight, out, ctype, rows=rows2)
     compiled = next(c for c in GGUF_GEMV_M if c >= m)
     row_groups = -(-n // rows_per_block)
@@ -180,24 +274,35 @@ def gemv(x: cupy.ndarray, weight: QuantizedWeight, out: cupy.ndarray, ctype: str
 @functools.cache
 def _gemv2_config(name: str, ctype: str, kind: str, m: int, n: int, k: int,
                   rows: int) -> tuple[int, int]:
-    """(blocks, shared memory bytes): at most as many blocks as stay resident together (warps
-    stride over the rows, so a block that waited for a free SM would leave its rows for last),
-    and as few as give every warp the same number of rows: 4096 rows on 3168 resident warps
-    would leave 928 warps a second row to read with the SMs nearly idle; 2048 warps of 2 rows
-    each share the bandwidth to the end."""
-    fn = kernel("gguf.cu", name, ctype)
+    """(blocks, shared memory bytes) of gemv2 (_grid)."""
     smem = gemv2_smem(kind, m, k)
+    return _grid(kernel("gguf.cu", name, ctype), smem, GEMV2_WARPS, -(-n // rows)), smem
+
+
+@functools.cache
+def _gemv3_config(name: str, ctype: str, kind: str, m: int, n: int, k: int, norm: bool,
+                  warps: int) -> tuple[int, int]:
+    """(blocks, shared memory bytes) of gemv3 (_grid): one row per warp at a time."""
+    smem = gemv3_smem(kind, m, k, norm, warps)
+    return _grid(kernel("gguf_dp4a.cu", name, ctype), smem, warps, n), smem
+
+
+def _grid(fn, smem: int, warps: int, groups: int) -> int:
+    """Blocks of a GEMV whose warps stride over `groups` row groups: at most as many as stay
+    resident together (a block that waited for a free SM would leave its rows for last), and as
+    few as give every warp the same number of rows: 4096 rows on 3168 resident warps would leave
+    928 warps a second row to read with the SMs nearly idle; 2048 warps of 2 rows each share the
+    bandwidth to the end. Raises fn's shared memory limit to smem."""
     if fn.max_dynamic_shared_size_bytes < smem:
         fn.max_dynamic_shared_size_bytes = smem
     prop = _device()
     warp_regs = -(-fn.num_regs * 32 // 256) * 256  # registers are granted per warp by 256
-    per_sm = min(GEMV2_MAX_BLOCKS_PER_SM,
-                 prop["regsPerMultiprocessor"] // (warp_regs * GEMV2_WARPS),
+    per_sm = min(GEMV2_MAX_BLOCKS_PER_SM, prop["regsPerMultiprocessor"] // (warp_regs * warps),
                  prop["sharedMemPerMultiprocessor"] // (smem + fn.shared_size_bytes
                                                          + prop["reservedSharedMemPerBlock"]))
-    groups = -(-n // (GEMV2_WARPS * rows))  # a block's warps take so many rows at a time
-    rounds = -(-groups // (max(1, per_sm) * _sm_count()))
-    return -(-groups // rounds), smem
+    block_groups = -(-groups // warps)  # a block's warps take so many row groups at a time
+    rounds = -(-block_groups // (max(1, per_sm) * _sm_count()))
+    return -(-block_groups // rounds)
 
 
 @functools.cache
@@ -245,19 +350,39 @@ class GGUFLinear:
 
     def add_rms_norm_linear(self, x, residual, norm_w, eps: float, weight: QuantizedWeight):
         """(linear(h, weight), x + residual) with h = rms_norm(x + residual) * norm_w: one launch
-        where the second GEMV runs at M = 1 (the fused variants compiled), else the ops'
-        add_rms_norm, then linear."""
+        where the second or third GEMV runs at M = 1 (the fused variants compiled), else the
+        ops' add_rms_norm, then linear."""
         check(weight)
-        if (use_gemv2(x, weight) and x.shape == (1, weight.shape[1])
-                and norm_w.data.ptr % 16 == 0
+        version = gemv_version(x, weight)
+        if (version != "v1" and x.shape == (1, weight.shape[1]) and norm_w.data.ptr % 16 == 0
+                and (version == "v2" or gemv3_fits(weight.kind, 1, weight.shape[1], True))
                 and (residual is None or (residual.shape == x.shape
                                           and residual.data.ptr % 16 == 0))):
             res_out = cupy.empty_like(x)
             out = cupy.empty((x.shape[0], weight.shape[0]), self.ops.storage)
-            gemv2(x, weight, out, self.ops.ctype, True, residual, norm_w, res_out, eps)
+            fused = gemv3 if version == "v3" else gemv2
+            fused(x, weight, out, self.ops.ctype, True, residual, norm_w, res_out, eps)
             return out, res_out
         h, residual = self.ops.add_rms_norm(x, residual, norm_w, eps)
         return self.linear(h, weight), residual
+
+    def add_rms_norm_glu(self, x, residual, norm_w, eps: float, gate_up: QuantizedWeight,
+                         glu: bool | None = None):
+        """(silu_and_mul(linear(h, gate_up)), x + residual), h = rms_norm(x + residual) * norm_w,
+        in one v3 launch where it runs (x one row, GEMV3_GLU or glu); None elsewhere."""
+        check(gate_up, "gate_up")
+        n, k = gate_up.shape
+        if not (GEMV3_GLU if glu is None else glu) or x.shape != (1, k) or n % 2:
+            return None
+        if (gemv_version(x, gate_up) != "v3" or not gemv3_fits(gate_up.kind, 1, k, True)
+                or norm_w.data.ptr % 16
+                or (residual is not None and (residual.shape != x.shape
+                                              or residual.data.ptr % 16))):
+            return None
+        res_out = cupy.empty_like(x)
+        out = cupy.empty((1, n // 2), self.ops.storage)
+        gemv3(x, gate_up, out, self.ops.ctype, True, residual, norm_w, res_out, eps, glu=True)
+        return out, res_out
 
     def _dense(self, x: cupy.ndarray, w: cupy.ndarray, out: cupy.ndarray) -> cupy.ndarray:
         if cuda_gemv.use_gemv(x, w):  # w: just dequantized by the previous kernel

@@ -14,6 +14,7 @@ from engine.executor.ops import AttentionMetadata, SamplerOutput, SamplingTensor
 from engine.executor.ops.numpy_sampling import TokenCounts, sample
 from engine.model import (
     fp8,
+    gguf_dot,
     gguf_quants,  # noqa: F401  (registers the GGUF formats' dequantization)
 )
 from engine.model.quantized import QuantizedWeight, dequantize
@@ -103,6 +104,9 @@ class NumpyOps:
         # x (T, in), weight (out, in) as stored by HF, bias (out,) -> (T, out)
         if isinstance(weight, QuantizedWeight) and weight.kind == "fp8":
             return _fp8_linear(x, weight, bias)
+        if gguf_dot.quantizes_x(weight):
+            y = gguf_dot.linear(x, weight)  # x quantized to int8, as cuda/gguf_dp4a.cu does
+            return y if bias is None else y + bias
         if isinstance(weight, QuantizedWeight):
             weight = self._quantized_matrix(weight)
         y = x @ weight.T
