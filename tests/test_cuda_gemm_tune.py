@@ -1,7 +1,8 @@
 """cuda_gemm_tune.TunedGemm (PAGEDSERVE_GEMM_TUNE=1): every cuBLASLt algorithm it may pick computes
 linear()'s numpy twin (only the summation order differs), its plans replay in CUDA graphs, and a
 shape first met inside a capture runs cublasGemmEx without timing anything; activation.cu's 8-wide
-SiLU-mul (PAGEDSERVE_SILU_VEC8=1) equals the scalar kernel bit for bit (GPU only)."""
+SiLU-mul (on by default; PAGEDSERVE_SILU_VEC8=0: scalar) equals the scalar kernel bit for bit
+(GPU only)."""
 
 from __future__ import annotations
 

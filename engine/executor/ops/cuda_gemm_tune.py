@@ -13,7 +13,14 @@ Plans live in one table per process (PLANS), so every engine in a process makes 
 (one GPU per process: tensor-parallel ranks are processes). The result differs from
 cublasGemmEx's only by summation order (split K, tile shape).
 
-    PAGEDSERVE_GEMM_TUNE=1             turn it on (off by default: see kernel_check --only w1)
+NOTE: off by default. H200, Llama-3-8B shapes (kernel_check --only w1, run B): graph-replayed,
+the tuned plans gain 5-11% on some shapes (gate_up at M = 128..256 and 2048..8192, lm_head at
+M = 32, 64, 192) and lose up to 5% on others (gate_up M = 16, down M = 128): one call timed after
+an L2 flush ranks algorithms within a few % of each other differently from back-to-back replay.
+Net per decode step 1.1-1.5% (M = 64..256), per 8192-token chunk 2.1%; W1 Llama 9,623 tok/s with
+it (and the 8-wide SiLU) against 9,472 without (run A): within run-to-run noise.
+
+    PAGEDSERVE_GEMM_TUNE=1             turn it on
     PAGEDSERVE_GEMM_TUNE_MAX_M=256     tune only up to this many rows (larger: cublasGemmEx)
 """
 
