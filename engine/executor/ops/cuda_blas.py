@@ -60,6 +60,9 @@ class Gemm:
         self._workspace = cupy.empty(WORKSPACE_BYTES, cupy.uint8)
         self._stream = None  # the stream the handle was last bound to
         self._one, self._zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
+        # cuda_gemm_tune.TunedGemm when PAGEDSERVE_GEMM_TUNE=1: runs a shape on its measured
+        # fastest cuBLASLt algorithm, or answers False (then cublasGemmEx runs)
+        self.tuned = None
 
     def _bind(self, stream_ptr: int):
         # NOTE: cublasSetStream resets the handle's workspace to cuBLAS's own pool, which a
@@ -76,7 +79,7 @@ class Gemm:
         """Destroy the handle and let the workspace go (idempotent); the caller has synchronized."""
         if self._destroy.alive:
             self._check(self._destroy(), "cublasDestroy_v2")
-        self.handle = self._workspace = None
+        self.handle = self._workspace = self.tuned = None
 
     @staticmethod
     def _check(status: int, what: str):
@@ -84,6 +87,10 @@ class Gemm:
             raise RuntimeError(f"{what} failed with cuBLAS status {status}")
 
     def __call__(self, x: cupy.ndarray, w: cupy.ndarray, out: cupy.ndarray, dtype: str):
+        if self.tuned is None or not self.tuned(x, w, out, dtype):
+            self.gemm_ex(x, w, out, dtype)
+
+    def gemm_ex(self, x: cupy.ndarray, w: cupy.ndarray, out: cupy.ndarray, dtype: str):
         # cuBLAS is column-major: row-major y (T, out) is column-major C (out, T) = W^T X, where
         # the stored w (out, in) reads as column-major (in, out), hence OP_T with lda = in, and
         # x (T, in) reads as column-major (in, T) with ldb = in.

@@ -85,7 +85,8 @@ def kernel_names(file: str, ctype: str) -> list[str]:
     if file == "gather.cu":
         return ["gather_rows_kernel", "resolve_placeholders_kernel", f"from_float_kernel<{ctype}>"]
     if file == "activation.cu":
-        return [f"silu_and_mul_kernel<{ctype}>", f"add_bias_kernel<{ctype}>"]
+        return [f"silu_and_mul_kernel<{ctype}>", f"silu_and_mul_vec8_kernel<{ctype}>",
+                f"add_bias_kernel<{ctype}>"]
     if file == "rms_norm.cu":
         return [f"rms_norm_kernel<{ctype}>"] + [f"qk_norm_kernel<{ctype}, {d}>" for d in HEAD_DIMS]
     if file == "rope.cu":

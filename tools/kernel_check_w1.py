@@ -1,0 +1,175 @@
+"""kernel_check.py's `w1` section (--only w1): the ops of one W1 step at Llama-3-8B shapes (bf16),
+each timed alone by CUDA-graph replay (no launch gaps, weights read cold), with its rate and % of
+the H200's ceiling:
+- every GEMM (qkv, o, gate_up, down, lm_head) at decode batches M = 16..256 and prefill chunks
+  M = 2048 / 8192: cublasGemmEx as the engine runs it by default, then the plan
+  cuda_gemm_tune.TunedGemm measures (PAGEDSERVE_GEMM_TUNE=1), captured in the graph as the engine
+  would; errors against the numpy twin (8 rows) and against cublasGemmEx (all rows);
+- add + RMSNorm, SiLU-mul (activation.cu's scalar and 8-wide kernels), RoPE + KV write at the
+  same M;
+- decode attention at W1's mix (contexts 600..1000) for 16..256 sequences;
+- per M, one layer's sum and the decode step it implies (32 layers + lm_head).
+"""
+
+from __future__ import annotations
+
+import cupy
+import numpy as np
+
+from engine.executor.ops import cuda_attention as ca
+from engine.executor.ops import cuda_gemm_tune, cuda_ops
+
+LAYERS, HIDDEN, INTER, HEADS = 32, 4096, 14336, (32, 8, 128)  # Llama-3-8B
+DECODE_MS, PREFILL_MS = (16, 32, 64, 128, 192, 256), (2048, 8192)
+
+
+def check_w1(ops, kc):
+    """kc: the kernel_check module (row, graph_time, rel, up, REF, OPTS, L2_BYTES, SHAPES)."""
+    rng = np.random.default_rng(11)
+    small = kc.OPTS["small"]
+    decode_ms, prefill_ms = ((64,), ()) if small else (DECODE_MS, PREFILL_MS)
+    tuner = cuda_gemm_tune.TunedGemm(ops._gemm)
+    saved = ops._gemm.tuned
+    sums = {m: dict.fromkeys(("default", "tuned", "lm_default", "lm_tuned", "other",
+                              "attention"), 0.0) for m in decode_ms + prefill_ms}
+    try:
+        for name, (n, k) in kc.SHAPES["llama3-8b"].items():
+            ms = decode_ms if name == "lm_head" else decode_ms + prefill_ms
+            for m, t_default, t_tuned in check_gemm(ops, kc, tuner, rng, name, n, k, ms):
+                prefix = "lm_" if name == "lm_head" else ""  # once a step, not once a layer
+                sums[m][prefix + "default"] += t_default
+                sums[m][prefix + "tuned"] += t_tuned
+    finally:
+        ops._gemm.tuned = saved
+    for m in decode_ms + prefill_ms:
+        sums[m]["other"] = check_elementwise(ops, kc, rng, m)
+    for b in decode_ms:
+        sums[b]["attention"] = check_attention(ops, kc, rng, b)
+    for m in decode_ms + prefill_ms:
+        s = sums[m]
+        layer_d = s["default"] + s["other"] + s["attention"]
+        layer_t = s["tuned"] + s["other"] + s["attention"]
+        step_d = LAYERS * layer_d + s["lm_default"]
+        step_t = LAYERS * layer_t + s["lm_tuned"]
+        what = "decode step" if m in decode_ms else "prefill chunk (no attention)"
+        kc.row("w1", f"sum: {what} M={m}, tuned GEMMs", "-", step_t,
+               extra=f"cublasGemmEx {step_d * 1e3:.2f} ms -> tuned {step_t * 1e3:.2f} ms "
+                     f"({step_d / step_t:.3f}x); per layer: GEMMs {s['default'] * 1e6:.0f} -> "
+                     f"{s['tuned'] * 1e6:.0f} us, norms/SiLU/RoPE {s['other'] * 1e6:.0f} us, "
+                     f"attention {s['attention'] * 1e6:.0f} us"
+                     + (f"; {m / step_t:.0f} tok/s at this batch" if m in decode_ms else ""))
+
+
+def check_gemm(ops, kc, tuner, rng, name, n, k, ms):
+    """Rows for one weight at each M; yields (M, cublasGemmEx s, tuned s)."""
+    nbytes = n * k * 2
+    copies = 1 if kc.OPTS["small"] else max(1, -(-3 * kc.L2_BYTES // nbytes))  # > L2: cold
+    ws = [ops.random_weight((n, k), k**-0.5, rng) for _ in range(copies)]
+    w_h = ops.to_host(ws[0][:4096])  # the twin checks the first 8 x 4096 outputs
+    for m in ms:
+        x = ops.random_weight((m, k), 1.0, rng)  # device RNG: 8192-row inputs in no time
+        want, got = cupy.empty((m, n), ops.storage), cupy.empty((m, n), ops.storage)
+        ops._gemm.tuned = None
+        ops._gemm(x, ws[0], want, ops.dtype)
+        big = 2 * m * n * k > 2e11
+        calls, reps = (max(4, copies), 3) if big else (max(20, copies), 10)
+        it = iter(range(10**9))
+        scratch = cupy.empty_like(want)  # the timed calls cycle weight copies: keep `want`
+        t_default = kc.graph_time(lambda x=x, it=it, out=scratch: ops._gemm(
+            x, ws[next(it) % copies], out, ops.dtype), calls, reps)
+        key = (cuda_gemm_tune.bucket(m), n, k, ops.dtype)
+        cuda_gemm_tune.PLANS.pop(key, None)  # measured here, on these operands
+        ops._gemm.tuned = tuner
+        ops._gemm(x, ws[0], got, ops.dtype)  # tunes, then runs the plan
+        plan = cuda_gemm_tune.PLANS[key]
+        twin = kc.REF.linear(ops.to_host(x[:8]), w_h)
+        err = (f"{kc.rel(ops.to_host(got[:8, :4096]), twin):.1e}, "
+               f"vs Ex {_device_rel(ops, got, want):.1e}")
+        it = iter(range(10**9))
+        t_tuned = kc.graph_time(lambda x=x, it=it, out=scratch: ops._gemm(
+            x, ws[next(it) % copies], out, ops.dtype), calls, reps)
+        ops._gemm.tuned = None
+        timings = sorted(cuda_gemm_tune.TIMINGS.get(key, []))
+        flops = 2 * m * n * k
+        label = "cublasGemmEx" if plan is None else tuner.describe(plan[1])
+        kc.row("w1", f"GEMM {name} {n}x{k} M={m} tuned", err, t_tuned, nbytes + 2 * m * (n + k),
+               flops, extra=f"cublasGemmEx {t_default * 1e6:.1f} us "
+                            f"{flops / t_default / 1e12:.0f} TFLOP/s -> "
+                            f"{t_default / t_tuned:.3f}x; plan: {label}; tuning "
+                            f"{len(timings)} timed, fastest {_fmt(timings[:3])}")
+        yield m, t_default, t_tuned
+
+
+def _device_rel(ops, got, want) -> float:
+    """kc.rel on the device (a 8192 x 28672 product is slow to compare on the host)."""
+    def f32(a):
+        if ops.dtype == "bfloat16":
+            return (a.astype(cupy.uint32) << 16).view(cupy.float32)
+        return a.astype(cupy.float32)
+    g, w = f32(got), f32(want)
+    return float(cupy.linalg.norm(g - w) / max(float(cupy.linalg.norm(w)), 1e-30))
+
+
+def _fmt(timings) -> str:
+    return ", ".join(f"{us:.1f} us [{label}]" for us, label in timings)
+
+
+def check_elementwise(ops, kc, rng, m) -> float:
+    """add + RMSNorm (twice a layer), SiLU-mul, RoPE + KV write at m rows; seconds per layer."""
+    from engine.executor.transformer import rope_cos_sin
+    from engine.model.config import ModelConfig
+
+    # inputs made on the device; the twins check the first 64 rows
+    x, res, nw = (ops.random_weight(shape, 1.0, rng) for shape in ((m, HIDDEN), (m, HIDDEN),
+                                                                   (HIDDEN,)))
+    h, _ = ops.add_rms_norm(x, res.copy(), nw, 1e-5)
+    err = kc.rel(ops.to_host(h[:64]), kc.REF.add_rms_norm(
+        ops.to_host(x[:64]), ops.to_host(res[:64]), ops.to_host(nw), 1e-5)[0])
+    t_norm = kc.graph_time(lambda: ops.add_rms_norm(x, res, nw, 1e-5))
+    kc.row("w1", f"add_rms_norm M={m}x{HIDDEN}", f"{err:.1e}", t_norm, m * HIDDEN * 2 * 4)
+    gu = ops.random_weight((m, 2 * INTER), 1.0, rng)
+    saved = cuda_ops.SILU_MUL_VEC8
+    try:
+        outs, times = {}, {}
+        for vec in (False, True):
+            cuda_ops.SILU_MUL_VEC8 = vec
+            outs[vec] = ops.silu_and_mul(gu)
+            times[vec] = kc.graph_time(lambda: ops.silu_and_mul(gu))
+    finally:
+        cuda_ops.SILU_MUL_VEC8 = saved
+    err = kc.rel(ops.to_host(outs[True][:64]), kc.REF.silu_and_mul(ops.to_host(gu[:64])))
+    same = "bit-identical" if cupy.array_equal(outs[True], outs[False]) else "DIFFER"
+    t_silu = times[saved]
+    kc.row("w1", f"silu_and_mul vec8 M={m}x{2 * INTER}", f"{err:.1e}", times[True],
+           m * INTER * 2 * 3, extra=f"scalar kernel {times[False] * 1e6:.1f} us "
+                                    f"({times[False] / times[True]:.2f}x), {same}")
+    nh, nkv, hd = HEADS
+    cfg = ModelConfig("LlamaForCausalLM", LAYERS, HIDDEN, INTER, 1, nh, nkv, hd,
+                      rope_theta=5e5)
+    cs = ops.from_host(rope_cos_sin(cfg, 8192))
+    qkv = ops.random_weight((m, (nh + 2 * nkv) * hd), 1.0, rng)
+    blocks = -(-m // 16)
+    cache = ops.alloc_kv_cache(1, blocks, nkv, 16, hd)[0]
+    pos = cupy.asarray(rng.integers(0, 8192, m).astype(np.int32))
+    slots = cupy.asarray(rng.permutation(blocks * 16)[:m].astype(np.int32))
+    t_rope = kc.graph_time(lambda: ops.qk_norm_rope_kv_write(
+        qkv, pos, cs, None, None, 1e-5, cache[0], cache[1], slots, nh, nkv))
+    kc.row("w1", f"rope_kv_write M={m} (32/8/128)", "-", t_rope,
+           m * ((nh + 2 * nkv) * hd * 2 + 2 * nkv * hd) * 2)
+    return 2 * t_norm + t_silu + t_rope
+
+
+def check_attention(ops, kc, rng, batch) -> float:
+    """Decode attention (the engine's default kernel and graph grid) at W1's mix."""
+    nh, nkv, hd = HEADS
+    ctx = rng.integers(600, 1001, batch).tolist()
+    meta, cache = kc._decode_batch(ops, ctx, nkv, hd)
+    qkv = ops.random_weight((batch, (nh + 2 * nkv) * hd), 1.0, rng)
+    dmeta = ops.prepare_metadata(meta)
+    dmeta.num_splits = ca.decode_plan(batch, nkv, nh // nkv, 32768).num_splits
+    sec = kc.graph_time(lambda: ops.attention(qkv, cache[0], cache[1], dmeta, nh, nkv,
+                                              hd**-0.5))
+    kv_bytes = sum(ctx) * nkv * hd * 2 * 2
+    kc.row("w1", f"decode attention B={batch} ctx 600..1000 ({ca.DECODE_KERNEL})", "-", sec,
+           kv_bytes, extra=f"{kv_bytes / 1e6:.0f} MB of K/V; grid splits {dmeta.num_splits}")
+    return sec
