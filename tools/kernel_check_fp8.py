@@ -4,11 +4,13 @@ timed at Llama-3-8B shapes against bf16.
 - quantization kernels (plain, fused with add + RMSNorm, fused with SiLU-mul): codes and scales
   bit-exact vs the twin (mismatch counts), time per call, beside the bf16 path's norm / SiLU-mul;
 - FP8 GEMV (M = 1..8) vs FP8 cuBLASLt vs bf16 GEMV / cuBLAS at the same M (GB/s of weights); at
-  M <= 2 also the other FP8_GEMV_WORDS and the quantize + GEMV pair chained by PDL;
+  M <= 2 also the other FP8_GEMV_WORDS and the quantize + GEMV pair chained by PDL; at M <= 4 the
+  streaming GEMV (cuda/fp8_fused.cu) on the same codes, plain and chained by PDL;
+- batch 1: the streaming GEMV with its quantization fused in vs the two launches, PDL-chained;
 - FP8 cuBLASLt GEMM at M = 256 and 2048 vs bf16 cuBLAS (TFLOP/s), with the scale mode cuBLASLt
   took ("outer": scales in its epilogue; "fp32+scale": fp32 out + fp8_scale_kernel);
 - a batch-1 decode step of Llama-3-8B shapes (CUDA graph): bf16, FP8, FP8 with the lm_head in
-  FP8 too (its logits vs the bf16 lm_head's), PDL off and on, and cuda_fp8's knobs under PDL.
+  FP8 too (its logits vs the bf16 lm_head's), PDL off and on, and cuda_fp8.STREAM under PDL.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import time
 import cupy
 import numpy as np
 
-from engine.executor.ops import cuda_fp8, cuda_gemv
+from engine.executor.ops import cuda_blaslt, cuda_fp8, cuda_gemv
 from engine.model import fp8
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
@@ -84,9 +86,9 @@ def check_products(ops, kc, rng, name, n, k):
     calls = max(20, copies)
     lt = cuda_fp8.fp8_gemm(ops._gemm)
 
-    def cycled(fn):
+    def cycled(fn, pdl=False):
         it = iter(range(10**9))
-        return kc.graph_time(lambda: fn(next(it) % copies), calls)
+        return kc.graph_time(lambda: fn(next(it) % copies), calls, pdl=pdl)
 
     for m in ((1, 8) if small else (1, 2, 4, 8)):
         x = ops.from_host(rng.standard_normal((m, k)).astype(np.float32))
@@ -110,11 +112,19 @@ def check_products(ops, kc, rng, name, n, k):
                 calls, pdl=True)
             other = (f"; {6 - words} words/thread {t_w * 1e6:.1f} us; quantize + GEMV PDL chain "
                      f"{t_p * 1e6:.1f} us")
+        if m <= cuda_fp8.STREAM_MAX_M:
+            y_st = cuda_fp8.stream_gemv(ops, cuda_fp8.PRO_CODES, qws[0], q=q, s=s)[0]
+            t_st = cycled(lambda i, q=q, s=s: cuda_fp8.stream_gemv(ops, cuda_fp8.PRO_CODES,
+                                                                   qws[i], q=q, s=s))
+            t_stp = cycled(lambda i, q=q, s=s: cuda_fp8.stream_gemv(
+                ops, cuda_fp8.PRO_CODES, qws[i], q=q, s=s), pdl=True)
+            other += (f"; stream GEMV {t_st * 1e6:.1f} us, PDL-chained {t_stp * 1e6:.1f} us "
+                      f"({_twin_err(ops, kc, y_st, q, s, qws[0])})")
         kc.row("fp8", f"{name} {n}x{k} M={m} FP8 GEMV", err, t_gemv, n * k + m * k, 2 * m * n * k,
                extra=f"FP8 cuBLASLt {t_lt * 1e6:.1f} us, bf16 {t_bf * 1e6:.1f} us "
                      f"({t_bf / t_gemv:.2f}x) -> {best}{other}")
-    check_fused(ops, kc, rng, name, qws, cycled)
-    for m in ((256,) if small else (256, 2048)):
+    check_stream_fused(ops, kc, rng, name, qws)
+    for m in ((256,) if small else (144, 256, 2048)):
         x = ops.from_host(rng.standard_normal((m, k)).astype(np.float32))
         q, s = cuda_fp8.quantize_rows(x, ops.ctype)
         err = _twin_err(ops, kc, cuda_fp8.matmul(ops, q, s, qws[0], use_gemv=False), q, s, qws[0])
@@ -122,38 +132,65 @@ def check_products(ops, kc, rng, name, n, k):
         mode = "no cuBLASLt plan: GEMV chunks" if plan is None else plan[0]
         t_lt = cycled(lambda i, q=q, s=s: cuda_fp8.matmul(ops, q, s, qws[i], use_gemv=False))
         t_q = kc.graph_time(lambda x=x: cuda_fp8.quantize_rows(x, ops.ctype))
+        tuned = ""
+        if m <= cuda_blaslt.TUNE_MAX_M:  # cuBLASLt's candidates timed (cuda_blaslt.TUNE)
+            key, saved = (m, n, k, ops.dtype), cuda_blaslt.TUNE
+            cuda_blaslt.TUNE = True
+            lt.plans.pop(key, None)
+            y_tuned = cuda_fp8.matmul(ops, q, s, qws[0], use_gemv=False)  # plans, times, runs
+            t_tuned = cycled(lambda i, q=q, s=s: cuda_fp8.matmul(ops, q, s, qws[i],
+                                                                 use_gemv=False))
+            cuda_blaslt.TUNE = saved
+            lt.plans.pop(key, None)
+            first, best = lt.tuned.pop(key, (float("nan"),) * 2)
+            tuned = (f"; tuned {t_tuned * 1e6:.1f} us, "
+                     f"{_twin_err(ops, kc, y_tuned, q, s, qws[0])} (hot, alone: first algorithm "
+                     f"{first * 1e6:.1f} us, best {best * 1e6:.1f} us)")
         out = cupy.empty((m, n), ops.storage)
         t_bf = cycled(lambda i, x=x, out=out: ops._gemm(x, ws[i], out, ops.dtype))
         kc.row("fp8", f"{name} {n}x{k} M={m} FP8 cuBLASLt ({mode})", err, t_lt,
                n * k + m * k + m * n * 2, 2 * m * n * k,
                extra=f"+ quantize {t_q * 1e6:.1f} us; bf16 cuBLAS {t_bf * 1e6:.1f} us "
-                     f"({t_bf / (t_lt + t_q):.2f}x incl. quant)")
+                     f"({t_bf / (t_lt + t_q):.2f}x incl. quant){tuned}")
 
 
-def check_fused(ops, kc, rng, name, qws, cycled):
-    """Batch 1: quantization fused into the GEMV (cuda/fp8_fused.cu) vs its two launches."""
+def check_stream_fused(ops, kc, rng, name, qws):
+    """Batch 1 in a PDL chain, as a decode graph runs it: the streaming GEMV with the quantization
+    fused in vs the quantize kernel + fp8.cu's GEMV and the quantize kernel + the streaming GEMV."""
     n, k = qws[0].data.shape
-    prologue = {"o": 0, "down": 1}.get(name, 2)  # qkv and gate_up follow add + RMSNorm
+    pro = {"o": cuda_fp8.PRO_QUANTIZE, "down": cuda_fp8.PRO_SILU}.get(name, cuda_fp8.PRO_NORM)
 
     def up(shape):
         return ops.from_host(rng.standard_normal(shape).astype(np.float32))
 
-    x = up((1, 2 * k if prologue == 1 else k))
+    x = up((1, 2 * k if pro == cuda_fp8.PRO_SILU else k))
     res, nw = up((1, k)), up((k,))
-    extra = (res, nw, 1e-5) if prologue == 2 else ()
-    y = cuda_fp8.fused_gemv(prologue, x, qws[0], ops.ctype, *extra)[0]
-    unfused = {0: lambda: cuda_fp8.quantize_rows(x, ops.ctype),
-               1: lambda: cuda_fp8.silu_quantize(x, ops.ctype),
-               2: lambda: cuda_fp8.norm_quantize(x, res, nw, 1e-5, ops.ctype)[:2]}[prologue]
-    q, s = unfused()
+    extra = (res, nw, 1e-5) if pro == cuda_fp8.PRO_NORM else ()
+    y = cuda_fp8.stream_gemv(ops, pro, qws[0], x, *extra)[0]
+    quantize = {cuda_fp8.PRO_QUANTIZE: lambda: cuda_fp8.quantize_rows(x, ops.ctype),
+                cuda_fp8.PRO_SILU: lambda: cuda_fp8.silu_quantize(x, ops.ctype),
+                cuda_fp8.PRO_NORM: lambda: cuda_fp8.norm_quantize(x, res, nw, 1e-5,
+                                                                  ops.ctype)[:2]}[pro]
+    q, s = quantize()
     err = _twin_err(ops, kc, y, q, s, qws[0])
-    t_f = cycled(lambda i: cuda_fp8.fused_gemv(prologue, x, qws[i], ops.ctype, *extra))
-    t_u = cycled(lambda i: cuda_fp8.gemv(*unfused(), qws[i], cupy.empty((1, n), ops.storage),
-                                         ops.ctype))
-    kind = ("quantize", "SiLU-mul+quantize", "add+RMSNorm+quantize")[prologue]
-    kc.row("fp8", f"{name} {n}x{k} M=1 fused {kind} + GEMV", err, t_f, n * k, 2 * n * k,
-           extra=f"two launches {t_u * 1e6:.1f} us ({t_u / t_f:.2f}x) -> "
-                 f"{'fused' if t_f < t_u else 'unfused'}")
+    copies, out = len(qws), cupy.empty((1, n), ops.storage)
+
+    def chained(fn):
+        it = iter(range(10**9))
+        return kc.graph_time(lambda: fn(next(it) % copies), max(20, copies), pdl=True)
+
+    t_f = chained(lambda i: cuda_fp8.stream_gemv(ops, pro, qws[i], x, *extra))
+    t_u = chained(lambda i: cuda_fp8.gemv(*quantize(), qws[i], out, ops.ctype))
+    def codes_stream(i):
+        q, s = quantize()
+        return cuda_fp8.stream_gemv(ops, cuda_fp8.PRO_CODES, qws[i], q=q, s=s)
+
+    t_us = chained(codes_stream)
+    kind = ("quantize", "SiLU-mul+quantize", "add+RMSNorm+quantize")[pro]
+    kc.row("fp8", f"{name} {n}x{k} M=1 stream GEMV, {kind} fused, PDL chain", err, t_f, n * k,
+           2 * n * k, extra=f"quantize + GEMV {t_u * 1e6:.1f} us ({t_u / t_f:.2f}x), quantize + "
+                            f"stream GEMV {t_us * 1e6:.1f} us; stages "
+                            f"{cuda_fp8.stream_stages(1, k)}")
 
 
 def decode_step(ops, kc, preset: str = "llama3-8b", ctx: int = 512):
@@ -193,7 +230,7 @@ def decode_step(ops, kc, preset: str = "llama3-8b", ctx: int = 512):
                                    config.head_dim)
         variants = [(False, {}), (True, {})]
         if label != "bf16":  # the knobs that PDL may move (cuda_fp8.py), one at a time
-            variants += [(True, {"FP8_FUSED_MAX_N": 8192}), (True, {"FP8_GEMV_WORDS": 4})]
+            variants += [(True, {"STREAM": True}), (True, {"STREAM": True, "STREAM_WARPS": 8})]
         for pdl, knobs in variants:
             cuda_kernels.PDL = pdl
             saved = {name: getattr(cuda_fp8, name) for name in knobs}

@@ -98,7 +98,8 @@ def kernel_names(file: str, ctype: str) -> list[str]:
                                                       "norm_quantize", "scale")]
                 + [f"fp8_gemv_kernel<{ctype}, {m}>" for m in range(1, 9)])
     if file == "fp8_fused.cu":
-        return [f"fp8_fused_gemv_kernel<{ctype}, {p}, 8>" for p in range(3)]
+        return [f"fp8_stream_gemv_kernel<{ctype}, {m}, {p}>" for m in range(1, 5)
+                for p in range(4)]
     if file == "kv_cache.cu":
         return [f"write_kv_cache_kernel<{ctype}>"]
     if file == "attention.cu":
