@@ -9,13 +9,13 @@
 #include "fp8.cuh"
 
 // ------------------------------------------------------------------------------ quantization
-// One block per row (quantize_row in fp8.cuh); a thread keeps its first F8_QC words in registers.
-
-constexpr int F8_QC = 2;
+// One block per row (quantize_row in fp8.cuh); a thread keeps its first QC words in registers:
+// QC = 2 with a word per thread (the default launch), 4 for blocks of fewer, busier threads
+// (cuda_fp8.QUANT_WORDS: more rows resident per SM at prefill sizes).
 
 // x (a row per token, or a weight's row per output channel) -> codes and the row's scale.
 // Grid: (rows)  Block: (64..1024, a multiple of 32)
-template <typename T>
+template <typename T, int QC>
 __global__ void __launch_bounds__(1024) fp8_quantize_kernel(
     unsigned char* __restrict__ q,  // [rows, K]
     float* __restrict__ scale,      // [rows]
@@ -25,7 +25,7 @@ __global__ void __launch_bounds__(1024) fp8_quantize_kernel(
   __shared__ float red[32];
   const T* row = x + (long)blockIdx.x * K;
   unsigned char* qrow = q + (long)blockIdx.x * K;
-  const float s = quantize_row<T, F8_QC>(
+  const float s = quantize_row<T, QC>(
       K / 8, red, [&](int w, float* f) { load8(row + 8 * w, f); },
       [&](int w, const float* f, float sc) { encode8(qrow + 8 * w, f, sc); });
   if (threadIdx.x == 0) scale[blockIdx.x] = s;
@@ -34,7 +34,7 @@ __global__ void __launch_bounds__(1024) fp8_quantize_kernel(
 // silu(gate) * up, rounded to T as silu_and_mul_kernel rounds it, then quantized: the down
 // projection's input never goes through memory in 16 bits.
 // Grid: (rows)  Block: (64..1024, a multiple of 32)
-template <typename T>
+template <typename T, int QC>
 __global__ void __launch_bounds__(1024) fp8_silu_quantize_kernel(
     unsigned char* __restrict__ q,      // [rows, K]
     float* __restrict__ scale,          // [rows]
@@ -44,7 +44,7 @@ __global__ void __launch_bounds__(1024) fp8_silu_quantize_kernel(
   __shared__ float red[32];
   const T* g = gate_up + (long)blockIdx.x * 2 * K;
   unsigned char* qrow = q + (long)blockIdx.x * K;
-  const float s = quantize_row<T, F8_QC>(
+  const float s = quantize_row<T, QC>(
       K / 8, red,
       [&](int w, float* f) {
         float u[8];
@@ -63,7 +63,7 @@ __global__ void __launch_bounds__(1024) fp8_silu_quantize_kernel(
 // NOTE: the sum of squares runs in a different order than rms_norm_kernel's, so h may differ from
 // that kernel's output in the last bit.
 // Grid: (rows)  Block: (64..1024, a multiple of 32)
-template <typename T>
+template <typename T, int QC>
 __global__ void __launch_bounds__(1024) fp8_norm_quantize_kernel(
     unsigned char* __restrict__ q,   // [rows, K]
     float* __restrict__ scale,       // [rows]
@@ -92,7 +92,7 @@ __global__ void __launch_bounds__(1024) fp8_norm_quantize_kernel(
   }
   const float inv = rsqrtf(block_sum(ss, red) / K + eps);
   // A thread re-reads only the residual words it wrote itself: no barrier needed.
-  const float s = quantize_row<T, F8_QC>(
+  const float s = quantize_row<T, QC>(
       K / 8, red,
       [&](int w, float* out) {
         float g[8];
@@ -212,10 +212,11 @@ __global__ void fp8_scale_kernel(T* __restrict__ y,              // [M, N]
 }
 
 #ifdef PAGEDSERVE_NVCC_CHECK
-template __global__ void fp8_quantize_kernel<__nv_bfloat16>(unsigned char*, float*,
-                                                            const __nv_bfloat16*, int);
-template __global__ void fp8_silu_quantize_kernel<__half>(unsigned char*, float*, const __half*, int);
-template __global__ void fp8_norm_quantize_kernel<__nv_bfloat16>(
+template __global__ void fp8_quantize_kernel<__nv_bfloat16, 2>(unsigned char*, float*,
+                                                               const __nv_bfloat16*, int);
+template __global__ void fp8_silu_quantize_kernel<__half, 4>(unsigned char*, float*, const __half*,
+                                                             int);
+template __global__ void fp8_norm_quantize_kernel<__nv_bfloat16, 4>(
     unsigned char*, float*, __nv_bfloat16*, __nv_bfloat16*, const __nv_bfloat16*,
     const __nv_bfloat16*, float, int, int);
 template __global__ void fp8_gemv_kernel<__nv_bfloat16, 1>(__nv_bfloat16*, const unsigned char*,

@@ -44,32 +44,63 @@ def _mismatches(q, s, x_host) -> str:
     return "bit-exact" if bad == 0 else f"{bad} MISMATCHES"
 
 
+def _words_variants(rows: int, run, check) -> str:
+    """At prefill sizes: run() timed with cuda_fp8.QUANT_WORDS 2 and 4, check() -> agreement."""
+    if rows < cuda_fp8.QUANT_WORDS_MIN_ROWS:
+        return ""
+    saved, text = cuda_fp8.QUANT_WORDS, ""
+    try:
+        for words in (2, 4):
+            cuda_fp8.QUANT_WORDS = words
+            text += f"; {words} words/thread {run() * 1e6:.1f} us ({check()})"
+    finally:
+        cuda_fp8.QUANT_WORDS = saved
+    return text
+
+
 def check_quantize(ops, kc, rng):
-    for rows, k in ((1, 4096), (8, 14336), (2048, 4096), (2048, 14336)):
+    for rows, k in ((1, 4096), (8, 14336), (256, 4096), (256, 14336), (2048, 4096),
+                    (2048, 14336)):
         x = ops.from_host(rng.standard_normal((rows, k)).astype(np.float32))
         x_h = ops.to_host(x)
         q, s = cuda_fp8.quantize_rows(x, ops.ctype)
         t = kc.graph_time(lambda x=x: cuda_fp8.quantize_rows(x, ops.ctype))
-        kc.row("fp8", f"quantize rows {rows}x{k}", _mismatches(q, s, x_h), t, rows * k * 3)
+        kc.row("fp8", f"quantize rows {rows}x{k}", _mismatches(q, s, x_h), t, rows * k * 3,
+               extra=_words_variants(
+                   rows, lambda x=x: kc.graph_time(lambda: cuda_fp8.quantize_rows(x, ops.ctype)),
+                   lambda x=x, x_h=x_h: _mismatches(*cuda_fp8.quantize_rows(x, ops.ctype), x_h)))
         nw = ops.from_host(rng.standard_normal(k).astype(np.float32) + 1)
         res = ops.from_host(rng.standard_normal((rows, k)).astype(np.float32))
         h_ref, _ = ops.add_rms_norm(x, res.copy(), nw, 1e-5)
         h = cupy.empty_like(x)  # the kernel's normalized row: its codes are the twin's of it
         q, s, _ = cuda_fp8.norm_quantize(x, res.copy(), nw, 1e-5, ops.ctype, h_out=h)
-        t = kc.graph_time(lambda x=x, res=res, nw=nw: cuda_fp8.norm_quantize(
-            x, res, nw, 1e-5, ops.ctype))
+
+        def norm_run(x=x, res=res, nw=nw):
+            return kc.graph_time(lambda: cuda_fp8.norm_quantize(x, res, nw, 1e-5, ops.ctype))
+
+        def norm_check(x=x, res=res, nw=nw):
+            h = cupy.empty_like(x)
+            q, s, _ = cuda_fp8.norm_quantize(x, res.copy(), nw, 1e-5, ops.ctype, h_out=h)
+            return _mismatches(q, s, ops.to_host(h))
+
+        t = norm_run()
         off = int((ops.to_host(h) != ops.to_host(h_ref)).sum())
         t_bf = kc.graph_time(lambda x=x, res=res, nw=nw: ops.add_rms_norm(x, res, nw, 1e-5))
         kc.row("fp8", f"add+RMSNorm+quantize {rows}x{k}", _mismatches(q, s, ops.to_host(h)), t,
                rows * k * 7, extra=f"h != rms_norm_kernel's in {off} of {rows * k} (sum "
-                                   f"order); bf16 add_rms_norm {t_bf * 1e6:.1f} us")
+                                   f"order); bf16 add_rms_norm {t_bf * 1e6:.1f} us"
+                                   + _words_variants(rows, norm_run, norm_check))
         gu = ops.from_host(rng.standard_normal((rows, 2 * k)).astype(np.float32))
+        act = ops.to_host(ops.silu_and_mul(gu))
         q, s = cuda_fp8.silu_quantize(gu, ops.ctype)
         t = kc.graph_time(lambda gu=gu: cuda_fp8.silu_quantize(gu, ops.ctype))
         t_bf = kc.graph_time(lambda gu=gu: ops.silu_and_mul(gu))
-        kc.row("fp8", f"SiLU-mul+quantize {rows}x{k}", _mismatches(
-            q, s, ops.to_host(ops.silu_and_mul(gu))), t, rows * k * 5,
-            extra=f"bf16 silu_and_mul {t_bf * 1e6:.1f} us")
+        kc.row("fp8", f"SiLU-mul+quantize {rows}x{k}", _mismatches(q, s, act), t, rows * k * 5,
+               extra=f"bf16 silu_and_mul {t_bf * 1e6:.1f} us" + _words_variants(
+                   rows, lambda gu=gu: kc.graph_time(lambda: cuda_fp8.silu_quantize(gu,
+                                                                                   ops.ctype)),
+                   lambda gu=gu, act=act: _mismatches(*cuda_fp8.silu_quantize(gu, ops.ctype),
+                                                      act)))
 
 
 def _twin_err(ops, kc, y, q, s, qw) -> str:

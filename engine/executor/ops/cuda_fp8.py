@@ -90,10 +90,19 @@ def _check_k(k: int, *arrays) -> None:
 # ----------------------------------------------------------------------------- quantization
 
 
-def _threads(k: int) -> int:
-    """Threads of a row-quantizing block: about one 8-element word each, so that a decode row
-    (one block on one SM) is a couple of loads per thread, not dozens."""
-    return min(1024, max(64, -(-k // 256) * 32))
+# Prefill-sized batches (>= QUANT_WORDS_MIN_ROWS rows): QUANT_WORDS 8-element words per thread in
+# the quantize kernels (their QC = 4 instance) instead of one, so that more rows are resident per
+# SM. 1 (off) until measured: kernel_check --only fp8 times 2 and 4 at 2048 rows.
+QUANT_WORDS = 1
+QUANT_WORDS_MIN_ROWS = 64
+
+
+def _quant_launch(rows: int, k: int) -> tuple[int, int]:
+    """(threads, QC) of a row-quantizing block: about one 8-element word per thread, so that a
+    decode row (one block on one SM) is a couple of loads per thread, not dozens."""
+    words = QUANT_WORDS if rows >= QUANT_WORDS_MIN_ROWS else 1
+    threads = min(1024, max(64, -(-k // (256 * words)) * 32))
+    return threads, 2 if words == 1 else 4
 
 
 def quantize_rows(x: cupy.ndarray, ctype: str) -> tuple[cupy.ndarray, cupy.ndarray]:
@@ -102,8 +111,9 @@ def quantize_rows(x: cupy.ndarray, ctype: str) -> tuple[cupy.ndarray, cupy.ndarr
     _check_k(k, x)
     q, s = cupy.empty((rows, k), cupy.uint8), cupy.empty(rows, cupy.float32)
     if rows:
-        launch(kernel("fp8.cu", f"fp8_quantize_kernel<{ctype}>", ctype),
-               (rows,), (_threads(k),), (q, s, x, _i32(k)), pdl=True)
+        threads, qc = _quant_launch(rows, k)
+        launch(kernel("fp8.cu", f"fp8_quantize_kernel<{ctype}, {qc}>", ctype),
+               (rows,), (threads,), (q, s, x, _i32(k)), pdl=True)
     return q, s
 
 
@@ -123,8 +133,9 @@ def norm_quantize(x, residual, norm_w, eps: float, ctype: str, h_out=None):
     residual = cupy.empty_like(x) if residual is None else residual
     q, s = cupy.empty((rows, k), cupy.uint8), cupy.empty(rows, cupy.float32)
     if rows:
-        launch(kernel("fp8.cu", f"fp8_norm_quantize_kernel<{ctype}>", ctype),
-               (rows,), (_threads(k),),
+        threads, qc = _quant_launch(rows, k)
+        launch(kernel("fp8.cu", f"fp8_norm_quantize_kernel<{ctype}, {qc}>", ctype),
+               (rows,), (threads,),
                (q, s, residual, _NULL if h_out is None else h_out, x, norm_w,
                 np.float32(eps), _i32(k), _i32(mode)), pdl=True)
     return q, s, residual
@@ -136,8 +147,9 @@ def silu_quantize(gate_up: cupy.ndarray, ctype: str):
     _check_k(k, gate_up)
     q, s = cupy.empty((rows, k), cupy.uint8), cupy.empty(rows, cupy.float32)
     if rows:
-        launch(kernel("fp8.cu", f"fp8_silu_quantize_kernel<{ctype}>", ctype),
-               (rows,), (_threads(k),), (q, s, gate_up, _i32(k)), pdl=True)
+        threads, qc = _quant_launch(rows, k)
+        launch(kernel("fp8.cu", f"fp8_silu_quantize_kernel<{ctype}, {qc}>", ctype),
+               (rows,), (threads,), (q, s, gate_up, _i32(k)), pdl=True)
     return q, s
 
 
