@@ -51,7 +51,9 @@ __global__ void __launch_bounds__(512, 1) fp8_stream_gemv_kernel(
   __shared__ float red[32], row_scales[M];
   unsigned char* codes = reinterpret_cast<unsigned char*>(smem);  // [M, K]
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, words = K / 16;
-  const int gw = blockIdx.x * (blockDim.x >> 5) + warp, num_warps = gridDim.x * (blockDim.x >> 5);
+  // warp w of block b is the grid's warp w * gridDim + b: the warps with one pair more than the
+  // others spread over all SMs instead of filling the first blocks
+  const int gw = warp * gridDim.x + blockIdx.x, num_warps = gridDim.x * (blockDim.x >> 5);
   const int chunks = (words + FS_WORDS - 1) / FS_WORDS, pairs = (N + FS_ROWS - 1) / FS_ROWS;
   const int items = gw < pairs ? (pairs - gw + num_warps - 1) / num_warps * chunks : 0;
   uint4* stage0 = smem + M * words + warp * stages * FS_STAGE;  // [stages, FS_ROWS, FS_WORDS]
