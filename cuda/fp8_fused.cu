@@ -8,6 +8,10 @@
 // them before the PDL wait: at the first instruction up to ~190 KB per SM (25 MB on an H200) are
 // in flight, so the previous kernel's tail, the launch and this kernel's prologue hide behind the
 // weight stream instead of preceding it.
+// Measured on the H200 (device run B) it is correct but slower than fp8.cu's GEMV + quantize pair
+// (qkv 12.9 vs 10.8 us PDL-chained, gate_up 37.0 vs 31.2): one block of 16 warps per SM, each
+// lane's dependent FMA chains, does not consume the stream as fast as HBM delivers it. Opt-in:
+// cuda_fp8.STREAM (PAGEDSERVE_FP8_STREAM=1).
 //
 // The prologue builds the M quantized activation rows in shared memory (every block recomputes
 // them from L2, once per SM rather than once per 4 weight rows as a per-row-group grid would):

@@ -22,7 +22,7 @@ import time
 import cupy
 import numpy as np
 
-from engine.executor.ops import cuda_blaslt, cuda_fp8, cuda_gemv
+from engine.executor.ops import cuda_fp8, cuda_gemv
 from engine.model import fp8
 
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
@@ -45,16 +45,18 @@ def _mismatches(q, s, x_host) -> str:
 
 
 def _words_variants(rows: int, run, check) -> str:
-    """At prefill sizes: run() timed with cuda_fp8.QUANT_WORDS 2 and 4, check() -> agreement."""
-    if rows < cuda_fp8.QUANT_WORDS_MIN_ROWS:
+    """At 256+ rows: run() timed with 1 and 4 words per thread (cuda_fp8.QUANT_WORDS), check()
+    -> agreement."""
+    if rows < 256:
         return ""
-    saved, text = cuda_fp8.QUANT_WORDS, ""
+    saved = cuda_fp8.QUANT_WORDS, cuda_fp8.QUANT_WORDS_MIN_ELEMENTS
+    cuda_fp8.QUANT_WORDS_MIN_ELEMENTS, text = 0, ""
     try:
-        for words in (2, 4):
+        for words in (1, 4):
             cuda_fp8.QUANT_WORDS = words
             text += f"; {words} words/thread {run() * 1e6:.1f} us ({check()})"
     finally:
-        cuda_fp8.QUANT_WORDS = saved
+        cuda_fp8.QUANT_WORDS, cuda_fp8.QUANT_WORDS_MIN_ELEMENTS = saved
     return text
 
 
@@ -163,26 +165,12 @@ def check_products(ops, kc, rng, name, n, k):
         mode = "no cuBLASLt plan: GEMV chunks" if plan is None else plan[0]
         t_lt = cycled(lambda i, q=q, s=s: cuda_fp8.matmul(ops, q, s, qws[i], use_gemv=False))
         t_q = kc.graph_time(lambda x=x: cuda_fp8.quantize_rows(x, ops.ctype))
-        tuned = ""
-        if m <= cuda_blaslt.TUNE_MAX_M:  # cuBLASLt's candidates timed (cuda_blaslt.TUNE)
-            key, saved = (m, n, k, ops.dtype), cuda_blaslt.TUNE
-            cuda_blaslt.TUNE = True
-            lt.plans.pop(key, None)
-            y_tuned = cuda_fp8.matmul(ops, q, s, qws[0], use_gemv=False)  # plans, times, runs
-            t_tuned = cycled(lambda i, q=q, s=s: cuda_fp8.matmul(ops, q, s, qws[i],
-                                                                 use_gemv=False))
-            cuda_blaslt.TUNE = saved
-            lt.plans.pop(key, None)
-            first, best = lt.tuned.pop(key, (float("nan"),) * 2)
-            tuned = (f"; tuned {t_tuned * 1e6:.1f} us, "
-                     f"{_twin_err(ops, kc, y_tuned, q, s, qws[0])} (hot, alone: first algorithm "
-                     f"{first * 1e6:.1f} us, best {best * 1e6:.1f} us)")
         out = cupy.empty((m, n), ops.storage)
         t_bf = cycled(lambda i, x=x, out=out: ops._gemm(x, ws[i], out, ops.dtype))
         kc.row("fp8", f"{name} {n}x{k} M={m} FP8 cuBLASLt ({mode})", err, t_lt,
                n * k + m * k + m * n * 2, 2 * m * n * k,
                extra=f"+ quantize {t_q * 1e6:.1f} us; bf16 cuBLAS {t_bf * 1e6:.1f} us "
-                     f"({t_bf / (t_lt + t_q):.2f}x incl. quant){tuned}")
+                     f"({t_bf / (t_lt + t_q):.2f}x incl. quant)")
 
 
 def check_stream_fused(ops, kc, rng, name, qws):

@@ -9,18 +9,12 @@ per-token and per-channel scales, picked per shape at first use:
 The handle is the cuBLAS handle of ops/cuda_blas.Gemm (cuBLAS documents a cublasHandle_t as usable
 where a cublasLtHandle_t is expected) and so is the workspace; cublasLtMatmul takes the stream and
 workspace per call, so captured CUDA graphs replay it like cublasGemmEx.
-The heuristic's first algorithm is taken, except with TUNE at decode-graph-like batches (M a
-multiple of 8 up to TUNE_MAX_M, where the same M comes back every step): then its first
-TUNE_ALGOS candidates are timed once on the real operands (outside a capture: the decode graphs'
-warm-up forward) and the fastest kept. On the H200 the first choice at M = 256 runs the o
-projection (4096 x 4096) at 1.4 TB/s, slower than bf16 (kernel_check --only fp8 times both).
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
-import os
 import weakref
 
 import cupy
@@ -38,10 +32,6 @@ DESC_A_SCALE_POINTER, DESC_B_SCALE_POINTER = 17, 18
 DESC_A_SCALE_MODE, DESC_B_SCALE_MODE = 31, 32
 SCALE_OUTER_VEC_32F = 3  # cublasLtMatmulMatrixScale_t
 PREF_MAX_WORKSPACE_BYTES = 1
-TUNE = os.environ.get("PAGEDSERVE_FP8_LT_TUNE", "0") == "1"  # off until measured on the H200
-TUNE_MAX_M = 512
-TUNE_ALGOS = 8
-TUNE_REPS = 3
 
 
 class _Heuristic(ctypes.Structure):  # cublasLtMatmulHeuristicResult_t
@@ -70,8 +60,6 @@ class Fp8Gemm:
         self._layouts: dict[tuple, int] = {}  # (type, rows, cols, ld) -> cublasLtMatrixLayout_t
         self.plans: dict[tuple, tuple | None] = {}  # (M, N, K, dtype) -> (mode, algo) or None
         self.modes = ("outer", "fp32+scale")  # tried in this order (tests narrow it)
-        self._candidates: dict[tuple, list] = {}  # key -> heuristic results still to be timed
-        self.tuned: dict[tuple, tuple[float, float]] = {}  # key -> (first's, best's seconds)
         self._logged: set[tuple] = set()
         pref = ctypes.c_void_p()
         self._check(lib.cublasLtMatmulPreferenceCreate(ctypes.byref(pref)), "PreferenceCreate")
@@ -138,14 +126,11 @@ class Fp8Gemm:
             if mode == "outer":  # the heuristic may refuse a scaled plan with no pointers set
                 self._set_ptr(desc, DESC_A_SCALE_POINTER, scales[1])
                 self._set_ptr(desc, DESC_B_SCALE_POINTER, scales[0])
-            want = TUNE_ALGOS if self.tunable(m) else 1
-            results, count = (_Heuristic * want)(), ctypes.c_int(0)
-            status = self._heuristic(self._gemm.handle, desc, a, b, d, d, self._pref, want,
-                                     results, ctypes.byref(count))
+            result, count = _Heuristic(), ctypes.c_int(0)
+            status = self._heuristic(self._gemm.handle, desc, a, b, d, d, self._pref, 1,
+                                     ctypes.byref(result), ctypes.byref(count))
             if status == 0 and count.value > 0:
-                self.plans[key] = (mode, results[0])
-                if count.value > 1:
-                    self._candidates[key] = list(results[:count.value])
+                self.plans[key] = (mode, result)
                 break
         if key[1:] not in self._logged:  # once per weight shape: which way the scales go
             self._logged.add(key[1:])
@@ -153,34 +138,6 @@ class Fp8Gemm:
                         "no plan, GEMV fallback" if self.plans[key] is None
                         else self.plans[key][0])
         return self.plans[key]
-
-    @staticmethod
-    def tunable(m: int) -> bool:
-        return TUNE and m <= TUNE_MAX_M and m % 8 == 0
-
-    def _tune(self, key: tuple, run) -> None:
-        """Times each candidate algorithm of `key` with run(heuristic) -> status, keeps the
-        fastest in its plan. Skipped inside a stream capture (no timing there)."""
-        stream = cupy.cuda.get_current_stream()
-        if stream.is_capturing():
-            return
-        candidates, times = self._candidates.pop(key), []
-        start, end = cupy.cuda.Event(), cupy.cuda.Event()
-        for heuristic in candidates:
-            if run(heuristic) != 0:  # warm-up; an algorithm refused at run time is skipped
-                times.append(float("inf"))
-                continue
-            start.record(stream)
-            for _ in range(TUNE_REPS):
-                run(heuristic)
-            end.record(stream)
-            end.synchronize()
-            times.append(cupy.cuda.get_elapsed_time(start, end) / 1e3 / TUNE_REPS)
-        best = min(range(len(times)), key=times.__getitem__)
-        self.plans[key] = (self.plans[key][0], candidates[best])
-        self.tuned[key] = (times[0], times[best])
-        logger.info("cuBLASLt FP8 %s: algorithm %d of %d, %.1f us (first %.1f us)", key, best,
-                    len(times), times[best] * 1e6, times[0] * 1e6)
 
     def _layouts_for(self, m: int, n: int, k: int, out_type: int):
         # Column-major view: C (N, M) = op(A) (N, K) . B (K, M). A is qw (N, K) row-major, i.e.
@@ -208,19 +165,11 @@ class Fp8Gemm:
         else:
             d_array = cupy.empty((m, n), cupy.float32)
         a, b, d = self._layouts_for(m, n, k, DATA_TYPES[dtype] if outer else CUDA_R_32F)
-
-        def run(h) -> int:
-            return self._matmul(
-                self._gemm.handle, desc, ctypes.byref(self._one), qw.data.ptr, a, qx.data.ptr, b,
-                ctypes.byref(self._zero), d_array.data.ptr, d, d_array.data.ptr, d,
-                ctypes.byref(h), self._gemm._workspace.data.ptr, WORKSPACE_BYTES,
-                cupy.cuda.get_current_stream().ptr)
-
-        key = (m, n, k, dtype)
-        if key in self._candidates:
-            self._tune(key, run)
-            heuristic = self.plans[key][1]
-        status = run(heuristic)
+        status = self._matmul(
+            self._gemm.handle, desc, ctypes.byref(self._one), qw.data.ptr, a, qx.data.ptr, b,
+            ctypes.byref(self._zero), d_array.data.ptr, d, d_array.data.ptr, d,
+            ctypes.byref(heuristic), self._gemm._workspace.data.ptr, WORKSPACE_BYTES,
+            cupy.cuda.get_current_stream().ptr)
         if status != 0 and outer:  # planned but refused at run time: scale by kernel instead
             logger.info("cuBLASLt FP8 outer-vector scaling refused (status %d): fp32+scale",
                         status)

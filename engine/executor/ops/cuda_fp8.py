@@ -9,9 +9,9 @@ through memory), then the product runs as
   of bf16;
 - cuBLASLt's FP8 GEMM above that (cuda_blaslt.py), or the GEMV 8 rows at a time for a shape
   cuBLASLt has no plan for.
-With STREAM (PAGEDSERVE_FP8_STREAM=1) a decode batch of up to STREAM_MAX_M rows is one launch
-instead: cuda/fp8_fused.cu's persistent GEMV, which streams its weights through shared memory
-from its first instruction and quantizes its input in a prologue hidden behind that stream.
+With STREAM (PAGEDSERVE_FP8_STREAM=1, opt-in: slower on the H200, below) a decode batch of up to
+STREAM_MAX_M rows is one launch instead: cuda/fp8_fused.cu's persistent GEMV, which streams its
+weights through shared memory from its first instruction and quantizes its input in a prologue.
 Every kernel here may be a programmatic dependent launch (cuda_kernels.launch, PAGEDSERVE_PDL=1
 in decode graphs): the GEMVs request their first weight words before waiting for the quantization.
 """
@@ -41,8 +41,10 @@ GEMV_ROWS_PER_BLOCK = 4  # fp8.cu's F8_R
 # slower in the Llama-3-8B batch-1 step on the H200 (3.12 vs 3.07 ms, PDL on); kernel_check
 # --only fp8 times both.
 FP8_GEMV_WORDS = 2
-# The streaming GEMV (cuda/fp8_fused.cu), off until measured on the H200 (kernel_check --only fp8
-# times it against the two launches above, alone and in a Llama-3-8B batch-1 decode step).
+# The streaming GEMV (cuda/fp8_fused.cu): correct but slower on the H200 (device run B, Llama-3-8B
+# shapes, M = 1, PDL-chained): qkv 12.9 us vs 9.5 for fp8.cu's GEMV, gate_up 37.0 vs 29.4, down
+# 19.9 vs 17.4; the batch-1 step 3563 vs 2973 us (bench_latency 3.44 vs 2.84 ms/token). Its
+# per-warp consumer loop (16 warps an SM) cannot keep up with the bytes it has in flight. Opt-in.
 STREAM = os.environ.get("PAGEDSERVE_FP8_STREAM", "0") == "1"
 STREAM_MAX_M = 4  # rows compiled (template M); gemv_wins' caps apply as well
 STREAM_WARPS = 16  # per block, one block per SM
@@ -90,17 +92,19 @@ def _check_k(k: int, *arrays) -> None:
 # ----------------------------------------------------------------------------- quantization
 
 
-# Prefill-sized batches (>= QUANT_WORDS_MIN_ROWS rows): QUANT_WORDS 8-element words per thread in
+# Large batches (rows x K >= QUANT_WORDS_MIN_ELEMENTS): QUANT_WORDS 8-element words per thread in
 # the quantize kernels (their QC = 4 instance) instead of one, so that more rows are resident per
-# SM. 1 (off) until measured: kernel_check --only fp8 times 2 and 4 at 2048 rows.
-QUANT_WORDS = 1
-QUANT_WORDS_MIN_ROWS = 64
+# SM. H200 (device run B, kernel_check --only fp8, bit-exact either way), 1 -> 4 words: 2048 x
+# 4096 add+RMSNorm 22.7 -> 18.3 us, plain 11.7 -> 9.9; SiLU-mul at K = 14336: 2048 rows 82.9 ->
+# 71.6 us, 256 rows 10.5 -> 9.8; but 256 x 4096 slower (add+RMSNorm 3.9 -> 5.5 us).
+QUANT_WORDS = 4
+QUANT_WORDS_MIN_ELEMENTS = 1 << 21
 
 
 def _quant_launch(rows: int, k: int) -> tuple[int, int]:
     """(threads, QC) of a row-quantizing block: about one 8-element word per thread, so that a
     decode row (one block on one SM) is a couple of loads per thread, not dozens."""
-    words = QUANT_WORDS if rows >= QUANT_WORDS_MIN_ROWS else 1
+    words = QUANT_WORDS if rows * k >= QUANT_WORDS_MIN_ELEMENTS else 1
     threads = min(1024, max(64, -(-k // (256 * words)) * 32))
     return threads, 2 if words == 1 else 4
 
