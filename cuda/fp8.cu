@@ -9,48 +9,13 @@
 #include "fp8.cuh"
 
 // ------------------------------------------------------------------------------ quantization
-// One block per row; a thread takes 8-element words w = t, t + blockDim, ... Pass 1 finds the
-// row's absmax, pass 2 encodes. A thread keeps its first F8_QC words in registers between the
-// passes (all of them for K <= F8_QC * 8 * blockDim: 16384 at 1024 threads); a longer row's other
-// words are read (or recomputed) again, from L1/L2.
-
-constexpr int F8_QC = 2;
-
-// The two passes over a row: make(w, f) gives word w's 8 values (before rounding to T); emit(w,
-// f, s) stores word w, f rounded to T, with the row's scale s. Returns s.
-template <typename T, typename Make, typename Emit>
-__device__ __forceinline__ float quantize_row(int words, float* red, Make make, Emit emit) {
-  float c[F8_QC][8], f[8], amax = 0.f;
-#pragma unroll
-  for (int i = 0; i < F8_QC; i++) {
-    const int w = threadIdx.x + i * blockDim.x;
-    if (w < words) {
-      make(w, c[i]);
-      round8<T>(c[i], amax);
-    }
-  }
-  for (int w = threadIdx.x + F8_QC * blockDim.x; w < words; w += blockDim.x) {
-    make(w, f);
-    round8<T>(f, amax);
-  }
-  const float s = row_scale(block_max(amax, red));
-#pragma unroll
-  for (int i = 0; i < F8_QC; i++) {
-    const int w = threadIdx.x + i * blockDim.x;
-    if (w < words) emit(w, c[i], s);
-  }
-  for (int w = threadIdx.x + F8_QC * blockDim.x; w < words; w += blockDim.x) {
-    float dummy = 0.f;
-    make(w, f);
-    round8<T>(f, dummy);
-    emit(w, f, s);
-  }
-  return s;
-}
+// One block per row (quantize_row in fp8.cuh); a thread keeps its first QC words in registers:
+// QC = 2 with a word per thread (the default launch), 4 for blocks of fewer, busier threads
+// (cuda_fp8.QUANT_WORDS: more rows resident per SM at prefill sizes).
 
 // x (a row per token, or a weight's row per output channel) -> codes and the row's scale.
 // Grid: (rows)  Block: (64..1024, a multiple of 32)
-template <typename T>
+template <typename T, int QC>
 __global__ void __launch_bounds__(1024) fp8_quantize_kernel(
     unsigned char* __restrict__ q,  // [rows, K]
     float* __restrict__ scale,      // [rows]
@@ -60,7 +25,7 @@ __global__ void __launch_bounds__(1024) fp8_quantize_kernel(
   __shared__ float red[32];
   const T* row = x + (long)blockIdx.x * K;
   unsigned char* qrow = q + (long)blockIdx.x * K;
-  const float s = quantize_row<T>(
+  const float s = quantize_row<T, QC>(
       K / 8, red, [&](int w, float* f) { load8(row + 8 * w, f); },
       [&](int w, const float* f, float sc) { encode8(qrow + 8 * w, f, sc); });
   if (threadIdx.x == 0) scale[blockIdx.x] = s;
@@ -69,7 +34,7 @@ __global__ void __launch_bounds__(1024) fp8_quantize_kernel(
 // silu(gate) * up, rounded to T as silu_and_mul_kernel rounds it, then quantized: the down
 // projection's input never goes through memory in 16 bits.
 // Grid: (rows)  Block: (64..1024, a multiple of 32)
-template <typename T>
+template <typename T, int QC>
 __global__ void __launch_bounds__(1024) fp8_silu_quantize_kernel(
     unsigned char* __restrict__ q,      // [rows, K]
     float* __restrict__ scale,          // [rows]
@@ -79,7 +44,7 @@ __global__ void __launch_bounds__(1024) fp8_silu_quantize_kernel(
   __shared__ float red[32];
   const T* g = gate_up + (long)blockIdx.x * 2 * K;
   unsigned char* qrow = q + (long)blockIdx.x * K;
-  const float s = quantize_row<T>(
+  const float s = quantize_row<T, QC>(
       K / 8, red,
       [&](int w, float* f) {
         float u[8];
@@ -98,7 +63,7 @@ __global__ void __launch_bounds__(1024) fp8_silu_quantize_kernel(
 // NOTE: the sum of squares runs in a different order than rms_norm_kernel's, so h may differ from
 // that kernel's output in the last bit.
 // Grid: (rows)  Block: (64..1024, a multiple of 32)
-template <typename T>
+template <typename T, int QC>
 __global__ void __launch_bounds__(1024) fp8_norm_quantize_kernel(
     unsigned char* __restrict__ q,   // [rows, K]
     float* __restrict__ scale,       // [rows]
@@ -127,7 +92,7 @@ __global__ void __launch_bounds__(1024) fp8_norm_quantize_kernel(
   }
   const float inv = rsqrtf(block_sum(ss, red) / K + eps);
   // A thread re-reads only the residual words it wrote itself: no barrier needed.
-  const float s = quantize_row<T>(
+  const float s = quantize_row<T, QC>(
       K / 8, red,
       [&](int w, float* out) {
         float g[8];
@@ -247,10 +212,11 @@ __global__ void fp8_scale_kernel(T* __restrict__ y,              // [M, N]
 }
 
 #ifdef PAGEDSERVE_NVCC_CHECK
-template __global__ void fp8_quantize_kernel<__nv_bfloat16>(unsigned char*, float*,
-                                                            const __nv_bfloat16*, int);
-template __global__ void fp8_silu_quantize_kernel<__half>(unsigned char*, float*, const __half*, int);
-template __global__ void fp8_norm_quantize_kernel<__nv_bfloat16>(
+template __global__ void fp8_quantize_kernel<__nv_bfloat16, 2>(unsigned char*, float*,
+                                                               const __nv_bfloat16*, int);
+template __global__ void fp8_silu_quantize_kernel<__half, 4>(unsigned char*, float*, const __half*,
+                                                             int);
+template __global__ void fp8_norm_quantize_kernel<__nv_bfloat16, 4>(
     unsigned char*, float*, __nv_bfloat16*, __nv_bfloat16*, const __nv_bfloat16*,
     const __nv_bfloat16*, float, int, int);
 template __global__ void fp8_gemv_kernel<__nv_bfloat16, 1>(__nv_bfloat16*, const unsigned char*,

@@ -1,5 +1,5 @@
 // FP8 (E4M3) helpers shared by fp8.cu and fp8_fused.cu: conversions (the twin is
-// engine/model/fp8.py) and 8-element row words.
+// engine/model/fp8.py), 8-element row words, the two-pass row quantization and cp.async.
 #pragma once
 #include "common.cuh"
 
@@ -94,3 +94,74 @@ __device__ __forceinline__ void fp8x8_to_float(const uint4& w, int h, float* f) 
   }
 }
 
+
+// ------------------------------------------------------------------------------ row quantization
+// A block quantizes one row of `words` 8-element words; thread t takes words t, t + blockDim, ...
+// Pass 1 finds the row's absmax, pass 2 encodes. A thread keeps its first QC words in registers
+// between the passes (all of them for K <= QC * 8 * blockDim); a longer row's other words are read
+// (or recomputed) again, from L1/L2. make(w, f) gives word w's 8 values (before rounding to T);
+// emit(w, f, s) stores word w, f rounded to T, with the row's scale s. Returns s. Every thread of
+// the block calls it (block reductions).
+template <typename T, int QC, typename Make, typename Emit>
+__device__ __forceinline__ float quantize_row(int words, float* red, Make make, Emit emit) {
+  float c[QC][8], f[8], amax = 0.f;
+#pragma unroll
+  for (int i = 0; i < QC; i++) {
+    const int w = threadIdx.x + i * blockDim.x;
+    if (w < words) {
+      make(w, c[i]);
+      round8<T>(c[i], amax);
+    }
+  }
+  for (int w = threadIdx.x + QC * blockDim.x; w < words; w += blockDim.x) {
+    make(w, f);
+    round8<T>(f, amax);
+  }
+  const float s = row_scale(block_max(amax, red));
+#pragma unroll
+  for (int i = 0; i < QC; i++) {
+    const int w = threadIdx.x + i * blockDim.x;
+    if (w < words) emit(w, c[i], s);
+  }
+  for (int w = threadIdx.x + QC * blockDim.x; w < words; w += blockDim.x) {
+    float dummy = 0.f;
+    make(w, f);
+    round8<T>(f, dummy);
+    emit(w, f, s);
+  }
+  return s;
+}
+
+// ------------------------------------------------------------------------------ cp.async
+// 16-byte global -> shared copies that hold no registers while in flight (sm_80+; a plain copy
+// before). valid = false writes zeros and reads nothing.
+__device__ __forceinline__ void f8_cp_async16(void* dst, const void* src, bool valid) {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(
+                   (unsigned)__cvta_generic_to_shared(dst)),
+               "l"(src), "r"(valid ? 16 : 0)
+               : "memory");
+#else
+  *reinterpret_cast<uint4*>(dst) =
+      valid ? *reinterpret_cast<const uint4*>(src) : make_uint4(0u, 0u, 0u, 0u);
+#endif
+}
+
+__device__ __forceinline__ void f8_cp_async_commit() {
+#if __CUDA_ARCH__ >= 800
+  asm volatile("cp.async.commit_group;" ::: "memory");
+#endif
+}
+
+// Waits until at most n (0..7, uniform) of this thread's committed groups are still in flight.
+__device__ __forceinline__ void f8_cp_async_wait(int n) {
+#if __CUDA_ARCH__ >= 800
+  switch (n) {
+#define F8_WAIT(k) \
+  case k: asm volatile("cp.async.wait_group " #k ";" ::: "memory"); break;
+    F8_WAIT(1) F8_WAIT(2) F8_WAIT(3) F8_WAIT(4) F8_WAIT(5) F8_WAIT(6) F8_WAIT(7)
+#undef F8_WAIT
+    default: asm volatile("cp.async.wait_group 0;" ::: "memory");
+  }
+#endif
+}

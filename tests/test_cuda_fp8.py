@@ -59,9 +59,17 @@ def assert_quantized_equal(q, s, x_host):
     np.testing.assert_array_equal(cupy.asnumpy(q), want_q)
 
 
+@pytest.fixture(params=[1, 4])
+def words(request, monkeypatch):
+    """cuda_fp8.QUANT_WORDS: one 8-element word per thread, or 4 (the QC = 4 kernels)."""
+    monkeypatch.setattr(cuda_fp8, "QUANT_WORDS", request.param)
+    monkeypatch.setattr(cuda_fp8, "QUANT_WORDS_MIN_ELEMENTS", 0)
+    return request.param
+
+
 # 20480: more words than a thread keeps in registers (2 x 1024 threads): some are read again
 @pytest.mark.parametrize("rows, k", [(1, 64), (5, 1008), (300, 4096), (2, 14336), (3, 20480)])
-def test_quantize_rows_bit_exact(ops, rows, k):
+def test_quantize_rows_bit_exact(ops, rows, k, words):
     x, x_h = upload(ops, activations(np.random.default_rng(k), rows, k))
     q, s = cuda_fp8.quantize_rows(x, ops.ctype)
     assert_quantized_equal(q, s, x_h)
@@ -76,7 +84,7 @@ def test_quantize_needs_k_divisible_by_16(ops):
 
 @pytest.mark.parametrize("k", [576, 4096, 20480])
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_norm_quantize_equals_rms_norm_then_quantize(ops, with_residual, k):
+def test_norm_quantize_equals_rms_norm_then_quantize(ops, with_residual, k, words):
     """Codes bit-exact vs the twin's quantization of the kernel's own normalized row h; h within
     an ulp of rms_norm_kernel's (its sum of squares runs in another order); the residual equal."""
     rng = np.random.default_rng(7)
@@ -93,7 +101,7 @@ def test_norm_quantize_equals_rms_norm_then_quantize(ops, with_residual, k):
 
 
 @pytest.mark.parametrize("k", [1536, 20480])
-def test_silu_quantize_equals_silu_and_mul_then_quantize(ops, k):
+def test_silu_quantize_equals_silu_and_mul_then_quantize(ops, k, words):
     gu, _ = upload(ops, np.random.default_rng(8).standard_normal((7, 2 * k)) * 3)
     q, s = cuda_fp8.silu_quantize(gu, ops.ctype)
     assert_quantized_equal(q, s, ops.to_host(ops.silu_and_mul(gu)))
@@ -128,35 +136,48 @@ def test_gemv_vs_twin(ops, m, words, monkeypatch):
     assert_product_close(ops, cuda_fp8.gemv(q, s, qw, y, ops.ctype), q, s, qw)
 
 
-@pytest.mark.parametrize("k", [1024, 4096, 14336])
-@pytest.mark.parametrize("prologue", [0, 1, 2])
-def test_fused_gemv_vs_unfused(ops, prologue, k):
-    """Batch 1, quantization inside the GEMV: plain and SiLU rows quantize to the unfused kernels'
-    codes, so the product meets the twin's bound; the norm's codes may differ where h sits within
-    an ulp of a rounding boundary (its own sum order), so that one is held to 1% (L2); the
-    residual it writes equals add_rms_norm's."""
-    rng = np.random.default_rng(prologue * 7 + k)
-    n = 1030
+# 4112: 257 words, a partial last chunk; 14336: 7 chunks a row; n odd: a half-empty row pair
+@pytest.mark.parametrize("k", [4112, 14336])
+@pytest.mark.parametrize("m", [1, 3])
+@pytest.mark.parametrize("prologue", [0, 1, 2, 3])
+def test_stream_gemv_vs_unfused(ops, prologue, m, k):
+    """The streaming GEMV, quantization inside: plain and SiLU rows quantize to the unfused
+    kernels' codes, so the product meets the twin's bound; the norm's codes may differ where h
+    sits within an ulp of a rounding boundary (its own sum order), so that one is held to 1% (L2);
+    the residual it writes equals norm_quantize's."""
+    rng = np.random.default_rng(prologue * 7 + k + m)
+    n = 1031
     qw = ops.quantize_fp8(upload(ops, rng.standard_normal((n, k)) * 0.05)[0])
-    x, _ = upload(ops, activations(rng, 1, 2 * k if prologue == 1 else k))
-    if prologue == 2:
-        res, _ = upload(ops, rng.standard_normal((1, k)))
+    x, _ = upload(ops, activations(rng, m, 2 * k if prologue == cuda_fp8.PRO_SILU else k))
+    if prologue == cuda_fp8.PRO_NORM:
+        res, _ = upload(ops, rng.standard_normal((m, k)))
         nw, _ = upload(ops, rng.standard_normal(k) + 1)
-        y, res_out = cuda_fp8.fused_gemv(2, x, qw, ops.ctype, res, nw, 1e-5)
+        y, res_out = cuda_fp8.stream_gemv(ops, prologue, qw, x, res, nw, 1e-5)
         q, s, res_ref = cuda_fp8.norm_quantize(x, res.copy(), nw, 1e-5, ops.ctype)
         np.testing.assert_array_equal(ops.to_host(res_out), ops.to_host(res_ref))
         want, _ = twin_product(q, s, qw)
         got = ops.to_host(y)
         assert np.linalg.norm(got - want) / np.linalg.norm(want) < 0.01
-        y0, r0 = cuda_fp8.fused_gemv(2, x, qw, ops.ctype, None, nw, 1e-5)  # the first layer
+        y0, r0 = cuda_fp8.stream_gemv(ops, prologue, qw, x, None, nw, 1e-5)  # the first layer
         np.testing.assert_array_equal(ops.to_host(r0), ops.to_host(x))
-        assert np.isfinite(ops.to_host(y0)).all()
+        q0, s0, _ = cuda_fp8.norm_quantize(x, None, nw, 1e-5, ops.ctype)
+        want0, _ = twin_product(q0, s0, qw)
+        assert np.linalg.norm(ops.to_host(y0) - want0) / np.linalg.norm(want0) < 0.01
         return
-    y, res_out = cuda_fp8.fused_gemv(prologue, x, qw, ops.ctype)
-    assert res_out is None
-    q, s = (cuda_fp8.silu_quantize(x, ops.ctype) if prologue == 1
+    q, s = (cuda_fp8.silu_quantize(x, ops.ctype) if prologue == cuda_fp8.PRO_SILU
             else cuda_fp8.quantize_rows(x, ops.ctype))
+    if prologue == cuda_fp8.PRO_CODES:
+        y, res_out = cuda_fp8.stream_gemv(ops, prologue, qw, q=q, s=s)
+    else:
+        y, res_out = cuda_fp8.stream_gemv(ops, prologue, qw, x)
+    assert res_out is None and y.shape == (m, n)
     assert_product_close(ops, y, q, s, qw)
+
+
+def test_stream_gemv_has_room(ops):
+    """Llama-3-8B's shapes get at least two chunks in flight per warp at every compiled M."""
+    for m in range(1, cuda_fp8.STREAM_MAX_M + 1):
+        assert cuda_fp8.stream_stages(m, 14336) >= 2
 
 
 @pytest.mark.parametrize("mode", ["outer", "fp32+scale", "gemv chunks"])
@@ -179,10 +200,13 @@ def test_gemm_vs_twin(ops, mode, m, n, k):
     assert_product_close(ops, y, q, s, qw, None if plan is None else LT_SLACK)
 
 
+@pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("m", [1, 4, 40])
-def test_ops_match_numpy_twin(ops, m):
+def test_ops_match_numpy_twin(ops, m, stream, monkeypatch):
     """The three weight-taking ops with an fp8 weight vs NumpyOps on the same (rounded) inputs:
-    the activations are quantized from the same values, so only rounding differs."""
+    the activations are quantized from the same values, so only rounding differs. stream: the
+    streaming GEMV takes M <= 4."""
+    monkeypatch.setattr(cuda_fp8, "STREAM", stream)
     rng = np.random.default_rng(m)
     w, w_h = upload(ops, rng.standard_normal((96, 256)) * 0.05)
     qw, qw_h = ops.quantize_fp8(w), fp8.quantize_weight(w_h)
@@ -206,13 +230,15 @@ def _host(qw):
     return fp8.QuantizedWeight("fp8", qw.shape, cupy.asnumpy(qw.data), cupy.asnumpy(qw.scale))
 
 
-def test_engine_fp8_graphs_match_eager_and_weights_shrink(monkeypatch):
+@pytest.mark.parametrize("stream", [False, True])
+def test_engine_fp8_graphs_match_eager_and_weights_shrink(monkeypatch, stream):
     """A 2-layer Qwen3-0.6B-shaped model with dummy FP8 weights: decode CUDA graphs give the eager
     tokens at batches up to 4 (fused kernels and the GEMV: a row's sums do not depend on the
     batch); with 16 rows (cuBLASLt inside the graphs, whose algorithm may change with the padded
     batch) every request completes. The layers hold about half the bf16 bytes (the lm_head kept
-    in bf16 here: the FP8 one has tests of its own)."""
+    in bf16 here: the FP8 one has tests of its own). stream: the streaming GEMV at M <= 4."""
     monkeypatch.setattr(fp8, "LM_HEAD", False)
+    monkeypatch.setattr(cuda_fp8, "STREAM", stream)
     config = ModelConfig.from_preset("qwen3-0.6b")
     config.num_layers, config.vocab_size = 2, 4096
     ops = CudaOps("bfloat16")
@@ -244,15 +270,18 @@ def test_engine_fp8_graphs_match_eager_and_weights_shrink(monkeypatch):
             assert tokens[False] == tokens[True]
 
 
-def test_fp8_decode_logits_equal_with_and_without_pdl(monkeypatch):
+@pytest.mark.parametrize("stream", [False, True])
+def test_fp8_decode_logits_equal_with_and_without_pdl(monkeypatch, stream):
     """The FP8 kernels as programmatic dependent launches (the GEMVs read weights before the
     wait): decode logits, eager and from CUDA graphs, bit-identical with PDL on and off, at
-    batches 1, 2, 4 (GEMV) and 8 (cuBLASLt beside PDL kernels); the lm_head in FP8 as well."""
+    batches 1, 2, 4 (GEMV) and 8 (cuBLASLt beside PDL kernels); the lm_head in FP8 as well.
+    stream: the streaming GEMV (its weights requested before the wait) at M <= 4."""
     from engine.executor.cuda_graph import DecodeGraphs
     from engine.executor.ops import AttentionMetadata, cuda_kernels
     from engine.executor.transformer import Transformer
 
     monkeypatch.setattr(fp8, "LM_HEAD", True)
+    monkeypatch.setattr(cuda_fp8, "STREAM", stream)
     ops = CudaOps("bfloat16")
     config = ModelConfig.from_preset("llama3-8b")
     config.num_layers, config.vocab_size = 2, 4096

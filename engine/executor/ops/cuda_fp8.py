@@ -2,20 +2,24 @@
 ops that take a weight (linear, add_rms_norm_linear, silu_mul_linear). engine/model/fp8.py is the
 numpy twin.
 
-Each matrix product is two launches (one where cuda/fp8_fused.cu pays at batch 1: the caps
-below): one kernel quantizes the activations per token, fused with the residual add + RMSNorm or
-the SiLU-mul that produces them (so the bf16 activation never goes through memory), then the
-product runs as
+Each matrix product is two launches: one kernel quantizes the activations per token, fused with
+the residual add + RMSNorm or the SiLU-mul that produces them (so the bf16 activation never goes
+through memory), then the product runs as
 - the FP8 GEMV at decode batches (M <= FP8_GEMV_MAX_M): one read of the weights, half the bytes
   of bf16;
 - cuBLASLt's FP8 GEMM above that (cuda_blaslt.py), or the GEMV 8 rows at a time for a shape
   cuBLASLt has no plan for.
+With STREAM (PAGEDSERVE_FP8_STREAM=1, opt-in: slower on the H200, below) a decode batch of up to
+STREAM_MAX_M rows is one launch instead: cuda/fp8_fused.cu's persistent GEMV, which streams its
+weights through shared memory from its first instruction and quantizes its input in a prologue.
 Every kernel here may be a programmatic dependent launch (cuda_kernels.launch, PAGEDSERVE_PDL=1
 in decode graphs): the GEMVs request their first weight words before waiting for the quantization.
 """
 
 from __future__ import annotations
 
+import functools
+import os
 import weakref
 
 import cupy
@@ -37,17 +41,16 @@ GEMV_ROWS_PER_BLOCK = 4  # fp8.cu's F8_R
 # slower in the Llama-3-8B batch-1 step on the H200 (3.12 vs 3.07 ms, PDL on); kernel_check
 # --only fp8 times both.
 FP8_GEMV_WORDS = 2
-# Batch 1: the activation's quantization fused into the GEMV (cuda/fp8_fused.cu) for weights of
-# up to this many outputs (0 turns it off): every one of the N / 8 blocks recomputes the quantized
-# row from L2. On the H200 (kernel_check --only fp8) that paid for the o projection with plain
-# launches (1.14x), but with PDL (the default) two launches win: the GEMV streams its weights while
-# the quantization runs (Llama-3-8B batch-1 step 3.01 vs 3.07 ms fused). Nor does it pay for the
-# add + RMSNorm (qkv 0.89x, gate_up 0.71x) or the SiLU-mul (down 0.63x).
-FP8_FUSED_MAX_N = 0
-FP8_FUSED_NORM_MAX_N = 0
-FP8_FUSED_SILU_MAX_N = 0
-FUSED_ROWS_PER_BLOCK = 8
-FUSED_SMEM_BYTES = 46 << 10  # the row in T plus its codes, under the 48 KB a block gets by default
+# The streaming GEMV (cuda/fp8_fused.cu): correct but slower on the H200 (device run B, Llama-3-8B
+# shapes, M = 1, PDL-chained): qkv 12.9 us vs 9.5 for fp8.cu's GEMV, gate_up 37.0 vs 29.4, down
+# 19.9 vs 17.4; the batch-1 step 3563 vs 2973 us (bench_latency 3.44 vs 2.84 ms/token). Its
+# per-warp consumer loop (16 warps an SM) cannot keep up with the bytes it has in flight. Opt-in.
+STREAM = os.environ.get("PAGEDSERVE_FP8_STREAM", "0") == "1"
+STREAM_MAX_M = 4  # rows compiled (template M); gemv_wins' caps apply as well
+STREAM_WARPS = 16  # per block, one block per SM
+STREAM_MAX_STAGES = 7  # chunks in flight per warp (fp8.cuh's f8_cp_async_wait takes up to 7)
+STREAM_STAGE_BYTES = 4096  # fp8_fused.cu's FS_STAGE uint4 words
+PRO_QUANTIZE, PRO_SILU, PRO_NORM, PRO_CODES = 0, 1, 2, 3  # fp8_fused.cu's prologues
 _NULL = np.uint64(0)
 _LT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Gemm -> its Fp8Gemm
 
@@ -89,10 +92,21 @@ def _check_k(k: int, *arrays) -> None:
 # ----------------------------------------------------------------------------- quantization
 
 
-def _threads(k: int) -> int:
-    """Threads of a row-quantizing block: about one 8-element word each, so that a decode row
-    (one block on one SM) is a couple of loads per thread, not dozens."""
-    return min(1024, max(64, -(-k // 256) * 32))
+# Large batches (rows x K >= QUANT_WORDS_MIN_ELEMENTS): QUANT_WORDS 8-element words per thread in
+# the quantize kernels (their QC = 4 instance) instead of one, so that more rows are resident per
+# SM. H200 (device run B, kernel_check --only fp8, bit-exact either way), 1 -> 4 words: 2048 x
+# 4096 add+RMSNorm 22.7 -> 18.3 us, plain 11.7 -> 9.9; SiLU-mul at K = 14336: 2048 rows 82.9 ->
+# 71.6 us, 256 rows 10.5 -> 9.8; but 256 x 4096 slower (add+RMSNorm 3.9 -> 5.5 us).
+QUANT_WORDS = 4
+QUANT_WORDS_MIN_ELEMENTS = 1 << 21
+
+
+def _quant_launch(rows: int, k: int) -> tuple[int, int]:
+    """(threads, QC) of a row-quantizing block: about one 8-element word per thread, so that a
+    decode row (one block on one SM) is a couple of loads per thread, not dozens."""
+    words = QUANT_WORDS if rows * k >= QUANT_WORDS_MIN_ELEMENTS else 1
+    threads = min(1024, max(64, -(-k // (256 * words)) * 32))
+    return threads, 2 if words == 1 else 4
 
 
 def quantize_rows(x: cupy.ndarray, ctype: str) -> tuple[cupy.ndarray, cupy.ndarray]:
@@ -101,8 +115,9 @@ def quantize_rows(x: cupy.ndarray, ctype: str) -> tuple[cupy.ndarray, cupy.ndarr
     _check_k(k, x)
     q, s = cupy.empty((rows, k), cupy.uint8), cupy.empty(rows, cupy.float32)
     if rows:
-        launch(kernel("fp8.cu", f"fp8_quantize_kernel<{ctype}>", ctype),
-               (rows,), (_threads(k),), (q, s, x, _i32(k)), pdl=True)
+        threads, qc = _quant_launch(rows, k)
+        launch(kernel("fp8.cu", f"fp8_quantize_kernel<{ctype}, {qc}>", ctype),
+               (rows,), (threads,), (q, s, x, _i32(k)), pdl=True)
     return q, s
 
 
@@ -122,8 +137,9 @@ def norm_quantize(x, residual, norm_w, eps: float, ctype: str, h_out=None):
     residual = cupy.empty_like(x) if residual is None else residual
     q, s = cupy.empty((rows, k), cupy.uint8), cupy.empty(rows, cupy.float32)
     if rows:
-        launch(kernel("fp8.cu", f"fp8_norm_quantize_kernel<{ctype}>", ctype),
-               (rows,), (_threads(k),),
+        threads, qc = _quant_launch(rows, k)
+        launch(kernel("fp8.cu", f"fp8_norm_quantize_kernel<{ctype}, {qc}>", ctype),
+               (rows,), (threads,),
                (q, s, residual, _NULL if h_out is None else h_out, x, norm_w,
                 np.float32(eps), _i32(k), _i32(mode)), pdl=True)
     return q, s, residual
@@ -135,8 +151,9 @@ def silu_quantize(gate_up: cupy.ndarray, ctype: str):
     _check_k(k, gate_up)
     q, s = cupy.empty((rows, k), cupy.uint8), cupy.empty(rows, cupy.float32)
     if rows:
-        launch(kernel("fp8.cu", f"fp8_silu_quantize_kernel<{ctype}>", ctype),
-               (rows,), (_threads(k),), (q, s, gate_up, _i32(k)), pdl=True)
+        threads, qc = _quant_launch(rows, k)
+        launch(kernel("fp8.cu", f"fp8_silu_quantize_kernel<{ctype}, {qc}>", ctype),
+               (rows,), (threads,), (q, s, gate_up, _i32(k)), pdl=True)
     return q, s
 
 
@@ -165,11 +182,13 @@ def matmul(ops, q, s, w: QuantizedWeight, use_gemv: bool | None = None):
     """(M, N) in the compute dtype = (q . w^T) * s[m] * w.scale[n]: GEMV or cuBLASLt by M."""
     m = q.shape[0]
     n = w.data.shape[0]
+    if use_gemv is None:
+        use_gemv = gemv_wins(m, n)
+    if use_gemv and use_stream(m, w):
+        return stream_gemv(ops, PRO_CODES, w, q=q, s=s)[0]
     out = cupy.empty((m, n), ops.storage)
     if m == 0:
         return out
-    if use_gemv is None:
-        use_gemv = gemv_wins(m, n)
     if use_gemv and m <= 8:
         return gemv(q, s, w, out, ops.ctype)
 
@@ -185,26 +204,53 @@ def matmul(ops, q, s, w: QuantizedWeight, use_gemv: bool | None = None):
     return out
 
 
-def use_fused(m: int, w: QuantizedWeight, itemsize: int, max_n: int) -> bool:
-    n, k = w.data.shape
-    return m == 1 and n <= max_n and k * (itemsize + 1) <= FUSED_SMEM_BYTES
+# ----------------------------------------------------------------------------- streaming GEMV
 
 
-def fused_gemv(prologue: int, x, w: QuantizedWeight, ctype: str, residual=None, norm_w=None,
-               eps: float = 0.0):
-    """(y (1, N), res_out (1, K) or None) for one row, quantization and product in one launch.
-    prologue 0: y = linear(x); 1: x is gate_up, y = silu_mul_linear(x); 2: res_out = x +
-    residual (x if None), y = linear(rms_norm(res_out) * norm_w)."""
+@functools.cache
+def _device(device_id: int) -> tuple[int, int, int]:
+    """(SMs, opt-in shared memory per block, compute capability as 90) of a GPU."""
+    prop = cupy.cuda.runtime.getDeviceProperties(device_id)
+    return (int(prop["multiProcessorCount"]), int(prop["sharedMemPerBlockOptin"]),
+            10 * int(prop["major"]) + int(prop["minor"]))
+
+
+def stream_stages(m: int, k: int) -> int:
+    """Chunks in flight per warp for M rows of K features (the codes take M * K bytes of shared
+    memory beside them); below 2 (or before sm_80: no cp.async) the kernel is not used."""
+    _, smem, cc = _device(cupy.cuda.Device().id)
+    stages = (smem - 1024 - m * k) // (STREAM_WARPS * STREAM_STAGE_BYTES)
+    return min(STREAM_MAX_STAGES, stages) if cc >= 80 else 0
+
+
+def use_stream(m: int, w: QuantizedWeight) -> bool:
     n, k = w.data.shape
-    _check_k(k, x, residual, norm_w)
-    y = cupy.empty((1, n), x.dtype)
-    res_out = cupy.empty((1, k), x.dtype) if prologue == 2 else None
-    launch(kernel("fp8_fused.cu",
-                  f"fp8_fused_gemv_kernel<{ctype}, {prologue}, {FUSED_ROWS_PER_BLOCK}>", ctype),
-           (-(-n // FUSED_ROWS_PER_BLOCK),), (256 if k >= 8192 else 128,),
-           (y, _NULL if res_out is None else res_out, x, _NULL if residual is None else residual,
-            _NULL if norm_w is None else norm_w, w.data, w.scale, _i32(n), _i32(k),
-            np.float32(eps)), shared_mem=k * (x.itemsize + 1), pdl=True)
+    return STREAM and 1 <= m <= STREAM_MAX_M and gemv_wins(m, n) and stream_stages(m, k) >= 2
+
+
+def stream_gemv(ops, prologue: int, w: QuantizedWeight, x=None, residual=None, norm_w=None,
+                eps: float = 0.0, q=None, s=None):
+    """(y (M, N), res_out (M, K) or None) in one launch, M = len(x) (len(q) for PRO_CODES).
+    PRO_QUANTIZE: y = linear(x); PRO_SILU: x is gate_up, y = silu_mul_linear(x); PRO_NORM:
+    res_out = x + residual (x if None), y = linear(rms_norm(res_out) * norm_w); PRO_CODES: y =
+    matmul of the codes q with their scales s. NOTE: under PDL the kernel reads w before waiting
+    for the previous kernel: w must be a weight."""
+    n, k = w.data.shape
+    m, ctype = (q if prologue == PRO_CODES else x).shape[0], ops.ctype
+    _check_k(k, x, residual, norm_w, q)
+    stages = stream_stages(m, k)
+    sms = _device(cupy.cuda.Device().id)[0]
+    y = cupy.empty((m, n), ops.storage)
+    res_out = cupy.empty((m, k), ops.storage) if prologue == PRO_NORM else None
+    fn = kernel("fp8_fused.cu", f"fp8_stream_gemv_kernel<{ctype}, {m}, {prologue}>", ctype)
+    smem = m * k + STREAM_WARPS * stages * STREAM_STAGE_BYTES
+    if fn.max_dynamic_shared_size_bytes < smem:
+        fn.max_dynamic_shared_size_bytes = smem
+    pairs = -(-n // 2)
+    args = [y, res_out, x, residual, norm_w, q, s]
+    launch(fn, (min(sms, -(-pairs // STREAM_WARPS)),), (32 * STREAM_WARPS,),
+           (*[_NULL if a is None else a for a in args], w.data, w.scale, _i32(n), _i32(k),
+            np.float32(eps), _i32(stages)), shared_mem=smem, pdl=True)
     return y, res_out
 
 
@@ -215,8 +261,8 @@ def linear(ops, x, weight: QuantizedWeight, bias=None):
     """ops.linear for an fp8 weight: x (T, in) -> (T, out)."""
     ops._check(x, "x", 2)
     check_weight(weight, x.shape[1])
-    if use_fused(x.shape[0], weight, x.itemsize, FP8_FUSED_MAX_N):
-        out = fused_gemv(0, x, weight, ops.ctype)[0]
+    if use_stream(x.shape[0], weight):
+        out = stream_gemv(ops, PRO_QUANTIZE, weight, x)[0]
     else:
         q, s = quantize_rows(x, ops.ctype)
         out = matmul(ops, q, s, weight)
@@ -229,7 +275,8 @@ def linear(ops, x, weight: QuantizedWeight, bias=None):
 
 def add_rms_norm_linear(ops, x, residual, norm_weight, eps, weight: QuantizedWeight):
     """ops.add_rms_norm_linear for an fp8 weight: (y, residual), the norm fused into the
-    activation quantization (the residual updated in place, or a new one at batch 1)."""
+    activation quantization (the residual updated in place, or a new one from the streaming
+    GEMV)."""
     ops._check(x, "x", 2)
     ops._check(norm_weight, "norm_weight", 1)
     if residual is not None and ops._check(residual, "residual", 2).shape != x.shape:
@@ -238,8 +285,8 @@ def add_rms_norm_linear(ops, x, residual, norm_weight, eps, weight: QuantizedWei
         raise ValueError(f"add_rms_norm_linear: x has {x.shape[1]} features, norm weight "
                          f"{norm_weight.shape[0]}")
     check_weight(weight, x.shape[1])
-    if use_fused(x.shape[0], weight, x.itemsize, FP8_FUSED_NORM_MAX_N):
-        return fused_gemv(2, x, weight, ops.ctype, residual, norm_weight, eps)
+    if use_stream(x.shape[0], weight):
+        return stream_gemv(ops, PRO_NORM, weight, x, residual, norm_weight, eps)
     q, s, residual = norm_quantize(x, residual, norm_weight, eps, ops.ctype)
     return matmul(ops, q, s, weight), residual
 
@@ -250,7 +297,7 @@ def silu_mul_linear(ops, gate_up, weight: QuantizedWeight):
     if gate_up.shape[1] % 2:
         raise ValueError(f"silu_mul_linear: gate_up width {gate_up.shape[1]} is odd")
     check_weight(weight, gate_up.shape[1] // 2)
-    if use_fused(gate_up.shape[0], weight, gate_up.itemsize, FP8_FUSED_SILU_MAX_N):
-        return fused_gemv(1, gate_up, weight, ops.ctype)[0]
+    if use_stream(gate_up.shape[0], weight):
+        return stream_gemv(ops, PRO_SILU, weight, gate_up)[0]
     q, s = silu_quantize(gate_up, ops.ctype)
     return matmul(ops, q, s, weight)

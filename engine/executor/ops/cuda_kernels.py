@@ -99,11 +99,13 @@ def kernel_names(file: str, ctype: str) -> list[str]:
                 + [f"gemv_kernel<{ctype}, {m}, {n}, {g}>" for m in range(1, 5)
                    for n, g in (("true", "false"), ("false", "true"), ("true", "true"))])
     if file == "fp8.cu":
-        return ([f"fp8_{k}_kernel<{ctype}>" for k in ("quantize", "silu_quantize",
-                                                      "norm_quantize", "scale")]
+        return ([f"fp8_{k}_kernel<{ctype}, {qc}>" for k in ("quantize", "silu_quantize",
+                                                             "norm_quantize") for qc in (2, 4)]
+                + [f"fp8_scale_kernel<{ctype}>"]
                 + [f"fp8_gemv_kernel<{ctype}, {m}>" for m in range(1, 9)])
     if file == "fp8_fused.cu":
-        return [f"fp8_fused_gemv_kernel<{ctype}, {p}, 8>" for p in range(3)]
+        return [f"fp8_stream_gemv_kernel<{ctype}, {m}, {p}>" for m in range(1, 5)
+                for p in range(4)]
     if file == "kv_cache.cu":
         return [f"write_kv_cache_kernel<{ctype}>"]
     if file == "attention.cu":
