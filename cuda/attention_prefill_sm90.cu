@@ -1,26 +1,28 @@
-// Paged causal prefill attention for Hopper (sm_90a only; EXPERIMENTAL, not used by the engine
-// until tools/kernel_check.py --only prefill90 holds it to the numpy twin on the device).
+// Paged causal prefill attention for Hopper on wgmma (sm_90a only).
 //
 // The blocks, rows and work items of attention_prefill_gqa.cu (v2): one block per (kv head, tile
-// of new tokens), row r = query head r / TOK at new token r % TOK. What changes is S = Q K^T: each
-// warpgroup multiplies its 64-row Q tiles by the K tile with wgmma straight from shared memory
-// (no ldmatrix, no per-warp copy of K fragments through registers). O += P V runs on mma.sync (P
-// from registers, V by ldmatrix.trans from padded rows) or, with PVW = 1, on wgmma too (P from
-// registers as the A operand, V from shared memory as an MN-major B operand). Warp w of a
-// warpgroup owns rows 16 (w % 4) .. + 15 of each of its MI 64-row tiles, the rows wgmma's
-// accumulators give it (the same fragment layout as mma.sync's, 8 columns per 4 registers).
-// Q and K (and V with PVW) sit in shared memory in wgmma's unswizzled layout: 8 x 8 core matrices
-// of 128 contiguous bytes (8 rows of 16 B: a row is 8 consecutive head_dim values of one query or
-// key), head_dim-adjacent ones 128 B apart, 8-row groups HD x 16 B apart. For S = Q K^T, head_dim
-// is K (LBO = 128, SBO = HD x 16); for P V the keys are K (LBO = HD x 16, SBO = 128).
+// of new tokens), row r = query head r / TOK at new token r % TOK, so that a GQA group's query
+// heads share every K/V tile the block loads. Each warpgroup owns 64 rows (BM = 16 NW); warp w of
+// a warpgroup owns rows 16 (w % 4) .. + 15, the rows wgmma's accumulators give it (the fragment
+// layout of mma.sync, 8 columns per 4 registers). Q lives in registers as wgmma's A operand for
+// S = Q K^T (loaded once by ldmatrix: no shared-memory reads of Q per key tile), P as the A
+// operand of O += P V, straight from the softmax's registers.
+// K and V sit in shared memory in wgmma's unswizzled layout: 8 x 8 core matrices of 128 contiguous
+// bytes (8 keys x 8 consecutive head_dim values), head_dim-adjacent ones 128 B apart, 8-key groups
+// HD x 16 B apart. For S, head_dim is K (K-major: LBO = 128, SBO = HD x 16); for P V the keys are
+// K and V is MN-major (LBO = HD x 16, SBO = 128; swap_desc bit 1 probes the other reading).
+// Software pipeline per warpgroup: while it turns S(t) into P(t), S(t + 1) runs on the tensor
+// cores, and P(t) V(t) runs during the next barrier, the loads of tile t + 2 and the issue of
+// S(t + 2). K/V tiles rotate through 4 cp.async stages: tile t + 2 overwrites tile t - 2's stage,
+// whose P V every warpgroup has waited for before the barrier that precedes the overwrite.
+// Every warpgroup walks every key tile of the block (its wgmma groups must pair up); keys past a
+// row's position are masked, only in tiles that cross the warp's diagonal.
 #include "wgmma.cuh"
 
-
-// Grid: (num_kv_heads, num_items)  Block: (NW * 32), NW a multiple of 4 (whole warpgroups)
-// Dynamic shared memory: (BM + ST x BN) x HD elements (Q, ST stages of K) + ST x BN x (HD + 8)
-// (V in padded rows) or, with PVW, ST x BN x HD (V in the core-matrix layout).
-template <typename T, int HD, int MI, int NW, int BN, int ST, int PVW>
-__global__ void __launch_bounds__(NW * 32) prefill_sm90_kernel(
+// Grid: (num_kv_heads, num_items)  Block: (NW * 32), NW a multiple of 4
+// Dynamic shared memory: BM x (HD + 8) (Q rows) + 2 x 4 x 64 x HD (4 stages of K, of V) elements.
+template <typename T, int HD, int NW>
+__global__ void __launch_bounds__(NW * 32, 1) prefill_sm90_kernel(
     T* __restrict__ out,                    // [num_tokens, num_heads, HD]
     const T* __restrict__ qkv,              // [num_tokens, (num_heads + 2 nkv) * HD]
     const T* __restrict__ k_cache,          // [num_blocks, nkv, block_size, HD]
@@ -30,17 +32,16 @@ __global__ void __launch_bounds__(NW * 32) prefill_sm90_kernel(
     const int* __restrict__ context_lens,     // [B]
     const int* __restrict__ block_tables,     // [B, max_blocks]
     int max_blocks, int num_heads, int num_kv_heads, int block_size, float scale_log2,
-    int swap_desc) {  // bit 0: swap S's descriptors' LBO and SBO; bit 1: P V's
+    int swap_desc) {  // bit 1: swap LBO and SBO of V's descriptors (kernel_check's probe)
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  constexpr int BM = 16 * MI * NW, LD = HD + 8, THREADS = NW * 32, CPR = HD / 8;
-  constexpr int GROUP_ELEMS = HD * 8;  // one 8-row group of the core-matrix layout
-  static_assert(NW % 4 == 0 && BN == 64, "whole warpgroups; S tiles are m64n64");
+  constexpr int BN = 64, ST = 4, BM = 16 * NW, LD = HD + 8, THREADS = NW * 32, CPR = HD / 8;
+  constexpr int GROUP_ELEMS = HD * 8;  // one 8-key group of the core-matrix layout
+  static_assert(NW % 4 == 0, "whole warpgroups");
   static_assert(BN * CPR % THREADS == 0, "a K/V tile splits evenly over the threads");
   extern __shared__ __align__(128) unsigned char smem_raw[];
-  T* q_s = reinterpret_cast<T*>(smem_raw);  // [BM / 8][HD / 8][8][8]
-  T* k_s = q_s + BM * HD;                   // [ST][BN / 8][HD / 8][8][8]
-  T* v_s = k_s + ST * BN * HD;  // [ST][BN][LD], or with PVW [ST][BN / 8][HD / 8][8][8]
-  __shared__ int warp_hi[NW];
+  T* k_s = reinterpret_cast<T*>(smem_raw);  // [ST][BN / 8][HD / 8][8][8]
+  T* v_s = k_s + ST * BN * HD;              // [ST][BN / 8][HD / 8][8][8]
+  T* q_s = v_s + ST * BN * HD;              // [BM][LD]
 
   const int kvh = blockIdx.x, item = blockIdx.y;
   const int group = num_heads / num_kv_heads, tok_per_head = BM / group;
@@ -54,260 +55,227 @@ __global__ void __launch_bounds__(NW * 32) prefill_sm90_kernel(
   const int* table = block_tables + (long)seq * max_blocks;
   const T tag{};
 
-  // Copies in core-matrix order: 8 consecutive threads fill one 128-byte core matrix (rows
-  // r .. r + 7 of one 16-byte column), so shared-memory writes are contiguous.
+  // Q rows -> shared memory (zeros for padding rows); they join tile 0's cp.async group.
   for (int c = tid; c < BM * CPR; c += THREADS) {
-    const int rr = c & 7, kc = (c >> 3) % CPR, rg = c / (8 * CPR), r = rg * 8 + rr;
+    const int r = c / CPR, d = (c % CPR) * 8;
     const int h = r / tok_per_head, tok = r % tok_per_head;
     const bool valid = h < group && tok < ntok;
-    const T* src =
-        valid ? qkv + (long)(q0 + tok) * row_stride + (kvh * group + h) * HD + kc * 8 : qkv;
-    cp_async16(q_s + rg * GROUP_ELEMS + kc * 64 + rr * 8, src, valid);
+    const T* src = valid ? qkv + (long)(q0 + tok) * row_stride + (kvh * group + h) * HD + d : qkv;
+    cp_async16(q_s + r * LD + d, src, valid);
   }
 
+  // NOTE: block_size is a runtime value, commonly a power of two: shift and mask then.
   const int bs_shift = __ffs(block_size) - 1;
   const bool bs_pow2 = (block_size & (block_size - 1)) == 0;
-  auto load_tile = [&](int t, int stage) {
-    const int kb = t * BN;
+  const int num_tiles = (kv_len + BN - 1) / BN;
+  auto load_tile = [&](int t) {  // tile t into stage t % ST, or an empty group past the last
+    if (t < num_tiles) {
+      const int kb = t * BN, base = (t % ST) * BN * HD;
 #pragma unroll
-    for (int i = 0; i < BN * CPR / THREADS; i++) {
-      const int c = tid + i * THREADS;
-      const int rr = c & 7, kc = (c >> 3) % CPR, rg = c / (8 * CPR), j = rg * 8 + rr;
-      const int key = kb + j;
-      const bool valid = key < kv_len;
-      long off = 0;
-      if (valid) {
-        int bi, slot;
-        if (bs_pow2) {
-          bi = key >> bs_shift;
-          slot = key & (block_size - 1);
-        } else {
-          bi = key / block_size;
-          slot = key - bi * block_size;
+      for (int i = 0; i < BN * CPR / THREADS; i++) {
+        // 8 consecutive threads fill one core matrix: contiguous shared-memory writes
+        const int c = tid + i * THREADS;
+        const int rr = c & 7, kc = (c >> 3) % CPR, rg = c / (8 * CPR), key = kb + rg * 8 + rr;
+        const bool valid = key < kv_len;
+        long off = 0;
+        if (valid) {
+          int bi, slot;
+          if (bs_pow2) {
+            bi = key >> bs_shift;
+            slot = key & (block_size - 1);
+          } else {
+            bi = key / block_size;
+            slot = key - bi * block_size;
+          }
+          off = (((long)table[bi] * num_kv_heads + kvh) * block_size + slot) * HD + kc * 8;
         }
-        off = (((long)table[bi] * num_kv_heads + kvh) * block_size + slot) * HD + kc * 8;
+        const int dst = base + rg * GROUP_ELEMS + kc * 64 + rr * 8;
+        cp_async16(k_s + dst, k_cache + off, valid);
+        cp_async16(v_s + dst, v_cache + off, valid);
       }
-      cp_async16(k_s + stage * BN * HD + rg * GROUP_ELEMS + kc * 64 + rr * 8, k_cache + off,
-                 valid);
-      cp_async16(PVW ? v_s + stage * BN * HD + rg * GROUP_ELEMS + kc * 64 + rr * 8
-                     : v_s + (stage * BN + j) * LD + kc * 8,
-                 v_cache + off, valid);
     }
     asm volatile("cp.async.commit_group;");
   };
-  // ST stages: tiles t + 1 .. t + ST - 1 load while tile t is used. Every iteration commits one
-  // cp.async group (empty past the last tile), so "all but the newest ST - 1 groups" is tile t.
-  const int num_tiles = (kv_len + BN - 1) / BN;
-#pragma unroll
-  for (int st = 0; st < ST - 1; st++) {
-    if (st < num_tiles)
-      load_tile(st, st);
-    else
-      asm volatile("cp.async.commit_group;");
-  }
 
-  const int wg = warp >> 2;
-  auto row_base = [&](int mi) { return wg * 64 * MI + mi * 64 + (warp & 3) * 16; };
-  int pos[MI][2];
-  int lo = 0x7fffffff, hi = -1;
+  // This lane's rows: row0 + (lane >> 2) + 8 half; their positions give the causal mask, the
+  // warp's lowest valid position decides which tiles it masks.
+  const int row0 = warp * 16;
+  int pos[2];
+  int lo = 0x7fffffff;
 #pragma unroll
-  for (int mi = 0; mi < MI; mi++) {
-#pragma unroll
-    for (int hf = 0; hf < 2; hf++) {
-      const int r = row_base(mi) + (lane >> 2) + 8 * hf;
-      const int h = r / tok_per_head, tok = r % tok_per_head;
-      const bool valid = h < group && tok < ntok;
-      pos[mi][hf] = first_pos + (valid ? tok : 0);
-      if (valid) {
-        lo = min(lo, pos[mi][hf]);
-        hi = max(hi, pos[mi][hf]);
-      }
-    }
+  for (int hf = 0; hf < 2; hf++) {
+    const int r = row0 + (lane >> 2) + 8 * hf;
+    const int h = r / tok_per_head, tok = r % tok_per_head;
+    const bool valid = h < group && tok < ntok;
+    pos[hf] = first_pos + (valid ? tok : 0);
+    if (valid) lo = min(lo, pos[hf]);
   }
 #pragma unroll
-  for (int x = 1; x < 32; x <<= 1) {
-    lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, x));
-    hi = max(hi, __shfl_xor_sync(0xffffffffu, hi, x));
-  }
-  if (lane == 0) warp_hi[warp] = hi;  // read after the first barrier: the warpgroup's bound
-  int wg_hi = -1;
+  for (int x = 1; x < 32; x <<= 1) lo = min(lo, __shfl_xor_sync(0xffffffffu, lo, x));
 
   const int cq = (lane & 3) * 2;
-  const int a_row = (lane & 7) + ((lane >> 3) & 1) * 8, a_col = (lane >> 4) * 8;
-  float o[MI][HD / 8][4];  // as wgmma's accumulator (PVW): element 4 i + e is o[mi][i][e]
-  float s[32];  // an S tile as wgmma's accumulator: element 4 n + e = mma.sync's s[n][e]
-  float m[MI][2], l[MI][2];
+  unsigned qf[HD / 16][4];  // Q as wgmma's register A operand, head_dim 16 kk .. 16 kk + 15
+  float o[HD / 2];          // O accumulator, element 4 i + e: row (e >> 1), column 8 i + cq + (e & 1)
+  float sa[32], sb[32];     // S tiles: one being turned into P, the next in flight
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
 #pragma unroll
-  for (int mi = 0; mi < MI; mi++) {
+  for (int i = 0; i < HD / 2; i++) o[i] = 0.f;
 #pragma unroll
-    for (int i = 0; i < HD / 8; i++) o[mi][i][0] = o[mi][i][1] = o[mi][i][2] = o[mi][i][3] = 0.f;
-    m[mi][0] = m[mi][1] = -INFINITY;
-    l[mi][0] = l[mi][1] = 0.f;
-  }
-#pragma unroll
-  for (int i = 0; i < 32; i++) s[i] = 0.f;
+  for (int i = 0; i < 32; i++) sa[i] = sb[i] = 0.f;
 
-  for (int t = 0, stage = 0; t < num_tiles; t++, stage = stage + 1 == ST ? 0 : stage + 1) {
-    const int next = t + ST - 1;  // into the stage tile t - 1 used, free since the last barrier
-    if (next < num_tiles)
-      load_tile(next, next % ST);
-    else
-      asm volatile("cp.async.commit_group;");
-    asm volatile("cp.async.wait_group %0;" ::"n"(ST - 1));
-    // NOTE: cp.async writes are generic-proxy writes; wgmma reads through the async proxy.
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-    __syncthreads();
-    if (t == 0)
-      wg_hi = max(max(warp_hi[wg * 4], warp_hi[wg * 4 + 1]),
-                  max(warp_hi[wg * 4 + 2], warp_hi[wg * 4 + 3]));
+  auto issue_s = [&](int t, float(&s)[32]) {  // s = Q K(t)^T, one wgmma group
+    unsigned long long db[HD / 16];  // head_dim 16 kk ..: 2 kk core matrices further
+#pragma unroll
+    for (int kk = 0; kk < HD / 16; kk++)
+      db[kk] = wgmma_desc(k_s + (t % ST) * BN * HD + kk * 128, 128, HD * 16, 0);
+    fence_regs(db);
+    fence_regs(s);
+    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+    WgmmaRS<64, 0>::run<0>(s, qf[0], db[0], tag);
+#pragma unroll
+    for (int kk = 1; kk < HD / 16; kk++) WgmmaRS<64, 0>::run<1>(s, qf[kk], db[kk], tag);
+    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+  };
+
+  // One key tile: S(t) in s_cur (done), S(t + 1) issued into s_next, P(t) V(t) issued last.
+  auto step = [&](int t, float(&s_cur)[32], float(&s_next)[32]) {
     const int kb = t * BN;
-    // One S tile (32 registers) at a time: its wgmma, then its softmax into P fragments.
-    // NOTE: wgmma is warpgroup-wide (every warp issues each one); the softmax and P V are per
-    // warp, skipped by warps whose rows all lie before this tile.
-    if (kb <= wg_hi) {
-      const T* vt = v_s + stage * BN * LD;
-      const bool need_mask = kb + BN - 1 > lo;
-      unsigned pf[MI][BN / 16][4];
+    // Tile t + 1 is in and visible; after the barrier no warpgroup reads tile t - 2's stage.
+    asm volatile("cp.async.wait_group 0;");
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // cp.async writes -> wgmma
+    __syncthreads();
+    load_tile(t + 2);
+    if (t + 1 < num_tiles)
+      issue_s(t + 1, s_next);
+    else
+      asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");  // an empty group
+
+    if (kb + BN - 1 > lo) {
 #pragma unroll
-      for (int mi = 0; mi < MI; mi++) {
-        fence_regs(s);
-        asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+      for (int i = 0; i < BN / 8; i++)
 #pragma unroll
-        for (int kk = 0; kk < HD / 16; kk++) {
-          const unsigned long long da = wgmma_desc(
-              q_s + (wg * 64 * MI + mi * 64) / 8 * GROUP_ELEMS + kk * 128, 128, HD * 16,
-              swap_desc & 1);
-          const unsigned long long db =
-              wgmma_desc(k_s + stage * BN * HD + kk * 128, 128, HD * 16, swap_desc & 1);
-          wgmma_64x64x16(s, da, db, kk > 0, tag);
-        }
-        asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-        asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-        fence_regs(s);
-        if (!PVW && kb > hi) continue;  // PVW: every warp's P feeds the warpgroup's wgmma
-        float mx0 = m[mi][0], mx1 = m[mi][1];
+        for (int e = 0; e < 4; e++)
+          if (kb + i * 8 + cq + (e & 1) > pos[e >> 1]) s_cur[4 * i + e] = -INFINITY;
+    }
+    float mx0 = m[0], mx1 = m[1];
 #pragma unroll
-        for (int i = 0; i < BN / 8; i++) {
-          if (need_mask) {
+    for (int i = 0; i < BN / 8; i++) {
+      mx0 = fmaxf(mx0, fmaxf(s_cur[4 * i], s_cur[4 * i + 1]));
+      mx1 = fmaxf(mx1, fmaxf(s_cur[4 * i + 2], s_cur[4 * i + 3]));
+    }
 #pragma unroll
-            for (int e = 0; e < 4; e++)
-              if (kb + i * 8 + cq + (e & 1) > pos[mi][e >> 1]) s[4 * i + e] = -INFINITY;
-          }
-          mx0 = fmaxf(mx0, fmaxf(s[4 * i], s[4 * i + 1]));
-          mx1 = fmaxf(mx1, fmaxf(s[4 * i + 2], s[4 * i + 3]));
-        }
+    for (int x = 1; x < 4; x <<= 1) {
+      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, x));
+      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, x));
+    }
+    // NOTE: a row sees key 0 in tile 0 (padding rows stand at the item's first position), so
+    // its max is finite from then on and a fully masked tile gives p = 0, alpha = 1.
+    const float alpha0 = fast_exp2((m[0] - mx0) * scale_log2);
+    const float alpha1 = fast_exp2((m[1] - mx1) * scale_log2);
+    m[0] = mx0;
+    m[1] = mx1;
+    const float sub0 = mx0 * scale_log2, sub1 = mx1 * scale_log2;
+    float sum0 = 0.f, sum1 = 0.f;
 #pragma unroll
-        for (int x = 1; x < 4; x <<= 1) {
-          mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, x));
-          mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, x));
-        }
-        const float alpha0 = fast_exp2((m[mi][0] - mx0) * scale_log2);
-        const float alpha1 = fast_exp2((m[mi][1] - mx1) * scale_log2);
-        m[mi][0] = mx0;
-        m[mi][1] = mx1;
-        const float sub0 = mx0 * scale_log2, sub1 = mx1 * scale_log2;
-        float sum0 = 0.f, sum1 = 0.f;
+    for (int i = 0; i < BN / 8; i++) {  // P in place of S, still fp32
+      s_cur[4 * i] = fast_exp2(fmaf(s_cur[4 * i], scale_log2, -sub0));
+      s_cur[4 * i + 1] = fast_exp2(fmaf(s_cur[4 * i + 1], scale_log2, -sub0));
+      s_cur[4 * i + 2] = fast_exp2(fmaf(s_cur[4 * i + 2], scale_log2, -sub1));
+      s_cur[4 * i + 3] = fast_exp2(fmaf(s_cur[4 * i + 3], scale_log2, -sub1));
+      sum0 += s_cur[4 * i] + s_cur[4 * i + 1];
+      sum1 += s_cur[4 * i + 2] + s_cur[4 * i + 3];
+    }
+    l[0] = l[0] * alpha0 + sum0;
+    l[1] = l[1] * alpha1 + sum1;
+
+    // O and the P registers are P(t-1) V(t-1)'s: wait for it (only S(t + 1) may still run),
+    // rescale O, write P(t) (16-bit, as the A operand: keys 16 j .. 16 j + 15), then P(t) V(t)
+    // as one more group. NOTE: P must not be written while the wgmma reading it runs.
+    asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
+    fence_regs(o);
+    if (!__all_sync(0xffffffffu, alpha0 == 1.f && alpha1 == 1.f)) {
 #pragma unroll
-        for (int j = 0; j < BN / 16; j++) {
-          float p[2][4];
-#pragma unroll
-          for (int h = 0; h < 2; h++) {
-            const float* sv = &s[4 * (2 * j + h)];
-            p[h][0] = fast_exp2(fmaf(sv[0], scale_log2, -sub0));
-            p[h][1] = fast_exp2(fmaf(sv[1], scale_log2, -sub0));
-            p[h][2] = fast_exp2(fmaf(sv[2], scale_log2, -sub1));
-            p[h][3] = fast_exp2(fmaf(sv[3], scale_log2, -sub1));
-            sum0 += p[h][0] + p[h][1];
-            sum1 += p[h][2] + p[h][3];
-          }
-          pf[mi][j][0] = pack2(p[0][0], p[0][1], tag);
-          pf[mi][j][1] = pack2(p[0][2], p[0][3], tag);
-          pf[mi][j][2] = pack2(p[1][0], p[1][1], tag);
-          pf[mi][j][3] = pack2(p[1][2], p[1][3], tag);
-        }
-        l[mi][0] = l[mi][0] * alpha0 + sum0;
-        l[mi][1] = l[mi][1] * alpha1 + sum1;
-        if (!__all_sync(0xffffffffu, alpha0 == 1.f && alpha1 == 1.f)) {
-#pragma unroll
-          for (int i = 0; i < HD / 8; i++) {
-            o[mi][i][0] *= alpha0;
-            o[mi][i][1] *= alpha0;
-            o[mi][i][2] *= alpha1;
-            o[mi][i][3] *= alpha1;
-          }
-        }
-      }
-      if constexpr (PVW) {
-#pragma unroll
-        for (int mi = 0; mi < MI; mi++) fence_regs(reinterpret_cast<float(&)[HD / 2]>(o[mi]));
-        asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
-#pragma unroll
-        for (int mi = 0; mi < MI; mi++) {
-#pragma unroll
-          for (int j = 0; j < BN / 16; j++) {  // keys 16 j .. 16 j + 15: two 8-key groups
-            const unsigned long long dv = wgmma_desc(
-                v_s + stage * BN * HD + 2 * j * GROUP_ELEMS, HD * 16, 128, swap_desc & 2);
-            WgmmaRS<HD>::run(reinterpret_cast<float(&)[HD / 2]>(o[mi]), pf[mi][j], dv, tag);
-          }
-        }
-        asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-        asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-#pragma unroll
-        for (int mi = 0; mi < MI; mi++) fence_regs(reinterpret_cast<float(&)[HD / 2]>(o[mi]));
-      } else if (kb <= hi) {
-#pragma unroll
-        for (int j = 0; j < BN / 16; j++) {
-#pragma unroll
-          for (int d2 = 0; d2 < HD / 16; d2++) {
-            unsigned b[4];
-            ldsm_x4_trans(b, vt + (j * 16 + a_row) * LD + d2 * 16 + a_col);
-#pragma unroll
-            for (int mi = 0; mi < MI; mi++) {
-              mma16816(o[mi][2 * d2], pf[mi][j], b[0], b[1], tag);
-              mma16816(o[mi][2 * d2 + 1], pf[mi][j], b[2], b[3], tag);
-            }
-          }
-        }
+      for (int i = 0; i < HD / 8; i++) {
+        o[4 * i] *= alpha0;
+        o[4 * i + 1] *= alpha0;
+        o[4 * i + 2] *= alpha1;
+        o[4 * i + 3] *= alpha1;
       }
     }
-    __syncthreads();  // the next iteration's load overwrites this stage
+    unsigned pf[BN / 16][4];
+#pragma unroll
+    for (int j = 0; j < BN / 16; j++) {
+      const float* p = &s_cur[8 * j];  // n8 tiles 2 j and 2 j + 1
+      pf[j][0] = pack2(p[0], p[1], tag);
+      pf[j][1] = pack2(p[2], p[3], tag);
+      pf[j][2] = pack2(p[4], p[5], tag);
+      pf[j][3] = pack2(p[6], p[7], tag);
+    }
+    unsigned long long dv[BN / 16];  // keys 16 j .. 16 j + 15: 2 j 8-key groups further
+#pragma unroll
+    for (int j = 0; j < BN / 16; j++)
+      dv[j] = wgmma_desc(v_s + (t % ST) * BN * HD + 2 * j * GROUP_ELEMS, HD * 16, 128,
+                         swap_desc & 2);
+    fence_regs(dv);
+#pragma unroll
+    for (int j = 0; j < BN / 16; j++) fence_regs(pf[j]);
+    fence_regs(o);
+    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#pragma unroll
+    for (int j = 0; j < BN / 16; j++) WgmmaRS<HD, 1>::template run<1>(o, pf[j], dv[j], tag);
+    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+    // S(t + 1) done; only P(t) V(t) may still run.
+    asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
+    fence_regs(s_next);
+  };
+
+  load_tile(0);  // with Q
+  load_tile(1);
+  asm volatile("cp.async.wait_group 1;");
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+  __syncthreads();
+  // ldmatrix address of this lane in a 16 x 16 A tile: rows row0 + (lane & 7) + 8 ((lane >> 3) & 1)
+#pragma unroll
+  for (int kk = 0; kk < HD / 16; kk++)
+    ldsm_x4(qf[kk], q_s + (row0 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + kk * 16 +
+                        (lane >> 4) * 8);
+  issue_s(0, sa);
+  asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+  fence_regs(sa);
+
+  // Unrolled by two so that the S tiles swap roles without register copies.
+  for (int t = 0; t < num_tiles; t += 2) {
+    step(t, sa, sb);
+    if (t + 1 < num_tiles) step(t + 1, sb, sa);
   }
+  asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+  fence_regs(o);
 
 #pragma unroll
-  for (int mi = 0; mi < MI; mi++) {
+  for (int hf = 0; hf < 2; hf++) {
+    float sum = l[hf];
 #pragma unroll
-    for (int hf = 0; hf < 2; hf++) {
-      float sum = l[mi][hf];
+    for (int x = 1; x < 4; x <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, x);
+    const int r = row0 + (lane >> 2) + 8 * hf;
+    const int h = r / tok_per_head, tok = r % tok_per_head;
+    if (h >= group || tok >= ntok) continue;
+    const float inv = 1.f / sum;  // >= 1: the row's max term contributes 2^0
+    T* dst = out + ((long)(q0 + tok) * num_heads + kvh * group + h) * HD + cq;
 #pragma unroll
-      for (int x = 1; x < 4; x <<= 1) sum += __shfl_xor_sync(0xffffffffu, sum, x);
-      const int r = row_base(mi) + (lane >> 2) + 8 * hf;
-      const int h = r / tok_per_head, tok = r % tok_per_head;
-      if (h >= group || tok >= ntok) continue;
-      const float inv = 1.f / sum;
-      T* dst = out + ((long)(q0 + tok) * num_heads + kvh * group + h) * HD + cq;
-#pragma unroll
-      for (int i = 0; i < HD / 8; i++)
-        *reinterpret_cast<unsigned*>(dst + i * 8) =
-            pack2(o[mi][i][2 * hf] * inv, o[mi][i][2 * hf + 1] * inv, tag);
-    }
+    for (int i = 0; i < HD / 8; i++)
+      *reinterpret_cast<unsigned*>(dst + i * 8) =
+          pack2(o[4 * i + 2 * hf] * inv, o[4 * i + 2 * hf + 1] * inv, tag);
   }
 #endif
 }
 
 #ifdef PAGEDSERVE_NVCC_CHECK
-#define INSTANTIATE(T, HD, MI, NW, BN, ST, PVW)                                                \
-  template __global__ void prefill_sm90_kernel<T, HD, MI, NW, BN, ST, PVW>(                    \
+#define INSTANTIATE(T, HD, NW)                                                                 \
+  template __global__ void prefill_sm90_kernel<T, HD, NW>(                                     \
       T*, const T*, const T*, const T*, const int*, const int*, const int*, const int*, int,   \
       int, int, int, float, int);
-INSTANTIATE(__half, 128, 2, 8, 64, 2, 0)
-INSTANTIATE(__half, 128, 2, 8, 64, 2, 1)
-INSTANTIATE(__half, 64, 2, 8, 64, 2, 1)
-INSTANTIATE(__nv_bfloat16, 64, 2, 8, 64, 2, 0)
-INSTANTIATE(__nv_bfloat16, 64, 2, 8, 64, 2, 1)
-INSTANTIATE(__nv_bfloat16, 128, 2, 8, 64, 2, 0)
-INSTANTIATE(__nv_bfloat16, 128, 2, 8, 64, 3, 0)
-INSTANTIATE(__nv_bfloat16, 128, 2, 8, 64, 3, 1)
-INSTANTIATE(__nv_bfloat16, 128, 2, 8, 64, 2, 1)
-INSTANTIATE(__nv_bfloat16, 128, 1, 8, 64, 2, 1)
-INSTANTIATE(__nv_bfloat16, 128, 2, 4, 64, 2, 0)
+INSTANTIATE(__half, 128, 8)
+INSTANTIATE(__half, 64, 8)
+INSTANTIATE(__nv_bfloat16, 64, 8)
+INSTANTIATE(__nv_bfloat16, 128, 8)
 #endif

@@ -1,9 +1,9 @@
 """The prefill attention kernels (v1 attention_prefill.cu; v2 attention_prefill_gqa.cu as the
 engine picks it, and each compiled variant) against the numpy twin: long prompts, chunked prefill
 over a cached prefix, several sequences and decodes in one launch, GQA 1:1 .. 16:1, block sizes 16
-and 32, head_dim 64 and 128, fp16 and bf16 (GPU only). Last in the file, the experimental wgmma
-kernels (attention_prefill_sm90.cu, _sm90p.cu; sm_90 only): a fault there cannot hide the others'
-results; they run only with PAGEDSERVE_TEST_SM90=1."""
+and 32, head_dim 64 and 128, fp16 and bf16 (GPU only). Last in the file, the wgmma kernel
+(attention_prefill_sm90.cu; sm_90 only): a fault there cannot hide the others' results; it runs
+only with PAGEDSERVE_TEST_SM90=1 while it is off in the engine."""
 
 from __future__ import annotations
 
@@ -21,7 +21,6 @@ from engine.executor.ops import cuda_prefill as cpf  # noqa: E402
 from engine.executor.ops.cuda_kernels import (  # noqa: E402
     PREFILL_CONFIGS,
     SM90_CONFIGS,
-    SM90P_CONFIGS,
 )
 from engine.executor.ops.cuda_ops import CudaOps  # noqa: E402
 from engine.executor.ops.numpy_ops import NumpyOps  # noqa: E402
@@ -29,7 +28,7 @@ from engine.executor.ops.numpy_ops import NumpyOps  # noqa: E402
 TOL = {"float16": 2e-3, "bfloat16": 1e-2}  # relative L2 error vs the fp32 reference
 REF = NumpyOps()
 KERNELS = [("v1", None), ("v2", None)] + [("v2", c) for c in PREFILL_CONFIGS]
-# The experimental wgmma kernels (off in the engine) are tested only when asked for: a fault there
+# The wgmma kernel (off in the engine) are tested only when asked for: a fault there
 # would poison the CUDA context of every later test in the run.
 TEST_SM90 = (cupy.cuda.Device().compute_capability == "90"
              and os.environ.get("PAGEDSERVE_TEST_SM90") == "1")
@@ -138,5 +137,4 @@ def test_prefill_plan_picks_by_the_tail_and_falls_back_to_v1(restore_kernel, mon
 def test_sm90_prefill_matches_the_twin(dtype, case, restore_kernel):
     # its own CudaOps, not the module's `ops`: pytest groups a module fixture's tests by its
     # parameter, which would run these before the bfloat16 ones above
-    check_kernels(CudaOps(dtype), case,
-                  [("sm90", c) for c in SM90_CONFIGS] + [("sm90p", c) for c in SM90P_CONFIGS])
+    check_kernels(CudaOps(dtype), case, [("sm90", c) for c in SM90_CONFIGS])

@@ -7,7 +7,7 @@ sampler old vs new, decode steps.
     PYTHONPATH=. python tools/gpu_check.py --only new      # the same, from gpu_check
 
 --quick skips the Llama-3-8B shapes and the decode steps; --only runs the named sections
-(launches, fused, gemv, gemv1 (M = 1 only), splits, sampling, prefill, prefill90 (experimental),
+(launches, fused, gemv, gemv1 (M = 1 only), splits, sampling, prefill, prefill90 (wgmma),
 gguf, decode, step (decode-step variants at batch 1, ctx 512: PDL, early trigger, fusions), fp8:
 tools/kernel_check_fp8.py, attn: decode attention v1 vs mma, tools/kernel_check_attn.py).
 --check-each synchronizes after every row and every section and stops at the first CUDA error,
@@ -364,30 +364,20 @@ def prefill_kernels():
 
 
 def sm90_kernels():
-    """The experimental wgmma kernel's variants, after v2 auto."""
-    out = [("v2 auto", "v2", None, 0)]
-    for c in cuda_kernels.SM90P_CONFIGS:
-        out.append((f"sm90p (pipelined) NW={c[1]}", "sm90p", c, 0))
-    for c in cuda_kernels.SM90_CONFIGS:
-        out.append((f"sm90 MI={c[0]} NW={c[1]} BN={c[2]} ST={c[3]} PV {'wgmma' if c[4] else 'mma'}",
-                    "sm90", c, 0))
-    return out
+    """The wgmma kernel's variants, after v2 auto (the baseline)."""
+    return [("v2 auto", "v2", None, 0)] + [
+        (f"sm90 NW={c[1]}", "sm90", c, 0) for c in cuda_kernels.SM90_CONFIGS]
 
 
 def sm90_probes():
-    """The first P V on mma.sync and on wgmma variants with the wgmma descriptors' LBO and SBO
-    swapped (SM90_SWAP_DESC bit 0: S's, bit 1: P V's): which reading of the layout the hardware
-    wants. Checked last, untimed: a wrong reading may fault."""
-    mma = next(c for c in cuda_kernels.SM90_CONFIGS if not c[4])
-    wg = next(c for c in cuda_kernels.SM90_CONFIGS if c[4])
-    return [("v2 auto", "v2", None, 0), ("sm90 PV mma, S swapped", "sm90", mma, 1),
-            ("sm90 PV wgmma, S swapped", "sm90", wg, 1),
-            ("sm90 PV wgmma, P V swapped", "sm90", wg, 2),
-            ("sm90 PV wgmma, both swapped", "sm90", wg, 3)]
+    """The wgmma kernel with its V descriptors' LBO and SBO swapped (SM90_SWAP_DESC bit 1): the
+    other reading of the PTX manual's MN-major layout. Checked last, untimed: it may fault."""
+    return [("v2 auto", "v2", None, 0),
+            ("sm90 V swapped", "sm90", cuda_kernels.SM90_CONFIGS[0], 2)]
 
 
 def check_prefill90(ops):
-    """The experimental wgmma kernel (Hopper only) in a table of its own, prefill90."""
+    """The wgmma kernel (Hopper only) in a table of its own, prefill90."""
     if cupy.cuda.Device().compute_capability != "90":
         print("prefill90: skipped, wgmma needs an sm_90 GPU", flush=True)
         return

@@ -57,13 +57,10 @@ DECODE_UNROLL = 2  # 16-byte K and V loads per lane in flight (U); 2 beat 4 and 
 DECODE_MMA_CONFIGS = ((4, 2), (4, 3), (8, 2))
 # attention_prefill_gqa.cu's (MI, NW, BN) variants, which cuda_prefill.prefill_plan picks among
 PREFILL_CONFIGS = ((2, 8, 64), (2, 4, 64), (1, 8, 64), (1, 4, 64))
-# attention_prefill_sm90.cu's (MI, NW, BN, ST, PVW: P V on wgmma too), experimental
-SM90_CONFIGS = ((2, 8, 64, 2, 1), (1, 8, 64, 2, 1), (2, 8, 64, 3, 1), (2, 8, 64, 2, 0),
-                (1, 8, 64, 2, 0))
-# attention_prefill_sm90p.cu's (pipelined, experimental), in the same form: only NW varies
-SM90P_CONFIGS = ((1, 8, 64, 4, 1), (1, 12, 64, 4, 1))
+# attention_prefill_sm90.cu's variants in the same (MI, NW, BN) form (the kernel has only NW)
+SM90_CONFIGS = ((1, 8, 64),)
 # wgmma needs sm_90a, an arch CuPy's RawModule cannot ask NVRTC for: these compile by _sm90a_module
-SM90A_FILES = ("attention_prefill_sm90.cu", "attention_prefill_sm90p.cu")
+SM90A_FILES = ("attention_prefill_sm90.cu",)
 
 
 def cuda_dir() -> Path:
@@ -114,11 +111,8 @@ def kernel_names(file: str, ctype: str) -> list[str]:
         return [f"prefill_gqa_kernel<{ctype}, {d}, {', '.join(map(str, c))}>" for d in HEAD_DIMS
                 for c in PREFILL_CONFIGS]
     if file == "attention_prefill_sm90.cu":
-        return [f"prefill_sm90_kernel<{ctype}, {d}, {', '.join(map(str, c))}>" for d in HEAD_DIMS
+        return [f"prefill_sm90_kernel<{ctype}, {d}, {c[1]}>" for d in HEAD_DIMS
                 for c in SM90_CONFIGS]
-    if file == "attention_prefill_sm90p.cu":
-        return [f"prefill_sm90p_kernel<{ctype}, {d}, {c[1]}>" for d in HEAD_DIMS
-                for c in SM90P_CONFIGS]
     if file == "gguf.cu":
         return ([f"gguf_gemv_kernel<{f}, {ctype}, {m}, {r}>" for f in GGUF_KINDS
                  for m, r in GGUF_GEMV_VARIANTS]

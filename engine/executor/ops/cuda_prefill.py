@@ -7,9 +7,9 @@ rows per block against blocks in flight; prefill_plan picks one per step with a 
 (the causal tail: one 2k prompt makes too few big blocks to fill the GPU evenly).
 v1, cuda/attention_prefill.cu (PAGEDSERVE_PREFILL_KERNEL=v1): one block per (query head, 64 new
 tokens); kept as the fallback and as tools/kernel_check.py's timing baseline.
-sm90, cuda/attention_prefill_sm90.cu (PAGEDSERVE_PREFILL_KERNEL=sm90, EXPERIMENTAL, Hopper only):
-v2's blocks and work items with S = Q K^T (and with PVW, P V) on wgmma. sm90p,
-cuda/attention_prefill_sm90p.cu (likewise experimental): both on wgmma, software-pipelined.
+sm90, cuda/attention_prefill_sm90.cu (PAGEDSERVE_PREFILL_KERNEL=sm90, Hopper only, off until the
+device holds it to the twin): v2's blocks and work items, S = Q K^T and P V on wgmma with Q and P
+in registers, software-pipelined (S of the next key tile runs during this one's softmax).
 """
 
 from __future__ import annotations
@@ -20,17 +20,17 @@ import os
 import cupy
 import numpy as np
 
-from engine.executor.ops.cuda_kernels import PREFILL_CONFIGS, SM90_CONFIGS, SM90P_CONFIGS, kernel
+from engine.executor.ops.cuda_kernels import PREFILL_CONFIGS, SM90_CONFIGS, kernel
 
 PREFILL_M, PREFILL_N, PREFILL_THREADS = 64, 64, 128  # v1's PF_M, PF_N, PF_THREADS
-PREFILL_KERNELS = ("v2", "v1", "sm90", "sm90p")
+PREFILL_KERNELS = ("v2", "v1", "sm90")
 PREFILL_KERNEL = os.environ.get("PAGEDSERVE_PREFILL_KERNEL", "v2")
 if PREFILL_KERNEL not in PREFILL_KERNELS:
     raise ValueError(f"PAGEDSERVE_PREFILL_KERNEL={PREFILL_KERNEL!r}: one of {PREFILL_KERNELS}")
 # None: prefill_plan picks a v2 variant per step; one of PREFILL_CONFIGS (or SM90_CONFIGS)
 # forces it (kernel_check)
 PREFILL_CONFIG: tuple[int, ...] | None = None
-# bit 0 swaps the LBO and SBO of S's wgmma descriptors, bit 1 of P V's (kernel_check's probe)
+# bit 1 swaps the LBO and SBO of the sm90 kernel's V descriptors (kernel_check's probe)
 SM90_SWAP_DESC = 0
 # v2 variant (MI, NW, BN) -> (TFLOP/s of causal work with every SM busy, blocks per SM), from
 # device run 1 (tools/kernel_check.py --only prefill, H200, Llama-3-8B heads, one 32k prompt).
@@ -92,9 +92,8 @@ def prefill_plan(query_start_loc: np.ndarray, context_lens: np.ndarray | None,
     than every v2 block's rows falls back to v1."""
     if PREFILL_KERNEL == "v1":
         return "v1", None, prefill_items(query_start_loc)
-    if PREFILL_KERNEL in ("sm90", "sm90p"):
-        configs = [PREFILL_CONFIG or (SM90_CONFIGS if PREFILL_KERNEL == "sm90" else
-                                      SM90P_CONFIGS)[0]]
+    if PREFILL_KERNEL == "sm90":
+        configs = [PREFILL_CONFIG or SM90_CONFIGS[0]]
     else:
         configs = [PREFILL_CONFIG] if PREFILL_CONFIG else list(PREFILL_RATES)
     configs = [c for c in configs if block_rows(c) >= group]
@@ -128,20 +127,11 @@ def prefill_attention(out, qkv, k_cache, v_cache, meta, work: cupy.ndarray, name
         grid, threads = (num_heads, len(work)), PREFILL_THREADS
     else:
         nw, bn = config[1:3]
-        if name == "sm90p":
-            st = config[3]
-            k = kernel("attention_prefill_sm90p.cu",
-                       f"prefill_sm90p_kernel<{ctype}, {head_dim}, {nw}>", ctype)
-            smem = (block_rows(config) + 2 * st * bn) * head_dim * 2  # Q; ST stages of K, V
-            extra = (i32(SM90_SWAP_DESC),)
-        elif name == "sm90":
-            st = config[3]
-            args = f"{ctype}, {head_dim}, {', '.join(map(str, config))}"
-            k = kernel("attention_prefill_sm90.cu", f"prefill_sm90_kernel<{args}>", ctype)
-            # Q + ST stages of K in the core-matrix layout; ST stages of V in it too (PVW) or
-            # in padded rows
-            v_row = head_dim if config[4] else head_dim + 8
-            smem = ((block_rows(config) + st * bn) * head_dim + st * bn * v_row) * 2
+        if name == "sm90":
+            k = kernel("attention_prefill_sm90.cu",
+                       f"prefill_sm90_kernel<{ctype}, {head_dim}, {nw}>", ctype)
+            # 4 stages x (K, V) x keys in the core-matrix layout, then Q in padded rows
+            smem = (2 * 4 * bn * head_dim + block_rows(config) * (head_dim + 8)) * 2
             extra = (i32(SM90_SWAP_DESC),)
         else:
             args = f"{ctype}, {head_dim}, {', '.join(map(str, config))}"
