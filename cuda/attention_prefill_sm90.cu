@@ -11,10 +11,12 @@
 // bytes (8 keys x 8 consecutive head_dim values), head_dim-adjacent ones 128 B apart, 8-key groups
 // HD x 16 B apart. For S, head_dim is K (K-major: LBO = 128, SBO = HD x 16); for P V the keys are
 // K and V is MN-major (LBO = HD x 16, SBO = 128; swap_desc bit 1 probes the other reading).
-// Software pipeline per warpgroup: while it turns S(t) into P(t), S(t + 1) runs on the tensor
-// cores, and P(t) V(t) runs during the next barrier, the loads of tile t + 2 and the issue of
-// S(t + 2). K/V tiles rotate through 4 cp.async stages: tile t + 2 overwrites tile t - 2's stage,
-// whose P V every warpgroup has waited for before the barrier that precedes the overwrite.
+// Pipeline per warpgroup (the order of FlashAttention-3's intra-warpgroup overlap): S(t) runs on
+// the tensor cores while O is rescaled, P(t-1) V(t-1) while the softmax turns S(t) into P(t);
+// no instruction touches a register that an in-flight wgmma uses (ptxas would serialize every
+// wgmma, C7513/C7514). K/V tiles rotate through 4 cp.async stages loaded two tiles ahead: tile
+// t + 2 overwrites tile t - 2's stage, whose P V every warpgroup has waited for before the
+// barrier that precedes the overwrite. The other warpgroup fills the tensor cores' gaps.
 // Every warpgroup walks every key tile of the block (its wgmma groups must pair up); keys past a
 // row's position are masked, only in tiles that cross the warp's diagonal.
 #include "wgmma.cuh"
@@ -115,15 +117,16 @@ __global__ void __launch_bounds__(NW * 32, 1) prefill_sm90_kernel(
 
   const int cq = (lane & 3) * 2;
   unsigned qf[HD / 16][4];  // Q as wgmma's register A operand, head_dim 16 kk .. 16 kk + 15
+  unsigned pf[BN / 16][4];  // P likewise, keys 16 j .. 16 j + 15
   float o[HD / 2];          // O accumulator, element 4 i + e: row (e >> 1), column 8 i + cq + (e & 1)
-  float sa[32], sb[32];     // S tiles: one being turned into P, the next in flight
-  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  float s[32];              // S accumulator, the same layout over the tile's 64 keys
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, alpha[2] = {1.f, 1.f};
 #pragma unroll
   for (int i = 0; i < HD / 2; i++) o[i] = 0.f;
 #pragma unroll
-  for (int i = 0; i < 32; i++) sa[i] = sb[i] = 0.f;
+  for (int i = 0; i < 32; i++) s[i] = 0.f;
 
-  auto issue_s = [&](int t, float(&s)[32]) {  // s = Q K(t)^T, one wgmma group
+  auto issue_s = [&](int t) {  // s = Q K(t)^T, one wgmma group
     unsigned long long db[HD / 16];  // head_dim 16 kk ..: 2 kk core matrices further
 #pragma unroll
     for (int kk = 0; kk < HD / 16; kk++)
@@ -136,82 +139,18 @@ __global__ void __launch_bounds__(NW * 32, 1) prefill_sm90_kernel(
     for (int kk = 1; kk < HD / 16; kk++) WgmmaRS<64, 0>::run<1>(s, qf[kk], db[kk], tag);
     asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
   };
-
-  // One key tile: S(t) in s_cur (done), S(t + 1) issued into s_next, P(t) V(t) issued last.
-  auto step = [&](int t, float(&s_cur)[32], float(&s_next)[32]) {
-    const int kb = t * BN;
-    // Tile t + 1 is in and visible; after the barrier no warpgroup reads tile t - 2's stage.
-    asm volatile("cp.async.wait_group 0;");
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // cp.async writes -> wgmma
-    __syncthreads();
-    load_tile(t + 2);
-    if (t + 1 < num_tiles)
-      issue_s(t + 1, s_next);
-    else
-      asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");  // an empty group
-
-    if (kb + BN - 1 > lo) {
-#pragma unroll
-      for (int i = 0; i < BN / 8; i++)
-#pragma unroll
-        for (int e = 0; e < 4; e++)
-          if (kb + i * 8 + cq + (e & 1) > pos[e >> 1]) s_cur[4 * i + e] = -INFINITY;
-    }
-    float mx0 = m[0], mx1 = m[1];
-#pragma unroll
-    for (int i = 0; i < BN / 8; i++) {
-      mx0 = fmaxf(mx0, fmaxf(s_cur[4 * i], s_cur[4 * i + 1]));
-      mx1 = fmaxf(mx1, fmaxf(s_cur[4 * i + 2], s_cur[4 * i + 3]));
-    }
-#pragma unroll
-    for (int x = 1; x < 4; x <<= 1) {
-      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, x));
-      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, x));
-    }
-    // NOTE: a row sees key 0 in tile 0 (padding rows stand at the item's first position), so
-    // its max is finite from then on and a fully masked tile gives p = 0, alpha = 1.
-    const float alpha0 = fast_exp2((m[0] - mx0) * scale_log2);
-    const float alpha1 = fast_exp2((m[1] - mx1) * scale_log2);
-    m[0] = mx0;
-    m[1] = mx1;
-    const float sub0 = mx0 * scale_log2, sub1 = mx1 * scale_log2;
-    float sum0 = 0.f, sum1 = 0.f;
-#pragma unroll
-    for (int i = 0; i < BN / 8; i++) {  // P in place of S, still fp32
-      s_cur[4 * i] = fast_exp2(fmaf(s_cur[4 * i], scale_log2, -sub0));
-      s_cur[4 * i + 1] = fast_exp2(fmaf(s_cur[4 * i + 1], scale_log2, -sub0));
-      s_cur[4 * i + 2] = fast_exp2(fmaf(s_cur[4 * i + 2], scale_log2, -sub1));
-      s_cur[4 * i + 3] = fast_exp2(fmaf(s_cur[4 * i + 3], scale_log2, -sub1));
-      sum0 += s_cur[4 * i] + s_cur[4 * i + 1];
-      sum1 += s_cur[4 * i + 2] + s_cur[4 * i + 3];
-    }
-    l[0] = l[0] * alpha0 + sum0;
-    l[1] = l[1] * alpha1 + sum1;
-
-    // O and the P registers are P(t-1) V(t-1)'s: wait for it (only S(t + 1) may still run),
-    // rescale O, write P(t) (16-bit, as the A operand: keys 16 j .. 16 j + 15), then P(t) V(t)
-    // as one more group. NOTE: P must not be written while the wgmma reading it runs.
-    asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
-    fence_regs(o);
-    if (!__all_sync(0xffffffffu, alpha0 == 1.f && alpha1 == 1.f)) {
+  auto issue_pv = [&](int t) {  // o += P V(t), one wgmma group, after O's rescale
+    if (!__all_sync(0xffffffffu, alpha[0] == 1.f && alpha[1] == 1.f)) {
+      // Past the first tiles a row's max rarely moves: skip the multiplies when none moved
 #pragma unroll
       for (int i = 0; i < HD / 8; i++) {
-        o[4 * i] *= alpha0;
-        o[4 * i + 1] *= alpha0;
-        o[4 * i + 2] *= alpha1;
-        o[4 * i + 3] *= alpha1;
+        o[4 * i] *= alpha[0];
+        o[4 * i + 1] *= alpha[0];
+        o[4 * i + 2] *= alpha[1];
+        o[4 * i + 3] *= alpha[1];
       }
     }
-    unsigned pf[BN / 16][4];
-#pragma unroll
-    for (int j = 0; j < BN / 16; j++) {
-      const float* p = &s_cur[8 * j];  // n8 tiles 2 j and 2 j + 1
-      pf[j][0] = pack2(p[0], p[1], tag);
-      pf[j][1] = pack2(p[2], p[3], tag);
-      pf[j][2] = pack2(p[4], p[5], tag);
-      pf[j][3] = pack2(p[6], p[7], tag);
-    }
-    unsigned long long dv[BN / 16];  // keys 16 j .. 16 j + 15: 2 j 8-key groups further
+    unsigned long long dv[BN / 16];  // keys 16 j ..: 2 j 8-key groups further
 #pragma unroll
     for (int j = 0; j < BN / 16; j++)
       dv[j] = wgmma_desc(v_s + (t % ST) * BN * HD + 2 * j * GROUP_ELEMS, HD * 16, 128,
@@ -224,30 +163,94 @@ __global__ void __launch_bounds__(NW * 32, 1) prefill_sm90_kernel(
 #pragma unroll
     for (int j = 0; j < BN / 16; j++) WgmmaRS<HD, 1>::template run<1>(o, pf[j], dv[j], tag);
     asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-    // S(t + 1) done; only P(t) V(t) may still run.
-    asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
-    fence_regs(s_next);
+  };
+  // S(t) -> unnormalized P(t) in place (fp32), the running max and sum, alpha: O's rescale.
+  auto softmax = [&](int t) {
+    const int kb = t * BN;
+    if (kb + BN - 1 > lo) {  // the tile crosses the diagonal of a row of this warp
+#pragma unroll
+      for (int i = 0; i < BN / 8; i++)
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+          if (kb + i * 8 + cq + (e & 1) > pos[e >> 1]) s[4 * i + e] = -INFINITY;
+    }
+    float mx0 = m[0], mx1 = m[1];
+#pragma unroll
+    for (int i = 0; i < BN / 8; i++) {
+      mx0 = fmaxf(mx0, fmaxf(s[4 * i], s[4 * i + 1]));
+      mx1 = fmaxf(mx1, fmaxf(s[4 * i + 2], s[4 * i + 3]));
+    }
+#pragma unroll
+    for (int x = 1; x < 4; x <<= 1) {
+      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, x));
+      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, x));
+    }
+    // NOTE: a row sees key 0 in tile 0 (padding rows stand at the item's first position), so
+    // its max is finite from then on and a fully masked tile gives p = 0, alpha = 1.
+    alpha[0] = fast_exp2((m[0] - mx0) * scale_log2);
+    alpha[1] = fast_exp2((m[1] - mx1) * scale_log2);
+    m[0] = mx0;
+    m[1] = mx1;
+    const float sub0 = mx0 * scale_log2, sub1 = mx1 * scale_log2;
+    float sum0 = 0.f, sum1 = 0.f;
+#pragma unroll
+    for (int i = 0; i < BN / 8; i++) {
+      s[4 * i] = fast_exp2(fmaf(s[4 * i], scale_log2, -sub0));
+      s[4 * i + 1] = fast_exp2(fmaf(s[4 * i + 1], scale_log2, -sub0));
+      s[4 * i + 2] = fast_exp2(fmaf(s[4 * i + 2], scale_log2, -sub1));
+      s[4 * i + 3] = fast_exp2(fmaf(s[4 * i + 3], scale_log2, -sub1));
+      sum0 += s[4 * i] + s[4 * i + 1];
+      sum1 += s[4 * i + 2] + s[4 * i + 3];
+    }
+    l[0] = l[0] * alpha[0] + sum0;
+    l[1] = l[1] * alpha[1] + sum1;
+  };
+  auto pack_p = [&]() {  // NOTE: only once the P V reading the last P is done
+#pragma unroll
+    for (int j = 0; j < BN / 16; j++) {  // n8 tiles 2 j and 2 j + 1
+      pf[j][0] = pack2(s[8 * j], s[8 * j + 1], tag);
+      pf[j][1] = pack2(s[8 * j + 2], s[8 * j + 3], tag);
+      pf[j][2] = pack2(s[8 * j + 4], s[8 * j + 5], tag);
+      pf[j][3] = pack2(s[8 * j + 6], s[8 * j + 7], tag);
+    }
+  };
+  // Tile t landed (every cp.async group but the newest, tile t + 1's) and is visible to wgmma;
+  // after the barrier no warpgroup reads tile t - 2's stage any more.
+  auto tile_ready = [&]() {
+    asm volatile("cp.async.wait_group 1;");
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // cp.async writes -> wgmma
+    __syncthreads();
   };
 
   load_tile(0);  // with Q
   load_tile(1);
-  asm volatile("cp.async.wait_group 1;");
-  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-  __syncthreads();
+  tile_ready();
   // ldmatrix address of this lane in a 16 x 16 A tile: rows row0 + (lane & 7) + 8 ((lane >> 3) & 1)
 #pragma unroll
   for (int kk = 0; kk < HD / 16; kk++)
     ldsm_x4(qf[kk], q_s + (row0 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + kk * 16 +
                         (lane >> 4) * 8);
-  issue_s(0, sa);
+  load_tile(2);
+  issue_s(0);
   asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-  fence_regs(sa);
-
-  // Unrolled by two so that the S tiles swap roles without register copies.
-  for (int t = 0; t < num_tiles; t += 2) {
-    step(t, sa, sb);
-    if (t + 1 < num_tiles) step(t + 1, sb, sa);
+  fence_regs(s);
+  softmax(0);
+  pack_p();
+  // Key tile t: S(t) runs while O is rescaled, P(t-1) V(t-1) while S(t) turns into P(t) (the
+  // order that keeps every register an in-flight wgmma uses untouched: ptxas would serialize).
+  for (int t = 1; t < num_tiles; t++) {
+    tile_ready();
+    load_tile(t + 2);  // into tile t - 2's stage
+    issue_s(t);
+    issue_pv(t - 1);
+    asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");  // S(t) done
+    fence_regs(s);
+    softmax(t);
+    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");  // P(t-1) V(t-1) done
+    fence_regs(o);
+    pack_p();
   }
+  issue_pv(num_tiles - 1);
   asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
   fence_regs(o);
 

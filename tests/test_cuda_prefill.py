@@ -129,6 +129,13 @@ def test_prefill_plan_picks_by_the_tail_and_falls_back_to_v1(restore_kernel, mon
     cpf.PREFILL_KERNEL, cpf.PREFILL_CONFIG = "v1", None
     name, config, items = cpf.prefill_plan(one, [2048], 8, 4)
     assert (name, config) == ("v1", None) and (items[:, 2] == cpf.PREFILL_M).all()
+    cpf.PREFILL_KERNEL = "sm90"  # 128-row blocks: 32 tokens of a 4:1 group
+    monkeypatch.setattr(cpf, "_has_wgmma", lambda: True)
+    name, config, items = cpf.prefill_plan(one, [2048], 8, 4)
+    assert (name, config) == ("sm90", SM90_CONFIGS[0]) and (items[:, 2] == 32).all()
+    assert cpf.prefill_plan(one, [2048], 1, 129)[:2] == ("v1", None)
+    monkeypatch.setattr(cpf, "_has_wgmma", lambda: False)  # not Hopper: v2 takes its place
+    assert cpf.prefill_plan(one, [2048], 8, 4)[0] == "v2"
 
 
 @pytest.mark.skipif(not TEST_SM90, reason="needs an sm_90 GPU and PAGEDSERVE_TEST_SM90=1")

@@ -73,6 +73,12 @@ def _items(query_start_loc, tile: int, context_lens):
 
 
 @functools.cache
+def _has_wgmma() -> bool:
+    """Hopper (sm_90): the sm90 kernel's wgmma exists only there."""
+    return cupy.cuda.Device().compute_capability == "90"
+
+
+@functools.cache
 def _num_sms() -> int:
     return int(cupy.cuda.Device().attributes["MultiProcessorCount"])
 
@@ -88,11 +94,12 @@ def _cost(config, last_key: np.ndarray, num_kv_heads: int) -> float:
 
 def prefill_plan(query_start_loc: np.ndarray, context_lens: np.ndarray | None,
                  num_kv_heads: int, group: int):
-    """(kernel name, its config or None, (W, 3) int32 work items cut for it). A kv group wider
-    than every v2 block's rows falls back to v1."""
-    if PREFILL_KERNEL == "v1":
+    """(kernel name, its config or None, (W, 3) int32 work items cut for it). sm90 takes v2's
+    place off Hopper; a kv group wider than every block's rows falls back to v1."""
+    name = "v2" if PREFILL_KERNEL == "sm90" and not _has_wgmma() else PREFILL_KERNEL
+    if name == "v1":
         return "v1", None, prefill_items(query_start_loc)
-    if PREFILL_KERNEL == "sm90":
+    if name == "sm90":
         configs = [PREFILL_CONFIG or SM90_CONFIGS[0]]
     else:
         configs = [PREFILL_CONFIG] if PREFILL_CONFIG else list(PREFILL_RATES)
@@ -108,8 +115,7 @@ def prefill_plan(query_start_loc: np.ndarray, context_lens: np.ndarray | None,
                 break
             costs[c] = _cost(c, last_key, num_kv_heads)
         best = min(costs, key=costs.get) if costs else best
-    return (PREFILL_KERNEL, best,
-            prefill_items(query_start_loc, block_rows(best) // group, context_lens))
+    return name, best, prefill_items(query_start_loc, block_rows(best) // group, context_lens)
 
 
 def prefill_attention(out, qkv, k_cache, v_cache, meta, work: cupy.ndarray, name: str,
