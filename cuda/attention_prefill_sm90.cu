@@ -14,16 +14,18 @@
 // Pipeline per warpgroup (the order of FlashAttention-3's intra-warpgroup overlap): S(t) runs on
 // the tensor cores while O is rescaled, P(t-1) V(t-1) while the softmax turns S(t) into P(t);
 // no instruction touches a register that an in-flight wgmma uses (ptxas would serialize every
-// wgmma, C7513/C7514). K/V tiles rotate through 4 cp.async stages loaded two tiles ahead: tile
-// t + 2 overwrites tile t - 2's stage, whose P V every warpgroup has waited for before the
-// barrier that precedes the overwrite. The other warpgroup fills the tensor cores' gaps.
+// wgmma, C7513/C7514). K/V tiles of BN keys rotate through ST cp.async stages loaded D = ST - 2
+// tiles ahead (BN = 64: 4 stages, BN = 128: 3, as shared memory allows): tile t + D overwrites
+// tile t - 2's stage, whose P V every warpgroup has waited for before the barrier that precedes
+// the overwrite. The other warpgroup fills the tensor cores' gaps.
 // Every warpgroup walks every key tile of the block (its wgmma groups must pair up); keys past a
 // row's position are masked, only in tiles that cross the warp's diagonal.
 #include "wgmma.cuh"
 
 // Grid: (num_kv_heads, num_items)  Block: (NW * 32), NW a multiple of 4
-// Dynamic shared memory: BM x (HD + 8) (Q rows) + 2 x 4 x 64 x HD (4 stages of K, of V) elements.
-template <typename T, int HD, int NW>
+// Dynamic shared memory: 2 x ST x BN x HD (ST stages of K, of V) + BM x (HD + 8) (Q rows)
+// elements, ST = 4 stages of 64 keys or 3 of 128.
+template <typename T, int HD, int NW, int BN>
 __global__ void __launch_bounds__(NW * 32, 1) prefill_sm90_kernel(
     T* __restrict__ out,                    // [num_tokens, num_heads, HD]
     const T* __restrict__ qkv,              // [num_tokens, (num_heads + 2 nkv) * HD]
@@ -36,9 +38,11 @@ __global__ void __launch_bounds__(NW * 32, 1) prefill_sm90_kernel(
     int max_blocks, int num_heads, int num_kv_heads, int block_size, float scale_log2,
     int swap_desc) {  // bit 1: swap LBO and SBO of V's descriptors (kernel_check's probe)
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  constexpr int BN = 64, ST = 4, BM = 16 * NW, LD = HD + 8, THREADS = NW * 32, CPR = HD / 8;
+  // D: tiles loaded ahead; tile t + D goes into tile t - 2's stage
+  constexpr int ST = BN == 64 ? 4 : 3, D = ST - 2;
+  constexpr int BM = 16 * NW, LD = HD + 8, THREADS = NW * 32, CPR = HD / 8;
   constexpr int GROUP_ELEMS = HD * 8;  // one 8-key group of the core-matrix layout
-  static_assert(NW % 4 == 0, "whole warpgroups");
+  static_assert(NW % 4 == 0 && (BN == 64 || BN == 128), "whole warpgroups; m64n64 or n128 S");
   static_assert(BN * CPR % THREADS == 0, "a K/V tile splits evenly over the threads");
   extern __shared__ __align__(128) unsigned char smem_raw[];
   T* k_s = reinterpret_cast<T*>(smem_raw);  // [ST][BN / 8][HD / 8][8][8]
@@ -119,12 +123,12 @@ __global__ void __launch_bounds__(NW * 32, 1) prefill_sm90_kernel(
   unsigned qf[HD / 16][4];  // Q as wgmma's register A operand, head_dim 16 kk .. 16 kk + 15
   unsigned pf[BN / 16][4];  // P likewise, keys 16 j .. 16 j + 15
   float o[HD / 2];          // O accumulator, element 4 i + e: row (e >> 1), column 8 i + cq + (e & 1)
-  float s[32];              // S accumulator, the same layout over the tile's 64 keys
+  float s[BN / 2];          // S accumulator, the same layout over the tile's BN keys
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f}, alpha[2] = {1.f, 1.f};
 #pragma unroll
   for (int i = 0; i < HD / 2; i++) o[i] = 0.f;
 #pragma unroll
-  for (int i = 0; i < 32; i++) s[i] = 0.f;
+  for (int i = 0; i < BN / 2; i++) s[i] = 0.f;
 
   auto issue_s = [&](int t) {  // s = Q K(t)^T, one wgmma group
     unsigned long long db[HD / 16];  // head_dim 16 kk ..: 2 kk core matrices further
@@ -134,9 +138,9 @@ __global__ void __launch_bounds__(NW * 32, 1) prefill_sm90_kernel(
     fence_regs(db);
     fence_regs(s);
     asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
-    WgmmaRS<64, 0>::run<0>(s, qf[0], db[0], tag);
+    WgmmaRS<BN, 0>::template run<0>(s, qf[0], db[0], tag);
 #pragma unroll
-    for (int kk = 1; kk < HD / 16; kk++) WgmmaRS<64, 0>::run<1>(s, qf[kk], db[kk], tag);
+    for (int kk = 1; kk < HD / 16; kk++) WgmmaRS<BN, 0>::template run<1>(s, qf[kk], db[kk], tag);
     asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
   };
   auto issue_pv = [&](int t) {  // o += P V(t), one wgmma group, after O's rescale
@@ -214,35 +218,36 @@ __global__ void __launch_bounds__(NW * 32, 1) prefill_sm90_kernel(
       pf[j][3] = pack2(s[8 * j + 6], s[8 * j + 7], tag);
     }
   };
-  // Tile t landed (every cp.async group but the newest, tile t + 1's) and is visible to wgmma;
-  // after the barrier no warpgroup reads tile t - 2's stage any more.
+  // Tile t landed (every cp.async group but the newest D - 1) and is visible to wgmma; after the
+  // barrier no warpgroup reads tile t - 2's stage any more.
   auto tile_ready = [&]() {
-    asm volatile("cp.async.wait_group 1;");
+    asm volatile("cp.async.wait_group %0;" ::"n"(D - 1));
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // cp.async writes -> wgmma
     __syncthreads();
   };
 
-  load_tile(0);  // with Q
-  load_tile(1);
+#pragma unroll
+  for (int t = 0; t < D; t++) load_tile(t);  // Q joins tile 0's group
   tile_ready();
   // ldmatrix address of this lane in a 16 x 16 A tile: rows row0 + (lane & 7) + 8 ((lane >> 3) & 1)
 #pragma unroll
   for (int kk = 0; kk < HD / 16; kk++)
     ldsm_x4(qf[kk], q_s + (row0 + (lane & 7) + ((lane >> 3) & 1) * 8) * LD + kk * 16 +
                         (lane >> 4) * 8);
-  load_tile(2);
   issue_s(0);
+  load_tile(D);
   asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
   fence_regs(s);
   softmax(0);
   pack_p();
-  // Key tile t: S(t) runs while O is rescaled, P(t-1) V(t-1) while S(t) turns into P(t) (the
-  // order that keeps every register an in-flight wgmma uses untouched: ptxas would serialize).
+  // Key tile t: S(t) runs while O is rescaled, P(t-1) V(t-1) while the softmax turns S(t) into
+  // P(t) (the order that keeps every register an in-flight wgmma uses untouched: ptxas would
+  // serialize); the loads go out once the tensor cores have work.
   for (int t = 1; t < num_tiles; t++) {
     tile_ready();
-    load_tile(t + 2);  // into tile t - 2's stage
     issue_s(t);
     issue_pv(t - 1);
+    load_tile(t + D);
     asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");  // S(t) done
     fence_regs(s);
     softmax(t);
@@ -273,12 +278,14 @@ __global__ void __launch_bounds__(NW * 32, 1) prefill_sm90_kernel(
 }
 
 #ifdef PAGEDSERVE_NVCC_CHECK
-#define INSTANTIATE(T, HD, NW)                                                                 \
-  template __global__ void prefill_sm90_kernel<T, HD, NW>(                                     \
+#define INSTANTIATE(T, HD, NW, BN)                                                             \
+  template __global__ void prefill_sm90_kernel<T, HD, NW, BN>(                                 \
       T*, const T*, const T*, const T*, const int*, const int*, const int*, const int*, int,   \
       int, int, int, float, int);
-INSTANTIATE(__half, 128, 8)
-INSTANTIATE(__half, 64, 8)
-INSTANTIATE(__nv_bfloat16, 64, 8)
-INSTANTIATE(__nv_bfloat16, 128, 8)
+INSTANTIATE(__half, 128, 8, 64)
+INSTANTIATE(__half, 64, 8, 64)
+INSTANTIATE(__nv_bfloat16, 64, 8, 64)
+INSTANTIATE(__nv_bfloat16, 128, 8, 64)
+INSTANTIATE(__nv_bfloat16, 64, 8, 128)
+INSTANTIATE(__nv_bfloat16, 128, 8, 128)
 #endif

@@ -366,7 +366,7 @@ def prefill_kernels():
 def sm90_kernels():
     """The wgmma kernel's variants, after v2 auto (the baseline)."""
     return [("v2 auto", "v2", None, 0)] + [
-        (f"sm90 NW={c[1]}", "sm90", c, 0) for c in cuda_kernels.SM90_CONFIGS]
+        (f"sm90 NW={c[1]} BN={c[2]}", "sm90", c, 0) for c in cuda_kernels.SM90_CONFIGS]
 
 
 def sm90_probes():

@@ -57,8 +57,8 @@ DECODE_UNROLL = 2  # 16-byte K and V loads per lane in flight (U); 2 beat 4 and 
 DECODE_MMA_CONFIGS = ((4, 2), (4, 3), (8, 2))
 # attention_prefill_gqa.cu's (MI, NW, BN) variants, which cuda_prefill.prefill_plan picks among
 PREFILL_CONFIGS = ((2, 8, 64), (2, 4, 64), (1, 8, 64), (1, 4, 64))
-# attention_prefill_sm90.cu's variants in the same (MI, NW, BN) form (the kernel has only NW)
-SM90_CONFIGS = ((1, 8, 64),)
+# attention_prefill_sm90.cu's variants in the same (MI, NW, BN) form (MI is always 1)
+SM90_CONFIGS = ((1, 8, 64), (1, 8, 128))
 # wgmma needs sm_90a, an arch CuPy's RawModule cannot ask NVRTC for: these compile by _sm90a_module
 SM90A_FILES = ("attention_prefill_sm90.cu",)
 
@@ -111,7 +111,7 @@ def kernel_names(file: str, ctype: str) -> list[str]:
         return [f"prefill_gqa_kernel<{ctype}, {d}, {', '.join(map(str, c))}>" for d in HEAD_DIMS
                 for c in PREFILL_CONFIGS]
     if file == "attention_prefill_sm90.cu":
-        return [f"prefill_sm90_kernel<{ctype}, {d}, {c[1]}>" for d in HEAD_DIMS
+        return [f"prefill_sm90_kernel<{ctype}, {d}, {c[1]}, {c[2]}>" for d in HEAD_DIMS
                 for c in SM90_CONFIGS]
     if file == "gguf.cu":
         return ([f"gguf_gemv_kernel<{f}, {ctype}, {m}, {r}>" for f in GGUF_KINDS

@@ -135,9 +135,10 @@ def prefill_attention(out, qkv, k_cache, v_cache, meta, work: cupy.ndarray, name
         nw, bn = config[1:3]
         if name == "sm90":
             k = kernel("attention_prefill_sm90.cu",
-                       f"prefill_sm90_kernel<{ctype}, {head_dim}, {nw}>", ctype)
-            # 4 stages x (K, V) x keys in the core-matrix layout, then Q in padded rows
-            smem = (2 * 4 * bn * head_dim + block_rows(config) * (head_dim + 8)) * 2
+                       f"prefill_sm90_kernel<{ctype}, {head_dim}, {nw}, {bn}>", ctype)
+            # ST stages x (K, V) x keys in the core-matrix layout, then Q in padded rows
+            stages = 4 if bn == 64 else 3
+            smem = (2 * stages * bn * head_dim + block_rows(config) * (head_dim + 8)) * 2
             extra = (i32(SM90_SWAP_DESC),)
         else:
             args = f"{ctype}, {head_dim}, {', '.join(map(str, config))}"
