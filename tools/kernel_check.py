@@ -7,7 +7,7 @@ sampler old vs new, decode steps.
     PYTHONPATH=. python tools/gpu_check.py --only new      # the same, from gpu_check
 
 --quick skips the Llama-3-8B shapes and the decode steps; --only runs the named sections
-(launches, fused, gemv, gemv1 (M = 1 only), splits, sampling, prefill, prefill90 (experimental),
+(launches, fused, gemv, gemv1 (M = 1 only), splits, sampling, prefill,
 gguf, decode, step (decode-step variants at batch 1, ctx 512: PDL, early trigger, fusions), fp8:
 tools/kernel_check_fp8.py, attn: decode attention v1 vs mma, tools/kernel_check_attn.py, w1: one
 W1 step's ops at Llama-3-8B shapes and the tuned GEMMs, tools/kernel_check_w1.py).
@@ -357,44 +357,12 @@ PREFILL_HEADS = {"llama3-8b": (32, 8, 128), "qwen3-0.6b": (16, 8, 128)}  # (nh, 
 
 
 def prefill_kernels():
-    """(label, PREFILL_KERNEL, PREFILL_CONFIG, SM90_SWAP_DESC): v1 (the timing baseline), v2 with
+    """(label, PREFILL_KERNEL, PREFILL_CONFIG): v1 (the timing baseline), v2 with
     the variant prefill_plan picks (what the engine runs), then every compiled v2 variant."""
-    out = [("v1", "v1", None, 0), ("v2 auto", "v2", None, 0)]
+    out = [("v1", "v1", None), ("v2 auto", "v2", None)]
     for c in cuda_kernels.PREFILL_CONFIGS:
-        out.append((f"v2 MI={c[0]} NW={c[1]} BN={c[2]}", "v2", c, 0))
+        out.append((f"v2 MI={c[0]} NW={c[1]} BN={c[2]}", "v2", c))
     return out
-
-
-def sm90_kernels():
-    """The experimental wgmma kernel's variants, after v2 auto."""
-    out = [("v2 auto", "v2", None, 0)]
-    for c in cuda_kernels.SM90P_CONFIGS:
-        out.append((f"sm90p (pipelined) NW={c[1]}", "sm90p", c, 0))
-    for c in cuda_kernels.SM90_CONFIGS:
-        out.append((f"sm90 MI={c[0]} NW={c[1]} BN={c[2]} ST={c[3]} PV {'wgmma' if c[4] else 'mma'}",
-                    "sm90", c, 0))
-    return out
-
-
-def sm90_probes():
-    """The first P V on mma.sync and on wgmma variants with the wgmma descriptors' LBO and SBO
-    swapped (SM90_SWAP_DESC bit 0: S's, bit 1: P V's): which reading of the layout the hardware
-    wants. Checked last, untimed: a wrong reading may fault."""
-    mma = next(c for c in cuda_kernels.SM90_CONFIGS if not c[4])
-    wg = next(c for c in cuda_kernels.SM90_CONFIGS if c[4])
-    return [("v2 auto", "v2", None, 0), ("sm90 PV mma, S swapped", "sm90", mma, 1),
-            ("sm90 PV wgmma, S swapped", "sm90", wg, 1),
-            ("sm90 PV wgmma, P V swapped", "sm90", wg, 2),
-            ("sm90 PV wgmma, both swapped", "sm90", wg, 3)]
-
-
-def check_prefill90(ops):
-    """The experimental wgmma kernel (Hopper only) in a table of its own, prefill90."""
-    if cupy.cuda.Device().compute_capability != "90":
-        print("prefill90: skipped, wgmma needs an sm_90 GPU", flush=True)
-        return
-    check_prefill(ops, "prefill90", sm90_kernels())
-    check_prefill(ops, "prefill90", sm90_probes(), timed=False)
 
 
 def _prefill_batch(ops, num_new, ctx, nkv, hd, bs, rng):
@@ -416,8 +384,7 @@ def _prefill_batch(ops, num_new, ctx, nkv, hd, bs, rng):
 
 def _run_prefill(ops, kernel_choice, qkv, cache, meta, nh, nkv):
     """(attention call, the v2 variant its plan picked or None)."""
-    (cuda_prefill.PREFILL_KERNEL, cuda_prefill.PREFILL_CONFIG,
-     cuda_prefill.SM90_SWAP_DESC) = kernel_choice
+    cuda_prefill.PREFILL_KERNEL, cuda_prefill.PREFILL_CONFIG = kernel_choice
     dmeta = ops.prepare_metadata(meta)  # a fresh plan, cut for this kernel
     hd = cache.shape[-1]
 
@@ -427,14 +394,13 @@ def _run_prefill(ops, kernel_choice, qkv, cache, meta, nh, nkv):
     return attn, dmeta.work[nh // nkv].prefill_config
 
 
-def check_prefill(ops, table: str = "prefill", kernels=None, timed: bool = True):
+def check_prefill(ops, table: str = "prefill"):
     """Each prefill kernel against the numpy twin on small mixed batches (max relative and
     absolute error), then timed on long prompts: TFLOP/s of causal work, % of H200_DENSE, and
-    speed-up over the first kernel (v1; for prefill90, v2 auto)."""
-    default = (cuda_prefill.PREFILL_KERNEL, cuda_prefill.PREFILL_CONFIG,
-               cuda_prefill.SM90_SWAP_DESC)
+    speed-up over the first kernel (v1)."""
+    default = cuda_prefill.PREFILL_KERNEL, cuda_prefill.PREFILL_CONFIG
     rng = np.random.default_rng(5)
-    kernels = kernels or prefill_kernels()
+    kernels = prefill_kernels()
     try:
         checks = [  # (label, nh, nkv, hd, bs, num_new, ctx)
             ("4:1 hd128 bs16 3 seqs, chunked", 32, 8, 128, 16, [300, 1, 77], [300, 40, 500]),
@@ -456,9 +422,7 @@ def check_prefill(ops, table: str = "prefill", kernels=None, timed: bool = True)
                 check_device(f"{table} check {label} {name}")
         cases = [("1 x 2k", [2048], [2048]), ("1 x 8k", [8192], [8192]),
                  ("1 x 32k", [32768], [32768]), ("2k new on 8k ctx", [2048], [8192])]
-        if not timed:
-            cases = []
-        elif OPTS["small"]:
+        if OPTS["small"]:
             cases = cases[:1] + cases[3:]
         for preset, (nh, nkv, hd) in PREFILL_HEADS.items():
             for label, num_new, ctx in cases:
@@ -481,8 +445,7 @@ def check_prefill(ops, table: str = "prefill", kernels=None, timed: bool = True)
                         extra=f"{flops / sec / H200_DENSE * 100:.1f}% of 780; "
                               f"{base / sec:.2f}x {kernels[0][0]}")
     finally:
-        (cuda_prefill.PREFILL_KERNEL, cuda_prefill.PREFILL_CONFIG,
-         cuda_prefill.SM90_SWAP_DESC) = default
+        cuda_prefill.PREFILL_KERNEL, cuda_prefill.PREFILL_CONFIG = default
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -752,7 +715,7 @@ def check_launches(ops):
 
 def run_all(ops, quick: bool = False, only: str | None = None):
     """Every section, or those named in `only` (comma-separated: launches, fused, gemv, gemv1,
-    splits, sampling, prefill, prefill90, gguf, decode, step, fp8, attn, w1)."""
+    splits, sampling, prefill, gguf, decode, step, fp8, attn, w1)."""
     sections = {
         "launches": lambda: check_launches(ops),
         "fused": lambda: check_fused(ops),
@@ -761,7 +724,6 @@ def run_all(ops, quick: bool = False, only: str | None = None):
         "attn": lambda: check_attn(ops, sys.modules[__name__]),
         "sampling": lambda: check_sampling(ops),
         "prefill": lambda: check_prefill(ops),
-        "prefill90": lambda: check_prefill90(ops),
         "gguf": lambda: check_gguf(ops, graph_time, OPTS["small"]),
         "decode": lambda: None if quick else [decode_step(ops, p, c) for p, c in (
             ("qwen3-0.6b", 512), ("qwen3-0.6b", 32532), ("llama3-8b", 512))],

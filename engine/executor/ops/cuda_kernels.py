@@ -31,7 +31,6 @@ import functools
 import hashlib
 import logging
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -61,13 +60,6 @@ DECODE_UNROLL = 2  # 16-byte K and V loads per lane in flight (U); 2 beat 4 and 
 DECODE_MMA_CONFIGS = ((4, 2), (4, 3), (8, 2))
 # attention_prefill_gqa.cu's (MI, NW, BN) variants, which cuda_prefill.prefill_plan picks among
 PREFILL_CONFIGS = ((2, 8, 64), (2, 4, 64), (1, 8, 64), (1, 4, 64))
-# attention_prefill_sm90.cu's (MI, NW, BN, ST, PVW: P V on wgmma too), experimental
-SM90_CONFIGS = ((2, 8, 64, 2, 1), (1, 8, 64, 2, 1), (2, 8, 64, 3, 1), (2, 8, 64, 2, 0),
-                (1, 8, 64, 2, 0))
-# attention_prefill_sm90p.cu's (pipelined, experimental), in the same form: only NW varies
-SM90P_CONFIGS = ((1, 8, 64, 4, 1), (1, 12, 64, 4, 1))
-# wgmma needs sm_90a, an arch CuPy's RawModule cannot ask NVRTC for: these compile by _sm90a_module
-SM90A_FILES = ("attention_prefill_sm90.cu", "attention_prefill_sm90p.cu")
 
 
 def cuda_dir() -> Path:
@@ -120,12 +112,6 @@ def kernel_names(file: str, ctype: str) -> list[str]:
     if file == "attention_prefill_gqa.cu":
         return [f"prefill_gqa_kernel<{ctype}, {d}, {', '.join(map(str, c))}>" for d in HEAD_DIMS
                 for c in PREFILL_CONFIGS]
-    if file == "attention_prefill_sm90.cu":
-        return [f"prefill_sm90_kernel<{ctype}, {d}, {', '.join(map(str, c))}>" for d in HEAD_DIMS
-                for c in SM90_CONFIGS]
-    if file == "attention_prefill_sm90p.cu":
-        return [f"prefill_sm90p_kernel<{ctype}, {d}, {c[1]}>" for d in HEAD_DIMS
-                for c in SM90P_CONFIGS]
     if file == "gguf.cu":
         return ([f"gguf_gemv_kernel<{f}, {ctype}, {m}, {r}>" for f in GGUF_KINDS
                  for m, r in GGUF_GEMV_VARIANTS]
@@ -172,8 +158,6 @@ def _module(file: str, ctype: str):
 
     folder = cuda_dir()
     names = kernel_names(file, ctype)
-    if file in SM90A_FILES:
-        return _sm90a_module(folder, file, names), frozenset(names)
     module = cupy.RawModule(
         code=source(folder, file),
         options=("-std=c++17", f"-I{folder}"),
@@ -285,52 +269,3 @@ def launch(fn, grid, block, args: tuple, shared_mem: int = 0, pdl: bool = False)
         logger.warning("cuLaunchKernelEx failed (CUresult %d): launching without PDL", status)
         PDL = False
         fn(grid, block, args, shared_mem=shared_mem)
-
-
-# ---------------------------------------------------------------------------- sm_90a modules
-
-
-class _LoweredModule:
-    """A cubin loaded as a cupy.RawModule whose kernels are found by their NVRTC lowered names."""
-
-    def __init__(self, module, lowered: dict[str, str]):
-        self.module, self.lowered = module, lowered
-
-    def get_function(self, name: str):
-        return self.module.get_function(self.lowered[name])
-
-
-def _sm90a_module(folder: Path, file: str, names: list[str]) -> _LoweredModule:
-    """NVRTC straight from CuPy's bindings with -arch=sm_90a (RawModule appends the device's plain
-    sm_90), with the include options RawModule would pass."""
-    import cupy
-
-    nvrtc = cupy.cuda.nvrtc  # CuPy's NVRTC bindings (cupy_backends.cuda.libs.nvrtc)
-    options = ("-std=c++17", f"-I{folder}", "-ftz=true")
-    try:
-        from cupy._core.core import assemble_cupy_compiler_options
-
-        options = assemble_cupy_compiler_options(options)
-    except ImportError:  # an older CuPy: the toolkit's headers
-        options += (f"-I{Path(cupy.cuda.get_cuda_path() or '/usr/local/cuda') / 'include'}",)
-    prog = nvrtc.createProgram((folder / file).read_text(), file, (), ())
-    try:
-        for name in names:
-            nvrtc.addNameExpression(prog, name)
-        try:
-            nvrtc.compileProgram(prog, options + ("-arch=sm_90a",))
-        except nvrtc.NVRTCError as e:
-            raise RuntimeError(f"NVRTC (sm_90a) failed on {file}:\n"
-                               f"{nvrtc.getProgramLog(prog)}") from e
-        cubin = nvrtc.getCUBIN(prog)
-        lowered = {name: nvrtc.getLoweredName(prog, name) for name in names}
-    finally:
-        nvrtc.destroyProgram(prog)
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(cubin)
-    try:
-        module = cupy.RawModule(path=f.name)
-        module.get_function(lowered[names[0]])  # loads the file now
-    finally:
-        os.unlink(f.name)
-    return _LoweredModule(module, lowered)

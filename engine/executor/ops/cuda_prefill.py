@@ -7,9 +7,6 @@ rows per block against blocks in flight; prefill_plan picks one per step with a 
 (the causal tail: one 2k prompt makes too few big blocks to fill the GPU evenly).
 v1, cuda/attention_prefill.cu (PAGEDSERVE_PREFILL_KERNEL=v1): one block per (query head, 64 new
 tokens); kept as the fallback and as tools/kernel_check.py's timing baseline.
-sm90, cuda/attention_prefill_sm90.cu (PAGEDSERVE_PREFILL_KERNEL=sm90, EXPERIMENTAL, Hopper only):
-v2's blocks and work items with S = Q K^T (and with PVW, P V) on wgmma. sm90p,
-cuda/attention_prefill_sm90p.cu (likewise experimental): both on wgmma, software-pipelined.
 """
 
 from __future__ import annotations
@@ -20,18 +17,15 @@ import os
 import cupy
 import numpy as np
 
-from engine.executor.ops.cuda_kernels import PREFILL_CONFIGS, SM90_CONFIGS, SM90P_CONFIGS, kernel
+from engine.executor.ops.cuda_kernels import PREFILL_CONFIGS, kernel
 
 PREFILL_M, PREFILL_N, PREFILL_THREADS = 64, 64, 128  # v1's PF_M, PF_N, PF_THREADS
-PREFILL_KERNELS = ("v2", "v1", "sm90", "sm90p")
+PREFILL_KERNELS = ("v2", "v1")
 PREFILL_KERNEL = os.environ.get("PAGEDSERVE_PREFILL_KERNEL", "v2")
 if PREFILL_KERNEL not in PREFILL_KERNELS:
     raise ValueError(f"PAGEDSERVE_PREFILL_KERNEL={PREFILL_KERNEL!r}: one of {PREFILL_KERNELS}")
-# None: prefill_plan picks a v2 variant per step; one of PREFILL_CONFIGS (or SM90_CONFIGS)
-# forces it (kernel_check)
+# None: prefill_plan picks a v2 variant per step; one of PREFILL_CONFIGS forces it (kernel_check)
 PREFILL_CONFIG: tuple[int, ...] | None = None
-# bit 0 swaps the LBO and SBO of S's wgmma descriptors, bit 1 of P V's (kernel_check's probe)
-SM90_SWAP_DESC = 0
 # v2 variant (MI, NW, BN) -> (TFLOP/s of causal work with every SM busy, blocks per SM), from
 # device run 1 (tools/kernel_check.py --only prefill, H200, Llama-3-8B heads, one 32k prompt).
 PREFILL_RATES = {(2, 8, 64): (297.0, 1), (2, 4, 64): (282.0, 2), (1, 8, 64): (247.0, 1),
@@ -92,11 +86,7 @@ def prefill_plan(query_start_loc: np.ndarray, context_lens: np.ndarray | None,
     than every v2 block's rows falls back to v1."""
     if PREFILL_KERNEL == "v1":
         return "v1", None, prefill_items(query_start_loc)
-    if PREFILL_KERNEL in ("sm90", "sm90p"):
-        configs = [PREFILL_CONFIG or (SM90_CONFIGS if PREFILL_KERNEL == "sm90" else
-                                      SM90P_CONFIGS)[0]]
-    else:
-        configs = [PREFILL_CONFIG] if PREFILL_CONFIG else list(PREFILL_RATES)
+    configs = [PREFILL_CONFIG] if PREFILL_CONFIG else list(PREFILL_RATES)
     configs = [c for c in configs if block_rows(c) >= group]
     if not configs:
         return "v1", None, prefill_items(query_start_loc)
@@ -109,8 +99,7 @@ def prefill_plan(query_start_loc: np.ndarray, context_lens: np.ndarray | None,
                 break
             costs[c] = _cost(c, last_key, num_kv_heads)
         best = min(costs, key=costs.get) if costs else best
-    return (PREFILL_KERNEL, best,
-            prefill_items(query_start_loc, block_rows(best) // group, context_lens))
+    return "v2", best, prefill_items(query_start_loc, block_rows(best) // group, context_lens)
 
 
 def prefill_attention(out, qkv, k_cache, v_cache, meta, work: cupy.ndarray, name: str,
@@ -120,7 +109,6 @@ def prefill_attention(out, qkv, k_cache, v_cache, meta, work: cupy.ndarray, name
     (W, 3) was cut for (prefill_plan); meta is the step's DeviceAttentionMetadata."""
     i32, tables = np.int32, meta.block_tables
     head_dim, block_size = k_cache.shape[3], k_cache.shape[2]
-    extra = ()
     if name == "v1":
         k = kernel("attention_prefill.cu", f"prefill_attention_kernel<{ctype}, {head_dim}>",
                    ctype)
@@ -128,30 +116,14 @@ def prefill_attention(out, qkv, k_cache, v_cache, meta, work: cupy.ndarray, name
         grid, threads = (num_heads, len(work)), PREFILL_THREADS
     else:
         nw, bn = config[1:3]
-        if name == "sm90p":
-            st = config[3]
-            k = kernel("attention_prefill_sm90p.cu",
-                       f"prefill_sm90p_kernel<{ctype}, {head_dim}, {nw}>", ctype)
-            smem = (block_rows(config) + 2 * st * bn) * head_dim * 2  # Q; ST stages of K, V
-            extra = (i32(SM90_SWAP_DESC),)
-        elif name == "sm90":
-            st = config[3]
-            args = f"{ctype}, {head_dim}, {', '.join(map(str, config))}"
-            k = kernel("attention_prefill_sm90.cu", f"prefill_sm90_kernel<{args}>", ctype)
-            # Q + ST stages of K in the core-matrix layout; ST stages of V in it too (PVW) or
-            # in padded rows
-            v_row = head_dim if config[4] else head_dim + 8
-            smem = ((block_rows(config) + st * bn) * head_dim + st * bn * v_row) * 2
-            extra = (i32(SM90_SWAP_DESC),)
-        else:
-            args = f"{ctype}, {head_dim}, {', '.join(map(str, config))}"
-            k = kernel("attention_prefill_gqa.cu", f"prefill_gqa_kernel<{args}>", ctype)
-            # Q rows + 2 stages x (K, V) x keys, padded rows of 16-bit elements
-            smem = (block_rows(config) + 2 * 2 * bn) * (head_dim + 8) * 2
+        args = f"{ctype}, {head_dim}, {', '.join(map(str, config))}"
+        k = kernel("attention_prefill_gqa.cu", f"prefill_gqa_kernel<{args}>", ctype)
+        # Q rows + 2 stages x (K, V) x keys, padded rows of 16-bit elements
+        smem = (block_rows(config) + 2 * 2 * bn) * (head_dim + 8) * 2
         grid, threads = (num_kv_heads, len(work)), nw * 32
     if k.max_dynamic_shared_size_bytes < smem:
         k.max_dynamic_shared_size_bytes = smem
     k(grid, (threads,),
       (out, qkv, k_cache, v_cache, work, meta.query_start_loc, meta.context_lens, tables,
-       i32(tables.shape[1]), i32(num_heads), i32(num_kv_heads), i32(block_size), scale_log2)
-      + extra, shared_mem=smem)
+       i32(tables.shape[1]), i32(num_heads), i32(num_kv_heads), i32(block_size), scale_log2),
+      shared_mem=smem)
