@@ -4,6 +4,8 @@ and the guard of the GPU test modules."""
 import functools
 import importlib.util
 import os
+import random
+import socket
 import types
 from pathlib import Path
 
@@ -29,6 +31,27 @@ def poison_device_memory():
     cupy.cuda.set_allocator(malloc)
     yield
     cupy.cuda.set_allocator(cupy.get_default_memory_pool().malloc)
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that is free now and lies below the kernel's ephemeral range. A
+    port from bind(0) lies inside it: until its owner binds it, the kernel may hand it out as an
+    outgoing connection's source port (a worker's own connect attempts to it included: TCP then
+    connects that socket to itself)."""
+    try:
+        with open("/proc/sys/net/ipv4/ip_local_port_range") as f:
+            ephemeral = int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        ephemeral = 32768
+    for _ in range(100):
+        port = random.randrange(20000, ephemeral)
+        with socket.socket() as s:
+            try:
+                s.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return port
+    raise RuntimeError(f"no free port in 20000..{ephemeral}")
 
 
 def require_gpu():

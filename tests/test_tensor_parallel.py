@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -14,7 +13,7 @@ import time
 
 import numpy as np
 import pytest
-from conftest import _tiny_loaded, sharpen, tiny_model_config
+from conftest import _tiny_loaded, free_port, sharpen, tiny_model_config
 
 from engine.core.outputs import EngineDeadError
 from engine.core.sampling_params import SamplingParams
@@ -251,15 +250,10 @@ def test_killing_a_worker_ends_the_engine_with_a_clear_error():
             _generate(llm)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def test_a_rank_started_by_hand_joins_through_the_master_address(monkeypatch, tp1_outputs):
     """The several-hosts path on one host: rank 1 is `pagedserve worker`, not spawned."""
-    port = _free_port()
+    port = free_port()
     monkeypatch.setenv("PAGEDSERVE_MASTER_PORT", str(port))
     code = "import sys; from engine.executor.worker import worker_main; sys.exit(worker_main())"
     proc = subprocess.Popen([sys.executable, "-c", code, "--rank", "1",
@@ -283,17 +277,45 @@ def test_a_rank_that_cannot_load_the_model_fails_the_start_with_its_reason(tmp_p
     (tmp_path / "b").mkdir()
     tiny_model_folder(tmp_path / "a" / "tiny", with_tokenizer=False)
     monkeypatch.chdir(tmp_path / "a")
-    port = _free_port()
+    port = free_port()
     code = "import sys; from engine.executor.worker import worker_main; sys.exit(worker_main())"
-    proc = subprocess.Popen([sys.executable, "-c", code, "--rank", "1", "--master-addr",
-                             "127.0.0.1", "--master-port", str(port)], cwd=tmp_path / "b",
-                            env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=subprocess.PIPE)
+    # stderr to a file, not a pipe: a pipe nobody reads until the end could fill and block the
+    # worker before it reports.
+    with open(tmp_path / "worker.err", "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-c", code, "--rank", "1", "--master-addr",
+                                 "127.0.0.1", "--master-port", str(port)], cwd=tmp_path / "b",
+                                env={**os.environ, "PYTHONPATH": str(ROOT)}, stderr=err)
     try:
         with pytest.raises(CommunicatorError, match=r"rank 1 failed: .*tiny"):
             LLMEngine(EngineConfig(model="tiny", load_format="dummy", device="numpy",
                                    tensor_parallel_size=2, tp_local_ranks=1, master_port=port))
         assert proc.wait(10) == 1
-        assert b"pagedserve worker rank 1: error:" in proc.stderr.read()
+        assert b"pagedserve worker rank 1: error:" in (tmp_path / "worker.err").read_bytes()
+    finally:
+        proc.kill()
+
+
+# Rank 1 as a stand-in: joins, takes its CONFIG, then dies as SIGKILL would leave it (no FAILED).
+_DIES_WHILE_LOADING = """
+import json, os, sys, zmq
+sock = zmq.Context().socket(zmq.DEALER)
+sock.connect(f"tcp://127.0.0.1:{sys.argv[1]}")
+sock.send_multipart([b"H", json.dumps({"rank": 1}).encode()])
+sock.recv_multipart()
+os._exit(9)
+"""
+
+
+def test_a_remote_rank_that_dies_while_loading_fails_the_start_at_once():
+    """Rank 0 cannot see another host's process: the closed connection tells it."""
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-c", _DIES_WHILE_LOADING, str(port)])
+    try:
+        start = time.monotonic()
+        with pytest.raises(CommunicatorError, match=r"connection to rank 0 .* closed"):
+            _llm(2, tp_local_ranks=1, master_port=port)
+        assert time.monotonic() - start < 30  # LOAD_TIMEOUT_S is an hour
+        assert proc.wait(10) == 9
     finally:
         proc.kill()
 
@@ -301,7 +323,7 @@ def test_a_rank_that_cannot_load_the_model_fails_the_start_with_its_reason(tmp_p
 def test_a_missing_rank_fails_the_start_naming_it(monkeypatch):
     monkeypatch.setattr(workers, "RENDEZVOUS_TIMEOUT_S", 0.5)
     with pytest.raises(CommunicatorError, match=r"rank\(s\) \[1\] did not join.*pagedserve worker"):
-        _llm(2, tp_local_ranks=1, master_port=_free_port())
+        _llm(2, tp_local_ranks=1, master_port=free_port())
     with pytest.raises(ConfigError, match="master_port"):
         _llm(2, tp_local_ranks=1)
 

@@ -6,7 +6,6 @@ import gc
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -17,7 +16,7 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 
-from conftest import _smollm2_tokenizer  # noqa: E402
+from conftest import _smollm2_tokenizer, free_port  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,11 +34,6 @@ def tiny_model_folder(path: Path, with_tokenizer: bool) -> Path:
     (path / "config.json").write_text(json.dumps(config))
     return path
 
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _children(pid: int) -> dict[int, str]:
@@ -69,7 +63,7 @@ def _is_running(pid: int) -> bool:
 class Served:
     def __init__(self, tmp_path: Path, with_tokenizer: bool = False, extra: tuple = ()):
         model = tiny_model_folder(tmp_path / "tiny", with_tokenizer)
-        self.url = f"http://127.0.0.1:{_free_port()}"
+        self.url = f"http://127.0.0.1:{free_port()}"
         self.log = open(tmp_path / "server.log", "w+")  # noqa: SIM115
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "server.cli", "serve", str(model), "--device", "numpy",

@@ -20,7 +20,9 @@
 The engine core (scheduler, block manager, sampling) stays single on rank 0; workers only run the
 forward of the step rank 0 sends them. A worker that dies or fails ends the group: rank 0's next
 collective raises CommunicatorError naming the rank (distributed.py checks peers as it waits).
-Local workers die with rank 0 (PR_SET_PDEATHSIG).
+Rank 0 sees a local worker's exit code; of a rank on another host it sees the connection close
+(a ZeroMQ socket monitor), so a rank killed while it loads fails the start at once, not after
+LOAD_TIMEOUT_S. Local workers die with rank 0 (PR_SET_PDEATHSIG).
 
 Rank 0's address: EngineConfig.master_addr / master_port, else PAGEDSERVE_MASTER_ADDR /
 PAGEDSERVE_MASTER_PORT, else 127.0.0.1 and a free port (all ranks local).
@@ -38,6 +40,7 @@ import time
 from dataclasses import dataclass
 
 import zmq
+from zmq.utils.monitor import recv_monitor_message
 
 from engine.executor.distributed import CommunicatorError, NcclCommunicator, ShmCommunicator
 from engine.executor.step_inputs import StepInputs, WorkerStep
@@ -114,6 +117,7 @@ class WorkerGroup:
         self._sock = self._ctx.socket(zmq.ROUTER)
         self._sock.setsockopt(zmq.SNDHWM, 0)
         self._sock.setsockopt(zmq.RCVHWM, 0)
+        self._monitor = self._sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
         try:
             if port:
                 self._sock.bind(f"tcp://{addr}:{port}")
@@ -158,6 +162,7 @@ class WorkerGroup:
         while waiting:
             self._check_local()
             if not self._sock.poll(100):
+                self._check_connections()
                 if time.monotonic() > deadline:
                     raise CommunicatorError(
                         f"tensor-parallel rank(s) {sorted(waiting)} did not {what} within "
@@ -205,6 +210,22 @@ class WorkerGroup:
                 info = json.loads(payload)
                 raise CommunicatorError(f"tensor-parallel rank {info.get('rank')} failed: "
                                         f"{info['error']}")
+        self._check_connections()
+
+    def _check_connections(self) -> None:
+        """CommunicatorError if a rank's connection closed (call when its messages are read: a
+        rank that fails says FAILED before it goes). A local worker's exit says more: it is
+        waited for briefly, as its socket closes a moment before the exit shows."""
+        if not self._monitor.poll(0):
+            return
+        recv_monitor_message(self._monitor)
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            self._check_local()
+            time.sleep(0.01)
+        raise CommunicatorError(f"a tensor-parallel rank's connection to rank 0 "
+                                f"({self.address}) closed: that rank died or lost the network; "
+                                f"its log says why")
 
     def _check_local(self) -> None:
         for rank, proc in self.procs.items():
@@ -234,6 +255,8 @@ class WorkerGroup:
             self.comm.unlink()
             self.comm.close()
             self.comm = None
+        self._sock.disable_monitor()
+        self._monitor.close(linger=0)
         self._sock.close(linger=0)
         self._ctx.term()
         self._sock = None
