@@ -110,15 +110,11 @@ def test_first_tokens_are_handed_out_ahead_of_the_other_outputs():
     engine.client = types.SimpleNamespace(add_request=lambda r: None)
     handed = []
 
-    class Recorder:
-        def put_nowait(self, out):
-            handed.append(out.request_id)
-
     async def main():
         groups = {}
         for request_id in ("old-a", "old-b", "new"):
             groups[request_id] = group = engine.group()
-            group.queue = Recorder()
+            group.put = lambda out: handed.append(out.request_id)
             task = asyncio.create_task(group.add(request_id, {"prompt_token_ids": [1, 2]},
                                                  SamplingParams(max_tokens=8)))
             await asyncio.sleep(0)
