@@ -23,7 +23,8 @@ of every prompt, so no pass reuses another's prefix-cache blocks and all do the 
 Definitions (per request): TTFT = first streamed token chunk - request sent; TPOT = (latency -
 TTFT) / (output tokens - 1); ITL = every gap between consecutive token chunks (pooled over all
 requests). Output tokens are the server's `usage.completion_tokens` when it sends usage, else the
-number of token chunks. Greedy sampling (temperature 0).
+number of token chunks. Greedy sampling (temperature 0). The streams go through
+tools/sse_client.py (its docstring says why not httpx); httpx reads the rest.
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
 """A lean HTTP/1.1 client for the serving benchmark's streamed requests (tools/bench_serving.py).
 
 The benchmark's own event loop reads every SSE chunk of every stream; through httpx (httpcore,
-anyio, h11) that took ~175 CPU us a chunk on a 2-core CPU, 2.5x what the server spent making it,
-so at W2's ~7,700 chunks/s the client's loop was the busier one and its lag showed up in TTFT and
-in `http_in`. Here a chunk costs two StreamReader reads and a JSON decode. It speaks only what
-that needs: POST with a JSON body, a chunked (or Content-Length) answer, keep-alive connections
-reused across requests.
+anyio, h11) that took ~165 CPU us a chunk on a 2-core CPU, over twice what the server spent
+making it, so at W2's ~7,700 chunks/s the client's loop was the busier one and its lag showed up
+in TTFT and in `http_in` (README: Performance, the API per streamed chunk). Here a chunk costs two
+StreamReader reads and a JSON decode (82 us with the start-up). It speaks only what that needs:
+POST with a JSON body, a chunked (or Content-Length) answer, keep-alive connections reused
+across requests.
 """
 
 from __future__ import annotations
