@@ -130,6 +130,7 @@ class MPClient:
         """Read the core's messages on the running event loop, and watch the process there."""
         loop = asyncio.get_running_loop()
         self._async_outputs = zmq.asyncio.Socket.shadow(self._outputs.underlying)
+        self._outputs_fd = self._outputs.FD
         # The API's own voice on the output stream: it reports the core's death in line with
         # the messages the core sent before it died.
         self._obituary = self._ctx.socket(zmq.PUSH)
@@ -140,8 +141,18 @@ class MPClient:
 
     async def get_output_async(self) -> EngineCoreOutputs:
         """The next message; when the core has died, one whose `fatal` says why."""
-        _kind, payload = await self._async_outputs.recv_multipart()
-        return self._decode_outputs(payload)
+        # A non-blocking read, and the socket's descriptor watched only when it finds nothing
+        # (ZeroMQ signals it after a read came back empty): through zmq.asyncio's futures and
+        # event flags a message cost the API's loop as much as handling the step it carries.
+        while (message := self.get_output_nowait()) is None:
+            loop = asyncio.get_running_loop()
+            readable = loop.create_future()
+            loop.add_reader(self._outputs_fd, _wake, readable)
+            try:
+                await readable
+            finally:
+                loop.remove_reader(self._outputs_fd)
+        return message
 
     @property
     def output_socket(self) -> zmq.asyncio.Socket:
@@ -211,3 +222,8 @@ class MPClient:
         self._ctx.term()
         shutil.rmtree(self._dir, ignore_errors=True)
         self.process = None
+
+
+def _wake(future: asyncio.Future) -> None:
+    if not future.done():
+        future.set_result(None)

@@ -59,8 +59,18 @@ class RequestGroup:
 
     def __init__(self, engine: AsyncEngine):
         self.engine = engine
-        self.queue: asyncio.Queue = asyncio.Queue()  # RequestOutputs, or an EngineFault
         self.unfinished: set[str] = set()
+        # RequestOutputs (or an EngineFault) not read yet, and the reader's wake-up while it
+        # waits: a list, not an asyncio.Queue, so a reader takes all it holds at once, and a
+        # step's hand-out costs an append (issue 11: the loop is busy with thousands a second).
+        self._items: list = []
+        self._wake: asyncio.Future | None = None
+
+    def put(self, item) -> None:
+        """Hand the group a RequestOutput, or the EngineFault that ends it."""
+        self._items.append(item)
+        if self._wake is not None and not self._wake.done():
+            self._wake.set_result(None)
 
     async def add(self, request_id: str, prompt: dict, params):
         """Hand one request to the engine core; its rejection (ValueError, ParamError naming
@@ -79,13 +89,29 @@ class RequestGroup:
 
     async def outputs(self) -> AsyncIterator:
         """Every RequestOutput of the group's requests, in arrival order, until all finish."""
+        async for batch in self.batches():
+            for item in batch:
+                yield item
+
+    async def batches(self) -> AsyncIterator[list]:
+        """outputs(), as lists of every output handed over while the reader was away: more
+        than one when it fell a step behind, which an SSE stream then writes at once (one send,
+        not one each). An EngineFault is raised after the outputs handed over before it."""
         while self.unfinished:
-            item = await self.queue.get()
-            if isinstance(item, EngineFault):  # leaving the group aborts the others
-                raise item
-            if item.finished:
-                self.unfinished.discard(item.request_id)
-            yield item
+            if not self._items:
+                self._wake = asyncio.get_running_loop().create_future()
+                await self._wake
+            items, self._items = self._items, []
+            batch = []
+            for item in items:
+                if isinstance(item, EngineFault):  # leaving the group aborts the others
+                    if batch:
+                        yield batch
+                    raise item
+                if item.finished:
+                    self.unfinished.discard(item.request_id)
+                batch.append(item)
+            yield batch
 
     async def __aenter__(self):
         return self
@@ -291,14 +317,14 @@ class AsyncEngine:
                     del groups[out.request_id]
                     errors = [c.error for c in out.outputs if c.finish_reason == "error"]
                     if errors:  # this request alone failed (its sampling, stop check, text)
-                        group.queue.put_nowait(EngineFault(
+                        group.put(EngineFault(
                             f"the engine failed while running this request: {errors[0]}"))
                         if self.metrics:
                             self.metrics.on_ended("error")
                         continue
                     if self.metrics:
                         self.metrics.on_finished(out)
-                group.queue.put_nowait(out)
+                group.put(out)
         if message.stats is not None:
             self.stats = message.stats
             if self.metrics:
@@ -318,7 +344,7 @@ class AsyncEngine:
             if not future.done():
                 future.set_exception(fault)
         for group in set(self._groups.values()):
-            group.queue.put_nowait(fault)
+            group.put(fault)
         if self.metrics and self._groups:
             self.metrics.on_ended("error", len(self._groups))
         self._pending.clear()

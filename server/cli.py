@@ -7,6 +7,7 @@ Flag names follow vLLM's, so a vLLM command line mostly works unchanged.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import logging
 import os
@@ -364,9 +365,19 @@ def _server_class():
         async def startup(self, sockets=None):
             await super().startup(sockets)
             if self.started:
+                log.info("HTTP on %s", http_stack(self.config))
                 log.info("serving on %s", self.url)
 
     return Server
+
+
+def http_stack(config) -> str:
+    """What uvicorn serves on, read inside its loop: "uvloop + httptools" where they are
+    installed (dependencies: less CPU per streamed chunk, README: Performance), asyncio and h11
+    in place of whichever is missing."""
+    loop = type(asyncio.get_running_loop()).__module__.split(".")[0]  # uvloop or asyncio
+    http = "httptools" if config.http_protocol_class.__name__ == "HttpToolsProtocol" else "h11"
+    return f"{loop} + {http}"
 
 
 def app_from_args(args: argparse.Namespace, config: EngineConfig, make_core=None, on_fatal=None):

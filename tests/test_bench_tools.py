@@ -185,29 +185,72 @@ def test_arrival_offsets():
         bench_serving.arrival_offsets(1, 0.0)
 
 
+async def _canned_sse_server(seen: list, connections: list):
+    """A loopback HTTP/1.1 server answering each POST (keep-alive) with max_tokens chunks of
+    SSE, its chunked framing cutting events apart and joining them; 400 when max_tokens is 0."""
+
+    async def serve(reader, writer):
+        connections.append(writer)
+        while request_line := await reader.readline():
+            headers = {}
+            while (line := await reader.readline()) != b"\r\n":
+                name, _, value = line.decode().partition(":")
+                headers[name.lower()] = value.strip()
+            body = json.loads(await reader.readexactly(int(headers["content-length"])))
+            seen.append((request_line.split()[1].decode(), headers, body))
+            n = body["max_tokens"]
+            if n == 0:
+                error = b'{"error": "max_tokens"}'
+                writer.write(b"HTTP/1.1 400 Bad Request\r\ncontent-length: %d\r\n\r\n%s"
+                             % (len(error), error))
+                continue
+            writer.write(b"HTTP/1.1 200 OK\r\ntransfer-encoding: chunked\r\n\r\n")
+            events = [{"id": "cmpl-1", "choices": [{"index": 0, "text": f"t{i}"}]}
+                      for i in range(n)] + [{"id": "cmpl-1", "choices": [],
+                                             "usage": {"completion_tokens": n}}]
+            sse = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
+            data = sse.encode()
+            for piece in (data[i:i + 37] for i in range(0, len(data), 37)):
+                writer.write(b"%x\r\n%s\r\n" % (len(piece), piece))
+                await writer.drain()
+            writer.write(b"0\r\n\r\n")
+        writer.close()
+
+    return await asyncio.start_server(serve, "127.0.0.1", 0)
+
+
 def test_bench_serving_parses_a_stream():
-    httpx = pytest.importorskip("httpx")
-    seen = []
+    pytest.importorskip("httpx")
+    from tools.sse_client import SSEClient
 
-    def handler(request):
-        if request.url.path == "/v1/models":
-            return httpx.Response(200, json={"data": [{"id": "tiny"}]})
-        body = json.loads(request.content)
-        seen.append(body)
-        n = body["max_tokens"]
-        chunks = [{"choices": [{"index": 0, "text": f"t{i}"}]} for i in range(n)]
-        chunks.append({"choices": [], "usage": {"completion_tokens": n}})
-        sse = "".join(f"data: {json.dumps(c)}\n\n" for c in chunks) + "data: [DONE]\n\n"
-        return httpx.Response(200, text=sse, headers={"content-type": "text/event-stream"})
+    seen, connections = [], []
 
-    prompts, outs = [[1, 2, 3], [4, 5]], [3, 2]
-    transport = httpx.MockTransport(handler)
-    m = asyncio.run(bench_serving.run_benchmark("http://test", None, prompts, outs, float("inf"),
-                                                transport=transport))
-    assert m["model"] == "tiny" and m["completed"] == 2 and m["failed"] == 0
+    async def main():
+        server = await _canned_sse_server(seen, connections)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        async with server:
+            m = await bench_serving.run_benchmark(url, "tiny", [[1, 2, 3], [4, 5], [6]],
+                                                  [3, 2, 0], float("inf"), api_key="k")
+            # one request after the other: the second on the connection the first left open
+            client, lines = SSEClient(url), []
+            for n in (2, 1):
+                response = await client.post("/v1/completions", json.dumps(
+                    {"prompt": [1], "max_tokens": n}).encode())
+                lines.append([line async for line in response.lines() if line])
+            await client.close()
+        return m, lines
+
+    m, lines = asyncio.run(main())
+    assert m["model"] == "tiny" and m["completed"] == 2 and m["failed"] == 1
+    assert m["first_error"] == 'HTTP 400: {"error": "max_tokens"}'
     assert m["output_tokens"] == m["expected_output_tokens"] == 5
-    assert sorted(b["prompt"] for b in seen) == sorted(prompts)
-    assert all(b["stream"] and b["ignore_eos"] for b in seen)
+    assert sorted(b["prompt"] for _, _, b in seen[:3]) == [[1, 2, 3], [4, 5], [6]]
+    assert all(path == "/v1/completions" and b["stream"] and b["ignore_eos"]
+               for path, _, b in seen[:3])
+    assert seen[0][1]["authorization"] == "Bearer k"
+    assert len(connections) == 3 + 1
+    assert [len(x) for x in lines] == [4, 3] and lines[0][0].startswith('data: {"id"')
+    assert lines[0][-1] == lines[1][-1] == "data: [DONE]"
 
 
 def test_bench_latency_end_to_end(tiny_model, capsys):

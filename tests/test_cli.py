@@ -213,23 +213,38 @@ def test_cupy_without_a_gpu_says_so(tmp_path, command):
                       "cudaErrorNoDevice")
 
 
+def _start_serve(folder, *python_args) -> tuple[subprocess.Popen, list[str], str]:
+    """`pagedserve serve` on the tiny folder; (the process, its log lines, its URL) once it
+    says "serving on URL"."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen(
+        [sys.executable, *(python_args or ("-m", "server.cli")), "serve", str(folder),
+         "--load-format", "dummy", "--device", "cpu", "--port", "0", "--max-model-len", "128",
+         "--num-kv-blocks", "16"],
+        cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
+    lines = []
+    deadline = time.time() + 60
+    while not (lines and "serving on" in lines[-1]):
+        if time.time() > deadline or proc.poll() is not None:
+            proc.kill()
+            raise AssertionError("".join(lines) + proc.communicate()[1])
+        lines.append(proc.stderr.readline())
+    return proc, lines, lines[-1].split("serving on ")[1].strip()
+
+
+def _importable(*names) -> bool:
+    import importlib.util
+
+    return all(importlib.util.find_spec(name) is not None for name in names)
+
+
 def test_serve_logs_its_start_up_then_serves(tiny_folder):
     """Start-up lines, then "serving on URL" (and not uvicorn's own), /version, string error
     codes, and a quiet exit on Ctrl-C."""
     import httpx
 
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "server.cli", "serve", str(tiny_folder), "--load-format", "dummy",
-         "--device", "cpu", "--port", "0", "--max-model-len", "128", "--num-kv-blocks", "16"],
-        cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
-    lines = []
+    proc, lines, url = _start_serve(tiny_folder)
     try:
-        deadline = time.time() + 60
-        while not (lines and "serving on" in lines[-1]):
-            assert time.time() < deadline and proc.poll() is None, "".join(lines)
-            lines.append(proc.stderr.readline())
-        url = lines[-1].split("serving on ")[1].strip()
         assert httpx.get(url + "/health").json() == {"status": "ok"}
         assert httpx.get(url + "/version").json()["version"]
         error = httpx.get(url + "/v1/nothing").json()["error"]
@@ -243,7 +258,31 @@ def test_serve_logs_its_start_up_then_serves(tiny_folder):
     for needle in ("LlamaForCausalLM", "device cpu (numpy), 1 BLAS thread, dtype float32",
                    "max_model_len 128, KV cache 16 blocks x 16 tokens", "ready in"):
         assert needle in log, log
+    if _importable("uvloop", "httptools"):  # the dependencies, where they install
+        assert "HTTP on uvloop + httptools" in log, log
     assert "Uvicorn running" not in log + rest and "Traceback" not in log + rest
     assert all(re.match(r"(INFO|WARNING) \d\d-\d\d [\d:]+ pagedserve\.", line)
                for line in lines), log  # one format, one logger tree
     assert proc.returncode == 130  # Ctrl-C's status after uvicorn's graceful shutdown
+
+
+def test_serve_streams_without_uvloop_and_httptools(tiny_folder):
+    """Where neither installs, uvicorn falls back to asyncio + h11 and streams the same SSE."""
+    import httpx
+
+    blocked = ("import sys; sys.modules['uvloop'] = sys.modules['httptools'] = None; "
+               "from server.cli import main; sys.exit(main())")
+    proc, lines, url = _start_serve(tiny_folder, "-c", blocked)
+    try:
+        with httpx.stream("POST", url + "/v1/completions", timeout=30, json={
+                "prompt": [5, 6], "max_tokens": 3, "ignore_eos": True, "stream": True,
+                "stream_options": {"include_usage": True}}) as r:
+            events = [line for line in r.iter_lines() if line]
+    finally:
+        proc.send_signal(signal.SIGINT)
+        proc.communicate(timeout=30)
+    assert "HTTP on asyncio + h11" in "".join(lines)
+    chunks = [json.loads(e[6:]) for e in events[:-1]]
+    assert events[-1] == "data: [DONE]" and len(chunks) == 4
+    assert [c["choices"][0]["finish_reason"] for c in chunks[:3]] == [None, None, "length"]
+    assert chunks[3]["usage"]["completion_tokens"] == 3

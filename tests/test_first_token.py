@@ -110,15 +110,11 @@ def test_first_tokens_are_handed_out_ahead_of_the_other_outputs():
     engine.client = types.SimpleNamespace(add_request=lambda r: None)
     handed = []
 
-    class Recorder:
-        def put_nowait(self, out):
-            handed.append(out.request_id)
-
     async def main():
         groups = {}
         for request_id in ("old-a", "old-b", "new"):
             groups[request_id] = group = engine.group()
-            group.queue = Recorder()
+            group.put = lambda out: handed.append(out.request_id)
             task = asyncio.create_task(group.add(request_id, {"prompt_token_ids": [1, 2]},
                                                  SamplingParams(max_tokens=8)))
             await asyncio.sleep(0)
@@ -134,3 +130,34 @@ def test_first_tokens_are_handed_out_ahead_of_the_other_outputs():
 
     asyncio.run(main())
     assert handed == ["new", "old-a", "old-b"]
+
+
+def test_the_api_reader_sleeps_while_idle_and_wakes_at_once_on_a_message():
+    """get_output_async watches the socket's descriptor while nothing is queued: no CPU spent
+    waiting, and a message wakes it at once."""
+    client = MPClient(EngineConfig(device="numpy"), make_core=tiny_server_core(text=False, **TINY))
+    client.start()
+
+    async def main():
+        client.attach()
+        first = await asyncio.wait_for(client.get_output_async(), 5)
+        assert first.stats.num_running == 0  # the core's stats as it starts idling
+        reader = asyncio.create_task(client.get_output_async())
+        cpu = time.process_time()
+        await asyncio.sleep(0.3)  # the core idles; so must the reader
+        idle_cpu = time.process_time() - cpu
+        assert not reader.done()
+        sent = time.monotonic()
+        client.add_request(EngineCoreRequest("r", [3, 4, 5], SamplingParams(max_tokens=2),
+                                             time.time()))
+        message = await asyncio.wait_for(reader, 5)
+        return idle_cpu, time.monotonic() - sent, message
+
+    try:
+        client.wait_ready()
+        idle_cpu, woke_after, message = asyncio.run(main())
+    finally:
+        client.shutdown()
+    assert message.accepted == ["r"]
+    assert idle_cpu < 0.1, f"the waiting reader spent {idle_cpu:.3f} s of CPU in 0.3 s"
+    assert woke_after < 0.2, f"the reader took {woke_after:.3f} s to wake"

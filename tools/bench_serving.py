@@ -23,7 +23,8 @@ of every prompt, so no pass reuses another's prefix-cache blocks and all do the 
 Definitions (per request): TTFT = first streamed token chunk - request sent; TPOT = (latency -
 TTFT) / (output tokens - 1); ITL = every gap between consecutive token chunks (pooled over all
 requests). Output tokens are the server's `usage.completion_tokens` when it sends usage, else the
-number of token chunks. Greedy sampling (temperature 0).
+number of token chunks. Greedy sampling (temperature 0). The streams go through
+tools/sse_client.py (its docstring says why not httpx); httpx reads the rest.
 """
 
 from __future__ import annotations
@@ -36,10 +37,12 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import msgspec
 import numpy as np
 
 if __package__ in (None, ""):  # run as a script: make the checkout importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tools.sse_client import SSEClient  # noqa: E402
 from tools.ttft_stages import format_stages, stage_breakdown  # noqa: E402
 from tools.workloads import scale_requests, w1_requests  # noqa: E402
 
@@ -60,6 +63,9 @@ class RequestResult:
     @property
     def success(self) -> bool:
         return self.error is None and bool(self.chunk_times)
+
+
+_decode = msgspec.json.decode  # ~4x json.loads on a chunk: the client reads thousands a second
 
 
 def _stats_ms(values: list[float]) -> dict:
@@ -107,40 +113,44 @@ def arrival_offsets(num: int, request_rate: float, seed: int = 0) -> list[float]
     return np.cumsum(gaps).tolist()
 
 
-async def send_request(client, url: str, model: str, prompt: list[int], max_tokens: int,
-                       t0: float) -> RequestResult:
+async def send_request(client: SSEClient, path: str, model: str, prompt: list[int],
+                       max_tokens: int, t0: float, timeout_s: float = 3600.0) -> RequestResult:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
     result = RequestResult(len(prompt), max_tokens, time.perf_counter() - t0,
                            sent_at=time.monotonic())
-    num_chunks, usage_tokens = 0, None
     try:
-        async with client.stream("POST", url, json=body) as response:
-            if response.status_code != 200:
-                text = (await response.aread()).decode(errors="replace")
-                result.error = f"HTTP {response.status_code}: {text[:200]}"
-                return result
-            async for line in response.aiter_lines():
-                if not line.startswith("data:"):
-                    continue
-                data = line[5:].strip()
-                if data == "[DONE]":
-                    break
-                chunk = json.loads(data)
-                if chunk.get("usage"):
-                    usage_tokens = chunk["usage"].get("completion_tokens")
-                # A chunk with a choice carries newly generated tokens (text may be "" for a
-                # token that ends mid-character); usage-only chunks carry none.
-                if chunk.get("choices"):
-                    if not result.chunk_times:
-                        result.first_at, result.call_id = time.monotonic(), chunk.get("id")
-                    result.chunk_times.append(time.perf_counter() - t0)
-                    num_chunks += 1
+        await asyncio.wait_for(_stream(client, path, json.dumps(body).encode(), result, t0),
+                               timeout_s)
     except Exception as e:  # noqa: BLE001 - a failed request is counted, not fatal
         result.error = f"{type(e).__name__}: {e}"
     result.end = time.perf_counter() - t0
-    result.output_len = usage_tokens if usage_tokens is not None else num_chunks
     return result
+
+
+async def _stream(client: SSEClient, path: str, body: bytes, result: RequestResult,
+                  t0: float) -> None:
+    response = await client.post(path, body)
+    if response.status_code != 200:
+        text = (await response.read()).decode(errors="replace")
+        result.error = f"HTTP {response.status_code}: {text[:200]}"
+        return
+    usage_tokens = None
+    async for line in response.lines():  # read to the end: the connection is reused
+        data = line[5:].strip()
+        if not line.startswith("data:") or data == "[DONE]":
+            continue
+        chunk = _decode(data)
+        if chunk.get("usage"):
+            usage_tokens = chunk["usage"].get("completion_tokens")
+        # A chunk with a choice carries newly generated tokens (text may be "" for a token
+        # that ends mid-character); usage-only chunks carry none.
+        if chunk.get("choices"):
+            if not result.chunk_times:
+                result.first_at, result.call_id = time.monotonic(), chunk.get("id")
+            result.chunk_times.append(time.perf_counter() - t0)
+    # a server that sends no usage: one token a chunk
+    result.output_len = len(result.chunk_times) if usage_tokens is None else usage_tokens
 
 
 async def watch_dashboard(client, counts: list[int], i: int, errors: list[str]) -> None:
@@ -167,13 +177,15 @@ async def run_benchmark(base_url: str, model: str | None, prompts: list[list[int
                         output_lens: list[int], request_rate: float, seed: int = 0,
                         timeout_s: float = 3600.0, transport=None, dashboard_clients: int = 0,
                         api_key: str | None = None, stages: bool = False) -> dict:
-    """`transport`: an httpx transport to use instead of the network (tests).
+    """`transport`: an httpx transport to use instead of the network for everything but the
+    generation requests, which go through tools/sse_client.py (tests).
     `dashboard_clients`: dashboard feeds held open (and read) while the requests run.
     `stages`: add where the first tokens waited (tools/ttft_stages.py) as "stages"."""
     import httpx  # the test extra; only this tool needs it
 
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else None
+    streams = SSEClient(base_url, headers)
     async with httpx.AsyncClient(base_url=base_url, timeout=timeout_s, limits=limits,
                                  transport=transport, headers=headers) as client:
         if model is None:
@@ -187,8 +199,8 @@ async def run_benchmark(base_url: str, model: str | None, prompts: list[list[int
 
         async def delayed(i: int) -> RequestResult:
             await asyncio.sleep(max(0.0, offsets[i] - (time.perf_counter() - t0)))
-            return await send_request(client, "/v1/completions", model, prompts[i],
-                                      output_lens[i], t0)
+            return await send_request(streams, "/v1/completions", model, prompts[i],
+                                      output_lens[i], t0, timeout_s)
 
         try:
             results = await asyncio.gather(*(delayed(i) for i in range(len(prompts))))
@@ -197,6 +209,7 @@ async def run_benchmark(base_url: str, model: str | None, prompts: list[list[int
             for task in viewers:
                 task.cancel()
             await asyncio.gather(*viewers, return_exceptions=True)
+            await streams.close()
         if stages:
             server = (await client.get("/debug/first_token")).raise_for_status().json()
     metrics = compute_metrics(list(results), duration)

@@ -19,7 +19,9 @@
 # gputest runs the CUDA-graph tests first; if they fail, the rest runs with graphs off.
 # Each tool prints one JSON line; they are collected in $OUT/bench.jsonl (default ./bench-out/)
 # and summarised by tools/bench_table.py at the end. Wheels the GPU machine lacks (server deps) are
-# installed from .whl/ when present (../shared/tools/gpu_wheels.sh downloads them).
+# installed from .whl/ when present (../shared/tools/gpu_wheels.sh downloads them; give it
+# `uvloop httptools`, the server's faster event loop and HTTP parser: without them uvicorn runs
+# on asyncio + h11, and each server start below says which it has).
 # w1-http-dp (not in the default list): W1-HTTP on llama3-8b, 1 then $DP (2) engine cores.
 # w2 with STAGES=1 also prints where W2's first tokens waited, stage by stage (bench_serving
 # --stages, tools/ttft_stages.py); W2_SERVE_FLAGS (e.g. --no-async-scheduling) go to its server.
@@ -53,6 +55,8 @@ start_server() {  # start_server [MODEL PORT WAIT LOG EXTRA...]: serve in the ba
       2> /dev/null && break
     sleep 1
   done
+  python3 -c "import uvloop, httptools" 2> /dev/null && echo "server HTTP: uvloop + httptools" \
+    || echo "server HTTP: asyncio + h11 (no uvloop/httptools wheels in .whl/)"
 }
 
 record() {  # record NAME TIMEOUT CMD...: run a tool with --json, keep its last line tagged NAME
