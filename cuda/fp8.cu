@@ -46,13 +46,7 @@ __global__ void __launch_bounds__(1024) fp8_silu_quantize_kernel(
   unsigned char* qrow = q + (long)blockIdx.x * K;
   const float s = quantize_row<T, QC>(
       K / 8, red,
-      [&](int w, float* f) {
-        float u[8];
-        load8(g + 8 * w, f);
-        load8(g + K + 8 * w, u);
-#pragma unroll
-        for (int e = 0; e < 8; e++) f[e] = f[e] / (1.f + expf(-f[e])) * u[e];
-      },
+      [&](int w, float* f) { silu_mul8(g, K, w, f); },
       [&](int w, const float* f, float sc) { encode8(qrow + 8 * w, f, sc); });
   if (threadIdx.x == 0) scale[blockIdx.x] = s;
 }

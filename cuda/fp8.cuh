@@ -75,6 +75,16 @@ __device__ __forceinline__ void round8(float* f, float& amax) {
   }
 }
 
+// SiLU(gate) * up of a gate_up row's 8 values from word w: g is the row, gate then up (K each).
+template <typename T>
+__device__ __forceinline__ void silu_mul8(const T* g, int K, int w, float* f) {
+  float u[8];
+  load8(g + 8 * w, f);
+  load8(g + K + 8 * w, u);
+#pragma unroll
+  for (int e = 0; e < 8; e++) f[e] = f[e] / (1.f + expf(-f[e])) * u[e];
+}
+
 __device__ __forceinline__ void encode8(unsigned char* q, const float* f, float s) {
   uint2 w;
   unsigned char* b = reinterpret_cast<unsigned char*>(&w);

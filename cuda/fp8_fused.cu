@@ -102,13 +102,7 @@ __global__ void __launch_bounds__(512, 1) fp8_stream_gemv_kernel(
         const T* g = x + (long)m * 2 * K;
         s = quantize_row<T, FS_QC>(
             K / 8, red,
-            [&](int w, float* f) {
-              float u[8];
-              load8(g + 8 * w, f);
-              load8(g + K + 8 * w, u);
-#pragma unroll
-              for (int e = 0; e < 8; e++) f[e] = f[e] / (1.f + expf(-f[e])) * u[e];
-            },
+            [&](int w, float* f) { silu_mul8(g, K, w, f); },
             emit);
       } else {
         const T* xr = x + (long)m * K;

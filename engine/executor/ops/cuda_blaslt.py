@@ -40,6 +40,34 @@ class _Heuristic(ctypes.Structure):  # cublasLtMatmulHeuristicResult_t
                 ("reserved", ctypes.c_int * 4)]
 
 
+def check_status(status: int, what: str) -> None:
+    """RuntimeError naming the cuBLASLt call (`what`, e.g. "Matmul") that returned `status`."""
+    if status != 0:
+        raise RuntimeError(f"cublasLt{what} failed with cuBLAS status {status}")
+
+
+def matrix_layout(lib, cache: dict, dtype: int, rows: int, cols: int, ld: int) -> int:
+    """The cublasLtMatrixLayout_t of this shape, created once into `cache` (its owner destroys
+    them)."""
+    key = (dtype, rows, cols, ld)
+    if key not in cache:
+        layout = ctypes.c_void_p()
+        check_status(lib.cublasLtMatrixLayoutCreate(ctypes.byref(layout), dtype, rows, cols, ld),
+                     "MatrixLayoutCreate")
+        cache[key] = layout.value
+    return cache[key]
+
+
+def workspace_preference(lib) -> int:
+    """A cublasLtMatmulPreference_t that lets the heuristic use cuda_blas's workspace."""
+    pref = ctypes.c_void_p()
+    check_status(lib.cublasLtMatmulPreferenceCreate(ctypes.byref(pref)), "PreferenceCreate")
+    ws = ctypes.c_uint64(WORKSPACE_BYTES)
+    check_status(lib.cublasLtMatmulPreferenceSetAttribute(
+        pref.value, PREF_MAX_WORKSPACE_BYTES, ctypes.byref(ws), 8), "PreferenceSetAttribute")
+    return pref.value
+
+
 class Fp8Gemm:
     def __init__(self, gemm: Gemm):
         self._gemm = gemm
@@ -61,21 +89,13 @@ class Fp8Gemm:
         self.plans: dict[tuple, tuple | None] = {}  # (M, N, K, dtype) -> (mode, algo) or None
         self.modes = ("outer", "fp32+scale")  # tried in this order (tests narrow it)
         self._logged: set[tuple] = set()
-        pref = ctypes.c_void_p()
-        self._check(lib.cublasLtMatmulPreferenceCreate(ctypes.byref(pref)), "PreferenceCreate")
-        self._pref = pref.value
-        ws = ctypes.c_uint64(WORKSPACE_BYTES)
-        self._check(lib.cublasLtMatmulPreferenceSetAttribute(
-            self._pref, PREF_MAX_WORKSPACE_BYTES, ctypes.byref(ws), 8), "PreferenceSetAttribute")
+        self._pref = workspace_preference(lib)
         self._one, self._zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
         self._free = weakref.finalize(self, _destroy, lib, self._pref, self._descs,
                                       self._layouts)
         self._free.atexit = False  # the CUDA context may be gone at interpreter exit
 
-    @staticmethod
-    def _check(status: int, what: str):
-        if status != 0:
-            raise RuntimeError(f"cublasLt{what} failed with cuBLAS status {status}")
+    _check = staticmethod(check_status)
 
     def _desc(self, outer: bool) -> int | None:
         """The matmul descriptor (TN, fp32 compute); None when this cuBLASLt has no outer mode."""
@@ -102,13 +122,7 @@ class Fp8Gemm:
         self._check(self._set_desc(desc, attr, ctypes.byref(v), 8), "MatmulDescSetAttribute")
 
     def _layout(self, dtype: int, rows: int, cols: int, ld: int) -> int:
-        key = (dtype, rows, cols, ld)
-        if key not in self._layouts:
-            layout = ctypes.c_void_p()
-            self._check(self._lib.cublasLtMatrixLayoutCreate(ctypes.byref(layout), dtype, rows,
-                                                             cols, ld), "MatrixLayoutCreate")
-            self._layouts[key] = layout.value
-        return self._layouts[key]
+        return matrix_layout(self._lib, self._layouts, dtype, rows, cols, ld)
 
     def _plan(self, m: int, n: int, k: int, dtype: str, scales: tuple[int, int],
               modes: tuple[str, ...] | None = None):

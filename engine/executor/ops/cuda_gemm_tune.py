@@ -35,12 +35,16 @@ import weakref
 import cupy
 
 from engine.executor.ops.cuda_blas import DATA_TYPES, WORKSPACE_BYTES, Gemm, load_cupys_library
-from engine.executor.ops.cuda_blaslt import _Heuristic
+from engine.executor.ops.cuda_blaslt import (
+    _Heuristic,
+    check_status,
+    matrix_layout,
+    workspace_preference,
+)
 
 logger = logging.getLogger("pagedserve." + __name__)
 CUBLAS_COMPUTE_32F, CUDA_R_32F = 68, DATA_TYPES["float32"]
 DESC_TRANSA, DESC_TRANSB, CUBLAS_OP_N, CUBLAS_OP_T = 3, 4, 0, 1
-PREF_MAX_WORKSPACE_BYTES = 1
 # cublasLtMatmulAlgoConfigAttributes_t, for describing a plan
 CONFIG_NAMES = {"algo": 0, "tile": 1, "splitk": 2, "reduction": 3, "swizzle": 4, "custom": 5,
                 "stages": 6, "cluster": 8}
@@ -94,12 +98,7 @@ class TunedGemm:
             v = ctypes.c_int32(value)
             self._check(lib.cublasLtMatmulDescSetAttribute(self._desc, attr, ctypes.byref(v), 4),
                         "MatmulDescSetAttribute")
-        pref = ctypes.c_void_p()
-        self._check(lib.cublasLtMatmulPreferenceCreate(ctypes.byref(pref)), "PreferenceCreate")
-        self._pref = pref.value
-        ws = ctypes.c_uint64(WORKSPACE_BYTES)
-        self._check(lib.cublasLtMatmulPreferenceSetAttribute(
-            self._pref, PREF_MAX_WORKSPACE_BYTES, ctypes.byref(ws), 8), "PreferenceSetAttribute")
+        self._pref = workspace_preference(lib)
         self._layouts: dict[tuple, int] = {}  # (type, rows, cols, ld) -> cublasLtMatrixLayout_t
         self._valid: dict[tuple, bool] = {}  # (M, N, K, dtype) -> its bucket's algo runs there
         self._flush: cupy.ndarray | None = None
@@ -107,19 +106,10 @@ class TunedGemm:
         self._free = weakref.finalize(self, _destroy, lib, self._desc, self._pref, self._layouts)
         self._free.atexit = False  # the CUDA context may be gone at interpreter exit
 
-    @staticmethod
-    def _check(status: int, what: str):
-        if status != 0:
-            raise RuntimeError(f"cublasLt{what} failed with cuBLAS status {status}")
+    _check = staticmethod(check_status)
 
     def _layout(self, dtype: int, rows: int, cols: int, ld: int) -> int:
-        key = (dtype, rows, cols, ld)
-        if key not in self._layouts:
-            layout = ctypes.c_void_p()
-            self._check(self._lib.cublasLtMatrixLayoutCreate(ctypes.byref(layout), dtype, rows,
-                                                             cols, ld), "MatrixLayoutCreate")
-            self._layouts[key] = layout.value
-        return self._layouts[key]
+        return matrix_layout(self._lib, self._layouts, dtype, rows, cols, ld)
 
     def _abd(self, m: int, n: int, k: int, t: int):
         # Column-major, as cuda_blas.Gemm: C (N, M) = op(A) (N, K) . B (K, M) with A = w (N, K)
