@@ -99,7 +99,7 @@ def check_micro(ops):
     print(f"micro | planned GEMM output bit-equal to cublasGemmEx: {same} |", flush=True)
     set_lean(ops, False)
     # Does a small upload wait for queued device work? ~20 ms of GEMMs queued first.
-    big = cupy.empty((4096, 4096), ops.storage)
+    big = cupy.zeros((4096, 4096), ops.storage)
     big_w = cupy.zeros((4096, 4096), ops.storage)
     big_out = cupy.empty_like(big)
     small = np.arange(64, dtype=np.int32)
@@ -167,8 +167,9 @@ def host_step(prompt: int, max_blocks: int):
     return np.concatenate(flat), where, meta
 
 
-def run_step(ops, model, cache, flat, where, host):
-    """runner._forward_packed's cuda path: one upload, device metadata, the forward."""
+def run_step(ops, model, cache, flat, where, host, mixed=None):
+    """runner._forward_packed's cuda path: one upload, device metadata, the forward (through
+    `mixed`, a captured MixedGraphs, when given)."""
     from engine.executor.ops.cuda_attention import DeviceAttentionMetadata
 
     dev = ops.from_host(flat)
@@ -178,73 +179,86 @@ def run_step(ops, model, cache, flat, where, host):
         context_lens=view["context_lens"],
         block_tables=view["block_tables"].reshape(host.block_tables.shape),
         max_query_len=host.max_query_len, max_context_len=host.max_context_len, host=host)
+    if mixed is not None:
+        return mixed.run(view["input_ids"], view["positions"], view["slot_mapping"], meta,
+                         view["logits_indices"])
     return model.forward(view["input_ids"], view["positions"], cache, meta,
                          view["logits_indices"])
 
 
-def time_steps(ops, model, cache, steps) -> tuple[float, float, cupy.ndarray]:
+def time_steps(ops, model, cache, steps, mixed=None) -> tuple[float, float, cupy.ndarray]:
     """Median host ms and total ms over `steps` (list of host_step tuples), last logits."""
     hosts, totals, logits = [], [], None
     for flat, where, meta in steps:
         ops.synchronize()
         t = time.perf_counter()
-        logits = run_step(ops, model, cache, flat, where, meta)
+        logits = run_step(ops, model, cache, flat, where, meta, mixed)
         hosts.append(time.perf_counter() - t)
         ops.synchronize()
         totals.append(time.perf_counter() - t)
     return statistics.median(hosts) * 1e3, statistics.median(totals) * 1e3, logits
 
 
+# (label, lean GEMM, mixed graphs): the old path first (the reference) and last again
+VARIANTS = (("cublasGemmEx (default)", False, False), ("PAGEDSERVE_LEAN_GEMM=1", True, False),
+            ("PAGEDSERVE_MIXED_GRAPHS=1", False, True), ("both", True, True),
+            ("cublasGemmEx again", False, False))
+
+
 def check_forward(ops):
+    from engine.executor.mixed_graphs import MixedGraphs
+
     config, model = build_model(ops)
     max_blocks = 4096 // BLOCK
     cache = ops.alloc_kv_cache(config.num_layers, 1024, config.num_kv_heads, BLOCK,
                                config.head_dim)
+    t = time.perf_counter()
+    # the buckets the default list gives these steps (8 + 64..527 tokens)
+    graphs = MixedGraphs(model, cache, max_tokens=640, buckets=(128, 384, 640))
+    graphs.capture()
+    print(f"forward | mixed graphs: 3 buckets x {config.num_layers + 1} pieces captured in "
+          f"{time.perf_counter() - t:.2f} s |", flush=True)
     report = io.StringIO()
-    profiled: set[bool] = set()
     for prompt in PROMPTS:
         same = [host_step(prompt, max_blocks)] * 15
         new_m = [host_step(prompt + i, max_blocks) for i in range(1, 16)]
-        results = {}
-        for lean in (False, True, False):  # the old path twice: warm-up order effects show
+        ref = None
+        for label, lean, use_graphs in VARIANTS:
             set_lean(ops, lean)
-            label = "lean (PAGEDSERVE_LEAN_GEMM=1)" if lean else "cublasGemmEx"
-            run_step(ops, model, cache, *same[0])  # warm: plans for this M made
-            host, total, logits = time_steps(ops, model, cache, same)
-            got = cupy.asnumpy(logits).view(np.uint16)
-            ref = results.setdefault("ref", got)
+            mixed = graphs if use_graphs else None
+            run_step(ops, model, cache, *same[0], mixed=mixed)  # warm: plans for this M made
+            host, total, logits = time_steps(ops, model, cache, same, mixed)
+            got = ops.to_host(logits)
+            ref = got if ref is None else ref
             equal = "same" if np.array_equal(got, ref) else (
-                f"DIFFER (max |d| {_max_diff(ops, got, ref):.3g})")
-            host_new, total_new, _ = time_steps(ops, model, cache, new_m)
+                f"DIFFER: max |d| {np.max(np.abs(got - ref)):.3g}, rel "
+                f"{np.linalg.norm(got - ref) / np.linalg.norm(ref):.2g}, argmax agree "
+                f"{(got.argmax(1) == ref.argmax(1)).sum()}/{len(got)}")
+            host_new, total_new, _ = time_steps(ops, model, cache, new_m, mixed)
             print(f"forward | 8 decodes + {prompt}-token prompt | {label} | host {host:.2f} ms "
                   f"| total {total:.2f} ms | logits {equal} | new M each call: host "
                   f"{host_new:.2f} ms, total {total_new:.2f} ms |", flush=True)
-            if prompt == 256 and lean not in profiled:
-                profiled.add(lean)
-                _profile(ops, model, cache, same[0], label, report)
+            if prompt == 256 and label != "cublasGemmEx again":
+                _profile(ops, model, cache, same[0], label, report, mixed)
     set_lean(ops, False)
     OUT.write_text(report.getvalue())
     print(f"(full cProfile listings in {OUT})", flush=True)
 
 
-def _max_diff(ops, got, ref) -> float:
-    return float(np.max(np.abs(ops.to_host(got) - ops.to_host(ref))))
-
-
-def _profile(ops, model, cache, step, label: str, report: io.StringIO) -> None:
+def _profile(ops, model, cache, step, label: str, report: io.StringIO, mixed) -> None:
     ops.synchronize()
     prof = cProfile.Profile()
     prof.enable()
-    run_step(ops, model, cache, *step)
+    run_step(ops, model, cache, *step, mixed=mixed)
     prof.disable()
     ops.synchronize()
-    for sort, top, dest in (("tottime", 14, None), ("tottime", 60, report)):
+    for top, dest in ((8, None), (60, report)):
         buf = io.StringIO()
-        pstats.Stats(prof, stream=buf).strip_dirs().sort_stats(sort).print_stats(top)
+        pstats.Stats(prof, stream=buf).strip_dirs().sort_stats("tottime").print_stats(top)
         text = f"--- cProfile, 8 decodes + 256-token prompt, {label}\n{buf.getvalue()}"
         if dest is None:
             lines = [ln for ln in text.splitlines() if ln.strip()]
-            print("\n".join(lines[:6] + lines[-(top + 1):]), flush=True)
+            print("\n".join(lines[:3] + lines[-(top + 1):]), flush=True)
         else:
             dest.write(text)
 
@@ -280,10 +294,16 @@ def check_engine(ops_unused):
     runner.launch = timed
     one = SamplingParams(temperature=0.0, max_tokens=1)
     n = 0
+    t = time.perf_counter()
+    runner.capture_mixed_graphs()
+    graphs = runner.mixed_graphs
+    print(f"engine | mixed graphs: {len(graphs.sizes)} buckets captured in "
+          f"{time.perf_counter() - t:.2f} s |", flush=True)
     try:
         for prompt in PROMPTS:
-            for lean in (False, True):
+            for label, lean, use_graphs in VARIANTS[:4]:
                 set_lean(ops, lean)
+                runner.mixed_graphs = graphs if use_graphs else None
                 times = []
                 for rep in range(9):
                     n += 1
@@ -295,7 +315,6 @@ def check_engine(ops_unused):
                         times.append(max(launches))
                     engine.step()
                     engine.abort(f"p{n}")
-                label = "lean (PAGEDSERVE_LEAN_GEMM=1)" if lean else "cublasGemmEx"
                 print(f"engine | launch of the step with a {prompt}-token prompt + 8 decodes | "
                       f"{label} | median {statistics.median(times) * 1e3:.2f} ms | min "
                       f"{min(times) * 1e3:.2f} ms |", flush=True)

@@ -465,8 +465,9 @@ class CudaOps:
                 (k_cache, v_cache, qkv, slot_mapping, _i32(num_heads), _i32(num_kv_heads),
                  _i32(head_dim), _i32(block_size)))
 
-    def attention(self, qkv, k_cache, v_cache, meta, num_heads, num_kv_heads, scale):
-        """Causal attention of every new query over its sequence's paged cache -> (T, q_size)."""
+    def attention(self, qkv, k_cache, v_cache, meta, num_heads, num_kv_heads, scale, out=None):
+        """Causal attention of every new query over its sequence's paged cache -> (T, q_size),
+        into `out` when given."""
         self._check(qkv, "qkv", 2)
         self._check(k_cache, "k_cache", 4)
         self._check(v_cache, "v_cache", 4)
@@ -474,7 +475,7 @@ class CudaOps:
         if isinstance(meta, AttentionMetadata):
             meta = prepare_metadata(meta)
         return paged_attention(qkv, k_cache, v_cache, meta, num_heads, num_kv_heads, scale,
-                               self.ctype)
+                               self.ctype, out)
 
     # ---------------------------------------------------------------- sampling
 
