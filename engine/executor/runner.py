@@ -159,7 +159,14 @@ class ModelRunner:
 
         t = time.perf_counter()
         graphs = MixedGraphs(self.model, self.kv_cache, self.config.max_num_batched_tokens)
-        graphs.capture()
+        try:
+            graphs.capture()
+        except Exception as e:  # an op that cannot be captured (a weight format): run eagerly
+            if self.ops.is_fatal(e):
+                raise
+            logger.warning("capturing mixed-step CUDA graphs failed (%s: %s): steps with a "
+                           "prompt run eagerly", type(e).__name__, e)
+            return
         self.mixed_graphs = graphs
         logger.info("captured mixed-step CUDA graphs for %d token buckets (up to %d) in %.2f s",
                     len(graphs.sizes), graphs.sizes[-1], time.perf_counter() - t)
