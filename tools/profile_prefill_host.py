@@ -252,7 +252,7 @@ def _profile(ops, model, cache, step, label: str, report: io.StringIO, mixed) ->
     run_step(ops, model, cache, *step, mixed=mixed)
     prof.disable()
     ops.synchronize()
-    for top, dest in ((8, None), (60, report)):
+    for top, dest in ((6, None), (60, report)):
         buf = io.StringIO()
         pstats.Stats(prof, stream=buf).strip_dirs().sort_stats("tottime").print_stats(top)
         text = f"--- cProfile, 8 decodes + 256-token prompt, {label}\n{buf.getvalue()}"
