@@ -43,6 +43,9 @@ logger = logging.getLogger("pagedserve." + __name__)
 # Decode steps replay captured CUDA graphs (cuda_graph.py) unless enforce_eager is set or
 # PAGEDSERVE_DECODE_GRAPHS=0 (a switch for debugging the kernels eagerly).
 DECODE_GRAPHS = os.environ.get("PAGEDSERVE_DECODE_GRAPHS", "1") != "0"
+# Steps with a prompt replay mixed_graphs.py's pieces (attention eager between them) when
+# PAGEDSERVE_MIXED_GRAPHS=1; off until the H200 has measured it (tools/profile_prefill_host.py).
+MIXED_GRAPHS = os.environ.get("PAGEDSERVE_MIXED_GRAPHS", "0") == "1"
 # Penalties read token counts the sampler keeps on the device (penalty_slots.py) unless
 # PAGEDSERVE_DEVICE_COUNTS=0, which sends every row's prompt and output ids each step instead.
 DEVICE_COUNTS = os.environ.get("PAGEDSERVE_DEVICE_COUNTS", "1") != "0"
@@ -122,11 +125,15 @@ class ModelRunner:
         self.token_counts = None
         self.time_gpu = False  # record device time per step (benchmarks) in gpu_step_times
         self.gpu_step_times: list[float] = []  # seconds, in launch order, once results are read
-        self.graphs = None
+        self.graphs = self.mixed_graphs = None
         # Steps that replayed a decode graph, and how many of them verified drafts (tests).
         self.num_graph_steps = self.num_graph_verify_steps = 0
         if ops.name == "cuda" and not engine_config.enforce_eager and DECODE_GRAPHS:
             self.capture_decode_graphs()
+        # One rank only: a tensor-parallel step's collectives are not captured in pieces.
+        if (ops.name == "cuda" and not engine_config.enforce_eager and MIXED_GRAPHS
+                and workers is None and not hasattr(ops, "comm")):
+            self.capture_mixed_graphs()
 
     def capture_decode_graphs(self) -> None:
         """Capture the decode forward for every padded batch size up to max_num_seqs, or up to
@@ -145,14 +152,35 @@ class ModelRunner:
         logger.info("captured %d decode CUDA graphs (1..%d rows) in %.2f s",
                     len(self.graphs.sizes), max_rows, time.perf_counter() - t)
 
+    def capture_mixed_graphs(self) -> None:
+        """Capture the pieces of a step with a prompt per bucket of token counts
+        (mixed_graphs.py)."""
+        from engine.executor.mixed_graphs import MixedGraphs
+
+        t = time.perf_counter()
+        graphs = MixedGraphs(self.model, self.kv_cache, self.config.max_num_batched_tokens)
+        try:
+            graphs.capture()
+        except Exception as e:  # an op that cannot be captured (a weight format): run eagerly
+            if self.ops.is_fatal(e):
+                raise
+            logger.warning("capturing mixed-step CUDA graphs failed (%s: %s): steps with a "
+                           "prompt run eagerly", type(e).__name__, e)
+            return
+        self.mixed_graphs = graphs
+        logger.info("captured mixed-step CUDA graphs for %d token buckets (up to %d) in %.2f s",
+                    len(graphs.sizes), graphs.sizes[-1], time.perf_counter() - t)
+
     def close(self) -> None:
         """Drop the device memory the runner holds (graphs and their pool, the KV cache, the
         model); the engine then closes the ops backend."""
         self.ops.synchronize()
-        if self.graphs is not None:
-            pool = self.graphs.pool
-            self.graphs = None  # the graphs, their static buffers and captured intermediates
+        pools = [g.pool for g in (self.graphs, self.mixed_graphs) if g is not None]
+        # the graphs, their static buffers and captured intermediates
+        self.graphs = self.mixed_graphs = None
+        if pools:
             gc.collect()  # a graph caught in a reference cycle would keep its pool blocks in use
+        for pool in pools:
             pool.free_all_blocks()
         self.kv_cache = self.model = self._last_sampled = self.token_counts = None
 
@@ -309,6 +337,11 @@ class ModelRunner:
 
             meta = DeviceAttentionMetadata(**arrays, max_query_len=host.max_query_len,
                                            max_context_len=host.max_context_len, host=host)
+            if self.mixed_graphs is not None and self.mixed_graphs.can_run(
+                    len(view["input_ids"])):
+                return self.mixed_graphs.run(view["input_ids"], view["positions"],
+                                             view["slot_mapping"], meta,
+                                             view["logits_indices"])  # (R, vocab)
         else:
             meta = self.ops.prepare_metadata(AttentionMetadata(
                 **arrays, max_query_len=host.max_query_len, max_context_len=host.max_context_len))

@@ -62,29 +62,53 @@ class Transformer:
         input_ids (T,) int32, positions (T,) int32, kv_cache (layers, 2, blocks, kv_heads,
         block_size, head_dim), logits_indices (R,) int32 -> logits (R, vocab) float32
         """
-        ops, c, w = self.ops, self.config, self.weights
-        nh, nkv = c.num_heads, c.num_kv_heads
-        x = ops.embedding(input_ids, w.embed)  # (T, hidden)
+        c = self.config
+        x = self.ops.embedding(input_ids, self.weights.embed)  # (T, hidden)
         residual = None
-        for i, layer in enumerate(w.layers):
+        for i in range(len(self.weights.layers)):
             k_cache, v_cache = kv_cache[i, 0], kv_cache[i, 1]
-            # residual += x, RMSNorm, qkv GEMM: one GEMV launch on the GPU at decode batches
-            qkv, residual = ops.add_rms_norm_linear(x, residual, layer.input_norm, c.rms_norm_eps,
-                                                    layer.qkv)  # (T, q_size + 2 * kv_size)
-            # bias, q/k norm, RoPE and the cache write: one kernel on the GPU
-            ops.qk_norm_rope_kv_write(
-                qkv, positions, self.cos_sin, layer.q_norm if c.qk_norm else None,
-                layer.k_norm if c.qk_norm else None, c.rms_norm_eps, k_cache, v_cache,
-                meta.slot_mapping, nh, nkv, bias=layer.qkv_bias)
-            attn = ops.attention(qkv, k_cache, v_cache, meta, nh, nkv, self.scale)  # (T, q_size)
-            x = ops.all_reduce(ops.linear(attn, layer.o))  # (T, hidden), summed over ranks
-            # residual += x, RMSNorm, gate_up, SiLU-and-mul, down: two GEMVs at batch 1
-            x, residual = ops.mlp(x, residual, layer.post_norm, c.rms_norm_eps, layer.gate_up,
-                                  layer.down)
-            x = ops.all_reduce(x)  # (T, hidden), summed over ranks
-        h, _ = ops.add_rms_norm(x, residual, w.norm, c.rms_norm_eps)
+            qkv, residual = self.attention_inputs(i, x, residual, positions, k_cache, v_cache,
+                                                  meta.slot_mapping)
+            attn = self.ops.attention(qkv, k_cache, v_cache, meta, c.num_heads, c.num_kv_heads,
+                                      self.scale)  # (T, q_size)
+            x, residual = self.layer_output(i, attn, residual)
+        return self.logits(self.final_norm(x, residual), logits_indices)
+
+    # The layer, cut at attention: mixed_graphs.py replays the parts between two attentions as
+    # CUDA graphs and runs the attention itself eagerly.
+
+    def attention_inputs(self, i: int, x, residual, positions, k_cache, v_cache, slot_mapping):
+        """Layer i up to its attention: (qkv (T, q_size + 2 * kv_size), residual (T, hidden)),
+        every new token's k and v written to the cache."""
+        ops, c, layer = self.ops, self.config, self.weights.layers[i]
+        # residual += x, RMSNorm, qkv GEMM: one GEMV launch on the GPU at decode batches
+        qkv, residual = ops.add_rms_norm_linear(x, residual, layer.input_norm, c.rms_norm_eps,
+                                                layer.qkv)
+        # bias, q/k norm, RoPE and the cache write: one kernel on the GPU
+        ops.qk_norm_rope_kv_write(
+            qkv, positions, self.cos_sin, layer.q_norm if c.qk_norm else None,
+            layer.k_norm if c.qk_norm else None, c.rms_norm_eps, k_cache, v_cache, slot_mapping,
+            c.num_heads, c.num_kv_heads, bias=layer.qkv_bias)
+        return qkv, residual
+
+    def layer_output(self, i: int, attn, residual):
+        """Layer i from its attention's output (T, q_size): (x, residual), each (T, hidden)."""
+        ops, c, layer = self.ops, self.config, self.weights.layers[i]
+        x = ops.all_reduce(ops.linear(attn, layer.o))  # (T, hidden), summed over ranks
+        # residual += x, RMSNorm, gate_up, SiLU-and-mul, down: two GEMVs at batch 1
+        x, residual = ops.mlp(x, residual, layer.post_norm, c.rms_norm_eps, layer.gate_up,
+                              layer.down)
+        return ops.all_reduce(x), residual  # summed over ranks
+
+    def final_norm(self, x, residual):
+        """(T, hidden): the last residual add and the model's RMSNorm."""
+        return self.ops.add_rms_norm(x, residual, self.weights.norm, self.config.rms_norm_eps)[0]
+
+    def logits(self, h, logits_indices):
+        """(R, vocab) logits of the rows of h (T, hidden) in logits_indices (None: all)."""
+        ops = self.ops
         if logits_indices is not None:  # None saves a launch when every row samples
             h = ops.gather_rows(h, logits_indices)  # (R, hidden): only the rows that sample
         # (R, vocab): with tensor parallelism each rank's vocabulary slice, joined on rank 0
         # (None on the other ranks)
-        return ops.gather_vocab(ops.linear(h, w.lm_head))
+        return ops.gather_vocab(ops.linear(h, self.weights.lm_head))

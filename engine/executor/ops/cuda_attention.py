@@ -162,8 +162,9 @@ def decode_plan(num_seqs: int, num_kv_heads: int, group: int, max_context_len: i
 
 
 def paged_attention(qkv, k_cache, v_cache, meta: DeviceAttentionMetadata, num_heads: int,
-                    num_kv_heads: int, scale: float, ctype: str) -> cupy.ndarray:
-    # qkv (T, (nh + 2 nkv) * hd), caches (num_blocks, nkv, block_size, hd) -> (T, nh * hd)
+                    num_kv_heads: int, scale: float, ctype: str, out=None) -> cupy.ndarray:
+    # qkv (T, (nh + 2 nkv) * hd), caches (num_blocks, nkv, block_size, hd) -> (T, nh * hd),
+    # written into `out` when given (mixed_graphs.py: the buffer its graphs read)
     num_blocks, cache_kv_heads, block_size, head_dim = k_cache.shape
     if cache_kv_heads != num_kv_heads or v_cache.shape != k_cache.shape:
         raise ValueError(f"kv cache shape {k_cache.shape} / {v_cache.shape} does not match "
@@ -182,7 +183,12 @@ def paged_attention(qkv, k_cache, v_cache, meta: DeviceAttentionMetadata, num_he
         plan = make_plan(meta.host.query_start_loc, num_kv_heads, group, meta.max_context_len,
                          meta.num_splits, meta.host.context_lens)
         meta.work[group] = plan
-    out = cupy.empty((num_tokens, num_heads * head_dim), qkv.dtype)
+    if out is None:
+        out = cupy.empty((num_tokens, num_heads * head_dim), qkv.dtype)
+    elif (out.shape != (num_tokens, num_heads * head_dim) or out.dtype != qkv.dtype
+          or not out._c_contiguous):
+        raise ValueError(f"attention: out must be a C-contiguous {qkv.dtype} array of shape "
+                         f"{(num_tokens, num_heads * head_dim)}, got {out.dtype} {out.shape}")
     if num_tokens == 0:
         return out
     i32, tables = np.int32, meta.block_tables

@@ -248,11 +248,13 @@ def launch(fn, grid, block, args: tuple, shared_mem: int = 0, pdl: bool = False)
     docstring). fn must then call pdl_wait() first."""
     global PDL
     launch_ex = _launch_ex() if pdl and PDL and _pdl_scope[0] else None
-    # RawModule.get_function gives a RawKernel; its .kernel is the Function holding the CUfunction
-    ptr = getattr(getattr(fn, "kernel", fn), "ptr", None)
-    if launch_ex is not None and ptr is None:
-        logger.warning("CuPy's kernel has no CUfunction handle: launching without PDL")
-        PDL, launch_ex = False, None
+    if launch_ex is not None:  # (an eager step's plain launch looks nothing up)
+        # RawModule.get_function gives a RawKernel; its .kernel is the Function holding the
+        # CUfunction
+        ptr = getattr(getattr(fn, "kernel", fn), "ptr", None)
+        if ptr is None:
+            logger.warning("CuPy's kernel has no CUfunction handle: launching without PDL")
+            PDL, launch_ex = False, None
     if launch_ex is None:
         fn(grid, block, args, shared_mem=shared_mem)
         return

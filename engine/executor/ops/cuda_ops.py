@@ -30,6 +30,7 @@ from engine.executor.ops.cuda_attention import (
     prepare_metadata,
 )
 from engine.executor.ops.cuda_blas import Gemm
+from engine.executor.ops.cuda_gemm_plan import PlannedGemm, lean_gemm_enabled
 from engine.executor.ops.cuda_gemm_tune import TunedGemm, tuning_enabled
 from engine.executor.ops.cuda_kernels import CTYPES, HEAD_DIMS, kernel, kernel_names, launch
 from engine.executor.ops.cuda_quant_gguf import GGUFLinear, is_gguf
@@ -75,6 +76,8 @@ class CudaOps:
         self._gemm = Gemm()
         if tuning_enabled():
             self._gemm.tuned = TunedGemm(self._gemm)
+        elif lean_gemm_enabled():
+            self._gemm.tuned = PlannedGemm(self._gemm)
         # Structured outputs: the bitmask's pinned staging buffer, and the event after its last
         # copy out (apply_token_bitmask).
         self._mask_stage: np.ndarray | None = None
@@ -109,7 +112,9 @@ class CudaOps:
             raise TypeError(f"{name}: expected dtype {want}, got {x.dtype}")
         if ndim is not None and x.ndim != ndim:
             raise ValueError(f"{name}: expected {ndim} dimensions, got shape {x.shape}")
-        if not x.flags.c_contiguous:
+        # NOTE: the attribute behind x.flags.c_contiguous; .flags builds a Flags object, and an
+        # eager step makes ~1,000 of these checks
+        if not x._c_contiguous:
             raise ValueError(f"{name}: must be C-contiguous")
         return x
 
@@ -460,8 +465,9 @@ class CudaOps:
                 (k_cache, v_cache, qkv, slot_mapping, _i32(num_heads), _i32(num_kv_heads),
                  _i32(head_dim), _i32(block_size)))
 
-    def attention(self, qkv, k_cache, v_cache, meta, num_heads, num_kv_heads, scale):
-        """Causal attention of every new query over its sequence's paged cache -> (T, q_size)."""
+    def attention(self, qkv, k_cache, v_cache, meta, num_heads, num_kv_heads, scale, out=None):
+        """Causal attention of every new query over its sequence's paged cache -> (T, q_size),
+        into `out` when given."""
         self._check(qkv, "qkv", 2)
         self._check(k_cache, "k_cache", 4)
         self._check(v_cache, "v_cache", 4)
@@ -469,7 +475,7 @@ class CudaOps:
         if isinstance(meta, AttentionMetadata):
             meta = prepare_metadata(meta)
         return paged_attention(qkv, k_cache, v_cache, meta, num_heads, num_kv_heads, scale,
-                               self.ctype)
+                               self.ctype, out)
 
     # ---------------------------------------------------------------- sampling
 
