@@ -1,0 +1,69 @@
+"""Launch shapes of the row-wise kernels of a decode step that move whole rows in 16-byte words:
+the RMSNorm (with its fused residual add) and the row gather (embedding lookup).
+
+A decode step runs these on a few rows of 1-8 KB. The scalar RMSNorm (rms_norm.cu's
+rms_norm_kernel, 256 threads, 2-byte elements) waits a memory latency per element it loads:
+H200, kernel_check --only w1, add_rms_norm 16..256 x 4096 7.2-7.6 us whatever the rows, 1.95
+TB/s at 2048 rows. rms_norm_vec_kernel issues all the loads of a row at once and keeps the row
+in registers; the row gather takes one 16-byte word per thread instead of four.
+
+PAGEDSERVE_NORM_VEC=1 turns both on (off by default until measured on the device:
+`kernel_check.py --only norms` times old against new). Rows the vector kernel cannot take
+(hidden % 8, a row not 16-byte aligned, hidden > 8 * max(NORM_VEC_WIDTHS) * NORM_VEC_THREADS)
+keep the scalar kernel.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from engine.executor.ops.cuda_kernels import NORM_VEC_WIDTHS, kernel, launch
+
+NORM_VEC = os.environ.get("PAGEDSERVE_NORM_VEC", "0") == "1"
+NORM_VEC_THREADS = 512  # the kernel's __launch_bounds__: a block of more holds V words a thread
+GATHER_THREADS = 512  # row gather block with NORM_VEC (128 before: 4 dependent words a thread)
+_NULL = np.uint64(0)
+
+
+def vec_launch(hidden: int, *arrays) -> tuple[int, int] | None:
+    """(V, threads) of rms_norm_vec_kernel for rows of `hidden` in `arrays` (None entries
+    skipped): the fewest 16-byte words a thread (V) that fit the block, so that a decode row is
+    one load per thread; None where the vector kernel cannot run it."""
+    if hidden % 8 or any(a is not None and a.data.ptr % 16 for a in arrays):
+        return None
+    words = hidden // 8
+    for v in NORM_VEC_WIDTHS:
+        threads = -(-words // v)
+        if threads <= NORM_VEC_THREADS:
+            return v, max(32, -(-threads // 32) * 32)
+    return None
+
+
+def rms_norm(out, residual, x, weight, eps: float, mode: int, ctype: str,
+             vec: bool | None = None) -> None:
+    """rms_norm.cu's modes (0: out = norm(x); 1: residual = x, out = norm(x); 2: residual += x,
+    out = norm(residual)) on (rows, hidden) arrays the caller checked. vec None: NORM_VEC; True /
+    False picks the kernel (kernel_check's old-vs-new timing; True falls back where it must)."""
+    rows, hidden = x.shape
+    if not rows:
+        return
+    args = (out, _NULL if residual is None else residual, x, weight, np.float32(eps),
+            np.int32(hidden), np.int32(mode))
+    shape = vec_launch(hidden, out, residual, x, weight) if (
+        NORM_VEC if vec is None else vec) else None
+    if shape is None:
+        launch(kernel("rms_norm.cu", f"rms_norm_kernel<{ctype}>", ctype), (rows,), (256,), args,
+               pdl=True)
+    else:
+        v, threads = shape
+        launch(kernel("rms_norm.cu", f"rms_norm_vec_kernel<{ctype}, {v}>", ctype), (rows,),
+               (threads,), args, pdl=True)
+
+
+def gather_threads(words: int, vec: bool | None = None) -> int:
+    """Block of gather.cu's gather_rows_kernel for rows of `words` 16-byte words."""
+    if not (NORM_VEC if vec is None else vec):
+        return 128
+    return min(GATHER_THREADS, max(32, -(-words // 32) * 32))

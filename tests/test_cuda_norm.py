@@ -1,0 +1,136 @@
+"""The 16-byte RMSNorm and row gather of cuda_norm (PAGEDSERVE_NORM_VEC) against the numpy twin
+and the scalar kernels they replace, at Qwen3 / Llama widths and at odd ones (GPU only).
+
+    python -m pytest -q -m gpu tests/test_cuda_norm.py
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import require_gpu
+
+pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("poison_device_memory")]
+cupy = require_gpu()
+
+from engine.executor.ops import cuda_kernels, cuda_norm  # noqa: E402
+from engine.executor.ops.cuda_ops import CudaOps  # noqa: E402
+from engine.executor.ops.numpy_ops import NumpyOps  # noqa: E402
+
+TOL = {"float16": 2e-3, "bfloat16": 1e-2}  # relative L2 error vs the fp32 reference
+REF = NumpyOps()
+EPS = 1e-6
+
+
+@pytest.fixture(scope="module", params=["float16", "bfloat16"])
+def ops(request):
+    return CudaOps(request.param)
+
+
+@pytest.fixture
+def vec_on(monkeypatch):
+    monkeypatch.setattr(cuda_norm, "NORM_VEC", True)
+
+
+def rel_err(got, want) -> float:
+    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
+    assert got.shape == want.shape, (got.shape, want.shape)
+    assert np.isfinite(got).all(), "NaN/inf in the output (unwritten or overflowed)"
+    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
+
+
+def upload(ops, x):
+    d = ops.from_host(np.asarray(x, np.float32))
+    return d, ops.to_host(d)
+
+
+def ulps(a, b) -> np.ndarray:
+    """|a - b| in units in the last place of the 16-bit dtype (same-sign values)."""
+    ia = cupy.asnumpy(a).view(np.int16).astype(np.int32)
+    ib = cupy.asnumpy(b).view(np.int16).astype(np.int32)
+    return np.abs(ia - ib)
+
+
+def run(ops, x, residual, w, mode, vec):
+    out = cupy.empty_like(x)
+    cuda_norm.rms_norm(out, residual, x, w, EPS, mode, ops.ctype, vec=vec)
+    return out
+
+
+# 1004 and 12: not a multiple of 8 (scalar fallback); 16392 > 8 * 4 * 512 (scalar fallback);
+# 4104 and 2056: a partial last warp; 24: a block of one short warp
+@pytest.mark.parametrize("hidden", [24, 1004, 1024, 2056, 4096, 4104, 5120, 8192, 16384, 16392,
+                                    12])
+@pytest.mark.parametrize("rows", [1, 37])
+def test_vec_norm_matches_twin_and_scalar_kernel(ops, hidden, rows):
+    rng = np.random.default_rng(hidden + rows)
+    x, x_h = upload(ops, rng.standard_normal((rows, hidden)) * 3)
+    r, r_h = upload(ops, rng.standard_normal((rows, hidden)))
+    w, w_h = upload(ops, rng.standard_normal(hidden))
+    for mode in (0, 1, 2):
+        outs, residuals = [], []
+        for vec in (False, True):
+            res = None if mode == 0 else cupy.empty_like(x) if mode == 1 else r.copy()
+            outs.append(run(ops, x, res, w, mode, vec))
+            residuals.append(res)
+        want_res = x_h if mode < 2 else REF.add_rms_norm(x_h, r_h, w_h, EPS)[1]
+        want = REF.rms_norm(x_h if mode < 2 else ops.to_host(residuals[1]), w_h, EPS)
+        assert rel_err(ops.to_host(outs[1]), want) < TOL[ops.dtype], mode
+        # the same per-element arithmetic: only the sum of squares' order differs
+        assert ulps(outs[1], outs[0]).max() <= 1, mode
+        if mode:
+            np.testing.assert_array_equal(cupy.asnumpy(residuals[1]), cupy.asnumpy(residuals[0]))
+            assert rel_err(ops.to_host(residuals[1]), want_res) < TOL[ops.dtype]
+
+
+def test_ops_take_the_vector_kernel_when_switched_on(ops, vec_on, monkeypatch):
+    names = []
+    real = cuda_norm.kernel
+    monkeypatch.setattr(cuda_norm, "kernel", lambda f, n, c: names.append(n) or real(f, n, c))
+    x, x_h = upload(ops, np.random.default_rng(0).standard_normal((5, 1024)))
+    w, w_h = upload(ops, np.ones(1024))
+    out, res = ops.add_rms_norm(x, None, w, EPS)
+    np.testing.assert_array_equal(ops.to_host(res), x_h)
+    assert rel_err(ops.to_host(out), REF.rms_norm(x_h, w_h, EPS)) < TOL[ops.dtype]
+    assert names == [f"rms_norm_vec_kernel<{ops.ctype}, 1>"]
+    # a row that is not 16-byte aligned (a view 1 element in) takes the scalar kernel
+    flat, flat_h = upload(ops, np.random.default_rng(1).standard_normal(5 * 1024 + 1))
+    x2, x2_h = flat[1:].reshape(5, 1024), flat_h[1:].reshape(5, 1024)
+    out, res = ops.add_rms_norm(x2, res, w, EPS)
+    want_out, want_res = REF.add_rms_norm(x2_h, x_h, w_h, EPS)
+    assert rel_err(ops.to_host(out), want_out) < TOL[ops.dtype]
+    assert rel_err(ops.to_host(res), want_res) < TOL[ops.dtype]
+    assert names[-1] == f"rms_norm_kernel<{ops.ctype}>"
+
+
+def test_gather_with_wide_blocks(ops, vec_on):
+    rng = np.random.default_rng(2)
+    for width in (8, 256, 4096, 8200):  # 1, 32, 512 and 1025 words a row (blocks of <= 512)
+        table, table_h = upload(ops, rng.standard_normal((300, width)))
+        ids = rng.integers(0, 300, 19).astype(np.int32)
+        np.testing.assert_array_equal(ops.to_host(ops.embedding(ids, table)), table_h[ids])
+
+
+def test_vec_norm_chain_is_the_same_with_pdl(ops, vec_on, monkeypatch):
+    """Eight add + norms, each reading the previous one's output and residual, launched as
+    programmatic dependent launches on a stream: bit-identical to plain launches (the weight is
+    read before the PDL wait, everything else after)."""
+    if cuda_kernels._launch_ex() is None:
+        pytest.skip("no PDL on this GPU / driver (sm_90+ wanted)")
+    rng = np.random.default_rng(3)
+    x0, _ = upload(ops, rng.standard_normal((16, 4096)))
+    ws = [upload(ops, rng.standard_normal(4096))[0] for _ in range(8)]
+    ids = cupy.asarray(rng.integers(0, 16, 16).astype(np.int32))
+    results = []
+    for on in (False, True):
+        monkeypatch.setattr(cuda_kernels, "PDL", on)
+        stream = cupy.cuda.Stream(non_blocking=True)
+        cupy.cuda.Device().synchronize()
+        with stream, cuda_kernels.programmatic_launches():
+            h, res = ops.embedding(ids, x0), None
+            for w in ws:
+                h, res = ops.add_rms_norm(h, res, w, EPS)
+        stream.synchronize()
+        results.append((cupy.asnumpy(h), cupy.asnumpy(res)))
+    for got, want in zip(results[1], results[0], strict=True):
+        np.testing.assert_array_equal(got, want)

@@ -1,0 +1,94 @@
+"""kernel_check.py's `norms` section (--only norms): the row-wise kernels of a decode step that
+engine/executor/ops/cuda_norm.py vectorizes (PAGEDSERVE_NORM_VEC), old kernel against new, each
+checked against its numpy twin and timed by CUDA-graph replay (plain, as kernel_check --only w1
+timed the old ones, and as a PDL chain, as decode graphs run them):
+- add + RMSNorm (mode 2, the one a layer runs twice) and the plain RMSNorm (mode 0) at M = 1, 16,
+  64, 256, 2048 rows of hidden 1024 (Qwen3-0.6B) and 4096 (Llama-3-8B); 5120 and 8192 at 16 rows;
+- the row gather (embedding lookup) at the same M, hidden 4096.
+"""
+
+from __future__ import annotations
+
+import cupy
+import numpy as np
+
+from engine.executor.ops import cuda_norm
+
+MS = (1, 16, 64, 256, 2048)
+HIDDENS = (1024, 4096)
+
+
+def _bits_differ(a, b) -> int:
+    return int(cupy.count_nonzero(a.view(cupy.uint16) != b.view(cupy.uint16)))
+
+
+def _norm_row(ops, kc, rng, m, hidden, mode):
+    eps = 1e-5
+    x, res, nw = (ops.random_weight(s, 1.0, rng) for s in ((m, hidden), (m, hidden), (hidden,)))
+    outs = {}
+    for vec in (False, True):
+        out, r = cupy.empty_like(x), res.copy()
+        cuda_norm.rms_norm(out, r if mode else None, x, nw, eps, mode, ops.ctype, vec=vec)
+        outs[vec] = out, r
+    n = min(m, 64)
+    x_h, res_h, nw_h = ops.to_host(x[:n]), ops.to_host(res[:n]), ops.to_host(nw)
+    want = (kc.REF.rms_norm(x_h, nw_h, eps) if mode == 0
+            else kc.REF.add_rms_norm(x_h, res_h, nw_h, eps)[0])
+    err = kc.rel(ops.to_host(outs[True][0][:n]), want)
+    off = _bits_differ(outs[True][0], outs[False][0])
+    agree = f"out differs from the scalar kernel's in {off} of {m * hidden} (sum order)"
+    if mode == 2:
+        same = cupy.array_equal(outs[True][1], outs[False][1])
+        agree += "; residual " + ("bit-identical" if same else "DIFFERS")
+    times = {}
+    for vec, pdl in ((False, False), (True, False), (False, True), (True, True)):
+        out, r = cupy.empty_like(x), res.copy()
+        times[vec, pdl] = kc.graph_time(
+            lambda vec=vec, out=out, r=r: cuda_norm.rms_norm(out, r if mode else None, x, nw,
+                                                             eps, mode, ops.ctype, vec=vec),
+            pdl=pdl)
+    shape = cuda_norm.vec_launch(hidden, x, res, nw)
+    what = "add_rms_norm" if mode == 2 else "rms_norm"
+    nbytes = m * hidden * 2 * (4 if mode == 2 else 2)
+    kc.row("norms", f"{what} vec M={m}x{hidden} (V={shape[0]}, {shape[1]} threads)",
+           f"{err:.1e}", times[True, False], nbytes,
+           extra=f"scalar {times[False, False] * 1e6:.1f} us "
+                 f"({times[False, False] / times[True, False]:.2f}x); PDL chain: scalar "
+                 f"{times[False, True] * 1e6:.1f} -> vec {times[True, True] * 1e6:.1f} us; {agree}")
+
+
+def _gather_row(ops, kc, rng, m, table):
+    hidden = table.shape[1]
+    ids = cupy.asarray(rng.integers(0, len(table), m).astype(np.int32))
+    saved = cuda_norm.NORM_VEC
+    try:
+        got, times = {}, {}
+        for vec in (False, True):
+            cuda_norm.NORM_VEC = vec
+            got[vec] = ops.embedding(ids, table)
+            times[vec] = kc.graph_time(lambda: ops.embedding(ids, table), pdl=True)
+    finally:
+        cuda_norm.NORM_VEC = saved
+    same = all(cupy.array_equal(got[v], table[ids]) for v in (False, True))
+    threads = cuda_norm.gather_threads(hidden // 8, True)
+    kc.row("norms", f"embedding gather M={m}x{hidden} ({threads} threads)",
+           "exact" if same else "DIFFER", times[True], 2 * m * hidden * 2,
+           extra=f"128 threads {times[False] * 1e6:.1f} us ({times[False] / times[True]:.2f}x);"
+                 " PDL chain")
+
+
+def check_norms(ops, kc):
+    """kc: the kernel_check module (row, graph_time, rel, REF, OPTS)."""
+    rng = np.random.default_rng(5)
+    small = kc.OPTS["small"]
+    ms = (1, 16) if small else MS
+    for hidden in HIDDENS:
+        for m in ms:
+            _norm_row(ops, kc, rng, m, hidden, 2)
+    for hidden in (1024,) if small else (5120, 8192):
+        _norm_row(ops, kc, rng, 16, hidden, 2)
+    for m in (1, 16) if small else (1, 256):
+        _norm_row(ops, kc, rng, m, 4096, 0)
+    table = ops.random_weight((32768, 4096), 1.0, rng)  # (vocab, hidden)
+    for m in ms:
+        _gather_row(ops, kc, rng, m, table)
