@@ -4,6 +4,8 @@ checked against its numpy twin and timed by CUDA-graph replay (plain, as kernel_
 timed the old ones, and as a PDL chain, as decode graphs run them):
 - add + RMSNorm (mode 2, the one a layer runs twice) and the plain RMSNorm (mode 0) at M = 1, 16,
   64, 256, 2048 rows of hidden 1024 (Qwen3-0.6B) and 4096 (Llama-3-8B); 5120 and 8192 at 16 rows;
+- FP8's add + RMSNorm + quantize (cuda_fp8.norm_quantize: the two-pass kernel vs the one that
+  keeps the row in registers) at the same M, K 4096;
 - the row gather (embedding lookup) at the same M, hidden 4096.
 """
 
@@ -12,7 +14,7 @@ from __future__ import annotations
 import cupy
 import numpy as np
 
-from engine.executor.ops import cuda_norm
+from engine.executor.ops import cuda_fp8, cuda_norm
 
 MS = (1, 16, 64, 256, 2048)
 HIDDENS = (1024, 4096)
@@ -77,6 +79,28 @@ def _gather_row(ops, kc, rng, m, table):
                  " PDL chain")
 
 
+def _fp8_row(ops, kc, rng, m, k):
+    x, res, nw = (ops.random_weight(s, 1.0, rng) for s in ((m, k), (m, k), (k,)))
+    got = {}
+    for vec in (False, True):
+        h = cupy.empty_like(x)
+        got[vec] = (*cuda_fp8.norm_quantize(x, res.copy(), nw, 1e-5, ops.ctype, h_out=h,
+                                            vec=vec), h)
+    same = all(cupy.array_equal(a, b) for a, b in zip(got[True], got[False], strict=True))
+    times = {}
+    for vec, pdl in ((False, False), (True, False), (False, True), (True, True)):
+        r = res.copy()
+        times[vec, pdl] = kc.graph_time(
+            lambda vec=vec, r=r: cuda_fp8.norm_quantize(x, r, nw, 1e-5, ops.ctype, vec=vec),
+            pdl=pdl)
+    kc.row("norms", f"fp8 add+RMSNorm+quantize vec M={m}x{k}",
+           "bit-identical" if same else "DIFFER (block size differs?)", times[True, False],
+           m * k * 7, extra=f"two-pass {times[False, False] * 1e6:.1f} us "
+                            f"({times[False, False] / times[True, False]:.2f}x); PDL chain: "
+                            f"two-pass {times[False, True] * 1e6:.1f} -> vec "
+                            f"{times[True, True] * 1e6:.1f} us")
+
+
 def check_norms(ops, kc):
     """kc: the kernel_check module (row, graph_time, rel, REF, OPTS)."""
     rng = np.random.default_rng(5)
@@ -89,6 +113,8 @@ def check_norms(ops, kc):
         _norm_row(ops, kc, rng, 16, hidden, 2)
     for m in (1, 16) if small else (1, 256):
         _norm_row(ops, kc, rng, m, 4096, 0)
+    for m in ms:
+        _fp8_row(ops, kc, rng, m, 4096)
     table = ops.random_weight((32768, 4096), 1.0, rng)  # (vocab, hidden)
     for m in ms:
         _gather_row(ops, kc, rng, m, table)
