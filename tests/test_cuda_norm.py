@@ -171,3 +171,60 @@ def test_fp8_norm_quantize_vec_equals_the_two_pass_kernel(ops, monkeypatch, word
         if threads <= cuda_norm.NORM_VEC_THREADS:
             for a, b in zip(got[1], got[0], strict=True):
                 np.testing.assert_array_equal(cupy.asnumpy(a), cupy.asnumpy(b))
+
+
+# ------------------------------------------------------------------------------ GGUF fused norm
+
+
+def _gguf_weight(kind, rows, cols):
+    from engine.model import gguf_quants as gq
+    from engine.model.quantized import QuantizedWeight
+
+    host = gq.random_blocks(kind, (rows, cols), 0.02, np.random.default_rng(rows + cols))
+    return QuantizedWeight(kind, (rows, cols), cupy.asarray(host))
+
+
+def _both_ways(monkeypatch, fn):
+    """fn() with cuda_norm.NORM_VEC off, then on (NORM_W_EARLY in the GGUF GEMVs), on the host."""
+    got = []
+    for on in (False, True):
+        monkeypatch.setattr(cuda_norm, "NORM_VEC", on)
+        got.append([cupy.asnumpy(a) for a in fn()])
+    return got
+
+
+@pytest.mark.parametrize("k", [2048, 4096, 6144])  # 6144: two passes, the weight loaded late
+def test_gguf_x_quantization_with_the_norm_weight_early_is_the_same(ops, monkeypatch, k):
+    from engine.executor.ops import cuda_quant_gguf as cq
+
+    rng = np.random.default_rng(k)
+    x, r = (upload(ops, rng.standard_normal((1, k)))[0] for _ in range(2))
+    g = upload(ops, rng.uniform(0.5, 2, k))[0]
+    late, early = _both_ways(monkeypatch, lambda: cq.quantize_x(x, ops.ctype, r, g, 1e-5))
+    for a, b in zip(early, late, strict=True):
+        np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize("version, kind, big", [("v3", "Q4_K", False), ("v3", "Q4_K", True),
+                                                ("v3", "Q8_0", False), ("v3", "Q8_0", True),
+                                                ("v3", "Q6_K", True), ("v2", "Q4_K", None),
+                                                ("v2", "Q8_0", None)])
+def test_gguf_gemv_with_the_norm_weight_early_is_the_same(ops, monkeypatch, version, kind, big):
+    """The fused add + norm GEMVs (gguf.cu v2, gguf_dp4a.cu v3) at M = 1, K = 4096 (one pass):
+    bit-identical output and residual with the norm weight loaded early."""
+    from engine.executor.ops import cuda_quant_gguf as cq
+
+    monkeypatch.setattr(cq, "GEMV_KERNEL", version)
+    monkeypatch.setattr(cq, "GEMV3_BIG", big)
+    rng = np.random.default_rng(11)
+    w = _gguf_weight(kind, 300, 4096)
+    x, r = (upload(ops, rng.standard_normal((1, 4096)))[0] for _ in range(2))
+    g = upload(ops, rng.uniform(0.5, 2, 4096))[0]
+    for residual in (r, None):
+        late, early = _both_ways(monkeypatch, lambda residual=residual: ops.add_rms_norm_linear(
+            x, None if residual is None else residual.copy(), g, 1e-5, w))
+        for a, b in zip(early, late, strict=True):
+            np.testing.assert_array_equal(a, b)
+        h, _ = ops.add_rms_norm(x, None if residual is None else residual.copy(), g, 1e-5)
+        want = cq.gemv(h, w, cupy.empty((1, 300), ops.storage), ops.ctype, version=version)
+        assert rel_err(ops.to_host(cupy.asarray(early[0])), ops.to_host(want)) < 2e-3

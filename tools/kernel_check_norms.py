@@ -6,6 +6,9 @@ timed the old ones, and as a PDL chain, as decode graphs run them):
   64, 256, 2048 rows of hidden 1024 (Qwen3-0.6B) and 4096 (Llama-3-8B); 5120 and 8192 at 16 rows;
 - FP8's add + RMSNorm + quantize (cuda_fp8.norm_quantize: the two-pass kernel vs the one that
   keeps the row in registers) at the same M, K 4096;
+- the GGUF GEMVs with the fused add + norm at M = 1 (v3 Q4_K one block per SM, v3 Q8_0, v2
+  Q8_0; Llama-3-8B's qkv, 6144 x 4096), the norm weight loaded after the sum of squares vs with x
+  (NORM_W_EARLY), in a PDL chain;
 - the row gather (embedding lookup) at the same M, hidden 4096.
 """
 
@@ -101,6 +104,33 @@ def _fp8_row(ops, kc, rng, m, k):
                             f"{times[True, True] * 1e6:.1f} us")
 
 
+def _gguf_row(ops, kc, rng, version, kind, big, n=6144, k=4096):
+    from engine.executor.ops import cuda_quant_gguf as cq
+    from engine.model import gguf_quants as gq
+    from engine.model.quantized import QuantizedWeight
+
+    w = QuantizedWeight(kind, (n, k), cupy.asarray(gq.random_blocks(kind, (n, k), 0.02, rng)))
+    x, res, nw = (ops.random_weight(s, 1.0, rng) for s in ((1, k), (1, k), (k,)))
+    saved = cq.GEMV_KERNEL, cq.GEMV3_BIG, cuda_norm.NORM_VEC
+    got, times = {}, {}
+    try:
+        cq.GEMV_KERNEL, cq.GEMV3_BIG = version, big
+        for early in (False, True):
+            cuda_norm.NORM_VEC = early
+            got[early] = ops.add_rms_norm_linear(x, res.copy(), nw, 1e-5, w)
+            r = res.copy()
+            times[early] = kc.graph_time(lambda r=r: ops.add_rms_norm_linear(x, r, nw, 1e-5, w),
+                                         pdl=True)
+    finally:
+        cq.GEMV_KERNEL, cq.GEMV3_BIG, cuda_norm.NORM_VEC = saved
+    same = all(cupy.array_equal(a, b) for a, b in zip(got[True], got[False], strict=True))
+    label = f"{version}{' big' if big else ''}"
+    kc.row("norms", f"gguf {label} {kind} add+norm+GEMV {n}x{k} M=1, norm weight early",
+           "bit-identical" if same else "DIFFER", times[True], gq.row_bytes(kind, k) * n,
+           extra=f"weight after the sum of squares {times[False] * 1e6:.1f} us "
+                 f"({times[False] / times[True]:.3f}x); PDL chain")
+
+
 def check_norms(ops, kc):
     """kc: the kernel_check module (row, graph_time, rel, REF, OPTS)."""
     rng = np.random.default_rng(5)
@@ -115,6 +145,8 @@ def check_norms(ops, kc):
         _norm_row(ops, kc, rng, m, 4096, 0)
     for m in ms:
         _fp8_row(ops, kc, rng, m, 4096)
+    for version, kind, big in (("v3", "Q4_K", True), ("v3", "Q8_0", False), ("v2", "Q8_0", None)):
+        _gguf_row(ops, kc, rng, version, kind, big)
     table = ops.random_weight((32768, 4096), 1.0, rng)  # (vocab, hidden)
     for m in ms:
         _gather_row(ops, kc, rng, m, table)

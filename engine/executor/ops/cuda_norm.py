@@ -24,6 +24,7 @@ from engine.executor.ops.cuda_kernels import NORM_VEC_WIDTHS, kernel, launch
 NORM_VEC = os.environ.get("PAGEDSERVE_NORM_VEC", "0") == "1"
 NORM_VEC_THREADS = 512  # the kernel's __launch_bounds__: a block of more holds V words a thread
 GATHER_THREADS = 512  # row gather block with NORM_VEC (128 before: 4 dependent words a thread)
+NORM_W_EARLY = 2  # the `flags` bit of the GGUF GEMVs' fused norm (common.cuh)
 _NULL = np.uint64(0)
 
 
@@ -60,6 +61,12 @@ def rms_norm(out, residual, x, weight, eps: float, mode: int, ctype: str,
         v, threads = shape
         launch(kernel("rms_norm.cu", f"rms_norm_vec_kernel<{ctype}, {v}>", ctype), (rows,),
                (threads,), args, pdl=True)
+
+
+def norm_flags(norm: bool) -> np.int32:
+    """`flags` of a GGUF GEMV (gguf.cu v2, gguf_dp4a.cu v3): with the fused norm and NORM_VEC,
+    NORM_W_EARLY (its weight loaded with x, not after the sum of squares)."""
+    return np.int32(NORM_W_EARLY if norm and NORM_VEC else 0)
 
 
 def gather_threads(words: int, vec: bool | None = None) -> int:
