@@ -255,8 +255,8 @@ __device__ __forceinline__ void g3_quantize8(const float* f, int m, int k, int K
 // x (M, K) quantized into xq / xd / xs (rows >= `rows` as zeros), or with NORM (M = 1)
 // rms_norm(x + residual) * norm_w, each value rounded to T where rms_norm_kernel rounds it, with
 // block 0 writing x + residual to res_out; `scratch` (K floats) holds the sum between the passes.
-// flags: NORM_W_EARLY (common.cuh), where EARLY (a block of <= 768 threads: at 1024 its registers would
-// spill). Ends with a barrier.
+// flags: NORM_W_EARLY (common.cuh), where EARLY (blocks of <= 768 threads: at 1024 the
+// registers would spill). Ends with a barrier.
 template <typename T, int M, bool NORM, bool EARLY>
 __device__ __forceinline__ void g3_stage_x(u8* xq, float* xd, int* xs, float* scratch,
                                            const T* __restrict__ x, int K, int rows,

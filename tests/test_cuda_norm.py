@@ -228,3 +228,51 @@ def test_gguf_gemv_with_the_norm_weight_early_is_the_same(ops, monkeypatch, vers
         h, _ = ops.add_rms_norm(x, None if residual is None else residual.copy(), g, 1e-5)
         want = cq.gemv(h, w, cupy.empty((1, 300), ops.storage), ops.ctype, version=version)
         assert rel_err(ops.to_host(cupy.asarray(early[0])), ops.to_host(want)) < 2e-3
+
+
+# ------------------------------------------------------------------ q/k norm + RoPE + KV write
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("variant", ["qwen3", "qwen2", "llama"])
+@pytest.mark.parametrize("tokens", [1, 13])
+def test_qk_rope_kv_with_weights_early_is_the_same(ops, monkeypatch, head_dim, variant, tokens):
+    """NORM_W_EARLY (norm weights and bias before the PDL wait, cos/sin with the qkv row):
+    q, k, v and both caches bit for bit the kernel's without it, and the twin's to rounding;
+    fp32 and compute-dtype cos/sin tables; a slot of -1 stores nothing."""
+    from engine.executor.transformer import rope_cos_sin
+    from engine.model.config import ModelConfig
+
+    rng = np.random.default_rng(head_dim + tokens)
+    nh, nkv, bs, num_blocks = 8, 2, 16, 4
+    width = (nh + 2 * nkv) * head_dim
+    cos_sin = rope_cos_sin(ModelConfig("LlamaForCausalLM", 1, 64, 64, 1, 1, 1, head_dim,
+                                       rope_theta=1e6), 4096)
+    positions = rng.integers(0, 4096, tokens).astype(np.int32)
+    slots = rng.permutation(num_blocks * bs)[:tokens].astype(np.int32)
+    slots[-1] = -1
+    qkv, qkv_h = upload(ops, rng.standard_normal((tokens, width)))
+    norm = variant == "qwen3"
+    qw, qw_h = upload(ops, rng.standard_normal(head_dim)) if norm else (None, None)
+    kw, kw_h = upload(ops, rng.standard_normal(head_dim)) if norm else (None, None)
+    bias, bias_h = (upload(ops, rng.standard_normal(width)) if variant == "qwen2"
+                    else (None, None))
+    cache, cache_h = upload(ops, rng.standard_normal((2, num_blocks, nkv, bs, head_dim)))
+    want, k_h, v_h = qkv_h.copy(), cache_h[0].copy(), cache_h[1].copy()
+    REF.qk_norm_rope_kv_write(want, positions, cos_sin, qw_h, kw_h, 1e-6, k_h, v_h, slots, nh,
+                              nkv, bias=bias_h)
+    for table in (cupy.asarray(cos_sin), ops.from_host(cos_sin)):
+        def run_once(table=table):
+            got, c = qkv.copy(), cache.copy()
+            ops.qk_norm_rope_kv_write(got, positions, table, qw, kw, 1e-6, c[0], c[1], slots,
+                                      nh, nkv, bias=bias)
+            return got, c
+        late, early = _both_ways(monkeypatch, run_once)
+        for a, b in zip(early, late, strict=True):
+            np.testing.assert_array_equal(a, b)
+        got = ops.to_host(cupy.asarray(early[0]))
+        kv = (nh + nkv) * head_dim  # q and k rotated; v as stored (with its bias)
+        assert rel_err(got[:, :kv], want[:, :kv]) < 2 * TOL[ops.dtype]
+        c = ops.to_host(cupy.asarray(early[1]))
+        assert rel_err(c[0], k_h) < 2 * TOL[ops.dtype]
+        assert rel_err(c[1], v_h) < TOL[ops.dtype]

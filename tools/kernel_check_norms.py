@@ -9,6 +9,8 @@ timed the old ones, and as a PDL chain, as decode graphs run them):
 - the GGUF GEMVs with the fused add + norm at M = 1 (v3 Q4_K one block per SM, v3 Q8_0, v2
   Q8_0; Llama-3-8B's qkv, 6144 x 4096), the norm weight loaded after the sum of squares vs with x
   (NORM_W_EARLY), in a PDL chain;
+- the fused q/k norm + RoPE + KV write (qk_rope_kv.cu) with NORM_W_EARLY or without, in a PDL
+  chain: Qwen3-0.6B (16/8/128 heads, q/k norm) and Llama-3-8B (32/8/128) at the same M;
 - the row gather (embedding lookup) at the same M, hidden 4096.
 """
 
@@ -131,6 +133,41 @@ def _gguf_row(ops, kc, rng, version, kind, big, n=6144, k=4096):
                  f"({times[False] / times[True]:.3f}x); PDL chain")
 
 
+def _qk_rope_row(ops, kc, rng, m, preset):
+    from engine.executor.transformer import rope_cos_sin
+    from engine.model.config import ModelConfig
+
+    cfg = ModelConfig.from_preset(preset)
+    nh, nkv, hd = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    cs = ops.from_host(rope_cos_sin(cfg, 8192))
+    qkv = ops.random_weight((m, (nh + 2 * nkv) * hd), 1.0, rng)
+    qn, kn = ((ops.random_weight((hd,), 1.0, rng) for _ in range(2)) if cfg.qk_norm
+              else (None, None))
+    blocks = -(-m // 16)
+    cache = ops.alloc_kv_cache(1, blocks, nkv, 16, hd)[0]
+    pos = cupy.asarray(rng.integers(0, 8192, m).astype(np.int32))
+    slots = cupy.asarray(rng.permutation(blocks * 16)[:m].astype(np.int32))
+    saved = cuda_norm.NORM_VEC
+    got, times = {}, {}
+    try:
+        for early in (False, True):
+            cuda_norm.NORM_VEC = early
+            q, c = qkv.copy(), cache.copy()
+            ops.qk_norm_rope_kv_write(q, pos, cs, qn, kn, 1e-6, c[0], c[1], slots, nh, nkv)
+            got[early] = q, c
+            q, c = qkv.copy(), cache.copy()
+            times[early] = kc.graph_time(lambda q=q, c=c: ops.qk_norm_rope_kv_write(
+                q, pos, cs, qn, kn, 1e-6, c[0], c[1], slots, nh, nkv), pdl=True)
+    finally:
+        cuda_norm.NORM_VEC = saved
+    same = all(cupy.array_equal(got[True][i], got[False][i]) for i in (0, 1))
+    kc.row("norms", f"qk_rope_kv {preset} M={m} ({nh}/{nkv}/{hd}), weights early",
+           "bit-identical" if same else "DIFFER", times[True],
+           m * ((nh + 2 * nkv) * hd * 2 + 2 * nkv * hd) * 2,
+           extra=f"weights after the wait {times[False] * 1e6:.1f} us "
+                 f"({times[False] / times[True]:.2f}x); PDL chain")
+
+
 def check_norms(ops, kc):
     """kc: the kernel_check module (row, graph_time, rel, REF, OPTS)."""
     rng = np.random.default_rng(5)
@@ -145,6 +182,9 @@ def check_norms(ops, kc):
         _norm_row(ops, kc, rng, m, 4096, 0)
     for m in ms:
         _fp8_row(ops, kc, rng, m, 4096)
+    for preset in ("qwen3-0.6b", "llama3-8b"):
+        for m in (1, 16) if small else (1, 16, 256, 2048):
+            _qk_rope_row(ops, kc, rng, m, preset)
     for version, kind, big in (("v3", "Q4_K", True), ("v3", "Q8_0", False), ("v2", "Q8_0", None)):
         _gguf_row(ops, kc, rng, version, kind, big)
     table = ops.random_weight((32768, 4096), 1.0, rng)  # (vocab, hidden)

@@ -1,16 +1,21 @@
-"""Launch shapes of the row-wise kernels of a decode step that move whole rows in 16-byte words:
-the RMSNorm (with its fused residual add) and the row gather (embedding lookup).
+"""The small per-token kernels of a decode step without their chains of memory latencies:
+launch shapes and the switch (PAGEDSERVE_NORM_VEC) for all of them.
 
-A decode step runs these on a few rows of 1-8 KB. The scalar RMSNorm (rms_norm.cu's
-rms_norm_kernel, 256 threads, 2-byte elements) waits a memory latency per element it loads:
-H200, kernel_check --only w1, add_rms_norm 16..256 x 4096 7.2-7.6 us whatever the rows, 1.95
-TB/s at 2048 rows. rms_norm_vec_kernel issues all the loads of a row at once and keeps the row
-in registers; the row gather takes one 16-byte word per thread instead of four.
-
-PAGEDSERVE_NORM_VEC=1 turns both on (off by default until measured on the device:
-`kernel_check.py --only norms` times old against new). Rows the vector kernel cannot take
-(hidden % 8, a row not 16-byte aligned, hidden > 8 * max(NORM_VEC_WIDTHS) * NORM_VEC_THREADS)
-keep the scalar kernel.
+At batch 1 these kernels move a few KB each, so their time is how many memory latencies they
+wait one after another, not bytes over bandwidth. H200, kernel_check --only w1: add_rms_norm at
+16..256 x 4096 7.2-7.6 us whatever the rows, 1.95 TB/s at 2048 rows (rms_norm_kernel waits a
+latency per 2-byte element it loads: 16 per 4096 row). With PAGEDSERVE_NORM_VEC=1:
+- rms_norm_vec_kernel (rms_norm.cu): every 16-byte word of a row loaded at once, the row kept in
+  registers between the sum of squares and the write, the weight read before the PDL wait;
+- fp8_norm_quantize_vec_kernel (fp8.cu): FP8's add + norm + quantize the same way (bit-identical
+  to the two-pass kernel at the same block);
+- NORM_W_EARLY in the GGUF GEMVs with the fused norm (gguf.cu, gguf_dp4a.cu: the norm weight
+  loaded with x, not after the sum of squares) and in qk_rope_kv.cu (the q/k norm weights and the
+  bias read before the PDL wait, cos/sin with the qkv row); bit-identical;
+- the row gather (embedding) with a 16-byte word per thread instead of four in a chain.
+Off by default until measured on the device: `kernel_check.py --only norms` checks each against
+its twin and times old against new. Rows rms_norm_vec_kernel cannot take (hidden % 8, a row not
+16-byte aligned, hidden > 8 * max(NORM_VEC_WIDTHS) * NORM_VEC_THREADS) keep the scalar kernel.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from engine.executor.ops.cuda_kernels import NORM_VEC_WIDTHS, kernel, launch
 NORM_VEC = os.environ.get("PAGEDSERVE_NORM_VEC", "0") == "1"
 NORM_VEC_THREADS = 512  # the kernel's __launch_bounds__: a block of more holds V words a thread
 GATHER_THREADS = 512  # row gather block with NORM_VEC (128 before: 4 dependent words a thread)
-NORM_W_EARLY = 2  # the `flags` bit of the GGUF GEMVs' fused norm (common.cuh)
+NORM_W_EARLY = 2  # a kernel's `flags` bit (common.cuh): weights read before what depends on them
 _NULL = np.uint64(0)
 
 
@@ -64,8 +69,10 @@ def rms_norm(out, residual, x, weight, eps: float, mode: int, ctype: str,
 
 
 def norm_flags(norm: bool) -> np.int32:
-    """`flags` of a GGUF GEMV (gguf.cu v2, gguf_dp4a.cu v3): with the fused norm and NORM_VEC,
-    NORM_W_EARLY (its weight loaded with x, not after the sum of squares)."""
+    """The NORM_W_EARLY `flags` bit of a kernel with a fused norm where NORM_VEC: the GGUF GEMVs
+    (gguf.cu v2, gguf_dp4a.cu v3: the norm weight loaded with x, not after the sum of squares)
+    and qk_rope_kv.cu (the q/k norm weights and the bias before the PDL wait, cos/sin with the
+    qkv row)."""
     return np.int32(NORM_W_EARLY if norm and NORM_VEC else 0)
 
 

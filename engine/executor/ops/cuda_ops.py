@@ -397,7 +397,8 @@ class CudaOps:
                    (qkv, k_cache, v_cache, positions, slot_mapping, cos_sin, *norms,
                     _NULL if bias is None else bias, np.float32(eps), _i32(len(qkv)),
                     _i32(num_heads), _i32(num_kv_heads), _i32(block_size),
-                    _i32(cuda_kernels.PDL_EARLY)), pdl=True)
+                    _i32(int(cuda_kernels.PDL_EARLY) | int(cuda_norm.norm_flags(True)))),
+                   pdl=True)
 
     def silu_and_mul(self, gate_up):
         # gate_up (T, 2 * inter): gate first, then up -> (T, inter)
