@@ -11,7 +11,9 @@ timed the old ones, and as a PDL chain, as decode graphs run them):
   (NORM_W_EARLY), in a PDL chain;
 - the fused q/k norm + RoPE + KV write (qk_rope_kv.cu) with NORM_W_EARLY or without, in a PDL
   chain: Qwen3-0.6B (16/8/128 heads, q/k norm) and Llama-3-8B (32/8/128) at the same M;
-- the row gather (embedding lookup) at the same M, hidden 4096.
+- the row gather (embedding lookup) at the same M, hidden 4096;
+- a Qwen3-0.6B batch-1 decode step (graph replay, ctx 512) with PAGEDSERVE_NORM_VEC off and on
+  (kernel_check's `decode` table).
 """
 
 from __future__ import annotations
@@ -190,3 +192,11 @@ def check_norms(ops, kc):
     table = ops.random_weight((32768, 4096), 1.0, rng)  # (vocab, hidden)
     for m in ms:
         _gather_row(ops, kc, rng, m, table)
+    del table
+    saved = cuda_norm.NORM_VEC
+    try:
+        for vec in (False, True, False, True):  # twice each: the step's noise shows
+            cuda_norm.NORM_VEC = vec
+            kc.decode_step(ops, "qwen3-0.6b", 512, gemv_on=False, tag=f", NORM_VEC={int(vec)}")
+    finally:
+        cuda_norm.NORM_VEC = saved
