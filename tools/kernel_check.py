@@ -43,6 +43,7 @@ from engine.executor.ops import (  # noqa: E402
     SamplingTensors,
     cuda_gemv,
     cuda_kernels,
+    cuda_norm,
     cuda_prefill,
     cuda_sampling,
 )
@@ -657,7 +658,7 @@ def count_launches(ops, fn) -> collections.Counter:
     from engine.executor.ops import cuda_ops
 
     counts: collections.Counter = collections.Counter()
-    modules = [cuda_ops, cuda_gemv, ca, cuda_sampling]
+    modules = [cuda_ops, cuda_gemv, cuda_norm, ca, cuda_sampling]
     original = cuda_kernels.kernel
 
     def counting(file, name, ctype="float"):
