@@ -37,3 +37,19 @@ def test_gather_block():
     assert cuda_norm.gather_threads(512, vec=False) == 128
     assert [cuda_norm.gather_threads(w, vec=True) for w in (1, 33, 512, 1025)] == [32, 64, 512,
                                                                                    512]
+
+
+def test_norm_flags_follow_the_switch(monkeypatch):
+    monkeypatch.setattr(cuda_norm, "NORM_VEC", False)
+    assert cuda_norm.norm_flags(True) == 0 and cuda_norm.gather_threads(512) == 128
+    monkeypatch.setattr(cuda_norm, "NORM_VEC", True)
+    assert cuda_norm.norm_flags(True) == cuda_norm.NORM_W_EARLY == 2
+    assert cuda_norm.norm_flags(False) == 0  # GEMVs without the fused norm
+    assert cuda_norm.gather_threads(512) == 512
+
+
+def test_common_header_and_python_agree_on_the_flag():
+    from engine.executor.ops.cuda_kernels import cuda_dir
+
+    assert f"constexpr int NORM_W_EARLY = {cuda_norm.NORM_W_EARLY};" in (
+        cuda_dir() / "common.cuh").read_text()
