@@ -27,7 +27,7 @@ import numpy as np
 from engine.executor.ops.cuda_kernels import NORM_VEC_WIDTHS, kernel, launch
 
 NORM_VEC = os.environ.get("PAGEDSERVE_NORM_VEC", "0") == "1"
-NORM_VEC_THREADS = 512  # the kernel's __launch_bounds__: a block of more holds V words a thread
+NORM_VEC_THREADS = 512  # the vector kernels' __launch_bounds__: longer rows take V > 1 words
 GATHER_THREADS = 512  # row gather block with NORM_VEC (128 before: 4 dependent words a thread)
 NORM_W_EARLY = 2  # a kernel's `flags` bit (common.cuh): weights read before what depends on them
 _NULL = np.uint64(0)
