@@ -87,6 +87,10 @@ __device__ __forceinline__ void pdl_start() {
 }
 
 constexpr int PDL_EARLY = 1;  // a kernel's `flags` bit (cuda_kernels.PDL_EARLY): trigger first
+// a `flags` bit of the GGUF GEMVs with the fused norm (cuda_norm.NORM_W_EARLY, on with
+// PAGEDSERVE_NORM_VEC): the norm weight is loaded with x and the residual where the row takes one
+// pass, instead of after the sum of squares (a memory latency more per launch)
+constexpr int NORM_W_EARLY = 2;
 
 __device__ __forceinline__ void pdl_enter(int flags) {
   if (flags & PDL_EARLY) {

@@ -532,12 +532,12 @@ __device__ __forceinline__ void raw_to_float8(const uint4* r, float* f) {
 // x's staged copy (module comment): x (M, K) itself, or with NORM (add_rms_norm_linear)
 // rms_norm(x + residual) * norm_w, with block 0 writing x + residual to res_out; each value
 // rounded to T where rms_norm_kernel rounds it, so the product sees what add_rms_norm would hand
-// the GEMV. Ends with a barrier.
+// the GEMV. flags: NORM_W_EARLY (common.cuh). Ends with a barrier.
 template <typename T, int M, bool NORM>
 __device__ __forceinline__ void g2_stage_x(float* xs, float* xsum, const T* __restrict__ x,
                                            int K, int rows, const T* __restrict__ residual,
                                            const T* __restrict__ norm_w, T* __restrict__ res_out,
-                                           float eps) {
+                                           float eps, int flags) {
   __shared__ float red[32];
   constexpr int STRIDE = 8 * 32 * G2_WARPS;  // every thread runs the same count (K % 2048 == 0)
   // NOTE: a thread's loads for U strides are issued before any is used: one at a time, the 7
@@ -551,6 +551,8 @@ __device__ __forceinline__ void g2_stage_x(float* xs, float* xsum, const T* __re
     s += __shfl_xor_sync(0xffffffffu, s, 2);
     if ((threadIdx.x & 3) == 0) xsum[m * (K / 32) + k / 32] = s;
   };
+  const bool w_early = NORM && (flags & NORM_W_EARLY) && K <= U * STRIDE;
+  uint4 g[U][W];  // the norm weight with w_early, from the first pass to the second
   for (int m = 0; m < M; m++) {
     float ss = 0.f;
     for (int k0 = 8 * threadIdx.x; k0 < K; k0 += U * STRIDE) {
@@ -561,6 +563,7 @@ __device__ __forceinline__ void g2_stage_x(float* xs, float* xsum, const T* __re
         if (m >= rows || k >= K) continue;
         load_raw8(x + (long)m * K + k, a[u]);
         if (NORM && residual != nullptr) load_raw8(residual + (long)m * K + k, b[u]);
+        if (w_early) load_raw8(norm_w + k, g[u]);
       }
 #pragma unroll
       for (int u = 0; u < U; u++) {
@@ -598,10 +601,9 @@ __device__ __forceinline__ void g2_stage_x(float* xs, float* xsum, const T* __re
     if constexpr (NORM) {  // each thread rescales the values it staged itself
       const float inv = rsqrtf(block_sum(ss, red) / K + eps);
       for (int k0 = 8 * threadIdx.x; k0 < K; k0 += U * STRIDE) {
-        uint4 g[U][W];
 #pragma unroll
         for (int u = 0; u < U; u++)
-          if (k0 + u * STRIDE < K) load_raw8(norm_w + k0 + u * STRIDE, g[u]);
+          if (!w_early && k0 + u * STRIDE < K) load_raw8(norm_w + k0 + u * STRIDE, g[u]);
 #pragma unroll
         for (int u = 0; u < U; u++) {
           const int k = k0 + u * STRIDE;
@@ -632,7 +634,7 @@ template <class F, typename T, int M, bool NORM>
 __global__ void __launch_bounds__(32 * G2_WARPS, M == 1 ? 3 : 2)
 gguf_gemv2_kernel(T* __restrict__ y, const T* __restrict__ x, const u8* __restrict__ w, int N,
                   int K, int rows, int row_bytes, const T* __restrict__ residual,
-                  const T* __restrict__ norm_w, T* __restrict__ res_out, float eps) {
+                  const T* __restrict__ norm_w, T* __restrict__ res_out, float eps, int flags) {
   extern __shared__ uint4 g2_smem[];
   float* xs = reinterpret_cast<float*>(g2_smem);
   float* xsum = xs + M * K;
@@ -656,7 +658,7 @@ gguf_gemv2_kernel(T* __restrict__ y, const T* __restrict__ x, const u8* __restri
   };
   if (items > 0) load(cur, 0);  // weights are never written: they may stream before the wait
   pdl_wait();
-  g2_stage_x<T, M, NORM>(xs, xsum, x, K, rows, residual, norm_w, res_out, eps);
+  g2_stage_x<T, M, NORM>(xs, xsum, x, K, rows, residual, norm_w, res_out, eps, flags);
   pdl_trigger();
   float acc[R * M];  // [row of the group][m]
 #pragma unroll

@@ -255,18 +255,21 @@ __device__ __forceinline__ void g3_quantize8(const float* f, int m, int k, int K
 // x (M, K) quantized into xq / xd / xs (rows >= `rows` as zeros), or with NORM (M = 1)
 // rms_norm(x + residual) * norm_w, each value rounded to T where rms_norm_kernel rounds it, with
 // block 0 writing x + residual to res_out; `scratch` (K floats) holds the sum between the passes.
-// Ends with a barrier.
-template <typename T, int M, bool NORM>
+// flags: NORM_W_EARLY (common.cuh), where EARLY (blocks of <= 768 threads: at 1024 the
+// registers would spill). Ends with a barrier.
+template <typename T, int M, bool NORM, bool EARLY>
 __device__ __forceinline__ void g3_stage_x(u8* xq, float* xd, int* xs, float* scratch,
                                            const T* __restrict__ x, int K, int rows,
                                            const T* __restrict__ residual,
                                            const T* __restrict__ norm_w, T* __restrict__ res_out,
-                                           float eps) {
+                                           float eps, int flags) {
   __shared__ float red[32];
   // K % 2048 == 0: a warp's 256 values are all in or all out, so the shuffles see full warps
   const int STRIDE = 8 * blockDim.x;
   // U strides' loads in flight before any is used (2 with NORM: its residual loads too)
   constexpr int U = NORM ? 2 : 4, W = sizeof(T) / 2;
+  const bool w_early = NORM && EARLY && (flags & NORM_W_EARLY) && K <= U * STRIDE;
+  uint4 g[U][W];  // the norm weight with w_early, from the first pass to the second
   for (int m = 0; m < M; m++) {
     float ss = 0.f;
     for (int k0 = 8 * threadIdx.x; k0 < K; k0 += U * STRIDE) {
@@ -277,6 +280,7 @@ __device__ __forceinline__ void g3_stage_x(u8* xq, float* xd, int* xs, float* sc
         if (m >= rows || k >= K) continue;
         g3_raw8(x + (long)m * K + k, a[u]);
         if (NORM && residual != nullptr) g3_raw8(residual + (long)m * K + k, b[u]);
+        if (w_early) g3_raw8(norm_w + k, g[u]);
       }
 #pragma unroll
       for (int u = 0; u < U; u++) {
@@ -313,10 +317,9 @@ __device__ __forceinline__ void g3_stage_x(u8* xq, float* xd, int* xs, float* sc
     if constexpr (NORM) {  // each thread rescales the values it staged itself
       const float inv = rsqrtf(block_sum(ss, red) / K + eps);
       for (int k0 = 8 * threadIdx.x; k0 < K; k0 += U * STRIDE) {
-        uint4 g[U][W];
 #pragma unroll
         for (int u = 0; u < U; u++)
-          if (k0 + u * STRIDE < K) g3_raw8(norm_w + k0 + u * STRIDE, g[u]);
+          if (!w_early && k0 + u * STRIDE < K) g3_raw8(norm_w + k0 + u * STRIDE, g[u]);
 #pragma unroll
         for (int u = 0; u < U; u++) {
           const int k = k0 + u * STRIDE;
@@ -365,7 +368,7 @@ template <class F, typename T, int M, bool NORM, int W, bool GLU>
 __global__ void __launch_bounds__(32 * W, W != G3_WARPS ? 1 : M == 1 ? 3 : 2)
 gguf_gemv3_kernel(T* __restrict__ y, const T* __restrict__ x, const u8* __restrict__ w, int N,
                   int K, int rows, int row_bytes, const T* __restrict__ residual,
-                  const T* __restrict__ norm_w, T* __restrict__ res_out, float eps) {
+                  const T* __restrict__ norm_w, T* __restrict__ res_out, float eps, int flags) {
   extern __shared__ uint4 g3_smem[];
   u8* xq;
   float* xd;
@@ -391,7 +394,8 @@ gguf_gemv3_kernel(T* __restrict__ y, const T* __restrict__ x, const u8* __restri
   };
   if (items > 0) load(cur, 0);  // weights are never written: they may stream before the wait
   pdl_wait();
-  g3_stage_x<T, M, NORM>(xq, xd, xs, scratch, x, K, rows, residual, norm_w, res_out, eps);
+  g3_stage_x<T, M, NORM, W <= 24>(xq, xd, xs, scratch, x, K, rows, residual, norm_w, res_out,
+                                  eps, flags);
   pdl_trigger();
   float acc[M], gate[M];
 #pragma unroll
@@ -431,7 +435,8 @@ template <typename T, int M, bool NORM>
 __global__ void __launch_bounds__(32 * G3_WARPS)
 gguf_quantize_x_kernel(signed char* __restrict__ q, float* __restrict__ dx, int* __restrict__ sx,
                        const T* __restrict__ x, int K, int rows, const T* __restrict__ residual,
-                       const T* __restrict__ norm_w, T* __restrict__ res_out, float eps) {
+                       const T* __restrict__ norm_w, T* __restrict__ res_out, float eps,
+                       int flags) {
   extern __shared__ uint4 g3_smem[];
   u8* xq;
   float* xd;
@@ -439,8 +444,8 @@ gguf_quantize_x_kernel(signed char* __restrict__ q, float* __restrict__ dx, int*
   uint4* rest;
   g3_carve<M>(g3_smem, K, xq, xd, xs, rest);
   pdl_start();
-  g3_stage_x<T, M, NORM>(xq, xd, xs, reinterpret_cast<float*>(rest), x, K, rows, residual,
-                         norm_w, res_out, eps);
+  g3_stage_x<T, M, NORM, true>(xq, xd, xs, reinterpret_cast<float*>(rest), x, K, rows,
+                               residual, norm_w, res_out, eps, flags);
   for (int i = threadIdx.x; i < rows * K; i += blockDim.x) {
     const int m = i / K, k = i % K;
     q[i] = (signed char)xq[(long)m * K + g3_pos(k)];
@@ -454,11 +459,11 @@ gguf_quantize_x_kernel(signed char* __restrict__ q, float* __restrict__ dx, int*
 #ifdef PAGEDSERVE_NVCC_CHECK
 template __global__ void gguf_gemv3_kernel<G3_Q4_K, __nv_bfloat16, 1, true, 24, true>(
     __nv_bfloat16*, const __nv_bfloat16*, const u8*, int, int, int, int, const __nv_bfloat16*,
-    const __nv_bfloat16*, __nv_bfloat16*, float);
+    const __nv_bfloat16*, __nv_bfloat16*, float, int);
 template __global__ void gguf_gemv3_kernel<G3_Q8_0, __half, 4, false, 8, false>(
     __half*, const __half*, const u8*, int, int, int, int, const __half*, const __half*, __half*,
-    float);
+    float, int);
 template __global__ void gguf_quantize_x_kernel<__nv_bfloat16, 1, true>(
     signed char*, float*, int*, const __nv_bfloat16*, int, int, const __nv_bfloat16*,
-    const __nv_bfloat16*, __nv_bfloat16*, float);
+    const __nv_bfloat16*, __nv_bfloat16*, float, int);
 #endif

@@ -10,7 +10,10 @@
 // NOTE: each stage rounds to T before the next, as the unfused kernels (and HF) do, so the fused
 // path is bit-identical to add_bias -> qk_norm -> rope -> write_kv_cache.
 // q_weight / k_weight null: no q/k norm; bias null: no bias; slot -1: k/v not stored.
-// flags: PDL_EARLY (common.cuh).
+// flags: PDL_EARLY; NORM_W_EARLY (common.cuh; cuda_norm.NORM_VEC): the norm weight and the bias
+// (never written by a kernel) are read before the PDL wait, and the position's cos/sin right
+// after it with the qkv row, not each after the previous step's arithmetic (at batch 1 this
+// kernel is a chain of memory latencies: qkv, then the norm weight, then cos/sin).
 // Grid: (ceil(num_tokens * (num_heads + 2 * num_kv_heads) / 4))  Block: (128)
 template <typename T, typename CS, int HD>
 __global__ void __launch_bounds__(128) qk_norm_rope_kv_kernel(
@@ -25,40 +28,65 @@ __global__ void __launch_bounds__(128) qk_norm_rope_kv_kernel(
     const T* __restrict__ bias,            // [(nh + 2 nkv) * HD] or null
     float eps, int num_tokens, int num_heads, int num_kv_heads, int block_size, int flags) {
   constexpr int PER = HD / 32, HALF = PER / 2;
-  pdl_enter(flags);
+  const bool early = flags & NORM_W_EARLY;
   const int heads = num_heads + 2 * num_kv_heads;
   const long warp = (long)blockIdx.x * 4 + (threadIdx.x >> 5);
   const int lane = threadIdx.x & 31;
-  if (warp >= (long)num_tokens * heads) return;
-  const long t = warp / heads;
-  const int h = warp % heads;
+  const bool active = warp < (long)num_tokens * heads;
+  const long t = active ? warp / heads : 0;
+  const int h = active ? warp % heads : 0;
+  const bool is_q = h < num_heads, is_v = h >= num_heads + num_kv_heads;
+  const T* w = is_q ? q_weight : k_weight;
+  float wv[PER], bv[PER], c[HALF], s[HALF];  // with `early`: norm weight, bias, cos, sin
+  if (early && active) {
+#pragma unroll
+    for (int i = 0; i < PER; i++) {
+      if (!is_v && w != nullptr) wv[i] = to_float(w[lane + 32 * i]);
+      if (bias != nullptr) bv[i] = to_float(bias[h * HD + lane + 32 * i]);
+    }
+  }
+  pdl_enter(flags);
+  if (!active) return;
   T* p = qkv + t * heads * HD + (long)h * HD;
   float v[PER];
 #pragma unroll
-  for (int i = 0; i < PER; i++) {
-    v[i] = to_float(p[lane + 32 * i]);
-    if (bias != nullptr) v[i] = to_float(from_float<T>(v[i] + to_float(bias[h * HD + lane + 32 * i])));
+  for (int i = 0; i < PER; i++) v[i] = to_float(p[lane + 32 * i]);
+  if (early && !is_v) {
+    const long pos = positions[t];
+#pragma unroll
+    for (int i = 0; i < HALF; i++) {
+      c[i] = to_float(cos_sin[pos * HD + lane + 32 * i]);
+      s[i] = to_float(cos_sin[pos * HD + HD / 2 + lane + 32 * i]);
+    }
   }
-  const bool is_q = h < num_heads, is_v = h >= num_heads + num_kv_heads;
+  if (bias != nullptr) {
+#pragma unroll
+    for (int i = 0; i < PER; i++) {
+      const float b = early ? bv[i] : to_float(bias[h * HD + lane + 32 * i]);
+      v[i] = to_float(from_float<T>(v[i] + b));
+    }
+  }
   if (!is_v) {
-    const T* w = is_q ? q_weight : k_weight;
     if (w != nullptr) {
       float ss = 0.f;
 #pragma unroll
       for (int i = 0; i < PER; i++) ss += v[i] * v[i];
       const float inv = rsqrtf(warp_sum(ss) / HD + eps);
 #pragma unroll
-      for (int i = 0; i < PER; i++)
-        v[i] = to_float(from_float<T>(v[i] * inv * to_float(w[lane + 32 * i])));
+      for (int i = 0; i < PER; i++) {
+        const float g = early ? wv[i] : to_float(w[lane + 32 * i]);
+        v[i] = to_float(from_float<T>(v[i] * inv * g));
+      }
     }
-    const long pos = positions[t];
+    const long pos = early ? 0 : positions[t];
 #pragma unroll
     for (int i = 0; i < HALF; i++) {
       const int j = lane + 32 * i;
-      const float c = to_float(cos_sin[pos * HD + j]), s = to_float(cos_sin[pos * HD + HD / 2 + j]);
+      const float cj = early ? c[i] : to_float(cos_sin[pos * HD + j]);
+      const float sj = early ? s[i] : to_float(cos_sin[pos * HD + HD / 2 + j]);
       const float x1 = v[i], x2 = v[i + HALF];
-      v[i] = to_float(from_float<T>(x1 * c - x2 * s));
-      v[i + HALF] = to_float(from_float<T>(x2 * c + x1 * s));
+      v[i] = to_float(from_float<T>(x1 * cj - x2 * sj));
+      v[i + HALF] = to_float(from_float<T>(x2 * cj + x1 * sj));
     }
   }
   if (!is_v || bias != nullptr) {

@@ -34,6 +34,72 @@ __global__ void rms_norm_kernel(T* __restrict__ out,           // [num_rows, hid
   }
 }
 
+// rms_norm_kernel's modes and arithmetic per element, for the latency of a decode step: each thread
+// owns V 16-byte words (8 elements) of the row, issues every load of them before using any, and
+// keeps the row in registers between the sum of squares and the write (no second read). The
+// kernel above waits a full memory latency per 2-byte element of each iteration (its store to
+// the residual orders the next load), ~16 times for a 4096 row. The norm weight is read before
+// the PDL wait: no kernel writes it.
+// Requires hidden % 8 == 0, all four rows 16-byte aligned, hidden <= 8 * V * blockDim
+// (cuda_norm.vec_launch picks V and the block). NOTE: the sum of squares runs in another order
+// than rms_norm_kernel's, so an output may differ from it in the last bit; per element the same
+// fp32 operations round to T at the same points.
+// Grid: (num_rows)  Block: (32 * ceil(hidden / 8 / V / 32), <= 512)
+template <typename T, int V>
+__global__ void __launch_bounds__(512) rms_norm_vec_kernel(
+    T* __restrict__ out,           // [num_rows, hidden]
+    T* __restrict__ residual,      // [num_rows, hidden]; null in mode 0
+    const T* __restrict__ x,       // [num_rows, hidden]
+    const T* __restrict__ weight,  // [hidden]
+    float eps, int hidden, int mode) {
+  __shared__ float red[32];
+  const int words = hidden / 8;
+  const long base = (long)blockIdx.x * words;
+  uint4 w[V], a[V], r[V];
+#pragma unroll
+  for (int v = 0; v < V; v++) {
+    const int i = threadIdx.x + v * blockDim.x;
+    if (i < words) w[v] = reinterpret_cast<const uint4*>(weight)[i];
+  }
+  pdl_start();
+#pragma unroll
+  for (int v = 0; v < V; v++) {
+    const int i = threadIdx.x + v * blockDim.x;
+    if (i < words) {
+      a[v] = reinterpret_cast<const uint4*>(x)[base + i];
+      if (mode == 2) r[v] = reinterpret_cast<const uint4*>(residual)[base + i];
+    }
+  }
+  float ss = 0.f;  // the row stays in a[] as T: to_float of it is exact, no float copy needed
+#pragma unroll
+  for (int v = 0; v < V; v++) {
+    const int i = threadIdx.x + v * blockDim.x;
+    if (i >= words) continue;
+    T* ah = reinterpret_cast<T*>(&a[v]);
+    const T* rh = reinterpret_cast<const T*>(&r[v]);
+#pragma unroll
+    for (int e = 0; e < 8; e++) {
+      if (mode == 2) ah[e] = from_float<T>(to_float(ah[e]) + to_float(rh[e]));
+      const float f = to_float(ah[e]);
+      ss += f * f;
+    }
+    if (mode != 0) reinterpret_cast<uint4*>(residual)[base + i] = a[v];
+  }
+  const float inv = rsqrtf(block_sum(ss, red) / hidden + eps);
+#pragma unroll
+  for (int v = 0; v < V; v++) {
+    const int i = threadIdx.x + v * blockDim.x;
+    if (i >= words) continue;
+    const T* ah = reinterpret_cast<const T*>(&a[v]);
+    const T* wh = reinterpret_cast<const T*>(&w[v]);
+    uint4 o;
+    T* oh = reinterpret_cast<T*>(&o);
+#pragma unroll
+    for (int e = 0; e < 8; e++) oh[e] = from_float<T>(to_float(ah[e]) * inv * to_float(wh[e]));
+    reinterpret_cast<uint4*>(out)[base + i] = o;
+  }
+}
+
 // One warp per (token, head) over the q heads then the k heads of the fused qkv row, in place.
 // Grid: (ceil(num_tokens * (num_heads + num_kv_heads) / 4))  Block: (128)
 template <typename T, int HD>
@@ -69,6 +135,12 @@ template __global__ void rms_norm_kernel<__half>(__half*, __half*, const __half*
 template __global__ void rms_norm_kernel<__nv_bfloat16>(__nv_bfloat16*, __nv_bfloat16*,
                                                         const __nv_bfloat16*,
                                                         const __nv_bfloat16*, float, int, int);
+template __global__ void rms_norm_vec_kernel<__half, 1>(__half*, __half*, const __half*,
+                                                        const __half*, float, int, int);
+template __global__ void rms_norm_vec_kernel<__nv_bfloat16, 4>(__nv_bfloat16*, __nv_bfloat16*,
+                                                               const __nv_bfloat16*,
+                                                               const __nv_bfloat16*, float, int,
+                                                               int);
 template __global__ void qk_norm_kernel<__half, 128>(__half*, const __half*, const __half*, float,
                                                      int, int, int);
 template __global__ void qk_norm_kernel<__nv_bfloat16, 64>(__nv_bfloat16*, const __nv_bfloat16*,

@@ -10,7 +10,8 @@ sampler old vs new, decode steps.
 (launches, fused, gemv, gemv1 (M = 1 only), splits, sampling, prefill,
 gguf, decode, step (decode-step variants at batch 1, ctx 512: PDL, early trigger, fusions), fp8:
 tools/kernel_check_fp8.py, attn: decode attention v1 vs mma, tools/kernel_check_attn.py, w1: one
-W1 step's ops at Llama-3-8B shapes and the tuned GEMMs, tools/kernel_check_w1.py).
+W1 step's ops at Llama-3-8B shapes and the tuned GEMMs, tools/kernel_check_w1.py; norms: the
+16-byte RMSNorm and row gather against the old kernels, tools/kernel_check_norms.py).
 --check-each synchronizes after every row and every section and stops at the first CUDA error,
 naming where it surfaced (a kernel fault is sticky: without this it is reported by whichever
 later call syncs first). --small shrinks every section (few rows, one weight
@@ -42,6 +43,7 @@ from engine.executor.ops import (  # noqa: E402
     SamplingTensors,
     cuda_gemv,
     cuda_kernels,
+    cuda_norm,
     cuda_prefill,
     cuda_sampling,
 )
@@ -50,6 +52,7 @@ from engine.executor.ops.numpy_ops import NumpyOps  # noqa: E402
 from tools import kernel_check_fp8  # noqa: E402
 from tools.kernel_check_attn import check_attn  # noqa: E402
 from tools.kernel_check_gguf import check_gguf  # noqa: E402
+from tools.kernel_check_norms import check_norms  # noqa: E402
 from tools.kernel_check_w1 import check_w1  # noqa: E402
 
 BW, FLOPS = 4.27e12, 800e12  # measured ceilings (shared/GPU.md)
@@ -655,7 +658,7 @@ def count_launches(ops, fn) -> collections.Counter:
     from engine.executor.ops import cuda_ops
 
     counts: collections.Counter = collections.Counter()
-    modules = [cuda_ops, cuda_gemv, ca, cuda_sampling]
+    modules = [cuda_ops, cuda_gemv, cuda_norm, ca, cuda_sampling]
     original = cuda_kernels.kernel
 
     def counting(file, name, ctype="float"):
@@ -715,7 +718,7 @@ def check_launches(ops):
 
 def run_all(ops, quick: bool = False, only: str | None = None):
     """Every section, or those named in `only` (comma-separated: launches, fused, gemv, gemv1,
-    splits, sampling, prefill, gguf, decode, step, fp8, attn, w1)."""
+    splits, sampling, prefill, gguf, decode, step, fp8, attn, w1, norms)."""
     sections = {
         "launches": lambda: check_launches(ops),
         "fused": lambda: check_fused(ops),
@@ -732,6 +735,7 @@ def run_all(ops, quick: bool = False, only: str | None = None):
         "step": lambda: [decode_step(ops, p, 512) for p in ("qwen3-0.6b", "llama3-8b")],
         "fp8": lambda: kernel_check_fp8.check_fp8(ops, sys.modules[__name__]),
         "w1": lambda: check_w1(ops, sys.modules[__name__]),
+        "norms": lambda: check_norms(ops, sys.modules[__name__]),
     }
     for name, run in sections.items():
         if only is not None and name not in only.split(","):

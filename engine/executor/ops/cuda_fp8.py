@@ -25,9 +25,10 @@ import weakref
 import cupy
 import numpy as np
 
+from engine.executor.ops import cuda_norm
 from engine.executor.ops.cuda_blas import Gemm
 from engine.executor.ops.cuda_blaslt import Fp8Gemm
-from engine.executor.ops.cuda_kernels import kernel, launch
+from engine.executor.ops.cuda_kernels import NORM_VEC_WIDTHS, kernel, launch
 from engine.model.quantized import QuantizedWeight
 
 # Rows up to which the GEMV runs instead of cuBLASLt (compiled for 1..8; 0: always cuBLASLt).
@@ -127,10 +128,12 @@ def quantize_weight(w: cupy.ndarray, ctype: str) -> QuantizedWeight:
     return QuantizedWeight("fp8", tuple(w.shape), q, s)
 
 
-def norm_quantize(x, residual, norm_w, eps: float, ctype: str, h_out=None):
+def norm_quantize(x, residual, norm_w, eps: float, ctype: str, h_out=None,
+                  vec: bool | None = None):
     """(codes, scales, residual): residual += x (residual None: starts as x), then
     quantize_rows(h), h = rms_norm(residual) * norm_w rounded to the compute dtype; h_out (tests)
-    receives h."""
+    receives h. vec: fp8_norm_quantize_vec_kernel (the row in registers) where it fits; None:
+    cuda_norm.NORM_VEC."""
     rows, k = x.shape
     _check_k(k, x, residual, norm_w, h_out)
     mode = 1 if residual is None else 2
@@ -138,8 +141,13 @@ def norm_quantize(x, residual, norm_w, eps: float, ctype: str, h_out=None):
     q, s = cupy.empty((rows, k), cupy.uint8), cupy.empty(rows, cupy.float32)
     if rows:
         threads, qc = _quant_launch(rows, k)
-        launch(kernel("fp8.cu", f"fp8_norm_quantize_kernel<{ctype}, {qc}>", ctype),
-               (rows,), (threads,),
+        name = f"fp8_norm_quantize_kernel<{ctype}, {qc}>"
+        # the vector kernel: the same block (so the same sum order) up to 512 threads
+        threads_v = min(threads, cuda_norm.NORM_VEC_THREADS)
+        v = -(-k // (8 * threads_v))
+        if (cuda_norm.NORM_VEC if vec is None else vec) and v in NORM_VEC_WIDTHS:
+            name, threads = f"fp8_norm_quantize_vec_kernel<{ctype}, {v}>", threads_v
+        launch(kernel("fp8.cu", name, ctype), (rows,), (threads,),
                (q, s, residual, _NULL if h_out is None else h_out, x, norm_w,
                 np.float32(eps), _i32(k), _i32(mode)), pdl=True)
     return q, s, residual

@@ -43,6 +43,7 @@ _pdl_scope = [False]  # inside programmatic_launches()
 # numpy storage dtype name -> the C++ element type the kernels are instantiated with
 CTYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}
 HEAD_DIMS = (64, 128)
+NORM_VEC_WIDTHS = (1, 2, 4)  # 16-byte words a thread of rms_norm_vec_kernel holds (V)
 DECODE_GROUPS = (1, 2, 4, 8)  # query heads per decode block (template G); larger groups take passes
 GGUF_KINDS = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")  # format structs in cuda/gguf.cu
 GGUF_GEMV_M = (1, 2, 4, 8)  # rows compiled for the GGUF GEMV (fewer rows run the next size up)
@@ -80,7 +81,9 @@ def kernel_names(file: str, ctype: str) -> list[str]:
         return [f"silu_and_mul_kernel<{ctype}>", f"silu_and_mul_vec8_kernel<{ctype}>",
                 f"add_bias_kernel<{ctype}>"]
     if file == "rms_norm.cu":
-        return [f"rms_norm_kernel<{ctype}>"] + [f"qk_norm_kernel<{ctype}, {d}>" for d in HEAD_DIMS]
+        return ([f"rms_norm_kernel<{ctype}>"]
+                + [f"rms_norm_vec_kernel<{ctype}, {v}>" for v in NORM_VEC_WIDTHS]
+                + [f"qk_norm_kernel<{ctype}, {d}>" for d in HEAD_DIMS])
     if file == "rope.cu":
         return [f"rope_kernel<{ctype}, {ctype}>", f"rope_kernel<{ctype}, float>"]
     if file == "qk_rope_kv.cu":
@@ -93,6 +96,7 @@ def kernel_names(file: str, ctype: str) -> list[str]:
     if file == "fp8.cu":
         return ([f"fp8_{k}_kernel<{ctype}, {qc}>" for k in ("quantize", "silu_quantize",
                                                              "norm_quantize") for qc in (2, 4)]
+                + [f"fp8_norm_quantize_vec_kernel<{ctype}, {v}>" for v in NORM_VEC_WIDTHS]
                 + [f"fp8_scale_kernel<{ctype}>"]
                 + [f"fp8_gemv_kernel<{ctype}, {m}>" for m in range(1, 9)])
     if file == "fp8_fused.cu":

@@ -22,6 +22,7 @@ from engine.executor.ops import (
     cuda_fp8,
     cuda_gemv,
     cuda_kernels,
+    cuda_norm,
 )
 from engine.executor.ops.cuda_attention import (
     DeviceAttentionMetadata,
@@ -204,8 +205,9 @@ class CudaOps:
             return cupy.take(src, idx, axis=0)
         out = cupy.empty((n_rows, src.shape[1]), src.dtype)
         if n_rows:
-            launch(kernel("gather.cu", "gather_rows_kernel", self.ctype),
-                   (n_rows,), (128,), (out, src, idx, _i32(width_bytes // 16)), pdl=True)
+            launch(kernel("gather.cu", "gather_rows_kernel", self.ctype), (n_rows,),
+                   (cuda_norm.gather_threads(width_bytes // 16),),
+                   (out, src, idx, _i32(width_bytes // 16)), pdl=True)
         return out
 
     def embedding(self, ids, table):
@@ -220,13 +222,8 @@ class CudaOps:
         return self._gather(self._check(x, "x", 2), indices, len(indices))
 
     def _norm(self, x, residual, weight, eps, mode):
-        rows, hidden = x.shape
         out = cupy.empty_like(x)
-        if rows:
-            launch(kernel("rms_norm.cu", f"rms_norm_kernel<{self.ctype}>", self.ctype),
-                   (rows,), (256,),
-                   (out, _NULL if residual is None else residual, x, weight, np.float32(eps),
-                    _i32(hidden), _i32(mode)), pdl=True)
+        cuda_norm.rms_norm(out, residual, x, weight, eps, mode, self.ctype)
         return out
 
     def rms_norm(self, x, weight, eps: float):
@@ -405,7 +402,8 @@ class CudaOps:
                    (qkv, k_cache, v_cache, positions, slot_mapping, cos_sin, *norms,
                     _NULL if bias is None else bias, np.float32(eps), _i32(len(qkv)),
                     _i32(num_heads), _i32(num_kv_heads), _i32(block_size),
-                    _i32(cuda_kernels.PDL_EARLY)), pdl=True)
+                    _i32(int(cuda_kernels.PDL_EARLY) | int(cuda_norm.norm_flags(True)))),
+                   pdl=True)
 
     def silu_and_mul(self, gate_up):
         # gate_up (T, 2 * inter): gate first, then up -> (T, inter)
