@@ -10,7 +10,9 @@ sampler old vs new, decode steps.
 (launches, fused, gemv, gemv1 (M = 1 only), splits, sampling, prefill,
 gguf, decode, step (decode-step variants at batch 1, ctx 512: PDL, early trigger, fusions), fp8:
 tools/kernel_check_fp8.py, attn: decode attention v1 vs mma, tools/kernel_check_attn.py, w1: one
-W1 step's ops at Llama-3-8B shapes and the tuned GEMMs, tools/kernel_check_w1.py).
+W1 step's ops at Llama-3-8B shapes and the tuned GEMMs, tools/kernel_check_w1.py; decode1: a
+batch-1 decode step's ops each timed alone against the real step graph, per shape and weight
+format, tools/kernel_check_decode1.py; `--decode1 qwen3-0.6b,llama3-8b:fp8` picks its variants).
 --check-each synchronizes after every row and every section and stops at the first CUDA error,
 naming where it surfaced (a kernel fault is sticky: without this it is reported by whichever
 later call syncs first). --small shrinks every section (few rows, one weight
@@ -49,6 +51,7 @@ from engine.executor.ops import cuda_attention as ca  # noqa: E402
 from engine.executor.ops.numpy_ops import NumpyOps  # noqa: E402
 from tools import kernel_check_fp8  # noqa: E402
 from tools.kernel_check_attn import check_attn  # noqa: E402
+from tools.kernel_check_decode1 import check_decode1  # noqa: E402
 from tools.kernel_check_gguf import check_gguf  # noqa: E402
 from tools.kernel_check_w1 import check_w1  # noqa: E402
 
@@ -56,7 +59,7 @@ BW, FLOPS = 4.27e12, 800e12  # measured ceilings (shared/GPU.md)
 L2_BYTES = 60 << 20
 REF = NumpyOps()
 tables: dict[str, list[str]] = {}
-OPTS = {"small": False, "check_each": False}
+OPTS = {"small": False, "check_each": False, "decode1": None}
 
 
 class SectionError(RuntimeError):
@@ -652,10 +655,10 @@ class _Counted:
 def count_launches(ops, fn) -> collections.Counter:
     """Kernel launches by name (cuBLAS GEMMs as "cublas") while fn() runs: every module that
     launches through cuda_kernels.kernel, and ops' GEMM, wrapped for the call."""
-    from engine.executor.ops import cuda_ops
+    from engine.executor.ops import cuda_fp8, cuda_ops, cuda_quant_gguf
 
     counts: collections.Counter = collections.Counter()
-    modules = [cuda_ops, cuda_gemv, ca, cuda_sampling]
+    modules = [cuda_ops, cuda_gemv, ca, cuda_sampling, cuda_fp8, cuda_quant_gguf]
     original = cuda_kernels.kernel
 
     def counting(file, name, ctype="float"):
@@ -715,7 +718,7 @@ def check_launches(ops):
 
 def run_all(ops, quick: bool = False, only: str | None = None):
     """Every section, or those named in `only` (comma-separated: launches, fused, gemv, gemv1,
-    splits, sampling, prefill, gguf, decode, step, fp8, attn, w1)."""
+    splits, sampling, prefill, gguf, decode, step, fp8, attn, w1, decode1)."""
     sections = {
         "launches": lambda: check_launches(ops),
         "fused": lambda: check_fused(ops),
@@ -732,6 +735,7 @@ def run_all(ops, quick: bool = False, only: str | None = None):
         "step": lambda: [decode_step(ops, p, 512) for p in ("qwen3-0.6b", "llama3-8b")],
         "fp8": lambda: kernel_check_fp8.check_fp8(ops, sys.modules[__name__]),
         "w1": lambda: check_w1(ops, sys.modules[__name__]),
+        "decode1": lambda: check_decode1(ops, sys.modules[__name__]),
     }
     for name, run in sections.items():
         if only is not None and name not in only.split(","):
@@ -761,6 +765,8 @@ def main():
     t0 = time.perf_counter()
     only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None
     OPTS["small"], OPTS["check_each"] = "--small" in sys.argv, "--check-each" in sys.argv
+    if "--decode1" in sys.argv:
+        OPTS["decode1"] = sys.argv[sys.argv.index("--decode1") + 1]
     run_all(ops, quick="--quick" in sys.argv, only=only)
     print(f"\nkernel_check took {time.perf_counter() - t0:.0f} s")
 
