@@ -12,6 +12,8 @@ backend each op is one kernel launch except where noted; a Qwen3 decode layer at
     add_rms_norm, linear gate_up (cuBLAS)     mlp: gate_up GEMV with the add + norm before it
     silu_and_mul, linear down (cuBLAS)             and the SiLU-and-mul on its output; down GEMV
 
+prefetch (a hint: the o, gate_up and down weights into L2) launches nothing unless
+PAGEDSERVE_L2_PREFETCH_MB is set (cuda_prefetch.py), then one small kernel.
 Llama-3-8B shapes launch the same 7 (issue 12's first count there was 9: its gate_up's norm and
 the SiLU ran as their own kernels). cuBLAS may itself launch two kernels for one GEMM (split-K +
 reduction); the GEMV never does. Where cuda_gemv.py's rule says a fusion does not pay (more
@@ -31,8 +33,8 @@ from engine.model.loader import dummy_weights
 
 # all_reduce (and gather_vocab after the LM head) are identities on one rank: no launch; under
 # tensor parallelism they are the collectives (engine/executor/tensor_parallel.py).
-LAYER_OPS = ["add_rms_norm_linear", "qk_norm_rope_kv_write", "attention", "linear", "all_reduce",
-             "mlp", "all_reduce"]
+LAYER_OPS = ["add_rms_norm_linear", "prefetch", "qk_norm_rope_kv_write", "attention", "linear",
+             "all_reduce", "mlp", "all_reduce"]
 
 
 class RecordingOps:

@@ -655,10 +655,10 @@ class _Counted:
 def count_launches(ops, fn) -> collections.Counter:
     """Kernel launches by name (cuBLAS GEMMs as "cublas") while fn() runs: every module that
     launches through cuda_kernels.kernel, and ops' GEMM, wrapped for the call."""
-    from engine.executor.ops import cuda_fp8, cuda_ops, cuda_quant_gguf
+    from engine.executor.ops import cuda_fp8, cuda_ops, cuda_prefetch, cuda_quant_gguf
 
     counts: collections.Counter = collections.Counter()
-    modules = [cuda_ops, cuda_gemv, ca, cuda_sampling, cuda_fp8, cuda_quant_gguf]
+    modules = [cuda_ops, cuda_gemv, ca, cuda_sampling, cuda_fp8, cuda_quant_gguf, cuda_prefetch]
     original = cuda_kernels.kernel
 
     def counting(file, name, ctype="float"):

@@ -10,7 +10,8 @@ For each shape and weight format of VARIANTS (dummy weights, as tools/bench_late
   time per step), the engine's wall time for it (upload, replay, host sync) and the greedy
   sampler after it. real - implied is what the chain costs beyond its ops alone;
 - a chain of trivial PDL kernels as long as the step's: the price of the launches alone.
-Then GEMV_VARIANTS (cuda_gemv settings) re-time the GEMV ops and the real step on the bf16 shapes.
+Then STEP_VARIANTS (cuda_gemv's x prefetch, cuda_prefetch's L2 prefetch) re-time the real step
+(and the GEMV ops) against the default, with its logits compared bit for bit.
 
     PYTHONPATH=. python tools/kernel_check.py --only decode1 [--decode1 qwen3-0.6b,llama3-8b:fp8]
 
@@ -21,6 +22,7 @@ step | share of the real step (GPU time of the graph).
 from __future__ import annotations
 
 import dataclasses
+import importlib
 import os
 import statistics
 import time
@@ -35,9 +37,13 @@ PEAK_BW = 4.8e12  # the H200's HBM3e bandwidth (spec sheet)
 VARIANTS = (("qwen3-0.6b", None, (512, 32532)), ("llama3-8b", None, (512,)),
             ("llama3-8b", "fp8", (512,)), ("llama3-8b", "q4_k", (512,)),
             ("llama3-8b", "q8_0", (512,)))
-# label -> cuda_gemv attributes set while the bf16 shapes' GEMV ops and real step are re-timed
-GEMV_VARIANTS = {"x prefetched": {"GEMV_PREFETCH_X": True}}
 GEMV_OPS = ("add+norm+qkv", "o", "mlp", "down", "lm_head")
+# label -> (module of engine.executor.ops, attributes set on it, ops re-timed besides the real
+# step, only on the compute dtype's weights): each against the default, at every context
+STEP_VARIANTS = {
+    "GEMV x prefetched": ("cuda_gemv", {"GEMV_PREFETCH_X": True}, GEMV_OPS, True),
+    "L2 prefetch 24 MB": ("cuda_prefetch", {"PREFETCH_MAX_BYTES": 24 << 20}, (), False),
+}
 BLOCK = 16
 
 
@@ -227,13 +233,13 @@ def real_step(ops, kc, model, ctx: int) -> dict:
     ids, pos = np.array([7], np.int32), np.array([ctx], np.int32)
     stream = cupy.cuda.get_current_stream()
     walls = []
-    for _ in range(3 if kc.OPTS["small"] else 30):
+    for _ in range(3 if kc.OPTS["small"] else 20):
         t0 = time.perf_counter()
         logits = graphs.run(ids, pos, meta)
         stream.synchronize()
         walls.append(time.perf_counter() - t0)
     graph = graphs.graphs[1][0]
-    n, gpu = (2, []) if kc.OPTS["small"] else (20, [])
+    n, gpu = (2, []) if kc.OPTS["small"] else (10, [])
     for _ in range(5):
         start, end = cupy.cuda.Event(), cupy.cuda.Event()
         start.record(stream)
@@ -276,9 +282,10 @@ def check_decode1(ops, kc):
             rows = time_ops(ops, kc, model, ctx, rng)
             real = real_step(ops, kc, model, ctx) if on_gpu else None
             lines += report(kc, title, rows, real, chain if on_gpu else None)
-            if quant is None and ctx == ctxs[0] and on_gpu:
-                for label, settings in GEMV_VARIANTS.items():
-                    lines += compare_gemv(ops, kc, model, ctx, rng, label, settings, rows, real)
+            for label, variant in STEP_VARIANTS.items() if on_gpu else ():
+                if quant is None or not variant[3]:
+                    lines += compare(ops, kc, model, ctx, rng, f"{label}, {title}", variant,
+                                     rows, real)
         del model
         if on_gpu:
             import cupy
@@ -310,7 +317,7 @@ def report(kc, title: str, rows: list[OpTime], real: dict | None, per_launch) ->
 
 
 class _Settings:
-    """cuda_gemv attributes set for a with-block, restored after."""
+    """A module's attributes set for a with-block, restored after."""
 
     def __init__(self, module, settings: dict):
         self.module, self.settings, self.saved = module, settings, {}
@@ -325,15 +332,14 @@ class _Settings:
             setattr(self.module, k, v)
 
 
-def compare_gemv(ops, kc, model, ctx, rng, label, settings, rows, real) -> list[str]:
-    """The GEMV ops and the real step again with `settings` on cuda_gemv: new against default."""
-    from engine.executor.ops import cuda_gemv
-
-    with _Settings(cuda_gemv, settings):
-        new_rows = time_ops(ops, kc, model, ctx, rng, only=GEMV_OPS)
+def compare(ops, kc, model, ctx, rng, title, variant, rows, real) -> list[str]:
+    """The real step (and the ops named) again with a STEP_VARIANTS entry: new against default."""
+    module, settings, retime, _ = variant
+    with _Settings(importlib.import_module(f"engine.executor.ops.{module}"), settings):
+        new_rows = time_ops(ops, kc, model, ctx, rng, only=retime) if retime else []
         new_real = real_step(ops, kc, model, ctx)
     old = {r.name: r for r in rows}
-    lines = [f"#### GEMV variant '{label}' ({settings}) against the default",
+    lines = [f"#### {title}: {module} {settings} against the default",
              "| op | default us (PDL) | new us (PDL) | default plain | new plain | "
              "new / default |", "|---|---|---|---|---|---|"]
     for r in new_rows:

@@ -71,6 +71,8 @@ class Transformer:
             # residual += x, RMSNorm, qkv GEMM: one GEMV launch on the GPU at decode batches
             qkv, residual = ops.add_rms_norm_linear(x, residual, layer.input_norm, c.rms_norm_eps,
                                                     layer.qkv)  # (T, q_size + 2 * kv_size)
+            # a hint: the next GEMVs' weights into L2 while RoPE and attention read little
+            ops.prefetch((layer.o, layer.gate_up, layer.down))
             # bias, q/k norm, RoPE and the cache write: one kernel on the GPU
             ops.qk_norm_rope_kv_write(
                 qkv, positions, self.cos_sin, layer.q_norm if c.qk_norm else None,

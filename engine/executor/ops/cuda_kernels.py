@@ -129,6 +129,8 @@ def kernel_names(file: str, ctype: str) -> list[str]:
                  if m == 1 or norm == "false" for w in (8, GGUF_GEMV3_BIG[f]) if m == 1 or w == 8]
                 + [f"gguf_quantize_x_kernel<{ctype}, {m}, {norm}>" for m in GGUF_GEMV_M
                    for norm in ("false", "true") if m == 1 or norm == "false"])
+    if file == "prefetch.cu":
+        return ["l2_prefetch_kernel"]
     if file == "bitmask.cu":
         return [f"apply_token_bitmask_kernel<{t}>" for t in CTYPES.values()]
     if file == "sampling.cu":

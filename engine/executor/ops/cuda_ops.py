@@ -22,6 +22,7 @@ from engine.executor.ops import (
     cuda_fp8,
     cuda_gemv,
     cuda_kernels,
+    cuda_prefetch,
 )
 from engine.executor.ops.cuda_attention import (
     DeviceAttentionMetadata,
@@ -213,6 +214,11 @@ class CudaOps:
     def gather_rows(self, x, indices):
         indices = self._ints(indices, "indices")
         return self._gather(self._check(x, "x", 2), indices, len(indices))
+
+    def prefetch(self, weights) -> None:
+        """The weights into L2 ahead of the ops that read them (cuda_prefetch.py; off unless
+        PAGEDSERVE_L2_PREFETCH_MB is set)."""
+        cuda_prefetch.prefetch(weights)
 
     def _norm(self, x, residual, weight, eps, mode):
         rows, hidden = x.shape
