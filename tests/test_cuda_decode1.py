@@ -20,7 +20,8 @@ from tools import kernel_check as kc  # noqa: E402
 from tools import kernel_check_decode1 as d1  # noqa: E402
 
 
-def test_decode1_small(monkeypatch):
+def test_decode1_small(monkeypatch, tmp_path):
+    monkeypatch.setenv("OUT", str(tmp_path))  # not over a device run's own b1.txt
     monkeypatch.setitem(kc.OPTS, "small", True)
     monkeypatch.setitem(kc.OPTS, "decode1", "qwen3-0.6b")
     lines = d1.check_decode1(CudaOps("bfloat16"), kc)

@@ -50,9 +50,12 @@ def tiny_variants(monkeypatch):
                                          ("tiny", "q4_k", (40,))))
 
 
-def test_every_op_runs_in_every_format(tiny_variants):
+def test_every_op_runs_in_every_format(tiny_variants, tmp_path, monkeypatch):
+    monkeypatch.setenv("OUT", str(tmp_path))
     calls: list = []
     lines = d1.check_decode1(NumpyOps(), fake_kc(calls))
+    saved = (tmp_path / "b1.txt").read_text().splitlines()
+    assert saved[: len(lines)] == lines and saved[-4].startswith("tiny float32 B=1 ctx=40: implied")
     titles = [line for line in lines if line.startswith("####")]
     assert titles == ["#### tiny float32 B=1 ctx=40", "#### tiny float32 B=1 ctx=100",
                       "#### tiny fp8 B=1 ctx=40", "#### tiny q4_k B=1 ctx=40"]

@@ -16,7 +16,8 @@ Then STEP_VARIANTS (cuda_gemv's x prefetch, cuda_prefetch's L2 prefetch) re-time
     PYTHONPATH=. python tools/kernel_check.py --only decode1 [--decode1 qwen3-0.6b,llama3-8b:fp8]
 
 The table: op | launches | us in a PDL chain | us plain | MB read | GB/s | % of 4.8 TB/s | us per
-step | share of the real step (GPU time of the graph).
+step | share of the real step (GPU time of the graph). Every table also goes to ${OUT:-/tmp}/b1.txt
+(rewritten after each shape); the log's tail ends with one summary line per shape.
 """
 
 from __future__ import annotations
@@ -275,6 +276,7 @@ def check_decode1(ops, kc):
         lines.append(f"trivial kernel (one-row gather) per launch: PDL chain {chain * 1e6:.2f} us, "
                      f"plain {plain * 1e6:.2f} us")
         print("decode1", lines[-1], flush=True)
+    summary = []
     for preset, quant, ctxs in variants(kc.OPTS.get("decode1")):
         config, model = build(ops, preset, quant, small, max(ctxs))
         for ctx in ctxs:
@@ -282,19 +284,32 @@ def check_decode1(ops, kc):
             rows = time_ops(ops, kc, model, ctx, rng)
             real = real_step(ops, kc, model, ctx) if on_gpu else None
             lines += report(kc, title, rows, real, chain if on_gpu else None)
+            line = f"{title}: implied {implied_step(rows) * 1e6:.1f} us"
+            if real is not None:
+                line += (f", real step {real['gpu'] * 1e6:.1f} us GPU "
+                         f"({real['wall'] * 1e6:.1f} wall)")
             for label, variant in STEP_VARIANTS.items() if on_gpu else ():
                 if quant is None or not variant[3]:
-                    lines += compare(ops, kc, model, ctx, rng, f"{label}, {title}", variant,
-                                     rows, real)
+                    more, ratio = compare(ops, kc, model, ctx, rng, f"{label}, {title}", variant,
+                                          rows, real)
+                    lines += more
+                    line += f"; {label} x{ratio}"
+            summary.append(line)
+            save(lines + ["", "### decode1 summary"] + summary)
         del model
         if on_gpu:
             import cupy
 
             cupy.get_default_memory_pool().free_all_blocks()
-    print("\n" + "\n".join(lines), flush=True)
-    if os.environ.get("OUT"):  # the device run's folder that comes back
-        Path(os.environ["OUT"], "b1_decode1.txt").write_text("\n".join(lines) + "\n")
+    # the tables above are long; the summary is what a short log tail keeps
+    print("\n### decode1 summary (tables above and in ${OUT:-/tmp}/b1.txt)\n" + "\n".join(summary),
+          flush=True)
     return lines
+
+
+def save(lines: list[str]) -> None:
+    """Everything so far into ${OUT:-/tmp}/b1.txt (a device run brings $OUT back)."""
+    Path(os.environ.get("OUT", "/tmp"), "b1.txt").write_text("\n".join(lines) + "\n")
 
 
 def report(kc, title: str, rows: list[OpTime], real: dict | None, per_launch) -> list[str]:
@@ -332,8 +347,9 @@ class _Settings:
             setattr(self.module, k, v)
 
 
-def compare(ops, kc, model, ctx, rng, title, variant, rows, real) -> list[str]:
-    """The real step (and the ops named) again with a STEP_VARIANTS entry: new against default."""
+def compare(ops, kc, model, ctx, rng, title, variant, rows, real) -> tuple[list[str], str]:
+    """The real step (and the ops named) again with a STEP_VARIANTS entry: new against default;
+    (lines, 'new / default step time (logits same or not)')."""
     module, settings, retime, _ = variant
     with _Settings(importlib.import_module(f"engine.executor.ops.{module}"), settings):
         new_rows = time_ops(ops, kc, model, ctx, rng, only=retime) if retime else []
@@ -348,11 +364,12 @@ def compare(ops, kc, model, ctx, rng, title, variant, rows, real) -> list[str]:
                      f"{o.plain_sec * 1e6:.2f} | {r.plain_sec * 1e6:.2f} | {r.sec / o.sec:.3f} |")
     same = ("bit-identical logits" if np.array_equal(real["logits"], new_real["logits"])
             else f"logits differ: max |diff| {_max_diff(real['logits'], new_real['logits']):.3g}")
+    ratio = f"{new_real['gpu'] / real['gpu']:.3f} ({same})"
     lines.append(f"| real step graph ({same}) | {real['gpu'] * 1e6:.1f} | "
                  f"{new_real['gpu'] * 1e6:.1f} | wall {real['wall'] * 1e6:.1f} | "
                  f"wall {new_real['wall'] * 1e6:.1f} | {new_real['gpu'] / real['gpu']:.3f} |")
     print("\n".join(lines), flush=True)
-    return lines
+    return lines, ratio
 
 
 def _max_diff(a: np.ndarray, b: np.ndarray) -> float:
