@@ -295,6 +295,7 @@ def check_decode1(ops, kc):
                     lines += more
                     line += f"; {label} x{ratio}"
             summary.append(line)
+            print(f"decode1 summary: {line}", flush=True)
             save(lines + ["", "### decode1 summary"] + summary)
         del model
         if on_gpu:
