@@ -47,8 +47,8 @@ __device__ __forceinline__ void to_float8(const uint4& w, float* f) {
 // Grid: (ceil(N / R)); GLU: (ceil(N / 2 / (R / 2)))  Block: (64, 128 or 256; a multiple of 32)
 // PRE only with M = 1 (it holds one row's words in registers).
 // K is a multiple of 8 and every pointer 16-byte aligned (checked by the caller, cuda_gemv.py).
-// NOTE: under PDL the first weight words are requested before pdl_wait(): w must never be the
-// output of a kernel of the same stream.
+// NOTE: under PDL the first weight words are requested before pdl_wait(): w (and with PRE,
+// norm_w) must never be the output of a kernel of the same stream.
 template <typename T, int M, bool NORM, bool GLU, bool PRE>
 __global__ void __launch_bounds__(256) gemv_kernel(
     T* __restrict__ y,               // [M, N] ([M, N / 2] with GLU)
