@@ -215,11 +215,6 @@ class CudaOps:
         indices = self._ints(indices, "indices")
         return self._gather(self._check(x, "x", 2), indices, len(indices))
 
-    def prefetch(self, weights) -> None:
-        """The weights into L2 ahead of the ops that read them (cuda_prefetch.py; off unless
-        PAGEDSERVE_L2_PREFETCH_MB is set)."""
-        cuda_prefetch.prefetch(weights)
-
     def _norm(self, x, residual, weight, eps, mode):
         rows, hidden = x.shape
         out = cupy.empty_like(x)
@@ -304,6 +299,11 @@ class CudaOps:
 
     def gather_vocab(self, logits):
         return logits
+
+    def prefetch(self, weights) -> None:
+        """The weights into L2 ahead of the ops that read them (cuda_prefetch.py; off unless
+        PAGEDSERVE_L2_PREFETCH_MB is set)."""
+        cuda_prefetch.prefetch(weights)
 
     def qk_norm(self, qkv, q_weight, k_weight, eps, num_heads, num_kv_heads):
         """Per-head RMSNorm of the q and k heads of qkv, in place (Qwen3)."""

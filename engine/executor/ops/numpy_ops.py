@@ -177,10 +177,6 @@ class NumpyOps:
     def gather_rows(self, x: np.ndarray, indices: np.ndarray) -> np.ndarray:
         return x[indices]
 
-    def prefetch(self, weights) -> None:
-        """A hint that these weights are read soon (cuda: into L2 ahead of the GEMVs, when
-        PAGEDSERVE_L2_PREFETCH_MB is set); no value changes, so nothing to do here."""
-
     # ---------------------------------------------------------------- tensor parallel
 
     def all_reduce(self, x):
@@ -191,6 +187,10 @@ class NumpyOps:
     def gather_vocab(self, logits):
         """Every rank's vocabulary columns side by side: one rank holds them all."""
         return logits
+
+    def prefetch(self, weights) -> None:
+        """A hint that these weights are read soon (cuda: into L2 ahead of the GEMVs, when
+        PAGEDSERVE_L2_PREFETCH_MB is set); no value changes, so nothing to do here."""
 
     # ---------------------------------------------------------------- attention
 
