@@ -10,9 +10,7 @@ sampler old vs new, decode steps.
 (launches, fused, gemv, gemv1 (M = 1 only), splits, sampling, prefill,
 gguf, decode, step (decode-step variants at batch 1, ctx 512: PDL, early trigger, fusions), fp8:
 tools/kernel_check_fp8.py, attn: decode attention v1 vs mma, tools/kernel_check_attn.py, w1: one
-W1 step's ops at Llama-3-8B shapes and the tuned GEMMs, tools/kernel_check_w1.py; decode1: a
-batch-1 decode step's ops each timed alone against the real step graph, per shape and weight
-format, tools/kernel_check_decode1.py; `--decode1 qwen3-0.6b,llama3-8b:fp8` picks its variants).
+W1 step's ops at Llama-3-8B shapes and the tuned GEMMs, tools/kernel_check_w1.py).
 --check-each synchronizes after every row and every section and stops at the first CUDA error,
 naming where it surfaced (a kernel fault is sticky: without this it is reported by whichever
 later call syncs first). --small shrinks every section (few rows, one weight
@@ -20,6 +18,10 @@ copy, 2-layer decode models with a 4096-token vocabulary, 2 timed calls) for com
 
     for s in launches fused gemv splits sampling prefill gguf decode; do
       compute-sanitizer --error-exitcode 9 python tools/kernel_check.py --small --only $s; done
+
+decode1 (tools/kernel_check_decode1.py): a batch-1 decode step's ops each graph-timed alone
+against the real step graph, per shape and weight format; `--decode1 qwen3-0.6b,llama3-8b:fp8`
+picks which.
 """
 
 from __future__ import annotations
@@ -655,10 +657,10 @@ class _Counted:
 def count_launches(ops, fn) -> collections.Counter:
     """Kernel launches by name (cuBLAS GEMMs as "cublas") while fn() runs: every module that
     launches through cuda_kernels.kernel, and ops' GEMM, wrapped for the call."""
-    from engine.executor.ops import cuda_fp8, cuda_ops, cuda_prefetch, cuda_quant_gguf
+    from engine.executor.ops import cuda_ops
 
     counts: collections.Counter = collections.Counter()
-    modules = [cuda_ops, cuda_gemv, ca, cuda_sampling, cuda_fp8, cuda_quant_gguf, cuda_prefetch]
+    modules = [cuda_ops, cuda_gemv, ca, cuda_sampling]
     original = cuda_kernels.kernel
 
     def counting(file, name, ctype="float"):
@@ -718,13 +720,15 @@ def check_launches(ops):
 
 def run_all(ops, quick: bool = False, only: str | None = None):
     """Every section, or those named in `only` (comma-separated: launches, fused, gemv, gemv1,
-    splits, sampling, prefill, gguf, decode, step, fp8, attn, w1, decode1)."""
+    splits, sampling, prefill, gguf, decode, step, fp8, attn, w1)."""
     sections = {
         "launches": lambda: check_launches(ops),
         "fused": lambda: check_fused(ops),
         "gemv": lambda: check_gemv(ops, ["qwen3-0.6b"] if quick else ["qwen3-0.6b", "llama3-8b"]),
         "splits": lambda: check_splits(ops),
         "attn": lambda: check_attn(ops, sys.modules[__name__]),
+        # a batch-1 step's ops alone against the real step graph, tools/kernel_check_decode1.py
+        "decode1": lambda: check_decode1(ops, sys.modules[__name__]),
         "sampling": lambda: check_sampling(ops),
         "prefill": lambda: check_prefill(ops),
         "gguf": lambda: check_gguf(ops, graph_time, OPTS["small"]),
@@ -735,7 +739,6 @@ def run_all(ops, quick: bool = False, only: str | None = None):
         "step": lambda: [decode_step(ops, p, 512) for p in ("qwen3-0.6b", "llama3-8b")],
         "fp8": lambda: kernel_check_fp8.check_fp8(ops, sys.modules[__name__]),
         "w1": lambda: check_w1(ops, sys.modules[__name__]),
-        "decode1": lambda: check_decode1(ops, sys.modules[__name__]),
     }
     for name, run in sections.items():
         if only is not None and name not in only.split(","):

@@ -210,10 +210,33 @@ def launches(ops, kc, fn) -> tuple[str, int]:
     """('kernel xn, ...', total) of one eager call; ('?', 0) where counting fails (it is
     informational: it must not cost the section its timings)."""
     try:
-        counts = kc.count_launches(ops, fn)
+        counts = count_all(ops, kc, fn) if ops.name == "cuda" else kc.count_launches(ops, fn)
     except Exception as e:  # noqa: BLE001
         return f"? ({type(e).__name__}: {e})", 0
     return ", ".join(f"{k} x{v}" for k, v in sorted(counts.items())), sum(counts.values())
+
+
+def count_all(ops, kc, fn):
+    """kc.count_launches, plus the launches of the quantized formats' and the prefetch's modules
+    (which kernel_check's own list leaves out)."""
+    import collections
+
+    from engine.executor.ops import cuda_fp8, cuda_kernels, cuda_prefetch, cuda_quant_gguf
+
+    extra: collections.Counter = collections.Counter()
+    original = cuda_kernels.kernel
+
+    def counting(file, name, ctype="float"):
+        return kc._Counted(original(file, name, ctype), name, extra)
+
+    modules = (cuda_fp8, cuda_quant_gguf, cuda_prefetch)
+    for m in modules:
+        m.kernel = counting
+    try:  # count_launches turns PDL off while fn runs: every launch passes a wrapper
+        return kc.count_launches(ops, fn) + extra
+    finally:
+        for m in modules:
+            m.kernel = original
 
 
 def real_step(ops, kc, model, ctx: int) -> dict:

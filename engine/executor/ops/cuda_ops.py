@@ -22,7 +22,6 @@ from engine.executor.ops import (
     cuda_fp8,
     cuda_gemv,
     cuda_kernels,
-    cuda_prefetch,
 )
 from engine.executor.ops.cuda_attention import (
     DeviceAttentionMetadata,
@@ -33,6 +32,7 @@ from engine.executor.ops.cuda_attention import (
 from engine.executor.ops.cuda_blas import Gemm
 from engine.executor.ops.cuda_gemm_tune import TunedGemm, tuning_enabled
 from engine.executor.ops.cuda_kernels import CTYPES, HEAD_DIMS, kernel, kernel_names, launch
+from engine.executor.ops.cuda_prefetch import prefetch as l2_prefetch
 from engine.executor.ops.cuda_quant_gguf import GGUFLinear, is_gguf
 from engine.executor.ops.cuda_sampling import (
     DeviceSample,
@@ -303,7 +303,7 @@ class CudaOps:
     def prefetch(self, weights) -> None:
         """The weights into L2 ahead of the ops that read them (cuda_prefetch.py; off unless
         PAGEDSERVE_L2_PREFETCH_MB is set)."""
-        cuda_prefetch.prefetch(weights)
+        l2_prefetch(weights)
 
     def qk_norm(self, qkv, q_weight, k_weight, eps, num_heads, num_kv_heads):
         """Per-head RMSNorm of the q and k heads of qkv, in place (Qwen3)."""
