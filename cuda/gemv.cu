@@ -22,6 +22,14 @@
 // GLU (the MLP's gate_up, w = [gate (I rows); up (I rows)]): block b takes gate rows R/2 * b ..
 //   and the same up rows, and stores silu(gate) * up (M, I) instead of gate_up (M, 2I), as
 //   silu_and_mul_kernel would from the rounded gate_up: the down GEMV then reads plain input.
+// PRE (one row, M = 1; cuda_gemv.GEMV_PREFETCH_X): the same sums in the same order, so the same
+//   bits, with the dependent loads batched: each pass requests all its x (and residual) words
+//   at once, right after the weights, instead of one 16-byte word per u between the FMAs of the
+//   previous one; the norm weight's words are requested before pdl_wait() with the weights.
+//   NOTE: why it may pay: after the wait x comes from L2 (the previous kernel just wrote it),
+//   and the default code waits for that round trip GEMV_U times in a row (one per u, sm_90
+//   SASS) before the block can reduce: at K = 1024 and 64 threads both words of a thread are
+//   in its first pass, so PRE takes one round trip off the critical path of each such GEMV.
 #include "common.cuh"
 
 constexpr int GEMV_R = 4;           // weight rows per block
@@ -37,10 +45,11 @@ __device__ __forceinline__ void to_float8(const uint4& w, float* f) {
 
 // flags: PDL_EARLY (common.cuh).
 // Grid: (ceil(N / R)); GLU: (ceil(N / 2 / (R / 2)))  Block: (64, 128 or 256; a multiple of 32)
+// PRE only with M = 1 (it holds one row's words in registers).
 // K is a multiple of 8 and every pointer 16-byte aligned (checked by the caller, cuda_gemv.py).
-// NOTE: under PDL the first weight words are requested before pdl_wait(): w must never be the
-// output of a kernel of the same stream.
-template <typename T, int M, bool NORM, bool GLU>
+// NOTE: under PDL the first weight words are requested before pdl_wait(): w (and with PRE,
+// norm_w) must never be the output of a kernel of the same stream.
+template <typename T, int M, bool NORM, bool GLU, bool PRE>
 __global__ void __launch_bounds__(256) gemv_kernel(
     T* __restrict__ y,               // [M, N] ([M, N / 2] with GLU)
     T* __restrict__ res_out,         // [M, K] with NORM, else unused
@@ -49,6 +58,7 @@ __global__ void __launch_bounds__(256) gemv_kernel(
     const T* __restrict__ norm_w,    // [K] (NORM only)
     const T* __restrict__ w,         // [N, K]
     int N, int K, float eps, int flags) {
+  static_assert(!PRE || M == 1, "PRE holds one row's words");
   constexpr int H = GEMV_R / 2;  // GLU: gate rows (and up rows) per block
   __shared__ float red[GEMV_MAX_WARPS][M * GEMV_R + M];
   const int words = K / 8, half = N / 2;
@@ -80,12 +90,29 @@ __global__ void __launch_bounds__(256) gemv_kernel(
         wr[u][r] = v < words ? __ldcs(wrow[r] + v) : make_uint4(0u, 0u, 0u, 0u);  // read once
     }
   };
+  // PRE: one pass's words of x, residual and norm_w (M = 1), requested together
+  uint4 xp[GEMV_U], rp[GEMV_U], gp[GEMV_U];
+  auto load_words = [&](uint4* dst, const uint4* src, int base) {
+#pragma unroll
+    for (int u = 0; u < GEMV_U; u++) {
+      const int v = base + u * blockDim.x;
+      dst[u] = v < words ? __ldg(src + v) : make_uint4(0u, 0u, 0u, 0u);
+    }
+  };
   load_w(threadIdx.x);
+  if (PRE && NORM) load_words(gp, nw, threadIdx.x);
   // At Qwen3-0.6B's and Llama-3-8B's K = 1024 / 4096 those words are the block's whole weight
   // tile: under PDL it streams while the previous kernel finishes.
   pdl_enter(flags);
   for (int base = threadIdx.x; base < words; base += GEMV_U * blockDim.x) {
-    if (base != threadIdx.x) load_w(base);
+    if (base != threadIdx.x) {
+      load_w(base);
+      if (PRE && NORM) load_words(gp, nw, base);
+    }
+    if (PRE) {
+      load_words(xp, xw, base);
+      if (NORM && residual != nullptr) load_words(rp, rw, base);
+    }
 #pragma unroll
     for (int u = 0; u < GEMV_U; u++) {
       const int v = base + u * blockDim.x;
@@ -93,16 +120,16 @@ __global__ void __launch_bounds__(256) gemv_kernel(
       float wf[GEMV_R][8], g[8];
 #pragma unroll
       for (int r = 0; r < GEMV_R; r++) to_float8<T>(wr[u][r], wf[r]);
-      if (NORM) to_float8<T>(__ldg(nw + v), g);
+      if (NORM) to_float8<T>(PRE ? gp[u] : __ldg(nw + v), g);
 #pragma unroll
       for (int m = 0; m < M; m++) {
         float xf[8];
         if (NORM) {
-          uint4 packed = __ldg(xw + m * words + v);
+          uint4 packed = PRE ? xp[u] : __ldg(xw + m * words + v);
           if (residual != nullptr) {
             float a[8], b[8];
             to_float8<T>(packed, a);
-            to_float8<T>(__ldg(rw + m * words + v), b);
+            to_float8<T>(PRE ? rp[u] : __ldg(rw + m * words + v), b);
             T* sp = reinterpret_cast<T*>(&packed);
 #pragma unroll
             for (int e = 0; e < 8; e++) sp[e] = from_float<T>(a[e] + b[e]);
@@ -115,7 +142,7 @@ __global__ void __launch_bounds__(256) gemv_kernel(
             xf[e] *= g[e];
           }
         } else {
-          to_float8<T>(__ldg(xw + m * words + v), xf);
+          to_float8<T>(PRE ? xp[u] : __ldg(xw + m * words + v), xf);
         }
 #pragma unroll
         for (int r = 0; r < GEMV_R; r++)
@@ -163,15 +190,21 @@ __global__ void __launch_bounds__(256) gemv_kernel(
 }
 
 #ifdef PAGEDSERVE_NVCC_CHECK
-#define INSTANTIATE(T, M, NORM, GLU)                                                            \
-  template __global__ void gemv_kernel<T, M, NORM, GLU>(T*, T*, const T*, const T*, const T*,   \
-                                                        const T*, int, int, float, int);
-INSTANTIATE(__half, 1, false, false)
-INSTANTIATE(__half, 8, false, false)
-INSTANTIATE(__nv_bfloat16, 3, false, false)
-INSTANTIATE(__nv_bfloat16, 1, true, false)
-INSTANTIATE(__half, 4, true, false)
-INSTANTIATE(__nv_bfloat16, 2, false, true)
-INSTANTIATE(__nv_bfloat16, 1, true, true)
-INSTANTIATE(__half, 4, true, true)
+#define INSTANTIATE(T, M, NORM, GLU, PRE)                                                      \
+  template __global__ void gemv_kernel<T, M, NORM, GLU, PRE>(T*, T*, const T*, const T*,       \
+                                                             const T*, const T*, int, int,     \
+                                                             float, int);
+INSTANTIATE(__half, 1, false, false, false)
+INSTANTIATE(__half, 8, false, false, false)
+INSTANTIATE(__nv_bfloat16, 3, false, false, false)
+INSTANTIATE(__nv_bfloat16, 1, true, false, false)
+INSTANTIATE(__half, 4, true, false, false)
+INSTANTIATE(__nv_bfloat16, 2, false, true, false)
+INSTANTIATE(__nv_bfloat16, 1, true, true, false)
+INSTANTIATE(__half, 4, true, true, false)
+INSTANTIATE(__nv_bfloat16, 1, false, false, true)
+INSTANTIATE(__nv_bfloat16, 1, true, false, true)
+INSTANTIATE(__nv_bfloat16, 1, false, true, true)
+INSTANTIATE(__nv_bfloat16, 1, true, true, true)
+INSTANTIATE(__half, 1, true, true, true)
 #endif

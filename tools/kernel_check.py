@@ -19,6 +19,10 @@ copy, 2-layer decode models with a 4096-token vocabulary, 2 timed calls) for com
 
     for s in launches fused gemv splits sampling prefill gguf decode; do
       compute-sanitizer --error-exitcode 9 python tools/kernel_check.py --small --only $s; done
+
+decode1 (tools/kernel_check_decode1.py): a batch-1 decode step's ops each graph-timed alone
+against the real step graph, per shape and weight format; `--decode1 qwen3-0.6b,llama3-8b:fp8`
+picks which.
 """
 
 from __future__ import annotations
@@ -51,6 +55,7 @@ from engine.executor.ops import cuda_attention as ca  # noqa: E402
 from engine.executor.ops.numpy_ops import NumpyOps  # noqa: E402
 from tools import kernel_check_fp8  # noqa: E402
 from tools.kernel_check_attn import check_attn  # noqa: E402
+from tools.kernel_check_decode1 import check_decode1  # noqa: E402
 from tools.kernel_check_gguf import check_gguf  # noqa: E402
 from tools.kernel_check_norms import check_norms  # noqa: E402
 from tools.kernel_check_w1 import check_w1  # noqa: E402
@@ -59,7 +64,7 @@ BW, FLOPS = 4.27e12, 800e12  # measured ceilings (shared/GPU.md)
 L2_BYTES = 60 << 20
 REF = NumpyOps()
 tables: dict[str, list[str]] = {}
-OPTS = {"small": False, "check_each": False}
+OPTS = {"small": False, "check_each": False, "decode1": None}
 
 
 class SectionError(RuntimeError):
@@ -725,6 +730,8 @@ def run_all(ops, quick: bool = False, only: str | None = None):
         "gemv": lambda: check_gemv(ops, ["qwen3-0.6b"] if quick else ["qwen3-0.6b", "llama3-8b"]),
         "splits": lambda: check_splits(ops),
         "attn": lambda: check_attn(ops, sys.modules[__name__]),
+        # a batch-1 step's ops alone against the real step graph, tools/kernel_check_decode1.py
+        "decode1": lambda: check_decode1(ops, sys.modules[__name__]),
         "sampling": lambda: check_sampling(ops),
         "prefill": lambda: check_prefill(ops),
         "gguf": lambda: check_gguf(ops, graph_time, OPTS["small"]),
@@ -765,6 +772,8 @@ def main():
     t0 = time.perf_counter()
     only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None
     OPTS["small"], OPTS["check_each"] = "--small" in sys.argv, "--check-each" in sys.argv
+    if "--decode1" in sys.argv:
+        OPTS["decode1"] = sys.argv[sys.argv.index("--decode1") + 1]
     run_all(ops, quick="--quick" in sys.argv, only=only)
     print(f"\nkernel_check took {time.perf_counter() - t0:.0f} s")
 

@@ -42,9 +42,15 @@ so > 1 means the GEMV path wins:
   0.83x at Llama-3-8B's shapes). Run 2: Qwen3-0.6B add+norm+GLU gate_up 5.8 us against 8.0
   unfused; a batch-1 step 901 us against 927 with silu_and_mul as its own launch.
 The *_MAX_M caps below bound all of these (0 turns a path off: tools/kernel_check.py does).
+- GEMV_PREFETCH_X (PAGEDSERVE_GEMV_PREFETCH=1, off until measured on the device): at one row the
+  kernel's PRE form, the same bits with the x / residual words of a pass requested at once
+  after the PDL wait, not one round trip to L2 per word (gemv.cu). tools/kernel_check.py
+  --only decode1 times it against the default, op by op and as the whole step.
 """
 
 from __future__ import annotations
+
+import os
 
 import cupy
 import numpy as np
@@ -57,6 +63,7 @@ GEMV_MAX_M = 8  # rows (tokens) up to which linear() may take the GEMV; 0 = alwa
 NORM_GEMV_MAX_M = 4  # rows up to which add_rms_norm_linear() may fuse the residual add and norm
 NORM_GEMV_MAX_N = None  # outputs up to which the fused add + norm is used (None: any)
 GLU_GEMV_MAX_M = 4  # rows up to which mlp() may fuse the SiLU-and-mul into the gate_up GEMV
+GEMV_PREFETCH_X = os.environ.get("PAGEDSERVE_GEMV_PREFETCH", "0") == "1"  # PRE at M = 1
 GEMV_R = 4  # gemv.cu's weight rows per block
 GEMV_EARLY = 1  # gemv.cu's flag: trigger the next kernel before waiting for the previous
 # Threads per block for K < 2048 and for larger K; at one row and K < 2048, GEMV_THREADS_M1.
@@ -115,7 +122,9 @@ def _launch(y, res_out, x, residual, norm_w, w, eps: float, ctype: str, glu: boo
             pdl: bool = True):
     m, (n, k) = x.shape[0], w.shape
     norm = norm_w is not None
-    name = f"gemv_kernel<{ctype}, {m}, {str(norm).lower()}, {str(glu).lower()}>"
+    pre = GEMV_PREFETCH_X and m == 1
+    name = (f"gemv_kernel<{ctype}, {m}, {str(norm).lower()}, {str(glu).lower()}, "
+            f"{str(pre).lower()}>")
     rows = GEMV_R // 2 if glu else GEMV_R
     outputs = n // 2 if glu else n
     null = np.uint64(0)

@@ -89,10 +89,12 @@ def kernel_names(file: str, ctype: str) -> list[str]:
     if file == "qk_rope_kv.cu":
         return [f"qk_norm_rope_kv_kernel<{ctype}, {cs}, {d}>" for cs in (ctype, "float")
                 for d in HEAD_DIMS]
-    if file == "gemv.cu":  # <T, M, NORM, GLU>
-        return ([f"gemv_kernel<{ctype}, {m}, false, false>" for m in range(1, 9)]
-                + [f"gemv_kernel<{ctype}, {m}, {n}, {g}>" for m in range(1, 5)
-                   for n, g in (("true", "false"), ("false", "true"), ("true", "true"))])
+    if file == "gemv.cu":  # <T, M, NORM, GLU, PRE>; PRE (x words batched) at M = 1 only
+        return ([f"gemv_kernel<{ctype}, {m}, false, false, false>" for m in range(1, 9)]
+                + [f"gemv_kernel<{ctype}, {m}, {n}, {g}, false>" for m in range(1, 5)
+                   for n, g in (("true", "false"), ("false", "true"), ("true", "true"))]
+                + [f"gemv_kernel<{ctype}, 1, {n}, {g}, true>" for n in ("false", "true")
+                   for g in ("false", "true")])
     if file == "fp8.cu":
         return ([f"fp8_{k}_kernel<{ctype}, {qc}>" for k in ("quantize", "silu_quantize",
                                                              "norm_quantize") for qc in (2, 4)]
