@@ -176,8 +176,7 @@ class _BusyLoop:
                 kind, payload = self.inputs.recv_multipart(zmq.NOBLOCK)
             except zmq.Again:
                 return received, False
-            if not received:
-                now = time.monotonic()
+            now = time.monotonic()  # per message: one drained later was sent later
             received = True
             if kind == STOP:
                 return True, True

@@ -1,4 +1,4 @@
-"""cuda_gemm_plan.PlannedGemm (PAGEDSERVE_LEAN_GEMM=1): a cuBLASLt plan per exact shape computes
+"""cuda_gemm_plan.PlannedGemm (on unless PAGEDSERVE_LEAN_GEMM=0): a cuBLASLt plan per exact shape computes
 linear()'s numpy twin and cublasGemmEx's product (up to summation order), is made once per
 shape, stays out of CUDA graph captures, and an eager mixed step (8 decodes + a prompt) with it
 gives the logits of the cublasGemmEx path (GPU only)."""
@@ -84,12 +84,12 @@ def test_refused_plan_falls_back_to_gemm_ex(ops):
     assert cupy.array_equal(y, ref) and rel(ops.to_host(y), want) < TOL[ops.dtype]
 
 
-def test_lean_gemm_is_off_by_default(monkeypatch):
+def test_lean_gemm_is_on_by_default(monkeypatch):
     monkeypatch.delenv("PAGEDSERVE_LEAN_GEMM", raising=False)
     monkeypatch.delenv("PAGEDSERVE_GEMM_TUNE", raising=False)
-    assert CudaOps("bfloat16")._gemm.tuned is None
-    monkeypatch.setenv("PAGEDSERVE_LEAN_GEMM", "1")
     assert isinstance(CudaOps("bfloat16")._gemm.tuned, PlannedGemm)
+    monkeypatch.setenv("PAGEDSERVE_LEAN_GEMM", "0")
+    assert CudaOps("bfloat16")._gemm.tuned is None
 
 
 def test_check_still_refuses_a_strided_array(ops):

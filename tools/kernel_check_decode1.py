@@ -42,7 +42,7 @@ GEMV_OPS = ("add+norm+qkv", "o", "mlp", "down", "lm_head")
 # label -> (module of engine.executor.ops, attributes set on it, ops re-timed besides the real
 # step, only on the compute dtype's weights): each against the default, at every context
 STEP_VARIANTS = {
-    "GEMV x prefetched": ("cuda_gemv", {"GEMV_PREFETCH_X": True}, GEMV_OPS, True),
+    "GEMV x not prefetched": ("cuda_gemv", {"GEMV_PREFETCH_X": False}, GEMV_OPS, True),
 }
 BLOCK = 16
 

@@ -200,9 +200,9 @@ def time_steps(ops, model, cache, steps, mixed=None) -> tuple[float, float, cupy
 
 
 # (label, lean GEMM, mixed graphs): the old path first (the reference) and last again
-VARIANTS = (("cublasGemmEx (default)", False, False), ("PAGEDSERVE_LEAN_GEMM=1", True, False),
-            ("PAGEDSERVE_MIXED_GRAPHS=1", False, True), ("both", True, True),
-            ("cublasGemmEx again", False, False))
+VARIANTS = (("cublasGemmEx, eager", False, False), ("lean GEMM only", True, False),
+            ("mixed graphs only", False, True), ("both (the default)", True, True),
+            ("cublasGemmEx, eager, again", False, False))
 
 
 def check_forward(ops):

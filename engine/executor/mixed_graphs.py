@@ -22,8 +22,9 @@ layer has read it (one stream). Everything else the replays share lives outside 
     if graphs.can_run(len(input_ids)):
         logits = graphs.run(input_ids, positions, slot_mapping, device_meta, logits_indices)
 
-Off by default (PAGEDSERVE_MIXED_GRAPHS=1 turns it on) until the H200 has measured it:
-tools/profile_prefill_host.py.
+On by default (PAGEDSERVE_MIXED_GRAPHS=0 turns it off): on the H200 (session 7,
+tools/profile_prefill_host.py) a step of 8 decodes and a 64-token prompt takes 2.41 ms of host
+time to launch instead of 8.35, with the same logits.
 """
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""16-bit GEMMs of eager steps through cuBLASLt with a plan kept per exact shape (opt-in).
+"""16-bit GEMMs of eager steps through cuBLASLt with a plan kept per exact shape.
 
 An eager step (one that holds a prompt: W2's time to first token) runs ~112 GEMMs on Qwen3-0.6B,
 and cublasGemmEx spends ~30 us of host time on each (session 5's cProfile of a 64-token prefill:
@@ -11,8 +11,10 @@ no host time). A plan cuBLASLt refuses, at planning or at run time, sends that s
 cublasGemmEx for good. One plan per distinct M an engine meets (at most max_num_batched_tokens of
 them per weight shape, ~100 bytes each).
 
-    PAGEDSERVE_LEAN_GEMM=1    turn it on (off by default until the H200 has measured it:
-                              tools/profile_prefill_host.py)
+    PAGEDSERVE_LEAN_GEMM=0    cublasGemmEx at every call instead. H200, session 7
+                              (tools/profile_prefill_host.py): 13.0 against 16.8 us of host time
+                              a call, bit-equal output; with mixed_graphs.py most eager GEMMs
+                              are replayed, so what is left is the steps beyond its buckets.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from engine.executor.ops.cuda_gemm_tune import TunedGemm
 
 
 def lean_gemm_enabled() -> bool:
-    return os.environ.get("PAGEDSERVE_LEAN_GEMM", "0") == "1"
+    return os.environ.get("PAGEDSERVE_LEAN_GEMM", "1") == "1"
 
 
 class PlannedGemm:

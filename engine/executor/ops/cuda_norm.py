@@ -4,7 +4,7 @@ launch shapes and the switch (PAGEDSERVE_NORM_VEC) for all of them.
 At batch 1 these kernels move a few KB each, so their time is how many memory latencies they
 wait one after another, not bytes over bandwidth. H200, kernel_check --only w1: add_rms_norm at
 16..256 x 4096 7.2-7.6 us whatever the rows, 1.95 TB/s at 2048 rows (rms_norm_kernel waits a
-latency per 2-byte element it loads: 16 per 4096 row). With PAGEDSERVE_NORM_VEC=1:
+latency per 2-byte element it loads: 16 per 4096 row). With PAGEDSERVE_NORM_VEC (the default):
 - rms_norm_vec_kernel (rms_norm.cu): every 16-byte word of a row loaded at once, the row kept in
   registers between the sum of squares and the write, the weight read before the PDL wait;
 - fp8_norm_quantize_vec_kernel (fp8.cu): FP8's add + norm + quantize the same way (bit-identical
@@ -13,8 +13,10 @@ latency per 2-byte element it loads: 16 per 4096 row). With PAGEDSERVE_NORM_VEC=
   loaded with x, not after the sum of squares) and in qk_rope_kv.cu (the q/k norm weights and the
   bias read before the PDL wait, cos/sin with the qkv row); bit-identical;
 - the row gather (embedding) with a 16-byte word per thread instead of four in a chain.
-Off by default until measured on the device: `kernel_check.py --only norms` checks each against
-its twin and times old against new. Rows rms_norm_vec_kernel cannot take (hidden % 8, a row not
+On by default (PAGEDSERVE_NORM_VEC=0: the scalar kernels). H200, session 7, `kernel_check.py
+--only norms` (each against its twin and the old kernel): add_rms_norm 1..256 x 4096 2.1-2.9 us
+against 7.1-7.5 (2.6-3.3x), 2048 x 4096 16.9 against 34.8 us; the FP8 and GGUF forms and
+qk_rope_kv bit-identical and within 1.00-1.13x; the gather 1.0-1.5x. Rows rms_norm_vec_kernel cannot take (hidden % 8, a row not
 16-byte aligned, hidden > 8 * max(NORM_VEC_WIDTHS) * NORM_VEC_THREADS) keep the scalar kernel.
 """
 
@@ -26,7 +28,7 @@ import numpy as np
 
 from engine.executor.ops.cuda_kernels import NORM_VEC_WIDTHS, kernel, launch
 
-NORM_VEC = os.environ.get("PAGEDSERVE_NORM_VEC", "0") == "1"
+NORM_VEC = os.environ.get("PAGEDSERVE_NORM_VEC", "1") == "1"
 NORM_VEC_THREADS = 512  # the vector kernels' __launch_bounds__: longer rows take V > 1 words
 GATHER_THREADS = 512  # row gather block with NORM_VEC (128 before: 4 dependent words a thread)
 NORM_W_EARLY = 2  # a kernel's `flags` bit (common.cuh): weights read before what depends on them
