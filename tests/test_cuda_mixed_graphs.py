@@ -1,5 +1,5 @@
-"""mixed_graphs.MixedGraphs (on unless PAGEDSERVE_MIXED_GRAPHS=0): a step with a prompt among decodes,
-replayed as CUDA graphs cut at attention, gives the eager forward's logits and cache writes
+"""mixed_graphs.MixedGraphs (on unless PAGEDSERVE_MIXED_GRAPHS=0): a step with a prompt among
+decodes, replayed as CUDA graphs cut at attention, gives the eager forward's logits and cache writes
 (padding rows write nothing), and an engine using it generates what the eager engine does
 (GPU only)."""
 

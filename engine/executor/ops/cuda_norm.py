@@ -16,8 +16,9 @@ latency per 2-byte element it loads: 16 per 4096 row). With PAGEDSERVE_NORM_VEC 
 On by default (PAGEDSERVE_NORM_VEC=0: the scalar kernels). H200, session 7, `kernel_check.py
 --only norms` (each against its twin and the old kernel): add_rms_norm 1..256 x 4096 2.1-2.9 us
 against 7.1-7.5 (2.6-3.3x), 2048 x 4096 16.9 against 34.8 us; the FP8 and GGUF forms and
-qk_rope_kv bit-identical and within 1.00-1.13x; the gather 1.0-1.5x. Rows rms_norm_vec_kernel cannot take (hidden % 8, a row not
-16-byte aligned, hidden > 8 * max(NORM_VEC_WIDTHS) * NORM_VEC_THREADS) keep the scalar kernel.
+qk_rope_kv bit-identical and within 1.00-1.13x; the gather 1.0-1.5x. Rows rms_norm_vec_kernel
+cannot take (hidden % 8, a row not 16-byte aligned, hidden > 8 * max(NORM_VEC_WIDTHS) *
+NORM_VEC_THREADS) keep the scalar kernel.
 """
 
 from __future__ import annotations
