@@ -1,7 +1,7 @@
-"""cuda_gemm_plan.PlannedGemm (on unless PAGEDSERVE_LEAN_GEMM=0): a cuBLASLt plan per exact
-shape computes linear()'s numpy twin and cublasGemmEx's product (up to summation order), is
-made once per shape, stays out of CUDA graph captures, and an eager mixed step (8 decodes + a prompt) with it
-gives the logits of the cublasGemmEx path (GPU only)."""
+"""cuda_gemm_plan.PlannedGemm (on unless PAGEDSERVE_LEAN_GEMM=0): a cuBLASLt plan per exact shape
+computes linear()'s numpy twin and cublasGemmEx's product (up to summation order), is made once
+per shape, stays out of CUDA graph captures, and an eager mixed step (8 decodes + a prompt) with
+it gives the logits of the cublasGemmEx path (GPU only)."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """mixed_graphs.MixedGraphs (on unless PAGEDSERVE_MIXED_GRAPHS=0): a step with a prompt among
-decodes, replayed as CUDA graphs cut at attention, gives the eager forward's logits and cache writes
-(padding rows write nothing), and an engine using it generates what the eager engine does
+decodes, replayed as CUDA graphs cut at attention, gives the eager forward's logits and cache
+writes (padding rows write nothing), and an engine using it generates what the eager engine does
 (GPU only)."""
 
 from __future__ import annotations

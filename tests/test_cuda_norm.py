@@ -1,7 +1,8 @@
-"""What PAGEDSERVE_NORM_VEC (on by default) turns on (engine/executor/ops/cuda_norm.py), GPU
-only: the 16-byte RMSNorm against the numpy twin and the scalar kernel at Qwen3 / Llama widths and odd ones, the
-row gather, FP8's add + norm + quantize against the two-pass kernel and the twin's codes, and
-NORM_W_EARLY in the GGUF GEMVs and the q/k norm + RoPE + KV kernel (bit-identical to without).
+"""What PAGEDSERVE_NORM_VEC (on by default) turns on (engine/executor/ops/cuda_norm.py), GPU only:
+the 16-byte RMSNorm against the numpy twin and the scalar kernel at Qwen3 / Llama widths and odd
+ones, the row gather, FP8's add + norm + quantize against the two-pass kernel and the twin's
+codes, and NORM_W_EARLY in the GGUF GEMVs and the q/k norm + RoPE + KV kernel (bit-identical to
+without).
 
     python -m pytest -q -m gpu tests/test_cuda_norm.py
 """
