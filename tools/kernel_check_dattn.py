@@ -12,9 +12,14 @@ the reduce launch ("old"), all on the bf16 mma kernel:
   tokens, old and fused, logits compared bit for bit.
 Each row: us per call, TB/s of K/V read, % of the 4.8 TB/s spec; fused rows add old / fused and
 whether the outputs are bit-identical (merge_splits repeats the reduce kernel's float order).
+Besides kernel_check's table, one short line per case (old | fused) goes to stdout and to
+${OUT:-/tmp}/dattn.txt as it comes, and the sweep ends as a matrix (us old / fused per splits).
 """
 
 from __future__ import annotations
+
+import os
+from pathlib import Path
 
 import numpy as np
 
@@ -25,6 +30,13 @@ from tools.kernel_check_decode1 import PEAK_BW, build, real_step
 
 SPLITS = (32, 48, 64, 96, 132, 264)
 LONG = 32532
+LINES: list[str] = []  # the short lines so far
+
+
+def say(line: str) -> None:
+    LINES.append(line)
+    print(f"dattn: {line}", flush=True)
+    Path(os.environ.get("OUT", "/tmp"), "dattn.txt").write_text("\n".join(LINES) + "\n")
 
 
 def check_dattn(ops, kc):
@@ -38,17 +50,26 @@ def check_dattn(ops, kc):
         cases = [("B=1 ctx 4096", [4096]), ("B=8 ctx 600..1000", w1[64][:8])]
     for label, ctx in cases:
         compare(ops, kc, rng, "qwen3-0.6b", label, ctx)
+    sweep = {}  # (preset, config) -> {splits: (old, fused) seconds}
+    splits_list = SPLITS[:2] if small else SPLITS
     for preset in ("qwen3-0.6b",) if small else ("qwen3-0.6b", "llama3-8b"):
         for config in DECODE_MMA_CONFIGS[:1] if small else DECODE_MMA_CONFIGS:
-            for splits in SPLITS[:2] if small else SPLITS:
-                compare(ops, kc, rng, preset, f"1 x {LONG} sweep", [LONG], config, splits)
-    if ops.name == "cuda":
-        steps(ops, kc)
+            for splits in splits_list:
+                sweep.setdefault((preset, config), {})[splits] = compare(
+                    ops, kc, rng, preset, f"1 x {LONG} sweep", [LONG], config, splits)
+    say(f"sweep, 1 x {LONG}: us old / fused (TB/s fused) by grid splits " + " | ".join(
+        str(s) for s in splits_list))
+    for (preset, config), row in sweep.items():
+        nkv, hd = HEADS[preset][1:]
+        tb = LONG * nkv * hd * 4 / 1e12
+        say(f"{preset} NW={config[0]} ST={config[1]}: " + " | ".join(
+            f"{o * 1e6:.1f} / {f * 1e6:.1f} ({tb / f:.2f})" for o, f in row.values()))
+    steps(ops, kc)
 
 
 def compare(ops, kc, rng, preset, label, ctx, config=None, splits=None):
     """One row per path (old, fused) of one batch; config (warps, stages) and grid splits
-    default to the engine's."""
+    default to the engine's. Returns (old, fused) seconds per call."""
     nh, nkv, hd = HEADS[preset]
     meta = batch_meta(ctx)
     kv_bytes = sum(ctx) * nkv * hd * 2 * 2
@@ -91,6 +112,14 @@ def compare(ops, kc, rng, preset, label, ctx, config=None, splits=None):
                         else f"max |diff| {np.max(np.abs(got - old)):.3g}")
                 extra += f"; old / fused {old_sec / sec:.3f}; {same} to old"
             kc.row("dattn", name, err, sec, kv_bytes, extra=extra)
+        (old_sec, old), (sec, got) = results[False], results[True]
+        say(f"{preset} {label} NW={ca.DECODE_MMA_CONFIG[0]} ST={ca.DECODE_MMA_CONFIG[1]} "
+            f"splits {dmeta.num_splits}: old {old_sec * 1e6:.2f} us "
+            f"{kv_bytes / old_sec / PEAK_BW * 100:.0f}% | fused {sec * 1e6:.2f} us "
+            f"{kv_bytes / sec / 1e12:.2f} TB/s {kv_bytes / sec / PEAK_BW * 100:.0f}% of 4.8; "
+            f"x{old_sec / sec:.3f}; {'same bits' if np.array_equal(got, old) else 'DIFFER'}"
+            + (f"; err {err}" if want is not None else ""))
+        return old_sec, sec
     finally:
         ca.FUSED_REDUCE, ca.DECODE_KERNEL, ca.DECODE_MMA_CONFIG = saved
 
@@ -125,9 +154,10 @@ def steps(ops, kc):
                     same = ("; logits bit-identical to old" if np.array_equal(
                         r["logits"], real[False]["logits"]) else "; logits DIFFER from old")
                     same += f"; old / fused {real[False]['gpu'] / r['gpu']:.3f}"
-                kc.row("dattn", f"qwen3-0.6b B=1 ctx {ctx} real step graph "
-                       f"{'fused' if fused else 'old'}", f"{r['total']} launches", r["gpu"],
-                       extra=f"{r['gpu'] * 1e3:.3f} ms/token GPU, {r['wall'] * 1e3:.3f} wall"
-                       + same)
+                line = (f"qwen3-0.6b B=1 ctx {ctx} real step graph {'fused' if fused else 'old'}"
+                        f": {r['gpu'] * 1e3:.4f} ms/token GPU, {r['wall'] * 1e3:.3f} wall, "
+                        f"{r['total']} launches" + same)
+                kc.row("dattn", line, "-", r["gpu"])
+                say(line)
     finally:
         ca.FUSED_REDUCE = saved
