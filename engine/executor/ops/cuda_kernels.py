@@ -57,8 +57,10 @@ GGUF_GEMV2_STRUCTS = {("Q4_K", 1): "G2_Q4_K<1>", ("Q4_K", 2): "G2_Q4_K<2>", ("Q8
 GGUF_GEMV3_BIG = {"Q4_K": 24, "Q8_0": 32, "Q6_K": 24}
 GGUF_GEMV3_KINDS = tuple(GGUF_GEMV3_BIG)
 DECODE_UNROLL = 2  # 16-byte K and V loads per lane in flight (U); 2 beat 4 and 8 on the H200
-# attention_decode_mma.cu's (warps, cp.async stages per warp) variants; rows GR are 8 or 16
-DECODE_MMA_CONFIGS = ((4, 2), (4, 3), (8, 2))
+# attention_decode_mma.cu's (warps, cp.async stages per warp) variants; rows GR are 8 or 16.
+# (2, 4): the same shared memory per block as (4, 2), so the same 3 blocks per SM, with 3 of every
+# warp's 4 tiles in flight instead of 1 of 2 (tools/kernel_check_dattn.py's long-context sweep).
+DECODE_MMA_CONFIGS = ((4, 2), (4, 3), (8, 2), (2, 4))
 # attention_prefill_gqa.cu's (MI, NW, BN) variants, which cuda_prefill.prefill_plan picks among
 PREFILL_CONFIGS = ((2, 8, 64), (2, 4, 64), (1, 8, 64), (1, 4, 64))
 
