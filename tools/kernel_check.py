@@ -56,6 +56,7 @@ from engine.executor.ops.numpy_ops import NumpyOps  # noqa: E402
 from tools import kernel_check_fp8  # noqa: E402
 from tools.kernel_check_attn import check_attn  # noqa: E402
 from tools.kernel_check_decode1 import check_decode1  # noqa: E402
+from tools.kernel_check_fp8b1 import check_fp8b1  # noqa: E402
 from tools.kernel_check_gguf import check_gguf  # noqa: E402
 from tools.kernel_check_norms import check_norms  # noqa: E402
 from tools.kernel_check_w1 import check_w1  # noqa: E402
@@ -743,6 +744,7 @@ def run_all(ops, quick: bool = False, only: str | None = None):
         "fp8": lambda: kernel_check_fp8.check_fp8(ops, sys.modules[__name__]),
         "w1": lambda: check_w1(ops, sys.modules[__name__]),
         "norms": lambda: check_norms(ops, sys.modules[__name__]),
+        "fp8b1": lambda: check_fp8b1(ops, sys.modules[__name__]),
     }
     for name, run in sections.items():
         if only is not None and name not in only.split(","):
