@@ -184,10 +184,10 @@ __device__ __forceinline__ float quantize_words16(int words, float* red, uint4* 
 // ------------------------------------------------------------------------------ the GEMV body
 // The small-batch FP8 GEMV (fp8.cu's fp8_gemv_kernel; fp8_gemv_fused.cu): y (M, N) = (qx (M, K) .
 // qw (N, K)^T) * sx * sw. Block b computes outputs R*b .. R*b + R-1 for all M rows; its threads
-// split K in 16-byte words (16 codes), F8_U words per row in flight per thread; partial sums meet
-// through shuffles and shared memory. Each output's sum runs in one order whatever R and wherever
-// the codes come from (thread t: words t, t + blockDim, ... in turn; then the warps in order):
-// only the block size changes the bits. K is a multiple of 16, qw 16-byte aligned.
+// split K in 16-byte words (16 codes), F8_U words per row in flight per thread (1 from 16 rows);
+// partial sums meet through shuffles and shared memory. Each output's sum runs in one order
+// whatever R and U and wherever the codes come from (thread t: words t, t + blockDim, ... in
+// turn; then the warps in order): only the block size changes the bits. K is a multiple of 16, qw 16-byte aligned.
 // enter() runs between the first weight loads and the product: the PDL wait, and in the fused
 // kernels the quantization of x; then xword(m, v) gives 16-byte word v of row m's codes (thread t
 // asks only for its own words) and, after a barrier, xscale(m) the row's scale.
@@ -212,10 +212,11 @@ __device__ __forceinline__ void fp8_gemv_block(T* __restrict__ y,               
   for (int r = 0; r < R; r++)
     wrow[r] = reinterpret_cast<const uint4*>(qw + (long)min(n0 + r, N - 1) * K);
 
-  uint4 wr[F8_U][R];
+  constexpr int U = R >= 16 ? 1 : F8_U;  // 16 rows: one word each, as many in flight a thread
+  uint4 wr[U][R];
   auto load_w = [&](int base) {
 #pragma unroll
-    for (int u = 0; u < F8_U; u++) {
+    for (int u = 0; u < U; u++) {
       const int v = base + u * blockDim.x;
 #pragma unroll
       for (int r = 0; r < R; r++)
@@ -226,10 +227,10 @@ __device__ __forceinline__ void fp8_gemv_block(T* __restrict__ y,               
   // while the previous kernel finishes; at K = 4096 they are all of a thread's words.
   load_w(threadIdx.x);
   enter();
-  for (int base = threadIdx.x; base < words; base += F8_U * blockDim.x) {
+  for (int base = threadIdx.x; base < words; base += U * blockDim.x) {
     if (base != threadIdx.x) load_w(base);
 #pragma unroll
-    for (int u = 0; u < F8_U; u++) {
+    for (int u = 0; u < U; u++) {
       const int v = base + u * blockDim.x;
       if (v >= words) continue;
 #pragma unroll

@@ -11,7 +11,8 @@ sampler old vs new, decode steps.
 gguf, decode, step (decode-step variants at batch 1, ctx 512: PDL, early trigger, fusions), fp8:
 tools/kernel_check_fp8.py, attn: decode attention v1 vs mma, tools/kernel_check_attn.py, w1: one
 W1 step's ops at Llama-3-8B shapes and the tuned GEMMs, tools/kernel_check_w1.py; norms: the
-16-byte RMSNorm and row gather against the old kernels, tools/kernel_check_norms.py).
+16-byte RMSNorm and row gather against the old kernels, tools/kernel_check_norms.py; fp8b1: the
+FP8 batch-1 linears as one launch against two, tools/kernel_check_fp8b1.py).
 --check-each synchronizes after every row and every section and stops at the first CUDA error,
 naming where it surfaced (a kernel fault is sticky: without this it is reported by whichever
 later call syncs first). --small shrinks every section (few rows, one weight
@@ -724,7 +725,7 @@ def check_launches(ops):
 
 def run_all(ops, quick: bool = False, only: str | None = None):
     """Every section, or those named in `only` (comma-separated: launches, fused, gemv, gemv1,
-    splits, sampling, prefill, gguf, decode, step, fp8, attn, w1, norms)."""
+    splits, sampling, prefill, gguf, decode, step, fp8, attn, w1, norms, fp8b1)."""
     sections = {
         "launches": lambda: check_launches(ops),
         "fused": lambda: check_fused(ops),

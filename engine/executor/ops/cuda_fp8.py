@@ -79,7 +79,8 @@ FUSED_MAX_M = 4  # rows compiled (template M)
 # sm_90): (4, 4) keeps fp8_gemv_kernel's 64 registers, so as many blocks (weight words in flight)
 # an SM (the norm and SiLU prologues spill 96 bytes); (4, 1) takes 64-88, nothing spilled, fewer
 # blocks; (8, 1) 114, a quarter of the blocks an SM but each with twice the words in flight, and
-# half the blocks reading the whole row from L2.
+# half the blocks reading the whole row from L2 (and, for down, computing its SiLU); (16, 2) 128,
+# one word of each row in flight (fp8.cuh's U = 1), a quarter of the blocks.
 FUSED_CONFIG_M1 = dict.fromkeys(FUSED_OPS, FP8_FUSED_CONFIGS[1][0])
 PRO_QUANTIZE, PRO_SILU, PRO_NORM, PRO_CODES = 0, 1, 2, 3  # fp8_fused.cu's prologues
 _NULL = np.uint64(0)
