@@ -136,6 +136,8 @@ def test_fused_linears_are_chosen_by_name(monkeypatch):
     assert cuda_fp8.use_fused(4, square, cuda_fp8.PRO_QUANTIZE)
     assert not cuda_fp8.use_fused(5, square, cuda_fp8.PRO_QUANTIZE)
     assert not cuda_fp8.use_fused(1, square, cuda_fp8.PRO_SILU)  # down
+    assert not cuda_fp8.use_fused(1, tall, cuda_fp8.PRO_QUANTIZE)  # the lm_head: by name only
+    assert "lm_head" not in cuda_fp8._fused_ops("1") and cuda_fp8._fused_ops("lm_head")
 
 
 def test_llama_step_logits_equal_fused_and_unfused(monkeypatch):

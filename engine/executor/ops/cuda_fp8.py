@@ -58,17 +58,19 @@ STREAM_MAX_STAGES = 7  # chunks in flight per warp (fp8.cuh's f8_cp_async_wait t
 STREAM_STAGE_BYTES = 4096  # fp8_fused.cu's FS_STAGE uint4 words
 # fp8_gemv_fused.cu: the GEMV with the quantization in its blocks' prologue (PRO_QUANTIZE, PRO_SILU,
 # PRO_NORM), one launch per linear at M <= FUSED_MAX_M (and gemv_wins' caps) instead of two, for
-# the linears named in FUSED (fused_op names them; PAGEDSERVE_FP8_GEMV_FUSED: 1 = all, or a comma
-# list; each block reads the whole activation row from L2, which may cost more than the launch
-# it saves on the largest weights: kernel_check --only fp8b1 times each).
+# the linears named in FUSED (fused_op names them; PAGEDSERVE_FP8_GEMV_FUSED: 1 = the four of a
+# layer, or a comma list, where the FP8 lm_head (fp8.LM_HEAD, not measured) may be named too; each
+# block reads the whole activation row from L2, which may cost more than the launch it saves on
+# the largest weights: kernel_check --only fp8b1 times each).
 FUSED_OPS = ("qkv", "o", "gate_up", "down")
 
 
 def _fused_ops(value: str) -> frozenset:
     names = FUSED_OPS if value == "1" else () if value in ("", "0") else value.split(",")
-    bad = [n for n in names if n not in FUSED_OPS]
+    bad = [n for n in names if n not in (*FUSED_OPS, "lm_head")]
     if bad:
-        raise ValueError(f"PAGEDSERVE_FP8_GEMV_FUSED: {bad} not among {FUSED_OPS} (or 0 / 1)")
+        raise ValueError(f"PAGEDSERVE_FP8_GEMV_FUSED: {bad} not among {FUSED_OPS} + lm_head "
+                         "(or 0 / 1)")
     return frozenset(names)
 
 
@@ -81,7 +83,7 @@ FUSED_MAX_M = 4  # rows compiled (template M)
 # blocks; (8, 1) 114, a quarter of the blocks an SM but each with twice the words in flight, and
 # half the blocks reading the whole row from L2 (and, for down, computing its SiLU); (16, 2) 128,
 # one word of each row in flight (fp8.cuh's U = 1), a quarter of the blocks.
-FUSED_CONFIG_M1 = dict.fromkeys(FUSED_OPS, FP8_FUSED_CONFIGS[1][0])
+FUSED_CONFIG_M1 = dict.fromkeys((*FUSED_OPS, "lm_head"), FP8_FUSED_CONFIGS[1][0])
 PRO_QUANTIZE, PRO_SILU, PRO_NORM, PRO_CODES = 0, 1, 2, 3  # fp8_fused.cu's prologues
 _NULL = np.uint64(0)
 _LT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Gemm -> its Fp8Gemm
@@ -256,11 +258,14 @@ def matmul(ops, q, s, w: QuantizedWeight, use_gemv: bool | None = None):
 
 
 def fused_op(prologue: int, n: int) -> str:
-    """The linear (FUSED_OPS) a fused GEMV of this prologue and N outputs stands for: the
-    norm's is qkv, or gate_up from TALL outputs (where gemv_wins caps M lower)."""
+    """The linear (FUSED_OPS, lm_head) a fused GEMV of this prologue and N outputs stands for:
+    the norm's is qkv, or gate_up from TALL outputs (where gemv_wins caps M lower); the plain
+    one's o, or the lm_head from TALL outputs."""
     if prologue == PRO_NORM:
         return "gate_up" if n >= TALL else "qkv"
-    return "o" if prologue == PRO_QUANTIZE else "down"
+    if prologue == PRO_QUANTIZE:
+        return "lm_head" if n >= TALL else "o"
+    return "down"
 
 
 def use_fused(m: int, w: QuantizedWeight, prologue: int) -> bool:
