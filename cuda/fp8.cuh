@@ -1,5 +1,6 @@
-// FP8 (E4M3) helpers shared by fp8.cu and fp8_fused.cu: conversions (the twin is
-// engine/model/fp8.py), 8-element row words, the two-pass row quantization and cp.async.
+// FP8 (E4M3) helpers shared by fp8.cu, fp8_fused.cu and fp8_gemv_fused.cu: conversions (the twin
+// is engine/model/fp8.py), 8-element row words, the two-pass row quantization, the small-batch
+// GEMV's body and cp.async.
 #pragma once
 #include "common.cuh"
 
@@ -140,6 +141,133 @@ __device__ __forceinline__ float quantize_row(int words, float* red, Make make, 
     emit(w, f, s);
   }
   return s;
+}
+
+// quantize_row's codes and scale for the words of a row that fp8_gemv_block's thread t reads:
+// 16-element words v = t, t + blockDim, ... of `words` (K / 16), every thread's words together
+// the whole row. make(v, f) gives word v's 16 values before rounding to T; rounded, they wait in
+// vals (shared, [K]; make may read word v of it) for the row's scale, then their codes go to
+// codes[v]. A thread touches only its own words of vals and codes: no barrier. The first QC words
+// of a thread are made in one unrolled step (their loads issued together). Returns the row's
+// scale to every thread (block reductions: all threads call it). Bit for bit quantize_row's
+// codes and scale: elementwise functions of the same values, and a max.
+template <typename T, int QC, typename Make>
+__device__ __forceinline__ float quantize_words16(int words, float* red, uint4* codes, T* vals,
+                                                  Make make) {
+  float amax = 0.f;
+  auto stage = [&](int v) {
+    float f[16];
+    make(v, f);
+    round8<T>(f, amax);
+    round8<T>(f + 8, amax);
+    store8(vals + 16 * v, f);
+    store8(vals + 16 * v + 8, f + 8);
+  };
+#pragma unroll
+  for (int i = 0; i < QC; i++) {
+    const int v = threadIdx.x + i * blockDim.x;
+    if (v < words) stage(v);
+  }
+  for (int v = threadIdx.x + QC * blockDim.x; v < words; v += blockDim.x) stage(v);
+  const float s = row_scale(block_max(amax, red));
+  unsigned char* out = reinterpret_cast<unsigned char*>(codes);
+  for (int v = threadIdx.x; v < words; v += blockDim.x) {
+    float f[16];
+    load8(vals + 16 * v, f);
+    load8(vals + 16 * v + 8, f + 8);
+    encode8(out + 16 * v, f, s);
+    encode8(out + 16 * v + 8, f + 8, s);
+  }
+  return s;
+}
+
+// ------------------------------------------------------------------------------ the GEMV body
+// The small-batch FP8 GEMV (fp8.cu's fp8_gemv_kernel; fp8_gemv_fused.cu): y (M, N) = (qx (M, K) .
+// qw (N, K)^T) * sx * sw. Block b computes outputs R*b .. R*b + R-1 for all M rows; its threads
+// split K in 16-byte words (16 codes), F8_U words per row in flight per thread (1 from 16 rows);
+// partial sums meet through shuffles and shared memory. Each output's sum runs in one order
+// whatever R and U and wherever the codes come from (thread t: words t, t + blockDim, ... in
+// turn; then the warps in order): only the block size changes the bits. K is a multiple of 16, qw 16-byte aligned.
+// enter() runs between the first weight loads and the product: the PDL wait, and in the fused
+// kernels the quantization of x; then xword(m, v) gives 16-byte word v of row m's codes (thread t
+// asks only for its own words) and, after a barrier, xscale(m) the row's scale.
+constexpr int F8_U = 2;  // 16-byte weight words per row in flight per thread
+constexpr int F8_MAX_WARPS = 8;
+
+template <typename T, int M, int R, typename Enter, typename XWord, typename XScale>
+__device__ __forceinline__ void fp8_gemv_block(T* __restrict__ y,                    // [M, N]
+                                               const unsigned char* __restrict__ qw,  // [N, K]
+                                               const float* __restrict__ sw,          // [N]
+                                               int N, int K, Enter enter, XWord xword,
+                                               XScale xscale) {
+  __shared__ float red[F8_MAX_WARPS][M * R];
+  const int n0 = blockIdx.x * R, words = K / 16;
+  float acc[M][R];
+#pragma unroll
+  for (int m = 0; m < M; m++)
+#pragma unroll
+    for (int r = 0; r < R; r++) acc[m][r] = 0.f;
+  const uint4* wrow[R];
+#pragma unroll
+  for (int r = 0; r < R; r++)
+    wrow[r] = reinterpret_cast<const uint4*>(qw + (long)min(n0 + r, N - 1) * K);
+
+  constexpr int U = R >= 16 ? 1 : F8_U;  // 16 rows: one word each, as many in flight a thread
+  uint4 wr[U][R];
+  auto load_w = [&](int base) {
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+      const int v = base + u * blockDim.x;
+#pragma unroll
+      for (int r = 0; r < R; r++)
+        wr[u][r] = v < words ? __ldcs(wrow[r] + v) : make_uint4(0u, 0u, 0u, 0u);  // read once
+    }
+  };
+  // The first weight words are requested before enter() (the PDL wait): under PDL they stream
+  // while the previous kernel finishes; at K = 4096 they are all of a thread's words.
+  load_w(threadIdx.x);
+  enter();
+  for (int base = threadIdx.x; base < words; base += U * blockDim.x) {
+    if (base != threadIdx.x) load_w(base);
+#pragma unroll
+    for (int u = 0; u < U; u++) {
+      const int v = base + u * blockDim.x;
+      if (v >= words) continue;
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+        float wf[R][8];
+#pragma unroll
+        for (int r = 0; r < R; r++) fp8x8_to_float(wr[u][r], h, wf[r]);
+#pragma unroll
+        for (int m = 0; m < M; m++) {
+          float xf[8];
+          fp8x8_to_float(xword(m, v), h, xf);
+#pragma unroll
+          for (int r = 0; r < R; r++)
+#pragma unroll
+            for (int e = 0; e < 8; e++) acc[m][r] += xf[e] * wf[r][e];
+        }
+      }
+    }
+  }
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int m = 0; m < M; m++)
+#pragma unroll
+    for (int r = 0; r < R; r++) {
+      const float s = warp_sum(acc[m][r]);
+      if (lane == 0) red[warp][m * R + r] = s;
+    }
+  __syncthreads();
+  const int num_warps = blockDim.x >> 5;
+  for (int i = threadIdx.x; i < M * R; i += blockDim.x) {
+    const int m = i / R, r = i % R;
+    if (n0 + r >= N) continue;
+    float s = 0.f;
+    for (int k = 0; k < num_warps; k++) s += red[k][i];
+    y[(long)m * N + n0 + r] = from_float<T>(s * xscale(m) * sw[n0 + r]);
+  }
 }
 
 // ------------------------------------------------------------------------------ cp.async
