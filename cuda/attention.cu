@@ -197,11 +197,11 @@ __global__ void __launch_bounds__(32 * DEC_WARPS) decode_attention_kernel(
 
 // Combines the splits: out = sum_s 2^(m_s - M) o_s / sum_s 2^(m_s - M) l_s, for the sequences
 // that used more than one (the others were written by the decode kernel itself).
-// A sequence may use up to MAX_SPLITS (decode_splits.cuh) splits: the block's threads first take
-// one split each for the weights 2^(m_s - M) (kept in shared memory), then RED_SUB threads per
-// output dimension sum strided subsets of the splits, so no thread walks all of them one dependent
-// load at a time. decode_splits.cuh's merge_splits repeats this order of operations exactly.
+// A sequence may use up to MAX_SPLITS splits: the block's threads first take one split each for
+// the weights 2^(m_s - M) (kept in shared memory), then RED_SUB threads per output dimension sum
+// strided subsets of the splits, so no thread walks all of them one dependent load at a time.
 // Grid: (W, num_heads)  Block: (RED_THREADS)
+constexpr int RED_THREADS = 512, MAX_SPLITS = 256;
 template <typename T, int HD>
 __global__ void __launch_bounds__(RED_THREADS) decode_reduce_kernel(
     T* __restrict__ out,                      // [num_tokens, nh, HD]
@@ -217,7 +217,7 @@ __global__ void __launch_bounds__(RED_THREADS) decode_reduce_kernel(
   __shared__ float num_s[RED_SUB][HD];
   pdl_start();
   const int seq = seqs[blockIdx.x];
-  const int splits = seq_splits(context_lens[seq], num_splits, min_keys);  // <= MAX_SPLITS
+  const int splits = min(seq_splits(context_lens[seq], num_splits, min_keys), MAX_SPLITS);
   if (splits == 1) return;
   const long ih = (long)blockIdx.x * num_heads + blockIdx.y;
   const long stride = (long)num_items * num_heads;
@@ -231,14 +231,14 @@ __global__ void __launch_bounds__(RED_THREADS) decode_reduce_kernel(
     const float ms = part_ml[(s * stride + ih) * 2];
     const float w = ms == -INFINITY ? 0.f : exp2f(ms - mx);  // a split that saw no key: 0
     w_s[s] = w;
-    den = fmaf(w, part_ml[(s * stride + ih) * 2 + 1], den);
+    den += w * part_ml[(s * stride + ih) * 2 + 1];
   }
   den = block_sum(den, red);  // its barriers also publish w_s
   const int d = threadIdx.x % HD, sub = threadIdx.x / HD;
   float num = 0.f;
 #pragma unroll 8
   for (int s = sub; s < splits; s += RED_SUB)
-    num = fmaf(w_s[s], part_out[(s * stride + ih) * HD + d], num);
+    num += w_s[s] * part_out[(s * stride + ih) * HD + d];
   num_s[sub][d] = num;
   __syncthreads();
   if (sub == 0) {

@@ -11,8 +11,6 @@
 // warp runs S = Q K^T (HD / 16 x 2 mma.sync m16n8k16, K by ldmatrix), the online softmax in base 2
 // on raw scores (scale * log2 e folded into one FMA before ex2, two quad shuffles per row max), and
 // O += P V (P from the score registers, V by ldmatrix.trans). The warps merge in shared memory.
-// The splits of a sequence are combined by decode_reduce_kernel, or (counters given) by the split
-// block that finishes last, which saves that launch (decode_splits.cuh's merge_splits).
 #include "decode_splits.cuh"
 #include "mma.cuh"
 
@@ -20,7 +18,7 @@ constexpr int DM_KEYS = 16;  // keys per warp tile: one k16 step of P V, two n8 
 
 // Grid: (num_decode_items, num_kv_heads * passes, num_splits)  Block: (NW * 32)
 // passes = ceil(group / GR). Dynamic shared memory: max(NW x ST x (K, V) x DM_KEYS x (HD + 8)
-// 16-bit elements, NW x GR x HD floats for the merge, GR x num_splits floats with counters).
+// 16-bit elements, NW x GR x HD floats for the merge).
 template <typename T, int HD, int GR, int NW, int ST>
 __global__ void __launch_bounds__(NW * 32, 12 / NW) decode_mma_kernel(
     T* __restrict__ out,                    // [num_tokens, num_heads, HD]
@@ -33,7 +31,6 @@ __global__ void __launch_bounds__(NW * 32, 12 / NW) decode_mma_kernel(
     const int* __restrict__ query_start_loc,  // [B + 1]
     const int* __restrict__ context_lens,     // [B]
     const int* __restrict__ block_tables,     // [B, max_blocks]
-    int* __restrict__ counters,  // [W, nkv * passes] zeros (left so), or null: reduce kernel
     int max_blocks, int num_items, int num_heads, int num_kv_heads, int block_size,
     float scale_log2, int num_splits, int min_keys) {
   static_assert(GR == 8 || GR == 16, "one m16 tile of query heads");
@@ -254,24 +251,17 @@ __global__ void __launch_bounds__(NW * 32, 12 / NW) decode_mma_kernel(
       }
     }
   }
-  // block-uniform: every thread takes the barriers inside, or none does
-  if (splits > 1 && counters != nullptr &&
-      finish_split(counters + (long)item * gridDim.y + blockIdx.y, splits))
-    merge_splits<T, HD, NW * 32>(out, part_out, part_ml, reinterpret_cast<float*>(smem_raw), splits,
-                                 item, num_items, num_heads, kvh * group + g0,
-                                 min(GR, group - g0), tok);
 }
 
 #ifdef PAGEDSERVE_NVCC_CHECK
 #define INSTANTIATE(T, HD, GR, NW, ST)                                                         \
   template __global__ void decode_mma_kernel<T, HD, GR, NW, ST>(                               \
       T*, float*, float*, const T*, const T*, const T*, const int*, const int*, const int*,    \
-      const int*, int*, int, int, int, int, int, float, int, int);
+      const int*, int, int, int, int, int, float, int, int);
 INSTANTIATE(__half, 64, 8, 4, 2)
 INSTANTIATE(__half, 128, 16, 4, 2)
 INSTANTIATE(__nv_bfloat16, 64, 16, 4, 2)
 INSTANTIATE(__nv_bfloat16, 128, 8, 4, 2)
 INSTANTIATE(__nv_bfloat16, 128, 8, 4, 3)
 INSTANTIATE(__nv_bfloat16, 128, 8, 8, 2)
-INSTANTIATE(__nv_bfloat16, 128, 8, 2, 4)
 #endif

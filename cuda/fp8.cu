@@ -183,10 +183,13 @@ __global__ void __launch_bounds__(512) fp8_norm_quantize_vec_kernel(
 // ------------------------------------------------------------------------------ products
 
 constexpr int F8_R = 4;  // weight rows per GEMV block (8 measured slower on the H200)
+constexpr int F8_U = 2;  // 16-byte weight words per row in flight per thread
+constexpr int F8_MAX_WARPS = 8;
 
 // y (M, N) = (qx (M, K) . qw (N, K)^T) * sx * sw for decode batches (M <= 8): a pure read of the
-// weights, half the bytes of bf16 (fp8_gemv_block in fp8.cuh). Only qx and sx, read after the PDL
-// wait, come from an earlier kernel. K is a multiple of 16, qx and qw 16-byte aligned.
+// weights, half the bytes of bf16. Block b computes outputs R*b .. R*b + R-1 for all M rows; its
+// threads split K in 16-byte words (16 codes), U words per row in flight; partial sums meet
+// through shuffles and shared memory. K is a multiple of 16, qx and qw 16-byte aligned.
 // Grid: (ceil(N / F8_R))  Block: (64..256, a multiple of 32)
 template <typename T, int M>
 __global__ void __launch_bounds__(256) fp8_gemv_kernel(T* __restrict__ y,              // [M, N]
@@ -195,12 +198,75 @@ __global__ void __launch_bounds__(256) fp8_gemv_kernel(T* __restrict__ y,       
                                                        const unsigned char* __restrict__ qw,  // [N, K]
                                                        const float* __restrict__ sw,    // [N]
                                                        int N, int K) {
+  __shared__ float red[F8_MAX_WARPS][M * F8_R];
+  const int n0 = blockIdx.x * F8_R, words = K / 16;
+  float acc[M][F8_R];
+#pragma unroll
+  for (int m = 0; m < M; m++)
+#pragma unroll
+    for (int r = 0; r < F8_R; r++) acc[m][r] = 0.f;
+  const uint4* wrow[F8_R];
+#pragma unroll
+  for (int r = 0; r < F8_R; r++)
+    wrow[r] = reinterpret_cast<const uint4*>(qw + (long)min(n0 + r, N - 1) * K);
   const uint4* xw = reinterpret_cast<const uint4*>(qx);
-  const int words = K / 16;
-  fp8_gemv_block<T, M, F8_R>(
-      y, qw, sw, N, K, [] { pdl_start(); },
-      [&](int m, int v) { return __ldg(xw + (long)m * words + v); },
-      [&](int m) { return sx[m]; });
+
+  uint4 wr[F8_U][F8_R];
+  auto load_w = [&](int base) {
+#pragma unroll
+    for (int u = 0; u < F8_U; u++) {
+      const int v = base + u * blockDim.x;
+#pragma unroll
+      for (int r = 0; r < F8_R; r++)
+        wr[u][r] = v < words ? __ldcs(wrow[r] + v) : make_uint4(0u, 0u, 0u, 0u);  // read once
+    }
+  };
+  // The first weight words are requested before the PDL wait: under PDL they stream while the
+  // previous kernel (the activation's quantization) finishes; at K = 4096 they are all of a
+  // thread's words. Only qx and sx, read after it, come from an earlier kernel.
+  load_w(threadIdx.x);
+  pdl_start();
+  for (int base = threadIdx.x; base < words; base += F8_U * blockDim.x) {
+    if (base != threadIdx.x) load_w(base);
+#pragma unroll
+    for (int u = 0; u < F8_U; u++) {
+      const int v = base + u * blockDim.x;
+      if (v >= words) continue;
+#pragma unroll
+      for (int h = 0; h < 2; h++) {
+        float wf[F8_R][8];
+#pragma unroll
+        for (int r = 0; r < F8_R; r++) fp8x8_to_float(wr[u][r], h, wf[r]);
+#pragma unroll
+        for (int m = 0; m < M; m++) {
+          float xf[8];
+          fp8x8_to_float(__ldg(xw + (long)m * words + v), h, xf);
+#pragma unroll
+          for (int r = 0; r < F8_R; r++)
+#pragma unroll
+            for (int e = 0; e < 8; e++) acc[m][r] += xf[e] * wf[r][e];
+        }
+      }
+    }
+  }
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+#pragma unroll
+  for (int m = 0; m < M; m++)
+#pragma unroll
+    for (int r = 0; r < F8_R; r++) {
+      const float s = warp_sum(acc[m][r]);
+      if (lane == 0) red[warp][m * F8_R + r] = s;
+    }
+  __syncthreads();
+  const int num_warps = blockDim.x >> 5;
+  for (int i = threadIdx.x; i < M * F8_R; i += blockDim.x) {
+    const int m = i / F8_R, r = i % F8_R;
+    if (n0 + r >= N) continue;
+    float s = 0.f;
+    for (int k = 0; k < num_warps; k++) s += red[k][i];
+    y[(long)m * N + n0 + r] = from_float<T>(s * sx[m] * sw[n0 + r]);
+  }
 }
 
 // The epilogue of a cuBLASLt FP8 product run without per-channel scales (fp32 out, scales 1):

@@ -11,8 +11,7 @@ sampler old vs new, decode steps.
 gguf, decode, step (decode-step variants at batch 1, ctx 512: PDL, early trigger, fusions), fp8:
 tools/kernel_check_fp8.py, attn: decode attention v1 vs mma, tools/kernel_check_attn.py, w1: one
 W1 step's ops at Llama-3-8B shapes and the tuned GEMMs, tools/kernel_check_w1.py; norms: the
-16-byte RMSNorm and row gather against the old kernels, tools/kernel_check_norms.py; fp8b1: the
-FP8 batch-1 linears as one launch against two, tools/kernel_check_fp8b1.py).
+16-byte RMSNorm and row gather against the old kernels, tools/kernel_check_norms.py).
 --check-each synchronizes after every row and every section and stops at the first CUDA error,
 naming where it surfaced (a kernel fault is sticky: without this it is reported by whichever
 later call syncs first). --small shrinks every section (few rows, one weight
@@ -56,9 +55,7 @@ from engine.executor.ops import cuda_attention as ca  # noqa: E402
 from engine.executor.ops.numpy_ops import NumpyOps  # noqa: E402
 from tools import kernel_check_fp8  # noqa: E402
 from tools.kernel_check_attn import check_attn  # noqa: E402
-from tools.kernel_check_dattn import check_dattn  # noqa: E402
 from tools.kernel_check_decode1 import check_decode1  # noqa: E402
-from tools.kernel_check_fp8b1 import check_fp8b1  # noqa: E402
 from tools.kernel_check_gguf import check_gguf  # noqa: E402
 from tools.kernel_check_norms import check_norms  # noqa: E402
 from tools.kernel_check_w1 import check_w1  # noqa: E402
@@ -726,7 +723,7 @@ def check_launches(ops):
 
 def run_all(ops, quick: bool = False, only: str | None = None):
     """Every section, or those named in `only` (comma-separated: launches, fused, gemv, gemv1,
-    splits, sampling, prefill, gguf, decode, step, fp8, attn, w1, norms, fp8b1)."""
+    splits, sampling, prefill, gguf, decode, step, fp8, attn, w1, norms)."""
     sections = {
         "launches": lambda: check_launches(ops),
         "fused": lambda: check_fused(ops),
@@ -746,8 +743,6 @@ def run_all(ops, quick: bool = False, only: str | None = None):
         "fp8": lambda: kernel_check_fp8.check_fp8(ops, sys.modules[__name__]),
         "w1": lambda: check_w1(ops, sys.modules[__name__]),
         "norms": lambda: check_norms(ops, sys.modules[__name__]),
-        "dattn": lambda: check_dattn(ops, sys.modules[__name__]),  # fused split reduce
-        "fp8b1": lambda: check_fp8b1(ops, sys.modules[__name__]),
     }
     for name, run in sections.items():
         if only is not None and name not in only.split(","):

@@ -5,15 +5,10 @@ kernel, one block per (sequence, kv head, context split): cuda/attention_decode_
 cores, cp.async stages) or cuda/attention.cu's first one (DECODE_KERNEL); those with several
 (prefill chunks) go to a tensor-core kernel (cuda_prefill.py picks which, and cuts the work). A
 mixed batch launches both, each writing its own rows of the output.
-
-A decode sequence spread over several context splits has them combined by decode_reduce_kernel
-(a second launch), or, with PAGEDSERVE_DECODE_FUSED_REDUCE=1 and the mma kernel, by whichever of
-its split blocks finishes last (split_counters: one launch per layer).
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass, field
 
@@ -31,8 +26,6 @@ from engine.executor.ops.cuda_kernels import (
 )
 from engine.executor.ops.cuda_prefill import prefill_attention, prefill_plan
 
-logger = logging.getLogger("pagedserve." + __name__)
-
 DECODE_THREADS = 128  # attention.cu's DEC_WARPS warps
 # "mma": attention_decode_mma.cu; "v1": attention.cu's scalar kernel. Device run 2
 # (tools/kernel_check.py --only attn): W1's batch-256 decode mix 168 against 295 us (Llama-3-8B
@@ -40,10 +33,6 @@ DECODE_THREADS = 128  # attention.cu's DEC_WARPS warps
 # mma: Qwen3-0.6B 22,868 output tok/s, Llama-3-8B 9,265 (7,678 before).
 DECODE_KERNEL = os.environ.get("PAGEDSERVE_DECODE_KERNEL", "mma")
 DECODE_MMA_CONFIG = DECODE_MMA_CONFIGS[0]  # (warps, cp.async stages per warp)
-# The last split block of a (sequence, kv head) combines the splits, instead of a reduce launch.
-# Bit-identical to the reduce kernel (the same order of float operations). Off until measured
-# (tools/kernel_check.py --only dattn).
-FUSED_REDUCE = os.environ.get("PAGEDSERVE_DECODE_FUSED_REDUCE", "0") == "1"
 NUM_BLOCKS_TARGET = 1024  # decode blocks that fill an H200's 132 SMs several times over
 # A sequence takes ceil(context / keys per split) of the grid's splits, at most all of them
 # (attention.cu's seq_splits): the grid is sized for the longest context, each sequence for its own.
@@ -56,7 +45,7 @@ MIN_KEYS_PER_SPLIT = 64
 # to keep its warps' cp.async rings busy. Device run 2, one sequence of 32,532 tokens: 43.6 us
 # (3.05 TB/s) against 46.1 at 128 splits (v1 at 128: 45.5 Qwen3 heads, 65.8 Llama-3 heads).
 MAX_SPLITS = 48
-KERNEL_MAX_SPLITS, REDUCE_THREADS = 512, 512  # decode_splits.cuh's MAX_SPLITS and RED_THREADS
+KERNEL_MAX_SPLITS, REDUCE_THREADS = 256, 512  # attention.cu's MAX_SPLITS and RED_THREADS
 LOG2E = 1.4426950408889634  # the kernels' softmax is base 2: scores are scaled by scale * log2(e)
 
 
@@ -205,7 +194,7 @@ def paged_attention(qkv, k_cache, v_cache, meta: DeviceAttentionMetadata, num_he
     i32, tables = np.int32, meta.block_tables
     scale_log2 = np.float32(scale * LOG2E)
     num_dec, splits = len(plan.decode_seqs), plan.num_splits
-    if not 1 <= splits <= KERNEL_MAX_SPLITS:  # the reduce's order holds one split per thread
+    if not 1 <= splits <= KERNEL_MAX_SPLITS:  # the reduce kernel's shared weights hold this many
         raise ValueError(f"attention: num_splits {splits} outside 1..{KERNEL_MAX_SPLITS}")
     keys_per_split = i32(plan.keys_per_split or MIN_KEYS_PER_SPLIT)
     if num_dec:
@@ -215,31 +204,25 @@ def paged_attention(qkv, k_cache, v_cache, meta: DeviceAttentionMetadata, num_he
             part_ml = cupy.empty((splits, num_dec, num_heads, 2), cupy.float32)
         else:
             part_out = part_ml = np.uint64(0)
-        counters = None
-        if splits > 1 and FUSED_REDUCE and decode_kernel() == "mma":
-            counters = split_counters(num_dec * num_kv_heads * passes)
         args = (out, part_out, part_ml, qkv, k_cache, v_cache, plan.decode_seqs,
-                meta.query_start_loc, meta.context_lens, tables)
-        sizes = (i32(tables.shape[1]), i32(num_dec), i32(num_heads), i32(num_kv_heads),
-                 i32(block_size), scale_log2, i32(splits), keys_per_split)
+                meta.query_start_loc, meta.context_lens, tables, i32(tables.shape[1]),
+                i32(num_dec), i32(num_heads), i32(num_kv_heads), i32(block_size), scale_log2,
+                i32(splits), keys_per_split)
         grid = (num_dec, num_kv_heads * passes, splits)
         if decode_kernel() == "mma":
             nw, st = DECODE_MMA_CONFIG
             k = kernel("attention_decode_mma.cu",
                        f"decode_mma_kernel<{ctype}, {head_dim}, {g}, {nw}, {st}>", ctype)
-            # each warp's stages of K and V tiles (16 keys, padded rows), reused by the merge of
-            # its warps, then by the last split block's weights of every split
-            smem = max(nw * st * 2 * 16 * (head_dim + 8) * 2, nw * g * head_dim * 4,
-                       g * splits * 4 if counters is not None else 0)
+            # each warp's stages of K and V tiles (16 keys, padded rows), reused by the merge
+            smem = max(nw * st * 2 * 16 * (head_dim + 8) * 2, nw * g * head_dim * 4)
             if k.max_dynamic_shared_size_bytes < smem:
                 k.max_dynamic_shared_size_bytes = smem
-            launch(k, grid, (nw * 32,), args + (np.uint64(0) if counters is None else counters,)
-                   + sizes, shared_mem=smem, pdl=True)
+            launch(k, grid, (nw * 32,), args, shared_mem=smem, pdl=True)
         else:
             launch(kernel("attention.cu",
                           f"decode_attention_kernel<{ctype}, {head_dim}, {g}, {DECODE_UNROLL}>",
-                          ctype), grid, (DECODE_THREADS,), args + sizes, pdl=True)
-        if splits > 1 and counters is None:
+                          ctype), grid, (DECODE_THREADS,), args, pdl=True)
+        if splits > 1:
             launch(kernel("attention.cu", f"decode_reduce_kernel<{ctype}, {head_dim}>", ctype),
                    (num_dec, num_heads), (REDUCE_THREADS,),
                    (out, part_out, part_ml, plan.decode_seqs, meta.query_start_loc,
@@ -250,30 +233,3 @@ def paged_attention(qkv, k_cache, v_cache, meta: DeviceAttentionMetadata, num_he
                           plan.prefill_kernel, plan.prefill_config, num_heads, num_kv_heads,
                           scale_log2, ctype)
     return out
-
-
-_COUNTERS: dict[int, list] = {}  # device id -> every counter buffer made there, the newest last
-
-
-def split_counters(n: int) -> cupy.ndarray | None:
-    """(n,) int32 zeros for the fused reduce's per-(sequence, kv head) counts, which its kernels
-    leave at zero; None while a CUDA graph is being captured and a bigger buffer would be needed
-    (the step then takes the reduce launch; a capture's warm-up forward normally made it).
-    NOTE: one buffer serves every decode launch on the device: they run one after another on
-    the engine's stream (each waits for its predecessors, PDL included), never concurrently.
-    Outside the memory pools, which would hand it to other arrays (or poison it, in tests)."""
-    made = _COUNTERS.setdefault(cupy.cuda.Device().id, [])
-    if made and made[-1].size >= n:
-        return made[-1][:n]
-    stream = cupy.cuda.get_current_stream()
-    if stream.is_capturing():
-        logger.warning("fused split reduce: no counters for %d (sequence, kv head) pairs made "
-                       "before this CUDA graph capture: it takes the reduce launch", n)
-        return None
-    size = max(n, 1 << 16)
-    mem = cupy.cuda.memory.Memory(size * 4)
-    cupy.cuda.runtime.memsetAsync(mem.ptr, 0, size * 4, stream.ptr)
-    stream.synchronize()  # once per buffer; other streams must see the zeros too
-    made.append(cupy.ndarray((size,), cupy.int32, cupy.cuda.MemoryPointer(mem, 0)))
-    # the older buffers stay alive: graphs captured with them still count in them
-    return made[-1][:n]

@@ -9,13 +9,9 @@ through memory), then the product runs as
   of bf16;
 - cuBLASLt's FP8 GEMM above that (cuda_blaslt.py), or the GEMV 8 rows at a time for a shape
   cuBLASLt has no plan for.
-With FUSED (PAGEDSERVE_FP8_GEMV_FUSED=1 or a list of linears, opt-in until the device measures
-it) a decode batch of up to FUSED_MAX_M rows is one launch: cuda/fp8_gemv_fused.cu, the same GEMV
-whose blocks quantize their input in a prologue (each block reduces the whole row's absmax
-itself), bit for bit the two-launch values. With STREAM (PAGEDSERVE_FP8_STREAM=1, opt-in: slower
-on the H200, below) a decode batch of up to STREAM_MAX_M rows is one launch instead:
-cuda/fp8_fused.cu's persistent GEMV, which streams its weights through shared memory from its
-first instruction and quantizes its input in a prologue.
+With STREAM (PAGEDSERVE_FP8_STREAM=1, opt-in: slower on the H200, below) a decode batch of up to
+STREAM_MAX_M rows is one launch instead: cuda/fp8_fused.cu's persistent GEMV, which streams its
+weights through shared memory from its first instruction and quantizes its input in a prologue.
 Every kernel here may be a programmatic dependent launch (cuda_kernels.launch, PAGEDSERVE_PDL=1
 in decode graphs): the GEMVs request their first weight words before waiting for the quantization.
 """
@@ -32,15 +28,14 @@ import numpy as np
 from engine.executor.ops import cuda_norm
 from engine.executor.ops.cuda_blas import Gemm
 from engine.executor.ops.cuda_blaslt import Fp8Gemm
-from engine.executor.ops.cuda_kernels import FP8_FUSED_CONFIGS, NORM_VEC_WIDTHS, kernel, launch
+from engine.executor.ops.cuda_kernels import NORM_VEC_WIDTHS, kernel, launch
 from engine.model.quantized import QuantizedWeight
 
 # Rows up to which the GEMV runs instead of cuBLASLt (compiled for 1..8; 0: always cuBLASLt).
 # H200, Llama-3-8B shapes (kernel_check --only fp8): the GEMV wins at M <= 4 (qkv, o, down) and
 # M <= 2 for gate_up (28672 outputs), cuBLASLt above (14-48 us at M = 8).
 FP8_GEMV_MAX_M = 4
-FP8_GEMV_MAX_M_TALL = 2  # ... for weights of >= TALL outputs
-TALL = 16384
+FP8_GEMV_MAX_M_TALL = 2  # ... for weights of >= 16384 outputs
 GEMV_ROWS_PER_BLOCK = 4  # fp8.cu's F8_R
 # 16-byte weight words per thread per row: a GEMV block has (words of a row) / this threads (64 to
 # 256). 4 (half the threads, more blocks resident) is a little faster alone on qkv and o but
@@ -56,34 +51,6 @@ STREAM_MAX_M = 4  # rows compiled (template M); gemv_wins' caps apply as well
 STREAM_WARPS = 16  # per block, one block per SM
 STREAM_MAX_STAGES = 7  # chunks in flight per warp (fp8.cuh's f8_cp_async_wait takes up to 7)
 STREAM_STAGE_BYTES = 4096  # fp8_fused.cu's FS_STAGE uint4 words
-# fp8_gemv_fused.cu: the GEMV with the quantization in its blocks' prologue (PRO_QUANTIZE, PRO_SILU,
-# PRO_NORM), one launch per linear at M <= FUSED_MAX_M (and gemv_wins' caps) instead of two, for
-# the linears named in FUSED (fused_op names them; PAGEDSERVE_FP8_GEMV_FUSED: 1 = the four of a
-# layer, or a comma list, where the FP8 lm_head (fp8.LM_HEAD, not measured) may be named too; each
-# block reads the whole activation row from L2, which may cost more than the launch it saves on
-# the largest weights: kernel_check --only fp8b1 times each).
-FUSED_OPS = ("qkv", "o", "gate_up", "down")
-
-
-def _fused_ops(value: str) -> frozenset:
-    names = FUSED_OPS if value == "1" else () if value in ("", "0") else value.split(",")
-    bad = [n for n in names if n not in (*FUSED_OPS, "lm_head")]
-    if bad:
-        raise ValueError(f"PAGEDSERVE_FP8_GEMV_FUSED: {bad} not among {FUSED_OPS} + lm_head "
-                         "(or 0 / 1)")
-    return frozenset(names)
-
-
-FUSED = _fused_ops(os.environ.get("PAGEDSERVE_FP8_GEMV_FUSED", "0"))
-FUSED_MAX_M = 4  # rows compiled (template M)
-# (weight rows a block R, 256-thread blocks an SM MINB: the register cap): at M = 1 per linear,
-# among cuda_kernels.FP8_FUSED_CONFIGS[1]; above, FP8_FUSED_CONFIGS[M][0]. At M = 1 (nvcc 12,
-# sm_90): (4, 4) keeps fp8_gemv_kernel's 64 registers, so as many blocks (weight words in flight)
-# an SM (the norm and SiLU prologues spill 96 bytes); (4, 1) takes 64-88, nothing spilled, fewer
-# blocks; (8, 1) 114, a quarter of the blocks an SM but each with twice the words in flight, and
-# half the blocks reading the whole row from L2 (and, for down, computing its SiLU); (16, 2) 128,
-# one word of each row in flight (fp8.cuh's U = 1), a quarter of the blocks.
-FUSED_CONFIG_M1 = dict.fromkeys((*FUSED_OPS, "lm_head"), FP8_FUSED_CONFIGS[1][0])
 PRO_QUANTIZE, PRO_SILU, PRO_NORM, PRO_CODES = 0, 1, 2, 3  # fp8_fused.cu's prologues
 _NULL = np.uint64(0)
 _LT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Gemm -> its Fp8Gemm
@@ -161,18 +128,6 @@ def quantize_weight(w: cupy.ndarray, ctype: str) -> QuantizedWeight:
     return QuantizedWeight("fp8", tuple(w.shape), q, s)
 
 
-def _norm_launch(rows: int, k: int, ctype: str, vec: bool | None) -> tuple[str, int]:
-    """(kernel, threads) of norm_quantize; the threads fix the sum of squares' order, which
-    fp8_gemv_fused.cu's norm prologue follows."""
-    threads, qc = _quant_launch(rows, k)
-    # the vector kernel: the same block (so the same sum order) up to 512 threads
-    threads_v = min(threads, cuda_norm.NORM_VEC_THREADS)
-    v = -(-k // (8 * threads_v))
-    if (cuda_norm.NORM_VEC if vec is None else vec) and v in NORM_VEC_WIDTHS:
-        return f"fp8_norm_quantize_vec_kernel<{ctype}, {v}>", threads_v
-    return f"fp8_norm_quantize_kernel<{ctype}, {qc}>", threads
-
-
 def norm_quantize(x, residual, norm_w, eps: float, ctype: str, h_out=None,
                   vec: bool | None = None):
     """(codes, scales, residual): residual += x (residual None: starts as x), then
@@ -185,7 +140,13 @@ def norm_quantize(x, residual, norm_w, eps: float, ctype: str, h_out=None,
     residual = cupy.empty_like(x) if residual is None else residual
     q, s = cupy.empty((rows, k), cupy.uint8), cupy.empty(rows, cupy.float32)
     if rows:
-        name, threads = _norm_launch(rows, k, ctype, vec)
+        threads, qc = _quant_launch(rows, k)
+        name = f"fp8_norm_quantize_kernel<{ctype}, {qc}>"
+        # the vector kernel: the same block (so the same sum order) up to 512 threads
+        threads_v = min(threads, cuda_norm.NORM_VEC_THREADS)
+        v = -(-k // (8 * threads_v))
+        if (cuda_norm.NORM_VEC if vec is None else vec) and v in NORM_VEC_WIDTHS:
+            name, threads = f"fp8_norm_quantize_vec_kernel<{ctype}, {v}>", threads_v
         launch(kernel("fp8.cu", name, ctype), (rows,), (threads,),
                (q, s, residual, _NULL if h_out is None else h_out, x, norm_w,
                 np.float32(eps), _i32(k), _i32(mode)), pdl=True)
@@ -209,12 +170,7 @@ def silu_quantize(gate_up: cupy.ndarray, ctype: str):
 
 def gemv_wins(m: int, n: int) -> bool:
     """Whether the GEMV beats cuBLASLt for M rows of an N-output weight (caps above)."""
-    return m <= (FP8_GEMV_MAX_M if n < TALL else min(FP8_GEMV_MAX_M, FP8_GEMV_MAX_M_TALL))
-
-
-def _gemv_threads(k: int) -> int:
-    """A GEMV block's threads (the order of its sums: the fused GEMV takes the same)."""
-    return min(256, max(64, -(-(k // 16) // (32 * FP8_GEMV_WORDS)) * 32))
+    return m <= (FP8_GEMV_MAX_M if n < 16384 else min(FP8_GEMV_MAX_M, FP8_GEMV_MAX_M_TALL))
 
 
 def gemv(q, s, w: QuantizedWeight, out, ctype: str):
@@ -222,8 +178,10 @@ def gemv(q, s, w: QuantizedWeight, out, ctype: str):
     kernel reads w before waiting for the previous kernel: w must be a weight."""
     m = q.shape[0]
     n, k = w.data.shape
+    words = k // 16
+    threads = min(256, max(64, -(-words // (32 * FP8_GEMV_WORDS)) * 32))
     launch(kernel("fp8.cu", f"fp8_gemv_kernel<{ctype}, {m}>", ctype),
-           (-(-n // GEMV_ROWS_PER_BLOCK),), (_gemv_threads(k),),
+           (-(-n // GEMV_ROWS_PER_BLOCK),), (threads,),
            (out, q, s, w.data, w.scale, _i32(n), _i32(k)), pdl=True)
     return out
 
@@ -252,57 +210,6 @@ def matmul(ops, q, s, w: QuantizedWeight, use_gemv: bool | None = None):
         for r in range(0, m, 8):
             gemv(q[r:r + 8], s[r:r + 8], w, out[r:r + 8], ops.ctype)
     return out
-
-
-# ----------------------------------------------------------------------------- fused GEMV
-
-
-def fused_op(prologue: int, n: int) -> str:
-    """The linear (FUSED_OPS, lm_head) a fused GEMV of this prologue and N outputs stands for:
-    the norm's is qkv, or gate_up from TALL outputs (where gemv_wins caps M lower); the plain
-    one's o, or the lm_head from TALL outputs."""
-    if prologue == PRO_NORM:
-        return "gate_up" if n >= TALL else "qkv"
-    if prologue == PRO_QUANTIZE:
-        return "lm_head" if n >= TALL else "o"
-    return "down"
-
-
-def use_fused(m: int, w: QuantizedWeight, prologue: int) -> bool:
-    n = w.data.shape[0]
-    return fused_op(prologue, n) in FUSED and 1 <= m <= FUSED_MAX_M and gemv_wins(m, n)
-
-
-def fused_gemv(ops, prologue: int, w: QuantizedWeight, x, residual=None, norm_w=None,
-               eps: float = 0.0, config: tuple[int, int] | None = None):
-    """(y (M, N), res_out (M, K) or None) in one launch, M = len(x), the values of the
-    quantize kernel + gemv() pair bit for bit. PRO_QUANTIZE: y = linear(x); PRO_SILU: x is
-    gate_up, y = silu_mul_linear(x); PRO_NORM: res_out = x + residual (x if None), y =
-    linear(rms_norm(res_out) * norm_w). config: (R, MINB) of FP8_FUSED_CONFIGS[M] (None:
-    FUSED_CONFIG_M1's, or the first above M = 1).
-    NOTE: under PDL the kernel reads w (and norm_w) before waiting for the previous kernel: they
-    must be weights."""
-    n, k = w.data.shape
-    m, ctype = x.shape[0], ops.ctype
-    _check_k(k, x, residual, norm_w)
-    if config is None:
-        config = FUSED_CONFIG_M1[fused_op(prologue, n)] if m == 1 else FP8_FUSED_CONFIGS[m][0]
-    rows, min_blocks = config
-    y = cupy.empty((m, n), ops.storage)
-    res_out = cupy.empty((m, k), ops.storage) if prologue == PRO_NORM else None
-    # the unfused norm kernel's block, whose order of the sum of squares the prologue follows
-    vthreads = _norm_launch(m, k, ctype, None)[1] if prologue == PRO_NORM else 32
-    fn = kernel("fp8_gemv_fused.cu",
-                f"fp8_gemv_fused_kernel<{ctype}, {m}, {prologue}, {rows}, {min_blocks}>", ctype)
-    # the codes, the row's values, with PRO_NORM the norm weight
-    smem = m * k + (2 if prologue == PRO_NORM else 1) * k * x.dtype.itemsize
-    if fn.max_dynamic_shared_size_bytes < smem:
-        fn.max_dynamic_shared_size_bytes = smem
-    args = [y, res_out, x, residual, norm_w]
-    launch(fn, (-(-n // rows),), (_gemv_threads(k),),
-           (*[_NULL if a is None else a for a in args], w.data, w.scale, _i32(n), _i32(k),
-            np.float32(eps), _i32(vthreads)), shared_mem=smem, pdl=True)
-    return y, res_out
 
 
 # ----------------------------------------------------------------------------- streaming GEMV
@@ -364,8 +271,6 @@ def linear(ops, x, weight: QuantizedWeight, bias=None):
     check_weight(weight, x.shape[1])
     if use_stream(x.shape[0], weight):
         out = stream_gemv(ops, PRO_QUANTIZE, weight, x)[0]
-    elif use_fused(x.shape[0], weight, PRO_QUANTIZE):
-        out = fused_gemv(ops, PRO_QUANTIZE, weight, x)[0]
     else:
         q, s = quantize_rows(x, ops.ctype)
         out = matmul(ops, q, s, weight)
@@ -378,8 +283,8 @@ def linear(ops, x, weight: QuantizedWeight, bias=None):
 
 def add_rms_norm_linear(ops, x, residual, norm_weight, eps, weight: QuantizedWeight):
     """ops.add_rms_norm_linear for an fp8 weight: (y, residual), the norm fused into the
-    activation quantization (the residual updated in place, or a new one from the fused or
-    streaming GEMV)."""
+    activation quantization (the residual updated in place, or a new one from the streaming
+    GEMV)."""
     ops._check(x, "x", 2)
     ops._check(norm_weight, "norm_weight", 1)
     if residual is not None and ops._check(residual, "residual", 2).shape != x.shape:
@@ -390,8 +295,6 @@ def add_rms_norm_linear(ops, x, residual, norm_weight, eps, weight: QuantizedWei
     check_weight(weight, x.shape[1])
     if use_stream(x.shape[0], weight):
         return stream_gemv(ops, PRO_NORM, weight, x, residual, norm_weight, eps)
-    if use_fused(x.shape[0], weight, PRO_NORM):
-        return fused_gemv(ops, PRO_NORM, weight, x, residual, norm_weight, eps)
     q, s, residual = norm_quantize(x, residual, norm_weight, eps, ops.ctype)
     return matmul(ops, q, s, weight), residual
 
@@ -404,7 +307,5 @@ def silu_mul_linear(ops, gate_up, weight: QuantizedWeight):
     check_weight(weight, gate_up.shape[1] // 2)
     if use_stream(gate_up.shape[0], weight):
         return stream_gemv(ops, PRO_SILU, weight, gate_up)[0]
-    if use_fused(gate_up.shape[0], weight, PRO_SILU):
-        return fused_gemv(ops, PRO_SILU, weight, gate_up)[0]
     q, s = silu_quantize(gate_up, ops.ctype)
     return matmul(ops, q, s, weight)

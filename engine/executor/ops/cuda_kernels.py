@@ -45,10 +45,6 @@ CTYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}
 HEAD_DIMS = (64, 128)
 NORM_VEC_WIDTHS = (1, 2, 4)  # 16-byte words a thread of rms_norm_vec_kernel holds (V)
 DECODE_GROUPS = (1, 2, 4, 8)  # query heads per decode block (template G); larger groups take passes
-# fp8_gemv_fused.cu's (weight rows a block R, blocks an SM MINB) compiled per M; the first is
-# cuda_fp8's default, the others at M = 1 for kernel_check --only fp8b1
-FP8_FUSED_CONFIGS = {1: ((4, 4), (4, 1), (8, 1), (16, 2)), 2: ((4, 2),), 3: ((4, 2),),
-                     4: ((4, 2),)}
 GGUF_KINDS = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")  # format structs in cuda/gguf.cu
 GGUF_GEMV_M = (1, 2, 4, 8)  # rows compiled for the GGUF GEMV (fewer rows run the next size up)
 GGUF_GEMV_R = 2  # weight rows per GEMV block (template GG_R); other R at M = 1 for kernel_check
@@ -61,10 +57,8 @@ GGUF_GEMV2_STRUCTS = {("Q4_K", 1): "G2_Q4_K<1>", ("Q4_K", 2): "G2_Q4_K<2>", ("Q8
 GGUF_GEMV3_BIG = {"Q4_K": 24, "Q8_0": 32, "Q6_K": 24}
 GGUF_GEMV3_KINDS = tuple(GGUF_GEMV3_BIG)
 DECODE_UNROLL = 2  # 16-byte K and V loads per lane in flight (U); 2 beat 4 and 8 on the H200
-# attention_decode_mma.cu's (warps, cp.async stages per warp) variants; rows GR are 8 or 16.
-# (2, 4): the same shared memory per block as (4, 2), so the same 3 blocks per SM, with 3 of every
-# warp's 4 tiles in flight instead of 1 of 2 (tools/kernel_check_dattn.py's long-context sweep).
-DECODE_MMA_CONFIGS = ((4, 2), (4, 3), (8, 2), (2, 4))
+# attention_decode_mma.cu's (warps, cp.async stages per warp) variants; rows GR are 8 or 16
+DECODE_MMA_CONFIGS = ((4, 2), (4, 3), (8, 2))
 # attention_prefill_gqa.cu's (MI, NW, BN) variants, which cuda_prefill.prefill_plan picks among
 PREFILL_CONFIGS = ((2, 8, 64), (2, 4, 64), (1, 8, 64), (1, 4, 64))
 
@@ -107,9 +101,6 @@ def kernel_names(file: str, ctype: str) -> list[str]:
                 + [f"fp8_norm_quantize_vec_kernel<{ctype}, {v}>" for v in NORM_VEC_WIDTHS]
                 + [f"fp8_scale_kernel<{ctype}>"]
                 + [f"fp8_gemv_kernel<{ctype}, {m}>" for m in range(1, 9)])
-    if file == "fp8_gemv_fused.cu":  # <T, M, PRO, R, MINB>: cuda_fp8.FUSED_CONFIGS
-        return [f"fp8_gemv_fused_kernel<{ctype}, {m}, {p}, {r}, {b}>" for p in range(3)
-                for m, configs in FP8_FUSED_CONFIGS.items() for r, b in configs]
     if file == "fp8_fused.cu":
         return [f"fp8_stream_gemv_kernel<{ctype}, {m}, {p}>" for m in range(1, 5)
                 for p in range(4)]
