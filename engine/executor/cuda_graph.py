@@ -19,6 +19,8 @@ sequence), so B sequences verifying k drafts replay the graph of the smallest si
 
 from __future__ import annotations
 
+import contextlib
+import gc
 import logging
 
 import cupy
@@ -35,6 +37,24 @@ def padded_sizes(max_num_seqs: int) -> list[int]:
     while sizes[-1] < max_num_seqs:
         sizes.append(sizes[-1] + (8 if sizes[-1] < 32 else 16))
     return [s for s in sizes if s < max_num_seqs] + [max_num_seqs]
+
+
+@contextlib.contextmanager
+def collector_paused():
+    """Python's garbage collector runs once, then stays off while graphs are captured.
+
+    NOTE: a reference cycle it breaks mid-capture can free what an engine made before held: a
+    memory pool returns its blocks (cudaFree), a stream or event is destroyed. The driver refuses
+    those while a stream captures, and the capture fails (CUDA_ERROR_STREAM_CAPTURE_INVALIDATED),
+    which depends on when the collector happens to run, not on the graph."""
+    gc.collect()
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
 
 
 class DecodeGraphs:
@@ -86,7 +106,8 @@ class DecodeGraphs:
         # of the cache (cudaErrorIllegalAddress, only when the pool held old data).
         cupy.cuda.Device().synchronize()
         try:
-            self._capture_all(metas)
+            with collector_paused():
+                self._capture_all(metas)
         except Exception as e:  # a driver that cannot capture programmatic launches
             if not cuda_kernels.PDL:
                 raise
@@ -95,7 +116,8 @@ class DecodeGraphs:
             cuda_kernels.PDL = False
             self.graphs.clear()
             cupy.cuda.Device().synchronize()
-            self._capture_all(metas)
+            with collector_paused():
+                self._capture_all(metas)
 
     def _capture_all(self, metas: dict):
         stream = cupy.cuda.Stream(non_blocking=True)

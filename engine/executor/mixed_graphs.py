@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import cupy
 
+from engine.executor.cuda_graph import collector_paused
 from engine.executor.ops.cuda_attention import DeviceAttentionMetadata
 
 # Token counts a step is padded up to; a step of more tokens runs eagerly.
@@ -61,7 +62,7 @@ class MixedGraphs:
         # were filled (cuda_graph.DecodeGraphs.capture says what goes wrong without this sync).
         cupy.cuda.Device().synchronize()
         stream = cupy.cuda.Stream(non_blocking=True)
-        with cupy.cuda.using_allocator(self.pool.malloc), stream:
+        with collector_paused(), cupy.cuda.using_allocator(self.pool.malloc), stream:
             for size in sorted(self.sizes, reverse=True):
                 self.graphs[size] = self._capture(size, stream)
         stream.synchronize()
