@@ -109,3 +109,44 @@ def test_engine_with_mixed_graphs_generates_as_eager(monkeypatch):
     assert [len(t) for t in tokens[True]] == [8] * 6
     first = [a[0] == b[0] for a, b in zip(tokens[True], tokens[False], strict=True)]
     assert sum(first) >= 5, (tokens[True], tokens[False])
+
+
+def test_a_failed_capture_leaves_the_engine_running_eagerly(monkeypatch, caplog):
+    """A capture the driver invalidates (another thread's or a collected object's unsafe call)
+    costs the mixed-step graphs, not the engine: it starts, warns, and generates what the engine
+    without them does."""
+    import logging
+    import types
+
+    from engine.core.sampling_params import SamplingParams
+    from engine.engine import LLMEngine
+    from engine.executor import runner
+    from engine.llm import LLM
+    from engine.model.config import EngineConfig
+
+    config = ModelConfig.from_preset("qwen3-0.6b")
+    config.num_layers, config.vocab_size = 2, 4096
+    loaded = types.SimpleNamespace(config=config, tokenizer=None,
+                                   weights=dummy_weights(config, CudaOps("bfloat16"), seed=5))
+    prompts = [{"prompt_token_ids": [(11 * i + 3 * j) % 4096 for j in range(20 + 17 * i)]}
+               for i in range(3)]
+    params = [SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=6) for _ in range(3)]
+
+    def invalidated(self):
+        raise cupy.cuda.runtime.CUDARuntimeError(901)  # cudaErrorStreamCaptureInvalidated
+
+    caplog.set_level(logging.WARNING, logger="pagedserve")
+    tokens = {}
+    for failing in (True, False):
+        monkeypatch.setattr(runner, "MIXED_GRAPHS", failing)
+        if failing:
+            monkeypatch.setattr(MixedGraphs, "capture", invalidated)
+        engine = LLMEngine(EngineConfig(device="cuda", dtype="bfloat16", max_model_len=512,
+                                        max_num_seqs=4, num_kv_blocks=128, block_size=16,
+                                        max_num_batched_tokens=256), loaded_model=loaded)
+        assert engine.runner.mixed_graphs is None
+        outs = LLM.from_engine(engine).generate(prompts, params, use_tqdm=False)
+        tokens[failing] = [o.outputs[0].token_ids for o in outs]
+        engine.shutdown()
+    assert "capturing mixed-step CUDA graphs failed" in caplog.text
+    assert tokens[True] == tokens[False] and [len(t) for t in tokens[True]] == [6] * 3

@@ -50,6 +50,9 @@ DTYPES = {"float16": np.float16, "bfloat16": np.uint16}
 SILU_MUL_VEC8 = os.environ.get("PAGEDSERVE_SILU_VEC8", "1") == "1"
 _NULL = np.uint64(0)
 _OUT_OF_MEMORY = 2  # cudaErrorMemoryAllocation and CUDA_ERROR_OUT_OF_MEMORY alike
+# cudaErrorStreamCapture* and CUDA_ERROR_STREAM_CAPTURE_* alike (unsupported, invalidated, ...,
+# wrong thread): a failed capture, after which the context works on
+_STREAM_CAPTURE = range(900, 909)
 
 
 def _i32(v) -> np.int32:
@@ -96,11 +99,12 @@ class CudaOps:
     @staticmethod
     def is_fatal(error: BaseException) -> bool:
         """Whether `error` leaves the backend unusable. A CUDA runtime or driver error other
-        than out-of-memory is sticky (an illegal address poisons the whole context: every later
-        call fails too), so the engine cannot go on; an OOM fails a step, not the engine."""
+        than out-of-memory or a failed stream capture is sticky (an illegal address poisons the
+        whole context: every later call fails too), so the engine cannot go on; an OOM fails a
+        step, and a failed capture its graphs, not the engine."""
         if isinstance(error, (cupy.cuda.runtime.CUDARuntimeError,
                               cupy.cuda.driver.CUDADriverError)):
-            return error.status != _OUT_OF_MEMORY
+            return error.status != _OUT_OF_MEMORY and error.status not in _STREAM_CAPTURE
         return False
 
     # ---------------------------------------------------------------- checks
