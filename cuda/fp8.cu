@@ -102,84 +102,6 @@ __global__ void __launch_bounds__(1024) fp8_norm_quantize_kernel(
   if (threadIdx.x == 0) scale[blockIdx.x] = s;
 }
 
-// fp8_norm_quantize_kernel's values bit for bit (the same per-thread order of the sum of squares:
-// thread t sums words t, t + blockDim, ...), for rows that fit in V 16-byte words a thread
-// (K <= 8 * V * blockDim): every load is issued before any is used, the norm weight's before the
-// PDL wait (no kernel writes it), and the row stays in registers from the load to the codes
-// instead of going out to the residual and back. cuda_fp8.norm_quantize takes it with
-// cuda_norm.NORM_VEC.
-// Grid: (rows)  Block: (64..512, a multiple of 32)
-template <typename T, int V>
-__global__ void __launch_bounds__(512) fp8_norm_quantize_vec_kernel(
-    unsigned char* __restrict__ q,   // [rows, K]
-    float* __restrict__ scale,       // [rows]
-    T* __restrict__ residual,        // [rows, K]
-    T* __restrict__ h_out,           // [rows, K] or null
-    const T* __restrict__ x,         // [rows, K]
-    const T* __restrict__ weight,    // [K]
-    float eps, int K, int mode) {
-  __shared__ float red[32];
-  const int words = K / 8;
-  const long base = (long)blockIdx.x * K;
-  uint4 g[V], a[V], r[V];
-#pragma unroll
-  for (int v = 0; v < V; v++) {
-    const int w = threadIdx.x + v * blockDim.x;
-    if (w < words) g[v] = reinterpret_cast<const uint4*>(weight)[w];
-  }
-  pdl_start();  // PDL: everything below reads or writes what earlier kernels touch
-#pragma unroll
-  for (int v = 0; v < V; v++) {
-    const int w = threadIdx.x + v * blockDim.x;
-    if (w < words) {
-      a[v] = *reinterpret_cast<const uint4*>(x + base + 8 * w);
-      if (mode == 2) r[v] = *reinterpret_cast<const uint4*>(residual + base + 8 * w);
-    }
-  }
-  float ss = 0.f;
-#pragma unroll
-  for (int v = 0; v < V; v++) {
-    const int w = threadIdx.x + v * blockDim.x;
-    if (w >= words) continue;
-    T* ah = reinterpret_cast<T*>(&a[v]);
-    const T* rh = reinterpret_cast<const T*>(&r[v]);
-#pragma unroll
-    for (int e = 0; e < 8; e++) {
-      if (mode == 2) ah[e] = from_float<T>(to_float(ah[e]) + to_float(rh[e]));
-      const float f = to_float(ah[e]);
-      ss += f * f;
-    }
-    *reinterpret_cast<uint4*>(residual + base + 8 * w) = a[v];
-  }
-  const float inv = rsqrtf(block_sum(ss, red) / K + eps);
-  float amax = 0.f;  // h = T(norm * weight) replaces the residual in a[]
-#pragma unroll
-  for (int v = 0; v < V; v++) {
-    const int w = threadIdx.x + v * blockDim.x;
-    if (w >= words) continue;
-    T* ah = reinterpret_cast<T*>(&a[v]);
-    const T* gh = reinterpret_cast<const T*>(&g[v]);
-#pragma unroll
-    for (int e = 0; e < 8; e++) {
-      ah[e] = from_float<T>(to_float(ah[e]) * inv * to_float(gh[e]));
-      amax = fmaxf(amax, fabsf(to_float(ah[e])));
-    }
-  }
-  const float s = row_scale(block_max(amax, red));
-#pragma unroll
-  for (int v = 0; v < V; v++) {
-    const int w = threadIdx.x + v * blockDim.x;
-    if (w >= words) continue;
-    float h[8];
-    const T* ah = reinterpret_cast<const T*>(&a[v]);
-#pragma unroll
-    for (int e = 0; e < 8; e++) h[e] = to_float(ah[e]);
-    encode8(q + base + 8 * w, h, s);
-    if (h_out != nullptr) *reinterpret_cast<uint4*>(h_out + base + 8 * w) = a[v];
-  }
-  if (threadIdx.x == 0) scale[blockIdx.x] = s;
-}
-
 // ------------------------------------------------------------------------------ products
 
 constexpr int F8_R = 4;  // weight rows per GEMV block (8 measured slower on the H200)
@@ -289,11 +211,6 @@ template __global__ void fp8_quantize_kernel<__nv_bfloat16, 2>(unsigned char*, f
 template __global__ void fp8_silu_quantize_kernel<__half, 4>(unsigned char*, float*, const __half*,
                                                              int);
 template __global__ void fp8_norm_quantize_kernel<__nv_bfloat16, 4>(
-    unsigned char*, float*, __nv_bfloat16*, __nv_bfloat16*, const __nv_bfloat16*,
-    const __nv_bfloat16*, float, int, int);
-template __global__ void fp8_norm_quantize_vec_kernel<__half, 1>(
-    unsigned char*, float*, __half*, __half*, const __half*, const __half*, float, int, int);
-template __global__ void fp8_norm_quantize_vec_kernel<__nv_bfloat16, 4>(
     unsigned char*, float*, __nv_bfloat16*, __nv_bfloat16*, const __nv_bfloat16*,
     const __nv_bfloat16*, float, int, int);
 template __global__ void fp8_gemv_kernel<__nv_bfloat16, 1>(__nv_bfloat16*, const unsigned char*,

@@ -1,7 +1,6 @@
 """What PAGEDSERVE_NORM_VEC (on by default) turns on (engine/executor/ops/cuda_norm.py), GPU only:
 the 16-byte RMSNorm against the numpy twin and the scalar kernel at Qwen3 / Llama widths and odd
-ones, the row gather, FP8's add + norm + quantize against the two-pass kernel and the twin's
-codes, and NORM_W_EARLY in the GGUF GEMVs and the q/k norm + RoPE + KV kernel (bit-identical to
+ones, the row gather, and NORM_W_EARLY in the GGUF GEMVs and the q/k norm + RoPE + KV kernel (bit-identical to
 without).
 
     python -m pytest -q -m gpu tests/test_cuda_norm.py
@@ -137,43 +136,6 @@ def test_vec_norm_chain_is_the_same_with_pdl(ops, vec_on, monkeypatch):
         results.append((cupy.asnumpy(h), cupy.asnumpy(res)))
     for got, want in zip(results[1], results[0], strict=True):
         np.testing.assert_array_equal(got, want)
-
-
-# ------------------------------------------------------------------------------ FP8 add + norm
-
-
-@pytest.mark.parametrize("words", [1, 4])  # cuda_fp8.QUANT_WORDS: decode's block, prefill's
-@pytest.mark.parametrize("k", [576, 4096, 4112, 8192, 14336, 20480])
-def test_fp8_norm_quantize_vec_equals_the_two_pass_kernel(ops, monkeypatch, words, k):
-    """Codes bit-exact vs the twin's quantization of the kernel's own h; with the block of the
-    two-pass kernel (<= 512 threads) codes, scales, h and residual bit for bit the same as its."""
-    from engine.executor.ops import cuda_fp8
-    from engine.model import fp8
-
-    monkeypatch.setattr(cuda_fp8, "QUANT_WORDS", words)
-    monkeypatch.setattr(cuda_fp8, "QUANT_WORDS_MIN_ELEMENTS", 0)
-    rng = np.random.default_rng(k + words)
-    x_h = rng.standard_normal((5, k)).astype(np.float32)
-    x_h[:, 3] *= 60  # an outlier channel: small values land in E4M3's subnormals
-    x, _ = upload(ops, x_h)
-    nw, _ = upload(ops, rng.standard_normal(k) + 1)
-    threads = cuda_fp8._quant_launch(5, k)[0]
-    for residual in (None, upload(ops, rng.standard_normal((5, k)))[0]):
-        got = []
-        for vec in (False, True):
-            h = cupy.empty_like(x)
-            res = None if residual is None else residual.copy()
-            got.append((*cuda_fp8.norm_quantize(x, res, nw, 1e-5, ops.ctype, h_out=h, vec=vec),
-                        h))
-        q, s, res_out, h = got[1]
-        want_q, want_s = fp8.quantize_rows(ops.to_host(h))
-        np.testing.assert_array_equal(cupy.asnumpy(s), want_s)
-        np.testing.assert_array_equal(cupy.asnumpy(q), want_q)
-        np.testing.assert_array_equal(cupy.asnumpy(res_out), cupy.asnumpy(got[0][2]))
-        assert ulps(h, got[0][3]).max() <= 1
-        if threads <= cuda_norm.NORM_VEC_THREADS:
-            for a, b in zip(got[1], got[0], strict=True):
-                np.testing.assert_array_equal(cupy.asnumpy(a), cupy.asnumpy(b))
 
 
 # ------------------------------------------------------------------------------ GGUF fused norm

@@ -4,8 +4,6 @@ checked against its numpy twin and timed by CUDA-graph replay (plain, as kernel_
 timed the old ones, and as a PDL chain, as decode graphs run them):
 - add + RMSNorm (mode 2, the one a layer runs twice) and the plain RMSNorm (mode 0) at M = 1, 16,
   64, 256, 2048 rows of hidden 1024 (Qwen3-0.6B) and 4096 (Llama-3-8B); 5120 and 8192 at 16 rows;
-- FP8's add + RMSNorm + quantize (cuda_fp8.norm_quantize: the two-pass kernel vs the one that
-  keeps the row in registers) at the same M, K 4096;
 - the GGUF GEMVs with the fused add + norm at M = 1 (v3 Q4_K one block per SM, v3 Q8_0, v2
   Q8_0; Llama-3-8B's qkv, 6144 x 4096), the norm weight loaded after the sum of squares vs with x
   (NORM_W_EARLY), in a PDL chain;
@@ -21,7 +19,7 @@ from __future__ import annotations
 import cupy
 import numpy as np
 
-from engine.executor.ops import cuda_fp8, cuda_norm
+from engine.executor.ops import cuda_norm
 
 MS = (1, 16, 64, 256, 2048)
 HIDDENS = (1024, 4096)
@@ -84,28 +82,6 @@ def _gather_row(ops, kc, rng, m, table):
            "exact" if same else "DIFFER", times[True], 2 * m * hidden * 2,
            extra=f"128 threads {times[False] * 1e6:.1f} us ({times[False] / times[True]:.2f}x);"
                  " PDL chain")
-
-
-def _fp8_row(ops, kc, rng, m, k):
-    x, res, nw = (ops.random_weight(s, 1.0, rng) for s in ((m, k), (m, k), (k,)))
-    got = {}
-    for vec in (False, True):
-        h = cupy.empty_like(x)
-        got[vec] = (*cuda_fp8.norm_quantize(x, res.copy(), nw, 1e-5, ops.ctype, h_out=h,
-                                            vec=vec), h)
-    same = all(cupy.array_equal(a, b) for a, b in zip(got[True], got[False], strict=True))
-    times = {}
-    for vec, pdl in ((False, False), (True, False), (False, True), (True, True)):
-        r = res.copy()
-        times[vec, pdl] = kc.graph_time(
-            lambda vec=vec, r=r: cuda_fp8.norm_quantize(x, r, nw, 1e-5, ops.ctype, vec=vec),
-            pdl=pdl)
-    kc.row("norms", f"fp8 add+RMSNorm+quantize vec M={m}x{k}",
-           "bit-identical" if same else "DIFFER (block size differs?)", times[True, False],
-           m * k * 7, extra=f"two-pass {times[False, False] * 1e6:.1f} us "
-                            f"({times[False, False] / times[True, False]:.2f}x); PDL chain: "
-                            f"two-pass {times[False, True] * 1e6:.1f} -> vec "
-                            f"{times[True, True] * 1e6:.1f} us")
 
 
 def _gguf_row(ops, kc, rng, version, kind, big, n=6144, k=4096):
@@ -182,8 +158,6 @@ def check_norms(ops, kc):
         _norm_row(ops, kc, rng, 16, hidden, 2)
     for m in (1, 16) if small else (1, 256):
         _norm_row(ops, kc, rng, m, 4096, 0)
-    for m in ms:
-        _fp8_row(ops, kc, rng, m, 4096)
     for preset in ("qwen3-0.6b", "llama3-8b"):
         for m in (1, 16) if small else (1, 16, 256, 2048):
             _qk_rope_row(ops, kc, rng, m, preset)

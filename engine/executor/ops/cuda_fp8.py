@@ -25,10 +25,9 @@ import weakref
 import cupy
 import numpy as np
 
-from engine.executor.ops import cuda_norm
 from engine.executor.ops.cuda_blas import Gemm
 from engine.executor.ops.cuda_blaslt import Fp8Gemm
-from engine.executor.ops.cuda_kernels import NORM_VEC_WIDTHS, kernel, launch
+from engine.executor.ops.cuda_kernels import kernel, launch
 from engine.model.quantized import QuantizedWeight
 
 # Rows up to which the GEMV runs instead of cuBLASLt (compiled for 1..8; 0: always cuBLASLt).
@@ -128,12 +127,14 @@ def quantize_weight(w: cupy.ndarray, ctype: str) -> QuantizedWeight:
     return QuantizedWeight("fp8", tuple(w.shape), q, s)
 
 
-def norm_quantize(x, residual, norm_w, eps: float, ctype: str, h_out=None,
-                  vec: bool | None = None):
+def norm_quantize(x, residual, norm_w, eps: float, ctype: str, h_out=None):
     """(codes, scales, residual): residual += x (residual None: starts as x), then
     quantize_rows(h), h = rms_norm(residual) * norm_w rounded to the compute dtype; h_out (tests)
-    receives h. vec: fp8_norm_quantize_vec_kernel (the row in registers) where it fits; None:
-    cuda_norm.NORM_VEC."""
+    receives h.
+
+    A form keeping the row in registers (as cuda_norm's vector RMSNorm) was bit-identical but no
+    faster on the H200 (session 7, kernel_check --only norms: 0.97-1.00x at 1..2048 x 4096), so
+    this two-pass kernel is the only one."""
     rows, k = x.shape
     _check_k(k, x, residual, norm_w, h_out)
     mode = 1 if residual is None else 2
@@ -142,11 +143,6 @@ def norm_quantize(x, residual, norm_w, eps: float, ctype: str, h_out=None,
     if rows:
         threads, qc = _quant_launch(rows, k)
         name = f"fp8_norm_quantize_kernel<{ctype}, {qc}>"
-        # the vector kernel: the same block (so the same sum order) up to 512 threads
-        threads_v = min(threads, cuda_norm.NORM_VEC_THREADS)
-        v = -(-k // (8 * threads_v))
-        if (cuda_norm.NORM_VEC if vec is None else vec) and v in NORM_VEC_WIDTHS:
-            name, threads = f"fp8_norm_quantize_vec_kernel<{ctype}, {v}>", threads_v
         launch(kernel("fp8.cu", name, ctype), (rows,), (threads,),
                (q, s, residual, _NULL if h_out is None else h_out, x, norm_w,
                 np.float32(eps), _i32(k), _i32(mode)), pdl=True)

@@ -98,7 +98,6 @@ def kernel_names(file: str, ctype: str) -> list[str]:
     if file == "fp8.cu":
         return ([f"fp8_{k}_kernel<{ctype}, {qc}>" for k in ("quantize", "silu_quantize",
                                                              "norm_quantize") for qc in (2, 4)]
-                + [f"fp8_norm_quantize_vec_kernel<{ctype}, {v}>" for v in NORM_VEC_WIDTHS]
                 + [f"fp8_scale_kernel<{ctype}>"]
                 + [f"fp8_gemv_kernel<{ctype}, {m}>" for m in range(1, 9)])
     if file == "fp8_fused.cu":

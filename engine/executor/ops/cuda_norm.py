@@ -7,8 +7,6 @@ wait one after another, not bytes over bandwidth. H200, kernel_check --only w1: 
 latency per 2-byte element it loads: 16 per 4096 row). With PAGEDSERVE_NORM_VEC (the default):
 - rms_norm_vec_kernel (rms_norm.cu): every 16-byte word of a row loaded at once, the row kept in
   registers between the sum of squares and the write, the weight read before the PDL wait;
-- fp8_norm_quantize_vec_kernel (fp8.cu): FP8's add + norm + quantize the same way (bit-identical
-  to the two-pass kernel at the same block);
 - NORM_W_EARLY in the GGUF GEMVs with the fused norm (gguf.cu, gguf_dp4a.cu: the norm weight
   loaded with x, not after the sum of squares) and in qk_rope_kv.cu (the q/k norm weights and the
   bias read before the PDL wait, cos/sin with the qkv row); bit-identical;
