@@ -7,18 +7,17 @@ from __future__ import annotations
 
 import dataclasses
 
-import numpy as np
 import pytest
 from conftest import require_gpu
 
 pytestmark = pytest.mark.gpu
 cupy = require_gpu()
 
+from test_cuda_gemm_tune import operands, rel  # noqa: E402
+
 from engine.executor.ops.cuda_gemm_plan import PlannedGemm  # noqa: E402
 from engine.executor.ops.cuda_ops import CudaOps  # noqa: E402
-from engine.executor.ops.numpy_ops import NumpyOps  # noqa: E402
 
-REF = NumpyOps()
 TOL = {"float16": 2e-3, "bfloat16": 1e-2}  # relative (Frobenius) error, as test_cuda_gemm_tune
 
 
@@ -27,17 +26,6 @@ def ops(request):
     ops = CudaOps(request.param)
     ops._gemm.tuned = PlannedGemm(ops._gemm)
     return ops
-
-
-def operands(ops, m, n, k, seed=0):
-    rng = np.random.default_rng(seed)
-    x = ops.from_host(rng.standard_normal((m, k)))
-    w = ops.from_host(rng.standard_normal((n, k)) * k**-0.5)
-    return x, w, REF.linear(ops.to_host(x), ops.to_host(w))
-
-
-def rel(got, want) -> float:
-    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
 
 
 @pytest.mark.parametrize("m, n, k", [(9, 4096, 1024), (72, 1024, 2048), (264, 6144, 1024),

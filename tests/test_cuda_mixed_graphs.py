@@ -75,28 +75,35 @@ def test_sizes_end_at_the_token_budget(setup):
     assert MixedGraphs(model, cache, max_tokens=8192).sizes[-1] == 1152
 
 
-def test_engine_with_mixed_graphs_generates_as_eager(monkeypatch):
+def tiny_engine(seed: int):
+    """A function making an engine over one 2-layer Qwen3-0.6B-shaped model (dummy weights)."""
     import types
 
-    from engine.core.sampling_params import SamplingParams
     from engine.engine import LLMEngine
-    from engine.executor import runner
-    from engine.llm import LLM
     from engine.model.config import EngineConfig
 
     config = ModelConfig.from_preset("qwen3-0.6b")
     config.num_layers, config.vocab_size = 2, 4096
     loaded = types.SimpleNamespace(config=config, tokenizer=None,
-                                   weights=dummy_weights(config, CudaOps("bfloat16"), seed=3))
+                                   weights=dummy_weights(config, CudaOps("bfloat16"), seed=seed))
+    return lambda: LLMEngine(EngineConfig(device="cuda", dtype="bfloat16", max_model_len=512,
+                                          max_num_seqs=4, num_kv_blocks=128, block_size=16,
+                                          max_num_batched_tokens=256), loaded_model=loaded)
+
+
+def test_engine_with_mixed_graphs_generates_as_eager(monkeypatch):
+    from engine.core.sampling_params import SamplingParams
+    from engine.executor import runner
+    from engine.llm import LLM
+
+    make = tiny_engine(seed=3)
     prompts = [{"prompt_token_ids": [(13 * i + 7 * j) % 4096 for j in range(10 + 29 * i)]}
                for i in range(6)]
     params = [SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=8) for _ in range(6)]
     tokens, replays = {}, []
     for mixed in (False, True):
         monkeypatch.setattr(runner, "MIXED_GRAPHS", mixed)
-        engine = LLMEngine(EngineConfig(device="cuda", dtype="bfloat16", max_model_len=512,
-                                        max_num_seqs=4, num_kv_blocks=128, block_size=16,
-                                        max_num_batched_tokens=256), loaded_model=loaded)
+        engine = make()
         graphs = engine.runner.mixed_graphs
         assert (graphs is not None) == mixed
         if graphs is not None:
@@ -116,18 +123,12 @@ def test_a_failed_capture_leaves_the_engine_running_eagerly(monkeypatch, caplog)
     costs the mixed-step graphs, not the engine: it starts, warns, and generates what the engine
     without them does."""
     import logging
-    import types
 
     from engine.core.sampling_params import SamplingParams
-    from engine.engine import LLMEngine
     from engine.executor import runner
     from engine.llm import LLM
-    from engine.model.config import EngineConfig
 
-    config = ModelConfig.from_preset("qwen3-0.6b")
-    config.num_layers, config.vocab_size = 2, 4096
-    loaded = types.SimpleNamespace(config=config, tokenizer=None,
-                                   weights=dummy_weights(config, CudaOps("bfloat16"), seed=5))
+    make = tiny_engine(seed=5)
     prompts = [{"prompt_token_ids": [(11 * i + 3 * j) % 4096 for j in range(20 + 17 * i)]}
                for i in range(3)]
     params = [SamplingParams(temperature=0.0, ignore_eos=True, max_tokens=6) for _ in range(3)]
@@ -141,9 +142,7 @@ def test_a_failed_capture_leaves_the_engine_running_eagerly(monkeypatch, caplog)
         monkeypatch.setattr(runner, "MIXED_GRAPHS", failing)
         if failing:
             monkeypatch.setattr(MixedGraphs, "capture", invalidated)
-        engine = LLMEngine(EngineConfig(device="cuda", dtype="bfloat16", max_model_len=512,
-                                        max_num_seqs=4, num_kv_blocks=128, block_size=16,
-                                        max_num_batched_tokens=256), loaded_model=loaded)
+        engine = make()
         assert engine.runner.mixed_graphs is None
         outs = LLM.from_engine(engine).generate(prompts, params, use_tqdm=False)
         tokens[failing] = [o.outputs[0].token_ids for o in outs]

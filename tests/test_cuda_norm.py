@@ -1,7 +1,7 @@
 """What PAGEDSERVE_NORM_VEC (on by default) turns on (engine/executor/ops/cuda_norm.py), GPU only:
 the 16-byte RMSNorm against the numpy twin and the scalar kernel at Qwen3 / Llama widths and odd
-ones, the row gather, and NORM_W_EARLY in the GGUF GEMVs and the q/k norm + RoPE + KV kernel (bit-identical to
-without).
+ones, the row gather, and NORM_W_EARLY in the GGUF GEMVs and the q/k norm + RoPE + KV kernel
+(bit-identical to without).
 
     python -m pytest -q -m gpu tests/test_cuda_norm.py
 """
@@ -14,6 +14,8 @@ from conftest import require_gpu
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("poison_device_memory")]
 cupy = require_gpu()
+
+from test_cuda_ops import rel_err, upload  # noqa: E402
 
 from engine.executor.ops import cuda_kernels, cuda_norm  # noqa: E402
 from engine.executor.ops.cuda_ops import CudaOps  # noqa: E402
@@ -34,16 +36,6 @@ def vec_on(monkeypatch):
     monkeypatch.setattr(cuda_norm, "NORM_VEC", True)
 
 
-def rel_err(got, want) -> float:
-    got, want = np.asarray(got, np.float64), np.asarray(want, np.float64)
-    assert got.shape == want.shape, (got.shape, want.shape)
-    assert np.isfinite(got).all(), "NaN/inf in the output (unwritten or overflowed)"
-    return float(np.linalg.norm(got - want) / max(np.linalg.norm(want), 1e-30))
-
-
-def upload(ops, x):
-    d = ops.from_host(np.asarray(x, np.float32))
-    return d, ops.to_host(d)
 
 
 def ulps(a, b) -> np.ndarray:
