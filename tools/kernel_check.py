@@ -11,7 +11,8 @@ sampler old vs new, decode steps.
 gguf, decode, step (decode-step variants at batch 1, ctx 512: PDL, early trigger, fusions), fp8:
 tools/kernel_check_fp8.py, attn: decode attention v1 vs mma, tools/kernel_check_attn.py, w1: one
 W1 step's ops at Llama-3-8B shapes and the tuned GEMMs, tools/kernel_check_w1.py; norms: the
-16-byte RMSNorm and row gather against the old kernels, tools/kernel_check_norms.py).
+16-byte RMSNorm and row gather against the old kernels, tools/kernel_check_norms.py; overlap:
+W1's decode attention beside the MLP's GEMMs on two streams, tools/kernel_check_overlap.py).
 --check-each synchronizes after every row and every section and stops at the first CUDA error,
 naming where it surfaced (a kernel fault is sticky: without this it is reported by whichever
 later call syncs first). --small shrinks every section (few rows, one weight
@@ -58,6 +59,7 @@ from tools.kernel_check_attn import check_attn  # noqa: E402
 from tools.kernel_check_decode1 import check_decode1  # noqa: E402
 from tools.kernel_check_gguf import check_gguf  # noqa: E402
 from tools.kernel_check_norms import check_norms  # noqa: E402
+from tools.kernel_check_overlap import check_overlap  # noqa: E402
 from tools.kernel_check_w1 import check_w1  # noqa: E402
 
 BW, FLOPS = 4.27e12, 800e12  # measured ceilings (shared/GPU.md)
@@ -743,6 +745,8 @@ def run_all(ops, quick: bool = False, only: str | None = None):
         "fp8": lambda: kernel_check_fp8.check_fp8(ops, sys.modules[__name__]),
         "w1": lambda: check_w1(ops, sys.modules[__name__]),
         "norms": lambda: check_norms(ops, sys.modules[__name__]),
+        # attention beside the MLP's GEMMs on two streams (W1, Llama-3-8B shapes)
+        "overlap": lambda: check_overlap(ops, sys.modules[__name__]),
     }
     for name, run in sections.items():
         if only is not None and name not in only.split(","):
