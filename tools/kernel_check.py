@@ -104,16 +104,23 @@ def graph_time(fn, calls: int = 20, reps: int = 10, pdl: bool = False) -> float:
         for _ in range(calls):
             fn()
         graph = stream.end_capture()
-        graph.launch(stream)
-        times = []
-        for _ in range(reps):
-            start, end = cupy.cuda.Event(), cupy.cuda.Event()
-            start.record(stream)
-            graph.launch(stream)
-            end.record(stream)
-            end.synchronize()
-            times.append(cupy.cuda.get_elapsed_time(start, end) / 1e3 / calls)
+        sec = replay_time(graph, stream, calls, reps)
     cuda_kernels.PDL = saved
+    return sec
+
+
+def replay_time(graph, stream, calls: int, reps: int) -> float:
+    """Seconds per call of a graph holding `calls` calls: one launch to warm, then `reps`
+    replays between events on `stream`, median."""
+    graph.launch(stream)
+    times = []
+    for _ in range(reps):
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record(stream)
+        graph.launch(stream)
+        end.record(stream)
+        end.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, end) / 1e3 / calls)
     return statistics.median(times)
 
 

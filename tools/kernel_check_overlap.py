@@ -15,8 +15,6 @@ Performance), so this share bounds what such a split could win before any engine
 
 from __future__ import annotations
 
-import statistics
-
 import numpy as np
 
 HEADS = (32, 8, 128)  # Llama-3-8B: q heads, kv heads, head_dim
@@ -30,7 +28,7 @@ def hidden_share(t_a: float, t_b: float, t_both: float) -> float:
     return max(0.0, t_a + t_b - t_both) / min(t_a, t_b)
 
 
-def two_stream_time(fn_a, fn_b, calls: int = 10, reps: int = 10) -> float:
+def two_stream_time(kc, fn_a, fn_b, calls: int = 10, reps: int = 10) -> float:
     """Seconds per (fn_a beside fn_b): `calls` pairs captured in one graph, fn_a on the capture
     stream and fn_b on a second stream forked from it and joined back after each pair."""
     import cupy
@@ -56,20 +54,11 @@ def two_stream_time(fn_a, fn_b, calls: int = 10, reps: int = 10) -> float:
             join.record(side)
             main.wait_event(join)
         graph = main.end_capture()
-        graph.launch(main)
-        times = []
-        for _ in range(reps):
-            start, end = cupy.cuda.Event(), cupy.cuda.Event()
-            start.record(main)
-            graph.launch(main)
-            end.record(main)
-            end.synchronize()
-            times.append(cupy.cuda.get_elapsed_time(start, end) / 1e3 / calls)
-    return statistics.median(times)
+        return kc.replay_time(graph, main, calls, reps)
 
 
 def check_overlap(ops, kc):
-    """kc: the kernel_check module (row, graph_time, _decode_batch)."""
+    """kc: the kernel_check module (row, graph_time, replay_time, _decode_batch)."""
     import cupy
 
     from engine.executor.ops import cuda_attention as ca
@@ -99,7 +88,7 @@ def check_overlap(ops, kc):
         t_attn = kc.graph_time(attention)
         t_mlp = kc.graph_time(mlp)
         t_serial = kc.graph_time(lambda: (mlp(), attention()))
-        t_both = two_stream_time(mlp, attention)
+        t_both = two_stream_time(kc, mlp, attention)
         kv = sum(ctx) * nkv * hd * 2 * 2
         flops = 2 * b * HIDDEN * 3 * INTER
         kc.row("overlap", f"B={b} attention ({kv / 1e6:.0f} MB K/V) beside gate_up+down GEMMs",
