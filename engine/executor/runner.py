@@ -163,7 +163,7 @@ class ModelRunner:
         graphs = MixedGraphs(self.model, self.kv_cache, self.config.max_num_batched_tokens)
         try:
             graphs.capture()
-        except Exception as e:  # an op that cannot be captured (a weight format): run eagerly
+        except Exception as e:  # an op that cannot be captured, a capture the driver refused
             if self.ops.is_fatal(e):
                 raise
             logger.warning("capturing mixed-step CUDA graphs failed (%s: %s): steps with a "
