@@ -41,10 +41,10 @@ NUM_BLOCKS_TARGET = 1024  # decode blocks that fill an H200's 132 SMs several ti
 # 64, not 128: device run 2 (tools/kernel_check.py, splits) measured one 512-token sequence at
 # 8.6 us against 11.4, 8 x 1024 at 16.4 against 19.7, and long contexts unchanged.
 MIN_KEYS_PER_SPLIT = 64
-# 48 splits x 8 kv heads = 384 mma blocks: one wave at 3 blocks per SM, each split long enough
-# to keep its warps' cp.async rings busy. Device run 2, one sequence of 32,532 tokens: 43.6 us
-# (3.05 TB/s) against 46.1 at 128 splits (v1 at 128: 45.5 Qwen3 heads, 65.8 Llama-3 heads).
-MAX_SPLITS = 48
+# 32 splits x 8 kv heads = 256 mma blocks, each split long enough to keep its warps' cp.async
+# rings busy. Session 8 on the H200 (bench_latency, Qwen3-0.6B shapes, batch 1): 32 against 48
+# splits 0.872 against 0.928 ms/token at a 4,096-token context, 1.732 against 1.793 at 32,532.
+MAX_SPLITS = 32
 KERNEL_MAX_SPLITS, REDUCE_THREADS = 256, 512  # attention.cu's MAX_SPLITS and RED_THREADS
 LOG2E = 1.4426950408889634  # the kernels' softmax is base 2: scores are scaled by scale * log2(e)
 
