@@ -38,7 +38,10 @@ __global__ void __launch_bounds__(NW * 32, 12 / NW) decode_mma_kernel(
   constexpr int CPL = DM_KEYS * CPR / 32;  // 16-byte copies per lane per tile, of K and of V
   extern __shared__ __align__(16) unsigned char smem_raw[];
   __shared__ float m_s[NW][GR], l_s[NW][GR];
-  pdl_start();
+  // Under PDL, everything up to pdl_wait() below may run while the previous kernel (the q/k norm
+  // + RoPE + KV write) still does: the step's metadata (uploaded before the step) and the keys and
+  // values of earlier steps are read before the wait, so their memory latency hides behind it.
+  // Only the step's own key, ctx - 1, and Q come after.
 
   const int group = num_heads / num_kv_heads, passes = (group + GR - 1) / GR;
   const int kvh = blockIdx.y / passes, g0 = (blockIdx.y % passes) * GR;
@@ -48,7 +51,10 @@ __global__ void __launch_bounds__(NW * 32, 12 / NW) decode_mma_kernel(
   const int tok = query_start_loc[seq];
   const int ctx = context_lens[seq];
   const int splits = seq_splits(ctx, num_splits, min_keys);
-  if (split >= splits) return;  // the whole block: no barrier is skipped
+  if (split >= splits) {  // the whole block: no barrier is skipped
+    pdl_start();
+    return;
+  }
   const int per_split = ((ctx + splits - 1) / splits + DM_KEYS - 1) / DM_KEYS * DM_KEYS;
   const int k_begin = split * per_split, k_end = min(ctx, k_begin + per_split);
   const long row_stride = (long)(num_heads + 2 * num_kv_heads) * HD;
@@ -63,8 +69,9 @@ __global__ void __launch_bounds__(NW * 32, 12 / NW) decode_mma_kernel(
   // a tile lies in one cache block, whose K rows are consecutive: one block-table read per tile.
   const bool tile_in_block = block_size % DM_KEYS == 0;
   // Tile i into stage i % ST; one commit group per call, empty past the last tile, so that
-  // wait_group ST - 1 always means "tile i has landed".
-  auto load_tile = [&](int i) {
+  // wait_group ST - 1 always means "tile i has landed". Before pdl_wait() (`early`) the row of key
+  // ctx - 1 is left out: load_new_key() copies it after the wait.
+  auto load_tile = [&](int i, bool early) {
     if (i < nt) {
       const int kb = first + i * NW * DM_KEYS;
       T* ks = k_s + (i % ST) * TILE;
@@ -78,6 +85,7 @@ __global__ void __launch_bounds__(NW * 32, 12 / NW) decode_mma_kernel(
       for (int c = 0; c < CPL; c++) {
         const int idx = lane + 32 * c, j = idx / CPR, d = (idx % CPR) * 8, key = kb + j;
         const bool valid = key < k_end;
+        if (early && key == ctx - 1) continue;
         long off = 0;
         if (valid) {
           if (tile_in_block) {
@@ -94,7 +102,27 @@ __global__ void __launch_bounds__(NW * 32, 12 / NW) decode_mma_kernel(
     asm volatile("cp.async.commit_group;");
   };
 #pragma unroll
-  for (int i = 0; i < ST - 1; i++) load_tile(i);
+  for (int i = 0; i < ST - 1; i++) load_tile(i, true);
+  pdl_start();
+  // Key ctx - 1 (the last of the last split), when its tile was one of those loaded early: its
+  // row by plain loads into the stage (no copy in flight targets it); the loop's __syncwarp
+  // after wait_group publishes it to the warp.
+  if (ctx - 1 < k_end && ctx - 1 >= first) {
+    const int rel = ctx - 1 - first, ti = rel / (NW * DM_KEYS);
+    if (rel % (NW * DM_KEYS) < DM_KEYS && ti < min(nt, ST - 1)) {
+      const int j = rel % DM_KEYS, bi = (ctx - 1) / block_size;
+      const long row = (((long)table[bi] * num_kv_heads + kvh) * block_size + ctx - 1 -
+                        bi * block_size) * HD;
+      T* ks = k_s + (ti % ST) * TILE + j * LD;
+      T* vs = v_s + (ti % ST) * TILE + j * LD;
+      for (int d = lane * 8; d < HD; d += 32 * 8) {
+        const uint4* kg = reinterpret_cast<const uint4*>(k_cache + row + d);
+        const uint4* vg = reinterpret_cast<const uint4*>(v_cache + row + d);
+        *reinterpret_cast<uint4*>(ks + d) = __ldcg(kg);
+        *reinterpret_cast<uint4*>(vs + d) = __ldcg(vg);
+      }
+    }
+  }
 
   // Q as the A operand, straight from global memory: this lane's rows r and r + 8 (query heads
   // g0 + r of the kv head), dims 2 (lane % 4) + {0, 1, 8, 9} of each k16 step. Padding rows: 0.
@@ -121,7 +149,7 @@ __global__ void __launch_bounds__(NW * 32, 12 / NW) decode_mma_kernel(
 
   for (int i = 0; i < nt; i++) {
     __syncwarp();  // every lane is done reading tile i - 1, whose stage tile i + ST - 1 takes
-    load_tile(i + ST - 1);
+    load_tile(i + ST - 1, false);
     asm volatile("cp.async.wait_group %0;" ::"n"(ST - 1));
     __syncwarp();  // the other lanes' copies of tile i are visible too
     const T* kt = k_s + (i % ST) * TILE;
