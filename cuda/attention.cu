@@ -211,17 +211,27 @@ __global__ void __launch_bounds__(RED_THREADS) decode_reduce_kernel(
     const int* __restrict__ query_start_loc,  // [B + 1]
     const int* __restrict__ context_lens,     // [B]
     int num_items, int num_heads, int num_splits, int min_keys) {
-  constexpr int RED_SUB = RED_THREADS / HD;
+  constexpr int RED_SUB = RED_THREADS / HD, PRE = 8;
   __shared__ float w_s[MAX_SPLITS];
   __shared__ float red[32];
   __shared__ float num_s[RED_SUB][HD];
-  pdl_start();
+  // The step's metadata (uploaded before it) is read before the PDL wait, and each thread's first
+  // PRE partial outputs are requested with the (max, sum) pairs right after it: at batch 1 this
+  // kernel is a chain of memory latencies, now two instead of four.
   const int seq = seqs[blockIdx.x];
   const int splits = min(seq_splits(context_lens[seq], num_splits, min_keys), MAX_SPLITS);
+  const long tok = query_start_loc[seq];
+  pdl_start();
   if (splits == 1) return;
   const long ih = (long)blockIdx.x * num_heads + blockIdx.y;
   const long stride = (long)num_items * num_heads;
-  const long tok = query_start_loc[seq];
+  const int d = threadIdx.x % HD, sub = threadIdx.x / HD;
+  float pre[PRE];
+#pragma unroll
+  for (int k = 0; k < PRE; k++) {
+    const int s = sub + k * RED_SUB;
+    pre[k] = s < splits ? part_out[(s * stride + ih) * HD + d] : 0.f;
+  }
   float mx = -INFINITY;
   for (int s = threadIdx.x; s < splits; s += RED_THREADS)
     mx = fmaxf(mx, part_ml[(s * stride + ih) * 2]);
@@ -234,10 +244,14 @@ __global__ void __launch_bounds__(RED_THREADS) decode_reduce_kernel(
     den += w * part_ml[(s * stride + ih) * 2 + 1];
   }
   den = block_sum(den, red);  // its barriers also publish w_s
-  const int d = threadIdx.x % HD, sub = threadIdx.x / HD;
   float num = 0.f;
+#pragma unroll
+  for (int k = 0; k < PRE; k++) {
+    const int s = sub + k * RED_SUB;
+    if (s < splits) num += w_s[s] * pre[k];
+  }
 #pragma unroll 8
-  for (int s = sub; s < splits; s += RED_SUB)
+  for (int s = sub + PRE * RED_SUB; s < splits; s += RED_SUB)
     num += w_s[s] * part_out[(s * stride + ih) * HD + d];
   num_s[sub][d] = num;
   __syncthreads();
