@@ -9,7 +9,8 @@ sampler old vs new, decode steps.
 --quick skips the Llama-3-8B shapes and the decode steps; --only runs the named sections
 (launches, fused, gemv, gemv1 (M = 1 only), splits, sampling, prefill,
 gguf, decode, step (decode-step variants at batch 1, ctx 512: PDL, early trigger, fusions), fp8:
-tools/kernel_check_fp8.py, attn: decode attention v1 vs mma, tools/kernel_check_attn.py, w1: one
+tools/kernel_check_fp8.py, fp8w1: FP8 vs bf16 linear ops of a W1 step,
+tools/kernel_check_fp8w1.py, attn: decode attention v1 vs mma, tools/kernel_check_attn.py, w1: one
 W1 step's ops at Llama-3-8B shapes and the tuned GEMMs, tools/kernel_check_w1.py; norms: the
 16-byte RMSNorm and row gather against the old kernels, tools/kernel_check_norms.py; overlap:
 W1's decode attention beside the MLP's GEMMs on two streams, tools/kernel_check_overlap.py).
@@ -57,6 +58,7 @@ from engine.executor.ops.numpy_ops import NumpyOps  # noqa: E402
 from tools import kernel_check_fp8  # noqa: E402
 from tools.kernel_check_attn import check_attn  # noqa: E402
 from tools.kernel_check_decode1 import check_decode1  # noqa: E402
+from tools.kernel_check_fp8w1 import check_fp8w1  # noqa: E402
 from tools.kernel_check_gguf import check_gguf  # noqa: E402
 from tools.kernel_check_norms import check_norms  # noqa: E402
 from tools.kernel_check_overlap import check_overlap  # noqa: E402
@@ -732,7 +734,7 @@ def check_launches(ops):
 
 def run_all(ops, quick: bool = False, only: str | None = None):
     """Every section, or those named in `only` (comma-separated: launches, fused, gemv, gemv1,
-    splits, sampling, prefill, gguf, decode, step, fp8, attn, w1, norms)."""
+    splits, sampling, prefill, gguf, decode, step, fp8, fp8w1, attn, w1, norms)."""
     sections = {
         "launches": lambda: check_launches(ops),
         "fused": lambda: check_fused(ops),
@@ -750,6 +752,8 @@ def run_all(ops, quick: bool = False, only: str | None = None):
         "gemv1": lambda: check_gemv(ops, ["qwen3-0.6b", "llama3-8b"], ms=(1,)),
         "step": lambda: [decode_step(ops, p, 512) for p in ("qwen3-0.6b", "llama3-8b")],
         "fp8": lambda: kernel_check_fp8.check_fp8(ops, sys.modules[__name__]),
+        # FP8 vs bf16 linear ops of a W1 step (M = 16..256, 8192), tools/kernel_check_fp8w1.py
+        "fp8w1": lambda: check_fp8w1(ops, sys.modules[__name__]),
         "w1": lambda: check_w1(ops, sys.modules[__name__]),
         "norms": lambda: check_norms(ops, sys.modules[__name__]),
         # attention beside the MLP's GEMMs on two streams (W1, Llama-3-8B shapes)

@@ -6,6 +6,10 @@ per-token and per-channel scales, picked per shape at first use:
   12.9+): one vector per operand, applied in the GEMM's epilogue, bf16/fp16 written directly.
 - "fp32+scale": no scale pointers (scale 1), fp32 output, then fp8_scale_kernel (cuda/fp8.cu)
   rounds acc * sx * sw to the compute dtype; works on every cuBLASLt with FP8 (12.x, sm_89+).
+PAGEDSERVE_FP8_FAST_ACCUM=1 (off until measured) sets CUBLASLT_MATMUL_DESC_FAST_ACCUM: Hopper's
+FP8 tensor cores then accumulate without promoting partial sums to fp32 every few K steps
+(faster, less exact: vLLM's CUTLASS FP8 kernels run this way). PAGEDSERVE_FP8_TUNE=1 times the
+outer-vector plans' candidates per shape (cuda_fp8_tune.py).
 The handle is the cuBLAS handle of ops/cuda_blas.Gemm (cuBLAS documents a cublasHandle_t as usable
 where a cublasLtHandle_t is expected) and so is the workspace; cublasLtMatmul takes the stream and
 workspace per call, so captured CUDA graphs replay it like cublasGemmEx.
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import ctypes
 import logging
+import os
 import weakref
 
 import cupy
@@ -30,6 +35,7 @@ CUBLAS_OP_N, CUBLAS_OP_T = 0, 1
 DESC_TRANSA, DESC_TRANSB = 3, 4
 DESC_A_SCALE_POINTER, DESC_B_SCALE_POINTER = 17, 18
 DESC_A_SCALE_MODE, DESC_B_SCALE_MODE = 31, 32
+DESC_FAST_ACCUM = 25  # int8
 SCALE_OUTER_VEC_32F = 3  # cublasLtMatmulMatrixScale_t
 PREF_MAX_WORKSPACE_BYTES = 1
 
@@ -84,10 +90,13 @@ class Fp8Gemm:
         lib.cublasLtMatmulDescCreate.argtypes = [p, i, i]
         lib.cublasLtMatrixLayoutCreate.argtypes = [p, i, u64, u64, i64]
         lib.cublasLtMatmulPreferenceSetAttribute.argtypes = [p, i, p, sz]
-        self._descs: dict[tuple, int | None] = {}  # (outer,) -> cublasLtMatmulDesc_t
+        self._descs: dict[tuple, int | None] = {}  # (outer, fast) -> cublasLtMatmulDesc_t
         self._layouts: dict[tuple, int] = {}  # (type, rows, cols, ld) -> cublasLtMatrixLayout_t
         self.plans: dict[tuple, tuple | None] = {}  # (M, N, K, dtype) -> (mode, algo) or None
         self.modes = ("outer", "fp32+scale")  # tried in this order (tests narrow it)
+        # plans and descriptors are made per value: a change needs plans cleared (kernel_check)
+        self.fast_accum = os.environ.get("PAGEDSERVE_FP8_FAST_ACCUM", "0") == "1"
+        self.tuner = None  # cuda_fp8_tune.Fp8Tuner when PAGEDSERVE_FP8_TUNE=1 (cuda_fp8 sets it)
         self._logged: set[tuple] = set()
         self._pref = workspace_preference(lib)
         self._one, self._zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
@@ -99,7 +108,7 @@ class Fp8Gemm:
 
     def _desc(self, outer: bool) -> int | None:
         """The matmul descriptor (TN, fp32 compute); None when this cuBLASLt has no outer mode."""
-        key = (outer,)
+        key = (outer, self.fast_accum)
         if key not in self._descs:
             desc = ctypes.c_void_p()
             self._check(self._lib.cublasLtMatmulDescCreate(ctypes.byref(desc), CUBLAS_COMPUTE_32F,
@@ -107,6 +116,10 @@ class Fp8Gemm:
             self._descs[key] = desc.value
             for attr, value in ((DESC_TRANSA, CUBLAS_OP_T), (DESC_TRANSB, CUBLAS_OP_N)):
                 self._check(self._set_int(desc.value, attr, value), "MatmulDescSetAttribute")
+            if self.fast_accum:
+                flag = ctypes.c_int8(1)
+                self._check(self._set_desc(desc.value, DESC_FAST_ACCUM, ctypes.byref(flag), 1),
+                            "MatmulDescSetAttribute(FAST_ACCUM)")
             if outer and any(self._set_int(desc.value, attr, SCALE_OUTER_VEC_32F)
                              for attr in (DESC_A_SCALE_MODE, DESC_B_SCALE_MODE)):
                 self._descs[key] = None  # older cuBLASLt: the attribute does not exist
@@ -135,8 +148,7 @@ class Fp8Gemm:
             desc = self._desc(mode == "outer")
             if desc is None:
                 continue
-            out_type = DATA_TYPES[dtype] if mode == "outer" else CUDA_R_32F
-            a, b, d = self._layouts_for(m, n, k, out_type)
+            a, b, d = self._layouts_for(m, n, k, self.out_type(dtype, mode == "outer"))
             if mode == "outer":  # the heuristic may refuse a scaled plan with no pointers set
                 self._set_ptr(desc, DESC_A_SCALE_POINTER, scales[1])
                 self._set_ptr(desc, DESC_B_SCALE_POINTER, scales[0])
@@ -152,6 +164,11 @@ class Fp8Gemm:
                         "no plan, GEMV fallback" if self.plans[key] is None
                         else self.plans[key][0])
         return self.plans[key]
+
+    @staticmethod
+    def out_type(dtype: str, outer: bool) -> int:
+        """D's cudaDataType: the compute dtype with outer-vector scales, else fp32."""
+        return DATA_TYPES[dtype] if outer else CUDA_R_32F
 
     def _layouts_for(self, m: int, n: int, k: int, out_type: int):
         # Column-major view: C (N, M) = op(A) (N, K) . B (K, M). A is qw (N, K) row-major, i.e.
@@ -169,28 +186,35 @@ class Fp8Gemm:
         plan = self._plan(m, n, k, dtype, (sx.data.ptr, sw.data.ptr))
         if plan is None:
             return None
-        mode, heuristic = plan  # its algo is the first field: a pointer to it is one to the algo
-        outer = mode == "outer"
-        desc = self._desc(outer)
-        if outer:
-            self._set_ptr(desc, DESC_A_SCALE_POINTER, sw.data.ptr)  # per row of op(A): channels
-            self._set_ptr(desc, DESC_B_SCALE_POINTER, sx.data.ptr)  # per column of B: tokens
-            d_array = out
-        else:
-            d_array = cupy.empty((m, n), cupy.float32)
-        a, b, d = self._layouts_for(m, n, k, DATA_TYPES[dtype] if outer else CUDA_R_32F)
-        status = self._matmul(
-            self._gemm.handle, desc, ctypes.byref(self._one), qw.data.ptr, a, qx.data.ptr, b,
-            ctypes.byref(self._zero), d_array.data.ptr, d, d_array.data.ptr, d,
-            ctypes.byref(heuristic), self._gemm._workspace.data.ptr, WORKSPACE_BYTES,
-            cupy.cuda.get_current_stream().ptr)
-        if status != 0 and outer:  # planned but refused at run time: scale by kernel instead
+        outer = plan[0] == "outer"
+        d_array = out if outer else cupy.empty((m, n), cupy.float32)
+
+        def run(plan) -> int:
+            if plan[0] == "splitk":  # a tuned plan (cuda_fp8_splitk.py)
+                return self.tuner.splitk.run(plan, qx, sx, qw, sw, out, dtype)
+            mode, heuristic = plan  # the algo is its first field: a pointer to it is one to it
+            desc = self._desc(mode == "outer")
+            if mode == "outer":
+                self._set_ptr(desc, DESC_A_SCALE_POINTER, sw.data.ptr)  # per row of op(A): channels
+                self._set_ptr(desc, DESC_B_SCALE_POINTER, sx.data.ptr)  # per column of B: tokens
+            a, b, d = self._layouts_for(m, n, k, self.out_type(dtype, mode == "outer"))
+            return self._matmul(
+                self._gemm.handle, desc, ctypes.byref(self._one), qw.data.ptr, a, qx.data.ptr, b,
+                ctypes.byref(self._zero), d_array.data.ptr, d, d_array.data.ptr, d,
+                ctypes.byref(heuristic), self._gemm._workspace.data.ptr, WORKSPACE_BYTES,
+                cupy.cuda.get_current_stream().ptr)
+
+        if self.tuner is not None:
+            plan = self.tuner.plan(plan, m, n, k, dtype, run)
+        mode = plan[0]
+        status = run(plan)
+        if status != 0 and mode == "outer":  # refused at run time: scale by kernel instead
             logger.info("cuBLASLt FP8 outer-vector scaling refused (status %d): fp32+scale",
                         status)
             self._plan(m, n, k, dtype, (sx.data.ptr, sw.data.ptr), modes=("fp32+scale",))
             return self(qx, sx, qw, sw, out, dtype, scale_kernel)
         self._check(status, "Matmul")
-        if not outer:
+        if mode == "fp32+scale":
             scale_kernel(d_array, out)
         return mode
 

@@ -27,6 +27,7 @@ import numpy as np
 
 from engine.executor.ops.cuda_blas import Gemm
 from engine.executor.ops.cuda_blaslt import Fp8Gemm
+from engine.executor.ops.cuda_fp8_tune import Fp8Tuner, tuning_enabled
 from engine.executor.ops.cuda_kernels import kernel, launch
 from engine.model.quantized import QuantizedWeight
 
@@ -59,6 +60,8 @@ def fp8_gemm(gemm: Gemm) -> Fp8Gemm:
     """The cuBLASLt FP8 GEMM sharing `gemm`'s handle and workspace (made at first use)."""
     if gemm not in _LT:
         _LT[gemm] = Fp8Gemm(gemm)
+        if tuning_enabled():  # PAGEDSERVE_FP8_TUNE=1 (cuda_fp8_tune.py)
+            _LT[gemm].tuner = Fp8Tuner(_LT[gemm])
     return _LT[gemm]
 
 

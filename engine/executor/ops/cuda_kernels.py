@@ -103,6 +103,8 @@ def kernel_names(file: str, ctype: str) -> list[str]:
     if file == "fp8_fused.cu":
         return [f"fp8_stream_gemv_kernel<{ctype}, {m}, {p}>" for m in range(1, 5)
                 for p in range(4)]
+    if file == "lt_splitk.cu":
+        return [f"fp8_splitk_scale_kernel<{ctype}>"]
     if file == "kv_cache.cu":
         return [f"write_kv_cache_kernel<{ctype}>"]
     if file == "attention.cu":
