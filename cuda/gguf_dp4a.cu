@@ -28,6 +28,9 @@ typedef unsigned char u8;
 
 constexpr int G3_WARPS = 8;     // warps per block (a GEMV's W: G3_WARPS, or F::BIG at M = 1)
 constexpr int G3_CHUNK = 2048;  // values of a weight row per warp step: 64 a lane
+// SPLIT's item sums a block holds: (outputs of the block) x (loads per row), at most
+// (cuda_quant_gguf.G3_SPLIT_MAX)
+constexpr int G3_SPLIT_MAX = 512;
 
 // byte of x value k in the staged int8 copy: 16-byte word i (values 16 i .. of lane l's 64) of
 // warp step s at word 128 s + 32 i + l
@@ -226,9 +229,10 @@ __device__ __forceinline__ void g3_float8(const uint4* r, float* f) {
 }
 
 // Values k .. k + 7 of row m (held by this thread; threads 4 t .. 4 t + 3 of a warp hold 32
-// values from a multiple of 32) quantized into the staged copy (module NOTE).
-__device__ __forceinline__ void g3_quantize8(const float* f, int m, int k, int K, u8* xq,
-                                             float* xd, int* xs) {
+// values from a multiple of 32) quantized into the staged copy (module NOTE); returns their
+// group's dx, and with qv their quantized values.
+__device__ __forceinline__ float g3_quantize8(const float* f, int m, int k, int K, u8* xq,
+                                              float* xd, int* xs, int* qv = nullptr) {
   float amax = 0.f;
 #pragma unroll
   for (int e = 0; e < 8; e++) amax = fmaxf(amax, fabsf(f[e]));
@@ -240,24 +244,43 @@ __device__ __forceinline__ void g3_quantize8(const float* f, int m, int k, int K
 #pragma unroll
   for (int e = 0; e < 8; e++) {
     const int q = __float2int_rn(__fmul_rn(f[e], id));
+    if (qv != nullptr) qv[e] = q;
     s += q;
     w[e >> 2] |= (unsigned)(q & 255) << (8 * (e & 3));
   }
   s += __shfl_xor_sync(0xffffffffu, s, 1);
   s += __shfl_xor_sync(0xffffffffu, s, 2);
   *reinterpret_cast<uint2*>(xq + (long)m * K + g3_pos(k)) = make_uint2(w[0], w[1]);
+  const float dx = __fdiv_rn(amax, 127.f);
   if ((threadIdx.x & 3) == 0) {
-    xd[m * (K / 32) + k / 32] = __fdiv_rn(amax, 127.f);
+    xd[m * (K / 32) + k / 32] = dx;
     xs[m * (K / 32) + k / 32] = s;
   }
+  return dx;
+}
+
+// X2 (the lm_head, whose x stays unquantized elsewhere): x as two int8 terms, row 0 its
+// quantization q0 (dx0) and row 1 the quantization of what that leaves, r = x - q0 dx0 (each
+// product and difference rounded to float once). |r| <= dx0 / 2 + rounding, so q0 dx0 + q1 dx1
+// is x within ~amax / 32,000: closer than x's own 16-bit rounding; the GEMV sums both rows'
+// products into one output (gguf_gemv3_kernel, M = 2).
+__device__ __forceinline__ void g3_quantize8_x2(const float* f, int k, int K, u8* xq, float* xd,
+                                                int* xs) {
+  int q[8];
+  const float dx = g3_quantize8(f, 0, k, K, xq, xd, xs, q);
+  float r[8];
+#pragma unroll
+  for (int e = 0; e < 8; e++) r[e] = __fsub_rn(f[e], __fmul_rn((float)q[e], dx));
+  g3_quantize8(r, 1, k, K, xq, xd, xs);
 }
 
 // x (M, K) quantized into xq / xd / xs (rows >= `rows` as zeros), or with NORM (M = 1)
 // rms_norm(x + residual) * norm_w, each value rounded to T where rms_norm_kernel rounds it, with
 // block 0 writing x + residual to res_out; `scratch` (K floats) holds the sum between the passes.
 // flags: NORM_W_EARLY (common.cuh), where EARLY (blocks of <= 768 threads: at 1024 the
-// registers would spill). Ends with a barrier.
-template <typename T, int M, bool NORM, bool EARLY>
+// registers would spill). X2 (M = 2, not NORM): x's one row as two terms (g3_quantize8_x2).
+// Ends with a barrier.
+template <typename T, int M, bool NORM, bool EARLY, bool X2 = false>
 __device__ __forceinline__ void g3_stage_x(u8* xq, float* xd, int* xs, float* scratch,
                                            const T* __restrict__ x, int K, int rows,
                                            const T* __restrict__ residual,
@@ -270,7 +293,8 @@ __device__ __forceinline__ void g3_stage_x(u8* xq, float* xd, int* xs, float* sc
   constexpr int U = NORM ? 2 : 4, W = sizeof(T) / 2;
   const bool w_early = NORM && EARLY && (flags & NORM_W_EARLY) && K <= U * STRIDE;
   uint4 g[U][W];  // the norm weight with w_early, from the first pass to the second
-  for (int m = 0; m < M; m++) {
+  static_assert(!X2 || (M == 2 && !NORM), "X2 stages one row of x as the two rows of M = 2");
+  for (int m = 0; m < (X2 ? 1 : M); m++) {
     float ss = 0.f;
     for (int k0 = 8 * threadIdx.x; k0 < K; k0 += U * STRIDE) {
       uint4 a[U][W], b[U][W];  // x; the residual (NORM)
@@ -309,6 +333,8 @@ __device__ __forceinline__ void g3_stage_x(u8* xq, float* xd, int* xs, float* sc
           float4* dst = reinterpret_cast<float4*>(scratch + k);
           dst[0] = make_float4(f[0], f[1], f[2], f[3]);
           dst[1] = make_float4(f[4], f[5], f[6], f[7]);
+        } else if constexpr (X2) {
+          g3_quantize8_x2(f, k, K, xq, xd, xs);
         } else {
           g3_quantize8(f, m, k, K, xq, xd, xs);
         }
@@ -360,55 +386,85 @@ __device__ __forceinline__ void g3_carve(uint4* smem, int K, u8*& xq, float*& xd
 // GEMV followed by activation.cu.
 // W warps per block: G3_WARPS, several blocks per SM, or F::BIG, one block per SM (x staged
 // once per SM, and as many warps resident as the registers allow).
+// X2 (M = 2, rows = 1): x's one row staged as two int8 terms (g3_quantize8_x2), y (1, N) the
+// sum of both rows' products: the lm_head's product at nearly x's own precision.
+// SPLIT (M = 1, a plain product): block b takes outputs b N / G .. (b + 1) N / G - 1 of the
+// G blocks, and its warps share the loads of those rows (each a warp step, or F::STEPS) evenly:
+// a row's loads are summed in shared memory, in order, once the block is done. Where rows are
+// few for the warps (Q4_K down: 4096 rows of 7 steps on 132 x 24 warps) each warp then reads 6
+// loads instead of 8 (2 rows on 86 SMs under the even grid).
 // NOTE: device run B measured, at M = 1: one block per SM faster for Q4_K and Q6_K (and Q8_0 at
 // K = 14336: 18.5 vs 23.0 us in a PDL chain), slower for Q8_0 at K = 4096
 // (cuda_quant_gguf.use_big); rows streamed into L2 ahead by bulk prefetches slower everywhere.
 // Grid: (at most what stays resident, cuda_quant_gguf.gemv3)  Block: (32 * W)
-template <class F, typename T, int M, bool NORM, int W, bool GLU>
+template <class F, typename T, int M, bool NORM, int W, bool GLU, bool X2 = false,
+          bool SPLIT = false>
 __global__ void __launch_bounds__(32 * W, W != G3_WARPS ? 1 : M == 1 ? 3 : 2)
 gguf_gemv3_kernel(T* __restrict__ y, const T* __restrict__ x, const u8* __restrict__ w, int N,
                   int K, int rows, int row_bytes, const T* __restrict__ residual,
                   const T* __restrict__ norm_w, T* __restrict__ res_out, float eps, int flags) {
+  static_assert(!SPLIT || (M == 1 && !NORM && !GLU && !X2), "SPLIT: plain products at M = 1");
   extern __shared__ uint4 g3_smem[];
+  __shared__ float g3_parts[SPLIT ? G3_SPLIT_MAX : 1];
   u8* xq;
   float* xd;
   int* xs;
   uint4* rest;
   g3_carve<M>(g3_smem, K, xq, xd, xs, rest);
-  uint4* stage = rest + (threadIdx.x >> 5) * F::STAGE;
+  const int wb = threadIdx.x >> 5;  // warp of the block
+  uint4* stage = rest + wb * F::STAGE;
   float* scratch = reinterpret_cast<float*>(rest + W * F::STAGE);
   const int lane = threadIdx.x & 31;
-  const int total_warps = gridDim.x * W, gw = blockIdx.x * W + (threadIdx.x >> 5);
+  const int total_warps = gridDim.x * W, gw = blockIdx.x * W + wb;
   const int steps = K / G3_CHUNK, per_row = (steps + F::STEPS - 1) / F::STEPS;
   constexpr int PARTS = GLU ? 2 : 1;  // weight rows per output
   const int outs = N / PARTS, per_out = PARTS * per_row;
-  const int items = gw < outs ? (outs - gw + total_warps - 1) / total_warps * per_out : 0;
+  // SPLIT: outputs r0 .. r1 - 1 are the block's, and its warps share their (output, load)
+  // items, item i to warp i % W
+  const int r0 = SPLIT ? (int)((long)blockIdx.x * outs / gridDim.x) : 0;
+  const int r1 = SPLIT ? (int)((long)(blockIdx.x + 1) * outs / gridDim.x) : 0;
+  const int block_items = (r1 - r0) * per_row;
+  const int items = SPLIT ? (wb < block_items ? (block_items - wb + W - 1) / W : 0)
+                    : gw < outs ? (outs - gw + total_warps - 1) / total_warps * per_out : 0;
+  // this warp's item j: its output, and which of that output's per_out loads it is
+  auto out_of = [&](int j) {
+    return SPLIT ? r0 + (wb + j * W) / per_row : gw + j / per_out * total_warps;
+  };
+  auto load_of = [&](int j) { return SPLIT ? (wb + j * W) % per_row : j % per_out; };
   uint4 cur[F::STEPS][F::WORDS], nxt[F::STEPS][F::WORDS];
   auto load = [&](uint4 (*r)[F::WORDS], int j) {
-    const int o = gw + j / per_out * total_warps, part = j / per_row % PARTS;
-    const u8* row = w + (long)(o + part * outs) * row_bytes;
-    const int s0 = j % per_row * F::STEPS;
+    const int l = load_of(j);
+    const u8* row = w + (long)(out_of(j) + l / per_row * outs) * row_bytes;
+    const int s0 = l % per_row * F::STEPS;
 #pragma unroll
     for (int s = 0; s < F::STEPS; s++)
       if (s0 + s < steps) F::load(r[s], row, s0 + s, lane);
   };
   if (items > 0) load(cur, 0);  // weights are never written: they may stream before the wait
   pdl_wait();
-  g3_stage_x<T, M, NORM, W <= 24>(xq, xd, xs, scratch, x, K, rows, residual, norm_w, res_out,
-                                  eps, flags);
+  g3_stage_x<T, M, NORM, W <= 24, X2>(xq, xd, xs, scratch, x, K, rows, residual, norm_w,
+                                      res_out, eps, flags);
   pdl_trigger();
   float acc[M], gate[M];
 #pragma unroll
   for (int m = 0; m < M; m++) acc[m] = gate[m] = 0.f;
   for (int j = 0; j < items; j++) {
     if (j + 1 < items) load(nxt, j + 1);
-    const int s0 = j % per_row * F::STEPS;
+    const int l = load_of(j), s0 = l % per_row * F::STEPS;
 #pragma unroll
     for (int s = 0; s < F::STEPS; s++)
       if (s0 + s < steps) F::template dot<M>(cur[s], xq, xd, xs, K, s0 + s, lane, stage, acc);
-    if (j % per_row == per_row - 1) {  // the row is done (warp-uniform)
-      const int o = gw + j / per_out * total_warps;
-      const bool is_gate = GLU && j / per_row % 2 == 0;
+    if (SPLIT) {  // the item's sum, kept until the block adds its output's items in order
+      const float v = warp_sum(acc[0]);
+      acc[0] = 0.f;
+      if (lane == 0) g3_parts[(out_of(j) - r0) * per_row + l] = v;
+    } else if (X2 && l % per_row == per_row - 1) {  // both terms' products into one output
+      const float v = warp_sum(acc[0] + acc[M - 1]);
+      acc[0] = acc[M - 1] = 0.f;
+      if (lane == 0) y[out_of(j)] = from_float<T>(v);
+    } else if (l % per_row == per_row - 1) {  // the row is done (warp-uniform)
+      const int o = out_of(j);
+      const bool is_gate = GLU && l / per_row == 0;
 #pragma unroll
       for (int m = 0; m < M; m++) {
         const float v = to_float(from_float<T>(warp_sum(acc[m])));
@@ -425,6 +481,14 @@ gguf_gemv3_kernel(T* __restrict__ y, const T* __restrict__ x, const u8* __restri
     for (int s = 0; s < F::STEPS; s++)
 #pragma unroll
       for (int i = 0; i < F::WORDS; i++) cur[s][i] = nxt[s][i];
+  }
+  if (SPLIT) {
+    __syncthreads();
+    for (int t = threadIdx.x; t < r1 - r0; t += blockDim.x) {
+      float v = 0.f;
+      for (int l = 0; l < per_row; l++) v += g3_parts[t * per_row + l];
+      y[r0 + t] = from_float<T>(v);
+    }
   }
 }
 
@@ -458,6 +522,13 @@ gguf_quantize_x_kernel(signed char* __restrict__ q, float* __restrict__ dx, int*
 
 #ifdef PAGEDSERVE_NVCC_CHECK
 template __global__ void gguf_gemv3_kernel<G3_Q4_K, __nv_bfloat16, 1, true, 24, true>(
+    __nv_bfloat16*, const __nv_bfloat16*, const u8*, int, int, int, int, const __nv_bfloat16*,
+    const __nv_bfloat16*, __nv_bfloat16*, float, int);
+template __global__ void gguf_gemv3_kernel<G3_Q4_K, __nv_bfloat16, 2, false, 8, false, true>(
+    __nv_bfloat16*, const __nv_bfloat16*, const u8*, int, int, int, int, const __nv_bfloat16*,
+    const __nv_bfloat16*, __nv_bfloat16*, float, int);
+template __global__ void gguf_gemv3_kernel<G3_Q4_K, __nv_bfloat16, 1, false, 24, false, false,
+                                           true>(
     __nv_bfloat16*, const __nv_bfloat16*, const u8*, int, int, int, int, const __nv_bfloat16*,
     const __nv_bfloat16*, __nv_bfloat16*, float, int);
 template __global__ void gguf_gemv3_kernel<G3_Q8_0, __half, 4, false, 8, false>(

@@ -84,6 +84,46 @@ def test_gemv_v3_matches_the_twin(ops, kind, m, rows, cols):
         assert rel(got, x_h @ gq.dequantize_gguf(host).T) < FLOAT_TOL
 
 
+@pytest.mark.parametrize("kind", ["Q4_K", "Q8_0"])
+def test_gemv_v3_fill_grid_is_the_even_grid_bit_for_bit(ops, monkeypatch, kind):
+    """PAGEDSERVE_GGUF_V3_GRID=fill launches more blocks (every resident slot); each row is
+    still one warp's, summed in the same order."""
+    w, _ = weight(kind, 4096, 14336)
+    x = ops.from_host(np.random.default_rng(3).standard_normal((1, 14336)).astype(np.float32))
+    got = {}
+    for grid in ("even", "fill"):
+        monkeypatch.setattr(cq, "GEMV3_GRID", grid)
+        cq._gemv3_config.cache_clear()
+        got[grid] = ops.to_host(cq.gemv(x, w, cupy.full((1, 4096), np.nan, ops.storage),
+                                        ops.ctype, version="v3", big=True))
+    cq._gemv3_config.cache_clear()
+    np.testing.assert_array_equal(got["fill"], got["even"])
+
+
+@pytest.mark.parametrize("kind, rows, cols, big", [("Q4_K", 4096, 14336, True),
+                                                    ("Q8_0", 4096, 4096, False),
+                                                    ("Q6_K", 1000, 6144, True)])
+def test_gemv_v3_split_matches_the_twin(ops, kind, rows, cols, big):
+    """SPLIT (PAGEDSERVE_GGUF_V3_SPLIT): a block's warps share its rows' loads, each row's sums
+    added in order: the twin up to the output's rounding, the same bits run after run; taken
+    where its warps read fewer loads than under the plain grid (Llama-3-8B's Q4_K down)."""
+    w, host = weight(kind, rows, cols, seed=5)
+    x = ops.from_host(np.random.default_rng(4).standard_normal((1, cols)).astype(np.float32))
+    warps = cq.GGUF_GEMV3_BIG[kind] if big else cq.GEMV3_WARPS
+    plain = f"gguf_gemv3_kernel<G3_{kind}, {ops.ctype}, 1, false, {warps}, false>"
+    split = plain[:-1] + ", false, true>"
+    blocks, _ = cq._gemv3_split_config(split, plain, ops.ctype, kind, rows, cols, warps)
+    if kind == "Q4_K":
+        assert blocks > 0
+    runs = [ops.to_host(cq.gemv3(x, w, cupy.full((1, rows), np.nan, ops.storage), ops.ctype,
+                                 big=big, split=True)) for _ in range(2)]
+    np.testing.assert_array_equal(runs[0], runs[1])
+    assert rel(runs[0], gguf_dot.linear(ops.to_host(x), host)) < TWIN_TOL[ops.dtype]
+    unsplit = ops.to_host(cq.gemv3(x, w, cupy.empty((1, rows), ops.storage), ops.ctype, big=big,
+                                   split=False))
+    assert rel(runs[0], unsplit) < TWIN_TOL[ops.dtype]
+
+
 @pytest.mark.parametrize("kind", ["Q4_K", "Q8_0", "Q6_K"])
 @pytest.mark.parametrize("big", [False, True])
 def test_gemv_v3_fuses_the_norm(ops, monkeypatch, kind, big):
@@ -151,6 +191,30 @@ def test_gemv_v3_is_capturable_in_a_cuda_graph(ops, monkeypatch):
         graph.launch(stream)
         stream.synchronize()
     np.testing.assert_array_equal(ops.to_host(out), eager)
+
+
+@pytest.mark.parametrize("kind", ["Q4_K", "Q8_0", "Q6_K"])
+@pytest.mark.parametrize("rows, cols", [(37, 2048), (5000, 6144)])
+def test_lm_head_x2_is_the_float_product(ops, monkeypatch, kind, rows, cols):
+    """v3x2 (PAGEDSERVE_GGUF_LM_HEAD_X2): x as two int8 terms is x within ~amax / 32,000, so the
+    lm_head's product is x times the dequantized weight up to the output's rounding (v3's one
+    term: within x's int8 step, FLOAT_TOL); taken only at M = 1 for weights keeping x as it is."""
+    w, host = weight(kind, rows, cols, seed=4)
+    w.quantize_x = False
+    rng = np.random.default_rng(6)
+    x = ops.from_host(rng.standard_normal((1, cols)).astype(np.float32) * 3)
+    assert cq.gemv_version(x, w) != "v3x2"  # off by default
+    monkeypatch.setattr(cq, "GEMV3_X2", True)
+    assert cq.gemv_version(x, w) == "v3x2"
+    assert cq.gemv_version(ops.from_host(np.ones((2, cols), np.float32)), w) != "v3x2"
+    w.quantize_x = True
+    assert cq.gemv_version(x, w) == "v3"
+    w.quantize_x = False
+    want = ops.to_host(x) @ gq.dequantize_gguf(host).T
+    got = ops.to_host(ops.linear(x, w))
+    assert rel(got, want) < TWIN_TOL[ops.dtype]
+    one_term = ops.to_host(cq.gemv3(x, w, cupy.empty((1, rows), ops.storage), ops.ctype))
+    assert rel(got, want) < 0.75 * rel(one_term, want)
 
 
 def test_forced_v3_falls_back_where_it_does_not_fit(ops):

@@ -132,6 +132,12 @@ def kernel_names(file: str, ctype: str) -> list[str]:
                  for f in GGUF_GEMV3_KINDS for m in GGUF_GEMV_M
                  for norm, glu in (("false", "false"), ("true", "false"), ("true", "true"))
                  if m == 1 or norm == "false" for w in (8, GGUF_GEMV3_BIG[f]) if m == 1 or w == 8]
+                # X2: one row of x as two int8 terms (the lm_head, cuda_quant_gguf.GEMV3_X2)
+                + [f"gguf_gemv3_kernel<G3_{f}, {ctype}, 2, false, 8, false, true>"
+                   for f in GGUF_GEMV3_KINDS]
+                # SPLIT: a block's warps share its rows' loads (cuda_quant_gguf.GEMV3_SPLIT)
+                + [f"gguf_gemv3_kernel<G3_{f}, {ctype}, 1, false, {w}, false, false, true>"
+                   for f in GGUF_GEMV3_KINDS for w in (8, GGUF_GEMV3_BIG[f])]
                 + [f"gguf_quantize_x_kernel<{ctype}, {m}, {norm}>" for m in GGUF_GEMV_M
                    for norm in ("false", "true") if m == 1 or norm == "false"])
     if file == "bitmask.cu":

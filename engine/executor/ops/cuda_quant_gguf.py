@@ -11,6 +11,9 @@ embedding.
   products on the packed quants (engine/model/gguf_dot.py is its twin), for Q4_K, Q8_0 and Q6_K:
   "auto" takes it at every M up to 8 (GEMV3_AUTO_MAX_M: device run B, 1.14-3.6x over v1/v2), except
   for the lm_head, which keeps x unquantized (QuantizedWeight.quantize_x: v2 or v1 there).
+  PAGEDSERVE_GGUF_LM_HEAD_X2=1 (off until measured) runs the lm_head at M = 1 on v3 with x as two
+  int8 terms ("v3x2": x within ~amax / 32,000, finer than its 16-bit rounding; v3's speed on
+  twice the integer products: Q4_K's lm_head took 70 us on v3, 116 on v2).
 - Larger batches (prefill): the weight is dequantized into a bf16/fp16 scratch, SCRATCH_ELEMS
   values at a time, and multiplied by cuBLAS; the dequantization is a read of the packed bytes plus
   a write and a read of the scratch, small next to a prefill's GEMM.
@@ -69,6 +72,16 @@ GEMV3_BIG_MIN_K = {"Q4_K": 0, "Q6_K": 0, "Q8_0": 8192}
 # the MLP's add + norm + gate_up + SiLU in one launch at M = 1 (GGUFLinear.add_rms_norm_glu)
 GEMV3_GLU = os.environ.get("PAGEDSERVE_GGUF_GLU", "0") == "1"
 GEMV3_STAGE = {"Q4_K": 0, "Q8_0": 136, "Q6_K": 106}  # 16-byte words of shared memory per warp
+# v3's grid: "even" (every warp the same number of rows, _grid) or "fill" (every resident block
+# slot: 4096 rows of Q4_K down / o on 132 x 24 warps use 132 SMs, not 86; some warps 1 row fewer)
+GEMV3_GRID = os.environ.get("PAGEDSERVE_GGUF_V3_GRID", "even")
+# the lm_head (quantize_x False) at M = 1 on v3 with x as two int8 terms (module docstring)
+GEMV3_X2 = os.environ.get("PAGEDSERVE_GGUF_LM_HEAD_X2", "0") == "1"
+# v3's SPLIT form at M = 1 (gguf_dp4a.cu): a block's warps share its rows' loads, where that
+# gives every warp fewer loads than the even grid (_gemv3_split_config); off until measured
+GEMV3_SPLIT = os.environ.get("PAGEDSERVE_GGUF_V3_SPLIT", "0") == "1"
+G3_SPLIT_MAX = 512  # gguf_dp4a.cu's: the item sums (outputs x loads per row) a block holds
+G3_STEPS = {"Q4_K": 2, "Q8_0": 1, "Q6_K": 1}  # warp steps per load (the G3_ structs' STEPS)
 
 
 def is_gguf(weight) -> bool:
@@ -153,8 +166,10 @@ def gemv3_fits(kind: str, m: int, k: int, norm: bool = False) -> bool:
 
 
 def gemv_version(x: cupy.ndarray, weight: QuantizedWeight, version: str | None = None) -> str:
-    """Which GEMV gemv() runs for x (M, K): "v3", "v2" or "v1" (version: GEMV_KERNEL if None;
-    a forced v3 that does not fit falls back to auto's v2/v1 choice, a forced v2 to v1)."""
+    """Which GEMV gemv() runs for x (M, K): "v3x2", "v3", "v2" or "v1" (version: GEMV_KERNEL if
+    None; a forced v3 that does not fit falls back to auto's v2/v1 choice, a forced v2 to v1;
+    "v3x2" only for a weight that keeps x unquantized, at M = 1: forced, or auto with
+    GEMV3_X2)."""
     m, kind, k = x.shape[0], weight.kind, weight.shape[1]
     version = version or GEMV_KERNEL
     if version == "v1" or not 0 < m <= min(GGUF_GEMV_MAX_M, GGUF_GEMV_M[-1]):
@@ -162,6 +177,9 @@ def gemv_version(x: cupy.ndarray, weight: QuantizedWeight, version: str | None =
     compiled = next(c for c in GGUF_GEMV_M if c >= m)
     if x.data.ptr % 16 or weight.data.data.ptr % 16:
         return "v1"
+    if ((version == "v3x2" or (version == "auto" and GEMV3_X2)) and not weight.quantize_x
+            and m == 1 and gemv3_fits(kind, 2, k)):
+        return "v3x2"
     if (version in ("v3", "auto") and weight.quantize_x and gemv3_fits(kind, compiled, k)
             and (version == "v3" or compiled <= GEMV3_AUTO_MAX_M.get(kind, 0))):
         return "v3"
@@ -178,20 +196,31 @@ def use_big(kind: str, k: int) -> bool:
 
 def gemv3(x: cupy.ndarray, weight: QuantizedWeight, out: cupy.ndarray, ctype: str,
           norm: bool = False, residual=None, norm_w=None, res_out=None, eps: float = 0.0,
-          big: bool | None = None, glu: bool = False):
+          big: bool | None = None, glu: bool = False, x2: bool = False,
+          split: bool | None = None):
     """The third GEMV (x quantized to int8): out = x @ W^T, or with norm (M = 1) out =
     (rms_norm(x + residual) * norm_w) @ W^T and x + residual into res_out. big: one block per
     SM at M = 1 (use_big if None). glu (with norm): W is gate_up and out (1, N / 2) its
-    silu(gate) * up, as silu_and_mul would make it."""
+    silu(gate) * up, as silu_and_mul would make it. x2 (M = 1, no norm): x as two int8 terms
+    (the "v3x2" lm_head; compiled as M = 2). split (GEMV3_SPLIT if None): the SPLIT form at
+    M = 1 without norm, glu, x2, where _gemv3_split_config takes it."""
     n, k = weight.shape
     m = x.shape[0]
-    compiled = next(c for c in GGUF_GEMV_M if c >= m)
+    compiled = 2 if x2 else next(c for c in GGUF_GEMV_M if c >= m)
     big = use_big(weight.kind, k) if big is None else big
     warps = GGUF_GEMV3_BIG[weight.kind] if big and compiled == 1 else GEMV3_WARPS
     name = (f"gguf_gemv3_kernel<G3_{weight.kind}, {ctype}, {compiled}, "
-            f"{'true' if norm else 'false'}, {warps}, {'true' if glu else 'false'}>")
+            f"{'true' if norm else 'false'}, {warps}, {'true' if glu else 'false'}"
+            f"{', true' if x2 else ''}>")
     outs = n // 2 if glu else n
-    blocks, smem = _gemv3_config(name, ctype, weight.kind, compiled, outs, k, norm, warps)
+    blocks = 0
+    if (GEMV3_SPLIT if split is None else split) and compiled == 1 and not (norm or glu or x2):
+        split_name = (f"gguf_gemv3_kernel<G3_{weight.kind}, {ctype}, 1, false, {warps}, false, "
+                      "false, true>")
+        blocks, smem = _gemv3_split_config(split_name, name, ctype, weight.kind, n, k, warps)
+        name = split_name if blocks else name
+    if not blocks:
+        blocks, smem = _gemv3_config(name, ctype, weight.kind, compiled, outs, k, norm, warps)
     null = np.uint64(0)
     launch(kernel("gguf_dp4a.cu", name, ctype), (blocks,), (32 * warps,),
            (out, x, weight.data, np.int32(n), np.int32(k), np.int32(m),
@@ -255,6 +284,8 @@ def gemv(x: cupy.ndarray, weight: QuantizedWeight, out: cupy.ndarray, ctype: str
     n, k = weight.shape
     m = x.shape[0]
     chosen = gemv_version(x, weight, version)
+    if chosen == "v3x2":
+        return gemv3(x, weight, out, ctype, x2=True)
     if chosen == "v3":
         return gemv3(x, weight, out, ctype, big=big)
     if chosen == "v2":
@@ -284,23 +315,54 @@ def _gemv3_config(name: str, ctype: str, kind: str, m: int, n: int, k: int, norm
                   warps: int) -> tuple[int, int]:
     """(blocks, shared memory bytes) of gemv3 (_grid): one row per warp at a time."""
     smem = gemv3_smem(kind, m, k, norm, warps)
-    return _grid(kernel("gguf_dp4a.cu", name, ctype), smem, warps, n), smem
+    return _grid(kernel("gguf_dp4a.cu", name, ctype), smem, warps, n, GEMV3_GRID == "fill"), smem
 
 
-def _grid(fn, smem: int, warps: int, groups: int) -> int:
+@functools.cache
+def _gemv3_split_config(name: str, plain: str, ctype: str, kind: str, n: int, k: int,
+                        warps: int) -> tuple[int, int]:
+    """(blocks, shared memory bytes) of gemv3's SPLIT form `name` at M = 1: a block on every
+    resident slot (at most one per output); blocks 0 where its item sums would not fit
+    G3_SPLIT_MAX, or where its warps would read no fewer loads than under the grid of the plain
+    form `plain` (4096 rows of Q4_K down, 7 steps, on 24-warp blocks: 6 loads a warp on 132 SMs
+    instead of 2 rows x 4 loads on 86)."""
+    smem = gemv3_smem(kind, 1, k, False, warps)
+    fn = kernel("gguf_dp4a.cu", name, ctype)
+    if fn.max_dynamic_shared_size_bytes < smem:
+        fn.max_dynamic_shared_size_bytes = smem
+    blocks = min(n, max(1, _per_sm(fn, smem, warps)) * _sm_count())
+    per_row = -(-(k // GEMV2_CHUNK) // G3_STEPS[kind])
+    rows = -(-n // blocks)
+    if rows * per_row > G3_SPLIT_MAX:
+        return 0, smem
+    plain_blocks, _ = _gemv3_config(plain, ctype, kind, 1, n, k, False, warps)
+    plain_loads = -(-n // (plain_blocks * warps)) * per_row
+    return (blocks if -(-rows * per_row // warps) < plain_loads else 0), smem
+
+
+def _per_sm(fn, smem: int, warps: int) -> int:
+    """Blocks of fn (warps each, smem dynamic shared bytes) that fit on an SM together, at most
+    GEMV2_MAX_BLOCKS_PER_SM."""
+    prop = _device()
+    warp_regs = -(-fn.num_regs * 32 // 256) * 256  # registers are granted per warp by 256
+    return min(GEMV2_MAX_BLOCKS_PER_SM, prop["regsPerMultiprocessor"] // (warp_regs * warps),
+               prop["sharedMemPerMultiprocessor"] // (smem + fn.shared_size_bytes
+                                                      + prop["reservedSharedMemPerBlock"]))
+
+
+def _grid(fn, smem: int, warps: int, groups: int, fill: bool = False) -> int:
     """Blocks of a GEMV whose warps stride over `groups` row groups: at most as many as stay
     resident together (a block that waited for a free SM would leave its rows for last), and as
     few as give every warp the same number of rows: 4096 rows on 3168 resident warps would leave
     928 warps a second row to read with the SMs nearly idle; 2048 warps of 2 rows each share the
-    bandwidth to the end. Raises fn's shared memory limit to smem."""
+    bandwidth to the end (fill: as many blocks as stay resident instead, if the rows need them).
+    Raises fn's shared memory limit to smem."""
     if fn.max_dynamic_shared_size_bytes < smem:
         fn.max_dynamic_shared_size_bytes = smem
-    prop = _device()
-    warp_regs = -(-fn.num_regs * 32 // 256) * 256  # registers are granted per warp by 256
-    per_sm = min(GEMV2_MAX_BLOCKS_PER_SM, prop["regsPerMultiprocessor"] // (warp_regs * warps),
-                 prop["sharedMemPerMultiprocessor"] // (smem + fn.shared_size_bytes
-                                                         + prop["reservedSharedMemPerBlock"]))
+    per_sm = _per_sm(fn, smem, warps)
     block_groups = -(-groups // warps)  # a block's warps take so many row groups at a time
+    if fill:
+        return min(block_groups, max(1, per_sm) * _sm_count())
     rounds = -(-block_groups // (max(1, per_sm) * _sm_count()))
     return -(-block_groups // rounds)
 
@@ -354,7 +416,8 @@ class GGUFLinear:
         ops' add_rms_norm, then linear."""
         check(weight)
         version = gemv_version(x, weight)
-        if (version != "v1" and x.shape == (1, weight.shape[1]) and norm_w.data.ptr % 16 == 0
+        if (version in ("v2", "v3") and x.shape == (1, weight.shape[1])
+                and norm_w.data.ptr % 16 == 0
                 and (version == "v2" or gemv3_fits(weight.kind, 1, weight.shape[1], True))
                 and (residual is None or (residual.shape == x.shape
                                           and residual.data.ptr % 16 == 0))):
