@@ -214,17 +214,17 @@ def test_fast_accumulation_within_fp8_error(ops, lt, m, n, k, tuned):
     assert not bad.any(), (got[bad][:5], want[bad][:5])
 
 
-def test_tuning_and_fast_accumulation_are_off_by_default(monkeypatch):
+def test_tuning_and_fast_accumulation_are_on_by_default(monkeypatch):
     monkeypatch.delenv("PAGEDSERVE_FP8_TUNE", raising=False)
     monkeypatch.delenv("PAGEDSERVE_FP8_FAST_ACCUM", raising=False)
     gemm = Gemm()
     lt = cuda_fp8.fp8_gemm(gemm)
-    assert lt.tuner is None and not lt.fast_accum
-    monkeypatch.setenv("PAGEDSERVE_FP8_TUNE", "1")
-    monkeypatch.setenv("PAGEDSERVE_FP8_FAST_ACCUM", "1")
+    assert isinstance(lt.tuner, Fp8Tuner) and lt.fast_accum
+    monkeypatch.setenv("PAGEDSERVE_FP8_TUNE", "0")
+    monkeypatch.setenv("PAGEDSERVE_FP8_FAST_ACCUM", "0")
     other = Gemm()
     lt = cuda_fp8.fp8_gemm(other)
-    assert isinstance(lt.tuner, Fp8Tuner) and lt.fast_accum
+    assert lt.tuner is None and not lt.fast_accum
 
 
 def test_engine_with_tuning_serves_through_its_graphs(monkeypatch):

@@ -203,7 +203,10 @@ def test_lm_head_x2_is_the_float_product(ops, monkeypatch, kind, rows, cols):
     w.quantize_x = False
     rng = np.random.default_rng(6)
     x = ops.from_host(rng.standard_normal((1, cols)).astype(np.float32) * 3)
-    assert cq.gemv_version(x, w) != "v3x2"  # off by default
+    monkeypatch.setattr(cq, "GEMV3_X2", None)  # the default: the formats in GEMV3_X2_KINDS
+    assert (cq.gemv_version(x, w) == "v3x2") == (kind in cq.GEMV3_X2_KINDS)
+    monkeypatch.setattr(cq, "GEMV3_X2", False)
+    assert cq.gemv_version(x, w) != "v3x2"
     monkeypatch.setattr(cq, "GEMV3_X2", True)
     assert cq.gemv_version(x, w) == "v3x2"
     assert cq.gemv_version(ops.from_host(np.ones((2, cols), np.float32)), w) != "v3x2"

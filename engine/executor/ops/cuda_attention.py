@@ -44,7 +44,7 @@ MIN_KEYS_PER_SPLIT = 64
 # 32 splits x 8 kv heads = 256 mma blocks, each split long enough to keep its warps' cp.async
 # rings busy. Session 8 on the H200 (bench_latency, Qwen3-0.6B shapes, batch 1): 32 against 48
 # splits 0.872 against 0.928 ms/token at a 4,096-token context, 1.732 against 1.793 at 32,532.
-MAX_SPLITS = 32
+MAX_SPLITS = int(os.environ.get("PAGEDSERVE_DECODE_MAX_SPLITS", "32"))  # a sweep's knob
 KERNEL_MAX_SPLITS, REDUCE_THREADS = 256, 512  # attention.cu's MAX_SPLITS and RED_THREADS
 LOG2E = 1.4426950408889634  # the kernels' softmax is base 2: scores are scaled by scale * log2(e)
 

@@ -60,7 +60,7 @@ def fp8_gemm(gemm: Gemm) -> Fp8Gemm:
     """The cuBLASLt FP8 GEMM sharing `gemm`'s handle and workspace (made at first use)."""
     if gemm not in _LT:
         _LT[gemm] = Fp8Gemm(gemm)
-        if tuning_enabled():  # PAGEDSERVE_FP8_TUNE=1 (cuda_fp8_tune.py)
+        if tuning_enabled():  # unless PAGEDSERVE_FP8_TUNE=0 (cuda_fp8_tune.py)
             _LT[gemm].tuner = Fp8Tuner(_LT[gemm])
     return _LT[gemm]
 

@@ -76,10 +76,23 @@ GEMV3_STAGE = {"Q4_K": 0, "Q8_0": 136, "Q6_K": 106}  # 16-byte words of shared m
 # slot: 4096 rows of Q4_K down / o on 132 x 24 warps use 132 SMs, not 86; some warps 1 row fewer)
 GEMV3_GRID = os.environ.get("PAGEDSERVE_GGUF_V3_GRID", "even")
 # the lm_head (quantize_x False) at M = 1 on v3 with x as two int8 terms (module docstring)
-GEMV3_X2 = os.environ.get("PAGEDSERVE_GGUF_LM_HEAD_X2", "0") == "1"
+# (device session 9, tools/b1_gap.py, Llama-3-8B shapes, the batch-1 step graph: Q4_K 1.881 ->
+# 1.839 ms, Q8_0 2.651 -> 2.837): on for the formats listed, PAGEDSERVE_GGUF_LM_HEAD_X2=1/0 forces
+GEMV3_X2_KINDS = frozenset({"Q4_K"})
+_X2_ENV = os.environ.get("PAGEDSERVE_GGUF_LM_HEAD_X2")
+GEMV3_X2: bool | None = None if _X2_ENV is None else _X2_ENV == "1"
 # v3's SPLIT form at M = 1 (gguf_dp4a.cu): a block's warps share its rows' loads, where that
-# gives every warp fewer loads than the even grid (_gemv3_split_config); off until measured
-GEMV3_SPLIT = os.environ.get("PAGEDSERVE_GGUF_V3_SPLIT", "0") == "1"
+# gives every warp fewer loads than the even grid (_gemv3_split_config). Device session 9 (as
+# GEMV3_X2): Q4_K 1.881 -> 1.863 ms a step (1.833 with X2), Q8_0 2.651 -> 2.662: on for the
+# formats listed, PAGEDSERVE_GGUF_V3_SPLIT=1/0 forces
+GEMV3_SPLIT_KINDS = frozenset({"Q4_K"})
+_SPLIT_ENV = os.environ.get("PAGEDSERVE_GGUF_V3_SPLIT")
+GEMV3_SPLIT: bool | None = None if _SPLIT_ENV is None else _SPLIT_ENV == "1"
+
+
+def _flag(forced: bool | None, kinds: frozenset, kind: str) -> bool:
+    """A per-format switch: forced by its environment variable, else on for the listed formats."""
+    return kind in kinds if forced is None else forced
 G3_SPLIT_MAX = 512  # gguf_dp4a.cu's: the item sums (outputs x loads per row) a block holds
 G3_STEPS = {"Q4_K": 2, "Q8_0": 1, "Q6_K": 1}  # warp steps per load (the G3_ structs' STEPS)
 
@@ -169,7 +182,7 @@ def gemv_version(x: cupy.ndarray, weight: QuantizedWeight, version: str | None =
     """Which GEMV gemv() runs for x (M, K): "v3x2", "v3", "v2" or "v1" (version: GEMV_KERNEL if
     None; a forced v3 that does not fit falls back to auto's v2/v1 choice, a forced v2 to v1;
     "v3x2" only for a weight that keeps x unquantized, at M = 1: forced, or auto with
-    GEMV3_X2)."""
+    GEMV3_X2 / GEMV3_X2_KINDS)."""
     m, kind, k = x.shape[0], weight.kind, weight.shape[1]
     version = version or GEMV_KERNEL
     if version == "v1" or not 0 < m <= min(GGUF_GEMV_MAX_M, GGUF_GEMV_M[-1]):
@@ -177,7 +190,8 @@ def gemv_version(x: cupy.ndarray, weight: QuantizedWeight, version: str | None =
     compiled = next(c for c in GGUF_GEMV_M if c >= m)
     if x.data.ptr % 16 or weight.data.data.ptr % 16:
         return "v1"
-    if ((version == "v3x2" or (version == "auto" and GEMV3_X2)) and not weight.quantize_x
+    if ((version == "v3x2" or (version == "auto" and _flag(GEMV3_X2, GEMV3_X2_KINDS, kind)))
+            and not weight.quantize_x
             and m == 1 and gemv3_fits(kind, 2, k)):
         return "v3x2"
     if (version in ("v3", "auto") and weight.quantize_x and gemv3_fits(kind, compiled, k)
@@ -202,8 +216,9 @@ def gemv3(x: cupy.ndarray, weight: QuantizedWeight, out: cupy.ndarray, ctype: st
     (rms_norm(x + residual) * norm_w) @ W^T and x + residual into res_out. big: one block per
     SM at M = 1 (use_big if None). glu (with norm): W is gate_up and out (1, N / 2) its
     silu(gate) * up, as silu_and_mul would make it. x2 (M = 1, no norm): x as two int8 terms
-    (the "v3x2" lm_head; compiled as M = 2). split (GEMV3_SPLIT if None): the SPLIT form at
-    M = 1 without norm, glu, x2, where _gemv3_split_config takes it."""
+    (the "v3x2" lm_head; compiled as M = 2). split (if None: GEMV3_SPLIT, else whether the
+    format is in GEMV3_SPLIT_KINDS): the SPLIT form at M = 1 without norm, glu, x2, where
+    _gemv3_split_config takes it."""
     n, k = weight.shape
     m = x.shape[0]
     compiled = 2 if x2 else next(c for c in GGUF_GEMV_M if c >= m)
@@ -214,7 +229,9 @@ def gemv3(x: cupy.ndarray, weight: QuantizedWeight, out: cupy.ndarray, ctype: st
             f"{', true' if x2 else ''}>")
     outs = n // 2 if glu else n
     blocks = 0
-    if (GEMV3_SPLIT if split is None else split) and compiled == 1 and not (norm or glu or x2):
+    if split is None:
+        split = _flag(GEMV3_SPLIT, GEMV3_SPLIT_KINDS, weight.kind)
+    if split and compiled == 1 and not (norm or glu or x2):
         split_name = (f"gguf_gemv3_kernel<G3_{weight.kind}, {ctype}, 1, false, {warps}, false, "
                       "false, true>")
         blocks, smem = _gemv3_split_config(split_name, name, ctype, weight.kind, n, k, warps)
