@@ -70,12 +70,14 @@ def test_cuda_matches_numpy_at_the_edges(engine, kw):
         np.testing.assert_array_equal(t.count_table.table[used], host.count_table.table[used])
 
 
-@pytest.mark.parametrize("rows, vocab", [(1, 151936), (3, 1001), (256, 151936), (5, 4096)])
+@pytest.mark.parametrize("rows, vocab", [(1, 151936), (3, 1001), (256, 151936), (5, 4096),
+                                         (300, 4096)])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_greedy_rows_split_over_blocks_match_numpy(rows, vocab, dtype):
     """All-greedy steps without penalties or top logprobs take cuda/sampling_greedy.cu (a row
     over several blocks); the same ids as numpy, ties to the lowest id, banned rows to 0, and
-    three launches in a row agree (each zeroes its own per-row counters)."""
+    three launches in a row agree: the per-row counters the sampler keeps are back at 0 after
+    each (the next launch starts from them), and close() drops them."""
     from engine.executor.ops import cuda_sampling
 
     ops = CudaOps("bfloat16")
@@ -98,10 +100,15 @@ def test_greedy_rows_split_over_blocks_match_numpy(rows, vocab, dtype):
             np.testing.assert_array_equal(got.token_ids, want.token_ids)
             finite = np.isfinite(want.logprobs)
             np.testing.assert_allclose(got.logprobs[finite], want.logprobs[finite], atol=2e-4)
+            kept = cuda_sampling._done_counters[(cupy.cuda.Device().id,
+                                                 cupy.cuda.get_current_stream().ptr)]
+            assert kept[-1].size >= rows and all(int(abs(c).sum()) == 0 for c in kept)
     finally:
         cuda_sampling.greedy = real
     assert len(launches) == 3
     assert want.token_ids[0] == vocab // 2
+    ops.close()
+    assert not cuda_sampling._done_counters
 
 
 def numpy_sampling_tensors(rows: int):

@@ -38,6 +38,7 @@ from engine.executor.ops.cuda_quant_gguf import GGUFLinear, is_gguf
 from engine.executor.ops.cuda_sampling import (
     DeviceSample,
     DeviceTokenCounts,
+    release_buffers,
     row_logprobs_on_device,
     sample_on_device,
 )
@@ -587,6 +588,7 @@ class CudaOps:
         cupy.cuda.Device().synchronize()
         self._gemm.close()
         self._mask_stage = self._mask_stage_mem = self._mask_copied = None  # pinned staging
+        release_buffers()  # the greedy sampler's kept counters
         gc.collect()  # arrays caught in reference cycles would otherwise hold their blocks
         cupy.get_default_memory_pool().free_all_blocks()
         cupy.get_default_pinned_memory_pool().free_all_blocks()

@@ -118,8 +118,7 @@ def launch(logits: cupy.ndarray, t: SamplingTensors, dev: dict, ctype: str) -> c
     if SAMPLER not in SAMPLERS:
         raise ValueError(f"cuda_sampling.SAMPLER (PAGEDSERVE_SAMPLER) must be one of {SAMPLERS}, "
                          f"got {SAMPLER!r}")
-    if (SAMPLER != "bisect" and t.all_greedy and n_lp == 0 and dev["slots"] is None
-            and dev["bias"] is None and dev["allowed"] is None):
+    if SAMPLER != "bisect" and greedy_only(t):
         return greedy(logits, ctype)
     params, i32, null = dev["params"], np.int32, np.uint64(0)
     slots, counts = dev["slots"], t.count_table
@@ -184,6 +183,35 @@ def _sm_count() -> int:
     return _sm_counts[device.id]
 
 
+def greedy_only(t: SamplingTensors) -> bool:
+    """Whether every row takes the argmax with nothing to apply first: no penalties, bias,
+    allowed ids or top logprobs (then greedy() needs none of upload()'s copies)."""
+    return (t.all_greedy and int(t.num_logprobs) == 0 and not t.has_penalties
+            and (t.bias_ids is None or not t.bias_ids.size) and t.allowed_rows is None)
+
+
+# greedy_kernel's per-row counters of finished blocks. The kernel leaves them at 0, so one zeroed
+# buffer per (device, stream) serves every launch after it; a larger one is added when the rows
+# outgrow it, the earlier ones kept (a CUDA graph may have captured them). release_buffers()
+# (CudaOps.close) drops them all.
+_done_counters: dict[tuple[int, int], list[cupy.ndarray]] = {}
+
+
+def _done(rows: int) -> cupy.ndarray:
+    stream = cupy.cuda.get_current_stream()
+    if stream.is_capturing():  # a zeroing made now would only be recorded: one for this launch
+        return cupy.zeros(rows, cupy.int32)
+    kept = _done_counters.setdefault((cupy.cuda.Device().id, stream.ptr), [])
+    if not kept or kept[-1].size < rows:
+        kept.append(cupy.zeros(max(rows, 256, 2 * kept[-1].size if kept else 0), cupy.int32))
+    return kept[-1][:rows]
+
+
+def release_buffers() -> None:
+    """Drop the kept counters (the caller has synchronized the device)."""
+    _done_counters.clear()
+
+
 def greedy(logits: cupy.ndarray, ctype: str) -> cupy.ndarray:
     """(R, 2) int32 results of rows that are all greedy, without penalties, bias or top
     logprobs: the argmax and its raw logprob, each row over several blocks."""
@@ -192,9 +220,7 @@ def greedy(logits: cupy.ndarray, ctype: str) -> cupy.ndarray:
     per_chunk = -(-vocab // chunks)
     chunk = -(-per_chunk // 8) * 8  # a multiple of 8: 16-byte loads stay within a chunk
     chunks = -(-vocab // chunk)
-    # Per launch, not kept per process: an engine's close() then returns every byte it took
-    # (tests/test_cuda_lifecycle.py); the memset is one small graph node.
-    done = cupy.zeros(rows, cupy.int32)
+    done = _done(rows)
     partial = cupy.empty((rows, chunks, 4), cupy.float32)
     result = cupy.empty((rows, 2), cupy.int32)
     vec = vocab % 8 == 0 and logits.data.ptr % 16 == 0
@@ -214,6 +240,8 @@ def sample_on_device(logits: cupy.ndarray, t: SamplingTensors, ctype: str,
     rows = logits.shape[0]
     if rows == 0:
         return cupy.empty((0, 2 + 2 * int(t.num_logprobs)), cupy.int32)
+    if SAMPLER != "bisect" and greedy_only(t):  # nothing to upload: the argmax alone
+        return greedy(logits, ctype)
     return launch(logits, t, upload(t, resolve), ctype)
 
 
