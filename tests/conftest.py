@@ -67,6 +67,20 @@ def require_gpu():
     return cupy
 
 
+def capture_and_replay(fn) -> None:
+    """fn()'s launches captured into a CUDA graph on a stream of their own, replayed once."""
+    import cupy
+
+    stream = cupy.cuda.Stream(non_blocking=True)
+    cupy.cuda.Device().synchronize()
+    with stream:
+        stream.begin_capture()
+        fn()
+        graph = stream.end_capture()
+        graph.launch(stream)
+        stream.synchronize()
+
+
 # ---- engine fixtures (tests/test_engine.py, test_sampling.py, test_llm.py) --------------------
 
 def tiny_model_config(vocab_size: int = 512, **overrides) -> ModelConfig:

@@ -11,7 +11,7 @@ import types
 
 import numpy as np
 import pytest
-from conftest import require_gpu
+from conftest import capture_and_replay, require_gpu
 
 pytestmark = pytest.mark.gpu
 cupy = require_gpu()
@@ -119,17 +119,6 @@ def test_every_candidate_matches_twin(ops, lt, m, n, k):
         assert not bad.any(), (lt.tuner.describe(plan), got[bad][:5], want[bad][:5])
 
 
-def _capture(fn):
-    stream = cupy.cuda.Stream(non_blocking=True)
-    cupy.cuda.Device().synchronize()
-    with stream:
-        stream.begin_capture()
-        fn()
-        graph = stream.end_capture()
-        graph.launch(stream)
-        stream.synchronize()
-
-
 @pytest.mark.parametrize("kind", ["variant", "splitk"])
 def test_captured_plan_replays_the_eager_result(ops, lt, kind):
     m, n, k = 96, 2048, 1024
@@ -146,7 +135,7 @@ def test_captured_plan_replays_the_eager_result(ops, lt, kind):
     eager = nan_out(ops, m, n)
     lt(q, s, qw.data, qw.scale, eager, ops.dtype, None)
     captured = nan_out(ops, m, n)
-    _capture(lambda: lt(q, s, qw.data, qw.scale, captured, ops.dtype, None))
+    capture_and_replay(lambda: lt(q, s, qw.data, qw.scale, captured, ops.dtype, None))
     assert cupy.array_equal(captured, eager)
 
 
@@ -158,7 +147,7 @@ def test_shape_first_met_in_a_capture_runs_the_heuristic_untimed(ops, lt):
     outer_plan_or_skip(lt, m, n, k, ops.dtype)
     lt.tuner = tuner
     got = nan_out(ops, m, n)
-    _capture(lambda: lt(q, s, qw.data, qw.scale, got, ops.dtype, None))
+    capture_and_replay(lambda: lt(q, s, qw.data, qw.scale, got, ops.dtype, None))
     assert not tuner.plans and not tuner.timings
     assert cupy.array_equal(got, want)
 

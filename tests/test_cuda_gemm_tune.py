@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import require_gpu
+from conftest import capture_and_replay, require_gpu
 
 pytestmark = pytest.mark.gpu
 cupy = require_gpu()
@@ -94,17 +94,6 @@ def test_plan_of_a_bucket_runs_at_its_other_row_counts(ops):
     assert rel(ops.to_host(y), want) < TOL[ops.dtype]
 
 
-def _capture(fn):
-    stream = cupy.cuda.Stream(non_blocking=True)
-    cupy.cuda.Device().synchronize()
-    with stream:
-        stream.begin_capture()
-        fn()
-        graph = stream.end_capture()
-        graph.launch(stream)
-        stream.synchronize()
-
-
 def test_captured_plan_replays_the_eager_result(ops):
     m, n, k = 96, 2048, 1024
     x, w, _ = operands(ops, m, n, k)
@@ -114,7 +103,7 @@ def test_captured_plan_replays_the_eager_result(ops):
     eager = cupy.empty((m, n), ops.storage)
     ops._gemm(x, w, eager, ops.dtype)
     captured = cupy.zeros((m, n), ops.storage)
-    _capture(lambda: ops._gemm(x, w, captured, ops.dtype))
+    capture_and_replay(lambda: ops._gemm(x, w, captured, ops.dtype))
     assert cupy.array_equal(captured, eager)
 
 
@@ -124,7 +113,7 @@ def test_shape_first_met_in_a_capture_runs_gemm_ex_untimed(ops):
     want = cupy.empty((m, n), ops.storage)
     ops._gemm.gemm_ex(x, w, want, ops.dtype)
     got = cupy.zeros((m, n), ops.storage)
-    _capture(lambda: ops._gemm(x, w, got, ops.dtype))
+    capture_and_replay(lambda: ops._gemm(x, w, got, ops.dtype))
     assert (m, n, k, ops.dtype) not in PLANS
     assert cupy.array_equal(got, want)
 

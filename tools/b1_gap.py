@@ -149,21 +149,13 @@ def step_report(steps: list[dict], tpot: float) -> float:
     return med(busy) / 1e3
 
 
-def replay_time(graph, n: int = 20, reps: int = 5) -> float:
-    """Median GPU seconds per replay of `graph`, n replays back to back, reps times."""
+def replay_time(graph) -> float:
+    """Median GPU seconds per replay of `graph`: 20 replays back to back, 5 times."""
     import cupy
 
-    stream = cupy.cuda.get_current_stream()
-    times = []
-    for _ in range(reps):
-        start, end = cupy.cuda.Event(), cupy.cuda.Event()
-        start.record(stream)
-        for _ in range(n):
-            graph.launch(stream)
-        end.record(stream)
-        end.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(start, end) / 1e3 / n)
-    return statistics.median(times)
+    from tools.kernel_check import replay_time as timed
+
+    return timed(graph, cupy.cuda.get_current_stream(), 1, 5, launches=20)
 
 
 def burst(graph, chunks: int = 16, per_chunk: int = 25) -> None:

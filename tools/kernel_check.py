@@ -111,18 +111,19 @@ def graph_time(fn, calls: int = 20, reps: int = 10, pdl: bool = False) -> float:
     return sec
 
 
-def replay_time(graph, stream, calls: int, reps: int) -> float:
-    """Seconds per call of a graph holding `calls` calls: one launch to warm, then `reps`
-    replays between events on `stream`, median."""
+def replay_time(graph, stream, calls: int, reps: int, launches: int = 1) -> float:
+    """Seconds per call of a graph holding `calls` calls: one launch to warm, then `reps` times
+    `launches` replays back to back between events on `stream`, median."""
     graph.launch(stream)
     times = []
     for _ in range(reps):
         start, end = cupy.cuda.Event(), cupy.cuda.Event()
         start.record(stream)
-        graph.launch(stream)
+        for _ in range(launches):
+            graph.launch(stream)
         end.record(stream)
         end.synchronize()
-        times.append(cupy.cuda.get_elapsed_time(start, end) / 1e3 / calls)
+        times.append(cupy.cuda.get_elapsed_time(start, end) / 1e3 / (calls * launches))
     return statistics.median(times)
 
 

@@ -262,20 +262,12 @@ def real_step(ops, kc, model, ctx: int) -> dict:
         stream.synchronize()
         walls.append(time.perf_counter() - t0)
     graph = graphs.graphs[1][0]
-    n, gpu = (2, []) if kc.OPTS["small"] else (10, [])
-    for _ in range(5):
-        start, end = cupy.cuda.Event(), cupy.cuda.Event()
-        start.record(stream)
-        for _ in range(n):
-            graph.launch(stream)
-        end.record(stream)
-        end.synchronize()
-        gpu.append(cupy.cuda.get_elapsed_time(start, end) / 1e3 / n)
+    gpu = kc.replay_time(graph, stream, 1, 5, launches=2 if kc.OPTS["small"] else 10)
     sample = kc.time_greedy_sample(ops, logits)
     forward_ids, forward_pos = cupy.asarray(ids), cupy.asarray(pos)
     names, total = launches(ops, kc, lambda: model.forward(forward_ids, forward_pos, cache,
                                                            dmeta, None))
-    return {"gpu": statistics.median(gpu), "wall": statistics.median(walls), "sample": sample,
+    return {"gpu": gpu, "wall": statistics.median(walls), "sample": sample,
             "launches": names, "total": total, "logits": cupy.asnumpy(logits)}
 
 

@@ -30,7 +30,6 @@ import ctypes
 import itertools
 import logging
 import os
-import statistics
 import time
 
 import cupy
@@ -38,7 +37,7 @@ import cupy
 from engine.executor.ops.cuda_blas import WORKSPACE_BYTES
 from engine.executor.ops.cuda_blaslt import _Heuristic
 from engine.executor.ops.cuda_fp8_splitk import SplitK
-from engine.executor.ops.cuda_gemm_tune import CONFIG_NAMES, FLUSH_BYTES, bucket
+from engine.executor.ops.cuda_gemm_tune import CONFIG_NAMES, FLUSH_BYTES, bucket, flushed_median
 
 logger = logging.getLogger("pagedserve." + __name__)
 CANDIDATES = int(os.environ.get("PAGEDSERVE_FP8_TUNE_CANDIDATES", "48"))
@@ -234,19 +233,9 @@ class Fp8Tuner:
 
     def _time(self, run, reps: int) -> float | None:
         """Median seconds of run() after an L2 flush, or None if cuBLASLt refuses it."""
-        stream = cupy.cuda.get_current_stream()
         if run() != 0:  # warm-up: loads the kernel; refused at run time: not a candidate
             return None
-        events = []
-        for _ in range(reps):
-            cupy.cuda.runtime.memsetAsync(self._flush.data.ptr, 0, FLUSH_BYTES, stream.ptr)
-            start, end = cupy.cuda.Event(), cupy.cuda.Event()
-            start.record(stream)
-            run()
-            end.record(stream)
-            events.append((start, end))
-        events[-1][1].synchronize()
-        return statistics.median(cupy.cuda.get_elapsed_time(s, e) / 1e3 for s, e in events)
+        return flushed_median(run, reps, self._flush)
 
     def describe(self, plan: tuple) -> str:
         """'algo=.. tile=.. splitk=.. waves=..' of a plan, its batch split first if it has one."""

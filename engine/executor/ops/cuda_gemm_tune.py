@@ -73,6 +73,22 @@ def bucket(m: int) -> int:
     return -(-m // step) * step
 
 
+def flushed_median(run, reps: int, flush: cupy.ndarray) -> float:
+    """Median seconds of `reps` calls of run() on the current stream, each after a memset of
+    `flush` (FLUSH_BYTES: the weights arrive cold, as in a step)."""
+    stream = cupy.cuda.get_current_stream()
+    events = []
+    for _ in range(reps):
+        cupy.cuda.runtime.memsetAsync(flush.data.ptr, 0, FLUSH_BYTES, stream.ptr)
+        start, end = cupy.cuda.Event(), cupy.cuda.Event()
+        start.record(stream)
+        run()
+        end.record(stream)
+        events.append((start, end))
+    events[-1][1].synchronize()
+    return statistics.median(cupy.cuda.get_elapsed_time(s, e) / 1e3 for s, e in events)
+
+
 class TunedGemm:
     """gemm.tuned: __call__ runs y = x @ w^T on the tuned plan and returns True, or returns False
     (Gemm then runs cublasGemmEx)."""
@@ -186,18 +202,8 @@ class TunedGemm:
 
     def _time(self, run, reps: int) -> float:
         """Median seconds of run() on the current stream, the L2 flushed before each call."""
-        stream = cupy.cuda.get_current_stream()
         run()  # warm-up (first-use set-up of the kernel)
-        events = []
-        for _ in range(reps):
-            cupy.cuda.runtime.memsetAsync(self._flush.data.ptr, 0, FLUSH_BYTES, stream.ptr)
-            start, end = cupy.cuda.Event(), cupy.cuda.Event()
-            start.record(stream)
-            run()
-            end.record(stream)
-            events.append((start, end))
-        events[-1][1].synchronize()
-        return statistics.median(cupy.cuda.get_elapsed_time(s, e) / 1e3 for s, e in events)
+        return flushed_median(run, reps, self._flush)
 
     def tune(self, x, w, out, dtype: str) -> tuple | None:
         """(rows, fastest heuristic result) for x @ w^T, or None when cublasGemmEx is as fast;
