@@ -11,9 +11,10 @@ embedding.
   products on the packed quants (engine/model/gguf_dot.py is its twin), for Q4_K, Q8_0 and Q6_K:
   "auto" takes it at every M up to 8 (GEMV3_AUTO_MAX_M: device run B, 1.14-3.6x over v1/v2), except
   for the lm_head, which keeps x unquantized (QuantizedWeight.quantize_x: v2 or v1 there).
-  PAGEDSERVE_GGUF_LM_HEAD_X2=1 (off until measured) runs the lm_head at M = 1 on v3 with x as two
-  int8 terms ("v3x2": x within ~amax / 32,000, finer than its 16-bit rounding; v3's speed on
-  twice the integer products: Q4_K's lm_head took 70 us on v3, 116 on v2).
+  For the formats in GEMV3_X2_KINDS (Q4_K; PAGEDSERVE_GGUF_LM_HEAD_X2=1/0 forces) the lm_head at
+  M = 1 runs on v3 with x as two int8 terms ("v3x2": x within ~amax / 32,000, finer than its
+  16-bit rounding; v3's speed on twice the integer products: Q4_K's lm_head took 70 us on v3, 116
+  on v2).
 - Larger batches (prefill): the weight is dequantized into a bf16/fp16 scratch, SCRATCH_ELEMS
   values at a time, and multiplied by cuBLAS; the dequantization is a read of the packed bytes plus
   a write and a read of the scratch, small next to a prefill's GEMM.
@@ -88,13 +89,13 @@ GEMV3_X2: bool | None = None if _X2_ENV is None else _X2_ENV == "1"
 GEMV3_SPLIT_KINDS = frozenset({"Q4_K"})
 _SPLIT_ENV = os.environ.get("PAGEDSERVE_GGUF_V3_SPLIT")
 GEMV3_SPLIT: bool | None = None if _SPLIT_ENV is None else _SPLIT_ENV == "1"
+G3_SPLIT_MAX = 512  # gguf_dp4a.cu's: the item sums (outputs x loads per row) a block holds
+G3_STEPS = {"Q4_K": 2, "Q8_0": 1, "Q6_K": 1}  # warp steps per load (the G3_ structs' STEPS)
 
 
 def _flag(forced: bool | None, kinds: frozenset, kind: str) -> bool:
     """A per-format switch: forced by its environment variable, else on for the listed formats."""
     return kind in kinds if forced is None else forced
-G3_SPLIT_MAX = 512  # gguf_dp4a.cu's: the item sums (outputs x loads per row) a block holds
-G3_STEPS = {"Q4_K": 2, "Q8_0": 1, "Q6_K": 1}  # warp steps per load (the G3_ structs' STEPS)
 
 
 def is_gguf(weight) -> bool:

@@ -118,7 +118,7 @@ def launch(logits: cupy.ndarray, t: SamplingTensors, dev: dict, ctype: str) -> c
     if SAMPLER not in SAMPLERS:
         raise ValueError(f"cuda_sampling.SAMPLER (PAGEDSERVE_SAMPLER) must be one of {SAMPLERS}, "
                          f"got {SAMPLER!r}")
-    if SAMPLER != "bisect" and greedy_only(t):
+    if takes_greedy(t):
         return greedy(logits, ctype)
     params, i32, null = dev["params"], np.int32, np.uint64(0)
     slots, counts = dev["slots"], t.count_table
@@ -183,11 +183,13 @@ def _sm_count() -> int:
     return _sm_counts[device.id]
 
 
-def greedy_only(t: SamplingTensors) -> bool:
-    """Whether every row takes the argmax with nothing to apply first: no penalties, bias,
-    allowed ids or top logprobs (then greedy() needs none of upload()'s copies)."""
-    return (t.all_greedy and int(t.num_logprobs) == 0 and not t.has_penalties
-            and (t.bias_ids is None or not t.bias_ids.size) and t.allowed_rows is None)
+def takes_greedy(t: SamplingTensors) -> bool:
+    """Whether the step runs greedy(): every row takes the argmax with nothing to apply first
+    (no penalties, bias, allowed ids or top logprobs; greedy() needs none of upload()'s copies),
+    unless the bisect sampler was chosen."""
+    return (SAMPLER != "bisect" and t.all_greedy and int(t.num_logprobs) == 0
+            and not t.has_penalties and (t.bias_ids is None or not t.bias_ids.size)
+            and t.allowed_rows is None)
 
 
 # greedy_kernel's per-row counters of finished blocks. The kernel leaves them at 0, so one zeroed
@@ -240,7 +242,7 @@ def sample_on_device(logits: cupy.ndarray, t: SamplingTensors, ctype: str,
     rows = logits.shape[0]
     if rows == 0:
         return cupy.empty((0, 2 + 2 * int(t.num_logprobs)), cupy.int32)
-    if SAMPLER != "bisect" and greedy_only(t):  # nothing to upload: the argmax alone
+    if takes_greedy(t):  # nothing to upload: the argmax alone
         return greedy(logits, ctype)
     return launch(logits, t, upload(t, resolve), ctype)
 
