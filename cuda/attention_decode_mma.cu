@@ -20,7 +20,7 @@ constexpr int DM_KEYS = 16;  // keys per warp tile: one k16 step of P V, two n8 
 // passes = ceil(group / GR). Dynamic shared memory: max(NW x ST x (K, V) x DM_KEYS x (HD + 8)
 // 16-bit elements, NW x GR x HD floats for the merge).
 template <typename T, int HD, int GR, int NW, int ST>
-__global__ void __launch_bounds__(NW * 32, 12 / NW) decode_mma_kernel(
+__global__ void __launch_bounds__(NW * 32, NW <= 12 ? 12 / NW : 1) decode_mma_kernel(
     T* __restrict__ out,                    // [num_tokens, num_heads, HD]
     float* __restrict__ part_out,           // [num_splits, W, num_heads, HD]
     float* __restrict__ part_ml,            // [num_splits, W, num_heads, 2]

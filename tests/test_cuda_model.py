@@ -82,8 +82,15 @@ def test_model_bf16_matches_numpy(preset, vocab):
     assert np.mean(agree) > 0.7, agree
 
 
-def test_decode_graph_matches_eager():
+@pytest.mark.parametrize("short_context", [512, 41, 0])
+def test_decode_graph_matches_eager(short_context, monkeypatch):
+    """Replayed against eager: the short-context graph while every context fits
+    SHORT_DECODE_CONTEXT (512; the longest context here is 41), the split graph past it (41:
+    contexts 41, 8, 20 fit, then one of 42 does not), none when they are off (0)."""
     from engine.executor.cuda_graph import DecodeGraphs
+    from engine.executor.ops import cuda_attention
+
+    monkeypatch.setattr(cuda_attention, "SHORT_DECODE_CONTEXT", short_context)
 
     config = ModelConfig.from_preset("qwen3-0.6b")
     config.num_layers, config.vocab_size = 2, 4096
@@ -100,13 +107,21 @@ def test_decode_graph_matches_eager():
     model.forward(ids, positions, cache, ops.prepare_metadata(meta), last)
     graphs = DecodeGraphs(model, cache, max_num_seqs=4, max_blocks_per_seq=8)
     graphs.capture()
-    ctx = [p + 1 for p in prompt]
-    meta, positions, last = step_meta(prompt, ctx, [1] * batch, block_size, tables)
-    ids = rng.integers(0, config.vocab_size, batch).astype(np.int32)
-    replayed = ops.to_host(graphs.run(ids, positions, meta))
-    eager = ops.to_host(model.forward(ids, positions, cache, ops.prepare_metadata(meta), last))
-    assert np.isfinite(replayed).all()
-    np.testing.assert_allclose(replayed, eager, rtol=2e-2, atol=2e-3)
+    assert sorted(graphs.short_graphs) == ([1, 2, 4] if short_context else [])
+    for step in range(2):  # contexts 41, 8, 20; then 42, 9, 21
+        ctx = [p + 1 + step for p in prompt]
+        meta, positions, last = step_meta([c - 1 for c in ctx], ctx, [1] * batch, block_size,
+                                          tables)
+        short = short_context >= max(ctx)
+        size, chosen = graphs.pick(meta.context_lens)
+        assert size == 4 and chosen is (graphs.short_graphs if short else graphs.graphs)[4]
+        assert chosen[2].num_splits == 1 if short else chosen[2].num_splits > 1
+        ids = rng.integers(0, config.vocab_size, batch).astype(np.int32)
+        replayed = ops.to_host(graphs.run(ids, positions, meta))
+        eager = ops.to_host(model.forward(ids, positions, cache, ops.prepare_metadata(meta),
+                                          last))
+        assert np.isfinite(replayed).all()
+        np.testing.assert_allclose(replayed, eager, rtol=2e-2, atol=2e-3)
 
 
 def test_decode_graph_capture_waits_for_default_stream():

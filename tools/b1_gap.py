@@ -202,7 +202,7 @@ def graph_alone(engine, ctx: int, max_context_len: int) -> tuple[float, int, np.
     graphs.capture()
     graphs.run(np.array([7], np.int32), np.array([ctx], np.int32),
                decode_meta(ctx, runner.block_size))
-    graph, logits, meta = graphs.graphs[1]
+    graph, logits, meta = graphs.pick(np.array([ctx + 1]))[1]  # the graph run() replayed
     sec = replay_time(graph)
     host = logits.get()
     del graphs
@@ -214,8 +214,14 @@ def parse_variant(spec: str) -> list[tuple[str, str, object]]:
     value)]: modules of engine.executor.ops; values Python literals, else strings."""
     import ast
 
-    out = []
-    for item in spec.split(","):
+    out, depth, items, start = [], 0, [], 0
+    for i, ch in enumerate(spec):  # commas inside brackets belong to a value: (16, 2)
+        depth += (ch in "([{") - (ch in ")]}")
+        if ch == "," and depth == 0:
+            items.append(spec[start:i])
+            start = i + 1
+    items.append(spec[start:])
+    for item in items:
         target, _, text = item.partition("=")
         module, _, attr = target.strip().rpartition(".")
         if not module or not attr or not text:
@@ -251,6 +257,8 @@ def run_variant(engine, ctx: int, spec: str, base: tuple) -> str:
             setattr(m, attr, value)
         for cached in CACHES:
             getattr(cuda_quant_gguf, cached).cache_clear()
+    if base is None:
+        return sec
     a, b = (np.asarray(v, np.float32) if v.dtype != np.uint16 else
             (v.astype(np.uint32) << 16).view(np.float32) for v in (logits, base[2]))
     same = ("bit-identical logits" if np.array_equal(logits, base[2]) else
@@ -258,6 +266,30 @@ def run_variant(engine, ctx: int, spec: str, base: tuple) -> str:
             f"{float(np.max(np.abs(b))):.3g}), same argmax {int(a.argmax()) == int(b.argmax())}")
     return (f"variant {spec}: {sec * 1e3:.3f} ms per replay, default {base[0] * 1e3:.3f} "
             f"(x{sec / base[0]:.3f}); {same}")
+
+
+def repeat_variants(engine, ctx: int, specs: list[str], times: int, engine_graph) -> None:
+    """The default and every variant captured `times` times, interleaved (a capture can land in
+    a slow mode; clocks can drift): each capture's ms per replay, then min and median per
+    setting, with the engine's own graph replayed between rounds as the drift's witness."""
+    runs: dict[str, list[float]] = {s: [] for s in ["default", *specs]}
+    witness = []
+    for _ in range(times):
+        for spec in runs:
+            sec = guarded(f"repeat {spec}", lambda spec=spec: run_variant(
+                engine, ctx, spec, None) if spec != "default" else graph_alone(
+                engine, ctx, engine.runner.graphs.max_context_len)[0])
+            if sec is not None:
+                runs[spec].append(sec)
+        witness.append(replay_time(engine_graph))
+    say("repeat: engine graph between rounds, ms: " + " ".join(f"{w * 1e3:.3f}" for w in witness))
+    base = statistics.median(runs["default"])
+    for spec, secs in runs.items():
+        if not secs:
+            continue
+        med = statistics.median(secs)
+        say(f"repeat {spec}: ms " + " ".join(f"{s * 1e3:.3f}" for s in secs)
+            + f"; min {min(secs) * 1e3:.3f}, median {med * 1e3:.3f} (x{med / base:.3f})")
 
 
 def guarded(name: str, fn, default=None):
@@ -275,6 +307,9 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--no-alone", action="store_true", help="skip the graphs captured alone")
+    ap.add_argument("--repeat", type=int, default=0,
+                    help="then capture the default and each variant this many times, "
+                         "interleaved, and print every time with min and median")
     ap.add_argument("--variant", action="append", default=[],
                     help="module.ATTR=value[,...] of engine.executor.ops set for one more graph "
                          "captured alone (repeatable), e.g. cuda_quant_gguf.GEMV3_GRID=fill")
@@ -294,10 +329,12 @@ def main(argv: list[str] | None = None) -> None:
                          "without --enforce-eager)")
     sizes = runner.graphs.sizes
     splits = {s: runner.graphs.graphs[s][2].num_splits for s in sizes[:4]}
+    short = sorted(runner.graphs.short_graphs)
     say(f"setup {args.model} {args.quantization or args.dtype}: built in "
         f"{time.perf_counter() - t0:.1f} s; PDL {cuda_kernels.PDL} (configured {pdl}); decode "
         f"graphs {sizes[:6]}..{sizes[-1:]} (max_context_len {runner.graphs.max_context_len}, "
-        f"attention splits {splits}); mixed graphs {runner.mixed_graphs is not None}; "
+        f"attention splits {splits}; short-context graphs for sizes {short}); mixed graphs "
+        f"{runner.mixed_graphs is not None}; "
         f"max_model_len {engine.max_model_len}")
     mc = engine.model_config
     prompt = [(31 * i + 7) % mc.vocab_size for i in range(args.prompt_len)]
@@ -312,7 +349,7 @@ def main(argv: list[str] | None = None) -> None:
         + "".join(f"; {f}" for f in failures[:4]))
 
     ctx = args.prompt_len + args.output_len - 1
-    graph = runner.graphs.graphs[1][0]
+    graph = runner.graphs.pick(np.array([ctx + 1]))[1][0]  # the graph the step replays
 
     def engine_replay():
         runner.graphs.run(np.array([7], np.int32), np.array([ctx], np.int32),
@@ -347,6 +384,8 @@ def main(argv: list[str] | None = None) -> None:
     for spec in args.variant if base is not None else ():
         say(guarded(f"variant {spec}", lambda spec=spec: run_variant(engine, ctx, spec, base),
                     f"variant {spec}: failed"))
+    if args.repeat and base is not None:
+        guarded("repeat", lambda: repeat_variants(engine, ctx, args.variant, args.repeat, graph))
     cuda_kernels.PDL = saved
 
 

@@ -261,7 +261,7 @@ def real_step(ops, kc, model, ctx: int) -> dict:
         logits = graphs.run(ids, pos, meta)
         stream.synchronize()
         walls.append(time.perf_counter() - t0)
-    graph = graphs.graphs[1][0]
+    graph = graphs.pick(np.array([ctx + 1]))[1][0]  # the graph run() replayed
     gpu = kc.replay_time(graph, stream, 1, 5, launches=2 if kc.OPTS["small"] else 10)
     sample = kc.time_greedy_sample(ops, logits)
     forward_ids, forward_pos = cupy.asarray(ids), cupy.asarray(pos)

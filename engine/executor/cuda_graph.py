@@ -7,6 +7,11 @@ they write nothing and attend to nothing. The host stages them in one of two pin
 turn, so staging step N+1 never overwrites what step N's (asynchronous) upload still reads; input
 placeholders of an overlapped step are resolved on the stream right before the replay.
 
+Short contexts: for batches of up to cuda_attention.SHORT_DECODE_MAX_SEQS sequences a second graph
+per size runs each (sequence, kv head)'s attention as one split on more warps, which saves the
+reduce kernel's launch in every layer; run() replays it while every context of the step holds at
+most SHORT_DECODE_CONTEXT keys (takes_short_graph), the split graph past that.
+
 Speculative verify steps replay the same graphs: StepInputs.as_decode_rows() turns the 1 + k
 tokens of each sequence into 1 + k decode rows (row t attends to keys 0..positions[t] of its
 sequence), so B sequences verifying k drafts replay the graph of the smallest size >= B * (1 + k).
@@ -27,7 +32,12 @@ import cupy
 import numpy as np
 
 from engine.executor.ops import AttentionMetadata, cuda_kernels
-from engine.executor.ops.cuda_attention import DeviceAttentionMetadata, decode_plan
+from engine.executor.ops.cuda_attention import (
+    DeviceAttentionMetadata,
+    decode_plan,
+    short_graph_sizes,
+    takes_short_graph,
+)
 
 logger = logging.getLogger("pagedserve." + __name__)
 
@@ -80,14 +90,15 @@ class DecodeGraphs:
         self.slot_mapping.fill(-1)  # the warm-up forward at capture must write no k/v
         self.query_start_loc = cupy.arange(n + 1, dtype=cupy.int32)  # (n + 1,) one token each
         self.block_tables = cupy.zeros((n, max_blocks_per_seq), cupy.int32)
-        self.graphs: dict[int, tuple] = {}  # size -> (graph, logits (size, vocab))
+        self.graphs: dict[int, tuple] = {}  # size -> (graph, logits (size, vocab), meta)
+        self.short_graphs: dict[int, tuple] = {}  # the same, short contexts (module docstring)
         self.pool = cupy.cuda.MemoryPool()  # owns every intermediate the graphs write
 
-    def _meta(self, size: int) -> DeviceAttentionMetadata:
+    def _meta(self, size: int, short: bool = False) -> DeviceAttentionMetadata:
         c = self.model.config
         group = c.num_heads // c.num_kv_heads
         # every row a decode; the context splits are fixed for the graph's lifetime
-        plan = decode_plan(size, c.num_kv_heads, group, self.max_context_len)
+        plan = decode_plan(size, c.num_kv_heads, group, self.max_context_len, short)
         return DeviceAttentionMetadata(
             self.slot_mapping[:size], self.query_start_loc[: size + 1], self.context_lens[:size],
             self.block_tables[:size], 1, self.max_context_len, host=None,
@@ -99,6 +110,8 @@ class DecodeGraphs:
         # that an earlier graph freed as scratch during its capture, and that graph's replays
         # would overwrite it.
         metas = {size: self._meta(size) for size in self.sizes}
+        metas.update({-size: self._meta(size, short=True)  # -size: the short-context graph
+                      for size in short_graph_sizes(self.sizes)})
         # NOTE: the capture stream is non-blocking: it does not wait for the legacy default
         # stream, where the weights, the KV cache and this object's buffers (slot_mapping's
         # fill(-1)) were made. Without this sync the warm-up forward can read slot_mapping
@@ -115,6 +128,7 @@ class DecodeGraphs:
                            "without", type(e).__name__, e)
             cuda_kernels.PDL = False
             self.graphs.clear()
+            self.short_graphs.clear()
             cupy.cuda.Device().synchronize()
             with collector_paused():
                 self._capture_all(metas)
@@ -125,8 +139,8 @@ class DecodeGraphs:
         # kernels as programmatic dependent launches (cuda_kernels.py).
         with cupy.cuda.using_allocator(self.pool.malloc), stream, \
                 cuda_kernels.programmatic_launches():
-            for size in sorted(self.sizes, reverse=True):
-                meta = metas[size]
+            for key in sorted(metas, key=lambda k: (-abs(k), k)):  # by size, largest first
+                size, meta = abs(key), metas[key]
                 # every row samples: no logits_indices gather
                 args = (self.input_ids[:size], self.positions[:size], self.kv_cache, meta, None)
                 self.model.forward(*args)  # warm-up: compiles, and fills the pool for capture
@@ -136,19 +150,27 @@ class DecodeGraphs:
                     logits = self.model.forward(*args)
                 finally:  # leaves capture mode even when the forward raised
                     graph = stream.end_capture()
-                self.graphs[size] = (graph, logits, meta)
+                (self.short_graphs if key < 0 else self.graphs)[size] = (graph, logits, meta)
         stream.synchronize()
 
     def can_run(self, num_seqs: int) -> bool:
         return bool(self.graphs) and num_seqs <= self.sizes[-1]
 
+    def pick(self, context_lens: np.ndarray) -> tuple[int, tuple]:
+        """(size, (graph, logits, meta)) that a step with these contexts replays: the smallest
+        captured size >= B, its short-context graph when takes_short_graph() says so."""
+        b = len(context_lens)
+        size = next(s for s in self.sizes if s >= b)
+        if size in self.short_graphs and takes_short_graph(b, int(np.max(context_lens))):
+            return size, self.short_graphs[size]
+        return size, self.graphs[size]
+
     def run(self, input_ids: np.ndarray, positions: np.ndarray, meta: AttentionMetadata,
             prev_sampled=None):
-        """Replays the graph of the smallest captured size >= B; returns logits (B, vocab).
+        """Replays the graph pick() chooses; returns logits (B, vocab).
         `prev_sampled`: the previous step's sampled ids, for placeholder input ids."""
         b = len(meta.context_lens)
-        size = next(s for s in self.sizes if s >= b)
-        graph, logits, _ = self.graphs[size]
+        size, (graph, logits, _) = self.pick(meta.context_lens)
         n, max_blocks = len(self.input_ids), self.block_tables.shape[1]
         width = meta.block_tables.shape[1]
         if width > max_blocks:

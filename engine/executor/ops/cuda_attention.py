@@ -45,6 +45,20 @@ MIN_KEYS_PER_SPLIT = 64
 # rings busy. Session 8 on the H200 (bench_latency, Qwen3-0.6B shapes, batch 1): 32 against 48
 # splits 0.872 against 0.928 ms/token at a 4,096-token context, 1.732 against 1.793 at 32,532.
 MAX_SPLITS = int(os.environ.get("PAGEDSERVE_DECODE_MAX_SPLITS", "32"))  # a sweep's knob
+# Short contexts under CUDA graphs: cuda_graph.py replays, for batches of up to
+# SHORT_DECODE_MAX_SEQS sequences whose contexts all hold <= SHORT_DECODE_CONTEXT keys
+# (PAGEDSERVE_SHORT_DECODE_CONTEXT; 0 turns them off), graphs whose decode attention runs one
+# split per (sequence, kv head) on SHORT_DECODE_CONFIG's warps: no reduce launch. Session 10 on
+# the H200 (tools/b1_gap.py --repeat, batch 1, step graphs, split -> short): at 255 keys
+# Llama-3-8B Q4_K 1.799 -> 1.762 ms and 1.833 -> 1.780 (two calls), Q8_0 2.596 -> 2.574,
+# Qwen3-0.6B 0.685 -> 0.662; at 384 keys Q4_K 1.830 -> 1.860, Q8_0 2.601 -> 2.657, Qwen3-0.6B
+# 0.687 -> 0.734; at 512 Q4_K 1.832 -> 1.915, at 1,023 1.835 -> 2.067. A block streams about
+# 128 keys (8 warps x 16) per ~2.5 us from its one SM, so past two such rounds the split grid
+# wins; 3 stages a warp measured the same as 2. One split on 4 warps measured slower (1.826 /
+# 2.939 / 0.715 at 255 keys), and 2 splits on 8 warps no faster (the reduce launch is the cost).
+SHORT_DECODE_CONTEXT = int(os.environ.get("PAGEDSERVE_SHORT_DECODE_CONTEXT", "256"))
+SHORT_DECODE_MAX_SEQS = 8
+SHORT_DECODE_CONFIG = (8, 2)
 KERNEL_MAX_SPLITS, REDUCE_THREADS = 256, 512  # attention.cu's MAX_SPLITS and RED_THREADS
 LOG2E = 1.4426950408889634  # the kernels' softmax is base 2: scores are scaled by scale * log2(e)
 
@@ -95,6 +109,8 @@ class AttentionPlan:
     # the prefill kernel prefill_work was cut for, and its config (cuda_prefill.prefill_plan)
     prefill_kernel: str = "v1"
     prefill_config: tuple[int, int, int] | None = None
+    # the mma decode kernel's (warps, stages); None: DECODE_MMA_CONFIG
+    decode_config: tuple[int, int] | None = None
 
 
 def decode_kernel() -> str:
@@ -156,9 +172,30 @@ def make_plan(query_start_loc: np.ndarray, num_kv_heads: int, group: int, max_co
     return AttentionPlan(_up(decode), _up(items), splits, keys, name, config)
 
 
-def decode_plan(num_seqs: int, num_kv_heads: int, group: int, max_context_len: int):
-    """The plan of a decode-only step of `num_seqs` sequences (CUDA graph capture)."""
+def decode_plan(num_seqs: int, num_kv_heads: int, group: int, max_context_len: int,
+                short: bool = False):
+    """The plan of a decode-only step of `num_seqs` sequences (CUDA graph capture); `short`:
+    for contexts of at most SHORT_DECODE_CONTEXT keys, one split on SHORT_DECODE_CONFIG's warps
+    (no reduce launch; any context stays correct, only slower past the threshold)."""
+    if short:
+        plan = make_plan(np.arange(num_seqs + 1), num_kv_heads, group, max_context_len, 1)
+        plan.decode_config = SHORT_DECODE_CONFIG
+        return plan
     return make_plan(np.arange(num_seqs + 1), num_kv_heads, group, max_context_len)
+
+
+def short_graph_sizes(sizes: list[int]) -> list[int]:
+    """The graph sizes that get a short-context graph too (none when they are off)."""
+    if SHORT_DECODE_CONTEXT <= 0 or decode_kernel() != "mma":
+        return []
+    return [s for s in sizes if s <= SHORT_DECODE_MAX_SEQS]
+
+
+def takes_short_graph(num_seqs: int, max_context: int) -> bool:
+    """Whether a decode-only step of `num_seqs` sequences whose longest context is
+    `max_context` keys replays a short-context graph (SHORT_DECODE_CONTEXT)."""
+    return (0 < max_context <= SHORT_DECODE_CONTEXT and num_seqs <= SHORT_DECODE_MAX_SEQS
+            and decode_kernel() == "mma")
 
 
 def paged_attention(qkv, k_cache, v_cache, meta: DeviceAttentionMetadata, num_heads: int,
@@ -210,7 +247,7 @@ def paged_attention(qkv, k_cache, v_cache, meta: DeviceAttentionMetadata, num_he
                 i32(splits), keys_per_split)
         grid = (num_dec, num_kv_heads * passes, splits)
         if decode_kernel() == "mma":
-            nw, st = DECODE_MMA_CONFIG
+            nw, st = plan.decode_config or DECODE_MMA_CONFIG
             k = kernel("attention_decode_mma.cu",
                        f"decode_mma_kernel<{ctype}, {head_dim}, {g}, {nw}, {st}>", ctype)
             # each warp's stages of K and V tiles (16 keys, padded rows), reused by the merge
