@@ -14,13 +14,55 @@
 #include "decode_splits.cuh"
 #include "mma.cuh"
 
+//
+// CL > 1 (decode_mma_cluster_kernel, sm_90): the CL splits of a (sequence, kv head) are the CL
+// blocks of one thread-block cluster; each block leaves its merged (max, sum, O) in its own shared
+// memory and, after a cluster barrier, each block combines a 1/CL slice of the output from all CL
+// blocks' shared memory (distributed shared memory), as decode_reduce_kernel would from part_out:
+// no reduce launch. Short contexts only (cuda_attention.SHORT_DECODE_CONTEXT): a split is
+// ctx / CL keys, and CL is at most 8.
 constexpr int DM_KEYS = 16;  // keys per warp tile: one k16 step of P V, two n8 tiles of Q K^T
+
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define DM_CLUSTER_Z(n)
+#else
+#define DM_CLUSTER_Z(n) __cluster_dims__(1, 1, n)
+#endif
+
+// Both cluster barriers: arrive with release, wait with acquire (every thread of every block).
+__device__ __forceinline__ void dm_cluster_sync() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;"
+               ::: "memory");
+#endif
+}
+
+__device__ __forceinline__ unsigned dm_cluster_rank() {
+  unsigned r = 0;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
+#endif
+  return r;
+}
+
+// The float at p (this block's shared memory) in block `rank` of the cluster.
+__device__ __forceinline__ float dm_ld_cluster(const float* p, unsigned rank) {
+  float v = 0.f;
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+  unsigned ra;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(ra) : "r"(a), "r"(rank));
+  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(ra) : "memory");
+#endif
+  return v;
+}
 
 // Grid: (num_decode_items, num_kv_heads * passes, num_splits)  Block: (NW * 32)
 // passes = ceil(group / GR). Dynamic shared memory: max(NW x ST x (K, V) x DM_KEYS x (HD + 8)
-// 16-bit elements, NW x GR x HD floats for the merge).
-template <typename T, int HD, int GR, int NW, int ST>
-__global__ void __launch_bounds__(NW * 32, NW <= 12 ? 12 / NW : 1) decode_mma_kernel(
+// 16-bit elements, NW x GR x HD floats for the merge). CL > 1: num_splits == CL, clusters of CL
+// blocks along z.
+template <typename T, int HD, int GR, int NW, int ST, int CL>
+__device__ __forceinline__ void decode_mma_body(
     T* __restrict__ out,                    // [num_tokens, num_heads, HD]
     float* __restrict__ part_out,           // [num_splits, W, num_heads, HD]
     float* __restrict__ part_ml,            // [num_splits, W, num_heads, 2]
@@ -50,7 +92,8 @@ __global__ void __launch_bounds__(NW * 32, NW <= 12 ? 12 / NW : 1) decode_mma_ke
   const int seq = seqs[item];
   const int tok = query_start_loc[seq];
   const int ctx = context_lens[seq];
-  const int splits = seq_splits(ctx, num_splits, min_keys);
+  // a cluster's blocks all take part in its barriers: a split past the context has no keys
+  const int splits = CL > 1 ? CL : seq_splits(ctx, num_splits, min_keys);
   if (split >= splits) {  // the whole block: no barrier is skipped
     pdl_start();
     return;
@@ -252,6 +295,8 @@ __global__ void __launch_bounds__(NW * 32, NW <= 12 ? 12 / NW : 1) decode_mma_ke
     }
   }
   __syncthreads();
+  // CL > 1: the block's merged partial, for the cluster's blocks to combine
+  __shared__ float fin_o[CL > 1 ? GR * HD : 1], fin_m[CL > 1 ? GR : 1], fin_l[CL > 1 ? GR : 1];
   for (int idx = threadIdx.x; idx < GR * HD; idx += NW * 32) {
     const int g = idx / HD, d = idx % HD;
     if (g0 + g >= group) continue;
@@ -268,7 +313,13 @@ __global__ void __launch_bounds__(NW * 32, NW <= 12 ? 12 / NW : 1) decode_mma_ke
       }
     }
     const int head = kvh * group + g0 + g;
-    if (splits == 1) {
+    if constexpr (CL > 1) {
+      fin_o[idx] = num;
+      if (d == 0) {
+        fin_m[g] = mx;
+        fin_l[g] = den;
+      }
+    } else if (splits == 1) {
       out[((long)tok * num_heads + head) * HD + d] = from_float<T>(den > 0.f ? num / den : 0.f);
     } else {
       const long at = ((long)split * num_items + item) * num_heads + head;
@@ -279,6 +330,59 @@ __global__ void __launch_bounds__(NW * 32, NW <= 12 ? 12 / NW : 1) decode_mma_ke
       }
     }
   }
+  if constexpr (CL > 1) {
+    dm_cluster_sync();  // every block's partial is in its shared memory
+    const unsigned rank = dm_cluster_rank();
+    constexpr int SLICE = GR * HD / CL;
+    for (int idx = rank * SLICE + threadIdx.x; idx < (rank + 1) * SLICE; idx += NW * 32) {
+      const int g = idx / HD, d = idx % HD;
+      if (g0 + g >= group) continue;
+      float m[CL], mx = -INFINITY;
+#pragma unroll
+      for (int c = 0; c < CL; c++) {
+        m[c] = dm_ld_cluster(&fin_m[g], c);
+        mx = fmaxf(mx, m[c]);
+      }
+      float num = 0.f, den = 0.f;
+      if (mx != -INFINITY) {
+#pragma unroll
+        for (int c = 0; c < CL; c++) {
+          const float a = exp2f(m[c] - mx);  // a split without keys: 0
+          num += a * dm_ld_cluster(&fin_o[idx], c);
+          den += a * dm_ld_cluster(&fin_l[g], c);
+        }
+      }
+      out[((long)tok * num_heads + kvh * group + g0 + g) * HD + d] =
+          from_float<T>(den > 0.f ? num / den : 0.f);
+    }
+    dm_cluster_sync();  // no block leaves while another still reads its shared memory
+  }
+}
+
+#define DM_PARAMS                                                                              \
+  T *__restrict__ out, float *__restrict__ part_out, float *__restrict__ part_ml,              \
+      const T *__restrict__ qkv, const T *__restrict__ k_cache, const T *__restrict__ v_cache, \
+      const int *__restrict__ seqs, const int *__restrict__ query_start_loc,                   \
+      const int *__restrict__ context_lens, const int *__restrict__ block_tables, int max_blocks, \
+      int num_items, int num_heads, int num_kv_heads, int block_size, float scale_log2,        \
+      int num_splits, int min_keys
+#define DM_ARGS                                                                                \
+  out, part_out, part_ml, qkv, k_cache, v_cache, seqs, query_start_loc, context_lens,         \
+      block_tables, max_blocks, num_items, num_heads, num_kv_heads, block_size, scale_log2,    \
+      num_splits, min_keys
+
+template <typename T, int HD, int GR, int NW, int ST>
+__global__ void __launch_bounds__(NW * 32, NW <= 12 ? 12 / NW : 1)
+decode_mma_kernel(DM_PARAMS) {
+  decode_mma_body<T, HD, GR, NW, ST, 1>(DM_ARGS);
+}
+
+// Grid: (num_decode_items, num_kv_heads * passes, CL)  Block: (NW * 32), clusters of (1, 1, CL)
+template <typename T, int HD, int GR, int NW, int ST, int CL>
+__global__ void DM_CLUSTER_Z(CL) __launch_bounds__(NW * 32, NW <= 12 ? 12 / NW : 1)
+decode_mma_cluster_kernel(DM_PARAMS) {
+  static_assert(CL >= 2 && CL <= 8 && (GR * HD) % CL == 0, "a portable cluster");
+  decode_mma_body<T, HD, GR, NW, ST, CL>(DM_ARGS);
 }
 
 #ifdef PAGEDSERVE_NVCC_CHECK
@@ -292,4 +396,11 @@ INSTANTIATE(__nv_bfloat16, 64, 16, 4, 2)
 INSTANTIATE(__nv_bfloat16, 128, 8, 4, 2)
 INSTANTIATE(__nv_bfloat16, 128, 8, 4, 3)
 INSTANTIATE(__nv_bfloat16, 128, 8, 8, 2)
+template __global__ void decode_mma_cluster_kernel<__nv_bfloat16, 128, 8, 4, 2, 4>(
+    __nv_bfloat16*, float*, float*, const __nv_bfloat16*, const __nv_bfloat16*,
+    const __nv_bfloat16*, const int*, const int*, const int*, const int*, int, int, int, int, int,
+    float, int, int);
+template __global__ void decode_mma_cluster_kernel<__half, 64, 16, 8, 2, 8>(
+    __half*, float*, float*, const __half*, const __half*, const __half*, const int*, const int*,
+    const int*, const int*, int, int, int, int, int, float, int, int);
 #endif

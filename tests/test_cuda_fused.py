@@ -21,7 +21,10 @@ from test_cuda_ops import (  # noqa: E402
     upload,
 )
 
-from engine.executor.ops.cuda_kernels import DECODE_MMA_CONFIGS  # noqa: E402
+from engine.executor.ops.cuda_kernels import (  # noqa: E402
+    DECODE_CLUSTER_CONFIGS,
+    DECODE_MMA_CONFIGS,
+)
 from engine.executor.ops.cuda_ops import CudaOps  # noqa: E402
 from engine.executor.ops.numpy_ops import NumpyOps  # noqa: E402
 
@@ -109,6 +112,37 @@ def test_decode_splits_per_sequence(ops, head_dim, group, grid_splits):
         dmeta.num_splits = n
         assert ca.make_plan(meta.query_start_loc, nkv, group, 5000, n).num_splits == n
     got = ops.attention(qkv, cache[0], cache[1], dmeta, nh, nkv, scale)
+    assert rel_err(ops.to_host(got), want) < TOL[ops.dtype]
+
+
+@pytest.mark.parametrize("config", DECODE_CLUSTER_CONFIGS, ids=str)
+@pytest.mark.parametrize("group", [2, 4, 16])
+def test_decode_cluster_kernel(ops, group, config):
+    """The cluster form of the decode kernel (short-context graphs) against the twin: a
+    (sequence, kv head)'s splits are one cluster's blocks, combined in distributed shared memory;
+    contexts shorter than the cluster (blocks without keys), ending inside a tile, and long
+    enough that every warp loops."""
+    import cupy
+
+    from engine.executor.ops import cuda_attention as ca
+
+    if int(cupy.cuda.Device().compute_capability) < 90:
+        pytest.skip("thread-block clusters need sm_90")
+    nw, st, cl = config
+    rng = np.random.default_rng()
+    nkv, hd, bs = 2, 128, 16
+    nh = nkv * group
+    ctx = [1, 3, 16, 17, 65, 200, 1000, 3000]
+    num_blocks = sum(-(-c // bs) for c in ctx) + 2
+    meta = make_batch(rng, [1] * len(ctx), ctx, bs, num_blocks)
+    cache, cache_h = upload(ops, randn(2, num_blocks, nkv, bs, hd, rng=rng))
+    qkv, qkv_h = upload(ops, randn(len(ctx), (nh + 2 * nkv) * hd, rng=rng, scale=3.0))
+    want = REF.attention(qkv_h, cache_h[0], cache_h[1], meta, nh, nkv, hd**-0.5)
+    dmeta = ops.prepare_metadata(meta)
+    plan = ca.make_plan(meta.query_start_loc, nkv, group, 4096, cl)
+    plan.decode_config, plan.decode_cluster = (nw, st), cl
+    dmeta.work[group] = plan
+    got = ops.attention(qkv, cache[0], cache[1], dmeta, nh, nkv, hd**-0.5)
     assert rel_err(ops.to_host(got), want) < TOL[ops.dtype]
 
 

@@ -107,15 +107,22 @@ def test_decode_graph_matches_eager(short_context, monkeypatch):
     model.forward(ids, positions, cache, ops.prepare_metadata(meta), last)
     graphs = DecodeGraphs(model, cache, max_num_seqs=4, max_blocks_per_seq=8)
     graphs.capture()
-    assert sorted(graphs.short_graphs) == ([1, 2, 4] if short_context else [])
+    assert sorted(graphs.short_graphs) == cuda_attention.short_graph_sizes(graphs.sizes)
+    assert bool(graphs.short_graphs) == (short_context > 0 and (
+        cuda_attention.SHORT_DECODE_CLUSTER == 1
+        or int(cupy.cuda.Device().compute_capability) >= 90))
     for step in range(2):  # contexts 41, 8, 20; then 42, 9, 21
         ctx = [p + 1 + step for p in prompt]
         meta, positions, last = step_meta([c - 1 for c in ctx], ctx, [1] * batch, block_size,
                                           tables)
-        short = short_context >= max(ctx)
+        short = short_context >= max(ctx) and bool(graphs.short_graphs)
         size, chosen = graphs.pick(meta.context_lens)
         assert size == 4 and chosen is (graphs.short_graphs if short else graphs.graphs)[4]
-        assert chosen[2].num_splits == 1 if short else chosen[2].num_splits > 1
+        plan = next(iter(chosen[2].work.values()))
+        if short:  # the splits are one cluster's blocks (or one split where there are none)
+            assert plan.decode_cluster == cuda_attention.SHORT_DECODE_CLUSTER == plan.num_splits
+        else:
+            assert plan.decode_cluster == 1 and plan.num_splits > 1
         ids = rng.integers(0, config.vocab_size, batch).astype(np.int32)
         replayed = ops.to_host(graphs.run(ids, positions, meta))
         eager = ops.to_host(model.forward(ids, positions, cache, ops.prepare_metadata(meta),

@@ -8,9 +8,10 @@ turn, so staging step N+1 never overwrites what step N's (asynchronous) upload s
 placeholders of an overlapped step are resolved on the stream right before the replay.
 
 Short contexts: for batches of up to cuda_attention.SHORT_DECODE_MAX_SEQS sequences a second graph
-per size runs each (sequence, kv head)'s attention as one split on more warps, which saves the
-reduce kernel's launch in every layer; run() replays it while every context of the step holds at
-most SHORT_DECODE_CONTEXT keys (takes_short_graph), the split graph past that.
+per size runs each (sequence, kv head)'s attention as one thread-block cluster whose blocks combine
+their splits in distributed shared memory, which saves the reduce kernel's launch in every layer;
+run() replays it while every context of the step holds at most SHORT_DECODE_CONTEXT keys
+(takes_short_graph), the split graph past that.
 
 Speculative verify steps replay the same graphs: StepInputs.as_decode_rows() turns the 1 + k
 tokens of each sequence into 1 + k decode rows (row t attends to keys 0..positions[t] of its

@@ -47,18 +47,19 @@ MIN_KEYS_PER_SPLIT = 64
 MAX_SPLITS = int(os.environ.get("PAGEDSERVE_DECODE_MAX_SPLITS", "32"))  # a sweep's knob
 # Short contexts under CUDA graphs: cuda_graph.py replays, for batches of up to
 # SHORT_DECODE_MAX_SEQS sequences whose contexts all hold <= SHORT_DECODE_CONTEXT keys
-# (PAGEDSERVE_SHORT_DECODE_CONTEXT; 0 turns them off), graphs whose decode attention runs one
-# split per (sequence, kv head) on SHORT_DECODE_CONFIG's warps: no reduce launch. Session 10 on
-# the H200 (tools/b1_gap.py --repeat, batch 1, step graphs, split -> short): at 255 keys
-# Llama-3-8B Q4_K 1.799 -> 1.762 ms and 1.833 -> 1.780 (two calls), Q8_0 2.596 -> 2.574,
-# Qwen3-0.6B 0.685 -> 0.662; at 384 keys Q4_K 1.830 -> 1.860, Q8_0 2.601 -> 2.657, Qwen3-0.6B
-# 0.687 -> 0.734; at 512 Q4_K 1.832 -> 1.915, at 1,023 1.835 -> 2.067. A block streams about
-# 128 keys (8 warps x 16) per ~2.5 us from its one SM, so past two such rounds the split grid
-# wins; 3 stages a warp measured the same as 2. One split on 4 warps measured slower (1.826 /
-# 2.939 / 0.715 at 255 keys), and 2 splits on 8 warps no faster (the reduce launch is the cost).
-SHORT_DECODE_CONTEXT = int(os.environ.get("PAGEDSERVE_SHORT_DECODE_CONTEXT", "256"))
+# (PAGEDSERVE_SHORT_DECODE_CONTEXT; 0 turns them off), graphs whose decode attention runs each
+# (sequence, kv head) as one thread-block cluster of SHORT_DECODE_CLUSTER blocks on
+# SHORT_DECODE_CONFIG's warps, combined in distributed shared memory: no reduce launch. Session 10
+# on the H200 (tools/b1_gap.py --repeat, Llama-3-8B Q4_K, batch-1 step graph, split grid -> 4 x 8
+# warps): 255 keys 1.836 -> 1.789 ms, 512 1.834 -> 1.804, 1,024 1.892 -> 1.856, 2,048 1.967 ->
+# 1.952. Measured and not taken: one split on 8 warps, no cluster (255 keys 1.833 -> 1.780, but
+# 384 1.830 -> 1.860 and 512 -> 1.915: a block streams about 128 keys per ~2.5 us from its one
+# SM); clusters of 2 x 8 warps (1.771 at 255, 1.862 at 512), 4 x 4 (1.765 at 255, 1.852 at 512),
+# 8 x 4 (2.06-2.19 everywhere); one split on 4 warps or 2 splits on 8 with the reduce launch.
+SHORT_DECODE_CONTEXT = int(os.environ.get("PAGEDSERVE_SHORT_DECODE_CONTEXT", "2048"))
 SHORT_DECODE_MAX_SEQS = 8
 SHORT_DECODE_CONFIG = (8, 2)
+SHORT_DECODE_CLUSTER = 4  # 1: one split a (sequence, kv head), no cluster (any GPU)
 KERNEL_MAX_SPLITS, REDUCE_THREADS = 256, 512  # attention.cu's MAX_SPLITS and RED_THREADS
 LOG2E = 1.4426950408889634  # the kernels' softmax is base 2: scores are scaled by scale * log2(e)
 
@@ -111,6 +112,8 @@ class AttentionPlan:
     prefill_config: tuple[int, int, int] | None = None
     # the mma decode kernel's (warps, stages); None: DECODE_MMA_CONFIG
     decode_config: tuple[int, int] | None = None
+    # > 1: num_splits blocks a cluster, combined in it (no reduce launch)
+    decode_cluster: int = 1
 
 
 def decode_kernel() -> str:
@@ -178,15 +181,17 @@ def decode_plan(num_seqs: int, num_kv_heads: int, group: int, max_context_len: i
     for contexts of at most SHORT_DECODE_CONTEXT keys, one split on SHORT_DECODE_CONFIG's warps
     (no reduce launch; any context stays correct, only slower past the threshold)."""
     if short:
-        plan = make_plan(np.arange(num_seqs + 1), num_kv_heads, group, max_context_len, 1)
-        plan.decode_config = SHORT_DECODE_CONFIG
+        plan = make_plan(np.arange(num_seqs + 1), num_kv_heads, group, max_context_len,
+                         SHORT_DECODE_CLUSTER)
+        plan.decode_config, plan.decode_cluster = SHORT_DECODE_CONFIG, SHORT_DECODE_CLUSTER
         return plan
     return make_plan(np.arange(num_seqs + 1), num_kv_heads, group, max_context_len)
 
 
 def short_graph_sizes(sizes: list[int]) -> list[int]:
     """The graph sizes that get a short-context graph too (none when they are off)."""
-    if SHORT_DECODE_CONTEXT <= 0 or decode_kernel() != "mma":
+    if SHORT_DECODE_CONTEXT <= 0 or decode_kernel() != "mma" or (
+            SHORT_DECODE_CLUSTER > 1 and int(cupy.cuda.Device().compute_capability) < 90):
         return []
     return [s for s in sizes if s <= SHORT_DECODE_MAX_SEQS]
 
@@ -234,9 +239,12 @@ def paged_attention(qkv, k_cache, v_cache, meta: DeviceAttentionMetadata, num_he
     if not 1 <= splits <= KERNEL_MAX_SPLITS:  # the reduce kernel's shared weights hold this many
         raise ValueError(f"attention: num_splits {splits} outside 1..{KERNEL_MAX_SPLITS}")
     keys_per_split = i32(plan.keys_per_split or MIN_KEYS_PER_SPLIT)
+    cluster = plan.decode_cluster
+    if cluster > 1 and splits != cluster:
+        raise ValueError(f"attention: a cluster plan of {cluster} blocks has {splits} splits")
     if num_dec:
         g, passes = decode_tile(group)
-        if splits > 1:
+        if splits > 1 and cluster == 1:
             part_out = cupy.empty((splits, num_dec, num_heads, head_dim), cupy.float32)
             part_ml = cupy.empty((splits, num_dec, num_heads, 2), cupy.float32)
         else:
@@ -248,8 +256,10 @@ def paged_attention(qkv, k_cache, v_cache, meta: DeviceAttentionMetadata, num_he
         grid = (num_dec, num_kv_heads * passes, splits)
         if decode_kernel() == "mma":
             nw, st = plan.decode_config or DECODE_MMA_CONFIG
-            k = kernel("attention_decode_mma.cu",
-                       f"decode_mma_kernel<{ctype}, {head_dim}, {g}, {nw}, {st}>", ctype)
+            name = (f"decode_mma_kernel<{ctype}, {head_dim}, {g}, {nw}, {st}>" if cluster == 1
+                    else f"decode_mma_cluster_kernel<{ctype}, {head_dim}, {g}, {nw}, {st}, "
+                    f"{cluster}>")
+            k = kernel("attention_decode_mma.cu", name, ctype)
             # each warp's stages of K and V tiles (16 keys, padded rows), reused by the merge
             smem = max(nw * st * 2 * 16 * (head_dim + 8) * 2, nw * g * head_dim * 4)
             if k.max_dynamic_shared_size_bytes < smem:
@@ -259,7 +269,7 @@ def paged_attention(qkv, k_cache, v_cache, meta: DeviceAttentionMetadata, num_he
             launch(kernel("attention.cu",
                           f"decode_attention_kernel<{ctype}, {head_dim}, {g}, {DECODE_UNROLL}>",
                           ctype), grid, (DECODE_THREADS,), args, pdl=True)
-        if splits > 1:
+        if splits > 1 and cluster == 1:
             launch(kernel("attention.cu", f"decode_reduce_kernel<{ctype}, {head_dim}>", ctype),
                    (num_dec, num_heads), (REDUCE_THREADS,),
                    (out, part_out, part_ml, plan.decode_seqs, meta.query_start_loc,

@@ -59,6 +59,9 @@ GGUF_GEMV3_KINDS = tuple(GGUF_GEMV3_BIG)
 DECODE_UNROLL = 2  # 16-byte K and V loads per lane in flight (U); 2 beat 4 and 8 on the H200
 # attention_decode_mma.cu's (warps, cp.async stages per warp) variants; rows GR are 8 or 16
 DECODE_MMA_CONFIGS = ((4, 2), (4, 3), (8, 2))
+# attention_decode_mma.cu's cluster kernel (warps, stages, blocks a cluster), which
+# cuda_attention's short-context graphs run
+DECODE_CLUSTER_CONFIGS = ((8, 2, 4), (4, 2, 4))
 # attention_prefill_gqa.cu's (MI, NW, BN) variants, which cuda_prefill.prefill_plan picks among
 PREFILL_CONFIGS = ((2, 8, 64), (2, 4, 64), (1, 8, 64), (1, 4, 64))
 
@@ -112,8 +115,10 @@ def kernel_names(file: str, ctype: str) -> list[str]:
                  for d in HEAD_DIMS for g in DECODE_GROUPS]
                 + [f"decode_reduce_kernel<{ctype}, {d}>" for d in HEAD_DIMS])
     if file == "attention_decode_mma.cu":
-        return [f"decode_mma_kernel<{ctype}, {d}, {gr}, {nw}, {st}>" for d in HEAD_DIMS
-                for gr in (8, 16) for nw, st in DECODE_MMA_CONFIGS]
+        return ([f"decode_mma_kernel<{ctype}, {d}, {gr}, {nw}, {st}>" for d in HEAD_DIMS
+                 for gr in (8, 16) for nw, st in DECODE_MMA_CONFIGS]
+                + [f"decode_mma_cluster_kernel<{ctype}, {d}, {gr}, {nw}, {st}, {cl}>"
+                   for d in HEAD_DIMS for gr in (8, 16) for nw, st, cl in DECODE_CLUSTER_CONFIGS])
     if file == "attention_prefill.cu":
         return [f"prefill_attention_kernel<{ctype}, {d}>" for d in HEAD_DIMS]
     if file == "attention_prefill_gqa.cu":
