@@ -129,21 +129,26 @@ def test_decode_cluster_kernel(ops, group, config):
     if int(cupy.cuda.Device().compute_capability) < 90:
         pytest.skip("thread-block clusters need sm_90")
     nw, st, cl = config
-    rng = np.random.default_rng()
-    nkv, hd, bs = 2, 128, 16
-    nh = nkv * group
-    ctx = [1, 3, 16, 17, 65, 200, 1000, 3000]
-    num_blocks = sum(-(-c // bs) for c in ctx) + 2
-    meta = make_batch(rng, [1] * len(ctx), ctx, bs, num_blocks)
-    cache, cache_h = upload(ops, randn(2, num_blocks, nkv, bs, hd, rng=rng))
-    qkv, qkv_h = upload(ops, randn(len(ctx), (nh + 2 * nkv) * hd, rng=rng, scale=3.0))
-    want = REF.attention(qkv_h, cache_h[0], cache_h[1], meta, nh, nkv, hd**-0.5)
+    nkv, nh, meta, cache, qkv, want = _decode_case(ops, group, [1, 3, 16, 17, 65, 200, 1000, 3000])
     dmeta = ops.prepare_metadata(meta)
     plan = ca.make_plan(meta.query_start_loc, nkv, group, 4096, cl)
     plan.decode_config, plan.decode_cluster = (nw, st), cl
     dmeta.work[group] = plan
-    got = ops.attention(qkv, cache[0], cache[1], dmeta, nh, nkv, hd**-0.5)
+    got = ops.attention(qkv, cache[0], cache[1], dmeta, nh, nkv, 128**-0.5)
     assert rel_err(ops.to_host(got), want) < TOL[ops.dtype]
+
+
+def _decode_case(ops, group: int, ctx: list[int], bs: int = 16, nkv: int = 2, hd: int = 128):
+    """One decode token per sequence of these contexts on random caches: (nkv, nh, metadata,
+    cache, qkv on the device, the twin's attention output)."""
+    rng = np.random.default_rng()
+    nh = nkv * group
+    num_blocks = sum(-(-c // bs) for c in ctx) + 2
+    meta = make_batch(rng, [1] * len(ctx), ctx, bs, num_blocks)
+    cache, cache_h = upload(ops, randn(2, num_blocks, nkv, bs, hd, rng=rng))
+    qkv, qkv_h = upload(ops, randn(len(ctx), (nh + 2 * nkv) * hd, rng=rng, scale=3.0))
+    return nkv, nh, meta, cache, qkv, REF.attention(qkv_h, cache_h[0], cache_h[1], meta, nh, nkv,
+                                                    hd**-0.5)
 
 
 @pytest.mark.parametrize("config", DECODE_MMA_CONFIGS, ids=str)
@@ -157,19 +162,12 @@ def test_decode_mma_configs(ops, bs, group, config, monkeypatch):
 
     monkeypatch.setattr(ca, "DECODE_KERNEL", "mma")
     monkeypatch.setattr(ca, "DECODE_MMA_CONFIG", config)
-    rng = np.random.default_rng()
-    nkv, hd = 2, 128
-    nh = nkv * group
-    ctx = [3, 16, 17, 63, 64, 65, 200, 3000]
-    num_blocks = sum(-(-c // bs) for c in ctx) + 2
-    meta = make_batch(rng, [1] * len(ctx), ctx, bs, num_blocks)
-    cache, cache_h = upload(ops, randn(2, num_blocks, nkv, bs, hd, rng=rng))
-    qkv, qkv_h = upload(ops, randn(len(ctx), (nh + 2 * nkv) * hd, rng=rng, scale=3.0))
-    want = REF.attention(qkv_h, cache_h[0], cache_h[1], meta, nh, nkv, hd**-0.5)
+    nkv, nh, meta, cache, qkv, want = _decode_case(ops, group, [3, 16, 17, 63, 64, 65, 200, 3000],
+                                                   bs)
     for splits in (1, 5, 256):
         dmeta = ops.prepare_metadata(meta)
         dmeta.num_splits = splits
-        got = ops.attention(qkv, cache[0], cache[1], dmeta, nh, nkv, hd**-0.5)
+        got = ops.attention(qkv, cache[0], cache[1], dmeta, nh, nkv, 128**-0.5)
         assert rel_err(ops.to_host(got), want) < TOL[ops.dtype], splits
 
 
