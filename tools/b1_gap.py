@@ -136,6 +136,10 @@ def step_report(steps: list[dict], tpot: float) -> float:
     decode = list(range(2, len(steps)))
     busy = [(at[i + 1][0] - at[i][0]) if i + 1 < len(at) else None for i in decode]
     busy = [b for b in busy if b is not None]  # ms from one step's first op to the next one's
+    if not busy:  # --output-len 2 and less: no decode step has a next one to time
+        say(f"steps: {len(steps)} launches, too few decode steps to time; TPOT "
+            f"{tpot * 1e3:.3f} ms")
+        return 0.0
     span = [at[i][1] - at[i][0] for i in decode]  # ms the GPU took to reach the launch's end
     idle = [max(0.0, at[i][0] - at[i - 1][1]) for i in decode]
     med = statistics.median
