@@ -61,7 +61,10 @@ __device__ __forceinline__ float dm_ld_cluster(const float* p, unsigned rank) {
 // passes = ceil(group / GR). Dynamic shared memory: max(NW x ST x (K, V) x DM_KEYS x (HD + 8)
 // 16-bit elements, NW x GR x HD floats for the merge). CL > 1: num_splits == CL, clusters of CL
 // blocks along z.
-template <typename T, int HD, int GR, int NW, int ST, int CL>
+// PF > 0 (an experiment, cuda_kernels.DECODE_L2_AHEAD): each warp also asks L2 for its tile
+// PF tiles past the one it copies (prefetch.global.L2, one 128-byte line a lane), so more of the
+// context is in flight than its cp.async stages hold; PF = 0 compiles none of it.
+template <typename T, int HD, int GR, int NW, int ST, int CL, int PF>
 __device__ __forceinline__ void decode_mma_body(
     T* __restrict__ out,                    // [num_tokens, num_heads, HD]
     float* __restrict__ part_out,           // [num_splits, W, num_heads, HD]
@@ -114,7 +117,25 @@ __device__ __forceinline__ void decode_mma_body(
   // Tile i into stage i % ST; one commit group per call, empty past the last tile, so that
   // wait_group ST - 1 always means "tile i has landed". Before pdl_wait() (`early`) the row of key
   // ctx - 1 is left out: load_new_key() copies it after the wait.
+  // PF: the K and V lines of tile i into L2 (keys past the split's end are left out)
+  auto prefetch_tile = [&](int i) {
+    constexpr int LPR = HD * (int)sizeof(T) / 128;  // 128-byte lines a key row spans
+    if (i >= nt) return;
+    const int kb = first + i * NW * DM_KEYS;
+    for (int c = lane; c < DM_KEYS * LPR; c += 32) {
+      const int key = kb + c / LPR;
+      if (key >= k_end) break;
+      const int bi = key / block_size;
+      const long off = (((long)table[bi] * num_kv_heads + kvh) * block_size + key -
+                        bi * block_size) * HD + (c % LPR) * (128 / (int)sizeof(T));
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(k_cache + off));
+      asm volatile("prefetch.global.L2 [%0];" ::"l"(v_cache + off));
+    }
+  };
   auto load_tile = [&](int i, bool early) {
+    if constexpr (PF > 0) {
+      if (!early) prefetch_tile(i + PF);
+    }
     if (i < nt) {
       const int kb = first + i * NW * DM_KEYS;
       T* ks = k_s + (i % ST) * TILE;
@@ -146,6 +167,9 @@ __device__ __forceinline__ void decode_mma_body(
   };
 #pragma unroll
   for (int i = 0; i < ST - 1; i++) load_tile(i, true);
+  if constexpr (PF > 0) {  // the tiles the loop's first PF copies take, into L2 as well
+    for (int i = ST - 1; i < ST - 1 + PF; i++) prefetch_tile(i);
+  }
   pdl_start();
   // Key ctx - 1 (the last of the last split), when its tile was one of those loaded early: its
   // row by plain loads into the stage (no copy in flight targets it); the loop's __syncwarp
@@ -371,18 +395,18 @@ __device__ __forceinline__ void decode_mma_body(
       block_tables, max_blocks, num_items, num_heads, num_kv_heads, block_size, scale_log2,    \
       num_splits, min_keys
 
-template <typename T, int HD, int GR, int NW, int ST>
+template <typename T, int HD, int GR, int NW, int ST, int PF = 0>
 __global__ void __launch_bounds__(NW * 32, NW <= 12 ? 12 / NW : 1)
 decode_mma_kernel(DM_PARAMS) {
-  decode_mma_body<T, HD, GR, NW, ST, 1>(DM_ARGS);
+  decode_mma_body<T, HD, GR, NW, ST, 1, PF>(DM_ARGS);
 }
 
 // Grid: (num_decode_items, num_kv_heads * passes, CL)  Block: (NW * 32), clusters of (1, 1, CL)
-template <typename T, int HD, int GR, int NW, int ST, int CL>
+template <typename T, int HD, int GR, int NW, int ST, int CL, int PF = 0>
 __global__ void DM_CLUSTER_Z(CL) __launch_bounds__(NW * 32, NW <= 12 ? 12 / NW : 1)
 decode_mma_cluster_kernel(DM_PARAMS) {
   static_assert(CL >= 2 && CL <= 8 && (GR * HD) % CL == 0, "a portable cluster");
-  decode_mma_body<T, HD, GR, NW, ST, CL>(DM_ARGS);
+  decode_mma_body<T, HD, GR, NW, ST, CL, PF>(DM_ARGS);
 }
 
 #ifdef PAGEDSERVE_NVCC_CHECK
@@ -396,6 +420,13 @@ INSTANTIATE(__nv_bfloat16, 64, 16, 4, 2)
 INSTANTIATE(__nv_bfloat16, 128, 8, 4, 2)
 INSTANTIATE(__nv_bfloat16, 128, 8, 4, 3)
 INSTANTIATE(__nv_bfloat16, 128, 8, 8, 2)
+template __global__ void decode_mma_kernel<__nv_bfloat16, 128, 8, 4, 2, 4>(
+    __nv_bfloat16*, float*, float*, const __nv_bfloat16*, const __nv_bfloat16*,
+    const __nv_bfloat16*, const int*, const int*, const int*, const int*, int, int, int, int, int,
+    float, int, int);
+template __global__ void decode_mma_kernel<__half, 64, 16, 4, 2, 2>(
+    __half*, float*, float*, const __half*, const __half*, const __half*, const int*, const int*,
+    const int*, const int*, int, int, int, int, int, float, int, int);
 template __global__ void decode_mma_cluster_kernel<__nv_bfloat16, 128, 8, 4, 2, 4>(
     __nv_bfloat16*, float*, float*, const __nv_bfloat16*, const __nv_bfloat16*,
     const __nv_bfloat16*, const int*, const int*, const int*, const int*, int, int, int, int, int,

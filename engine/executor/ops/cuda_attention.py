@@ -18,6 +18,7 @@ import numpy as np
 from engine.executor.ops import AttentionMetadata
 from engine.executor.ops.cuda_kernels import (
     DECODE_GROUPS,
+    DECODE_L2_AHEAD,
     DECODE_MMA_CONFIGS,
     DECODE_UNROLL,
     HEAD_DIMS,
@@ -256,9 +257,10 @@ def paged_attention(qkv, k_cache, v_cache, meta: DeviceAttentionMetadata, num_he
         grid = (num_dec, num_kv_heads * passes, splits)
         if decode_kernel() == "mma":
             nw, st = plan.decode_config or DECODE_MMA_CONFIG
-            name = (f"decode_mma_kernel<{ctype}, {head_dim}, {g}, {nw}, {st}>" if cluster == 1
+            pf = f", {DECODE_L2_AHEAD}" if DECODE_L2_AHEAD > 0 else ""  # the compiled names
+            name = (f"decode_mma_kernel<{ctype}, {head_dim}, {g}, {nw}, {st}{pf}>" if cluster == 1
                     else f"decode_mma_cluster_kernel<{ctype}, {head_dim}, {g}, {nw}, {st}, "
-                    f"{cluster}>")
+                    f"{cluster}{pf}>")
             k = kernel("attention_decode_mma.cu", name, ctype)
             # each warp's stages of K and V tiles (16 keys, padded rows), reused by the merge
             smem = max(nw * st * 2 * 16 * (head_dim + 8) * 2, nw * g * head_dim * 4)

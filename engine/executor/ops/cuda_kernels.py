@@ -62,6 +62,11 @@ DECODE_MMA_CONFIGS = ((4, 2), (4, 3), (8, 2))
 # attention_decode_mma.cu's cluster kernel (warps, stages, blocks a cluster), which
 # cuda_attention's short-context graphs run
 DECODE_CLUSTER_CONFIGS = ((8, 2, 4), (4, 2, 4))
+# An experiment, not measured yet: > 0 compiles and runs the decode kernels with each warp also
+# asking L2 for the tile this many tiles past the one it copies (attention_decode_mma.cu's PF);
+# tests/test_cuda_fused.py's decode tests hold that form to the twin when run with it set. 0 (the
+# default) compiles the kernels as before (the same PTX).
+DECODE_L2_AHEAD = int(os.environ.get("PAGEDSERVE_DECODE_L2_AHEAD", "0"))
 # attention_prefill_gqa.cu's (MI, NW, BN) variants, which cuda_prefill.prefill_plan picks among
 PREFILL_CONFIGS = ((2, 8, 64), (2, 4, 64), (1, 8, 64), (1, 4, 64))
 
@@ -115,9 +120,10 @@ def kernel_names(file: str, ctype: str) -> list[str]:
                  for d in HEAD_DIMS for g in DECODE_GROUPS]
                 + [f"decode_reduce_kernel<{ctype}, {d}>" for d in HEAD_DIMS])
     if file == "attention_decode_mma.cu":
-        return ([f"decode_mma_kernel<{ctype}, {d}, {gr}, {nw}, {st}>" for d in HEAD_DIMS
+        pf = f", {DECODE_L2_AHEAD}" if DECODE_L2_AHEAD > 0 else ""
+        return ([f"decode_mma_kernel<{ctype}, {d}, {gr}, {nw}, {st}{pf}>" for d in HEAD_DIMS
                  for gr in (8, 16) for nw, st in DECODE_MMA_CONFIGS]
-                + [f"decode_mma_cluster_kernel<{ctype}, {d}, {gr}, {nw}, {st}, {cl}>"
+                + [f"decode_mma_cluster_kernel<{ctype}, {d}, {gr}, {nw}, {st}, {cl}{pf}>"
                    for d in HEAD_DIMS for gr in (8, 16) for nw, st, cl in DECODE_CLUSTER_CONFIGS])
     if file == "attention_prefill.cu":
         return [f"prefill_attention_kernel<{ctype}, {d}>" for d in HEAD_DIMS]
