@@ -20,7 +20,7 @@
 // memory and, after a cluster barrier, each block combines a 1/CL slice of the output from all CL
 // blocks' shared memory (distributed shared memory), as decode_reduce_kernel would from part_out:
 // no reduce launch. Short contexts only (cuda_attention.SHORT_DECODE_CONTEXT): a split is
-// ctx / CL keys, and CL is at most 8.
+// ctx / CL keys rounded up to whole 16-key tiles, and CL is at most 8.
 constexpr int DM_KEYS = 16;  // keys per warp tile: one k16 step of P V, two n8 tiles of Q K^T
 
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
@@ -133,9 +133,6 @@ __device__ __forceinline__ void decode_mma_body(
     }
   };
   auto load_tile = [&](int i, bool early) {
-    if constexpr (PF > 0) {
-      if (!early) prefetch_tile(i + PF);
-    }
     if (i < nt) {
       const int kb = first + i * NW * DM_KEYS;
       T* ks = k_s + (i % ST) * TILE;
@@ -164,6 +161,9 @@ __device__ __forceinline__ void decode_mma_body(
       }
     }
     asm volatile("cp.async.commit_group;");
+    if constexpr (PF > 0) {  // after the copies, which its table read must not hold up
+      if (!early) prefetch_tile(i + PF);
+    }
   };
 #pragma unroll
   for (int i = 0; i < ST - 1; i++) load_tile(i, true);

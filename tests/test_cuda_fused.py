@@ -117,7 +117,7 @@ def test_decode_splits_per_sequence(ops, head_dim, group, grid_splits):
 
 @pytest.mark.parametrize("config", DECODE_CLUSTER_CONFIGS, ids=str)
 @pytest.mark.parametrize("group", [2, 4, 16])
-def test_decode_cluster_kernel(ops, group, config):
+def test_decode_cluster_kernel(ops, group, config, monkeypatch):
     """The cluster form of the decode kernel (short-context graphs) against the twin: a
     (sequence, kv head)'s splits are one cluster's blocks, combined in distributed shared memory;
     contexts shorter than the cluster (blocks without keys), ending inside a tile, and long
@@ -128,6 +128,7 @@ def test_decode_cluster_kernel(ops, group, config):
 
     if int(cupy.cuda.Device().compute_capability) < 90:
         pytest.skip("thread-block clusters need sm_90")
+    monkeypatch.setattr(ca, "DECODE_KERNEL", "mma")
     nw, st, cl = config
     nkv, nh, meta, cache, qkv, want = _decode_case(ops, group, [1, 3, 16, 17, 65, 200, 1000, 3000])
     dmeta = ops.prepare_metadata(meta)

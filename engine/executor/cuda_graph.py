@@ -111,8 +111,7 @@ class DecodeGraphs:
         # that an earlier graph freed as scratch during its capture, and that graph's replays
         # would overwrite it.
         metas = {size: self._meta(size) for size in self.sizes}
-        metas.update({-size: self._meta(size, short=True)  # -size: the short-context graph
-                      for size in short_graph_sizes(self.sizes)})
+        short = {size: self._meta(size, short=True) for size in short_graph_sizes(self.sizes)}
         # NOTE: the capture stream is non-blocking: it does not wait for the legacy default
         # stream, where the weights, the KV cache and this object's buffers (slot_mapping's
         # fill(-1)) were made. Without this sync the warm-up forward can read slot_mapping
@@ -129,19 +128,38 @@ class DecodeGraphs:
                            "without", type(e).__name__, e)
             cuda_kernels.PDL = False
             self.graphs.clear()
-            self.short_graphs.clear()
             cupy.cuda.Device().synchronize()
             with collector_paused():
                 self._capture_all(metas)
+        if short:
+            self._capture_short(short)
 
-    def _capture_all(self, metas: dict):
+    def _capture_short(self, metas: dict):
+        """The short-context graphs, after the split ones: if they cannot be captured (a cluster
+        launch the GPU refuses), the step runs the split graphs, and PDL stays as it was."""
+        pdl = cuda_kernels.PDL
+        try:
+            with collector_paused():
+                self._capture_all(metas, self.short_graphs)
+        except Exception as e:
+            if self.model.ops.is_fatal(e):  # the context is lost: nothing can run
+                raise
+            logger.warning("capturing the short-context decode graphs failed (%s: %s): decode "
+                           "steps replay the split graphs only", type(e).__name__, e)
+            self.short_graphs.clear()
+            cuda_kernels.PDL = pdl  # a failed launch turned it off for every kernel
+            cupy.cuda.Device().synchronize()
+
+    def _capture_all(self, metas: dict, into: dict | None = None):
+        """A graph per size of `metas` into `into` (self.graphs by default), largest first."""
+        into = self.graphs if into is None else into
         stream = cupy.cuda.Stream(non_blocking=True)
         # On sm_90 (unless PAGEDSERVE_PDL=0) the warm-up and the capture launch the decode
         # kernels as programmatic dependent launches (cuda_kernels.py).
         with cupy.cuda.using_allocator(self.pool.malloc), stream, \
                 cuda_kernels.programmatic_launches():
-            for key in sorted(metas, key=lambda k: (-abs(k), k)):  # by size, largest first
-                size, meta = abs(key), metas[key]
+            for size in sorted(metas, reverse=True):
+                meta = metas[size]
                 # every row samples: no logits_indices gather
                 args = (self.input_ids[:size], self.positions[:size], self.kv_cache, meta, None)
                 self.model.forward(*args)  # warm-up: compiles, and fills the pool for capture
@@ -151,7 +169,7 @@ class DecodeGraphs:
                     logits = self.model.forward(*args)
                 finally:  # leaves capture mode even when the forward raised
                     graph = stream.end_capture()
-                (self.short_graphs if key < 0 else self.graphs)[size] = (graph, logits, meta)
+                into[size] = (graph, logits, meta)
         stream.synchronize()
 
     def can_run(self, num_seqs: int) -> bool:
@@ -162,7 +180,7 @@ class DecodeGraphs:
         captured size >= B, its short-context graph when takes_short_graph() says so."""
         b = len(context_lens)
         size = next(s for s in self.sizes if s >= b)
-        if size in self.short_graphs and takes_short_graph(b, int(np.max(context_lens))):
+        if b and size in self.short_graphs and takes_short_graph(b, int(np.max(context_lens))):
             return size, self.short_graphs[size]
         return size, self.graphs[size]
 

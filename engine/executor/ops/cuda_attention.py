@@ -179,8 +179,9 @@ def make_plan(query_start_loc: np.ndarray, num_kv_heads: int, group: int, max_co
 def decode_plan(num_seqs: int, num_kv_heads: int, group: int, max_context_len: int,
                 short: bool = False):
     """The plan of a decode-only step of `num_seqs` sequences (CUDA graph capture); `short`:
-    for contexts of at most SHORT_DECODE_CONTEXT keys, one split on SHORT_DECODE_CONFIG's warps
-    (no reduce launch; any context stays correct, only slower past the threshold)."""
+    for contexts of at most SHORT_DECODE_CONTEXT keys, SHORT_DECODE_CLUSTER splits as one
+    cluster on SHORT_DECODE_CONFIG's warps (no reduce launch; any context stays correct, only
+    slower past the threshold)."""
     if short:
         plan = make_plan(np.arange(num_seqs + 1), num_kv_heads, group, max_context_len,
                          SHORT_DECODE_CLUSTER)
@@ -241,8 +242,9 @@ def paged_attention(qkv, k_cache, v_cache, meta: DeviceAttentionMetadata, num_he
         raise ValueError(f"attention: num_splits {splits} outside 1..{KERNEL_MAX_SPLITS}")
     keys_per_split = i32(plan.keys_per_split or MIN_KEYS_PER_SPLIT)
     cluster = plan.decode_cluster
-    if cluster > 1 and splits != cluster:
-        raise ValueError(f"attention: a cluster plan of {cluster} blocks has {splits} splits")
+    if cluster > 1 and (splits != cluster or decode_kernel() != "mma"):
+        raise ValueError(f"attention: a cluster plan of {cluster} blocks needs the mma decode "
+                         f"kernel and as many splits (kernel {decode_kernel()}, {splits} splits)")
     if num_dec:
         g, passes = decode_tile(group)
         if splits > 1 and cluster == 1:
