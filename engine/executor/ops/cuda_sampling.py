@@ -115,9 +115,6 @@ def launch(logits: cupy.ndarray, t: SamplingTensors, dev: dict, ctype: str) -> c
     (R, 2 + 2 * num_logprobs) int32 results, laid out as in cuda/sampling_common.cuh."""
     rows, vocab = logits.shape
     n_lp = int(t.num_logprobs)
-    if SAMPLER not in SAMPLERS:
-        raise ValueError(f"cuda_sampling.SAMPLER (PAGEDSERVE_SAMPLER) must be one of {SAMPLERS}, "
-                         f"got {SAMPLER!r}")
     if takes_greedy(t):
         return greedy(logits, ctype)
     params, i32, null = dev["params"], np.int32, np.uint64(0)
@@ -183,11 +180,20 @@ def _sm_count() -> int:
     return _sm_counts[device.id]
 
 
+def sampler() -> str:
+    """SAMPLER, checked: every step asks (an all-greedy one too), so a bad PAGEDSERVE_SAMPLER fails
+    the first step, the start-up warm-up, rather than the first sampled step mid-serving."""
+    if SAMPLER not in SAMPLERS:
+        raise ValueError(f"cuda_sampling.SAMPLER (PAGEDSERVE_SAMPLER) must be one of {SAMPLERS}, "
+                         f"got {SAMPLER!r}")
+    return SAMPLER
+
+
 def takes_greedy(t: SamplingTensors) -> bool:
     """Whether the step runs greedy(): every row takes the argmax with nothing to apply first
     (no penalties, bias, allowed ids or top logprobs; greedy() needs none of upload()'s copies),
     unless the bisect sampler was chosen."""
-    return (SAMPLER != "bisect" and t.all_greedy and int(t.num_logprobs) == 0
+    return (sampler() != "bisect" and t.all_greedy and int(t.num_logprobs) == 0
             and not t.has_penalties and (t.bias_ids is None or not t.bias_ids.size)
             and t.allowed_rows is None)
 
