@@ -410,28 +410,18 @@ decode_mma_cluster_kernel(DM_PARAMS) {
 }
 
 #ifdef PAGEDSERVE_NVCC_CHECK
-#define INSTANTIATE(T, HD, GR, NW, ST)                                                         \
-  template __global__ void decode_mma_kernel<T, HD, GR, NW, ST>(                               \
-      T*, float*, float*, const T*, const T*, const T*, const int*, const int*, const int*,    \
-      const int*, int, int, int, int, int, float, int, int);
-INSTANTIATE(__half, 64, 8, 4, 2)
-INSTANTIATE(__half, 128, 16, 4, 2)
-INSTANTIATE(__nv_bfloat16, 64, 16, 4, 2)
-INSTANTIATE(__nv_bfloat16, 128, 8, 4, 2)
-INSTANTIATE(__nv_bfloat16, 128, 8, 4, 3)
-INSTANTIATE(__nv_bfloat16, 128, 8, 8, 2)
-template __global__ void decode_mma_kernel<__nv_bfloat16, 128, 8, 4, 2, 4>(
-    __nv_bfloat16*, float*, float*, const __nv_bfloat16*, const __nv_bfloat16*,
-    const __nv_bfloat16*, const int*, const int*, const int*, const int*, int, int, int, int, int,
-    float, int, int);
-template __global__ void decode_mma_kernel<__half, 64, 16, 4, 2, 2>(
-    __half*, float*, float*, const __half*, const __half*, const __half*, const int*, const int*,
-    const int*, const int*, int, int, int, int, int, float, int, int);
-template __global__ void decode_mma_cluster_kernel<__nv_bfloat16, 128, 8, 4, 2, 4>(
-    __nv_bfloat16*, float*, float*, const __nv_bfloat16*, const __nv_bfloat16*,
-    const __nv_bfloat16*, const int*, const int*, const int*, const int*, int, int, int, int, int,
-    float, int, int);
-template __global__ void decode_mma_cluster_kernel<__half, 64, 16, 8, 2, 8>(
-    __half*, float*, float*, const __half*, const __half*, const __half*, const int*, const int*,
-    const int*, const int*, int, int, int, int, int, float, int, int);
+#define DM_SIG(T)                                                                              \
+  (T*, float*, float*, const T*, const T*, const T*, const int*, const int*, const int*,       \
+   const int*, int, int, int, int, int, float, int, int)
+#define INSTANTIATE(KERNEL, T, ...) template __global__ void KERNEL<T, __VA_ARGS__> DM_SIG(T);
+INSTANTIATE(decode_mma_kernel, __half, 64, 8, 4, 2)
+INSTANTIATE(decode_mma_kernel, __half, 128, 16, 4, 2)
+INSTANTIATE(decode_mma_kernel, __nv_bfloat16, 64, 16, 4, 2)
+INSTANTIATE(decode_mma_kernel, __nv_bfloat16, 128, 8, 4, 2)
+INSTANTIATE(decode_mma_kernel, __nv_bfloat16, 128, 8, 4, 3)
+INSTANTIATE(decode_mma_kernel, __nv_bfloat16, 128, 8, 8, 2)
+INSTANTIATE(decode_mma_kernel, __nv_bfloat16, 128, 8, 4, 2, 4)  // PF
+INSTANTIATE(decode_mma_kernel, __half, 64, 16, 4, 2, 2)
+INSTANTIATE(decode_mma_cluster_kernel, __nv_bfloat16, 128, 8, 8, 2, 4)
+INSTANTIATE(decode_mma_cluster_kernel, __half, 64, 16, 8, 2, 8)
 #endif

@@ -17,6 +17,7 @@ import numpy as np
 
 from engine.executor.ops import AttentionMetadata
 from engine.executor.ops.cuda_kernels import (
+    DECODE_CLUSTER_CONFIGS,
     DECODE_GROUPS,
     DECODE_L2_AHEAD,
     DECODE_MMA_CONFIGS,
@@ -59,8 +60,9 @@ MAX_SPLITS = int(os.environ.get("PAGEDSERVE_DECODE_MAX_SPLITS", "32"))  # a swee
 # 8 x 4 (2.06-2.19 everywhere); one split on 4 warps or 2 splits on 8 with the reduce launch.
 SHORT_DECODE_CONTEXT = int(os.environ.get("PAGEDSERVE_SHORT_DECODE_CONTEXT", "2048"))
 SHORT_DECODE_MAX_SEQS = 8
-SHORT_DECODE_CONFIG = (8, 2)
-SHORT_DECODE_CLUSTER = 4  # 1: one split a (sequence, kv head), no cluster (any GPU)
+# (warps, stages) and blocks a cluster; a cluster of 1: one split a (sequence, kv head), any GPU
+SHORT_DECODE_CONFIG = DECODE_CLUSTER_CONFIGS[0][:2]
+SHORT_DECODE_CLUSTER = DECODE_CLUSTER_CONFIGS[0][2]
 KERNEL_MAX_SPLITS, REDUCE_THREADS = 256, 512  # attention.cu's MAX_SPLITS and RED_THREADS
 LOG2E = 1.4426950408889634  # the kernels' softmax is base 2: scores are scaled by scale * log2(e)
 

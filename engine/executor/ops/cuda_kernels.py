@@ -59,9 +59,9 @@ GGUF_GEMV3_KINDS = tuple(GGUF_GEMV3_BIG)
 DECODE_UNROLL = 2  # 16-byte K and V loads per lane in flight (U); 2 beat 4 and 8 on the H200
 # attention_decode_mma.cu's (warps, cp.async stages per warp) variants; rows GR are 8 or 16
 DECODE_MMA_CONFIGS = ((4, 2), (4, 3), (8, 2))
-# attention_decode_mma.cu's cluster kernel (warps, stages, blocks a cluster), which
-# cuda_attention's short-context graphs run
-DECODE_CLUSTER_CONFIGS = ((8, 2, 4), (4, 2, 4))
+# attention_decode_mma.cu's cluster kernel (warps, stages, blocks a cluster): the first is what
+# cuda_attention's short-context graphs run (others measured slower, cuda_attention.py)
+DECODE_CLUSTER_CONFIGS = ((8, 2, 4),)
 # An experiment, not measured yet: > 0 compiles and runs the decode kernels with each warp also
 # asking L2 for the tile this many tiles past the one it copies (attention_decode_mma.cu's PF);
 # tests/test_cuda_fused.py's decode tests hold that form to the twin when run with it set. 0 (the
