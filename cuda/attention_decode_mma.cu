@@ -61,10 +61,7 @@ __device__ __forceinline__ float dm_ld_cluster(const float* p, unsigned rank) {
 // passes = ceil(group / GR). Dynamic shared memory: max(NW x ST x (K, V) x DM_KEYS x (HD + 8)
 // 16-bit elements, NW x GR x HD floats for the merge). CL > 1: num_splits == CL, clusters of CL
 // blocks along z.
-// PF > 0 (an experiment, cuda_kernels.DECODE_L2_AHEAD): each warp also asks L2 for its tile
-// PF tiles past the one it copies (prefetch.global.L2, one 128-byte line a lane), so more of the
-// context is in flight than its cp.async stages hold; PF = 0 compiles none of it.
-template <typename T, int HD, int GR, int NW, int ST, int CL, int PF>
+template <typename T, int HD, int GR, int NW, int ST, int CL>
 __device__ __forceinline__ void decode_mma_body(
     T* __restrict__ out,                    // [num_tokens, num_heads, HD]
     float* __restrict__ part_out,           // [num_splits, W, num_heads, HD]
@@ -77,7 +74,7 @@ __device__ __forceinline__ void decode_mma_body(
     const int* __restrict__ context_lens,     // [B]
     const int* __restrict__ block_tables,     // [B, max_blocks]
     int max_blocks, int num_items, int num_heads, int num_kv_heads, int block_size,
-    float scale_log2, int num_splits, int min_keys) {
+    float scale_log2, int num_splits, int min_keys, int fresh) {
   static_assert(GR == 8 || GR == 16, "one m16 tile of query heads");
   constexpr int LD = HD + 8, CPR = HD / 8, TILE = DM_KEYS * LD;
   constexpr int CPL = DM_KEYS * CPR / 32;  // 16-byte copies per lane per tile, of K and of V
@@ -86,7 +83,9 @@ __device__ __forceinline__ void decode_mma_body(
   // Under PDL, everything up to pdl_wait() below may run while the previous kernel (the q/k norm
   // + RoPE + KV write) still does: the step's metadata (uploaded before the step) and the keys and
   // values of earlier steps are read before the wait, so their memory latency hides behind it.
-  // Only the step's own key, ctx - 1, and Q come after.
+  // Only the keys this step writes and Q come after: the last `fresh` keys of a row's context
+  // (1 for a decode; 1 + k when a verify step of k drafts runs as decode rows, whose row j reads
+  // the j keys the rows before it wrote in the same step).
 
   const int group = num_heads / num_kv_heads, passes = (group + GR - 1) / GR;
   const int kvh = blockIdx.y / passes, g0 = (blockIdx.y % passes) * GR;
@@ -115,23 +114,8 @@ __device__ __forceinline__ void decode_mma_body(
   // a tile lies in one cache block, whose K rows are consecutive: one block-table read per tile.
   const bool tile_in_block = block_size % DM_KEYS == 0;
   // Tile i into stage i % ST; one commit group per call, empty past the last tile, so that
-  // wait_group ST - 1 always means "tile i has landed". Before pdl_wait() (`early`) the row of key
-  // ctx - 1 is left out: load_new_key() copies it after the wait.
-  // PF: the K and V lines of tile i into L2 (keys past the split's end are left out)
-  auto prefetch_tile = [&](int i) {
-    constexpr int LPR = HD * (int)sizeof(T) / 128;  // 128-byte lines a key row spans
-    if (i >= nt) return;
-    const int kb = first + i * NW * DM_KEYS;
-    for (int c = lane; c < DM_KEYS * LPR; c += 32) {
-      const int key = kb + c / LPR;
-      if (key >= k_end) break;
-      const int bi = key / block_size;
-      const long off = (((long)table[bi] * num_kv_heads + kvh) * block_size + key -
-                        bi * block_size) * HD + (c % LPR) * (128 / (int)sizeof(T));
-      asm volatile("prefetch.global.L2 [%0];" ::"l"(k_cache + off));
-      asm volatile("prefetch.global.L2 [%0];" ::"l"(v_cache + off));
-    }
-  };
+  // wait_group ST - 1 always means "tile i has landed". Before pdl_wait() (`early`) the rows of
+  // keys ctx - fresh .. ctx - 1 are left out: they are loaded after the wait (below).
   auto load_tile = [&](int i, bool early) {
     if (i < nt) {
       const int kb = first + i * NW * DM_KEYS;
@@ -146,7 +130,7 @@ __device__ __forceinline__ void decode_mma_body(
       for (int c = 0; c < CPL; c++) {
         const int idx = lane + 32 * c, j = idx / CPR, d = (idx % CPR) * 8, key = kb + j;
         const bool valid = key < k_end;
-        if (early && key == ctx - 1) continue;
+        if (early && valid && key >= ctx - fresh) continue;
         long off = 0;
         if (valid) {
           if (tile_in_block) {
@@ -161,33 +145,24 @@ __device__ __forceinline__ void decode_mma_body(
       }
     }
     asm volatile("cp.async.commit_group;");
-    if constexpr (PF > 0) {  // after the copies, which its table read must not hold up
-      if (!early) prefetch_tile(i + PF);
-    }
   };
 #pragma unroll
   for (int i = 0; i < ST - 1; i++) load_tile(i, true);
-  if constexpr (PF > 0) {  // the tiles the loop's first PF copies take, into L2 as well
-    for (int i = ST - 1; i < ST - 1 + PF; i++) prefetch_tile(i);
-  }
   pdl_start();
-  // Key ctx - 1 (the last of the last split), when its tile was one of those loaded early: its
-  // row by plain loads into the stage (no copy in flight targets it); the loop's __syncwarp
-  // after wait_group publishes it to the warp.
-  if (ctx - 1 < k_end && ctx - 1 >= first) {
-    const int rel = ctx - 1 - first, ti = rel / (NW * DM_KEYS);
-    if (rel % (NW * DM_KEYS) < DM_KEYS && ti < min(nt, ST - 1)) {
-      const int j = rel % DM_KEYS, bi = (ctx - 1) / block_size;
-      const long row = (((long)table[bi] * num_kv_heads + kvh) * block_size + ctx - 1 -
-                        bi * block_size) * HD;
-      T* ks = k_s + (ti % ST) * TILE + j * LD;
-      T* vs = v_s + (ti % ST) * TILE + j * LD;
-      for (int d = lane * 8; d < HD; d += 32 * 8) {
-        const uint4* kg = reinterpret_cast<const uint4*>(k_cache + row + d);
-        const uint4* vg = reinterpret_cast<const uint4*>(v_cache + row + d);
-        *reinterpret_cast<uint4*>(ks + d) = __ldcg(kg);
-        *reinterpret_cast<uint4*>(vs + d) = __ldcg(vg);
-      }
+  // The keys left out of the early tiles (this step's own): their rows by plain loads into the
+  // stages (no copy in flight targets them); the loop's __syncwarp after wait_group publishes
+  // them to the warp.
+  for (int key = max(first, ctx - fresh); key < k_end; key++) {
+    const int rel = key - first, ti = rel / (NW * DM_KEYS);
+    if (rel % (NW * DM_KEYS) >= DM_KEYS || ti >= min(nt, ST - 1)) continue;
+    const int j = rel % DM_KEYS, bi = key / block_size;
+    const long row = (((long)table[bi] * num_kv_heads + kvh) * block_size + key -
+                      bi * block_size) * HD;
+    T* ks = k_s + (ti % ST) * TILE + j * LD;
+    T* vs = v_s + (ti % ST) * TILE + j * LD;
+    for (int d = lane * 8; d < HD; d += 32 * 8) {
+      *reinterpret_cast<uint4*>(ks + d) = __ldcg(reinterpret_cast<const uint4*>(k_cache + row + d));
+      *reinterpret_cast<uint4*>(vs + d) = __ldcg(reinterpret_cast<const uint4*>(v_cache + row + d));
     }
   }
 
@@ -389,30 +364,30 @@ __device__ __forceinline__ void decode_mma_body(
       const int *__restrict__ seqs, const int *__restrict__ query_start_loc,                   \
       const int *__restrict__ context_lens, const int *__restrict__ block_tables, int max_blocks, \
       int num_items, int num_heads, int num_kv_heads, int block_size, float scale_log2,        \
-      int num_splits, int min_keys
+      int num_splits, int min_keys, int fresh
 #define DM_ARGS                                                                                \
   out, part_out, part_ml, qkv, k_cache, v_cache, seqs, query_start_loc, context_lens,         \
       block_tables, max_blocks, num_items, num_heads, num_kv_heads, block_size, scale_log2,    \
-      num_splits, min_keys
+      num_splits, min_keys, fresh
 
-template <typename T, int HD, int GR, int NW, int ST, int PF = 0>
+template <typename T, int HD, int GR, int NW, int ST>
 __global__ void __launch_bounds__(NW * 32, NW <= 12 ? 12 / NW : 1)
 decode_mma_kernel(DM_PARAMS) {
-  decode_mma_body<T, HD, GR, NW, ST, 1, PF>(DM_ARGS);
+  decode_mma_body<T, HD, GR, NW, ST, 1>(DM_ARGS);
 }
 
 // Grid: (num_decode_items, num_kv_heads * passes, CL)  Block: (NW * 32), clusters of (1, 1, CL)
-template <typename T, int HD, int GR, int NW, int ST, int CL, int PF = 0>
+template <typename T, int HD, int GR, int NW, int ST, int CL>
 __global__ void DM_CLUSTER_Z(CL) __launch_bounds__(NW * 32, NW <= 12 ? 12 / NW : 1)
 decode_mma_cluster_kernel(DM_PARAMS) {
   static_assert(CL >= 2 && CL <= 8 && (GR * HD) % CL == 0, "a portable cluster");
-  decode_mma_body<T, HD, GR, NW, ST, CL, PF>(DM_ARGS);
+  decode_mma_body<T, HD, GR, NW, ST, CL>(DM_ARGS);
 }
 
 #ifdef PAGEDSERVE_NVCC_CHECK
 #define DM_SIG(T)                                                                              \
   (T*, float*, float*, const T*, const T*, const T*, const int*, const int*, const int*,       \
-   const int*, int, int, int, int, int, float, int, int)
+   const int*, int, int, int, int, int, float, int, int, int)
 #define INSTANTIATE(KERNEL, T, ...) template __global__ void KERNEL<T, __VA_ARGS__> DM_SIG(T);
 INSTANTIATE(decode_mma_kernel, __half, 64, 8, 4, 2)
 INSTANTIATE(decode_mma_kernel, __half, 128, 16, 4, 2)
@@ -420,8 +395,6 @@ INSTANTIATE(decode_mma_kernel, __nv_bfloat16, 64, 16, 4, 2)
 INSTANTIATE(decode_mma_kernel, __nv_bfloat16, 128, 8, 4, 2)
 INSTANTIATE(decode_mma_kernel, __nv_bfloat16, 128, 8, 4, 3)
 INSTANTIATE(decode_mma_kernel, __nv_bfloat16, 128, 8, 8, 2)
-INSTANTIATE(decode_mma_kernel, __nv_bfloat16, 128, 8, 4, 2, 4)  // PF
-INSTANTIATE(decode_mma_kernel, __half, 64, 16, 4, 2, 2)
 INSTANTIATE(decode_mma_cluster_kernel, __nv_bfloat16, 128, 8, 8, 2, 4)
 INSTANTIATE(decode_mma_cluster_kernel, __half, 64, 16, 8, 2, 8)
 #endif

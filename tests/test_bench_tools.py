@@ -349,6 +349,19 @@ def test_bench_latency_context_len_sets_the_prompt_and_the_floor(tiny_model):
     assert long["tpot_floor_s"] > short["tpot_floor_s"]  # more KV cache to read per token
 
 
+def test_bench_latency_batch_decodes_the_requests_together(tiny_model):
+    from tools import bench_latency
+
+    args = ["--model", tiny_model, "--load-format", "dummy", "--device", "numpy",
+            "--num-kv-blocks", "64", "--prompt-len", "12", "--output-len", "4"]
+    one = bench_latency.main(args)
+    three = bench_latency.main(args + ["--batch-size", "3"])
+    assert three["batch_size"] == 3 and three["output_tokens"] == 4
+    assert three["tpot_floor_s"] > one["tpot_floor_s"]  # three KV caches to read per step
+    with pytest.raises(SystemExit):
+        bench_latency.main(args + ["--batch-size", "0"])
+
+
 def test_profile_step_splits_a_speculative_step(capsys):
     from tools import profile_step
 

@@ -124,16 +124,35 @@ def assert_product_close(ops, y, q, s, qw, rel_slack=None):
     assert not bad.any(), (got[bad][:5], want[bad][:5])
 
 
-@pytest.mark.parametrize("words", [2, 4])  # cuda_fp8.FP8_GEMV_WORDS: 160 or 96 threads at K 4112
+# fp8.cu's GEMV with cuda_fp8.FP8_GEMV_WORDS 2 or 4 (160 or 96 threads at K 4112); the tensor-core
+# GEMV with (MMA_WARPS, MMA_STEPS): sized to the grid, one warp, more warps than K needs
+GEMV_FORMS = [("fp8", 2), ("fp8", 4), ("mma", (0, 4)), ("mma", (1, 2)), ("mma", (4, 4)),
+              ("mma", (16, 2))]
+
+
+@pytest.mark.parametrize("form", GEMV_FORMS, ids=str)
 @pytest.mark.parametrize("m", range(1, 9))
-def test_gemv_vs_twin(ops, m, words, monkeypatch):
-    monkeypatch.setattr(cuda_fp8, "FP8_GEMV_WORDS", words)
+def test_gemv_vs_twin(ops, m, form, monkeypatch):
+    """Both GEMVs against the twin: K of 257 words (a partial last load; rows of 16 bytes that
+    are not a multiple of the mma's 32), 1030 outputs (a partial 16-row tile). The tensor cores'
+    sums get LT_SLACK, as cuBLASLt's."""
+    kind, v = form
+    if kind == "fp8":
+        monkeypatch.setattr(cuda_fp8, "MMA_GEMV", False)
+        monkeypatch.setattr(cuda_fp8, "FP8_GEMV_WORDS", v)
+    else:
+        if not cuda_fp8.use_mma_gemv(8):
+            pytest.skip("the tensor-core FP8 GEMV needs sm_89")
+        monkeypatch.setattr(cuda_fp8, "MMA_MIN_M", 1)  # the engine runs M = 1 on fp8.cu's
+        monkeypatch.setattr(cuda_fp8, "MMA_WARPS", v[0])
+        monkeypatch.setattr(cuda_fp8, "MMA_STEPS", v[1])
     rng = np.random.default_rng(m)
     k = 1024 if m > 4 else 4112  # 257 words: a partial last round of loads
     qw = ops.quantize_fp8(upload(ops, rng.standard_normal((1030, k)) * 0.05)[0])
     q, s = cuda_fp8.quantize_rows(upload(ops, activations(rng, m, k))[0], ops.ctype)
     y = cupy.empty((m, 1030), ops.storage)
-    assert_product_close(ops, cuda_fp8.gemv(q, s, qw, y, ops.ctype), q, s, qw)
+    assert_product_close(ops, cuda_fp8.gemv(q, s, qw, y, ops.ctype), q, s, qw,
+                         LT_SLACK if kind == "mma" else None)
 
 
 # 4112: 257 words, a partial last chunk; 14336: 7 chunks a row; n odd: a half-empty row pair

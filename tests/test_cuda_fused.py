@@ -139,6 +139,86 @@ def test_decode_cluster_kernel(ops, group, config, monkeypatch):
     assert rel_err(ops.to_host(got), want) < TOL[ops.dtype]
 
 
+# Copies a cache over another after spinning ~`spin` clocks, having let the next kernel launch at
+# once: a programmatic dependent launch after it runs its pre-wait part meanwhile.
+_LATE_COPY = r"""
+extern "C" __global__ void late_copy(unsigned short* dst, const unsigned short* src, long n,
+                                     long long spin) {
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+  asm volatile("griddepcontrol.launch_dependents;" ::: "memory");
+  const long long t0 = clock64();
+  while (clock64() - t0 < spin) {
+  }
+  const long stride = (long)gridDim.x * blockDim.x;
+  for (long i = blockIdx.x * (long)blockDim.x + threadIdx.x; i < n; i += stride) dst[i] = src[i];
+}
+"""
+
+
+@pytest.mark.parametrize("cluster", [False, True], ids=["split", "cluster"])
+def test_decode_waits_for_the_steps_own_keys(ops, cluster, monkeypatch):
+    """Under PDL the mma decode kernel copies its first K/V tiles before it waits for the kernel
+    before it; the last `fresh_keys` keys of a row are the step's own (a verify step's decode
+    rows read their drafts' keys) and come after the wait. A kernel that writes those keys late
+    precedes it: with fresh_keys covering them attention equals the twin on the new cache; with
+    1 it reads the stale keys (the race this guards against)."""
+    from engine.executor.ops import cuda_attention as ca
+    from engine.executor.ops import cuda_kernels as ck
+
+    if int(cupy.cuda.Device().compute_capability) < 90:
+        pytest.skip("programmatic dependent launches need sm_90")
+    monkeypatch.setattr(ca, "DECODE_KERNEL", "mma")
+    rng = np.random.default_rng(7)
+    fresh, nkv, group, bs, hd = 5, 2, 4, 16, 128
+    nh = nkv * group
+    ctx = [5, 9, 17, 40, 64, 100, 130]  # the fresh keys lie in the early tiles
+    num_blocks = sum(-(-c // bs) for c in ctx) + 2
+    meta = make_batch(rng, [1] * len(ctx), ctx, bs, num_blocks)
+    old_h = ops.to_host(ops.from_host(randn(2, num_blocks, nkv, bs, hd, rng=rng)))
+    new_h = old_h.copy()
+    for s, c in enumerate(ctx):  # new values for keys c - fresh .. c - 1 of every row
+        for key in range(max(0, c - fresh), c):
+            blk = meta.block_tables[s, key // bs]
+            new_h[:, blk, :, key % bs] = randn(2, nkv, hd, rng=rng, scale=4.0)
+    new_h = ops.to_host(ops.from_host(new_h))
+    qkv, qkv_h = upload(ops, randn(len(ctx), (nh + 2 * nkv) * hd, rng=rng, scale=3.0))
+    want = REF.attention(qkv_h, new_h[0], new_h[1], meta, nh, nkv, hd**-0.5)
+    stale = REF.attention(qkv_h, old_h[0], old_h[1], meta, nh, nkv, hd**-0.5)
+    assert rel_err(stale, want) > 10 * TOL[ops.dtype]
+    copy = cupy.RawKernel(_LATE_COPY, "late_copy")
+    new_d = ops.from_host(new_h)
+    splits = ca.SHORT_DECODE_CLUSTER if cluster else 1
+
+    def run(fresh_keys: int):
+        cache = ops.from_host(old_h)
+        dmeta = ops.prepare_metadata(meta)
+        plan = ca.make_plan(meta.query_start_loc, nkv, group, 256, splits)
+        if cluster:
+            plan.decode_config, plan.decode_cluster = ca.SHORT_DECODE_CONFIG, splits
+        plan.fresh_keys = fresh_keys
+        dmeta.work[group] = plan
+        out = cupy.empty((len(ctx), nh * hd), qkv.dtype)
+        cupy.cuda.Device().synchronize()
+        # captured as the decode graphs are: a programmatic edge from the copy to attention
+        stream = cupy.cuda.Stream(non_blocking=True)
+        with stream, ck.programmatic_launches():
+            stream.begin_capture()
+            ck.launch(copy, (64,), (256,), (cache, new_d, np.int64(cache.size),
+                                            np.int64(20_000_000)), pdl=True)
+            ops.attention(qkv, cache[0], cache[1], dmeta, nh, nkv, hd**-0.5, out=out)
+            graph = stream.end_capture()
+            graph.launch(stream)
+        stream.synchronize()
+        return ops.to_host(out)
+
+    got = run(fresh)
+    err = [rel_err(got[r], want[r]) for r in range(len(ctx))]
+    assert max(err) < TOL[ops.dtype], (err, rel_err(got, stale))
+    if ck.PDL:  # launched programmatically: the early copies ran during the spin
+        got = run(1)
+        assert rel_err(got, want) > 10 * TOL[ops.dtype], (rel_err(got, want), rel_err(got, stale))
+
+
 def _decode_case(ops, group: int, ctx: list[int], bs: int = 16, nkv: int = 2, hd: int = 128):
     """One decode token per sequence of these contexts on random caches: (nkv, nh, metadata,
     cache, qkv on the device, the twin's attention output)."""

@@ -33,7 +33,7 @@ import numpy as np
 
 if __package__ in (None, ""):  # run as a script: make the checkout importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tools.bench_latency import time_one_request  # noqa: E402
+from tools.bench_latency import time_requests  # noqa: E402
 from tools.bench_throughput import add_engine_args, build_llm  # noqa: E402
 
 # cuda_quant_gguf's grids, cached per shape: cleared around a variant
@@ -342,9 +342,9 @@ def main(argv: list[str] | None = None) -> None:
         f"max_model_len {engine.max_model_len}")
     mc = engine.model_config
     prompt = [(31 * i + 7) % mc.vocab_size for i in range(args.prompt_len)]
-    time_one_request(engine, prompt[:16], 8)  # warm-up, as bench_latency
+    time_requests(engine, [prompt[:16]], 8)  # warm-up, as bench_latency
     steps, fallbacks = instrument(runner)
-    r = time_one_request(engine, prompt, args.output_len)
+    r = time_requests(engine, [prompt], args.output_len)
     step_s = guarded("steps", lambda: step_report(steps, r["tpot_s"]), 0.0)
     say(f"sampler fallbacks {fallbacks[0]}; PDL after the request {cuda_kernels.PDL}")
     for message in warnings.messages[:8]:

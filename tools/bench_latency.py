@@ -1,4 +1,5 @@
-"""Batch-1 decode latency and cold start: one request alone, and the time to a ready engine.
+"""Batch-1 decode latency and cold start: one request alone (or --batch-size N together), and the
+time to a ready engine.
 
 Prints the time from process start to a ready engine (model built, KV cache allocated, CUDA graphs
 captured), then runs one request of `--prompt-len` tokens and `--output-len` forced output tokens
@@ -16,8 +17,9 @@ Usage:
         --context-len 32532 --output-len 64                  # decode at a long context
     python tools/bench_latency.py --model llama3-8b --load-format dummy --device cuda \
         --quantization q4_k                                  # weights kept in GGUF blocks
---context-len N decodes at an N-token context (the prompt is N - output_len tokens, at least
-16) and adds reading that KV cache once per token to the floor.
+--batch-size N decodes N requests of distinct prompts together (TPOT averaged over them; the
+floor reads each one's KV cache). --context-len N decodes at an N-token context (the prompt is
+N - output_len tokens, at least 16) and adds reading that KV cache once per token to the floor.
 Process start is read from the OS (/proc/self/stat), so "cold start" includes interpreter start
 and imports; kernels compiled by an earlier run come from CuPy's on-disk cache.
 """
@@ -52,20 +54,25 @@ def seconds_since_process_start() -> float:
 _IMPORTED_AT = time.perf_counter()
 
 
-def time_one_request(engine, prompt: list[int], output_len: int) -> dict:
+def time_requests(engine, prompts: list[list[int]], output_len: int) -> dict:
+    """Greedy requests added at once, each forced to `output_len` tokens: the first token's time
+    (TTFT, the slowest request's) and the mean time per output token after it (TPOT, averaged
+    over the requests)."""
     from engine import SamplingParams
 
     params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=output_len)
     t0 = time.perf_counter()
-    engine.add_request("latency", {"prompt_token_ids": prompt}, params)
-    token_times = []
+    for i, prompt in enumerate(prompts):
+        engine.add_request(f"latency-{i}", {"prompt_token_ids": prompt}, params)
+    token_times: dict[str, list[float]] = {f"latency-{i}": [] for i in range(len(prompts))}
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.outputs[0].delta_token_ids:
-                token_times.append(time.perf_counter())
-    ttft = token_times[0] - t0
-    tpot = (token_times[-1] - token_times[0]) / max(1, len(token_times) - 1)
-    return {"ttft_s": ttft, "tpot_s": tpot, "output_tokens": len(token_times)}
+                token_times[out.request_id].append(time.perf_counter())
+    ttft = max(t[0] for t in token_times.values()) - t0
+    tpot = sum((t[-1] - t[0]) / max(1, len(t) - 1) for t in token_times.values()) / len(prompts)
+    return {"ttft_s": ttft, "tpot_s": tpot,
+            "output_tokens": min(len(t) for t in token_times.values())}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -75,7 +82,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--context-len", type=int, default=None,
                     help="context at the end of the request (sets the prompt length)")
+    ap.add_argument("--batch-size", type=int, default=1,
+                    help="requests decoded together (distinct prompts of the same length)")
     args = ap.parse_args(argv)
+    if args.batch_size < 1:
+        ap.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.context_len is not None:
         args.prompt_len = max(16, args.context_len - args.output_len)
         if args.max_model_len is None:
@@ -84,14 +95,15 @@ def main(argv: list[str] | None = None) -> dict:
     ready_s = seconds_since_process_start()
     engine = llm.engine
     mc = engine.model_config
-    prompt = [(31 * i + 7) % mc.vocab_size for i in range(args.prompt_len)]
-    time_one_request(engine, prompt[:16], 8)  # warm-up: first launches, allocator
-    r = time_one_request(engine, prompt, args.output_len)
+    prompts = [[(31 * i + 7 + 101 * b) % mc.vocab_size for i in range(args.prompt_len)]
+               for b in range(args.batch_size)]
+    time_requests(engine, [p[:16] for p in prompts], 8)  # warm-up: first launches, allocator
+    r = time_requests(engine, prompts, args.output_len)
     dtype = getattr(engine.ops, "dtype", "float32")
     elem = DTYPE_BYTES.get(dtype, 2)
     # the KV cache read at the mean context of the decode steps
     mean_ctx = args.prompt_len + args.output_len / 2
-    kv = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * elem * mean_ctx
+    kv = 2 * mc.num_layers * mc.num_kv_heads * mc.head_dim * elem * mean_ctx * args.batch_size
     weights = engine.model.weights
     held = weights_nbytes(weights)
     # Read per token: everything but the embedding table, of which a step reads a row or two.
@@ -101,7 +113,8 @@ def main(argv: list[str] | None = None) -> dict:
         "model": args.model, "device": engine.ops.name, "dtype": dtype,
         "quantization": args.quantization, "weights_mb": held / 1e6,
         "weights_read_per_token_mb": per_token / 1e6,
-        "cold_start_s": ready_s, "prompt_len": args.prompt_len, **r,
+        "cold_start_s": ready_s, "prompt_len": args.prompt_len, "batch_size": args.batch_size,
+        **r,
         "tpot_floor_s": floor, "tpot_over_floor": r["tpot_s"] / floor,
     }
     if args.json:
@@ -110,9 +123,10 @@ def main(argv: list[str] | None = None) -> dict:
         quant = f", {args.quantization}" if args.quantization else ""
         print(f"{args.model} ({engine.ops.name}, {dtype}{quant}): cold start {ready_s:.2f} s "
               f"(process start -> engine ready); weights {held / 1e6:.0f} MB")
-        print(f"batch 1, prompt {args.prompt_len}: TTFT {r['ttft_s'] * 1e3:.1f} ms, "
-              f"TPOT {r['tpot_s'] * 1e3:.2f} ms over {r['output_tokens']} tokens; weight + KV "
-              f"read floor {floor * 1e3:.2f} ms ({r['tpot_s'] / floor:.2f}x)")
+        print(f"batch {args.batch_size}, prompt {args.prompt_len}: TTFT "
+              f"{r['ttft_s'] * 1e3:.1f} ms, TPOT {r['tpot_s'] * 1e3:.2f} ms over "
+              f"{r['output_tokens']} tokens; weight + KV read floor {floor * 1e3:.2f} ms "
+              f"({r['tpot_s'] / floor:.2f}x)")
     return result
 
 

@@ -70,8 +70,9 @@ def collector_paused():
 
 class DecodeGraphs:
     def __init__(self, model, kv_cache, max_num_seqs: int, max_blocks_per_seq: int,
-                 max_context_len: int | None = None):
-        self.model, self.kv_cache = model, kv_cache
+                 max_context_len: int | None = None, fresh_keys: int = 1):
+        # fresh_keys: 1 + the drafts a verify step replays as decode rows (AttentionPlan)
+        self.model, self.kv_cache, self.fresh_keys = model, kv_cache, fresh_keys
         self.sizes = padded_sizes(max_num_seqs)
         n = max_num_seqs
         block_size = kv_cache.shape[4]
@@ -99,7 +100,8 @@ class DecodeGraphs:
         c = self.model.config
         group = c.num_heads // c.num_kv_heads
         # every row a decode; the context splits are fixed for the graph's lifetime
-        plan = decode_plan(size, c.num_kv_heads, group, self.max_context_len, short)
+        plan = decode_plan(size, c.num_kv_heads, group, self.max_context_len, short,
+                           self.fresh_keys)
         return DeviceAttentionMetadata(
             self.slot_mapping[:size], self.query_start_loc[: size + 1], self.context_lens[:size],
             self.block_tables[:size], 1, self.max_context_len, host=None,

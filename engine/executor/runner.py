@@ -143,12 +143,13 @@ class ModelRunner:
         from engine.executor.cuda_graph import DecodeGraphs
 
         t = time.perf_counter()
-        max_rows = self.config.max_num_seqs
+        max_rows, fresh = self.config.max_num_seqs, 1
         spec = self.config.speculative_config
         if spec is not None:  # verify steps: 1 + k rows per sequence (StepInputs.as_decode_rows)
-            max_rows = max(max_rows, min(spec.disable_by_batch_size, max_rows)
-                           * (1 + spec.num_speculative_tokens))
-        graphs = DecodeGraphs(self.model, self.kv_cache, max_rows, self.max_blocks_per_seq)
+            fresh = 1 + spec.num_speculative_tokens
+            max_rows = max(max_rows, min(spec.disable_by_batch_size, max_rows) * fresh)
+        graphs = DecodeGraphs(self.model, self.kv_cache, max_rows, self.max_blocks_per_seq,
+                              fresh_keys=fresh)
         graphs.capture()
         self.graphs = graphs
         logger.info("captured %d decode CUDA graphs (1..%d rows) in %.2f s",

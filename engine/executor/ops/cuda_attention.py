@@ -19,7 +19,6 @@ from engine.executor.ops import AttentionMetadata
 from engine.executor.ops.cuda_kernels import (
     DECODE_CLUSTER_CONFIGS,
     DECODE_GROUPS,
-    DECODE_L2_AHEAD,
     DECODE_MMA_CONFIGS,
     DECODE_UNROLL,
     HEAD_DIMS,
@@ -117,6 +116,10 @@ class AttentionPlan:
     decode_config: tuple[int, int] | None = None
     # > 1: num_splits blocks a cluster, combined in it (no reduce launch)
     decode_cluster: int = 1
+    # the most keys at the end of a decode row's context that the step itself writes: 1, or
+    # 1 + k for graphs that verify k drafts as decode rows; the mma kernel reads those after its
+    # PDL wait, the others before it
+    fresh_keys: int = 1
 
 
 def decode_kernel() -> str:
@@ -179,17 +182,19 @@ def make_plan(query_start_loc: np.ndarray, num_kv_heads: int, group: int, max_co
 
 
 def decode_plan(num_seqs: int, num_kv_heads: int, group: int, max_context_len: int,
-                short: bool = False):
+                short: bool = False, fresh_keys: int = 1):
     """The plan of a decode-only step of `num_seqs` sequences (CUDA graph capture); `short`:
     for contexts of at most SHORT_DECODE_CONTEXT keys, SHORT_DECODE_CLUSTER splits as one
     cluster on SHORT_DECODE_CONFIG's warps (no reduce launch; any context stays correct, only
-    slower past the threshold)."""
+    slower past the threshold). `fresh_keys`: AttentionPlan.fresh_keys."""
     if short:
         plan = make_plan(np.arange(num_seqs + 1), num_kv_heads, group, max_context_len,
                          SHORT_DECODE_CLUSTER)
         plan.decode_config, plan.decode_cluster = SHORT_DECODE_CONFIG, SHORT_DECODE_CLUSTER
-        return plan
-    return make_plan(np.arange(num_seqs + 1), num_kv_heads, group, max_context_len)
+    else:
+        plan = make_plan(np.arange(num_seqs + 1), num_kv_heads, group, max_context_len)
+    plan.fresh_keys = fresh_keys
+    return plan
 
 
 def short_graph_sizes(sizes: list[int]) -> list[int]:
@@ -261,16 +266,16 @@ def paged_attention(qkv, k_cache, v_cache, meta: DeviceAttentionMetadata, num_he
         grid = (num_dec, num_kv_heads * passes, splits)
         if decode_kernel() == "mma":
             nw, st = plan.decode_config or DECODE_MMA_CONFIG
-            pf = f", {DECODE_L2_AHEAD}" if DECODE_L2_AHEAD > 0 else ""  # the compiled names
-            name = (f"decode_mma_kernel<{ctype}, {head_dim}, {g}, {nw}, {st}{pf}>" if cluster == 1
+            name = (f"decode_mma_kernel<{ctype}, {head_dim}, {g}, {nw}, {st}>" if cluster == 1
                     else f"decode_mma_cluster_kernel<{ctype}, {head_dim}, {g}, {nw}, {st}, "
-                    f"{cluster}{pf}>")
+                    f"{cluster}>")
             k = kernel("attention_decode_mma.cu", name, ctype)
             # each warp's stages of K and V tiles (16 keys, padded rows), reused by the merge
             smem = max(nw * st * 2 * 16 * (head_dim + 8) * 2, nw * g * head_dim * 4)
             if k.max_dynamic_shared_size_bytes < smem:
                 k.max_dynamic_shared_size_bytes = smem
-            launch(k, grid, (nw * 32,), args, shared_mem=smem, pdl=True)
+            launch(k, grid, (nw * 32,), args + (i32(plan.fresh_keys),), shared_mem=smem,
+                   pdl=True)
         else:
             launch(kernel("attention.cu",
                           f"decode_attention_kernel<{ctype}, {head_dim}, {g}, {DECODE_UNROLL}>",

@@ -5,8 +5,8 @@ numpy twin.
 Each matrix product is two launches: one kernel quantizes the activations per token, fused with
 the residual add + RMSNorm or the SiLU-mul that produces them (so the bf16 activation never goes
 through memory), then the product runs as
-- the FP8 GEMV at decode batches (M <= FP8_GEMV_MAX_M): one read of the weights, half the bytes
-  of bf16;
+- the FP8 GEMV at decode batches (M <= FP8_GEMV_MAX_M; 2..8 rows on sm_89+ the tensor-core
+  GEMV, cuda/fp8_mma.cu): one read of the weights, half the bytes of bf16;
 - cuBLASLt's FP8 GEMM above that (cuda_blaslt.py), or the GEMV 8 rows at a time for a shape
   cuBLASLt has no plan for.
 With STREAM (PAGEDSERVE_FP8_STREAM=1, opt-in: slower on the H200, below) a decode batch of up to
@@ -37,6 +37,19 @@ from engine.model.quantized import QuantizedWeight
 FP8_GEMV_MAX_M = 4
 FP8_GEMV_MAX_M_TALL = 2  # ... for weights of >= 16384 outputs
 GEMV_ROWS_PER_BLOCK = 4  # fp8.cu's F8_R
+# The tensor-core GEMV (cuda/fp8_mma.cu, sm_89+; PAGEDSERVE_FP8_MMA_GEMV=0 keeps fp8.cu's) for
+# MMA_MIN_M..8 rows: a block of mma_warps() warps per 16 weight rows, MMA_STEPS 16-byte words of
+# each of a lane's two rows in flight (cuda_kernels.FP8_MMA_STEPS). Its cost barely grows with M.
+# H200, Llama-3-8B shapes (qkv / o / gate_up / down, us; weights cycled past L2, device run 2 of
+# session 11): M = 2: fp8.cu 10.6 / 8.3 / 33.3 / 19.0, mma 9.5 / 7.6 / 31.5 / 20.2; M = 4: fp8.cu
+# 13.9 / 10.6 / 51.2 / 36.3, mma 9.5 / 7.7 / 35.0 / 20.4; M = 8 (cuBLASLt before, 14-48): mma
+# 9.8 / 7.9 / 35.3 / 20.5; but M = 1: fp8.cu 9.5 / 7.1 / 29.8 / 17.1, mma 9.3 / 7.5 / 31.3 /
+# 19.8 (8, 4 warps; 16 warps, or 4 steps of words in flight, measured slower). A lane's loads
+# cover 64 bytes of 8 rows an instruction where fp8.cu's cover 512 of one row.
+MMA_GEMV = os.environ.get("PAGEDSERVE_FP8_MMA_GEMV", "1") == "1"
+MMA_MIN_M = 2
+MMA_WARPS = int(os.environ.get("PAGEDSERVE_FP8_MMA_WARPS", "0"))  # 0: mma_warps() picks
+MMA_STEPS = 2
 # 16-byte weight words per thread per row: a GEMV block has (words of a row) / this threads (64 to
 # 256). 4 (half the threads, more blocks resident) is a little faster alone on qkv and o but
 # slower in the Llama-3-8B batch-1 step on the H200 (3.12 vs 3.07 ms, PDL on); kernel_check
@@ -167,9 +180,24 @@ def silu_quantize(gate_up: cupy.ndarray, ctype: str):
 # ----------------------------------------------------------------------------- products
 
 
+def use_mma_gemv(m: int = 8) -> bool:
+    return MMA_GEMV and MMA_MIN_M <= m <= 8 and _device(cupy.cuda.Device().id)[2] >= 89
+
+
 def gemv_wins(m: int, n: int) -> bool:
     """Whether the GEMV beats cuBLASLt for M rows of an N-output weight (caps above)."""
+    if use_mma_gemv(m):
+        return True
     return m <= (FP8_GEMV_MAX_M if n < 16384 else min(FP8_GEMV_MAX_M, FP8_GEMV_MAX_M_TALL))
+
+
+def mma_warps(n: int, k: int) -> int:
+    """Warps per block of the tensor-core GEMV: 8, 4 for the many rows of gate_up (the device
+    sweep above), fewer when K has too few words for them."""
+    nw = MMA_WARPS or (4 if n >= 16384 else 8)
+    while nw > 1 and 4 * nw * MMA_STEPS > k // 16:
+        nw //= 2
+    return nw
 
 
 def gemv(q, s, w: QuantizedWeight, out, ctype: str):
@@ -177,6 +205,11 @@ def gemv(q, s, w: QuantizedWeight, out, ctype: str):
     kernel reads w before waiting for the previous kernel: w must be a weight."""
     m = q.shape[0]
     n, k = w.data.shape
+    if use_mma_gemv(m):
+        launch(kernel("fp8_mma.cu", f"fp8_mma_gemv_kernel<{ctype}, {m}, {MMA_STEPS}>", ctype),
+               (-(-n // 16),), (32 * mma_warps(n, k),),
+               (out, q, s, w.data, w.scale, _i32(n), _i32(k)), pdl=True)
+        return out
     words = k // 16
     threads = min(256, max(64, -(-words // (32 * FP8_GEMV_WORDS)) * 32))
     launch(kernel("fp8.cu", f"fp8_gemv_kernel<{ctype}, {m}>", ctype),

@@ -40,6 +40,9 @@ PDL = os.environ.get("PAGEDSERVE_PDL", "1") != "0"
 PDL_EARLY = os.environ.get("PAGEDSERVE_PDL_EARLY", "0") == "1"
 _pdl_scope = [False]  # inside programmatic_launches()
 
+# fp8_mma.cu's compiled steps of weight words a lane keeps in flight (cuda_fp8.MMA_STEPS)
+FP8_MMA_STEPS = (2, 4)
+
 # numpy storage dtype name -> the C++ element type the kernels are instantiated with
 CTYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}
 HEAD_DIMS = (64, 128)
@@ -62,11 +65,6 @@ DECODE_MMA_CONFIGS = ((4, 2), (4, 3), (8, 2))
 # attention_decode_mma.cu's cluster kernel (warps, stages, blocks a cluster): the first is what
 # cuda_attention's short-context graphs run (others measured slower, cuda_attention.py)
 DECODE_CLUSTER_CONFIGS = ((8, 2, 4),)
-# An experiment, not measured yet: > 0 compiles and runs the decode kernels with each warp also
-# asking L2 for the tile this many tiles past the one it copies (attention_decode_mma.cu's PF);
-# tests/test_cuda_fused.py's decode tests hold that form to the twin when run with it set. 0 (the
-# default) compiles the kernels as before (the same PTX).
-DECODE_L2_AHEAD = int(os.environ.get("PAGEDSERVE_DECODE_L2_AHEAD", "0"))
 # attention_prefill_gqa.cu's (MI, NW, BN) variants, which cuda_prefill.prefill_plan picks among
 PREFILL_CONFIGS = ((2, 8, 64), (2, 4, 64), (1, 8, 64), (1, 4, 64))
 
@@ -108,6 +106,9 @@ def kernel_names(file: str, ctype: str) -> list[str]:
                                                              "norm_quantize") for qc in (2, 4)]
                 + [f"fp8_scale_kernel<{ctype}>"]
                 + [f"fp8_gemv_kernel<{ctype}, {m}>" for m in range(1, 9)])
+    if file == "fp8_mma.cu":  # <T, M, U> (cuda_fp8.MMA_STEPS: U)
+        return [f"fp8_mma_gemv_kernel<{ctype}, {m}, {u}>" for m in range(1, 9)
+                for u in FP8_MMA_STEPS]
     if file == "fp8_fused.cu":
         return [f"fp8_stream_gemv_kernel<{ctype}, {m}, {p}>" for m in range(1, 5)
                 for p in range(4)]
@@ -120,10 +121,9 @@ def kernel_names(file: str, ctype: str) -> list[str]:
                  for d in HEAD_DIMS for g in DECODE_GROUPS]
                 + [f"decode_reduce_kernel<{ctype}, {d}>" for d in HEAD_DIMS])
     if file == "attention_decode_mma.cu":
-        pf = f", {DECODE_L2_AHEAD}" if DECODE_L2_AHEAD > 0 else ""
-        return ([f"decode_mma_kernel<{ctype}, {d}, {gr}, {nw}, {st}{pf}>" for d in HEAD_DIMS
+        return ([f"decode_mma_kernel<{ctype}, {d}, {gr}, {nw}, {st}>" for d in HEAD_DIMS
                  for gr in (8, 16) for nw, st in DECODE_MMA_CONFIGS]
-                + [f"decode_mma_cluster_kernel<{ctype}, {d}, {gr}, {nw}, {st}, {cl}{pf}>"
+                + [f"decode_mma_cluster_kernel<{ctype}, {d}, {gr}, {nw}, {st}, {cl}>"
                    for d in HEAD_DIMS for gr in (8, 16) for nw, st, cl in DECODE_CLUSTER_CONFIGS])
     if file == "attention_prefill.cu":
         return [f"prefill_attention_kernel<{ctype}, {d}>" for d in HEAD_DIMS]
