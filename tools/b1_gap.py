@@ -133,7 +133,10 @@ def step_report(steps: list[dict], tpot: float) -> float:
     t0 = steps[0]["before"]
     at = [(cupy.cuda.get_elapsed_time(t0, s["before"]), cupy.cuda.get_elapsed_time(t0, s["after"]))
           for s in steps]
-    decode = list(range(2, len(steps)))
+    # decode steps: graph replays after the last eager one (a long prompt takes several
+    # chunks), the first of them left out
+    last_eager = max((i for i, s in enumerate(steps) if not s["graph"]), default=-1)
+    decode = list(range(max(2, last_eager + 2), len(steps)))
     busy = [(at[i + 1][0] - at[i][0]) if i + 1 < len(at) else None for i in decode]
     busy = [b for b in busy if b is not None]  # ms from one step's first op to the next one's
     if not busy:  # --output-len 2 and less: no decode step has a next one to time
@@ -145,7 +148,8 @@ def step_report(steps: list[dict], tpot: float) -> float:
     med = statistics.median
     say(f"steps: {len(steps)} launches, {sum(s['graph'] for s in steps)} graph replays; per "
         f"decode step GPU start-to-start {med(busy):.3f} ms (mean {statistics.fmean(busy):.3f}, "
-        f"max {max(busy):.3f}), GPU launch span {med(span):.3f} ms, GPU idle before a step "
+        f"max {max(busy):.3f}; slowest {', '.join(f'{b:.3f}' for b in sorted(busy)[-4:])}), "
+        f"GPU launch span {med(span):.3f} ms, GPU idle before a step "
         f"median {med(idle) * 1e3:.1f} us, total {sum(idle):.2f} ms over {len(idle)} steps; host "
         f"launch() {med([steps[i]['launch_s'] for i in decode]) * 1e3:.3f} ms, host waiting in "
         f"result() {med([steps[i]['wait_s'] for i in decode]) * 1e3:.3f} ms; TPOT "

@@ -165,11 +165,20 @@ def make_plan(query_start_loc: np.ndarray, num_kv_heads: int, group: int, max_co
               num_splits: int | None = None, context_lens: np.ndarray | None = None
               ) -> AttentionPlan:
     """num_splits fixes the grid (CUDA graphs: sequences then aim at MIN_KEYS_PER_SPLIT keys per
-    split); else the host's context_lens size it (eager), else max_context_len does."""
+    split); else the host's context_lens size it (eager), else max_context_len does. An eager
+    decode-only step that a short-context graph would take (takes_short_graph) gets that graph's
+    cluster plan, so that a step computes the same attention whether it replays a graph or not."""
     num_new = np.diff(np.asarray(query_start_loc, np.int64))
     decode = np.flatnonzero(num_new == 1)
     passes = decode_tile(group)[1]
     keys = None
+    if (not num_splits and context_lens is not None and len(decode) == len(num_new)
+            and clusters_available()
+            and takes_short_graph(len(decode), int(np.max(context_lens, initial=0)))):
+        plan = make_plan(query_start_loc, num_kv_heads, group, max_context_len,
+                         SHORT_DECODE_CLUSTER)
+        plan.decode_config, plan.decode_cluster = SHORT_DECODE_CONFIG, SHORT_DECODE_CLUSTER
+        return plan
     if num_splits:
         splits = num_splits
     elif context_lens is not None:
@@ -197,10 +206,15 @@ def decode_plan(num_seqs: int, num_kv_heads: int, group: int, max_context_len: i
     return plan
 
 
+def clusters_available() -> bool:
+    """Whether short-context plans run here: on, the mma kernel, and clusters (sm_90)."""
+    return SHORT_DECODE_CONTEXT > 0 and decode_kernel() == "mma" and (
+        SHORT_DECODE_CLUSTER == 1 or int(cupy.cuda.Device().compute_capability) >= 90)
+
+
 def short_graph_sizes(sizes: list[int]) -> list[int]:
     """The graph sizes that get a short-context graph too (none when they are off)."""
-    if SHORT_DECODE_CONTEXT <= 0 or decode_kernel() != "mma" or (
-            SHORT_DECODE_CLUSTER > 1 and int(cupy.cuda.Device().compute_capability) < 90):
+    if not clusters_available():
         return []
     return [s for s in sizes if s <= SHORT_DECODE_MAX_SEQS]
 
