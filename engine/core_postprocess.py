@@ -128,8 +128,8 @@ class Postprocessor:
             req.has_output = True
             out.prompt_logprobs = req.prompt_logprobs
             out.num_cached_tokens = seq.num_cached_tokens
-        if reason is not None:
-            self.requests.finish(req, seq, reason)
+        if reason is not None:  # its blocks are released after the step's outputs go out
+            self.requests.finish(req, seq, reason, defer_free=True)
         return out
 
     def _append_verified(self, req: CoreRequest, seq: Sequence, tokens: list[int],

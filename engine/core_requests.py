@@ -209,8 +209,9 @@ class RequestTable:
                 continue
             self.finish(req, req.seqs[index], "stop")
 
-    def finish(self, req: CoreRequest, seq: Sequence, reason: str) -> None:
-        self.scheduler.finish_seq(seq, reason)
+    def finish(self, req: CoreRequest, seq: Sequence, reason: str,
+               defer_free: bool = False) -> None:
+        self.scheduler.finish_seq(seq, reason, defer_free)
         req.num_unfinished -= 1
         if req.num_unfinished == 0:
             del self._requests[req.request_id]

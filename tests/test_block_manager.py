@@ -338,3 +338,24 @@ def test_bad_sizes_are_rejected():
         BlockManager(0, 16)
     with pytest.raises(ValueError, match="block_size"):
         BlockManager(4, 0)
+
+
+def test_deferred_free_releases_at_the_next_look():
+    """free(defer=True) takes the table at once and releases its blocks (cached, tail first) when
+    anything next looks at the free blocks or the counts; the books balance either way."""
+    bm = BlockManager(8, 4)
+    seq = make_seq(range(10))
+    bm.allocate(seq)
+    held = list(seq.block_table)
+    seq.num_computed_tokens = 10
+    bm.mark_computed(seq)
+    bm.free(seq, defer=True)
+    assert seq.block_table == [] and seq.num_computed_tokens == 0
+    assert [bm.blocks[b].ref_count for b in held] == [1, 1, 1]  # not released yet
+    assert bm.num_free_blocks == 8 and bm.num_used_blocks == 0
+    assert [bm.blocks[b].ref_count for b in held] == [0, 0, 0]
+    bm.check_invariants([])
+    again = make_seq(range(10), "again")  # its two full blocks come back from the cache
+    bm.allocate(again)
+    assert again.block_table[:2] == held[:2] and again.num_cached_tokens == 8
+    bm.check_invariants([again])

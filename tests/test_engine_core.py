@@ -113,3 +113,19 @@ def test_engine_frees_a_sequence_a_stop_string_ended(make_engine, run_engine):
     assert len(o.token_ids) < 20
     assert not engine.core.has_unfinished_requests()
     assert engine.get_stats().kv_blocks_used == 0
+
+
+def test_a_step_returns_its_outputs_before_releasing_the_blocks_they_end():
+    """A sequence its step's token ends is freed after step() returns (BlockManager.free(defer=
+    True): at long contexts the release takes milliseconds that the last token would wait);
+    the next look at the blocks releases them."""
+    core = make_core()
+    core.add_request(request("a", range(3, 40), max_tokens=2, ignore_eos=True))
+    finished = []
+    while core.has_unfinished_requests() and not finished:
+        finished = [o for o in core.step() if o.finish_reason]
+    assert finished and finished[0].finish_reason == "length"
+    bm = core.block_manager
+    assert any(b.ref_count for b in bm.blocks)  # still held, unreleased
+    assert core.get_stats().kv_blocks_used == 0 and not any(b.ref_count for b in bm.blocks)
+    bm.check_invariants([])

@@ -144,6 +144,10 @@ def step_report(steps: list[dict], tpot: float) -> float:
             f"{tpot * 1e3:.3f} ms")
         return 0.0
     span = [at[i][1] - at[i][0] for i in decode]  # ms the GPU took to reach the launch's end
+    first = decode[0] - 1  # the first decode step, and the one before it (the prompt's last)
+    say(f"steps: the first decode step starts {at[first][0] - at[first - 1][1]:.3f} ms after the "
+        f"prompt's last step ends, and runs {at[first + 1][0] - at[first][0]:.3f} ms start to start"
+        f"; the prompt's last step took {at[first - 1][1] - at[first - 1][0]:.3f} ms")
     idle = [max(0.0, at[i][0] - at[i - 1][1]) for i in decode]
     med = statistics.median
     say(f"steps: {len(steps)} launches, {sum(s['graph'] for s in steps)} graph replays; per "
@@ -348,7 +352,15 @@ def main(argv: list[str] | None = None) -> None:
     prompt = [(31 * i + 7) % mc.vocab_size for i in range(args.prompt_len)]
     time_requests(engine, [prompt[:16]], 8)  # warm-up, as bench_latency
     steps, fallbacks = instrument(runner)
-    r = time_requests(engine, [prompt], args.output_len)
+    arrivals: dict = {}
+    r = time_requests(engine, [prompt], args.output_len, arrivals)
+    gaps = np.diff(arrivals["latency-0"]) * 1e3  # ms between the tokens TPOT averages
+    if len(gaps):
+        slow = np.flatnonzero(gaps > 1.2 * np.median(gaps))
+        say(f"tokens: {len(gaps)} intervals, ms: first {', '.join(f'{g:.3f}' for g in gaps[:4])}; "
+            f"median {np.median(gaps):.3f}, mean {gaps.mean():.3f}; slowest "
+            f"{', '.join(f'{g:.3f}' for g in np.sort(gaps)[-4:])}; above 1.2 x median (index: "
+            f"ms) {[(int(i), round(float(gaps[i]), 3)) for i in slow[:8]]}")
     step_s = guarded("steps", lambda: step_report(steps, r["tpot_s"]), 0.0)
     say(f"sampler fallbacks {fallbacks[0]}; PDL after the request {cuda_kernels.PDL}")
     for message in warnings.messages[:8]:

@@ -54,17 +54,19 @@ def seconds_since_process_start() -> float:
 _IMPORTED_AT = time.perf_counter()
 
 
-def time_requests(engine, prompts: list[list[int]], output_len: int) -> dict:
+def time_requests(engine, prompts: list[list[int]], output_len: int,
+                  token_times: dict | None = None) -> dict:
     """Greedy requests added at once, each forced to `output_len` tokens: the first token's time
     (TTFT, the slowest request's) and the mean time per output token after it (TPOT, averaged
-    over the requests)."""
+    over the requests). `token_times` (a dict) receives each request's token arrival times."""
     from engine import SamplingParams
 
     params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=output_len)
     t0 = time.perf_counter()
     for i, prompt in enumerate(prompts):
         engine.add_request(f"latency-{i}", {"prompt_token_ids": prompt}, params)
-    token_times: dict[str, list[float]] = {f"latency-{i}": [] for i in range(len(prompts))}
+    token_times = {} if token_times is None else token_times
+    token_times.update({f"latency-{i}": [] for i in range(len(prompts))})
     while engine.has_unfinished_requests():
         for out in engine.step():
             if out.outputs[0].delta_token_ids:

@@ -318,7 +318,8 @@ class Scheduler:
 
     # ---- endings -----------------------------------------------------------------------------
 
-    def finish_seq(self, seq: Sequence, reason: str) -> None:
+    def finish_seq(self, seq: Sequence, reason: str, defer_free: bool = False) -> None:
+        """End `seq`; defer_free: BlockManager.free(defer=True), for a step's own finishers."""
         if seq.status == SequenceStatus.FINISHED:
             return
         for child in seq.forks:  # ended before its prompt was computed: so do its forks
@@ -333,7 +334,7 @@ class Scheduler:
             self.waiting.remove(seq)
         seq.status = SequenceStatus.FINISHED
         seq.finish_reason = reason
-        self.block_manager.free(seq)
+        self.block_manager.free(seq, defer=defer_free)
 
     def abort(self, request_id: str) -> list[Sequence]:
         """Finish every unfinished sequence of the request with reason "abort"; return them."""
