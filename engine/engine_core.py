@@ -135,9 +135,13 @@ class EngineCore:
         self.requests.finish_sequences(items)
 
     def has_unfinished_requests(self) -> bool:
-        """False once the core is dead or shut down: nothing it holds can run any more."""
+        """False once the core is dead or shut down: nothing it holds can run any more. An idle
+        core first releases the blocks of the sequences its last step ended (step() returns
+        their outputs before that: BlockManager.free(defer=True))."""
         if self.dead_error is not None or self.is_closed:
             return False
+        if not self.requests:
+            self.block_manager.settle()
         return bool(self.requests)
 
     def check_alive(self) -> None:
@@ -287,7 +291,7 @@ class EngineCore:
         return EngineStats(
             num_running=s.num_running,
             num_waiting=s.num_waiting,
-            kv_blocks_used=bm.num_used_blocks,
+            kv_blocks_used=bm.num_held_blocks,  # releasing none: stats go out with outputs
             kv_blocks_total=self.num_kv_blocks,
             prefix_cache_queries=bm.prefix_cache_queries,
             prefix_cache_hits=bm.prefix_cache_hits,
@@ -304,6 +308,7 @@ class EngineCore:
         """The dashboard's view: block tables, queues and counters, as a keyframe or, when
         `since` is the number of the last snapshot, as the changes (engine/core/introspect.py)."""
         s = self.scheduler
+        self.block_manager.settle()  # it draws no finished sequence: count none of their blocks
         return self._introspector.snapshot(s.running, s.waiting,
                                            dataclasses.asdict(self.get_stats()), since)
 

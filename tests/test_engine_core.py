@@ -122,10 +122,12 @@ def test_a_step_returns_its_outputs_before_releasing_the_blocks_they_end():
     core = make_core()
     core.add_request(request("a", range(3, 40), max_tokens=2, ignore_eos=True))
     finished = []
-    while core.has_unfinished_requests() and not finished:
+    while not finished and core.has_unfinished_requests():
         finished = [o for o in core.step() if o.finish_reason]
     assert finished and finished[0].finish_reason == "length"
     bm = core.block_manager
     assert any(b.ref_count for b in bm.blocks)  # still held, unreleased
+    assert core.get_stats().kv_blocks_used > 0  # reported as held: the stats release nothing
+    assert not core.has_unfinished_requests()  # idle: released
     assert core.get_stats().kv_blocks_used == 0 and not any(b.ref_count for b in bm.blocks)
     bm.check_invariants([])

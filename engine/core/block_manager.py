@@ -75,6 +75,13 @@ class BlockManager:
         return self.num_blocks - len(self._free)
 
     @property
+    def num_held_blocks(self) -> int:
+        """Blocks off the free list right now, a finished sequence's not yet released included
+        (num_used_blocks without releasing them first: what the engine core reports while a
+        step's outputs are on their way)."""
+        return self.num_blocks - len(self._free)
+
+    @property
     def num_cached_blocks(self) -> int:
         """Blocks findable by key, in use or free."""
         self._settle()
@@ -258,12 +265,17 @@ class BlockManager:
             if block.ref_count == 0:
                 self._release(block)
 
-    def _settle(self) -> None:
-        """Release the blocks of the tables free(defer=True) took, in the order it took them."""
-        if self._unreleased:
-            tables, self._unreleased = self._unreleased, []
-            for table in tables:
-                self._release_table(table)
+    def _settle(self) -> bool:
+        """Release the blocks of the tables free(defer=True) took, in the order it took them;
+        True if there were any."""
+        if not self._unreleased:
+            return False
+        tables, self._unreleased = self._unreleased, []
+        for table in tables:
+            self._release_table(table)
+        return True
+
+    settle = _settle  # for the engine core, once a step's outputs are out
 
     def _release(self, block: Block) -> None:
         if block.hash is not None and self._cached.setdefault(block.hash, block.block_id) != (
