@@ -150,10 +150,8 @@ class _BusyLoop:
             if received or stepped:
                 message.stats = core.get_stats()
                 self._send(message)
-                if stepped and core.block_manager.settle():
-                    # the blocks of the sequences the step ended, released once their outputs
-                    # went out, and the stats that say so (/metrics and the dashboard agree)
-                    self._send(EngineCoreOutputs(stats=core.get_stats()))
+                if stepped:  # the blocks of the sequences the step ended, once their outputs
+                    core.block_manager.settle()  # went out (the stats counted them off already)
 
     def _send(self, message: EngineCoreOutputs) -> None:
         message.sent_time = time.monotonic()

@@ -291,7 +291,7 @@ class EngineCore:
         return EngineStats(
             num_running=s.num_running,
             num_waiting=s.num_waiting,
-            kv_blocks_used=bm.num_held_blocks,  # releasing none: stats go out with outputs
+            kv_blocks_used=bm.num_used_once_released,  # releasing none: they go out with outputs
             kv_blocks_total=self.num_kv_blocks,
             prefix_cache_queries=bm.prefix_cache_queries,
             prefix_cache_hits=bm.prefix_cache_hits,

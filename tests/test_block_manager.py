@@ -359,3 +359,20 @@ def test_deferred_free_releases_at_the_next_look():
     bm.allocate(again)
     assert again.block_table[:2] == held[:2] and again.num_cached_tokens == 8
     bm.check_invariants([again])
+
+
+def test_used_once_released_counts_shared_blocks_once_without_releasing():
+    """A fork shares the parent's full blocks: freeing the parent deferred frees only what the
+    child does not hold; the count says so and releases nothing."""
+    bm = BlockManager(16, 4)
+    parent = make_seq(range(10))
+    bm.allocate(parent)
+    parent.num_computed_tokens = 10
+    child = make_seq(range(10), "child")
+    bm.fork(parent, child)  # 2 full blocks shared, the partial third copied
+    assert bm.num_used_blocks == 4
+    bm.free(parent, defer=True)
+    assert bm.num_used_once_released == 3  # the parent's own partial block goes
+    assert sum(1 for b in bm.blocks if b.ref_count) == 4  # nothing released yet
+    assert bm.num_used_blocks == 3  # releases
+    bm.check_invariants([child])

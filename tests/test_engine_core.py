@@ -2,6 +2,7 @@
 
 import time
 
+import pytest
 from conftest import _smollm2_tokenizer, _tiny_loaded
 
 from engine.core.outputs import EngineCoreRequest, SeqOutput
@@ -127,7 +128,24 @@ def test_a_step_returns_its_outputs_before_releasing_the_blocks_they_end():
     assert finished and finished[0].finish_reason == "length"
     bm = core.block_manager
     assert any(b.ref_count for b in bm.blocks)  # still held, unreleased
-    assert core.get_stats().kv_blocks_used > 0  # reported as held: the stats release nothing
+    assert core.get_stats().kv_blocks_used == 0  # counted off, not released by the stats
+    assert any(b.ref_count for b in bm.blocks)
     assert not core.has_unfinished_requests()  # idle: released
-    assert core.get_stats().kv_blocks_used == 0 and not any(b.ref_count for b in bm.blocks)
+    assert not any(b.ref_count for b in bm.blocks)
     bm.check_invariants([])
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_stats_after_generate_count_no_finished_blocks(async_scheduling):
+    """LLM.generate leaves its loop on the last output, before anything releases the blocks of
+    the sequences that step ended: the stats count them off all the same."""
+    from engine.engine import LLMEngine
+    from engine.llm import LLM
+
+    engine = LLMEngine(EngineConfig(device="numpy", async_scheduling=async_scheduling),
+                       loaded_model=_tiny_loaded(512, False))
+    LLM.from_engine(engine).generate([{"prompt_token_ids": list(range(3, 40))}],
+                                     SamplingParams(max_tokens=3, ignore_eos=True),
+                                     use_tqdm=False)
+    assert engine.get_stats().kv_blocks_used == 0
+    assert engine.core.block_manager.num_used_blocks == 0

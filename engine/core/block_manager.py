@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import hashlib
 from array import array
-from collections import OrderedDict
+from collections import Counter, OrderedDict
 from dataclasses import dataclass
 
 from engine.core.sequence import Sequence
@@ -75,11 +75,16 @@ class BlockManager:
         return self.num_blocks - len(self._free)
 
     @property
-    def num_held_blocks(self) -> int:
-        """Blocks off the free list right now, a finished sequence's not yet released included
-        (num_used_blocks without releasing them first: what the engine core reports while a
-        step's outputs are on their way)."""
-        return self.num_blocks - len(self._free)
+    def num_used_once_released(self) -> int:
+        """num_used_blocks without releasing anything: the blocks the unreleased tables would
+        free are counted off (a count over their blocks, several times cheaper than the release;
+        what the engine core reports while a step's outputs are on their way)."""
+        held = self.num_blocks - len(self._free)
+        if not self._unreleased:
+            return held
+        drops = Counter(b for table in self._unreleased for b in table)
+        blocks = self.blocks
+        return held - sum(1 for b, n in drops.items() if blocks[b].ref_count == n)
 
     @property
     def num_cached_blocks(self) -> int:

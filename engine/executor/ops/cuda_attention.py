@@ -173,8 +173,8 @@ def make_plan(query_start_loc: np.ndarray, num_kv_heads: int, group: int, max_co
     passes = decode_tile(group)[1]
     keys = None
     if (not num_splits and context_lens is not None and len(decode) == len(num_new)
-            and clusters_available()
-            and takes_short_graph(len(decode), int(np.max(context_lens, initial=0)))):
+            and takes_short_graph(len(decode), int(np.max(context_lens, initial=0)))
+            and clusters_available()):
         plan = make_plan(query_start_loc, num_kv_heads, group, max_context_len,
                          SHORT_DECODE_CLUSTER)
         plan.decode_config, plan.decode_cluster = SHORT_DECODE_CONFIG, SHORT_DECODE_CLUSTER
