@@ -136,3 +136,29 @@ def test_beam_width_must_fit_a_batch(make_engine):
     with pytest.raises(ValueError, match="best_of"):
         engine.add_request("b", {"prompt_token_ids": PROMPT},
                            SamplingParams(n=1, best_of=3, use_beam_search=True))
+
+
+def test_beams_wider_than_the_free_places_make_way(make_engine):
+    """Two beam requests whose widths together pass max_num_seqs, the second (with a plain
+    request) arriving while the first runs: a beam that reported its candidates makes way for a
+    sibling waiting for a place among max_num_seqs (the engine used to spin forever), and both
+    still equal the brute force."""
+    prompts = {rid: list(range(3, 30)) + [ord(rid)] for rid in "abc"}
+    params = {rid: SamplingParams(use_beam_search=True, best_of=w, max_tokens=12,
+                                  ignore_eos=True) for rid, w in (("a", 2), ("b", 4))}
+    params["c"] = SamplingParams(max_tokens=5, ignore_eos=True)
+    engine = make_engine(max_num_seqs=4, num_kv_blocks=64, block_size=16)
+    engine.add_request("a", {"prompt_token_ids": prompts["a"]}, params["a"])
+    finals, steps = {}, 0
+    while engine.has_unfinished_requests() or steps <= 3:
+        if steps == 3:
+            for rid in "bc":
+                engine.add_request(rid, {"prompt_token_ids": prompts[rid]}, params[rid])
+        finals.update((o.request_id, o) for o in engine.step() if o.finished)
+        steps += 1
+        assert steps < 400, "the engine stopped making progress"
+    assert sorted(finals) == ["a", "b", "c"]
+    ref = make_engine()
+    for rid, width in (("a", 2), ("b", 4)):
+        (want, _), = brute_force(ref, prompts[rid], width, 1, 12)
+        assert finals[rid].outputs[0].token_ids == want

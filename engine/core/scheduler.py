@@ -228,7 +228,8 @@ class Scheduler:
             batch.add(seq, n)
             budget -= n
 
-        if batch.is_empty and self.waiting and not bm.can_allocate(self.waiting[0]):
+        if batch.is_empty and self.waiting and (len(self.running) >= self.max_num_seqs
+                                                or not bm.can_allocate(self.waiting[0])):
             self._unblock_beams(batch)
         self.num_preemptions += batch.num_preempted
         if not batch.is_empty:
@@ -241,8 +242,9 @@ class Scheduler:
 
     def _unblock_beams(self, batch: ScheduledBatch) -> None:
         """Nothing runs: the running sequences are beams that reported their candidates and
-        wait for a sibling (engine/beam_search.py), and the sibling waits for blocks they hold.
-        One of them makes way, queued behind the others; its candidates are kept."""
+        wait for a sibling (engine/beam_search.py), and the sibling waits for blocks they hold or
+        for a place among max_num_seqs. One of them makes way, queued behind the others; its
+        candidates are kept."""
         stuck = [s for s in self.running if s.sampling_params.use_beam_search
                  and not s.has_pending_token and s.num_computed_tokens == len(s.token_ids)]
         if stuck:
