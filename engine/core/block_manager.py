@@ -58,7 +58,7 @@ class BlockManager:
         self.prefix_cache_queries = 0  # reusable full blocks looked up at admission
         self.prefix_cache_hits = 0  # of those, found in the cache
         self.prefix_cache_hit_tokens = 0
-        # the tables free(defer=True) took, their blocks not yet released (_settle)
+        # the tables free(defer=True) took, their blocks not yet released (settle)
         self._unreleased: list[list[int]] = []
 
     # ---- stats -------------------------------------------------------------------------------
@@ -66,12 +66,12 @@ class BlockManager:
     @property
     def num_free_blocks(self) -> int:
         """Blocks no sequence holds (cached or not): what can still be allocated."""
-        self._settle()
+        self.settle()
         return len(self._free)
 
     @property
     def num_used_blocks(self) -> int:
-        self._settle()
+        self.settle()
         return self.num_blocks - len(self._free)
 
     @property
@@ -89,7 +89,7 @@ class BlockManager:
     @property
     def num_cached_blocks(self) -> int:
         """Blocks findable by key, in use or free."""
-        self._settle()
+        self.settle()
         return len(self._cached)
 
     @property
@@ -114,7 +114,7 @@ class BlockManager:
 
     def _match_prefix(self, seq: Sequence) -> list[int]:
         """Ids of the cached blocks covering the longest reusable prefix of `seq`."""
-        self._settle()
+        self.settle()
         hits, key, bs = [], 0, self.block_size
         for i in range(self._num_reusable_blocks(seq)):
             key = hash_block(key, seq.token_ids[i * bs : (i + 1) * bs])
@@ -164,12 +164,12 @@ class BlockManager:
         return max(0, need - len(seq.block_table))
 
     def can_append(self, seq: Sequence, num_new_tokens: int = 1) -> bool:
-        self._settle()
+        self.settle()
         return self._num_missing_blocks(seq, num_new_tokens) <= len(self._free)
 
     def append(self, seq: Sequence, num_new_tokens: int = 1) -> None:
         """Grow the block table to cover num_computed_tokens + num_new_tokens (no-op if it does)."""
-        self._settle()
+        self.settle()
         missing = self._num_missing_blocks(seq, num_new_tokens)
         if missing > len(self._free):
             raise RuntimeError(f"append needs {missing} free blocks, {len(self._free)} left")
@@ -220,7 +220,7 @@ class BlockManager:
         return 1 if parent.num_computed_tokens % self.block_size else 0
 
     def can_fork(self, parent: Sequence) -> bool:
-        self._settle()
+        self.settle()
         return self._fork_cost(parent) <= len(self._free)
 
     def fork(self, parent: Sequence, child: Sequence) -> list[tuple[int, int]]:
@@ -228,7 +228,7 @@ class BlockManager:
         shared, the partial last block is copied into a block of its own, since both will write
         after it. Returns the (src, dst) block copies the KV cache must make before either
         sequence next writes."""
-        self._settle()
+        self.settle()
         if child.block_table:
             raise RuntimeError(f"sequence {child.seq_id} already holds blocks")
         cost = self._fork_cost(parent)
@@ -252,13 +252,13 @@ class BlockManager:
     def free(self, seq: Sequence, defer: bool = False) -> None:
         """Drop `seq`'s blocks, tail first, so the shared prefix stays cached the longest.
         defer: only take its table now; the blocks are released by the next call that looks at
-        the free blocks or the counts (_settle). A sequence that a step's tokens end is freed so:
+        the free blocks or the counts (settle). A sequence that a step's tokens end is freed so:
         at a 32k-token context the release is a Python loop of ~2 ms, which would otherwise
         hold back that step's outputs (its last token)."""
         if defer:
             self._unreleased.append(seq.block_table)
         else:
-            self._settle()
+            self.settle()
             self._release_table(seq.block_table)
         seq.block_table = []
         seq.num_computed_tokens = 0
@@ -270,17 +270,14 @@ class BlockManager:
             if block.ref_count == 0:
                 self._release(block)
 
-    def _settle(self) -> bool:
-        """Release the blocks of the tables free(defer=True) took, in the order it took them;
-        True if there were any."""
-        if not self._unreleased:
-            return False
-        tables, self._unreleased = self._unreleased, []
-        for table in tables:
-            self._release_table(table)
-        return True
-
-    settle = _settle  # for the engine core, once a step's outputs are out
+    def settle(self) -> None:
+        """Release the blocks of the tables free(defer=True) took, in the order it took them
+        (every look at the free blocks or the counts does; the engine core too, once a step's
+        outputs are out)."""
+        if self._unreleased:
+            tables, self._unreleased = self._unreleased, []
+            for table in tables:
+                self._release_table(table)
 
     def _release(self, block: Block) -> None:
         if block.hash is not None and self._cached.setdefault(block.hash, block.block_id) != (
@@ -304,7 +301,7 @@ class BlockManager:
 
     def check_invariants(self, live_seqs: list[Sequence]) -> None:
         """Raise AssertionError if the books disagree with the block tables of `live_seqs`."""
-        self._settle()
+        self.settle()
         holders = [0] * self.num_blocks
         full_for_all = [True] * self.num_blocks  # computed to its end in every table holding it
         bs = self.block_size

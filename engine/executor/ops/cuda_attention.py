@@ -175,10 +175,7 @@ def make_plan(query_start_loc: np.ndarray, num_kv_heads: int, group: int, max_co
     if (not num_splits and context_lens is not None and len(decode) == len(num_new)
             and takes_short_graph(len(decode), int(np.max(context_lens, initial=0)))
             and clusters_available()):
-        plan = make_plan(query_start_loc, num_kv_heads, group, max_context_len,
-                         SHORT_DECODE_CLUSTER)
-        plan.decode_config, plan.decode_cluster = SHORT_DECODE_CONFIG, SHORT_DECODE_CLUSTER
-        return plan
+        return decode_plan(len(decode), num_kv_heads, group, max_context_len, short=True)
     if num_splits:
         splits = num_splits
     elif context_lens is not None:

@@ -40,8 +40,9 @@ PDL = os.environ.get("PAGEDSERVE_PDL", "1") != "0"
 PDL_EARLY = os.environ.get("PAGEDSERVE_PDL_EARLY", "0") == "1"
 _pdl_scope = [False]  # inside programmatic_launches()
 
-# fp8_mma.cu's compiled steps of weight words a lane keeps in flight (cuda_fp8.MMA_STEPS)
-FP8_MMA_STEPS = (2, 4)
+# fp8_mma.cu's compiled steps of weight words a lane keeps in flight (cuda_fp8.MMA_STEPS; 4
+# measured no faster on the H200, so only 2 is compiled)
+FP8_MMA_STEPS = (2,)
 
 # numpy storage dtype name -> the C++ element type the kernels are instantiated with
 CTYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}
