@@ -14,14 +14,15 @@
 // (cuda_fp8.QUANT_WORDS: more rows resident per SM at prefill sizes).
 
 // x (a row per token, or a weight's row per output channel) -> codes and the row's scale.
+// flags (every kernel here but fp8_scale_kernel): PDL_EARLY (common.cuh; cuda_kernels.PDL_EARLY)
 // Grid: (rows)  Block: (64..1024, a multiple of 32)
 template <typename T, int QC>
 __global__ void __launch_bounds__(1024) fp8_quantize_kernel(
     unsigned char* __restrict__ q,  // [rows, K]
     float* __restrict__ scale,      // [rows]
     const T* __restrict__ x,        // [rows, K]
-    int K) {
-  pdl_start();  // PDL: everything below reads or writes what earlier kernels touch
+    int K, int flags) {
+  pdl_enter(flags);  // PDL: everything below reads or writes what earlier kernels touch
   __shared__ float red[32];
   const T* row = x + (long)blockIdx.x * K;
   unsigned char* qrow = q + (long)blockIdx.x * K;
@@ -39,8 +40,8 @@ __global__ void __launch_bounds__(1024) fp8_silu_quantize_kernel(
     unsigned char* __restrict__ q,      // [rows, K]
     float* __restrict__ scale,          // [rows]
     const T* __restrict__ gate_up,      // [rows, 2K]
-    int K) {
-  pdl_start();  // PDL: everything below reads or writes what earlier kernels touch
+    int K, int flags) {
+  pdl_enter(flags);  // PDL: everything below reads or writes what earlier kernels touch
   __shared__ float red[32];
   const T* g = gate_up + (long)blockIdx.x * 2 * K;
   unsigned char* qrow = q + (long)blockIdx.x * K;
@@ -65,8 +66,8 @@ __global__ void __launch_bounds__(1024) fp8_norm_quantize_kernel(
     T* __restrict__ h_out,           // [rows, K] or null
     const T* __restrict__ x,         // [rows, K]
     const T* __restrict__ weight,    // [K]
-    float eps, int K, int mode) {
-  pdl_start();  // PDL: everything below reads or writes what earlier kernels touch
+    float eps, int K, int mode, int flags) {
+  pdl_enter(flags);  // PDL: everything below reads or writes what earlier kernels touch
   __shared__ float red[32];
   const long base = (long)blockIdx.x * K;
   float f[8], r[8], ss = 0.f;
@@ -119,7 +120,7 @@ __global__ void __launch_bounds__(256) fp8_gemv_kernel(T* __restrict__ y,       
                                                        const float* __restrict__ sx,    // [M]
                                                        const unsigned char* __restrict__ qw,  // [N, K]
                                                        const float* __restrict__ sw,    // [N]
-                                                       int N, int K) {
+                                                       int N, int K, int flags) {
   __shared__ float red[F8_MAX_WARPS][M * F8_R];
   const int n0 = blockIdx.x * F8_R, words = K / 16;
   float acc[M][F8_R];
@@ -147,7 +148,7 @@ __global__ void __launch_bounds__(256) fp8_gemv_kernel(T* __restrict__ y,       
   // previous kernel (the activation's quantization) finishes; at K = 4096 they are all of a
   // thread's words. Only qx and sx, read after it, come from an earlier kernel.
   load_w(threadIdx.x);
-  pdl_start();
+  pdl_enter(flags);
   for (int base = threadIdx.x; base < words; base += F8_U * blockDim.x) {
     if (base != threadIdx.x) load_w(base);
 #pragma unroll
@@ -207,17 +208,18 @@ __global__ void fp8_scale_kernel(T* __restrict__ y,              // [M, N]
 
 #ifdef PAGEDSERVE_NVCC_CHECK
 template __global__ void fp8_quantize_kernel<__nv_bfloat16, 2>(unsigned char*, float*,
-                                                               const __nv_bfloat16*, int);
+                                                               const __nv_bfloat16*, int, int);
 template __global__ void fp8_silu_quantize_kernel<__half, 4>(unsigned char*, float*, const __half*,
-                                                             int);
+                                                             int, int);
 template __global__ void fp8_norm_quantize_kernel<__nv_bfloat16, 4>(
     unsigned char*, float*, __nv_bfloat16*, __nv_bfloat16*, const __nv_bfloat16*,
-    const __nv_bfloat16*, float, int, int);
+    const __nv_bfloat16*, float, int, int, int);
 template __global__ void fp8_gemv_kernel<__nv_bfloat16, 1>(__nv_bfloat16*, const unsigned char*,
                                                            const float*, const unsigned char*,
-                                                           const float*, int, int);
+                                                           const float*, int, int, int);
 template __global__ void fp8_gemv_kernel<__half, 8>(__half*, const unsigned char*, const float*,
-                                                    const unsigned char*, const float*, int, int);
+                                                    const unsigned char*, const float*, int, int,
+                                                    int);
 template __global__ void fp8_scale_kernel<__nv_bfloat16>(__nv_bfloat16*, const float*,
                                                          const float*, const float*, long, int);
 #endif

@@ -142,6 +142,58 @@ __device__ __forceinline__ float quantize_row(int words, float* red, Make make, 
   return s;
 }
 
+// ------------------------------------------------------------------------------ fused inputs
+// A GEMV that quantizes its own input row (fp8_fused.cu's prologues, gguf_dp4a.cu's G3_FP8)
+// makes the row's codes and scale as the unfused quantize kernels of fp8.cu would:
+//   PRO 0: x (K)                      -> quantize(x)
+//   PRO 1: x = a gate_up row (2K)     -> quantize(T(silu(gate) * up))
+//   PRO 2: x, residual (K), norm_w (K) -> res = T(x + residual) (x alone when residual is null),
+//          stored to res_out unless null; quantize(T(rms_norm(res) * norm_w))
+// into codes (K bytes, value order); returns the scale. Every thread of the block calls it.
+// NOTE: PRO 2's sum of squares runs in its own order, so a code may differ from
+// fp8_norm_quantize_kernel's where h lands within an ulp of a rounding boundary.
+template <typename T, int PRO, int QC>
+__device__ __forceinline__ float fp8_stage_row(unsigned char* codes, float* red, const T* x,
+                                               const T* residual, const T* norm_w, T* res_out,
+                                               float eps, int K) {
+  auto emit = [&](int w, const float* f, float sc) { encode8(codes + 8 * w, f, sc); };
+  if constexpr (PRO == 0) {
+    return quantize_row<T, QC>(K / 8, red, [&](int w, float* f) { load8(x + 8 * w, f); }, emit);
+  } else if constexpr (PRO == 1) {
+    return quantize_row<T, QC>(K / 8, red, [&](int w, float* f) { silu_mul8(x, K, w, f); },
+                               emit);
+  } else {
+    // res = T(x + residual) as 8 floats: what fp8_norm_quantize_kernel stores and re-reads
+    auto res8 = [&](int w, float* f) {
+      load8(x + 8 * w, f);
+      if (residual != nullptr) {
+        float r[8];
+        load8(residual + 8 * w, r);
+#pragma unroll
+        for (int e = 0; e < 8; e++) f[e] = to_float(from_float<T>(f[e] + r[e]));
+      }
+    };
+    float f[8], ss = 0.f;
+    for (int w = threadIdx.x; w < K / 8; w += blockDim.x) {
+      res8(w, f);
+      if (res_out != nullptr) store8(res_out + 8 * w, f);
+#pragma unroll
+      for (int e = 0; e < 8; e++) ss += f[e] * f[e];
+    }
+    const float inv = rsqrtf(block_sum(ss, red) / K + eps);
+    return quantize_row<T, QC>(
+        K / 8, red,
+        [&](int w, float* out) {
+          float g[8];
+          res8(w, out);
+          load8(norm_w + 8 * w, g);
+#pragma unroll
+          for (int e = 0; e < 8; e++) out[e] = out[e] * inv * g[e];
+        },
+        emit);
+  }
+}
+
 // ------------------------------------------------------------------------------ cp.async
 // 16-byte global -> shared copies that hold no registers while in flight (sm_80+; a plain copy
 // before). valid = false writes zeros and reads nothing.

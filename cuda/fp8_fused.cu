@@ -15,15 +15,11 @@
 //
 // The prologue builds the M quantized activation rows in shared memory (every block recomputes
 // them from L2, once per SM rather than once per 4 weight rows as a per-row-group grid would):
-//   PRO 0: x (M, K)                       -> q = quantize(x)
-//   PRO 1: x = gate_up (M, 2K)            -> q = quantize(T(silu(gate) * up))
-//   PRO 2: x, residual (M, K), norm_w (K) -> res_out = T(x + residual) (x alone when residual is
-//          null; block 0 stores it), q = quantize(T(rms_norm(res_out) * norm_w))
-//   PRO 3: codes qx (M, K) and scales sx (M) given (fp8.cu's quantize kernels ran before)
+// PRO 0..2 as fp8.cuh's fp8_stage_row (block 0 stores PRO 2's res_out); PRO 3: codes qx (M, K)
+// and scales sx (M) given (fp8.cu's quantize kernels ran before);
 //   y[m, n] = T((sum_k dec(q[m, k]) * dec(qw[n, k])) * s[m] * sw[n])
-// Semantics are fp8.cu's (engine/model/fp8.py). NOTE: PRO 2's sum of squares runs in its own order,
-// so a code may differ from fp8_norm_quantize_kernel's where h lands within an ulp of a rounding
-// boundary. The products are exact in fp32 and summed in fp32, two partial sums per lane.
+// Semantics are fp8.cu's (engine/model/fp8.py). The products are exact in fp32 and summed in
+// fp32, two partial sums per lane.
 //
 // Work: warp g of the grid (G warps in all) takes row pairs g, g + G, ...; a pair is streamed in
 // chunks of FS_WORDS 16-byte words per row (the last one partial), lane l copying and later
@@ -93,49 +89,10 @@ __global__ void __launch_bounds__(512, 1) fp8_stream_gemv_kernel(
         reinterpret_cast<uint4*>(qrow)[v] = __ldg(reinterpret_cast<const uint4*>(qx + m * K) + v);
       s = sx[m];
     } else {
-      auto emit = [&](int w, const float* f, float sc) { encode8(qrow + 8 * w, f, sc); };
-      if constexpr (PRO == 0) {
-        const T* row = x + (long)m * K;
-        s = quantize_row<T, FS_QC>(K / 8, red, [&](int w, float* f) { load8(row + 8 * w, f); },
-                                   emit);
-      } else if constexpr (PRO == 1) {
-        const T* g = x + (long)m * 2 * K;
-        s = quantize_row<T, FS_QC>(
-            K / 8, red,
-            [&](int w, float* f) { silu_mul8(g, K, w, f); },
-            emit);
-      } else {
-        const T* xr = x + (long)m * K;
-        const T* rr = residual == nullptr ? nullptr : residual + (long)m * K;
-        // res = T(x + residual) as 8 floats: what fp8_norm_quantize_kernel stores and re-reads
-        auto res8 = [&](int w, float* f) {
-          load8(xr + 8 * w, f);
-          if (rr != nullptr) {
-            float r[8];
-            load8(rr + 8 * w, r);
-#pragma unroll
-            for (int e = 0; e < 8; e++) f[e] = to_float(from_float<T>(f[e] + r[e]));
-          }
-        };
-        float f[8], ss = 0.f;
-        for (int w = tid; w < K / 8; w += blockDim.x) {
-          res8(w, f);
-          if (blockIdx.x == 0) store8(res_out + (long)m * K + 8 * w, f);
-#pragma unroll
-          for (int e = 0; e < 8; e++) ss += f[e] * f[e];
-        }
-        const float inv = rsqrtf(block_sum(ss, red) / K + eps);
-        s = quantize_row<T, FS_QC>(
-            K / 8, red,
-            [&](int w, float* out) {
-              float g[8];
-              res8(w, out);
-              load8(norm_w + 8 * w, g);
-#pragma unroll
-              for (int e = 0; e < 8; e++) out[e] = out[e] * inv * g[e];
-            },
-            emit);
-      }
+      const long in = (long)m * (PRO == 1 ? 2 : 1) * K;
+      s = fp8_stage_row<T, PRO, FS_QC>(
+          qrow, red, x + in, residual == nullptr ? nullptr : residual + (long)m * K, norm_w,
+          PRO == 2 && blockIdx.x == 0 ? res_out + (long)m * K : nullptr, eps, K);
     }
     if (tid == 0) row_scales[m] = s;
   }

@@ -441,10 +441,11 @@ gguf_gemv3_kernel(T* __restrict__ y, const T* __restrict__ x, const u8* __restri
       if (s0 + s < steps) F::load(r[s], row, s0 + s, lane);
   };
   if (items > 0) load(cur, 0);  // weights are never written: they may stream before the wait
+  if (flags & PDL_EARLY) pdl_trigger();
   pdl_wait();
   g3_stage_x<T, M, NORM, W <= 24, X2>(xq, xd, xs, scratch, x, K, rows, residual, norm_w,
                                       res_out, eps, flags);
-  pdl_trigger();
+  if (!(flags & PDL_EARLY)) pdl_trigger();
   float acc[M], gate[M];
 #pragma unroll
   for (int m = 0; m < M; m++) acc[m] = gate[m] = 0.f;

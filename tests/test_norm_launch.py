@@ -53,3 +53,20 @@ def test_common_header_and_python_agree_on_the_flag():
 
     assert f"constexpr int NORM_W_EARLY = {cuda_norm.NORM_W_EARLY};" in (
         cuda_dir() / "common.cuh").read_text()
+
+
+def test_early_triggers_turn_pdl_early_on_inside_only(monkeypatch):
+    """DecodeGraphs captures its short-context graphs inside early_triggers(PDL_EARLY_SHORT):
+    PDL_EARLY on there, restored after (an exception too); off stays as configured."""
+    from engine.executor.ops import cuda_kernels
+
+    monkeypatch.setattr(cuda_kernels, "PDL_EARLY", False)
+    with cuda_kernels.early_triggers(True):
+        assert cuda_kernels.PDL_EARLY is True
+    assert cuda_kernels.PDL_EARLY is False
+    with pytest.raises(RuntimeError), cuda_kernels.early_triggers(True):
+        raise RuntimeError("capture failed")
+    assert cuda_kernels.PDL_EARLY is False
+    monkeypatch.setattr(cuda_kernels, "PDL_EARLY", True)  # PAGEDSERVE_PDL_EARLY=1
+    with cuda_kernels.early_triggers(False):
+        assert cuda_kernels.PDL_EARLY is True

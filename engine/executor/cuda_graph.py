@@ -141,7 +141,7 @@ class DecodeGraphs:
         launch the GPU refuses), the step runs the split graphs, and PDL stays as it was."""
         pdl = cuda_kernels.PDL
         try:
-            with collector_paused():
+            with collector_paused(), cuda_kernels.early_triggers(cuda_kernels.PDL_EARLY_SHORT):
                 self._capture_all(metas, self.short_graphs)
         except Exception as e:
             if self.model.ops.is_fatal(e):  # the context is lost: nothing can run

@@ -63,6 +63,10 @@ class Gemm:
         # cuda_gemm_tune.TunedGemm when PAGEDSERVE_GEMM_TUNE=1: runs a shape on its measured
         # fastest cuBLASLt algorithm, or answers False (then cublasGemmEx runs)
         self.tuned = None
+        # cuda_blaslt.Fp8Gemm sharing this handle and workspace (cuda_fp8.fp8_gemm), made at
+        # first use: an attribute, so that the two go together (a reference cycle the collector
+        # frees; a dict keyed weakly by the Gemm would hold it forever through its value)
+        self.fp8 = None
 
     def _bind(self, stream_ptr: int):
         # NOTE: cublasSetStream resets the handle's workspace to cuBLAS's own pool, which a
@@ -79,7 +83,7 @@ class Gemm:
         """Destroy the handle and let the workspace go (idempotent); the caller has synchronized."""
         if self._destroy.alive:
             self._check(self._destroy(), "cublasDestroy_v2")
-        self.handle = self._workspace = self.tuned = None
+        self.handle = self._workspace = self.tuned = self.fp8 = None
 
     @staticmethod
     def _check(status: int, what: str):

@@ -20,11 +20,11 @@ from __future__ import annotations
 
 import functools
 import os
-import weakref
 
 import cupy
 import numpy as np
 
+from engine.executor.ops import cuda_kernels
 from engine.executor.ops.cuda_blas import Gemm
 from engine.executor.ops.cuda_blaslt import Fp8Gemm
 from engine.executor.ops.cuda_fp8_tune import Fp8Tuner, tuning_enabled
@@ -66,20 +66,25 @@ STREAM_MAX_STAGES = 7  # chunks in flight per warp (fp8.cuh's f8_cp_async_wait t
 STREAM_STAGE_BYTES = 4096  # fp8_fused.cu's FS_STAGE uint4 words
 PRO_QUANTIZE, PRO_SILU, PRO_NORM, PRO_CODES = 0, 1, 2, 3  # fp8_fused.cu's prologues
 _NULL = np.uint64(0)
-_LT: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # Gemm -> its Fp8Gemm
 
 
 def fp8_gemm(gemm: Gemm) -> Fp8Gemm:
-    """The cuBLASLt FP8 GEMM sharing `gemm`'s handle and workspace (made at first use)."""
-    if gemm not in _LT:
-        _LT[gemm] = Fp8Gemm(gemm)
+    """The cuBLASLt FP8 GEMM sharing `gemm`'s handle and workspace (gemm.fp8, made at first
+    use)."""
+    if gemm.fp8 is None:
+        gemm.fp8 = Fp8Gemm(gemm)
         if tuning_enabled():  # unless PAGEDSERVE_FP8_TUNE=0 (cuda_fp8_tune.py)
-            _LT[gemm].tuner = Fp8Tuner(_LT[gemm])
-    return _LT[gemm]
+            gemm.fp8.tuner = Fp8Tuner(gemm.fp8)
+    return gemm.fp8
 
 
 def _i32(v) -> np.int32:
     return np.int32(v)
+
+
+def _flags() -> np.int32:
+    """fp8.cu's `flags`: PDL_EARLY where cuda_kernels.PDL_EARLY (at each launch)."""
+    return np.int32(1 if cuda_kernels.PDL_EARLY else 0)
 
 
 def check_weight(w: QuantizedWeight, in_features: int | None = None) -> None:
@@ -133,7 +138,7 @@ def quantize_rows(x: cupy.ndarray, ctype: str) -> tuple[cupy.ndarray, cupy.ndarr
     if rows:
         threads, qc = _quant_launch(rows, k)
         launch(kernel("fp8.cu", f"fp8_quantize_kernel<{ctype}, {qc}>", ctype),
-               (rows,), (threads,), (q, s, x, _i32(k)), pdl=True)
+               (rows,), (threads,), (q, s, x, _i32(k), _flags()), pdl=True)
     return q, s
 
 
@@ -161,7 +166,7 @@ def norm_quantize(x, residual, norm_w, eps: float, ctype: str, h_out=None):
         name = f"fp8_norm_quantize_kernel<{ctype}, {qc}>"
         launch(kernel("fp8.cu", name, ctype), (rows,), (threads,),
                (q, s, residual, _NULL if h_out is None else h_out, x, norm_w,
-                np.float32(eps), _i32(k), _i32(mode)), pdl=True)
+                np.float32(eps), _i32(k), _i32(mode), _flags()), pdl=True)
     return q, s, residual
 
 
@@ -173,7 +178,7 @@ def silu_quantize(gate_up: cupy.ndarray, ctype: str):
     if rows:
         threads, qc = _quant_launch(rows, k)
         launch(kernel("fp8.cu", f"fp8_silu_quantize_kernel<{ctype}, {qc}>", ctype),
-               (rows,), (threads,), (q, s, gate_up, _i32(k)), pdl=True)
+               (rows,), (threads,), (q, s, gate_up, _i32(k), _flags()), pdl=True)
     return q, s
 
 
@@ -214,7 +219,7 @@ def gemv(q, s, w: QuantizedWeight, out, ctype: str):
     threads = min(256, max(64, -(-words // (32 * FP8_GEMV_WORDS)) * 32))
     launch(kernel("fp8.cu", f"fp8_gemv_kernel<{ctype}, {m}>", ctype),
            (-(-n // GEMV_ROWS_PER_BLOCK),), (threads,),
-           (out, q, s, w.data, w.scale, _i32(n), _i32(k)), pdl=True)
+           (out, q, s, w.data, w.scale, _i32(n), _i32(k), _flags()), pdl=True)
     return out
 
 

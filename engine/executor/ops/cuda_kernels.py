@@ -17,10 +17,9 @@ what an earlier kernel wrote, and before it writes anything, may be launched so 
 
 It is on where the GPU (sm_90+) and the driver (cuLaunchKernelEx) can do it, PAGEDSERVE_PDL=0
 turns it off; elsewhere kernels launch plainly. Device run 2 (tools/bench_latency.py, batch 1,
-PDL off -> on): Qwen3-0.6B 0.99 -> 0.81 ms/token, Llama-3-8B 4.31 -> 4.16. PAGEDSERVE_PDL_EARLY=1
-(PDL_EARLY) makes the GEMVs and the q/k-norm + RoPE kernel trigger their successor before they
-wait on their predecessor; off: run 2 measured it 3% faster in a decode graph and 5% slower in
-bench_latency (Qwen3-0.6B), no gain for Llama-3-8B.
+PDL off -> on): Qwen3-0.6B 0.99 -> 0.81 ms/token, Llama-3-8B 4.31 -> 4.16. PDL_EARLY (below)
+lets some kernels trigger their successor before their own wait: on in the short-context decode
+graphs.
 """
 
 from __future__ import annotations
@@ -37,8 +36,33 @@ import numpy as np
 
 logger = logging.getLogger("pagedserve." + __name__)
 PDL = os.environ.get("PAGEDSERVE_PDL", "1") != "0"
-PDL_EARLY = os.environ.get("PAGEDSERVE_PDL_EARLY", "0") == "1"
+# PDL_EARLY (read at every launch): the kernels that take common.cuh's PDL_EARLY flag (the GEMVs
+# of gemv.cu, fp8.cu and gguf_dp4a.cu, fp8.cu's quantize kernels, the q/k-norm + RoPE kernel)
+# trigger their successor before they wait on their predecessor, so that two kernels ahead are
+# resident: the attention's pre-wait copies overlap the RoPE kernel, an FP8 GEMV requests its
+# weights while the kernel before its quantize kernel still runs. PAGEDSERVE_PDL_EARLY: "auto"
+# (default) turns it on while DecodeGraphs captures its short-context graphs (early_triggers),
+# "1" everywhere PDL applies, "0" nowhere. H200, tools/bench_latency.py batch 1 (session 12),
+# off -> on everywhere: Llama-3-8B shapes Q4_K 1.80 -> 1.75 / 1.74 ms/token, Q8_0 2.56 -> 2.51,
+# FP8 2.75 -> 2.75, bf16 3.99 -> 3.91; Qwen3-0.6B 0.67 -> 0.60; but at a 32,532-token context
+# (the split graphs) 1.68 -> 1.72: hence "auto".
+_EARLY_ENV = os.environ.get("PAGEDSERVE_PDL_EARLY", "auto")
+PDL_EARLY = _EARLY_ENV == "1"
+PDL_EARLY_SHORT = _EARLY_ENV != "0"  # the short-context decode graphs' setting
 _pdl_scope = [False]  # inside programmatic_launches()
+
+
+@contextlib.contextmanager
+def early_triggers(on: bool):
+    """PDL_EARLY on inside (as configured when `on` is false), restored after."""
+    global PDL_EARLY
+    saved = PDL_EARLY
+    PDL_EARLY = saved or on
+    try:
+        yield
+    finally:
+        PDL_EARLY = saved
+
 
 # fp8_mma.cu's compiled steps of weight words a lane keeps in flight (cuda_fp8.MMA_STEPS; 4
 # measured no faster on the H200, so only 2 is compiled)
