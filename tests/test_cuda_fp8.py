@@ -124,10 +124,10 @@ def assert_product_close(ops, y, q, s, qw, rel_slack=None):
     assert not bad.any(), (got[bad][:5], want[bad][:5])
 
 
-# fp8.cu's GEMV with cuda_fp8.FP8_GEMV_WORDS 2 or 4 (160 or 96 threads at K 4112); the tensor-core
-# GEMV with (MMA_WARPS, MMA_STEPS): sized to the grid, one warp, more warps than K needs
-GEMV_FORMS = [("fp8", 2), ("fp8", 4), ("mma", (0, 2)), ("mma", (1, 2)), ("mma", (4, 2)),
-              ("mma", (16, 2))]
+# fp8.cu's GEMV with cuda_fp8.FP8_GEMV_WORDS 2, 4 or 8 (160, 96 or 64 threads at K 4112); the
+# tensor-core GEMV with (MMA_WARPS, MMA_STEPS): sized to the grid, one warp, more warps than K needs
+GEMV_FORMS = [("fp8", 2), ("fp8", 4), ("fp8", 8), ("mma", (0, 2)), ("mma", (1, 2)),
+              ("mma", (4, 2)), ("mma", (16, 2))]
 
 
 @pytest.mark.parametrize("form", GEMV_FORMS, ids=str)

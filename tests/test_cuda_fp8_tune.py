@@ -216,6 +216,45 @@ def test_tuning_and_fast_accumulation_are_on_by_default(monkeypatch):
     assert lt.tuner is None and not lt.fast_accum
 
 
+def test_a_tuned_plan_failing_at_run_time_falls_back_to_the_heuristic(ops, lt, caplog):
+    """A tuned plan that cuBLASLt refuses when it runs (a split-K plan here, whose run answers a
+    failing status without queuing anything): the product still comes, from the heuristic's
+    plan, within the twin's slack; a warning names it; the bucket forgets the tuned plan."""
+    m, n, k = 16, 1024, 512
+    q, s, qw = operands(ops, m, n, k, seed=3)
+    cuda_fp8.matmul(ops, q, s, qw, use_gemv=False)  # tunes the bucket
+    base = outer_plan_or_skip(lt, m, n, k, ops.dtype)
+    key = (bucket(m), n, k, ops.dtype, False)
+    failed = []
+    lt.tuner.plans[key] = ("splitk", base[1], 2)
+    lt.tuner.splitk = types.SimpleNamespace(run=lambda plan, *args: failed.append(plan) or 13)
+    out = nan_out(ops, m, n)
+    with caplog.at_level("WARNING", logger="pagedserve"):
+        assert lt(q, s, qw.data, qw.scale, out, ops.dtype, None) == "outer"
+    assert len(failed) == 1 and "tuned splitk plan failed (cuBLAS status 13)" in caplog.text
+    assert_product_close(ops, out, q, s, qw, LT_SLACK)
+    assert lt.tuner.plans[key] is None
+    again = nan_out(ops, m, n)
+    assert lt(q, s, qw.data, qw.scale, again, ops.dtype, None) == "outer" and len(failed) == 1
+    assert cupy.array_equal(again, out)
+
+
+def test_fp8_gemm_goes_with_its_gemm():
+    """The cuBLASLt FP8 GEMM lives on its Gemm (gemm.fp8): once the Gemm is dropped, the
+    collector frees both (a dict keyed weakly by the Gemm held them forever: its value, the
+    Fp8Gemm, refers to the key)."""
+    import gc
+    import weakref
+
+    gemm = Gemm()
+    lt = weakref.ref(cuda_fp8.fp8_gemm(gemm))
+    assert cuda_fp8.fp8_gemm(gemm) is lt() is gemm.fp8
+    freed = weakref.ref(gemm)
+    del gemm
+    gc.collect()
+    assert freed() is None and lt() is None
+
+
 def test_engine_with_tuning_serves_through_its_graphs(monkeypatch):
     """A 2-layer Qwen3-0.6B-shaped FP8 model with tuning on: the decode graphs' warm-up tunes
     their cuBLASLt sizes before capture, and every request completes."""

@@ -206,10 +206,17 @@ class Fp8Gemm:
                 ctypes.byref(heuristic), self._gemm._workspace.data.ptr, WORKSPACE_BYTES,
                 cupy.cuda.get_current_stream().ptr)
 
+        base = plan
         if self.tuner is not None:
-            plan = self.tuner.plan(plan, m, n, k, dtype, run)
-        mode = plan[0]
+            plan = self.tuner.plan(base, m, n, k, dtype, run)
         status = run(plan)
+        if status != 0 and plan is not base:  # a tuned plan refused at run time
+            logger.warning("cuBLASLt FP8 %s x %s (M=%d): the tuned %s plan failed (cuBLAS status "
+                           "%d); the heuristic's plan from now on", n, k, m, plan[0], status)
+            self.tuner.drop(m, n, k, dtype)
+            plan = base
+            status = run(plan)
+        mode = plan[0]
         if status != 0 and mode == "outer":  # refused at run time: scale by kernel instead
             logger.info("cuBLASLt FP8 outer-vector scaling refused (status %d): fp32+scale",
                         status)

@@ -51,10 +51,11 @@ MMA_MIN_M = 2
 MMA_WARPS = int(os.environ.get("PAGEDSERVE_FP8_MMA_WARPS", "0"))  # 0: mma_warps() picks
 MMA_STEPS = 2
 # 16-byte weight words per thread per row: a GEMV block has (words of a row) / this threads (64 to
-# 256). 4 (half the threads, more blocks resident) is a little faster alone on qkv and o but
-# slower in the Llama-3-8B batch-1 step on the H200 (3.12 vs 3.07 ms, PDL on); kernel_check
-# --only fp8 times both.
-FP8_GEMV_WORDS = 2
+# 256). H200, Llama-3-8B shapes, the FP8 batch-1 step graph with early PDL triggers
+# (tools/b1_gap.py --variant, session 12): 2 -> 4 words 2.727 -> 2.638 ms (8: 2.637; 4 words in
+# flight per row instead of 2, fp8.cu's U: 2.82, slower); before the early triggers 4 was slower
+# in the step (3.12 vs 3.07 ms, session 6) though faster alone on qkv and o.
+FP8_GEMV_WORDS = 4
 # The streaming GEMV (cuda/fp8_fused.cu): correct but slower on the H200 (device run B, Llama-3-8B
 # shapes, M = 1, PDL-chained): qkv 12.9 us vs 9.5 for fp8.cu's GEMV, gate_up 37.0 vs 29.4, down
 # 19.9 vs 17.4; the batch-1 step 3563 vs 2973 us (bench_latency 3.44 vs 2.84 ms/token). Its

@@ -105,6 +105,12 @@ class Fp8Tuner:
             return first  # the heuristic's own algorithm for this M
         return plan
 
+    def drop(self, m: int, n: int, k: int, dtype: str) -> None:
+        """Forget the tuned plan of m's bucket (it failed at run time): plan() then answers
+        the heuristic's for every M of the bucket."""
+        rows = bucket(m) if m <= TUNE_MAX_M else LARGE
+        self.plans[(rows, n, k, dtype, self._lt.fast_accum)] = None
+
     def _runs_at(self, plan: tuple, m: int, n: int, k: int, dtype: str) -> bool:
         shape = (m, n, k, dtype, self._lt.fast_accum)
         if shape not in self._valid:
