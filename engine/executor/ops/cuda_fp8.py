@@ -118,7 +118,8 @@ def _check_k(k: int, *arrays) -> None:
 # the quantize kernels (their QC = 4 instance) instead of one, so that more rows are resident per
 # SM. H200 (device run B, kernel_check --only fp8, bit-exact either way), 1 -> 4 words: 2048 x
 # 4096 add+RMSNorm 22.7 -> 18.3 us, plain 11.7 -> 9.9; SiLU-mul at K = 14336: 2048 rows 82.9 ->
-# 71.6 us, 256 rows 10.5 -> 9.8; but 256 x 4096 slower (add+RMSNorm 3.9 -> 5.5 us).
+# 71.6 us, 256 rows 10.5 -> 9.8; but 256 x 4096 slower (add+RMSNorm 3.9 -> 5.5 us), and one row
+# much slower (session 12, the Llama-3-8B FP8 batch-1 step graph: 2.641 -> 2.909 ms).
 QUANT_WORDS = 4
 QUANT_WORDS_MIN_ELEMENTS = 1 << 21
 
