@@ -143,8 +143,8 @@ __device__ __forceinline__ float quantize_row(int words, float* red, Make make, 
 }
 
 // ------------------------------------------------------------------------------ fused inputs
-// A GEMV that quantizes its own input row (fp8_fused.cu's prologues, gguf_dp4a.cu's G3_FP8)
-// makes the row's codes and scale as the unfused quantize kernels of fp8.cu would:
+// A GEMV that quantizes its own input row (fp8_fused.cu's prologues) makes the row's codes and
+// scale as the unfused quantize kernels of fp8.cu would:
 //   PRO 0: x (K)                      -> quantize(x)
 //   PRO 1: x = a gate_up row (2K)     -> quantize(T(silu(gate) * up))
 //   PRO 2: x, residual (K), norm_w (K) -> res = T(x + residual) (x alone when residual is null),
