@@ -66,8 +66,9 @@ __device__ __forceinline__ float block_max(float v, float* smem) {
 // which is what lets a kernel read the output of one launched two or more before it. Only reads
 // of never-written data (weights) may come before the wait.
 // pdl_trigger() lets the next kernel launch (once every block of this one has called it or
-// exited). It may come before the wait (pdl_enter with PDL_EARLY: two kernels ahead in flight) -
-// the next kernel still waits for this one's completion, and this one for its predecessor's.
+// exited). It may come before the wait (pdl_enter with PDL_EARLY: the next kernel resident while
+// this one waits, and a chain of such kernels runs as deep as the SMs hold them) - the next
+// kernel still waits for this one's completion, and this one for its predecessor's.
 // All of these are no-ops for a kernel launched plainly and before sm_90.
 __device__ __forceinline__ void pdl_wait() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
