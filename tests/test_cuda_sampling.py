@@ -75,7 +75,8 @@ def test_cuda_matches_numpy_at_the_edges(engine, kw):
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_greedy_rows_split_over_blocks_match_numpy(rows, vocab, dtype):
     """All-greedy steps without penalties or top logprobs take cuda/sampling_greedy.cu (a row
-    over several blocks); the same ids as numpy, ties to the lowest id, banned rows to 0, and
+    over several blocks); the same ids as numpy, ties to the lowest id, banned rows to 0, NaN
+    never chosen (a row of NaN: 0), and
     three launches in a row agree: the per-row counters the sampler keeps are back at 0 after
     each (the next launch starts from them), and close() drops them."""
     from engine.executor.ops import cuda_sampling
@@ -87,6 +88,9 @@ def test_greedy_rows_split_over_blocks_match_numpy(rows, vocab, dtype):
     if rows > 2:
         logits[1] = -np.inf  # every token banned: id 0
         logits[2, 7:13] = logits[2].max() + 1  # a tie inside a chunk
+    if rows > 4:  # NaN is never the argmax (numpy_sampling.argmax): the rest's, or 0
+        logits[3, 5], logits[3, 900] = np.nan, logits[3].max() + 2
+        logits[4] = np.nan
     dev = cupy.asarray(logits) if dtype == "float32" else ops.from_host(logits)
     host = logits if dtype == "float32" else ops.to_host(dev)
     t = numpy_sampling_tensors(rows)
@@ -107,6 +111,8 @@ def test_greedy_rows_split_over_blocks_match_numpy(rows, vocab, dtype):
         cuda_sampling.greedy = real
     assert len(launches) == 3
     assert want.token_ids[0] == vocab // 2
+    if rows > 4:
+        assert want.token_ids[3] == 900 and want.token_ids[4] == 0
     ops.close()
     assert not cuda_sampling._done_counters
 

@@ -325,3 +325,13 @@ def test_a_row_with_every_token_banned_takes_id_0():
     t = _tensors(2, temperature=[1.0, 0.0], bias_ids=[list(range(6))] * 2)
     t.bias_values = np.full((2, 6), -np.inf, np.float32)
     assert sample(logits, t).token_ids.tolist() == [0, 0]
+
+
+def test_nan_logits_are_never_the_argmax():
+    """A broken model's NaN logits: greedy and any row whose max is not finite take the argmax
+    of the rest (a row of NaN: id 0), as the GPU samplers order them (sampling_common.cuh)."""
+    logits = np.array([[0.5, 1.0, np.nan, -2.0, 3.0, 0.0],
+                       [np.nan] * 6,
+                       [0.5, 1.0, np.nan, -2.0, 3.0, 0.0]], np.float32)
+    t = _tensors(3, temperature=[0.0, 0.0, 0.7])
+    assert sample(logits, t).token_ids.tolist() == [4, 0, 4]

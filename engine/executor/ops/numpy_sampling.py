@@ -114,6 +114,12 @@ def apply_penalties(logits: np.ndarray, t: SamplingTensors, words: np.ndarray) -
     return np.clip(logits, -FLT_MAX, FLT_MAX)
 
 
+def argmax(row: np.ndarray) -> int:
+    """The id of the row's largest value, the lowest among equals; NaN is never chosen (a row of
+    only NaN or -inf answers 0): the order of cuda/sampling_common.cuh's ahead()."""
+    return int(np.argmax(np.where(np.isnan(row), -np.inf, row)))
+
+
 def filter_probs(probs: np.ndarray, top_k: int, top_p: float, min_p: float) -> np.ndarray:
     """Zero the probabilities outside top-k / top-p / min-p; every rule keeps ties."""
     if not 0 < top_k < len(probs) and top_p >= 1.0 and min_p <= 0.0:
@@ -154,9 +160,10 @@ def sample(logits: np.ndarray, t: SamplingTensors) -> SamplerOutput:
     for r in range(num_rows):
         row = logits[r]
         top = row.max()
-        # A row whose every token is banned (-inf) has no distribution: its argmax is id 0.
+        # A row whose every token is banned (-inf) has no distribution: its argmax is id 0; a NaN
+        # in the row (a broken model) leaves the argmax of the rest.
         if t.temperature[r] == 0 or not np.isfinite(top):
-            token_ids[r] = np.argmax(row)
+            token_ids[r] = argmax(row)
             continue
         # NOTE: the max is subtracted before dividing, so a temperature of 1e-40 (a float32
         # denormal) sends every other logit to -inf instead of overflowing to inf - inf = nan.
@@ -170,7 +177,7 @@ def sample(logits: np.ndarray, t: SamplingTensors) -> SamplerOutput:
         # Never pick a filtered-out token, even where float rounding lands on the boundary.
         kept = np.flatnonzero(probs)
         if not len(kept):  # nothing survived the filters: the argmax, never an error
-            token_ids[r] = np.argmax(row)
+            token_ids[r] = argmax(row)
             continue
         token_ids[r] = kept[np.searchsorted(kept, min(chosen, kept[-1]))]
 
