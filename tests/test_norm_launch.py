@@ -63,7 +63,8 @@ def test_early_triggers_turn_pdl_early_on_inside_only(monkeypatch):
     monkeypatch.setattr(cuda_kernels, "PDL_EARLY", False)
     with cuda_kernels.early_triggers(True):
         assert cuda_kernels.PDL_EARLY is True
-    assert cuda_kernels.PDL_EARLY is False
+        assert cuda_kernels.early_flag() == 1  # common.cuh's PDL_EARLY bit, what kernels take
+    assert cuda_kernels.PDL_EARLY is False and cuda_kernels.early_flag() == 0
     with pytest.raises(RuntimeError), cuda_kernels.early_triggers(True):
         raise RuntimeError("capture failed")
     assert cuda_kernels.PDL_EARLY is False

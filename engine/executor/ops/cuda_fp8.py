@@ -84,8 +84,8 @@ def _i32(v) -> np.int32:
 
 
 def _flags() -> np.int32:
-    """fp8.cu's `flags`: PDL_EARLY where cuda_kernels.PDL_EARLY (at each launch)."""
-    return np.int32(1 if cuda_kernels.PDL_EARLY else 0)
+    """fp8.cu's `flags` (its only bit: PDL_EARLY)."""
+    return np.int32(cuda_kernels.early_flag())
 
 
 def check_weight(w: QuantizedWeight, in_features: int | None = None) -> None:

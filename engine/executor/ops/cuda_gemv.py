@@ -66,7 +66,6 @@ NORM_GEMV_MAX_N = None  # outputs up to which the fused add + norm is used (None
 GLU_GEMV_MAX_M = 4  # rows up to which mlp() may fuse the SiLU-and-mul into the gate_up GEMV
 GEMV_PREFETCH_X = os.environ.get("PAGEDSERVE_GEMV_PREFETCH", "1") == "1"  # PRE at M = 1
 GEMV_R = 4  # gemv.cu's weight rows per block
-GEMV_EARLY = 1  # gemv.cu's flag: trigger the next kernel before waiting for the previous
 # Threads per block for K < 2048 and for larger K; at one row and K < 2048, GEMV_THREADS_M1.
 # Fewer threads make more, smaller blocks, more of them resident at once, so more of a GEMV's
 # weights stream before its PDL wait (each thread requests GEMV_U words of each of its rows
@@ -129,7 +128,7 @@ def _launch(y, res_out, x, residual, norm_w, w, eps: float, ctype: str, glu: boo
     rows = GEMV_R // 2 if glu else GEMV_R
     outputs = n // 2 if glu else n
     null = np.uint64(0)
-    flags = GEMV_EARLY if cuda_kernels.PDL_EARLY else 0
+    flags = cuda_kernels.early_flag()
     threads = gemv_threads(m, k)
     launch(kernel("gemv.cu", name, ctype), (-(-outputs // rows),), (threads,),
            (y, null if res_out is None else res_out, x, null if residual is None else residual,

@@ -52,6 +52,12 @@ PDL_EARLY_SHORT = _EARLY_ENV != "0"  # the short-context decode graphs' setting
 _pdl_scope = [False]  # inside programmatic_launches()
 
 
+def early_flag() -> int:
+    """common.cuh's PDL_EARLY bit (1) of a kernel's `flags` where PDL_EARLY is on, else 0 (read
+    at each launch: the kernels listed above or-in their other bits)."""
+    return 1 if PDL_EARLY else 0
+
+
 @contextlib.contextmanager
 def early_triggers(on: bool):
     """PDL_EARLY on inside (as configured when `on` is false), restored after."""

@@ -407,7 +407,7 @@ class CudaOps:
                    (qkv, k_cache, v_cache, positions, slot_mapping, cos_sin, *norms,
                     _NULL if bias is None else bias, np.float32(eps), _i32(len(qkv)),
                     _i32(num_heads), _i32(num_kv_heads), _i32(block_size),
-                    _i32(int(cuda_kernels.PDL_EARLY) | int(cuda_norm.norm_flags(True)))),
+                    _i32(cuda_kernels.early_flag() | int(cuda_norm.norm_flags(True)))),
                    pdl=True)
 
     def silu_and_mul(self, gate_up):

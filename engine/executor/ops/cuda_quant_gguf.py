@@ -244,7 +244,7 @@ def gemv3(x: cupy.ndarray, weight: QuantizedWeight, out: cupy.ndarray, ctype: st
            (out, x, weight.data, np.int32(n), np.int32(k), np.int32(m),
             np.int32(row_bytes(weight.kind, k)), null if residual is None else residual,
             null if norm_w is None else norm_w, null if res_out is None else res_out,
-            np.float32(eps), cuda_norm.norm_flags(norm) | np.int32(cuda_kernels.PDL_EARLY)),
+            np.float32(eps), cuda_norm.norm_flags(norm) | np.int32(cuda_kernels.early_flag())),
            shared_mem=smem, pdl=True)
     return out
 
