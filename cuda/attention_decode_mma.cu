@@ -29,34 +29,6 @@ constexpr int DM_KEYS = 16;  // keys per warp tile: one k16 step of P V, two n8 
 #define DM_CLUSTER_Z(n) __cluster_dims__(1, 1, n)
 #endif
 
-// Both cluster barriers: arrive with release, wait with acquire (every thread of every block).
-__device__ __forceinline__ void dm_cluster_sync() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("barrier.cluster.arrive.release.aligned;\n\tbarrier.cluster.wait.acquire.aligned;"
-               ::: "memory");
-#endif
-}
-
-__device__ __forceinline__ unsigned dm_cluster_rank() {
-  unsigned r = 0;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-#endif
-  return r;
-}
-
-// The float at p (this block's shared memory) in block `rank` of the cluster.
-__device__ __forceinline__ float dm_ld_cluster(const float* p, unsigned rank) {
-  float v = 0.f;
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  const unsigned a = (unsigned)__cvta_generic_to_shared(p);
-  unsigned ra;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(ra) : "r"(a), "r"(rank));
-  asm volatile("ld.shared::cluster.f32 %0, [%1];" : "=f"(v) : "r"(ra) : "memory");
-#endif
-  return v;
-}
-
 // Grid: (num_decode_items, num_kv_heads * passes, num_splits)  Block: (NW * 32)
 // passes = ceil(group / GR). Dynamic shared memory: max(NW x ST x (K, V) x DM_KEYS x (HD + 8)
 // 16-bit elements, NW x GR x HD floats for the merge). CL > 1: num_splits == CL, clusters of CL
@@ -330,8 +302,8 @@ __device__ __forceinline__ void decode_mma_body(
     }
   }
   if constexpr (CL > 1) {
-    dm_cluster_sync();  // every block's partial is in its shared memory
-    const unsigned rank = dm_cluster_rank();
+    cluster_sync();  // every block's partial is in its shared memory
+    const unsigned rank = cluster_rank();
     constexpr int SLICE = GR * HD / CL;
     for (int idx = rank * SLICE + threadIdx.x; idx < (rank + 1) * SLICE; idx += NW * 32) {
       const int g = idx / HD, d = idx % HD;
@@ -339,7 +311,7 @@ __device__ __forceinline__ void decode_mma_body(
       float m[CL], mx = -INFINITY;
 #pragma unroll
       for (int c = 0; c < CL; c++) {
-        m[c] = dm_ld_cluster(&fin_m[g], c);
+        m[c] = ld_cluster(&fin_m[g], c);
         mx = fmaxf(mx, m[c]);
       }
       float num = 0.f, den = 0.f;
@@ -347,14 +319,14 @@ __device__ __forceinline__ void decode_mma_body(
 #pragma unroll
         for (int c = 0; c < CL; c++) {
           const float a = exp2f(m[c] - mx);  // a split without keys: 0
-          num += a * dm_ld_cluster(&fin_o[idx], c);
-          den += a * dm_ld_cluster(&fin_l[g], c);
+          num += a * ld_cluster(&fin_o[idx], c);
+          den += a * ld_cluster(&fin_l[g], c);
         }
       }
       out[((long)tok * num_heads + kvh * group + g0 + g) * HD + d] =
           from_float<T>(den > 0.f ? num / den : 0.f);
     }
-    dm_cluster_sync();  // no block leaves while another still reads its shared memory
+    cluster_sync();  // no block leaves while another still reads its shared memory
   }
 }
 

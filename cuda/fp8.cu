@@ -9,98 +9,149 @@
 #include "fp8.cuh"
 
 // ------------------------------------------------------------------------------ quantization
-// One block per row (quantize_row in fp8.cuh); a thread keeps its first QC words in registers:
-// QC = 2 with a word per thread (the default launch), 4 for blocks of fewer, busier threads
-// (cuda_fp8.QUANT_WORDS: more rows resident per SM at prefill sizes).
-
-// x (a row per token, or a weight's row per output channel) -> codes and the row's scale.
+// A row's activations, made by what precedes the matrix product, quantized per row:
+//   PRO 0: x (a row per token, or a weight's row per output channel)
+//   PRO 1: silu(gate) * up of a gate_up row (2K), rounded to T as silu_and_mul_kernel rounds it:
+//          the down projection's input never goes through memory in 16 bits
+//   PRO 2: the residual add + RMSNorm of rms_norm_kernel (mode 1: residual = x; mode 2:
+//          residual += x, rounded to T), h = norm(residual) * weight rounded to T, then h
+//          quantized. h_out (null in the engine) stores h, so that tests hold the codes to the
+//          twin's quantization of h bit for bit.
+// -> codes and the row's scale. The row's words are split over C blocks (C > 1: a thread-block
+// cluster, fp8_quantize_cluster_kernel; at one row a single block's latency is on the decode
+// step's critical path), a thread's first QC in registers between the passes (quantize_words).
+// The blocks' sums and absmax meet through distributed shared memory, summed in rank order.
+// NOTE: PRO 2's sum of squares runs in a different order than rms_norm_kernel's (and than the
+// one-block form's with C > 1), so h may differ from that kernel's output in the last bit.
 // flags (every kernel here but fp8_scale_kernel): PDL_EARLY (common.cuh; cuda_kernels.PDL_EARLY)
-// Grid: (rows)  Block: (64..1024, a multiple of 32)
-template <typename T, int QC>
-__global__ void __launch_bounds__(1024) fp8_quantize_kernel(
-    unsigned char* __restrict__ q,  // [rows, K]
-    float* __restrict__ scale,      // [rows]
-    const T* __restrict__ x,        // [rows, K]
-    int K, int flags) {
-  pdl_enter(flags);  // PDL: everything below reads or writes what earlier kernels touch
-  __shared__ float red[32];
-  const T* row = x + (long)blockIdx.x * K;
-  unsigned char* qrow = q + (long)blockIdx.x * K;
-  const float s = quantize_row<T, QC>(
-      K / 8, red, [&](int w, float* f) { load8(row + 8 * w, f); },
-      [&](int w, const float* f, float sc) { encode8(qrow + 8 * w, f, sc); });
-  if (threadIdx.x == 0) scale[blockIdx.x] = s;
-}
-
-// silu(gate) * up, rounded to T as silu_and_mul_kernel rounds it, then quantized: the down
-// projection's input never goes through memory in 16 bits.
-// Grid: (rows)  Block: (64..1024, a multiple of 32)
-template <typename T, int QC>
-__global__ void __launch_bounds__(1024) fp8_silu_quantize_kernel(
-    unsigned char* __restrict__ q,      // [rows, K]
-    float* __restrict__ scale,          // [rows]
-    const T* __restrict__ gate_up,      // [rows, 2K]
-    int K, int flags) {
-  pdl_enter(flags);  // PDL: everything below reads or writes what earlier kernels touch
-  __shared__ float red[32];
-  const T* g = gate_up + (long)blockIdx.x * 2 * K;
-  unsigned char* qrow = q + (long)blockIdx.x * K;
-  const float s = quantize_row<T, QC>(
-      K / 8, red,
-      [&](int w, float* f) { silu_mul8(g, K, w, f); },
-      [&](int w, const float* f, float sc) { encode8(qrow + 8 * w, f, sc); });
-  if (threadIdx.x == 0) scale[blockIdx.x] = s;
-}
-
-// The residual add + RMSNorm of rms_norm_kernel (mode 1: residual = x; mode 2: residual += x,
-// rounded to T), h = norm(residual) * weight rounded to T, then h quantized. h_out (null in the
-// engine) stores h, so that tests hold the codes to the twin's quantization of h bit for bit.
-// NOTE: the sum of squares runs in a different order than rms_norm_kernel's, so h may differ from
-// that kernel's output in the last bit.
-// Grid: (rows)  Block: (64..1024, a multiple of 32)
-template <typename T, int QC>
-__global__ void __launch_bounds__(1024) fp8_norm_quantize_kernel(
+template <typename T, int PRO, int QC, int C>
+__device__ __forceinline__ void quantize_rows_body(
     unsigned char* __restrict__ q,   // [rows, K]
     float* __restrict__ scale,       // [rows]
-    T* __restrict__ residual,        // [rows, K]
-    T* __restrict__ h_out,           // [rows, K] or null
-    const T* __restrict__ x,         // [rows, K]
-    const T* __restrict__ weight,    // [K]
-    float eps, int K, int mode, int flags) {
-  pdl_enter(flags);  // PDL: everything below reads or writes what earlier kernels touch
-  __shared__ float red[32];
-  const long base = (long)blockIdx.x * K;
-  float f[8], r[8], ss = 0.f;
-  for (int w = threadIdx.x; w < K / 8; w += blockDim.x) {
-    load8(x + base + 8 * w, f);
-    if (mode == 2) {
-      load8(residual + base + 8 * w, r);
+    T* __restrict__ residual,        // [rows, K] (PRO 2)
+    T* __restrict__ h_out,           // [rows, K] or null (PRO 2)
+    const T* __restrict__ x,         // [rows, K], [rows, 2K] with PRO 1
+    const T* __restrict__ weight,    // [K] (PRO 2)
+    float eps, int K, int mode, int flags, int row, int rank) {
+  const int words = K / 8, first = rank * blockDim.x + threadIdx.x, stride = C * blockDim.x;
+  uint4 gw[QC];  // PRO 2: the norm weight (never written), requested before the wait
+  if constexpr (PRO == 2) {
 #pragma unroll
-      for (int e = 0; e < 8; e++) f[e] += r[e];
-    }
-    store8(residual + base + 8 * w, f);
-#pragma unroll
-    for (int e = 0; e < 8; e++) {
-      const float v = to_float(from_float<T>(f[e]));
-      ss += v * v;
+    for (int i = 0; i < QC; i++) {
+      const int w = first + i * stride;
+      if (w < words) gw[i] = *reinterpret_cast<const uint4*>(weight + 8 * w);
     }
   }
-  const float inv = rsqrtf(block_sum(ss, red) / K + eps);
-  // A thread re-reads only the residual words it wrote itself: no barrier needed.
-  const float s = quantize_row<T, QC>(
-      K / 8, red,
-      [&](int w, float* out) {
-        float g[8];
-        load8(residual + base + 8 * w, out);
-        load8(weight + 8 * w, g);
+  pdl_enter(flags);  // PDL: everything below reads or writes what earlier kernels touch
+  __shared__ float red[32];
+  __shared__ float part_sum, part_max;  // this block's, for the cluster
+  const long base = (long)row * K;
+  float rr[PRO == 2 ? QC : 1][8], inv = 0.f;
+  if constexpr (PRO == 2) {  // residual += x (stored rounded to T) and its sum of squares
+    float ss = 0.f;
+    auto add = [&](int w, float* f) {
+      float r[8];
+      load8(x + base + 8 * w, f);
+      if (mode == 2) {
+        load8(residual + base + 8 * w, r);
 #pragma unroll
-        for (int e = 0; e < 8; e++) out[e] = out[e] * inv * g[e];
+        for (int e = 0; e < 8; e++) f[e] += r[e];
+      }
+      store8(residual + base + 8 * w, f);
+#pragma unroll
+      for (int e = 0; e < 8; e++) {
+        f[e] = to_float(from_float<T>(f[e]));
+        ss += f[e] * f[e];
+      }
+    };
+#pragma unroll
+    for (int i = 0; i < QC; i++)
+      if (first + i * stride < words) add(first + i * stride, rr[i]);
+    for (int w = first + QC * stride; w < words; w += stride) {
+      float f[8];
+      add(w, f);
+    }
+    float total = block_sum(ss, red);
+    if constexpr (C > 1) {
+      if (threadIdx.x == 0) part_sum = total;
+      cluster_sync();
+      total = 0.f;
+#pragma unroll
+      for (int r = 0; r < C; r++) total += ld_cluster(&part_sum, r);
+    }
+    inv = rsqrtf(total / K + eps);
+  }
+  const T* xrow = x + (PRO == 1 ? 2 * base : base);
+  const float s = quantize_words<T, QC>(
+      first, stride, words,
+      [&](int w, int i, float* f) {
+        if constexpr (PRO == 0) {
+          load8(xrow + 8 * w, f);
+        } else if constexpr (PRO == 1) {
+          silu_mul8(xrow, K, w, f);
+        } else {
+          float g[8];
+          if (i < QC) {
+            const T* gh = reinterpret_cast<const T*>(&gw[i]);
+#pragma unroll
+            for (int e = 0; e < 8; e++) {
+              f[e] = rr[i][e];
+              g[e] = to_float(gh[e]);
+            }
+          } else {  // a thread re-reads only the residual words it wrote itself
+            load8(residual + base + 8 * w, f);
+            load8(weight + 8 * w, g);
+          }
+#pragma unroll
+          for (int e = 0; e < 8; e++) f[e] = f[e] * inv * g[e];
+        }
       },
-      [&](int w, const float* h, float sc) {
-        encode8(q + base + 8 * w, h, sc);
-        if (h_out != nullptr) store8(h_out + base + 8 * w, h);
+      [&](int w, const float* f, float sc) {
+        encode8(q + base + 8 * w, f, sc);
+        if (PRO == 2 && h_out != nullptr) store8(h_out + base + 8 * w, f);
+      },
+      [&](float amax) {
+        float m = block_max(amax, red);
+        if constexpr (C > 1) {
+          if (threadIdx.x == 0) part_max = m;
+          cluster_sync();  // every block's parts are in its shared memory
+          m = 0.f;
+#pragma unroll
+          for (int r = 0; r < C; r++) m = fmaxf(m, ld_cluster(&part_max, r));
+          cluster_arrive();  // done reading the others' parts
+        }
+        return m;
       });
-  if (threadIdx.x == 0) scale[blockIdx.x] = s;
+  if (rank == 0 && threadIdx.x == 0) scale[row] = s;
+  if constexpr (C > 1) cluster_wait();  // no block leaves while another may read its parts
+}
+
+// A block per row: QC = 2 with a word per thread (the default launch), 4 for blocks of fewer,
+// busier threads (cuda_fp8.QUANT_WORDS: more rows resident per SM at prefill sizes).
+// Grid: (rows)  Block: (64..1024, a multiple of 32)
+template <typename T, int PRO, int QC>
+__global__ void __launch_bounds__(1024) fp8_quantize_kernel(
+    unsigned char* __restrict__ q, float* __restrict__ scale, T* __restrict__ residual,
+    T* __restrict__ h_out, const T* __restrict__ x, const T* __restrict__ weight, float eps,
+    int K, int mode, int flags) {
+  quantize_rows_body<T, PRO, QC, 1>(q, scale, residual, h_out, x, weight, eps, K, mode, flags,
+                                    blockIdx.x, 0);
+}
+
+// A row over the C blocks of a cluster (cuda_fp8.CLUSTER_MAX_ROWS rows at most), about a word a
+// thread. Grid: (C, rows)  Block: (64..1024, a multiple of 32)  Cluster: (C, 1, 1)
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define F8_CLUSTER_X(n)
+#else
+#define F8_CLUSTER_X(n) __cluster_dims__(n, 1, 1)
+#endif
+template <typename T, int PRO, int C>
+__global__ void F8_CLUSTER_X(C) __launch_bounds__(1024) fp8_quantize_cluster_kernel(
+    unsigned char* __restrict__ q, float* __restrict__ scale, T* __restrict__ residual,
+    T* __restrict__ h_out, const T* __restrict__ x, const T* __restrict__ weight, float eps,
+    int K, int mode, int flags) {
+  quantize_rows_body<T, PRO, 2, C>(q, scale, residual, h_out, x, weight, eps, K, mode, flags,
+                                   blockIdx.y, blockIdx.x);
 }
 
 // ------------------------------------------------------------------------------ products
@@ -207,13 +258,14 @@ __global__ void fp8_scale_kernel(T* __restrict__ y,              // [M, N]
 }
 
 #ifdef PAGEDSERVE_NVCC_CHECK
-template __global__ void fp8_quantize_kernel<__nv_bfloat16, 2>(unsigned char*, float*,
-                                                               const __nv_bfloat16*, int, int);
-template __global__ void fp8_silu_quantize_kernel<__half, 4>(unsigned char*, float*, const __half*,
-                                                             int, int);
-template __global__ void fp8_norm_quantize_kernel<__nv_bfloat16, 4>(
-    unsigned char*, float*, __nv_bfloat16*, __nv_bfloat16*, const __nv_bfloat16*,
-    const __nv_bfloat16*, float, int, int, int);
+#define F8_Q_ARGS(T) unsigned char*, float*, T*, T*, const T*, const T*, float, int, int, int
+template __global__ void fp8_quantize_kernel<__nv_bfloat16, 0, 2>(F8_Q_ARGS(__nv_bfloat16));
+template __global__ void fp8_quantize_kernel<__half, 1, 4>(F8_Q_ARGS(__half));
+template __global__ void fp8_quantize_kernel<__nv_bfloat16, 2, 4>(F8_Q_ARGS(__nv_bfloat16));
+template __global__ void fp8_quantize_kernel<__nv_bfloat16, 2, 2>(F8_Q_ARGS(__nv_bfloat16));
+template __global__ void fp8_quantize_cluster_kernel<__nv_bfloat16, 2, 8>(F8_Q_ARGS(__nv_bfloat16));
+template __global__ void fp8_quantize_cluster_kernel<__half, 1, 4>(F8_Q_ARGS(__half));
+template __global__ void fp8_quantize_cluster_kernel<__nv_bfloat16, 0, 8>(F8_Q_ARGS(__nv_bfloat16));
 template __global__ void fp8_gemv_kernel<__nv_bfloat16, 1>(__nv_bfloat16*, const unsigned char*,
                                                            const float*, const unsigned char*,
                                                            const float*, int, int, int);

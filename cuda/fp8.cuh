@@ -106,40 +106,52 @@ __device__ __forceinline__ void fp8x8_to_float(const uint4& w, int h, float* f) 
 
 
 // ------------------------------------------------------------------------------ row quantization
-// A block quantizes one row of `words` 8-element words; thread t takes words t, t + blockDim, ...
-// Pass 1 finds the row's absmax, pass 2 encodes. A thread keeps its first QC words in registers
-// between the passes (all of them for K <= QC * 8 * blockDim); a longer row's other words are read
-// (or recomputed) again, from L1/L2. make(w, f) gives word w's 8 values (before rounding to T);
-// emit(w, f, s) stores word w, f rounded to T, with the row's scale s. Returns s. Every thread of
-// the block calls it (block reductions).
-template <typename T, int QC, typename Make, typename Emit>
-__device__ __forceinline__ float quantize_row(int words, float* red, Make make, Emit emit) {
+// Threads quantize one row of `words` 8-element words; a thread takes words first, first + stride,
+// ... Pass 1 finds the row's absmax (row_max(amax) combines the threads' values), pass 2 encodes.
+// A thread keeps its first QC words in registers between the passes; its other words are made
+// again. make(w, i, f) gives word w's 8 values (before rounding to T), i the thread's register
+// slot (QC past them); emit(w, f, s) stores word w, f rounded to T, with the row's scale s.
+// Returns s.
+template <typename T, int QC, typename Make, typename Emit, typename RowMax>
+__device__ __forceinline__ float quantize_words(int first, int stride, int words, Make make,
+                                                Emit emit, RowMax row_max) {
   float c[QC][8], f[8], amax = 0.f;
 #pragma unroll
   for (int i = 0; i < QC; i++) {
-    const int w = threadIdx.x + i * blockDim.x;
+    const int w = first + i * stride;
     if (w < words) {
-      make(w, c[i]);
+      make(w, i, c[i]);
       round8<T>(c[i], amax);
     }
   }
-  for (int w = threadIdx.x + QC * blockDim.x; w < words; w += blockDim.x) {
-    make(w, f);
+  for (int w = first + QC * stride; w < words; w += stride) {
+    make(w, QC, f);
     round8<T>(f, amax);
   }
-  const float s = row_scale(block_max(amax, red));
+  const float s = row_scale(row_max(amax));
 #pragma unroll
   for (int i = 0; i < QC; i++) {
-    const int w = threadIdx.x + i * blockDim.x;
+    const int w = first + i * stride;
     if (w < words) emit(w, c[i], s);
   }
-  for (int w = threadIdx.x + QC * blockDim.x; w < words; w += blockDim.x) {
+  for (int w = first + QC * stride; w < words; w += stride) {
     float dummy = 0.f;
-    make(w, f);
+    make(w, QC, f);
     round8<T>(f, dummy);
     emit(w, f, s);
   }
   return s;
+}
+
+// A block quantizes one row: thread t takes words t, t + blockDim, ... (all of them in registers
+// for K <= QC * 8 * blockDim; a longer row's other words are read or recomputed again, from
+// L1/L2). make(w, f) gives word w's 8 values. Every thread of the block calls it (block
+// reductions).
+template <typename T, int QC, typename Make, typename Emit>
+__device__ __forceinline__ float quantize_row(int words, float* red, Make make, Emit emit) {
+  return quantize_words<T, QC>(
+      threadIdx.x, blockDim.x, words, [&](int w, int, float* f) { make(w, f); }, emit,
+      [&](float amax) { return block_max(amax, red); });
 }
 
 // ------------------------------------------------------------------------------ fused inputs

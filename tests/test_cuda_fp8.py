@@ -68,8 +68,10 @@ def words(request, monkeypatch):
 
 
 # 20480: more words than a thread keeps in registers (2 x 1024 threads): some are read again
+@pytest.mark.parametrize("cluster", [0, 4, 8])  # rows <= 8: split over a cluster unless 0
 @pytest.mark.parametrize("rows, k", [(1, 64), (5, 1008), (300, 4096), (2, 14336), (3, 20480)])
-def test_quantize_rows_bit_exact(ops, rows, k, words):
+def test_quantize_rows_bit_exact(ops, rows, k, words, cluster, monkeypatch):
+    monkeypatch.setattr(cuda_fp8, "PLAIN_CLUSTER", cluster)
     x, x_h = upload(ops, activations(np.random.default_rng(k), rows, k))
     q, s = cuda_fp8.quantize_rows(x, ops.ctype)
     assert_quantized_equal(q, s, x_h)
@@ -82,15 +84,20 @@ def test_quantize_needs_k_divisible_by_16(ops):
         ops.quantize_fp8(upload(ops, np.ones((4, 1000)))[0])
 
 
-@pytest.mark.parametrize("k", [576, 4096, 20480])
+# 6 rows: each split over a cluster of `cluster` blocks (but 0: a block a row); 10: a block a row;
+# 131072: more words than a cluster's threads keep in registers
+@pytest.mark.parametrize("cluster", [0, 4, 8])
+@pytest.mark.parametrize("rows, k", [(6, 576), (6, 4096), (10, 4096), (6, 20480), (1, 131072)])
 @pytest.mark.parametrize("with_residual", [False, True])
-def test_norm_quantize_equals_rms_norm_then_quantize(ops, with_residual, k, words):
+def test_norm_quantize_equals_rms_norm_then_quantize(ops, with_residual, rows, k, words, cluster,
+                                                     monkeypatch):
     """Codes bit-exact vs the twin's quantization of the kernel's own normalized row h; h within
     an ulp of rms_norm_kernel's (its sum of squares runs in another order); the residual equal."""
+    monkeypatch.setattr(cuda_fp8, "NORM_CLUSTER", cluster)
     rng = np.random.default_rng(7)
-    x, _ = upload(ops, activations(rng, 6, k))
+    x, _ = upload(ops, activations(rng, rows, k))
     nw, _ = upload(ops, rng.standard_normal(k) + 1)
-    res = upload(ops, rng.standard_normal((6, k)))[0] if with_residual else None
+    res = upload(ops, rng.standard_normal((rows, k)))[0] if with_residual else None
     h_ref, res_ref = ops.add_rms_norm(x, None if res is None else res.copy(), nw, 1e-5)
     h = cupy.empty_like(x)
     q, s, res_out = cuda_fp8.norm_quantize(x, res, nw, 1e-5, ops.ctype, h_out=h)
@@ -100,9 +107,15 @@ def test_norm_quantize_equals_rms_norm_then_quantize(ops, with_residual, k, word
     np.testing.assert_array_equal(ops.to_host(res_out), ops.to_host(res_ref))
 
 
-@pytest.mark.parametrize("k", [1536, 20480])
-def test_silu_quantize_equals_silu_and_mul_then_quantize(ops, k, words):
-    gu, _ = upload(ops, np.random.default_rng(8).standard_normal((7, 2 * k)) * 3)
+# 1 and 7 rows: each split over a cluster of `cluster` blocks (but 0: a block a row); 12 rows: a
+# block a row; 131072: more words than a cluster's threads keep in registers
+@pytest.mark.parametrize("cluster", [0, 4, 8])
+@pytest.mark.parametrize("rows", [1, 7, 12])
+@pytest.mark.parametrize("k", [1536, 14336, 20480, 131072])
+def test_silu_quantize_equals_silu_and_mul_then_quantize(ops, k, rows, cluster, words,
+                                                         monkeypatch):
+    monkeypatch.setattr(cuda_fp8, "SILU_CLUSTER", cluster)
+    gu, _ = upload(ops, np.random.default_rng(8).standard_normal((rows, 2 * k)) * 3)
     q, s = cuda_fp8.silu_quantize(gu, ops.ctype)
     assert_quantized_equal(q, s, ops.to_host(ops.silu_and_mul(gu)))
 

@@ -124,6 +124,20 @@ QUANT_WORDS = 4
 QUANT_WORDS_MIN_ELEMENTS = 1 << 21
 
 
+# Up to CLUSTER_MAX_ROWS rows (sm_90) a quantize kernel splits each row over the blocks of a
+# thread-block cluster (fp8.cu's fp8_quantize_cluster_kernel): PLAIN_CLUSTER, SILU_CLUSTER,
+# NORM_CLUSTER blocks (4 or 8; 0: a block a row). At batch 1 one block's latency is on the step's
+# critical path. H200, Llama-3-8B shapes, the FP8 batch-1 step graph (tools/b1_gap.py, session
+# 13): without the plain / SiLU / norm quantize kernels 2.634 -> 2.591 / 2.516 / 2.444 ms (1.3,
+# 3.7 and 3.0 us a launch); the SiLU's over 8 blocks 2.647 -> 2.570 (4: 2.582); the norm's over
+# 4 or 8 blocks and the plain one's measured slower or the same (2.585 -> 2.614 / 2.630, 2.587 /
+# 2.592).
+PLAIN_CLUSTER = 0
+SILU_CLUSTER = 8
+NORM_CLUSTER = 0
+CLUSTER_MAX_ROWS = 8
+
+
 def _quant_launch(rows: int, k: int) -> tuple[int, int]:
     """(threads, QC) of a row-quantizing block: about one 8-element word per thread, so that a
     decode row (one block on one SM) is a couple of loads per thread, not dozens."""
@@ -132,15 +146,32 @@ def _quant_launch(rows: int, k: int) -> tuple[int, int]:
     return threads, 2 if words == 1 else 4
 
 
+def _quantize(prologue: int, q, s, x, k: int, ctype: str, residual=None, h_out=None,
+              norm_w=None, eps: float = 0.0, mode: int = 0) -> None:
+    """fp8.cu's quantize kernel `prologue` (PRO_QUANTIZE, PRO_SILU, PRO_NORM) on q.shape[0]
+    rows: a cluster's blocks a row where the settings above say so, else a block a row."""
+    rows = q.shape[0]
+    blocks = {PRO_QUANTIZE: PLAIN_CLUSTER, PRO_SILU: SILU_CLUSTER, PRO_NORM: NORM_CLUSTER}[prologue]
+    args = (q, s, *[_NULL if a is None else a for a in (residual, h_out, x, norm_w)],
+            np.float32(eps), _i32(k), _i32(mode), _flags())
+    if (rows <= CLUSTER_MAX_ROWS and blocks > 1
+            and _device(cupy.cuda.Device().id)[2] >= 90):
+        threads = min(1024, max(64, -(-k // (8 * blocks * 32)) * 32))  # about a word a thread
+        name = f"fp8_quantize_cluster_kernel<{ctype}, {prologue}, {blocks}>"
+        launch(kernel("fp8.cu", name, ctype), (blocks, rows), (threads,), args, pdl=True)
+    else:
+        threads, qc = _quant_launch(rows, k)
+        name = f"fp8_quantize_kernel<{ctype}, {prologue}, {qc}>"
+        launch(kernel("fp8.cu", name, ctype), (rows,), (threads,), args, pdl=True)
+
+
 def quantize_rows(x: cupy.ndarray, ctype: str) -> tuple[cupy.ndarray, cupy.ndarray]:
     """x (rows, K) -> (codes (rows, K) uint8, scales (rows,) float32); fp8.quantize_rows' twin."""
     rows, k = x.shape
     _check_k(k, x)
     q, s = cupy.empty((rows, k), cupy.uint8), cupy.empty(rows, cupy.float32)
     if rows:
-        threads, qc = _quant_launch(rows, k)
-        launch(kernel("fp8.cu", f"fp8_quantize_kernel<{ctype}, {qc}>", ctype),
-               (rows,), (threads,), (q, s, x, _i32(k), _flags()), pdl=True)
+        _quantize(PRO_QUANTIZE, q, s, x, k, ctype)
     return q, s
 
 
@@ -156,19 +187,16 @@ def norm_quantize(x, residual, norm_w, eps: float, ctype: str, h_out=None):
     receives h.
 
     A form keeping the row in registers (as cuda_norm's vector RMSNorm) was bit-identical but no
-    faster on the H200 (session 7, kernel_check --only norms: 0.97-1.00x at 1..2048 x 4096), so
-    this two-pass kernel is the only one."""
+    faster on the H200 (session 7, kernel_check --only norms: 0.97-1.00x at 1..2048 x 4096); the
+    kernel keeps a thread's first words (and the norm weight's, loaded before the PDL wait) in
+    registers between its passes."""
     rows, k = x.shape
     _check_k(k, x, residual, norm_w, h_out)
     mode = 1 if residual is None else 2
     residual = cupy.empty_like(x) if residual is None else residual
     q, s = cupy.empty((rows, k), cupy.uint8), cupy.empty(rows, cupy.float32)
     if rows:
-        threads, qc = _quant_launch(rows, k)
-        name = f"fp8_norm_quantize_kernel<{ctype}, {qc}>"
-        launch(kernel("fp8.cu", name, ctype), (rows,), (threads,),
-               (q, s, residual, _NULL if h_out is None else h_out, x, norm_w,
-                np.float32(eps), _i32(k), _i32(mode), _flags()), pdl=True)
+        _quantize(PRO_NORM, q, s, x, k, ctype, residual, h_out, norm_w, eps, mode)
     return q, s, residual
 
 
@@ -178,9 +206,7 @@ def silu_quantize(gate_up: cupy.ndarray, ctype: str):
     _check_k(k, gate_up)
     q, s = cupy.empty((rows, k), cupy.uint8), cupy.empty(rows, cupy.float32)
     if rows:
-        threads, qc = _quant_launch(rows, k)
-        launch(kernel("fp8.cu", f"fp8_silu_quantize_kernel<{ctype}, {qc}>", ctype),
-               (rows,), (threads,), (q, s, gate_up, _i32(k), _flags()), pdl=True)
+        _quantize(PRO_SILU, q, s, gate_up, k, ctype)
     return q, s
 
 

@@ -133,8 +133,10 @@ def kernel_names(file: str, ctype: str) -> list[str]:
                 + [f"gemv_kernel<{ctype}, 1, {n}, {g}, true>" for n in ("false", "true")
                    for g in ("false", "true")])
     if file == "fp8.cu":
-        return ([f"fp8_{k}_kernel<{ctype}, {qc}>" for k in ("quantize", "silu_quantize",
-                                                             "norm_quantize") for qc in (2, 4)]
+        # <T, PRO, QC> a block a row, <T, PRO, C> a cluster's blocks a row (cuda_fp8._quantize)
+        return ([f"fp8_quantize_kernel<{ctype}, {p}, {qc}>" for p in range(3) for qc in (2, 4)]
+                + [f"fp8_quantize_cluster_kernel<{ctype}, {p}, {c}>" for p in range(3)
+                   for c in (4, 8)]
                 + [f"fp8_scale_kernel<{ctype}>"]
                 + [f"fp8_gemv_kernel<{ctype}, {m}>" for m in range(1, 9)])
     if file == "fp8_mma.cu":  # <T, M, U> (cuda_fp8.MMA_STEPS: U)
