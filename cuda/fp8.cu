@@ -123,7 +123,10 @@ __device__ __forceinline__ void quantize_rows_body(
         return m;
       });
   if (rank == 0 && threadIdx.x == 0) scale[row] = s;
-  if constexpr (C > 1) cluster_wait();  // no block leaves while another may read its parts
+  if constexpr (C > 1) {
+    __syncwarp();  // the .aligned barrier wants the warp converged
+    cluster_wait();  // no block leaves while another may read its parts
+  }
 }
 
 // A block per row: QC = 2 with a word per thread (the default launch), 4 for blocks of fewer,
@@ -150,6 +153,9 @@ __global__ void F8_CLUSTER_X(C) __launch_bounds__(1024) fp8_quantize_cluster_ker
     unsigned char* __restrict__ q, float* __restrict__ scale, T* __restrict__ residual,
     T* __restrict__ h_out, const T* __restrict__ x, const T* __restrict__ weight, float eps,
     int K, int mode, int flags) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+  __trap();  // no clusters before sm_90: each block would quantize with its own part alone
+#endif
   quantize_rows_body<T, PRO, 2, C>(q, scale, residual, h_out, x, weight, eps, K, mode, flags,
                                    blockIdx.y, blockIdx.x);
 }

@@ -162,8 +162,8 @@ __device__ __forceinline__ float quantize_row(int words, float* red, Make make, 
 //   PRO 2: x, residual (K), norm_w (K) -> res = T(x + residual) (x alone when residual is null),
 //          stored to res_out unless null; quantize(T(rms_norm(res) * norm_w))
 // into codes (K bytes, value order); returns the scale. Every thread of the block calls it.
-// NOTE: PRO 2's sum of squares runs in its own order, so a code may differ from
-// fp8_norm_quantize_kernel's where h lands within an ulp of a rounding boundary.
+// NOTE: PRO 2's sum of squares runs in its own order, so a code may differ from fp8.cu's
+// add + RMSNorm quantize kernel's where h lands within an ulp of a rounding boundary.
 template <typename T, int PRO, int QC>
 __device__ __forceinline__ float fp8_stage_row(unsigned char* codes, float* red, const T* x,
                                                const T* residual, const T* norm_w, T* res_out,
@@ -175,7 +175,7 @@ __device__ __forceinline__ float fp8_stage_row(unsigned char* codes, float* red,
     return quantize_row<T, QC>(K / 8, red, [&](int w, float* f) { silu_mul8(x, K, w, f); },
                                emit);
   } else {
-    // res = T(x + residual) as 8 floats: what fp8_norm_quantize_kernel stores and re-reads
+    // res = T(x + residual) as 8 floats: what fp8.cu's add + RMSNorm quantize kernel stores
     auto res8 = [&](int w, float* f) {
       load8(x + 8 * w, f);
       if (residual != nullptr) {

@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/ is not an installed package
 
 from engine.model.config import ModelConfig  # noqa: E402
-from tools import bench_serving, bench_throughput, seed_table  # noqa: E402
+from tools import b1_gap, bench_serving, bench_throughput, seed_table  # noqa: E402
 from tools.bench_serving import RequestResult, compute_metrics  # noqa: E402
 from tools.workloads import (  # noqa: E402
     decode_steps,
@@ -375,3 +375,12 @@ def test_profile_step_splits_a_speculative_step(capsys):
     host = sum(row[k] for k in profile_step.PHASES if k != "wait") + row["propose"]
     assert host + row["forward"] + row["wait"] == pytest.approx(row["total"], rel=1e-6)
     assert json.loads(capsys.readouterr().out) == rows
+
+
+def test_b1_gap_without_kinds():
+    """--without's names (tools/b1_gap.py): known kinds joined by +, anything else refused."""
+    assert b1_gap.without_kinds("without:attention+fp8-norm") == ["attention", "fp8-norm"]
+    with pytest.raises(SystemExit, match="unknown"):
+        b1_gap.without_kinds("without:attention+softmax")
+    with pytest.raises(SystemExit, match="unknown"):
+        b1_gap.main(["--model", "smollm2-135m", "--without", "rope+"])

@@ -19,8 +19,10 @@ from tools import b1_gap  # noqa: E402
 
 
 def test_b1_gap_small(capsys):
+    """... and the graph without attention and RoPE replays faster than the default one."""
     b1_gap.main(["--model", "smollm2-135m", "--load-format", "dummy", "--device", "cuda",
-                 "--max-num-seqs", "4", "--prompt-len", "16", "--output-len", "16"])
+                 "--max-num-seqs", "4", "--prompt-len", "16", "--output-len", "16",
+                 "--without", "attention+rope"])
     out = [line for line in capsys.readouterr().out.splitlines() if line.startswith("b1gap")]
     steps = next(line for line in out if line.startswith("b1gap steps:"))
     launches, replays = map(int, re.findall(r"(\d+) launches, (\d+) graph replays", steps)[0])
@@ -29,3 +31,7 @@ def test_b1_gap_small(capsys):
     figures = [float(v) for v in re.findall(r"(\d+\.\d+)", verdict)]
     assert len(figures) == 5 and all(f > 0 for f in figures), verdict
     assert any(line.startswith("b1gap burst") for line in out)
+    without = next(line for line in out if line.startswith("b1gap variant without:"))
+    ratio = float(re.findall(r"\(x(\d+\.\d+)\)", without)[0])
+    assert ratio < 0.95 and "not compared" in without, without
+

@@ -14,14 +14,20 @@ builds one engine as bench_latency does and, on the GPU, prints lines starting "
 - alone: a batch-1 graph captured alone on the same model (DecodeGraphs(max_num_seqs=1), as
   decode1 does), with the engine's attention plan and with decode1's 32k one.
 Then the one figure that decides: engine TPOT - engine graph replay (host / between-steps cost)
-and engine graph replay - graph alone (what the engine's capture changed).
+and engine graph replay - graph alone (what the engine's capture changed). --variant captures one
+more graph alone with module settings changed; --without one with work left out (LEAVE_OUT), to
+see what each part costs in the step (session 13: the FP8 step's four quantize kernels a layer
+were 402 of its 2,634 us).
 
     PYTHONPATH=. python tools/b1_gap.py --model llama3-8b --quantization q8_0
+    PYTHONPATH=. python tools/b1_gap.py --model llama3-8b --quantization fp8 --no-alone \
+        --without fp8-silu --without fp8-norm --without attention+rope --repeat 2
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import statistics
 import subprocess
@@ -246,9 +252,75 @@ def parse_variant(spec: str) -> list[tuple[str, str, object]]:
     return out
 
 
-def run_variant(engine, ctx: int, spec: str, base: tuple) -> str:
-    """A batch-1 graph captured alone with `spec`'s settings (restored after): its time and
-    logits against `base` (graph_alone's answer with the defaults)."""
+# What --without leaves out of a batch-1 graph captured alone: the step's time without that work
+# is what it costs in the PDL chain, its launch boundary included (timing only: the logits are
+# garbage). fp8-*: the FP8 quantize kernels before o (plain), before down (SiLU-mul) and before
+# qkv / gate_up (add + RMSNorm), and the FP8 GEMVs.
+LEAVE_OUT = ("attention", "rope", "lm-head", "fp8-plain", "fp8-silu", "fp8-norm", "fp8-gemv")
+WITHOUT = "without:"  # a variant spec naming what to leave out, e.g. without:attention+rope
+
+
+def without_kinds(spec: str) -> list[str]:
+    """'without:attention+rope' -> ['attention', 'rope'] (an unknown kind ends the run)."""
+    kinds = spec[len(WITHOUT):].split("+")
+    unknown = [k for k in kinds if k not in LEAVE_OUT]
+    if unknown:
+        raise SystemExit(f"b1_gap: --without {'+'.join(kinds)}: unknown {unknown}; one or more "
+                         f"of {', '.join(LEAVE_OUT)} joined by +")
+    return kinds
+
+
+@contextlib.contextmanager
+def leaving_out(engine, kinds: list[str]):
+    """The model's ops without `kinds` (LEAVE_OUT) inside: each returns an unfilled output."""
+    import cupy
+
+    from engine.executor.ops import cuda_fp8
+
+    model = engine.model
+    ops, lm_head = model.ops, model.weights.lm_head
+    linear = ops.linear
+
+    def nothing(shape, dtype):
+        return cupy.empty(shape, dtype)
+
+    patches = {
+        "attention": [(ops, "attention", lambda qkv, k_cache, v_cache, meta, num_heads, *rest,
+                       out=None: out if out is not None else
+                       nothing((len(qkv), num_heads * k_cache.shape[-1]), ops.storage))],
+        "rope": [(ops, "qk_norm_rope_kv_write", lambda *args, **kwargs: None)],
+        "lm-head": [(ops, "linear", lambda x, w, bias=None: nothing(
+            (x.shape[0], lm_head.shape[0]), ops.storage) if w is lm_head else linear(x, w, bias))],
+        "fp8-plain": [(cuda_fp8, "quantize_rows", lambda x, ctype: (
+            nothing(x.shape, np.uint8), nothing(len(x), np.float32)))],
+        "fp8-silu": [(cuda_fp8, "silu_quantize", lambda gu, ctype: (
+            nothing((len(gu), gu.shape[1] // 2), np.uint8), nothing(len(gu), np.float32)))],
+        "fp8-norm": [(cuda_fp8, "norm_quantize", lambda x, residual, norm_w, eps, ctype,
+                      h_out=None: (nothing(x.shape, np.uint8), nothing(len(x), np.float32),
+                                   x if residual is None else residual))],
+        "fp8-gemv": [(cuda_fp8, "gemv", lambda q, s, w, out, ctype: out)],
+    }
+    saved = []
+    try:
+        for kind in kinds:
+            for obj, name, fn in patches[kind]:
+                saved.append((obj, name, obj.__dict__.get(name, _UNSET)))
+                setattr(obj, name, fn)
+        yield
+    finally:
+        for obj, name, value in reversed(saved):
+            if value is _UNSET:
+                delattr(obj, name)  # the class's method shows again
+            else:
+                setattr(obj, name, value)
+
+
+_UNSET = object()
+
+
+@contextlib.contextmanager
+def settings(spec: str):
+    """parse_variant(spec)'s settings inside (cuda_quant_gguf's cached grids cleared around)."""
     import importlib
 
     from engine.executor.ops import cuda_quant_gguf
@@ -263,17 +335,27 @@ def run_variant(engine, ctx: int, spec: str, base: tuple) -> str:
             setattr(m, attr, value)
         for cached in CACHES:
             getattr(cuda_quant_gguf, cached).cache_clear()  # their grids follow the settings
-        sec, _, logits = graph_alone(engine, ctx, engine.runner.graphs.max_context_len)
+        yield
     finally:
         for m, attr, value in reversed(saved):
             setattr(m, attr, value)
         for cached in CACHES:
             getattr(cuda_quant_gguf, cached).cache_clear()
+
+
+def run_variant(engine, ctx: int, spec: str, base: tuple) -> str:
+    """A batch-1 graph captured alone with `spec`'s settings (restored after), or without what
+    a WITHOUT spec names: its time and logits against `base` (graph_alone's answer with the
+    defaults)."""
+    without = spec.startswith(WITHOUT)
+    with leaving_out(engine, without_kinds(spec)) if without else settings(spec):
+        sec, _, logits = graph_alone(engine, ctx, engine.runner.graphs.max_context_len)
     if base is None:
         return sec
     a, b = (np.asarray(v, np.float32) if v.dtype != np.uint16 else
             (v.astype(np.uint32) << 16).view(np.float32) for v in (logits, base[2]))
-    same = ("bit-identical logits" if np.array_equal(logits, base[2]) else
+    same = ("logits not compared (work left out)" if without else
+            "bit-identical logits" if np.array_equal(logits, base[2]) else
             f"logits max |diff| {float(np.max(np.abs(a - b))):.3g} (max |logit| "
             f"{float(np.max(np.abs(b))):.3g}), same argmax {int(a.argmax()) == int(b.argmax())}")
     return (f"variant {spec}: {sec * 1e3:.3f} ms per replay, default {base[0] * 1e3:.3f} "
@@ -325,7 +407,14 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--variant", action="append", default=[],
                     help="module.ATTR=value[,...] of engine.executor.ops set for one more graph "
                          "captured alone (repeatable), e.g. cuda_quant_gguf.GEMV3_GRID=fill")
+    ap.add_argument("--without", action="append", default=[],
+                    help="KIND[+KIND...] left out of one more graph captured alone (repeatable; "
+                         "timing only, the logits are garbage): what that work costs in the "
+                         f"step. Kinds: {', '.join(LEAVE_OUT)}")
     args = ap.parse_args(argv)
+    for kinds in args.without:
+        without_kinds(WITHOUT + kinds)  # an unknown kind ends the run before the model loads
+        args.variant.append(WITHOUT + kinds)
     warnings = _Warnings()
     logging.getLogger("pagedserve").addHandler(warnings)
     from engine.executor.ops import cuda_kernels
