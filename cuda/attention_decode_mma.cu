@@ -23,12 +23,6 @@
 // ctx / CL keys rounded up to whole 16-key tiles, and CL is at most 8.
 constexpr int DM_KEYS = 16;  // keys per warp tile: one k16 step of P V, two n8 tiles of Q K^T
 
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-#define DM_CLUSTER_Z(n)
-#else
-#define DM_CLUSTER_Z(n) __cluster_dims__(1, 1, n)
-#endif
-
 // Grid: (num_decode_items, num_kv_heads * passes, num_splits)  Block: (NW * 32)
 // passes = ceil(group / GR). Dynamic shared memory: max(NW x ST x (K, V) x DM_KEYS x (HD + 8)
 // 16-bit elements, NW x GR x HD floats for the merge). CL > 1: num_splits == CL, clusters of CL
@@ -350,7 +344,7 @@ decode_mma_kernel(DM_PARAMS) {
 
 // Grid: (num_decode_items, num_kv_heads * passes, CL)  Block: (NW * 32), clusters of (1, 1, CL)
 template <typename T, int HD, int GR, int NW, int ST, int CL>
-__global__ void DM_CLUSTER_Z(CL) __launch_bounds__(NW * 32, NW <= 12 ? 12 / NW : 1)
+__global__ void CLUSTER_DIMS(1, 1, CL) __launch_bounds__(NW * 32, NW <= 12 ? 12 / NW : 1)
 decode_mma_cluster_kernel(DM_PARAMS) {
   static_assert(CL >= 2 && CL <= 8 && (GR * HD) % CL == 0, "a portable cluster");
   decode_mma_body<T, HD, GR, NW, ST, CL>(DM_ARGS);

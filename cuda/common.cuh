@@ -103,6 +103,14 @@ __device__ __forceinline__ void pdl_enter(int flags) {
 }
 
 // ------------------------------------------------------------------------------ clusters (sm_90)
+// A kernel's compile-time cluster shape; nothing before sm_90 (no clusters: a kernel using the
+// helpers below must not run there).
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
+#define CLUSTER_DIMS(x, y, z)
+#else
+#define CLUSTER_DIMS(x, y, z) __cluster_dims__(x, y, z)
+#endif
+
 // Both cluster barriers: arrive with release, wait with acquire (every thread of every block).
 __device__ __forceinline__ void cluster_sync() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900

@@ -143,13 +143,8 @@ __global__ void __launch_bounds__(1024) fp8_quantize_kernel(
 
 // A row over the C blocks of a cluster (cuda_fp8.CLUSTER_MAX_ROWS rows at most), about a word a
 // thread. Grid: (C, rows)  Block: (64..1024, a multiple of 32)  Cluster: (C, 1, 1)
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 900
-#define F8_CLUSTER_X(n)
-#else
-#define F8_CLUSTER_X(n) __cluster_dims__(n, 1, 1)
-#endif
 template <typename T, int PRO, int C>
-__global__ void F8_CLUSTER_X(C) __launch_bounds__(1024) fp8_quantize_cluster_kernel(
+__global__ void CLUSTER_DIMS(C, 1, 1) __launch_bounds__(1024) fp8_quantize_cluster_kernel(
     unsigned char* __restrict__ q, float* __restrict__ scale, T* __restrict__ residual,
     T* __restrict__ h_out, const T* __restrict__ x, const T* __restrict__ weight, float eps,
     int K, int mode, int flags) {

@@ -280,10 +280,7 @@ def leaving_out(engine, kinds: list[str]):
     model = engine.model
     ops, lm_head = model.ops, model.weights.lm_head
     linear = ops.linear
-
-    def nothing(shape, dtype):
-        return cupy.empty(shape, dtype)
-
+    nothing = cupy.empty  # an output left unfilled
     patches = {
         "attention": [(ops, "attention", lambda qkv, k_cache, v_cache, meta, num_heads, *rest,
                        out=None: out if out is not None else
