@@ -64,7 +64,9 @@ __device__ __forceinline__ float block_max(float v, float* smem) {
 // kernel wrote and before it writes anything (the previous kernel may still read memory this one
 // overwrites): then this grid's completion implies its predecessor's, and so on down the chain,
 // which is what lets a kernel read the output of one launched two or more before it. Only reads
-// of never-written data (weights) may come before the wait.
+// of what no kernel writes may come before the wait: weights, tables (RoPE's cos/sin) and a
+// step's inputs from the host (positions, slot mapping: copied before the first kernel of the
+// chain, which starts after the copy has finished).
 // pdl_trigger() lets the next kernel launch (once every block of this one has called it or
 // exited). It may come before the wait (pdl_enter with PDL_EARLY: the next kernel resident while
 // this one waits, and a chain of such kernels runs as deep as the SMs hold them) - the next

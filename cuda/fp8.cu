@@ -175,6 +175,12 @@ __global__ void __launch_bounds__(256) fp8_gemv_kernel(T* __restrict__ y,       
                                                        int N, int K, int flags) {
   __shared__ float red[F8_MAX_WARPS][M * F8_R];
   const int n0 = blockIdx.x * F8_R, words = K / 16;
+  // Thread i < M * F8_R writes output (i / F8_R, n0 + i % F8_R): its two scales are requested
+  // early (the weight's before the PDL wait, the row's right after it), not after the sums
+  // (at batch 1 a memory latency on the step's critical path, four a layer).
+  const int mi = threadIdx.x / F8_R, ri = threadIdx.x % F8_R;
+  const bool writes = threadIdx.x < M * F8_R && n0 + ri < N;  // blockDim.x >= 64 >= M * F8_R
+  const float swi = writes ? sw[n0 + ri] : 0.f;
   float acc[M][F8_R];
 #pragma unroll
   for (int m = 0; m < M; m++)
@@ -201,6 +207,7 @@ __global__ void __launch_bounds__(256) fp8_gemv_kernel(T* __restrict__ y,       
   // thread's words. Only qx and sx, read after it, come from an earlier kernel.
   load_w(threadIdx.x);
   pdl_enter(flags);
+  const float sxi = writes ? sx[mi] : 0.f;
   for (int base = threadIdx.x; base < words; base += F8_U * blockDim.x) {
     if (base != threadIdx.x) load_w(base);
 #pragma unroll
@@ -234,13 +241,10 @@ __global__ void __launch_bounds__(256) fp8_gemv_kernel(T* __restrict__ y,       
       if (lane == 0) red[warp][m * F8_R + r] = s;
     }
   __syncthreads();
-  const int num_warps = blockDim.x >> 5;
-  for (int i = threadIdx.x; i < M * F8_R; i += blockDim.x) {
-    const int m = i / F8_R, r = i % F8_R;
-    if (n0 + r >= N) continue;
+  if (writes) {
     float s = 0.f;
-    for (int k = 0; k < num_warps; k++) s += red[k][i];
-    y[(long)m * N + n0 + r] = from_float<T>(s * sx[m] * sw[n0 + r]);
+    for (int k = 0; k < (int)(blockDim.x >> 5); k++) s += red[k][threadIdx.x];
+    y[(long)mi * N + n0 + ri] = from_float<T>(s * sxi * swi);
   }
 }
 

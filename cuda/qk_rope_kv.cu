@@ -10,10 +10,10 @@
 // NOTE: each stage rounds to T before the next, as the unfused kernels (and HF) do, so the fused
 // path is bit-identical to add_bias -> qk_norm -> rope -> write_kv_cache.
 // q_weight / k_weight null: no q/k norm; bias null: no bias; slot -1: k/v not stored.
-// flags: PDL_EARLY; NORM_W_EARLY (common.cuh; cuda_norm.NORM_VEC): the norm weight and the bias
-// (never written by a kernel) are read before the PDL wait, and the position's cos/sin right
-// after it with the qkv row, not each after the previous step's arithmetic (at batch 1 this
-// kernel is a chain of memory latencies: qkv, then the norm weight, then cos/sin).
+// flags: PDL_EARLY; NORM_W_EARLY (common.cuh; cuda_norm.NORM_VEC): the norm weight, the bias and
+// the position's cos/sin (never written by a kernel: common.cuh's pdl_wait) are read before the
+// PDL wait, not each after the previous step's arithmetic (without it, this kernel at batch 1 is
+// a chain of memory latencies: the qkv row, the norm weight, the position, cos/sin, the slot).
 // Grid: (ceil(num_tokens * (num_heads + 2 * num_kv_heads) / 4))  Block: (128)
 template <typename T, typename CS, int HD>
 __global__ void __launch_bounds__(128) qk_norm_rope_kv_kernel(
@@ -38,12 +38,22 @@ __global__ void __launch_bounds__(128) qk_norm_rope_kv_kernel(
   const bool is_q = h < num_heads, is_v = h >= num_heads + num_kv_heads;
   const T* w = is_q ? q_weight : k_weight;
   float wv[PER], bv[PER], c[HALF], s[HALF];  // with `early`: norm weight, bias, cos, sin
+  long slot = -1;
   if (early && active) {
 #pragma unroll
     for (int i = 0; i < PER; i++) {
       if (!is_v && w != nullptr) wv[i] = to_float(w[lane + 32 * i]);
       if (bias != nullptr) bv[i] = to_float(bias[h * HD + lane + 32 * i]);
     }
+    if (!is_v) {
+      const long pos = positions[t];
+#pragma unroll
+      for (int i = 0; i < HALF; i++) {
+        c[i] = to_float(cos_sin[pos * HD + lane + 32 * i]);
+        s[i] = to_float(cos_sin[pos * HD + HD / 2 + lane + 32 * i]);
+      }
+    }
+    if (!is_q) slot = slot_mapping[t];
   }
   pdl_enter(flags);
   if (!active) return;
@@ -51,14 +61,6 @@ __global__ void __launch_bounds__(128) qk_norm_rope_kv_kernel(
   float v[PER];
 #pragma unroll
   for (int i = 0; i < PER; i++) v[i] = to_float(p[lane + 32 * i]);
-  if (early && !is_v) {
-    const long pos = positions[t];
-#pragma unroll
-    for (int i = 0; i < HALF; i++) {
-      c[i] = to_float(cos_sin[pos * HD + lane + 32 * i]);
-      s[i] = to_float(cos_sin[pos * HD + HD / 2 + lane + 32 * i]);
-    }
-  }
   if (bias != nullptr) {
 #pragma unroll
     for (int i = 0; i < PER; i++) {
@@ -94,7 +96,7 @@ __global__ void __launch_bounds__(128) qk_norm_rope_kv_kernel(
     for (int i = 0; i < PER; i++) p[lane + 32 * i] = from_float<T>(v[i]);
   }
   if (is_q) return;
-  const long slot = slot_mapping[t];
+  if (!early) slot = slot_mapping[t];
   if (slot < 0) return;
   const int kvh = is_v ? h - num_heads - num_kv_heads : h - num_heads;
   T* cache = (is_v ? v_cache : k_cache) +

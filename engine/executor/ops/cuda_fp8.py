@@ -115,11 +115,12 @@ def _check_k(k: int, *arrays) -> None:
 
 
 # Large batches (rows x K >= QUANT_WORDS_MIN_ELEMENTS): QUANT_WORDS 8-element words per thread in
-# the quantize kernels (their QC = 4 instance) instead of one, so that more rows are resident per
-# SM. H200 (device run B, kernel_check --only fp8, bit-exact either way), 1 -> 4 words: 2048 x
-# 4096 add+RMSNorm 22.7 -> 18.3 us, plain 11.7 -> 9.9; SiLU-mul at K = 14336: 2048 rows 82.9 ->
-# 71.6 us, 256 rows 10.5 -> 9.8; but 256 x 4096 slower (add+RMSNorm 3.9 -> 5.5 us), and one row
-# much slower (session 12, the Llama-3-8B FP8 batch-1 step graph: 2.641 -> 2.909 ms).
+# the quantize kernels (all of a thread's words in registers: their QC = 2 or 4 instance) instead
+# of one, so that more rows are resident per SM. H200 (device run B, kernel_check --only fp8,
+# bit-exact either way), 1 -> 4 words: 2048 x 4096 add+RMSNorm 22.7 -> 18.3 us, plain 11.7 ->
+# 9.9; SiLU-mul at K = 14336: 2048 rows 82.9 -> 71.6 us, 256 rows 10.5 -> 9.8; but 256 x 4096
+# slower (add+RMSNorm 3.9 -> 5.5 us), and one row much slower (session 12, the Llama-3-8B FP8
+# batch-1 step graph: 2.641 -> 2.909 ms; session 14, 2 words a thread: 2.514 -> 2.544 ms).
 QUANT_WORDS = 4
 QUANT_WORDS_MIN_ELEMENTS = 1 << 21
 
@@ -143,7 +144,7 @@ def _quant_launch(rows: int, k: int) -> tuple[int, int]:
     decode row (one block on one SM) is a couple of loads per thread, not dozens."""
     words = QUANT_WORDS if rows * k >= QUANT_WORDS_MIN_ELEMENTS else 1
     threads = min(1024, max(64, -(-k // (256 * words)) * 32))
-    return threads, 2 if words == 1 else 4
+    return threads, 2 if words <= 2 else 4  # QC: a thread's words all in registers
 
 
 def _quantize(prologue: int, q, s, x, k: int, ctype: str, residual=None, h_out=None,
