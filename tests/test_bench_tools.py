@@ -103,11 +103,26 @@ def test_bench_throughput_end_to_end(tiny_model, capsys):
     assert result["output_tok_s"] == pytest.approx(result["output_tokens"] / result["wall_s"])
     assert 0 < result["gpu_busy_steady_fraction"] <= 1 and 0 < result["gpu_busy_fraction"] < 1
     assert result["async_scheduling"] is False  # numpy's default
+    kinds = result["gpu_time_by_step_kind"]  # every step once, every prompt token in one
+    assert sum(k["steps"] for k in kinds) == result["num_steps"]
+    assert sum(k["prompt_tokens"] for k in kinds) == result["prompt_tokens"]
+    assert sum(k["gpu_s"] for k in kinds) == pytest.approx(
+        result["gpu_busy_fraction"] * result["wall_s"])
     overlapped = bench_throughput.main(["--model", tiny_model, *TINY_ARGS, "--async-scheduling"])
     assert overlapped["async_scheduling"] is True
     assert overlapped["num_steps"] == result["num_steps"]
     assert overlapped["output_tokens"] == result["output_tokens"]
     assert json.loads(capsys.readouterr().out.splitlines()[0]) == result
+
+
+def test_step_kinds_groups_device_time():
+    kinds = bench_throughput.step_kinds([1.0, 0.5, 0.25, 0.25, 2.0, 9.0],
+                                        [300, 0, 0, 0, 0, 7], [256, 256, 64, 1, 193, 3])
+    assert kinds == [
+        {"kind": "with prompt tokens", "steps": 2, "gpu_s": 10.0, "prompt_tokens": 307},
+        {"kind": "decode 193+ seqs", "steps": 2, "gpu_s": 2.5, "prompt_tokens": 0},
+        {"kind": "decode 1-64 seqs", "steps": 2, "gpu_s": 0.5, "prompt_tokens": 0},
+    ]
 
 
 def test_bench_throughput_sampled(tiny_model, capsys):

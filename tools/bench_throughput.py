@@ -8,7 +8,8 @@ figure: the roofline bound of the same work on the H200 test GPU (tools/workload
 measured / bound, the wall time, the number of engine steps and of preemptions, and the GPU busy
 fraction: the device time of every step (events around it: from its input upload to its sampled ids'
 copy; on numpy the CPU time of the forward and sampling) over the wall time, overall and over the
-steady state (the middle 80% of the steps). With async scheduling (the default on cuda) the host
+steady state (the middle 80% of the steps), and that device time by kind of step (with prompt
+tokens; decode-only by running sequences). With async scheduling (the default on cuda) the host
 prepares step N+1 while the GPU runs step N, so busy approaches 100%; `--no-async-scheduling`
 measures the synchronous loop.
 
@@ -152,7 +153,8 @@ def run_requests(engine, prompts: list[list[int]], output_lens: list[int],
     runner = engine.runner
     runner.time_gpu, gpu_times = True, runner.gpu_step_times
     del gpu_times[:]
-    step_times, blocks, held, batch_seqs = [], [], [], []
+    step_times, blocks, held, batch_seqs, prompt_tokens = [], [], [], [], []
+    last_prompt = stats0.prompt_tokens_total
     token_counts: dict[str, int] = {}
     try:
         t0 = time.perf_counter()
@@ -168,7 +170,10 @@ def run_requests(engine, prompts: list[list[int]], output_lens: list[int],
             running = engine.scheduler.running
             batch_seqs.append(len(running))
             held.append(sum(s.num_computed_tokens for s in running))
-            blocks.append(engine.get_stats().kv_blocks_used)
+            stats = engine.get_stats()
+            blocks.append(stats.kv_blocks_used)
+            prompt_tokens.append(stats.prompt_tokens_total - last_prompt)  # scheduled this call
+            last_prompt = stats.prompt_tokens_total
             for out in outputs:
                 if out.finished:
                     token_counts[out.request_id] = len(out.outputs[0].token_ids)
@@ -186,12 +191,36 @@ def run_requests(engine, prompts: list[list[int]], output_lens: list[int],
         "step_time_s": sum(step_times),
         "gpu_time_s": sum(gpu_times),
         "gpu_busy_steady_fraction": sum(gpu_times[lo:hi]) / max(1e-12, sum(step_times[lo:hi])),
+        "gpu_time_by_step_kind": step_kinds(gpu_times, prompt_tokens, batch_seqs),
         "output_tokens_per_request": [token_counts.get(f"{tag}-{i}", 0)
                                       for i in range(len(prompts))],
         "kv_blocks_per_step": blocks,
         "kv_tokens_held_per_step": held,
         "seqs_per_step": batch_seqs,
     }
+
+
+BATCH_BUCKETS = (1, 65, 129, 193)  # decode-only steps grouped by running sequences, from these
+
+
+def step_kinds(gpu_times: list[float], prompt_tokens: list[int], seqs: list[int]) -> list[dict]:
+    """Device time by kind of step: the steps that ran prompt tokens (prefill, alone or mixed
+    with decodes), then decode-only steps by how many sequences ran (BATCH_BUCKETS). A step's
+    device time is read in launch order, its prompt tokens and sequences in the call that
+    scheduled it; both count the steps the same way, so the lists line up."""
+    kinds: dict[str, dict] = {}
+    for sec, prompt, n in zip(gpu_times, prompt_tokens, seqs, strict=False):
+        if prompt:
+            name = "with prompt tokens"
+        else:
+            lo = max(b for b in BATCH_BUCKETS if b <= max(n, 1))
+            hi = next((b - 1 for b in BATCH_BUCKETS if b > lo), None)
+            name = f"decode {lo}-{hi} seqs" if hi else f"decode {lo}+ seqs"
+        k = kinds.setdefault(name, {"kind": name, "steps": 0, "gpu_s": 0.0, "prompt_tokens": 0})
+        k["steps"] += 1
+        k["gpu_s"] += sec
+        k["prompt_tokens"] += prompt
+    return sorted(kinds.values(), key=lambda k: -k["gpu_s"])
 
 
 def warmup(engine, vocab_size: int, args: argparse.Namespace | None = None) -> None:
@@ -292,6 +321,7 @@ def summarize(args, engine, prompts, output_lens, trace) -> dict:
         "async_scheduling": engine.async_scheduling,
         "gpu_busy_fraction": trace["gpu_time_s"] / wall,
         "gpu_busy_steady_fraction": trace["gpu_busy_steady_fraction"],
+        "gpu_time_by_step_kind": trace["gpu_time_by_step_kind"],
         "roofline_output_tok_s": bound["output_tok_s"],
         "roofline_bound_s": bound["bound_time_s"],
         "roofline_bound_by": bound["bound"],
@@ -320,6 +350,11 @@ def format_report(r: dict) -> str:
         f"{'on' if r['async_scheduling'] else 'off'}",
         f"GPU busy {r['gpu_busy_fraction']:.1%} of wall   steady state "
         f"{r['gpu_busy_steady_fraction']:.1%}",
+        "GPU time by step: " + "; ".join(
+            f"{k['kind']} {k['gpu_s']:.2f} s over {k['steps']} steps "
+            f"({k['gpu_s'] / k['steps'] * 1e3:.2f} ms each"
+            + (f", {k['prompt_tokens']} prompt tokens" if k["prompt_tokens"] else "") + ")"
+            for k in r["gpu_time_by_step_kind"]),
     ])
 
 

@@ -276,6 +276,7 @@ def paged_attention(qkv, k_cache, v_cache, meta: DeviceAttentionMetadata, num_he
                 i32(splits), keys_per_split)
         grid = (num_dec, num_kv_heads * passes, splits)
         if decode_kernel() == "mma":
+            grid = (num_kv_heads * passes, num_dec, splits)  # heads fastest
             nw, st = plan.decode_config or DECODE_MMA_CONFIG
             name = (f"decode_mma_kernel<{ctype}, {head_dim}, {g}, {nw}, {st}>" if cluster == 1
                     else f"decode_mma_cluster_kernel<{ctype}, {head_dim}, {g}, {nw}, {st}, "
