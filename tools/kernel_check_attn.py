@@ -4,7 +4,7 @@ cp.async stages) variant), timed by CUDA-graph replay on the grid the engine's d
 (splits sized for a 32k max_model_len), with the K/V bytes the step must read, their rate and its %
 of the H200's 4.27 TB/s:
 - W1's decode mix at batch 256 (contexts 100..1100), Llama-3-8B heads (32 q / 8 kv, hd 128) and
-  Qwen3-0.6B heads (16 / 8, hd 128);
+  Qwen3-0.6B heads (16 / 8, hd 128); the Llama-3-8B one also in caches of 32- and 64-token blocks;
 - one sequence of 16,384 and of 32,532 tokens, with split-count sweeps for mma;
 - a whole batch-1 decode step of Qwen3-0.6B shapes at a 32,532-token context: v1, then mma.
 Errors: against the numpy twin where the cache is small enough to copy back, else against v1.
@@ -26,13 +26,14 @@ def check_attn(ops, kc):
     """kc: the kernel_check module (its row, graph_time, rel, up, REF, OPTS, decode_step)."""
     rng = np.random.default_rng(3)
     w1 = rng.integers(100, 1101, 256).tolist()  # W1's decode steps: 256 x 100..1100
-    cases = [("llama3-8b", "W1 B=256", w1), ("qwen3-0.6b", "W1 B=256", w1),
+    cases = [("llama3-8b", "W1 B=256", w1), ("llama3-8b", "W1 B=256 block 32", w1, 32),
+             ("llama3-8b", "W1 B=256 block 64", w1, 64), ("qwen3-0.6b", "W1 B=256", w1),
              ("qwen3-0.6b", "1 x 16384", [16384]), ("qwen3-0.6b", "1 x 32532", [32532]),
              ("llama3-8b", "1 x 32532", [32532])]
     if kc.OPTS["small"]:
         cases = [("qwen3-0.6b", "B=8 x 300", [300] * 8), ("llama3-8b", "1 x 4096", [4096])]
-    for preset, label, ctx in cases:
-        check_case(ops, kc, rng, preset, label, ctx)
+    for preset, label, ctx, *bs in cases:
+        check_case(ops, kc, rng, preset, label, ctx, *bs)
     saved = ca.DECODE_KERNEL
     try:
         for kernel in ("v1", "mma"):
@@ -42,9 +43,12 @@ def check_attn(ops, kc):
         ca.DECODE_KERNEL = saved
 
 
-def check_case(ops, kc, rng, preset, label, ctx):
+def check_case(ops, kc, rng, preset, label, ctx, block_size=16):
+    """One batch of decode rows with contexts `ctx` in a cache of `block_size`-token blocks
+    (the engine's --block-size; 16 by default): a K or V block of one kv head is block_size x
+    head_dim contiguous values, so larger blocks make longer contiguous reads."""
     nh, nkv, hd = HEADS[preset]
-    meta, cache = kc._decode_batch(ops, ctx, nkv, hd)
+    meta, cache = kc._decode_batch(ops, ctx, nkv, hd, block_size)
     qkv, qkv_h = kc.up(ops, rng.standard_normal((len(ctx), (nh + 2 * nkv) * hd)))
     scale = hd**-0.5
     want = None
