@@ -345,7 +345,7 @@ decode_mma_kernel(DM_PARAMS) {
   decode_mma_body<T, HD, GR, NW, ST, 1>(DM_ARGS);
 }
 
-// Grid: (num_decode_items, num_kv_heads * passes, CL)  Block: (NW * 32), clusters of (1, 1, CL)
+// Grid: (num_kv_heads * passes, num_decode_items, CL)  Block: (NW * 32), clusters of (1, 1, CL)
 template <typename T, int HD, int GR, int NW, int ST, int CL>
 __global__ void CLUSTER_DIMS(1, 1, CL) __launch_bounds__(NW * 32, NW <= 12 ? 12 / NW : 1)
 decode_mma_cluster_kernel(DM_PARAMS) {

@@ -103,12 +103,12 @@ def test_bench_throughput_end_to_end(tiny_model, capsys):
     assert result["output_tok_s"] == pytest.approx(result["output_tokens"] / result["wall_s"])
     assert 0 < result["gpu_busy_steady_fraction"] <= 1 and 0 < result["gpu_busy_fraction"] < 1
     assert result["async_scheduling"] is False  # numpy's default
-    kinds = result["gpu_time_by_step_kind"]  # every step once, every prompt token in one
-    assert sum(k["steps"] for k in kinds) == result["num_steps"]
-    assert sum(k["prompt_tokens"] for k in kinds) == result["prompt_tokens"]
-    assert sum(k["gpu_s"] for k in kinds) == pytest.approx(
-        result["gpu_busy_fraction"] * result["wall_s"])
     overlapped = bench_throughput.main(["--model", tiny_model, *TINY_ARGS, "--async-scheduling"])
+    for r in (result, overlapped):  # every launched step once, every prompt token in one
+        kinds = r["gpu_time_by_step_kind"]
+        assert sum(k["steps"] for k in kinds) == r["num_steps"]
+        assert sum(k["prompt_tokens"] for k in kinds) == r["prompt_tokens"]
+        assert sum(k["gpu_s"] for k in kinds) == pytest.approx(r["gpu_busy_fraction"] * r["wall_s"])
     assert overlapped["async_scheduling"] is True
     assert overlapped["num_steps"] == result["num_steps"]
     assert overlapped["output_tokens"] == result["output_tokens"]

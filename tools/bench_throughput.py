@@ -153,8 +153,11 @@ def run_requests(engine, prompts: list[list[int]], output_lens: list[int],
     runner = engine.runner
     runner.time_gpu, gpu_times = True, runner.gpu_step_times
     del gpu_times[:]
-    step_times, blocks, held, batch_seqs, prompt_tokens = [], [], [], [], []
-    last_prompt = stats0.prompt_tokens_total
+    step_times, blocks, held, batch_seqs = [], [], [], []
+    # per launched step, in launch order (as runner.gpu_step_times): its prompt tokens and the
+    # sequences running when it was scheduled (a decode-only step runs all of them)
+    prompt_tokens, launched_seqs = [], []
+    last = stats0
     token_counts: dict[str, int] = {}
     try:
         t0 = time.perf_counter()
@@ -165,6 +168,7 @@ def run_requests(engine, prompts: list[list[int]], output_lens: list[int],
             engine.add_request(f"{tag}-{i}", {"prompt_token_ids": p}, params)
         while engine.has_unfinished_requests():
             ts = time.perf_counter()
+            running_before = len(engine.scheduler.running)
             outputs = engine.step()
             step_times.append(time.perf_counter() - ts)
             running = engine.scheduler.running
@@ -172,8 +176,10 @@ def run_requests(engine, prompts: list[list[int]], output_lens: list[int],
             held.append(sum(s.num_computed_tokens for s in running))
             stats = engine.get_stats()
             blocks.append(stats.kv_blocks_used)
-            prompt_tokens.append(stats.prompt_tokens_total - last_prompt)  # scheduled this call
-            last_prompt = stats.prompt_tokens_total
+            if stats.num_steps > last.num_steps:  # this call scheduled (and launched) a step
+                prompt_tokens.append(stats.prompt_tokens_total - last.prompt_tokens_total)
+                launched_seqs.append(running_before)
+            last = stats
             for out in outputs:
                 if out.finished:
                     token_counts[out.request_id] = len(out.outputs[0].token_ids)
@@ -191,7 +197,7 @@ def run_requests(engine, prompts: list[list[int]], output_lens: list[int],
         "step_time_s": sum(step_times),
         "gpu_time_s": sum(gpu_times),
         "gpu_busy_steady_fraction": sum(gpu_times[lo:hi]) / max(1e-12, sum(step_times[lo:hi])),
-        "gpu_time_by_step_kind": step_kinds(gpu_times, prompt_tokens, batch_seqs),
+        "gpu_time_by_step_kind": step_kinds(gpu_times, prompt_tokens, launched_seqs),
         "output_tokens_per_request": [token_counts.get(f"{tag}-{i}", 0)
                                       for i in range(len(prompts))],
         "kv_blocks_per_step": blocks,
@@ -205,9 +211,8 @@ BATCH_BUCKETS = (1, 65, 129, 193)  # decode-only steps grouped by running sequen
 
 def step_kinds(gpu_times: list[float], prompt_tokens: list[int], seqs: list[int]) -> list[dict]:
     """Device time by kind of step: the steps that ran prompt tokens (prefill, alone or mixed
-    with decodes), then decode-only steps by how many sequences ran (BATCH_BUCKETS). A step's
-    device time is read in launch order, its prompt tokens and sequences in the call that
-    scheduled it; both count the steps the same way, so the lists line up."""
+    with decodes), then decode-only steps by how many sequences ran (BATCH_BUCKETS). The three
+    lists hold one entry per launched step, in launch order."""
     kinds: dict[str, dict] = {}
     for sec, prompt, n in zip(gpu_times, prompt_tokens, seqs, strict=False):
         if prompt:

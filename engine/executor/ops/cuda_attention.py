@@ -34,6 +34,7 @@ DECODE_THREADS = 128  # attention.cu's DEC_WARPS warps
 # mma: Qwen3-0.6B 22,868 output tok/s, Llama-3-8B 9,265 (7,678 before).
 DECODE_KERNEL = os.environ.get("PAGEDSERVE_DECODE_KERNEL", "mma")
 DECODE_MMA_CONFIG = DECODE_MMA_CONFIGS[0]  # (warps, cp.async stages per warp)
+MAX_GRID_Y = 65535  # CUDA's limit on a grid's y size: the mma decode kernel's decode rows
 NUM_BLOCKS_TARGET = 1024  # decode blocks that fill an H200's 132 SMs several times over
 # A sequence takes ceil(context / keys per split) of the grid's splits, at most all of them
 # (attention.cu's seq_splits): the grid is sized for the longest context, each sequence for its own.
@@ -276,6 +277,9 @@ def paged_attention(qkv, k_cache, v_cache, meta: DeviceAttentionMetadata, num_he
                 i32(splits), keys_per_split)
         grid = (num_dec, num_kv_heads * passes, splits)
         if decode_kernel() == "mma":
+            if num_dec > MAX_GRID_Y:
+                raise ValueError(f"attention: {num_dec} decode rows in one step, the mma "
+                                 f"kernel takes at most {MAX_GRID_Y} (lower --max-num-seqs)")
             grid = (num_kv_heads * passes, num_dec, splits)  # heads fastest
             nw, st = plan.decode_config or DECODE_MMA_CONFIG
             name = (f"decode_mma_kernel<{ctype}, {head_dim}, {g}, {nw}, {st}>" if cluster == 1
