@@ -25,6 +25,10 @@ copy, 2-layer decode models with a 4096-token vocabulary, 2 timed calls) for com
 decode1 (tools/kernel_check_decode1.py): a batch-1 decode step's ops each graph-timed alone
 against the real step graph, per shape and weight format; `--decode1 qwen3-0.6b,llama3-8b:fp8`
 picks which.
+
+--set module.ATTR=value[,...] runs everything with settings of engine.executor.ops modules
+changed (b1_gap.py's --variant syntax), e.g. `--only fp8w1 --set cuda_fp8.CLUSTER_MAX_ROWS=64`:
+run it again without to compare.
 """
 
 from __future__ import annotations
@@ -790,7 +794,13 @@ def main():
     OPTS["small"], OPTS["check_each"] = "--small" in sys.argv, "--check-each" in sys.argv
     if "--decode1" in sys.argv:
         OPTS["decode1"] = sys.argv[sys.argv.index("--decode1") + 1]
-    run_all(ops, quick="--quick" in sys.argv, only=only)
+    spec = sys.argv[sys.argv.index("--set") + 1] if "--set" in sys.argv else None
+    if spec:
+        from tools.b1_gap import settings
+
+        print(f"settings: {spec}", flush=True)
+    with settings(spec) if spec else contextlib.nullcontext():
+        run_all(ops, quick="--quick" in sys.argv, only=only)
     print(f"\nkernel_check took {time.perf_counter() - t0:.0f} s")
 
 
