@@ -275,7 +275,6 @@ def paged_attention(qkv, k_cache, v_cache, meta: DeviceAttentionMetadata, num_he
                 meta.query_start_loc, meta.context_lens, tables, i32(tables.shape[1]),
                 i32(num_dec), i32(num_heads), i32(num_kv_heads), i32(block_size), scale_log2,
                 i32(splits), keys_per_split)
-        grid = (num_dec, num_kv_heads * passes, splits)
         if decode_kernel() == "mma":
             if num_dec > MAX_GRID_Y:
                 raise ValueError(f"attention: {num_dec} decode rows in one step, the mma "
@@ -295,7 +294,8 @@ def paged_attention(qkv, k_cache, v_cache, meta: DeviceAttentionMetadata, num_he
         else:
             launch(kernel("attention.cu",
                           f"decode_attention_kernel<{ctype}, {head_dim}, {g}, {DECODE_UNROLL}>",
-                          ctype), grid, (DECODE_THREADS,), args, pdl=True)
+                          ctype), (num_dec, num_kv_heads * passes, splits), (DECODE_THREADS,),
+                   args, pdl=True)
         if splits > 1 and cluster == 1:
             launch(kernel("attention.cu", f"decode_reduce_kernel<{ctype}, {head_dim}>", ctype),
                    (num_dec, num_heads), (REDUCE_THREADS,),
