@@ -1,11 +1,11 @@
 // FP8 (E4M3) W8A8: per-row quantization of activations and weights (fused with the RMSNorm or the
 // SiLU-mul that precedes a matrix product), the small-batch FP8 GEMV, and the epilogue that scales
 // cuBLASLt's fp32 product. engine/model/fp8.py is the numpy twin that defines every value here:
-//   quantize:  s = absmax(row) / 448 (1 for an all-zero row), q = e4m3_rn_satfinite(x / s)
+//   quantize:  s = absmax(row) / 448 (1 for an all-zero row), q = e4m3_rn_satfinite(x * (1 / s))
 //   product:   y[m, n] = (sum_k dec(qx[m, k]) * dec(qw[n, k])) * sx[m] * sw[n]
-// NOTE: x / s and absmax / 448 are IEEE divisions (NVRTC's default -prec-div=true), so the codes
-// and scales are bit-identical to numpy's. Products of two E4M3 values are exact in fp32; only the
-// order of the fp32 sums differs from the twin.
+// NOTE: 1 / s and absmax / 448 are IEEE divisions (NVRTC's default -prec-div=true) and x * (1 / s)
+// one rounded multiply, so the codes and scales are bit-identical to numpy's. Products of two
+// E4M3 values are exact in fp32; only the order of the fp32 sums differs from the twin.
 #include "fp8.cuh"
 
 // ------------------------------------------------------------------------------ quantization
@@ -106,8 +106,8 @@ __device__ __forceinline__ void quantize_rows_body(
           for (int e = 0; e < 8; e++) f[e] = f[e] * inv * g[e];
         }
       },
-      [&](int w, const float* f, float sc) {
-        encode8(q + base + 8 * w, f, sc);
+      [&](int w, const float* f, float inv) {
+        encode8(q + base + 8 * w, f, inv);
         if (PRO == 2 && h_out != nullptr) store8(h_out + base + 8 * w, f);
       },
       [&](float amax) {

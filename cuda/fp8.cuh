@@ -85,11 +85,12 @@ __device__ __forceinline__ void silu_mul8(const T* g, int K, int w, float* f) {
   for (int e = 0; e < 8; e++) f[e] = f[e] / (1.f + expf(-f[e])) * u[e];
 }
 
-__device__ __forceinline__ void encode8(unsigned char* q, const float* f, float s) {
+// 8 values times the row's inverse scale (one rounding: no FMA contraction) -> codes
+__device__ __forceinline__ void encode8(unsigned char* q, const float* f, float inv) {
   uint2 w;
   unsigned char* b = reinterpret_cast<unsigned char*>(&w);
 #pragma unroll
-  for (int e = 0; e < 8; e++) b[e] = encode_e4m3(f[e] / s);
+  for (int e = 0; e < 8; e++) b[e] = encode_e4m3(__fmul_rn(f[e], inv));
   *reinterpret_cast<uint2*>(q) = w;
 }
 
@@ -110,8 +111,8 @@ __device__ __forceinline__ void fp8x8_to_float(const uint4& w, int h, float* f) 
 // ... Pass 1 finds the row's absmax (row_max(amax) combines the threads' values), pass 2 encodes.
 // A thread keeps its first QC words in registers between the passes; its other words are made
 // again. make(w, i, f) gives word w's 8 values (before rounding to T), i the thread's register
-// slot (QC past them); emit(w, f, s) stores word w, f rounded to T, with the row's scale s.
-// Returns s.
+// slot (QC past them); emit(w, f, inv) stores word w, f rounded to T, with inv = 1 / s the
+// reciprocal of the row's scale s (an IEEE division, once a row). Returns s.
 template <typename T, int QC, typename Make, typename Emit, typename RowMax>
 __device__ __forceinline__ float quantize_words(int first, int stride, int words, Make make,
                                                 Emit emit, RowMax row_max) {
@@ -128,17 +129,17 @@ __device__ __forceinline__ float quantize_words(int first, int stride, int words
     make(w, QC, f);
     round8<T>(f, amax);
   }
-  const float s = row_scale(row_max(amax));
+  const float s = row_scale(row_max(amax)), inv = 1.f / s;
 #pragma unroll
   for (int i = 0; i < QC; i++) {
     const int w = first + i * stride;
-    if (w < words) emit(w, c[i], s);
+    if (w < words) emit(w, c[i], inv);
   }
   for (int w = first + QC * stride; w < words; w += stride) {
     float dummy = 0.f;
     make(w, QC, f);
     round8<T>(f, dummy);
-    emit(w, f, s);
+    emit(w, f, inv);
   }
   return s;
 }
@@ -168,7 +169,7 @@ template <typename T, int PRO, int QC>
 __device__ __forceinline__ float fp8_stage_row(unsigned char* codes, float* red, const T* x,
                                                const T* residual, const T* norm_w, T* res_out,
                                                float eps, int K) {
-  auto emit = [&](int w, const float* f, float sc) { encode8(codes + 8 * w, f, sc); };
+  auto emit = [&](int w, const float* f, float inv) { encode8(codes + 8 * w, f, inv); };
   if constexpr (PRO == 0) {
     return quantize_row<T, QC>(K / 8, red, [&](int w, float* f) { load8(x + 8 * w, f); }, emit);
   } else if constexpr (PRO == 1) {

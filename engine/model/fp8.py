@@ -5,8 +5,10 @@ per sign (S.1111.111); largest finite 448, smallest subnormal 2^-9.
 
     encode(x)        round to nearest even; |x| beyond 448 (and +-inf) saturates to +-448; NaN ->
                      0x7F (what CUDA's __nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3) does)
-    quantize_rows(x) per row: s = absmax / 448 (s = 1 for an all-zero row), q = encode(x / s);
-                     for weights a row is an output channel, for activations a token
+    quantize_rows(x) per row: s = absmax / 448 (s = 1 for an all-zero row), q = encode(x * (1 / s))
+                     (the reciprocal rounded, then one rounded product: vLLM's order, and a
+                     multiply, not a division, per value on the GPU); for weights a row is an
+                     output channel, for activations a token
     fp8_linear(x, w) y[t, o] = (sum_i dec(qx[t, i]) * dec(qw[o, i])) * sx[t] * sw[o],
                      products of decoded values exact in float32, sums accumulated in float32
 
@@ -76,7 +78,10 @@ def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     absmax = np.max(np.abs(x), axis=1) if x.shape[1] else np.zeros(len(x), np.float32)
     scale = (absmax / np.float32(E4M3_MAX)).astype(np.float32)
     scale[scale == 0] = 1.0  # an all-zero row (e.g. padding): any scale encodes it as zeros
-    return encode(x / scale[:, None]), scale
+    # x times the scale's reciprocal (one rounding each), as vLLM's quantization kernels do: a
+    # multiply a value, not a division, on the GPU
+    inv = (np.float32(1.0) / scale).astype(np.float32)
+    return encode(x * inv[:, None]), scale
 
 
 def quantize_weight(w: np.ndarray) -> QuantizedWeight:
