@@ -52,6 +52,22 @@ def test_every_named_instance_compiles(source, tmp_path):
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
+@pytest.mark.parametrize("name", ["attention_prefill_sm90.cu"])
+def test_wgmma_prefill_compiles_for_sm90a(name, tmp_path):
+    """The wgmma kernel's body exists only for sm_90a: compile it there through ptxas, which
+    checks the wgmma operands, and hold it to what its design needs: no spills, and no wgmma
+    that ptxas serialized (its warnings C7510..C7515)."""
+    result = subprocess.run(
+        [NVCC, "-std=c++17", "-arch=sm_90a", "-DPAGEDSERVE_NVCC_CHECK", "-Xptxas", "-v",
+         "-cubin", "-o", str(tmp_path / "out.cubin"), str(CUDA_DIR / name)],
+        capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr
+    spills = [line for line in result.stderr.splitlines() if "spill stores" in line]
+    assert spills and all(" 0 bytes spill stores" in line for line in spills), result.stderr
+    assert "C751" not in result.stderr, result.stderr
+
+
 def test_source_key_changes_with_a_header(tmp_path):
     """CuPy caches kernels by source text: the text handed to it carries a digest of cuda/*.cuh,
     so a changed header alone recompiles."""

@@ -1,7 +1,8 @@
 """The prefill attention kernels (v1 attention_prefill.cu; v2 attention_prefill_gqa.cu as the
 engine picks it, and each compiled variant) against the numpy twin: long prompts, chunked prefill
 over a cached prefix, several sequences and decodes in one launch, GQA 1:1 .. 16:1, block sizes 16
-and 32, head_dim 64 and 128, fp16 and bf16 (GPU only)."""
+and 32, head_dim 64 and 128, fp16 and bf16 (GPU only). Last in the file, the wgmma kernel
+(attention_prefill_sm90.cu; Hopper only): a fault there cannot hide the others' results."""
 
 from __future__ import annotations
 
@@ -14,13 +15,14 @@ cupy = require_gpu()
 
 from engine.executor.ops import AttentionMetadata  # noqa: E402
 from engine.executor.ops import cuda_prefill as cpf  # noqa: E402
-from engine.executor.ops.cuda_kernels import PREFILL_CONFIGS  # noqa: E402
+from engine.executor.ops.cuda_kernels import PREFILL_CONFIGS, SM90_CONFIGS  # noqa: E402
 from engine.executor.ops.cuda_ops import CudaOps  # noqa: E402
 from engine.executor.ops.numpy_ops import NumpyOps  # noqa: E402
 
 TOL = {"float16": 2e-3, "bfloat16": 1e-2}  # relative L2 error vs the fp32 reference
 REF = NumpyOps()
 KERNELS = [("v1", None), ("v2", None)] + [("v2", c) for c in PREFILL_CONFIGS]
+HOPPER = cupy.cuda.Device().compute_capability == "90"
 
 CASES = {  # name -> (num_heads, num_kv_heads, head_dim, block_size, num_new, context_lens)
     "long 4:1 bs16": (8, 2, 128, 16, [1030], [1030]),
@@ -29,6 +31,11 @@ CASES = {  # name -> (num_heads, num_kv_heads, head_dim, block_size, num_new, co
     "8:1 hd64 bs32": (16, 2, 64, 32, [190, 70], [400, 70]),
     "3:1 hd128 bs16 chunk": (6, 2, 128, 16, [130], [999]),
     "16:1 hd64 bs16": (16, 1, 64, 16, [100, 9], [100, 33]),
+    # sm90's other cache shapes: blocks of 8 keys (TMA boxes of 8 rows), a block wider than its
+    # key tile (boxes of 128 inside one), and 12 (no multiple of 8: its cp.async gather)
+    "2:1 hd64 bs8": (4, 2, 64, 8, [130, 3], [130, 50]),
+    "4:1 bs256 chunk": (8, 2, 128, 256, [600], [700]),
+    "4:1 bs12 chunked": (8, 2, 128, 12, [300, 2], [340, 90]),
 }
 
 
@@ -77,7 +84,10 @@ def check_kernels(ops, case, kernels):
         plan = dmeta.work[nh // nkv]
         picked = plan.prefill_config
         assert plan.prefill_kernel == kernel
-        assert picked == config if config or kernel == "v1" else picked in PREFILL_CONFIGS
+        if kernel == "sm90":
+            assert picked == (config or SM90_CONFIGS[0])
+        else:
+            assert picked == config if config or kernel == "v1" else picked in PREFILL_CONFIGS
         assert np.isfinite(got).all(), f"{kernel} {config}: NaN/inf (a row left unwritten)"
         err = np.linalg.norm(got - want) / np.linalg.norm(want)
         assert err < TOL[ops.dtype], f"{kernel} {config}: relative error {err:.2e}"
@@ -105,6 +115,7 @@ def test_prefill_items_cover_every_new_token_once_longest_first():
 
 def test_prefill_plan_picks_by_the_tail_and_falls_back_to_v1(restore_kernel, monkeypatch):
     monkeypatch.setattr(cpf, "_num_sms", lambda: 132)
+    cpf.PREFILL_KERNEL = "v2"
     one = np.array([0, 2048], np.int32)
     # Qwen3 heads (2:1): 256-row blocks make 128 blocks for 132 SMs, the longest 16x the shortest
     assert cpf.prefill_plan(one, [2048], 8, 2)[:2] == ("v2", (1, 8, 64))
@@ -118,3 +129,25 @@ def test_prefill_plan_picks_by_the_tail_and_falls_back_to_v1(restore_kernel, mon
     cpf.PREFILL_KERNEL, cpf.PREFILL_CONFIG = "v1", None
     name, config, items = cpf.prefill_plan(one, [2048], 8, 4)
     assert (name, config) == ("v1", None) and (items[:, 2] == cpf.PREFILL_M).all()
+    cpf.PREFILL_KERNEL = "sm90"  # 128-row blocks: 32 tokens of a 4:1 group, 128 of 1:1
+    monkeypatch.setattr(cpf, "_has_wgmma", lambda: True)
+    name, config, items = cpf.prefill_plan(one, [2048], 8, 4)
+    assert (name, config) == ("sm90", SM90_CONFIGS[0]) and (items[:, 2] == 32).all()
+    assert (cpf.prefill_plan(one, [2048], 8, 1)[2][:, 2] == 128).all()
+    assert cpf.prefill_plan(one, [2048], 1, 129)[0] == "v2"  # wider than sm90's 128 rows
+    monkeypatch.setattr(cpf, "_has_wgmma", lambda: False)  # not Hopper: v2 takes its place
+    assert cpf.prefill_plan(one, [2048], 8, 4)[0] == "v2"
+    cpf.PREFILL_KERNEL = "auto"  # the default: sm90 on Hopper, else v2
+    assert cpf.prefill_plan(one, [2048], 8, 4)[0] == "v2"
+    monkeypatch.setattr(cpf, "_has_wgmma", lambda: True)
+    assert cpf.prefill_plan(one, [2048], 8, 4)[:2] == ("sm90", SM90_CONFIGS[0])
+
+
+@pytest.mark.skipif(not HOPPER, reason="wgmma needs an sm_90 GPU")
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_sm90_prefill_matches_the_twin(dtype, case, restore_kernel):
+    # its own CudaOps, not the module's `ops`: pytest groups a module fixture's tests by its
+    # parameter, which would run these before the bfloat16 ones above
+    check_kernels(CudaOps(dtype), case, [("sm90", c) for c in SM90_CONFIGS if
+                                         dtype == "bfloat16" or c == SM90_CONFIGS[0]])

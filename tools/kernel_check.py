@@ -7,7 +7,7 @@ sampler old vs new, decode steps.
     PYTHONPATH=. python tools/gpu_check.py --only new      # the same, from gpu_check
 
 --quick skips the Llama-3-8B shapes and the decode steps; --only runs the named sections
-(launches, fused, gemv, gemv1 (M = 1 only), splits, sampling, prefill,
+(launches, fused, gemv, gemv1 (M = 1 only), splits, sampling, prefill, prefill90 (wgmma),
 gguf, decode, step (decode-step variants at batch 1, ctx 512: PDL, early trigger, fusions), fp8:
 tools/kernel_check_fp8.py, fp8w1: FP8 vs bf16 linear ops of a W1 step,
 tools/kernel_check_fp8w1.py, attn: decode attention v1 vs mma, tools/kernel_check_attn.py, w1: one
@@ -382,11 +382,35 @@ PREFILL_HEADS = {"llama3-8b": (32, 8, 128), "qwen3-0.6b": (16, 8, 128)}  # (nh, 
 
 def prefill_kernels():
     """(label, PREFILL_KERNEL, PREFILL_CONFIG): v1 (the timing baseline), v2 with
-    the variant prefill_plan picks (what the engine runs), then every compiled v2 variant."""
+    the variant prefill_plan picks (what the engine runs), then every compiled v2 variant, and
+    the wgmma kernel on Hopper."""
     out = [("v1", "v1", None), ("v2 auto", "v2", None)]
     for c in cuda_kernels.PREFILL_CONFIGS:
         out.append((f"v2 MI={c[0]} NW={c[1]} BN={c[2]}", "v2", c))
+    return out + sm90_kernels()[1:]
+
+
+def sm90_kernels(experiments: bool = False):
+    """v2 auto (the baseline), then the wgmma kernel's variants where the GPU has wgmma (Hopper);
+    with `experiments`, also runs with its SM90_FLAGS bits: no K/V copies (the consumers alone),
+    no ping-pong."""
+    out = [("v2 auto", "v2", None)]
+    if cupy.cuda.Device().compute_capability != "90":
+        return out
+    for bn, st in cuda_kernels.SM90_CONFIGS:
+        out.append((f"sm90 BN={bn} ST={st}", "sm90", (bn, st)))
+        if experiments:
+            out += [(f"sm90 BN={bn} ST={st} no copies", "sm90", (bn, st), 1),
+                    (f"sm90 BN={bn} ST={st} no ping-pong", "sm90", (bn, st), 2)]
     return out
+
+
+def check_prefill90(ops):
+    """The wgmma kernel's variants and experiments against v2, in a table of their own."""
+    if cupy.cuda.Device().compute_capability != "90":
+        print("prefill90: skipped, wgmma needs an sm_90 GPU", flush=True)
+        return
+    check_prefill(ops, "prefill90", sm90_kernels(experiments="--experiments" in sys.argv))
 
 
 def _prefill_batch(ops, num_new, ctx, nkv, hd, bs, rng):
@@ -407,8 +431,10 @@ def _prefill_batch(ops, num_new, ctx, nkv, hd, bs, rng):
 
 
 def _run_prefill(ops, kernel_choice, qkv, cache, meta, nh, nkv):
-    """(attention call, the v2 variant its plan picked or None)."""
-    cuda_prefill.PREFILL_KERNEL, cuda_prefill.PREFILL_CONFIG = kernel_choice
+    """(attention call, the v2 variant its plan picked or None). kernel_choice: (PREFILL_KERNEL,
+    PREFILL_CONFIG[, SM90_FLAGS])."""
+    cuda_prefill.PREFILL_KERNEL, cuda_prefill.PREFILL_CONFIG = kernel_choice[:2]
+    cuda_prefill.SM90_FLAGS = kernel_choice[2] if len(kernel_choice) > 2 else 0
     dmeta = ops.prepare_metadata(meta)  # a fresh plan, cut for this kernel
     hd = cache.shape[-1]
 
@@ -418,13 +444,14 @@ def _run_prefill(ops, kernel_choice, qkv, cache, meta, nh, nkv):
     return attn, dmeta.work[nh // nkv].prefill_config
 
 
-def check_prefill(ops, table: str = "prefill"):
+def check_prefill(ops, table: str = "prefill", kernels=None):
     """Each prefill kernel against the numpy twin on small mixed batches (max relative and
     absolute error), then timed on long prompts: TFLOP/s of causal work, % of H200_DENSE, and
-    speed-up over the first kernel (v1)."""
-    default = cuda_prefill.PREFILL_KERNEL, cuda_prefill.PREFILL_CONFIG
+    speed-up over the first kernel (v1; for prefill90, v2 auto)."""
+    default = (cuda_prefill.PREFILL_KERNEL, cuda_prefill.PREFILL_CONFIG,
+               cuda_prefill.SM90_FLAGS)
     rng = np.random.default_rng(5)
-    kernels = prefill_kernels()
+    kernels = kernels or prefill_kernels()
     try:
         checks = [  # (label, nh, nkv, hd, bs, num_new, ctx)
             ("4:1 hd128 bs16 3 seqs, chunked", 32, 8, 128, 16, [300, 1, 77], [300, 40, 500]),
@@ -469,7 +496,8 @@ def check_prefill(ops, table: str = "prefill"):
                         extra=f"{flops / sec / H200_DENSE * 100:.1f}% of 780; "
                               f"{base / sec:.2f}x {kernels[0][0]}")
     finally:
-        cuda_prefill.PREFILL_KERNEL, cuda_prefill.PREFILL_CONFIG = default
+        (cuda_prefill.PREFILL_KERNEL, cuda_prefill.PREFILL_CONFIG,
+         cuda_prefill.SM90_FLAGS) = default
 
 
 # ----------------------------------------------------------------------------- sampling
@@ -750,6 +778,7 @@ def run_all(ops, quick: bool = False, only: str | None = None):
         "decode1": lambda: check_decode1(ops, sys.modules[__name__]),
         "sampling": lambda: check_sampling(ops),
         "prefill": lambda: check_prefill(ops),
+        "prefill90": lambda: check_prefill90(ops),
         "gguf": lambda: check_gguf(ops, graph_time, OPTS["small"]),
         "decode": lambda: None if quick else [decode_step(ops, p, c) for p, c in (
             ("qwen3-0.6b", 512), ("qwen3-0.6b", 32532), ("llama3-8b", 512))],

@@ -112,7 +112,7 @@ class AttentionPlan:
     keys_per_split: int | None = None
     # the prefill kernel prefill_work was cut for, and its config (cuda_prefill.prefill_plan)
     prefill_kernel: str = "v1"
-    prefill_config: tuple[int, int, int] | None = None
+    prefill_config: tuple[int, ...] | None = None
     # the mma decode kernel's (warps, stages); None: DECODE_MMA_CONFIG
     decode_config: tuple[int, int] | None = None
     # > 1: num_splits blocks a cluster, combined in it (no reduce launch)

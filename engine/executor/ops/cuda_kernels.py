@@ -30,6 +30,7 @@ import functools
 import hashlib
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -98,6 +99,12 @@ DECODE_MMA_CONFIGS = ((4, 2), (4, 3), (8, 2))
 DECODE_CLUSTER_CONFIGS = ((8, 2, 4),)
 # attention_prefill_gqa.cu's (MI, NW, BN) variants, which cuda_prefill.prefill_plan picks among
 PREFILL_CONFIGS = ((2, 8, 64), (2, 4, 64), (1, 8, 64), (1, 4, 64))
+# attention_prefill_sm90.cu's (BN, ST) variants: key tile, stages; blocks are always 128 rows in
+# 3 warpgroups. The first is the engine's. (64, 4) and (64, 2) measured 7-8% slower (H200).
+SM90_CONFIGS = ((128, 2),)
+# wgmma and setmaxnreg need sm_90a, an arch CuPy's RawModule cannot ask NVRTC for: these files
+# compile through _sm90a_module
+SM90A_FILES = ("attention_prefill_sm90.cu",)
 
 
 def cuda_dir() -> Path:
@@ -163,6 +170,9 @@ def kernel_names(file: str, ctype: str) -> list[str]:
     if file == "attention_prefill_gqa.cu":
         return [f"prefill_gqa_kernel<{ctype}, {d}, {', '.join(map(str, c))}>" for d in HEAD_DIMS
                 for c in PREFILL_CONFIGS]
+    if file == "attention_prefill_sm90.cu":
+        return [f"prefill_sm90_kernel<{ctype}, {d}, {bn}, {st}>" for d in HEAD_DIMS
+                for bn, st in SM90_CONFIGS]
     if file == "gguf.cu":
         return ([f"gguf_gemv_kernel<{f}, {ctype}, {m}, {r}>" for f in GGUF_KINDS
                  for m, r in GGUF_GEMV_VARIANTS]
@@ -215,6 +225,8 @@ def _module(file: str, ctype: str):
 
     folder = cuda_dir()
     names = kernel_names(file, ctype)
+    if file in SM90A_FILES:
+        return _sm90a_module(folder, file, names), frozenset(names)
     module = cupy.RawModule(
         code=source(folder, file),
         options=("-std=c++17", f"-I{folder}"),
@@ -277,6 +289,8 @@ def _c_arg(a):
 
     if isinstance(a, cupy.ndarray):
         return ctypes.c_void_p(a.data.ptr)
+    if isinstance(a, ctypes.Structure):
+        return a
     kind = _SCALARS.get(type(a))
     if kind is None:
         raise TypeError(f"launch: argument of type {type(a).__name__}; pass a cupy array or a "
@@ -302,16 +316,23 @@ def programmatic_launches():
 def launch(fn, grid, block, args: tuple, shared_mem: int = 0, pdl: bool = False) -> None:
     """fn(grid, block, args, shared_mem=...) on the current stream; with pdl inside
     programmatic_launches(), as a programmatic dependent launch where the GPU can (module
-    docstring). fn must then call pdl_wait() first."""
+    docstring). fn must then call pdl_wait() first. An argument that is a ctypes.Structure (a
+    TMA tensor map) is passed by value, which only libcuda's launch can do."""
     global PDL
-    launch_ex = _launch_ex() if pdl and PDL and _pdl_scope[0] else None
+    by_value = any(isinstance(a, ctypes.Structure) for a in args)
+    pdl = pdl and PDL and _pdl_scope[0]
+    launch_ex = _launch_ex() if pdl or by_value else None
+    ptr = None
     if launch_ex is not None:  # (an eager step's plain launch looks nothing up)
         # RawModule.get_function gives a RawKernel; its .kernel is the Function holding the
         # CUfunction
         ptr = getattr(getattr(fn, "kernel", fn), "ptr", None)
-        if ptr is None:
+        if ptr is None and not by_value:
             logger.warning("CuPy's kernel has no CUfunction handle: launching without PDL")
             PDL, launch_ex = False, None
+    if by_value and (launch_ex is None or ptr is None):
+        raise RuntimeError("launch: a by-value structure argument needs libcuda's "
+                           "cuLaunchKernelEx (sm_90) and the kernel's CUfunction")
     if launch_ex is None:
         fn(grid, block, args, shared_mem=shared_mem)
         return
@@ -322,9 +343,61 @@ def launch(fn, grid, block, args: tuple, shared_mem: int = 0, pdl: bool = False)
     attr = _Attr(id=PROGRAMMATIC_STREAM_SERIALIZATION)
     attr.value.flag = 1
     config = _Config((ctypes.c_uint * 3)(*_dims(grid)), (ctypes.c_uint * 3)(*_dims(block)),
-                     shared_mem, cupy.cuda.get_current_stream().ptr, ctypes.pointer(attr), 1)
+                     shared_mem, cupy.cuda.get_current_stream().ptr,
+                     ctypes.pointer(attr) if pdl else None, 1 if pdl else 0)
     status = launch_ex(ctypes.byref(config), ptr, params, None)
+    if status != 0 and by_value:
+        raise RuntimeError(f"cuLaunchKernelEx failed (CUresult {status})")
     if status != 0:  # nothing was queued: launch it the plain way, and every later one too
         logger.warning("cuLaunchKernelEx failed (CUresult %d): launching without PDL", status)
         PDL = False
         fn(grid, block, args, shared_mem=shared_mem)
+
+
+# ---------------------------------------------------------------------------- sm_90a modules
+
+
+class _LoweredModule:
+    """A cubin loaded as a cupy.RawModule whose kernels are found by their NVRTC lowered names."""
+
+    def __init__(self, module, lowered: dict[str, str]):
+        self.module, self.lowered = module, lowered
+
+    def get_function(self, name: str):
+        return self.module.get_function(self.lowered[name])
+
+
+def _sm90a_module(folder: Path, file: str, names: list[str]) -> _LoweredModule:
+    """NVRTC straight from CuPy's bindings with -arch=sm_90a (RawModule appends the device's plain
+    sm_90), with the include options RawModule would pass."""
+    import cupy
+
+    nvrtc = cupy.cuda.nvrtc  # CuPy's NVRTC bindings (cupy_backends.cuda.libs.nvrtc)
+    options = ("-std=c++17", f"-I{folder}", "-ftz=true")
+    try:
+        from cupy._core.core import assemble_cupy_compiler_options
+
+        options = assemble_cupy_compiler_options(options)
+    except ImportError:  # an older CuPy: the toolkit's headers
+        options += (f"-I{Path(cupy.cuda.get_cuda_path() or '/usr/local/cuda') / 'include'}",)
+    prog = nvrtc.createProgram(source(folder, file), file, (), ())
+    try:
+        for name in names:
+            nvrtc.addNameExpression(prog, name)
+        try:
+            nvrtc.compileProgram(prog, options + ("-arch=sm_90a",))
+        except nvrtc.NVRTCError as e:
+            raise RuntimeError(f"NVRTC (sm_90a) failed on {file}:\n"
+                               f"{nvrtc.getProgramLog(prog)}") from e
+        cubin = nvrtc.getCUBIN(prog)
+        lowered = {name: nvrtc.getLoweredName(prog, name) for name in names}
+    finally:
+        nvrtc.destroyProgram(prog)
+    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
+        f.write(cubin)
+    try:
+        module = cupy.RawModule(path=f.name)
+        module.get_function(lowered[names[0]])  # loads the file now
+    finally:
+        os.unlink(f.name)
+    return _LoweredModule(module, lowered)

@@ -1,31 +1,39 @@
 """Prefill attention on the GPU: which kernel takes a step's prefill chunks (sequences with more
 than one new token), how their new tokens are cut into work items, and the launch.
 
-v2, cuda/attention_prefill_gqa.cu (the default): one block per (kv head, tile of new tokens), so
-that a kv group's query heads share every K/V tile the block loads. Its variants (MI, NW, BN) trade
-rows per block against blocks in flight; prefill_plan picks one per step with a small cost model
-(the causal tail: one 2k prompt makes too few big blocks to fill the GPU evenly).
+sm90, cuda/attention_prefill_sm90.cu (the default on Hopper, PAGEDSERVE_PREFILL_KERNEL=auto):
+blocks of 128 query rows, warp-specialized: a producer warpgroup brings K/V tiles by TMA while
+two consumer warpgroups run S = Q K^T and P V on wgmma in turns. H200, Llama-3-8B heads, one 8k
+prompt: 534 TFLOP/s of causal work against v2's 285 (tools/kernel_check.py --only prefill90).
+v2, cuda/attention_prefill_gqa.cu (the default elsewhere): one block per (kv head, tile of new
+tokens), so that a kv group's query heads share every K/V tile the block loads. Its variants
+(MI, NW, BN) trade rows per block against blocks in flight; prefill_plan picks one per step with
+a small cost model (the causal tail: one 2k prompt makes too few big blocks to fill the GPU).
 v1, cuda/attention_prefill.cu (PAGEDSERVE_PREFILL_KERNEL=v1): one block per (query head, 64 new
 tokens); kept as the fallback and as tools/kernel_check.py's timing baseline.
 """
 
 from __future__ import annotations
 
+import ctypes
 import functools
+import math
 import os
 
 import cupy
 import numpy as np
 
-from engine.executor.ops.cuda_kernels import PREFILL_CONFIGS, kernel
+from engine.executor.ops.cuda_kernels import PREFILL_CONFIGS, SM90_CONFIGS, kernel, launch
 
 PREFILL_M, PREFILL_N, PREFILL_THREADS = 64, 64, 128  # v1's PF_M, PF_N, PF_THREADS
-PREFILL_KERNELS = ("v2", "v1")
-PREFILL_KERNEL = os.environ.get("PAGEDSERVE_PREFILL_KERNEL", "v2")
+PREFILL_KERNELS = ("auto", "sm90", "v2", "v1")  # auto: sm90 on Hopper, else v2
+PREFILL_KERNEL = os.environ.get("PAGEDSERVE_PREFILL_KERNEL", "auto")
 if PREFILL_KERNEL not in PREFILL_KERNELS:
     raise ValueError(f"PAGEDSERVE_PREFILL_KERNEL={PREFILL_KERNEL!r}: one of {PREFILL_KERNELS}")
 # None: prefill_plan picks a v2 variant per step; one of PREFILL_CONFIGS forces it (kernel_check)
 PREFILL_CONFIG: tuple[int, ...] | None = None
+SM90_ROWS = 128  # the sm90 kernel's query rows a block
+SM90_FLAGS = 0  # the sm90 kernel's experiment bits (its source says which; kernel_check only)
 # v2 variant (MI, NW, BN) -> (TFLOP/s of causal work with every SM busy, blocks per SM), from
 # device run 1 (tools/kernel_check.py --only prefill, H200, Llama-3-8B heads, one 32k prompt).
 PREFILL_RATES = {(2, 8, 64): (297.0, 1), (2, 4, 64): (282.0, 2), (1, 8, 64): (247.0, 1),
@@ -67,6 +75,12 @@ def _items(query_start_loc, tile: int, context_lens):
 
 
 @functools.cache
+def _has_wgmma() -> bool:
+    """Hopper (sm_90): the sm90 kernel's wgmma exists only there."""
+    return cupy.cuda.Device().compute_capability == "90"
+
+
+@functools.cache
 def _num_sms() -> int:
     return int(cupy.cuda.Device().attributes["MultiProcessorCount"])
 
@@ -82,10 +96,15 @@ def _cost(config, last_key: np.ndarray, num_kv_heads: int) -> float:
 
 def prefill_plan(query_start_loc: np.ndarray, context_lens: np.ndarray | None,
                  num_kv_heads: int, group: int):
-    """(kernel name, its config or None, (W, 3) int32 work items cut for it). A kv group wider
-    than every v2 block's rows falls back to v1."""
+    """(kernel name, its config or None, (W, 3) int32 work items cut for it). sm90 (auto's
+    choice on Hopper) cuts for its blocks of SM90_ROWS rows; off Hopper, or for a kv group wider
+    than them, v2 takes its place, and v1 that of a group wider than every v2 block."""
     if PREFILL_KERNEL == "v1":
         return "v1", None, prefill_items(query_start_loc)
+    if PREFILL_KERNEL in ("auto", "sm90") and _has_wgmma() and group <= SM90_ROWS:
+        config = PREFILL_CONFIG if PREFILL_CONFIG in SM90_CONFIGS else SM90_CONFIGS[0]
+        return "sm90", config, prefill_items(query_start_loc, SM90_ROWS // group,
+                                                       context_lens)
     configs = [PREFILL_CONFIG] if PREFILL_CONFIG else list(PREFILL_RATES)
     configs = [c for c in configs if block_rows(c) >= group]
     if not configs:
@@ -102,6 +121,58 @@ def prefill_plan(query_start_loc: np.ndarray, context_lens: np.ndarray | None,
     return "v2", best, prefill_items(query_start_loc, block_rows(best) // group, context_lens)
 
 
+class TmaMap(ctypes.Structure):
+    """CUtensorMap: 128 opaque bytes that cuTensorMapEncodeTiled fills; a kernel parameter."""
+    _fields_ = [("words", ctypes.c_uint64 * 16)]
+
+
+@functools.cache
+def _encode_tiled():
+    fn = ctypes.CDLL("libcuda.so.1").cuTensorMapEncodeTiled
+    u32p, u64p = ctypes.POINTER(ctypes.c_uint32), ctypes.POINTER(ctypes.c_uint64)
+    fn.argtypes = [ctypes.c_void_p, ctypes.c_int, ctypes.c_uint32, ctypes.c_void_p, u64p, u64p,
+                   u32p, u32p, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+    fn.restype = ctypes.c_int
+    return fn
+
+
+_MAPS: dict[tuple, TmaMap] = {}
+_UINT16, _SWIZZLE_128B, _L2_256B = 1, 3, 3  # CUtensorMapDataType / Swizzle / L2promotion values
+
+
+def tma_map(cache, box_rows: int) -> TmaMap:
+    """One layer's K or V cache (num_blocks, nkv, block_size, hd) of 16-bit values as TMA's 2-D
+    tensor of num_blocks x nkv x block_size rows, copied in boxes of box_rows x 64 values with the
+    128-byte swizzle (the layout the sm90 kernel's wgmma reads). Made once per cache and box."""
+    rows, hd = cache.size // cache.shape[-1], cache.shape[-1]
+    key = (cache.data.ptr, rows, hd, box_rows)
+    found = _MAPS.get(key)
+    if found is not None:
+        return found
+    if not cache.flags.c_contiguous or cache.itemsize != 2:
+        raise ValueError("tma_map: a contiguous cache of 16-bit values")
+    raw = ctypes.create_string_buffer(128 + 64)  # the map is 64-byte aligned
+    addr = (ctypes.addressof(raw) + 63) & ~63
+    status = _encode_tiled()(
+        addr, _UINT16, 2, cache.data.ptr, (ctypes.c_uint64 * 2)(hd, rows),
+        (ctypes.c_uint64 * 1)(hd * 2), (ctypes.c_uint32 * 2)(64, box_rows),
+        (ctypes.c_uint32 * 2)(1, 1), 0, _SWIZZLE_128B, _L2_256B, 0)
+    if status != 0:
+        raise RuntimeError(f"cuTensorMapEncodeTiled failed (CUresult {status})")
+    if len(_MAPS) >= 1024:  # caches come and go with engines: keep the newest
+        _MAPS.clear()
+    _MAPS[key] = TmaMap.from_buffer_copy(ctypes.string_at(addr, 128))
+    return _MAPS[key]
+
+
+def sm90_box(block_size: int, tile: int) -> int:
+    """The sm90 kernel's TMA box rows for this cache: gcd(block_size, tile) keys lie in one cache
+    block and start one; 0 (cp.async instead) where that is no multiple of 8 (a box must start
+    a 1024-byte swizzle atom)."""
+    box = math.gcd(block_size, tile)
+    return box if box % 8 == 0 else 0
+
+
 def prefill_attention(out, qkv, k_cache, v_cache, meta, work: cupy.ndarray, name: str,
                       config: tuple[int, ...] | None, num_heads: int, num_kv_heads: int,
                       scale_log2, ctype: str):
@@ -114,6 +185,22 @@ def prefill_attention(out, qkv, k_cache, v_cache, meta, work: cupy.ndarray, name
                    ctype)
         smem = 2 * 2 * PREFILL_N * (head_dim + 8) * 2  # 2 stages x (K, V) x keys x padded row
         grid, threads = (num_heads, len(work)), PREFILL_THREADS
+    elif name == "sm90":
+        bn, st = config
+        k = kernel("attention_prefill_sm90.cu",
+                   f"prefill_sm90_kernel<{ctype}, {head_dim}, {bn}, {st}>", ctype)
+        # 1024 for the 128-byte swizzle's alignment, Q + st stages x (K, V), 1 + 4 st mbarriers
+        smem = 1024 + (SM90_ROWS + 2 * st * bn) * head_dim * 2 + 8 * (1 + 4 * st)
+        box = sm90_box(block_size, bn)
+        maps = (tma_map(k_cache, box), tma_map(v_cache, box)) if box else (TmaMap(), TmaMap())
+        if k.max_dynamic_shared_size_bytes < smem:
+            k.max_dynamic_shared_size_bytes = smem
+        launch(k, (num_kv_heads, len(work)), (384,),
+               (out, qkv, k_cache, v_cache, *maps, work, meta.query_start_loc, meta.context_lens,
+                tables, i32(tables.shape[1]), i32(num_heads), i32(num_kv_heads),
+                i32(block_size), np.float32(scale_log2), i32(k_cache.size // head_dim), i32(box),
+                i32(SM90_FLAGS)), shared_mem=smem)
+        return
     else:
         nw, bn = config[1:3]
         args = f"{ctype}, {head_dim}, {', '.join(map(str, config))}"

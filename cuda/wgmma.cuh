@@ -1,0 +1,213 @@
+// Hopper (sm_90a only) building blocks for the warp-specialized prefill attention kernel:
+// warpgroup MMA (wgmma) on 128-byte-swizzled shared memory, the register fences around it,
+// mbarriers that cp.async copies complete, named barriers and register reallocation.
+#pragma once
+#include "mma.cuh"
+
+// A tensor map (CUtensorMap: what cuTensorMapEncodeTiled wrote on the host), passed by value as a
+// __grid_constant__ kernel parameter.
+struct alignas(64) TmaMap {
+  unsigned long long words[16];
+};
+
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+// ---------------------------------------------------------------- the 128-byte swizzle
+// An operand tile of 16-bit values is stored as "atoms" of [rows][64 values]: 128 bytes a row,
+// each atom 1024-byte aligned. Within a row, 16-byte chunk c sits at chunk c ^ (row % 8), so that
+// the 8 rows of a core matrix group spread over all 32 banks (what wgmma's SWIZZLE_128B reads).
+__device__ __forceinline__ int sw128(int row, int chunk) {  // byte offset inside an atom
+  return row * 128 + ((chunk ^ (row & 7)) << 4);
+}
+
+// Matrix descriptor of a 128B-swizzled operand starting at `p` (bits 0-13: address / 16, 16-29:
+// LBO / 16, 32-45: SBO / 16, 62-63: 1 = 128-byte swizzle). SBO = 1024: 8 rows of 128 B (the next
+// 8 rows of a K-major operand, the next 8 K values of an MN-major one). LBO matters only for an
+// MN-major operand wider than 64 values: the bytes from one atom to the next along N.
+__device__ __forceinline__ unsigned long long sw128_desc(const void* p, int lbo, int sbo = 1024) {
+  return (unsigned long long)((smem_addr(p) & 0x3FFFF) >> 4) |
+         ((unsigned long long)((lbo >> 4) & 0x3FFF) << 16) |
+         ((unsigned long long)((sbo >> 4) & 0x3FFF) << 32) | (1ull << 62);
+}
+
+// ---------------------------------------------------------------- wgmma
+#define PS_WGMMA_OUT32                                                                         \
+  "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]),          \
+      "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]),  \
+      "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]),            \
+      "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]),            \
+      "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31])
+#define PS_WGMMA_REGS32                                                                        \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, "     \
+  "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+#define PS_WGMMA_OUT64                                                                         \
+  PS_WGMMA_OUT32, "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]),             \
+      "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]),            \
+      "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]),            \
+      "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]),            \
+      "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]),            \
+      "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+#define PS_WGMMA_REGS64                                                                        \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, "     \
+  "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, " \
+  "%37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, " \
+  "%55, %56, %57, %58, %59, %60, %61, %62, %63}"
+#define PS_WGMMA_REGS(N) PS_WGMMA_REGS##N
+#define PS_WGMMA_OUT(N) PS_WGMMA_OUT##N
+
+// D (64 x N fp32) (+)= A (64 x 16) B (16 x N). The accumulator layout: a thread holds N / 2
+// values, element 4 i + e at row 16 (warp % 4) + lane / 4 + 8 (e / 2), column 8 i + 2 (lane % 4)
+// + e % 2. ACC = 0: D = A B. Both operands K-major in shared memory (SS), or A in registers as
+// mma.sync's A fragment of the warp's 16 rows and B MN-major (RS, transposed). Asynchronous until
+// wgmma.wait_group. ACC and the transpose are immediates: a register set for them inside the
+// wgmma stage would make ptxas serialize it.
+#define PS_WGMMA_SS(M_N, TYPE, ND, A_AT)                                                       \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" A_AT ", 0;\n"                              \
+               "wgmma.mma_async.sync.aligned.m64n" #M_N "k16.f32." TYPE "." TYPE " "           \
+               PS_WGMMA_REGS(ND) ", %" #ND ", %" PS_NEXT1_##ND ", p, 1, 1, 0, 0;\n}\n"         \
+               : PS_WGMMA_OUT(ND)                                                              \
+               : "l"(da), "l"(db), "n"(ACC))
+#define PS_WGMMA_RS_T(M_N, TYPE, ND)                                                           \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" PS_NEXT6_##ND ", 0;\n"                     \
+               "wgmma.mma_async.sync.aligned.m64n" #M_N "k16.f32." TYPE "." TYPE " "           \
+               PS_WGMMA_REGS(ND) ", {%" #ND ", %" PS_NEXT1_##ND ", %" PS_NEXT2_##ND            \
+               ", %" PS_NEXT3_##ND "}, %" PS_NEXT4_##ND ", p, 1, 1, 1;\n}\n"                   \
+               : PS_WGMMA_OUT(ND)                                                              \
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "n"(ACC))
+#define PS_NEXT1_32 "33"
+#define PS_NEXT2_32 "34"
+#define PS_NEXT3_32 "35"
+#define PS_NEXT4_32 "36"
+#define PS_NEXT6_32 "37"
+#define PS_NEXT1_64 "65"
+#define PS_NEXT2_64 "66"
+#define PS_NEXT3_64 "67"
+#define PS_NEXT4_64 "68"
+#define PS_NEXT6_64 "69"
+
+template <int N> struct Wgmma;  // N = 64 or 128 output columns
+template <> struct Wgmma<64> {
+  template <int ACC>
+  __device__ static void ss(float (&d)[32], unsigned long long da, unsigned long long db, __half) {
+    PS_WGMMA_SS(64, "f16", 32, "34");
+  }
+  template <int ACC>
+  __device__ static void ss(float (&d)[32], unsigned long long da, unsigned long long db,
+                            __nv_bfloat16) {
+    PS_WGMMA_SS(64, "bf16", 32, "34");
+  }
+  template <int ACC>
+  __device__ static void rs_t(float (&d)[32], const unsigned (&a)[4], unsigned long long db,
+                              __half) {
+    PS_WGMMA_RS_T(64, "f16", 32);
+  }
+  template <int ACC>
+  __device__ static void rs_t(float (&d)[32], const unsigned (&a)[4], unsigned long long db,
+                              __nv_bfloat16) {
+    PS_WGMMA_RS_T(64, "bf16", 32);
+  }
+};
+template <> struct Wgmma<128> {
+  template <int ACC>
+  __device__ static void ss(float (&d)[64], unsigned long long da, unsigned long long db, __half) {
+    PS_WGMMA_SS(128, "f16", 64, "66");
+  }
+  template <int ACC>
+  __device__ static void ss(float (&d)[64], unsigned long long da, unsigned long long db,
+                            __nv_bfloat16) {
+    PS_WGMMA_SS(128, "bf16", 64, "66");
+  }
+  template <int ACC>
+  __device__ static void rs_t(float (&d)[64], const unsigned (&a)[4], unsigned long long db,
+                              __half) {
+    PS_WGMMA_RS_T(128, "f16", 64);
+  }
+  template <int ACC>
+  __device__ static void rs_t(float (&d)[64], const unsigned (&a)[4], unsigned long long db,
+                              __nv_bfloat16) {
+    PS_WGMMA_RS_T(128, "bf16", 64);
+  }
+};
+
+__device__ __forceinline__ void wgmma_fence() { asm volatile("wgmma.fence.sync.aligned;" ::: "memory"); }
+__device__ __forceinline__ void wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+}
+template <int PENDING>
+__device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;" ::"n"(PENDING) : "memory");
+}
+
+// Keep the compiler from moving the definitions or uses of wgmma's registers across the wgmma
+// fence / wait: ptxas serializes every wgmma of a stage in which another instruction defines one
+// of them (C7513, C7515).
+template <int N>
+__device__ __forceinline__ void fence_regs(float (&d)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; i++) asm volatile("" : "+f"(d[i])::"memory");
+}
+template <int N>
+__device__ __forceinline__ void fence_regs(unsigned (&d)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; i++) asm volatile("" : "+r"(d[i])::"memory");
+}
+
+// ---------------------------------------------------------------- mbarriers, barriers, registers
+__device__ __forceinline__ void mbar_init(unsigned long long* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count));
+}
+// Wait until the barrier's phase with this parity (0, 1, 0, ...: its completions so far, mod 2)
+// has completed; acquires what the arriving threads wrote.
+__device__ __forceinline__ void mbar_wait(unsigned long long* bar, int parity) {
+  asm volatile(
+      "{\n.reg .pred done;\nWAIT:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT;\n}\n" ::"r"(smem_addr(bar)),
+      "r"(parity)
+      : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(unsigned long long* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
+}
+// One arrival once every cp.async this thread issued so far has landed (counted in the barrier's
+// initial count: .noinc).
+__device__ __forceinline__ void mbar_arrive_cp_async(unsigned long long* bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(smem_addr(bar))
+               : "memory");
+}
+// The mbarrier's current phase also waits for `bytes` more of asynchronous copies; one arrival.
+__device__ __forceinline__ void mbar_arrive_expect_tx(unsigned long long* bar, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)),
+               "r"(bytes)
+               : "memory");
+}
+// TMA: the box of `map` at (column, row) -> shared memory at dst (laid out, and swizzled, as the
+// map says), completing its bytes on `bar`. Rows past the tensor's end arrive as zeros.
+__device__ __forceinline__ void tma_load_2d(void* dst, const TmaMap* map, int column, int row,
+                                            unsigned long long* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      " [%0], [%1, {%2, %3}], [%4];" ::"r"(smem_addr(dst)),
+      "l"(reinterpret_cast<unsigned long long>(map)), "r"(column), "r"(row), "r"(smem_addr(bar))
+      : "memory");
+}
+// Shared-memory writes of the generic proxy (cp.async, st.shared) -> visible to wgmma's reads.
+__device__ __forceinline__ void fence_async_smem() {
+  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+}
+// Named barrier `id` (1..15; 0 is __syncthreads) over `threads` threads: wait, or only arrive.
+__device__ __forceinline__ void bar_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+__device__ __forceinline__ void bar_arrive(int id, int threads) {
+  asm volatile("bar.arrive %0, %1;" ::"r"(id), "r"(threads) : "memory");
+}
+// A warpgroup gives registers back to the block's pool, or takes them (waiting until there).
+template <int REGS>
+__device__ __forceinline__ void regs_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;" ::"n"(REGS));
+}
+template <int REGS>
+__device__ __forceinline__ void regs_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;" ::"n"(REGS));
+}
+#endif
