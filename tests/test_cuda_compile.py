@@ -57,7 +57,7 @@ def test_every_named_instance_compiles(source, tmp_path):
 def test_wgmma_prefill_compiles_for_sm90a(name, tmp_path):
     """The wgmma kernel's body exists only for sm_90a: compile it there through ptxas, which
     checks the wgmma operands, and hold it to what its design needs: no spills, and no wgmma
-    that ptxas serialized (its warnings C7510..C7515)."""
+    that ptxas serialized (its warnings C7510..C7515), no register reallocation it ignored."""
     result = subprocess.run(
         [NVCC, "-std=c++17", "-arch=sm_90a", "-DPAGEDSERVE_NVCC_CHECK", "-Xptxas", "-v",
          "-cubin", "-o", str(tmp_path / "out.cubin"), str(CUDA_DIR / name)],
@@ -65,7 +65,7 @@ def test_wgmma_prefill_compiles_for_sm90a(name, tmp_path):
     assert result.returncode == 0, result.stderr
     spills = [line for line in result.stderr.splitlines() if "spill stores" in line]
     assert spills and all(" 0 bytes spill stores" in line for line in spills), result.stderr
-    assert "C751" not in result.stderr, result.stderr
+    assert "warning" not in result.stderr.lower(), result.stderr  # e.g. C7508: setmaxnreg ignored
 
 
 def test_source_key_changes_with_a_header(tmp_path):

@@ -22,6 +22,7 @@ from engine.executor.ops.cuda_kernels import (
     DECODE_MMA_CONFIGS,
     DECODE_UNROLL,
     HEAD_DIMS,
+    MAX_GRID_Y,
     kernel,
     launch,
 )
@@ -34,7 +35,6 @@ DECODE_THREADS = 128  # attention.cu's DEC_WARPS warps
 # mma: Qwen3-0.6B 22,868 output tok/s, Llama-3-8B 9,265 (7,678 before).
 DECODE_KERNEL = os.environ.get("PAGEDSERVE_DECODE_KERNEL", "mma")
 DECODE_MMA_CONFIG = DECODE_MMA_CONFIGS[0]  # (warps, cp.async stages per warp)
-MAX_GRID_Y = 65535  # CUDA's limit on a grid's y size: the mma decode kernel's decode rows
 NUM_BLOCKS_TARGET = 1024  # decode blocks that fill an H200's 132 SMs several times over
 # A sequence takes ceil(context / keys per split) of the grid's splits, at most all of them
 # (attention.cu's seq_splits): the grid is sized for the longest context, each sequence for its own.

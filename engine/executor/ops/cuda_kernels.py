@@ -28,6 +28,7 @@ import contextlib
 import ctypes
 import functools
 import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -78,6 +79,7 @@ FP8_MMA_STEPS = (2,)
 # numpy storage dtype name -> the C++ element type the kernels are instantiated with
 CTYPES = {"float16": "__half", "bfloat16": "__nv_bfloat16", "float32": "float"}
 HEAD_DIMS = (64, 128)
+MAX_GRID_Y = 65535  # CUDA's limit on a grid's y size (decode rows, prefill work items)
 NORM_VEC_WIDTHS = (1, 2, 4)  # 16-byte words a thread of rms_norm_vec_kernel holds (V)
 DECODE_GROUPS = (1, 2, 4, 8)  # query heads per decode block (template G); larger groups take passes
 GGUF_KINDS = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")  # format structs in cuda/gguf.cu
@@ -284,6 +286,11 @@ def _launch_ex():
     return fn
 
 
+def can_launch_by_value() -> bool:
+    """Whether launch() can pass a structure by value here (libcuda's cuLaunchKernelEx, sm_90)."""
+    return _launch_ex() is not None
+
+
 def _c_arg(a):
     import cupy
 
@@ -369,7 +376,9 @@ class _LoweredModule:
 
 def _sm90a_module(folder: Path, file: str, names: list[str]) -> _LoweredModule:
     """NVRTC straight from CuPy's bindings with -arch=sm_90a (RawModule appends the device's plain
-    sm_90), with the include options RawModule would pass."""
+    sm_90), with the include options RawModule would pass. The cubin and its lowered names are
+    kept in CuPy's kernel cache folder, keyed by the source, options and names: a later process
+    loads them without compiling, and every GPU of this one loads the same file."""
     import cupy
 
     nvrtc = cupy.cuda.nvrtc  # CuPy's NVRTC bindings (cupy_backends.cuda.libs.nvrtc)
@@ -380,24 +389,41 @@ def _sm90a_module(folder: Path, file: str, names: list[str]) -> _LoweredModule:
         options = assemble_cupy_compiler_options(options)
     except ImportError:  # an older CuPy: the toolkit's headers
         options += (f"-I{Path(cupy.cuda.get_cuda_path() or '/usr/local/cuda') / 'include'}",)
-    prog = nvrtc.createProgram(source(folder, file), file, (), ())
-    try:
-        for name in names:
-            nvrtc.addNameExpression(prog, name)
+    text = source(folder, file)
+    key = hashlib.sha256("\0".join([text, *options, *names, str(nvrtc.getVersion())]).encode())
+    stem = f"pagedserve-sm90a-{Path(file).stem}-{key.hexdigest()[:24]}"
+    cubin_path, names_path = _cache_dir() / f"{stem}.cubin", _cache_dir() / f"{stem}.json"
+    if not (cubin_path.exists() and names_path.exists()):
+        prog = nvrtc.createProgram(text, file, (), ())
         try:
-            nvrtc.compileProgram(prog, options + ("-arch=sm_90a",))
-        except nvrtc.NVRTCError as e:
-            raise RuntimeError(f"NVRTC (sm_90a) failed on {file}:\n"
-                               f"{nvrtc.getProgramLog(prog)}") from e
-        cubin = nvrtc.getCUBIN(prog)
-        lowered = {name: nvrtc.getLoweredName(prog, name) for name in names}
-    finally:
-        nvrtc.destroyProgram(prog)
-    with tempfile.NamedTemporaryFile(suffix=".cubin", delete=False) as f:
-        f.write(cubin)
-    try:
-        module = cupy.RawModule(path=f.name)
-        module.get_function(lowered[names[0]])  # loads the file now
-    finally:
-        os.unlink(f.name)
+            for name in names:
+                nvrtc.addNameExpression(prog, name)
+            try:
+                nvrtc.compileProgram(prog, options + ("-arch=sm_90a",))
+            except nvrtc.NVRTCError as e:
+                raise RuntimeError(f"NVRTC (sm_90a) failed on {file}:\n"
+                                   f"{nvrtc.getProgramLog(prog)}") from e
+            cubin = nvrtc.getCUBIN(prog)
+            lowered = {name: nvrtc.getLoweredName(prog, name) for name in names}
+        finally:
+            nvrtc.destroyProgram(prog)
+        _write_atomically(names_path, json.dumps(lowered).encode())
+        _write_atomically(cubin_path, cubin)
+    lowered = json.loads(names_path.read_text())
+    module = cupy.RawModule(path=str(cubin_path))
+    module.get_function(lowered[names[0]])  # loads the file now
     return _LoweredModule(module, lowered)
+
+
+def _cache_dir() -> Path:
+    """CuPy's kernel cache folder: CUPY_CACHE_DIR, else ~/.cupy/kernel_cache."""
+    folder = Path(os.environ.get("CUPY_CACHE_DIR") or Path.home() / ".cupy" / "kernel_cache")
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """path's content becomes data at once: processes compiling side by side never read half."""
+    with tempfile.NamedTemporaryFile(dir=path.parent, delete=False) as f:
+        f.write(data)
+    os.replace(f.name, path)

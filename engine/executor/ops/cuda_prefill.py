@@ -17,13 +17,23 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import logging
 import math
 import os
 
 import cupy
 import numpy as np
 
-from engine.executor.ops.cuda_kernels import PREFILL_CONFIGS, SM90_CONFIGS, kernel, launch
+from engine.executor.ops.cuda_kernels import (
+    MAX_GRID_Y,
+    PREFILL_CONFIGS,
+    SM90_CONFIGS,
+    can_launch_by_value,
+    kernel,
+    launch,
+)
+
+logger = logging.getLogger("pagedserve." + __name__)
 
 PREFILL_M, PREFILL_N, PREFILL_THREADS = 64, 64, 128  # v1's PF_M, PF_N, PF_THREADS
 PREFILL_KERNELS = ("auto", "sm90", "v2", "v1")  # auto: sm90 on Hopper, else v2
@@ -76,8 +86,23 @@ def _items(query_start_loc, tile: int, context_lens):
 
 @functools.cache
 def _has_wgmma() -> bool:
-    """Hopper (sm_90): the sm90 kernel's wgmma exists only there."""
-    return cupy.cuda.Device().compute_capability == "90"
+    """Hopper (sm_90), and what the sm90 kernel needs besides: NVRTC 12+ (sm_90a), libcuda's
+    cuLaunchKernelEx and cuTensorMapEncodeTiled. Without them v2 takes its place (a warning)."""
+    if cupy.cuda.Device().compute_capability != "90":
+        return False
+    missing = []
+    if cupy.cuda.nvrtc.getVersion() < (12, 0):
+        missing.append("NVRTC 12+ (sm_90a)")
+    if not can_launch_by_value():
+        missing.append("cuLaunchKernelEx")
+    try:
+        _encode_tiled()
+    except (OSError, AttributeError):
+        missing.append("cuTensorMapEncodeTiled")
+    if missing:
+        logger.warning("the sm90 prefill kernel needs %s: prefill attention runs v2",
+                       ", ".join(missing))
+    return not missing
 
 
 @functools.cache
@@ -180,6 +205,9 @@ def prefill_attention(out, qkv, k_cache, v_cache, meta, work: cupy.ndarray, name
     (W, 3) was cut for (prefill_plan); meta is the step's DeviceAttentionMetadata."""
     i32, tables = np.int32, meta.block_tables
     head_dim, block_size = k_cache.shape[3], k_cache.shape[2]
+    if len(work) > MAX_GRID_Y:
+        raise ValueError(f"{len(work)} prefill work items in a step: the {name} kernel's grid "
+                         f"takes at most {MAX_GRID_Y} (lower --max-num-batched-tokens)")
     if name == "v1":
         k = kernel("attention_prefill.cu", f"prefill_attention_kernel<{ctype}, {head_dim}>",
                    ctype)
