@@ -60,8 +60,8 @@ __device__ __forceinline__ unsigned long long sw128_desc(const void* p, int lbo,
 // mma.sync's A fragment of the warp's 16 rows and B MN-major (RS, transposed). Asynchronous until
 // wgmma.wait_group. ACC and the transpose are immediates: a register set for them inside the
 // wgmma stage would make ptxas serialize it.
-#define PS_WGMMA_SS(M_N, TYPE, ND, A_AT)                                                       \
-  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" A_AT ", 0;\n"                              \
+#define PS_WGMMA_SS(M_N, TYPE, ND)                                                             \
+  asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %" PS_NEXT2_##ND ", 0;\n"                      \
                "wgmma.mma_async.sync.aligned.m64n" #M_N "k16.f32." TYPE "." TYPE " "           \
                PS_WGMMA_REGS(ND) ", %" #ND ", %" PS_NEXT1_##ND ", p, 1, 1, 0, 0;\n}\n"         \
                : PS_WGMMA_OUT(ND)                                                              \
@@ -84,47 +84,29 @@ __device__ __forceinline__ unsigned long long sw128_desc(const void* p, int lbo,
 #define PS_NEXT4_64 "68"
 #define PS_NEXT6_64 "69"
 
-template <int N> struct Wgmma;  // N = 64 or 128 output columns
-template <> struct Wgmma<64> {
-  template <int ACC>
-  __device__ static void ss(float (&d)[32], unsigned long long da, unsigned long long db, __half) {
-    PS_WGMMA_SS(64, "f16", 32, "34");
-  }
-  template <int ACC>
-  __device__ static void ss(float (&d)[32], unsigned long long da, unsigned long long db,
-                            __nv_bfloat16) {
-    PS_WGMMA_SS(64, "bf16", 32, "34");
-  }
-  template <int ACC>
-  __device__ static void rs_t(float (&d)[32], const unsigned (&a)[4], unsigned long long db,
-                              __half) {
-    PS_WGMMA_RS_T(64, "f16", 32);
-  }
-  template <int ACC>
-  __device__ static void rs_t(float (&d)[32], const unsigned (&a)[4], unsigned long long db,
-                              __nv_bfloat16) {
-    PS_WGMMA_RS_T(64, "bf16", 32);
-  }
+template <typename T> struct IsHalf {
+  static constexpr bool value = false;
 };
-template <> struct Wgmma<128> {
-  template <int ACC>
-  __device__ static void ss(float (&d)[64], unsigned long long da, unsigned long long db, __half) {
-    PS_WGMMA_SS(128, "f16", 64, "66");
+template <> struct IsHalf<__half> {
+  static constexpr bool value = true;
+};
+
+template <int N>  // output columns: 64 or 128
+struct Wgmma {
+  static_assert(N == 64 || N == 128, "the m64n64 and m64n128 forms");
+  template <int ACC, typename T>  // T (__half or __nv_bfloat16) picks the form by its tag
+  __device__ static void ss(float (&d)[N / 2], unsigned long long da, unsigned long long db, T) {
+    if constexpr (N == 64 && IsHalf<T>::value) PS_WGMMA_SS(64, "f16", 32);
+    else if constexpr (N == 64) PS_WGMMA_SS(64, "bf16", 32);
+    else if constexpr (IsHalf<T>::value) PS_WGMMA_SS(128, "f16", 64);
+    else PS_WGMMA_SS(128, "bf16", 64);
   }
-  template <int ACC>
-  __device__ static void ss(float (&d)[64], unsigned long long da, unsigned long long db,
-                            __nv_bfloat16) {
-    PS_WGMMA_SS(128, "bf16", 64, "66");
-  }
-  template <int ACC>
-  __device__ static void rs_t(float (&d)[64], const unsigned (&a)[4], unsigned long long db,
-                              __half) {
-    PS_WGMMA_RS_T(128, "f16", 64);
-  }
-  template <int ACC>
-  __device__ static void rs_t(float (&d)[64], const unsigned (&a)[4], unsigned long long db,
-                              __nv_bfloat16) {
-    PS_WGMMA_RS_T(128, "bf16", 64);
+  template <int ACC, typename T>
+  __device__ static void rs_t(float (&d)[N / 2], const unsigned (&a)[4], unsigned long long db, T) {
+    if constexpr (N == 64 && IsHalf<T>::value) PS_WGMMA_RS_T(64, "f16", 32);
+    else if constexpr (N == 64) PS_WGMMA_RS_T(64, "bf16", 32);
+    else if constexpr (IsHalf<T>::value) PS_WGMMA_RS_T(128, "f16", 64);
+    else PS_WGMMA_RS_T(128, "bf16", 64);
   }
 };
 
