@@ -4,15 +4,15 @@
 // tokens), BM = 128 query rows, row r = query head kvh * group + r / TOK at new token r % TOK
 // (TOK = BM / group), so a GQA group's query heads share every K/V tile the block loads.
 // Three warpgroups with different jobs (FlashAttention-3's layout):
-// - warpgroup 0, the producer, gathers Q once (cp.async), then one of its threads brings K and V
-//   tiles of BN keys from the paged cache into ST stages of shared memory by TMA: a box of `box`
-//   keys x 64 values (a cache block, or the part of one that fits a tile) per copy, each lane of
-//   its first warp one box, found through the block table; boxes past the sequence's last block
-//   are read past the tensor's end, which
-//   TMA fills with zeros. (Block sizes that are no multiple of 8 make box = 0: the producer's 128
-//   threads gather the tiles by cp.async instead, about 3x slower.) A tile's arrival is an
-//   mbarrier its copies complete ("full"); a stage is refilled only once both consumers have
-//   released it ("empty"). The producer keeps few registers (setmaxnreg) and gives the rest to:
+// - warpgroup 0, the producer, gathers Q once (cp.async); then its first warp brings K and V tiles
+//   of BN keys from the paged cache into ST stages of shared memory by TMA: lane j copies box j of
+//   a tile, `box` keys x 64 values (a cache block, or the part of one that fits a tile), found
+//   through the block table (the next tile's table reads go out before the wait for its stage);
+//   boxes past the sequence's last block are read past the tensor's end, which TMA fills with
+//   zeros. (Block sizes that are no multiple of 8 make box = 0: the producer's 128 threads gather
+//   the tiles by cp.async instead, 2.5x slower at 8k.) A tile's arrival is an mbarrier its copies
+//   complete ("full"); a stage is refilled only once both consumers have released it ("empty").
+//   The producer keeps few registers (setmaxnreg) and gives the rest to:
 // - warpgroups 1 and 2, the consumers, 64 rows each. Per key tile t: S(t) = Q K(t)^T (wgmma, Q and
 //   K from shared memory), then O += P(t-1) V(t-1) (P from registers, V read transposed), both
 //   asynchronous; the softmax turns S(t) into P(t) while P(t-1) V(t-1) still runs, and O is
