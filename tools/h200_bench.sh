@@ -17,6 +17,9 @@
 #          (compare with w1-8b and latency-8b, the TP=1 figures)
 #   latency-8b-q4k latency-8b-q8 (batch-1 decode with weights kept in GGUF blocks)
 # gputest runs the CUDA-graph tests first; if they fail, the rest runs with graphs off.
+# gputest-prefill (not in the default list): the GPU suites whose steps hold prompts (prefill
+# kernels, model, graph engine, mixed graphs, spec-decode verify rows, parity, overlap), the
+# output in $OUT/gputest-prefill.txt and its summary lines printed.
 # Each tool prints one JSON line; they are collected in $OUT/bench.jsonl (default ./bench-out/)
 # and summarised by tools/bench_table.py at the end. Wheels the GPU machine lacks (server deps) are
 # installed from .whl/ when present (../shared/tools/gpu_wheels.sh downloads them; give it
@@ -113,6 +116,12 @@ for step in $steps; do
       --speculative-config "$SPEC" ;;
     w1-spec) record w1-qwen3-0.6b-spec 120 python3 tools/bench_throughput.py $Q \
       --speculative-config "$SPEC" ;;
+    gputest-prefill)  # the suites whose steps hold prompts, through the default prefill kernel
+      timeout 480 python3 -m pytest -q -m gpu tests/test_cuda_prefill.py tests/test_cuda_model.py \
+        tests/test_cuda_graph_engine.py tests/test_cuda_mixed_graphs.py \
+        tests/test_cuda_spec_decode.py tests/test_cuda_parity.py tests/test_cuda_overlap.py \
+        > "$OUT/gputest-prefill.txt" 2>&1
+      grep -E "^(FAILED|ERROR)|passed|failed" "$OUT/gputest-prefill.txt" | tail -n 12 ;;
     gputest-tp) timeout 300 python3 -m pytest -q -m gpu tests/test_cuda_tensor_parallel.py \
       2>&1 | tail -n 15 ;;
     w1-tp2) record w1-llama3-8b-tp2 240 python3 tools/bench_throughput.py $L \
