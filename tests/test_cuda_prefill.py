@@ -130,16 +130,16 @@ def test_prefill_plan_picks_by_the_tail_and_falls_back_to_v1(restore_kernel, mon
     name, config, items = cpf.prefill_plan(one, [2048], 8, 4)
     assert (name, config) == ("v1", None) and (items[:, 2] == cpf.PREFILL_M).all()
     cpf.PREFILL_KERNEL = "sm90"  # 128-row blocks: 32 tokens of a 4:1 group, 128 of 1:1
-    monkeypatch.setattr(cpf, "_has_wgmma", lambda: True)
+    monkeypatch.setattr(cpf, "_sm90_ready", lambda: True)
     name, config, items = cpf.prefill_plan(one, [2048], 8, 4)
     assert (name, config) == ("sm90", SM90_CONFIGS[0]) and (items[:, 2] == 32).all()
     assert (cpf.prefill_plan(one, [2048], 8, 1)[2][:, 2] == 128).all()
     assert cpf.prefill_plan(one, [2048], 1, 129)[0] == "v2"  # wider than sm90's 128 rows
-    monkeypatch.setattr(cpf, "_has_wgmma", lambda: False)  # not Hopper: v2 takes its place
+    monkeypatch.setattr(cpf, "_sm90_ready", lambda: False)  # not Hopper: v2 takes its place
     assert cpf.prefill_plan(one, [2048], 8, 4)[0] == "v2"
     cpf.PREFILL_KERNEL = "auto"  # the default: sm90 on Hopper, else v2
     assert cpf.prefill_plan(one, [2048], 8, 4)[0] == "v2"
-    monkeypatch.setattr(cpf, "_has_wgmma", lambda: True)
+    monkeypatch.setattr(cpf, "_sm90_ready", lambda: True)
     assert cpf.prefill_plan(one, [2048], 8, 4)[:2] == ("sm90", SM90_CONFIGS[0])
 
 

@@ -85,7 +85,7 @@ def _items(query_start_loc, tile: int, context_lens):
 
 
 @functools.cache
-def _has_wgmma() -> bool:
+def _sm90_ready() -> bool:
     """Hopper (sm_90), and what the sm90 kernel needs besides: NVRTC 12+ (sm_90a), libcuda's
     cuLaunchKernelEx and cuTensorMapEncodeTiled. Without them v2 takes its place (a warning)."""
     if cupy.cuda.Device().compute_capability != "90":
@@ -126,10 +126,10 @@ def prefill_plan(query_start_loc: np.ndarray, context_lens: np.ndarray | None,
     than them, v2 takes its place, and v1 that of a group wider than every v2 block."""
     if PREFILL_KERNEL == "v1":
         return "v1", None, prefill_items(query_start_loc)
-    if PREFILL_KERNEL in ("auto", "sm90") and _has_wgmma() and group <= SM90_ROWS:
+    if PREFILL_KERNEL in ("auto", "sm90") and _sm90_ready() and group <= SM90_ROWS:
         config = PREFILL_CONFIG if PREFILL_CONFIG in SM90_CONFIGS else SM90_CONFIGS[0]
-        return "sm90", config, prefill_items(query_start_loc, SM90_ROWS // group,
-                                                       context_lens)
+        items = prefill_items(query_start_loc, SM90_ROWS // group, context_lens)
+        return "sm90", config, items
     configs = [PREFILL_CONFIG] if PREFILL_CONFIG else list(PREFILL_RATES)
     configs = [c for c in configs if block_rows(c) >= group]
     if not configs:
@@ -208,37 +208,34 @@ def prefill_attention(out, qkv, k_cache, v_cache, meta, work: cupy.ndarray, name
     if len(work) > MAX_GRID_Y:
         raise ValueError(f"{len(work)} prefill work items in a step: the {name} kernel's grid "
                          f"takes at most {MAX_GRID_Y} (lower --max-num-batched-tokens)")
+    # the parameters every prefill kernel takes after its cache arguments
+    tail = (work, meta.query_start_loc, meta.context_lens, tables, i32(tables.shape[1]),
+            i32(num_heads), i32(num_kv_heads), i32(block_size), scale_log2)
     if name == "v1":
         k = kernel("attention_prefill.cu", f"prefill_attention_kernel<{ctype}, {head_dim}>",
                    ctype)
         smem = 2 * 2 * PREFILL_N * (head_dim + 8) * 2  # 2 stages x (K, V) x keys x padded row
         grid, threads = (num_heads, len(work)), PREFILL_THREADS
+        args = (out, qkv, k_cache, v_cache, *tail)
     elif name == "sm90":
         bn, st = config
         k = kernel("attention_prefill_sm90.cu",
                    f"prefill_sm90_kernel<{ctype}, {head_dim}, {bn}, {st}>", ctype)
         # 1024 for the 128-byte swizzle's alignment, Q + st stages x (K, V), 1 + 4 st mbarriers
         smem = 1024 + (SM90_ROWS + 2 * st * bn) * head_dim * 2 + 8 * (1 + 4 * st)
+        grid, threads = (num_kv_heads, len(work)), 384
         box = sm90_box(block_size, bn)
         maps = (tma_map(k_cache, box), tma_map(v_cache, box)) if box else (TmaMap(), TmaMap())
-        if k.max_dynamic_shared_size_bytes < smem:
-            k.max_dynamic_shared_size_bytes = smem
-        launch(k, (num_kv_heads, len(work)), (384,),
-               (out, qkv, k_cache, v_cache, *maps, work, meta.query_start_loc, meta.context_lens,
-                tables, i32(tables.shape[1]), i32(num_heads), i32(num_kv_heads),
-                i32(block_size), np.float32(scale_log2), i32(k_cache.size // head_dim), i32(box),
-                i32(SM90_FLAGS)), shared_mem=smem)
-        return
+        args = (out, qkv, k_cache, v_cache, *maps, *tail, i32(k_cache.size // head_dim),
+                i32(box), i32(SM90_FLAGS))  # the maps go by value: launch() sends them
     else:
         nw, bn = config[1:3]
-        args = f"{ctype}, {head_dim}, {', '.join(map(str, config))}"
-        k = kernel("attention_prefill_gqa.cu", f"prefill_gqa_kernel<{args}>", ctype)
+        names = f"{ctype}, {head_dim}, {', '.join(map(str, config))}"
+        k = kernel("attention_prefill_gqa.cu", f"prefill_gqa_kernel<{names}>", ctype)
         # Q rows + 2 stages x (K, V) x keys, padded rows of 16-bit elements
         smem = (block_rows(config) + 2 * 2 * bn) * (head_dim + 8) * 2
         grid, threads = (num_kv_heads, len(work)), nw * 32
+        args = (out, qkv, k_cache, v_cache, *tail)
     if k.max_dynamic_shared_size_bytes < smem:
         k.max_dynamic_shared_size_bytes = smem
-    k(grid, (threads,),
-      (out, qkv, k_cache, v_cache, work, meta.query_start_loc, meta.context_lens, tables,
-       i32(tables.shape[1]), i32(num_heads), i32(num_kv_heads), i32(block_size), scale_log2),
-      shared_mem=smem)
+    launch(k, grid, (threads,), args, shared_mem=smem)
