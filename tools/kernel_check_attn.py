@@ -23,6 +23,7 @@ from engine.executor.ops.cuda_kernels import DECODE_MMA_CONFIGS
 HEADS = {"llama3-8b": (32, 8, 128), "qwen3-0.6b": (16, 8, 128)}  # (nh, nkv, hd)
 # grid splits for one long sequence besides the default MAX_SPLITS, and (warps, stages) there
 SWEEP = (((4, 2), 40), ((4, 2), 56), ((4, 2), 96), ((4, 2), 128), ((4, 3), 32))
+BATCH_SPLITS = (2, 4)  # grid splits tried on the batch-256 mixes (the engine's grid has 1)
 
 
 def check_attn(ops, kc):
@@ -65,6 +66,10 @@ def check_case(ops, kc, rng, preset, label, ctx, block_size=16):
     variants = [("v1", None, 128)] + [("mma", c, None) for c in DECODE_MMA_CONFIGS]
     if len(ctx) == 1 and not kc.OPTS["small"]:
         variants += [("mma", c, s) for c, s in SWEEP]
+    if len(ctx) >= 256 and not kc.OPTS["small"]:
+        # a batch that fills the GPU runs one split a sequence; 2 and 4 splits halve and quarter
+        # each block's keys (shorter tail of long sequences, a reduce launch more)
+        variants += [("mma", DECODE_MMA_CONFIGS[0], s) for s in BATCH_SPLITS]
     base_sec = base_out = None
     for kernel, config, max_splits in variants:
         sec, got, splits = time_kernel(ops, kc, meta, cache, qkv, nh, nkv, scale, kernel, config,
@@ -90,7 +95,9 @@ def time_kernel(ops, kc, meta, cache, qkv, nh, nkv, scale, kernel, config, max_s
         ca.DECODE_MMA_CONFIG = config or ca.DECODE_MMA_CONFIG
         if max_splits:
             ca.MAX_SPLITS = max_splits
-            ca.NUM_BLOCKS_TARGET = max(ca.NUM_BLOCKS_TARGET, max_splits * nkv)
+            # enough blocks wanted that the grid takes max_splits splits at this batch
+            ca.NUM_BLOCKS_TARGET = max(ca.NUM_BLOCKS_TARGET, max_splits * nkv,
+                                       max_splits * nkv * len(meta.context_lens))
         dmeta = ops.prepare_metadata(meta)
         # the engine's decode graphs: a grid sized for a 32k max_model_len, whatever the contexts
         dmeta.num_splits = ca.decode_plan(len(meta.context_lens), nkv, nh // nkv,
