@@ -100,6 +100,42 @@ def check_gemm(ops, kc, tuner, rng, name, n, k, ms):
         yield m, t_default, t_tuned
 
 
+SWEEP_MS = tuple(range(64, 257, 16))  # the decode graphs' sizes from 64 rows on (cuda_graph.py)
+
+
+def check_gemm_sweep(ops, kc):
+    """--only gemm-m: cublasGemmEx alone at every decode graph size from 64 to 256 rows, Llama-3-8B
+    shapes (weights cold): does a GEMM of 144 rows cost what one of 256 does (tiles over the token
+    dimension rounded up), and how the four products of a layer add up at each size."""
+    rng = np.random.default_rng(12)
+    ms = (64, 128) if kc.OPTS["small"] else SWEEP_MS
+    per_m = dict.fromkeys(ms, 0.0)
+    saved, ops._gemm.tuned = ops._gemm.tuned, None
+    try:
+        for name, (n, k) in kc.SHAPES["llama3-8b"].items():
+            if name == "lm_head":
+                continue
+            nbytes = n * k * 2
+            copies = 1 if kc.OPTS["small"] else max(1, -(-3 * kc.L2_BYTES // nbytes))
+            ws = [ops.random_weight((n, k), k**-0.5, rng) for _ in range(copies)]
+            for m in ms:
+                x = ops.random_weight((m, k), 1.0, rng)
+                out = cupy.empty((m, n), ops.storage)
+                it = iter(range(10**9))
+                sec = kc.graph_time(lambda x=x, it=it, out=out, ws=ws: ops._gemm(
+                    x, ws[next(it) % len(ws)], out, ops.dtype), max(20, copies), 10)
+                per_m[m] += sec
+                kc.row("gemm-m", f"GEMM {name} {n}x{k} M={m}", "-", sec, nbytes + 2 * m * (n + k),
+                       2 * m * n * k, extra=f"{sec / m * 1e9:.1f} ns a row")
+    finally:
+        ops._gemm.tuned = saved
+    flops_row = 2 * sum(n * k for name, (n, k) in kc.SHAPES["llama3-8b"].items()
+                        if name != "lm_head")
+    for m, sec in per_m.items():
+        kc.row("gemm-m", f"layer's GEMMs M={m}", "-", sec, 0, flops_row * m,
+               extra=f"{sec * 1e6:.1f} us a layer, {LAYERS * sec * 1e3:.2f} ms a step")
+
+
 def _device_rel(ops, got, want) -> float:
     """kc.rel on the device (a 8192 x 28672 product is slow to compare on the host)."""
     def f32(a):
