@@ -51,6 +51,38 @@ __device__ __forceinline__ unsigned long long sw128_desc(const void* p, int lbo,
   "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, " \
   "%37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, " \
   "%55, %56, %57, %58, %59, %60, %61, %62, %63}"
+#define PS_WGMMA_OUT96                                                                         \
+  PS_WGMMA_OUT64, \
+      "+f"(d[64]), "+f"(d[65]), "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), \
+      "+f"(d[70]), "+f"(d[71]), "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), \
+      "+f"(d[76]), "+f"(d[77]), "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), \
+      "+f"(d[82]), "+f"(d[83]), "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), \
+      "+f"(d[88]), "+f"(d[89]), "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), \
+      "+f"(d[94]), "+f"(d[95])
+#define PS_WGMMA_OUT128                                                                        \
+  PS_WGMMA_OUT96, \
+      "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]), \
+      "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]), \
+      "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]), \
+      "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]), \
+      "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]), \
+      "+f"(d[126]), "+f"(d[127])
+#define PS_WGMMA_REGS96 \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, " \
+  "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, " \
+  "%36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, " \
+  "%53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, " \
+  "%70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, " \
+  "%87, %88, %89, %90, %91, %92, %93, %94, %95}"
+#define PS_WGMMA_REGS128 \
+  "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, " \
+  "%19, %20, %21, %22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, " \
+  "%36, %37, %38, %39, %40, %41, %42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, " \
+  "%53, %54, %55, %56, %57, %58, %59, %60, %61, %62, %63, %64, %65, %66, %67, %68, %69, " \
+  "%70, %71, %72, %73, %74, %75, %76, %77, %78, %79, %80, %81, %82, %83, %84, %85, %86, " \
+  "%87, %88, %89, %90, %91, %92, %93, %94, %95, %96, %97, %98, %99, %100, %101, %102, %103, " \
+  "%104, %105, %106, %107, %108, %109, %110, %111, %112, %113, %114, %115, %116, %117, " \
+  "%118, %119, %120, %121, %122, %123, %124, %125, %126, %127}"
 #define PS_WGMMA_REGS(N) PS_WGMMA_REGS##N
 #define PS_WGMMA_OUT(N) PS_WGMMA_OUT##N
 
@@ -83,6 +115,10 @@ __device__ __forceinline__ unsigned long long sw128_desc(const void* p, int lbo,
 #define PS_NEXT3_64 "67"
 #define PS_NEXT4_64 "68"
 #define PS_NEXT6_64 "69"
+#define PS_NEXT1_96 "97"
+#define PS_NEXT2_96 "98"
+#define PS_NEXT1_128 "129"
+#define PS_NEXT2_128 "130"
 
 template <typename T> struct IsHalf {
   static constexpr bool value = false;
@@ -91,18 +127,23 @@ template <> struct IsHalf<__half> {
   static constexpr bool value = true;
 };
 
-template <int N>  // output columns: 64 or 128
+template <int N>  // output columns: 64 or 128 (both forms), 192 or 256 (SS only)
 struct Wgmma {
-  static_assert(N == 64 || N == 128, "the m64n64 and m64n128 forms");
+  static_assert(N == 64 || N == 128 || N == 192 || N == 256, "the m64n64 .. m64n256 forms");
   template <int ACC, typename T>  // T (__half or __nv_bfloat16) picks the form by its tag
   __device__ static void ss(float (&d)[N / 2], unsigned long long da, unsigned long long db, T) {
     if constexpr (N == 64 && IsHalf<T>::value) PS_WGMMA_SS(64, "f16", 32);
     else if constexpr (N == 64) PS_WGMMA_SS(64, "bf16", 32);
-    else if constexpr (IsHalf<T>::value) PS_WGMMA_SS(128, "f16", 64);
-    else PS_WGMMA_SS(128, "bf16", 64);
+    else if constexpr (N == 128 && IsHalf<T>::value) PS_WGMMA_SS(128, "f16", 64);
+    else if constexpr (N == 128) PS_WGMMA_SS(128, "bf16", 64);
+    else if constexpr (N == 192 && IsHalf<T>::value) PS_WGMMA_SS(192, "f16", 96);
+    else if constexpr (N == 192) PS_WGMMA_SS(192, "bf16", 96);
+    else if constexpr (IsHalf<T>::value) PS_WGMMA_SS(256, "f16", 128);
+    else PS_WGMMA_SS(256, "bf16", 128);
   }
   template <int ACC, typename T>
   __device__ static void rs_t(float (&d)[N / 2], const unsigned (&a)[4], unsigned long long db, T) {
+    static_assert(N <= 128, "the RS forms: n64 and n128");
     if constexpr (N == 64 && IsHalf<T>::value) PS_WGMMA_RS_T(64, "f16", 32);
     else if constexpr (N == 64) PS_WGMMA_RS_T(64, "bf16", 32);
     else if constexpr (IsHalf<T>::value) PS_WGMMA_RS_T(128, "f16", 64);

@@ -53,9 +53,9 @@ def test_every_named_instance_compiles(source, tmp_path):
 
 
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not installed")
-@pytest.mark.parametrize("name", ["attention_prefill_sm90.cu"])
-def test_wgmma_prefill_compiles_for_sm90a(name, tmp_path):
-    """The wgmma kernel's body exists only for sm_90a: compile it there through ptxas, which
+@pytest.mark.parametrize("name", ["attention_prefill_sm90.cu", "gemm_sm90.cu"])
+def test_wgmma_kernels_compile_for_sm90a(name, tmp_path):
+    """A wgmma kernel's body exists only for sm_90a: compile it there through ptxas, which
     checks the wgmma operands, and hold it to what its design needs: no spills, and no wgmma
     that ptxas serialized (its warnings C7510..C7515), no register reallocation it ignored."""
     result = subprocess.run(
@@ -66,6 +66,7 @@ def test_wgmma_prefill_compiles_for_sm90a(name, tmp_path):
     spills = [line for line in result.stderr.splitlines() if "spill stores" in line]
     assert spills and all(" 0 bytes spill stores" in line for line in spills), result.stderr
     assert "warning" not in result.stderr.lower(), result.stderr  # e.g. C7508: setmaxnreg ignored
+    assert "C751" not in result.stderr, result.stderr  # e.g. C7515: wgmma serialized
 
 
 def test_source_key_changes_with_a_header(tmp_path):

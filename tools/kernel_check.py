@@ -12,7 +12,8 @@ gguf, decode, step (decode-step variants at batch 1, ctx 512: PDL, early trigger
 tools/kernel_check_fp8.py, fp8w1: FP8 vs bf16 linear ops of a W1 step,
 tools/kernel_check_fp8w1.py, attn: decode attention v1 vs mma, tools/kernel_check_attn.py, w1: one
 W1 step's ops at Llama-3-8B shapes and the tuned GEMMs, tools/kernel_check_w1.py; gemm-m: cuBLAS
-at every decode graph size 64..256 (the same file); norms: the
+at every decode graph size 64..256, skinny: the sm90 skinny GEMM against it (the same file);
+norms: the
 16-byte RMSNorm and row gather against the old kernels, tools/kernel_check_norms.py; overlap:
 W1's decode attention beside the MLP's GEMMs on two streams, tools/kernel_check_overlap.py).
 --check-each synchronizes after every row and every section and stops at the first CUDA error,
@@ -67,7 +68,7 @@ from tools.kernel_check_fp8w1 import check_fp8w1  # noqa: E402
 from tools.kernel_check_gguf import check_gguf  # noqa: E402
 from tools.kernel_check_norms import check_norms  # noqa: E402
 from tools.kernel_check_overlap import check_overlap  # noqa: E402
-from tools.kernel_check_w1 import check_gemm_sweep, check_w1  # noqa: E402
+from tools.kernel_check_w1 import check_gemm_sweep, check_skinny, check_w1  # noqa: E402
 
 BW, FLOPS = 4.27e12, 800e12  # measured ceilings (shared/GPU.md)
 L2_BYTES = 60 << 20
@@ -768,7 +769,7 @@ def check_launches(ops):
 
 def run_all(ops, quick: bool = False, only: str | None = None):
     """Every section, or those named in `only` (comma-separated: launches, fused, gemv, gemv1,
-    splits, sampling, prefill, gguf, decode, step, fp8, fp8w1, attn, w1, gemm-m, norms)."""
+    splits, sampling, prefill, gguf, decode, step, fp8, fp8w1, attn, w1, gemm-m, skinny, norms)."""
     sections = {
         "launches": lambda: check_launches(ops),
         "fused": lambda: check_fused(ops),
@@ -792,6 +793,8 @@ def run_all(ops, quick: bool = False, only: str | None = None):
         "w1": lambda: check_w1(ops, sys.modules[__name__]),
         # cublasGemmEx at every decode graph size 64..256, Llama-3-8B shapes
         "gemm-m": lambda: check_gemm_sweep(ops, sys.modules[__name__]),
+        # the sm90 skinny GEMM (cuda/gemm_sm90.cu) against cuBLAS, Llama-3-8B shapes
+        "skinny": lambda: check_skinny(ops, sys.modules[__name__]),
         "norms": lambda: check_norms(ops, sys.modules[__name__]),
         # attention beside the MLP's GEMMs on two streams (W1, Llama-3-8B shapes)
         "overlap": lambda: check_overlap(ops, sys.modules[__name__]),

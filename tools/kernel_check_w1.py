@@ -103,30 +103,32 @@ def check_gemm(ops, kc, tuner, rng, name, n, k, ms):
 SWEEP_MS = tuple(range(64, 257, 16))  # the decode graphs' sizes from 64 rows on (cuda_graph.py)
 
 
+def _layer_operands(ops, kc, rng, ms):
+    """(name, n, k, weight copies, m, x) for each Llama-3-8B layer product (no lm_head) at each
+    row count m: enough weight copies to exceed the L2 (read cold), x random at m rows."""
+    for name, (n, k) in kc.SHAPES["llama3-8b"].items():
+        if name == "lm_head":
+            continue
+        copies = 1 if kc.OPTS["small"] else max(1, -(-3 * kc.L2_BYTES // (n * k * 2)))
+        ws = [ops.random_weight((n, k), k**-0.5, rng) for _ in range(copies)]
+        for m in ms:
+            yield name, n, k, ws, m, ops.random_weight((m, k), 1.0, rng)
+
+
 def check_gemm_sweep(ops, kc):
     """--only gemm-m: cublasGemmEx alone at every decode graph size from 64 to 256 rows, Llama-3-8B
     shapes (weights cold): does a GEMM of 144 rows cost what one of 256 does (tiles over the token
     dimension rounded up), and how the four products of a layer add up at each size."""
-    rng = np.random.default_rng(12)
     ms = (64, 128) if kc.OPTS["small"] else SWEEP_MS
     per_m = dict.fromkeys(ms, 0.0)
     saved, ops._gemm.tuned = ops._gemm.tuned, None
     try:
-        for name, (n, k) in kc.SHAPES["llama3-8b"].items():
-            if name == "lm_head":
-                continue
-            nbytes = n * k * 2
-            copies = 1 if kc.OPTS["small"] else max(1, -(-3 * kc.L2_BYTES // nbytes))
-            ws = [ops.random_weight((n, k), k**-0.5, rng) for _ in range(copies)]
-            for m in ms:
-                x = ops.random_weight((m, k), 1.0, rng)
-                out = cupy.empty((m, n), ops.storage)
-                it = iter(range(10**9))
-                sec = kc.graph_time(lambda x=x, it=it, out=out, ws=ws: ops._gemm(
-                    x, ws[next(it) % len(ws)], out, ops.dtype), max(20, copies), 10)
-                per_m[m] += sec
-                kc.row("gemm-m", f"GEMM {name} {n}x{k} M={m}", "-", sec, nbytes + 2 * m * (n + k),
-                       2 * m * n * k, extra=f"{sec / m * 1e9:.1f} ns a row")
+        for name, n, k, ws, m, x in _layer_operands(ops, kc, np.random.default_rng(12), ms):
+            out = cupy.empty((m, n), ops.storage)
+            sec = _time_gemm(kc, lambda a, b, o: ops._gemm(a, b, o, ops.dtype), x, ws, out)
+            per_m[m] += sec
+            kc.row("gemm-m", f"GEMM {name} {n}x{k} M={m}", "-", sec, n * k * 2 + 2 * m * (n + k),
+                   2 * m * n * k, extra=f"{sec / m * 1e9:.1f} ns a row")
     finally:
         ops._gemm.tuned = saved
     flops_row = 2 * sum(n * k for name, (n, k) in kc.SHAPES["llama3-8b"].items()
@@ -134,6 +136,57 @@ def check_gemm_sweep(ops, kc):
     for m, sec in per_m.items():
         kc.row("gemm-m", f"layer's GEMMs M={m}", "-", sec, 0, flops_row * m,
                extra=f"{sec * 1e6:.1f} us a layer, {LAYERS * sec * 1e3:.2f} ms a step")
+
+
+SKINNY_MS = (16, 64, 128, 144, 160, 192, 208, 256)
+
+
+def check_skinny(ops, kc):
+    """--only skinny: cuda_gemm_sm90.skinny_gemm (the wgmma GEMM for <= 256 token rows) against
+    cublasGemmEx at Llama-3-8B shapes, weights cold; its error against cuBLAS's output, its time
+    with the planned K splits and with none, and captured as PDL launches (each call's weight
+    reads start under the previous call, as under the norm or attention kernel in a step)."""
+    from engine.executor.ops import cuda_gemm_sm90 as sk
+
+    ms = (64, 144) if kc.OPTS["small"] else SKINNY_MS
+    sms = sk._num_sms()
+    saved, ops._gemm.tuned = ops._gemm.tuned, None
+    totals = {m: [0.0, 0.0] for m in ms}  # per layer: cuBLAS, skinny (planned, PDL)
+    try:
+        for name, n, k, ws, m, x in _layer_operands(ops, kc, np.random.default_rng(13), ms):
+            want, got = cupy.empty((m, n), ops.storage), cupy.empty((m, n), ops.storage)
+            ops._gemm(x, ws[0], want, ops.dtype)
+            sk.skinny_gemm(x, ws[0], got, ops.ctype)
+            err = f"vs cuBLAS {_device_rel(ops, got, want):.1e}"
+            out = cupy.empty((m, n), ops.storage)
+            t_blas = _time_gemm(kc, lambda a, b, o: ops._gemm(a, b, o, ops.dtype), x, ws, out)
+            t_plan = _time_gemm(kc, lambda a, b, o: sk.skinny_gemm(a, b, o, ops.ctype), x, ws,
+                                out)
+            t_one = _time_gemm(kc, lambda a, b, o: sk.skinny_gemm(a, b, o, ops.ctype, splits=1),
+                               x, ws, out)
+            t_pdl = _time_gemm(kc, lambda a, b, o: sk.skinny_gemm(a, b, o, ops.ctype), x, ws,
+                               out, pdl=True)
+            rows, splits = sk.gemm_plan(m, n, k, sms)
+            totals[m][0] += t_blas
+            totals[m][1] += t_pdl
+            kc.row("skinny", f"GEMM {name} {n}x{k} M={m} skinny (PDL)", err, t_pdl,
+                   n * k * 2 + 2 * m * (n + k), 2 * m * n * k,
+                   extra=f"cuBLAS {t_blas * 1e6:.1f} us -> {t_blas / t_pdl:.3f}x; without "
+                         f"PDL {t_plan * 1e6:.1f} us; {rows} rows, {splits} splits "
+                         f"(1 split: {t_one * 1e6:.1f} us)")
+    finally:
+        ops._gemm.tuned = saved
+    for m, (blas, skinny) in totals.items():
+        kc.row("skinny", f"layer's GEMMs M={m} skinny (PDL)", "-", skinny,
+               extra=f"cuBLAS {blas * 1e6:.1f} us -> {blas / skinny:.3f}x; a step's 32 layers "
+                     f"{LAYERS * (blas - skinny) * 1e3:+.2f} ms")
+
+
+def _time_gemm(kc, fn, x, ws, out, pdl=False) -> float:
+    """Seconds per fn(x, w, out), cycling through the weight copies ws (cold in L2)."""
+    it = iter(range(10**9))
+    return kc.graph_time(lambda: fn(x, ws[next(it) % len(ws)], out), max(20, len(ws)), 10,
+                         pdl=pdl)
 
 
 def _device_rel(ops, got, want) -> float:

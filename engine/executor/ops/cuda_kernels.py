@@ -106,7 +106,7 @@ PREFILL_CONFIGS = ((2, 8, 64), (2, 4, 64), (1, 8, 64), (1, 4, 64))
 SM90_CONFIGS = ((128, 2),)
 # wgmma and setmaxnreg need sm_90a, an arch CuPy's RawModule cannot ask NVRTC for: these files
 # compile through _sm90a_module
-SM90A_FILES = ("attention_prefill_sm90.cu",)
+SM90A_FILES = ("attention_prefill_sm90.cu", "gemm_sm90.cu")
 
 
 def cuda_dir() -> Path:
@@ -175,6 +175,9 @@ def kernel_names(file: str, ctype: str) -> list[str]:
     if file == "attention_prefill_sm90.cu":
         return [f"prefill_sm90_kernel<{ctype}, {d}, {bn}, {st}>" for d in HEAD_DIMS
                 for bn, st in SM90_CONFIGS]
+    if file == "gemm_sm90.cu":  # <T, token rows (64..256), stages>: cuda_gemm_sm90
+        return ([f"gemm_sm90_kernel<{ctype}, {rows}, 4>" for rows in (64, 128, 192, 256)]
+                + [f"gemm_sm90_reduce_kernel<{ctype}>"])
     if file == "gguf.cu":
         return ([f"gguf_gemv_kernel<{f}, {ctype}, {m}, {r}>" for f in GGUF_KINDS
                  for m, r in GGUF_GEMV_VARIANTS]

@@ -20,6 +20,7 @@ from engine.executor.ops import (
     SamplerOutput,
     SamplingTensors,
     cuda_fp8,
+    cuda_gemm_sm90,
     cuda_gemv,
     cuda_kernels,
     cuda_norm,
@@ -291,6 +292,8 @@ class CudaOps:
             return out
         if cuda_gemv.use_gemv(x, weight):
             cuda_gemv.gemv(x, weight, out, self.ctype)
+        elif cuda_gemm_sm90.takes(x, weight):  # PAGEDSERVE_SKINNY_GEMM=1 (an experiment)
+            cuda_gemm_sm90.skinny_gemm(x, weight, out, self.ctype)
         else:
             self._gemm(x, weight, out, self.dtype)
         if bias is not None:

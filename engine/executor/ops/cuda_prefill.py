@@ -169,22 +169,28 @@ def tma_map(cache, box_rows: int) -> TmaMap:
     """One layer's K or V cache (num_blocks, nkv, block_size, hd) of 16-bit values as TMA's 2-D
     tensor of num_blocks x nkv x block_size rows, copied in boxes of box_rows x 64 values with the
     128-byte swizzle (the layout the sm90 kernel's wgmma reads). Made once per cache and box."""
-    rows, hd = cache.size // cache.shape[-1], cache.shape[-1]
-    key = (cache.data.ptr, rows, hd, box_rows)
+    if not cache.flags.c_contiguous or cache.itemsize != 2:
+        raise ValueError("tma_map: a contiguous cache of 16-bit values")
+    return tma_map_2d(cache.data.ptr, cache.size // cache.shape[-1], cache.shape[-1], box_rows)
+
+
+def tma_map_2d(ptr: int, rows: int, cols: int, box_rows: int) -> TmaMap:
+    """TMA's view of `rows` contiguous rows of `cols` 16-bit values at device address `ptr`
+    (cols % 8 == 0), copied in boxes of box_rows x 64 values with the 128-byte swizzle; a box
+    past the last row arrives as zeros. Made once per (ptr, shape, box)."""
+    key = (ptr, rows, cols, box_rows)
     found = _MAPS.get(key)
     if found is not None:
         return found
-    if not cache.flags.c_contiguous or cache.itemsize != 2:
-        raise ValueError("tma_map: a contiguous cache of 16-bit values")
     raw = ctypes.create_string_buffer(128 + 64)  # the map is 64-byte aligned
     addr = (ctypes.addressof(raw) + 63) & ~63
     status = _encode_tiled()(
-        addr, _UINT16, 2, cache.data.ptr, (ctypes.c_uint64 * 2)(hd, rows),
-        (ctypes.c_uint64 * 1)(hd * 2), (ctypes.c_uint32 * 2)(64, box_rows),
+        addr, _UINT16, 2, ptr, (ctypes.c_uint64 * 2)(cols, rows),
+        (ctypes.c_uint64 * 1)(cols * 2), (ctypes.c_uint32 * 2)(64, box_rows),
         (ctypes.c_uint32 * 2)(1, 1), 0, _SWIZZLE_128B, _L2_256B, 0)
     if status != 0:
         raise RuntimeError(f"cuTensorMapEncodeTiled failed (CUresult {status})")
-    if len(_MAPS) >= 1024:  # caches come and go with engines: keep the newest
+    if len(_MAPS) >= 1024:  # caches and activations come and go: keep the newest
         _MAPS.clear()
     _MAPS[key] = TmaMap.from_buffer_copy(ctypes.string_at(addr, 128))
     return _MAPS[key]

@@ -1,0 +1,181 @@
+// Skinny GEMM for Hopper (sm_90a only): y[M, N] = x[M, K] w[N, K]^T for M <= 256 rows (a decode
+// step's tokens against a layer's weights), an experiment beside cuBLAS (kernel_check --only
+// skinny; the engine does not call it yet).
+//
+// Why: cuBLAS's tiles run over the token rows in steps of 128 or 256, so a graph of 144
+// sequences may pay for 256; and a cuBLAS kernel starts only once the kernel before it has
+// finished, while its weights never depended on that kernel. Here wgmma's M is the weights'
+// rows and its N the tokens: a block takes 128 weight rows (two consumer warpgroups of 64)
+// against BT token rows (M rounded up to a multiple of 64: 144 tokens compute 192), K in slices of
+// 64 through ST stages of shared memory. Warpgroup 0's first thread copies the slices by TMA
+// (128-byte swizzle): the first ST slices of w before the PDL wait, x's only after it. When
+// N / 128 blocks would leave SMs idle, grid y cuts K into `splits` ranges whose fp32 partial sums
+// gemm_sm90_reduce_kernel adds in a fixed order (deterministic).
+// Epilogue: each consumer stages its 64 x BT tile in shared memory as [token][64 weight rows], so
+// that a token's 64 outputs leave as 16-byte stores.
+#include "wgmma.cuh"
+
+#define GEMM90_PRODUCER_REGS 40
+#define GEMM90_CONSUMER_REGS 232
+
+// Grid: (N / 128, splits)  Block: 384 threads (3 warpgroups)
+// Dynamic shared memory: 1024 (alignment) + ST x (128 + BT) x 128 bytes + 16 ST (barriers).
+// w_map: w as a 2-D tensor [N rows][K], boxes of 128 rows x 64; x_map: x [M rows][K], boxes of
+// BT rows x 64 (rows past M arrive as zeros). K % 64 == 0, N % 128 == 0, M <= BT.
+template <typename T, int BT, int ST>
+__global__ void __launch_bounds__(384, 1) gemm_sm90_kernel(
+    T* __restrict__ out,             // [M, N] when splits == 1
+    float* __restrict__ partial,     // [splits, M, N] when splits > 1
+    const __grid_constant__ TmaMap w_map, const __grid_constant__ TmaMap x_map, int M, int N,
+    int K, int splits) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  constexpr int W_BYTES = 128 * 128, X_BYTES = BT * 128, STAGE = W_BYTES + X_BYTES;
+  static_assert(BT % 64 == 0 && BT <= 256, "64..256 token rows");
+  extern __shared__ unsigned char smem_raw[];
+  unsigned char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+  unsigned long long* full = reinterpret_cast<unsigned long long*>(smem + ST * STAGE);
+  unsigned long long* empty = full + ST;
+  const int n0 = blockIdx.x * 128, split = blockIdx.y;
+  // this split's K slices: [s0, s0 + nk), at least one each (splits <= K / 64)
+  const int k_slices = K / 64, s0 = split * k_slices / splits;
+  const int nk = (split + 1) * k_slices / splits - s0;
+  const int tid = threadIdx.x, wg = tid >> 7;
+
+  if (tid == 0) {
+    for (int s = 0; s < ST; s++) {
+      mbar_init(full + s, 1);   // the producer's arrival, with the stage's bytes
+      mbar_init(empty + s, 2);  // one arrival per consumer warpgroup
+    }
+  }
+  __syncthreads();
+
+  if (wg == 0) {  // ----------------------------------------------------------- producer
+    regs_dec<GEMM90_PRODUCER_REGS>();
+    if (tid == 0) {
+      for (int i = 0; i < min(ST, nk); i++) {  // weights first: they wait for no kernel
+        mbar_arrive_expect_tx(full + i, STAGE);
+        tma_load_2d(smem + i * STAGE, &w_map, (s0 + i) * 64, n0, full + i);
+      }
+      pdl_wait();  // x is the previous kernel's output
+      for (int i = 0; i < nk; i++) {
+        const int s = i % ST;
+        if (i >= ST) {
+          mbar_wait(empty + s, (i / ST - 1) & 1);  // both consumers done with its last use
+          mbar_arrive_expect_tx(full + s, STAGE);
+          tma_load_2d(smem + s * STAGE, &w_map, (s0 + i) * 64, n0, full + s);
+        }
+        tma_load_2d(smem + s * STAGE + W_BYTES, &x_map, (s0 + i) * 64, 0, full + s);
+      }
+      pdl_trigger();
+    }
+    return;
+  }
+
+  // --------------------------------------------------------------------------- consumers
+  regs_inc<GEMM90_CONSUMER_REGS>();
+  const int cw = wg - 1, ctid = tid - 128 * wg, warp = ctid >> 5, lane = tid & 31;
+  const T tag{};
+  float d[BT / 2];  // 64 weight rows x BT tokens (wgmma.cuh's accumulator layout)
+#pragma unroll
+  for (int i = 0; i < BT / 2; i++) d[i] = 0.f;
+  // Slice i's products, one wgmma group of 4 steps of 16 K values (32 bytes further in the
+  // 128-byte rows each); the first slice's first step starts d afresh (ACC 0). nk >= 1.
+  auto operands = [&](int i, unsigned long long& da, unsigned long long& db) {
+    const int s = i % ST;
+    mbar_wait(full + s, (i / ST) & 1);
+    da = sw128_desc(smem + s * STAGE + cw * 64 * 128, 0);  // this warpgroup's 64 weight rows
+    db = sw128_desc(smem + s * STAGE + W_BYTES, 0);
+    fence_regs(d);
+    wgmma_fence();
+  };
+  auto rest = [&](unsigned long long da, unsigned long long db) {  // steps 1..3, commit
+#pragma unroll
+    for (int kk = 1; kk < 4; kk++) Wgmma<BT>::template ss<1>(d, da + 2 * kk, db + 2 * kk, tag);
+    wgmma_commit();
+  };
+  unsigned long long da, db;
+  operands(0, da, db);
+  Wgmma<BT>::template ss<0>(d, da, db, tag);
+  rest(da, db);
+  for (int i = 1; i < nk; i++) {
+    operands(i, da, db);
+    Wgmma<BT>::template ss<1>(d, da, db, tag);
+    rest(da, db);
+    wgmma_wait<1>();  // slice i - 1's products are done: release its stage
+    fence_regs(d);
+    if (ctid == 0) mbar_arrive(empty + (i - 1) % ST);
+  }
+  wgmma_wait<0>();
+  fence_regs(d);
+
+  // Epilogue: both consumers are past their last products before either overwrites the stages.
+  bar_sync(1, 256);
+  const int rows = min(M, BT);
+  const int r = 16 * warp + (lane >> 2), cq = 2 * (lane & 3);
+  if (splits == 1) {
+    T* tile = reinterpret_cast<T*>(smem) + cw * BT * 64;  // [BT tokens][64 weight rows]
+#pragma unroll
+    for (int i = 0; i < BT / 8; i++)
+#pragma unroll
+      for (int e = 0; e < 4; e++)
+        tile[(8 * i + cq + (e & 1)) * 64 + r + 8 * (e >> 1)] = from_float<T>(d[4 * i + e]);
+    bar_sync(2 + cw, 128);
+    for (int c = ctid; c < rows * 8; c += 128) {  // 8 chunks of 8 outputs a token
+      const int t = c >> 3, ch = c & 7;
+      *reinterpret_cast<uint4*>(out + (long)t * N + n0 + cw * 64 + ch * 8) =
+          *reinterpret_cast<const uint4*>(tile + t * 64 + ch * 8);
+    }
+  } else {
+    float* tile = reinterpret_cast<float*>(smem) + cw * BT * 64;
+#pragma unroll
+    for (int i = 0; i < BT / 8; i++)
+#pragma unroll
+      for (int e = 0; e < 4; e++) tile[(8 * i + cq + (e & 1)) * 64 + r + 8 * (e >> 1)] = d[4 * i + e];
+    bar_sync(2 + cw, 128);
+    float* dst = partial + (long)split * M * N;
+    for (int c = ctid; c < rows * 16; c += 128) {  // 16 chunks of 4 sums a token
+      const int t = c >> 4, ch = c & 15;
+      *reinterpret_cast<float4*>(dst + (long)t * N + n0 + cw * 64 + ch * 4) =
+          *reinterpret_cast<const float4*>(tile + t * 64 + ch * 4);
+    }
+  }
+#endif
+}
+
+// y[i] = sum over s of partial[s][i], s in order (M * N % 4 == 0). Grid: ceil(M N / 4 / 256).
+template <typename T>
+__global__ void __launch_bounds__(256) gemm_sm90_reduce_kernel(
+    T* __restrict__ out, const float* __restrict__ partial, long size, int splits) {
+  pdl_start();
+  const long i = ((long)blockIdx.x * 256 + threadIdx.x) * 4;
+  if (i >= size) return;
+  float4 acc = *reinterpret_cast<const float4*>(partial + i);
+  for (int s = 1; s < splits; s++) {
+    const float4 v = *reinterpret_cast<const float4*>(partial + (long)s * size + i);
+    acc.x += v.x;
+    acc.y += v.y;
+    acc.z += v.z;
+    acc.w += v.w;
+  }
+  out[i] = from_float<T>(acc.x);
+  out[i + 1] = from_float<T>(acc.y);
+  out[i + 2] = from_float<T>(acc.z);
+  out[i + 3] = from_float<T>(acc.w);
+}
+
+#ifdef PAGEDSERVE_NVCC_CHECK
+template __global__ void gemm_sm90_kernel<__nv_bfloat16, 64, 4>(
+    __nv_bfloat16*, float*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, int,
+    int, int, int);
+template __global__ void gemm_sm90_kernel<__nv_bfloat16, 192, 4>(
+    __nv_bfloat16*, float*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, int,
+    int, int, int);
+template __global__ void gemm_sm90_kernel<__nv_bfloat16, 256, 4>(
+    __nv_bfloat16*, float*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, int,
+    int, int, int);
+template __global__ void gemm_sm90_kernel<__half, 128, 4>(
+    __half*, float*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, int, int,
+    int, int);
+template __global__ void gemm_sm90_reduce_kernel<__nv_bfloat16>(__nv_bfloat16*, const float*,
+                                                                  long, int);
+#endif

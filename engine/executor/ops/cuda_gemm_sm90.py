@@ -1,0 +1,111 @@
+"""The skinny GEMM for Hopper (cuda/gemm_sm90.cu): y = x w^T for up to 256 token rows, where
+cuBLAS's tiles over the tokens round a batch of 144 up to 256 and a GEMM cannot start its weight
+reads before the kernel ahead of it ends.
+
+An experiment beside cuBLAS, off by default: `PAGEDSERVE_SKINNY_GEMM=1` makes CudaOps.linear
+take it for 16-bit weights at 1..256 rows on Hopper (where no GEMV does), and
+`tools/kernel_check.py --only skinny` times it against cublasGemmEx at every decode graph size
+and checks it against cuBLAS's output. A block computes 128 weight rows against all the step's
+tokens (rounded up to a multiple of 64); the weights' first K slices are requested before the
+PDL wait. When the weight rows make too few blocks to fill the GPU (Llama-3-8B's o and down: 32
+blocks), K is cut into splits whose fp32 partial sums a second kernel adds in a fixed order.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import numpy as np
+
+from engine.executor.ops.cuda_kernels import kernel, launch
+
+BLOCK_N = 128  # weight rows a block (two consumer warpgroups of 64)
+ROWS_STEP, MAX_ROWS = 64, 256  # token rows are rounded up to a multiple of ROWS_STEP
+SLICE_K = 64  # K values a stage
+STAGES = 4
+MAX_SPLITS = 8
+MIN_SLICES_PER_SPLIT = 4  # K slices a split streams at least (the pipeline's depth)
+REDUCE_THREADS = 256
+ENABLED = os.environ.get("PAGEDSERVE_SKINNY_GEMM", "0") == "1"
+
+
+@functools.cache
+def _num_sms() -> int:
+    import cupy
+
+    return int(cupy.cuda.Device().attributes["MultiProcessorCount"])
+
+
+def shape_ok(m: int, n: int, k: int) -> bool:
+    """Shapes the kernel takes: 1..256 rows, N a multiple of 128, K of 64."""
+    return 1 <= m <= MAX_ROWS and n % BLOCK_N == 0 and k % SLICE_K == 0
+
+
+@functools.cache
+def _hopper_ready() -> bool:
+    """sm_90 with what the kernel's launch needs (cuda_prefill._sm90_ready's checks)."""
+    from engine.executor.ops.cuda_prefill import _sm90_ready
+
+    return _sm90_ready()
+
+
+def takes(x, weight) -> bool:
+    """Whether CudaOps.linear runs x @ weight^T here: PAGEDSERVE_SKINNY_GEMM=1, Hopper, a shape
+    the kernel tiles, contiguous 16-bit operands."""
+    return (ENABLED and shape_ok(x.shape[0], weight.shape[0], x.shape[1])
+            and x.itemsize == 2 and weight.itemsize == 2 and x.flags.c_contiguous
+            and weight.flags.c_contiguous and _hopper_ready())
+
+
+def gemm_plan(m: int, n: int, k: int, sms: int) -> tuple[int, int]:
+    """(token rows a block computes, K splits): splits so that N / 128 blocks times them come
+    near the SM count without more than MAX_SPLITS, and each split streams at least
+    MIN_SLICES_PER_SPLIT slices."""
+    rows = -(-m // ROWS_STEP) * ROWS_STEP
+    blocks = n // BLOCK_N
+    splits = max(1, min(MAX_SPLITS, sms // blocks, (k // SLICE_K) // MIN_SLICES_PER_SPLIT))
+    return rows, splits
+
+
+def smem_bytes(rows: int) -> int:
+    """1024 for the swizzle's alignment, the stages of (w, x) slices, full + empty mbarriers."""
+    return 1024 + STAGES * (BLOCK_N + rows) * SLICE_K * 2 + 16 * STAGES
+
+
+def skinny_gemm(x, w, out, ctype: str, splits: int | None = None, pdl: bool = True):
+    """out (M, N) = x (M, K) @ w (N, K)^T of cupy arrays of 16-bit values, fp32 accumulation;
+    `splits` overrides gemm_plan's (kernel_check). Every array contiguous."""
+    import cupy
+
+    from engine.executor.ops.cuda_prefill import tma_map_2d
+
+    m, k = x.shape
+    n = w.shape[0]
+    if not shape_ok(m, n, k) or w.shape[1] != k or out.shape != (m, n):
+        raise ValueError(f"skinny_gemm: x {x.shape}, w {w.shape}, out {out.shape}: 1..256 rows, "
+                         f"N % {BLOCK_N} == 0, K % {SLICE_K} == 0")
+    for a, name in ((x, "x"), (w, "w"), (out, "out")):
+        if not a.flags.c_contiguous or a.itemsize != 2:
+            raise ValueError(f"skinny_gemm: {name} must be contiguous 16-bit values")
+    rows, planned = gemm_plan(m, n, k, _num_sms())
+    splits = splits or planned
+    if not 1 <= splits <= k // SLICE_K:
+        raise ValueError(f"skinny_gemm: {splits} splits of {k // SLICE_K} K slices")
+    w_map = tma_map_2d(w.data.ptr, n, k, BLOCK_N)
+    x_map = tma_map_2d(x.data.ptr, m, k, rows)
+    fn = kernel("gemm_sm90.cu", f"gemm_sm90_kernel<{ctype}, {rows}, {STAGES}>", ctype)
+    smem = smem_bytes(rows)
+    if fn.max_dynamic_shared_size_bytes < smem:
+        fn.max_dynamic_shared_size_bytes = smem
+    partial = cupy.empty((splits, m, n), cupy.float32) if splits > 1 else np.uint64(0)
+    i32 = np.int32
+    launch(fn, (n // BLOCK_N, splits), (384,),
+           (out, partial, w_map, x_map, i32(m), i32(n), i32(k), i32(splits)),
+           shared_mem=smem, pdl=pdl)
+    if splits > 1:
+        size = m * n
+        red = kernel("gemm_sm90.cu", f"gemm_sm90_reduce_kernel<{ctype}>", ctype)
+        launch(red, (-(-size // (4 * REDUCE_THREADS)),), (REDUCE_THREADS,),
+               (out, partial, np.int64(size), i32(splits)), pdl=pdl)
+    return out
