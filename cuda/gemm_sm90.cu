@@ -13,16 +13,50 @@
 // gemm_sm90_reduce_kernel adds in a fixed order (deterministic).
 // Epilogue: each consumer stages its 64 x BT tile in shared memory as [token][64 weight rows], so
 // that a token's 64 outputs leave as 16-byte stores.
+// GLU (w = [gate; up], 2 I rows): a block's 128 rows are gate rows j0..j0+63 (consumer 0) and the
+// up rows I + j0.. (consumer 1), two TMA boxes a slice; the epilogue writes silu(g) * u for its
+// 64 outputs of I (in fp32, rounded once, as activation.cu does), never the 2 I products.
 #include "wgmma.cuh"
 
 #define GEMM90_PRODUCER_REGS 40
 #define GEMM90_CONSUMER_REGS 232
 
-// Grid: (N / 128, splits)  Block: 384 threads (3 warpgroups)
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+__device__ __forceinline__ void put(float* p, float v) { *p = v; }
+template <typename V>
+__device__ __forceinline__ void put(V* p, float v) { *p = from_float<V>(v); }
+
+// One consumer warpgroup's 64 x BT accumulators (wgmma.cuh's layout: weight rows x tokens) into
+// tile[token][64], a token's 64 values side by side, as V (the output type, or fp32).
+template <int BT, typename V>
+__device__ __forceinline__ void stage_tile(V* tile, const float (&d)[BT / 2], int warp, int lane) {
+  const int r = 16 * warp + (lane >> 2), cq = 2 * (lane & 3);
+#pragma unroll
+  for (int i = 0; i < BT / 8; i++)
+#pragma unroll
+    for (int e = 0; e < 4; e++)
+      put(tile + (8 * i + cq + (e & 1)) * 64 + r + 8 * (e >> 1), d[4 * i + e]);
+}
+
+// The first `rows` rows of tile[row][64] to dst's rows, `stride` values apart, 16 bytes a thread.
+template <typename V>
+__device__ __forceinline__ void copy_rows(V* dst, long stride, const V* tile, int rows, int tid,
+                                          int threads) {
+  constexpr int PER = 16 / sizeof(V), CHUNKS = 64 / PER;  // values a chunk, chunks a row
+  for (int c = tid; c < rows * CHUNKS; c += threads) {
+    const int t = c / CHUNKS, ch = c % CHUNKS;
+    *reinterpret_cast<uint4*>(dst + t * stride + ch * PER) =
+        *reinterpret_cast<const uint4*>(tile + t * 64 + ch * PER);
+  }
+}
+#endif
+
+// Grid: (N / 128, splits)  Block: 384 threads (3 warpgroups). GLU: (N / 2 / 64, 1).
 // Dynamic shared memory: 1024 (alignment) + ST x (128 + BT) x 128 bytes + 16 ST (barriers).
-// w_map: w as a 2-D tensor [N rows][K], boxes of 128 rows x 64; x_map: x [M rows][K], boxes of
-// BT rows x 64 (rows past M arrive as zeros). K % 64 == 0, N % 128 == 0, M <= BT.
-template <typename T, int BT, int ST>
+// w_map: w as a 2-D tensor [N rows][K], boxes of 128 rows x 64 (GLU: 64 rows); x_map: x [M
+// rows][K], boxes of BT rows x 64 (rows past M arrive as zeros). K % 64 == 0, N % 128 == 0,
+// M <= BT; out is [M, N] (GLU: [M, N / 2]).
+template <typename T, int BT, int ST, bool GLU>
 __global__ void __launch_bounds__(384, 1) gemm_sm90_kernel(
     T* __restrict__ out,             // [M, N] when splits == 1
     float* __restrict__ partial,     // [splits, M, N] when splits > 1
@@ -35,7 +69,7 @@ __global__ void __launch_bounds__(384, 1) gemm_sm90_kernel(
   unsigned char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
   unsigned long long* full = reinterpret_cast<unsigned long long*>(smem + ST * STAGE);
   unsigned long long* empty = full + ST;
-  const int n0 = blockIdx.x * 128, split = blockIdx.y;
+  const int n0 = blockIdx.x * (GLU ? 64 : 128), split = blockIdx.y;
   // this split's K slices: [s0, s0 + nk), at least one each (splits <= K / 64)
   const int k_slices = K / 64, s0 = split * k_slices / splits;
   const int nk = (split + 1) * k_slices / splits - s0;
@@ -52,9 +86,17 @@ __global__ void __launch_bounds__(384, 1) gemm_sm90_kernel(
   if (wg == 0) {  // ----------------------------------------------------------- producer
     regs_dec<GEMM90_PRODUCER_REGS>();
     if (tid == 0) {
+      auto load_w = [&](int i, int s) {  // slice i of the block's weight rows into stage s
+        if (GLU) {  // gate rows n0.., up rows N / 2 + n0..
+          tma_load_2d(smem + s * STAGE, &w_map, (s0 + i) * 64, n0, full + s);
+          tma_load_2d(smem + s * STAGE + W_BYTES / 2, &w_map, (s0 + i) * 64, N / 2 + n0, full + s);
+        } else {
+          tma_load_2d(smem + s * STAGE, &w_map, (s0 + i) * 64, n0, full + s);
+        }
+      };
       for (int i = 0; i < min(ST, nk); i++) {  // weights first: they wait for no kernel
         mbar_arrive_expect_tx(full + i, STAGE);
-        tma_load_2d(smem + i * STAGE, &w_map, (s0 + i) * 64, n0, full + i);
+        load_w(i, i);
       }
       pdl_wait();  // x is the previous kernel's output
       for (int i = 0; i < nk; i++) {
@@ -62,7 +104,7 @@ __global__ void __launch_bounds__(384, 1) gemm_sm90_kernel(
         if (i >= ST) {
           mbar_wait(empty + s, (i / ST - 1) & 1);  // both consumers done with its last use
           mbar_arrive_expect_tx(full + s, STAGE);
-          tma_load_2d(smem + s * STAGE, &w_map, (s0 + i) * 64, n0, full + s);
+          load_w(i, s);
         }
         tma_load_2d(smem + s * STAGE + W_BYTES, &x_map, (s0 + i) * 64, 0, full + s);
       }
@@ -111,33 +153,33 @@ __global__ void __launch_bounds__(384, 1) gemm_sm90_kernel(
   // Epilogue: both consumers are past their last products before either overwrites the stages.
   bar_sync(1, 256);
   const int rows = min(M, BT);
-  const int r = 16 * warp + (lane >> 2), cq = 2 * (lane & 3);
-  if (splits == 1) {
-    T* tile = reinterpret_cast<T*>(smem) + cw * BT * 64;  // [BT tokens][64 weight rows]
-#pragma unroll
-    for (int i = 0; i < BT / 8; i++)
-#pragma unroll
-      for (int e = 0; e < 4; e++)
-        tile[(8 * i + cq + (e & 1)) * 64 + r + 8 * (e >> 1)] = from_float<T>(d[4 * i + e]);
+  if (!GLU && splits == 1) {
+    T* tile = reinterpret_cast<T*>(smem) + cw * BT * 64;
+    stage_tile<BT>(tile, d, warp, lane);
     bar_sync(2 + cw, 128);
-    for (int c = ctid; c < rows * 8; c += 128) {  // 8 chunks of 8 outputs a token
-      const int t = c >> 3, ch = c & 7;
-      *reinterpret_cast<uint4*>(out + (long)t * N + n0 + cw * 64 + ch * 8) =
-          *reinterpret_cast<const uint4*>(tile + t * 64 + ch * 8);
-    }
-  } else {
-    float* tile = reinterpret_cast<float*>(smem) + cw * BT * 64;
-#pragma unroll
-    for (int i = 0; i < BT / 8; i++)
-#pragma unroll
-      for (int e = 0; e < 4; e++) tile[(8 * i + cq + (e & 1)) * 64 + r + 8 * (e >> 1)] = d[4 * i + e];
+    copy_rows(out + n0 + cw * 64, N, tile, rows, ctid, 128);
+    return;
+  }
+  float* tile = reinterpret_cast<float*>(smem) + cw * BT * 64;  // partial sums, or gate / up
+  stage_tile<BT>(tile, d, warp, lane);
+  if (!GLU) {
     bar_sync(2 + cw, 128);
-    float* dst = partial + (long)split * M * N;
-    for (int c = ctid; c < rows * 16; c += 128) {  // 16 chunks of 4 sums a token
-      const int t = c >> 4, ch = c & 15;
-      *reinterpret_cast<float4*>(dst + (long)t * N + n0 + cw * 64 + ch * 4) =
-          *reinterpret_cast<const float4*>(tile + t * 64 + ch * 4);
+    copy_rows(partial + (long)split * M * N + n0 + cw * 64, N, tile, rows, ctid, 128);
+    return;
+  }
+  bar_sync(2, 256);  // gate (consumer 0's tile) and up (consumer 1's) both staged
+  const float* g_s = reinterpret_cast<const float*>(smem);
+  const float* u_s = g_s + BT * 64;
+  for (int c = tid - 128; c < rows * 8; c += 256) {  // 8 outputs a thread, 16-byte stores
+    const int at = (c >> 3) * 64 + (c & 7) * 8;
+    alignas(16) T v[8];
+#pragma unroll
+    for (int j = 0; j < 8; j++) {
+      const float g = g_s[at + j];
+      v[j] = from_float<T>(g / (1.f + expf(-g)) * u_s[at + j]);
     }
+    *reinterpret_cast<uint4*>(out + (long)(c >> 3) * (N / 2) + n0 + (c & 7) * 8) =
+        *reinterpret_cast<const uint4*>(v);
   }
 #endif
 }
@@ -164,16 +206,22 @@ __global__ void __launch_bounds__(256) gemm_sm90_reduce_kernel(
 }
 
 #ifdef PAGEDSERVE_NVCC_CHECK
-template __global__ void gemm_sm90_kernel<__nv_bfloat16, 64, 4>(
+template __global__ void gemm_sm90_kernel<__nv_bfloat16, 256, 4, true>(
     __nv_bfloat16*, float*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, int,
     int, int, int);
-template __global__ void gemm_sm90_kernel<__nv_bfloat16, 192, 4>(
+template __global__ void gemm_sm90_kernel<__half, 64, 4, true>(
+    __half*, float*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, int, int,
+    int, int);
+template __global__ void gemm_sm90_kernel<__nv_bfloat16, 64, 4, false>(
     __nv_bfloat16*, float*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, int,
     int, int, int);
-template __global__ void gemm_sm90_kernel<__nv_bfloat16, 256, 4>(
+template __global__ void gemm_sm90_kernel<__nv_bfloat16, 192, 4, false>(
     __nv_bfloat16*, float*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, int,
     int, int, int);
-template __global__ void gemm_sm90_kernel<__half, 128, 4>(
+template __global__ void gemm_sm90_kernel<__nv_bfloat16, 256, 4, false>(
+    __nv_bfloat16*, float*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, int,
+    int, int, int);
+template __global__ void gemm_sm90_kernel<__half, 128, 4, false>(
     __half*, float*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, int, int,
     int, int);
 template __global__ void gemm_sm90_reduce_kernel<__nv_bfloat16>(__nv_bfloat16*, const float*,

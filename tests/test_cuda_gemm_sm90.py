@@ -61,6 +61,57 @@ def test_matches_the_twin(ops, m, n, k, splits):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("m,inter,k", [(1, 64, 64), (37, 192, 512), (144, 256, 4096),
+                                       (256, 128, 1024)])
+def test_glu_matches_the_twin(ops, m, inter, k):
+    """skinny_glu: silu(x gate^T) * (x up^T) from [gate; up] in one kernel."""
+    import cupy
+
+    from engine.executor.ops.cuda_gemm_sm90 import skinny_glu
+
+    rng = np.random.default_rng(m + inter + k)
+    x = ops.from_host(rng.standard_normal((m, k)).astype(np.float32))
+    gate_up = ops.from_host((rng.standard_normal((2 * inter, k)) * k**-0.5).astype(np.float32))
+    out = cupy.full((m, inter), 0x7FFF, ops.storage)
+    skinny_glu(x, gate_up, out, ops.ctype)
+    want = REF.silu_and_mul(REF.linear(ops.to_host(x), ops.to_host(gate_up)))
+    got = ops.to_host(out)
+    assert np.isfinite(got).all()
+    err = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert err < TOL[ops.dtype], err
+
+
+@pytest.mark.gpu
+def test_the_engine_takes_it_when_asked(ops, monkeypatch):
+    """PAGEDSERVE_SKINNY_GEMM=1 (ENABLED): linear() and mlp() at 16..256 rows run it, and agree
+    with cuBLAS's path."""
+    import engine.executor.ops.cuda_gemm_sm90 as sk
+
+    rng = np.random.default_rng(5)
+    m, hidden, inter = 48, 256, 384
+    x = ops.from_host(rng.standard_normal((m, hidden)).astype(np.float32))
+    res = ops.from_host(rng.standard_normal((m, hidden)).astype(np.float32))
+    norm = ops.from_host(rng.standard_normal(hidden).astype(np.float32))
+    gate_up = ops.from_host((rng.standard_normal((2 * inter, hidden)) * 0.06).astype(np.float32))
+    down = ops.from_host((rng.standard_normal((hidden, inter)) * 0.05).astype(np.float32))
+    calls = []
+    for name in ("skinny_gemm", "skinny_glu"):
+        real = getattr(sk, name)
+        monkeypatch.setattr(sk, name, lambda *a, _r=real, _n=name, **kw: calls.append(_n)
+                            or _r(*a, **kw))
+    runs = {}
+    for enabled in (False, True):
+        monkeypatch.setattr(sk, "ENABLED", enabled)
+        calls.clear()
+        y, r = ops.mlp(x, ops.from_host(ops.to_host(res)), norm, 1e-5, gate_up, down)
+        runs[enabled] = (ops.to_host(y), ops.to_host(r), list(calls))
+    assert runs[False][2] == [] and runs[True][2] == ["skinny_glu", "skinny_gemm"]
+    np.testing.assert_array_equal(runs[True][1], runs[False][1])  # the same residual
+    err = np.linalg.norm(runs[True][0] - runs[False][0]) / np.linalg.norm(runs[False][0])
+    assert err < TOL[ops.dtype], err
+
+
+@pytest.mark.gpu
 def test_refuses_shapes_it_cannot_tile(ops):
     import cupy
 

@@ -151,7 +151,8 @@ def check_skinny(ops, kc):
     ms = (64, 144) if kc.OPTS["small"] else SKINNY_MS
     sms = sk._num_sms()
     saved, ops._gemm.tuned = ops._gemm.tuned, None
-    totals = {m: [0.0, 0.0] for m in ms}  # per layer: cuBLAS, skinny (planned, PDL)
+    # per layer: cuBLAS (+ activation.cu's SiLU-mul), skinny (planned, PDL; gate_up's GLU form)
+    totals = {m: [0.0, 0.0] for m in ms}
     try:
         for name, n, k, ws, m, x in _layer_operands(ops, kc, np.random.default_rng(13), ms):
             want, got = cupy.empty((m, n), ops.storage), cupy.empty((m, n), ops.storage)
@@ -167,8 +168,22 @@ def check_skinny(ops, kc):
             t_pdl = _time_gemm(kc, lambda a, b, o: sk.skinny_gemm(a, b, o, ops.ctype), x, ws,
                                out, pdl=True)
             rows, splits = sk.gemm_plan(m, n, k, sms)
-            totals[m][0] += t_blas
-            totals[m][1] += t_pdl
+            if name == "gate_up":  # the layer sums take the SiLU-mul: activation.cu, or fused
+                act = cupy.empty((m, n // 2), ops.storage)
+                sk.skinny_glu(x, ws[0], act, ops.ctype)
+                glu_err = _device_rel(ops, act, ops.silu_and_mul(want))
+                t_silu = kc.graph_time(lambda out=out: ops.silu_and_mul(out), pdl=True)
+                t_glu = _time_gemm(kc, lambda a, b, o: sk.skinny_glu(a, b, o, ops.ctype), x, ws,
+                                   act, pdl=True)
+                totals[m][0] += t_blas + t_silu
+                totals[m][1] += t_glu
+                kc.row("skinny", f"GLU {name} {n}x{k} M={m} skinny_glu (PDL)",
+                       f"vs cuBLAS + SiLU {glu_err:.1e}", t_glu, n * k * 2 + m * (n + k),
+                       2 * m * n * k, extra=f"cuBLAS + SiLU-mul {(t_blas + t_silu) * 1e6:.1f} "
+                                            f"us -> {(t_blas + t_silu) / t_glu:.3f}x")
+            else:
+                totals[m][0] += t_blas
+                totals[m][1] += t_pdl
             kc.row("skinny", f"GEMM {name} {n}x{k} M={m} skinny (PDL)", err, t_pdl,
                    n * k * 2 + 2 * m * (n + k), 2 * m * n * k,
                    extra=f"cuBLAS {t_blas * 1e6:.1f} us -> {t_blas / t_pdl:.3f}x; without "
@@ -177,7 +192,7 @@ def check_skinny(ops, kc):
     finally:
         ops._gemm.tuned = saved
     for m, (blas, skinny) in totals.items():
-        kc.row("skinny", f"layer's GEMMs M={m} skinny (PDL)", "-", skinny,
+        kc.row("skinny", f"layer's GEMMs + SiLU-mul M={m} skinny (PDL)", "-", skinny,
                extra=f"cuBLAS {blas * 1e6:.1f} us -> {blas / skinny:.3f}x; a step's 32 layers "
                      f"{LAYERS * (blas - skinny) * 1e3:+.2f} ms")
 

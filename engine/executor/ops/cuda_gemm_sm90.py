@@ -78,34 +78,59 @@ def skinny_gemm(x, w, out, ctype: str, splits: int | None = None, pdl: bool = Tr
     `splits` overrides gemm_plan's (kernel_check). Every array contiguous."""
     import cupy
 
-    from engine.executor.ops.cuda_prefill import tma_map_2d
-
     m, k = x.shape
     n = w.shape[0]
-    if not shape_ok(m, n, k) or w.shape[1] != k or out.shape != (m, n):
+    _check(x, w, out, (m, n))
+    rows, planned = gemm_plan(m, n, k, _num_sms())
+    splits = splits or planned
+    if not 1 <= splits <= k // SLICE_K:
+        raise ValueError(f"skinny_gemm: {splits} splits of {k // SLICE_K} K slices")
+    partial = cupy.empty((splits, m, n), cupy.float32) if splits > 1 else np.uint64(0)
+    _launch(x, w, out, partial, rows, splits, ctype, False, pdl)
+    if splits > 1:
+        size = m * n
+        red = kernel("gemm_sm90.cu", f"gemm_sm90_reduce_kernel<{ctype}>", ctype)
+        launch(red, (-(-size // (4 * REDUCE_THREADS)),), (REDUCE_THREADS,),
+               (out, partial, np.int64(size), np.int32(splits)), pdl=pdl)
+    return out
+
+
+def skinny_glu(x, gate_up, out, ctype: str, pdl: bool = True):
+    """out (M, I) = silu(x @ gate^T) * (x @ up^T) for gate_up (2 I, K) = [gate; up]: the MLP's
+    first product and its SiLU-and-mul in one kernel (I % 64 == 0); no K splits."""
+    m, k = x.shape
+    n = gate_up.shape[0]
+    _check(x, gate_up, out, (m, n // 2))
+    rows, _ = gemm_plan(m, n, k, _num_sms())
+    _launch(x, gate_up, out, np.uint64(0), rows, 1, ctype, True, pdl)
+    return out
+
+
+def _check(x, w, out, out_shape):
+    m, k = x.shape
+    if not shape_ok(m, w.shape[0], k) or w.shape[1] != k or out.shape != out_shape:
         raise ValueError(f"skinny_gemm: x {x.shape}, w {w.shape}, out {out.shape}: 1..256 rows, "
                          f"N % {BLOCK_N} == 0, K % {SLICE_K} == 0")
     for a, name in ((x, "x"), (w, "w"), (out, "out")):
         if not a.flags.c_contiguous or a.itemsize != 2:
             raise ValueError(f"skinny_gemm: {name} must be contiguous 16-bit values")
-    rows, planned = gemm_plan(m, n, k, _num_sms())
-    splits = splits or planned
-    if not 1 <= splits <= k // SLICE_K:
-        raise ValueError(f"skinny_gemm: {splits} splits of {k // SLICE_K} K slices")
-    w_map = tma_map_2d(w.data.ptr, n, k, BLOCK_N)
-    x_map = tma_map_2d(x.data.ptr, m, k, rows)
-    fn = kernel("gemm_sm90.cu", f"gemm_sm90_kernel<{ctype}, {rows}, {STAGES}>", ctype)
+
+
+def _launch(x, w, out, partial, rows: int, splits: int, ctype: str, glu: bool, pdl: bool):
+    """Grid (N / 128, splits) either way: a GLU block's 128 weight rows are 64 of gate and the
+    same 64 of up (two TMA boxes of 64 rows)."""
+    from engine.executor.ops.cuda_prefill import tma_map_2d
+
+    (m, k), n = x.shape, w.shape[0]
+    fn = kernel("gemm_sm90.cu",
+                f"gemm_sm90_kernel<{ctype}, {rows}, {STAGES}, {'true' if glu else 'false'}>",
+                ctype)
     smem = smem_bytes(rows)
     if fn.max_dynamic_shared_size_bytes < smem:
         fn.max_dynamic_shared_size_bytes = smem
-    partial = cupy.empty((splits, m, n), cupy.float32) if splits > 1 else np.uint64(0)
+    w_map = tma_map_2d(w.data.ptr, n, k, BLOCK_N // 2 if glu else BLOCK_N)
+    x_map = tma_map_2d(x.data.ptr, m, k, rows)
     i32 = np.int32
     launch(fn, (n // BLOCK_N, splits), (384,),
            (out, partial, w_map, x_map, i32(m), i32(n), i32(k), i32(splits)),
            shared_mem=smem, pdl=pdl)
-    if splits > 1:
-        size = m * n
-        red = kernel("gemm_sm90.cu", f"gemm_sm90_reduce_kernel<{ctype}>", ctype)
-        launch(red, (-(-size // (4 * REDUCE_THREADS)),), (REDUCE_THREADS,),
-               (out, partial, np.int64(size), i32(splits)), pdl=pdl)
-    return out

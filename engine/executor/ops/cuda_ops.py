@@ -355,6 +355,11 @@ class CudaOps:
                 return self.linear(fused[0], down), fused[1]
         plain = not isinstance(gate_up, QuantizedWeight) and not isinstance(down, QuantizedWeight)
         if not plain or not cuda_gemv.use_glu_gemv(self._check(x, "x", 2), gate_up):
+            if plain and cuda_gemm_sm90.takes(x, gate_up):  # PAGEDSERVE_SKINNY_GEMM=1
+                h, residual = self.add_rms_norm(x, residual, norm_weight, eps)
+                act = cupy.empty((x.shape[0], gate_up.shape[0] // 2), self.storage)
+                cuda_gemm_sm90.skinny_glu(h, gate_up, act, self.ctype)  # SiLU-mul fused
+                return self.linear(act, down), residual
             gate_up_out, residual = self.add_rms_norm_linear(x, residual, norm_weight, eps,
                                                              gate_up)
             return self.silu_mul_linear(gate_up_out, down), residual
