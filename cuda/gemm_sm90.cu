@@ -38,6 +38,28 @@ __device__ __forceinline__ void stage_tile(V* tile, const float (&d)[BT / 2], in
       put(tile + (8 * i + cq + (e & 1)) * 64 + r + 8 * (e >> 1), d[4 * i + e]);
 }
 
+// One arrival on the mbarrier at bar's offset in block `rank` of the cluster (this one too).
+__device__ __forceinline__ void mbar_arrive_in(unsigned long long* bar, unsigned rank) {
+  unsigned remote;
+  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;" : "=r"(remote) : "r"(smem_addr(bar)),
+               "r"(rank));
+  asm volatile("mbarrier.arrive.release.cluster.shared::cluster.b64 _, [%0];" ::"r"(remote)
+               : "memory");
+}
+
+// tma_load_2d into the same offset of every block of the cluster in `mask`, each block's copy
+// completing on its own mbarrier at bar's offset.
+__device__ __forceinline__ void tma_load_2d_multicast(void* dst, const TmaMap* map, int column,
+                                                      int row, unsigned long long* bar,
+                                                      unsigned short mask) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
+      ".multicast::cluster [%0], [%1, {%2, %3}], [%4], %5;" ::"r"(smem_addr(dst)),
+      "l"(reinterpret_cast<unsigned long long>(map)), "r"(column), "r"(row), "r"(smem_addr(bar)),
+      "h"(mask)
+      : "memory");
+}
+
 // The first `rows` rows of tile[row][64] to dst's rows, `stride` values apart, 16 bytes a thread.
 template <typename V>
 __device__ __forceinline__ void copy_rows(V* dst, long stride, const V* tile, int rows, int tid,
@@ -51,13 +73,18 @@ __device__ __forceinline__ void copy_rows(V* dst, long stride, const V* tile, in
 }
 #endif
 
-// Grid: (N / 128, splits)  Block: 384 threads (3 warpgroups). GLU: (N / 2 / 64, 1).
+// CL = 2: blocks 2j and 2j + 1 (neighbouring weight rows, the same K range) form a cluster that
+// shares x: each block copies half of a slice's token rows into both blocks' stages (TMA
+// multicast), so the L2 serves each x slice once per pair instead of once per block. A stage is
+// then refilled only once the consumers of both blocks have released it (empty counts 4), and no
+// block exits before its partner is done arriving on its barriers (a cluster barrier at the end).
+// Grid: (N / 128, splits), N / 128 even when CL = 2  Block: 384 threads (3 warpgroups).
 // Dynamic shared memory: 1024 (alignment) + ST x (128 + BT) x 128 bytes + 16 ST (barriers).
 // w_map: w as a 2-D tensor [N rows][K], boxes of 128 rows x 64 (GLU: 64 rows); x_map: x [M
-// rows][K], boxes of BT rows x 64 (rows past M arrive as zeros). K % 64 == 0, N % 128 == 0,
-// M <= BT; out is [M, N] (GLU: [M, N / 2]).
-template <typename T, int BT, int ST, bool GLU>
-__global__ void __launch_bounds__(384, 1) gemm_sm90_kernel(
+// rows][K], boxes of BT / CL rows x 64 (rows past M arrive as zeros). K % 64 == 0, N % 128 ==
+// 0, M <= BT; out is [M, N] (GLU: [M, N / 2]).
+template <typename T, int BT, int ST, bool GLU, int CL>
+__global__ void CLUSTER_DIMS(CL, 1, 1) __launch_bounds__(384, 1) gemm_sm90_kernel(
     T* __restrict__ out,             // [M, N] when splits == 1
     float* __restrict__ partial,     // [splits, M, N] when splits > 1
     const __grid_constant__ TmaMap w_map, const __grid_constant__ TmaMap x_map, int M, int N,
@@ -65,6 +92,7 @@ __global__ void __launch_bounds__(384, 1) gemm_sm90_kernel(
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int W_BYTES = 128 * 128, X_BYTES = BT * 128, STAGE = W_BYTES + X_BYTES;
   static_assert(BT % 64 == 0 && BT <= 256, "64..256 token rows");
+  static_assert(CL == 1 || CL == 2, "x shared by a pair of blocks at most");
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
   unsigned long long* full = reinterpret_cast<unsigned long long*>(smem + ST * STAGE);
@@ -75,13 +103,19 @@ __global__ void __launch_bounds__(384, 1) gemm_sm90_kernel(
   const int nk = (split + 1) * k_slices / splits - s0;
   const int tid = threadIdx.x, wg = tid >> 7;
 
+  const unsigned rank = CL > 1 ? cluster_rank() : 0;
   if (tid == 0) {
     for (int s = 0; s < ST; s++) {
-      mbar_init(full + s, 1);   // the producer's arrival, with the stage's bytes
-      mbar_init(empty + s, 2);  // one arrival per consumer warpgroup
+      mbar_init(full + s, 1);        // the producer's arrival, with the stage's bytes
+      mbar_init(empty + s, 2 * CL);  // one arrival per consumer warpgroup of the cluster
     }
+    if (CL > 1) asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
-  __syncthreads();
+  if (CL > 1) {
+    cluster_sync();  // the partner's barriers exist before anything arrives on them
+  } else {
+    __syncthreads();
+  }
 
   if (wg == 0) {  // ----------------------------------------------------------- producer
     regs_dec<GEMM90_PRODUCER_REGS>();
@@ -106,10 +140,16 @@ __global__ void __launch_bounds__(384, 1) gemm_sm90_kernel(
           mbar_arrive_expect_tx(full + s, STAGE);
           load_w(i, s);
         }
-        tma_load_2d(smem + s * STAGE + W_BYTES, &x_map, (s0 + i) * 64, 0, full + s);
+        if (CL > 1) {  // this block's half of the token rows, into both blocks
+          tma_load_2d_multicast(smem + s * STAGE + W_BYTES + rank * (X_BYTES / CL), &x_map,
+                                (s0 + i) * 64, rank * (BT / CL), full + s, (1 << CL) - 1);
+        } else {
+          tma_load_2d(smem + s * STAGE + W_BYTES, &x_map, (s0 + i) * 64, 0, full + s);
+        }
       }
       pdl_trigger();
     }
+    if (CL > 1) cluster_sync();  // every thread of both blocks, once
     return;
   }
 
@@ -145,7 +185,11 @@ __global__ void __launch_bounds__(384, 1) gemm_sm90_kernel(
     rest(da, db);
     wgmma_wait<1>();  // slice i - 1's products are done: release its stage
     fence_regs(d);
-    if (ctid == 0) mbar_arrive(empty + (i - 1) % ST);
+    if (ctid == 0 && CL == 1) mbar_arrive(empty + (i - 1) % ST);
+    if (ctid == 0 && CL > 1) {  // both blocks' copies of the stage: each block refills both
+#pragma unroll
+      for (unsigned r = 0; r < CL; r++) mbar_arrive_in(empty + (i - 1) % ST, r);
+    }
   }
   wgmma_wait<0>();
   fence_regs(d);
@@ -158,29 +202,29 @@ __global__ void __launch_bounds__(384, 1) gemm_sm90_kernel(
     stage_tile<BT>(tile, d, warp, lane);
     bar_sync(2 + cw, 128);
     copy_rows(out + n0 + cw * 64, N, tile, rows, ctid, 128);
-    return;
-  }
-  float* tile = reinterpret_cast<float*>(smem) + cw * BT * 64;  // partial sums, or gate / up
-  stage_tile<BT>(tile, d, warp, lane);
-  if (!GLU) {
+  } else if (!GLU) {
+    float* tile = reinterpret_cast<float*>(smem) + cw * BT * 64;  // fp32 partial sums
+    stage_tile<BT>(tile, d, warp, lane);
     bar_sync(2 + cw, 128);
     copy_rows(partial + (long)split * M * N + n0 + cw * 64, N, tile, rows, ctid, 128);
-    return;
-  }
-  bar_sync(2, 256);  // gate (consumer 0's tile) and up (consumer 1's) both staged
-  const float* g_s = reinterpret_cast<const float*>(smem);
-  const float* u_s = g_s + BT * 64;
-  for (int c = tid - 128; c < rows * 8; c += 256) {  // 8 outputs a thread, 16-byte stores
-    const int at = (c >> 3) * 64 + (c & 7) * 8;
-    alignas(16) T v[8];
+  } else {
+    float* g_s = reinterpret_cast<float*>(smem);  // consumer 0's gate, then consumer 1's up
+    stage_tile<BT>(g_s + cw * BT * 64, d, warp, lane);
+    bar_sync(2, 256);  // both staged
+    const float* u_s = g_s + BT * 64;
+    for (int c = tid - 128; c < rows * 8; c += 256) {  // 8 outputs a thread, 16-byte stores
+      const int at = (c >> 3) * 64 + (c & 7) * 8;
+      alignas(16) T v[8];
 #pragma unroll
-    for (int j = 0; j < 8; j++) {
-      const float g = g_s[at + j];
-      v[j] = from_float<T>(g / (1.f + expf(-g)) * u_s[at + j]);
+      for (int j = 0; j < 8; j++) {
+        const float g = g_s[at + j];
+        v[j] = from_float<T>(g / (1.f + expf(-g)) * u_s[at + j]);
+      }
+      *reinterpret_cast<uint4*>(out + (long)(c >> 3) * (N / 2) + n0 + (c & 7) * 8) =
+          *reinterpret_cast<const uint4*>(v);
     }
-    *reinterpret_cast<uint4*>(out + (long)(c >> 3) * (N / 2) + n0 + (c & 7) * 8) =
-        *reinterpret_cast<const uint4*>(v);
   }
+  if (CL > 1) cluster_sync();  // the partner may still arrive on this block's barriers
 #endif
 }
 
@@ -206,24 +250,30 @@ __global__ void __launch_bounds__(256) gemm_sm90_reduce_kernel(
 }
 
 #ifdef PAGEDSERVE_NVCC_CHECK
-template __global__ void gemm_sm90_kernel<__nv_bfloat16, 256, 4, true>(
+template __global__ void gemm_sm90_kernel<__nv_bfloat16, 256, 4, true, 1>(
     __nv_bfloat16*, float*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, int,
     int, int, int);
-template __global__ void gemm_sm90_kernel<__half, 64, 4, true>(
+template __global__ void gemm_sm90_kernel<__half, 64, 4, true, 1>(
     __half*, float*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, int, int,
     int, int);
-template __global__ void gemm_sm90_kernel<__nv_bfloat16, 64, 4, false>(
+template __global__ void gemm_sm90_kernel<__nv_bfloat16, 64, 4, false, 1>(
     __nv_bfloat16*, float*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, int,
     int, int, int);
-template __global__ void gemm_sm90_kernel<__nv_bfloat16, 192, 4, false>(
+template __global__ void gemm_sm90_kernel<__nv_bfloat16, 192, 4, false, 1>(
     __nv_bfloat16*, float*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, int,
     int, int, int);
-template __global__ void gemm_sm90_kernel<__nv_bfloat16, 256, 4, false>(
+template __global__ void gemm_sm90_kernel<__nv_bfloat16, 256, 4, false, 1>(
     __nv_bfloat16*, float*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, int,
     int, int, int);
-template __global__ void gemm_sm90_kernel<__half, 128, 4, false>(
+template __global__ void gemm_sm90_kernel<__half, 128, 4, false, 1>(
     __half*, float*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, int, int,
     int, int);
+template __global__ void gemm_sm90_kernel<__nv_bfloat16, 256, 4, false, 2>(
+    __nv_bfloat16*, float*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, int,
+    int, int, int);
+template __global__ void gemm_sm90_kernel<__nv_bfloat16, 128, 4, true, 2>(
+    __nv_bfloat16*, float*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, int,
+    int, int, int);
 template __global__ void gemm_sm90_reduce_kernel<__nv_bfloat16>(__nv_bfloat16*, const float*,
                                                                   long, int);
 #endif

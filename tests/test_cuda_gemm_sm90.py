@@ -40,10 +40,12 @@ def ops(request):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("cluster", [1, 2])
 @pytest.mark.parametrize("m,n,k,splits", [
     (1, 128, 64, None), (7, 256, 256, None), (64, 384, 1024, 1), (100, 384, 1024, 3),
     (144, 1024, 4096, None), (200, 512, 4096, 2), (256, 4096, 1024, None)])
-def test_matches_the_twin(ops, m, n, k, splits):
+def test_matches_the_twin(ops, m, n, k, splits, cluster):
+    """cluster 2: pairs of blocks share x by multicast (an odd N / 128 falls back to 1)."""
     import cupy
 
     from engine.executor.ops.cuda_gemm_sm90 import skinny_gemm
@@ -52,7 +54,7 @@ def test_matches_the_twin(ops, m, n, k, splits):
     x = ops.from_host(rng.standard_normal((m, k)).astype(np.float32))
     w = ops.from_host((rng.standard_normal((n, k)) * k**-0.5).astype(np.float32))
     out = cupy.full((m, n), 0x7FFF, ops.storage)  # NaN bits: every output must be written
-    skinny_gemm(x, w, out, ops.ctype, splits=splits)
+    skinny_gemm(x, w, out, ops.ctype, splits=splits, cluster=cluster)
     want = REF.linear(ops.to_host(x), ops.to_host(w))
     got = ops.to_host(out)
     assert np.isfinite(got).all()
@@ -61,9 +63,10 @@ def test_matches_the_twin(ops, m, n, k, splits):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("cluster", [1, 2])
 @pytest.mark.parametrize("m,inter,k", [(1, 64, 64), (37, 192, 512), (144, 256, 4096),
                                        (256, 128, 1024)])
-def test_glu_matches_the_twin(ops, m, inter, k):
+def test_glu_matches_the_twin(ops, m, inter, k, cluster):
     """skinny_glu: silu(x gate^T) * (x up^T) from [gate; up] in one kernel."""
     import cupy
 
@@ -73,7 +76,7 @@ def test_glu_matches_the_twin(ops, m, inter, k):
     x = ops.from_host(rng.standard_normal((m, k)).astype(np.float32))
     gate_up = ops.from_host((rng.standard_normal((2 * inter, k)) * k**-0.5).astype(np.float32))
     out = cupy.full((m, inter), 0x7FFF, ops.storage)
-    skinny_glu(x, gate_up, out, ops.ctype)
+    skinny_glu(x, gate_up, out, ops.ctype, cluster=cluster)
     want = REF.silu_and_mul(REF.linear(ops.to_host(x), ops.to_host(gate_up)))
     got = ops.to_host(out)
     assert np.isfinite(got).all()

@@ -144,8 +144,9 @@ SKINNY_MS = (16, 64, 128, 144, 160, 192, 208, 256)
 def check_skinny(ops, kc):
     """--only skinny: cuda_gemm_sm90.skinny_gemm (the wgmma GEMM for <= 256 token rows) against
     cublasGemmEx at Llama-3-8B shapes, weights cold; its error against cuBLAS's output, its time
-    with the planned K splits and with none, and captured as PDL launches (each call's weight
-    reads start under the previous call, as under the norm or attention kernel in a step)."""
+    with the planned K splits and with none, captured as PDL launches (each call's weight reads
+    start under the previous call, as under the norm or attention kernel in a step), and with
+    clusters of 2 blocks sharing x (TMA multicast)."""
     from engine.executor.ops import cuda_gemm_sm90 as sk
 
     ms = (64, 144) if kc.OPTS["small"] else SKINNY_MS
@@ -167,6 +168,10 @@ def check_skinny(ops, kc):
                                x, ws, out)
             t_pdl = _time_gemm(kc, lambda a, b, o: sk.skinny_gemm(a, b, o, ops.ctype), x, ws,
                                out, pdl=True)
+            sk.skinny_gemm(x, ws[0], got, ops.ctype, cluster=2)
+            err += f", cluster 2 {_device_rel(ops, got, want):.1e}"
+            t_cl2 = _time_gemm(kc, lambda a, b, o: sk.skinny_gemm(a, b, o, ops.ctype, cluster=2),
+                               x, ws, out, pdl=True)
             rows, splits = sk.gemm_plan(m, n, k, sms)
             if name == "gate_up":  # the layer sums take the SiLU-mul: activation.cu, or fused
                 act = cupy.empty((m, n // 2), ops.storage)
@@ -188,7 +193,8 @@ def check_skinny(ops, kc):
                    n * k * 2 + 2 * m * (n + k), 2 * m * n * k,
                    extra=f"cuBLAS {t_blas * 1e6:.1f} us -> {t_blas / t_pdl:.3f}x; without "
                          f"PDL {t_plan * 1e6:.1f} us; {rows} rows, {splits} splits "
-                         f"(1 split: {t_one * 1e6:.1f} us)")
+                         f"(1 split: {t_one * 1e6:.1f} us); clusters of 2 sharing x "
+                         f"{t_cl2 * 1e6:.1f} us")
     finally:
         ops._gemm.tuned = saved
     for m, (blas, skinny) in totals.items():

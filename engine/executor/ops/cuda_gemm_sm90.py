@@ -28,6 +28,9 @@ MAX_SPLITS = 8
 MIN_SLICES_PER_SPLIT = 4  # K slices a split streams at least (the pipeline's depth)
 REDUCE_THREADS = 256
 ENABLED = os.environ.get("PAGEDSERVE_SKINNY_GEMM", "0") == "1"
+# 2: neighbouring blocks share x's slices by TMA multicast (clusters of 2; N / 128 even), so the
+# L2 serves x half as often; 1: every block copies its own (kernel_check --only skinny has both)
+CLUSTER = int(os.environ.get("PAGEDSERVE_SKINNY_CLUSTER", "1"))
 
 
 @functools.cache
@@ -73,9 +76,11 @@ def smem_bytes(rows: int) -> int:
     return 1024 + STAGES * (BLOCK_N + rows) * SLICE_K * 2 + 16 * STAGES
 
 
-def skinny_gemm(x, w, out, ctype: str, splits: int | None = None, pdl: bool = True):
+def skinny_gemm(x, w, out, ctype: str, splits: int | None = None, pdl: bool = True,
+                cluster: int | None = None):
     """out (M, N) = x (M, K) @ w (N, K)^T of cupy arrays of 16-bit values, fp32 accumulation;
-    `splits` overrides gemm_plan's (kernel_check). Every array contiguous."""
+    `splits` and `cluster` override gemm_plan's and CLUSTER (kernel_check). Every array
+    contiguous."""
     import cupy
 
     m, k = x.shape
@@ -86,7 +91,7 @@ def skinny_gemm(x, w, out, ctype: str, splits: int | None = None, pdl: bool = Tr
     if not 1 <= splits <= k // SLICE_K:
         raise ValueError(f"skinny_gemm: {splits} splits of {k // SLICE_K} K slices")
     partial = cupy.empty((splits, m, n), cupy.float32) if splits > 1 else np.uint64(0)
-    _launch(x, w, out, partial, rows, splits, ctype, False, pdl)
+    _launch(x, w, out, partial, rows, splits, ctype, False, pdl, cluster)
     if splits > 1:
         size = m * n
         red = kernel("gemm_sm90.cu", f"gemm_sm90_reduce_kernel<{ctype}>", ctype)
@@ -95,14 +100,14 @@ def skinny_gemm(x, w, out, ctype: str, splits: int | None = None, pdl: bool = Tr
     return out
 
 
-def skinny_glu(x, gate_up, out, ctype: str, pdl: bool = True):
+def skinny_glu(x, gate_up, out, ctype: str, pdl: bool = True, cluster: int | None = None):
     """out (M, I) = silu(x @ gate^T) * (x @ up^T) for gate_up (2 I, K) = [gate; up]: the MLP's
     first product and its SiLU-and-mul in one kernel (I % 64 == 0); no K splits."""
     m, k = x.shape
     n = gate_up.shape[0]
     _check(x, gate_up, out, (m, n // 2))
     rows, _ = gemm_plan(m, n, k, _num_sms())
-    _launch(x, gate_up, out, np.uint64(0), rows, 1, ctype, True, pdl)
+    _launch(x, gate_up, out, np.uint64(0), rows, 1, ctype, True, pdl, cluster)
     return out
 
 
@@ -116,20 +121,25 @@ def _check(x, w, out, out_shape):
             raise ValueError(f"skinny_gemm: {name} must be contiguous 16-bit values")
 
 
-def _launch(x, w, out, partial, rows: int, splits: int, ctype: str, glu: bool, pdl: bool):
+def _launch(x, w, out, partial, rows: int, splits: int, ctype: str, glu: bool, pdl: bool,
+            cluster: int | None):
     """Grid (N / 128, splits) either way: a GLU block's 128 weight rows are 64 of gate and the
-    same 64 of up (two TMA boxes of 64 rows)."""
+    same 64 of up (two TMA boxes of 64 rows). Clusters of 2 where N / 128 is even."""
     from engine.executor.ops.cuda_prefill import tma_map_2d
 
     (m, k), n = x.shape, w.shape[0]
-    fn = kernel("gemm_sm90.cu",
-                f"gemm_sm90_kernel<{ctype}, {rows}, {STAGES}, {'true' if glu else 'false'}>",
-                ctype)
+    cl = cluster or CLUSTER
+    if cl not in (1, 2):
+        raise ValueError(f"skinny_gemm: clusters of 1 or 2 blocks, not {cl}")
+    if (n // BLOCK_N) % cl:
+        cl = 1
+    fn = kernel("gemm_sm90.cu", f"gemm_sm90_kernel<{ctype}, {rows}, {STAGES}, "
+                f"{'true' if glu else 'false'}, {cl}>", ctype)
     smem = smem_bytes(rows)
     if fn.max_dynamic_shared_size_bytes < smem:
         fn.max_dynamic_shared_size_bytes = smem
     w_map = tma_map_2d(w.data.ptr, n, k, BLOCK_N // 2 if glu else BLOCK_N)
-    x_map = tma_map_2d(x.data.ptr, m, k, rows)
+    x_map = tma_map_2d(x.data.ptr, m, k, rows // cl)
     i32 = np.int32
     launch(fn, (n // BLOCK_N, splits), (384,),
            (out, partial, w_map, x_map, i32(m), i32(n), i32(k), i32(splits)),
