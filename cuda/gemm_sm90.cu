@@ -73,22 +73,22 @@ __device__ __forceinline__ void copy_rows(V* dst, long stride, const V* tile, in
 }
 #endif
 
-// CL = 2: blocks 2j and 2j + 1 (neighbouring weight rows, the same K range) form a cluster that
-// shares x: each block copies half of a slice's token rows into both blocks' stages (TMA
-// multicast), so the L2 serves each x slice once per pair instead of once per block. A stage is
-// then refilled only once the consumers of both blocks have released it (empty counts 4), and no
-// block exits before its partner is done arriving on its barriers (a cluster barrier at the end).
+// gemm_sm90_pair_kernel (CL = 2): blocks 2j and 2j + 1 (neighbouring weight rows, the same K
+// range) form a cluster that shares x: each block copies half of a slice's token rows into both
+// blocks' stages (TMA multicast), so the L2 serves each x slice once per pair instead of once per
+// block. A stage is then refilled only once the consumers of both blocks have released it (empty
+// counts 4), and no block exits before its partner is done arriving on its barriers (a cluster
+// barrier at the end).
 // Grid: (N / 128, splits), N / 128 even when CL = 2  Block: 384 threads (3 warpgroups).
 // Dynamic shared memory: 1024 (alignment) + ST x (128 + BT) x 128 bytes + 16 ST (barriers).
 // w_map: w as a 2-D tensor [N rows][K], boxes of 128 rows x 64 (GLU: 64 rows); x_map: x [M
 // rows][K], boxes of BT / CL rows x 64 (rows past M arrive as zeros). K % 64 == 0, N % 128 ==
 // 0, M <= BT; out is [M, N] (GLU: [M, N / 2]).
 template <typename T, int BT, int ST, bool GLU, int CL>
-__global__ void CLUSTER_DIMS(CL, 1, 1) __launch_bounds__(384, 1) gemm_sm90_kernel(
+__device__ __forceinline__ void gemm_sm90_body(
     T* __restrict__ out,             // [M, N] when splits == 1
     float* __restrict__ partial,     // [splits, M, N] when splits > 1
-    const __grid_constant__ TmaMap w_map, const __grid_constant__ TmaMap x_map, int M, int N,
-    int K, int splits) {
+    const TmaMap* w_map, const TmaMap* x_map, int M, int N, int K, int splits) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   constexpr int W_BYTES = 128 * 128, X_BYTES = BT * 128, STAGE = W_BYTES + X_BYTES;
   static_assert(BT % 64 == 0 && BT <= 256, "64..256 token rows");
@@ -122,10 +122,10 @@ __global__ void CLUSTER_DIMS(CL, 1, 1) __launch_bounds__(384, 1) gemm_sm90_kerne
     if (tid == 0) {
       auto load_w = [&](int i, int s) {  // slice i of the block's weight rows into stage s
         if (GLU) {  // gate rows n0.., up rows N / 2 + n0..
-          tma_load_2d(smem + s * STAGE, &w_map, (s0 + i) * 64, n0, full + s);
-          tma_load_2d(smem + s * STAGE + W_BYTES / 2, &w_map, (s0 + i) * 64, N / 2 + n0, full + s);
+          tma_load_2d(smem + s * STAGE, w_map, (s0 + i) * 64, n0, full + s);
+          tma_load_2d(smem + s * STAGE + W_BYTES / 2, w_map, (s0 + i) * 64, N / 2 + n0, full + s);
         } else {
-          tma_load_2d(smem + s * STAGE, &w_map, (s0 + i) * 64, n0, full + s);
+          tma_load_2d(smem + s * STAGE, w_map, (s0 + i) * 64, n0, full + s);
         }
       };
       for (int i = 0; i < min(ST, nk); i++) {  // weights first: they wait for no kernel
@@ -141,10 +141,10 @@ __global__ void CLUSTER_DIMS(CL, 1, 1) __launch_bounds__(384, 1) gemm_sm90_kerne
           load_w(i, s);
         }
         if (CL > 1) {  // this block's half of the token rows, into both blocks
-          tma_load_2d_multicast(smem + s * STAGE + W_BYTES + rank * (X_BYTES / CL), &x_map,
+          tma_load_2d_multicast(smem + s * STAGE + W_BYTES + rank * (X_BYTES / CL), x_map,
                                 (s0 + i) * 64, rank * (BT / CL), full + s, (1 << CL) - 1);
         } else {
-          tma_load_2d(smem + s * STAGE + W_BYTES, &x_map, (s0 + i) * 64, 0, full + s);
+          tma_load_2d(smem + s * STAGE + W_BYTES, x_map, (s0 + i) * 64, 0, full + s);
         }
       }
       pdl_trigger();
@@ -228,6 +228,22 @@ __global__ void CLUSTER_DIMS(CL, 1, 1) __launch_bounds__(384, 1) gemm_sm90_kerne
 #endif
 }
 
+#define GEMM90_PARAMS                                                                          \
+  T *__restrict__ out, float *__restrict__ partial, const __grid_constant__ TmaMap w_map,      \
+      const __grid_constant__ TmaMap x_map, int M, int N, int K, int splits
+
+template <typename T, int BT, int ST, bool GLU>
+__global__ void __launch_bounds__(384, 1) gemm_sm90_kernel(GEMM90_PARAMS) {
+  gemm_sm90_body<T, BT, ST, GLU, 1>(out, partial, &w_map, &x_map, M, N, K, splits);
+}
+
+// Grid x even: blocks 2j and 2j + 1 are one cluster.
+template <typename T, int BT, int ST, bool GLU>
+__global__ void CLUSTER_DIMS(2, 1, 1) __launch_bounds__(384, 1) gemm_sm90_pair_kernel(
+    GEMM90_PARAMS) {
+  gemm_sm90_body<T, BT, ST, GLU, 2>(out, partial, &w_map, &x_map, M, N, K, splits);
+}
+
 // y[i] = sum over s of partial[s][i], s in order (M * N % 4 == 0). Grid: ceil(M N / 4 / 256).
 template <typename T>
 __global__ void __launch_bounds__(256) gemm_sm90_reduce_kernel(
@@ -250,28 +266,28 @@ __global__ void __launch_bounds__(256) gemm_sm90_reduce_kernel(
 }
 
 #ifdef PAGEDSERVE_NVCC_CHECK
-template __global__ void gemm_sm90_kernel<__nv_bfloat16, 256, 4, true, 1>(
+template __global__ void gemm_sm90_kernel<__nv_bfloat16, 256, 4, true>(
     __nv_bfloat16*, float*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, int,
     int, int, int);
-template __global__ void gemm_sm90_kernel<__half, 64, 4, true, 1>(
+template __global__ void gemm_sm90_kernel<__half, 64, 4, true>(
     __half*, float*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, int, int,
     int, int);
-template __global__ void gemm_sm90_kernel<__nv_bfloat16, 64, 4, false, 1>(
+template __global__ void gemm_sm90_kernel<__nv_bfloat16, 64, 4, false>(
     __nv_bfloat16*, float*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, int,
     int, int, int);
-template __global__ void gemm_sm90_kernel<__nv_bfloat16, 192, 4, false, 1>(
+template __global__ void gemm_sm90_kernel<__nv_bfloat16, 192, 4, false>(
     __nv_bfloat16*, float*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, int,
     int, int, int);
-template __global__ void gemm_sm90_kernel<__nv_bfloat16, 256, 4, false, 1>(
+template __global__ void gemm_sm90_kernel<__nv_bfloat16, 256, 4, false>(
     __nv_bfloat16*, float*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, int,
     int, int, int);
-template __global__ void gemm_sm90_kernel<__half, 128, 4, false, 1>(
+template __global__ void gemm_sm90_kernel<__half, 128, 4, false>(
     __half*, float*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, int, int,
     int, int);
-template __global__ void gemm_sm90_kernel<__nv_bfloat16, 256, 4, false, 2>(
+template __global__ void gemm_sm90_pair_kernel<__nv_bfloat16, 256, 4, false>(
     __nv_bfloat16*, float*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, int,
     int, int, int);
-template __global__ void gemm_sm90_kernel<__nv_bfloat16, 128, 4, true, 2>(
+template __global__ void gemm_sm90_pair_kernel<__nv_bfloat16, 128, 4, true>(
     __nv_bfloat16*, float*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, int,
     int, int, int);
 template __global__ void gemm_sm90_reduce_kernel<__nv_bfloat16>(__nv_bfloat16*, const float*,

@@ -133,8 +133,8 @@ def _launch(x, w, out, partial, rows: int, splits: int, ctype: str, glu: bool, p
         raise ValueError(f"skinny_gemm: clusters of 1 or 2 blocks, not {cl}")
     if (n // BLOCK_N) % cl:
         cl = 1
-    fn = kernel("gemm_sm90.cu", f"gemm_sm90_kernel<{ctype}, {rows}, {STAGES}, "
-                f"{'true' if glu else 'false'}, {cl}>", ctype)
+    fn = kernel("gemm_sm90.cu", f"gemm_sm90_{'pair_kernel' if cl == 2 else 'kernel'}<{ctype}, "
+                f"{rows}, {STAGES}, {'true' if glu else 'false'}>", ctype)
     smem = smem_bytes(rows)
     if fn.max_dynamic_shared_size_bytes < smem:
         fn.max_dynamic_shared_size_bytes = smem

@@ -175,10 +175,10 @@ def kernel_names(file: str, ctype: str) -> list[str]:
     if file == "attention_prefill_sm90.cu":
         return [f"prefill_sm90_kernel<{ctype}, {d}, {bn}, {st}>" for d in HEAD_DIMS
                 for bn, st in SM90_CONFIGS]
-    if file == "gemm_sm90.cu":  # <T, token rows (64..256), stages, GLU, cluster>: cuda_gemm_sm90
-        return ([f"gemm_sm90_kernel<{ctype}, {rows}, 4, {glu}, {cl}>"
-                 for rows in (64, 128, 192, 256) for glu in ("false", "true") for cl in (1, 2)]
-                + [f"gemm_sm90_reduce_kernel<{ctype}>"])
+    if file == "gemm_sm90.cu":  # <T, token rows (64..256), stages, GLU>: cuda_gemm_sm90
+        return ([f"gemm_sm90_{kind}<{ctype}, {rows}, 4, {glu}>"
+                 for kind in ("kernel", "pair_kernel") for rows in (64, 128, 192, 256)
+                 for glu in ("false", "true")] + [f"gemm_sm90_reduce_kernel<{ctype}>"])
     if file == "gguf.cu":
         return ([f"gguf_gemv_kernel<{f}, {ctype}, {m}, {r}>" for f in GGUF_KINDS
                  for m, r in GGUF_GEMV_VARIANTS]
