@@ -144,3 +144,19 @@ def test_cupti_activity_records_become_records(monkeypatch):
     calls[0][2]([kernel, copy, memset])
     assert tracer.records == [Record(DECODE, 5, 9, (8, 256, 1)), Record("copy d2h", 10, 12),
                               Record("memset", 13, 14)]
+
+
+def test_gemm_calls_are_counted_where_kernels_between_them_are_fused():
+    """The skinny GEMM's GLU form leaves no SiLU kernel between gate_up and down, and its o and
+    down calls end with a reduction kernel: the labels still follow the calls."""
+    glu = "_Z16gemm_sm90_kernelI13__nv_bfloat16Li256ELi4ELb1EEvPT_"
+    plain = "_Z16gemm_sm90_kernelI13__nv_bfloat16Li256ELi4ELb0EEvPT_"
+    red = "_Z23gemm_sm90_reduce_kernelI13__nv_bfloat16EvPT_PKfli"
+    norm = "rms_norm_vec_kernel<__nv_bfloat16>"
+    layer = [norm, plain, red, "qk_norm_rope_kv_kernel<bf16>", DECODE, plain, red, norm, glu,
+             plain, red]
+    step, _ = timeline(layer * 2 + [norm, plain, "greedy_kernel<bf16>"])
+    got = [lab for lab in labels(step) if lab.startswith("gemm")]
+    per_layer = ["gemm qkv", "gemm qkv", "gemm o", "gemm o", "gemm gate_up", "gemm down",
+                 "gemm down"]
+    assert got == per_layer * 2 + ["gemm lm_head"]

@@ -12,9 +12,9 @@ next kernel starts the next step. A step is "with prompt tokens" when it ran a p
 kernel, else a decode step of as many sequences as its decode attention kernel's grid has rows
 (CUDA graphs round the batch up to their captured size). Per kind of step the report gives the
 mean span (one step's start to the next's), the time some kernel or copy ran (busy), the kernels'
-time by category, the cuBLAS GEMMs by which projection they compute (found from the kernel
-before them: the norm before qkv or gate_up, attention before o, SiLU before down; the last GEMM
-of a step is lm_head), and the idle gaps by the pair of kernels they lie between.
+time by category, the GEMMs by which projection they compute (a layer's calls in order: qkv,
+then past attention o, gate_up, down; the last of a step is lm_head), and the idle gaps by the
+pair of kernels they lie between.
 
 Needs NVIDIA's CUPTI bindings on the CUDA machine (`pip install cupti-python`: with
 nvidia-cuda-cupti and cuda-bindings, about 20 MB; a tools-only extra, never a dependency of the
@@ -112,28 +112,32 @@ def step_kind(step: list[Record]) -> str:
     return f"decode {lo}-{hi} seqs" if hi else f"decode {lo}+ seqs"
 
 
+AFTER_ATTENTION = ("gemm o", "gemm gate_up", "gemm down")  # a layer's GEMM calls past attention
+
+
 def labels(step: list[Record]) -> list[str]:
-    """Each record's label: its category, the cuBLAS GEMMs named by the projection they compute
-    (a split-K GEMM's second kernel takes its first one's name)."""
+    """Each record's label: its category, the GEMMs named by the projection they compute. A
+    layer's GEMM calls run qkv, then (past attention) o, gate_up, down; a call's second kernel
+    (a split-K reduction: "reduce" or "splitK" in its name) takes its first one's label, and the
+    step's last call is lm_head. Counting calls holds where kernels between them are fused away
+    (the SiLU-mul in gate_up's epilogue)."""
     out: list[str] = []
-    prev, last_gemm = None, None
+    past_attention, calls, label = False, 0, None
     for rec in step:
         cat = category(rec.name)
-        label = cat
-        if cat == "gemm":
-            if prev in ATTENTION:
-                label = "gemm o"
-            elif prev == "silu":
-                label = "gemm down"
-            elif prev == "norm":
-                label = "gemm gate_up" if last_gemm == "gemm o" else "gemm qkv"
-            elif prev == "gemm" and last_gemm:
-                label = last_gemm
+        if cat in ATTENTION:
+            past_attention, calls = True, 0
+        if cat != "gemm":
+            out.append(cat)
+            continue
+        low = rec.name.lower()
+        if label is None or not ("reduce" in low or "splitk" in low):  # a new call
+            if past_attention and calls < len(AFTER_ATTENTION):
+                label, calls = AFTER_ATTENTION[calls], calls + 1
+                past_attention = calls < len(AFTER_ATTENTION)
             else:
-                label = "gemm (other)"
-            last_gemm = label
+                label = "gemm qkv"
         out.append(label)
-        prev = cat
     gemms = [i for i, lab in enumerate(out) if lab.startswith("gemm")]
     if gemms:  # the step's last GEMM call (a split-K one: its kernels in a row) is lm_head
         i, lab = gemms[-1], out[gemms[-1]]
