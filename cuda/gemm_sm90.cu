@@ -47,6 +47,16 @@ __device__ __forceinline__ void mbar_arrive_in(unsigned long long* bar, unsigned
                : "memory");
 }
 
+// mbar_wait whose acquire covers the cluster: arrivals from the partner block (release.cluster)
+__device__ __forceinline__ void mbar_wait_cluster(unsigned long long* bar, int parity) {
+  asm volatile(
+      "{\n.reg .pred done;\nWAIT:\n"
+      "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT;\n}\n" ::"r"(smem_addr(bar)),
+      "r"(parity)
+      : "memory");
+}
+
 // tma_load_2d into the same offset of every block of the cluster in `mask`, each block's copy
 // completing on its own mbarrier at bar's offset.
 __device__ __forceinline__ void tma_load_2d_multicast(void* dst, const TmaMap* map, int column,
@@ -58,6 +68,16 @@ __device__ __forceinline__ void tma_load_2d_multicast(void* dst, const TmaMap* m
       "l"(reinterpret_cast<unsigned long long>(map)), "r"(column), "r"(row), "r"(smem_addr(bar)),
       "h"(mask)
       : "memory");
+}
+
+// A consumer warpgroup's own barrier (named barriers 2 and 3: constant ids, so that ptxas
+// reserves no more).
+__device__ __forceinline__ void warpgroup_sync(int cw) {
+  if (cw == 0) {
+    bar_sync(2, 128);
+  } else {
+    bar_sync(3, 128);
+  }
 }
 
 // The first `rows` rows of tile[row][64] to dst's rows, `stride` values apart, 16 bytes a thread.
@@ -93,6 +113,7 @@ __device__ __forceinline__ void gemm_sm90_body(
   constexpr int W_BYTES = 128 * 128, X_BYTES = BT * 128, STAGE = W_BYTES + X_BYTES;
   static_assert(BT % 64 == 0 && BT <= 256, "64..256 token rows");
   static_assert(CL == 1 || CL == 2, "x shared by a pair of blocks at most");
+  static_assert(ST >= 2, "slice i is released once slice i + 1's products are issued");
   extern __shared__ unsigned char smem_raw[];
   unsigned char* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
   unsigned long long* full = reinterpret_cast<unsigned long long*>(smem + ST * STAGE);
@@ -133,10 +154,16 @@ __device__ __forceinline__ void gemm_sm90_body(
         load_w(i, i);
       }
       pdl_wait();  // x is the previous kernel's output
+      pdl_trigger();  // the next kernel may launch (and fetch its own weights) from here on
       for (int i = 0; i < nk; i++) {
         const int s = i % ST;
         if (i >= ST) {
-          mbar_wait(empty + s, (i / ST - 1) & 1);  // both consumers done with its last use
+          // the consumers (of both blocks, CL = 2) are done with the stage's last use
+          if (CL > 1) {
+            mbar_wait_cluster(empty + s, (i / ST - 1) & 1);
+          } else {
+            mbar_wait(empty + s, (i / ST - 1) & 1);
+          }
           mbar_arrive_expect_tx(full + s, STAGE);
           load_w(i, s);
         }
@@ -147,14 +174,15 @@ __device__ __forceinline__ void gemm_sm90_body(
           tma_load_2d(smem + s * STAGE + W_BYTES, x_map, (s0 + i) * 64, 0, full + s);
         }
       }
-      pdl_trigger();
     }
+    __syncwarp();
     if (CL > 1) cluster_sync();  // every thread of both blocks, once
     return;
   }
 
   // --------------------------------------------------------------------------- consumers
   regs_inc<GEMM90_CONSUMER_REGS>();
+  pdl_wait();  // (the products wait for x anyway; common.cuh's rule, before any write)
   const int cw = wg - 1, ctid = tid - 128 * wg, warp = ctid >> 5, lane = tid & 31;
   const T tag{};
   float d[BT / 2];  // 64 weight rows x BT tokens (wgmma.cuh's accumulator layout)
@@ -200,12 +228,12 @@ __device__ __forceinline__ void gemm_sm90_body(
   if (!GLU && splits == 1) {
     T* tile = reinterpret_cast<T*>(smem) + cw * BT * 64;
     stage_tile<BT>(tile, d, warp, lane);
-    bar_sync(2 + cw, 128);
+    warpgroup_sync(cw);
     copy_rows(out + n0 + cw * 64, N, tile, rows, ctid, 128);
   } else if (!GLU) {
     float* tile = reinterpret_cast<float*>(smem) + cw * BT * 64;  // fp32 partial sums
     stage_tile<BT>(tile, d, warp, lane);
-    bar_sync(2 + cw, 128);
+    warpgroup_sync(cw);
     copy_rows(partial + (long)split * M * N + n0 + cw * 64, N, tile, rows, ctid, 128);
   } else {
     float* g_s = reinterpret_cast<float*>(smem);  // consumer 0's gate, then consumer 1's up
@@ -224,6 +252,7 @@ __device__ __forceinline__ void gemm_sm90_body(
           *reinterpret_cast<const uint4*>(v);
     }
   }
+  __syncwarp();
   if (CL > 1) cluster_sync();  // the partner may still arrive on this block's barriers
 #endif
 }
@@ -288,6 +317,12 @@ template __global__ void gemm_sm90_pair_kernel<__nv_bfloat16, 256, 4, false>(
     __nv_bfloat16*, float*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, int,
     int, int, int);
 template __global__ void gemm_sm90_pair_kernel<__nv_bfloat16, 128, 4, true>(
+    __nv_bfloat16*, float*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, int,
+    int, int, int);
+template __global__ void gemm_sm90_pair_kernel<__half, 64, 4, false>(
+    __half*, float*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, int, int,
+    int, int);
+template __global__ void gemm_sm90_kernel<__nv_bfloat16, 192, 4, true>(
     __nv_bfloat16*, float*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, int,
     int, int, int);
 template __global__ void gemm_sm90_reduce_kernel<__nv_bfloat16>(__nv_bfloat16*, const float*,
