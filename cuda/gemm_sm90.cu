@@ -26,8 +26,13 @@ __device__ __forceinline__ void put(float* p, float v) { *p = v; }
 template <typename V>
 __device__ __forceinline__ void put(V* p, float v) { *p = from_float<V>(v); }
 
+// Staged rows are padded by 16 bytes (TILE_LD values) so that a warp's stores of one
+// accumulator register (8 weight rows x 4 tokens) fall in different banks.
+template <typename V>
+constexpr int TILE_LD = 64 + 16 / sizeof(V);
+
 // One consumer warpgroup's 64 x BT accumulators (wgmma.cuh's layout: weight rows x tokens) into
-// tile[token][64], a token's 64 values side by side, as V (the output type, or fp32).
+// tile[token][TILE_LD], a token's 64 values side by side, as V (the output type, or fp32).
 template <int BT, typename V>
 __device__ __forceinline__ void stage_tile(V* tile, const float (&d)[BT / 2], int warp, int lane) {
   const int r = 16 * warp + (lane >> 2), cq = 2 * (lane & 3);
@@ -35,7 +40,7 @@ __device__ __forceinline__ void stage_tile(V* tile, const float (&d)[BT / 2], in
   for (int i = 0; i < BT / 8; i++)
 #pragma unroll
     for (int e = 0; e < 4; e++)
-      put(tile + (8 * i + cq + (e & 1)) * 64 + r + 8 * (e >> 1), d[4 * i + e]);
+      put(tile + (8 * i + cq + (e & 1)) * TILE_LD<V> + r + 8 * (e >> 1), d[4 * i + e]);
 }
 
 // One arrival on the mbarrier at bar's offset in block `rank` of the cluster (this one too).
@@ -80,7 +85,8 @@ __device__ __forceinline__ void warpgroup_sync(int cw) {
   }
 }
 
-// The first `rows` rows of tile[row][64] to dst's rows, `stride` values apart, 16 bytes a thread.
+// The first `rows` rows of tile[row][TILE_LD] (64 values each) to dst's rows, `stride` values
+// apart, 16 bytes a thread.
 template <typename V>
 __device__ __forceinline__ void copy_rows(V* dst, long stride, const V* tile, int rows, int tid,
                                           int threads) {
@@ -88,7 +94,7 @@ __device__ __forceinline__ void copy_rows(V* dst, long stride, const V* tile, in
   for (int c = tid; c < rows * CHUNKS; c += threads) {
     const int t = c / CHUNKS, ch = c % CHUNKS;
     *reinterpret_cast<uint4*>(dst + t * stride + ch * PER) =
-        *reinterpret_cast<const uint4*>(tile + t * 64 + ch * PER);
+        *reinterpret_cast<const uint4*>(tile + t * TILE_LD<V> + ch * PER);
   }
 }
 #endif
@@ -226,22 +232,22 @@ __device__ __forceinline__ void gemm_sm90_body(
   bar_sync(1, 256);
   const int rows = min(M, BT);
   if (!GLU && splits == 1) {
-    T* tile = reinterpret_cast<T*>(smem) + cw * BT * 64;
+    T* tile = reinterpret_cast<T*>(smem) + cw * BT * TILE_LD<T>;
     stage_tile<BT>(tile, d, warp, lane);
     warpgroup_sync(cw);
     copy_rows(out + n0 + cw * 64, N, tile, rows, ctid, 128);
   } else if (!GLU) {
-    float* tile = reinterpret_cast<float*>(smem) + cw * BT * 64;  // fp32 partial sums
+    float* tile = reinterpret_cast<float*>(smem) + cw * BT * TILE_LD<float>;  // partial sums
     stage_tile<BT>(tile, d, warp, lane);
     warpgroup_sync(cw);
     copy_rows(partial + (long)split * M * N + n0 + cw * 64, N, tile, rows, ctid, 128);
   } else {
     float* g_s = reinterpret_cast<float*>(smem);  // consumer 0's gate, then consumer 1's up
-    stage_tile<BT>(g_s + cw * BT * 64, d, warp, lane);
+    stage_tile<BT>(g_s + cw * BT * TILE_LD<float>, d, warp, lane);
     bar_sync(2, 256);  // both staged
-    const float* u_s = g_s + BT * 64;
+    const float* u_s = g_s + BT * TILE_LD<float>;
     for (int c = tid - 128; c < rows * 8; c += 256) {  // 8 outputs a thread, 16-byte stores
-      const int at = (c >> 3) * 64 + (c & 7) * 8;
+      const int at = (c >> 3) * TILE_LD<float> + (c & 7) * 8;
       alignas(16) T v[8];
 #pragma unroll
       for (int j = 0; j < 8; j++) {
