@@ -52,16 +52,6 @@ __device__ __forceinline__ void mbar_arrive_in(unsigned long long* bar, unsigned
                : "memory");
 }
 
-// mbar_wait whose acquire covers the cluster: arrivals from the partner block (release.cluster)
-__device__ __forceinline__ void mbar_wait_cluster(unsigned long long* bar, int parity) {
-  asm volatile(
-      "{\n.reg .pred done;\nWAIT:\n"
-      "mbarrier.try_wait.parity.acquire.cluster.shared::cta.b64 done, [%0], %1;\n"
-      "@!done bra WAIT;\n}\n" ::"r"(smem_addr(bar)),
-      "r"(parity)
-      : "memory");
-}
-
 // tma_load_2d into the same offset of every block of the cluster in `mask`, each block's copy
 // completing on its own mbarrier at bar's offset.
 __device__ __forceinline__ void tma_load_2d_multicast(void* dst, const TmaMap* map, int column,
@@ -165,11 +155,7 @@ __device__ __forceinline__ void gemm_sm90_body(
         const int s = i % ST;
         if (i >= ST) {
           // the consumers (of both blocks, CL = 2) are done with the stage's last use
-          if (CL > 1) {
-            mbar_wait_cluster(empty + s, (i / ST - 1) & 1);
-          } else {
-            mbar_wait(empty + s, (i / ST - 1) & 1);
-          }
+          mbar_wait<(CL > 1)>(empty + s, (i / ST - 1) & 1);
           mbar_arrive_expect_tx(full + s, STAGE);
           load_w(i, s);
         }
