@@ -27,6 +27,19 @@ def test_plan_rounds_rows_and_splits_k_for_few_blocks():
     assert plan(16, 4096, 256) == (64, 1)  # 4 slices of K: one split each at least
 
 
+def test_a_pending_sum_is_spent_once_taken():
+    """A fused kernel that takes the partial sums spends the PendingSum: resolving it after
+    would hand out a product nobody wrote, so it raises instead."""
+    from engine.executor.ops.cuda_gemm_sm90 import PendingSum
+
+    pending = PendingSum(partial="partials", out="out", ctype="__nv_bfloat16")
+    assert pending.take() == "partials"
+    with pytest.raises(RuntimeError, match="already consumed"):
+        pending.resolve()
+    with pytest.raises(RuntimeError, match="already consumed"):
+        pending.take()
+
+
 @pytest.fixture(scope="module", params=["float16", "bfloat16"])
 def ops(request):
     from conftest import require_gpu
@@ -112,6 +125,40 @@ def test_the_engine_takes_it_when_asked(ops, monkeypatch):
     np.testing.assert_array_equal(runs[True][1], runs[False][1])  # the same residual
     err = np.linalg.norm(runs[True][0] - runs[False][0]) / np.linalg.norm(runs[False][0])
     assert err < TOL[ops.dtype], err
+
+
+@pytest.mark.gpu
+def test_a_deferred_sum_normed_in_one_launch_is_bit_identical(ops, monkeypatch):
+    """linear(..., defer_sum=True) leaves a split product in partial sums; add_rms_norm reduces,
+    adds and norms it in one launch, bit-identical to the reduce kernel then the norm; mlp and
+    add_rms_norm_linear take it the same way."""
+    import cupy
+
+    import engine.executor.ops.cuda_gemm_sm90 as sk
+
+    monkeypatch.setattr(sk, "ENABLED", True)
+    rng = np.random.default_rng(9)
+    m, k, n = 48, 1024, 512  # 4 blocks of 128 rows: K split 4 ways
+    assert sk.gemm_plan(m, n, k, sk._num_sms())[1] > 1
+    x = ops.from_host(rng.standard_normal((m, k)).astype(np.float32))
+    w = ops.from_host((rng.standard_normal((n, k)) * k**-0.5).astype(np.float32))
+    res_h = rng.standard_normal((m, n)).astype(np.float32)
+    norm = ops.from_host(rng.standard_normal(n).astype(np.float32))
+    pending = ops.linear(x, w, defer_sum=True)
+    assert isinstance(pending, sk.PendingSum)
+    res_fused = ops.from_host(res_h)
+    h_fused, _ = ops.add_rms_norm(pending, res_fused, norm, 1e-5)
+    res_plain = ops.from_host(res_h)
+    whole = ops.linear(x, w)
+    assert isinstance(whole, cupy.ndarray)
+    h_plain, _ = ops.add_rms_norm(whole, res_plain, norm, 1e-5)
+    np.testing.assert_array_equal(ops.to_host(res_fused), ops.to_host(res_plain))
+    np.testing.assert_array_equal(ops.to_host(h_fused), ops.to_host(h_plain))
+    # the ops that start with add_rms_norm take a PendingSum too
+    q = ops.from_host((rng.standard_normal((256, n)) * 0.05).astype(np.float32))
+    y, _ = ops.add_rms_norm_linear(ops.linear(x, w, defer_sum=True), ops.from_host(res_h),
+                                   norm, 1e-5, q)
+    np.testing.assert_array_equal(ops.to_host(y), ops.to_host(ops.linear(h_plain, q)))
 
 
 @pytest.mark.gpu

@@ -377,3 +377,19 @@ def test_cli_refuses_a_size_that_does_not_divide_in_one_line(tmp_path, capsys):
     assert code == 2
     assert err == ["pagedserve: error: tensor_parallel_size (3) must divide the model's "
                    "num_attention_heads (4)"]
+
+
+def test_all_reduce_sums_a_deferred_product_first():
+    """A backend may hand back a product still in split-K partial sums (cuda's PendingSum,
+    linear(..., defer_sum=True)): the collective gets the whole product, not that object."""
+
+    class Pending:
+        def resolve(self):
+            return np.full((2, 3), 7.0, np.float32)
+
+    class Comm:
+        def all_reduce(self, x):
+            return x * 2
+
+    ops = TensorParallelOps(NumpyOps(), Comm(), 0, 2, 64)
+    np.testing.assert_array_equal(ops.all_reduce(Pending()), np.full((2, 3), 14.0, np.float32))

@@ -169,6 +169,8 @@ class TensorParallelOps:
         return self.all_reduce(x)
 
     def all_reduce(self, x):
+        if hasattr(x, "resolve"):  # a product left in split-K partial sums: summed here first
+            x = x.resolve()
         return self.comm.all_reduce(x)
 
     def gather_vocab(self, logits):

@@ -94,10 +94,12 @@ class Transformer:
     def layer_output(self, i: int, attn, residual):
         """Layer i from its attention's output (T, q_size): (x, residual), each (T, hidden)."""
         ops, c, layer = self.ops, self.config, self.weights.layers[i]
-        x = ops.all_reduce(ops.linear(attn, layer.o))  # (T, hidden), summed over ranks
+        # defer_sum: o's and down's products may stay in split-K partial sums, which the next
+        # add + RMSNorm (mlp's, the next layer's or the final one) reduces in its own launch
+        x = ops.all_reduce(ops.linear(attn, layer.o, defer_sum=True))  # summed over ranks
         # residual += x, RMSNorm, gate_up, SiLU-and-mul, down: two GEMVs at batch 1
         x, residual = ops.mlp(x, residual, layer.post_norm, c.rms_norm_eps, layer.gate_up,
-                              layer.down)
+                              layer.down, defer_sum=True)
         return ops.all_reduce(x), residual  # summed over ranks
 
     def final_norm(self, x, residual):

@@ -13,6 +13,7 @@ blocks), K is cut into splits whose fp32 partial sums a second kernel adds in a 
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 
@@ -76,11 +77,55 @@ def smem_bytes(rows: int) -> int:
     return 1024 + STAGES * (BLOCK_N + rows) * SLICE_K * 2 + 16 * STAGES
 
 
+@dataclasses.dataclass
+class PendingSum:
+    """A split-K product whose last step, the sum of its partials, is left to the kernel that
+    consumes it: CudaOps.add_rms_norm (and the ops that start with it) reduce, add the residual
+    and norm in one launch (cuda_norm.reduce_rms_norm). Anything else calls resolve()."""
+
+    partial: object  # cupy (splits, M, N) fp32
+    out: object  # cupy (M, N): where resolve() writes the sum
+    ctype: str
+    pdl: bool = True
+
+    consumed: bool = False  # take() handed the partials to a fused kernel
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.out.shape
+
+    def take(self):
+        """The partials, for a kernel that finishes the sum itself; this object is spent."""
+        if self.consumed:
+            raise RuntimeError("PendingSum: its partial sums were already consumed")
+        self.consumed = True
+        return self.partial
+
+    def resolve(self):
+        """The (M, N) product (the reduce kernel, once)."""
+        if self.consumed:
+            raise RuntimeError("PendingSum: its partial sums were already consumed")
+        if self.partial is not None:
+            size = self.out.size
+            red = kernel("gemm_sm90.cu", f"gemm_sm90_reduce_kernel<{self.ctype}>", self.ctype)
+            launch(red, (-(-size // (4 * REDUCE_THREADS)),), (REDUCE_THREADS,),
+                   (self.out, self.partial, np.int64(size), np.int32(len(self.partial))),
+                   pdl=self.pdl)
+            self.partial = None
+        return self.out
+
+
+def resolved(x):
+    """x, or the product a PendingSum stands for."""
+    return x.resolve() if isinstance(x, PendingSum) else x
+
+
 def skinny_gemm(x, w, out, ctype: str, splits: int | None = None, pdl: bool = True,
-                cluster: int | None = None):
+                cluster: int | None = None, defer: bool = False):
     """out (M, N) = x (M, K) @ w (N, K)^T of cupy arrays of 16-bit values, fp32 accumulation;
     `splits` and `cluster` override gemm_plan's and CLUSTER (kernel_check). Every array
-    contiguous."""
+    contiguous. `defer`: a split product comes back as a PendingSum (its reduction to the
+    consumer); otherwise, and unsplit, `out`."""
     import cupy
 
     m, k = x.shape
@@ -92,12 +137,10 @@ def skinny_gemm(x, w, out, ctype: str, splits: int | None = None, pdl: bool = Tr
         raise ValueError(f"skinny_gemm: {splits} splits of {k // SLICE_K} K slices")
     partial = cupy.empty((splits, m, n), cupy.float32) if splits > 1 else np.uint64(0)
     _launch(x, w, out, partial, rows, splits, ctype, False, pdl, cluster)
-    if splits > 1:
-        size = m * n
-        red = kernel("gemm_sm90.cu", f"gemm_sm90_reduce_kernel<{ctype}>", ctype)
-        launch(red, (-(-size // (4 * REDUCE_THREADS)),), (REDUCE_THREADS,),
-               (out, partial, np.int64(size), np.int32(splits)), pdl=pdl)
-    return out
+    if splits == 1:
+        return out
+    pending = PendingSum(partial, out, ctype, pdl)
+    return pending if defer else pending.resolve()
 
 
 def skinny_glu(x, gate_up, out, ctype: str, pdl: bool = True, cluster: int | None = None):

@@ -129,6 +129,7 @@ def kernel_names(file: str, ctype: str) -> list[str]:
     if file == "rms_norm.cu":
         return ([f"rms_norm_kernel<{ctype}>"]
                 + [f"rms_norm_vec_kernel<{ctype}, {v}>" for v in NORM_VEC_WIDTHS]
+                + [f"reduce_rms_norm_vec_kernel<{ctype}, {v}>" for v in NORM_VEC_WIDTHS]
                 + [f"qk_norm_kernel<{ctype}, {d}>" for d in HEAD_DIMS])
     if file == "rope.cu":
         return [f"rope_kernel<{ctype}, {ctype}>", f"rope_kernel<{ctype}, float>"]

@@ -71,6 +71,23 @@ def rms_norm(out, residual, x, weight, eps: float, mode: int, ctype: str,
                (threads,), args, pdl=True)
 
 
+def reduce_rms_norm(out, residual, partial, weight, eps: float, ctype: str) -> bool:
+    """rms_norm's mode 2 where x is still split-K partial sums (splits, rows, hidden) in fp32
+    (cuda_gemm_sm90.PendingSum): reduced, added and normed in one launch, bit-identical to the
+    reduce kernel then rms_norm. False (nothing launched) where the vector kernel cannot run."""
+    splits, rows, hidden = partial.shape
+    shape = vec_launch(hidden, out, residual, weight)
+    if shape is None:
+        return False
+    if rows:
+        v, threads = shape
+        launch(kernel("rms_norm.cu", f"reduce_rms_norm_vec_kernel<{ctype}, {v}>", ctype),
+               (rows,), (threads,),
+               (out, residual, partial, weight, np.float32(eps), np.int32(hidden),
+                np.int32(splits), np.int64(rows * hidden)), pdl=True)
+    return True
+
+
 def norm_flags(norm: bool) -> np.int32:
     """The NORM_W_EARLY `flags` bit of a kernel with a fused norm where NORM_VEC: the GGUF GEMVs
     (gguf.cu v2, gguf_dp4a.cu v3: the norm weight loaded with x, not after the sum of squares)

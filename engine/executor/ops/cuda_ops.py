@@ -33,6 +33,7 @@ from engine.executor.ops.cuda_attention import (
 )
 from engine.executor.ops.cuda_blas import Gemm
 from engine.executor.ops.cuda_gemm_plan import PlannedGemm, lean_gemm_enabled
+from engine.executor.ops.cuda_gemm_sm90 import PendingSum
 from engine.executor.ops.cuda_gemm_tune import TunedGemm, tuning_enabled
 from engine.executor.ops.cuda_kernels import CTYPES, HEAD_DIMS, kernel, kernel_names, launch
 from engine.executor.ops.cuda_quant_gguf import GGUFLinear, is_gguf
@@ -239,7 +240,17 @@ class CudaOps:
         return self._norm(x, None, weight, eps, 0)
 
     def add_rms_norm(self, x, residual, weight, eps):
-        """residual += x (in place); return (rms_norm(residual), residual). None starts it."""
+        """residual += x (in place); return (rms_norm(residual), residual). None starts it.
+        x may be a split-K product still in partial sums (linear(..., defer_sum=True)): its
+        reduction, the add and the norm are then one launch."""
+        if isinstance(x, PendingSum):
+            if residual is not None and residual.shape == x.shape:
+                self._check(weight, "weight", 1)
+                out = cupy.empty(x.shape, self.storage)
+                if cuda_norm.reduce_rms_norm(out, residual, x.partial, weight, eps, self.ctype):
+                    x.take()
+                    return out, residual
+            x = x.resolve()
         self._check(x, "x", 2)
         self._check(weight, "weight", 1)
         if residual is None:
@@ -253,6 +264,9 @@ class CudaOps:
     def add_rms_norm_linear(self, x, residual, norm_weight, eps, weight):
         """h, residual = add_rms_norm(x, residual, norm_weight, eps); (linear(h, weight),
         residual). One GEMV launch at small batches (the residual comes back as a new array)."""
+        if isinstance(x, PendingSum):  # its reduction goes into the norm's launch
+            h, residual = self.add_rms_norm(x, residual, norm_weight, eps)
+            return self.linear(h, weight), residual
         if isinstance(weight, QuantizedWeight) and weight.kind == "fp8":
             return cuda_fp8.add_rms_norm_linear(self, x, residual, norm_weight, eps, weight)
         if isinstance(weight, QuantizedWeight):
@@ -274,8 +288,10 @@ class CudaOps:
         h, residual = self.add_rms_norm(x, residual, norm_weight, eps)
         return self.linear(h, weight), residual
 
-    def linear(self, x, weight, bias=None):
-        # x (T, in), weight (out, in) as stored by HF, bias (out,) -> (T, out)
+    def linear(self, x, weight, bias=None, defer_sum=False):
+        """x (T, in) @ weight (out, in)^T (+ bias (out,)) -> (T, out). defer_sum: a product the
+        skinny GEMM splits over K may come back as a PendingSum, for add_rms_norm (or mlp /
+        add_rms_norm_linear, which start with it) to finish in its own launch."""
         if isinstance(weight, QuantizedWeight) and weight.kind == "fp8":
             return cuda_fp8.linear(self, x, weight, bias)
         self._check(x, "x", 2)
@@ -293,7 +309,10 @@ class CudaOps:
         if cuda_gemv.use_gemv(x, weight):
             cuda_gemv.gemv(x, weight, out, self.ctype)
         elif cuda_gemm_sm90.takes(x, weight):  # PAGEDSERVE_SKINNY_GEMM=1 (an experiment)
-            cuda_gemm_sm90.skinny_gemm(x, weight, out, self.ctype)
+            product = cuda_gemm_sm90.skinny_gemm(x, weight, out, self.ctype,
+                                                 defer=defer_sum and bias is None)
+            if isinstance(product, PendingSum):
+                return product
         else:
             self._gemm(x, weight, out, self.dtype)
         if bias is not None:
@@ -344,22 +363,26 @@ class CudaOps:
                                  f"weight expects 2 x {weight.shape[1]}")
         return self.linear(self.silu_and_mul(gate_up), weight)
 
-    def mlp(self, x, residual, norm_weight, eps, gate_up, down):
+    def mlp(self, x, residual, norm_weight, eps, gate_up, down, defer_sum=False):
         """add_rms_norm_linear(..., gate_up), then silu_mul_linear(..., down): (y, residual).
         At small batches the SiLU-and-mul is the gate_up GEMV's output (cuda_gemv.glu_gemv), with
-        the add + norm fused in at batch 1: two launches for the whole MLP."""
+        the add + norm fused in at batch 1: two launches for the whole MLP. defer_sum: as
+        linear's, for down's product; x may be a PendingSum (add_rms_norm takes it)."""
+        if isinstance(x, PendingSum):
+            h, residual = self.add_rms_norm(x, residual, norm_weight, eps)
+            if self._plain(gate_up, down) and cuda_gemm_sm90.takes(h, gate_up):
+                return self._skinny_mlp(h, gate_up, down, defer_sum), residual
+            return self.silu_mul_linear(self.linear(h, gate_up), down), residual
         if is_gguf(gate_up):  # the SiLU fused into a GGUF gate_up GEMV where it runs
             fused = self._gguf.add_rms_norm_glu(self._check(x, "x", 2), residual, norm_weight,
                                                 eps, gate_up)
             if fused is not None:
                 return self.linear(fused[0], down), fused[1]
-        plain = not isinstance(gate_up, QuantizedWeight) and not isinstance(down, QuantizedWeight)
+        plain = self._plain(gate_up, down)
         if not plain or not cuda_gemv.use_glu_gemv(self._check(x, "x", 2), gate_up):
             if plain and cuda_gemm_sm90.takes(x, gate_up):  # PAGEDSERVE_SKINNY_GEMM=1
                 h, residual = self.add_rms_norm(x, residual, norm_weight, eps)
-                act = cupy.empty((x.shape[0], gate_up.shape[0] // 2), self.storage)
-                cuda_gemm_sm90.skinny_glu(h, gate_up, act, self.ctype)  # SiLU-mul fused
-                return self.linear(act, down), residual
+                return self._skinny_mlp(h, gate_up, down, defer_sum), residual
             gate_up_out, residual = self.add_rms_norm_linear(x, residual, norm_weight, eps,
                                                              gate_up)
             return self.silu_mul_linear(gate_up_out, down), residual
@@ -380,6 +403,17 @@ class CudaOps:
             h, residual = self.add_rms_norm(x, residual, norm_weight, eps)
             act = cuda_gemv.glu_gemv(h, gate_up, self.ctype)
         return self.linear(act, down), residual
+
+    @staticmethod
+    def _plain(*weights) -> bool:
+        return not any(isinstance(w, QuantizedWeight) for w in weights)
+
+    def _skinny_mlp(self, h, gate_up, down, defer_sum: bool):
+        """down(silu_and_mul(h @ gate_up^T)) on the skinny GEMM, the SiLU-mul in gate_up's
+        epilogue (PAGEDSERVE_SKINNY_GEMM=1)."""
+        act = cupy.empty((h.shape[0], gate_up.shape[0] // 2), self.storage)
+        cuda_gemm_sm90.skinny_glu(h, gate_up, act, self.ctype)
+        return self.linear(act, down, defer_sum=defer_sum)
 
     def qk_norm_rope_kv_write(self, qkv, positions, cos_sin, q_weight, k_weight, eps, k_cache,
                               v_cache, slot_mapping, num_heads, num_kv_heads, bias=None):

@@ -100,8 +100,11 @@ class NumpyOps:
         h, residual = self.add_rms_norm(x, residual, norm_weight, eps)
         return self.linear(h, weight), residual
 
-    def linear(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None):
-        # x (T, in), weight (out, in) as stored by HF, bias (out,) -> (T, out)
+    def linear(self, x: np.ndarray, weight: np.ndarray, bias: np.ndarray | None = None,
+               defer_sum: bool = False):
+        # x (T, in), weight (out, in) as stored by HF, bias (out,) -> (T, out). defer_sum: the
+        # cuda backend may hand back a product still in split-K partial sums, which only the ops
+        # that start with add_rms_norm take; here the product is always whole.
         if isinstance(weight, QuantizedWeight) and weight.kind == "fp8":
             return _fp8_linear(x, weight, bias)
         if gguf_dot.quantizes_x(weight):
@@ -167,10 +170,11 @@ class NumpyOps:
         """linear(silu_and_mul(gate_up), weight): the MLP's second half (mlp() calls it)."""
         return self.linear(self.silu_and_mul(gate_up), weight)
 
-    def mlp(self, x, residual, norm_weight, eps, gate_up, down):
+    def mlp(self, x, residual, norm_weight, eps, gate_up, down, defer_sum=False):
         """The MLP after attention: add_rms_norm_linear(x, residual, norm_weight, eps, gate_up),
         then silu_mul_linear(.., down) -> (y, residual). The cuda backend runs it as two GEMV
-        launches at batch 1 (the SiLU-and-mul on the gate_up GEMV's output)."""
+        launches at batch 1 (the SiLU-and-mul on the gate_up GEMV's output). defer_sum: as
+        linear's (for down)."""
         gate_up_out, residual = self.add_rms_norm_linear(x, residual, norm_weight, eps, gate_up)
         return self.silu_mul_linear(gate_up_out, down), residual
 
