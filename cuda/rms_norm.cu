@@ -124,7 +124,9 @@ __global__ void __launch_bounds__(512) rms_norm_vec_kernel(
 // as gemm_sm90_reduce_kernel does, then residual += x and out = norm(residual) as above - so
 // residual and out are bit-identical to that kernel followed by rms_norm_vec_kernel, one launch
 // and one round trip of x fewer.
+// splits <= REDUCE_NORM_MAX_SPLITS (cuda_norm.MAX_PARTIALS).
 // Grid: (num_rows)  Block: as rms_norm_vec_kernel's
+constexpr int REDUCE_NORM_MAX_SPLITS = 8;
 template <typename T, int V>
 __global__ void __launch_bounds__(512) reduce_rms_norm_vec_kernel(
     T* __restrict__ out,                // [num_rows, hidden]
@@ -145,7 +147,9 @@ __global__ void __launch_bounds__(512) reduce_rms_norm_vec_kernel(
     if (i >= words) continue;
     const float4* p = reinterpret_cast<const float4*>(partial) + (base + i) * 2;
     float4 lo = p[0], hi = p[1];
-    for (int s = 1; s < splits; s++) {
+#pragma unroll
+    for (int s = 1; s < REDUCE_NORM_MAX_SPLITS; s++) {  // unrolled: every load goes out at once
+      if (s >= splits) break;
       const float4 l = p[s * split_stride / 4], h = p[s * split_stride / 4 + 1];
       lo.x += l.x, lo.y += l.y, lo.z += l.z, lo.w += l.w;
       hi.x += h.x, hi.y += h.y, hi.z += h.z, hi.w += h.w;

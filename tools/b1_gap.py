@@ -286,8 +286,9 @@ def leaving_out(engine, kinds: list[str]):
                        out=None: out if out is not None else
                        nothing((len(qkv), num_heads * k_cache.shape[-1]), ops.storage))],
         "rope": [(ops, "qk_norm_rope_kv_write", lambda *args, **kwargs: None)],
-        "lm-head": [(ops, "linear", lambda x, w, bias=None: nothing(
-            (x.shape[0], lm_head.shape[0]), ops.storage) if w is lm_head else linear(x, w, bias))],
+        "lm-head": [(ops, "linear", lambda x, w, bias=None, **kw: nothing(
+            (x.shape[0], lm_head.shape[0]), ops.storage) if w is lm_head else
+            linear(x, w, bias, **kw))],
         "fp8-plain": [(cuda_fp8, "quantize_rows", lambda x, ctype: (
             nothing(x.shape, np.uint8), nothing(len(x), np.float32)))],
         "fp8-silu": [(cuda_fp8, "silu_quantize", lambda gu, ctype: (

@@ -25,7 +25,7 @@ BLOCK_N = 128  # weight rows a block (two consumer warpgroups of 64)
 ROWS_STEP, MAX_ROWS = 64, 256  # token rows are rounded up to a multiple of ROWS_STEP
 SLICE_K = 64  # K values a stage
 STAGES = 4
-MAX_SPLITS = 8
+MAX_SPLITS = 8  # (cuda_norm.MAX_PARTIALS: the fused norm's unrolled splits)
 MIN_SLICES_PER_SPLIT = 4  # K slices a split streams at least (the pipeline's depth)
 REDUCE_THREADS = 256
 ENABLED = os.environ.get("PAGEDSERVE_SKINNY_GEMM", "0") == "1"
@@ -99,7 +99,8 @@ class PendingSum:
         if self.consumed:
             raise RuntimeError("PendingSum: its partial sums were already consumed")
         self.consumed = True
-        return self.partial
+        partial, self.partial, self.out = self.partial, None, None  # nothing held past here
+        return partial
 
     def resolve(self):
         """The (M, N) product (the reduce kernel, once)."""

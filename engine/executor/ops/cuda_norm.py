@@ -34,6 +34,7 @@ NORM_VEC_THREADS = 512  # the vector kernels' __launch_bounds__: longer rows tak
 GATHER_THREADS = 512  # row gather block with NORM_VEC (128 before: 4 dependent words a thread)
 NORM_W_EARLY = 2  # a kernel's `flags` bit (common.cuh): weights read before what depends on them
 _NULL = np.uint64(0)
+MAX_PARTIALS = 8  # reduce_rms_norm_vec_kernel's unrolled splits (cuda_gemm_sm90.MAX_SPLITS)
 
 
 def vec_launch(hidden: int, *arrays) -> tuple[int, int] | None:
@@ -76,8 +77,8 @@ def reduce_rms_norm(out, residual, partial, weight, eps: float, ctype: str) -> b
     (cuda_gemm_sm90.PendingSum): reduced, added and normed in one launch, bit-identical to the
     reduce kernel then rms_norm. False (nothing launched) where the vector kernel cannot run."""
     splits, rows, hidden = partial.shape
-    shape = vec_launch(hidden, out, residual, weight)
-    if shape is None:
+    shape = vec_launch(hidden, out, residual, weight) if NORM_VEC else None
+    if shape is None or splits > MAX_PARTIALS:  # (the scalar norm sums in another order)
         return False
     if rows:
         v, threads = shape

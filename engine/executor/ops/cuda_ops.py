@@ -246,6 +246,7 @@ class CudaOps:
         if isinstance(x, PendingSum):
             if residual is not None and residual.shape == x.shape:
                 self._check(weight, "weight", 1)
+                self._check(residual, "residual", 2)
                 out = cupy.empty(x.shape, self.storage)
                 if cuda_norm.reduce_rms_norm(out, residual, x.partial, weight, eps, self.ctype):
                     x.take()
