@@ -160,3 +160,20 @@ def test_gemm_calls_are_counted_where_kernels_between_them_are_fused():
     per_layer = ["gemm qkv", "gemm qkv", "gemm o", "gemm o", "gemm gate_up", "gemm down",
                  "gemm down"]
     assert got == per_layer * 2 + ["gemm lm_head"]
+
+
+def test_two_traces_side_by_side(tmp_path):
+    """--load A --against B: per kind of step, every label's ms a step in both and B - A."""
+    from tools.profile_kernels import main
+
+    a, _ = timeline(step_names())
+    b, _ = timeline(step_names(), duration=5_000)  # every kernel twice as fast
+    for name, records in (("a", a), ("b", b)):
+        save(str(tmp_path / f"{name}.npz"), records)
+    result = main(["--load", str(tmp_path / "a.npz"), "--against", str(tmp_path / "b.npz")])
+    base, other = result["base"], result["other"]
+    kind = "decode 193+ seqs"
+    assert other[kind]["by_label_ms"]["gemm qkv"] == pytest.approx(
+        base[kind]["by_label_ms"]["gemm qkv"] / 2)
+    with pytest.raises(SystemExit, match="give --load"):
+        main(["--against", str(tmp_path / "b.npz")])

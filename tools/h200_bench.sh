@@ -19,8 +19,9 @@
 # gputest runs the CUDA-graph tests first; if they fail, the rest runs with graphs off.
 # profile-8b, profile (not in the default list): tools/profile_kernels.py on W1, Llama-3-8B /
 # Qwen3-0.6B shapes: the kernels' time per kind of step and the gaps between them; the trace kept
-# as $OUT/trace-MODEL.npz (`--load` reports on it again). Needs cupti-python in .whl/ (`gpu_wheels.sh
-# cupti-python==13.0.1`: the machine has CUDA 13.0's CUPTI and cuda-bindings).
+# as $OUT/trace-MODEL.npz (`--load` reports on it again, `--load A --against B` compares two).
+# profile-8b-skinny: the same with PAGEDSERVE_SKINNY_GEMM=1. Needs cupti-python in .whl/
+# (`gpu_wheels.sh cupti-python==13.0.1`: the machine has CUDA 13.0's CUPTI and cuda-bindings).
 # gputest-prefill (not in the default list): the GPU suites whose steps hold prompts (prefill
 # kernels, model, graph engine, mixed graphs, spec-decode verify rows, parity, overlap), the
 # output in $OUT/gputest-prefill.txt and its summary lines printed.
@@ -120,10 +121,14 @@ for step in $steps; do
       --speculative-config "$SPEC" ;;
     w1-spec) record w1-qwen3-0.6b-spec 120 python3 tools/bench_throughput.py $Q \
       --speculative-config "$SPEC" ;;
-    profile-8b|profile)  # CUPTI's trace of W1 (cupti-python in .whl/), the trace kept in $OUT
-      if [ "$step" = profile-8b ]; then m="$L" tag=llama3-8b; else m="$Q" tag=qwen3-0.6b; fi
-      timeout 300 python3 tools/profile_kernels.py $m --save "$OUT/trace-$tag.npz" \
-        > "$OUT/profile-$tag.txt" 2>&1
+    profile-8b|profile-8b-skinny|profile)  # CUPTI's trace of W1 (cupti-python in .whl/)
+      case $step in
+        profile-8b) m="$L" tag=llama3-8b flag=0 ;;
+        profile-8b-skinny) m="$L" tag=llama3-8b-skinny flag=1 ;;
+        *) m="$Q" tag=qwen3-0.6b flag=0 ;;
+      esac
+      PAGEDSERVE_SKINNY_GEMM=$flag timeout 300 python3 tools/profile_kernels.py $m \
+        --save "$OUT/trace-$tag.npz" > "$OUT/profile-$tag.txt" 2>&1
       echo "== profile $tag (rc $?): $OUT/profile-$tag.txt"
       grep -E "^(W1|decode|with|idle)|gemm|attention|norm|silu|rope|sampler|copy" \
         "$OUT/profile-$tag.txt" | head -n 80 ;;

@@ -23,6 +23,7 @@ engine). The trace costs some speed: the report prints W1's figure under it.
     python tools/profile_kernels.py --model llama3-8b --load-format dummy --device cuda \
         --dtype bfloat16 --save trace.npz        # the trace kept for tools/profile_kernels.py
     python tools/profile_kernels.py --load trace.npz    # the report again, from a saved trace
+    python tools/profile_kernels.py --load a.npz --against b.npz   # two traces side by side
 """
 
 from __future__ import annotations
@@ -228,6 +229,24 @@ def format_report(result: dict, top: int = 8) -> str:
     return "\n".join(lines)
 
 
+def format_comparison(base: dict, other: dict, names: tuple[str, str] = ("A", "B")) -> str:
+    """Two analyses side by side (e.g. cuBLAS against PAGEDSERVE_SKINNY_GEMM=1): per kind of step
+    both have, the span, the idle time and every label's ms a step, with B - A."""
+    a_name, b_name = names
+    lines = []
+    for kind in (k for k in base if k in other):
+        a, b = base[kind], other[kind]
+        rows = [("step span", a["span_ms"], b["span_ms"]),
+                ("idle", sum(a["gaps_ms"].values()), sum(b["gaps_ms"].values()))]
+        labs = list(a["by_label_ms"]) + [k for k in b["by_label_ms"] if k not in a["by_label_ms"]]
+        rows += [(lab, a["by_label_ms"].get(lab, 0.0), b["by_label_ms"].get(lab, 0.0))
+                 for lab in labs]
+        lines += [f"\n{kind}: {a['steps']} / {b['steps']} steps",
+                  f"| ms a step | {a_name} | {b_name} | {b_name} - {a_name} |", "|---|---|---|---|"]
+        lines += [f"| {lab} | {x:.3f} | {y:.3f} | {y - x:+.3f} |" for lab, x, y in rows]
+    return "\n".join(lines)
+
+
 # ---------------------------------------------------------------- the trace (CUDA machine only)
 
 COPY_KINDS = {1: "copy h2d", 2: "copy d2h", 8: "copy d2d"}  # CUpti_ActivityMemcpyKind
@@ -313,7 +332,15 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--save", help="keep the trace here (.npz) for --load")
     ap.add_argument("--load", help="report on a trace saved by --save instead of running")
     ap.add_argument("--top", type=int, default=8, help="gaps listed per kind of step")
+    ap.add_argument("--against", help="with --load: a second saved trace, reported side by side")
     args = ap.parse_args(argv)
+    if args.against and not args.load:
+        raise SystemExit("--against compares two saved traces: give --load as well")
+    if args.load and args.against:
+        result = {"base": analyze(load(args.load)), "other": analyze(load(args.against))}
+        print(json.dumps(result) if args.json else format_comparison(
+            result["base"], result["other"], (Path(args.load).stem, Path(args.against).stem)))
+        return result
     if args.load:
         result = analyze(load(args.load))
         print(json.dumps(result) if args.json else format_report(result, args.top))
