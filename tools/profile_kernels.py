@@ -278,7 +278,7 @@ class Trace:
         kind = self._cupti.ActivityKind
         for a in activities:
             if a.kind == kind.CONCURRENT_KERNEL:
-                self.records.append(Record(a.name, a.start, a.end,
+                self.records.append(Record(a.name or "(unnamed kernel)", a.start, a.end,
                                            (a.grid_x, a.grid_y, a.grid_z)))
             elif a.kind == kind.MEMCPY:
                 self.records.append(Record(COPY_KINDS.get(int(a.copy_kind), "copy other"),
