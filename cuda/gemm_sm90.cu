@@ -287,36 +287,20 @@ __global__ void __launch_bounds__(256) gemm_sm90_reduce_kernel(
 }
 
 #ifdef PAGEDSERVE_NVCC_CHECK
-template __global__ void gemm_sm90_kernel<__nv_bfloat16, 256, 4, true>(
-    __nv_bfloat16*, float*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, int,
-    int, int, int);
-template __global__ void gemm_sm90_kernel<__half, 64, 4, true>(
-    __half*, float*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, int, int,
-    int, int);
-template __global__ void gemm_sm90_kernel<__nv_bfloat16, 64, 4, false>(
-    __nv_bfloat16*, float*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, int,
-    int, int, int);
-template __global__ void gemm_sm90_kernel<__nv_bfloat16, 192, 4, false>(
-    __nv_bfloat16*, float*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, int,
-    int, int, int);
-template __global__ void gemm_sm90_kernel<__nv_bfloat16, 256, 4, false>(
-    __nv_bfloat16*, float*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, int,
-    int, int, int);
-template __global__ void gemm_sm90_kernel<__half, 128, 4, false>(
-    __half*, float*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, int, int,
-    int, int);
-template __global__ void gemm_sm90_pair_kernel<__nv_bfloat16, 256, 4, false>(
-    __nv_bfloat16*, float*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, int,
-    int, int, int);
-template __global__ void gemm_sm90_pair_kernel<__nv_bfloat16, 128, 4, true>(
-    __nv_bfloat16*, float*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, int,
-    int, int, int);
-template __global__ void gemm_sm90_pair_kernel<__half, 64, 4, false>(
-    __half*, float*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, int, int,
-    int, int);
-template __global__ void gemm_sm90_kernel<__nv_bfloat16, 192, 4, true>(
-    __nv_bfloat16*, float*, const __grid_constant__ TmaMap, const __grid_constant__ TmaMap, int,
-    int, int, int);
+#define INSTANTIATE(KERNEL, T, BT, GLU)                                                        \
+  template __global__ void KERNEL<T, BT, 4, GLU>(T*, float*, const __grid_constant__ TmaMap,    \
+                                                 const __grid_constant__ TmaMap, int, int, int, \
+                                                 int);
+INSTANTIATE(gemm_sm90_kernel, __nv_bfloat16, 64, false)
+INSTANTIATE(gemm_sm90_kernel, __nv_bfloat16, 192, false)
+INSTANTIATE(gemm_sm90_kernel, __nv_bfloat16, 256, false)
+INSTANTIATE(gemm_sm90_kernel, __half, 128, false)
+INSTANTIATE(gemm_sm90_kernel, __nv_bfloat16, 192, true)
+INSTANTIATE(gemm_sm90_kernel, __nv_bfloat16, 256, true)
+INSTANTIATE(gemm_sm90_kernel, __half, 64, true)
+INSTANTIATE(gemm_sm90_pair_kernel, __nv_bfloat16, 256, false)
+INSTANTIATE(gemm_sm90_pair_kernel, __half, 64, false)
+INSTANTIATE(gemm_sm90_pair_kernel, __nv_bfloat16, 128, true)
 template __global__ void gemm_sm90_reduce_kernel<__nv_bfloat16>(__nv_bfloat16*, const float*,
                                                                   long, int);
 #endif

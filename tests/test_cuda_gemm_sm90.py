@@ -139,7 +139,7 @@ def test_a_deferred_sum_normed_in_one_launch_is_bit_identical(ops, monkeypatch):
     monkeypatch.setattr(sk, "ENABLED", True)
     rng = np.random.default_rng(9)
     m, k, n = 48, 1024, 512  # 4 blocks of 128 rows: K split 4 ways
-    assert sk.gemm_plan(m, n, k, sk._num_sms())[1] > 1
+    assert sk.gemm_plan(m, n, k, sk.num_sms())[1] > 1
     x = ops.from_host(rng.standard_normal((m, k)).astype(np.float32))
     w = ops.from_host((rng.standard_normal((n, k)) * k**-0.5).astype(np.float32))
     res_h = rng.standard_normal((m, n)).astype(np.float32)

@@ -150,7 +150,7 @@ def check_skinny(ops, kc):
     from engine.executor.ops import cuda_gemm_sm90 as sk
 
     ms = (64, 144) if kc.OPTS["small"] else SKINNY_MS
-    sms = sk._num_sms()
+    sms = sk.num_sms()
     saved, ops._gemm.tuned = ops._gemm.tuned, None
     # per layer: cuBLAS (+ activation.cu's SiLU-mul), skinny (planned, PDL; gate_up's GLU form)
     totals = {m: [0.0, 0.0] for m in ms}

@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 import os
 
 import numpy as np
 
-from engine.executor.ops.cuda_kernels import kernel, launch
+from engine.executor.ops.cuda_kernels import kernel, launch, num_sms
 
 BLOCK_N = 128  # weight rows a block (two consumer warpgroups of 64)
 ROWS_STEP, MAX_ROWS = 64, 256  # token rows are rounded up to a multiple of ROWS_STEP
@@ -28,17 +29,11 @@ STAGES = 4
 MAX_SPLITS = 8  # (cuda_norm.MAX_PARTIALS: the fused norm's unrolled splits)
 MIN_SLICES_PER_SPLIT = 4  # K slices a split streams at least (the pipeline's depth)
 REDUCE_THREADS = 256
+logger = logging.getLogger("pagedserve." + __name__)
 ENABLED = os.environ.get("PAGEDSERVE_SKINNY_GEMM", "0") == "1"
 # 2: neighbouring blocks share x's slices by TMA multicast (clusters of 2; N / 128 even), so the
 # L2 serves x half as often; 1: every block copies its own (kernel_check --only skinny has both)
 CLUSTER = int(os.environ.get("PAGEDSERVE_SKINNY_CLUSTER", "1"))
-
-
-@functools.cache
-def _num_sms() -> int:
-    import cupy
-
-    return int(cupy.cuda.Device().attributes["MultiProcessorCount"])
 
 
 def shape_ok(m: int, n: int, k: int) -> bool:
@@ -48,10 +43,14 @@ def shape_ok(m: int, n: int, k: int) -> bool:
 
 @functools.cache
 def _hopper_ready() -> bool:
-    """sm_90 with what the kernel's launch needs (cuda_prefill._sm90_ready's checks)."""
-    from engine.executor.ops.cuda_prefill import _sm90_ready
+    """sm_90 with what the kernel's launch needs (cuda_prefill.sm90_missing); a warning where
+    PAGEDSERVE_SKINNY_GEMM=1 asked for it and something is missing."""
+    from engine.executor.ops.cuda_prefill import sm90_missing
 
-    return _sm90_ready()
+    missing = sm90_missing()
+    if missing:
+        logger.warning("the skinny GEMM needs %s: GEMMs run on cuBLAS", ", ".join(missing))
+    return missing == ()
 
 
 def takes(x, weight) -> bool:
@@ -132,7 +131,7 @@ def skinny_gemm(x, w, out, ctype: str, splits: int | None = None, pdl: bool = Tr
     m, k = x.shape
     n = w.shape[0]
     _check(x, w, out, (m, n))
-    rows, planned = gemm_plan(m, n, k, _num_sms())
+    rows, planned = gemm_plan(m, n, k, num_sms())
     splits = splits or planned
     if not 1 <= splits <= k // SLICE_K:
         raise ValueError(f"skinny_gemm: {splits} splits of {k // SLICE_K} K slices")
@@ -150,7 +149,7 @@ def skinny_glu(x, gate_up, out, ctype: str, pdl: bool = True, cluster: int | Non
     m, k = x.shape
     n = gate_up.shape[0]
     _check(x, gate_up, out, (m, n // 2))
-    rows, _ = gemm_plan(m, n, k, _num_sms())
+    rows, _ = gemm_plan(m, n, k, num_sms())
     _launch(x, gate_up, out, np.uint64(0), rows, 1, ctype, True, pdl, cluster)
     return out
 

@@ -291,6 +291,19 @@ def _launch_ex():
     return fn
 
 
+_SM_COUNTS: dict[int, int] = {}
+
+
+def num_sms() -> int:
+    """The current GPU's streaming multiprocessors (asked once per device)."""
+    import cupy
+
+    device = cupy.cuda.Device()
+    if device.id not in _SM_COUNTS:
+        _SM_COUNTS[device.id] = int(device.attributes["MultiProcessorCount"])
+    return _SM_COUNTS[device.id]
+
+
 def can_launch_by_value() -> bool:
     """Whether launch() can pass a structure by value here (libcuda's cuLaunchKernelEx, sm_90)."""
     return _launch_ex() is not None

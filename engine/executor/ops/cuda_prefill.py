@@ -31,6 +31,7 @@ from engine.executor.ops.cuda_kernels import (
     can_launch_by_value,
     kernel,
     launch,
+    num_sms,
 )
 
 logger = logging.getLogger("pagedserve." + __name__)
@@ -85,11 +86,12 @@ def _items(query_start_loc, tile: int, context_lens):
 
 
 @functools.cache
-def _sm90_ready() -> bool:
-    """Hopper (sm_90), and what the sm90 kernel needs besides: NVRTC 12+ (sm_90a), libcuda's
-    cuLaunchKernelEx and cuTensorMapEncodeTiled. Without them v2 takes its place (a warning)."""
+def sm90_missing() -> tuple[str, ...] | None:
+    """None off Hopper; on sm_90, what an sm_90a (wgmma + TMA) kernel needs that this process
+    lacks: NVRTC 12+ (sm_90a), libcuda's cuLaunchKernelEx, cuTensorMapEncodeTiled (empty: all
+    there). The prefill kernel and the skinny GEMM both ask."""
     if cupy.cuda.Device().compute_capability != "90":
-        return False
+        return None
     missing = []
     if cupy.cuda.nvrtc.getVersion() < (12, 0):
         missing.append("NVRTC 12+ (sm_90a)")
@@ -99,15 +101,21 @@ def _sm90_ready() -> bool:
         _encode_tiled()
     except (OSError, AttributeError):
         missing.append("cuTensorMapEncodeTiled")
-    if missing:
-        logger.warning("the sm90 prefill kernel needs %s: prefill attention runs v2",
-                       ", ".join(missing))
-    return not missing
+    return tuple(missing)
 
 
 @functools.cache
-def _num_sms() -> int:
-    return int(cupy.cuda.Device().attributes["MultiProcessorCount"])
+def _sm90_ready() -> bool:
+    """Hopper with what the sm90 prefill kernel needs (sm90_missing); without it v2 takes its
+    place (a warning)."""
+    missing = sm90_missing()
+    if missing:
+        logger.warning("the sm90 prefill kernel needs %s: prefill attention runs v2",
+                       ", ".join(missing))
+    return missing == ()
+
+
+_num_sms = num_sms  # (a module name of its own: tests set it)
 
 
 def _cost(config, last_key: np.ndarray, num_kv_heads: int) -> float:
