@@ -177,3 +177,22 @@ def test_two_traces_side_by_side(tmp_path):
         base[kind]["by_label_ms"]["gemm qkv"] / 2)
     with pytest.raises(SystemExit, match="give --load"):
         main(["--against", str(tmp_path / "b.npz")])
+
+
+def test_each_projection_names_the_kernels_it_ran():
+    """by_kernel: (label, kernel name) -> ms and calls a step, longest first; the report lists
+    them with the time a call."""
+    from tools.profile_kernels import format_report
+
+    other = "nvjet_tst_64x8_64x16_4x1_v_bz_TNT"
+    names = step_names(layers=2)
+    second_attention = [i for i, n in enumerate(names) if n == DECODE][1]
+    names[second_attention + 1] = other  # layer 1's o projection on another kernel
+    step, _ = timeline(names)
+    kind = analyze(step)["decode 193+ seqs"]
+    assert kind["by_kernel"][f"gemm qkv: {GEMM}"] == (pytest.approx(0.020), 2.0)
+    assert kind["by_kernel"][f"gemm o: {GEMM}"] == (pytest.approx(0.010), 1.0)
+    assert kind["by_kernel"][f"gemm o: {other}"] == (pytest.approx(0.010), 1.0)
+    assert sum(c for _, c in kind["by_kernel"].values()) == len(names)
+    report = format_report({"decode 193+ seqs": kind}, top=50)
+    assert f"| gemm o: {other} | 0.010 | 1.0 | 10.0 |" in report

@@ -13,8 +13,9 @@ kernel, else a decode step of as many sequences as its decode attention kernel's
 (CUDA graphs round the batch up to their captured size). Per kind of step the report gives the
 mean span (one step's start to the next's), the time some kernel or copy ran (busy), the kernels'
 time by category, the GEMMs by which projection they compute (a layer's calls in order: qkv,
-then past attention o, gate_up, down; the last of a step is lm_head), and the idle gaps by the
-pair of kernels they lie between.
+then past attention o, gate_up, down; the last of a step is lm_head), the idle gaps by the
+pair of kernels they lie between, and the longest kernels by name under their label (which cuBLAS
+kernel a projection ran, and its time a call).
 
 Needs NVIDIA's CUPTI bindings on the CUDA machine (`pip install cupti-python`: with
 nvidia-cuda-cupti and cuda-bindings, about 20 MB; a tools-only extra, never a dependency of the
@@ -174,7 +175,8 @@ def analyze(records: list[Record]) -> dict:
             - step[0].start
         k = kinds.setdefault(step_kind(step), {
             "steps": 0, "span_ns": 0, "busy_ns": 0, "spans": [], "by_category": defaultdict(int),
-            "by_label": defaultdict(int), "calls": defaultdict(int), "gaps": defaultdict(int)})
+            "by_label": defaultdict(int), "calls": defaultdict(int), "gaps": defaultdict(int),
+            "by_kernel": defaultdict(int), "kernel_calls": defaultdict(int)})
         k["steps"] += 1
         k["span_ns"] += span
         k["spans"].append(span)
@@ -185,6 +187,9 @@ def analyze(records: list[Record]) -> dict:
             k["by_category"][category(rec.name)] += rec.end - rec.start
             k["by_label"][lab] += rec.end - rec.start
             k["calls"][lab] += 1
+            kernel = f"{lab}: {short_name(rec.name)}"
+            k["by_kernel"][kernel] += rec.end - rec.start
+            k["kernel_calls"][kernel] += 1
             if end_so_far is not None and rec.start > end_so_far:
                 k["gaps"][f"{prev_label} -> {lab}"] += rec.start - end_so_far
             end_so_far = rec.end if end_so_far is None else max(end_so_far, rec.end)
@@ -204,8 +209,17 @@ def analyze(records: list[Record]) -> dict:
             "by_label_ms": {c: t / n / 1e6 for c, t in _desc(k["by_label"])},
             "calls_per_step": {c: v / n for c, v in k["calls"].items()},
             "gaps_ms": {c: t / n / 1e6 for c, t in _desc(k["gaps"])},
+            # label: kernel -> (ms a step, calls a step): which kernel each projection ran
+            "by_kernel": {c: (t / n / 1e6, k["kernel_calls"][c] / n)
+                          for c, t in _desc(k["by_kernel"])},
         }
     return dict(sorted(out.items(), key=lambda kv: -kv[1]["total_s"]))
+
+
+def short_name(name: str, width: int = 90) -> str:
+    """A kernel's name cut to `width` characters (cuBLAS's names carry their tile shapes early:
+    enough to tell two GEMM kernels apart)."""
+    return name if len(name) <= width else name[:width - 3] + "..."
 
 
 def _desc(d: dict):
@@ -226,6 +240,12 @@ def format_report(result: dict, top: int = 8) -> str:
         if gaps:
             lines += [f"idle, {sum(ms for _, ms in gaps):.3f} ms a step; largest: " + "; ".join(
                 f"{pair} {ms * 1e3:.1f} us" for pair, ms in gaps[:top])]
+        kernels = list(k.get("by_kernel", {}).items())[:top]
+        if kernels:
+            lines += ["| label: kernel (the longest) | ms a step | calls a step | us a call |",
+                      "|---|---|---|---|"]
+            lines += [f"| {name} | {ms:.3f} | {calls:.1f} | {ms * 1e3 / calls:.1f} |"
+                      for name, (ms, calls) in kernels]
     return "\n".join(lines)
 
 
@@ -331,7 +351,7 @@ def main(argv: list[str] | None = None) -> dict:
     add_engine_args(ap)
     ap.add_argument("--save", help="keep the trace here (.npz) for --load")
     ap.add_argument("--load", help="report on a trace saved by --save instead of running")
-    ap.add_argument("--top", type=int, default=8, help="gaps listed per kind of step")
+    ap.add_argument("--top", type=int, default=8, help="gaps and kernels listed per kind of step")
     ap.add_argument("--against", help="with --load: a second saved trace, reported side by side")
     args = ap.parse_args(argv)
     if args.against and not args.load:
