@@ -136,6 +136,69 @@ def check_gemm_sweep(ops, kc):
     for m, sec in per_m.items():
         kc.row("gemm-m", f"layer's GEMMs M={m}", "-", sec, 0, flops_row * m,
                extra=f"{sec * 1e6:.1f} us a layer, {LAYERS * sec * 1e3:.2f} ms a step")
+    check_prefill_chunk(ops, kc, flops_row)
+
+
+PREFILL_CHUNK_MS = (8192, 2048)  # W1's prompt steps fill the 8,192-token budget
+
+
+def check_prefill_chunk(ops, kc, flops_row):
+    """gemm-m's prefill rows: W1's steps with prompt tokens run eagerly (more tokens than
+    mixed_graphs.py's buckets), so their GEMMs go through cuda_gemm_plan.PlannedGemm
+    (cuBLASLt's first heuristic algorithm, kept per shape), not through the cublasGemmEx that the
+    graph-timed rows measure. Both here, eagerly, the same operands: which algorithm the plan
+    took and whether it is slower (session 14: 186.5 ms a prompt step against ~165 expected)."""
+    from engine.executor.ops.cuda_gemm_plan import PlannedGemm
+
+    ms = (256,) if kc.OPTS["small"] else PREFILL_CHUNK_MS
+    planned = PlannedGemm(ops._gemm)
+    tuner = cuda_gemm_tune.TunedGemm(ops._gemm)  # describes a plan's algorithm
+    per_m = {m: [0.0, 0.0] for m in ms}
+    saved = ops._gemm.tuned
+    try:
+        for name, n, k, ws, m, x in _layer_operands(ops, kc, np.random.default_rng(14), ms):
+            want, got = cupy.empty((m, n), ops.storage), cupy.empty((m, n), ops.storage)
+            ops._gemm.tuned = None
+            ops._gemm(x, ws[0], want, ops.dtype)
+            t_ex = _eager_time(kc, lambda w, o, x=x: ops._gemm(x, w, o, ops.dtype), ws,
+                               want)
+            ops._gemm.tuned = planned
+            ops._gemm(x, ws[0], got, ops.dtype)  # plans the shape
+            plan = planned.plans.get((m, n, k, ops.dtype))
+            t_lt = _eager_time(kc, lambda w, o, x=x: ops._gemm(x, w, o, ops.dtype), ws,
+                               got)
+            per_m[m][0] += t_ex
+            per_m[m][1] += t_lt
+            flops = 2 * m * n * k
+            how = "refused: cublasGemmEx" if plan is None else tuner.describe(plan[4])
+            kc.row("gemm-m", f"prefill GEMM {name} {n}x{k} M={m} eager, plan",
+                   f"vs Ex {_device_rel(ops, got, want):.1e}", t_lt, n * k * 2 + 2 * m * (n + k),
+                   flops, extra=f"cublasGemmEx {t_ex * 1e6:.0f} us "
+                                f"{flops / t_ex / 1e12:.0f} TFLOP/s ({t_ex / t_lt:.3f}x); {how}")
+    finally:
+        ops._gemm.tuned = saved
+    for m, (t_ex, t_lt) in per_m.items():
+        kc.row("gemm-m", f"prefill layer's GEMMs M={m} eager, plan", "-", t_lt, 0, flops_row * m,
+               extra=f"{LAYERS * t_lt * 1e3:.1f} ms a step's layers; cublasGemmEx "
+                     f"{LAYERS * t_ex * 1e3:.1f} ms")
+
+
+def _eager_time(kc, fn, ws, out, calls: int = 6) -> float:
+    """Seconds per fn(w, out) launched eagerly, as a step with prompt tokens runs, cycling the
+    weight copies ws; the median of three runs of `calls` calls between events."""
+    if kc.OPTS["small"]:
+        calls = 2
+    fn(ws[0], out)  # warm-up
+    start, end = cupy.cuda.Event(), cupy.cuda.Event()
+    times = []
+    for _ in range(3):
+        start.record()
+        for i in range(calls):
+            fn(ws[i % len(ws)], out)
+        end.record()
+        end.synchronize()
+        times.append(cupy.cuda.get_elapsed_time(start, end) / 1e3 / calls)
+    return float(np.median(times))
 
 
 SKINNY_MS = (16, 64, 128, 144, 160, 192, 208, 256)
