@@ -92,6 +92,21 @@ def test_quantization_flags_reach_the_engine_config():
     assert engine_config_from_args(p.parse_args(["serve", "--gguf-dequantize"])).gguf_dequantize
 
 
+def test_the_step_budget_defaults_by_device():
+    """8,192 tokens a step on cuda; 1,024 on the cpu, whose long prompts would otherwise hold
+    every other request (and an abort) for the whole prompt; the flag wins everywhere."""
+    from server.cli import engine_config_from_args
+
+    p = build_parser()
+    budget = {}
+    for argv in (["--device", "cpu"], ["--device", "cuda"], ["--device", "cpu",
+                 "--max-num-batched-tokens", "300"], ["--device", "cuda",
+                 "--max-num-batched-tokens", "300"]):
+        config = engine_config_from_args(p.parse_args(["serve", *argv]))
+        budget[" ".join(argv)] = config.max_num_batched_tokens
+    assert list(budget.values()) == [1024, 8192, 300, 300]
+
+
 @pytest.mark.parametrize("argv, needle", [
     (["serve", "--quantization", "q3_k"], "--quantization"),
     (["serve", "--port", "70000"], "--port"),
