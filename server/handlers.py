@@ -53,8 +53,9 @@ async def read_json(request: Request) -> dict:
         chunks.append(chunk)
     too_deep = bad_request("body", f"the JSON body nests arrays and objects more than "
                                    f"{MAX_JSON_DEPTH} deep")
+    raw = b"".join(chunks)
     try:
-        body = json.loads(b"".join(chunks))
+        body = json.loads(raw)
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an int of 4300+ digits
         raise bad_request("body", f"malformed JSON body: {e}") from None
     except RecursionError:  # the parser recurses per level; far past MAX_JSON_DEPTH
@@ -63,7 +64,38 @@ async def read_json(request: Request) -> dict:
         raise bad_request("body", "the JSON body must be an object")
     if _depth_exceeds(body, MAX_JSON_DEPTH):
         raise too_deep
+    # A \ud800-style escape is valid JSON but no text: no tokenizer or UTF-8 encoder takes a lone
+    # surrogate. Only a body that spells a \uD... escape can hold one.
+    if b"\\ud" in raw or b"\\uD" in raw:
+        where = _lone_surrogate(body, "")
+        if where is not None:
+            raise bad_request(where, f"'{where}' holds a lone UTF-16 "
+                              "surrogate (an unpaired \\uD800-\\uDFFF escape), which is no text")
     return body
+
+
+def _lone_surrogate(value, path: str) -> str | None:
+    """The path (e.g. messages[0].content) of the first string, key or value, that cannot be
+    encoded as UTF-8; None if every one can."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return path
+        return None
+    if isinstance(value, dict):
+        for key, item in value.items():
+            at = f"{path}.{key}" if path else key
+            found = _lone_surrogate(key, at) if isinstance(key, str) else None
+            found = found if found is not None else _lone_surrogate(item, at)
+            if found is not None:
+                return found
+    elif isinstance(value, list):
+        for i, item in enumerate(value):
+            found = _lone_surrogate(item, f"{path}[{i}]")
+            if found is not None:
+                return found
+    return None
 
 
 def _depth_exceeds(value, limit: int) -> bool:

@@ -91,6 +91,28 @@ def test_bounds_answer_400_naming_the_field(client, path, kwargs, param):
     assert len(error["message"]) < 500  # the bad value is not echoed whole
 
 
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/completions", '{"model": "tiny", "prompt": "a\\ud800b", "max_tokens": 1}', "prompt"),
+    ("/v1/completions", '{"model": "tiny", "prompt": ["ok", "\\uDFFF"], "max_tokens": 1}',
+     "prompt[1]"),
+    ("/v1/completions", '{"model": "tiny", "prompt": "hi", "stop": ["x", "\\udc00"]}',
+     "stop[1]"),
+    ("/v1/chat/completions", '{"model": "tiny", "messages": [{"role": "user", "content": '
+     '"\\ud83d"}]}', "messages[0].content"),
+    ("/tokenize", '{"prompt": "\\ud800"}', "prompt"),
+])
+def test_a_lone_surrogate_is_a_400_naming_its_field(client, path, body, param):
+    """An unpaired \\uD800-\\uDFFF escape parses as JSON but is no text (no tokenizer takes
+    it): 400 naming where it stands, and the connection keeps serving."""
+    r = client.post(path, **raw(body))
+    assert r.status_code == 400, r.text[:300]
+    error = r.json()["error"]
+    assert error["param"] == param and "surrogate" in error["message"], error
+    r = client.post("/v1/completions", **raw('{"model": "tiny", "max_tokens": 1, '
+                                             '"prompt": "\\ud83d\\ude00 is a pair"}'))
+    assert r.status_code == 200, r.text[:300]
+
+
 def test_values_at_the_bounds_are_served(client):
     r = client.post("/tokenize", json={"prompt": "hi", "x": nested(limits.MAX_JSON_DEPTH - 1)})
     assert r.status_code == 200, r.text
