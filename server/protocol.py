@@ -105,6 +105,9 @@ def parse_prompts(body: dict) -> list[str | list[int]]:
 
 
 def parse_messages(body: dict) -> list[dict]:
+    """The chat messages, checked, with content as text: a list of text parts joined, and an
+    assistant's null or missing content (a turn of tool calls) as "", as chat templates concatenate
+    it. Each fault is a 400 whose param names the element (messages[2].tool_calls[0].function)."""
     messages = get_field(body, "messages", "list")
     if not messages:
         raise bad_request("messages", "'messages' is required and must be a non-empty array")
@@ -112,18 +115,43 @@ def parse_messages(body: dict) -> list[dict]:
         raise bad_request("messages", f"'messages' holds {len(messages)} messages; at most "
                                       f"{MAX_MESSAGES} are served in one call")
     for i, m in enumerate(messages):
+        at = f"messages[{i}]"
         if not isinstance(m, dict) or not isinstance(m.get("role"), str):
-            raise bad_request("messages", f"messages[{i}] must be an object with a string 'role'")
+            raise bad_request(at, f"{at} must be an object with a string 'role'")
         content = m.get("content")
         if isinstance(content, list):  # OpenAI's content parts: only text ones are understood
             parts = [p.get("text") for p in content if isinstance(p, dict)]
             if not all(isinstance(p, str) for p in parts) or len(parts) != len(content):
-                raise bad_request("messages", f"messages[{i}].content: only text parts are "
-                                              "supported")
-            messages[i] = {**m, "content": "".join(parts)}
-        elif content is not None and not isinstance(content, str):
-            raise bad_request("messages", f"messages[{i}].content must be a string")
+                raise bad_request(f"{at}.content", f"{at}.content: only text parts are "
+                                                   "supported")
+            m = {**m, "content": "".join(parts)}
+        elif content is None:
+            if m["role"] != "assistant":
+                raise bad_request(f"{at}.content", f"{at}.content is required for a "
+                                                   f"'{m['role']}' message")
+            m = {**m, "content": ""}
+        elif not isinstance(content, str):
+            raise bad_request(f"{at}.content", f"{at}.content must be a string or an array "
+                                               "of text parts")
+        if "tool_calls" in m and m["tool_calls"] is not None:
+            _check_tool_calls(m["tool_calls"], f"{at}.tool_calls")
+        messages[i] = m
     return messages
+
+
+def _check_tool_calls(calls, at: str) -> None:
+    """An assistant turn's tool calls as OpenAI writes them: [{"function": {"name": str,
+    "arguments": JSON text or an object}, ...}]."""
+    if not isinstance(calls, list):
+        raise bad_request(at, f"{at} must be an array of tool calls")
+    for j, call in enumerate(calls):
+        fn = call.get("function") if isinstance(call, dict) else None
+        if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+            raise bad_request(f"{at}[{j}].function", f"{at}[{j}] must be an object whose "
+                              "'function' is an object with a string 'name'")
+        if not isinstance(fn.get("arguments", ""), (str, dict)):
+            raise bad_request(f"{at}[{j}].function.arguments", f"{at}[{j}].function.arguments "
+                              "must be JSON text or an object")
 
 
 # vLLM sampling fields this server does not implement: refused by name rather than ignored, so

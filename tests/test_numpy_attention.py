@@ -4,8 +4,7 @@ written out densely in float64 from contiguous keys and values, with no cache an
 import numpy as np
 import pytest
 
-from engine.executor.ops import AttentionMetadata
-from engine.executor.ops import numpy_ops
+from engine.executor.ops import AttentionMetadata, numpy_ops
 from engine.executor.ops.numpy_ops import NumpyOps
 
 NH, NKV, HD, BS = 6, 2, 16, 16  # a group of 3 query heads per kv head

@@ -212,7 +212,21 @@ ERRORS = [  # (path, body, status, param)
      "logit_bias"),
     ("/v1/completions", {"model": "gpt-4", "prompt": "hi"}, 404, "model"),
     ("/v1/chat/completions", {"model": MODEL}, 400, "messages"),
-    ("/v1/chat/completions", {"model": MODEL, "messages": [{"content": "x"}]}, 400, "messages"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"content": "x"}]}, 400,
+     "messages[0]"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [{"role": "user"}]}, 400,
+     "messages[0].content"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [*CHAT, {"role": "user", "content": 5}]},
+     400, "messages[1].content"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [*CHAT, {
+        "role": "assistant", "content": None, "tool_calls": [{"function": "abc"}]}]}, 400,
+     "messages[1].tool_calls[0].function"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [*CHAT, {
+        "role": "assistant", "content": None, "tool_calls": [
+            {"function": {"name": "f", "arguments": 5}}]}]}, 400,
+     "messages[1].tool_calls[0].function.arguments"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": [*CHAT, {
+        "role": "assistant", "tool_calls": {"function": {}}}]}, 400, "messages[1].tool_calls"),
     ("/v1/chat/completions", {"model": MODEL, "messages": CHAT, "top_logprobs": 2}, 400,
      "top_logprobs"),
     ("/tokenize", {"prompt": 5}, 400, "prompt"),

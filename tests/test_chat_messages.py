@@ -1,0 +1,38 @@
+"""server/protocol.parse_messages: chat messages as templates get them, faults named by element."""
+
+import pytest
+
+from server.protocol import APIError, parse_messages
+
+
+def test_content_becomes_text_for_the_template():
+    call = {"id": "c1", "type": "function",
+            "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
+    messages = parse_messages({"messages": [
+        {"role": "user", "content": [{"type": "text", "text": "Weather "},
+                                     {"type": "text", "text": "in Oslo?"}]},
+        {"role": "assistant", "content": None, "tool_calls": [call]},  # as the openai SDK sends
+        {"role": "assistant", "tool_calls": [call]},  # content left out
+        {"role": "tool", "tool_call_id": "c1", "content": '{"temp": 3}'}]})
+    assert [m["content"] for m in messages] == ["Weather in Oslo?", "", "", '{"temp": 3}']
+    assert messages[1]["tool_calls"] == [call]  # kept as it came
+
+
+@pytest.mark.parametrize("message, param", [
+    ({"role": "user", "content": None}, "messages[1].content"),
+    ({"role": "tool", "tool_call_id": "c1"}, "messages[1].content"),
+    ({"role": "user", "content": [{"type": "image_url", "image_url": {}}]}, "messages[1].content"),
+    ({"role": "assistant", "content": None, "tool_calls": "f"}, "messages[1].tool_calls"),
+    ({"role": "assistant", "content": None, "tool_calls": [5]},
+     "messages[1].tool_calls[0].function"),
+    ({"role": "assistant", "content": None, "tool_calls": [{"function": {"arguments": "{}"}}]},
+     "messages[1].tool_calls[0].function"),
+    ({"role": "assistant", "content": None, "tool_calls": [
+        {"function": {"name": "f", "arguments": [1]}}]},
+     "messages[1].tool_calls[0].function.arguments"),
+    ({"content": "x"}, "messages[1]"),
+])
+def test_faults_name_the_element(message, param):
+    with pytest.raises(APIError) as e:
+        parse_messages({"messages": [{"role": "user", "content": "hi"}, message]})
+    assert e.value.status == 400 and e.value.param == param
