@@ -39,6 +39,9 @@ class GenerationCall:
         self.first: dict[str, object] = {}  # request id -> its first RequestOutput
         self.tool_parser: ToolCallParser | None = None  # chat with tools: output read as calls
         self.created = int(time.time())
+        # (request id, choice index) -> where a streamed completions choice's next token starts in
+        # its text (its logprobs' text_offset; past the prompt when it is echoed)
+        self.stream_offsets: dict[tuple[str, int], int] = {}
         if engine.tokenizer is None or extras.tokens_as_ids:  # vLLM's names for token ids
             self.token_str = lambda t: f"token_id:{t}"
         else:
@@ -124,7 +127,13 @@ class GenerationCall:
         echo = self.echo[i] if whole and self.echo else ""
         logprobs = None
         if self.params.logprobs is not None and lps is not None:
-            logprobs = completion_logprobs(token_ids, lps, self.token_str, len(echo))
+            start = len(echo)
+            if not whole:
+                key = (request_id, c.index)
+                start = self.stream_offsets.get(key, len(self.echo[i]) if self.echo else 0)
+            logprobs = completion_logprobs(token_ids, lps, self.token_str, start)
+            if not whole:
+                self.stream_offsets[key] = start + sum(len(t) for t in logprobs["tokens"])
             if echo:
                 logprobs = join_logprobs(self.echo_logprobs(request_id), logprobs)
         choice = {"index": index, "text": echo + text, "logprobs": logprobs,

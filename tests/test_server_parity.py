@@ -64,6 +64,24 @@ def test_echo_logprobs_score_the_prompt(server, client):
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
 
 
+@pytest.mark.parametrize("echo", [False, True])
+def test_streamed_logprobs_carry_the_offsets_of_the_whole_text(client, echo):
+    """A stream's text_offset runs on from chunk to chunk (each choice its own) as in the
+    non-streamed answer: from the prompt's end when it is echoed, else from 0."""
+    args = dict(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0, n=2, logprobs=1,
+                echo=echo, extra_body={"ignore_eos": True})
+    whole = client.completions.create(**args).choices[0].logprobs
+    streamed = {0: [], 1: []}
+    for chunk in client.completions.create(stream=True, **args):
+        for c in chunk.choices:
+            if c.logprobs is not None:
+                streamed[c.index] += list(zip(c.logprobs.tokens, c.logprobs.text_offset,
+                                              strict=True))
+    assert streamed[0] == streamed[1]  # greedy: two equal choices, counted apart
+    assert streamed[0] == list(zip(whole.tokens, whole.text_offset, strict=True))
+    assert whole.text_offset[-1] > (len(PROMPT) if echo else 0)
+
+
 def test_scoring_generated_text_gives_the_samplers_logprobs(client):
     gen = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0,
                                     logprobs=0, extra_body={"ignore_eos": True,
