@@ -103,7 +103,8 @@ def _engine_flags() -> argparse.ArgumentParser:
                         "cuda, off for cpu)")
     g.add_argument("--load-format", choices=("auto", "dummy"), default="auto",
                    help="auto = read the weights; dummy = random weights at the model's shapes "
-                        "(benchmarks without a checkpoint; MODEL may then be a preset name)")
+                        "(benchmarks without a checkpoint; MODEL may then be a preset name) "
+                        "(default: auto)")
     g.add_argument("--quantization", "-q", default=None,
                    choices=("fp8", *(k.lower() for k in GGUF_KINDS)),
                    help="fp8: the linear layers (qkv, o, gate_up, down) run W8A8 in FP8 E4M3, a "
@@ -120,7 +121,8 @@ def _engine_flags() -> argparse.ArgumentParser:
                         "--no-gguf-dequantize keeps them quantized on cpu too (default: kept "
                         "quantized on cuda, dequantized on cpu)")
     g.add_argument("--seed", type=int, default=0,
-                   help="seed of the engine's random numbers (dummy weights, unseeded sampling)")
+                   help="seed of the engine's random numbers (dummy weights, unseeded sampling) "
+                        "(default: 0)")
     g.add_argument("--cpu-threads", type=_positive_int, default=1, metavar="N",
                    help="BLAS threads of the cpu backend (and the host side of cuda); 1 is "
                         "fastest on a small, busy machine (default: 1)")
@@ -232,7 +234,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("workload", choices=("shared-prefix", "preemption"),
                    help="shared-prefix: three requests share a cached prefix; preemption: a "
                         "tiny KV pool runs out and the newest request is preempted")
-    t.add_argument("--model", default=None, help="as for generate (default: SmolLM2-135M)")
+    t.add_argument("--model", default=None, help="as for generate (default: SmolLM2-135M-Instruct)")
     t.add_argument("--out", default=None, metavar="FILE",
                    help="where to write the trace (default: WORKLOAD.trace.json)")
     return parser

@@ -21,6 +21,7 @@ from server.protocol import (
     chat_logprobs,
     completion_body,
     completion_logprobs,
+    param_error,
 )
 from server.sse_stream import SSEResponse, events
 from server.timeline import arrival_of
@@ -74,7 +75,7 @@ class GenerationCall:
             try:
                 await group.add(request_id, {"prompt_token_ids": ids}, self.params)
             except ParamError as e:
-                raise bad_request(e.field, str(e)) from None
+                raise param_error(e, self.chat) from None
             except ValueError as e:  # the prompt's own checks (length, KV-cache capacity)
                 raise bad_request("messages" if self.chat else "prompt", str(e)) from None
 

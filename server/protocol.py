@@ -243,9 +243,19 @@ def parse_sampling_params(body: dict, *, chat: bool) -> SamplingParams:
                                             f"{bad} are not") from None
     try:
         return SamplingParams(**kw)
-    except ParamError as e:  # chat's top_logprobs is SamplingParams' logprobs
-        raise bad_request("top_logprobs" if chat and e.field == "logprobs" else e.field,
-                          str(e)) from None
+    except ParamError as e:
+        raise param_error(e, chat) from None
+
+
+def param_error(e: ParamError, chat: bool) -> APIError:
+    """A 400 for SamplingParams' (or the engine's) check of a field, in the request's words:
+    chat's top_logprobs is SamplingParams' logprobs."""
+    field, message = e.field, str(e)
+    if chat and field == "logprobs":
+        field = "top_logprobs"
+        if message.startswith("logprobs"):
+            message = "top_logprobs" + message[len("logprobs"):]
+    return bad_request(field, message)
 
 
 def _number(value) -> float:

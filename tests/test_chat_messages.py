@@ -36,3 +36,15 @@ def test_faults_name_the_element(message, param):
     with pytest.raises(APIError) as e:
         parse_messages({"messages": [{"role": "user", "content": "hi"}, message]})
     assert e.value.status == 400 and e.value.param == param
+
+
+def test_chat_logprob_faults_speak_of_top_logprobs():
+    """Chat's top_logprobs is SamplingParams' logprobs: its faults name the chat field."""
+    from server.protocol import parse_sampling_params
+
+    with pytest.raises(APIError) as e:
+        parse_sampling_params({"logprobs": True, "top_logprobs": 30}, chat=True)
+    assert e.value.param == "top_logprobs" and str(e.value.message).startswith("top_logprobs")
+    with pytest.raises(APIError) as e:
+        parse_sampling_params({"logprobs": 30}, chat=False)
+    assert e.value.param == "logprobs" and str(e.value.message).startswith("logprobs")

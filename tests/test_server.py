@@ -229,6 +229,8 @@ ERRORS = [  # (path, body, status, param)
         "role": "assistant", "tool_calls": {"function": {}}}]}, 400, "messages[1].tool_calls"),
     ("/v1/chat/completions", {"model": MODEL, "messages": CHAT, "top_logprobs": 2}, 400,
      "top_logprobs"),
+    ("/v1/chat/completions", {"model": MODEL, "messages": CHAT, "logprobs": True,
+                              "top_logprobs": 30}, 400, "top_logprobs"),
     ("/tokenize", {"prompt": 5}, 400, "prompt"),
     ("/detokenize", {"tokens": ["a"]}, 400, "tokens"),
 ]
