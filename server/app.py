@@ -108,12 +108,44 @@ def create_app(engine_config: EngineConfig | None = None, *, served_model_name: 
                                      allow_methods=["GET", "POST"],
                                      allow_headers=["Authorization", "Content-Type"]))
     middleware.append(Middleware(RequestGuard, api_key=api_key))
+    middleware.append(Middleware(CrashGuard))
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan,
                     middleware=middleware)
     app.state.engine, app.state.metrics, app.state.settings = engine, metrics, settings
     app.state.server_load = 0  # generation calls in flight (load_tracked)
     app.state.dashboard = DashboardFeed(engine.snapshot)
     return app
+
+
+class CrashGuard:
+    """A bug in a handler answers its request with a 500 and leaves the connection serving.
+
+    Starlette's outermost middleware sends the `Exception` handler's 500 and then raises the
+    error again, for the server to log; uvicorn then closes the connection, and a client's next
+    request on it fails. Innermost among the middleware, this one logs the error and sends the
+    same 500 itself; once a response has started (a stream), there is nothing left to answer
+    with, and the error goes on as before."""
+
+    def __init__(self, app):
+        self.app = app
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = False
+
+        async def watched(message):
+            nonlocal started
+            started = started or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watched)
+        except Exception as exc:
+            if started:
+                raise
+            response = await _crash(Request(scope), exc)
+            await response(scope, receive, send)
 
 
 # ---------------------------------------------------------------- small endpoints

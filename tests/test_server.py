@@ -3,6 +3,7 @@
 
 import asyncio
 import concurrent.futures
+import json
 import re
 import threading
 import time
@@ -388,3 +389,48 @@ def test_api_key_and_default_bind():
     args = build_parser().parse_args(["serve"])
     assert (args.host, args.port, args.model) == ("127.0.0.1", 8000, None)
 
+
+
+def test_a_handler_bug_is_a_500_and_the_connection_keeps_serving(server, monkeypatch):
+    """An unexpected error in a handler: an OpenAI-style 500 naming it, and the next request on
+    the same keep-alive connection is served (Starlette re-raises after its 500, and uvicorn
+    then drops the connection)."""
+    import socket
+
+    from server import openai_routes
+
+    def broken(request, body):
+        raise RuntimeError("a bug in a handler")
+
+    monkeypatch.setattr(openai_routes, "completions_body", broken)
+    host, port = server.url.removeprefix("http://").split(":")
+    body = json.dumps({"model": MODEL, "prompt": "hi"}).encode()
+    first = (b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nContent-Type: "
+             b"application/json\r\nContent-Length: " + str(len(body)).encode() + b"\r\n\r\n"
+             + body)
+    second = b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n"
+    with socket.create_connection((host, int(port)), timeout=10) as sock:
+        sock.sendall(first)
+        reply = _http_response(sock)
+        assert reply.startswith(b"HTTP/1.1 500") and b"a bug in a handler" in reply, reply[:300]
+        assert b'"type":"server_error"' in reply.replace(b" ", b"")
+        sock.sendall(second)
+        assert _http_response(sock).startswith(b"HTTP/1.1 200"), "the connection was dropped"
+
+
+def _http_response(sock) -> bytes:
+    """One HTTP/1.1 response with a Content-Length from the socket."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        chunk = sock.recv(65536)
+        if not chunk:
+            return data
+        data += chunk
+    head, _, rest = data.partition(b"\r\n\r\n")
+    length = int(re.search(rb"(?i)content-length: *(\d+)", head).group(1))
+    while len(rest) < length:
+        chunk = sock.recv(65536)
+        if not chunk:
+            break
+        rest += chunk
+    return head + b"\r\n\r\n" + rest
