@@ -13,8 +13,9 @@ keeps drafts while they equal the token sampled before them, then that token. Fo
 deterministic proposal x this is exactly rejection sampling: x is kept with probability p(x), and
 otherwise the token is a draw from p without x, renormalized. It also makes greedy and seeded
 outputs identical to plain decoding, so penalties, logit_bias, min_tokens, logprobs and every
-stop rule see exactly the accepted tokens, and no request is excluded. A sequence whose n - 1
-forks still wait on its prompt does not draft: they fork from its computed tokens.
+stop rule see exactly the accepted tokens. A sequence whose n - 1 forks still wait on its prompt
+does not draft (they fork from its computed tokens), nor do beam search's sequences, and no step
+speculates while a structured-output request runs or waits (engine_core).
 """
 
 from __future__ import annotations
