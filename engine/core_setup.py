@@ -98,12 +98,10 @@ def build_core_parts(engine_config: EngineConfig, loaded_model=None) -> CorePart
 def _build_on_part(engine_config: EngineConfig, ops, mc: ModelConfig, tokenizer, workers,
                    part: ModelConfig, weights, max_model_len: int) -> CoreParts:
     """Model, KV cache, scheduler and runner, on this rank's part of the model."""
-    model = Transformer(part, weights, ops, max_model_len)
-
+    # The KV cache's size first: a max_model_len it cannot hold fails (or is lowered) before
+    # the model builds tables of that length (RoPE's cos / sin: 10**7 positions take 20 s).
     num_blocks = num_kv_blocks(part, engine_config, ops, max_model_len)
     bs = engine_config.block_size
-    kv_cache = ops.alloc_kv_cache(part.num_layers, num_blocks, part.num_kv_heads, bs,
-                                  part.head_dim)
     if num_blocks * bs < max_model_len:
         # A sequence longer than the whole pool could only preempt itself forever.
         if engine_config.max_model_len is not None:
@@ -114,6 +112,9 @@ def _build_on_part(engine_config: EngineConfig, ops, mc: ModelConfig, tokenizer,
         logger.warning("max_model_len lowered from %d to %d, what the KV cache holds",
                        max_model_len, num_blocks * bs)
         max_model_len = num_blocks * bs
+    model = Transformer(part, weights, ops, max_model_len)
+    kv_cache = ops.alloc_kv_cache(part.num_layers, num_blocks, part.num_kv_heads, bs,
+                                  part.head_dim)
     block_manager = BlockManager(num_blocks, bs, engine_config.enable_prefix_caching)
     scheduler = Scheduler(block_manager, engine_config.max_num_seqs,
                           engine_config.max_num_batched_tokens, max_model_len)

@@ -172,9 +172,17 @@ def encode_prompt(tokenizer, prompt) -> tuple[str | None, list[int]]:
         return prompt, [int(t) for t in tokenizer.encode(prompt)]
     if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
         ids = prompt["prompt_token_ids"]
+        if not isinstance(ids, (list, tuple, np.ndarray)):
+            raise TypeError("prompt_token_ids must be a list of token ids, "
+                            f"got {type(ids).__name__}")
         for i, t in enumerate(ids):
             if not isinstance(t, (int, np.integer)) or isinstance(t, bool):
                 raise ValueError(f"prompt_token_ids[{i}] = {t!r} is not a token id")
+            # (the core checks the model's vocabulary; these would not even reach it: the
+            # detokenizer takes 32-bit ids)
+            if not 0 <= t < 2**31:
+                raise ValueError(f"prompt_token_ids[{i}] = {t!r}: token id {t} is out of "
+                                 "vocabulary")
         return prompt.get("prompt"), [int(t) for t in ids]
     raise TypeError("prompt must be a str or a dict with 'prompt_token_ids', "
                     f"got {type(prompt).__name__}")

@@ -228,3 +228,26 @@ def test_float32_on_cuda_is_refused_by_name():
     with pytest.raises(ValueError, match="float32"):
         LLMEngine(EngineConfig(device="cuda", dtype="float32", model="qwen3-0.6b",
                                load_format="dummy"))
+
+
+def test_a_max_model_len_the_cache_cannot_hold_fails_before_the_model_is_built(make_engine,
+                                                                               monkeypatch):
+    """max_model_len 10**8 on the cpu backend (whose pool is capped at 1 GiB): the KV check
+    answers at once, before RoPE's tables of that many positions are built (20 s at 10**7);
+    left to its default, max_model_len is lowered to what the cache holds, and the tables are
+    built at that length."""
+    from engine.executor import transformer
+
+    built = []
+    real = transformer.rope_cos_sin
+
+    def counted(config, max_positions):
+        built.append(max_positions)
+        return real(config, max_positions)
+
+    monkeypatch.setattr(transformer, "rope_cos_sin", counted)
+    with pytest.raises(ValueError, match="more than the KV cache holds"):
+        make_engine(max_model_len=10**8)
+    assert built == []
+    make_engine(num_kv_blocks=8, block_size=16)  # the tiny model's 1,024 positions, lowered
+    assert built == [8 * 16]

@@ -30,6 +30,21 @@ def test_generate_keeps_input_order_and_per_prompt_params(make_engine):
     assert llm.engine.get_stats().kv_blocks_used == 0
 
 
+def test_token_ids_the_detokenizer_cannot_hold_are_refused_first(make_engine):
+    """Negative or huge ids are out of vocabulary before the detokenizer (32-bit ids) sees them:
+    a ValueError naming prompt_token_ids, not an OverflowError, and the LLM keeps serving."""
+    llm = LLM.from_engine(make_engine(text=True))
+    for ids in ([-1, 5], [5, 2**40], [5, 2**31]):
+        with pytest.raises(ValueError, match=r"prompt_token_ids\[\d\].*out of vocabulary"):
+            llm.generate({"prompt_token_ids": ids}, use_tqdm=False)
+    with pytest.raises(TypeError, match="prompt_token_ids"):
+        llm.generate({"prompt_token_ids": 5}, use_tqdm=False)
+    out = llm.generate({"prompt_token_ids": [5, 6]}, SamplingParams(max_tokens=2),
+                       use_tqdm=False)
+    assert len(out[0].outputs[0].token_ids) == 2
+    assert llm.engine.get_stats().kv_blocks_used == 0
+
+
 def test_text_prompts_and_chat(make_engine):
     llm = LLM.from_engine(make_engine(text=True))
     tok = llm.get_tokenizer()
@@ -90,3 +105,15 @@ def test_close_is_idempotent_and_a_closed_llm_refuses_use(make_engine):
     # A new one in the same process works as the first did.
     with LLM.from_engine(make_engine()) as again:
         assert again.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids == want
+
+
+@pytest.mark.parametrize("field, value", [
+    ("seed", "a"), ("max_model_len", "x"), ("model", 123), ("max_num_seqs", True),
+    ("block_size", 16.0), ("enable_prefix_caching", "yes"), ("gpu_memory_utilization", "0.5"),
+])
+def test_engine_fields_of_the_wrong_type_fail_naming_them(field, value):
+    """Checked before any model loads: a ConfigError (a ValueError) that names the field."""
+    from engine.model.config import ConfigError
+
+    with pytest.raises(ConfigError, match=field):
+        LLM(**{field: value})

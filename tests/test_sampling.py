@@ -6,7 +6,7 @@ from conftest import check_sampler_is_total, extreme_sampling_params
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from engine.core.sampling_params import SamplingParams
+from engine.core.sampling_params import ParamError, SamplingParams
 from engine.executor.ops import SamplingTensors
 from engine.executor.ops.numpy_sampling import (
     TokenCounts,
@@ -286,6 +286,32 @@ def test_filter_probs_keeps_the_right_sets():
 def test_invalid_values_raise_naming_the_field(field, kw):
     with pytest.raises(ValueError, match=field):
         SamplingParams(**kw)
+
+
+@pytest.mark.parametrize("field, kw", [
+    ("max_tokens", {"max_tokens": True}), ("logprobs", {"logprobs": True}),
+    ("n", {"n": True}), ("seed", {"seed": False}), ("ignore_eos", {"ignore_eos": "yes"}),
+    ("skip_special_tokens", {"skip_special_tokens": "no"}), ("stop", {"stop": 5}),
+    ("stop_token_ids", {"stop_token_ids": "a"}), ("stop_token_ids", {"stop_token_ids": [1.5]}),
+    ("stop_token_ids", {"stop_token_ids": [True]}), ("logit_bias", {"logit_bias": [1, 2]}),
+    ("logit_bias", {"logit_bias": {"abc": 1}}), ("logit_bias", {"logit_bias": {5: "x"}}),
+    ("logit_bias", {"logit_bias": {5: True}}), ("use_beam_search", {"use_beam_search": 1}),
+])
+def test_wrong_types_raise_naming_the_field(field, kw):
+    """A bool is no count, a string no flag: each is a ParamError naming its field, never a
+    TypeError from deep inside nor a silent reading (max_tokens=True once generated 1 token)."""
+    with pytest.raises(ParamError) as e:
+        SamplingParams(**kw)
+    assert e.value.field == field
+
+
+def test_integer_like_values_are_taken():
+    import numpy as np
+
+    p = SamplingParams(n=np.int64(2), seed=np.int32(7), stop_token_ids=(np.int64(3), 4),
+                       logit_bias={"5": 1, np.int64(6): np.float32(-2.5), 7: 3})
+    assert p.stop_token_ids == [3, 4] and all(type(t) is int for t in p.stop_token_ids)
+    assert p.logit_bias == {5: 1.0, 6: -2.5, 7: 3.0}
 
 
 # ---- totality: any valid parameters give a valid token ------------------------------------------

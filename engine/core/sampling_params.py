@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import numbers
 import reprlib
 from dataclasses import dataclass, field
 
@@ -69,6 +70,37 @@ class StructuredOutputsParams:
         return next(k for k in _STRUCTURED_KINDS if getattr(self, k) not in (None, False))
 
 
+def _is_int(value) -> bool:
+    """An integer (numpy's too), not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _logit_bias(bias) -> dict[int, float]:
+    """{token id: bias} from a mapping whose keys are ids or their decimal text (JSON's)."""
+    if bias is None:
+        return {}
+    if not isinstance(bias, dict):
+        raise ParamError("logit_bias", f"logit_bias must be a mapping of token ids to numbers, "
+                                       f"got {reprlib.repr(bias)}")
+    out = {}
+    for key, value in bias.items():
+        if isinstance(key, str) and key.strip().lstrip("-").isdigit():
+            key = int(key)
+        if not _is_int(key):
+            raise ParamError("logit_bias", f"logit_bias keys must be token ids, got "
+                                           f"{reprlib.repr(key)}")
+        key = int(key)
+        if not isinstance(value, numbers.Real) or isinstance(value, bool):
+            raise ParamError("logit_bias", f"logit_bias[{key}] must be a number, got "
+                                           f"{reprlib.repr(value)}")
+        out[key] = float(value)
+    return out
+
+
+_INT_FIELDS = ("n", "top_k", "min_tokens", "max_tokens", "logprobs", "prompt_logprobs", "best_of",
+               "seed")
+
+
 @dataclass
 class SamplingParams:
     n: int = 1
@@ -110,18 +142,30 @@ class SamplingParams:
     stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self):
+        if self.stop is not None and not isinstance(self.stop, (str, list, tuple)):
+            raise ParamError("stop", f"stop must be a string or a list of strings, got "
+                                     f"{reprlib.repr(self.stop)}")
         if isinstance(self.stop, str):
             self.stop_list = [self.stop]
         else:
             self.stop_list = list(self.stop or [])
         if self.top_k == -1:
             self.top_k = 0
-        self.stop_token_ids = list(self.stop_token_ids or [])
-        self.logit_bias = {int(k): float(v) for k, v in (self.logit_bias or {}).items()}
+        ids = self.stop_token_ids
+        if ids is not None and not (isinstance(ids, (list, tuple)) and all(
+                _is_int(t) and t >= 0 for t in ids)):
+            raise ParamError("stop_token_ids", f"stop_token_ids must be a list of token ids, "
+                                               f"got {reprlib.repr(ids)}")
+        self.stop_token_ids = [int(t) for t in ids or ()]
+        self.logit_bias = _logit_bias(self.logit_bias)
         self._normalize_token_lists()
         if isinstance(self.structured_outputs, dict):  # as msgspec or a JSON body hands it over
             self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         self._validate()
+        for name in _INT_FIELDS:  # numpy's integers as Python's (they cross to the engine core)
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, int(value))
 
     def _normalize_token_lists(self):
         if isinstance(self.logprob_token_ids, (list, tuple)) and not self.logprob_token_ids:
@@ -153,29 +197,38 @@ class SamplingParams:
             if not ok:
                 raise ParamError(name, f"{name} {rule}, got {reprlib.repr(getattr(self, name))}")
 
+        # True is an int to Python, but no count, seed or token id a caller means
+        for name in _INT_FIELDS:
+            value = getattr(self, name)
+            optional = name not in ("n", "top_k", "min_tokens")
+            check(_is_int(value) or (optional and value is None), name, "must be an integer")
+        for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens",
+                     "use_beam_search", "early_stopping"):
+            check(isinstance(getattr(self, name), bool), name, "must be True or False")
+
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
                      "repetition_penalty"):
             value = getattr(self, name)
             check(isinstance(value, (int, float)) and not isinstance(value, bool)
                   and math.isfinite(value), name, "must be a finite number")
-        check(isinstance(self.n, int) and 1 <= self.n <= MAX_N, "n",
+        check(_is_int(self.n) and 1 <= self.n <= MAX_N, "n",
               f"must be an integer in [1, {MAX_N}]")
         check(self.temperature >= 0, "temperature", "must be >= 0")
         check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         # NOTE: the sampler holds top_k as int32; a larger k keeps the whole vocabulary anyway.
-        check(isinstance(self.top_k, int) and 0 <= self.top_k < 2**31, "top_k",
+        check(_is_int(self.top_k) and 0 <= self.top_k < 2**31, "top_k",
               "must be -1, 0 or in [1, 2**31)")
         check(0 <= self.min_p <= 1, "min_p", "must be in [0, 1]")
         check(-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]")
         check(-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]")
         check(self.repetition_penalty > 0, "repetition_penalty", "must be > 0")
         check(
-            self.max_tokens is None or (isinstance(self.max_tokens, int) and self.max_tokens >= 1),
+            self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
             "max_tokens",
             "must be an integer >= 1",
         )
         check(
-            isinstance(self.min_tokens, int) and self.min_tokens >= 0,
+            _is_int(self.min_tokens) and self.min_tokens >= 0,
             "min_tokens",
             "must be an integer >= 0",
         )
@@ -186,18 +239,18 @@ class SamplingParams:
         )
         check(
             self.logprobs is None or self.logprob_token_ids is not None
-            or (isinstance(self.logprobs, int) and -1 <= self.logprobs <= MAX_LOGPROBS),
+            or (_is_int(self.logprobs) and -1 <= self.logprobs <= MAX_LOGPROBS),
             "logprobs",
             f"must be an integer in [0, {MAX_LOGPROBS}], or -1 for the whole vocabulary",
         )
         check(
             self.prompt_logprobs is None
-            or (isinstance(self.prompt_logprobs, int)
+            or (_is_int(self.prompt_logprobs)
                 and -1 <= self.prompt_logprobs <= MAX_LOGPROBS),
             "prompt_logprobs",
             f"must be an integer in [0, {MAX_LOGPROBS}], or -1 for the whole vocabulary",
         )
-        check(self.best_of is None or (isinstance(self.best_of, int) and self.best_of >= self.n),
+        check(self.best_of is None or (_is_int(self.best_of) and self.best_of >= self.n),
               "best_of", f"must be an integer >= n ({self.n})")
         check(self.best_of in (None, self.n) or self.use_beam_search, "best_of",
               "other than n needs use_beam_search")
@@ -211,7 +264,7 @@ class SamplingParams:
         check(not self.use_beam_search or 2 * self.beam_width <= MAX_LOGPROBS,
               "best_of" if self.best_of else "n",
               f"must be <= {MAX_LOGPROBS // 2} with use_beam_search")
-        check(self.seed is None or isinstance(self.seed, int), "seed", "must be an integer")
+        check(self.seed is None or _is_int(self.seed), "seed", "must be an integer")
         check(
             all(isinstance(s, str) and s for s in self.stop_list),
             "stop",

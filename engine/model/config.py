@@ -270,6 +270,34 @@ class EngineConfig:
     # prompt_logprobs=-1 asks). The CLI defaults to vLLM's 20; a library caller, to no cap.
     max_logprobs: int = -1
 
+    def _check_types(self):
+        """Each field of the type it must have (a bool is no count): a ConfigError naming it,
+        not a TypeError from wherever the value is first used."""
+        def is_int(v):
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        ints = ("max_num_seqs", "max_num_batched_tokens", "block_size", "cpu_threads",
+                "tensor_parallel_size", "data_parallel_size", "data_parallel_rank", "seed",
+                "max_logprobs")
+        optional_ints = ("max_model_len", "num_kv_blocks", "tp_local_ranks", "master_port")
+        for name in ints + optional_ints:
+            value = getattr(self, name)
+            if not (is_int(value) or (name in optional_ints and value is None)):
+                raise ConfigError(f"{name} must be an integer, got {value!r}")
+        for name in ("model", "quantization", "master_addr"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, str):
+                raise ConfigError(f"{name} must be a string, got {value!r}")
+        for name in ("device", "dtype", "load_format"):
+            if not isinstance(getattr(self, name), str):
+                raise ConfigError(f"{name} must be a string, got {getattr(self, name)!r}")
+        for name in ("enable_prefix_caching", "enforce_eager"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        gmu = self.gpu_memory_utilization
+        if isinstance(gmu, bool) or not isinstance(gmu, (int, float)):
+            raise ConfigError(f"gpu_memory_utilization must be a number, got {gmu!r}")
+
     def validate(self):
         if isinstance(self.speculative_config, dict):
             self.speculative_config = SpeculativeConfig.from_dict(self.speculative_config)
@@ -278,6 +306,7 @@ class EngineConfig:
                 raise ConfigError("speculative_config must be a dict or None, got "
                                   f"{type(self.speculative_config).__name__}")
             self.speculative_config.validate()
+        self._check_types()
         positive = ("max_num_seqs", "max_num_batched_tokens", "block_size", "cpu_threads",
                     "tensor_parallel_size")
         for name in positive:
