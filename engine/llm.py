@@ -85,6 +85,9 @@ class LLM:
                     ) -> list[BeamSearchOutput]:
         """vLLM's offline beam search: per prompt, the beam_width best sequences, best first;
         each sequence's tokens and text include the prompt's."""
+        if not isinstance(params, BeamSearchParams):
+            raise TypeError("beam_search takes a BeamSearchParams (beam_width, max_tokens, ...), "
+                            f"got {type(params).__name__}")
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         outputs = self.generate(prompts, params.sampling_params(), use_tqdm)
@@ -102,9 +105,13 @@ class LLM:
         tokenizer = self.engine.tokenizer
         if tokenizer is None:
             raise ValueError("chat needs a tokenizer with a chat template; this model has none")
-        conversations = messages if messages and isinstance(messages[0], list) else [messages]
+        if not isinstance(messages, list) or not messages:
+            raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts "
+                             "(one conversation) or of such lists")
+        conversations = messages if isinstance(messages[0], list) else [messages]
         prompts = []
         for conversation in conversations:
+            conversation = _chat_messages(conversation)
             ids = tokenizer.apply_chat_template(conversation,
                                                 add_generation_prompt=add_generation_prompt,
                                                 tokenize=True)
@@ -142,3 +149,25 @@ class LLM:
             if bar is not None:
                 bar.close()
         return [finished[request_id] for request_id in request_ids]
+
+
+def _chat_messages(conversation) -> list[dict]:
+    """A conversation as the chat template takes it; a ValueError naming the message at fault.
+    An assistant turn's missing or None content (a turn of tool calls) is "" to the template."""
+    if not isinstance(conversation, list) or not conversation:
+        raise ValueError(f"a conversation must be a non-empty list of messages, got "
+                         f"{type(conversation).__name__}")
+    out = []
+    for i, m in enumerate(conversation):
+        if not isinstance(m, dict) or not isinstance(m.get("role"), str):
+            raise ValueError(f"messages[{i}] must be a dict with a string 'role', got {m!r:.80}")
+        content = m.get("content")
+        if isinstance(content, list) and all(isinstance(p, dict) and isinstance(p.get("text"), str)
+                                             for p in content):  # OpenAI's text parts
+            m = {**m, "content": "".join(p["text"] for p in content)}
+        elif content is None and m["role"] == "assistant":
+            m = {**m, "content": ""}
+        elif not isinstance(content, str):
+            raise ValueError(f"messages[{i}]['content'] must be a string, got {content!r:.80}")
+        out.append(m)
+    return out

@@ -4,7 +4,7 @@ distribution), with the block manager's invariants checked after every step."""
 
 import pytest
 
-from engine.core.sampling_params import BeamSearchParams, SamplingParams
+from engine.core.sampling_params import BeamSearchParams, ParamError, SamplingParams
 
 PROMPT = [(11 * i + 7) % 500 + 5 for i in range(7)]
 
@@ -120,6 +120,15 @@ def test_llm_beam_search_like_vllm(make_engine):
     assert [s.tokens for s in out.sequences] == [PROMPT + w[0] for w in want]
     assert out.sequences[0].logprobs[: len(PROMPT)] == [None] * len(PROMPT)
     assert out.sequences[0].cum_logprob >= out.sequences[-1].cum_logprob
+    with pytest.raises(TypeError, match="BeamSearchParams"):
+        llm.beam_search("x", SamplingParams(max_tokens=2))
+    for bad in ({"beam_width": 0}, {"beam_width": 11}, {"beam_width": True}):
+        with pytest.raises(ParamError) as e:
+            BeamSearchParams(max_tokens=6, **bad)
+        assert e.value.field == "beam_width"
+    with pytest.raises(ParamError) as e:
+        BeamSearchParams(beam_width=2, max_tokens=0)
+    assert e.value.field == "max_tokens"
 
 
 def test_validation():

@@ -60,6 +60,21 @@ def test_text_prompts_and_chat(make_engine):
     both = llm.chat([chat, other], params, use_tqdm=False)
     assert both[0].outputs[0].token_ids == one.outputs[0].token_ids
     assert both[1].prompt_token_ids == tok.apply_chat_template(other)
+    # text parts and an assistant turn of tool calls (content None) as the server takes them
+    parts = [{"role": "user", "content": [{"type": "text", "text": "What is "},
+                                          {"type": "text", "text": "2+2?"}]}]
+    [same] = llm.chat(parts, params, use_tqdm=False)
+    assert same.prompt_token_ids == one.prompt_token_ids
+    turns = chat + [{"role": "assistant", "content": None}, {"role": "user", "content": "And?"}]
+    want = tok.apply_chat_template([*chat, {"role": "assistant", "content": ""}, turns[-1]])
+    assert llm.chat(turns, params, use_tqdm=False)[0].prompt_token_ids == want
+    for bad, needle in (("hello", "non-empty list"), ([], "non-empty list"),
+                        ([{"content": "x"}], r"messages\[0\].*role"),
+                        ([{"role": "user"}], r"messages\[0\]\['content'\]"),
+                        ([chat, "x"], "conversation")):
+        with pytest.raises(ValueError, match=needle):
+            llm.chat(bad, params, use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
 
 
 def test_llm_builds_its_engine_from_flags(tmp_path):

@@ -311,6 +311,15 @@ class BeamSearchParams:
     length_penalty: float = 1.0
     include_stop_str_in_output: bool = False
 
+    def __post_init__(self):
+        limit = MAX_LOGPROBS // 2  # a beam reads 2 x width candidates from the top logprobs
+        if not (_is_int(self.beam_width) and 1 <= self.beam_width <= limit):
+            raise ParamError("beam_width", f"beam_width must be an integer in [1, {limit}], got "
+                                           f"{reprlib.repr(self.beam_width)}")
+        if not (_is_int(self.max_tokens) and self.max_tokens >= 1):
+            raise ParamError("max_tokens", f"max_tokens must be an integer >= 1, got "
+                                           f"{reprlib.repr(self.max_tokens)}")
+
     def sampling_params(self) -> SamplingParams:
         return SamplingParams(n=self.beam_width, use_beam_search=True, temperature=0,
                               max_tokens=self.max_tokens, ignore_eos=self.ignore_eos,
