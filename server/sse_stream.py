@@ -91,6 +91,9 @@ def _choice_chunks(call, chunk, opened: set, tool_streams: dict, out, c) -> list
     if call.tool_parser is not None:
         stream = tool_streams.setdefault(choice["index"], ToolCallStream(call.tool_parser))
         return pieces + [chunk([tool_chunk]) for tool_chunk in _tool_chunks(stream, choice, c)]
+    if not c.delta_text and not c.finished and choice["logprobs"] is None \
+            and "token_ids" not in choice:
+        return pieces  # tokens whose text is held back (a stop string may start there): no news
     pieces.append(chunk([choice]))  # a last one carries its text and finish_reason
     return pieces
 

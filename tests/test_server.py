@@ -111,6 +111,34 @@ def test_completions_sdk_streamed_equals_whole(server, client):
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
 
 
+@pytest.mark.parametrize("chat", [False, True])
+def test_text_held_back_for_a_stop_string_sends_no_empty_chunks(client, chat):
+    """A stop string that every prefix of the answer begins (the whole greedy answer + a
+    character it never writes) holds all text back until the end: no chunk goes out meanwhile
+    (each was an empty one), and the text still arrives whole."""
+    args = dict(model=MODEL, max_tokens=8, temperature=0, extra_body={"ignore_eos": True})
+    if chat:
+        def create(**kw):
+            return client.chat.completions.create(messages=CHAT, **args, **kw)
+
+        def text_of(choice):
+            message = getattr(choice, "message", None)  # a whole answer's, else a chunk's
+            return message.content if message else choice.delta.content
+    else:
+        def create(**kw):
+            return client.completions.create(prompt="Once upon a time", **args, **kw)
+
+        def text_of(choice):
+            return choice.text
+    whole = text_of(create().choices[0])
+    chunks = [c.choices[0] for c in create(stop=[whole + "\x00"], stream=True) if c.choices]
+    texts = [text_of(c) for c in chunks]
+    assert "".join(t or "" for t in texts) == whole
+    if chat:  # the role's opening chunk, then the whole text with finish_reason
+        chunks, texts = chunks[1:], texts[1:]
+    assert texts == [whole] and chunks[0].finish_reason == "length"
+
+
 def test_chat_sdk_sync_and_async(server, client):
     whole = client.chat.completions.create(model=MODEL, messages=CHAT, max_tokens=10,
                                            temperature=0)
