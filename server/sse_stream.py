@@ -92,8 +92,11 @@ def _choice_chunks(call, chunk, opened: set, tool_streams: dict, out, c) -> list
         stream = tool_streams.setdefault(choice["index"], ToolCallStream(call.tool_parser))
         return pieces + [chunk([tool_chunk]) for tool_chunk in _tool_chunks(stream, choice, c)]
     if not c.delta_text and not c.finished and choice["logprobs"] is None \
-            and "token_ids" not in choice:
-        return pieces  # tokens whose text is held back (a stop string may start there): no news
+            and "token_ids" not in choice and call.engine.tokenizer is not None:
+        # tokens whose text is held back (a stop string may start there, a character's bytes
+        # may be incomplete): no news. A model without a tokenizer writes no text at all, and
+        # each of its steps is a chunk.
+        return pieces
     pieces.append(chunk([choice]))  # a last one carries its text and finish_reason
     return pieces
 
