@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import struct
 
@@ -186,6 +187,91 @@ def test_missing_shard_is_named(tmp_path):
         load_model(str(folder), NumpyOps())
 
 
+@pytest.mark.parametrize("header, needle", [
+    (["a", "b"], "a JSON list, not an object"),
+    ({"w": {"shape": [2], "data_offsets": [0, 8]}}, "tensor 'w' is"),  # no dtype
+    ({"w": {"dtype": "F32", "shape": [2], "data_offsets": [8, 0]}}, "tensor 'w' is"),
+    ({"w": {"dtype": "F32", "shape": "2", "data_offsets": [0, 8]}}, "tensor 'w' is"),
+])
+def test_a_malformed_header_entry_names_file_and_tensor(tmp_path, header, needle):
+    path = tmp_path / "model.safetensors"
+    blob = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + bytes(8))
+    with pytest.raises(LoadError, match=rf"model\.safetensors: corrupt safetensors header: "
+                                        rf".*{needle}"):
+        SafetensorsFile(path)
+
+
+def test_data_offsets_that_do_not_fit_the_shape_name_the_tensor(tmp_path):
+    path = tmp_path / "x.safetensors"
+    write_raw_safetensors(path, {"w": ("F32", (4,), bytes(12))})  # 3 floats for 4
+    with pytest.raises(LoadError, match=r"x\.safetensors: tensor 'w' holds 12 bytes.*needs 16"):
+        SafetensorsFile(path).get("w")
+
+
+def test_an_index_entry_its_shard_lacks_is_named(tmp_path):
+    folder = copy_golden("llama_sharded", tmp_path)
+    index = folder / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    name = "model.layers.0.mlp.up_proj.weight"
+    other = next(s for s in sorted(set(data["weight_map"].values()))
+                 if s != data["weight_map"][name])
+    data["weight_map"][name] = other
+    index.write_text(json.dumps(data))
+    with pytest.raises(LoadError, match=rf"puts tensor '{re.escape(name)}' in {other}"):
+        load_model(str(folder), NumpyOps())
+    data["weight_map"][name] = "../elsewhere/model.safetensors"
+    index.write_text(json.dumps(data))
+    with pytest.raises(LoadError, match="not a file in"):
+        load_model(str(folder), NumpyOps())
+
+
+def test_tensors_the_config_leaves_unused_are_named_in_a_warning(tmp_path, caplog):
+    folder = copy_golden("llama", tmp_path)
+    cfg = json.loads((folder / "config.json").read_text())
+    cfg["num_hidden_layers"] = 1  # the checkpoint holds 2
+    (folder / "config.json").write_text(json.dumps(cfg))
+    with caplog.at_level("WARNING", logger="pagedserve"):
+        load_model(str(folder), NumpyOps())
+    [message] = [r.getMessage() for r in caplog.records if "not used by the config" in r.message]
+    assert "model.layers.1." in message and "tensor(s)" in message
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"hidden_size": "32"}, "hidden_size must be an integer >= 1, got '32'"),
+    ({"num_hidden_layers": 2.0}, "num_hidden_layers must be an integer >= 1, got 2.0"),
+    ({"num_hidden_layers": -1}, "num_hidden_layers must be an integer >= 1, got -1"),
+    ({"num_attention_heads": 0}, "num_attention_heads must be an integer >= 1, got 0"),
+    ({"num_attention_heads": 5}, r"hidden_size \(32\) is not a multiple of num_attention_heads"),
+    ({"rope_scaling": "linear"}, "rope_scaling must be an object"),
+    ({"vocab_size": None}, "vocab_size must be an integer >= 1, got None"),
+])
+def test_config_fields_of_the_wrong_kind_name_the_file_and_field(tmp_path, change, needle):
+    (tmp_path / "config.json").write_text(json.dumps({**LLAMA_CFG, **change}))
+    with pytest.raises(ConfigError, match=rf"config\.json: {needle}"):
+        load_model(str(tmp_path), NumpyOps())
+
+
+@pytest.mark.parametrize("name, text", [
+    ("generation_config.json", "{corrupt"), ("tokenizer_config.json", "{corrupt"),
+    ("tokenizer.json", "{corrupt"), ("tokenizer.json", '{"model": 1}'),
+    ("config.json", "[1, 2]"),
+])
+def test_a_broken_side_file_is_named_before_the_weights_load(tmp_path, monkeypatch, name,
+                                                               text):
+    from tokenizers import Tokenizer, models
+
+    folder = copy_golden("llama", tmp_path)
+    Tokenizer(models.WordLevel({"a": 0}, unk_token="a")).save(str(folder / "tokenizer.json"))
+    (folder / name).write_text(text)
+    weights_read = []
+    monkeypatch.setattr(loader, "load_safetensors_weights",
+                        lambda *a, **k: weights_read.append(1))
+    with pytest.raises(ValueError, match=re.escape(name)):
+        load_model(str(folder), NumpyOps())
+    assert weights_read == []
+
+
 # ----------------------------------------------------------------------------- load_model
 
 
@@ -265,6 +351,19 @@ def test_non_llama_gguf_is_rejected(tmp_path):
     w.close()
     with pytest.raises(GGUFError, match="architecture 'gpt2' is not supported; only 'llama'"):
         load_model(str(path), NumpyOps())
+
+
+def test_a_gguf_tokenizer_fault_names_the_file_before_any_weight_is_read(tmp_path, monkeypatch):
+    """(a 7B GGUF's weights take minutes and gigabytes of cache: its tokenizer is checked first)"""
+    from engine.model.tokenizer import TokenizerError
+
+    path = tmp_path / "m.gguf"
+    write_tiny_gguf(path)  # no tokenizer.* metadata
+    read = []
+    monkeypatch.setattr(gguf_loader, "load_gguf_weights", lambda *a, **k: read.append(1))
+    with pytest.raises(TokenizerError, match=rf"{re.escape(str(path))}: GGUF metadata has no "):
+        load_model(str(path), NumpyOps())
+    assert read == []
 
 
 def test_gguf_cache_is_used_and_notices_a_changed_file(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ or from a shipped preset (engine/model/presets/*.json) for dummy weights.
 from __future__ import annotations
 
 import json
+import numbers
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -24,6 +25,22 @@ PRESETS_DIR = Path(__file__).parent / "presets"
 
 class ConfigError(ValueError):
     """A model description that pagedserve cannot run; the message names the field."""
+
+
+# ModelConfig's field -> the config.json key a message should name
+_HF_NAMES = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_heads",
+             "num_kv_heads": "num_key_value_heads"}
+
+
+def _json_object(path: Path) -> dict:
+    """A JSON file holding an object, or a ConfigError naming the file."""
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise ConfigError(f"{path} must hold a JSON object, got {type(value).__name__}")
+    return value
 
 
 @dataclass
@@ -52,6 +69,20 @@ class ModelConfig:
     quantization: str | None = None
 
     def __post_init__(self):
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
+                     "num_kv_heads", "head_dim", "max_position_embeddings"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ConfigError(f"{_HF_NAMES.get(name, name)} must be an integer >= 1, got "
+                                  f"{value!r}")
+            setattr(self, name, int(value))  # (GGUF metadata holds numpy integers)
+        for name in ("rms_norm_eps", "rope_theta"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, numbers.Real) or value <= 0:
+                raise ConfigError(f"{name} must be a number > 0, got {value!r}")
+            setattr(self, name, float(value))
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
+            raise ConfigError(f"rope_scaling must be an object, got {self.rope_scaling!r}")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_attention_heads ({self.num_heads}) must be a multiple of "
@@ -75,6 +106,8 @@ class ModelConfig:
     @classmethod
     def from_dict(cls, cfg: dict, generation_config: dict | None = None) -> ModelConfig:
         archs = cfg.get("architectures") or []
+        if isinstance(archs, str):
+            archs = [archs]
         arch = archs[0] if archs else cfg.get("model_type", "<missing 'architectures'>")
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ConfigError(
@@ -90,6 +123,12 @@ class ModelConfig:
 
         num_heads = need("num_attention_heads")
         hidden = need("hidden_size")
+        for key, value in (("num_attention_heads", num_heads), ("hidden_size", hidden)):
+            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+                raise ConfigError(f"{key} must be an integer >= 1, got {value!r}")
+        if cfg.get("head_dim") is None and hidden % num_heads:
+            raise ConfigError(f"hidden_size ({hidden}) is not a multiple of num_attention_heads "
+                              f"({num_heads}) and no head_dim is given")
         head_dim = cfg.get("head_dim") or hidden // num_heads
         eos = _as_list(cfg.get("eos_token_id"))
         if generation_config:
@@ -102,6 +141,8 @@ class ModelConfig:
             scaling = rope
         rope_theta = cfg.get("rope_theta", rope.get("rope_theta", 10000.0))
         if scaling is not None:
+            if not isinstance(scaling, dict):
+                raise ConfigError(f"rope_scaling must be an object, got {scaling!r}")
             kind = scaling.get("rope_type", scaling.get("type"))
             if kind not in ("llama3", "default"):
                 raise ConfigError(f"rope_scaling type {kind!r} is not supported (only 'llama3')")
@@ -133,13 +174,13 @@ class ModelConfig:
         path = folder / "config.json"
         if not path.is_file():
             raise ConfigError(f"no config.json in model folder {str(folder)!r}")
-        try:
-            cfg = json.loads(path.read_text())
-        except json.JSONDecodeError as e:
-            raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        cfg = _json_object(path)
         gen_path = folder / "generation_config.json"
-        gen = json.loads(gen_path.read_text()) if gen_path.is_file() else None
-        return cls.from_dict(cfg, gen)
+        gen = _json_object(gen_path) if gen_path.is_file() else None
+        try:
+            return cls.from_dict(cfg, gen)
+        except ConfigError as e:
+            raise ConfigError(f"{path}: {e}") from None
 
     @classmethod
     def from_preset(cls, name: str) -> ModelConfig:

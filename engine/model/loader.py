@@ -70,7 +70,12 @@ class SafetensorsFile:
                 header = json.loads(f.read(header_len))
             except (UnicodeDecodeError, json.JSONDecodeError) as e:
                 raise LoadError(f"{path}: corrupt safetensors header: {e}") from None
+        if not isinstance(header, dict):
+            raise LoadError(f"{path}: corrupt safetensors header: a JSON "
+                            f"{type(header).__name__}, not an object")
         header.pop("__metadata__", None)
+        for name, info in header.items():
+            _check_entry(path, name, info)
         self.tensors: dict[str, dict] = header
         self.data_start = 8 + header_len
         data_len = size - self.data_start
@@ -90,6 +95,11 @@ class SafetensorsFile:
         if dtype is None:
             raise LoadError(f"{self.path}: tensor {name!r} has unsupported dtype {info['dtype']}")
         start, end = info["data_offsets"]
+        count = int(np.prod(info["shape"], dtype=np.int64))
+        if end - start != count * np.dtype(dtype).itemsize:
+            raise LoadError(f"{self.path}: tensor {name!r} holds {end - start} bytes, its shape "
+                            f"{tuple(info['shape'])} of {info['dtype']} needs "
+                            f"{count * np.dtype(dtype).itemsize}")
         raw = self._map[self.data_start + start : self.data_start + end]
         array = raw.view(dtype).reshape(info["shape"])
         if info["dtype"] == "BF16":
@@ -98,19 +108,40 @@ class SafetensorsFile:
         return array
 
 
+def _check_entry(path: Path, name: str, info) -> None:
+    """A safetensors header entry: {"dtype": str, "shape": [ints], "data_offsets": [a, b]}."""
+    def ints(v):
+        return isinstance(v, list) and all(isinstance(x, int) and x >= 0 for x in v)
+
+    ok = (isinstance(info, dict) and isinstance(info.get("dtype"), str)
+          and ints(info.get("shape")) and ints(info.get("data_offsets"))
+          and len(info["data_offsets"]) == 2
+          and info["data_offsets"][0] <= info["data_offsets"][1])
+    if not ok:
+        raise LoadError(f"{path}: corrupt safetensors header: tensor {name!r} is "
+                        f"{str(info)[:120]}, not {{dtype, shape, data_offsets: [begin, end]}}")
+
+
 def _open_checkpoint(folder: Path) -> dict[str, SafetensorsFile]:
     """Tensor name -> the file holding it (single file, or shards listed in the index)."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
             weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
+            if not (isinstance(weight_map, dict)
+                    and all(isinstance(v, str) for v in weight_map.values())):
+                raise TypeError("its weight_map is not an object of file names")
+        except (ValueError, KeyError, TypeError) as e:
             raise LoadError(f"{index}: not a valid safetensors index ({e})") from None
         files = {}
         for shard in sorted(set(weight_map.values())):
-            if not (folder / shard).is_file():
-                raise LoadError(f"{index} lists shard {shard!r}, which is not in {folder}")
+            if Path(shard).name != shard or not (folder / shard).is_file():
+                raise LoadError(f"{index} lists shard {shard!r}, which is not a file in {folder}")
             files[shard] = SafetensorsFile(folder / shard)
+        for name, shard in weight_map.items():
+            if name not in files[shard].tensors:
+                raise LoadError(f"{index} puts tensor {name!r} in {shard}, which does not hold "
+                                "it")
         return {name: files[shard] for name, shard in weight_map.items()}
     single = folder / "model.safetensors"
     if not single.is_file():
@@ -130,7 +161,10 @@ def load_safetensors_weights(folder: str | Path, config: ModelConfig, ops,
     c = config
     h, i = c.hidden_size, c.intermediate_size
 
+    read: set[str] = set()
+
     def host(name: str, shape: tuple) -> np.ndarray:
+        read.add(name)
         if name not in files:
             raise LoadError(f"checkpoint {str(folder)!r} has no tensor {name!r} (shape {shape})")
         array = files[name].get(name)
@@ -153,6 +187,7 @@ def load_safetensors_weights(folder: str | Path, config: ModelConfig, ops,
             return fp8.quantize_weight(array)
         if name + "_scale" not in files:
             raise LoadError(f"FP8 checkpoint {str(folder)!r} has no {name + '_scale'!r}")
+        read.add(name + "_scale")
         try:
             return fp8.from_checkpoint(name, array, files[name + "_scale"].get(name + "_scale"))
         except ValueError as e:
@@ -200,9 +235,20 @@ def load_safetensors_weights(folder: str | Path, config: ModelConfig, ops,
     tied = c.tie_word_embeddings
     lm_head = embed if tied else get("lm_head.weight", (c.vocab_size, h))
     lm_head = fp8_lm_head(ops, lm_head, "fp8" in (quantization, c.quantization))
-    return ModelWeights(
-        embed=embed, layers=layers, norm=get("model.norm.weight", (h,)), lm_head=lm_head
-    )
+    norm = get("model.norm.weight", (h,))
+    _warn_unused(folder, set(files) - read - ({"lm_head.weight"} if tied else set()))
+    return ModelWeights(embed=embed, layers=layers, norm=norm, lm_head=lm_head)
+
+
+def _warn_unused(folder: Path, unused: set[str]) -> None:
+    """Say which tensors the config never asked for (a config.json of fewer layers than the
+    weights, a tensor of another architecture): the model runs without them."""
+    unused = {n for n in unused if not n.endswith("rotary_emb.inv_freq")}  # a buffer, not a weight
+    if unused:
+        names = sorted(unused)
+        logger.warning("%s: %d tensor(s) of the checkpoint are not used by the config: %s%s",
+                       folder, len(names), ", ".join(names[:5]),
+                       f" and {len(names) - 5} more" if len(names) > 5 else "")
 
 
 # ----------------------------------------------------------------------------- dummy
@@ -366,27 +412,29 @@ def load_model(model: str | None, ops, load_format: str = "auto", seed: int = 0,
 
         gguf_file = gguf_loader.read_gguf(path)
         config = gguf_loader.config_from_gguf(gguf_file)
-        if load_format == "dummy":
-            weights = make_dummy(config, ops, seed)
-        elif quantization is not None:
+        if quantization is not None and load_format != "dummy":
             raise LoadError(f"quantization={quantization!r} applies to HF checkpoints and dummy "
                             "weights; a GGUF file keeps its own quantization")
+        tokenizer = _gguf_tokenizer(gguf_file, path)  # before the weights: a fault costs no time
+        if load_format == "dummy":
+            weights = make_dummy(config, ops, seed)
         elif not (ops.name == "numpy" if gguf_dequantize is None else gguf_dequantize):
             from engine.model.gguf_weights import load_quantized_gguf
 
             weights = load_quantized_gguf(gguf_file, config, ops)
         else:
             weights = gguf_loader.load_gguf_weights(gguf_file, config, ops)
-        return LoadedModel(config, weights, _gguf_tokenizer(gguf_file))
+        return LoadedModel(config, weights, tokenizer)
 
     config = ModelConfig.from_pretrained(path)
+    tokenizer = load_tokenizer(str(path))  # before the weights: a fault costs no time
     if load_format == "dummy":
         weights = (make_dummy(config, ops, seed) if gguf_kind is not None else
                    dummy_weights(config, ops, seed,
                                  quantization=quantization or config.quantization))
     else:
         weights = load_safetensors_weights(path, config, ops, quantization)
-    return LoadedModel(config, weights, load_tokenizer(str(path)))
+    return LoadedModel(config, weights, tokenizer)
 
 
 def _gguf_quantization(quantization: str | None, load_format: str) -> str | None:
@@ -421,7 +469,7 @@ def load_tokenizer(model: str | None):
     if path.is_file() and path.suffix == ".gguf":
         from engine.model import gguf_loader
 
-        return _gguf_tokenizer(gguf_loader.read_gguf(path))
+        return _gguf_tokenizer(gguf_loader.read_gguf(path), path)
     if path.is_dir() and (path / "tokenizer.json").is_file():
         from engine.model.tokenizer import Tokenizer
 
@@ -429,8 +477,14 @@ def load_tokenizer(model: str | None):
     return None
 
 
-def _gguf_tokenizer(gguf_file):
-    from engine.model.tokenizer import tokenizer_from_gguf_metadata
+def _gguf_tokenizer(gguf_file, path: Path):
+    from engine.model.tokenizer import TokenizerError, tokenizer_from_gguf_metadata
 
-    return tokenizer_from_gguf_metadata(
-        {k: v for k, v in gguf_file.metadata.items() if k.startswith("tokenizer.")})
+    try:
+        return tokenizer_from_gguf_metadata(
+            {k: v for k, v in gguf_file.metadata.items() if k.startswith("tokenizer.")})
+    except TokenizerError as e:
+        raise TokenizerError(f"{path}: {e}") from None
+    except Exception as e:  # the tokenizers library's bare Exception (merges, vocabulary)
+        raise TokenizerError(f"{path}: its tokenizer metadata does not build a tokenizer: "
+                             f"{e}") from None

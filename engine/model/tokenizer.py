@@ -42,6 +42,16 @@ class TokenizerError(ValueError):
     """A tokenizer pagedserve cannot build or use; the message names the file or field."""
 
 
+def _json_object(path: Path) -> dict:
+    try:
+        value = json.loads(path.read_text())
+    except (OSError, ValueError) as e:
+        raise TokenizerError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(value, dict):
+        raise TokenizerError(f"{path} must hold a JSON object, got {type(value).__name__}")
+    return value
+
+
 def byte_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map used to spell byte-level tokens.
 
@@ -181,9 +191,13 @@ class Tokenizer:
         path = folder / "tokenizer.json"
         if not path.is_file():
             raise TokenizerError(f"no tokenizer.json in {folder} (needed to build the tokenizer)")
-        tok = tokenizers.Tokenizer.from_file(str(path))
+        try:
+            tok = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as e:  # the library raises a bare Exception for any fault in the file
+            raise TokenizerError(f"{path} is not a tokenizer the tokenizers library reads: "
+                                 f"{e}") from None
         config_path = folder / "tokenizer_config.json"
-        config = json.loads(config_path.read_text()) if config_path.is_file() else {}
+        config = _json_object(config_path) if config_path.is_file() else {}
 
         def token(name):  # "<s>", or {"content": "<s>", ...}, or absent
             value = config.get(name)
