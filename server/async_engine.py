@@ -148,6 +148,10 @@ class AsyncEngine:
         self.loop: asyncio.AbstractEventLoop | None = None
         self._stats_log = StatsLogger()  # the "every 10 s while busy" line
         self.timeline = Timeline()  # where first tokens wait (GET /debug/first_token)
+        # Requests past the --max-waiting-requests check whose call has not handed them to the
+        # core yet (tokenizing, or a non-streamed call's task not started): counted with the
+        # waiting ones, so that a burst cannot pass the check together.
+        self.admitting = 0
 
     @property
     def is_ready(self) -> bool:

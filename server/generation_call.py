@@ -40,6 +40,7 @@ class GenerationCall:
         self.first: dict[str, object] = {}  # request id -> its first RequestOutput
         self.tool_parser: ToolCallParser | None = None  # chat with tools: output read as calls
         self.created = int(time.time())
+        self._admitted = 0  # requests this call counts in engine.admitting
         # (request id, choice index) -> where a streamed completions choice's next token starts in
         # its text (its logprobs' text_offset; past the prompt when it is echoed)
         self.stream_offsets: dict[tuple[str, int], int] = {}
@@ -50,34 +51,49 @@ class GenerationCall:
 
     async def run(self, token_lists: list[list[int]], stream: bool, include_usage: bool):
         state = self.request.app.state
-        limit = state.settings.max_waiting_requests
-        # Requests, not sequences: each prompt of the call is one, whatever its n.
-        if limit is not None and state.engine.num_waiting_requests + len(token_lists) > limit:
+        engine, limit = state.engine, state.settings.max_waiting_requests
+        # Requests, not sequences: each prompt of the call is one, whatever its n. The check
+        # and the count go together (no await between): a burst of calls cannot all pass it.
+        if limit is not None and (engine.num_waiting_requests + engine.admitting
+                                  + len(token_lists) > limit):
             raise APIError(429, f"the server's waiting queue is full ({limit} requests); retry "
                                 "later", type="rate_limit_exceeded", code="too_many_requests")
-        group = state.engine.group()
-        self.index_of = {f"{self.id}-{i}": i for i in range(len(token_lists))}
-        self.token_lists = token_lists
-        self.num_prompt_tokens = sum(len(ids) for ids in token_lists)
-        if not stream:
-            return await until_disconnect(self.request, self._collect(group, token_lists))
+        engine.admitting += len(token_lists)
+        self._admitted = len(token_lists)
         try:
-            await self._submit(group, token_lists)
-        except BaseException:
-            group.close()
-            raise
-        return SSEResponse(group, events(self, group, include_usage))
+            group = engine.group()
+            self.index_of = {f"{self.id}-{i}": i for i in range(len(token_lists))}
+            self.token_lists = token_lists
+            self.num_prompt_tokens = sum(len(ids) for ids in token_lists)
+            if not stream:
+                return await until_disconnect(self.request, self._collect(group, token_lists))
+            try:
+                await self._submit(group, token_lists)
+            except BaseException:
+                group.close()
+                raise
+            return SSEResponse(group, events(self, group, include_usage))
+        finally:
+            self._release()
+
+    def _release(self):
+        """The call's requests are with the core (or never will be): no longer admitting."""
+        self.request.app.state.engine.admitting -= self._admitted
+        self._admitted = 0
 
     async def _submit(self, group, token_lists):
         arrived, tokenized = arrival_of(self.request), time.monotonic()
-        for request_id, ids in zip(self.index_of, token_lists, strict=True):
-            group.engine.timeline.start(request_id, arrived, tokenized)
-            try:
-                await group.add(request_id, {"prompt_token_ids": ids}, self.params)
-            except ParamError as e:
-                raise param_error(e, self.chat) from None
-            except ValueError as e:  # the prompt's own checks (length, KV-cache capacity)
-                raise bad_request("messages" if self.chat else "prompt", str(e)) from None
+        try:
+            for request_id, ids in zip(self.index_of, token_lists, strict=True):
+                group.engine.timeline.start(request_id, arrived, tokenized)
+                try:
+                    await group.add(request_id, {"prompt_token_ids": ids}, self.params)
+                except ParamError as e:
+                    raise param_error(e, self.chat) from None
+                except ValueError as e:  # the prompt's own checks (length, KV-cache capacity)
+                    raise bad_request("messages" if self.chat else "prompt", str(e)) from None
+        finally:
+            self._release()  # each request now counts among the core's waiting ones
 
     def choice_index(self, request_id: str, index: int) -> int:
         return self.index_of[request_id] * self.params.n + index

@@ -151,8 +151,9 @@ def _stream_flags(body: dict) -> tuple[bool, bool]:
 def _check_length(engine, num_prompt: int, max_tokens: int | None, param: str):
     limit = engine.max_model_len
     if num_prompt >= limit:
-        raise bad_request(param, f"this model's maximum context length is {limit} tokens, but the "
-                                 f"{param} has {num_prompt} tokens")
+        what = "the rendered messages hold" if param == "messages" else f"the {param} has"
+        raise bad_request(param, f"this model's maximum context length is {limit} tokens, but "
+                                 f"{what} {num_prompt} tokens")
     if max_tokens is not None and num_prompt + max_tokens > limit:
         raise bad_request("max_tokens", f"this model's maximum context length is {limit} tokens, "
                           f"but {num_prompt} prompt tokens + max_tokens {max_tokens} = "

@@ -138,6 +138,38 @@ def test_429_counts_requests_not_sequences(client):
     assert client.app.state.engine.num_waiting_requests == 0
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_burst_of_calls_cannot_pass_the_429_check_together(client, stream):
+    """Twelve calls arriving at once against a limit of 2: the check and the count go together,
+    so no more than 2 are admitted before any of them reaches the core (non-streamed calls hand
+    their requests over from a task of their own, after the check: 7-9 of 12 passed)."""
+    settings = client.app.state.settings
+    settings.max_waiting_requests = 2
+    engine = client.app.state.engine
+    peak = [0]
+
+    class Watched(set):  # the core's waiting requests, and the most there ever were
+        def add(self, item):
+            super().add(item)
+            peak[0] = max(peak[0], len(self))
+
+    async def burst():
+        transport = httpx.ASGITransport(app=client.app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://localhost") as c:
+            return await asyncio.gather(*(c.post("/v1/completions", **completion(
+                max_tokens=8, stream=stream, ignore_eos=True)) for _ in range(12)))
+
+    saved, engine._waiting = engine._waiting, Watched(engine._waiting)
+    try:
+        codes = sorted(r.status_code for r in client.portal.call(burst))
+    finally:
+        settings.max_waiting_requests = None
+        engine._waiting = saved
+    assert codes.count(429) >= 1 and set(codes) <= {200, 429}, codes
+    assert 1 <= peak[0] <= 2, peak
+    assert engine.admitting == 0 and engine.num_waiting_requests == 0
+
+
 # ---------------------------------------------------------------- browser safety
 
 
