@@ -247,6 +247,27 @@ class AsyncEngine:
             if self.metrics:
                 self.metrics.on_ended("abort")
 
+    def end_all(self) -> int:
+        """The server is shutting down: end every request in flight with finish_reason "abort",
+        handing each its final output, so that a stream sends its last chunk and [DONE] and a
+        waiting call answers, instead of being cut off when the drain runs out. Returns how
+        many there were."""
+        ended = 0
+        for request_id, group in list(self._groups.items()):
+            self._pending.pop(request_id, None)
+            self._groups.pop(request_id, None)
+            self._waiting.discard(request_id)
+            final = self.processor.abort(request_id) if self.processor is not None else None
+            if final is None:
+                continue
+            ended += 1
+            if self.dead is None:
+                self.client.abort_requests([request_id])
+            if self.metrics:
+                self.metrics.on_ended("abort")
+            group.put(final)
+        return ended
+
     # ------------------------------------------------------------ the core's messages
 
     async def _run(self):

@@ -323,6 +323,7 @@ def load_engine(config: EngineConfig):
 # After the engine core dies: the server stops taking requests at once, gives the answers in
 # flight this long to drain, and the process ends by this deadline whatever is still open.
 DRAIN_S = 2.0
+DRAIN_END_AT = 0.75  # of DRAIN_S: requests still running then end with "abort"
 EXIT_DEADLINE_S = 4.0
 
 
@@ -358,7 +359,8 @@ def serve(args: argparse.Namespace, config: EngineConfig, started: float) -> int
         host, port = sock.getsockname()[:2]
         url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
         server = _server_class()(uvicorn.Config(app, log_config=None, log_level=None,
-                                                timeout_graceful_shutdown=DRAIN_S), url)
+                                                timeout_graceful_shutdown=DRAIN_S), url,
+                                 on_shutdown=engine.end_all)
         server.run(sockets=[sock])
     finally:
         engine.client.shutdown()  # a no-op after the lifespan's; here if uvicorn never started
@@ -374,9 +376,22 @@ def _server_class():
     class Server(uvicorn.Server):
         """uvicorn, saying "serving on URL" once it accepts connections."""
 
-        def __init__(self, config, url: str):
+        def __init__(self, config, url: str, on_shutdown=None):
             super().__init__(config)
-            self.url = url
+            self.url, self.on_shutdown = url, on_shutdown
+
+        async def shutdown(self, sockets=None):
+            # Requests in flight may finish during the drain; those still running near its end
+            # are ended with their last output (finish_reason "abort"), so that their streams
+            # close properly (a last chunk, [DONE]) instead of being cut off when it runs out.
+            if self.on_shutdown is not None:
+                asyncio.get_running_loop().call_later(DRAIN_S * DRAIN_END_AT, self._end_all)
+            await super().shutdown(sockets)
+
+        def _end_all(self):
+            ended = self.on_shutdown()
+            if ended:
+                log.info("shutting down: %d request(s) in flight ended with 'abort'", ended)
 
         async def startup(self, sockets=None):
             await super().startup(sockets)

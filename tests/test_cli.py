@@ -228,14 +228,14 @@ def test_cupy_without_a_gpu_says_so(tmp_path, command):
                       "cudaErrorNoDevice")
 
 
-def _start_serve(folder, *python_args) -> tuple[subprocess.Popen, list[str], str]:
-    """`pagedserve serve` on the tiny folder; (the process, its log lines, its URL) once it
-    says "serving on URL"."""
+def _start_serve(folder, *python_args, flags=()) -> tuple[subprocess.Popen, list[str], str]:
+    """`pagedserve serve` on the tiny folder (and `flags`); (the process, its log lines, its
+    URL) once it says "serving on URL"."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     proc = subprocess.Popen(
         [sys.executable, *(python_args or ("-m", "server.cli")), "serve", str(folder),
          "--load-format", "dummy", "--device", "cpu", "--port", "0", "--max-model-len", "128",
-         "--num-kv-blocks", "16"],
+         "--num-kv-blocks", "16", *flags],
         cwd=ROOT, env=env, stderr=subprocess.PIPE, text=True)
     lines = []
     deadline = time.time() + 60
@@ -279,6 +279,50 @@ def test_serve_logs_its_start_up_then_serves(tiny_folder):
     assert all(re.match(r"(INFO|WARNING) \d\d-\d\d [\d:]+ pagedserve\.", line)
                for line in lines), log  # one format, one logger tree
     assert proc.returncode == 130  # Ctrl-C's status after uvicorn's graceful shutdown
+
+
+def test_a_shutdown_ends_the_requests_in_flight_properly(tiny_folder):
+    """SIGTERM while more requests run and wait (one sequence at a time) than the 2 s drain can
+    finish: the first ones finish during it, and the rest are ended with "abort" before it runs
+    out: each stream still gets a last chunk with its finish_reason and [DONE], each
+    non-streamed call a JSON answer (they were cut off: no [DONE], and 500s)."""
+    import concurrent.futures
+
+    import httpx
+
+    proc, lines, url = _start_serve(tiny_folder, flags=("--max-num-seqs", "1"))
+    body = {"prompt": [5, 6, 7], "max_tokens": 120, "ignore_eos": True}
+
+    def stream():
+        with httpx.stream("POST", url + "/v1/completions", json={**body, "stream": True},
+                          timeout=30) as r:
+            return [line for line in r.iter_lines() if line]
+
+    def whole():
+        return httpx.post(url + "/v1/completions", json=body, timeout=30)
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(16) as pool:
+            streams = [pool.submit(stream) for _ in range(12)]
+            calls = [pool.submit(whole) for _ in range(4)]
+            time.sleep(0.5)  # all sent; one runs, the others wait for the one sequence
+            proc.send_signal(signal.SIGTERM)
+            streamed = [f.result(timeout=30) for f in streams]
+            answers = [f.result(timeout=30) for f in calls]
+    finally:
+        rest = proc.communicate(timeout=30)[1]
+    reasons = []
+    for events in streamed:
+        assert events[-1] == "data: [DONE]", events[-3:]
+        last = json.loads(events[-2].removeprefix("data: "))
+        reasons.append(last["choices"][0]["finish_reason"])
+    for r in answers:
+        assert r.status_code == 200, r.text[:200]
+        reasons.append(r.json()["choices"][0]["finish_reason"])
+    assert "abort" in reasons and "length" in reasons and set(reasons) <= {"abort", "length"}, \
+        reasons
+    log = "".join(lines) + rest
+    assert "request(s) in flight ended with 'abort'" in log and "Traceback" not in log, log
 
 
 def test_serve_streams_without_uvloop_and_httptools(tiny_folder):
