@@ -242,10 +242,11 @@ class AsyncEngine:
         self._waiting.discard(request_id)
         if self.dead is not None:  # the core took every request with it
             return
-        if self.processor is not None and self.processor.abort(request_id) is not None:
+        final = self.processor.abort(request_id) if self.processor is not None else None
+        if final is not None:
             self.client.abort_requests([request_id])
             if self.metrics:
-                self.metrics.on_ended("abort")
+                self.metrics.on_aborted(final)
 
     def end_all(self) -> int:
         """The server is shutting down: end every request in flight with finish_reason "abort",
@@ -264,7 +265,7 @@ class AsyncEngine:
             if self.dead is None:
                 self.client.abort_requests([request_id])
             if self.metrics:
-                self.metrics.on_ended("abort")
+                self.metrics.on_aborted(final)
             group.put(final)
         return ended
 

@@ -89,6 +89,15 @@ class ServerMetrics:
                 self.tpot.observe(max(0.0, m.finished_time - m.first_token_time)
                                   / (num_tokens - 1))
 
+    def on_aborted(self, output) -> None:
+        """A request ended by its client (or the shutdown): its reason, and its time to first
+        token when it had one (its end-to-end and per-token times were cut short: not
+        observed)."""
+        self.finished.labels("abort").inc()
+        m = output.metrics
+        if m is not None and m.first_token_time is not None:
+            self.ttft.observe(max(0.0, m.first_token_time - m.arrival_time))
+
     def on_ended(self, reason: str, count: int = 1) -> None:
         """A request that ended outside the engine's outputs (client gone, engine fault)."""
         self.finished.labels(reason).inc(count)

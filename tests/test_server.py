@@ -208,6 +208,7 @@ def test_64_concurrent_requests_are_batched(server):
 
 def test_client_disconnect_aborts(server):
     aborted = server.metric("pagedserve_requests_finished_total", '{finish_reason="abort"}')
+    ttft = server.metric("pagedserve_time_to_first_token_seconds_count")
     body = {"model": MODEL, "prompt": "Count forever:", "max_tokens": 200, "ignore_eos": True,
             "stream": True}
     with httpx.stream("POST", server.url + "/v1/completions", json=body) as r:
@@ -223,6 +224,9 @@ def test_client_disconnect_aborts(server):
     server.wait_idle()
     after = server.metric("pagedserve_requests_finished_total", '{finish_reason="abort"}')
     assert after == aborted + 2
+    # the stream had its first token before it was dropped: its time to first token counts
+    # (the non-streamed one's, if its first token came within the 0.1 s)
+    assert 1 <= server.metric("pagedserve_time_to_first_token_seconds_count") - ttft <= 2
 
 
 ERRORS = [  # (path, body, status, param)
