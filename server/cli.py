@@ -348,7 +348,12 @@ def serve(args: argparse.Namespace, config: EngineConfig, started: float) -> int
         deadline.daemon = True  # a clean shutdown before it exits at once
         deadline.start()
 
+    from server.guards import is_loopback
+
     app = app_from_args(args, config, on_fatal=on_fatal)
+    if app.state.settings.api_key is None and not is_loopback(args.host):
+        log.warning("serving on %s without --api-key: anyone who can reach the port can use the "
+                    "model", args.host)
     engine = app.state.engine
     summary = engine.load()  # raises what loading raised, in the core process
     try:

@@ -325,6 +325,17 @@ def test_a_shutdown_ends_the_requests_in_flight_properly(tiny_folder):
     assert "request(s) in flight ended with 'abort'" in log and "Traceback" not in log, log
 
 
+def test_serving_beyond_loopback_without_a_key_is_warned(tiny_folder):
+    proc, lines, _ = _start_serve(tiny_folder, flags=("--host", "0.0.0.0"))
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=30)
+    assert any("serving on 0.0.0.0 without --api-key" in line for line in lines), lines
+    proc, lines, _ = _start_serve(tiny_folder, flags=("--host", "0.0.0.0", "--api-key", "k"))
+    proc.send_signal(signal.SIGINT)
+    proc.communicate(timeout=30)
+    assert not any("without --api-key" in line for line in lines), lines
+
+
 def test_serve_streams_without_uvloop_and_httptools(tiny_folder):
     """Where neither installs, uvicorn falls back to asyncio + h11 and streams the same SSE."""
     import httpx
