@@ -4,25 +4,31 @@ from its allocation, and the server's RSS includes the engine-core child process
 from __future__ import annotations
 
 import os
-import re
 import subprocess
 import sys
 
-from engine.executor.ops.numpy_ops import NumpyOps
 from tools.hammer import process_tree, rss_mib
 
 
-def vm_rss_kib() -> int:
-    with open("/proc/self/status") as f:
-        return int(re.search(r"VmRSS:\s+(\d+)", f.read()).group(1))
-
-
 def test_numpy_kv_cache_is_resident_when_allocated():
-    before = vm_rss_kib()
-    # 8 layers x k,v x 256 blocks x 4 heads x 16 tokens x 64 dims x 4 bytes = 64 MiB
-    cache = NumpyOps().alloc_kv_cache(8, 256, 4, 16, 64)
-    grown_mib = (vm_rss_kib() - before) / 1024
-    assert cache.nbytes == 64 << 20 and not cache.any()
+    """In a fresh process: in this one, memory that earlier tests freed may already be
+    resident and be handed out again, and the RSS would not grow (a CI run saw 0.0 MiB)."""
+    code = (
+        "import re\n"
+        "from engine.executor.ops.numpy_ops import NumpyOps\n"
+        "def rss():\n"
+        "    with open('/proc/self/status') as f:\n"
+        "        return int(re.search(r'VmRSS:\\s+(\\d+)', f.read()).group(1))\n"
+        "before = rss()\n"
+        "# 8 layers x k,v x 256 blocks x 4 heads x 16 tokens x 64 dims x 4 bytes = 64 MiB\n"
+        "cache = NumpyOps().alloc_kv_cache(8, 256, 4, 16, 64)\n"
+        "print(cache.nbytes, int(cache.any()), (rss() - before) / 1024)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True, cwd=os.path.dirname(os.path.dirname(__file__)),
+                         env={**os.environ, "PYTHONPATH": os.path.dirname(os.path.dirname(
+                             __file__))}).stdout.split()
+    nbytes, nonzero, grown_mib = int(out[0]), int(out[1]), float(out[2])
+    assert nbytes == 64 << 20 and not nonzero
     assert grown_mib > 56, grown_mib  # np.zeros would map its pages only on first write
 
 
