@@ -32,14 +32,14 @@ _HF_NAMES = {"num_layers": "num_hidden_layers", "num_heads": "num_attention_head
              "num_kv_heads": "num_key_value_heads"}
 
 
-def _json_object(path: Path) -> dict:
-    """A JSON file holding an object, or a ConfigError naming the file."""
+def json_object(path: Path, error: type[ValueError] = ConfigError) -> dict:
+    """A JSON file holding an object, or `error` naming the file."""
     try:
         value = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise ConfigError(f"{path} is not valid JSON: {e}") from None
+        raise error(f"{path} is not valid JSON: {e}") from None
     if not isinstance(value, dict):
-        raise ConfigError(f"{path} must hold a JSON object, got {type(value).__name__}")
+        raise error(f"{path} must hold a JSON object, got {type(value).__name__}")
     return value
 
 
@@ -174,9 +174,9 @@ class ModelConfig:
         path = folder / "config.json"
         if not path.is_file():
             raise ConfigError(f"no config.json in model folder {str(folder)!r}")
-        cfg = _json_object(path)
+        cfg = json_object(path)
         gen_path = folder / "generation_config.json"
-        gen = _json_object(gen_path) if gen_path.is_file() else None
+        gen = json_object(gen_path) if gen_path.is_file() else None
         try:
             return cls.from_dict(cfg, gen)
         except ConfigError as e:

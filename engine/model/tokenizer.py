@@ -8,7 +8,6 @@ and `IncrementalDetokenizer`, which turns a growing list of output ids into text
 from __future__ import annotations
 
 import functools
-import json
 import re
 from pathlib import Path
 
@@ -16,6 +15,7 @@ import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 
 from engine.model.chat_template import compile_template, cut_after_final, render_split
+from engine.model.config import json_object
 
 # GGUF token types (llama.cpp's llama_token_type)
 TOKEN_TYPE_CONTROL = 3
@@ -40,16 +40,6 @@ GGUF_PRE_TOKENIZERS = {
 
 class TokenizerError(ValueError):
     """A tokenizer pagedserve cannot build or use; the message names the file or field."""
-
-
-def _json_object(path: Path) -> dict:
-    try:
-        value = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
-        raise TokenizerError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise TokenizerError(f"{path} must hold a JSON object, got {type(value).__name__}")
-    return value
 
 
 def byte_to_unicode() -> dict[int, str]:
@@ -197,7 +187,7 @@ class Tokenizer:
             raise TokenizerError(f"{path} is not a tokenizer the tokenizers library reads: "
                                  f"{e}") from None
         config_path = folder / "tokenizer_config.json"
-        config = _json_object(config_path) if config_path.is_file() else {}
+        config = json_object(config_path, TokenizerError) if config_path.is_file() else {}
 
         def token(name):  # "<s>", or {"content": "<s>", ...}, or absent
             value = config.get(name)
