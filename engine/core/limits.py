@@ -5,6 +5,8 @@ SamplingParams checks the sampling ones (engine/core/sampling_params.py), LLMEng
 one that depends on the engine (n <= max_num_seqs), the server's protocol the ones of the HTTP body.
 """
 
+import numbers
+
 MAX_N = 128  # completions per prompt; also at most the engine's max_num_seqs
 MAX_LOGPROBS = 20  # top logprobs per token (OpenAI's limit)
 MAX_LOGPROB_TOKEN_IDS = 128  # logprob_token_ids per request (vLLM's limit)
@@ -15,3 +17,9 @@ MAX_LOGIT_BIAS = 1024  # entries of logit_bias
 MAX_PROMPTS = 256  # prompts in one completions call (each one engine request)
 MAX_MESSAGES = 1024  # chat messages in one call
 MAX_JSON_DEPTH = 32  # nesting of arrays and objects in a request body
+
+
+def is_int(value) -> bool:
+    """The one test every count, token id and seed passes: an integer (numpy's too), and not a
+    bool (True is an int to Python, but no count a caller means)."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)

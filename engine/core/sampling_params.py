@@ -15,6 +15,7 @@ from engine.core.limits import (
     MAX_STOP_STRING_CHARS,
     MAX_STOP_STRINGS,
     MAX_STOP_TOKEN_IDS,
+    is_int,
 )
 
 
@@ -70,11 +71,6 @@ class StructuredOutputsParams:
         return next(k for k in _STRUCTURED_KINDS if getattr(self, k) not in (None, False))
 
 
-def _is_int(value) -> bool:
-    """An integer (numpy's too), not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def _logit_bias(bias) -> dict[int, float]:
     """{token id: bias} from a mapping whose keys are ids or their decimal text (JSON's)."""
     if bias is None:
@@ -86,7 +82,7 @@ def _logit_bias(bias) -> dict[int, float]:
     for key, value in bias.items():
         if isinstance(key, str) and key.strip().lstrip("-").isdigit():
             key = int(key)
-        if not _is_int(key):
+        if not is_int(key):
             raise ParamError("logit_bias", f"logit_bias keys must be token ids, got "
                                            f"{reprlib.repr(key)}")
         key = int(key)
@@ -153,7 +149,7 @@ class SamplingParams:
             self.top_k = 0
         ids = self.stop_token_ids
         if ids is not None and not (isinstance(ids, (list, tuple)) and all(
-                _is_int(t) and t >= 0 for t in ids)):
+                is_int(t) and t >= 0 for t in ids)):
             raise ParamError("stop_token_ids", f"stop_token_ids must be a list of token ids, "
                                                f"got {reprlib.repr(ids)}")
         self.stop_token_ids = [int(t) for t in ids or ()]
@@ -197,11 +193,10 @@ class SamplingParams:
             if not ok:
                 raise ParamError(name, f"{name} {rule}, got {reprlib.repr(getattr(self, name))}")
 
-        # True is an int to Python, but no count, seed or token id a caller means
         for name in _INT_FIELDS:
             value = getattr(self, name)
             optional = name not in ("n", "top_k", "min_tokens")
-            check(_is_int(value) or (optional and value is None), name, "must be an integer")
+            check(is_int(value) or (optional and value is None), name, "must be an integer")
         for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens",
                      "use_beam_search", "early_stopping"):
             check(isinstance(getattr(self, name), bool), name, "must be True or False")
@@ -211,24 +206,24 @@ class SamplingParams:
             value = getattr(self, name)
             check(isinstance(value, (int, float)) and not isinstance(value, bool)
                   and math.isfinite(value), name, "must be a finite number")
-        check(_is_int(self.n) and 1 <= self.n <= MAX_N, "n",
+        check(is_int(self.n) and 1 <= self.n <= MAX_N, "n",
               f"must be an integer in [1, {MAX_N}]")
         check(self.temperature >= 0, "temperature", "must be >= 0")
         check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         # NOTE: the sampler holds top_k as int32; a larger k keeps the whole vocabulary anyway.
-        check(_is_int(self.top_k) and 0 <= self.top_k < 2**31, "top_k",
+        check(is_int(self.top_k) and 0 <= self.top_k < 2**31, "top_k",
               "must be -1, 0 or in [1, 2**31)")
         check(0 <= self.min_p <= 1, "min_p", "must be in [0, 1]")
         check(-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]")
         check(-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]")
         check(self.repetition_penalty > 0, "repetition_penalty", "must be > 0")
         check(
-            self.max_tokens is None or (_is_int(self.max_tokens) and self.max_tokens >= 1),
+            self.max_tokens is None or (is_int(self.max_tokens) and self.max_tokens >= 1),
             "max_tokens",
             "must be an integer >= 1",
         )
         check(
-            _is_int(self.min_tokens) and self.min_tokens >= 0,
+            is_int(self.min_tokens) and self.min_tokens >= 0,
             "min_tokens",
             "must be an integer >= 0",
         )
@@ -239,18 +234,18 @@ class SamplingParams:
         )
         check(
             self.logprobs is None or self.logprob_token_ids is not None
-            or (_is_int(self.logprobs) and -1 <= self.logprobs <= MAX_LOGPROBS),
+            or (is_int(self.logprobs) and -1 <= self.logprobs <= MAX_LOGPROBS),
             "logprobs",
             f"must be an integer in [0, {MAX_LOGPROBS}], or -1 for the whole vocabulary",
         )
         check(
             self.prompt_logprobs is None
-            or (_is_int(self.prompt_logprobs)
+            or (is_int(self.prompt_logprobs)
                 and -1 <= self.prompt_logprobs <= MAX_LOGPROBS),
             "prompt_logprobs",
             f"must be an integer in [0, {MAX_LOGPROBS}], or -1 for the whole vocabulary",
         )
-        check(self.best_of is None or (_is_int(self.best_of) and self.best_of >= self.n),
+        check(self.best_of is None or (is_int(self.best_of) and self.best_of >= self.n),
               "best_of", f"must be an integer >= n ({self.n})")
         check(self.best_of in (None, self.n) or self.use_beam_search, "best_of",
               "other than n needs use_beam_search")
@@ -264,7 +259,7 @@ class SamplingParams:
         check(not self.use_beam_search or 2 * self.beam_width <= MAX_LOGPROBS,
               "best_of" if self.best_of else "n",
               f"must be <= {MAX_LOGPROBS // 2} with use_beam_search")
-        check(self.seed is None or _is_int(self.seed), "seed", "must be an integer")
+        check(self.seed is None or is_int(self.seed), "seed", "must be an integer")
         check(
             all(isinstance(s, str) and s for s in self.stop_list),
             "stop",
@@ -313,10 +308,10 @@ class BeamSearchParams:
 
     def __post_init__(self):
         limit = MAX_LOGPROBS // 2  # a beam reads 2 x width candidates from the top logprobs
-        if not (_is_int(self.beam_width) and 1 <= self.beam_width <= limit):
+        if not (is_int(self.beam_width) and 1 <= self.beam_width <= limit):
             raise ParamError("beam_width", f"beam_width must be an integer in [1, {limit}], got "
                                            f"{reprlib.repr(self.beam_width)}")
-        if not (_is_int(self.max_tokens) and self.max_tokens >= 1):
+        if not (is_int(self.max_tokens) and self.max_tokens >= 1):
             raise ParamError("max_tokens", f"max_tokens must be an integer >= 1, got "
                                            f"{reprlib.repr(self.max_tokens)}")
 

@@ -1,4 +1,4 @@
-"""Model and engine configuration (floor 1: stdlib only).
+"""Model and engine configuration (floor 1: the stdlib, and engine/core/limits.py's is_int).
 
 `ModelConfig` is the one description of a transformer that the loader, the model and the
 benchmarks share. It comes from an HF `config.json`, from GGUF metadata (gguf_loader.py),
@@ -11,6 +11,8 @@ import json
 import numbers
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+
+from engine.core.limits import is_int
 
 # HF architecture name -> (family, q/k/v bias, per-head q/k RMSNorm)
 SUPPORTED_ARCHITECTURES = {
@@ -72,7 +74,7 @@ class ModelConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
                      "num_kv_heads", "head_dim", "max_position_embeddings"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ConfigError(f"{_HF_NAMES.get(name, name)} must be an integer >= 1, got "
                                   f"{value!r}")
             setattr(self, name, int(value))  # (GGUF metadata holds numpy integers)
@@ -124,7 +126,7 @@ class ModelConfig:
         num_heads = need("num_attention_heads")
         hidden = need("hidden_size")
         for key, value in (("num_attention_heads", num_heads), ("hidden_size", hidden)):
-            if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 1:
+            if not is_int(value) or value < 1:
                 raise ConfigError(f"{key} must be an integer >= 1, got {value!r}")
         if cfg.get("head_dim") is None and hidden % num_heads:
             raise ConfigError(f"hidden_size ({hidden}) is not a multiple of num_attention_heads "
@@ -314,9 +316,6 @@ class EngineConfig:
     def _check_types(self):
         """Each field of the type it must have (a bool is no count): a ConfigError naming it,
         not a TypeError from wherever the value is first used."""
-        def is_int(v):
-            return isinstance(v, int) and not isinstance(v, bool)
-
         ints = ("max_num_seqs", "max_num_batched_tokens", "block_size", "cpu_threads",
                 "tensor_parallel_size", "data_parallel_size", "data_parallel_rank", "seed",
                 "max_logprobs")
