@@ -236,17 +236,19 @@ class AsyncEngine:
         return snap
 
     def abort(self, request_id: str):
-        """Stop a request wherever it is; a request already finished is ignored."""
+        """Stop a request wherever it is: its final output (finish_reason "abort"), or None when
+        it had already finished (or the core died, taking every request with it)."""
         self._pending.pop(request_id, None)
         self._groups.pop(request_id, None)
         self._waiting.discard(request_id)
-        if self.dead is not None:  # the core took every request with it
-            return
+        if self.dead is not None:
+            return None
         final = self.processor.abort(request_id) if self.processor is not None else None
         if final is not None:
             self.client.abort_requests([request_id])
             if self.metrics:
                 self.metrics.on_aborted(final)
+        return final
 
     def end_all(self) -> int:
         """The server is shutting down: end every request in flight with finish_reason "abort",
@@ -255,18 +257,10 @@ class AsyncEngine:
         many there were."""
         ended = 0
         for request_id, group in list(self._groups.items()):
-            self._pending.pop(request_id, None)
-            self._groups.pop(request_id, None)
-            self._waiting.discard(request_id)
-            final = self.processor.abort(request_id) if self.processor is not None else None
-            if final is None:
-                continue
-            ended += 1
-            if self.dead is None:
-                self.client.abort_requests([request_id])
-            if self.metrics:
-                self.metrics.on_aborted(final)
-            group.put(final)
+            final = self.abort(request_id)
+            if final is not None:
+                group.put(final)
+                ended += 1
         return ended
 
     # ------------------------------------------------------------ the core's messages
