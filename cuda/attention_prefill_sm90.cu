@@ -313,10 +313,24 @@ __global__ void __launch_bounds__(384, 1) prefill_sm90_kernel(
     rescale_o();
     pack_p();
   }
-  mbar_wait(v_full + (num_tiles - 1) % ST, ((num_tiles - 1) / ST) & 1);
+  const int last = num_tiles - 1, first_past = kv_len - last * BN;
+  mbar_wait(v_full + last % ST, (last / ST) & 1);
+  // Keys past kv_len (only the last tile has them): their P is 0, but a TMA box that starts
+  // inside the sequence copies the rest of its cache block, slots this sequence never wrote,
+  // which may hold anything, and 0 x NaN is NaN. Zero those rows of V (both consumers write the
+  // same zeros; each fences and syncs its own warpgroup before its wgmma reads them).
+  if (first_past < BN) {
+    unsigned char* vt = v_s + (last % ST) * TILE_BYTES;
+    for (int c = ctid; c < (BN - first_past) * CPR; c += 128) {
+      const int r = first_past + c / CPR, ch = c % CPR;  // all 8 chunks of the row: any swizzle
+      *reinterpret_cast<uint4*>(vt + (ch >> 3) * BN * 128 + r * 128 + (ch & 7) * 16) =
+          make_uint4(0u, 0u, 0u, 0u);
+    }
+  }
   fence_async_smem();
+  if (first_past < BN) bar_sync(3 + cw, 128);
   if (pingpong) bar_sync(my_bar, 256);
-  issue_pv(num_tiles - 1);
+  issue_pv(last);
   if (cw == 0 && pingpong) bar_arrive(other_bar, 256);
   wgmma_wait<0>();
   fence_regs(o);

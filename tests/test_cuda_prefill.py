@@ -72,7 +72,15 @@ def check_kernels(ops, case, kernels):
     nh, nkv, hd, bs, num_new, ctx = CASES[case]
     rng = np.random.default_rng(len(case))
     meta, num_blocks = batch(rng, num_new, ctx, bs)
-    cache = ops.from_host(rng.standard_normal((2, num_blocks, nkv, bs, hd)).astype(np.float32))
+    cache_h = rng.standard_normal((2, num_blocks, nkv, bs, hd)).astype(np.float32)
+    # Slots no sequence wrote hold NaN (a freed block keeps what an earlier request left, which
+    # may be anything): a kernel must not let them reach a row, even times a zero weight.
+    written = np.zeros((num_blocks, bs), bool)
+    for s, c in enumerate(ctx):
+        for pos in range(c):
+            written[meta.block_tables[s, pos // bs], pos % bs] = True
+    cache_h[:, np.broadcast_to(~written[:, None], (num_blocks, nkv, bs))] = np.nan
+    cache = ops.from_host(cache_h)
     qkv = ops.from_host(rng.standard_normal((sum(num_new), (nh + 2 * nkv) * hd)).astype(
         np.float32))
     cache_h, qkv_h = ops.to_host(cache), ops.to_host(qkv)

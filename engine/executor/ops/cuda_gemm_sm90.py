@@ -9,6 +9,15 @@ and checks it against cuBLAS's output. A block computes 128 weight rows against 
 tokens (rounded up to a multiple of 64); the weights' first K slices are requested before the
 PDL wait. When the weight rows make too few blocks to fill the GPU (Llama-3-8B's o and down: 32
 blocks), K is cut into splits whose fp32 partial sums a second kernel adds in a fixed order.
+
+Session 18 on the H200 (first run): tests/test_cuda_gemm_sm90.py passes (52 cases); it is slower
+than cuBLAS at every Llama-3-8B shape and row count timed (kernel_check --only skinny: at 256
+rows qkv 31.3 against 22.5 us, o 22.2 / 17.3, gate_up with its SiLU-mul 99.7 / 97.7, down 50.1 /
+48.7; a layer 0.79-0.97x of cuBLAS from 16 to 256 rows), and W1 Llama-3-8B gave 9,884 output tok/s
+against 10,133 on cuBLAS (clusters of 2: 7,884). ncu at gate_up, 256 rows: 101 us, 714 MB
+through the L2 (68% of its peak) against cuBLAS's persistent 132-block kernel's 96 us and 545 MB;
+the pair form moved more (846 MB) and its SMs stayed active 1.7x longer (157 us): its multicast
+does not pay yet. Qkv and o leave SMs idle (48 and 32 blocks of 128 rows, split 2 and 4 ways).
 """
 
 from __future__ import annotations
