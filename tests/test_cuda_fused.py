@@ -242,7 +242,8 @@ def test_decode_mma_configs(ops, bs, group, config, monkeypatch):
     from engine.executor.ops import cuda_attention as ca
 
     monkeypatch.setattr(ca, "DECODE_KERNEL", "mma")
-    monkeypatch.setattr(ca, "DECODE_MMA_CONFIG", config)
+    monkeypatch.setattr(ca, "DECODE_MMA_CONFIG", config)  # split grids
+    monkeypatch.setattr(ca, "DECODE_MMA_FULL_CONFIG", config)  # grids of one split
     nkv, nh, meta, cache, qkv, want = _decode_case(ops, group, [3, 16, 17, 63, 64, 65, 200, 3000],
                                                    bs)
     for splits in (1, 5, 256):

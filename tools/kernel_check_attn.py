@@ -89,10 +89,12 @@ def check_case(ops, kc, rng, preset, label, ctx, block_size=16):
 
 def time_kernel(ops, kc, meta, cache, qkv, nh, nkv, scale, kernel, config, max_splits):
     """(seconds per call, output on the host, grid splits) of one decode kernel variant."""
-    saved = ca.DECODE_KERNEL, ca.DECODE_MMA_CONFIG, ca.MAX_SPLITS, ca.NUM_BLOCKS_TARGET
+    saved = (ca.DECODE_KERNEL, ca.DECODE_MMA_CONFIG, ca.DECODE_MMA_FULL_CONFIG, ca.MAX_SPLITS,
+             ca.NUM_BLOCKS_TARGET)
     try:
         ca.DECODE_KERNEL = kernel
-        ca.DECODE_MMA_CONFIG = config or ca.DECODE_MMA_CONFIG
+        if config:  # the variant on split grids and on grids of one split alike
+            ca.DECODE_MMA_CONFIG = ca.DECODE_MMA_FULL_CONFIG = config
         if max_splits:
             ca.MAX_SPLITS = max_splits
             # enough blocks wanted that the grid takes max_splits splits at this batch
@@ -109,4 +111,5 @@ def time_kernel(ops, kc, meta, cache, qkv, nh, nkv, scale, kernel, config, max_s
         got = ops.to_host(attn())
         return kc.graph_time(attn), got, dmeta.num_splits
     finally:
-        ca.DECODE_KERNEL, ca.DECODE_MMA_CONFIG, ca.MAX_SPLITS, ca.NUM_BLOCKS_TARGET = saved
+        (ca.DECODE_KERNEL, ca.DECODE_MMA_CONFIG, ca.DECODE_MMA_FULL_CONFIG, ca.MAX_SPLITS,
+         ca.NUM_BLOCKS_TARGET) = saved

@@ -34,8 +34,19 @@ DECODE_THREADS = 128  # attention.cu's DEC_WARPS warps
 # heads, 3.78 TB/s, 89% of the H200's bandwidth) and 166 against 209 (Qwen3-0.6B heads); W1 with
 # mma: Qwen3-0.6B 22,868 output tok/s, Llama-3-8B 9,265 (7,678 before).
 DECODE_KERNEL = os.environ.get("PAGEDSERVE_DECODE_KERNEL", "mma")
-DECODE_MMA_CONFIG = DECODE_MMA_CONFIGS[0]  # (warps, cp.async stages per warp)
-NUM_BLOCKS_TARGET = 1024  # decode blocks that fill an H200's 132 SMs several times over
+# (warps, cp.async stages per warp) of the mma kernel: DECODE_MMA_CONFIG where the grid splits
+# contexts, DECODE_MMA_FULL_CONFIG where it has one split (the batch alone fills the GPU). Session
+# 18 on the H200 (kernel_check --only attn): W1's batch-256 mix on 6 warps 161.2 against 164.9 us,
+# 1 x 32,532 keys 41.8 against 41.5; W1 Llama-3-8B 10,301 against 10,266 / 10,274 output tok/s.
+DECODE_MMA_CONFIG = DECODE_MMA_CONFIGS[0]
+DECODE_MMA_FULL_CONFIG = DECODE_MMA_CONFIGS[1]
+# Decode blocks that fill an H200's 132 SMs a few times over: past it, one split a sequence.
+# Session 18, W1 Llama-3-8B: 512 against 1,024 took the steps of 65-128 sequences from two
+# splits and a reduce launch to one, 9.55 -> 9.17 ms (10,322 against 10,266 / 10,274 output
+# tok/s; with 6 warps everywhere, 10,380); 256 gave 10,291. Both defaults together, in a later
+# call on another machine: 9,997 / 10,064 against 9,952 (65-128 sequences 9.83 -> 9.35 ms). One
+# sequence still takes MAX_SPLITS (its blocks a split: at most 16 kv heads x passes).
+NUM_BLOCKS_TARGET = 512
 # A sequence takes ceil(context / keys per split) of the grid's splits, at most all of them
 # (attention.cu's seq_splits): the grid is sized for the longest context, each sequence for its own.
 # Keys per split: MIN_KEYS_PER_SPLIT under CUDA graphs; in eager steps the step's decode keys over
@@ -280,7 +291,8 @@ def paged_attention(qkv, k_cache, v_cache, meta: DeviceAttentionMetadata, num_he
                 raise ValueError(f"attention: {num_dec} decode rows in one step, the mma "
                                  f"kernel takes at most {MAX_GRID_Y} (lower --max-num-seqs)")
             grid = (num_kv_heads * passes, num_dec, splits)  # heads fastest
-            nw, st = plan.decode_config or DECODE_MMA_CONFIG
+            nw, st = plan.decode_config or (DECODE_MMA_CONFIG if splits > 1
+                                            else DECODE_MMA_FULL_CONFIG)
             name = (f"decode_mma_kernel<{ctype}, {head_dim}, {g}, {nw}, {st}>" if cluster == 1
                     else f"decode_mma_cluster_kernel<{ctype}, {head_dim}, {g}, {nw}, {st}, "
                     f"{cluster}>")

@@ -16,8 +16,11 @@ rows qkv 31.3 against 22.5 us, o 22.2 / 17.3, gate_up with its SiLU-mul 99.7 / 9
 48.7; a layer 0.79-0.97x of cuBLAS from 16 to 256 rows), and W1 Llama-3-8B gave 9,884 output tok/s
 against 10,133 on cuBLAS (clusters of 2: 7,884). ncu at gate_up, 256 rows: 101 us, 714 MB
 through the L2 (68% of its peak) against cuBLAS's persistent 132-block kernel's 96 us and 545 MB;
-the pair form moved more (846 MB) and its SMs stayed active 1.7x longer (157 us): its multicast
-does not pay yet. Qkv and o leave SMs idle (48 and 32 blocks of 128 rows, split 2 and 4 ways).
+the pair form moved more (846 MB) and its SMs stayed active 1.7x longer (157 us), stalled on
+the cluster-scope release fence of each remote arrive; with plain arrives (gemm_sm90.cu) it
+takes 99 us at 256 rows against 98.5 for single blocks and 92.7 for cuBLAS, and 88 against 98 and
+69 at 144 rows (gate_up; down level with single blocks). Qkv and o leave SMs idle (48 and 32
+blocks of 128 rows, split 2 and 4 ways).
 """
 
 from __future__ import annotations

@@ -18,7 +18,8 @@ the tuned plans gain 5-11% on some shapes (gate_up at M = 128..256 and 2048..819
 M = 32, 64, 192) and lose up to 5% on others (gate_up M = 16, down M = 128): one call timed after
 an L2 flush ranks algorithms within a few % of each other differently from back-to-back replay.
 Net per decode step 1.1-1.5% (M = 64..256), per 8192-token chunk 2.1%; W1 Llama 9,623 tok/s with
-it (and the 8-wide SiLU) against 9,472 without (run A): within run-to-run noise.
+it (and the 8-wide SiLU) against 9,472 without (run A): within run-to-run noise. Session 18:
+9,777 with it against 9,907 and 9,936 without, interleaved in one call.
 
     PAGEDSERVE_GEMM_TUNE=1             turn it on
     PAGEDSERVE_GEMM_TUNE_MAX_M=256     tune only up to this many rows (larger: cublasGemmEx)

@@ -95,7 +95,7 @@ GGUF_GEMV3_BIG = {"Q4_K": 24, "Q8_0": 32, "Q6_K": 24}
 GGUF_GEMV3_KINDS = tuple(GGUF_GEMV3_BIG)
 DECODE_UNROLL = 2  # 16-byte K and V loads per lane in flight (U); 2 beat 4 and 8 on the H200
 # attention_decode_mma.cu's (warps, cp.async stages per warp) variants; rows GR are 8 or 16
-DECODE_MMA_CONFIGS = ((4, 2), (4, 3), (8, 2))
+DECODE_MMA_CONFIGS = ((4, 2), (6, 2), (4, 3), (8, 2))
 # attention_decode_mma.cu's cluster kernel (warps, stages, blocks a cluster): the first is what
 # cuda_attention's short-context graphs run (others measured slower, cuda_attention.py)
 DECODE_CLUSTER_CONFIGS = ((8, 2, 4),)
