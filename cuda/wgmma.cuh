@@ -179,21 +179,13 @@ __device__ __forceinline__ void mbar_init(unsigned long long* bar, int count) {
   asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count));
 }
 // Wait until the barrier's phase with this parity (0, 1, 0, ...: its completions so far, mod 2)
-// has completed; acquires what the arriving threads wrote (CLUSTER: also threads of other blocks
-// of the cluster, which arrive with release at cluster scope).
-#define PS_MBAR_WAIT(SCOPE)                                                                    \
-  asm volatile("{\n.reg .pred done;\nWAIT:\n"                                                  \
-               "mbarrier.try_wait.parity" SCOPE ".shared::cta.b64 done, [%0], %1;\n"          \
-               "@!done bra WAIT;\n}\n" ::"r"(smem_addr(bar)),                                  \
-               "r"(parity)                                                                     \
-               : "memory")
-template <bool CLUSTER = false>
+// has completed; acquires what the arriving threads wrote.
 __device__ __forceinline__ void mbar_wait(unsigned long long* bar, int parity) {
-  if constexpr (CLUSTER) {
-    PS_MBAR_WAIT(".acquire.cluster");
-  } else {
-    PS_MBAR_WAIT("");
-  }
+  asm volatile("{\n.reg .pred done;\nWAIT:\n"
+               "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+               "@!done bra WAIT;\n}\n" ::"r"(smem_addr(bar)),
+               "r"(parity)
+               : "memory");
 }
 __device__ __forceinline__ void mbar_arrive(unsigned long long* bar) {
   asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");

@@ -193,6 +193,7 @@ class SamplingParams:
             if not ok:
                 raise ParamError(name, f"{name} {rule}, got {reprlib.repr(getattr(self, name))}")
 
+        # the integers first: the range checks below compare them
         for name in _INT_FIELDS:
             value = getattr(self, name)
             optional = name not in ("n", "top_k", "min_tokens")
@@ -206,24 +207,24 @@ class SamplingParams:
             value = getattr(self, name)
             check(isinstance(value, (int, float)) and not isinstance(value, bool)
                   and math.isfinite(value), name, "must be a finite number")
-        check(is_int(self.n) and 1 <= self.n <= MAX_N, "n",
+        check(1 <= self.n <= MAX_N, "n",
               f"must be an integer in [1, {MAX_N}]")
         check(self.temperature >= 0, "temperature", "must be >= 0")
         check(0 < self.top_p <= 1, "top_p", "must be in (0, 1]")
         # NOTE: the sampler holds top_k as int32; a larger k keeps the whole vocabulary anyway.
-        check(is_int(self.top_k) and 0 <= self.top_k < 2**31, "top_k",
+        check(0 <= self.top_k < 2**31, "top_k",
               "must be -1, 0 or in [1, 2**31)")
         check(0 <= self.min_p <= 1, "min_p", "must be in [0, 1]")
         check(-2 <= self.presence_penalty <= 2, "presence_penalty", "must be in [-2, 2]")
         check(-2 <= self.frequency_penalty <= 2, "frequency_penalty", "must be in [-2, 2]")
         check(self.repetition_penalty > 0, "repetition_penalty", "must be > 0")
         check(
-            self.max_tokens is None or (is_int(self.max_tokens) and self.max_tokens >= 1),
+            self.max_tokens is None or self.max_tokens >= 1,
             "max_tokens",
             "must be an integer >= 1",
         )
         check(
-            is_int(self.min_tokens) and self.min_tokens >= 0,
+            self.min_tokens >= 0,
             "min_tokens",
             "must be an integer >= 0",
         )
@@ -234,18 +235,17 @@ class SamplingParams:
         )
         check(
             self.logprobs is None or self.logprob_token_ids is not None
-            or (is_int(self.logprobs) and -1 <= self.logprobs <= MAX_LOGPROBS),
+            or -1 <= self.logprobs <= MAX_LOGPROBS,
             "logprobs",
             f"must be an integer in [0, {MAX_LOGPROBS}], or -1 for the whole vocabulary",
         )
         check(
             self.prompt_logprobs is None
-            or (is_int(self.prompt_logprobs)
-                and -1 <= self.prompt_logprobs <= MAX_LOGPROBS),
+            or -1 <= self.prompt_logprobs <= MAX_LOGPROBS,
             "prompt_logprobs",
             f"must be an integer in [0, {MAX_LOGPROBS}], or -1 for the whole vocabulary",
         )
-        check(self.best_of is None or (is_int(self.best_of) and self.best_of >= self.n),
+        check(self.best_of is None or self.best_of >= self.n,
               "best_of", f"must be an integer >= n ({self.n})")
         check(self.best_of in (None, self.n) or self.use_beam_search, "best_of",
               "other than n needs use_beam_search")
@@ -259,7 +259,6 @@ class SamplingParams:
         check(not self.use_beam_search or 2 * self.beam_width <= MAX_LOGPROBS,
               "best_of" if self.best_of else "n",
               f"must be <= {MAX_LOGPROBS // 2} with use_beam_search")
-        check(self.seed is None or is_int(self.seed), "seed", "must be an integer")
         check(
             all(isinstance(s, str) and s for s in self.stop_list),
             "stop",
