@@ -110,7 +110,7 @@ class RequestTable:
 
     def _check(self, ids: list[int], params) -> None:
         vocab, config = self.vocab_size, self.config
-        for i, t in enumerate(ids):
+        for i, t in enumerate(ids if ids and not 0 <= min(ids) <= max(ids) < vocab else ()):
             if not 0 <= t < vocab:
                 raise ValueError(f"prompt_token_ids[{i}] = {t!r}: token id {t} is out of "
                                  f"vocabulary (vocab_size {vocab})")
