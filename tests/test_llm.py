@@ -1,7 +1,9 @@
 """The offline LLM entry point: input order, per-prompt params, chat, construction from flags."""
 
+import gc
 import json
 
+import numpy as np
 import pytest
 
 from engine.core.sampling_params import SamplingParams
@@ -39,9 +41,20 @@ def test_token_ids_the_detokenizer_cannot_hold_are_refused_first(make_engine):
             llm.generate({"prompt_token_ids": ids}, use_tqdm=False)
     with pytest.raises(TypeError, match="prompt_token_ids"):
         llm.generate({"prompt_token_ids": 5}, use_tqdm=False)
-    out = llm.generate({"prompt_token_ids": [5, 6]}, SamplingParams(max_tokens=2),
-                       use_tqdm=False)
+    for ids, bad in (([5, True], "True"), ([5, 6.0], "6.0"), ([7, "8"], "'8'")):
+        with pytest.raises(ValueError, match=rf"prompt_token_ids\[1\] = {bad} is not a token id"):
+            llm.generate({"prompt_token_ids": ids}, use_tqdm=False)
+    vocab = llm.engine.model_config.vocab_size
+    with pytest.raises(ValueError, match=rf"prompt_token_ids\[2\] = {vocab}: .*out of vocab"):
+        llm.generate({"prompt_token_ids": [0, vocab - 1, vocab]}, use_tqdm=False)
+    params = SamplingParams(max_tokens=2, temperature=0)
+    out = llm.generate({"prompt_token_ids": [5, 6]}, params, use_tqdm=False)
     assert len(out[0].outputs[0].token_ids) == 2
+    # numpy integers are token ids too, the same prompt as plain ints
+    again = llm.generate({"prompt_token_ids": [np.int64(5), np.int32(6)]}, params,
+                         use_tqdm=False)
+    assert again[0].prompt_token_ids == [5, 6]
+    assert again[0].outputs[0].token_ids == out[0].outputs[0].token_ids
     assert llm.engine.get_stats().kv_blocks_used == 0
 
 
@@ -103,9 +116,13 @@ def test_close_is_idempotent_and_a_closed_llm_refuses_use(make_engine):
     params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
     with LLM.from_engine(make_engine()) as llm:
         engine = llm.engine
+        # the core's start-up objects sit out of the garbage collector's full collections
+        # (their pauses stalled the GPU) until it is closed
+        assert gc.get_freeze_count() > 1000
         want = llm.generate(prompt, params, use_tqdm=False)[0].outputs[0].token_ids
         engine.add_request("left-running", prompt, params)  # dropped by close
     assert engine.is_closed and engine.kv_cache is None and engine.model is None
+    assert gc.get_freeze_count() == 0
     llm.close()  # again: nothing happens
     engine.shutdown()
     with pytest.raises(RuntimeError, match="closed; create a new LLM"):
