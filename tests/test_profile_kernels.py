@@ -55,6 +55,18 @@ def test_gemms_are_named_by_the_projection_they_compute():
     assert got == per_layer * 2 + ["gemm lm_head"]
 
 
+def test_an_nvjet_kernel_that_splits_k_inside_is_a_call_of_its_own():
+    """cuBLAS's nvjet kernels name an in-kernel split-K "_splitK_": each is a whole GEMM call
+    (qkv here), not the reduction of the call before (down)."""
+    nvjet_splitk = "nvjet_sm90_tst_128x128_64x6_2x1_v_bz_splitK_TNT"
+    names = step_names(layers=2)
+    names[names.index(GEMM, 3)] = nvjet_splitk  # the first layer's qkv
+    names[[i for i, n in enumerate(names) if n == GEMM][4]] = nvjet_splitk  # the second's
+    step, _ = timeline(names)
+    got = [lab for lab in labels(step) if lab.startswith("gemm")]
+    assert got == ["gemm qkv", "gemm o", "gemm gate_up", "gemm down"] * 2 + ["gemm lm_head"]
+
+
 def test_steps_end_after_the_sampler_and_its_copy():
     a, t = timeline(step_names())
     b, t = timeline(step_names(), start=t + 50_000, grid_y=100)

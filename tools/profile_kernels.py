@@ -120,8 +120,9 @@ AFTER_ATTENTION = ("gemm o", "gemm gate_up", "gemm down")  # a layer's GEMM call
 def labels(step: list[Record]) -> list[str]:
     """Each record's label: its category, the GEMMs named by the projection they compute. A
     layer's GEMM calls run qkv, then (past attention) o, gate_up, down; a call's second kernel
-    (a split-K reduction: "reduce" or "splitK" in its name) takes its first one's label, and the
-    step's last call is lm_head. Counting calls holds where kernels between them are fused away
+    (a split-K reduction: "reduce" in its name) takes its first one's label, and the step's last
+    call is lm_head. cuBLAS's nvjet kernels that split K inside ("_splitK_" in the name) are
+    whole calls. Counting calls holds where kernels between them are fused away
     (the SiLU-mul in gate_up's epilogue)."""
     out: list[str] = []
     past_attention, calls, label = False, 0, None
@@ -133,7 +134,7 @@ def labels(step: list[Record]) -> list[str]:
             out.append(cat)
             continue
         low = rec.name.lower()
-        if label is None or not ("reduce" in low or "splitk" in low):  # a new call
+        if label is None or "reduce" not in low:  # a new call
             if past_attention and calls < len(AFTER_ATTENTION):
                 label, calls = AFTER_ATTENTION[calls], calls + 1
                 past_attention = calls < len(AFTER_ATTENTION)
