@@ -110,10 +110,10 @@ class RequestTable:
 
     def _check(self, ids: list[int], params) -> None:
         vocab, config = self.vocab_size, self.config
-        for i, t in enumerate(ids if ids and not 0 <= min(ids) <= max(ids) < vocab else ()):
-            if not 0 <= t < vocab:
-                raise ValueError(f"prompt_token_ids[{i}] = {t!r}: token id {t} is out of "
-                                 f"vocabulary (vocab_size {vocab})")
+        if ids and not 0 <= min(ids) <= max(ids) < vocab:  # min/max: C speed for the usual case
+            i, t = next((i, t) for i, t in enumerate(ids) if not 0 <= t < vocab)
+            raise ValueError(f"prompt_token_ids[{i}] = {t!r}: token id {t} is out of "
+                             f"vocabulary (vocab_size {vocab})")
         for name in ("logit_bias", "stop_token_ids", "allowed_token_ids", "logprob_token_ids"):
             bad = [t for t in getattr(params, name) or () if not 0 <= t < vocab]
             if bad:  # vLLM's clients look for the ids, the size and "out of vocabulary"
