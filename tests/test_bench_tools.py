@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/ is not an installed package
 
 from engine.model.config import ModelConfig  # noqa: E402
-from tools import b1_gap, bench_serving, bench_throughput, seed_table  # noqa: E402
+from tools import b1_gap, bench_serving, bench_throughput, idle_report, seed_table  # noqa: E402
 from tools.bench_serving import RequestResult, compute_metrics  # noqa: E402
 from tools.workloads import (  # noqa: E402
     decode_steps,
@@ -123,6 +123,142 @@ def test_step_kinds_groups_device_time():
         {"kind": "decode 193+ seqs", "steps": 2, "gpu_s": 2.5, "prompt_tokens": 0},
         {"kind": "decode 1-64 seqs", "steps": 2, "gpu_s": 0.5, "prompt_tokens": 0},
     ]
+
+
+def test_idle_gaps_and_what_the_host_did_in_them():
+    # Device spans (seconds after the origin): idle 1 ms first, 2 ms before step 2, none before
+    # step 3 (it overlaps step 2), 0.05 ms before step 4.
+    spans = [(0.001, 0.010), (0.012, 0.020), (0.019, 0.030), (0.03005, 0.031)]
+    assert idle_report.idle_gaps(spans) == [(0, 0.0, 0.001), (1, 0.010, 0.012),
+                                            (3, 0.030, 0.03005)]
+    origin = 100.0  # the host's clock when the origin event ran
+    ev = idle_report.HostEvent
+    events = [ev("phase", "launch 2", 100.0095, 100.0125), ev("gc", "generation 2", 100.0101,
+                                                              100.0111),
+              ev("device alloc", "64.0 MiB", 100.020, 100.021)]  # inside no gap
+    r = idle_report.idle_report(spans, events, origin, top=2,
+                                step_labels=["a", "b", "c", "d"])
+    assert r["idle_before_first_s"] == pytest.approx(0.001)
+    assert r["idle_between_s"] == pytest.approx(0.00205)
+    assert r["gaps_by_size"]["1-10 ms"] == {"count": 1, "s": pytest.approx(0.002)}
+    assert r["gaps_by_size"]["5-100 us"] == {"count": 1, "s": pytest.approx(5e-5)}
+    # The two longest gaps, in step order, with the host records that overlap each (clipped).
+    assert [(g["step"], g["what"]) for g in r["longest"]] == [(0, "a"), (1, "b")]
+    assert r["longest"][0]["host"] == []
+    host = {h["label"]: h for h in r["longest"][1]["host"]}
+    assert set(host) == {"launch 2", "generation 2"}
+    assert host["launch 2"]["ms"] == pytest.approx(2.0) and host["launch 2"]["whole_ms"] == (
+        pytest.approx(3.0))
+    assert host["generation 2"]["ms"] == pytest.approx(1.0)
+    assert r["host_totals"] == {"gc": {"count": 1, "s": pytest.approx(0.001)},
+                                "device alloc": {"count": 1, "s": pytest.approx(0.001)}}
+    lines = idle_report.format_idle(r)
+    assert lines[0].startswith("device idle: 1.0 ms before the first step, 2.1 ms between")
+    assert "before step 2 (b): 2.00 ms idle; host: launch 2 2.00 of 3.00 ms; gc generation 2" \
+        in lines[-1]
+
+
+def test_bench_throughput_idle_finds_a_collection_between_steps(tiny_model, monkeypatch):
+    # A full collection forced at the start of every 5th launch (before the step's device work
+    # begins) must appear inside the gap before that step, and the spans cover every step.
+    import gc
+
+    from engine.executor.runner import ModelRunner
+
+    launch, calls = ModelRunner.launch, []
+
+    def slow_launch(self, batch, *a, **kw):
+        calls.append(1)
+        if len(calls) % 5 == 0:
+            gc.collect()
+        return launch(self, batch, *a, **kw)
+
+    monkeypatch.setattr(ModelRunner, "launch", slow_launch)
+    result = bench_throughput.main(["--model", tiny_model, *TINY_ARGS, "--idle", "100"])
+    idle = result["idle"]
+    gaps = {g["step"]: g for g in idle["longest"]}
+    collected = [k for k, g in gaps.items() if any(h["kind"] == "gc" for h in g["host"])]
+    assert collected and all((k + 1) % 5 == 0 for k in collected)
+    assert idle["host_totals"]["gc"]["count"] >= len(collected)
+    assert sum(v["count"] for v in idle["gaps_by_size"].values()) == result["num_steps"] - 1
+    assert 0 < idle["idle_between_s"] < result["wall_s"]
+    assert idle["device_s"] <= result["wall_s"]
+
+
+def test_idle_trace_records_cupys_allocations_and_first_kernels(monkeypatch):
+    # The cuda part of HostTrace against a stand-in for the CuPy calls it makes (the names are
+    # CuPy 14's: memory_hook.MemoryHook, the pinned allocator, the default pinned pool).
+    import functools
+    import time
+    import types
+
+    from engine.executor.ops import cuda_kernels
+
+    hooks, allocator = {}, []
+
+    class MemoryHook:
+        name = "base"
+
+        def __enter__(self):
+            hooks[self.name] = self
+
+        def __exit__(self, *_):
+            del hooks[self.name]
+
+    class Pool:
+        def malloc(self, size):
+            if size > 4096:
+                time.sleep(0.002)  # a new block: cudaHostAlloc
+            return size
+
+    pool = Pool()
+    cupy = types.ModuleType("cupy")
+    cupy.get_default_pinned_memory_pool = lambda: pool
+    cupy.cuda = types.SimpleNamespace(memory_hook=types.SimpleNamespace(MemoryHook=MemoryHook),
+                                      set_pinned_memory_allocator=allocator.append)
+    monkeypatch.setitem(sys.modules, "cupy", cupy)
+    monkeypatch.setitem(sys.modules, "cupy.cuda", cupy.cuda)
+    monkeypatch.setattr(cupy.cuda, "memory_hook", cupy.cuda.memory_hook)
+    monkeypatch.setitem(sys.modules, "cupy.cuda.memory_hook", cupy.cuda.memory_hook)
+    monkeypatch.setattr(cuda_kernels, "kernel", functools.cache(lambda file, name: name))
+
+    class Runner:
+        def launch(self, batch):
+            cuda_kernels.kernel("a.cu", batch.name)
+            return batch.name
+
+    core = types.SimpleNamespace(runner=Runner(), ops=types.SimpleNamespace(name="cuda"))
+    trace = idle_report.HostTrace(types.SimpleNamespace(core=core))
+    trace._trace_cuda()
+    (hook,) = hooks.values()
+    hook.alloc_preprocess(device_id=0, mem_size=3 << 20)
+    hook.alloc_postprocess(device_id=0, mem_size=3 << 20, mem_ptr=1)
+    pinned = allocator[-1]
+    assert pinned(512) == 512 and pinned(1 << 20) == 1 << 20  # answers as the pool does
+    for name in ("k1", "k1", "k2"):
+        assert core.runner.launch(types.SimpleNamespace(name=name, seqs=[1])) == name
+    kinds = [(e.kind, e.label) for e in trace.events]
+    assert kinds == [("device alloc", "3.0 MiB"), ("pinned alloc", "1024.0 KiB"),
+                     ("kernel", "1 first used in launch 0"), ("kernel", "1 first used in launch 0")]
+    assert trace.events[1].end - trace.events[1].start >= 0.002
+    trace.stop()
+    assert not hooks and allocator[-1] == pool.malloc and "launch" not in vars(core.runner)
+
+
+def test_bench_throughput_can_undo_the_engines_gc_freeze(tiny_model, monkeypatch):
+    import gc
+
+    counts, run = [], bench_throughput.run_requests
+
+    def counted(*a, **kw):
+        counts.append(gc.get_freeze_count())
+        return run(*a, **kw)
+
+    monkeypatch.setattr(bench_throughput, "run_requests", counted)
+    bench_throughput.main(["--model", tiny_model, *TINY_ARGS])
+    assert counts[-1] > 1000  # the engine core froze its start-up objects
+    bench_throughput.main(["--model", tiny_model, *TINY_ARGS, "--unfreeze-gc"])
+    assert counts[-1] == 0
 
 
 def test_bench_throughput_sampled(tiny_model, capsys):

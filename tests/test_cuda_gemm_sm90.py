@@ -172,3 +172,48 @@ def test_refuses_shapes_it_cannot_tile(ops):
         skinny_gemm(x, w, cupy.zeros((300, 128), ops.storage), ops.ctype)
     with pytest.raises(ValueError, match="N % 128"):
         skinny_gemm(x[:8], w[:100], cupy.zeros((8, 100), ops.storage), ops.ctype)
+
+
+@pytest.mark.gpu
+def test_cublas_k_slices_left_to_the_norm(ops, monkeypatch):
+    """PAGEDSERVE_CUBLAS_K_SPLITS=S: cuBLAS's product of 65..256 rows and K >= 8192 comes back
+    as S fp32 partial sums, one per slice of K (each slice's own product), which add_rms_norm
+    reduces, adds and norms in one launch; other shapes, or no defer_sum, stay whole."""
+    import cupy
+
+    import engine.executor.ops.cuda_blas as cb
+    import engine.executor.ops.cuda_gemm_sm90 as sk
+
+    monkeypatch.setattr(sk, "ENABLED", False)  # cuBLAS takes every shape
+    monkeypatch.setattr(cb, "K_SPLITS", 4)
+    rng = np.random.default_rng(4)
+    m, k, n = 128, 8192, 512
+    x_h = (rng.standard_normal((m, k)) * 0.1).astype(np.float32)
+    w_h = (rng.standard_normal((n, k)) * k**-0.5).astype(np.float32)
+    x, w = ops.from_host(x_h), ops.from_host(w_h)
+    x_h, w_h = ops.to_host(x), ops.to_host(w)  # as rounded to the dtype
+    res_h = rng.standard_normal((m, n)).astype(np.float32)
+    norm_h = (1 + 0.1 * rng.standard_normal(n)).astype(np.float32)
+    norm = ops.from_host(norm_h)
+    pending = ops.linear(x, w, defer_sum=True)
+    assert isinstance(pending, sk.PendingSum) and pending.partial.shape == (4, m, n)
+    parts = cupy.asnumpy(pending.partial)
+    for s in range(4):
+        cut = slice(s * k // 4, (s + 1) * k // 4)
+        want = x_h[:, cut].astype(np.float64) @ w_h[:, cut].T.astype(np.float64)
+        assert np.abs(parts[s] - want).max() < 1e-3 * np.abs(want).max()
+    res = ops.from_host(res_h)
+    h, res_out = ops.add_rms_norm(pending, res, norm, 1e-5)
+    want_h, want_res = REF.add_rms_norm(REF.linear(x_h, w_h), ops.to_host(ops.from_host(res_h)),
+                                        ops.to_host(norm), 1e-5)
+    err = np.linalg.norm(ops.to_host(h) - want_h) / np.linalg.norm(want_h)
+    assert err < TOL[ops.dtype], err
+    err = np.linalg.norm(ops.to_host(res_out) - want_res) / np.linalg.norm(want_res)
+    assert err < TOL[ops.dtype], err
+    for got in (ops.linear(x[:64], w, defer_sum=True),  # fewer rows than 65
+                ops.linear(cupy.ascontiguousarray(x[:, :4096]),  # K below 8192
+                           cupy.ascontiguousarray(w[:, :4096]), defer_sum=True),
+                ops.linear(x, w)):  # nothing takes partial sums
+        assert isinstance(got, cupy.ndarray)
+    monkeypatch.setattr(cb, "K_SPLITS", 0)
+    assert isinstance(ops.linear(x, w, defer_sum=True), cupy.ndarray)

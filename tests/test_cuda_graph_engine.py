@@ -78,3 +78,37 @@ def test_graphs_at_full_batch_with_a_long_max_model_len():
         tokens[eager] = [o.outputs[0].token_ids for o in outs]
     assert all(len(t) == 6 for t in tokens[False])
     assert tokens[False] == tokens[True]
+
+
+@pytest.mark.skipif(not runner.DECODE_GRAPHS, reason="PAGEDSERVE_DECODE_GRAPHS=0")
+def test_longest_first_decode_order_keeps_the_tokens(monkeypatch):
+    """PAGEDSERVE_DECODE_ORDER=longest: the graphs' decode grid reads each step's order from the
+    upload, eager steps' plans sort their decode rows; tokens as in batch order."""
+    from engine.executor.ops import cuda_attention
+
+    loaded = _tiny_qwen3()
+    eager, _ = _generate(True, loaded)
+    monkeypatch.setattr(cuda_attention, "DECODE_ORDER", "longest")
+    engine = LLMEngine(EngineConfig(device="cuda", dtype="bfloat16", max_model_len=256,
+                                    max_num_seqs=4, num_kv_blocks=96, block_size=16),
+                       loaded_model=loaded)
+    graphs = engine.runner.graphs
+    assert graphs.ordered
+    orders = []
+    run = graphs.run
+
+    def watched(*a):
+        out = run(*a)
+        b = len(a[2].context_lens)
+        orders.append((list(a[2].context_lens), cupy.asnumpy(graphs.order[:b]).tolist()))
+        return out
+
+    graphs.run = watched
+    graph, _ = _run(engine)
+    assert graph == eager
+    assert orders and all(
+        sorted(order) == list(range(len(ctx)))
+        and [ctx[i] for i in order] == sorted(ctx, reverse=True) for ctx, order in orders)
+    assert any(order != sorted(order) for _, order in orders)  # some step was reordered
+    ordered_eager, _ = _generate(True, loaded)
+    assert ordered_eager == eager

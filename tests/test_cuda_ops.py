@@ -181,6 +181,36 @@ def test_write_kv_cache_and_attention(ops, head_dim, block_size, group, batch, d
     assert rel_err(ops.to_host(got), want) < TOL[ops.dtype]
 
 
+@pytest.mark.parametrize("num_new, ctx", [([1, 1, 1, 1], [1, 17, 1000, 4096]),
+                                          ([1, 37, 1, 20, 1], [64, 337, 900, 20, 300])])
+def test_longest_first_decode_order_is_bit_identical(ops, num_new, ctx, decode_kernel,
+                                                      monkeypatch):
+    """PAGEDSERVE_DECODE_ORDER=longest reorders the decode grid's rows, longest context first;
+    every row's output is the same bits as in batch order."""
+    from engine.executor.ops import cuda_attention
+
+    rng = np.random.default_rng(5)
+    nkv, group, hd, bs = 2, 4, 128, 16
+    nh, num_blocks = nkv * group, sum(-(-c // bs) for c in ctx) + 3
+    meta = make_batch(rng, num_new, ctx, bs, num_blocks)
+    cache, _ = upload(ops, randn(2, num_blocks, nkv, bs, hd, rng=rng))
+    qkv, qkv_h = upload(ops, randn(sum(num_new), (nh + 2 * nkv) * hd, rng=rng))
+    outs, rows = {}, {}
+    for order in ("batch", "longest"):
+        monkeypatch.setattr(cuda_attention, "DECODE_ORDER", order)
+        dmeta = ops.prepare_metadata(meta)
+        outs[order] = ops.to_host(ops.attention(qkv, cache[0], cache[1], dmeta, nh, nkv,
+                                                hd**-0.5))
+        rows[order] = cupy.asnumpy(dmeta.work[group].decode_seqs).tolist()
+    decodes = [s for s, n in enumerate(num_new) if n == 1]
+    assert rows["batch"] == decodes
+    assert rows["longest"] == sorted(decodes, key=lambda s: -ctx[s]) != decodes
+    np.testing.assert_array_equal(outs["longest"], outs["batch"])
+    want = REF.attention(qkv_h, ops.to_host(cache[0]), ops.to_host(cache[1]), meta, nh, nkv,
+                         hd**-0.5)
+    assert rel_err(outs["longest"], want) < TOL[ops.dtype]
+
+
 def test_attention_padding_rows_are_zero(ops, decode_kernel):
     """CUDA-graph padding rows (context 0) attend to nothing: zeros, not NaN; the others exact."""
     from engine.executor.ops.cuda_attention import DeviceAttentionMetadata, decode_plan

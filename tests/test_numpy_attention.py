@@ -68,3 +68,14 @@ def test_paged_attention_matches_dense_attention(monkeypatch, rows):
         want = dense(q[lo:hi], keys[s].astype(np.float64), values[s].astype(np.float64),
                      num_new, scale)
         np.testing.assert_allclose(got[lo:hi].reshape(-1, NH, HD), want, atol=2e-6, rtol=0)
+
+
+def test_longest_first_orders_decode_rows_for_the_grid():
+    # The decode rows of a step (here rows 0, 2, 3, 5 of six) by context, longest first, ties in
+    # batch order: the order PAGEDSERVE_DECODE_ORDER=longest gives the GPU's decode grid.
+    from engine.executor.ops import longest_first
+
+    ctx = np.array([300, 9, 1200, 300, 77, 4000], np.int32)
+    assert longest_first(np.array([0, 2, 3, 5]), ctx).tolist() == [5, 2, 0, 3]
+    assert longest_first(np.arange(6), ctx).tolist() == [5, 2, 0, 3, 4, 1]
+    assert longest_first(np.array([], np.int64), ctx).tolist() == []

@@ -30,6 +30,11 @@ have no tokenizer: the grammar is compiled against a synthetic vocabulary of the
     python tools/bench_throughput.py --model qwen3-0.6b --load-format dummy --device cuda \
         --dtype bfloat16 --structured
 
+`--idle N` also reports the device's idle time between steps (events at every step's start
+and end) and, for its N longest gaps, what the host was doing: the engine core's phases, garbage
+collections, CuPy's device and slow pinned allocations, kernels used for the first time
+(tools/idle_report.py).
+
 `--scale` shrinks every prompt and output length (at least 1 token each); `--num-prompts` draws
 fewer requests (the first ones are not W1's first ones: the draw depends on the count). A warm-up
 of two short requests runs first (kernels compile, graphs capture) unless `--no-warmup`.
@@ -139,10 +144,12 @@ def describe_sampling(settings: dict) -> str:
 
 def run_requests(engine, prompts: list[list[int]], output_lens: list[int],
                  temperature: float = 0.0, tag: str = "w1", structured=None,
-                 sampling: dict | None = None) -> dict:
+                 sampling: dict | None = None, idle: int = 0) -> dict:
     """Submit every request at once, step until all finish; a trace of what happened.
 
     `sampling`: more SamplingParams fields (top_p, top_k, min_p, repetition_penalty).
+    `idle`: also trace the host and report the device's idle time, with its `idle` longest gaps
+    (tools/idle_report.py).
 
     Per step it samples the KV blocks allocated and the tokens actually held in the cache (sum of
     the running sequences' computed tokens), and the number of sequences in the batch.
@@ -159,6 +166,15 @@ def run_requests(engine, prompts: list[list[int]], output_lens: list[int],
     prompt_tokens, launched_seqs = [], []
     last = stats0
     token_counts: dict[str, int] = {}
+    trace = None
+    if idle:
+        from tools.idle_report import HostTrace
+
+        engine.ops.synchronize()
+        runner.time_origin, origin = engine.ops.record_event(), time.perf_counter()
+        del runner.gpu_step_spans[:]
+        trace = HostTrace(engine)
+        trace.start()
     try:
         t0 = time.perf_counter()
         for i, (p, o) in enumerate(zip(prompts, output_lens, strict=True)):
@@ -186,11 +202,21 @@ def run_requests(engine, prompts: list[list[int]], output_lens: list[int],
         wall = time.perf_counter() - t0
     finally:
         runner.time_gpu = False
+        if trace is not None:
+            trace.stop()
+            runner.time_origin = None
     stats1 = engine.get_stats()
     # Steady state: the middle 80% of the step() calls, beside the device time of the steps
     # launched in them (the overlapped loop reads each one a call later: one step's skew).
     lo, hi = len(step_times) // 10, len(step_times) - len(step_times) // 10
-    return {
+    extra = {}
+    if trace is not None:
+        from tools.idle_report import idle_report
+
+        labels = [f"{p} prompt tokens, {n} seqs" if p else f"decode, {n} seqs"
+                  for p, n in zip(prompt_tokens, launched_seqs, strict=True)]
+        extra["idle"] = idle_report(runner.gpu_step_spans, trace.events, origin, idle, labels)
+    return extra | {
         "wall_s": wall,
         "num_steps": stats1.num_steps - stats0.num_steps,
         "num_preemptions": stats1.num_preemptions - stats0.num_preemptions,
@@ -251,12 +277,22 @@ def llm_and_workload(args: argparse.Namespace, enable_prefix_caching: bool = Tru
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_engine_args(ap)
+    ap.add_argument("--idle", type=int, default=0, metavar="N",
+                    help="also report the device's idle time between steps and what the host "
+                         "did during its N longest gaps (tools/idle_report.py)")
+    ap.add_argument("--unfreeze-gc", action="store_true",
+                    help="gc.unfreeze() once the engine is up: the run as before the engine core "
+                         "froze its start-up objects, to measure what the freeze gains")
     args = ap.parse_args(argv)
     llm, prompts, output_lens = llm_and_workload(args)
+    if args.unfreeze_gc:
+        import gc
+
+        gc.unfreeze()
     engine = llm.engine
     settings = sampling_settings(args)
     trace = run_requests(engine, prompts, output_lens, settings.pop("temperature"),
-                         sampling=settings)
+                         sampling=settings, idle=args.idle)
     result = summarize(args, engine, prompts, output_lens, trace)
     if args.structured:
         from tools.structured_workload import BOUNDED_SCHEMA, SCHEMA
@@ -332,6 +368,8 @@ def summarize(args, engine, prompts, output_lens, trace) -> dict:
         "roofline_bound_by": bound["bound"],
         "fraction_of_roofline": (output_tokens / wall) / bound["output_tok_s"],
     }
+    if "idle" in trace:
+        result["idle"] = trace["idle"]
     if args.speculative_config:
         stats = engine.get_stats()
         result["spec_num_draft_tokens"] = stats.spec_num_draft_tokens
@@ -340,6 +378,11 @@ def summarize(args, engine, prompts, output_lens, trace) -> dict:
 
 
 def format_report(r: dict) -> str:
+    idle = []
+    if "idle" in r:
+        from tools.idle_report import format_idle
+
+        idle = format_idle(r["idle"])
     return "\n".join([
         f"W1 on {r['model']} ({r['device']}, {r['dtype']}"
         f"{', ' + r['quantization'] if r.get('quantization') else ''}, {r['sampling']}): "
@@ -360,6 +403,7 @@ def format_report(r: dict) -> str:
             f"({k['gpu_s'] / k['steps'] * 1e3:.2f} ms each"
             + (f", {k['prompt_tokens']} prompt tokens" if k["prompt_tokens"] else "") + ")"
             for k in r["gpu_time_by_step_kind"]),
+        *idle,
     ])
 
 

@@ -30,6 +30,14 @@
 # installed from .whl/ when present (../shared/tools/gpu_wheels.sh downloads them; give it
 # `uvloop httptools`, the server's faster event loop and HTTP parser: without them uvicorn runs
 # on asyncio + h11, and each server start below says which it has).
+# w1-8b-ab (not in the default list): W1 on Llama-3-8B once per environment in $AB, the list
+# run $AB_ROUNDS (2) times over: AB="- PAGEDSERVE_DECODE_ORDER=longest
+# PAGEDSERVE_CUBLAS_K_SPLITS=2,PAGEDSERVE_DECODE_ORDER=longest" ("-": the defaults; a comma
+# joins the variables of one run), recorded as w1-llama3-8b[ENV].
+# w1-8b-unfrozen (not in the default list): W1 on Llama-3-8B with the garbage collector's
+# start-up freeze undone (--unfreeze-gc): beside w1-8b, what the freeze gains.
+# w1-8b-idle (not in the default list): W1 on Llama-3-8B with `--idle 16` (tools/idle_report.py),
+# the report in $OUT/idle-llama3-8b.txt.
 # w1-http-dp (not in the default list): W1-HTTP on llama3-8b, 1 then $DP (2) engine cores.
 # w2 with STAGES=1 also prints where W2's first tokens waited, stage by stage (bench_serving
 # --stages, tools/ttft_stages.py); W2_SERVE_FLAGS (e.g. --no-async-scheduling) go to its server.
@@ -100,6 +108,18 @@ for step in $steps; do
     latency-32k) record latency-32k-qwen3-0.6b 120 python3 tools/bench_latency.py $Q \
       --context-len 32532 ;;
     w1-8b) record w1-llama3-8b 150 python3 tools/bench_throughput.py $L ;;
+    w1-8b-ab)  # W1 Llama-3-8B under each environment of $AB, interleaved $AB_ROUNDS times
+      for _ in $(seq 1 "${AB_ROUNDS:-2}"); do
+        for v in ${AB:--}; do
+          # shellcheck disable=SC2046  # one word per VAR=VALUE
+          record "w1-llama3-8b[$v]" 150 env $([ "$v" = - ] || echo "$v" | tr , ' ') \
+            python3 tools/bench_throughput.py $L
+        done
+      done ;;
+    w1-8b-unfrozen) record w1-llama3-8b-unfrozen 150 python3 tools/bench_throughput.py $L \
+      --unfreeze-gc ;;
+    w1-8b-idle)  # the report as printed: the device's 16 longest idle gaps and the host then
+      timeout 200 python3 tools/bench_throughput.py $L --idle 16 | tee "$OUT/idle-llama3-8b.txt" ;;
     w1-8b-sync) record w1-llama3-8b-sync 150 python3 tools/bench_throughput.py $L \
       --no-async-scheduling ;;
     latency-8b) record latency-llama3-8b 90 python3 tools/bench_latency.py $L ;;

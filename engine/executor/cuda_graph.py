@@ -32,9 +32,10 @@ import logging
 import cupy
 import numpy as np
 
-from engine.executor.ops import AttentionMetadata, cuda_kernels
+from engine.executor.ops import AttentionMetadata, cuda_kernels, longest_first
 from engine.executor.ops.cuda_attention import (
     DeviceAttentionMetadata,
+    decode_order,
     decode_plan,
     short_graph_sizes,
     takes_short_graph,
@@ -78,8 +79,10 @@ class DecodeGraphs:
         block_size = kv_cache.shape[4]
         self.max_context_len = max_context_len or max_blocks_per_seq * block_size
         # Persistent inputs, (n,) unless noted. The per-step ones sit in one buffer so that a step
-        # uploads once: [input_ids | positions | slot_mapping | context_lens | staged tables].
-        size = 4 * n + n * max_blocks_per_seq
+        # uploads once: [input_ids | positions | slot_mapping | context_lens | order | staged
+        # tables], order: the rows in the decode attention grid's order (cuda_attention
+        # DECODE_ORDER "longest"; unused in "batch" order, where each plan keeps its own).
+        size = 5 * n + n * max_blocks_per_seq
         self._pinned = [cupy.cuda.alloc_pinned_memory(size * 4) for _ in range(2)]
         self._staging = [np.frombuffer(m, np.int32, size) for m in self._pinned]
         self._uploaded: list = [None, None]  # event after each staging buffer's last upload
@@ -89,6 +92,8 @@ class DecodeGraphs:
         self.positions = self._device[n : 2 * n]
         self.slot_mapping = self._device[2 * n : 3 * n]
         self.context_lens = self._device[3 * n : 4 * n]
+        self.order = self._device[4 * n : 5 * n]
+        self.ordered = decode_order() == "longest"
         self.slot_mapping.fill(-1)  # the warm-up forward at capture must write no k/v
         self.query_start_loc = cupy.arange(n + 1, dtype=cupy.int32)  # (n + 1,) one token each
         self.block_tables = cupy.zeros((n, max_blocks_per_seq), cupy.int32)
@@ -102,6 +107,8 @@ class DecodeGraphs:
         # every row a decode; the context splits are fixed for the graph's lifetime
         plan = decode_plan(size, c.num_kv_heads, group, self.max_context_len, short,
                            self.fresh_keys)
+        if self.ordered:
+            plan.decode_seqs = self.order[:size]  # run() writes each step's order
         return DeviceAttentionMetadata(
             self.slot_mapping[:size], self.query_start_loc[: size + 1], self.context_lens[:size],
             self.block_tables[:size], 1, self.max_context_len, host=None,
@@ -206,8 +213,11 @@ class DecodeGraphs:
                                       (meta.context_lens, 0))):
             h[i * n : i * n + b] = a
             h[i * n + b : i * n + size] = pad
-        end = 4 * n + b * width
-        h[4 * n : end].reshape(b, width)[:] = meta.block_tables
+        if self.ordered:  # padding rows (context 0) last
+            h[4 * n : 4 * n + b] = longest_first(np.arange(b), meta.context_lens)
+            h[4 * n + b : 4 * n + size] = np.arange(b, size)
+        end = 5 * n + b * width
+        h[5 * n : end].reshape(b, width)[:] = meta.block_tables
         stream = cupy.cuda.get_current_stream()
         self._device[:end].set(h[:end], stream)  # the step's one host -> device copy
         event = self._uploaded[turn] = cupy.cuda.Event(disable_timing=True)
@@ -215,7 +225,7 @@ class DecodeGraphs:
         # The staged (b, width) tables into the (n, max_blocks) rows the graph reads, on the GPU.
         item = self._device.itemsize
         cupy.cuda.runtime.memcpy2DAsync(
-            self.block_tables.data.ptr, max_blocks * item, self._device.data.ptr + 4 * n * item,
+            self.block_tables.data.ptr, max_blocks * item, self._device.data.ptr + 5 * n * item,
             width * item, width * item, b, cupy.cuda.runtime.memcpyDeviceToDevice, stream.ptr)
         if prev_sampled is not None:
             self.model.ops.resolve_placeholders(self.input_ids[:b], prev_sampled)

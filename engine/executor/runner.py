@@ -127,6 +127,10 @@ class ModelRunner:
         self.token_counts = None
         self.time_gpu = False  # record device time per step (benchmarks) in gpu_step_times
         self.gpu_step_times: list[float] = []  # seconds, in launch order, once results are read
+        # With time_gpu and an origin event (ops.record_event()), each step's (start, end) in
+        # seconds after it as well: the device's idle time between steps (bench_throughput --idle)
+        self.time_origin = None
+        self.gpu_step_spans: list[tuple[float, float]] = []
         self.graphs = self.mixed_graphs = None
         # Steps that replayed a decode graph, and how many of them verified drafts (tests).
         self.num_graph_steps = self.num_graph_verify_steps = 0
@@ -410,7 +414,11 @@ class StepHandle:
         if self._timing is not None:
             ops = self._runner.ops
             ops.wait_event(self._timing[1])
-            self._runner.gpu_step_times.append(ops.elapsed_s(*self._timing))
+            runner = self._runner
+            runner.gpu_step_times.append(ops.elapsed_s(*self._timing))
+            if runner.time_origin is not None:
+                runner.gpu_step_spans.append(tuple(ops.elapsed_s(runner.time_origin, e)
+                                                   for e in self._timing))
             self._timing = None
         self._pending = None
         return out

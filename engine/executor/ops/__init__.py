@@ -42,6 +42,15 @@ class AttentionMetadata:
         return self.max_query_len == 1
 
 
+def longest_first(rows: np.ndarray, context_lens: np.ndarray) -> np.ndarray:
+    """`rows` (a step's decode rows) in the order a decode attention grid takes them: the longest
+    context first, ties in batch order. The GPU hands out thread blocks about in grid order, so
+    the longest sequences start first and the short ones fill the last wave, instead of a few
+    long ones running alone at its end (longest-processing-time-first scheduling)."""
+    rows = np.asarray(rows)
+    return rows[np.argsort(-np.asarray(context_lens, np.int64)[rows], kind="stable")]
+
+
 ALLOWED_PAD = 2**31 - 1  # pads SamplingTensors.allowed_ids
 
 

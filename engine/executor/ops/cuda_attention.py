@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 import cupy
 import numpy as np
 
-from engine.executor.ops import AttentionMetadata
+from engine.executor.ops import AttentionMetadata, longest_first
 from engine.executor.ops.cuda_kernels import (
     DECODE_CLUSTER_CONFIGS,
     DECODE_GROUPS,
@@ -58,6 +58,16 @@ MIN_KEYS_PER_SPLIT = 64
 # rings busy. Session 8 on the H200 (bench_latency, Qwen3-0.6B shapes, batch 1): 32 against 48
 # splits 0.872 against 0.928 ms/token at a 4,096-token context, 1.732 against 1.793 at 32,532.
 MAX_SPLITS = int(os.environ.get("PAGEDSERVE_DECODE_MAX_SPLITS", "32"))  # a sweep's knob
+# The order of a step's decode rows in the grid (its blockIdx.y): "batch", or "longest" context
+# first (ops.longest_first; the decode graphs upload the order with each step's inputs). W1's
+# batches mix contexts of 100 to 2,000 keys; a model of the grid (2,048 blocks of 256
+# sequences x 8 kv heads, 264 resident, each block's time its keys + 64) puts the last wave's
+# imbalance at 10-17% of the ideal in batch order and 1-5% longest first. On the H200 the tail's
+# blocks run faster as the wave empties (bandwidth shared by fewer), so the gain is far smaller:
+# session 14 measured W1's batch-256 mix listed longest first at 162.7 against 164.8 us on the
+# (4, 2) variant, slower on others. NOTE: not yet measured on the engine's one-split (6, 2)
+# grids nor in W1: "batch" stays the default until it is.
+DECODE_ORDER = os.environ.get("PAGEDSERVE_DECODE_ORDER", "batch")
 # Short contexts under CUDA graphs: cuda_graph.py replays, for batches of up to
 # SHORT_DECODE_MAX_SEQS sequences whose contexts all hold <= SHORT_DECODE_CONTEXT keys
 # (PAGEDSERVE_SHORT_DECODE_CONTEXT; 0 turns them off), graphs whose decode attention runs each
@@ -134,6 +144,13 @@ class AttentionPlan:
     fresh_keys: int = 1
 
 
+def decode_order() -> str:
+    if DECODE_ORDER not in ("batch", "longest"):
+        raise ValueError(f"PAGEDSERVE_DECODE_ORDER must be 'batch' or 'longest', got "
+                         f"{DECODE_ORDER!r}")
+    return DECODE_ORDER
+
+
 def decode_kernel() -> str:
     if DECODE_KERNEL not in ("mma", "v1"):
         raise ValueError(f"PAGEDSERVE_DECODE_KERNEL must be 'mma' or 'v1', got {DECODE_KERNEL!r}")
@@ -182,6 +199,8 @@ def make_plan(query_start_loc: np.ndarray, num_kv_heads: int, group: int, max_co
     cluster plan, so that a step computes the same attention whether it replays a graph or not."""
     num_new = np.diff(np.asarray(query_start_loc, np.int64))
     decode = np.flatnonzero(num_new == 1)
+    if decode_order() == "longest" and context_lens is not None:
+        decode = longest_first(decode, context_lens)
     passes = decode_tile(group)[1]
     keys = None
     if (not num_splits and context_lens is not None and len(decode) == len(num_new)
