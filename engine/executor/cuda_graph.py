@@ -95,6 +95,7 @@ class DecodeGraphs:
         self.order = self._device[4 * n : 5 * n]
         self.ordered = decode_order() == "longest"
         self.slot_mapping.fill(-1)  # the warm-up forward at capture must write no k/v
+        self.order[:] = cupy.arange(n, dtype=cupy.int32)  # each row once at capture too
         self.query_start_loc = cupy.arange(n + 1, dtype=cupy.int32)  # (n + 1,) one token each
         self.block_tables = cupy.zeros((n, max_blocks_per_seq), cupy.int32)
         self.graphs: dict[int, tuple] = {}  # size -> (graph, logits (size, vocab), meta)
