@@ -217,3 +217,6 @@ def test_cublas_k_slices_left_to_the_norm(ops, monkeypatch):
         assert isinstance(got, cupy.ndarray)
     monkeypatch.setattr(cb, "K_SPLITS", 0)
     assert isinstance(ops.linear(x, w, defer_sum=True), cupy.ndarray)
+    monkeypatch.setattr(cb, "K_SPLITS", 9)  # more partials than the norm sums: named
+    with pytest.raises(ValueError, match="PAGEDSERVE_CUBLAS_K_SPLITS must be 0 .* got 9"):
+        ops.linear(x, w, defer_sum=True)

@@ -85,6 +85,8 @@ class DecodeGraphs:
         size = 5 * n + n * max_blocks_per_seq
         self._pinned = [cupy.cuda.alloc_pinned_memory(size * 4) for _ in range(2)]
         self._staging = [np.frombuffer(m, np.int32, size) for m in self._pinned]
+        for h in self._staging:  # the order region, as uploaded where run() does not write it
+            h[4 * n : 5 * n] = np.arange(n)
         self._uploaded: list = [None, None]  # event after each staging buffer's last upload
         self._turn = 0
         self._device = cupy.zeros(size, cupy.int32)
@@ -95,7 +97,7 @@ class DecodeGraphs:
         self.order = self._device[4 * n : 5 * n]
         self.ordered = decode_order() == "longest"
         self.slot_mapping.fill(-1)  # the warm-up forward at capture must write no k/v
-        self.order[:] = cupy.arange(n, dtype=cupy.int32)  # each row once at capture too
+        self.order[:] = cupy.arange(n, dtype=cupy.int32)  # each row once, at capture too
         self.query_start_loc = cupy.arange(n + 1, dtype=cupy.int32)  # (n + 1,) one token each
         self.block_tables = cupy.zeros((n, max_blocks_per_seq), cupy.int32)
         self.graphs: dict[int, tuple] = {}  # size -> (graph, logits (size, vocab), meta)

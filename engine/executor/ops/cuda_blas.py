@@ -137,8 +137,11 @@ class Gemm:
 def k_slices_for(num_tokens: int, k: int) -> int:
     """K slices a deferred product of this shape takes (Gemm.k_slices), or 0: cuBLAS as usual.
     Each slice starts on a 16-byte boundary (K / S a multiple of 8 values)."""
-    lo, hi = K_SLICES_M_RANGE
-    splits = K_SPLITS
-    if not 2 <= splits <= 8 or not lo <= num_tokens <= hi or k < K_SLICES_MIN_K:
+    splits, (lo, hi) = K_SPLITS, K_SLICES_M_RANGE
+    if not splits:
         return 0
-    return splits if k % (8 * splits) == 0 else 0
+    if not 2 <= splits <= 8:  # the norm that sums them takes up to 8 (cuda_norm.MAX_PARTIALS)
+        raise ValueError(f"PAGEDSERVE_CUBLAS_K_SPLITS must be 0 (off) or 2..8, got {splits}")
+    if not lo <= num_tokens <= hi or k < K_SLICES_MIN_K or k % (8 * splits):
+        return 0
+    return splits
