@@ -170,13 +170,16 @@ def run_requests(engine, prompts: list[list[int]], output_lens: list[int],
     if idle:
         from tools.idle_report import HostTrace
 
-        engine.ops.synchronize()
-        runner.time_origin, origin = engine.ops.record_event(), time.perf_counter()
         del runner.gpu_step_spans[:]
         trace = HostTrace(engine)
         trace.start()
+        engine.ops.synchronize()
+        # The clock starts at the origin, taken just before its event, which the idle device
+        # runs at once: device time after the event never exceeds the wall clock.
+        origin = time.perf_counter()
+        runner.time_origin = engine.ops.record_event()
     try:
-        t0 = time.perf_counter()
+        t0 = origin if trace is not None else time.perf_counter()
         for i, (p, o) in enumerate(zip(prompts, output_lens, strict=True)):
             params = SamplingParams(temperature=temperature, ignore_eos=True, max_tokens=o,
                                     seed=i if temperature > 0 else None,
