@@ -11,7 +11,14 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # tools/ is not an installed package
 
 from engine.model.config import ModelConfig  # noqa: E402
-from tools import b1_gap, bench_serving, bench_throughput, idle_report, seed_table  # noqa: E402
+from tools import (  # noqa: E402
+    b1_gap,
+    bench_serving,
+    bench_throughput,
+    idle_report,
+    module_settings,
+    seed_table,
+)
 from tools.bench_serving import RequestResult, compute_metrics  # noqa: E402
 from tools.workloads import (  # noqa: E402
     decode_steps,
@@ -535,3 +542,15 @@ def test_b1_gap_without_kinds():
         b1_gap.without_kinds("without:attention+softmax")
     with pytest.raises(SystemExit, match="unknown"):
         b1_gap.main(["--model", "smollm2-135m", "--without", "rope+"])
+
+
+def test_module_settings_spec():
+    """The A/B tools' module.ATTR=value lists (tools/module_settings.py): literals parsed, commas
+    inside brackets kept with their value, anything else a string, a malformed item refused."""
+    assert module_settings.parse_variant(
+        "cuda_attention.SPLITS=(16, 2),cuda_kernels.PDL=False , cuda_quant_gguf.GEMV3_GRID=fill"
+    ) == [("cuda_attention", "SPLITS", (16, 2)), ("cuda_kernels", "PDL", False),
+          ("cuda_quant_gguf", "GEMV3_GRID", "fill")]
+    for bad in ("PDL=1", "cuda_kernels.PDL", "cuda_kernels.PDL="):
+        with pytest.raises(SystemExit, match="module.ATTR=value"):
+            module_settings.parse_variant(bad)

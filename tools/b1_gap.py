@@ -41,9 +41,8 @@ if __package__ in (None, ""):  # run as a script: make the checkout importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools.bench_latency import time_requests  # noqa: E402
 from tools.bench_throughput import add_engine_args, build_llm  # noqa: E402
+from tools.module_settings import settings  # noqa: E402
 
-# cuda_quant_gguf's grids, cached per shape: cleared around a variant
-CACHES = ("_gemv2_config", "_gemv3_config", "_gemv3_split_config")
 SMI = ("nvidia-smi", "--query-gpu=clocks.sm,clocks.mem,power.draw,temperature.gpu,"
        "clocks_throttle_reasons.active", "--format=csv,noheader")
 
@@ -227,31 +226,6 @@ def graph_alone(engine, ctx: int, max_context_len: int) -> tuple[float, int, np.
     return sec, meta.num_splits, host
 
 
-def parse_variant(spec: str) -> list[tuple[str, str, object]]:
-    """'cuda_quant_gguf.GEMV3_GRID=fill,cuda_quant_gguf.GEMV3_X2=True' -> [(module, attribute,
-    value)]: modules of engine.executor.ops; values Python literals, else strings."""
-    import ast
-
-    out, depth, items, start = [], 0, [], 0
-    for i, ch in enumerate(spec):  # commas inside brackets belong to a value: (16, 2)
-        depth += (ch in "([{") - (ch in ")]}")
-        if ch == "," and depth == 0:
-            items.append(spec[start:i])
-            start = i + 1
-    items.append(spec[start:])
-    for item in items:
-        target, _, text = item.partition("=")
-        module, _, attr = target.strip().rpartition(".")
-        if not module or not attr or not text:
-            raise SystemExit(f"b1_gap: --variant {spec!r}: expected module.ATTR=value[,...]")
-        try:
-            value = ast.literal_eval(text.strip())
-        except (ValueError, SyntaxError):
-            value = text.strip()
-        out.append((module, attr, value))
-    return out
-
-
 # What --without leaves out of a batch-1 graph captured alone: the step's time without that work
 # is what it costs in the PDL chain, its launch boundary included (timing only: the logits are
 # garbage). fp8-*: the FP8 quantize kernels before o (plain), before down (SiLU-mul) and before
@@ -314,31 +288,6 @@ def leaving_out(engine, kinds: list[str]):
 
 
 _UNSET = object()
-
-
-@contextlib.contextmanager
-def settings(spec: str):
-    """parse_variant(spec)'s settings inside (cuda_quant_gguf's cached grids cleared around)."""
-    import importlib
-
-    from engine.executor.ops import cuda_quant_gguf
-
-    saved = []
-    try:
-        for module, attr, value in parse_variant(spec):
-            m = importlib.import_module(f"engine.executor.ops.{module}")
-            if not hasattr(m, attr):
-                raise SystemExit(f"b1_gap: engine.executor.ops.{module} has no {attr}")
-            saved.append((m, attr, getattr(m, attr)))
-            setattr(m, attr, value)
-        for cached in CACHES:
-            getattr(cuda_quant_gguf, cached).cache_clear()  # their grids follow the settings
-        yield
-    finally:
-        for m, attr, value in reversed(saved):
-            setattr(m, attr, value)
-        for cached in CACHES:
-            getattr(cuda_quant_gguf, cached).cache_clear()
 
 
 def run_variant(engine, ctx: int, spec: str, base: tuple) -> str:

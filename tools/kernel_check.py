@@ -61,7 +61,7 @@ from engine.executor.ops import (  # noqa: E402
 )
 from engine.executor.ops import cuda_attention as ca  # noqa: E402
 from engine.executor.ops.numpy_ops import NumpyOps  # noqa: E402
-from tools import kernel_check_fp8  # noqa: E402
+from tools import kernel_check_fp8, module_settings  # noqa: E402
 from tools.kernel_check_attn import check_attn  # noqa: E402
 from tools.kernel_check_decode1 import check_decode1  # noqa: E402
 from tools.kernel_check_fp8w1 import check_fp8w1  # noqa: E402
@@ -831,10 +831,8 @@ def main():
         OPTS["decode1"] = sys.argv[sys.argv.index("--decode1") + 1]
     spec = sys.argv[sys.argv.index("--set") + 1] if "--set" in sys.argv else None
     if spec:
-        from tools.b1_gap import settings
-
         print(f"settings: {spec}", flush=True)
-    with settings(spec) if spec else contextlib.nullcontext():
+    with module_settings.settings(spec) if spec else contextlib.nullcontext():
         run_all(ops, quick="--quick" in sys.argv, only=only)
     print(f"\nkernel_check took {time.perf_counter() - t0:.0f} s")
 
