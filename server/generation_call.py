@@ -48,6 +48,8 @@ class GenerationCall:
             self.token_str = lambda t: f"token_id:{t}"
         else:
             self.token_str = lambda t: engine.tokenizer.decode([t], skip_special_tokens=False)
+        self.token_bytes = (engine.tokenizer.token_bytes if engine.tokenizer is not None
+                            else lambda t: self.token_str(t).encode())
 
     async def run(self, token_lists: list[list[int]], stream: bool, include_usage: bool):
         state = self.request.app.state
@@ -170,7 +172,7 @@ class GenerationCall:
         if self.params.logprobs is not None and lps is not None:
             p = self.params
             num_top = None if p.logprobs == -1 or p.logprob_token_ids else p.logprobs
-            logprobs = chat_logprobs(token_ids, lps, self.token_str, num_top)
+            logprobs = chat_logprobs(token_ids, lps, self.token_str, self.token_bytes, num_top)
         choice = {"index": index, "logprobs": logprobs, "finish_reason": finish_reason}
         if whole:
             options = self.chat_options

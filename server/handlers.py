@@ -85,8 +85,11 @@ def _lone_surrogate(value, path: str) -> str | None:
         return None
     if isinstance(value, dict):
         for key, item in value.items():
-            at = f"{path}.{key}" if path else key
-            found = _lone_surrogate(key, at) if isinstance(key, str) else None
+            # JSON keys are strings; the path goes back in the error body, so a bad key shows
+            # as its escape (\ud800)
+            shown = key.encode("utf-8", "backslashreplace").decode()
+            at = f"{path}.{shown}" if path else shown
+            found = _lone_surrogate(key, at)
             found = found if found is not None else _lone_surrogate(item, at)
             if found is not None:
                 return found

@@ -284,12 +284,12 @@ def completion_logprobs(token_ids, logprobs, token_str, text_offset: int = 0) ->
     return out
 
 
-def chat_logprobs(token_ids, logprobs, token_str, num_top: int | None) -> dict:
+def chat_logprobs(token_ids, logprobs, token_str, token_bytes, num_top: int | None) -> dict:
     """The chat `logprobs` object: {"content": [{token, logprob, bytes, top_logprobs}]};
-    num_top None: every entry (logprob_token_ids, top_logprobs -1)."""
+    num_top None: every entry (logprob_token_ids, top_logprobs -1). `bytes` are the token's own
+    (token_bytes), not those of its text: a token holding part of a character shows as U+FFFD."""
     def entry(tid, value):
-        text = token_str(tid)
-        return {"token": text, "logprob": value, "bytes": list(text.encode())}
+        return {"token": token_str(tid), "logprob": value, "bytes": list(token_bytes(tid))}
 
     content = []
     for tid, lp in zip(token_ids, logprobs, strict=False):

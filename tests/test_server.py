@@ -187,6 +187,30 @@ def test_many_prompts_n_logprobs_echo(server, client):
     assert content[0].logprob == pytest.approx(content[0].top_logprobs[0].logprob)
 
 
+def test_chat_logprob_bytes_are_the_tokens_own(server):
+    """A token holding part of a character: `token` shows U+FFFD, `bytes` its own bytes (what
+    a client joins to rebuild the character), streamed and whole alike."""
+    from conftest import _smollm2_tokenizer
+
+    first = _smollm2_tokenizer().encode("🎉")[0]  # the emoji's first bytes, not a character
+    body = {"model": MODEL, "messages": CHAT, "max_tokens": 1, "logprobs": True,
+            "top_logprobs": 2, "logit_bias": {str(first): 100}}
+    whole = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).json()
+    entry = whole["choices"][0]["logprobs"]["content"][0]
+    assert entry["token"] == "\ufffd"
+    assert bytes(entry["bytes"]) == "🎉".encode()[: len(entry["bytes"])] and entry["bytes"]
+    # the ranked entries (logprobs before the bias) spell their own tokens the same way
+    assert all(bytes(e["bytes"]).decode(errors="replace") == e["token"]
+               for e in entry["top_logprobs"])
+    with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=60,
+                      json={**body, "stream": True}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines()
+                  if line.startswith("data: {")]
+    streamed = [c["choices"][0]["logprobs"]["content"] for c in chunks
+                if c["choices"] and c["choices"][0].get("logprobs")]
+    assert [e["bytes"] for part in streamed for e in part] == [entry["bytes"]]
+
+
 def test_64_concurrent_requests_are_batched(server):
     steps_before = server.metric("pagedserve_engine_steps_total")
 

@@ -100,6 +100,12 @@ def test_bounds_answer_400_naming_the_field(client, path, kwargs, param):
     ("/v1/chat/completions", '{"model": "tiny", "messages": [{"role": "user", "content": '
      '"\\ud83d"}]}', "messages[0].content"),
     ("/tokenize", '{"prompt": "\\ud800"}', "prompt"),
+    # in a key: the path shows the key's escape, so the error body itself is text
+    ("/v1/completions", '{"model": "tiny", "prompt": "hi", "logit_bias": {"\\ud800": 1}}',
+     "logit_bias.\\ud800"),
+    ("/v1/completions", '{"model": "tiny", "prompt": "hi", "\\udfff": 1}', "\\udfff"),
+    ("/v1/chat/completions", '{"model": "tiny", "messages": [{"role": "user", "content": "a", '
+     '"x\\udfff": 1}]}', "messages[0].x\\udfff"),
 ])
 def test_a_lone_surrogate_is_a_400_naming_its_field(client, path, body, param):
     """An unpaired \\uD800-\\uDFFF escape parses as JSON but is no text (no tokenizer takes

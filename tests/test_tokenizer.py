@@ -89,6 +89,36 @@ def test_round_trip_any_text(tok, text):
     assert tok.decode(tok.encode(text), skip_special_tokens=False) == text
 
 
+@settings(max_examples=60, deadline=None)
+@given(TEXT)
+def test_token_bytes_join_to_the_text(tok, text):
+    """The chat API's logprob `bytes`: a token's own bytes, so those of a character split over
+    several tokens join back to it (decoding one such token alone gives U+FFFD)."""
+    assert b"".join(tok.token_bytes(t) for t in tok.encode(text)) == text.encode()
+
+
+def test_token_bytes_of_a_split_emoji_and_of_special_tokens(tok):
+    ids = tok.encode("🎉")
+    assert len(ids) > 1 and tok.decode(ids[:1], skip_special_tokens=False) == "\ufffd"
+    assert tok.token_bytes(ids[0]) == "🎉".encode()[: len(tok.token_bytes(ids[0]))] != b""
+    assert tok.token_bytes(2) == b"<|im_end|>"  # special: its text
+    assert tok.token_bytes(tok.encode(" hi")[0]) == b" hi"  # the space spelled as 'Ġ'
+
+
+def test_token_bytes_of_sentencepiece_byte_fallback():
+    """A SentencePiece vocabulary: <0xNN> pieces are one byte each, '▁' a space."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models
+
+    vocab = {"<unk>": 0, **{f"<0x{b:02X}>": 1 + b for b in range(256)}, "▁hi": 257, "é": 258}
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
+    hf.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
+                                    decoders.Fuse(), decoders.Strip(" ", 1, 0)])  # Llama 2's
+    sp = Tokenizer(hf, None, None)
+    assert sp.token_bytes(1 + 0xF0) == b"\xf0"
+    assert sp.token_bytes(257) == b" hi" and sp.token_bytes(258) == "é".encode()
+
+
 def test_digits_are_split_one_by_one(tok):
     ids = tok.encode("12345")
     assert [tok.id_to_token(i) for i in ids] == list("12345")

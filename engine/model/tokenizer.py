@@ -55,6 +55,15 @@ def byte_to_unicode() -> dict[int, str]:
     return mapping
 
 
+@functools.cache
+def _unicode_to_byte() -> dict[str, int]:
+    return {ch: b for b, ch in byte_to_unicode().items()}
+
+
+# SentencePiece's spelling of a byte no piece covers
+_BYTE_FALLBACK = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+
 # ---------------------------------------------------------------------------------------------
 # GGUF metadata -> tokenizers.Tokenizer
 
@@ -225,6 +234,30 @@ class Tokenizer:
 
     def id_to_token(self, i: int) -> str | None:
         return self.tokenizer.id_to_token(i)
+
+    def token_bytes(self, i: int) -> bytes:
+        """Token i's own UTF-8 bytes, also when it holds part of a character (the chat API's
+        logprob `bytes`, which a client joins to rebuild what decoding one token alone cannot).
+
+        A byte-level BPE token is spelled in byte_to_unicode's alphabet; a SentencePiece byte
+        fallback token is <0xNN>, and its pieces write a space as U+2581; any other token (added,
+        special) is the UTF-8 of its text.
+        """
+        text = self.decode([i], skip_special_tokens=False)
+        piece = self.id_to_token(i)
+        if piece is not None:
+            unspell = _unicode_to_byte()
+            if all(ch in unspell for ch in piece):
+                raw = bytes(unspell[ch] for ch in piece)
+                # a plain-ASCII added token ("<|im_end|>") spells itself either way
+                if raw.decode("utf-8", "replace") == text:
+                    return raw
+            fallback = _BYTE_FALLBACK.fullmatch(piece)
+            if fallback:
+                return bytes([int(fallback[1], 16)])
+            if "\u2581" in piece:  # SentencePiece's space, which a decoder strips at the start
+                return piece.replace("\u2581", " ").encode()
+        return text.encode()
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             tokenize: bool = True, special_tokens_in_content: bool = False,
