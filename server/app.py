@@ -27,7 +27,7 @@ from server.dashboard import DashboardFeed, dashboard_routes
 from server.guards import LOOPBACK_HOSTS, HostGuard, RequestGuard
 from server.handlers import (
     MAX_BODY_BYTES,
-    chat_token_ids,
+    check_model,
     check_token_ids,
     load_tracked,
     off_loop,
@@ -36,8 +36,9 @@ from server.handlers import (
     tokenizer_of,
 )
 from server.metrics import ServerMetrics
-from server.openai_routes import chat_completions, completions, invocations
+from server.openai_routes import chat_completions, completions, invocations, render_chat
 from server.protocol import APIError, bad_request, get_field, parse_messages
+from server.tool_calls import parse_tools
 
 log = logging.getLogger("pagedserve.server")
 DEFAULT_MODEL_NAME = "SmolLM2-135M-Instruct"
@@ -203,8 +204,10 @@ def package_version() -> str:
 async def tokenize(request: Request):
     engine = ready_engine(request)
     body = await read_json(request)
+    check_model(request, body)
     if "messages" in body:
-        ids = await chat_token_ids(request, engine, parse_messages(body))
+        messages = parse_messages(body)
+        ids, _ = await render_chat(request, engine, body, messages, *parse_tools(body))
     else:
         prompt = get_field(body, "prompt", "str")
         if prompt is None:

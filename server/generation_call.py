@@ -37,6 +37,7 @@ class GenerationCall:
         self.params, self.chat, self.extras = params, chat, extras
         self.echo: list[str] | None = None  # completions: each prompt's text, echoed
         self.chat_options: ChatOptions | None = None
+        self.tokens_field = "max_tokens"  # chat: max_completion_tokens when the body set that
         self.first: dict[str, object] = {}  # request id -> its first RequestOutput
         self.tool_parser: ToolCallParser | None = None  # chat with tools: output read as calls
         self.created = int(time.time())
@@ -91,7 +92,7 @@ class GenerationCall:
                 try:
                     await group.add(request_id, {"prompt_token_ids": ids}, self.params)
                 except ParamError as e:
-                    raise param_error(e, self.chat) from None
+                    raise param_error(e, self.chat, self.tokens_field) from None
                 except ValueError as e:  # the prompt's own checks (length, KV-cache capacity)
                     raise bad_request("messages" if self.chat else "prompt", str(e)) from None
         finally:

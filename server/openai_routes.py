@@ -12,7 +12,7 @@ import sys
 
 from starlette.requests import Request
 
-from server.extras import chat_options, read_extras, truncate
+from server.extras import ChatOptions, chat_options, read_extras, truncate
 from server.generation_call import GenerationCall
 from server.handlers import (
     chat_token_ids,
@@ -26,6 +26,7 @@ from server.handlers import (
 from server.protocol import (
     bad_request,
     get_field,
+    max_tokens_field,
     new_id,
     parse_messages,
     parse_prompts,
@@ -45,6 +46,9 @@ async def completions_body(request: Request, body: dict):
     engine = ready_engine(request)
     model = check_model(request, body)
     prompts = parse_prompts(body)
+    if body.get("suffix") is not None:  # refused as vLLM does, never silently dropped
+        raise bad_request("suffix", "'suffix' (text after the insertion) is not supported by "
+                                    "this server")
     extras = read_extras(body, chat=False, settings=request.app.state.settings)
     params = parse_sampling_params(body, chat=False)
     await _constrain(request, engine, params, *parse_structured_outputs(body), len(prompts))
@@ -99,16 +103,15 @@ async def chat_completions_body(request: Request, body: dict):
     await _constrain(request, engine, params, so, so_field)
     stream, include_usage = _stream_flags(body)
     get_field(body, "user", "str")
-    options = chat_options(messages, body)
-    extra = {"tools": tools} if tools and tool_choice != "none" else {}
-    ids = await chat_token_ids(request, engine, template_messages(messages),
-                               **{**options.template_options, **extra})
+    ids, options = await render_chat(request, engine, body, messages, tools, tool_choice)
     ids = truncate(ids, extras, engine.max_model_len)
-    _check_length(engine, len(ids), params.max_tokens, "messages")
+    tokens_field = max_tokens_field(body, chat=True)
+    _check_length(engine, len(ids), params.max_tokens, "messages", tokens_field)
     call = GenerationCall(request, engine, new_id("chatcmpl"), model, params, chat=True,
                           extras=extras)
+    call.tokens_field = tokens_field
     call.chat_options = options
-    if extra:
+    if tools and tool_choice != "none":
         call.tool_parser = ToolCallParser(tool_choice, [t["function"]["name"] for t in tools])
     return await call.run([ids], stream, include_usage)
 
@@ -148,13 +151,25 @@ def _stream_flags(body: dict) -> tuple[bool, bool]:
     return stream, include_usage
 
 
-def _check_length(engine, num_prompt: int, max_tokens: int | None, param: str):
+async def render_chat(request: Request, engine, body: dict, messages: list[dict], tools,
+                      tool_choice) -> tuple[list[int], ChatOptions]:
+    """The chat's prompt ids as the body asks them rendered (generation prompt, continued final
+    message, template kwargs, tools), and those options: chat and /tokenize agree on the count."""
+    options = chat_options(messages, body)
+    extra = {"tools": tools} if tools and tool_choice != "none" else {}
+    ids = await chat_token_ids(request, engine, template_messages(messages),
+                               **{**options.template_options, **extra})
+    return ids, options
+
+
+def _check_length(engine, num_prompt: int, max_tokens: int | None, param: str,
+                  tokens_field: str = "max_tokens"):
     limit = engine.max_model_len
     if num_prompt >= limit:
         what = "the rendered messages hold" if param == "messages" else f"the {param} has"
         raise bad_request(param, f"this model's maximum context length is {limit} tokens, but "
                                  f"{what} {num_prompt} tokens")
     if max_tokens is not None and num_prompt + max_tokens > limit:
-        raise bad_request("max_tokens", f"this model's maximum context length is {limit} tokens, "
-                          f"but {num_prompt} prompt tokens + max_tokens {max_tokens} = "
-                          f"{num_prompt + max_tokens}")
+        raise bad_request(tokens_field, f"this model's maximum context length is {limit} "
+                          f"tokens, but {num_prompt} prompt tokens + {tokens_field} {max_tokens} "
+                          f"= {num_prompt + max_tokens}")

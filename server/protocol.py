@@ -7,6 +7,7 @@ engine outputs back into JSON.
 
 from __future__ import annotations
 
+import re
 import time
 import uuid
 from http import HTTPStatus
@@ -231,7 +232,7 @@ def parse_sampling_params(body: dict, *, chat: bool) -> SamplingParams:
         kw["stop_token_ids"] = stop_token_ids
     logit_bias = get_field(body, "logit_bias", "dict")
     if logit_bias is not None:
-        bad = [k for k in logit_bias if not str(k).lstrip("-").isdigit()]
+        bad = [k for k in logit_bias if not _TOKEN_ID_KEY.fullmatch(k)]
         if bad:
             raise bad_request("logit_bias", f"'logit_bias' keys must be token ids; {bad} are not")
         try:
@@ -244,18 +245,31 @@ def parse_sampling_params(body: dict, *, chat: bool) -> SamplingParams:
     try:
         return SamplingParams(**kw)
     except ParamError as e:
-        raise param_error(e, chat) from None
+        raise param_error(e, chat, max_tokens_field(body, chat)) from None
 
 
-def param_error(e: ParamError, chat: bool) -> APIError:
+def max_tokens_field(body: dict, chat: bool) -> str:
+    """The field that set max_tokens: chat's max_completion_tokens when the body gives it."""
+    return ("max_completion_tokens" if chat and body.get("max_completion_tokens") is not None
+            else "max_tokens")
+
+
+def param_error(e: ParamError, chat: bool, tokens_field: str = "max_tokens") -> APIError:
     """A 400 for SamplingParams' (or the engine's) check of a field, in the request's words:
-    chat's top_logprobs is SamplingParams' logprobs."""
+    chat's top_logprobs is SamplingParams' logprobs, and its max_tokens the field that set it
+    (tokens_field)."""
     field, message = e.field, str(e)
     if chat and field == "logprobs":
         field = "top_logprobs"
         if message.startswith("logprobs"):
             message = "top_logprobs" + message[len("logprobs"):]
+    if tokens_field != "max_tokens":
+        field = tokens_field if field == "max_tokens" else field
+        message = message.replace("max_tokens", tokens_field)
     return bad_request(field, message)
+
+
+_TOKEN_ID_KEY = re.compile(r"-?[0-9]+")  # ASCII digits: str.isdigit() also takes '²'
 
 
 def _number(value) -> float:

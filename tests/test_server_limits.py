@@ -91,6 +91,44 @@ def test_bounds_answer_400_naming_the_field(client, path, kwargs, param):
     assert len(error["message"]) < 500  # the bad value is not echoed whole
 
 
+def chat(**fields) -> dict:
+    return {"json": {"model": MODEL, "messages": CHAT, **fields}}
+
+
+@pytest.mark.parametrize("path, kwargs, param, words", [
+    # chat's max_completion_tokens is named as sent, in every check that reads it
+    ("/v1/chat/completions", chat(max_completion_tokens=0), "max_completion_tokens",
+     "max_completion_tokens must be"),
+    ("/v1/chat/completions", chat(max_completion_tokens=500), "max_completion_tokens",
+     "+ max_completion_tokens 500"),
+    ("/v1/chat/completions", chat(max_completion_tokens=2, min_tokens=5), "min_tokens",
+     "<= max_completion_tokens (2)"),
+    ("/v1/chat/completions", chat(max_tokens=500), "max_tokens", "+ max_tokens 500"),
+    ("/v1/completions", completion(suffix="XYZ"), "suffix", "not supported"),
+    ("/v1/completions", completion(logit_bias={"²": 5}), "logit_bias", "keys must be token ids"),
+])
+def test_a_bad_field_is_named_as_sent(client, path, kwargs, param, words):
+    r = client.post(path, **kwargs)
+    assert r.status_code == 400, r.text[:300]
+    error = r.json()["error"]
+    assert error["param"] == param and words in error["message"], error
+
+
+def test_tokenize_renders_messages_as_chat_does(client):
+    """/tokenize's count is chat's prompt_tokens for the same rendering options, and it checks
+    the model as the other endpoints do."""
+    for options in ({}, {"add_generation_prompt": False},
+                    {"add_generation_prompt": False, "continue_final_message": True}):
+        counted = client.post("/tokenize", json={"messages": CHAT, **options}).json()["count"]
+        used = client.post("/v1/chat/completions", **chat(max_tokens=1, **options)).json()
+        assert used["usage"]["prompt_tokens"] == counted, options
+    plain = client.post("/tokenize", json={"messages": CHAT}).json()["count"]
+    assert client.post("/tokenize", json={"messages": CHAT, "add_generation_prompt": False}
+                       ).json()["count"] < plain
+    r = client.post("/tokenize", json={"model": "nope", "prompt": "hi"})
+    assert r.status_code == 404 and r.json()["error"]["param"] == "model"
+
+
 @pytest.mark.parametrize("path, body, param", [
     ("/v1/completions", '{"model": "tiny", "prompt": "a\\ud800b", "max_tokens": 1}', "prompt"),
     ("/v1/completions", '{"model": "tiny", "prompt": ["ok", "\\uDFFF"], "max_tokens": 1}',
