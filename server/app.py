@@ -88,6 +88,7 @@ def create_app(engine_config: EngineConfig | None = None, *, served_model_name: 
         Route("/health", health, methods=["GET"]),
         Route("/metrics", metrics_endpoint, methods=["GET"]),
         Route("/v1/models", models, methods=["GET"]),
+        Route("/v1/models/{model:path}", model, methods=["GET"]),  # names may hold a '/'
         Route("/v1/completions", load_tracked(completions), methods=["POST"]),
         Route("/v1/chat/completions", load_tracked(chat_completions), methods=["POST"]),
         Route("/invocations", load_tracked(invocations), methods=["POST"]),
@@ -175,11 +176,20 @@ async def metrics_endpoint(request: Request):
 
 
 async def models(request: Request):
+    return JSONResponse({"object": "list", "data": [_model_card(request)]})
+
+
+async def model(request: Request):
+    """GET /v1/models/{model} (the SDK's models.retrieve): the card, or 404 naming the model."""
+    check_model(request, {"model": request.path_params["model"]})
+    return JSONResponse(_model_card(request))
+
+
+def _model_card(request: Request) -> dict:
     engine = ready_engine(request)
-    card = {"id": request.app.state.settings.served_model_name, "object": "model",
+    return {"id": request.app.state.settings.served_model_name, "object": "model",
             "created": int(time.time()), "owned_by": "pagedserve",
             "max_model_len": engine.max_model_len}
-    return JSONResponse({"object": "list", "data": [card]})
 
 
 async def first_token_stages(request: Request):

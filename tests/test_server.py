@@ -410,6 +410,10 @@ def test_one_failing_request_gets_500_naming_the_cause_and_others_go_on():
 
 def test_models_tokenize_detokenize(server, client):
     assert [m.id for m in client.models.list()] == [MODEL]
+    card = client.models.retrieve(MODEL)
+    assert (card.id, card.object, card.max_model_len) == (MODEL, "model", MAX_MODEL_LEN)
+    with pytest.raises(openai.NotFoundError, match="'org/other' does not exist"):
+        client.models.retrieve("org/other")
     missing = httpx.get(server.url + "/v1/nothing")
     assert missing.status_code == 404 and missing.json()["error"]["message"]
     assert httpx.get(server.url + "/v1/completions").status_code == 405
