@@ -40,7 +40,14 @@ class BeamSearch:
     token_logprobs: dict[int, list[float]] = field(default_factory=dict)  # per live beam
 
     def report(self, seq: Sequence, top_ids: list[int], top_logprobs: list[float]) -> bool:
-        """One live beam's candidates; True once every live beam has reported."""
+        """One live beam's candidates; True once every live beam has reported.
+
+        A row computed before the beam's last token was chosen is stale and dropped: a beam
+        that had reported, then made way for a sibling (Scheduler._unblock_beams), samples
+        again in its recompute, and the round may have ended meanwhile on its kept candidates.
+        The beam then decodes its new token like any other."""
+        if seq.num_computed_tokens != len(seq.token_ids):
+            return False
         self.rows[seq.seq_id] = (top_ids, top_logprobs)
         return all(s.seq_id in self.rows for s in self.live)
 

@@ -192,7 +192,7 @@ class Scheduler:
 
         chunked = False
         # Prefills already admitted (their blocks cover the whole prompt), then the queue.
-        for seq in self.running:
+        for seq in list(self.running):
             if budget == 0 or len(seqs) == max_num_seqs:
                 break
             num_uncomputed = len(seq.token_ids) - seq.num_computed_tokens
@@ -200,10 +200,16 @@ class Scheduler:
                 continue
             n = min(num_uncomputed, budget)
             if bm.can_append(seq, n):
-                bm.append(seq, n)  # a no-op: admission gave blocks for every token
+                bm.append(seq, n)  # a no-op unless tokens came after admission (below)
                 chunked |= n < num_uncomputed
                 batch.add(seq, n)
                 budget -= n
+            else:
+                # A beam chose its token part-way through its recompute, and that token's
+                # block is not free: it waits to be admitted again rather than hold its blocks
+                # forever (admission waits for room, or _unblock_beams makes it).
+                self._preempt(seq)
+                batch.num_preempted += 1
         # After a preemption, admitting would only take blocks the running ones need back.
         i = 0  # the queue's first sequence whose grammar is ready (the others wait in place)
         while i < len(self.waiting) and batch.num_preempted == 0:
@@ -303,8 +309,10 @@ class Scheduler:
     def fork(self, parent: Sequence, child: Sequence) -> None:
         """Start `child` (the parent's tokens, no blocks) on the parent's blocks, its partial
         tail copied (copy-on-write by block); with no room, or a parent that holds no blocks
-        (preempted), it waits and recomputes."""
+        (preempted) or has not computed all its tokens (a beam part-way through a recompute),
+        it waits and recomputes."""
         if (parent.status == SequenceStatus.RUNNING and len(self.running) < self.max_num_seqs
+                and parent.num_computed_tokens == len(parent.token_ids)
                 and self.block_manager.can_fork(parent)):
             self._block_copies += self.block_manager.fork(parent, child)
             child.status = SequenceStatus.RUNNING
