@@ -29,6 +29,7 @@ from server.handlers import (
     MAX_BODY_BYTES,
     check_model,
     check_token_ids,
+    large_json,
     load_tracked,
     off_loop,
     read_json,
@@ -223,7 +224,8 @@ async def tokenize(request: Request):
         if prompt is None:
             raise bad_request("prompt", "give 'prompt' (a string) or 'messages'")
         ids = await off_loop(len(prompt), tokenizer_of(engine, "prompt").encode, prompt)
-    return JSONResponse({"tokens": ids, "count": len(ids), "max_model_len": engine.max_model_len})
+    return await large_json({"tokens": ids, "count": len(ids),
+                             "max_model_len": engine.max_model_len}, len(ids))
 
 
 async def detokenize(request: Request):
@@ -232,9 +234,14 @@ async def detokenize(request: Request):
     tokens = get_field(body, "tokens", "list")
     if tokens is None:
         raise bad_request("tokens", "'tokens' is required")
-    check_token_ids(engine, tokens, "tokens")
-    text = tokenizer_of(engine, "tokens").decode(tokens, skip_special_tokens=False)
-    return JSONResponse({"prompt": text})
+    tokenizer = tokenizer_of(engine, "tokens")
+
+    def checked_decode():  # a million ids: checked and decoded on a worker thread
+        check_token_ids(engine, tokens, "tokens")
+        return tokenizer.decode(tokens, skip_special_tokens=False)
+
+    text = await off_loop(len(tokens), checked_decode)
+    return await large_json({"prompt": text}, len(text) // 4)
 
 
 # ---------------------------------------------------------------- errors

@@ -12,7 +12,7 @@ import os
 import threading
 
 from starlette.requests import Request
-from starlette.responses import Response
+from starlette.responses import Response, StreamingResponse
 
 from engine.core.limits import MAX_JSON_DEPTH
 from server.async_engine import AsyncEngine
@@ -51,9 +51,15 @@ async def read_json(request: Request) -> dict:
         if size > limit:
             raise too_big
         chunks.append(chunk)
+    raw = b"".join(chunks)
+    # A megabyte of token ids takes ~10 ms to parse and check: on a worker thread, between
+    # whose steps the event loop gets the interpreter back.
+    return await off_loop(len(raw) // 64, _parse_body, raw)
+
+
+def _parse_body(raw: bytes) -> dict:
     too_deep = bad_request("body", f"the JSON body nests arrays and objects more than "
                                    f"{MAX_JSON_DEPTH} deep")
-    raw = b"".join(chunks)
     try:
         body = json.loads(raw)
     except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, an int of 4300+ digits
@@ -105,11 +111,19 @@ def _depth_exceeds(value, limit: int) -> bool:
     """Whether arrays and objects nest more than `limit` deep (the body itself is depth 1)."""
     level = [value]
     for _ in range(limit):
-        level = [c for v in level for c in (v.values() if isinstance(v, dict) else v)
-                 if isinstance(c, (dict, list))]
+        below = []
+        for v in level:
+            items = v.values() if isinstance(v, dict) else v
+            # the types first, at C speed: a million token ids hold no container
+            if _CONTAINERS & set(map(type, items)):
+                below += [c for c in items if isinstance(c, (dict, list))]
+        level = below
         if not level:
             return False
     return True
+
+
+_CONTAINERS = {dict, list}
 
 
 def _lower_priority():
@@ -129,6 +143,43 @@ async def off_loop(num_chars: int, fn, *args):
     if num_chars < LONG_TEXT:
         return fn(*args)
     return await asyncio.get_running_loop().run_in_executor(_TOKENIZE_POOL, fn, *args)
+
+
+# A JSON answer longer than this leaves in pieces of this size (large_json).
+ANSWER_PIECE = 1 << 19
+
+
+async def large_json(payload: dict, size_hint: int) -> Response:
+    """A JSON answer that may run to megabytes (/tokenize of a 4 MB prompt: 6 MB of ids),
+    written as Starlette's JSONResponse writes it but on a worker thread when size_hint (items
+    or characters) is large, and sent in pieces: each is one write on the event loop."""
+    body = await off_loop(size_hint, _json_bytes, payload)
+    if len(body) <= ANSWER_PIECE:
+        return Response(body, media_type="application/json")
+
+    async def pieces():
+        for i in range(0, len(body), ANSWER_PIECE):
+            yield body[i : i + ANSWER_PIECE]
+
+    return StreamingResponse(pieces(), media_type="application/json",
+                             headers={"content-length": str(len(body))})
+
+
+def _json_bytes(payload: dict) -> bytes:
+    """The payload as compact JSON; a long list written 65,536 items at a time, since the
+    encoder holds the interpreter for a whole call (~100 ms for a million ids)."""
+    def dumps(value) -> str:
+        return json.dumps(value, ensure_ascii=False, allow_nan=False, separators=(",", ":"))
+
+    step = 1 << 16
+    fields = []
+    for key, value in payload.items():
+        if isinstance(value, list) and len(value) > step:
+            pieces = (dumps(value[i : i + step])[1:-1] for i in range(0, len(value), step))
+            fields.append(f"{dumps(key)}:[{','.join(pieces)}]")
+        else:
+            fields.append(f"{dumps(key)}:{dumps(value)}")
+    return ("{" + ",".join(fields) + "}").encode()
 
 
 def tokenizer_of(engine, param: str):
@@ -153,7 +204,7 @@ async def chat_token_ids(request: Request, engine, messages: list[dict],
             special_tokens_in_content=special, **template_options))
     except Exception as e:  # the template's own checks (raise_exception), sandbox refusals
         raise bad_request("messages", f"the chat template failed: {e}") from None
-    return [int(t) for t in ids]
+    return ids  # Encoding.ids: a list of ints (a million of them for 4 MB: no pass on the loop)
 
 
 def check_model(request: Request, body: dict) -> str:
@@ -191,6 +242,8 @@ async def _wait_disconnect(request: Request):
 
 def check_token_ids(engine, ids: list, param: str):
     vocab = engine.model_config.vocab_size
+    if not ids or (set(map(type, ids)) == {int} and min(ids) >= 0 and max(ids) < vocab):
+        return  # at C speed (bool is a type of its own); the loop below names a bad id
     for t in ids:
         if not isinstance(t, int) or isinstance(t, bool) or not 0 <= t < vocab:
             raise bad_request(param, f"'{param}' holds {t!r}: token id {t!r} is out of "

@@ -119,6 +119,16 @@ def test_token_bytes_of_sentencepiece_byte_fallback():
     assert sp.token_bytes(257) == b" hi" and sp.token_bytes(258) == "é".encode()
 
 
+def test_long_decode_equals_the_plain_one(tok):
+    """Past 4,096 ids decode goes through decode_batch (which lets go of the GIL): same text."""
+    ids = tok.encode("Party 🎉 time, 中文文本 and 日本語! " * 400, add_special_tokens=False)
+    ids = [2, *ids, 1]  # special tokens too
+    assert len(ids) > 4096
+    for skip in (True, False):
+        assert tok.decode(ids, skip) == tok.tokenizer.decode(ids, skip_special_tokens=skip)
+    assert "🎉" in tok.decode(ids) and "<|im_end|>" in tok.decode(ids, False)
+
+
 def test_digits_are_split_one_by_one(tok):
     ids = tok.encode("12345")
     assert [tok.id_to_token(i) for i in ids] == list("12345")

@@ -23,14 +23,18 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def tiny_model_folder(path: Path, with_tokenizer: bool) -> Path:
     """An HF folder holding a config (`--load-format dummy` draws the weights) and, if asked, the
-    SmolLM2 tokenizer."""
+    SmolLM2 tokenizer and chat template."""
     path.mkdir()
     config = {"architectures": ["LlamaForCausalLM"], "vocab_size": 512, "hidden_size": 64,
               "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
               "num_key_value_heads": 2, "max_position_embeddings": 2048, "eos_token_id": 2}
     if with_tokenizer:
         config["vocab_size"] = 49152
-        _smollm2_tokenizer().tokenizer.save(str(path / "tokenizer.json"))
+        tokenizer = _smollm2_tokenizer()
+        tokenizer.tokenizer.save(str(path / "tokenizer.json"))
+        (path / "tokenizer_config.json").write_text(json.dumps({
+            "chat_template": tokenizer.chat_template, "bos_token": tokenizer.bos_token,
+            "eos_token": tokenizer.eos_token}))
     (path / "config.json").write_text(json.dumps(config))
     return path
 
@@ -136,19 +140,26 @@ def test_killing_the_api_process_leaves_no_core_behind(served):
         time.sleep(0.05)
 
 
-def test_health_answers_while_a_4mb_prompt_is_tokenized(tmp_path):
+@pytest.mark.parametrize("path, field", [
+    ("/v1/completions", "prompt"),
+    # the chat template's ids and /tokenize's million-id answer: built and written off the loop
+    ("/v1/chat/completions", "messages"),
+    ("/tokenize", "prompt"),
+])
+def test_health_answers_while_a_4mb_prompt_is_tokenized(tmp_path, path, field):
     """Tokenizing runs in a thread: the API process's event loop keeps answering meanwhile."""
     served = Served(tmp_path, with_tokenizer=True)
     # 4 MB (10**6 tokens), inside the server's default body limit of 4 MiB.
     text = ("The quick brown fox jumps over the lazy dog 12345. " * 80000)[:4_000_000]
-    body = json.dumps({"model": str(tmp_path / "tiny"), "prompt": text}).encode()
+    value = [{"role": "user", "content": text}] if field == "messages" else text
+    body = json.dumps({"model": str(tmp_path / "tiny"), field: value}).encode()
     # This process's own pauses (building the body, a full garbage collection) must not count.
     gc.collect()
     gc.freeze()
     try:
         with concurrent.futures.ThreadPoolExecutor() as pool, httpx.Client() as http:
             http.get(served.url + "/health")  # connected before the clock starts
-            big = pool.submit(httpx.post, served.url + "/v1/completions", content=body,
+            big = pool.submit(httpx.post, served.url + path, content=body,
                               timeout=120, headers={"content-type": "application/json"})
             latencies = []
             while not big.done():
@@ -160,8 +171,12 @@ def test_health_answers_while_a_4mb_prompt_is_tokenized(tmp_path):
     finally:
         gc.unfreeze()
         served.close()
-    assert r.status_code == 400 and r.json()["error"]["param"] == "prompt", r.text
-    assert "maximum context length" in r.text
+    if path == "/tokenize":
+        answer = r.json()
+        assert r.status_code == 200 and answer["count"] == len(answer["tokens"]) > 900_000
+    else:
+        assert r.status_code == 400 and r.json()["error"]["param"] == field, r.text
+        assert "maximum context length" in r.text
     # Nine answers in ten within 50 ms, and none held for long: on a loaded 2-core test box the
     # OS scheduler delays a few; the tokenization, on the event loop, held every one of them for
     # seconds.
@@ -169,3 +184,19 @@ def test_health_answers_while_a_4mb_prompt_is_tokenized(tmp_path):
     p90, worst = ordered[int(0.9 * len(ordered))], ordered[-1]
     assert p90 < 0.05 and worst < 0.5, f"/health: p90 {p90 * 1000:.0f} ms, max {worst * 1000:.0f}"
     assert len(latencies) > 20, "the tokenization was too quick to measure anything"
+
+
+def test_health_stall_tool_runs(tmp_path, capsys):
+    """tools/health_stall.py at a small size: every case answered as the API says, /health asked
+    throughout from another process (the figures themselves are the tool's to print)."""
+    from tools import health_stall
+
+    served = Served(tmp_path, with_tokenizer=True)
+    try:
+        rows = health_stall.main(["--url", served.url, "--mb", "0.05", "--seconds", "1.5"])
+    finally:
+        served.close()
+    assert {r["case"]: r["status"] for r in rows} == {
+        "completions": 400, "chat": 400, "tokenize": 200, "token-ids": 400, "detokenize": 200}
+    assert all(r["answers"] > 20 and 0 < r["p99_ms"] <= r["max_ms"] for r in rows)
+    assert capsys.readouterr().out.count("\n") == 6  # the header and a line a case
