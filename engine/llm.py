@@ -10,6 +10,7 @@ CompletionOutput.error; EngineDeadError (engine.core.outputs) means the engine c
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 
 from engine.core.outputs import BeamSearchOutput, BeamSearchSequence, RequestOutput
@@ -127,10 +128,8 @@ class LLM:
                 request_id = f"llm-{next(self._ids)}"
                 engine.add_request(request_id, prompt, p)
                 request_ids.append(request_id)
-        except Exception:
-            for request_id in request_ids:  # leave the engine as it was
-                engine.abort(request_id)
-            engine.step()
+        except BaseException:
+            self._abandon(request_ids)
             raise
         finished: dict[str, RequestOutput] = {}
         bar = None
@@ -145,10 +144,22 @@ class LLM:
                         finished[out.request_id] = out
                         if bar is not None:
                             bar.update(1)
+        except BaseException:  # Ctrl-C, a dead engine: nothing of this call may run on
+            self._abandon([r for r in request_ids if r not in finished])
+            raise
         finally:
             if bar is not None:
                 bar.close()
         return [finished[request_id] for request_id in request_ids]
+
+    def _abandon(self, request_ids: list[str]) -> None:
+        """Abort requests this call submitted, and take their aborted outputs out of the engine,
+        so that they neither hold KV blocks nor run inside a later call (leaving the engine as
+        it was)."""
+        for request_id in request_ids:
+            self.engine.abort(request_id)
+        with contextlib.suppress(Exception):  # a dead engine has nothing left to hand out
+            self.engine.step()
 
 
 def _chat_messages(conversation) -> list[dict]:

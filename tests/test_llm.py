@@ -32,6 +32,35 @@ def test_generate_keeps_input_order_and_per_prompt_params(make_engine):
     assert llm.engine.get_stats().kv_blocks_used == 0
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_an_interrupted_generate_leaves_nothing_running(make_engine, async_scheduling):
+    """Ctrl-C inside generate: what the call submitted is aborted and its blocks freed; before,
+    it ran on inside every later call, holding KV blocks, its outputs thrown away."""
+    llm = LLM.from_engine(make_engine(async_scheduling=async_scheduling))
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    prompts = [{"prompt_token_ids": list(range(5, 5 + n))} for n in (9, 20, 33)]
+    want = llm.generate(prompts[:1], params, use_tqdm=False)
+    engine, steps = llm.engine, [0]
+    step = engine.step
+
+    def interrupted():
+        steps[0] += 1
+        if steps[0] == 4:
+            raise KeyboardInterrupt
+        return step()
+
+    engine.step = interrupted
+    with pytest.raises(KeyboardInterrupt):
+        llm.generate(prompts, params, use_tqdm=False)
+    engine.step = step
+    assert not engine.has_unfinished_requests()
+    assert engine.get_stats().kv_blocks_used == 0
+    before = engine.scheduler.num_steps
+    again = llm.generate(prompts[:1], params, use_tqdm=False)
+    assert again[0].outputs[0].token_ids == want[0].outputs[0].token_ids
+    assert engine.scheduler.num_steps - before <= 41  # its own steps only, nobody else's
+
+
 def test_token_ids_the_detokenizer_cannot_hold_are_refused_first(make_engine):
     """Negative or huge ids are out of vocabulary before the detokenizer (32-bit ids) sees them:
     a ValueError naming prompt_token_ids, not an OverflowError, and the LLM keeps serving."""
