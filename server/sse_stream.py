@@ -46,6 +46,7 @@ async def events(call, group, include_usage: bool):
                                            "logprobs": None, "finish_reason": None}]))
             yield b"".join(opening)
         opened = set()  # completions: the choices whose first chunk went out
+        closed = set()  # the choices whose last chunk (finish_reason) went out
         try:
             # One write for the chunks of every output queued: a stream that fell behind the
             # engine catches up in one send instead of one per step.
@@ -58,6 +59,12 @@ async def events(call, group, include_usage: bool):
                     for c in out.outputs:
                         if not call.extras.score_only:  # before its chunk: continuous usage
                             num_generated += len(c.delta_token_ids)
+                        if (out.request_id, c.index) in closed:
+                            # n > 1: a request's output lists every choice each step, the
+                            # finished ones too; theirs went out once already
+                            continue
+                        if c.finished:
+                            closed.add((out.request_id, c.index))
                         pieces += _choice_chunks(call, chunk, opened, tool_streams, out, c)
                 if pieces:
                     yield b"".join(pieces)

@@ -211,6 +211,30 @@ def test_chat_logprob_bytes_are_the_tokens_own(server):
     assert [e["bytes"] for part in streamed for e in part] == [entry["bytes"]]
 
 
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+def test_streamed_choices_that_end_at_other_steps_end_once(server, path):
+    """n > 1: a choice that ended sends its finish_reason once, not again each later step, and
+    each choice's streamed text is its whole answer's."""
+    body = {"model": MODEL, "n": 3, "temperature": 1.0, "seed": 3, "max_tokens": 12,
+            "stop": [" "]}
+    body.update({"prompt": "Hello"} if "chat" not in path else {"messages": CHAT})
+    whole = httpx.post(server.url + path, json=body, timeout=60).json()["choices"]
+    texts = {c["index"]: c.get("text", (c.get("message") or {}).get("content")) for c in whole}
+    assert len({len(t) for t in texts.values()}) > 1  # the premise: they end at different steps
+    finishes, streamed = {}, {}
+    with httpx.stream("POST", server.url + path, json={**body, "stream": True}, timeout=60) as r:
+        for line in r.iter_lines():
+            if not line.startswith("data: {"):
+                continue
+            for c in json.loads(line[6:])["choices"]:
+                piece = c.get("text", (c.get("delta") or {}).get("content")) or ""
+                streamed[c["index"]] = streamed.get(c["index"], "") + piece
+                if c["finish_reason"] is not None:
+                    finishes[c["index"]] = finishes.get(c["index"], 0) + 1
+    assert finishes == {0: 1, 1: 1, 2: 1}
+    assert streamed == texts
+
+
 def test_64_concurrent_requests_are_batched(server):
     steps_before = server.metric("pagedserve_engine_steps_total")
 
