@@ -102,6 +102,10 @@ class Postprocessor:
         grammar_ended: the sequence's grammar was complete (it allowed only eos)."""
         if not 0 <= token < self.vocab_size:  # never hand the front garbage
             raise RuntimeError(f"the sampler returned token id {token}, outside the vocabulary")
+        if grammar_ended and token not in self.eos_token_ids and self.eos_token_ids:
+            # The grammar allowed only eos, and min_tokens held eos back: the row was all
+            # masked, its sample arbitrary. It stands for eos; so does the token sent.
+            token = self.eos_token_ids[0]
         seq.token_ids.append(token)
         seq.cumulative_logprob += logprob
         p = seq.sampling_params

@@ -204,13 +204,16 @@ class GrammarCompiler:
     def advance(self, matchers: list, tokens: list[int], skip) -> list:
         """Feed each row's matcher (None: unconstrained) its sampled token, in parallel. Per row:
         ACCEPTED, ENDED (the grammar had already ended: the token stands for eos), or the
-        grammar's error text. Rows in `skip` (their sampling failed) are left alone."""
+        grammar's error text (also for a matcher that had hit a dead end: its mask allowed
+        nothing, so the token is garbage). Rows in `skip` (their sampling failed) are left alone."""
         verdicts = [ACCEPTED] * len(matchers)
         rows = []
         for r, m in enumerate(matchers):
             if m is None or r in skip:
                 continue
-            if m.is_stopped():
+            if m.is_error():  # a dead end (no token allowed): the row's mask was empty
+                verdicts[r] = m.get_error()
+            elif m.is_stopped():
                 verdicts[r] = ENDED
             else:
                 rows.append(r)

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from server.protocol import bad_request, get_field, legacy_top_logprobs
+from server.protocol import bad_request, finite_logprob, get_field, legacy_top_logprobs
 
 
 @dataclass
@@ -83,7 +83,7 @@ def prompt_logprobs_json(entries: list | None, token_str) -> list | None:
             out.append(None)
             continue
         ranked = sorted(entry.items(), key=lambda kv: -kv[1])
-        out.append({str(t): {"logprob": v, "rank": r, "decoded_token": token_str(t)}
+        out.append({str(t): {"logprob": finite_logprob(v), "rank": r, "decoded_token": token_str(t)}
                     for r, (t, v) in enumerate(ranked, 1)})
     return out
 
@@ -97,7 +97,7 @@ def echo_logprobs(prompt_ids: list[int], entries: list, token_str) -> dict:
     for tid, entry in zip(prompt_ids, entries or [None] * len(prompt_ids), strict=True):
         text = token_str(tid)
         out["tokens"].append(text)
-        out["token_logprobs"].append(None if entry is None else entry.get(tid))
+        out["token_logprobs"].append(None if entry is None else finite_logprob(entry.get(tid)))
         out["top_logprobs"].append(None if entry is None
                                    else legacy_top_logprobs(tid, entry, token_str))
         out["text_offset"].append(offset)

@@ -286,13 +286,23 @@ def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex}"
 
 
+# The lowest logprob an answer shows, as vLLM's: a token the sampler took from a row where
+# everything was masked (a grammar that reached its end while min_tokens still held eos back)
+# has -inf, which JSON cannot carry.
+MIN_LOGPROB = -9999.0
+
+
+def finite_logprob(value: float | None) -> float | None:
+    return value if value is None or value >= MIN_LOGPROB else MIN_LOGPROB  # NaN too
+
+
 def completion_logprobs(token_ids, logprobs, token_str, text_offset: int = 0) -> dict:
     """The legacy completions `logprobs` object for the given tokens."""
     out = {"tokens": [], "token_logprobs": [], "top_logprobs": [], "text_offset": []}
     for tid, lp in zip(token_ids, logprobs, strict=False):
         text = token_str(tid)
         out["tokens"].append(text)
-        out["token_logprobs"].append(lp.get(tid))
+        out["token_logprobs"].append(finite_logprob(lp.get(tid)))
         out["top_logprobs"].append(legacy_top_logprobs(tid, lp, token_str))
         out["text_offset"].append(text_offset)
         text_offset += len(text)
@@ -304,7 +314,8 @@ def chat_logprobs(token_ids, logprobs, token_str, token_bytes, num_top: int | No
     num_top None: every entry (logprob_token_ids, top_logprobs -1). `bytes` are the token's own
     (token_bytes), not those of its text: a token holding part of a character shows as U+FFFD."""
     def entry(tid, value):
-        return {"token": token_str(tid), "logprob": value, "bytes": list(token_bytes(tid))}
+        return {"token": token_str(tid), "logprob": finite_logprob(value),
+                "bytes": list(token_bytes(tid))}
 
     content = []
     for tid, lp in zip(token_ids, logprobs, strict=False):
@@ -318,7 +329,7 @@ def legacy_top_logprobs(tid: int, lp: dict[int, float], token_str) -> dict[str, 
     """One position's legacy `top_logprobs`: its own token first, as vLLM orders them (clients
     read the first key as the token), then the others by logprob."""
     ranked = sorted(lp.items(), key=lambda kv: (kv[0] != tid, -kv[1]))
-    return {token_str(t): v for t, v in ranked}
+    return {token_str(t): finite_logprob(v) for t, v in ranked}
 
 
 def _top(lp: dict[int, float]) -> list[tuple[int, float]]:

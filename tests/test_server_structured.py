@@ -206,3 +206,21 @@ def test_auto_and_none_leave_plain_text_alone(server, client):
             temperature=0, stream=True, extra_body={"ignore_eos": True}))
         assert streamed[0]["content"] == message.content and not streamed[0]["tool_calls"]
         assert streamed[0]["finish_reason"] == "length"
+
+
+def test_a_masked_tokens_logprob_is_shown_as_vllm_shows_it(server):
+    """min_tokens past a finished grammar: the last token was sampled from an all-masked row,
+    its logprob -inf, which JSON cannot carry: -9999.0, as vLLM clamps it (it was a 500)."""
+    for path, body in (
+        ("/v1/chat/completions", {"messages": CHAT, "logprobs": True}),
+        ("/v1/completions", {"prompt": "Answer:", "logprobs": 1}),
+    ):
+        r = httpx.post(server.url + path, timeout=60, json={
+            "model": MODEL, "max_tokens": 8, "min_tokens": 6, "temperature": 0,
+            "structured_outputs": {"choice": ["yes", "no"]}, **body})
+        assert r.status_code == 200, r.text[:300]
+        choice = r.json()["choices"][0]
+        assert choice["finish_reason"] == "stop"
+        lps = choice["logprobs"]
+        last = lps["content"][-1]["logprob"] if "content" in lps else lps["token_logprobs"][-1]
+        assert last == -9999.0

@@ -245,3 +245,24 @@ def test_overlapped_scheduling_gives_the_same_constrained_outputs(make_engine):
     for text, *_ in overlapped["json"]:
         jsonschema.validate(json.loads(text), PERSON)
     assert {text for text, *_ in overlapped["choice"]} <= {"red", "gr", "blue violet"}
+
+
+def test_a_grammar_at_a_dead_end_fails_the_sequence(engine):
+    """A schema whose only value never ends (a required property of its own type) leaves the
+    matcher nothing to allow: the sequence fails with the grammar's error, never finishes
+    "stop" on a token no mask allowed."""
+    endless = {"type": "object", "properties": {"a": {"$ref": "#/properties/a"}},
+               "required": ["a"]}
+    [c] = _sample(engine, StructuredOutputsParams(json=endless), n=1, max_tokens=12,
+                  logprobs=1)
+    assert c.finish_reason == "error" and c.error, (c.text, c.finish_reason)
+
+
+def test_min_tokens_past_a_finished_grammar_ends_on_eos(engine):
+    """The grammar allows only eos and min_tokens holds eos back: the row is all masked. The
+    sequence ends there ("stop"), its last token eos, its logprob -inf (the API shows -9999)."""
+    [c] = _sample(engine, StructuredOutputsParams(choice=["yes", "no"]), n=1, max_tokens=8,
+                  min_tokens=6, logprobs=1)
+    assert c.finish_reason == "stop" and c.text in ("yes", "no")
+    assert c.token_ids[-1] == 2  # SmolLM2's eos, <|im_end|>
+    assert c.logprobs[-1][2] == -np.inf
