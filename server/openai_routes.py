@@ -112,7 +112,8 @@ async def chat_completions_body(request: Request, body: dict):
     call.tokens_field = tokens_field
     call.chat_options = options
     if tools and tool_choice != "none":
-        call.tool_parser = ToolCallParser(tool_choice, [t["function"]["name"] for t in tools])
+        call.tool_parser = ToolCallParser(tool_choice, [t["function"]["name"] for t in tools],
+                                          parallel)
     return await call.run([ids], stream, include_usage)
 
 

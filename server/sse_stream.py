@@ -133,7 +133,11 @@ def _tool_chunks(stream: ToolCallStream, choice: dict, c) -> list[dict]:
         finish_reason = "tool_calls" if is_call else c.finish_reason
     out = [{"index": index, "delta": d, "logprobs": None, "finish_reason": None}
            for d in deltas]
-    if out and choice["logprobs"] is not None:
+    if choice["logprobs"] is not None:
+        # every token's logprobs go out as it comes, also while its text is held back (a call
+        # may be starting), as OpenAI streams them: with an empty delta then
+        if not out:
+            out.append({"index": index, "delta": {}, "logprobs": None, "finish_reason": None})
         out[0]["logprobs"] = choice["logprobs"]
     if c.finished:
         out.append({"index": index, "delta": {}, "logprobs": None,

@@ -44,6 +44,9 @@ def parse_tools(body: dict) -> tuple[list[dict] | None, str | None]:
         if params is not None and not isinstance(params, dict):
             raise bad_request("tools", f"tools[{i}].function.parameters must be a JSON schema "
                                        "object")
+        if fn["name"] in names:
+            raise bad_request("tools", f"tools[{i}] repeats the function name {fn['name']!r}: "
+                                       "a call names the function it calls")
         names.append(fn["name"])
     if choice is None:
         choice = "auto"
@@ -114,8 +117,9 @@ def new_call(name: str, arguments) -> dict:
 class ToolCallParser:
     """Reads one choice's output as tool calls, whole or as it streams."""
 
-    def __init__(self, choice: str, names: list[str]):
+    def __init__(self, choice: str, names: list[str], parallel: bool = True):
         self.choice, self.names = choice, set(names)
+        self.parallel = parallel  # False: the first call only (parallel_tool_calls)
 
     def parse(self, text: str) -> tuple[str | None, list[dict]]:
         """(content left outside the calls or None, tool calls); no calls when none parse."""
@@ -131,14 +135,16 @@ class ToolCallParser:
             except json.JSONDecodeError:
                 return text, []
             return None, [new_call(self.choice, text)]
-        return self._parse_auto(text)
+        content, calls = self._parse_auto(text)
+        return content, calls if self.parallel else calls[:1]
 
     def _parse_auto(self, text: str) -> tuple[str | None, list[dict]]:
         if HERMES_OPEN in text:
             calls = [self._call(body) for body in _HERMES.findall(text)]
             if calls and all(calls):
-                content = text[: text.index(HERMES_OPEN)].strip()
-                return content or None, calls
+                # the text before the first call as it came (as a stream sends it), or None
+                content = text[: text.index(HERMES_OPEN)]
+                return content if content.strip() else None, calls
             return text, []
         stripped = text.strip().removeprefix(LLAMA_PYTHON_TAG).lstrip()
         if stripped.startswith("{"):  # Llama 3.x: JSON objects, ";"-separated when several
@@ -152,7 +158,8 @@ class ToolCallParser:
             obj = json.loads(body)
         except json.JSONDecodeError:
             return None
-        if not isinstance(obj, dict) or obj.get("name") not in self.names:
+        name = obj.get("name") if isinstance(obj, dict) else None
+        if not isinstance(name, str) or name not in self.names:  # the model's text: any JSON
             return None
         args = obj.get("arguments", obj.get("parameters", {}))
         if isinstance(args, str):  # some models write the arguments as JSON text already

@@ -132,6 +132,9 @@ def test_required_and_named_tool_calls(server, client):
     ({"tools": TOOLS, "tool_choice": {"type": "function", "function": {"name": "nope"}}},
      "tool_choice"),
     ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": TOOLS + TOOLS[:1], "tool_choice": {"type": "function",
+                                                  "function": {"name": "get_weather"}}},
+     "tools"),  # two functions of one name (it was a 500)
     # Beams each pick from one row's top candidates: no grammar per beam.
     ({"use_beam_search": True, "structured_outputs": {"choice": ["a", "b"]}},
      "structured_outputs"),
@@ -152,7 +155,7 @@ def test_auto_tool_calls_are_parsed_from_hermes_and_llama_forms():
             '"unit": "c"}}\n</tool_call>\n<tool_call>{"name": "get_time", "arguments": '
             '{"zone": 1}}</tool_call>')
     content, calls = parser.parse(text)
-    assert content == "Let me look."
+    assert content == "Let me look. "  # as it came: what a stream sends before the call
     assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == \
         [("get_weather", {"city": "Rome", "unit": "c"}), ("get_time", {"zone": 1})]
     content, calls = parser.parse('{"name": "get_time", "parameters": {"zone": -3}}; '
@@ -179,6 +182,38 @@ def test_streamed_auto_output_sends_content_then_holds_a_call():
     deltas = plain.feed("no tools <tool") + plain.feed(" here")
     deltas += plain.finish()[0]
     assert "".join(d["content"] for d in deltas) == "no tools <tool here"
+
+
+@pytest.mark.parametrize("pieces", [
+    ["  Sure thing.", " Calling now.", '<tool_call>{"name": "f", "arguments": {}}</tool_call>'],
+    ["  ab", 'c<tool_call>{"name": "f", "arguments": {}}</tool_call>'],
+    ["Sure ", '<tool_call>{"name": "f", "arguments": {}}</tool_call>'],
+    ["   ", '<tool_call>{"name": "f", "arguments": {}}</tool_call>'],
+])
+def test_a_streamed_call_keeps_the_content_the_whole_answer_has(pieces):
+    """The content before a call, streamed then finished, is the whole answer's content (a
+    character had been lost where the whole answer stripped it and the stream did not)."""
+    parser = ToolCallParser("auto", ["f"])
+    stream = ToolCallStream(parser)
+    deltas = [d for piece in pieces for d in stream.feed(piece)]
+    last, is_call = stream.finish()
+    deltas += last
+    content, calls = parser.parse("".join(pieces))
+    assert is_call and len(calls) == 1
+    assert "".join(d.get("content", "") for d in deltas) == (content or "")
+
+
+def test_tool_parsing_survives_any_json_and_keeps_one_call_when_not_parallel():
+    """A call's name is the model's text: a list there is no call (it was a 500); with
+    parallel_tool_calls false only the first call counts."""
+    parser = ToolCallParser("auto", ["f", "g"])
+    odd = '<tool_call>{"name": ["f"], "arguments": {}}</tool_call>'
+    assert parser.parse(odd) == (odd, [])
+    two = ('<tool_call>{"name": "f", "arguments": {}}</tool_call>'
+           '<tool_call>{"name": "g", "arguments": {}}</tool_call>')
+    assert len(parser.parse(two)[1]) == 2
+    _, calls = ToolCallParser("auto", ["f", "g"], parallel=False).parse(two)
+    assert [c["function"]["name"] for c in calls] == ["f"]
 
 
 def test_assistant_tool_calls_reach_the_template_as_mappings():
@@ -224,3 +259,20 @@ def test_a_masked_tokens_logprob_is_shown_as_vllm_shows_it(server):
         lps = choice["logprobs"]
         last = lps["content"][-1]["logprob"] if "content" in lps else lps["token_logprobs"][-1]
         assert last == -9999.0
+
+
+def test_streamed_tool_calls_carry_every_tokens_logprobs(server):
+    """Under tools the text is held back while a call may be starting; its tokens' logprobs
+    still go out as they come (they were dropped), so the stream's add up to the answer's."""
+    body = {"model": MODEL, "messages": CHAT, "tools": TOOLS, "tool_choice": "required",
+            "max_tokens": 40, "temperature": 0, "logprobs": True}
+    whole = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).json()
+    want = [e["token"] for e in whole["choices"][0]["logprobs"]["content"]]
+    got = []
+    with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=60,
+                      json={**body, "stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                for c in json.loads(line[6:])["choices"]:
+                    got += [e["token"] for e in (c.get("logprobs") or {}).get("content") or []]
+    assert len(want) > 3 and got == want
