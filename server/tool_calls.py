@@ -78,10 +78,21 @@ def tool_grammar(tools: list[dict], choice: str, parallel: bool
     if choice != "required":
         [tool] = [t for t in tools if t["function"]["name"] == choice]
         return StructuredOutputsParams(json=_parameters(tool))
-    calls = [{"type": "object", "properties": {"name": {"const": t["function"]["name"]},
-                                               "arguments": _parameters(t)},
-              "required": ["name", "arguments"], "additionalProperties": False} for t in tools]
+    # Each tool's "#/$defs/..." references pointed at its own root; in the array they point at
+    # the array's, which holds every tool's definitions (one name, one definition).
+    defs, calls = {}, []
+    for t in tools:
+        params = dict(_parameters(t))
+        for name, definition in params.pop("$defs", {}).items():
+            if defs.setdefault(name, definition) != definition:
+                raise bad_request("tools", f"two tools define '$defs/{name}' differently; "
+                                           "'tool_choice': 'required' needs one definition")
+        calls.append({"type": "object", "properties": {"name": {"const": t["function"]["name"]},
+                                                       "arguments": params},
+                      "required": ["name", "arguments"], "additionalProperties": False})
     schema = {"type": "array", "items": {"anyOf": calls}, "minItems": 1}
+    if defs:
+        schema["$defs"] = defs
     if not parallel:
         schema["maxItems"] = 1
     return StructuredOutputsParams(json=schema)

@@ -276,3 +276,20 @@ def test_streamed_tool_calls_carry_every_tokens_logprobs(server):
                 for c in json.loads(line[6:])["choices"]:
                     got += [e["token"] for e in (c.get("logprobs") or {}).get("content") or []]
     assert len(want) > 3 and got == want
+
+
+def test_required_tools_keep_their_own_definitions(server):
+    """tool_choice required with a tool whose parameters use $defs: the call parses and its
+    arguments follow the referenced definition (it was a 400: the pointer did not exist)."""
+    where = {"type": "object", "$defs": {"loc": {"enum": ["Oslo", "Rome"]}},
+             "properties": {"where": {"$ref": "#/$defs/loc"}}, "required": ["where"],
+             "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": "go", "parameters": where}}, TOOLS[1]]
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+        "model": MODEL, "messages": CHAT, "tools": tools, "tool_choice": "required",
+        "max_tokens": 40, "temperature": 1.0, "seed": 1})
+    assert r.status_code == 200, r.text[:300]
+    for call in r.json()["choices"][0]["message"]["tool_calls"]:
+        args = json.loads(call["function"]["arguments"])
+        if call["function"]["name"] == "go":
+            assert args["where"] in ("Oslo", "Rome")
