@@ -171,6 +171,7 @@ def test_close_is_idempotent_and_a_closed_llm_refuses_use(make_engine):
 @pytest.mark.parametrize("field, value", [
     ("seed", "a"), ("max_model_len", "x"), ("model", 123), ("max_num_seqs", True),
     ("block_size", 16.0), ("enable_prefix_caching", "yes"), ("gpu_memory_utilization", "0.5"),
+    ("seed", -1), ("seed", 2**64),  # numpy takes no other seed (its own message named nothing)
 ])
 def test_engine_fields_of_the_wrong_type_fail_naming_them(field, value):
     """Checked before any model loads: a ConfigError (a ValueError) that names the field."""

@@ -245,6 +245,30 @@ def test_tensors_the_config_leaves_unused_are_named_in_a_warning(tmp_path, caplo
     ({"num_attention_heads": 5}, r"hidden_size \(32\) is not a multiple of num_attention_heads"),
     ({"rope_scaling": "linear"}, "rope_scaling must be an object"),
     ({"vocab_size": None}, "vocab_size must be an integer >= 1, got None"),
+    # each of these had raised KeyError / TypeError / AttributeError naming nothing, or loaded
+    # and failed every request, or loaded wrong
+    ({"architectures": {"a": 1}}, "architectures must be a list of names"),
+    ({"architectures": [["LlamaForCausalLM"]]}, "architectures must be a list of names"),
+    ({"rope_parameters": "llama3"}, "rope_parameters must be an object"),
+    ({"quantization_config": "fp8"}, "quantization_config must be an object"),
+    ({"eos_token_id": "x"}, "eos_token_id must be a token id or a list of them"),
+    ({"eos_token_id": [None]}, "eos_token_id must be a token id or a list of them"),
+    ({"eos_token_id": 100000}, r"eos_token_id 100000 is outside the vocabulary"),
+    ({"tie_word_embeddings": "false"}, "tie_word_embeddings must be true or false"),
+    ({"attention_bias": 1}, "attention_bias must be true or false"),
+    ({"head_dim": 7}, "head_dim must be even"),
+    ({"rope_scaling": {"rope_type": "llama3", "low_freq_factor": 1, "high_freq_factor": 4,
+                       "original_max_position_embeddings": 64}},
+     r"rope_scaling.factor must be a number > 0, got None"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 0, "low_freq_factor": 1,
+                       "high_freq_factor": 4, "original_max_position_embeddings": 64}},
+     "rope_scaling.factor must be a number > 0, got 0"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8, "low_freq_factor": 4,
+                       "high_freq_factor": 4, "original_max_position_embeddings": 64}},
+     r"rope_scaling.high_freq_factor \(4\) must be greater than low_freq_factor"),
+    ({"rope_scaling": {"rope_type": "llama3", "factor": 8, "low_freq_factor": 1,
+                       "high_freq_factor": 4, "original_max_position_embeddings": None}},
+     "rope_scaling.original_max_position_embeddings must be an integer >= 1"),
 ])
 def test_config_fields_of_the_wrong_kind_name_the_file_and_field(tmp_path, change, needle):
     (tmp_path / "config.json").write_text(json.dumps({**LLAMA_CFG, **change}))

@@ -85,6 +85,18 @@ class ModelConfig:
             setattr(self, name, float(value))
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
             raise ConfigError(f"rope_scaling must be an object, got {self.rope_scaling!r}")
+        if self.rope_scaling is not None and _rope_kind(self.rope_scaling) == "llama3":
+            _check_llama3_scaling(self.rope_scaling)
+        if self.head_dim % 2:
+            raise ConfigError(f"head_dim must be even (RoPE turns pairs of values), got "
+                              f"{self.head_dim}")
+        for name in ("tie_word_embeddings", "attention_bias", "qk_norm"):
+            if not isinstance(getattr(self, name), bool):  # "false" is no false
+                raise ConfigError(f"{name} must be true or false, got {getattr(self, name)!r}")
+        bad = [e for e in self.eos_token_ids if not 0 <= e < self.vocab_size]
+        if bad:
+            raise ConfigError(f"eos_token_id {bad[0]} is outside the vocabulary (vocab_size "
+                              f"{self.vocab_size})")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_attention_heads ({self.num_heads}) must be a multiple of "
@@ -110,6 +122,8 @@ class ModelConfig:
         archs = cfg.get("architectures") or []
         if isinstance(archs, str):
             archs = [archs]
+        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+            raise ConfigError(f"architectures must be a list of names, got {archs!r:.80}")
         arch = archs[0] if archs else cfg.get("model_type", "<missing 'architectures'>")
         if arch not in SUPPORTED_ARCHITECTURES:
             raise ConfigError(
@@ -134,10 +148,15 @@ class ModelConfig:
         head_dim = cfg.get("head_dim") or hidden // num_heads
         eos = _as_list(cfg.get("eos_token_id"))
         if generation_config:
-            eos += [e for e in _as_list(generation_config.get("eos_token_id")) if e not in eos]
+            eos += [e for e in _as_list(generation_config.get("eos_token_id"),
+                                        "generation_config.json's eos_token_id") if e not in eos]
         # transformers >= 5 writes `rope_parameters` (theta and scaling in one dict) instead of
         # `rope_theta` + `rope_scaling`; read both spellings
         rope = cfg.get("rope_parameters") or {}
+        for key, value in (("rope_parameters", rope),
+                           ("quantization_config", cfg.get("quantization_config") or {})):
+            if not isinstance(value, dict):
+                raise ConfigError(f"{key} must be an object, got {value!r:.80}")
         scaling = cfg.get("rope_scaling")
         if scaling is None and rope.get("rope_type", rope.get("type", "default")) != "default":
             scaling = rope
@@ -145,7 +164,7 @@ class ModelConfig:
         if scaling is not None:
             if not isinstance(scaling, dict):
                 raise ConfigError(f"rope_scaling must be an object, got {scaling!r}")
-            kind = scaling.get("rope_type", scaling.get("type"))
+            kind = _rope_kind(scaling)
             if kind not in ("llama3", "default"):
                 raise ConfigError(f"rope_scaling type {kind!r} is not supported (only 'llama3')")
         return cls(
@@ -207,10 +226,33 @@ def _checkpoint_quantization(qc: dict | None) -> str | None:
     return "fp8"
 
 
-def _as_list(value) -> list[int]:
+def _as_list(value, name: str = "eos_token_id") -> list[int]:
+    """A token id or a list of them (HF writes either) as a list; else a ConfigError."""
     if value is None:
         return []
-    return [int(v) for v in value] if isinstance(value, list) else [int(value)]
+    values = value if isinstance(value, list) else [value]
+    if not all(is_int(v) for v in values):
+        raise ConfigError(f"{name} must be a token id or a list of them, got {value!r:.80}")
+    return [int(v) for v in values]
+
+
+def _rope_kind(scaling: dict):
+    return scaling.get("rope_type", scaling.get("type"))
+
+
+def _check_llama3_scaling(s: dict) -> None:
+    """Llama 3.1's rope_scaling fields, each a number the frequency rescaling can use."""
+    for key in ("factor", "low_freq_factor", "high_freq_factor"):
+        value = s.get(key)
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
+            raise ConfigError(f"rope_scaling.{key} must be a number > 0, got {value!r}")
+    old = s.get("original_max_position_embeddings")
+    if not is_int(old) or old < 1:
+        raise ConfigError(f"rope_scaling.original_max_position_embeddings must be an integer "
+                          f">= 1, got {old!r}")
+    if s["high_freq_factor"] <= s["low_freq_factor"]:
+        raise ConfigError(f"rope_scaling.high_freq_factor ({s['high_freq_factor']}) must be "
+                          f"greater than low_freq_factor ({s['low_freq_factor']})")
 
 
 @dataclass
@@ -354,6 +396,8 @@ class EngineConfig:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
         if self.max_logprobs < -1:
             raise ConfigError(f"max_logprobs must be >= -1, got {self.max_logprobs}")
+        if not 0 <= self.seed < 2**64:  # numpy's generators take no other seed
+            raise ConfigError(f"seed must be in [0, 2**64), got {self.seed}")
         if self.max_model_len is not None and self.max_model_len < 1:
             raise ConfigError(f"max_model_len must be >= 1, got {self.max_model_len}")
         if self.num_kv_blocks is not None and self.num_kv_blocks < 1:
