@@ -288,6 +288,12 @@ def test_fp8_checkpoint_errors(tmp_path):
         load_model(str(folder), NumpyOps())
     with pytest.raises(ValueError, match="block-wise"):
         fp8.from_checkpoint("w", np.zeros((4, 16), np.uint8), np.ones(2, np.float32))
+    # E4M3 tensors under a config without quantization_config: refused, not read as their
+    # uint8 codes (they had loaded as weights of value 56 and so on)
+    plain = write_fp8_checkpoint(src, tmp_path / "plain")
+    (plain / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(LoadError, match=r"proj.weight' in .* is F8_E4M3, but config.json has no"):
+        load_model(str(plain), NumpyOps())
 
 
 def test_quantization_field_and_gguf_refusal(tmp_path):

@@ -168,6 +168,11 @@ def load_safetensors_weights(folder: str | Path, config: ModelConfig, ops,
         if name not in files:
             raise LoadError(f"checkpoint {str(folder)!r} has no tensor {name!r} (shape {shape})")
         array = files[name].get(name)
+        if files[name].tensors[name]["dtype"] == "F8_E4M3" and c.quantization != "fp8":
+            # E4M3 codes are no values without their scales, which only an FP8 checkpoint's
+            # quantization_config says how to read
+            raise LoadError(f"tensor {name!r} in {files[name].path} is F8_E4M3, but config.json "
+                            "has no FP8 quantization_config (quant_method 'fp8')")
         if array.shape != shape:
             raise LoadError(
                 f"tensor {name!r} in {files[name].path} has shape {array.shape}, "
