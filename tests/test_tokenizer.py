@@ -260,6 +260,29 @@ def test_from_pretrained_folder(tok, tmp_path):
         assert hf.apply_chat_template(case["messages"], **kw) == case["ids"]
 
 
+@pytest.mark.parametrize("config, words", [
+    ({"chat_template": 5}, "chat_template must be a template"),
+    ({"chat_template": ["a", "b"]}, "chat_template must be a template"),
+    ({"chat_template": [{"template": "x"}]}, "chat_template must be a template"),
+    ({"chat_template": [{"name": "tools", "template": "x"}]}, "no 'default' template"),
+    ({"bos_token": 5}, "bos_token must be a token's text"),
+    ({"eos_token": {"content": 5}}, "eos_token must be a token's text"),
+])
+def test_a_malformed_tokenizer_config_is_named(tok, tmp_path, config, words):
+    """Each had raised a bare TypeError / KeyError naming neither the file nor the field."""
+    (tmp_path / "tokenizer.json").write_text(tok.tokenizer.to_str())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(TokenizerError, match=rf"tokenizer_config\.json: .*{words}"):
+        Tokenizer.from_pretrained(tmp_path)
+
+
+def test_a_chat_template_file_that_is_not_utf8_is_named(tok, tmp_path):
+    (tmp_path / "tokenizer.json").write_text(tok.tokenizer.to_str())
+    (tmp_path / "chat_template.jinja").write_bytes(b"{{ messages }}\xff\xfe")
+    with pytest.raises(TokenizerError, match=r"chat_template\.jinja is not readable UTF-8"):
+        Tokenizer.from_pretrained(tmp_path)
+
+
 # ---------------------------------------------------------------------------------------------
 # Incremental detokenization
 

@@ -159,6 +159,11 @@ def _pick_template(chat_template) -> str | None:
     """`chat_template` is a string, or a list of {name, template} of which we take "default"."""
     if chat_template is None or isinstance(chat_template, str):
         return chat_template
+    if not isinstance(chat_template, list) or not all(
+            isinstance(t, dict) and isinstance(t.get("name"), str)
+            and isinstance(t.get("template"), str) for t in chat_template):
+        raise TokenizerError(f"chat_template must be a template (a string) or a list of "
+                             f"{{'name', 'template'}} objects, got {chat_template!r:.80}")
     named = {t["name"]: t["template"] for t in chat_template}
     if "default" not in named:
         raise TokenizerError(f"chat_template lists {sorted(named)} but no 'default' template")
@@ -200,13 +205,23 @@ class Tokenizer:
 
         def token(name):  # "<s>", or {"content": "<s>", ...}, or absent
             value = config.get(name)
-            return value.get("content") if isinstance(value, dict) else value
+            value = value.get("content") if isinstance(value, dict) else value
+            if value is not None and not isinstance(value, str):
+                raise TokenizerError(f"{config_path}: {name} must be a token's text, got "
+                                     f"{value!r:.80}")
+            return value
 
         chat_template = config.get("chat_template")
         jinja_file = folder / "chat_template.jinja"  # newer HF folders keep it apart
         if chat_template is None and jinja_file.is_file():
-            chat_template = jinja_file.read_text()
-        return cls(tok, token("bos_token"), token("eos_token"), chat_template)
+            try:
+                chat_template = jinja_file.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as e:
+                raise TokenizerError(f"{jinja_file} is not readable UTF-8 text: {e}") from None
+        try:
+            return cls(tok, token("bos_token"), token("eos_token"), chat_template)
+        except TokenizerError as e:
+            raise TokenizerError(f"{config_path}: {e}") from None
 
     @classmethod
     def from_gguf(cls, reader) -> Tokenizer:
