@@ -446,3 +446,24 @@ def test_load_default_model_reads_config_and_tokenizer(monkeypatch):
     assert loaded.config.num_layers == 30 and loaded.weights == "dummy"
     case = json.loads((GOLDEN_DIR / "smollm2_greedy.json").read_text())[0]
     assert loaded.tokenizer.encode(case["prompt"], add_special_tokens=False) == case["prompt_ids"]
+
+
+@pytest.mark.parametrize("change, words", [
+    ({"llama.attention.head_count": 0}, "'llama.attention.head_count' must be >= 1, got 0"),
+    ({"llama.attention.head_count": "four"}, "'llama.attention.head_count' must be an integer"),
+    ({"llama.attention.head_count": [4]}, "'llama.attention.head_count' must be an integer"),
+    ({"llama.attention.layer_norm_rms_epsilon": "x"}, "layer_norm_rms_epsilon' must be a number"),
+    ({"llama.attention.head_count_kv": 0}, "num_key_value_heads must be an integer >= 1"),
+    ({"tokenizer.ggml.eos_token_id": 1000}, "eos_token_id 1000 is outside the vocabulary"),
+])
+def test_gguf_metadata_of_the_wrong_kind_names_the_file_and_key(change, words):
+    """Each had raised a ZeroDivisionError / ValueError / TypeError naming nothing."""
+    import types
+
+    meta = {"llama.embedding_length": 32, "llama.attention.head_count": 4,
+            "llama.feed_forward_length": 48, "llama.block_count": 1, "llama.vocab_size": 64}
+    good = types.SimpleNamespace(metadata=meta, path="m.gguf", tensor_names=[])
+    assert gguf_loader.config_from_gguf(good).head_dim == 8
+    bad = types.SimpleNamespace(metadata={**meta, **change}, path="m.gguf", tensor_names=[])
+    with pytest.raises(GGUFError, match=rf"^m\.gguf: .*{words}"):
+        gguf_loader.config_from_gguf(bad)

@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import numbers
 import os
 import shutil
 from dataclasses import dataclass
@@ -26,7 +27,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from engine.model.config import ModelConfig
+from engine.model.config import ConfigError, ModelConfig
 from engine.model.weights import LayerWeights, ModelWeights
 
 logger = logging.getLogger("pagedserve." + __name__)
@@ -113,41 +114,53 @@ def _plain(value):
 def config_from_gguf(gguf_file: GGUFFile) -> ModelConfig:
     meta, path = gguf_file.metadata, gguf_file.path
 
-    def get(key, default=_MISSING):
+    def get(key, default=_MISSING, kind=int):
+        """The metadata value at `key` as `kind` (int or float), else a GGUFError naming it."""
         if key not in meta:
             if default is _MISSING:
                 raise GGUFError(f"{path}: GGUF metadata has no {key!r}")
             return default
-        return meta[key]
+        value = meta[key]
+        number = numbers.Integral if kind is int else numbers.Real
+        if isinstance(value, bool) or not isinstance(value, number):
+            raise GGUFError(f"{path}: GGUF metadata {key!r} must be "
+                            f"{'an integer' if kind is int else 'a number'}, got {value!r:.80}")
+        return kind(value)
 
-    hidden = int(get("llama.embedding_length"))
-    num_heads = int(get("llama.attention.head_count"))
-    head_dim = int(get("llama.attention.key_length", hidden // num_heads))
+    hidden = get("llama.embedding_length")
+    num_heads = get("llama.attention.head_count")
+    if num_heads < 1:
+        raise GGUFError(f"{path}: GGUF metadata 'llama.attention.head_count' must be >= 1, got "
+                        f"{num_heads}")
+    head_dim = get("llama.attention.key_length", hidden // num_heads)
     names = set(gguf_file.tensor_names)
     if "rope_freqs.weight" in names:
         # Llama 3.1 GGUFs bake llama3 rope scaling into this tensor; its parameters are lost
         raise GGUFError(f"{path}: GGUF with rope_freqs (llama3 rope scaling) is not supported")
     tokens = meta.get("tokenizer.ggml.tokens")
-    vocab = len(tokens) if tokens is not None else int(get("llama.vocab_size"))
+    vocab = len(tokens) if tokens is not None else get("llama.vocab_size")
     eos = get("tokenizer.ggml.eos_token_id", None)
     bos = get("tokenizer.ggml.bos_token_id", None)
-    return ModelConfig(
-        architecture="LlamaForCausalLM",
-        vocab_size=vocab,
-        hidden_size=hidden,
-        intermediate_size=int(get("llama.feed_forward_length")),
-        num_layers=int(get("llama.block_count")),
-        num_heads=num_heads,
-        num_kv_heads=int(get("llama.attention.head_count_kv", num_heads)),
-        head_dim=head_dim,
-        rms_norm_eps=float(get("llama.attention.layer_norm_rms_epsilon", 1e-5)),
-        rope_theta=float(get("llama.rope.freq_base", 10000.0)),
-        max_position_embeddings=int(get("llama.context_length", 2048)),
-        tie_word_embeddings="output.weight" not in names,
-        eos_token_ids=[int(eos)] if eos is not None else [],
-        bos_token_id=int(bos) if bos is not None else None,
-        dtype="float32",  # dequantized at load
-    )
+    try:
+        return ModelConfig(
+            architecture="LlamaForCausalLM",
+            vocab_size=vocab,
+            hidden_size=hidden,
+            intermediate_size=get("llama.feed_forward_length"),
+            num_layers=get("llama.block_count"),
+            num_heads=num_heads,
+            num_kv_heads=get("llama.attention.head_count_kv", num_heads),
+            head_dim=head_dim,
+            rms_norm_eps=get("llama.attention.layer_norm_rms_epsilon", 1e-5, float),
+            rope_theta=get("llama.rope.freq_base", 10000.0, float),
+            max_position_embeddings=get("llama.context_length", 2048),
+            tie_word_embeddings="output.weight" not in names,
+            eos_token_ids=[eos] if eos is not None else [],
+            bos_token_id=bos,
+            dtype="float32",  # dequantized at load
+        )
+    except ConfigError as e:  # in HF's names (the config's fields); the file named here
+        raise GGUFError(f"{path}: {e}") from None
 
 
 _MISSING = object()
