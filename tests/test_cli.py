@@ -356,3 +356,22 @@ def test_serve_streams_without_uvloop_and_httptools(tiny_folder):
     assert events[-1] == "data: [DONE]" and len(chunks) == 4
     assert [c["choices"][0]["finish_reason"] for c in chunks[:3]] == [None, None, "length"]
     assert chunks[3]["usage"]["completion_tokens"] == 3
+
+
+def test_a_bad_master_port_is_a_usage_error_of_the_worker_alone(monkeypatch, capsys):
+    """$PAGEDSERVE_MASTER_PORT was read with int() while every command's parser was built:
+    `pagedserve --help` died with a traceback. Now the worker's own usage error names it, as
+    it does for a bad --master-port or --rank."""
+    from engine.executor.worker import worker_main
+
+    monkeypatch.setenv("PAGEDSERVE_MASTER_PORT", "abc")
+    build_parser()  # every command still builds
+    for argv, words in ((["--rank", "1", "--master-addr", "h"], "got 'abc'"),
+                        (["--rank", "1", "--master-addr", "h", "--master-port", "70000"],
+                         "got '70000'"),
+                        (["--rank", "0", "--master-addr", "h", "--master-port", "5"],
+                         "rank must be an integer >= 1")):
+        with pytest.raises(SystemExit) as e:
+            worker_main(argv)
+        assert e.value.code == 2
+        assert words in capsys.readouterr().err

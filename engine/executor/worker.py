@@ -49,6 +49,7 @@ from engine.executor.workers import (
     STEP,
     STOP,
     WorkerConfig,
+    parse_port,
 )
 from engine.model.loader import load_model
 
@@ -63,16 +64,35 @@ def worker_main(argv: list[str] | None = None) -> int:
 
 
 def add_worker_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--rank", type=int, required=True, metavar="R",
+    p.add_argument("--rank", type=_rank, required=True, metavar="R",
                    help="this rank, 1 .. tensor_parallel_size - 1")
     p.add_argument("--master-addr", default=os.environ.get(MASTER_ADDR_ENV), metavar="ADDR",
                    help=f"rank 0's address (default: ${MASTER_ADDR_ENV})")
-    p.add_argument("--master-port", type=int, metavar="PORT",
-                   default=int(os.environ[MASTER_PORT_ENV]) if os.environ.get(MASTER_PORT_ENV)
-                   else None, help=f"rank 0's port (default: ${MASTER_PORT_ENV})")
+    # a string default goes through `type` too: a bad $PAGEDSERVE_MASTER_PORT is a usage error
+    # of this command, not a traceback of every command's --help
+    p.add_argument("--master-port", type=_port, metavar="PORT",
+                   default=os.environ.get(MASTER_PORT_ENV) or None,
+                   help=f"rank 0's port (default: ${MASTER_PORT_ENV})")
     p.add_argument("--gpu", type=int, default=None, metavar="I",
                    help="the GPU index on this host (default: rank modulo the GPUs visible)")
     p.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+
+
+def _port(text: str) -> int:
+    try:
+        return parse_port(text, "the port")
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _rank(text: str) -> int:
+    try:
+        rank = int(text)
+    except ValueError:
+        rank = 0
+    if rank < 1:  # rank 0 is `pagedserve serve` itself
+        raise argparse.ArgumentTypeError(f"the rank must be an integer >= 1, got {text!r}")
+    return rank
 
 
 def run_worker(rank: int, master_addr: str | None, master_port: int | None,

@@ -66,8 +66,20 @@ def master_address(config: EngineConfig) -> tuple[str, int]:
     addr = config.master_addr or os.environ.get(MASTER_ADDR_ENV) or "127.0.0.1"
     port = config.master_port
     if port is None:
-        port = int(os.environ.get(MASTER_PORT_ENV) or 0)
+        port = parse_port(os.environ.get(MASTER_PORT_ENV) or "0", f"${MASTER_PORT_ENV}",
+                          allow_zero=True)
     return addr, port
+
+
+def parse_port(text: str, name: str, allow_zero: bool = False) -> int:
+    """A TCP port number (0: any free one, where allowed), else a ValueError naming `name`."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not (0 if allow_zero else 1) <= port <= 65535:
+        raise ValueError(f"{name} must be a TCP port number (1..65535), got {text!r}")
+    return port
 
 
 @dataclass
