@@ -155,6 +155,12 @@ def _names(text: str) -> list[str]:
     return [n.strip() for n in text.split(",") if n.strip()]
 
 
+def _model_name(text: str) -> str:
+    if not text.strip():  # clients must be able to send it
+        raise argparse.ArgumentTypeError("the served model name must not be empty")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pagedserve",
@@ -188,7 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--chat-content-special-tokens", action="store_true",
                    help="tokenize special tokens inside chat message content as control tokens "
                         "(HF's behaviour; lets a client forge turns). Default: they stay text")
-    s.add_argument("--served-model-name", default=None, metavar="NAME",
+    s.add_argument("--served-model-name", type=_model_name, default=None, metavar="NAME",
                    help="the model name clients send and /v1/models lists (default: MODEL)")
     s.add_argument("--data-parallel-size", "-dp", type=_positive_int, default=1, metavar="N",
                    help="run N engine cores, each a full copy of the model on its own GPU (core i "

@@ -375,3 +375,10 @@ def test_a_bad_master_port_is_a_usage_error_of_the_worker_alone(monkeypatch, cap
             worker_main(argv)
         assert e.value.code == 2
         assert words in capsys.readouterr().err
+
+
+def test_an_empty_served_model_name_is_refused(capsys):
+    """It had fallen back to the model's path without a word."""
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["serve", "--served-model-name", " "])
+    assert e.value.code == 2 and "must not be empty" in capsys.readouterr().err
