@@ -207,6 +207,11 @@ def test_data_offsets_that_do_not_fit_the_shape_name_the_tensor(tmp_path):
     write_raw_safetensors(path, {"w": ("F32", (4,), bytes(12))})  # 3 floats for 4
     with pytest.raises(LoadError, match=r"x\.safetensors: tensor 'w' holds 12 bytes.*needs 16"):
         SafetensorsFile(path).get("w")
+    # a shape whose element count passes int64 (it had wrapped around into a numpy error)
+    for shape in ((2**62, 4), (2**64, 4)):
+        write_raw_safetensors(path, {"w": ("F32", shape, bytes(16))})
+        with pytest.raises(LoadError, match=r"tensor 'w' holds 16 bytes"):
+            SafetensorsFile(path).get("w")
 
 
 def test_an_index_entry_its_shard_lacks_is_named(tmp_path):

@@ -12,6 +12,7 @@ import functools
 import importlib.util
 import json
 import logging
+import math
 import re
 import struct
 from dataclasses import dataclass
@@ -95,7 +96,7 @@ class SafetensorsFile:
         if dtype is None:
             raise LoadError(f"{self.path}: tensor {name!r} has unsupported dtype {info['dtype']}")
         start, end = info["data_offsets"]
-        count = int(np.prod(info["shape"], dtype=np.int64))
+        count = math.prod(info["shape"])  # Python ints: a lying shape cannot wrap around
         if end - start != count * np.dtype(dtype).itemsize:
             raise LoadError(f"{self.path}: tensor {name!r} holds {end - start} bytes, its shape "
                             f"{tuple(info['shape'])} of {info['dtype']} needs "
