@@ -8,6 +8,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import random
+import time
 from pathlib import Path
 
 import gguf
@@ -370,3 +371,21 @@ def test_special_tokens_in_chat_content_stay_text(tok):
     plain = [{"role": "user", "content": "Hello there"}]
     assert tok.apply_chat_template(plain) == tok.apply_chat_template(
         plain, special_tokens_in_content=True)
+
+
+def test_a_chat_template_that_loops_is_stopped(tok, monkeypatch):
+    """A template that would run for hours (nested loops) ends with a TemplateError once its
+    render passes the deadline, on whichever thread renders; the next render runs normally."""
+    import jinja2
+
+    from engine.model import chat_template
+
+    monkeypatch.setattr(chat_template, "RENDER_SECONDS", 0.2)
+    looping = Tokenizer(tok.tokenizer, "<|im_start|>", "<|im_end|>",
+                        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}"
+                        "{% endfor %}")
+    start = time.monotonic()
+    with pytest.raises(jinja2.exceptions.TemplateError, match="ran past"):
+        looping.apply_chat_template([{"role": "user", "content": "hi"}])
+    assert time.monotonic() - start < 5
+    assert tok.apply_chat_template([{"role": "user", "content": "hi"}])  # unaffected

@@ -4,9 +4,12 @@ tokens a client wrote inside its messages."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import secrets
+import threading
+import time
 from collections.abc import Callable
 from datetime import datetime
 
@@ -25,8 +28,48 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
                       sort_keys=sort_keys)
 
 
+# A render that runs longer is stopped (a template that loops, written into a model's files,
+# would otherwise hold a server's thread, or its event loop, for good).
+RENDER_SECONDS = 5.0
+_render = threading.local()  # .deadline: when this thread's render must end (monotonic)
+
+
+class _TimedSandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
+    """The sandbox, checking the render's deadline at every call, attribute and item lookup: a
+    loop that does anything passes through one (the sandbox caps each range at 100,000)."""
+
+    def _check(self):
+        deadline = getattr(_render, "deadline", None)
+        if deadline is not None and time.monotonic() > deadline:
+            raise jinja2.exceptions.TemplateError(
+                f"the chat template ran past {RENDER_SECONDS:g} s and was stopped")
+
+    def call(self, *args, **kwargs):
+        self._check()
+        return super().call(*args, **kwargs)
+
+    def getattr(self, obj, attribute):
+        self._check()
+        return super().getattr(obj, attribute)
+
+    def getitem(self, obj, argument):
+        self._check()
+        return super().getitem(obj, argument)
+
+
+@contextlib.contextmanager
+def render_deadline(seconds: float | None = None):
+    """Renders on this thread inside the block stop after `seconds` (default RENDER_SECONDS)
+    with a TemplateError."""
+    _render.deadline = time.monotonic() + (RENDER_SECONDS if seconds is None else seconds)
+    try:
+        yield
+    finally:
+        _render.deadline = None
+
+
 def compile_template(source: str) -> jinja2.Template:
-    env = jinja2.sandbox.ImmutableSandboxedEnvironment(
+    env = _TimedSandbox(
         trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
     )
     env.filters["tojson"] = _tojson

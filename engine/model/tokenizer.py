@@ -14,7 +14,12 @@ from pathlib import Path
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 
-from engine.model.chat_template import compile_template, cut_after_final, render_split
+from engine.model.chat_template import (
+    compile_template,
+    cut_after_final,
+    render_deadline,
+    render_split,
+)
 from engine.model.config import json_object
 
 # GGUF token types (llama.cpp's llama_token_type)
@@ -303,10 +308,11 @@ class Tokenizer:
             self._template = compile_template(self.chat_template)
 
         def render(msgs):
-            text = self._template.render(
-                messages=msgs, add_generation_prompt=add_generation_prompt,
-                bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs,
-            )
+            with render_deadline():
+                text = self._template.render(
+                    messages=msgs, add_generation_prompt=add_generation_prompt,
+                    bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs,
+                )
             return cut_after_final(text, msgs[-1]) if continue_final_message else text
 
         # The template already wrote any BOS it wants; adding it again would double it.
