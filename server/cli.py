@@ -369,9 +369,11 @@ def serve(args: argparse.Namespace, config: EngineConfig, started: float) -> int
             log.info(line)
         host, port = sock.getsockname()[:2]
         url = f"http://{f'[{host}]' if ':' in host else host}:{port}"
+        feed = getattr(app.state, "dashboard", None)
         server = _server_class()(uvicorn.Config(app, log_config=None, log_level=None,
                                                 timeout_graceful_shutdown=DRAIN_S), url,
-                                 on_shutdown=engine.end_all)
+                                 on_shutdown=engine.end_all,
+                                 on_stopping=feed.close if feed is not None else None)
         server.run(sockets=[sock])
     finally:
         engine.client.shutdown()  # a no-op after the lifespan's; here if uvicorn never started
@@ -387,11 +389,13 @@ def _server_class():
     class Server(uvicorn.Server):
         """uvicorn, saying "serving on URL" once it accepts connections."""
 
-        def __init__(self, config, url: str, on_shutdown=None):
+        def __init__(self, config, url: str, on_shutdown=None, on_stopping=None):
             super().__init__(config)
-            self.url, self.on_shutdown = url, on_shutdown
+            self.url, self.on_shutdown, self.on_stopping = url, on_shutdown, on_stopping
 
         async def shutdown(self, sockets=None):
+            if self.on_stopping is not None:  # responses that never end by themselves (feeds)
+                self.on_stopping()
             # Requests in flight may finish during the drain; those still running near its end
             # are ended with their last output (finish_reason "abort"), so that their streams
             # close properly (a last chunk, [DONE]) instead of being cut off when it runs out.

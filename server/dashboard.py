@@ -47,10 +47,20 @@ class DashboardFeed:
         self.state = DashboardState()
         self._viewers: set[asyncio.Queue] = set()
         self._task: asyncio.Task | None = None
+        self._closed = False
+
+    def close(self) -> None:
+        """The server is stopping: every feed ends now (None in its queue), not when the drain
+        runs out on it."""
+        self._closed = True
+        for queue in self._viewers:
+            queue.put_nowait(None)
 
     def subscribe(self) -> asyncio.Queue:
         queue: asyncio.Queue = asyncio.Queue()
-        if self.state.version:
+        if self._closed:
+            queue.put_nowait(None)
+        elif self.state.version:
             queue.put_nowait(_encode(self.state.keyframe()))
         self._viewers.add(queue)
         if self._task is None or self._task.done():
@@ -112,8 +122,14 @@ async def events(request: Request):
         loop = asyncio.get_running_loop()
         end = loop.time() + MAX_STREAM_S
         try:
-            while loop.time() < end:
-                yield f"data: {await queue.get()}\n\n"
+            while (left := end - loop.time()) > 0:
+                try:  # an engine that went quiet (dead) must not hold the feed open
+                    message = await asyncio.wait_for(queue.get(), left)
+                except asyncio.TimeoutError:
+                    break
+                if message is None:  # the server is stopping
+                    break
+                yield f"data: {message}\n\n"
         finally:
             feed.unsubscribe(queue)
 

@@ -91,6 +91,8 @@ class GenerationCall:
                 group.engine.timeline.start(request_id, arrived, tokenized)
                 try:
                     await group.add(request_id, {"prompt_token_ids": ids}, self.params)
+                    if self.params.structured_outputs is not None:
+                        self.request.app.state.metrics.constrained_requests.inc()
                 except ParamError as e:
                     raise param_error(e, self.chat, self.tokens_field) from None
                 except ValueError as e:  # the prompt's own checks (length, KV-cache capacity)

@@ -46,7 +46,8 @@ class ServerMetrics:
         self.max_running = 0
         r = self.registry
         self.finished = Counter("pagedserve_requests_finished", "Requests ended, by finish reason "
-                                "(stop, length, abort, error).", ["finish_reason"], registry=r)
+                                "(stop, length, abort, error; n > 1: the first completion's).",
+                                ["finish_reason"], registry=r)
         for reason in ("stop", "length", "abort", "error"):
             self.finished.labels(reason)  # exported at 0 from the start, so rates work at once
         self.ttft = Histogram("pagedserve_time_to_first_token_seconds", "Arrival to first token.",
@@ -75,9 +76,10 @@ class ServerMetrics:
             self.batch_size.observe(num_outputs)
 
     def on_finished(self, output) -> None:
-        """Observe a finished RequestOutput: its reason(s) and its latencies."""
-        for completion in output.outputs:
-            self.finished.labels(completion.finish_reason or "abort").inc()
+        """Observe a finished RequestOutput: its reason and its latencies. A request counts
+        once whatever its n, as an aborted one does, under its first completion's reason."""
+        first = output.outputs[0].finish_reason if output.outputs else None
+        self.finished.labels(first or "abort").inc()
         m = output.metrics
         if m is None or m.finished_time is None:
             return
@@ -85,7 +87,8 @@ class ServerMetrics:
         if m.first_token_time is not None:
             self.ttft.observe(max(0.0, m.first_token_time - m.arrival_time))
             num_tokens = max(len(c.token_ids) for c in output.outputs) if output.outputs else 0
-            if num_tokens > 1:
+            # tokens that all came at once (beam search's, at its end) have no time between
+            if num_tokens > 1 and m.finished_time > m.first_token_time:
                 self.tpot.observe(max(0.0, m.finished_time - m.first_token_time)
                                   / (num_tokens - 1))
 

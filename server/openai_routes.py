@@ -137,8 +137,7 @@ async def _constrain(request: Request, engine, params, so, field: str | None,
     if params.use_beam_search:  # SamplingParams' rule: the field is set after it checked
         raise bad_request(field, f"'{field}' is not supported with use_beam_search")
     await check_compiles(engine, so, field)
-    params.structured_outputs = so
-    request.app.state.metrics.constrained_requests.inc(num_prompts)
+    params.structured_outputs = so  # counted in the metrics once the engine accepts it
 
 
 def _stream_flags(body: dict) -> tuple[bool, bool]:

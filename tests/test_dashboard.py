@@ -171,3 +171,34 @@ def test_feed_fans_out_and_a_late_viewer_starts_from_a_keyframe():
     state = DashboardState()
     state.apply(first_late)
     assert state.num_used_blocks == 2 * len(state.tables)
+
+
+def test_a_feed_ends_when_the_server_stops_or_the_engine_goes_quiet(monkeypatch):
+    """A viewer's stream ends at close() (the server stopping; it had run until the drain cut it
+    with a traceback) and when no snapshot comes (a dead engine posts none; it had waited
+    forever, since the time limit was checked only after a message)."""
+    import server.dashboard as dashboard
+
+    async def never(since):  # a dead engine: no snapshot
+        raise LookupError
+
+    async def body(feed, stop_after=None):
+        class Req:
+            app = type("A", (), {"state": type("S", (), {"dashboard": feed})()})()
+
+        response = await dashboard.events(Req())
+        if stop_after is not None:
+            asyncio.get_running_loop().call_later(stop_after, feed.close)
+        start = time.monotonic()
+        chunks = [c async for c in response.body_iterator]
+        return chunks, time.monotonic() - start
+
+    monkeypatch.setattr(dashboard, "MAX_STREAM_S", 30.0)
+    chunks, took = asyncio.run(body(DashboardFeed(never), stop_after=0.2))
+    assert chunks == [] and took < 2
+    monkeypatch.setattr(dashboard, "MAX_STREAM_S", 0.3)
+    chunks, took = asyncio.run(body(DashboardFeed(never)))
+    assert chunks == [] and took < 2
+    closed = DashboardFeed(never)
+    closed.close()
+    assert asyncio.run(body(closed))[0] == []  # a viewer arriving after close ends at once

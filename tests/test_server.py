@@ -235,6 +235,37 @@ def test_streamed_choices_that_end_at_other_steps_end_once(server, path):
     assert streamed == texts
 
 
+def test_metrics_count_requests_once_and_only_what_runs(server):
+    """n = 2 finishes one request (it had counted each completion, an abort one per request);
+    beam search's tokens all come at its end: no time per token observed (it was 0); a
+    constrained request refused by a 400 is not counted as constrained."""
+    length = '{finish_reason="length"}'
+    before = {name: server.metric(name, labels) for name, labels in (
+        ("pagedserve_requests_finished_total", length),
+        ("pagedserve_time_per_output_token_seconds_count", ""),
+        ("pagedserve_structured_output_requests_total", ""))}
+
+    def grown(name, labels=""):
+        return server.metric(name, labels) - before[name]
+
+    r = httpx.post(server.url + "/v1/completions", timeout=60, json={
+        "model": MODEL, "prompt": "Hello", "n": 2, "max_tokens": 3, "ignore_eos": True,
+        "temperature": 1.0, "seed": 1})
+    assert r.status_code == 200 and len(r.json()["choices"]) == 2
+    r = httpx.post(server.url + "/v1/completions", timeout=60, json={
+        "model": MODEL, "prompt": "Hello", "n": 2, "best_of": 2, "use_beam_search": True,
+        "max_tokens": 4, "ignore_eos": True, "temperature": 0})
+    assert r.status_code == 200
+    r = httpx.post(server.url + "/v1/completions", timeout=60, json={
+        "model": MODEL, "prompt": "Hello", "max_tokens": 10**6,
+        "response_format": {"type": "json_object"}})
+    assert r.status_code == 400
+    server.wait_idle()
+    assert grown("pagedserve_requests_finished_total", length) == 2  # one each
+    assert grown("pagedserve_time_per_output_token_seconds_count") == 1  # the sampled one
+    assert grown("pagedserve_structured_output_requests_total") == 0
+
+
 def test_64_concurrent_requests_are_batched(server):
     steps_before = server.metric("pagedserve_engine_steps_total")
 
