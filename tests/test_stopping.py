@@ -1,5 +1,6 @@
 """Stop strings against a brute-force reference: streamed deltas add up to the final text, a stop
-string is cut where it first ends (from min_tokens on) and never streamed unless asked for."""
+string is cut where it first ends (past min_tokens' token, vLLM's rule) and never streamed unless
+asked for."""
 
 from __future__ import annotations
 
@@ -53,17 +54,16 @@ def free_runs(engine):
 
 
 def reference(texts: list[str], stops: list[str], min_tokens: int, include: bool):
-    """(final text, stop string or None): the first token k >= min_tokens whose new text ends
-    an occurrence of some stop; cut at the earliest such occurrence (the shorter on a tie)."""
-    for k in range(max(1, min_tokens), len(texts)):
+    """(final text, stop string or None): the first token k > min_tokens whose new text ends an
+    occurrence of some stop; of those, the first in the list (vLLM's order), cut at its earliest
+    such occurrence."""
+    for k in range(min_tokens + 1, len(texts)):
         old, text = len(texts[k - 1]), texts[k]
-        hits = []
         for s in stops:
-            hits += [(i, len(s), s) for i in range(len(text)) if text.startswith(s, i)
-                     and i + len(s) > old]
-        if hits:
-            i, n, s = min(hits)
-            return text[: i + n] if include else text[:i], s
+            starts = [i for i in range(len(text)) if text.startswith(s, i) and i + len(s) > old]
+            if starts:
+                i = min(starts)
+                return text[: i + len(s)] if include else text[:i], s
     return texts[-1], None
 
 
@@ -92,8 +92,8 @@ def test_stop_strings_match_the_reference_and_never_leak(engine, free_runs, data
     for s in steps:
         streamed += s.delta_text
         assert full.startswith(streamed)
-        if not include:  # a stop may only show where it ended before min_tokens' token
-            boundary = len(texts[max(0, min_tokens - 1)])
+        if not include:  # a stop may only show where it ended by min_tokens' token
+            boundary = len(texts[min(min_tokens, len(texts) - 1)])
             for stop in stops:
                 at = streamed.find(stop)
                 while at >= 0:
@@ -102,13 +102,49 @@ def test_stop_strings_match_the_reference_and_never_leak(engine, free_runs, data
     assert streamed == final.text
 
 
-def test_a_short_stop_is_cut_at_the_min_tokens_token(engine, free_runs):
-    """Issue 9's case: a short stop in the first token with min_tokens=1 and a longer stop in the
-    list used to be found a token late, after it had streamed."""
-    texts = free_runs(1, 1)
+def test_a_stop_within_min_tokens_is_passed_over(engine, free_runs):
+    """vLLM's rule (its test_min_tokens_with_stop): the text of the first min_tokens tokens is
+    not searched. A stop in the first token cuts there with min_tokens 0; with min_tokens 1 it
+    is passed over (it had cut there too, a token early) and found where it comes again, if
+    it does, past the first token."""
+    texts = free_runs(1, 0)
     first = texts[1]
     assert first
+    stop = first[-1]
     final, steps = run(engine, SamplingParams(seed=1, max_tokens=MAX_TOKENS, ignore_eos=True,
-                                              stop=[first[-1], "QQQQ"], min_tokens=1))
-    assert final.text == first[: first.index(first[-1])] and final.stop_reason == first[-1]
+                                              stop=[stop, "QQQQ"], min_tokens=0))
+    assert final.text == first[: first.index(stop)] and final.stop_reason == stop
+    texts = free_runs(1, 1)
+    final, steps = run(engine, SamplingParams(seed=1, max_tokens=MAX_TOKENS, ignore_eos=True,
+                                              stop=[stop, "QQQQ"], min_tokens=1))
+    later = texts[-1].find(stop, len(texts[1]) - len(stop) + 1)
+    want = texts[-1] if later < 0 else texts[-1][:later]
+    assert final.text == want and final.text.startswith(texts[1])
     assert "".join(s.delta_text for s in steps) == final.text
+
+
+def test_vllm_rules_for_several_stops_eos_and_small_temperatures(engine, free_runs):
+    """Where two stops end in one token the first in the list wins; eos's own text is in the
+    output when include_stop_str_in_output asks (with skip_special_tokens off); a token that is
+    both eos and a stop id ends as eos; temperature in (0, 0.01) samples at 0.01; seed -1 is
+    no seed. Each as vLLM does (a reviewer found them otherwise)."""
+    from engine.core.sequence import Sequence
+    from engine.core.stopping import check_stop_ids
+
+    texts = free_runs(1, 0)
+    token_text = texts[1]
+    assert len(token_text) >= 2
+    late, early = token_text[-1], token_text[0]  # both end in the first token's text
+    final, _ = run(engine, SamplingParams(seed=1, max_tokens=MAX_TOKENS, ignore_eos=True,
+                                          stop=[late, early]))
+    assert final.stop_reason == late and final.text == token_text[: token_text.index(late)]
+    eos = engine.tokenizer.eos_token_id
+    final, _ = run(engine, SamplingParams(max_tokens=4, logit_bias={eos: 100.0},
+                                          include_stop_str_in_output=True,
+                                          skip_special_tokens=False))
+    assert final.finish_reason == "stop" and final.text == engine.tokenizer.eos_token
+    seq = Sequence("r", [5, 6, eos], 2, SamplingParams(stop_token_ids=[eos]))
+    assert check_stop_ids(seq, eos, [eos], 100) == ("stop", None)
+    assert SamplingParams(temperature=0.001).temperature == 0.01
+    assert SamplingParams(temperature=0).temperature == 0
+    assert SamplingParams(seed=-1).seed is None

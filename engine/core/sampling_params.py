@@ -93,6 +93,8 @@ def _logit_bias(bias) -> dict[int, float]:
     return out
 
 
+# A temperature in (0, this) samples as this one (vLLM's _MAX_TEMP rule); 0 is greedy.
+MIN_TEMPERATURE = 0.01
 _INT_FIELDS = ("n", "top_k", "min_tokens", "max_tokens", "logprobs", "prompt_logprobs", "best_of",
                "seed")
 
@@ -158,6 +160,10 @@ class SamplingParams:
         if isinstance(self.structured_outputs, dict):  # as msgspec or a JSON body hands it over
             self.structured_outputs = StructuredOutputsParams(**self.structured_outputs)
         self._validate()
+        if 0 < self.temperature < MIN_TEMPERATURE:  # vLLM's: 1/T past 100 overflows in fp16
+            self.temperature = MIN_TEMPERATURE
+        if self.seed == -1:  # vLLM's (and OpenAI clients'): no seed
+            self.seed = None
         for name in _INT_FIELDS:  # numpy's integers as Python's (they cross to the engine core)
             value = getattr(self, name)
             if value is not None:

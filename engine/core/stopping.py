@@ -21,12 +21,13 @@ def check_stop_ids(seq: Sequence, token: int, eos_token_ids: list[int],
     p = seq.sampling_params
     num_output_tokens = len(seq.token_ids) - seq.num_prompt_tokens
     # vLLM's rule: the min_tokens-th token may already end the sequence (the runner's bias keeps
-    # eos and stop ids out of the tokens before it; stop strings are searched from it on).
+    # eos and stop ids out of the tokens before it; stop strings are searched past it). Eos
+    # first: a token that is both ends as eos (stop_reason None), as in vLLM's check_stop.
     if num_output_tokens >= p.min_tokens:
-        if p.stop_token_ids and token in p.stop_token_ids:
-            return "stop", token
         if not p.ignore_eos and token in eos_token_ids:
             return "stop", None
+        if p.stop_token_ids and token in p.stop_token_ids:
+            return "stop", token
     if p.max_tokens is not None and num_output_tokens >= p.max_tokens:
         return "length", None
     if len(seq.token_ids) >= max_model_len:
@@ -58,23 +59,24 @@ class SeqState:
         self.token_ids.append(token)
         p = self.params
         if finish_reason == "stop":  # a stop token id or eos: in the text only if asked for
-            if stop_reason is not None and p.include_stop_str_in_output:
+            if p.include_stop_str_in_output:  # eos's text too (skip_special_tokens hides it)
                 self._extend_text(token)
             self.finish_reason, self.stop_reason = finish_reason, stop_reason
             return True
         old_len = len(self.text)
         self._extend_text(token)
         num_output_tokens = len(self.token_ids) - self.num_prompt_tokens
-        if p.stop_list and num_output_tokens >= p.min_tokens and self.detokenizer is not None:
-            # Each stop only where it would end in the new text: an earlier match was either
-            # found by an earlier search or came before min_tokens (and went out, as it should
-            # have). A window shared by all stops (the longest one's) would find a short stop
-            # again, late.
+        if p.stop_list and num_output_tokens > p.min_tokens and self.detokenizer is not None:
+            # vLLM's rule: stop strings are searched in the text of the tokens past min_tokens
+            # (a stop may begin in the text just before). Each stop only where it would end in
+            # the new text: an earlier match was found by an earlier search, or came before
+            # (and went out, as it should have). A window shared by all stops (the longest
+            # one's) would find a short stop again, late.
             text = self.text
             hits = [(i, s) for s in p.stop_list
                     if (i := text.find(s, max(0, old_len - len(s) + 1))) >= 0]
-            if hits:  # the earliest start; at equal starts the shorter stop, which is a prefix
-                i, stop = min(hits)
+            if hits:  # several in one token: the first in the list wins, as in vLLM
+                i, stop = hits[0]
                 self.text = self.text[: i + (len(stop) if p.include_stop_str_in_output else 0)]
                 self.finish_reason, self.stop_reason = "stop", stop
                 return True
