@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+from collections.abc import Iterable
 
 from engine.core.outputs import BeamSearchOutput, BeamSearchSequence, RequestOutput
 from engine.core.sampling_params import BeamSearchParams, SamplingParams
@@ -70,11 +71,18 @@ class LLM:
         self._check_open()
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
+        if not isinstance(prompts, Iterable):
+            raise TypeError(f"prompts must be a str, a {{'prompt_token_ids': [...]}} dict or a "
+                            f"list of them, got {type(prompts).__name__}")
         prompts = list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
         if isinstance(sampling_params, SamplingParams):
             params = [sampling_params] * len(prompts)
+        elif isinstance(sampling_params, (dict, str)) or not isinstance(sampling_params,
+                                                                        Iterable):
+            raise TypeError(f"sampling_params must be a SamplingParams or a list of them, got "
+                            f"{type(sampling_params).__name__}")
         else:
             params = list(sampling_params)
             if len(params) != len(prompts):
@@ -92,16 +100,27 @@ class LLM:
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         outputs = self.generate(prompts, params.sampling_params(), use_tqdm)
+        tokenizer = self.engine.tokenizer
+
+        def text(out, c) -> str:  # the prompt's and the output's, as vLLM decodes the tokens
+            if out.prompt is not None or tokenizer is None:
+                return (out.prompt or "") + c.text
+            return tokenizer.decode(out.prompt_token_ids, skip_special_tokens=False) + c.text
+
         return [BeamSearchOutput([
             BeamSearchSequence(out.prompt_token_ids + c.token_ids,
                                [None] * len(out.prompt_token_ids) + c.logprobs,
-                               c.cumulative_logprob, (out.prompt or "") + c.text,
-                               c.finish_reason, c.stop_reason)
+                               c.cumulative_logprob, text(out, c), c.finish_reason,
+                               c.stop_reason)
             for c in out.outputs]) for out in outputs]
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool = True,
-             add_generation_prompt: bool = True) -> list[RequestOutput]:
-        """messages: one conversation (a list of {"role", "content"} dicts) or a list of them."""
+             add_generation_prompt: bool = True, continue_final_message: bool = False,
+             chat_template_kwargs: dict | None = None, tools: list[dict] | None = None
+             ) -> list[RequestOutput]:
+        """messages: one conversation (a list of {"role", "content"} dicts) or a list of them.
+        As vLLM's: continue_final_message leaves the last message open for the model to go on
+        (with add_generation_prompt=False); chat_template_kwargs and tools reach the template."""
         self._check_open()
         tokenizer = self.engine.tokenizer
         if tokenizer is None:
@@ -113,9 +132,10 @@ class LLM:
         prompts = []
         for conversation in conversations:
             conversation = _chat_messages(conversation)
-            ids = tokenizer.apply_chat_template(conversation,
-                                                add_generation_prompt=add_generation_prompt,
-                                                tokenize=True)
+            ids = tokenizer.apply_chat_template(
+                conversation, add_generation_prompt=add_generation_prompt, tokenize=True,
+                continue_final_message=continue_final_message,
+                **(chat_template_kwargs or {}), **({"tools": tools} if tools else {}))
             prompts.append({"prompt_token_ids": ids})
         return self.generate(prompts, sampling_params, use_tqdm)
 

@@ -450,6 +450,9 @@ def generate(args: argparse.Namespace, config: EngineConfig) -> int:
     engine = load_engine(config)
     load_s = time.perf_counter() - t_load
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
+    if engine.tokenizer is None:
+        raise ValueError("this model has no tokenizer, so `pagedserve generate` cannot read a "
+                         "text prompt (serve it and send token ids: `pagedserve serve`)")
     if args.chat:
         messages = [{"role": "user", "content": args.prompt}]
         prompt = {"prompt_token_ids": engine.tokenizer.apply_chat_template(messages)}

@@ -64,6 +64,14 @@ def test_generate_reports_bad_input_clearly(tiny_folder, capsys, tmp_path):
     assert "max_model_len" in capsys.readouterr().err
     assert main(["generate", "--model", str(tmp_path / "missing"), "hi"]) == 2
     assert "error" in capsys.readouterr().err
+    # a model without a tokenizer: one line and exit 2, with --chat too (it was an
+    # AttributeError and exit 1)
+    for chat in ([], ["--chat"]):
+        assert main(["generate", "--model", "smollm2-135m", "--load-format", "dummy",
+                     "--device", "numpy", "--max-model-len", "64", "--num-kv-blocks", "8",
+                     *chat, "hi"]) == 2
+        err = capsys.readouterr().err
+        assert "has no tokenizer" in err and "Traceback" not in err
 
 
 def test_serve_flags():

@@ -119,6 +119,39 @@ def test_text_prompts_and_chat(make_engine):
     assert not llm.engine.has_unfinished_requests()
 
 
+def test_chat_options_beam_text_and_argument_errors_as_vllm(make_engine):
+    """LLM.chat takes vLLM's continue_final_message, chat_template_kwargs and tools; a beam
+    search on token ids has the prompt's text in each sequence's; generate names what it got
+    when the prompts or params are of no kind it takes."""
+    from engine.core.sampling_params import BeamSearchParams
+
+    llm = LLM.from_engine(make_engine(text=True))
+    tok = llm.get_tokenizer()
+    params = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    conv = [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Sure, "}]
+    [out] = llm.chat(conv, params, use_tqdm=False, add_generation_prompt=False,
+                     continue_final_message=True)
+    assert out.prompt_token_ids == tok.apply_chat_template(
+        conv, add_generation_prompt=False, continue_final_message=True)
+    assert tok.decode(out.prompt_token_ids, skip_special_tokens=False).endswith("Sure, ")
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    [with_tools] = llm.chat(conv[:1], params, use_tqdm=False, tools=tools,
+                            chat_template_kwargs={"custom": 1})
+    assert with_tools.prompt_token_ids == tok.apply_chat_template(conv[:1], tools=tools,
+                                                                  custom=1)
+    ids = tok.encode("Hello world")
+    for prompt in ("Hello world", {"prompt_token_ids": ids}):
+        [beams] = llm.beam_search([prompt], BeamSearchParams(beam_width=2, max_tokens=2))
+        best = beams.sequences[0]
+        assert best.text == tok.decode(best.tokens, skip_special_tokens=False)
+        assert best.text.startswith("Hello world")
+    for bad, words in ((5, "prompts must be"), (None, "prompts must be")):
+        with pytest.raises(TypeError, match=words):
+            llm.generate(bad, use_tqdm=False)
+    with pytest.raises(TypeError, match="got dict"):
+        llm.generate(["a"], {"max_tokens": 3}, use_tqdm=False)
+
+
 def test_llm_builds_its_engine_from_flags(tmp_path):
     config = {
         "architectures": ["LlamaForCausalLM"], "vocab_size": 300, "hidden_size": 32,
