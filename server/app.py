@@ -109,8 +109,11 @@ def create_app(engine_config: EngineConfig | None = None, *, served_model_name: 
     if allowed_origins:
         middleware.append(Middleware(CORSMiddleware, allow_origins=allowed_origins,
                                      allow_methods=["GET", "POST"],
-                                     allow_headers=["Authorization", "Content-Type"]))
-    middleware.append(Middleware(RequestGuard, api_key=api_key))
+                                     # any header, as vLLM: the OpenAI JS SDK sends its own
+                                     # (X-Stainless-*) on every call from a page
+                                     allow_headers=["*"]))
+    posted = {r.path for r in routes if "POST" in (getattr(r, "methods", None) or ())}
+    middleware.append(Middleware(RequestGuard, api_key=api_key, json_paths=posted))
     middleware.append(Middleware(CrashGuard))
     app = Starlette(routes=routes, exception_handlers=handlers, lifespan=lifespan,
                     middleware=middleware)
@@ -260,7 +263,8 @@ async def _not_found(request, exc):
 
 
 async def _not_allowed(request, exc):
-    return APIError(405, f"{request.method} is not allowed on {request.url.path}").response()
+    return APIError(405, f"{request.method} is not allowed on {request.url.path}",
+                    headers=getattr(exc, "headers", None)).response()  # its Allow header
 
 
 async def _crash(request, exc):

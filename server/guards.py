@@ -68,8 +68,10 @@ class RequestGuard:
     """401 unless `Authorization: Bearer <key>` matches (OPEN_PATHS stay open); then 415 for a
     POST whose body is not `application/json`."""
 
-    def __init__(self, app, api_key: str | None):
+    def __init__(self, app, api_key: str | None, json_paths: set[str] | None = None):
         self.app, self.api_key = app, api_key
+        # the routes that take a POST (the others answer a POST with 405, not 415); None: all
+        self.json_paths = json_paths
 
     async def __call__(self, scope, receive, send):
         if scope["type"] == "http":
@@ -83,10 +85,15 @@ class RequestGuard:
         headers = dict(scope["headers"])
         if self.api_key and scope["path"] not in OPEN_PATHS:
             header = headers.get(b"authorization", b"")
-            if not hmac.compare_digest(header, f"Bearer {self.api_key}".encode()):
+            scheme, _, token = header.strip().partition(b" ")
+            # the scheme's name is case-insensitive (RFC 9110 11.1); the key is compared whole
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(
+                    token.strip(), self.api_key.encode()):
                 message = "missing API key" if not header else "invalid API key"
-                return APIError(401, message, type="authentication_error", code="invalid_api_key")
-        if scope["method"] == "POST":
+                return APIError(401, message, type="authentication_error", code="invalid_api_key",
+                                headers={"WWW-Authenticate": "Bearer"})
+        if scope["method"] == "POST" and (self.json_paths is None
+                                          or scope["path"] in self.json_paths):
             media_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
             if media_type != b"application/json":
                 return APIError(415, "the request body must be JSON, sent with "

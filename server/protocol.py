@@ -26,15 +26,17 @@ class APIError(Exception):
     """
 
     def __init__(self, status: int, message: str, param: str | None = None,
-                 type: str = "invalid_request_error", code: str | None = None):
+                 type: str = "invalid_request_error", code: str | None = None,
+                 headers: dict[str, str] | None = None):
         super().__init__(message)
         self.status, self.message, self.param, self.type, self.code = (
             status, message, param, type, code)
+        self.headers = headers  # what HTTP asks of the status: Allow (405), WWW-Authenticate
 
     def response(self) -> JSONResponse:
         body = {"message": self.message, "type": self.type, "param": self.param,
                 "code": self.code or HTTPStatus(self.status).phrase.lower().replace(" ", "_")}
-        return JSONResponse({"error": body}, status_code=self.status)
+        return JSONResponse({"error": body}, status_code=self.status, headers=self.headers)
 
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1  # seeds: what vLLM (a C long) accepts

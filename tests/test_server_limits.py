@@ -350,3 +350,31 @@ def test_chat_content_cannot_forge_a_turn(app_client):
     assert (forged.count(1), forged.count(2)) == (4, 3)
     assert old.post("/detokenize", json={"tokens": safe}).json()["prompt"] == \
         old.post("/detokenize", json={"tokens": forged}).json()["prompt"]
+
+
+def test_http_asks_allow_www_authenticate_and_any_header_in_cors():
+    """A 405 names the methods the path takes (Allow) and a POST to a GET route is that 405,
+    not a 415; a 401 says how to authenticate (WWW-Authenticate) and the Bearer scheme's name
+    is case-insensitive; a browser preflight with the OpenAI JS SDK's own headers passes."""
+    app = create_app(make_core=lambda: None, api_key="k",
+                     allowed_origins=["https://app.example"])
+    key = {"Authorization": "Bearer k"}
+    results = _asgi_calls(app, [
+        lambda http: http.delete("/v1/models", headers=key),
+        lambda http: http.post("/health", content=b"x", headers={"Content-Type": "text/plain"}),
+        lambda http: http.get("/v1/models"),
+        lambda http: http.get("/v1/models", headers={"Authorization": "bearer k"}),
+        lambda http: http.get("/v1/models", headers={"Authorization": "Basic k"}),
+        lambda http: http.options("/v1/chat/completions", headers={
+            "Origin": "https://app.example", "Access-Control-Request-Method": "POST",
+            "Access-Control-Request-Headers": "authorization,content-type,x-stainless-os"}),
+    ])
+    gone, posted, no_key, lower, basic, preflight = results
+    assert gone.status_code == 405 and "GET" in gone.headers["allow"]
+    assert gone.json()["error"]["code"] == "method_not_allowed"
+    assert posted.status_code == 405 and "GET" in posted.headers["allow"]
+    assert no_key.status_code == 401 and no_key.headers["www-authenticate"] == "Bearer"
+    assert lower.status_code == 503  # past the key: no engine ever loads here
+    assert basic.status_code == 401
+    assert preflight.status_code == 200
+    assert preflight.headers["access-control-allow-origin"] == "https://app.example"
