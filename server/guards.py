@@ -38,11 +38,19 @@ def allowed_hosts_for(bind_host: str, extra: list[str]) -> list[str] | None:
 
 
 def host_name(header: str) -> str:
-    """`Host` without its port: "localhost:8000" -> "localhost", "[::1]:80" -> "[::1]"."""
+    """`Host` without its port: "localhost:8000" -> "localhost", "[::1]:80" -> "[::1]". Anything
+    after the name but a port keeps the whole header (which then names no allowed host):
+    "127.0.0.1:80@evil.example" is not 127.0.0.1."""
     header = header.strip().lower()
     if header.startswith("["):
-        return header[: header.find("]") + 1]
-    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+        end = header.find("]") + 1
+        name, rest = header[:end], header[end:]
+    else:
+        name, _, port = header.partition(":")
+        rest = f":{port}" if ":" in header else ""
+    if rest and not (rest[0] == ":" and rest[1:].isdigit() or rest == ":"):
+        return header
+    return name
 
 
 class HostGuard:

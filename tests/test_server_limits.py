@@ -246,6 +246,9 @@ def test_host_and_origin_flags():
     assert allowed_hosts_for("0.0.0.0", []) is None  # bound in public: any Host
     assert allowed_hosts_for("0.0.0.0", ["a.lan"]) == ["localhost", "127.0.0.1", "[::1]", "a.lan"]
     assert host_name("[::1]:80") == "[::1]" and host_name("LocalHost:1") == "localhost"
+    # more than a port after the name is no allowed name (it had read as 127.0.0.1)
+    for odd in ("127.0.0.1:8109@evil.example", "[::1]:80@x", "localhost:80:81", "::1"):
+        assert host_name(odd) == odd
     args = parse(["serve", "--allowed-hosts", "a.lan,b.lan", "--allowed-hosts", "c.lan",
                   "--allowed-origins", "https://app.example"])
     assert args.allowed_hosts == ["a.lan", "b.lan", "c.lan"]
