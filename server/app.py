@@ -16,7 +16,6 @@ from dataclasses import dataclass
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.middleware.cors import CORSMiddleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
@@ -24,7 +23,7 @@ from starlette.routing import Route
 from engine.model.config import EngineConfig
 from server.async_engine import AsyncEngine, EngineFault
 from server.dashboard import DashboardFeed, dashboard_routes
-from server.guards import LOOPBACK_HOSTS, HostGuard, RequestGuard
+from server.guards import LOOPBACK_HOSTS, CORSGuard, HostGuard, RequestGuard
 from server.handlers import (
     MAX_BODY_BYTES,
     check_model,
@@ -107,7 +106,7 @@ def create_app(engine_config: EngineConfig | None = None, *, served_model_name: 
     # is answered before the key check (browsers send no key on it).
     middleware = [Middleware(HostGuard, allowed=allowed_hosts)]
     if allowed_origins:
-        middleware.append(Middleware(CORSMiddleware, allow_origins=allowed_origins,
+        middleware.append(Middleware(CORSGuard, allow_origins=allowed_origins,
                                      allow_methods=["GET", "POST"],
                                      # any header, as vLLM: the OpenAI JS SDK sends its own
                                      # (X-Stainless-*) on every call from a page

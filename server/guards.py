@@ -14,6 +14,9 @@ from __future__ import annotations
 import hmac
 import ipaddress
 
+from starlette.middleware.cors import CORSMiddleware
+from starlette.responses import Response
+
 from server.protocol import APIError
 
 LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
@@ -70,6 +73,23 @@ class HostGuard:
                 await error.response()(scope, receive, send)
                 return
         await self.app(scope, receive, send)
+
+
+class CORSGuard(CORSMiddleware):
+    """Starlette's CORS, whose refused preflights answer in OpenAI's error shape like every
+    other error here (they were text/plain)."""
+
+    def preflight_response(self, request_headers) -> Response:
+        response = super().preflight_response(request_headers)
+        if response.status_code != 400:
+            return response
+        refused = APIError(400, f"{response.body.decode()} (see --allowed-origins)",
+                           param="Origin", code="cors_refused")
+        kept = {k: v for k, v in response.headers.items()
+                if k.lower().startswith("access-control") or k.lower() == "vary"}
+        answer = refused.response()
+        answer.headers.update(kept)
+        return answer
 
 
 class RequestGuard:

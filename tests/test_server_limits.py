@@ -381,3 +381,20 @@ def test_http_asks_allow_www_authenticate_and_any_header_in_cors():
     assert basic.status_code == 401
     assert preflight.status_code == 200
     assert preflight.headers["access-control-allow-origin"] == "https://app.example"
+
+
+def test_a_refused_preflight_answers_in_the_error_shape():
+    """An origin or method CORS refuses: 400 in OpenAI's error shape, like every other error
+    (Starlette's own answer was text/plain)."""
+    app = create_app(make_core=lambda: None, allowed_origins=["https://app.example"])
+    evil, method = _asgi_calls(app, [
+        lambda http: http.options("/v1/completions", headers={
+            "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}),
+        lambda http: http.options("/v1/completions", headers={
+            "Origin": "https://app.example", "Access-Control-Request-Method": "DELETE"}),
+    ])
+    for r, words in ((evil, "origin"), (method, "method")):
+        assert r.status_code == 400 and r.headers["content-type"] == "application/json"
+        error = r.json()["error"]
+        assert error["code"] == "cors_refused" and words in error["message"]
+    assert "access-control-allow-origin" not in evil.headers
