@@ -32,8 +32,11 @@ def uniform(seeds: np.ndarray, steps: np.ndarray) -> np.ndarray:
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
-    shifted = logits - logits.max(axis=-1, keepdims=True)
-    return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
+    # A row a grammar masked whole (a dead end) is all -inf: its logprobs are NaN, and its
+    # sequence fails on the grammar's verdict; numpy need not warn about it.
+    with np.errstate(invalid="ignore"):
+        shifted = logits - logits.max(axis=-1, keepdims=True)
+        return shifted - np.log(np.exp(shifted).sum(axis=-1, keepdims=True))
 
 
 # A count word: how often the token was drawn (low 30 bits) and whether the prompt holds it.
