@@ -87,7 +87,8 @@ class LLMEngine:
 
     def shutdown(self) -> None:
         """Drop every request and free the engine's memory (the GPU's included); idempotent.
-        Any later call but this one raises RuntimeError."""
+        After it, add_request and step raise RuntimeError, has_unfinished_requests is False and
+        aborts are ignored."""
         self.core.shutdown()
         self._aborted = []
 

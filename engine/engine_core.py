@@ -326,8 +326,9 @@ class EngineCore:
 
     def shutdown(self) -> None:
         """Drop every request and free the core's memory: on the GPU the KV cache, weights,
-        decode graphs, cuBLAS workspace and the pool blocks they used. Idempotent; any later
-        call but this one raises RuntimeError."""
+        decode graphs, cuBLAS workspace and the pool blocks they used. Idempotent. After it,
+        add_request and step raise RuntimeError, has_unfinished_requests is False and aborts
+        are ignored."""
         if self.is_closed:
             return
         self.requests.clear()

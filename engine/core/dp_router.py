@@ -4,8 +4,8 @@ The least-loaded core, counting the sequences each has unfinished (a request of 
 client sees every submission and every finished sequence, so it keeps the counts without asking
 the cores. With prefix caching on, a prompt whose first blocks a core ran recently goes back to
 that core, where those blocks are likely still cached, unless that core is busier than the
-least-loaded one by more than AFFINITY_SLACK (then it goes to the least-loaded one, which becomes
-the prefix's new home).
+least-loaded one by more than affinity_slack(least load) (a quarter of it, at least 8); then it
+goes to the least-loaded one, which becomes the prefix's new home.
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Every size bound on one request, in one place (README "Limits" lists them).
 
 Each number has one owner that checks it and raises one error naming the field:
-SamplingParams checks the sampling ones (engine/core/sampling_params.py), LLMEngine.add_request the
-one that depends on the engine (n <= max_num_seqs), the server's protocol the ones of the HTTP body.
+SamplingParams checks the sampling ones (engine/core/sampling_params.py), RequestTable._check
+(engine/core_requests.py, through EngineCore.add_request) the ones that depend on the engine (n and
+the beam width <= max_num_seqs, max_logprobs), the server's protocol the ones of the HTTP body.
 """
 
 import numbers

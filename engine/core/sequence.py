@@ -40,7 +40,8 @@ class Sequence:
     # engine core's proposer, trimmed by the scheduler, empty in a step without speculation.
     spec_token_ids: list[int] = field(default_factory=list)
     # A request's other n - 1 sequences, held here until this one's prompt is computed; then
-    # they fork from it (Scheduler.finish_step) instead of each computing the prompt again.
+    # they fork from it (Scheduler.advance, once the step that finishes its prompt is launched)
+    # instead of each computing the prompt again.
     forks: list[Sequence] = field(default_factory=list)
     # A token sampled by a launched step and not yet appended (overlapped steps read a step's
     # tokens after launching the next): set and cleared by the engine core; a waiting sequence

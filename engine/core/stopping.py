@@ -20,9 +20,10 @@ def check_stop_ids(seq: Sequence, token: int, eos_token_ids: list[int],
     on."""
     p = seq.sampling_params
     num_output_tokens = len(seq.token_ids) - seq.num_prompt_tokens
-    # vLLM's rule: the min_tokens-th token may already end the sequence (the runner's bias keeps
-    # eos and stop ids out of the tokens before it; stop strings are searched past it). Eos
-    # first: a token that is both ends as eos (stop_reason None), as in vLLM's check_stop.
+    # vLLM's check_stop. The runner's bias keeps eos and stop ids out of the first min_tokens
+    # tokens (the min_tokens-th included), so they can first end a sequence at the next one; the
+    # >= matters where a row was all masked (a finished grammar). Stop strings are searched past
+    # min_tokens too. Eos first: a token that is both ends as eos (stop_reason None).
     if num_output_tokens >= p.min_tokens:
         if not p.ignore_eos and token in eos_token_ids:
             return "stop", None
