@@ -47,13 +47,12 @@ def host_name(header: str) -> str:
     header = header.strip().lower()
     if header.startswith("["):
         end = header.find("]") + 1
-        name, rest = header[:end], header[end:]
+        name, port = header[:end], header[end:]
     else:
-        name, _, port = header.partition(":")
-        rest = f":{port}" if ":" in header else ""
-    if rest and not (rest[0] == ":" and rest[1:].isdigit() or rest == ":"):
-        return header
-    return name
+        name, colon, number = header.partition(":")
+        port = colon + number
+    # after the name: nothing, or ":" and the port's digits
+    return name if port in ("", ":") or (port[0] == ":" and port[1:].isdigit()) else header
 
 
 class HostGuard:

@@ -192,7 +192,8 @@ class Scheduler:
 
         chunked = False
         # Prefills already admitted (their blocks cover the whole prompt), then the queue.
-        for seq in list(self.running):
+        stalled = []  # running prefills with no block for tokens they gained (below)
+        for seq in self.running:
             if budget == 0 or len(seqs) == max_num_seqs:
                 break
             num_uncomputed = len(seq.token_ids) - seq.num_computed_tokens
@@ -208,8 +209,10 @@ class Scheduler:
                 # A beam chose its token part-way through its recompute, and that token's
                 # block is not free: it waits to be admitted again rather than hold its blocks
                 # forever (admission waits for room, or _unblock_beams makes it).
-                self._preempt(seq)
-                batch.num_preempted += 1
+                stalled.append(seq)
+        for seq in stalled:
+            self._preempt(seq)
+            batch.num_preempted += 1
         # After a preemption, admitting would only take blocks the running ones need back.
         i = 0  # the queue's first sequence whose grammar is ready (the others wait in place)
         while i < len(self.waiting) and batch.num_preempted == 0:

@@ -188,6 +188,7 @@ class Tokenizer:
         self.eos_token_id = tokenizer.token_to_id(eos_token) if eos_token else None
         self.chat_template = _pick_template(chat_template)
         self._template = None  # compiled on first use
+        self._token_bytes: dict[int, bytes] = {}  # token_bytes' answers
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         self.all_special_ids = {
             i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special
@@ -270,6 +271,12 @@ class Tokenizer:
         fallback token is <0xNN>, and its pieces write a space as U+2581; any other token (added,
         special) is the UTF-8 of its text.
         """
+        cached = self._token_bytes.get(i)
+        if cached is None:  # asked for every logprob entry: worked out once a token
+            cached = self._token_bytes[i] = self._spelled_bytes(i)
+        return cached
+
+    def _spelled_bytes(self, i: int) -> bytes:
         text = self.decode([i], skip_special_tokens=False)
         piece = self.id_to_token(i)
         if piece is not None:
