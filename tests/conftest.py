@@ -264,10 +264,10 @@ def llama_cpp_permute(w: np.ndarray, num_heads: int) -> np.ndarray:
 
 
 def write_tiny_gguf(path, hf: dict | None = None, config: ModelConfig | None = None,
-                    arch: str = "llama", seed: int = 0):
+                    arch: str = "llama", seed: int = 0, extra=None):
     """A llama GGUF holding HF-layout tensors `hf` (random ones at `config` when None), written
     the way llama.cpp's converter does: q/k rows permuted, F32 tensors, no output.weight if tied.
-    Returns the HF tensors it wrote."""
+    `extra(writer)` may add more metadata and tensors. Returns the HF tensors it wrote."""
     import gguf
 
     c = config or tiny_model_config(vocab_size=64, max_position_embeddings=128, rope_theta=5e4)
@@ -318,6 +318,8 @@ def write_tiny_gguf(path, hf: dict | None = None, config: ModelConfig | None = N
         elif name.endswith("k_proj.weight"):
             array = llama_cpp_permute(array, c.num_kv_heads)
         w.add_tensor(names[name], np.ascontiguousarray(array, np.float32))
+    if extra is not None:
+        extra(w)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

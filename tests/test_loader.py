@@ -382,6 +382,59 @@ def test_non_llama_gguf_is_rejected(tmp_path):
         load_model(str(path), NumpyOps())
 
 
+@pytest.mark.parametrize("extra, match", [
+    (lambda w: w.add_rope_scaling_type(__import__("gguf").RopeScalingType.LINEAR),
+     "'llama.rope.scaling.type' = 'linear': rope scaling is not supported"),
+    (lambda w: w.add_rope_scaling_type(__import__("gguf").RopeScalingType.YARN),
+     "'yarn': rope scaling"),
+    (lambda w: w.add_rope_scaling_factor(4.0), "'llama.rope.scaling.factor' = 4.0"),
+    (lambda w: w.add_rope_dimension_count(8), "'llama.rope.dimension_count' = 8: rotary"),
+    (lambda w: w.add_tensor("blk.0.attn_q.bias", np.ones(64, np.float32)),
+     "1 tensor\\(s\\) a llama model does not use: blk.0.attn_q.bias"),
+    (lambda w: w.add_tensor("blk.9.attn_q.weight", np.ones((4, 4), np.float32)),
+     "does not use: blk.9.attn_q.weight"),
+])
+def test_a_gguf_the_model_would_run_wrongly_is_refused(tmp_path, extra, match):
+    """Rope scaling, partial rotary embeddings and tensors the model has no place for (llama.cpp
+    applies or refuses each) are refused by name, not served wrongly."""
+    path = tmp_path / "m.gguf"
+    write_tiny_gguf(path, extra=extra)
+    with pytest.raises(GGUFError, match=match):
+        gguf_loader.config_from_gguf(gguf_loader.read_gguf(path))
+
+
+def test_gguf_end_of_turn_tokens_end_generation(tmp_path):
+    path = tmp_path / "m.gguf"
+    write_tiny_gguf(path, extra=lambda w: (w.add_eot_token_id(5), w.add_eom_token_id(2),
+                                           w.add_rope_scaling_type(
+                                               __import__("gguf").RopeScalingType.NONE)))
+    assert gguf_loader.config_from_gguf(gguf_loader.read_gguf(path)).eos_token_ids == [2, 5]
+
+
+@pytest.mark.parametrize("field, value, match", [
+    ("tokenizer.ggml.tokens", "abcdefgh", "tokenizer.ggml.tokens must be an array of strings"),
+    ("tokenizer.ggml.tokens", ["a", 3], "tokenizer.ggml.tokens must be an array of strings"),
+    ("tokenizer.ggml.merges", "a b", "tokenizer.ggml.merges must be an array of strings"),
+    ("tokenizer.ggml.merges", ["ab"], "every merge must be two tokens"),
+    ("tokenizer.ggml.token_type", ["1", "1"], "token_type must be an array of integers"),
+])
+def test_gguf_tokenizer_metadata_of_the_wrong_type_is_named(field, value, match):
+    from engine.model.tokenizer import TokenizerError, tokenizer_from_gguf_metadata
+
+    meta = {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.tokens": ["a", "b"],
+            "tokenizer.ggml.merges": ["a b"], field: value}
+    with pytest.raises(TokenizerError, match=match):
+        tokenizer_from_gguf_metadata(meta)
+
+
+def test_gguf_tokens_that_are_not_an_array_are_refused_before_the_vocabulary_is_sized(tmp_path):
+    write_tiny_gguf(tmp_path / "m.gguf")
+    gguf_file = gguf_loader.read_gguf(tmp_path / "m.gguf")
+    gguf_file.metadata["tokenizer.ggml.tokens"] = "abcdefgh"
+    with pytest.raises(GGUFError, match="'tokenizer.ggml.tokens' must be an array of strings"):
+        gguf_loader.config_from_gguf(gguf_file)
+
+
 def test_a_gguf_tokenizer_fault_names_the_file_before_any_weight_is_read(tmp_path, monkeypatch):
     """(a 7B GGUF's weights take minutes and gigabytes of cache: its tokenizer is checked first)"""
     from engine.model.tokenizer import TokenizerError

@@ -137,12 +137,17 @@ def config_from_gguf(gguf_file: GGUFFile) -> ModelConfig:
     if "rope_freqs.weight" in names:
         # Llama 3.1 GGUFs bake llama3 rope scaling into this tensor; its parameters are lost
         raise GGUFError(f"{path}: GGUF with rope_freqs (llama3 rope scaling) is not supported")
+    _check_plain_rope(meta, path, head_dim, get)
     tokens = meta.get("tokenizer.ggml.tokens")
+    if tokens is not None and not isinstance(tokens, (list, tuple)):
+        raise GGUFError(f"{path}: GGUF metadata 'tokenizer.ggml.tokens' must be an array of "
+                        f"strings, got {tokens!r:.80}")
     vocab = len(tokens) if tokens is not None else get("llama.vocab_size")
-    eos = get("tokenizer.ggml.eos_token_id", None)
+    # As llama.cpp: end-of-turn and end-of-message tokens end a generation too.
+    ends = [get(f"tokenizer.ggml.{key}_token_id", None) for key in ("eos", "eot", "eom")]
     bos = get("tokenizer.ggml.bos_token_id", None)
     try:
-        return ModelConfig(
+        config = ModelConfig(
             architecture="LlamaForCausalLM",
             vocab_size=vocab,
             hidden_size=hidden,
@@ -155,15 +160,50 @@ def config_from_gguf(gguf_file: GGUFFile) -> ModelConfig:
             rope_theta=get("llama.rope.freq_base", 10000.0, float),
             max_position_embeddings=get("llama.context_length", 2048),
             tie_word_embeddings="output.weight" not in names,
-            eos_token_ids=[eos] if eos is not None else [],
+            eos_token_ids=list(dict.fromkeys(e for e in ends if e is not None)),
             bos_token_id=bos,
             dtype="float32",  # dequantized at load
         )
     except ConfigError as e:  # in HF's names (the config's fields); the file named here
         raise GGUFError(f"{path}: {e}") from None
+    # As llama.cpp: a tensor the model would not use (a bias, a layer past block_count) means
+    # the file is not the model its metadata describes; serving it would be silently wrong.
+    unused = sorted(names - _tensor_names(config.num_layers))
+    if unused:
+        raise GGUFError(f"{path}: GGUF holds {len(unused)} tensor(s) a llama model does not use: "
+                        f"{', '.join(unused[:5])}{', ...' if len(unused) > 5 else ''}")
+    return config
+
+
+LAYER_TENSORS = ("attn_q", "attn_k", "attn_v", "attn_output", "attn_norm", "ffn_norm", "ffn_gate",
+                 "ffn_up", "ffn_down")
+
+
+def _tensor_names(num_layers: int) -> set[str]:
+    """Every tensor a llama GGUF of num_layers layers may hold (output.weight: untied only)."""
+    return {"token_embd.weight", "output_norm.weight", "output.weight"} | {
+        f"blk.{n}.{t}.weight" for n in range(num_layers) for t in LAYER_TENSORS}
 
 
 _MISSING = object()
+
+
+def _check_plain_rope(meta: dict, path, head_dim: int, get) -> None:
+    """Refuse what the model would run wrongly: rope scaling (linear, YaRN, ...) and rotary
+    embeddings over part of a head; llama.cpp applies both, this engine neither."""
+    kind = meta.get("llama.rope.scaling.type", "none")
+    if kind != "none":
+        raise GGUFError(f"{path}: GGUF metadata 'llama.rope.scaling.type' = {kind!r:.40}: rope "
+                        f"scaling is not supported")
+    for key in ("llama.rope.scaling.factor", "llama.rope.scale_linear"):
+        factor = get(key, 1.0, float)
+        if factor not in (0.0, 1.0):  # llama.cpp reads 0 as no scaling
+            raise GGUFError(f"{path}: GGUF metadata {key!r} = {factor}: rope scaling is not "
+                            f"supported")
+    rotary = get("llama.rope.dimension_count", head_dim)
+    if rotary != head_dim:
+        raise GGUFError(f"{path}: GGUF metadata 'llama.rope.dimension_count' = {rotary}: rotary "
+                        f"embeddings over part of a head ({head_dim}) are not supported")
 
 
 # ----------------------------------------------------------------------------- tensors

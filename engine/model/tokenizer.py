@@ -98,6 +98,17 @@ def _byte_level_pre_tokenizer(pre: str):
     return byte_level
 
 
+def _gguf_list(meta: dict, key: str, kind: type, kinds: str) -> list:
+    """meta[key] as a list whose items are all `kind` (bool is not an int), else a
+    TokenizerError naming the key."""
+    value = meta[key]
+    if (not isinstance(value, (list, tuple))
+            or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value)):
+        raise TokenizerError(f"GGUF metadata {key} must be an array of {kinds}, got "
+                             f"{value!r:.80}")
+    return list(value)
+
+
 def tokenizer_from_gguf_metadata(meta: dict) -> Tokenizer:
     """Build a `Tokenizer` from GGUF `tokenizer.*` metadata given as plain values.
 
@@ -113,8 +124,10 @@ def tokenizer_from_gguf_metadata(meta: dict) -> Tokenizer:
     for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
         if key not in meta:
             raise TokenizerError(f"GGUF metadata has no {key}")
-    tokens = list(meta["tokenizer.ggml.tokens"])
-    types = list(meta.get("tokenizer.ggml.token_type") or [1] * len(tokens))
+    tokens = _gguf_list(meta, "tokenizer.ggml.tokens", str, "strings")
+    merges = _gguf_list(meta, "tokenizer.ggml.merges", str, "strings")
+    types = (_gguf_list(meta, "tokenizer.ggml.token_type", int, "integers")
+             if meta.get("tokenizer.ggml.token_type") is not None else [1] * len(tokens))
     if len(types) != len(tokens):
         raise TokenizerError(
             f"tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens"
@@ -127,8 +140,17 @@ def tokenizer_from_gguf_metadata(meta: dict) -> Tokenizer:
         (t if set(t) <= alphabet else "".join(spell[b] for b in t.encode("utf-8"))): i
         for i, t in enumerate(tokens)
     }
-    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
-    tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    merges = [tuple(m.split(" ", 1)) for m in merges]
+    if any(len(m) != 2 for m in merges):
+        raise TokenizerError("tokenizer.ggml.merges: every merge must be two tokens joined by a "
+                             "space")
+    try:
+        tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+    except BaseException as e:  # the Rust side may panic: pyo3's PanicException is no Exception
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise TokenizerError(f"tokenizer.ggml.tokens / merges do not make a BPE model: "
+                             f"{type(e).__name__}: {e}") from None
     tok.pre_tokenizer = _byte_level_pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"))
     tok.decoder = decoders.ByteLevel()
 
