@@ -144,7 +144,8 @@ class GenerationCall:
             text, token_ids, lps = "", [], []
         index = self.choice_index(request_id, c.index)
         if self.chat:
-            return self._chat_choice(index, text, token_ids, lps, c.finish_reason, whole)
+            return self._chat_choice(index, text, token_ids, lps, c.finish_reason, whole,
+                                     c.stop_reason)
         i = self.index_of[request_id]
         echo = self.echo[i] if whole and self.echo else ""
         logprobs = None
@@ -159,7 +160,7 @@ class GenerationCall:
             if echo:
                 logprobs = join_logprobs(self.echo_logprobs(request_id), logprobs)
         choice = {"index": index, "text": echo + text, "logprobs": logprobs,
-                  "finish_reason": c.finish_reason}
+                  "finish_reason": c.finish_reason, "stop_reason": c.stop_reason}
         ids = self.extras.return_token_ids
         if whole:  # vLLM's fields, null when not asked for
             choice["prompt_logprobs"] = self._prompt_logprobs(request_id)
@@ -170,13 +171,16 @@ class GenerationCall:
         return choice
 
     def _chat_choice(self, index: int, text: str, token_ids, lps, finish_reason,
-                     whole: bool) -> dict:
+                     whole: bool, stop_reason=None) -> dict:
+        """vLLM's stop_reason: the stop string or stop token id that ended the choice, else
+        None (eos, length, a tool call)."""
         logprobs = None
         if self.params.logprobs is not None and lps is not None:
             p = self.params
             num_top = None if p.logprobs == -1 or p.logprob_token_ids else p.logprobs
             logprobs = chat_logprobs(token_ids, lps, self.token_str, self.token_bytes, num_top)
-        choice = {"index": index, "logprobs": logprobs, "finish_reason": finish_reason}
+        choice = {"index": index, "logprobs": logprobs, "finish_reason": finish_reason,
+                  "stop_reason": stop_reason}
         if whole:
             options = self.chat_options
             choice["message"] = {"role": options.role, "content": options.echo + text}

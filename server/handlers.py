@@ -15,12 +15,16 @@ from starlette.requests import Request
 from starlette.responses import Response, StreamingResponse
 
 from engine.core.limits import MAX_JSON_DEPTH
+from engine.model.chat_template import RenderTimeout
 from server.async_engine import AsyncEngine
 from server.protocol import APIError, bad_request, get_field
 
 MAX_BODY_BYTES = 4 * 1024 * 1024
 NO_TOKENIZER = "this model has no tokenizer; send token ids"
 LONG_TEXT = 16_384  # characters; see off_loop
+# A short chat's template renders on the event loop for at most this long; a template slower
+# than that renders again on a worker thread (chat_token_ids), so /health never waits on it.
+ON_LOOP_RENDER_SECONDS = 0.05
 
 
 def ready_engine(request: Request):
@@ -198,10 +202,15 @@ async def chat_token_ids(request: Request, engine, messages: list[dict],
     tokenizer = tokenizer_of(engine, "messages")
     special = request.app.state.settings.chat_content_special_tokens
     num_chars = sum(len(str(m.get("content"))) for m in messages)
+    render = functools.partial(tokenizer.apply_chat_template, messages, tokenize=True,
+                               special_tokens_in_content=special, **template_options)
     try:
-        ids = await off_loop(num_chars, functools.partial(
-            tokenizer.apply_chat_template, messages, tokenize=True,
-            special_tokens_in_content=special, **template_options))
+        if num_chars < LONG_TEXT:
+            try:  # a short chat renders on the loop, unless its template is slow
+                return render(render_seconds=ON_LOOP_RENDER_SECONDS)
+            except RenderTimeout:
+                pass  # again on a worker thread, with the whole deadline
+        ids = await asyncio.get_running_loop().run_in_executor(_TOKENIZE_POOL, render)
     except Exception as e:  # the template's own checks (raise_exception), sandbox refusals
         raise bad_request("messages", f"the chat template failed: {e}") from None
     return ids  # Encoding.ids: a list of ints (a million of them for 4 MB: no pass on the loop)

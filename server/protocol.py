@@ -109,7 +109,8 @@ def parse_prompts(body: dict) -> list[str | list[int]]:
 
 
 def parse_messages(body: dict) -> list[dict]:
-    """The chat messages, checked, with content as text: a list of text parts joined, and an
+    """The chat messages, checked, with content as text: a list of text parts joined by newlines
+    (as vLLM joins them), and an
     assistant's null or missing content (a turn of tool calls) as "", as chat templates concatenate
     it. Each fault is a 400 whose param names the element (messages[2].tool_calls[0].function)."""
     messages = get_field(body, "messages", "list")
@@ -128,7 +129,7 @@ def parse_messages(body: dict) -> list[dict]:
             if not all(isinstance(p, str) for p in parts) or len(parts) != len(content):
                 raise bad_request(f"{at}.content", f"{at}.content: only text parts are "
                                                    "supported")
-            m = {**m, "content": "".join(parts)}
+            m = {**m, "content": "\n".join(parts)}
         elif content is None:
             if m["role"] != "assistant":
                 raise bad_request(f"{at}.content", f"{at}.content is required for a "

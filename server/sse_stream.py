@@ -141,7 +141,7 @@ def _tool_chunks(stream: ToolCallStream, choice: dict, c) -> list[dict]:
         out[0]["logprobs"] = choice["logprobs"]
     if c.finished:
         out.append({"index": index, "delta": {}, "logprobs": None,
-                    "finish_reason": finish_reason})
+                    "finish_reason": finish_reason, "stop_reason": c.stop_reason})
     return out
 
 

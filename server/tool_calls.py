@@ -99,22 +99,37 @@ def tool_grammar(tools: list[dict], choice: str, parallel: bool
 
 
 def template_messages(messages: list[dict]) -> list[dict]:
-    """Messages as chat templates expect them: an assistant's tool call arguments as a mapping
-    (OpenAI sends them as JSON text; HF templates write them with `tojson`)."""
+    """Messages as chat templates expect them (as vLLM hands them over): an assistant's tool
+    call arguments as a mapping (OpenAI sends them as JSON text; HF templates write them with
+    `tojson`; empty or missing: {}), an empty list of tool calls left out (Llama 3.1's template
+    refuses it), and an assistant's `reasoning` also as `reasoning_content` (the name Qwen3's
+    template reads), or the other way round."""
     out = []
     for m in messages:
+        if m.get("role") != "assistant":
+            out.append(m)
+            continue
+        m = dict(m)
         calls = m.get("tool_calls")
-        if m.get("role") == "assistant" and isinstance(calls, list):
+        if isinstance(calls, list) and not calls:
+            del m["tool_calls"]
+        elif isinstance(calls, list):
             fixed = []
             for call in calls:
                 fn = dict(call.get("function") or {}) if isinstance(call, dict) else {}
-                if isinstance(fn.get("arguments"), str):
+                arguments = fn.get("arguments")
+                if not arguments:
+                    fn["arguments"] = {}
+                elif isinstance(arguments, str):
                     try:
-                        fn["arguments"] = json.loads(fn["arguments"])
+                        fn["arguments"] = json.loads(arguments)
                     except json.JSONDecodeError:
                         pass  # the template gets the text as it came
                 fixed.append({**call, "function": fn} if isinstance(call, dict) else call)
-            m = {**m, "tool_calls": fixed}
+            m["tool_calls"] = fixed
+        for name, alias in (("reasoning", "reasoning_content"), ("reasoning_content", "reasoning")):
+            if isinstance(m.get(name), str) and alias not in m:
+                m[alias] = m[name]
         out.append(m)
     return out
 

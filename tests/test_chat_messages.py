@@ -9,12 +9,13 @@ def test_content_becomes_text_for_the_template():
     call = {"id": "c1", "type": "function",
             "function": {"name": "get_weather", "arguments": '{"city": "Oslo"}'}}
     messages = parse_messages({"messages": [
-        {"role": "user", "content": [{"type": "text", "text": "Weather "},
+        {"role": "user", "content": [{"type": "text", "text": "Weather"},
                                      {"type": "text", "text": "in Oslo?"}]},
         {"role": "assistant", "content": None, "tool_calls": [call]},  # as the openai SDK sends
         {"role": "assistant", "tool_calls": [call]},  # content left out
         {"role": "tool", "tool_call_id": "c1", "content": '{"temp": 3}'}]})
-    assert [m["content"] for m in messages] == ["Weather in Oslo?", "", "", '{"temp": 3}']
+    # text parts joined by newlines, as vLLM joins them
+    assert [m["content"] for m in messages] == ["Weather\nin Oslo?", "", "", '{"temp": 3}']
     assert messages[1]["tool_calls"] == [call]  # kept as it came
 
 

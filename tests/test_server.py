@@ -213,15 +213,15 @@ def test_chat_logprob_bytes_are_the_tokens_own(server):
 
 @pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
 def test_streamed_choices_that_end_at_other_steps_end_once(server, path):
-    """n > 1: a choice that ended sends its finish_reason once, not again each later step, and
-    each choice's streamed text is its whole answer's."""
+    """n > 1: a choice that ended sends its finish_reason (and stop_reason) once, not again each
+    later step, and each choice's streamed text is its whole answer's."""
     body = {"model": MODEL, "n": 3, "temperature": 1.0, "seed": 3, "max_tokens": 12,
             "stop": [" "]}
     body.update({"prompt": "Hello"} if "chat" not in path else {"messages": CHAT})
     whole = httpx.post(server.url + path, json=body, timeout=60).json()["choices"]
     texts = {c["index"]: c.get("text", (c.get("message") or {}).get("content")) for c in whole}
     assert len({len(t) for t in texts.values()}) > 1  # the premise: they end at different steps
-    finishes, streamed = {}, {}
+    finishes, streamed, stop_reasons = {}, {}, {}
     with httpx.stream("POST", server.url + path, json={**body, "stream": True}, timeout=60) as r:
         for line in r.iter_lines():
             if not line.startswith("data: {"):
@@ -231,8 +231,14 @@ def test_streamed_choices_that_end_at_other_steps_end_once(server, path):
                 streamed[c["index"]] = streamed.get(c["index"], "") + piece
                 if c["finish_reason"] is not None:
                     finishes[c["index"]] = finishes.get(c["index"], 0) + 1
+                    stop_reasons[c["index"]] = c["stop_reason"]
     assert finishes == {0: 1, 1: 1, 2: 1}
     assert streamed == texts
+    # vLLM's stop_reason: the stop string that ended a choice, None for one that ran out
+    reasons = {c["index"]: (c["finish_reason"], c["stop_reason"]) for c in whole}
+    assert set(reasons.values()) <= {("stop", " "), ("length", None)}
+    assert ("stop", " ") in reasons.values()
+    assert stop_reasons == {i: r for i, (_, r) in reasons.items()}
 
 
 def test_metrics_count_requests_once_and_only_what_runs(server):

@@ -398,3 +398,30 @@ def test_a_refused_preflight_answers_in_the_error_shape():
         error = r.json()["error"]
         assert error["code"] == "cors_refused" and words in error["message"]
     assert "access-control-allow-origin" not in evil.headers
+
+
+def test_a_slow_chat_template_renders_off_the_event_loop():
+    """A short chat renders on the loop with a short deadline; a template slower than that
+    renders again, whole, on a worker thread, so the loop goes on serving meanwhile."""
+    import asyncio
+    import threading
+    from types import SimpleNamespace
+
+    from engine.model.chat_template import RenderTimeout
+    from server import handlers
+
+    calls = []
+
+    class SlowTemplate:
+        def apply_chat_template(self, messages, render_seconds=None, **options):
+            calls.append((threading.current_thread() is threading.main_thread(), render_seconds))
+            if render_seconds is not None:
+                raise RenderTimeout("ran past")
+            return [7, 8]
+
+    request = SimpleNamespace(app=SimpleNamespace(state=SimpleNamespace(
+        settings=SimpleNamespace(chat_content_special_tokens=False))))
+    engine = SimpleNamespace(tokenizer=SlowTemplate())
+    ids = asyncio.run(handlers.chat_token_ids(request, engine, [{"role": "user", "content": "hi"}]))
+    assert ids == [7, 8]
+    assert calls == [(True, handlers.ON_LOOP_RENDER_SECONDS), (False, None)]

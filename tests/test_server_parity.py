@@ -268,15 +268,29 @@ def test_chat_template_options():
 
 
 def test_continue_final_message_cuts_the_rendered_chat():
-    from engine.model.chat_template import compile_template, cut_after_final
+    from engine.model.chat_template import compile_template, cut_at_mark, mark_final
 
-    template = compile_template("{% for m in messages %}<{{ m.role }}>{{ m.content }}</s>"
-                                "{% endfor %}")
-    messages = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "Sure: "}]
-    text = template.render(messages=messages)
-    assert cut_after_final(text, messages[-1]) == "<user>hi</s><assistant>Sure: "
+    def continued(source, messages):
+        marked = mark_final(messages, "\ue002m\ue003")
+        return cut_at_mark(compile_template(source).render(messages=marked), "\ue002m\ue003")
+
+    plain = "{% for m in messages %}<{{ m.role }}>{{ m.content }}</s>{% endfor %}"
+    trims = "{% for m in messages %}<{{ m.role }}>{{ m.content | trim }}</s>{% endfor %}"
+    messages = [{"role": "user", "content": "Complete: Sure: 42"},
+                {"role": "assistant", "content": "Sure: "}]
+    # the final message's own end, not an earlier message holding the same text
+    assert continued(plain, messages) == "<user>Complete: Sure: 42</s><assistant>Sure: "
+    # a template that trims the message: its trailing space goes too, as HF cuts it
+    assert continued(trims, messages) == "<user>Complete: Sure: 42</s><assistant>Sure:"
+    empty = [messages[0], {"role": "assistant", "content": ""}]
+    assert continued(plain, empty) == "<user>Complete: Sure: 42</s><assistant>"
+    parts = [messages[0], {"role": "assistant", "content": [{"type": "text", "text": "A"},
+                                                            {"type": "text", "text": "B "}]}]
+    assert continued("{% for m in messages %}[{% if m.content is string %}{{ m.content }}"
+                     "{% else %}{% for p in m.content %}{{ p.text }}{% endfor %}{% endif %}]"
+                     "{% endfor %}", parts) == "[Complete: Sure: 42][AB "
     with pytest.raises(ValueError, match="does not appear"):
-        cut_after_final(text, {"role": "assistant", "content": "absent"})
+        continued("{% for m in messages %}{{ m.role }}{% endfor %}", messages)
 
 
 @pytest.mark.parametrize("body, param, words", [

@@ -228,6 +228,23 @@ def test_assistant_tool_calls_reach_the_template_as_mappings():
     assert fixed[2] == messages[2]
 
 
+def test_assistant_turns_reach_the_template_as_vllm_hands_them_over():
+    """Empty or missing arguments as {}, an empty list of calls left out, reasoning under both
+    names the templates read."""
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": ""}}
+    missing = {"id": "d", "type": "function", "function": {"name": "g"}}
+    fixed = template_messages([
+        {"role": "assistant", "content": "", "tool_calls": [call, missing]},
+        {"role": "assistant", "content": "A", "tool_calls": []},
+        {"role": "assistant", "content": "B", "reasoning": "R"},
+        {"role": "assistant", "content": "C", "reasoning_content": "S"},
+        {"role": "user", "content": "u", "tool_calls": []}])
+    assert [c["function"]["arguments"] for c in fixed[0]["tool_calls"]] == [{}, {}]
+    assert "tool_calls" not in fixed[1]
+    assert fixed[2]["reasoning_content"] == "R" and fixed[3]["reasoning"] == "S"
+    assert fixed[4]["tool_calls"] == []  # only an assistant's turn is touched
+
+
 def test_auto_and_none_leave_plain_text_alone(server, client):
     for choice in ("auto", "none"):
         out = client.chat.completions.create(model=MODEL, messages=CHAT, tools=TOOLS,

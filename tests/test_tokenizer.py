@@ -196,11 +196,68 @@ def test_chat_template_environment(tok):
 
 
 def test_chat_template_named_list(tok):
+    """As HF: "tool_use" renders a chat with tools, "default" the others; a list without a
+    default loads, and only a chat it cannot render fails."""
     named = [{"name": "tool_use", "template": "T"}, {"name": "default", "template": "D"}]
     t = Tokenizer(tok.tokenizer, None, None, named)
     assert t.apply_chat_template([], tokenize=False) == "D"
-    with pytest.raises(TokenizerError, match="default"):
-        Tokenizer(tok.tokenizer, None, None, named[:1])
+    assert t.apply_chat_template([], tokenize=False, tools=[{"type": "function"}]) == "T"
+    only_tools = Tokenizer(tok.tokenizer, None, None, named[:1])
+    assert only_tools.apply_chat_template([], tokenize=False, tools=[]) == "T"
+    with pytest.raises(TokenizerError, match="none of them 'default'"):
+        only_tools.apply_chat_template([], tokenize=False)
+
+
+def test_template_variables_are_hfs(tok):
+    """tools and documents are defined (None) when not given; a special token the tokenizer
+    lacks is undefined, as in HF (not an empty string)."""
+    source = ("{{ tools is none }} {{ documents is none }} {{ bos_token is defined }} "
+              "{{ eos_token }} {{ unk_token is defined }}")
+    t = Tokenizer(tok.tokenizer, None, "<|im_end|>", source)
+    assert t.apply_chat_template([], tokenize=False) == "True True False <|im_end|> False"
+    t.special_tokens = {"unk_token": "<|endoftext|>"}
+    assert t.apply_chat_template([], tokenize=False, tools=[]).endswith("True")
+    assert t.apply_chat_template([], tokenize=False, tools=[]).startswith("False True")
+
+
+def test_the_generation_tag_renders_its_body(tok):
+    t = Tokenizer(tok.tokenizer, None, None, "{% for m in messages %}{% generation %}"
+                  "[{{ m.content }}]{% endgeneration %}{% endfor %}")
+    assert t.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False) == "[hi]"
+
+
+@pytest.mark.parametrize("source, words", [
+    ("{% set r = range(100000) %}{% for i in r %}{% for j in r %}{% endfor %}{% endfor %}",
+     "ran past 0.2 s"),
+    ("{% for c in 'x' * 10000000 %}{% endfor %}", "10,000,000 items"),
+    ("{% for m in messages * 2000000 %}{% endfor %}", "2,000,000 items"),
+])
+def test_a_template_that_loops_without_calls_is_stopped(tok, source, words):
+    """Loops that pass no call or lookup: over a range (checked as it is walked) and over a
+    huge product (refused when made)."""
+    t = Tokenizer(tok.tokenizer, None, None, source)
+    started = time.monotonic()
+    with pytest.raises(jinja2.exceptions.TemplateError, match=words):
+        t.apply_chat_template([{"role": "user", "content": "hi"}], tokenize=False,
+                              render_seconds=0.2)
+    assert time.monotonic() - started < 2.0
+
+
+def test_template_files_and_special_tokens_map_are_read_as_hf_reads_them(tok, tmp_path):
+    """chat_template.jinja wins over the config's template, additional_chat_templates/NAME.jinja
+    adds a named one, special_tokens_map.json gives the tokens the config lacks."""
+    (tmp_path / "tokenizer.json").write_text(tok.tokenizer.to_str())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": "CONFIG"}))
+    (tmp_path / "chat_template.jinja").write_text("FILE {{ bos_token }} {{ pad_token }}")
+    (tmp_path / "additional_chat_templates").mkdir()
+    (tmp_path / "additional_chat_templates" / "tool_use.jinja").write_text("TOOLS")
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({
+        "bos_token": {"content": "<|im_start|>"}, "eos_token": "<|im_end|>",
+        "pad_token": "<|endoftext|>"}))
+    hf = Tokenizer.from_pretrained(tmp_path)
+    assert (hf.bos_token_id, hf.eos_token_id) == (1, 2)
+    assert hf.apply_chat_template([], tokenize=False) == "FILE <|im_start|> <|endoftext|>"
+    assert hf.apply_chat_template([], tokenize=False, tools=[{}]) == "TOOLS"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -265,7 +322,6 @@ def test_from_pretrained_folder(tok, tmp_path):
     ({"chat_template": 5}, "chat_template must be a template"),
     ({"chat_template": ["a", "b"]}, "chat_template must be a template"),
     ({"chat_template": [{"template": "x"}]}, "chat_template must be a template"),
-    ({"chat_template": [{"name": "tools", "template": "x"}]}, "no 'default' template"),
     ({"bos_token": 5}, "bos_token must be a token's text"),
     ({"eos_token": {"content": 5}}, "eos_token must be a token's text"),
 ])

@@ -59,9 +59,9 @@ class SeqState:
         string overrides "length": it was found in the same token)."""
         self.token_ids.append(token)
         p = self.params
-        if finish_reason == "stop":  # a stop token id or eos: in the text only if asked for
-            if p.include_stop_str_in_output:  # eos's text too (skip_special_tokens hides it)
-                self._extend_text(token)
+        if finish_reason == "stop" and not p.include_stop_str_in_output:
+            # a stop token id or eos: its text is left out (asked for, it joins below, eos's
+            # too unless skip_special_tokens hides it, and a stop string in it wins, as in vLLM)
             self.finish_reason, self.stop_reason = finish_reason, stop_reason
             return True
         old_len = len(self.text)
@@ -82,7 +82,7 @@ class SeqState:
                 self.finish_reason, self.stop_reason = "stop", stop
                 return True
         if finish_reason is not None:
-            self.finish_reason = finish_reason
+            self.finish_reason, self.stop_reason = finish_reason, stop_reason
             return True
         return False
 

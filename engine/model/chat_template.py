@@ -15,6 +15,7 @@ from datetime import datetime
 
 import jinja2
 import jinja2.ext
+import jinja2.nodes
 import jinja2.sandbox
 
 
@@ -31,50 +32,112 @@ def _tojson(value, ensure_ascii=False, indent=None, separators=None, sort_keys=F
 # A render that runs longer is stopped (a template that loops, written into a model's files,
 # would otherwise hold a server's thread, or its event loop, for good).
 RENDER_SECONDS = 5.0
-_render = threading.local()  # .deadline: when this thread's render must end (monotonic)
+# The longest string or list one `*` (or `**`) may make in a template: no chat needs more, and a
+# loop over a larger one would pass no deadline check for a long time.
+MAX_PRODUCT = 1 << 20
+_render = threading.local()  # .deadline, .seconds: when this thread's render must end, its limit
+
+
+class RenderTimeout(jinja2.exceptions.TemplateError):
+    """A render ran past its deadline (render_deadline)."""
+
+
+def _check_deadline():
+    deadline = getattr(_render, "deadline", None)
+    if deadline is not None and time.monotonic() > deadline:
+        raise RenderTimeout(f"the chat template ran past {_render.seconds:g} s and was stopped")
+
+
+class _TimedRange:
+    """range() for templates: the sandbox's capped range, checking the render's deadline as a
+    loop walks it (a loop over a range does no call or lookup the sandbox would see)."""
+
+    def __init__(self, *args):
+        self._range = jinja2.sandbox.safe_range(*args)
+
+    def __iter__(self):
+        for n, value in enumerate(self._range):
+            if n % 256 == 0:
+                _check_deadline()
+            yield value
+
+    def __len__(self):
+        return len(self._range)
+
+    def __getitem__(self, index):
+        return self._range[index]
+
+    def __contains__(self, value):
+        return value in self._range
+
+    def __reversed__(self):
+        return reversed(self._range)
 
 
 class _TimedSandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
-    """The sandbox, checking the render's deadline at every call, attribute and item lookup: a
-    loop that does anything passes through one (the sandbox caps each range at 100,000)."""
+    """The sandbox, checking the render's deadline at every call, attribute and item lookup, in
+    every range a loop walks (_TimedRange) and at every `*` (whose strings and lists are capped
+    at MAX_PRODUCT items)."""
 
-    def _check(self):
-        deadline = getattr(_render, "deadline", None)
-        if deadline is not None and time.monotonic() > deadline:
-            raise jinja2.exceptions.TemplateError(
-                f"the chat template ran past {RENDER_SECONDS:g} s and was stopped")
+    intercepted_binops = frozenset({"*", "**"})
 
     def call(self, *args, **kwargs):
-        self._check()
+        _check_deadline()
         return super().call(*args, **kwargs)
 
     def getattr(self, obj, attribute):
-        self._check()
+        _check_deadline()
         return super().getattr(obj, attribute)
 
     def getitem(self, obj, argument):
-        self._check()
+        _check_deadline()
         return super().getitem(obj, argument)
+
+    def call_binop(self, context, operator, left, right):
+        _check_deadline()
+        if operator == "*":
+            for seq, times in ((left, right), (right, left)):
+                if (isinstance(seq, (str, list, tuple)) and isinstance(times, int)
+                        and len(seq) * times > MAX_PRODUCT):
+                    raise jinja2.exceptions.TemplateError(
+                        f"the chat template builds a string or list of {len(seq) * times:,} "
+                        f"items (at most {MAX_PRODUCT:,})")
+        return super().call_binop(context, operator, left, right)
 
 
 @contextlib.contextmanager
 def render_deadline(seconds: float | None = None):
     """Renders on this thread inside the block stop after `seconds` (default RENDER_SECONDS)
-    with a TemplateError."""
-    _render.deadline = time.monotonic() + (RENDER_SECONDS if seconds is None else seconds)
+    with a RenderTimeout."""
+    _render.seconds = RENDER_SECONDS if seconds is None else seconds
+    _render.deadline = time.monotonic() + _render.seconds
     try:
         yield
     finally:
         _render.deadline = None
 
 
+class _GenerationBlock(jinja2.ext.Extension):
+    """`{% generation %} ... {% endgeneration %}`: HF marks the assistant's own tokens with it
+    (for training masks); rendering a prompt only needs the text inside."""
+
+    tags = {"generation"}
+
+    def parse(self, parser):
+        lineno = next(parser.stream).lineno
+        body = parser.parse_statements(("name:endgeneration",), drop_needle=True)
+        return jinja2.nodes.Scope(body, lineno=lineno)
+
+
 def compile_template(source: str) -> jinja2.Template:
     env = _TimedSandbox(
-        trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols]
+        trim_blocks=True, lstrip_blocks=True,
+        extensions=[jinja2.ext.loopcontrols, _GenerationBlock],
     )
     env.filters["tojson"] = _tojson
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    env.globals["range"] = _TimedRange
     return env.from_string(source)
 
 
@@ -109,13 +172,33 @@ def _map_strings(value, fn):
     return value
 
 
-def cut_after_final(text: str, message: dict) -> str:
-    """The rendered chat up to the end of the final message's content, so the model continues
-    that message instead of starting a new turn (the template closed it)."""
-    content = message.get("content") or ""
-    for needle in (content, content.strip()):
-        at = text.rfind(needle) if needle else -1
-        if at >= 0:
-            return text[: at + len(needle)]
-    raise ValueError("continue_final_message is set but the final message does not appear in "
-                     "the rendered chat")
+def mark_final(messages: list[dict], mark: str) -> list[dict]:
+    """`messages` with `mark` + " " after the final message's text (its content, or the last text
+    part of it), for cut_at_mark to find in the rendered chat."""
+    final = dict(messages[-1])
+    content = final.get("content")
+    if isinstance(content, list):
+        parts = list(content)
+        for i in reversed(range(len(parts))):
+            if isinstance(parts[i], dict) and isinstance(parts[i].get("text"), str):
+                parts[i] = {**parts[i], "text": parts[i]["text"] + mark + " "}
+                break
+        else:
+            raise ValueError("continue_final_message is set but the final message has no text "
+                             "to continue")
+        final["content"] = parts
+    else:
+        final["content"] = (content or "") + mark + " "
+    return [*messages[:-1], final]
+
+
+def cut_at_mark(text: str, mark: str) -> str:
+    """The rendered chat up to the final message's end, which mark_final marked: the model goes
+    on with that message instead of a new turn (the template closed it). A template that trims
+    the message's end (Llama 3's `| trim`) trimmed the space after the mark; then the message's
+    own trailing spaces go too, as the template would have cut them."""
+    at = text.rfind(mark)
+    if at < 0:
+        raise ValueError("continue_final_message is set but the final message does not appear "
+                         "in the rendered chat")
+    return text[:at] if text.startswith(mark + " ", at) else text[:at].rstrip()

@@ -9,18 +9,24 @@ from __future__ import annotations
 
 import functools
 import re
+import secrets
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import tokenizers
 from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
 
 from engine.model.chat_template import (
     compile_template,
-    cut_after_final,
+    cut_at_mark,
+    mark_final,
     render_deadline,
     render_split,
 )
 from engine.model.config import json_object
+
+if TYPE_CHECKING:
+    import jinja2
 
 # GGUF token types (llama.cpp's llama_token_type)
 TOKEN_TYPE_CONTROL = 3
@@ -182,19 +188,18 @@ def tokenizer_from_gguf_metadata(meta: dict) -> Tokenizer:
 # Chat templates (engine/model/chat_template.py renders them)
 
 
-def _pick_template(chat_template) -> str | None:
-    """`chat_template` is a string, or a list of {name, template} of which we take "default"."""
-    if chat_template is None or isinstance(chat_template, str):
-        return chat_template
+def _named_templates(chat_template) -> dict[str, str]:
+    """`chat_template`, a string (named "default") or a list of {name, template}, by name."""
+    if chat_template is None:
+        return {}
+    if isinstance(chat_template, str):
+        return {"default": chat_template}
     if not isinstance(chat_template, list) or not all(
             isinstance(t, dict) and isinstance(t.get("name"), str)
             and isinstance(t.get("template"), str) for t in chat_template):
         raise TokenizerError(f"chat_template must be a template (a string) or a list of "
                              f"{{'name', 'template'}} objects, got {chat_template!r:.80}")
-    named = {t["name"]: t["template"] for t in chat_template}
-    if "default" not in named:
-        raise TokenizerError(f"chat_template lists {sorted(named)} but no 'default' template")
-    return named["default"]
+    return {t["name"]: t["template"] for t in chat_template}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -208,8 +213,11 @@ class Tokenizer:
         self.bos_token, self.eos_token = bos_token, eos_token
         self.bos_token_id = tokenizer.token_to_id(bos_token) if bos_token else None
         self.eos_token_id = tokenizer.token_to_id(eos_token) if eos_token else None
-        self.chat_template = _pick_template(chat_template)
-        self._template = None  # compiled on first use
+        # As HF: "tool_use" renders a chat with tools where the model has one, else "default".
+        self.chat_templates = _named_templates(chat_template)
+        self.chat_template = self.chat_templates.get("default")
+        self.special_tokens: dict[str, str] = {}  # unk_token, pad_token: template variables
+        self._compiled: dict[str, jinja2.Template] = {}  # by name, on first use
         self._token_bytes: dict[int, bytes] = {}  # token_bytes' answers
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         self.all_special_ids = {
@@ -239,17 +247,29 @@ class Tokenizer:
                                      f"{value!r:.80}")
             return value
 
-        chat_template = config.get("chat_template")
-        jinja_file = folder / "chat_template.jinja"  # newer HF folders keep it apart
-        if chat_template is None and jinja_file.is_file():
-            try:
-                chat_template = jinja_file.read_text(encoding="utf-8")
-            except (OSError, UnicodeDecodeError) as e:
-                raise TokenizerError(f"{jinja_file} is not readable UTF-8 text: {e}") from None
+        map_path = folder / "special_tokens_map.json"  # older folders keep the tokens there
+        if map_path.is_file():
+            config = {**json_object(map_path, TokenizerError), **config}
+
         try:
-            return cls(tok, token("bos_token"), token("eos_token"), chat_template)
+            templates = _named_templates(config.get("chat_template"))
         except TokenizerError as e:
             raise TokenizerError(f"{config_path}: {e}") from None
+        # Newer HF folders keep templates in files, which win over the config's (as in HF):
+        # chat_template.jinja (the default) and additional_chat_templates/NAME.jinja.
+        files = [("default", folder / "chat_template.jinja")] + [
+            (f.stem, f) for f in sorted((folder / "additional_chat_templates").glob("*.jinja"))]
+        for name, path in files:
+            if path.is_file():
+                try:
+                    templates[name] = path.read_text(encoding="utf-8")
+                except (OSError, UnicodeDecodeError) as e:
+                    raise TokenizerError(f"{path} is not readable UTF-8 text: {e}") from None
+        tokenizer = cls(tok, token("bos_token"), token("eos_token"),
+                        [{"name": k, "template": v} for k, v in templates.items()] or None)
+        tokenizer.special_tokens = {name: value for name in ("unk_token", "pad_token")
+                                    if (value := token(name)) is not None}
+        return tokenizer
 
     @classmethod
     def from_gguf(cls, reader) -> Tokenizer:
@@ -318,7 +338,7 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             tokenize: bool = True, special_tokens_in_content: bool = False,
                             continue_final_message: bool = False,
-                            **kwargs) -> list[int] | str:
+                            render_seconds: float | None = None, **kwargs) -> list[int] | str:
         """Render `messages` with the model's chat template; ids, or the text if not `tokenize`.
 
         Special tokens written inside the messages (e.g. a forged `<|im_end|>` in a user's
@@ -327,22 +347,24 @@ class Tokenizer:
         `continue_final_message`: the text ends with the last message's content, left open for
         the model to continue (assistant prefill), as in HF.
         Extra keyword arguments (e.g. `tools`) become template variables, as in HF.
+        `render_seconds`: the render's deadline (chat_template.RENDER_SECONDS when None).
         """
-        if self.chat_template is None:
-            raise TokenizerError(
-                "this model has no chat template (chat_template in tokenizer_config.json or "
-                "tokenizer.chat_template in the GGUF); use a plain completion prompt instead"
-            )
-        if self._template is None:
-            self._template = compile_template(self.chat_template)
+        template = self._template_for(kwargs.get("tools"))
+        # As HF: the template sees tools and documents (None when not given) and the special
+        # tokens the tokenizer has; a token it lacks stays undefined.
+        variables = {"tools": None, "documents": None, **self.special_tokens,
+                     **{k: v for k, v in (("bos_token", self.bos_token),
+                                          ("eos_token", self.eos_token)) if v is not None},
+                     **kwargs}
+        mark = f"\ue002{secrets.token_hex(8)}\ue003"  # continue_final_message's end
 
         def render(msgs):
-            with render_deadline():
-                text = self._template.render(
-                    messages=msgs, add_generation_prompt=add_generation_prompt,
-                    bos_token=self.bos_token or "", eos_token=self.eos_token or "", **kwargs,
-                )
-            return cut_after_final(text, msgs[-1]) if continue_final_message else text
+            if continue_final_message:
+                msgs = mark_final(msgs, mark)
+            with render_deadline(render_seconds):
+                text = template.render(messages=msgs, add_generation_prompt=add_generation_prompt,
+                                       **variables)
+            return cut_at_mark(text, mark) if continue_final_message else text
 
         # The template already wrote any BOS it wants; adding it again would double it.
         if not tokenize or special_tokens_in_content or not self.all_special_ids:
@@ -355,6 +377,22 @@ class Tokenizer:
             elif piece:
                 ids += self.encode(piece, add_special_tokens=False)
         return ids
+
+    def _template_for(self, tools) -> jinja2.Template:
+        """The compiled template a chat renders with: "tool_use" when it has tools and the model
+        has one, else "default" (HF's choice)."""
+        named = self.chat_templates
+        if not named:
+            raise TokenizerError(
+                "this model has no chat template (chat_template in tokenizer_config.json or "
+                "tokenizer.chat_template in the GGUF); use a plain completion prompt instead")
+        name = "tool_use" if tools is not None and "tool_use" in named else "default"
+        if name not in named:
+            raise TokenizerError(f"this model's chat templates are {sorted(named)}, none of them "
+                                 f"'default' (nor 'tool_use' for a chat with tools)")
+        if name not in self._compiled:
+            self._compiled[name] = compile_template(named[name])
+        return self._compiled[name]
 
     @functools.cached_property
     def _special_pattern(self) -> re.Pattern:
