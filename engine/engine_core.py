@@ -216,17 +216,17 @@ class EngineCore:
             done, self._in_flight = self._in_flight, launched
         else:
             done = launched
-        # Synchronous and no drafts: key the blocks before a sequence that ends here frees them,
-        # or a prompt run with max_tokens=1 would never reach the prefix cache. Drafts are first
-        # verified (token_ids lacks them until then), so such a step keys after.
-        commit_first = (done is launched and launched is not None
-                        and not launched.batch.num_spec_tokens)
+        # Synchronous: key the blocks before a sequence that ends here frees them, or a prompt
+        # run with max_tokens=1 would never reach the prefix cache. Drafts are first verified
+        # (token_ids lacks them until then): a drafting sequence keys after, the others before.
+        commit_first = done is launched and launched is not None
         if done is not None:
             self._read(done, outputs, commit_first)
         for seq in drafted:
             seq.spec_token_ids = []
-        if launched is not None and not commit_first:
-            # Every token the launched batch computed is known now: the previous step's are in.
+        if launched is not None and (not commit_first or launched.batch.num_spec_tokens):
+            # Every token the launched batch computed is known now: the previous step's are in,
+            # its drafts verified.
             self.scheduler.commit(launched.batch)
         if self._in_flight is not None and not self.requests:
             # Nothing left to serve: read the last step (its tokens all belong to finished
@@ -247,7 +247,7 @@ class EngineCore:
         self.last_read = (done.launched_at, time.monotonic())
         self.requests.collect_prompt_logprobs(done.handle.prompt_logprobs)
         if commit_first:
-            self.scheduler.commit(done.batch)
+            self.scheduler.commit(done.batch, undrafted_only=bool(done.batch.num_spec_tokens))
         if sampled is not None:
             self._generation_tokens_total += self.postprocessor.run(
                 done.rows, sampled, outputs, self.grammars, self.spec, on_advanced)

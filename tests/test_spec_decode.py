@@ -381,3 +381,26 @@ def test_cli_flag_and_metrics(capsys):
     assert "pagedserve_spec_decode_num_accepted_tokens_total 6.0" in text
     assert "pagedserve_spec_decode_acceptance_rate 0.5" in text
     assert "pagedserve_spec_decode_mean_accepted_length 2.5" in text
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_a_request_that_ends_beside_drafts_reaches_the_prefix_cache(make_engine,
+                                                                    async_scheduling):
+    """A prompt that finishes (max_tokens 1) in a step where another sequence verifies drafts
+    keys its blocks as in a plain step: the same prompt later finds them cached."""
+    engine = make_engine(speculative_config=spec(k=3, prompt_lookup_min=1),
+                         async_scheduling=async_scheduling, max_model_len=512,
+                         num_kv_blocks=200)
+    engine.add_request("drafter", ids(list(range(10, 40)) * 4),
+                       SamplingParams(temperature=0, max_tokens=40, ignore_eos=True))
+    for _ in range(3):
+        engine.step()
+    prompt = ids(range(100, 164))  # 4 blocks of 16
+    one = SamplingParams(temperature=0, max_tokens=1)
+    engine.add_request("first", prompt, one)
+    while not any(o.finished and o.request_id == "first" for o in engine.step()):
+        pass
+    engine.add_request("again", prompt, one)
+    outs = step_to_end(engine)
+    assert engine.get_stats().spec_num_drafts > 0  # the premise: the other one drafted
+    assert outs["again"].num_cached_tokens == 48  # its last block holds the token computed anew

@@ -290,12 +290,16 @@ class Scheduler:
             if sampling and seq.forks:
                 self._fork(seq)
 
-    def commit(self, batch: ScheduledBatch) -> None:
+    def commit(self, batch: ScheduledBatch, undrafted_only: bool = False) -> None:
         """Key for the prefix cache the blocks the advanced batch filled. Call it once every
-        token the batch computed is known: after the previous step's tokens are appended."""
+        token the batch computed is known: after the previous step's tokens are appended.
+        undrafted_only: only the sequences without drafts in the batch (their tokens are known
+        at launch; a drafting one's wait for verification). Keying a block twice is harmless."""
         bm, bs = self.block_manager, self.block_manager.block_size
         running = SequenceStatus.RUNNING
         for seq, n in zip(batch.seqs, batch.num_new_tokens, strict=True):
+            if undrafted_only and seq.spec_token_ids:
+                continue
             # A sequence finished since the launch (a stop in the previous step's tokens, an
             # abort) holds no blocks to key.
             if seq.status is running and seq.num_computed_tokens % bs < n:  # a block filled
