@@ -131,6 +131,7 @@ class Postprocessor:
         if not req.has_output:
             req.has_output = True
             out.prompt_logprobs = req.prompt_logprobs
+            out.prompt_logprob_ranks = req.prompt_logprob_ranks
             out.num_cached_tokens = seq.num_cached_tokens
         if reason is not None:  # its blocks are released after the step's outputs go out
             self.requests.finish(req, seq, reason, defer_free=True)
@@ -150,6 +151,7 @@ class Postprocessor:
         out = outs[-1]
         out.first_scheduled_time = outs[0].first_scheduled_time
         out.prompt_logprobs = outs[0].prompt_logprobs
+        out.prompt_logprob_ranks = outs[0].prompt_logprob_ranks
         out.num_cached_tokens = outs[0].num_cached_tokens
         out.new_token_ids = [o.new_token_ids[0] for o in outs]
         if out.new_logprobs is not None:
@@ -170,6 +172,7 @@ class Postprocessor:
         if done is None:
             return 0
         done[0].prompt_logprobs = req.prompt_logprobs
+        done[0].prompt_logprob_ranks = req.prompt_logprob_ranks
         done[0].num_cached_tokens = req.seqs[0].num_cached_tokens
         done[0].first_scheduled_time = req.first_scheduled_time
         outputs += done

@@ -37,6 +37,7 @@ class CoreRequest:
     first_scheduled_time: float | None = None
     num_unfinished: int = 0
     prompt_logprobs: list | None = None  # collected so far, when the params ask
+    prompt_logprob_ranks: list | None = None  # each prompt token's rank, beside them
     beam: BeamSearch | None = None  # use_beam_search: the live and finished beams
     has_output: bool = False  # the first output (which carries prompt_logprobs) went out
     grammar: Future | None = None  # the compiled grammar (structured outputs), while compiling
@@ -101,7 +102,9 @@ class RequestTable:
         seqs[0].forks = seqs[1:]
         core_req = self._requests[req.request_id] = CoreRequest(
             req.request_id, seqs, num_unfinished=len(seqs),
-            prompt_logprobs=None if params.prompt_logprobs is None else [None], grammar=grammar)
+            prompt_logprobs=None if params.prompt_logprobs is None else [None],
+            prompt_logprob_ranks=None if params.prompt_logprobs is None else [None],
+            grammar=grammar)
         if params.use_beam_search:
             core_req.beam = BeamSearch(req.request_id, list(seqs), self.eos_token_ids,
                                        self.max_model_len, token_logprobs={seqs[0].seq_id: []})
@@ -187,9 +190,11 @@ class RequestTable:
             if req is None or req.prompt_logprobs is None:
                 continue
             collected = req.prompt_logprobs
-            for position, entry in enumerate(item.entries, item.start):
+            for position, entry, rank in zip(range(item.start, item.start + len(item.entries)),
+                                             item.entries, item.ranks, strict=True):
                 if position == len(collected):
                     collected.append(entry)
+                    req.prompt_logprob_ranks.append(rank)
             seq.next_prompt_logprob = len(collected)
 
     # ------------------------------------------------------------------ ends

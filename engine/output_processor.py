@@ -34,6 +34,7 @@ class _Request:
     metrics: RequestMetrics
     num_unfinished: int
     prompt_logprobs: list | None = None
+    prompt_logprob_ranks: list | None = None
     num_cached_tokens: int = 0
 
 
@@ -97,6 +98,7 @@ class OutputProcessor:
                 metrics.first_scheduled_time = out.first_scheduled_time or now
             if out.num_cached_tokens is not None:
                 req.prompt_logprobs = out.prompt_logprobs
+                req.prompt_logprob_ranks = out.prompt_logprob_ranks
                 req.num_cached_tokens = out.num_cached_tokens
             if out.finish_reason == "error":
                 state.finish_reason, state.error = "error", out.error
@@ -151,4 +153,5 @@ class OutputProcessor:
         if finished and req.metrics.finished_time is None:
             req.metrics.finished_time = time.time()
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outputs, finished,
-                             req.metrics, req.prompt_logprobs, req.num_cached_tokens)
+                             req.metrics, req.prompt_logprobs, req.num_cached_tokens,
+                             req.prompt_logprob_ranks)

@@ -72,19 +72,27 @@ def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dic
             "prompt_tokens_details": {"cached_tokens": cached_tokens}}
 
 
-def prompt_logprobs_json(entries: list | None, token_str) -> list | None:
+def prompt_logprobs_json(entries: list | None, token_str, prompt_ids: list[int] | None = None,
+                         ranks: list | None = None) -> list | None:
     """vLLM's `prompt_logprobs`: per prompt token None (the first) or
-    {token id: {logprob, rank, decoded_token}}, rank counted among the entry's top tokens."""
+    {token id: {logprob, rank, decoded_token}}: the top tokens ranked 1, 2, ... and the prompt
+    token at its rank in the whole vocabulary (`ranks`, beside `prompt_ids`) when it is not
+    among them."""
     if entries is None:
         return None
     out = []
-    for entry in entries:
+    for i, entry in enumerate(entries):
         if entry is None:
             out.append(None)
             continue
         ranked = sorted(entry.items(), key=lambda kv: -kv[1])
-        out.append({str(t): {"logprob": finite_logprob(v), "rank": r, "decoded_token": token_str(t)}
-                    for r, (t, v) in enumerate(ranked, 1)})
+        rank_of = {t: r for r, (t, _) in enumerate(ranked, 1)}
+        if ranks is not None and prompt_ids is not None and ranks[i] is not None:
+            # past the top ones the entry's order cannot say it (within them, ties keep theirs)
+            token = prompt_ids[i]
+            rank_of[token] = max(rank_of[token], ranks[i])
+        out.append({str(t): {"logprob": finite_logprob(v), "rank": rank_of[t],
+                             "decoded_token": token_str(t)} for t, v in ranked})
     return out
 
 

@@ -133,7 +133,10 @@ class GenerationCall:
 
     def _prompt_logprobs(self, request_id: str) -> list | None:
         out = self.first.get(request_id)
-        return prompt_logprobs_json(out and out.prompt_logprobs, self.token_str)
+        if out is None:
+            return None
+        return prompt_logprobs_json(out.prompt_logprobs, self.token_str, out.prompt_token_ids,
+                                    out.prompt_logprob_ranks)
 
     def choice(self, request_id: str, c, whole: bool) -> dict:
         """A choice for the whole output (`whole`) or for this step's delta."""

@@ -140,6 +140,27 @@ def test_minus_one_is_the_whole_vocabulary(make_engine):
         assert np.exp(list(entry.values())).sum() == pytest.approx(1, abs=1e-4)
 
 
+def test_each_prompt_tokens_rank_is_its_place_in_the_whole_vocabulary(make_engine):
+    """vLLM's rank: 1 + how many tokens score higher, also past the top ones (it was counted
+    among the entry's few tokens), the same under chunked prefill; a server sends it."""
+    from server.extras import prompt_logprobs_json
+
+    ids = PROMPT["prompt_token_ids"]
+    full = run_one(make_engine(), PROMPT, SamplingParams(prompt_logprobs=-1, max_tokens=1))
+    want = [None] + [1 + sum(v > e[t] for v in e.values())
+                     for e, t in zip(full.prompt_logprobs[1:], ids[1:], strict=True)]
+    assert max(want[1:]) > 2  # the premise: some prompt token lies past the top two
+    for fields in ({}, {"max_num_batched_tokens": 5, "block_size": 4}):
+        out = run_one(make_engine(**fields), PROMPT,
+                      SamplingParams(prompt_logprobs=2, max_tokens=1))
+        assert out.prompt_logprob_ranks == want
+    sent = prompt_logprobs_json(out.prompt_logprobs, str, out.prompt_token_ids,
+                                out.prompt_logprob_ranks)
+    assert [None if e is None else e[str(t)]["rank"] for e, t in zip(sent, ids, strict=True)] \
+        == want
+    assert all(sorted(v["rank"] for v in e.values())[:2] == [1, 2] for e in sent[1:])
+
+
 def test_max_logprobs_caps_what_a_request_asks(make_engine):
     from engine.core.sampling_params import ParamError
 

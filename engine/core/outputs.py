@@ -42,6 +42,7 @@ class SeqOutput:
     # Set on the request's first output only: its prompt's logprobs (first entry None; when
     # params.prompt_logprobs is set) and how many prompt tokens the prefix cache held.
     prompt_logprobs: list[dict[int, float] | None] | None = None
+    prompt_logprob_ranks: list[int | None] | None = None  # each prompt token's own rank
     num_cached_tokens: int | None = None
 
     # From a step that verified drafts (speculative decoding, maybe several new tokens): each
@@ -199,6 +200,9 @@ class RequestOutput:
     # when SamplingParams.prompt_logprobs is.
     prompt_logprobs: list[dict[int, float] | None] | None = None
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    # Each prompt token's rank in the vocabulary (1: the model's best guess), None for the
+    # first: what vLLM's Logprob.rank says of it.
+    prompt_logprob_ranks: list[int | None] | None = None
 
 
 @dataclass

@@ -55,6 +55,7 @@ class PromptLogprobs:
     seq: object
     start: int  # the prompt position of the first entry
     entries: list[dict[int, float]]  # per position {prompt token: logprob, then top-k}
+    ranks: list[int]  # per position the prompt token's rank in the vocabulary (1: the best)
 
 
 class PendingPromptLogprobs:
@@ -69,7 +70,11 @@ class PendingPromptLogprobs:
         logits = np.asarray(self.ops.to_host(self.logits), np.float32)  # (Q, vocab)
         shifted = logits - logits.max(axis=1, keepdims=True)
         lp = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))  # (Q, vocab)
-        chosen = lp[np.arange(len(lp)), p.targets].tolist()  # (Q,)
+        chosen_lp = lp[np.arange(len(lp)), p.targets]  # (Q,)
+        chosen = chosen_lp.tolist()
+        # vLLM's rank: 1 + how many tokens score higher (in slices: a (Q, vocab) mask is big)
+        ranks = np.concatenate([(lp[i : i + 256] > chosen_lp[i : i + 256, None]).sum(axis=1) + 1
+                                for i in range(0, len(lp), 256)]).tolist()
         k = min(p.num_top, lp.shape[1])
         if k:
             top = np.argpartition(-lp, k - 1, axis=1)[:, :k]  # (Q, k), unordered
@@ -87,6 +92,6 @@ class PendingPromptLogprobs:
                     if want else {}
                 entry[targets[r]] = chosen[r]
                 entries.append(entry)
-            out.append(PromptLogprobs(seq, start, entries))
+            out.append(PromptLogprobs(seq, start, entries, ranks[q : q + count]))
             q += count
         return out
