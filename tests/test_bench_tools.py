@@ -366,6 +366,8 @@ async def _canned_sse_server(seen: list, connections: list):
             events = [{"id": "cmpl-1", "choices": [{"index": 0, "text": f"t{i}"}]}
                       for i in range(n)] + [{"id": "cmpl-1", "choices": [],
                                              "usage": {"completion_tokens": n}}]
+            if n == 7:  # the engine fails it after two tokens: an error event, no usage
+                events = events[:2] + [{"error": {"message": "the engine core died"}}]
             sse = "".join(f"data: {json.dumps(e)}\n\n" for e in events) + "data: [DONE]\n\n"
             data = sse.encode()
             for piece in (data[i:i + 37] for i in range(0, len(data), 37)):
@@ -409,6 +411,57 @@ def test_bench_serving_parses_a_stream():
     assert len(connections) == 3 + 1
     assert [len(x) for x in lines] == [4, 3] and lines[0][0].startswith('data: {"id"')
     assert lines[0][-1] == lines[1][-1] == "data: [DONE]"
+
+
+def test_bench_serving_counts_a_stream_that_fails_midway_as_failed():
+    pytest.importorskip("httpx")
+    seen, connections = [], []
+
+    async def main():
+        server = await _canned_sse_server(seen, connections)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        async with server:
+            return await bench_serving.run_benchmark(url, "tiny", [[1], [2]], [7, 3],
+                                                     float("inf"))
+
+    m = asyncio.run(main())
+    assert (m["completed"], m["failed"]) == (1, 1)
+    assert m["first_error"] == "stream error: the engine core died"
+    assert m["output_tokens"] == 3
+
+
+def test_bench_latency_counts_tokens_not_steps(monkeypatch):
+    """A step that brings several tokens (verified drafts) counts each: TPOT per token."""
+    from types import SimpleNamespace
+
+    from tools import bench_latency
+
+    clock = [0.0]  # each step takes 10 ms
+    monkeypatch.setattr(bench_latency.time, "perf_counter", lambda: clock[0])
+
+    class FourAStep:
+        def __init__(self):
+            self.left = {}
+
+        def add_request(self, request_id, prompt, params):
+            self.left[request_id] = params.max_tokens
+
+        def has_unfinished_requests(self):
+            return any(self.left.values())
+
+        def step(self):
+            clock[0] += 0.01
+            outs = []
+            for request_id, left in self.left.items():
+                n = min(4, left)
+                self.left[request_id] -= n
+                outs.append(SimpleNamespace(request_id=request_id, outputs=[
+                    SimpleNamespace(delta_token_ids=list(range(n)))]))
+            return outs
+
+    r = bench_latency.time_requests(FourAStep(), [[1, 2, 3]], 64)
+    assert r["output_tokens"] == 64  # it had counted 16 steps, and 10 ms a token
+    assert r["tpot_s"] == pytest.approx(0.15 / 63)  # tokens 2..64 over 15 steps
 
 
 def test_bench_latency_end_to_end(tiny_model, capsys):

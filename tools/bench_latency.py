@@ -58,7 +58,8 @@ def time_requests(engine, prompts: list[list[int]], output_len: int,
                   token_times: dict | None = None) -> dict:
     """Greedy requests added at once, each forced to `output_len` tokens: the first token's time
     (TTFT, the slowest request's) and the mean time per output token after it (TPOT, averaged
-    over the requests). `token_times` (a dict) receives each request's token arrival times."""
+    over the requests). `token_times` (a dict) receives each request's token arrival times, one
+    per token (a step that verified drafts brings several at once)."""
     from engine import SamplingParams
 
     params = SamplingParams(temperature=0, ignore_eos=True, max_tokens=output_len)
@@ -69,8 +70,9 @@ def time_requests(engine, prompts: list[list[int]], output_len: int,
     token_times.update({f"latency-{i}": [] for i in range(len(prompts))})
     while engine.has_unfinished_requests():
         for out in engine.step():
-            if out.outputs[0].delta_token_ids:
-                token_times[out.request_id].append(time.perf_counter())
+            new = len(out.outputs[0].delta_token_ids)
+            if new:
+                token_times[out.request_id] += [time.perf_counter()] * new
     ttft = max(t[0] for t in token_times.values()) - t0
     tpot = sum((t[-1] - t[0]) / max(1, len(t) - 1) for t in token_times.values()) / len(prompts)
     return {"ttft_s": ttft, "tpot_s": tpot,

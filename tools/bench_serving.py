@@ -141,6 +141,10 @@ async def _stream(client: SSEClient, path: str, body: bytes, result: RequestResu
         if not line.startswith("data:") or data == "[DONE]":
             continue
         chunk = _decode(data)
+        if chunk.get("error") and result.error is None:  # the server failed it mid-stream
+            error = chunk["error"]
+            message = error.get("message", error) if isinstance(error, dict) else error
+            result.error = f"stream error: {message}"[:300]
         if chunk.get("usage"):
             usage_tokens = chunk["usage"].get("completion_tokens")
         # A chunk with a choice carries newly generated tokens (text may be "" for a token

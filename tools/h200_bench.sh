@@ -3,7 +3,8 @@
 #   bash tools/h200_bench.sh [STEP ...]
 #   steps: gputest w1 w1-sync w1-8b w1-8b-sync latency-8b seed latency w2 w1-eager
 #   structured (W1 constrained by a JSON schema vs unconstrained; not in the default list)
-#   latency-32k (batch-1 decode at the end of a 32,532-token context, Qwen3-0.6B shapes)
+#   latency-32k (W6: batch-1 decode of 256 tokens after a 32,532-token prompt, max_model_len
+#          32,832, Qwen3-0.6B shapes; session 12's figure had the context end at 32,532)
 #   w1-sampled (W1 as chat traffic samples: temperature 0.8, top_p 0.95, top_k 50,
 #          repetition_penalty 1.1; issue 12's target is >= 95% of w1 in the same run)
 #          spec-8b spec-8b-min1 spec-8b-sweep w1-8b-spec w1-spec (speculative decoding: batch-1
@@ -106,7 +107,7 @@ for step in $steps; do
     w1-eager) record w1-qwen3-0.6b-eager 90 python3 tools/bench_throughput.py $Q --enforce-eager ;;
     latency) record latency-qwen3-0.6b 60 python3 tools/bench_latency.py $Q ;;
     latency-32k) record latency-32k-qwen3-0.6b 120 python3 tools/bench_latency.py $Q \
-      --context-len 32532 ;;
+      --prompt-len 32532 --output-len 256 --max-model-len 32832 ;;
     w1-8b) record w1-llama3-8b 150 python3 tools/bench_throughput.py $L ;;
     w1-8b-ab)  # W1 Llama-3-8B under each environment of $AB, interleaved $AB_ROUNDS times
       for _ in $(seq 1 "${AB_ROUNDS:-2}"); do
