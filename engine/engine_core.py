@@ -60,7 +60,7 @@ from engine.core_postprocess import Postprocessor
 from engine.core_requests import RequestTable
 from engine.core_setup import build_core_parts
 from engine.executor.distributed import CommunicatorError
-from engine.model.config import EngineConfig
+from engine.model.config import ConfigError, EngineConfig
 from engine.spec_decode import SpecDecoder
 from engine.structured_outputs import GrammarCompiler
 
@@ -98,7 +98,11 @@ class EngineCore:
         # so that a request arriving meanwhile joins the next step, not the one after it (the
         # first token comes a step sooner; each step pays its host time on the device's clock).
         # An experiment until measured on the GPU: PAGEDSERVE_OVERLAP_MIN_SEQS, default 0.
-        self.overlap_min_seqs = int(os.environ.get("PAGEDSERVE_OVERLAP_MIN_SEQS", "0"))
+        text = os.environ.get("PAGEDSERVE_OVERLAP_MIN_SEQS") or "0"
+        if not text.isdigit():
+            raise ConfigError(f"$PAGEDSERVE_OVERLAP_MIN_SEQS must be a whole number >= 0, got "
+                              f"{text!r}")
+        self.overlap_min_seqs = int(text)
         spec = engine_config.speculative_config
         self.spec = SpecDecoder(spec) if spec is not None else None  # None: never speculates
         self.requests = RequestTable(engine_config, self.scheduler, mc.vocab_size,

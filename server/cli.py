@@ -127,8 +127,8 @@ def _engine_flags() -> argparse.ArgumentParser:
                    help="BLAS threads of the cpu backend (and the host side of cuda); 1 is "
                         "fastest on a small, busy machine (default: 1)")
     g.add_argument("--max-logprobs", type=int, default=20, metavar="N",
-                   help="most logprobs a request may ask per token; -1 = the whole vocabulary, "
-                        "which prompt_logprobs=-1 needs (default: 20, as vLLM)")
+                   help="most logprobs a request may ask per token, 0..20; -1 = the whole "
+                        "vocabulary, which prompt_logprobs=-1 needs (default: 20, as vLLM)")
     g.add_argument("--speculative-config", type=_json_object, default=None, metavar="JSON",
                    help='n-gram speculative decoding, e.g. \'{"method": "ngram", '
                         '"num_speculative_tokens": 3, "prompt_lookup_max": 4, '
@@ -181,8 +181,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "127.0.0.1, this machine only)")
     s.add_argument("--port", type=_port, default=8000, help="TCP port (default: 8000)")
     s.add_argument("--api-key", default=None,
-                   help="require `Authorization: Bearer KEY` on every endpoint except /health "
-                        "and /metrics (default: $PAGEDSERVE_API_KEY, which `ps` does not show)")
+                   help="require `Authorization: Bearer KEY` on every endpoint except /health, "
+                        "/metrics and the /dashboard page (its feed needs the key) (default: "
+                        "$PAGEDSERVE_API_KEY, which `ps` does not show)")
     s.add_argument("--allowed-hosts", type=_names, action="extend", default=[], metavar="H,..",
                    help="Host header names to serve besides localhost, 127.0.0.1 and [::1] "
                         "(any port; '*' = any). Bound to a loopback address, other names get "

@@ -272,3 +272,11 @@ def test_scheduler_counts_the_pending_token():
     assert bm.blocks[seq.block_table[0]].hash == hash_block(0, [1, 2, 3, 7])
     third = sched.schedule()  # position 4: a second block, for a token still pending
     assert third.seqs == [seq] and len(seq.block_table) == 2
+
+
+def test_a_bad_overlap_switch_is_named(make_engine, monkeypatch):
+    from engine.model.config import ConfigError
+
+    monkeypatch.setenv("PAGEDSERVE_OVERLAP_MIN_SEQS", "abc")
+    with pytest.raises(ConfigError, match=r"\$PAGEDSERVE_OVERLAP_MIN_SEQS must be a whole number"):
+        make_engine()

@@ -176,6 +176,11 @@ def test_max_logprobs_caps_what_a_request_asks(make_engine):
     with pytest.raises(ParamError) as e:
         make_engine(max_logprobs=3).add_request("r", PROMPT, SamplingParams(logprobs=4))
     assert e.value.field == "logprobs"
+    # past 20 a cap would change nothing (a request asks at most 20, or -1): refused
+    from engine.model.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"max_logprobs must be -1 .* or in \[0, 20\], got 30"):
+        make_engine(max_logprobs=30)
 
 
 def test_offline_llm_scores_prompts_like_vllm(make_engine):

@@ -393,3 +393,17 @@ def test_all_reduce_sums_a_deferred_product_first():
 
     ops = TensorParallelOps(NumpyOps(), Comm(), 0, 2, 64)
     np.testing.assert_array_equal(ops.all_reduce(Pending()), np.full((2, 3), 14.0, np.float32))
+
+
+@pytest.mark.parametrize("value", ["abc", "-5", "0", "inf"])
+def test_a_bad_rendezvous_timeout_is_named_when_a_rendezvous_starts(monkeypatch, value):
+    """Read when tensor parallelism starts (it was read on import: every command, --help
+    included, died with a traceback)."""
+    from engine.executor import workers
+
+    monkeypatch.setenv("PAGEDSERVE_RENDEZVOUS_TIMEOUT", value)
+    with pytest.raises(ValueError, match=r"\$PAGEDSERVE_RENDEZVOUS_TIMEOUT must be a number of "
+                                         r"seconds > 0"):
+        workers.rendezvous_timeout()
+    monkeypatch.setenv("PAGEDSERVE_RENDEZVOUS_TIMEOUT", "2.5")
+    assert workers.rendezvous_timeout() == 2.5

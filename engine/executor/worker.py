@@ -45,11 +45,11 @@ from engine.executor.workers import (
     LOADED,
     MASTER_ADDR_ENV,
     MASTER_PORT_ENV,
-    RENDEZVOUS_TIMEOUT_S,
     STEP,
     STOP,
     WorkerConfig,
     parse_port,
+    rendezvous_timeout,
 )
 from engine.model.loader import load_model
 
@@ -153,7 +153,7 @@ class _Worker:
             return
 
     def _run(self) -> None:
-        cfg: WorkerConfig = pickle.loads(self._receive(CONFIG, RENDEZVOUS_TIMEOUT_S)[0])
+        cfg: WorkerConfig = pickle.loads(self._receive(CONFIG, rendezvous_timeout())[0])
         ec, rank, size = cfg.engine_config, self.rank, cfg.size
         if cfg.device == "cuda":
             import cupy

@@ -56,8 +56,10 @@ from engine.model.weights import ModelWeights
 
 HELLO, CONFIG, LOADED, FAILED, CACHE, STEP, STOP = b"H", b"C", b"L", b"E", b"K", b"S", b"Q"
 MASTER_ADDR_ENV, MASTER_PORT_ENV = "PAGEDSERVE_MASTER_ADDR", "PAGEDSERVE_MASTER_PORT"
-# How long rank 0 waits for every rank to say HELLO, and then to load its model.
-RENDEZVOUS_TIMEOUT_S = float(os.environ.get("PAGEDSERVE_RENDEZVOUS_TIMEOUT", "300"))
+# How long rank 0 waits for every rank to say HELLO, and then to load its model: this, when
+# set (tests), else $PAGEDSERVE_RENDEZVOUS_TIMEOUT (rendezvous_timeout).
+RENDEZVOUS_TIMEOUT_S: float | None = None
+RENDEZVOUS_TIMEOUT_ENV = "PAGEDSERVE_RENDEZVOUS_TIMEOUT"
 LOAD_TIMEOUT_S = 3600.0
 IDLE_POLL_MS = 500  # how often an idle worker checks that rank 0 lives
 
@@ -69,6 +71,23 @@ def master_address(config: EngineConfig) -> tuple[str, int]:
         port = parse_port(os.environ.get(MASTER_PORT_ENV) or "0", f"${MASTER_PORT_ENV}",
                           allow_zero=True)
     return addr, port
+
+
+def rendezvous_timeout() -> float:
+    """Seconds a rendezvous waits: RENDEZVOUS_TIMEOUT_S, else $PAGEDSERVE_RENDEZVOUS_TIMEOUT
+    (300), read when a rendezvous starts, so a bad value fails a tensor-parallel start naming
+    the variable and nothing else."""
+    if RENDEZVOUS_TIMEOUT_S is not None:
+        return RENDEZVOUS_TIMEOUT_S
+    text = os.environ.get(RENDEZVOUS_TIMEOUT_ENV) or "300"
+    try:
+        seconds = float(text)
+    except ValueError:
+        seconds = float("nan")
+    if not 0 < seconds < float("inf"):
+        raise ValueError(f"${RENDEZVOUS_TIMEOUT_ENV} must be a number of seconds > 0, got "
+                         f"{text!r}")
+    return seconds
 
 
 def parse_port(text: str, name: str, allow_zero: bool = False) -> int:
@@ -119,6 +138,7 @@ class WorkerGroup:
                                   f"host from GPU {first_gpu} on, and CuPy sees {num_gpus}")
         check_tensor_parallel(mc, size)
         addr, port = master_address(engine_config)
+        join_timeout = rendezvous_timeout()  # checked before any process starts
         if num_local < size and not port:
             raise ConfigError(f"tp_local_ranks ({num_local}) < tensor_parallel_size ({size}): "
                               f"the ranks on other hosts need a known master_port (or "
@@ -138,7 +158,7 @@ class WorkerGroup:
             self.address = f"{addr}:{port}"
             for rank in range(1, num_local):
                 self.procs[rank] = _spawn_worker(rank, first_gpu + rank, addr, port)
-            self._wait_for(HELLO, RENDEZVOUS_TIMEOUT_S, "join")
+            self._wait_for(HELLO, join_timeout, "join")
             if device == "cuda":
                 setup = ("nccl", NcclCommunicator.new_unique_id())
             else:
