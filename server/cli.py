@@ -11,6 +11,7 @@ import asyncio
 import json
 import logging
 import os
+import re
 import socket
 import sys
 import threading
@@ -293,11 +294,26 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except (ConfigError, ValueError, FileNotFoundError) as e:
         # Mistakes a user can make (bad path, unknown preset, prompt too long): one clear line.
-        return _fail(f"{e}", 2)
+        return _fail(_in_flag_names(parser, args.command, str(e)), 2)
     except (StartupError, DeviceError) as e:
         return _fail(f"{e}", 1)
     except Exception as e:  # anything else that stops the model from loading, still one line
         return _fail(f"{type(e).__name__}: {e}", 1)
+
+
+def _in_flag_names(parser: argparse.ArgumentParser, command: str, message: str) -> str:
+    """An engine setting's error in the names of the command's flags: "max_logprobs must be"
+    -> "--max-logprobs must be", "give more num_kv_blocks" -> "give more --num-kv-blocks"."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for action in sub.choices[command]._actions:
+        flags = [o for o in action.option_strings if o.startswith("--")]
+        if not flags or action.dest in ("help", "model"):
+            continue
+        if "_" in action.dest:  # a name no sentence uses as a plain word
+            message = re.sub(rf"\b{action.dest}\b", flags[0], message)
+        elif message.startswith(f"{action.dest} "):
+            message = flags[0] + message[len(action.dest):]
+    return message
 
 
 def _fail(message: str, status: int) -> int:

@@ -61,7 +61,13 @@ def test_generate_prints_text_and_speed(tiny_folder, capsys, chat):
 
 def test_generate_reports_bad_input_clearly(tiny_folder, capsys, tmp_path):
     assert _generate(tiny_folder, "--max-tokens", "6", "word " * 300) == 2
-    assert "max_model_len" in capsys.readouterr().err
+    assert "--max-model-len" in capsys.readouterr().err  # the flag's name, not the setting's
+    # settings checked after parsing are named as flags too
+    for extra, words in ((["--max-logprobs", "-5"], "error: --max-logprobs must be -1"),
+                         (["--seed", "-1"], "error: --seed must be in"),
+                         (["--num-kv-blocks", "4"], "give more --num-kv-blocks")):
+        assert _generate(tiny_folder, *extra, "hi") == 2
+        assert words in capsys.readouterr().err
     assert main(["generate", "--model", str(tmp_path / "missing"), "hi"]) == 2
     assert "error" in capsys.readouterr().err
     # a model without a tokenizer: one line and exit 2, with --chat too (it was an

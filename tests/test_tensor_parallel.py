@@ -375,7 +375,7 @@ def test_cli_refuses_a_size_that_does_not_divide_in_one_line(tmp_path, capsys):
                  "dummy", "--tensor-parallel-size", "3"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2
-    assert err == ["pagedserve: error: tensor_parallel_size (3) must divide the model's "
+    assert err == ["pagedserve: error: --tensor-parallel-size (3) must divide the model's "
                    "num_attention_heads (4)"]
 
 
