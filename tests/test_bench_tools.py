@@ -379,28 +379,39 @@ async def _canned_sse_server(seen: list, connections: list):
     return await asyncio.start_server(serve, "127.0.0.1", 0)
 
 
-def test_bench_serving_parses_a_stream():
-    pytest.importorskip("httpx")
-    from tools.sse_client import SSEClient
-
+def _bench_canned(prompts, max_tokens, after=None, **kwargs):
+    """run_benchmark against _canned_sse_server, then `after(url)` while it still serves:
+    (metrics, after's answer, the requests it saw, its connections)."""
     seen, connections = [], []
 
     async def main():
         server = await _canned_sse_server(seen, connections)
         url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
         async with server:
-            m = await bench_serving.run_benchmark(url, "tiny", [[1, 2, 3], [4, 5], [6]],
-                                                  [3, 2, 0], float("inf"), api_key="k")
-            # one request after the other: the second on the connection the first left open
-            client, lines = SSEClient(url), []
-            for n in (2, 1):
-                response = await client.post("/v1/completions", json.dumps(
-                    {"prompt": [1], "max_tokens": n}).encode())
-                lines.append([line async for line in response.lines() if line])
-            await client.close()
-        return m, lines
+            m = await bench_serving.run_benchmark(url, "tiny", prompts, max_tokens,
+                                                  float("inf"), **kwargs)
+            return m, (await after(url) if after is not None else None)
 
-    m, lines = asyncio.run(main())
+    m, answer = asyncio.run(main())
+    return m, answer, seen, connections
+
+
+def test_bench_serving_parses_a_stream():
+    pytest.importorskip("httpx")
+    from tools.sse_client import SSEClient
+
+    async def one_after_the_other(url):
+        # the second on the connection the first left open
+        client, lines = SSEClient(url), []
+        for n in (2, 1):
+            response = await client.post("/v1/completions", json.dumps(
+                {"prompt": [1], "max_tokens": n}).encode())
+            lines.append([line async for line in response.lines() if line])
+        await client.close()
+        return lines
+
+    m, lines, seen, connections = _bench_canned([[1, 2, 3], [4, 5], [6]], [3, 2, 0],
+                                                one_after_the_other, api_key="k")
     assert m["model"] == "tiny" and m["completed"] == 2 and m["failed"] == 1
     assert m["first_error"] == 'HTTP 400: {"error": "max_tokens"}'
     assert m["output_tokens"] == m["expected_output_tokens"] == 5
@@ -415,16 +426,7 @@ def test_bench_serving_parses_a_stream():
 
 def test_bench_serving_counts_a_stream_that_fails_midway_as_failed():
     pytest.importorskip("httpx")
-    seen, connections = [], []
-
-    async def main():
-        server = await _canned_sse_server(seen, connections)
-        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
-        async with server:
-            return await bench_serving.run_benchmark(url, "tiny", [[1], [2]], [7, 3],
-                                                     float("inf"))
-
-    m = asyncio.run(main())
+    m, _, _, _ = _bench_canned([[1], [2]], [7, 3])
     assert (m["completed"], m["failed"]) == (1, 1)
     assert m["first_error"] == "stream error: the engine core died"
     assert m["output_tokens"] == 3

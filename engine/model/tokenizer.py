@@ -189,11 +189,14 @@ def tokenizer_from_gguf_metadata(meta: dict) -> Tokenizer:
 
 
 def _named_templates(chat_template) -> dict[str, str]:
-    """`chat_template`, a string (named "default") or a list of {name, template}, by name."""
+    """`chat_template`, a string (named "default"), a list of {name, template} (HF's config) or
+    a {name: template} dict, by name."""
     if chat_template is None:
         return {}
     if isinstance(chat_template, str):
         return {"default": chat_template}
+    if isinstance(chat_template, dict) and all(isinstance(v, str) for v in chat_template.values()):
+        return dict(chat_template)
     if not isinstance(chat_template, list) or not all(
             isinstance(t, dict) and isinstance(t.get("name"), str)
             and isinstance(t.get("template"), str) for t in chat_template):
@@ -265,8 +268,7 @@ class Tokenizer:
                     templates[name] = path.read_text(encoding="utf-8")
                 except (OSError, UnicodeDecodeError) as e:
                     raise TokenizerError(f"{path} is not readable UTF-8 text: {e}") from None
-        tokenizer = cls(tok, token("bos_token"), token("eos_token"),
-                        [{"name": k, "template": v} for k, v in templates.items()] or None)
+        tokenizer = cls(tok, token("bos_token"), token("eos_token"), templates)
         tokenizer.special_tokens = {name: value for name in ("unk_token", "pad_token")
                                     if (value := token(name)) is not None}
         return tokenizer
