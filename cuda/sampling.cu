@@ -39,6 +39,8 @@ __global__ void add_logit_bias_kernel(float* __restrict__ adjusted,         // [
 //      and draw over the whole row (one more pass). A crowded window gets a second, finer
 //      histogram of its own range first; only a row whose window overflows even then (a nearly
 //      flat row) bisects p's bit patterns (~31 passes per rule).
+// With top-k or min-p on, top-p takes its share of the mass they keep (vLLM's order): the
+// candidates must then reach down past their cuts (no window), else the bisection runs.
 // The shared-memory steps (bins, sorts, cuts) are in sampling_select.cuh.
 // The passes read 8 elements per thread per step (16-byte loads where the rows allow), so a
 // block keeps enough bytes in flight to approach the bandwidth.
@@ -315,6 +317,17 @@ __device__ float bisect_top_p(const RowDist& d, int vocab, float top_p, float p_
   return __uint_as_float(lo);
 }
 
+// The mass of the p >= tau (what top-k and min-p keep, for top-p's share of it).
+template <typename T>
+__device__ float mass_from(const RowDist& d, int vocab, float tau, float* red) {
+  float m = 0.f;
+  for (int i = threadIdx.x; i < vocab; i += blockDim.x) {
+    const float q = prob_at<T>(d, i);
+    m += q >= tau ? q : 0.f;
+  }
+  return block_sum(m, red);
+}
+
 #include "sampling_twopass.cuh"  // uses RowDist, prob_of, online_add8 above
 
 // Penalties come either in `adjusted` (with a logit bias) or from the count table: `counts`
@@ -410,20 +423,24 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(
     const float top_p = __int_as_float(p[2]), min_p = __int_as_float(p[3]);
     const bool use_k = top_k > 0 && top_k < vocab, use_p = top_p < 1.f;
     const float tau_m = min_p > 0.f ? __fmul_rn(min_p, p_max) : 0.f;
+    // vLLM's order: top-p measures its mass on what top-k and min-p keep (renormalized).
+    const bool renorm = use_p && (use_k || tau_m > 0.f);
+    const bool cut_p = use_p && !renorm;  // top-p's own bins bound the candidates
     const float u = uniform01(((unsigned long long)(unsigned)p[5] << 32) | (unsigned)p[4],
                               (unsigned)p[6]);
     float tau = tau_m;
     if (twopass && (use_k || use_p))  // -2 where it does not apply
-      token = twopass_cut<T>(d, vocab, vec, thread_max, use_k, top_k, use_p, top_p, tau_m, u,
-                             cnt, mass, cand_p, cand_id, sel, &tau_s, red);
+      token = twopass_cut<T>(d, vocab, vec, thread_max, use_k, top_k, use_p, top_p, tau_m,
+                             renorm, u, cnt, mass, cand_p, cand_id, sel, &tau_s, red);
     if (token != -2) {
       // drawn by the two-pass cut
     } else if (use_k || use_p) {
       // A p below `p_floor` is never kept, so the histogram and the window skip it: below
       // min-p's cut, or below top-p's: all the p under (1 - top_p) / vocab sum to less than
       // 1 - top_p, so the mass above that reaches top_p (halved: a margin for float sums).
+      // With renorm every p top-k and min-p keep counts towards top-p's mass: min-p's floor only.
       float p_floor = tau_m;
-      if (use_p) p_floor = fmaxf(p_floor, __fmul_rn(1.f - top_p, 0.5f / vocab));
+      if (cut_p) p_floor = fmaxf(p_floor, __fmul_rn(1.f - top_p, 0.5f / vocab));
       p_floor = fminf(p_floor, p_max);
       // 2. Histograms: bin(p) = (bits(p) - lo) >> shift over SEL_BINS bins. The first level
       //    covers every p <= 1 in 1/16 octaves; when its window of cuts overflows SEL_CAP, a
@@ -446,7 +463,7 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(
               out_m += q;
             } else {
               atomicAdd(&cnt[b], 1);
-              if (use_p) atomicAdd(&mass[b], q);
+              if (cut_p) atomicAdd(&mass[b], q);
             }
           }
         });
@@ -455,10 +472,11 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(
         const unsigned m_bits = __float_as_uint(tau_m);
         const int b_m =
             tau_m <= 0.f || m_bits < lo ? 0 : min(SEL_BINS - 1, (int)((m_bits - lo) >> shift));
-        if (warp == 0) select_bins(cnt, mass, c0, m0, use_k, top_k, use_p, top_p, b_m, sel);
+        if (warp == 0) select_bins(cnt, mass, c0, m0, use_k, top_k, cut_p, top_p, b_m, sel);
         __syncthreads();
         b_low = sel[0], num_cand = sel[1], b_high = sel[5], num_win = sel[6];
-        if (num_cand <= SEL_CAP || num_win <= SEL_CAP || level == 1) break;
+        // (renorm needs every candidate from the top: a window would end in the bisection)
+        if (num_cand <= SEL_CAP || (!renorm && num_win <= SEL_CAP) || level == 1) break;
         // The next level's range: bins b_low .. b_high of this one.
         const unsigned range = (unsigned)(b_high - b_low + 1) << shift;
         lo += (unsigned)b_low << shift;
@@ -499,8 +517,8 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(
         __syncthreads();
         bitonic_sort(cand_p, cand_id, n, false);
         if (warp == 0)
-          exact_cut(cand_p, num, (int)base_c, base_m, use_k, top_k, use_p, top_p, tau_m, sel,
-                    &tau_s);
+          exact_cut(cand_p, num, (int)base_c, base_m, use_k, top_k, use_p, top_p, tau_m,
+                    renorm, sel, &tau_s);
         __syncthreads();
         num_keep = sel[2];
         tau = tau_s;
@@ -520,7 +538,11 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(
         // The window overflows (a nearly flat row): bisect the exact thresholds.
         tau = tau_m;
         if (use_k) tau = fmaxf(tau, bisect_top_k<T>(d, vocab, top_k, p_max, red));
-        if (use_p) tau = fmaxf(tau, bisect_top_p<T>(d, vocab, top_p, p_max, red));
+        if (use_p) {
+          const float limit =
+              renorm && tau > 0.f ? __fmul_rn(top_p, mass_from<T>(d, vocab, tau, red)) : top_p;
+          tau = fmaxf(tau, bisect_top_p<T>(d, vocab, limit, p_max, red));
+        }
         token = draw_row<T>(d, vocab, vec, tau, u, red, redi);
       }
     } else {

@@ -88,8 +88,19 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_bisect_kernel(
       }
       tau = fmaxf(tau, __uint_as_float(lo));
     }
+    if (min_p > 0.f) tau = fmaxf(tau, __fmul_rn(min_p, p_max));
     if (top_p < 1.f) {
-      // smallest b with mass(p > b) < top_p: that is the smallest kept value
+      // Top-p measures its mass on what top-k and min-p keep (vLLM's order).
+      float limit = top_p;
+      if (tau > 0.f) {
+        float kept = 0.f;
+        for (int i = tid; i < vocab; i += blockDim.x) {
+          const float q = probs[base + i];
+          kept += q >= tau ? q : 0.f;
+        }
+        limit = __fmul_rn(top_p, block_sum(kept, red));
+      }
+      // smallest b with mass(p > b) < limit: that is the smallest kept value
       unsigned lo = 0, hi = __float_as_uint(p_max);
       while (lo < hi) {
         const unsigned mid = lo + (hi - lo) / 2;
@@ -99,11 +110,10 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_bisect_kernel(
           const float q = probs[base + i];
           m += q > t ? q : 0.f;
         }
-        if (block_sum(m, red) < top_p) hi = mid; else lo = mid + 1;
+        if (block_sum(m, red) < limit) hi = mid; else lo = mid + 1;
       }
       tau = fmaxf(tau, __uint_as_float(lo));
     }
-    if (min_p > 0.f) tau = fmaxf(tau, __fmul_rn(min_p, p_max));
 
     // 4. Inverse-CDF draw in id order: thread t owns the contiguous ids [t * chunk, ...).
     const int chunk = (vocab + blockDim.x - 1) / blockDim.x;

@@ -65,11 +65,13 @@ __global__ void count_drawn_kernel(int* __restrict__ counts,        // [S, vocab
   seen[(long)slot * words + id / 32] |= 1u << (id % 32);
 }
 
-// adjusted = penalized logits, for the rows that also add a logit bias (or the bisect sampler).
+// adjusted = penalized logits, for the steps that also add a logit bias (or the bisect sampler).
+// With a bias it runs twice: raw logits out (counts null), the bias added, then over `adjusted`
+// in place (T = float) with the penalties: vLLM penalizes the biased logits.
 // Grid: (R, ceil(vocab / 256))  Block: (256)
 template <typename T>
-__global__ void adjust_logits_kernel(float* __restrict__ adjusted,     // [R, vocab]
-                                     const T* __restrict__ logits,     // [R, vocab]
+__global__ void adjust_logits_kernel(float* adjusted,                 // [R, vocab]
+                                     const T* logits,                  // [R, vocab], may be it
                                      const int* __restrict__ counts,   // [S, vocab] or null
                                      const int* __restrict__ slots,    // [2, R] or null
                                      const int* __restrict__ params,   // [R, NUM_PARAMS]

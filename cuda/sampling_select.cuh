@@ -126,9 +126,11 @@ __device__ void select_bins(const int* cnt, const float* mass, int c0, float m0,
 // (everything above the window; 0 and 0 when the candidates reach the top): the exact
 // thresholds as numpy_sampling defines them -> tau_out, and how many candidates they keep ->
 // sel[2] (a prefix of the sorted order), or -1 when a cut lies above the window after all.
+// `renorm`: top-p measures its mass on what top-k and min-p keep, so the candidates must be
+// every p from the top down past those cuts (-1 when a window is all there is).
 __device__ void exact_cut(const float* cand_p, int num_cand, int base_c, float base_m,
-                          bool use_k, int top_k, bool use_p, float top_p, float tau_m, int* sel,
-                          float* tau_out) {
+                          bool use_k, int top_k, bool use_p, float top_p, float tau_m,
+                          bool renorm, int* sel, float* tau_out) {
   const int lane = threadIdx.x & 31;
   float tau = tau_m;
   bool above = false;
@@ -138,6 +140,19 @@ __device__ void exact_cut(const float* cand_p, int num_cand, int base_c, float b
     tau = fmaxf(tau, at >= 0 && at < num_cand ? cand_p[at] : 0.f);
   }
   if (use_p) {
+    float limit = top_p;
+    if (renorm && base_c > 0) {
+      above = true;  // the mass top-k and min-p keep reaches above the window
+    } else if (renorm && tau > 0.f) {
+      // The mass top-k and min-p keep: top-p's share of it (the candidates cover it).
+      float kept = 0.f;
+      for (int i0 = 0; i0 < num_cand; i0 += 32) {
+        const int i = i0 + lane;
+        const float q = i < num_cand && cand_p[i] >= tau ? cand_p[i] : 0.f;
+        kept += __shfl_sync(0xffffffffu, warp_incl(q), 31);
+      }
+      limit = __fmul_rn(top_p, kept);
+    }
     // mass_before(i) = cumsum - p, as numpy computes it; the qualifying i form a prefix.
     int num_q = 0;
     float running = base_m;
@@ -145,7 +160,7 @@ __device__ void exact_cut(const float* cand_p, int num_cand, int base_c, float b
       const int i = i0 + lane;
       const float q = i < num_cand ? cand_p[i] : 0.f;
       const float incl = running + warp_incl(q);
-      num_q += __popc(__ballot_sync(0xffffffffu, i < num_cand && incl - q < top_p));
+      num_q += __popc(__ballot_sync(0xffffffffu, i < num_cand && incl - q < limit));
       running = __shfl_sync(0xffffffffu, incl, 31);
     }
     above |= num_q == 0 && base_c > 0;  // nothing in the window qualifies: the cut is higher

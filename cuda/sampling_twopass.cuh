@@ -215,15 +215,18 @@ __device__ void collect_top(const RowDist& d, int vocab, bool vec, float scale, 
 // (-1: none kept, the argmax), or -2 when this path does not apply (the caller takes the old
 // steps): the thread maxima bound neither rule (a top-k above half the block, a top-p whose
 // kept set is spread over more values than the block has threads), or too many candidates.
+// With `renorm` (top-p measured on what top-k and min-p keep) only top-k's bound will do: the
+// candidates must hold the whole top-k set.
 template <typename T>
 __device__ int twopass_cut(const RowDist& d, int vocab, bool vec, float bv, bool use_k,
-                           int top_k, bool use_p, float top_p, float tau_m, float u, int* cnt,
-                           float* mass, float* cand_p, int* cand_id, int* sel, float* tau_s,
-                           float* red) {
+                           int top_k, bool use_p, float top_p, float tau_m, bool renorm, float u,
+                           int* cnt, float* mass, float* cand_p, int* cand_id, int* sel,
+                           float* tau_s, float* red) {
   const bool bound_k = use_k && top_k <= (int)blockDim.x / 2;
-  if (d.inv_t == 0.f || !(fabsf(d.smx) < INFINITY) || !(bound_k || use_p)) return -2;
+  const bool bound_p = use_p && !renorm;
+  if (d.inv_t == 0.f || !(fabsf(d.smx) < INFINITY) || !(bound_k || bound_p)) return -2;
   const float scale = bin_scale(d, bv, red);
-  const int b = thread_max_bin(d, bv, scale, bound_k, top_k, use_p, top_p, cnt, mass, sel);
+  const int b = thread_max_bin(d, bv, scale, bound_k, top_k, bound_p, top_p, cnt, mass, sel);
   if (b < 0) return -2;
   // One bin of margin: a value just below the bound's bin may round to the same p.
   collect_top<T>(d, vocab, vec, scale, (float)(b + 2), cand_p, cand_id, sel);
@@ -235,7 +238,7 @@ __device__ int twopass_cut(const RowDist& d, int vocab, bool vec, float bv, bool
   bitonic_sort(cand_p, cand_id, n, false);
   // The candidates are every value from the top down: nothing above them (0, 0).
   if (threadIdx.x < 32)
-    exact_cut(cand_p, num, 0, 0.f, use_k, top_k, use_p, top_p, tau_m, sel, tau_s);
+    exact_cut(cand_p, num, 0, 0.f, use_k, top_k, use_p, top_p, tau_m, renorm, sel, tau_s);
   __syncthreads();
   const int num_keep = sel[2];
   const int n2 = pow2_at_least(num_keep);

@@ -459,6 +459,50 @@ def test_sample_select_agrees_with_the_bisection_kernel(ops):
     assert np.mean(new == old) >= 0.95, (new, old)
 
 
+def renorm_rows(vocab, rows=64):
+    """Logits and SamplingTensors whose draws tell vLLM's order from the one before it: peaked
+    rows (p 0.5 / 0.3 / 0.1 / 0.1 at four ids past 0, the rest ~1e-13) and token 0 biased by
+    +30.5 and in the prompt, at repetition penalty 2. Biased first it is (-30 + 30.5) / 2 and
+    takes p 0.56 (penalized first, -30 * 2 + 30.5, it stays ~0); top-k 2 or min-p 0.25 then keep
+    it and the 0.5 token (0.22), and top-p 0.6 / 0.65 of their mass 0.78 keeps token 0 alone
+    (over the whole row's mass, 0.56 < 0.6 would keep the other too): every row draws 0."""
+    rng = np.random.default_rng(vocab)
+    logits = np.full((rows, vocab), -30.0, np.float32)
+    for r in range(rows):
+        logits[r, rng.choice(np.arange(1, vocab), 4, replace=False)] = np.log([0.5, 0.3, 0.1,
+                                                                                 0.1])
+    t = tensors(rows)
+    t.temperature = np.ones(rows, np.float32)
+    t.top_k = np.where(np.arange(rows) % 2, 2, 0).astype(np.int32)
+    t.min_p = np.where(np.arange(rows) % 2, 0.0, 0.25).astype(np.float32)
+    t.top_p = rng.choice([0.6, 0.65], rows).astype(np.float32)
+    t.seeds = rng.integers(1, 2**63, rows).astype(np.uint64)
+    t.repetition_penalty = np.full(rows, 2.0, np.float32)
+    t.prompt_ids = np.zeros((rows, 1), np.int32)
+    t.output_ids = np.full((rows, 1), -1, np.int32)
+    t.bias_ids = np.zeros((rows, 1), np.int32)
+    t.bias_values = np.full((rows, 1), 30.5, np.float32)
+    return logits, t
+
+
+@pytest.mark.parametrize("kind", ["select", "twopass", "bisect"])
+@pytest.mark.parametrize("vocab", [151936, 1000])
+def test_top_p_measures_what_top_k_and_min_p_keep(ops, kind, vocab):
+    """vLLM's order on every sampler: the logit bias before the penalties, top-p's mass taken of
+    what top-k and min-p keep (renorm_rows)."""
+    from engine.executor.ops import cuda_sampling
+
+    logits, t = renorm_rows(vocab)
+    want = REF.sample(logits, t).token_ids
+    assert not want.any()
+    saved, cuda_sampling.SAMPLER = cuda_sampling.SAMPLER, kind
+    try:
+        got = ops.sample(cupy.asarray(logits), t).token_ids
+    finally:
+        cuda_sampling.SAMPLER = saved
+    np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("rows, vocab", [(140, 151936), (40, 151933), (16, 1000)])
 def test_sample_twopass_top_k_matches_numpy(ops, rows, vocab):
     """The two-pass cut (cuda/sampling_twopass.cuh): rows with a top-k of at most half the block

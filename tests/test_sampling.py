@@ -275,6 +275,38 @@ def test_filter_probs_keeps_the_right_sets():
     assert kept(top_k=0, top_p=1.0, min_p=0.51) == [1]
 
 
+def test_top_p_measures_what_top_k_and_min_p_keep():
+    """vLLM's order: top-k and min-p cut first, top-p runs on the renormalized rest."""
+    p = np.array([0.1, 0.5, 0.1, 0.3], np.float32)
+    kept = lambda **kw: np.flatnonzero(filter_probs(p, **kw)).tolist()  # noqa: E731
+    # top-k 2 keeps 0.5 and 0.3 (mass 0.8); renormalized, 0.3 has 0.625 above it, not < 0.6
+    assert kept(top_k=2, top_p=0.6, min_p=0.0) == [1]
+    assert kept(top_k=0, top_p=0.6, min_p=0.0) == [1, 3]  # over the whole row it is kept
+    assert kept(top_k=0, top_p=0.6, min_p=0.5) == [1]  # min-p 0.5 keeps >= 0.25: the same
+    assert kept(top_k=2, top_p=0.7, min_p=0.0) == [1, 3]  # 0.625 < 0.7
+
+    # Against renormalizing by hand, on random rows with every pair of rules.
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        row = np.exp(rng.standard_normal(50) * 2).astype(np.float32)
+        row /= row.sum()
+        top_k, min_p = int(rng.choice([0, 3, 10])), float(rng.choice([0.0, 0.02, 0.2]))
+        top_p = float(rng.uniform(0.2, 0.99))
+        first = filter_probs(row, top_k, 1.0, min_p)
+        want = filter_probs(first / first.sum(), 0, top_p, 0.0) > 0
+        np.testing.assert_array_equal(filter_probs(row, top_k, top_p, min_p) > 0, want)
+
+
+def test_logit_bias_comes_before_the_penalties():
+    """vLLM biases first: a seen token at logit 1 biased by -3 is penalized from -2 (to -4 at
+    repetition penalty 2), below an unseen token at -3; penalized first it would be -2.5."""
+    logits = np.array([[1.0, -3.0, -9.0]], np.float32)
+    t = _tensors(1, repetition_penalty=[2.0], prompt_ids=[[0]], output_ids=[[-1]],
+                 bias_ids=[[0]])
+    t.bias_values = np.array([[-3.0]], np.float32)
+    assert sample(logits, t).token_ids.tolist() == [1]
+
+
 @pytest.mark.parametrize("field, kw", [
     ("temperature", {"temperature": -0.5}), ("top_p", {"top_p": 0.0}), ("top_k", {"top_k": -3}),
     ("min_p", {"min_p": 1.5}), ("n", {"n": 0}), ("max_tokens", {"max_tokens": 0}),

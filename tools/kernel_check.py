@@ -528,6 +528,7 @@ def check_sampling(ops):
         "T=0.8 top_k=50 top_p=0.95": {"temperature": 0.8, "top_k": 50, "top_p": 0.95},
         "T=0.8 top_p=0.95": {"temperature": 0.8, "top_p": 0.95},
         "T=0.8 min_p=0.05": {"temperature": 0.8, "min_p": 0.05},
+        "T=0.8 min_p=0.05 top_p=0.95": {"temperature": 0.8, "min_p": 0.05, "top_p": 0.95},
         "W1 + repetition 1.1": {"temperature": 0.8, "top_k": 50, "top_p": 0.95,
                                 "repetition_penalty": 1.1},
     }

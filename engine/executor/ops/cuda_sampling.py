@@ -133,15 +133,20 @@ def launch(logits: cupy.ndarray, t: SamplingTensors, dev: dict, ctype: str) -> c
     adjusted = null
     if (dev["bias"] is not None or dev["allowed"] is not None
             or (SAMPLER == "bisect" and counts is not None)):
+        # vLLM's order: the logit bias first, then the penalties on the biased logits (in place).
         adjusted = cupy.empty((rows, vocab), cupy.float32)
+        grid, biased = (rows, -(-vocab // 256)), dev["bias"] is not None
+        penalize = (null, null) if counts is None else (counts.counts, slots)
         kernel("sampling.cu", f"adjust_logits_kernel<{ctype}>")(
-            (rows, -(-vocab // 256)), (256,),
-            (adjusted, logits, null if counts is None else counts.counts,
-             null if counts is None else slots, params, i32(vocab)))
-        if dev["bias"] is not None:
+            grid, (256,), (adjusted, logits, *((null, null) if biased else penalize), params,
+                           i32(vocab)))
+        if biased:
             ids, values = dev["bias"]
             kernel("sampling.cu", "add_logit_bias_kernel")(
                 (rows,), (1,), (adjusted, ids, values, i32(ids.shape[1]), i32(vocab)))
+            if counts is not None:
+                kernel("sampling.cu", "adjust_logits_kernel<float>")(
+                    grid, (256,), (adjusted, adjusted, *penalize, params, i32(vocab)))
         if dev["allowed"] is not None:
             which, allowed = dev["allowed"]
             kernel("sampling_tokens.cu", "allow_only_kernel")(

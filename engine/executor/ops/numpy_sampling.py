@@ -124,36 +124,39 @@ def argmax(row: np.ndarray) -> int:
 
 
 def filter_probs(probs: np.ndarray, top_k: int, top_p: float, min_p: float) -> np.ndarray:
-    """Zero the probabilities outside top-k / top-p / min-p; every rule keeps ties."""
+    """Zero the probabilities outside top-k / top-p / min-p, in vLLM's order: top-k and min-p cut
+    the distribution first, and top-p measures its mass on what they keep (as if renormalized).
+    Every rule keeps ties."""
     if not 0 < top_k < len(probs) and top_p >= 1.0 and min_p <= 0.0:
         return probs.astype(np.float32)  # no rule is on: skip the sort
-    keep = np.ones(probs.shape, bool)
     ordered = np.sort(probs)[::-1]
-    if 0 < top_k < len(probs):
-        keep &= probs >= ordered[top_k - 1]
+    tau = ordered[top_k - 1] if 0 < top_k < len(probs) else np.float32(0.0)
+    if min_p > 0.0:
+        tau = max(tau, min_p * ordered[0])
     if top_p < 1.0:
-        # Smallest p whose strictly-larger mass is < top_p; the first of a run of ties in `ordered`
-        # has exactly the strictly-larger mass before it.
+        # Smallest p whose strictly-larger mass is < top_p of the mass top-k and min-p keep; the
+        # first of a run of ties in `ordered` has exactly the strictly-larger mass before it.
         # top_p below float32's smallest denormal is 0 and keeps nothing by that rule: the largest
         # p is kept whatever top_p is, which is the rule's limit as top_p goes to 0.
-        mass_before = np.cumsum(ordered) - ordered
-        keep &= probs >= ordered[mass_before < top_p].min(initial=ordered[0])
-    if min_p > 0.0:
-        keep &= probs >= min_p * ordered[0]
-    return np.where(keep, probs, 0.0).astype(np.float32)
+        cumulative = np.cumsum(ordered)
+        kept = np.float32(1.0) if tau == 0 else cumulative[(ordered >= tau).sum() - 1]
+        mass_before = cumulative - ordered
+        tau = max(tau, ordered[mass_before < np.float32(top_p) * kept].min(initial=ordered[0]))
+    return np.where(probs >= tau, probs, 0.0).astype(np.float32)
 
 
 def sample(logits: np.ndarray, t: SamplingTensors) -> SamplerOutput:
     """t.count_table, when the rows have count_slots, is updated: rebuilt rows, then each draw."""
     # logits (R, vocab) float32
     raw, raw_logprobs = logits, log_softmax(logits)
-    if t.has_penalties:
-        logits = apply_penalties(logits, t, penalty_words(t, logits.shape[1]))
+    # vLLM's order: the logit bias first, then the penalties on the biased logits.
     if t.bias_ids is not None:
         logits = logits.copy()
         for r in range(len(logits)):
             ids = t.bias_ids[r]
             np.add.at(logits[r], ids[ids >= 0], t.bias_values[r][ids >= 0])
+    if t.has_penalties:
+        logits = apply_penalties(logits, t, penalty_words(t, logits.shape[1]))
     if t.allowed_rows is not None:
         logits = allow_only(logits, t.allowed_rows, t.allowed_ids)
 
