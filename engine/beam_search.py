@@ -6,13 +6,16 @@ one row whose top 2 x width raw logprobs are the candidates; once every live bea
 sequence become the next beams: the first candidate of a beam extends that beam's own sequence,
 each further one forks it (Scheduler.fork: full blocks shared by reference count, the partial
 tail copied). A beam with no candidate left is freed. Candidates that end on an eos or stop id
-are finished beams. The search ends at max_tokens (or max_model_len), or with early_stopping once
-`width` beams are finished; the n best by score = cumulative logprob / length ** length_penalty
-(prompt included, vLLM's rule) are emitted at once as the request's only outputs.
+are finished beams (none before min_tokens). The search ends at max_tokens (or max_model_len),
+or with early_stopping once `width` beams are finished; the n best by score = cumulative
+logprob / length ** length_penalty (prompt included, vLLM's rule) are emitted at once as the
+request's only outputs, each token's logprobs as sampling gives them (the top `logprobs`, then
+the token's own).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 from engine.core.outputs import SeqOutput
@@ -22,7 +25,7 @@ from engine.core.sequence import Sequence
 @dataclass
 class _Finished:
     token_ids: list[int]
-    logprobs: list[float]
+    logprobs: list[dict[int, float]]  # per token: the row's top `logprobs`, then the token's
     cumulative_logprob: float
     finish_reason: str
     stop_reason: int | None
@@ -37,7 +40,7 @@ class BeamSearch:
     max_model_len: int
     finished: list[_Finished] = field(default_factory=list)
     rows: dict[int, tuple[list[int], list[float]]] = field(default_factory=dict)  # by seq_id
-    token_logprobs: dict[int, list[float]] = field(default_factory=dict)  # per live beam
+    token_logprobs: dict[int, list[dict[int, float]]] = field(default_factory=dict)  # per beam
 
     def report(self, seq: Sequence, top_ids: list[int], top_logprobs: list[float]) -> bool:
         """One live beam's candidates; True once every live beam has reported.
@@ -57,40 +60,53 @@ class BeamSearch:
         p = self.live[0].sampling_params
         width = p.beam_width
         stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_token_ids))
+        eos = set() if p.ignore_eos else set(self.eos_token_ids)
+        shown = p.logprobs or 0  # top logprobs the request shows beside each token's own
         candidates = []  # (cumulative logprob, beam order, rank, beam, token, logprob)
+        top = {}  # by seq_id: the row's top `shown` logprobs
         for order, seq in enumerate(self.live):
             ids, lps = self.rows[seq.seq_id]
+            top[seq.seq_id] = {t: v for t, v in zip(ids[:shown], lps[:shown], strict=True)
+                               if v != -math.inf}
             for rank, (token, lp) in enumerate(zip(ids[: 2 * width], lps[: 2 * width],
                                                    strict=True)):
                 candidates.append((seq.cumulative_logprob + lp, order, rank, seq, token, lp))
         self.rows.clear()
         candidates.sort(key=lambda c: (-c[0], c[1], c[2]))
+
+        def entry(seq, token, lp) -> dict[int, float]:
+            return {**top[seq.seq_id], token: lp}
+
         chosen = []
         for cum, _, _, seq, token, lp in candidates:
             if token in stops:
-                self._finish(seq, [token], [lp], cum, "stop", token)
+                if seq.num_output_tokens >= p.min_tokens:  # else held back, as sampling does
+                    # an eos ends with no stop_reason, also when it is a stop id too
+                    self._finish(seq, [token], [entry(seq, token, lp)], cum, "stop",
+                                 None if token in eos else token)
             elif len(chosen) < width:
                 chosen.append((seq, token, lp))
         # Fork first, from each beam's state before this step's token; then append.
         used, extended = set(), []
-        for seq, token, lp in chosen:
+        chosen = [(seq, token, lp, entry(seq, token, lp)) for seq, token, lp in chosen]
+        for seq, token, lp, lps in chosen:
             if seq.seq_id in used:
                 child = fork_seq(seq)
                 self.token_logprobs[child.seq_id] = list(self.token_logprobs[seq.seq_id])
                 scheduler.fork(seq, child)
-                extended.append((child, token, lp))
+                extended.append((child, token, lp, lps))
             else:
                 used.add(seq.seq_id)
-                extended.append((seq, token, lp))
+                extended.append((seq, token, lp, lps))
         for seq in self.live:
             if seq.seq_id not in used:  # pruned: its blocks go back (shared ones stay)
                 scheduler.finish_seq(seq, "abort")
                 self.token_logprobs.pop(seq.seq_id, None)
         self.live = []
-        for seq, token, lp in extended:
+        for seq, token, lp, lps in extended:
             seq.token_ids.append(token)
             seq.cumulative_logprob += lp
-            self.token_logprobs[seq.seq_id].append(lp)
+            self.token_logprobs[seq.seq_id].append(lps)
             self.live.append(seq)
         if not self.live or (p.early_stopping and len(self.finished) >= width):
             return self.end(scheduler, p)
@@ -100,8 +116,8 @@ class BeamSearch:
             return self.end(scheduler, p)
         return None
 
-    def _finish(self, seq: Sequence, extra: list[int], extra_lps: list[float], cum: float,
-                reason: str, stop: int | None) -> None:
+    def _finish(self, seq: Sequence, extra: list[int], extra_lps: list[dict[int, float]],
+                cum: float, reason: str, stop: int | None) -> None:
         """Keep `seq` (+ `extra`: its stop token, in its ids as elsewhere; the front shows its
         text only with include_stop_str_in_output) among the finished if it scores among the
         best; the length scored leaves the stop token out."""
@@ -121,8 +137,7 @@ class BeamSearch:
         best = self.finished[: p.n]
         outputs = []
         for i, f in enumerate(best):
-            lps = None if p.logprobs is None else [
-                {t: lp} for t, lp in zip(f.token_ids, f.logprobs, strict=False)]
+            lps = None if p.logprobs is None else f.logprobs
             outputs.append(SeqOutput(self.request_id, i, f.token_ids, lps,
                                      f.cumulative_logprob, f.finish_reason, f.stop_reason))
         return outputs

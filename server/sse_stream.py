@@ -21,12 +21,16 @@ async def events(call, group, include_usage: bool):
     build = chat_body if call.chat else completion_body
     continuous = include_usage and call.extras.continuous_usage
     num_generated = 0
+    # continuous usage, as vLLM counts it: each chunk carries its own choice's prompt and
+    # tokens so far (per_choice); only the last, choice-less chunk sums the whole call
+    per_choice: dict[tuple[str, int], int] = {}
+    current: list[dict] = [call.usage(0)]  # the usage of the choice being written
     sent_prompt_ids = []
     tool_streams: dict[int, ToolCallStream] = {}  # choice index -> its reader
 
     def chunk(choices, use=None):
         if continuous and use is None:
-            use = call.usage(num_generated)
+            use = current[0]
         body = build(call.id, call.model, choices, use, call.created, chunk=True)
         if call.chat and call.extras.return_token_ids and not sent_prompt_ids:
             body["prompt_token_ids"] = call.token_lists[0]  # the first chunk only
@@ -57,14 +61,19 @@ async def events(call, group, include_usage: bool):
                         firsts.append(out.request_id)
                     call.first.setdefault(out.request_id, out)
                     for c in out.outputs:
+                        key = (out.request_id, c.index)
                         if not call.extras.score_only:  # before its chunk: continuous usage
                             num_generated += len(c.delta_token_ids)
-                        if (out.request_id, c.index) in closed:
+                            per_choice[key] = per_choice.get(key, 0) + len(c.delta_token_ids)
+                        if continuous:
+                            current[0] = call.choice_usage(out.request_id,
+                                                           per_choice.get(key, 0))
+                        if key in closed:
                             # n > 1: a request's output lists every choice each step, the
                             # finished ones too; theirs went out once already
                             continue
                         if c.finished:
-                            closed.add((out.request_id, c.index))
+                            closed.add(key)
                         pieces += _choice_chunks(call, chunk, opened, tool_streams, out, c)
                 if pieces:
                     yield b"".join(pieces)

@@ -21,7 +21,8 @@ def next_logprobs(engine, tokens: list[int]) -> dict[int, float]:
     return out.prompt_logprobs[-1]
 
 
-def brute_force(engine, prompt, width, n, max_tokens, stops=(), length_penalty=1.0):
+def brute_force(engine, prompt, width, n, max_tokens, stops=(), length_penalty=1.0,
+                min_tokens=0):
     """vLLM's beam search, one beam at a time: [(output tokens, cumulative logprob)] best first."""
     beams, finished = [(list(prompt), 0.0)], []  # finished: (tokens, cum, length scored)
     for _ in range(max_tokens):
@@ -34,7 +35,8 @@ def brute_force(engine, prompt, width, n, max_tokens, stops=(), length_penalty=1
         beams = []
         for cum, _, _, toks, t in candidates:
             if t in stops:  # kept in the tokens, left out of the length
-                finished.append((toks + [t], cum, len(toks)))
+                if len(toks) - len(prompt) >= min_tokens:  # else no candidate at all
+                    finished.append((toks + [t], cum, len(toks)))
             elif len(beams) < width:
                 beams.append((toks + [t], cum))
     finished += [(toks, cum, len(toks)) for toks, cum in beams]
@@ -96,6 +98,44 @@ def test_stop_ids_finish_beams_and_length_penalty_ranks_them(make_engine):
             c = out.outputs[0]
             assert c.finish_reason == "stop" and c.stop_reason == stop == c.token_ids[-1]
     assert outs[0.0] != outs[3.0]
+
+
+def test_eos_min_tokens_and_logprobs_as_sampling_has_them(make_engine):
+    """A beam ending on eos has no stop_reason (eos wins over a stop id that is eos too), stop
+    candidates wait for min_tokens, and each token's logprobs are the row's top `logprobs` and
+    the token's own, as the brute force's distributions give them."""
+    ref = make_engine()
+    best = brute_force(ref, PROMPT, 2, 1, 5)[0][0]
+    eos = best[1]
+    for stop_ids in ([], [eos]):
+        engine = make_engine(block_size=4)
+        engine.core.eos_token_ids[:] = [eos]
+        params = SamplingParams(n=2, use_beam_search=True, max_tokens=5, length_penalty=0.0,
+                                stop_token_ids=stop_ids)
+        out, _ = run_checked(engine, PROMPT, params)
+        want = brute_force(ref, PROMPT, 2, 2, 5, stops={eos}, length_penalty=0.0)
+        assert [c.token_ids for c in out.outputs] == [w[0] for w in want]
+        c = out.outputs[0]
+        assert c.token_ids[-1] == eos and (c.finish_reason, c.stop_reason) == ("stop", None)
+    held = make_engine(block_size=4)
+    params = SamplingParams(n=2, use_beam_search=True, max_tokens=5, length_penalty=0.0,
+                            ignore_eos=True, stop_token_ids=[best[0]], min_tokens=2, logprobs=3)
+    out, _ = run_checked(held, PROMPT, params)
+    want = brute_force(ref, PROMPT, 2, 2, 5, stops={best[0]}, length_penalty=0.0, min_tokens=2)
+    assert [c.token_ids for c in out.outputs] == [w[0] for w in want]
+    assert all(c.token_ids[0] != best[0] for c in out.outputs)  # no beam ended at once
+    c = out.outputs[0]
+    assert len(c.logprobs) == len(c.token_ids)
+    for i, (token, entry) in enumerate(zip(c.token_ids, c.logprobs, strict=True)):
+        dist = next_logprobs(ref, PROMPT + c.token_ids[:i])
+        top = sorted(dist.items(), key=lambda kv: -kv[1])[:3]
+        assert list(entry)[:3] == [t for t, _ in top]
+        assert len(entry) == 3 + (token not in dict(top))
+        assert entry[token] == pytest.approx(dist[token], abs=1e-4)
+        assert [entry[t] for t, _ in top] == pytest.approx([v for _, v in top], abs=1e-4)
+    with pytest.raises(ParamError) as e:
+        SamplingParams(n=2, use_beam_search=True, length_penalty=float("nan"))
+    assert e.value.field == "length_penalty"
 
 
 def test_early_stopping_ends_once_width_beams_finished(make_engine):

@@ -125,6 +125,28 @@ def test_streamed_echo_carries_the_prompt_scores(client):
     assert text.startswith(PROMPT)
 
 
+def test_continuous_usage_counts_each_choice_alone(client):
+    """As vLLM: with n > 1 and several prompts, a chunk's usage is its own choice's prompt and
+    tokens so far; only the closing chunk sums the call."""
+    prompts = [[100, 101, 102], [103, 104, 105, 106, 107]]
+    chunks = list(client.completions.create(
+        model=MODEL, prompt=prompts, n=2, max_tokens=3, stream=True,
+        extra_body={"ignore_eos": True},
+        stream_options={"include_usage": True, "continuous_usage_stats": True}))
+    seen, last = {}, {}
+    for c in chunks[:-1]:
+        (choice,) = c.choices
+        u = c.usage
+        assert u.prompt_tokens == len(prompts[choice.index // 2]), (choice.index, u)
+        assert u.completion_tokens >= seen.get(choice.index, 1)
+        seen[choice.index] = u.completion_tokens
+        if choice.finish_reason is not None:
+            last[choice.index] = u.completion_tokens
+    assert last == {0: 3, 1: 3, 2: 3, 3: 3}
+    assert chunks[-1].choices == []
+    assert (chunks[-1].usage.prompt_tokens, chunks[-1].usage.completion_tokens) == (8, 12)
+
+
 def test_usage_every_chunk_and_cached_tokens(client):
     stream = client.completions.create(
         model=MODEL, prompt=PROMPT, max_tokens=4, stream=True, extra_body={"ignore_eos": True},

@@ -153,3 +153,19 @@ def test_vllm_rules_for_several_stops_eos_and_small_temperatures(engine, free_ru
     assert SamplingParams(temperature=0.001).temperature == 0.01
     assert SamplingParams(temperature=0).temperature == 0
     assert SamplingParams(seed=-1).seed is None
+
+
+def test_a_character_cut_off_at_the_end_is_in_the_text(engine):
+    """The last token (max_tokens, or one before eos) leaves a character's bytes incomplete: the
+    text ends in U+FFFD as decoding the output gives it, streamed too, instead of losing it."""
+    tok = engine.tokenizer
+    first_byte = tok.encode("🎉")[0]
+    assert tok.decode([first_byte]) == "\ufffd"
+    cases = [SamplingParams(max_tokens=1, logit_bias={first_byte: 100}),
+             SamplingParams(max_tokens=5, min_tokens=1,
+                            logit_bias={first_byte: 90, tok.eos_token_id: 100})]
+    for params, ids, reason in zip(cases, ([first_byte], [first_byte, tok.eos_token_id]),
+                                   ("length", "stop"), strict=True):
+        final, steps = run(engine, params)
+        assert final.token_ids == ids and final.finish_reason == reason
+        assert final.text == "\ufffd" == "".join(s.delta_text for s in steps)

@@ -386,21 +386,54 @@ def test_skip_special_tokens(tok):
 
 
 def test_step_decodes_a_short_window(tok):
-    class Counting:  # wraps the tokenizer to record the length of every decode
-        def __init__(self):
-            self.lengths = []
-
-        def decode(self, ids, skip_special_tokens=True):
-            self.lengths.append(len(ids))
-            return tok.decode(ids, skip_special_tokens)
-
-    counting = Counting()
+    counting = _Counting(tok)
     rng = random.Random(0)
     out = tok.encode(" ".join(rng.choice(["word", "🎉", "日本", "x1"]) for _ in range(150)))
     detok = IncrementalDetokenizer(counting, tok.encode("a long prompt " * 20))
     text = "".join(detok.step([i]) for i in out)
     assert text == tok.decode(out) and len(out) > 200
     assert max(counting.lengths) <= 10
+
+
+class _Counting:  # wraps a tokenizer to record the length of every decode
+    def __init__(self, tok):
+        self.tok, self.lengths = tok, []
+
+    def __getattr__(self, name):
+        return getattr(self.tok, name)
+
+    def decode(self, ids, skip_special_tokens=True):
+        self.lengths.append(len(ids))
+        return self.tok.decode(ids, skip_special_tokens)
+
+
+def test_the_window_stays_short_on_bytes_that_never_make_a_character(tok):
+    # A lone continuation byte (0x80) can start no character, and skipped special tokens add no
+    # text: neither holds the window open, so the decoding stays linear in the output.
+    byte80 = next(i for i in range(tok.vocab_size) if tok.token_bytes(i) == b"\x80")
+    for out in ([byte80] * 300, [tok.eos_token_id] * 300 + tok.encode(" ok")):
+        counting = _Counting(tok)
+        detok = IncrementalDetokenizer(counting, tok.encode("Hi"))
+        text = "".join(detok.step([i]) for i in out)
+        assert text == tok.decode(out) and max(counting.lengths) <= 10
+
+
+def test_text_held_back_goes_out_at_the_end(tok):
+    # A character cut off by the last token (max_tokens, eos) is what decoding all the output
+    # gives: U+FFFD, not nothing; and streaming random tokens gives the same text as decoding.
+    emoji = tok.encode("🎉")
+    out = tok.encode("Hi") + emoji[:1]
+    detok = IncrementalDetokenizer(tok, [])
+    text = "".join(detok.step([i]) for i in out)
+    assert text + detok.flush() == tok.decode(out) == "Hi\ufffd" and text == "Hi"
+    rng = random.Random(1)
+    pieces = [b for b in range(tok.vocab_size) if len(tok.token_bytes(b)) == 1][:300]
+    for _ in range(200):
+        out = [rng.choice(pieces) if rng.random() < 0.7 else rng.randrange(tok.vocab_size)
+               for _ in range(rng.randrange(1, 12))]
+        detok = IncrementalDetokenizer(tok, [])
+        text = "".join(detok.step([i], final=k == len(out) - 1) for k, i in enumerate(out))
+        assert text == tok.decode(out), out
 
 
 def test_prompt_ending_inside_a_character(tok):

@@ -31,10 +31,10 @@
 # installed from .whl/ when present (../shared/tools/gpu_wheels.sh downloads them; give it
 # `uvloop httptools`, the server's faster event loop and HTTP parser: without them uvicorn runs
 # on asyncio + h11, and each server start below says which it has).
-# w1-8b-ab (not in the default list): W1 on Llama-3-8B once per environment in $AB, the list
-# run $AB_ROUNDS (2) times over: AB="- PAGEDSERVE_DECODE_ORDER=longest
-# PAGEDSERVE_CUBLAS_K_SPLITS=2,PAGEDSERVE_DECODE_ORDER=longest" ("-": the defaults; a comma
-# joins the variables of one run), recorded as w1-llama3-8b[ENV].
+# w1-8b-ab, w1-ab (not in the default list): W1 on Llama-3-8B / Qwen3-0.6B once per environment
+# in $AB, the list run $AB_ROUNDS (2) times over: AB="- PAGEDSERVE_DECODE_ORDER=batch
+# PAGEDSERVE_SKINNY_GEMM=1,PAGEDSERVE_DECODE_ORDER=batch" ("-": the defaults; a comma joins the
+# variables of one run), recorded as w1-llama3-8b[ENV] / w1-qwen3-0.6b[ENV].
 # w1-8b-unfrozen (not in the default list): W1 on Llama-3-8B with the garbage collector's
 # start-up freeze undone (--unfreeze-gc): beside w1-8b, what the freeze gains.
 # w1-8b-idle (not in the default list): W1 on Llama-3-8B with `--idle 16` (tools/idle_report.py),
@@ -109,12 +109,13 @@ for step in $steps; do
     latency-32k) record latency-32k-qwen3-0.6b 120 python3 tools/bench_latency.py $Q \
       --prompt-len 32532 --output-len 256 --max-model-len 32832 ;;
     w1-8b) record w1-llama3-8b 150 python3 tools/bench_throughput.py $L ;;
-    w1-8b-ab)  # W1 Llama-3-8B under each environment of $AB, interleaved $AB_ROUNDS times
+    w1-8b-ab|w1-ab)  # W1 under each environment of $AB, interleaved $AB_ROUNDS times
+      if [ "$step" = w1-ab ]; then name=w1-qwen3-0.6b args=$Q; else name=w1-llama3-8b args=$L; fi
       for _ in $(seq 1 "${AB_ROUNDS:-2}"); do
         for v in ${AB:--}; do
-          # shellcheck disable=SC2046  # one word per VAR=VALUE
-          record "w1-llama3-8b[$v]" 150 env $([ "$v" = - ] || echo "$v" | tr , ' ') \
-            python3 tools/bench_throughput.py $L
+          # shellcheck disable=SC2046,SC2086  # one word per VAR=VALUE; $args splits on purpose
+          record "$name[$v]" 150 env $([ "$v" = - ] || echo "$v" | tr , ' ') \
+            python3 tools/bench_throughput.py $args
         done
       done ;;
     w1-8b-unfrozen) record w1-llama3-8b-unfrozen 150 python3 tools/bench_throughput.py $L \

@@ -209,7 +209,7 @@ class SamplingParams:
             check(isinstance(getattr(self, name), bool), name, "must be True or False")
 
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
-                     "repetition_penalty"):
+                     "repetition_penalty", "length_penalty"):
             value = getattr(self, name)
             check(isinstance(value, (int, float)) and not isinstance(value, bool)
                   and math.isfinite(value), name, "must be a finite number")

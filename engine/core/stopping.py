@@ -62,10 +62,13 @@ class SeqState:
         if finish_reason == "stop" and not p.include_stop_str_in_output:
             # a stop token id or eos: its text is left out (asked for, it joins below, eos's
             # too unless skip_special_tokens hides it, and a stop string in it wins, as in vLLM)
+            if self.detokenizer is not None:  # text held back before it is final now
+                self.text += self.detokenizer.flush()
             self.finish_reason, self.stop_reason = finish_reason, stop_reason
             return True
         old_len = len(self.text)
-        self._extend_text(token)
+        if self.detokenizer is not None:  # the last token flushes what was held back
+            self.text += self.detokenizer.step([token], final=finish_reason is not None)
         num_output_tokens = len(self.token_ids) - self.num_prompt_tokens
         if p.stop_list and num_output_tokens > p.min_tokens and self.detokenizer is not None:
             # vLLM's rule: stop strings are searched in the text of the tokens past min_tokens
@@ -85,10 +88,6 @@ class SeqState:
             self.finish_reason, self.stop_reason = finish_reason, stop_reason
             return True
         return False
-
-    def _extend_text(self, token: int):
-        if self.detokenizer is not None:
-            self.text += self.detokenizer.step([token])
 
 
 def text_delta(state: SeqState) -> tuple[str, str]:

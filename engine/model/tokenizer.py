@@ -7,6 +7,7 @@ and `IncrementalDetokenizer`, which turns a growing list of output ids into text
 
 from __future__ import annotations
 
+import codecs
 import functools
 import re
 import secrets
@@ -421,16 +422,20 @@ class IncrementalDetokenizer:
     """Turns output ids, a few at a time, into text deltas.
 
     Each step decodes only a short window: tokens [prefix_offset, read_offset) were already turned
-    into text, and the window's text beyond theirs is the delta. A delta that ends in U+FFFD is a
-    character whose bytes are still arriving (an emoji split over byte-level tokens): it is held
-    back, and the window grows until the character completes.
+    into text, and the window's text beyond theirs is the delta. A delta that ends in U+FFFD is
+    held back while the unread tokens' bytes end inside a character that more bytes can complete
+    (an emoji split over byte-level tokens), and the window grows until it does; bytes that no
+    later byte can mend go out as U+FFFD at once. Special tokens that decoding skips never enter
+    the window. The last step (`final`, or flush()) sends whatever was held back, so the text is
+    what decoding all the output at once gives.
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt_token_ids: list[int],
                  skip_special_tokens: bool = True):
         self.tokenizer = tokenizer
         self.skip_special_tokens = skip_special_tokens
-        self.token_ids = list(prompt_token_ids[-_CONTEXT_TOKENS:])
+        self._skipped = tokenizer.all_special_ids if skip_special_tokens else frozenset()
+        self.token_ids = [i for i in prompt_token_ids[-_CONTEXT_TOKENS:] if i not in self._skipped]
         if self._decode(self.token_ids).endswith("\ufffd"):
             # The prompt stops inside a character: text diffs against it would be misaligned.
             self.token_ids = []
@@ -441,11 +446,22 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
-    def step(self, new_token_ids: list[int]) -> str:
-        self.token_ids.extend(new_token_ids)
+    def _inside_a_character(self) -> bool:
+        """Do the unread tokens' bytes end inside a character that more bytes can complete?"""
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        decoder.decode(b"".join(self.tokenizer.token_bytes(i)
+                                for i in self.token_ids[self.read_offset:]))
+        return bool(decoder.getstate()[0])
+
+    def step(self, new_token_ids: list[int], final: bool = False) -> str:
+        """The text the new tokens add; final: the last step, nothing is held back."""
+        self.token_ids.extend(i for i in new_token_ids if i not in self._skipped)
+        if self.read_offset == len(self.token_ids):
+            return ""
         seen = self._decode(self.token_ids[self.prefix_offset:self.read_offset])
         full = self._decode(self.token_ids[self.prefix_offset:])
-        if len(full) <= len(seen) or full.endswith("\ufffd"):
+        if not final and (len(full) <= len(seen)
+                          or full.endswith("\ufffd") and self._inside_a_character()):
             return ""
         delta = full[len(seen):]
         # The next window starts at the last fully read tokens, so it stays a few tokens long.
@@ -453,3 +469,7 @@ class IncrementalDetokenizer:
         self.read_offset = len(self.token_ids)
         self.text += delta
         return delta
+
+    def flush(self) -> str:
+        """What was held back (a character whose bytes never completed), now that no more come."""
+        return self.step([], final=True)

@@ -65,9 +65,9 @@ MAX_SPLITS = int(os.environ.get("PAGEDSERVE_DECODE_MAX_SPLITS", "32"))  # a swee
 # imbalance at 10-17% of the ideal in batch order and 1-5% longest first. On the H200 the tail's
 # blocks run faster as the wave empties (bandwidth shared by fewer), so the gain is far smaller:
 # session 14 measured W1's batch-256 mix listed longest first at 162.7 against 164.8 us on the
-# (4, 2) variant, slower on others. NOTE: not yet measured on the engine's one-split (6, 2)
-# grids nor in W1: "batch" stays the default until it is.
-DECODE_ORDER = os.environ.get("PAGEDSERVE_DECODE_ORDER", "batch")
+# (4, 2) variant, slower on others. In W1 on Llama-3-8B shapes (session 23, an H100, two
+# rounds interleaved with "batch"): 8,592 / 8,585 against 8,525 / 8,503 output tok/s.
+DECODE_ORDER = os.environ.get("PAGEDSERVE_DECODE_ORDER", "longest")
 # Short contexts under CUDA graphs: cuda_graph.py replays, for batches of up to
 # SHORT_DECODE_MAX_SEQS sequences whose contexts all hold <= SHORT_DECODE_CONTEXT keys
 # (PAGEDSERVE_SHORT_DECODE_CONTEXT; 0 turns them off), graphs whose decode attention runs each

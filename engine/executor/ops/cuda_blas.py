@@ -18,15 +18,6 @@ CUBLAS_COMPUTE_32F = 68
 CUBLAS_GEMM_DEFAULT = -1
 DATA_TYPES = {"float16": CUDA_R_16F, "bfloat16": CUDA_R_16BF, "float32": CUDA_R_32F}
 WORKSPACE_BYTES = 32 << 20
-# K slices (Gemm.k_slices): a product of M_RANGE rows and K >= K_SLICES_MIN_K left in fp32
-# partial sums, one per slice of K, which the next add + RMSNorm sums in its own launch
-# (cuda_norm.reduce_rms_norm) instead of cuBLAS's split-K reduce kernel. At W1's 256 rows
-# cuBLAS runs Llama-3-8B's down projection as a split-K GEMM and a reduce of 5.3 us a layer
-# (session 18's trace). PAGEDSERVE_CUBLAS_K_SPLITS=S (2..8) turns it on; 0, the default, off.
-# NOTE: an experiment, not yet measured on the GPU.
-K_SPLITS = int(os.environ.get("PAGEDSERVE_CUBLAS_K_SPLITS", "0"))
-K_SLICES_MIN_K = int(os.environ.get("PAGEDSERVE_CUBLAS_K_SPLITS_MIN_K", "8192"))
-K_SLICES_M_RANGE = (65, 256)
 
 
 def load_cupys_library(name: str) -> ctypes.CDLL:
@@ -47,11 +38,8 @@ class Gemm:
     def __init__(self):
         lib = load_cupys_library("libcublas")
         self._gemm = lib.cublasGemmEx
-        p, i, i64 = ctypes.c_void_p, ctypes.c_int, ctypes.c_longlong
+        p, i = ctypes.c_void_p, ctypes.c_int
         self._gemm.argtypes = [p, i, i, i, i, i, p, p, i, i, p, i, i, p, p, i, i, i, i]
-        self._batched = lib.cublasGemmStridedBatchedEx
-        self._batched.argtypes = [p, i, i, i, i, i, p, p, i, i, i64, p, i, i, i64, p, p, i, i,
-                                  i64, i, i, i]
         self._set_stream = lib.cublasSetStream_v2
         self._set_stream.argtypes = [p, p]
         self._set_workspace = lib.cublasSetWorkspace_v2
@@ -106,20 +94,6 @@ class Gemm:
         if self.tuned is None or not self.tuned(x, w, out, dtype):
             self.gemm_ex(x, w, out, dtype)
 
-    def k_slices(self, x: cupy.ndarray, w: cupy.ndarray, partial: cupy.ndarray, dtype: str):
-        """partial (S, T, out) fp32 = x[:, slice s] @ w[:, slice s]^T for S equal slices of K:
-        one strided-batched call (batch s starts K / S values into each row of w and x)."""
-        num_tokens, k = x.shape
-        n_out, splits = w.shape[0], partial.shape[0]
-        part = k // splits
-        t = DATA_TYPES[dtype]
-        self._bind(cupy.cuda.get_current_stream().ptr)
-        self._check(self._batched(
-            self.handle, CUBLAS_OP_T, CUBLAS_OP_N, n_out, num_tokens, part,
-            ctypes.byref(self._one), w.data.ptr, t, k, part, x.data.ptr, t, k, part,
-            ctypes.byref(self._zero), partial.data.ptr, CUDA_R_32F, n_out, num_tokens * n_out,
-            splits, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT), "cublasGemmStridedBatchedEx")
-
     def gemm_ex(self, x: cupy.ndarray, w: cupy.ndarray, out: cupy.ndarray, dtype: str):
         # cuBLAS is column-major: row-major y (T, out) is column-major C (out, T) = W^T X, where
         # the stored w (out, in) reads as column-major (in, out), hence OP_T with lda = in, and
@@ -133,15 +107,3 @@ class Gemm:
                                ctypes.byref(self._zero), out.data.ptr, t, n_out,
                                CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT), "cublasGemmEx")
 
-
-def k_slices_for(num_tokens: int, k: int) -> int:
-    """K slices a deferred product of this shape takes (Gemm.k_slices), or 0: cuBLAS as usual.
-    Each slice starts on a 16-byte boundary (K / S a multiple of 8 values)."""
-    splits, (lo, hi) = K_SPLITS, K_SLICES_M_RANGE
-    if not splits:
-        return 0
-    if not 2 <= splits <= 8:  # the norm that sums them takes up to 8 (cuda_norm.MAX_PARTIALS)
-        raise ValueError(f"PAGEDSERVE_CUBLAS_K_SPLITS must be 0 (off) or 2..8, got {splits}")
-    if not lo <= num_tokens <= hi or k < K_SLICES_MIN_K or k % (8 * splits):
-        return 0
-    return splits

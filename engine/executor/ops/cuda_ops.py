@@ -31,12 +31,11 @@ from engine.executor.ops.cuda_attention import (
     paged_attention,
     prepare_metadata,
 )
-from engine.executor.ops.cuda_blas import Gemm, k_slices_for
+from engine.executor.ops.cuda_blas import Gemm
 from engine.executor.ops.cuda_gemm_plan import PlannedGemm, lean_gemm_enabled
 from engine.executor.ops.cuda_gemm_sm90 import PendingSum
 from engine.executor.ops.cuda_gemm_tune import TunedGemm, tuning_enabled
 from engine.executor.ops.cuda_kernels import CTYPES, HEAD_DIMS, kernel, kernel_names, launch
-from engine.executor.ops.cuda_prefill import sm90_missing
 from engine.executor.ops.cuda_quant_gguf import GGUFLinear, is_gguf
 from engine.executor.ops.cuda_sampling import (
     DeviceSample,
@@ -315,10 +314,6 @@ class CudaOps:
                                                  defer=defer_sum and bias is None)
             if isinstance(product, PendingSum):
                 return product
-        elif defer_sum and bias is None and (splits := self._k_slices(x, weight)):
-            partial = cupy.empty((splits, *out.shape), cupy.float32)
-            self._gemm.k_slices(x, weight, partial, self.dtype)
-            return PendingSum(partial, out, self.ctype)
         else:
             self._gemm(x, weight, out, self.dtype)
         if bias is not None:
@@ -409,13 +404,6 @@ class CudaOps:
             h, residual = self.add_rms_norm(x, residual, norm_weight, eps)
             act = cuda_gemv.glu_gemv(h, gate_up, self.ctype)
         return self.linear(act, down), residual
-
-    @staticmethod
-    def _k_slices(x, weight) -> int:
-        """cuBLAS's product left in K slices (cuda_blas.K_SPLITS) for this shape, or 0. Only on
-        Hopper: PendingSum.resolve(), where no norm takes the partials, is gemm_sm90.cu's."""
-        splits = k_slices_for(x.shape[0], x.shape[1])
-        return splits if splits and sm90_missing() == () else 0
 
     @staticmethod
     def _plain(*weights) -> bool:
