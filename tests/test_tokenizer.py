@@ -410,11 +410,15 @@ class _Counting:  # wraps a tokenizer to record the length of every decode
 def test_the_window_stays_short_on_bytes_that_never_make_a_character(tok):
     # A lone continuation byte (0x80) can start no character, and skipped special tokens add no
     # text: neither holds the window open, so the decoding stays linear in the output.
-    byte80 = next(i for i in range(tok.vocab_size) if tok.token_bytes(i) == b"\x80")
-    for out in ([byte80] * 300, [tok.eos_token_id] * 300 + tok.encode(" ok")):
+    # A run of lead bytes (0xE2): each one ends the character the one before began, so only
+    # the last stays held back.
+    byte80, byte_e2 = (next(i for i in range(tok.vocab_size) if tok.token_bytes(i) == b)
+                       for b in (b"\x80", b"\xe2"))
+    for out in ([byte80] * 300, [tok.eos_token_id] * 300 + tok.encode(" ok"),
+                [byte_e2] * 300 + tok.encode(" ok"), [byte_e2, byte80] * 150 + [byte_e2]):
         counting = _Counting(tok)
         detok = IncrementalDetokenizer(counting, tok.encode("Hi"))
-        text = "".join(detok.step([i]) for i in out)
+        text = "".join(detok.step([i]) for i in out) + detok.flush()
         assert text == tok.decode(out) and max(counting.lengths) <= 10
 
 

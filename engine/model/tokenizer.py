@@ -446,27 +446,41 @@ class IncrementalDetokenizer:
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
 
-    def _inside_a_character(self) -> bool:
-        """Do the unread tokens' bytes end inside a character that more bytes can complete?"""
+    def _unfinished_from(self) -> int:
+        """Where the bytes of a character that more bytes can complete begin, at the end of the
+        unread tokens: the index of the token holding its first byte; len(token_ids) if the
+        unread bytes end on a character boundary (or in bytes no later byte can mend)."""
         decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        decoder.decode(b"".join(self.tokenizer.token_bytes(i)
-                                for i in self.token_ids[self.read_offset:]))
-        return bool(decoder.getstate()[0])
+        token_bytes = self.tokenizer.token_bytes
+        decoder.decode(b"".join(token_bytes(i) for i in self.token_ids[self.read_offset:]))
+        pending, k = len(decoder.getstate()[0]), len(self.token_ids)
+        while pending > 0:
+            k -= 1
+            pending -= len(token_bytes(self.token_ids[k]))
+        return k
 
     def step(self, new_token_ids: list[int], final: bool = False) -> str:
         """The text the new tokens add; final: the last step, nothing is held back."""
+        before = len(self.token_ids)
         self.token_ids.extend(i for i in new_token_ids if i not in self._skipped)
-        if self.read_offset == len(self.token_ids):
+        if self.read_offset == len(self.token_ids) or (
+                not final and before == len(self.token_ids)):
             return ""
         seen = self._decode(self.token_ids[self.prefix_offset:self.read_offset])
-        full = self._decode(self.token_ids[self.prefix_offset:])
-        if not final and (len(full) <= len(seen)
-                          or full.endswith("\ufffd") and self._inside_a_character()):
+        end = len(self.token_ids)
+        full = self._decode(self.token_ids[self.prefix_offset:end])
+        if not final and full.endswith("\ufffd"):
+            # hold back only the tokens of a character still arriving; the text before goes
+            # out (a run of lead bytes would otherwise hold the window open, token after token)
+            end = self._unfinished_from()
+            if end < len(self.token_ids):
+                full = self._decode(self.token_ids[self.prefix_offset:end])
+        if not final and len(full) <= len(seen):
             return ""
         delta = full[len(seen):]
         # The next window starts at the last fully read tokens, so it stays a few tokens long.
         self.prefix_offset = self.read_offset
-        self.read_offset = len(self.token_ids)
+        self.read_offset = end
         self.text += delta
         return delta
 
