@@ -128,8 +128,9 @@ def _engine_flags() -> argparse.ArgumentParser:
                    help="BLAS threads of the cpu backend (and the host side of cuda); 1 is "
                         "fastest on a small, busy machine (default: 1)")
     g.add_argument("--max-logprobs", type=int, default=20, metavar="N",
-                   help="most logprobs a request may ask per token, 0..20; -1 = the whole "
-                        "vocabulary, which prompt_logprobs=-1 needs (default: 20, as vLLM)")
+                   help="most logprobs a request may ask per token (a request asks 0..20, or "
+                        "-1 for the whole vocabulary, which needs -1 here or at least the "
+                        "vocabulary's size) (default: 20, as vLLM)")
     g.add_argument("--speculative-config", type=_json_object, default=None, metavar="JSON",
                    help='n-gram speculative decoding, e.g. \'{"method": "ngram", '
                         '"num_speculative_tokens": 3, "prompt_lookup_max": 4, '

@@ -176,11 +176,17 @@ def test_max_logprobs_caps_what_a_request_asks(make_engine):
     with pytest.raises(ParamError) as e:
         make_engine(max_logprobs=3).add_request("r", PROMPT, SamplingParams(logprobs=4))
     assert e.value.field == "logprobs"
-    # past 20 a cap would change nothing (a request asks at most 20, or -1): refused
+    # as vLLM's: a cap of at least the vocabulary's size lets a request ask for all of it
+    # (vLLM's own tests start their server with --max-logprobs 151936); below -1 is refused
     from engine.model.config import ConfigError
 
-    with pytest.raises(ConfigError, match=r"max_logprobs must be -1 .* or in \[0, 20\], got 30"):
-        make_engine(max_logprobs=30)
+    vocab = capped.model_config.vocab_size
+    make_engine(max_logprobs=vocab).add_request("all", PROMPT, SamplingParams(prompt_logprobs=-1))
+    with pytest.raises(ParamError, match="max_logprobs"):
+        make_engine(max_logprobs=vocab - 1).add_request("r", PROMPT,
+                                                        SamplingParams(prompt_logprobs=-1))
+    with pytest.raises(ConfigError, match=r"max_logprobs must be -1 .* or >= 0, got -2"):
+        make_engine(max_logprobs=-2)
 
 
 def test_offline_llm_scores_prompts_like_vllm(make_engine):

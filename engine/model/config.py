@@ -12,7 +12,7 @@ import numbers
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
-from engine.core.limits import MAX_LOGPROBS, is_int
+from engine.core.limits import is_int
 
 # HF architecture name -> (family, q/k/v bias, per-head q/k RMSNorm)
 SUPPORTED_ARCHITECTURES = {
@@ -394,10 +394,11 @@ class EngineConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
-        if not -1 <= self.max_logprobs <= MAX_LOGPROBS:
-            # a request asks at most MAX_LOGPROBS top ones, or -1 (the whole vocabulary)
-            raise ConfigError(f"max_logprobs must be -1 (the whole vocabulary) or in "
-                              f"[0, {MAX_LOGPROBS}], got {self.max_logprobs}")
+        if self.max_logprobs < -1:
+            # as vLLM's: any cap; a request asks at most MAX_LOGPROBS top ones or -1 (the whole
+            # vocabulary), which a cap of at least the vocabulary's size allows too
+            raise ConfigError(f"max_logprobs must be -1 (the whole vocabulary) or >= 0, got "
+                              f"{self.max_logprobs}")
         if not 0 <= self.seed < 2**64:  # numpy's generators take no other seed
             raise ConfigError(f"seed must be in [0, 2**64), got {self.seed}")
         if self.max_model_len is not None and self.max_model_len < 1:
