@@ -28,7 +28,7 @@ NUM_BLOCKS = 256
 def setup():
     ops = CudaOps("bfloat16")
     config = dataclasses.replace(ModelConfig.from_preset("qwen3-0.6b"), num_layers=2,
-                                 vocab_size=4096)
+                                 vocab_size=4096, eos_token_ids=[2])  # the preset's is past 4096
     model = Transformer(config, dummy_weights(config, ops, seed=0), ops, 2048)
     return ops, config, model
 
