@@ -23,7 +23,7 @@ from starlette.routing import Route
 from engine.model.config import EngineConfig
 from server.async_engine import AsyncEngine, EngineFault
 from server.dashboard import DashboardFeed, dashboard_routes
-from server.guards import LOOPBACK_HOSTS, CORSGuard, HostGuard, RequestGuard
+from server.guards import LOOPBACK_HOSTS, CORSGuard, HostGuard, RequestGuard, RootPath
 from server.handlers import (
     MAX_BODY_BYTES,
     check_model,
@@ -53,6 +53,7 @@ class ServerSettings:
     chat_content_special_tokens: bool = False  # True: HF's way, a client may forge turns
     enable_server_load_tracking: bool = False  # count calls in flight for GET /load
     return_tokens_as_token_ids: bool = False  # the default of the request field of that name
+    force_include_usage: bool = False  # every stream carries usage, on every chunk (vLLM's flag)
 
 
 def create_app(engine_config: EngineConfig | None = None, *, served_model_name: str | None = None,
@@ -63,7 +64,9 @@ def create_app(engine_config: EngineConfig | None = None, *, served_model_name: 
                allowed_origins: list[str] | None = None,
                chat_content_special_tokens: bool = False, dashboard: bool = True,
                enable_server_load_tracking: bool = False,
-               return_tokens_as_token_ids: bool = False) -> Starlette:
+               return_tokens_as_token_ids: bool = False,
+               force_include_usage: bool = False, root_path: str = "",
+               enable_tokenizer_info_endpoint: bool = False) -> Starlette:
     """An app whose engine core runs in its own process (app.state.engine, an AsyncEngine).
 
     `make_core`: a picklable callable the core process runs instead of EngineCore(config).
@@ -76,7 +79,8 @@ def create_app(engine_config: EngineConfig | None = None, *, served_model_name: 
     engine = AsyncEngine(config, make_core, metrics, on_fatal)
     settings = ServerSettings(served_model_name or config.model or DEFAULT_MODEL_NAME, api_key,
                               max_waiting_requests, max_body_bytes, chat_content_special_tokens,
-                              enable_server_load_tracking, return_tokens_as_token_ids)
+                              enable_server_load_tracking, return_tokens_as_token_ids,
+                              force_include_usage)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -98,13 +102,17 @@ def create_app(engine_config: EngineConfig | None = None, *, served_model_name: 
         Route("/version", version, methods=["GET"]),
         Route("/debug/first_token", first_token_stages, methods=["GET"]),
     ]
+    if enable_tokenizer_info_endpoint:  # off by default: it shows the chat template
+        routes.append(Route("/tokenizer_info", tokenizer_info, methods=["GET"]))
     if dashboard:
         routes += dashboard_routes()
     handlers = {APIError: _api_error, EngineFault: _engine_fault, 404: _not_found,
                 405: _not_allowed, Exception: _crash}
-    # The first is the outermost: a wrong Host is refused before anything else; a CORS preflight
+    # The first is the outermost: the --root-path prefix comes off every path, then a wrong Host
+    # is refused before anything else; a CORS preflight
     # is answered before the key check (browsers send no key on it).
-    middleware = [Middleware(HostGuard, allowed=allowed_hosts)]
+    middleware = [Middleware(RootPath, root_path=root_path),
+                  Middleware(HostGuard, allowed=allowed_hosts)]
     if allowed_origins:
         middleware.append(Middleware(CORSGuard, allow_origins=allowed_origins,
                                      allow_methods=["GET", "POST"],
@@ -173,6 +181,23 @@ async def load(request: Request):
     return JSONResponse({"server_load": request.app.state.server_load})
 
 
+async def tokenizer_info(request: Request):
+    """vLLM's GET /tokenizer_info (--enable-tokenizer-info-endpoint): what a client needs to
+    tokenize as the server does: the special tokens, the chat template, the length limit."""
+    engine = ready_engine(request)
+    tok = tokenizer_of(engine, "tokenizer_info")
+    added = tok.tokenizer.get_added_tokens_decoder()
+    return JSONResponse({
+        "tokenizer_class": "PreTrainedTokenizerFast",  # a tokenizers-library tokenizer, as HF's
+        "bos_token": tok.bos_token, "eos_token": tok.eos_token,
+        **{name: value for name, value in tok.special_tokens.items()},
+        "chat_template": tok.chat_template,
+        "model_max_length": engine.max_model_len,
+        "added_tokens_decoder": {str(i): {"content": t.content, "special": t.special}
+                                 for i, t in sorted(added.items())},
+    })
+
+
 async def metrics_endpoint(request: Request):
     body = request.app.state.metrics.render()
     return Response(body, media_type="text/plain; version=0.0.4; charset=utf-8")
@@ -225,9 +250,14 @@ async def tokenize(request: Request):
         prompt = get_field(body, "prompt", "str")
         if prompt is None:
             raise bad_request("prompt", "give 'prompt' (a string) or 'messages'")
-        ids = await off_loop(len(prompt), tokenizer_of(engine, "prompt").encode, prompt)
+        add_special = get_field(body, "add_special_tokens", "bool", True)
+        ids = await off_loop(len(prompt), tokenizer_of(engine, "prompt").encode, prompt,
+                             add_special)
+    strs = None
+    if get_field(body, "return_token_strs", "bool", False):  # vLLM's: the vocabulary's spelling
+        strs = [engine.tokenizer.id_to_token(i) for i in ids]
     return await large_json({"tokens": ids, "count": len(ids),
-                             "max_model_len": engine.max_model_len}, len(ids))
+                             "max_model_len": engine.max_model_len, "token_strs": strs}, len(ids))
 
 
 async def detokenize(request: Request):

@@ -163,6 +163,12 @@ def _model_name(text: str) -> str:
     return text
 
 
+def _root_path(text: str) -> str:
+    if text and not text.startswith("/"):
+        raise argparse.ArgumentTypeError(f"a path that starts with '/', got {text!r}")
+    return text
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="pagedserve",
@@ -185,7 +191,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--api-key", default=None,
                    help="require `Authorization: Bearer KEY` on every endpoint except /health, "
                         "/metrics and the /dashboard page (its feed needs the key) (default: "
-                        "$PAGEDSERVE_API_KEY, which `ps` does not show)")
+                        "$PAGEDSERVE_API_KEY, else vLLM's $VLLM_API_KEY: `ps` shows neither)")
     s.add_argument("--allowed-hosts", type=_names, action="extend", default=[], metavar="H,..",
                    help="Host header names to serve besides localhost, 127.0.0.1 and [::1] "
                         "(any port; '*' = any). Bound to a loopback address, other names get "
@@ -213,6 +219,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--return-tokens-as-token-ids", action="store_true",
                    help="logprobs name tokens 'token_id:N' unless a request sets "
                         "return_tokens_as_token_ids false (vLLM's flag)")
+    s.add_argument("--root-path", type=_root_path, default="", metavar="/PREFIX",
+                   help="the prefix a reverse proxy serves the API under: requests are served "
+                        "with it or without it (vLLM's flag) (default: none)")
+    s.add_argument("--enable-tokenizer-info-endpoint", action="store_true",
+                   help="serve GET /tokenizer_info: the special tokens, the chat template and "
+                        "the length limit (vLLM's flag; off: it shows the chat template)")
+    s.add_argument("--enable-force-include-usage", action="store_true",
+                   help="every stream ends with usage and carries it on every chunk, as if each "
+                        "request asked stream_options include_usage and continuous_usage_stats "
+                        "(vLLM's flag)")
     s.add_argument("--no-dashboard", dest="dashboard", action="store_false",
                    help="turn off the live dashboard at /dashboard (and its feed)")
 
@@ -450,7 +466,8 @@ def app_from_args(args: argparse.Namespace, config: EngineConfig, make_core=None
     from server.guards import allowed_hosts_for
 
     return create_app(config, served_model_name=args.served_model_name,
-                      api_key=args.api_key or os.environ.get("PAGEDSERVE_API_KEY") or None,
+                      api_key=(args.api_key or os.environ.get("PAGEDSERVE_API_KEY")
+                               or os.environ.get("VLLM_API_KEY") or None),
                       max_waiting_requests=args.max_waiting_requests, make_core=make_core,
                       on_fatal=on_fatal,
                       allowed_hosts=allowed_hosts_for(args.host, args.allowed_hosts),
@@ -458,7 +475,10 @@ def app_from_args(args: argparse.Namespace, config: EngineConfig, make_core=None
                       chat_content_special_tokens=args.chat_content_special_tokens,
                       dashboard=args.dashboard,
                       enable_server_load_tracking=args.enable_server_load_tracking,
-                      return_tokens_as_token_ids=args.return_tokens_as_token_ids)
+                      return_tokens_as_token_ids=args.return_tokens_as_token_ids,
+                      force_include_usage=args.enable_force_include_usage,
+                      root_path=args.root_path,
+                      enable_tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint)
 
 
 def generate(args: argparse.Namespace, config: EngineConfig) -> int:

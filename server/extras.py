@@ -25,6 +25,7 @@ class Extras:
     return_token_ids: bool = False
     tokens_as_ids: bool = False  # logprobs name tokens "token_id:N" (decodes nothing)
     continuous_usage: bool = False  # usage on every streamed chunk
+    add_special_tokens: bool = True  # a text prompt's tokenizer specials (completions)
 
 
 def read_extras(body: dict, *, chat: bool, settings) -> Extras:
@@ -41,6 +42,12 @@ def read_extras(body: dict, *, chat: bool, settings) -> Extras:
     if x.truncation_side not in ("left", "right"):
         raise bad_request("truncation_side", "'truncation_side' must be 'left' or 'right', got "
                                              f"{x.truncation_side!r}")
+    # vLLM's: a text prompt gets the tokenizer's special tokens (a BOS) unless this is false;
+    # a chat's template writes its own, and adding them again is not supported here
+    x.add_special_tokens = get_field(body, "add_special_tokens", "bool", not chat)
+    if chat and x.add_special_tokens:
+        raise bad_request("add_special_tokens", "'add_special_tokens': true is not supported "
+                                                "for chat (the chat template writes its tokens)")
     x.return_token_ids = get_field(body, "return_token_ids", "bool", False)
     x.tokens_as_ids = get_field(body, "return_tokens_as_token_ids", "bool",
                                 settings.return_tokens_as_token_ids)
@@ -49,6 +56,7 @@ def read_extras(body: dict, *, chat: bool, settings) -> Extras:
     if not isinstance(x.continuous_usage, bool):
         raise bad_request("stream_options", "'stream_options.continuous_usage_stats' must be a "
                                             "boolean")
+    x.continuous_usage |= settings.force_include_usage
     return x
 
 

@@ -24,6 +24,22 @@ LOOPBACK_HOSTS = ("localhost", "127.0.0.1", "[::1]")
 OPEN_PATHS = ("/health", "/metrics", "/dashboard")
 
 
+class RootPath:
+    """--root-path: the public prefix a proxy serves the API under (vLLM's flag). A request's
+    path may come with it (the proxy passed it on) or without (the proxy cut it off): the
+    prefix is taken off, so the routes and the guards below see one path either way."""
+
+    def __init__(self, app, root_path: str):
+        self.app, self.root = app, root_path.rstrip("/")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] in ("http", "websocket") and self.root:
+            path = scope["path"]
+            if path == self.root or path.startswith(self.root + "/"):
+                scope = dict(scope, path=path[len(self.root):] or "/")
+        await self.app(scope, receive, send)
+
+
 def is_loopback(bind_host: str) -> bool:
     if bind_host == "localhost":
         return True

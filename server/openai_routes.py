@@ -52,7 +52,7 @@ async def completions_body(request: Request, body: dict):
     extras = read_extras(body, chat=False, settings=request.app.state.settings)
     params = parse_sampling_params(body, chat=False)
     await _constrain(request, engine, params, *parse_structured_outputs(body), len(prompts))
-    stream, include_usage = _stream_flags(body)
+    stream, include_usage = _stream_flags(body, request.app.state.settings)
     get_field(body, "user", "str")
     # A prompt to be truncated is tokenized whole, whatever its length.
     limit = engine.max_model_len if extras.truncate is None else sys.maxsize
@@ -61,7 +61,7 @@ async def completions_body(request: Request, body: dict):
         if isinstance(p, str):
             # The count first: an over-long text's ids never become a list (encode_within).
             num_tokens, ids = await off_loop(len(p), tokenizer_of(engine, "prompt").encode_within,
-                                             p, limit)
+                                             p, limit, extras.add_special_tokens)
         else:
             num_tokens, ids = len(p), p
         if ids is not None and extras.truncate is not None:
@@ -101,7 +101,7 @@ async def chat_completions_body(request: Request, body: dict):
                                              f"itself; it cannot be combined with '{so_field}'")
         so, so_field = forced, "tools"
     await _constrain(request, engine, params, so, so_field)
-    stream, include_usage = _stream_flags(body)
+    stream, include_usage = _stream_flags(body, request.app.state.settings)
     get_field(body, "user", "str")
     ids, options = await render_chat(request, engine, body, messages, tools, tool_choice)
     ids = truncate(ids, extras, engine.max_model_len)
@@ -140,7 +140,7 @@ async def _constrain(request: Request, engine, params, so, field: str | None,
     params.structured_outputs = so  # counted in the metrics once the engine accepts it
 
 
-def _stream_flags(body: dict) -> tuple[bool, bool]:
+def _stream_flags(body: dict, settings) -> tuple[bool, bool]:
     stream = get_field(body, "stream", "bool", False)
     options = get_field(body, "stream_options", "dict", {})
     include_usage = options.get("include_usage", False)
@@ -148,7 +148,7 @@ def _stream_flags(body: dict) -> tuple[bool, bool]:
         raise bad_request("stream_options", "'stream_options.include_usage' must be a boolean")
     if options and not stream:
         raise bad_request("stream_options", "'stream_options' needs 'stream': true")
-    return stream, include_usage
+    return stream, include_usage or settings.force_include_usage
 
 
 async def render_chat(request: Request, engine, body: dict, messages: list[dict], tools,

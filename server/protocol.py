@@ -222,6 +222,8 @@ def parse_sampling_params(body: dict, *, chat: bool) -> SamplingParams:
             raise bad_request("logprob_token_ids", "'logprob_token_ids' needs generated tokens: "
                                                    "echo with max_tokens 0 generates none")
     kw["max_tokens"] = max_tokens
+    if (salt := get_field(body, "cache_salt", "str")) is not None:
+        kw["cache_salt"] = salt  # its rule: SamplingParams, as ParamError naming it
     stop = body.get("stop")
     if stop is not None:
         if isinstance(stop, str):

@@ -213,6 +213,32 @@ def test_prefix_hits_count_full_blocks_of_the_shared_prefix():
     bm.check_invariants([a, b, c])
 
 
+def test_cache_salt_shares_blocks_only_within_one_salt():
+    """vLLM's cache_salt: requests of one salt share cached blocks; no block passes between two
+    salts, or between a salted request and an unsalted one."""
+    bm = BlockManager(num_blocks=32, block_size=4)
+    tokens = list(range(9))
+
+    def salted(salt):
+        seq = make_seq(tokens)
+        seq.sampling_params = SamplingParams(cache_salt=salt)
+        return seq
+
+    first = salted("tenant-a")
+    bm.allocate(first)
+    FakeKV(bm).compute(first, first.num_uncomputed_tokens)
+    seqs = [first]
+    for salt, hit in (("tenant-a", 8), ("tenant-b", 0), (None, 0)):
+        seq = salted(salt)
+        bm.allocate(seq)
+        assert seq.num_cached_tokens == hit, salt
+        seqs.append(seq)
+    bm.check_invariants(seqs)
+    for bad in ("", "x" * 129, "a/b", "a@b", "a\\b", "a\0b", 7):
+        with pytest.raises(ValueError, match="cache_salt"):
+            SamplingParams(cache_salt=bad)
+
+
 def test_fully_cached_prompt_recomputes_its_last_token():
     bm = BlockManager(num_blocks=16, block_size=4)
     a = computed(bm, list(range(8)))  # two full blocks, both keyed

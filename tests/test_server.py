@@ -85,7 +85,8 @@ def _make_core():
 
 @pytest.fixture(scope="module")
 def server():
-    with Server(create_app(served_model_name=MODEL, make_core=_make_core)) as s:
+    with Server(create_app(served_model_name=MODEL, make_core=_make_core,
+                           enable_tokenizer_info_endpoint=True)) as s:
         yield s
 
 
@@ -480,6 +481,17 @@ def test_models_tokenize_detokenize(server, client):
     assert httpx.get(server.url + "/v1/completions").status_code == 405
     r = httpx.post(server.url + "/tokenize", json={"prompt": "Hello world"}).json()
     assert r["count"] == len(r["tokens"]) > 0 and r["max_model_len"] == MAX_MODEL_LEN
+    assert r["token_strs"] is None  # vLLM's: the vocabulary's spellings, when asked for
+    spelled = httpx.post(server.url + "/tokenize", json={"prompt": "Hello world",
+                                                         "return_token_strs": True}).json()
+    assert spelled["tokens"] == r["tokens"] and spelled["token_strs"] == ["Hello", "\u0120world"]
+    # vLLM's GET /tokenizer_info (--enable-tokenizer-info-endpoint): tokens, template, limit
+    info = httpx.get(server.url + "/tokenizer_info").json()
+    assert (info["eos_token"], info["model_max_length"]) == ("<|im_end|>", MAX_MODEL_LEN)
+    assert info["chat_template"].startswith("{%") and info["tokenizer_class"]
+    assert info["added_tokens_decoder"]["2"] == {"content": "<|im_end|>", "special": True}
+    off = create_app(served_model_name=MODEL, make_core=_make_core)  # off by default
+    assert "/tokenizer_info" not in {r.path for r in off.routes}
     back = httpx.post(server.url + "/detokenize", json={"tokens": r["tokens"]}).json()
     assert back["prompt"] == "Hello world"
     chat = httpx.post(server.url + "/tokenize", json={"messages": CHAT}).json()

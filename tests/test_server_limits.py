@@ -284,8 +284,27 @@ def test_cors_off_by_default_and_on_with_allowed_origins():
     assert ok.headers["access-control-allow-origin"] == "https://app.example"
 
 
-def test_api_key_from_the_environment(monkeypatch):
-    monkeypatch.setenv("PAGEDSERVE_API_KEY", "from-env")
+def test_root_path_serves_with_and_without_the_prefix(monkeypatch):
+    # vLLM's --root-path: a proxy may pass the prefix on or cut it off; the key guards both
+    args = build_parser().parse_args(["serve", "--root-path", "/llm", "--api-key", "k"])
+    app = app_from_args(args, engine_config_from_args(args), make_core=lambda: None)
+    key = {"Authorization": "Bearer k"}
+    results = _asgi_calls(app, [
+        lambda http: http.get("/llm/v1/models"),
+        lambda http: http.get("/v1/models"),
+        lambda http: http.get("/llm/v1/models", headers=key),
+        lambda http: http.get("/v1/models", headers=key),
+        lambda http: http.get("/llm/health"),
+        lambda http: http.get("/llmx/v1/models", headers=key),  # not the prefix: no such route
+    ])
+    assert [r.status_code for r in results] == [401, 401, 503, 503, 503, 404]
+    with pytest.raises(SystemExit):
+        build_parser().parse_args(["serve", "--root-path", "llm"])
+
+
+@pytest.mark.parametrize("variable", ["PAGEDSERVE_API_KEY", "VLLM_API_KEY"])  # vLLM's too
+def test_api_key_from_the_environment(monkeypatch, variable):
+    monkeypatch.setenv(variable, "from-env")
     args = build_parser().parse_args(["serve", "--host", "0.0.0.0"])
     app = app_from_args(args, engine_config_from_args(args), make_core=lambda: None)
     results = _asgi_calls(app, [

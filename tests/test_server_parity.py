@@ -8,7 +8,7 @@ import json
 import pytest
 
 httpx = pytest.importorskip("httpx")
-pytest.importorskip("openai")
+openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
 
 from test_server import MODEL, Server, _make_core, sdk_client  # noqa: E402
@@ -165,6 +165,15 @@ def test_usage_every_chunk_and_cached_tokens(client):
     again = client.completions.create(model=MODEL, prompt=long_ids, max_tokens=1)
     assert first.usage.prompt_tokens_details.cached_tokens == 0
     assert again.usage.prompt_tokens_details.cached_tokens == 32
+    # vLLM's cache_salt: a salted request finds none of the unsalted blocks, then its own
+    for salt, cached in (("tenant-a", 0), ("tenant-a", 32), ("tenant-b", 0)):
+        salted = client.completions.create(model=MODEL, prompt=long_ids, max_tokens=1,
+                                           extra_body={"cache_salt": salt})
+        assert salted.usage.prompt_tokens_details.cached_tokens == cached, salt
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt=long_ids, max_tokens=1,
+                                  extra_body={"cache_salt": "a/b"})
+    assert "cache_salt" in str(e.value)
     chat = client.chat.completions.create(model=MODEL, max_tokens=1,
                                           messages=[{"role": "user", "content": "Hi"}])
     assert chat.usage.prompt_tokens_details.cached_tokens >= 0
@@ -377,6 +386,28 @@ def test_tokens_as_ids_server_default():
     body = {"return_tokens_as_token_ids": False}
     assert not read_extras(body, chat=True, settings=settings).tokens_as_ids
     assert not read_extras({}, chat=False, settings=ServerSettings("m")).tokens_as_ids
+
+
+def test_force_include_usage_and_add_special_tokens_fields():
+    from server.app import ServerSettings
+    from server.extras import read_extras
+    from server.openai_routes import _stream_flags
+
+    forced = ServerSettings("m", force_include_usage=True)  # --enable-force-include-usage
+    assert _stream_flags({"stream": True}, forced) == (True, True)
+    assert read_extras({"stream": True}, chat=True, settings=forced).continuous_usage
+    plain = ServerSettings("m")
+    assert _stream_flags({"stream": True}, plain) == (True, False)
+    assert not read_extras({"stream": True}, chat=True, settings=plain).continuous_usage
+    # vLLM's add_special_tokens: true for a completions prompt, false for chat (its template
+    # writes them); asking for them in a chat is refused, not ignored
+    assert read_extras({}, chat=False, settings=plain).add_special_tokens
+    assert not read_extras({"add_special_tokens": False}, chat=False,
+                           settings=plain).add_special_tokens
+    assert not read_extras({}, chat=True, settings=plain).add_special_tokens
+    with pytest.raises(APIError) as e:
+        read_extras({"add_special_tokens": True}, chat=True, settings=plain)
+    assert e.value.param == "add_special_tokens"
 
 
 def test_invocations_dispatch_by_body(server):

@@ -66,7 +66,7 @@ def test_a_fault_comes_after_the_outputs_handed_over_before_it():
 
 
 def _call(body: dict) -> GenerationCall:
-    settings = types.SimpleNamespace(return_tokens_as_token_ids=False)
+    settings = types.SimpleNamespace(return_tokens_as_token_ids=False, force_include_usage=False)
     request = types.SimpleNamespace(app=types.SimpleNamespace(state=None))
     engine = types.SimpleNamespace(tokenizer=None)
     call = GenerationCall(request, engine, CALL, "tiny", SamplingParams(max_tokens=3),

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -40,6 +41,12 @@ TEST_FILES = [
     "tests/entrypoints/serve/instrumentator/test_basic.py",
     "tests/entrypoints/openai/test_return_token_ids.py",
     "tests/entrypoints/openai/test_return_tokens_as_ids.py",
+    "tests/entrypoints/openai/test_chunked_prompt.py",
+    "tests/entrypoints/openai/chat_completion/test_chat_completion.py",
+    "tests/entrypoints/openai/chat_completion/test_enable_force_include_usage.py",
+    "tests/entrypoints/openai/chat_completion/test_logprob_token_ids.py",
+    "tests/entrypoints/openai/chat_completion/test_root_path.py",
+    "tests/entrypoints/serve/tokenize/test_tokenization.py",
 ]
 # Their fixtures of test data (JSON schema, regex, choices); it imports nothing but pytest.
 CONFTEST = "tests/entrypoints/conftest.py"
@@ -114,6 +121,20 @@ def stage(vllm_dir: Path, scratch: Path) -> list[str]:
             if folder != Path("."):
                 (scratch / folder / "__init__.py").touch()
         found.append(rel)
+    # helper modules the staged files import (tests.entrypoints...): staged, not collected
+    todo = [scratch / rel for rel in found]
+    while todo:
+        text = todo.pop().read_text()
+        for mod in re.findall(r"^from (tests(?:\.\w+)+) import", text, re.M):
+            rel = Path(*mod.split(".")).with_suffix(".py")
+            if mod == "tests.utils" or (scratch / rel).exists() or not (vllm_dir / rel).is_file():
+                continue
+            (scratch / rel).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(vllm_dir / rel, scratch / rel)
+            for folder in rel.parents:
+                if folder != Path("."):
+                    (scratch / folder / "__init__.py").touch()
+            todo.append(scratch / rel)
     if (vllm_dir / CONFTEST).is_file():
         shutil.copy(vllm_dir / CONFTEST, scratch / CONFTEST)
     return found

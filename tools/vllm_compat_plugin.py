@@ -33,9 +33,11 @@ STUBBED = ("vllm", "torch", "fastapi")
 
 # vLLM `serve` flags -> ours. Kept: the same flag means the same thing here.
 KEPT_WITH_VALUE = {"--max-model-len", "--max-num-seqs", "--max-num-batched-tokens",
-                   "--block-size", "--seed", "--port", "--host", "--api-key", "--max-logprobs"}
+                   "--block-size", "--seed", "--port", "--host", "--api-key", "--max-logprobs",
+                   "--root-path"}
 KEPT = {"--enable-server-load-tracking", "--enable-prefix-caching", "--no-enable-prefix-caching",
-        "--return-tokens-as-token-ids"}
+        "--return-tokens-as-token-ids", "--enable-force-include-usage",
+        "--enable-tokenizer-info-endpoint"}
 # Dropped: GPU-only tuning, or a vLLM opt-in for what we always do.
 DROPPED_WITH_VALUE = {
     "--dtype": "the cpu backend computes in float32",
@@ -44,6 +46,7 @@ DROPPED_WITH_VALUE = {
     # LoRA: the tests that ask for an adapter's model name are skipped (pytest_collection_...).
     "--lora-modules": "no LoRA", "--max-lora-rank": "no LoRA", "--max-cpu-loras": "no LoRA",
     "--max-loras": "no LoRA",
+    "--limit-mm-per-prompt": "no multimodal inputs (their tests are skipped: local_asset_server)",
 }
 DROPPED = {
     "--enforce-eager": "no CUDA graphs on the cpu backend",
@@ -52,6 +55,8 @@ DROPPED = {
     "--disable-frontend-multiprocessing": "the API process and the engine core are always two",
     "--enable-auto-tool-choice": "tool calls are always parsed when a request has tools",
     "--enable-lora": "no LoRA",
+    "--enable-chunked-prefill": "prefill is always chunked",
+    "--enable-per-request-metrics": "no per-request metrics in responses (their tests skip)",
 }
 
 # Tests that cannot pass whatever the server does, by issue 19's categories (and why).
@@ -59,7 +64,18 @@ MODEL_TEXT = ("a specific model's text: the test needs the model to end its answ
               "(EOS) or to write a tool call; the tiny model writes noise up to max_tokens")
 MODEL_ANSWER = ("a specific model's text: the test needs the model to answer a question right "
                 "(1+1 = 2)")
+KV_TRANSFER = "disaggregated prefill: kv_transfer_params (a KV connector's fields)"
+PER_REQUEST_METRICS = ("not implemented here: vLLM's --enable-per-request-metrics (timings in "
+                       "each response)")
 SKIPS = {
+    "test_per_request_metrics_non_streaming": PER_REQUEST_METRICS,
+    "test_per_request_metrics_on_final_usage_chunk": PER_REQUEST_METRICS,
+    # the cases with the right key need the model to end its answer (finish_reason "stop");
+    # the wrong-key cases (0, 1) run
+    "test_chat_session_root_path_with_api_key[test_case2]": MODEL_TEXT,
+    "test_chat_session_root_path_with_api_key[test_case3]": MODEL_TEXT,
+    "test_kv_transfer_prompt_token_ids_round_trip": KV_TRANSFER,
+    "test_kv_transfer_prompt_token_ids_streaming": KV_TRANSFER,
     "test_load_prompt_embeds": "prompt embeddings (vLLM's torch loader)",
     "test_disable_prompt_embeds": "prompt embeddings (vLLM's torch loader)",
     "test_show_version": "vLLM internals: compares GET /version with vLLM's own version number",
@@ -191,6 +207,12 @@ class _HFStyleTokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self._tok.encode(text, add_special_tokens=add_special_tokens)
 
+    def apply_chat_template(self, conversation, tokenize=True, **kwargs):
+        return self._tok.apply_chat_template(conversation, tokenize=tokenize, **kwargs)
+
+    def convert_ids_to_tokens(self, ids):
+        return [self._tok.id_to_token(i) for i in ids]
+
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
         ids = [ids] if isinstance(ids, int) else list(ids)
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
@@ -212,6 +234,16 @@ class ModelConfig:
 
 # ---- placeholders for everything else ------------------------------------------------------
 
+_RUNNING = [False]  # inside a test's setup/call/teardown (not importing modules)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    _RUNNING[0] = True
+    yield
+    _RUNNING[0] = False
+
+
 class _Internal:
     """A vLLM (torch, fastapi) name with no HTTP meaning: using it skips the test."""
 
@@ -223,13 +255,49 @@ class _Internal:
             raise AttributeError(attr)
         return _Internal(f"{self._name}.{attr}")
 
+    def __getattribute__(self, attr: str):
+        if attr == "__new__":  # SomeVllmClass.__new__(SomeVllmClass): a placeholder too
+            return _Internal(f"{object.__getattribute__(self, '_name')}.__new__")
+        return object.__getattribute__(self, attr)
+
     def __call__(self, *args, **kwargs):
-        pytest.skip(f"needs vLLM internals ({self._name})")
+        if not _RUNNING[0]:  # at import time (a module-level constant): skip only when used
+            return _Internal(f"{self._name}(...)")
+        # allow_module_level: a module that calls one at import time is skipped whole
+        pytest.skip(f"needs vLLM internals ({self._name})", allow_module_level=True)
+
+    def __mro_entries__(self, bases):
+        # subclassed (class P(SomeVllmParser)): the subclass skips when instantiated
+        name = self._name
+
+        class _InternalBase:
+            def __init__(self, *args, **kwargs):
+                pytest.skip(f"needs vLLM internals ({name})")
+
+        return (_InternalBase,)
+
+    def _used(self, *args, **kwargs):
+        pytest.skip(f"needs vLLM internals ({self._name})", allow_module_level=True)
 
     # Compared, counted or tested for truth, it is used: the test needs vLLM itself.
-    __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = __call__
-    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __bool__ = __iter__ = __call__
+    __eq__ = __ne__ = __lt__ = __le__ = __gt__ = __ge__ = _used
+    __add__ = __radd__ = __sub__ = __rsub__ = __mul__ = __rmul__ = __bool__ = __iter__ = _used
     __hash__ = object.__hash__
+
+    def __dir__(self):  # Mock(spec=SomeVllmClass): the test mocks vLLM's internals
+        if _RUNNING[0]:
+            self._used()
+        return []
+
+    def __or__(self, other):  # a type annotation (SomeVllmClass | None)
+        return self
+
+    __ror__ = __or__
+
+    def __getitem__(self, key):  # a module-level helper's result, indexed: still a placeholder
+        if _RUNNING[0]:
+            self._used()
+        return _Internal(f"{self._name}[{key!r}]")
 
     def __repr__(self):
         return self._name
@@ -239,6 +307,13 @@ class _StubModule(types.ModuleType):
     def __getattr__(self, attr: str):
         if attr.startswith("__"):
             raise AttributeError(attr)
+        if attr.endswith(("Error", "Exception")):  # pytest.raises(VLLMValidationError) needs
+            name = f"{self.__name__}.{attr}"  # a real class; raising one skips the test
+
+            def __init__(self, *args, **kwargs):
+                pytest.skip(f"needs vLLM internals ({name})")
+
+            return type(attr, (Exception,), {"__module__": self.__name__, "__init__": __init__})
         return _Internal(f"{self.__name__}.{attr}")
 
 
@@ -266,6 +341,15 @@ class _StubFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
         pass
 
 
+@pytest.fixture
+def caplog_vllm(caplog):
+    """vLLM's conftest fixture (caplog at INFO); its tests mock vLLM's engine."""
+    import logging
+
+    with caplog.at_level(logging.INFO):
+        yield caplog
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_fixture_setup(fixturedef, request):
     """LoRA adapters' download fixtures: a placeholder path (their tests are skipped)."""
@@ -281,8 +365,10 @@ def pytest_collection_modifyitems(config, items):
         params = getattr(getattr(item, "callspec", None), "params", {})
         if any("lora" in str(v) for v in params.values()):
             item.add_marker(pytest.mark.skip(reason="LoRA (the model name is an adapter's)"))
-        elif name in SKIPS:
-            item.add_marker(pytest.mark.skip(reason=SKIPS[name]))
+        elif "local_asset_server" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.skip(reason="multimodal (image inputs)"))
+        elif name in SKIPS or item.name in SKIPS:  # a whole test, or one of its cases
+            item.add_marker(pytest.mark.skip(reason=SKIPS.get(name) or SKIPS[item.name]))
 
 
 def pytest_configure(config):
@@ -291,3 +377,4 @@ def pytest_configure(config):
     utils.RemoteOpenAIServer = RemoteOpenAIServer
     sys.modules["tests.utils"] = utils
     config.addinivalue_line("markers", "asyncio: run by pytest-asyncio")
+    config.addinivalue_line("markers", "skip_global_cleanup: vLLM's (no meaning here)")

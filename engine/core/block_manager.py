@@ -35,6 +35,16 @@ def hash_block(parent: int, token_ids: list[int]) -> int:
     return int.from_bytes(h.digest(), "little")
 
 
+def root_key(seq: Sequence) -> int:
+    """The key the first block's chains onto: 0, or one of the request's cache_salt (vLLM's), so
+    that only requests of the same salt share cached blocks."""
+    salt = seq.sampling_params.cache_salt
+    if not salt:
+        return 0
+    digest = hashlib.blake2b(b"cache_salt\0" + salt.encode(), digest_size=16).digest()
+    return int.from_bytes(digest, "little")
+
+
 @dataclass
 class Block:
     block_id: int
@@ -115,7 +125,7 @@ class BlockManager:
     def _match_prefix(self, seq: Sequence) -> list[int]:
         """Ids of the cached blocks covering the longest reusable prefix of `seq`."""
         self.settle()
-        hits, key, bs = [], 0, self.block_size
+        hits, key, bs = [], root_key(seq), self.block_size
         for i in range(self._num_reusable_blocks(seq)):
             key = hash_block(key, seq.token_ids[i * bs : (i + 1) * bs])
             block_id = self._cached.get(key)
@@ -207,7 +217,7 @@ class BlockManager:
         first = num_full
         while first > 0 and self.blocks[table[first - 1]].hash is None:
             first -= 1
-        key = self.blocks[table[first - 1]].hash if first else 0
+        key = self.blocks[table[first - 1]].hash if first else root_key(seq)
         for i in range(first, num_full):
             key = hash_block(key, seq.token_ids[i * bs : (i + 1) * bs])
             self.blocks[table[i]].hash = key
@@ -306,7 +316,7 @@ class BlockManager:
         full_for_all = [True] * self.num_blocks  # computed to its end in every table holding it
         bs = self.block_size
         for seq in live_seqs:
-            key = 0
+            key = root_key(seq)
             num_full = seq.num_computed_tokens // bs
             for i, block_id in enumerate(seq.block_table):
                 holders[block_id] += 1

@@ -15,6 +15,7 @@ MAX_STOP_STRINGS = 32
 MAX_STOP_STRING_CHARS = 256  # each stop string; the stop search scans this much text per token
 MAX_STOP_TOKEN_IDS = 1024
 MAX_LOGIT_BIAS = 1024  # entries of logit_bias
+MAX_CACHE_SALT_CHARS = 128  # cache_salt (vLLM's limit)
 MAX_PROMPTS = 256  # prompts in one completions call (each one engine request)
 MAX_MESSAGES = 1024  # chat messages in one call
 MAX_JSON_DEPTH = 32  # nesting of arrays and objects in a request body

@@ -8,6 +8,7 @@ import reprlib
 from dataclasses import dataclass, field
 
 from engine.core.limits import (
+    MAX_CACHE_SALT_CHARS,
     MAX_LOGIT_BIAS,
     MAX_LOGPROB_TOKEN_IDS,
     MAX_LOGPROBS,
@@ -137,6 +138,9 @@ class SamplingParams:
     early_stopping: bool = False
 
     structured_outputs: StructuredOutputsParams | None = None  # constrain the output
+    # vLLM's cache_salt: the prefix cache shares blocks only between requests of the same salt
+    # (a tenant's own), none between salted and unsalted ones
+    cache_salt: str | None = None
     stop_list: list[str] = field(init=False, repr=False)
 
     def __post_init__(self):
@@ -284,6 +288,11 @@ class SamplingParams:
               f"must hold at most {MAX_STOP_TOKEN_IDS} ids")
         check(len(self.logit_bias) <= MAX_LOGIT_BIAS, "logit_bias",
               f"must hold at most {MAX_LOGIT_BIAS} entries")
+        salt = self.cache_salt
+        check(salt is None or isinstance(salt, str) and 0 < len(salt) <= MAX_CACHE_SALT_CHARS
+              and not any(c in "@/\\\0" for c in salt), "cache_salt",
+              f"must be a non-empty string of at most {MAX_CACHE_SALT_CHARS} characters "
+              "without '@', '/', '\\' or NUL (vLLM's rule)")
         for token_id, value in self.logit_bias.items():
             if not -100 <= value <= 100:  # also refuses NaN
                 raise ParamError("logit_bias",
