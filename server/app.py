@@ -36,7 +36,13 @@ from server.handlers import (
     tokenizer_of,
 )
 from server.metrics import ServerMetrics
-from server.openai_routes import chat_completions, completions, invocations, render_chat
+from server.openai_routes import (
+    chat_completions,
+    chat_completions_batch,
+    completions,
+    invocations,
+    render_chat,
+)
 from server.protocol import APIError, bad_request, get_field, parse_messages
 from server.tool_calls import parse_tools
 
@@ -95,6 +101,8 @@ def create_app(engine_config: EngineConfig | None = None, *, served_model_name: 
         Route("/v1/models/{model:path}", model, methods=["GET"]),  # names may hold a '/'
         Route("/v1/completions", load_tracked(completions), methods=["POST"]),
         Route("/v1/chat/completions", load_tracked(chat_completions), methods=["POST"]),
+        Route("/v1/chat/completions/batch", load_tracked(chat_completions_batch),
+              methods=["POST"]),
         Route("/invocations", load_tracked(invocations), methods=["POST"]),
         Route("/load", load, methods=["GET"]),
         Route("/tokenize", tokenize, methods=["POST"]),

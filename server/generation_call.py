@@ -122,9 +122,10 @@ class GenerationCall:
         choices.sort(key=lambda c: c["index"])
         build = chat_body if self.chat else completion_body
         body = build(self.id, self.model, choices, self.usage(num_generated), self.created)
-        if self.chat:  # one prompt: its scores and ids sit beside the choices
+        if self.chat:  # one prompt: its scores and ids sit beside the choices (a batch's: none)
             body["prompt_logprobs"] = self._prompt_logprobs(next(iter(self.index_of)))
-            body["prompt_token_ids"] = self.token_lists[0] if self.extras.return_token_ids else None
+            one = self.extras.return_token_ids and len(self.token_lists) == 1
+            body["prompt_token_ids"] = self.token_lists[0] if one else None
         return JSONResponse(body)
 
     def usage(self, num_generated: int) -> dict:

@@ -12,6 +12,7 @@ import sys
 
 from starlette.requests import Request
 
+from engine.core.limits import MAX_PROMPTS
 from server.extras import ChatOptions, chat_options, read_extras, truncate
 from server.generation_call import GenerationCall
 from server.handlers import (
@@ -24,6 +25,7 @@ from server.handlers import (
     tokenizer_of,
 )
 from server.protocol import (
+    APIError,
     bad_request,
     get_field,
     max_tokens_field,
@@ -115,6 +117,59 @@ async def chat_completions_body(request: Request, body: dict):
         call.tool_parser = ToolCallParser(tool_choice, [t["function"]["name"] for t in tools],
                                           parallel)
     return await call.run([ids], stream, include_usage)
+
+
+# Chat fields that hold for one conversation, or answer in pieces: not taken by the batch route.
+_NOT_IN_A_BATCH = ("stream", "tools", "use_beam_search", "echo", "prompt_logprobs")
+
+
+async def chat_completions_batch(request: Request):
+    """vLLM's POST /v1/chat/completions/batch: `messages` holds several conversations, and choice
+    i of the one answer is conversation i's. The other fields apply to every conversation;
+    streaming, tools, n > 1, beam search, echo and prompt_logprobs are refused (400 naming the
+    field); with return_token_ids each choice has its token_ids (the prompts' ids are not sent)."""
+    mark_arrival(request)
+    body = await read_json(request)
+    conversations = body.get("messages")
+    if (not isinstance(conversations, list) or not conversations
+            or not all(isinstance(c, list) for c in conversations)):
+        raise bad_request("messages", "a batch's 'messages' must be a non-empty array of "
+                                      "conversations, each an array of messages")
+    if len(conversations) > MAX_PROMPTS:
+        raise bad_request("messages", f"'messages' holds {len(conversations)} conversations; "
+                                      f"at most {MAX_PROMPTS} are served in one call")
+    for name in _NOT_IN_A_BATCH:
+        if body.get(name) not in (None, False):
+            raise bad_request(name, f"'{name}' is not supported by the batch endpoint")
+    if body.get("n") not in (None, 1):
+        raise bad_request("n", "the batch endpoint makes one choice per conversation: 'n' must "
+                               "be 1")
+    engine = ready_engine(request)
+    model = check_model(request, body)
+    extras = read_extras(body, chat=True, settings=request.app.state.settings)
+    params = parse_sampling_params(body, chat=True)
+    so, so_field = parse_structured_outputs(body)
+    await _constrain(request, engine, params, so, so_field, len(conversations))
+    get_field(body, "user", "str")
+    tokens_field = max_tokens_field(body, chat=True)
+    token_lists, options = [], None
+    for i, conversation in enumerate(conversations):
+        one = {**body, "messages": conversation}
+        try:
+            messages = parse_messages(one)
+            ids, options = await render_chat(request, engine, one, messages, None, None)
+            ids = truncate(ids, extras, engine.max_model_len)
+            _check_length(engine, len(ids), params.max_tokens, "messages", tokens_field)
+        except APIError as e:  # its param names the conversation: messages[i][j]...
+            if e.param and e.param.startswith("messages"):
+                e.param = f"messages[{i}]" + e.param[len("messages"):]
+            raise
+        token_lists.append(ids)
+    call = GenerationCall(request, engine, new_id("chatcmpl"), model, params, chat=True,
+                          extras=extras)
+    call.tokens_field = tokens_field
+    call.chat_options = options
+    return await call.run(token_lists, False, False)
 
 
 async def invocations(request: Request):

@@ -410,6 +410,31 @@ def test_force_include_usage_and_add_special_tokens_fields():
     assert e.value.param == "add_special_tokens"
 
 
+def test_chat_batch_answers_each_conversation_as_alone(server):
+    """vLLM's POST /v1/chat/completions/batch: choice i is conversation i's answer, the same as
+    that conversation sent alone; fields that answer in pieces are refused by name."""
+    chats = [[{"role": "user", "content": "Hi"}],
+             [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Why?"}]]
+    common = {"max_tokens": 4, "temperature": 0, "ignore_eos": True}
+    batch = post(server, "/v1/chat/completions/batch", {"messages": chats, **common})
+    assert batch.status_code == 200, batch.text
+    body = batch.json()
+    assert body["object"] == "chat.completion" and [c["index"] for c in body["choices"]] == [0, 1]
+    prompt_tokens = 0
+    for chat, choice in zip(chats, body["choices"], strict=True):
+        alone = post(server, "/v1/chat/completions", {"messages": chat, **common}).json()
+        assert choice["message"] == alone["choices"][0]["message"]
+        prompt_tokens += alone["usage"]["prompt_tokens"]
+    assert body["usage"]["prompt_tokens"] == prompt_tokens
+    assert body["usage"]["completion_tokens"] == 8
+    for extra, param in (({"stream": True}, "stream"), ({"n": 2}, "n"),
+                         ({"messages": chats[0]}, "messages"),
+                         ({"messages": [chats[0], [{"role": "nobody"}]]}, "messages[1][0]")):
+        bad = post(server, "/v1/chat/completions/batch", {"messages": chats, **common, **extra})
+        assert bad.status_code == 400, extra
+        assert bad.json()["error"]["param"].startswith(param), bad.json()
+
+
 def test_invocations_dispatch_by_body(server):
     chat = post(server, "/invocations", {"messages": [{"role": "user", "content": "Hi"}],
                                          "max_tokens": 2})

@@ -43,6 +43,7 @@ TEST_FILES = [
     "tests/entrypoints/openai/test_return_tokens_as_ids.py",
     "tests/entrypoints/openai/test_chunked_prompt.py",
     "tests/entrypoints/openai/chat_completion/test_chat_completion.py",
+    "tests/entrypoints/openai/chat_completion/test_batched_chat_completions.py",
     "tests/entrypoints/openai/chat_completion/test_enable_force_include_usage.py",
     "tests/entrypoints/openai/chat_completion/test_logprob_token_ids.py",
     "tests/entrypoints/openai/chat_completion/test_root_path.py",
