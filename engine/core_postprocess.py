@@ -133,6 +133,7 @@ class Postprocessor:
             out.prompt_logprobs = req.prompt_logprobs
             out.prompt_logprob_ranks = req.prompt_logprob_ranks
             out.num_cached_tokens = seq.num_cached_tokens
+            out.num_created_cache_tokens = self.block_manager.created_cache_tokens(seq)
         if reason is not None:  # its blocks are released after the step's outputs go out
             self.requests.finish(req, seq, reason, defer_free=True)
         return out
@@ -153,6 +154,7 @@ class Postprocessor:
         out.prompt_logprobs = outs[0].prompt_logprobs
         out.prompt_logprob_ranks = outs[0].prompt_logprob_ranks
         out.num_cached_tokens = outs[0].num_cached_tokens
+        out.num_created_cache_tokens = outs[0].num_created_cache_tokens
         out.new_token_ids = [o.new_token_ids[0] for o in outs]
         if out.new_logprobs is not None:
             out.new_logprobs = [o.new_logprobs[0] for o in outs]
@@ -174,6 +176,7 @@ class Postprocessor:
         done[0].prompt_logprobs = req.prompt_logprobs
         done[0].prompt_logprob_ranks = req.prompt_logprob_ranks
         done[0].num_cached_tokens = req.seqs[0].num_cached_tokens
+        done[0].num_created_cache_tokens = self.block_manager.created_cache_tokens(req.seqs[0])
         done[0].first_scheduled_time = req.first_scheduled_time
         outputs += done
         self.requests.finish_beams(req)

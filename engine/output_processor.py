@@ -36,6 +36,7 @@ class _Request:
     prompt_logprobs: list | None = None
     prompt_logprob_ranks: list | None = None
     num_cached_tokens: int = 0
+    num_created_cache_tokens: int = 0
 
 
 class OutputProcessor:
@@ -100,6 +101,7 @@ class OutputProcessor:
                 req.prompt_logprobs = out.prompt_logprobs
                 req.prompt_logprob_ranks = out.prompt_logprob_ranks
                 req.num_cached_tokens = out.num_cached_tokens
+                req.num_created_cache_tokens = out.num_created_cache_tokens
             if out.finish_reason == "error":
                 state.finish_reason, state.error = "error", out.error
             else:
@@ -154,4 +156,5 @@ class OutputProcessor:
             req.metrics.finished_time = time.time()
         return RequestOutput(req.request_id, req.prompt, req.prompt_token_ids, outputs, finished,
                              req.metrics, req.prompt_logprobs, req.num_cached_tokens,
-                             req.prompt_logprob_ranks)
+                             req.prompt_logprob_ranks,
+                             num_created_cache_tokens=req.num_created_cache_tokens)

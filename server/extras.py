@@ -74,10 +74,12 @@ def truncate(ids: list[int], x: Extras, max_model_len: int) -> list[int]:
 # ---------------------------------------------------------------- answers
 
 
-def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int) -> dict:
+def usage(prompt_tokens: int, completion_tokens: int, cached_tokens: int,
+          created_cache_tokens: int = 0) -> dict:
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens,
-            "prompt_tokens_details": {"cached_tokens": cached_tokens}}
+            "prompt_tokens_details": {"cached_tokens": cached_tokens,
+                                      "created_cache_tokens": created_cache_tokens}}
 
 
 def prompt_logprobs_json(entries: list | None, token_str, prompt_ids: list[int] | None = None,

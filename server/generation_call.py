@@ -130,13 +130,15 @@ class GenerationCall:
 
     def usage(self, num_generated: int) -> dict:
         cached = sum(out.num_cached_tokens for out in self.first.values())
-        return usage(self.num_prompt_tokens, num_generated, cached)
+        created = sum(out.num_created_cache_tokens for out in self.first.values())
+        return usage(self.num_prompt_tokens, num_generated, cached, created)
 
     def choice_usage(self, request_id: str, num_generated: int) -> dict:
         """One choice's usage so far: its own prompt's tokens and its tokens generated."""
         first = self.first.get(request_id)
         return usage(len(self.token_lists[self.index_of[request_id]]), num_generated,
-                     first.num_cached_tokens if first is not None else 0)
+                     first.num_cached_tokens if first is not None else 0,
+                     first.num_created_cache_tokens if first is not None else 0)
 
     def _prompt_logprobs(self, request_id: str) -> list | None:
         out = self.first.get(request_id)

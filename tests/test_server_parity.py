@@ -165,6 +165,14 @@ def test_usage_every_chunk_and_cached_tokens(client):
     again = client.completions.create(model=MODEL, prompt=long_ids, max_tokens=1)
     assert first.usage.prompt_tokens_details.cached_tokens == 0
     assert again.usage.prompt_tokens_details.cached_tokens == 32
+    # vLLM's created_cache_tokens: the prompt tokens a request wrote to the cache (its full
+    # blocks, 32 of 40 tokens, less what it found there)
+    assert first.usage.prompt_tokens_details.created_cache_tokens == 32
+    assert again.usage.prompt_tokens_details.created_cache_tokens == 0
+    exact = [200 + i for i in range(32)]  # the cache never serves a prompt's last block
+    runs = [client.completions.create(model=MODEL, prompt=exact, max_tokens=1).usage
+            .prompt_tokens_details for _ in range(2)]
+    assert [(d.cached_tokens, d.created_cache_tokens) for d in runs] == [(0, 32), (16, 16)]
     # vLLM's cache_salt: a salted request finds none of the unsalted blocks, then its own
     for salt, cached in (("tenant-a", 0), ("tenant-a", 32), ("tenant-b", 0)):
         salted = client.completions.create(model=MODEL, prompt=long_ids, max_tokens=1,

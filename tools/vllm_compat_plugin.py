@@ -69,9 +69,6 @@ PER_REQUEST_METRICS = ("not implemented here: vLLM's --enable-per-request-metric
                        "each response)")
 SKIPS = {
     "test_per_request_metrics_non_streaming": PER_REQUEST_METRICS,
-    "test_batched_chat_completions_prompt_tokens_details": (
-        "not implemented here: usage.prompt_tokens_details.created_cache_tokens (prompt tokens "
-        "newly written to the prefix cache)"),
     "test_per_request_metrics_on_final_usage_chunk": PER_REQUEST_METRICS,
     # the cases with the right key need the model to end its answer (finish_reason "stop");
     # the wrong-key cases (0, 1) run

@@ -122,6 +122,14 @@ class BlockManager:
             num_tokens = seq.next_prompt_logprob
         return (num_tokens - 1) // self.block_size
 
+    def created_cache_tokens(self, seq: Sequence) -> int:
+        """Prompt tokens `seq` wrote to the prefix cache: those of its prompt's full blocks,
+        keyed once computed, that it did not find there (vLLM's created_cache_tokens)."""
+        if not self.enable_prefix_caching:
+            return 0
+        keyed = seq.num_prompt_tokens // self.block_size * self.block_size
+        return max(0, keyed - seq.num_cached_tokens)
+
     def _match_prefix(self, seq: Sequence) -> list[int]:
         """Ids of the cached blocks covering the longest reusable prefix of `seq`."""
         self.settle()

@@ -40,10 +40,12 @@ class SeqOutput:
     # Set on a sequence's first output: when its request was first scheduled.
     first_scheduled_time: float | None = None
     # Set on the request's first output only: its prompt's logprobs (first entry None; when
-    # params.prompt_logprobs is set) and how many prompt tokens the prefix cache held.
+    # params.prompt_logprobs is set), how many prompt tokens the prefix cache held and how
+    # many the request wrote to it.
     prompt_logprobs: list[dict[int, float] | None] | None = None
     prompt_logprob_ranks: list[int | None] | None = None  # each prompt token's own rank
     num_cached_tokens: int | None = None
+    num_created_cache_tokens: int = 0
 
     # From a step that verified drafts (speculative decoding, maybe several new tokens): each
     # one's logprob, so a front that cuts them at a stop string can take the dropped ones out of
@@ -203,6 +205,7 @@ class RequestOutput:
     # Each prompt token's rank in the vocabulary (1: the model's best guess), None for the
     # first: what vLLM's Logprob.rank says of it.
     prompt_logprob_ranks: list[int | None] | None = None
+    num_created_cache_tokens: int = 0  # prompt tokens whose KV it wrote to the prefix cache
 
 
 @dataclass
