@@ -60,6 +60,7 @@ class ServerSettings:
     enable_server_load_tracking: bool = False  # count calls in flight for GET /load
     return_tokens_as_token_ids: bool = False  # the default of the request field of that name
     force_include_usage: bool = False  # every stream carries usage, on every chunk (vLLM's flag)
+    per_request_metrics: bool = False  # answers carry the request's timings (vLLM's flag)
 
 
 def create_app(engine_config: EngineConfig | None = None, *, served_model_name: str | None = None,
@@ -72,7 +73,8 @@ def create_app(engine_config: EngineConfig | None = None, *, served_model_name: 
                enable_server_load_tracking: bool = False,
                return_tokens_as_token_ids: bool = False,
                force_include_usage: bool = False, root_path: str = "",
-               enable_tokenizer_info_endpoint: bool = False) -> Starlette:
+               enable_tokenizer_info_endpoint: bool = False,
+               enable_per_request_metrics: bool = False) -> Starlette:
     """An app whose engine core runs in its own process (app.state.engine, an AsyncEngine).
 
     `make_core`: a picklable callable the core process runs instead of EngineCore(config).
@@ -86,7 +88,7 @@ def create_app(engine_config: EngineConfig | None = None, *, served_model_name: 
     settings = ServerSettings(served_model_name or config.model or DEFAULT_MODEL_NAME, api_key,
                               max_waiting_requests, max_body_bytes, chat_content_special_tokens,
                               enable_server_load_tracking, return_tokens_as_token_ids,
-                              force_include_usage)
+                              force_include_usage, enable_per_request_metrics)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

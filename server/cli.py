@@ -225,6 +225,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--enable-tokenizer-info-endpoint", action="store_true",
                    help="serve GET /tokenizer_info: the special tokens, the chat template and "
                         "the length limit (vLLM's flag; off: it shows the chat template)")
+    s.add_argument("--enable-per-request-metrics", action="store_true",
+                   help="answers (a stream: its closing usage chunk) carry the request's timings "
+                        "in 'metrics': queue, time to first token, decode time, mean inter-token "
+                        "latency, tokens per second (vLLM's flag)")
     s.add_argument("--enable-force-include-usage", action="store_true",
                    help="every stream ends with usage and carries it on every chunk, as if each "
                         "request asked stream_options include_usage and continuous_usage_stats "
@@ -478,7 +482,8 @@ def app_from_args(args: argparse.Namespace, config: EngineConfig, make_core=None
                       return_tokens_as_token_ids=args.return_tokens_as_token_ids,
                       force_include_usage=args.enable_force_include_usage,
                       root_path=args.root_path,
-                      enable_tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint)
+                      enable_tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint,
+                      enable_per_request_metrics=args.enable_per_request_metrics)
 
 
 def generate(args: argparse.Namespace, config: EngineConfig) -> int:

@@ -122,6 +122,8 @@ class GenerationCall:
         choices.sort(key=lambda c: c["index"])
         build = chat_body if self.chat else completion_body
         body = build(self.id, self.model, choices, self.usage(num_generated), self.created)
+        if (metrics := self.request_metrics(num_generated)) is not None:
+            body["metrics"] = metrics
         if self.chat:  # one prompt: its scores and ids sit beside the choices (a batch's: none)
             body["prompt_logprobs"] = self._prompt_logprobs(next(iter(self.index_of)))
             one = self.extras.return_token_ids and len(self.token_lists) == 1
@@ -132,6 +134,27 @@ class GenerationCall:
         cached = sum(out.num_cached_tokens for out in self.first.values())
         created = sum(out.num_created_cache_tokens for out in self.first.values())
         return usage(self.num_prompt_tokens, num_generated, cached, created)
+
+    def request_metrics(self, num_generated: int) -> dict | None:
+        """vLLM's per-request timings (--enable-per-request-metrics), for a call of one request:
+        queue wait, time to the first token from scheduling, decode time (first to last token),
+        mean inter-token latency (when >1 token) and tokens per second from scheduling; None
+        when off, for several requests, or before the request has its times."""
+        settings = getattr(self.request.app.state, "settings", None)
+        if settings is None or not settings.per_request_metrics or len(self.first) != 1:
+            return None
+        m = next(iter(self.first.values())).metrics
+        if None in (m.first_scheduled_time, m.first_token_time, m.finished_time):
+            return None
+        decode = m.finished_time - m.first_token_time
+        out = {"time_to_first_token_ms": (m.first_token_time - m.first_scheduled_time) * 1000,
+               "generation_time_ms": decode * 1000,
+               "queue_time_ms": max(0.0, m.first_scheduled_time - m.arrival_time) * 1000}
+        if num_generated > 1:
+            out["mean_itl_ms"] = decode / (num_generated - 1) * 1000
+        inference = m.finished_time - m.first_scheduled_time
+        out["tokens_per_second"] = num_generated / inference if inference > 0 else 0.0
+        return out
 
     def choice_usage(self, request_id: str, num_generated: int) -> dict:
         """One choice's usage so far: its own prompt's tokens and its tokens generated."""

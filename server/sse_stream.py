@@ -28,10 +28,12 @@ async def events(call, group, include_usage: bool):
     sent_prompt_ids = []
     tool_streams: dict[int, ToolCallStream] = {}  # choice index -> its reader
 
-    def chunk(choices, use=None):
+    def chunk(choices, use=None, metrics=None):
         if continuous and use is None:
             use = current[0]
         body = build(call.id, call.model, choices, use, call.created, chunk=True)
+        if metrics is not None:  # the closing usage chunk: vLLM's per-request timings
+            body["metrics"] = metrics
         if call.chat and call.extras.return_token_ids and not sent_prompt_ids:
             body["prompt_token_ids"] = call.token_lists[0]  # the first chunk only
             sent_prompt_ids.append(True)
@@ -85,7 +87,7 @@ async def events(call, group, include_usage: bool):
             yield DONE
             return
     if include_usage:
-        yield chunk([], call.usage(num_generated))
+        yield chunk([], call.usage(num_generated), call.request_metrics(num_generated))
     yield DONE
 
 

@@ -86,7 +86,8 @@ def _make_core():
 @pytest.fixture(scope="module")
 def server():
     with Server(create_app(served_model_name=MODEL, make_core=_make_core,
-                           enable_tokenizer_info_endpoint=True)) as s:
+                           enable_tokenizer_info_endpoint=True,
+                           enable_per_request_metrics=True)) as s:
         yield s
 
 
@@ -498,6 +499,26 @@ def test_models_tokenize_detokenize(server, client):
     text = httpx.post(server.url + "/detokenize", json={"tokens": chat["tokens"]}).json()
     assert "<|im_start|>user\nTell me a story.<|im_end|>" in text["prompt"]
     assert text["prompt"].endswith("<|im_start|>assistant\n")
+
+
+def test_per_request_metrics(server):
+    """vLLM's --enable-per-request-metrics: a whole answer, and a stream's closing usage chunk
+    alone, carry the request's timings (mean inter-token latency only past one token)."""
+    chat = {"model": MODEL, "messages": CHAT, "max_tokens": 4, "ignore_eos": True}
+    whole = httpx.post(server.url + "/v1/chat/completions", json=chat, timeout=60).json()
+    m = whole["metrics"]
+    assert set(m) == {"time_to_first_token_ms", "generation_time_ms", "queue_time_ms",
+                      "mean_itl_ms", "tokens_per_second"}
+    assert all(v >= 0 for v in m.values()) and m["tokens_per_second"] > 0
+    assert m["mean_itl_ms"] == pytest.approx(m["generation_time_ms"] / 3)
+    with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=60,
+                      json={**chat, "max_tokens": 1, "stream": True,
+                            "stream_options": {"include_usage": True}}) as r:
+        chunks = [json.loads(line[6:]) for line in r.iter_lines()
+                  if line.startswith("data: {")]
+    assert all("metrics" not in c for c in chunks[:-1]) and chunks[-1]["choices"] == []
+    assert "mean_itl_ms" not in chunks[-1]["metrics"]
+    assert chunks[-1]["metrics"]["time_to_first_token_ms"] >= 0
 
 
 def test_api_key_and_default_bind():

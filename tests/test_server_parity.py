@@ -428,6 +428,7 @@ def test_chat_batch_answers_each_conversation_as_alone(server):
     assert batch.status_code == 200, batch.text
     body = batch.json()
     assert body["object"] == "chat.completion" and [c["index"] for c in body["choices"]] == [0, 1]
+    assert "metrics" not in body  # per-request timings only with --enable-per-request-metrics
     prompt_tokens = 0
     for chat, choice in zip(chats, body["choices"], strict=True):
         alone = post(server, "/v1/chat/completions", {"messages": chat, **common}).json()

@@ -37,7 +37,7 @@ KEPT_WITH_VALUE = {"--max-model-len", "--max-num-seqs", "--max-num-batched-token
                    "--root-path"}
 KEPT = {"--enable-server-load-tracking", "--enable-prefix-caching", "--no-enable-prefix-caching",
         "--return-tokens-as-token-ids", "--enable-force-include-usage",
-        "--enable-tokenizer-info-endpoint"}
+        "--enable-tokenizer-info-endpoint", "--enable-per-request-metrics"}
 # Dropped: GPU-only tuning, or a vLLM opt-in for what we always do.
 DROPPED_WITH_VALUE = {
     "--dtype": "the cpu backend computes in float32",
@@ -56,7 +56,6 @@ DROPPED = {
     "--enable-auto-tool-choice": "tool calls are always parsed when a request has tools",
     "--enable-lora": "no LoRA",
     "--enable-chunked-prefill": "prefill is always chunked",
-    "--enable-per-request-metrics": "no per-request metrics in responses (their tests skip)",
 }
 
 # Tests that cannot pass whatever the server does, by issue 19's categories (and why).
@@ -65,11 +64,7 @@ MODEL_TEXT = ("a specific model's text: the test needs the model to end its answ
 MODEL_ANSWER = ("a specific model's text: the test needs the model to answer a question right "
                 "(1+1 = 2)")
 KV_TRANSFER = "disaggregated prefill: kv_transfer_params (a KV connector's fields)"
-PER_REQUEST_METRICS = ("not implemented here: vLLM's --enable-per-request-metrics (timings in "
-                       "each response)")
 SKIPS = {
-    "test_per_request_metrics_non_streaming": PER_REQUEST_METRICS,
-    "test_per_request_metrics_on_final_usage_chunk": PER_REQUEST_METRICS,
     # the cases with the right key need the model to end its answer (finish_reason "stop");
     # the wrong-key cases (0, 1) run
     "test_chat_session_root_path_with_api_key[test_case2]": MODEL_TEXT,
