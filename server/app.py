@@ -121,8 +121,8 @@ def create_app(engine_config: EngineConfig | None = None, *, served_model_name: 
     # The first is the outermost: the --root-path prefix comes off every path, then a wrong Host
     # is refused before anything else; a CORS preflight
     # is answered before the key check (browsers send no key on it).
-    middleware = [Middleware(RootPath, root_path=root_path),
-                  Middleware(HostGuard, allowed=allowed_hosts)]
+    middleware = [Middleware(RootPath, root_path=root_path)] if root_path else []
+    middleware.append(Middleware(HostGuard, allowed=allowed_hosts))
     if allowed_origins:
         middleware.append(Middleware(CORSGuard, allow_origins=allowed_origins,
                                      allow_methods=["GET", "POST"],
@@ -200,7 +200,7 @@ async def tokenizer_info(request: Request):
     return JSONResponse({
         "tokenizer_class": "PreTrainedTokenizerFast",  # a tokenizers-library tokenizer, as HF's
         "bos_token": tok.bos_token, "eos_token": tok.eos_token,
-        **{name: value for name, value in tok.special_tokens.items()},
+        **tok.special_tokens,
         "chat_template": tok.chat_template,
         "model_max_length": engine.max_model_len,
         "added_tokens_decoder": {str(i): {"content": t.content, "special": t.special}

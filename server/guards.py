@@ -33,7 +33,7 @@ class RootPath:
         self.app, self.root = app, root_path.rstrip("/")
 
     async def __call__(self, scope, receive, send):
-        if scope["type"] in ("http", "websocket") and self.root:
+        if scope["type"] in ("http", "websocket"):
             path = scope["path"]
             if path == self.root or path.startswith(self.root + "/"):
                 scope = dict(scope, path=path[len(self.root):] or "/")

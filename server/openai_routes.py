@@ -105,14 +105,10 @@ async def chat_completions_body(request: Request, body: dict):
     await _constrain(request, engine, params, so, so_field)
     stream, include_usage = _stream_flags(body, request.app.state.settings)
     get_field(body, "user", "str")
-    ids, options = await render_chat(request, engine, body, messages, tools, tool_choice)
-    ids = truncate(ids, extras, engine.max_model_len)
     tokens_field = max_tokens_field(body, chat=True)
-    _check_length(engine, len(ids), params.max_tokens, "messages", tokens_field)
-    call = GenerationCall(request, engine, new_id("chatcmpl"), model, params, chat=True,
-                          extras=extras)
-    call.tokens_field = tokens_field
-    call.chat_options = options
+    ids, options = await _chat_prompt(request, engine, body, messages, tools, tool_choice, extras,
+                                      params, tokens_field)
+    call = _chat_call(request, engine, model, params, extras, tokens_field, options)
     if tools and tool_choice != "none":
         call.tool_parser = ToolCallParser(tool_choice, [t["function"]["name"] for t in tools],
                                           parallel)
@@ -139,7 +135,7 @@ async def chat_completions_batch(request: Request):
         raise bad_request("messages", f"'messages' holds {len(conversations)} conversations; "
                                       f"at most {MAX_PROMPTS} are served in one call")
     for name in _NOT_IN_A_BATCH:
-        if body.get(name) not in (None, False):
+        if body.get(name) is not None and body.get(name) is not False:
             raise bad_request(name, f"'{name}' is not supported by the batch endpoint")
     if body.get("n") not in (None, 1):
         raise bad_request("n", "the batch endpoint makes one choice per conversation: 'n' must "
@@ -156,20 +152,34 @@ async def chat_completions_batch(request: Request):
     for i, conversation in enumerate(conversations):
         one = {**body, "messages": conversation}
         try:
-            messages = parse_messages(one)
-            ids, options = await render_chat(request, engine, one, messages, None, None)
-            ids = truncate(ids, extras, engine.max_model_len)
-            _check_length(engine, len(ids), params.max_tokens, "messages", tokens_field)
+            ids, options = await _chat_prompt(request, engine, one, parse_messages(one), None,
+                                              None, extras, params, tokens_field)
         except APIError as e:  # its param names the conversation: messages[i][j]...
             if e.param and e.param.startswith("messages"):
                 e.param = f"messages[{i}]" + e.param[len("messages"):]
             raise
         token_lists.append(ids)
+    call = _chat_call(request, engine, model, params, extras, tokens_field, options)
+    return await call.run(token_lists, False, False)
+
+
+async def _chat_prompt(request: Request, engine, body: dict, messages: list[dict], tools,
+                       tool_choice, extras, params, tokens_field: str
+                       ) -> tuple[list[int], ChatOptions]:
+    """A conversation's prompt ids (rendered, truncated as asked, checked against the context)
+    and how it was rendered."""
+    ids, options = await render_chat(request, engine, body, messages, tools, tool_choice)
+    ids = truncate(ids, extras, engine.max_model_len)
+    _check_length(engine, len(ids), params.max_tokens, "messages", tokens_field)
+    return ids, options
+
+
+def _chat_call(request: Request, engine, model: str, params, extras, tokens_field: str,
+               options: ChatOptions) -> GenerationCall:
     call = GenerationCall(request, engine, new_id("chatcmpl"), model, params, chat=True,
                           extras=extras)
-    call.tokens_field = tokens_field
-    call.chat_options = options
-    return await call.run(token_lists, False, False)
+    call.tokens_field, call.chat_options = tokens_field, options
+    return call
 
 
 async def invocations(request: Request):

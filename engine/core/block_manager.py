@@ -16,6 +16,7 @@ stay findable until the allocator needs them: it takes the least recently freed 
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from array import array
 from collections import Counter, OrderedDict
@@ -39,8 +40,11 @@ def root_key(seq: Sequence) -> int:
     """The key the first block's chains onto: 0, or one of the request's cache_salt (vLLM's), so
     that only requests of the same salt share cached blocks."""
     salt = seq.sampling_params.cache_salt
-    if not salt:
-        return 0
+    return _salt_key(salt) if salt else 0
+
+
+@functools.lru_cache(maxsize=1024)
+def _salt_key(salt: str) -> int:
     digest = hashlib.blake2b(b"cache_salt\0" + salt.encode(), digest_size=16).digest()
     return int.from_bytes(digest, "little")
 
