@@ -66,11 +66,11 @@ TIMINGS: dict[tuple, list[tuple[float, str]]] = {}  # same key -> [(us, label)] 
 
 def bucket(m: int) -> int:
     """The rows a plan is tuned for: the decode graphs' padded sizes (cuda_graph.padded_sizes:
-    multiples of 8 to 32, of 16 to 256), multiples of 256 above, so that a serving run's chunk
-    sizes share a handful of plans."""
+    multiples of 8 to 256), multiples of 256 above, so that a serving run's chunk sizes share a
+    handful of plans."""
     if m <= 8:
         return m
-    step = 8 if m <= 32 else 16 if m <= 256 else 256
+    step = 8 if m <= 256 else 256
     return -(-m // step) * step
 
 
