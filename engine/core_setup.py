@@ -24,7 +24,7 @@ from engine.executor.tensor_parallel import release_unused_memory
 from engine.executor.transformer import Transformer
 from engine.executor.workers import WorkerGroup
 from engine.model.config import EngineConfig, ModelConfig
-from engine.model.loader import checkpoint_dtype, load_model
+from engine.model.loader import checkpoint_dtype, load_engine_model
 from engine.structured_outputs import GrammarCompiler
 
 logger = logging.getLogger("pagedserve." + __name__)
@@ -42,7 +42,8 @@ def auto_dtype(device: str, checkpoint: str) -> str:
 class CoreParts:
     ops: object  # the backend (under tensor parallel, rank 0's)
     model_config: ModelConfig  # the whole model's shape, not one rank's
-    tokenizer: object | None  # kept for the in-process front; the core reads only its eos id
+    tokenizer: object | None  # for the in-process front; the core reads its eos ids and builds
+    # the structured-outputs compiler from it
     workers: WorkerGroup | None  # tensor parallel: ranks 1..; None on one device
     model: Transformer  # this rank's part
     kv_cache: object  # (num_layers, ...) per the backend's alloc_kv_cache
@@ -57,7 +58,7 @@ class CoreParts:
 
 def build_core_parts(engine_config: EngineConfig, loaded_model=None) -> CoreParts:
     """Everything an EngineCore runs on, from a validated config. `loaded_model` (anything with
-    .config, .weights, .tokenizer) skips load_model."""
+    .config, .weights, .tokenizer) skips load_engine_model."""
     device = resolve_device(engine_config.device)
     dtype = engine_config.dtype
     if dtype == "auto":
@@ -66,11 +67,7 @@ def build_core_parts(engine_config: EngineConfig, loaded_model=None) -> CorePart
     ops = get_ops(device, dtype, engine_config.cpu_threads)
     send_weights = loaded_model is not None  # workers cannot load a model given in memory
     if loaded_model is None:
-        loaded_model = load_model(engine_config.model, ops,
-                                  load_format=engine_config.load_format,
-                                  quantization=engine_config.quantization,
-                                  gguf_dequantize=engine_config.gguf_dequantize,
-                                  seed=engine_config.seed)
+        loaded_model = load_engine_model(engine_config, ops)
     mc = loaded_model.config
     ops.check_model(mc)
     tokenizer = loaded_model.tokenizer

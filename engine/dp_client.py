@@ -40,8 +40,8 @@ def core_client_for(engine_config: EngineConfig, make_core=None) -> MPClient | D
 
 
 def gpus_per_core(engine_config: EngineConfig) -> int:
-    # tensor_parallel_size comes with tensor parallelism (a sibling branch); until then, 1.
-    return getattr(engine_config, "tensor_parallel_size", 1)
+    """GPUs one engine core uses: its tensor-parallel group."""
+    return engine_config.tensor_parallel_size
 
 
 def core_devices(engine_config: EngineConfig) -> list[str | None]:

@@ -42,9 +42,8 @@ class SpecDecoder:
         """Set the drafts of the running decodes; return the sequences that got some (the engine
         core empties their spec_token_ids after the step)."""
         status = SequenceStatus.RUNNING
-        # NOTE: when structured outputs (a grammar matcher per sequence) join this code, exclude
-        # constrained sequences here until DraftRow advances a copy of the matcher through the
-        # drafts: row j's mask must be the one after the first j drafts.
+        # NOTE: constrained sequences never reach here: EngineCore.step does not speculate while
+        # one runs or waits (row j's mask would need the matcher advanced through j drafts).
         # NOTE: beams never speculate: a beam step reads one row's top candidates for every beam
         # (engine/beam_search.py), and its forks share blocks a rollback would have to respect.
         decodes = [s for s in running if s.status is status and not s.forks

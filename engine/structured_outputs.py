@@ -1,7 +1,7 @@
 """Structured outputs with llguidance: grammars compiled once, one matcher per constrained
 sequence, and the batch's token bitmask.
 
-    grammars = GrammarCompiler(tokenizer, vocab_size, eos_token_ids)
+    grammars = GrammarCompiler.for_tokenizer(tokenizer, vocab_size, eos_token_ids)
     grammars.check(so)                  # compile now (cached); ValueError naming the field
     future = grammars.submit(so)        # compile on the pool; the request waits for it
     matcher = future.result().deep_copy()   # each sequence advances its own copy

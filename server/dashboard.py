@@ -1,12 +1,12 @@
 """The live dashboard: `/dashboard` (one self-contained page), `/dashboard/events` (its SSE feed)
 and the example traces it can replay.
 
-One feed per app polls the engine for a snapshot delta (LLMEngine.snapshot through the engine
-layer's `snapshot` hook) at most UPDATES_PER_S times a second, and only while someone watches.
-It keeps the full picture (DashboardState) so a viewer who joins late starts from a keyframe of
-it, and every viewer then gets the same deltas. The page holds no data: it is served without the
-API key; the feed asks for it like the API does (the page sends it with fetch, not EventSource,
-which cannot set headers).
+One feed per app polls the engine for a snapshot delta (AsyncEngine.snapshot: the engine-core
+process takes it between steps) at most UPDATES_PER_S times a second, and only while someone
+watches. It keeps the full picture (DashboardState) so a viewer who joins late starts from a
+keyframe of it, and every viewer then gets the same deltas. The page holds no data: it is served
+without the API key; the feed asks for it like the API does (the page sends it with fetch, not
+EventSource, which cannot set headers).
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ log = logging.getLogger("pagedserve.dashboard")
 STATIC = Path(__file__).parent / "static"
 TRACES = STATIC / "traces"
 UPDATES_PER_S = 10
-# Snapshots are taken on the engine's thread: the feed waits at least this many times what the
+# Snapshots are taken in the engine-core process: the feed waits at least this many times what the
 # last one cost there (its "cost_s"), so a dashboard never takes more than ~0.5% of the engine.
 COST_FACTOR = 200
 MAX_BACKLOG = 20  # a viewer this many updates behind is resent a keyframe instead

@@ -2,7 +2,8 @@
 
 Each app owns its CollectorRegistry, so two apps in one process (tests) never share numbers.
 Engine-wide numbers come from the engine's own cumulative stats, read at scrape time from the last
-snapshot the engine thread took; per-request numbers are observed when a request ends.
+EngineStats the engine-core process sent (set by AsyncEngine on the event loop); per-request
+numbers are observed when a request ends.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ _COUNTERS = {
     "prefix_cache_queries": ("pagedserve_prefix_cache_queries", "Prompt blocks looked up."),
     "prefix_cache_hits": ("pagedserve_prefix_cache_hits", "Prompt blocks found in the cache."),
     "num_preemptions": ("pagedserve_preemptions", "Sequences preempted for lack of blocks."),
-    "prompt_tokens_total": ("pagedserve_prompt_tokens", "Prompt tokens admitted."),
+    "prompt_tokens_total": ("pagedserve_prompt_tokens",
+                            "Prompt tokens computed (prefix-cache hits excluded)."),
     "generation_tokens_total": ("pagedserve_generation_tokens", "Tokens generated."),
     "num_steps": ("pagedserve_engine_steps", "Engine steps (model forward passes)."),
     "spec_num_drafts": ("pagedserve_spec_decode_num_drafts",
@@ -40,7 +42,7 @@ _COUNTERS = {
 class ServerMetrics:
     def __init__(self):
         self.registry = CollectorRegistry()
-        self.stats = None  # the engine's last get_stats(), set by the engine thread
+        self.stats = None  # the core's last EngineStats, set by AsyncEngine on the event loop
         # Data parallel: each core's last EngineStats (None before its first); `stats` sums them.
         self.core_stats: list | None = None
         self.max_running = 0

@@ -344,6 +344,11 @@ def test_integer_like_values_are_taken():
                        logit_bias={"5": 1, np.int64(6): np.float32(-2.5), 7: 3})
     assert p.stop_token_ids == [3, 4] and all(type(t) is int for t in p.stop_token_ids)
     assert p.logit_bias == {5: 1.0, 6: -2.5, 7: 3.0}
+    # the lists of token ids take them too, as Python ints (they travel to the engine core)
+    q = SamplingParams(allowed_token_ids=[np.int64(9), 2, np.int32(9)],
+                       logprob_token_ids=(np.int64(5), np.uint16(6)))
+    assert q.allowed_token_ids == [2, 9] and q.logprob_token_ids == [5, 6] and q.logprobs == 2
+    assert all(type(t) is int for t in q.allowed_token_ids + q.logprob_token_ids)
 
 
 # ---- totality: any valid parameters give a valid token ------------------------------------------

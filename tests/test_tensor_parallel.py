@@ -407,3 +407,29 @@ def test_a_bad_rendezvous_timeout_is_named_when_a_rendezvous_starts(monkeypatch,
         workers.rendezvous_timeout()
     monkeypatch.setenv("PAGEDSERVE_RENDEZVOUS_TIMEOUT", "2.5")
     assert workers.rendezvous_timeout() == 2.5
+
+
+def test_a_worker_loads_the_weights_as_rank_0_does():
+    """--gguf-dequantize with a .gguf on cuda: rank 0 dequantizes the blocks at load, and so must
+    every worker (each loaded with only the model and format, kept the blocks quantized, and its
+    weight slicing then refused them: the group never started). Both load through one helper;
+    a numpy backend named "cuda" (all the loader looks at) stands in for the GPU."""
+    from engine.executor import worker
+    from engine.executor.ops.numpy_ops import NumpyOps
+    from engine.model.config import EngineConfig
+    from engine.model.loader import load_engine_model
+    from engine.model.quantized import QuantizedWeight
+
+    class CudaNamed(NumpyOps):
+        name = "cuda"
+
+    ops = CudaNamed()
+    ec = EngineConfig(device="cuda", tensor_parallel_size=2, gguf_dequantize=True)
+    _, weights = worker._load(ec, ops)
+    rank0 = load_engine_model(ec, ops).weights
+    for got, want in ((weights.layers[0].qkv, rank0.layers[0].qkv),
+                      (weights.layers[-1].down, rank0.layers[-1].down)):
+        assert not isinstance(got, QuantizedWeight) and not isinstance(want, QuantizedWeight)
+        np.testing.assert_array_equal(got, want)
+    kept = EngineConfig(device="cuda", tensor_parallel_size=2, gguf_dequantize=False)
+    assert isinstance(worker._load(kept, ops)[1].layers[0].qkv, QuantizedWeight)

@@ -181,14 +181,14 @@ class SamplingParams:
             if ids is None:
                 continue
             if not (isinstance(ids, (list, tuple)) and ids and all(
-                    isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in ids)):
+                    is_int(t) and t >= 0 for t in ids)):
                 raise ParamError(name, f"{name} must be a non-empty list of token ids, got "
                                        f"{reprlib.repr(ids)}")
+            setattr(self, name, [int(t) for t in ids])  # numpy's integers as Python's
         if self.allowed_token_ids is not None:
             self.allowed_token_ids = sorted(set(self.allowed_token_ids))
         ids = self.logprob_token_ids
         if ids is not None:
-            self.logprob_token_ids = list(ids)
             if len(ids) > MAX_LOGPROB_TOKEN_IDS:
                 raise ParamError("logprob_token_ids", f"logprob_token_ids must hold at most "
                                  f"{MAX_LOGPROB_TOKEN_IDS} ids, got {len(ids)}")

@@ -54,7 +54,8 @@ class PromptLogprobs:
 
     seq: object
     start: int  # the prompt position of the first entry
-    entries: list[dict[int, float]]  # per position {prompt token: logprob, then top-k}
+    # per position {top-k token: logprob, ..., then the prompt token's}
+    entries: list[dict[int, float]]
     ranks: list[int]  # per position the prompt token's rank in the vocabulary (1: the best)
 
 

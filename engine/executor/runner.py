@@ -77,7 +77,7 @@ def num_kv_blocks(model_config: ModelConfig, engine_config: EngineConfig, ops,
     if ops.name == "numpy":
         wanted = blocks_per_seq * min(engine_config.max_num_seqs, NUMPY_KV_FULL_SEQS)
         return max(1, min(wanted, NUMPY_KV_CACHE_BYTES // bytes_per_block))
-    import cupy  # the runner is the one floor-2 module besides the cuda backend that may
+    import cupy  # the runner is the one floor-3 module besides the cuda backend that imports it
 
     free, total = cupy.cuda.runtime.memGetInfo()
     used = total - free

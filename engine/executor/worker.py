@@ -51,7 +51,7 @@ from engine.executor.workers import (
     parse_port,
     rendezvous_timeout,
 )
-from engine.model.loader import load_model
+from engine.model.loader import load_engine_model
 
 
 def worker_main(argv: list[str] | None = None) -> int:
@@ -197,7 +197,7 @@ class _Worker:
 
 def _load(ec, ops):
     """(model config, full weights) from engine_config.model, as rank 0 loaded them."""
-    loaded = load_model(ec.model, ops, load_format=ec.load_format, seed=ec.seed)
+    loaded = load_engine_model(ec, ops)
     return loaded.config, loaded.weights
 
 

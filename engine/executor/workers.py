@@ -56,8 +56,9 @@ from engine.model.weights import ModelWeights
 
 HELLO, CONFIG, LOADED, FAILED, CACHE, STEP, STOP = b"H", b"C", b"L", b"E", b"K", b"S", b"Q"
 MASTER_ADDR_ENV, MASTER_PORT_ENV = "PAGEDSERVE_MASTER_ADDR", "PAGEDSERVE_MASTER_PORT"
-# How long rank 0 waits for every rank to say HELLO, and then to load its model: this, when
-# set (tests), else $PAGEDSERVE_RENDEZVOUS_TIMEOUT (rendezvous_timeout).
+# How long rank 0 waits for every rank to say HELLO (and a worker for CONFIG); loading is bounded
+# by LOAD_TIMEOUT_S: this, when set (tests), else $PAGEDSERVE_RENDEZVOUS_TIMEOUT
+# (rendezvous_timeout).
 RENDEZVOUS_TIMEOUT_S: float | None = None
 RENDEZVOUS_TIMEOUT_ENV = "PAGEDSERVE_RENDEZVOUS_TIMEOUT"
 LOAD_TIMEOUT_S = 3600.0

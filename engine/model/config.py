@@ -1,4 +1,5 @@
-"""Model and engine configuration (floor 1: the stdlib, and engine/core/limits.py's is_int).
+"""Model and engine configuration (floor 1: importing it needs the stdlib and
+engine/core/limits.py's is_int; EngineConfig.validate() imports gguf_quants, hence numpy).
 
 `ModelConfig` is the one description of a transformer that the loader, the model and the
 benchmarks share. It comes from an HF `config.json`, from GGUF metadata (gguf_loader.py),
@@ -325,7 +326,7 @@ class EngineConfig:
     # of the model; the rank is set per core, and keeps unseeded sampling apart across cores.
     data_parallel_size: int = 1
     data_parallel_rank: int = 0
-    # Schedule step N+1 while step N runs on the device (engine/engine.py). None: on for cuda,
+    # Schedule step N+1 while step N runs on the device (engine/engine_core.py). None: on for cuda,
     # off for numpy (where the host is the device, so nothing overlaps).
     async_scheduling: bool | None = None
     load_format: str = "auto"  # auto | dummy

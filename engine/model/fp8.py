@@ -12,8 +12,8 @@ per sign (S.1111.111); largest finite 448, smallest subnormal 2^-9.
     fp8_linear(x, w) y[t, o] = (sum_i dec(qx[t, i]) * dec(qw[o, i])) * sx[t] * sw[o],
                      products of decoded values exact in float32, sums accumulated in float32
 
-The four matrix products of each layer (qkv, o, gate_up, down) and the lm_head are FP8 (LM_HEAD
-below); the embedding stays in the compute dtype.
+The four matrix products of each layer (qkv, o, gate_up, down) are FP8; the lm_head stays in the
+compute dtype unless PAGEDSERVE_FP8_LM_HEAD=1 (LM_HEAD below), and so does the embedding.
 """
 
 from __future__ import annotations

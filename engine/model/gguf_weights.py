@@ -1,7 +1,8 @@
 """GGUF weights kept in their block formats: Q8_0, Q4_0, Q4_1, Q4_K, Q5_K and Q6_K tensors load as
 QuantizedWeight (the file's raw block bytes, (rows, bytes_per_row) uint8), so a 4-bit model takes
 about a quarter of bf16's memory and of its bytes read per decoded token. Other tensors (F32 norms,
-F16/BF16, other quant types) are dequantized to float32 as gguf_loader does. Nothing is cached on
+F16/BF16, other quant types) are dequantized to float32 (gguf_loader's cache keeps F16 and
+dequantized blocks in float16 instead). Nothing is cached on
 disk: block bytes are read straight from the file's memory map.
 
 Rows are whole runs of blocks, so llama.cpp's q/k row permutation is undone on the raw rows, and

@@ -366,8 +366,9 @@ def default_model_path() -> Path:
 def checkpoint_dtype(model: str | None) -> str:
     """The dtype an HF checkpoint declares (config.json's torch_dtype), without loading it.
 
-    GGUF files are dequantized to float32, and presets describe bf16 models; anything unreadable
-    answers "float32" and lets load_model report the problem.
+    A .gguf file answers "float32" whether its blocks are kept or dequantized, and presets
+    describe bf16 models; anything unreadable answers "float32" and lets load_model report the
+    problem.
     """
     if model is None or str(model).endswith(".gguf"):
         return "float32"
@@ -379,6 +380,14 @@ def checkpoint_dtype(model: str | None) -> str:
         return ModelConfig.from_preset(model).dtype
     except (OSError, ValueError):
         return "float32"
+
+
+def load_engine_model(engine_config, ops) -> LoadedModel:
+    """The model an EngineConfig names, loaded with every option of it that shapes the weights:
+    rank 0 and each tensor-parallel worker load through here, so their weights agree."""
+    ec = engine_config
+    return load_model(ec.model, ops, load_format=ec.load_format, seed=ec.seed,
+                      quantization=ec.quantization, gguf_dequantize=ec.gguf_dequantize)
 
 
 def load_model(model: str | None, ops, load_format: str = "auto", seed: int = 0,

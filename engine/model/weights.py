@@ -1,6 +1,7 @@
 """The weights of one model, as the loaders hand them to the transformer.
 
-Arrays are numpy on the host; the runner moves them to the backend's device. Q/K/V arrive fused into
+Arrays are on the backend's device (the loaders upload each with ops.from_host as they read it),
+or QuantizedWeight for blocks kept quantized. Q/K/V arrive fused into
 one matrix and gate/up into another, so each layer runs four matrix products.
 """
 

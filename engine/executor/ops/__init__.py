@@ -60,13 +60,14 @@ class SamplingTensors:
 
     Semantics (identical in both backends; the cuda kernels are tested against numpy_sampling):
       1. logprobs are taken from the raw logits (log_softmax, before anything below).
-      2. penalties on the logits (vLLM's definitions): repetition over prompt and output tokens,
-         then frequency and presence over output tokens.
-      3. logit_bias is added (min_tokens enters here as a -inf bias on stop ids); then a row
-         with allowed ids (allowed_token_ids) sets every other token's logit to -inf.
+      2. logit_bias is added (min_tokens enters here as a -inf bias on stop ids), vLLM's order.
+      3. penalties on the biased logits (vLLM's definitions): repetition over prompt and output
+         tokens, then frequency and presence over output tokens; then a row with allowed ids
+         (allowed_token_ids) sets every other token's logit to -inf.
       4. temperature == 0: greedy argmax (lowest id on ties). Otherwise exp((logit - max) /
          temperature), normalized; keep p >= k-th largest p (top_k), keep p >= smallest p whose
-         strictly larger mass < top_p (top_p), keep p >= min_p * max p (min_p); all three keep
+         strictly larger mass < top_p x the mass top_k and min_p keep (top_p, measured on
+         their renormalized distribution), keep p >= min_p * max p (min_p); all three keep
          ties, and the largest p is always kept. A row with every logit -inf takes the argmax.
          Every float32 value is valid (a 0 top_p, a denormal temperature, an inf or 0
          repetition penalty): the sampler clamps rather than fails.
