@@ -157,6 +157,26 @@ def test_preemption_takes_the_newest_and_requeues_it_first():
     assert a.num_output_tokens == b.num_output_tokens == 3
 
 
+def test_the_queue_is_first_come_first_served_even_when_a_later_request_would_fit():
+    """FCFS: a prompt that does not fit yet holds the queue; a smaller one behind it waits too
+    (letting it pass could starve the big one for as long as small ones keep coming)."""
+    eng = FakeEngine(num_blocks=4, block_size=2, budget=64, max_model_len=64)
+    a = make_seq([1, 2, 3, 4], 4)
+    eng.sched.add(a)
+    eng.step()  # a holds 2 of the 4 blocks
+    big, small = make_seq([11, 12, 13, 14, 15, 16], 2), make_seq([21, 22], 2)
+    eng.sched.add(big)  # 3 blocks: does not fit beside a
+    eng.sched.add(small)  # 1 block: would fit
+    for _ in range(3):
+        batch = eng.step()
+        assert batch.seqs == [a] and list(eng.sched.waiting) == [big, small]
+    eng.run([])
+    first = {id(q): min(i for i, b in enumerate(eng.batches) if any(x is q for x, _ in b))
+             for q in (big, small)}
+    assert first[id(big)] <= first[id(small)]
+    assert a.num_output_tokens == 4 and big.num_output_tokens == small.num_output_tokens == 2
+
+
 def test_prompt_longer_than_max_model_len_is_rejected_with_both_numbers():
     sched = Scheduler(BlockManager(100, 4), 4, 64, max_model_len=10)
     with pytest.raises(ValueError, match=r"prompt has 12 tokens.*max_model_len 10"):

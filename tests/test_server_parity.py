@@ -182,9 +182,18 @@ def test_usage_every_chunk_and_cached_tokens(client):
         client.completions.create(model=MODEL, prompt=long_ids, max_tokens=1,
                                   extra_body={"cache_salt": "a/b"})
     assert "cache_salt" in str(e.value)
-    chat = client.chat.completions.create(model=MODEL, max_tokens=1,
-                                          messages=[{"role": "user", "content": "Hi"}])
-    assert chat.usage.prompt_tokens_details.cached_tokens >= 0
+    # a chat's usage counts the cache the same way: the same conversation twice finds the full
+    # blocks of its templated prompt (all but the last block) the second time (a salt of its
+    # own, so the chat template's opening that earlier chats cached is not found the first time)
+    messages = [{"role": "user", "content": "Tell me about block tables. " * 8}]
+    chats = [client.chat.completions.create(model=MODEL, max_tokens=1, messages=messages,
+                                            extra_body={"cache_salt": "chat-usage"}).usage
+             for _ in range(2)]
+    n = chats[0].prompt_tokens
+    full = (n - 1) // 16 * 16
+    assert n > 32 and chats[1].prompt_tokens == n
+    assert [(u.prompt_tokens_details.cached_tokens, u.prompt_tokens_details.created_cache_tokens)
+            for u in chats] == [(0, n // 16 * 16), (full, n // 16 * 16 - full)]
 
 
 def test_truncate_prompt_tokens(server, client):
