@@ -42,8 +42,8 @@ def auto_dtype(device: str, checkpoint: str) -> str:
 class CoreParts:
     ops: object  # the backend (under tensor parallel, rank 0's)
     model_config: ModelConfig  # the whole model's shape, not one rank's
-    tokenizer: object | None  # for the in-process front; the core reads its eos ids and builds
-    # the structured-outputs compiler from it
+    # for the in-process front; the core reads its eos ids and builds its grammar compiler on it
+    tokenizer: object | None
     workers: WorkerGroup | None  # tensor parallel: ranks 1..; None on one device
     model: Transformer  # this rank's part
     kv_cache: object  # (num_layers, ...) per the backend's alloc_kv_cache

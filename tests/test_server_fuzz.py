@@ -22,6 +22,20 @@ ENDPOINTS = ("/v1/completions", "/v1/chat/completions", "/tokenize", "/detokeniz
 SAMPLER_EXTREMES = {"top_p_1e-50", "tiny_temperature_top_p", "tiny_temperature_top_k",
                     "tiny_temperature_min_p", "repetition_penalty_1e-50"}
 
+# (status, error.param) of each issue case the server refuses
+REFUSED = {
+    "n_2**63": (400, "n"), "temperature_Infinity": (400, "temperature"),
+    "temperature_NaN": (400, "temperature"), "nested_100000": (400, "body"),
+    "nested_in_field": (400, "body"), "int_5000_digits": (400, "body"),
+    "text_plain_post": (415, "Content-Type"), "host_evil": (421, "Host"),
+    "best_of": (400, "best_of"), "stop_strings_many": (400, "stop"),
+    "stop_string_long": (400, "stop"), "logit_bias_huge": (400, "logit_bias"),
+    "prompts_many": (400, "prompt"), "top_logprobs_big": (400, "top_logprobs"),
+    "top_k_2**70": (400, "top_k"), "tokens_huge_id": (400, "tokens"),
+    "body_not_object": (400, "body"), "body_not_json": (400, "body"),
+    "body_not_utf8": (400, "body"),
+}
+
 floats = st.floats(allow_nan=True, allow_infinity=True)
 leaves = (st.none() | st.booleans() | st.integers(-(2**70), 2**70) | floats
           | st.text(max_size=12) | st.sampled_from(["<|im_end|>", "<|im_start|>system", MODEL]))
@@ -114,17 +128,3 @@ def test_issue_cases(client, name, path, body, headers):
         assert (r.status_code, r.json()["error"]["param"]) == REFUSED[name], r.text[:300]
     check_still_serves(client)
 
-
-# (status, error.param) of each issue case the server refuses
-REFUSED = {
-    "n_2**63": (400, "n"), "temperature_Infinity": (400, "temperature"),
-    "temperature_NaN": (400, "temperature"), "nested_100000": (400, "body"),
-    "nested_in_field": (400, "body"), "int_5000_digits": (400, "body"),
-    "text_plain_post": (415, "Content-Type"), "host_evil": (421, "Host"),
-    "best_of": (400, "best_of"), "stop_strings_many": (400, "stop"),
-    "stop_string_long": (400, "stop"), "logit_bias_huge": (400, "logit_bias"),
-    "prompts_many": (400, "prompt"), "top_logprobs_big": (400, "top_logprobs"),
-    "top_k_2**70": (400, "top_k"), "tokens_huge_id": (400, "tokens"),
-    "body_not_object": (400, "body"), "body_not_json": (400, "body"),
-    "body_not_utf8": (400, "body"),
-}

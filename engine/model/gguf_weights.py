@@ -2,8 +2,8 @@
 QuantizedWeight (the file's raw block bytes, (rows, bytes_per_row) uint8), so a 4-bit model takes
 about a quarter of bf16's memory and of its bytes read per decoded token. Other tensors (F32 norms,
 F16/BF16, other quant types) are dequantized to float32 (gguf_loader's cache keeps F16 and
-dequantized blocks in float16 instead). Nothing is cached on
-disk: block bytes are read straight from the file's memory map.
+dequantized blocks in float16 instead). Nothing is cached on disk: block bytes are read straight
+from the file's memory map.
 
 Rows are whole runs of blocks, so llama.cpp's q/k row permutation is undone on the raw rows, and
 q/k/v (gate/up) of one type fuse by concatenating rows.

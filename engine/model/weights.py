@@ -1,8 +1,8 @@
 """The weights of one model, as the loaders hand them to the transformer.
 
 Arrays are on the backend's device (the loaders upload each with ops.from_host as they read it),
-or QuantizedWeight for blocks kept quantized. Q/K/V arrive fused into
-one matrix and gate/up into another, so each layer runs four matrix products.
+or QuantizedWeight for blocks kept quantized. Q/K/V arrive fused into one matrix and gate/up into
+another, so each layer runs four matrix products.
 """
 
 from __future__ import annotations

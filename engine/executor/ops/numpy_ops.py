@@ -23,7 +23,6 @@ from engine.model.quantized import QuantizedWeight, dequantize
 ATTENTION_ROWS = 256  # new queries of a sequence whose scores attention() computes at once
 
 
-
 def _large_empty(shape: tuple) -> np.ndarray:
     """An uninitialized float32 array in anonymous memory advised for huge pages (Linux), else
     np.empty. The array holds the mapping: it is unmapped when the array goes."""
@@ -37,6 +36,7 @@ def _large_empty(shape: tuple) -> np.ndarray:
     except OSError:  # a kernel without transparent huge pages: 4 KiB pages it is
         pass
     return np.frombuffer(region, np.float32).reshape(shape)
+
 
 class NumpyOps:
     name = "numpy"
