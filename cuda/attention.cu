@@ -1,5 +1,6 @@
 // Paged decode attention: one new query per sequence over its whole paged cache. The decode rows
-// of any batch come here (attention_prefill.cu takes sequences with several new tokens).
+// of any batch come here or to attention_decode_mma.cu (cuda_attention.DECODE_KERNEL, "mma" by
+// default); the prefill kernels (cuda_prefill.py) take sequences with several new tokens.
 //
 // Memory-bound: the kernel's job is to stream K and V once at full bandwidth. One block takes one
 // sequence, one kv head and one context split, and computes G query heads of that kv head, so

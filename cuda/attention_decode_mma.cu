@@ -1,5 +1,6 @@
-// Paged decode attention on tensor cores: the same job, grid and output as attention.cu's
-// decode_attention_kernel (whose decode_reduce_kernel combines the splits of both), with far fewer
+// Paged decode attention on tensor cores: the same job and output as attention.cu's
+// decode_attention_kernel (whose decode_reduce_kernel combines the splits of both; the grid
+// differs: heads on x, decode items on y, GR heads a block, below), with far fewer
 // instructions per key, so that the kernel is bound by the bandwidth of reading K and V.
 //
 // One block takes one sequence, one kv head and one context split, and up to GR query heads of

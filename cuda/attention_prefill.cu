@@ -1,6 +1,7 @@
 // Paged causal attention for sequences with several new tokens (prefill chunks), on tensor cores.
 // v1, kept as the fallback (PAGEDSERVE_PREFILL_KERNEL=v1, or a kv group wider than v2's block)
-// and as tools/kernel_check.py's timing baseline; attention_prefill_gqa.cu (v2) is the default.
+// and as tools/kernel_check.py's timing baseline; the default is attention_prefill_sm90.cu on
+// Hopper, attention_prefill_gqa.cu (v2) elsewhere (cuda_prefill.prefill_plan).
 //
 // FlashAttention-2 style: a block takes a tile of up to PF_M consecutive new tokens of one
 // sequence and one query head; each of its 4 warps owns 16 query rows. The block walks the keys

@@ -20,8 +20,9 @@
 //   barriers 1 and 2, "ping-pong"), so one's softmax runs while the other's products keep the
 //   tensor cores busy.
 // Shared memory: every operand in 128-byte-swizzled atoms of [rows][64 values] (wgmma.cuh), Q
-// [HD / 64][BM], each stage's K and V [HD / 64][BN]. Both consumers walk every key tile (their
-// rows are the same tokens of different heads); keys past a row's position are masked, only in
+// [HD / 64][BM], each stage's K and V [HD / 64][BN]. Both consumers walk every key tile (for a
+// group that is a power of two, 2 or more, their rows are the same tokens of different heads;
+// with 1, consumer 1 has the later 64 tokens); keys past a row's position are masked, only in
 // tiles that cross the diagonal of a row of the warp. The softmax is base 2 on raw scores, the
 // scale folded into one FMA before ex2.
 #include "wgmma.cuh"

@@ -57,7 +57,8 @@ __device__ __forceinline__ float block_max(float v, float* smem) {
   return warp_max(v);
 }
 
-// Programmatic dependent launch (Hopper; cuda_kernels.launch with pdl=True, the default on sm_90):
+// Programmatic dependent launch (Hopper; cuda_kernels.launch with pdl=True inside
+// cuda_kernels.programmatic_launches(), sm_90+; launch's default is a plain launch):
 // such a kernel may be resident before the previous kernel on the stream has finished.
 // pdl_wait() returns once that kernel has completed and its writes are visible. Every block of a
 // kernel launched so calls it, early-exiting blocks too, before it reads anything an earlier
@@ -66,7 +67,8 @@ __device__ __forceinline__ float block_max(float v, float* smem) {
 // which is what lets a kernel read the output of one launched two or more before it. Only reads
 // of what no kernel writes may come before the wait: weights, tables (RoPE's cos/sin) and a
 // step's inputs from the host (positions, slot mapping: copied before the first kernel of the
-// chain, which starts after the copy has finished).
+// chain, which starts after the copy has finished); and what only an earlier step's kernels wrote
+// (attention_decode_mma.cu's cached keys and values: a step's chain starts after them).
 // pdl_trigger() lets the next kernel launch (once every block of this one has called it or
 // exited). It may come before the wait (pdl_enter with PDL_EARLY: the next kernel resident while
 // this one waits, and a chain of such kernels runs as deep as the SMs hold them) - the next
@@ -92,7 +94,8 @@ __device__ __forceinline__ void pdl_start() {
 constexpr int PDL_EARLY = 1;  // a kernel's `flags` bit (cuda_kernels.PDL_EARLY): trigger first
 // a `flags` bit of the GGUF GEMVs with the fused norm (cuda_norm.NORM_W_EARLY, on with
 // PAGEDSERVE_NORM_VEC): the norm weight is loaded with x and the residual where the row takes one
-// pass, instead of after the sum of squares (a memory latency more per launch)
+// pass, instead of after the sum of squares (a memory latency more per launch); in qk_rope_kv.cu,
+// its norm weights, bias, cos/sin and slot are read before the PDL wait
 constexpr int NORM_W_EARLY = 2;
 
 __device__ __forceinline__ void pdl_enter(int flags) {

@@ -203,8 +203,9 @@ __global__ void __launch_bounds__(256) fp8_gemv_kernel(T* __restrict__ y,       
     }
   };
   // The first weight words are requested before the PDL wait: under PDL they stream while the
-  // previous kernel (the activation's quantization) finishes; at K = 4096 they are all of a
-  // thread's words. Only qx and sx, read after it, come from an earlier kernel.
+  // previous kernel (the activation's quantization) finishes; at K = 4096 (64 threads,
+  // cuda_fp8.FP8_GEMV_WORDS = 4 words a row each) they are half of a thread's words. Only qx and
+  // sx, read after it, come from an earlier kernel.
   load_w(threadIdx.x);
   pdl_enter(flags);
   const float sxi = writes ? sx[mi] : 0.f;

@@ -4,7 +4,7 @@
 
 // Copies whole rows in 16-byte words, so it serves every dtype.
 // NOTE: ids are not range-checked here; the wrapper's callers produce them from the tokenizer.
-// Grid: (num_out_rows)  Block: (128)
+// Grid: (num_out_rows)  Block: (cuda_norm.gather_threads: 32..512, 128 without NORM_VEC)
 __global__ void gather_rows_kernel(uint4* __restrict__ out,        // [num_out_rows, words]
                                    const uint4* __restrict__ src,  // [num_src_rows, words]
                                    const int* __restrict__ idx,    // [num_out_rows]

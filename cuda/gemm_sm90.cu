@@ -1,6 +1,6 @@
 // Skinny GEMM for Hopper (sm_90a only): y[M, N] = x[M, K] w[N, K]^T for M <= 256 rows (a decode
 // step's tokens against a layer's weights), an experiment beside cuBLAS (kernel_check --only
-// skinny; the engine does not call it yet).
+// skinny; the engine takes it only with PAGEDSERVE_SKINNY_GEMM=1, cuda_gemm_sm90.py).
 //
 // Why: cuBLAS's tiles run over the token rows in steps of 128 or 256, so a graph of 144
 // sequences may pay for 256; and a cuBLAS kernel starts only once the kernel before it has

@@ -1,7 +1,8 @@
 // GGUF block formats on the GPU (Q8_0, Q4_0, Q4_1, Q4_K, Q5_K, Q6_K): dequantization, the exact
 // twin of engine/model/gguf_quants.py, and a small-batch GEMV that reads the packed blocks.
 //
-// Every format is described by one struct that splits a block into groups of 16 values, each
+// Every format is described by one struct that splits a block into groups of GV values (16; 32
+// for Q4_K and Q5_K), each
 //   value = a * (u - OFFSET) + b        (b only for formats with a minimum: Q4_1, Q4_K, Q5_K)
 // with u a small stored integer. The dequantize kernel evaluates that with the rounding of the
 // numpy twin (__fmul_rn / __fadd_rn: no FMA contraction), so it is bit-exact in fp32; the GEMV
@@ -351,7 +352,8 @@ gguf_gemv_kernel(T* __restrict__ y, const T* __restrict__ x, const u8* __restric
 }
 
 // ------------------------------------------------------------------------------------ GEMV v2
-// A second decode GEMV for Q4_K and Q8_0 (PAGEDSERVE_GGUF_GEMV=v2 until the device prefers it),
+// A second decode GEMV for Q4_K and Q8_0 ("auto" takes it where cuda_quant_gguf.gemv_version
+// says, PAGEDSERVE_GGUF_GEMV=v2 forces it),
 // built to be bound by the memory system rather than by instructions or latency:
 // - x (M rows) is staged once per block in shared memory as float, in the order the lanes read
 //   it (g2_pos): a warp step covers 2048 values of a weight row, 64 per lane, and lane l's i-th
@@ -393,7 +395,7 @@ __device__ __forceinline__ float narrow_float(unsigned v, int e) {
 template <int R>
 struct G2_Q4_K {
   static constexpr int ROWS = R, WORDS = 3 * R, STAGE = 0;
-  static constexpr int STEPS = R == 1 ? 2 : 1;  // warp steps loaded at once: 48 bytes a lane
+  static constexpr int STEPS = R == 1 ? 2 : 1;  // warp steps loaded at once: 96 bytes a lane
   __device__ static void load(uint4* r, const u8* const* rows, int step, int lane) {
 #pragma unroll
     for (int ri = 0; ri < R; ri++) {

@@ -1,5 +1,6 @@
-// Tensor-core helpers for the prefill attention kernels (sm_80+): mma.sync m16n8k16 with fp32
-// accumulators, ldmatrix fragment loads from shared memory, and cp.async copies into it.
+// Tensor-core helpers for the attention kernels (prefill, and attention_decode_mma.cu; sm_80+):
+// mma.sync m16n8k16 with fp32 accumulators, ldmatrix fragment loads from shared memory, movmatrix,
+// and cp.async copies into it.
 #pragma once
 #include "common.cuh"
 

@@ -1,4 +1,4 @@
-// Sampling on the GPU: exactly engine/ops/numpy_sampling.sample, one block per row.
+// Sampling on the GPU: exactly engine/executor/ops/numpy_sampling.sample, one block per row.
 //
 // Per-row parameters arrive packed as 32-bit words (one upload per step):
 //   [R, 10]: temperature (f32), top_k, top_p (f32), min_p (f32), seed low, seed high, step,
@@ -23,7 +23,8 @@ __global__ void add_logit_bias_kernel(float* __restrict__ adjusted,         // [
 }
 
 // ---------------------------------------------------------------------------- the sampler
-// One block of SAMPLE_THREADS per row. Passes over the row (the probabilities are never stored:
+// One block per row (SAMPLE_THREADS threads; 512 for twopass above one row per SM,
+// cuda_sampling.launch). Passes over the row (the probabilities are never stored:
 // each pass recomputes p_i = exp((a_i - max) / T) / Z from the logits, the same float ops each
 // time, so every pass sees the same p_i):
 //   1. statistics: raw max and sum (online), the adjusted row's max, its Z, and its argmax.
@@ -330,8 +331,8 @@ __device__ float mass_from(const RowDist& d, int vocab, float tau, float* red) {
 
 #include "sampling_twopass.cuh"  // uses RowDist, prob_of, online_add8 above
 
-// Penalties come either in `adjusted` (with a logit bias) or from the count table: `counts`
-// non-null and `adjusted` null. `twopass`: the leaner statistics pass and, for rows with a
+// Penalties come either in `adjusted` (with a logit bias or allowed ids) or from the count table:
+// `counts` non-null and `adjusted` null. `twopass`: the leaner statistics pass and, for rows with a
 // top-k or top-p that the block's thread maxima bound, the two-pass cut of sampling_twopass.cuh;
 // 0 keeps the older steps above exactly.
 // Grid: (R)  Block: (SAMPLE_THREADS, or any multiple of 32 below it)

@@ -1,6 +1,8 @@
 // The previous GPU sampler (bisection over bit patterns), kept as the baseline that
-// tools/gpu_check.py times sampling.cu's sample_kernel against, and as a fallback switch
-// (engine/executor/ops/cuda_sampling.py: SAMPLER = "bisect"). Same semantics, same results.
+// tools/kernel_check.py times sampling.cu's sample_kernel against, and as a fallback switch
+// (engine/executor/ops/cuda_sampling.py: SAMPLER = "bisect"). Same semantics; its p come from
+// expf and a division, sample_kernel's from exp2f (sampling.cu's scaled_gap), so a draw at a
+// rounding boundary may differ.
 #include "sampling_common.cuh"
 
 // Greedy choice over the adjusted (or raw) row: largest value, lowest id on ties; every thread
@@ -18,7 +20,7 @@ __device__ int row_argmax(const T* __restrict__ logits, const float* __restrict_
   return bi;
 }
 
-// The previous sampler, kept as the baseline tools/gpu_check.py times sample_kernel against
+// The previous sampler, kept as the baseline tools/kernel_check.py times sample_kernel against
 // (cuda_sampling.SAMPLER = "bisect" selects it): probabilities written to a workspace, and each
 // threshold found by bisection over bit patterns (~31 passes over the row per rule).
 // Grid: (R)  Block: (SAMPLE_THREADS)

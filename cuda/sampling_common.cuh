@@ -1,4 +1,5 @@
-// Helpers shared by the samplers (sampling.cu, sampling_bisect.cu): the parameter layout, the
+// Helpers shared by the samplers (sampling.cu, sampling_bisect.cu, sampling_greedy.cu): the
+// parameter count (the layout of the parameters and results: sampling.cu's header), the
 // counter-based uniform draw, and the (value desc, id asc) argmax.
 #pragma once
 #include "common.cuh"

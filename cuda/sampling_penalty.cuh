@@ -65,7 +65,8 @@ __global__ void count_drawn_kernel(int* __restrict__ counts,        // [S, vocab
   seen[(long)slot * words + id / 32] |= 1u << (id % 32);
 }
 
-// adjusted = penalized logits, for the steps that also add a logit bias (or the bisect sampler).
+// adjusted = penalized logits, for the steps that also add a logit bias or restrict rows to
+// allowed ids (or run the bisect sampler).
 // With a bias it runs twice: raw logits out (counts null), the bias added, then over `adjusted`
 // in place (T = float) with the penalties: vLLM penalizes the biased logits.
 // Grid: (R, ceil(vocab / 256))  Block: (256)

@@ -1,6 +1,7 @@
-// Hopper (sm_90a only) building blocks for the warp-specialized prefill attention kernel:
-// warpgroup MMA (wgmma) on 128-byte-swizzled shared memory, the register fences around it,
-// mbarriers that cp.async copies complete, named barriers and register reallocation.
+// Hopper (sm_90a only) building blocks for the warp-specialized kernels (attention_prefill_sm90.cu,
+// gemm_sm90.cu): warpgroup MMA (wgmma) on 128-byte-swizzled shared memory, the register fences
+// around it, mbarriers that cp.async and TMA copies complete, named barriers and register
+// reallocation.
 #pragma once
 #include "mma.cuh"
 

@@ -48,7 +48,8 @@ DECODE_MMA_FULL_CONFIG = DECODE_MMA_CONFIGS[1]
 # sequence still takes MAX_SPLITS (its blocks a split: at most 16 kv heads x passes).
 NUM_BLOCKS_TARGET = 512
 # A sequence takes ceil(context / keys per split) of the grid's splits, at most all of them
-# (attention.cu's seq_splits): the grid is sized for the longest context, each sequence for its own.
+# (decode_splits.cuh's seq_splits): the grid is sized for the longest context, each sequence for
+# its own.
 # Keys per split: MIN_KEYS_PER_SPLIT under CUDA graphs; in eager steps the step's decode keys over
 # NUM_BLOCKS_TARGET blocks when that is more (splits_for_contexts).
 # 64, not 128: device run 2 (tools/kernel_check.py, splits) measured one 512-token sequence at
@@ -129,7 +130,7 @@ class AttentionPlan:
     decode_seqs: cupy.ndarray  # (Wd,) int32: sequences with one new token
     prefill_work: cupy.ndarray  # (Wp, 3) int32: (sequence, first new token, tokens <= tile)
     num_splits: int  # context splits of the decode kernel's grid
-    # keys per split a sequence aims at (attention.cu's seq_splits); None: MIN_KEYS_PER_SPLIT
+    # keys per split a sequence aims at (decode_splits.cuh's seq_splits); None: MIN_KEYS_PER_SPLIT
     keys_per_split: int | None = None
     # the prefill kernel prefill_work was cut for, and its config (cuda_prefill.prefill_plan)
     prefill_kernel: str = "v1"

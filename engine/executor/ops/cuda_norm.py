@@ -92,8 +92,8 @@ def reduce_rms_norm(out, residual, partial, weight, eps: float, ctype: str) -> b
 def norm_flags(norm: bool) -> np.int32:
     """The NORM_W_EARLY `flags` bit of a kernel with a fused norm where NORM_VEC: the GGUF GEMVs
     (gguf.cu v2, gguf_dp4a.cu v3: the norm weight loaded with x, not after the sum of squares)
-    and qk_rope_kv.cu (the q/k norm weights and the bias before the PDL wait, cos/sin with the
-    qkv row)."""
+    and qk_rope_kv.cu (the q/k norm weights, the bias, cos/sin and the slot before the PDL
+    wait)."""
     return np.int32(NORM_W_EARLY if norm and NORM_VEC else 0)
 
 

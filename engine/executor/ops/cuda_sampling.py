@@ -35,7 +35,7 @@ from engine.executor.ops import SamplerOutput, SamplingTensors
 from engine.executor.ops.cuda_kernels import kernel, num_sms
 from engine.executor.ops.numpy_sampling import gather_row_logprobs
 
-NUM_PARAMS = 10  # words per row, laid out as in cuda/sampling_common.cuh
+NUM_PARAMS = 10  # words per row, laid out as in cuda/sampling.cu's header
 SAMPLER = os.environ.get("PAGEDSERVE_SAMPLER", "twopass")  # or "select", "bisect": older ones
 SAMPLERS = ("select", "twopass", "bisect")
 # cuda/sampling_greedy.cu splits a row over up to this many blocks, of at least GREEDY_CHUNK
@@ -112,7 +112,7 @@ def upload(t: SamplingTensors, resolve=None) -> dict:
 
 def launch(logits: cupy.ndarray, t: SamplingTensors, dev: dict, ctype: str) -> cupy.ndarray:
     """The sampling kernels on the current stream (no host copy: CUDA-graph capturable) ->
-    (R, 2 + 2 * num_logprobs) int32 results, laid out as in cuda/sampling_common.cuh."""
+    (R, 2 + 2 * num_logprobs) int32 results, laid out as in cuda/sampling.cu's header."""
     rows, vocab = logits.shape
     n_lp = int(t.num_logprobs)
     if takes_greedy(t):
