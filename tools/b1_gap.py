@@ -344,7 +344,7 @@ def guarded(name: str, fn, default=None):
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_engine_args(ap)
+    add_engine_args(ap, workload=False, json_flag=False)  # it prints `b1gap` lines
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--no-alone", action="store_true", help="skip the graphs captured alone")

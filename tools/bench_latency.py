@@ -4,9 +4,10 @@ time to a ready engine.
 Prints the time from process start to a ready engine (model built, KV cache allocated, CUDA graphs
 captured), then runs one request of `--prompt-len` tokens and `--output-len` forced output tokens
 and reports the time to first token and the mean time per output token after it (TPOT) with its
-roofline: at batch 1 every decode step must read all the weights once, so
-weight bytes / 4.27 TB/s is the floor per token (the bytes the engine holds: --quantization fp8
-halves the linear layers'). It also prints the weights' size in memory.
+roofline: at batch 1 every decode step must read all the weights once (and its KV cache), so
+(weight bytes + KV bytes at the mean context) / 4.27 TB/s is the floor per token (the bytes the
+engine holds: --quantization fp8 halves the linear layers'). It also prints the weights' size in
+memory.
 
 Usage:
     python tools/bench_latency.py --model llama3-8b --load-format dummy --device cuda
@@ -19,7 +20,7 @@ Usage:
         --quantization q4_k                                  # weights kept in GGUF blocks
 --batch-size N decodes N requests of distinct prompts together (TPOT averaged over them; the
 floor reads each one's KV cache). --context-len N decodes at an N-token context (the prompt is
-N - output_len tokens, at least 16) and adds reading that KV cache once per token to the floor.
+N - output_len tokens, at least 16), so the floor's KV term is that long context's.
 Process start is read from the OS (/proc/self/stat), so "cold start" includes interpreter start
 and imports; kernels compiled by an earlier run come from CuPy's on-disk cache.
 """
@@ -81,7 +82,7 @@ def time_requests(engine, prompts: list[list[int]], output_len: int,
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    add_engine_args(ap)
+    add_engine_args(ap, workload=False)  # one request of --prompt-len tokens, greedy
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--output-len", type=int, default=256)
     ap.add_argument("--context-len", type=int, default=None,

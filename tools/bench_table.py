@@ -102,6 +102,9 @@ def _busy(r: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     argv = sys.argv[1:] if argv is None else argv
+    if not argv or argv[0] in ("-h", "--help"):
+        print(__doc__)
+        raise SystemExit(0 if argv else 2)
     with open(argv[0]) as f:
         records = [json.loads(line) for line in f if line.strip()]
     print("\n".join(rows(records) + ratios(records)))

@@ -55,8 +55,11 @@ from tools.workloads import roofline, scale_requests, w1_requests  # noqa: E402
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
-def add_engine_args(ap: argparse.ArgumentParser) -> None:
-    """The engine flags shared by bench_throughput and seed_table (names follow vLLM)."""
+def add_engine_args(ap: argparse.ArgumentParser, workload: bool = True,
+                    json_flag: bool = True) -> None:
+    """The engine flags shared by the bench tools (names follow vLLM); `workload`: also the W1
+    workload's (--num-prompts, --scale, sampling, --no-warmup, --structured), for the tools that
+    run it; `json_flag`: --json."""
     ap.add_argument("--model", default="qwen3-0.6b", help="HF folder, .gguf file or preset name")
     ap.add_argument("--load-format", default="dummy", choices=("auto", "dummy"))
     ap.add_argument("--quantization", default=None,
@@ -79,6 +82,12 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
                     help='e.g. \'{"method": "ngram", "num_speculative_tokens": 4}\'')
     ap.add_argument("--tensor-parallel-size", type=int, default=1,
                     help="GPUs (ranks) each layer is split over")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of W1 and of the engine" if workload else "seed of the engine")
+    if json_flag:
+        ap.add_argument("--json", action="store_true", help="print one JSON object")
+    if not workload:
+        return
     ap.add_argument("--num-prompts", type=int, default=256)
     ap.add_argument("--scale", type=float, default=1.0, help="shrink prompt/output lengths")
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
@@ -86,9 +95,7 @@ def add_engine_args(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--top-k", type=int, default=0, help="0: off")
     ap.add_argument("--min-p", type=float, default=0.0, help="0: off")
     ap.add_argument("--repetition-penalty", type=float, default=1.0, help="1: off")
-    ap.add_argument("--seed", type=int, default=0, help="seed of W1 and of the engine")
     ap.add_argument("--no-warmup", action="store_true")
-    ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--structured", action="store_true",
                     help="also run every request constrained by a JSON schema; print the ratio")
 

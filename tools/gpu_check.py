@@ -6,9 +6,9 @@ whole decode steps (Qwen3-0.6B shapes, dummy weights). Prints a table last.
 
 --only SUBSTR runs the sections whose name holds SUBSTR (layers, attn, sampling, decode-step);
 --only new runs tools/kernel_check.py instead (issue 12's kernels, CUDA-graph timed);
---variants also times the decode kernel at other unroll depths; --baseline times a previous
-attention.cu (its paged_attention_kernel / attention_reduce_kernel) on the same decode and
-prefill cases.
+--variants also times the v1 decode kernel (attention.cu) at other unroll depths; --baseline
+times a previous attention.cu (its paged_attention_kernel / attention_reduce_kernel) on the
+same decode and prefill cases.
 """
 
 from __future__ import annotations
@@ -16,6 +16,10 @@ from __future__ import annotations
 import statistics
 import sys
 import time
+
+if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):  # help without a GPU
+    print(__doc__)
+    raise SystemExit(0)
 
 import cupy
 import numpy as np
@@ -152,17 +156,28 @@ def attention_cases(ops):
 
 
 def attention_variants(ops):
-    """The decode kernel at other unroll depths (recompiles attention.cu for each)."""
+    """The v1 decode kernel (attention.cu; the mma kernel has no unroll) at other unroll depths
+    (recompiles attention.cu for each)."""
     from engine.executor.ops import cuda_attention, cuda_kernels
 
-    default = cuda_attention.DECODE_UNROLL
-    for u in sorted({2, 4, 8} - {default}) + [default]:  # ends on the default, recompiled
-        cuda_attention.DECODE_UNROLL = u
-        cuda_kernels._module.cache_clear()
-        cuda_kernels.kernel.cache_clear()
-        if u != default:
-            for b in (64, 256):
-                attention_case(ops, f"attn decode B={b} ctx=1024 U={u}", [1] * b, [1024] * b)
+    default, kernel = cuda_attention.DECODE_UNROLL, cuda_attention.DECODE_KERNEL
+    cuda_attention.DECODE_KERNEL = "v1"
+    try:
+        for u in sorted({2, 4, 8} - {default}) + [default]:  # ends on the default, recompiled
+            # attention.cu's compiled names follow cuda_kernels', its launch cuda_attention's
+            cuda_attention.DECODE_UNROLL = cuda_kernels.DECODE_UNROLL = u
+            cuda_kernels._module.cache_clear()
+            cuda_kernels.kernel.cache_clear()
+            if u != default:
+                for b in (64, 256):
+                    attention_case(ops, f"attn decode v1 B={b} ctx=1024 U={u}", [1] * b,
+                                   [1024] * b)
+    finally:
+        cuda_attention.DECODE_KERNEL = kernel
+        if cuda_attention.DECODE_UNROLL != default:  # stopped early: back to the default
+            cuda_attention.DECODE_UNROLL = cuda_kernels.DECODE_UNROLL = default
+            cuda_kernels._module.cache_clear()
+            cuda_kernels.kernel.cache_clear()
 
 
 def attention_baseline(ops, path):

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Every figure of README's "Performance" table in one run on the GPU machine:
 #   bash tools/h200_bench.sh [STEP ...]
-#   steps: gputest w1 w1-sync w1-8b w1-8b-sync latency-8b seed latency w2 w1-eager
+#   steps (the default list): gputest w1 w1-sampled w1-sync w1-8b w1-8b-sync latency-8b seed
+#          latency w2 w1-eager
 #   structured (W1 constrained by a JSON schema vs unconstrained; not in the default list)
 #   latency-32k (W6: batch-1 decode of 256 tokens after a 32,532-token prompt, max_model_len
 #          32,832, Qwen3-0.6B shapes; session 12's figure had the context end at 32,532)

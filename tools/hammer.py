@@ -7,7 +7,8 @@ Phases: 64 warm-up requests (RSS read after them); N concurrent streams that mus
 `data: [DONE]`; M streams dropped after 0-3 chunks; K fuzzed bodies (the issue's cases first, then
 random ones) that must get 2xx/4xx. Then it waits for the KV cache to empty and prints the counts
 of 5xx and hangs (no answer within --timeout), the KV blocks still used, and the server's RSS
-after the warm-up and at the end. Exit status 1 if anything failed.
+after the warm-up and at the end. Exit status 1 if anything failed (a 5xx, a hang, a stream
+without [DONE], a transport error, KV blocks left, or the final request not answered 200).
 """
 
 from __future__ import annotations
@@ -165,6 +166,9 @@ async def stream(http, tally: Tally, name: str, body: dict, drop_after: int | No
     try:
         async with http.stream("POST", "/v1/completions", content=encode(body),
                                headers=headers) as r:
+            if drop_after == 0:  # dropped before its first chunk
+                tally.record(name, r)
+                return
             events = 0
             done = False
             async for line in r.aiter_lines():
@@ -273,6 +277,8 @@ async def run(args) -> dict:
         tallies = (warm, streams, drops, fuzz)
         report["num_5xx"] = sum(t.status[500] for t in tallies)
         report["num_hangs"] = sum(t.hangs for t in tallies)
+        report["num_incomplete_streams"] = sum(t.incomplete_streams for t in tallies)
+        report["num_transport_errors"] = sum(sum(t.errors.values()) for t in tallies)
         return report
 
 
@@ -293,13 +299,16 @@ def main(argv=None) -> int:
     args = p.parse_args(argv)
     report = asyncio.run(run(args))
     print(json.dumps(report, indent=1))
-    print(f"5xx: {report['num_5xx']}  hangs: {report['num_hangs']}  KV blocks used at end: "
+    print(f"5xx: {report['num_5xx']}  hangs: {report['num_hangs']}  incomplete streams: "
+          f"{report['num_incomplete_streams']}  transport errors: "
+          f"{report['num_transport_errors']}  KV blocks used at end: "
           f"{report['kv_blocks_used_at_end']:.0f}  in {report['seconds']} s")
     rss0, rss1 = report["rss_mib_after_64"], report["rss_mib_at_end"]
     for key in rss0 or ():
         print(f"RSS {key}: {rss0[key]} MiB after 64 requests, {rss1[key]} MiB at the end "
               f"({100 * (rss1[key] / rss0[key] - 1):+.1f}%)")
     held = (report["num_5xx"] == 0 and report["num_hangs"] == 0
+            and report["num_incomplete_streams"] == 0 and report["num_transport_errors"] == 0
             and report["kv_blocks_used_at_end"] == 0 and report["normal_request_after"] == 200)
     return 0 if held else 1
 

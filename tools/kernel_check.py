@@ -6,8 +6,8 @@ sampler old vs new, decode steps.
     PYTHONPATH=. python tools/kernel_check.py [--quick] [--only gemv,splits] [--check-each]
     PYTHONPATH=. python tools/gpu_check.py --only new      # the same, from gpu_check
 
---quick skips the Llama-3-8B shapes and the decode steps; --only runs the named sections
-(launches, fused, gemv, gemv1 (M = 1 only), splits, sampling, prefill, prefill90 (wgmma),
+--quick skips the gemv section's Llama-3-8B shapes and the decode steps; --only runs the named
+sections (launches, fused, gemv, gemv1 (M = 1 only), splits, sampling, prefill, prefill90 (wgmma),
 gguf, decode, step (decode-step variants at batch 1, ctx 512: PDL, early trigger, fusions), fp8:
 tools/kernel_check_fp8.py, fp8w1: FP8 vs bf16 linear ops of a W1 step,
 tools/kernel_check_fp8w1.py, attn: decode attention v1 vs mma, tools/kernel_check_attn.py, w1: one
@@ -46,6 +46,10 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the checkout importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):  # help without a GPU
+    print(__doc__)
+    raise SystemExit(0)
 
 import cupy  # noqa: E402
 import numpy as np  # noqa: E402

@@ -1,7 +1,8 @@
 """Write the golden reference data in tests/data/golden/ with torch + transformers.
 
-Run with the tools env (never imported by engine/, server/ or tests/):
-    /work/toolsvenv/bin/python tools/make_golden.py [--skip-smollm2]
+Run with the `golden` extra installed (pip install -e '.[golden]'; never imported by engine/,
+server/ or tests/):
+    python tools/make_golden.py [--skip-smollm2 | --only-smollm2] [--smollm2-dir DIR]
 
 For each tiny random-weight model it writes tests/data/golden/<name>/ with config.json,
 model.safetensors (or shards) and expected.npz: the fp32 logits transformers computes for a few
@@ -16,11 +17,21 @@ import argparse
 import importlib.util
 import json
 import shutil
+import sys
 from pathlib import Path
 
-import numpy as np
-import torch
-from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config, Qwen3Config
+if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):  # help without torch
+    print(__doc__)
+    raise SystemExit(0)
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from transformers import (  # noqa: E402
+    AutoModelForCausalLM,
+    LlamaConfig,
+    Qwen2Config,
+    Qwen3Config,
+)
 
 OUT = Path(__file__).resolve().parent.parent / "tests" / "data" / "golden"
 VOCAB = 320

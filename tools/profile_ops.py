@@ -5,6 +5,9 @@ the current stream, and prints, per op, the calls, the device time and its share
 decode-only steps and steps with prefill rows. Eager launches from Python are slower than the
 GPU for small ops, so an op's time there includes the GPU waiting for its launch: read the big
 batches (the Llama-3-8B shapes at batch 256) as exact, small ones as upper bounds.
+Of the shared engine flags, the sampling ones, --structured, --json, --no-warmup, --enforce-eager
+and --async-scheduling have no effect: it runs greedy, eager and synchronous after a warm-up, and
+prints the table.
 
     python tools/profile_ops.py --model llama3-8b --load-format dummy --device cuda \
         --dtype bfloat16 --num-prompts 256 --max-steps 300

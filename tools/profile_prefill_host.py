@@ -1,6 +1,7 @@
 """Host time of an eager mixed step (W2's time to first token): 8 decodes + one new prompt of
 64 / 256 / 512 tokens on Qwen3-0.6B dummy weights (28 layers), cublasGemmEx against the
-per-shape cuBLASLt plans of PAGEDSERVE_LEAN_GEMM (ops/cuda_gemm_plan.py).
+per-shape cuBLASLt plans of PAGEDSERVE_LEAN_GEMM (ops/cuda_gemm_plan.py) and against the mixed
+steps' CUDA graphs (engine/executor/mixed_graphs.py), alone and together.
 
     PYTHONPATH=. python tools/profile_prefill_host.py [--only micro,forward,engine]
 
@@ -32,6 +33,10 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the checkout importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):  # help without a GPU
+    print(__doc__)
+    raise SystemExit(0)
 
 import cupy  # noqa: E402
 import numpy as np  # noqa: E402
@@ -238,7 +243,7 @@ def check_forward(ops):
             print(f"forward | 8 decodes + {prompt}-token prompt | {label} | host {host:.2f} ms "
                   f"| total {total:.2f} ms | logits {equal} | new M each call: host "
                   f"{host_new:.2f} ms, total {total_new:.2f} ms |", flush=True)
-            if prompt == 256 and label != "cublasGemmEx again":
+            if prompt == 256 and label != "cublasGemmEx, eager, again":
                 _profile(ops, model, cache, same[0], label, report, mixed)
     set_lean(ops, False)
     OUT.write_text(report.getvalue())

@@ -13,7 +13,8 @@ With overlapped scheduling (on by default on cuda; `--no-async-scheduling` turns
 is for the step launched one call earlier, so it shrinks to what the device runs longer than the
 host works.
 
-`--speculative-tokens K` profiles speculative decoding (batch <= 8 speculates): every step
+`--speculative-tokens K` profiles speculative decoding (batches up to the default
+disable_by_batch_size, 32, speculate): every step
 proposes K drafts and accepts as many as tools/results/spec_profile.json's histogram says (the
 replay of tools/bench_spec.py), and two more phases come out of the others:
 

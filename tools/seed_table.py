@@ -41,14 +41,17 @@ from tools.bench_throughput import (  # noqa: E402
     llm_and_workload,
     resolved_dtype,
     run_requests,
+    sampling_settings,
 )
 from tools.workloads import kv_bytes_per_token  # noqa: E402
 
 MIB = 1 << 20
 
 
-def run_static(engine, prompts, output_lens, batch_size: int, temperature: float) -> dict:
-    """Static batches, one after another; the traces of all batches joined."""
+def run_static(engine, prompts, output_lens, batch_size: int, temperature: float,
+               sampling: dict | None = None) -> dict:
+    """Static batches, one after another; the traces of all batches joined. `sampling`: more
+    SamplingParams fields (top_p, top_k, min_p, repetition_penalty)."""
     if batch_size < 1:
         raise ValueError(f"static_batch_size must be >= 1, got {batch_size}")
     joined: dict = {}
@@ -56,7 +59,7 @@ def run_static(engine, prompts, output_lens, batch_size: int, temperature: float
     for start in range(0, len(prompts), batch_size):
         end = start + batch_size
         trace = run_requests(engine, prompts[start:end], output_lens[start:end], temperature,
-                             tag=f"static{start}")
+                             tag=f"static{start}", sampling=sampling)
         for key, value in trace.items():
             joined[key] = joined.get(key, 0 if not isinstance(value, list) else []) + value
     joined["wall_s"] = time.perf_counter() - t0  # includes the few microseconds between batches
@@ -151,17 +154,22 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--enable-prefix-caching", action="store_true")
     ap.add_argument("--chart", default=None, help="write a PNG chart here (needs matplotlib)")
     args = ap.parse_args(argv)
+    if args.structured:
+        ap.error("--structured is bench_throughput.py's (W1 constrained by a JSON schema)")
     llm, prompts, output_lens = llm_and_workload(args, args.enable_prefix_caching)
     engine = llm.engine
     mc = engine.model_config
     dtype = resolved_dtype(engine)
     kv_bytes = kv_bytes_per_token(mc, DTYPE_BYTES.get(dtype, 2))
 
-    static_trace = run_static(engine, prompts, output_lens, args.static_batch_size,
-                              args.temperature)
+    settings = sampling_settings(args)
+    temperature = settings.pop("temperature")
+    static_trace = run_static(engine, prompts, output_lens, args.static_batch_size, temperature,
+                              settings)
     max_len = args.max_model_len or max(len(p) for p in prompts) + max(output_lens)
     static_reserved = [args.static_batch_size * max_len] * static_trace["num_steps"]
-    paged_trace = run_requests(engine, prompts, output_lens, args.temperature, tag="paged")
+    paged_trace = run_requests(engine, prompts, output_lens, temperature, tag="paged",
+                               sampling=settings)
     block_size = engine.config.block_size
     paged_reserved = [b * block_size for b in paged_trace["kv_blocks_per_step"]]
 
