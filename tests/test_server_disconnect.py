@@ -188,6 +188,37 @@ def test_hammer_tool_runs(server):
     assert report["normal_request_after"] == 200 and report["rss_mib_at_end"]["total"] > 0
 
 
+@pytest.mark.parametrize("body, drop_after, incomplete", [
+    (b"data: {}\n\ndata: [DONE]\n\n", None, 0),
+    (b"data: {}\n\n", None, 1),  # a 200 stream cut before [DONE]
+    (b"data: {}\n\n", 0, 0),  # dropped on purpose before its first chunk
+])
+def test_hammer_counts_streams_without_done(body, drop_after, incomplete):
+    """hammer.stream counts a finished stream that never sent [DONE], which fails the run."""
+    from tools import hammer
+
+    async def go():
+        transport = httpx.MockTransport(lambda request: httpx.Response(200, content=body))
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as http:
+            tally = hammer.Tally()
+            await hammer.stream(http, tally, "s", {"prompt": "x"}, drop_after)
+            return tally
+
+    tally = asyncio.run(go())
+    assert (tally.status[200], tally.incomplete_streams) == (1, incomplete)
+
+
+def test_hammer_fails_on_incomplete_streams_and_transport_errors():
+    from tools import hammer
+
+    good = {"num_5xx": 0, "num_hangs": 0, "num_incomplete_streams": 0, "num_transport_errors": 0,
+            "kv_blocks_used_at_end": 0, "normal_request_after": 200}
+    assert hammer.held(good)
+    for key, bad in (("num_incomplete_streams", 1), ("num_transport_errors", 2),
+                     ("num_5xx", 1), ("kv_blocks_used_at_end", 3), ("normal_request_after", 503)):
+        assert not hammer.held({**good, key: bad}), key
+
+
 def test_cancelled_while_the_core_accepts_is_aborted_and_the_engine_lives():
     """vLLM's test_request_cancellation found it: 200 clients timing out before the core had
     accepted their requests left cancelled waiters, and the core's acceptance then killed the

@@ -282,6 +282,14 @@ async def run(args) -> dict:
         return report
 
 
+def held(report: dict) -> bool:
+    """Whether the server held: no 5xx, hang, stream without [DONE] or transport error, no KV
+    block left used, and a normal request answered 200 at the end."""
+    return (report["num_5xx"] == 0 and report["num_hangs"] == 0
+            and report["num_incomplete_streams"] == 0 and report["num_transport_errors"] == 0
+            and report["kv_blocks_used_at_end"] == 0 and report["normal_request_after"] == 200)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--url", default="http://127.0.0.1:8000")
@@ -307,10 +315,8 @@ def main(argv=None) -> int:
     for key in rss0 or ():
         print(f"RSS {key}: {rss0[key]} MiB after 64 requests, {rss1[key]} MiB at the end "
               f"({100 * (rss1[key] / rss0[key] - 1):+.1f}%)")
-    held = (report["num_5xx"] == 0 and report["num_hangs"] == 0
-            and report["num_incomplete_streams"] == 0 and report["num_transport_errors"] == 0
-            and report["kv_blocks_used_at_end"] == 0 and report["normal_request_after"] == 200)
-    return 0 if held else 1
+    return 0 if held(report) else 1
+
 
 
 if __name__ == "__main__":
