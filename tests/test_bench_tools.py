@@ -282,6 +282,27 @@ def test_bench_throughput_sampled(tiny_model, capsys):
     assert bench_throughput.describe_sampling({"temperature": 0.0, "top_k": 0}) == "greedy"
 
 
+def test_seed_table_passes_every_sampling_flag(tiny_model, monkeypatch):
+    """Both runs (static and continuous) sample as the command line says, not only with its
+    temperature."""
+    seen = []
+
+    def recording(engine, prompts, output_lens, temperature=0.0, tag="w1", sampling=None,
+                  **kw):
+        seen.append((tag.rstrip("0123456789"), temperature, sampling))
+        return real(engine, prompts, output_lens, temperature, tag=tag, sampling=sampling, **kw)
+
+    real = seed_table.run_requests
+    monkeypatch.setattr(seed_table, "run_requests", recording)
+    seed_table.main(["--model", tiny_model, *TINY_ARGS, "--static-batch-size", "3",
+                     "--temperature", "0.7", "--top-p", "0.9", "--top-k", "5", "--min-p", "0.02",
+                     "--repetition-penalty", "1.2"])
+    settings = {"top_p": 0.9, "top_k": 5, "min_p": 0.02, "repetition_penalty": 1.2}
+    assert seen == [("static", 0.7, settings)] * 2 + [("paged", 0.7, settings)]
+    with pytest.raises(SystemExit):
+        seed_table.main(["--model", tiny_model, *TINY_ARGS, "--structured"])
+
+
 def test_seed_table_end_to_end(tiny_model, tmp_path, capsys):
     chart = tmp_path / "table.png"
     result = seed_table.main(["--model", tiny_model, *TINY_ARGS, "--static-batch-size", "4",
