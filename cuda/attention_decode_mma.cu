@@ -12,6 +12,10 @@
 // warp runs S = Q K^T (HD / 16 x 2 mma.sync m16n8k16, K by ldmatrix), the online softmax in base 2
 // on raw scores (scale * log2 e folded into one FMA before ex2, two quad shuffles per row max), and
 // O += P V (P from the score registers, V by ldmatrix.trans). The warps merge in shared memory.
+// With TR (the default where GR = 8: cuda_kernels.DECODE_MMA_TR) the tiles are transposed:
+// S^T = K Q^T and O^T += V^T P^T, keys and dimensions as the 16 rows of each mma and the query
+// heads as its 8 columns, so no row is padding, a key takes half the mma and the accumulators
+// half the registers; movmatrix turns the scores into P^T, the next mma's operand.
 #include "decode_splits.cuh"
 #include "mma.cuh"
 
@@ -31,7 +35,7 @@ constexpr int DM_KEYS = 16;  // keys per warp tile: one k16 step of P V, two n8 
 // passes = ceil(group / GR). Dynamic shared memory: max(NW x ST x (K, V) x DM_KEYS x (HD + 8)
 // 16-bit elements, NW x GR x HD floats for the merge). CL > 1: num_splits == CL, clusters of CL
 // blocks along z.
-template <typename T, int HD, int GR, int NW, int ST, int CL>
+template <typename T, int HD, int GR, int NW, int ST, int CL, bool TR>
 __device__ __forceinline__ void decode_mma_body(
     T* __restrict__ out,                    // [num_tokens, num_heads, HD]
     float* __restrict__ part_out,           // [num_splits, W, num_heads, HD]
@@ -136,131 +140,238 @@ __device__ __forceinline__ void decode_mma_body(
     }
   }
 
-  // Q as the A operand, straight from global memory: this lane's rows r and r + 8 (query heads
-  // g0 + r of the kv head), dims 2 (lane % 4) + {0, 1, 8, 9} of each k16 step. Padding rows: 0.
-  const int r = lane >> 2, cq = (lane & 3) * 2;
-  const bool row0_ok = g0 + r < group, row1_ok = GR == 16 && g0 + r + 8 < group;
-  const T* q0 = qkv + tok * row_stride + (long)(kvh * group + g0 + r) * HD + cq;
-  const T* q1 = q0 + 8 * HD;
-  unsigned qf[HD / 16][4];
-#pragma unroll
-  for (int kk = 0; kk < HD / 16; kk++) {
-    qf[kk][0] = row0_ok ? *reinterpret_cast<const unsigned*>(q0 + kk * 16) : 0u;
-    qf[kk][1] = row1_ok ? *reinterpret_cast<const unsigned*>(q1 + kk * 16) : 0u;
-    qf[kk][2] = row0_ok ? *reinterpret_cast<const unsigned*>(q0 + kk * 16 + 8) : 0u;
-    qf[kk][3] = row1_ok ? *reinterpret_cast<const unsigned*>(q1 + kk * 16 + 8) : 0u;
-  }
-
-  // ldmatrix lane addresses: K (B operand of Q K^T, keys as rows) and V (.trans, B of P V)
-  const int kb_row = (lane & 7) + (lane >> 4) * 8, kb_col = ((lane >> 3) & 1) * 8;
-  const int v_row = (lane & 7) + ((lane >> 3) & 1) * 8, v_col = (lane >> 4) * 8;
-  float o[HD / 8][4];
-#pragma unroll
-  for (int i = 0; i < HD / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
-  float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // raw-score max, sum: rows r, r + 8
-
-  for (int i = 0; i < nt; i++) {
-    __syncwarp();  // every lane is done reading tile i - 1, whose stage tile i + ST - 1 takes
-    load_tile(i + ST - 1, false);
-    asm volatile("cp.async.wait_group %0;" ::"n"(ST - 1));
-    __syncwarp();  // the other lanes' copies of tile i are visible too
-    const T* kt = k_s + (i % ST) * TILE;
-    const T* vt = v_s + (i % ST) * TILE;
-    const int kb = first + i * NW * DM_KEYS;
-
-    float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+  float* o_s = reinterpret_cast<float*>(smem_raw);  // [NW][GR][HD], once the stages are done
+  if constexpr (TR) {
+    static_assert(GR == 8, "the transposed tiles take the query heads as the 8 columns of n8");
+    // S^T = K Q^T and O^T += V^T P^T: keys and dimensions are the 16 rows of each mma, the GQA
+    // group's query heads its 8 columns, so half as many mma per key as with the heads as rows
+    // (the m16 tile of 8 padded rows below; Llama-3-8B's group of 4 fills 4 of 16 rows there, 4
+    // of 8 columns here) and half the accumulators.
+    // Q^T as the B operand, straight from global memory: this lane's column (query head g0 + r)
+    // at dims 2 (lane % 4) + {0, 1} and + {8, 9} of each k16 step. Heads past the group: 0.
+    const int r = lane >> 2, cq = (lane & 3) * 2;
+    const bool head_ok = g0 + r < group;
+    const T* qh = qkv + tok * row_stride + (long)(kvh * group + g0 + r) * HD + cq;
+    unsigned qb[HD / 16][2];
 #pragma unroll
     for (int kk = 0; kk < HD / 16; kk++) {
-      unsigned b[4];
-      ldsm_x4(b, kt + kb_row * LD + kk * 16 + kb_col);
-      mma16816(s[0], qf[kk], b[0], b[1], tag);
-      mma16816(s[1], qf[kk], b[2], b[3], tag);
+      qb[kk][0] = head_ok ? *reinterpret_cast<const unsigned*>(qh + kk * 16) : 0u;
+      qb[kk][1] = head_ok ? *reinterpret_cast<const unsigned*>(qh + kk * 16 + 8) : 0u;
     }
-    if (kb + DM_KEYS > k_end) {  // the warp's last tile may run past the split's keys
+    // ldmatrix lane addresses: K as the A operand (keys as rows); V^T by .trans, the A operand
+    // of O^T += V^T P^T (dims as rows, keys as k)
+    const int a_row = (lane & 7) + ((lane >> 3) & 1) * 8, a_col = (lane >> 4) * 8;
+    const int vt_row = (lane & 7) + (lane >> 4) * 8, vt_col = ((lane >> 3) & 1) * 8;
+    float ot[HD / 16][4];  // O^T: dims 16 d + r (0, 1) and + 8 (2, 3) x heads cq, cq + 1
 #pragma unroll
-      for (int n = 0; n < 2; n++)
-#pragma unroll
-        for (int e = 0; e < 4; e++)
-          if (kb + n * 8 + cq + (e & 1) >= k_end) s[n][e] = -INFINITY;
-    }
-    // Every tile holds at least one valid key, so the new maxima are finite.
-    float mx0 = fmaxf(m0, fmaxf(fmaxf(s[0][0], s[0][1]), fmaxf(s[1][0], s[1][1])));
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
-    mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
-    const float alpha0 = fast_exp2((m0 - mx0) * scale_log2);  // 0 while m0 is -inf
-    const float sub0 = mx0 * scale_log2;
-    m0 = mx0;
-    float p[2][4];
-#pragma unroll
-    for (int n = 0; n < 2; n++) {
-      p[n][0] = fast_exp2(fmaf(s[n][0], scale_log2, -sub0));
-      p[n][1] = fast_exp2(fmaf(s[n][1], scale_log2, -sub0));
-    }
-    l0 = l0 * alpha0 + (p[0][0] + p[0][1] + p[1][0] + p[1][1]);
-    float alpha1 = 1.f;
-    if constexpr (GR == 16) {
-      float mx1 = fmaxf(m1, fmaxf(fmaxf(s[0][2], s[0][3]), fmaxf(s[1][2], s[1][3])));
-      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
-      mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
-      alpha1 = fast_exp2((m1 - mx1) * scale_log2);
-      const float sub1 = mx1 * scale_log2;
-      m1 = mx1;
-#pragma unroll
-      for (int n = 0; n < 2; n++) {
-        p[n][2] = fast_exp2(fmaf(s[n][2], scale_log2, -sub1));
-        p[n][3] = fast_exp2(fmaf(s[n][3], scale_log2, -sub1));
-      }
-      l1 = l1 * alpha1 + (p[0][2] + p[0][3] + p[1][2] + p[1][3]);
-    } else {
-#pragma unroll
-      for (int n = 0; n < 2; n++) p[n][2] = p[n][3] = 0.f;  // padding rows 8..15
-    }
-    // P as the A operand over the tile's 16 keys (the score accumulators' layout).
-    const unsigned pf[4] = {pack2(p[0][0], p[0][1], tag), pack2(p[0][2], p[0][3], tag),
-                            pack2(p[1][0], p[1][1], tag), pack2(p[1][2], p[1][3], tag)};
-    // Past the first tiles a row's max rarely moves: skip the rescale when it moved nowhere.
-    if (!__all_sync(0xffffffffu, alpha0 == 1.f && alpha1 == 1.f)) {
-#pragma unroll
-      for (int d = 0; d < HD / 8; d++) {
-        o[d][0] *= alpha0;
-        o[d][1] *= alpha0;
-        o[d][2] *= alpha1;
-        o[d][3] *= alpha1;
-      }
-    }
-#pragma unroll
-    for (int d2 = 0; d2 < HD / 16; d2++) {
-      unsigned b[4];
-      ldsm_x4_trans(b, vt + v_row * LD + d2 * 16 + v_col);
-      mma16816(o[2 * d2], pf, b[0], b[1], tag);
-      mma16816(o[2 * d2 + 1], pf, b[2], b[3], tag);
-    }
-  }
-  asm volatile("cp.async.wait_group 0;");  // only empty groups remain; leave none behind
+    for (int d = 0; d < HD / 16; d++) ot[d][0] = ot[d][1] = ot[d][2] = ot[d][3] = 0.f;
+    // heads cq, cq + 1: the raw-score max (every lane of a column the same), and this lane's
+    // share of the sum (its keys r and r + 8 of every tile; summed over the column at the end)
+    float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
 
-  // Merge the warps: row sums over the quad, then (max, sum, O) per warp through shared memory,
-  // which the stages held until every warp is past its loop.
+    for (int i = 0; i < nt; i++) {
+      __syncwarp();  // every lane is done reading tile i - 1, whose stage tile i + ST - 1 takes
+      load_tile(i + ST - 1, false);
+      asm volatile("cp.async.wait_group %0;" ::"n"(ST - 1));
+      __syncwarp();  // the other lanes' copies of tile i are visible too
+      const T* kt = k_s + (i % ST) * TILE;
+      const T* vt = v_s + (i % ST) * TILE;
+      const int kb = first + i * NW * DM_KEYS;
+
+      float s[4] = {0.f, 0.f, 0.f, 0.f};  // keys kb + r (0, 1) and + 8 (2, 3) x heads cq, cq + 1
 #pragma unroll
-  for (int x = 1; x < 4; x <<= 1) {
-    l0 += __shfl_xor_sync(0xffffffffu, l0, x);
-    l1 += __shfl_xor_sync(0xffffffffu, l1, x);
-  }
-  __syncthreads();
-  float* o_s = reinterpret_cast<float*>(smem_raw);  // [NW][GR][HD]
+      for (int kk = 0; kk < HD / 16; kk++) {
+        unsigned a[4];
+        ldsm_x4(a, kt + a_row * LD + kk * 16 + a_col);
+        mma16816(s, a, qb[kk][0], qb[kk][1], tag);
+      }
+      if (kb + DM_KEYS > k_end) {  // the warp's last tile may run past the split's keys
+        if (kb + r >= k_end) s[0] = s[1] = -INFINITY;
+        if (kb + r + 8 >= k_end) s[2] = s[3] = -INFINITY;
+      }
+      // Every tile holds at least one valid key, so the new maxima are finite.
+      float alpha[2], p[4];
 #pragma unroll
-  for (int d = 0; d < HD / 8; d++) {
-    *reinterpret_cast<float2*>(o_s + (warp * GR + r) * HD + d * 8 + cq) =
-        make_float2(o[d][0], o[d][1]);
-    if constexpr (GR == 16)
-      *reinterpret_cast<float2*>(o_s + (warp * GR + r + 8) * HD + d * 8 + cq) =
-          make_float2(o[d][2], o[d][3]);
-  }
-  if ((lane & 3) == 0) {
-    m_s[warp][r] = m0 * scale_log2;  // base 2 units, as the reduction expects; -inf stays
-    l_s[warp][r] = l0;
-    if constexpr (GR == 16) {
-      m_s[warp][r + 8] = m1 * scale_log2;
-      l_s[warp][r + 8] = l1;
+      for (int j = 0; j < 2; j++) {
+        float mx = fmaxf(m[j], fmaxf(s[j], s[j + 2]));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 4));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 8));
+        mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 16));
+        alpha[j] = fast_exp2((m[j] - mx) * scale_log2);  // 0 while m[j] is -inf
+        const float sub = mx * scale_log2;
+        m[j] = mx;
+        p[j] = fast_exp2(fmaf(s[j], scale_log2, -sub));
+        p[j + 2] = fast_exp2(fmaf(s[j + 2], scale_log2, -sub));
+        l[j] = l[j] * alpha[j] + (p[j] + p[j + 2]);
+      }
+      // P^T as the B operand over the tile's 16 keys: each 8 x 8 half of the scores transposed
+      const unsigned pb0 = movmatrix_trans(pack2(p[0], p[1], tag));  // keys kb .. kb + 7
+      const unsigned pb1 = movmatrix_trans(pack2(p[2], p[3], tag));  // keys kb + 8 .. kb + 15
+      // Past the first tiles a head's max rarely moves: skip the rescale when it moved nowhere.
+      if (!__all_sync(0xffffffffu, alpha[0] == 1.f && alpha[1] == 1.f)) {
+#pragma unroll
+        for (int d = 0; d < HD / 16; d++) {
+          ot[d][0] *= alpha[0];
+          ot[d][1] *= alpha[1];
+          ot[d][2] *= alpha[0];
+          ot[d][3] *= alpha[1];
+        }
+      }
+#pragma unroll
+      for (int d = 0; d < HD / 16; d++) {
+        unsigned a[4];
+        ldsm_x4_trans(a, vt + vt_row * LD + d * 16 + vt_col);
+        mma16816(ot[d], a, pb0, pb1, tag);
+      }
+    }
+    asm volatile("cp.async.wait_group 0;");  // only empty groups remain; leave none behind
+
+    // Merge the warps: each head's sum over its column's lanes, then (max, sum, O) per warp
+    // through shared memory, which the stages held until every warp is past its loop.
+#pragma unroll
+    for (int x = 4; x < 32; x <<= 1) {
+      l[0] += __shfl_xor_sync(0xffffffffu, l[0], x);
+      l[1] += __shfl_xor_sync(0xffffffffu, l[1], x);
+    }
+    __syncthreads();
+#pragma unroll
+    for (int d = 0; d < HD / 16; d++)
+#pragma unroll
+      for (int e = 0; e < 4; e++)
+        o_s[(warp * GR + cq + (e & 1)) * HD + d * 16 + r + (e >> 1) * 8] = ot[d][e];
+    if (r == 0) {
+#pragma unroll
+      for (int j = 0; j < 2; j++) {
+        m_s[warp][cq + j] = m[j] * scale_log2;  // base 2 units, as the reduction expects
+        l_s[warp][cq + j] = l[j];
+      }
+    }
+  } else {
+    // Q as the A operand, straight from global memory: this lane's rows r and r + 8 (query heads
+    // g0 + r of the kv head), dims 2 (lane % 4) + {0, 1, 8, 9} of each k16 step. Padding rows: 0.
+    const int r = lane >> 2, cq = (lane & 3) * 2;
+    const bool row0_ok = g0 + r < group, row1_ok = GR == 16 && g0 + r + 8 < group;
+    const T* q0 = qkv + tok * row_stride + (long)(kvh * group + g0 + r) * HD + cq;
+    const T* q1 = q0 + 8 * HD;
+    unsigned qf[HD / 16][4];
+  #pragma unroll
+    for (int kk = 0; kk < HD / 16; kk++) {
+      qf[kk][0] = row0_ok ? *reinterpret_cast<const unsigned*>(q0 + kk * 16) : 0u;
+      qf[kk][1] = row1_ok ? *reinterpret_cast<const unsigned*>(q1 + kk * 16) : 0u;
+      qf[kk][2] = row0_ok ? *reinterpret_cast<const unsigned*>(q0 + kk * 16 + 8) : 0u;
+      qf[kk][3] = row1_ok ? *reinterpret_cast<const unsigned*>(q1 + kk * 16 + 8) : 0u;
+    }
+
+    // ldmatrix lane addresses: K (B operand of Q K^T, keys as rows) and V (.trans, B of P V)
+    const int kb_row = (lane & 7) + (lane >> 4) * 8, kb_col = ((lane >> 3) & 1) * 8;
+    const int v_row = (lane & 7) + ((lane >> 3) & 1) * 8, v_col = (lane >> 4) * 8;
+    float o[HD / 8][4];
+  #pragma unroll
+    for (int i = 0; i < HD / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
+    float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // raw-score max, sum: rows r, r + 8
+
+    for (int i = 0; i < nt; i++) {
+      __syncwarp();  // every lane is done reading tile i - 1, whose stage tile i + ST - 1 takes
+      load_tile(i + ST - 1, false);
+      asm volatile("cp.async.wait_group %0;" ::"n"(ST - 1));
+      __syncwarp();  // the other lanes' copies of tile i are visible too
+      const T* kt = k_s + (i % ST) * TILE;
+      const T* vt = v_s + (i % ST) * TILE;
+      const int kb = first + i * NW * DM_KEYS;
+
+      float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
+  #pragma unroll
+      for (int kk = 0; kk < HD / 16; kk++) {
+        unsigned b[4];
+        ldsm_x4(b, kt + kb_row * LD + kk * 16 + kb_col);
+        mma16816(s[0], qf[kk], b[0], b[1], tag);
+        mma16816(s[1], qf[kk], b[2], b[3], tag);
+      }
+      if (kb + DM_KEYS > k_end) {  // the warp's last tile may run past the split's keys
+  #pragma unroll
+        for (int n = 0; n < 2; n++)
+  #pragma unroll
+          for (int e = 0; e < 4; e++)
+            if (kb + n * 8 + cq + (e & 1) >= k_end) s[n][e] = -INFINITY;
+      }
+      // Every tile holds at least one valid key, so the new maxima are finite.
+      float mx0 = fmaxf(m0, fmaxf(fmaxf(s[0][0], s[0][1]), fmaxf(s[1][0], s[1][1])));
+      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 1));
+      mx0 = fmaxf(mx0, __shfl_xor_sync(0xffffffffu, mx0, 2));
+      const float alpha0 = fast_exp2((m0 - mx0) * scale_log2);  // 0 while m0 is -inf
+      const float sub0 = mx0 * scale_log2;
+      m0 = mx0;
+      float p[2][4];
+  #pragma unroll
+      for (int n = 0; n < 2; n++) {
+        p[n][0] = fast_exp2(fmaf(s[n][0], scale_log2, -sub0));
+        p[n][1] = fast_exp2(fmaf(s[n][1], scale_log2, -sub0));
+      }
+      l0 = l0 * alpha0 + (p[0][0] + p[0][1] + p[1][0] + p[1][1]);
+      float alpha1 = 1.f;
+      if constexpr (GR == 16) {
+        float mx1 = fmaxf(m1, fmaxf(fmaxf(s[0][2], s[0][3]), fmaxf(s[1][2], s[1][3])));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 1));
+        mx1 = fmaxf(mx1, __shfl_xor_sync(0xffffffffu, mx1, 2));
+        alpha1 = fast_exp2((m1 - mx1) * scale_log2);
+        const float sub1 = mx1 * scale_log2;
+        m1 = mx1;
+  #pragma unroll
+        for (int n = 0; n < 2; n++) {
+          p[n][2] = fast_exp2(fmaf(s[n][2], scale_log2, -sub1));
+          p[n][3] = fast_exp2(fmaf(s[n][3], scale_log2, -sub1));
+        }
+        l1 = l1 * alpha1 + (p[0][2] + p[0][3] + p[1][2] + p[1][3]);
+      } else {
+  #pragma unroll
+        for (int n = 0; n < 2; n++) p[n][2] = p[n][3] = 0.f;  // padding rows 8..15
+      }
+      // P as the A operand over the tile's 16 keys (the score accumulators' layout).
+      const unsigned pf[4] = {pack2(p[0][0], p[0][1], tag), pack2(p[0][2], p[0][3], tag),
+                              pack2(p[1][0], p[1][1], tag), pack2(p[1][2], p[1][3], tag)};
+      // Past the first tiles a row's max rarely moves: skip the rescale when it moved nowhere.
+      if (!__all_sync(0xffffffffu, alpha0 == 1.f && alpha1 == 1.f)) {
+  #pragma unroll
+        for (int d = 0; d < HD / 8; d++) {
+          o[d][0] *= alpha0;
+          o[d][1] *= alpha0;
+          o[d][2] *= alpha1;
+          o[d][3] *= alpha1;
+        }
+      }
+  #pragma unroll
+      for (int d2 = 0; d2 < HD / 16; d2++) {
+        unsigned b[4];
+        ldsm_x4_trans(b, vt + v_row * LD + d2 * 16 + v_col);
+        mma16816(o[2 * d2], pf, b[0], b[1], tag);
+        mma16816(o[2 * d2 + 1], pf, b[2], b[3], tag);
+      }
+    }
+    asm volatile("cp.async.wait_group 0;");  // only empty groups remain; leave none behind
+
+    // Merge the warps: row sums over the quad, then (max, sum, O) per warp through shared memory,
+    // which the stages held until every warp is past its loop.
+  #pragma unroll
+    for (int x = 1; x < 4; x <<= 1) {
+      l0 += __shfl_xor_sync(0xffffffffu, l0, x);
+      l1 += __shfl_xor_sync(0xffffffffu, l1, x);
+    }
+    __syncthreads();
+  #pragma unroll
+    for (int d = 0; d < HD / 8; d++) {
+      *reinterpret_cast<float2*>(o_s + (warp * GR + r) * HD + d * 8 + cq) =
+          make_float2(o[d][0], o[d][1]);
+      if constexpr (GR == 16)
+        *reinterpret_cast<float2*>(o_s + (warp * GR + r + 8) * HD + d * 8 + cq) =
+            make_float2(o[d][2], o[d][3]);
+    }
+    if ((lane & 3) == 0) {
+      m_s[warp][r] = m0 * scale_log2;  // base 2 units, as the reduction expects; -inf stays
+      l_s[warp][r] = l0;
+      if constexpr (GR == 16) {
+        m_s[warp][r + 8] = m1 * scale_log2;
+        l_s[warp][r + 8] = l1;
+      }
     }
   }
   __syncthreads();
@@ -340,10 +451,12 @@ __device__ __forceinline__ void decode_mma_body(
       block_tables, max_blocks, num_items, num_heads, num_kv_heads, block_size, scale_log2,    \
       num_splits, min_keys, fresh
 
-template <typename T, int HD, int GR, int NW, int ST>
-__global__ void __launch_bounds__(NW * 32, NW <= 12 ? 12 / NW : 1)
+// TR = 1: the transposed tiles (GR = 8 only: query heads as the n8 columns); TR = 2 (the
+// engine's default): the same, registers capped for 18 warps an SM (3 blocks of 6)
+template <typename T, int HD, int GR, int NW, int ST, int TR = 0>
+__global__ void __launch_bounds__(NW * 32, TR == 2 ? 18 / NW : (NW <= 12 ? 12 / NW : 1))
 decode_mma_kernel(DM_PARAMS) {
-  decode_mma_body<T, HD, GR, NW, ST, 1>(DM_ARGS);
+  decode_mma_body<T, HD, GR, NW, ST, 1, TR != 0>(DM_ARGS);
 }
 
 // Grid: (num_kv_heads * passes, num_decode_items, CL)  Block: (NW * 32), clusters of (1, 1, CL)
@@ -351,7 +464,7 @@ template <typename T, int HD, int GR, int NW, int ST, int CL>
 __global__ void CLUSTER_DIMS(1, 1, CL) __launch_bounds__(NW * 32, NW <= 12 ? 12 / NW : 1)
 decode_mma_cluster_kernel(DM_PARAMS) {
   static_assert(CL >= 2 && CL <= 8 && (GR * HD) % CL == 0, "a portable cluster");
-  decode_mma_body<T, HD, GR, NW, ST, CL>(DM_ARGS);
+  decode_mma_body<T, HD, GR, NW, ST, CL, false>(DM_ARGS);
 }
 
 #ifdef PAGEDSERVE_NVCC_CHECK
@@ -365,6 +478,10 @@ INSTANTIATE(decode_mma_kernel, __nv_bfloat16, 64, 16, 4, 2)
 INSTANTIATE(decode_mma_kernel, __nv_bfloat16, 128, 8, 4, 2)
 INSTANTIATE(decode_mma_kernel, __nv_bfloat16, 128, 8, 4, 3)
 INSTANTIATE(decode_mma_kernel, __nv_bfloat16, 128, 8, 8, 2)
+INSTANTIATE(decode_mma_kernel, __nv_bfloat16, 128, 8, 6, 2, 1)
+INSTANTIATE(decode_mma_kernel, __nv_bfloat16, 128, 8, 6, 2, 2)
+INSTANTIATE(decode_mma_kernel, __nv_bfloat16, 128, 8, 4, 2, 1)
+INSTANTIATE(decode_mma_kernel, __half, 64, 8, 4, 2, 1)
 INSTANTIATE(decode_mma_cluster_kernel, __nv_bfloat16, 128, 8, 8, 2, 4)
 INSTANTIATE(decode_mma_cluster_kernel, __half, 64, 16, 8, 2, 8)
 #endif

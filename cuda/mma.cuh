@@ -48,6 +48,15 @@ __device__ __forceinline__ void ldsm_x4_trans(unsigned (&r)[4], const void* p) {
                : "r"(smem_addr(p)));
 }
 
+// The 8 x 8 matrix of 16-bit values whose fragment the warp holds (lane l: row l / 4, columns
+// 2 (l % 4) and + 1, as an mma accumulator packs them), transposed: lane l then holds row l / 4 of
+// the transpose. Turns an n8 tile of results into the k-major B fragment of the next mma.
+__device__ __forceinline__ unsigned movmatrix_trans(unsigned x) {
+  unsigned y;
+  asm("movmatrix.sync.aligned.m8n8.trans.b16 %0, %1;" : "=r"(y) : "r"(x));
+  return y;
+}
+
 // 16 bytes global -> shared without a register round trip; `valid` false writes zeros.
 __device__ __forceinline__ void cp_async16(void* dst, const void* src, bool valid) {
   asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" ::"r"(smem_addr(dst)), "l"(src),

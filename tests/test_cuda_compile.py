@@ -81,3 +81,19 @@ def test_source_key_changes_with_a_header(tmp_path):
     assert source(tmp_path, "k.cu") == before
     (tmp_path / "h.cuh").write_text("#define A 2\n")
     assert source(tmp_path, "k.cu") != before
+
+
+def test_decode_mma_names_take_the_transposed_tiles_for_8_heads(monkeypatch):
+    """cuda_kernels.DECODE_MMA_TR picks the instance the engine launches and the one compiled;
+    the transposed tiles exist only for blocks of 8 query heads."""
+    from engine.executor.ops import cuda_kernels as ck
+
+    bf16 = "__nv_bfloat16"
+    monkeypatch.setattr(ck, "DECODE_MMA_TR", "2")
+    assert ck.decode_mma_name(bf16, 128, 8, 6, 2) == f"decode_mma_kernel<{bf16}, 128, 8, 6, 2, 2>"
+    assert ck.decode_mma_name(bf16, 128, 16, 6, 2) == f"decode_mma_kernel<{bf16}, 128, 16, 6, 2>"
+    names = ck.kernel_names("attention_decode_mma.cu", bf16)
+    assert f"decode_mma_kernel<{bf16}, 64, 8, 4, 2, 2>" in names
+    assert f"decode_mma_kernel<{bf16}, 64, 8, 4, 2>" not in names
+    monkeypatch.setattr(ck, "DECODE_MMA_TR", "0")
+    assert ck.decode_mma_name(bf16, 64, 8, 4, 3) == f"decode_mma_kernel<{bf16}, 64, 8, 4, 3>"

@@ -23,6 +23,7 @@ from engine.executor.ops.cuda_kernels import (
     DECODE_UNROLL,
     HEAD_DIMS,
     MAX_GRID_Y,
+    decode_mma_name,
     kernel,
     launch,
 )
@@ -313,7 +314,7 @@ def paged_attention(qkv, k_cache, v_cache, meta: DeviceAttentionMetadata, num_he
             grid = (num_kv_heads * passes, num_dec, splits)  # heads fastest
             nw, st = plan.decode_config or (DECODE_MMA_CONFIG if splits > 1
                                             else DECODE_MMA_FULL_CONFIG)
-            name = (f"decode_mma_kernel<{ctype}, {head_dim}, {g}, {nw}, {st}>" if cluster == 1
+            name = (decode_mma_name(ctype, head_dim, g, nw, st) if cluster == 1
                     else f"decode_mma_cluster_kernel<{ctype}, {head_dim}, {g}, {nw}, {st}, "
                     f"{cluster}>")
             k = kernel("attention_decode_mma.cu", name, ctype)

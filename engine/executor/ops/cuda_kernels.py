@@ -96,6 +96,14 @@ GGUF_GEMV3_KINDS = tuple(GGUF_GEMV3_BIG)
 DECODE_UNROLL = 2  # 16-byte K and V loads per lane in flight (U); 2 beat 4 and 8 on the H200
 # attention_decode_mma.cu's (warps, cp.async stages per warp) variants; rows GR are 8 or 16
 DECODE_MMA_CONFIGS = ((4, 2), (6, 2), (4, 3), (8, 2))
+# attention_decode_mma.cu's tiles where a block takes 8 query heads (TR): 2, S^T = K Q^T and
+# O^T += V^T P^T with the heads as an mma's 8 columns, registers capped for three 6-warp blocks an
+# SM; 1 the same uncapped; 0 the heads as 8 of an m16 tile's 16 rows. H200, W1 Llama-3-8B
+# interleaved in two calls (session 25): 2 gave 10,273 / 10,294 / 10,279 / 10,277 output tok/s,
+# 0 10,261 / 10,229 / 10,224 / 10,224, 1 10,254; on an H100 all three within the noise.
+DECODE_MMA_TR = os.environ.get("PAGEDSERVE_DECODE_MMA_TR", "2")
+if DECODE_MMA_TR not in ("0", "1", "2"):
+    raise ValueError(f"PAGEDSERVE_DECODE_MMA_TR must be 0, 1 or 2, got {DECODE_MMA_TR!r}")
 # attention_decode_mma.cu's cluster kernel (warps, stages, blocks a cluster): the first is what
 # cuda_attention's short-context graphs run (others measured slower, cuda_attention.py)
 DECODE_CLUSTER_CONFIGS = ((8, 2, 4),)
@@ -117,6 +125,12 @@ def cuda_dir() -> Path:
             return candidate
     raise FileNotFoundError(
         f"CUDA kernel sources not found in {here / 'cuda'} or {here.parent / 'cuda'}")
+
+
+def decode_mma_name(ctype: str, head_dim: int, group_rows: int, warps: int, stages: int) -> str:
+    """The mma decode kernel's instance: the transposed tiles (DECODE_MMA_TR) take 8 heads only."""
+    tr = f", {DECODE_MMA_TR}" if DECODE_MMA_TR != "0" and group_rows == 8 else ""
+    return f"decode_mma_kernel<{ctype}, {head_dim}, {group_rows}, {warps}, {stages}{tr}>"
 
 
 def kernel_names(file: str, ctype: str) -> list[str]:
@@ -164,7 +178,7 @@ def kernel_names(file: str, ctype: str) -> list[str]:
                  for d in HEAD_DIMS for g in DECODE_GROUPS]
                 + [f"decode_reduce_kernel<{ctype}, {d}>" for d in HEAD_DIMS])
     if file == "attention_decode_mma.cu":
-        return ([f"decode_mma_kernel<{ctype}, {d}, {gr}, {nw}, {st}>" for d in HEAD_DIMS
+        return ([decode_mma_name(ctype, d, gr, nw, st) for d in HEAD_DIMS
                  for gr in (8, 16) for nw, st in DECODE_MMA_CONFIGS]
                 + [f"decode_mma_cluster_kernel<{ctype}, {d}, {gr}, {nw}, {st}, {cl}>"
                    for d in HEAD_DIMS for gr in (8, 16) for nw, st, cl in DECODE_CLUSTER_CONFIGS])
