@@ -17,7 +17,9 @@ import multiprocessing
 import os
 import pickle
 import shutil
+import sys
 import tempfile
+import uuid
 
 import msgspec
 import zmq
@@ -93,9 +95,15 @@ class MPClient:
 
     def start(self) -> None:
         """Bind the sockets and spawn the core."""
-        self._dir = tempfile.mkdtemp(prefix="pagedserve-")
-        input_address = f"ipc://{self._dir}/input"
-        self._output_address = f"ipc://{self._dir}/output"
+        # Linux: sockets in the abstract namespace, which have no file to leave behind when this
+        # process is killed; elsewhere in a folder of their own that close() removes.
+        if sys.platform.startswith("linux"):
+            self._dir, base = None, f"ipc://@pagedserve-{os.getpid()}-{uuid.uuid4().hex}"
+        else:
+            self._dir = tempfile.mkdtemp(prefix="pagedserve-")
+            base = f"ipc://{self._dir}/"
+        input_address = f"{base}input"
+        self._output_address = f"{base}output"
         self._ctx = zmq.Context()
         self._inputs = self._ctx.socket(zmq.PUSH)
         self._inputs.setsockopt(zmq.SNDHWM, 0)  # never block the event loop on a send
@@ -220,7 +228,8 @@ class MPClient:
             if sock is not None:
                 sock.close(linger=0)
         self._ctx.term()
-        shutil.rmtree(self._dir, ignore_errors=True)
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
         self.process = None
 
 

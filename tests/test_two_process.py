@@ -69,13 +69,16 @@ class Served:
         model = tiny_model_folder(tmp_path / "tiny", with_tokenizer)
         self.url = f"http://127.0.0.1:{free_port()}"
         self.log = open(tmp_path / "server.log", "w+")  # noqa: SIM115
+        self.tmp = tmp_path / "tmp"  # the server's TMPDIR
+        self.tmp.mkdir()
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "server.cli", "serve", str(model), "--device", "numpy",
              "--load-format", "dummy", "--port", self.url.rsplit(":", 1)[1],
              "--max-model-len", "1024", "--num-kv-blocks", "128", "--max-num-seqs", "8",
              "--log-level", "warning", *extra],
             cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
-            env={**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1"})
+            env={**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1",
+                 "TMPDIR": str(self.tmp)})
         deadline = time.time() + 90
         while True:
             assert self.proc.poll() is None, f"the server exited: {self.output()}"
@@ -130,6 +133,8 @@ def test_killing_the_core_fails_requests_and_exits_the_server(served):
 
 
 def test_killing_the_api_process_leaves_no_core_behind(served):
+    """Nor a file: the API process and its core talk over sockets that a SIGKILL cannot leave
+    in the temporary folder."""
     children = _children(served.proc.pid)
     assert _is_running(served.core_pid)
     served.proc.kill()
@@ -138,6 +143,7 @@ def test_killing_the_api_process_leaves_no_core_behind(served):
     while any(_is_running(p) for p in children):
         assert time.monotonic() < deadline, f"left behind: {children}"
         time.sleep(0.05)
+    assert list(served.tmp.iterdir()) == []
 
 
 @pytest.mark.parametrize("path, field", [
