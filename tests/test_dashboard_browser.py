@@ -14,6 +14,7 @@ import os
 import re
 import shutil
 import subprocess
+import tempfile
 import threading
 import time
 from pathlib import Path
@@ -45,10 +46,14 @@ class Browser:
     """One headless chromium page, driven over the DevTools protocol's websocket."""
 
     def __init__(self, tmp: Path):
+        # chromium's own scratch folders (sockets among them, whose paths must stay short), removed
+        # by close() instead of piling up in /tmp
+        self.scratch = tempfile.mkdtemp(prefix="cr-")
         self.proc = subprocess.Popen(
             [BROWSER, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
              "--remote-debugging-port=0", f"--user-data-dir={tmp}", "--window-size=1400,1000",
-             "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+             "about:blank"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            env={**os.environ, "TMPDIR": self.scratch})
         port_file, deadline = tmp / "DevToolsActivePort", time.time() + 20
         while not (port_file.exists() and port_file.read_text().count("\n") >= 1):
             assert time.time() < deadline, "chromium did not start"
@@ -107,6 +112,7 @@ class Browser:
             self.stack.close()
             self.proc.terminate()
             self.proc.wait(10)
+        shutil.rmtree(self.scratch, ignore_errors=True)
 
 
 @pytest.fixture
