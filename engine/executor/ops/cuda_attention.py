@@ -160,8 +160,9 @@ def decode_kernel() -> str:
 
 
 def decode_tile(group: int) -> tuple[int, int]:
-    """(query heads per decode block, blocks per kv head): the mma kernel's rows are one m16 tile
-    (8 of them when the group fits: the other 8 skip their softmax)."""
+    """(query heads per decode block, blocks per kv head): for the mma kernel 8 where the group
+    fits (the transposed tiles' 8 columns, or with DECODE_MMA_TR=0 8 rows of an m16 tile whose
+    other 8 skip their softmax), else 16 (one m16 tile)."""
     groups = (8, 16) if decode_kernel() == "mma" else DECODE_GROUPS
     g = next((g for g in groups if g >= group), groups[-1])
     return g, -(-group // g)
