@@ -17,9 +17,8 @@ import multiprocessing
 import os
 import pickle
 import shutil
-import sys
 import tempfile
-import uuid
+from pathlib import Path
 
 import msgspec
 import zmq
@@ -95,15 +94,13 @@ class MPClient:
 
     def start(self) -> None:
         """Bind the sockets and spawn the core."""
-        # Linux: sockets in the abstract namespace, which have no file to leave behind when this
-        # process is killed; elsewhere in a folder of their own that close() removes.
-        if sys.platform.startswith("linux"):
-            self._dir, base = None, f"ipc://@pagedserve-{os.getpid()}-{uuid.uuid4().hex}"
-        else:
-            self._dir = tempfile.mkdtemp(prefix="pagedserve-")
-            base = f"ipc://{self._dir}/"
-        input_address = f"{base}input"
-        self._output_address = f"{base}output"
+        # The sockets live in a folder only this user can enter (an abstract-namespace socket
+        # would leave no file, but any local user could connect to it). close() removes the
+        # folder; one left by a killed server goes at the next start (remove_stale_socket_dirs).
+        remove_stale_socket_dirs()
+        self._dir = tempfile.mkdtemp(prefix=f"{SOCKET_DIR_PREFIX}{os.getpid()}-")
+        input_address = f"ipc://{self._dir}/input"
+        self._output_address = f"ipc://{self._dir}/output"
         self._ctx = zmq.Context()
         self._inputs = self._ctx.socket(zmq.PUSH)
         self._inputs.setsockopt(zmq.SNDHWM, 0)  # never block the event loop on a send
@@ -228,9 +225,26 @@ class MPClient:
             if sock is not None:
                 sock.close(linger=0)
         self._ctx.term()
-        if self._dir is not None:
-            shutil.rmtree(self._dir, ignore_errors=True)
+        shutil.rmtree(self._dir, ignore_errors=True)
         self.process = None
+
+
+SOCKET_DIR_PREFIX = "pagedserve-"  # + the API process's pid + "-" + mkdtemp's letters
+
+
+def remove_stale_socket_dirs() -> None:
+    """Remove the socket folders of API processes of this user that are gone (killed: SIGKILL
+    leaves no chance to clean up); a folder whose process lives, or another user's, stays."""
+    root = Path(tempfile.gettempdir())
+    for folder in root.glob(f"{SOCKET_DIR_PREFIX}*-*"):
+        pid = folder.name[len(SOCKET_DIR_PREFIX):].split("-", 1)[0]
+        with contextlib.suppress(OSError):
+            if not pid.isdigit() or folder.stat().st_uid != os.getuid():
+                continue
+            try:
+                os.kill(int(pid), 0)
+            except ProcessLookupError:
+                shutil.rmtree(folder, ignore_errors=True)
 
 
 def _wake(future: asyncio.Future) -> None:

@@ -8,6 +8,7 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -132,9 +133,10 @@ def test_killing_the_core_fails_requests_and_exits_the_server(served):
     assert "the engine core died" in served.output()
 
 
-def test_killing_the_api_process_leaves_no_core_behind(served):
-    """Nor a file: the API process and its core talk over sockets that a SIGKILL cannot leave
-    in the temporary folder."""
+def test_killing_the_api_process_leaves_no_core_behind(served, monkeypatch):
+    """Nor, after the next start, its socket folder (a SIGKILL leaves it behind)."""
+    from engine.core_client import remove_stale_socket_dirs
+
     children = _children(served.proc.pid)
     assert _is_running(served.core_pid)
     served.proc.kill()
@@ -143,7 +145,13 @@ def test_killing_the_api_process_leaves_no_core_behind(served):
     while any(_is_running(p) for p in children):
         assert time.monotonic() < deadline, f"left behind: {children}"
         time.sleep(0.05)
-    assert list(served.tmp.iterdir()) == []
+    left = [p.name for p in served.tmp.iterdir()]
+    assert [name.split("-")[1] for name in left] == [str(served.proc.pid)], left
+    live = served.tmp / f"pagedserve-{os.getpid()}-live"  # this process lives: its folder stays
+    live.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(served.tmp))
+    remove_stale_socket_dirs()
+    assert list(served.tmp.iterdir()) == [live]
 
 
 @pytest.mark.parametrize("path, field", [
