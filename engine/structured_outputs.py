@@ -56,6 +56,8 @@ def grammar_of(so: StructuredOutputsParams) -> str:
         return llguidance.grammar_from("grammar", so.grammar)  # Lark, or GBNF turned into Lark
     except ValueError as e:
         raise ValueError(f"structured_outputs.{kind} is invalid: {e}") from None
+    except RecursionError:  # a schema given as JSON text nests past the parser's depth
+        raise ValueError(f"structured_outputs.{kind} is invalid: it nests too deep") from None
 
 
 def ll_tokenizer(tokenizer, vocab_size: int, eos_token_ids: list[int]):

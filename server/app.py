@@ -265,7 +265,8 @@ async def tokenize(request: Request):
                              add_special)
     strs = None
     if get_field(body, "return_token_strs", "bool", False):  # vLLM's: the vocabulary's spelling
-        strs = [engine.tokenizer.id_to_token(i) for i in ids]
+        id_to_token = engine.tokenizer.id_to_token  # a million ids: on a worker thread
+        strs = await off_loop(len(ids), lambda: [id_to_token(i) for i in ids])
     return await large_json({"tokens": ids, "count": len(ids),
                              "max_model_len": engine.max_model_len, "token_strs": strs}, len(ids))
 

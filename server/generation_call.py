@@ -8,12 +8,11 @@ from __future__ import annotations
 import time
 
 from starlette.requests import Request
-from starlette.responses import JSONResponse
 
 from engine.core.sampling_params import ParamError
 from server.async_engine import EngineFault
 from server.extras import ChatOptions, echo_logprobs, join_logprobs, prompt_logprobs_json, usage
-from server.handlers import until_disconnect
+from server.handlers import large_json, off_loop, until_disconnect
 from server.protocol import (
     APIError,
     bad_request,
@@ -114,6 +113,17 @@ class GenerationCall:
                         final[out.request_id] = out
             except EngineFault as e:
                 raise APIError(500, str(e), type="server_error") from None
+        # Logprobs (prompt_logprobs: ~21 entries per prompt token, 256 prompts in a call) can
+        # make an answer of gigabytes: built and encoded on a worker thread when it is large.
+        p = self.params
+        scored = self.num_prompt_tokens if p.prompt_logprobs is not None else 0
+        generated = sum(len(c.token_ids) for out in final.values() for c in out.outputs)
+        size = scored + (generated if p.logprobs is not None else 0)
+        body = await off_loop(size * 16, self._answer, final)
+        return await large_json(body, size * 16)
+
+    def _answer(self, final: dict) -> dict:
+        """The JSON body of a finished call."""
         choices, num_generated = [], 0
         for request_id in self.index_of:
             for c in final[request_id].outputs:
@@ -128,7 +138,7 @@ class GenerationCall:
             body["prompt_logprobs"] = self._prompt_logprobs(next(iter(self.index_of)))
             one = self.extras.return_token_ids and len(self.token_lists) == 1
             body["prompt_token_ids"] = self.token_lists[0] if one else None
-        return JSONResponse(body)
+        return body
 
     def usage(self, num_generated: int) -> dict:
         cached = sum(out.num_cached_tokens for out in self.first.values())

@@ -56,6 +56,9 @@ async def read_json(request: Request) -> dict:
             raise too_big
         chunks.append(chunk)
     raw = b"".join(chunks)
+    # Every field of the body may reach the chat template (a role, tools, documents, template
+    # kwargs), not only message content: chat_token_ids sizes its render by the whole body.
+    request.state.body_bytes = len(raw)
     # A megabyte of token ids takes ~10 ms to parse and check: on a worker thread, between
     # whose steps the event loop gets the interpreter back.
     return await off_loop(len(raw) // 64, _parse_body, raw)
@@ -201,7 +204,10 @@ async def chat_token_ids(request: Request, engine, messages: list[dict],
     template_options.setdefault("add_generation_prompt", True)
     tokenizer = tokenizer_of(engine, "messages")
     special = request.app.state.settings.chat_content_special_tokens
-    num_chars = sum(len(str(m.get("content"))) for m in messages)
+    # The template may write any field (a 4 MB `role`, `tools`, `documents`): the whole body's
+    # size decides, so a render that tokenizes megabytes never runs on the event loop.
+    num_chars = max(sum(len(str(m.get("content"))) for m in messages),
+                    getattr(getattr(request, "state", None), "body_bytes", 0))
     render = functools.partial(tokenizer.apply_chat_template, messages, tokenize=True,
                                special_tokens_in_content=special, **template_options)
     try:

@@ -81,9 +81,13 @@ def tool_grammar(tools: list[dict], choice: str, parallel: bool
     # Each tool's "#/$defs/..." references pointed at its own root; in the array they point at
     # the array's, which holds every tool's definitions (one name, one definition).
     defs, calls = {}, []
-    for t in tools:
+    for i, t in enumerate(tools):
         params = dict(_parameters(t))
-        for name, definition in params.pop("$defs", {}).items():
+        defs_of_tool = params.pop("$defs", {})
+        if not isinstance(defs_of_tool, dict):
+            raise bad_request("tools", f"tools[{i}].function.parameters.$defs must "
+                                       "be an object")
+        for name, definition in defs_of_tool.items():
             if defs.setdefault(name, definition) != definition:
                 raise bad_request("tools", f"two tools define '$defs/{name}' differently; "
                                            "'tool_choice': 'required' needs one definition")
@@ -123,8 +127,8 @@ def template_messages(messages: list[dict]) -> list[dict]:
                 elif isinstance(arguments, str):
                     try:
                         fn["arguments"] = json.loads(arguments)
-                    except json.JSONDecodeError:
-                        pass  # the template gets the text as it came
+                    except (json.JSONDecodeError, RecursionError):
+                        pass  # the template gets the text as it came (also: nested too deep)
                 fixed.append({**call, "function": fn} if isinstance(call, dict) else call)
             m["tool_calls"] = fixed
         for name, alias in (("reasoning", "reasoning_content"), ("reasoning_content", "reasoning")):

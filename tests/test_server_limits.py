@@ -444,3 +444,50 @@ def test_a_slow_chat_template_renders_off_the_event_loop():
     ids = asyncio.run(handlers.chat_token_ids(request, engine, [{"role": "user", "content": "hi"}]))
     assert ids == [7, 8]
     assert calls == [(True, handlers.ON_LOOP_RENDER_SECONDS), (False, None)]
+
+
+def test_a_large_body_renders_its_chat_off_the_event_loop():
+    """Any field may reach the template (a 4 MB `role`, tools, documents): a chat whose body is
+    large renders and tokenizes on a worker thread even when its content is short."""
+    import asyncio
+    import threading
+    from types import SimpleNamespace
+
+    from server import handlers
+
+    calls = []
+
+    class Template:
+        def apply_chat_template(self, messages, render_seconds=None, **options):
+            calls.append(threading.current_thread() is threading.main_thread())
+            return [7]
+
+    def request(body_bytes):
+        return SimpleNamespace(state=SimpleNamespace(body_bytes=body_bytes), app=SimpleNamespace(
+            state=SimpleNamespace(settings=SimpleNamespace(chat_content_special_tokens=False))))
+
+    engine = SimpleNamespace(tokenizer=Template())
+    chat = [{"role": "x" * 10, "content": "hi"}]
+    asyncio.run(handlers.chat_token_ids(request(100), engine, chat))
+    asyncio.run(handlers.chat_token_ids(request(4 << 20), engine, chat))
+    assert calls == [True, False]
+
+
+@pytest.mark.parametrize("path, body, param", [
+    ("/v1/chat/completions", {"messages": CHAT, "tool_choice": "required", "tools": [
+        {"type": "function", "function": {"name": "f", "parameters": {"$defs": [1]}}}]},
+     "tools"),
+    ("/v1/completions", {"prompt": "hi", "structured_outputs": {"json": "[" * 5000 + "]" * 5000}},
+     "structured_outputs"),
+], ids=["defs-not-an-object", "schema-text-nested-too-deep"])
+def test_malformed_nested_fields_are_400_not_500(client, path, body, param):
+    r = client.post(path, json={"model": MODEL, "max_tokens": 2, **body})
+    assert r.status_code == 400, r.text[:300]
+    assert r.json()["error"]["param"] == param
+
+
+def test_deeply_nested_tool_call_arguments_are_not_a_500(client):
+    messages = [{"role": "assistant", "content": "", "tool_calls": [
+        {"function": {"name": "f", "arguments": "[" * 5000 + "]" * 5000}}]}, *CHAT]
+    r = client.post("/tokenize", json={"model": MODEL, "messages": messages})
+    assert r.status_code != 500, r.text[:300]
