@@ -253,7 +253,9 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Join the tensor-parallel group whose rank 0 (pagedserve "
                                    "serve / generate with --tensor-parallel-size and "
                                    "--tp-local-ranks) listens at --master-addr:--master-port; "
-                                   "the model and settings come from rank 0.")
+                                   "the model and settings come from rank 0. "
+                                   "$PAGEDSERVE_TP_SECRET must hold rank 0's secret (every "
+                                   "message is signed with it).")
     add_worker_flags(w)
 
     t = sub.add_parser("trace", parents=[engine_flags], help="record every step of a small "

@@ -255,6 +255,7 @@ def test_a_rank_started_by_hand_joins_through_the_master_address(monkeypatch, tp
     """The several-hosts path on one host: rank 1 is `pagedserve worker`, not spawned."""
     port = free_port()
     monkeypatch.setenv("PAGEDSERVE_MASTER_PORT", str(port))
+    monkeypatch.setenv(workers.SECRET_ENV, "the hosts' secret")
     code = "import sys; from engine.executor.worker import worker_main; sys.exit(worker_main())"
     proc = subprocess.Popen([sys.executable, "-c", code, "--rank", "1",
                              "--master-addr", "127.0.0.1"])
@@ -277,6 +278,7 @@ def test_a_rank_that_cannot_load_the_model_fails_the_start_with_its_reason(tmp_p
     (tmp_path / "b").mkdir()
     tiny_model_folder(tmp_path / "a" / "tiny", with_tokenizer=False)
     monkeypatch.chdir(tmp_path / "a")
+    monkeypatch.setenv(workers.SECRET_ENV, "the hosts' secret")
     port = free_port()
     code = "import sys; from engine.executor.worker import worker_main; sys.exit(worker_main())"
     # stderr to a file, not a pipe: a pipe nobody reads until the end could fill and block the
@@ -298,18 +300,24 @@ def test_a_rank_that_cannot_load_the_model_fails_the_start_with_its_reason(tmp_p
 # Rank 1 as a stand-in: joins, takes its CONFIG, then dies as SIGKILL would leave it (no FAILED).
 _DIES_WHILE_LOADING = """
 import json, os, sys, zmq
+from engine.executor.workers import Signer
+signer = Signer(os.environ["PAGEDSERVE_TP_SECRET"].encode())
 sock = zmq.Context().socket(zmq.DEALER)
 sock.connect(f"tcp://127.0.0.1:{sys.argv[1]}")
-sock.send_multipart([b"H", json.dumps({"rank": 1}).encode()])
+sock.send_multipart(signer.seal([b"H", json.dumps({"rank": 1}).encode()]))
 sock.recv_multipart()
 os._exit(9)
 """
 
 
-def test_a_remote_rank_that_dies_while_loading_fails_the_start_at_once():
+def test_a_remote_rank_that_dies_while_loading_fails_the_start_at_once(monkeypatch):
     """Rank 0 cannot see another host's process: the closed connection tells it."""
+    from test_two_process import ROOT
+
+    monkeypatch.setenv(workers.SECRET_ENV, "the hosts' secret")
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", _DIES_WHILE_LOADING, str(port)])
+    proc = subprocess.Popen([sys.executable, "-c", _DIES_WHILE_LOADING, str(port)],
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
     try:
         start = time.monotonic()
         with pytest.raises(CommunicatorError, match=r"connection to rank 0 .* closed"):
@@ -322,10 +330,82 @@ def test_a_remote_rank_that_dies_while_loading_fails_the_start_at_once():
 
 def test_a_missing_rank_fails_the_start_naming_it(monkeypatch):
     monkeypatch.setattr(workers, "RENDEZVOUS_TIMEOUT_S", 0.5)
+    monkeypatch.setenv(workers.SECRET_ENV, "the hosts' secret")
     with pytest.raises(CommunicatorError, match=r"rank\(s\) \[1\] did not join.*pagedserve worker"):
         _llm(2, tp_local_ranks=1, master_port=free_port())
     with pytest.raises(ConfigError, match="master_port"):
         _llm(2, tp_local_ranks=1)
+
+
+def test_ranks_on_other_hosts_need_the_shared_secret(monkeypatch):
+    monkeypatch.delenv(workers.SECRET_ENV, raising=False)
+    with pytest.raises(ConfigError, match="PAGEDSERVE_TP_SECRET"):
+        _llm(2, tp_local_ranks=1, master_port=free_port())
+    code = "import sys; from engine.executor.worker import worker_main; sys.exit(worker_main())"
+    done = subprocess.run([sys.executable, "-c", code, "--rank", "1", "--master-addr",
+                           "127.0.0.1", "--master-port", str(free_port())],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and "PAGEDSERVE_TP_SECRET" in done.stderr
+
+
+# A master at the worker's address that does not know the secret, sending a pickle that would
+# leave a file behind if it were ever unpickled.
+_FAKE_MASTER = """
+import os, pickle, sys, zmq
+sock = zmq.Context().socket(zmq.ROUTER)
+sock.bind(f"tcp://127.0.0.1:{sys.argv[1]}")
+identity, *_ = sock.recv_multipart()
+sock.send_multipart([identity, b"C", pickle.dumps(eval(sys.argv[2])), b"no tag of ours"])
+sock.recv_multipart(); sys.exit(0)
+"""
+
+
+class _Trap:
+    def __init__(self, path):
+        self.path = path
+
+    def __reduce__(self):
+        return (open, (self.path, "w"))
+
+
+def test_a_worker_never_unpickles_a_message_without_the_groups_signature(tmp_path, monkeypatch):
+    from test_two_process import ROOT
+
+    trap = tmp_path / "ran"
+    port = free_port()
+    payload = f"__import__('test_tensor_parallel')._Trap({str(trap)!r})"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+           workers.SECRET_ENV: "the hosts' secret"}
+    master = subprocess.Popen([sys.executable, "-c", _FAKE_MASTER, str(port), payload], env=env)
+    code = "import sys; from engine.executor.worker import worker_main; sys.exit(worker_main())"
+    try:
+        done = subprocess.run([sys.executable, "-c", code, "--rank", "1", "--master-addr",
+                               "127.0.0.1", "--master-port", str(port)], env=env,
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 1, done.stderr
+        assert "no valid signature" in done.stderr
+        assert master.wait(10) == 0  # it got the worker's FAILED
+        assert not trap.exists()
+    finally:
+        master.kill()
+
+
+def test_rank_0_drops_a_stranger_that_claims_a_rank(monkeypatch):
+    """Unsigned, its HELLO is dropped: the rank stays missing."""
+    monkeypatch.setattr(workers, "RENDEZVOUS_TIMEOUT_S", 1.0)
+    monkeypatch.setenv(workers.SECRET_ENV, "the hosts' secret")
+    port = free_port()
+    stranger = _DIES_WHILE_LOADING.replace("os.environ[\"PAGEDSERVE_TP_SECRET\"]", "'guess'")
+    assert "'guess'" in stranger
+    from test_two_process import ROOT
+
+    proc = subprocess.Popen([sys.executable, "-c", stranger, str(port)],
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        with pytest.raises(CommunicatorError, match=r"rank\(s\) \[1\] did not join"):
+            _llm(2, tp_local_ranks=1, master_port=port)
+    finally:
+        proc.kill()
 
 
 # ---- the server ----------------------------------------------------------------------------------

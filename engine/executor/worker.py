@@ -6,7 +6,8 @@ Started by rank 0 for the ranks on its host, or by hand on another host:
     pagedserve worker --rank 2 --master-addr 10.0.0.1 --master-port 29500 [--gpu 0]
 
 Everything else (model, dtype, engine settings) comes from rank 0; the model path must exist on
-this host too.
+this host too. $PAGEDSERVE_TP_SECRET must hold rank 0's secret: every message is signed with it
+(workers.Signer), and one from rank 0's address without that signature ends the worker unread.
 """
 
 from __future__ import annotations
@@ -45,8 +46,10 @@ from engine.executor.workers import (
     LOADED,
     MASTER_ADDR_ENV,
     MASTER_PORT_ENV,
+    SECRET_ENV,
     STEP,
     STOP,
+    Signer,
     WorkerConfig,
     parse_port,
     rendezvous_timeout,
@@ -102,22 +105,27 @@ def run_worker(rank: int, master_addr: str | None, master_port: int | None,
         print("pagedserve worker: error: --master-addr and --master-port (or "
               f"${MASTER_ADDR_ENV} / ${MASTER_PORT_ENV}) are required", file=sys.stderr)
         return 2
+    if not os.environ.get(SECRET_ENV):
+        print(f"pagedserve worker: error: ${SECRET_ENV} must hold the secret rank 0 has (the "
+              "same on every host: it signs the ranks' messages)", file=sys.stderr)
+        return 2
+    signer = Signer(os.environ[SECRET_ENV].encode())
     if parent_pid is not None:
         _die_with_parent(parent_pid)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.connect(f"tcp://{master_addr}:{master_port}")
     say = {"rank": rank, "host": socket.gethostname(), "pid": os.getpid()}
-    sock.send_multipart([HELLO, json.dumps(say).encode()])
+    sock.send_multipart(signer.seal([HELLO, json.dumps(say).encode()]))
     try:
-        _Worker(rank, sock, gpu, parent_pid).run()
+        _Worker(rank, sock, signer, gpu, parent_pid).run()
         return 0
     except Exception as e:
         message = f"{type(e).__name__}: {e}"
         print(f"pagedserve worker rank {rank}: error: {message}", file=sys.stderr)
         if not isinstance(e, (CommunicatorError, ValueError, FileNotFoundError)):
             traceback.print_exc()  # not a mistake a user can make: the details help
-        sock.send_multipart([FAILED, json.dumps({**say, "error": message}).encode()])
+        sock.send_multipart(signer.seal([FAILED, json.dumps({**say, "error": message}).encode()]))
         return 1
     finally:
         sock.close(linger=2000)  # FAILED must get out
@@ -125,8 +133,9 @@ def run_worker(rank: int, master_addr: str | None, master_port: int | None,
 
 
 class _Worker:
-    def __init__(self, rank: int, sock, gpu: int | None, parent_pid: int | None):
-        self.rank, self.sock, self.gpu, self.parent_pid = rank, sock, gpu, parent_pid
+    def __init__(self, rank: int, sock, signer: Signer, gpu: int | None, parent_pid: int | None):
+        self.rank, self.sock, self.signer = rank, sock, signer
+        self.gpu, self.parent_pid = gpu, parent_pid
 
     def check_peers(self) -> None:
         if self.parent_pid is not None and os.getppid() != self.parent_pid:
@@ -139,7 +148,11 @@ class _Worker:
             self.check_peers()
             if timeout_s is not None and time.monotonic() - start > timeout_s:
                 raise CommunicatorError(f"rank 0 sent nothing for {timeout_s:.0f} s")
-        got, *frames = self.sock.recv_multipart()
+        message = self.signer.open(self.sock.recv_multipart())
+        if message is None:  # never unpickled: whoever sent it may not run code here
+            raise CommunicatorError(f"a message from rank 0's address had no valid signature "
+                                    f"(is ${SECRET_ENV} the same as rank 0's?)")
+        got, *frames = message
         if got == STOP:
             raise SystemExit(0)
         if got != kind:
@@ -171,7 +184,7 @@ class _Worker:
         weights = shard_weights(full, mc, rank, size)
         del full, cfg  # the full weights go: only this rank's slice stays
         release_unused_memory(ops)
-        self.sock.send_multipart([LOADED, json.dumps({"rank": rank}).encode()])
+        self.sock.send_multipart(self.signer.seal([LOADED, json.dumps({"rank": rank}).encode()]))
         # NCCL's init blocks until every rank calls it: after LOADED, so that rank 0 joins only
         # once every rank has loaded (or has reported why it could not).
         if comm is None:

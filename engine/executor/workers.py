@@ -26,13 +26,23 @@ LOAD_TIMEOUT_S. Local workers die with rank 0 (PR_SET_PDEATHSIG).
 
 Rank 0's address: EngineConfig.master_addr / master_port, else PAGEDSERVE_MASTER_ADDR /
 PAGEDSERVE_MASTER_PORT, else 127.0.0.1 and a free port (all ranks local).
+
+Every message carries an HMAC-SHA256 of its frames under the group's secret (Signer), and one
+without a valid tag is refused: the channel is plain TCP and a worker unpickles what rank 0
+sends, so without it whoever listened at the master address, or connected to it, could run code
+in a rank or claim one. The secret is $PAGEDSERVE_TP_SECRET, the same on every host; where all
+ranks are local and it is unset, rank 0 makes a random one and hands it to its workers.
 """
 
 from __future__ import annotations
 
+import hashlib
+import hmac
 import json
+import logging
 import os
 import pickle
+import secrets
 import signal
 import subprocess
 import sys
@@ -56,6 +66,8 @@ from engine.model.weights import ModelWeights
 
 HELLO, CONFIG, LOADED, FAILED, CACHE, STEP, STOP = b"H", b"C", b"L", b"E", b"K", b"S", b"Q"
 MASTER_ADDR_ENV, MASTER_PORT_ENV = "PAGEDSERVE_MASTER_ADDR", "PAGEDSERVE_MASTER_PORT"
+SECRET_ENV = "PAGEDSERVE_TP_SECRET"
+logger = logging.getLogger("pagedserve." + __name__)
 # How long rank 0 waits for every rank to say HELLO (and a worker for CONFIG); loading is bounded
 # by LOAD_TIMEOUT_S: this, when set (tests), else $PAGEDSERVE_RENDEZVOUS_TIMEOUT
 # (rendezvous_timeout).
@@ -63,6 +75,45 @@ RENDEZVOUS_TIMEOUT_S: float | None = None
 RENDEZVOUS_TIMEOUT_ENV = "PAGEDSERVE_RENDEZVOUS_TIMEOUT"
 LOAD_TIMEOUT_S = 3600.0
 IDLE_POLL_MS = 500  # how often an idle worker checks that rank 0 lives
+
+
+class Signer:
+    """The HMAC-SHA256 tag of a message's frames (rank 0's routing identity excluded) under the
+    group's secret, sent as the message's last frame."""
+
+    def __init__(self, secret: bytes):
+        self.secret = secret
+
+    def seal(self, frames: list) -> list:
+        return [*frames, self._tag(frames)]
+
+    def open(self, frames: list) -> list | None:
+        """The frames before the tag, or None when the tag is missing or wrong."""
+        if len(frames) < 2:
+            return None
+        *body, tag = frames
+        return body if hmac.compare_digest(bytes(tag), self._tag(body)) else None
+
+    def _tag(self, frames: list) -> bytes:
+        mac = hmac.new(self.secret, digestmod=hashlib.sha256)
+        for frame in frames:
+            view = memoryview(frame).cast("B")
+            mac.update(len(view).to_bytes(8, "little"))
+            mac.update(view)
+        return mac.digest()
+
+
+def group_secret(num_local: int, size: int) -> bytes:
+    """$PAGEDSERVE_TP_SECRET, else a random secret when every rank is local (rank 0 gives it to
+    the workers it starts); ranks on other hosts cannot learn that, so they need the variable."""
+    text = os.environ.get(SECRET_ENV)
+    if text:
+        return text.encode()
+    if num_local < size:
+        raise ConfigError(f"tensor-parallel ranks on other hosts (tp_local_ranks {num_local} < "
+                          f"tensor_parallel_size {size}) need ${SECRET_ENV}: the same secret "
+                          f"on every host, which signs the ranks' messages")
+    return secrets.token_hex(32).encode()
 
 
 def master_address(config: EngineConfig) -> tuple[str, int]:
@@ -144,6 +195,8 @@ class WorkerGroup:
             raise ConfigError(f"tp_local_ranks ({num_local}) < tensor_parallel_size ({size}): "
                               f"the ranks on other hosts need a known master_port (or "
                               f"${MASTER_PORT_ENV}) to join")
+        secret = group_secret(num_local, size)
+        self.signer = Signer(secret)
         self.size, self.procs, self.identities = size, {}, {}
         self.comm = None
         self._ctx = zmq.Context()
@@ -158,7 +211,7 @@ class WorkerGroup:
                 port = self._sock.bind_to_random_port(f"tcp://{addr}")
             self.address = f"{addr}:{port}"
             for rank in range(1, num_local):
-                self.procs[rank] = _spawn_worker(rank, first_gpu + rank, addr, port)
+                self.procs[rank] = _spawn_worker(rank, first_gpu + rank, addr, port, secret)
             self._wait_for(HELLO, join_timeout, "join")
             if device == "cuda":
                 setup = ("nccl", NcclCommunicator.new_unique_id())
@@ -184,8 +237,20 @@ class WorkerGroup:
     # ---------------------------------------------------------------- start-up
 
     def _send_all(self, kind: bytes, payload: bytes) -> None:
+        sealed = self.signer.seal([kind, payload])
         for identity in self.identities.values():
-            self._sock.send_multipart([identity, kind, payload])
+            self._sock.send_multipart([identity, *sealed])
+
+    def _receive(self) -> tuple[bytes, bytes, dict] | None:
+        """(identity, kind, JSON payload) of the next message, or None when its tag is not the
+        group's (logged and dropped: a stranger at the master address claims no rank)."""
+        identity, *frames = self._sock.recv_multipart()
+        body = self.signer.open(frames)
+        if body is None or len(body) != 2:
+            logger.warning("tensor parallel: a message at %s without the group's signature was "
+                           "dropped (is $%s the same on every host?)", self.address, SECRET_ENV)
+            return None
+        return identity, body[0], json.loads(body[1])
 
     def _wait_for(self, kind: bytes, timeout_s: float, what: str) -> None:
         """Until every rank 1..N-1 has sent `kind`; CommunicatorError if one fails, dies or
@@ -203,8 +268,10 @@ class WorkerGroup:
                         f"another host with `pagedserve worker --rank R --master-addr ADDR "
                         f"--master-port PORT`)")
                 continue
-            identity, got, payload = self._sock.recv_multipart()
-            info = json.loads(payload)
+            message = self._receive()
+            if message is None:
+                continue
+            identity, got, info = message
             rank = info.get("rank")
             if got == FAILED:
                 raise CommunicatorError(f"tensor-parallel rank {rank} failed: {info['error']}")
@@ -230,17 +297,17 @@ class WorkerGroup:
                           tuple(m.block_tables.shape), int(m.max_query_len),
                           int(m.max_context_len), list(block_copies), use_graph, has_prev,
                           num_rows)
-        header = pickle.dumps(step)
+        sealed = self.signer.seal([STEP, pickle.dumps(step), flat])
         for identity in self.identities.values():
-            self._sock.send_multipart([identity, STEP, header, flat])
+            self._sock.send_multipart([identity, *sealed])
 
     def check_peers(self) -> None:
         """CommunicatorError if a worker died or reported a failure (the collectives' check)."""
         self._check_local()
         while self._sock.poll(0):
-            _identity, got, payload = self._sock.recv_multipart()
-            if got == FAILED:
-                info = json.loads(payload)
+            message = self._receive()
+            if message is not None and message[1] == FAILED:
+                info = message[2]
                 raise CommunicatorError(f"tensor-parallel rank {info.get('rank')} failed: "
                                         f"{info['error']}")
         self._check_connections()
@@ -276,7 +343,7 @@ class WorkerGroup:
         if self._sock is None:
             return
         for identity in self.identities.values():
-            self._sock.send_multipart([identity, STOP, b""], zmq.NOBLOCK)
+            self._sock.send_multipart([identity, *self.signer.seal([STOP, b""])], zmq.NOBLOCK)
         deadline = time.monotonic() + timeout_s
         for proc in self.procs.values():
             try:
@@ -295,12 +362,13 @@ class WorkerGroup:
         self._sock = None
 
 
-def _spawn_worker(rank: int, gpu: int, addr: str, port: int) -> subprocess.Popen:
-    """A local rank: this Python, this environment (NCCL_* included, untouched)."""
+def _spawn_worker(rank: int, gpu: int, addr: str, port: int, secret: bytes) -> subprocess.Popen:
+    """A local rank: this Python, this environment (NCCL_* included, untouched), and the
+    group's secret."""
     code = "import sys; from engine.executor.worker import worker_main; sys.exit(worker_main())"
     args = [sys.executable, "-c", code, "--rank", str(rank), "--master-addr", addr,
             "--master-port", str(port), "--gpu", str(gpu), "--parent-pid", str(os.getpid())]
-    return subprocess.Popen(args)
+    return subprocess.Popen(args, env={**os.environ, SECRET_ENV: secret.decode()})
 
 
 def describe_exit(code: int | None) -> str:
