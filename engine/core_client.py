@@ -17,6 +17,7 @@ import multiprocessing
 import os
 import pickle
 import shutil
+import stat
 import tempfile
 from pathlib import Path
 
@@ -235,11 +236,15 @@ SOCKET_DIR_PREFIX = "pagedserve-"  # + the API process's pid + "-" + mkdtemp's l
 def remove_stale_socket_dirs() -> None:
     """Remove the socket folders of API processes of this user that are gone (killed: SIGKILL
     leaves no chance to clean up); a folder whose process lives, or another user's, stays."""
+    if not hasattr(os, "getuid"):  # Windows: no owner to check, and os.kill(pid, 0) kills
+        return
     root = Path(tempfile.gettempdir())
     for folder in root.glob(f"{SOCKET_DIR_PREFIX}*-*"):
         pid = folder.name[len(SOCKET_DIR_PREFIX):].split("-", 1)[0]
-        with contextlib.suppress(OSError):
-            if not pid.isdigit() or folder.stat().st_uid != os.getuid():
+        with contextlib.suppress(OSError, OverflowError):
+            st = folder.lstat()  # a symlink (anyone's, to anywhere) is never followed
+            if (not pid.isdigit() or not stat.S_ISDIR(st.st_mode)
+                    or st.st_uid != os.getuid()):
                 continue
             try:
                 os.kill(int(pid), 0)

@@ -301,7 +301,7 @@ def test_a_rank_that_cannot_load_the_model_fails_the_start_with_its_reason(tmp_p
 _DIES_WHILE_LOADING = """
 import json, os, sys, zmq
 from engine.executor.workers import Signer
-signer = Signer(os.environ["PAGEDSERVE_TP_SECRET"].encode())
+signer = Signer(os.environ["PAGEDSERVE_TP_SECRET"].encode(), rank_0=False)
 sock = zmq.Context().socket(zmq.DEALER)
 sock.connect(f"tcp://127.0.0.1:{sys.argv[1]}")
 sock.send_multipart(signer.seal([b"H", json.dumps({"rank": 1}).encode()]))
@@ -513,3 +513,16 @@ def test_a_worker_loads_the_weights_as_rank_0_does():
         np.testing.assert_array_equal(got, want)
     kept = EngineConfig(device="cuda", tensor_parallel_size=2, gguf_dequantize=False)
     assert isinstance(worker._load(kept, ops)[1].layers[0].qkv, QuantizedWeight)
+
+
+def test_the_signature_covers_every_frame_the_secret_and_the_direction():
+    rank_0, worker = workers.Signer(b"s", rank_0=True), workers.Signer(b"s", rank_0=False)
+    frames = [workers.STEP, b"header", np.arange(5, dtype=np.int32)]
+    sealed = rank_0.seal(frames)
+    opened = worker.open([bytes(memoryview(f).cast("B")) for f in sealed])
+    assert opened is not None and opened[:2] == frames[:2]
+    assert np.array_equal(np.frombuffer(opened[2], np.int32), frames[2])
+    assert rank_0.open(sealed) is None  # rank 0's own message, sent back to it
+    assert workers.Signer(b"other", rank_0=False).open(sealed) is None
+    assert worker.open([workers.STEP, b"headex", *sealed[2:]]) is None
+    assert worker.open(sealed[:-1]) is None and worker.open([]) is None

@@ -152,6 +152,13 @@ def test_killing_the_api_process_leaves_no_core_behind(served, monkeypatch):
     monkeypatch.setattr(tempfile, "tempdir", str(served.tmp))
     remove_stale_socket_dirs()
     assert list(served.tmp.iterdir()) == [live]
+    # Neither a symlink (anyone's, to anywhere) nor a pid past the platform's range stops a start
+    elsewhere = served.tmp.parent / "elsewhere"
+    elsewhere.mkdir()
+    (served.tmp / "pagedserve-999999999-link").symlink_to(elsewhere)
+    (served.tmp / "pagedserve-99999999999999999999-big").mkdir()
+    remove_stale_socket_dirs()
+    assert elsewhere.is_dir() and len(list(served.tmp.iterdir())) == 3
 
 
 @pytest.mark.parametrize("path, field", [

@@ -109,7 +109,7 @@ def run_worker(rank: int, master_addr: str | None, master_port: int | None,
         print(f"pagedserve worker: error: ${SECRET_ENV} must hold the secret rank 0 has (the "
               "same on every host: it signs the ranks' messages)", file=sys.stderr)
         return 2
-    signer = Signer(os.environ[SECRET_ENV].encode())
+    signer = Signer(os.environ[SECRET_ENV].encode(), rank_0=False)
     if parent_pid is not None:
         _die_with_parent(parent_pid)
     ctx = zmq.Context()

@@ -79,23 +79,25 @@ IDLE_POLL_MS = 500  # how often an idle worker checks that rank 0 lives
 
 class Signer:
     """The HMAC-SHA256 tag of a message's frames (rank 0's routing identity excluded) under the
-    group's secret, sent as the message's last frame."""
+    group's secret, sent as the message's last frame. The tag covers the direction too, so that
+    a message of rank 0's sent back to it (or a worker's to a worker) does not pass."""
 
-    def __init__(self, secret: bytes):
+    def __init__(self, secret: bytes, rank_0: bool):
         self.secret = secret
+        self.sends, self.receives = (b"rank 0", b"worker") if rank_0 else (b"worker", b"rank 0")
 
     def seal(self, frames: list) -> list:
-        return [*frames, self._tag(frames)]
+        return [*frames, self._tag(self.sends, frames)]
 
     def open(self, frames: list) -> list | None:
         """The frames before the tag, or None when the tag is missing or wrong."""
         if len(frames) < 2:
             return None
         *body, tag = frames
-        return body if hmac.compare_digest(bytes(tag), self._tag(body)) else None
+        return body if hmac.compare_digest(bytes(tag), self._tag(self.receives, body)) else None
 
-    def _tag(self, frames: list) -> bytes:
-        mac = hmac.new(self.secret, digestmod=hashlib.sha256)
+    def _tag(self, sender: bytes, frames: list) -> bytes:
+        mac = hmac.new(self.secret, sender, digestmod=hashlib.sha256)
         for frame in frames:
             view = memoryview(frame).cast("B")
             mac.update(len(view).to_bytes(8, "little"))
@@ -196,7 +198,7 @@ class WorkerGroup:
                               f"the ranks on other hosts need a known master_port (or "
                               f"${MASTER_PORT_ENV}) to join")
         secret = group_secret(num_local, size)
-        self.signer = Signer(secret)
+        self.signer = Signer(secret, rank_0=True)
         self.size, self.procs, self.identities = size, {}, {}
         self.comm = None
         self._ctx = zmq.Context()
@@ -246,11 +248,14 @@ class WorkerGroup:
         group's (logged and dropped: a stranger at the master address claims no rank)."""
         identity, *frames = self._sock.recv_multipart()
         body = self.signer.open(frames)
-        if body is None or len(body) != 2:
-            logger.warning("tensor parallel: a message at %s without the group's signature was "
-                           "dropped (is $%s the same on every host?)", self.address, SECRET_ENV)
-            return None
-        return identity, body[0], json.loads(body[1])
+        if body is not None and len(body) == 2:
+            try:  # a worker's JSON; a replayed message of rank 0's own (STOP, CONFIG) is not
+                return identity, body[0], json.loads(body[1])
+            except ValueError:
+                pass
+        logger.warning("tensor parallel: a message at %s without the group's signature was "
+                       "dropped (is $%s the same on every host?)", self.address, SECRET_ENV)
+        return None
 
     def _wait_for(self, kind: bytes, timeout_s: float, what: str) -> None:
         """Until every rank 1..N-1 has sent `kind`; CommunicatorError if one fails, dies or
