@@ -120,6 +120,13 @@ __device__ __forceinline__ void decode_mma_body(
     }
     asm volatile("cp.async.commit_group;");
   };
+  // Tile i in its stage, visible to the whole warp, with tile i + ST - 1 requested.
+  auto next_tile = [&](int i) {
+    __syncwarp();  // every lane is done reading tile i - 1, whose stage tile i + ST - 1 takes
+    load_tile(i + ST - 1, false);
+    asm volatile("cp.async.wait_group %0;" ::"n"(ST - 1));
+    __syncwarp();  // the other lanes' copies of tile i are visible too
+  };
 #pragma unroll
   for (int i = 0; i < ST - 1; i++) load_tile(i, true);
   pdl_start();
@@ -170,10 +177,7 @@ __device__ __forceinline__ void decode_mma_body(
     float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
 
     for (int i = 0; i < nt; i++) {
-      __syncwarp();  // every lane is done reading tile i - 1, whose stage tile i + ST - 1 takes
-      load_tile(i + ST - 1, false);
-      asm volatile("cp.async.wait_group %0;" ::"n"(ST - 1));
-      __syncwarp();  // the other lanes' copies of tile i are visible too
+      next_tile(i);
       const T* kt = k_s + (i % ST) * TILE;
       const T* vt = v_s + (i % ST) * TILE;
       const int kb = first + i * NW * DM_KEYS;
@@ -254,7 +258,7 @@ __device__ __forceinline__ void decode_mma_body(
     const T* q0 = qkv + tok * row_stride + (long)(kvh * group + g0 + r) * HD + cq;
     const T* q1 = q0 + 8 * HD;
     unsigned qf[HD / 16][4];
-  #pragma unroll
+#pragma unroll
     for (int kk = 0; kk < HD / 16; kk++) {
       qf[kk][0] = row0_ok ? *reinterpret_cast<const unsigned*>(q0 + kk * 16) : 0u;
       qf[kk][1] = row1_ok ? *reinterpret_cast<const unsigned*>(q1 + kk * 16) : 0u;
@@ -266,21 +270,18 @@ __device__ __forceinline__ void decode_mma_body(
     const int kb_row = (lane & 7) + (lane >> 4) * 8, kb_col = ((lane >> 3) & 1) * 8;
     const int v_row = (lane & 7) + ((lane >> 3) & 1) * 8, v_col = (lane >> 4) * 8;
     float o[HD / 8][4];
-  #pragma unroll
+#pragma unroll
     for (int i = 0; i < HD / 8; i++) o[i][0] = o[i][1] = o[i][2] = o[i][3] = 0.f;
     float m0 = -INFINITY, m1 = -INFINITY, l0 = 0.f, l1 = 0.f;  // raw-score max, sum: rows r, r + 8
 
     for (int i = 0; i < nt; i++) {
-      __syncwarp();  // every lane is done reading tile i - 1, whose stage tile i + ST - 1 takes
-      load_tile(i + ST - 1, false);
-      asm volatile("cp.async.wait_group %0;" ::"n"(ST - 1));
-      __syncwarp();  // the other lanes' copies of tile i are visible too
+      next_tile(i);
       const T* kt = k_s + (i % ST) * TILE;
       const T* vt = v_s + (i % ST) * TILE;
       const int kb = first + i * NW * DM_KEYS;
 
       float s[2][4] = {{0.f, 0.f, 0.f, 0.f}, {0.f, 0.f, 0.f, 0.f}};
-  #pragma unroll
+#pragma unroll
       for (int kk = 0; kk < HD / 16; kk++) {
         unsigned b[4];
         ldsm_x4(b, kt + kb_row * LD + kk * 16 + kb_col);
@@ -288,9 +289,9 @@ __device__ __forceinline__ void decode_mma_body(
         mma16816(s[1], qf[kk], b[2], b[3], tag);
       }
       if (kb + DM_KEYS > k_end) {  // the warp's last tile may run past the split's keys
-  #pragma unroll
+#pragma unroll
         for (int n = 0; n < 2; n++)
-  #pragma unroll
+#pragma unroll
           for (int e = 0; e < 4; e++)
             if (kb + n * 8 + cq + (e & 1) >= k_end) s[n][e] = -INFINITY;
       }
@@ -302,7 +303,7 @@ __device__ __forceinline__ void decode_mma_body(
       const float sub0 = mx0 * scale_log2;
       m0 = mx0;
       float p[2][4];
-  #pragma unroll
+#pragma unroll
       for (int n = 0; n < 2; n++) {
         p[n][0] = fast_exp2(fmaf(s[n][0], scale_log2, -sub0));
         p[n][1] = fast_exp2(fmaf(s[n][1], scale_log2, -sub0));
@@ -316,14 +317,14 @@ __device__ __forceinline__ void decode_mma_body(
         alpha1 = fast_exp2((m1 - mx1) * scale_log2);
         const float sub1 = mx1 * scale_log2;
         m1 = mx1;
-  #pragma unroll
+#pragma unroll
         for (int n = 0; n < 2; n++) {
           p[n][2] = fast_exp2(fmaf(s[n][2], scale_log2, -sub1));
           p[n][3] = fast_exp2(fmaf(s[n][3], scale_log2, -sub1));
         }
         l1 = l1 * alpha1 + (p[0][2] + p[0][3] + p[1][2] + p[1][3]);
       } else {
-  #pragma unroll
+#pragma unroll
         for (int n = 0; n < 2; n++) p[n][2] = p[n][3] = 0.f;  // padding rows 8..15
       }
       // P as the A operand over the tile's 16 keys (the score accumulators' layout).
@@ -331,7 +332,7 @@ __device__ __forceinline__ void decode_mma_body(
                               pack2(p[1][0], p[1][1], tag), pack2(p[1][2], p[1][3], tag)};
       // Past the first tiles a row's max rarely moves: skip the rescale when it moved nowhere.
       if (!__all_sync(0xffffffffu, alpha0 == 1.f && alpha1 == 1.f)) {
-  #pragma unroll
+#pragma unroll
         for (int d = 0; d < HD / 8; d++) {
           o[d][0] *= alpha0;
           o[d][1] *= alpha0;
@@ -339,7 +340,7 @@ __device__ __forceinline__ void decode_mma_body(
           o[d][3] *= alpha1;
         }
       }
-  #pragma unroll
+#pragma unroll
       for (int d2 = 0; d2 < HD / 16; d2++) {
         unsigned b[4];
         ldsm_x4_trans(b, vt + v_row * LD + d2 * 16 + v_col);
@@ -351,13 +352,13 @@ __device__ __forceinline__ void decode_mma_body(
 
     // Merge the warps: row sums over the quad, then (max, sum, O) per warp through shared memory,
     // which the stages held until every warp is past its loop.
-  #pragma unroll
+#pragma unroll
     for (int x = 1; x < 4; x <<= 1) {
       l0 += __shfl_xor_sync(0xffffffffu, l0, x);
       l1 += __shfl_xor_sync(0xffffffffu, l1, x);
     }
     __syncthreads();
-  #pragma unroll
+#pragma unroll
     for (int d = 0; d < HD / 8; d++) {
       *reinterpret_cast<float2*>(o_s + (warp * GR + r) * HD + d * 8 + cq) =
           make_float2(o[d][0], o[d][1]);
