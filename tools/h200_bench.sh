@@ -36,6 +36,8 @@
 # in $AB, the list run $AB_ROUNDS (2) times over: AB="- PAGEDSERVE_DECODE_ORDER=batch
 # PAGEDSERVE_SKINNY_GEMM=1,PAGEDSERVE_DECODE_ORDER=batch" ("-": the defaults; a comma joins the
 # variables of one run), recorded as w1-llama3-8b[ENV] / w1-qwen3-0.6b[ENV].
+# latency-32k-ab (not in the default list): W6 (latency-32k) the same way, recorded as
+# latency-32k-qwen3-0.6b[ENV], e.g. AB="- PAGEDSERVE_DECODE_MMA_TR=0".
 # w1-8b-unfrozen (not in the default list): W1 on Llama-3-8B with the garbage collector's
 # start-up freeze undone (--unfreeze-gc): beside w1-8b, what the freeze gains.
 # w1-8b-idle (not in the default list): W1 on Llama-3-8B with `--idle 16` (tools/idle_report.py),
@@ -117,6 +119,15 @@ for step in $steps; do
           # shellcheck disable=SC2046,SC2086  # one word per VAR=VALUE; $args splits on purpose
           record "$name[$v]" 150 env $([ "$v" = - ] || echo "$v" | tr , ' ') \
             python3 tools/bench_throughput.py $args
+        done
+      done ;;
+    latency-32k-ab)  # W6 under each environment of $AB, interleaved $AB_ROUNDS times
+      for _ in $(seq 1 "${AB_ROUNDS:-2}"); do
+        for v in ${AB:--}; do
+          # shellcheck disable=SC2046,SC2086  # one word per VAR=VALUE; $Q splits on purpose
+          record "latency-32k-qwen3-0.6b[$v]" 120 env $([ "$v" = - ] || echo "$v" | tr , ' ') \
+            python3 tools/bench_latency.py $Q --prompt-len 32532 --output-len 256 \
+            --max-model-len 32832
         done
       done ;;
     w1-8b-unfrozen) record w1-llama3-8b-unfrozen 150 python3 tools/bench_throughput.py $L \
