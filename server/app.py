@@ -274,6 +274,7 @@ async def tokenize(request: Request):
 async def detokenize(request: Request):
     engine = ready_engine(request)
     body = await read_json(request)
+    check_model(request, body)
     tokens = get_field(body, "tokens", "list")
     if tokens is None:
         raise bad_request("tokens", "'tokens' is required")

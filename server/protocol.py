@@ -69,13 +69,27 @@ def get_field(body: dict, name: str, kind: str, default=None, *, nullable: bool 
     # bool is an int in Python, but `"max_tokens": true` is a client bug, not 1.
     if not isinstance(value, types) or (kind in ("int", "number") and isinstance(value, bool)):
         raise bad_request(name, f"'{name}' must be {what}, got {type(value).__name__}")
+    if kind == "int" and not INT64_MIN <= value <= INT64_MAX:
+        # JSON integers have no bound, the engine's fields do (and its messages carry int64 at
+        # most). The name of the bound broken, as pydantic (and so vLLM) reports it.
+        rule = "less_than_equal" if value > INT64_MAX else "greater_than_equal"
+        raise bad_request(name, f"'{name}' must be in [{INT64_MIN}, {INT64_MAX}] (int64), got "
+                                f"{value} ({rule})")
+    if kind == "number":  # a float from here on: 1e400 is inf, a 400-digit integer no number
+        try:
+            return float(value)
+        except OverflowError:
+            raise bad_request(name, f"'{name}' must be a finite number") from None
     return value
 
 
 def _is_token_list(value) -> bool:
-    """A list of ints >= 0 (not bools), checked at C speed: prompts may hold a million ids."""
+    """A list of ints in [0, 2**63) (not bools), checked at C speed: prompts may hold a million
+    ids. (Ids past the vocabulary are the engine's to refuse, by index; past int64 they could
+    not even reach it.)"""
     return isinstance(value, list) and (
-        not value or (set(map(type, value)) == {int} and min(value) >= 0))
+        not value or (set(map(type, value)) == {int} and min(value) >= 0
+                      and max(value) <= INT64_MAX))
 
 
 def parse_prompts(body: dict) -> list[str | list[int]]:
@@ -183,11 +197,6 @@ def parse_sampling_params(body: dict, *, chat: bool) -> SamplingParams:
         value = get_field(body, name, kind)
         if value is not None:
             kw[name] = value
-    if not INT64_MIN <= kw.get("seed", 0) <= INT64_MAX:
-        # The name of the bound broken, as pydantic (and so vLLM) reports it.
-        rule = "less_than_equal" if kw["seed"] > INT64_MAX else "greater_than_equal"
-        raise bad_request("seed", f"'seed' must be in [{INT64_MIN}, {INT64_MAX}] (int64), got "
-                                  f"{kw['seed']} ({rule})")
     for name in ("allowed_token_ids", "logprob_token_ids"):
         ids = get_field(body, name, "list")
         if ids is not None and not _is_token_list(ids):
@@ -238,7 +247,9 @@ def parse_sampling_params(body: dict, *, chat: bool) -> SamplingParams:
         kw["stop_token_ids"] = stop_token_ids
     logit_bias = get_field(body, "logit_bias", "dict")
     if logit_bias is not None:
-        bad = [k for k in logit_bias if not _TOKEN_ID_KEY.fullmatch(k)]
+        bad = [k for k in logit_bias
+               if not _TOKEN_ID_KEY.fullmatch(k) or len(k) > 20  # int() refuses 4,301 digits
+               or not INT64_MIN <= int(k) <= INT64_MAX]
         if bad:
             raise bad_request("logit_bias", f"'logit_bias' keys must be token ids; {bad} are not")
         try:

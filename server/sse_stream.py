@@ -32,6 +32,8 @@ async def events(call, group, include_usage: bool):
         if continuous and use is None:
             use = current[0]
         body = build(call.id, call.model, choices, use, call.created, chunk=True)
+        if include_usage:  # OpenAI: "all other chunks will also include a usage field, null"
+            body.setdefault("usage", None)
         if metrics is not None:  # the closing usage chunk: vLLM's per-request timings
             body["metrics"] = metrics
         if call.chat and call.extras.return_token_ids and not sent_prompt_ids:

@@ -111,6 +111,22 @@ def test_completions_sdk_streamed_equals_whole(server, client):
     assert "".join(c.choices[0].text for c in chunks if c.choices) == whole.choices[0].text
     assert chunks[-1].usage.completion_tokens == 12
     assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    # OpenAI: with include_usage "all other chunks will also include a usage field, but with a
+    # null value" (a JS client testing `usage !== null` takes a missing one for usage); without
+    # it, no chunk has one
+    for chat, extra in ((False, {"prompt": "Hi"}), (True, {"messages": CHAT})):
+        path = "/v1/chat/completions" if chat else "/v1/completions"
+        for include in (True, False):
+            with httpx.stream("POST", server.url + path, json={
+                    "model": MODEL, "max_tokens": 3, "stream": True, **extra,
+                    "stream_options": {"include_usage": include}}) as r:
+                raw = [line[6:] for line in r.iter_lines() if line.startswith("data: {")]
+            bodies = [json.loads(b) for b in raw]
+            if include:
+                assert bodies[-1]["choices"] == [] and bodies[-1]["usage"]["completion_tokens"]
+                assert all("usage" in b and b["usage"] is None for b in bodies[:-1]), raw
+            else:
+                assert not any("usage" in b for b in bodies), raw
 
 
 @pytest.mark.parametrize("chat", [False, True])
@@ -495,6 +511,11 @@ def test_models_tokenize_detokenize(server, client):
     assert "/tokenizer_info" not in {r.path for r in off.routes}
     back = httpx.post(server.url + "/detokenize", json={"tokens": r["tokens"]}).json()
     assert back["prompt"] == "Hello world"
+    for path, body in (("/tokenize", {"prompt": "hi"}), ("/detokenize", {"tokens": [1, 2]})):
+        other = httpx.post(server.url + path, json={"model": "nope", **body})  # as vLLM
+        assert other.status_code == 404 and other.json()["error"]["code"] == "model_not_found"
+    named = httpx.post(server.url + "/detokenize", json={"model": MODEL, "tokens": r["tokens"]})
+    assert named.json()["prompt"] == "Hello world"
     chat = httpx.post(server.url + "/tokenize", json={"messages": CHAT}).json()
     text = httpx.post(server.url + "/detokenize", json={"tokens": chat["tokens"]}).json()
     assert "<|im_start|>user\nTell me a story.<|im_end|>" in text["prompt"]

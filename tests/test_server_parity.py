@@ -358,6 +358,17 @@ def test_continue_final_message_cuts_the_rendered_chat():
     ({"prompt": "hi", "logprob_token_ids": [5], "logprobs": 1, "echo": True, "max_tokens": 0},
      "logprob_token_ids", ["echo"]),
     ({"prompt": "hi", "stop_token_ids": [60000]}, "stop_token_ids", ["out of vocabulary"]),
+    # JSON integers have no bound: past int64 (the engine's wire) or a float, each is a 400
+    # naming its field, not a 500 from the encoder or math.isfinite
+    ({"prompt": "hi", "stop_token_ids": [10**20]}, "stop_token_ids", ["token ids"]),
+    ({"prompt": "hi", "allowed_token_ids": [10**20]}, "allowed_token_ids", ["token ids"]),
+    ({"prompt": [5, 10**20]}, "prompt", ["token id"]),
+    ({"prompt": "hi", "logit_bias": {str(10**20): 1}}, "logit_bias", ["token ids"]),
+    ({"prompt": "hi", "logit_bias": {"1" * 5000: 1}}, "logit_bias", ["token ids"]),
+    ({"prompt": "hi", "min_tokens": 10**20}, "min_tokens", ["int64", "less_than_equal"]),
+    ({"prompt": "hi", "max_tokens": -(10**20)}, "max_tokens", ["int64", "greater_than_equal"]),
+    ({"prompt": "hi", "presence_penalty": 10**400}, "presence_penalty", ["finite"]),
+    ({"prompt": "hi", "top_p": 10**400}, "top_p", ["finite"]),
 ])
 def test_validation_words(server, body, param, words):
     r = post(server, "/v1/completions", body)
@@ -368,6 +379,16 @@ def test_validation_words(server, body, param, words):
         assert w in error["message"]
     ok = post(server, "/v1/completions", {"prompt": "hi", "seed": 2**63 - 1, "max_tokens": 1})
     assert ok.status_code == 200
+
+
+def test_a_huge_integer_temperature_is_a_number_like_any_other(server):
+    """No upper bound on temperature (vLLM's rule); 10**20 sent as a JSON integer is a float
+    like 1e20, not an integer the engine's wire cannot carry (a 500 before)."""
+    chat = {"messages": [{"role": "user", "content": "hi"}]}
+    for path, extra in (("/v1/completions", {"prompt": "hi"}), ("/v1/chat/completions", chat)):
+        r = post(server, path, {**extra, "temperature": 10**20, "max_tokens": 2, "seed": 1})
+        assert r.status_code == 200, r.text
+        assert r.json()["usage"]["completion_tokens"] == 2
 
 
 def test_vllm_fields_sent_null_and_token_prompts_echoed_whole(server, client):

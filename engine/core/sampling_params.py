@@ -72,6 +72,14 @@ class StructuredOutputsParams:
         return next(k for k in _STRUCTURED_KINDS if getattr(self, k) not in (None, False))
 
 
+def _finite(value: int | float) -> bool:
+    """math.isfinite, and False for an integer too large to be a float (it raises there)."""
+    try:
+        return math.isfinite(value)
+    except OverflowError:
+        return False
+
+
 def _logit_bias(bias) -> dict[int, float]:
     """{token id: bias} from a mapping whose keys are ids or their decimal text (JSON's)."""
     if bias is None:
@@ -216,7 +224,7 @@ class SamplingParams:
                      "repetition_penalty", "length_penalty"):
             value = getattr(self, name)
             check(isinstance(value, (int, float)) and not isinstance(value, bool)
-                  and math.isfinite(value), name, "must be a finite number")
+                  and _finite(value), name, "must be a finite number")
         check(1 <= self.n <= MAX_N, "n",
               f"must be an integer in [1, {MAX_N}]")
         check(self.temperature >= 0, "temperature", "must be >= 0")
