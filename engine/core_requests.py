@@ -187,8 +187,8 @@ class RequestTable:
         for item in scored:
             seq = item.seq
             req = self._requests.get(seq.request_id)
-            if req is None or req.prompt_logprobs is None:
-                continue
+            if req is None or req.prompt_logprobs is None or seq not in req.seqs:
+                continue  # ended; or aborted, its id taken since by a new request
             collected = req.prompt_logprobs
             for position, entry, rank in zip(range(item.start, item.start + len(item.entries)),
                                              item.entries, item.ranks, strict=True):
@@ -202,8 +202,11 @@ class RequestTable:
     def abort(self, request_ids: list[str]) -> None:
         """Free the requests' blocks; ids that already finished (or never came) are ignored."""
         for request_id in request_ids:
-            if self._requests.pop(request_id, None) is not None:
+            if (req := self._requests.pop(request_id, None)) is not None:
                 self.scheduler.abort(request_id)
+                if req in self.compiling:  # its grammar is not wanted any more
+                    self.compiling.remove(req)
+                    req.grammar.cancel()  # if it has not started
 
     def finish_sequences(self, items: list[tuple[str, int, str]]) -> None:
         """(request_id, index, stop_string): the front found a stop string; free the sequence.

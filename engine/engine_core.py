@@ -154,7 +154,9 @@ class EngineCore:
             return False
         if not self.requests:
             self.block_manager.settle()
-        return bool(self.requests)
+        # An abort can empty the table with a step in flight: one more step() reads it, rather
+        # than the idle core holding it (and its batch) until the next request.
+        return bool(self.requests) or self._in_flight is not None
 
     def check_alive(self) -> None:
         """Raise RuntimeError once shut down, EngineDeadError once dead."""
@@ -293,7 +295,9 @@ class EngineCore:
             logger.exception("the model step failed; failing its requests")
             cause = f"the model step failed: {type(e).__name__}: {e}"
             for seq in batch.seqs:
-                self.requests.fail(seq.request_id, cause, outputs)
+                if seq.finish_reason is None:  # else its request ended (or was aborted, and
+                    # its id may belong to a new request now)
+                    self.requests.fail(seq.request_id, cause, outputs)
             return None
 
     # ------------------------------------------------------------------ stats

@@ -1,6 +1,7 @@
 """The dashboard's snapshots (engine/core/introspect.py): runs of block ids, and a viewer that
 applies the deltas holding exactly the engine's block tables and keyed blocks at every step."""
 
+import itertools
 import json
 import random
 
@@ -9,6 +10,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 from test_scheduler import FakeEngine, make_seq
 
+from engine.core import sequence as sequence_module
 from engine.core.block_manager import BlockManager
 from engine.core.introspect import (
     DECODE,
@@ -167,7 +169,10 @@ def test_rows_say_waiting_prefill_decode_preempted_and_done():
     assert snap["drop"] or snap["tables"] == []
 
 
-def test_100k_blocks_and_256_sequences_stay_a_few_kb():
+def test_100k_blocks_and_256_sequences_stay_a_few_kb(monkeypatch):
+    # seq ids as a fresh engine numbers them: the sizes below count their digits, and the tests
+    # before this one in the process may have made tens of thousands of sequences
+    monkeypatch.setattr(sequence_module, "_seq_ids", itertools.count())
     bm = BlockManager(100_000, 16)
     intro = Introspector(bm)
     seqs = []

@@ -99,7 +99,9 @@ class Scheduler:
         self.num_preemptions = 0
         self.num_chunked_prefill_steps = 0  # steps where some prefill ran with tokens left over
         self.num_mixed_steps = 0  # steps with both decodes and prefill chunks
-        self._block_copies: list[tuple[int, int]] = []  # made by forks, run by the next batch
+        # (child, src, dst) made by forks, run by the next batch; a child that ends first
+        # takes its copies with it
+        self._block_copies: list[tuple[Sequence, int, int]] = []
 
     # ---- queue -------------------------------------------------------------------------------
 
@@ -160,9 +162,14 @@ class Scheduler:
             num_tokens = len(seq.token_ids)
             if seq.status is not running or num_tokens - c > 1:
                 continue
-            if c == num_tokens and (seq.sampling_params.use_beam_search
-                                    or _ends_with_pending(seq, max_len)):
+            beam = seq.sampling_params.use_beam_search
+            if c == num_tokens and (beam or _ends_with_pending(seq, max_len)):
                 continue  # a beam's next token is chosen on the host, with its siblings
+            if beam and seq.has_pending_token:
+                # A beam that recomputes samples a row at the end; if its round ended on its
+                # kept candidates meanwhile (a token appended), that row is stale, and it must be
+                # read, and dropped, before the beam decodes its new token (BeamSearch.report)
+                continue
             if budget == 0 or len(seqs) == max_num_seqs:
                 break
             if seq.spec_token_ids and self._trim_drafts(seq, budget):
@@ -243,7 +250,8 @@ class Scheduler:
         self.num_preemptions += batch.num_preempted
         if not batch.is_empty:
             # Copies wait for a forward: none can touch their blocks before one runs.
-            batch.block_copies, self._block_copies = self._block_copies, []
+            batch.block_copies = [(src, dst) for _, src, dst in self._block_copies]
+            self._block_copies = []
             self.num_steps += 1
             self.num_chunked_prefill_steps += chunked
             self.num_mixed_steps += 0 < num_decodes < len(batch.seqs)
@@ -321,7 +329,8 @@ class Scheduler:
         if (parent.status == SequenceStatus.RUNNING and len(self.running) < self.max_num_seqs
                 and parent.num_computed_tokens == len(parent.token_ids)
                 and self.block_manager.can_fork(parent)):
-            self._block_copies += self.block_manager.fork(parent, child)
+            self._block_copies += [(child, src, dst)
+                                   for src, dst in self.block_manager.fork(parent, child)]
             child.status = SequenceStatus.RUNNING
             self.running.append(child)
         else:
@@ -345,6 +354,8 @@ class Scheduler:
             child.matcher = None
         seq.forks = []
         seq.matcher = None  # its grammar's state (structured outputs) ends with it
+        if self._block_copies:  # a fork that ends before a batch ran its copies
+            self._block_copies = [c for c in self._block_copies if c[0] is not seq]
         if seq.status == SequenceStatus.RUNNING:
             self.running.remove(seq)
         elif seq in self.waiting:
