@@ -251,14 +251,14 @@ def parse_sampling_params(body: dict, *, chat: bool) -> SamplingParams:
                if not _TOKEN_ID_KEY.fullmatch(k) or len(k) > 20  # int() refuses 4,301 digits
                or not INT64_MIN <= int(k) <= INT64_MAX]
         if bad:
-            raise bad_request("logit_bias", f"'logit_bias' keys must be token ids; {bad} are not")
+            raise bad_request("logit_bias", f"'logit_bias' keys must be token ids; "
+                                            f"{_some(bad)} are not")
         try:
             kw["logit_bias"] = {int(k): _number(v) for k, v in logit_bias.items()}
         except (TypeError, ValueError, OverflowError):
-            bad = [k for k, v in logit_bias.items()
-                   if isinstance(v, bool) or not isinstance(v, (int, float))]
-            raise bad_request("logit_bias", f"'logit_bias' values must be numbers; those of "
-                                            f"{bad} are not") from None
+            bad = [k for k, v in logit_bias.items() if not _is_number(v)]
+            raise bad_request("logit_bias", f"'logit_bias' values must be finite numbers; those "
+                                            f"of {_some(bad)} are not") from None
     try:
         return SamplingParams(**kw)
     except ParamError as e:
@@ -293,6 +293,20 @@ def _number(value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise TypeError("not a number")
     return float(value)
+
+
+def _is_number(value) -> bool:
+    try:
+        _number(value)
+    except (TypeError, OverflowError):
+        return False
+    return True
+
+
+def _some(keys: list[str]) -> str:
+    """A few of the keys, each cut short, for a message that must stay small."""
+    shown = [k if len(k) <= 24 else k[:21] + "..." for k in keys[:3]]
+    return repr(shown)[:-1] + (", ...]" if len(keys) > 3 else "]")
 
 
 # ---------------------------------------------------------------- responses
