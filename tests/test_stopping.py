@@ -169,3 +169,35 @@ def test_a_character_cut_off_at_the_end_is_in_the_text(engine):
         final, steps = run(engine, params)
         assert final.token_ids == ids and final.finish_reason == reason
         assert final.text == "\ufffd" == "".join(s.delta_text for s in steps)
+
+
+@pytest.mark.parametrize("stop_id", [None, 5])  # eos, or a stop token id
+def test_a_stop_string_in_text_held_back_until_eos_is_cut(make_engine, monkeypatch, stop_id):
+    """The token before eos (or a stop id) ends inside a character, so its text (" " and half
+    an emoji) is held back; eos flushes it, and the stop string " " in it ends the text there,
+    as anywhere else (it once went out whole, the stop string with it, in the stream too)."""
+    import numpy as np
+
+    x, space_half_emoji, eos = 72, 15107, 2  # SmolLM2: "X", b" \xf0\x9f", <|im_end|>
+    engine = make_engine(text=True)
+    script = [x, space_half_emoji, eos if stop_id is None else stop_id]
+    real, calls = engine.runner.ops.sample_start, [0]
+
+    def sample_start(logits, t, prev=None):  # each draw takes the script's next id
+        logits = np.array(logits, np.float32, copy=True)
+        logits[:, script[min(calls[0], len(script) - 1)]] += 1e4
+        calls[0] += 1
+        return real(logits, t, prev)
+
+    monkeypatch.setattr(engine.runner.ops, "sample_start", sample_start)
+    engine.add_request("r", "Once upon a time", SamplingParams(
+        temperature=0, max_tokens=8, stop=[" "],
+        stop_token_ids=None if stop_id is None else [stop_id]))
+    steps = []
+    while engine.has_unfinished_requests():
+        steps += [o.outputs[0] for o in engine.step()]
+    final = steps[-1]
+    assert list(final.token_ids) == script
+    assert engine.tokenizer.decode(script[:2]) == "X \ufffd"
+    assert (final.text, final.finish_reason, final.stop_reason) == ("X", "stop", " ")
+    assert "".join(s.delta_text for s in steps) == "X"

@@ -106,18 +106,44 @@ def test_token_bytes_of_a_split_emoji_and_of_special_tokens(tok):
     assert tok.token_bytes(tok.encode(" hi")[0]) == b" hi"  # the space spelled as 'Ġ'
 
 
-def test_token_bytes_of_sentencepiece_byte_fallback():
-    """A SentencePiece vocabulary: <0xNN> pieces are one byte each, '▁' a space."""
+def _byte_fallback_tokenizer() -> Tokenizer:
+    """A SentencePiece vocabulary with Llama 2's decoder: <0xNN> pieces are one byte each (id
+    1 + byte), '▁' a space."""
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models
 
     vocab = {"<unk>": 0, **{f"<0x{b:02X}>": 1 + b for b in range(256)}, "▁hi": 257, "é": 258}
     hf = HFTokenizer(models.BPE(vocab=vocab, merges=[], unk_token="<unk>", byte_fallback=True))
     hf.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
-                                    decoders.Fuse(), decoders.Strip(" ", 1, 0)])  # Llama 2's
-    sp = Tokenizer(hf, None, None)
+                                    decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    return Tokenizer(hf, None, None)
+
+
+def test_token_bytes_of_sentencepiece_byte_fallback():
+    sp = _byte_fallback_tokenizer()
     assert sp.token_bytes(1 + 0xF0) == b"\xf0"
     assert sp.token_bytes(257) == b" hi" and sp.token_bytes(258) == "é".encode()
+
+
+@pytest.mark.parametrize("raw, want", [
+    ("中".encode() + b"\xe6", "中\ufffd"),  # a character cut off at the end (max_tokens)
+    ("é".encode() + b"\xe4", "é\ufffd"),
+    # a byte no character has: decode() turns the rest of the run into U+FFFD, and so do the
+    # deltas, but the character sent before it stands
+    ("é".encode() + b"\xffx", "é\ufffd\ufffd"),
+    ("中é🎉".encode(), "中é🎉"),  # valid throughout: decode()'s text
+])
+def test_byte_fallback_runs_never_rewrite_sent_text(raw, want):
+    """Byte tokens one at a time: HF's ByteFallback decodes a run of them as a whole and turns
+    every byte of a run that fails into U+FFFD, rewriting characters already sent. The deltas
+    once sliced that text by length, one U+FFFD a byte of the run ('中���' for a cut-off
+    character after 中); now the new tokens' own text goes out then."""
+    sp = _byte_fallback_tokenizer()
+    detok = IncrementalDetokenizer(sp, [257])  # the prompt "▁hi"
+    deltas = [detok.step([1 + b]) for b in raw] + [detok.flush()]
+    assert "".join(deltas) == want
+    if raw.decode("utf-8", "replace") == raw.decode("utf-8", "ignore"):
+        assert want == sp.decode([1 + b for b in raw])
 
 
 def test_long_decode_equals_the_plain_one(tok):

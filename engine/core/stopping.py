@@ -59,35 +59,46 @@ class SeqState:
         string overrides "length": it was found in the same token)."""
         self.token_ids.append(token)
         p = self.params
+        old_len = len(self.text)
         if finish_reason == "stop" and not p.include_stop_str_in_output:
             # a stop token id or eos: its text is left out (asked for, it joins below, eos's
             # too unless skip_special_tokens hides it, and a stop string in it wins, as in vLLM)
             if self.detokenizer is not None:  # text held back before it is final now
                 self.text += self.detokenizer.flush()
-            self.finish_reason, self.stop_reason = finish_reason, stop_reason
+            if not (p.stop_list and self._stop_string(old_len)):  # held-back text may hold one
+                self.finish_reason, self.stop_reason = finish_reason, stop_reason
             return True
-        old_len = len(self.text)
         if self.detokenizer is not None:  # the last token flushes what was held back
             self.text += self.detokenizer.step([token], final=finish_reason is not None)
-        num_output_tokens = len(self.token_ids) - self.num_prompt_tokens
-        if p.stop_list and num_output_tokens > p.min_tokens and self.detokenizer is not None:
-            # vLLM's rule: stop strings are searched in the text of the tokens past min_tokens
-            # (a stop may begin in the text just before). Each stop only where it would end in
-            # the new text: an earlier match was found by an earlier search, or came before
-            # (and went out, as it should have). A window shared by all stops (the longest
-            # one's) would find a short stop again, late.
-            text = self.text
-            hits = [(i, s) for s in p.stop_list
-                    if (i := text.find(s, max(0, old_len - len(s) + 1))) >= 0]
-            if hits:  # several in one token: the first in the list wins, as in vLLM
-                i, stop = hits[0]
-                self.text = self.text[: i + (len(stop) if p.include_stop_str_in_output else 0)]
-                self.finish_reason, self.stop_reason = "stop", stop
-                return True
+        if p.stop_list and self._stop_string(old_len):
+            return True
         if finish_reason is not None:
             self.finish_reason, self.stop_reason = finish_reason, stop_reason
             return True
         return False
+
+    def _stop_string(self, old_len: int) -> bool:
+        """Whether a stop string ends in the text past old_len (then the text is cut there and
+        the sequence ends with it).
+
+        vLLM's rule: stop strings are searched in the text of the tokens past min_tokens (a stop
+        may begin in the text just before). Each stop only where it would end in the new text:
+        an earlier match was found by an earlier search, or came before (and went out, as it
+        should have). A window shared by all stops (the longest one's) would find a short stop
+        again, late."""
+        p = self.params
+        num_output_tokens = len(self.token_ids) - self.num_prompt_tokens
+        if num_output_tokens <= p.min_tokens or self.detokenizer is None:
+            return False
+        text = self.text
+        hits = [(i, s) for s in p.stop_list
+                if (i := text.find(s, max(0, old_len - len(s) + 1))) >= 0]
+        if not hits:
+            return False
+        i, stop = hits[0]  # several in one token: the first in the list wins, as in vLLM
+        self.text = text[: i + (len(stop) if p.include_stop_str_in_output else 0)]
+        self.finish_reason, self.stop_reason = "stop", stop
+        return True
 
 
 def text_delta(state: SeqState) -> tuple[str, str]:

@@ -427,7 +427,9 @@ class IncrementalDetokenizer:
     (an emoji split over byte-level tokens), and the window grows until it does; bytes that no
     later byte can mend go out as U+FFFD at once. Special tokens that decoding skips never enter
     the window. The last step (`final`, or flush()) sends whatever was held back, so the text is
-    what decoding all the output at once gives.
+    what decoding all the output at once gives; except where a byte-fallback run (<0xNN> pieces)
+    holds bytes no character completes: decode() turns that whole run into U+FFFD, the text
+    sent so far stands here, and only the bad bytes become U+FFFD.
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt_token_ids: list[int],
@@ -477,7 +479,13 @@ class IncrementalDetokenizer:
                 full = self._decode(self.token_ids[self.prefix_offset:end])
         if not final and len(full) <= len(seen):
             return ""
-        delta = full[len(seen):]
+        if full.startswith(seen):
+            delta = full[len(seen):]
+        else:
+            # A byte-fallback decoder (<0xNN> pieces: Llama 2, Mistral, Gemma) decodes a run of
+            # byte tokens as a whole, and bytes that no character completes turn the whole run
+            # into U+FFFD, rewriting text already sent: the new tokens' own decoding instead
+            delta = self._decode(self.token_ids[self.read_offset:end])
         # The next window starts at the last fully read tokens, so it stays a few tokens long.
         self.prefix_offset = self.read_offset
         self.read_offset = end
