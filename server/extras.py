@@ -140,9 +140,10 @@ class ChatOptions:
     echo: str  # what the answer's content starts with ("" unless echo)
 
 
-# Template variables the renderer sets itself: chat_template_kwargs may not pass them.
+# Template variables the renderer sets itself, and its own arguments (a render's deadline):
+# chat_template_kwargs may not pass them.
 _RESERVED = ("messages", "tokenize", "bos_token", "eos_token", "special_tokens_in_content",
-             "continue_final_message")
+             "continue_final_message", "render_seconds", "chat_template", "self")
 
 
 def chat_options(messages: list[dict], body: dict) -> ChatOptions:
@@ -152,6 +153,10 @@ def chat_options(messages: list[dict], body: dict) -> ChatOptions:
     if add_generation and continue_final:
         raise bad_request("continue_final_message", "Cannot set both `continue_final_message` "
                                                     "and `add_generation_prompt` to True.")
+    if body.get("chat_template") is not None:  # refused by name, never silently ignored
+        raise bad_request("chat_template", "a chat template sent with the request is not "
+                                           "supported: the model's own renders the chat (vLLM "
+                                           "also refuses it unless --trust-request-chat-template)")
     options = dict(get_field(body, "chat_template_kwargs", "dict", {}))
     reserved = [k for k in options if k in _RESERVED]
     if reserved:

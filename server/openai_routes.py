@@ -140,6 +140,9 @@ async def chat_completions_batch(request: Request):
     if body.get("n") not in (None, 1):
         raise bad_request("n", "the batch endpoint makes one choice per conversation: 'n' must "
                                "be 1")
+    if body.get("tool_choice") not in (None, "none"):  # as the chat route answers it
+        raise bad_request("tool_choice", "'tool_choice' needs 'tools', which the batch endpoint "
+                                         "does not take")
     engine = ready_engine(request)
     model = check_model(request, body)
     extras = read_extras(body, chat=True, settings=request.app.state.settings)

@@ -20,7 +20,9 @@ import uuid
 from engine.core.sampling_params import StructuredOutputsParams
 from server.protocol import bad_request, get_field
 
-_HERMES = re.compile(r"<tool_call>\s*(.*?)\s*(?:</tool_call>|$)", re.S)
+# The body is stripped after the match: `\s*(.*?)\s*` backtracks quadratically over a long run
+# of whitespace followed by more text (24,000 characters: seconds, on the event loop).
+_HERMES = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.S)
 HERMES_OPEN = "<tool_call>"
 LLAMA_PYTHON_TAG = "<|python_tag|>"  # Llama 3.1+ may open a call with it
 
@@ -33,7 +35,7 @@ def parse_tools(body: dict) -> tuple[list[dict] | None, str | None]:
         if choice not in (None, "none"):
             raise bad_request("tool_choice", "'tool_choice' needs 'tools'")
         return None, None
-    names = []
+    names = {}  # a dict: insertion order, and linear time for 100,000 tools
     for i, tool in enumerate(tools):
         fn = tool.get("function") if isinstance(tool, dict) else None
         if not isinstance(tool, dict) or tool.get("type", "function") != "function" \
@@ -47,7 +49,7 @@ def parse_tools(body: dict) -> tuple[list[dict] | None, str | None]:
         if fn["name"] in names:
             raise bad_request("tools", f"tools[{i}] repeats the function name {fn['name']!r}: "
                                        "a call names the function it calls")
-        names.append(fn["name"])
+        names[fn["name"]] = None
     if choice is None:
         choice = "auto"
     elif isinstance(choice, dict):
@@ -57,8 +59,9 @@ def parse_tools(body: dict) -> tuple[list[dict] | None, str | None]:
             raise bad_request("tool_choice", "'tool_choice' must be 'none', 'auto', 'required' "
                               "or {'type': 'function', 'function': {'name': ...}}")
         if name not in names:
-            raise bad_request("tool_choice", f"'tool_choice' names {name!r}, which is not among "
-                                             f"the tools ({', '.join(names)})")
+            listed = ", ".join(list(names)[:10]) + (", ..." if len(names) > 10 else "")
+            raise bad_request("tool_choice", f"'tool_choice' names {name[:64]!r}, which is not "
+                                             f"among the tools ({listed})")
         return tools, name
     elif choice not in ("none", "auto", "required"):
         raise bad_request("tool_choice", "'tool_choice' must be 'none', 'auto', 'required' or "
@@ -78,28 +81,40 @@ def tool_grammar(tools: list[dict], choice: str, parallel: bool
     if choice != "required":
         [tool] = [t for t in tools if t["function"]["name"] == choice]
         return StructuredOutputsParams(json=_parameters(tool))
-    # Each tool's "#/$defs/..." references pointed at its own root; in the array they point at
-    # the array's, which holds every tool's definitions (one name, one definition).
+    # Each tool's parameters become $defs/__tool_i of the array's schema, and every local
+    # reference in them ("#", "#/$defs/...", "#/definitions/...", "#/properties/...") is moved
+    # under that root, so it still points where it did in the tool's own schema.
     defs, calls = {}, []
     for i, t in enumerate(tools):
-        params = dict(_parameters(t))
-        defs_of_tool = params.pop("$defs", {})
-        if not isinstance(defs_of_tool, dict):
-            raise bad_request("tools", f"tools[{i}].function.parameters.$defs must "
-                                       "be an object")
-        for name, definition in defs_of_tool.items():
-            if defs.setdefault(name, definition) != definition:
-                raise bad_request("tools", f"two tools define '$defs/{name}' differently; "
-                                           "'tool_choice': 'required' needs one definition")
+        root = f"#/$defs/__tool_{i}"
+        defs[f"__tool_{i}"] = _moved_refs(_parameters(t), root)
         calls.append({"type": "object", "properties": {"name": {"const": t["function"]["name"]},
-                                                       "arguments": params},
+                                                       "arguments": {"$ref": root}},
                       "required": ["name", "arguments"], "additionalProperties": False})
-    schema = {"type": "array", "items": {"anyOf": calls}, "minItems": 1}
-    if defs:
-        schema["$defs"] = defs
+    schema = {"type": "array", "items": {"anyOf": calls}, "minItems": 1, "$defs": defs}
     if not parallel:
         schema["maxItems"] = 1
     return StructuredOutputsParams(json=schema)
+
+
+def _moved_refs(schema: dict, root: str) -> dict:
+    """A copy of `schema` whose local JSON-pointer references ("#" and "#/...") start at `root`
+    instead of the document's root. Iterative: a schema nested thousands deep is no error."""
+    top = {}
+    stack = [(schema, top)]
+    while stack:
+        source, target = stack.pop()
+        items = source.items() if isinstance(source, dict) else enumerate(source)
+        for key, value in items:
+            if key == "$ref" and isinstance(value, str) and (value == "#"
+                                                             or value.startswith("#/")):
+                value = root + value[1:]
+            elif isinstance(value, (dict, list)):
+                copy = {} if isinstance(value, dict) else [None] * len(value)
+                stack.append((value, copy))
+                value = copy
+            target[key] = value
+    return top
 
 
 def template_messages(messages: list[dict]) -> list[dict]:
@@ -157,12 +172,12 @@ class ToolCallParser:
             try:
                 items = json.loads(text)
                 return None, [new_call(c["name"], c["arguments"]) for c in items]
-            except (json.JSONDecodeError, TypeError, KeyError):
+            except (ValueError, TypeError, KeyError, RecursionError):  # also: nested too deep
                 return text, []
         if self.choice not in ("auto", "none"):  # a named tool: the text is its arguments
             try:
                 json.loads(text)
-            except json.JSONDecodeError:
+            except (ValueError, RecursionError):
                 return text, []
             return None, [new_call(self.choice, text)]
         content, calls = self._parse_auto(text)
@@ -170,7 +185,7 @@ class ToolCallParser:
 
     def _parse_auto(self, text: str) -> tuple[str | None, list[dict]]:
         if HERMES_OPEN in text:
-            calls = [self._call(body) for body in _HERMES.findall(text)]
+            calls = [self._call(body.strip()) for body in _HERMES.findall(text)]
             if calls and all(calls):
                 # the text before the first call as it came (as a stream sends it), or None
                 content = text[: text.index(HERMES_OPEN)]
@@ -186,7 +201,7 @@ class ToolCallParser:
     def _call(self, body: str) -> dict | None:
         try:
             obj = json.loads(body)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             return None
         name = obj.get("name") if isinstance(obj, dict) else None
         if not isinstance(name, str) or name not in self.names:  # the model's text: any JSON
@@ -202,7 +217,7 @@ def _split_json_objects(text: str) -> list[str]:
     while i < len(text):
         try:
             _, end = decoder.raw_decode(text, i)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             return [text]  # not a run of objects: let the caller's parse fail on the whole
         parts.append(text[i:end])
         i = end

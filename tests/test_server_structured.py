@@ -310,3 +310,20 @@ def test_required_tools_keep_their_own_definitions(server):
         args = json.loads(call["function"]["arguments"])
         if call["function"]["name"] == "go":
             assert args["where"] in ("Oslo", "Rome")
+
+
+def test_request_fields_that_cannot_apply_are_refused_by_name(server):
+    """A request's own chat_template (vLLM refuses it unless --trust-request-chat-template; it
+    was dropped, the chat rendered with the model's template), and tool_choice on the batch
+    route, which takes no tools (it answered "required" with free text)."""
+    template = "{{ raise_exception('the request template was used') }}"
+    for path in ("/v1/chat/completions", "/tokenize"):
+        r = httpx.post(server.url + path, timeout=60, json={
+            "model": MODEL, "messages": CHAT, "max_tokens": 2, "chat_template": template})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "chat_template", r.text
+    r = httpx.post(server.url + "/v1/chat/completions/batch", timeout=60, json={
+        "model": MODEL, "messages": [CHAT], "max_tokens": 2, "tool_choice": "required"})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tool_choice", r.text
+    ok = httpx.post(server.url + "/v1/chat/completions/batch", timeout=60, json={
+        "model": MODEL, "messages": [CHAT], "max_tokens": 2, "tool_choice": "none"})
+    assert ok.status_code == 200, ok.text

@@ -1,0 +1,128 @@
+"""Tool calling's parsing, checks and grammars on hostile or unusual input: the model's text is
+arbitrary (deeply nested JSON, long whitespace runs), a body may carry tens of thousands of
+tools, and tool schemas use every kind of local $ref."""
+
+import asyncio
+import time
+import types
+
+import pytest
+from conftest import _smollm2_tokenizer
+
+from server.extras import chat_options
+from server.handlers import chat_token_ids
+from server.protocol import APIError
+from server.tool_calls import ToolCallParser, ToolCallStream, parse_tools, tool_grammar
+
+CHAT = [{"role": "user", "content": "hi"}]
+DEEP = "[" * 1200 + "]" * 1200  # past json's recursion limit
+
+
+@pytest.mark.parametrize("choice, text", [
+    ("auto", '<tool_call>{"name": "f", "arguments": {"a": ' + DEEP + "}}</tool_call>"),
+    ("auto", '{"name": "f", "parameters": {"a": ' + DEEP + "}}"),
+    ("required", '[{"name": "f", "arguments": {"a": ' + DEEP + "}}]"),
+    ("f", '{"a": ' + DEEP + "}"),
+])
+def test_deeply_nested_model_output_reads_as_content(choice, text):
+    """JSON nested past the decoder's recursion limit is content, whole or streamed (it raised
+    RecursionError: a 500, or a stream cut without [DONE])."""
+    parser = ToolCallParser(choice, ["f"])
+    assert parser.parse(text) == (text, [])
+    stream = ToolCallStream(parser)
+    stream.feed(text)
+    stream.finish()
+
+
+def test_a_long_whitespace_run_parses_in_linear_time():
+    """`<tool_call>\\s*(.*?)\\s*` backtracked over every whitespace run followed by more text:
+    24,000 characters took seconds, on the event loop."""
+    parser = ToolCallParser("auto", ["f"])
+    text = "<tool_call>a" + " " * 24_000 + "b"
+    start = time.monotonic()
+    assert parser.parse(text) == (text, [])
+    assert time.monotonic() - start < 0.5
+    call = '<tool_call>\n  {"name": "f", "arguments": {"x": 1}}  \n</tool_call>'
+    [got] = parser.parse(call)[1]  # the body is still stripped
+    assert got["function"] == {"name": "f", "arguments": '{"x": 1}'}
+
+
+def test_many_tools_are_checked_in_linear_time():
+    """The duplicate-name check scanned a list per tool: 40,000 tools took ~7 s on the event
+    loop. The error naming a missing tool lists ten of them, not all."""
+    tools = [{"function": {"name": str(i)}} for i in range(40_000)]
+    start = time.monotonic()
+    assert parse_tools({"tools": tools})[1] == "auto"
+    assert time.monotonic() - start < 1.0
+    with pytest.raises(APIError) as e:
+        parse_tools({"tools": tools, "tool_choice": {"type": "function",
+                                                     "function": {"name": "nope"}}})
+    assert len(str(e.value)) < 300 and "0, 1, 2" in str(e.value) and ", ..." in str(e.value)
+
+
+def _accepts(so, text: str) -> bool:
+    from engine.structured_outputs import GrammarCompiler
+
+    tok = _smollm2_tokenizer()
+    grammars = GrammarCompiler.for_tokenizer(tok, 49152, [tok.eos_token_id])
+    matcher = grammars.check(so).deep_copy()
+    return bool(matcher.consume_tokens(tok.encode(text, add_special_tokens=False))) \
+        and not matcher.is_error()
+
+
+TREE = {"type": "object", "properties": {"label": {"type": "string"},
+                                         "kids": {"type": "array", "items": {"$ref": "#"}}},
+        "required": ["label", "kids"], "additionalProperties": False}
+
+
+def test_required_keeps_a_recursive_root_ref_at_the_tools_parameters():
+    """With tool_choice "required" the parameters sit inside an array of calls; a `$ref: "#"`
+    in them pointed at that array, so a valid call was refused and calls nested as the tree's
+    kids were forced."""
+    tools = [{"type": "function", "function": {"name": "tree", "parameters": TREE}}]
+    so = tool_grammar(tools, "required", True)
+    assert _accepts(so, '[{"name": "tree", "arguments": {"label": "a", "kids": '
+                        '[{"label": "b", "kids": []}]}}]')
+    assert not _accepts(so, '[{"name": "tree", "arguments": {"label": "a", "kids": '
+                            '[[{"name": "tree", "arguments": {"label": "b", "kids": []}}]]}}]')
+
+
+@pytest.mark.parametrize("params, call", [
+    ({"type": "object", "definitions": {"u": {"enum": ["c", "f"]}},  # draft-07 (pydantic v1)
+      "properties": {"unit": {"$ref": "#/definitions/u"}}, "required": ["unit"]},
+     '{"unit": "c"}'),
+    ({"type": "object", "properties": {"a": {"type": "string"},  # zod-to-json-schema's
+                                       "b": {"$ref": "#/properties/a"}}, "required": ["b"]},
+     '{"b": "x"}'),
+    ({"type": "object", "$defs": {"u": {"enum": ["c", "f"]}},
+      "properties": {"unit": {"$ref": "#/$defs/u"}}, "required": ["unit"]}, '{"unit": "f"}'),
+])
+def test_required_compiles_every_schema_a_named_tool_compiles(params, call):
+    """"#/definitions/..." and "#/properties/..." were a 400 ("Pointer does not exist") under
+    "required"; two tools may now also define one $defs name differently."""
+    other = {"type": "object", "$defs": {"u": {"type": "integer"}},
+             "properties": {"n": {"$ref": "#/$defs/u"}}, "required": ["n"]}
+    tools = [{"type": "function", "function": {"name": "w", "parameters": params}},
+             {"type": "function", "function": {"name": "v", "parameters": other}}]
+    assert _accepts(tool_grammar(tools, "w", True), call)
+    so = tool_grammar(tools, "required", True)
+    assert _accepts(so, f'[{{"name": "w", "arguments": {call}}}, '
+                        '{"name": "v", "arguments": {"n": 3}}]')
+    assert not _accepts(so, '[{"name": "v", "arguments": {"n": "c"}}]')
+
+
+def test_chat_template_kwargs_cannot_set_the_render_deadline():
+    """chat_template_kwargs reach apply_chat_template as keyword arguments: `render_seconds`
+    there lifted the deadline that stops a slow template."""
+    for name in ("render_seconds", "chat_template"):
+        with pytest.raises(APIError) as e:
+            chat_options(CHAT, {"messages": CHAT, "chat_template_kwargs": {name: 4}})
+        assert e.value.param == "chat_template_kwargs" and name in str(e.value)
+    request = types.SimpleNamespace(
+        app=types.SimpleNamespace(state=types.SimpleNamespace(
+            settings=types.SimpleNamespace(chat_content_special_tokens=False))),
+        state=types.SimpleNamespace(body_bytes=100))
+    engine = types.SimpleNamespace(tokenizer=_smollm2_tokenizer())
+    ids = asyncio.run(chat_token_ids(request, engine, CHAT,
+                                     **chat_options(CHAT, {"messages": CHAT}).template_options))
+    assert ids == _smollm2_tokenizer().apply_chat_template(CHAT)
