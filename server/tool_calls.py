@@ -87,7 +87,10 @@ def tool_grammar(tools: list[dict], choice: str, parallel: bool
     defs, calls = {}, []
     for i, t in enumerate(tools):
         root = f"#/$defs/__tool_{i}"
-        defs[f"__tool_{i}"] = _moved_refs(_parameters(t), root)
+        params = _parameters(t)
+        if not isinstance(params.get("$defs", {}), dict):
+            raise bad_request("tools", f"tools[{i}].function.parameters.$defs must be an object")
+        defs[f"__tool_{i}"] = _moved_refs(params, root)
         calls.append({"type": "object", "properties": {"name": {"const": t["function"]["name"]},
                                                        "arguments": {"$ref": root}},
                       "required": ["name", "arguments"], "additionalProperties": False})
