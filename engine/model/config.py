@@ -39,7 +39,7 @@ def json_object(path: Path, error: type[ValueError] = ConfigError) -> dict:
     """A JSON file holding an object, or `error` naming the file."""
     try:
         value = json.loads(path.read_text())
-    except (OSError, ValueError) as e:
+    except (OSError, ValueError, RecursionError) as e:  # also: nested past Python's limit
         raise error(f"{path} is not valid JSON: {e}") from None
     if not isinstance(value, dict):
         raise error(f"{path} must hold a JSON object, got {type(value).__name__}")
@@ -132,6 +132,13 @@ class ModelConfig:
                 f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}"
             )
         _family, bias, qk_norm = SUPPORTED_ARCHITECTURES[arch]
+        # Fields that change the math the transformer does not do: refused, never run without
+        act = cfg.get("hidden_act", "silu")
+        if act not in ("silu", "swish"):
+            raise ConfigError(f"hidden_act {act!r} is not supported (the MLP is SiLU-gated)")
+        if cfg.get("mlp_bias"):
+            raise ConfigError("mlp_bias: true is not supported (the MLP's projections have no "
+                              "bias here)")
 
         def need(key):
             if key not in cfg:
@@ -146,7 +153,8 @@ class ModelConfig:
         if cfg.get("head_dim") is None and hidden % num_heads:
             raise ConfigError(f"hidden_size ({hidden}) is not a multiple of num_attention_heads "
                               f"({num_heads}) and no head_dim is given")
-        head_dim = cfg.get("head_dim") or hidden // num_heads
+        # None means "not given"; an explicit 0 is left for the checks to refuse by name
+        head_dim = hidden // num_heads if cfg.get("head_dim") is None else cfg["head_dim"]
         eos = _as_list(cfg.get("eos_token_id"))
         if generation_config:
             eos += [e for e in _as_list(generation_config.get("eos_token_id"),
@@ -175,7 +183,8 @@ class ModelConfig:
             intermediate_size=need("intermediate_size"),
             num_layers=need("num_hidden_layers"),
             num_heads=num_heads,
-            num_kv_heads=cfg.get("num_key_value_heads") or num_heads,
+            num_kv_heads=(num_heads if cfg.get("num_key_value_heads") is None
+                          else cfg["num_key_value_heads"]),
             head_dim=head_dim,
             rms_norm_eps=cfg.get("rms_norm_eps", 1e-6),
             rope_theta=rope_theta,

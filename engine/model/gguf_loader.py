@@ -70,7 +70,8 @@ def read_gguf(path: str | Path) -> GGUFFile:
             pass  # a damaged cache entry is rebuilt from the file
     if gguf_file is None:
         reader = open_gguf(path)
-        metadata = {k: f.contents() for k, f in reader.fields.items() if not k.startswith("GGUF.")}
+        metadata = {k: field_contents(reader, k, path) for k in reader.fields
+                    if not k.startswith("GGUF.")}
         gguf_file = GGUFFile(path, metadata, [t.name for t in reader.tensors], reader)
     _check_architecture(gguf_file.metadata, path)
     if gguf_file.reader is not None:
@@ -89,12 +90,75 @@ def open_gguf(path: str | Path):
 
     path = Path(path)
     try:
+        _check_metadata_sizes(path)
         reader = gguf.GGUFReader(path)
+    except GGUFError:
+        raise
     except Exception as e:  # the gguf package raises ValueError/struct errors on bad files
         raise GGUFError(f"{path}: not a readable GGUF file ({e})") from None
-    field = reader.get_field("general.architecture")
-    _check_architecture({"general.architecture": field.contents() if field else None}, path)
+    arch = field_contents(reader, "general.architecture", path)
+    _check_architecture({"general.architecture": arch}, path)
     return reader
+
+
+def field_contents(reader, key: str, path):
+    """A metadata field's value (None if absent); a GGUFError naming the key if its text is not
+    UTF-8."""
+    field = reader.get_field(key)
+    try:
+        return field.contents() if field is not None else None
+    except UnicodeDecodeError as e:
+        raise GGUFError(f"{path}: metadata {key!r} is not UTF-8 text ({e})") from None
+
+
+_SCALAR_BYTES = {0: 1, 1: 1, 2: 2, 3: 2, 4: 4, 5: 4, 6: 4, 7: 1, 10: 8, 11: 8, 12: 8}
+_STRING, _ARRAY = 8, 9  # GGUF's value types
+
+
+def _check_metadata_sizes(path: Path) -> None:
+    """Every length in the key-value header fits in the file. gguf.GGUFReader trusts them: an
+    array claiming 2**40 items in a 300 KB file made it read past the end for ever, its memory
+    growing ~130 MB/s."""
+    data = np.memmap(path, np.uint8, mode="r")
+    size, at = len(data), 16  # past the magic, the version and the tensor count
+
+    def u(nbytes: int) -> int:
+        nonlocal at
+        if at + nbytes > size:
+            raise GGUFError(f"{path}: truncated GGUF header (at byte {at} of {size})")
+        value = int.from_bytes(data[at:at + nbytes].tobytes(), "little")
+        at += nbytes
+        return value
+
+    def skip(nbytes: int) -> None:
+        nonlocal at
+        if nbytes > size - at:
+            raise GGUFError(f"{path}: a GGUF metadata value claims {nbytes} bytes, past the end "
+                            f"of the file (at byte {at} of {size})")
+        at += nbytes
+
+    def value(kind: int, depth: int = 0) -> None:
+        if kind in _SCALAR_BYTES:
+            skip(_SCALAR_BYTES[kind])
+        elif kind == _STRING:
+            skip(u(8))
+        elif kind == _ARRAY and depth < 4:
+            item, count = u(4), u(8)
+            if item in _SCALAR_BYTES:
+                skip(count * _SCALAR_BYTES[item])
+                return
+            skip(0 if count <= (size - at) // 8 else size)  # every item takes 8 bytes at least
+            for _ in range(count):
+                value(item, depth + 1)
+        else:
+            raise GGUFError(f"{path}: unknown GGUF metadata value type {kind} at byte {at}")
+
+    version = int.from_bytes(data[4:8].tobytes(), "little") if size >= 8 else 0
+    if size < 24 or data[:4].tobytes() != b"GGUF" or version < 2:
+        return  # the reader's own message says what is wrong (version 1: other widths)
+    for _ in range(min(u(8), size)):  # key-value pairs: a key, its type, its value
+        skip(u(8))
+        value(u(4))
 
 
 def _check_architecture(metadata: dict, path):

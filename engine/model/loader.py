@@ -69,7 +69,7 @@ class SafetensorsFile:
                 )
             try:
                 header = json.loads(f.read(header_len))
-            except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
                 raise LoadError(f"{path}: corrupt safetensors header: {e}") from None
         if not isinstance(header, dict):
             raise LoadError(f"{path}: corrupt safetensors header: a JSON "
@@ -132,7 +132,7 @@ def _open_checkpoint(folder: Path) -> dict[str, SafetensorsFile]:
             if not (isinstance(weight_map, dict)
                     and all(isinstance(v, str) for v in weight_map.values())):
                 raise TypeError("its weight_map is not an object of file names")
-        except (ValueError, KeyError, TypeError) as e:
+        except (ValueError, KeyError, TypeError, RecursionError) as e:
             raise LoadError(f"{index}: not a valid safetensors index ({e})") from None
         files = {}
         for shard in sorted(set(weight_map.values())):
@@ -164,16 +164,18 @@ def load_safetensors_weights(folder: str | Path, config: ModelConfig, ops,
 
     read: set[str] = set()
 
-    def host(name: str, shape: tuple) -> np.ndarray:
+    def host(name: str, shape: tuple, fp8_codes: bool = False) -> np.ndarray:
         read.add(name)
         if name not in files:
             raise LoadError(f"checkpoint {str(folder)!r} has no tensor {name!r} (shape {shape})")
         array = files[name].get(name)
-        if files[name].tensors[name]["dtype"] == "F8_E4M3" and c.quantization != "fp8":
+        if files[name].tensors[name]["dtype"] == "F8_E4M3" and not fp8_codes:
             # E4M3 codes are no values without their scales, which only an FP8 checkpoint's
-            # quantization_config says how to read
-            raise LoadError(f"tensor {name!r} in {files[name].path} is F8_E4M3, but config.json "
-                            "has no FP8 quantization_config (quant_method 'fp8')")
+            # quantization_config says how to read, and for the linear layers' weights only
+            raise LoadError(
+                f"tensor {name!r} in {files[name].path} is F8_E4M3, but "
+                + ("only the linear layers' weights are read as FP8" if c.quantization == "fp8"
+                   else "config.json has no FP8 quantization_config (quant_method 'fp8')"))
         if array.shape != shape:
             raise LoadError(
                 f"tensor {name!r} in {files[name].path} has shape {array.shape}, "
@@ -188,7 +190,7 @@ def load_safetensors_weights(folder: str | Path, config: ModelConfig, ops,
         return ops.from_host(host(name, shape))
 
     def fp8_part(name: str, shape: tuple) -> fp8.QuantizedWeight:
-        array = host(name, shape)
+        array = host(name, shape, fp8_codes=True)
         if files[name].tensors[name]["dtype"] != "F8_E4M3":  # a layer the checkpoint left out
             return fp8.quantize_weight(array)
         if name + "_scale" not in files:
@@ -248,8 +250,14 @@ def load_safetensors_weights(folder: str | Path, config: ModelConfig, ops,
 
 def _warn_unused(folder: Path, unused: set[str]) -> None:
     """Say which tensors the config never asked for (a config.json of fewer layers than the
-    weights, a tensor of another architecture): the model runs without them."""
+    weights, a tensor of another architecture): the model runs without them. A bias it never
+    reads is refused instead (Llama's attention_bias also biases o_proj, which the transformer
+    does not): running without it would answer wrong, not merely smaller."""
     unused = {n for n in unused if not n.endswith("rotary_emb.inv_freq")}  # a buffer, not a weight
+    biases = sorted(n for n in unused if n.endswith(".bias"))
+    if biases:
+        raise LoadError(f"{folder}: the checkpoint has biases this model does not apply: "
+                        f"{', '.join(biases[:3])}{' and more' if len(biases) > 3 else ''}")
     if unused:
         names = sorted(unused)
         logger.warning("%s: %d tensor(s) of the checkpoint are not used by the config: %s%s",
@@ -378,7 +386,7 @@ def checkpoint_dtype(model: str | None) -> str:
         if Path(model).is_dir():
             return ModelConfig.from_pretrained(model).dtype
         return ModelConfig.from_preset(model).dtype
-    except (OSError, ValueError):
+    except (OSError, ValueError, RecursionError):
         return "float32"
 
 

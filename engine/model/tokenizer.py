@@ -221,7 +221,16 @@ class Tokenizer:
         self.chat_templates = _named_templates(chat_template)
         self.chat_template = self.chat_templates.get("default")
         self.special_tokens: dict[str, str] = {}  # unk_token, pad_token: template variables
-        self._compiled: dict[str, jinja2.Template] = {}  # by name, on first use
+        self._compiled: dict[str, jinja2.Template] = {}  # by name: at load, so a template
+        for name, source in self.chat_templates.items():  # that is no jinja fails there
+            import jinja2  # (compile_template's module has it loaded already)
+
+            try:
+                self._compiled[name] = compile_template(source)
+            except jinja2.TemplateError as e:
+                error = TokenizerError(f"chat template {name!r} is not valid jinja: {e}")
+                error.template = name  # from_pretrained names the file it came from
+                raise error from None
         self._token_bytes: dict[int, bytes] = {}  # token_bytes' answers
         self.vocab_size = tokenizer.get_vocab_size(with_added_tokens=True)
         self.all_special_ids = {
@@ -263,13 +272,19 @@ class Tokenizer:
         # chat_template.jinja (the default) and additional_chat_templates/NAME.jinja.
         files = [("default", folder / "chat_template.jinja")] + [
             (f.stem, f) for f in sorted((folder / "additional_chat_templates").glob("*.jinja"))]
+        sources = {}  # template name -> the file it came from, where not tokenizer_config.json
         for name, path in files:
             if path.is_file():
                 try:
                     templates[name] = path.read_text(encoding="utf-8")
                 except (OSError, UnicodeDecodeError) as e:
                     raise TokenizerError(f"{path} is not readable UTF-8 text: {e}") from None
-        tokenizer = cls(tok, token("bos_token"), token("eos_token"), templates)
+                sources[name] = path
+        try:
+            tokenizer = cls(tok, token("bos_token"), token("eos_token"), templates)
+        except TokenizerError as e:  # a chat template: say which file holds it
+            raise TokenizerError(f"{sources.get(getattr(e, 'template', None), config_path)}: "
+                                 f"{e}") from None
         tokenizer.special_tokens = {name: value for name in ("unk_token", "pad_token")
                                     if (value := token(name)) is not None}
         return tokenizer
@@ -393,7 +408,7 @@ class Tokenizer:
         if name not in named:
             raise TokenizerError(f"this model's chat templates are {sorted(named)}, none of them "
                                  f"'default' (nor 'tool_use' for a chat with tools)")
-        if name not in self._compiled:
+        if name not in self._compiled:  # chat_templates set after the tokenizer was made
             self._compiled[name] = compile_template(named[name])
         return self._compiled[name]
 

@@ -1,0 +1,216 @@
+"""Model loading on wrong, partial or hostile files: an error of the project's kind (LoadError /
+ConfigError / GGUFError / TokenizerError) naming the file and the problem; never a hang, a raw
+exception, or silently wrong weights. Each case below once did one of those."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import shutil
+import signal
+import struct
+
+import numpy as np
+import pytest
+from conftest import GOLDEN_DIR, write_tiny_gguf
+
+from engine.executor.ops.numpy_ops import NumpyOps
+from engine.model import fp8, gguf_loader
+from engine.model.config import ConfigError
+from engine.model.gguf_loader import GGUFError
+from engine.model.loader import LoadError, SafetensorsFile, load_model
+from engine.model.tokenizer import Tokenizer, TokenizerError
+
+
+class Hang(BaseException):  # a BaseException: the loader's `except Exception` cannot wrap it
+    pass
+
+
+@contextlib.contextmanager
+def deadline(seconds: int):
+    def fire(*_):
+        raise Hang(f"still running after {seconds} s")
+
+    old = signal.signal(signal.SIGALRM, fire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+
+
+def golden_copy(tmp_path, name="llama"):
+    return shutil.copytree(GOLDEN_DIR / name, tmp_path / name)
+
+
+def golden_tensors(name="llama") -> dict[str, np.ndarray]:
+    st = SafetensorsFile(GOLDEN_DIR / name / "model.safetensors")
+    return {n: np.array(st.get(n)) for n in st.tensors}
+
+
+def write_safetensors(path, tensors: dict[str, tuple[str, tuple, bytes]]):
+    header, data = {}, b""
+    for name, (dtype, shape, raw) in tensors.items():
+        header[name] = {"dtype": dtype, "shape": list(shape),
+                        "data_offsets": [len(data), len(data) + len(raw)]}
+        data += raw
+    blob = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + data)
+
+
+def edit_config(folder, **changes):
+    path = folder / "config.json"
+    cfg = json.loads(path.read_text())
+    cfg.update(changes)
+    path.write_text(json.dumps(cfg))
+
+
+# ----------------------------------------------------------------------------- GGUF
+
+
+def test_gguf_array_claiming_a_huge_length_is_refused_not_a_hang(tmp_path):
+    """A 300 KB GGUF whose one uint8 array field claims 2**40 items: gguf.GGUFReader walked past
+    the end of the file forever (reads past EOF return empty arrays, no error), growing memory
+    by ~130 MB/s. Now: a GGUFError naming the file, at once."""
+    path = tmp_path / "m.gguf"
+    write_tiny_gguf(path, extra=lambda w: w.add_array("zz.arr", [7, 7, 7]))
+    b = bytearray(path.read_bytes())
+    at = b.find(b"zz.arr") + len(b"zz.arr")  # then: value type, item type, item count
+    struct.pack_into("<IQ", b, at + 4, 0, 2**40)  # uint8 items, 2**40 of them
+    path.write_bytes(bytes(b))
+    with deadline(5), pytest.raises(GGUFError, match=re.escape(str(path))):
+        gguf_loader.read_gguf(path)
+
+
+def test_gguf_string_value_that_is_not_utf8_names_the_file(tmp_path):
+    """Metadata values were decoded (ReaderField.contents) outside open_gguf's try: a raw
+    UnicodeDecodeError that named neither the file nor the key."""
+    path = tmp_path / "m.gguf"
+    write_tiny_gguf(path, extra=lambda w: w.add_string("general.name", "AAAA"))
+    b = bytearray(path.read_bytes())
+    at = b.find(b"AAAA")
+    b[at:at + 4] = b"\xff\xfe\xfd\xfc"
+    path.write_bytes(bytes(b))
+    with pytest.raises(GGUFError, match=re.escape(str(path))):
+        load_model(str(path), NumpyOps())
+
+
+# ----------------------------------------------------------------------------- safetensors
+
+
+@pytest.mark.parametrize("name", ["model.embed_tokens.weight", "model.norm.weight"])
+def test_fp8_checkpoint_with_an_fp8_tensor_outside_the_linear_layers_is_refused(tmp_path, name):
+    """With quant_method 'fp8' any tensor may be F8_E4M3: an embedding or norm stored so was
+    handed to the model as its raw uint8 codes (embed dtype uint8), and the model ran on them.
+    Now: a LoadError naming the tensor (only the linear weights are read as FP8)."""
+    folder = golden_copy(tmp_path)
+    edit_config(folder, quantization_config={"quant_method": "fp8"})
+    out = {}
+    for n, a in golden_tensors().items():
+        if n.endswith("proj.weight"):
+            q = fp8.quantize_weight(a)
+            out[n] = ("F8_E4M3", a.shape, q.data.tobytes())
+            out[n + "_scale"] = ("F32", q.scale.shape, q.scale.tobytes())
+        elif n == name:
+            codes = fp8.encode(a)
+            out[n] = ("F8_E4M3", a.shape, codes.tobytes())
+        else:
+            out[n] = ("F32", a.shape, a.astype(np.float32).tobytes())
+    write_safetensors(folder / "model.safetensors", out)
+    with pytest.raises(LoadError, match=re.escape(name)):
+        load_model(str(folder), NumpyOps())
+
+
+# ----------------------------------------------------------------------------- config.json
+
+
+@pytest.mark.parametrize("change, needle", [
+    ({"hidden_act": "gelu"}, "hidden_act"),  # the MLP is SiLU whatever the config says
+    ({"mlp_bias": True}, "mlp_bias"),  # gate/up/down biases never applied
+])
+def test_config_that_changes_the_math_is_refused_not_ignored(tmp_path, change, needle):
+    folder = golden_copy(tmp_path)
+    edit_config(folder, **change)
+    with pytest.raises(ConfigError, match=needle):
+        load_model(str(folder), NumpyOps())
+
+
+def test_llama_attention_bias_o_proj_bias_is_not_dropped(tmp_path):
+    """HF's Llama (and Qwen3) with attention_bias=true have an o_proj bias too; the loader read
+    q/k/v's and only logged that o_proj.bias was 'not used', then served without it."""
+    folder = golden_copy(tmp_path)
+    edit_config(folder, attention_bias=True)
+    tensors = golden_tensors()
+    for n in range(2):
+        a = f"model.layers.{n}.self_attn."
+        for proj, size in (("q", 64), ("k", 32), ("v", 32), ("o", 64)):
+            tensors[a + f"{proj}_proj.bias"] = np.full(size, 0.5, np.float32)
+    write_safetensors(folder / "model.safetensors",
+                      {k: ("F32", v.shape, v.tobytes()) for k, v in tensors.items()})
+    with pytest.raises((ConfigError, LoadError), match="o_proj.bias"):
+        load_model(str(folder), NumpyOps())
+
+
+@pytest.mark.parametrize("field", ["num_key_value_heads", "head_dim"])
+def test_a_zero_head_count_or_head_dim_is_refused_not_replaced(tmp_path, field):
+    """`cfg.get(field) or default` turned an explicit 0 into the default: 0 KV heads loaded as
+    multi-head attention (dummy weights), or failed later on a tensor's shape."""
+    folder = golden_copy(tmp_path)
+    edit_config(folder, **{field: 0})
+    with pytest.raises(ConfigError, match=field):
+        load_model(str(folder), NumpyOps(), load_format="dummy")
+
+
+# ----------------------------------------------------------------------------- JSON files
+
+
+def _deep(folder, which):
+    nested = b"[" * 100_000
+    if which == "model.safetensors":
+        (folder / which).write_bytes(struct.pack("<Q", len(nested)) + nested)
+    else:
+        (folder / which).write_bytes(nested)
+
+
+@pytest.mark.parametrize("which", ["config.json", "generation_config.json", "model.safetensors",
+                                   "tokenizer_config.json"])
+def test_json_nested_past_the_recursion_limit_names_the_file(tmp_path, which):
+    """json.loads raises RecursionError (no ValueError) on deep nesting: it escaped every
+    `except ValueError` of the loader, and the CLI printed it without the file."""
+    folder = golden_copy(tmp_path)
+    _write_tokenizer(folder)
+    _deep(folder, which)
+    with pytest.raises((ConfigError, LoadError, TokenizerError), match=re.escape(which)):
+        load_model(str(folder), NumpyOps())
+
+
+# ----------------------------------------------------------------------------- chat template
+
+
+def _write_tokenizer(folder, chat_template="{% for m in messages %}{{ m['content'] }}{% endfor %}"):
+    import tokenizers
+    from tokenizers import decoders, models, pre_tokenizers
+
+    from engine.model.tokenizer import byte_to_unicode
+
+    vocab = {ch: i for i, ch in enumerate(byte_to_unicode().values())}
+    tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.add_special_tokens(["<s>", "</s>"])
+    tok.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": "<s>", "eos_token": "</s>", "chat_template": chat_template}))
+
+
+def test_a_chat_template_that_is_not_valid_jinja_names_the_file(tmp_path):
+    """The template was compiled on the first chat: a raw jinja2 TemplateSyntaxError ("unexpected
+    '}'") naming neither the file nor chat_template (the server answered every chat with a 400
+    blaming the request). Now a TokenizerError at load, naming tokenizer_config.json."""
+    folder = golden_copy(tmp_path)
+    _write_tokenizer(folder, chat_template="{% for m in messages %}{{ m['content'] }")
+    with pytest.raises(TokenizerError, match="tokenizer_config.json"):
+        tok = Tokenizer.from_pretrained(folder)
+        tok.apply_chat_template([{"role": "user", "content": "hi"}])
