@@ -143,6 +143,11 @@ class LLM:
              ) -> list[RequestOutput]:
         engine = self.engine
         request_ids = []
+        bar = None
+        if use_tqdm:  # before any submission: a bar that cannot start leaves nothing queued
+            from tqdm.auto import tqdm
+
+            bar = tqdm(total=len(prompts), desc="requests", unit="req")
         try:
             for prompt, p in zip(prompts, params, strict=True):
                 request_id = f"llm-{next(self._ids)}"
@@ -150,13 +155,10 @@ class LLM:
                 request_ids.append(request_id)
         except BaseException:
             self._abandon(request_ids)
+            if bar is not None:
+                bar.close()
             raise
         finished: dict[str, RequestOutput] = {}
-        bar = None
-        if use_tqdm:
-            from tqdm.auto import tqdm
-
-            bar = tqdm(total=len(request_ids), desc="requests", unit="req")
         try:
             while len(finished) < len(request_ids) and engine.has_unfinished_requests():
                 for out in engine.step():

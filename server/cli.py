@@ -491,10 +491,11 @@ def app_from_args(args: argparse.Namespace, config: EngineConfig, make_core=None
 def generate(args: argparse.Namespace, config: EngineConfig) -> int:
     from engine.core.sampling_params import SamplingParams
 
+    # the flags first: a bad --temperature is refused before the model loads
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
     t_load = time.perf_counter()
     engine = load_engine(config)
     load_s = time.perf_counter() - t_load
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
     if engine.tokenizer is None:
         raise ValueError("this model has no tokenizer, so `pagedserve generate` cannot read a "
                          "text prompt (serve it and send token ids: `pagedserve serve`)")

@@ -396,3 +396,22 @@ def test_an_empty_served_model_name_is_refused(capsys):
     with pytest.raises(SystemExit) as e:
         build_parser().parse_args(["serve", "--served-model-name", " "])
     assert e.value.code == 2 and "must not be empty" in capsys.readouterr().err
+
+
+def test_generate_checks_temperature_before_the_model_loads(monkeypatch, capsys):
+    """`pagedserve generate --temperature -1` (or nan) loaded the whole model, then failed;
+    every other bad flag is refused before anything loads."""
+    import server.cli as cli
+
+    def no_load(config):
+        raise AssertionError("the model was loaded before --temperature was checked")
+
+    monkeypatch.setattr(cli, "load_engine", no_load)
+    for value in ("-1", "nan"):
+        try:
+            status = cli.main(["generate", "--model", "smollm2-135m", "--load-format", "dummy",
+                               "--device", "numpy", f"--temperature={value}", "hi"])
+        except SystemExit as e:  # an argparse error is fine too
+            status = e.code
+        err = capsys.readouterr().err
+        assert status == 2 and "--temperature" in err, err

@@ -212,3 +212,34 @@ def test_engine_fields_of_the_wrong_type_fail_naming_them(field, value):
 
     with pytest.raises(ConfigError, match=field):
         LLM(**{field: value})
+
+
+def test_a_progress_bar_that_cannot_start_leaves_nothing_running(make_engine, monkeypatch):
+    """The tqdm bar once started after the requests were in, outside the block that abandons
+    them: a bar that raised (tqdm.notebook's "IProgress not found" in a Jupyter without
+    ipywidgets, a Ctrl-C while tqdm.auto first imports) left them queued, to run inside the
+    next call and hold KV blocks after it."""
+    import tqdm.auto
+
+    class NoWidgets:
+        def __init__(self, *args, **kwargs):
+            raise ImportError("IProgress not found. Please update jupyter and ipywidgets.")
+
+    llm = LLM.from_engine(make_engine())
+    params = SamplingParams(temperature=0, max_tokens=40, ignore_eos=True)
+    monkeypatch.setattr(tqdm.auto, "tqdm", NoWidgets)
+    with pytest.raises(ImportError, match="IProgress"):
+        llm.generate([{"prompt_token_ids": [5, 6, 7]}] * 3, params)  # use_tqdm=True: default
+    monkeypatch.undo()
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.engine.get_stats().kv_blocks_used == 0
+    [out] = llm.generate([{"prompt_token_ids": [5, 6, 7]}], params)  # and it still serves
+    assert len(out.outputs[0].token_ids) == 40
+
+
+def test_gguf_dequantize_of_the_wrong_type_fails_naming_it():
+    """A string was taken for its truth: gguf_dequantize="false" dequantized."""
+    from engine.model.config import ConfigError, EngineConfig
+
+    with pytest.raises(ConfigError, match="gguf_dequantize"):
+        EngineConfig(gguf_dequantize="false").validate()

@@ -421,6 +421,9 @@ class EngineConfig:
                                   f"({self.tensor_parallel_size}), got {self.tp_local_ranks}")
         if self.master_port is not None and not 0 <= self.master_port <= 65535:
             raise ConfigError(f"master_port must be in 0..65535, got {self.master_port}")
+        if self.gguf_dequantize is not None and not isinstance(self.gguf_dequantize, bool):
+            raise ConfigError("gguf_dequantize must be True, False or None (auto), got "
+                              f"{self.gguf_dequantize!r}")
         if self.async_scheduling not in (None, True, False):
             raise ConfigError("async_scheduling must be True, False or None (auto), got "
                               f"{self.async_scheduling!r}")
