@@ -67,7 +67,11 @@ def run_core_process(engine_config: EngineConfig, input_address: str, output_add
         # Read by CUDA when it initializes, which nothing imported so far has made it do.
         os.environ["CUDA_VISIBLE_DEVICES"] = cuda_devices
     _die_with_parent(parent_pid)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the API process's to handle
+    # Ctrl-C, and a SIGTERM sent to the whole process group (systemd's default stop, `kill --
+    # -PGID`), are the API process's to handle: it drains the requests in flight, then sends
+    # STOP (and kills a core that does not stop; the core also dies with its parent).
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
     configure_logging(log_level)  # the API process's format, on the same stderr
     ctx = zmq.Context()
     inputs = ctx.socket(zmq.PULL)

@@ -12,6 +12,7 @@ import json
 import logging
 import os
 import re
+import signal
 import socket
 import sys
 import threading
@@ -313,8 +314,8 @@ def main(argv: list[str] | None = None) -> int:
 
             return trace(args, config)
         return generate(args, config)
-    except KeyboardInterrupt:
-        return 130
+    except KeyboardInterrupt as e:  # 128 + the signal's number, as the shell reports it
+        return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         # Mistakes a user can make (bad path, unknown preset, prompt too long): one clear line.
         return _fail(_in_flag_names(parser, args.command, str(e)), 2)
@@ -401,7 +402,17 @@ def serve(args: argparse.Namespace, config: EngineConfig, started: float) -> int
         log.warning("serving on %s without --api-key: anyone who can reach the port can use the "
                     "model", args.host)
     engine = app.state.engine
-    summary = engine.load()  # raises what loading raised, in the core process
+
+    def stop_loading(signum, frame):  # uvicorn's handler comes later: end as Ctrl-C would,
+        raise Terminated  # through load()'s clean-up (the core, the socket folder)
+
+    main_thread = threading.current_thread() is threading.main_thread()  # (tests: a thread)
+    previous = signal.signal(signal.SIGTERM, stop_loading) if main_thread else None
+    try:
+        summary = engine.load()  # raises what loading raised, in the core process
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
     try:
         name = config.model or f"{DEFAULT_MODEL_NAME} (default)"
         for line in (model_line(engine.engine.model_config, name), *summary,
@@ -486,6 +497,10 @@ def app_from_args(args: argparse.Namespace, config: EngineConfig, make_core=None
                       root_path=args.root_path,
                       enable_tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint,
                       enable_per_request_metrics=args.enable_per_request_metrics)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM while the model loads (a supervisor stopping a server that is starting)."""
 
 
 def generate(args: argparse.Namespace, config: EngineConfig) -> int:

@@ -221,3 +221,80 @@ def test_health_stall_tool_runs(tmp_path, capsys):
         "completions": 400, "chat": 400, "tokenize": 200, "token-ids": 400, "detokenize": 200}
     assert all(r["answers"] > 20 and 0 < r["p99_ms"] <= r["max_ms"] for r in rows)
     assert capsys.readouterr().out.count("\n") == 6  # the header and a line a case
+
+
+def test_sigterm_to_the_whole_process_group_drains_the_streams(tmp_path):
+    """systemd's default stop (KillMode=control-group) and `kill -TERM -- -PGID` send SIGTERM to
+    the engine core too. It died at once, and every stream got a 500 ("killed by SIGTERM");
+    it now leaves the signal to the API process, whose drain ends each stream with a last chunk
+    and [DONE], as a SIGTERM to the server alone does."""
+    import threading
+
+    served = Served(tmp_path)
+    try:
+        body = {"prompt": [5, 6, 7], "max_tokens": 1000, "ignore_eos": True, "stream": True}
+        sinks = [[] for _ in range(3)]
+
+        def read(sink):
+            try:
+                with httpx.stream("POST", served.url + "/v1/completions", json=body,
+                                  timeout=60) as r:
+                    sink += [line for line in r.iter_lines() if line]
+            except httpx.TransportError as e:
+                sink.append(f"<{type(e).__name__}>")
+
+        threads = [threading.Thread(target=read, args=(s,)) for s in sinks]
+        for t in threads:
+            t.start()
+        deadline = time.time() + 20
+        while not all(sinks):
+            assert time.time() < deadline, "the streams did not start"
+            time.sleep(0.01)
+        # the group's signal reaches every process, in no set order: the core's first, with a
+        # second for the API process to notice a death before its own SIGTERM
+        os.kill(served.core_pid, signal.SIGTERM)
+        time.sleep(1.0)
+        served.proc.send_signal(signal.SIGTERM)
+        served.proc.wait(timeout=20)
+        for t in threads:
+            t.join(timeout=20)
+        for events in sinks:
+            assert events[-1] == "data: [DONE]", events[-3:]
+            last = json.loads(events[-2].removeprefix("data: "))
+            assert "error" not in last and last["choices"][0]["finish_reason"] in (
+                "abort", "length"), last
+        assert "died" not in served.output(), served.output()[-1500:]
+    finally:
+        served.close()
+
+
+def test_sigterm_while_the_model_loads_leaves_nothing_behind(tmp_path):
+    """A SIGTERM before uvicorn installs its handler (a supervisor stopping a server that is
+    still loading) ended the API process by the default action: its socket folder stayed in
+    TMPDIR. Now loading stops as Ctrl-C stops it: the core goes, the folder goes, exit 143."""
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    port = free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "serve", "smollm2-135m", "--load-format", "dummy",
+         "--device", "numpy", "--port", str(port), "--max-model-len", "128",
+         "--num-kv-blocks", "16", "--log-level", "warning"],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env={**os.environ, "PYTHONPATH": str(ROOT), "TMPDIR": str(tmp)})
+    try:
+        deadline = time.time() + 30
+        while not list(tmp.glob("pagedserve-*")):
+            assert proc.poll() is None and time.time() < deadline
+            time.sleep(0.01)
+        children = _children(proc.pid)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=20) == 143
+        deadline = time.time() + 10
+        while any(_is_running(p) for p in children):
+            assert time.time() < deadline, "a child outlived the server"
+            time.sleep(0.05)
+        assert list(tmp.glob("pagedserve-*")) == [], "the socket folder was left behind"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
