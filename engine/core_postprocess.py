@@ -135,6 +135,12 @@ class Postprocessor:
             out.num_cached_tokens = seq.num_cached_tokens
             out.num_created_cache_tokens = self.block_manager.created_cache_tokens(seq)
         if reason is not None:  # its blocks are released after the step's outputs go out
+            if seq.spec_token_ids:
+                # Verified drafts: the commit after verification passes over a finished
+                # sequence, so key the blocks they filled now (every position before this
+                # token holds an accepted token's k/v), as a plain step keys before it frees.
+                self.block_manager.truncate(seq, len(seq.token_ids) - 1)
+                self.block_manager.mark_computed(seq)
             self.requests.finish(req, seq, reason, defer_free=True)
         return out
 

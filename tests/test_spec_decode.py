@@ -404,3 +404,40 @@ def test_a_request_that_ends_beside_drafts_reaches_the_prefix_cache(make_engine,
     outs = step_to_end(engine)
     assert engine.get_stats().spec_num_drafts > 0  # the premise: the other one drafted
     assert outs["again"].num_cached_tokens == 48  # its last block holds the token computed anew
+
+
+class _Oracle:
+    """Proposes what plain decoding produced: every draft is accepted."""
+
+    def __init__(self, want, k):
+        self.want, self.k = want, k
+
+    def propose(self, seqs):
+        return [list(self.want[s.request_id].outputs[s.index].token_ids
+                     [s.num_output_tokens : s.num_output_tokens + self.k]) for s in seqs]
+
+
+def _follow_up_cached_tokens(make_engine, speculative_config, want=None):
+    engine = make_engine(block_size=4, speculative_config=speculative_config)
+    if want is not None:
+        engine.core.spec.proposer = _Oracle(want, 4)
+    prompt = list(range(10, 22))  # 3 full blocks
+    engine.add_request("a", {"prompt_token_ids": prompt},
+                       SamplingParams(temperature=0, max_tokens=9, ignore_eos=True))
+    first = step_to_end(engine)
+    output = list(first["a"].outputs[0].token_ids)
+    # a follow-up turn: the prompt and what it generated, then more (multi-turn chat)
+    engine.add_request("b", {"prompt_token_ids": prompt + output + [5]},
+                       SamplingParams(temperature=0, max_tokens=1))
+    return first, step_to_end(engine)["b"].num_cached_tokens
+
+
+def test_a_drafting_sequence_that_ends_in_its_verify_step_keys_its_blocks(make_engine):
+    """A plain step keys the blocks a finishing sequence filled before it frees them, so a
+    follow-up prompt finds 20 of its 21 tokens cached. A sequence that ended in a step verifying
+    drafts was freed before the commit after verification, which passed over it: 16."""
+    want, plain = _follow_up_cached_tokens(make_engine, None)
+    got, speculated = _follow_up_cached_tokens(
+        make_engine, {"method": "ngram", "num_speculative_tokens": 4}, want)
+    assert got["a"].outputs[0].token_ids == want["a"].outputs[0].token_ids
+    assert plain == 20 and speculated == plain
