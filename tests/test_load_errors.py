@@ -14,6 +14,7 @@ import struct
 import numpy as np
 import pytest
 from conftest import GOLDEN_DIR, write_tiny_gguf
+from test_loader import write_raw_safetensors as write_safetensors
 
 from engine.executor.ops.numpy_ops import NumpyOps
 from engine.model import fp8, gguf_loader
@@ -48,16 +49,6 @@ def golden_copy(tmp_path, name="llama"):
 def golden_tensors(name="llama") -> dict[str, np.ndarray]:
     st = SafetensorsFile(GOLDEN_DIR / name / "model.safetensors")
     return {n: np.array(st.get(n)) for n in st.tensors}
-
-
-def write_safetensors(path, tensors: dict[str, tuple[str, tuple, bytes]]):
-    header, data = {}, b""
-    for name, (dtype, shape, raw) in tensors.items():
-        header[name] = {"dtype": dtype, "shape": list(shape),
-                        "data_offsets": [len(data), len(data) + len(raw)]}
-        data += raw
-    blob = json.dumps(header).encode()
-    path.write_bytes(struct.pack("<Q", len(blob)) + blob + data)
 
 
 def edit_config(folder, **changes):

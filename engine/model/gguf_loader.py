@@ -147,7 +147,9 @@ def _check_metadata_sizes(path: Path) -> None:
             if item in _SCALAR_BYTES:
                 skip(count * _SCALAR_BYTES[item])
                 return
-            skip(0 if count <= (size - at) // 8 else size)  # every item takes 8 bytes at least
+            if count > (size - at) // 8:  # every string or array item takes 8 bytes at least
+                raise GGUFError(f"{path}: a GGUF metadata array claims {count} items, more than "
+                                f"the file holds (at byte {at} of {size})")
             for _ in range(count):
                 value(item, depth + 1)
         else:
