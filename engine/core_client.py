@@ -6,6 +6,8 @@
 
 Both take add_request / abort_requests / finish_sequences / shutdown. In-process, add_request
 raises a rejection at once; across processes it comes back in EngineCoreOutputs.rejected.
+MPClient also watches its core: one that dies, or hangs (engine/core/liveness.py), is reported
+as a fatal message on its output stream.
 """
 
 from __future__ import annotations
@@ -19,18 +21,21 @@ import pickle
 import shutil
 import stat
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 import msgspec
 import zmq
 import zmq.asyncio
 
+from engine.core.liveness import CHECK_EVERY_S, DEFAULT_LIVENESS, Liveness, Watchdog
 from engine.core.outputs import EngineCoreOutputs, EngineCoreRequest
 from engine.core_process import (
     ABORT,
     ADD,
     FAILED,
     FINISH,
+    HEARTBEAT,
     OUTPUTS,
     SNAPSHOT,
     STOP,
@@ -83,13 +88,16 @@ class MPClient:
     """
 
     def __init__(self, engine_config: EngineConfig, make_core=None, cuda_devices: str | None = None,
-                 name: str = "pagedserve-core"):
+                 name: str = "pagedserve-core", liveness: Liveness = DEFAULT_LIVENESS):
         """`cuda_devices`: the core's CUDA_VISIBLE_DEVICES (None: this process's); `name`: the
-        process's name (data parallel numbers its cores)."""
+        process's name (data parallel numbers its cores); `liveness`: when a core that hangs is
+        failed, once attached."""
         self.config, self.make_core = engine_config, make_core
         self.cuda_devices, self.name = cuda_devices, name
         self.process = None
         self._closing = False
+        self.watchdog = Watchdog(liveness)
+        self._fatal_sent = False  # the watchdog failed the core: its death is no news
         self._encode = msgspec.msgpack.Encoder().encode
         self._decode_outputs = msgspec.msgpack.Decoder(EngineCoreOutputs).decode
 
@@ -123,17 +131,20 @@ class MPClient:
     def wait_ready(self) -> CoreReady:
         """Block until the core has loaded; raise what loading raised in the core, or CoreDied.
         Runs on any one thread; the event loop's sockets come after, in attach()."""
-        while not self._outputs.poll(100):
-            if not self.process.is_alive():
-                raise CoreDied(f"the engine core process {describe_exit(self.process.exitcode)} "
-                               "while loading")
-        kind, payload = self._outputs.recv_multipart()
+        kind = HEARTBEAT
+        while kind == HEARTBEAT:  # (its heartbeat starts once it is ready)
+            while not self._outputs.poll(100):
+                if not self.process.is_alive():
+                    raise CoreDied(f"the engine core process "
+                                   f"{describe_exit(self.process.exitcode)} while loading")
+            kind, payload = self._outputs.recv_multipart()
         if kind == FAILED:
             raise pickle.loads(payload)
         return msgspec.msgpack.decode(payload, type=CoreReady)
 
-    def attach(self) -> None:
-        """Read the core's messages on the running event loop, and watch the process there."""
+    def attach(self, busy: Callable[[], bool] = lambda: False) -> None:
+        """Read the core's messages on the running event loop, and watch the process there:
+        its death, and its liveness (`busy()`: requests are in flight)."""
         loop = asyncio.get_running_loop()
         self._async_outputs = zmq.asyncio.Socket.shadow(self._outputs.underlying)
         self._outputs_fd = self._outputs.FD
@@ -144,6 +155,9 @@ class MPClient:
         loop.add_reader(self.process.sentinel, self._on_process_exit, loop)
         if not self.process.is_alive():  # died before the reader was there to see it
             self._on_process_exit(loop)
+        self._busy = busy
+        self.watchdog.start()
+        loop.call_later(CHECK_EVERY_S, self._watch, loop)
 
     async def get_output_async(self) -> EngineCoreOutputs:
         """The next message; when the core has died, one whose `fatal` says why."""
@@ -166,12 +180,16 @@ class MPClient:
         return self._async_outputs
 
     def get_output_nowait(self) -> EngineCoreOutputs | None:
-        """The next message if one has arrived, else None."""
-        try:
-            _kind, payload = self._outputs.recv_multipart(zmq.NOBLOCK)
-        except zmq.Again:
-            return None
-        return self._decode_outputs(payload)
+        """The next message if one has arrived, else None (heartbeats go to the watchdog)."""
+        while True:
+            try:
+                kind, payload = self._outputs.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return None
+            if kind != HEARTBEAT:
+                self.watchdog.heard()
+                return self._decode_outputs(payload)
+            self.watchdog.heard(msgspec.msgpack.decode(payload, type=int))
 
     def add_request(self, req: EngineCoreRequest) -> None:
         self._send(ADD, self._encode(req))
@@ -199,8 +217,25 @@ class MPClient:
         if not self._closing and self._obituary is not None:
             loop.call_later(LAST_MESSAGE_GRACE_S, self._report_death)
 
+    def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        if self._closing or self._fatal_sent:
+            return
+        cause = self.watchdog.verdict(self._busy())
+        if cause is None:
+            loop.call_later(CHECK_EVERY_S, self._watch, loop)
+            return
+        if not self.process.is_alive():  # dead, not hung: _report_death says how
+            return
+        # Failed as if it had died: the requests in flight fail naming the cause, and the core
+        # goes at once (SIGKILL works on a stopped process too) rather than hold its GPU.
+        logger.error("%s; killing it", cause)
+        self._fatal_sent = True
+        self._obituary.send_multipart([OUTPUTS, self._encode(EngineCoreOutputs(fatal=cause))])
+        self.process.kill()
+
     def _report_death(self) -> None:
-        if self._closing:  # shut down meanwhile: nobody is left to tell
+        # Shut down meanwhile (nobody is left to tell), or failed by the watchdog (told).
+        if self._closing or self._fatal_sent:
             return
         # The sentinel fires as the process closes its files, a moment before it can be reaped.
         self.process.join(1.0)

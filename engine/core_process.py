@@ -3,7 +3,7 @@
     API process  --PUSH [kind, msgpack]-->  inputs   (ADD request | ABORT ids | FINISH seqs |
                                                       SNAPSHOT (the dashboard) | STOP)
                  <--PULL [kind, msgpack]--  outputs  (READY or FAILED once, then OUTPUTS per
-                                                      loop turn)
+                                                      loop turn; HEARTBEAT from a thread)
 
 Each turn drains every waiting command, runs one step if any request is unfinished, and sends one
 EngineCoreOutputs: the step's SeqOutputs, the requests accepted or rejected, the stats. What the
@@ -12,6 +12,10 @@ follows, so no answer waits for a step. Idle, it sleeps on the input socket, wok
 command. Token ids only cross; the API process holds the text. Each message and each request's
 first token carry monotonic stamps (server/timeline.py: where a first token waits).
 
+A thread of its own sends a HEARTBEAT (the loop's turn count) whenever HEARTBEAT_S passed
+without another message, so the API process tells a stopped or stuck core from a long step
+(engine/core/liveness.py); a busy loop's messages are its heartbeat, so steps pay nothing.
+
 It never outlives the API process (PR_SET_PDEATHSIG on Linux, and a parent check every turn), and
 a step that raises ends it: the last message names the error, the exit code is 1, and the API
 process fails what was in flight rather than serve from a core whose state (or GPU) is suspect.
@@ -19,6 +23,7 @@ process fails what was in flight rather than serve from a core whose state (or G
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import logging
 import math
@@ -26,12 +31,14 @@ import os
 import pickle
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
 import msgspec
 import zmq
 
+from engine.core.liveness import HEARTBEAT_S
 from engine.core.outputs import EngineCoreOutputs, EngineCoreRequest
 from engine.engine_core import EngineCore
 from engine.logs import configure_logging, engine_lines
@@ -42,6 +49,7 @@ logger = logging.getLogger("pagedserve.core_process")
 # First frame of every message: what the second one holds.
 ADD, ABORT, FINISH, SNAPSHOT, STOP = b"A", b"X", b"F", b"P", b"S"  # API -> core
 READY, FAILED, OUTPUTS = b"R", b"E", b"O"  # core -> API (FAILED: loading raised; pickled)
+HEARTBEAT = b"H"  # core -> API: the loop's turn count
 
 IDLE_POLL_MS = 500  # how often an idle core checks that its parent lives
 
@@ -80,6 +88,7 @@ def run_core_process(engine_config: EngineConfig, input_address: str, output_add
     outputs.connect(output_address)
     encode = msgspec.msgpack.Encoder().encode
     code = 1
+    heartbeat = None
     try:
         try:
             core = make_core() if make_core is not None else EngineCore(engine_config)
@@ -93,9 +102,13 @@ def run_core_process(engine_config: EngineConfig, input_address: str, output_add
         outputs.send_multipart([READY, encode(ready)])
         # /metrics shows the engine's numbers from the start, not after the first request.
         outputs.send_multipart([OUTPUTS, encode(EngineCoreOutputs(stats=core.get_stats()))])
-        code = _BusyLoop(core, inputs, outputs, parent_pid).run()
+        loop = _BusyLoop(core, inputs, outputs, parent_pid)
+        heartbeat = _Heartbeat(ctx, output_address, loop)
+        code = loop.run()
         core.shutdown()
     finally:
+        if heartbeat is not None:
+            heartbeat.stop()
         outputs.close(linger=2000)  # the last message (maybe the fatal one) must get out
         inputs.close(linger=0)
         ctx.term()
@@ -113,11 +126,16 @@ class _BusyLoop:
         self.busy_s = 0.0  # time inside core.step(), for the dashboard's step time
         # request id -> when its ADD was read (time.monotonic()), until its first output goes
         self.received: dict[str, float] = {}
+        # Read by the heartbeat thread: turns begun (each idle poll or step), and when the last
+        # OUTPUTS went (time.monotonic()).
+        self.turns = 0
+        self.last_sent = time.monotonic()
 
     def run(self) -> int:
         """Serve until told to stop (0) or a step fails (1); return the exit code."""
         core, inputs = self.core, self.inputs
         while True:
+            self.turns += 1
             if not core.has_unfinished_requests() and not inputs.poll(IDLE_POLL_MS):
                 if os.getppid() != self.parent_pid:
                     return 0
@@ -158,7 +176,7 @@ class _BusyLoop:
                     core.block_manager.settle()  # went out (the stats counted them off already)
 
     def _send(self, message: EngineCoreOutputs) -> None:
-        message.sent_time = time.monotonic()
+        message.sent_time = self.last_sent = time.monotonic()
         self.outputs.send_multipart([OUTPUTS, self.encode(message)])
 
     def _note_first_tokens(self, message: EngineCoreOutputs) -> None:
@@ -204,6 +222,34 @@ class _BusyLoop:
                 message.snapshots.append((value[0], _snapshot_of(core, value[1], self.busy_s)))
             else:
                 core.finish_sequences(value)
+
+
+class _Heartbeat:
+    """Every HEARTBEAT_S that the loop sent nothing, a HEARTBEAT with its turn count, from a
+    thread: a step that runs long (the loop cannot speak) still shows a live process, and the
+    unchanged count shows the API process how long the loop has been in it. The thread has a
+    socket of its own (ZeroMQ sockets are not shared across threads) to the same address."""
+
+    def __init__(self, ctx: zmq.Context, address: str, loop: _BusyLoop):
+        self._socket = ctx.socket(zmq.PUSH)
+        self._socket.connect(address)
+        self._loop, self._stopped = loop, threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        loop, encode = self._loop, msgspec.msgpack.Encoder().encode
+        try:
+            while not self._stopped.wait(HEARTBEAT_S):
+                if time.monotonic() - loop.last_sent >= HEARTBEAT_S:
+                    with contextlib.suppress(zmq.Again):  # never wait: the next one will do
+                        self._socket.send_multipart([HEARTBEAT, encode(loop.turns)], zmq.NOBLOCK)
+        finally:
+            self._socket.close(linger=0)  # closed by its thread, before the context ends
+
+    def stop(self) -> None:
+        self._stopped.set()
+        self._thread.join()
 
 
 def _snapshot_of(core: EngineCore, since: int | None, busy_s: float) -> dict:

@@ -10,7 +10,8 @@ the same whatever N is; with N = 1 it is not used at all (core_client_for gives 
 A request lives on one core: the LoadBalancer (engine/core/dp_router.py) picks it, and aborts and
 stop-string finishes go to that core. Each message carries the sum of the cores' latest stats
 (/metrics, the stats line); `core_stats` keeps them apart. The dashboard sees core 0. A core that
-dies ends the whole: its fatal message names it, and the API process stops every core.
+dies, or hangs (each MPClient watches its own), ends the whole: its fatal message names it, and
+the API process stops every core.
 """
 
 from __future__ import annotations
@@ -18,11 +19,13 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+from collections.abc import Callable
 
 import zmq
 import zmq.asyncio
 
 from engine.core.dp_router import LoadBalancer
+from engine.core.liveness import DEFAULT_LIVENESS, Liveness
 from engine.core.outputs import EngineCoreOutputs, EngineCoreRequest, EngineStats
 from engine.core_client import CoreDied, MPClient
 from engine.core_process import CoreReady
@@ -32,11 +35,12 @@ from engine.model.config import EngineConfig
 logger = logging.getLogger("pagedserve.dp_client")
 
 
-def core_client_for(engine_config: EngineConfig, make_core=None) -> MPClient | DPClient:
+def core_client_for(engine_config: EngineConfig, make_core=None,
+                    liveness: Liveness = DEFAULT_LIVENESS) -> MPClient | DPClient:
     """The client of the server's engine core(s): one MPClient, or a DPClient over several."""
     if engine_config.data_parallel_size == 1:
-        return MPClient(engine_config, make_core)
-    return DPClient(engine_config, make_core)
+        return MPClient(engine_config, make_core, liveness=liveness)
+    return DPClient(engine_config, make_core, liveness)
 
 
 def gpus_per_core(engine_config: EngineConfig) -> int:
@@ -61,12 +65,14 @@ def core_devices(engine_config: EngineConfig) -> list[str | None]:
 class DPClient:
     """MPClient's interface over engine_config.data_parallel_size cores."""
 
-    def __init__(self, engine_config: EngineConfig, make_core=None):
+    def __init__(self, engine_config: EngineConfig, make_core=None,
+                 liveness: Liveness = DEFAULT_LIVENESS):
         num_cores = engine_config.data_parallel_size
         self.devices = core_devices(engine_config)
         self.clients = [
             MPClient(dataclasses.replace(engine_config, data_parallel_rank=i), make_core,
-                     self.devices[i], name=f"pagedserve-core-{i}") for i in range(num_cores)]
+                     self.devices[i], name=f"pagedserve-core-{i}", liveness=liveness)
+            for i in range(num_cores)]
         self.balancer = LoadBalancer(num_cores, engine_config.block_size,
                                      prefix_aware=engine_config.enable_prefix_caching)
         self.core_stats: list[EngineStats | None] = [None] * num_cores
@@ -99,10 +105,10 @@ class DPClient:
         return CoreReady(first.model_config, min(r.max_model_len for r in readies),
                          min(r.num_kv_blocks for r in readies), summary)
 
-    def attach(self) -> None:
+    def attach(self, busy: Callable[[], bool] = lambda: False) -> None:
         self._poller = zmq.asyncio.Poller()
         for client in self.clients:
-            client.attach()
+            client.attach(busy)
             self._poller.register(client.output_socket, zmq.POLLIN)
 
     async def get_output_async(self) -> EngineCoreOutputs:

@@ -20,6 +20,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
+from engine.core.liveness import DEFAULT_LIVENESS, Liveness
 from engine.model.config import EngineConfig
 from server.async_engine import AsyncEngine, EngineFault
 from server.dashboard import DashboardFeed, dashboard_routes
@@ -74,17 +75,19 @@ def create_app(engine_config: EngineConfig | None = None, *, served_model_name: 
                return_tokens_as_token_ids: bool = False,
                force_include_usage: bool = False, root_path: str = "",
                enable_tokenizer_info_endpoint: bool = False,
-               enable_per_request_metrics: bool = False) -> Starlette:
+               enable_per_request_metrics: bool = False,
+               liveness: Liveness = DEFAULT_LIVENESS) -> Starlette:
     """An app whose engine core runs in its own process (app.state.engine, an AsyncEngine).
 
     `make_core`: a picklable callable the core process runs instead of EngineCore(config).
-    `on_fatal(cause)`: called once if the core dies (the CLI stops the server, exit status 1).
+    `on_fatal(cause)`: called once if the core dies (the CLI stops the server, exit status 1),
+    or hangs: `liveness` says how long a silent or stuck core is waited on.
     `allowed_hosts`: the Host names served (None: any); `allowed_origins`: the web origins CORS
     lets in (None: CORS off). server/guards.py says why.
     """
     config = engine_config or EngineConfig()
     metrics = ServerMetrics()
-    engine = AsyncEngine(config, make_core, metrics, on_fatal)
+    engine = AsyncEngine(config, make_core, metrics, on_fatal, liveness)
     settings = ServerSettings(served_model_name or config.model or DEFAULT_MODEL_NAME, api_key,
                               max_waiting_requests, max_body_bytes, chat_content_special_tokens,
                               enable_server_load_tracking, return_tokens_as_token_ids,

@@ -5,8 +5,9 @@ the event loop, live the tokenizer and the OutputProcessor (text, stop strings).
 Handlers submit requests through a RequestGroup and read RequestOutputs from its queue. One task
 reads the core's messages (one per step), turns them into RequestOutputs and hands each to its
 group; nothing here blocks the loop: sends never wait (handlers tokenize long texts in threads).
-If the core dies, every request in flight gets an EngineFault naming the cause, /health turns
-503, and `on_fatal` (the CLI stops the server with a non-zero exit) is called.
+If the core dies, or hangs (engine/core/liveness.py: the client fails it and kills it), every
+request in flight gets an EngineFault naming the cause, /health turns 503, and `on_fatal` (the
+CLI stops the server with a non-zero exit) is called.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
+from engine.core.liveness import DEFAULT_LIVENESS, Liveness
 from engine.core.outputs import EngineCoreRequest
 from engine.core.sampling_params import ParamError
 from engine.core_client import MPClient
@@ -128,11 +130,13 @@ class RequestGroup:
 
 class AsyncEngine:
     def __init__(self, engine_config: EngineConfig, make_core=None, metrics=None,
-                 on_fatal: Callable[[str], None] | None = None):
+                 on_fatal: Callable[[str], None] | None = None,
+                 liveness: Liveness = DEFAULT_LIVENESS):
         """`make_core`: a picklable callable the core process calls instead of
-        EngineCore(engine_config); `on_fatal(cause)`: called once if the core dies."""
+        EngineCore(engine_config); `on_fatal(cause)`: called once if the core dies (or hangs:
+        `liveness` says when one is failed)."""
         self.config, self.make_core = engine_config, make_core
-        self.metrics, self.on_fatal = metrics, on_fatal
+        self.metrics, self.on_fatal, self.liveness = metrics, on_fatal, liveness
         self.engine: ModelInfo | None = None  # set once the core is ready
         self.load_error: BaseException | None = None
         self.dead: str | None = None  # why the core died
@@ -166,7 +170,7 @@ class AsyncEngine:
     def load(self) -> list[str]:
         """Spawn the core and wait until its model is loaded (the CLI, before it serves); raise
         what loading raised. Returns the core's start-up lines (device, memory, graphs)."""
-        self.client = core_client_for(self.config, self.make_core)
+        self.client = core_client_for(self.config, self.make_core, self.liveness)
         self.client.start()
         try:
             ready = self.client.wait_ready()
@@ -180,7 +184,7 @@ class AsyncEngine:
         """On the event loop: serve from a core load() made ready, or else spawn one (from this
         thread, whose life the core's is tied to) and load it in the background meanwhile."""
         if self.client is None:
-            self.client = core_client_for(self.config, self.make_core)
+            self.client = core_client_for(self.config, self.make_core, self.liveness)
             self.client.start()
         self.loop = asyncio.get_running_loop()  # handlers run here, and only here
         self._task = self.loop.create_task(self._run())
@@ -276,7 +280,7 @@ class AsyncEngine:
                 return
             self._set_ready(ready, tokenizer)
             log.debug("engine ready")
-        self.client.attach()
+        self.client.attach(busy=self._has_work)
         if isinstance(self.client, DPClient) and self.metrics:
             self.metrics.core_stats = self.client.core_stats  # updated in place
         try:
@@ -294,6 +298,10 @@ class AsyncEngine:
         except Exception as e:  # a bug here would otherwise hang every request silently
             log.exception("handling the engine core's output failed")
             self._die(f"the API process failed on the core's output: {type(e).__name__}: {e}")
+
+    def _has_work(self) -> bool:
+        """Someone waits on the core: a request in flight, or a dashboard snapshot."""
+        return bool(self._groups or self._snapshots)
 
     def _grammars(self, tokenizer, model_config):
         if tokenizer is None:

@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 
+from engine.core.liveness import Liveness
 from engine.executor.ops import DeviceError, resolve_device
 from engine.executor.worker import add_worker_flags, run_worker
 from engine.logs import configure_logging, model_line
@@ -236,6 +237,17 @@ def build_parser() -> argparse.ArgumentParser:
                         "(vLLM's flag)")
     s.add_argument("--no-dashboard", dest="dashboard", action="store_false",
                    help="turn off the live dashboard at /dashboard (and its feed)")
+    s.add_argument("--engine-heartbeat-timeout", type=float, default=10, metavar="S",
+                   help="fail the engine core, as if it had died, when nothing (not even its "
+                        "heartbeat, sent every 0.5 s by a thread of its own) comes from it for S "
+                        "seconds: a stopped or wedged process. In-flight requests get a 500, "
+                        "/health 503, the core is killed and the server exits 1. 0 = never; "
+                        "else at least 2 (default: 10)")
+    s.add_argument("--engine-step-timeout", type=float, default=30, metavar="S",
+                   help="fail the engine core the same way when its loop makes no progress for S "
+                        "seconds while requests are in flight (heartbeats come, but no step "
+                        "ends: a hung kernel, a deadlock). Raise it if one step of a large model "
+                        "on the cpu takes longer. 0 = never (default: 30)")
 
     g = sub.add_parser("generate", parents=[engine_flags], help="complete one prompt and print "
                        "it with the speed", description="Complete PROMPT once and print the text, "
@@ -496,7 +508,8 @@ def app_from_args(args: argparse.Namespace, config: EngineConfig, make_core=None
                       force_include_usage=args.enable_force_include_usage,
                       root_path=args.root_path,
                       enable_tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint,
-                      enable_per_request_metrics=args.enable_per_request_metrics)
+                      enable_per_request_metrics=args.enable_per_request_metrics,
+                      liveness=Liveness(args.engine_heartbeat_timeout, args.engine_step_timeout))
 
 
 class Terminated(KeyboardInterrupt):

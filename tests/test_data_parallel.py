@@ -336,3 +336,31 @@ def test_killing_one_core_ends_the_server_naming_it(tmp_path):
         assert not _is_running(served.core_pids[0])  # the other core went with it
     finally:
         served.close()
+
+
+def test_stopping_one_idle_core_ends_the_server_naming_it(tmp_path):
+    """Each core is watched on its own, and silence needs no request in flight: one idle core
+    stopped (SIGSTOP) is failed within --engine-heartbeat-timeout, and both go with the server."""
+    import os
+    import signal
+
+    from test_two_process import Served, _is_running
+
+    served = Served(tmp_path, extra=("--data-parallel-size", "2",
+                                     "--engine-heartbeat-timeout", "2"))
+    try:
+        os.kill(served.core_pids[1], signal.SIGSTOP)
+        stopped = time.monotonic()
+        assert served.proc.wait(timeout=10) != 0
+        assert time.monotonic() - stopped < 2 + 5.0
+        assert re.search(r"the engine core died: engine core [01] of 2: engine core unresponsive "
+                         r"for 2\.\d s: nothing heard", served.output()), served.output()
+        deadline = time.monotonic() + 5
+        while any(_is_running(p) for p in served.core_pids):
+            assert time.monotonic() < deadline, "a core outlived the server"
+            time.sleep(0.05)
+    finally:
+        for pid in served.core_pids:
+            if _is_running(pid):
+                os.kill(pid, signal.SIGKILL)  # a stopped process takes SIGKILL too
+        served.close()

@@ -133,6 +133,43 @@ def test_killing_the_core_fails_requests_and_exits_the_server(served):
     assert "the engine core died" in served.output()
 
 
+def test_a_stopped_core_is_failed_like_a_dead_one(tmp_path):
+    """SIGSTOP: the core lives but says nothing, not even its heartbeat. Within
+    --engine-heartbeat-timeout the stream ends with a 500 naming it, /health stops answering
+    200, the server exits non-zero, and the core is gone (killed, not left stopped)."""
+    served = Served(tmp_path, extra=("--engine-heartbeat-timeout", "2"))
+    core = served.core_pid
+    try:
+        body = {"prompt": [5, 6, 7], "max_tokens": 1000, "ignore_eos": True, "stream": True}
+        with httpx.stream("POST", served.url + "/v1/completions", json=body, timeout=20) as r:
+            lines = r.iter_lines()
+            assert next(lines).startswith("data: {")  # the request runs in the core
+            os.kill(core, signal.SIGSTOP)
+            stopped = time.monotonic()
+            events = [line for line in lines if line]
+        assert "engine core unresponsive for 2." in events[-2], events[-3:]
+        assert "--engine-heartbeat-timeout 2" in events[-2] and '"server_error"' in events[-2]
+        assert events[-1] == "data: [DONE]"
+        while True:  # until the server stops listening: 503, never 200 again
+            try:
+                health = httpx.get(served.url + "/health", timeout=5)
+            except httpx.TransportError:
+                break
+            assert health.status_code == 503 and "unresponsive" in health.text, health.text
+            time.sleep(0.01)
+        assert served.proc.wait(timeout=10) != 0
+        assert time.monotonic() - stopped < 2 + 5.0
+        assert "the engine core died: engine core unresponsive" in served.output()
+        deadline = time.monotonic() + 5
+        while _is_running(core):
+            assert time.monotonic() < deadline, "the stopped core outlived the server"
+            time.sleep(0.05)
+    finally:
+        if _is_running(core):
+            os.kill(core, signal.SIGKILL)  # a stopped process takes SIGKILL too
+        served.close()
+
+
 def test_killing_the_api_process_leaves_no_core_behind(served, monkeypatch):
     """Nor, after the next start, its socket folder (a SIGKILL leaves it behind)."""
     from engine.core_client import remove_stale_socket_dirs
