@@ -243,11 +243,11 @@ def build_parser() -> argparse.ArgumentParser:
                         "seconds: a stopped or wedged process. In-flight requests get a 500, "
                         "/health 503, the core is killed and the server exits 1. 0 = never; "
                         "else at least 2 (default: 10)")
-    s.add_argument("--engine-step-timeout", type=float, default=30, metavar="S",
+    s.add_argument("--engine-step-timeout", type=float, default=300, metavar="S",
                    help="fail the engine core the same way when its loop makes no progress for S "
                         "seconds while requests are in flight (heartbeats come, but no step "
                         "ends: a hung kernel, a deadlock). Raise it if one step of a large model "
-                        "on the cpu takes longer. 0 = never (default: 30)")
+                        "on the cpu takes longer. 0 = never (default: 300)")
 
     g = sub.add_parser("generate", parents=[engine_flags], help="complete one prompt and print "
                        "it with the speed", description="Complete PROMPT once and print the text, "

@@ -99,7 +99,7 @@ def test_the_flags_reach_the_app_and_a_bad_one_names_itself():
 
     parser = build_parser()
     args = parser.parse_args(["serve"])
-    assert (args.engine_heartbeat_timeout, args.engine_step_timeout) == (10, 30) == (
+    assert (args.engine_heartbeat_timeout, args.engine_step_timeout) == (10, 300) == (
         Liveness().engine_heartbeat_timeout, Liveness().engine_step_timeout)
     args = parser.parse_args(["serve", "--engine-heartbeat-timeout", "0",
                               "--engine-step-timeout", "4"])

@@ -34,7 +34,7 @@ class Liveness:
     requests in flight, before it fails the core as if it had died (0: never)."""
 
     engine_heartbeat_timeout: float = 10.0
-    engine_step_timeout: float = 30.0
+    engine_step_timeout: float = 300.0
 
     def __post_init__(self):
         hb, step = self.engine_heartbeat_timeout, self.engine_step_timeout
