@@ -5,6 +5,8 @@ the event loop, live the tokenizer and the OutputProcessor (text, stop strings).
 Handlers submit requests through a RequestGroup and read RequestOutputs from its queue. One task
 reads the core's messages (one per step), turns them into RequestOutputs and hands each to its
 group; nothing here blocks the loop: sends never wait (handlers tokenize long texts in threads).
+A reader that falls behind (a stalled stream) finds one output per request, its unread steps
+merged, so what the group holds stays the size of the text, not of every step's copy of it.
 If the core dies, or hangs (engine/core/liveness.py: the client fails it and kills it), every
 request in flight gets an EngineFault naming the cause, /health turns 503, and `on_fatal` (the
 CLI stops the server with a non-zero exit) is called.
@@ -21,7 +23,7 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 
 from engine.core.liveness import DEFAULT_LIVENESS, Liveness
-from engine.core.outputs import EngineCoreRequest
+from engine.core.outputs import EngineCoreRequest, merge_outputs
 from engine.core.sampling_params import ParamError
 from engine.core_client import MPClient
 from engine.dp_client import DPClient, core_client_for
@@ -67,10 +69,22 @@ class RequestGroup:
         # step's hand-out costs an append (issue 11: the loop is busy with thousands a second).
         self._items: list = []
         self._wake: asyncio.Future | None = None
+        # request id -> where in _items its unread output is: the next one merges into it
+        self._unread: dict[str, int] = {}
 
     def put(self, item) -> None:
-        """Hand the group a RequestOutput, or the EngineFault that ends it."""
-        self._items.append(item)
+        """Hand the group a RequestOutput, or the EngineFault that ends it. An output of a request
+        whose last one is still unread replaces it, carrying both steps' deltas: each output holds
+        its whole text so far, and a stream stalled for n steps would otherwise hold n copies."""
+        items = self._items
+        if isinstance(item, EngineFault):
+            self._unread.clear()  # nothing after it merges into what comes before it
+            items.append(item)
+        elif (i := self._unread.get(item.request_id)) is not None:
+            items[i] = merge_outputs(items[i], item)
+        else:
+            self._unread[item.request_id] = len(items)
+            items.append(item)
         if self._wake is not None and not self._wake.done():
             self._wake.set_result(None)
 
@@ -90,20 +104,22 @@ class RequestGroup:
             raise
 
     async def outputs(self) -> AsyncIterator:
-        """Every RequestOutput of the group's requests, in arrival order, until all finish."""
+        """The group's RequestOutputs, until all its requests finish: of each request, in order,
+        every step's output, or one for the steps handed over while the reader was away."""
         async for batch in self.batches():
             for item in batch:
                 yield item
 
     async def batches(self) -> AsyncIterator[list]:
-        """outputs(), as lists of every output handed over while the reader was away: more
-        than one when it fell a step behind, which an SSE stream then writes at once (one send,
-        not one each). An EngineFault is raised after the outputs handed over before it."""
+        """outputs(), as lists of what was handed over while the reader was away (one output
+        per request: put() merges its steps), which an SSE stream writes at once (one send, not
+        one each). An EngineFault is raised after the outputs handed over before it."""
         while self.unfinished:
             if not self._items:
                 self._wake = asyncio.get_running_loop().create_future()
                 await self._wake
             items, self._items = self._items, []
+            self._unread.clear()
             batch = []
             for item in items:
                 if isinstance(item, EngineFault):  # leaving the group aborts the others

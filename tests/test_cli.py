@@ -367,9 +367,10 @@ def test_serve_streams_without_uvloop_and_httptools(tiny_folder):
         proc.communicate(timeout=30)
     assert "HTTP on asyncio + h11" in "".join(lines)
     chunks = [json.loads(e[6:]) for e in events[:-1]]
-    assert events[-1] == "data: [DONE]" and len(chunks) == 4
-    assert [c["choices"][0]["finish_reason"] for c in chunks[:3]] == [None, None, "length"]
-    assert chunks[3]["usage"]["completion_tokens"] == 3
+    assert events[-1] == "data: [DONE]" and chunks[-1]["usage"]["completion_tokens"] == 3
+    # a chunk per step, or fewer: steps made while the stream was writing go out as one
+    reasons = [c["choices"][0]["finish_reason"] for c in chunks[:-1]]
+    assert 1 <= len(reasons) <= 3 and reasons == [None] * (len(reasons) - 1) + ["length"]
 
 
 def test_a_bad_master_port_is_a_usage_error_of_the_worker_alone(monkeypatch, capsys):

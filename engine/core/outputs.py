@@ -208,6 +208,25 @@ class RequestOutput:
     num_created_cache_tokens: int = 0  # prompt tokens whose KV it wrote to the prefix cache
 
 
+def merge_outputs(earlier: RequestOutput, later: RequestOutput) -> RequestOutput:
+    """`later` carrying `earlier`'s deltas ahead of its own: one output that a reader who has read
+    neither takes instead of the two, and that reads as both (vLLM's RequestOutputCollector).
+
+    `later` already holds the whole state (text, token ids, logprobs, finish and stop reasons,
+    usage counts); only the deltas are joined. `earlier` is used up: its delta lists are reused.
+    """
+    for old, new in zip(earlier.outputs, later.outputs, strict=True):  # the same n, in order
+        old.delta_token_ids += new.delta_token_ids
+        new.delta_token_ids = old.delta_token_ids
+        if old.delta_logprobs is not None:
+            old.delta_logprobs += new.delta_logprobs
+            new.delta_logprobs = old.delta_logprobs
+        # NOTE: this copies the text not read yet, O(text) per step, as the processor's `text`
+        # already costs; a list of pieces would save it but leave every reader a join to do.
+        new.delta_text = old.delta_text + new.delta_text
+    return later
+
+
 @dataclass
 class BeamSearchSequence:
     """One sequence of LLM.beam_search (vLLM's shape): prompt and output together."""
