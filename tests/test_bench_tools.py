@@ -122,6 +122,38 @@ def test_bench_throughput_end_to_end(tiny_model, capsys):
     assert json.loads(capsys.readouterr().out.splitlines()[0]) == result
 
 
+def test_bench_throughput_energy_is_the_counters_difference_over_the_run(tiny_model, monkeypatch,
+                                                                        capsys):
+    from tools import nvml
+
+    class Counter:  # NVML's counter, 1.5 J a read: two reads bracket the run
+        def __init__(self, index=0):
+            self.mj = 10_000
+
+        def energy_mj(self):
+            self.mj += 1_500
+            return self.mj
+
+    monkeypatch.setattr(nvml, "Nvml", Counter)
+    r = bench_throughput.main(["--model", tiny_model, *TINY_ARGS, "--energy"])
+    assert r["energy_j"] == pytest.approx(1.5)
+    assert r["mean_w"] == pytest.approx(1.5 / r["wall_s"])
+    assert r["mj_per_output_token"] == pytest.approx(1500 / r["output_tokens"])
+    assert "GPU energy 2 J (NVML)" in bench_throughput.format_report(r)
+    capsys.readouterr()
+
+
+def test_nvml_missing_is_named(monkeypatch):
+    from tools import nvml
+
+    def no_library(name):
+        raise OSError(f"{name}: cannot open shared object file")
+
+    monkeypatch.setattr(nvml.ctypes, "CDLL", no_library)
+    with pytest.raises(RuntimeError, match="NVML is not available here"):
+        nvml.Nvml()
+
+
 def test_step_kinds_groups_device_time():
     kinds = bench_throughput.step_kinds([1.0, 0.5, 0.25, 0.25, 2.0, 9.0],
                                         [300, 0, 0, 0, 0, 7], [256, 256, 64, 1, 193, 3])

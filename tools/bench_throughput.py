@@ -151,12 +151,13 @@ def describe_sampling(settings: dict) -> str:
 
 def run_requests(engine, prompts: list[list[int]], output_lens: list[int],
                  temperature: float = 0.0, tag: str = "w1", structured=None,
-                 sampling: dict | None = None, idle: int = 0) -> dict:
+                 sampling: dict | None = None, idle: int = 0, energy: bool = False) -> dict:
     """Submit every request at once, step until all finish; a trace of what happened.
 
     `sampling`: more SamplingParams fields (top_p, top_k, min_p, repetition_penalty).
     `idle`: also trace the host and report the device's idle time, with its `idle` longest gaps
-    (tools/idle_report.py).
+    (tools/idle_report.py). `energy`: also read the GPU's energy counter (NVML) at both ends of
+    the run: its joules.
 
     Per step it samples the KV blocks allocated and the tokens actually held in the cache (sum of
     the running sequences' computed tokens), and the number of sequences in the batch.
@@ -173,7 +174,7 @@ def run_requests(engine, prompts: list[list[int]], output_lens: list[int],
     prompt_tokens, launched_seqs = [], []
     last = stats0
     token_counts: dict[str, int] = {}
-    trace = None
+    trace, extra = None, {}
     if idle:
         from tools.idle_report import HostTrace
 
@@ -185,6 +186,13 @@ def run_requests(engine, prompts: list[list[int]], output_lens: list[int],
         # runs at once: device time after the event never exceeds the wall clock.
         origin = time.perf_counter()
         runner.time_origin = engine.ops.record_event()
+    nvml = None
+    if energy:
+        from tools.nvml import Nvml
+
+        nvml = Nvml()
+        engine.ops.synchronize()
+        e0 = nvml.energy_mj()
     try:
         t0 = origin if trace is not None else time.perf_counter()
         for i, (p, o) in enumerate(zip(prompts, output_lens, strict=True)):
@@ -210,6 +218,9 @@ def run_requests(engine, prompts: list[list[int]], output_lens: list[int],
                 if out.finished:
                     token_counts[out.request_id] = len(out.outputs[0].token_ids)
         wall = time.perf_counter() - t0
+        if nvml is not None:
+            engine.ops.synchronize()
+            extra["energy_j"] = (nvml.energy_mj() - e0) / 1e3
     finally:
         runner.time_gpu = False
         if trace is not None:
@@ -219,7 +230,6 @@ def run_requests(engine, prompts: list[list[int]], output_lens: list[int],
     # Steady state: the middle 80% of the step() calls, beside the device time of the steps
     # launched in them (the overlapped loop reads each one a call later: one step's skew).
     lo, hi = len(step_times) // 10, len(step_times) - len(step_times) // 10
-    extra = {}
     if trace is not None:
         from tools.idle_report import idle_report
 
@@ -293,6 +303,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--unfreeze-gc", action="store_true",
                     help="gc.unfreeze() once the engine is up: the run as before the engine core "
                          "froze its start-up objects, to measure what the freeze gains")
+    ap.add_argument("--energy", action="store_true",
+                    help="also read the GPU's energy counter (NVML) around the run: joules, mean "
+                         "watts, mJ an output token")
     args = ap.parse_args(argv)
     llm, prompts, output_lens = llm_and_workload(args)
     if args.unfreeze_gc:
@@ -302,7 +315,7 @@ def main(argv: list[str] | None = None) -> dict:
     engine = llm.engine
     settings = sampling_settings(args)
     trace = run_requests(engine, prompts, output_lens, settings.pop("temperature"),
-                         sampling=settings, idle=args.idle)
+                         sampling=settings, idle=args.idle, energy=args.energy)
     result = summarize(args, engine, prompts, output_lens, trace)
     if args.structured:
         from tools.structured_workload import BOUNDED_SCHEMA, SCHEMA
@@ -380,6 +393,10 @@ def summarize(args, engine, prompts, output_lens, trace) -> dict:
     }
     if "idle" in trace:
         result["idle"] = trace["idle"]
+    if "energy_j" in trace:
+        result["energy_j"] = trace["energy_j"]
+        result["mean_w"] = trace["energy_j"] / wall
+        result["mj_per_output_token"] = trace["energy_j"] * 1e3 / max(1, output_tokens)
     if args.speculative_config:
         stats = engine.get_stats()
         result["spec_num_draft_tokens"] = stats.spec_num_draft_tokens
@@ -413,6 +430,8 @@ def format_report(r: dict) -> str:
             f"({k['gpu_s'] / k['steps'] * 1e3:.2f} ms each"
             + (f", {k['prompt_tokens']} prompt tokens" if k["prompt_tokens"] else "") + ")"
             for k in r["gpu_time_by_step_kind"]),
+        *([f"GPU energy {r['energy_j']:,.0f} J (NVML): {r['mean_w']:.0f} W mean, "
+           f"{r['mj_per_output_token']:.1f} mJ an output token"] if "energy_j" in r else []),
         *idle,
     ])
 
