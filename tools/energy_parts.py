@@ -192,6 +192,75 @@ def read_floor(cache, tables, pages, nvml, args, table) -> float:
     return joules / ATTN_CALLS / nbytes
 
 
+def attention_parts(ops, rng, parts: dict, nvml, args, table, variants: bool = False) -> list:
+    """The decode attention on W1's batch-256 mix (one-split grids) and on a 32-sequence tail mix
+    (split grids), as joules a K/V byte in parts["attn_batch"] / ["attn_tail"], and the batch
+    mix's pages read with nothing computed in parts["read_floor"]; `variants`: only the batch
+    mix, then attention_variants. Returns the watts each drew."""
+    from engine.executor.ops import AttentionMetadata
+    from engine.executor.ops import cuda_attention as ca
+
+    mixes = {"attn_batch": ("decode attention, W1's batch-256 mix",
+                            np.random.default_rng(3).integers(100, 1101, 256)),
+             "attn_tail": ("decode attention, 32 x 1,100..2,000",
+                           np.random.default_rng(4).integers(1100, 2001, 32))}
+    drawn = []
+    for key, (label, ctx) in mixes.items():
+        ctx = [int(c) for c in ctx]
+        bs = 16
+        blocks = [-(-c // bs) for c in ctx]
+        tables = np.full((len(ctx), max(blocks)), -1, np.int32)
+        used = 0
+        for s, k in enumerate(blocks):
+            tables[s, :k] = np.arange(used, used + k)
+            used += k
+        meta = AttentionMetadata(np.full(len(ctx), -1, np.int32),
+                                 np.arange(len(ctx) + 1, dtype=np.int32),
+                                 np.array(ctx, np.int32), tables, 1, max(ctx))
+        cache = ops.random_weight((2, used, NUM_KV_HEADS, bs, HEAD_DIM), 1.0, rng)
+        qkv = ops.random_weight((len(ctx), (NUM_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM), 1.0, rng)
+        dmeta = ops.prepare_metadata(meta)
+        dmeta.num_splits = ca.decode_plan(len(ctx), NUM_KV_HEADS, NUM_HEADS // NUM_KV_HEADS,
+                                          32768).num_splits
+
+        def attn(qkv=qkv, cache=cache, dmeta=dmeta):
+            for _ in range(ATTN_CALLS):
+                ops.attention(qkv, cache[0], cache[1], dmeta, NUM_HEADS, NUM_KV_HEADS,
+                              HEAD_DIM**-0.5)
+        joules, watts = measure(f"{label} ({dmeta.num_splits} splits)", attn, nvml, args,
+                                table)
+        parts[key] = joules / ATTN_CALLS / (sum(ctx) * KV_BYTES_PER_TOKEN / LAYERS)
+        drawn.append(watts)
+        if key == "attn_batch":  # the floor: the same pages read and nothing computed
+            parts["read_floor"] = read_floor(cache, tables, blocks, nvml, args, table)
+            if variants:
+                attention_variants(attn, dmeta, sum(ctx), parts, nvml, args, table)
+                return drawn
+        del cache
+    return drawn
+
+
+def attention_variants(attn, dmeta, keys: int, parts: dict, nvml, args, table) -> None:
+    """The batch mix's decode attention on each (warps, stages) of the mma kernel: pJ a K/V byte
+    beside the read floor (the tiles' layout, PAGEDSERVE_DECODE_MMA_TR, is fixed at import: run
+    the tool once per value)."""
+    from engine.executor.ops.cuda_kernels import DECODE_MMA_CONFIGS, DECODE_MMA_TR
+
+    plan = dmeta.work[NUM_HEADS // NUM_KV_HEADS]
+    nbytes = keys * KV_BYTES_PER_TOKEN / LAYERS
+    print(f"\nPAGEDSERVE_DECODE_MMA_TR={DECODE_MMA_TR}; read floor "
+          f"{parts['read_floor'] * 1e12:.0f} pJ a byte, the default "
+          f"{parts['attn_batch'] * 1e12:.0f}")
+    for warps, stages in DECODE_MMA_CONFIGS:
+        plan.decode_config = (warps, stages)
+        joules, _ = measure(f"batch mix, {warps} warps x {stages} stages", attn, nvml, args,
+                            table)
+        sec = table[-1][1] / ATTN_CALLS
+        print(f"  {warps} warps x {stages} stages: {joules / ATTN_CALLS / nbytes * 1e12:.0f} pJ "
+              f"a byte, {nbytes / sec / 1e12:.2f} TB/s", flush=True)
+    plan.decode_config = None
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--warm", type=float, default=0.6, help="seconds each part runs untimed")
@@ -200,12 +269,13 @@ def main(argv: list[str] | None = None) -> None:
                     help="W1's measured wall time on this GPU, to set beside the sum")
     ap.add_argument("--w1-watts", type=float, default=None,
                     help="W1's measured mean draw while busy (nvidia-smi), for its energy")
+    ap.add_argument("--attention-variants", action="store_true",
+                    help="only the decode attention: the batch mix on each (warps, stages) of "
+                         "the mma kernel beside the read floor, in pJ a byte")
     args = ap.parse_args(argv)
 
     import cupy
 
-    from engine.executor.ops import AttentionMetadata
-    from engine.executor.ops import cuda_attention as ca
     from engine.executor.ops.cuda_ops import CudaOps
 
     ops = CudaOps("bfloat16")
@@ -225,6 +295,10 @@ def main(argv: list[str] | None = None) -> None:
                     ops._gemm(x[k], layer[name], out[name], ops.dtype)
         return fn
 
+    parts: dict = {"layer": {}, "lm_head": {}}
+    if args.attention_variants:
+        attention_parts(ops, rng, parts, nvml, args, table, variants=True)
+        return
     # the GPU at its cap before the first part
     one = {name: ops.random_weight(shape, 0.02, rng) for name, shape in SHAPES.items()}
     spin = gemms(PREFILL_ROWS, [one])
@@ -232,7 +306,6 @@ def main(argv: list[str] | None = None) -> None:
     while time.perf_counter() - t0 < 1.5:
         spin()
         cupy.cuda.Device().synchronize()
-    parts: dict = {"layer": {}, "lm_head": {}}
     joules, watts_cap = measure(f"prefill layer's GEMMs, {PREFILL_ROWS} rows",
                                 gemms(PREFILL_ROWS, [one]), nvml, args, table)
     parts["prefill"] = joules / PREFILL_ROWS
@@ -254,38 +327,7 @@ def main(argv: list[str] | None = None) -> None:
             ops._gemm(x, w, out, ops.dtype) for w in hs], nvml, args, table)
         parts["lm_head"][m] = joules / len(heads)
     heads = None
-    mixes = {"attn_batch": ("decode attention, W1's batch-256 mix",
-                            np.random.default_rng(3).integers(100, 1101, 256)),
-             "attn_tail": ("decode attention, 32 x 1,100..2,000",
-                           np.random.default_rng(4).integers(1100, 2001, 32))}
-    for key, (label, ctx) in mixes.items():
-        ctx = [int(c) for c in ctx]
-        bs = 16
-        blocks = [-(-c // bs) for c in ctx]
-        tables_ = np.full((len(ctx), max(blocks)), -1, np.int32)
-        used = 0
-        for s, k in enumerate(blocks):
-            tables_[s, :k] = np.arange(used, used + k)
-            used += k
-        meta = AttentionMetadata(np.full(len(ctx), -1, np.int32),
-                                 np.arange(len(ctx) + 1, dtype=np.int32),
-                                 np.array(ctx, np.int32), tables_, 1, max(ctx))
-        cache = ops.random_weight((2, used, NUM_KV_HEADS, bs, HEAD_DIM), 1.0, rng)
-        qkv = ops.random_weight((len(ctx), (NUM_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM), 1.0, rng)
-        dmeta = ops.prepare_metadata(meta)
-        dmeta.num_splits = ca.decode_plan(len(ctx), NUM_KV_HEADS, NUM_HEADS // NUM_KV_HEADS,
-                                          32768).num_splits
-        def attn(qkv=qkv, cache=cache, dmeta=dmeta):
-            for _ in range(ATTN_CALLS):
-                ops.attention(qkv, cache[0], cache[1], dmeta, NUM_HEADS, NUM_KV_HEADS,
-                              HEAD_DIM**-0.5)
-        joules, watts = measure(f"{label} ({dmeta.num_splits} splits)", attn, nvml, args,
-                                table)
-        parts[key] = joules / ATTN_CALLS / (sum(ctx) * KV_BYTES_PER_TOKEN / LAYERS)
-        drawn.append(watts)
-        if key == "attn_batch":  # the floor: the same pages read and nothing computed
-            parts["read_floor"] = read_floor(cache, tables_, blocks, nvml, args, table)
-        del cache
+    drawn += attention_parts(ops, rng, parts, nvml, args, table)
     cupy.cuda.Device().synchronize()
     e0, t0 = nvml.energy_mj(), time.perf_counter()
     time.sleep(2.0)
