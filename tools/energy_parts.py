@@ -153,43 +153,129 @@ def measure(name, fn, nvml, args, table):
 
 
 READ_PAGES = r"""
-extern "C" __global__ void read_pages(const uint4* __restrict__ k, const uint4* __restrict__ v,
-                                      const int* __restrict__ tables,
-                                      const int* __restrict__ pages, int max_pages, int nkv,
-                                      unsigned* __restrict__ out) {
-  // block (kv head, sequence), 256 threads: each 4 KB page of K and of V is 256 16-byte words
-  const int h = blockIdx.x, s = blockIdx.y;
-  unsigned acc = 0;
+// Three ways to read the decode mix's K and V pages and compute nothing. Block (kv head,
+// sequence), 256 threads: each 4 KB page of K and of V is 256 16-byte words, one per thread. The
+// XOR of the words feeds a store that never happens, so the loads stay.
+#define FOR_PAGES int h = blockIdx.x, s = blockIdx.y, n = pages[s]; unsigned acc = 0;
+#define PAGE(p) (((long)tables[s * max_pages + (p)] * nkv + h) * 256)
+#define KEEP if (acc == 0x9E3779B9u) out[s * nkv + h] = acc;
+#define ARGS const uint4* __restrict__ k, const uint4* __restrict__ v, \
+  const int* __restrict__ tables, const int* __restrict__ pages, int max_pages, int nkv, \
+  unsigned* __restrict__ out
+constexpr int ST = 4;  // pages of K and V in flight a block (the smem forms)
+
+__device__ __forceinline__ unsigned fold(uint4 a, uint4 b) {
+  return a.x ^ a.y ^ a.z ^ a.w ^ b.x ^ b.y ^ b.z ^ b.w;
+}
+__device__ __forceinline__ unsigned smem(const void* p) {
+  return static_cast<unsigned>(__cvta_generic_to_shared(p));
+}
+
+// global -> registers (LDG.128)
+extern "C" __global__ void read_pages(ARGS) {
+  FOR_PAGES
 #pragma unroll 4
-  for (int p = 0; p < pages[s]; ++p) {
-    const long base = ((long)tables[s * max_pages + p] * nkv + h) * 256 + threadIdx.x;
-    const uint4 a = k[base], b = v[base];
-    acc ^= a.x ^ a.y ^ a.z ^ a.w ^ b.x ^ b.y ^ b.z ^ b.w;
+  for (int p = 0; p < n; ++p) acc ^= fold(k[PAGE(p) + threadIdx.x], v[PAGE(p) + threadIdx.x]);
+  KEEP
+}
+
+// global -> shared by cp.async (16 bytes a thread, as the decode kernel copies), then each
+// thread reads back its own words: ST pages in flight, no block barrier
+extern "C" __global__ void read_pages_cp_async(ARGS) {
+  __shared__ __align__(16) uint4 ks[ST][256], vs[ST][256];
+  FOR_PAGES
+  const int t = threadIdx.x;
+  for (int p = 0; p < ST; ++p) {
+    if (p < n) {
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem(&ks[p][t])),
+                   "l"(k + PAGE(p) + t));
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem(&vs[p][t])),
+                   "l"(v + PAGE(p) + t));
+    }
+    asm volatile("cp.async.commit_group;");
   }
-  if (acc == 0x9E3779B9u) out[s * nkv + h] = acc;  // a store the loads feed: they stay
+  for (int p = 0; p < n; ++p) {
+    const int st = p % ST;
+    asm volatile("cp.async.wait_group %0;" ::"n"(ST - 1));
+    acc ^= fold(ks[st][t], vs[st][t]);
+    if (p + ST < n) {
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem(&ks[st][t])),
+                   "l"(k + PAGE(p + ST) + t));
+      asm volatile("cp.async.cg.shared.global [%0], [%1], 16;" ::"r"(smem(&vs[st][t])),
+                   "l"(v + PAGE(p + ST) + t));
+    }
+    asm volatile("cp.async.commit_group;");
+  }
+  KEEP
+}
+
+// global -> shared by the bulk copy engine (cp.async.bulk: one instruction a 4 KB page, an
+// mbarrier counting its bytes), then every thread reads its words: ST pages in flight
+extern "C" __global__ void read_pages_bulk(ARGS) {
+  __shared__ __align__(128) uint4 ks[ST][256], vs[ST][256];
+  __shared__ __align__(8) unsigned long long bar[ST];
+  FOR_PAGES
+  const int t = threadIdx.x;
+  if (t == 0) {
+    for (int i = 0; i < ST; ++i)
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" ::"r"(smem(&bar[i])));
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  auto issue = [&](int p, int st) {
+    asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], 8192;"
+                 ::"r"(smem(&bar[st])) : "memory");
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes"
+                 " [%0], [%1], 4096, [%2];" ::"r"(smem(&ks[st][0])), "l"(k + PAGE(p)),
+                 "r"(smem(&bar[st])) : "memory");
+    asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes"
+                 " [%0], [%1], 4096, [%2];" ::"r"(smem(&vs[st][0])), "l"(v + PAGE(p)),
+                 "r"(smem(&bar[st])) : "memory");
+  };
+  if (t == 0)
+    for (int p = 0; p < ST && p < n; ++p) issue(p, p);
+  for (int p = 0; p < n; ++p) {
+    const int st = p % ST;
+    asm volatile("{\n.reg .pred done;\nWAIT:\n"
+                 "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+                 "@!done bra WAIT;\n}\n" ::"r"(smem(&bar[st])), "r"((p / ST) & 1) : "memory");
+    acc ^= fold(ks[st][t], vs[st][t]);
+    __syncthreads();  // every thread is done with the stage before it is refilled
+    if (t == 0 && p + ST < n) issue(p + ST, st);
+  }
+  KEEP
 }
 """
 
+READ_KERNELS = {"read_pages": "registers (LDG.128)",
+                "read_pages_cp_async": "shared memory by cp.async",
+                "read_pages_bulk": "shared memory by bulk copies"}
+
 
 def read_floor(cache, tables, pages, nvml, args, table) -> float:
-    """Joules a byte for reading the decode mix's K and V pages and computing nothing: what the
-    attention's bytes cost at the least (cache (2, blocks, nkv, 16, 128) 16-bit, one 4 KB page
-    per kv head)."""
+    """Joules a byte for reading the decode mix's K and V pages and computing nothing, each of
+    READ_KERNELS' ways (cache (2, blocks, nkv, 16, 128) 16-bit, one 4 KB page per kv head):
+    the least of them, what the attention's bytes cost at the least."""
     import cupy
 
-    kernel = cupy.RawKernel(READ_PAGES, "read_pages")
+    module = cupy.RawModule(code=READ_PAGES, options=("-std=c++17",))
     tables_d = cupy.asarray(tables, dtype=cupy.int32)
     pages_d = cupy.asarray(pages, dtype=cupy.int32)
     out = cupy.zeros(len(pages) * NUM_KV_HEADS, cupy.uint32)
     nbytes = sum(pages) * NUM_KV_HEADS * 2 * 16 * HEAD_DIM * 2
+    least = float("inf")
+    for name, how in READ_KERNELS.items():
+        kernel = module.get_function(name)
 
-    def read():
-        for _ in range(ATTN_CALLS):
-            kernel((NUM_KV_HEADS, len(pages)), (256,),
-                   (cache[0], cache[1], tables_d, pages_d, np.int32(tables.shape[1]),
-                    np.int32(NUM_KV_HEADS), out))
-    joules, _ = measure("the same K/V pages read, nothing computed", read, nvml, args, table)
-    return joules / ATTN_CALLS / nbytes
+        def read(kernel=kernel):
+            for _ in range(ATTN_CALLS):
+                kernel((NUM_KV_HEADS, len(pages)), (256,),
+                       (cache[0], cache[1], tables_d, pages_d, np.int32(tables.shape[1]),
+                        np.int32(NUM_KV_HEADS), out))
+        joules, _ = measure(f"the same K/V pages read into {how}, nothing computed", read, nvml,
+                            args, table)
+        least = min(least, joules / ATTN_CALLS / nbytes)
+    return least
 
 
 def attention_parts(ops, rng, parts: dict, nvml, args, table, variants: bool = False) -> list:
