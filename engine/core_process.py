@@ -77,7 +77,10 @@ def run_core_process(engine_config: EngineConfig, input_address: str, output_add
     _die_with_parent(parent_pid)
     # Ctrl-C, and a SIGTERM sent to the whole process group (systemd's default stop, `kill --
     # -PGID`), are the API process's to handle: it drains the requests in flight, then sends
-    # STOP (and kills a core that does not stop; the core also dies with its parent).
+    # STOP (and kills a core that does not stop; the core also dies with its parent). The
+    # tensor-parallel workers it starts inherit both (an ignored signal stays ignored across
+    # exec, and Python keeps an ignored SIGINT ignored), so they too wait for rank 0's STOP; a
+    # `pagedserve worker` started by hand keeps its user's signals.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     configure_logging(log_level)  # the API process's format, on the same stderr

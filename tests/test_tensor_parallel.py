@@ -4,6 +4,7 @@ worker processes (the whole engine); a dead worker ends the engine with a clear 
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -414,13 +415,14 @@ def test_rank_0_drops_a_stranger_that_claims_a_rank(monkeypatch):
 @pytest.mark.parametrize("busy", [True, False])
 def test_killing_a_worker_ends_the_server_with_a_clear_error(tmp_path, busy):
     """Mid-request: the stream ends with the error; idle: the core notices within a second.
-    Either way the server exits non-zero within seconds."""
+    Either way the server exits non-zero within seconds, and no process of it stays behind."""
     pytest.importorskip("uvicorn")
     httpx = pytest.importorskip("httpx")
-    from test_two_process import Served, _children
+    from test_two_process import Served, _children, _descendants
 
     served = Served(tmp_path, extra=("--tensor-parallel-size", "2"))
     try:
+        below = _descendants(served.proc.pid)
         workers = [p for p, cmd in _children(served.core_pid).items() if "worker_main" in cmd]
         assert len(workers) == 1
         model = httpx.get(served.url + "/v1/models").json()["data"][0]["id"]
@@ -441,8 +443,102 @@ def test_killing_a_worker_ends_the_server_with_a_clear_error(tmp_path, busy):
         assert served.proc.wait(timeout=10) != 0
         assert time.monotonic() - killed < 5.0
         assert "tensor-parallel worker rank 1" in served.output()
+        _assert_gone(below)
     finally:
         served.close()
+
+
+def _assert_gone(pids: dict[int, str], timeout_s: float = 10.0) -> None:
+    from test_two_process import _is_running
+
+    deadline = time.monotonic() + timeout_s
+    while left := {p: cmd for p, cmd in pids.items() if _is_running(p)}:
+        assert time.monotonic() < deadline, f"left behind: {left}"
+        time.sleep(0.05)
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, -signal.SIGTERM), (signal.SIGINT, 130)],
+                         ids=["SIGTERM", "SIGINT"])
+@pytest.mark.parametrize("size", [1, 2])
+def test_a_signal_to_the_process_group_drains_as_with_one_rank(tmp_path, size, signum, code):
+    """Ctrl-C in a terminal, systemd's stop (KillMode=control-group) and `kill -- -PGID` signal
+    the workers too. They leave it to the API process, as the core does (they inherit the core's
+    SIG_IGN): the streams drain, the server exits as with one rank (by the SIGTERM uvicorn
+    caught, or 130 after Ctrl-C) and no process of the group stays behind."""
+    pytest.importorskip("uvicorn")
+    httpx = pytest.importorskip("httpx")
+    from test_two_process import Served, _descendants
+
+    served = Served(tmp_path, extra=("--tensor-parallel-size", str(size)), new_session=True)
+    try:
+        below = _descendants(served.proc.pid)
+        assert sum("worker_main" in cmd for cmd in below.values()) == size - 1, below
+        model = httpx.get(served.url + "/v1/models").json()["data"][0]["id"]
+        body = {"model": model, "prompt": [5, 6, 7], "max_tokens": 1000, "ignore_eos": True,
+                "stream": True}
+        sinks = [[] for _ in range(4)]
+
+        def read(sink):
+            try:
+                with httpx.stream("POST", served.url + "/v1/completions", json=body,
+                                  timeout=60) as r:
+                    for line in r.iter_lines():  # one at a time: the test sees them start
+                        if line:
+                            sink.append(line)
+            except httpx.TransportError as e:
+                sink.append(f"<{type(e).__name__}>")
+
+        threads = [threading.Thread(target=read, args=(sink,)) for sink in sinks]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 20
+        while not all(sinks):
+            assert time.monotonic() < deadline, "the streams did not start"
+            time.sleep(0.01)
+        os.killpg(served.proc.pid, signum)
+        assert all(sink[-1] != "data: [DONE]" for sink in sinks), "a stream ended unsignalled"
+        assert served.proc.wait(timeout=20) == code, served.output()[-1500:]
+        for t in threads:
+            t.join(timeout=20)
+        for events in sinks:
+            assert events[-1] == "data: [DONE]", events[-3:]
+            last = json.loads(events[-2].removeprefix("data: "))
+            assert "error" not in last and last["choices"][0]["finish_reason"] in (
+                "abort", "length"), last
+        _assert_gone(below)
+        assert "died" not in served.output() and "Traceback" not in served.output(), (
+            served.output()[-1500:])
+    finally:
+        served.close()
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_rank_started_by_hand_stops_on_sigterm_and_ctrl_c(signum):
+    """Only the ranks rank 0 starts inherit its ignoring them: a user's `pagedserve worker`
+    stops on either, as any command does."""
+    import zmq
+    from test_two_process import ROOT
+
+    port = free_port()
+    ctx = zmq.Context()
+    master = ctx.socket(zmq.ROUTER)
+    master.bind(f"tcp://127.0.0.1:{port}")
+    proc = subprocess.Popen([sys.executable, "-m", "server.cli", "worker", "--rank", "1",
+                             "--master-addr", "127.0.0.1", "--master-port", str(port)],
+                            cwd=ROOT, stderr=subprocess.DEVNULL,
+                            env={**os.environ, "PYTHONPATH": str(ROOT),
+                                 workers.SECRET_ENV: "the hosts' secret"})
+    try:
+        assert master.poll(30_000), "the worker never said HELLO"
+        master.recv_multipart()  # it waits for CONFIG now
+        proc.send_signal(signum)
+        assert proc.wait(timeout=10) == -signum
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        master.close(linger=0)
+        ctx.term()
 
 
 def test_cli_refuses_a_size_that_does_not_divide_in_one_line(tmp_path, capsys):

@@ -57,6 +57,14 @@ def _children(pid: int) -> dict[int, str]:
     return found
 
 
+def _descendants(pid: int) -> dict[int, str]:
+    """{pid: command line} of the processes below `pid`: children, theirs, and so on."""
+    found = _children(pid)
+    for child in list(found):
+        found.update(_descendants(child))
+    return found
+
+
 def _is_running(pid: int) -> bool:
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
@@ -66,7 +74,10 @@ def _is_running(pid: int) -> bool:
 
 
 class Served:
-    def __init__(self, tmp_path: Path, with_tokenizer: bool = False, extra: tuple = ()):
+    def __init__(self, tmp_path: Path, with_tokenizer: bool = False, extra: tuple = (),
+                 new_session: bool = False):
+        """`new_session`: the server leads a process group of its own (os.killpg reaches it and
+        its children, as a terminal's Ctrl-C or systemd's stop does)."""
         model = tiny_model_folder(tmp_path / "tiny", with_tokenizer)
         self.url = f"http://127.0.0.1:{free_port()}"
         self.log = open(tmp_path / "server.log", "w+")  # noqa: SIM115
@@ -77,7 +88,7 @@ class Served:
              "--load-format", "dummy", "--port", self.url.rsplit(":", 1)[1],
              "--max-model-len", "1024", "--num-kv-blocks", "128", "--max-num-seqs", "8",
              "--log-level", "warning", *extra],
-            cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT,
+            cwd=ROOT, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=new_session,
             env={**os.environ, "PYTHONPATH": str(ROOT), "OPENBLAS_NUM_THREADS": "1",
                  "TMPDIR": str(self.tmp)})
         deadline = time.time() + 90
@@ -276,7 +287,9 @@ def test_sigterm_to_the_whole_process_group_drains_the_streams(tmp_path):
             try:
                 with httpx.stream("POST", served.url + "/v1/completions", json=body,
                                   timeout=60) as r:
-                    sink += [line for line in r.iter_lines() if line]
+                    for line in r.iter_lines():  # one at a time: the test sees them start
+                        if line:
+                            sink.append(line)
             except httpx.TransportError as e:
                 sink.append(f"<{type(e).__name__}>")
 
