@@ -315,7 +315,10 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "worker":
-        return run_worker(args.rank, args.master_addr, args.master_port, args.gpu)
+        try:
+            return run_worker(args.rank, args.master_addr, args.master_port, args.gpu)
+        except KeyboardInterrupt:  # Ctrl-C on a rank started by hand: quiet, as serve's
+            return 128 + signal.SIGINT
     configure_logging(args.log_level or ("info" if args.command == "serve" else "warning"))
     try:
         config = engine_config_from_args(args)
