@@ -97,6 +97,7 @@ class MPClient:
         self.process = None
         self._closing = False
         self.watchdog = Watchdog(liveness)
+        self._watching = False  # from attach() until detach(): someone reads the core's messages
         self._fatal_sent = False  # the watchdog failed the core: its death is no news
         self._encode = msgspec.msgpack.Encoder().encode
         self._decode_outputs = msgspec.msgpack.Decoder(EngineCoreOutputs).decode
@@ -155,9 +156,14 @@ class MPClient:
         loop.add_reader(self.process.sentinel, self._on_process_exit, loop)
         if not self.process.is_alive():  # died before the reader was there to see it
             self._on_process_exit(loop)
-        self._busy = busy
+        self._busy, self._watching = busy, True
         self.watchdog.start()
         loop.call_later(CHECK_EVERY_S, self._watch, loop)
+
+    def detach(self) -> None:
+        """Its messages are no longer read (the reader ended): stop judging the core, whose
+        heartbeats now wait unread and would pass for its silence."""
+        self._watching = False
 
     async def get_output_async(self) -> EngineCoreOutputs:
         """The next message; when the core has died, one whose `fatal` says why."""
@@ -218,7 +224,7 @@ class MPClient:
             loop.call_later(LAST_MESSAGE_GRACE_S, self._report_death)
 
     def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
-        if self._closing or self._fatal_sent:
+        if self._closing or self._fatal_sent or not self._watching:
             return
         cause = self.watchdog.verdict(self._busy())
         if cause is None:

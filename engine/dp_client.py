@@ -111,6 +111,10 @@ class DPClient:
             client.attach(busy)
             self._poller.register(client.output_socket, zmq.POLLIN)
 
+    def detach(self) -> None:
+        for client in self.clients:
+            client.detach()
+
     async def get_output_async(self) -> EngineCoreOutputs:
         """The next message of any core (one per core in turn when several wait)."""
         while not self._inbox:

@@ -314,6 +314,10 @@ class AsyncEngine:
         except Exception as e:  # a bug here would otherwise hang every request silently
             log.exception("handling the engine core's output failed")
             self._die(f"the API process failed on the core's output: {type(e).__name__}: {e}")
+        finally:
+            # Nobody reads the core's messages from here on (the engine is dead, or shutting
+            # down): its heartbeats would wait unread, and a live core be failed as silent.
+            self.client.detach()
 
     def _has_work(self) -> bool:
         """Someone waits on the core: a request in flight, or a dashboard snapshot."""

@@ -308,6 +308,36 @@ def test_dp2_abort_reaches_the_core_that_runs_the_request(dp_server, monkeypatch
     dp_server.wait_idle()
 
 
+def test_the_cores_left_when_one_dies_are_not_failed_as_silent(tmp_path):
+    """One core dies: the engine is dead and nobody reads the others' messages any more, so their
+    heartbeats go unread. That is no silence of theirs: they are not failed as unresponsive and
+    killed (an app without on_fatal stays up to say why, until it is shut down)."""
+    import os
+    import signal
+
+    from test_two_process import tiny_model_folder
+
+    from engine.core.liveness import CHECK_EVERY_S, Liveness
+
+    folder = tiny_model_folder(tmp_path / "tiny", with_tokenizer=False)
+    config = EngineConfig(model=str(folder), device="numpy", data_parallel_size=2)
+    make_core = tiny_server_core(text=False, max_num_seqs=8, max_model_len=256, num_kv_blocks=128)
+    app = create_app(config, served_model_name=MODEL, make_core=make_core,
+                     liveness=Liveness(engine_heartbeat_timeout=2, engine_step_timeout=0))
+    with Server(app) as s:
+        engine = app.state.engine
+        first, second = engine.client.clients
+        os.kill(first.process.pid, signal.SIGKILL)
+        deadline = time.time() + 10
+        while engine.dead is None:
+            assert time.time() < deadline, "the core's death went unseen"
+            time.sleep(0.02)
+        time.sleep(2 + 4 * CHECK_EVERY_S)  # past the heartbeat limit, and a few checks
+        assert second.process.is_alive() and not second._fatal_sent
+        health = httpx.get(s.url + "/health")
+        assert health.status_code == 503 and "engine core 0 of 2" in health.json()["error"]
+
+
 # ---------------------------------------------------------------- a DP=2 `pagedserve serve`
 
 

@@ -191,3 +191,29 @@ def test_a_long_step_and_an_idle_core_are_not_mistaken_for_a_hang():
         assert causes == []
     finally:
         server.stop()
+
+
+def test_a_core_nobody_reads_any_more_is_not_judged():
+    """Once the API process stops reading the core (here it failed on the core's output; the
+    engine is dead and the server stays up to say why), the heartbeats that wait unread are no
+    silence: the live core is not failed a second time as unresponsive, nor killed."""
+    causes = []
+    app = create_app(served_model_name="tiny", make_core=_make_core, on_fatal=causes.append,
+                     liveness=Liveness(engine_heartbeat_timeout=2, engine_step_timeout=0))
+    server = Server(app)
+    engine = app.state.engine
+    core = engine.client.process
+    try:
+
+        def broken(outputs):
+            raise RuntimeError("a bug")
+
+        engine.processor.process = broken
+        r = httpx.post(server.url + "/v1/completions", json=BODY, timeout=20)
+        assert r.status_code == 500 and "a bug" in r.json()["error"]["message"]
+        assert causes == ["the API process failed on the core's output: RuntimeError: a bug"]
+        time.sleep(2 + 4 * CHECK_EVERY_S)  # past the heartbeat limit, and a few checks
+        assert core.is_alive() and not engine.client._fatal_sent
+        assert "unresponsive" not in engine.dead
+    finally:
+        server.stop()
