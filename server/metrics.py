@@ -18,7 +18,8 @@ _TOKEN_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.
 _GAUGES = {
     "num_running": ("pagedserve_num_requests_running", "Sequences in the running batch."),
     "num_waiting": ("pagedserve_num_requests_waiting", "Sequences waiting to be scheduled "
-                    "(n per request; --max-waiting-requests counts requests)."),
+                    "(n > 1: one per request until its prompt is computed; "
+                    "--max-waiting-requests counts requests)."),
     "kv_blocks_used": ("pagedserve_kv_blocks_used", "KV-cache blocks held by live sequences."),
     "kv_blocks_total": ("pagedserve_kv_blocks_total", "KV-cache blocks in the pool."),
 }
@@ -125,7 +126,7 @@ class _StatsCollector:
         for field, (name, doc) in _GAUGES.items():
             yield GaugeMetricFamily(name, doc, value=getattr(stats, field, 0))
         yield GaugeMetricFamily("pagedserve_max_num_requests_running",
-                                "Most requests seen running at once since start.",
+                                "Most sequences seen running at once since start.",
                                 value=self.metrics.max_running)
         for field, (name, doc) in _COUNTERS.items():
             yield CounterMetricFamily(name, doc, value=getattr(stats, field, 0))
