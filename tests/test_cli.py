@@ -295,6 +295,17 @@ def test_serve_logs_its_start_up_then_serves(tiny_folder):
     assert proc.returncode == 130  # Ctrl-C's status after uvicorn's graceful shutdown
 
 
+def _taken_in(url: str) -> int:
+    """Generation calls the server has taken in so far: those in flight (GET /load, with
+    --enable-server-load-tracking) and those that ended (/metrics)."""
+    import httpx
+
+    ended = sum(float(line.rsplit(" ", 1)[1])
+                for line in httpx.get(url + "/metrics").text.splitlines()
+                if line.startswith("pagedserve_requests_finished_total{"))
+    return httpx.get(url + "/load").json()["server_load"] + int(ended)
+
+
 def test_a_shutdown_ends_the_requests_in_flight_properly(tiny_folder):
     """SIGTERM while more requests run and wait (one sequence at a time) than the 2 s drain can
     finish: the first ones finish during it, and the rest are ended with "abort" before it runs
@@ -304,7 +315,8 @@ def test_a_shutdown_ends_the_requests_in_flight_properly(tiny_folder):
 
     import httpx
 
-    proc, lines, url = _start_serve(tiny_folder, flags=("--max-num-seqs", "1"))
+    proc, lines, url = _start_serve(tiny_folder, flags=("--max-num-seqs", "1",
+                                                        "--enable-server-load-tracking"))
     body = {"prompt": [5, 6, 7], "max_tokens": 120, "ignore_eos": True}
 
     def stream():
@@ -319,7 +331,12 @@ def test_a_shutdown_ends_the_requests_in_flight_properly(tiny_folder):
         with concurrent.futures.ThreadPoolExecutor(16) as pool:
             streams = [pool.submit(stream) for _ in range(12)]
             calls = [pool.submit(whole) for _ in range(4)]
-            time.sleep(0.5)  # all sent; one runs, the others wait for the one sequence
+            # all 16 taken in (a connection still in the listen queue when the server stops
+            # accepting is reset, under load too); one runs, the others wait for the sequence
+            deadline = time.time() + 20
+            while _taken_in(url) < 16:
+                assert time.time() < deadline, "the server never took the 16 calls in"
+                time.sleep(0.02)
             proc.send_signal(signal.SIGTERM)
             streamed = [f.result(timeout=30) for f in streams]
             answers = [f.result(timeout=30) for f in calls]
