@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from engine.core.sampling_params import SamplingParams
+from engine.core.sequence import Sequence
 
 PROMPT = {"prompt_token_ids": [(7 * i + 3) % 500 + 5 for i in range(23)]}
 
@@ -200,3 +201,29 @@ def test_offline_llm_scores_prompts_like_vllm(make_engine):
     assert len(out.prompt_logprobs) == len(out.prompt_token_ids)
     for token, entry in zip(out.prompt_token_ids[1:], out.prompt_logprobs[1:], strict=True):
         assert token in entry
+
+
+def test_ties_pick_the_lowest_ids_as_the_sampler_does():
+    """Tied logprobs (common in bf16 logits) give the same top-k ids, lowest first, as the
+    sampler's logprobs of a generated token at the same row."""
+    from types import SimpleNamespace
+
+    from engine.executor.ops.numpy_ops import NumpyOps
+    from engine.executor.ops.numpy_sampling import sample
+    from engine.executor.prompt_logprobs import PendingPromptLogprobs, PromptRows
+    from engine.executor.sampling_inputs import sampling_tensors
+
+    logits = np.zeros((3, 512), np.float32)  # (Q, vocab)
+    logits[1, 300:310] = 1.0  # ten tied best
+    logits[2, [40, 450]] = 2.0
+    logits[2, [7, 90, 200, 499]] = 1.0  # the 3rd..5th best among four tied
+    targets = np.array([7, 305, 499], np.int32)
+    seq = SimpleNamespace(sampling_params=SamplingParams(prompt_logprobs=5))
+    [scored] = PendingPromptLogprobs(NumpyOps(), logits,
+                                     PromptRows(np.arange(3), targets, [(seq, 1, 3)], 5)).wait()
+    seqs = [Sequence(f"s{i}", [1, 2], 2, SamplingParams(temperature=0, logprobs=5))
+            for i in range(3)]
+    want = sample(logits, sampling_tensors(seqs, 512, [2], {})).top_ids.tolist()
+    assert want == [[0, 1, 2, 3, 4], [300, 301, 302, 303, 304], [40, 450, 7, 90, 200]]
+    for entry, top, target in zip(scored.entries, want, targets.tolist(), strict=True):
+        assert list(entry)[:5] == top and target in entry

@@ -78,11 +78,8 @@ class PendingPromptLogprobs:
                                 for i in range(0, len(lp), 256)]).tolist()
         k = min(p.num_top, lp.shape[1])
         if k:
-            top = np.argpartition(-lp, k - 1, axis=1)[:, :k]  # (Q, k), unordered
-            order = np.argsort(-np.take_along_axis(lp, top, 1), axis=1, kind="stable")
-            top_ids = np.take_along_axis(top, order, 1)  # (Q, k), best first
-            top_ids_l = top_ids.tolist()
-            top_lps_l = np.take_along_axis(lp, top_ids, 1).tolist()
+            top_ids_l = [top_ids(row, k) for row in lp]  # per position k ids, best first
+            top_lps_l = [row[ids].tolist() for row, ids in zip(lp, top_ids_l, strict=True)]
         out, q = [], 0
         targets = p.targets.tolist()
         for seq, start, count in p.spans:
@@ -96,3 +93,13 @@ class PendingPromptLogprobs:
             out.append(PromptLogprobs(seq, start, entries, ranks[q : q + count]))
             q += count
         return out
+
+
+def top_ids(row: np.ndarray, k: int) -> list[int]:
+    """The k ids of the largest logprobs of `row` (vocab,), best first and the lowest id among
+    equals, as the sampler orders its top-k: scoring a text lists the same ids generating it
+    did. (argpartition alone picks tied ids at the k-th place in no fixed order.)"""
+    key = np.where(np.isnan(row), -np.inf, row)
+    kth = np.partition(key, len(key) - k)[len(key) - k]  # the k-th largest value
+    ids = np.flatnonzero(key >= kth)  # ascending: a stable sort keeps ties lowest id first
+    return ids[np.argsort(-key[ids], kind="stable")][:k].tolist()
