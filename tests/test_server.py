@@ -332,6 +332,32 @@ def test_client_disconnect_aborts(server):
     assert 1 <= server.metric("pagedserve_time_to_first_token_seconds_count") - ttft <= 2
 
 
+def _finished(server, reason: str) -> float:
+    """pagedserve_requests_finished_total for `reason` (0 before the first such request)."""
+    match = re.search(rf'^pagedserve_requests_finished_total{{finish_reason="{reason}"}} (\S+)$',
+                      httpx.get(server.url + "/metrics").text, re.M)
+    return float(match.group(1)) if match else 0.0
+
+
+@pytest.mark.parametrize("path, body, most", [
+    ("/v1/completions", {"prompt": ["Count forever:", "Go on:", "More:"]}, 3),
+    ("/v1/chat/completions", {"messages": CHAT, "n": 4}, 1),
+    ("/v1/chat/completions/batch", {"messages": [CHAT, [{"role": "user", "content": "Go on."}],
+                                                 [{"role": "user", "content": "More."}]]}, 3),
+], ids=["three prompts", "chat n=4", "batch of three"])
+def test_a_dropped_non_streamed_call_ends_its_requests_as_aborts(server, path, body, most):
+    """Every request of a call whose client left is aborted in the core (an n > 1 request is one
+    request; prompts not yet sent are never sent): none of them runs on to its length."""
+    aborted, ran = _finished(server, "abort"), _finished(server, "length")
+    with pytest.raises(httpx.ReadTimeout):
+        r = httpx.post(server.url + path, json={"model": MODEL, "max_tokens": 200,
+                                                "ignore_eos": True, **body}, timeout=0.1)
+        raise AssertionError(f"answered within 0.1 s: {r.status_code} {r.text[:200]}")
+    server.wait_idle()
+    assert _finished(server, "length") == ran
+    assert 1 <= _finished(server, "abort") - aborted <= most
+
+
 ERRORS = [  # (path, body, status, param)
     ("/v1/completions", b"{not json", 400, "body"),
     ("/v1/completions", {"model": MODEL, "prompt": "hi", "max_tokens": "ten"}, 400, "max_tokens"),
