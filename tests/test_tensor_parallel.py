@@ -4,7 +4,6 @@ worker processes (the whole engine); a dead worker ends the engine with a clear 
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -467,7 +466,7 @@ def test_a_signal_to_the_process_group_drains_as_with_one_rank(tmp_path, size, s
     caught, or 130 after Ctrl-C) and no process of the group stays behind."""
     pytest.importorskip("uvicorn")
     httpx = pytest.importorskip("httpx")
-    from test_two_process import Served, _descendants
+    from test_two_process import Served, _descendants, assert_drained, start_streams
 
     served = Served(tmp_path, extra=("--tensor-parallel-size", str(size)), new_session=True)
     try:
@@ -476,35 +475,11 @@ def test_a_signal_to_the_process_group_drains_as_with_one_rank(tmp_path, size, s
         model = httpx.get(served.url + "/v1/models").json()["data"][0]["id"]
         body = {"model": model, "prompt": [5, 6, 7], "max_tokens": 1000, "ignore_eos": True,
                 "stream": True}
-        sinks = [[] for _ in range(4)]
-
-        def read(sink):
-            try:
-                with httpx.stream("POST", served.url + "/v1/completions", json=body,
-                                  timeout=60) as r:
-                    for line in r.iter_lines():  # one at a time: the test sees them start
-                        if line:
-                            sink.append(line)
-            except httpx.TransportError as e:
-                sink.append(f"<{type(e).__name__}>")
-
-        threads = [threading.Thread(target=read, args=(sink,)) for sink in sinks]
-        for t in threads:
-            t.start()
-        deadline = time.monotonic() + 20
-        while not all(sinks):
-            assert time.monotonic() < deadline, "the streams did not start"
-            time.sleep(0.01)
+        sinks, threads = start_streams(served.url, body, 4)
         os.killpg(served.proc.pid, signum)
         assert all(sink[-1] != "data: [DONE]" for sink in sinks), "a stream ended unsignalled"
         assert served.proc.wait(timeout=20) == code, served.output()[-1500:]
-        for t in threads:
-            t.join(timeout=20)
-        for events in sinks:
-            assert events[-1] == "data: [DONE]", events[-3:]
-            last = json.loads(events[-2].removeprefix("data: "))
-            assert "error" not in last and last["choices"][0]["finish_reason"] in (
-                "abort", "length"), last
+        assert_drained(sinks, threads)
         _assert_gone(below)
         assert "died" not in served.output() and "Traceback" not in served.output(), (
             served.output()[-1500:])

@@ -73,6 +73,45 @@ def _is_running(pid: int) -> bool:
     return state != "Z"  # a zombie has exited already
 
 
+def start_streams(url: str, body: dict, count: int):
+    """`count` streamed completions of `body`, each read line by line into its own list on a
+    thread; returns (the lists, the threads) once every stream has its first line. A transport
+    error ends its list with "<ErrorName>"."""
+    import threading
+
+    sinks = [[] for _ in range(count)]
+
+    def read(sink):
+        try:
+            with httpx.stream("POST", url + "/v1/completions", json=body, timeout=60) as r:
+                for line in r.iter_lines():  # one at a time: the test sees them start
+                    if line:
+                        sink.append(line)
+        except httpx.TransportError as e:
+            sink.append(f"<{type(e).__name__}>")
+
+    threads = [threading.Thread(target=read, args=(sink,)) for sink in sinks]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 20
+    while not all(sinks):
+        assert time.monotonic() < deadline, "the streams did not start"
+        time.sleep(0.01)
+    return sinks, threads
+
+
+def assert_drained(sinks: list, threads: list) -> None:
+    """Each stream of start_streams ended properly: a last chunk without an error, finished by
+    "abort" or "length", then [DONE]."""
+    for t in threads:
+        t.join(timeout=20)
+    for events in sinks:
+        assert events[-1] == "data: [DONE]", events[-3:]
+        last = json.loads(events[-2].removeprefix("data: "))
+        assert "error" not in last and last["choices"][0]["finish_reason"] in (
+            "abort", "length"), last
+
+
 class Served:
     def __init__(self, tmp_path: Path, with_tokenizer: bool = False, extra: tuple = (),
                  new_session: bool = False):
@@ -276,43 +315,17 @@ def test_sigterm_to_the_whole_process_group_drains_the_streams(tmp_path):
     the engine core too. It died at once, and every stream got a 500 ("killed by SIGTERM");
     it now leaves the signal to the API process, whose drain ends each stream with a last chunk
     and [DONE], as a SIGTERM to the server alone does."""
-    import threading
-
     served = Served(tmp_path)
     try:
         body = {"prompt": [5, 6, 7], "max_tokens": 1000, "ignore_eos": True, "stream": True}
-        sinks = [[] for _ in range(3)]
-
-        def read(sink):
-            try:
-                with httpx.stream("POST", served.url + "/v1/completions", json=body,
-                                  timeout=60) as r:
-                    for line in r.iter_lines():  # one at a time: the test sees them start
-                        if line:
-                            sink.append(line)
-            except httpx.TransportError as e:
-                sink.append(f"<{type(e).__name__}>")
-
-        threads = [threading.Thread(target=read, args=(s,)) for s in sinks]
-        for t in threads:
-            t.start()
-        deadline = time.time() + 20
-        while not all(sinks):
-            assert time.time() < deadline, "the streams did not start"
-            time.sleep(0.01)
+        sinks, threads = start_streams(served.url, body, 3)
         # the group's signal reaches every process, in no set order: the core's first, with a
         # second for the API process to notice a death before its own SIGTERM
         os.kill(served.core_pid, signal.SIGTERM)
         time.sleep(1.0)
         served.proc.send_signal(signal.SIGTERM)
         served.proc.wait(timeout=20)
-        for t in threads:
-            t.join(timeout=20)
-        for events in sinks:
-            assert events[-1] == "data: [DONE]", events[-3:]
-            last = json.loads(events[-2].removeprefix("data: "))
-            assert "error" not in last and last["choices"][0]["finish_reason"] in (
-                "abort", "length"), last
+        assert_drained(sinks, threads)
         assert "died" not in served.output(), served.output()[-1500:]
     finally:
         served.close()

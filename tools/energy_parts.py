@@ -283,8 +283,8 @@ def attention_parts(ops, rng, parts: dict, nvml, args, table, variants: bool = F
     (split grids), as joules a K/V byte in parts["attn_batch"] / ["attn_tail"], and the batch
     mix's pages read with nothing computed in parts["read_floor"]; `variants`: only the batch
     mix, then attention_variants. Returns the watts each drew."""
-    from engine.executor.ops import AttentionMetadata
     from engine.executor.ops import cuda_attention as ca
+    from tools.kernel_check import _decode_batch
 
     mixes = {"attn_batch": ("decode attention, W1's batch-256 mix",
                             np.random.default_rng(3).integers(100, 1101, 256)),
@@ -293,17 +293,8 @@ def attention_parts(ops, rng, parts: dict, nvml, args, table, variants: bool = F
     drawn = []
     for key, (label, ctx) in mixes.items():
         ctx = [int(c) for c in ctx]
-        bs = 16
-        blocks = [-(-c // bs) for c in ctx]
-        tables = np.full((len(ctx), max(blocks)), -1, np.int32)
-        used = 0
-        for s, k in enumerate(blocks):
-            tables[s, :k] = np.arange(used, used + k)
-            used += k
-        meta = AttentionMetadata(np.full(len(ctx), -1, np.int32),
-                                 np.arange(len(ctx) + 1, dtype=np.int32),
-                                 np.array(ctx, np.int32), tables, 1, max(ctx))
-        cache = ops.random_weight((2, used, NUM_KV_HEADS, bs, HEAD_DIM), 1.0, rng)
+        meta, cache = _decode_batch(ops, ctx, NUM_KV_HEADS, HEAD_DIM)  # 16-token pages
+        tables, blocks = meta.block_tables, [-(-c // 16) for c in ctx]
         qkv = ops.random_weight((len(ctx), (NUM_HEADS + 2 * NUM_KV_HEADS) * HEAD_DIM), 1.0, rng)
         dmeta = ops.prepare_metadata(meta)
         dmeta.num_splits = ca.decode_plan(len(ctx), NUM_KV_HEADS, NUM_HEADS // NUM_KV_HEADS,
