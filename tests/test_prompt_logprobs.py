@@ -142,13 +142,13 @@ def test_minus_one_is_the_whole_vocabulary(make_engine):
 
 
 def test_each_prompt_tokens_rank_is_its_place_in_the_whole_vocabulary(make_engine):
-    """vLLM's rank: 1 + how many tokens score higher, also past the top ones (it was counted
-    among the entry's few tokens), the same under chunked prefill; a server sends it."""
+    """vLLM's rank: how many tokens score at least as high, also past the top ones (it was
+    counted among the entry's few tokens), the same under chunked prefill; a server sends it."""
     from server.extras import prompt_logprobs_json
 
     ids = PROMPT["prompt_token_ids"]
     full = run_one(make_engine(), PROMPT, SamplingParams(prompt_logprobs=-1, max_tokens=1))
-    want = [None] + [1 + sum(v > e[t] for v in e.values())
+    want = [None] + [sum(v >= e[t] for v in e.values())
                      for e, t in zip(full.prompt_logprobs[1:], ids[1:], strict=True)]
     assert max(want[1:]) > 2  # the premise: some prompt token lies past the top two
     for fields in ({}, {"max_num_batched_tokens": 5, "block_size": 4}):
@@ -160,6 +160,18 @@ def test_each_prompt_tokens_rank_is_its_place_in_the_whole_vocabulary(make_engin
     assert [None if e is None else e[str(t)]["rank"] for e, t in zip(sent, ids, strict=True)] \
         == want
     assert all(sorted(v["rank"] for v in e.values())[:2] == [1, 2] for e in sent[1:])
+
+
+def test_a_prompt_token_tied_with_others_ranks_after_them_all():
+    """vLLM's count of logprobs >= the token's: ties put the token last among its equals (1 + a
+    count of strictly higher ones would put it first)."""
+    from engine.executor.prompt_logprobs import prompt_ranks
+
+    lp = np.log(np.array([[0.3, 0.3, 0.3, 0.1], [0.4, 0.2, 0.2, 0.2], [0.25] * 4], np.float32))
+    chosen = lp[[0, 1, 2], [1, 3, 0]]
+    assert prompt_ranks(lp, chosen) == [3, 4, 4]
+    big = np.tile(lp[1], (600, 1))  # past one slice of 256 rows
+    assert prompt_ranks(big, big[:, 0]) == [1] * 600
 
 
 def test_max_logprobs_caps_what_a_request_asks(make_engine):

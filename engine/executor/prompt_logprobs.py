@@ -73,9 +73,7 @@ class PendingPromptLogprobs:
         lp = shifted - np.log(np.exp(shifted).sum(axis=1, keepdims=True))  # (Q, vocab)
         chosen_lp = lp[np.arange(len(lp)), p.targets]  # (Q,)
         chosen = chosen_lp.tolist()
-        # vLLM's rank: 1 + how many tokens score higher (in slices: a (Q, vocab) mask is big)
-        ranks = np.concatenate([(lp[i : i + 256] > chosen_lp[i : i + 256, None]).sum(axis=1) + 1
-                                for i in range(0, len(lp), 256)]).tolist()
+        ranks = prompt_ranks(lp, chosen_lp)
         k = min(p.num_top, lp.shape[1])
         if k:
             top_ids_l = [top_ids(row, k) for row in lp]  # per position k ids, best first
@@ -93,6 +91,14 @@ class PendingPromptLogprobs:
             out.append(PromptLogprobs(seq, start, entries, ranks[q : q + count]))
             q += count
         return out
+
+
+def prompt_ranks(lp: np.ndarray, chosen_lp: np.ndarray) -> list[int]:
+    """vLLM's rank of each row's prompt token: how many tokens score at least as high as it,
+    itself included (1: the best; a token tied with others comes after them all). In slices of
+    rows: a (Q, vocab) mask is big."""
+    return np.concatenate([(lp[i : i + 256] >= chosen_lp[i : i + 256, None]).sum(axis=1)
+                           for i in range(0, len(lp), 256)]).tolist()
 
 
 def top_ids(row: np.ndarray, k: int) -> list[int]:
