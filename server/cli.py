@@ -20,7 +20,7 @@ import time
 
 from engine.core.liveness import Liveness
 from engine.executor.ops import DeviceError, resolve_device
-from engine.executor.worker import add_worker_flags, run_worker
+from engine.executor.worker import add_worker_flags, run_worker_args
 from engine.logs import configure_logging, model_line
 from engine.model.config import ConfigError, EngineConfig
 from engine.model.gguf_quants import KINDS as GGUF_KINDS
@@ -315,10 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "worker":
-        try:
-            return run_worker(args.rank, args.master_addr, args.master_port, args.gpu)
-        except KeyboardInterrupt:  # Ctrl-C on a rank started by hand: quiet, as serve's
-            return 128 + signal.SIGINT
+        return run_worker_args(args)
     configure_logging(args.log_level or ("info" if args.command == "serve" else "warning"))
     try:
         config = engine_config_from_args(args)

@@ -517,6 +517,39 @@ def test_a_rank_started_by_hand_stops_on_sigterm_and_ctrl_c(signum):
         ctx.term()
 
 
+def test_ctrl_c_stops_an_offline_run_and_its_ranks_quietly(tmp_path):
+    """`pagedserve generate` with two ranks, Ctrl-C mid-run (SIGINT to the terminal's process
+    group, the rank rank 0 started included): 130, no traceback from any process, none left."""
+    from test_two_process import ROOT, _descendants, tiny_model_folder
+
+    model = tiny_model_folder(tmp_path / "tiny", True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "server.cli", "generate", "hello there", "--model", str(model),
+         "--device", "numpy", "--load-format", "dummy", "--max-model-len", "1024",
+         "--max-tokens", "1000", "--tensor-parallel-size", "2"],
+        cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        start_new_session=True, env={**os.environ, "PYTHONPATH": str(ROOT),
+                                     "OPENBLAS_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            below = _descendants(proc.pid)
+            if any("worker_main" in cmd for cmd in below.values()):
+                break
+            assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+            time.sleep(0.05)
+        time.sleep(0.5)  # loading or generating: 1,000 tokens take seconds
+        os.killpg(proc.pid, signal.SIGINT)
+        out, _ = proc.communicate(timeout=30)
+        assert proc.returncode == 130, out[-1500:]
+        assert "Traceback" not in out and "KeyboardInterrupt" not in out, out[-1500:]
+        _assert_gone(below)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+
+
 def test_cli_refuses_a_size_that_does_not_divide_in_one_line(tmp_path, capsys):
     from test_two_process import tiny_model_folder
 

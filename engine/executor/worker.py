@@ -62,8 +62,18 @@ def worker_main(argv: list[str] | None = None) -> int:
                                 description="run one tensor-parallel rank (>= 1) of a group "
                                             "whose rank 0 is `pagedserve serve` (or LLM)")
     add_worker_flags(p)
-    args = p.parse_args(argv)
-    return run_worker(args.rank, args.master_addr, args.master_port, args.gpu, args.parent_pid)
+    return run_worker_args(p.parse_args(argv))
+
+
+def run_worker_args(args: argparse.Namespace) -> int:
+    """run_worker with add_worker_flags' values. Ctrl-C reaches every process of the terminal's
+    group, the ranks an offline LLM started included: each stops quietly with 130, as `serve`
+    does, and rank 0 reports."""
+    try:
+        return run_worker(args.rank, args.master_addr, args.master_port, args.gpu,
+                          args.parent_pid)
+    except KeyboardInterrupt:
+        return 128 + signal.SIGINT
 
 
 def add_worker_flags(p: argparse.ArgumentParser) -> None:
