@@ -67,8 +67,8 @@ def worker_main(argv: list[str] | None = None) -> int:
 
 def run_worker_args(args: argparse.Namespace) -> int:
     """run_worker with add_worker_flags' values. Ctrl-C reaches every process of the terminal's
-    group, the ranks an offline LLM started included: each stops quietly with 130, as `serve`
-    does, and rank 0 reports."""
+    group, the ranks an offline LLM started included (those `serve` starts ignore it): each
+    stops quietly with 130, as the commands do."""
     try:
         return run_worker(args.rank, args.master_addr, args.master_port, args.gpu,
                           args.parent_pid)
