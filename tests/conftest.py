@@ -145,16 +145,23 @@ def make_engine():
     return make
 
 
+def step_once(engine, final: dict) -> None:
+    """One engine step: each request it finished goes into `final` (a request that finishes twice
+    fails), then the block manager's books must balance."""
+    for out in engine.step():
+        if out.finished:
+            assert out.request_id not in final, f"{out.request_id} finished twice"
+            final[out.request_id] = out
+    engine.block_manager.check_invariants(engine.scheduler.running)
+
+
 def step_to_end(engine, check_step=None, max_steps: int = 5000) -> dict:
     """Step until every request has ended: {request_id: its final RequestOutput}. After every step
     the block manager's books balance (and check_step(engine) holds, when given); at the end every
     block is free."""
     final, steps = {}, 0
     while engine.has_unfinished_requests():
-        for out in engine.step():
-            if out.finished:
-                final[out.request_id] = out
-        engine.block_manager.check_invariants(engine.scheduler.running)
+        step_once(engine, final)
         if check_step is not None:
             check_step(engine)
         steps += 1

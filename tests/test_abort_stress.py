@@ -20,6 +20,7 @@ import logging
 import random
 
 import pytest
+from conftest import step_once
 
 from engine.core.sampling_params import SamplingParams, StructuredOutputsParams
 from engine.core.sequence import Sequence, SequenceStatus
@@ -176,11 +177,7 @@ def drive(make_engine, seed: int, mode: str, async_scheduling: bool, with_aborts
         if step > max(last_arrival, max(aborts.values(), default=0)) and \
                 not engine.has_unfinished_requests():
             break
-        for out in engine.step():
-            if out.finished:
-                assert out.request_id not in final, f"{out.request_id} finished twice"
-                final[out.request_id] = out
-        engine.block_manager.check_invariants(engine.scheduler.running)
+        step_once(engine, final)
         if step % 5 == 0:  # the dashboard's view, as deltas
             version = engine.snapshot(version)["v"]
         step += 1

@@ -28,6 +28,7 @@ import collections
 import random
 
 import pytest
+from conftest import step_once
 
 from engine.core.sampling_params import SamplingParams
 from tests.test_abort_stress import assert_empty
@@ -136,11 +137,7 @@ def drive(make_engine, seed: int, mode: str, async_scheduling: bool):
                 engine.add_request(rid, {"prompt_token_ids": requests[rid][0]}, requests[rid][1])
         if step > max(arrivals.values()) and not engine.has_unfinished_requests():
             break
-        for out in engine.step():
-            if out.finished:
-                assert out.request_id not in final, f"{out.request_id} finished twice"
-                final[out.request_id] = out
-        engine.block_manager.check_invariants(engine.scheduler.running)
+        step_once(engine, final)
         step += 1
     assert step < 3000, "no progress"
     assert set(final) == set(requests)
