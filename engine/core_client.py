@@ -95,6 +95,8 @@ class MPClient:
         self.config, self.make_core = engine_config, make_core
         self.cuda_devices, self.name = cuda_devices, name
         self.process = None
+        self._dir = self._ctx = None  # the socket folder and ZeroMQ context, from start()
+        self._inputs = self._outputs = self._async_outputs = self._obituary = None
         self._closing = False
         self.watchdog = Watchdog(liveness)
         self._watching = False  # from attach() until detach(): someone reads the core's messages
@@ -109,25 +111,28 @@ class MPClient:
         # folder; one left by a killed server goes at the next start (remove_stale_socket_dirs).
         remove_stale_socket_dirs()
         self._dir = tempfile.mkdtemp(prefix=f"{SOCKET_DIR_PREFIX}{os.getpid()}-")
-        input_address = f"ipc://{self._dir}/input"
-        self._output_address = f"ipc://{self._dir}/output"
-        self._ctx = zmq.Context()
-        self._inputs = self._ctx.socket(zmq.PUSH)
-        self._inputs.setsockopt(zmq.SNDHWM, 0)  # never block the event loop on a send
-        self._inputs.bind(input_address)
-        self._outputs = self._ctx.socket(zmq.PULL)
-        self._outputs.setsockopt(zmq.RCVHWM, 0)
-        self._outputs.bind(self._output_address)
-        self._async_outputs = self._obituary = None
-        level = logging.getLevelName(logging.getLogger("pagedserve").getEffectiveLevel())
-        # spawn, not fork: CUDA must start fresh in the child, and nothing of this process
-        # (event loop, threads, sockets) is copied into it.
-        spawn = multiprocessing.get_context("spawn")
-        self.process = spawn.Process(
-            target=run_core_process, name=self.name, daemon=True,
-            args=(self.config, input_address, self._output_address, os.getpid(), self.make_core,
-                  str(level).lower(), self.cuda_devices))
-        self.process.start()
+        try:
+            input_address = f"ipc://{self._dir}/input"
+            self._output_address = f"ipc://{self._dir}/output"
+            self._ctx = zmq.Context()
+            self._inputs = self._ctx.socket(zmq.PUSH)
+            self._inputs.setsockopt(zmq.SNDHWM, 0)  # never block the event loop on a send
+            self._inputs.bind(input_address)
+            self._outputs = self._ctx.socket(zmq.PULL)
+            self._outputs.setsockopt(zmq.RCVHWM, 0)
+            self._outputs.bind(self._output_address)
+            level = logging.getLevelName(logging.getLogger("pagedserve").getEffectiveLevel())
+            # spawn, not fork: CUDA must start fresh in the child, and nothing of this process
+            # (event loop, threads, sockets) is copied into it.
+            spawn = multiprocessing.get_context("spawn")
+            self.process = spawn.Process(
+                target=run_core_process, name=self.name, daemon=True,
+                args=(self.config, input_address, self._output_address, os.getpid(),
+                      self.make_core, str(level).lower(), self.cuda_devices))
+            self.process.start()
+        except BaseException:  # Ctrl-C or a supervisor's SIGTERM while spawning: leave nothing
+            self.shutdown()
+            raise
 
     def wait_ready(self) -> CoreReady:
         """Block until the core has loaded; raise what loading raised in the core, or CoreDied.
@@ -251,23 +256,27 @@ class MPClient:
         self._obituary.send_multipart([OUTPUTS, message])
 
     def shutdown(self, timeout: float = 5.0) -> None:
-        """Stop the core (it frees the GPU as it exits) and remove the sockets."""
-        if self.process is None:
-            return
+        """Stop the core (it frees the GPU as it exits) and remove the sockets: whatever of
+        them start() made, also when it was interrupted; a second call does nothing."""
         self._closing = True
-        if self.process.is_alive():
+        process = self.process
+        if process is not None and process.is_alive():  # (False where it never started)
             with contextlib.suppress(zmq.Again):  # not connected: it is exiting already
                 self._inputs.send_multipart([STOP, b""], zmq.NOBLOCK)
-            self.process.join(timeout)
-            if self.process.is_alive():
+            process.join(timeout)
+            if process.is_alive():
                 logger.warning("the engine core did not stop in %.0f s; killing it", timeout)
-                self.process.kill()
-                self.process.join()
+                process.kill()
+                process.join()
         for sock in (self._inputs, self._outputs, self._obituary):
             if sock is not None:
-                sock.close(linger=0)
-        self._ctx.term()
-        shutil.rmtree(self._dir, ignore_errors=True)
+                sock.close(linger=0)  # (again: nothing)
+        if self._ctx is not None:
+            self._ctx.term()
+            self._ctx = None
+        if self._dir is not None:
+            shutil.rmtree(self._dir, ignore_errors=True)
+            self._dir = None
         self.process = None
 
 

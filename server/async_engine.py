@@ -187,8 +187,8 @@ class AsyncEngine:
         """Spawn the core and wait until its model is loaded (the CLI, before it serves); raise
         what loading raised. Returns the core's start-up lines (device, memory, graphs)."""
         self.client = core_client_for(self.config, self.make_core, self.liveness)
-        self.client.start()
-        try:
+        try:  # (start() cleans up after itself; a signal between it and wait_ready is caught)
+            self.client.start()
             ready = self.client.wait_ready()
             self._set_ready(ready, load_tokenizer(self.config.model))  # after: HF ids are cached
         except BaseException:

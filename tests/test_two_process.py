@@ -361,3 +361,34 @@ def test_sigterm_while_the_model_loads_leaves_nothing_behind(tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+@pytest.mark.parametrize("where", ["binding", "spawning"])
+def test_a_start_interrupted_leaves_no_socket_folder(tmp_path, monkeypatch, where):
+    """A signal (Ctrl-C, a supervisor's SIGTERM) inside MPClient.start(), after its socket folder
+    exists and before the core runs, used to skip the clean-up: shutdown() did nothing while
+    there was no process, and the folder stayed in TMPDIR (the test above caught it now and
+    then). Now start() undoes what it made; a second shutdown() does nothing."""
+    import multiprocessing.process
+
+    import zmq
+
+    from engine.core_client import MPClient
+    from engine.model.config import EngineConfig
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    if where == "binding":
+        monkeypatch.setattr(zmq.Socket, "bind", interrupt)
+    else:
+        monkeypatch.setattr(multiprocessing.process.BaseProcess, "start", interrupt)
+    client = MPClient(EngineConfig(device="numpy"))
+    with pytest.raises(KeyboardInterrupt):
+        client.start()
+    assert list(tmp_path.iterdir()) == []
+    assert client._ctx is None and client.process is None
+    client.shutdown()
+    assert list(tmp_path.iterdir()) == []
