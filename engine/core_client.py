@@ -270,7 +270,7 @@ class MPClient:
                 process.join()
         for sock in (self._inputs, self._outputs, self._obituary):
             if sock is not None:
-                sock.close(linger=0)  # (again: nothing)
+                sock.close(linger=0)  # a socket closed before: nothing
         if self._ctx is not None:
             self._ctx.term()
             self._ctx = None
