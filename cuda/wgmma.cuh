@@ -4,22 +4,9 @@
 // reallocation.
 #pragma once
 #include "mma.cuh"
-
-// A tensor map (CUtensorMap: what cuTensorMapEncodeTiled wrote on the host), passed by value as a
-// __grid_constant__ kernel parameter.
-struct alignas(64) TmaMap {
-  unsigned long long words[16];
-};
+#include "tma.cuh"
 
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-// ---------------------------------------------------------------- the 128-byte swizzle
-// An operand tile of 16-bit values is stored as "atoms" of [rows][64 values]: 128 bytes a row,
-// each atom 1024-byte aligned. Within a row, 16-byte chunk c sits at chunk c ^ (row % 8), so that
-// the 8 rows of a core matrix group spread over all 32 banks (what wgmma's SWIZZLE_128B reads).
-__device__ __forceinline__ int sw128(int row, int chunk) {  // byte offset inside an atom
-  return row * 128 + ((chunk ^ (row & 7)) << 4);
-}
-
 // Matrix descriptor of a 128B-swizzled operand starting at `p` (bits 0-13: address / 16, 16-29:
 // LBO / 16, 32-45: SBO / 16, 62-63: 1 = 128-byte swizzle). SBO = 1024: 8 rows of 128 B (the next
 // 8 rows of a K-major operand, the next 8 K values of an MN-major one). LBO matters only for an
@@ -175,48 +162,7 @@ __device__ __forceinline__ void fence_regs(unsigned (&d)[N]) {
   for (int i = 0; i < N; i++) asm volatile("" : "+r"(d[i])::"memory");
 }
 
-// ---------------------------------------------------------------- mbarriers, barriers, registers
-__device__ __forceinline__ void mbar_init(unsigned long long* bar, int count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_addr(bar)), "r"(count));
-}
-// Wait until the barrier's phase with this parity (0, 1, 0, ...: its completions so far, mod 2)
-// has completed; acquires what the arriving threads wrote.
-__device__ __forceinline__ void mbar_wait(unsigned long long* bar, int parity) {
-  asm volatile("{\n.reg .pred done;\nWAIT:\n"
-               "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
-               "@!done bra WAIT;\n}\n" ::"r"(smem_addr(bar)),
-               "r"(parity)
-               : "memory");
-}
-__device__ __forceinline__ void mbar_arrive(unsigned long long* bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_addr(bar)) : "memory");
-}
-// One arrival once every cp.async this thread issued so far has landed (counted in the barrier's
-// initial count: .noinc).
-__device__ __forceinline__ void mbar_arrive_cp_async(unsigned long long* bar) {
-  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" ::"r"(smem_addr(bar))
-               : "memory");
-}
-// The mbarrier's current phase also waits for `bytes` more of asynchronous copies; one arrival.
-__device__ __forceinline__ void mbar_arrive_expect_tx(unsigned long long* bar, unsigned bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_addr(bar)),
-               "r"(bytes)
-               : "memory");
-}
-// TMA: the box of `map` at (column, row) -> shared memory at dst (laid out, and swizzled, as the
-// map says), completing its bytes on `bar`. Rows past the tensor's end arrive as zeros.
-__device__ __forceinline__ void tma_load_2d(void* dst, const TmaMap* map, int column, int row,
-                                            unsigned long long* bar) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes"
-      " [%0], [%1, {%2, %3}], [%4];" ::"r"(smem_addr(dst)),
-      "l"(reinterpret_cast<unsigned long long>(map)), "r"(column), "r"(row), "r"(smem_addr(bar))
-      : "memory");
-}
-// Shared-memory writes of the generic proxy (cp.async, st.shared) -> visible to wgmma's reads.
-__device__ __forceinline__ void fence_async_smem() {
-  asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
-}
+// ---------------------------------------------------------------- barriers, registers
 // Named barrier `id` (1..15; 0 is __syncthreads) over `threads` threads: wait, or only arrive.
 __device__ __forceinline__ void bar_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");

@@ -90,6 +90,7 @@ def test_decode_mma_names_take_the_transposed_tiles_for_8_heads(monkeypatch):
 
     bf16 = "__nv_bfloat16"
     monkeypatch.setattr(ck, "DECODE_MMA_TR", "2")
+    monkeypatch.setattr(ck, "DECODE_MMA_BULK", "0")  # (the stages by cp.async: names below)
     assert ck.decode_mma_name(bf16, 128, 8, 6, 2) == f"decode_mma_kernel<{bf16}, 128, 8, 6, 2, 2>"
     assert ck.decode_mma_name(bf16, 128, 16, 6, 2) == f"decode_mma_kernel<{bf16}, 128, 16, 6, 2>"
     names = ck.kernel_names("attention_decode_mma.cu", bf16)
@@ -97,3 +98,44 @@ def test_decode_mma_names_take_the_transposed_tiles_for_8_heads(monkeypatch):
     assert f"decode_mma_kernel<{bf16}, 64, 8, 4, 2>" not in names
     monkeypatch.setattr(ck, "DECODE_MMA_TR", "0")
     assert ck.decode_mma_name(bf16, 64, 8, 4, 3) == f"decode_mma_kernel<{bf16}, 64, 8, 4, 3>"
+
+
+def test_decode_mma_names_of_the_bulk_forms(monkeypatch):
+    """The bulk-copy form names the layout explicitly (its BK follows TR), the TMA form is a
+    kernel of its own (it takes the tensor maps), and either is the one compiled when
+    DECODE_MMA_BULK asks for it (off sm_90 the engine runs the cp.async form, which kernel()
+    then compiles on its own)."""
+    from engine.executor.ops import cuda_kernels as ck
+
+    bf16 = "__nv_bfloat16"
+    monkeypatch.setattr(ck, "DECODE_MMA_TR", "2")
+    assert (ck.decode_mma_name(bf16, 128, 8, 4, 3, bulk=1)
+            == f"decode_mma_kernel<{bf16}, 128, 8, 4, 3, 2, 1>")
+    assert (ck.decode_mma_name(bf16, 128, 16, 4, 3, bulk=1)
+            == f"decode_mma_kernel<{bf16}, 128, 16, 4, 3, 0, 1>")
+    assert (ck.decode_mma_name(bf16, 128, 8, 4, 3, bulk=2)
+            == f"decode_mma_tma_kernel<{bf16}, 128, 8, 4, 3, 2>")
+    monkeypatch.setattr(ck, "DECODE_MMA_BULK", "0")
+    names = ck.kernel_names("attention_decode_mma.cu", bf16)
+    assert not any(", 1>" in n or "tma" in n for n in names)
+    count = len(ck.HEAD_DIMS) * 2 * len(ck.DECODE_MMA_CONFIGS)
+    for form, sign in (("1", ", 1>"), ("2", "decode_mma_tma_kernel<")):
+        monkeypatch.setattr(ck, "DECODE_MMA_BULK", form)
+        bulk = ck.kernel_names("attention_decode_mma.cu", bf16)
+        assert len(bulk) == len(names) and sum(sign in n for n in bulk) == count, form
+
+
+@pytest.mark.parametrize("text,want", [("4x2/6x3", ((4, 2), (6, 3))),
+                                       ("8x2/4x4/2x8", ((8, 2), (4, 4), (2, 8)))])
+def test_decode_mma_configs_from_the_environment(text, want):
+    from engine.executor.ops.cuda_kernels import _configs_from_env
+
+    assert _configs_from_env(text) == want
+
+
+@pytest.mark.parametrize("text", ["4x2", "4x2,6x2", "4x2/6", "4x1/6x2", "0x2/4x2", "a/b"])
+def test_decode_mma_configs_from_the_environment_refuse_bad_text(text):
+    from engine.executor.ops.cuda_kernels import _configs_from_env
+
+    with pytest.raises(ValueError, match="PAGEDSERVE_DECODE_MMA_CONFIGS"):
+        _configs_from_env(text)

@@ -5,8 +5,6 @@ it gives the logits of the cublasGemmEx path (GPU only)."""
 
 from __future__ import annotations
 
-import dataclasses
-
 import pytest
 from conftest import require_gpu
 
@@ -95,8 +93,7 @@ def test_mixed_step_logits_match_the_gemm_ex_path():
     from tools.profile_prefill_host import BLOCK, host_step, run_step
 
     ops = CudaOps("bfloat16")
-    config = dataclasses.replace(ModelConfig.from_preset("qwen3-0.6b"), num_layers=2,
-                                 vocab_size=4096)
+    config = ModelConfig.from_preset("qwen3-0.6b").cut(2, 4096)
     model = Transformer(config, dummy_weights(config, ops, seed=0), ops, 1024)
     cache = ops.alloc_kv_cache(2, 256, config.num_kv_heads, BLOCK, config.head_dim)
     step = host_step(100, 1024 // BLOCK)

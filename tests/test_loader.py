@@ -72,6 +72,18 @@ def test_eos_from_config_and_generation_config():
     assert c.eos_token_ids == [3, 4, 9]
 
 
+@pytest.mark.parametrize("preset", ["qwen3-0.6b", "llama3-8b"])
+def test_a_cut_config_keeps_the_layer_shapes_and_drops_eos_ids_past_its_vocabulary(preset):
+    full = ModelConfig.from_preset(preset)
+    assert full.eos_token_ids and min(full.eos_token_ids) >= 4096  # else nothing is dropped
+    c = full.cut(2, 4096)
+    assert (c.num_layers, c.vocab_size, c.eos_token_ids) == (2, 4096, [])
+    assert (c.hidden_size, c.intermediate_size, c.num_heads, c.head_dim) == (
+        full.hidden_size, full.intermediate_size, full.num_heads, full.head_dim)
+    kept = ModelConfig.from_dict({**LLAMA_CFG, "eos_token_id": [2, 60]}).cut(1, 50)
+    assert kept.eos_token_ids == [2]
+
+
 def test_generation_config_file_is_read(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps({**LLAMA_CFG, "eos_token_id": 2}))
     (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": 11}))

@@ -97,7 +97,7 @@ def preset_config(preset: str, small: bool):
     from engine.model.config import ModelConfig
 
     config = ModelConfig.from_preset(preset)
-    return dataclasses.replace(config, num_layers=2, vocab_size=4096) if small else config
+    return config.cut(2, 4096) if small else config
 
 
 def build(ops, preset: str, quant: str | None, small: bool, max_ctx: int):

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import numbers
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
 from engine.core.limits import is_int
@@ -212,6 +212,13 @@ class ModelConfig:
             return cls.from_dict(cfg, gen)
         except ConfigError as e:
             raise ConfigError(f"{path}: {e}") from None
+
+    def cut(self, num_layers: int, vocab_size: int) -> ModelConfig:
+        """A copy with fewer layers and a smaller vocabulary, its layers at full width: kernel
+        checks at a model's real shapes that run in seconds. End-of-sequence ids past the new
+        vocabulary are dropped."""
+        return replace(self, num_layers=num_layers, vocab_size=vocab_size,
+                       eos_token_ids=[e for e in self.eos_token_ids if e < vocab_size])
 
     @classmethod
     def from_preset(cls, name: str) -> ModelConfig:

@@ -9,6 +9,7 @@ mixed batch launches both, each writing its own rows of the output.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 
@@ -19,6 +20,7 @@ from engine.executor.ops import AttentionMetadata, longest_first
 from engine.executor.ops.cuda_kernels import (
     DECODE_CLUSTER_CONFIGS,
     DECODE_GROUPS,
+    DECODE_MMA_BULK,
     DECODE_MMA_CONFIGS,
     DECODE_UNROLL,
     HEAD_DIMS,
@@ -27,7 +29,12 @@ from engine.executor.ops.cuda_kernels import (
     kernel,
     launch,
 )
-from engine.executor.ops.cuda_prefill import prefill_attention, prefill_plan
+from engine.executor.ops.cuda_prefill import (
+    prefill_attention,
+    prefill_plan,
+    sm90_missing,
+    tma_map,
+)
 
 DECODE_THREADS = 128  # attention.cu's DEC_WARPS warps
 # "mma": attention_decode_mma.cu; "v1": attention.cu's scalar kernel. Device run 2
@@ -157,6 +164,23 @@ def decode_kernel() -> str:
     if DECODE_KERNEL not in ("mma", "v1"):
         raise ValueError(f"PAGEDSERVE_DECODE_KERNEL must be 'mma' or 'v1', got {DECODE_KERNEL!r}")
     return DECODE_KERNEL
+
+
+def decode_bulk(block_size: int) -> int:
+    """How the mma decode kernel's stages fill (DECODE_MMA_BULK where it can): 0 by cp.async, 1
+    by bulk copies (sm_90+), 2 by TMA tensor copies (sm_90+ with what cuda_prefill.sm90_missing
+    asks for, and a block size that is a multiple of 16: else 0)."""
+    form = int(DECODE_MMA_BULK)
+    if form == 0 or not _sm90():
+        return 0
+    if form == 2 and (block_size % 16 or sm90_missing()):
+        return 0
+    return form
+
+
+@functools.cache
+def _sm90() -> bool:
+    return int(cupy.cuda.Device().compute_capability) >= 90
 
 
 def decode_tile(group: int) -> tuple[int, int]:
@@ -315,16 +339,21 @@ def paged_attention(qkv, k_cache, v_cache, meta: DeviceAttentionMetadata, num_he
             grid = (num_kv_heads * passes, num_dec, splits)  # heads fastest
             nw, st = plan.decode_config or (DECODE_MMA_CONFIG if splits > 1
                                             else DECODE_MMA_FULL_CONFIG)
-            name = (decode_mma_name(ctype, head_dim, g, nw, st) if cluster == 1
+            bulk = decode_bulk(block_size) if cluster == 1 else 0
+            name = (decode_mma_name(ctype, head_dim, g, nw, st, bulk) if cluster == 1
                     else f"decode_mma_cluster_kernel<{ctype}, {head_dim}, {g}, {nw}, {st}, "
                     f"{cluster}>")
             k = kernel("attention_decode_mma.cu", name, ctype)
-            # each warp's stages of K and V tiles (16 keys, padded rows), reused by the merge
-            smem = max(nw * st * 2 * 16 * (head_dim + 8) * 2, nw * g * head_dim * 4)
+            # each warp's stages of K and V tiles (16 keys, padded rows), reused by the merge;
+            # TMA's: unpadded, 1024-byte aligned
+            row = head_dim if bulk == 2 else head_dim + 8
+            smem = max(nw * st * 2 * 16 * row * 2, nw * g * head_dim * 4) + 1024 * (bulk == 2)
             if k.max_dynamic_shared_size_bytes < smem:
                 k.max_dynamic_shared_size_bytes = smem
-            launch(k, grid, (nw * 32,), args + (i32(plan.fresh_keys),), shared_mem=smem,
-                   pdl=True)
+            tail = (i32(plan.fresh_keys),)
+            if bulk == 2:  # the maps go by value: launch() sends them
+                tail += (tma_map(k_cache, 16), tma_map(v_cache, 16))
+            launch(k, grid, (nw * 32,), args + tail, shared_mem=smem, pdl=True)
         else:
             launch(kernel("attention.cu",
                           f"decode_attention_kernel<{ctype}, {head_dim}, {g}, {DECODE_UNROLL}>",

@@ -94,8 +94,26 @@ GGUF_GEMV2_STRUCTS = {("Q4_K", 1): "G2_Q4_K<1>", ("Q4_K", 2): "G2_Q4_K<2>", ("Q8
 GGUF_GEMV3_BIG = {"Q4_K": 24, "Q8_0": 32, "Q6_K": 24}
 GGUF_GEMV3_KINDS = tuple(GGUF_GEMV3_BIG)
 DECODE_UNROLL = 2  # 16-byte K and V loads per lane in flight (U); 2 beat 4 and 8 on the H200
-# attention_decode_mma.cu's (warps, cp.async stages per warp) variants; rows GR are 8 or 16
+# attention_decode_mma.cu's (warps, stages per warp) variants; rows GR are 8 or 16. The first is
+# cuda_attention's for split grids, the second for grids of one split. An experiment names its
+# own as PAGEDSERVE_DECODE_MMA_CONFIGS=4x2/6x2/4x4 (warps x stages, "/" between variants).
 DECODE_MMA_CONFIGS = ((4, 2), (6, 2), (4, 3), (8, 2))
+
+
+def _configs_from_env(text: str) -> tuple[tuple[int, int], ...]:
+    try:
+        configs = tuple(tuple(int(v) for v in c.split("x")) for c in text.split("/"))
+    except ValueError:
+        configs = ()
+    if len(configs) < 2 or any(len(c) != 2 or not (1 <= c[0] <= 16 and 2 <= c[1] <= 8)
+                               for c in configs):
+        raise ValueError("PAGEDSERVE_DECODE_MMA_CONFIGS: two or more WARPSxSTAGES joined by '/' "
+                         f"(1-16 warps, 2-8 stages), e.g. 4x2/6x2; got {text!r}")
+    return configs
+
+
+if os.environ.get("PAGEDSERVE_DECODE_MMA_CONFIGS"):
+    DECODE_MMA_CONFIGS = _configs_from_env(os.environ["PAGEDSERVE_DECODE_MMA_CONFIGS"])
 # attention_decode_mma.cu's tiles where a block takes 8 query heads (TR): 2, S^T = K Q^T and
 # O^T += V^T P^T with the heads as an mma's 8 columns, registers capped for three 6-warp blocks an
 # SM; 1 the same uncapped; 0 the heads as 8 of an m16 tile's 16 rows. H200, W1 Llama-3-8B
@@ -104,6 +122,16 @@ DECODE_MMA_CONFIGS = ((4, 2), (6, 2), (4, 3), (8, 2))
 DECODE_MMA_TR = os.environ.get("PAGEDSERVE_DECODE_MMA_TR", "2")
 if DECODE_MMA_TR not in ("0", "1", "2"):
     raise ValueError(f"PAGEDSERVE_DECODE_MMA_TR must be 0, 1 or 2, got {DECODE_MMA_TR!r}")
+# attention_decode_mma.cu's BK, how its stages fill on sm_90: "0" by cp.async (16 bytes a lane an
+# instruction), "1" by bulk copies (the copy engine, one instruction a key row, an mbarrier a
+# stage), "2" by TMA tensor copies (16 keys x 64 values an instruction into swizzled rows) where
+# the block size is a multiple of 16, else "0". Elsewhere than sm_90, "0". Session 30 on an H100,
+# W1's batch-256 mix alone (tools/energy_parts.py --attention-variants): "2" 3.02 TB/s and 191 pJ
+# a K/V byte on (4, 2), "0" 2.96-2.97 and 218-220, "1" 2.93 and 201-203; W1 Llama-3-8B 9,039
+# output tok/s with "2" against 8,916 with "0".
+DECODE_MMA_BULK = os.environ.get("PAGEDSERVE_DECODE_MMA_BULK", "2")
+if DECODE_MMA_BULK not in ("0", "1", "2"):
+    raise ValueError(f"PAGEDSERVE_DECODE_MMA_BULK must be 0, 1 or 2, got {DECODE_MMA_BULK!r}")
 # attention_decode_mma.cu's cluster kernel (warps, stages, blocks a cluster): the first is what
 # cuda_attention's short-context graphs run (others measured slower, cuda_attention.py)
 DECODE_CLUSTER_CONFIGS = ((8, 2, 4),)
@@ -127,10 +155,16 @@ def cuda_dir() -> Path:
         f"CUDA kernel sources not found in {here / 'cuda'} or {here.parent / 'cuda'}")
 
 
-def decode_mma_name(ctype: str, head_dim: int, group_rows: int, warps: int, stages: int) -> str:
-    """The mma decode kernel's instance: the transposed tiles (DECODE_MMA_TR) take 8 heads only."""
-    tr = f", {DECODE_MMA_TR}" if DECODE_MMA_TR != "0" and group_rows == 8 else ""
-    return f"decode_mma_kernel<{ctype}, {head_dim}, {group_rows}, {warps}, {stages}{tr}>"
+def decode_mma_name(ctype: str, head_dim: int, group_rows: int, warps: int, stages: int,
+                    bulk: int = 0) -> str:
+    """The mma decode kernel's instance: the transposed tiles (DECODE_MMA_TR) take 8 heads only;
+    `bulk` (sm_90), how its stages fill: 1 bulk copies, 2 TMA tensor copies (DECODE_MMA_BULK)."""
+    tr = DECODE_MMA_TR if group_rows == 8 else "0"
+    params = f"{ctype}, {head_dim}, {group_rows}, {warps}, {stages}"
+    if bulk == 2:
+        return f"decode_mma_tma_kernel<{params}, {tr}>"
+    tail = f", {tr}, 1" if bulk else (f", {tr}" if tr != "0" else "")
+    return f"decode_mma_kernel<{params}{tail}>"
 
 
 def kernel_names(file: str, ctype: str) -> list[str]:
@@ -178,7 +212,8 @@ def kernel_names(file: str, ctype: str) -> list[str]:
                  for d in HEAD_DIMS for g in DECODE_GROUPS]
                 + [f"decode_reduce_kernel<{ctype}, {d}>" for d in HEAD_DIMS])
     if file == "attention_decode_mma.cu":
-        return ([decode_mma_name(ctype, d, gr, nw, st) for d in HEAD_DIMS
+        bulk = int(DECODE_MMA_BULK)  # (off sm_90 the cp.async form then compiles apart)
+        return ([decode_mma_name(ctype, d, gr, nw, st, bulk) for d in HEAD_DIMS
                  for gr in (8, 16) for nw, st in DECODE_MMA_CONFIGS]
                 + [f"decode_mma_cluster_kernel<{ctype}, {d}, {gr}, {nw}, {st}, {cl}>"
                    for d in HEAD_DIMS for gr in (8, 16) for nw, st, cl in DECODE_CLUSTER_CONFIGS])
@@ -259,11 +294,26 @@ def _module(file: str, ctype: str):
 
 @functools.cache
 def kernel(file: str, name: str, ctype: str = "float"):
-    """The compiled kernel `name` from cuda/`file`; ctype picks the module's instantiation set."""
+    """The compiled kernel `name` from cuda/`file`; ctype picks the module's instantiation set.
+    An instance outside that set (a test's or an experiment's variant) compiles on its own."""
     module, names = _module(file, ctype)
     if name not in names:
-        raise ValueError(f"kernel {name!r} is not a compiled variant of {file}: {sorted(names)}")
+        module = _instance_module(file, name)
     return module.get_function(name)
+
+
+@functools.cache
+def _instance_module(file: str, name: str):
+    """A module of cuda/`file` holding the one instance `name`."""
+    import cupy
+
+    folder = cuda_dir()
+    if file in SM90A_FILES:
+        return _sm90a_module(folder, file, [name])
+    module = cupy.RawModule(code=source(folder, file), options=("-std=c++17", f"-I{folder}"),
+                            name_expressions=[name])
+    module.compile()
+    return module
 
 
 # ---------------------------------------------------------------------------- launching
