@@ -103,8 +103,7 @@ def test_decode_mma_names_take_the_transposed_tiles_for_8_heads(monkeypatch):
 def test_decode_mma_names_of_the_bulk_forms(monkeypatch):
     """The bulk-copy form names the layout explicitly (its BK follows TR), the TMA form is a
     kernel of its own (it takes the tensor maps), and either is the one compiled when
-    DECODE_MMA_BULK asks for it (off sm_90 the engine runs the cp.async form, which kernel()
-    then compiles on its own)."""
+    DECODE_MMA_BULK asks for it on an sm_90 GPU (before sm_90, the cp.async form)."""
     from engine.executor.ops import cuda_kernels as ck
 
     bf16 = "__nv_bfloat16"
@@ -116,6 +115,7 @@ def test_decode_mma_names_of_the_bulk_forms(monkeypatch):
     assert (ck.decode_mma_name(bf16, 128, 8, 4, 3, bulk=2)
             == f"decode_mma_tma_kernel<{bf16}, 128, 8, 4, 3, 2>")
     monkeypatch.setattr(ck, "DECODE_MMA_BULK", "0")
+    monkeypatch.setattr(ck, "sm90_device", lambda: True)
     names = ck.kernel_names("attention_decode_mma.cu", bf16)
     assert not any(", 1>" in n or "tma" in n for n in names)
     count = len(ck.HEAD_DIMS) * 2 * len(ck.DECODE_MMA_CONFIGS)
@@ -123,6 +123,8 @@ def test_decode_mma_names_of_the_bulk_forms(monkeypatch):
         monkeypatch.setattr(ck, "DECODE_MMA_BULK", form)
         bulk = ck.kernel_names("attention_decode_mma.cu", bf16)
         assert len(bulk) == len(names) and sum(sign in n for n in bulk) == count, form
+    monkeypatch.setattr(ck, "sm90_device", lambda: False)  # a GPU before sm_90 runs cp.async's
+    assert ck.kernel_names("attention_decode_mma.cu", bf16) == names
 
 
 @pytest.mark.parametrize("text,want", [("4x2/6x3", ((4, 2), (6, 3))),

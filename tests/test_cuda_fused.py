@@ -248,7 +248,7 @@ def test_decode_mma_configs(ops, bs, group, config, bulk, monkeypatch):
     whole 16-key tiles (one table read per tile) and half ones."""
     from engine.executor.ops import cuda_attention as ca
 
-    if bulk != "0" and not ca._sm90():
+    if bulk != "0" and not ca.sm90_device():
         pytest.skip("bulk and TMA copies need sm_90")
     monkeypatch.setattr(ca, "DECODE_MMA_BULK", bulk)
     tma_ok = bs % 16 == 0 and not ca.sm90_missing()

@@ -9,7 +9,6 @@ mixed batch launches both, each writing its own rows of the output.
 
 from __future__ import annotations
 
-import functools
 import os
 from dataclasses import dataclass, field
 
@@ -28,6 +27,7 @@ from engine.executor.ops.cuda_kernels import (
     decode_mma_name,
     kernel,
     launch,
+    sm90_device,
 )
 from engine.executor.ops.cuda_prefill import (
     prefill_attention,
@@ -171,16 +171,11 @@ def decode_bulk(block_size: int) -> int:
     by bulk copies (sm_90+), 2 by TMA tensor copies (sm_90+ with what cuda_prefill.sm90_missing
     asks for, and a block size that is a multiple of 16: else 0)."""
     form = int(DECODE_MMA_BULK)
-    if form == 0 or not _sm90():
+    if form == 0 or not sm90_device():
         return 0
     if form == 2 and (block_size % 16 or sm90_missing()):
         return 0
     return form
-
-
-@functools.cache
-def _sm90() -> bool:
-    return int(cupy.cuda.Device().compute_capability) >= 90
 
 
 def decode_tile(group: int) -> tuple[int, int]:

@@ -155,6 +155,17 @@ def cuda_dir() -> Path:
         f"CUDA kernel sources not found in {here / 'cuda'} or {here.parent / 'cuda'}")
 
 
+@functools.cache
+def sm90_device() -> bool:
+    """Whether this process's GPU is sm_90 or newer (False without CuPy or a GPU)."""
+    try:
+        import cupy
+
+        return int(cupy.cuda.Device().compute_capability) >= 90
+    except (ImportError, RuntimeError):
+        return False
+
+
 def decode_mma_name(ctype: str, head_dim: int, group_rows: int, warps: int, stages: int,
                     bulk: int = 0) -> str:
     """The mma decode kernel's instance: the transposed tiles (DECODE_MMA_TR) take 8 heads only;
@@ -212,7 +223,8 @@ def kernel_names(file: str, ctype: str) -> list[str]:
                  for d in HEAD_DIMS for g in DECODE_GROUPS]
                 + [f"decode_reduce_kernel<{ctype}, {d}>" for d in HEAD_DIMS])
     if file == "attention_decode_mma.cu":
-        bulk = int(DECODE_MMA_BULK)  # (off sm_90 the cp.async form then compiles apart)
+        # the form this GPU runs (a block size that TMA cannot take compiles cp.async's apart)
+        bulk = int(DECODE_MMA_BULK) if sm90_device() else 0
         return ([decode_mma_name(ctype, d, gr, nw, st, bulk) for d in HEAD_DIMS
                  for gr in (8, 16) for nw, st in DECODE_MMA_CONFIGS]
                 + [f"decode_mma_cluster_kernel<{ctype}, {d}, {gr}, {nw}, {st}, {cl}>"
