@@ -93,7 +93,8 @@ __device__ __forceinline__ void decode_mma_body(
   const int* table = block_tables + (long)seq * max_blocks;
   const T tag{};
 
-  T* k_s = reinterpret_cast<T*>(smem_raw) + warp * 2 * ST * TILE;  // [ST][DM_KEYS][LD]
+  // [ST][DM_KEYS][LD]; BK = 2: [ST][HD / 64][DM_KEYS][64], swizzled (`at` below)
+  T* k_s = reinterpret_cast<T*>(smem_raw) + warp * 2 * ST * TILE;
   T* v_s = k_s + ST * TILE;
   const int first = k_begin + warp * DM_KEYS;  // this warp's tiles: first + i * NW * DM_KEYS
   const int nt = first < k_end ? (k_end - first + NW * DM_KEYS - 1) / (NW * DM_KEYS) : 0;
@@ -128,9 +129,9 @@ __device__ __forceinline__ void decode_mma_body(
     if (i >= nt) return;
     const int kb = first + i * NW * DM_KEYS, st = i % ST, j = lane % DM_KEYS, key = kb + j;
     unsigned long long* bar = &full[warp][st];
-    if constexpr (BK == 2) {  // whole boxes; a tile holding this step's keys waits for pdl_wait
-      if (early && kb + DM_KEYS > ctx - fresh && !late) return;
-      if (late && kb + DM_KEYS <= ctx - fresh) return;
+    if constexpr (BK == 2) {  // whole boxes: a tile holding this step's keys waits for pdl_wait
+      const bool own = kb + DM_KEYS > ctx - fresh;
+      if (late ? !own : (early && own)) return;
       if (lane == 0) {
         mbar_arrive_expect_tx(bar, 2 * DM_KEYS * HD * (int)sizeof(T));
         const int bi = kb / block_size;
