@@ -16,12 +16,10 @@
 // S^T = K Q^T and O^T += V^T P^T, keys and dimensions as the 16 rows of each mma and the query
 // heads as its 8 columns, so no row is padding, a key takes half the mma and the accumulators
 // half the registers; movmatrix turns the scores into P^T, the next mma's operand.
-// With BK (sm_90, cuda_kernels.DECODE_MMA_BULK) the stages fill by the copy engine instead, each
-// completing on one mbarrier a stage that counts its bytes: BK = 1, bulk copies (cp.async.bulk)
-// of a key row of K or V each (lane j < 16: K row j, lane 16 + j: V row j), into the same padded
-// rows, one instruction a tile for the warp where cp.async takes HD / 8 a lane; BK = 2 (block
-// sizes that are multiples of 16), TMA tensor copies of 16 keys x 64 values each (2 HD / 64 a
-// tile, from lane 0) into unpadded 128-byte-swizzled rows (tma.cuh), read conflict-free.
+// With TMA (sm_90, block sizes that are multiples of 16: cuda_kernels.DECODE_MMA_TMA) the stages
+// fill by the copy engine instead: lane 0 issues 2 HD / 64 tensor copies of 16 keys x 64 values a
+// tile, where cp.async takes HD / 8 copies a lane, completing on one mbarrier a stage that counts
+// their bytes; the rows land unpadded in the 128-byte swizzle (tma.cuh), read conflict-free.
 #include "decode_splits.cuh"
 #include "mma.cuh"
 #include "tma.cuh"
@@ -42,7 +40,7 @@ constexpr int DM_KEYS = 16;  // keys per warp tile: one k16 step of P V, two n8 
 // passes = ceil(group / GR). Dynamic shared memory: max(NW x ST x (K, V) x DM_KEYS x (HD + 8)
 // 16-bit elements, NW x GR x HD floats for the merge). CL > 1: num_splits == CL, clusters of CL
 // blocks along z.
-template <typename T, int HD, int GR, int NW, int ST, int CL, bool TR, int BK>
+template <typename T, int HD, int GR, int NW, int ST, int CL, bool TR, bool TMA>
 __device__ __forceinline__ void decode_mma_body(
     T* __restrict__ out,                    // [num_tokens, num_heads, HD]
     float* __restrict__ part_out,           // [num_splits, W, num_heads, HD]
@@ -56,17 +54,17 @@ __device__ __forceinline__ void decode_mma_body(
     const int* __restrict__ block_tables,     // [B, max_blocks]
     int max_blocks, int num_items, int num_heads, int num_kv_heads, int block_size,
     float scale_log2, int num_splits, int min_keys, int fresh,
-    const TmaMap* k_map, const TmaMap* v_map) {  // BK = 2: the cache as TMA's 2-D tensors
+    const TmaMap* k_map, const TmaMap* v_map) {  // TMA: the cache as TMA's 2-D tensors
   static_assert(GR == 8 || GR == 16, "one m16 tile of query heads");
-  static_assert(BK != 2 || HD % 64 == 0, "whole 64-value boxes");
-  constexpr int LD = BK == 2 ? HD : HD + 8, CPR = HD / 8, TILE = DM_KEYS * LD;
+  static_assert(!TMA || HD % 64 == 0, "whole 64-value boxes");
+  constexpr int LD = TMA ? HD : HD + 8, CPR = HD / 8, TILE = DM_KEYS * LD;
   constexpr int CPL = DM_KEYS * CPR / 32;  // 16-byte copies per lane per tile, of K and of V
   extern __shared__ __align__(16) unsigned char smem_dyn[];
-  // BK = 2: swizzle atoms start at 1024-byte boundaries (the launch adds 1024 bytes)
+  // TMA: swizzle atoms start at 1024-byte boundaries (the launch adds 1024 bytes)
   unsigned char* smem_raw =
-      BK == 2 ? smem_dyn + ((1024 - (smem_addr(smem_dyn) & 1023)) & 1023) : smem_dyn;
+      TMA ? smem_dyn + ((1024 - (smem_addr(smem_dyn) & 1023)) & 1023) : smem_dyn;
   __shared__ float m_s[NW][GR], l_s[NW][GR];
-  __shared__ __align__(8) unsigned long long full[BK ? NW : 1][BK ? ST : 1];  // BK: each warp's stages
+  __shared__ __align__(8) unsigned long long full[TMA ? NW : 1][TMA ? ST : 1];  // TMA: each warp's stages
   // Under PDL, everything up to pdl_wait() below may run while the previous kernel (the q/k norm
   // + RoPE + KV write) still does: the step's metadata (uploaded before the step) and the keys and
   // values of earlier steps are read before the wait, so their memory latency hides behind it.
@@ -93,7 +91,7 @@ __device__ __forceinline__ void decode_mma_body(
   const int* table = block_tables + (long)seq * max_blocks;
   const T tag{};
 
-  // [ST][DM_KEYS][LD]; BK = 2: [ST][HD / 64][DM_KEYS][64], swizzled (`at` below)
+  // [ST][DM_KEYS][LD]; TMA: [ST][HD / 64][DM_KEYS][64], swizzled (`at` below)
   T* k_s = reinterpret_cast<T*>(smem_raw) + warp * 2 * ST * TILE;
   T* v_s = k_s + ST * TILE;
   const int first = k_begin + warp * DM_KEYS;  // this warp's tiles: first + i * NW * DM_KEYS
@@ -101,17 +99,17 @@ __device__ __forceinline__ void decode_mma_body(
   // Tiles start at multiples of DM_KEYS: when block_size is a multiple of it too (16, 32, ...),
   // a tile lies in one cache block, whose K rows are consecutive: one block-table read per tile.
   const bool tile_in_block = block_size % DM_KEYS == 0;
-  if constexpr (BK) {
+  if constexpr (TMA) {
     if (lane == 0) {
       for (int st = 0; st < ST; st++) mbar_init(&full[warp][st], 1);
       fence_mbar_init();
     }
     __syncwarp();
   }
-  // Element (row, col) of a stage's K or V tile (col a multiple of 8): padded rows, or with BK = 2
+  // Element (row, col) of a stage's K or V tile (col a multiple of 8): padded rows, or with TMA
   // HD / 64 boxes of [DM_KEYS][128 bytes], swizzled.
   auto at = [&](const T* tile, int row, int col) -> const T* {
-    if constexpr (BK == 2)
+    if constexpr (TMA)
       return reinterpret_cast<const T*>(reinterpret_cast<const unsigned char*>(tile) +
                                         (col / 64) * (DM_KEYS * 128) + sw128(row, col % 64 / 8));
     else
@@ -120,51 +118,29 @@ __device__ __forceinline__ void decode_mma_body(
   // Tile i into stage i % ST; one commit group per call, empty past the last tile, so that
   // wait_group ST - 1 always means "tile i has landed". Before pdl_wait() (`early`) the rows of
   // keys ctx - fresh .. ctx - 1 are left out: they are loaded after the wait (below).
-  // BK: tile i's barrier is full[warp][i % ST], its (i / ST)-th phase. The call that starts a
-  // tile (`late` false) expects every valid row's bytes, and copies the rows it may: `early`, all
-  // but this step's keys, which the call after the wait (`late`) copies. V rows past the split's
-  // keys are zeroed instead (P is 0 there, but 0 x a stale NaN is not); their K rows' scores
-  // are masked.
-  auto load_bulk = [&](int i, bool early, bool late) {
+  // TMA: tile i's barrier is full[warp][i % ST], its (i / ST)-th phase, which expects the whole
+  // tile's bytes. A tile holding any of this step's keys is left out before pdl_wait() (`early`)
+  // and copied by the call after it (`late`).
+  auto load_boxes = [&](int i, bool early, bool late) {
     if (i >= nt) return;
-    const int kb = first + i * NW * DM_KEYS, st = i % ST, j = lane % DM_KEYS, key = kb + j;
-    unsigned long long* bar = &full[warp][st];
-    if constexpr (BK == 2) {  // whole boxes: a tile holding this step's keys waits for pdl_wait
-      const bool own = kb + DM_KEYS > ctx - fresh;
-      if (late ? !own : (early && own)) return;
-      if (lane == 0) {
-        mbar_arrive_expect_tx(bar, 2 * DM_KEYS * HD * (int)sizeof(T));
-        const int bi = kb / block_size;
-        const int row0 = (table[bi] * num_kv_heads + kvh) * block_size + kb - bi * block_size;
-#pragma unroll
-        for (int a = 0; a < HD / 64; a++) {
-          tma_load_2d(k_s + st * TILE + a * DM_KEYS * 64, k_map, a * 64, row0, bar);
-          tma_load_2d(v_s + st * TILE + a * DM_KEYS * 64, v_map, a * 64, row0, bar);
-        }
-      }
-      return;
-    }
-    if (!late) {
-      if (lane == 0) mbar_arrive_expect_tx(bar, min(DM_KEYS, k_end - kb) * 2 * HD * (int)sizeof(T));
-      __syncwarp();  // the bytes are expected before any copy can complete them
-    }
-    T* row = (lane < DM_KEYS ? k_s : v_s) + st * TILE + j * LD;
-    if (key >= k_end) {
-      if (!late && lane >= DM_KEYS)
-        for (int d = 0; d < HD; d += 8)
-          *reinterpret_cast<uint4*>(row + d) = make_uint4(0u, 0u, 0u, 0u);
-      return;
-    }
-    const bool own = key >= ctx - fresh;
+    const int kb = first + i * NW * DM_KEYS, st = i % ST;
+    const bool own = kb + DM_KEYS > ctx - fresh;
     if (late ? !own : (early && own)) return;
-    const int bi = key / block_size;
-    const long off = (((long)table[bi] * num_kv_heads + kvh) * block_size + key -
-                      bi * block_size) * HD;
-    bulk_load<HD * (int)sizeof(T)>(row, (lane < DM_KEYS ? k_cache : v_cache) + off, bar);
+    if (lane == 0) {
+      unsigned long long* bar = &full[warp][st];
+      mbar_arrive_expect_tx(bar, 2 * DM_KEYS * HD * (int)sizeof(T));
+      const int bi = kb / block_size;
+      const int row0 = (table[bi] * num_kv_heads + kvh) * block_size + kb - bi * block_size;
+#pragma unroll
+      for (int a = 0; a < HD / 64; a++) {
+        tma_load_2d(k_s + st * TILE + a * DM_KEYS * 64, k_map, a * 64, row0, bar);
+        tma_load_2d(v_s + st * TILE + a * DM_KEYS * 64, v_map, a * 64, row0, bar);
+      }
+    }
   };
   auto load_tile = [&](int i, bool early) {
-    if constexpr (BK) {
-      load_bulk(i, early, false);
+    if constexpr (TMA) {
+      load_boxes(i, early, false);
       return;
     }
     if (i < nt) {
@@ -200,11 +176,11 @@ __device__ __forceinline__ void decode_mma_body(
   auto next_tile = [&](int i) {
     __syncwarp();  // every lane is done reading tile i - 1, whose stage tile i + ST - 1 takes
     load_tile(i + ST - 1, false);
-    if constexpr (BK)
+    if constexpr (TMA)
       mbar_wait(&full[warp][i % ST], (i / ST) & 1);
     else
       asm volatile("cp.async.wait_group %0;" ::"n"(ST - 1));
-    if constexpr (BK == 2) {  // V rows past the split's keys came as stale values: zeros instead
+    if constexpr (TMA) {  // V rows past the split's keys came as stale values: zeros instead
       const int valid = k_end - (first + i * NW * DM_KEYS);
       if (valid < DM_KEYS) {
         unsigned char* vt = reinterpret_cast<unsigned char*>(v_s + (i % ST) * TILE);
@@ -220,9 +196,9 @@ __device__ __forceinline__ void decode_mma_body(
 #pragma unroll
   for (int i = 0; i < ST - 1; i++) load_tile(i, true);
   pdl_start();
-  if constexpr (BK) {  // the early tiles' rows of this step's keys, now that they are written
+  if constexpr (TMA) {  // the early tiles that hold this step's keys, now that they are written
 #pragma unroll
-    for (int i = 0; i < ST - 1; i++) load_bulk(i, true, true);
+    for (int i = 0; i < ST - 1; i++) load_boxes(i, true, true);
   } else {
     // The keys left out of the early tiles (this step's own): their rows by plain loads into the
     // stages (no copy in flight targets them); the loop's __syncwarp after wait_group publishes
@@ -550,16 +526,14 @@ __device__ __forceinline__ void decode_mma_body(
       num_splits, min_keys, fresh
 
 // TR = 1: the transposed tiles (GR = 8 only: query heads as the n8 columns); TR = 2 (the
-// engine's default): the same, registers capped for 18 warps an SM (3 blocks of 6). BK = 1: the
-// stages fill by bulk copies (sm_90).
-template <typename T, int HD, int GR, int NW, int ST, int TR = 0, int BK = 0>
+// engine's default): the same, registers capped for 18 warps an SM (3 blocks of 6).
+template <typename T, int HD, int GR, int NW, int ST, int TR = 0>
 __global__ void __launch_bounds__(NW * 32, TR == 2 ? 18 / NW : (NW <= 12 ? 12 / NW : 1))
 decode_mma_kernel(DM_PARAMS) {
-  static_assert(BK == 0 || BK == 1, "BK = 2 is decode_mma_tma_kernel");
-  decode_mma_body<T, HD, GR, NW, ST, 1, TR != 0, BK>(DM_ARGS, nullptr, nullptr);
+  decode_mma_body<T, HD, GR, NW, ST, 1, TR != 0, false>(DM_ARGS, nullptr, nullptr);
 }
 
-// BK = 2 (sm_90, block sizes that are multiples of 16): the stages fill by TMA tensor copies.
+// TMA (sm_90, block sizes that are multiples of 16): the stages fill by TMA tensor copies.
 // k_map / v_map: the layer's K / V cache as a 2-D tensor of [num_blocks x nkv x block_size] rows
 // of HD values, boxes of 16 rows x 64 values, 128-byte swizzle (cuda_prefill.tma_map). Dynamic
 // shared memory: 1024 (alignment) + max(NW x ST x (K, V) x 16 x HD 16-bit values, the merge's).
@@ -567,7 +541,7 @@ template <typename T, int HD, int GR, int NW, int ST, int TR = 0>
 __global__ void __launch_bounds__(NW * 32, TR == 2 ? 18 / NW : (NW <= 12 ? 12 / NW : 1))
 decode_mma_tma_kernel(DM_PARAMS, const __grid_constant__ TmaMap k_map,
                       const __grid_constant__ TmaMap v_map) {
-  decode_mma_body<T, HD, GR, NW, ST, 1, TR != 0, 2>(DM_ARGS, &k_map, &v_map);
+  decode_mma_body<T, HD, GR, NW, ST, 1, TR != 0, true>(DM_ARGS, &k_map, &v_map);
 }
 
 // Grid: (num_kv_heads * passes, num_decode_items, CL)  Block: (NW * 32), clusters of (1, 1, CL)
@@ -575,7 +549,7 @@ template <typename T, int HD, int GR, int NW, int ST, int CL>
 __global__ void CLUSTER_DIMS(1, 1, CL) __launch_bounds__(NW * 32, NW <= 12 ? 12 / NW : 1)
 decode_mma_cluster_kernel(DM_PARAMS) {
   static_assert(CL >= 2 && CL <= 8 && (GR * HD) % CL == 0, "a portable cluster");
-  decode_mma_body<T, HD, GR, NW, ST, CL, false, 0>(DM_ARGS, nullptr, nullptr);
+  decode_mma_body<T, HD, GR, NW, ST, CL, false, false>(DM_ARGS, nullptr, nullptr);
 }
 
 #ifdef PAGEDSERVE_NVCC_CHECK
@@ -593,9 +567,6 @@ INSTANTIATE(decode_mma_kernel, __nv_bfloat16, 128, 8, 6, 2, 1)
 INSTANTIATE(decode_mma_kernel, __nv_bfloat16, 128, 8, 6, 2, 2)
 INSTANTIATE(decode_mma_kernel, __nv_bfloat16, 128, 8, 4, 2, 1)
 INSTANTIATE(decode_mma_kernel, __half, 64, 8, 4, 2, 1)
-INSTANTIATE(decode_mma_kernel, __nv_bfloat16, 128, 8, 6, 2, 2, 1)
-INSTANTIATE(decode_mma_kernel, __nv_bfloat16, 128, 8, 4, 4, 2, 1)
-INSTANTIATE(decode_mma_kernel, __half, 64, 16, 4, 3, 0, 1)
 #define DM_TMA_SIG(T)                                                                          \
   (T*, float*, float*, const T*, const T*, const T*, const int*, const int*, const int*,       \
    const int*, int, int, int, int, int, float, int, int, int, const __grid_constant__ TmaMap, \

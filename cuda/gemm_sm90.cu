@@ -129,7 +129,7 @@ __device__ __forceinline__ void gemm_sm90_body(
       mbar_init(full + s, 1);        // the producer's arrival, with the stage's bytes
       mbar_init(empty + s, 2 * CL);  // one arrival per consumer warpgroup of the cluster
     }
-    if (CL > 1) asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+    if (CL > 1) fence_mbar_init();
   }
   if (CL > 1) {
     cluster_sync();  // the partner's barriers exist before anything arrives on them

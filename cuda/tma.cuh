@@ -1,6 +1,6 @@
 // Hopper's asynchronous copies (sm_90): mbarriers that count the bytes of copies in flight, the
-// bulk copies and TMA tensor copies that complete them, and the 128-byte swizzle TMA writes.
-// Used by the warp-specialized kernels (wgmma.cuh) and by attention_decode_mma.cu's bulk forms.
+// TMA tensor copies that complete them, and the 128-byte swizzle TMA writes. Used by the
+// warp-specialized kernels (wgmma.cuh) and by attention_decode_mma.cu's TMA form.
 // Each asynchronous operation exists on sm_90 and later only; a file that is compiled for older
 // GPUs too may name them in instances it never launches there (those trap).
 #pragma once
@@ -60,15 +60,6 @@ __device__ __forceinline__ void mbar_arrive_expect_tx(unsigned long long* bar, u
 }
 
 // ---------------------------------------------------------------- copies
-// Bulk copy: BYTES (a multiple of 16, both addresses 16-byte aligned) global -> shared at dst by
-// the copy engine, completing its bytes on `bar`.
-template <int BYTES>
-__device__ __forceinline__ void bulk_load(void* dst, const void* src, unsigned long long* bar) {
-  PS_SM90_ASM("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes"
-              " [%0], [%1], %2, [%3];" ::"r"(smem_addr(dst)),
-              "l"(src), "n"(BYTES), "r"(smem_addr(bar))
-              : "memory");
-}
 // TMA: the box of `map` at (column, row) -> shared memory at dst (laid out, and swizzled, as the
 // map says), completing its bytes on `bar`. Rows past the tensor's end arrive as zeros.
 __device__ __forceinline__ void tma_load_2d(void* dst, const TmaMap* map, int column, int row,

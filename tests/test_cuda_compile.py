@@ -90,7 +90,7 @@ def test_decode_mma_names_take_the_transposed_tiles_for_8_heads(monkeypatch):
 
     bf16 = "__nv_bfloat16"
     monkeypatch.setattr(ck, "DECODE_MMA_TR", "2")
-    monkeypatch.setattr(ck, "DECODE_MMA_BULK", "0")  # (the stages by cp.async: names below)
+    monkeypatch.setattr(ck, "DECODE_MMA_TMA", "0")  # (the stages by cp.async: names below)
     assert ck.decode_mma_name(bf16, 128, 8, 6, 2) == f"decode_mma_kernel<{bf16}, 128, 8, 6, 2, 2>"
     assert ck.decode_mma_name(bf16, 128, 16, 6, 2) == f"decode_mma_kernel<{bf16}, 128, 16, 6, 2>"
     names = ck.kernel_names("attention_decode_mma.cu", bf16)
@@ -100,29 +100,26 @@ def test_decode_mma_names_take_the_transposed_tiles_for_8_heads(monkeypatch):
     assert ck.decode_mma_name(bf16, 64, 8, 4, 3) == f"decode_mma_kernel<{bf16}, 64, 8, 4, 3>"
 
 
-def test_decode_mma_names_of_the_bulk_forms(monkeypatch):
-    """The bulk-copy form names the layout explicitly (its BK follows TR), the TMA form is a
-    kernel of its own (it takes the tensor maps), and either is the one compiled when
-    DECODE_MMA_BULK asks for it on an sm_90 GPU (before sm_90, the cp.async form)."""
+def test_decode_mma_names_of_the_tma_form(monkeypatch):
+    """The TMA form is a kernel of its own (it takes the tensor maps), with the tiles' layout
+    (TR) named explicitly, and the one compiled when DECODE_MMA_TMA asks for it on an sm_90 GPU
+    (before sm_90, the cp.async form)."""
     from engine.executor.ops import cuda_kernels as ck
 
     bf16 = "__nv_bfloat16"
     monkeypatch.setattr(ck, "DECODE_MMA_TR", "2")
-    assert (ck.decode_mma_name(bf16, 128, 8, 4, 3, bulk=1)
-            == f"decode_mma_kernel<{bf16}, 128, 8, 4, 3, 2, 1>")
-    assert (ck.decode_mma_name(bf16, 128, 16, 4, 3, bulk=1)
-            == f"decode_mma_kernel<{bf16}, 128, 16, 4, 3, 0, 1>")
-    assert (ck.decode_mma_name(bf16, 128, 8, 4, 3, bulk=2)
+    assert (ck.decode_mma_name(bf16, 128, 8, 4, 3, tma=True)
             == f"decode_mma_tma_kernel<{bf16}, 128, 8, 4, 3, 2>")
-    monkeypatch.setattr(ck, "DECODE_MMA_BULK", "0")
+    assert (ck.decode_mma_name(bf16, 128, 16, 4, 3, tma=True)
+            == f"decode_mma_tma_kernel<{bf16}, 128, 16, 4, 3, 0>")
+    monkeypatch.setattr(ck, "DECODE_MMA_TMA", "0")
     monkeypatch.setattr(ck, "sm90_device", lambda: True)
     names = ck.kernel_names("attention_decode_mma.cu", bf16)
-    assert not any(", 1>" in n or "tma" in n for n in names)
+    assert not any("tma" in n for n in names)
     count = len(ck.HEAD_DIMS) * 2 * len(ck.DECODE_MMA_CONFIGS)
-    for form, sign in (("1", ", 1>"), ("2", "decode_mma_tma_kernel<")):
-        monkeypatch.setattr(ck, "DECODE_MMA_BULK", form)
-        bulk = ck.kernel_names("attention_decode_mma.cu", bf16)
-        assert len(bulk) == len(names) and sum(sign in n for n in bulk) == count, form
+    monkeypatch.setattr(ck, "DECODE_MMA_TMA", "1")
+    tma = ck.kernel_names("attention_decode_mma.cu", bf16)
+    assert len(tma) == len(names) and sum("decode_mma_tma_kernel<" in n for n in tma) == count
     monkeypatch.setattr(ck, "sm90_device", lambda: False)  # a GPU before sm_90 runs cp.async's
     assert ck.kernel_names("attention_decode_mma.cu", bf16) == names
 

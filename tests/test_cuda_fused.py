@@ -155,22 +155,21 @@ extern "C" __global__ void late_copy(unsigned short* dst, const unsigned short* 
 """
 
 
-@pytest.mark.parametrize("form", ["split", "cluster", "bulk", "tma"])
+@pytest.mark.parametrize("form", ["split", "cluster", "tma"])
 def test_decode_waits_for_the_steps_own_keys(ops, form, monkeypatch):
     """Under PDL the mma decode kernel copies its first K/V tiles before it waits for the kernel
     before it; the last `fresh_keys` keys of a row are the step's own (a verify step's decode
     rows read their drafts' keys) and come after the wait. A kernel that writes those keys late
     precedes it: with fresh_keys covering them attention equals the twin on the new cache; with
     1 it reads the stale keys (the race this guards against). Forms: one block a sequence, a
-    cluster's blocks, the stages filled by bulk copies (rows of this step's keys after the wait)
-    or by TMA (tiles holding such keys after the wait)."""
+    cluster's blocks, the stages filled by TMA (tiles holding such keys after the wait)."""
     from engine.executor.ops import cuda_attention as ca
     from engine.executor.ops import cuda_kernels as ck
 
     if int(cupy.cuda.Device().compute_capability) < 90:
         pytest.skip("programmatic dependent launches need sm_90")
     cluster = form == "cluster"
-    monkeypatch.setattr(ca, "DECODE_MMA_BULK", {"bulk": "1", "tma": "2"}.get(form, "0"))
+    monkeypatch.setattr(ca, "DECODE_MMA_TMA", "1" if form == "tma" else "0")
     monkeypatch.setattr(ca, "DECODE_KERNEL", "mma")
     rng = np.random.default_rng(7)
     fresh, nkv, group, bs, hd = 5, 2, 4, 16, 128
@@ -236,23 +235,22 @@ def _decode_case(ops, group: int, ctx: list[int], bs: int = 16, nkv: int = 2, hd
                                                     hd**-0.5)
 
 
-@pytest.mark.parametrize("bulk", ["0", "1", "2"], ids=["cp_async", "bulk", "tma"])
+@pytest.mark.parametrize("tma", ["0", "1"], ids=["cp_async", "tma"])
 @pytest.mark.parametrize("config", DECODE_MMA_CONFIGS, ids=str)
 @pytest.mark.parametrize("group", [2, 4, 16])
 @pytest.mark.parametrize("bs", [16, 8])
-def test_decode_mma_configs(ops, bs, group, config, bulk, monkeypatch):
+def test_decode_mma_configs(ops, bs, group, config, tma, monkeypatch):
     """Every (warps, stages) variant of the tensor-core decode kernel, its stages filled by
-    cp.async, bulk copies or TMA (whole 16-key tiles; half ones fall back to cp.async), against
+    cp.async or TMA (whole 16-key tiles; half ones fall back to cp.async), against
     the twin: contexts that end inside a warp's tile (NaN in their block's slots past them), wrap
     each warp's stage ring many times, or give a warp none; cache blocks that hold
     whole 16-key tiles (one table read per tile) and half ones."""
     from engine.executor.ops import cuda_attention as ca
 
-    if bulk != "0" and not ca.sm90_device():
-        pytest.skip("bulk and TMA copies need sm_90")
-    monkeypatch.setattr(ca, "DECODE_MMA_BULK", bulk)
-    tma_ok = bs % 16 == 0 and not ca.sm90_missing()
-    assert ca.decode_bulk(bs) == (0 if bulk == "2" and not tma_ok else int(bulk))
+    if tma == "1" and not ca.sm90_device():
+        pytest.skip("TMA copies need sm_90")
+    monkeypatch.setattr(ca, "DECODE_MMA_TMA", tma)
+    assert ca.decode_tma(bs) == (tma == "1" and bs % 16 == 0 and not ca.sm90_missing())
     monkeypatch.setattr(ca, "DECODE_KERNEL", "mma")
     monkeypatch.setattr(ca, "DECODE_MMA_CONFIG", config)  # split grids
     monkeypatch.setattr(ca, "DECODE_MMA_FULL_CONFIG", config)  # grids of one split

@@ -320,16 +320,16 @@ def attention_parts(ops, rng, parts: dict, nvml, args, table, variants: bool = F
 def attention_variants(attn, dmeta, keys: int, parts: dict, nvml, args, table) -> None:
     """The batch mix's decode attention on each (warps, stages) of the mma kernel: pJ a K/V byte
     beside the read floor (the tiles' layout and how the stages fill, PAGEDSERVE_DECODE_MMA_TR
-    and _BULK, and the variants, _CONFIGS, are fixed at import: run the tool once per value)."""
+    and _TMA, and the variants, _CONFIGS, are fixed at import: run the tool once per value)."""
     from engine.executor.ops.cuda_kernels import (
-        DECODE_MMA_BULK,
         DECODE_MMA_CONFIGS,
+        DECODE_MMA_TMA,
         DECODE_MMA_TR,
     )
 
     plan = dmeta.work[NUM_HEADS // NUM_KV_HEADS]
     nbytes = keys * KV_BYTES_PER_TOKEN / LAYERS
-    print(f"\nPAGEDSERVE_DECODE_MMA_TR={DECODE_MMA_TR} _BULK={DECODE_MMA_BULK}; read floor "
+    print(f"\nPAGEDSERVE_DECODE_MMA_TR={DECODE_MMA_TR} _TMA={DECODE_MMA_TMA}; read floor "
           f"{parts['read_floor'] * 1e12:.0f} pJ a byte, the default "
           f"{parts['attn_batch'] * 1e12:.0f}")
     for warps, stages in DECODE_MMA_CONFIGS:

@@ -42,7 +42,7 @@
 # run), then tools/energy_parts.py with its wall time and watts: each part alone at the power cap,
 # scaled by W1's schedule, and the attention's energy above the read floor ($OUT/energy-parts.txt).
 # attn-energy (not in the default list): energy_parts.py --attention-variants with the stages
-# filled by TMA (PAGEDSERVE_DECODE_MMA_BULK=2, the default) and by cp.async (0): pJ a K/V byte and
+# filled by TMA (PAGEDSERVE_DECODE_MMA_TMA=1, the default) and by cp.async (0): pJ a K/V byte and
 # TB/s of each (warps, stages) beside the read floors.
 # w1-8b-unfrozen (not in the default list): W1 on Llama-3-8B with the garbage collector's
 # start-up freeze undone (--unfreeze-gc): beside w1-8b, what the freeze gains.
@@ -125,8 +125,8 @@ print(r['wall_s'], r['mean_w'])" 2> /dev/null)
       timeout 200 python3 tools/energy_parts.py ${ws:+--w1-seconds ${ws% *} --w1-watts ${ws#* }} \
         2>&1 | tee "$OUT/energy-parts.txt" | tail -n 34 ;;
     attn-energy)  # the decode attention's pJ a K/V byte on each (warps, stages), both fills
-      for bulk in 2 0; do
-        PAGEDSERVE_DECODE_MMA_BULK=$bulk timeout 90 python3 tools/energy_parts.py \
+      for tma in 1 0; do
+        PAGEDSERVE_DECODE_MMA_TMA=$tma timeout 90 python3 tools/energy_parts.py \
           --attention-variants 2>&1 | grep -v "^|---"
       done ;;
     w1-8b-ab|w1-ab)  # W1 under each environment of $AB, interleaved $AB_ROUNDS times

@@ -728,7 +728,7 @@ def count_launches(ops, fn) -> collections.Counter:
 
     launch = cuda_kernels.launch
 
-    def counting_launch(fn, *args, **kwargs):  # (a launch by libcuda never calls the kernel)
+    def counting_launch(fn, *args, **kwargs):  # (libcuda's launches never call the kernel)
         if isinstance(fn, _Counted):
             counts[fn.name.split("<")[0]] += 1
             fn = fn.fn
@@ -739,7 +739,6 @@ def count_launches(ops, fn) -> collections.Counter:
         if getattr(m, "launch", None) is launch:
             m.launch = counting_launch
     ops._gemm = counting_gemm
-    pdl, cuda_kernels.PDL = cuda_kernels.PDL, False  # a PDL launch bypasses the counting wrapper
     try:
         fn()
     finally:
@@ -748,7 +747,6 @@ def count_launches(ops, fn) -> collections.Counter:
             if getattr(m, "launch", None) is counting_launch:
                 m.launch = launch
         ops._gemm = gemm
-        cuda_kernels.PDL = pdl
     return counts
 
 

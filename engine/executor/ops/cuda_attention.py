@@ -19,8 +19,8 @@ from engine.executor.ops import AttentionMetadata, longest_first
 from engine.executor.ops.cuda_kernels import (
     DECODE_CLUSTER_CONFIGS,
     DECODE_GROUPS,
-    DECODE_MMA_BULK,
     DECODE_MMA_CONFIGS,
+    DECODE_MMA_TMA,
     DECODE_UNROLL,
     HEAD_DIMS,
     MAX_GRID_Y,
@@ -166,16 +166,12 @@ def decode_kernel() -> str:
     return DECODE_KERNEL
 
 
-def decode_bulk(block_size: int) -> int:
-    """How the mma decode kernel's stages fill (DECODE_MMA_BULK where it can): 0 by cp.async, 1
-    by bulk copies (sm_90+), 2 by TMA tensor copies (sm_90+ with what cuda_prefill.sm90_missing
-    asks for, and a block size that is a multiple of 16: else 0)."""
-    form = int(DECODE_MMA_BULK)
-    if form == 0 or not sm90_device():
-        return 0
-    if form == 2 and (block_size % 16 or sm90_missing()):
-        return 0
-    return form
+def decode_tma(block_size: int) -> bool:
+    """Whether the mma decode kernel's stages fill by TMA (DECODE_MMA_TMA): on sm_90+ with what
+    cuda_prefill.sm90_missing asks for, and a block size that is a multiple of 16; else by
+    cp.async."""
+    return (DECODE_MMA_TMA == "1" and sm90_device() and block_size % 16 == 0
+            and not sm90_missing())
 
 
 def decode_tile(group: int) -> tuple[int, int]:
@@ -334,19 +330,19 @@ def paged_attention(qkv, k_cache, v_cache, meta: DeviceAttentionMetadata, num_he
             grid = (num_kv_heads * passes, num_dec, splits)  # heads fastest
             nw, st = plan.decode_config or (DECODE_MMA_CONFIG if splits > 1
                                             else DECODE_MMA_FULL_CONFIG)
-            bulk = decode_bulk(block_size) if cluster == 1 else 0
-            name = (decode_mma_name(ctype, head_dim, g, nw, st, bulk) if cluster == 1
+            tma = cluster == 1 and decode_tma(block_size)
+            name = (decode_mma_name(ctype, head_dim, g, nw, st, tma) if cluster == 1
                     else f"decode_mma_cluster_kernel<{ctype}, {head_dim}, {g}, {nw}, {st}, "
                     f"{cluster}>")
             k = kernel("attention_decode_mma.cu", name, ctype)
             # each warp's stages of K and V tiles (16 keys, padded rows), reused by the merge;
             # TMA's: unpadded, 1024-byte aligned
-            row = head_dim if bulk == 2 else head_dim + 8
-            smem = max(nw * st * 2 * 16 * row * 2, nw * g * head_dim * 4) + 1024 * (bulk == 2)
+            row = head_dim if tma else head_dim + 8
+            smem = max(nw * st * 2 * 16 * row * 2, nw * g * head_dim * 4) + (1024 if tma else 0)
             if k.max_dynamic_shared_size_bytes < smem:
                 k.max_dynamic_shared_size_bytes = smem
             tail = (i32(plan.fresh_keys),)
-            if bulk == 2:  # the maps go by value: launch() sends them
+            if tma:  # the maps go by value: launch() sends them
                 tail += (tma_map(k_cache, 16), tma_map(v_cache, 16))
             launch(k, grid, (nw * 32,), args + tail, shared_mem=smem, pdl=True)
         else:

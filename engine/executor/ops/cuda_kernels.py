@@ -122,16 +122,16 @@ if os.environ.get("PAGEDSERVE_DECODE_MMA_CONFIGS"):
 DECODE_MMA_TR = os.environ.get("PAGEDSERVE_DECODE_MMA_TR", "2")
 if DECODE_MMA_TR not in ("0", "1", "2"):
     raise ValueError(f"PAGEDSERVE_DECODE_MMA_TR must be 0, 1 or 2, got {DECODE_MMA_TR!r}")
-# attention_decode_mma.cu's BK, how its stages fill on sm_90: "0" by cp.async (16 bytes a lane an
-# instruction), "1" by bulk copies (the copy engine, one instruction a key row, an mbarrier a
-# stage), "2" by TMA tensor copies (16 keys x 64 values an instruction into swizzled rows) where
-# the block size is a multiple of 16, else "0". Elsewhere than sm_90, "0". Session 30 on an H100,
-# W1's batch-256 mix alone (tools/energy_parts.py --attention-variants): "2" 3.02 TB/s and 191 pJ
-# a K/V byte on (4, 2), "0" 2.96-2.97 and 218-220, "1" 2.93 and 201-203; W1 Llama-3-8B 9,039
-# output tok/s with "2" against 8,916 with "0".
-DECODE_MMA_BULK = os.environ.get("PAGEDSERVE_DECODE_MMA_BULK", "2")
-if DECODE_MMA_BULK not in ("0", "1", "2"):
-    raise ValueError(f"PAGEDSERVE_DECODE_MMA_BULK must be 0, 1 or 2, got {DECODE_MMA_BULK!r}")
+# attention_decode_mma.cu's TMA: "1", on sm_90 its stages fill by TMA tensor copies (16 keys x 64
+# values an instruction into swizzled rows, an mbarrier a stage) where the block size is a
+# multiple of 16; "0", and elsewhere, by cp.async (16 bytes a lane an instruction). Session 30 on
+# an H100, W1's batch-256 mix alone (tools/energy_parts.py --attention-variants): TMA 3.02 TB/s
+# and 191 pJ a K/V byte on (4, 2), cp.async 2.96-2.97 and 218-220; W1 Llama-3-8B 9,000 / 8,985
+# output tok/s against 8,881 / 8,878. (Bulk copies of a key row each, 2.93 TB/s and 201-203 pJ a
+# byte, no gain in W1: branch exp-decode-bulk-rows.)
+DECODE_MMA_TMA = os.environ.get("PAGEDSERVE_DECODE_MMA_TMA", "1")
+if DECODE_MMA_TMA not in ("0", "1"):
+    raise ValueError(f"PAGEDSERVE_DECODE_MMA_TMA must be 0 or 1, got {DECODE_MMA_TMA!r}")
 # attention_decode_mma.cu's cluster kernel (warps, stages, blocks a cluster): the first is what
 # cuda_attention's short-context graphs run (others measured slower, cuda_attention.py)
 DECODE_CLUSTER_CONFIGS = ((8, 2, 4),)
@@ -167,14 +167,14 @@ def sm90_device() -> bool:
 
 
 def decode_mma_name(ctype: str, head_dim: int, group_rows: int, warps: int, stages: int,
-                    bulk: int = 0) -> str:
+                    tma: bool = False) -> str:
     """The mma decode kernel's instance: the transposed tiles (DECODE_MMA_TR) take 8 heads only;
-    `bulk` (sm_90), how its stages fill: 1 bulk copies, 2 TMA tensor copies (DECODE_MMA_BULK)."""
+    `tma` (sm_90): its stages fill by TMA tensor copies, a kernel of its own (DECODE_MMA_TMA)."""
     tr = DECODE_MMA_TR if group_rows == 8 else "0"
     params = f"{ctype}, {head_dim}, {group_rows}, {warps}, {stages}"
-    if bulk == 2:
+    if tma:
         return f"decode_mma_tma_kernel<{params}, {tr}>"
-    tail = f", {tr}, 1" if bulk else (f", {tr}" if tr != "0" else "")
+    tail = f", {tr}" if tr != "0" else ""
     return f"decode_mma_kernel<{params}{tail}>"
 
 
@@ -224,8 +224,8 @@ def kernel_names(file: str, ctype: str) -> list[str]:
                 + [f"decode_reduce_kernel<{ctype}, {d}>" for d in HEAD_DIMS])
     if file == "attention_decode_mma.cu":
         # the form this GPU runs (a block size that TMA cannot take compiles cp.async's apart)
-        bulk = int(DECODE_MMA_BULK) if sm90_device() else 0
-        return ([decode_mma_name(ctype, d, gr, nw, st, bulk) for d in HEAD_DIMS
+        tma = DECODE_MMA_TMA == "1" and sm90_device()
+        return ([decode_mma_name(ctype, d, gr, nw, st, tma) for d in HEAD_DIMS
                  for gr in (8, 16) for nw, st in DECODE_MMA_CONFIGS]
                 + [f"decode_mma_cluster_kernel<{ctype}, {d}, {gr}, {nw}, {st}, {cl}>"
                    for d in HEAD_DIMS for gr in (8, 16) for nw, st, cl in DECODE_CLUSTER_CONFIGS])
