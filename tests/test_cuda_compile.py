@@ -124,6 +124,17 @@ def test_decode_mma_names_of_the_tma_form(monkeypatch):
     assert ck.kernel_names("attention_decode_mma.cu", bf16) == names
 
 
+def test_decode_mma_configs_named_twice_compile_once(monkeypatch):
+    """PAGEDSERVE_DECODE_MMA_CONFIGS=4x2/4x2 (one (warps, stages) for split and one-split grids)
+    compiles each instance once: NVRTC takes a name expression once."""
+    from engine.executor.ops import cuda_kernels as ck
+
+    monkeypatch.setattr(ck, "DECODE_MMA_CONFIGS", ((4, 2), (4, 2)))
+    names = ck.kernel_names("attention_decode_mma.cu", "float")
+    assert len(names) == len(set(names))
+    assert sum(", 4, 2" in n and "cluster" not in n for n in names) == len(ck.HEAD_DIMS) * 2
+
+
 @pytest.mark.parametrize("text,want", [("4x2/6x3", ((4, 2), (6, 3))),
                                        ("8x2/4x4/2x8", ((8, 2), (4, 4), (2, 8)))])
 def test_decode_mma_configs_from_the_environment(text, want):

@@ -225,8 +225,9 @@ def kernel_names(file: str, ctype: str) -> list[str]:
     if file == "attention_decode_mma.cu":
         # the form this GPU runs (a block size that TMA cannot take compiles cp.async's apart)
         tma = DECODE_MMA_TMA == "1" and sm90_device()
+        configs = dict.fromkeys(DECODE_MMA_CONFIGS)  # once each: 4x2/4x2 names one twice
         return ([decode_mma_name(ctype, d, gr, nw, st, tma) for d in HEAD_DIMS
-                 for gr in (8, 16) for nw, st in DECODE_MMA_CONFIGS]
+                 for gr in (8, 16) for nw, st in configs]
                 + [f"decode_mma_cluster_kernel<{ctype}, {d}, {gr}, {nw}, {st}, {cl}>"
                    for d in HEAD_DIMS for gr in (8, 16) for nw, st, cl in DECODE_CLUSTER_CONFIGS])
     if file == "attention_prefill.cu":
