@@ -67,18 +67,24 @@ def require_gpu():
     return cupy
 
 
-def capture_and_replay(fn) -> None:
-    """fn()'s launches captured into a CUDA graph on a stream of their own, replayed once."""
+def capture_and_replay(fn):
+    """fn()'s launches captured into a CUDA graph on a stream of their own, replayed once; what
+    fn returned (arrays the replay wrote). The
+    garbage collector stays off meanwhile, as in the engine's captures (collector_paused): an
+    earlier test's object freed mid-capture would fail it."""
     import cupy
+
+    from engine.executor.cuda_graph import collector_paused
 
     stream = cupy.cuda.Stream(non_blocking=True)
     cupy.cuda.Device().synchronize()
-    with stream:
+    with collector_paused(), stream:
         stream.begin_capture()
-        fn()
+        result = fn()
         graph = stream.end_capture()
         graph.launch(stream)
         stream.synchronize()
+    return result
 
 
 # ---- engine fixtures (tests/test_engine.py, test_sampling.py, test_llm.py) --------------------

@@ -21,6 +21,7 @@ from test_cuda_ops import (  # noqa: E402
     upload,
 )
 
+from engine.executor.cuda_graph import collector_paused  # noqa: E402
 from engine.executor.ops.cuda_kernels import (  # noqa: E402
     DECODE_CLUSTER_CONFIGS,
     DECODE_MMA_CONFIGS,
@@ -204,7 +205,7 @@ def test_decode_waits_for_the_steps_own_keys(ops, form, monkeypatch):
         cupy.cuda.Device().synchronize()
         # captured as the decode graphs are: a programmatic edge from the copy to attention
         stream = cupy.cuda.Stream(non_blocking=True)
-        with stream, ck.programmatic_launches():
+        with collector_paused(), stream, ck.programmatic_launches():
             stream.begin_capture()
             ck.launch(copy, (64,), (256,), (cache, new_d, np.int64(cache.size),
                                             np.int64(20_000_000)), pdl=True)

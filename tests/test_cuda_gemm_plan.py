@@ -6,7 +6,7 @@ it gives the logits of the cublasGemmEx path (GPU only)."""
 from __future__ import annotations
 
 import pytest
-from conftest import require_gpu
+from conftest import capture_and_replay, require_gpu
 
 pytestmark = pytest.mark.gpu
 cupy = require_gpu()
@@ -48,14 +48,7 @@ def test_capture_runs_gemm_ex_and_makes_no_plan(ops):
     want = cupy.empty((m, n), ops.storage)
     ops._gemm.gemm_ex(x, w, want, ops.dtype)
     got = cupy.zeros((m, n), ops.storage)
-    stream = cupy.cuda.Stream(non_blocking=True)
-    cupy.cuda.Device().synchronize()
-    with stream:
-        stream.begin_capture()
-        ops._gemm(x, w, got, ops.dtype)
-        graph = stream.end_capture()
-        graph.launch(stream)
-        stream.synchronize()
+    capture_and_replay(lambda: ops._gemm(x, w, got, ops.dtype))
     assert (m, n, k, ops.dtype) not in ops._gemm.tuned.plans
     assert cupy.array_equal(got, want)
 

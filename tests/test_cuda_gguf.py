@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import require_gpu
+from conftest import capture_and_replay, require_gpu
 
 pytestmark = pytest.mark.gpu
 cupy = require_gpu()
@@ -170,12 +170,5 @@ def test_linear_is_capturable_in_a_cuda_graph(ops, monkeypatch, version, cols):
     for m in (1, 16):
         x = ops.from_host(np.random.default_rng(m).standard_normal((m, cols)).astype(np.float32))
         eager = ops.to_host(ops.linear(x, w))  # grows the scratch before the capture
-        stream = cupy.cuda.Stream(non_blocking=True)
-        cupy.cuda.Device().synchronize()
-        with stream:
-            stream.begin_capture()
-            out = ops.linear(x, w)
-            graph = stream.end_capture()
-            graph.launch(stream)
-            stream.synchronize()
+        out = capture_and_replay(lambda x=x: ops.linear(x, w))
         np.testing.assert_array_equal(ops.to_host(out), eager)

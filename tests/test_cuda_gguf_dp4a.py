@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import require_gpu
+from conftest import capture_and_replay, require_gpu
 
 pytestmark = pytest.mark.gpu
 cupy = require_gpu()
@@ -182,14 +182,7 @@ def test_gemv_v3_is_capturable_in_a_cuda_graph(ops, monkeypatch):
     w, _ = weight("Q4_K", 64, 4096)
     x = ops.from_host(np.random.default_rng(2).standard_normal((2, 4096)).astype(np.float32))
     eager = ops.to_host(ops.linear(x, w))
-    stream = cupy.cuda.Stream(non_blocking=True)
-    cupy.cuda.Device().synchronize()
-    with stream:
-        stream.begin_capture()
-        out = ops.linear(x, w)
-        graph = stream.end_capture()
-        graph.launch(stream)
-        stream.synchronize()
+    out = capture_and_replay(lambda: ops.linear(x, w))
     np.testing.assert_array_equal(ops.to_host(out), eager)
 
 
