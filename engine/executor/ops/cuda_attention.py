@@ -167,11 +167,11 @@ def decode_kernel() -> str:
 
 
 def decode_tma(block_size: int) -> bool:
-    """Whether the mma decode kernel's stages fill by TMA (DECODE_MMA_TMA): on sm_90+ with what
-    cuda_prefill.sm90_missing asks for, and a block size that is a multiple of 16; else by
-    cp.async."""
+    """Whether the mma decode kernel's stages fill by TMA (DECODE_MMA_TMA): on sm_90 with all
+    that cuda_prefill.sm90_missing asks for (it is None elsewhere), and a block size that is a
+    multiple of 16; else by cp.async."""
     return (DECODE_MMA_TMA == "1" and sm90_device() and block_size % 16 == 0
-            and not sm90_missing())
+            and sm90_missing() == ())
 
 
 def decode_tile(group: int) -> tuple[int, int]:

@@ -157,11 +157,12 @@ def cuda_dir() -> Path:
 
 @functools.cache
 def sm90_device() -> bool:
-    """Whether this process's GPU is sm_90 or newer (False without CuPy or a GPU)."""
+    """Whether this process's GPU is an sm_90 (Hopper: the TMA decode kernel's tested home, as
+    cuda_prefill.sm90_missing checks it); False without CuPy or a GPU."""
     try:
         import cupy
 
-        return int(cupy.cuda.Device().compute_capability) >= 90
+        return cupy.cuda.Device().compute_capability == "90"
     except (ImportError, RuntimeError):
         return False
 
