@@ -69,9 +69,8 @@ def require_gpu():
 
 def capture_and_replay(fn):
     """fn()'s launches captured into a CUDA graph on a stream of their own, replayed once; what
-    fn returned (arrays the replay wrote). The
-    garbage collector stays off meanwhile, as in the engine's captures (collector_paused): an
-    earlier test's object freed mid-capture would fail it."""
+    fn returned (arrays the replay wrote). The garbage collector stays off meanwhile, as in the
+    engine's captures (collector_paused): an earlier test's object freed mid-capture fails it."""
     import cupy
 
     from engine.executor.cuda_graph import collector_paused

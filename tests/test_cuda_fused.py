@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
-from conftest import require_gpu
+from conftest import capture_and_replay, require_gpu
 
 pytestmark = [pytest.mark.gpu, pytest.mark.usefixtures("poison_device_memory")]
 cupy = require_gpu()
@@ -21,7 +21,6 @@ from test_cuda_ops import (  # noqa: E402
     upload,
 )
 
-from engine.executor.cuda_graph import collector_paused  # noqa: E402
 from engine.executor.ops.cuda_kernels import (  # noqa: E402
     DECODE_CLUSTER_CONFIGS,
     DECODE_MMA_CONFIGS,
@@ -202,17 +201,15 @@ def test_decode_waits_for_the_steps_own_keys(ops, form, monkeypatch):
         plan.fresh_keys = fresh_keys
         dmeta.work[group] = plan
         out = cupy.empty((len(ctx), nh * hd), qkv.dtype)
-        cupy.cuda.Device().synchronize()
-        # captured as the decode graphs are: a programmatic edge from the copy to attention
-        stream = cupy.cuda.Stream(non_blocking=True)
-        with collector_paused(), stream, ck.programmatic_launches():
-            stream.begin_capture()
+
+        def step():
             ck.launch(copy, (64,), (256,), (cache, new_d, np.int64(cache.size),
                                             np.int64(20_000_000)), pdl=True)
             ops.attention(qkv, cache[0], cache[1], dmeta, nh, nkv, hd**-0.5, out=out)
-            graph = stream.end_capture()
-            graph.launch(stream)
-        stream.synchronize()
+
+        # captured as the decode graphs are: a programmatic edge from the copy to attention
+        with ck.programmatic_launches():
+            capture_and_replay(step)
         return ops.to_host(out)
 
     got = run(fresh)

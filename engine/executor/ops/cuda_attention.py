@@ -9,6 +9,7 @@ mixed batch launches both, each writing its own rows of the output.
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 
@@ -168,10 +169,15 @@ def decode_kernel() -> str:
 
 def decode_tma(block_size: int) -> bool:
     """Whether the mma decode kernel's stages fill by TMA (DECODE_MMA_TMA): on sm_90 with all
-    that cuda_prefill.sm90_missing asks for (it is None elsewhere), and a block size that is a
-    multiple of 16; else by cp.async."""
-    return (DECODE_MMA_TMA == "1" and sm90_device() and block_size % 16 == 0
-            and sm90_missing() == ())
+    it needs (_tma_ready), and a block size that is a multiple of 16; else by cp.async."""
+    return DECODE_MMA_TMA == "1" and block_size % 16 == 0 and _tma_ready()
+
+
+@functools.cache
+def _tma_ready() -> bool:
+    """sm_90 with all that cuda_prefill.sm90_missing asks for (it is None elsewhere); asked once,
+    not at each eager decode launch."""
+    return sm90_device() and sm90_missing() == ()
 
 
 def decode_tile(group: int) -> tuple[int, int]:
