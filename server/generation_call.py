@@ -54,8 +54,15 @@ class GenerationCall:
     async def run(self, token_lists: list[list[int]], stream: bool, include_usage: bool):
         state = self.request.app.state
         engine, limit = state.engine, state.settings.max_waiting_requests
-        # Requests, not sequences: each prompt of the call is one, whatever its n. The check
-        # and the count go together (no await between): a burst of calls cannot all pass it.
+        # Requests, not sequences: each prompt of the call is one, whatever its n. A call of more
+        # prompts than the limit could never pass, so it is a bad request, not one to retry.
+        if limit is not None and len(token_lists) > limit:
+            field, what = ("messages", "conversations") if self.chat else ("prompt", "prompts")
+            raise bad_request(field, f"'{field}' holds {len(token_lists)} {what}; the server "
+                                     f"lets at most {limit} wait at once "
+                                     "(--max-waiting-requests): send them in smaller calls")
+        # The check and the count go together (no await between): a burst of calls cannot all
+        # pass it.
         if limit is not None and (engine.num_waiting_requests + engine.admitting
                                   + len(token_lists) > limit):
             raise APIError(429, f"the server's waiting queue is full ({limit} requests); retry "

@@ -418,12 +418,15 @@ def test_length_size_and_queue_limits(server):
     r = post({"model": MODEL, "prompt": "x" * (5 * 1024 * 1024)})
     assert r.status_code == 413
     settings = server.app.state.settings
-    settings.max_waiting_requests = 0
+    engine = server.app.state.engine
+    settings.max_waiting_requests = 1
+    engine.admitting += 1  # one request on its way in: the queue is full
     try:
         r = post({"model": MODEL, "prompt": "hi"})
         assert r.status_code == 429 and r.json()["error"]["code"] == "too_many_requests"
     finally:
         settings.max_waiting_requests = None
+        engine.admitting -= 1
     assert httpx.get(server.url + "/health").status_code == 200
     server.wait_idle()
 

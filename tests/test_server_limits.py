@@ -170,16 +170,44 @@ def test_values_at_the_bounds_are_served(client):
 
 
 def test_429_counts_requests_not_sequences(client):
-    settings = client.app.state.settings
+    settings, engine = client.app.state.settings, client.app.state.engine
     settings.max_waiting_requests = 1
     try:
         r = client.post("/v1/completions", **completion(n=4))  # one request of 4 sequences
         assert r.status_code == 200 and len(r.json()["choices"]) == 4
-        r = client.post("/v1/completions", **completion(prompt=["a", "b"]))  # two requests
+        engine.admitting += 1  # one request on its way in: the queue is full
+        try:
+            r = client.post("/v1/completions", **completion())
+        finally:
+            engine.admitting -= 1
         assert r.status_code == 429 and r.json()["error"]["code"] == "too_many_requests"
     finally:
         settings.max_waiting_requests = None
-    assert client.app.state.engine.num_waiting_requests == 0
+    assert engine.num_waiting_requests == 0 and engine.admitting == 0
+
+
+def test_a_call_of_more_prompts_than_may_wait_is_a_bad_request(client):
+    """Two prompts against --max-waiting-requests 1 could never be admitted, even by an idle
+    server: a 400 naming the field, not a 429 the client's SDK would retry in vain."""
+    settings = client.app.state.settings
+    settings.max_waiting_requests = 1
+    try:
+        r = client.post("/v1/completions", **completion(prompt=["a", "b"]))
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["param"] == "prompt" and "2 prompts" in err["message"], err
+        r = client.post("/v1/chat/completions/batch", json={
+            "model": MODEL, "max_tokens": 1,
+            "messages": [[{"role": "user", "content": "a"}], [{"role": "user", "content": "b"}]]})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["param"] == "messages" and "2 conversations" in err["message"], err
+        r = client.post("/v1/completions", **completion(prompt=["a"]))  # one fits
+        assert r.status_code == 200, r.text
+    finally:
+        settings.max_waiting_requests = None
+    engine = client.app.state.engine
+    assert engine.num_waiting_requests == 0 and engine.admitting == 0
 
 
 @pytest.mark.parametrize("stream", [False, True])
