@@ -175,12 +175,15 @@ def test_429_counts_requests_not_sequences(client):
     try:
         r = client.post("/v1/completions", **completion(n=4))  # one request of 4 sequences
         assert r.status_code == 200 and len(r.json()["choices"]) == 4
-        engine.admitting += 1  # one request on its way in: the queue is full
+        settings.max_waiting_requests = 2
+        engine.admitting += 1  # one request on its way in: a call of two prompts is two more
         try:
-            r = client.post("/v1/completions", **completion())
+            r = client.post("/v1/completions", **completion(prompt=["a", "b"]))  # two requests
+            assert r.status_code == 429 and r.json()["error"]["code"] == "too_many_requests"
+            r = client.post("/v1/completions", **completion(prompt=["a"], n=4))  # one request
+            assert r.status_code == 200 and len(r.json()["choices"]) == 4
         finally:
             engine.admitting -= 1
-        assert r.status_code == 429 and r.json()["error"]["code"] == "too_many_requests"
     finally:
         settings.max_waiting_requests = None
     assert engine.num_waiting_requests == 0 and engine.admitting == 0
