@@ -111,14 +111,17 @@ __device__ __forceinline__ void decode_mma_body(
   const T tag{};
   // The RoPE fold (rope_cs given; TR, decode rows of one new token each, no q/k norm or bias:
   // cuda_attention.rope_folds): this kernel does qk_rope_kv.cu's job for its rows. Q is rotated
-  // in registers; the row's own key (ctx - 1) is rotated once by the warp whose tile holds it,
-  // which writes it (and its value) into that tile's stage in place of the cache row and, in the
-  // block of the kv head's first pass, into the cache for later steps. No kernel runs between
-  // the qkv GEMM and this one.
+  // in registers; the row's own key (ctx - 1) is read from the qkv row by the warp whose tile
+  // holds it (always that warp's last tile) right after the PDL wait, and rotated when that tile
+  // is due: written into the tile's stage in place of the cache row and, in the block of the kv
+  // head's first pass, into the cache for later steps. No kernel runs between the qkv GEMM and
+  // this one.
   const bool fold = TR && rope_cs != nullptr;
   constexpr int FP = (HD / 2 + 63) / 64;  // rotary pairs of dims a lane takes: 2 l + 64 p, + HD / 2
-  unsigned kr[FP][2], vr[FP][2];          // the fresh key's K and V there, rotated, packed
+  unsigned kr[FP][2], vr[FP][2];          // the fresh key's K and V there, packed
+  unsigned kcs[FP][2];                    // the position's cos and sin there
   int fresh_tile = -1, fresh_row = 0;     // this warp's tile (and its row) of key ctx - 1
+  long fresh_at = 0;                      // that key's row in the cache
 
   // [ST][DM_KEYS][LD]; TMA: [ST][HD / 64][DM_KEYS][64], swizzled (`at` below)
   T* k_s = reinterpret_cast<T*>(smem_raw) + warp * 2 * ST * TILE;
@@ -221,10 +224,20 @@ __device__ __forceinline__ void decode_mma_body(
       }
     }
     if (fold && i == fresh_tile) {  // the fresh key's row, rotated here (fold: not in the cache)
+      const bool writer = blockIdx.x % passes == 0;
 #pragma unroll
       for (int p = 0; p < FP; p++) {
         const int d = 2 * lane + 64 * p;
         if (d >= HD / 2) continue;
+        rope_pair(kr[p][0], kr[p][1], kcs[p][0], kcs[p][1], tag);
+        if (writer) {
+          T* kc = const_cast<T*>(k_cache) + fresh_at;
+          T* vc = const_cast<T*>(v_cache) + fresh_at;
+          *reinterpret_cast<unsigned*>(kc + d) = kr[p][0];
+          *reinterpret_cast<unsigned*>(kc + d + HD / 2) = kr[p][1];
+          *reinterpret_cast<unsigned*>(vc + d) = vr[p][0];
+          *reinterpret_cast<unsigned*>(vc + d + HD / 2) = vr[p][1];
+        }
         T* kt = const_cast<T*>(at(k_s + (i % ST) * TILE, fresh_row, d & ~7)) + (d & 7);
         T* vt = const_cast<T*>(at(v_s + (i % ST) * TILE, fresh_row, d & ~7)) + (d & 7);
         T* kt2 = const_cast<T*>(at(k_s + (i % ST) * TILE, fresh_row, (d + HD / 2) & ~7)) + (d & 7);
@@ -241,7 +254,6 @@ __device__ __forceinline__ void decode_mma_body(
   for (int i = 0; i < ST - 1; i++) load_tile(i, true);
   // fold: the position's cos and sin (never written by a kernel) before the wait: the fresh
   // key's dims here, Q's (qcs) in the TR branch below
-  unsigned kcs[FP][2];  // cos, sin of dims 2 lane + 64 p, + 1
   const long pos = fold ? positions[tok] : 0;
   if (fold) {
     const int kf = ctx - 1, rel = kf - first;
@@ -249,6 +261,8 @@ __device__ __forceinline__ void decode_mma_body(
         rel / (NW * DM_KEYS) < nt) {
       fresh_tile = rel / (NW * DM_KEYS);
       fresh_row = rel % (NW * DM_KEYS);
+      const int bi = kf / block_size;
+      fresh_at = (((long)table[bi] * num_kv_heads + kvh) * block_size + kf - bi * block_size) * HD;
     }
 #pragma unroll
     for (int p = 0; p < FP; p++) {
@@ -258,31 +272,16 @@ __device__ __forceinline__ void decode_mma_body(
     }
   }
   pdl_start();
-  if (fold && fresh_tile >= 0) {  // the fresh key from the qkv row: K rotated as qk_rope_kv.cu
+  if (fold && fresh_tile >= 0) {  // the fresh key's K and V from the qkv row: loads in flight
     const T* kq = qkv + tok * row_stride + (long)(num_heads + kvh) * HD;
     const T* vq = kq + (long)num_kv_heads * HD;
-    const int bi = (ctx - 1) / block_size;
-    const long crow = (((long)table[bi] * num_kv_heads + kvh) * block_size + ctx - 1 -
-                       bi * block_size) * HD;
-    const bool writer = blockIdx.x % passes == 0;
 #pragma unroll
     for (int p = 0; p < FP; p++) {
-      const int d = 2 * lane + 64 * p;
-      if (d >= HD / 2) continue;
-      const unsigned lo = *reinterpret_cast<const unsigned*>(kq + d);
-      const unsigned hi = *reinterpret_cast<const unsigned*>(kq + d + HD / 2);
-      kr[p][0] = lo, kr[p][1] = hi;
-      rope_pair(kr[p][0], kr[p][1], kcs[p][0], kcs[p][1], tag);
+      const int d = min(2 * lane + 64 * p, HD / 2 - 2);
+      kr[p][0] = *reinterpret_cast<const unsigned*>(kq + d);
+      kr[p][1] = *reinterpret_cast<const unsigned*>(kq + d + HD / 2);
       vr[p][0] = *reinterpret_cast<const unsigned*>(vq + d);
       vr[p][1] = *reinterpret_cast<const unsigned*>(vq + d + HD / 2);
-      if (writer) {
-        T* kc = const_cast<T*>(k_cache) + crow;
-        T* vc = const_cast<T*>(v_cache) + crow;
-        *reinterpret_cast<unsigned*>(kc + d) = kr[p][0];
-        *reinterpret_cast<unsigned*>(kc + d + HD / 2) = kr[p][1];
-        *reinterpret_cast<unsigned*>(vc + d) = vr[p][0];
-        *reinterpret_cast<unsigned*>(vc + d + HD / 2) = vr[p][1];
-      }
     }
   }
   if constexpr (TMA) {  // the early tiles that hold this step's keys, now that they are written

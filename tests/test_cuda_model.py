@@ -81,7 +81,7 @@ def test_model_bf16_matches_numpy(preset, vocab, short, monkeypatch):
         want = ref.forward(ids, positions, cache_ref, meta, last)
         dmeta = ops.prepare_metadata(meta)
         if not short and meta.max_query_len == 1:
-            assert ops.folds_rope(dmeta, config.num_heads, config.num_kv_heads)
+            assert dev.rope_in_attention(dmeta)
         got = ops.to_host(dev.forward(ids, positions, cache_dev, dmeta, last))
         assert np.isfinite(got).all()
         errors.append(np.linalg.norm(got - want) / np.linalg.norm(want))
@@ -136,8 +136,7 @@ def test_decode_graph_matches_eager(short_context, preset, monkeypatch):
             assert plan.decode_cluster == cuda_attention.SHORT_DECODE_CLUSTER == plan.num_splits
         else:
             assert plan.decode_cluster == 1 and plan.num_splits > 1
-            assert ops.folds_rope(chosen[2], config.num_heads, config.num_kv_heads) == (
-                preset == "llama3-8b")
+            assert model.rope_in_attention(chosen[2]) == (preset == "llama3-8b")
         ids = rng.integers(0, config.vocab_size, batch).astype(np.int32)
         replayed = ops.to_host(graphs.run(ids, positions, meta))
         eager = ops.to_host(model.forward(ids, positions, cache, ops.prepare_metadata(meta),

@@ -65,10 +65,7 @@ class Transformer:
         c = self.config
         x = self.ops.embedding(input_ids, self.weights.embed)  # (T, hidden)
         residual = None
-        # A decode-only step may leave RoPE and the k/v cache write to the attention kernel
-        # (one launch a layer fewer); not with q/k norms or a qkv bias, which it does not do.
-        fold = (not c.qk_norm and self.weights.layers[0].qkv_bias is None
-                and self.ops.folds_rope(meta, c.num_heads, c.num_kv_heads))
+        fold = self.rope_in_attention(meta)
         rope = (positions, self.cos_sin) if fold else None
         for i in range(len(self.weights.layers)):
             k_cache, v_cache = kv_cache[i, 0], kv_cache[i, 1]
@@ -78,6 +75,14 @@ class Transformer:
                                       self.scale, rope=rope)  # (T, q_size)
             x, residual = self.layer_output(i, attn, residual)
         return self.logits(self.final_norm(x, residual), logits_indices)
+
+    def rope_in_attention(self, meta) -> bool:
+        """Whether this step leaves RoPE and the k/v cache write to the attention (ops.folds_rope:
+        decode-only steps on the cuda backend's mma decode kernel; one launch a layer fewer); not
+        with q/k norms or a qkv bias, which the attention does not do."""
+        c = self.config
+        return (not c.qk_norm and self.weights.layers[0].qkv_bias is None
+                and self.ops.folds_rope(meta, c.num_heads, c.num_kv_heads))
 
     # The layer, cut at attention: mixed_graphs.py replays the parts between two attentions as
     # CUDA graphs and runs the attention itself eagerly.
