@@ -117,6 +117,7 @@ __device__ __forceinline__ void decode_mma_body(
   // head's first pass, into the cache for later steps. No kernel runs between the qkv GEMM and
   // this one.
   const bool fold = TR && rope_cs != nullptr;
+  if (!TR && rope_cs != nullptr) __trap();  // cuda_attention.rope_folds never asks for it
   constexpr int FP = (HD / 2 + 63) / 64;  // rotary pairs of dims a lane takes: 2 l + 64 p, + HD / 2
   unsigned kr[FP][2], vr[FP][2];          // the fresh key's K and V there, packed
   unsigned kcs[FP][2];                    // the position's cos and sin there
@@ -224,6 +225,7 @@ __device__ __forceinline__ void decode_mma_body(
       }
     }
     if (fold && i == fresh_tile) {  // the fresh key's row, rotated here (fold: not in the cache)
+      __syncwarp();  // every lane's copies of the tile have landed, the stale row's included
       const bool writer = blockIdx.x % passes == 0;
 #pragma unroll
       for (int p = 0; p < FP; p++) {

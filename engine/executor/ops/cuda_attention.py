@@ -16,13 +16,12 @@ from dataclasses import dataclass, field
 import cupy
 import numpy as np
 
-from engine.executor.ops import AttentionMetadata, longest_first
+from engine.executor.ops import AttentionMetadata, cuda_kernels, longest_first
 from engine.executor.ops.cuda_kernels import (
     DECODE_CLUSTER_CONFIGS,
     DECODE_GROUPS,
     DECODE_MMA_CONFIGS,
     DECODE_MMA_TMA,
-    DECODE_MMA_TR,
     DECODE_UNROLL,
     HEAD_DIMS,
     MAX_GRID_Y,
@@ -300,7 +299,7 @@ def rope_folds(meta: DeviceAttentionMetadata, num_heads: int, num_kv_heads: int)
     if ROPE_FOLD != "1" or decode_kernel() != "mma" or num_heads % num_kv_heads:
         return False
     group = num_heads // num_kv_heads
-    if decode_tile(group)[0] != 8 or DECODE_MMA_TR == "0":
+    if decode_tile(group)[0] != 8 or cuda_kernels.DECODE_MMA_TR == "0":
         return False  # the fold is the transposed tiles' (8 query heads as an mma's columns)
     plan = step_plan(meta, num_kv_heads, group)
     return (not len(plan.prefill_work) and plan.fresh_keys == 1 and plan.decode_cluster == 1
