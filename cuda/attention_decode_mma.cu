@@ -40,6 +40,23 @@ constexpr int DM_KEYS = 16;  // keys per warp tile: one k16 step of P V, two n8 
 // passes = ceil(group / GR). Dynamic shared memory: max(NW x ST x (K, V) x DM_KEYS x (HD + 8)
 // 16-bit elements, NW x GR x HD floats for the merge). CL > 1: num_splits == CL, clusters of CL
 // blocks along z.
+// RoPE on two packed pairs: (lo, hi) = elements d, d + 1 and their partners d + HD / 2, d + 1 +
+// HD / 2; (c, s) the pairs' cos and sin. The arithmetic and rounding of qk_rope_kv.cu's kernels.
+template <typename T>
+__device__ __forceinline__ void rope_pair(unsigned& lo, unsigned& hi, unsigned c, unsigned s, T) {
+  T* a = reinterpret_cast<T*>(&lo);
+  T* b = reinterpret_cast<T*>(&hi);
+  const T* cv = reinterpret_cast<const T*>(&c);
+  const T* sv = reinterpret_cast<const T*>(&s);
+#pragma unroll
+  for (int e = 0; e < 2; e++) {
+    const float x1 = to_float(a[e]), x2 = to_float(b[e]);
+    const float cj = to_float(cv[e]), sj = to_float(sv[e]);
+    a[e] = from_float<T>(x1 * cj - x2 * sj);
+    b[e] = from_float<T>(x2 * cj + x1 * sj);
+  }
+}
+
 template <typename T, int HD, int GR, int NW, int ST, int CL, bool TR, bool TMA>
 __device__ __forceinline__ void decode_mma_body(
     T* __restrict__ out,                    // [num_tokens, num_heads, HD]
@@ -54,6 +71,8 @@ __device__ __forceinline__ void decode_mma_body(
     const int* __restrict__ block_tables,     // [B, max_blocks]
     int max_blocks, int num_items, int num_heads, int num_kv_heads, int block_size,
     float scale_log2, int num_splits, int min_keys, int fresh,
+    const T* __restrict__ rope_cs,      // ROPE FOLD (TR only): [max_positions, HD] or null
+    const int* __restrict__ positions,  // [num_tokens], with rope_cs
     const TmaMap* k_map, const TmaMap* v_map) {  // TMA: the cache as TMA's 2-D tensors
   static_assert(GR == 8 || GR == 16, "one m16 tile of query heads");
   static_assert(!TMA || HD % 64 == 0, "whole 64-value boxes");
@@ -90,6 +109,20 @@ __device__ __forceinline__ void decode_mma_body(
   const long row_stride = (long)(num_heads + 2 * num_kv_heads) * HD;
   const int* table = block_tables + (long)seq * max_blocks;
   const T tag{};
+  // The RoPE fold (rope_cs given; TR, decode rows of one new token each, no q/k norm or bias:
+  // cuda_attention.rope_folds): this kernel does qk_rope_kv.cu's job for its rows. Q is rotated
+  // in registers; the row's own key (ctx - 1) is read from the qkv row by the warp whose tile
+  // holds it (always that warp's last tile) right after the PDL wait, and rotated when that tile
+  // is due: written into the tile's stage in place of the cache row and, in the block of the kv
+  // head's first pass, into the cache for later steps. No kernel runs between the qkv GEMM and
+  // this one.
+  const bool fold = TR && rope_cs != nullptr;
+  if (!TR && rope_cs != nullptr) __trap();  // cuda_attention.rope_folds never asks for it
+  constexpr int FP = (HD / 2 + 63) / 64;  // rotary pairs of dims a lane takes: 2 l + 64 p, + HD / 2
+  unsigned kr[FP][2], vr[FP][2];          // the fresh key's K and V there, packed
+  unsigned kcs[FP][2];                    // the position's cos and sin there
+  int fresh_tile = -1, fresh_row = 0;     // this warp's tile (and its row) of key ctx - 1
+  long fresh_at = 0;                      // that key's row in the cache
 
   // [ST][DM_KEYS][LD]; TMA: [ST][HD / 64][DM_KEYS][64], swizzled (`at` below)
   T* k_s = reinterpret_cast<T*>(smem_raw) + warp * 2 * ST * TILE;
@@ -124,7 +157,7 @@ __device__ __forceinline__ void decode_mma_body(
   auto load_boxes = [&](int i, bool early, bool late) {
     if (i >= nt) return;
     const int kb = first + i * NW * DM_KEYS, st = i % ST;
-    const bool own = kb + DM_KEYS > ctx - fresh;
+    const bool own = !fold && kb + DM_KEYS > ctx - fresh;  // fold: the stage is patched
     if (late ? !own : (early && own)) return;
     if (lane == 0) {
       unsigned long long* bar = &full[warp][st];
@@ -191,11 +224,68 @@ __device__ __forceinline__ void decode_mma_body(
         }
       }
     }
+    if (fold && i == fresh_tile) {  // the fresh key's row, rotated here (fold: not in the cache)
+      __syncwarp();  // every lane's copies of the tile have landed, the stale row's included
+      const bool writer = blockIdx.x % passes == 0;
+#pragma unroll
+      for (int p = 0; p < FP; p++) {
+        const int d = 2 * lane + 64 * p;
+        if (d >= HD / 2) continue;
+        rope_pair(kr[p][0], kr[p][1], kcs[p][0], kcs[p][1], tag);
+        if (writer) {
+          T* kc = const_cast<T*>(k_cache) + fresh_at;
+          T* vc = const_cast<T*>(v_cache) + fresh_at;
+          *reinterpret_cast<unsigned*>(kc + d) = kr[p][0];
+          *reinterpret_cast<unsigned*>(kc + d + HD / 2) = kr[p][1];
+          *reinterpret_cast<unsigned*>(vc + d) = vr[p][0];
+          *reinterpret_cast<unsigned*>(vc + d + HD / 2) = vr[p][1];
+        }
+        T* kt = const_cast<T*>(at(k_s + (i % ST) * TILE, fresh_row, d & ~7)) + (d & 7);
+        T* vt = const_cast<T*>(at(v_s + (i % ST) * TILE, fresh_row, d & ~7)) + (d & 7);
+        T* kt2 = const_cast<T*>(at(k_s + (i % ST) * TILE, fresh_row, (d + HD / 2) & ~7)) + (d & 7);
+        T* vt2 = const_cast<T*>(at(v_s + (i % ST) * TILE, fresh_row, (d + HD / 2) & ~7)) + (d & 7);
+        *reinterpret_cast<unsigned*>(kt) = kr[p][0];
+        *reinterpret_cast<unsigned*>(kt2) = kr[p][1];
+        *reinterpret_cast<unsigned*>(vt) = vr[p][0];
+        *reinterpret_cast<unsigned*>(vt2) = vr[p][1];
+      }
+    }
     __syncwarp();  // the other lanes' copies (and zeroed rows) of tile i are visible too
   };
 #pragma unroll
   for (int i = 0; i < ST - 1; i++) load_tile(i, true);
+  // fold: the position's cos and sin (never written by a kernel) before the wait: the fresh
+  // key's dims here, Q's (qcs) in the TR branch below
+  const long pos = fold ? positions[tok] : 0;
+  if (fold) {
+    const int kf = ctx - 1, rel = kf - first;
+    if (kf >= k_begin && kf < k_end && rel >= 0 && rel % (NW * DM_KEYS) < DM_KEYS &&
+        rel / (NW * DM_KEYS) < nt) {
+      fresh_tile = rel / (NW * DM_KEYS);
+      fresh_row = rel % (NW * DM_KEYS);
+      const int bi = kf / block_size;
+      fresh_at = (((long)table[bi] * num_kv_heads + kvh) * block_size + kf - bi * block_size) * HD;
+    }
+#pragma unroll
+    for (int p = 0; p < FP; p++) {
+      const int d = min(2 * lane + 64 * p, HD / 2 - 2);
+      kcs[p][0] = *reinterpret_cast<const unsigned*>(rope_cs + pos * HD + d);
+      kcs[p][1] = *reinterpret_cast<const unsigned*>(rope_cs + pos * HD + HD / 2 + d);
+    }
+  }
   pdl_start();
+  if (fold && fresh_tile >= 0) {  // the fresh key's K and V from the qkv row: loads in flight
+    const T* kq = qkv + tok * row_stride + (long)(num_heads + kvh) * HD;
+    const T* vq = kq + (long)num_kv_heads * HD;
+#pragma unroll
+    for (int p = 0; p < FP; p++) {
+      const int d = min(2 * lane + 64 * p, HD / 2 - 2);
+      kr[p][0] = *reinterpret_cast<const unsigned*>(kq + d);
+      kr[p][1] = *reinterpret_cast<const unsigned*>(kq + d + HD / 2);
+      vr[p][0] = *reinterpret_cast<const unsigned*>(vq + d);
+      vr[p][1] = *reinterpret_cast<const unsigned*>(vq + d + HD / 2);
+    }
+  }
   if constexpr (TMA) {  // the early tiles that hold this step's keys, now that they are written
 #pragma unroll
     for (int i = 0; i < ST - 1; i++) load_boxes(i, true, true);
@@ -203,7 +293,7 @@ __device__ __forceinline__ void decode_mma_body(
     // The keys left out of the early tiles (this step's own): their rows by plain loads into the
     // stages (no copy in flight targets them); the loop's __syncwarp after wait_group publishes
     // them to the warp.
-    for (int key = max(first, ctx - fresh); key < k_end; key++) {
+    for (int key = max(first, ctx - fresh); key < k_end && !fold; key++) {
       const int rel = key - first, ti = rel / (NW * DM_KEYS);
       if (rel % (NW * DM_KEYS) >= DM_KEYS || ti >= min(nt, ST - 1)) continue;
       const int j = rel % DM_KEYS, bi = key / block_size;
@@ -237,6 +327,16 @@ __device__ __forceinline__ void decode_mma_body(
     for (int kk = 0; kk < HD / 16; kk++) {
       qb[kk][0] = head_ok ? *reinterpret_cast<const unsigned*>(qh + kk * 16) : 0u;
       qb[kk][1] = head_ok ? *reinterpret_cast<const unsigned*>(qh + kk * 16 + 8) : 0u;
+    }
+    if (fold) {  // RoPE: dims kk * 16 + cq (+ 8) and their partners HD / 2 on, the same lane's
+#pragma unroll
+      for (int kk = 0; kk < HD / 32; kk++)
+#pragma unroll
+        for (int h = 0; h < 2; h++) {
+          const T* cs = rope_cs + pos * HD + kk * 16 + cq + 8 * h;
+          rope_pair(qb[kk][h], qb[kk + HD / 32][h], *reinterpret_cast<const unsigned*>(cs),
+                    *reinterpret_cast<const unsigned*>(cs + HD / 2), tag);
+        }
     }
     // ldmatrix lane addresses: K as the A operand (keys as rows); V^T by .trans, the A operand
     // of O^T += V^T P^T (dims as rows, keys as k)
@@ -519,11 +619,12 @@ __device__ __forceinline__ void decode_mma_body(
       const int *__restrict__ seqs, const int *__restrict__ query_start_loc,                   \
       const int *__restrict__ context_lens, const int *__restrict__ block_tables, int max_blocks, \
       int num_items, int num_heads, int num_kv_heads, int block_size, float scale_log2,        \
-      int num_splits, int min_keys, int fresh
+      int num_splits, int min_keys, int fresh, const T *__restrict__ rope_cs,                  \
+      const int *__restrict__ positions
 #define DM_ARGS                                                                                \
   out, part_out, part_ml, qkv, k_cache, v_cache, seqs, query_start_loc, context_lens,         \
       block_tables, max_blocks, num_items, num_heads, num_kv_heads, block_size, scale_log2,    \
-      num_splits, min_keys, fresh
+      num_splits, min_keys, fresh, rope_cs, positions
 
 // TR = 1: the transposed tiles (GR = 8 only: query heads as the n8 columns); TR = 2 (the
 // engine's default): the same, registers capped for 18 warps an SM (3 blocks of 6).
@@ -555,7 +656,7 @@ decode_mma_cluster_kernel(DM_PARAMS) {
 #ifdef PAGEDSERVE_NVCC_CHECK
 #define DM_SIG(T)                                                                              \
   (T*, float*, float*, const T*, const T*, const T*, const int*, const int*, const int*,       \
-   const int*, int, int, int, int, int, float, int, int, int)
+   const int*, int, int, int, int, int, float, int, int, int, const T*, const int*)
 #define INSTANTIATE(KERNEL, T, ...) template __global__ void KERNEL<T, __VA_ARGS__> DM_SIG(T);
 INSTANTIATE(decode_mma_kernel, __half, 64, 8, 4, 2)
 INSTANTIATE(decode_mma_kernel, __half, 128, 16, 4, 2)
@@ -569,7 +670,8 @@ INSTANTIATE(decode_mma_kernel, __nv_bfloat16, 128, 8, 4, 2, 1)
 INSTANTIATE(decode_mma_kernel, __half, 64, 8, 4, 2, 1)
 #define DM_TMA_SIG(T)                                                                          \
   (T*, float*, float*, const T*, const T*, const T*, const int*, const int*, const int*,       \
-   const int*, int, int, int, int, int, float, int, int, int, const __grid_constant__ TmaMap, \
+   const int*, int, int, int, int, int, float, int, int, int, const T*, const int*,           \
+   const __grid_constant__ TmaMap, \
    const __grid_constant__ TmaMap)
 template __global__ void decode_mma_tma_kernel<__nv_bfloat16, 128, 8, 4, 2, 2> DM_TMA_SIG(
     __nv_bfloat16);

@@ -51,8 +51,16 @@ def step_meta(prompt_lens, ctx, num_new, block_size, tables):
     return meta, np.concatenate(positions).astype(np.int32), (qsl[1:] - 1).astype(np.int32)
 
 
-@pytest.mark.parametrize("preset,vocab", [("qwen3-0.6b", None), ("llama3-8b", 32000)])
-def test_model_bf16_matches_numpy(preset, vocab):
+@pytest.mark.parametrize("preset,vocab,short", [("qwen3-0.6b", None, True),
+                                                ("llama3-8b", 32000, True),
+                                                ("llama3-8b", 32000, False)])
+def test_model_bf16_matches_numpy(preset, vocab, short, monkeypatch):
+    """short False: no short-context (cluster) decode plans, so that Llama's decode steps take
+    the RoPE fold (RoPE and the KV write in the decode kernel), which the test asserts."""
+    from engine.executor.ops import cuda_attention
+
+    if not short:
+        monkeypatch.setattr(cuda_attention, "SHORT_DECODE_CONTEXT", 0)
     config = ModelConfig.from_preset(preset)
     config.num_layers = 2
     config.vocab_size = vocab or config.vocab_size
@@ -71,7 +79,10 @@ def test_model_bf16_matches_numpy(preset, vocab):
     for _ in range(33):  # the prefill, then 32 decode steps
         meta, positions, last = step_meta(prompt_lens, ctx, num_new, block_size, tables)
         want = ref.forward(ids, positions, cache_ref, meta, last)
-        got = ops.to_host(dev.forward(ids, positions, cache_dev, ops.prepare_metadata(meta), last))
+        dmeta = ops.prepare_metadata(meta)
+        if not short and meta.max_query_len == 1:
+            assert dev.rope_in_attention(dmeta)
+        got = ops.to_host(dev.forward(ids, positions, cache_dev, dmeta, last))
         assert np.isfinite(got).all()
         errors.append(np.linalg.norm(got - want) / np.linalg.norm(want))
         agree.append(np.mean(got.argmax(-1) == want.argmax(-1)))
@@ -82,17 +93,19 @@ def test_model_bf16_matches_numpy(preset, vocab):
     assert np.mean(agree) > 0.7, agree
 
 
+@pytest.mark.parametrize("preset", ["qwen3-0.6b", "llama3-8b"])
 @pytest.mark.parametrize("short_context", [512, 41, 0])
-def test_decode_graph_matches_eager(short_context, monkeypatch):
+def test_decode_graph_matches_eager(short_context, preset, monkeypatch):
     """Replayed against eager: the short-context graph while every context fits
     SHORT_DECODE_CONTEXT (512; the longest context here is 41), the split graph past it (41:
-    contexts 41, 8, 20 fit, then one of 42 does not), none when they are off (0)."""
+    contexts 41, 8, 20 fit, then one of 42 does not), none when they are off (0). Llama's split
+    graphs take the RoPE fold, with a padding row (3 sequences in the graph of 4)."""
     from engine.executor.cuda_graph import DecodeGraphs
     from engine.executor.ops import cuda_attention
 
     monkeypatch.setattr(cuda_attention, "SHORT_DECODE_CONTEXT", short_context)
 
-    config = ModelConfig.from_preset("qwen3-0.6b")
+    config = ModelConfig.from_preset(preset)
     config.num_layers, config.vocab_size = 2, 4096
     ops = CudaOps("bfloat16")
     model = Transformer(config, dummy_weights(config, ops, seed=2), ops, 512)
@@ -123,6 +136,7 @@ def test_decode_graph_matches_eager(short_context, monkeypatch):
             assert plan.decode_cluster == cuda_attention.SHORT_DECODE_CLUSTER == plan.num_splits
         else:
             assert plan.decode_cluster == 1 and plan.num_splits > 1
+            assert model.rope_in_attention(chosen[2]) == (preset == "llama3-8b")
         ids = rng.integers(0, config.vocab_size, batch).astype(np.int32)
         replayed = ops.to_host(graphs.run(ids, positions, meta))
         eager = ops.to_host(model.forward(ids, positions, cache, ops.prepare_metadata(meta),

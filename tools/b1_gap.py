@@ -256,8 +256,10 @@ def leaving_out(engine, kinds: list[str]):
     linear = ops.linear
     nothing = cupy.empty  # an output left unfilled
     patches = {
+        # (with the RoPE fold, Llama-type decode steps do RoPE and the KV write in attention:
+        # "rope" alone then leaves them as they are)
         "attention": [(ops, "attention", lambda qkv, k_cache, v_cache, meta, num_heads, *rest,
-                       out=None: out if out is not None else
+                       out=None, rope=None: out if out is not None else
                        nothing((len(qkv), num_heads * k_cache.shape[-1]), ops.storage))],
         "rope": [(ops, "qk_norm_rope_kv_write", lambda *args, **kwargs: None)],
         "lm-head": [(ops, "linear", lambda x, w, bias=None, **kw: nothing(

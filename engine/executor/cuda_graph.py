@@ -3,9 +3,11 @@
 A decode step launches ~15 kernels per layer; from Python each costs microseconds, so at small
 batches the GPU mostly waits. Replaying a captured graph launches them all at once. Inputs live in
 persistent device buffers that each step overwrites; padding rows have slot -1 and context 0, so
-they write nothing and attend to nothing. The host stages them in one of two pinned buffers, in
-turn, so staging step N+1 never overwrites what step N's (asynchronous) upload still reads; input
-placeholders of an overlapped step are resolved on the stream right before the replay.
+they write nothing and attend to nothing (slot -1 stops qk_rope_kv.cu's write; where the decode
+kernel writes the key itself, the RoPE fold, context 0 does). The host stages them in one of two
+pinned buffers, in turn, so staging step N+1 never overwrites what step N's (asynchronous) upload
+still reads; input placeholders of an overlapped step are resolved on the stream right before the
+replay.
 
 Short contexts: for batches of up to cuda_attention.SHORT_DECODE_MAX_SEQS sequences a second graph
 per size runs each (sequence, kv head)'s attention as one thread-block cluster whose blocks combine

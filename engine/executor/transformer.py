@@ -65,25 +65,39 @@ class Transformer:
         c = self.config
         x = self.ops.embedding(input_ids, self.weights.embed)  # (T, hidden)
         residual = None
+        fold = self.rope_in_attention(meta)
+        rope = (positions, self.cos_sin) if fold else None
         for i in range(len(self.weights.layers)):
             k_cache, v_cache = kv_cache[i, 0], kv_cache[i, 1]
             qkv, residual = self.attention_inputs(i, x, residual, positions, k_cache, v_cache,
-                                                  meta.slot_mapping)
+                                                  meta.slot_mapping, rope=not fold)
             attn = self.ops.attention(qkv, k_cache, v_cache, meta, c.num_heads, c.num_kv_heads,
-                                      self.scale)  # (T, q_size)
+                                      self.scale, rope=rope)  # (T, q_size)
             x, residual = self.layer_output(i, attn, residual)
         return self.logits(self.final_norm(x, residual), logits_indices)
+
+    def rope_in_attention(self, meta) -> bool:
+        """Whether this step leaves RoPE and the k/v cache write to the attention (ops.folds_rope:
+        decode-only steps on the cuda backend's mma decode kernel; one launch a layer fewer); not
+        with q/k norms or a qkv bias, which the attention does not do."""
+        c = self.config
+        return (not c.qk_norm and self.weights.layers[0].qkv_bias is None
+                and self.ops.folds_rope(meta, c.num_heads, c.num_kv_heads))
 
     # The layer, cut at attention: mixed_graphs.py replays the parts between two attentions as
     # CUDA graphs and runs the attention itself eagerly.
 
-    def attention_inputs(self, i: int, x, residual, positions, k_cache, v_cache, slot_mapping):
+    def attention_inputs(self, i: int, x, residual, positions, k_cache, v_cache, slot_mapping,
+                         rope: bool = True):
         """Layer i up to its attention: (qkv (T, q_size + 2 * kv_size), residual (T, hidden)),
-        every new token's k and v written to the cache."""
+        every new token's k and v written to the cache (rope False: qkv straight from its GEMM,
+        for an attention that does RoPE and the write itself)."""
         ops, c, layer = self.ops, self.config, self.weights.layers[i]
         # residual += x, RMSNorm, qkv GEMM: one GEMV launch on the GPU at decode batches
         qkv, residual = ops.add_rms_norm_linear(x, residual, layer.input_norm, c.rms_norm_eps,
                                                 layer.qkv)
+        if not rope:
+            return qkv, residual
         # bias, q/k norm, RoPE and the cache write: one kernel on the GPU
         ops.qk_norm_rope_kv_write(
             qkv, positions, self.cos_sin, layer.q_norm if c.qk_norm else None,

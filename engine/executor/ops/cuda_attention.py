@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import cupy
 import numpy as np
 
-from engine.executor.ops import AttentionMetadata, longest_first
+from engine.executor.ops import AttentionMetadata, cuda_kernels, longest_first
 from engine.executor.ops.cuda_kernels import (
     DECODE_CLUSTER_CONFIGS,
     DECODE_GROUPS,
@@ -94,6 +94,9 @@ SHORT_DECODE_MAX_SEQS = 8
 # (warps, stages) and blocks a cluster; a cluster of 1: one split a (sequence, kv head), any GPU
 SHORT_DECODE_CONFIG = DECODE_CLUSTER_CONFIGS[0][:2]
 SHORT_DECODE_CLUSTER = DECODE_CLUSTER_CONFIGS[0][2]
+# The RoPE fold (rope_folds): a decode-only step's q RoPE and k/v cache write run inside the mma
+# decode kernel instead of qk_rope_kv.cu's launch between the qkv GEMM and attention.
+ROPE_FOLD = os.environ.get("PAGEDSERVE_ROPE_FOLD", "1")
 KERNEL_MAX_SPLITS, REDUCE_THREADS = 256, 512  # attention.cu's MAX_SPLITS and RED_THREADS
 LOG2E = 1.4426950408889634  # the kernels' softmax is base 2: scores are scaled by scale * log2(e)
 
@@ -278,10 +281,38 @@ def takes_short_graph(num_seqs: int, max_context: int) -> bool:
             and decode_kernel() == "mma")
 
 
+def step_plan(meta: DeviceAttentionMetadata, num_kv_heads: int, group: int) -> AttentionPlan:
+    """The step's AttentionPlan for this GQA group, made by the first layer that asks."""
+    plan = meta.work.get(group)
+    if plan is None:
+        plan = make_plan(meta.host.query_start_loc, num_kv_heads, group, meta.max_context_len,
+                         meta.num_splits, meta.host.context_lens)
+        meta.work[group] = plan
+    return plan
+
+
+def rope_folds(meta: DeviceAttentionMetadata, num_heads: int, num_kv_heads: int) -> bool:
+    """Whether paged_attention(rope=...) takes the step: every row a decode of one new token
+    (no prefill work, no verify rows), on the mma kernel's transposed tiles (8 query heads a
+    block), one split cluster. The caller leaves out qk_norm_rope_kv_write then, and must have
+    no q/k norm or qkv bias (the fold does RoPE only)."""
+    if ROPE_FOLD != "1" or decode_kernel() != "mma" or num_heads % num_kv_heads:
+        return False
+    group = num_heads // num_kv_heads
+    if decode_tile(group)[0] != 8 or cuda_kernels.DECODE_MMA_TR == "0":
+        return False  # the fold is the transposed tiles' (8 query heads as an mma's columns)
+    plan = step_plan(meta, num_kv_heads, group)
+    return (not len(plan.prefill_work) and plan.fresh_keys == 1 and plan.decode_cluster == 1
+            and len(plan.decode_seqs) > 0)
+
+
 def paged_attention(qkv, k_cache, v_cache, meta: DeviceAttentionMetadata, num_heads: int,
-                    num_kv_heads: int, scale: float, ctype: str, out=None) -> cupy.ndarray:
+                    num_kv_heads: int, scale: float, ctype: str, out=None,
+                    rope=None) -> cupy.ndarray:
     # qkv (T, (nh + 2 nkv) * hd), caches (num_blocks, nkv, block_size, hd) -> (T, nh * hd),
-    # written into `out` when given (mixed_graphs.py: the buffer its graphs read)
+    # written into `out` when given (mixed_graphs.py: the buffer its graphs read). rope:
+    # (positions (T,) int32, cos_sin (max_pos, hd) of qkv's dtype) where rope_folds said yes:
+    # the kernel applies RoPE to q and k and writes k and v into the cache (qkv unchanged)
     num_blocks, cache_kv_heads, block_size, head_dim = k_cache.shape
     if cache_kv_heads != num_kv_heads or v_cache.shape != k_cache.shape:
         raise ValueError(f"kv cache shape {k_cache.shape} / {v_cache.shape} does not match "
@@ -295,11 +326,20 @@ def paged_attention(qkv, k_cache, v_cache, meta: DeviceAttentionMetadata, num_he
     num_tokens = len(qkv)
     if qkv.shape[1] != (num_heads + 2 * num_kv_heads) * head_dim:
         raise ValueError(f"qkv width {qkv.shape[1]} != (nh + 2 nkv) * head_dim")
-    plan = meta.work.get(group)
-    if plan is None:
-        plan = make_plan(meta.host.query_start_loc, num_kv_heads, group, meta.max_context_len,
-                         meta.num_splits, meta.host.context_lens)
-        meta.work[group] = plan
+    plan = step_plan(meta, num_kv_heads, group)
+    rope_args = (np.uint64(0), np.uint64(0))
+    if rope is not None:
+        positions, cos_sin = rope
+        if not rope_folds(meta, num_heads, num_kv_heads):
+            raise ValueError("attention: rope given for a step the fold does not take "
+                             "(rope_folds is False)")
+        if cos_sin.dtype != qkv.dtype or cos_sin.ndim != 2 or cos_sin.shape[1] != head_dim:
+            raise ValueError(f"attention: cos_sin must be ({qkv.dtype}, (max_positions, "
+                             f"{head_dim})), got {cos_sin.dtype} {cos_sin.shape}")
+        if positions.dtype != np.int32 or positions.shape != (num_tokens,):
+            raise ValueError(f"attention: positions must be int32 of shape ({num_tokens},), got "
+                             f"{positions.dtype} {positions.shape}")
+        rope_args = (cos_sin, positions)
     if out is None:
         out = cupy.empty((num_tokens, num_heads * head_dim), qkv.dtype)
     elif (out.shape != (num_tokens, num_heads * head_dim) or out.dtype != qkv.dtype
@@ -347,7 +387,7 @@ def paged_attention(qkv, k_cache, v_cache, meta: DeviceAttentionMetadata, num_he
             smem = max(nw * st * 2 * 16 * row * 2, nw * g * head_dim * 4) + (1024 if tma else 0)
             if k.max_dynamic_shared_size_bytes < smem:
                 k.max_dynamic_shared_size_bytes = smem
-            tail = (i32(plan.fresh_keys),)
+            tail = (i32(plan.fresh_keys), *rope_args)
             if tma:  # the maps go by value: launch() sends them
                 tail += (tma_map(k_cache, 16), tma_map(v_cache, 16))
             launch(k, grid, (nw * 32,), args + tail, shared_mem=smem, pdl=True)

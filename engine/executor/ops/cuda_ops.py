@@ -30,6 +30,7 @@ from engine.executor.ops.cuda_attention import (
     decode_kernel,
     paged_attention,
     prepare_metadata,
+    rope_folds,
 )
 from engine.executor.ops.cuda_blas import Gemm
 from engine.executor.ops.cuda_gemm_plan import PlannedGemm, lean_gemm_enabled
@@ -511,17 +512,28 @@ class CudaOps:
                 (k_cache, v_cache, qkv, slot_mapping, _i32(num_heads), _i32(num_kv_heads),
                  _i32(head_dim), _i32(block_size)))
 
-    def attention(self, qkv, k_cache, v_cache, meta, num_heads, num_kv_heads, scale, out=None):
+    def attention(self, qkv, k_cache, v_cache, meta, num_heads, num_kv_heads, scale, out=None,
+                  rope=None):
         """Causal attention of every new query over its sequence's paged cache -> (T, q_size),
-        into `out` when given."""
+        into `out` when given. rope (positions, cos_sin), where folds_rope said yes: RoPE on q
+        and k and the k/v cache write happen here (qk_norm_rope_kv_write left out)."""
         self._check(qkv, "qkv", 2)
         self._check(k_cache, "k_cache", 4)
         self._check(v_cache, "v_cache", 4)
         self._head_dim_ok(k_cache.shape[-1])
         if isinstance(meta, AttentionMetadata):
             meta = prepare_metadata(meta)
+        if rope is not None:
+            rope = (self._ints(rope[0], "positions"), rope[1])
         return paged_attention(qkv, k_cache, v_cache, meta, num_heads, num_kv_heads, scale,
-                               self.ctype, out)
+                               self.ctype, out, rope)
+
+    def folds_rope(self, meta, num_heads, num_kv_heads) -> bool:
+        """Whether attention(rope=...) can take this step's RoPE and k/v cache write (a
+        decode-only step on the mma kernel's transposed tiles: cuda_attention.rope_folds); the
+        model must have no q/k norm and no qkv bias."""
+        return (not isinstance(meta, AttentionMetadata)
+                and rope_folds(meta, num_heads, num_kv_heads))
 
     # ---------------------------------------------------------------- sampling
 

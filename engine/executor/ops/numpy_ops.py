@@ -227,10 +227,19 @@ class NumpyOps:
         k_cache[blocks, :, offsets] = k[keep]
         v_cache[blocks, :, offsets] = v[keep]
 
+    def folds_rope(self, meta: AttentionMetadata, num_heads, num_kv_heads) -> bool:
+        """Whether attention(rope=...) takes this step's RoPE and k/v cache write: decode-only
+        steps, as on the cuda backend (whose mma decode kernel does them in its own launch)."""
+        return meta.max_query_len == 1
+
     def attention(
-        self, qkv, k_cache, v_cache, meta: AttentionMetadata, num_heads, num_kv_heads, scale
+        self, qkv, k_cache, v_cache, meta: AttentionMetadata, num_heads, num_kv_heads, scale,
+        rope=None,
     ):
         """Causal attention of every new query over its sequence's paged cache -> (T, q_size).
+        rope (positions, cos_sin), where folds_rope said yes: first RoPE on a copy of q and k
+        and k and v into the cache at meta.slot_mapping (qkv itself unchanged), as the cuda
+        backend's decode kernel does in the same launch.
 
         A sequence's new queries go ATTENTION_ROWS at a time, each group against only the keys its
         last query sees: the scores stay a few MB however long the prompt, and the products are
@@ -239,6 +248,10 @@ class NumpyOps:
         head_dim = k_cache.shape[-1]
         block_size = k_cache.shape[2]
         group = num_heads // num_kv_heads
+        if rope is not None:
+            qkv = qkv.copy()
+            self.rope(qkv, rope[0], rope[1], num_heads, num_kv_heads)
+            self.write_kv_cache(qkv, k_cache, v_cache, meta.slot_mapping, num_heads, num_kv_heads)
         q, _, _ = _split_heads(qkv, num_heads, num_kv_heads, head_dim)
         out = np.empty(q.shape, np.float32)  # (T, num_heads, head_dim)
         for s in range(len(meta.context_lens)):
