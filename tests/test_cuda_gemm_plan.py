@@ -64,8 +64,11 @@ def test_refused_plan_falls_back_to_gemm_ex(ops):
 
 
 def test_lean_gemm_is_on_by_default(monkeypatch):
+    """Alone (PAGEDSERVE_GEMM_TUNE=0), or above the tuned rows (cuda_gemm_tune's `beyond`)."""
     monkeypatch.delenv("PAGEDSERVE_LEAN_GEMM", raising=False)
     monkeypatch.delenv("PAGEDSERVE_GEMM_TUNE", raising=False)
+    assert isinstance(CudaOps("bfloat16")._gemm.tuned.beyond, PlannedGemm)
+    monkeypatch.setenv("PAGEDSERVE_GEMM_TUNE", "0")
     assert isinstance(CudaOps("bfloat16")._gemm.tuned, PlannedGemm)
     monkeypatch.setenv("PAGEDSERVE_LEAN_GEMM", "0")
     assert CudaOps("bfloat16")._gemm.tuned is None

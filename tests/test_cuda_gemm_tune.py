@@ -1,10 +1,13 @@
-"""cuda_gemm_tune.TunedGemm (PAGEDSERVE_GEMM_TUNE=1): every cuBLASLt algorithm it may pick computes
-linear()'s numpy twin (only the summation order differs), its plans replay in CUDA graphs, and a
-shape first met inside a capture runs cublasGemmEx without timing anything; activation.cu's 8-wide
+"""cuda_gemm_tune.TunedGemm (PAGEDSERVE_GEMM_TUNE, on up to 128 rows): every cuBLASLt algorithm it
+may pick computes linear()'s numpy twin (only the summation order differs), its plans replay in
+CUDA graphs, a shape first met inside a capture runs cublasGemmEx without timing anything, and
+rows above its limit run on the planned path untimed; activation.cu's 8-wide
 SiLU-mul (on by default; PAGEDSERVE_SILU_VEC8=0: scalar) equals the scalar kernel bit for bit
 (GPU only)."""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
@@ -14,6 +17,7 @@ pytestmark = pytest.mark.gpu
 cupy = require_gpu()
 
 from engine.executor.ops import cuda_gemm_tune  # noqa: E402
+from engine.executor.ops.cuda_gemm_plan import PlannedGemm  # noqa: E402
 from engine.executor.ops.cuda_gemm_tune import PLANS, TunedGemm, bucket  # noqa: E402
 from engine.executor.ops.cuda_ops import CudaOps  # noqa: E402
 from engine.executor.ops.numpy_ops import NumpyOps  # noqa: E402
@@ -26,7 +30,7 @@ TOL = {"float16": 2e-3, "bfloat16": 1e-2}
 @pytest.fixture(scope="module", params=["float16", "bfloat16"])
 def ops(request):
     ops = CudaOps(request.param)
-    ops._gemm.tuned = TunedGemm(ops._gemm)
+    ops._gemm.tuned = TunedGemm(ops._gemm, max_m=1 << 30)  # every M tuned: the tests' shapes
     return ops
 
 
@@ -118,11 +122,35 @@ def test_shape_first_met_in_a_capture_runs_gemm_ex_untimed(ops):
     assert cupy.array_equal(got, want)
 
 
-def test_tuning_is_off_by_default(monkeypatch):
-    monkeypatch.delenv("PAGEDSERVE_GEMM_TUNE", raising=False)
-    assert not isinstance(CudaOps("bfloat16")._gemm.tuned, TunedGemm)  # a plan, or None
-    monkeypatch.setenv("PAGEDSERVE_GEMM_TUNE", "1")
-    assert isinstance(CudaOps("bfloat16")._gemm.tuned, TunedGemm)
+def test_tuning_is_on_by_default_up_to_128_rows_then_planned(monkeypatch):
+    for var in ("PAGEDSERVE_GEMM_TUNE", "PAGEDSERVE_LEAN_GEMM"):
+        monkeypatch.delenv(var, raising=False)
+    tuned = CudaOps("bfloat16")._gemm.tuned
+    assert isinstance(tuned, TunedGemm) and isinstance(tuned.beyond, PlannedGemm)
+    assert tuned.max_m == cuda_gemm_tune.TUNE_MAX_M == int(
+        os.environ.get("PAGEDSERVE_GEMM_TUNE_MAX_M", "128"))
+    monkeypatch.setenv("PAGEDSERVE_LEAN_GEMM", "0")
+    assert CudaOps("bfloat16")._gemm.tuned.beyond is None  # cublasGemmEx above the limit
+    monkeypatch.setenv("PAGEDSERVE_GEMM_TUNE", "0")
+    assert CudaOps("bfloat16")._gemm.tuned is None
+    monkeypatch.setenv("PAGEDSERVE_LEAN_GEMM", "1")
+    assert isinstance(CudaOps("bfloat16")._gemm.tuned, PlannedGemm)
+
+
+def test_rows_above_max_m_run_on_beyond_untimed(ops):
+    n, k = 1024, 512
+    planned = PlannedGemm(ops._gemm)
+    saved, ops._gemm.tuned = ops._gemm.tuned, TunedGemm(ops._gemm, max_m=64, beyond=planned)
+    try:
+        for m in (64, 65, 200):
+            x, w, want = operands(ops, m, n, k, seed=m)
+            assert rel(ops.to_host(ops.linear(x, w)), want) < TOL[ops.dtype]
+    finally:
+        ops._gemm.tuned = saved
+    assert (64, n, k, ops.dtype) in PLANS  # tuned
+    assert {key for key in PLANS if key[1:] == (n, k, ops.dtype)} == {(64, n, k, ops.dtype)}
+    assert (65, n, k, ops.dtype) in planned.plans and (200, n, k, ops.dtype) in planned.plans
+    assert (64, n, k, ops.dtype) not in planned.plans
 
 
 @pytest.mark.parametrize("rows, inter", [(1, 64), (37, 1536), (256, 14336)])

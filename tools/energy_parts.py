@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> None:
     from engine.executor.ops.cuda_ops import CudaOps
 
     ops = CudaOps("bfloat16")
-    ops._gemm.tuned = None  # cublasGemmEx, as the decode graphs run it
+    ops._gemm.tuned = None  # cublasGemmEx, as the decode graphs run it above 128 rows
     nvml = Nvml()
     rng = np.random.default_rng(5)
     table: list = []

@@ -2,8 +2,8 @@
 each timed alone by CUDA-graph replay (no launch gaps, weights read cold), with its rate and % of
 the H200's ceiling:
 - every GEMM (qkv, o, gate_up, down, lm_head) at decode batches M = 16..256 and prefill chunks
-  M = 2048 / 8192: cublasGemmEx as the engine runs it by default, then the plan
-  cuda_gemm_tune.TunedGemm measures (PAGEDSERVE_GEMM_TUNE=1), captured in the graph as the engine
+  M = 2048 / 8192: cublasGemmEx, then the plan cuda_gemm_tune.TunedGemm measures (here at every
+  M; the engine tunes up to PAGEDSERVE_GEMM_TUNE_MAX_M rows), captured in the graph as the engine
   would; errors against the numpy twin (8 rows) and against cublasGemmEx (all rows);
 - add + RMSNorm, SiLU-mul (activation.cu's scalar and 8-wide kernels), RoPE + KV write at the
   same M;
@@ -28,7 +28,7 @@ def check_w1(ops, kc):
     rng = np.random.default_rng(11)
     small = kc.OPTS["small"]
     decode_ms, prefill_ms = ((64,), ()) if small else (DECODE_MS, PREFILL_MS)
-    tuner = cuda_gemm_tune.TunedGemm(ops._gemm)
+    tuner = cuda_gemm_tune.TunedGemm(ops._gemm, max_m=1 << 30)
     saved = ops._gemm.tuned
     sums = {m: dict.fromkeys(("default", "tuned", "lm_default", "lm_tuned", "other",
                               "attention"), 0.0) for m in decode_ms + prefill_ms}

@@ -60,8 +60,9 @@ class Gemm:
         self._workspace = cupy.empty(WORKSPACE_BYTES, cupy.uint8)
         self._stream = None  # the stream the handle was last bound to
         self._one, self._zero = ctypes.c_float(1.0), ctypes.c_float(0.0)
-        # cuda_gemm_tune.TunedGemm when PAGEDSERVE_GEMM_TUNE=1: runs a shape on its measured
-        # fastest cuBLASLt algorithm, or answers False (then cublasGemmEx runs)
+        # cuda_gemm_tune.TunedGemm (PAGEDSERVE_GEMM_TUNE, on) or cuda_gemm_plan.PlannedGemm: runs
+        # a shape on a cuBLASLt algorithm (measured fastest / the heuristic's first), or answers
+        # False (then cublasGemmEx runs)
         self.tuned = None
         # cuda_blaslt.Fp8Gemm sharing this handle and workspace (cuda_fp8.fp8_gemm), made at
         # first use: an attribute, so that the two go together (a reference cycle the collector

@@ -1,4 +1,4 @@
-"""16-bit GEMMs on the fastest cuBLASLt algorithm for their shape, measured (opt-in).
+"""16-bit GEMMs on the fastest cuBLASLt algorithm for their shape, measured (up to 128 rows).
 
 cublasGemmEx runs cuBLAS's first heuristic guess. At decode shapes (M = 16..256 rows against
 4096..28672 weight rows) that guess can leave SMs idle (a 128 x 128 tile grid of 64-96 tiles on
@@ -13,16 +13,20 @@ Plans live in one table per process (PLANS), so every engine in a process makes 
 (one GPU per process: tensor-parallel ranks are processes). The result differs from
 cublasGemmEx's only by summation order (split K, tile shape).
 
-NOTE: off by default. H200, Llama-3-8B shapes (kernel_check --only w1, run B): graph-replayed,
-the tuned plans gain 5-11% on some shapes (gate_up at M = 128..256 and 2048..8192, lm_head at
-M = 32, 64, 192) and lose up to 5% on others (gate_up M = 16, down M = 128): one call timed after
-an L2 flush ranks algorithms within a few % of each other differently from back-to-back replay.
-Net per decode step 1.1-1.5% (M = 64..256), per 8192-token chunk 2.1%; W1 Llama 9,623 tok/s with
-it (and the 8-wide SiLU) against 9,472 without (run A): within run-to-run noise. Session 18:
-9,777 with it against 9,907 and 9,936 without, interleaved in one call.
+On by default up to TUNE_MAX_M (128) rows: the decode steps of small batches, where a layer's
+weights stream once and cublasGemmEx's grid can leave SMs idle (H200 trace of W1 Llama-3-8B,
+steps of 16-128 sequences: qkv on 96 blocks at 3.0-3.2 TB/s, o at 49-128 rows on 128 blocks at
+2.3-2.9 TB/s, where the lm_head reaches 4.1-4.4). Above it, the shape's GEMMs run on `beyond`
+(CudaOps gives PlannedGemm, cuBLASLt's first heuristic algorithm) or cublasGemmEx: there plans
+timed alone lose at the power cap (session 24, H200: every M tuned, W1 Llama-3-8B 10,252
+against 10,414; session 18: 9,777 against 9,907 / 9,936). Session 35, H100, W1 Llama-3-8B
+interleaved in two calls: up to 128 rows 8,900 / 8,902 output tok/s against 8,815 / 8,800 with
+PAGEDSERVE_GEMM_TUNE=0 (decode steps of 1-64 and 65-128 sequences 2.7-2.9% shorter), up to 64
+rows 8,883, up to 192 rows 8,856. H100 and H200 have ranked such choices differently before
+(README, Performance); the H200's A/B is `tools/h200_bench.sh w1-8b-ab`.
 
-    PAGEDSERVE_GEMM_TUNE=1             turn it on
-    PAGEDSERVE_GEMM_TUNE_MAX_M=256     tune only up to this many rows (larger: cublasGemmEx)
+    PAGEDSERVE_GEMM_TUNE=0             cublasGemmEx / PlannedGemm only (nothing timed)
+    PAGEDSERVE_GEMM_TUNE_MAX_M=128     tune only up to this many rows
 """
 
 from __future__ import annotations
@@ -55,10 +59,10 @@ FLUSH_BYTES = 80 << 20  # > the H200's 60 MiB L2
 
 
 def tuning_enabled() -> bool:
-    return os.environ.get("PAGEDSERVE_GEMM_TUNE", "0") == "1"
+    return os.environ.get("PAGEDSERVE_GEMM_TUNE", "1") == "1"
 
 
-TUNE_MAX_M = int(os.environ.get("PAGEDSERVE_GEMM_TUNE_MAX_M", str(1 << 30)))
+TUNE_MAX_M = int(os.environ.get("PAGEDSERVE_GEMM_TUNE_MAX_M", "128"))
 # (bucket M, N, K, dtype) -> (M tuned at, heuristic result) or None (cublasGemmEx was fastest)
 PLANS: dict[tuple, tuple | None] = {}
 TIMINGS: dict[tuple, list[tuple[float, str]]] = {}  # same key -> [(us, label)] (kernel_check)
@@ -92,10 +96,13 @@ def flushed_median(run, reps: int, flush: cupy.ndarray) -> float:
 
 class TunedGemm:
     """gemm.tuned: __call__ runs y = x @ w^T on the tuned plan and returns True, or returns False
-    (Gemm then runs cublasGemmEx)."""
+    (Gemm then runs cublasGemmEx). Above max_m rows nothing is tuned: `beyond` (another
+    gemm.tuned, e.g. PlannedGemm) runs the product if given."""
 
-    def __init__(self, gemm: Gemm):
+    def __init__(self, gemm: Gemm, max_m: int = TUNE_MAX_M, beyond=None):
         self._gemm = gemm
+        self.max_m = max_m
+        self.beyond = beyond
         lib = self._lib = load_cupys_library("libcublasLt")
         p, i, u64, i64, sz = (ctypes.c_void_p, ctypes.c_int, ctypes.c_uint64, ctypes.c_int64,
                               ctypes.c_size_t)
@@ -136,8 +143,8 @@ class TunedGemm:
     def __call__(self, x: cupy.ndarray, w: cupy.ndarray, out: cupy.ndarray, dtype: str) -> bool:
         m, k = x.shape
         n = w.shape[0]
-        if m > TUNE_MAX_M:
-            return False
+        if m > self.max_m:
+            return self.beyond is not None and self.beyond(x, w, out, dtype)
         key = (bucket(m), n, k, dtype)
         if key not in PLANS:
             if cupy.cuda.get_current_stream().is_capturing():

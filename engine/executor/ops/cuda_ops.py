@@ -82,8 +82,9 @@ class CudaOps:
         self.ctype = CTYPES[dtype]
         self.storage = np.dtype(DTYPES[dtype])
         self._gemm = Gemm()
-        if tuning_enabled():
-            self._gemm.tuned = TunedGemm(self._gemm)
+        if tuning_enabled():  # up to TUNE_MAX_M rows; above, as without it
+            self._gemm.tuned = TunedGemm(
+                self._gemm, beyond=PlannedGemm(self._gemm) if lean_gemm_enabled() else None)
         elif lean_gemm_enabled():
             self._gemm.tuned = PlannedGemm(self._gemm)
         # Structured outputs: the bitmask's pinned staging buffer, and the event after its last
