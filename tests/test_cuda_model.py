@@ -104,6 +104,10 @@ def test_decode_graph_matches_eager(short_context, preset, monkeypatch):
     from engine.executor.ops import cuda_attention
 
     monkeypatch.setattr(cuda_attention, "SHORT_DECODE_CONTEXT", short_context)
+    # GEMMs on cuBLAS's own choices: tuned plans are per row count (cuda_gemm_tune), and the eager
+    # step's 3 rows and the graph's 4 may take algorithms whose bf16 roundings, through two
+    # layers, differ beyond this tolerance (session 35, H100); test_cuda_gemm_tune holds them
+    monkeypatch.setenv("PAGEDSERVE_GEMM_TUNE", "0")
 
     config = ModelConfig.from_preset(preset)
     config.num_layers, config.vocab_size = 2, 4096
