@@ -172,6 +172,7 @@ class AsyncEngine:
         # core yet (tokenizing, or a non-streamed call's task not started): counted with the
         # waiting ones, so that a burst cannot pass the check together.
         self.admitting = 0
+        self.ending = False  # end_all ran: the server is stopping
 
     @property
     def is_ready(self) -> bool:
@@ -230,6 +231,9 @@ class AsyncEngine:
             raise EngineFault(f"the engine core died: {self.dead}")
         arrival = time.time()
         self.processor.add_request(request_id, text, ids, params, arrival)  # may raise
+        if self.ending:  # a call's later prompt after end_all: it ends as the others did
+            group.put(self.processor.abort(request_id))
+            return
         accepted = asyncio.get_running_loop().create_future()
         self._pending[request_id] = accepted
         self._groups[request_id] = group
@@ -258,7 +262,9 @@ class AsyncEngine:
     def abort(self, request_id: str):
         """Stop a request wherever it is: its final output (finish_reason "abort"), or None when
         it had already finished (or the core died, taking every request with it)."""
-        self._pending.pop(request_id, None)
+        accepted = self._pending.pop(request_id, None)
+        if accepted is not None and not accepted.done():
+            accepted.set_result(None)  # its caller reads the final output (end_all) or has left
         self._groups.pop(request_id, None)
         self._waiting.discard(request_id)
         if self.dead is not None:
@@ -275,6 +281,7 @@ class AsyncEngine:
         handing each its final output, so that a stream sends its last chunk and [DONE] and a
         waiting call answers, instead of being cut off when the drain runs out. Returns how
         many there were."""
+        self.ending = True
         ended = 0
         for request_id, group in list(self._groups.items()):
             final = self.abort(request_id)

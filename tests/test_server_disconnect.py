@@ -250,3 +250,41 @@ def test_cancelled_while_the_core_accepts_is_aborted_and_the_engine_lives():
     asyncio.run(main())
     assert sent == ["r"] and aborted == ["r"]
     assert engine.dead is None and not engine._pending and not engine._groups
+
+
+def test_end_all_answers_requests_the_core_has_not_accepted_yet():
+    """A shutdown while the core is inside a long step: requests sent during it wait for their
+    acceptance; end_all must wake them with their "abort" output (they hung until the drain
+    ran out and got plain-text 500s), and a call's later prompt, sent after it, ends at once
+    without reaching the core."""
+    import types
+
+    from engine.core.sampling_params import SamplingParams
+    from engine.model.config import EngineConfig
+    from engine.output_processor import OutputProcessor
+    from server.async_engine import AsyncEngine
+
+    sent, aborted = [], []
+    engine = AsyncEngine(EngineConfig())
+    engine.processor = OutputProcessor(None)
+    engine.client = types.SimpleNamespace(add_request=lambda r: sent.append(r.request_id),
+                                          abort_requests=aborted.extend)
+
+    async def call(group, request_ids):
+        async with group:
+            for request_id in request_ids:
+                await group.add(request_id, {"prompt_token_ids": [1, 2]},
+                                SamplingParams(max_tokens=4))
+            return [(out.request_id, out.outputs[0].finish_reason)
+                    async for out in group.outputs()]
+
+    async def main():
+        task = asyncio.create_task(call(engine.group(), ["a", "b"]))
+        await asyncio.sleep(0)
+        assert sent == ["a"] and "a" in engine._pending  # never accepted: the core is busy
+        assert engine.end_all() == 1
+        return await asyncio.wait_for(task, 2)
+
+    assert asyncio.run(main()) == [("a", "abort"), ("b", "abort")]
+    assert sent == ["a"] and aborted == ["a"]  # "b" never went to the core
+    assert not engine._pending and not engine._groups and not engine._waiting
