@@ -95,6 +95,10 @@ class GenerationCall:
         try:
             for request_id, ids in zip(self.index_of, token_lists, strict=True):
                 group.engine.timeline.start(request_id, arrived, tokenized)
+                # It counts among the engine's waiting requests from group.add's first line on
+                # (no await between): counted in both, it would make a burst look bigger.
+                group.engine.admitting -= 1
+                self._admitted -= 1
                 try:
                     await group.add(request_id, {"prompt_token_ids": ids}, self.params)
                     if self.params.structured_outputs is not None:
@@ -104,7 +108,7 @@ class GenerationCall:
                 except ValueError as e:  # the prompt's own checks (length, KV-cache capacity)
                     raise bad_request("messages" if self.chat else "prompt", str(e)) from None
         finally:
-            self._release()  # each request now counts among the core's waiting ones
+            self._release()  # the prompts never handed over (a rejection stopped the loop)
 
     def choice_index(self, request_id: str, index: int) -> int:
         return self.index_of[request_id] * self.params.n + index

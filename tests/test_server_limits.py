@@ -189,6 +189,24 @@ def test_429_counts_requests_not_sequences(client):
     assert engine.num_waiting_requests == 0 and engine.admitting == 0
 
 
+def test_a_request_counts_once_while_the_core_takes_it(client, monkeypatch):
+    """Handed to the core, a request counts among the waiting ones, and no longer among its
+    call's admitting ones: counted in both, a burst got 429s short of the limit."""
+    engine = client.app.state.engine
+    counted, add_request = [], engine.client.add_request
+
+    def add_and_count(request):
+        counted.append(engine.num_waiting_requests + engine.admitting)
+        add_request(request)
+
+    monkeypatch.setattr(engine.client, "add_request", add_and_count)
+    r = client.post("/v1/completions", **completion(prompt=["a", "b", "c"]))
+    assert r.status_code == 200 and len(r.json()["choices"]) == 3
+    # 3 prompts: 3 counted, fewer once the first have outputs (no longer waiting)
+    assert len(counted) == 3 and counted[0] == 3 and max(counted) == 3, counted
+    assert engine.num_waiting_requests == 0 and engine.admitting == 0
+
+
 def test_a_call_of_more_prompts_than_may_wait_is_a_bad_request(client):
     """Two prompts against --max-waiting-requests 1 could never be admitted, even by an idle
     server: a 400 naming the field, not a 429 the client's SDK would retry in vain."""
