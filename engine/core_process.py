@@ -107,7 +107,12 @@ def run_core_process(engine_config: EngineConfig, input_address: str, output_add
         outputs.send_multipart([OUTPUTS, encode(EngineCoreOutputs(stats=core.get_stats()))])
         loop = _BusyLoop(core, inputs, outputs, parent_pid)
         heartbeat = _Heartbeat(ctx, output_address, loop)
-        code = loop.run()
+        try:
+            code = loop.run()
+        except Exception as e:  # outside the step (a command, the stats): named as a step's is
+            logger.exception("the engine core failed; it exits")
+            message = EngineCoreOutputs(fatal=f"the engine core failed: {_describe(e)}")
+            outputs.send_multipart([OUTPUTS, encode(message)])
         core.shutdown()
     finally:
         if heartbeat is not None:

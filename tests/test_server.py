@@ -116,10 +116,12 @@ def test_completions_sdk_streamed_equals_whole(server, client):
     # it, no chunk has one
     for chat, extra in ((False, {"prompt": "Hi"}), (True, {"messages": CHAT})):
         path = "/v1/chat/completions" if chat else "/v1/completions"
-        for include in (True, False):
+        for include in (True, False, None):  # null: not given (vLLM's reading too)
             with httpx.stream("POST", server.url + path, json={
                     "model": MODEL, "max_tokens": 3, "stream": True, **extra,
-                    "stream_options": {"include_usage": include}}) as r:
+                    "stream_options": {"include_usage": include,
+                                       "continuous_usage_stats": None}}) as r:
+                assert r.status_code == 200, r.read()
                 raw = [line[6:] for line in r.iter_lines() if line.startswith("data: {")]
             bodies = [json.loads(b) for b in raw]
             if include:
@@ -472,6 +474,46 @@ def test_core_fault_fails_requests_in_flight_naming_the_cause():
         assert s.metric("pagedserve_requests_finished_total", '{finish_reason="error"}') == 2
         r = httpx.post(s.url + "/v1/completions", json={"model": MODEL, "prompt": "hi"})
         assert r.status_code == 503 and r.json()["error"]["code"] == "engine_dead"
+    finally:
+        s.stop()
+
+
+def _make_core_failing_at_abort():
+    """A core whose abort_requests raises: a failure outside the step (and whose steps take
+    20 ms, so that a request of 200 tokens is still running when another is aborted)."""
+    core = _make_core()
+    step = core.step
+
+    def abort_requests(request_ids):
+        raise KeyError("simulated bookkeeping fault")
+
+    def slow_step():
+        time.sleep(0.02)
+        return step()
+
+    core.abort_requests, core.step = abort_requests, slow_step
+    return core
+
+
+def test_a_core_failing_outside_its_step_fails_requests_naming_the_cause():
+    """Before: the core process exited 1 with no traceback, and requests read only "exited with
+    code 1"."""
+    causes = []
+    s = Server(create_app(served_model_name=MODEL, make_core=_make_core_failing_at_abort,
+                          on_fatal=causes.append))
+    try:
+        body = {"model": MODEL, "prompt": "hi", "max_tokens": 200, "ignore_eos": True}
+        with concurrent.futures.ThreadPoolExecutor() as pool:
+            whole = pool.submit(httpx.post, s.url + "/v1/completions", json=body, timeout=30)
+            with httpx.stream("POST", s.url + "/v1/completions", json={**body, "stream": True},
+                              timeout=30) as r:
+                next(r.iter_lines())  # the stream runs; leaving it aborts the request
+            answer = whole.result()
+        assert answer.status_code == 500, answer.text
+        message = answer.json()["error"]["message"]
+        assert "the engine core failed: KeyError" in message and "simulated bookkeeping" in message
+        assert len(causes) == 1 and "simulated bookkeeping fault" in causes[0]
+        assert httpx.get(s.url + "/health").status_code == 503
     finally:
         s.stop()
 
