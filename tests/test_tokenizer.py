@@ -14,6 +14,7 @@ from pathlib import Path
 import gguf
 import jinja2
 import pytest
+import tokenizers
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -508,3 +509,21 @@ def test_a_chat_template_that_loops_is_stopped(tok, monkeypatch):
         looping.apply_chat_template([{"role": "user", "content": "hi"}])
     assert time.monotonic() - start < 5
     assert tok.apply_chat_template([{"role": "user", "content": "hi"}])  # unaffected
+
+
+def test_a_stored_truncation_or_padding_is_not_applied(tok, tmp_path):
+    """A tokenizer.json saved with truncation and padding on (as some repacks ship it): every
+    prompt would be cut to 8 tokens or padded to 12 without a word."""
+    text = "one two three four five six seven eight nine ten eleven twelve thirteen"
+    want = tok.encode(text, add_special_tokens=False)
+    assert len(want) > 8
+    raw = tokenizers.Tokenizer.from_str(tok.tokenizer.to_str())
+    raw.enable_truncation(8)
+    raw.enable_padding(length=12, pad_id=0)
+    raw.save(str(tmp_path / "tokenizer.json"))
+    assert len(tokenizers.Tokenizer.from_file(str(tmp_path / "tokenizer.json")).encode(
+        text, add_special_tokens=False).ids) == 12  # the file holds it: cut to 8, padded
+    loaded = Tokenizer.from_pretrained(tmp_path)
+    assert loaded.encode(text, add_special_tokens=False) == want
+    assert loaded.encode("hi", add_special_tokens=False) == tok.encode(
+        "hi", add_special_tokens=False)  # no padding

@@ -213,6 +213,11 @@ def _named_templates(chat_template) -> dict[str, str]:
 class Tokenizer:
     def __init__(self, tokenizer: tokenizers.Tokenizer, bos_token: str | None,
                  eos_token: str | None, chat_template=None):
+        # A tokenizer.json may store a truncation or padding setting (some repacks keep the
+        # max_length they trained with); HF's tokenizers reset it at every call. Here it would
+        # cut or pad every prompt without a word.
+        tokenizer.no_truncation()
+        tokenizer.no_padding()
         self.tokenizer = tokenizer
         self.bos_token, self.eos_token = bos_token, eos_token
         self.bos_token_id = tokenizer.token_to_id(bos_token) if bos_token else None
