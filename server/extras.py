@@ -52,7 +52,8 @@ def read_extras(body: dict, *, chat: bool, settings) -> Extras:
     x.tokens_as_ids = get_field(body, "return_tokens_as_token_ids", "bool",
                                 settings.return_tokens_as_token_ids)
     options = get_field(body, "stream_options", "dict", {})
-    x.continuous_usage = options.get("continuous_usage_stats", False)
+    x.continuous_usage = options.get("continuous_usage_stats")
+    x.continuous_usage = False if x.continuous_usage is None else x.continuous_usage  # null
     if not isinstance(x.continuous_usage, bool):
         raise bad_request("stream_options", "'stream_options.continuous_usage_stats' must be a "
                                             "boolean")

@@ -8,6 +8,7 @@ RequestGroup aborts whatever is unfinished when a handler leaves for any reason.
 
 from __future__ import annotations
 
+import re
 import sys
 
 from starlette.requests import Request
@@ -157,9 +158,10 @@ async def chat_completions_batch(request: Request):
         try:
             ids, options = await _chat_prompt(request, engine, one, parse_messages(one), None,
                                               None, extras, params, tokens_field)
-        except APIError as e:  # its param names the conversation: messages[i][j]...
+        except APIError as e:  # its param and message name the conversation: messages[i][j]...
             if e.param and e.param.startswith("messages"):
                 e.param = f"messages[{i}]" + e.param[len("messages"):]
+                e.message = re.sub(r"\bmessages(?=[\[.'])", f"messages[{i}]", e.message)
             raise
         token_lists.append(ids)
     call = _chat_call(request, engine, model, params, extras, tokens_field, options)
@@ -211,7 +213,8 @@ async def _constrain(request: Request, engine, params, so, field: str | None,
 def _stream_flags(body: dict, settings) -> tuple[bool, bool]:
     stream = get_field(body, "stream", "bool", False)
     options = get_field(body, "stream_options", "dict", {})
-    include_usage = options.get("include_usage", False)
+    include_usage = options.get("include_usage")
+    include_usage = False if include_usage is None else include_usage  # null: not given
     if not isinstance(include_usage, bool):
         raise bad_request("stream_options", "'stream_options.include_usage' must be a boolean")
     if options and not stream:

@@ -473,6 +473,8 @@ def test_chat_batch_answers_each_conversation_as_alone(server):
         bad = post(server, "/v1/chat/completions/batch", {"messages": chats, **common, **extra})
         assert bad.status_code == 400, extra
         assert bad.json()["error"]["param"].startswith(param), bad.json()
+        if param == "messages[1][0]":  # the message names the same conversation
+            assert "messages[1][0]" in bad.json()["error"]["message"], bad.json()
 
 
 def test_invocations_dispatch_by_body(server):
