@@ -141,13 +141,15 @@ def compile_template(source: str) -> jinja2.Template:
     return env.from_string(source)
 
 
-def render_split(render: Callable[[list], str], messages: list[dict],
+def render_split(render: Callable[[dict], str], client: dict,
                  special: re.Pattern) -> list[tuple[str, bool]]:
-    """`render(messages)` cut into (text, is_client_special) pieces: True for a special token
-    that matched `special` inside the messages, False for the text around them.
+    """`render(client)` cut into (text, is_client_special) pieces: True for a special token that
+    matched `special` inside what the client wrote (`client`: the template variables it gave,
+    messages, tools, documents, chat_template_kwargs; keys too, which tojson writes), False for
+    the text around them.
 
     Each such token is swapped for a placeholder the client cannot guess (a fresh nonce) before
-    rendering, so the template still sees every message, and found again in its output.
+    rendering, so the template still sees every value, and found again in its output.
     """
     nonce = secrets.token_hex(8)
     found: list[str] = []
@@ -156,17 +158,18 @@ def render_split(render: Callable[[list], str], messages: list[dict],
         found.append(match.group())
         return f"\ue000{nonce}:{len(found) - 1}\ue001"
 
-    text = render(_map_strings(messages, lambda s: special.sub(hide, s)))
+    text = render(_map_strings(client, lambda s: special.sub(hide, s)))
     pieces = re.split(f"\ue000{nonce}:(\\d+)\ue001", text)
     return [(found[int(p)], True) if i % 2 else (p, False) for i, p in enumerate(pieces)]
 
 
 def _map_strings(value, fn):
-    """`value` (JSON-like: dicts, lists, strings) with `fn` applied to every string in it."""
+    """`value` (JSON-like: dicts, lists, strings) with `fn` applied to every string in it, the
+    keys of its dicts included."""
     if isinstance(value, str):
         return fn(value)
     if isinstance(value, dict):
-        return {k: _map_strings(v, fn) for k, v in value.items()}
+        return {fn(k) if isinstance(k, str) else k: _map_strings(v, fn) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
         return [_map_strings(v, fn) for v in value]
     return value

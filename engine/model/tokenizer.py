@@ -364,8 +364,9 @@ class Tokenizer:
                             render_seconds: float | None = None, **kwargs) -> list[int] | str:
         """Render `messages` with the model's chat template; ids, or the text if not `tokenize`.
 
-        Special tokens written inside the messages (e.g. a forged `<|im_end|>` in a user's
-        content) are tokenized as plain text, so control tokens come only from the template;
+        Special tokens written inside the messages or the other variables given (e.g. a forged
+        `<|im_end|>` in a user's content, a tool's description, a document) are tokenized as
+        plain text, so control tokens come only from the template;
         `special_tokens_in_content=True` matches them as control tokens, as HF does.
         `continue_final_message`: the text ends with the last message's content, left open for
         the model to continue (assistant prefill), as in HF.
@@ -375,26 +376,27 @@ class Tokenizer:
         template = self._template_for(kwargs.get("tools"))
         # As HF: the template sees tools and documents (None when not given) and the special
         # tokens the tokenizer has; a token it lacks stays undefined.
-        variables = {"tools": None, "documents": None, **self.special_tokens,
-                     **{k: v for k, v in (("bos_token", self.bos_token),
-                                          ("eos_token", self.eos_token)) if v is not None},
-                     **kwargs}
+        own = {"tools": None, "documents": None, **self.special_tokens,
+               **{k: v for k, v in (("bos_token", self.bos_token),
+                                    ("eos_token", self.eos_token)) if v is not None}}
+        client = {**kwargs, "messages": messages}  # what the client wrote (render_split)
         mark = f"\ue002{secrets.token_hex(8)}\ue003"  # continue_final_message's end
 
-        def render(msgs):
+        def render(given: dict) -> str:
+            msgs = given["messages"]
             if continue_final_message:
                 msgs = mark_final(msgs, mark)
             with render_deadline(render_seconds):
-                text = template.render(messages=msgs, add_generation_prompt=add_generation_prompt,
-                                       **variables)
+                text = template.render(**{**own, **given, "messages": msgs},
+                                       add_generation_prompt=add_generation_prompt)
             return cut_at_mark(text, mark) if continue_final_message else text
 
         # The template already wrote any BOS it wants; adding it again would double it.
         if not tokenize or special_tokens_in_content or not self.all_special_ids:
-            text = render(messages)
+            text = render(client)
             return self.encode(text, add_special_tokens=False) if tokenize else text
         ids = []
-        for piece, is_client_special in render_split(render, messages, self._special_pattern):
+        for piece, is_client_special in render_split(render, client, self._special_pattern):
             if is_client_special:  # spelled with ordinary tokens
                 ids += self._as_text.encode_batch_fast([piece], add_special_tokens=False)[0].ids
             elif piece:
