@@ -203,8 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="web origins (e.g. https://app.example) that CORS lets call the API from "
                         "a browser; '*' = any (default: CORS off)")
     s.add_argument("--chat-content-special-tokens", action="store_true",
-                   help="tokenize special tokens inside chat message content as control tokens "
-                        "(HF's behaviour; lets a client forge turns). Default: they stay text")
+                   help="tokenize special tokens inside chat message content (and tools, "
+                        "documents, chat_template_kwargs) as control tokens (HF's behaviour; "
+                        "lets a client forge turns). Default: they stay text")
     s.add_argument("--served-model-name", type=_model_name, default=None, metavar="NAME",
                    help="the model name clients send and /v1/models lists (default: MODEL)")
     s.add_argument("--data-parallel-size", "-dp", type=_positive_int, default=1, metavar="N",
