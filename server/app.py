@@ -16,7 +16,7 @@ from dataclasses import dataclass
 
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
@@ -312,5 +312,8 @@ async def _not_allowed(request, exc):
 
 
 async def _crash(request, exc):
+    if isinstance(exc, ClientDisconnect):  # gone while sending its body: no error of ours
+        log.debug("client left while sending %s", request.url.path)
+        return Response(status_code=499)  # nobody reads it
     log.exception("unhandled error", exc_info=exc)
     return APIError(500, f"internal error: {exc}", type="server_error").response()

@@ -288,3 +288,21 @@ def test_end_all_answers_requests_the_core_has_not_accepted_yet():
     assert asyncio.run(main()) == [("a", "abort"), ("b", "abort")]
     assert sent == ["a"] and aborted == ["a"]  # "b" never went to the core
     assert not engine._pending and not engine._groups and not engine._waiting
+
+
+def test_a_client_gone_while_sending_its_body_is_no_error(server, caplog):
+    """A client that drops mid-upload was logged as an unhandled error with a traceback."""
+    host, port = server.url.removeprefix("http://").split(":")
+    head = (f"POST /v1/completions HTTP/1.1\r\nHost: {host}:{port}\r\n"
+            "Content-Type: application/json\r\nContent-Length: 1000\r\n\r\n").encode()
+    with caplog.at_level("DEBUG", logger="pagedserve"):
+        with socket.create_connection((host, int(port)), timeout=10) as s:
+            s.sendall(head + b'{"model": "tiny", "pro')
+        deadline = time.time() + 5
+        while not any("client left" in r.getMessage() for r in caplog.records):
+            assert time.time() < deadline, [r.getMessage() for r in caplog.records]
+            time.sleep(0.02)
+        r = httpx.post(server.url + "/v1/completions", timeout=10,
+                       json={"model": MODEL, "prompt": [1, 2], "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert not [r for r in caplog.records if "unhandled error" in r.getMessage()]
