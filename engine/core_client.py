@@ -98,6 +98,8 @@ class MPClient:
         self._dir = self._ctx = None  # the socket folder and ZeroMQ context, from start()
         self._inputs = self._outputs = self._async_outputs = self._obituary = None
         self._closing = False
+        self.ready = False  # wait_ready saw the core loaded: it reads its messages from then on
+        self._stop_asked = False
         self.watchdog = Watchdog(liveness)
         self._watching = False  # from attach() until detach(): someone reads the core's messages
         self._fatal_sent = False  # the watchdog failed the core: its death is no news
@@ -137,15 +139,24 @@ class MPClient:
     def wait_ready(self) -> CoreReady:
         """Block until the core has loaded; raise what loading raised in the core, or CoreDied.
         Runs on any one thread; the event loop's sockets come after, in attach()."""
-        kind = HEARTBEAT
-        while kind == HEARTBEAT:  # (its heartbeat starts once it is ready)
-            while not self._outputs.poll(100):
-                if not self.process.is_alive():
-                    raise CoreDied(f"the engine core process "
-                                   f"{describe_exit(self.process.exitcode)} while loading")
-            kind, payload = self._outputs.recv_multipart()
+        while (ready := self.poll_ready(100)) is None:
+            pass
+        return ready
+
+    def poll_ready(self, timeout_ms: int) -> CoreReady | None:
+        """One wait_ready look of up to timeout_ms: the core's CoreReady, or None while it
+        loads; raises as wait_ready."""
+        if not self._outputs.poll(timeout_ms):
+            if not self.process.is_alive():
+                raise CoreDied(f"the engine core process "
+                               f"{describe_exit(self.process.exitcode)} while loading")
+            return None
+        kind, payload = self._outputs.recv_multipart()
+        if kind == HEARTBEAT:  # (its heartbeat starts once it is ready)
+            return None
         if kind == FAILED:
             raise pickle.loads(payload)
+        self.ready = True
         return msgspec.msgpack.decode(payload, type=CoreReady)
 
     def attach(self, busy: Callable[[], bool] = lambda: False) -> None:
@@ -255,14 +266,26 @@ class MPClient:
         message = self._encode(EngineCoreOutputs(fatal=f"the engine core process {cause}"))
         self._obituary.send_multipart([OUTPUTS, message])
 
+    def ask_to_stop(self) -> None:
+        """Send the core STOP; a core still loading reads no message (and has no request to
+        finish) until it is ready: it is killed instead, not waited for (once)."""
+        process = self.process
+        if self._stop_asked or process is None or not process.is_alive():
+            return
+        self._stop_asked = True
+        if not self.ready:
+            process.kill()
+            return
+        with contextlib.suppress(zmq.Again):  # not connected: it is exiting already
+            self._inputs.send_multipart([STOP, b""], zmq.NOBLOCK)
+
     def shutdown(self, timeout: float = 5.0) -> None:
         """Stop the core (it frees the GPU as it exits) and remove the sockets: whatever of
         them start() made, also when it was interrupted; a second call does nothing."""
         self._closing = True
+        self.ask_to_stop()
         process = self.process
         if process is not None and process.is_alive():  # (False where it never started)
-            with contextlib.suppress(zmq.Again):  # not connected: it is exiting already
-                self._inputs.send_multipart([STOP, b""], zmq.NOBLOCK)
             process.join(timeout)
             if process.is_alive():
                 logger.warning("the engine core did not stop in %.0f s; killing it", timeout)

@@ -90,12 +90,15 @@ class DPClient:
 
     def wait_ready(self) -> CoreReady:
         """Block until every core has loaded; raise the first failure, naming the core."""
-        readies = []
-        for i, client in enumerate(self.clients):
-            try:
-                readies.append(client.wait_ready())
-            except CoreDied as e:
-                raise CoreDied(f"engine core {i} of {self.num_cores}: {e}") from None
+        # All watched at once: a core that dies is seen while the others still load.
+        readies = [None] * self.num_cores
+        while any(ready is None for ready in readies):
+            for i, client in enumerate(self.clients):
+                if readies[i] is None:
+                    try:
+                        readies[i] = client.poll_ready(20)
+                    except CoreDied as e:
+                        raise CoreDied(f"engine core {i} of {self.num_cores}: {e}") from None
         first = readies[0]
         where = ("" if self.devices[0] is None else
                  " on GPUs " + " | ".join(str(d) for d in self.devices))
@@ -168,6 +171,8 @@ class DPClient:
         self.clients[0].request_snapshot(ticket, since)
 
     def shutdown(self, timeout: float = 5.0) -> None:
+        for client in self.clients:  # all stop at once, then each is waited for
+            client.ask_to_stop()
         for client in self.clients:
             client.shutdown(timeout)
 

@@ -392,3 +392,47 @@ def test_a_start_interrupted_leaves_no_socket_folder(tmp_path, monkeypatch, wher
     assert client._ctx is None and client.process is None
     client.shutdown()
     assert list(tmp_path.iterdir()) == []
+
+
+def _load_slowly():
+    """A make_core that loads for a minute (core 1 of a data-parallel pair: exits at once)."""
+    import multiprocessing
+
+    if multiprocessing.current_process().name.endswith("-1"):
+        os._exit(3)
+    time.sleep(60)
+
+
+def test_a_core_still_loading_is_killed_at_shutdown_not_waited_for(caplog):
+    """It reads no STOP until it is ready: the shutdown waited the whole 5 s, then killed it
+    with a warning."""
+    from engine.core_client import MPClient
+    from engine.model.config import EngineConfig
+
+    client = MPClient(EngineConfig(device="numpy"), make_core=_load_slowly)
+    client.start()
+    process = client.process
+    start = time.monotonic()
+    with caplog.at_level("WARNING", logger="pagedserve"):
+        client.shutdown()
+    assert time.monotonic() - start < 2 and not process.is_alive()
+    assert "did not stop" not in caplog.text
+
+
+def test_a_data_parallel_core_dying_while_loading_is_seen_at_once():
+    """Core 1 exits while core 0 loads: seen then, not after core 0 has loaded."""
+    from engine.core_client import CoreDied
+    from engine.dp_client import DPClient
+    from engine.model.config import EngineConfig
+
+    dp = DPClient(EngineConfig(device="numpy", data_parallel_size=2), make_core=_load_slowly)
+    dp.start()
+    loading = dp.clients[0].process
+    start = time.monotonic()
+    try:
+        with pytest.raises(CoreDied, match="engine core 1 of 2: .*exited with code 3"):
+            dp.wait_ready()
+        assert time.monotonic() - start < 10
+    finally:
+        dp.shutdown()
+    assert time.monotonic() - start < 12 and not loading.is_alive()
