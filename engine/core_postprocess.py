@@ -194,5 +194,5 @@ def _fork_beam(parent: Sequence) -> Sequence:
                      parent.sampling_params, seed=parent.seed,
                      cumulative_logprob=parent.cumulative_logprob,
                      next_prompt_logprob=parent.num_prompt_tokens)
-    child.num_cached_tokens = parent.num_cached_tokens
+    child.num_cached_tokens, child.admitted = parent.num_cached_tokens, parent.admitted
     return child

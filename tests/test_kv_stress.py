@@ -203,3 +203,25 @@ def test_the_modes_did_what_they_are_for():
               ("both", "prefix-cache hits"), ("both", "preemptions"), ("both", "chunked prefills"),
               ("spec", "preemptions"), ("spec", "accepted drafts")]
     assert all(COVERAGE[w] > 0 for w in wanted), COVERAGE
+
+
+def test_a_prompt_preempted_mid_prefill_reports_no_cache_hits_of_its_own(make_engine, run_engine):
+    """Re-admitted after a preemption, a request finds the blocks it wrote itself before: not
+    prefix-cache hits for its usage (cached_tokens), which counts what it found at its first
+    admission (vLLM's rule); the tokens are the same either way."""
+    rng = random.Random(1)
+    a = [rng.randint(3, 500) for _ in range(3)]
+    b = [rng.randint(3, 500) for _ in range(30)]  # shares nothing with a
+    requests = {"a": (a, SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)),
+                "b": (b, SamplingParams(temperature=0, max_tokens=2, ignore_eos=True))}
+    got = {}
+    for blocks in (64, 10):  # roomy: no preemption; tight: b is preempted in its prefill
+        engine = make_engine(max_model_len=40, block_size=4, num_kv_blocks=blocks,
+                             max_num_batched_tokens=4, async_scheduling=False)
+        final, _ = run_engine(engine, {k: ({"prompt_token_ids": p}, sp)
+                                       for k, (p, sp) in requests.items()})
+        got[blocks] = (engine.get_stats().num_preemptions,
+                       {k: (out.num_cached_tokens, out.num_created_cache_tokens,
+                            list(out.outputs[0].token_ids)) for k, out in final.items()})
+    assert got[64][0] == 0 and got[10][0] >= 1
+    assert got[10][1] == got[64][1] and got[64][1]["b"][:2] == (0, 28)

@@ -157,8 +157,8 @@ class BlockManager:
     def allocate(self, seq: Sequence) -> None:
         """Give `seq` blocks for all its tokens, reusing its cached prefix.
 
-        Sets block_table, num_cached_tokens and num_computed_tokens (= num_cached_tokens, which
-        is always < len(seq) because the last token's block is never a hit).
+        Sets block_table and num_computed_tokens (the hits' tokens, always < len(seq) because
+        the last token's block is never a hit), and at the first admission num_cached_tokens.
         """
         if seq.block_table:
             raise RuntimeError(f"sequence {seq.seq_id} already holds blocks")
@@ -176,8 +176,10 @@ class BlockManager:
             block.ref_count += 1
         num_new = self.blocks_for(len(seq.token_ids)) - len(hits)
         seq.block_table = hits + [self._take_free() for _ in range(num_new)]
-        seq.num_cached_tokens = len(hits) * self.block_size
-        seq.num_computed_tokens = seq.num_cached_tokens
+        if not seq.admitted:  # a recompute's hits are (mostly) the blocks it wrote itself
+            seq.num_cached_tokens = len(hits) * self.block_size
+            seq.admitted = True
+        seq.num_computed_tokens = len(hits) * self.block_size
 
     # ---- growth ------------------------------------------------------------------------------
 

@@ -31,7 +31,8 @@ class Sequence:
     seq_id: int = field(default_factory=lambda: next(_seq_ids))
     status: SequenceStatus = SequenceStatus.WAITING
     num_computed_tokens: int = 0  # tokens whose k/v are in the cache (prefix-cache hits included)
-    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at admission
+    num_cached_tokens: int = 0  # prompt tokens found in the prefix cache at first admission
+    admitted: bool = False  # allocated blocks once (a recompute after preemption finds its own)
     block_table: list[int] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" | "abort" | "error"
     error: str | None = None  # why, when finish_reason is "error"
