@@ -6,15 +6,17 @@ one row whose top 2 x width raw logprobs are the candidates; once every live bea
 sequence become the next beams: the first candidate of a beam extends that beam's own sequence,
 each further one forks it (Scheduler.fork: full blocks shared by reference count, the partial
 tail copied). A beam with no candidate left is freed. Candidates that end on an eos or stop id
-are finished beams (none before min_tokens). The search ends at max_tokens (or max_model_len),
-or with early_stopping once `width` beams are finished; the n best by score = cumulative
-logprob / length ** length_penalty (prompt included, vLLM's rule) are emitted at once as the
-request's only outputs, each token's logprobs as sampling gives them (the top `logprobs`, then
-the token's own).
+are finished beams; before min_tokens they are passed over for the row's next best (the engine
+core asks the sampler for 2 x width + the stop ids then). The search ends at max_tokens (or
+max_model_len), or with early_stopping once `width` beams are finished; the n best by score =
+cumulative logprob / length ** length_penalty (prompt included, vLLM's rule) are emitted at once
+as the request's only outputs, each token's logprobs as sampling gives them (the top `logprobs`,
+then the token's own).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass, field
 
@@ -68,8 +70,10 @@ class BeamSearch:
             ids, lps = self.rows[seq.seq_id]
             top[seq.seq_id] = {t: v for t, v in zip(ids[:shown], lps[:shown], strict=True)
                                if v != -math.inf}
-            for rank, (token, lp) in enumerate(zip(ids[: 2 * width], lps[: 2 * width],
-                                                   strict=True)):
+            pairs = zip(ids, lps, strict=True)
+            if seq.num_output_tokens < p.min_tokens:  # stop ids held back: the next best ones
+                pairs = ((t, v) for t, v in pairs if t not in stops)
+            for rank, (token, lp) in enumerate(itertools.islice(pairs, 2 * width)):
                 candidates.append((seq.cumulative_logprob + lp, order, rank, seq, token, lp))
         self.rows.clear()
         candidates.sort(key=lambda c: (-c[0], c[1], c[2]))
@@ -79,11 +83,10 @@ class BeamSearch:
 
         chosen = []
         for cum, _, _, seq, token, lp in candidates:
-            if token in stops:
-                if seq.num_output_tokens >= p.min_tokens:  # else held back, as sampling does
-                    # an eos ends with no stop_reason, also when it is a stop id too
-                    self._finish(seq, [token], [entry(seq, token, lp)], cum, "stop",
-                                 None if token in eos else token)
+            if token in stops:  # (none before min_tokens: left out above)
+                # an eos ends with no stop_reason, also when it is a stop id too
+                self._finish(seq, [token], [entry(seq, token, lp)], cum, "stop",
+                             None if token in eos else token)
             elif len(chosen) < width:
                 chosen.append((seq, token, lp))
         # Fork first, from each beam's state before this step's token; then append.

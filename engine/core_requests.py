@@ -22,6 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.beam_search import BeamSearch
+from engine.core.limits import MAX_LOGPROBS
 from engine.core.outputs import EngineCoreRequest, SeqOutput
 from engine.core.sampling_params import ParamError
 from engine.core.scheduler import Scheduler
@@ -135,6 +136,17 @@ class RequestTable:
         if params.use_beam_search and params.beam_width > config.max_num_seqs:
             raise ParamError("best_of", f"best_of (the beam width, {params.beam_width}) must "
                                         f"be <= max_num_seqs ({config.max_num_seqs})")
+        if params.use_beam_search and params.min_tokens:
+            # Until min_tokens, a beam's candidates are its row's best 2 x width tokens that do
+            # not end it: the row must hold them past every stop id.
+            held = set(params.stop_token_ids or ()) | (
+                set() if params.ignore_eos else set(self.eos_token_ids))
+            params.beam_candidates = 2 * params.beam_width + len(held)
+            if params.beam_candidates > MAX_LOGPROBS:
+                raise ParamError("min_tokens", f"min_tokens with use_beam_search needs 2 x the "
+                                               f"beam width + the {len(held)} stop and eos ids "
+                                               f"<= {MAX_LOGPROBS} candidates a row, got "
+                                               f"{params.beam_candidates}")
         if not ids:
             raise ValueError("prompt is empty: it must have at least one token")
         if len(ids) > self.max_model_len:

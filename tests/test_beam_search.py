@@ -266,3 +266,28 @@ def test_a_beam_forked_mid_recompute_does_not_stall(make_engine):
         outs[async_scheduling] = {rid: [c.token_ids for c in o.outputs]
                                   for rid, o in finals.items()}
     assert outs[True] == outs[False] and sorted(outs[True]) == ["a", "b"]
+
+
+def test_min_tokens_passes_over_stop_ids_for_the_next_best(make_engine):
+    """Before min_tokens, stop ids among a row's best candidates are passed over for the next
+    best (the rows hold enough): a beam of width 1 whose first two candidates are stop ids goes
+    on with the third (the request failed with an IndexError), and n = 2 beams whose top three
+    are get the fourth and fifth (one of the two never finished: the request hung)."""
+    engine = make_engine(max_model_len=32, block_size=4, num_kv_blocks=64)
+    first = next_logprobs(engine, PROMPT)
+    top = sorted(first, key=lambda t: -first[t])[:5]
+    common = dict(use_beam_search=True, temperature=0, min_tokens=1, ignore_eos=True)
+    engine.add_request("one", {"prompt_token_ids": PROMPT},
+                       SamplingParams(n=1, max_tokens=3, stop_token_ids=top[:2], **common))
+    engine.add_request("two", {"prompt_token_ids": PROMPT},
+                       SamplingParams(n=2, max_tokens=1, stop_token_ids=top[:3], **common))
+    final = step_to_end(engine)
+    one = final["one"].outputs
+    assert len(one) == 1 and one[0].finish_reason != "error" and one[0].token_ids[0] == top[2]
+    two = final["two"].outputs
+    assert [(c.token_ids, c.finish_reason) for c in two] == [([top[3]], "length"),
+                                                            ([top[4]], "length")]
+    with pytest.raises(ParamError, match="min_tokens") as e:  # 2 x 8 + 5 stop ids > 20
+        engine.add_request("wide", {"prompt_token_ids": PROMPT},
+                           SamplingParams(n=8, max_tokens=2, stop_token_ids=top, **common))
+    assert e.value.field == "min_tokens"

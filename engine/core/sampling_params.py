@@ -150,6 +150,9 @@ class SamplingParams:
     # (a tenant's own), none between salted and unsalted ones
     cache_salt: str | None = None
     stop_list: list[str] = field(init=False, repr=False)
+    # Beam search: the top logprobs a beam's row needs, 2 x width plus the stop ids min_tokens
+    # holds back (the engine core sets it: it knows the eos ids)
+    beam_candidates: int = field(default=0, init=False, repr=False)
 
     def __post_init__(self):
         if self.stop is not None and not isinstance(self.stop, (str, list, tuple)):
@@ -315,7 +318,9 @@ class SamplingParams:
         """Top logprobs the sampler returns per row: logprobs, or a beam's 2 x width candidates.
         0 for a row whose logprobs are chosen ids or the whole vocabulary (computed apart)."""
         top = 0 if self.logprob_token_ids is not None or self.logprobs == -1 else self.logprobs
-        return max(top or 0, 2 * self.beam_width) if self.use_beam_search else top or 0
+        if not self.use_beam_search:
+            return top or 0
+        return max(top or 0, 2 * self.beam_width, self.beam_candidates)
 
 
 @dataclass
