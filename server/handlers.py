@@ -75,8 +75,10 @@ def _parse_body(raw: bytes) -> dict:
         raise too_deep from None
     if not isinstance(body, dict):
         raise bad_request("body", "the JSON body must be an object")
-    if _depth_exceeds(body, MAX_JSON_DEPTH):
-        raise too_deep
+    field = _too_deep_field(body, MAX_JSON_DEPTH)
+    if field is not None:
+        raise bad_request(field, f"'{field}' nests arrays and objects too deep: the JSON body "
+                                 f"may nest at most {MAX_JSON_DEPTH} deep")
     # A \ud800-style escape is valid JSON but no text: no tokenizer or UTF-8 encoder takes a lone
     # surrogate. Only a body that spells a \uD... escape can hold one.
     if b"\\ud" in raw or b"\\uD" in raw:
@@ -114,20 +116,21 @@ def _lone_surrogate(value, path: str) -> str | None:
     return None
 
 
-def _depth_exceeds(value, limit: int) -> bool:
-    """Whether arrays and objects nest more than `limit` deep (the body itself is depth 1)."""
-    level = [value]
-    for _ in range(limit):
+def _too_deep_field(body: dict, limit: int) -> str | None:
+    """The body's field (top-level key) whose arrays and objects nest more than `limit` deep
+    (the body itself is depth 1), or None."""
+    level = [(k, v) for k, v in body.items() if isinstance(v, (dict, list))]
+    for _ in range(limit - 1):
+        if not level:
+            return None
         below = []
-        for v in level:
+        for field, v in level:
             items = v.values() if isinstance(v, dict) else v
             # the types first, at C speed: a million token ids hold no container
             if _CONTAINERS & set(map(type, items)):
-                below += [c for c in items if isinstance(c, (dict, list))]
+                below += [(field, c) for c in items if isinstance(c, (dict, list))]
         level = below
-        if not level:
-            return False
-    return True
+    return level[0][0] if level else None
 
 
 _CONTAINERS = {dict, list}

@@ -65,7 +65,7 @@ BOUNDS = [  # (path, request kwargs, param)
     ("/v1/completions", raw("[" * 100_000 + "]" * 100_000), "body"),
     ("/v1/completions", raw('{"prompt": "hi", "x": ' + "[" * 100_000 + "]" * 100_000 + "}"),
      "body"),
-    ("/tokenize", {"json": {"prompt": "hi", "x": nested(limits.MAX_JSON_DEPTH)}}, "body"),
+    ("/tokenize", {"json": {"prompt": "hi", "x": nested(limits.MAX_JSON_DEPTH)}}, "x"),
 ]
 
 
@@ -167,6 +167,20 @@ def test_values_at_the_bounds_are_served(client):
         "logit_bias": {str(i): 1 for i in range(limits.MAX_LOGIT_BIAS)}})
     assert r.status_code == 200, r.text
     assert len(r.json()["choices"]) == 8
+
+
+def test_a_schema_of_ten_nested_arrays_of_objects_is_served(client):
+    """OpenAI's strict mode allows 10 levels of nesting; in response_format such a schema sits
+    about 45 deep in the body (the depth bound was 32)."""
+    schema = {"type": "object", "properties": {"v": {"type": "string"}}, "required": ["v"]}
+    for _ in range(10):
+        schema = {"type": "object", "required": ["a"],
+                  "properties": {"a": {"type": "array", "items": schema}}}
+    body = {"model": MODEL, "max_tokens": 1, "messages": [{"role": "user", "content": "hi"}],
+            "response_format": {"type": "json_schema",
+                                "json_schema": {"name": "deep", "schema": schema}}}
+    r = client.post("/v1/chat/completions", json=body)
+    assert r.status_code == 200, r.text
 
 
 def test_429_counts_requests_not_sequences(client):

@@ -18,7 +18,10 @@ MAX_LOGIT_BIAS = 1024  # entries of logit_bias
 MAX_CACHE_SALT_CHARS = 128  # cache_salt (vLLM's limit)
 MAX_PROMPTS = 256  # prompts in one completions call (each one engine request)
 MAX_MESSAGES = 1024  # chat messages in one call
-MAX_JSON_DEPTH = 32  # nesting of arrays and objects in a request body
+# Nesting of arrays and objects in a request body: room for a JSON schema of 10 nested
+# arrays of objects (about 4 levels each) in response_format or a tool, as OpenAI's strict
+# mode allows
+MAX_JSON_DEPTH = 64
 
 
 def is_int(value) -> bool:
