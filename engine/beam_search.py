@@ -24,6 +24,11 @@ from engine.core.outputs import SeqOutput
 from engine.core.sequence import Sequence
 
 
+def ending_ids(params, eos_token_ids: list[int]) -> set[int]:
+    """The token ids that end a beam: stop_token_ids, and eos unless ignore_eos."""
+    return set(params.stop_token_ids or ()) | (set() if params.ignore_eos else set(eos_token_ids))
+
+
 @dataclass
 class _Finished:
     token_ids: list[int]
@@ -61,7 +66,7 @@ class BeamSearch:
         request's outputs if the search ended, else None."""
         p = self.live[0].sampling_params
         width = p.beam_width
-        stops = set(p.stop_token_ids) | (set() if p.ignore_eos else set(self.eos_token_ids))
+        stops = ending_ids(p, self.eos_token_ids)
         eos = set() if p.ignore_eos else set(self.eos_token_ids)
         shown = p.logprobs or 0  # top logprobs the request shows beside each token's own
         candidates = []  # (cumulative logprob, beam order, rank, beam, token, logprob)

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from engine.beam_search import BeamSearch
+from engine.beam_search import BeamSearch, ending_ids
 from engine.core.limits import MAX_LOGPROBS
 from engine.core.outputs import EngineCoreRequest, SeqOutput
 from engine.core.sampling_params import ParamError
@@ -139,8 +139,7 @@ class RequestTable:
         if params.use_beam_search and params.min_tokens:
             # Until min_tokens, a beam's candidates are its row's best 2 x width tokens that do
             # not end it: the row must hold them past every stop id.
-            held = set(params.stop_token_ids or ()) | (
-                set() if params.ignore_eos else set(self.eos_token_ids))
+            held = ending_ids(params, self.eos_token_ids)
             params.beam_candidates = 2 * params.beam_width + len(held)
             if params.beam_candidates > MAX_LOGPROBS:
                 raise ParamError("min_tokens", f"min_tokens with use_beam_search needs 2 x the "
