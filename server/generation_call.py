@@ -206,10 +206,14 @@ class GenerationCall:
         echo = self.echo[i] if whole and self.echo else ""
         logprobs = None
         if self.params.logprobs is not None and lps is not None:
-            start = len(echo)
-            if not whole:
-                key = (request_id, c.index)
-                start = self.stream_offsets.get(key, len(self.echo[i]) if self.echo else 0)
+            # Offsets run on from the echoed prompt's tokens (each token's text counted, as
+            # vLLM counts them), not from the prompt's text: the two differ where a token holds
+            # part of a character (U+FFFD) or is a special token (a BOS), and the offsets must
+            # not run backwards at the prompt's end.
+            key = (request_id, c.index)
+            start = None if whole else self.stream_offsets.get(key)
+            if start is None:
+                start = self._echo_end(request_id) if self.echo else 0
             logprobs = completion_logprobs(token_ids, lps, self.token_str, start)
             if not whole:
                 self.stream_offsets[key] = start + sum(len(t) for t in logprobs["tokens"])
@@ -255,6 +259,11 @@ class GenerationCall:
         elif whole:
             choice["token_ids"] = None
         return choice
+
+    def _echo_end(self, request_id: str) -> int:
+        """Where the echoed prompt's logprobs offsets end: its tokens' texts, counted."""
+        ids = self.token_lists[self.index_of[request_id]]
+        return sum(len(self.token_str(t)) for t in ids)
 
     def echo_logprobs(self, request_id: str) -> dict:
         out = self.first[request_id]

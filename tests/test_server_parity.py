@@ -82,6 +82,28 @@ def test_streamed_logprobs_carry_the_offsets_of_the_whole_text(client, echo):
     assert whole.text_offset[-1] > (len(PROMPT) if echo else 0)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_echo_offsets_never_run_backwards_over_a_multibyte_prompt(client, stream):
+    """A prompt whose tokens hold parts of characters (each token's text a U+FFFD): the echoed
+    prompt's offsets count those texts, so the generated tokens' offsets run on from there, not
+    from the prompt's length in characters (which would send them backwards)."""
+    args = dict(model=MODEL, prompt="\U0001f600\U0001f600 \u65e5\u672c", max_tokens=4,
+                temperature=0, logprobs=0, echo=True, extra_body={"ignore_eos": True})
+    tokens, offsets = [], []
+    if stream:
+        for chunk in client.completions.create(stream=True, **args):
+            for c in chunk.choices:
+                if c.logprobs is not None:
+                    tokens += c.logprobs.tokens
+                    offsets += c.logprobs.text_offset
+    else:
+        lp = client.completions.create(**args).choices[0].logprobs
+        tokens, offsets = lp.tokens, lp.text_offset
+    assert offsets == sorted(offsets), offsets
+    steps = [b - a for a, b in zip(offsets[:-1], offsets[1:], strict=True)]
+    assert steps == [len(t) for t in tokens[:-1]]
+
+
 def test_scoring_generated_text_gives_the_samplers_logprobs(client):
     gen = client.completions.create(model=MODEL, prompt=PROMPT, max_tokens=6, temperature=0,
                                     logprobs=0, extra_body={"ignore_eos": True,
