@@ -75,6 +75,15 @@ def build_core_parts(engine_config: EngineConfig, loaded_model=None) -> CorePart
     if max_model_len > mc.max_position_embeddings:
         logger.warning("max_model_len %d exceeds the model's max_position_embeddings %d",
                        max_model_len, mc.max_position_embeddings)
+    if mc.sliding_window is not None and max_model_len > mc.sliding_window:
+        # The attention is full: past the window it would attend to tokens the model never sees
+        if engine_config.max_model_len is not None:
+            raise ValueError(f"max_model_len ({max_model_len}) is longer than the model's "
+                             f"sliding_window ({mc.sliding_window}), which pagedserve does not "
+                             "apply (its attention is full); lower max_model_len")
+        logger.warning("max_model_len lowered from %d to the model's sliding_window %d (sliding-"
+                       "window attention is not implemented)", max_model_len, mc.sliding_window)
+        max_model_len = mc.sliding_window
     # Tensor parallel: this process is rank 0; `part` is one rank's shape (its heads, its
     # slice of the MLP), which its transformer and KV cache take.
     workers, part, weights = None, mc, loaded_model.weights

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import struct
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -537,3 +538,33 @@ def test_gguf_metadata_of_the_wrong_kind_names_the_file_and_key(change, words):
     bad = types.SimpleNamespace(metadata={**meta, **change}, path="m.gguf", tensor_names=[])
     with pytest.raises(GGUFError, match=rf"^m\.gguf: .*{words}"):
         gguf_loader.config_from_gguf(bad)
+
+
+def test_a_sliding_window_is_read_and_max_model_len_kept_within_it():
+    """Mistral v0.1's sliding_window (and Qwen2/3's with use_sliding_window) was ignored: the full
+    attention ran past the window, so a token attended to ones the model never sees (changing
+    the first of 6 tokens moved a 1-layer, window-2 model's last logits). Now max_model_len stays
+    within the window, where full attention is the windowed one."""
+    from conftest import _tiny_loaded
+
+    from engine.engine import LLMEngine
+    from engine.model.config import EngineConfig
+
+    mistral = {**LLAMA_CFG, "architectures": ["MistralForCausalLM"], "sliding_window": 32}
+    assert ModelConfig.from_dict(mistral).sliding_window == 32
+    assert ModelConfig.from_dict({**mistral, "sliding_window": None}).sliding_window is None
+    assert ModelConfig.from_dict({**mistral, "architectures": ["LlamaForCausalLM"]}
+                                 ).sliding_window is None
+    qwen2 = {**mistral, "architectures": ["Qwen2ForCausalLM"], "max_window_layers": 0}
+    assert ModelConfig.from_dict(qwen2).sliding_window is None  # use_sliding_window: false
+    assert ModelConfig.from_dict({**qwen2, "use_sliding_window": True}).sliding_window == 32
+    with pytest.raises(ConfigError, match="sliding_window"):
+        ModelConfig.from_dict({**mistral, "sliding_window": "32"})
+
+    tiny = _tiny_loaded(512, False)
+    loaded = type(tiny)(config=replace(tiny.config, sliding_window=32), weights=tiny.weights,
+                        tokenizer=None)
+    engine = LLMEngine(EngineConfig(device="numpy"), loaded_model=loaded)
+    assert engine.max_model_len == 32
+    with pytest.raises(ValueError, match=r"max_model_len \(64\).*sliding_window \(32\)"):
+        LLMEngine(EngineConfig(device="numpy", max_model_len=64), loaded_model=loaded)

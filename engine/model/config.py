@@ -70,6 +70,11 @@ class ModelConfig:
     dtype: str = "float32"  # dtype the checkpoint is stored in: float32 | float16 | bfloat16
     # "fp8": the checkpoint stores its linear weights as E4M3 with scales (quantization_config)
     quantization: str | None = None
+    # HF's sliding_window where some layer attends only to that many latest tokens (Mistral v0.1;
+    # Qwen2/3 with use_sliding_window); None: full attention. The attention here is always full,
+    # which equals the windowed one only while a sequence fits the window: core_setup keeps
+    # max_model_len within it.
+    sliding_window: int | None = None
 
     def __post_init__(self):
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -98,6 +103,10 @@ class ModelConfig:
         if bad:
             raise ConfigError(f"eos_token_id {bad[0]} is outside the vocabulary (vocab_size "
                               f"{self.vocab_size})")
+        if self.sliding_window is not None and (not is_int(self.sliding_window)
+                                                or self.sliding_window < 1):
+            raise ConfigError(f"sliding_window must be an integer >= 1 or null, got "
+                              f"{self.sliding_window!r}")
         if self.num_heads % self.num_kv_heads:
             raise ConfigError(
                 f"num_attention_heads ({self.num_heads}) must be a multiple of "
@@ -176,6 +185,15 @@ class ModelConfig:
             kind = _rope_kind(scaling)
             if kind not in ("llama3", "default"):
                 raise ConfigError(f"rope_scaling type {kind!r} is not supported (only 'llama3')")
+        # Mistral windows every layer when sliding_window is set; Qwen2/3 only with
+        # use_sliding_window, from layer max_window_layers on (HF's layer_types)
+        window = cfg.get("sliding_window")
+        if _family != "llama" and not (
+                cfg.get("use_sliding_window")
+                and cfg.get("max_window_layers", 28) < cfg.get("num_hidden_layers", 0)):
+            window = None
+        if arch == "LlamaForCausalLM":  # Llama has no sliding window
+            window = None
         return cls(
             architecture=arch,
             vocab_size=need("vocab_size"),
@@ -197,6 +215,7 @@ class ModelConfig:
             bos_token_id=cfg.get("bos_token_id"),
             dtype=str(cfg.get("torch_dtype") or cfg.get("dtype") or "float32"),
             quantization=_checkpoint_quantization(cfg.get("quantization_config")),
+            sliding_window=window,
         )
 
     @classmethod
