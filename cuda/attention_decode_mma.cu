@@ -653,6 +653,18 @@ decode_mma_cluster_kernel(DM_PARAMS) {
   decode_mma_body<T, HD, GR, NW, ST, CL, false, false>(DM_ARGS, nullptr, nullptr);
 }
 
+// The split grid's form with its merge in a cluster (PAGEDSERVE_DECODE_CLUSTER_MERGE): the CL
+// splits of a (sequence, kv head) as one cluster, stages filled by TMA, tiles transposed where TR
+// (so the RoPE fold runs here as in decode_mma_tma_kernel); no reduce launch.
+template <typename T, int HD, int GR, int NW, int ST, int CL, int TR>
+__global__ void CLUSTER_DIMS(1, 1, CL)
+    __launch_bounds__(NW * 32, TR == 2 ? 18 / NW : (NW <= 12 ? 12 / NW : 1))
+decode_mma_cluster_tma_kernel(DM_PARAMS, const __grid_constant__ TmaMap k_map,
+                              const __grid_constant__ TmaMap v_map) {
+  static_assert(CL >= 2 && CL <= 8 && (GR * HD) % CL == 0, "a portable cluster");
+  decode_mma_body<T, HD, GR, NW, ST, CL, TR != 0, true>(DM_ARGS, &k_map, &v_map);
+}
+
 #ifdef PAGEDSERVE_NVCC_CHECK
 #define DM_SIG(T)                                                                              \
   (T*, float*, float*, const T*, const T*, const T*, const int*, const int*, const int*,       \
@@ -681,4 +693,10 @@ template __global__ void decode_mma_tma_kernel<__half, 128, 16, 4, 2, 0> DM_TMA_
 template __global__ void decode_mma_tma_kernel<__half, 64, 8, 4, 2, 0> DM_TMA_SIG(__half);
 INSTANTIATE(decode_mma_cluster_kernel, __nv_bfloat16, 128, 8, 8, 2, 4)
 INSTANTIATE(decode_mma_cluster_kernel, __half, 64, 16, 8, 2, 8)
+template __global__ void decode_mma_cluster_tma_kernel<__nv_bfloat16, 128, 8, 4, 2, 2, 2>
+    DM_TMA_SIG(__nv_bfloat16);
+template __global__ void decode_mma_cluster_tma_kernel<__nv_bfloat16, 128, 8, 4, 2, 8, 2>
+    DM_TMA_SIG(__nv_bfloat16);
+template __global__ void decode_mma_cluster_tma_kernel<__half, 64, 16, 4, 2, 4, 0>
+    DM_TMA_SIG(__half);
 #endif

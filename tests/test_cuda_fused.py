@@ -337,6 +337,48 @@ def test_decode_rope_fold(ops, head_dim, group, config, tma, monkeypatch):
         assert rel_err(a, b) < TOL[ops.dtype] / 8, splits
 
 
+@pytest.mark.parametrize("fold", [False, True], ids=["plain", "rope_fold"])
+@pytest.mark.parametrize("group", [2, 8, 16])
+def test_decode_cluster_merge(ops, group, fold, monkeypatch):
+    """PAGEDSERVE_DECODE_CLUSTER_MERGE: a split grid of 2..8 splits runs as clusters of its
+    splits (rounded up to 2, 4 or 8) merged in distributed shared memory, no reduce launch;
+    against the twin, with and without the RoPE fold, contexts shorter than the cluster (blocks
+    without keys), ending inside a tile, and long; grids of 9+ splits keep the reduce launch."""
+    from engine.executor.ops import cuda_attention as ca
+
+    if not ca.sm90_device() or ca.sm90_missing():
+        pytest.skip("clusters with TMA need sm_90")
+    monkeypatch.setattr(ca, "DECODE_KERNEL", "mma")
+    monkeypatch.setattr(ca, "DECODE_MMA_TMA", "1")
+    monkeypatch.setattr(ca, "DECODE_CLUSTER_MERGE", True)
+    assert [ca.merge_cluster(s) for s in (1, 2, 3, 4, 5, 8, 9)] == [1, 2, 4, 4, 8, 8, 1]
+    rng = np.random.default_rng(group)
+    nkv, bs, hd = 2, 16, 128
+    nh = nkv * group
+    ctx = [1, 3, 16, 17, 65, 200, 1000, 3000]
+    num_blocks = sum(-(-c // bs) for c in ctx) + 2
+    meta = make_batch(rng, [1] * len(ctx), ctx, bs, num_blocks)
+    cache0 = ops.from_host(randn(2, num_blocks, nkv, bs, hd, rng=rng))
+    qkv, qkv_h = upload(ops, randn(len(ctx), (nh + 2 * nkv) * hd, rng=rng, scale=3.0))
+    positions = np.array(ctx, np.int32) - 1
+    cos_sin = ops.from_host(_cos_sin(4096, hd))
+    cache_h = ops.to_host(cache0)
+    rope = (positions, ops.to_host(cos_sin)) if fold else None
+    want = REF.attention(qkv_h, cache_h[0], cache_h[1], meta, nh, nkv, hd**-0.5, rope=rope)
+    for splits in (2, 3, 5, 8, 9):
+        dmeta = ops.prepare_metadata(meta)
+        dmeta.num_splits = splits
+        cache = cache0.copy()
+        if fold:
+            if not ops.folds_rope(dmeta, nh, nkv):
+                pytest.skip("the fold takes 8 query heads a block (group <= 8, TR tiles)")
+            got = ops.attention(qkv, cache[0], cache[1], dmeta, nh, nkv, hd**-0.5,
+                                rope=(cupy.asarray(positions), cos_sin))
+        else:
+            got = ops.attention(qkv, cache[0], cache[1], dmeta, nh, nkv, hd**-0.5)
+        assert rel_err(ops.to_host(got), want) < TOL[ops.dtype], splits
+
+
 def test_choose_splits_fills_the_gpu_from_one_long_sequence():
     from engine.executor.ops import cuda_attention as ca
 

@@ -19,12 +19,15 @@ import numpy as np
 from engine.executor.ops import AttentionMetadata, cuda_kernels, longest_first
 from engine.executor.ops.cuda_kernels import (
     DECODE_CLUSTER_CONFIGS,
+    DECODE_CLUSTER_MERGE,
     DECODE_GROUPS,
     DECODE_MMA_CONFIGS,
     DECODE_MMA_TMA,
     DECODE_UNROLL,
     HEAD_DIMS,
     MAX_GRID_Y,
+    MERGE_CLUSTERS,
+    decode_mma_cluster_tma_name,
     decode_mma_name,
     kernel,
     launch,
@@ -245,6 +248,14 @@ def make_plan(query_start_loc: np.ndarray, num_kv_heads: int, group: int, max_co
     return AttentionPlan(_up(decode), _up(items), splits, keys, name, config)
 
 
+def merge_cluster(splits: int) -> int:
+    """The cluster that merges a split grid of `splits` (DECODE_CLUSTER_MERGE: the smallest of
+    MERGE_CLUSTERS that holds them), or 1: the reduce launch merges them."""
+    if not DECODE_CLUSTER_MERGE or splits < 2 or decode_kernel() != "mma":
+        return 1
+    return next((c for c in MERGE_CLUSTERS if c >= splits), 1)
+
+
 def decode_plan(num_seqs: int, num_kv_heads: int, group: int, max_context_len: int,
                 short: bool = False, fresh_keys: int = 1):
     """The plan of a decode-only step of `num_seqs` sequences (CUDA graph capture); `short`:
@@ -360,7 +371,12 @@ def paged_attention(qkv, k_cache, v_cache, meta: DeviceAttentionMetadata, num_he
                          f"kernel and as many splits (kernel {decode_kernel()}, {splits} splits)")
     if num_dec:
         g, passes = decode_tile(group)
-        if splits > 1 and cluster == 1:
+        merge = 1  # > 1: the split grid merged in clusters of this many blocks (merge_cluster)
+        if (cluster == 1 and plan.decode_config is None and decode_kernel() == "mma"
+                and decode_tma(block_size)):
+            merge = merge_cluster(splits)
+            splits = max(splits, merge)
+        if splits > 1 and cluster == 1 and merge == 1:
             part_out = cupy.empty((splits, num_dec, num_heads, head_dim), cupy.float32)
             part_ml = cupy.empty((splits, num_dec, num_heads, 2), cupy.float32)
         else:
@@ -373,13 +389,17 @@ def paged_attention(qkv, k_cache, v_cache, meta: DeviceAttentionMetadata, num_he
             if num_dec > MAX_GRID_Y:
                 raise ValueError(f"attention: {num_dec} decode rows in one step, the mma "
                                  f"kernel takes at most {MAX_GRID_Y} (lower --max-num-seqs)")
-            grid = (num_kv_heads * passes, num_dec, splits)  # heads fastest
             nw, st = plan.decode_config or (DECODE_MMA_CONFIG if splits > 1
                                             else DECODE_MMA_FULL_CONFIG)
             tma = cluster == 1 and decode_tma(block_size)
-            name = (decode_mma_name(ctype, head_dim, g, nw, st, tma) if cluster == 1
-                    else f"decode_mma_cluster_kernel<{ctype}, {head_dim}, {g}, {nw}, {st}, "
-                    f"{cluster}>")
+            if merge > 1:
+                name = decode_mma_cluster_tma_name(ctype, head_dim, g, nw, st, merge)
+            elif cluster == 1:
+                name = decode_mma_name(ctype, head_dim, g, nw, st, tma)
+            else:
+                name = (f"decode_mma_cluster_kernel<{ctype}, {head_dim}, {g}, {nw}, {st}, "
+                        f"{cluster}>")
+            grid = (num_kv_heads * passes, num_dec, splits)  # heads fastest
             k = kernel("attention_decode_mma.cu", name, ctype)
             # each warp's stages of K and V tiles (16 keys, padded rows), reused by the merge;
             # TMA's: unpadded, 1024-byte aligned
@@ -396,7 +416,7 @@ def paged_attention(qkv, k_cache, v_cache, meta: DeviceAttentionMetadata, num_he
                           f"decode_attention_kernel<{ctype}, {head_dim}, {g}, {DECODE_UNROLL}>",
                           ctype), (num_dec, num_kv_heads * passes, splits), (DECODE_THREADS,),
                    args, pdl=True)
-        if splits > 1 and cluster == 1:
+        if splits > 1 and cluster == 1 and merge == 1:
             launch(kernel("attention.cu", f"decode_reduce_kernel<{ctype}, {head_dim}>", ctype),
                    (num_dec, num_heads), (REDUCE_THREADS,),
                    (out, part_out, part_ml, plan.decode_seqs, meta.query_start_loc,

@@ -136,6 +136,11 @@ if DECODE_MMA_TMA not in ("0", "1"):
 # attention_decode_mma.cu's cluster kernel (warps, stages, blocks a cluster): the first is what
 # cuda_attention's short-context graphs run (others measured slower, cuda_attention.py)
 DECODE_CLUSTER_CONFIGS = ((8, 2, 4),)
+# PAGEDSERVE_DECODE_CLUSTER_MERGE=1 (an experiment): a split grid of 2..8 splits on sm_90 with
+# TMA runs as clusters of its splits (rounded up to a power of two), which merge in distributed
+# shared memory instead of the reduce launch (decode_mma_cluster_tma_kernel)
+DECODE_CLUSTER_MERGE = os.environ.get("PAGEDSERVE_DECODE_CLUSTER_MERGE", "0") == "1"
+MERGE_CLUSTERS = (2, 4, 8)
 # attention_prefill_gqa.cu's (MI, NW, BN) variants, which cuda_prefill.prefill_plan picks among
 PREFILL_CONFIGS = ((2, 8, 64), (2, 4, 64), (1, 8, 64), (1, 4, 64))
 # attention_prefill_sm90.cu's (BN, ST) variants: key tile, stages; blocks are always 128 rows in
@@ -178,6 +183,14 @@ def decode_mma_name(ctype: str, head_dim: int, group_rows: int, warps: int, stag
         return f"decode_mma_tma_kernel<{params}, {tr}>"
     tail = f", {tr}" if tr != "0" else ""
     return f"decode_mma_kernel<{params}{tail}>"
+
+
+def decode_mma_cluster_tma_name(ctype: str, head_dim: int, group_rows: int, warps: int,
+                                stages: int, cluster: int) -> str:
+    """decode_mma_name's TMA kernel with its splits merged in a cluster of `cluster` blocks."""
+    tr = DECODE_MMA_TR if group_rows == 8 else "0"
+    return (f"decode_mma_cluster_tma_kernel<{ctype}, {head_dim}, {group_rows}, {warps}, {stages}, "
+            f"{cluster}, {tr}>")
 
 
 def kernel_names(file: str, ctype: str) -> list[str]:
@@ -231,7 +244,10 @@ def kernel_names(file: str, ctype: str) -> list[str]:
         return ([decode_mma_name(ctype, d, gr, nw, st, tma) for d in HEAD_DIMS
                  for gr in (8, 16) for nw, st in configs]
                 + [f"decode_mma_cluster_kernel<{ctype}, {d}, {gr}, {nw}, {st}, {cl}>"
-                   for d in HEAD_DIMS for gr in (8, 16) for nw, st, cl in DECODE_CLUSTER_CONFIGS])
+                   for d in HEAD_DIMS for gr in (8, 16) for nw, st, cl in DECODE_CLUSTER_CONFIGS]
+                + ([decode_mma_cluster_tma_name(ctype, d, gr, *DECODE_MMA_CONFIGS[0], cl)
+                    for d in HEAD_DIMS for gr in (8, 16) for cl in MERGE_CLUSTERS]
+                   if tma and DECODE_CLUSTER_MERGE else []))
     if file == "attention_prefill.cu":
         return [f"prefill_attention_kernel<{ctype}, {d}>" for d in HEAD_DIMS]
     if file == "attention_prefill_gqa.cu":
