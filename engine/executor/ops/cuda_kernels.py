@@ -139,7 +139,7 @@ DECODE_CLUSTER_CONFIGS = ((8, 2, 4),)
 # PAGEDSERVE_DECODE_CLUSTER_MERGE=1 (an experiment): a split grid of 2..8 splits on sm_90 with
 # TMA runs as clusters of its splits (rounded up to a power of two), which merge in distributed
 # shared memory instead of the reduce launch (decode_mma_cluster_tma_kernel)
-DECODE_CLUSTER_MERGE = os.environ.get("PAGEDSERVE_DECODE_CLUSTER_MERGE", "0") == "1"
+DECODE_CLUSTER_MERGE = os.environ.get("PAGEDSERVE_DECODE_CLUSTER_MERGE", "1") == "1"
 MERGE_CLUSTERS = (2, 4, 8)
 # attention_prefill_gqa.cu's (MI, NW, BN) variants, which cuda_prefill.prefill_plan picks among
 PREFILL_CONFIGS = ((2, 8, 64), (2, 4, 64), (1, 8, 64), (1, 4, 64))
