@@ -29,8 +29,10 @@
 // blocks of one thread-block cluster; each block leaves its merged (max, sum, O) in its own shared
 // memory and, after a cluster barrier, each block combines a 1/CL slice of the output from all CL
 // blocks' shared memory (distributed shared memory), as decode_reduce_kernel would from part_out:
-// no reduce launch. Short contexts only (cuda_attention.SHORT_DECODE_CONTEXT): a split is
-// ctx / CL keys rounded up to whole 16-key tiles, and CL is at most 8.
+// no reduce launch. A split is ctx / CL keys rounded up to whole 16-key tiles, and CL is at most
+// 8. Two kernels take it: decode_mma_cluster_kernel (cp.async, 8 warps: the short-context graphs,
+// cuda_attention.SHORT_DECODE_CONTEXT) and decode_mma_cluster_tma_kernel (a split grid of 2..8
+// splits on sm_90, cuda_attention.merge_cluster).
 constexpr int DM_KEYS = 16;  // keys per warp tile: one k16 step of P V, two n8 tiles of Q K^T
 
 // Grid: (num_kv_heads * passes, num_decode_items, num_splits)  Block: (NW * 32)

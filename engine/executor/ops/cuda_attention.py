@@ -2,7 +2,9 @@
 
 A step's sequences split in two: those with one new token (decodes) go to a memory-bound decode
 kernel, one block per (sequence, kv head, context split): cuda/attention_decode_mma.cu's (tensor
-cores, cp.async stages) or cuda/attention.cu's first one (DECODE_KERNEL); those with several
+cores, cp.async or TMA stages) or cuda/attention.cu's first one (DECODE_KERNEL), whose splits a
+reduce launch combines, or on sm_90, up to 8 splits, the blocks of a thread-block cluster
+(merge_cluster, DECODE_CLUSTER_MERGE); those with several
 (prefill chunks) go to a tensor-core kernel (cuda_prefill.py picks which, and cuts the work). A
 mixed batch launches both, each writing its own rows of the output.
 """
