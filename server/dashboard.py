@@ -116,9 +116,13 @@ async def page(request: Request):
 
 async def events(request: Request):
     feed: DashboardFeed = request.app.state.dashboard
-    queue = feed.subscribe()
 
     async def stream():
+        # Subscribed here, not in the handler: a client gone before the response starts (an
+        # ASGI 2.4 server's send raises OSError) leaves this generator unstarted, and its
+        # `finally` would never unsubscribe a queue taken outside it (the feed would poll the
+        # engine for it forever).
+        queue = feed.subscribe()
         loop = asyncio.get_running_loop()
         end = loop.time() + MAX_STREAM_S
         try:

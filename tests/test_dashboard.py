@@ -133,6 +133,38 @@ def test_a_feed_response_ends_so_the_server_can_stop(serve, monkeypatch):
     assert json.loads(lines[0][6:])["kind"] == "key"
 
 
+def test_a_viewer_gone_before_the_response_starts_is_unsubscribed():
+    """An ASGI 2.4 server whose send raises OSError at the response's start (the client left):
+    the feed's generator never starts, and the viewer must not stay subscribed (the feed would
+    poll the engine for it until the server stops)."""
+    sent = []
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message["type"])
+        raise OSError("the client went away")
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"},
+             "http_version": "1.1", "method": "GET", "scheme": "http",
+             "path": "/dashboard/events", "raw_path": b"/dashboard/events", "query_string": b"",
+             "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+             "headers": [(b"host", b"localhost")]}
+    with Server(create_app(served_model_name="tiny", make_core=_make_core)) as s:
+        feed = s.app.state.dashboard
+
+        async def call():
+            with pytest.raises(Exception):  # noqa: B017 (Starlette's ClientDisconnect)
+                await s.app(scope, receive, send)
+            await asyncio.sleep(0.3)
+
+        asyncio.run_coroutine_threadsafe(call(), s.app.state.engine.loop).result(timeout=30)
+        assert sent == ["http.response.start"]
+        assert not feed._viewers
+        assert feed._task is None or feed._task.done()
+
+
 def test_no_dashboard_flag_removes_the_routes(serve):
     url = serve(dashboard=False)
     assert [httpx.get(url + p).status_code for p in ("/dashboard", "/dashboard/events")] == \

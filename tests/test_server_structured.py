@@ -149,6 +149,28 @@ def test_a_bad_schema_or_tool_is_a_400_naming_the_field(server, body, param):
         assert "objec" in r.json()["error"]["message"]  # llguidance's reason reaches the client
 
 
+@pytest.mark.parametrize("so", [
+    {"json": {"$ref": "#"}},
+    {"json": {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}},
+              "$ref": "#/$defs/a"}},
+    {"grammar": "start: x\nx: x"},
+])
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_grammar_that_matches_nothing_is_a_400_naming_the_field(server, so, stream):
+    """It compiled, then failed in the core at the first step: a 500 server_error (or an error
+    event mid-stream) carrying llguidance's state dump."""
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+        "model": MODEL, "messages": CHAT, "max_tokens": 4, "stream": stream,
+        "structured_outputs": so})
+    assert r.status_code == 400, r.text[:300]
+    assert r.json()["error"]["param"] == "structured_outputs"
+    assert "no output" in r.json()["error"]["message"]
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+        "model": MODEL, "messages": CHAT, "max_tokens": 4, "response_format": {
+            "type": "json_schema", "json_schema": {"name": "x", "schema": {"$ref": "#"}}}})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "response_format", r.text
+
+
 def test_auto_tool_calls_are_parsed_from_hermes_and_llama_forms():
     parser = ToolCallParser("auto", ["get_weather", "get_time"])
     text = ('Let me look. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome", '
@@ -327,3 +349,17 @@ def test_request_fields_that_cannot_apply_are_refused_by_name(server):
     ok = httpx.post(server.url + "/v1/chat/completions/batch", timeout=60, json={
         "model": MODEL, "messages": [CHAT], "max_tokens": 2, "tool_choice": "none"})
     assert ok.status_code == 200, ok.text
+
+
+@pytest.mark.parametrize("field,value", [
+    ("guided_json", SCHEMA), ("guided_regex", "[0-9]+"), ("guided_choice", ["yes", "no"]),
+    ("guided_grammar", 'start: "a"'), ("guided_json_object", True)])
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/v1/completions"])
+def test_vllm_guided_fields_are_refused_by_name(server, field, value, path):
+    """vLLM's former guided_* fields were ignored: a 200 with unconstrained text for a client
+    that asked for JSON (protocol.UNSUPPORTED_VLLM_FIELDS' rule: refused, never ignored)."""
+    r = httpx.post(server.url + path, timeout=60, json={
+        "model": MODEL, "messages": CHAT, "prompt": "x", "max_tokens": 4, field: value})
+    assert r.status_code == 400, r.text[:300]
+    assert r.json()["error"]["param"] == field
+    assert "structured_outputs" in r.json()["error"]["message"]

@@ -126,3 +126,24 @@ def test_chat_template_kwargs_cannot_set_the_render_deadline():
     ids = asyncio.run(chat_token_ids(request, engine, CHAT,
                                      **chat_options(CHAT, {"messages": CHAT}).template_options))
     assert ids == _smollm2_tokenizer().apply_chat_template(CHAT)
+
+
+@pytest.mark.parametrize("params, good, bad", [
+    ({"$id": "weather.json", "type": "object", "$defs": {"u": {"enum": ["c", "f"]}},
+      "properties": {"unit": {"$ref": "#/$defs/u"}}, "required": ["unit"],
+      "additionalProperties": False}, '{"unit": "c"}', '{"unit": "k"}'),
+    ({"type": "object", "properties": {"loc": {
+        "$id": "https://example.com/loc", "type": "object", "$defs": {"c": {"enum": ["Oslo"]}},
+        "properties": {"city": {"$ref": "#/$defs/c"}}, "required": ["city"],
+        "additionalProperties": False}}, "required": ["loc"], "additionalProperties": False},
+     '{"loc": {"city": "Oslo"}}', '{"loc": {"city": "Rome"}}'),
+])
+def test_required_keeps_the_refs_of_a_schema_with_its_own_id(params, good, bad):
+    """Under an `$id`, "#" is that subschema: moved under $defs/__tool_i, its references
+    pointed into a resource with no such path, a 400 ("Pointer ... does not exist") for a tool
+    that compiles with tool_choice naming it."""
+    tools = [{"type": "function", "function": {"name": "w", "parameters": params}}]
+    assert _accepts(tool_grammar(tools, "w", True), good)
+    so = tool_grammar(tools, "required", True)
+    assert _accepts(so, f'[{{"name": "w", "arguments": {good}}}]')
+    assert not _accepts(so, f'[{{"name": "w", "arguments": {bad}}}]')
