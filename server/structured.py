@@ -11,9 +11,18 @@ import asyncio
 from engine.core.sampling_params import StructuredOutputsParams
 from server.protocol import bad_request, get_field
 
+# vLLM's former structured-output fields (replaced by `structured_outputs`): refused by name,
+# as protocol.UNSUPPORTED_VLLM_FIELDS are, so a client still sending them never gets free text.
+_GUIDED_FIELDS = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice",
+                  "guided_grammar": "grammar", "guided_json_object": "json_object"}
+
 
 def parse_structured_outputs(body: dict) -> tuple[StructuredOutputsParams | None, str | None]:
     """(what the output must match, the body field it came from), or (None, None)."""
+    for name, kind in _GUIDED_FIELDS.items():
+        if body.get(name) is not None:
+            raise bad_request(name, f"'{name}' (vLLM's former field) is not supported by this "
+                                    f"server: send 'structured_outputs': {{'{kind}': ...}}")
     response_format = get_field(body, "response_format", "dict")
     vllm = get_field(body, "structured_outputs", "dict")
     if response_format is not None and vllm is not None:
