@@ -143,6 +143,14 @@ class GrammarCompiler:
         if matcher.is_error():
             raise ValueError(f"structured_outputs.{so.kind} does not compile: "
                              f"{matcher.get_error()}")
+        # A grammar that compiles may still allow no first token (a rule or $ref that only
+        # refers to itself): refused here, by name, rather than failing the request in the core
+        # (a 500) at its first step.
+        probe = matcher.deep_copy()
+        probe.compute_bitmask()
+        if probe.is_error():
+            raise ValueError(f"structured_outputs.{so.kind} can match no output at all (it "
+                             "allows no first token)")
         with self._lock:
             self._cache[text] = matcher
             while len(self._cache) > self.max_cached:
