@@ -102,7 +102,12 @@ def tool_grammar(tools: list[dict], choice: str, parallel: bool
 
 def _moved_refs(schema: dict, root: str) -> dict:
     """A copy of `schema` whose local JSON-pointer references ("#" and "#/...") start at `root`
-    instead of the document's root. Iterative: a schema nested thousands deep is no error."""
+    instead of the document's root. Iterative: a schema nested thousands deep is no error.
+    A subschema with an `$id` is a resource of its own: "#" under it already means that
+    subschema wherever it sits, so it is copied as it is (moved, its references would point
+    into a resource that has no such path)."""
+    if "$id" in schema:
+        return schema
     top = {}
     stack = [(schema, top)]
     while stack:
@@ -112,6 +117,8 @@ def _moved_refs(schema: dict, root: str) -> dict:
             if key == "$ref" and isinstance(value, str) and (value == "#"
                                                              or value.startswith("#/")):
                 value = root + value[1:]
+            elif isinstance(value, dict) and "$id" in value:
+                pass  # its own resource: its references are relative to it already
             elif isinstance(value, (dict, list)):
                 copy = {} if isinstance(value, dict) else [None] * len(value)
                 stack.append((value, copy))
