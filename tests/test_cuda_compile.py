@@ -119,7 +119,16 @@ def test_decode_mma_names_of_the_tma_form(monkeypatch):
     count = len(ck.HEAD_DIMS) * 2 * len(ck.DECODE_MMA_CONFIGS)
     monkeypatch.setattr(ck, "DECODE_MMA_TMA", "1")
     tma = ck.kernel_names("attention_decode_mma.cu", bf16)
-    assert len(tma) == len(names) and sum("decode_mma_tma_kernel<" in n for n in tma) == count
+    assert sum("decode_mma_tma_kernel<" in n for n in tma) == count
+    # and the split grids' cluster-merged form (DECODE_CLUSTER_MERGE), TR where 8 heads a block
+    merged = [n for n in tma if n.startswith("decode_mma_cluster_tma_kernel<")]
+    assert len(tma) == len(names) + len(merged)
+    assert len(merged) == (len(ck.HEAD_DIMS) * 2 * len(ck.MERGE_CLUSTERS)
+                           if ck.DECODE_CLUSTER_MERGE else 0)
+    assert (ck.decode_mma_cluster_tma_name(bf16, 128, 8, 4, 2, 4)
+            == f"decode_mma_cluster_tma_kernel<{bf16}, 128, 8, 4, 2, 4, 2>")
+    monkeypatch.setattr(ck, "DECODE_CLUSTER_MERGE", False)
+    assert len(ck.kernel_names("attention_decode_mma.cu", bf16)) == len(names)
     monkeypatch.setattr(ck, "sm90_device", lambda: False)  # a GPU before sm_90 runs cp.async's
     assert ck.kernel_names("attention_decode_mma.cu", bf16) == names
 
