@@ -70,7 +70,8 @@ __device__ __forceinline__ void pen8(const RowDist& d, int i0, float* f) {
   const unsigned bits = d.counts != nullptr ? d.seen[i0 >> 3] : 0u;
   if (bits == 0u && fabsf(d.freq) <= PS_FLT_MAX) {
 #pragma unroll
-    for (int e = 0; e < 8; e++) f[e] = fminf(fmaxf(f[e], -PS_FLT_MAX), PS_FLT_MAX);
+    for (int e = 0; e < 8; e++)
+      f[e] = f[e] == -INFINITY ? f[e] : fminf(fmaxf(f[e], -PS_FLT_MAX), PS_FLT_MAX);  // a ban stays
     return;
   }
 #pragma unroll

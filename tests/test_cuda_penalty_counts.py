@@ -144,3 +144,38 @@ def test_engine_kept_counts_equal_ids_on_cuda(loaded, eager):
         _maker(loaded, eager, []), requests, abort_after={"r2": 6}, async_scheduling=True,
         max_num_seqs=16, max_num_batched_tokens=64, num_kv_blocks=256, max_model_len=256)
     assert slotted > 5 * rebuilt > 0
+
+
+@pytest.mark.parametrize("vocab", [4096, 1001], ids=["vectorized", "scalar"])
+@pytest.mark.parametrize("bias", [False, True], ids=["sparse", "dense"])
+@pytest.mark.parametrize("kind", ["select", "twopass", "bisect"])
+def test_a_ban_stays_a_ban_under_penalties(ops, vocab, bias, kind):
+    """A -inf logit (a grammar's mask; min_tokens' -inf bias) is never drawn with penalties on,
+    even at a huge temperature, as numpy_sampling.apply_penalties keeps it."""
+    rng = np.random.default_rng(3)
+    rows = 4
+    logits = (rng.standard_normal((rows, vocab)) * 2).astype(np.float32)
+    allowed = [5, 9, 600]
+    mask = np.ones(vocab, bool)
+    mask[allowed] = False
+    kw = {}
+    if bias:  # min_tokens' way: a -inf bias (the dense path)
+        ids = np.flatnonzero(mask).astype(np.int32)
+        kw = dict(bias_ids=np.tile(ids, (rows, 1)),
+                  bias_values=np.full((rows, len(ids)), -np.inf, np.float32))
+    else:  # a grammar's way: -inf in the logits (the sparse path)
+        logits[:, mask] = -np.inf
+    prompts = [rng.integers(0, vocab, 30).tolist() + allowed[:1] for _ in range(rows)]
+    saved, cuda_sampling.SAMPLER = cuda_sampling.SAMPLER, kind
+    try:
+        for step in range(20):
+            t = _tensors(rows, step, rng, prompt_ids=_pad(prompts),
+                         output_ids=_pad([[] for _ in range(rows)]), **kw)
+            t.temperature = np.array([1e38, 3e38, 1e38, 0.0], np.float32)
+            t.top_k = np.zeros(rows, np.int32)
+            want = sample(logits, t)
+            got = ops.sample(cupy.asarray(logits), t)
+            assert not mask[want.token_ids].any(), want.token_ids
+            np.testing.assert_array_equal(got.token_ids, want.token_ids)
+    finally:
+        cuda_sampling.SAMPLER = saved

@@ -400,3 +400,28 @@ def test_nan_logits_are_never_the_argmax():
                        [0.5, 1.0, np.nan, -2.0, 3.0, 0.0]], np.float32)
     t = _tensors(3, temperature=[0.0, 0.0, 0.7])
     assert sample(logits, t).token_ids.tolist() == [4, 0, 4]
+
+
+def test_a_ban_stays_a_ban_under_penalties():
+    """A -inf logit (min_tokens' bias on eos, a grammar's mask) is a ban whatever the row's or
+    its batchmates' penalties: clamped to -FLT_MAX, a huge (valid) temperature gives it exp(-1)
+    of the top token's weight, and a row with every token banned stops being one."""
+    logits = np.array([[1.0, 2.0, 0.5, 3.0]] * 2, np.float32)
+    # row 0 has a penalty, row 1 none (its batchmate's puts the step on the penalty path)
+    t = _tensors(2, temperature=[1e38, 1e38], repetition_penalty=[1.5, 1.0],
+                 prompt_ids=[[1], [-1]], output_ids=[[-1], [-1]], bias_ids=[[0, 1, 3]] * 2)
+    t.bias_values = np.full((2, 3), -np.inf, np.float32)
+    for seed in range(100):
+        t.seeds = np.array([seed, seed + 1000], np.uint64)
+        assert sample(logits, t).token_ids.tolist() == [2, 2], seed  # the one token not banned
+    t.bias_ids = np.array([[0, 1, 2, 3]] * 2, np.int32)  # every token banned: the argmax, id 0
+    t.bias_values = np.full((2, 4), -np.inf, np.float32)
+    assert sample(logits, t).token_ids.tolist() == [0, 0]
+
+def test_min_tokens_holds_eos_back_at_any_temperature_with_penalties(make_engine, run_engine):
+    reqs = {f"s{s}": ({"prompt_token_ids": [5, 6, 7, 8]},
+                      SamplingParams(temperature=1e300, seed=s, min_tokens=6, max_tokens=6,
+                                     allowed_token_ids=[2, 9], repetition_penalty=1.5))
+            for s in range(10)}
+    out, _ = run_engine(make_engine(), reqs)
+    assert [o.outputs[0].token_ids for o in out.values()] == [[9] * 6] * 10

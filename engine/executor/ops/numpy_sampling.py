@@ -102,7 +102,10 @@ def apply_penalties(logits: np.ndarray, t: SamplingTensors, words: np.ndarray) -
 
     NOTE: a repetition penalty of 1e-50 is 0 in float32 and 1e50 is inf, and dividing by either
     would put inf or nan into the row: the penalty is clamped to [FLT_MIN, FLT_MAX] and the
-    penalized logits to [-FLT_MAX, FLT_MAX], so every row stays finite."""
+    penalized logits to [-FLT_MAX, FLT_MAX], so no row holds inf or nan. A logit already -inf
+    (a ban: min_tokens' bias on a stop id) stays -inf: clamped to -FLT_MAX, a huge temperature
+    would give it weight, and a row with every token banned would no longer take the argmax."""
+    banned = np.isneginf(logits)
     logits = logits.copy()
     for r in range(len(logits)):
         counts = (words[r] & COUNT_MASK).astype(np.float32)
@@ -114,7 +117,7 @@ def apply_penalties(logits: np.ndarray, t: SamplingTensors, words: np.ndarray) -
                 row[seen] = np.where(row[seen] > 0, row[seen] / penalty, row[seen] * penalty)
         logits[r] -= t.frequency_penalty[r] * counts
         logits[r] -= t.presence_penalty[r] * (counts > 0)
-    return np.clip(logits, -FLT_MAX, FLT_MAX)
+    return np.where(banned, -np.inf, np.clip(logits, -FLT_MAX, FLT_MAX)).astype(np.float32)
 
 
 def argmax(row: np.ndarray) -> int:
