@@ -65,15 +65,17 @@ class LLM:
                  ) -> list[RequestOutput]:
         """Finished outputs in the order of `prompts`.
 
-        prompts: a str, a {"prompt_token_ids": [...]} dict, or a list of either.
+        prompts: a str, a {"prompt_token_ids": [...]} or {"prompt": str} dict (vLLM's
+        TokensPrompt and TextPrompt), or a list of them.
         sampling_params: one SamplingParams for all, or a list with one per prompt.
         """
         self._check_open()
         if isinstance(prompts, (str, dict)):
             prompts = [prompts]
         if not isinstance(prompts, Iterable):
-            raise TypeError(f"prompts must be a str, a {{'prompt_token_ids': [...]}} dict or a "
-                            f"list of them, got {type(prompts).__name__}")
+            raise TypeError(f"prompts must be a str, a {{'prompt_token_ids': [...]}} or "
+                            f"{{'prompt': str}} dict or a list of them, got "
+                            f"{type(prompts).__name__}")
         prompts = list(prompts)
         if sampling_params is None:
             sampling_params = SamplingParams()
@@ -129,13 +131,18 @@ class LLM:
             raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts "
                              "(one conversation) or of such lists")
         conversations = messages if isinstance(messages[0], list) else [messages]
+        # As vLLM's: chat_template_kwargs go over the arguments (e.g. its own
+        # add_generation_prompt or tools), rather than clash with them as a TypeError.
+        options = {"add_generation_prompt": add_generation_prompt,
+                   "continue_final_message": continue_final_message,
+                   **({"tools": tools} if tools else {}), **(chat_template_kwargs or {})}
+        reserved = sorted(set(options) & _RESERVED_TEMPLATE_KWARGS)
+        if reserved:
+            raise ValueError(f"chat_template_kwargs may not set {reserved}")
         prompts = []
         for conversation in conversations:
             conversation = _chat_messages(conversation)
-            ids = tokenizer.apply_chat_template(
-                conversation, add_generation_prompt=add_generation_prompt, tokenize=True,
-                continue_final_message=continue_final_message,
-                **(chat_template_kwargs or {}), **({"tools": tools} if tools else {}))
+            ids = tokenizer.apply_chat_template(conversation, tokenize=True, **options)
             prompts.append({"prompt_token_ids": ids})
         return self.generate(prompts, sampling_params, use_tqdm)
 
@@ -182,6 +189,12 @@ class LLM:
             self.engine.abort(request_id)
         with contextlib.suppress(Exception):  # a dead engine has nothing left to hand out
             self.engine.step()
+
+
+# The renderer's own arguments, which chat_template_kwargs may not pass (server/extras.py's
+# _RESERVED less the two chat() takes as arguments too).
+_RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "tokenize", "special_tokens_in_content",
+                                       "render_seconds", "chat_template", "self"})
 
 
 def _chat_messages(conversation) -> list[dict]:

@@ -243,3 +243,26 @@ def test_gguf_dequantize_of_the_wrong_type_fails_naming_it():
 
     with pytest.raises(ConfigError, match="gguf_dequantize"):
         EngineConfig(gguf_dequantize="false").validate()
+
+
+def test_chat_template_kwargs_go_over_chat_arguments_as_vllm(make_engine):
+    """vLLM's LLM.chat merges chat_template_kwargs over add_generation_prompt,
+    continue_final_message and tools; they once clashed with them as a TypeError."""
+    llm = LLM.from_engine(make_engine(text=True))
+    tok = llm.get_tokenizer()
+    params = SamplingParams(temperature=0, max_tokens=1)
+    conv = [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Sure, "}]
+    [out] = llm.chat(conv, params, use_tqdm=False,
+                     chat_template_kwargs={"add_generation_prompt": False})
+    assert out.prompt_token_ids == tok.apply_chat_template(conv, add_generation_prompt=False)
+    [out] = llm.chat(conv, params, use_tqdm=False, add_generation_prompt=False,
+                     chat_template_kwargs={"continue_final_message": True})
+    assert out.prompt_token_ids == tok.apply_chat_template(
+        conv, add_generation_prompt=False, continue_final_message=True)
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {}}}]
+    [out] = llm.chat(conv[:1], params, use_tqdm=False, tools=[{"type": "function"}],
+                     chat_template_kwargs={"tools": tools})
+    assert out.prompt_token_ids == tok.apply_chat_template(conv[:1], tools=tools)
+    with pytest.raises(ValueError, match="tokenize"):
+        llm.chat(conv, params, use_tqdm=False, chat_template_kwargs={"tokenize": False})
+    assert not llm.engine.has_unfinished_requests()
