@@ -164,8 +164,8 @@ class LLMEngine:
         return self.core.snapshot(since)
 
 def encode_prompt(tokenizer, prompt) -> tuple[str | None, list[int]]:
-    """(text, token ids) of a prompt given as text or as {"prompt_token_ids": [...]}; the core
-    checks the ids against the vocabulary."""
+    """(text, token ids) of a prompt given as text, as {"prompt_token_ids": [...]} or as vLLM's
+    TextPrompt {"prompt": text}; the core checks the ids against the vocabulary."""
     if isinstance(prompt, str):
         if tokenizer is None:
             raise ValueError("prompt is text but the model has no tokenizer; "
@@ -190,5 +190,7 @@ def encode_prompt(tokenizer, prompt) -> tuple[str | None, list[int]]:
                 raise ValueError(f"prompt_token_ids[{i}] = {t!r}: token id {t} is out of "
                                  "vocabulary")
         return prompt.get("prompt"), [int(t) for t in ids]
-    raise TypeError("prompt must be a str or a dict with 'prompt_token_ids', "
+    if isinstance(prompt, dict) and isinstance(prompt.get("prompt"), str):
+        return encode_prompt(tokenizer, prompt["prompt"])  # vLLM's TextPrompt
+    raise TypeError("prompt must be a str or a dict with 'prompt_token_ids' or 'prompt', "
                     f"got {type(prompt).__name__}")

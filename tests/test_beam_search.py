@@ -291,3 +291,24 @@ def test_min_tokens_passes_over_stop_ids_for_the_next_best(make_engine):
         engine.add_request("wide", {"prompt_token_ids": PROMPT},
                            SamplingParams(n=8, max_tokens=2, stop_token_ids=top, **common))
     assert e.value.field == "min_tokens"
+
+
+def test_text_prompts_as_vllm_writes_them(make_engine):
+    """vLLM's beam_search takes its prompts as TextPrompt / TokensPrompt dicts
+    (`[{"prompt": "Hello"}]` in its examples), and generate takes a TextPrompt too; a
+    {"prompt": text} dict was refused with a TypeError."""
+    from engine.llm import LLM
+
+    llm = LLM.from_engine(make_engine(text=True))
+    params = BeamSearchParams(beam_width=2, max_tokens=3, ignore_eos=True)
+    [want] = llm.beam_search(["Hello world"], params)
+    [out] = llm.beam_search([{"prompt": "Hello world"}], params)
+    assert [s.tokens for s in out.sequences] == [s.tokens for s in want.sequences]
+    assert out.sequences[0].text == want.sequences[0].text
+    sampling = SamplingParams(temperature=0, max_tokens=3)
+    [a] = llm.generate([{"prompt": "Hello world"}], sampling, use_tqdm=False)
+    [b] = llm.generate("Hello world", sampling, use_tqdm=False)
+    assert a.prompt == "Hello world" and a.prompt_token_ids == b.prompt_token_ids
+    assert a.outputs[0].token_ids == b.outputs[0].token_ids
+    with pytest.raises(TypeError, match="'prompt'"):
+        llm.generate({"prompt": 5}, sampling, use_tqdm=False)
