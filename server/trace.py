@@ -129,6 +129,16 @@ def trace(args, config: EngineConfig) -> int:
     from engine.engine import LLMEngine
 
     workload = WORKLOADS[args.workload]
+    # The workload sets these engine flags itself: given other values, they would be ignored.
+    from server.cli import _engine_flags
+
+    defaults = {a.dest: a.default for a in _engine_flags()._actions}
+    given = [f"{name} {getattr(args, name)}" for name in workload.engine
+             if getattr(args, name, defaults.get(name)) != defaults.get(name)]
+    if given:
+        fixed = ", ".join(f"{name} {value}" for name, value in workload.engine.items())
+        raise ValueError(f"the {args.workload!r} workload sets its own engine ({fixed}); leave "
+                         f"out {', '.join(given)}")
     engine = LLMEngine(dataclasses.replace(config, **workload.engine))
     try:
         result = record(engine, workload, args.workload)

@@ -234,3 +234,21 @@ def test_a_feed_ends_when_the_server_stops_or_the_engine_goes_quiet(monkeypatch)
     closed = DashboardFeed(never)
     closed.close()
     assert asyncio.run(body(closed))[0] == []  # a viewer arriving after close ends at once
+
+
+def test_trace_refuses_engine_flags_its_workload_sets(tmp_path, capsys, monkeypatch):
+    """`pagedserve trace` takes the engine flags, but a workload sets its block size, pool,
+    batch and length itself: --block-size 8 (say) was accepted and silently ignored, the trace
+    made with blocks of 4. Now it is refused before any model loads, naming the flag."""
+    import engine.engine
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("the model loaded")
+
+    monkeypatch.setattr(engine.engine, "LLMEngine", no_load)
+    out = tmp_path / "t.json"
+    assert main(["trace", "shared-prefix", "--device", "cpu", "--block-size", "8",
+                 "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "--block-size 8" in err and "--block-size 4" in err and len(err.splitlines()) == 1
+    assert not out.exists()
