@@ -171,8 +171,16 @@ def _root_path(text: str) -> str:
     return text
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad flag is one line on stderr (main's promise), not the usage (20-30
+    lines for serve) above it; --help still shows the usage. Subcommands inherit the class."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="pagedserve",
         description="pagedserve: an LLM serving engine with PagedAttention and continuous "
                     "batching, on CuPy + CUDA kernels or numpy.")

@@ -433,3 +433,16 @@ def test_generate_checks_temperature_before_the_model_loads(monkeypatch, capsys)
             status = e.code
         err = capsys.readouterr().err
         assert status == 2 and "--temperature" in err, err
+
+
+@pytest.mark.parametrize("argv", [["serve", "--port", "99999"],
+                                  ["generate", "x", "--temperature", "abc"],
+                                  ["generate", "x", "--bogus"]])
+def test_a_bad_flag_is_one_line(capsys, argv):
+    """main's promise, every failure one line on stderr, held for bad flags too: argparse wrote
+    the whole usage (20-30 lines) above its error line."""
+    with pytest.raises(SystemExit) as e:
+        main(argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "error:" in err and "--help" in err
