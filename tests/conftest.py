@@ -342,6 +342,29 @@ def write_tiny_gguf(path, hf: dict | None = None, config: ModelConfig | None = N
 # ---- server fixtures (tests/test_server*.py) ----------------------------------------------------
 
 
+def gone_client_asgi(method: str, path: str, headers: list, body: bytes | None = None):
+    """(scope, receive, send, sent): one ASGI 2.4 request whose client has left by the time its
+    response starts (send raises OSError, as such a server's does); `sent` lists the message types
+    the app tried to send."""
+    messages = [] if body is None else [{"type": "http.request", "body": body,
+                                         "more_body": False}]
+    sent = []
+
+    async def receive():
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message["type"])
+        raise OSError("the client went away")
+
+    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"},
+             "http_version": "1.1", "method": method, "scheme": "http", "path": path,
+             "raw_path": path.encode(), "query_string": b"", "root_path": "",
+             "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
+             "headers": [(b"host", b"localhost"), *headers]}
+    return scope, receive, send, sent
+
+
 def tiny_server_core(text: bool = True, **fields):
     """A `make_core` for server.app.create_app: the tiny random model (vocab 49152) on numpy,
     with the real SmolLM2 tokenizer when `text`, else with none. Picklable: it runs in the

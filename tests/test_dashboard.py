@@ -9,7 +9,7 @@ import pytest
 
 httpx = pytest.importorskip("httpx")
 
-from conftest import _tiny_loaded  # noqa: E402
+from conftest import _tiny_loaded, gone_client_asgi  # noqa: E402
 from test_server import Server  # noqa: E402
 
 from engine.core.introspect import DashboardState  # noqa: E402
@@ -137,20 +137,7 @@ def test_a_viewer_gone_before_the_response_starts_is_unsubscribed():
     """An ASGI 2.4 server whose send raises OSError at the response's start (the client left):
     the feed's generator never starts, and the viewer must not stay subscribed (the feed would
     poll the engine for it until the server stops)."""
-    sent = []
-
-    async def receive():
-        return {"type": "http.disconnect"}
-
-    async def send(message):
-        sent.append(message["type"])
-        raise OSError("the client went away")
-
-    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"},
-             "http_version": "1.1", "method": "GET", "scheme": "http",
-             "path": "/dashboard/events", "raw_path": b"/dashboard/events", "query_string": b"",
-             "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
-             "headers": [(b"host", b"localhost")]}
+    scope, receive, send, sent = gone_client_asgi("GET", "/dashboard/events", [])
     with Server(create_app(served_model_name="tiny", make_core=_make_core)) as s:
         feed = s.app.state.dashboard
 

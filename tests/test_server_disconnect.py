@@ -12,7 +12,7 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("uvicorn")
 
-from conftest import tiny_server_core  # noqa: E402
+from conftest import gone_client_asgi, tiny_server_core  # noqa: E402
 from test_server import Server  # noqa: E402
 
 from server.app import create_app  # noqa: E402
@@ -114,21 +114,8 @@ def test_client_gone_before_the_response_starts(server):
     aborted all the same."""
     data = json.dumps({"model": MODEL, "prompt": "Count forever:", "max_tokens": 200,
                        "ignore_eos": True, "stream": True}).encode()
-    messages = [{"type": "http.request", "body": data, "more_body": False}]
-    sent = []
-
-    async def receive():
-        return messages.pop(0) if messages else {"type": "http.disconnect"}
-
-    async def send(message):
-        sent.append(message["type"])
-        raise OSError("the client went away")
-
-    scope = {"type": "http", "asgi": {"version": "3.0", "spec_version": "2.4"},
-             "http_version": "1.1", "method": "POST", "scheme": "http",
-             "path": "/v1/completions", "raw_path": b"/v1/completions", "query_string": b"",
-             "root_path": "", "client": ("127.0.0.1", 1), "server": ("127.0.0.1", 80),
-             "headers": [(b"host", b"localhost"), (b"content-type", b"application/json")]}
+    scope, receive, send, sent = gone_client_asgi(
+        "POST", "/v1/completions", [(b"content-type", b"application/json")], data)
     aborted = server.metric("pagedserve_requests_finished_total", ABORT)
 
     async def call():
