@@ -114,9 +114,12 @@ def arrival_offsets(num: int, request_rate: float, seed: int = 0) -> list[float]
 
 
 async def send_request(client: SSEClient, path: str, model: str, prompt: list[int],
-                       max_tokens: int, t0: float, timeout_s: float = 3600.0) -> RequestResult:
+                       max_tokens: int, t0: float, timeout_s: float = 3600.0,
+                       cache_salt: str | None = None) -> RequestResult:
     body = {"model": model, "prompt": prompt, "max_tokens": max_tokens, "temperature": 0.0,
             "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+    if cache_salt:  # vLLM's field: no prefix-cache hit on an earlier run's blocks
+        body["cache_salt"] = cache_salt
     result = RequestResult(len(prompt), max_tokens, time.perf_counter() - t0,
                            sent_at=time.monotonic())
     try:
@@ -180,11 +183,14 @@ async def watch_dashboard(client, counts: list[int], i: int, errors: list[str]) 
 async def run_benchmark(base_url: str, model: str | None, prompts: list[list[int]],
                         output_lens: list[int], request_rate: float, seed: int = 0,
                         timeout_s: float = 3600.0, transport=None, dashboard_clients: int = 0,
-                        api_key: str | None = None, stages: bool = False) -> dict:
+                        api_key: str | None = None, stages: bool = False,
+                        cache_salt: str | None = None) -> dict:
     """`transport`: an httpx transport to use instead of the network for everything but the
     generation requests, which go through tools/sse_client.py (tests).
     `dashboard_clients`: dashboard feeds held open (and read) while the requests run.
-    `stages`: add where the first tokens waited (tools/ttft_stages.py) as "stages"."""
+    `stages`: add where the first tokens waited (tools/ttft_stages.py) as "stages".
+    `cache_salt`: sent with every request, so that none hits blocks an earlier run on the same
+    server left in its prefix cache (W2 after W1-HTTP sends the same prompts)."""
     import httpx  # the test extra; only this tool needs it
 
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
@@ -204,7 +210,7 @@ async def run_benchmark(base_url: str, model: str | None, prompts: list[list[int
         async def delayed(i: int) -> RequestResult:
             await asyncio.sleep(max(0.0, offsets[i] - (time.perf_counter() - t0)))
             return await send_request(streams, "/v1/completions", model, prompts[i],
-                                      output_lens[i], t0, timeout_s)
+                                      output_lens[i], t0, timeout_s, cache_salt)
 
         try:
             results = await asyncio.gather(*(delayed(i) for i in range(len(prompts))))
@@ -312,6 +318,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0, help="seed of W1 and of the arrival process")
     ap.add_argument("--timeout", type=float, default=3600.0, help="per-request timeout (s)")
     ap.add_argument("--api-key", default=None, help="sent as a Bearer token")
+    ap.add_argument("--cache-salt", default=None,
+                    help="cache_salt of every request: no prefix-cache hits on an earlier run's "
+                         "prompts (the same W1 draw) on the same server")
     ap.add_argument("--dashboard-clients", type=int, default=0,
                     help="hold N dashboard feeds (/dashboard/events) open during the run")
     ap.add_argument("--dashboard-compare", action="store_true",
@@ -337,7 +346,8 @@ def main(argv: list[str] | None = None) -> dict:
     metrics = asyncio.run(run_benchmark(base_url, args.model, prompts, output_lens,
                                         args.request_rate, args.seed, args.timeout,
                                         dashboard_clients=args.dashboard_clients,
-                                        api_key=args.api_key, stages=args.stages))
+                                        api_key=args.api_key, stages=args.stages,
+                                        cache_salt=args.cache_salt))
     print(json.dumps(metrics) if args.json else format_report(metrics))
     return metrics
 

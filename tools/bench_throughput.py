@@ -9,7 +9,7 @@ measured / bound, the wall time, the number of engine steps and of preemptions, 
 fraction: the device time of every step (events around it: from its input upload to its sampled ids'
 copy; on numpy the CPU time of the forward and sampling) over the wall time, overall and over the
 steady state (the middle 80% of the steps), and that device time by kind of step (with prompt
-tokens; decode-only by running sequences). With async scheduling (the default on cuda) the host
+tokens; decode-only by the sequences they ran). With async scheduling (the default on cuda) the host
 prepares step N+1 while the GPU runs step N, so busy approaches 100%; `--no-async-scheduling`
 measures the synchronous loop.
 
@@ -168,10 +168,21 @@ def run_requests(engine, prompts: list[list[int]], output_lens: list[int],
     runner = engine.runner
     runner.time_gpu, gpu_times = True, runner.gpu_step_times
     del gpu_times[:]
-    step_times, blocks, held, batch_seqs = [], [], [], []
+    step_times, step_starts, blocks, held, batch_seqs = [], [], [], [], []
     # per launched step, in launch order (as runner.gpu_step_times): its prompt tokens and the
-    # sequences running when it was scheduled (a decode-only step runs all of them)
-    prompt_tokens, launched_seqs = [], []
+    # sequences its batch ran (not all that were running: overlapped, those whose last token is
+    # in flight sit out; a preemption takes some out), counted as the scheduler forms it
+    prompt_tokens, launched_seqs, batch_sizes = [], [], []
+    scheduler = engine.scheduler
+    schedule = scheduler.schedule
+
+    def counted_schedule():
+        batch = schedule()
+        if batch.seqs:
+            batch_sizes.append(len(batch.seqs))
+        return batch
+
+    scheduler.schedule = counted_schedule
     last = stats0
     token_counts: dict[str, int] = {}
     trace, extra = None, {}
@@ -202,7 +213,7 @@ def run_requests(engine, prompts: list[list[int]], output_lens: list[int],
             engine.add_request(f"{tag}-{i}", {"prompt_token_ids": p}, params)
         while engine.has_unfinished_requests():
             ts = time.perf_counter()
-            running_before = len(engine.scheduler.running)
+            step_starts.append(ts)
             outputs = engine.step()
             step_times.append(time.perf_counter() - ts)
             running = engine.scheduler.running
@@ -212,7 +223,7 @@ def run_requests(engine, prompts: list[list[int]], output_lens: list[int],
             blocks.append(stats.kv_blocks_used)
             if stats.num_steps > last.num_steps:  # this call scheduled (and launched) a step
                 prompt_tokens.append(stats.prompt_tokens_total - last.prompt_tokens_total)
-                launched_seqs.append(running_before)
+                launched_seqs.append(batch_sizes[-1])
             last = stats
             for out in outputs:
                 if out.finished:
@@ -222,14 +233,17 @@ def run_requests(engine, prompts: list[list[int]], output_lens: list[int],
             engine.ops.synchronize()
             extra["energy_j"] = (nvml.energy_mj() - e0) / 1e3
     finally:
+        scheduler.schedule = schedule
         runner.time_gpu = False
         if trace is not None:
             trace.stop()
             runner.time_origin = None
     stats1 = engine.get_stats()
     # Steady state: the middle 80% of the step() calls, beside the device time of the steps
-    # launched in them (the overlapped loop reads each one a call later: one step's skew).
+    # launched in them (the overlapped loop reads each one a call later: one step's skew), over
+    # the wall time those calls span (this loop's own work between them included, as in wall).
     lo, hi = len(step_times) // 10, len(step_times) - len(step_times) // 10
+    steady_wall = step_starts[hi - 1] + step_times[hi - 1] - step_starts[lo] if hi > lo else 0.0
     if trace is not None:
         from tools.idle_report import idle_report
 
@@ -242,7 +256,7 @@ def run_requests(engine, prompts: list[list[int]], output_lens: list[int],
         "num_preemptions": stats1.num_preemptions - stats0.num_preemptions,
         "step_time_s": sum(step_times),
         "gpu_time_s": sum(gpu_times),
-        "gpu_busy_steady_fraction": sum(gpu_times[lo:hi]) / max(1e-12, sum(step_times[lo:hi])),
+        "gpu_busy_steady_fraction": sum(gpu_times[lo:hi]) / max(1e-12, steady_wall),
         "gpu_time_by_step_kind": step_kinds(gpu_times, prompt_tokens, launched_seqs),
         "output_tokens_per_request": [token_counts.get(f"{tag}-{i}", 0)
                                       for i in range(len(prompts))],
@@ -353,8 +367,11 @@ def run_structured(args, engine, prompts, output_lens, schema: dict, label: str 
     if not args.no_warmup:
         run_requests(engine, prompts[:2], [4, 4], tag="warmup-structured", structured=so)
     settings = sampling_settings(args)
+    # A salt of its own: the unconstrained run (and the warm-up) left these prompts' blocks in
+    # the prefix cache, and a hit would skip most of this run's prefill.
     trace = run_requests(engine, prompts, output_lens, settings.pop("temperature"),
-                         tag="structured", structured=so, sampling=settings)
+                         tag="structured", structured=so,
+                         sampling=settings | {"cache_salt": f"structured{label}"})
     result = summarize(args, engine, prompts, output_lens, trace)
     result["sampling"] += ", JSON schema" + label
     return result

@@ -213,8 +213,10 @@ print(r['wall_s'], r['mean_w'])" 2> /dev/null)
       # W1-HTTP first (all 256 requests at once: the serving path at saturation), then W2.
       record w1-http-qwen3-0.6b 120 python3 tools/bench_serving.py \
         --base-url http://127.0.0.1:8011 --model qwen3-0.6b
+      # (a salt of its own: W1-HTTP left the same prompts in the server's prefix cache)
       record w2-qwen3-0.6b-rate16 100 python3 tools/bench_serving.py \
-        --base-url http://127.0.0.1:8011 --model qwen3-0.6b --request-rate 16 ${STAGES:+--stages}
+        --base-url http://127.0.0.1:8011 --model qwen3-0.6b --request-rate 16 --cache-salt w2 \
+        ${STAGES:+--stages}
       [ -n "${STAGES:-}" ] && python3 tools/ttft_stages.py "$log" w2-qwen3-0.6b-rate16
       kill $server; wait $server 2> /dev/null ;;
     w2-stages)
