@@ -251,6 +251,18 @@ def test_killing_a_worker_ends_the_engine_with_a_clear_error():
 
 
 
+def test_an_llm_built_in_a_thread_that_ends_keeps_its_workers(tp1_outputs):
+    """PR_SET_PDEATHSIG fires when the thread that started a worker ends, not the process: an
+    LLM built in a thread pool must keep its ranks once that thread is gone."""
+    import concurrent.futures
+
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        llm = pool.submit(_llm, 2).result()
+    with llm:
+        time.sleep(0.5)  # the pool's thread has ended
+        _assert_same(_generate(llm), tp1_outputs[0])
+
+
 def test_a_rank_started_by_hand_joins_through_the_master_address(monkeypatch, tp1_outputs):
     """The several-hosts path on one host: rank 1 is `pagedserve worker`, not spawned."""
     port = free_port()

@@ -71,7 +71,7 @@ def run_worker_args(args: argparse.Namespace) -> int:
     stops quietly with 130, as the commands do."""
     try:
         return run_worker(args.rank, args.master_addr, args.master_port, args.gpu,
-                          args.parent_pid)
+                          args.parent_pid, death_signal=not args.no_death_signal)
     except KeyboardInterrupt:
         return 128 + signal.SIGINT
 
@@ -89,6 +89,7 @@ def add_worker_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpu", type=int, default=None, metavar="I",
                    help="the GPU index on this host (default: rank modulo the GPUs visible)")
     p.add_argument("--parent-pid", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--no-death-signal", action="store_true", help=argparse.SUPPRESS)
 
 
 def _port(text: str) -> int:
@@ -109,7 +110,8 @@ def _rank(text: str) -> int:
 
 
 def run_worker(rank: int, master_addr: str | None, master_port: int | None,
-               gpu: int | None = None, parent_pid: int | None = None) -> int:
+               gpu: int | None = None, parent_pid: int | None = None,
+               death_signal: bool = True) -> int:
     """Exit status: 0 when rank 0 stops the group, 1 on any failure (reported to rank 0 too)."""
     if not master_addr or not master_port:
         print("pagedserve worker: error: --master-addr and --master-port (or "
@@ -121,7 +123,7 @@ def run_worker(rank: int, master_addr: str | None, master_port: int | None,
         return 2
     signer = Signer(os.environ[SECRET_ENV].encode(), rank_0=False)
     if parent_pid is not None:
-        _die_with_parent(parent_pid)
+        _die_with_parent(parent_pid, death_signal)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
     sock.connect(f"tcp://{master_addr}:{master_port}")
@@ -224,9 +226,10 @@ def _load(ec, ops):
     return loaded.config, loaded.weights
 
 
-def _die_with_parent(parent_pid: int) -> None:
-    """A local worker never outlives rank 0 (Linux: the kernel kills it)."""
-    if sys.platform.startswith("linux"):
+def _die_with_parent(parent_pid: int, death_signal: bool = True) -> None:
+    """A local worker never outlives rank 0 (Linux: the kernel kills it, unless rank 0 started
+    it from a thread other than its main one: that thread's end would kill it)."""
+    if death_signal and sys.platform.startswith("linux"):
         try:
             ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
         except (OSError, AttributeError):

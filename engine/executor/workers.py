@@ -46,6 +46,7 @@ import secrets
 import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -119,11 +120,19 @@ def group_secret(num_local: int, size: int) -> bytes:
 
 
 def master_address(config: EngineConfig) -> tuple[str, int]:
+    """Rank 0's address. Under data parallel every core is a rank 0 of its own group: core i
+    listens on the given port + i (its hand-started ranks connect there), so that the cores do
+    not all bind one port."""
     addr = config.master_addr or os.environ.get(MASTER_ADDR_ENV) or "127.0.0.1"
     port = config.master_port
     if port is None:
         port = parse_port(os.environ.get(MASTER_PORT_ENV) or "0", f"${MASTER_PORT_ENV}",
                           allow_zero=True)
+    if port and config.data_parallel_rank:
+        port += config.data_parallel_rank
+        if port > 65535:
+            raise ConfigError(f"data-parallel core {config.data_parallel_rank} listens on the "
+                              f"master port + {config.data_parallel_rank} = {port}, beyond 65535")
     return addr, port
 
 
@@ -373,6 +382,11 @@ def _spawn_worker(rank: int, gpu: int, addr: str, port: int, secret: bytes) -> s
     code = "import sys; from engine.executor.worker import worker_main; sys.exit(worker_main())"
     args = [sys.executable, "-c", code, "--rank", str(rank), "--master-addr", addr,
             "--master-port", str(port), "--gpu", str(gpu), "--parent-pid", str(os.getpid())]
+    if threading.current_thread() is not threading.main_thread():
+        # PR_SET_PDEATHSIG fires when the *thread* that forked the child ends, not the process:
+        # a group started from a thread that then exits (an LLM built in a thread pool) would
+        # lose its workers. Those rely on the parent check (worker.py) instead.
+        args.append("--no-death-signal")
     return subprocess.Popen(args, env={**os.environ, SECRET_ENV: secret.decode()})
 
 
