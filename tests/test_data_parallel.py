@@ -394,3 +394,21 @@ def test_stopping_one_idle_core_ends_the_server_naming_it(tmp_path):
             if _is_running(pid):
                 os.kill(pid, signal.SIGKILL)  # a stopped process takes SIGKILL too
         served.close()
+
+
+def test_dp2_tp2_with_a_master_port_gives_each_core_its_own(tmp_path):
+    """Each core is a tensor-parallel rank 0 of its own: with --master-port they must not all
+    bind that one port (core i listens on it + i)."""
+    from conftest import free_port
+    from test_two_process import Served
+
+    port = free_port()
+    served = Served(tmp_path, extra=("--data-parallel-size", "2", "--tensor-parallel-size", "2",
+                                     "--master-port", str(port)))
+    try:
+        model = httpx.get(served.url + "/v1/models").json()["data"][0]["id"]
+        r = httpx.post(served.url + "/v1/completions", timeout=60,
+                       json={"model": model, "prompt": [[5, 6, 7]], "max_tokens": 3})
+        assert r.status_code == 200, r.text
+    finally:
+        served.close()
