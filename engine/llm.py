@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import weakref
 from collections.abc import Iterable
 
 from engine.core.outputs import BeamSearchOutput, BeamSearchSequence, RequestOutput
@@ -33,20 +34,33 @@ class LLM:
             block_size=block_size, num_kv_blocks=num_kv_blocks,
             enable_prefix_caching=enable_prefix_caching, seed=seed, **engine_fields,
         )
-        self.engine = LLMEngine(config)
-        self._ids = itertools.count()
+        self._adopt(LLMEngine(config), own=True)
 
     @classmethod
-    def from_engine(cls, engine: LLMEngine) -> LLM:
-        """Wrap an engine built elsewhere (tests build one around a tiny random model)."""
+    def from_engine(cls, engine: LLMEngine, own: bool = False) -> LLM:
+        """Wrap an engine built elsewhere (tests build one around a tiny random model); `own`:
+        shut it down when this LLM is let go, as an LLM built by its constructor does."""
         llm = cls.__new__(cls)
-        llm.engine = engine
-        llm._ids = itertools.count()
+        llm._adopt(engine, own)
         return llm
+
+    def _adopt(self, engine: LLMEngine, own: bool) -> None:
+        self.engine = engine
+        self._ids = itertools.count()
+        # An LLM let go without close() (a notebook cell run again) frees its engine all the
+        # same: the engine's objects were frozen out of the garbage collector's reach at start-up
+        # (gc.freeze), so its memory and tensor-parallel workers would stay as long as the
+        # process. Not at interpreter exit (the workers end with the process).
+        self._release = weakref.finalize(self, engine.shutdown) if own else None
+        if self._release is not None:
+            self._release.atexit = False
 
     def close(self) -> None:
         """Free the engine's memory (GPU included); idempotent. The LLM cannot be used after."""
-        self.engine.shutdown()
+        if self._release is not None:
+            self._release()  # engine.shutdown(), once
+        else:
+            self.engine.shutdown()
 
     def __enter__(self) -> LLM:
         return self

@@ -266,3 +266,33 @@ def test_chat_template_kwargs_go_over_chat_arguments_as_vllm(make_engine):
     with pytest.raises(ValueError, match="tokenize"):
         llm.chat(conv, params, use_tqdm=False, chat_template_kwargs={"tokenize": False})
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_an_llm_let_go_without_close_shuts_its_engine_down(monkeypatch):
+    """LLM(...) owns its engine: dropped without close() it shuts the engine down (whose objects
+    the start-up gc.freeze keeps from the collector); from_engine leaves the caller's alone."""
+    import engine.llm as llm_module
+
+    shut = []
+
+    class FakeEngine:
+        def __init__(self, config):
+            self.config = config
+
+        def shutdown(self):
+            shut.append(self)
+
+    monkeypatch.setattr(llm_module, "LLMEngine", FakeEngine)
+    llm = LLM(device="cpu")
+    owned = llm.engine
+    del llm
+    assert shut == [owned]
+    borrowed = FakeEngine(None)
+    llm = LLM.from_engine(borrowed)
+    del llm
+    assert shut == [owned]
+    with LLM(device="cpu") as llm:  # close() shuts it down, once; letting it go adds none
+        llm.close()
+    closed = llm.engine
+    del llm
+    assert shut == [owned, closed]

@@ -263,6 +263,22 @@ def test_an_llm_built_in_a_thread_that_ends_keeps_its_workers(tp1_outputs):
         _assert_same(_generate(llm), tp1_outputs[0])
 
 
+def test_a_group_dropped_without_close_takes_its_workers_with_it():
+    """An LLM let go without close() (a notebook cell run again): its engine shuts down, and
+    its local ranks end rather than wait for steps as long as this process lives (the engine's
+    objects are frozen out of the garbage collector's reach: only the LLM's own release does it)."""
+    fields = dict(device="numpy", tensor_parallel_size=2, max_num_batched_tokens=32)
+    llm = LLM.from_engine(LLMEngine(EngineConfig(**fields), loaded_model=_tiny_loaded(512, False)),
+                          own=True)  # as LLM(...) builds it
+    procs = list(llm.engine.core.workers.procs.values())
+    assert procs and all(p.poll() is None for p in procs)
+    del llm
+    deadline = time.monotonic() + 10
+    while any(p.poll() is None for p in procs) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert all(p.poll() is not None for p in procs)
+
+
 def test_a_rank_started_by_hand_joins_through_the_master_address(monkeypatch, tp1_outputs):
     """The several-hosts path on one host: rank 1 is `pagedserve worker`, not spawned."""
     port = free_port()
