@@ -1,7 +1,7 @@
 // FP8 (E4M3) W8A8: per-row quantization of activations and weights (fused with the RMSNorm or the
 // SiLU-mul that precedes a matrix product), the small-batch FP8 GEMV, and the epilogue that scales
 // cuBLASLt's fp32 product. engine/model/fp8.py is the numpy twin that defines every value here:
-//   quantize:  s = absmax(row) / 448 (1 for an all-zero row), q = e4m3_rn_satfinite(x * (1 / s))
+//   quantize:  s = absmax(row) / 448 (1 if 0 or subnormal), q = e4m3_rn_satfinite(x * (1 / s))
 //   product:   y[m, n] = (sum_k dec(qx[m, k]) * dec(qw[n, k])) * sx[m] * sw[n]
 // NOTE: 1 / s and absmax / 448 are IEEE divisions (NVRTC's default -prec-div=true) and x * (1 / s)
 // one rounded multiply, so the codes and scales are bit-identical to numpy's. Products of two

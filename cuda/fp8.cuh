@@ -42,7 +42,9 @@ __device__ __forceinline__ float2 decode_e4m3x2(unsigned short pair) {
 
 __device__ __forceinline__ float row_scale(float absmax) {
   const float s = absmax / E4M3_MAX;
-  return s == 0.f ? 1.f : s;
+  // 1 for an all-zero row, and for a subnormal s, whose 1 / s can overflow to inf (0 * inf = NaN
+  // codes): engine/model/fp8.py's quantize_rows
+  return s < 1.17549435e-38f ? 1.f : s;  // FLT_MIN
 }
 
 // ------------------------------------------------------------------------------ row words

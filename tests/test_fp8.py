@@ -99,6 +99,21 @@ def test_quantize_rows_scales_and_error():
     assert (np.abs(back - x) <= np.maximum(REL_STEP * np.abs(x), SUB_STEP * s[:, None])).all()
 
 
+def test_quantize_rows_tiny_row_is_nan_free():
+    """A finite row so small that absmax / 448 is subnormal: 1 / s overflowed to inf and the
+    row's zeros encoded as NaN (0 * inf), which the product spread over the token's outputs."""
+    x = np.zeros((3, 64), np.float32)
+    x[0, 3] = 1e-37  # s = 2.2e-40: 1 / s = inf
+    x[1, 3], x[1, 5] = 2e-36, -1e-36  # s subnormal, 1 / s finite
+    x[2] = 1.0
+    q, s = fp8.quantize_rows(x)
+    assert not np.isnan(fp8.decode(q)).any()
+    np.testing.assert_array_equal(s, np.float32([1, 1, np.float32(1) / np.float32(448)]))
+    w = fp8.quantize_weight(np.random.default_rng(0).standard_normal((8, 64)).astype(np.float32))
+    assert np.isfinite(fp8.fp8_linear(x, w)).all()
+    assert np.isfinite(dequantize(fp8.quantize_weight(x))).all()
+
+
 def test_weight_format_and_dequantize():
     rng = np.random.default_rng(2)
     w = rng.standard_normal((16, 32)).astype(np.float32)
@@ -288,6 +303,10 @@ def test_fp8_checkpoint_errors(tmp_path):
         load_model(str(folder), NumpyOps())
     with pytest.raises(ValueError, match="block-wise"):
         fp8.from_checkpoint("w", np.zeros((4, 16), np.uint8), np.ones(2, np.float32))
+    with pytest.raises(ValueError, match="block-wise"):  # (out / 128, in / 128) = 256 values
+        fp8.from_checkpoint("w", np.zeros((256, 16384), np.uint8), np.ones((2, 128), np.float32))
+    for per_row in (np.ones(4, np.float32), np.ones((4, 1), np.float32)):
+        assert fp8.from_checkpoint("w", np.zeros((4, 16), np.uint8), per_row).scale.shape == (4,)
     # E4M3 tensors under a config without quantization_config: refused, not read as their
     # uint8 codes (they had loaded as weights of value 56 and so on)
     plain = write_fp8_checkpoint(src, tmp_path / "plain")

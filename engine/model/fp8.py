@@ -5,7 +5,9 @@ per sign (S.1111.111); largest finite 448, smallest subnormal 2^-9.
 
     encode(x)        round to nearest even; |x| beyond 448 (and +-inf) saturates to +-448; NaN ->
                      0x7F (what CUDA's __nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3) does)
-    quantize_rows(x) per row: s = absmax / 448 (s = 1 for an all-zero row), q = encode(x * (1 / s))
+    quantize_rows(x) per row: s = absmax / 448 (s = 1 where that is 0 or subnormal: an all-zero
+                     row, or one so tiny that 1 / s would overflow to inf and 0 * inf give NaN
+                     codes), q = encode(x * (1 / s))
                      (the reciprocal rounded, then one rounded product: vLLM's order, and a
                      multiply, not a division, per value on the GPU); for weights a row is an
                      output channel, for activations a token
@@ -77,7 +79,10 @@ def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     x = np.asarray(x, np.float32)
     absmax = np.max(np.abs(x), axis=1) if x.shape[1] else np.zeros(len(x), np.float32)
     scale = (absmax / np.float32(E4M3_MAX)).astype(np.float32)
-    scale[scale == 0] = 1.0  # an all-zero row (e.g. padding): any scale encodes it as zeros
+    # an all-zero row (e.g. padding): any scale encodes it as zeros. A subnormal scale (absmax
+    # below 448 * 2^-126) is taken as 1 too: its reciprocal can overflow to inf, and 0 * inf
+    # would encode the row's zeros as NaN; at scale 1 such a row encodes as zeros
+    scale[scale < np.finfo(np.float32).tiny] = 1.0
     # x times the scale's reciprocal (one rounding each), as vLLM's quantization kernels do: a
     # multiply a value, not a division, on the GPU
     inv = (np.float32(1.0) / scale).astype(np.float32)
@@ -115,12 +120,16 @@ def from_checkpoint(name: str, data: np.ndarray, scale: np.ndarray) -> Quantized
     """A weight stored as float8_e4m3fn (its bytes as uint8) with its `weight_scale`: one scale per
     tensor (shape () or (1,)) or per output channel ((out,) or (out, 1))."""
     out = data.shape[0]
-    scale = np.asarray(scale, np.float32).reshape(-1)
+    scale = np.asarray(scale, np.float32)
+    # a 2-D scale other than (out, 1) is block-wise (out / B, in / B), even when it happens to
+    # hold `out` values (in = 128 * B): read as per-channel it would scale the wrong rows
+    blockwise = scale.ndim > 2 or (scale.ndim == 2 and scale.shape[1] != 1 and scale.size != 1)
+    scale = scale.reshape(-1)
     if scale.size == 1:
         scale = np.full(out, scale[0], np.float32)
-    elif scale.size != out:
+    elif scale.size != out or blockwise:
         raise ValueError(f"{name}_scale has {scale.size} values; an FP8 weight of {out} rows "
-                         "takes 1 (per tensor) or one per row (block-wise scales are not "
-                         "supported)")
+                         "takes 1 (per tensor) or one per row, (out,) or (out, 1) (block-wise "
+                         "scales are not supported)")
     return QuantizedWeight("fp8", tuple(data.shape), np.ascontiguousarray(data, np.uint8),
                            np.ascontiguousarray(scale))
