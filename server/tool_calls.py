@@ -130,9 +130,11 @@ def _moved_refs(schema: dict, root: str) -> dict:
 def template_messages(messages: list[dict]) -> list[dict]:
     """Messages as chat templates expect them (as vLLM hands them over): an assistant's tool
     call arguments as a mapping (OpenAI sends them as JSON text; HF templates write them with
-    `tojson`; empty or missing: {}), an empty list of tool calls left out (Llama 3.1's template
-    refuses it), and an assistant's `reasoning` also as `reasoning_content` (the name Qwen3's
-    template reads), or the other way round."""
+    `tojson`; empty or missing: {}), an empty list of tool calls, or a null one (the openai SDK's
+    message.model_dump() writes `"tool_calls": None`), left out (Llama 3.1's template takes
+    `'tool_calls' in message` for a turn of calls and refuses both; vLLM drops a null one), and
+    an assistant's `reasoning` also as `reasoning_content` (the name Qwen3's template reads), or
+    the other way round."""
     out = []
     for m in messages:
         if m.get("role") != "assistant":
@@ -140,7 +142,7 @@ def template_messages(messages: list[dict]) -> list[dict]:
             continue
         m = dict(m)
         calls = m.get("tool_calls")
-        if isinstance(calls, list) and not calls:
+        if "tool_calls" in m and (calls is None or isinstance(calls, list) and not calls):
             del m["tool_calls"]
         elif isinstance(calls, list):
             fixed = []

@@ -251,18 +251,19 @@ def test_assistant_tool_calls_reach_the_template_as_mappings():
 
 
 def test_assistant_turns_reach_the_template_as_vllm_hands_them_over():
-    """Empty or missing arguments as {}, an empty list of calls left out, reasoning under both
-    names the templates read."""
+    """Empty or missing arguments as {}, an empty or null list of calls left out, reasoning under
+    both names the templates read."""
     call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": ""}}
     missing = {"id": "d", "type": "function", "function": {"name": "g"}}
     fixed = template_messages([
         {"role": "assistant", "content": "", "tool_calls": [call, missing]},
         {"role": "assistant", "content": "A", "tool_calls": []},
-        {"role": "assistant", "content": "B", "reasoning": "R"},
+        {"role": "assistant", "content": "B", "reasoning": "R", "tool_calls": None},
         {"role": "assistant", "content": "C", "reasoning_content": "S"},
         {"role": "user", "content": "u", "tool_calls": []}])
     assert [c["function"]["arguments"] for c in fixed[0]["tool_calls"]] == [{}, {}]
     assert "tool_calls" not in fixed[1]
+    assert "tool_calls" not in fixed[2]  # null, as message.model_dump() writes a plain turn
     assert fixed[2]["reasoning_content"] == "R" and fixed[3]["reasoning"] == "S"
     assert fixed[4]["tool_calls"] == []  # only an assistant's turn is touched
 
