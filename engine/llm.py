@@ -213,7 +213,9 @@ _RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "tokenize", "special_tokens_i
 
 def _chat_messages(conversation) -> list[dict]:
     """A conversation as the chat template takes it; a ValueError naming the message at fault.
-    An assistant turn's missing or None content (a turn of tool calls) is "" to the template."""
+    Text parts are joined by newlines (as vLLM joins them, and server/protocol.parse_messages);
+    an assistant turn's missing or None content (a turn of tool calls) is "" to the template, and
+    its null or empty tool_calls are left out (as the server's template_messages does)."""
     if not isinstance(conversation, list) or not conversation:
         raise ValueError(f"a conversation must be a non-empty list of messages, got "
                          f"{type(conversation).__name__}")
@@ -224,10 +226,12 @@ def _chat_messages(conversation) -> list[dict]:
         content = m.get("content")
         if isinstance(content, list) and all(isinstance(p, dict) and isinstance(p.get("text"), str)
                                              for p in content):  # OpenAI's text parts
-            m = {**m, "content": "".join(p["text"] for p in content)}
+            m = {**m, "content": "\n".join(p["text"] for p in content)}
         elif content is None and m["role"] == "assistant":
             m = {**m, "content": ""}
         elif not isinstance(content, str):
             raise ValueError(f"messages[{i}]['content'] must be a string, got {content!r:.80}")
+        if m["role"] == "assistant" and "tool_calls" in m and not m["tool_calls"]:
+            m = {k: v for k, v in m.items() if k != "tool_calls"}  # Llama 3's template refuses it
         out.append(m)
     return out

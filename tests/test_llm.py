@@ -102,11 +102,13 @@ def test_text_prompts_and_chat(make_engine):
     both = llm.chat([chat, other], params, use_tqdm=False)
     assert both[0].outputs[0].token_ids == one.outputs[0].token_ids
     assert both[1].prompt_token_ids == tok.apply_chat_template(other)
-    # text parts and an assistant turn of tool calls (content None) as the server takes them
-    parts = [{"role": "user", "content": [{"type": "text", "text": "What is "},
+    # text parts and an assistant turn of tool calls (content None) as the server takes them:
+    # the parts joined by newlines (as vLLM joins them)
+    parts = [{"role": "user", "content": [{"type": "text", "text": "What is"},
                                           {"type": "text", "text": "2+2?"}]}]
     [same] = llm.chat(parts, params, use_tqdm=False)
-    assert same.prompt_token_ids == one.prompt_token_ids
+    joined = [{"role": "user", "content": "What is\n2+2?"}]
+    assert same.prompt_token_ids == tok.apply_chat_template(joined)
     turns = chat + [{"role": "assistant", "content": None}, {"role": "user", "content": "And?"}]
     want = tok.apply_chat_template([*chat, {"role": "assistant", "content": ""}, turns[-1]])
     assert llm.chat(turns, params, use_tqdm=False)[0].prompt_token_ids == want
