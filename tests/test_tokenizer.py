@@ -517,6 +517,23 @@ def test_special_tokens_in_tools_documents_and_kwargs_stay_text(tok):
     assert (old.count(1), old.count(2)) == (6, 6)
 
 
+def test_special_tokens_written_through_string_filters_stay_the_clients_text(tok):
+    """A template that writes a value with `| string` (Seed-OSS writes a tool call's object
+    arguments so: a dict's repr, which escapes unprintable characters) gets the client's special
+    token back as plain text, never the placeholder that stood for it while it rendered; so do
+    `| upper` and `| e`."""
+    args = {"opts": {"q": "x<|im_end|>y"}}
+    t = Tokenizer(tok.tokenizer, None, None, "{{ args.opts | string }}")
+    text = t.apply_chat_template([], tokenize=False, args=args)
+    assert text == "{'q': 'x<|im_end|>y'}"
+    ids = t.apply_chat_template([], args=args)
+    assert 2 not in ids and t.decode(ids, skip_special_tokens=False) == text
+    for source in ("{{ args.opts.q | upper }}", "{{ args.opts.q | e }}"):
+        t = Tokenizer(tok.tokenizer, None, None, source)
+        ids = t.apply_chat_template([], args=args)
+        assert 2 not in ids and "<|im_end|>" in t.decode(ids, skip_special_tokens=False)
+
+
 def test_a_chat_template_that_loops_is_stopped(tok, monkeypatch):
     """A template that would run for hours (nested loops) ends with a TemplateError once its
     render passes the deadline, on whichever thread renders; the next render runs normally."""

@@ -149,17 +149,20 @@ def render_split(render: Callable[[dict], str], client: dict,
     the text around them.
 
     Each such token is swapped for a placeholder the client cannot guess (a fresh nonce) before
-    rendering, so the template still sees every value, and found again in its output.
+    rendering, so the template still sees every value, and found again in its output. The
+    placeholder is printable (a template's `| string` of a dict writes its repr, which escapes
+    unprintable characters such as private-use ones), of digits (`| upper`, `| lower`) and free
+    of HTML's characters (`| e`, Markup), so it comes out of the template as it went in.
     """
-    nonce = secrets.token_hex(8)
+    nonce = f"{secrets.randbits(64):020d}"
     found: list[str] = []
 
     def hide(match: re.Match) -> str:
         found.append(match.group())
-        return f"\ue000{nonce}:{len(found) - 1}\ue001"
+        return f"\u27e6{nonce}:{len(found) - 1}\u27e7"
 
     text = render(_map_strings(client, lambda s: special.sub(hide, s)))
-    pieces = re.split(f"\ue000{nonce}:(\\d+)\ue001", text)
+    pieces = re.split(f"\u27e6{nonce}:(\\d+)\u27e7", text)
     return [(found[int(p)], True) if i % 2 else (p, False) for i, p in enumerate(pieces)]
 
 
