@@ -144,7 +144,8 @@ class DPClient:
         return message
 
     def add_request(self, req: EngineCoreRequest) -> None:
-        core = self.balancer.route(req.request_id, req.prompt_token_ids, req.params.n)
+        core = self.balancer.route(req.request_id, req.prompt_token_ids, req.params.n,
+                                   req.params.cache_salt)
         self.clients[core].add_request(req)
 
     def abort_requests(self, request_ids: list[str]) -> None:

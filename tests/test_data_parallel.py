@@ -69,6 +69,21 @@ def test_same_prefix_same_core_until_it_is_too_busy():
     assert lb.route("a5", system + [7], 1) == 1 and lb.num_prefix_routed == 4
 
 
+def test_a_salted_prefix_has_a_home_of_its_own():
+    """cache_salt: a salted request shares no blocks with the unsalted prefix or another salt's,
+    so it is placed by load, and its own salt's later requests follow it."""
+    lb = LoadBalancer(2, block_size=4)
+    system = list(range(100, 112))
+    assert lb.route("plain", system + [1], 1) == 0
+    assert lb.route("salted", system + [2], 1, cache_salt="s") == 1  # not core 0's prefix
+    assert lb.route("big", [7] * 12, 3) == 0 and lb.route("big2", [8] * 12, 4) == 1
+    assert lb.loads == [4, 5]
+    # core 0 is the least loaded; the salt's own prefix is on core 1, the unsalted one on core 0
+    assert lb.route("salted2", system + [4], 1, cache_salt="s") == 1
+    assert lb.route("other", system + [3], 1, cache_salt="t") == 0  # a third salt: by load
+    assert lb.num_prefix_routed == 1
+
+
 def test_prefix_routing_measured_on_a_simulated_prefix_cache():
     """A workload from 8 system prompts (4 blocks each), 16 requests in flight on 2 cores whose
     prefix caches hold 24 blocks each (LRU): prefix-aware routing keeps each system prompt on

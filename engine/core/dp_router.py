@@ -37,13 +37,15 @@ class LoadBalancer:
         self._live: dict[str, set[int]] = {}  # request id -> indices of its unfinished sequences
         self._homes: OrderedDict[int, int] = OrderedDict()  # prefix key -> core that ran it last
 
-    def route(self, request_id: str, prompt_token_ids: list[int], num_seqs: int) -> int:
-        """Pick the core for a new request and count it there."""
+    def route(self, request_id: str, prompt_token_ids: list[int], num_seqs: int,
+              cache_salt: str | None = None) -> int:
+        """Pick the core for a new request and count it there; a `cache_salt` keys its prefix
+        apart (its blocks are shared only with requests of the same salt)."""
         if request_id in self._owner:
             raise ValueError(f"request_id {request_id!r} is already in use")
         least = min(range(self.num_cores), key=lambda i: (self.loads[i], self.num_routed[i], i))
         core = least
-        keys = self._prefix_keys(prompt_token_ids) if self.prefix_aware else []
+        keys = self._prefix_keys(prompt_token_ids, cache_salt) if self.prefix_aware else []
         home = next((self._homes[k] for k in reversed(keys) if k in self._homes), None)
         if home is not None and home != least:
             min_load = self.loads[least]
@@ -83,12 +85,12 @@ class LoadBalancer:
             self.loads[core] -= len(self._live.pop(request_id))
         return core
 
-    def _prefix_keys(self, ids: list[int]) -> list[int]:
+    def _prefix_keys(self, ids: list[int], salt: str | None = None) -> list[int]:
         """One key per full block of the prompt's first MAX_PREFIX_BLOCKS, each chained over the
-        blocks before it (as the block manager's cache keys are): the i-th key says "these
-        i + 1 blocks", so a longer match is a longer shared prefix."""
+        blocks before it (as the block manager's cache keys are, the salt first): the i-th key
+        says "these i + 1 blocks", so a longer match is a longer shared prefix."""
         bs = self.block_size
-        keys, key = [], 0
+        keys, key = [], 0 if salt is None else hash(("salt", salt))
         for start in range(0, min(len(ids) // bs, MAX_PREFIX_BLOCKS) * bs, bs):
             key = hash((key, tuple(ids[start : start + bs])))
             keys.append(key)
