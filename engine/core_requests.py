@@ -121,7 +121,8 @@ class RequestTable:
         for name in ("logit_bias", "stop_token_ids", "allowed_token_ids", "logprob_token_ids"):
             bad = [t for t in getattr(params, name) or () if not 0 <= t < vocab]
             if bad:  # vLLM's clients look for the ids, the size and "out of vocabulary"
-                raise ParamError(name, f"{name} has token id(s) {bad} out of vocabulary "
+                shown = bad if len(bad) <= 16 else f"{bad[:16]} (and {len(bad) - 16} more)"
+                raise ParamError(name, f"{name} has token id(s) {shown} out of vocabulary "
                                        f"(vocab_size {vocab})")
         cap = vocab if config.max_logprobs == -1 else config.max_logprobs
         top_k = None if params.logprob_token_ids else params.logprobs  # chosen ids: no top-k

@@ -114,6 +114,32 @@ def test_a_bad_field_is_named_as_sent(client, path, kwargs, param, words):
     assert error["param"] == param and words in error["message"], error
 
 
+@pytest.mark.parametrize("field, value", [
+    ("stop_token_ids", [1] * 200_000 + ["x"]),
+    ("logprob_token_ids", [1] * 200_000 + ["x"]),
+    ("logit_bias", {**{str(i): 1 for i in range(200_000)}, "x": 1}),
+])
+def test_a_list_over_its_limit_is_refused_by_count_before_its_items(client, field, value):
+    """A list far past its limit is refused by its count before any per-item work (which runs
+    on the event loop: ~1 s for two million ids), so the message is the limit's even where a
+    later item is bad."""
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": "a", "max_tokens": 1,
+                                             field: value})
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["param"] == field and "must hold at most" in error["message"], error
+
+
+def test_out_of_vocabulary_ids_are_listed_sixteen_at_most(client):
+    ids = list(range(1_000_000, 1_000_400))  # past any test model's vocabulary
+    r = client.post("/v1/completions", json={"model": MODEL, "prompt": "a", "max_tokens": 1,
+                                             "allowed_token_ids": ids})
+    assert r.status_code == 400
+    error = r.json()["error"]
+    assert error["param"] == "allowed_token_ids" and "(and 384 more)" in error["message"]
+    assert len(error["message"]) < 400
+
+
 def test_tokenize_renders_messages_as_chat_does(client):
     """/tokenize's count is chat's prompt_tokens for the same rendering options, and it checks
     the model as the other endpoints do."""
