@@ -109,22 +109,30 @@ def _moved_refs(schema: dict, root: str) -> dict:
     if "$id" in schema:
         return schema
     top = {}
-    stack = [(schema, top)]
+    stack = [(schema, top, False)]  # (source, its copy, whether source maps names to schemas)
     while stack:
-        source, target = stack.pop()
+        source, target, names = stack.pop()
         items = source.items() if isinstance(source, dict) else enumerate(source)
         for key, value in items:
+            # a map of names (properties, $defs, ...) is no schema: a property named "$id"
+            # does not make it a resource of its own
+            is_map = not names and isinstance(source, dict) and key in _NAME_MAPS
             if key == "$ref" and isinstance(value, str) and (value == "#"
                                                              or value.startswith("#/")):
                 value = root + value[1:]
-            elif isinstance(value, dict) and "$id" in value:
+            elif isinstance(value, dict) and "$id" in value and not is_map:
                 pass  # its own resource: its references are relative to it already
             elif isinstance(value, (dict, list)):
                 copy = {} if isinstance(value, dict) else [None] * len(value)
-                stack.append((value, copy))
+                stack.append((value, copy, is_map and isinstance(value, dict)))
                 value = copy
             target[key] = value
     return top
+
+
+# The keywords whose value maps names to subschemas (a name there may be "$id" or "$ref")
+_NAME_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions",
+                        "dependentSchemas", "dependencies"})
 
 
 def template_messages(messages: list[dict]) -> list[dict]:

@@ -147,3 +147,15 @@ def test_required_keeps_the_refs_of_a_schema_with_its_own_id(params, good, bad):
     so = tool_grammar(tools, "required", True)
     assert _accepts(so, f'[{{"name": "w", "arguments": {good}}}]')
     assert not _accepts(so, f'[{{"name": "w", "arguments": {bad}}}]')
+
+
+def test_required_moves_refs_beside_a_property_named_id():
+    """A property named "$id" does not make `properties` a resource of its own: the refs of
+    the other properties are still moved under $defs/__tool_i."""
+    params = {"type": "object", "$defs": {"u": {"enum": ["c", "f"]}},
+              "properties": {"$id": {"type": "string"}, "unit": {"$ref": "#/$defs/u"}},
+              "required": ["$id", "unit"], "additionalProperties": False}
+    tools = [{"type": "function", "function": {"name": "w", "parameters": params}}]
+    so = tool_grammar(tools, "required", True)
+    assert _accepts(so, '[{"name": "w", "arguments": {"$id": "a", "unit": "c"}}]')
+    assert not _accepts(so, '[{"name": "w", "arguments": {"$id": "a", "unit": "k"}}]')
