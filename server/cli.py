@@ -322,7 +322,10 @@ def main(argv: list[str] | None = None) -> int:
     every failure is one line on stderr (--log-level debug adds the traceback)."""
     started = time.perf_counter()
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # the subcommand's error: its --help lists its flags (the top level's does not)
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
     if args.command == "worker":
         return run_worker_args(args)
     configure_logging(args.log_level or ("info" if args.command == "serve" else "warning"))
@@ -333,7 +336,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "trace":
             from server.trace import trace
 
-            return trace(args, config)
+            return trace(args, config, _given_dests(argv, "trace"))
         return generate(args, config)
     except KeyboardInterrupt as e:  # 128 + the signal's number, as the shell reports it
         return 128 + (signal.SIGTERM if isinstance(e, Terminated) else signal.SIGINT)
@@ -344,6 +347,16 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"{e}", 1)
     except Exception as e:  # anything else that stops the model from loading, still one line
         return _fail(f"{type(e).__name__}: {e}", 1)
+
+
+def _given_dests(argv: list[str] | None, command: str) -> set[str]:
+    """The dests of the flags `argv` gives `command` itself (a default's value included): the
+    parse again with no defaults, so that only what was given is set."""
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    for action in sub.choices[command]._actions:
+        action.default = argparse.SUPPRESS
+    return set(vars(parser.parse_args(argv)))
 
 
 def _in_flag_names(parser: argparse.ArgumentParser, command: str, message: str) -> str:

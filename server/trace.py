@@ -124,17 +124,16 @@ def record(engine, workload: Workload, name: str, max_steps: int = 500) -> dict:
             "frames": frames}
 
 
-def trace(args, config: EngineConfig) -> int:
-    """The `pagedserve trace` command: record `args.workload` into `args.out`."""
+def trace(args, config: EngineConfig, given_dests: set[str] = frozenset()) -> int:
+    """The `pagedserve trace` command: record `args.workload` into `args.out`; `given_dests`:
+    the flags the command line gave (cli._given_dests)."""
     from engine.engine import LLMEngine
 
     workload = WORKLOADS[args.workload]
-    # The workload sets these engine flags itself: given other values, they would be ignored.
-    from server.cli import _engine_flags
-
-    defaults = {a.dest: a.default for a in _engine_flags()._actions}
-    given = [f"{name} {getattr(args, name)}" for name in workload.engine
-             if getattr(args, name, defaults.get(name)) != defaults.get(name)]
+    # The workload sets these engine flags itself: given other values (its default's too),
+    # they would be ignored; its own value given again is no conflict.
+    given = [f"{name} {getattr(args, name)}" for name, value in workload.engine.items()
+             if name in given_dests and getattr(args, name) != value]
     if given:
         fixed = ", ".join(f"{name} {value}" for name, value in workload.engine.items())
         raise ValueError(f"the {args.workload!r} workload sets its own engine ({fixed}); leave "

@@ -446,3 +446,13 @@ def test_a_bad_flag_is_one_line(capsys, argv):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert len(err.splitlines()) == 1 and "error:" in err and "--help" in err
+
+
+def test_an_unknown_flag_names_the_subcommands_help(capsys):
+    """`pagedserve --help` lists the commands, not generate's flags: the hint names the
+    subcommand's own --help."""
+    with pytest.raises(SystemExit) as e:
+        main(["generate", "x", "--bogus"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "unrecognized arguments: --bogus" in err and "pagedserve generate --help" in err, err

@@ -239,3 +239,23 @@ def test_trace_refuses_engine_flags_its_workload_sets(tmp_path, capsys, monkeypa
     err = capsys.readouterr().err
     assert "--block-size 8" in err and "--block-size 4" in err and len(err.splitlines()) == 1
     assert not out.exists()
+
+
+@pytest.mark.parametrize("flag, refused", [("16", True), ("4", False)])
+def test_trace_refuses_an_explicit_default_and_takes_its_own_value(tmp_path, capsys,
+                                                                    monkeypatch, flag, refused):
+    """--block-size 16 (the flag's default, given) would be ignored just the same: refused;
+    --block-size 4, the workload's own, is no conflict: the model loads."""
+    import engine.engine
+
+    def no_load(*args, **kwargs):
+        raise RuntimeError("the model loaded")
+
+    monkeypatch.setattr(engine.engine, "LLMEngine", no_load)
+    status = main(["trace", "shared-prefix", "--device", "cpu", "--block-size", flag,
+                   "--out", str(tmp_path / "t.json")])
+    err = capsys.readouterr().err
+    if refused:
+        assert status == 2 and "--block-size 16" in err, err
+    else:
+        assert status == 1 and "the model loaded" in err, err
