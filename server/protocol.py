@@ -14,14 +14,8 @@ from http import HTTPStatus
 
 from starlette.responses import JSONResponse
 
-from engine.core.limits import (
-    MAX_LOGIT_BIAS,
-    MAX_LOGPROB_TOKEN_IDS,
-    MAX_MESSAGES,
-    MAX_PROMPTS,
-    MAX_STOP_TOKEN_IDS,
-)
-from engine.core.sampling_params import ParamError, SamplingParams
+from engine.core.limits import MAX_MESSAGES, MAX_PROMPTS
+from engine.core.sampling_params import COUNT_LIMITS, ParamError, SamplingParams, check_count
 
 
 class APIError(Exception):
@@ -191,6 +185,11 @@ def parse_sampling_params(body: dict, *, chat: bool) -> SamplingParams:
         if body.get(name) is not None:
             raise bad_request(name, f"'{name}' (a vLLM sampling field) is not supported by "
                                     "this server")
+    for name in COUNT_LIMITS:  # before any per-item work below (this is the event loop)
+        try:
+            check_count(name, body.get(name))
+        except ParamError as e:
+            raise bad_request(name, str(e)) from None
     kw = {}
     for name, kind in (("n", "int"), ("temperature", "number"), ("top_p", "number"),
                        ("top_k", "int"), ("min_p", "number"), ("seed", "int"),
@@ -205,9 +204,6 @@ def parse_sampling_params(body: dict, *, chat: bool) -> SamplingParams:
             kw[name] = value
     for name in ("allowed_token_ids", "logprob_token_ids"):
         ids = get_field(body, name, "list")
-        if name == "logprob_token_ids" and ids and len(ids) > MAX_LOGPROB_TOKEN_IDS:
-            raise bad_request(name, f"logprob_token_ids must hold at most "
-                                    f"{MAX_LOGPROB_TOKEN_IDS} ids, got {len(ids)}")
         if ids is not None and not _is_token_list(ids):
             raise bad_request(name, f"'{name}' must be an array of token ids")
         if ids:  # an empty list asks nothing (vLLM's reading)
@@ -251,18 +247,11 @@ def parse_sampling_params(body: dict, *, chat: bool) -> SamplingParams:
         kw["stop"] = stop
     stop_token_ids = get_field(body, "stop_token_ids", "list")
     if stop_token_ids is not None:
-        if len(stop_token_ids) > MAX_STOP_TOKEN_IDS:  # the count before any per-id work
-            raise bad_request("stop_token_ids", f"stop_token_ids must hold at most "
-                                                f"{MAX_STOP_TOKEN_IDS} ids, got "
-                                                f"{len(stop_token_ids)}")
         if not _is_token_list(stop_token_ids):
             raise bad_request("stop_token_ids", "'stop_token_ids' must be an array of token ids")
         kw["stop_token_ids"] = stop_token_ids
     logit_bias = get_field(body, "logit_bias", "dict")
     if logit_bias is not None:
-        if len(logit_bias) > MAX_LOGIT_BIAS:  # before any per-key work (this is the event loop)
-            raise bad_request("logit_bias", f"logit_bias must hold at most {MAX_LOGIT_BIAS} "
-                                            f"entries, got {len(logit_bias)}")
         bad = [k for k in logit_bias
                if not _TOKEN_ID_KEY.fullmatch(k) or len(k) > 20  # int() refuses 4,301 digits
                or not INT64_MIN <= int(k) <= INT64_MAX]

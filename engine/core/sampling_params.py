@@ -80,17 +80,28 @@ def _finite(value: int | float) -> bool:
         return False
 
 
-def _token_ids_ok(ids) -> bool:
-    """Every item a token id (an integer >= 0, not a bool); a list of Python ints, the usual
-    case, at C speed: a 4 MiB body holds two million ids, and this runs on the event loop."""
-    if set(map(type, ids)) == {int}:
-        return min(ids) >= 0
-    return all(is_int(t) and t >= 0 for t in ids)
+def _token_ids(ids) -> list[int] | None:
+    """`ids` as a list of Python ints if it is a list or tuple of token ids (integers >= 0, not
+    bools), else None. A list of Python ints, the usual case, is checked at C speed: a 4 MiB
+    body holds two million ids, and this runs on the server's event loop."""
+    if not isinstance(ids, (list, tuple)):
+        return None
+    if ids and set(map(type, ids)) == {int}:
+        return list(ids) if min(ids) >= 0 else None
+    return [int(t) for t in ids] if all(is_int(t) and t >= 0 for t in ids) else None
 
 
-def _check_count(name: str, items, limit: int, what: str) -> None:
-    """The count first, before any per-item work (sized by `limit`, not by the body)."""
-    if hasattr(items, "__len__") and len(items) > limit:
+# Fields whose size a request sets: (most items, what an item is). Counted before any per-item
+# work (check_count), so that the cost of refusing one is the limit's, not the body's.
+COUNT_LIMITS = {"stop_token_ids": (MAX_STOP_TOKEN_IDS, "ids"),
+                "logprob_token_ids": (MAX_LOGPROB_TOKEN_IDS, "ids"),
+                "logit_bias": (MAX_LOGIT_BIAS, "entries")}
+
+
+def check_count(name: str, items) -> None:
+    """ParamError naming `name` when `items` (a field of COUNT_LIMITS) holds too many."""
+    limit, what = COUNT_LIMITS[name]
+    if isinstance(items, (list, tuple, dict)) and len(items) > limit:
         raise ParamError(name, f"{name} must hold at most {limit} {what}, got {len(items)}")
 
 
@@ -101,7 +112,6 @@ def _logit_bias(bias) -> dict[int, float]:
     if not isinstance(bias, dict):
         raise ParamError("logit_bias", f"logit_bias must be a mapping of token ids to numbers, "
                                        f"got {reprlib.repr(bias)}")
-    _check_count("logit_bias", bias, MAX_LOGIT_BIAS, "entries")
     out = {}
     for key, value in bias.items():
         if isinstance(key, str) and key.strip().lstrip("-").isdigit():
@@ -179,14 +189,13 @@ class SamplingParams:
             self.stop_list = list(self.stop or [])
         if self.top_k == -1:
             self.top_k = 0
-        ids = self.stop_token_ids
-        if isinstance(ids, (list, tuple)):
-            _check_count("stop_token_ids", ids, MAX_STOP_TOKEN_IDS, "ids")
-        if ids is not None and not (isinstance(ids, (list, tuple)) and _token_ids_ok(ids)):
+        for name in COUNT_LIMITS:
+            check_count(name, getattr(self, name))
+        ids = [] if self.stop_token_ids is None else _token_ids(self.stop_token_ids)
+        if ids is None:
             raise ParamError("stop_token_ids", f"stop_token_ids must be a list of token ids, "
-                                               f"got {reprlib.repr(ids)}")
-        self.stop_token_ids = (list(ids) if ids and set(map(type, ids)) == {int}
-                               else [int(t) for t in ids or ()])
+                                               f"got {reprlib.repr(self.stop_token_ids)}")
+        self.stop_token_ids = ids
         self.logit_bias = _logit_bias(self.logit_bias)
         self._normalize_token_lists()
         if isinstance(self.structured_outputs, dict):  # as msgspec or a JSON body hands it over
@@ -208,21 +217,15 @@ class SamplingParams:
             ids = getattr(self, name)
             if ids is None:
                 continue
-            if name == "logprob_token_ids" and isinstance(ids, (list, tuple)):
-                _check_count(name, ids, MAX_LOGPROB_TOKEN_IDS, "ids")
-            if not (isinstance(ids, (list, tuple)) and ids and _token_ids_ok(ids)):
+            checked = _token_ids(ids)  # numpy's integers as Python's
+            if not checked:
                 raise ParamError(name, f"{name} must be a non-empty list of token ids, got "
                                        f"{reprlib.repr(ids)}")
-            # numpy's integers as Python's
-            setattr(self, name, list(ids) if set(map(type, ids)) == {int} else
-                    [int(t) for t in ids])
+            setattr(self, name, checked)
         if self.allowed_token_ids is not None:
             self.allowed_token_ids = sorted(set(self.allowed_token_ids))
         ids = self.logprob_token_ids
         if ids is not None:
-            if len(ids) > MAX_LOGPROB_TOKEN_IDS:
-                raise ParamError("logprob_token_ids", f"logprob_token_ids must hold at most "
-                                 f"{MAX_LOGPROB_TOKEN_IDS} ids, got {len(ids)}")
             if self.logprobs is None:
                 self.logprobs = len(ids)
             elif self.logprobs != len(ids):  # vLLM's rule
@@ -315,10 +318,6 @@ class SamplingParams:
               f"must hold at most {MAX_STOP_STRINGS} strings")
         check(all(len(s) <= MAX_STOP_STRING_CHARS for s in self.stop_list), "stop",
               f"strings must be at most {MAX_STOP_STRING_CHARS} characters each")
-        check(len(self.stop_token_ids) <= MAX_STOP_TOKEN_IDS, "stop_token_ids",
-              f"must hold at most {MAX_STOP_TOKEN_IDS} ids")
-        check(len(self.logit_bias) <= MAX_LOGIT_BIAS, "logit_bias",
-              f"must hold at most {MAX_LOGIT_BIAS} entries")
         salt = self.cache_salt
         check(salt is None or isinstance(salt, str) and 0 < len(salt) <= MAX_CACHE_SALT_CHARS
               and not any(c in "@/\\\0" for c in salt), "cache_salt",
