@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from engine.core.outputs import BeamSearchOutput, BeamSearchSequence, RequestOutput
 from engine.core.sampling_params import BeamSearchParams, SamplingParams
 from engine.engine import LLMEngine
+from engine.model.chat_template import template_messages
 from engine.model.config import EngineConfig
 
 
@@ -215,7 +216,7 @@ def _chat_messages(conversation) -> list[dict]:
     """A conversation as the chat template takes it; a ValueError naming the message at fault.
     Text parts are joined by newlines (as vLLM joins them, and server/protocol.parse_messages);
     an assistant turn's missing or None content (a turn of tool calls) is "" to the template, and
-    its null or empty tool_calls are left out (as the server's template_messages does)."""
+    its tool calls as the server hands them over (chat_template.template_messages)."""
     if not isinstance(conversation, list) or not conversation:
         raise ValueError(f"a conversation must be a non-empty list of messages, got "
                          f"{type(conversation).__name__}")
@@ -231,7 +232,5 @@ def _chat_messages(conversation) -> list[dict]:
             m = {**m, "content": ""}
         elif not isinstance(content, str):
             raise ValueError(f"messages[{i}]['content'] must be a string, got {content!r:.80}")
-        if m["role"] == "assistant" and "tool_calls" in m and not m["tool_calls"]:
-            m = {k: v for k, v in m.items() if k != "tool_calls"}  # Llama 3's template refuses it
         out.append(m)
-    return out
+    return template_messages(out)

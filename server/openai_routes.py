@@ -14,6 +14,7 @@ import sys
 from starlette.requests import Request
 
 from engine.core.limits import MAX_PROMPTS
+from engine.model.chat_template import template_messages
 from server.extras import ChatOptions, chat_options, read_extras, truncate
 from server.generation_call import GenerationCall
 from server.handlers import (
@@ -37,7 +38,7 @@ from server.protocol import (
 )
 from server.structured import check_compiles, parse_structured_outputs
 from server.timeline import mark_arrival
-from server.tool_calls import ToolCallParser, parse_tools, template_messages, tool_grammar
+from server.tool_calls import ToolCallParser, parse_tools, tool_grammar
 
 
 async def completions(request: Request):

@@ -12,8 +12,9 @@ httpx = pytest.importorskip("httpx")
 
 from test_server import MODEL, Server, _make_core, sdk_client  # noqa: E402
 
+from engine.model.chat_template import template_messages  # noqa: E402
 from server.app import create_app  # noqa: E402
-from server.tool_calls import ToolCallParser, ToolCallStream, template_messages  # noqa: E402
+from server.tool_calls import ToolCallParser, ToolCallStream  # noqa: E402
 
 SCHEMA = {
     "type": "object",

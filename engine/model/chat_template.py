@@ -208,3 +208,41 @@ def cut_at_mark(text: str, mark: str) -> str:
         raise ValueError("continue_final_message is set but the final message does not appear "
                          "in the rendered chat")
     return text[:at] if text.startswith(mark + " ", at) else text[:at].rstrip()
+
+
+def template_messages(messages: list[dict]) -> list[dict]:
+    """Messages as chat templates expect them (as vLLM hands them over): an assistant's tool
+    call arguments as a mapping (OpenAI sends them as JSON text; HF templates write them with
+    `tojson`; empty or missing: {}), an empty list of tool calls, or a null one (the openai SDK's
+    message.model_dump() writes `"tool_calls": None`), left out (Llama 3.1's template takes
+    `'tool_calls' in message` for a turn of calls and refuses both; vLLM drops a null one), and
+    an assistant's `reasoning` also as `reasoning_content` (the name Qwen3's template reads), or
+    the other way round."""
+    out = []
+    for m in messages:
+        if m.get("role") != "assistant":
+            out.append(m)
+            continue
+        m = dict(m)
+        calls = m.get("tool_calls")
+        if "tool_calls" in m and (calls is None or isinstance(calls, list) and not calls):
+            del m["tool_calls"]
+        elif isinstance(calls, list):
+            fixed = []
+            for call in calls:
+                fn = dict(call.get("function") or {}) if isinstance(call, dict) else {}
+                arguments = fn.get("arguments")
+                if not arguments:
+                    fn["arguments"] = {}
+                elif isinstance(arguments, str):
+                    try:
+                        fn["arguments"] = json.loads(arguments)
+                    except (json.JSONDecodeError, RecursionError):
+                        pass  # the template gets the text as it came (also: nested too deep)
+                fixed.append({**call, "function": fn} if isinstance(call, dict) else call)
+            m["tool_calls"] = fixed
+        for name, alias in (("reasoning", "reasoning_content"), ("reasoning_content", "reasoning")):
+            if isinstance(m.get(name), str) and alias not in m:
+                m[alias] = m[name]
+        out.append(m)
+    return out

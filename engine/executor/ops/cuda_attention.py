@@ -374,8 +374,7 @@ def paged_attention(qkv, k_cache, v_cache, meta: DeviceAttentionMetadata, num_he
     if num_dec:
         g, passes = decode_tile(group)
         merge = 1  # > 1: the split grid merged in clusters of this many blocks (merge_cluster)
-        if (cluster == 1 and plan.decode_config is None and decode_kernel() == "mma"
-                and decode_tma(block_size)):
+        if cluster == 1 and plan.decode_config is None and decode_tma(block_size):
             merge = merge_cluster(splits)
             splits = max(splits, merge)
         if splits > 1 and cluster == 1 and merge == 1:
