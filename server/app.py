@@ -24,7 +24,14 @@ from engine.core.liveness import DEFAULT_LIVENESS, Liveness
 from engine.model.config import EngineConfig
 from server.async_engine import AsyncEngine, EngineFault
 from server.dashboard import DashboardFeed, dashboard_routes
-from server.guards import LOOPBACK_HOSTS, CORSGuard, HostGuard, RequestGuard, RootPath
+from server.guards import (
+    LOOPBACK_HOSTS,
+    CORSGuard,
+    HostGuard,
+    RequestGuard,
+    RootPath,
+    route_path,
+)
 from server.handlers import (
     MAX_BODY_BYTES,
     check_model,
@@ -303,11 +310,11 @@ async def _engine_fault(request, exc: EngineFault):
 
 
 async def _not_found(request, exc):
-    return APIError(404, f"no route {request.url.path}", code="not_found").response()
+    return APIError(404, f"no route {route_path(request.scope)}", code="not_found").response()
 
 
 async def _not_allowed(request, exc):
-    return APIError(405, f"{request.method} is not allowed on {request.url.path}",
+    return APIError(405, f"{request.method} is not allowed on {route_path(request.scope)}",
                     headers=getattr(exc, "headers", None)).response()  # its Allow header
 
 

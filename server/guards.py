@@ -26,8 +26,10 @@ OPEN_PATHS = ("/health", "/metrics", "/dashboard")
 
 class RootPath:
     """--root-path: the public prefix a proxy serves the API under (vLLM's flag). A request's
-    path may come with it (the proxy passed it on) or without (the proxy cut it off): the
-    prefix is taken off, so the routes and the guards below see one path either way."""
+    path may come with it (the proxy passed it on) or without (the proxy cut it off): either
+    way it goes on with the prefix as ASGI's `root_path` and at the head of `path`, so the
+    routes and the guards below (route_path) see one path, and URLs built from the request (a
+    trailing-slash redirect) keep the prefix the client must send."""
 
     def __init__(self, app, root_path: str):
         self.app, self.root = app, root_path.rstrip("/")
@@ -35,9 +37,18 @@ class RootPath:
     async def __call__(self, scope, receive, send):
         if scope["type"] in ("http", "websocket"):
             path = scope["path"]
-            if path == self.root or path.startswith(self.root + "/"):
-                scope = dict(scope, path=path[len(self.root):] or "/")
+            if not (path == self.root or path.startswith(self.root + "/")):
+                path = self.root + path
+            scope = dict(scope, root_path=self.root, path=path)
         await self.app(scope, receive, send)
+
+
+def route_path(scope) -> str:
+    """The path the routes match: without RootPath's prefix (as Starlette's routing reads it)."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and (path == root or path.startswith(root + "/")):
+        return path[len(root):] or "/"
+    return path
 
 
 def is_loopback(bind_host: str) -> bool:
@@ -126,7 +137,8 @@ class RequestGuard:
 
     def _check(self, scope) -> APIError | None:
         headers = dict(scope["headers"])
-        if self.api_key and scope["path"] not in OPEN_PATHS:
+        path = route_path(scope)
+        if self.api_key and path not in OPEN_PATHS:
             header = headers.get(b"authorization", b"")
             scheme, _, token = header.strip().partition(b" ")
             # the scheme's name is case-insensitive (RFC 9110 11.1); the key is compared whole
@@ -136,7 +148,7 @@ class RequestGuard:
                 return APIError(401, message, type="authentication_error", code="invalid_api_key",
                                 headers={"WWW-Authenticate": "Bearer"})
         if scope["method"] == "POST" and (self.json_paths is None
-                                          or scope["path"] in self.json_paths):
+                                          or path in self.json_paths):
             media_type = headers.get(b"content-type", b"").split(b";")[0].strip().lower()
             if media_type != b"application/json":
                 return APIError(415, "the request body must be JSON, sent with "

@@ -391,6 +391,20 @@ def test_root_path_serves_with_and_without_the_prefix(monkeypatch):
         build_parser().parse_args(["serve", "--root-path", "llm"])
 
 
+def test_root_path_redirects_keep_the_prefix():
+    # Starlette's trailing-slash redirect is built from the request's path: with the prefix cut
+    # off it sent /llm/dashboard/ to /dashboard, a path the proxy serving /llm never reaches
+    args = build_parser().parse_args(["serve", "--root-path", "/llm"])
+    app = app_from_args(args, engine_config_from_args(args), make_core=lambda: None)
+    results = _asgi_calls(app, [lambda http: http.get("/llm/dashboard/"),
+                                lambda http: http.get("/dashboard/"),  # the proxy cut it off
+                                lambda http: http.get("/llm/dashboard"),
+                                lambda http: http.get("/llmx/health")])
+    assert [r.status_code for r in results] == [307, 307, 200, 404]
+    assert [r.headers["location"] for r in results[:2]] == ["http://localhost/llm/dashboard"] * 2
+    assert results[3].json()["error"]["message"] == "no route /llmx/health"
+
+
 @pytest.mark.parametrize("variable", ["PAGEDSERVE_API_KEY", "VLLM_API_KEY"])  # vLLM's too
 def test_api_key_from_the_environment(monkeypatch, variable):
     monkeypatch.setenv(variable, "from-env")
