@@ -138,7 +138,8 @@ class RequestGuard:
     def _check(self, scope) -> APIError | None:
         headers = dict(scope["headers"])
         path = route_path(scope)
-        if self.api_key and path not in OPEN_PATHS:
+        # "/dashboard/" too: the router answers it with a redirect to the open page
+        if self.api_key and (path.rstrip("/") or "/") not in OPEN_PATHS:
             header = headers.get(b"authorization", b"")
             scheme, _, token = header.strip().partition(b" ")
             # the scheme's name is case-insensitive (RFC 9110 11.1); the key is compared whole

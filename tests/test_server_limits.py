@@ -405,6 +405,17 @@ def test_root_path_redirects_keep_the_prefix():
     assert results[3].json()["error"]["message"] == "no route /llmx/health"
 
 
+def test_an_open_path_with_a_trailing_slash_is_redirected_not_refused():
+    # /dashboard/ (a browser's or a user's spelling) was a 401 "missing API key" under
+    # --api-key, where /dashboard is the open page that asks for the key itself
+    app = create_app(make_core=lambda: None, api_key="k")
+    results = _asgi_calls(app, [lambda http, p=p: http.get(p) for p in
+                                ("/dashboard/", "/health/", "/metrics/", "/dashboard/traces/")])
+    assert [r.status_code for r in results] == [307, 307, 307, 401]
+    assert [r.headers["location"] for r in results[:3]] == [
+        "http://localhost/dashboard", "http://localhost/health", "http://localhost/metrics"]
+
+
 @pytest.mark.parametrize("variable", ["PAGEDSERVE_API_KEY", "VLLM_API_KEY"])  # vLLM's too
 def test_api_key_from_the_environment(monkeypatch, variable):
     monkeypatch.setenv(variable, "from-env")
