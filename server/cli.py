@@ -256,7 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="fail the engine core the same way when its loop makes no progress for S "
                         "seconds while requests are in flight (heartbeats come, but no step "
                         "ends: a hung kernel, a deadlock). Raise it if one step of a large model "
-                        "on the cpu takes longer. 0 = never (default: 300)")
+                        "on the cpu takes longer. 0 = never; else at least 1 (default: 300)")
 
     g = sub.add_parser("generate", parents=[engine_flags], help="complete one prompt and print "
                        "it with the speed", description="Complete PROMPT once and print the text, "

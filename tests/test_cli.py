@@ -456,3 +456,21 @@ def test_an_unknown_flag_names_the_subcommands_help(capsys):
     assert e.value.code == 2
     err = capsys.readouterr().err
     assert "unrecognized arguments: --bogus" in err and "pagedserve generate --help" in err, err
+
+
+def test_the_liveness_flags_help_states_the_bounds_they_are_held_to(capsys):
+    """--engine-step-timeout 0.5 is refused ("0 (off) or at least 1 s"), so its --help must not
+    offer only "0 = never": each flag's help names the least value Liveness takes."""
+    from engine.core.liveness import MIN_HEARTBEAT_TIMEOUT_S, Liveness
+
+    with pytest.raises(SystemExit):
+        main(["serve", "--help"])
+    help_text = " ".join(capsys.readouterr().out.split())
+    for flag, least in (("--engine-heartbeat-timeout", MIN_HEARTBEAT_TIMEOUT_S),
+                        ("--engine-step-timeout", 1)):
+        field = flag[2:].replace("-", "_")
+        with pytest.raises(ValueError):
+            Liveness(**{field: least / 2})
+        Liveness(**{field: least})
+        own = help_text.split(flag, 2)[2].split(" --", 1)[0]  # the flag's own help paragraph
+        assert f"at least {least:g}" in own, (flag, own)
