@@ -568,3 +568,25 @@ def test_a_stored_truncation_or_padding_is_not_applied(tok, tmp_path):
     assert loaded.encode(text, add_special_tokens=False) == want
     assert loaded.encode("hi", add_special_tokens=False) == tok.encode(
         "hi", add_special_tokens=False)  # no padding
+
+
+def _llama3_like_meta(**extra) -> dict:
+    # "abc" is a token no merge reaches: Llama 3's vocabulary has such tokens, which its
+    # reference tokenizer (tiktoken), HF's tokenizer.json ("ignore_merges": true) and llama.cpp
+    # (the llama3 / llama-bpe pre-tokenizers) all take whole.
+    return {"tokenizer.ggml.model": "gpt2", "tokenizer.ggml.pre": "llama-bpe",
+            "tokenizer.ggml.tokens": ["a", "b", "c", "ab", "abc", "<|begin_of_text|>"],
+            "tokenizer.ggml.token_type": [1, 1, 1, 1, 1, 3],
+            "tokenizer.ggml.merges": ["a b"], "tokenizer.ggml.bos_token_id": 5, **extra}
+
+
+def test_llama3_gguf_tokenizer_takes_whole_vocabulary_words_and_adds_bos_as_llama_cpp():
+    tok = tokenizer_from_gguf_metadata(_llama3_like_meta())
+    assert tok.encode("abc", add_special_tokens=False) == [4]  # not [ab, c]
+    assert tok.encode("abcab", add_special_tokens=False) == [3, 2, 3]  # no whole word: merges
+    # llama.cpp adds BOS for these pre-tokenizers unless the file says otherwise
+    assert tok.encode("abc") == [5, 4]
+    off = tokenizer_from_gguf_metadata(_llama3_like_meta(**{"tokenizer.ggml.add_bos_token": False}))
+    assert off.encode("abc") == [4]
+    plain = tokenizer_from_gguf_metadata(_llama3_like_meta(**{"tokenizer.ggml.pre": "gpt2"}))
+    assert plain.encode("abc") == [3, 2]  # GPT-2's BPE goes by the merges, and adds no BOS

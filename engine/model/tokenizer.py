@@ -48,6 +48,10 @@ GGUF_PRE_TOKENIZERS = {
     "llama-bpe": _LLAMA3_SPLIT,
     "qwen2": _QWEN2_SPLIT,
 }
+# As llama.cpp: with these pre-tokenizers a piece that is a token is taken whole, whatever the
+# merges (Llama 3's tiktoken does so; its tokenizer.json says "ignore_merges": true), and BOS is
+# added unless tokenizer.ggml.add_bos_token says otherwise.
+_LLAMA3_PRE = ("llama3", "llama-bpe")
 
 
 class TokenizerError(ValueError):
@@ -151,14 +155,16 @@ def tokenizer_from_gguf_metadata(meta: dict) -> Tokenizer:
     if any(len(m) != 2 for m in merges):
         raise TokenizerError("tokenizer.ggml.merges: every merge must be two tokens joined by a "
                              "space")
+    pre = meta.get("tokenizer.ggml.pre", "default")
     try:
-        tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
+        tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False,
+                                              ignore_merges=pre in _LLAMA3_PRE))
     except BaseException as e:  # the Rust side may panic: pyo3's PanicException is no Exception
         if isinstance(e, (KeyboardInterrupt, SystemExit)):
             raise
         raise TokenizerError(f"tokenizer.ggml.tokens / merges do not make a BPE model: "
                              f"{type(e).__name__}: {e}") from None
-    tok.pre_tokenizer = _byte_level_pre_tokenizer(meta.get("tokenizer.ggml.pre", "default"))
+    tok.pre_tokenizer = _byte_level_pre_tokenizer(pre)
     tok.decoder = decoders.ByteLevel()
 
     # NOTE: llama.cpp marks some odd tokens CONTROL although they are spelled outside the byte
@@ -175,7 +181,8 @@ def tokenizer_from_gguf_metadata(meta: dict) -> Tokenizer:
 
     bos_id, bos = token_at("tokenizer.ggml.bos_token_id")
     eos_id, eos = token_at("tokenizer.ggml.eos_token_id")
-    first = [(bos, bos_id)] if meta.get("tokenizer.ggml.add_bos_token") and bos else []
+    add_bos = meta.get("tokenizer.ggml.add_bos_token", pre in _LLAMA3_PRE)
+    first = [(bos, bos_id)] if add_bos and bos else []
     last = [(eos, eos_id)] if meta.get("tokenizer.ggml.add_eos_token") and eos else []
     if first or last:
         tok.post_processor = processors.TemplateProcessing(
