@@ -590,3 +590,18 @@ def test_llama3_gguf_tokenizer_takes_whole_vocabulary_words_and_adds_bos_as_llam
     assert off.encode("abc") == [4]
     plain = tokenizer_from_gguf_metadata(_llama3_like_meta(**{"tokenizer.ggml.pre": "gpt2"}))
     assert plain.encode("abc") == [3, 2]  # GPT-2's BPE goes by the merges, and adds no BOS
+
+
+def test_gguf_named_chat_templates_are_read(meta):
+    """A GGUF converted from a folder of named templates keeps the others as
+    tokenizer.chat_template.NAME (listed in tokenizer.chat_templates); llama.cpp renders a chat
+    with tools with "tool_use", as HF does."""
+    t = tokenizer_from_gguf_metadata({**meta, "tokenizer.chat_template": "D",
+                                      "tokenizer.chat_templates": ["tool_use"],
+                                      "tokenizer.chat_template.tool_use": "T"})
+    assert t.apply_chat_template([], tokenize=False) == "D"
+    assert t.apply_chat_template([], tokenize=False, tools=[{"type": "function"}]) == "T"
+    only = tokenizer_from_gguf_metadata(
+        {**{k: v for k, v in meta.items() if k != "tokenizer.chat_template"},
+         "tokenizer.chat_template.tool_use": "T"})
+    assert only.apply_chat_template([], tokenize=False, tools=[]) == "T"

@@ -189,7 +189,21 @@ def tokenizer_from_gguf_metadata(meta: dict) -> Tokenizer:
             single=[*(t for t, _ in first), "$A", *(t for t, _ in last)],
             special_tokens=list(set(first + last)),
         )
-    return Tokenizer(tok, bos, eos, meta.get("tokenizer.chat_template"))
+    return Tokenizer(tok, bos, eos, _gguf_chat_templates(meta))
+
+
+def _gguf_chat_templates(meta: dict) -> dict[str, str]:
+    """tokenizer.chat_template (the default) and tokenizer.chat_template.NAME (the others a
+    folder's list of named templates held: "tool_use"), by name, as llama.cpp reads them."""
+    prefix = "tokenizer.chat_template"
+    templates = {}
+    for key, value in meta.items():
+        if key == prefix or key.startswith(prefix + "."):
+            if not isinstance(value, str):
+                raise TokenizerError(f"GGUF metadata {key} must be a template (a string), got "
+                                     f"{value!r:.80}")
+            templates[key[len(prefix) + 1:] or "default"] = value
+    return templates
 
 
 # ---------------------------------------------------------------------------------------------
