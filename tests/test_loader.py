@@ -424,6 +424,20 @@ def test_gguf_end_of_turn_tokens_end_generation(tmp_path):
     assert gguf_loader.config_from_gguf(gguf_loader.read_gguf(path)).eos_token_ids == [2, 5]
 
 
+def test_gguf_end_of_generation_tokens_are_found_by_their_text_as_llama_cpp_finds_them(tmp_path):
+    """Llama 3 Instruct GGUFs converted before the eot key existed name <|end_of_text|> as eos
+    only: llama.cpp ends a generation on every token spelled as an end of turn (its list), or a
+    chat never stopped at <|eot_id|>."""
+    path = tmp_path / "m.gguf"
+    write_tiny_gguf(path)
+    gguf_file = gguf_loader.read_gguf(path)
+    tokens = list(gguf_file.metadata["tokenizer.ggml.tokens"])
+    tokens[2], tokens[7], tokens[9], tokens[11] = (
+        "<|end_of_text|>", "<|eot_id|>", "<|eom_id|>", "<|eot_id|>x")
+    gguf_file.metadata["tokenizer.ggml.tokens"] = tokens
+    assert gguf_loader.config_from_gguf(gguf_file).eos_token_ids == [2, 7, 9]
+
+
 @pytest.mark.parametrize("field, value, match", [
     ("tokenizer.ggml.tokens", "abcdefgh", "tokenizer.ggml.tokens must be an array of strings"),
     ("tokenizer.ggml.tokens", ["a", 3], "tokenizer.ggml.tokens must be an array of strings"),
@@ -504,7 +518,8 @@ def test_default_gguf_config():
     assert (c.num_layers, c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim) == (
         30, 576, 9, 3, 64)
     assert (c.intermediate_size, c.vocab_size, c.rope_theta) == (1536, 49152, 1e5)
-    assert c.tie_word_embeddings and c.eos_token_ids == [2] and c.bos_token_id == 1
+    # <|im_end|>, then <|endoftext|>: llama.cpp ends a generation on either
+    assert c.tie_word_embeddings and c.eos_token_ids == [2, 0] and c.bos_token_id == 1
 
 
 

@@ -209,8 +209,12 @@ def config_from_gguf(gguf_file: GGUFFile) -> ModelConfig:
         raise GGUFError(f"{path}: GGUF metadata 'tokenizer.ggml.tokens' must be an array of "
                         f"strings, got {tokens!r:.80}")
     vocab = len(tokens) if tokens is not None else get("llama.vocab_size")
-    # As llama.cpp: end-of-turn and end-of-message tokens end a generation too.
+    # As llama.cpp: end-of-turn and end-of-message tokens end a generation too, those the
+    # metadata names and every token spelled as one (files converted before the eot key existed
+    # name only <|end_of_text|>: Llama 3 Instruct never stopped at <|eot_id|>)
     ends = [get(f"tokenizer.ggml.{key}_token_id", None) for key in ("eos", "eot", "eom")]
+    ends += [i for i, t in enumerate(tokens or ()) if isinstance(t, str)
+             and t in END_OF_GENERATION_TEXTS]
     bos = get("tokenizer.ggml.bos_token_id", None)
     try:
         config = ModelConfig(
@@ -240,6 +244,11 @@ def config_from_gguf(gguf_file: GGUFFile) -> ModelConfig:
                         f"{', '.join(unused[:5])}{', ...' if len(unused) > 5 else ''}")
     return config
 
+
+# The tokens llama.cpp ends a generation on by their text (llama-vocab.cpp's special_eog_ids)
+END_OF_GENERATION_TEXTS = frozenset({
+    "<|eot_id|>", "<|im_end|>", "<|end|>", "<|return|>", "<|call|>", "<end_of_turn>",
+    "<|endoftext|>", "<|eom_id|>", "<EOT>", "_<EOT>", "<|end_of_text|>", "<end_of_utterance>"})
 
 LAYER_TENSORS = ("attn_q", "attn_k", "attn_v", "attn_output", "attn_norm", "ffn_norm", "ffn_gate",
                  "ffn_up", "ffn_down")
