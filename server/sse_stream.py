@@ -147,12 +147,15 @@ def _tool_chunks(stream: ToolCallStream, choice: dict, c) -> list[dict]:
         finish_reason = "tool_calls" if is_call else c.finish_reason
     out = [{"index": index, "delta": d, "logprobs": None, "finish_reason": None}
            for d in deltas]
-    if choice["logprobs"] is not None:
-        # every token's logprobs go out as it comes, also while its text is held back (a call
-        # may be starting), as OpenAI streams them: with an empty delta then
+    if choice["logprobs"] is not None or choice.get("token_ids"):
+        # every token's logprobs (and id, with return_token_ids) go out as it comes, also while
+        # its text is held back (a call may be starting), as OpenAI streams them: with an empty
+        # delta then
         if not out:
             out.append({"index": index, "delta": {}, "logprobs": None, "finish_reason": None})
         out[0]["logprobs"] = choice["logprobs"]
+        if "token_ids" in choice:
+            out[0]["token_ids"] = choice["token_ids"]
     if c.finished:
         out.append({"index": index, "delta": {}, "logprobs": None,
                     "finish_reason": finish_reason, "stop_reason": c.stop_reason})

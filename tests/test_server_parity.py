@@ -541,3 +541,17 @@ def test_beam_search_over_http(server, client):
                                          "use_beam_search": True})
     assert r.status_code == 400 and r.json()["error"]["param"] == "best_of"
     server.wait_idle()
+
+
+def test_streamed_chat_with_tools_carries_the_token_ids(server):
+    """return_token_ids: a chat streamed under tools carries every token's id, as one without
+    tools does (and vLLM's, whatever its tool parser holds back): they were left out."""
+    tools = [{"type": "function", "function": {"name": "get", "parameters": {"type": "object"}}}]
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "temperature": 0,
+            "ignore_eos": True, "return_token_ids": True, "tools": tools}
+    whole = post(server, "/v1/chat/completions", body).json()["choices"][0]["token_ids"]
+    r = post(server, "/v1/chat/completions", {**body, "stream": True})
+    events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    streamed = sum((c.get("token_ids") or [] for e in events for c in e["choices"]), [])
+    assert len(whole) == 6 and streamed == whole
+
