@@ -202,6 +202,11 @@ def parse_sampling_params(body: dict, *, chat: bool) -> SamplingParams:
         value = get_field(body, name, kind)
         if value is not None:
             kw[name] = value
+    # No chunk carries a prompt's scores: asked with stream, they would be computed and dropped.
+    # vLLM's rule (0 passes there too); completions echo's own scores are set below and stream.
+    if kw.get("prompt_logprobs", 0) != 0 and body.get("stream") is True:
+        raise bad_request("prompt_logprobs", "'prompt_logprobs' are not available when "
+                                             "'stream' is true")
     for name in ("allowed_token_ids", "logprob_token_ids"):
         ids = get_field(body, name, "list")
         if ids is not None and not _is_token_list(ids):

@@ -555,3 +555,22 @@ def test_streamed_chat_with_tools_carries_the_token_ids(server):
     streamed = sum((c.get("token_ids") or [] for e in events for c in e["choices"]), [])
     assert len(whole) == 6 and streamed == whole
 
+
+@pytest.mark.parametrize("path, extra", [
+    ("/v1/completions", {"prompt": PROMPT}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "Hi"}]}),
+])
+def test_prompt_logprobs_with_stream_is_refused(server, path, extra):
+    """vLLM's rule: prompt_logprobs are not streamed, so asking for them with stream is a 400
+    (they were computed and silently dropped); 0 passes, as in vLLM, and echo's own scores
+    still stream."""
+    r = post(server, path, {**extra, "max_tokens": 2, "stream": True, "prompt_logprobs": 1})
+    assert r.status_code == 400, r.text
+    assert r.json()["error"]["param"] == "prompt_logprobs"
+    assert "stream" in r.json()["error"]["message"]
+    ok = post(server, path, {**extra, "max_tokens": 2, "stream": True, "prompt_logprobs": 0})
+    assert ok.status_code == 200
+    if "prompt" in extra:
+        ok = post(server, path, {**extra, "max_tokens": 2, "stream": True, "echo": True,
+                                 "logprobs": 1})
+        assert ok.status_code == 200 and '"token_logprobs"' in ok.text
