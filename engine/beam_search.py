@@ -94,7 +94,15 @@ class BeamSearch:
                              None if token in eos else token)
             elif len(chosen) < width:
                 chosen.append((seq, token, lp))
-        # Fork first, from each beam's state before this step's token; then append.
+        # Prune first: a pruned beam's place among max_num_seqs and its own blocks go to the
+        # forks below (else a fork of a full batch found no room, and recomputed its whole
+        # sequence). Its shared blocks stay with the beams that hold them.
+        used = {seq.seq_id for seq, _, _ in chosen}
+        for seq in self.live:
+            if seq.seq_id not in used:
+                scheduler.finish_seq(seq, "abort")
+                self.token_logprobs.pop(seq.seq_id, None)
+        # Fork, from each beam's state before this step's token; then append.
         used, extended = set(), []
         chosen = [(seq, token, lp, entry(seq, token, lp)) for seq, token, lp in chosen]
         for seq, token, lp, lps in chosen:
@@ -106,10 +114,6 @@ class BeamSearch:
             else:
                 used.add(seq.seq_id)
                 extended.append((seq, token, lp, lps))
-        for seq in self.live:
-            if seq.seq_id not in used:  # pruned: its blocks go back (shared ones stay)
-                scheduler.finish_seq(seq, "abort")
-                self.token_logprobs.pop(seq.seq_id, None)
         self.live = []
         for seq, token, lp, lps in extended:
             seq.token_ids.append(token)

@@ -312,3 +312,19 @@ def test_text_prompts_as_vllm_writes_them(make_engine):
     assert a.outputs[0].token_ids == b.outputs[0].token_ids
     with pytest.raises(TypeError, match="'prompt'"):
         llm.generate({"prompt": 5}, sampling, use_tqdm=False)
+
+
+def test_beams_as_wide_as_max_num_seqs_fork_without_recomputing(make_engine):
+    """A round's forks come after its pruned beams are gone: with width == max_num_seqs, the
+    pruned beams held every place, so each fork waited and recomputed its whole sequence (with
+    prefix caching off, 273 prompt tokens computed for a 21-token prompt)."""
+    prompt = [(11 * i + 7) % 500 + 5 for i in range(21)]
+    params = SamplingParams(n=3, use_beam_search=True, max_tokens=10, ignore_eos=True)
+    outs = {}
+    for max_num_seqs in (3, 8):
+        engine = make_engine(max_num_seqs=max_num_seqs, block_size=4,
+                             enable_prefix_caching=False)
+        out, _ = run_checked(engine, prompt, params)
+        outs[max_num_seqs] = [c.token_ids for c in out.outputs]
+        assert engine.get_stats().prompt_tokens_total == len(prompt), max_num_seqs
+    assert outs[3] == outs[8]
