@@ -441,3 +441,28 @@ def test_a_drafting_sequence_that_ends_in_its_verify_step_keys_its_blocks(make_e
         make_engine, {"method": "ngram", "num_speculative_tokens": 4}, want)
     assert got["a"].outputs[0].token_ids == want["a"].outputs[0].token_ids
     assert plain == 20 and speculated == plain
+
+
+def test_drafts_never_take_the_block_a_later_decode_needs():
+    """One free block; the older decode's drafts would need it, the newer decode's own token
+    does too. The drafts go (the drafting decode runs without them), nobody is preempted: the
+    drafts took the block and the newer decode was preempted for tokens that may all be
+    rejected."""
+    from engine.core.scheduler import Scheduler
+
+    bm = BlockManager(num_blocks=5, block_size=4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=64)
+    a = Sequence("a", list(range(10, 17)), 7, SamplingParams(max_tokens=10))  # 2 blocks
+    b = Sequence("b", list(range(20, 28)), 8, SamplingParams(max_tokens=10))  # 2 blocks
+    sched.add(a)
+    sched.add(b)
+    sched.finish_step(sched.schedule())
+    a.token_ids.append(1)  # 8 tokens: its next token's slot is in its 2nd block
+    b.token_ids.append(2)  # 9 tokens: its next token needs a 3rd block, the last free one
+    assert bm.num_free_blocks == 1
+    a.spec_token_ids = [3, 4, 5]  # would need a 3rd block too
+    batch = sched.schedule()
+    assert batch.num_preempted == 0 and a.spec_token_ids == []
+    assert [(q.request_id, n) for q, n in zip(batch.seqs, batch.num_new_tokens,
+                                              strict=True)] == [("a", 1), ("b", 1)]
+    bm.check_invariants(sched.running)

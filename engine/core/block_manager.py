@@ -187,9 +187,10 @@ class BlockManager:
         need = self.blocks_for(seq.num_computed_tokens + num_new_tokens)
         return max(0, need - len(seq.block_table))
 
-    def can_append(self, seq: Sequence, num_new_tokens: int = 1) -> bool:
+    def can_append(self, seq: Sequence, num_new_tokens: int = 1, reserve: int = 0) -> bool:
+        """Whether append(seq, num_new_tokens) would leave `reserve` free blocks or more."""
         self.settle()
-        return self._num_missing_blocks(seq, num_new_tokens) <= len(self._free)
+        return self._num_missing_blocks(seq, num_new_tokens) + reserve <= len(self._free)
 
     def append(self, seq: Sequence, num_new_tokens: int = 1) -> None:
         """Grow the block table to cover num_computed_tokens + num_new_tokens (no-op if it does)."""

@@ -20,7 +20,7 @@ token will end it for sure (max_tokens, max_model_len) is not scheduled again.
 Speculative decoding: a decode whose seq.spec_token_ids the engine core filled computes its last
 token and the drafts in one go. Drafts count in the token budget and are trimmed here so that no
 accepted token could pass max_tokens or max_model_len; drafts never preempt anyone (a decode whose
-drafts find no free block runs without them). The engine core runs such steps synchronously and
+drafts find no free block, or only blocks a later decode needs, runs without them). The engine core runs such steps synchronously and
 rolls back the slots of rejected drafts (BlockManager.truncate) before commit keys any block.
 """
 
@@ -278,8 +278,16 @@ class Scheduler:
         max_tokens = seq.sampling_params.max_tokens
         if max_tokens is not None:
             k = min(k, max_tokens - (num_tokens - seq.num_prompt_tokens) - 1)
-        if k > 0 and not self.block_manager.can_append(seq, 1 + k):
-            k = 0
+        if k > 0:
+            # Drafts take no block a later decode needs for its own token: taking the last free
+            # one would preempt that decode for tokens that may all be rejected.
+            bs, running = self.block_manager.block_size, SequenceStatus.RUNNING
+            later = self.running[self.running.index(seq) + 1 :]
+            reserve = sum(1 for q in later if q.status is running
+                          and len(q.token_ids) - q.num_computed_tokens <= 1
+                          and q.num_computed_tokens >= len(q.block_table) * bs)
+            if not self.block_manager.can_append(seq, 1 + k, reserve):
+                k = 0
         seq.spec_token_ids = seq.spec_token_ids[: max(k, 0)]
         return len(seq.spec_token_ids)
 
