@@ -328,6 +328,8 @@ def test_invalid_values_raise_naming_the_field(field, kw):
     ("stop_token_ids", {"stop_token_ids": [True]}), ("logit_bias", {"logit_bias": [1, 2]}),
     ("logit_bias", {"logit_bias": {"abc": 1}}), ("logit_bias", {"logit_bias": {5: "x"}}),
     ("logit_bias", {"logit_bias": {5: True}}), ("use_beam_search", {"use_beam_search": 1}),
+    # keys that str.isdigit() took but int() refuses: a bare ValueError naming no field
+    ("logit_bias", {"logit_bias": {"\u00b2": 1}}), ("logit_bias", {"logit_bias": {"--5": 1}}),
     # an integer too large for a float: math.isfinite raised OverflowError
     ("temperature", {"temperature": 10**400}), ("top_p", {"top_p": -(10**400)}),
 ])

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import re
 import reprlib
 from dataclasses import dataclass, field
 
@@ -105,6 +106,10 @@ def check_count(name: str, items) -> None:
         raise ParamError(name, f"{name} must hold at most {limit} {what}, got {len(items)}")
 
 
+# A token id as text: ASCII digits (str.isdigit() also takes '²', which int() refuses).
+_ID_TEXT = re.compile(r"-?[0-9]+")
+
+
 def _logit_bias(bias) -> dict[int, float]:
     """{token id: bias} from a mapping whose keys are ids or their decimal text (JSON's)."""
     if bias is None:
@@ -114,7 +119,7 @@ def _logit_bias(bias) -> dict[int, float]:
                                        f"got {reprlib.repr(bias)}")
     out = {}
     for key, value in bias.items():
-        if isinstance(key, str) and key.strip().lstrip("-").isdigit():
+        if isinstance(key, str) and _ID_TEXT.fullmatch(key.strip()):
             key = int(key)
         if not is_int(key):
             raise ParamError("logit_bias", f"logit_bias keys must be token ids, got "
