@@ -71,7 +71,8 @@ __device__ __forceinline__ void pen8(const RowDist& d, int i0, float* f) {
   if (bits == 0u && fabsf(d.freq) <= PS_FLT_MAX) {
 #pragma unroll
     for (int e = 0; e < 8; e++)
-      f[e] = f[e] == -INFINITY ? f[e] : fminf(fmaxf(f[e], -PS_FLT_MAX), PS_FLT_MAX);  // a ban stays
+      f[e] = f[e] == -INFINITY || f[e] != f[e]  // a ban stays a ban, a NaN a NaN
+                 ? f[e] : fminf(fmaxf(f[e], -PS_FLT_MAX), PS_FLT_MAX);
     return;
   }
 #pragma unroll

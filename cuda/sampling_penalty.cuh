@@ -13,10 +13,12 @@ constexpr int PROMPT_BIT = 1 << 30;
 // NOTE: explicit _rn intrinsics keep the float32 rounding numpy does (no fused multiply-add); a
 // repetition of 1e-50 is 0 and 1e50 is inf in float32: clamped, as numpy_sampling does, so that
 // the penalized row stays finite (no x / 0, no 0 * inf). A -inf logit is a ban (min_tokens'
-// bias on a stop id, a grammar's mask) and stays -inf, as in numpy_sampling.apply_penalties.
+// bias on a stop id, a grammar's mask) and stays -inf, and a NaN (a broken model) stays NaN
+// (fmaxf would make it -FLT_MAX, a number the row then samples around), as in
+// numpy_sampling.apply_penalties: such a row takes the argmax of the rest, penalized or not.
 __device__ __forceinline__ float penalized(float l, int c, float repetition, float frequency,
                                            float presence) {
-  if (l == -INFINITY) return l;
+  if (l == -INFINITY || l != l) return l;
   const int n = c & (PROMPT_BIT - 1);
   if (repetition != 1.f && c != 0) {
     const float r = fminf(fmaxf(repetition, PS_FLT_MIN), PS_FLT_MAX);

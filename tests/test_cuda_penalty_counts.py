@@ -179,3 +179,34 @@ def test_a_ban_stays_a_ban_under_penalties(ops, vocab, bias, kind):
             np.testing.assert_array_equal(got.token_ids, want.token_ids)
     finally:
         cuda_sampling.SAMPLER = saved
+
+
+@pytest.mark.parametrize("vocab", [4096, 1001], ids=["vectorized", "scalar"])
+@pytest.mark.parametrize("bias", [False, True], ids=["sparse", "dense"])
+@pytest.mark.parametrize("kind", ["select", "twopass", "bisect"])
+def test_nan_logits_take_the_argmax_under_penalties(ops, vocab, bias, kind):
+    """A broken model's NaN logits stay NaN through the penalties, as numpy_sampling keeps them:
+    the row takes the argmax of the rest (a row of NaN: id 0), as it does without penalties
+    (penalized() clamped NaN to -FLT_MAX, and the row was sampled)."""
+    rng = np.random.default_rng(5)
+    rows = 4
+    logits = (rng.standard_normal((rows, vocab)) * 2).astype(np.float32)
+    logits[:3, rng.integers(0, vocab, 40)] = np.nan
+    logits[3] = np.nan
+    kw = {}
+    if bias:  # the dense path
+        kw = dict(bias_ids=np.full((rows, 1), 7, np.int32),
+                  bias_values=np.full((rows, 1), 0.5, np.float32))
+    prompts = [rng.integers(0, vocab, 30).tolist() for _ in range(rows)]
+    saved, cuda_sampling.SAMPLER = cuda_sampling.SAMPLER, kind
+    try:
+        for step in range(10):
+            t = _tensors(rows, step, rng, prompt_ids=_pad(prompts),
+                         output_ids=_pad([[] for _ in range(rows)]), **kw)
+            t.temperature = np.array([0.8, 1.0, 0.0, 0.8], np.float32)
+            want = sample(logits, t)
+            got = ops.sample(cupy.asarray(logits), t)
+            assert want.token_ids[3] == 0
+            np.testing.assert_array_equal(got.token_ids, want.token_ids)
+    finally:
+        cuda_sampling.SAMPLER = saved

@@ -404,6 +404,23 @@ def test_nan_logits_are_never_the_argmax():
     assert sample(logits, t).token_ids.tolist() == [4, 0, 4]
 
 
+def test_nan_logits_take_the_argmax_under_penalties_too():
+    """NaN stays NaN through the penalties (it is no number to clamp): a row holding one takes
+    the argmax of the rest whether or not the step penalizes (a row of NaN: id 0), as without.
+    cuda/sampling_penalty.cuh's penalized() clamped it to -FLT_MAX, so on the GPU such a row was
+    sampled (an all-NaN one uniformly) as soon as any row of the step had a penalty."""
+    logits = np.array([[0.5, 1.0, np.nan, -2.0, 3.0, 0.0],
+                       [np.nan] * 6,
+                       [0.5, 1.0, np.nan, -2.0, 3.0, 0.0]], np.float32)
+    t = _tensors(3, temperature=[0.7, 0.7, 0.7], repetition_penalty=[1.0, 1.0, 1.5],
+                 prompt_ids=[[-1], [-1], [1]], output_ids=[[-1], [-1], [0]])
+    words = count_words(t.prompt_ids, t.output_ids, 3, 6)
+    assert np.isnan(apply_penalties(logits, t, words)[:, 2]).all()
+    for seed in range(50):
+        t.seeds = np.full(3, seed, np.uint64)
+        assert sample(logits, t).token_ids.tolist() == [4, 0, 4], seed
+
+
 def test_a_ban_stays_a_ban_under_penalties():
     """A -inf logit (min_tokens' bias on eos, a grammar's mask) is a ban whatever the row's or
     its batchmates' penalties: clamped to -FLT_MAX, a huge (valid) temperature gives it exp(-1)

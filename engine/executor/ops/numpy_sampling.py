@@ -102,9 +102,11 @@ def apply_penalties(logits: np.ndarray, t: SamplingTensors, words: np.ndarray) -
 
     NOTE: a repetition penalty of 1e-50 is 0 in float32 and 1e50 is inf, and dividing by either
     would put inf or nan into the row: the penalty is clamped to [FLT_MIN, FLT_MAX] and the
-    penalized logits to [-FLT_MAX, FLT_MAX], so no row holds inf or nan. A logit already -inf
-    (a ban: min_tokens' bias on a stop id) stays -inf: clamped to -FLT_MAX, a huge temperature
-    would give it weight, and a row with every token banned would no longer take the argmax."""
+    penalized logits to [-FLT_MAX, FLT_MAX], so no penalty makes an inf or nan. A logit already
+    -inf (a ban: min_tokens' bias on a stop id) stays -inf: clamped to -FLT_MAX, a huge
+    temperature would give it weight, and a row with every token banned would no longer take the
+    argmax. A NaN logit (a broken model) stays NaN, so its row takes the argmax of the rest
+    (sample) whether the step penalizes or not."""
     banned = np.isneginf(logits)
     logits = logits.copy()
     for r in range(len(logits)):
