@@ -10,6 +10,7 @@ It runs wherever the tokenizer runs: in LLMEngine's process, or in the API proce
 
 from __future__ import annotations
 
+import logging
 import time
 from dataclasses import dataclass
 
@@ -22,6 +23,8 @@ from engine.core.outputs import (
 )
 from engine.core.sampling_params import ParamError, SamplingParams
 from engine.core.stopping import SeqState, text_delta
+
+logger = logging.getLogger("pagedserve.output_processor")
 
 
 @dataclass(eq=False, slots=True)
@@ -102,26 +105,31 @@ class OutputProcessor:
                 req.prompt_logprob_ranks = out.prompt_logprob_ranks
                 req.num_cached_tokens = out.num_cached_tokens
                 req.num_created_cache_tokens = out.num_created_cache_tokens
+            changed[out.request_id] = req
             if out.finish_reason == "error":
                 state.finish_reason, state.error = "error", out.error
             else:
-                last = len(out.new_token_ids) - 1
-                lps = out.new_logprobs
-                for k, token in enumerate(out.new_token_ids):
-                    if state.logprobs is not None:
-                        state.logprobs.append(lps[k])
-                    if k == last:
-                        ended = state.append(token, out.finish_reason, out.stop_reason)
-                    else:
-                        ended = state.append(token, None, None)
-                    if ended:
-                        if k < last or out.finish_reason is None:  # the core runs it still
-                            stopped.append((out.request_id, out.index, state.stop_reason))
-                        break
-                state.cumulative_logprob = out.cumulative_logprob
-                if k < last and out.token_logprobs:  # tokens past a stop string: not output
-                    state.cumulative_logprob -= sum(out.token_logprobs[k + 1 :])
-            changed[out.request_id] = req
+                try:
+                    last = len(out.new_token_ids) - 1
+                    lps = out.new_logprobs
+                    for k, token in enumerate(out.new_token_ids):
+                        if state.logprobs is not None:
+                            state.logprobs.append(lps[k])
+                        if k == last:
+                            ended = state.append(token, out.finish_reason, out.stop_reason)
+                        else:
+                            ended = state.append(token, None, None)
+                        if ended:
+                            if k < last or out.finish_reason is None:  # the core runs it still
+                                stopped.append((out.request_id, out.index, state.stop_reason))
+                            break
+                    state.cumulative_logprob = out.cumulative_logprob
+                    if k < last and out.token_logprobs:  # tokens past a stop string: not output
+                        state.cumulative_logprob -= sum(out.token_logprobs[k + 1 :])
+                except Exception as e:  # the text of this request alone (its detokenizer)
+                    logger.exception("request %s failed in its postprocessing", out.request_id)
+                    self._fail(req, f"{type(e).__name__}: {e}", stopped, now)
+                    continue
             if state.finish_reason is not None:
                 req.num_unfinished -= 1
                 if req.num_unfinished == 0:
@@ -129,6 +137,18 @@ class OutputProcessor:
                     del requests[out.request_id]
         make_output = self._make_output
         return [make_output(req) for req in changed.values()], stopped
+
+    def _fail(self, req: _Request, cause: str, stopped: list, now: float) -> None:
+        """End every unfinished sequence of the request with "error" and `cause`; the core is
+        told to free them (with the sequences stop strings ended), and its later tokens for them
+        are dropped."""
+        for state in req.states:
+            if state.finish_reason is None:
+                state.finish_reason, state.error = "error", cause
+                stopped.append((req.request_id, state.index, ""))
+        req.num_unfinished = 0
+        req.metrics.finished_time = now
+        del self._requests[req.request_id]
 
     def _make_output(self, req: _Request) -> RequestOutput:
         outputs = []

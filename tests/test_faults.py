@@ -126,3 +126,64 @@ def test_an_engine_that_cannot_go_on_says_so(make_engine, monkeypatch):
     assert isinstance(engine.dead_error, EngineDeadError)
     assert not engine.has_unfinished_requests()  # a serving loop waiting on it stops stepping
     assert not issubclass(EngineDeadError, ValueError)  # never mistaken for a bad request
+
+
+def test_a_failing_detokenizer_fails_its_request_alone(make_engine, monkeypatch):
+    """The front's postprocessing (detokenizer, stop strings) of one request raising ended the
+    whole step: LLMEngine.step raised (LLM.generate lost every request; the server's API process
+    failed every request in flight and stopped). Now that request alone ends with "error", and
+    its sequences are freed in the core."""
+    from engine.model.tokenizer import IncrementalDetokenizer
+
+    init, step = IncrementalDetokenizer.__init__, IncrementalDetokenizer.step
+
+    def tagged(self, tokenizer, prompt_token_ids, *a):
+        init(self, tokenizer, prompt_token_ids, *a)
+        self.bad, self.num_steps = prompt_token_ids[0] == 499, 0
+
+    def flaky(self, new_token_ids, final=False):
+        self.num_steps += 1
+        if self.bad and self.num_steps == 3:  # "bad"'s third token
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "bad byte")
+        return step(self, new_token_ids, final)
+
+    monkeypatch.setattr(IncrementalDetokenizer, "__init__", tagged)
+    monkeypatch.setattr(IncrementalDetokenizer, "step", flaky)
+    engine = make_engine(text=True)
+    sp = SamplingParams(temperature=0, max_tokens=8, ignore_eos=True, stop=["never seen"])
+    engine.add_request("good", {"prompt_token_ids": [5, 6, 7]}, sp)
+    engine.add_request("bad", {"prompt_token_ids": [499, 6, 7]}, SamplingParams(
+        temperature=0, max_tokens=8, ignore_eos=True, n=2))
+    final = step_to_end(engine)
+    assert [c.finish_reason for c in final["bad"].outputs] == ["error", "error"]
+    assert "bad byte" in final["bad"].outputs[0].error
+    good = final["good"].outputs[0]
+    assert good.finish_reason == "length" and len(good.token_ids) == 8 and good.error is None
+    assert not engine.has_unfinished_requests()
+
+
+def test_a_failing_detokenizer_in_the_api_process_fails_its_call_alone(app_client, monkeypatch):
+    """Served, the detokenizer runs in the API process: one request's failure there failed
+    every request in flight and took the engine down (its output reader died: /health 503)."""
+    from engine.model.tokenizer import IncrementalDetokenizer
+
+    init, step = IncrementalDetokenizer.__init__, IncrementalDetokenizer.step
+
+    def tagged(self, tokenizer, prompt_token_ids, *a):
+        init(self, tokenizer, prompt_token_ids, *a)
+        self.bad = prompt_token_ids[0] == 499
+
+    def flaky(self, new_token_ids, final=False):
+        if self.bad and new_token_ids:
+            raise UnicodeDecodeError("utf-8", b"\xff", 0, 1, "bad byte")
+        return step(self, new_token_ids, final)
+
+    monkeypatch.setattr(IncrementalDetokenizer, "__init__", tagged)
+    monkeypatch.setattr(IncrementalDetokenizer, "step", flaky)
+    client = app_client()
+    body = {"model": "tiny", "max_tokens": 4, "ignore_eos": True}
+    bad = client.post("/v1/completions", json={**body, "prompt": [499, 6, 7]})
+    assert bad.status_code == 500 and "bad byte" in bad.json()["error"]["message"]
+    assert client.get("/health").status_code == 200
+    good = client.post("/v1/completions", json={**body, "prompt": [5, 6, 7]})
+    assert good.status_code == 200 and good.json()["usage"]["completion_tokens"] == 4
