@@ -181,10 +181,11 @@ class LLM:
                 bar.close()
             raise
         finished: dict[str, RequestOutput] = {}
+        mine = set(request_ids)  # a step also hands out requests added to the engine directly
         try:
             while len(finished) < len(request_ids) and engine.has_unfinished_requests():
                 for out in engine.step():
-                    if out.finished:
+                    if out.finished and out.request_id in mine:
                         finished[out.request_id] = out
                         if bar is not None:
                             bar.update(1)

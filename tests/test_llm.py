@@ -298,3 +298,16 @@ def test_an_llm_let_go_without_close_shuts_its_engine_down(monkeypatch):
     closed = llm.engine
     del llm
     assert shut == [owned, closed]
+
+
+def test_generate_waits_for_its_own_requests_not_the_engines_others(make_engine):
+    """A request added to the engine directly that finished first was counted among generate's:
+    the call stopped before its own request finished and raised KeyError, leaving it running."""
+    llm = LLM.from_engine(make_engine())
+    llm.engine.add_request("direct", {"prompt_token_ids": [5, 6]},
+                           SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+    outs = llm.generate({"prompt_token_ids": [7, 8, 9]},
+                        SamplingParams(temperature=0, max_tokens=5, ignore_eos=True),
+                        use_tqdm=False)
+    assert outs[0].finished and len(outs[0].outputs[0].token_ids) == 5
+    assert not llm.engine.has_unfinished_requests()
