@@ -251,7 +251,8 @@ class GenerationCall:
                         content = options.echo + (content or "")
                     choice["message"] = {"role": options.role, "content": content,
                                          "tool_calls": calls}
-                    choice["finish_reason"] = "tool_calls"
+                    if not self.tool_parser.named:
+                        choice["finish_reason"] = "tool_calls"
         else:
             choice["delta"] = {"content": text} if text else {}
         if self.extras.return_token_ids:

@@ -144,7 +144,8 @@ def _tool_chunks(stream: ToolCallStream, choice: dict, c) -> list[dict]:
     if c.finished:
         last, is_call = stream.finish()
         deltas += last
-        finish_reason = "tool_calls" if is_call else c.finish_reason
+        named = stream.parser.named
+        finish_reason = "tool_calls" if is_call and not named else c.finish_reason
     out = [{"index": index, "delta": d, "logprobs": None, "finish_reason": None}
            for d in deltas]
     if choice["logprobs"] is not None or choice.get("token_ids"):

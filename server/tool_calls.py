@@ -148,6 +148,12 @@ class ToolCallParser:
         self.choice, self.names = choice, set(names)
         self.parallel = parallel  # False: the first call only (parallel_tool_calls)
 
+    @property
+    def named(self) -> bool:
+        """A named tool_choice: its call ends with finish_reason "stop", as OpenAI's (auto and
+        required calls end with "tool_calls")."""
+        return self.choice not in ("auto", "none", "required")
+
     def parse(self, text: str) -> tuple[str | None, list[dict]]:
         """(content left outside the calls or None, tool calls); no calls when none parse."""
         if self.choice == "required":
@@ -156,7 +162,7 @@ class ToolCallParser:
                 return None, [new_call(c["name"], c["arguments"]) for c in items]
             except (ValueError, TypeError, KeyError, RecursionError):  # also: nested too deep
                 return text, []
-        if self.choice not in ("auto", "none"):  # a named tool: the text is its arguments
+        if self.named:  # the text is its arguments
             try:
                 json.loads(text)
             except (ValueError, RecursionError):

@@ -106,8 +106,15 @@ def test_required_and_named_tool_calls(server, client):
                                          tool_choice=named, temperature=1.0, max_tokens=40)
     for choice in out.choices:
         [call] = choice.message.tool_calls
-        assert call.function.name == "get_time" and choice.finish_reason == "tool_calls"
+        # a named tool's call ends with "stop", as OpenAI's (required: "tool_calls")
+        assert call.function.name == "get_time" and choice.finish_reason == "stop"
         jsonschema.validate(json.loads(call.function.arguments), TIME)
+    streamed = _streamed(client.chat.completions.create(
+        model=MODEL, messages=CHAT, tools=TOOLS, tool_choice=named, temperature=1.0,
+        max_tokens=40, stream=True))
+    [o] = streamed.values()
+    [call] = o["tool_calls"]
+    assert call.function.name == "get_time" and o["finish_reason"] == "stop", o
     streamed = _streamed(client.chat.completions.create(
         model=MODEL, messages=CHAT, tools=TOOLS, tool_choice="required", temperature=1.0,
         max_tokens=80, stream=True, n=2))
