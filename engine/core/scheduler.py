@@ -20,8 +20,9 @@ token will end it for sure (max_tokens, max_model_len) is not scheduled again.
 Speculative decoding: a decode whose seq.spec_token_ids the engine core filled computes its last
 token and the drafts in one go. Drafts count in the token budget and are trimmed here so that no
 accepted token could pass max_tokens or max_model_len; drafts never preempt anyone (a decode whose
-drafts find no free block, or only blocks a later decode needs, runs without them). The engine core runs such steps synchronously and
-rolls back the slots of rejected drafts (BlockManager.truncate) before commit keys any block.
+drafts find no free block, or only blocks a later decode needs, runs without them). The engine
+core runs such steps synchronously and rolls back the slots of rejected drafts
+(BlockManager.truncate) before commit keys any block.
 """
 
 from __future__ import annotations
