@@ -20,6 +20,7 @@ from engine.core.sampling_params import BeamSearchParams, SamplingParams
 from engine.engine import LLMEngine
 from engine.model.chat_template import template_messages
 from engine.model.config import EngineConfig
+from engine.model.loader import generation_defaults
 
 
 class LLM:
@@ -47,6 +48,7 @@ class LLM:
 
     def _adopt(self, engine: LLMEngine, own: bool) -> None:
         self.engine = engine
+        self._sampling_defaults: dict | None = None  # read on first use, as vLLM's LLM does
         self._ids = itertools.count()
         # An LLM let go without close() (a notebook cell run again) frees its engine all the
         # same: the engine's objects were frozen out of the garbage collector's reach at start-up
@@ -76,6 +78,14 @@ class LLM:
     def get_tokenizer(self):
         return self.engine.tokenizer
 
+    def get_default_sampling_params(self) -> SamplingParams:
+        """What generate and chat use when given no SamplingParams, as vLLM's: SamplingParams()
+        with the model's generation_config.json over it (EngineConfig.generation_config: "auto"
+        reads the model folder's, "vllm" none, else the folder given)."""
+        if self._sampling_defaults is None:
+            self._sampling_defaults = generation_defaults(self.engine.config)
+        return SamplingParams(**self._sampling_defaults)
+
     def generate(self, prompts, sampling_params=None, use_tqdm: bool = True
                  ) -> list[RequestOutput]:
         """Finished outputs in the order of `prompts`.
@@ -93,7 +103,7 @@ class LLM:
                             f"{type(prompts).__name__}")
         prompts = list(prompts)
         if sampling_params is None:
-            sampling_params = SamplingParams()
+            sampling_params = self.get_default_sampling_params()
         if isinstance(sampling_params, SamplingParams):
             params = [sampling_params] * len(prompts)
         elif isinstance(sampling_params, (dict, str)) or not isinstance(sampling_params,

@@ -29,7 +29,7 @@ from engine.core_client import MPClient
 from engine.dp_client import DPClient, core_client_for
 from engine.logs import StatsLogger
 from engine.model.config import EngineConfig, ModelConfig
-from engine.model.loader import load_tokenizer
+from engine.model.loader import generation_defaults, load_tokenizer
 from engine.output_processor import OutputProcessor
 from engine.structured_outputs import GrammarCompiler
 from server.timeline import ACCEPTED, SENT, Timeline
@@ -52,6 +52,9 @@ class ModelInfo:
     # Structured outputs are compiled here too, before submission, so a grammar that does not
     # compile is the call's 400 (engine/structured_outputs.py); None without a tokenizer.
     grammars: object | None = None
+    # What a request leaves unset takes from the model's generation_config.json (vLLM's
+    # --generation-config): SamplingParams fields (server/protocol.parse_sampling_params)
+    sampling_defaults: dict | None = None
 
 
 class RequestGroup:
@@ -191,7 +194,9 @@ class AsyncEngine:
         try:  # (start() cleans up after itself; a signal between it and wait_ready is caught)
             self.client.start()
             ready = self.client.wait_ready()
-            self._set_ready(ready, load_tokenizer(self.config.model))  # after: HF ids are cached
+            # after: HF ids are cached
+            self._set_ready(ready, load_tokenizer(self.config.model),
+                            generation_defaults(self.config))
         except BaseException:
             self.client.shutdown()
             raise
@@ -206,10 +211,10 @@ class AsyncEngine:
         self.loop = asyncio.get_running_loop()  # handlers run here, and only here
         self._task = self.loop.create_task(self._run())
 
-    def _set_ready(self, ready, tokenizer):
+    def _set_ready(self, ready, tokenizer, sampling_defaults: dict):
         self.engine = ModelInfo(tokenizer, ready.model_config, ready.max_model_len,
-                                ready.num_kv_blocks, self._grammars(tokenizer,
-                                                                    ready.model_config))
+                                ready.num_kv_blocks,
+                                self._grammars(tokenizer, ready.model_config), sampling_defaults)
         self.processor = OutputProcessor(tokenizer)
         if tokenizer is None:
             log.warning("this model has no tokenizer: text prompts, chat and /tokenize answer "
@@ -297,11 +302,12 @@ class AsyncEngine:
             try:
                 ready = await asyncio.to_thread(self.client.wait_ready)
                 tokenizer = await asyncio.to_thread(load_tokenizer, self.config.model)
+                defaults = await asyncio.to_thread(generation_defaults, self.config)
             except Exception as e:  # reported by /health; the server stays up to say why
                 log.error("loading the engine failed: %s", e)
                 self.load_error = e
                 return
-            self._set_ready(ready, tokenizer)
+            self._set_ready(ready, tokenizer, defaults)
             log.debug("engine ready")
         self.client.attach(busy=self._has_work)
         if isinstance(self.client, DPClient) and self.metrics:

@@ -22,7 +22,7 @@ from engine.core.liveness import Liveness
 from engine.executor.ops import DeviceError, resolve_device
 from engine.executor.worker import add_worker_flags, run_worker_args
 from engine.logs import configure_logging, model_line
-from engine.model.config import ConfigError, EngineConfig
+from engine.model.config import ConfigError, EngineConfig, generation_config_problem
 from engine.model.gguf_quants import KINDS as GGUF_KINDS
 
 log = logging.getLogger("pagedserve.cli")
@@ -66,6 +66,13 @@ def _json_object(text: str) -> dict:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
     return value
+
+
+def _generation_config(text: str) -> str:
+    problem = generation_config_problem(text)
+    if problem is not None:
+        raise argparse.ArgumentTypeError(problem)
+    return text
 
 
 def _engine_flags() -> argparse.ArgumentParser:
@@ -133,6 +140,14 @@ def _engine_flags() -> argparse.ArgumentParser:
                    help="most logprobs a request may ask per token (a request asks 0..20, or "
                         "-1 for the whole vocabulary, which needs -1 here or at least the "
                         "vocabulary's size) (default: 20, as vLLM)")
+    g.add_argument("--generation-config", type=_generation_config, default="auto",
+                   metavar="auto|vllm|FOLDER",
+                   help="sampling defaults for the fields a request leaves unset (temperature, "
+                        "top_p, top_k, min_p, repetition_penalty, and max_new_tokens as "
+                        "max_tokens): auto = the model folder's generation_config.json, as the "
+                        "model's creator recommends them (a .gguf file has none); vllm = none "
+                        "(the neutral defaults); or a folder holding a generation_config.json "
+                        "(default: auto)")
     g.add_argument("--speculative-config", type=_json_object, default=None, metavar="JSON",
                    help='n-gram speculative decoding, e.g. \'{"method": "ngram", '
                         '"num_speculative_tokens": 3, "prompt_lookup_max": 4, '
@@ -265,10 +280,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default=None,
                    help="an HF model folder, a Hugging Face id (ORG/NAME), a .gguf file, or a "
                         "preset name (with --load-format dummy); default: SmolLM2-135M-Instruct")
-    g.add_argument("--max-tokens", type=_positive_int, default=64, metavar="N",
-                   help="most tokens to generate (default: 64)")
-    g.add_argument("--temperature", type=float, default=0.0, metavar="T",
-                   help="sampling temperature; 0 = greedy (default: 0)")
+    g.add_argument("--max-tokens", type=_positive_int, default=None, metavar="N",
+                   help="most tokens to generate (default: --generation-config's "
+                        "max_new_tokens, else 64)")
+    g.add_argument("--temperature", type=float, default=None, metavar="T",
+                   help="sampling temperature; 0 = greedy (default: --generation-config's, "
+                        "else 0)")
     g.add_argument("--chat", action="store_true",
                    help="wrap PROMPT as a user message in the model's chat template")
     w = sub.add_parser("worker", help="run one tensor-parallel rank for a rank 0 on another host",
@@ -312,7 +329,7 @@ def engine_config_from_args(args: argparse.Namespace) -> EngineConfig:
         cpu_threads=args.cpu_threads, speculative_config=args.speculative_config,
         tensor_parallel_size=args.tensor_parallel_size, tp_local_ranks=args.tp_local_ranks,
         master_addr=args.master_addr, master_port=args.master_port,
-        max_logprobs=args.max_logprobs)
+        max_logprobs=args.max_logprobs, generation_config=args.generation_config)
     config.validate()
     return config
 
@@ -540,9 +557,14 @@ class Terminated(KeyboardInterrupt):
 
 def generate(args: argparse.Namespace, config: EngineConfig) -> int:
     from engine.core.sampling_params import SamplingParams
+    from engine.model.loader import generation_defaults
 
-    # the flags first: a bad --temperature is refused before the model loads
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature)
+    # the flags first: a bad --temperature is refused before the model loads; the model's
+    # generation config under them, as a server request that leaves them out gets it
+    flags = {"max_tokens": args.max_tokens, "temperature": args.temperature}
+    params = SamplingParams(**{"max_tokens": 64, "temperature": 0.0,
+                               **generation_defaults(config),
+                               **{k: v for k, v in flags.items() if v is not None}})
     t_load = time.perf_counter()
     engine = load_engine(config)
     load_s = time.perf_counter() - t_load

@@ -31,6 +31,7 @@ from server.protocol import (
     bad_request,
     get_field,
     max_tokens_field,
+    max_tokens_given,
     new_id,
     parse_messages,
     parse_prompts,
@@ -54,7 +55,7 @@ async def completions_body(request: Request, body: dict):
         raise bad_request("suffix", "'suffix' (text after the insertion) is not supported by "
                                     "this server")
     extras = read_extras(body, chat=False, settings=request.app.state.settings)
-    params = parse_sampling_params(body, chat=False)
+    params = parse_sampling_params(body, chat=False, defaults=engine.sampling_defaults)
     await _constrain(request, engine, params, *parse_structured_outputs(body), len(prompts))
     stream, include_usage = _stream_flags(body, request.app.state.settings)
     get_field(body, "user", "str")
@@ -71,7 +72,8 @@ async def completions_body(request: Request, body: dict):
         if ids is not None and extras.truncate is not None:
             ids = truncate(ids, extras, engine.max_model_len)
             num_tokens = len(ids)
-        _check_length(engine, num_tokens, params.max_tokens, "prompt")  # before a long id check
+        _check_length(engine, num_tokens, _asked_tokens(body, params, False),
+                      "prompt")  # before a long id check
         if isinstance(p, list):
             check_token_ids(engine, ids, "prompt")
         token_lists.append(ids)
@@ -94,7 +96,7 @@ async def chat_completions_body(request: Request, body: dict):
     model = check_model(request, body)
     messages = parse_messages(body)
     extras = read_extras(body, chat=True, settings=request.app.state.settings)
-    params = parse_sampling_params(body, chat=True)
+    params = parse_sampling_params(body, chat=True, defaults=engine.sampling_defaults)
     so, so_field = parse_structured_outputs(body)
     tools, tool_choice = parse_tools(body)
     parallel = get_field(body, "parallel_tool_calls", "bool", True)
@@ -148,7 +150,7 @@ async def chat_completions_batch(request: Request):
     engine = ready_engine(request)
     model = check_model(request, body)
     extras = read_extras(body, chat=True, settings=request.app.state.settings)
-    params = parse_sampling_params(body, chat=True)
+    params = parse_sampling_params(body, chat=True, defaults=engine.sampling_defaults)
     so, so_field = parse_structured_outputs(body)
     await _constrain(request, engine, params, so, so_field, len(conversations))
     get_field(body, "user", "str")
@@ -176,7 +178,8 @@ async def _chat_prompt(request: Request, engine, body: dict, messages: list[dict
     and how it was rendered."""
     ids, options = await render_chat(request, engine, body, messages, tools, tool_choice)
     ids = truncate(ids, extras, engine.max_model_len)
-    _check_length(engine, len(ids), params.max_tokens, "messages", tokens_field)
+    _check_length(engine, len(ids), _asked_tokens(body, params, True), "messages",
+                  tokens_field)
     return ids, options
 
 
@@ -232,6 +235,12 @@ async def render_chat(request: Request, engine, body: dict, messages: list[dict]
     ids = await chat_token_ids(request, engine, template_messages(messages),
                                **{**options.template_options, **extra})
     return ids, options
+
+
+def _asked_tokens(body: dict, params, chat: bool) -> int | None:
+    """The max_tokens a prompt must leave room for: the request's own; a default from the
+    model's generation config only caps the output (protocol.max_tokens_given)."""
+    return params.max_tokens if max_tokens_given(body, chat) else None
 
 
 def _check_length(engine, num_prompt: int, max_tokens: int | None, param: str,

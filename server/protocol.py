@@ -178,8 +178,12 @@ def _check_tool_calls(calls, at: str) -> None:
 UNSUPPORTED_VLLM_FIELDS = ("prompt_logprob_token_ids", "bad_words")
 
 
-def parse_sampling_params(body: dict, *, chat: bool) -> SamplingParams:
-    """The sampling fields of a completions or chat body, checked, as SamplingParams."""
+def parse_sampling_params(body: dict, *, chat: bool, defaults: dict | None = None
+                          ) -> SamplingParams:
+    """The sampling fields of a completions or chat body, checked, as SamplingParams. `defaults`
+    (the model's generation_config.json, AsyncEngine's ModelInfo.sampling_defaults) fill the
+    fields the body leaves out or sets to null, as vLLM reads null: unset."""
+    defaults = defaults or {}
     f = body.__contains__
     for name in UNSUPPORTED_VLLM_FIELDS:
         if body.get(name) is not None:
@@ -199,7 +203,7 @@ def parse_sampling_params(body: dict, *, chat: bool) -> SamplingParams:
                        ("include_stop_str_in_output", "bool"), ("prompt_logprobs", "int"),
                        ("use_beam_search", "bool"), ("best_of", "int"),
                        ("length_penalty", "number"), ("early_stopping", "bool")):
-        value = get_field(body, name, kind)
+        value = get_field(body, name, kind, defaults.get(name))
         if value is not None:
             kw[name] = value
     # No chunk carries a prompt's scores: asked with stream, they would be computed and dropped.
@@ -217,6 +221,8 @@ def parse_sampling_params(body: dict, *, chat: bool) -> SamplingParams:
     max_tokens = get_field(body, "max_tokens", "int")
     if chat:
         max_tokens = get_field(body, "max_completion_tokens", "int", max_tokens)
+        if max_tokens is None:
+            max_tokens = defaults.get("max_tokens")
         if get_field(body, "logprobs", "bool", False):
             top = get_field(body, "top_logprobs", "int", 0)  # checked even when ids replace it
             if not chosen:
@@ -226,7 +232,10 @@ def parse_sampling_params(body: dict, *, chat: bool) -> SamplingParams:
         elif chosen:
             raise bad_request("logprob_token_ids", "'logprob_token_ids' needs 'logprobs': true")
     else:
-        max_tokens = 16 if not f("max_tokens") else max_tokens  # OpenAI's completions default
+        # OpenAI's completions default, as vLLM keeps it: the model's applies to a null only
+        max_tokens = 16 if not f("max_tokens") else max_tokens
+        if max_tokens is None:
+            max_tokens = defaults.get("max_tokens")
         echo = get_field(body, "echo", "bool", False)
         if echo and max_tokens == 0:  # score the prompt: one token is made, and dropped
             max_tokens = 1
@@ -273,6 +282,15 @@ def parse_sampling_params(body: dict, *, chat: bool) -> SamplingParams:
         return SamplingParams(**kw)
     except ParamError as e:
         raise param_error(e, chat, max_tokens_field(body, chat)) from None
+
+
+def max_tokens_given(body: dict, chat: bool) -> bool:
+    """Whether the body sets the output's length (completions: OpenAI's 16 when left out)
+    rather than leaving it to the model's generation config, whose max_new_tokens only caps the
+    output: the context's end comes first, as vLLM takes the least of the two."""
+    if chat:
+        return body.get("max_completion_tokens") is not None or body.get("max_tokens") is not None
+    return "max_tokens" not in body or body["max_tokens"] is not None
 
 
 def max_tokens_field(body: dict, chat: bool) -> str:

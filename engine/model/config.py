@@ -248,6 +248,37 @@ class ModelConfig:
         return cls.from_dict(json.loads(path.read_text()))
 
 
+# generation_config.json's keys that give sampling defaults, as vLLM reads them
+# (ModelConfig.get_diff_sampling_param); it looks at no other key, do_sample included.
+GENERATION_SAMPLING_KEYS = ("repetition_penalty", "temperature", "top_k", "top_p", "min_p",
+                            "max_new_tokens")
+
+
+def generation_config_problem(value) -> str | None:
+    """What is wrong with a --generation-config value, or None: "auto" (the model's own file),
+    "vllm" (none) or a folder holding generation_config.json."""
+    if not isinstance(value, str):
+        return f"expected 'auto', 'vllm' or a folder, got {value!r}"
+    if value in ("auto", "vllm"):
+        return None
+    if not Path(value).is_dir():
+        return f"{value!r} is not a folder ('auto', 'vllm' or a folder is expected)"
+    if not (Path(value) / "generation_config.json").is_file():
+        return f"the folder {value!r} holds no generation_config.json"
+    return None
+
+
+def generation_sampling_defaults(folder: Path) -> dict:
+    """The SamplingParams fields folder/generation_config.json sets (HF's max_new_tokens is
+    max_tokens); {} without the file. Null values are not set, as in vLLM."""
+    path = Path(folder) / "generation_config.json"
+    if not path.is_file():
+        return {}
+    gen = json_object(path)
+    return {"max_tokens" if key == "max_new_tokens" else key: gen[key]
+            for key in GENERATION_SAMPLING_KEYS if gen.get(key) is not None}
+
+
 def _checkpoint_quantization(qc: dict | None) -> str | None:
     """config.json's quantization_config -> "fp8" or None; other schemes are refused."""
     if not qc:
@@ -390,6 +421,9 @@ class EngineConfig:
     # Most logprobs a request may ask per token (-1: the whole vocabulary, which
     # prompt_logprobs=-1 asks). The CLI defaults to vLLM's 20; a library caller, to no cap.
     max_logprobs: int = -1
+    # Sampling defaults for what a request leaves unset (vLLM's --generation-config): "auto" =
+    # the model folder's generation_config.json, "vllm" = none, else a folder holding one.
+    generation_config: str = "auto"
 
     def _check_types(self):
         """Each field of the type it must have (a bool is no count): a ConfigError naming it,
@@ -430,6 +464,9 @@ class EngineConfig:
         for name in positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name} must be >= 1, got {getattr(self, name)}")
+        problem = generation_config_problem(self.generation_config)
+        if problem is not None:
+            raise ConfigError(f"generation_config: {problem}")
         if self.max_logprobs < -1:
             # as vLLM's: any cap; a request asks at most MAX_LOGPROBS top ones or -1 (the whole
             # vocabulary), which a cap of at least the vocabulary's size allows too

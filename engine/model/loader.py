@@ -22,7 +22,12 @@ import numpy as np
 from tqdm import tqdm
 
 from engine.model import fp8
-from engine.model.config import PRESETS_DIR, ModelConfig
+from engine.model.config import (
+    PRESETS_DIR,
+    ConfigError,
+    ModelConfig,
+    generation_sampling_defaults,
+)
 from engine.model.weights import LayerWeights, ModelWeights
 
 logger = logging.getLogger("pagedserve." + __name__)
@@ -525,6 +530,37 @@ def load_tokenizer(model: str | None):
 
         return Tokenizer.from_pretrained(path)
     return None
+
+
+def generation_defaults(engine_config) -> dict:
+    """The SamplingParams fields a request that leaves them unset takes (vLLM's
+    --generation-config): none for "vllm"; else those of the generation_config.json in the folder
+    it names, or ("auto") in the model's HF folder (GGUF files and presets have none). Checked
+    here, so that a bad value fails the start naming the file, not every request."""
+    from engine.core.sampling_params import ParamError, SamplingParams
+
+    choice, model = engine_config.generation_config, engine_config.model
+    if choice == "vllm":
+        return {}
+    if choice != "auto":
+        folder = Path(choice)
+    elif is_hf_id(model):
+        folder = resolve_hf_id(model)  # cached: the core resolved it
+    elif model is not None and Path(model).is_dir():
+        folder = Path(model)
+    else:
+        return {}
+    defaults = generation_sampling_defaults(folder)
+    path = folder / "generation_config.json"
+    try:
+        SamplingParams(**defaults)
+    except ParamError as e:  # in the file's words: HF's max_new_tokens is our max_tokens
+        raise ConfigError(f"{path}: {str(e).replace('max_tokens', 'max_new_tokens')}") from None
+    if defaults:  # vLLM warns too: answers change from the neutral defaults
+        logger.warning("default sampling parameters from %s (the model creator's; a request's "
+                       "own values win, --generation-config vllm ignores them): %s", path,
+                       ", ".join(f"{k}={v}" for k, v in defaults.items()))
+    return defaults
 
 
 def _gguf_tokenizer(gguf_file, path: Path):
