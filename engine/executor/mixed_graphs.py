@@ -38,11 +38,17 @@ from engine.executor.ops.cuda_attention import DeviceAttentionMetadata
 BUCKETS = (16, 32, 64, 128, 256, 384, 512, 640, 768, 896, 1024, 1152)
 
 
+def bucket_sizes(max_tokens: int, buckets: tuple[int, ...] = BUCKETS) -> list[int]:
+    """The token counts captured, ascending and each once: the buckets below max_tokens, then
+    max_tokens itself when it is smaller than the last bucket, else the last bucket."""
+    top = min(max_tokens, buckets[-1])
+    return [b for b in buckets if b < top] + [top]
+
+
 class MixedGraphs:
     def __init__(self, model, kv_cache, max_tokens: int, buckets: tuple[int, ...] = BUCKETS):
         self.model = model
-        # the largest bucket is max_tokens itself when it is smaller than the last one
-        self.sizes = [b for b in buckets if b < max_tokens] + [min(max_tokens, buckets[-1])]
+        self.sizes = bucket_sizes(max_tokens, buckets)
         n, c = self.sizes[-1], model.config
         self.num_layers = len(model.weights.layers)
         self.caches = [(kv_cache[i, 0], kv_cache[i, 1]) for i in range(self.num_layers)]
