@@ -196,11 +196,19 @@ def test_gguf_cache_keeps_quantized_tensors_in_float16(tmp_path):
         assert np.abs(exact - matrix).max() > 10 * np.abs(out[t.name] - exact).max()
 
 
-@pytest.mark.parametrize("scale", [1e5])
-def test_gguf_values_beyond_float16_stay_float32(tmp_path, scale):
+@pytest.mark.parametrize("outlier", [None, 7e4])  # all large, or one value past float16's max
+def test_gguf_values_beyond_float16_stay_float32(tmp_path, outlier):
     import gguf
+    from gguf.quants import dequantize
 
-    big = (np.random.default_rng(1).standard_normal((4, 32)) * scale).astype(np.float32)
+    big = (np.random.default_rng(1).standard_normal((4, 32)) * 1e5).astype(np.float32)
+    if outlier is not None:
+        big = (big * 1e-5).astype(np.float32)  # a small tensor but for one value
+        big[2, 5] = outlier
     _write_gguf(tmp_path / "b.gguf", {"big.weight": (big, gguf.GGMLQuantizationType.Q8_0)})
-    out = gguf_loader._dequantize(gguf.GGUFReader(tmp_path / "b.gguf"), tmp_path / "b.gguf")
+    reader = gguf.GGUFReader(tmp_path / "b.gguf")
+    out = gguf_loader._dequantize(reader, tmp_path / "b.gguf")
     assert out["big.weight"].dtype == np.float32 and np.isfinite(out["big.weight"]).all()
+    exact = dequantize(reader.tensors[0].data, reader.tensors[0].tensor_type).reshape(big.shape)
+    np.testing.assert_array_equal(out["big.weight"], exact)
+    assert np.abs(exact).max() > np.finfo(np.float16).max
