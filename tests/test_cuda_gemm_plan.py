@@ -93,6 +93,9 @@ def test_mixed_step_logits_match_the_gemm_ex_path():
     model = Transformer(config, dummy_weights(config, ops, seed=0), ops, 1024)
     cache = ops.alloc_kv_cache(2, 256, config.num_kv_heads, BLOCK, config.head_dim)
     step = host_step(100, 1024 // BLOCK)
+    # cublasGemmEx alone: a CudaOps' default gemm.tuned (TunedGemm, PlannedGemm beyond its rows)
+    # would be the path under test
+    ops._gemm.tuned = None
     ref = ops.to_host(run_step(ops, model, cache, *step))
     ops._gemm.tuned = PlannedGemm(ops._gemm)
     got = ops.to_host(run_step(ops, model, cache, *step))
