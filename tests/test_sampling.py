@@ -274,6 +274,10 @@ def test_filter_probs_keeps_the_right_sets():
     assert kept(top_k=0, top_p=0.85, min_p=0.0) == [1, 2, 3, 4]
     assert kept(top_k=0, top_p=1.0, min_p=0.5) == [1, 2, 3]
     assert kept(top_k=0, top_p=1.0, min_p=0.51) == [1]
+    # top-p's boundary, in sums float32 holds exactly: a mass before of exactly top_p is not kept
+    halves = np.array([0.125, 0.5, 0.25, 0.125], np.float32)
+    assert np.flatnonzero(filter_probs(halves, 0, 0.5, 0.0)).tolist() == [1]
+    assert np.flatnonzero(filter_probs(halves, 0, 0.75, 0.0)).tolist() == [1, 2]
 
 
 def test_top_p_measures_what_top_k_and_min_p_keep():
