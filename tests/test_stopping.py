@@ -201,3 +201,23 @@ def test_a_stop_string_in_text_held_back_until_eos_is_cut(make_engine, monkeypat
     assert engine.tokenizer.decode(script[:2]) == "X \ufffd"
     assert (final.text, final.finish_reason, final.stop_reason) == ("X", "stop", " ")
     assert "".join(s.delta_text for s in steps) == "X"
+
+
+def test_stop_ids_end_a_sequence_from_the_min_tokens_th_output_on():
+    """check_stop_ids' bounds (vLLM's check_stop): eos and stop ids end a sequence once it has
+    min_tokens outputs, the min_tokens-th included (where a row was all masked, the sampler's ban
+    did not hold); before that they are passed over; max_tokens ends it at exactly max_tokens."""
+    from engine.core.sequence import Sequence
+    from engine.core.stopping import check_stop_ids
+
+    eos, stop = 2, 9
+    params = SamplingParams(min_tokens=2, max_tokens=4, stop_token_ids=[stop])
+    for token, want in ((eos, ("stop", None)), (stop, ("stop", stop))):
+        assert check_stop_ids(Sequence("r", [5, 6, token], 2, params), token, [eos],
+                              100) == (None, None)  # 1 output < min_tokens
+        assert check_stop_ids(Sequence("r", [5, 6, 7, token], 2, params), token, [eos],
+                              100) == want  # the min_tokens-th output
+    assert check_stop_ids(Sequence("r", [5, 6, 7, 8, 10], 2, params), 10, [eos],
+                          100) == (None, None)
+    assert check_stop_ids(Sequence("r", [5, 6, 7, 8, 10, 11], 2, params), 11, [eos],
+                          100) == ("length", None)
