@@ -144,8 +144,10 @@ class DPClient:
         return message
 
     def add_request(self, req: EngineCoreRequest) -> None:
-        core = self.balancer.route(req.request_id, req.prompt_token_ids, req.params.n,
-                                   req.params.cache_salt)
+        params = req.params
+        running = params.beam_width if params.use_beam_search else params.n
+        core = self.balancer.route(req.request_id, req.prompt_token_ids, params.n,
+                                   params.cache_salt, running)
         self.clients[core].add_request(req)
 
     def abort_requests(self, request_ids: list[str]) -> None:

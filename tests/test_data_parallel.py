@@ -169,6 +169,24 @@ def test_commands_go_to_the_core_that_owns_the_request():
     assert sum_stats([_stats(num_steps=2), _stats(num_steps=3)]).num_steps == 5
 
 
+def test_a_beam_search_request_counts_its_beams_until_its_n_outputs_end():
+    """A beam search runs best_of beams but hands back only n outputs (at its end): it loads
+    its core with best_of sequences, and its n finished outputs free them all."""
+    dp = DPClient(EngineConfig(device="numpy", data_parallel_size=2))
+    dp.clients = [FakeCore(), FakeCore()]
+    beams = SamplingParams(n=2, best_of=6, use_beam_search=True, max_tokens=4)
+    dp.add_request(EngineCoreRequest("beam", [1], beams, 0.0))
+    assert dp.balancer.loads == [6, 0]
+    for i in range(3):  # 6 beams on core 0: three plain requests all go to core 1
+        dp.add_request(EngineCoreRequest(f"r{i}", [i + 2], SamplingParams(), 0.0))
+    assert dp.clients[1].added == ["r0", "r1", "r2"] and dp.balancer.loads == [6, 3]
+    outs = [SeqOutput("beam", i, [5], None, 0.0, "length", None) for i in range(2)]
+    dp._merged(0, EngineCoreOutputs(outputs=outs))
+    assert dp.balancer.owner("beam") is None and dp.balancer.loads == [0, 3]
+    dp.add_request(EngineCoreRequest("beam2", [1], beams, 0.0))
+    assert dp.balancer.forget("beam2") == 0 and dp.balancer.loads == [0, 3]  # aborted
+
+
 def test_each_core_gets_its_own_gpus(monkeypatch):
     import engine.dp_client as dp_client
 

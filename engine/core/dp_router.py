@@ -1,11 +1,12 @@
 """Which data-parallel engine core runs a request (engine/dp_client.py asks; stdlib only).
 
-The least-loaded core, counting the sequences each has unfinished (a request of n counts n): the
-client sees every submission and every finished sequence, so it keeps the counts without asking
-the cores. With prefix caching on, a prompt whose first blocks a core ran recently goes back to
-that core, where those blocks are likely still cached, unless that core is busier than the
-least-loaded one by more than affinity_slack(least load) (a quarter of it, at least 8); then it
-goes to the least-loaded one, which becomes the prefix's new home.
+The least-loaded core, counting the sequences each has unfinished (a request of n counts n, a
+beam search its best_of beams, though only its n best come back): the client sees every
+submission and every finished sequence, so it keeps the counts without asking the cores.
+With prefix caching on, a prompt whose first blocks a core ran recently goes back to that core,
+where those blocks are likely still cached, unless that core is busier than the least-loaded one
+by more than affinity_slack(least load) (a quarter of it, at least 8); then it goes to the
+least-loaded one, which becomes the prefix's new home.
 """
 
 from __future__ import annotations
@@ -34,13 +35,17 @@ class LoadBalancer:
         self.num_routed = [0] * num_cores  # requests per core since start
         self.num_prefix_routed = 0  # requests sent where their prefix was, not to the least-loaded
         self._owner: dict[str, int] = {}  # request id -> its core, while any sequence runs
-        self._live: dict[str, set[int]] = {}  # request id -> indices of its unfinished sequences
+        self._live: dict[str, set[int]] = {}  # request id -> indices of its unfinished outputs
+        self._load: dict[str, int] = {}  # request id -> what it still counts on its core
         self._homes: OrderedDict[int, int] = OrderedDict()  # prefix key -> core that ran it last
 
     def route(self, request_id: str, prompt_token_ids: list[int], num_seqs: int,
-              cache_salt: str | None = None) -> int:
-        """Pick the core for a new request and count it there; a `cache_salt` keys its prefix
-        apart (its blocks are shared only with requests of the same salt)."""
+              cache_salt: str | None = None, num_running: int | None = None) -> int:
+        """Pick the core for a new request of `num_seqs` outputs and count it there as
+        `num_running` sequences (default num_seqs; a beam search runs more beams than it
+        returns, and they all end with its last output); a `cache_salt` keys its prefix apart
+        (its blocks are shared only with requests of the same salt)."""
+        num_running = num_seqs if num_running is None else max(num_running, num_seqs)
         if request_id in self._owner:
             raise ValueError(f"request_id {request_id!r} is already in use")
         least = min(range(self.num_cores), key=lambda i: (self.loads[i], self.num_routed[i], i))
@@ -59,7 +64,8 @@ class LoadBalancer:
             self._homes.popitem(last=False)
         self._owner[request_id] = core
         self._live[request_id] = set(range(num_seqs))
-        self.loads[core] += num_seqs
+        self._load[request_id] = num_running
+        self.loads[core] += num_running
         self.num_routed[core] += 1
         return core
 
@@ -74,15 +80,19 @@ class LoadBalancer:
         if live is None or index not in live:
             return
         live.discard(index)
-        self.loads[self._owner[request_id]] -= 1
+        # The last output takes what is left (the beams past n); each other one, its sequence.
+        done = 1 if live else self._load[request_id]
+        self._load[request_id] -= done
+        self.loads[self._owner[request_id]] -= done
         if not live:
-            del self._live[request_id], self._owner[request_id]
+            del self._live[request_id], self._owner[request_id], self._load[request_id]
 
     def forget(self, request_id: str) -> int | None:
         """The request ended as a whole (aborted, rejected); returns the core it was on."""
         core = self._owner.pop(request_id, None)
         if core is not None:
-            self.loads[core] -= len(self._live.pop(request_id))
+            del self._live[request_id]
+            self.loads[core] -= self._load.pop(request_id)
         return core
 
     def _prefix_keys(self, ids: list[int], salt: str | None = None) -> list[int]:
