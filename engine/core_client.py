@@ -155,7 +155,12 @@ class MPClient:
         if kind == HEARTBEAT:  # (its heartbeat starts once it is ready)
             return None
         if kind == FAILED:
-            raise pickle.loads(payload)
+            try:
+                error = pickle.loads(payload)
+            except Exception as e:  # the core checks it unpickles; never a TypeError of __init__
+                raise RuntimeError(f"loading the engine core failed, and its error could not be "
+                                   f"read back: {type(e).__name__}: {e}") from None
+            raise error
         self.ready = True
         return msgspec.msgpack.decode(payload, type=CoreReady)
 

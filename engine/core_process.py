@@ -277,9 +277,14 @@ def _describe(e: BaseException) -> str:
 
 
 def _pickled(e: Exception) -> bytes:
+    """`e` for the API process to raise again; one that does not pickle, or does not unpickle
+    (an __init__ taking more than the message, as ParamError's), as a RuntimeError naming its
+    type and message."""
     try:
-        return pickle.dumps(e)
-    except Exception:  # an exception that does not pickle: its type and message
+        payload = pickle.dumps(e)
+        pickle.loads(payload)  # what the API process will do
+        return payload
+    except Exception:
         return pickle.dumps(RuntimeError(_describe(e)))
 
 

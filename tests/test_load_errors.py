@@ -205,3 +205,38 @@ def test_a_chat_template_that_is_not_valid_jinja_names_the_file(tmp_path):
     with pytest.raises(TokenizerError, match="tokenizer_config.json"):
         tok = Tokenizer.from_pretrained(folder)
         tok.apply_chat_template([{"role": "user", "content": "hi"}])
+
+
+# ---------------------------------------------------------------- across the process boundary
+
+
+def test_a_load_error_the_api_process_cannot_rebuild_arrives_as_its_type_and_message():
+    """The core pickles what loading raised and the API process raises it again. An exception
+    whose __init__ takes more than its message (ParamError(field, message)) pickles but does
+    not unpickle: the user read a TypeError about __init__ instead of the load error."""
+    import pickle
+
+    from engine.core.sampling_params import ParamError
+    from engine.core_client import MPClient
+    from engine.core_process import FAILED, _pickled
+    from engine.model.config import EngineConfig
+
+    again = pickle.loads(_pickled(ParamError("max_model_len", "max_model_len 9 is too long")))
+    assert type(again) is RuntimeError
+    assert str(again) == "ParamError: max_model_len 9 is too long"
+    kept = pickle.loads(_pickled(GGUFError("model.gguf: no tensors")))  # rebuilds: as it was
+    assert type(kept) is GGUFError and str(kept) == "model.gguf: no tensors"
+
+    class Outputs:  # the core's FAILED, its payload an exception that cannot be rebuilt
+        def poll(self, timeout_ms):
+            return True
+
+        def recv_multipart(self):
+            return [FAILED, pickle.dumps(ParamError("n", "n must be 1"))]
+
+    client = MPClient(EngineConfig())
+    client._outputs = Outputs()
+    with pytest.raises(RuntimeError, match="^loading the engine core failed, and its error "
+                                           "could not be read back: TypeError: ") as got:
+        client.poll_ready(0)
+    assert type(got.value) is RuntimeError
