@@ -98,6 +98,9 @@ class MPClient:
         self._dir = self._ctx = None  # the socket folder and ZeroMQ context, from start()
         self._inputs = self._outputs = self._async_outputs = self._obituary = None
         self._closing = False
+        # The process's sentinel the event loop watches (attach() until the exit or detach()),
+        # and that loop: kept here, as shutdown() (on another thread) clears `process`.
+        self._sentinel = self._loop = None
         self.ready = False  # wait_ready saw the core loaded: it reads its messages from then on
         self._stop_asked = False
         self.watchdog = Watchdog(liveness)
@@ -174,7 +177,8 @@ class MPClient:
         # the messages the core sent before it died.
         self._obituary = self._ctx.socket(zmq.PUSH)
         self._obituary.connect(self._output_address)
-        loop.add_reader(self.process.sentinel, self._on_process_exit, loop)
+        self._sentinel, self._loop = self.process.sentinel, loop
+        loop.add_reader(self._sentinel, self._on_process_exit, loop)
         if not self.process.is_alive():  # died before the reader was there to see it
             self._on_process_exit(loop)
         self._busy, self._watching = busy, True
@@ -183,8 +187,9 @@ class MPClient:
 
     def detach(self) -> None:
         """Its messages are no longer read (the reader ended): stop judging the core, whose
-        heartbeats now wait unread and would pass for its silence."""
+        heartbeats now wait unread and would pass for its silence; nor is its exit watched."""
         self._watching = False
+        self._stop_watching_exit()
 
     async def get_output_async(self) -> EngineCoreOutputs:
         """The next message; when the core has died, one whose `fatal` says why."""
@@ -239,8 +244,15 @@ class MPClient:
         except zmq.Again:
             logger.warning("the engine core is not connected; a command was dropped")
 
+    def _stop_watching_exit(self) -> None:
+        """Remove the sentinel's reader (on the loop's thread); once only."""
+        if self._sentinel is not None:
+            self._loop.remove_reader(self._sentinel)
+            self._sentinel = None
+
     def _on_process_exit(self, loop: asyncio.AbstractEventLoop) -> None:
-        loop.remove_reader(self.process.sentinel)
+        # Not self.process: shutdown() may have cleared it, on its thread, before this ran.
+        self._stop_watching_exit()
         if not self._closing and self._obituary is not None:
             loop.call_later(LAST_MESSAGE_GRACE_S, self._report_death)
 
@@ -251,22 +263,24 @@ class MPClient:
         if cause is None:
             loop.call_later(CHECK_EVERY_S, self._watch, loop)
             return
-        if not self.process.is_alive():  # dead, not hung: _report_death says how
+        process = self.process  # (None once shutdown(), on another thread, is through)
+        if process is None or not process.is_alive():  # dead, not hung: _report_death says how
             return
         # Failed as if it had died: the requests in flight fail naming the cause, and the core
         # goes at once (SIGKILL works on a stopped process too) rather than hold its GPU.
         logger.error("%s; killing it", cause)
         self._fatal_sent = True
         self._obituary.send_multipart([OUTPUTS, self._encode(EngineCoreOutputs(fatal=cause))])
-        self.process.kill()
+        process.kill()
 
     def _report_death(self) -> None:
         # Shut down meanwhile (nobody is left to tell), or failed by the watchdog (told).
-        if self._closing or self._fatal_sent:
+        process = self.process
+        if self._closing or self._fatal_sent or process is None:
             return
         # The sentinel fires as the process closes its files, a moment before it can be reaped.
-        self.process.join(1.0)
-        cause = describe_exit(self.process.exitcode)
+        process.join(1.0)
+        cause = describe_exit(process.exitcode)
         logger.error("the engine core process %s", cause)
         message = self._encode(EngineCoreOutputs(fatal=f"the engine core process {cause}"))
         self._obituary.send_multipart([OUTPUTS, message])

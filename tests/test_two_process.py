@@ -436,3 +436,38 @@ def test_a_data_parallel_core_dying_while_loading_is_seen_at_once():
     finally:
         dp.shutdown()
     assert time.monotonic() - start < 12 and not loading.is_alive()
+
+
+def test_the_core_exit_callback_after_shutdown_does_nothing():
+    """The server shuts the client down on a thread while the event loop runs: the process's
+    exit wakes the loop's sentinel reader, whose callback may run after shutdown() cleared
+    `process` (it raised AttributeError on None.sentinel, the reader left behind)."""
+    import asyncio
+
+    from conftest import tiny_server_core
+
+    from engine.core_client import MPClient
+    from engine.model.config import EngineConfig
+
+    client = MPClient(EngineConfig(device="numpy"),
+                      make_core=tiny_server_core(text=False, max_model_len=64, num_kv_blocks=16))
+    client.start()
+    errors = []
+
+    async def main():
+        loop = asyncio.get_running_loop()
+        loop.set_exception_handler(lambda _loop, context: errors.append(context))
+        client.attach()
+        await asyncio.to_thread(client.shutdown)
+        client._on_process_exit(loop)  # the callback, late
+        client._watch(loop)  # and the liveness check's
+        client._report_death()
+        await asyncio.sleep(0.3)  # whatever the loop still had to run for the client
+
+    try:
+        client.wait_ready()
+        asyncio.run(main())
+    finally:
+        client.shutdown()
+    assert errors == []
+
