@@ -212,7 +212,11 @@ class _BusyLoop:
             received = True
             if kind == STOP:
                 return True, True
-            value = decoders[kind].decode(payload)
+            try:
+                value = decoders[kind].decode(payload)
+            except (KeyError, msgspec.DecodeError) as e:  # one bad command, not the core's end
+                self._refuse(kind, payload, e, message)
+                continue
             if kind == ADD:
                 try:
                     core.add_request(value)
@@ -230,6 +234,22 @@ class _BusyLoop:
                 message.snapshots.append((value[0], _snapshot_of(core, value[1], self.busy_s)))
             else:
                 core.finish_sequences(value)
+
+    def _refuse(self, kind: bytes, payload: bytes, error: Exception,
+                message: EngineCoreOutputs) -> None:
+        """A command that does not decode (a value the API process let through that the core's
+        types refuse): an ADD whose request id can be read is rejected, as a request the core
+        cannot run is; any other is logged and dropped."""
+        request_id = None
+        if kind == ADD:
+            with contextlib.suppress(Exception):
+                request_id = msgspec.msgpack.decode(payload).get("request_id")
+        why = f"the engine core could not read the request: {_describe(error)}"
+        if isinstance(request_id, str):
+            message.rejected.append((request_id, None, why))
+        else:
+            logger.error("dropped a %r command the engine core could not read: %s", kind,
+                         _describe(error))
 
 
 class _Heartbeat:

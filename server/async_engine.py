@@ -95,6 +95,7 @@ class RequestGroup:
         """Hand one request to the engine core; its rejection (ValueError, ParamError naming
         the field) is raised here. `prompt`: {"prompt_token_ids": [...], "prompt": text or
         absent}; handlers tokenize, off the event loop when long (server/handlers.py)."""
+        self.engine.check_new_id(request_id)
         self.unfinished.add(request_id)  # before the await: a cancel must still abort it
         try:
             await self.engine._submit(self, request_id, prompt.get("prompt"),
@@ -230,6 +231,12 @@ class AsyncEngine:
 
     def group(self) -> RequestGroup:
         return RequestGroup(self)
+
+    def check_new_id(self, request_id: str) -> None:
+        """TypeError for an id that is no str: it crosses to the core as one (whose decoder
+        refuses anything else)."""
+        if not isinstance(request_id, str):
+            raise TypeError(f"request_id must be a str, got {type(request_id).__name__}")
 
     async def _submit(self, group: RequestGroup, request_id: str, text, ids, params):
         if self.dead is not None:

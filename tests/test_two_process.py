@@ -471,3 +471,80 @@ def test_the_core_exit_callback_after_shutdown_does_nothing():
         client.shutdown()
     assert errors == []
 
+
+def test_an_add_the_core_cannot_decode_is_refused_alone():
+    """A request that passes the API process but not the core's types (its decoder runs
+    SamplingParams' checks again) ended the core and every request in flight with it: it is
+    rejected, naming the request when its id can be read, and the core goes on."""
+    import asyncio
+
+    import msgspec
+    from conftest import tiny_server_core
+
+    from engine.core.outputs import EngineCoreRequest
+    from engine.core.sampling_params import SamplingParams
+    from engine.core_client import MPClient
+    from engine.core_process import ADD
+    from engine.model.config import EngineConfig
+
+    client = MPClient(EngineConfig(device="numpy"),
+                      make_core=tiny_server_core(text=False, max_model_len=64, num_kv_blocks=16))
+    client.start()
+    encode = msgspec.msgpack.Encoder().encode
+
+    def request(request_id):
+        return EngineCoreRequest(request_id, [3, 4, 5], SamplingParams(max_tokens=2), time.time())
+
+    async def main():
+        client.attach()
+        bad = msgspec.msgpack.decode(encode(request("bad")))
+        bad["params"]["n"] = 0
+        client._send(ADD, encode(bad))
+        client._send(ADD, encode({**bad, "request_id": 7}))  # no id to answer: dropped
+        client._send(ADD, b"\xc1")  # not msgpack at all
+        client.add_request(request("good"))
+        rejected, accepted, done = [], [], False
+        while not done:
+            message = await asyncio.wait_for(client.get_output_async(), 10)
+            assert message.fatal is None
+            rejected += message.rejected
+            accepted += message.accepted
+            done = any(out.finish_reason for out in message.outputs if out.request_id == "good")
+        return rejected, accepted
+
+    try:
+        client.wait_ready()
+        rejected, accepted = asyncio.run(main())
+    finally:
+        client.shutdown()
+    assert accepted == ["good"]
+    assert [(r[0], r[1]) for r in rejected] == [("bad", None)]
+    assert "could not read the request" in rejected[0][2] and "n must be" in rejected[0][2]
+
+
+def test_a_request_id_that_is_no_string_is_refused_before_it_reaches_the_core():
+    """AsyncEngine's callers pick their own ids: an int crossed to the core, whose decoder
+    refused it (a str), and the core exited, failing every request in flight."""
+    import asyncio
+    import types
+
+    from engine.core.sampling_params import SamplingParams
+    from engine.model.config import EngineConfig
+    from engine.output_processor import OutputProcessor
+    from server.async_engine import AsyncEngine
+
+    engine = AsyncEngine(EngineConfig())
+    engine.processor = OutputProcessor(None)
+    sent = []
+    engine.client = types.SimpleNamespace(add_request=sent.append, abort_requests=sent.append)
+
+    async def main():
+        group = engine.group()
+        with pytest.raises(TypeError, match="request_id must be a str, got int"):
+            await asyncio.wait_for(group.add(7, {"prompt_token_ids": [1, 2]},
+                                             SamplingParams()), 2)
+        return group
+
+    group = asyncio.run(main())
+    assert sent == [] and not group.unfinished and not engine._groups
+    assert engine.processor.num_requests == 0
