@@ -77,6 +77,7 @@ class DPClient:
                                      prefix_aware=engine_config.enable_prefix_caching)
         self.core_stats: list[EngineStats | None] = [None] * num_cores
         self._inbox: collections.deque[tuple[int, EngineCoreOutputs]] = collections.deque()
+        self._unaccepted: set[str] = set()  # routed, not yet accepted by their core
         self._poller: zmq.asyncio.Poller | None = None
 
     @property
@@ -130,12 +131,24 @@ class DPClient:
         return self._merged(*self._inbox.popleft())
 
     def _merged(self, core: int, message: EngineCoreOutputs) -> EngineCoreOutputs:
-        balancer = self.balancer
+        balancer, unaccepted = self.balancer, self._unaccepted
+        for request_id in message.accepted:
+            if balancer.owner(request_id) == core:
+                unaccepted.discard(request_id)
+        if message.outputs:
+            # Only the request's own: an id used again right after an abort (AsyncEngine's
+            # callers pick ids) may run elsewhere, or not be accepted yet, while the aborted
+            # one's last outputs still come; they must not end (or count against) the new one.
+            message.outputs = [out for out in message.outputs
+                               if balancer.owner(out.request_id) == core
+                               and out.request_id not in unaccepted]
         for out in message.outputs:
             if out.finish_reason is not None:
                 balancer.finish(out.request_id, out.index)
         for request_id, _field, _why in message.rejected:
-            balancer.forget(request_id)
+            if balancer.owner(request_id) == core:
+                unaccepted.discard(request_id)
+                balancer.forget(request_id)
         if message.stats is not None:
             self.core_stats[core] = message.stats
             message.stats = sum_stats([s for s in self.core_stats if s is not None])
@@ -148,12 +161,14 @@ class DPClient:
         running = params.beam_width if params.use_beam_search else params.n
         core = self.balancer.route(req.request_id, req.prompt_token_ids, params.n,
                                    params.cache_salt, running)
+        self._unaccepted.add(req.request_id)
         self.clients[core].add_request(req)
 
     def abort_requests(self, request_ids: list[str]) -> None:
         by_core = collections.defaultdict(list)
         for request_id in request_ids:
             core = self.balancer.forget(request_id)
+            self._unaccepted.discard(request_id)
             if core is not None:  # else it ended already
                 by_core[core].append(request_id)
         for core, ids in by_core.items():

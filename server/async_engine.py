@@ -103,8 +103,10 @@ class RequestGroup:
         except BaseException:
             self.unfinished.discard(request_id)
             # Cancelled (the client left) while the core accepts it: it was sent, so it must
-            # be aborted, or it would run to its end for no one.
-            self.engine.abort(request_id)
+            # be aborted, or it would run to its end for no one. (Unless the id is another
+            # group's: one that took it while this one waited for its aborted namesake.)
+            if self.engine._groups.get(request_id, self) is self:
+                self.engine.abort(request_id)
             raise
 
     async def outputs(self) -> AsyncIterator:
@@ -165,6 +167,9 @@ class AsyncEngine:
         self.processor: OutputProcessor | None = None
         self._groups: dict[str, RequestGroup] = {}  # request id -> its group, while unfinished
         self._pending: dict[str, asyncio.Future] = {}  # sent, not yet accepted by the core
+        # sent, not yet answered by the core (accepted or rejected), aborted or not: a request
+        # id used again waits for it (engine/core_process.py answers each ADD in turn)
+        self._unanswered: dict[str, asyncio.Future] = {}
         self._waiting: set[str] = set()  # requests sent that have no output yet
         self._snapshots: dict[int, asyncio.Future] = {}  # ticket -> the dashboard's waiter
         self._tickets = itertools.count()
@@ -234,11 +239,20 @@ class AsyncEngine:
 
     def check_new_id(self, request_id: str) -> None:
         """TypeError for an id that is no str: it crosses to the core as one (whose decoder
-        refuses anything else)."""
+        refuses anything else); ValueError for one a request in flight has."""
         if not isinstance(request_id, str):
             raise TypeError(f"request_id must be a str, got {type(request_id).__name__}")
+        if request_id in self._groups or (self.processor is not None
+                                          and self.processor.has_request(request_id)):
+            raise ValueError(f"request_id {request_id!r} is already in use")
 
     async def _submit(self, group: RequestGroup, request_id: str, text, ids, params):
+        # An id used again right after its request was aborted (or ended by a stop string):
+        # sent only once the core answered the first, so each answer, and each output the
+        # core sent before it read the abort (_handle drops those), is the first one's.
+        while (previous := self._unanswered.get(request_id)) is not None:
+            await asyncio.shield(previous)
+            self.check_new_id(request_id)  # another call may have taken it meanwhile
         if self.dead is not None:
             raise EngineFault(f"the engine core died: {self.dead}")
         arrival = time.time()
@@ -252,6 +266,7 @@ class AsyncEngine:
         self._waiting.add(request_id)
         self.timeline.stamp(request_id, SENT)
         self.client.add_request(EngineCoreRequest(request_id, ids, params, arrival))
+        self._unanswered[request_id] = asyncio.get_running_loop().create_future()  # once sent
         await accepted
         self.timeline.stamp(request_id, ACCEPTED)
 
@@ -355,6 +370,10 @@ class AsyncEngine:
             if future is not None and not future.done():  # the feed may have timed out
                 future.set_result(snap)
         pending = self._pending
+        for request_id in (*message.accepted, *(r[0] for r in message.rejected)):
+            answered = self._unanswered.pop(request_id, None)
+            if answered is not None:
+                answered.set_result(None)
         for request_id in message.accepted:
             future = pending.pop(request_id, None)
             if future is not None and not future.done():
@@ -367,8 +386,13 @@ class AsyncEngine:
             if future is not None and not future.done():
                 future.set_exception(ParamError(field, why) if field else ValueError(why))
         num_outputs = 0
-        if message.outputs:
-            results, stopped = self.processor.process(message.outputs)
+        outputs = message.outputs
+        if outputs and pending:
+            # A request has no output before the core accepted it: one under its id is of an
+            # aborted request that had it, sent before the core read the abort.
+            outputs = [out for out in outputs if out.request_id not in pending]
+        if outputs:
+            results, stopped = self.processor.process(outputs)
             if stopped:
                 self.client.finish_sequences(stopped)
             num_outputs = len(results)
@@ -411,6 +435,9 @@ class AsyncEngine:
         for future in self._pending.values():
             if not future.done():
                 future.set_exception(fault)
+        for future in self._unanswered.values():  # a waiting namesake raises the fault itself
+            future.set_result(None)
+        self._unanswered.clear()
         for group in set(self._groups.values()):
             group.put(fault)
         if self.metrics and self._groups:

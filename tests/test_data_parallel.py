@@ -159,6 +159,8 @@ def test_commands_go_to_the_core_that_owns_the_request():
     assert fakes[0].finished == [[("r0", 1, "stop")]]
     assert fakes[1].finished == [[("r3", 0, "stop")]]
     out = SeqOutput("r3", 1, [5], None, 0.0, "length", None)
+    dp._merged(0, EngineCoreOutputs(accepted=["r0", "r2"]))  # (each before its outputs)
+    dp._merged(1, EngineCoreOutputs(accepted=["r3"]))
     merged = dp._merged(1, EngineCoreOutputs(outputs=[out], stats=_stats(num_running=2)))
     assert dp.balancer.owner("r3") is None and dp.balancer.loads == [1, 0]
     merged = dp._merged(0, EngineCoreOutputs(stats=_stats(num_running=3, kv_blocks_total=8)))
@@ -181,10 +183,34 @@ def test_a_beam_search_request_counts_its_beams_until_its_n_outputs_end():
         dp.add_request(EngineCoreRequest(f"r{i}", [i + 2], SamplingParams(), 0.0))
     assert dp.clients[1].added == ["r0", "r1", "r2"] and dp.balancer.loads == [6, 3]
     outs = [SeqOutput("beam", i, [5], None, 0.0, "length", None) for i in range(2)]
+    dp._merged(0, EngineCoreOutputs(accepted=["beam"]))
     dp._merged(0, EngineCoreOutputs(outputs=outs))
     assert dp.balancer.owner("beam") is None and dp.balancer.loads == [0, 3]
     dp.add_request(EngineCoreRequest("beam2", [1], beams, 0.0))
     assert dp.balancer.forget("beam2") == 0 and dp.balancer.loads == [0, 3]  # aborted
+
+
+def test_an_id_used_again_after_an_abort_gets_none_of_the_aborted_ones_outputs():
+    """AsyncEngine's callers pick request ids: one aborted and added again at once may run on
+    the other core, or on the same one not accepted yet, while the aborted request's last
+    outputs still come. They ended (and counted off) the new request; they are dropped."""
+    dp = DPClient(EngineConfig(device="numpy", data_parallel_size=2))
+    dp.clients = [FakeCore(), FakeCore()]
+    dp.add_request(EngineCoreRequest("x", [1], SamplingParams(), 0.0))
+    dp._merged(0, EngineCoreOutputs(accepted=["x"]))
+    dp.abort_requests(["x"])
+    dp.add_request(EngineCoreRequest("x", [1], SamplingParams(), 0.0))  # now on core 1
+    assert dp.clients[1].added == ["x"]
+    late = SeqOutput("x", 0, [5], None, 0.0, "length", None)
+    assert dp._merged(0, EngineCoreOutputs(outputs=[late])).outputs == []
+    assert dp.balancer.owner("x") == 1 and dp.balancer.loads == [0, 1]
+    dp.abort_requests(["x"])
+    dp.add_request(EngineCoreRequest("x", [1], SamplingParams(), 0.0))  # back on core 0
+    assert dp._merged(0, EngineCoreOutputs(outputs=[late])).outputs == []  # not accepted yet
+    assert dp.balancer.owner("x") == 0 and dp.balancer.loads == [1, 0]
+    dp._merged(0, EngineCoreOutputs(accepted=["x"]))
+    assert dp._merged(0, EngineCoreOutputs(outputs=[late])).outputs == [late]  # its own
+    assert dp.balancer.owner("x") is None and dp.balancer.loads == [0, 0]
 
 
 def test_each_core_gets_its_own_gpus(monkeypatch):

@@ -548,3 +548,87 @@ def test_a_request_id_that_is_no_string_is_refused_before_it_reaches_the_core():
     group = asyncio.run(main())
     assert sent == [] and not group.unfinished and not engine._groups
     assert engine.processor.num_requests == 0
+
+
+def _engine_with_a_fake_core():
+    """An AsyncEngine whose client records what it is sent (no core process): the test plays
+    the core's answers through _handle."""
+    import types
+
+    from engine.model.config import EngineConfig
+    from engine.output_processor import OutputProcessor
+    from server.async_engine import AsyncEngine
+
+    engine = AsyncEngine(EngineConfig())
+    engine.processor = OutputProcessor(None)
+    sent = []
+    engine.client = types.SimpleNamespace(
+        add_request=lambda req: sent.append(("add", req.request_id)),
+        abort_requests=lambda ids: sent.append(("abort", *ids)),
+        finish_sequences=lambda items: sent.append(("finish", *items)))
+    return engine, sent
+
+
+def test_a_request_id_in_flight_is_refused_and_its_request_goes_on():
+    """A second request under an id in flight replaced the first's state in the API process,
+    then the core rejected it: the first request lost its outputs and its caller hung."""
+    import asyncio
+
+    from engine.core.outputs import EngineCoreOutputs, SeqOutput
+    from engine.core.sampling_params import SamplingParams
+
+    engine, sent = _engine_with_a_fake_core()
+    prompt = {"prompt_token_ids": [1, 2]}
+
+    async def main():
+        first, second = engine.group(), engine.group()
+        task = asyncio.create_task(first.add("x", prompt, SamplingParams(max_tokens=2)))
+        await asyncio.sleep(0)
+        engine._handle(EngineCoreOutputs(accepted=["x"]))
+        await task
+        with pytest.raises(ValueError, match="request_id 'x' is already in use"):
+            await asyncio.wait_for(second.add("x", prompt, SamplingParams()), 2)
+        engine._handle(EngineCoreOutputs([SeqOutput("x", 0, [5, 6], None, 0.0, "length", None)]))
+        return [out async for out in first.outputs()]
+
+    outs = asyncio.run(asyncio.wait_for(main(), 5))
+    assert outs[-1].finished and outs[-1].outputs[0].token_ids == [5, 6]
+    assert sent == [("add", "x")]
+
+
+def test_an_id_added_again_right_after_its_abort_gets_only_its_own_outputs():
+    """The core sends the aborted request's outputs until it reads the abort: they were the
+    new request's (its tokens, its finish: a late "length", or a stop string found in them,
+    ended it). It is sent once the core answered the first, and those outputs are dropped."""
+    import asyncio
+
+    from engine.core.outputs import EngineCoreOutputs, SeqOutput
+    from engine.core.sampling_params import SamplingParams
+
+    engine, sent = _engine_with_a_fake_core()
+    prompt = {"prompt_token_ids": [1, 2]}
+
+    async def main():
+        old, new = engine.group(), engine.group()
+        task = asyncio.create_task(old.add("x", prompt, SamplingParams(max_tokens=4)))
+        await asyncio.sleep(0)  # sent, not yet answered
+        engine.abort("x")
+        old.unfinished.clear()
+        await task
+        task = asyncio.create_task(new.add("x", prompt, SamplingParams(max_tokens=4)))
+        await asyncio.sleep(0.01)
+        assert sent == [("add", "x"), ("abort", "x")]  # waits for the core's answer to the first
+        engine._handle(EngineCoreOutputs(accepted=["x"]))  # the first one's
+        await asyncio.sleep(0.01)
+        assert sent[-1] == ("add", "x") and not task.done()
+        late = SeqOutput("x", 0, [7, 8], None, 0.0, "length", None)  # sent before the abort
+        engine._handle(EngineCoreOutputs([late]))
+        engine._handle(EngineCoreOutputs(accepted=["x"]))  # the new one's
+        await task
+        engine._handle(EngineCoreOutputs([SeqOutput("x", 0, [5], None, 0.0, None, None)]))
+        engine._handle(EngineCoreOutputs([SeqOutput("x", 0, [6], None, 0.0, "length", None)]))
+        return [out async for out in new.outputs()]
+
+    outs = asyncio.run(asyncio.wait_for(main(), 5))
+    assert outs[-1].finished and outs[-1].outputs[0].token_ids == [5, 6]
+    assert sent == [("add", "x"), ("abort", "x"), ("add", "x")]
