@@ -376,15 +376,18 @@ def test_serving_metrics_by_hand():
     assert m["request_throughput"] == pytest.approx(1.0)
     assert m["output_tok_s"] == pytest.approx(2.5)
     assert m["total_tok_s"] == pytest.approx(17.5)
-    # TTFT 500 and 200 ms; TPOT (1.0-0.5)/2 = 250 and (1.7-1.2)/1 = 500 ms; ITL 200, 300, 400 ms.
+    # TTFT 500 and 200 ms; ITL 200, 300, 400 ms. As vLLM's benchmark, a request's latency ends
+    # at its last token chunk (b's stream ended 100 ms later, with its usage and [DONE]): e2e
+    # 1000 and 600 ms, TPOT (1.0-0.5)/2 = 250 and (1.6-1.2)/1 = 400 ms.
     assert m["ttft_ms"]["mean"] == pytest.approx(350)
     assert m["ttft_ms"]["median"] == pytest.approx(350)
     assert m["ttft_ms"]["p99"] == pytest.approx(200 + 0.99 * 300)
-    assert m["tpot_ms"]["mean"] == pytest.approx(375)
+    assert m["tpot_ms"]["mean"] == pytest.approx(325)
+    assert m["tpot_ms"]["p99"] == pytest.approx(250 + 0.99 * 150)
     assert m["itl_ms"]["mean"] == pytest.approx(300)
     assert m["itl_ms"]["median"] == pytest.approx(300)
     assert m["itl_ms"]["p99"] == pytest.approx(300 + 0.98 * 100)
-    assert m["e2e_latency_ms"]["mean"] == pytest.approx(850)
+    assert m["e2e_latency_ms"]["mean"] == pytest.approx(800)
 
 
 def test_arrival_offsets():

@@ -20,11 +20,12 @@ of every prompt, so no pass reuses another's prefix-cache blocks and all do the 
 
     python tools/bench_serving.py --dashboard-clients 4 --dashboard-compare --json
 
-Definitions (per request): TTFT = first streamed token chunk - request sent; TPOT = (latency -
-TTFT) / (output tokens - 1); ITL = every gap between consecutive token chunks (pooled over all
-requests). Output tokens are the server's `usage.completion_tokens` when it sends usage, else the
-number of token chunks. Greedy sampling (temperature 0). The streams go through
-tools/sse_client.py (its docstring says why not httpx); httpx reads the rest.
+Definitions (per request): TTFT = first streamed token chunk - request sent; latency = last token
+chunk - request sent (as vLLM's: the usage chunk and [DONE] after it do not count); TPOT =
+(latency - TTFT) / (output tokens - 1); ITL = every gap between consecutive token chunks
+(pooled over all requests). Output tokens are the server's `usage.completion_tokens` when it
+sends usage, else the number of token chunks. Greedy sampling (temperature 0). The streams go
+through tools/sse_client.py (its docstring says why not httpx); httpx reads the rest.
 """
 
 from __future__ import annotations
@@ -53,7 +54,7 @@ class RequestResult:
     expected_output_len: int
     start: float  # perf_counter when the request was sent
     chunk_times: list[float] = field(default_factory=list)  # arrival of each token chunk
-    end: float = 0.0  # when the stream finished
+    end: float = 0.0  # when the stream finished (after its usage chunk and [DONE])
     output_len: int = 0  # tokens the server reports it generated
     error: str | None = None
     call_id: str | None = None  # the server's id of the call (`id` of its chunks)
@@ -80,8 +81,11 @@ def compute_metrics(results: list[RequestResult], duration_s: float) -> dict:
     """Serving figures from per-request timestamps (seconds); latencies come back in ms."""
     ok = [r for r in results if r.success]
     ttfts = [r.chunk_times[0] - r.start for r in ok]
-    latencies = [r.end - r.start for r in ok]
-    tpots = [(r.end - r.chunk_times[0]) / (r.output_len - 1) for r in ok if r.output_len > 1]
+    # vLLM's latency ends at the last token chunk, not at the stream's end (its usage chunk and
+    # [DONE] come after): TPOT = (latency - TTFT) / (output tokens - 1)
+    latencies = [r.chunk_times[-1] - r.start for r in ok]
+    tpots = [(r.chunk_times[-1] - r.chunk_times[0]) / (r.output_len - 1)
+             for r in ok if r.output_len > 1]
     itls = [b - a for r in ok for a, b in zip(r.chunk_times[:-1], r.chunk_times[1:], strict=True)]
     output_tokens = sum(r.output_len for r in ok)
     prompt_tokens = sum(r.prompt_len for r in ok)
