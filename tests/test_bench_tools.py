@@ -488,6 +488,32 @@ def test_bench_serving_counts_a_stream_that_fails_midway_as_failed():
     assert m["output_tokens"] == 3
 
 
+def test_bench_serving_warms_up_first_and_salts_the_warm_up_apart():
+    """As bench_throughput (W1 offline) and vLLM's benchmark (its test prompt), the command runs
+    a warm-up before the clock: W1-HTTP's share of W1 compares two warmed runs. The warm-up is
+    not counted, and its blocks are salted apart from the measured prompts'."""
+    pytest.importorskip("httpx")
+    seen, connections = [], []
+
+    async def main():  # the command in a thread of its own (it runs its own event loop)
+        server = await _canned_sse_server(seen, connections)
+        url = f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}"
+        async with server:
+            return await asyncio.to_thread(bench_serving.main, [
+                "--base-url", url, "--model", "tiny", "--num-prompts", "3", "--scale", "0.03",
+                "--json"])
+
+    m = asyncio.run(main())
+    prompts, outs = scale_requests(*w1_requests(3), 0.03)
+    assert m["completed"] == 3 and m["output_tokens"] == sum(outs)
+    bodies = [b for _, _, b in seen]
+    warm, measured = bodies[:-3], bodies[-3:]
+    assert warm, "no warm-up before the measured requests"
+    assert sorted(b["prompt"] for b in measured) == sorted(prompts)
+    assert all(b.get("cache_salt") for b in warm)
+    assert all(b.get("cache_salt") != warm[0]["cache_salt"] for b in measured)
+
+
 def test_bench_latency_counts_tokens_not_steps(monkeypatch):
     """A step that brings several tokens (verified drafts) counts each: TPOT per token."""
     from types import SimpleNamespace

@@ -2,9 +2,10 @@
 
 Requests follow W1's distribution (tools/workloads.py): prompt token ids and forced output lengths,
 sent to /v1/completions with `stream: true`, `ignore_eos: true` and `max_tokens = O[i]`, arriving
-as a Poisson process at `--request-rate` requests/s (`inf`: all at once). Figures, as in vLLM's
-serving benchmark: TTFT, TPOT (excluding the first token), ITL and end-to-end latency as mean /
-median / p99 in ms, request throughput, output tok/s and total tok/s.
+as a Poisson process at `--request-rate` requests/s (`inf`: all at once), after a warm-up of
+`--num-warmups` (2) short requests, salted apart in the prefix cache and not counted. Figures,
+as in vLLM's serving benchmark: TTFT, TPOT (excluding the first token), ITL and end-to-end
+latency as mean / median / p99 in ms, request throughput, output tok/s and total tok/s.
 
 Usage:
     pagedserve serve qwen3-0.6b --load-format dummy &            # in another shell
@@ -188,13 +189,16 @@ async def run_benchmark(base_url: str, model: str | None, prompts: list[list[int
                         output_lens: list[int], request_rate: float, seed: int = 0,
                         timeout_s: float = 3600.0, transport=None, dashboard_clients: int = 0,
                         api_key: str | None = None, stages: bool = False,
-                        cache_salt: str | None = None) -> dict:
+                        cache_salt: str | None = None, warmup: int = 0) -> dict:
     """`transport`: an httpx transport to use instead of the network for everything but the
     generation requests, which go through tools/sse_client.py (tests).
     `dashboard_clients`: dashboard feeds held open (and read) while the requests run.
     `stages`: add where the first tokens waited (tools/ttft_stages.py) as "stages".
     `cache_salt`: sent with every request, so that none hits blocks an earlier run on the same
-    server left in its prefix cache (W2 after W1-HTTP sends the same prompts)."""
+    server left in its prefix cache (W2 after W1-HTTP sends the same prompts).
+    `warmup`: requests sent (and awaited) before the clock starts, not counted: the first
+    `warmup` prompts cut to 16 tokens, 4 output tokens each, under a cache_salt of their own
+    (so that the measured requests find none of their blocks)."""
     import httpx  # the test extra; only this tool needs it
 
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
@@ -205,6 +209,12 @@ async def run_benchmark(base_url: str, model: str | None, prompts: list[list[int
         if model is None:
             listing = (await client.get("/v1/models")).raise_for_status().json()
             model = listing["data"][0]["id"]
+        if warmup:
+            salt = f"warmup-{cache_salt}" if cache_salt else "warmup"
+            await asyncio.gather(*(
+                send_request(streams, "/v1/completions", model, prompt[:16], 4,
+                             time.perf_counter(), timeout_s, salt)
+                for prompt in prompts[:warmup]))
         snapshots, dash_errors = [0] * dashboard_clients, []
         viewers = [asyncio.create_task(watch_dashboard(client, snapshots, i, dash_errors))
                    for i in range(dashboard_clients)]
@@ -322,6 +332,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0, help="seed of W1 and of the arrival process")
     ap.add_argument("--timeout", type=float, default=3600.0, help="per-request timeout (s)")
     ap.add_argument("--api-key", default=None, help="sent as a Bearer token")
+    ap.add_argument("--num-warmups", type=int, default=2,
+                    help="short requests sent before the clock starts (as bench_throughput's "
+                         "warm-up and vLLM's test prompt), not counted; 0: none")
     ap.add_argument("--cache-salt", default=None,
                     help="cache_salt of every request: no prefix-cache hits on an earlier run's "
                          "prompts (the same W1 draw) on the same server")
@@ -351,7 +364,8 @@ def main(argv: list[str] | None = None) -> dict:
                                         args.request_rate, args.seed, args.timeout,
                                         dashboard_clients=args.dashboard_clients,
                                         api_key=args.api_key, stages=args.stages,
-                                        cache_salt=args.cache_salt))
+                                        cache_salt=args.cache_salt,
+                                        warmup=args.num_warmups))
     print(json.dumps(metrics) if args.json else format_report(metrics))
     return metrics
 
