@@ -306,3 +306,55 @@ def test_key_asked_once_then_a_trace_replays_step_by_step(browser):
     finally:
         browser.close()
         server.stop()
+
+
+class CountingEngine:
+    """No blocks in use, but every snapshot comes after one more engine step that generated 8
+    tokens, 0.1 s later than the one before: the page's tok/s is 80 at every update."""
+
+    def __init__(self):
+        self.bm = BlockManager(64, 4)
+        self.intro = Introspector(self.bm)
+        self.steps = 0
+
+    async def snapshot(self, since):
+        self.steps += 1
+        stats = {"num_steps": self.steps, "generation_tokens_total": 8 * self.steps,
+                 "prompt_tokens_total": 0, "prefix_cache_queries": 0, "prefix_cache_hits": 0,
+                 "num_preemptions": 0, "num_running": 1, "busy_s": 0.01 * self.steps,
+                 "kv_blocks_used": 0}
+        snap = self.intro.snapshot([], [], stats, since)
+        snap["t"] = 1000.0 + 0.1 * self.steps
+        return snap
+
+
+def test_the_feed_renewing_itself_puts_no_zero_in_the_rates(browser, monkeypatch):
+    """Every MAX_STREAM_S the page reconnects and the feed first resends what the page already
+    has, as a keyframe: no step and no time between it and the page's last update. It had made
+    an update of 0 tok/s, no step time ("–") and 0 tokens per step every 15 s, in the tiles and
+    as a dip in both charts."""
+    import server.dashboard
+
+    monkeypatch.setattr(server.dashboard, "MAX_STREAM_S", 0.4)
+    engine = CountingEngine()
+    app = Starlette(routes=dashboard_routes())
+    app.state.dashboard = DashboardFeed(engine.snapshot, updates_per_s=20)
+    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
+    server = uvicorn.Server(config)
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    while not server.started:
+        time.sleep(0.01)
+    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    try:
+        browser.open(url + "/dashboard", "window.dashboard().version > 0")
+        time.sleep(2.5)  # several renewals
+        rates = browser.eval("history.map((e) => [e.tokS, e.decode, e.stepMs])")
+        assert len(rates) >= 10
+        bad = [r for r in rates if r[2] is None or abs(r[0] - 80) > 1e-3 or r[1] != 8
+               or abs(r[2] - 10) > 1e-3]
+        assert not bad, (bad, len(rates))
+    finally:
+        browser.close()
+        server.should_exit = True
+        thread.join(10)
