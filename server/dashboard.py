@@ -72,7 +72,8 @@ class DashboardFeed:
 
     async def _poll(self) -> None:
         loop = asyncio.get_running_loop()
-        while self._viewers:
+        # closed: no more updates, which could drain a backlogged viewer's end marker away
+        while self._viewers and not self._closed:
             start = loop.time()
             try:
                 snap = await asyncio.wait_for(self._snapshot(self.state.version or None), 5.0)
@@ -83,6 +84,8 @@ class DashboardFeed:
                 log.exception("the dashboard snapshot failed")
                 await asyncio.sleep(1.0)
                 continue
+            if self._closed:
+                return
             try:
                 self.state.apply(snap)
             except ValueError:  # a delta this state cannot take: start again from a keyframe

@@ -259,3 +259,29 @@ def test_trace_refuses_an_explicit_default_and_takes_its_own_value(tmp_path, cap
         assert status == 2 and "--block-size 16" in err, err
     else:
         assert status == 1 and "the model loaded" in err, err
+
+
+def test_a_viewer_behind_still_gets_the_end_when_the_server_stops():
+    """A viewer MAX_BACKLOG updates behind has its queue emptied for a keyframe: the end marker
+    close() put there went with it, and the stream ran on until MAX_STREAM_S (uvicorn's drain
+    waited on it) instead of ending when the server stops."""
+    import server.dashboard as dashboard
+
+    async def snapshot(since):
+        return {"v": (since or 0) + 1, "kind": "delta" if since else "key", "t": 0.0,
+                "num_blocks": 0, "block_size": 4, "tables": [], "drop": [], "keyed": [],
+                "unkeyed": [], "names": [], "rows": [], "num_waiting": 0, "done": [],
+                "stats": {}}
+
+    async def main():
+        feed = DashboardFeed(snapshot, updates_per_s=1000)
+        behind = feed.subscribe()
+        while behind.qsize() < dashboard.MAX_BACKLOG:  # a viewer that reads nothing
+            await asyncio.sleep(0.001)
+        feed.close()
+        await asyncio.sleep(0.05)  # the feed polls on
+        got = [behind.get_nowait() for _ in range(behind.qsize())]
+        feed.unsubscribe(behind)
+        return got
+
+    assert None in asyncio.run(main())
