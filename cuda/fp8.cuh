@@ -24,6 +24,8 @@ __device__ __forceinline__ unsigned char encode_e4m3(float v) {
 }
 
 __device__ __forceinline__ float decode_e4m3(unsigned c) {
+  // S.1111.111 is NaN (the twin's DECODE, sm_89's cvt), not 480: a NaN activation stays NaN
+  if ((c & 0x7Fu) == 0x7Fu) return __uint_as_float(0x7FFFFFFFu);
   const unsigned e = (c >> 3) & 15u, m = c & 7u;
   const float v = e == 0 ? m * (1.f / 512.f) : __uint_as_float(((e + 120u) << 23) | (m << 20));
   return (c & 0x80u) ? -v : v;
