@@ -279,6 +279,18 @@ def test_a_group_dropped_without_close_takes_its_workers_with_it():
     assert all(p.poll() is not None for p in procs)
 
 
+def test_workers_import_rank_0s_engine_not_one_in_the_working_directory(tmp_path, monkeypatch,
+                                                                        tp1_outputs):
+    """`engine` is a generic name: a user's own `engine` package in the directory pagedserve
+    starts from must not stand in for it in the spawned ranks (`python -c` puts that directory
+    first on their sys.path), as it does not in rank 0."""
+    (tmp_path / "engine").mkdir()
+    (tmp_path / "engine" / "__init__.py").write_text('raise ImportError("not pagedserve")\n')
+    monkeypatch.chdir(tmp_path)
+    with _llm(2) as llm:
+        _assert_same(_generate(llm), tp1_outputs[0])
+
+
 def test_a_rank_started_by_hand_joins_through_the_master_address(monkeypatch, tp1_outputs):
     """The several-hosts path on one host: rank 1 is `pagedserve worker`, not spawned."""
     port = free_port()

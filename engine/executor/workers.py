@@ -49,6 +49,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import zmq
 from zmq.utils.monitor import recv_monitor_message
@@ -378,8 +379,13 @@ class WorkerGroup:
 
 def _spawn_worker(rank: int, gpu: int, addr: str, port: int, secret: bytes) -> subprocess.Popen:
     """A local rank: this Python, this environment (NCCL_* included, untouched), and the
-    group's secret."""
-    code = "import sys; from engine.executor.worker import worker_main; sys.exit(worker_main())"
+    group's secret. It imports the `engine` this process runs, and finds other modules as this
+    process does (multiprocessing's spawn hands its children sys.path too): `python -c` alone
+    would put the working directory first, where a package of the same generic name (a user's
+    own `engine/`, another checkout) would stand in for ours."""
+    path = [str(Path(__file__).resolve().parents[2]), *sys.path]  # [2]: the folder above engine/
+    code = (f"import sys; sys.path[:] = {path!r}; "
+            "from engine.executor.worker import worker_main; sys.exit(worker_main())")
     args = [sys.executable, "-c", code, "--rank", str(rank), "--master-addr", addr,
             "--master-port", str(port), "--gpu", str(gpu), "--parent-pid", str(os.getpid())]
     if threading.current_thread() is not threading.main_thread():
