@@ -37,6 +37,45 @@ def test_wheel_ships_the_cuda_sources(tmp_path):
     assert any(n.endswith("entry_points.txt") for n in names)
 
 
+def test_an_installed_wheel_finds_every_file_the_code_reads(tmp_path):
+    """Unpacked as pip installs it and imported from outside the checkout, the wheel holds every
+    non-Python file of the packages, and the folders the code computes (cuda_kernels.cuda_dir,
+    config.PRESETS_DIR, dashboard.STATIC) point into it and hold what the checkout holds."""
+    builder_mod = pytest.importorskip("hatchling.builders.wheel")
+    wheel = next(iter(builder_mod.WheelBuilder(str(ROOT)).build(directory=str(tmp_path / "dist"),
+                                                                versions=["standard"])))
+    site = tmp_path / "site"
+    zipfile.ZipFile(wheel).extractall(site)
+    data = {p.relative_to(ROOT).as_posix() for pkg in ("engine", "server")
+            for p in (ROOT / pkg).rglob("*")
+            if p.is_file() and p.suffix not in (".py", ".pyc") and "__pycache__" not in p.parts}
+    missing = sorted(d for d in data if not (site / d).is_file())
+    assert not missing, f"the wheel lacks {missing}"
+    code = (
+        "import json, sys\n"
+        f"sys.path.insert(0, {str(site)!r})\n"
+        "from engine.executor.ops.cuda_kernels import cuda_dir\n"
+        "from engine.model.config import PRESETS_DIR\n"
+        "from server.dashboard import STATIC\n"
+        "dirs = {'cuda': cuda_dir(), 'presets': PRESETS_DIR, 'static': STATIC}\n"
+        "print(json.dumps({k: [str(v), sorted(str(p.relative_to(v)) for p in v.rglob('*')\n"
+        "                                     if p.is_file())] for k, v in dirs.items()}))\n"
+    )
+    import json
+
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True,
+                         text=True)
+    assert out.returncode == 0, out.stderr
+    found = json.loads(out.stdout)
+    for key, source in (("cuda", ROOT / "cuda"), ("presets", ROOT / "engine/model/presets"),
+                        ("static", ROOT / "server/static")):
+        at, files = found[key]
+        assert Path(at).is_relative_to(site), (key, at)
+        want = sorted(str(p.relative_to(source)) for p in source.rglob("*")
+                      if p.is_file() and "__pycache__" not in p.parts)
+        assert want and set(want) <= set(files), key
+
+
 # DESIGN.md's floors: a module may import its own floor and the floors below it, never above.
 FLOORS = ["engine.core", "engine.model", "engine.executor", "engine"]
 # Third-party packages each floor may use besides the standard library.
