@@ -165,12 +165,19 @@ class LLMEngine:
 
 def encode_prompt(tokenizer, prompt) -> tuple[str | None, list[int]]:
     """(text, token ids) of a prompt given as text, as {"prompt_token_ids": [...]} or as vLLM's
-    TextPrompt {"prompt": text}; the core checks the ids against the vocabulary."""
+    TextPrompt {"prompt": text}; the core checks the ids against the vocabulary. Any other field
+    of vLLM's prompt dicts (multi_modal_data, cache_salt, ...) is a ValueError naming it."""
     if isinstance(prompt, str):
         if tokenizer is None:
             raise ValueError("prompt is text but the model has no tokenizer; "
                              "pass {'prompt_token_ids': [...]}")
         return prompt, [int(t) for t in tokenizer.encode(prompt)]
+    if isinstance(prompt, dict):
+        extra = [k for k in prompt if k not in ("prompt", "prompt_token_ids")]
+        if extra:  # vLLM's multi_modal_data, cache_salt, ...: refused, never run without
+            raise ValueError(f"prompt field(s) {extra} not supported: a prompt dict takes "
+                             "'prompt' and 'prompt_token_ids' only (cache_salt: "
+                             "SamplingParams.cache_salt)")
     if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
         ids = prompt["prompt_token_ids"]
         if not isinstance(ids, (list, tuple, np.ndarray)):

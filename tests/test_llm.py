@@ -311,3 +311,21 @@ def test_generate_waits_for_its_own_requests_not_the_engines_others(make_engine)
                         use_tqdm=False)
     assert outs[0].finished and len(outs[0].outputs[0].token_ids) == 5
     assert not llm.engine.has_unfinished_requests()
+
+
+def test_prompt_dict_fields_this_engine_does_not_run_are_refused_by_name(make_engine):
+    """vLLM's prompt dicts carry more than the prompt (multi_modal_data, mm_processor_kwargs,
+    cache_salt, ...): each was dropped without a word, the request run on the text alone. A
+    ValueError names the field instead, and nothing is queued."""
+    llm = LLM.from_engine(make_engine(text=True))
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    for extra in ({"multi_modal_data": {"image": object()}}, {"mm_processor_kwargs": {}},
+                  {"cache_salt": "tenant-a"}, {"lora_request": None}):
+        (name,) = extra
+        for prompt in ({"prompt": "Hi", **extra}, {"prompt_token_ids": [5, 6], **extra}):
+            with pytest.raises(ValueError, match=name):
+                llm.generate([prompt], params, use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+    # the two fields it takes, together too (the text is the output's prompt)
+    [out] = llm.generate({"prompt_token_ids": [5, 6], "prompt": "xy"}, params, use_tqdm=False)
+    assert out.prompt == "xy" and out.prompt_token_ids == [5, 6]
