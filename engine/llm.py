@@ -164,6 +164,10 @@ class LLM:
         reserved = sorted(set(options) & _RESERVED_TEMPLATE_KWARGS)
         if reserved:
             raise ValueError(f"chat_template_kwargs may not set {reserved}")
+        if options["add_generation_prompt"] and options["continue_final_message"]:
+            # as vLLM's (transformers' apply_chat_template) and the server's 400
+            raise ValueError("Cannot set both `continue_final_message` and "
+                             "`add_generation_prompt` to True.")
         prompts = []
         for conversation in conversations:
             conversation = _chat_messages(conversation)

@@ -329,3 +329,23 @@ def test_prompt_dict_fields_this_engine_does_not_run_are_refused_by_name(make_en
     # the two fields it takes, together too (the text is the output's prompt)
     [out] = llm.generate({"prompt_token_ids": [5, 6], "prompt": "xy"}, params, use_tqdm=False)
     assert out.prompt == "xy" and out.prompt_token_ids == [5, 6]
+
+
+def test_chat_refuses_continue_final_message_with_add_generation_prompt_as_vllm(make_engine):
+    """continue_final_message=True with add_generation_prompt left at its default True: vLLM (and
+    transformers' apply_chat_template) raise ValueError, as the server's 400 does; LLM.chat
+    rendered the open final message and dropped add_generation_prompt without a word."""
+    llm = LLM.from_engine(make_engine(text=True))
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    conv = [{"role": "user", "content": "Hi!"}, {"role": "assistant", "content": "Sure, "}]
+    with pytest.raises(ValueError, match="continue_final_message.*add_generation_prompt"):
+        llm.chat(conv, params, use_tqdm=False, continue_final_message=True)
+    with pytest.raises(ValueError, match="continue_final_message.*add_generation_prompt"):
+        llm.chat(conv, params, use_tqdm=False,
+                 chat_template_kwargs={"continue_final_message": True})
+    assert not llm.engine.has_unfinished_requests()
+    # either one alone, or both through chat_template_kwargs' override, renders
+    llm.chat(conv, params, use_tqdm=False, continue_final_message=True,
+             chat_template_kwargs={"add_generation_prompt": False})
+    llm.chat(conv, params, use_tqdm=False, add_generation_prompt=False,
+             continue_final_message=True)
