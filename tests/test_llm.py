@@ -349,3 +349,26 @@ def test_chat_refuses_continue_final_message_with_add_generation_prompt_as_vllm(
              chat_template_kwargs={"add_generation_prompt": False})
     llm.chat(conv, params, use_tqdm=False, add_generation_prompt=False,
              continue_final_message=True)
+
+
+def test_stop_set_on_params_after_construction_is_the_one_used(make_engine):
+    """vLLM's examples take llm.get_default_sampling_params() and set its fields; `stop` set so
+    was never searched for (the list read at construction was), the text ran on to max_tokens."""
+    llm = LLM.from_engine(make_engine(text=True))
+    base = dict(temperature=0, max_tokens=8, ignore_eos=True)
+    [full] = llm.generate("Hello there", SamplingParams(**base), use_tqdm=False)
+    text = full.outputs[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    want = llm.generate("Hello there", SamplingParams(**base, stop=[stop]), use_tqdm=False)
+    assert want[0].outputs[0].stop_reason == stop
+    for later in ([stop], stop):
+        params = llm.get_default_sampling_params()
+        for name, value in base.items():
+            setattr(params, name, value)
+        params.stop = later
+        [out] = llm.generate("Hello there", params, use_tqdm=False)
+        assert (out.outputs[0].finish_reason, out.outputs[0].stop_reason) == ("stop", stop)
+        assert out.outputs[0].text == want[0].outputs[0].text
+        params.stop = None  # and taken off again
+        [out] = llm.generate("Hello there", params, use_tqdm=False)
+        assert out.outputs[0].text == text

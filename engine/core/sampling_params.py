@@ -179,7 +179,6 @@ class SamplingParams:
     # vLLM's cache_salt: the prefix cache shares blocks only between requests of the same salt
     # (a tenant's own), none between salted and unsalted ones
     cache_salt: str | None = None
-    stop_list: list[str] = field(init=False, repr=False)
     # Beam search: the top logprobs a beam's row needs, 2 x width plus the stop ids min_tokens
     # holds back (the engine core sets it: it knows the eos ids)
     beam_candidates: int = field(default=0, init=False, repr=False)
@@ -188,10 +187,6 @@ class SamplingParams:
         if self.stop is not None and not isinstance(self.stop, (str, list, tuple)):
             raise ParamError("stop", f"stop must be a string or a list of strings, got "
                                      f"{reprlib.repr(self.stop)}")
-        if isinstance(self.stop, str):
-            self.stop_list = [self.stop]
-        else:
-            self.stop_list = list(self.stop or [])
         if self.top_k == -1:
             self.top_k = 0
         for name in COUNT_LIMITS:
@@ -332,6 +327,16 @@ class SamplingParams:
             if not -100 <= value <= 100:  # also refuses NaN
                 raise ParamError("logit_bias",
                                  f"logit_bias[{token_id}] must be in [-100, 100], got {value}")
+
+    @property
+    def stop_list(self) -> list[str] | tuple[str, ...]:
+        """`stop` as a sequence of strings (one string is a list of it). Read from `stop` each
+        time: a stop set after construction (vLLM's get_default_sampling_params(), then its
+        fields set) is the one searched for."""
+        stop = self.stop
+        if stop is None:
+            return ()
+        return [stop] if isinstance(stop, str) else stop
 
     @property
     def beam_width(self) -> int:
