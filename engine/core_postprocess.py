@@ -75,9 +75,16 @@ class Postprocessor:
                 continue
             verdict = ACCEPTED if verdicts is None else verdicts[i]
             if verdict is not ACCEPTED and verdict is not ENDED:
-                self.requests.fail(seq.request_id,
-                                   f"the grammar refused token {tokens[first]}: {verdict}",
-                                   outputs)
+                allowed = seq.sampling_params.allowed_token_ids
+                if allowed is not None and tokens[first] not in allowed:
+                    # Only an all-masked row yields a token outside them: the grammar's next
+                    # tokens and these had none in common (found on arrival for the first).
+                    cause = (f"no token was left to sample after {seq.num_output_tokens} "
+                             "output tokens: none of allowed_token_ids is one that "
+                             "structured_outputs allows next")
+                else:
+                    cause = f"the grammar refused token {tokens[first]}: {verdict}"
+                self.requests.fail(seq.request_id, cause, outputs)
                 continue
             try:
                 if req.beam is not None:  # beams never speculate: k == 0

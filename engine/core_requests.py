@@ -84,7 +84,8 @@ class RequestTable:
         if params.structured_outputs is not None:
             # Compiled on the pool (a cache hit is ready at once); the sequences wait in the
             # queue meanwhile, and step() hands them their matchers.
-            grammar = grammar_compiler().submit(params.structured_outputs)
+            grammar = grammar_compiler().submit(params.structured_outputs,
+                                                 params.allowed_token_ids)
         seqs = []
         for i in range(1 if params.use_beam_search else params.n):  # beams fork as they go
             if params.seed is not None:

@@ -24,7 +24,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
-from engine.core.sampling_params import StructuredOutputsParams
+from engine.core.sampling_params import ParamError, StructuredOutputsParams
 
 ACCEPTED, ENDED = object(), object()  # GrammarCompiler.advance's verdicts besides an error text
 
@@ -119,9 +119,24 @@ class GrammarCompiler:
 
     # ------------------------------------------------------------------ compiling
 
-    def check(self, so: StructuredOutputsParams):
+    def check(self, so: StructuredOutputsParams, allowed_token_ids: list[int] | None = None):
         """The compiled matcher for `so` (at its start: copy it before use); ValueError naming the
-        field and llguidance's reason when it does not compile."""
+        field and llguidance's reason when it does not compile. With `allowed_token_ids` (a
+        request's), a ParamError naming that field when none of them may start the output."""
+        matcher = self._compiled(so)
+        if allowed_token_ids is not None:
+            # The row's mask is the grammar's and these ids' together: with none in common every
+            # logit is -inf, the sampler's pick is arbitrary and the grammar refuses it.
+            words = np.frombuffer(matcher.deep_copy().compute_bitmask(), np.uint32)
+            ids = np.asarray(allowed_token_ids, np.int64)
+            ids = ids[ids < 32 * len(words)]
+            if not ((words[ids // 32] >> (ids % 32).astype(np.uint32)) & 1).any():
+                raise ParamError("allowed_token_ids", "none of allowed_token_ids may begin an "
+                                 f"output that structured_outputs.{so.kind} allows: no token "
+                                 "would be left to sample")
+        return matcher
+
+    def _compiled(self, so: StructuredOutputsParams):
         import llguidance
 
         text = grammar_of(so)
@@ -157,9 +172,11 @@ class GrammarCompiler:
                 self._cache.popitem(last=False)
         return matcher
 
-    def submit(self, so: StructuredOutputsParams) -> Future:
-        """check(so) on the pool: a Future of the compiled matcher (or of the ValueError)."""
-        return self._pool.submit(self.check, so)
+    def submit(self, so: StructuredOutputsParams,
+               allowed_token_ids: list[int] | None = None) -> Future:
+        """check(so, allowed_token_ids) on the pool: a Future of the compiled matcher (or of the
+        ValueError)."""
+        return self._pool.submit(self.check, so, allowed_token_ids)
 
     def shutdown(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)

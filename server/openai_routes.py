@@ -210,7 +210,7 @@ async def _constrain(request: Request, engine, params, so, field: str | None,
         return
     if params.use_beam_search:  # SamplingParams' rule: the field is set after it checked
         raise bad_request(field, f"'{field}' is not supported with use_beam_search")
-    await check_compiles(engine, so, field)
+    await check_compiles(engine, so, field, params.allowed_token_ids)
     params.structured_outputs = so  # counted in the metrics once the engine accepts it
 
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 
-from engine.core.sampling_params import StructuredOutputsParams
+from engine.core.sampling_params import ParamError, StructuredOutputsParams
 from server.protocol import bad_request, get_field
 
 # vLLM's former structured-output fields (replaced by `structured_outputs`): refused by name,
@@ -59,12 +59,16 @@ def parse_structured_outputs(body: dict) -> tuple[StructuredOutputsParams | None
                                          f"or 'json_schema', got {kind!r}")
 
 
-async def check_compiles(engine, so: StructuredOutputsParams, field: str) -> None:
+async def check_compiles(engine, so: StructuredOutputsParams, field: str,
+                         allowed_token_ids: list[int] | None = None) -> None:
     """Compile `so` on a worker thread (the event loop never waits on llguidance); a grammar that
-    does not compile is a 400 naming `field`. The compiled grammar stays in the engine's cache."""
+    does not compile is a 400 naming `field`, and `allowed_token_ids` none of which may begin
+    the output one naming that field. The compiled grammar stays in the engine's cache."""
     if engine.grammars is None:
         raise bad_request(field, f"'{field}' needs the model's tokenizer, and this model has none")
     try:
-        await asyncio.to_thread(engine.grammars.check, so)
+        await asyncio.to_thread(engine.grammars.check, so, allowed_token_ids)
+    except ParamError as e:
+        raise bad_request(e.field, f"'{e.field}' and '{field}': {e}") from None
     except ValueError as e:
         raise bad_request(field, f"'{field}': {e}") from None

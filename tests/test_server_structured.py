@@ -179,6 +179,32 @@ def test_a_grammar_that_matches_nothing_is_a_400_naming_the_field(server, so, st
     assert r.status_code == 400 and r.json()["error"]["param"] == "response_format", r.text
 
 
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("path,body,param", [
+    ("/v1/chat/completions", {"structured_outputs": {"choice": ["yes", "no"]}},
+     "structured_outputs"),
+    ("/v1/completions", {"structured_outputs": {"regex": "[0-9]+"}}, "structured_outputs"),
+    ("/v1/chat/completions", {"response_format": {"type": "json_object"}}, "response_format"),
+])
+def test_allowed_token_ids_no_grammar_token_is_a_400_naming_them(server, path, body, param,
+                                                                   stream):
+    """allowed_token_ids none of which the grammar allows first: every logit -inf, the grammar
+    refused the sampler's arbitrary pick, and the request was a 500 carrying llguidance's state
+    dump. The server stays healthy, and ids in common with the grammar's still run."""
+    prompt = {"messages": CHAT} if "chat" in path else {"prompt": "Answer:"}
+    r = httpx.post(server.url + path, timeout=60, json={
+        "model": MODEL, "max_tokens": 4, "stream": stream, "allowed_token_ids": [5], **prompt,
+        **body})
+    assert r.status_code == 400, r.text[:300]
+    assert r.json()["error"]["param"] == "allowed_token_ids", r.text[:300]
+    assert param in r.json()["error"]["message"]
+    assert httpx.get(server.url + "/health").status_code == 200
+    ok = httpx.post(server.url + path, timeout=60, json={
+        "model": MODEL, "max_tokens": 4, "allowed_token_ids": list(range(2000)), **prompt,
+        **body})
+    assert ok.status_code == 200, ok.text[:300]
+
+
 def test_auto_tool_calls_are_parsed_from_hermes_and_llama_forms():
     parser = ToolCallParser("auto", ["get_weather", "get_time"])
     text = ('Let me look. <tool_call>\n{"name": "get_weather", "arguments": {"city": "Rome", '

@@ -185,7 +185,7 @@ def test_a_request_waits_for_its_grammar_while_others_run(engine):
     so = StructuredOutputsParams(choice=["yes", "no"])
     compiled = grammars.check(so)
     pending: list[Future] = []
-    grammars.submit = lambda _so: pending.append(Future()) or pending[-1]
+    grammars.submit = lambda _so, _allowed: pending.append(Future()) or pending[-1]
     engine.add_request("constrained", "Answer:", SamplingParams(structured_outputs=so, seed=1))
     engine.add_request("aborted", "Answer:", SamplingParams(structured_outputs=so))
     engine.add_request("free", "Answer:", SamplingParams(max_tokens=3, ignore_eos=True))
@@ -204,7 +204,7 @@ def test_a_request_waits_for_its_grammar_while_others_run(engine):
     # A grammar that fails in the core (the front had not checked it) ends its request "error".
     failed = Future()
     failed.set_exception(ValueError("structured_outputs.regex does not compile: bad"))
-    grammars.submit = lambda _so: failed
+    grammars.submit = lambda _so, _allowed: failed
     engine.core.add_request(EngineCoreRequest("core-only", [5, 6], SamplingParams(
         structured_outputs=so), 0.0))
     [out] = engine.core.step()
@@ -266,3 +266,26 @@ def test_min_tokens_past_a_finished_grammar_ends_on_eos(engine):
     assert c.finish_reason == "stop" and c.text in ("yes", "no")
     assert c.token_ids[-1] == 2  # SmolLM2's eos, <|im_end|>
     assert c.logprobs[-1][2] == -np.inf
+
+
+def test_allowed_token_ids_the_grammar_never_allows_end_the_request_with_their_cause(engine):
+    """allowed_token_ids and a grammar with no token in common leave the row all -inf: the
+    sampler's pick was arbitrary, the grammar refused it, and the request failed with the
+    matcher's state dump as its cause. None may begin the output: the request is refused by
+    name before it runs. None may go on after a first token: it fails there, saying why."""
+    a = engine.tokenizer.encode("a", add_special_tokens=False)
+    assert len(a) == 1
+    so = StructuredOutputsParams(regex="[0-9]+")
+    with pytest.raises(ValueError, match="allowed_token_ids") as e:
+        engine.core.grammars.check(so, a)
+    assert e.value.field == "allowed_token_ids"
+    engine.core.grammars.check(so, a + engine.tokenizer.encode("7", add_special_tokens=False))
+    [c] = _sample(engine, so, n=1, max_tokens=4, allowed_token_ids=a)
+    assert c.finish_reason == "error" and "allowed_token_ids" in c.error, c.error
+    [c] = _sample(engine, StructuredOutputsParams(regex="a[0-9]"), n=1, max_tokens=4,
+                  allowed_token_ids=a)
+    assert c.finish_reason == "error" and c.token_ids == a, (c.token_ids, c.error)
+    assert "no token was left to sample after 1 output tokens" in c.error, c.error
+    assert not engine.has_unfinished_requests() and engine.get_stats().kv_blocks_used == 0
+    [c] = _sample(engine, so, n=1, max_tokens=4, allowed_token_ids=list(range(1000)))
+    assert c.finish_reason != "error" and re.fullmatch("[0-9]+", c.text), c
