@@ -125,6 +125,13 @@ class RequestTable:
                 shown = bad if len(bad) <= 16 else f"{bad[:16]} (and {len(bad) - 16} more)"
                 raise ParamError(name, f"{name} has token id(s) {shown} out of vocabulary "
                                        f"(vocab_size {vocab})")
+        if params.min_tokens and params.allowed_token_ids is not None:
+            held = {*self.eos_token_ids, *params.stop_token_ids}  # what min_tokens masks
+            if held.issuperset(params.allowed_token_ids):
+                # Every logit -inf: the sampler's pick would be arbitrary (id 0), not allowed.
+                raise ParamError("allowed_token_ids", "allowed_token_ids are all eos or "
+                                 f"stop_token_ids, which min_tokens ({params.min_tokens}) holds "
+                                 "back: no token would be left to sample")
         cap = vocab if config.max_logprobs == -1 else config.max_logprobs
         top_k = None if params.logprob_token_ids else params.logprobs  # chosen ids: no top-k
         for name, k in (("logprobs", top_k), ("prompt_logprobs", params.prompt_logprobs)):

@@ -140,6 +140,22 @@ def test_out_of_vocabulary_ids_are_listed_sixteen_at_most(client):
     assert len(error["message"]) < 400
 
 
+def test_allowed_token_ids_that_min_tokens_holds_back_are_refused(client):
+    """min_tokens masks eos and stop_token_ids: allowed_token_ids all among them left no token
+    to sample, and the sampler's arbitrary id 0 (allowed by nothing) went out as output."""
+    for extra in ({"allowed_token_ids": [7], "stop_token_ids": [7, 8]},
+                  {"allowed_token_ids": [7, 8], "stop_token_ids": [8, 7], "ignore_eos": True}):
+        r = client.post("/v1/completions", json={"model": MODEL, "prompt": "a", "max_tokens": 3,
+                                                 "min_tokens": 2, **extra})
+        assert r.status_code == 400, r.text
+        error = r.json()["error"]
+        assert error["param"] == "allowed_token_ids" and "min_tokens" in error["message"], error
+    r = client.post("/v1/completions", json={
+        "model": MODEL, "prompt": "a", "max_tokens": 3, "min_tokens": 2, "temperature": 0,
+        "allowed_token_ids": [7, 9], "stop_token_ids": [7], "return_token_ids": True})
+    assert r.status_code == 200 and r.json()["choices"][0]["token_ids"][:2] == [9, 9], r.text
+
+
 def test_tokenize_renders_messages_as_chat_does(client):
     """/tokenize's count is chat's prompt_tokens for the same rendering options, and it checks
     the model as the other endpoints do."""
