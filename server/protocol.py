@@ -200,6 +200,7 @@ def parse_sampling_params(body: dict, *, chat: bool, defaults: dict | None = Non
                        ("presence_penalty", "number"), ("frequency_penalty", "number"),
                        ("repetition_penalty", "number"), ("min_tokens", "int"),
                        ("ignore_eos", "bool"), ("skip_special_tokens", "bool"),
+                       ("spaces_between_special_tokens", "bool"),
                        ("include_stop_str_in_output", "bool"), ("prompt_logprobs", "int"),
                        ("use_beam_search", "bool"), ("best_of", "int"),
                        ("length_penalty", "number"), ("early_stopping", "bool")):

@@ -13,6 +13,7 @@ pytest.importorskip("uvicorn")
 
 from test_server import MODEL, Server, _make_core, sdk_client  # noqa: E402
 
+from engine import SamplingParams  # noqa: E402
 from server.app import create_app  # noqa: E402
 from server.extras import chat_options  # noqa: E402
 from server.protocol import APIError  # noqa: E402
@@ -574,3 +575,21 @@ def test_prompt_logprobs_with_stream_is_refused(server, path, extra):
         ok = post(server, path, {**extra, "max_tokens": 2, "stream": True, "echo": True,
                                  "logprobs": 1})
         assert ok.status_code == 200 and '"token_logprobs"' in ok.text
+
+
+def test_spaces_between_special_tokens_is_read_not_ignored(server):
+    """vLLM's spaces_between_special_tokens was an unknown field, dropped whatever its value.
+    True (vLLM's default) is the tokenizer's own decoding, as vLLM's fast detokenizer writes it,
+    and so is False while special tokens are skipped; False with them kept is refused by name."""
+    body = {"prompt": PROMPT, "max_tokens": 2, "temperature": 0}
+    for extra, status in (({"spaces_between_special_tokens": True}, 200),
+                          ({"spaces_between_special_tokens": False}, 200),
+                          ({"spaces_between_special_tokens": False,
+                            "skip_special_tokens": False}, 400),
+                          ({"spaces_between_special_tokens": "no"}, 400)):
+        r = post(server, "/v1/completions", {**body, **extra})
+        assert r.status_code == status, (extra, r.text)
+        if status == 400:
+            assert r.json()["error"]["param"] == "spaces_between_special_tokens", r.text
+    with pytest.raises(ValueError, match="spaces_between_special_tokens"):
+        SamplingParams(spaces_between_special_tokens=False, skip_special_tokens=False)

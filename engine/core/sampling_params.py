@@ -167,6 +167,10 @@ class SamplingParams:
     # top-k logprobs per prompt token (scoring a text); -1: the whole vocabulary
     prompt_logprobs: int | None = None
     skip_special_tokens: bool = True
+    # vLLM's; the text is the fast tokenizer's decoding, whose added tokens are never spaced
+    # apart (vLLM's fast detokenizer writes the same with True): False is refused where it
+    # would matter, with skip_special_tokens False.
+    spaces_between_special_tokens: bool = True
     # Beam search: best_of (default n) beams, the n best returned; a beam's score is its
     # cumulative logprob / length ** length_penalty; early_stopping ends the search once
     # best_of beams are finished.
@@ -243,8 +247,11 @@ class SamplingParams:
             optional = name not in ("n", "top_k", "min_tokens")
             check(is_int(value) or (optional and value is None), name, "must be an integer")
         for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens",
-                     "use_beam_search", "early_stopping"):
+                     "spaces_between_special_tokens", "use_beam_search", "early_stopping"):
             check(isinstance(getattr(self, name), bool), name, "must be True or False")
+        check(self.spaces_between_special_tokens or self.skip_special_tokens,
+              "spaces_between_special_tokens", "False is not supported with "
+              "skip_special_tokens False (special tokens are decoded as the tokenizer joins them)")
 
         for name in ("temperature", "top_p", "min_p", "presence_penalty", "frequency_penalty",
                      "repetition_penalty", "length_penalty"):
