@@ -414,3 +414,22 @@ def app_client():
     yield make
     for client in clients:
         client.__exit__(None, None, None)
+
+
+def write_tiny_hf_folder(folder):
+    """An HF-style folder for --load-format dummy: a 2-layer config (vocab 49152, as the tiny
+    server core's) and the SmolLM2 tokenizer files."""
+    import json
+
+    folder.mkdir(exist_ok=True)
+    config = {"architectures": ["LlamaForCausalLM"], "vocab_size": 49152, "hidden_size": 64,
+              "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+              "num_key_value_heads": 2, "max_position_embeddings": 512,
+              "tie_word_embeddings": True, "eos_token_id": 2, "bos_token_id": 1}
+    (folder / "config.json").write_text(json.dumps(config))
+    tok = _smollm2_tokenizer()
+    tok.tokenizer.save(str(folder / "tokenizer.json"))
+    (folder / "tokenizer_config.json").write_text(json.dumps(
+        {"bos_token": tok.bos_token, "eos_token": tok.eos_token,
+         "chat_template": tok.chat_template}))
+    return folder

@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import _smollm2_tokenizer
+from conftest import write_tiny_hf_folder
 
 from server.cli import build_parser, main
 
@@ -26,18 +26,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def tiny_folder(tmp_path_factory):
     """An HF-style folder: a 2-layer config (vocab 49152) and the SmolLM2 tokenizer files, for
     --load-format dummy."""
-    folder = tmp_path_factory.mktemp("tiny-model")
-    config = {"architectures": ["LlamaForCausalLM"], "vocab_size": 49152, "hidden_size": 64,
-              "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "num_key_value_heads": 2, "max_position_embeddings": 512,
-              "tie_word_embeddings": True, "eos_token_id": 2, "bos_token_id": 1}
-    (folder / "config.json").write_text(json.dumps(config))
-    tok = _smollm2_tokenizer()
-    tok.tokenizer.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": tok.bos_token, "eos_token": tok.eos_token,
-         "chat_template": tok.chat_template}))
-    return folder
+    return write_tiny_hf_folder(tmp_path_factory.mktemp("tiny-model"))
 
 
 def _generate(folder, *extra):

@@ -248,19 +248,23 @@ class SyntheticEngine:
         return self.intro.snapshot(self.running, [], stats, since)
 
 
-def test_100k_blocks_and_256_sequences_keep_drawing(browser):
-    """The page keeps drawing a feed of 100k blocks and 256 sequences. The frame rate is printed
-    (a figure, not an assertion: on a shared CPU it measures the neighbours too); README has it."""
-    engine = SyntheticEngine()
+def _serve_feed(feed):
+    """(url, server, thread): the dashboard routes over `feed`, served by uvicorn on a thread."""
     app = Starlette(routes=dashboard_routes())
-    app.state.dashboard = DashboardFeed(engine.snapshot)
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
-    server = uvicorn.Server(config)
+    app.state.dashboard = feed
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     while not server.started:
         time.sleep(0.01)
-    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    return f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}", server, thread
+
+
+def test_100k_blocks_and_256_sequences_keep_drawing(browser):
+    """The page keeps drawing a feed of 100k blocks and 256 sequences. The frame rate is printed
+    (a figure, not an assertion: on a shared CPU it measures the neighbours too); README has it."""
+    engine = SyntheticEngine()
+    url, server, thread = _serve_feed(DashboardFeed(engine.snapshot))
     try:
         browser.open(url + "/dashboard", "window.dashboard().numBlocks === 100000")
         start = browser.dashboard()["version"]
@@ -337,15 +341,7 @@ def test_the_feed_renewing_itself_puts_no_zero_in_the_rates(browser, monkeypatch
 
     monkeypatch.setattr(server.dashboard, "MAX_STREAM_S", 0.4)
     engine = CountingEngine()
-    app = Starlette(routes=dashboard_routes())
-    app.state.dashboard = DashboardFeed(engine.snapshot, updates_per_s=20)
-    config = uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning")
-    server = uvicorn.Server(config)
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    while not server.started:
-        time.sleep(0.01)
-    url = f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    url, server, thread = _serve_feed(DashboardFeed(engine.snapshot, updates_per_s=20))
     try:
         browser.open(url + "/dashboard", "window.dashboard().version > 0")
         time.sleep(2.5)  # several renewals

@@ -6,7 +6,7 @@ import json
 import logging
 
 import pytest
-from conftest import _smollm2_tokenizer
+from conftest import write_tiny_hf_folder
 
 from engine.core.sampling_params import SamplingParams
 from engine.llm import LLM
@@ -28,16 +28,7 @@ CHAT = [{"role": "user", "content": "Hi"}]
 def _model_folder(folder, generation: dict | None = None):
     """An HF-style folder: a config (vocab 49152, as the tiny server core's), the SmolLM2
     tokenizer files, and `generation` as its generation_config.json when given."""
-    folder.mkdir(exist_ok=True)
-    config = {"architectures": ["LlamaForCausalLM"], "vocab_size": 49152, "hidden_size": 64,
-              "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
-              "num_key_value_heads": 2, "max_position_embeddings": 512, "eos_token_id": 2}
-    (folder / "config.json").write_text(json.dumps(config))
-    tok = _smollm2_tokenizer()
-    tok.tokenizer.save(str(folder / "tokenizer.json"))
-    (folder / "tokenizer_config.json").write_text(json.dumps(
-        {"bos_token": tok.bos_token, "eos_token": tok.eos_token,
-         "chat_template": tok.chat_template}))
+    write_tiny_hf_folder(folder)
     if generation is not None:
         (folder / "generation_config.json").write_text(json.dumps(generation))
     return folder
