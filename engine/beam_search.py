@@ -8,7 +8,8 @@ each further one forks it (Scheduler.fork: full blocks shared by reference count
 tail copied). A beam with no candidate left is freed. Candidates that end on an eos or stop id
 are finished beams; before min_tokens they are passed over for the row's next best (the engine
 core asks the sampler for 2 x width + the stop ids then). The search ends at max_tokens (or
-max_model_len), or with early_stopping once `width` beams are finished; the n best by score =
+max_model_len), or with early_stopping once `width` beams are finished (the live ones are dropped,
+as in HF and vLLM's former engine); the n best by score =
 cumulative logprob / length ** length_penalty (prompt included, vLLM's rule) are emitted at once
 as the request's only outputs, each token's logprobs as sampling gives them (the top `logprobs`,
 then the token's own).
@@ -94,6 +95,10 @@ class BeamSearch:
                              None if token in eos else token)
             elif len(chosen) < width:
                 chosen.append((seq, token, lp))
+        if p.early_stopping and len(self.finished) >= width:
+            # The search is over: the finished beams are the answers (HF's and vLLM's rule), not
+            # live ones cut short, which would read as finished by length.
+            return self.end(scheduler, p, keep_live=False)
         # Prune first: a pruned beam's place among max_num_seqs and its own blocks go to the
         # forks below (else a fork of a full batch found no room, and recomputed its whole
         # sequence). Its shared blocks stay with the beams that hold them.
@@ -120,7 +125,7 @@ class BeamSearch:
             seq.cumulative_logprob += lp
             self.token_logprobs[seq.seq_id].append(lps)
             self.live.append(seq)
-        if not self.live or (p.early_stopping and len(self.finished) >= width):
+        if not self.live:
             return self.end(scheduler, p)
         first = self.live[0]
         if ((p.max_tokens is not None and first.num_output_tokens >= p.max_tokens)
@@ -140,11 +145,13 @@ class BeamSearch:
         self.finished.sort(key=lambda f: -f.score)
         del self.finished[p.beam_width :]
 
-    def end(self, scheduler, p) -> list[SeqOutput]:
-        """Finish the live beams too ("length"); the n best as the request's outputs."""
+    def end(self, scheduler, p, keep_live: bool = True) -> list[SeqOutput]:
+        """Finish the live beams too ("length"), or drop them (keep_live False: early
+        stopping); the n best as the request's outputs."""
         for seq in self.live:
-            self._finish(seq, [], [], seq.cumulative_logprob, "length", None)
-            scheduler.finish_seq(seq, "length")
+            if keep_live:
+                self._finish(seq, [], [], seq.cumulative_logprob, "length", None)
+            scheduler.finish_seq(seq, "length" if keep_live else "abort")
         self.live = []
         best = self.finished[: p.n]
         outputs = []

@@ -22,10 +22,15 @@ def next_logprobs(engine, tokens: list[int]) -> dict[int, float]:
 
 
 def brute_force(engine, prompt, width, n, max_tokens, stops=(), length_penalty=1.0,
-                min_tokens=0):
-    """vLLM's beam search, one beam at a time: [(output tokens, cumulative logprob)] best first."""
+                min_tokens=0, early_stopping=False):
+    """vLLM's beam search, one beam at a time: [(output tokens, cumulative logprob)] best first.
+    early_stopping: HF's (vLLM's former engine's) rule, done once `width` beams finished, the
+    live ones dropped."""
     beams, finished = [(list(prompt), 0.0)], []  # finished: (tokens, cum, length scored)
     for _ in range(max_tokens):
+        if early_stopping and len(finished) >= width:
+            beams = []
+            break
         candidates = []
         for order, (toks, cum) in enumerate(beams):
             dist = next_logprobs(engine, toks)
@@ -149,6 +154,24 @@ def test_early_stopping_ends_once_width_beams_finished(make_engine):
     full, _ = run_checked(make_engine(block_size=4), PROMPT, late)
     assert len(out.outputs) == 1 and out.metrics.finished_time
     assert len(out.outputs[0].token_ids) <= len(full.outputs[0].token_ids)
+
+
+@pytest.mark.parametrize("width, n, penalty", [(1, 1, 1.0), (2, 2, 1.0), (3, 2, 0.0)])
+def test_early_stopping_answers_with_finished_beams_only(make_engine, width, n, penalty):
+    """Once `width` beams finished the live ones are dropped: they had run out of nothing, and
+    were answered as "length" after a token or two of max_tokens 30."""
+    ref = make_engine()
+    stop = brute_force(ref, PROMPT, 2, 1, 4)[0][0][1]
+    params = SamplingParams(n=n, best_of=width, use_beam_search=True, max_tokens=30,
+                            ignore_eos=True, stop_token_ids=[stop], early_stopping=True,
+                            length_penalty=penalty)
+    out, _ = run_checked(make_engine(block_size=4), PROMPT, params)
+    want = brute_force(ref, PROMPT, width, n, 30, stops={stop}, length_penalty=penalty,
+                       early_stopping=True)
+    assert [c.token_ids for c in out.outputs] == [w[0] for w in want]
+    assert [c.cumulative_logprob for c in out.outputs] == \
+        pytest.approx([w[1] for w in want], abs=1e-4)
+    assert all((c.finish_reason, c.token_ids[-1]) == ("stop", stop) for c in out.outputs)
 
 
 def test_llm_beam_search_like_vllm(make_engine):
