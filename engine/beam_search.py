@@ -157,6 +157,10 @@ class BeamSearch:
         outputs = []
         for i, f in enumerate(best):
             lps = None if p.logprobs is None else f.logprobs
+            # Each token's own logprob: a front that cuts the tokens at a stop string takes
+            # the dropped ones out of cumulative_logprob, as for verified drafts.
+            own = [entry[t] for t, entry in zip(f.token_ids, f.logprobs, strict=True)]
             outputs.append(SeqOutput(self.request_id, i, f.token_ids, lps,
-                                     f.cumulative_logprob, f.finish_reason, f.stop_reason))
+                                     f.cumulative_logprob, f.finish_reason, f.stop_reason,
+                                     token_logprobs=own))
         return outputs

@@ -351,3 +351,27 @@ def test_beams_as_wide_as_max_num_seqs_fork_without_recomputing(make_engine):
         outs[max_num_seqs] = [c.token_ids for c in out.outputs]
         assert engine.get_stats().prompt_tokens_total == len(prompt), max_num_seqs
     assert outs[3] == outs[8]
+
+
+def test_a_stop_string_cuts_a_beams_cumulative_logprob_with_its_tokens(make_engine):
+    """Beams end at the front when their text holds a stop string: the cumulative logprob is
+    that of the tokens kept (it was the whole beam's, dropped tokens included)."""
+    engine = make_engine(text=True)
+    common = dict(n=2, use_beam_search=True, max_tokens=6, ignore_eos=True, logprobs=0)
+    [full] = engine_outputs(engine, SamplingParams(**common))
+    text = full.outputs[0].text
+    stop = text[len(text) // 2 : len(text) // 2 + 2]
+    [cut] = engine_outputs(engine, SamplingParams(**common, stop=[stop]))
+    c, whole = cut.outputs[0], full.outputs[0]
+    assert c.finish_reason == "stop" and 0 < len(c.token_ids) < len(whole.token_ids)
+    assert c.token_ids == whole.token_ids[: len(c.token_ids)]
+    kept = sum(whole.logprobs[i][t] for i, t in enumerate(c.token_ids))
+    assert c.cumulative_logprob == pytest.approx(kept, abs=1e-4)
+
+
+def engine_outputs(engine, params):
+    engine.add_request("r", "Hello there", params)
+    final = []
+    while engine.has_unfinished_requests():
+        final += [o for o in engine.step() if o.finished]
+    return final
