@@ -24,6 +24,7 @@ from engine.core.liveness import DEFAULT_LIVENESS, Liveness
 from engine.model.config import EngineConfig
 from server.async_engine import AsyncEngine, EngineFault
 from server.dashboard import DashboardFeed, dashboard_routes
+from server.extras import check_chat_special_tokens
 from server.guards import (
     LOOPBACK_HOSTS,
     CORSGuard,
@@ -265,6 +266,7 @@ async def tokenize(request: Request):
     check_model(request, body)
     if "messages" in body:
         messages = parse_messages(body)
+        check_chat_special_tokens(body)
         ids, _ = await render_chat(request, engine, body, messages, *parse_tools(body))
     else:
         prompt = get_field(body, "prompt", "str")

@@ -42,12 +42,12 @@ def read_extras(body: dict, *, chat: bool, settings) -> Extras:
     if x.truncation_side not in ("left", "right"):
         raise bad_request("truncation_side", "'truncation_side' must be 'left' or 'right', got "
                                              f"{x.truncation_side!r}")
-    # vLLM's: a text prompt gets the tokenizer's special tokens (a BOS) unless this is false;
-    # a chat's template writes its own, and adding them again is not supported here
-    x.add_special_tokens = get_field(body, "add_special_tokens", "bool", not chat)
-    if chat and x.add_special_tokens:
-        raise bad_request("add_special_tokens", "'add_special_tokens': true is not supported "
-                                                "for chat (the chat template writes its tokens)")
+    # vLLM's: a text prompt gets the tokenizer's special tokens (a BOS) unless this is false
+    if chat:
+        check_chat_special_tokens(body)
+        x.add_special_tokens = False
+    else:
+        x.add_special_tokens = get_field(body, "add_special_tokens", "bool", True)
     x.return_token_ids = get_field(body, "return_token_ids", "bool", False)
     x.tokens_as_ids = get_field(body, "return_tokens_as_token_ids", "bool",
                                 settings.return_tokens_as_token_ids)
@@ -59,6 +59,15 @@ def read_extras(body: dict, *, chat: bool, settings) -> Extras:
                                             "boolean")
     x.continuous_usage |= settings.force_include_usage
     return x
+
+
+def check_chat_special_tokens(body: dict) -> None:
+    """`add_special_tokens` of a chat (chat completions, /tokenize's messages): a chat's
+    template writes its own special tokens, and adding them again is not supported here, so
+    true is refused by name rather than ignored."""
+    if get_field(body, "add_special_tokens", "bool", False):
+        raise bad_request("add_special_tokens", "'add_special_tokens': true is not supported "
+                                                "for chat (the chat template writes its tokens)")
 
 
 def truncate(ids: list[int], x: Extras, max_model_len: int) -> list[int]:

@@ -472,6 +472,21 @@ def test_force_include_usage_and_add_special_tokens_fields():
     assert e.value.param == "add_special_tokens"
 
 
+def test_tokenize_messages_refuses_add_special_tokens_as_chat_does(server):
+    """/tokenize's messages form read no add_special_tokens: true (or a string) was a 200 with
+    the template's tokens alone, where the chat call it counts for is a 400 naming the field."""
+    chat = [{"role": "user", "content": "Hi"}]
+    for value in (True, "yes"):
+        for path in ("/tokenize", "/v1/chat/completions"):
+            r = post(server, path, {"messages": chat, "add_special_tokens": value,
+                                    "max_tokens": 1})
+            assert r.status_code == 400, (path, value, r.text)
+            assert r.json()["error"]["param"] == "add_special_tokens"
+    plain = post(server, "/tokenize", {"messages": chat}).json()
+    off = post(server, "/tokenize", {"messages": chat, "add_special_tokens": False}).json()
+    assert off["tokens"] == plain["tokens"] and plain["count"] > 0
+
+
 def test_chat_batch_answers_each_conversation_as_alone(server):
     """vLLM's POST /v1/chat/completions/batch: choice i is conversation i's answer, the same as
     that conversation sent alone; fields that answer in pieces are refused by name."""
