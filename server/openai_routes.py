@@ -126,8 +126,9 @@ _NOT_IN_A_BATCH = ("stream", "tools", "use_beam_search", "echo", "prompt_logprob
 async def chat_completions_batch(request: Request):
     """vLLM's POST /v1/chat/completions/batch: `messages` holds several conversations, and choice
     i of the one answer is conversation i's. The other fields apply to every conversation;
-    streaming, tools, n > 1, beam search, echo and prompt_logprobs are refused (400 naming the
-    field); with return_token_ids each choice has its token_ids (the prompts' ids are not sent)."""
+    streaming (and stream_options), tools, n > 1, beam search, echo and prompt_logprobs are
+    refused (400 naming the field); with return_token_ids each choice has its token_ids (the
+    prompts' ids are not sent)."""
     mark_arrival(request)
     body = await read_json(request)
     conversations = body.get("messages")
@@ -153,6 +154,7 @@ async def chat_completions_batch(request: Request):
     params = parse_sampling_params(body, chat=True, defaults=engine.sampling_defaults)
     so, so_field = parse_structured_outputs(body)
     await _constrain(request, engine, params, so, so_field, len(conversations))
+    _stream_flags(body, request.app.state.settings)  # stream_options, never streamed: a 400
     get_field(body, "user", "str")
     tokens_field = max_tokens_field(body, chat=True)
     token_lists, options = [], None

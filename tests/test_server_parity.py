@@ -506,6 +506,10 @@ def test_chat_batch_answers_each_conversation_as_alone(server):
     assert body["usage"]["prompt_tokens"] == prompt_tokens
     assert body["usage"]["completion_tokens"] == 8
     for extra, param in (({"stream": True}, "stream"), ({"n": 2}, "n"),
+                         # asked of a stream, which the batch never is (it was ignored, a 200)
+                         ({"stream_options": {"include_usage": True}}, "stream_options"),
+                         ({"stream_options": {"continuous_usage_stats": True}},
+                          "stream_options"),
                          ({"messages": chats[0]}, "messages"),
                          ({"messages": [chats[0], [{"role": "nobody"}]]}, "messages[1][0]")):
         bad = post(server, "/v1/chat/completions/batch", {"messages": chats, **common, **extra})
