@@ -466,3 +466,31 @@ def test_drafts_never_take_the_block_a_later_decode_needs():
     assert [(q.request_id, n) for q, n in zip(batch.seqs, batch.num_new_tokens,
                                               strict=True)] == [("a", 1), ("b", 1)]
     bm.check_invariants(sched.running)
+
+
+def test_a_draft_row_whose_sampling_fails_fails_its_request_alone(make_engine):
+    """The batch's sampling raises; each row is then sampled alone and a failing one fails its
+    request. A draft row's failure was logged by its request_id, which DraftRow lacked: the
+    AttributeError failed every request of the step."""
+    requests = {f"r{i}": (ids(range(3 + i, 30 + i)),
+                          SamplingParams(temperature=0, max_tokens=8, ignore_eos=True))
+                for i in range(3)}
+    want = drive(make_engine(), requests)
+    engine = make_engine(speculative_config=spec(k=3))
+    engine.core.spec.proposer = _Oracle(want, 3)
+    bad = requests["r1"][1]
+    prepare = engine.runner.prepare_sampling
+
+    def flaky(rows):
+        if any(row.sampling_params is bad and row.num_computed_tokens > 27 for row in rows):
+            raise FloatingPointError("r1's settings")  # past its first token: a verify step
+        return prepare(rows)
+
+    engine.runner.prepare_sampling = flaky
+    got = drive(engine, requests)
+    out = got["r1"].outputs[0]
+    assert out.finish_reason == "error" and "FloatingPointError: r1's settings" in out.error
+    for request_id in ("r0", "r2"):
+        assert got[request_id].outputs[0].token_ids == want[request_id].outputs[0].token_ids
+        assert got[request_id].outputs[0].finish_reason == "length"
+    assert engine.get_stats().spec_num_drafts > 0

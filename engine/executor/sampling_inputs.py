@@ -96,14 +96,15 @@ class DraftRow:
     row j draws exactly the token plain decoding would draw there, so greedy and seeded
     requests come out identical with or without speculation."""
 
-    __slots__ = ("num_computed_tokens", "num_prompt_tokens", "sampling_params", "seed", "seq_id",
-                 "token_ids")
+    __slots__ = ("num_computed_tokens", "num_prompt_tokens", "request_id", "sampling_params",
+                 "seed", "seq_id", "token_ids")
 
     def __init__(self, seq, j: int):
         self.token_ids = seq.token_ids + seq.spec_token_ids[:j]
         self.num_computed_tokens = len(self.token_ids) - 1  # not pending: the step is synchronous
         self.num_prompt_tokens = seq.num_prompt_tokens
         self.sampling_params, self.seed, self.seq_id = seq.sampling_params, seq.seed, seq.seq_id
+        self.request_id = seq.request_id  # a row whose sampling fails names its request
 
     @property
     def prompt_token_ids(self) -> list[int]:
