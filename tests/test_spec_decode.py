@@ -73,6 +73,17 @@ def test_bad_config_names_the_field(bad, field):
         EngineConfig(speculative_config=bad).validate()
 
 
+@pytest.mark.parametrize("given,bounds", [
+    ({"prompt_lookup_max": 1}, (1, 1)),  # the default min 2 would cross the given max
+    ({"prompt_lookup_max": 3}, (2, 3)),
+    ({"prompt_lookup_min": 6}, (6, 6)),  # the default max 4 would cross the given min
+    ({"prompt_lookup_min": 3}, (3, 4)),
+])
+def test_one_lookup_bound_given_moves_the_other_default_only_where_they_cross(given, bounds):
+    config = SpeculativeConfig.from_dict({"num_speculative_tokens": 3, **given})
+    assert (config.prompt_lookup_min, config.prompt_lookup_max) == bounds
+
+
 def test_config_from_dict():
     config = EngineConfig(speculative_config=spec(k=5))
     config.validate()

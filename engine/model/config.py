@@ -352,6 +352,14 @@ class SpeculativeConfig:
                               f"{sorted(known)}")
         if "num_speculative_tokens" not in d:
             raise ConfigError("speculative_config.num_speculative_tokens is required")
+        d = dict(d)
+        # one bound given: the other's default gives way to it where they would cross (vLLM
+        # takes the given bound for both; the defaults 2..4 stay wherever they fit)
+        lo, hi = d.get("prompt_lookup_min"), d.get("prompt_lookup_max")
+        if lo is None and _positive_int(hi):
+            d["prompt_lookup_min"] = min(cls.prompt_lookup_min, hi)
+        if hi is None and _positive_int(lo):
+            d["prompt_lookup_max"] = max(cls.prompt_lookup_max, lo)
         config = cls(**d)
         config.validate()
         return config
@@ -369,6 +377,10 @@ class SpeculativeConfig:
         if self.prompt_lookup_min > self.prompt_lookup_max:
             raise ConfigError(f"speculative_config.prompt_lookup_min ({self.prompt_lookup_min}) "
                               f"must be <= prompt_lookup_max ({self.prompt_lookup_max})")
+
+
+def _positive_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 1
 
 
 @dataclass
