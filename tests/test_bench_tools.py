@@ -604,6 +604,8 @@ def test_bench_spec_replays_the_accepted_lengths(tiny_model, capsys):
     assert bench_spec.spec_summary([1, 0, 3], 2) == {
         "k": 2, "verify_steps": 4, "no_draft_steps": 2, "acceptance_rate": 0.75,
         "mean_accepted_length": 2.5, "tokens_per_decode_step": 2.0, "hist": [1, 0, 3]}
+    # Steps that drafted fewer than k tokens: the rate is over the tokens drafted.
+    assert bench_spec.spec_summary([1, 0, 3], 2, draft_tokens=7)["acceptance_rate"] == 6 / 7
     result = bench_spec.main(["--model", tiny_model, "--load-format", "dummy", "--device",
                               "numpy", "--accepted-hist", "1,1,1,4", "--no-draft-steps", "2",
                               "--prompt-len", "12", "--output-len", "60"])

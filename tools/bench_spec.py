@@ -35,14 +35,18 @@ if __package__ in (None, ""):  # run as a script: make the checkout importable
 from tools.spec_workload import spec_conversations  # noqa: E402
 
 
-def spec_summary(hist: list[int], no_draft_steps: int = 0) -> dict:
+def spec_summary(hist: list[int], no_draft_steps: int = 0,
+                 draft_tokens: int | None = None) -> dict:
     """Acceptance figures of a histogram: hist[i] = verifying steps that accepted i drafts;
-    no_draft_steps: decode steps whose sequence found no n-gram (one token each)."""
+    no_draft_steps: decode steps whose sequence found no n-gram (one token each); draft_tokens:
+    the tokens those steps drafted (None: k each, as a replay drafts; the n-gram proposer drafts
+    fewer where its match runs into the end of the sequence or max_tokens)."""
     k, steps = len(hist) - 1, sum(hist)
     accepted = sum(i * n for i, n in enumerate(hist))
     decode_steps = steps + no_draft_steps
+    drafted = k * steps if draft_tokens is None else draft_tokens
     return {"k": k, "verify_steps": steps, "no_draft_steps": no_draft_steps,
-            "acceptance_rate": accepted / (k * steps) if steps else 0.0,
+            "acceptance_rate": accepted / drafted if drafted else 0.0,
             "mean_accepted_length": 1 + accepted / steps if steps else 1.0,
             # what batch-1 decode can gain at most: one forward per this many tokens
             "tokens_per_decode_step": (decode_steps + accepted) / decode_steps
@@ -81,7 +85,7 @@ def _decode_batch(engine, tag: str, prompts: list[list[int]], max_tokens: int,
 
 def acceptance(args, llm) -> dict:
     engine, core = llm.engine, llm.engine.core
-    spec, kinds, rows, no_draft = core.spec, {}, [], {}
+    spec, kinds, rows, no_draft, drafted = core.spec, {}, [], {}, {}
     tokenizer = engine.tokenizer
     plain_s = spec_s = num_tokens = 0
     for i, (kind, messages) in enumerate(spec_conversations()[: args.limit]):
@@ -90,6 +94,7 @@ def acceptance(args, llm) -> dict:
         want, t_plain = _decode(engine, f"plain-{i}", ids, args.max_tokens)
         core.spec = spec
         before, steps_before = list(spec.accepted_hist), core.scheduler.num_steps
+        drafted_before = spec.num_draft_tokens
         got, t_spec = _decode(engine, f"spec-{i}", ids, args.max_tokens)
         decode_steps = core.scheduler.num_steps - steps_before - 1  # the prefill step: 1
         if got != want:
@@ -98,15 +103,17 @@ def acceptance(args, llm) -> dict:
         kh = kinds.setdefault(kind, [0] * len(hist))
         kinds[kind] = [a + b for a, b in zip(kh, hist, strict=True)]
         no_draft[kind] = no_draft.get(kind, 0) + decode_steps - sum(hist)
+        own_drafts = spec.num_draft_tokens - drafted_before
+        drafted[kind] = drafted.get(kind, 0) + own_drafts
         plain_s, spec_s, num_tokens = plain_s + t_plain, spec_s + t_spec, num_tokens + len(got)
         rows.append({"kind": kind, "tokens": len(got),
-                     **spec_summary(hist, decode_steps - sum(hist)),
+                     **spec_summary(hist, decode_steps - sum(hist), own_drafts),
                      "text": tokenizer.decode(got)[:60]})
     total = [sum(c) for c in zip(*kinds.values(), strict=True)]
     return {"mode": "acceptance", "model": args.model or "default (SmolLM2-135M-Instruct)",
             "device": engine.ops.name, "max_tokens": args.max_tokens,
-            "overall": spec_summary(total, sum(no_draft.values())),
-            "by_kind": {k: spec_summary(h, no_draft[k]) for k, h in kinds.items()},
+            "overall": spec_summary(total, sum(no_draft.values()), sum(drafted.values())),
+            "by_kind": {k: spec_summary(h, no_draft[k], drafted[k]) for k, h in kinds.items()},
             "prompts": rows,
             "plain_tok_s": num_tokens / plain_s, "spec_tok_s": num_tokens / spec_s}
 
