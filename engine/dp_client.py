@@ -44,20 +44,24 @@ def core_client_for(engine_config: EngineConfig, make_core=None,
 
 
 def gpus_per_core(engine_config: EngineConfig) -> int:
-    """GPUs one engine core uses: its tensor-parallel group."""
-    return engine_config.tensor_parallel_size
+    """GPUs one engine core uses on this host: its tensor-parallel ranks here (tp_local_ranks;
+    the others run on their own hosts' GPUs)."""
+    return engine_config.tp_local_ranks or engine_config.tensor_parallel_size
 
 
 def core_devices(engine_config: EngineConfig) -> list[str | None]:
-    """Each core's CUDA_VISIBLE_DEVICES: core i gets GPUs [i * tp, (i + 1) * tp) of this
-    process's; None for all on the cpu backend. DeviceError when there are too few GPUs."""
+    """Each core's CUDA_VISIBLE_DEVICES: core i gets GPUs [i * g, (i + 1) * g) of this
+    process's (g = gpus_per_core); None for all on the cpu backend. DeviceError when there are
+    too few GPUs."""
     num_cores, per_core = engine_config.data_parallel_size, gpus_per_core(engine_config)
     if resolve_device(engine_config.device) != "cuda":
         return [None] * num_cores
     gpus = visible_gpus()
     if num_cores * per_core > len(gpus):
+        per = ("tensor_parallel_size" if engine_config.tp_local_ranks is None
+               else "tp_local_ranks")
         raise DeviceError(
-            f"data_parallel_size {num_cores} x tensor_parallel_size {per_core} needs "
+            f"data_parallel_size {num_cores} x {per} {per_core} needs "
             f"{num_cores * per_core} GPUs, but {len(gpus)} visible: {', '.join(gpus) or 'none'}")
     return [",".join(gpus[i * per_core : (i + 1) * per_core]) for i in range(num_cores)]
 

@@ -224,6 +224,21 @@ def test_each_core_gets_its_own_gpus(monkeypatch):
         core_devices(EngineConfig(device="cuda", data_parallel_size=4))
 
 
+def test_a_core_whose_ranks_are_partly_on_other_hosts_takes_only_its_local_gpus(monkeypatch):
+    """tp_local_ranks of a core's tensor-parallel ranks run here (the others join from their
+    hosts): each core needs that many of this host's GPUs, not tensor_parallel_size."""
+    import engine.dp_client as dp_client
+
+    monkeypatch.setattr(dp_client, "resolve_device", lambda device: "cuda")
+    monkeypatch.setattr(dp_client, "visible_gpus", lambda: ["4", "5", "6", "7"])
+    config = EngineConfig(device="cuda", data_parallel_size=2, tensor_parallel_size=4,
+                          tp_local_ranks=2)
+    assert core_devices(config) == ["4,5", "6,7"]
+    config.data_parallel_size = 3
+    with pytest.raises(DeviceError, match="data_parallel_size 3 x tp_local_ranks 2 needs 6 GPUs"):
+        core_devices(config)
+
+
 def test_too_few_gpus_is_one_line_and_exit_1(monkeypatch, capsys, tmp_path):
     import engine.dp_client as dp_client
     from server.cli import main
