@@ -147,6 +147,16 @@ def test_a_rank_that_never_joins_times_out_naming_it():
     assert "rank(s) [1] did not join a collective within 0.3 s" in str(results[0])
 
 
+def test_a_rank_that_cannot_see_rank_0s_shared_memory_says_it_must_run_on_that_host():
+    """The cpu backend's ranks share memory: a rank started on another host finds no segment.
+    That is no missing model file (a bare FileNotFoundError, which rank 0 reported as the
+    rank's failure, read like one)."""
+    with pytest.raises(CommunicatorError, match=r"segment 'psm_elsewhere' is not on this host: "
+                                                r"on the cpu backend every tensor-parallel rank "
+                                                r"runs on rank 0's host"):
+        ShmCommunicator("psm_elsewhere", 1, 2)
+
+
 # ---- errors at start-up --------------------------------------------------------------------------
 
 

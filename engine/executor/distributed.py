@@ -77,7 +77,14 @@ class ShmCommunicator:
             self._shm = shared_memory.SharedMemory(create=True, size=total)
             _CREATED.add(self._shm.name)
         else:
-            self._shm = shared_memory.SharedMemory(name=name)
+            try:
+                self._shm = shared_memory.SharedMemory(name=name)
+            except FileNotFoundError:
+                # Not a model file missing, which is what the bare error reads like.
+                raise CommunicatorError(
+                    f"rank 0's shared-memory segment {name!r} is not on this host: on the cpu "
+                    f"backend every tensor-parallel rank runs on rank 0's host (the ranks "
+                    f"exchange arrays through its shared memory)") from None
             if name not in _CREATED:
                 # The creator owns (and unlinks) the segment; without this, this process's
                 # resource tracker would unlink it too at exit, and warn about a "leak".
