@@ -183,6 +183,23 @@ def test_quantized_weights_are_refused():
         shard_weights(weights, config, 0, 2)
 
 
+def test_quantized_weights_are_refused_before_any_rank_starts(monkeypatch):
+    """Each rank would load (or be sent) the whole model only to fail splitting it."""
+    import types
+
+    from engine.model.gguf_weights import dummy_quantized_weights
+
+    def spawned(*args):
+        raise AssertionError("a rank was started")
+
+    monkeypatch.setattr(workers, "_spawn_worker", spawned)
+    config = tiny_model_config(hidden_size=256, intermediate_size=512, head_dim=64)
+    loaded = types.SimpleNamespace(config=config, tokenizer=None,
+                                   weights=dummy_quantized_weights(config, NumpyOps(), "Q8_0", 0))
+    with pytest.raises(ConfigError, match="tensor_parallel_size > 1 does not support quantized"):
+        LLMEngine(EngineConfig(device="numpy", tensor_parallel_size=2), loaded_model=loaded)
+
+
 def test_bad_tp_settings_name_the_field():
     with pytest.raises(ConfigError, match="tensor_parallel_size must be >= 1"):
         EngineConfig(tensor_parallel_size=0).validate()

@@ -201,6 +201,10 @@ class WorkerGroup:
                 raise ConfigError(f"tensor_parallel_size ({size}) needs {num_local} GPUs on this "
                                   f"host from GPU {first_gpu} on, and CuPy sees {num_gpus}")
         check_tensor_parallel(mc, size)
+        # Rank 0's slice first: weights that cannot be split (quantized) are refused before
+        # any rank starts (and loads the whole model for nothing).
+        self.config = shard_config(mc, size)
+        self.weights = shard_weights(loaded.weights, mc, 0, size)
         addr, port = master_address(engine_config)
         join_timeout = rendezvous_timeout()  # checked before any process starts
         if num_local < size and not port:
@@ -235,8 +239,6 @@ class WorkerGroup:
                 config.model_config = mc
                 config.weights = map_weights(ops.to_host, loaded.weights)
             self._send_all(CONFIG, pickle.dumps(config))
-            self.config = shard_config(mc, size)
-            self.weights = shard_weights(loaded.weights, mc, 0, size)
             self._wait_for(LOADED, LOAD_TIMEOUT_S, "load the model")
             if device == "cuda":  # returns once every rank has joined (right after LOADED)
                 self.comm = NcclCommunicator(setup[1], 0, size, dtype, self.check_peers)
