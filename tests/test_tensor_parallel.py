@@ -584,6 +584,48 @@ def test_a_rank_started_by_hand_stops_on_sigterm_and_ctrl_c(signum):
         ctx.term()
 
 
+# Rank 0 with rank 1 started by hand: one step, then it waits to be killed.
+_RANK_0 = """
+import sys, time
+from conftest import _tiny_loaded
+from engine.core.sampling_params import SamplingParams
+from engine.engine import LLMEngine
+from engine.llm import LLM
+from engine.model.config import EngineConfig
+config = EngineConfig(device="numpy", tensor_parallel_size=2, tp_local_ranks=1,
+                      master_port=int(sys.argv[1]))
+llm = LLM.from_engine(LLMEngine(config, loaded_model=_tiny_loaded(512, False)))
+llm.generate([{"prompt_token_ids": [1, 2, 3]}], SamplingParams(max_tokens=3), use_tqdm=False)
+print("stepped", flush=True)
+time.sleep(600)
+"""
+
+
+def test_a_rank_started_by_hand_ends_when_rank_0_is_killed():
+    """No parent takes a hand-started rank along: it sees rank 0's connection close, rather
+    than wait for steps (holding its GPU) as long as it lives."""
+    from test_two_process import ROOT
+
+    port = free_port()
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+           workers.SECRET_ENV: "the hosts' secret"}
+    code = "import sys; from engine.executor.worker import worker_main; sys.exit(worker_main())"
+    worker = subprocess.Popen([sys.executable, "-c", code, "--rank", "1", "--master-addr",
+                               "127.0.0.1", "--master-port", str(port)],
+                              env=env, stderr=subprocess.PIPE, text=True)
+    rank_0 = subprocess.Popen([sys.executable, "-c", _RANK_0, str(port)], env=env,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert rank_0.stdout.readline() == "stepped\n"
+        rank_0.kill()
+        assert worker.wait(timeout=10) == 1
+        assert "the connection to rank 0 closed" in worker.stderr.read()
+    finally:
+        for proc in (rank_0, worker):
+            proc.kill()
+            proc.wait()
+
+
 def test_ctrl_c_stops_an_offline_run_and_its_ranks_quietly(tmp_path):
     """`pagedserve generate` with two ranks, Ctrl-C mid-run (SIGINT to the terminal's process
     group, the rank rank 0 started included): 130, no traceback from any process, none left."""

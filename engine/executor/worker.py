@@ -126,11 +126,14 @@ def run_worker(rank: int, master_addr: str | None, master_port: int | None,
         _die_with_parent(parent_pid, death_signal)
     ctx = zmq.Context()
     sock = ctx.socket(zmq.DEALER)
+    # Rank 0 gone: its connection closes. A rank started by hand has no other sign of it (nor
+    # a parent that takes it along), and would wait for steps, holding its GPU, forever.
+    monitor = sock.get_monitor_socket(zmq.EVENT_DISCONNECTED)
     sock.connect(f"tcp://{master_addr}:{master_port}")
     say = {"rank": rank, "host": socket.gethostname(), "pid": os.getpid()}
     sock.send_multipart(signer.seal([HELLO, json.dumps(say).encode()]))
     try:
-        _Worker(rank, sock, signer, gpu, parent_pid).run()
+        _Worker(rank, sock, monitor, signer, gpu, parent_pid).run()
         return 0
     except Exception as e:
         message = f"{type(e).__name__}: {e}"
@@ -140,18 +143,24 @@ def run_worker(rank: int, master_addr: str | None, master_port: int | None,
         sock.send_multipart(signer.seal([FAILED, json.dumps({**say, "error": message}).encode()]))
         return 1
     finally:
+        sock.disable_monitor()
+        monitor.close(linger=0)
         sock.close(linger=2000)  # FAILED must get out
         ctx.term()
 
 
 class _Worker:
-    def __init__(self, rank: int, sock, signer: Signer, gpu: int | None, parent_pid: int | None):
-        self.rank, self.sock, self.signer = rank, sock, signer
+    def __init__(self, rank: int, sock, monitor, signer: Signer, gpu: int | None,
+                 parent_pid: int | None):
+        self.rank, self.sock, self.monitor, self.signer = rank, sock, monitor, signer
         self.gpu, self.parent_pid = gpu, parent_pid
 
     def check_peers(self) -> None:
         if self.parent_pid is not None and os.getppid() != self.parent_pid:
             raise CommunicatorError("rank 0 is gone")
+        if self.monitor.poll(0):
+            raise CommunicatorError("the connection to rank 0 closed: rank 0 died or lost the "
+                                    "network")
 
     def _receive(self, kind: bytes, timeout_s: float | None) -> list[bytes]:
         """The next message's frames after its kind, which must be `kind` (STOP: exit)."""

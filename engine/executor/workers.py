@@ -22,7 +22,8 @@ forward of the step rank 0 sends them. A worker that dies or fails ends the grou
 collective raises CommunicatorError naming the rank (distributed.py checks peers as it waits).
 Rank 0 sees a local worker's exit code; of a rank on another host it sees the connection close
 (a ZeroMQ socket monitor), so a rank killed while it loads fails the start at once, not after
-LOAD_TIMEOUT_S. Local workers die with rank 0 (PR_SET_PDEATHSIG).
+LOAD_TIMEOUT_S. Local workers die with rank 0 (PR_SET_PDEATHSIG); a worker started by hand ends
+when its connection to rank 0 closes.
 
 Rank 0's address: EngineConfig.master_addr / master_port, else PAGEDSERVE_MASTER_ADDR /
 PAGEDSERVE_MASTER_PORT, else 127.0.0.1 and a free port (all ranks local).
