@@ -420,7 +420,11 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(
   // -2: not drawn yet, -1: nothing kept (the argmax). Block-uniform throughout: every branch
   // below is taken by all threads.
   int token = -2;
-  if (sampling && smx > -INFINITY) {  // a row whose every token is banned has no distribution
+  // A row whose every token is banned has no distribution, nor one holding an inf or a NaN (a
+  // broken model; every path of the statistics pass sums exp2(NaN) into z, so z != z exactly
+  // then): such a row takes the argmax of the rest, as numpy_sampling's `not isfinite(row.max())`
+  // does (drawing over NaN probabilities answered differently on the scalar and 16-byte paths).
+  if (sampling && fabsf(smx) < INFINITY && z == z) {
     const float p_max = d.inv_z;  // the largest p is exp(0) / Z
     const int top_k = p[1];
     const float top_p = __int_as_float(p[2]), min_p = __int_as_float(p[3]);
