@@ -170,9 +170,13 @@ __device__ __forceinline__ void online_add8(float& m, float& s, const float* v, 
   float hi = v[0];
 #pragma unroll
   for (int e = 1; e < 8; e++) hi = fmaxf(hi, v[e]);
-  if (hi == -INFINITY) return;  // all contribute 0; and -inf - -inf would be nan
+  if (hi == -INFINITY) {  // all contribute 0 (and -inf - -inf would be nan); a NaN among them
+#pragma unroll              // (fmaxf skips it) makes the sum NaN, as in the other groups
+    for (int e = 0; e < 8; e++) s = v[e] != v[e] ? v[e] : s;
+    return;
+  }
   if (hi > m) {
-    s = m == -INFINITY ? 0.f : s * exp2f(scaled_gap(m, hi, temp, inv_t));
+    s = m == -INFINITY && s == s ? 0.f : s * exp2f(scaled_gap(m, hi, temp, inv_t));
     m = hi;
   }
   float add = 0.f;
@@ -195,7 +199,11 @@ __device__ __forceinline__ void online_add(float& m, float& s, float v, float te
 __device__ __forceinline__ float online_merge(float m, float s, float temp, float inv_t,
                                               float* red, float& block_m) {
   block_m = block_max(m, red);
-  const float mine = m == -INFINITY ? 0.f : s * exp2f(scaled_gap(m, block_m, temp, inv_t));
+  // NOTE: a NaN summed (a broken model's logit) leaves s NaN whatever m is, also in a thread
+  // whose every other value was -inf or NaN (m still -inf): kept, so that the row's sum is NaN
+  // exactly when the row holds a NaN (sample_kernel then takes the argmax, as numpy does).
+  const float mine = m == -INFINITY && s == s ? 0.f
+                                              : s * exp2f(scaled_gap(m, block_m, temp, inv_t));
   return block_sum(mine, red);
 }
 
@@ -421,9 +429,10 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(
   // below is taken by all threads.
   int token = -2;
   // A row whose every token is banned has no distribution, nor one holding an inf or a NaN (a
-  // broken model; every path of the statistics pass sums exp2(NaN) into z, so z != z exactly
-  // then): such a row takes the argmax of the rest, as numpy_sampling's `not isfinite(row.max())`
-  // does (drawing over NaN probabilities answered differently on the scalar and 16-byte paths).
+  // broken model; every path of the statistics pass sums exp2(NaN) into z, and online_merge
+  // keeps it, so z != z exactly then): such a row takes the argmax of the rest, as
+  // numpy_sampling's `not isfinite(row.max())` does (a thread whose only values were NaN used to
+  // drop its sum, and the row was drawn over NaN probabilities).
   if (sampling && fabsf(smx) < INFINITY && z == z) {
     const float p_max = d.inv_z;  // the largest p is exp(0) / Z
     const int top_k = p[1];

@@ -143,7 +143,7 @@ def test_sampled_rows_with_nan_or_inf_logits_take_the_argmax(vocab, kind):
     logits[1, rng.integers(0, vocab, 3)] = np.nan
     logits[2, [vocab - 3, 17]] = np.inf  # the lower id of the two
     logits[3] = np.nan
-    logits[4, 9] = np.nan  # beside a plain row (5): the draw there is untouched
+    logits[4, 8:16] = np.nan  # a thread's whole share on the 16-byte path (8 ids a thread)
     t = numpy_sampling_tensors(rows)
     t.temperature = np.full(rows, 0.8, np.float32)
     t.top_k = np.array([0, 20, 0, 20, 50, 0], np.int32)
