@@ -395,6 +395,26 @@ def test_a_remote_rank_that_dies_while_loading_fails_the_start_at_once(monkeypat
         proc.kill()
 
 
+@pytest.mark.parametrize("rank, says", [(5, "tensor_parallel_size is 2: the ranks that join "
+                                                "are 1..1"), (0, "tensor_parallel_size is 2")])
+def test_a_rank_out_of_range_fails_the_start_saying_so(monkeypatch, rank, says):
+    """A worker started by hand with a --rank the group does not have: the error names the
+    rank and the group's size (it read as a message "out of turn" before)."""
+    from test_two_process import ROOT
+
+    monkeypatch.setenv(workers.SECRET_ENV, "the hosts' secret")
+    port = free_port()
+    code = _DIES_WHILE_LOADING.replace('{"rank": 1}', f'{{"rank": {rank}}}')
+    assert f'"rank": {rank}' in code
+    proc = subprocess.Popen([sys.executable, "-c", code, str(port)],
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        with pytest.raises(CommunicatorError, match=rf"rank {rank} joined rank 0 .*{says}"):
+            _llm(2, tp_local_ranks=1, master_port=port)
+    finally:
+        proc.kill()
+
+
 def test_a_missing_rank_fails_the_start_naming_it(monkeypatch):
     monkeypatch.setattr(workers, "RENDEZVOUS_TIMEOUT_S", 0.5)
     monkeypatch.setenv(workers.SECRET_ENV, "the hosts' secret")

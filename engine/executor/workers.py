@@ -293,6 +293,13 @@ class WorkerGroup:
             rank = info.get("rank")
             if got == FAILED:
                 raise CommunicatorError(f"tensor-parallel rank {rank} failed: {info['error']}")
+            if got == HELLO == kind and rank not in waiting:
+                raise CommunicatorError(
+                    f"tensor-parallel rank {rank!r} joined rank 0 at {self.address} "
+                    + (f"twice (two workers started with --rank {rank}?)"
+                       if rank in range(1, self.size) else
+                       f"but tensor_parallel_size is {self.size}: the ranks that join are "
+                       f"1..{self.size - 1}"))
             if got != kind or rank not in waiting:
                 raise CommunicatorError(f"tensor-parallel rank {rank!r} sent {got!r} out of turn "
                                         f"(is another group using {self.address}?)")
