@@ -11,9 +11,12 @@ constexpr int GREEDY_NO_ID = 0x7fffffff;
 constexpr float LOG2E_F = 1.4426950408889634f;
 
 // The merge of two (max, sum) pairs of the online log-sum-exp (base-2 exponent of x * log2 e).
+// NOTE: a NaN summed (a broken model's logit) leaves s NaN whatever m is, also where every other
+// value was -inf or NaN (m still -inf): kept, so that the row's logprob is NaN exactly when the
+// row holds a NaN, as numpy_sampling.log_softmax's (sample_kernel's online_merge does the same).
 __device__ __forceinline__ void lse_merge(float& m, float& s, float om, float os) {
-  if (om == -INFINITY) return;
-  if (m == -INFINITY) { m = om; s = os; return; }
+  if (om == -INFINITY && os == os) return;
+  if (m == -INFINITY && s == s) { m = om; s = os; return; }
   const float hi = fmaxf(m, om);
   s = s * exp2f((m - hi) * LOG2E_F) + os * exp2f((om - hi) * LOG2E_F);
   m = hi;
@@ -68,7 +71,7 @@ __global__ void __launch_bounds__(GREEDY_THREADS) greedy_kernel(
   }
   // The block's (max, sum) and argmax.
   const float block_m = block_max(m, red_v);
-  float mine = m == -INFINITY ? 0.f : s * exp2f((m - block_m) * LOG2E_F);
+  float mine = m == -INFINITY && s == s ? 0.f : s * exp2f((m - block_m) * LOG2E_F);
   const float block_s = block_sum(mine, red_v);
   block_argmax(bv, bi, red_v, red_i);
   float* out = partial + ((long)r * num_chunks + c) * 4;

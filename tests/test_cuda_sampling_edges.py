@@ -1,0 +1,54 @@
+"""The cuda samplers against numpy_sampling on rows at the edges of float32 (NaN, inf and -inf
+logits), where a kernel can agree with its twin on ordinary rows and still differ."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import require_gpu
+
+pytestmark = pytest.mark.gpu
+cupy = require_gpu()
+
+from engine.executor.ops import SamplingTensors, cuda_sampling, numpy_sampling  # noqa: E402
+from engine.executor.ops.cuda_ops import CudaOps  # noqa: E402
+
+
+def greedy_tensors(rows: int) -> SamplingTensors:
+    return SamplingTensors(np.zeros(rows, np.float32), np.zeros(rows, np.int32),
+                           np.ones(rows, np.float32), np.zeros(rows, np.float32),
+                           np.arange(rows, dtype=np.uint64), np.zeros(rows, np.uint32),
+                           np.zeros(rows, np.float32), np.zeros(rows, np.float32),
+                           np.ones(rows, np.float32))
+
+
+def same_nan(got: np.ndarray, want: np.ndarray) -> None:
+    """Equal where both are numbers (to float32 rounding), NaN exactly where numpy's is."""
+    np.testing.assert_array_equal(np.isnan(got), np.isnan(want))
+    finite = np.isfinite(want)
+    np.testing.assert_allclose(got[finite], want[finite], atol=2e-4)
+    np.testing.assert_array_equal(got[np.isinf(want)], want[np.isinf(want)])
+
+
+@pytest.mark.parametrize("vocab", [4096, 1001], ids=["vectorized", "scalar"])
+@pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
+def test_greedy_logprob_of_a_row_holding_nan_is_nan(vocab, dtype):
+    """cuda/sampling_greedy.cu dropped the sum of a thread (or of a whole chunk) whose only values
+    were NaN and -inf (its max still -inf), so such a row's logprob was a number where numpy's
+    log_softmax gives NaN."""
+    ops = CudaOps("bfloat16")
+    rng = np.random.default_rng(vocab)
+    logits = (rng.standard_normal((4, vocab)) * 3).astype(np.float32)
+    logits[0, 8:16] = np.nan  # a thread's whole share on the 16-byte path (8 ids a thread)
+    logits[1, [5, 261, 517, 773]] = [np.nan, -np.inf, -np.inf, -np.inf]  # 256 threads, one chunk
+    logits[2, vocab // 2 :] = -np.inf  # the second chunk (of 2 at vocab 4096): -inf and a NaN
+    logits[2, vocab - 2] = np.nan
+    dev = cupy.asarray(logits) if dtype == "float32" else ops.from_host(logits)
+    host = logits if dtype == "float32" else ops.to_host(dev)
+    t = greedy_tensors(4)
+    assert cuda_sampling.takes_greedy(t)
+    got, want = ops.sample(dev, t), numpy_sampling.sample(host, t)
+    np.testing.assert_array_equal(got.token_ids, want.token_ids)
+    assert np.isnan(want.logprobs[:3]).all() and np.isfinite(want.logprobs[3])
+    same_nan(got.logprobs, want.logprobs)
+    ops.close()
