@@ -422,6 +422,10 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(
   const float z = sampling ? online_merge(am, asum, temp, inv_t, red, smx) : 1.f;
   const float thread_max = bv;  // the two-pass cut's bound
   block_argmax(bv, bi, red, redi);
+  // NOTE: a row whose only numbers are -inf (or that has none) takes id 0, even where id 0 is a
+  // NaN, as numpy_sampling.argmax (NaN as -inf) does; the per-element `ahead` took the lowest
+  // -inf id, argmax8 (twopass) no id at all.
+  if (bv == -INFINITY) bi = 0;
   d.smx = smx;
   d.inv_z = __frcp_rn(z);
 
@@ -566,7 +570,6 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(
     }
   }
   if (token < 0) token = bi;  // greedy, an all-banned row, or nothing kept
-  if (token >= vocab) token = 0;  // only a row of NaN logits has no argmax
 
   // Results: the token's raw logprob, then the top raw logprobs (value desc, id asc).
   const int width = 2 + 2 * num_logprobs;

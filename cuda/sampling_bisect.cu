@@ -6,7 +6,8 @@
 #include "sampling_common.cuh"
 
 // Greedy choice over the adjusted (or raw) row: largest value, lowest id on ties; every thread
-// gets it, and 0x7fffffff when no value compares (all NaN).
+// gets it, and 0 when the row's only numbers are -inf (or it has none), as numpy_sampling.argmax
+// (NaN as -inf) answers, even where id 0 is a NaN.
 template <typename T>
 __device__ int row_argmax(const T* __restrict__ logits, const float* __restrict__ adjusted,
                           long base, int vocab, float* sv, int* si) {
@@ -17,7 +18,7 @@ __device__ int row_argmax(const T* __restrict__ logits, const float* __restrict_
     if (ahead(v, i, bv, bi)) { bv = v; bi = i; }
   }
   block_argmax(bv, bi, sv, si);
-  return bi;
+  return bv == -INFINITY ? 0 : bi;
 }
 
 // The previous sampler, kept as the baseline tools/kernel_check.py times sample_kernel against
@@ -159,7 +160,6 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_bisect_kernel(
   }
   if (token < 0) token = row_argmax(logits, adjusted, base, vocab, red, redi);  // greedy, or
                                                                                // nothing kept
-  if (token >= vocab) token = 0;  // only a row of NaN logits has no argmax
 
   // 5. Results: the token's raw logprob, then the top raw logprobs (value desc, id asc).
   const int width = 2 + 2 * num_logprobs;

@@ -106,7 +106,9 @@ __global__ void __launch_bounds__(GREEDY_THREADS) greedy_kernel(
     if (ahead(ov, oi, rv, ri)) { rv = ov; ri = oi; }
   }
   if (threadIdx.x == 0) {
-    const int token = ri < vocab ? ri : 0;  // only a row of NaN logits has no argmax
+    // A row whose only numbers are -inf (or NaN: no id at all) answers 0, as numpy's argmax
+    // (NaN as -inf) does, even where id 0 is a NaN.
+    const int token = rv == -INFINITY ? 0 : ri;
     result[r * 2] = token;
     result[r * 2 + 1] = __float_as_int(to_float(row[token]) - rm - logf(rs));
     done[r] = 0;  // ready for the next launch (CUDA-graph replays reuse the counters)

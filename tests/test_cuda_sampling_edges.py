@@ -52,3 +52,30 @@ def test_greedy_logprob_of_a_row_holding_nan_is_nan(vocab, dtype):
     assert np.isnan(want.logprobs[:3]).all() and np.isfinite(want.logprobs[3])
     same_nan(got.logprobs, want.logprobs)
     ops.close()
+
+
+@pytest.mark.parametrize("vocab", [4096, 1001], ids=["vectorized", "scalar"])
+@pytest.mark.parametrize("kind", ["select", "twopass", "bisect"])
+@pytest.mark.parametrize("sampled", [False, True], ids=["all-greedy", "mixed"])
+def test_argmax_of_a_row_of_nan_and_minus_inf_is_0(vocab, kind, sampled):
+    """numpy_sampling.argmax reads NaN as -inf, so a row whose only numbers are -inf answers 0
+    even where id 0 is a NaN; the cuda argmaxes (`ahead` per element) took the lowest -inf id,
+    on every sampler and path but the 16-byte twopass one."""
+    ops = CudaOps("bfloat16")
+    rng = np.random.default_rng(vocab)
+    logits = np.full((4, vocab), -np.inf, np.float32)
+    logits[0, 0] = np.nan
+    logits[1, [0, 3, vocab - 1]] = np.nan
+    logits[2, :8] = np.nan  # a thread's whole share on the 16-byte path
+    logits[3] = rng.standard_normal(vocab)
+    t = greedy_tensors(4)
+    if sampled:  # sample_kernel (bisect: its own) on greedy and sampled rows alike
+        t.temperature = np.array([0.0, 0.8, 0.8, 0.0], np.float32)
+    saved, cuda_sampling.SAMPLER = cuda_sampling.SAMPLER, kind
+    try:
+        got, want = ops.sample(cupy.asarray(logits), t), numpy_sampling.sample(logits, t)
+    finally:
+        cuda_sampling.SAMPLER = saved
+        ops.close()
+    np.testing.assert_array_equal(want.token_ids[:3], [0, 0, 0])
+    np.testing.assert_array_equal(got.token_ids, want.token_ids)
