@@ -571,29 +571,21 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_kernel(
   }
   if (token < 0) token = bi;  // greedy, an all-banned row, or nothing kept
 
-  // Results: the token's raw logprob, then the top raw logprobs (value desc, id asc).
+  // Results: the token's raw logprob, then the top raw logprobs (next_top's order).
   const int width = 2 + 2 * num_logprobs;
   int* out = result + blockIdx.x * width;
   if (tid == 0) {
     out[0] = token;
     out[1] = __float_as_int(to_float(logits[base + token]) - raw_max - log_sum);
   }
-  float prev_v = INFINITY;
-  int prev_i = -1;
+  float top_v = INFINITY;
+  int top_i = -1;
   for (int n = 0; n < num_logprobs; n++) {
-    float v_best = -INFINITY;
-    int i_best = NO_ID;
-    for (int i = tid; i < vocab; i += blockDim.x) {
-      const float v = to_float(logits[base + i]);
-      if (ahead(prev_v, prev_i, v, i) && ahead(v, i, v_best, i_best)) { v_best = v; i_best = i; }
-    }
-    block_argmax(v_best, i_best, red, redi);
+    next_top(logits + base, vocab, top_v, top_i, red, redi);
     if (tid == 0) {
-      out[2 + n] = i_best;
-      out[2 + num_logprobs + n] = __float_as_int(v_best - raw_max - log_sum);
+      out[2 + n] = top_i;
+      out[2 + num_logprobs + n] = __float_as_int(top_v - raw_max - log_sum);
     }
-    prev_v = v_best;
-    prev_i = i_best;
   }
 }
 

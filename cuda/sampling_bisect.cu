@@ -161,29 +161,21 @@ __global__ void __launch_bounds__(SAMPLE_THREADS) sample_bisect_kernel(
   if (token < 0) token = row_argmax(logits, adjusted, base, vocab, red, redi);  // greedy, or
                                                                                // nothing kept
 
-  // 5. Results: the token's raw logprob, then the top raw logprobs (value desc, id asc).
+  // 5. Results: the token's raw logprob, then the top raw logprobs (next_top's order).
   const int width = 2 + 2 * num_logprobs;
   int* out = result + blockIdx.x * width;
   if (tid == 0) {
     out[0] = token;
     out[1] = __float_as_int(to_float(logits[base + token]) - raw_max - log_sum);
   }
-  float prev_v = INFINITY;
-  int prev_i = -1;
+  float top_v = INFINITY;
+  int top_i = -1;
   for (int n = 0; n < num_logprobs; n++) {
-    float bv = -INFINITY;
-    int bi = 0x7fffffff;
-    for (int i = tid; i < vocab; i += blockDim.x) {
-      const float v = to_float(logits[base + i]);
-      if (ahead(prev_v, prev_i, v, i) && ahead(v, i, bv, bi)) { bv = v; bi = i; }
-    }
-    block_argmax(bv, bi, red, redi);
+    next_top(logits + base, vocab, top_v, top_i, red, redi);
     if (tid == 0) {
-      out[2 + n] = bi;
-      out[2 + num_logprobs + n] = __float_as_int(bv - raw_max - log_sum);
+      out[2 + n] = top_i;
+      out[2 + num_logprobs + n] = __float_as_int(top_v - raw_max - log_sum);
     }
-    prev_v = bv;
-    prev_i = bi;
   }
 }
 

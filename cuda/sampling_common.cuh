@@ -43,3 +43,38 @@ __device__ void block_argmax(float& v, int& id, float* sv, int* si) {
     if (ahead(ov, oi, v, id)) { v = ov; id = oi; }
   }
 }
+
+// The lowest NaN id past `after` (-1: from the start) of a row, 0x7fffffff when none; every
+// thread gets it. Out of line: only a broken model's row gets here.
+template <typename T>
+__device__ __noinline__ int next_nan(const T* __restrict__ row, int vocab, int after, float* sv,
+                                     int* si) {
+  int id = 0x7fffffff;
+  for (int i = min(after, vocab - 1) + 1 + threadIdx.x; i < vocab; i += blockDim.x)
+    if (to_float(row[i]) != to_float(row[i])) { id = i; break; }
+  float found = id != 0x7fffffff ? 0.f : -INFINITY;  // the lowest id among equal keys
+  block_argmax(found, id, sv, si);
+  return id;
+}
+
+// The id after (prev_v, prev_i) in the order of the top logprobs: value desc, id asc, then the
+// NaN in id order (numpy_sampling's argsort(-logits, kind="stable")); start from (INFINITY, -1).
+// Every thread gets it in (prev_v, prev_i). NOTE: without the NaN step a row of a broken model
+// ranked its numbers and then answered 0x7fffffff as an id (`ahead` never takes a NaN).
+template <typename T>
+__device__ void next_top(const T* __restrict__ row, int vocab, float& prev_v, int& prev_i,
+                         float* sv, int* si) {
+  float v = -INFINITY;
+  int id = 0x7fffffff;
+  for (int i = threadIdx.x; i < vocab; i += blockDim.x) {  // none after a NaN
+    const float x = to_float(row[i]);
+    if (ahead(prev_v, prev_i, x, i) && ahead(x, i, v, id)) { v = x; id = i; }
+  }
+  block_argmax(v, id, sv, si);
+  if (id == 0x7fffffff) {  // only NaN left
+    id = next_nan(row, vocab, prev_v == prev_v ? -1 : prev_i, sv, si);
+    v = __int_as_float(0x7fffffff);
+  }
+  prev_v = v;
+  prev_i = id;
+}

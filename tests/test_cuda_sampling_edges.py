@@ -79,3 +79,31 @@ def test_argmax_of_a_row_of_nan_and_minus_inf_is_0(vocab, kind, sampled):
         ops.close()
     np.testing.assert_array_equal(want.token_ids[:3], [0, 0, 0])
     np.testing.assert_array_equal(got.token_ids, want.token_ids)
+
+
+@pytest.mark.parametrize("vocab, num_logprobs", [(4096, 20), (1001, 20), (40, 40)],
+                         ids=["vectorized", "scalar", "whole-row"])
+@pytest.mark.parametrize("kind", ["select", "twopass", "bisect"])
+def test_top_logprobs_of_a_row_holding_nan(vocab, num_logprobs, kind):
+    """The top logprobs rank the raw logits, then the NaN in id order (numpy_sampling's stable
+    argsort of -logits); the kernels' `ahead` never takes a NaN, so a row holding some answered
+    0x7fffffff as the ids past its numbers."""
+    ops = CudaOps("bfloat16")
+    rng = np.random.default_rng(vocab)
+    logits = rng.standard_normal((4, vocab)).astype(np.float32)
+    logits[0, rng.integers(0, vocab, vocab - 10)] = np.nan  # most ids NaN
+    logits[1] = np.nan
+    logits[2, [3, 9]] = np.nan
+    t = greedy_tensors(4)
+    t.num_logprobs = num_logprobs
+    saved, cuda_sampling.SAMPLER = cuda_sampling.SAMPLER, kind
+    try:
+        got, want = ops.sample(cupy.asarray(logits), t), numpy_sampling.sample(logits, t)
+    finally:
+        cuda_sampling.SAMPLER = saved
+        ops.close()
+    assert want.top_ids[1].tolist() == list(range(num_logprobs))
+    np.testing.assert_array_equal(got.token_ids, want.token_ids)
+    np.testing.assert_array_equal(got.top_ids, want.top_ids)
+    same_nan(got.top_logprobs, want.top_logprobs)
+    same_nan(got.logprobs, want.logprobs)

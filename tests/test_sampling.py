@@ -426,6 +426,22 @@ def test_nan_logits_take_the_argmax_under_penalties_too():
         assert sample(logits, t).token_ids.tolist() == [4, 0, 4], seed
 
 
+def test_top_logprobs_rank_the_raw_logits_with_nan_last():
+    """The top logprobs follow the raw logits (value desc, id asc, then NaN in id order), as the
+    cuda kernels' next_top: a row holding a NaN has only NaN logprobs (ranked by those: ids 0, 1,
+    ..; the GPU answered its numbers, then 0x7fffffff as ids), and two logits one ulp apart far
+    below the max round to one logprob (ranked by those: the lower id first)."""
+    above_1 = np.nextafter(np.float32(1), np.float32(2))
+    logits = np.array([[np.nan, 1.0, -np.inf, np.nan, 3.0, 1.0],
+                       [1000.0, 1.0, above_1, -5.0, 0.0, 0.0]], np.float32)
+    t = _tensors(2, temperature=[0.0, 0.0])
+    t.num_logprobs = 6
+    out = sample(logits, t)
+    assert out.top_ids.tolist() == [[4, 1, 5, 2, 0, 3], [0, 2, 1, 4, 5, 3]]
+    assert np.isnan(out.top_logprobs[0]).all() and np.isfinite(out.top_logprobs[1]).all()
+    assert out.top_logprobs[1, 1] == out.top_logprobs[1, 2]  # the tie the ranking must not see
+
+
 def test_a_ban_stays_a_ban_under_penalties():
     """A -inf logit (min_tokens' bias on eos, a grammar's mask) is a ban whatever the row's or
     its batchmates' penalties: clamped to -FLT_MAX, a huge (valid) temperature gives it exp(-1)

@@ -196,7 +196,10 @@ def sample(logits: np.ndarray, t: SamplingTensors) -> SamplerOutput:
         add_drawn(t.count_table, np.asarray(t.count_slots), token_ids)
     out = SamplerOutput(token_ids, raw_logprobs[np.arange(num_rows), token_ids].astype(np.float32))
     if t.num_logprobs > 0:
-        top = np.argsort(-raw_logprobs, axis=-1, kind="stable")[:, : t.num_logprobs]
+        # Ranked by the raw logits (value desc, id asc, NaN last in id order), as the cuda
+        # kernels' next_top: their logprobs round distinct logits together, and a row holding a
+        # NaN or an inf has only NaN logprobs.
+        top = np.argsort(-np.asarray(raw, np.float32), axis=-1, kind="stable")[:, : t.num_logprobs]
         out.top_ids = top.astype(np.int32)
         out.top_logprobs = np.take_along_axis(raw_logprobs, top, axis=-1).astype(np.float32)
     if t.logprob_rows is not None or t.full_logprob_rows is not None:
