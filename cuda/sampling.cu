@@ -204,7 +204,10 @@ __device__ __forceinline__ float online_merge(float m, float s, float temp, floa
   // exactly when the row holds a NaN (sample_kernel then takes the argmax, as numpy does).
   const float mine = m == -INFINITY && s == s ? 0.f
                                               : s * exp2f(scaled_gap(m, block_m, temp, inv_t));
-  return block_sum(mine, red);
+  // NOTE: a row holding +inf sums to NaN (inf - inf in numpy's and torch's log_softmax, and in
+  // the other kernels), so its logprobs are NaN: the online sums counted the infs instead.
+  const float sum = block_sum(mine, red);
+  return block_m == INFINITY ? __int_as_float(0x7fffffff) : sum;
 }
 
 // The draw over the whole row: the first id whose running sum (id order) of kept p exceeds

@@ -107,3 +107,31 @@ def test_top_logprobs_of_a_row_holding_nan(vocab, num_logprobs, kind):
     np.testing.assert_array_equal(got.top_ids, want.top_ids)
     same_nan(got.top_logprobs, want.top_logprobs)
     same_nan(got.logprobs, want.logprobs)
+
+
+@pytest.mark.parametrize("vocab", [4096, 1001], ids=["vectorized", "scalar"])
+@pytest.mark.parametrize("kind", ["select", "twopass", "bisect"])
+def test_logprobs_of_a_row_holding_inf_are_nan(vocab, kind):
+    """log_softmax of a row holding +inf is NaN everywhere (inf - inf; numpy's, torch's, and the
+    bisect and row_logprobs kernels'); sample_kernel's online sum counted the infs, so its top
+    logprobs were -inf at the other ids (NaN only on the scalar path's second inf)."""
+    ops = CudaOps("bfloat16")
+    rng = np.random.default_rng(vocab)
+    logits = rng.standard_normal((3, vocab)).astype(np.float32)
+    logits[0, 17] = np.inf
+    logits[1, [vocab - 3, 17, 600]] = np.inf
+    logits[2, [4, 5]] = [np.inf, -np.inf]
+    t = greedy_tensors(3)
+    t.temperature = np.array([0.0, 0.7, 0.0], np.float32)
+    t.num_logprobs = 5
+    saved, cuda_sampling.SAMPLER = cuda_sampling.SAMPLER, kind
+    try:
+        got, want = ops.sample(cupy.asarray(logits), t), numpy_sampling.sample(logits, t)
+    finally:
+        cuda_sampling.SAMPLER = saved
+        ops.close()
+    assert np.isnan(want.top_logprobs).all() and np.isnan(want.logprobs).all()
+    np.testing.assert_array_equal(got.token_ids, want.token_ids)
+    np.testing.assert_array_equal(got.top_ids, want.top_ids)
+    same_nan(got.top_logprobs, want.top_logprobs)
+    same_nan(got.logprobs, want.logprobs)
