@@ -30,6 +30,18 @@ def ending_ids(params, eos_token_ids: list[int]) -> set[int]:
     return set(params.stop_token_ids or ()) | (set() if params.ignore_eos else set(eos_token_ids))
 
 
+def beam_score(cum: float, length: int, length_penalty: float) -> float:
+    """cum / length ** length_penalty, also where the power leaves a float's range: a finite
+    penalty (1e308 is one) overflows it, where Python raises, and the score is 0; or underflows
+    it to 0, and the score is -inf."""
+    try:
+        return cum / length ** length_penalty
+    except OverflowError:
+        return 0.0
+    except ZeroDivisionError:
+        return -math.inf if cum < 0 else 0.0
+
+
 @dataclass
 class _Finished:
     token_ids: list[int]
@@ -141,7 +153,7 @@ class BeamSearch:
         p = seq.sampling_params
         lps = self.token_logprobs[seq.seq_id] + extra_lps
         self.finished.append(_Finished(seq.output_token_ids + extra, lps, cum, reason, stop,
-                                       cum / len(seq.token_ids) ** p.length_penalty))
+                                       beam_score(cum, len(seq.token_ids), p.length_penalty)))
         self.finished.sort(key=lambda f: -f.score)
         del self.finished[p.beam_width :]
 

@@ -375,3 +375,15 @@ def engine_outputs(engine, params):
     while engine.has_unfinished_requests():
         final += [o for o in engine.step() if o.finished]
     return final
+
+
+@pytest.mark.parametrize("penalty", [1e308, -1e308])
+def test_a_length_penalty_past_a_floats_power_still_ranks_the_beams(make_engine, penalty):
+    """length ** 1e308 overflows a float (Python raises) and length ** -1e308 is 0: the request
+    failed at its end with a 500. Beams of one length tie there, in the order of their scores
+    at any other penalty."""
+    params = dict(n=2, best_of=3, use_beam_search=True, max_tokens=4, ignore_eos=True)
+    want, _ = run_checked(make_engine(), PROMPT, SamplingParams(**params))
+    out, _ = run_checked(make_engine(), PROMPT, SamplingParams(**params, length_penalty=penalty))
+    assert [c.finish_reason for c in out.outputs] == ["length", "length"]
+    assert [c.token_ids for c in out.outputs] == [c.token_ids for c in want.outputs]
