@@ -166,6 +166,14 @@ class GrammarCompiler:
         if probe.is_error():
             raise ValueError(f"structured_outputs.{so.kind} can match no output at all (it "
                              "allows no first token)")
+        # NOTE: every copy shares the lexer, which may pass llguidance's size limit building
+        # the first mask and says so only at the next one (a regex a{1000000}): every copy a
+        # request takes would fail.
+        probe = matcher.deep_copy()
+        probe.compute_bitmask()
+        if probe.is_error():
+            reason = probe.get_error().splitlines()[0]  # then a dump of the parser's state
+            raise ValueError(f"structured_outputs.{so.kind} is too large to match: {reason}")
         with self._lock:
             self._cache[text] = matcher
             while len(self._cache) > self.max_cached:

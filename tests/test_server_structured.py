@@ -179,6 +179,19 @@ def test_a_grammar_that_matches_nothing_is_a_400_naming_the_field(server, so, st
     assert r.status_code == 400 and r.json()["error"]["param"] == "response_format", r.text
 
 
+@pytest.mark.parametrize("so", [{"regex": "a{1000000}"}, {"grammar": "start: /a{1000000}/"}])
+def test_a_grammar_past_llguidances_lexer_limit_is_a_400_naming_the_field(server, so):
+    """Its first mask passed (the check's), and the lexer all copies share went past its limit
+    there: every request's own copy failed at its first step, a 500 carrying a state dump."""
+    r = httpx.post(server.url + "/v1/completions", timeout=60, json={
+        "model": MODEL, "prompt": "a", "max_tokens": 4, "structured_outputs": so})
+    assert r.status_code == 400, r.text[:300]
+    error = r.json()["error"]
+    assert error["param"] == "structured_outputs"
+    assert "too large to match: lexer error: too many expressions" in error["message"]
+    assert len(error["message"]) < 200
+
+
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("path,body,param", [
     ("/v1/chat/completions", {"structured_outputs": {"choice": ["yes", "no"]}},
