@@ -17,6 +17,7 @@ step's forward.
 from __future__ import annotations
 
 import json
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -25,6 +26,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 
 from engine.core.sampling_params import ParamError, StructuredOutputsParams
+
+logger = logging.getLogger("pagedserve." + __name__)
 
 ACCEPTED, ENDED = object(), object()  # GrammarCompiler.advance's verdicts besides an error text
 
@@ -247,7 +250,7 @@ class GrammarCompiler:
             if m is None or r in skip:
                 continue
             if m.is_error():  # a dead end (no token allowed): the row's mask was empty
-                verdicts[r] = m.get_error()
+                verdicts[r] = _error_reason(m)
             elif m.is_stopped():
                 verdicts[r] = ENDED
             else:
@@ -256,5 +259,13 @@ class GrammarCompiler:
             accepted = self.consume([(matchers[r], tokens[r]) for r in rows])
             for r, ok in zip(rows, accepted, strict=True):
                 if not ok:
-                    verdicts[r] = matchers[r].get_error()
+                    verdicts[r] = _error_reason(matchers[r])
         return verdicts
+
+
+def _error_reason(matcher) -> str:
+    """A failed matcher's error for the request's reply: its first line (llguidance follows it
+    with a dump of the parser's state, kilobytes long; the log keeps that)."""
+    text = matcher.get_error()
+    logger.debug("grammar error: %s", text)
+    return text.splitlines()[0] if text else text

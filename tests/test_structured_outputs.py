@@ -12,6 +12,7 @@ from engine.core.block_manager import BlockManager
 from engine.core.outputs import EngineCoreRequest
 from engine.core.scheduler import Scheduler
 from engine.core.sequence import Sequence
+from engine.structured_outputs import ACCEPTED, GrammarCompiler
 
 jsonschema = pytest.importorskip("jsonschema")
 llguidance_numpy = pytest.importorskip("llguidance.numpy")
@@ -289,3 +290,32 @@ def test_allowed_token_ids_the_grammar_never_allows_end_the_request_with_their_c
     assert not engine.has_unfinished_requests() and engine.get_stats().kv_blocks_used == 0
     [c] = _sample(engine, so, n=1, max_tokens=4, allowed_token_ids=list(range(1000)))
     assert c.finish_reason != "error" and re.fullmatch("[0-9]+", c.text), c
+
+
+class _FailingMatcher:
+    """A matcher that hit one of llguidance's limits: its error, then a dump of its state."""
+
+    def __init__(self, failed_already: bool):
+        self.failed = failed_already
+
+    def is_error(self):
+        return self.failed
+
+    def is_stopped(self):
+        return False
+
+    def consume_token(self, token):
+        self.failed = True
+        return False
+
+    def get_error(self):
+        return "Too many items (limit 50000; ff_tokens)\n" + "Parser state: ...\n" * 2000
+
+
+@pytest.mark.parametrize("failed_already", [True, False], ids=["dead-end", "refused"])
+def test_a_grammar_error_reaches_the_request_as_its_first_line(failed_already):
+    """A limit hit mid-generation fails the request with llguidance's reason, not the kilobytes
+    of parser state after it (the reply's error message carried all of it)."""
+    compiler = GrammarCompiler(lambda: None, vocab_size=64)
+    verdicts = compiler.advance([_FailingMatcher(failed_already), None], [5, 6], skip=set())
+    assert verdicts == ["Too many items (limit 50000; ff_tokens)", ACCEPTED]
