@@ -10,16 +10,21 @@ from conftest import require_gpu
 pytestmark = pytest.mark.gpu
 cupy = require_gpu()
 
+from test_cuda_sampling import numpy_sampling_tensors as greedy_tensors  # noqa: E402
+
 from engine.executor.ops import SamplingTensors, cuda_sampling, numpy_sampling  # noqa: E402
 from engine.executor.ops.cuda_ops import CudaOps  # noqa: E402
 
 
-def greedy_tensors(rows: int) -> SamplingTensors:
-    return SamplingTensors(np.zeros(rows, np.float32), np.zeros(rows, np.int32),
-                           np.ones(rows, np.float32), np.zeros(rows, np.float32),
-                           np.arange(rows, dtype=np.uint64), np.zeros(rows, np.uint32),
-                           np.zeros(rows, np.float32), np.zeros(rows, np.float32),
-                           np.ones(rows, np.float32))
+def sample_both(logits: np.ndarray, t: SamplingTensors, kind: str):
+    """(cuda's, numpy's) SamplerOutput of float32 `logits` with cuda_sampling.SAMPLER = kind."""
+    ops = CudaOps("bfloat16")
+    saved, cuda_sampling.SAMPLER = cuda_sampling.SAMPLER, kind
+    try:
+        return ops.sample(cupy.asarray(logits), t), numpy_sampling.sample(logits, t)
+    finally:
+        cuda_sampling.SAMPLER = saved
+        ops.close()
 
 
 def same_nan(got: np.ndarray, want: np.ndarray) -> None:
@@ -61,7 +66,6 @@ def test_argmax_of_a_row_of_nan_and_minus_inf_is_0(vocab, kind, sampled):
     """numpy_sampling.argmax reads NaN as -inf, so a row whose only numbers are -inf answers 0
     even where id 0 is a NaN; the cuda argmaxes (`ahead` per element) took the lowest -inf id,
     on every sampler and path but the 16-byte twopass one."""
-    ops = CudaOps("bfloat16")
     rng = np.random.default_rng(vocab)
     logits = np.full((4, vocab), -np.inf, np.float32)
     logits[0, 0] = np.nan
@@ -71,12 +75,7 @@ def test_argmax_of_a_row_of_nan_and_minus_inf_is_0(vocab, kind, sampled):
     t = greedy_tensors(4)
     if sampled:  # sample_kernel (bisect: its own) on greedy and sampled rows alike
         t.temperature = np.array([0.0, 0.8, 0.8, 0.0], np.float32)
-    saved, cuda_sampling.SAMPLER = cuda_sampling.SAMPLER, kind
-    try:
-        got, want = ops.sample(cupy.asarray(logits), t), numpy_sampling.sample(logits, t)
-    finally:
-        cuda_sampling.SAMPLER = saved
-        ops.close()
+    got, want = sample_both(logits, t, kind)
     np.testing.assert_array_equal(want.token_ids[:3], [0, 0, 0])
     np.testing.assert_array_equal(got.token_ids, want.token_ids)
 
@@ -88,7 +87,6 @@ def test_top_logprobs_of_a_row_holding_nan(vocab, num_logprobs, kind):
     """The top logprobs rank the raw logits, then the NaN in id order (numpy_sampling's stable
     argsort of -logits); the kernels' `ahead` never takes a NaN, so a row holding some answered
     0x7fffffff as the ids past its numbers."""
-    ops = CudaOps("bfloat16")
     rng = np.random.default_rng(vocab)
     logits = rng.standard_normal((4, vocab)).astype(np.float32)
     logits[0, rng.integers(0, vocab, vocab - 10)] = np.nan  # most ids NaN
@@ -96,12 +94,7 @@ def test_top_logprobs_of_a_row_holding_nan(vocab, num_logprobs, kind):
     logits[2, [3, 9]] = np.nan
     t = greedy_tensors(4)
     t.num_logprobs = num_logprobs
-    saved, cuda_sampling.SAMPLER = cuda_sampling.SAMPLER, kind
-    try:
-        got, want = ops.sample(cupy.asarray(logits), t), numpy_sampling.sample(logits, t)
-    finally:
-        cuda_sampling.SAMPLER = saved
-        ops.close()
+    got, want = sample_both(logits, t, kind)
     assert want.top_ids[1].tolist() == list(range(num_logprobs))
     np.testing.assert_array_equal(got.token_ids, want.token_ids)
     np.testing.assert_array_equal(got.top_ids, want.top_ids)
@@ -115,7 +108,6 @@ def test_logprobs_of_a_row_holding_inf_are_nan(vocab, kind):
     """log_softmax of a row holding +inf is NaN everywhere (inf - inf; numpy's, torch's, and the
     bisect and row_logprobs kernels'); sample_kernel's online sum counted the infs, so its top
     logprobs were -inf at the other ids (NaN only on the scalar path's second inf)."""
-    ops = CudaOps("bfloat16")
     rng = np.random.default_rng(vocab)
     logits = rng.standard_normal((3, vocab)).astype(np.float32)
     logits[0, 17] = np.inf
@@ -124,14 +116,34 @@ def test_logprobs_of_a_row_holding_inf_are_nan(vocab, kind):
     t = greedy_tensors(3)
     t.temperature = np.array([0.0, 0.7, 0.0], np.float32)
     t.num_logprobs = 5
-    saved, cuda_sampling.SAMPLER = cuda_sampling.SAMPLER, kind
-    try:
-        got, want = ops.sample(cupy.asarray(logits), t), numpy_sampling.sample(logits, t)
-    finally:
-        cuda_sampling.SAMPLER = saved
-        ops.close()
+    got, want = sample_both(logits, t, kind)
     assert np.isnan(want.top_logprobs).all() and np.isnan(want.logprobs).all()
     np.testing.assert_array_equal(got.token_ids, want.token_ids)
     np.testing.assert_array_equal(got.top_ids, want.top_ids)
     same_nan(got.top_logprobs, want.top_logprobs)
     same_nan(got.logprobs, want.logprobs)
+
+
+@pytest.mark.parametrize("vocab", [4096, 1001], ids=["vectorized", "scalar"])
+@pytest.mark.parametrize("kind", ["select", "twopass", "bisect"])
+def test_sampled_rows_with_nan_or_inf_logits_take_the_argmax(vocab, kind):
+    """A broken model's sampled row (temperature > 0) holding a NaN or an inf has no distribution:
+    numpy_sampling takes the argmax of the rest (`not isfinite(row.max())`; a row of NaN: 0), and
+    every sampler and load path must too (the scalar path drew over NaN probabilities)."""
+    rng = np.random.default_rng(vocab)
+    rows = 6
+    logits = (rng.standard_normal((rows, vocab)) * 2).astype(np.float32)
+    logits[0, rng.integers(0, vocab, 40)] = np.nan
+    logits[1, rng.integers(0, vocab, 3)] = np.nan
+    logits[2, [vocab - 3, 17]] = np.inf  # the lower id of the two
+    logits[3] = np.nan
+    logits[4, 8:16] = np.nan  # a thread's whole share on the 16-byte path (8 ids a thread)
+    t = greedy_tensors(rows)
+    t.temperature = np.full(rows, 0.8, np.float32)
+    t.top_k = np.array([0, 20, 0, 20, 50, 0], np.int32)
+    t.top_p = np.array([1.0, 1.0, 0.9, 0.9, 1.0, 1.0], np.float32)
+    for step in range(8):
+        t.steps = np.full(rows, step, np.uint32)
+        got, want = sample_both(logits, t, kind)
+        assert want.token_ids[2] == 17 and want.token_ids[3] == 0
+        np.testing.assert_array_equal(got.token_ids[:5], want.token_ids[:5])

@@ -377,14 +377,20 @@ os._exit(9)
 """
 
 
-def test_a_remote_rank_that_dies_while_loading_fails_the_start_at_once(monkeypatch):
-    """Rank 0 cannot see another host's process: the closed connection tells it."""
+def _fake_rank(code: str, port: int) -> subprocess.Popen:
+    """A hand-written rank: `code` run with rank 0's port as its argument, the checkout on its
+    path."""
     from test_two_process import ROOT
 
+    return subprocess.Popen([sys.executable, "-c", code, str(port)],
+                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+
+
+def test_a_remote_rank_that_dies_while_loading_fails_the_start_at_once(monkeypatch):
+    """Rank 0 cannot see another host's process: the closed connection tells it."""
     monkeypatch.setenv(workers.SECRET_ENV, "the hosts' secret")
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-c", _DIES_WHILE_LOADING, str(port)],
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = _fake_rank(_DIES_WHILE_LOADING, port)
     try:
         start = time.monotonic()
         with pytest.raises(CommunicatorError, match=r"connection to rank 0 .* closed"):
@@ -400,14 +406,11 @@ def test_a_remote_rank_that_dies_while_loading_fails_the_start_at_once(monkeypat
 def test_a_rank_out_of_range_fails_the_start_saying_so(monkeypatch, rank, says):
     """A worker started by hand with a --rank the group does not have: the error names the
     rank and the group's size (it read as a message "out of turn" before)."""
-    from test_two_process import ROOT
-
     monkeypatch.setenv(workers.SECRET_ENV, "the hosts' secret")
     port = free_port()
     code = _DIES_WHILE_LOADING.replace('{"rank": 1}', f'{{"rank": {rank}}}')
     assert f'"rank": {rank}' in code
-    proc = subprocess.Popen([sys.executable, "-c", code, str(port)],
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = _fake_rank(code, port)
     try:
         with pytest.raises(CommunicatorError, match=rf"rank {rank} joined rank 0 .*{says}"):
             _llm(2, tp_local_ranks=1, master_port=port)
@@ -484,10 +487,7 @@ def test_rank_0_drops_a_stranger_that_claims_a_rank(monkeypatch):
     port = free_port()
     stranger = _DIES_WHILE_LOADING.replace("os.environ[\"PAGEDSERVE_TP_SECRET\"]", "'guess'")
     assert "'guess'" in stranger
-    from test_two_process import ROOT
-
-    proc = subprocess.Popen([sys.executable, "-c", stranger, str(port)],
-                            env={**os.environ, "PYTHONPATH": str(ROOT)})
+    proc = _fake_rank(stranger, port)
     try:
         with pytest.raises(CommunicatorError, match=r"rank\(s\) \[1\] did not join"):
             _llm(2, tp_local_ranks=1, master_port=port)
