@@ -88,6 +88,26 @@ def test_gguf_string_value_that_is_not_utf8_names_the_file(tmp_path):
         load_model(str(path), NumpyOps())
 
 
+@pytest.mark.parametrize("key, field, value", [
+    ("llama.attention.layer_norm_rms_epsilon", "rms_norm_eps", float("nan")),
+    ("llama.attention.layer_norm_rms_epsilon", "rms_norm_eps", float("inf")),
+    ("llama.rope.freq_base", "rope_theta", float("nan")),
+    ("llama.rope.freq_base", "rope_theta", float("inf")),
+])
+def test_gguf_norm_eps_or_rope_base_that_is_nan_or_inf_is_refused(tmp_path, key, field, value):
+    """The check was `value <= 0`, which NaN passes: a GGUF whose epsilon is NaN loaded and every
+    RMSNorm gave NaN (an inf base: every rotation but the first pair's frequency 0). Now a
+    GGUFError naming the file and the field, as a config.json NaN is a ConfigError."""
+    path = tmp_path / "m.gguf"
+    write_tiny_gguf(path, extra=lambda w: w.add_float32(key, value))  # overrides the written one
+    with pytest.raises(GGUFError, match=rf"{re.escape(str(path))}: {field} must be a finite"):
+        load_model(str(path), NumpyOps())
+    folder = golden_copy(tmp_path)
+    edit_config(folder, **{field: value})  # json writes NaN / Infinity, and reads them back
+    with pytest.raises(ConfigError, match=f"{field} must be a finite number > 0, got {value}"):
+        load_model(str(folder), NumpyOps())
+
+
 # ----------------------------------------------------------------------------- safetensors
 
 

@@ -86,8 +86,10 @@ class ModelConfig:
             setattr(self, name, int(value))  # (GGUF metadata holds numpy integers)
         for name in ("rms_norm_eps", "rope_theta"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, numbers.Real) or value <= 0:
-                raise ConfigError(f"{name} must be a number > 0, got {value!r}")
+            # not `value <= 0`: NaN passed it (every norm, or every rotation, NaN), as did inf
+            if (isinstance(value, bool) or not isinstance(value, numbers.Real)
+                    or not 0 < value < float("inf")):
+                raise ConfigError(f"{name} must be a finite number > 0, got {value!r}")
             setattr(self, name, float(value))
         if self.rope_scaling is not None and not isinstance(self.rope_scaling, dict):
             raise ConfigError(f"rope_scaling must be an object, got {self.rope_scaling!r}")
