@@ -228,16 +228,30 @@ __device__ __forceinline__ void g3_float8(const uint4* r, float* f) {
   for (int e = 0; e < 8; e++) f[e] = to_float(h[e]);
 }
 
+// max(a, b), NaN if either is (the twin's np.max): fmaxf would drop a NaN of x, which then
+// quantized to 0 in a group of finite dx, and the product came out finite where the twin's (and
+// the float GEMVs') is NaN. One instruction, as fmaxf, from sm_80.
+__device__ __forceinline__ float g3_max_nan(float a, float b) {
+#if __CUDA_ARCH__ >= 800
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+#else
+  return a != a || b != b ? __int_as_float(0x7FFFFFFF) : fmaxf(a, b);
+#endif
+}
+
 // Values k .. k + 7 of row m (held by this thread; threads 4 t .. 4 t + 3 of a warp hold 32
 // values from a multiple of 32) quantized into the staged copy (module NOTE); returns their
-// group's dx, and with qv their quantized values.
+// group's dx, and with qv their quantized values. A group holding a NaN (inf) has amax and dx
+// NaN (inf), id 0 and every q 0 (cvt takes the NaN of inf * 0 to 0): its products are NaN.
 __device__ __forceinline__ float g3_quantize8(const float* f, int m, int k, int K, u8* xq,
                                               float* xd, int* xs, int* qv = nullptr) {
   float amax = 0.f;
 #pragma unroll
-  for (int e = 0; e < 8; e++) amax = fmaxf(amax, fabsf(f[e]));
-  amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
-  amax = fmaxf(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
+  for (int e = 0; e < 8; e++) amax = g3_max_nan(amax, fabsf(f[e]));
+  amax = g3_max_nan(amax, __shfl_xor_sync(0xffffffffu, amax, 1));
+  amax = g3_max_nan(amax, __shfl_xor_sync(0xffffffffu, amax, 2));
   const float id = amax > 0.f ? __fdiv_rn(127.f, amax) : 0.f;
   unsigned w[2] = {0u, 0u};
   int s = 0;

@@ -52,6 +52,35 @@ def test_x_quantization_is_the_twin_bit_for_bit(ops, m, cols):
     np.testing.assert_array_equal(sums.get(), want[2])
 
 
+def test_nan_or_inf_in_x_makes_its_row_nan_as_the_twin(ops, monkeypatch):
+    """fmaxf dropped a NaN of x from its group's amax: the NaN quantized to 0 in a group of
+    finite dx and the row's products came out finite where the twin's (and the float GEMVs') are
+    NaN (after an fp16 overflow the norm hands the GEMV NaN and zeros: y was all zeros). A group
+    holding a NaN (an inf) has dx NaN (inf) and q 0, as gguf_dot.quantize_x: the row is NaN."""
+    x_h = np.random.default_rng(5).standard_normal((3, 2048)).astype(np.float32)
+    x_h[0, 40] = np.nan  # row 0, group 1
+    x_h[1, 100] = -np.inf  # row 1, group 3
+    x = ops.from_host(x_h)
+    q, dx, sums, _ = cq.quantize_x(x, ops.ctype)
+    want = gguf_dot.quantize_x(ops.to_host(x))
+    assert np.isnan(want[1][0, 1]) and want[1][1, 3] == np.inf
+    np.testing.assert_array_equal(q.get(), want[0])
+    np.testing.assert_array_equal(dx.get(), want[1])  # NaN where the twin's is NaN
+    np.testing.assert_array_equal(sums.get(), want[2])
+    for kind in ("Q4_K", "Q8_0", "Q6_K"):
+        w, host = weight(kind, 37, 2048)
+        got = ops.to_host(cq.gemv(x, w, cupy.empty((3, 37), ops.storage), ops.ctype,
+                                  version="v3"))
+        twin = gguf_dot.linear(ops.to_host(x), host)
+        assert np.isnan(twin[:2]).all() and np.isnan(got[:2]).all(), kind
+        assert rel(got[2], twin[2]) < TWIN_TOL[ops.dtype], kind
+        # the lm_head's two-term x (v3x2): the float product's NaN too
+        w.quantize_x = False
+        monkeypatch.setattr(cq, "GEMV3_X2", True)
+        assert cq.gemv_version(x[:1], w) == "v3x2"
+        assert np.isnan(ops.to_host(ops.linear(x[:1], w))).all(), kind
+
+
 def test_x_quantization_with_the_fused_norm(ops):
     """The fused add + norm rounds where rms_norm.cu rounds: q is the twin's of what the unfused
     ops hand the GEMV, up to 1 where the norm's sum rounds differently in its last bit."""

@@ -3,6 +3,8 @@ regrouped products (GPU side: tests/test_cuda_gguf_dp4a.py)."""
 
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 import pytest
 
@@ -22,6 +24,25 @@ def test_quantize_x_rounds_half_to_even_and_keeps_zero_blocks():
     assert not q[0, 32:].any() and dx[0, 1] == 0 and not q[1, :32].any()
     assert q[1, 32] == -127 and abs(int(q[1, 63])) < 127
     np.testing.assert_array_equal(sums, q.reshape(2, 2, 32).astype(np.int32).sum(-1))
+
+
+def test_a_nan_or_inf_in_x_makes_its_group_and_row_nan():
+    """A group holding a NaN (an inf): dx NaN (inf), q 0, and every product of the row NaN, as
+    the float product's; q was the int8 cast of NaN (undefined: numpy warned), and the cuda
+    kernel's max dropped the NaN (tests/test_cuda_gguf_dp4a.py)."""
+    x = np.random.default_rng(4).standard_normal((3, 64)).astype(np.float32)
+    x[0, 3], x[1, 40] = np.nan, np.inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no cast of NaN to int8
+        q, dx, sums = gguf_dot.quantize_x(x)
+    assert np.isnan(dx[0, 0]) and dx[1, 1] == np.inf and np.isfinite(dx[[0, 1, 2], [1, 0, 0]]).all()
+    assert not q[0, :32].any() and not q[1, 32:].any() and sums[0, 0] == sums[1, 1] == 0
+    w = QuantizedWeight("Q8_0", (5, 64), gguf_quants.random_blocks(
+        "Q8_0", (5, 64), 0.02, np.random.default_rng(0)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # inf * 0
+        y = gguf_dot.linear(x, w)
+    assert np.isnan(y[:2]).all() and np.isfinite(y[2]).all()
 
 
 def test_quantize_x_error_is_half_a_step():

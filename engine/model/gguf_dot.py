@@ -4,7 +4,8 @@ GPU kernels quantize activations the same way).
 
 x (M, K) is quantized per 32 values: dx = amax / 127, q = rint(x * (127 / amax)) (half to even,
 |q| <= 127; amax = 0 gives dx = 0, q = 0), with every division and product rounded to float32
-once. Then per 32 values of a weight row
+once. A group holding a NaN (an inf) has amax and dx NaN (inf) and q = 0: its products are NaN,
+as x's NaN makes the float product's. Then per 32 values of a weight row
     Q8_0  dx * d * (q_w . q)
     Q4_K  dx * (a * (u . q) - b * sum q)      a = d * sc, b = dmin * mn  (gguf_quants)
     Q6_K  dx * d * (sc0 * (w0 . q0) + sc1 * (w1 . q1))   per 16 values: w = u - 32, int8 sc
@@ -57,7 +58,9 @@ def quantize_x(x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     positive = amax > 0
     inv = np.zeros_like(amax)
     inv[positive] = np.float32(127) / amax[positive]
-    q = np.rint(xb * inv[..., None]).astype(np.int8)
+    with np.errstate(invalid="ignore"):  # inf * 0
+        scaled = xb * inv[..., None]  # NaN only in a group of amax NaN or inf (inv 0): q 0 there
+    q = np.rint(np.where(np.isnan(scaled), np.float32(0), scaled)).astype(np.int8)
     dx = (amax / np.float32(127)).astype(np.float32)
     return q.reshape(m, k), dx, q.sum(axis=-1, dtype=np.int32)
 
