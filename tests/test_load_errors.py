@@ -88,6 +88,40 @@ def test_gguf_string_value_that_is_not_utf8_names_the_file(tmp_path):
         load_model(str(path), NumpyOps())
 
 
+def _tensor_info_at(b: bytes, name: str) -> int:
+    """Byte offset of the n_dims field of tensor `name`'s info in a GGUF file's bytes."""
+    key = name.encode()
+    return b.find(struct.pack("<Q", len(key)) + key) + 8 + len(key)
+
+
+@pytest.mark.parametrize("dequantize", [False, True])
+def test_gguf_truncated_or_of_an_unknown_type_names_the_tensor(tmp_path, dequantize):
+    """gguf.GGUFReader failed on these in numpy's words, naming no tensor: "cannot reshape array
+    of size 231 into shape (256,)" for a file cut short, "np.uint32(99) is not a valid
+    GGMLQuantizationType" for a type it does not know. Now a GGUFError naming the tensor."""
+    import gguf
+
+    path = tmp_path / "m.gguf"
+    write_tiny_gguf(path)
+    intact = path.read_bytes()
+    last = max(gguf.GGUFReader(path).tensors, key=lambda t: t.data_offset).name
+    path.write_bytes(intact[:-100])
+    with pytest.raises(GGUFError, match=rf"tensor {last!r} \(F32 .* the file is truncated"):
+        load_model(str(path), NumpyOps(), gguf_dequantize=dequantize)
+    b = bytearray(intact)
+    at = _tensor_info_at(b, "blk.1.attn_k.weight")
+    struct.pack_into("<I", b, at + 4 + 8 * struct.unpack_from("<I", b, at)[0], 99)  # its type
+    path.write_bytes(bytes(b))
+    with pytest.raises(GGUFError, match="tensor 'blk.1.attn_k.weight' has GGML type 99"):
+        load_model(str(path), NumpyOps(), gguf_dequantize=dequantize)
+    b = bytearray(intact)
+    at = _tensor_info_at(b, "blk.0.ffn_up.weight")
+    struct.pack_into("<I", b, at, 5)  # 5 dimensions
+    path.write_bytes(bytes(b))
+    with pytest.raises(GGUFError, match="tensor 'blk.0.ffn_up.weight' has 5 dimensions"):
+        load_model(str(path), NumpyOps(), gguf_dequantize=dequantize)
+
+
 @pytest.mark.parametrize("key, field, value", [
     ("llama.attention.layer_norm_rms_epsilon", "rms_norm_eps", float("nan")),
     ("llama.attention.layer_norm_rms_epsilon", "rms_norm_eps", float("inf")),

@@ -118,7 +118,8 @@ _STRING, _ARRAY = 8, 9  # GGUF's value types
 def _check_metadata_sizes(path: Path) -> None:
     """Every length in the key-value header fits in the file. gguf.GGUFReader trusts them: an
     array claiming 2**40 items in a 300 KB file made it read past the end for ever, its memory
-    growing ~130 MB/s."""
+    growing ~130 MB/s. Then every tensor's type is one GGML knows and its data lies inside the
+    file (_check_tensor_info)."""
     data = np.memmap(path, np.uint8, mode="r")
     size, at = len(data), 16  # past the magic, the version and the tensor count
 
@@ -158,9 +159,60 @@ def _check_metadata_sizes(path: Path) -> None:
     version = int.from_bytes(data[4:8].tobytes(), "little") if size >= 8 else 0
     if size < 24 or data[:4].tobytes() != b"GGUF" or version < 2:
         return  # the reader's own message says what is wrong (version 1: other widths)
+    alignment = 32  # GGUF_DEFAULT_ALIGNMENT, unless general.alignment says otherwise
     for _ in range(min(u(8), size)):  # key-value pairs: a key, its type, its value
-        skip(u(8))
-        value(u(4))
+        length = u(8)
+        key = data[at:at + min(length, 64)].tobytes()
+        skip(length)
+        kind = u(4)
+        if key == b"general.alignment" and kind == 4:  # a uint32
+            alignment = u(4)
+        else:
+            value(kind)
+    # the tensor infos: name, dims (fastest first), GGML type, offset into the aligned data
+    tensors = int.from_bytes(data[8:16].tobytes(), "little")
+    if tensors > (size - at) // 24:  # an info takes 24 bytes at least
+        raise GGUFError(f"{path}: the GGUF header claims {tensors} tensors, more than the file "
+                        f"holds (at byte {at} of {size})")
+    infos = []
+    for _ in range(tensors):
+        length = u(8)
+        name = data[at:at + length].tobytes().decode("utf-8", "replace")
+        skip(length)
+        n_dims = u(4)
+        if n_dims > 4:  # GGML_MAX_DIMS
+            raise GGUFError(f"{path}: tensor {name!r} has {n_dims} dimensions; GGML has 4 at most")
+        dims = [u(8) for _ in range(n_dims)]
+        infos.append((name, dims, u(4), u(8)))
+    if 0 < alignment and not alignment & (alignment - 1):  # else the reader's own message
+        start = -(-at // alignment) * alignment
+        for info in infos:
+            _check_tensor_info(path, size, start, *info)
+
+
+def _check_tensor_info(path: Path, size: int, start: int, name: str, dims: list, kind: int,
+                       offset: int) -> None:
+    """A tensor's GGML type is one the gguf package knows, its rows whole blocks and its data
+    inside the file. gguf.GGUFReader failed on these in numpy's or the enum's words, naming no
+    tensor ("cannot reshape array of size 231 into shape (256,)", "99 is not a valid
+    GGMLQuantizationType")."""
+    from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    try:
+        kind = GGMLQuantizationType(kind)
+    except ValueError:
+        raise GGUFError(f"{path}: tensor {name!r} has GGML type {kind}, which the gguf package "
+                        "does not know (a newer or damaged file)") from None
+    block, nbytes = GGML_QUANT_SIZES[kind]
+    shape = tuple(reversed(dims))
+    if dims and dims[0] % block:
+        raise GGUFError(f"{path}: tensor {name!r} ({kind.name} {shape}): rows of {dims[0]} values "
+                        f"are not whole {kind.name} blocks of {block}")
+    first = start + offset
+    end = first + int(np.prod(dims, dtype=object)) // block * nbytes
+    if end > size:
+        raise GGUFError(f"{path}: tensor {name!r} ({kind.name} {shape}) lies at bytes {first}.."
+                        f"{end} of a {size}-byte file: the file is truncated or damaged")
 
 
 def _check_architecture(metadata: dict, path):
