@@ -122,6 +122,35 @@ def test_gguf_truncated_or_of_an_unknown_type_names_the_tensor(tmp_path, dequant
         load_model(str(path), NumpyOps(), gguf_dequantize=dequantize)
 
 
+@pytest.mark.parametrize("dequantize", [False, True])
+@pytest.mark.parametrize("name, at, bits", [
+    ("blk.1.attn_v.weight", 5 * 34, 0x7C00),  # Q8_0 block 5's d: +inf
+    ("blk.1.ffn_down.weight", 3 * 176 + 2, 0xFE00),  # Q5_K block 3's dmin: NaN
+    ("blk.0.ffn_down.weight", 208, 0xFC00),  # Q6_K block 0's d: -inf
+    ("blk.1.attn_norm.weight", 4 * 7, None),  # F32 value 7: NaN
+])
+def test_gguf_with_an_inf_or_nan_block_scale_or_value_names_the_tensor(tmp_path, dequantize,
+                                                                        name, at, bits):
+    """A block whose float16 scale is inf or NaN has no values (inf * 0 is NaN), and the GEMVs'
+    factored products and the twin's disagree on it (inf or NaN): the model loaded and served NaN
+    for every token. Refused at load, as llama.cpp's ggml_validate_row_data refuses it, naming
+    the tensor; the kernels check nothing."""
+    import gguf
+    from test_gguf_quantized import write_quantized_gguf
+
+    path = tmp_path / "q.gguf"
+    write_quantized_gguf(path)
+    start = next(t.data_offset for t in gguf.GGUFReader(path).tensors if t.name == name)
+    b = bytearray(path.read_bytes())
+    if bits is None:
+        struct.pack_into("<f", b, start + at, np.nan)
+    else:
+        struct.pack_into("<H", b, start + at, bits)
+    path.write_bytes(bytes(b))
+    with pytest.raises(GGUFError, match=rf"tensor {name!r} .*(inf|nan).*the file is damaged"):
+        load_model(str(path), NumpyOps(), gguf_dequantize=dequantize)
+
+
 @pytest.mark.parametrize("key, field, value", [
     ("llama.attention.layer_norm_rms_epsilon", "rms_norm_eps", float("nan")),
     ("llama.attention.layer_norm_rms_epsilon", "rms_norm_eps", float("inf")),

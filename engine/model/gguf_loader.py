@@ -357,15 +357,27 @@ def _dequantize(reader, path) -> dict[str, np.ndarray]:
     for t in tqdm(reader.tensors, desc="converting GGUF", unit="tensor", disable=None):
         shape = tuple(int(d) for d in reversed(t.shape))  # GGUF lists dims fastest-first
         try:
-            array = dequantize(t.data, t.tensor_type).astype(np.float32).reshape(shape)
+            with np.errstate(invalid="ignore", over="ignore"):  # check_finite names those
+                array = dequantize(t.data, t.tensor_type).astype(np.float32).reshape(shape)
         except NotImplementedError as e:
             raise GGUFError(
                 f"{path}: cannot dequantize {t.name} ({t.tensor_type.name}): {e}"
             ) from None
+        check_finite(array, t.name, t.tensor_type.name, path)
         if t.tensor_type not in exact_in_float32 and np.abs(array).max(initial=0) <= FLOAT16_MAX:
             array = array.astype(np.float16)
         out[t.name] = array
     return out
+
+
+def check_finite(array: np.ndarray, name: str, kind: str, path) -> None:
+    """A tensor holding inf or NaN (a float one, or blocks with such a scale) is a damaged file,
+    refused at load as llama.cpp's ggml_validate_row_data does: it served NaN for every token."""
+    finite = np.isfinite(array)
+    if not finite.all():
+        at = tuple(int(i) for i in np.unravel_index(np.argmin(finite), array.shape))
+        raise GGUFError(f"{path}: tensor {name!r} ({kind}) holds {array[at]} at {at}: the file "
+                        "is damaged (weights must be finite)")
 
 
 def _convert(tensors: dict[str, np.ndarray], c: ModelConfig, path) -> dict[str, np.ndarray]:

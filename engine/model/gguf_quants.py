@@ -31,6 +31,30 @@ BLOCKS = {
 KINDS = tuple(BLOCKS)
 
 
+# byte offsets in a block of its float16 scales (d; then dmin, or Q4_1's m)
+SCALES_AT = {"Q8_0": (0,), "Q4_0": (0,), "Q4_1": (0, 2), "Q4_K": (0, 2), "Q5_K": (0, 2),
+             "Q6_K": (208,)}
+
+
+def nonfinite_scale(kind: str, data: np.ndarray) -> tuple[int, int, float] | None:
+    """(row, block in the row, value) of the first float16 scale that is inf or NaN in blocks
+    data (rows, bytes_per_row), else None. Such a block has no values (inf * 0 is NaN) and the
+    kernels' factored products and the twin's disagree on it (inf or NaN): the loaders refuse
+    it once, as llama.cpp's ggml_validate_row_data, instead of the products checking."""
+    nbytes = BLOCKS[kind][1]
+    blocks = np.asarray(data).reshape(-1, nbytes)
+    bad = np.zeros(len(blocks), bool)
+    for at in SCALES_AT[kind]:
+        bad |= (blocks[:, at + 1] & 0x7C) == 0x7C  # the exponent bits of the high byte all set
+    if not bad.any():
+        return None
+    i = int(np.argmax(bad))
+    per_row = np.asarray(data).shape[-1] // nbytes
+    value = next(v for v in (float(_f16(blocks[i:i + 1], at)[0, 0]) for at in SCALES_AT[kind])
+                 if not np.isfinite(v))
+    return i // per_row, i % per_row, value
+
+
 def row_bytes(kind: str, cols: int) -> int:
     """Bytes of one packed row of `cols` values."""
     values, nbytes = BLOCKS[kind]

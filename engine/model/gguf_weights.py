@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from engine.model import gguf_dot, gguf_quants
 from engine.model.config import ModelConfig
-from engine.model.gguf_loader import GGUFError, GGUFFile, open_gguf, unpermute_rows
+from engine.model.gguf_loader import GGUFError, GGUFFile, check_finite, open_gguf, unpermute_rows
 from engine.model.quantized import QuantizedWeight, dequantize
 from engine.model.weights import LayerWeights, ModelWeights
 
@@ -38,11 +38,20 @@ def _host(tensor, shape: tuple, path) -> QuantizedWeight | np.ndarray:
 
     kind = tensor.tensor_type.name
     if kind in gguf_quants.BLOCKS and len(shape) == 2:
-        return QuantizedWeight(kind, shape, np.asarray(tensor.data).reshape(shape[0], -1))
+        data = np.asarray(tensor.data).reshape(shape[0], -1)
+        bad = gguf_quants.nonfinite_scale(kind, data)
+        if bad is not None:
+            raise GGUFError(f"{path}: tensor {tensor.name!r} ({kind}): block {bad[1]} of row "
+                            f"{bad[0]} has a float16 scale of {bad[2]}: the file is damaged "
+                            "(weights must be finite)")
+        return QuantizedWeight(kind, shape, data)
     try:
-        return gguf_dequantize(tensor.data, tensor.tensor_type).astype(np.float32).reshape(shape)
+        with np.errstate(invalid="ignore", over="ignore"):  # check_finite names those
+            array = gguf_dequantize(tensor.data, tensor.tensor_type).astype(np.float32)
     except NotImplementedError as e:
         raise GGUFError(f"{path}: cannot dequantize {tensor.name} ({kind}): {e}") from None
+    check_finite(array, tensor.name, kind, path)
+    return array.reshape(shape)
 
 
 def _permuted(w, num_heads: int):
