@@ -305,6 +305,11 @@ def test_fp8_checkpoint_errors(tmp_path):
         fp8.from_checkpoint("w", np.zeros((4, 16), np.uint8), np.ones(2, np.float32))
     with pytest.raises(ValueError, match="block-wise"):  # (out / 128, in / 128) = 256 values
         fp8.from_checkpoint("w", np.zeros((256, 16384), np.uint8), np.ones((2, 128), np.float32))
+    # an inf or NaN scale (per tensor or a row's): every token's output on those rows was NaN
+    # or inf, loaded without a word
+    for bad in (np.array([np.inf], np.float32), np.array([1, 1, np.nan, 1], np.float32)):
+        with pytest.raises(ValueError, match=r"w_scale holds (inf|nan) \(value [02]\): a damaged"):
+            fp8.from_checkpoint("w", np.zeros((4, 16), np.uint8), bad)
     for per_row in (np.ones(4, np.float32), np.ones((4, 1), np.float32)):
         assert fp8.from_checkpoint("w", np.zeros((4, 16), np.uint8), per_row).scale.shape == (4,)
     # E4M3 tensors under a config without quantization_config: refused, not read as their

@@ -125,6 +125,10 @@ def from_checkpoint(name: str, data: np.ndarray, scale: np.ndarray) -> Quantized
     # hold `out` values (in = 128 * B): read as per-channel it would scale the wrong rows
     blockwise = scale.ndim > 2 or (scale.ndim == 2 and scale.shape[1] != 1 and scale.size != 1)
     scale = scale.reshape(-1)
+    if not np.isfinite(scale).all():  # checked once here: the kernels multiply it as it is
+        row = int(np.argmin(np.isfinite(scale)))
+        raise ValueError(f"{name}_scale holds {scale[row]} (value {row}): a damaged checkpoint "
+                         "(every token's output on its rows would be NaN or inf)")
     if scale.size == 1:
         scale = np.full(out, scale[0], np.float32)
     elif scale.size != out or blockwise:
