@@ -79,6 +79,19 @@ def test_quantize_rows_bit_exact(ops, rows, k, words, cluster, monkeypatch):
     np.testing.assert_array_equal(cupy.asnumpy(qw.data), fp8.quantize_weight(x_h).data)
 
 
+@pytest.mark.parametrize("cluster", [0, 4])
+def test_quantize_rows_with_nan_and_inf_bit_exact(ops, words, cluster, monkeypatch):
+    """Rows holding a NaN, an inf, only NaN: codes and scales the twin's bit for bit (the twin's
+    np.max had made a NaN row's scale and codes NaN where fmaxf leaves the NaN out)."""
+    monkeypatch.setattr(cuda_fp8, "PLAIN_CLUSTER", cluster)
+    x_h = activations(np.random.default_rng(9), 4, 1024)
+    x_h[0, 17], x_h[1, 700], x_h[2] = np.nan, -np.inf, np.nan
+    x, x_h = upload(ops, x_h)
+    q, s = cuda_fp8.quantize_rows(x, ops.ctype)
+    assert_quantized_equal(q, s, x_h)
+    assert np.isfinite(cupy.asnumpy(s)[[0, 2, 3]]).all()
+
+
 def test_quantize_needs_k_divisible_by_16(ops):
     with pytest.raises(ValueError, match="divisible by 16"):
         ops.quantize_fp8(upload(ops, np.ones((4, 1000)))[0])

@@ -114,6 +114,21 @@ def test_quantize_rows_tiny_row_is_nan_free():
     assert np.isfinite(dequantize(fp8.quantize_weight(x))).all()
 
 
+def test_quantize_rows_leaves_a_nan_out_of_the_scale():
+    """As the kernels' fmaxf: a NaN is the NaN code and the rest of its row encodes as without
+    it (np.max had made the scale NaN and every code of the row NaN; the product is NaN either
+    way, but the codes are held to the kernels' bit for bit); a row of NaN only has scale 1."""
+    x = np.random.default_rng(3).standard_normal((3, 32)).astype(np.float32)
+    clean = x.copy()
+    x[0, 5], x[2] = np.nan, np.nan
+    q, s = fp8.quantize_rows(x)
+    want_q, want_s = fp8.quantize_rows(np.where(np.isnan(x), 0, clean))
+    assert s[0] == want_s[0] and s[2] == 1 and q[0, 5] == fp8.NAN_CODE
+    np.testing.assert_array_equal(np.delete(q[0], 5), np.delete(want_q[0], 5))
+    assert (q[2] == fp8.NAN_CODE).all()
+    assert np.isnan(fp8.fp8_linear(x, fp8.quantize_weight(clean[:, :32]))[[0, 2]]).all()
+
+
 def test_weight_format_and_dequantize():
     rng = np.random.default_rng(2)
     w = rng.standard_normal((16, 32)).astype(np.float32)

@@ -5,9 +5,9 @@ per sign (S.1111.111); largest finite 448, smallest subnormal 2^-9.
 
     encode(x)        round to nearest even; |x| beyond 448 (and +-inf) saturates to +-448; NaN ->
                      0x7F (what CUDA's __nv_cvt_float_to_fp8(x, __NV_SATFINITE, __NV_E4M3) does)
-    quantize_rows(x) per row: s = absmax / 448 (s = 1 where that is 0 or subnormal: an all-zero
-                     row, or one so tiny that 1 / s would overflow to inf and 0 * inf give NaN
-                     codes), q = encode(x * (1 / s))
+    quantize_rows(x) per row: s = absmax / 448 (NaN left out of absmax; s = 1 where that is 0 or
+                     subnormal: an all-zero row, or one so tiny that 1 / s would overflow to inf
+                     and 0 * inf give NaN codes), q = encode(x * (1 / s))
                      (the reciprocal rounded, then one rounded product: vLLM's order, and a
                      multiply, not a division, per value on the GPU); for weights a row is an
                      output channel, for activations a token
@@ -77,7 +77,9 @@ def encode(x: np.ndarray) -> np.ndarray:
 def quantize_rows(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """x (rows, K) float -> (codes (rows, K) uint8, scales (rows,) float32); x ~ dec(q) * s."""
     x = np.asarray(x, np.float32)
-    absmax = np.max(np.abs(x), axis=1) if x.shape[1] else np.zeros(len(x), np.float32)
+    # fmax: a NaN is left out of the absmax, as the kernels' fmaxf leaves it (it encodes as the
+    # NaN code, and the product is NaN either way); np.max made the scale NaN and every code NaN
+    absmax = np.fmax.reduce(np.abs(x), axis=1, initial=np.float32(0))
     scale = (absmax / np.float32(E4M3_MAX)).astype(np.float32)
     # an all-zero row (e.g. padding): any scale encodes it as zeros. A subnormal scale (absmax
     # below 448 * 2^-126) is taken as 1 too: its reciprocal can overflow to inf, and 0 * inf
