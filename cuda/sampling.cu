@@ -51,7 +51,7 @@ struct RowDist {  // what every pass needs to recompute p_i
   long base;
   float smx, temp, inv_t, inv_z;  // inv_t: log2(e) / temp, 0 when not a normal float (divide)
   // Penalties read from the kept counts (no `adjusted` row) when `pen`: this row's slot, null
-  // for a row without one (its logits still take penalized()'s clamp, as in numpy).
+  // for a row without one (penalized() leaves its logits as they are, as numpy does).
   bool pen;
   const int* counts;          // [vocab] the slot's count words
   const unsigned char* seen;  // [vocab / 8] the slot's bitmap, 8 tokens a byte
@@ -65,16 +65,11 @@ __device__ __forceinline__ float pen_one(const RowDist& d, int i, float raw) {
 }
 
 // The same for tokens i0 .. i0 + 7 (i0 a multiple of 8: one byte of the bitmap). Unseen tokens
-// (count 0) only take the clamp, when the frequency penalty is finite (x - f * 0 == x).
+// (count 0) keep their values, when the frequency penalty is finite (x - f * 0 == x): a finite
+// one is inside the clamp, and a -inf, +inf or NaN one stays as it is (penalized()).
 __device__ __forceinline__ void pen8(const RowDist& d, int i0, float* f) {
   const unsigned bits = d.counts != nullptr ? d.seen[i0 >> 3] : 0u;
-  if (bits == 0u && fabsf(d.freq) <= PS_FLT_MAX) {
-#pragma unroll
-    for (int e = 0; e < 8; e++)
-      f[e] = f[e] == -INFINITY || f[e] != f[e]  // a ban stays a ban, a NaN a NaN
-                 ? f[e] : fminf(fmaxf(f[e], -PS_FLT_MAX), PS_FLT_MAX);
-    return;
-  }
+  if (bits == 0u && fabsf(d.freq) <= PS_FLT_MAX) return;
 #pragma unroll
   for (int e = 0; e < 8; e++)
     f[e] = penalized(f[e], (bits >> e) & 1u ? d.counts[i0 + e] : 0, d.rep, d.freq, d.pres);

@@ -13,12 +13,13 @@ constexpr int PROMPT_BIT = 1 << 30;
 // NOTE: explicit _rn intrinsics keep the float32 rounding numpy does (no fused multiply-add); a
 // repetition of 1e-50 is 0 and 1e50 is inf in float32: clamped, as numpy_sampling does, so that
 // the penalized row stays finite (no x / 0, no 0 * inf). A -inf logit is a ban (min_tokens'
-// bias on a stop id, a grammar's mask) and stays -inf, and a NaN (a broken model) stays NaN
-// (fmaxf would make it -FLT_MAX, a number the row then samples around), as in
-// numpy_sampling.apply_penalties: such a row takes the argmax of the rest, penalized or not.
+// bias on a stop id, a grammar's mask) and stays -inf, and a NaN or +inf (a broken model, an
+// fp16 overflow) stays as it is (fmaxf would make NaN -FLT_MAX, fminf +inf FLT_MAX: numbers
+// the row then samples around), as in numpy_sampling.apply_penalties: such a row takes the
+// argmax of the rest, penalized or not. So a finite count-0 logit comes back unchanged.
 __device__ __forceinline__ float penalized(float l, int c, float repetition, float frequency,
                                            float presence) {
-  if (l == -INFINITY || l != l) return l;
+  if (!(fabsf(l) < INFINITY)) return l;
   const int n = c & (PROMPT_BIT - 1);
   if (repetition != 1.f && c != 0) {
     const float r = fminf(fmaxf(repetition, PS_FLT_MIN), PS_FLT_MAX);

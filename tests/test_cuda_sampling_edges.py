@@ -147,3 +147,33 @@ def test_sampled_rows_with_nan_or_inf_logits_take_the_argmax(vocab, kind):
         got, want = sample_both(logits, t, kind)
         assert want.token_ids[2] == 17 and want.token_ids[3] == 0
         np.testing.assert_array_equal(got.token_ids[:5], want.token_ids[:5])
+
+
+@pytest.mark.parametrize("vocab", [4096, 1001], ids=["vectorized", "scalar"])
+@pytest.mark.parametrize("bias", [False, True], ids=["sparse", "dense"])
+@pytest.mark.parametrize("kind", ["select", "twopass", "bisect"])
+def test_inf_logits_take_the_argmax_under_penalties(vocab, bias, kind):
+    """A broken model's +inf logits stay +inf through the penalties, as numpy_sampling keeps
+    them: the row takes the argmax (the lowest inf id) whether or not the step penalizes, by its
+    own penalty or a batchmate's (penalized() and pen8 clamped +inf to FLT_MAX, and the row was
+    sampled: among its infs, at a huge temperature among every token)."""
+    rng = np.random.default_rng(vocab)
+    rows = 4
+    logits = (rng.standard_normal((rows, vocab)) * 2).astype(np.float32)
+    logits[0, [vocab - 5, 40, 41]] = np.inf  # no penalty of its own: its batchmates' only
+    logits[1, [300, 9]] = np.inf  # both seen
+    logits[2, 600] = np.inf  # seen, at a huge temperature
+    t = greedy_tensors(rows)
+    t.temperature = np.array([0.8, 1.0, 3e38, 0.8], np.float32)
+    t.repetition_penalty = np.array([1.0, 1.5, 0.5, 1.3], np.float32)
+    t.frequency_penalty = np.array([0.0, 0.7, -0.5, 0.0], np.float32)
+    t.prompt_ids = np.array([[-1, -1], [9, 300], [600, 3], [5, 6]], np.int32)
+    t.output_ids = np.array([[-1, -1], [9, 2], [600, 600], [7, -1]], np.int32)
+    if bias:  # the dense path: penalties on a float32 copy of the biased logits
+        t.bias_ids = np.full((rows, 1), 11, np.int32)
+        t.bias_values = np.full((rows, 1), 0.5, np.float32)
+    for step in range(10):
+        t.steps = np.full(rows, step, np.uint32)
+        got, want = sample_both(logits, t, kind)
+        assert want.token_ids[:3].tolist() == [40, 9, 600]
+        np.testing.assert_array_equal(got.token_ids[:3], want.token_ids[:3])

@@ -426,6 +426,28 @@ def test_nan_logits_take_the_argmax_under_penalties_too():
         assert sample(logits, t).token_ids.tolist() == [4, 0, 4], seed
 
 
+def test_inf_logits_take_the_argmax_under_penalties():
+    """+inf stays +inf through the penalties (a broken model's logit, an fp16 overflow), as NaN
+    does: a row holding one takes the argmax (the lowest inf id) whether or not the step
+    penalizes. Clamped to FLT_MAX, the row was sampled as soon as any row of the step had a
+    penalty, its own or a batchmate's: among its infs, at a huge temperature among every token."""
+    logits = np.array([[0.5, np.inf, np.inf, 1.0, 0.0],
+                       [0.5, np.inf, -2.0, 1.0, 0.0],
+                       [0.5, 1.0, -2.0, 3.0, 0.0]], np.float32)
+    # row 0 has no penalty of its own; row 1's inf is seen (repetition) at a huge temperature
+    t = _tensors(3, temperature=[1.0, 1e38, 1.0], repetition_penalty=[1.0, 1.5, 1.5],
+                 frequency_penalty=[0.0, 0.5, 0.0], prompt_ids=[[-1], [1], [3]],
+                 output_ids=[[-1], [1], [4]])
+    words = count_words(t.prompt_ids, t.output_ids, 3, 5)
+    assert np.isposinf(apply_penalties(logits, t, words)[:2, 1]).all()
+    alone = _tensors(2, temperature=[1.0, 1e38])
+    for seed in range(50):
+        t.seeds = np.full(3, seed, np.uint64)
+        alone.seeds = t.seeds[:2]
+        assert sample(logits[:2], alone).token_ids.tolist() == [1, 1]
+        assert sample(logits, t).token_ids[:2].tolist() == [1, 1], seed
+
+
 def test_top_logprobs_rank_the_raw_logits_with_nan_last():
     """The top logprobs follow the raw logits (value desc, id asc, then NaN in id order), as the
     cuda kernels' next_top: a row holding a NaN has only NaN logprobs (ranked by those: ids 0, 1,

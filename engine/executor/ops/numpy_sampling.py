@@ -105,9 +105,11 @@ def apply_penalties(logits: np.ndarray, t: SamplingTensors, words: np.ndarray) -
     penalized logits to [-FLT_MAX, FLT_MAX], so no penalty makes an inf or nan. A logit already
     -inf (a ban: min_tokens' bias on a stop id) stays -inf: clamped to -FLT_MAX, a huge
     temperature would give it weight, and a row with every token banned would no longer take the
-    argmax. A NaN logit (a broken model) stays NaN, so its row takes the argmax of the rest
-    (sample) whether the step penalizes or not."""
-    banned = np.isneginf(logits)
+    argmax. A NaN or +inf logit (a broken model, an fp16 overflow) stays as it is, so its row
+    takes the argmax of the rest (sample) whether the step penalizes or not: +inf clamped to
+    FLT_MAX made a row without penalties of its own draw among its infs (or, at a huge
+    temperature, among every token) as soon as a batchmate had a penalty."""
+    raw = logits
     logits = logits.copy()
     for r in range(len(logits)):
         counts = (words[r] & COUNT_MASK).astype(np.float32)
@@ -119,7 +121,7 @@ def apply_penalties(logits: np.ndarray, t: SamplingTensors, words: np.ndarray) -
                 row[seen] = np.where(row[seen] > 0, row[seen] / penalty, row[seen] * penalty)
         logits[r] -= t.frequency_penalty[r] * counts
         logits[r] -= t.presence_penalty[r] * (counts > 0)
-    return np.where(banned, -np.inf, np.clip(logits, -FLT_MAX, FLT_MAX)).astype(np.float32)
+    return np.where(np.isfinite(raw), np.clip(logits, -FLT_MAX, FLT_MAX), raw).astype(np.float32)
 
 
 def argmax(row: np.ndarray) -> int:
