@@ -316,6 +316,13 @@ def test_fp8_checkpoint_errors(tmp_path):
     write_raw_safetensors(folder / "model.safetensors", kept)
     with pytest.raises(LoadError, match="down_proj.weight_scale"):
         load_model(str(folder), NumpyOps())
+    # a scale stored as E4M3 codes: it was read as the codes' integer values (1.0 -> 56.0)
+    scale = "model.layers.0.mlp.down_proj.weight_scale"
+    write_raw_safetensors(folder / "model.safetensors", {
+        **kept, scale: ("F8_E4M3", st.tensors[scale]["shape"],
+                        np.full(st.get(scale).size, 0x38, np.uint8).tobytes())})
+    with pytest.raises(LoadError, match=r"down_proj.weight_scale' in .* is F8_E4M3; an FP8"):
+        load_model(str(folder), NumpyOps())
     with pytest.raises(ValueError, match="block-wise"):
         fp8.from_checkpoint("w", np.zeros((4, 16), np.uint8), np.ones(2, np.float32))
     with pytest.raises(ValueError, match="block-wise"):  # (out / 128, in / 128) = 256 values

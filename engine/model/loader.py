@@ -204,8 +204,12 @@ def load_safetensors_weights(folder: str | Path, config: ModelConfig, ops,
         if name + "_scale" not in files:
             raise LoadError(f"FP8 checkpoint {str(folder)!r} has no {name + '_scale'!r}")
         read.add(name + "_scale")
+        scale_file = files[name + "_scale"]
+        if scale_file.tensors[name + "_scale"]["dtype"] == "F8_E4M3":  # else read as its codes
+            raise LoadError(f"tensor {name + '_scale'!r} in {scale_file.path} is F8_E4M3; an FP8 "
+                            "weight's scale is a float (F32, BF16 or F16)")
         try:
-            return fp8.from_checkpoint(name, array, files[name + "_scale"].get(name + "_scale"))
+            return fp8.from_checkpoint(name, array, scale_file.get(name + "_scale"))
         except ValueError as e:
             raise LoadError(str(e)) from None
 
