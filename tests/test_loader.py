@@ -58,6 +58,11 @@ def test_llama3_rope_scaling_both_spellings():
     assert plain.rope_theta == 1e6 and plain.rope_scaling is None
     with pytest.raises(ConfigError, match="'yarn' is not supported"):
         ModelConfig.from_dict({**LLAMA_CFG, "rope_scaling": {"rope_type": "yarn", "factor": 4}})
+    # an inf factor (json's Infinity) had loaded: every low rotation frequency 0
+    for key in ("factor", "low_freq_factor", "high_freq_factor"):
+        for bad in (float("inf"), float("nan"), 0):
+            with pytest.raises(ConfigError, match=f"rope_scaling.{key} must be a finite number"):
+                ModelConfig.from_dict({**LLAMA_CFG, "rope_scaling": {**scaling, key: bad}})
 
 
 def test_qwen3_explicit_head_dim_and_qk_norm():
@@ -277,10 +282,10 @@ def test_tensors_the_config_leaves_unused_are_named_in_a_warning(tmp_path, caplo
     ({"head_dim": 7}, "head_dim must be even"),
     ({"rope_scaling": {"rope_type": "llama3", "low_freq_factor": 1, "high_freq_factor": 4,
                        "original_max_position_embeddings": 64}},
-     r"rope_scaling.factor must be a number > 0, got None"),
+     r"rope_scaling.factor must be a finite number > 0, got None"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 0, "low_freq_factor": 1,
                        "high_freq_factor": 4, "original_max_position_embeddings": 64}},
-     "rope_scaling.factor must be a number > 0, got 0"),
+     "rope_scaling.factor must be a finite number > 0, got 0"),
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8, "low_freq_factor": 4,
                        "high_freq_factor": 4, "original_max_position_embeddings": 64}},
      r"rope_scaling.high_freq_factor \(4\) must be greater than low_freq_factor"),

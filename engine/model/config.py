@@ -313,8 +313,9 @@ def _check_llama3_scaling(s: dict) -> None:
     """Llama 3.1's rope_scaling fields, each a number the frequency rescaling can use."""
     for key in ("factor", "low_freq_factor", "high_freq_factor"):
         value = s.get(key)
-        if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value > 0:
-            raise ConfigError(f"rope_scaling.{key} must be a number > 0, got {value!r}")
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) \
+                or not 0 < value < float("inf"):
+            raise ConfigError(f"rope_scaling.{key} must be a finite number > 0, got {value!r}")
     old = s.get("original_max_position_embeddings")
     if not is_int(old) or old < 1:
         raise ConfigError(f"rope_scaling.original_max_position_embeddings must be an integer "
