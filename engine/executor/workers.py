@@ -2,13 +2,14 @@
 (run_worker), over one ZeroMQ socket that rank 0 binds at its master address.
 
     rank 0: WorkerGroup                           rank r >= 1: run_worker
+    shard its own slice of the model
     bind ROUTER tcp://master_addr:master_port
     spawn the local ranks 1..K-1  ------------->  connect a DEALER, send HELLO {rank}
     (ranks K..N-1: `pagedserve worker --rank R`
      on their hosts)
     wait for every HELLO  <----------------------
     CONFIG (engine config, communicator setup) ->  attach the shared memory (cpu); load and
-    shard its own                                 shard the model; send LOADED (or FAILED)
+                                                  shard the model; send LOADED (or FAILED)
     wait for every LOADED  <---------------------
     NCCL init (cuda)  <------------------------->  NCCL init (cuda)
     CACHE (KV blocks, max_model_len)  --------->  allocate its KV cache, build its runner (which
