@@ -7,7 +7,7 @@ n = batch.num_new_tokens[i]; it samples iff batch.is_sampling[i] (the scheduler 
 prompt, or recompute, is done). The runner never changes a sequence: the engine core does that
 after the step.
 
-    handle = runner.launch(batch)      # queued on the device; returns at once on cuda
+    handle = runner.launch(batch, sampling)  # queued on the device; returns at once on cuda
     ...                                # the host schedules and launches the next step meanwhile
     sampled = handle.result()          # waits for this step's sampled ids (pinned copy + event)
 
@@ -77,7 +77,7 @@ def num_kv_blocks(model_config: ModelConfig, engine_config: EngineConfig, ops,
     if ops.name == "numpy":
         wanted = blocks_per_seq * min(engine_config.max_num_seqs, NUMPY_KV_FULL_SEQS)
         return max(1, min(wanted, NUMPY_KV_CACHE_BYTES // bytes_per_block))
-    import cupy  # the runner is the one floor-3 module besides the cuda backend that imports it
+    import cupy  # here, not at the top: the numpy backend runs without CuPy
 
     free, total = cupy.cuda.runtime.memGetInfo()
     used = total - free

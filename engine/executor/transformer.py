@@ -60,7 +60,8 @@ class Transformer:
         after writing every new token's k/v to the cache.
 
         input_ids (T,) int32, positions (T,) int32, kv_cache (layers, 2, blocks, kv_heads,
-        block_size, head_dim), logits_indices (R,) int32 -> logits (R, vocab) float32
+        block_size, head_dim), logits_indices (R,) int32 -> logits (R, vocab), float32 on numpy
+        and the compute dtype on cuda
         """
         c = self.config
         x = self.ops.embedding(input_ids, self.weights.embed)  # (T, hidden)
