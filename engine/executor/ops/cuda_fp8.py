@@ -31,7 +31,8 @@ from engine.executor.ops.cuda_fp8_tune import Fp8Tuner, tuning_enabled
 from engine.executor.ops.cuda_kernels import kernel, launch
 from engine.model.quantized import QuantizedWeight
 
-# Rows up to which the GEMV runs instead of cuBLASLt (compiled for 1..8; 0: always cuBLASLt).
+# Rows up to which the GEMV runs instead of cuBLASLt (compiled for 1..8; 0: cuBLASLt where the
+# tensor-core GEMV below does not run).
 # H200, Llama-3-8B shapes (kernel_check --only fp8): the GEMV wins at M <= 4 (qkv, o, down) and
 # M <= 2 for gate_up (28672 outputs), cuBLASLt above (14-48 us at M = 8).
 FP8_GEMV_MAX_M = 4

@@ -84,7 +84,7 @@ NORM_VEC_WIDTHS = (1, 2, 4)  # 16-byte words a thread of rms_norm_vec_kernel hol
 DECODE_GROUPS = (1, 2, 4, 8)  # query heads per decode block (template G); larger groups take passes
 GGUF_KINDS = ("Q8_0", "Q4_0", "Q4_1", "Q4_K", "Q5_K", "Q6_K")  # format structs in cuda/gguf.cu
 GGUF_GEMV_M = (1, 2, 4, 8)  # rows compiled for the GGUF GEMV (fewer rows run the next size up)
-GGUF_GEMV_R = 2  # weight rows per GEMV block (template GG_R); other R at M = 1 for kernel_check
+GGUF_GEMV_R = 2  # weight rows per GEMV row group (template R); other R at M = 1 for kernel_check
 GGUF_GEMV_VARIANTS = [(m, GGUF_GEMV_R) for m in GGUF_GEMV_M] + [(1, 1), (1, 3)]
 GGUF_GEMV2_KINDS = ("Q4_K", "Q8_0")  # formats with a second GEMV (gguf.cu's G2_ structs)
 # the G2_ struct of (kind, weight rows a warp takes at once); Q4_K's 2-row form at M = 1 only
