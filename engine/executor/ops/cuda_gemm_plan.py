@@ -11,7 +11,7 @@ no host time). A plan cuBLASLt refuses, at planning or at run time, sends that s
 cublasGemmEx for good. One plan per distinct M an engine meets (at most max_num_batched_tokens of
 them per weight shape, ~100 bytes each).
 
-    PAGEDSERVE_LEAN_GEMM=0    cublasGemmEx at every call instead. H200, session 7
+    PAGEDSERVE_LEAN_GEMM=0    cublasGemmEx instead (where no tuned plan runs). H200, session 7
                               (tools/profile_prefill_host.py): 13.0 against 16.8 us of host time
                               a call, bit-equal output; with mixed_graphs.py most eager GEMMs
                               are replayed, so what is left is the steps beyond its buckets.
