@@ -222,7 +222,8 @@ class LLM:
 
 
 # The renderer's own arguments, which chat_template_kwargs may not pass (server/extras.py's
-# _RESERVED less the two chat() takes as arguments too).
+# _RESERVED less continue_final_message, which chat() takes as an argument too, and
+# bos_token / eos_token).
 _RESERVED_TEMPLATE_KWARGS = frozenset({"messages", "tokenize", "special_tokens_in_content",
                                        "render_seconds", "chat_template", "self"})
 

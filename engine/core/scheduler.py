@@ -382,7 +382,7 @@ class Scheduler:
 
 
 def _ends_with_pending(seq: Sequence, max_model_len: int) -> bool:
-    """True if the sequence's pending token ends it whatever its value (check_stop's length
+    """True if the sequence's pending token ends it whatever its value (check_stop_ids' length
     rules), so computing past it would be wasted."""
     max_tokens = seq.sampling_params.max_tokens
     num_tokens = len(seq.token_ids) + 1
