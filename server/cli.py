@@ -76,7 +76,7 @@ def _generation_config(text: str) -> str:
 
 
 def _engine_flags() -> argparse.ArgumentParser:
-    """The flags both subcommands share: EngineConfig's, and --log-level."""
+    """The flags serve, generate and trace share: EngineConfig's, and --log-level."""
     p = argparse.ArgumentParser(add_help=False)
     g = p.add_argument_group("engine")
     g.add_argument("--device", choices=("auto", "cuda", "cpu", "numpy"), default="auto",
@@ -238,7 +238,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "prefix caching, to the core that ran its prompt's first blocks "
                         "(default: 1)")
     s.add_argument("--max-waiting-requests", type=_positive_int, default=None, metavar="N",
-                   help="answer 429 while N requests already wait for a batch slot "
+                   help="answer 429 while N requests already wait for their first token "
                         "(default: no limit)")
     s.add_argument("--enable-server-load-tracking", action="store_true",
                    help="count generation calls in flight, read at GET /load (vLLM's flag)")
