@@ -1,7 +1,7 @@
 """EngineCore: token ids in, token ids out, one model step at a time.
 
     step():  batch = scheduler.schedule()      which sequences, how many new tokens each
-             handle = runner.launch(batch)      one forward, one sample, queued on the device
+             handle = runner.launch(batch, ...) one forward, one sample, queued on the device
              sampled = previous.result()        the step launched one call earlier (overlap)
              postprocess(sampled)               append, check stop ids, free blocks
 
