@@ -49,3 +49,33 @@ def test_chat_logprob_faults_speak_of_top_logprobs():
     with pytest.raises(APIError) as e:
         parse_sampling_params({"logprobs": 30}, chat=False)
     assert e.value.param == "logprobs" and str(e.value.message).startswith("logprobs")
+
+
+def _render(source: str, messages: list[dict], **kwargs) -> str:
+    """`messages`, as the chat routes hand them to the template (parse_messages, then
+    template_messages), rendered by `source` on a vocabulary-less tokenizer."""
+    import tokenizers
+
+    from engine.model.chat_template import template_messages
+    from engine.model.tokenizer import Tokenizer
+
+    tok = Tokenizer(tokenizers.Tokenizer(tokenizers.models.BPE()), "<s>", "</s>", source)
+    chat = template_messages(parse_messages({"messages": messages}))
+    return tok.apply_chat_template(chat, tokenize=False, add_generation_prompt=False, **kwargs)
+
+
+def test_null_fields_are_left_out_as_hf_drops_them():
+    """The openai SDK's message.model_dump() writes "name": None, "refusal": None, ...: HF's
+    apply_chat_template drops a null field (vLLM passes only the ones it knows), so a template's
+    `is defined` test sees none of them (it wrote "name=None")."""
+    source = ("{% for m in messages %}[{{ m.role }}{% if m.name is defined %} name={{ m.name }}"
+              "{% endif %}{% if m.refusal is defined %} refusal={{ m.refusal }}{% endif %}"
+              "{% if m.tool_call_id is defined %} id={{ m.tool_call_id }}{% endif %}"
+              " {{ m | length }}]{{ m.content }}{% endfor %}")
+    messages = [
+        {"role": "user", "content": "hi", "name": None},
+        {"role": "assistant", "content": "4.", "refusal": None, "annotations": None,
+         "audio": None, "function_call": None, "tool_calls": None},
+        {"role": "tool", "content": "21", "tool_call_id": None, "name": None},
+        {"role": "user", "content": "ok", "name": "bob"}]
+    assert _render(source, messages) == "[user 2]hi[assistant 2]4.[tool 2]21[user name=bob 3]ok"

@@ -211,21 +211,25 @@ def cut_at_mark(text: str, mark: str) -> str:
 
 
 def template_messages(messages: list[dict]) -> list[dict]:
-    """Messages as chat templates expect them (as vLLM hands them over): an assistant's tool
-    call arguments as a mapping (OpenAI sends them as JSON text; HF templates write them with
-    `tojson`; empty or missing: {}), an empty list of tool calls, or a null one (the openai SDK's
-    message.model_dump() writes `"tool_calls": None`), left out (Llama 3.1's template takes
-    `'tool_calls' in message` for a turn of calls and refuses both; vLLM drops a null one), and
-    an assistant's `reasoning` also as `reasoning_content` (the name Qwen3's template reads), or
-    the other way round."""
+    """Messages as chat templates expect them (as vLLM hands them over): a field that is null
+    left out (HF's apply_chat_template drops them, vLLM passes only the fields it knows: the
+    openai SDK's message.model_dump() writes `"name": None`, `"refusal": None`, ..., which a
+    template's `message.name is defined` would take for a name and write as "None"), an
+    assistant's tool call arguments as a mapping (OpenAI sends them as JSON text; HF templates
+    write them with `tojson`; empty or missing: {}), an empty list of tool calls, or a null one,
+    left out (Llama 3.1's template takes `'tool_calls' in message` for a turn of calls and
+    refuses both; vLLM drops a null one), and an assistant's `reasoning` also as
+    `reasoning_content` (the name Qwen3's template reads), or the other way round."""
     out = []
     for m in messages:
+        if any(v is None for v in m.values()):
+            m = {k: v for k, v in m.items() if v is not None}
         if m.get("role") != "assistant":
             out.append(m)
             continue
         m = dict(m)
         calls = m.get("tool_calls")
-        if "tool_calls" in m and (calls is None or isinstance(calls, list) and not calls):
+        if isinstance(calls, list) and not calls:
             del m["tool_calls"]
         elif isinstance(calls, list):
             fixed = []
