@@ -79,3 +79,23 @@ def test_null_fields_are_left_out_as_hf_drops_them():
         {"role": "tool", "content": "21", "tool_call_id": None, "name": None},
         {"role": "user", "content": "ok", "name": "bob"}]
     assert _render(source, messages) == "[user 2]hi[assistant 2]4.[tool 2]21[user name=bob 3]ok"
+
+
+def test_reasoning_reaches_the_template_under_each_name():
+    """As HF's apply_chat_template: a message's reasoning (reasoning_content, thinking or
+    reasoning, the first one it has) is also `thinking` (gpt-oss's template reads it; it was
+    left out) and `reasoning_content` (Qwen3's); `reasoning` (vLLM's name) is kept too."""
+    source = ("{% for m in messages %}{{ m | tojson }}|{{ m.thinking }}|{{ m.reasoning_content }}"
+              "|{{ m.reasoning }}\n{% endfor %}")
+    messages = [{"role": "assistant", "content": "4.", "reasoning": "add"},
+                {"role": "assistant", "content": "5.", "reasoning_content": "R", "thinking": "T"},
+                {"role": "assistant", "content": "6.", "thinking": "T"},
+                {"role": "assistant", "content": "7.", "reasoning": None}]
+    assert _render(source, messages) == (
+        '{"thinking": "add", "role": "assistant", "content": "4.", "reasoning": "add", '
+        '"reasoning_content": "add"}|add|add|add\n'
+        '{"thinking": "T", "role": "assistant", "content": "5.", "reasoning_content": "R", '
+        '"reasoning": "R"}|T|R|R\n'
+        '{"thinking": "T", "role": "assistant", "content": "6.", "reasoning_content": "T", '
+        '"reasoning": "T"}|T|T|T\n'
+        '{"role": "assistant", "content": "7."}|||\n')

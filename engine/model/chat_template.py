@@ -218,12 +218,13 @@ def template_messages(messages: list[dict]) -> list[dict]:
     assistant's tool call arguments as a mapping (OpenAI sends them as JSON text; HF templates
     write them with `tojson`; empty or missing: {}), an empty list of tool calls, or a null one,
     left out (Llama 3.1's template takes `'tool_calls' in message` for a turn of calls and
-    refuses both; vLLM drops a null one), and an assistant's `reasoning` also as
-    `reasoning_content` (the name Qwen3's template reads), or the other way round."""
+    refuses both; vLLM drops a null one), and a message's reasoning under each name a template
+    reads (_alias_reasoning)."""
     out = []
     for m in messages:
         if any(v is None for v in m.values()):
             m = {k: v for k, v in m.items() if v is not None}
+        m = _alias_reasoning(m)
         if m.get("role") != "assistant":
             out.append(m)
             continue
@@ -245,8 +246,23 @@ def template_messages(messages: list[dict]) -> list[dict]:
                         pass  # the template gets the text as it came (also: nested too deep)
                 fixed.append({**call, "function": fn} if isinstance(call, dict) else call)
             m["tool_calls"] = fixed
-        for name, alias in (("reasoning", "reasoning_content"), ("reasoning_content", "reasoning")):
-            if isinstance(m.get(name), str) and alias not in m:
-                m[alias] = m[name]
         out.append(m)
     return out
+
+
+# The names a message's reasoning comes under, the first one first (HF's _REASONING_FIELDS).
+_REASONING_FIELDS = ("reasoning_content", "thinking", "reasoning")
+
+
+def _alias_reasoning(m: dict) -> dict:
+    """`m` with its reasoning (the first of _REASONING_FIELDS it has) also as
+    `reasoning_content` (Qwen3's template reads it) and `thinking` (gpt-oss's), as HF's
+    apply_chat_template fills them, and as `reasoning` (vLLM's name for it)."""
+    reasoning = next((m[k] for k in _REASONING_FIELDS if m.get(k) is not None), None)
+    if reasoning is None:
+        return m
+    # HF's key order (a template's `message | tojson` shows it): `thinking` first,
+    # `reasoning_content` where it was, else last
+    m = {"thinking": reasoning, **m, "reasoning_content": reasoning}
+    m.setdefault("reasoning", reasoning)
+    return m
