@@ -99,3 +99,22 @@ def test_reasoning_reaches_the_template_under_each_name():
         '{"thinking": "T", "role": "assistant", "content": "6.", "reasoning_content": "T", '
         '"reasoning": "T"}|T|T|T\n'
         '{"role": "assistant", "content": "7."}|||\n')
+
+
+def test_a_folders_named_special_tokens_are_template_variables(tmp_path):
+    """HF hands a template every named special token of tokenizer_config.json (its
+    special_tokens_map): sep_token, cls_token and mask_token were left undefined."""
+    import json
+
+    import tokenizers
+
+    from engine.model.tokenizer import Tokenizer
+
+    tokenizers.Tokenizer(tokenizers.models.BPE()).save(str(tmp_path / "tokenizer.json"))
+    names = ("bos", "eos", "unk", "sep", "pad", "cls", "mask")
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({
+        **{f"{n}_token": f"<{n}>" for n in names},
+        "chat_template": "|".join(f"{{{{ {n}_token }}}}" for n in names)}))
+    tok = Tokenizer.from_pretrained(tmp_path)
+    assert tok.apply_chat_template([], tokenize=False) == (
+        "<bos>|<eos>|<unk>|<sep>|<pad>|<cls>|<mask>")

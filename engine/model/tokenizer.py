@@ -230,6 +230,10 @@ def _named_templates(chat_template) -> dict[str, str]:
 # ---------------------------------------------------------------------------------------------
 # The tokenizer
 
+# The named special tokens of a tokenizer_config.json that HF hands a chat template (its
+# SPECIAL_TOKENS_ATTRIBUTES less bos_token and eos_token, which Tokenizer holds itself).
+_TEMPLATE_TOKENS = ("unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
+
 
 class Tokenizer:
     def __init__(self, tokenizer: tokenizers.Tokenizer, bos_token: str | None,
@@ -246,7 +250,7 @@ class Tokenizer:
         # As HF: "tool_use" renders a chat with tools where the model has one, else "default".
         self.chat_templates = _named_templates(chat_template)
         self.chat_template = self.chat_templates.get("default")
-        self.special_tokens: dict[str, str] = {}  # unk_token, pad_token: template variables
+        self.special_tokens: dict[str, str] = {}  # unk_token, pad_token, ...: template variables
         self._compiled: dict[str, jinja2.Template] = {}  # by name: at load, so a template
         for name, source in self.chat_templates.items():  # that is no jinja fails there
             import jinja2  # (compile_template's module has it loaded already)
@@ -311,7 +315,8 @@ class Tokenizer:
         except TokenizerError as e:  # a chat template: say which file holds it
             raise TokenizerError(f"{sources.get(getattr(e, 'template', None), config_path)}: "
                                  f"{e}") from None
-        tokenizer.special_tokens = {name: value for name in ("unk_token", "pad_token")
+        # the template variables HF sets besides bos_token and eos_token (its special_tokens_map)
+        tokenizer.special_tokens = {name: value for name in _TEMPLATE_TOKENS
                                     if (value := token(name)) is not None}
         return tokenizer
 
