@@ -118,3 +118,18 @@ def test_a_folders_named_special_tokens_are_template_variables(tmp_path):
     tok = Tokenizer.from_pretrained(tmp_path)
     assert tok.apply_chat_template([], tokenize=False) == (
         "<bos>|<eos>|<unk>|<sep>|<pad>|<cls>|<mask>")
+
+
+@pytest.mark.parametrize("source", [
+    "{% set ns = namespace(_seen=1) %}{{ ns._seen }}",
+    "{% set ns = namespace() %}{% set ns._seen = 1 %}{{ ns._seen }}",
+    "{% set ns = namespace() %}{% set ns.__class__ = 1 %}{{ ns }}"])
+def test_a_namespace_takes_no_underscore_attributes(source):
+    """As HF's: `ns._seen` was undefined (the sandbox reads no underscore attribute), so the
+    template rendered without it; HF refuses it, and so does the server (a 400 naming it)."""
+    import jinja2
+
+    with pytest.raises(jinja2.exceptions.SecurityError, match="underscore-prefixed"):
+        _render(source, [{"role": "user", "content": "hi"}])
+    assert _render("{% set ns = namespace(seen=1) %}{% set ns.more = ns.seen + 1 %}"
+                   "{{ ns.seen }}{{ ns.more }}", [{"role": "user", "content": "hi"}]) == "12"

@@ -17,6 +17,7 @@ import jinja2
 import jinja2.ext
 import jinja2.nodes
 import jinja2.sandbox
+import jinja2.utils
 
 
 def _raise_exception(message):
@@ -129,6 +130,30 @@ class _GenerationBlock(jinja2.ext.Extension):
         return jinja2.nodes.Scope(body, lineno=lineno)
 
 
+class _Namespace(jinja2.utils.Namespace):
+    """namespace() refusing underscore-prefixed attributes, as HF's: the sandbox reads none
+    (`ns._x` was undefined, so a template that stores one rendered without it), and HF's
+    apply_chat_template refuses the template."""
+
+    def __init__(*args, **kwargs):  # jinja's signature trick: namespace(self=...) works
+        self, args = args[0], args[1:]
+        attrs = dict(*args, **kwargs)
+        for name in attrs:
+            _Namespace._check_name(name)
+        jinja2.utils.Namespace.__init__(self, attrs)
+
+    def __setitem__(self, name, value):
+        _Namespace._check_name(name)
+        jinja2.utils.Namespace.__setitem__(self, name, value)
+
+    @staticmethod
+    def _check_name(name):
+        if isinstance(name, str) and name.startswith("_"):
+            raise jinja2.exceptions.SecurityError(
+                f"chat templates cannot store underscore-prefixed attributes on a namespace, "
+                f"got {name!r}")
+
+
 def compile_template(source: str) -> jinja2.Template:
     env = _TimedSandbox(
         trim_blocks=True, lstrip_blocks=True,
@@ -138,6 +163,7 @@ def compile_template(source: str) -> jinja2.Template:
     env.globals["raise_exception"] = _raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
     env.globals["range"] = _TimedRange
+    env.globals["namespace"] = _Namespace
     return env.from_string(source)
 
 
