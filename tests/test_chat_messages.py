@@ -133,3 +133,11 @@ def test_a_namespace_takes_no_underscore_attributes(source):
         _render(source, [{"role": "user", "content": "hi"}])
     assert _render("{% set ns = namespace(seen=1) %}{% set ns.more = ns.seen + 1 %}"
                    "{{ ns.seen }}{{ ns.more }}", [{"role": "user", "content": "hi"}]) == "12"
+
+
+def test_a_call_may_pass_a_keyword_named_self():
+    """The sandbox's call took `self` as its own: namespace(self=...), which HF renders, failed
+    with "got multiple values for argument 'self'"."""
+    assert _render("{% set ns = namespace(self='s', context='c', obj='o') %}"
+                   "{{ ns.self }}{{ ns.context }}{{ ns.obj }}",
+                   [{"role": "user", "content": "hi"}]) == "sco"

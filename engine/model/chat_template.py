@@ -82,9 +82,9 @@ class _TimedSandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
 
     intercepted_binops = frozenset({"*", "**"})
 
-    def call(self, *args, **kwargs):
+    def call(self, context, obj, /, *args, **kwargs):  # positional-only: namespace(self=1)
         _check_deadline()
-        return super().call(*args, **kwargs)
+        return super().call(context, obj, *args, **kwargs)
 
     def getattr(self, obj, attribute):
         _check_deadline()
