@@ -680,3 +680,47 @@ def _http_response(sock) -> bytes:
             break
         rest += chunk
     return head + b"\r\n\r\n" + rest
+
+
+def test_answers_validate_strictly_against_the_openai_types(server):
+    """Every chat answer and chunk, and each completions answer, parses under the openai SDK's
+    own types in pydantic's strict mode: the SDK itself builds them without validating, so a
+    field of the wrong type (a float `created`, a string `index`, a missing `tool_calls[].type`)
+    would pass its tests unseen. (Completions chunks are left out: the SDK's Completion has no
+    null finish_reason, which OpenAI's own stream sends until the last chunk.)"""
+    import httpx
+    from openai.types import Completion
+    from openai.types.chat import ChatCompletion, ChatCompletionChunk
+
+    # enum arguments: the tiny random model finishes a forced call within max_tokens
+    tools = [{"type": "function", "function": {"name": name, "parameters": {
+        "type": "object", "properties": {arg: {"enum": ["a", "b"]}}, "required": [arg],
+        "additionalProperties": False}}}
+        for name, arg in (("get_weather", "city"), ("get_time", "tz"))]
+    chat = {"model": MODEL, "messages": CHAT, "max_tokens": 40}
+    bodies = [{**chat, "logprobs": True, "top_logprobs": 3, "n": 2, "temperature": 1},
+              {**chat, "stop": ["e"], "temperature": 0},
+              {**chat, "tools": tools, "tool_choice": "required", "parallel_tool_calls": False},
+              {**chat, "tools": tools, "logprobs": True,
+               "tool_choice": {"type": "function", "function": {"name": "get_time"}}}]
+    reasons, calls = set(), 0
+    for body in bodies:
+        r = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60)
+        answer = ChatCompletion.model_validate_json(r.text, strict=True)
+        reasons |= {c.finish_reason for c in answer.choices}
+        calls += sum(len(c.message.tool_calls or ()) for c in answer.choices)
+        stream = {**body, "stream": True, "stream_options": {"include_usage": True}}
+        with httpx.stream("POST", server.url + "/v1/chat/completions", json=stream,
+                          timeout=60) as r:
+            lines = [line[6:] for line in r.iter_lines() if line.startswith("data: ")]
+        assert lines[-1] == "[DONE]" and len(lines) > 2
+        chunks = [ChatCompletionChunk.model_validate_json(line, strict=True)
+                  for line in lines[:-1]]
+        assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+    assert calls >= 2 and "tool_calls" in reasons, (calls, reasons)  # the calls were checked
+    for body in ({"logprobs": 3, "n": 2, "temperature": 1}, {"echo": True, "max_tokens": 4}):
+        r = httpx.post(server.url + "/v1/completions",
+                       json={"model": MODEL, "prompt": "Once upon a time", "max_tokens": 6,
+                             **body}, timeout=60)
+        answer = Completion.model_validate_json(r.text, strict=True)
+        assert answer.usage.completion_tokens > 0
