@@ -35,6 +35,14 @@ def same_nan(got: np.ndarray, want: np.ndarray) -> None:
     np.testing.assert_array_equal(got[np.isinf(want)], want[np.isinf(want)])
 
 
+def same_output(got, want) -> None:
+    """cuda's SamplerOutput is numpy's: the same ids and top ids, logprobs as same_nan says."""
+    np.testing.assert_array_equal(got.token_ids, want.token_ids)
+    np.testing.assert_array_equal(got.top_ids, want.top_ids)
+    same_nan(got.top_logprobs, want.top_logprobs)
+    same_nan(got.logprobs, want.logprobs)
+
+
 @pytest.mark.parametrize("vocab", [4096, 1001], ids=["vectorized", "scalar"])
 @pytest.mark.parametrize("dtype", ["bfloat16", "float32"])
 def test_greedy_logprob_of_a_row_holding_nan_is_nan(vocab, dtype):
@@ -96,10 +104,7 @@ def test_top_logprobs_of_a_row_holding_nan(vocab, num_logprobs, kind):
     t.num_logprobs = num_logprobs
     got, want = sample_both(logits, t, kind)
     assert want.top_ids[1].tolist() == list(range(num_logprobs))
-    np.testing.assert_array_equal(got.token_ids, want.token_ids)
-    np.testing.assert_array_equal(got.top_ids, want.top_ids)
-    same_nan(got.top_logprobs, want.top_logprobs)
-    same_nan(got.logprobs, want.logprobs)
+    same_output(got, want)
 
 
 @pytest.mark.parametrize("vocab", [4096, 1001], ids=["vectorized", "scalar"])
@@ -118,10 +123,7 @@ def test_logprobs_of_a_row_holding_inf_are_nan(vocab, kind):
     t.num_logprobs = 5
     got, want = sample_both(logits, t, kind)
     assert np.isnan(want.top_logprobs).all() and np.isnan(want.logprobs).all()
-    np.testing.assert_array_equal(got.token_ids, want.token_ids)
-    np.testing.assert_array_equal(got.top_ids, want.top_ids)
-    same_nan(got.top_logprobs, want.top_logprobs)
-    same_nan(got.logprobs, want.logprobs)
+    same_output(got, want)
 
 
 @pytest.mark.parametrize("vocab", [4096, 1001], ids=["vectorized", "scalar"])

@@ -4,6 +4,7 @@ worker processes (the whole engine); a dead worker ends the engine with a clear 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -377,28 +378,30 @@ os._exit(9)
 """
 
 
-def _fake_rank(code: str, port: int) -> subprocess.Popen:
+@contextlib.contextmanager
+def _fake_rank(code: str, port: int):
     """A hand-written rank: `code` run with rank 0's port as its argument, the checkout on its
-    path."""
+    path; the process, killed on leaving."""
     from test_two_process import ROOT
 
-    return subprocess.Popen([sys.executable, "-c", code, str(port)],
+    proc = subprocess.Popen([sys.executable, "-c", code, str(port)],
                             env={**os.environ, "PYTHONPATH": str(ROOT)})
+    try:
+        yield proc
+    finally:
+        proc.kill()
 
 
 def test_a_remote_rank_that_dies_while_loading_fails_the_start_at_once(monkeypatch):
     """Rank 0 cannot see another host's process: the closed connection tells it."""
     monkeypatch.setenv(workers.SECRET_ENV, "the hosts' secret")
     port = free_port()
-    proc = _fake_rank(_DIES_WHILE_LOADING, port)
-    try:
+    with _fake_rank(_DIES_WHILE_LOADING, port) as proc:
         start = time.monotonic()
         with pytest.raises(CommunicatorError, match=r"connection to rank 0 .* closed"):
             _llm(2, tp_local_ranks=1, master_port=port)
         assert time.monotonic() - start < 30  # LOAD_TIMEOUT_S is an hour
         assert proc.wait(10) == 9
-    finally:
-        proc.kill()
 
 
 @pytest.mark.parametrize("rank, says", [(5, "tensor_parallel_size is 2: the ranks that join "
@@ -410,12 +413,9 @@ def test_a_rank_out_of_range_fails_the_start_saying_so(monkeypatch, rank, says):
     port = free_port()
     code = _DIES_WHILE_LOADING.replace('{"rank": 1}', f'{{"rank": {rank}}}')
     assert f'"rank": {rank}' in code
-    proc = _fake_rank(code, port)
-    try:
-        with pytest.raises(CommunicatorError, match=rf"rank {rank} joined rank 0 .*{says}"):
-            _llm(2, tp_local_ranks=1, master_port=port)
-    finally:
-        proc.kill()
+    with _fake_rank(code, port), pytest.raises(CommunicatorError,
+                                               match=rf"rank {rank} joined rank 0 .*{says}"):
+        _llm(2, tp_local_ranks=1, master_port=port)
 
 
 def test_a_missing_rank_fails_the_start_naming_it(monkeypatch):
@@ -487,12 +487,9 @@ def test_rank_0_drops_a_stranger_that_claims_a_rank(monkeypatch):
     port = free_port()
     stranger = _DIES_WHILE_LOADING.replace("os.environ[\"PAGEDSERVE_TP_SECRET\"]", "'guess'")
     assert "'guess'" in stranger
-    proc = _fake_rank(stranger, port)
-    try:
-        with pytest.raises(CommunicatorError, match=r"rank\(s\) \[1\] did not join"):
-            _llm(2, tp_local_ranks=1, master_port=port)
-    finally:
-        proc.kill()
+    with _fake_rank(stranger, port), pytest.raises(CommunicatorError,
+                                                   match=r"rank\(s\) \[1\] did not join"):
+        _llm(2, tp_local_ranks=1, master_port=port)
 
 
 # ---- the server ----------------------------------------------------------------------------------
