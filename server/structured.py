@@ -48,6 +48,9 @@ def parse_structured_outputs(body: dict) -> tuple[StructuredOutputsParams | None
         if not isinstance(spec, dict) or not isinstance(spec.get("name"), str):
             raise bad_request("response_format", "'response_format.json_schema' must be an "
                                                  "object with a string 'name'")
+        if not isinstance(spec.get("strict", False), bool | None):
+            raise bad_request("response_format", "'response_format.json_schema.strict' must be "
+                                                 f"true or false, got {spec['strict']!r}")
         schema = spec.get("schema")
         if schema is None:  # OpenAI allows it: then any JSON object
             return StructuredOutputsParams(json_object=True), "response_format"

@@ -131,6 +131,9 @@ def test_required_and_named_tool_calls(server, client):
                           "json_schema": {"name": "x", "schema": {"type": "objec"}}}},
      "response_format"),
     ({"response_format": {"type": "xml"}}, "response_format"),
+    ({"response_format": {"type": "json_schema",  # was accepted and ignored
+                          "json_schema": {"name": "x", "schema": {}, "strict": "yes"}}},
+     "response_format"),
     ({"structured_outputs": {"regex": "a(b"}}, "structured_outputs"),
     ({"structured_outputs": {"grammar": "start: foo"}}, "structured_outputs"),
     ({"structured_outputs": {"regex": "a", "choice": ["b"]}}, "structured_outputs"),
