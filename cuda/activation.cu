@@ -18,7 +18,7 @@ __global__ void silu_and_mul_kernel(T* __restrict__ out,            // [num_toke
 }
 
 // The same products, 8 per thread through 16-byte loads and stores (inter % 8 == 0, 16-byte
-// aligned rows; cuda_ops.silu_and_mul checks): the kernel above pays a 64-bit divide per element
+// aligned rows; CudaOps.silu_and_mul checks): the kernel above pays a 64-bit divide per element
 // and 2-byte accesses. Bit-identical to it (the same fp32 arithmetic per element).
 // Grid: (ceil(num_tokens * inter / 8 / 256))  Block: (256)
 template <typename T>

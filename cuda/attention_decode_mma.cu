@@ -629,7 +629,8 @@ __device__ __forceinline__ void decode_mma_body(
       num_splits, min_keys, fresh, rope_cs, positions
 
 // TR = 1: the transposed tiles (GR = 8 only: query heads as the n8 columns); TR = 2 (the
-// engine's default): the same, registers capped for 18 warps an SM (3 blocks of 6).
+// engine's default): the same, registers capped for 18 / NW blocks an SM (3 blocks of 6 warps,
+// 4 of 4).
 template <typename T, int HD, int GR, int NW, int ST, int TR = 0>
 __global__ void __launch_bounds__(NW * 32, TR == 2 ? 18 / NW : (NW <= 12 ? 12 / NW : 1))
 decode_mma_kernel(DM_PARAMS) {

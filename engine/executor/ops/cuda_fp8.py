@@ -65,7 +65,7 @@ STREAM = os.environ.get("PAGEDSERVE_FP8_STREAM", "0") == "1"
 STREAM_MAX_M = 4  # rows compiled (template M); gemv_wins' caps apply as well
 STREAM_WARPS = 16  # per block, one block per SM
 STREAM_MAX_STAGES = 7  # chunks in flight per warp (fp8.cuh's f8_cp_async_wait takes up to 7)
-STREAM_STAGE_BYTES = 4096  # fp8_fused.cu's FS_STAGE uint4 words
+STREAM_STAGE_BYTES = 4096  # fp8_fused.cu's FS_STAGE (256 uint4 words) in bytes
 PRO_QUANTIZE, PRO_SILU, PRO_NORM, PRO_CODES = 0, 1, 2, 3  # fp8_fused.cu's prologues
 _NULL = np.uint64(0)
 

@@ -116,9 +116,10 @@ if os.environ.get("PAGEDSERVE_DECODE_MMA_CONFIGS"):
     DECODE_MMA_CONFIGS = _configs_from_env(os.environ["PAGEDSERVE_DECODE_MMA_CONFIGS"])
 # attention_decode_mma.cu's tiles where a block takes 8 query heads (TR): 2, S^T = K Q^T and
 # O^T += V^T P^T with the heads as an mma's 8 columns, registers capped for three 6-warp blocks an
-# SM; 1 the same uncapped; 0 the heads as 8 of an m16 tile's 16 rows. H200, W1 Llama-3-8B
-# interleaved in two calls (session 25): 2 gave 10,273 / 10,294 / 10,279 / 10,277 output tok/s,
-# 0 10,261 / 10,229 / 10,224 / 10,224, 1 10,254; on an H100 all three within the noise.
+# SM (four 4-warp ones); 1 the same under 0's looser bound (12 warps an SM); 0 the heads as 8 of
+# an m16 tile's 16 rows. H200, W1 Llama-3-8B interleaved in two calls (session 25): 2 gave
+# 10,273 / 10,294 / 10,279 / 10,277 output tok/s, 0 10,261 / 10,229 / 10,224 / 10,224, 1 10,254;
+# on an H100 all three within the noise.
 DECODE_MMA_TR = os.environ.get("PAGEDSERVE_DECODE_MMA_TR", "2")
 if DECODE_MMA_TR not in ("0", "1", "2"):
     raise ValueError(f"PAGEDSERVE_DECODE_MMA_TR must be 0, 1 or 2, got {DECODE_MMA_TR!r}")
