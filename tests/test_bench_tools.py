@@ -54,7 +54,7 @@ def test_w1_draw():
     assert all(100 <= len(p) <= 1024 for p in prompts)
     assert all(100 <= o <= 1024 for o in output_lens)
     assert all(0 <= t < 10000 for p in prompts for t in p)
-    # The draw order of WORKLOADS.md: P, then O, then the prompts one by one.
+    # W1's draw order: P, then O, then the prompts one by one.
     rng = np.random.default_rng(0)
     lens = rng.integers(100, 1025, 256)
     rng.integers(100, 1025, 256)

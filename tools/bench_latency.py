@@ -39,7 +39,7 @@ if __package__ in (None, ""):  # run as a script: make the checkout importable
 from engine.logs import weights_nbytes  # noqa: E402
 from tools.bench_throughput import DTYPE_BYTES, add_engine_args, build_llm  # noqa: E402
 
-BANDWIDTH = 4.27e12  # bytes/s, the H200 test GPU's measured copy ceiling (shared/GPU.md)
+BANDWIDTH = 4.27e12  # bytes/s, the H200 test GPU's measured copy ceiling (tools/workloads.py)
 
 
 def seconds_since_process_start() -> float:

@@ -73,7 +73,7 @@ def rows(records: list[dict]) -> list[str]:
 
 def ratios(records: list[dict]) -> list[str]:
     """W1 with speculation configured against W1 without, where both ran (issue 14: >= 0.97);
-    W1-HTTP against W1 offline (WORKLOADS.md: >= 90%)."""
+    W1-HTTP against W1 offline (target >= 90%)."""
     by_name = {rec["bench"]: rec.get("result") for rec in records}
     out = []
     for name, r in by_name.items():
@@ -83,7 +83,7 @@ def ratios(records: list[dict]) -> list[str]:
                        f"{r['output_tok_s']:,.0f} / {plain['output_tok_s']:,.0f} = "
                        f"{r['output_tok_s'] / plain['output_tok_s']:.3f} (no more than 3% "
                        f"slower: >= 0.970)")
-        # W1-HTTP's figure (WORKLOADS.md): its output tok/s as a share of W1 offline, same run
+        # W1-HTTP's figure: its output tok/s as a share of W1 offline, same run
         offline = by_name.get(name.replace("w1-http-", "w1-", 1))
         if (name.startswith("w1-http-") and r and offline and "output_tok_s" in r
                 and "output_tok_s" in offline):

@@ -51,7 +51,7 @@ ATTN_CALLS = 8  # attention calls a graph: the replay's own launch is not the fi
 
 
 def w1_schedule():
-    """W1 of shared/WORKLOADS.md: (prompt lengths, and per decode step its rows and the context
+    """W1 (tools/workloads.py): (prompt lengths, and per decode step its rows and the context
     tokens its attention reads), all prompts first."""
     prompt_ids, output_lens = w1_requests()
     prompts = np.array([len(p) for p in prompt_ids])

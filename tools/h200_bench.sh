@@ -29,7 +29,8 @@
 # output in $OUT/gputest-prefill.txt and its summary lines printed.
 # Each tool prints one JSON line; they are collected in $OUT/bench.jsonl (default ./bench-out/)
 # and summarised by tools/bench_table.py at the end. Wheels the GPU machine lacks (server deps) are
-# installed from .whl/ when present (../shared/tools/gpu_wheels.sh downloads them; give it
+# installed from .whl/ when present (on a machine with internet: `pip download --only-binary=:all:
+# --python-version 3.12 --platform manylinux2014_x86_64 -d .whl NAME ...`; give it
 # `uvloop httptools`, the server's faster event loop and HTTP parser: without them uvicorn runs
 # on asyncio + h11, and each server start below says which it has).
 # w1-8b-ab, w1-ab (not in the default list): W1 on Llama-3-8B / Qwen3-0.6B once per environment

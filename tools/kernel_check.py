@@ -74,7 +74,7 @@ from tools.kernel_check_norms import check_norms  # noqa: E402
 from tools.kernel_check_overlap import check_overlap  # noqa: E402
 from tools.kernel_check_w1 import check_gemm_sweep, check_skinny, check_w1  # noqa: E402
 
-BW, FLOPS = 4.27e12, 800e12  # measured ceilings (shared/GPU.md)
+BW, FLOPS = 4.27e12, 800e12  # the H200's measured ceilings (tools/workloads.py)
 L2_BYTES = 60 << 20
 REF = NumpyOps()
 tables: dict[str, list[str]] = {}

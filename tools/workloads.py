@@ -1,4 +1,4 @@
-"""The benchmark workloads of shared/WORKLOADS.md and their roofline, shared by the bench tools.
+"""The benchmark workloads (README, Performance) and their roofline, shared by the bench tools.
 
 W1 (offline throughput) is 256 requests with prompt and output lengths drawn uniformly from
 [100, 1024] by `numpy.random.default_rng(0)`; outputs are forced to their length (ignore EOS), for
@@ -15,8 +15,8 @@ H200 test GPU (800 TFLOP/s, 4.27 TB/s):
           + (prompt + output tokens) x KV bytes per token (written once)
     bound = max(FLOPs / peak FLOP/s, bytes / bandwidth)
 
-The readings that reproduce WORKLOADS.md's ~37,100 (Qwen3-0.6B) and ~18,400 (Llama-3-8B) output
-tok/s, written down because the formula leaves them open:
+The readings that give the ~37,100 (Qwen3-0.6B) and ~18,400 (Llama-3-8B) output tok/s, written
+down because the formula leaves them open:
 - "weight bytes" is every parameter of the checkpoint x dtype bytes: the layers, the norms, the
   lm_head and, when untied, the input embedding too (Llama-3-8B's 1.05 GB embedding is what moves
   its bound from ~19,000 to ~18,400; Qwen3-0.6B ties it, so it counts once).
@@ -46,7 +46,7 @@ H200_BANDWIDTH = 4.27e12
 
 
 def w1_requests(num: int = W1_NUM_PROMPTS, seed: int = 0) -> tuple[list[list[int]], list[int]]:
-    """W1's prompts (token id lists) and forced output lengths, drawn as WORKLOADS.md does."""
+    """W1's prompts (token id lists) and forced output lengths, drawn in order: P, O, prompts."""
     if num < 1:
         raise ValueError(f"num must be >= 1, got {num}")
     rng = np.random.default_rng(seed)

@@ -1,7 +1,7 @@
 """cuBLAS GEMMs through ctypes, on the handle and library CuPy already loaded.
 
 CuPy's own cuBLAS wrappers refuse to run inside CUDA graph capture; calling libcublas directly
-works once a workspace and the stream are set (shared/GPU.md), so every GEMM goes through here.
+works once a workspace and the stream are set, so every GEMM goes through here.
 """
 
 from __future__ import annotations
