@@ -476,8 +476,10 @@ class IncrementalDetokenizer:
     later byte can mend go out as U+FFFD at once. Special tokens that decoding skips never enter
     the window. The last step (`final`, or flush()) sends whatever was held back, so the text is
     what decoding all the output at once gives; except where a byte-fallback run (<0xNN> pieces)
-    holds bytes no character completes: decode() turns that whole run into U+FFFD, the text
-    sent so far stands here, and only the bad bytes become U+FFFD.
+    holds bytes no character completes: decode() turns that whole run into U+FFFD, while here
+    the text sent before the bad bytes stands; they, and characters of the same run that arrive
+    within the next window or two, come out as U+FFFD (one per byte). A stream and the finished
+    output are the same text either way.
     """
 
     def __init__(self, tokenizer: Tokenizer, prompt_token_ids: list[int],
