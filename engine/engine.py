@@ -115,6 +115,9 @@ class LLMEngine:
         except Exception:
             self.processor.abort(request_id)
             raise
+        # An aborted request of this id whose ending the next step() would report: the new
+        # request takes the id, and that report would read as its own abort.
+        self._aborted = [out for out in self._aborted if out.request_id != request_id]
 
     @property
     def grammars(self):

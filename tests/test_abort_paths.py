@@ -99,6 +99,24 @@ def test_reused_request_id_after_abort_gets_its_own_prompt_logprobs(make_engine,
         [None if d is None else sorted(d) for d in want]
 
 
+def test_a_reused_id_never_reports_the_aborted_requests_ending(make_engine):
+    """abort() reports the ending at the next step(); a request that takes the id before that
+    step had the aborted one's output (finish_reason "abort", the old prompt) come out under its
+    id as if it had been aborted itself."""
+    engine = make_engine()
+    params = SamplingParams(max_tokens=3, temperature=0, ignore_eos=True)
+    engine.add_request("a", {"prompt_token_ids": [5, 6, 7]}, params)
+    engine.step()
+    engine.abort("a")
+    engine.add_request("a", {"prompt_token_ids": [8, 9]}, params)
+    outs = []
+    while engine.has_unfinished_requests():
+        outs += [o for o in engine.step() if o.request_id == "a"]
+    assert [o.prompt_token_ids for o in outs] == [[8, 9]] * len(outs)
+    assert [o.outputs[0].finish_reason for o in outs if o.finished] == ["length"]
+    assert len(outs[-1].outputs[0].token_ids) == 3
+
+
 # ---- nothing left after a request ends -----------------------------------------------------------
 
 def test_abort_of_the_last_request_leaves_no_step_in_flight(make_engine):
