@@ -328,6 +328,18 @@ def test_append_grows_only_when_needed_and_raises_when_full():
         bm.append(seq, 6)
 
 
+def test_can_append_reserve_is_not_offset_by_blocks_the_table_already_holds():
+    """A prefill's table covers its whole prompt, more than its next chunk needs: no block is
+    missing, and that surplus must not count toward the reserve."""
+    bm = BlockManager(num_blocks=4, block_size=4)
+    seq = make_seq(range(12))  # 3 blocks, nothing computed yet
+    bm.allocate(seq)
+    assert bm.num_free_blocks == 1
+    assert bm.can_append(seq, 1, reserve=1)
+    assert not bm.can_append(seq, 1, reserve=2)
+    assert bm.can_append(seq, 16) and not bm.can_append(seq, 17)
+
+
 def test_duplicate_blocks_computed_twice_stay_consistent():
     bm = BlockManager(num_blocks=8, block_size=2)
     a, b = make_seq([1, 2, 3, 4, 5]), make_seq([1, 2, 3, 4, 6])
@@ -402,3 +414,33 @@ def test_used_once_released_counts_shared_blocks_once_without_releasing():
     assert sum(1 for b in bm.blocks if b.ref_count) == 4  # nothing released yet
     assert bm.num_used_blocks == 3  # releases
     bm.check_invariants([child])
+
+
+def test_a_recompute_whose_prompt_logprobs_are_all_collected_reuses_its_output_blocks():
+    """prompt_logprobs only limit the prefix-cache hits while a prompt position still wants
+    its logprob; once all are collected a recompute reuses every full block but the last."""
+    bm = BlockManager(16, 4)
+    seq = Sequence("r", list(range(13)), 9, SamplingParams(prompt_logprobs=1))
+    seq.next_prompt_logprob = 5  # positions 5.. still wanted: logits from position 4 on
+    bm.allocate(seq)
+    FakeKV(bm).compute(seq, 13)
+    bm.free(seq)
+    bm.allocate(seq)
+    assert seq.num_computed_tokens == 4
+    bm.free(seq)
+    seq.next_prompt_logprob = 9  # all 8 collected
+    bm.allocate(seq)
+    assert seq.num_computed_tokens == 12
+
+
+def test_used_once_released_counts_a_block_every_holder_of_which_was_freed():
+    bm = BlockManager(16, 4)
+    parent = make_seq(range(10))
+    bm.allocate(parent)
+    parent.num_computed_tokens = 10
+    child = make_seq(range(10), "child")
+    bm.fork(parent, child)
+    bm.free(parent, defer=True)
+    bm.free(child, defer=True)  # the shared blocks' both holders are gone
+    assert bm.num_used_once_released == 0
+    assert bm.num_used_blocks == 0

@@ -229,3 +229,95 @@ def test_shared_prompts_hit_the_prefix_cache_across_requests():
     eng.run([later])
     assert later.num_cached_tokens == 16
     assert eng.bm.prefix_cache_hits == 4
+
+
+def test_a_running_sequence_left_out_of_the_batch_still_counts_toward_max_num_seqs():
+    """Overlapped steps: a sequence whose pending token ends it is not scheduled again, but it
+    still holds its place among max_num_seqs, so nobody is admitted beside it."""
+    bm = BlockManager(16, 4)
+    sched = Scheduler(bm, max_num_seqs=1, max_num_batched_tokens=64, max_model_len=64)
+    a, b = make_seq([1, 2, 3], max_tokens=1), make_seq([4, 5, 6], max_tokens=1)
+    sched.add(a)
+    sched.advance(sched.schedule())  # a's only token is pending: a is done once it lands
+    sched.add(b)
+    batch = sched.schedule()
+    assert batch.is_empty and sched.running == [a] and list(sched.waiting) == [b]
+    assert b.status == SequenceStatus.WAITING and b.block_table == []
+
+
+def test_drafts_are_cut_so_no_accepted_token_passes_max_model_len_or_max_tokens():
+    """Every draft accepted plus the bonus token must end exactly at the bound, not one past."""
+    bm = BlockManager(32, 4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=12)
+    by_len = make_seq([1, 2, 3, 4, 5, 6, 7], max_tokens=None)  # room for 12 - 7 = 5 tokens
+    by_max = make_seq([8, 9, 10, 11, 12, 13, 14], max_tokens=3)
+    sched.add(by_len)
+    sched.add(by_max)
+    sched.finish_step(sched.schedule())
+    for seq in (by_len, by_max):
+        seq.token_ids.append(99)  # 1 output token, 8 tokens
+        seq.spec_token_ids = [1, 2, 3, 4, 5, 6]
+    batch = sched.schedule()
+    # by_len: 8 tokens + 3 drafts + bonus = 12; by_max: 1 output + 1 draft + bonus = 3
+    assert by_len.spec_token_ids == [1, 2, 3] and by_max.spec_token_ids == [1]
+    assert batch.num_new_tokens == [4, 2] and batch.num_spec_tokens == 4
+
+
+def test_a_pending_token_that_reaches_max_model_len_is_not_computed():
+    """Overlapped steps: once the pending token makes len == max_model_len it ends the sequence
+    whatever its value, so no step computes past it."""
+    bm = BlockManager(16, 4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=8)
+    a = make_seq([1, 2, 3, 4, 5, 6], max_tokens=None)
+    sched.add(a)
+    sched.advance(sched.schedule())  # prefill: the 7th token is pending
+    second = sched.schedule()  # 7 tokens < 8: it decodes its pending token
+    assert second.seqs == [a] and second.num_new_tokens == [1]
+    sched.advance(second)
+    a.token_ids.append(7)  # the first step's token lands; the second's (the 8th) is pending
+    third = sched.schedule()
+    assert third.is_empty and a.num_computed_tokens == 7
+
+
+def test_stuck_beams_make_way_newest_first():
+    """Every running sequence is a beam waiting on its siblings and the queue's head does not
+    fit: the newest beam is preempted and queued behind the others."""
+    bm = BlockManager(4, 4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=64, max_model_len=16)
+    beams = [Sequence("b", [1, 2, 3, 4, 5], 5, SamplingParams(use_beam_search=True, n=2,
+                                                                  max_tokens=3))
+             for _ in range(2)]
+    for beam in beams:
+        sched.add(beam)
+    sched.advance(sched.schedule())  # both prefilled, 2 blocks each: the pool is full
+    other = make_seq([9, 9, 9], max_tokens=2)
+    sched.add(other)
+    batch = sched.schedule()
+    assert batch.is_empty and batch.num_preempted == 1
+    assert sched.running == [beams[0]] and list(sched.waiting) == [other, beams[1]]
+    assert beams[1].block_table == [] and beams[1].status == SequenceStatus.WAITING
+
+
+def test_chunked_and_mixed_step_counters():
+    """A step counts as chunked when a prefill leaves tokens for later, and as mixed only when
+    it has both decodes and prefill chunks."""
+    bm = BlockManager(32, 4)
+    sched = Scheduler(bm, max_num_seqs=8, max_num_batched_tokens=4, max_model_len=64)
+    a = make_seq(list(range(1, 11)), max_tokens=3)  # 10 prompt tokens: chunks of 4, 4, 2
+    sched.add(a)
+    for n in (4, 4, 2):
+        batch = sched.schedule()
+        assert batch.num_new_tokens == [n]
+        sched.finish_step(batch)
+    assert (sched.num_chunked_prefill_steps, sched.num_mixed_steps) == (2, 0)
+    a.token_ids.append(7)
+    b = make_seq([20, 21, 22], max_tokens=3)
+    sched.add(b)
+    sched.finish_step(sched.schedule())  # a's decode and b's whole prompt
+    assert (sched.num_chunked_prefill_steps, sched.num_mixed_steps) == (2, 1)
+    a.token_ids.append(8)
+    b.token_ids.append(9)
+    batch = sched.schedule()
+    assert batch.num_new_tokens == [1, 1]  # decodes only
+    sched.finish_step(batch)
+    assert (sched.num_chunked_prefill_steps, sched.num_mixed_steps, sched.num_steps) == (2, 1, 5)

@@ -138,6 +138,61 @@ def test_proposer_history_grows_incrementally():
     assert not proposer._history  # sequences no longer passed are forgotten
 
 
+def test_speculation_runs_only_while_one_to_disable_by_batch_size_sequences_run():
+    from types import SimpleNamespace
+
+    from engine.spec_decode import SpecDecoder
+
+    decoder = SpecDecoder(SpeculativeConfig(num_speculative_tokens=2, disable_by_batch_size=2))
+    got = [decoder.should_speculate(SimpleNamespace(num_running=n)) for n in range(4)]
+    assert got == [False, True, True, False]
+
+
+def test_only_plain_running_decodes_get_drafts():
+    """Drafts go to running sequences with exactly one token to compute, no forks waiting on
+    their prompt, and no beam search."""
+    from engine.core.sequence import SequenceStatus
+    from engine.spec_decode import SpecDecoder
+
+    decoder = SpecDecoder(SpeculativeConfig(num_speculative_tokens=2, prompt_lookup_min=1,
+                                            prompt_lookup_max=2))
+    tokens = [5, 6, 7, 5, 6]  # "5 6" occurred before, followed by 7 5
+
+    def seq(name, computed=4, status=SequenceStatus.RUNNING, **params):
+        s = Sequence(name, list(tokens), 5, SamplingParams(**params))
+        s.num_computed_tokens, s.status = computed, status
+        return s
+
+    plain = seq("plain")
+    forked = seq("forked")
+    forked.forks = [seq("child", computed=0, status=SequenceStatus.WAITING)]
+    beam = seq("beam", use_beam_search=True, n=2)
+    pending = seq("pending", computed=5)  # its last token is computed: one is pending
+    prefill = seq("prefill", computed=3)
+    waiting = seq("waiting", status=SequenceStatus.WAITING)
+    assert decoder.propose([plain, forked, beam, pending, prefill, waiting]) == [plain]
+    assert plain.spec_token_ids == [7, 5]
+    assert all(s.spec_token_ids == [] for s in (forked, beam, pending, prefill, waiting))
+
+
+def test_proposer_never_matches_more_than_prompt_lookup_max_tokens():
+    """The longest n-gram is capped at prompt_lookup_max: a longer match further back does not
+    beat the most recent one of max length."""
+    proposer = NgramProposer(SpeculativeConfig(num_speculative_tokens=1, prompt_lookup_max=2,
+                                               prompt_lookup_min=1))
+    # "1 2" ends at 2 (then 3) and at 6 (then 4); "7 1 2" only at 2
+    a = [7, 1, 2, 3, 5, 1, 2, 4, 7, 1, 2]
+    assert proposer.propose_ids(np.array(a, np.int32)) == [4]
+
+
+def test_proposer_rereads_a_history_that_got_shorter():
+    proposer = NgramProposer(SpeculativeConfig(num_speculative_tokens=2))
+    seq = Sequence("r", [1, 2, 3, 4, 1, 2], 6, SamplingParams())
+    assert proposer.propose([seq]) == [[3, 4]]
+    seq.token_ids = [5, 6, 8, 5, 6]  # replaced by fewer tokens: nothing stale may remain
+    assert proposer.propose([seq]) == [[8, 5]]
+
+
 # ---- block manager --------------------------------------------------------------------------
 
 def test_truncate_frees_the_blocks_past_the_kept_tokens():

@@ -221,3 +221,20 @@ def test_stop_ids_end_a_sequence_from_the_min_tokens_th_output_on():
                           100) == (None, None)
     assert check_stop_ids(Sequence("r", [5, 6, 7, 8, 10, 11], 2, params), 11, [eos],
                           100) == ("length", None)
+
+
+def test_text_delta_holds_back_the_longest_tail_that_could_become_a_stop():
+    """Only a tail that is a proper prefix of some stop waits; of several stops the longest such
+    tail wins, even when a later stop matches a shorter one; a whole stop string left in the
+    text (inside min_tokens, never searched) is not one of them."""
+    from engine.core.stopping import SeqState, text_delta
+
+    def delta(text, stops, min_tokens=0):
+        state = SeqState(0, SamplingParams(stop=stops, min_tokens=min_tokens), [1, 2], 1, None,
+                         text=text)
+        return text_delta(state)
+
+    assert delta("zab", ["abc", "bd"]) == ("z", "z")  # "ab" of "abc", not just "b" of "bd"
+    assert delta("zab", ["bd", "abc"]) == ("z", "z")
+    assert delta("xab", ["ab"], min_tokens=5) == ("xab", "xab")
+    assert delta("xa", ["ab"]) == ("x", "x")
