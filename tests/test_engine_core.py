@@ -6,7 +6,7 @@ import pytest
 from conftest import _smollm2_tokenizer, _tiny_loaded
 
 from engine.core.outputs import EngineCoreRequest, SeqOutput
-from engine.core.sampling_params import SamplingParams
+from engine.core.sampling_params import ParamError, SamplingParams
 from engine.engine_core import EngineCore
 from engine.model.config import EngineConfig
 from engine.output_processor import OutputProcessor
@@ -99,6 +99,40 @@ def test_output_processor_stop_string_wins_over_length_in_the_same_token():
     c = outs[0].outputs[0]
     assert (c.finish_reason, c.stop_reason, c.text) == ("stop", "two", "one ")
     assert hits == []  # the core finished it already
+
+
+def test_output_processor_keeps_the_cores_times_and_times_an_abort():
+    """metrics.first_scheduled_time is the core's (not the front's clock), an aborted request's
+    output is finished with every open sequence "abort" and a finished_time, and stop strings
+    without a tokenizer are refused naming "stop"."""
+    proc = OutputProcessor(None)
+    with pytest.raises(ParamError) as e:
+        proc.add_request("s", None, [1], SamplingParams(stop=["x"]), 0.0)
+    assert e.value.field == "stop" and not proc.has_request("s")
+    proc.add_request("r", None, [1, 2], SamplingParams(n=2, max_tokens=5), 10.0)
+    [o], stopped = proc.process([SeqOutput("r", 0, [7], None, -0.5, None, None,
+                                           first_scheduled_time=11.0)])
+    m = o.metrics
+    assert (m.arrival_time, m.first_scheduled_time, m.finished_time) == (10.0, 11.0, None)
+    assert m.first_token_time > 11.0 and stopped == [] and not o.finished
+    final = proc.abort("r")
+    assert [c.finish_reason for c in final.outputs] == ["abort", "abort"]
+    assert [c.token_ids for c in final.outputs] == [[7], []]
+    assert final.finished and final.metrics.finished_time >= m.first_token_time
+    assert proc.abort("r") is None and not proc.has_request("r")
+
+
+def test_output_processor_failing_a_request_tells_the_core_to_free_every_sequence():
+    """A request whose postprocessing raises ends with "error" on every open sequence, and each
+    is handed back as stopped (the core frees them now, not at max_tokens)."""
+    proc = OutputProcessor(None)
+    proc.add_request("r", None, [1], SamplingParams(n=2, logprobs=0, max_tokens=500), 0.0)
+    # logprobs were asked but the core's output has none: indexing them raises in the front
+    [o], stopped = proc.process([SeqOutput("r", 1, [7], None, -0.5, None, None)])
+    assert stopped == [("r", 0, ""), ("r", 1, "")]
+    assert [c.finish_reason for c in o.outputs] == ["error", "error"]
+    assert o.outputs[0].error.startswith("TypeError") and o.finished
+    assert not proc.has_request("r")
 
 
 def test_engine_frees_a_sequence_a_stop_string_ended(make_engine, run_engine):
