@@ -135,6 +135,28 @@ def test_output_processor_failing_a_request_tells_the_core_to_free_every_sequenc
     assert not proc.has_request("r")
 
 
+def test_a_token_id_past_the_vocabulary_is_refused_at_its_bound():
+    """The sampler's token vocab_size (one past the last id) never reaches the front."""
+    from engine.core_postprocess import Postprocessor
+
+    post = Postprocessor(None, None, None, [2], 64, vocab_size=512)
+    for bad in (512, -1):
+        with pytest.raises(RuntimeError, match=f"token id {bad}, outside the vocabulary"):
+            post._append(None, None, bad, 0.0, None, 0)
+
+
+def test_each_row_of_a_batch_keeps_its_own_number_of_top_logprobs(make_engine, run_engine):
+    """The top-k rows are as wide as the batch's largest logprobs: each row takes only its own
+    (greedy: the sampled token is the top one, so no extra entry joins)."""
+    engine = make_engine()
+    prompt = {"prompt_token_ids": list(range(3, 30))}
+    final, _ = run_engine(engine, {
+        str(k): (prompt, SamplingParams(temperature=0, max_tokens=3, ignore_eos=True, logprobs=k))
+        for k in (0, 1, 4)})
+    assert {k: [len(e) for e in o.outputs[0].logprobs] for k, o in final.items()} == {
+        "0": [1, 1, 1], "1": [1, 1, 1], "4": [4, 4, 4]}
+
+
 def test_engine_frees_a_sequence_a_stop_string_ended(make_engine, run_engine):
     engine = make_engine(text=True)
     params = SamplingParams(temperature=0, max_tokens=20, ignore_eos=True)

@@ -266,6 +266,7 @@ def test_min_tokens_past_a_finished_grammar_ends_on_eos(engine):
                   min_tokens=6, logprobs=1)
     assert c.finish_reason == "stop" and c.text in ("yes", "no")
     assert c.token_ids[-1] == 2  # SmolLM2's eos, <|im_end|>
+    assert c.token_ids.count(2) == 1  # the first masked row ends it, not min_tokens
     assert c.logprobs[-1][2] == -np.inf
 
 
