@@ -724,3 +724,19 @@ def test_answers_validate_strictly_against_the_openai_types(server):
                              **body}, timeout=60)
         answer = Completion.model_validate_json(r.text, strict=True)
         assert answer.usage.completion_tokens > 0
+
+
+def test_a_stream_whose_tokens_write_no_text_still_ends_with_its_finish_reason(client):
+    """Every token is eos (skipped: no text) until max_tokens: the steps before the last send
+    nothing, the last still sends its choice with finish_reason "length" (CompletionOutput.
+    finished holds for every finish reason, not only "stop")."""
+    body = dict(model=MODEL, max_tokens=2, temperature=0, stream=True,
+                stream_options={"include_usage": True},
+                extra_body={"ignore_eos": True, "logit_bias": {"2": 100}})
+    chunks = list(client.completions.create(prompt=[5, 6, 7], **body))
+    assert [(c.choices[0].text, c.choices[0].finish_reason) for c in chunks if c.choices] == [
+        ("", "length")]
+    assert chunks[-1].usage.completion_tokens == 2
+    chunks = list(client.chat.completions.create(messages=CHAT, **body))
+    assert [c.choices[0].finish_reason for c in chunks if c.choices] == [None, "length"]
+    assert chunks[-1].usage.completion_tokens == 2
