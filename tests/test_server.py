@@ -261,6 +261,27 @@ def test_streamed_choices_that_end_at_other_steps_end_once(server, path):
     assert stop_reasons == {i: r for i, (_, r) in reasons.items()}
 
 
+@pytest.mark.parametrize("add_generation_prompt, role", [(True, "assistant"), (False, "user")])
+def test_every_streamed_chat_choice_opens_with_the_answers_role(server, add_generation_prompt,
+                                                                 role):
+    """The first chunk of each of the n choices carries the role, the same as the whole
+    answer's message: "assistant", or the last message's role when no generation prompt is
+    added (vLLM's rule)."""
+    body = {"model": MODEL, "messages": CHAT, "n": 2, "max_tokens": 2, "temperature": 0,
+            "add_generation_prompt": add_generation_prompt}
+    whole = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).json()
+    assert [c["message"]["role"] for c in whole["choices"]] == [role, role]
+    roles = {}
+    with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=60,
+                      json={**body, "stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                for c in json.loads(line[6:])["choices"]:
+                    if "role" in c["delta"]:
+                        roles.setdefault(c["index"], []).append(c["delta"]["role"])
+    assert roles == {0: [role], 1: [role]}
+
+
 def test_metrics_count_requests_once_and_only_what_runs(server):
     """n = 2 finishes one request (it had counted each completion, an abort one per request);
     beam search's tokens all come at its end: no time per token observed (it was 0); a
