@@ -51,6 +51,19 @@ def test_chat_logprob_faults_speak_of_top_logprobs():
     assert e.value.param == "logprobs" and str(e.value.message).startswith("logprobs")
 
 
+def test_max_tokens_defaults_of_completions_and_chat():
+    """Completions: OpenAI's 16 when the field is absent, the model's default for a null;
+    chat: the model's default (none: up to the context) either way."""
+    from server.protocol import parse_sampling_params
+
+    defaults = {"max_tokens": 300}
+    for body, want in (({}, 16), ({"max_tokens": None}, 300), ({"max_tokens": 5}, 5)):
+        assert parse_sampling_params(body, chat=False, defaults=defaults).max_tokens == want
+    assert parse_sampling_params({}, chat=False).max_tokens == 16
+    assert parse_sampling_params({}, chat=True, defaults=defaults).max_tokens == 300
+    assert parse_sampling_params({}, chat=True).max_tokens is None
+
+
 def _render(source: str, messages: list[dict], **kwargs) -> str:
     """`messages`, as the chat routes hand them to the template (parse_messages, then
     template_messages), rendered by `source` on a vocabulary-less tokenizer."""
