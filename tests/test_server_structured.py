@@ -288,6 +288,22 @@ def test_tool_parsing_survives_any_json_and_keeps_one_call_when_not_parallel():
     assert [c["function"]["name"] for c in calls] == ["f"]
 
 
+def test_tool_call_forms_at_their_edges():
+    """Whitespace alone before a Hermes call is no content; arguments a model wrote as JSON
+    text pass as they are; a required call's output that is JSON but no list of calls is text;
+    a stream holds back every proper prefix of an opening tag."""
+    parser = ToolCallParser("auto", ["f"])
+    content, calls = parser.parse(' \n<tool_call>{"name": "f", "arguments": {}}</tool_call>')
+    assert content is None and len(calls) == 1
+    _, [call] = parser.parse('{"name": "f", "arguments": "{\\"x\\": 1}"}')
+    assert call["function"]["arguments"] == '{"x": 1}'
+    for odd in ("[1]", "5", '[{"name": "f"}]'):
+        assert ToolCallParser("required", ["f"]).parse(odd) == (odd, [])
+    for tag in ("<tool_call>", "<|python_tag|>"):
+        stream = ToolCallStream(parser)
+        assert stream.feed("ok " + tag[:-1]) == [{"content": "ok "}]
+
+
 def test_assistant_tool_calls_reach_the_template_as_mappings():
     messages = [{"role": "user", "content": "hi"},
                 {"role": "assistant", "content": None, "tool_calls": [
