@@ -365,6 +365,25 @@ def test_host_and_origin_flags():
     assert [r.status_code for r in results] == [503, 503, 421]  # 503: no engine ever loads
 
 
+def test_guards_at_their_edges():
+    """A server bound to "localhost" serves loopback Hosts only; a Host ending in a bare ":" is
+    its name; "*" in --allowed-hosts serves any Host; the key may stand between spaces; a 401
+    says whether the key was missing or wrong."""
+    assert allowed_hosts_for("localhost", []) == ["localhost", "127.0.0.1", "[::1]"]
+    assert host_name("localhost:") == "localhost"
+    args = build_parser().parse_args(["serve", "--allowed-hosts", "*", "--api-key", "k"])
+    app = app_from_args(args, engine_config_from_args(args), make_core=lambda: None)
+    results = _asgi_calls(app, [
+        lambda http: http.get("/health", headers={"Host": "anything.example"}),
+        lambda http: http.get("/v1/models", headers={"Authorization": "Bearer  k "}),
+        lambda http: http.get("/v1/models"),
+        lambda http: http.get("/v1/models", headers={"Authorization": "Bearer kk"}),
+    ])
+    assert [r.status_code for r in results] == [503, 503, 401, 401]  # 503: no engine loads
+    assert [r.json()["error"]["message"] for r in results[2:]] == ["missing API key",
+                                                                  "invalid API key"]
+
+
 def _asgi_calls(app, calls):
     async def run():
         transport = httpx.ASGITransport(app=app)
