@@ -64,6 +64,15 @@ def test_max_tokens_defaults_of_completions_and_chat():
     assert parse_sampling_params({}, chat=True).max_tokens is None
 
 
+def test_legacy_top_logprobs_put_the_chosen_token_first():
+    """Completions' top_logprobs: the position's own token first (clients read the first key
+    as the token, as vLLM orders them), then the rest by logprob; -inf shown as -9999."""
+    from server.protocol import legacy_top_logprobs
+
+    got = legacy_top_logprobs(5, {3: -0.1, 5: -2.0, 7: -0.5, 9: float("-inf")}, str)
+    assert list(got.items()) == [("5", -2.0), ("3", -0.1), ("7", -0.5), ("9", -9999.0)]
+
+
 def _render(source: str, messages: list[dict], **kwargs) -> str:
     """`messages`, as the chat routes hand them to the template (parse_messages, then
     template_messages), rendered by `source` on a vocabulary-less tokenizer."""
