@@ -241,15 +241,17 @@ class OracleProposer:
     """Proposes what plain decoding will produce, with a wrong token here and there: every
     verdict (all drafts taken plus the bonus, a rejection at each position) happens often."""
 
-    def __init__(self, want: dict, k: int, seed: int, key=lambda request_id: request_id):
+    def __init__(self, want: dict, k: int, seed: int, key=lambda request_id: request_id,
+                 wrong: float = 0.5):
         self.want, self.k, self.rng, self.key = want, k, np.random.default_rng(seed), key
+        self.wrong = wrong  # how often a draft holds a wrong token
 
     def propose(self, seqs):
         drafts = []
         for seq in seqs:
             out = self.want[self.key(seq.request_id)].outputs[seq.index].token_ids
             draft = list(out[seq.num_output_tokens : seq.num_output_tokens + self.k])
-            if draft and self.rng.random() < 0.5:
+            if draft and self.rng.random() < self.wrong:
                 draft[self.rng.integers(len(draft))] ^= 1
             drafts.append(draft)
         return drafts
@@ -361,6 +363,33 @@ def test_stop_strings_see_exactly_the_accepted_tokens(make_engine):
     engine.core.spec.proposer = OracleProposer(first, 5, seed=2, key=lambda r: r.rstrip("i"))
     assert_same(drive(engine, requests), want)
     assert engine.get_stats().spec_num_accepted_tokens > 0
+
+
+def test_a_stop_id_inside_the_verified_tokens_keeps_only_their_logprobs(make_engine):
+    """Drafts are cut for max_tokens but never for stop ids: a stop id ends the sequence among
+    a step's verified tokens, and the output's token_logprobs (which the output processor takes
+    off the cumulative logprob past a stop string) must be those of the tokens kept."""
+    rng = np.random.default_rng(5)
+    prompts = {f"r{i}": rng.integers(3, 512, 12).tolist() for i in range(4)}
+    plain = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    first = drive(make_engine(), {r: (ids(p), plain) for r, p in prompts.items()})
+    requests = {}
+    for r, p in prompts.items():
+        out = first[r].outputs[0].token_ids
+        # a token first seen in the middle of the run: the sequence ends there
+        t = next(t for t in range(8, len(out)) if out[t] not in out[:t])
+        requests[r] = (ids(p), SamplingParams(temperature=0, max_tokens=24, ignore_eos=True,
+                                              stop_token_ids=[out[t]], logprobs=0))
+    want = drive(make_engine(), requests)
+    engine = make_engine(speculative_config=spec(k=5))
+    engine.core.spec.proposer = OracleProposer(first, 5, seed=0, wrong=0)
+    seen, get_output = [], engine.client.get_output
+    engine.client.get_output = lambda: seen.append(o := get_output()) or o
+    assert_same(drive(engine, requests), want)
+    ended = [o for step in seen for o in step.outputs if o.finish_reason == "stop"]
+    assert len(ended) == 4 and any(len(o.new_token_ids) > 1 for o in ended)  # inside a step
+    for o in ended:
+        assert len(o.token_logprobs) == len(o.new_token_ids)
 
 
 # ---- sampling: the target distribution is kept -----------------------------------------------
