@@ -91,6 +91,33 @@ def test_bounds_answer_400_naming_the_field(client, path, kwargs, param):
     assert len(error["message"]) < 500  # the bad value is not echoed whole
 
 
+AT_THE_LIMIT = [  # (path, request kwargs): each bound of BOUNDS, exactly at its limit
+    ("/v1/completions", completion(prompt=["hi"] * limits.MAX_PROMPTS, max_tokens=1)),
+    ("/v1/completions", completion(stop=[f"x{i}" for i in range(limits.MAX_STOP_STRINGS)])),
+    ("/v1/completions", completion(stop="x" * limits.MAX_STOP_STRING_CHARS)),
+    ("/v1/completions", completion(stop_token_ids=[5] * limits.MAX_STOP_TOKEN_IDS)),
+    ("/v1/completions", completion(logit_bias={str(i): 1 for i in range(limits.MAX_LOGIT_BIAS)})),
+    ("/v1/completions", completion(logprobs=limits.MAX_LOGPROBS)),
+    ("/v1/completions", completion(n=8)),
+    ("/v1/chat/completions/batch", {"json": {"model": MODEL, "max_tokens": 1,
+                                             "messages": [CHAT] * limits.MAX_PROMPTS}}),
+    ("/v1/chat/completions", {"json": {"model": MODEL, "messages": CHAT, "max_tokens": 2,
+                                       "logprobs": True, "top_logprobs": 20}}),
+]
+
+
+@pytest.mark.parametrize("path, kwargs", AT_THE_LIMIT, ids=lambda v: str(v)[:40])
+def test_a_request_at_each_limit_is_served(client, path, kwargs):
+    """The bounds refuse what is past them, never what reaches them."""
+    r = client.post(path, **kwargs)
+    assert r.status_code == 200, r.text[:300]
+    body = r.json()
+    prompts = kwargs["json"].get("prompt") or kwargs["json"]["messages"]
+    batched = isinstance(prompts, list) and isinstance(prompts[0], (str, list))
+    expected = (len(prompts) if batched else 1) * kwargs["json"].get("n", 1)
+    assert len(body["choices"]) == expected
+
+
 def chat(**fields) -> dict:
     return {"json": {"model": MODEL, "messages": CHAT, **fields}}
 
