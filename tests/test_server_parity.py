@@ -148,6 +148,23 @@ def test_streamed_echo_carries_the_prompt_scores(client):
     assert text.startswith(PROMPT)
 
 
+def test_streamed_echo_with_token_ids_opens_with_the_prompts_ids(server):
+    """With return_token_ids, every chunk of a choice carries its token_ids, the echoed opening
+    one too (none of the output's yet), so a client can add up the chunks' ids."""
+    body = {"prompt": PROMPT, "max_tokens": 3, "temperature": 0, "ignore_eos": True,
+            "return_token_ids": True, "echo": True}
+    whole = post(server, "/v1/completions", body).json()["choices"][0]
+    r = post(server, "/v1/completions", {**body, "stream": True})
+    choices = [json.loads(line[6:])["choices"][0] for line in r.text.splitlines()
+               if line.startswith("data: {")]
+    first = choices[0]
+    assert first["text"] == PROMPT and first["token_ids"] == []
+    assert first["prompt_token_ids"] == whole["prompt_token_ids"]
+    assert all("prompt_token_ids" not in c for c in choices[1:])
+    assert [i for c in choices for i in c["token_ids"]] == whole["token_ids"]
+    assert len(whole["token_ids"]) == 3
+
+
 def test_continuous_usage_counts_each_choice_alone(client):
     """As vLLM: with n > 1 and several prompts, a chunk's usage is its own choice's prompt and
     tokens so far; only the closing chunk sums the call."""
@@ -574,6 +591,22 @@ def test_streamed_chat_with_tools_carries_the_token_ids(server):
     events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
     streamed = sum((c.get("token_ids") or [] for e in events for c in e["choices"]), [])
     assert len(whole) == 6 and streamed == whole
+
+
+def test_streamed_chat_with_tools_ends_as_the_whole_answer(server):
+    """Under tools a stream's last chunk carries the whole answer's finish_reason and
+    stop_reason (here the stop id that ended it)."""
+    tools = [{"type": "function", "function": {"name": "get", "parameters": {"type": "object"}}}]
+    body = {"messages": [{"role": "user", "content": "Hi"}], "max_tokens": 6, "temperature": 0,
+            "ignore_eos": True, "return_token_ids": True, "tools": tools}
+    ids = post(server, "/v1/chat/completions", body).json()["choices"][0]["token_ids"]
+    body["stop_token_ids"] = [ids[2]]
+    whole = post(server, "/v1/chat/completions", body).json()["choices"][0]
+    assert (whole["finish_reason"], whole["stop_reason"]) == ("stop", ids[2])
+    r = post(server, "/v1/chat/completions", {**body, "stream": True})
+    events = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    last = [c for e in events for c in e["choices"]][-1]
+    assert (last["finish_reason"], last["stop_reason"]) == ("stop", ids[2])
 
 
 @pytest.mark.parametrize("path, extra", [
