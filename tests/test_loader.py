@@ -292,6 +292,12 @@ def test_tensors_the_config_leaves_unused_are_named_in_a_warning(tmp_path, caplo
     ({"rope_scaling": {"rope_type": "llama3", "factor": 8, "low_freq_factor": 1,
                        "high_freq_factor": 4, "original_max_position_embeddings": None}},
      "rope_scaling.original_max_position_embeddings must be an integer >= 1"),
+    # Qwen2/3's window layers were compared before any check: a raw TypeError ("'<' not
+    # supported between instances of 'NoneType' and 'int") naming neither file nor field
+    ({"architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True, "sliding_window": 32,
+      "max_window_layers": None}, "max_window_layers must be an integer, got None"),
+    ({"architectures": ["Qwen2ForCausalLM"], "use_sliding_window": True, "sliding_window": 32,
+      "num_hidden_layers": "1"}, "num_hidden_layers must be an integer >= 1, got '1'"),
 ])
 def test_config_fields_of_the_wrong_kind_name_the_file_and_field(tmp_path, change, needle):
     (tmp_path / "config.json").write_text(json.dumps({**LLAMA_CFG, **change}))

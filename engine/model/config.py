@@ -158,7 +158,9 @@ class ModelConfig:
 
         num_heads = need("num_attention_heads")
         hidden = need("hidden_size")
-        for key, value in (("num_attention_heads", num_heads), ("hidden_size", hidden)):
+        layers = need("num_hidden_layers")
+        for key, value in (("num_attention_heads", num_heads), ("hidden_size", hidden),
+                           ("num_hidden_layers", layers)):
             if not is_int(value) or value < 1:
                 raise ConfigError(f"{key} must be an integer >= 1, got {value!r}")
         if cfg.get("head_dim") is None and hidden % num_heads:
@@ -190,9 +192,10 @@ class ModelConfig:
         # Mistral windows every layer when sliding_window is set; Qwen2/3 only with
         # use_sliding_window, from layer max_window_layers on (HF's layer_types)
         window = cfg.get("sliding_window")
-        if _family != "llama" and not (
-                cfg.get("use_sliding_window")
-                and cfg.get("max_window_layers", 28) < cfg.get("num_hidden_layers", 0)):
+        window_layers = cfg.get("max_window_layers", 28)
+        if _family != "llama" and cfg.get("use_sliding_window") and not is_int(window_layers):
+            raise ConfigError(f"max_window_layers must be an integer, got {window_layers!r:.80}")
+        if _family != "llama" and not (cfg.get("use_sliding_window") and window_layers < layers):
             window = None
         if arch == "LlamaForCausalLM":  # Llama has no sliding window
             window = None
@@ -201,7 +204,7 @@ class ModelConfig:
             vocab_size=need("vocab_size"),
             hidden_size=hidden,
             intermediate_size=need("intermediate_size"),
-            num_layers=need("num_hidden_layers"),
+            num_layers=layers,
             num_heads=num_heads,
             num_kv_heads=(num_heads if cfg.get("num_key_value_heads") is None
                           else cfg["num_key_value_heads"]),
