@@ -232,6 +232,30 @@ def test_data_offsets_that_do_not_fit_the_shape_name_the_tensor(tmp_path):
             SafetensorsFile(path).get("w")
 
 
+def test_tensors_whose_data_offsets_overlap_are_refused(tmp_path):
+    """A header whose entry points at another tensor's bytes (or a name written twice, the later
+    entry so): loaded, and the model ran with one tensor's values in two places (here the final
+    norm read layer 0's input norm). The safetensors package refuses such a file; so does this."""
+    folder = copy_golden("llama", tmp_path)
+    path = folder / "model.safetensors"
+    raw = path.read_bytes()
+    size = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + size])
+    offsets = header["model.layers.0.input_layernorm.weight"]["data_offsets"]
+    header["model.norm.weight"]["data_offsets"] = offsets
+    blob = json.dumps(header).encode()
+    path.write_bytes(struct.pack("<Q", len(blob)) + blob + raw[8 + size:])
+    with pytest.raises(LoadError, match=rf"model\.safetensors: corrupt safetensors header: tensor "
+                                        rf"'model\.norm\.weight' \(data bytes {offsets[0]}\.\."
+                                        rf"{offsets[1]}\) overlaps tensor 'model\.layers\.0\."
+                                        rf"input_layernorm\.weight'"):
+        load_model(str(folder), NumpyOps())
+    # tensors back to back, an empty one among them, still read
+    write_raw_safetensors(path, {"a": ("F32", (2,), bytes(8)), "e": ("F32", (0,), b""),
+                                 "b": ("F32", (1,), bytes(4))})
+    assert SafetensorsFile(path).get("b").shape == (1,)
+
+
 def test_an_index_entry_its_shard_lacks_is_named(tmp_path):
     folder = copy_golden("llama_sharded", tmp_path)
     index = folder / "model.safetensors.index.json"

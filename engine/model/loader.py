@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import itertools
 import json
 import logging
 import math
@@ -94,6 +95,7 @@ class SafetensorsFile:
                 f"{path}: truncated safetensors file: tensors need {need} data bytes, "
                 f"the file holds {data_len}"
             )
+        _check_no_overlap(path, header)
         self._map = np.memmap(path, np.uint8, "r") if size else np.zeros(0, np.uint8)
 
     def get(self, name: str) -> np.ndarray:
@@ -129,6 +131,19 @@ def _check_entry(path: Path, name: str, info) -> None:
     if not ok:
         raise LoadError(f"{path}: corrupt safetensors header: tensor {name!r} is "
                         f"{str(info)[:120]}, not {{dtype, shape, data_offsets: [begin, end]}}")
+
+
+def _check_no_overlap(path: Path, header: dict) -> None:
+    """No two tensors share data bytes (the safetensors package refuses such a file too): a
+    header whose offsets lie (an entry pointing at another tensor's bytes, a duplicated name
+    whose later entry does) loaded, and the model ran with one tensor's values in two places."""
+    spans = sorted((info["data_offsets"], name) for name, info in header.items()
+                   if info["data_offsets"][0] < info["data_offsets"][1])  # empty ones hold none
+    for (first, before), (second, name) in itertools.pairwise(spans):
+        if second[0] < first[1]:
+            raise LoadError(f"{path}: corrupt safetensors header: tensor {name!r} (data bytes "
+                            f"{second[0]}..{second[1]}) overlaps tensor {before!r} (data bytes "
+                            f"{first[0]}..{first[1]})")
 
 
 def _open_checkpoint(folder: Path) -> dict[str, SafetensorsFile]:
