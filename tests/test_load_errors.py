@@ -94,6 +94,22 @@ def _tensor_info_at(b: bytes, name: str) -> int:
     return b.find(struct.pack("<Q", len(key)) + key) + 8 + len(key)
 
 
+def test_gguf_tensor_name_of_a_damaged_length_is_not_read_whole(tmp_path):
+    """The header check read a tensor's name at its claimed length before checking it: a damaged
+    length copied the rest of the file into memory (gigabytes for a real model) and into the
+    error's message (here ~395 KB of a 315 KB file). Now at most 64 bytes of it, as for keys."""
+    path = tmp_path / "m.gguf"
+    write_tiny_gguf(path)
+    b = bytearray(path.read_bytes())
+    name = b"token_embd.weight"
+    at = b.find(struct.pack("<Q", len(name)) + name)
+    struct.pack_into("<Q", b, at, len(b) - at - 1000)  # inside the file: the walk goes on
+    path.write_bytes(bytes(b))
+    with pytest.raises(GGUFError, match=re.escape(f"{path}: tensor 'token_embd.weight")) as got:
+        gguf_loader.read_gguf(path)
+    assert len(str(got.value)) < 500
+
+
 @pytest.mark.parametrize("dequantize", [False, True])
 def test_gguf_truncated_or_of_an_unknown_type_names_the_tensor(tmp_path, dequantize):
     """gguf.GGUFReader failed on these in numpy's words, naming no tensor: "cannot reshape array

@@ -177,7 +177,9 @@ def _check_metadata_sizes(path: Path) -> None:
     infos = []
     for _ in range(tensors):
         length = u(8)
-        name = data[at:at + length].tobytes().decode("utf-8", "replace")
+        # at most GGML_MAX_NAME (64) bytes, as the keys above: a damaged length had copied the
+        # rest of the file (gigabytes) into memory, and into the message that names the tensor
+        name = data[at:at + min(length, 64)].tobytes().decode("utf-8", "replace")
         skip(length)
         n_dims = u(4)
         if n_dims > 4:  # GGML_MAX_DIMS
