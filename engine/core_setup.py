@@ -51,7 +51,7 @@ class CoreParts:
     max_model_len: int  # as configured, or lowered to what the KV cache holds
     block_manager: BlockManager
     scheduler: Scheduler
-    eos_token_ids: list[int]  # the model's, and the tokenizer's if it differs
+    eos_token_ids: list[int]  # ModelConfig.end_ids: the model's, and the tokenizer's
     runner: ModelRunner
     grammars: GrammarCompiler | None  # None: the model has no tokenizer
 
@@ -124,10 +124,12 @@ def _build_on_part(engine_config: EngineConfig, ops, mc: ModelConfig, tokenizer,
     block_manager = BlockManager(num_blocks, bs, engine_config.enable_prefix_caching)
     scheduler = Scheduler(block_manager, engine_config.max_num_seqs,
                           engine_config.max_num_batched_tokens, max_model_len)
-    eos = list(mc.eos_token_ids)
+    eos = mc.end_ids(tokenizer)
     tok_eos = getattr(tokenizer, "eos_token_id", None)
     if tok_eos is not None and tok_eos not in eos:
-        eos.append(tok_eos)
+        logger.warning("the tokenizer's eos_token %r is token id %d, outside the model's "
+                       "vocabulary (vocab_size %d): it cannot be sampled and ends nothing",
+                       tokenizer.eos_token, tok_eos, mc.vocab_size)
     if workers is not None:
         workers.start_runners(num_blocks, max_model_len, eos)
     runner = ModelRunner(mc, engine_config, ops, model, kv_cache, eos_token_ids=eos,

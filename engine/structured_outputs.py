@@ -109,10 +109,8 @@ class GrammarCompiler:
     @classmethod
     def for_model(cls, tokenizer, model_config, **kw):
         """For the model's tokenizer, ending at the model's eos ids and the tokenizer's."""
-        eos = list(model_config.eos_token_ids)
-        if tokenizer.eos_token_id is not None and tokenizer.eos_token_id not in eos:
-            eos.append(tokenizer.eos_token_id)
-        return cls.for_tokenizer(tokenizer, model_config.vocab_size, eos, **kw)
+        return cls.for_tokenizer(tokenizer, model_config.vocab_size,
+                                 model_config.end_ids(tokenizer), **kw)
 
     def _tokenizer(self):
         with self._lock:

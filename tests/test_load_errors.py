@@ -306,6 +306,29 @@ def test_a_chat_template_that_is_not_valid_jinja_names_the_file(tmp_path):
         tok.apply_chat_template([{"role": "user", "content": "hi"}])
 
 
+def test_a_tokenizer_eos_token_outside_the_models_vocabulary_ends_nothing(tmp_path, caplog):
+    """The tokenizer's eos_token joined the config's eos ids (which are checked against
+    vocab_size) unchecked: one past the model's vocabulary failed every request with min_tokens
+    in sampling ("IndexError: index 257 is out of bounds for axis 0 with size 200"). It cannot
+    be sampled, so it ends nothing: the load warns, naming it, and requests run."""
+    from engine import LLM, SamplingParams
+
+    folder = golden_copy(tmp_path)
+    _write_tokenizer(folder)  # 256 byte tokens, then <s> (256) and </s> (257)
+    edit_config(folder, vocab_size=200, eos_token_id=2)
+    with caplog.at_level("WARNING", logger="pagedserve"):
+        llm = LLM(str(folder), device="numpy", load_format="dummy", max_model_len=64)
+    try:
+        assert "eos_token '</s>' is token id 257, outside the model's vocabulary (vocab_size " \
+               "200)" in caplog.text
+        assert 2 in llm.engine.core.eos_token_ids and 257 not in llm.engine.core.eos_token_ids
+        params = SamplingParams(max_tokens=4, min_tokens=3, temperature=0)
+        out = llm.generate([{"prompt_token_ids": [5, 6, 7]}], params)[0].outputs[0]
+        assert 3 <= len(out.token_ids) <= 4 and max(out.token_ids) < 200
+    finally:
+        llm.close()
+
+
 # ---------------------------------------------------------------- across the process boundary
 
 

@@ -244,6 +244,16 @@ class ModelConfig:
         return replace(self, num_layers=num_layers, vocab_size=vocab_size,
                        eos_token_ids=[e for e in self.eos_token_ids if e < vocab_size])
 
+    def end_ids(self, tokenizer) -> list[int]:
+        """The ids that end a generation: the config's eos ids, and the tokenizer's eos_token
+        where it is another row of the logits (one past them can never be sampled, and masking
+        it for min_tokens indexed past the logits)."""
+        eos = list(self.eos_token_ids)
+        extra = getattr(tokenizer, "eos_token_id", None)
+        if extra is not None and extra not in eos and 0 <= extra < self.vocab_size:
+            eos.append(extra)
+        return eos
+
     @classmethod
     def from_preset(cls, name: str) -> ModelConfig:
         path = PRESETS_DIR / f"{name}.json"
