@@ -180,6 +180,22 @@ def test_truncated_safetensors_names_the_file(tmp_path):
         load_model(str(folder), NumpyOps())
 
 
+def test_a_header_length_past_the_bound_is_refused_unread(tmp_path, monkeypatch):
+    """A damaged header length inside the file was read whole (up to the file's size) before
+    the JSON failed; past the safetensors package's bound (100 MB) it is refused unread."""
+    from engine.model import loader
+
+    folder = copy_golden("llama", tmp_path)
+    (header_len,) = struct.unpack("<Q", (folder / "model.safetensors").read_bytes()[:8])
+    monkeypatch.setattr(loader, "MAX_SAFETENSORS_HEADER", header_len - 1)
+    with pytest.raises(LoadError, match=rf"model\.safetensors: corrupt safetensors file \(a "
+                                        rf"header of {header_len} bytes; at most "
+                                        rf"{header_len - 1} are read\)"):
+        load_model(str(folder), NumpyOps())
+    monkeypatch.setattr(loader, "MAX_SAFETENSORS_HEADER", header_len)
+    assert load_model(str(folder), NumpyOps()).config.num_layers > 0
+
+
 def test_missing_tensor_is_named(tmp_path):
     folder = copy_golden("llama", tmp_path)
     tensors = checkpoint_tensors(folder)

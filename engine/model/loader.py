@@ -56,6 +56,9 @@ _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np
               "F8_E4M3": np.uint8}
 
 
+MAX_SAFETENSORS_HEADER = 100_000_000  # bytes; a damaged length is refused before it is read
+
+
 class SafetensorsFile:
     """One .safetensors file, memory-mapped; tensors are read on demand.
 
@@ -71,6 +74,9 @@ class SafetensorsFile:
             if len(head) < 8:
                 raise LoadError(f"{path}: truncated or corrupt safetensors file (no header)")
             (header_len,) = struct.unpack("<Q", head)
+            if header_len > MAX_SAFETENSORS_HEADER:  # the safetensors package's own bound
+                raise LoadError(f"{path}: corrupt safetensors file (a header of {header_len} "
+                                f"bytes; at most {MAX_SAFETENSORS_HEADER} are read)")
             if 8 + header_len > size:
                 raise LoadError(
                     f"{path}: truncated or corrupt safetensors file (header of {header_len} "
