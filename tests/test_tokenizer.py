@@ -287,6 +287,20 @@ def test_template_files_and_special_tokens_map_are_read_as_hf_reads_them(tok, tm
     assert hf.apply_chat_template([], tokenize=False, tools=[{}]) == "TOOLS"
 
 
+def test_template_files_replace_all_of_the_configs_templates(tok, tmp_path):
+    """As HF's from_pretrained: where a chat_template.jinja is, the config's list of templates
+    is not read, its "tool_use" included (a chat with tools rendered with it, where HF and
+    vLLM render the .jinja default)."""
+    (tmp_path / "tokenizer.json").write_text(tok.tokenizer.to_str())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": [
+        {"name": "default", "template": "CONFIG"},
+        {"name": "tool_use", "template": "CONFIG TOOLS"}]}))
+    (tmp_path / "chat_template.jinja").write_text("FILE")
+    hf = Tokenizer.from_pretrained(tmp_path)
+    assert hf.chat_templates == {"default": "FILE"}
+    assert hf.apply_chat_template([], tokenize=False, tools=[{}]) == "FILE"
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors a user can cause
 

@@ -294,15 +294,12 @@ class Tokenizer:
         if map_path.is_file():
             config = {**json_object(map_path, TokenizerError), **config}
 
-        try:
-            templates = _named_templates(config.get("chat_template"))
-        except TokenizerError as e:
-            raise TokenizerError(f"{config_path}: {e}") from None
-        # Newer HF folders keep templates in files, which win over the config's (as in HF):
-        # chat_template.jinja (the default) and additional_chat_templates/NAME.jinja.
+        # Newer HF folders keep templates in files: chat_template.jinja (the default) and
+        # additional_chat_templates/NAME.jinja. As in HF, where any such file is, the files are
+        # the templates: the config's are not read (nor its "tool_use" beside a .jinja default).
         files = [("default", folder / "chat_template.jinja")] + [
             (f.stem, f) for f in sorted((folder / "additional_chat_templates").glob("*.jinja"))]
-        sources = {}  # template name -> the file it came from, where not tokenizer_config.json
+        templates, sources = {}, {}  # sources: template name -> the file it came from
         for name, path in files:
             if path.is_file():
                 try:
@@ -310,6 +307,11 @@ class Tokenizer:
                 except (OSError, UnicodeDecodeError) as e:
                     raise TokenizerError(f"{path} is not readable UTF-8 text: {e}") from None
                 sources[name] = path
+        if not templates:
+            try:
+                templates = _named_templates(config.get("chat_template"))
+            except TokenizerError as e:
+                raise TokenizerError(f"{config_path}: {e}") from None
         try:
             tokenizer = cls(tok, token("bos_token"), token("eos_token"), templates)
         except TokenizerError as e:  # a chat template: say which file holds it
