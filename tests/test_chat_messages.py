@@ -163,3 +163,15 @@ def test_a_call_may_pass_a_keyword_named_self():
     assert _render("{% set ns = namespace(self='s', context='c', obj='o') %}"
                    "{{ ns.self }}{{ ns.context }}{{ ns.obj }}",
                    [{"role": "user", "content": "hi"}]) == "sco"
+
+
+def test_range_is_a_range_to_the_template():
+    """range() checks the render's deadline as a loop walks it; to the template it is still
+    HF's range: it printed as an object's repr, equalled no range, and had no start, stop,
+    step, index() nor count() (an UndefinedError, a 400)."""
+    assert _render("{{ range(3) }}|{{ range(1, 9, 3) | string }}|{{ range(3) == range(3) }}|"
+                   "{{ range(2, 9, 3).start }}{{ range(2, 9, 3).stop }}{{ range(2, 9, 3).step }}|"
+                   "{{ range(5).index(3) }}{{ range(5).count(7) }}|{{ range(3)._range }}|"
+                   "{{ range(3) | reverse | list }}{% for i in range(2) %}{{ i }}{% endfor %}",
+                   [{"role": "user", "content": "hi"}]) == (
+        "range(0, 3)|range(1, 9, 3)|True|293|30||[2, 1, 0]01")

@@ -74,6 +74,22 @@ class _TimedRange:
     def __reversed__(self):
         return reversed(self._range)
 
+    # the rest of a range, as HF's templates see it: {{ range(3) }} is "range(0, 3)", and
+    # start, stop, step, index() and count() are there
+    def __repr__(self):
+        return repr(self._range)
+
+    def __eq__(self, other):
+        return self._range == (other._range if isinstance(other, _TimedRange) else other)
+
+    def __hash__(self):
+        return hash(self._range)
+
+    def __getattr__(self, name):
+        if name.startswith("_"):  # (_range itself, before __init__ set it)
+            raise AttributeError(name)
+        return getattr(self._range, name)
+
 
 class _TimedSandbox(jinja2.sandbox.ImmutableSandboxedEnvironment):
     """The sandbox, checking the render's deadline at every call, attribute and item lookup, in
