@@ -287,6 +287,25 @@ def test_template_files_and_special_tokens_map_are_read_as_hf_reads_them(tok, tm
     assert hf.apply_chat_template([], tokenize=False, tools=[{}]) == "TOOLS"
 
 
+@pytest.mark.parametrize("listed, text", [
+    (False, "<|im_end|>|<|endoftext|>|<|im_start|>"),  # an older config: the map's tokens win
+    (True, "<|im_start|>|undefined|undefined")])  # a config listing its tokens: no map is read
+def test_special_tokens_map_is_read_as_hf_reads_it(tok, tmp_path, listed, text):
+    """As HF's from_pretrained: special_tokens_map.json is read only where tokenizer_config.json
+    has no added_tokens_decoder, and then over the config's tokens (the config's won, and the
+    map filled in tokens a config with added_tokens_decoder lacks)."""
+    (tmp_path / "tokenizer.json").write_text(tok.tokenizer.to_str())
+    config = {"bos_token": "<|im_start|>", "chat_template": "{{ bos_token }}|"
+              "{{ pad_token | default('undefined') }}|{{ unk_token | default('undefined') }}"}
+    if listed:
+        config["added_tokens_decoder"] = {"1": {"content": "<|im_start|>", "special": True}}
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    (tmp_path / "special_tokens_map.json").write_text(json.dumps({
+        "bos_token": "<|im_end|>", "pad_token": {"content": "<|endoftext|>"},
+        "unk_token": "<|im_start|>"}))
+    assert Tokenizer.from_pretrained(tmp_path).apply_chat_template([], tokenize=False) == text
+
+
 def test_template_files_replace_all_of_the_configs_templates(tok, tmp_path):
     """As HF's from_pretrained: where a chat_template.jinja is, the config's list of templates
     is not read, its "tool_use" included (a chat with tools rendered with it, where HF and

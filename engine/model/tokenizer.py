@@ -290,9 +290,12 @@ class Tokenizer:
                                      f"{value!r:.80}")
             return value
 
-        map_path = folder / "special_tokens_map.json"  # older folders keep the tokens there
-        if map_path.is_file():
-            config = {**json_object(map_path, TokenizerError), **config}
+        # Older folders keep the tokens in special_tokens_map.json. As in HF, it is read only for
+        # a config without added_tokens_decoder (an older one), and its tokens win over the
+        # config's.
+        map_path = folder / "special_tokens_map.json"
+        if map_path.is_file() and "added_tokens_decoder" not in config:
+            config = {**config, **json_object(map_path, TokenizerError)}
 
         # Newer HF folders keep templates in files: chat_template.jinja (the default) and
         # additional_chat_templates/NAME.jinja. As in HF, where any such file is, the files are
