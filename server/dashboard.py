@@ -144,16 +144,21 @@ async def events(request: Request):
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
+def _trace_names() -> list[str]:
+    return sorted(p.stem for p in TRACES.glob("*.json") if p.is_file())
+
+
 async def trace_list(request: Request):
-    return JSONResponse(sorted(p.stem for p in TRACES.glob("*.json")))
+    return JSONResponse(_trace_names())
 
 
 async def trace_file(request: Request):
+    # one of the listed names, never a path built from the request's text first (a name past
+    # the file system's length limit made is_file() raise: a 500)
     name = request.path_params["name"]
-    path = TRACES / f"{name}.json"
-    if not name.replace("-", "").replace("_", "").isalnum() or not path.is_file():
+    if name not in _trace_names():
         raise APIError(404, f"no example trace {name!r}", param="name", code="not_found")
-    return FileResponse(path, media_type="application/json")
+    return FileResponse(TRACES / f"{name}.json", media_type="application/json")
 
 
 def dashboard_routes() -> list[Route]:

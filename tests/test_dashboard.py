@@ -285,3 +285,23 @@ def test_a_viewer_behind_still_gets_the_end_when_the_server_stops():
         return got
 
     assert None in asyncio.run(main())
+
+
+@pytest.mark.parametrize("name, status, param", [
+    ("preemption", 200, None), ("%2e%2e", 404, "name"), ("..%2Fdashboard", 404, None),
+    ("%2Fetc%2Fpasswd", 404, None), ("preemption.json", 404, "name"),
+    ("pre%00emption", 404, "name"), ("%C3%A9", 404, "name"), ("a" * 300, 404, "name")])
+def test_a_trace_is_named_only_among_the_shipped_ones(name, status, param):
+    """A name is looked up among the listed traces, never turned into a path first: a name past
+    the file system's 255-byte limit made is_file() raise (a 500); traversal stays a 404 (the
+    route's own, or "no route" for a name holding a '/')."""
+    from starlette.testclient import TestClient
+
+    app = create_app(served_model_name="tiny", make_core=_make_core)  # no lifespan: no core
+    r = TestClient(app, base_url="http://127.0.0.1").get("/dashboard/traces/" + name)
+    assert r.status_code == status, r.text[:200]
+    if status == 200:
+        assert r.json()["workload"] == "preemption"
+    else:
+        error = r.json()["error"]
+        assert (error["code"], error["param"]) == ("not_found", param), error
