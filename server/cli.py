@@ -180,6 +180,16 @@ def _model_name(text: str) -> str:
     return text
 
 
+def _api_key(text: str) -> str:
+    if not text.strip():  # `--api-key "$KEY"` with KEY unset: not a server left open
+        raise argparse.ArgumentTypeError("the API key must not be empty (it would leave the API "
+                                         "open)")
+    if text != text.strip():  # a header's value is stripped: no client could send it
+        raise argparse.ArgumentTypeError("the API key must not start or end with whitespace "
+                                         "(no client could send it)")
+    return text
+
+
 def _root_path(text: str) -> str:
     if text and not text.startswith("/"):
         raise argparse.ArgumentTypeError(f"a path that starts with '/', got {text!r}")
@@ -213,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="address to bind; use 0.0.0.0 to accept other machines (default: "
                         "127.0.0.1, this machine only)")
     s.add_argument("--port", type=_port, default=8000, help="TCP port (default: 8000)")
-    s.add_argument("--api-key", default=None,
+    s.add_argument("--api-key", type=_api_key, default=None,
                    help="require `Authorization: Bearer KEY` on every endpoint except /health, "
                         "/metrics and the /dashboard page (its feed needs the key) (default: "
                         "$PAGEDSERVE_API_KEY, else vLLM's $VLLM_API_KEY: `ps` shows neither)")

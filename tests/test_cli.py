@@ -405,6 +405,19 @@ def test_an_empty_served_model_name_is_refused(capsys):
     assert e.value.code == 2 and "must not be empty" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("key, words", [("", "must not be empty"), ("  ", "must not be empty"),
+                                        (" k", "whitespace"), ("k\n", "whitespace")])
+def test_an_api_key_no_client_can_send_is_refused(capsys, key, words):
+    """`--api-key ""` (a shell variable left unset) served with no key at all, on any address,
+    without a word; a key with whitespace around it could never match (the header's value is
+    stripped), so every call was a 401."""
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["serve", "--api-key", key])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "argument --api-key" in err and words in err, err
+    assert build_parser().parse_args(["serve", "--api-key", "a b"]).api_key == "a b"
+
+
 def test_generate_checks_temperature_before_the_model_loads(monkeypatch, capsys):
     """`pagedserve generate --temperature -1` (or nan) loaded the whole model, then failed;
     every other bad flag is refused before anything loads."""
