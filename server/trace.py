@@ -138,12 +138,17 @@ def trace(args, config: EngineConfig, given_dests: set[str] = frozenset()) -> in
         fixed = ", ".join(f"{name} {value}" for name, value in workload.engine.items())
         raise ValueError(f"the {args.workload!r} workload sets its own engine ({fixed}); leave "
                          f"out {', '.join(given)}")
+    out = Path(args.out or f"{args.workload}.trace.json")
+    # before the model loads and the workload runs, and naming the flag (it was an OSError's
+    # line once all that was done)
+    if out.is_dir() or not out.parent.is_dir():
+        raise ValueError(f"--out {str(out)!r}: " + ("is a folder; give a file's path"
+                         if out.is_dir() else f"the folder {str(out.parent)!r} does not exist"))
     engine = LLMEngine(dataclasses.replace(config, **workload.engine))
     try:
         result = record(engine, workload, args.workload)
     finally:
         engine.shutdown()
-    out = Path(args.out or f"{args.workload}.trace.json")
     out.write_text(json.dumps(result, separators=(",", ":")) + "\n")
     print(f"{len(result['frames']) - 1} steps of {args.workload!r} written to {out} "
           f"({out.stat().st_size // 1024} KB); replay it at /dashboard with 'replay a trace'")

@@ -77,6 +77,23 @@ def test_trace_command_is_parsed():
         main(["trace", "no-such-workload"])
 
 
+def test_trace_checks_out_before_the_model_loads(tmp_path, monkeypatch, capsys):
+    """--out in a folder that does not exist (or a folder itself) failed with an OSError's line
+    that did not name the flag, once the model had loaded and the workload had run."""
+    import engine.engine
+
+    def no_load(config):
+        raise AssertionError("the model was loaded before --out was checked")
+
+    monkeypatch.setattr(engine.engine, "LLMEngine", no_load)
+    missing = tmp_path / "no-such-folder" / "x.json"
+    for out, words in ((missing, f"the folder '{missing.parent}' does not exist"),
+                       (tmp_path, "is a folder")):
+        assert main(["trace", "preemption", "--device", "numpy", "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"pagedserve: error: --out '{out}': ") and words in err, err
+
+
 def _events(url: str, n: int, headers=None) -> list[dict]:
     out = []
     with httpx.stream("GET", url + "/dashboard/events", headers=headers or {}, timeout=10) as r:
