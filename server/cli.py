@@ -174,6 +174,21 @@ def _names(text: str) -> list[str]:
     return [n.strip() for n in text.split(",") if n.strip()]
 
 
+def _host_names(text: str) -> list[str]:
+    """--allowed-hosts: names as the Host header has them, without the port (any port is served):
+    a name with a port or a scheme never matched, and the 421 listed it among those served."""
+    from server.guards import host_name
+
+    names = _names(text)
+    for name in names:
+        if name != "*" and ("/" in name or host_name(name) != name.lower()
+                            or (":" in name and not name.startswith("["))):
+            raise argparse.ArgumentTypeError(
+                f"a Host name without a port or a scheme (any port is served; an IPv6 address "
+                f"in brackets), got {name!r}")
+    return names
+
+
 def _model_name(text: str) -> str:
     if not text.strip():  # clients must be able to send it
         raise argparse.ArgumentTypeError("the served model name must not be empty")
@@ -227,7 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require `Authorization: Bearer KEY` on every endpoint except /health, "
                         "/metrics and the /dashboard page (its feed needs the key) (default: "
                         "$PAGEDSERVE_API_KEY, else vLLM's $VLLM_API_KEY: `ps` shows neither)")
-    s.add_argument("--allowed-hosts", type=_names, action="extend", default=[], metavar="H,..",
+    s.add_argument("--allowed-hosts", type=_host_names, action="extend", default=[], metavar="H,..",
                    help="Host header names to serve besides localhost, 127.0.0.1 and [::1] "
                         "(any port; '*' = any). Bound to a loopback address, other names get "
                         "421, which stops DNS-rebinding web pages (default: none added; "

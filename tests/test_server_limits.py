@@ -392,6 +392,19 @@ def test_host_and_origin_flags():
     assert [r.status_code for r in results] == [503, 503, 421]  # 503: no engine ever loads
 
 
+@pytest.mark.parametrize("name", ["a.lan:8000", "http://a.lan", "a.lan/", "::1", "[::1]:80",
+                                  "a.lan:"])
+def test_an_allowed_host_that_no_host_header_matches_is_refused(capsys, name):
+    """--allowed-hosts a.lan:8000 was taken, and every request naming a.lan:8000 got a 421 that
+    listed 'a.lan:8000' among the Hosts served (the port comes off the header, not the flag)."""
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["serve", "--allowed-hosts", f"b.lan,{name}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "argument --allowed-hosts" in err and f"got {name!r}" in err
+    args = build_parser().parse_args(["serve", "--allowed-hosts", "[::1],A.lan,10.0.0.2,*"])
+    assert args.allowed_hosts == ["[::1]", "A.lan", "10.0.0.2", "*"]
+
+
 def test_guards_at_their_edges():
     """A server bound to "localhost" serves loopback Hosts only; a Host ending in a bare ":" is
     its name; "*" in --allowed-hosts serves any Host; the key may stand between spaces; a 401
