@@ -189,6 +189,20 @@ def _host_names(text: str) -> list[str]:
     return names
 
 
+def _origins(text: str) -> list[str]:
+    """--allowed-origins: each as a browser's Origin header spells it (CORS compares them whole):
+    "https://app.example/" or "app.example" let no page in."""
+    origins = _names(text)
+    for origin in origins:
+        # "null": the Origin of a file:// page, which Starlette compares as any other
+        if origin not in ("*", "null") and not re.fullmatch(
+                r"[a-z][a-z0-9+.-]*://[^/?#\sA-Z]+", origin):
+            raise argparse.ArgumentTypeError(
+                f"an origin as browsers send it, SCHEME://HOST[:PORT] in lower case with no "
+                f"path or trailing '/' (e.g. https://app.example), got {origin!r}")
+    return origins
+
+
 def _model_name(text: str) -> str:
     if not text.strip():  # clients must be able to send it
         raise argparse.ArgumentTypeError("the served model name must not be empty")
@@ -247,7 +261,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "(any port; '*' = any). Bound to a loopback address, other names get "
                         "421, which stops DNS-rebinding web pages (default: none added; "
                         "bound elsewhere, any Host unless this is given)")
-    s.add_argument("--allowed-origins", type=_names, action="extend", default=[], metavar="O,..",
+    s.add_argument("--allowed-origins", type=_origins, action="extend", default=[], metavar="O,..",
                    help="web origins (e.g. https://app.example) that CORS lets call the API from "
                         "a browser; '*' = any (default: CORS off)")
     s.add_argument("--chat-content-special-tokens", action="store_true",

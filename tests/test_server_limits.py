@@ -405,6 +405,20 @@ def test_an_allowed_host_that_no_host_header_matches_is_refused(capsys, name):
     assert args.allowed_hosts == ["[::1]", "A.lan", "10.0.0.2", "*"]
 
 
+@pytest.mark.parametrize("origin", ["https://app.example/", "app.example", "https://App.example",
+                                    "http://localhost:3000/ui"])
+def test_an_allowed_origin_that_no_browser_sends_is_refused(capsys, origin):
+    """CORS compares the Origin header whole: --allowed-origins https://app.example/ (or without
+    its scheme) was taken and let no page in, with nothing said."""
+    with pytest.raises(SystemExit) as e:
+        build_parser().parse_args(["serve", "--allowed-origins", f"https://ok.example,{origin}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "argument --allowed-origins" in err and f"got {origin!r}" in err
+    args = build_parser().parse_args(["serve", "--allowed-origins",
+                                      "http://localhost:3000,https://[::1]:8443,null,*"])
+    assert args.allowed_origins == ["http://localhost:3000", "https://[::1]:8443", "null", "*"]
+
+
 def test_guards_at_their_edges():
     """A server bound to "localhost" serves loopback Hosts only; a Host ending in a bare ":" is
     its name; "*" in --allowed-hosts serves any Host; the key may stand between spaces; a 401
