@@ -567,14 +567,29 @@ def http_stack(config) -> str:
     return f"{loop} + {http}"
 
 
+def api_key_from(args: argparse.Namespace) -> str | None:
+    """--api-key, else $PAGEDSERVE_API_KEY, else vLLM's $VLLM_API_KEY (an empty one is unset).
+    A variable's key with whitespace around it (an env file's trailing space, a secret's newline)
+    is refused as the flag's is: the header's value is stripped, so every call was a 401."""
+    if args.api_key is not None:
+        return args.api_key
+    for name in ("PAGEDSERVE_API_KEY", "VLLM_API_KEY"):
+        key = os.environ.get(name)
+        if key:
+            if key != key.strip():
+                raise ValueError(f"${name} must not start or end with whitespace (no client "
+                                 f"could send it)")
+            return key
+    return None
+
+
 def app_from_args(args: argparse.Namespace, config: EngineConfig, make_core=None, on_fatal=None):
     """The app `serve` runs (create_app says what make_core and on_fatal are)."""
     from server.app import create_app
     from server.guards import allowed_hosts_for
 
     return create_app(config, served_model_name=args.served_model_name,
-                      api_key=(args.api_key or os.environ.get("PAGEDSERVE_API_KEY")
-                               or os.environ.get("VLLM_API_KEY") or None),
+                      api_key=api_key_from(args),
                       max_waiting_requests=args.max_waiting_requests, make_core=make_core,
                       on_fatal=on_fatal,
                       allowed_hosts=allowed_hosts_for(args.host, args.allowed_hosts),

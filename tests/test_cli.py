@@ -418,6 +418,24 @@ def test_an_api_key_no_client_can_send_is_refused(capsys, key, words):
     assert build_parser().parse_args(["serve", "--api-key", "a b"]).api_key == "a b"
 
 
+def test_an_api_key_variable_no_client_can_send_is_refused(monkeypatch):
+    """A key from the environment with whitespace around it (a secret file's newline) is
+    refused naming the variable, as the flag's is; an empty one is unset, and the flag wins."""
+    from server.cli import api_key_from
+
+    args = build_parser().parse_args(["serve"])
+    monkeypatch.setenv("PAGEDSERVE_API_KEY", "")
+    monkeypatch.setenv("VLLM_API_KEY", "sk-1\n")
+    with pytest.raises(ValueError, match=r"\$VLLM_API_KEY must not start or end with whitespace"):
+        api_key_from(args)
+    monkeypatch.setenv("PAGEDSERVE_API_KEY", "sk-2")
+    assert api_key_from(args) == "sk-2"
+    assert api_key_from(build_parser().parse_args(["serve", "--api-key", "k"])) == "k"
+    monkeypatch.delenv("PAGEDSERVE_API_KEY")
+    monkeypatch.delenv("VLLM_API_KEY")
+    assert api_key_from(args) is None
+
+
 def test_generate_checks_temperature_before_the_model_loads(monkeypatch, capsys):
     """`pagedserve generate --temperature -1` (or nan) loaded the whole model, then failed;
     every other bad flag is refused before anything loads."""
