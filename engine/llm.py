@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import weakref
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from engine.core.outputs import BeamSearchOutput, BeamSearchSequence, RequestOutput
 from engine.core.sampling_params import BeamSearchParams, SamplingParams
@@ -86,13 +86,15 @@ class LLM:
             self._sampling_defaults = generation_defaults(self.engine.config)
         return SamplingParams(**self._sampling_defaults)
 
-    def generate(self, prompts, sampling_params=None, use_tqdm: bool = True
+    def generate(self, prompts, sampling_params=None, use_tqdm: bool | Callable = True
                  ) -> list[RequestOutput]:
         """Finished outputs in the order of `prompts`.
 
         prompts: a str, a {"prompt_token_ids": [...]} or {"prompt": str} dict (vLLM's
         TokensPrompt and TextPrompt), or a list of them.
         sampling_params: one SamplingParams for all, or a list with one per prompt.
+        use_tqdm: show a progress bar; a callable (e.g. functools.partial(tqdm, leave=False))
+        makes it, as vLLM's.
         """
         self._check_open()
         if isinstance(prompts, (str, dict)):
@@ -117,7 +119,7 @@ class LLM:
                                  f"{len(prompts)} prompts; pass one, or one per prompt")
         return self._run(prompts, params, use_tqdm)
 
-    def beam_search(self, prompts, params: BeamSearchParams, use_tqdm: bool = False
+    def beam_search(self, prompts, params: BeamSearchParams, use_tqdm: bool | Callable = False
                     ) -> list[BeamSearchOutput]:
         """vLLM's offline beam search: per prompt, the beam_width best sequences, best first;
         each sequence's tokens and text include the prompt's."""
@@ -141,7 +143,7 @@ class LLM:
                                c.stop_reason)
             for c in out.outputs]) for out in outputs]
 
-    def chat(self, messages, sampling_params=None, use_tqdm: bool = True,
+    def chat(self, messages, sampling_params=None, use_tqdm: bool | Callable = True,
              add_generation_prompt: bool = True, continue_final_message: bool = False,
              chat_template_kwargs: dict | None = None, tools: list[dict] | None = None
              ) -> list[RequestOutput]:
@@ -175,7 +177,7 @@ class LLM:
             prompts.append({"prompt_token_ids": ids})
         return self.generate(prompts, sampling_params, use_tqdm)
 
-    def _run(self, prompts: list, params: list[SamplingParams], use_tqdm: bool
+    def _run(self, prompts: list, params: list[SamplingParams], use_tqdm: bool | Callable
              ) -> list[RequestOutput]:
         engine = self.engine
         request_ids = []
@@ -183,7 +185,8 @@ class LLM:
         if use_tqdm:  # before any submission: a bar that cannot start leaves nothing queued
             from tqdm.auto import tqdm
 
-            bar = tqdm(total=len(prompts), desc="requests", unit="req")
+            make_bar = use_tqdm if callable(use_tqdm) else tqdm
+            bar = make_bar(total=len(prompts), desc="requests", unit="req")
         try:
             for prompt, p in zip(prompts, params, strict=True):
                 request_id = f"llm-{next(self._ids)}"

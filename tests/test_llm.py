@@ -372,3 +372,26 @@ def test_stop_set_on_params_after_construction_is_the_one_used(make_engine):
         params.stop = None  # and taken off again
         [out] = llm.generate("Hello there", params, use_tqdm=False)
         assert out.outputs[0].text == text
+
+
+def test_use_tqdm_may_be_the_progress_bar_factory_as_vllm(make_engine):
+    """vLLM's use_tqdm takes a callable that makes the bar (functools.partial(tqdm, leave=False),
+    a tqdm subclass); it was read as True and the default bar drawn instead."""
+    made = []
+
+    class Bar:
+        def __init__(self, **kwargs):
+            self.total, self.n, self.closed = kwargs["total"], 0, False
+            made.append(self)
+
+        def update(self, k):
+            self.n += k
+
+        def close(self):
+            self.closed = True
+
+    llm = LLM.from_engine(make_engine())
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    outs = llm.generate([{"prompt_token_ids": [5, 6, 7]}] * 3, params, use_tqdm=Bar)
+    assert [len(o.outputs[0].token_ids) for o in outs] == [2, 2, 2]
+    assert [(b.total, b.n, b.closed) for b in made] == [(3, 3, True)]
