@@ -13,7 +13,7 @@ from __future__ import annotations
 import contextlib
 import itertools
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from engine.core.outputs import BeamSearchOutput, BeamSearchSequence, RequestOutput
 from engine.core.sampling_params import BeamSearchParams, SamplingParams
@@ -158,6 +158,11 @@ class LLM:
             raise ValueError("messages must be a non-empty list of {'role', 'content'} dicts "
                              "(one conversation) or of such lists")
         conversations = messages if isinstance(messages[0], list) else [messages]
+        if chat_template_kwargs is not None and not isinstance(chat_template_kwargs, Mapping):
+            raise TypeError(f"chat_template_kwargs must be a dict, got "
+                            f"{type(chat_template_kwargs).__name__}")
+        if tools is not None and not isinstance(tools, (list, tuple)):
+            raise TypeError(f"tools must be a list of tool dicts, got {type(tools).__name__}")
         # As vLLM's: chat_template_kwargs go over the arguments (e.g. its own
         # add_generation_prompt or tools), rather than clash with them as a TypeError.
         options = {"add_generation_prompt": add_generation_prompt,

@@ -395,3 +395,22 @@ def test_use_tqdm_may_be_the_progress_bar_factory_as_vllm(make_engine):
     outs = llm.generate([{"prompt_token_ids": [5, 6, 7]}] * 3, params, use_tqdm=Bar)
     assert [len(o.outputs[0].token_ids) for o in outs] == [2, 2, 2]
     assert [(b.total, b.n, b.closed) for b in made] == [(3, 3, True)]
+
+
+def test_chat_template_kwargs_and_tools_of_the_wrong_type_fail_naming_them(make_engine):
+    """chat_template_kwargs that is no dict was a TypeError "'list' object is not a mapping" from
+    the merge, naming nothing; tools that is no list (a string, one tool's dict) went into the
+    template as it was."""
+    llm = LLM.from_engine(make_engine(text=True))
+    params = SamplingParams(temperature=0, max_tokens=1)
+    conv = [{"role": "user", "content": "Hi!"}]
+    for bad in ([("custom", 1)], "custom=1"):
+        with pytest.raises(TypeError, match="chat_template_kwargs must be a dict, got"):
+            llm.chat(conv, params, use_tqdm=False, chat_template_kwargs=bad)
+    tool = {"type": "function", "function": {"name": "f", "parameters": {}}}
+    for bad in (tool, "f"):
+        with pytest.raises(TypeError, match="tools must be a list of tool dicts, got"):
+            llm.chat(conv, params, use_tqdm=False, tools=bad)
+    assert not llm.engine.has_unfinished_requests()
+    [out] = llm.chat(conv, params, use_tqdm=False, tools=[tool], chat_template_kwargs={})
+    assert out.prompt_token_ids == llm.get_tokenizer().apply_chat_template(conv, tools=[tool])
