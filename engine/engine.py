@@ -181,6 +181,11 @@ def encode_prompt(tokenizer, prompt) -> tuple[str | None, list[int]]:
             raise ValueError(f"prompt field(s) {extra} not supported: a prompt dict takes "
                              "'prompt' and 'prompt_token_ids' only (cache_salt: "
                              "SamplingParams.cache_salt)")
+        if prompt.get("prompt") is not None and not isinstance(prompt["prompt"], str):
+            raise TypeError(f"prompt['prompt'] must be a str, got "
+                            f"{type(prompt['prompt']).__name__}")
+        if prompt.get("prompt") is None and "prompt_token_ids" not in prompt:
+            raise TypeError("a prompt dict needs 'prompt' (text) or 'prompt_token_ids'")
     if isinstance(prompt, dict) and "prompt_token_ids" in prompt:
         ids = prompt["prompt_token_ids"]
         if not isinstance(ids, (list, tuple, np.ndarray)):

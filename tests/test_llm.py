@@ -414,3 +414,21 @@ def test_chat_template_kwargs_and_tools_of_the_wrong_type_fail_naming_them(make_
     assert not llm.engine.has_unfinished_requests()
     [out] = llm.chat(conv, params, use_tqdm=False, tools=[tool], chat_template_kwargs={})
     assert out.prompt_token_ids == llm.get_tokenizer().apply_chat_template(conv, tools=[tool])
+
+
+def test_a_prompt_dict_whose_prompt_is_no_text_fails_naming_it(make_engine):
+    """{"prompt": 5} was refused as "a str or a dict with ... 'prompt', got dict" (it is one);
+    beside prompt_token_ids it was taken, and came back as the output's prompt. A dict of neither
+    field says so."""
+    llm = LLM.from_engine(make_engine(text=True))
+    params = SamplingParams(temperature=0, max_tokens=1)
+    for prompt in ({"prompt": 5}, {"prompt": ["Hi"]}, {"prompt": 5, "prompt_token_ids": [5, 6]}):
+        with pytest.raises(TypeError, match=r"prompt\['prompt'\] must be a str, got (int|list)"):
+            llm.generate(["Hi", prompt], params, use_tqdm=False)
+    for prompt in ({}, {"prompt": None}):
+        with pytest.raises(TypeError, match="needs 'prompt' .text. or 'prompt_token_ids'"):
+            llm.generate(prompt, params, use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+    assert llm.engine.get_stats().kv_blocks_used == 0
+    [out] = llm.generate({"prompt": None, "prompt_token_ids": [5, 6]}, params, use_tqdm=False)
+    assert out.prompt is None and out.prompt_token_ids == [5, 6]
