@@ -145,11 +145,13 @@ class LLM:
 
     def chat(self, messages, sampling_params=None, use_tqdm: bool | Callable = True,
              add_generation_prompt: bool = True, continue_final_message: bool = False,
-             chat_template_kwargs: dict | None = None, tools: list[dict] | None = None
-             ) -> list[RequestOutput]:
+             chat_template_kwargs: dict | None = None, tools: list[dict] | None = None,
+             chat_template: str | None = None) -> list[RequestOutput]:
         """messages: one conversation (a list of {"role", "content"} dicts) or a list of them.
         As vLLM's: continue_final_message leaves the last message open for the model to go on
-        (with add_generation_prompt=False); chat_template_kwargs and tools reach the template."""
+        (with add_generation_prompt=False); chat_template_kwargs and tools reach the template;
+        chat_template (a template's source, or the name of one of the model's) renders in place
+        of the model's own."""
         self._check_open()
         tokenizer = self.engine.tokenizer
         if tokenizer is None:
@@ -178,7 +180,8 @@ class LLM:
         prompts = []
         for conversation in conversations:
             conversation = _chat_messages(conversation)
-            ids = tokenizer.apply_chat_template(conversation, tokenize=True, **options)
+            ids = tokenizer.apply_chat_template(conversation, tokenize=True,
+                                                chat_template=chat_template, **options)
             prompts.append({"prompt_token_ids": ids})
         return self.generate(prompts, sampling_params, use_tqdm)
 

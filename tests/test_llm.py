@@ -9,6 +9,7 @@ import pytest
 from engine.core.sampling_params import SamplingParams
 from engine.engine import LLMEngine
 from engine.llm import LLM
+from engine.model.tokenizer import TokenizerError
 
 
 def test_generate_keeps_input_order_and_per_prompt_params(make_engine):
@@ -118,6 +119,28 @@ def test_text_prompts_and_chat(make_engine):
                         ([chat, "x"], "conversation")):
         with pytest.raises(ValueError, match=needle):
             llm.chat(bad, params, use_tqdm=False)
+    assert not llm.engine.has_unfinished_requests()
+
+
+def test_chat_takes_a_chat_template_as_vllm(make_engine):
+    """vLLM's LLM.chat(chat_template=...): a template's source renders in place of the model's
+    (its special tokens as the model's own template's: control tokens), a name picks one of the
+    model's templates; a template that is no jinja fails naming chat_template."""
+    llm = LLM.from_engine(make_engine(text=True))
+    tok = llm.get_tokenizer()
+    params = SamplingParams(temperature=0, max_tokens=2, ignore_eos=True)
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Yo"}]
+    mine = ("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
+            "{% if add_generation_prompt %}" + tok.eos_token + "{% endif %}")
+    [out] = llm.chat(chat, params, use_tqdm=False, chat_template=mine)
+    assert out.prompt_token_ids == tok.encode("[user] Hi\n[assistant] Yo\n",
+                                              add_special_tokens=False) + [tok.eos_token_id]
+    [again] = llm.chat(chat, params, use_tqdm=False, chat_template="default")
+    assert again.prompt_token_ids == tok.apply_chat_template(chat)
+    with pytest.raises(TokenizerError, match="chat_template is not valid jinja"):
+        llm.chat(chat, params, use_tqdm=False, chat_template="{% for %}")
+    with pytest.raises(TypeError, match="chat_template must be a str, got dict"):
+        llm.chat(chat, params, use_tqdm=False, chat_template={"default": mine})
     assert not llm.engine.has_unfinished_requests()
 
 

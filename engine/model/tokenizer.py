@@ -392,7 +392,8 @@ class Tokenizer:
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             tokenize: bool = True, special_tokens_in_content: bool = False,
                             continue_final_message: bool = False,
-                            render_seconds: float | None = None, **kwargs) -> list[int] | str:
+                            render_seconds: float | None = None, chat_template: str | None = None,
+                            **kwargs) -> list[int] | str:
         """Render `messages` with the model's chat template; ids, or the text if not `tokenize`.
 
         Special tokens written inside the messages or the other variables given (e.g. a forged
@@ -403,8 +404,10 @@ class Tokenizer:
         the model to continue (assistant prefill), as in HF.
         Extra keyword arguments (e.g. `tools`) become template variables, as in HF.
         `render_seconds`: the render's deadline (chat_template.RENDER_SECONDS when None).
+        `chat_template`: a template's source, or the name of one of the model's, in place of
+        the model's own choice (as HF).
         """
-        template = self._template_for(kwargs.get("tools"))
+        template = self._template_for(kwargs.get("tools"), chat_template)
         # As HF: the template sees tools and documents (None when not given) and the special
         # tokens the tokenizer has; a token it lacks stays undefined.
         own = {"tools": None, "documents": None, **self.special_tokens,
@@ -434,15 +437,23 @@ class Tokenizer:
                 ids += self.encode(piece, add_special_tokens=False)
         return ids
 
-    def _template_for(self, tools) -> jinja2.Template:
-        """The compiled template a chat renders with: "tool_use" when it has tools and the model
-        has one, else "default" (HF's choice)."""
+    def _template_for(self, tools, given: str | None = None) -> jinja2.Template:
+        """The compiled template a chat renders with: `given` (a name among the model's, else a
+        template's source), or "tool_use" when it has tools and the model has one, else
+        "default" (HF's choice)."""
         named = self.chat_templates
+        if given is not None:
+            if not isinstance(given, str):
+                raise TypeError(f"chat_template must be a str, got {type(given).__name__}")
+            if given not in named:
+                return _given_template(given)
+            name = given
+        else:
+            name = "tool_use" if tools is not None and "tool_use" in named else "default"
         if not named:
             raise TokenizerError(
                 "this model has no chat template (chat_template in tokenizer_config.json or "
                 "tokenizer.chat_template in the GGUF); use a plain completion prompt instead")
-        name = "tool_use" if tools is not None and "tool_use" in named else "default"
         if name not in named:
             raise TokenizerError(f"this model's chat templates are {sorted(named)}, none of them "
                                  f"'default' (nor 'tool_use' for a chat with tools)")
@@ -469,6 +480,17 @@ class Tokenizer:
 
 # Tokens of context kept before the new ones: enough for a decoder to get spaces right at the seam.
 _CONTEXT_TOKENS = 5
+
+
+@functools.lru_cache(maxsize=8)
+def _given_template(source: str) -> jinja2.Template:
+    """A template given with a chat (its source), compiled once for the calls that repeat it."""
+    import jinja2
+
+    try:
+        return compile_template(source)
+    except jinja2.TemplateError as e:
+        raise TokenizerError(f"chat_template is not valid jinja: {e}") from None
 
 
 class IncrementalDetokenizer:
