@@ -135,15 +135,17 @@ class GenerationCall:
 
     def _answer(self, final: dict) -> dict:
         """The JSON body of a finished call."""
-        choices, num_generated = [], 0
+        choices, num_generated, longest = [], 0, 0
         for request_id in self.index_of:
             for c in final[request_id].outputs:
-                num_generated += 0 if self.extras.score_only else len(c.token_ids)
+                if not self.extras.score_only:
+                    num_generated += len(c.token_ids)
+                    longest = max(longest, len(c.token_ids))
                 choices.append(self.choice(request_id, c, whole=True))
         choices.sort(key=lambda c: c["index"])
         build = chat_body if self.chat else completion_body
         body = build(self.id, self.model, choices, self.usage(num_generated), self.created)
-        if (metrics := self.request_metrics(num_generated)) is not None:
+        if (metrics := self.request_metrics(num_generated, longest)) is not None:
             body["metrics"] = metrics
         if self.chat:  # one prompt: its scores and ids sit beside the choices (a batch's: none)
             body["prompt_logprobs"] = self._prompt_logprobs(next(iter(self.index_of)))
@@ -156,11 +158,13 @@ class GenerationCall:
         created = sum(out.num_created_cache_tokens for out in self.first.values())
         return usage(self.num_prompt_tokens, num_generated, cached, created)
 
-    def request_metrics(self, num_generated: int) -> dict | None:
+    def request_metrics(self, num_generated: int, longest: int) -> dict | None:
         """vLLM's per-request timings (--enable-per-request-metrics), for a call of one request:
         queue wait, time to the first token from scheduling, decode time (first to last token),
-        mean inter-token latency (when >1 token) and tokens per second from scheduling; None
-        when off, for several requests, or before the request has its times."""
+        mean inter-token latency (when a choice has >1 token: `longest`, the most one choice
+        generated; n choices decode side by side) and tokens per second (all `num_generated`)
+        from scheduling; None when off, for several requests, or before the request has its
+        times."""
         settings = getattr(self.request.app.state, "settings", None)
         if settings is None or not settings.per_request_metrics or len(self.first) != 1:
             return None
@@ -171,8 +175,8 @@ class GenerationCall:
         out = {"time_to_first_token_ms": (m.first_token_time - m.first_scheduled_time) * 1000,
                "generation_time_ms": decode * 1000,
                "queue_time_ms": max(0.0, m.first_scheduled_time - m.arrival_time) * 1000}
-        if num_generated > 1:
-            out["mean_itl_ms"] = decode / (num_generated - 1) * 1000
+        if longest > 1:
+            out["mean_itl_ms"] = decode / (longest - 1) * 1000
         inference = m.finished_time - m.first_scheduled_time
         out["tokens_per_second"] = num_generated / inference if inference > 0 else 0.0
         return out

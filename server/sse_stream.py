@@ -68,9 +68,8 @@ async def events(call, group, include_usage: bool):
                         key = (out.request_id, c.index)
                         if not call.extras.score_only:  # before its chunk: continuous usage
                             num_generated += len(c.delta_token_ids)
+                            per_choice[key] = per_choice.get(key, 0) + len(c.delta_token_ids)
                         if continuous:
-                            if not call.extras.score_only:
-                                per_choice[key] = per_choice.get(key, 0) + len(c.delta_token_ids)
                             current[0] = call.choice_usage(out.request_id,
                                                            per_choice.get(key, 0))
                         if key in closed:
@@ -90,7 +89,8 @@ async def events(call, group, include_usage: bool):
             yield DONE
             return
     if include_usage:
-        yield chunk([], call.usage(num_generated), call.request_metrics(num_generated))
+        yield chunk([], call.usage(num_generated),
+                    call.request_metrics(num_generated, max(per_choice.values(), default=0)))
     yield DONE
 
 

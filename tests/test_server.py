@@ -632,6 +632,18 @@ def test_per_request_metrics(server):
     assert all("metrics" not in c for c in chunks[:-1]) and chunks[-1]["choices"] == []
     assert "mean_itl_ms" not in chunks[-1]["metrics"]
     assert chunks[-1]["metrics"]["time_to_first_token_ms"] >= 0
+    # n choices decode side by side: the latency between a choice's tokens, not the time over
+    # all choices' tokens (it came out n times too small)
+    two = httpx.post(server.url + "/v1/chat/completions", json={**chat, "n": 2},
+                     timeout=60).json()["metrics"]
+    assert two["mean_itl_ms"] == pytest.approx(two["generation_time_ms"] / 3)
+    with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=60,
+                      json={**chat, "n": 2, "stream": True,
+                            "stream_options": {"include_usage": True}}) as r:
+        last = [json.loads(line[6:]) for line in r.iter_lines() if line.startswith("data: {")][-1]
+    assert last["usage"]["completion_tokens"] == 8
+    assert last["metrics"]["mean_itl_ms"] == pytest.approx(
+        last["metrics"]["generation_time_ms"] / 3)
 
 
 def test_api_key_and_default_bind():
