@@ -92,7 +92,8 @@ class LLM:
 
         prompts: a str, a {"prompt_token_ids": [...]} or {"prompt": str} dict (vLLM's
         TokensPrompt and TextPrompt), or a list of them.
-        sampling_params: one SamplingParams for all, or a list with one per prompt.
+        sampling_params: one SamplingParams for all, or a list with one per prompt; None (or
+        None in the list) is get_default_sampling_params().
         use_tqdm: show a progress bar; a callable (e.g. functools.partial(tqdm, leave=False))
         makes it, as vLLM's.
         """
@@ -114,6 +115,9 @@ class LLM:
                             f"{type(sampling_params).__name__}")
         else:
             params = list(sampling_params)
+            if any(p is None for p in params):
+                default = self.get_default_sampling_params()
+                params = [default if p is None else p for p in params]
             if len(params) != len(prompts):
                 raise ValueError(f"sampling_params has {len(params)} entries for "
                                  f"{len(prompts)} prompts; pass one, or one per prompt")

@@ -154,6 +154,10 @@ def test_llm_default_sampling_params(make_engine, tmp_path, monkeypatch):
     assert seen == [want] and len(out[0].outputs[0].token_ids) <= 3
     llm.generate({"prompt_token_ids": [5, 6, 7]}, SamplingParams(max_tokens=2), use_tqdm=False)
     assert seen[-1] == SamplingParams(max_tokens=2)  # given params are taken as they are
+    # a None in a list of per-prompt params is the defaults too (it was SamplingParams())
+    llm.generate([{"prompt_token_ids": [5]}, {"prompt_token_ids": [6]}],
+                 [SamplingParams(max_tokens=2), None], use_tqdm=False)
+    assert seen[-2:] == [SamplingParams(max_tokens=2), want]
 
 
 def test_generate_takes_the_defaults_under_its_flags(tmp_path, monkeypatch, capsys):
