@@ -2,6 +2,8 @@
 scores every beam with a full forward of its own (prompt_logprobs=-1: the whole next-token
 distribution), with the block manager's invariants checked after every step."""
 
+import math
+
 import pytest
 from conftest import step_to_end
 
@@ -193,6 +195,14 @@ def test_llm_beam_search_like_vllm(make_engine):
     with pytest.raises(ParamError) as e:
         BeamSearchParams(beam_width=2, max_tokens=0)
     assert e.value.field == "max_tokens"
+    # vLLM's temperature is taken (its code runs unchanged) and, as in vLLM's v1, changes no beam
+    [warm] = llm.beam_search([{"prompt_token_ids": PROMPT}], BeamSearchParams(
+        beam_width=3, max_tokens=6, ignore_eos=True, temperature=0.8))
+    assert [s.tokens for s in warm.sequences] == [s.tokens for s in out.sequences]
+    for bad in (-0.1, math.inf, math.nan, "0", True):
+        with pytest.raises(ParamError) as e:
+            BeamSearchParams(beam_width=2, max_tokens=2, temperature=bad)
+        assert e.value.field == "temperature"
 
 
 def test_validation():

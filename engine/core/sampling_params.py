@@ -366,6 +366,9 @@ class BeamSearchParams:
     beam_width: int
     max_tokens: int
     ignore_eos: bool = False
+    # vLLM's field, taken so its code runs here; as in vLLM's v1 engine, it changes no beam:
+    # candidates are scored by the model's own logprobs
+    temperature: float = 0.0
     length_penalty: float = 1.0
     include_stop_str_in_output: bool = False
 
@@ -377,6 +380,10 @@ class BeamSearchParams:
         if not (is_int(self.max_tokens) and self.max_tokens >= 1):
             raise ParamError("max_tokens", f"max_tokens must be an integer >= 1, got "
                                            f"{reprlib.repr(self.max_tokens)}")
+        if not (isinstance(self.temperature, numbers.Real) and not isinstance(
+                self.temperature, bool) and 0 <= self.temperature < math.inf):
+            raise ParamError("temperature", f"temperature must be a number >= 0, got "
+                                            f"{reprlib.repr(self.temperature)}")
 
     def sampling_params(self) -> SamplingParams:
         return SamplingParams(n=self.beam_width, use_beam_search=True, temperature=0,
