@@ -214,6 +214,24 @@ def test_wrong_shape_names_tensor_and_both_shapes(tmp_path):
         load_model(str(folder), NumpyOps())
 
 
+def test_a_tensor_the_index_leaves_out_is_read_from_its_shard(tmp_path):
+    """As HF and vLLM, every tensor of a listed shard is read, also one the index's weight_map
+    leaves out (it was taken as absent: a missing tensor, or a bias silently left off)."""
+    folder = copy_golden("llama_sharded", tmp_path)
+    index = folder / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    shard = data["weight_map"].pop("model.layers.0.mlp.down_proj.weight")
+    kept = sum(v == shard for v in data["weight_map"].values())
+    assert kept > 0  # its shard is still listed
+    index.write_text(json.dumps(data))
+    config = ModelConfig.from_pretrained(folder)
+    ops = NumpyOps()
+    got = weight_arrays(load_safetensors_weights(folder, config, ops))
+    want = weight_arrays(load_safetensors_weights(GOLDEN_DIR / "llama", config, ops))
+    for key, array in want.items():
+        np.testing.assert_array_equal(got[key], array, err_msg=key)
+
+
 def test_missing_shard_is_named(tmp_path):
     folder = copy_golden("llama_sharded", tmp_path)
     (folder / "model-00003-of-00009.safetensors").unlink()

@@ -153,7 +153,8 @@ def _check_no_overlap(path: Path, header: dict) -> None:
 
 
 def _open_checkpoint(folder: Path) -> dict[str, SafetensorsFile]:
-    """Tensor name -> the file holding it (single file, or shards listed in the index)."""
+    """Tensor name -> the file holding it (single file, or the tensors of the shards listed in
+    the index)."""
     index = folder / "model.safetensors.index.json"
     if index.is_file():
         try:
@@ -172,7 +173,11 @@ def _open_checkpoint(folder: Path) -> dict[str, SafetensorsFile]:
             if name not in files[shard].tensors:
                 raise LoadError(f"{index} puts tensor {name!r} in {shard}, which does not hold "
                                 "it")
-        return {name: files[shard] for name, shard in weight_map.items()}
+        mapping = {name: files[shard] for name, shard in weight_map.items()}
+        for shard in files.values():  # as HF and vLLM: every tensor of a listed shard, also
+            for name in shard.tensors:  # one the index leaves out (where it names it, its shard)
+                mapping.setdefault(name, shard)
+        return mapping
     single = folder / "model.safetensors"
     if not single.is_file():
         raise LoadError(
