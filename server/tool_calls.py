@@ -178,7 +178,7 @@ class ToolCallParser:
                 # the text before the first call as it came (as a stream sends it), or None
                 content = text[: text.index(HERMES_OPEN)]
                 return content if content.strip() else None, calls
-            return text, []
+            # no Hermes calls: the tag may be text inside a Llama call's arguments
         stripped = text.strip().removeprefix(LLAMA_PYTHON_TAG).lstrip()
         if stripped.startswith("{"):  # Llama 3.x: JSON objects, ";"-separated when several
             calls = [self._call(part) for part in _split_json_objects(stripped)]

@@ -159,3 +159,22 @@ def test_required_moves_refs_beside_a_property_named_id():
     so = tool_grammar(tools, "required", True)
     assert _accepts(so, '[{"name": "w", "arguments": {"$id": "a", "unit": "c"}}]')
     assert not _accepts(so, '[{"name": "w", "arguments": {"$id": "a", "unit": "k"}}]')
+
+
+@pytest.mark.parametrize("text, arguments", [
+    ('{"name": "f", "parameters": {"q": "wrap it in <tool_call> tags"}}',
+     '{"q": "wrap it in <tool_call> tags"}'),
+    ('<|python_tag|>{"name": "f", "parameters": {"code": "print(\'<tool_call>\')"}}',
+     '{"code": "print(\'<tool_call>\')"}'),
+])
+def test_a_llama_call_whose_arguments_hold_the_hermes_tag_is_a_call(text, arguments):
+    """A "<tool_call>" inside a Llama call's string argument sent the text down the Hermes path
+    only: no call parsed there, and the call came back as content, whole and streamed."""
+    parser = ToolCallParser("auto", ["f"])
+    content, [call] = parser.parse(text)
+    assert content is None and call["function"] == {"name": "f", "arguments": arguments}
+    stream = ToolCallStream(parser)
+    deltas = [d for ch in text for d in stream.feed(ch)]
+    last, is_call = stream.finish()
+    assert deltas == [] and is_call
+    assert [d["tool_calls"][0]["function"] for d in last] == [call["function"]]
