@@ -209,7 +209,7 @@ def _split_json_objects(text: str) -> list[str]:
             return [text]  # not a run of objects: let the caller's parse fail on the whole
         parts.append(text[i:end])
         i = end
-        while i < len(text) and text[i] in " \n\t;":
+        while i < len(text) and text[i] in " \n\r\t;":
             i += 1
     return parts
 

@@ -178,3 +178,13 @@ def test_a_llama_call_whose_arguments_hold_the_hermes_tag_is_a_call(text, argume
     last, is_call = stream.finish()
     assert deltas == [] and is_call
     assert [d["tool_calls"][0]["function"] for d in last] == [call["function"]]
+
+
+def test_llama_calls_separated_by_crlf_are_calls():
+    """"\\r" is JSON whitespace: `;\\r\\n` between two Llama calls made the output content."""
+    parser = ToolCallParser("auto", ["f", "g"])
+    content, calls = parser.parse('{"name": "f", "parameters": {"a": 1}};\r\n'
+                                  '{"name": "g", "parameters": {}}\r\n')
+    assert content is None
+    assert [c["function"] for c in calls] == [{"name": "f", "arguments": '{"a": 1}'},
+                                              {"name": "g", "arguments": "{}"}]
