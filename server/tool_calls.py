@@ -220,36 +220,51 @@ class ToolCallStream:
 
     def __init__(self, parser: ToolCallParser):
         self.parser = parser
-        self.text = ""
+        self.pieces: list[str] = []  # the text so far, joined once it ends
+        self.pending = ""  # its tail not sent yet, while not holding
+        self.lead = 0  # chars of whitespace it opens with, not sent yet nor in pending
         self.num_sent = 0  # chars of text already sent as content
         self.holding = parser.choice not in ("auto", "none")  # forced calls: hold everything
 
+    @property
+    def text(self) -> str:
+        return "".join(self.pieces)
+
     def feed(self, delta: str) -> list[dict]:
-        """Deltas to send now for this new text."""
-        self.text += delta
+        """Deltas to send now for this new text. Only the tail not sent yet is looked at (the
+        whole text each time made a long stream quadratic: 32,000 tokens took seconds)."""
+        self.pieces.append(delta)
         if self.holding:
             return []
-        text = self.text
-        head = text.lstrip()
-        if head.startswith(("{", LLAMA_PYTHON_TAG)) or HERMES_OPEN in text:
+        if self.num_sent == 0 and not self.pending and delta.isspace():
+            self.lead += len(delta)  # leading whitespace: wait to see whether a call follows
+            return []
+        # A tag never spans what was sent and what was not: a tail that may start one is held.
+        text = self.pending + delta
+        if self.num_sent == 0 and text.lstrip().startswith(("{", LLAMA_PYTHON_TAG)) \
+                or HERMES_OPEN in text:
             self.holding = True
             return []
         # Hold a tail that may be the start of a call's opening tag.
         keep = max((k for tag in (HERMES_OPEN, LLAMA_PYTHON_TAG)
                     for k in range(min(len(text), len(tag) - 1), 0, -1)
                     if tag.startswith(text[-k:])), default=0)
-        if not text[: len(text) - keep].strip() and self.num_sent == 0:
+        if self.num_sent == 0 and not text[: len(text) - keep].strip():
             keep = len(text)  # leading whitespace: wait to see whether a call follows
         end = len(text) - keep
-        if end <= self.num_sent:
+        self.pending = text[end:]
+        if end == 0:
             return []
-        out = [{"content": text[self.num_sent:end]}]
-        self.num_sent = end
-        return out
+        if self.num_sent == 0:  # the leading whitespace goes out with the first content
+            text = self.text[: self.lead] + text
+            end += self.lead
+        self.num_sent += end
+        return [{"content": text[:end]}]
 
     def finish(self) -> tuple[list[dict], bool]:
         """(deltas to send at the end, whether the output was tool calls)."""
-        content, calls = self.parser.parse(self.text)
+        text = self.text
+        content, calls = self.parser.parse(text)
         deltas = []
         if calls:
             held = (content or "")[self.num_sent:] if content else ""
@@ -257,6 +272,6 @@ class ToolCallStream:
                 deltas.append({"content": held})
             deltas.append({"tool_calls": [{"index": i, **call} for i, call in enumerate(calls)]})
             return deltas, True
-        if len(self.text) > self.num_sent:
-            deltas.append({"content": self.text[self.num_sent:]})
+        if len(text) > self.num_sent:
+            deltas.append({"content": text[self.num_sent:]})
         return deltas, False
