@@ -195,9 +195,17 @@ class ToolCallParser:
         if not isinstance(name, str) or name not in self.names:  # the model's text: any JSON
             return None
         args = obj.get("arguments", obj.get("parameters", {}))
-        if isinstance(args, str):  # some models write the arguments as JSON text already
-            return new_call(obj["name"], args)
+        if isinstance(args, str):  # some models write the arguments as JSON text already;
+            return new_call(obj["name"], args if _is_json_object(args)  # other text goes as a
+                            else json.dumps(args, ensure_ascii=False))  # JSON string (as vLLM)
         return new_call(obj["name"], args) if isinstance(args, dict) else None
+
+
+def _is_json_object(text: str) -> bool:
+    try:
+        return isinstance(json.loads(text), dict)
+    except (ValueError, RecursionError):
+        return False
 
 
 def _split_json_objects(text: str) -> list[str]:

@@ -290,13 +290,17 @@ def test_tool_parsing_survives_any_json_and_keeps_one_call_when_not_parallel():
 
 def test_tool_call_forms_at_their_edges():
     """Whitespace alone before a Hermes call is no content; arguments a model wrote as JSON
-    text pass as they are; a required call's output that is JSON but no list of calls is text;
-    a stream holds back every proper prefix of an opening tag."""
+    text pass as they are (other text as a JSON string, as vLLM's); a required call's output
+    that is JSON but no list of calls is text; a stream holds back every proper prefix of an
+    opening tag."""
     parser = ToolCallParser("auto", ["f"])
     content, calls = parser.parse(' \n<tool_call>{"name": "f", "arguments": {}}</tool_call>')
     assert content is None and len(calls) == 1
     _, [call] = parser.parse('{"name": "f", "arguments": "{\\"x\\": 1}"}')
     assert call["function"]["arguments"] == '{"x": 1}'
+    for text in ("oops", "[1]", '{"x": 1'):  # other text: a JSON string, arguments stay JSON
+        _, [call] = parser.parse(json.dumps({"name": "f", "arguments": text}))
+        assert call["function"]["arguments"] == json.dumps(text)
     for odd in ("[1]", "5", '[{"name": "f"}]'):
         assert ToolCallParser("required", ["f"]).parse(odd) == (odd, [])
     for tag in ("<tool_call>", "<|python_tag|>"):
