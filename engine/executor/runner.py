@@ -348,12 +348,12 @@ class ModelRunner:
                     len(view["input_ids"])):
                 return self.mixed_graphs.run(view["input_ids"], view["positions"],
                                              view["slot_mapping"], meta,
-                                             view["logits_indices"])  # (R, vocab)
+                                             view["logits_indices"])  # (R + Q, vocab)
         else:
             meta = self.ops.prepare_metadata(AttentionMetadata(
                 **arrays, max_query_len=host.max_query_len, max_context_len=host.max_context_len))
         return self.model.forward(view["input_ids"], view["positions"], self.kv_cache, meta,
-                                  view["logits_indices"])  # (R, vocab)
+                                  view["logits_indices"])  # (R + Q, vocab)
 
     def run_worker_step(self, step: WorkerStep, flat: np.ndarray) -> None:
         """A tensor-parallel worker rank's part of rank 0's step: the same block copies and
