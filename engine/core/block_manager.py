@@ -26,7 +26,7 @@ from engine.core.sequence import Sequence
 
 
 def hash_block(parent: int, token_ids: list[int]) -> int:
-    """Key of a full block: its tokens chained onto its parent block's key (0 for the first block).
+    """Key of a full block: its tokens chained onto its parent block's key (root_key for the first).
 
     NOTE: 128-bit blake2b, so a collision (which would silently reuse wrong k/v) is negligible
     and lookups need not compare tokens. Python's hash() is 64-bit and salted for str; not used.
