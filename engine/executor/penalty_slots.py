@@ -46,8 +46,8 @@ class PenaltySlots:
         return slots, rebuild
 
     def forget(self, seq_ids) -> None:
-        """These sequences' slots no longer match their tokens (rows sampled without the table,
-        or a draw that did not happen): freed, so their next use rebuilds."""
+        """Free these sequences' slots (_take: every sequence outside the batch, once no slot is
+        free), so their next use rebuilds."""
         for seq_id in seq_ids:
             entry = self._entries.pop(seq_id, None)
             if entry is not None:
