@@ -79,8 +79,9 @@ class Transformer:
 
     def rope_in_attention(self, meta) -> bool:
         """Whether this step leaves RoPE and the k/v cache write to the attention (ops.folds_rope:
-        decode-only steps on the cuda backend's mma decode kernel; one launch a layer fewer); not
-        with q/k norms or a qkv bias, which the attention does not do."""
+        decode-only steps: the cuda backend's mma decode kernel does them, one launch a layer
+        fewer, and the numpy twin does the same); not with q/k norms or a qkv bias, which the
+        attention does not do."""
         c = self.config
         return (not c.qk_norm and self.weights.layers[0].qkv_bias is None
                 and self.ops.folds_rope(meta, c.num_heads, c.num_kv_heads))
