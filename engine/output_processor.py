@@ -83,8 +83,9 @@ class OutputProcessor:
 
     def process(self, outputs: list[SeqOutput]
                 ) -> tuple[list[RequestOutput], list[tuple[str, int, str]]]:
-        """(one RequestOutput per request that changed, the sequences a stop string ended as
-        (request_id, index, stop string) for EngineCore.finish_sequences)."""
+        """(one RequestOutput per request that changed, the sequences to free as
+        (request_id, index, stop string) for EngineCore.finish_sequences: those a stop string
+        ended, and those of a request whose postprocessing failed, with "")."""
         now = time.time()
         changed: dict[str, _Request] = {}
         stopped = []
