@@ -625,6 +625,22 @@ def test_llama3_gguf_tokenizer_takes_whole_vocabulary_words_and_adds_bos_as_llam
     assert plain.encode("abc") == [3, 2]  # GPT-2's BPE goes by the merges, and adds no BOS
 
 
+@pytest.mark.parametrize("pre", ["llama-v3", "falcon3"])
+def test_llama_cpp_other_names_for_the_llama3_pre_tokenizer(pre):
+    """llama.cpp reads "llama-v3" (older converters) and "falcon3" (Falcon 3, a llama GGUF) as
+    llama-bpe: Llama 3's split, whole vocabulary words, BOS added; transformers splits them as
+    Llama 3 too. They were refused as unknown pre-tokenizers."""
+    tok = tokenizer_from_gguf_metadata(_llama3_like_meta(**{"tokenizer.ggml.pre": pre}))
+    assert tok.encode("abc") == [5, 4]
+    assert tok.encode("abcab", add_special_tokens=False) == [3, 2, 3]
+
+
+def test_llama_cpp_gpt_2_pre_tokenizer_is_gpt2s_split():
+    """"gpt-2" is llama.cpp's (and its converter's) name for GPT-2's own split."""
+    tok = tokenizer_from_gguf_metadata(_llama3_like_meta(**{"tokenizer.ggml.pre": "gpt-2"}))
+    assert tok.encode("abc") == [3, 2]  # by the merges, and no BOS: as "gpt2"
+
+
 def test_gguf_named_chat_templates_are_read(meta):
     """A GGUF converted from a folder of named templates keeps the others as
     tokenizer.chat_template.NAME (listed in tokenizer.chat_templates); llama.cpp renders a chat

@@ -40,18 +40,19 @@ _LLAMA3_SPLIT = (
     r"| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
 )
 _QWEN2_SPLIT = _LLAMA3_SPLIT.replace(r"\p{N}{1,3}", r"\p{N}")
+# As llama.cpp: with these pre-tokenizers a piece that is a token is taken whole, whatever the
+# merges (Llama 3's tiktoken does so; its tokenizer.json says "ignore_merges": true), and BOS is
+# added unless tokenizer.ggml.add_bos_token says otherwise. llama.cpp's names for Llama 3's split
+# (Falcon 3, a llama GGUF, says "falcon3").
+_LLAMA3_PRE = ("llama3", "llama-v3", "llama-bpe", "falcon3")
 GGUF_PRE_TOKENIZERS = {
     "default": None,
     "gpt2": None,
+    "gpt-2": None,  # llama.cpp's name for GPT-2's split
     "smollm": None,  # plus every digit isolated first, see _byte_level_pre_tokenizer
-    "llama3": _LLAMA3_SPLIT,
-    "llama-bpe": _LLAMA3_SPLIT,
+    **dict.fromkeys(_LLAMA3_PRE, _LLAMA3_SPLIT),
     "qwen2": _QWEN2_SPLIT,
 }
-# As llama.cpp: with these pre-tokenizers a piece that is a token is taken whole, whatever the
-# merges (Llama 3's tiktoken does so; its tokenizer.json says "ignore_merges": true), and BOS is
-# added unless tokenizer.ggml.add_bos_token says otherwise.
-_LLAMA3_PRE = ("llama3", "llama-bpe")
 
 
 class TokenizerError(ValueError):
