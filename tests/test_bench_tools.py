@@ -693,3 +693,25 @@ def test_module_settings_spec():
     for bad in ("PDL=1", "cuda_kernels.PDL", "cuda_kernels.PDL="):
         with pytest.raises(SystemExit, match="module.ATTR=value"):
             module_settings.parse_variant(bad)
+
+
+@pytest.mark.parametrize("tool,argv,message", [
+    (bench_throughput, ["--num-prompts", "0"], "argument --num-prompts: must be >= 1, got 0"),
+    (bench_throughput, ["--scale", "0"], "argument --scale: must be in (0, 1], got 0.0"),
+    (seed_table, ["--num-prompts", "-3"], "argument --num-prompts: must be >= 1, got -3"),
+    (bench_serving, ["--request-rate", "0"], "argument --request-rate: must be > 0 (or inf)"),
+    (bench_serving, ["--num-prompts", "0"], "argument --num-prompts: must be >= 1, got 0"),
+    (bench_serving, ["--scale", "1.5"], "argument --scale: must be in (0, 1], got 1.5"),
+    ("bench_latency", ["--output-len", "0"], "argument --output-len: must be >= 1, got 0"),
+    ("bench_latency", ["--prompt-len", "-1"], "argument --prompt-len: must be >= 1, got -1"),
+])
+def test_bad_counts_are_refused_at_parse(tool, argv, message, capsys, monkeypatch):
+    """A zero or negative count, scale or rate is an argparse error naming the flag, before any
+    model loads or server is asked (it was a ValueError traceback after the load)."""
+    if isinstance(tool, str):
+        tool = __import__(f"tools.{tool}", fromlist=["main"])
+    monkeypatch.setattr("engine.LLM", None)  # nothing may load
+    with pytest.raises(SystemExit) as e:
+        tool.main(argv)
+    assert e.value.code == 2
+    assert message in capsys.readouterr().err

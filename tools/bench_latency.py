@@ -38,6 +38,7 @@ if __package__ in (None, ""):  # run as a script: make the checkout importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.logs import weights_nbytes  # noqa: E402
 from tools.bench_throughput import DTYPE_BYTES, add_engine_args, build_llm  # noqa: E402
+from tools.workloads import count_arg  # noqa: E402
 
 BANDWIDTH = 4.27e12  # bytes/s, the H200 test GPU's measured copy ceiling (tools/workloads.py)
 
@@ -85,8 +86,10 @@ def time_requests(engine, prompts: list[list[int]], output_len: int,
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_engine_args(ap, workload=False)  # one request of --prompt-len tokens, greedy
-    ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--prompt-len", type=count_arg, default=128,
+                    help="prompt tokens of each request")
+    ap.add_argument("--output-len", type=count_arg, default=256,
+                    help="tokens each request decodes")
     ap.add_argument("--context-len", type=int, default=None,
                     help="context at the end of the request (sets the prompt length)")
     ap.add_argument("--batch-size", type=int, default=1,

@@ -46,7 +46,7 @@ if __package__ in (None, ""):  # run as a script: make the checkout importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools.sse_client import SSEClient  # noqa: E402
 from tools.ttft_stages import format_stages, stage_breakdown  # noqa: E402
-from tools.workloads import scale_requests, w1_requests  # noqa: E402
+from tools.workloads import count_arg, rate_arg, scale_arg, scale_requests, w1_requests  # noqa: E402
 
 
 @dataclass
@@ -324,10 +324,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--base-url", default="http://127.0.0.1:8000")
     ap.add_argument("--model", default=None, help="model name (default: first of /v1/models)")
-    ap.add_argument("--num-prompts", type=int, default=256)
-    ap.add_argument("--request-rate", type=float, default=float("inf"),
+    ap.add_argument("--num-prompts", type=count_arg, default=256,
+                    help="requests drawn (default 256: W1)")
+    ap.add_argument("--request-rate", type=rate_arg, default=float("inf"),
                     help="req/s; inf: all at once")
-    ap.add_argument("--scale", type=float, default=1.0, help="shrink prompt/output lengths")
+    ap.add_argument("--scale", type=scale_arg, default=1.0,
+                    help="shrink prompt/output lengths, in (0, 1]")
     ap.add_argument("--vocab-size", type=int, default=None, help="fold prompt ids below this")
     ap.add_argument("--seed", type=int, default=0, help="seed of W1 and of the arrival process")
     ap.add_argument("--timeout", type=float, default=3600.0, help="per-request timeout (s)")

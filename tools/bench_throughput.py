@@ -50,7 +50,13 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the checkout importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tools.workloads import roofline, scale_requests, w1_requests  # noqa: E402
+from tools.workloads import (  # noqa: E402
+    count_arg,
+    roofline,
+    scale_arg,
+    scale_requests,
+    w1_requests,
+)
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
@@ -88,8 +94,10 @@ def add_engine_args(ap: argparse.ArgumentParser, workload: bool = True,
         ap.add_argument("--json", action="store_true", help="print one JSON object")
     if not workload:
         return
-    ap.add_argument("--num-prompts", type=int, default=256)
-    ap.add_argument("--scale", type=float, default=1.0, help="shrink prompt/output lengths")
+    ap.add_argument("--num-prompts", type=count_arg, default=256,
+                    help="requests drawn (default 256: W1)")
+    ap.add_argument("--scale", type=scale_arg, default=1.0,
+                    help="shrink prompt/output lengths, in (0, 1]")
     ap.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     ap.add_argument("--top-p", type=float, default=1.0, help="1: off")
     ap.add_argument("--top-k", type=int, default=0, help="0: off")

@@ -33,6 +33,7 @@ These give 37,130 and 18,380 output tok/s; both are bandwidth-bound.
 
 from __future__ import annotations
 
+import argparse
 import heapq
 
 import numpy as np
@@ -43,6 +44,31 @@ W1_VOCAB = 10000  # prompt token ids are drawn from [0, W1_VOCAB)
 W1_OUTPUT_TOKENS = 148_756  # sum of O for the default draw
 H200_FLOPS = 800e12
 H200_BANDWIDTH = 4.27e12
+
+
+def count_arg(text: str) -> int:
+    """argparse type of a count (--num-prompts, --output-len, ...): an integer >= 1, so that a bad
+    one is refused at parse, naming its flag, and not after the model has loaded."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def scale_arg(text: str) -> float:
+    """argparse type of --scale: scale_requests' (0, 1]."""
+    value = float(text)
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value}")
+    return value
+
+
+def rate_arg(text: str) -> float:
+    """argparse type of --request-rate: > 0 requests a second, or inf."""
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be > 0 (or inf), got {value}")
+    return value
 
 
 def w1_requests(num: int = W1_NUM_PROMPTS, seed: int = 0) -> tuple[list[list[int]], list[int]]:
