@@ -715,3 +715,29 @@ def test_bad_counts_are_refused_at_parse(tool, argv, message, capsys, monkeypatc
         tool.main(argv)
     assert e.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_engine_and_sampling_values_end_in_one_line(tiny_model, capsys, monkeypatch):
+    """What the engine refuses is one argparse-like line in the flags' names, exit status 2, not
+    a traceback; the sampling flags are checked before the model loads."""
+    from tools import bench_latency
+
+    def load(*a, **kw):
+        raise AssertionError("the model loaded before the sampling flags were checked")
+
+    cases = [(bench_throughput, ["--model", tiny_model, *TINY_ARGS, "--max-num-seqs", "0"],
+              "error: --max-num-seqs must be >= 1, got 0"),
+             (bench_latency, ["--model", "no-such-preset", "--device", "cpu"],
+              "error: unknown preset 'no-such-preset'; known presets:"),
+             (seed_table, ["--model", tiny_model, *TINY_ARGS, "--temperature", "-1"],
+              "error: --temperature must be >= 0, got -1.0"),
+             (bench_throughput, ["--model", tiny_model, *TINY_ARGS, "--top-p", "0"],
+              "error: --top-p must be in (0, 1], got 0.0")]
+    for tool, argv, message in cases:
+        if "--temperature" in argv or "--top-p" in argv:
+            monkeypatch.setattr("engine.LLM", load)
+        with pytest.raises(SystemExit) as e:
+            tool.main(argv)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and message in err and "Traceback" not in err
+        assert len(err.strip().splitlines()) == 1

@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import sys
 import time
 from pathlib import Path
@@ -109,8 +110,30 @@ def add_engine_args(ap: argparse.ArgumentParser, workload: bool = True,
 
 
 def build_llm(args: argparse.Namespace, enable_prefix_caching: bool = True):
-    from engine import LLM
+    """The engine the flags describe. A value the engine refuses (an unknown preset, a path that
+    is not there, --max-num-seqs 0, --device cuda without a GPU; with the W1 flags, a sampling
+    value out of its range, checked before the model loads) ends the command with one line in
+    the flags' names, as argparse's errors do, not a traceback."""
+    from engine import LLM, SamplingParams
+    from engine.core.sampling_params import ParamError
+    from engine.executor.ops import DeviceError
+    from engine.model.config import ConfigError
+    from engine.model.loader import LoadError
 
+    try:
+        if hasattr(args, "temperature"):  # add_engine_args' workload flags
+            SamplingParams(**sampling_settings(args))
+        return _llm(LLM, args, enable_prefix_caching)
+    except (ConfigError, LoadError, ParamError, DeviceError) as e:
+        message = str(e)
+        for dest in set(vars(args)) - {"model"}:  # "model path ... does not exist" stays
+            message = re.sub(rf"^{dest}\b" if "_" not in dest else rf"\b{dest}\b",
+                             "--" + dest.replace("_", "-"), message)
+        print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def _llm(LLM, args: argparse.Namespace, enable_prefix_caching: bool):
     return LLM(model=args.model, device=args.device, dtype=args.dtype,
                max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
                max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
