@@ -741,3 +741,20 @@ def test_engine_and_sampling_values_end_in_one_line(tiny_model, capsys, monkeypa
         err = capsys.readouterr().err
         assert e.value.code == 2 and message in err and "Traceback" not in err
         assert len(err.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("tool", ["gpu_check", "kernel_check", "profile_prefill_host",
+                                  "energy_parts", "bench_allreduce"])
+def test_gpu_tools_say_so_in_one_line_without_a_gpu(tool):
+    """Run where CuPy sees no GPU (or is not installed), a GPU-only tool says what is missing in
+    one line (exit status 1) instead of a CuPy import traceback."""
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    env = os.environ | {"CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(root)}
+    done = subprocess.run([sys.executable, f"tools/{tool}.py"], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.startswith(f"{tool} runs on a GPU: device 'cuda'")
+    assert len(done.stderr.strip().splitlines()) == 1

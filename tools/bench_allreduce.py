@@ -64,6 +64,12 @@ def main() -> None:
     ap.add_argument("--batch", type=int, nargs="+", default=[1, 256])
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args()
+    from engine.executor.ops import DeviceError, check_cuda
+
+    try:
+        check_cuda()
+    except DeviceError as e:
+        raise SystemExit(f"bench_allreduce runs on a GPU: {e}") from None
     from cupy.cuda import nccl
 
     config = ModelConfig.from_preset(args.model)

@@ -354,7 +354,12 @@ def main(argv: list[str] | None = None) -> None:
                     help="only the decode attention: the batch mix on each (warps, stages) of "
                          "the mma kernel beside the read floor, in pJ a byte")
     args = ap.parse_args(argv)
+    from engine.executor.ops import DeviceError, check_cuda
 
+    try:
+        check_cuda()
+    except DeviceError as e:
+        raise SystemExit(f"energy_parts runs on a GPU: {e}") from None
     import cupy
 
     from engine.executor.ops.cuda_ops import CudaOps

@@ -21,6 +21,14 @@ if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):  # help with
     print(__doc__)
     raise SystemExit(0)
 
+if __name__ == "__main__":  # without CuPy or a GPU: one line, not an import traceback
+    from engine.executor.ops import DeviceError, check_cuda
+
+    try:
+        check_cuda()
+    except DeviceError as e:
+        raise SystemExit(f"gpu_check runs on a GPU: {e}") from None
+
 import cupy
 import numpy as np
 
