@@ -758,3 +758,42 @@ def test_gpu_tools_say_so_in_one_line_without_a_gpu(tool):
     assert done.returncode == 1
     assert done.stderr.startswith(f"{tool} runs on a GPU: device 'cuda'")
     assert len(done.stderr.strip().splitlines()) == 1
+
+
+def test_bench_serving_exits_1_when_its_requests_failed():
+    """A run whose every request failed (no server at the URL) printed a table of NaN and ended
+    with status 0, so a script running it took it for a result."""
+    import os
+    import socket
+    import subprocess
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run(
+        [sys.executable, "tools/bench_serving.py", "--base-url", f"http://127.0.0.1:{port}",
+         "--model", "x", "--num-prompts", "2", "--scale", "0.01", "--num-warmups", "0"],
+        cwd=root, env=os.environ | {"PYTHONPATH": str(root)}, capture_output=True, text=True,
+        timeout=120)
+    assert done.returncode == 1
+    assert "completed 0  failed 2" in done.stdout and "first error: Connect" in done.stdout
+
+
+@pytest.mark.parametrize("tool, argv, message", [
+    ("profile_step", ["--steps", "0"], "argument --steps: must be >= 1, got 0"),
+    ("bench_wire", ["--repeat", "0"], "argument --repeat: must be >= 1, got 0"),
+    ("seed_table", ["--static-batch-size", "0"],
+     "argument --static-batch-size: must be >= 1, got 0"),
+    ("bench_spec", ["--num-speculative-tokens", "0"],
+     "argument --num-speculative-tokens: must be >= 1, got 0"),
+])
+def test_more_counts_are_refused_at_parse(tool, argv, message):
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, f"tools/{tool}.py", *argv], cwd=root,
+                          env=os.environ | {"PYTHONPATH": str(root)}, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 2 and message in done.stderr, done.stderr[-300:]

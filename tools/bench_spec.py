@@ -33,6 +33,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the checkout importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools.spec_workload import spec_conversations  # noqa: E402
+from tools.workloads import count_arg  # noqa: E402
 
 
 def spec_summary(hist: list[int], no_draft_steps: int = 0,
@@ -208,18 +209,18 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--load-format", default="auto", choices=("auto", "dummy"))
     ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "numpy"))
     ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--num-speculative-tokens", type=int, default=4)
+    ap.add_argument("--num-speculative-tokens", type=count_arg, default=4)
     ap.add_argument("--prompt-lookup-max", type=int, default=4)
     ap.add_argument("--prompt-lookup-min", type=int, default=2)
-    ap.add_argument("--max-tokens", type=int, default=200, help="acceptance: per prompt")
+    ap.add_argument("--max-tokens", type=count_arg, default=200, help="acceptance: per prompt")
     ap.add_argument("--limit", type=int, default=None, help="acceptance: the first N prompts")
     ap.add_argument("--save-profile", default=None, help="acceptance: write the histogram here")
     ap.add_argument("--replay", default=None, help="replay: a --save-profile file")
     ap.add_argument("--accepted-hist", default=None, help="replay: N0,N1,..,Nk inline")
     ap.add_argument("--no-draft-steps", type=int, default=0,
                     help="replay with --accepted-hist: steps that found no n-gram")
-    ap.add_argument("--prompt-len", type=int, default=128, help="replay")
-    ap.add_argument("--output-len", type=int, default=256, help="replay")
+    ap.add_argument("--prompt-len", type=count_arg, default=128, help="replay")
+    ap.add_argument("--output-len", type=count_arg, default=256, help="replay")
     ap.add_argument("--batch-sizes", default=None,
                     help="replay: also sweep these batch sizes, e.g. 1,2,4,8,16,32")
     ap.add_argument("--max-model-len", type=int, default=None)

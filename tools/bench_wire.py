@@ -23,6 +23,7 @@ import msgspec
 if __package__ in (None, ""):  # run as a script: make the checkout importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from engine.core.outputs import EngineCoreOutputs, EngineStats, SeqOutput  # noqa: E402
+from tools.workloads import count_arg  # noqa: E402
 
 
 def step_message(num_seqs: int, logprobs: bool) -> EngineCoreOutputs:
@@ -42,9 +43,11 @@ def timed(fn, arg, repeat: int) -> tuple[object, float]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--num-seqs", type=int, default=256)
+    parser.add_argument("--num-seqs", type=count_arg, default=256,
+                        help="sequences in one step's outputs (default 256)")
     parser.add_argument("--logprobs", action="store_true")
-    parser.add_argument("--repeat", type=int, default=2000)
+    parser.add_argument("--repeat", type=count_arg, default=2000,
+                        help="encodes and decodes timed (default 2000)")
     args = parser.parse_args(argv)
     message = step_message(args.num_seqs, args.logprobs)
     codecs = {

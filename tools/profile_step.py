@@ -45,7 +45,7 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the checkout importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tools.workloads import scale_requests, w1_requests  # noqa: E402
+from tools.workloads import count_arg, scale_requests, w1_requests  # noqa: E402
 
 PHASES = ("schedule", "prepare", "launch", "wait", "postprocess")
 
@@ -207,7 +207,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--model", default="qwen3-0.6b", help="preset (cuda, dummy weights)")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--batch-sizes", default="1,64,256")
-    ap.add_argument("--steps", type=int, default=50, help="decode steps timed per batch size")
+    ap.add_argument("--steps", type=count_arg, default=50,
+                    help="decode steps timed per batch size")
     ap.add_argument("--scale", type=float, default=None,
                     help="shrink W1's prompts (default 0.25 on numpy, 1 on cuda)")
     ap.add_argument("--max-num-seqs", type=int, default=256)

@@ -43,7 +43,7 @@ from tools.bench_throughput import (  # noqa: E402
     run_requests,
     sampling_settings,
 )
-from tools.workloads import kv_bytes_per_token  # noqa: E402
+from tools.workloads import count_arg, kv_bytes_per_token  # noqa: E402
 
 MIB = 1 << 20
 
@@ -150,7 +150,8 @@ def draw_chart(result: dict, path: str) -> str:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_engine_args(ap)
-    ap.add_argument("--static-batch-size", type=int, default=32)
+    ap.add_argument("--static-batch-size", type=count_arg, default=32,
+                    help="requests per batch of the static-batching row (default 32)")
     ap.add_argument("--enable-prefix-caching", action="store_true")
     ap.add_argument("--chart", default=None, help="write a PNG chart here (needs matplotlib)")
     args = ap.parse_args(argv)
