@@ -322,7 +322,8 @@ def format_comparison(m: dict) -> str:
 
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--base-url", default="http://127.0.0.1:8000")
+    ap.add_argument("--base-url", default="http://127.0.0.1:8000",
+                    help="the server (default http://127.0.0.1:8000)")
     ap.add_argument("--model", default=None, help="model name (default: first of /v1/models)")
     ap.add_argument("--num-prompts", type=count_arg, default=256,
                     help="requests drawn (default 256: W1)")

@@ -68,21 +68,32 @@ def add_engine_args(ap: argparse.ArgumentParser, workload: bool = True,
     workload's (--num-prompts, --scale, sampling, --no-warmup, --structured), for the tools that
     run it; `json_flag`: --json."""
     ap.add_argument("--model", default="qwen3-0.6b", help="HF folder, .gguf file or preset name")
-    ap.add_argument("--load-format", default="dummy", choices=("auto", "dummy"))
+    ap.add_argument("--load-format", default="dummy", choices=("auto", "dummy"),
+                    help="dummy: random weights of the model's shapes (the default: timings "
+                         "need no checkpoint); auto: the model's own weights")
     ap.add_argument("--quantization", default=None,
                     help="fp8 (linear layers in FP8 E4M3 W8A8, quantized at load), or dummy "
                          "weights as random blocks of a GGUF format: q4_k, q8_0, ...")
     ap.add_argument("--gguf-dequantize", action=argparse.BooleanOptionalAction, default=None,
                     help="a .gguf file's block formats dequantized at load (default: on cpu)")
-    ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "numpy"))
-    ap.add_argument("--dtype", default="auto", choices=("auto", "float16", "bfloat16", "float32"))
-    ap.add_argument("--max-num-seqs", type=int, default=256)
-    ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
-    ap.add_argument("--max-model-len", type=int, default=None)
-    ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--num-kv-blocks", type=int, default=None)
-    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9)
-    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "numpy"),
+                    help="auto: cuda where CuPy sees a GPU, else cpu (the numpy backend)")
+    ap.add_argument("--dtype", default="auto", choices=("auto", "float16", "bfloat16", "float32"),
+                    help="weights and activations (auto: float32 on cpu; on cuda the "
+                         "checkpoint's fp16, else bf16)")
+    ap.add_argument("--max-num-seqs", type=int, default=256,
+                    help="sequences in one step at most (default 256)")
+    ap.add_argument("--max-num-batched-tokens", type=int, default=8192,
+                    help="tokens in one step at most (default 8192)")
+    ap.add_argument("--max-model-len", type=int, default=None,
+                    help="prompt + output tokens a sequence may hold (default: the model's)")
+    ap.add_argument("--block-size", type=int, default=16, help="tokens a KV block holds")
+    ap.add_argument("--num-kv-blocks", type=int, default=None,
+                    help="KV blocks (default: on cuda what --gpu-memory-utilization leaves)")
+    ap.add_argument("--gpu-memory-utilization", type=float, default=0.9,
+                    help="share of the GPU's memory the engine may take (default 0.9)")
+    ap.add_argument("--enforce-eager", action="store_true",
+                    help="no CUDA graphs: every step launched kernel by kernel")
     ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                     help="schedule step N+1 while step N runs (default: on for cuda)")
     ap.add_argument("--speculative-config", type=json.loads, default=None, metavar="JSON",

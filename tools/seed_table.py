@@ -151,8 +151,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_engine_args(ap)
     ap.add_argument("--static-batch-size", type=count_arg, default=32,
-                    help="requests per batch of the static-batching row (default 32)")
-    ap.add_argument("--enable-prefix-caching", action="store_true")
+                    help="requests per batch of the static-batching run (default 32)")
+    ap.add_argument("--enable-prefix-caching", action="store_true",
+                    help="prefix caching on (off by default: the second run would find the "
+                         "first run's prompts in the cache)")
     ap.add_argument("--chart", default=None, help="write a PNG chart here (needs matplotlib)")
     args = ap.parse_args(argv)
     if args.structured:
