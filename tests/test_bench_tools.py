@@ -797,3 +797,18 @@ def test_more_counts_are_refused_at_parse(tool, argv, message):
                           env=os.environ | {"PYTHONPATH": str(root)}, capture_output=True,
                           text=True, timeout=120)
     assert done.returncode == 2 and message in done.stderr, done.stderr[-300:]
+
+
+def test_the_table_tools_name_a_missing_or_broken_file_in_one_line(tmp_path, capsys):
+    from tools import bench_table, ttft_stages
+
+    broken = tmp_path / "bench.jsonl"
+    broken.write_text('{"bench": "w1"}\nnot json\n')
+    for path in (tmp_path / "nope.jsonl", broken):
+        with pytest.raises(SystemExit) as e:
+            bench_table.main([str(path)])
+        assert str(e.value).startswith(f"bench_table.py: {path}: ")
+        with pytest.raises(SystemExit) as e:
+            ttft_stages.main([str(path)])
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"error: {path}: " in err and "Traceback" not in err

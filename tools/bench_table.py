@@ -113,8 +113,11 @@ def main(argv: list[str] | None = None) -> None:
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__)
         raise SystemExit(0 if argv else 2)
-    with open(argv[0]) as f:
-        records = [json.loads(line) for line in f if line.strip()]
+    try:
+        with open(argv[0]) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError) as e:  # a missing file, a line that is no JSON: one line
+        raise SystemExit(f"bench_table.py: {argv[0]}: {e}") from None
     print("\n".join(rows(records) + ratios(records)))
 
 

@@ -81,16 +81,19 @@ def main(argv: list[str] | None = None) -> None:
     import json
 
     ap = argparse.ArgumentParser(description=main.__doc__)
-    ap.add_argument("jsonl")
-    ap.add_argument("name", nargs="?")
+    ap.add_argument("jsonl", help="the bench.jsonl that tools/h200_bench.sh writes")
+    ap.add_argument("name", nargs="?", help="the run's name (default: every run with stages)")
     args = ap.parse_args(argv)
     found = {}
-    with open(args.jsonl) as f:
-        for line in f:
-            row = json.loads(line)
-            stages = row.get("result", {}).get("stages")
-            if stages is not None and args.name in (None, row["bench"]):
-                found[row["bench"]] = stages
+    try:
+        with open(args.jsonl) as f:
+            rows = [json.loads(line) for line in f if line.strip()]
+    except (OSError, ValueError) as e:  # a missing file, a line that is no JSON: one line
+        ap.error(f"{args.jsonl}: {e}")
+    for row in rows:
+        stages = row.get("result", {}).get("stages")
+        if stages is not None and args.name in (None, row["bench"]):
+            found[row["bench"]] = stages
     for name, stages in found.items():
         print(f"== {name}\n{format_stages(stages)}")
 
