@@ -812,3 +812,18 @@ def test_the_table_tools_name_a_missing_or_broken_file_in_one_line(tmp_path, cap
             ttft_stages.main([str(path)])
         err = capsys.readouterr().err
         assert e.value.code == 2 and f"error: {path}: " in err and "Traceback" not in err
+
+
+@pytest.mark.parametrize("tool", ["hammer", "health_stall"])
+def test_the_server_tools_say_so_when_no_server_answers(tool, capsys):
+    import importlib
+    import socket
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    module = importlib.import_module(f"tools.{tool}")
+    with pytest.raises(SystemExit) as e:
+        module.main(["--url", f"http://127.0.0.1:{port}"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"--url http://127.0.0.1:{port}: no server answers" in err

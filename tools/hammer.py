@@ -305,6 +305,10 @@ def main(argv=None) -> int:
                    help="seconds without an answer that count as a hang (default 300)")
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    try:  # a server to hammer, or one line saying there is none
+        httpx.get(args.url + "/health", timeout=10)
+    except httpx.TransportError as e:
+        p.error(f"--url {args.url}: no server answers ({type(e).__name__}: {e})")
     report = asyncio.run(run(args))
     print(json.dumps(report, indent=1))
     print(f"5xx: {report['num_5xx']}  hangs: {report['num_hangs']}  incomplete streams: "

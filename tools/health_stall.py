@@ -80,6 +80,10 @@ def main(argv=None) -> list[dict]:
     if args.poll:
         poll(args.poll, args.seconds)
         return []
+    try:  # a server to measure, or one line saying there is none
+        httpx.get(args.url + "/health", timeout=10)
+    except httpx.TransportError as e:
+        parser.error(f"--url {args.url}: no server answers ({type(e).__name__}: {e})")
     rows = []
     print(f"{'case':<12} {'status':>6} {'request s':>9} {'/health':>7} {'max ms':>7} "
           f"{'p99 ms':>7} {'> 50 ms':>7}")
