@@ -209,13 +209,20 @@ def _model_name(text: str) -> str:
     return text
 
 
+def _api_key_problem(key: str) -> str | None:
+    """What makes `key` no API key, or None. Empty: `--api-key "$KEY"` with KEY unset would leave
+    the server open; whitespace around it: a header's value is stripped, so no client could send
+    it (every call a 401)."""
+    if not key.strip():
+        return "must not be empty (it would leave the API open)"
+    if key != key.strip():
+        return "must not start or end with whitespace (no client could send it)"
+    return None
+
+
 def _api_key(text: str) -> str:
-    if not text.strip():  # `--api-key "$KEY"` with KEY unset: not a server left open
-        raise argparse.ArgumentTypeError("the API key must not be empty (it would leave the API "
-                                         "open)")
-    if text != text.strip():  # a header's value is stripped: no client could send it
-        raise argparse.ArgumentTypeError("the API key must not start or end with whitespace "
-                                         "(no client could send it)")
+    if (problem := _api_key_problem(text)) is not None:
+        raise argparse.ArgumentTypeError(f"the API key {problem}")
     return text
 
 
@@ -416,17 +423,25 @@ def _given_dests(argv: list[str] | None, command: str) -> set[str]:
 
 
 def _in_flag_names(parser: argparse.ArgumentParser, command: str, message: str) -> str:
-    """An engine setting's error in the names of the command's flags: "max_logprobs must be"
-    -> "--max-logprobs must be", "give more num_kv_blocks" -> "give more --num-kv-blocks"."""
+    """An engine setting's error in the names of the command's flags."""
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    flags = {}
     for action in sub.choices[command]._actions:
-        flags = [o for o in action.option_strings if o.startswith("--")]
-        if not flags or action.dest in ("help", "model"):
-            continue
-        if "_" in action.dest:  # a name no sentence uses as a plain word
-            message = re.sub(rf"\b{action.dest}\b", flags[0], message)
-        elif message.startswith(f"{action.dest} "):
-            message = flags[0] + message[len(action.dest):]
+        names = [o for o in action.option_strings if o.startswith("--")]
+        if names and action.dest not in ("help", "model"):
+            flags[action.dest] = names[0]
+    return in_flag_names(message, flags)
+
+
+def in_flag_names(message: str, flags: dict[str, str]) -> str:
+    """`message` with the engine settings it names written as their flags (`flags`: setting ->
+    flag): "max_logprobs must be" -> "--max-logprobs must be", "give more num_kv_blocks" ->
+    "give more --num-kv-blocks"."""
+    for dest, flag in flags.items():
+        if "_" in dest:  # a name no sentence uses as a plain word
+            message = re.sub(rf"\b{dest}\b", flag, message)
+        elif message.startswith(f"{dest} "):
+            message = flag + message[len(dest):]
     return message
 
 
@@ -576,9 +591,8 @@ def api_key_from(args: argparse.Namespace) -> str | None:
     for name in ("PAGEDSERVE_API_KEY", "VLLM_API_KEY"):
         key = os.environ.get(name)
         if key:
-            if key != key.strip():
-                raise ValueError(f"${name} must not start or end with whitespace (no client "
-                                 f"could send it)")
+            if (problem := _api_key_problem(key)) is not None:
+                raise ValueError(f"${name} {problem}")
             return key
     return None
 

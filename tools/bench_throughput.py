@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 import sys
 import time
 from pathlib import Path
@@ -134,27 +133,24 @@ def build_llm(args: argparse.Namespace, enable_prefix_caching: bool = True):
     try:
         if hasattr(args, "temperature"):  # add_engine_args' workload flags
             SamplingParams(**sampling_settings(args))
-        return _llm(LLM, args, enable_prefix_caching)
+        return LLM(model=args.model, device=args.device, dtype=args.dtype,
+                   max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
+                   max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
+                   num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=enable_prefix_caching,
+                   seed=args.seed, load_format=args.load_format, quantization=args.quantization,
+                   gguf_dequantize=args.gguf_dequantize,
+                   gpu_memory_utilization=args.gpu_memory_utilization,
+                   enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling,
+                   speculative_config=args.speculative_config,
+                   tensor_parallel_size=args.tensor_parallel_size)
     except (ConfigError, LoadError, ParamError, DeviceError) as e:
-        message = str(e)
-        for dest in set(vars(args)) - {"model"}:  # "model path ... does not exist" stays
-            message = re.sub(rf"^{dest}\b" if "_" not in dest else rf"\b{dest}\b",
-                             "--" + dest.replace("_", "-"), message)
-        print(f"{Path(sys.argv[0]).name}: error: {message}", file=sys.stderr)
+        from server.cli import in_flag_names
+
+        # "model path ... does not exist" stays as it is
+        flags = {dest: "--" + dest.replace("_", "-") for dest in vars(args) if dest != "model"}
+        print(f"{Path(sys.argv[0]).name}: error: {in_flag_names(str(e), flags)}",
+              file=sys.stderr)
         raise SystemExit(2) from None
-
-
-def _llm(LLM, args: argparse.Namespace, enable_prefix_caching: bool):
-    return LLM(model=args.model, device=args.device, dtype=args.dtype,
-               max_model_len=args.max_model_len, max_num_seqs=args.max_num_seqs,
-               max_num_batched_tokens=args.max_num_batched_tokens, block_size=args.block_size,
-               num_kv_blocks=args.num_kv_blocks, enable_prefix_caching=enable_prefix_caching,
-               seed=args.seed, load_format=args.load_format, quantization=args.quantization,
-               gguf_dequantize=args.gguf_dequantize,
-               gpu_memory_utilization=args.gpu_memory_utilization,
-               enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling,
-               speculative_config=args.speculative_config,
-               tensor_parallel_size=args.tensor_parallel_size)
 
 
 def workload(args: argparse.Namespace, vocab_size: int) -> tuple[list[list[int]], list[int]]:
