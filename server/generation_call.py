@@ -158,6 +158,12 @@ class GenerationCall:
         created = sum(out.num_created_cache_tokens for out in self.first.values())
         return usage(self.num_prompt_tokens, num_generated, cached, created)
 
+    @property
+    def per_request_metrics(self) -> bool:
+        """--enable-per-request-metrics: answers carry their request's timings."""
+        settings = getattr(self.request.app.state, "settings", None)
+        return settings is not None and settings.per_request_metrics
+
     def request_metrics(self, num_generated: int, longest: int) -> dict | None:
         """vLLM's per-request timings (--enable-per-request-metrics), for a call of one request:
         queue wait, time to the first token from scheduling, decode time (first to last token),
@@ -165,8 +171,7 @@ class GenerationCall:
         generated; n choices decode side by side) and tokens per second (all `num_generated`)
         from scheduling; None when off, for several requests, or before the request has its
         times."""
-        settings = getattr(self.request.app.state, "settings", None)
-        if settings is None or not settings.per_request_metrics or len(self.first) != 1:
+        if not self.per_request_metrics or len(self.first) != 1:
             return None
         m = next(iter(self.first.values())).metrics
         if None in (m.first_scheduled_time, m.first_token_time, m.finished_time):

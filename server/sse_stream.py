@@ -22,8 +22,10 @@ async def events(call, group, include_usage: bool):
     continuous = include_usage and call.extras.continuous_usage
     num_generated = 0
     # continuous usage, as vLLM counts it: each chunk carries its own choice's prompt and
-    # tokens so far (per_choice); only the last, choice-less chunk sums the whole call
+    # tokens so far (per_choice); only the last, choice-less chunk sums the whole call (and its
+    # per-request timings read the longest choice)
     per_choice: dict[tuple[str, int], int] = {}
+    count_choices = continuous or (include_usage and call.per_request_metrics)
     current: list[dict] = [call.usage(0)]  # the usage of the choice being written
     sent_prompt_ids = []
     tool_streams: dict[int, ToolCallStream] = {}  # choice index -> its reader
@@ -68,7 +70,8 @@ async def events(call, group, include_usage: bool):
                         key = (out.request_id, c.index)
                         if not call.extras.score_only:  # before its chunk: continuous usage
                             num_generated += len(c.delta_token_ids)
-                            per_choice[key] = per_choice.get(key, 0) + len(c.delta_token_ids)
+                            if count_choices:
+                                per_choice[key] = per_choice.get(key, 0) + len(c.delta_token_ids)
                         if continuous:
                             current[0] = call.choice_usage(out.request_id,
                                                            per_choice.get(key, 0))
