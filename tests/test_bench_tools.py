@@ -799,6 +799,74 @@ def test_more_counts_are_refused_at_parse(tool, argv, message):
     assert done.returncode == 2 and message in done.stderr, done.stderr[-300:]
 
 
+@pytest.mark.parametrize("tool, argv, message", [
+    ("bench_spec", ["--replay", "{tmp}/nope.json"],
+     "argument --replay: {tmp}/nope.json: No such file or directory"),
+    ("bench_spec", ["--replay", "{tmp}/broken.json"],
+     "argument --replay: {tmp}/broken.json: not JSON"),
+    ("bench_spec", ["--replay", "{tmp}/other.json"],
+     "argument --replay: {tmp}/other.json: not a --save-profile file"),
+    ("bench_spec", ["--accepted-hist", "1,x"],
+     "argument --accepted-hist: expected comma-separated integers N0,N1,..,Nk, got '1,x'"),
+    ("bench_spec", ["--accepted-hist", "0,0"], "argument --accepted-hist: expected N0,N1,..,Nk"),
+    ("bench_spec", ["--accepted-hist", "1,2", "--batch-sizes", "0"],
+     "argument --batch-sizes: must all be >= 1, got 0 in '0'"),
+    ("bench_spec", ["--accepted-hist", "1,2", "--batch-sizes", "1,x"],
+     "argument --batch-sizes: expected comma-separated integers, got '1,x'"),
+    ("bench_spec", ["--batch-sizes", "1,2"],
+     "argument --batch-sizes: only with --replay or --accepted-hist"),
+    ("bench_spec", ["--prompt-lookup-max", "0"],
+     "argument --prompt-lookup-max: must be >= 1, got 0"),
+    ("bench_spec", ["--prompt-lookup-min", "3", "--prompt-lookup-max", "2"],
+     "argument --prompt-lookup-min: must be <= --prompt-lookup-max (2), got 3"),
+    ("bench_spec", ["--no-draft-steps", "-1"], "argument --no-draft-steps: must be >= 0, got -1"),
+    ("profile_step", ["--batch-sizes", "0"],
+     "argument --batch-sizes: must all be >= 1, got 0 in '0'"),
+    ("profile_step", ["--batch-sizes", "1,-4"],
+     "argument --batch-sizes: must all be >= 1, got -4 in '1,-4'"),
+    ("profile_step", ["--batch-sizes", "1,,2"],
+     "argument --batch-sizes: expected comma-separated integers, got '1,,2'"),
+    ("profile_step", ["--batch-sizes", "8", "--max-num-seqs", "4"],
+     "argument --batch-sizes: 8 is more than --max-num-seqs (4)"),
+    ("profile_step", ["--scale", "0"], "argument --scale: must be in (0, 1], got 0.0"),
+    ("profile_step", ["--speculative-tokens", "-1"],
+     "argument --speculative-tokens: must be >= 0, got -1"),
+    ("profile_step", ["--speculative-tokens", "2", "--spec-profile", "{tmp}/nope.json"],
+     "argument --spec-profile: {tmp}/nope.json: No such file or directory"),
+])
+def test_spec_and_step_lists_and_files_are_refused_at_parse(tool, argv, message, tmp_path, capsys,
+                                                           monkeypatch):
+    """bench_spec's and profile_step's lists (--batch-sizes, --accepted-hist) and profile files
+    (--replay, --spec-profile) are checked at parse: one line naming the flag, exit status 2,
+    before any model loads (they were ValueError, FileNotFoundError or KeyError tracebacks)."""
+    import importlib
+
+    (tmp_path / "broken.json").write_text("{not json")
+    (tmp_path / "other.json").write_text('{"bench": "w1"}')
+    module = importlib.import_module(f"tools.{tool}")
+    monkeypatch.setattr("engine.LLM", None)  # nothing may load
+    monkeypatch.setattr("engine.engine.LLMEngine", None)
+    with pytest.raises(SystemExit) as e:
+        module.main([a.format(tmp=tmp_path) for a in argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and message.format(tmp=tmp_path) in err, err
+    assert "Traceback" not in err
+    assert f"error: {message.format(tmp=tmp_path)}" in err.strip().splitlines()[-1]
+
+
+def test_bench_spec_replays_a_saved_profile(tiny_model, tmp_path):
+    """--replay takes the histogram and no-draft steps of a --save-profile file."""
+    from tools import bench_spec
+
+    profile = tmp_path / "profile.json"
+    profile.write_text(json.dumps({"overall": {"hist": [1, 1, 4], "no_draft_steps": 1}}))
+    assert bench_spec.spec_profile_arg(str(profile)) == ([1, 1, 4], 1)
+    result = bench_spec.main(["--model", tiny_model, "--load-format", "dummy", "--device",
+                              "numpy", "--replay", str(profile), "--prompt-len", "12",
+                              "--output-len", "16"])
+    assert result["replayed"]["hist"] == [1, 1, 4] and result["achieved"]["k"] == 2
+
+
 def test_the_table_tools_name_a_missing_or_broken_file_in_one_line(tmp_path, capsys):
     from tools import bench_table, ttft_stages
 

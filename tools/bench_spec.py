@@ -33,7 +33,7 @@ import numpy as np
 if __package__ in (None, ""):  # run as a script: make the checkout importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools.spec_workload import spec_conversations  # noqa: E402
-from tools.workloads import count_arg  # noqa: E402
+from tools.workloads import count_arg, count_list_arg, nonnegative_arg  # noqa: E402
 
 
 def spec_summary(hist: list[int], no_draft_steps: int = 0,
@@ -53,6 +53,49 @@ def spec_summary(hist: list[int], no_draft_steps: int = 0,
             "tokens_per_decode_step": (decode_steps + accepted) / decode_steps
             if decode_steps else 1.0,
             "hist": list(hist)}
+
+
+def _checked_hist(hist) -> list[int]:
+    """`hist` if it is an acceptance histogram a replay can draw from: N0,N1,..,Nk (k >= 1) of
+    counts >= 0, not all 0."""
+    if (not isinstance(hist, list) or len(hist) < 2
+            or not all(isinstance(n, int) and n >= 0 for n in hist) or not sum(hist)):
+        raise argparse.ArgumentTypeError(
+            f"expected N0,N1,..,Nk: at least 2 counts >= 0, not all 0, got {hist}")
+    return hist
+
+
+def hist_arg(text: str) -> list[int]:
+    """argparse type of --accepted-hist: N0,N1,..,Nk inline."""
+    try:
+        hist = [int(n) for n in text.split(",")]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers N0,N1,..,Nk, got {text!r}") from None
+    return _checked_hist(hist)
+
+
+def spec_profile_arg(text: str) -> tuple[list[int], int]:
+    """argparse type of a --save-profile file (--replay, profile_step's --spec-profile): its
+    overall histogram and no-draft steps, or one line naming the file and what is wrong with it."""
+    try:
+        overall = json.loads(Path(text).read_text())["overall"]
+        hist, no_draft_steps = overall["hist"], overall["no_draft_steps"]
+    except OSError as e:
+        raise argparse.ArgumentTypeError(f"{text}: {e.strerror or e}") from None
+    except ValueError as e:  # json.JSONDecodeError, or bytes that are not text
+        raise argparse.ArgumentTypeError(f"{text}: not JSON ({e})") from None
+    except (KeyError, TypeError) as e:
+        raise argparse.ArgumentTypeError(
+            f"{text}: not a --save-profile file (no overall {e})") from None
+    try:
+        _checked_hist(hist)
+        if not isinstance(no_draft_steps, int) or no_draft_steps < 0:
+            raise argparse.ArgumentTypeError(
+                f"no_draft_steps must be an integer >= 0, got {no_draft_steps!r}")
+    except argparse.ArgumentTypeError as e:
+        raise argparse.ArgumentTypeError(f"{text}: overall: {e}") from None
+    return hist, no_draft_steps
 
 
 # Speculation must gain at least this much at a batch size for the sweep to keep it on there.
@@ -206,37 +249,55 @@ def batch_sweep(args, llm, sizes: list[int]) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default=None, help="default: the embedded SmolLM2-135M-Instruct")
-    ap.add_argument("--load-format", default="auto", choices=("auto", "dummy"))
-    ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "numpy"))
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--num-speculative-tokens", type=count_arg, default=4)
-    ap.add_argument("--prompt-lookup-max", type=int, default=4)
-    ap.add_argument("--prompt-lookup-min", type=int, default=2)
+    ap.add_argument("--load-format", default="auto", choices=("auto", "dummy"),
+                    help="dummy: random weights of the model's shapes (replay needs no "
+                         "checkpoint); auto: the model's own weights")
+    ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "numpy"),
+                    help="auto: cuda where CuPy sees a GPU, else cpu (the numpy backend)")
+    ap.add_argument("--dtype", default="auto", choices=("auto", "float16", "bfloat16", "float32"),
+                    help="weights and activations (auto: float32 on cpu, else the checkpoint's "
+                         "fp16 or bf16)")
+    ap.add_argument("--num-speculative-tokens", type=count_arg, default=4,
+                    help="acceptance: drafts proposed per step, k (replay: the histogram's)")
+    ap.add_argument("--prompt-lookup-max", type=count_arg, default=4,
+                    help="longest suffix (tokens) the n-gram proposer looks up (default 4)")
+    ap.add_argument("--prompt-lookup-min", type=count_arg, default=2,
+                    help="shortest suffix it looks up, <= --prompt-lookup-max (default 2)")
     ap.add_argument("--max-tokens", type=count_arg, default=200, help="acceptance: per prompt")
-    ap.add_argument("--limit", type=int, default=None, help="acceptance: the first N prompts")
+    ap.add_argument("--limit", type=count_arg, default=None,
+                    help="acceptance: the first N prompts")
     ap.add_argument("--save-profile", default=None, help="acceptance: write the histogram here")
-    ap.add_argument("--replay", default=None, help="replay: a --save-profile file")
-    ap.add_argument("--accepted-hist", default=None, help="replay: N0,N1,..,Nk inline")
-    ap.add_argument("--no-draft-steps", type=int, default=0,
+    ap.add_argument("--replay", type=spec_profile_arg, default=None,
+                    help="replay: a --save-profile file")
+    ap.add_argument("--accepted-hist", type=hist_arg, default=None,
+                    help="replay: N0,N1,..,Nk inline")
+    ap.add_argument("--no-draft-steps", type=nonnegative_arg, default=0,
                     help="replay with --accepted-hist: steps that found no n-gram")
     ap.add_argument("--prompt-len", type=count_arg, default=128, help="replay")
     ap.add_argument("--output-len", type=count_arg, default=256, help="replay")
-    ap.add_argument("--batch-sizes", default=None,
+    ap.add_argument("--batch-sizes", type=count_list_arg, default=None,
                     help="replay: also sweep these batch sizes, e.g. 1,2,4,8,16,32")
-    ap.add_argument("--max-model-len", type=int, default=None)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--max-model-len", type=count_arg, default=None,
+                    help="prompt + output tokens a sequence may hold (default: the model's)")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the engine and of the replay")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
+    if args.prompt_lookup_min > args.prompt_lookup_max:
+        ap.error(f"argument --prompt-lookup-min: must be <= --prompt-lookup-max "
+                 f"({args.prompt_lookup_max}), got {args.prompt_lookup_min}")
+    if args.replay and args.accepted_hist:
+        ap.error("argument --accepted-hist: not allowed with --replay")
+    if args.batch_sizes and not (args.replay or args.accepted_hist):
+        ap.error("argument --batch-sizes: only with --replay or --accepted-hist")
 
     hist, no_draft_steps = None, 0
     if args.replay:
-        overall = json.loads(Path(args.replay).read_text())["overall"]
-        hist, no_draft_steps = overall["hist"], overall["no_draft_steps"]
+        hist, no_draft_steps = args.replay
     elif args.accepted_hist:
-        hist = [int(n) for n in args.accepted_hist.split(",")]
+        hist = args.accepted_hist
         no_draft_steps = args.no_draft_steps
     k = len(hist) - 1 if hist else args.num_speculative_tokens
-    sizes = [int(b) for b in args.batch_sizes.split(",")] if args.batch_sizes and hist else []
+    sizes = args.batch_sizes or []
     from engine import LLM
 
     # Speculation stays on at every batch size measured here.

@@ -45,7 +45,14 @@ from pathlib import Path
 
 if __package__ in (None, ""):  # run as a script: make the checkout importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from tools.workloads import count_arg, scale_requests, w1_requests  # noqa: E402
+from tools.workloads import (  # noqa: E402
+    count_arg,
+    count_list_arg,
+    nonnegative_arg,
+    scale_arg,
+    scale_requests,
+    w1_requests,
+)
 
 PHASES = ("schedule", "prepare", "launch", "wait", "postprocess")
 
@@ -88,15 +95,15 @@ def spec_config(args) -> dict | None:
     return {"method": "ngram", "num_speculative_tokens": args.speculative_tokens}
 
 
-def install_spec_replay(engine, profile: str) -> None:
-    """Drafts and verdicts replayed from a measured acceptance profile (tools/bench_spec.py)."""
+def install_spec_replay(engine, profile: tuple[list[int], int]) -> None:
+    """Drafts and verdicts replayed from a measured acceptance profile (tools/bench_spec.py's
+    spec_profile_arg: its histogram and no-draft steps)."""
     from tools.bench_spec import install_replay
 
-    overall = json.loads(Path(profile).read_text())["overall"]
+    measured, no_draft_steps = profile
     k = engine.core.spec.config.num_speculative_tokens
-    hist = (overall["hist"] + [0] * k)[: k + 1]  # the profile's k may differ: truncated/padded
-    install_replay(engine.core.spec, hist, overall["no_draft_steps"],
-                   engine.model_config.vocab_size)
+    hist = (measured + [0] * k)[: k + 1]  # the profile's k may differ: truncated/padded
+    install_replay(engine.core.spec, hist, no_draft_steps, engine.model_config.vocab_size)
 
 
 class _Timers:
@@ -203,19 +210,24 @@ def profile_batch(engine, prompts, num_steps: int, sync=None, sampling: dict | N
 
 def main(argv: list[str] | None = None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--device", default="cpu", choices=("cpu", "numpy", "cuda"))
+    ap.add_argument("--device", default="cpu", choices=("cpu", "numpy", "cuda"),
+                    help="cpu/numpy: a tiny random model on numpy; cuda: --model, dummy weights")
     ap.add_argument("--model", default="qwen3-0.6b", help="preset (cuda, dummy weights)")
-    ap.add_argument("--dtype", default="auto")
-    ap.add_argument("--batch-sizes", default="1,64,256")
+    ap.add_argument("--dtype", default="auto", choices=("auto", "float16", "bfloat16", "float32"),
+                    help="cuda: weights and activations (default: auto)")
+    ap.add_argument("--batch-sizes", type=count_list_arg, default=[1, 64, 256],
+                    help="sequences decoding together, one profile each (default 1,64,256)")
     ap.add_argument("--steps", type=count_arg, default=50,
                     help="decode steps timed per batch size")
-    ap.add_argument("--scale", type=float, default=None,
-                    help="shrink W1's prompts (default 0.25 on numpy, 1 on cuda)")
-    ap.add_argument("--max-num-seqs", type=int, default=256)
-    ap.add_argument("--enforce-eager", action="store_true")
+    ap.add_argument("--scale", type=scale_arg, default=None,
+                    help="shrink W1's prompts, in (0, 1] (default 0.25 on numpy, 1 on cuda)")
+    ap.add_argument("--max-num-seqs", type=count_arg, default=256,
+                    help="sequences in one step at most, >= the largest batch size (default 256)")
+    ap.add_argument("--enforce-eager", action="store_true",
+                    help="cuda: no CUDA graphs, every step launched kernel by kernel")
     ap.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                     help="overlap host and device (default: on for cuda)")
-    ap.add_argument("--speculative-tokens", type=int, default=0,
+    ap.add_argument("--speculative-tokens", type=nonnegative_arg, default=0,
                     help="K > 0: speculative decoding with K drafts, acceptance replayed")
     ap.add_argument("--spec-profile", default=str(Path(__file__).parent / "results" /
                                                   "spec_profile.json"),
@@ -223,9 +235,20 @@ def main(argv: list[str] | None = None) -> list[dict]:
     ap.add_argument("--sampled", action="store_true",
                     help="sample as chat traffic does (temperature 0.8, top_p 0.95, top_k 50, "
                          "repetition_penalty 1.1) instead of greedily")
-    ap.add_argument("--json", action="store_true")
+    ap.add_argument("--json", action="store_true", help="print one JSON list of the rows")
     args = ap.parse_args(argv)
-    sizes = [int(s) for s in args.batch_sizes.split(",")]
+    sizes = args.batch_sizes
+    if max(sizes) > args.max_num_seqs:
+        ap.error(f"argument --batch-sizes: {max(sizes)} is more than --max-num-seqs "
+                 f"({args.max_num_seqs}) lets decode together")
+    profile = None
+    if args.speculative_tokens:
+        from tools.bench_spec import spec_profile_arg
+
+        try:
+            profile = spec_profile_arg(args.spec_profile)
+        except argparse.ArgumentTypeError as e:
+            ap.error(f"argument --spec-profile: {e}")
     on_cpu = args.device != "cuda"
     scale = args.scale or (0.25 if on_cpu else 1.0)
     prompts, outputs = w1_requests(max(sizes))
@@ -240,7 +263,7 @@ def main(argv: list[str] | None = None) -> list[dict]:
         engine = gpu_engine(args)
         sync = engine.ops.synchronize
     if args.speculative_tokens:
-        install_spec_replay(engine, args.spec_profile)
+        install_spec_replay(engine, profile)
     phases = PHASES + (("propose", "forward") if args.speculative_tokens else ())
     rows = []
     for b in sizes:

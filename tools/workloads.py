@@ -71,6 +71,37 @@ def rate_arg(text: str) -> float:
     return value
 
 
+def count_list_arg(text: str) -> list[int]:
+    """argparse type of a comma-separated list of counts (--batch-sizes 1,64,256): each an
+    integer >= 1, refused at parse with the flag's name like count_arg."""
+    items = text.split(",")
+    try:
+        values = [int(item) for item in items]
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}") from None
+    bad = [v for v in values if v < 1]
+    if bad:
+        raise argparse.ArgumentTypeError(f"must all be >= 1, got {bad[0]} in {text!r}")
+    return values
+
+
+def nonnegative_arg(text: str) -> int:
+    """argparse type of an integer that may be 0 but not negative (--num-warmups, --repeat, ...)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
+    return value
+
+
+def positive_arg(text: str) -> float:
+    """argparse type of a finite number > 0 (seconds, megabytes, watts)."""
+    value = float(text)
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"must be a number > 0, got {value}")
+    return value
+
+
 def w1_requests(num: int = W1_NUM_PROMPTS, seed: int = 0) -> tuple[list[list[int]], list[int]]:
     """W1's prompts (token id lists) and forced output lengths, drawn in order: P, O, prompts."""
     if num < 1:
