@@ -744,7 +744,7 @@ def test_engine_and_sampling_values_end_in_one_line(tiny_model, capsys, monkeypa
 
 
 @pytest.mark.parametrize("tool", ["gpu_check", "kernel_check", "profile_prefill_host",
-                                  "energy_parts", "bench_allreduce"])
+                                  "energy_parts", "bench_allreduce", "tp_parity"])
 def test_gpu_tools_say_so_in_one_line_without_a_gpu(tool):
     """Run where CuPy sees no GPU (or is not installed), a GPU-only tool says what is missing in
     one line (exit status 1) instead of a CuPy import traceback."""
@@ -865,6 +865,84 @@ def test_bench_spec_replays_a_saved_profile(tiny_model, tmp_path):
                               "numpy", "--replay", str(profile), "--prompt-len", "12",
                               "--output-len", "16"])
     assert result["replayed"]["hist"] == [1, 1, 4] and result["achieved"]["k"] == 2
+
+
+ARGPARSE_TOOLS = ["b1_gap", "bench_allreduce", "bench_latency", "bench_serving", "bench_spec",
+                  "bench_throughput", "bench_wire", "energy_parts", "hammer", "health_stall",
+                  "make_golden", "profile_kernels", "profile_ops", "profile_step", "seed_table",
+                  "tp_parity", "ttft_stages", "vllm_compat"]
+
+
+@pytest.mark.parametrize("tool", ARGPARSE_TOOLS)
+def test_every_tool_flag_says_what_it_is(tool, monkeypatch):
+    """Every argument of every argparse tool has a help text (argparse.SUPPRESS: hidden on
+    purpose), so that --help explains the whole command line."""
+    import argparse
+    import importlib
+    import inspect
+
+    if tool == "make_golden":
+        pytest.importorskip("torch")
+        pytest.importorskip("transformers")
+    module = importlib.import_module(f"tools.{tool}")
+
+    class Parsed(Exception):
+        pass
+
+    def capture(self, args=None, namespace=None):
+        raise Parsed(self)
+
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", capture)
+    monkeypatch.setattr(sys, "argv", [f"{tool}.py"])
+    with pytest.raises(Parsed) as e:
+        module.main([]) if inspect.signature(module.main).parameters else module.main()
+    parser = e.value.args[0]
+    silent = [a.option_strings[0] if a.option_strings else a.dest for a in parser._actions
+              if not a.help]
+    assert not silent, f"{tool}: no help= for {silent}"
+
+
+@pytest.mark.parametrize("tool, argv, message", [
+    ("bench_allreduce", ["--batch", "1", "0"], "argument --batch: must be >= 1, got 0"),
+    ("bench_allreduce", ["--tensor-parallel-size", "0"],
+     "argument --tensor-parallel-size: must be >= 1, got 0"),
+    ("tp_parity", ["--num-prompts", "0"], "argument --num-prompts: must be >= 1, got 0"),
+    ("tp_parity", ["--max-tokens", "-2"], "argument --max-tokens: must be >= 1, got -2"),
+    ("b1_gap", ["--output-len", "0"], "argument --output-len: must be >= 1, got 0"),
+    ("b1_gap", ["--repeat", "-1"], "argument --repeat: must be >= 0, got -1"),
+    ("bench_latency", ["--batch-size", "0"], "argument --batch-size: must be >= 1, got 0"),
+    ("bench_latency", ["--context-len", "0"], "argument --context-len: must be >= 1, got 0"),
+    ("bench_serving", ["--timeout", "0"], "argument --timeout: must be a number > 0, got 0.0"),
+    ("bench_serving", ["--num-warmups", "-1"], "argument --num-warmups: must be >= 0, got -1"),
+    ("bench_serving", ["--passes", "0"], "argument --passes: must be >= 1, got 0"),
+    ("bench_serving", ["--vocab-size", "0"], "argument --vocab-size: must be >= 1, got 0"),
+    ("bench_throughput", ["--idle", "-1"], "argument --idle: must be >= 0, got -1"),
+    ("energy_parts", ["--measure", "0"], "argument --measure: must be a number > 0, got 0.0"),
+    ("hammer", ["--streams", "0"], "argument --streams: must be >= 1, got 0"),
+    ("hammer", ["--fuzz", "-5"], "argument --fuzz: must be >= 0, got -5"),
+    ("hammer", ["--timeout", "-1"], "argument --timeout: must be a number > 0, got -1.0"),
+    ("health_stall", ["--seconds", "0"], "argument --seconds: must be a number > 0, got 0.0"),
+    ("health_stall", ["--mb", "nan"], "argument --mb: must be a number > 0, got nan"),
+    ("profile_kernels", ["--load", "{tmp}/nope.npz"],
+     "argument --load: {tmp}/nope.npz: no such file"),
+    ("profile_kernels", ["--top", "0"], "argument --top: must be >= 1, got 0"),
+    ("profile_ops", ["--max-steps", "0"], "argument --max-steps: must be >= 1, got 0"),
+])
+def test_tool_numbers_and_files_are_refused_at_parse(tool, argv, message, tmp_path, capsys,
+                                                     monkeypatch):
+    """Across the tools, a count or time that must be positive, and a file that must be there,
+    are argparse errors naming the flag (exit status 2) before a model loads, a GPU is looked
+    for or a server is asked; they were tracebacks or runs that measured nothing."""
+    import importlib
+
+    module = importlib.import_module(f"tools.{tool}")
+    monkeypatch.setattr("engine.LLM", None)  # nothing may load
+    monkeypatch.setattr("engine.executor.ops.check_cuda", None)  # nor a GPU be looked for
+    with pytest.raises(SystemExit) as e:
+        module.main([a.format(tmp=tmp_path) for a in argv])
+    err = capsys.readouterr().err
+    assert e.value.code == 2, err
+    assert f"error: {message.format(tmp=tmp_path)}" in err.strip().splitlines()[-1], err
 
 
 def test_the_table_tools_name_a_missing_or_broken_file_in_one_line(tmp_path, capsys):

@@ -42,6 +42,7 @@ if __package__ in (None, ""):  # run as a script: make the checkout importable
 from tools.bench_latency import time_requests  # noqa: E402
 from tools.bench_throughput import add_engine_args, build_llm  # noqa: E402
 from tools.module_settings import settings  # noqa: E402
+from tools.workloads import count_arg, nonnegative_arg  # noqa: E402
 
 SMI = ("nvidia-smi", "--query-gpu=clocks.sm,clocks.mem,power.draw,temperature.gpu,"
        "clocks_throttle_reasons.active", "--format=csv,noheader")
@@ -347,10 +348,12 @@ def guarded(name: str, fn, default=None):
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_engine_args(ap, workload=False, json_flag=False)  # it prints `b1gap` lines
-    ap.add_argument("--prompt-len", type=int, default=128)
-    ap.add_argument("--output-len", type=int, default=256)
+    ap.add_argument("--prompt-len", type=count_arg, default=128,
+                    help="prompt tokens of the batch-1 request (default 128)")
+    ap.add_argument("--output-len", type=count_arg, default=256,
+                    help="tokens it decodes (default 256)")
     ap.add_argument("--no-alone", action="store_true", help="skip the graphs captured alone")
-    ap.add_argument("--repeat", type=int, default=0,
+    ap.add_argument("--repeat", type=nonnegative_arg, default=0,
                     help="then capture the default and each variant this many times, "
                          "interleaved, and print every time with min and median")
     ap.add_argument("--variant", action="append", default=[],

@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.model.config import ModelConfig  # noqa: E402
+from tools.workloads import count_arg  # noqa: E402
 
 REPLAYS = 50
 
@@ -57,13 +58,16 @@ def _rank(rank: int, size: int, unique_id, hidden: int, num_layers: int, batches
         results.put(out)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", default="llama3-8b", help="preset name (its hidden size, layers)")
-    ap.add_argument("--tensor-parallel-size", type=int, default=2)
-    ap.add_argument("--batch", type=int, nargs="+", default=[1, 256])
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
+    ap.add_argument("--tensor-parallel-size", type=count_arg, default=2,
+                    help="GPUs (ranks, one process each) the all-reduces run over (default 2)")
+    ap.add_argument("--batch", type=count_arg, nargs="+", default=[1, 256],
+                    help="rows of the (batch, hidden) activations, one timing each "
+                         "(default 1 256)")
+    ap.add_argument("--json", action="store_true", help="print one JSON line")
+    args = ap.parse_args(argv)
     from engine.executor.ops import DeviceError, check_cuda
 
     try:

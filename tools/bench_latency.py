@@ -90,13 +90,11 @@ def main(argv: list[str] | None = None) -> dict:
                     help="prompt tokens of each request")
     ap.add_argument("--output-len", type=count_arg, default=256,
                     help="tokens each request decodes")
-    ap.add_argument("--context-len", type=int, default=None,
+    ap.add_argument("--context-len", type=count_arg, default=None,
                     help="context at the end of the request (sets the prompt length)")
-    ap.add_argument("--batch-size", type=int, default=1,
+    ap.add_argument("--batch-size", type=count_arg, default=1,
                     help="requests decoded together (distinct prompts of the same length)")
     args = ap.parse_args(argv)
-    if args.batch_size < 1:
-        ap.error(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.context_len is not None:
         args.prompt_len = max(16, args.context_len - args.output_len)
         if args.max_model_len is None:

@@ -46,7 +46,15 @@ if __package__ in (None, ""):  # run as a script: make the checkout importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools.sse_client import SSEClient  # noqa: E402
 from tools.ttft_stages import format_stages, stage_breakdown  # noqa: E402
-from tools.workloads import count_arg, rate_arg, scale_arg, scale_requests, w1_requests  # noqa: E402
+from tools.workloads import (  # noqa: E402
+    count_arg,
+    nonnegative_arg,
+    positive_arg,
+    rate_arg,
+    scale_arg,
+    scale_requests,
+    w1_requests,
+)
 
 
 @dataclass
@@ -331,21 +339,21 @@ def main(argv: list[str] | None = None) -> dict:
                     help="req/s; inf: all at once")
     ap.add_argument("--scale", type=scale_arg, default=1.0,
                     help="shrink prompt/output lengths, in (0, 1]")
-    ap.add_argument("--vocab-size", type=int, default=None, help="fold prompt ids below this")
+    ap.add_argument("--vocab-size", type=count_arg, default=None, help="fold prompt ids below this")
     ap.add_argument("--seed", type=int, default=0, help="seed of W1 and of the arrival process")
-    ap.add_argument("--timeout", type=float, default=3600.0, help="per-request timeout (s)")
+    ap.add_argument("--timeout", type=positive_arg, default=3600.0, help="per-request timeout (s)")
     ap.add_argument("--api-key", default=None, help="sent as a Bearer token")
-    ap.add_argument("--num-warmups", type=int, default=2,
+    ap.add_argument("--num-warmups", type=nonnegative_arg, default=2,
                     help="short requests sent before the clock starts (as bench_throughput's "
                          "warm-up and vLLM's test prompt), not counted; 0: none")
     ap.add_argument("--cache-salt", default=None,
                     help="cache_salt of every request: no prefix-cache hits on an earlier run's "
                          "prompts (the same W1 draw) on the same server")
-    ap.add_argument("--dashboard-clients", type=int, default=0,
+    ap.add_argument("--dashboard-clients", type=nonnegative_arg, default=0,
                     help="hold N dashboard feeds (/dashboard/events) open during the run")
     ap.add_argument("--dashboard-compare", action="store_true",
                     help="alternate passes with the dashboard closed and open; print the ratio")
-    ap.add_argument("--passes", type=int, default=2, help="--dashboard-compare: of each")
+    ap.add_argument("--passes", type=count_arg, default=2, help="--dashboard-compare: of each")
     ap.add_argument("--stages", action="store_true",
                     help="also report where first tokens waited (stage by stage, from the "
                          "server's GET /debug/first_token)")

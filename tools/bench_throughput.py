@@ -52,6 +52,7 @@ if __package__ in (None, ""):  # run as a script: make the checkout importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools.workloads import (  # noqa: E402
     count_arg,
+    nonnegative_arg,
     roofline,
     scale_arg,
     scale_requests,
@@ -114,7 +115,8 @@ def add_engine_args(ap: argparse.ArgumentParser, workload: bool = True,
     ap.add_argument("--top-k", type=int, default=0, help="0: off")
     ap.add_argument("--min-p", type=float, default=0.0, help="0: off")
     ap.add_argument("--repetition-penalty", type=float, default=1.0, help="1: off")
-    ap.add_argument("--no-warmup", action="store_true")
+    ap.add_argument("--no-warmup", action="store_true",
+                    help="no warm-up requests before the clock starts")
     ap.add_argument("--structured", action="store_true",
                     help="also run every request constrained by a JSON schema; print the ratio")
 
@@ -349,7 +351,7 @@ def llm_and_workload(args: argparse.Namespace, enable_prefix_caching: bool = Tru
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_engine_args(ap)
-    ap.add_argument("--idle", type=int, default=0, metavar="N",
+    ap.add_argument("--idle", type=nonnegative_arg, default=0, metavar="N",
                     help="also report the device's idle time between steps and what the host "
                          "did during its N longest gaps (tools/idle_report.py)")
     ap.add_argument("--unfreeze-gc", action="store_true",

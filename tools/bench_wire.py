@@ -45,7 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--num-seqs", type=count_arg, default=256,
                         help="sequences in one step's outputs (default 256)")
-    parser.add_argument("--logprobs", action="store_true")
+    parser.add_argument("--logprobs", action="store_true",
+                        help="each output carries logprobs too: the sampled token and two others")
     parser.add_argument("--repeat", type=count_arg, default=2000,
                         help="encodes and decodes timed (default 2000)")
     args = parser.parse_args(argv)

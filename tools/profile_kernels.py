@@ -40,6 +40,7 @@ import numpy as np
 
 if __package__ in (None, ""):  # run as a script: make the checkout importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tools.workloads import count_arg, existing_file_arg  # noqa: E402
 
 # A kernel's category: the first entry whose fragment its (lower-case, possibly mangled) name
 # holds. Order matters: qk_norm_rope_kv_kernel is RoPE + KV write, prefill_sm90_kernel attention.
@@ -351,9 +352,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_engine_args(ap)
     ap.add_argument("--save", help="keep the trace here (.npz) for --load")
-    ap.add_argument("--load", help="report on a trace saved by --save instead of running")
-    ap.add_argument("--top", type=int, default=8, help="gaps and kernels listed per kind of step")
-    ap.add_argument("--against", help="with --load: a second saved trace, reported side by side")
+    ap.add_argument("--load", type=existing_file_arg,
+                    help="report on a trace saved by --save instead of running")
+    ap.add_argument("--top", type=count_arg, default=8,
+                    help="gaps and kernels listed per kind of step")
+    ap.add_argument("--against", type=existing_file_arg,
+                    help="with --load: a second saved trace, reported side by side")
     args = ap.parse_args(argv)
     if args.against and not args.load:
         raise SystemExit("--against compares two saved traces: give --load as well")

@@ -24,6 +24,7 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the checkout importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tools.bench_throughput import add_engine_args, build_llm, warmup, workload  # noqa: E402
+from tools.workloads import count_arg  # noqa: E402
 
 
 class TimedOps:
@@ -101,7 +102,7 @@ def format_table(result: dict) -> str:
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     add_engine_args(ap)
-    ap.add_argument("--max-steps", type=int, default=300, help="steps profiled")
+    ap.add_argument("--max-steps", type=count_arg, default=300, help="steps profiled")
     args = ap.parse_args(argv)
     args.enforce_eager, args.async_scheduling = True, False
     llm = build_llm(args)

@@ -20,6 +20,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine import LLM, SamplingParams  # noqa: E402
+from tools.workloads import count_arg  # noqa: E402
 
 
 def _run(args, size: int) -> list[list[int]]:
@@ -34,17 +35,28 @@ def _run(args, size: int) -> list[list[int]]:
         return [o.outputs[0].token_ids for o in llm.generate(prompts, params, use_tqdm=False)]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--model", default="llama3-8b")
-    ap.add_argument("--load-format", default="dummy", choices=("auto", "dummy"))
-    ap.add_argument("--tensor-parallel-size", type=int, default=2)
-    ap.add_argument("--num-prompts", type=int, default=64)
-    ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--enforce-eager", action="store_true")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--json", action="store_true")
-    args = ap.parse_args()
+    ap.add_argument("--model", default="llama3-8b", help="HF folder, .gguf file or preset name")
+    ap.add_argument("--load-format", default="dummy", choices=("auto", "dummy"),
+                    help="dummy: random weights of the model's shapes; auto: its own weights")
+    ap.add_argument("--tensor-parallel-size", type=count_arg, default=2,
+                    help="GPUs of the run compared with one GPU's (default 2)")
+    ap.add_argument("--num-prompts", type=count_arg, default=64,
+                    help="random prompts of 16-255 tokens (default 64)")
+    ap.add_argument("--max-tokens", type=count_arg, default=64,
+                    help="greedy tokens each prompt decodes (default 64)")
+    ap.add_argument("--enforce-eager", action="store_true",
+                    help="no CUDA graphs: every step launched kernel by kernel")
+    ap.add_argument("--seed", type=int, default=0, help="seed of the prompts and the engines")
+    ap.add_argument("--json", action="store_true", help="print one JSON line")
+    args = ap.parse_args(argv)
+    from engine.executor.ops import DeviceError, check_cuda
+
+    try:
+        check_cuda()
+    except DeviceError as e:
+        raise SystemExit(f"tp_parity runs on a GPU: {e}") from None
     want, got = _run(args, 1), _run(args, args.tensor_parallel_size)
     prefixes = [next((i for i, (a, b) in enumerate(zip(w, g, strict=True)) if a != b), len(w))
                 for w, g in zip(want, got, strict=True)]

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import heapq
+from pathlib import Path
 
 import numpy as np
 
@@ -100,6 +101,13 @@ def positive_arg(text: str) -> float:
     if not 0 < value < float("inf"):
         raise argparse.ArgumentTypeError(f"must be a number > 0, got {value}")
     return value
+
+
+def existing_file_arg(text: str) -> str:
+    """argparse type of a file the tool reads (a saved trace, ...): it must be there."""
+    if not Path(text).is_file():
+        raise argparse.ArgumentTypeError(f"{text}: no such file")
+    return text
 
 
 def w1_requests(num: int = W1_NUM_PROMPTS, seed: int = 0) -> tuple[list[list[int]], list[int]]:
