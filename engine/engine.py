@@ -46,6 +46,9 @@ class LLMEngine:
         self.num_kv_blocks = core.num_kv_blocks
         self.processor = OutputProcessor(self.tokenizer)
         self._aborted: list[RequestOutput] = []  # reported by the next step()
+        # Outputs a step() handed to a caller who does not own their requests (LLM on an engine
+        # shared with others): the next step() reports them first, to whoever steps it then.
+        self._handed_back: list[RequestOutput] = []
 
     # The core's parts, for tools and tests that look inside a step.
     @property
@@ -91,6 +94,7 @@ class LLMEngine:
         aborts are ignored."""
         self.core.shutdown()
         self._aborted = []
+        self._handed_back = []
 
     # ------------------------------------------------------------------ requests
 
@@ -115,9 +119,13 @@ class LLMEngine:
         except Exception:
             self.processor.abort(request_id)
             raise
-        # An aborted request of this id whose ending the next step() would report: the new
-        # request takes the id, and that report would read as its own abort.
+        # An ended request of this id whose ending the next step() would report (an abort, or
+        # a handed-back output): the new request takes the id, and that report would read as
+        # its own ending.
         self._aborted = [out for out in self._aborted if out.request_id != request_id]
+        if self._handed_back:
+            self._handed_back = [out for out in self._handed_back
+                                 if out.request_id != request_id]
 
     @property
     def grammars(self):
@@ -141,7 +149,16 @@ class LLMEngine:
         """False once the engine is dead or shut down: nothing it holds can run any more."""
         if self.core.dead_error is not None or self.core.is_closed:
             return False
-        return self.core.has_unfinished_requests() or bool(self._aborted)
+        return (self.core.has_unfinished_requests() or bool(self._aborted)
+                or bool(self._handed_back))
+
+    def hand_back(self, outputs: list[RequestOutput]) -> None:
+        """Give back outputs a step() returned to a caller that does not own their requests (LLM
+        stepping an engine that others added requests to): the next step() reports them again,
+        before its own, so that their owner still gets every output (the final one included)."""
+        if self.core.is_closed:
+            return
+        self._handed_back.extend(outputs)
 
     # ------------------------------------------------------------------ one step
 
@@ -150,7 +167,8 @@ class LLMEngine:
         "error", the cause in CompletionOutput.error); a failure of the whole forward fails the
         step's requests; either way the engine goes on. EngineDeadError: it cannot go on."""
         self.core.check_alive()
-        results, self._aborted = self._aborted, []
+        results = self._handed_back + self._aborted
+        self._handed_back, self._aborted = [], []
         if self.core.has_unfinished_requests():
             processed, stopped = self.processor.process(self.client.get_output().outputs)
             if stopped:

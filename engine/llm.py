@@ -229,11 +229,15 @@ class LLM:
     def _abandon(self, request_ids: list[str]) -> None:
         """Abort requests this call submitted, and take their aborted outputs out of the engine,
         so that they neither hold KV blocks nor run inside a later call (leaving the engine as
-        it was)."""
+        it was). The step that reports the aborts (and reads a step left in flight) reports
+        the outputs of requests others added to the engine too: they are handed back, for
+        their owner's next step()."""
+        engine = self.engine
         for request_id in request_ids:
-            self.engine.abort(request_id)
+            engine.abort(request_id)
         with contextlib.suppress(Exception):  # a dead engine has nothing left to hand out
-            self.engine.step()
+            mine = set(request_ids)
+            engine.hand_back([out for out in engine.step() if out.request_id not in mine])
 
 
 # The renderer's own arguments, which chat_template_kwargs may not pass (server/extras.py's

@@ -455,3 +455,41 @@ def test_a_prompt_dict_whose_prompt_is_no_text_fails_naming_it(make_engine):
     assert llm.engine.get_stats().kv_blocks_used == 0
     [out] = llm.generate({"prompt": None, "prompt_token_ids": [5, 6]}, params, use_tqdm=False)
     assert out.prompt is None and out.prompt_token_ids == [5, 6]
+
+
+def _collect(engine, outputs: dict) -> None:
+    """Step `engine` to its end as the owner of requests added directly does: every output of
+    each request, in order, into outputs[request_id]."""
+    while engine.has_unfinished_requests():
+        for out in engine.step():
+            outputs.setdefault(out.request_id, []).append(out)
+
+
+def _assert_whole(outs: list, max_tokens: int) -> None:
+    """One request's outputs as its owner read them: it finished once, at the end, and its
+    deltas add up to its tokens (no step's output went missing)."""
+    assert [o.finished for o in outs] == [False] * (len(outs) - 1) + [True]
+    final = outs[-1].outputs[0]
+    assert len(final.token_ids) == max_tokens
+    deltas = [t for o in outs for t in o.outputs[0].delta_token_ids]
+    assert deltas == list(final.token_ids)
+
+
+@pytest.mark.parametrize("max_tokens", [1, 6])
+def test_a_failed_generate_leaves_the_outputs_of_requests_added_directly(make_engine,
+                                                                         max_tokens):
+    """generate's clean-up after a failure stepped the engine to report its own aborts and
+    dropped everything the step reported: a request added to the (shared) engine directly lost
+    that step's output, its final one too when it finished in it (the owner never saw it end)."""
+    llm = LLM.from_engine(make_engine())
+    engine = llm.engine
+    params = SamplingParams(temperature=0, max_tokens=max_tokens, ignore_eos=True)
+    engine.add_request("direct", {"prompt_token_ids": [5, 6, 7]}, params)
+    bad = [{"prompt_token_ids": [8, 9]}, {"prompt_token_ids": [10**6]}]
+    with pytest.raises(ValueError, match="prompt_token_ids"):
+        llm.generate(bad, SamplingParams(temperature=0, max_tokens=4), use_tqdm=False)
+    outputs: dict = {}
+    _collect(engine, outputs)
+    assert set(outputs) == {"direct"}  # nothing of generate's, not even its aborts
+    _assert_whole(outputs["direct"], max_tokens)
+    assert engine.get_stats().kv_blocks_used == 0
