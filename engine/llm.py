@@ -210,17 +210,26 @@ class LLM:
                 bar.close()
             raise
         finished: dict[str, RequestOutput] = {}
-        mine = set(request_ids)  # a step also hands out requests added to the engine directly
+        mine = set(request_ids)
+        # A step also hands out the outputs of requests others added to the engine directly:
+        # kept, in order, and handed back to the engine at the end, for their owner's next
+        # step() (not before: each step would report them again).
+        others: list[RequestOutput] = []
         try:
             while len(finished) < len(request_ids) and engine.has_unfinished_requests():
-                for out in engine.step():
+                outs = engine.step()
+                others += [out for out in outs if out.request_id not in mine]
+                for out in outs:  # (others' are kept first: a bar that raises loses none)
                     if out.finished and out.request_id in mine:
                         finished[out.request_id] = out
                         if bar is not None:
                             bar.update(1)
         except BaseException:  # Ctrl-C, a dead engine: nothing of this call may run on
+            engine.hand_back(others)  # before the outputs _abandon's step hands back
             self._abandon([r for r in request_ids if r not in finished])
             raise
+        else:
+            engine.hand_back(others)
         finally:
             if bar is not None:
                 bar.close()

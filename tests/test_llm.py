@@ -333,7 +333,11 @@ def test_generate_waits_for_its_own_requests_not_the_engines_others(make_engine)
                         SamplingParams(temperature=0, max_tokens=5, ignore_eos=True),
                         use_tqdm=False)
     assert outs[0].finished and len(outs[0].outputs[0].token_ids) == 5
-    assert not llm.engine.has_unfinished_requests()
+    # the direct request's output is the owner's, left for its next step()
+    outputs: dict = {}
+    _collect(llm.engine, outputs)
+    assert set(outputs) == {"direct"}
+    _assert_whole(outputs["direct"], 1)
 
 
 def test_prompt_dict_fields_this_engine_does_not_run_are_refused_by_name(make_engine):
@@ -492,4 +496,44 @@ def test_a_failed_generate_leaves_the_outputs_of_requests_added_directly(make_en
     _collect(engine, outputs)
     assert set(outputs) == {"direct"}  # nothing of generate's, not even its aborts
     _assert_whole(outputs["direct"], max_tokens)
+    assert engine.get_stats().kv_blocks_used == 0
+
+
+@pytest.mark.parametrize("fail", [False, True])
+def test_generate_leaves_every_output_of_requests_added_directly_to_their_owner(make_engine,
+                                                                                fail):
+    """generate steps the whole engine: the outputs of a request added to it directly were
+    dropped, its tokens' deltas and its ending too when it finished inside the call. They are
+    the owner's, for its next step(), whether the call succeeds or fails midway (a progress bar
+    that raises)."""
+    class Bar:
+        def __init__(self, **kwargs):
+            pass
+
+        def update(self, k):
+            if fail:
+                raise RuntimeError("the bar broke")
+
+        def close(self):
+            pass
+
+    llm = LLM.from_engine(make_engine(max_num_seqs=4))
+    engine = llm.engine
+    early = SamplingParams(temperature=0, max_tokens=3, ignore_eos=True)
+    late = SamplingParams(temperature=0, max_tokens=30, ignore_eos=True)
+    engine.add_request("early", {"prompt_token_ids": [5, 6, 7]}, early)  # ends inside generate
+    engine.add_request("late", {"prompt_token_ids": [8, 9]}, late)  # outlives it
+    prompts = [{"prompt_token_ids": [10, 11, 12]}, {"prompt_token_ids": [13, 14]}]
+    params = [SamplingParams(temperature=0, max_tokens=m, ignore_eos=True) for m in (8, 12)]
+    if fail:
+        with pytest.raises(RuntimeError, match="the bar broke"):
+            llm.generate(prompts, params, use_tqdm=Bar)
+    else:
+        outs = llm.generate(prompts, params, use_tqdm=Bar)
+        assert [len(o.outputs[0].token_ids) for o in outs] == [8, 12]
+    outputs: dict = {}
+    _collect(engine, outputs)
+    assert set(outputs) == {"early", "late"}  # none of generate's, its aborts included
+    _assert_whole(outputs["early"], 3)
+    _assert_whole(outputs["late"], 30)
     assert engine.get_stats().kv_blocks_used == 0
