@@ -126,7 +126,11 @@ class LLM:
     def beam_search(self, prompts, params: BeamSearchParams, use_tqdm: bool | Callable = False
                     ) -> list[BeamSearchOutput]:
         """vLLM's offline beam search: per prompt, the beam_width best sequences, best first;
-        each sequence's tokens and text include the prompt's."""
+        each sequence's tokens and text include the prompt's. As vLLM's, the text is the
+        sequence's tokens decoded in one go, the prompt's with them, special tokens kept (the
+        tokenizer's default), a text prompt's too; a beam's stop token (eos) is in its tokens
+        (as elsewhere here) but in its text only with include_stop_str_in_output, as in vLLM,
+        whose tokens leave it out then."""
         if not isinstance(params, BeamSearchParams):
             raise TypeError("beam_search takes a BeamSearchParams (beam_width, max_tokens, ...), "
                             f"got {type(params).__name__}")
@@ -135,10 +139,13 @@ class LLM:
         outputs = self.generate(prompts, params.sampling_params(), use_tqdm)
         tokenizer = self.engine.tokenizer
 
-        def text(out, c) -> str:  # the prompt's and the output's, as vLLM decodes the tokens
-            if out.prompt is not None or tokenizer is None:
-                return (out.prompt or "") + c.text
-            return tokenizer.decode(out.prompt_token_ids, skip_special_tokens=False) + c.text
+        def text(out, c) -> str:
+            if tokenizer is None:  # (token-id prompts only, and no text of the output either)
+                return ""
+            ids = list(c.token_ids)
+            if c.finish_reason == "stop" and not params.include_stop_str_in_output:
+                ids = ids[:-1]  # a beam stops on a token only (eos, or a stop id)
+            return tokenizer.decode(list(out.prompt_token_ids) + ids, skip_special_tokens=False)
 
         return [BeamSearchOutput([
             BeamSearchSequence(out.prompt_token_ids + c.token_ids,

@@ -397,3 +397,63 @@ def test_a_length_penalty_past_a_floats_power_still_ranks_the_beams(make_engine,
     out, _ = run_checked(make_engine(), PROMPT, SamplingParams(**params, length_penalty=penalty))
     assert [c.finish_reason for c in out.outputs] == ["length", "length"]
     assert [c.token_ids for c in out.outputs] == [c.token_ids for c in want.outputs]
+
+
+def test_beam_text_decodes_the_prompt_and_output_tokens_alike_as_vllm(make_engine):
+    """vLLM's beam_search decodes each beam's tokens, the prompt's included, in one go with the
+    special tokens kept (tokenizer.decode's default). A token-id prompt's text kept them while
+    the output's (decoded as generation does, skip_special_tokens) dropped them: a beam that
+    took <file_sep> read as if it had not. A beam that ends on eos has it in its text only with
+    include_stop_str_in_output (vLLM leaves it out of its tokens otherwise)."""
+    import copy
+    import dataclasses
+
+    from conftest import _tiny_loaded
+
+    from engine.engine import LLMEngine
+    from engine.llm import LLM
+    from engine.model.config import EngineConfig
+
+    loaded = _tiny_loaded(49152, True)
+    tok = loaded.tokenizer
+    prompt = [1] + tok.encode("user\nHello world")  # <|im_start|>user ...
+    params = BeamSearchParams(beam_width=2, max_tokens=3, ignore_eos=True)
+    one = BeamSearchParams(beam_width=2, max_tokens=1, length_penalty=0.0)  # score: cum
+    plain = LLM.from_engine(make_engine(text=True))
+
+    def best_first(p: BeamSearchParams) -> int:
+        [beams] = plain.beam_search([{"prompt_token_ids": prompt}], p)
+        return beams.sequences[0].tokens[len(prompt)]
+
+    def swapped(special: int, first: int) -> LLM:
+        """The same model with `special`'s and `first`'s lm_head rows swapped (and their
+        embeddings, so that the beam goes on as before): a best beam that took `first` takes
+        `special`."""
+        weights = copy.copy(loaded.weights)
+        for name in ("lm_head", "embed"):
+            rows = getattr(weights, name).copy()
+            rows[[first, special]] = rows[[special, first]]
+            setattr(weights, name, rows)
+        model = copy.copy(loaded)
+        model.weights = weights
+        return LLM.from_engine(LLMEngine(EngineConfig(device="numpy"), loaded_model=model))
+
+    llm = swapped(5, best_first(params))  # <file_sep>
+    [beams] = llm.beam_search([{"prompt_token_ids": prompt}], params)
+    best = beams.sequences[0]
+    assert best.tokens[len(prompt)] == 5
+    for seq in beams.sequences:
+        assert seq.text == tok.decode(seq.tokens, skip_special_tokens=False)
+    assert best.text.startswith("<|im_start|>user\nHello world<file_sep>")
+    [text_beams] = llm.beam_search(["Hello world"], params)  # a text prompt's: alike
+    for seq in text_beams.sequences:
+        assert seq.text == tok.decode(seq.tokens, skip_special_tokens=False)
+
+    eos = swapped(2, best_first(one))  # <|im_end|>, the model's eos: the best beam ends on it
+    for include in (False, True):
+        stops = dataclasses.replace(one, include_stop_str_in_output=include)
+        [beams] = eos.beam_search([{"prompt_token_ids": prompt}], stops)
+        best = beams.sequences[0]
+        assert best.tokens == prompt + [2] and best.finish_reason == "stop"
+        want = prompt + [2] if include else prompt
+        assert best.text == tok.decode(want, skip_special_tokens=False)
