@@ -127,6 +127,13 @@ class LLMEngine:
             self._handed_back = [out for out in self._handed_back
                                  if out.request_id != request_id]
 
+    def has_request(self, request_id: str) -> bool:
+        """Whether `request_id` is taken: a request runs under it, or one ended whose ending the
+        next step() reports (an abort, a handed-back output)."""
+        return (self.processor.has_request(request_id)
+                or any(out.request_id == request_id for out in self._aborted)
+                or any(out.request_id == request_id for out in self._handed_back))
+
     @property
     def grammars(self):
         """The structured-outputs compiler (engine/structured_outputs.py); None without a

@@ -209,6 +209,8 @@ class LLM:
         try:
             for prompt, p in zip(prompts, params, strict=True):
                 request_id = f"llm-{next(self._ids)}"
+                while engine.has_request(request_id):  # others' on a shared engine (another
+                    request_id = f"llm-{next(self._ids)}"  # LLM's, or added directly)
                 engine.add_request(request_id, prompt, p)
                 request_ids.append(request_id)
         except BaseException:

@@ -537,3 +537,27 @@ def test_generate_leaves_every_output_of_requests_added_directly_to_their_owner(
     _assert_whole(outputs["early"], 3)
     _assert_whole(outputs["late"], 30)
     assert engine.get_stats().kv_blocks_used == 0
+
+
+def test_generate_takes_no_request_id_another_owner_holds(make_engine):
+    """generate numbered its requests llm-0, llm-1, ... whatever the engine held: on an engine
+    shared with another LLM, or with a request added directly under such an id, the call failed
+    ("already in use") while that request ran, and took the id of one that had ended unread,
+    whose ending add_request then dropped."""
+    engine = make_engine()
+    first, second = LLM.from_engine(engine), LLM.from_engine(engine)
+    params = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    engine.add_request("llm-0", {"prompt_token_ids": [5, 6, 7]},
+                       SamplingParams(temperature=0, max_tokens=20, ignore_eos=True))
+    engine.add_request("llm-1", {"prompt_token_ids": [8, 9]},
+                       SamplingParams(temperature=0, max_tokens=1, ignore_eos=True))
+    outs = first.generate({"prompt_token_ids": [10, 11]}, params, use_tqdm=False)
+    assert outs[0].request_id not in ("llm-0", "llm-1") and outs[0].finished
+    # llm-1 ended inside that call, its output left for its owner: still its id
+    outs = second.generate({"prompt_token_ids": [12, 13]}, params, use_tqdm=False)
+    assert outs[0].request_id not in ("llm-0", "llm-1") and outs[0].finished
+    outputs: dict = {}
+    _collect(engine, outputs)
+    assert set(outputs) == {"llm-0", "llm-1"}
+    _assert_whole(outputs["llm-0"], 20)
+    _assert_whole(outputs["llm-1"], 1)
