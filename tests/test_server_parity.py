@@ -356,11 +356,12 @@ def test_chat_template_options():
 
 
 def test_continue_final_message_cuts_the_rendered_chat():
-    from engine.model.chat_template import compile_template, cut_at_mark, mark_final
+    from engine.model.chat_template import compile_template, cut_at_mark, final_text, mark_final
 
     def continued(source, messages):
         marked = mark_final(messages, "\ue002m\ue003")
-        return cut_at_mark(compile_template(source).render(messages=marked), "\ue002m\ue003")
+        return cut_at_mark(compile_template(source).render(messages=marked), "\ue002m\ue003",
+                           final_text(messages))
 
     plain = "{% for m in messages %}<{{ m.role }}>{{ m.content }}</s>{% endfor %}"
     trims = "{% for m in messages %}<{{ m.role }}>{{ m.content | trim }}</s>{% endfor %}"

@@ -220,36 +220,58 @@ def _map_strings(value, fn):
     return value
 
 
+def final_text(messages: list[dict]) -> str:
+    """The text continue_final_message continues: the final message's content, or the text of
+    the last part that has one (as HF transformers takes it)."""
+    if not messages or not isinstance(messages[-1], dict):
+        raise ValueError("continue_final_message is set but there is no final message to continue")
+    content = messages[-1].get("content")
+    if isinstance(content, (list, tuple)):
+        parts = [p for p in content if isinstance(p, dict) and isinstance(p.get("text"), str)]
+        content = parts[-1]["text"] if parts else None
+    if not isinstance(content, str):
+        raise ValueError("continue_final_message is set but the final message has no text to "
+                         "continue")
+    return content
+
+
 def mark_final(messages: list[dict], mark: str) -> list[dict]:
-    """`messages` with `mark` + " " after the final message's text (its content, or the last text
-    part of it), for cut_at_mark to find in the rendered chat."""
+    """`messages` with `mark` + " " after final_text, for cut_at_mark to find in the rendered
+    chat."""
+    final_text(messages)  # there is one
     final = dict(messages[-1])
-    content = final.get("content")
-    if isinstance(content, list):
-        parts = list(content)
-        for i in reversed(range(len(parts))):
-            if isinstance(parts[i], dict) and isinstance(parts[i].get("text"), str):
-                parts[i] = {**parts[i], "text": parts[i]["text"] + mark + " "}
-                break
-        else:
-            raise ValueError("continue_final_message is set but the final message has no text "
-                             "to continue")
-        final["content"] = parts
+    content = final["content"]
+    if isinstance(content, str):
+        final["content"] = content + mark + " "
     else:
-        final["content"] = (content or "") + mark + " "
+        parts = list(content)
+        i = max(i for i, p in enumerate(parts)
+                if isinstance(p, dict) and isinstance(p.get("text"), str))
+        parts[i] = {**parts[i], "text": parts[i]["text"] + mark + " "}
+        final["content"] = parts
     return [*messages[:-1], final]
 
 
-def cut_at_mark(text: str, mark: str) -> str:
-    """The rendered chat up to the final message's end, which mark_final marked: the model goes
-    on with that message instead of a new turn (the template closed it). A template that trims
-    the message's end (Llama 3's `| trim`) trimmed the space after the mark; then the message's
-    own trailing spaces go too, as the template would have cut them."""
+def cut_at_mark(text: str, mark: str, final: str) -> str:
+    """The rendered chat up to the end of the final message (text `final`), which mark_final
+    marked: the model goes on with that message instead of a new turn (the template closed it).
+
+    A template that trims the message's end (Llama 3's `| trim`) trimmed the space after the
+    mark; then the message's own trailing spaces go too, as the template cut them. As HF
+    transformers, the chat must hold the message's text (stripped) verbatim: a template that
+    leaves the message out or writes it changed (escaped by `tojson`, as Llama 3.1 writes a
+    tool's result) is refused, not continued inside an escaped string. Where HF would cut
+    elsewhere (it looks for the text's last occurrence anywhere in the chat), this cuts at the
+    message itself: an empty message leaves its turn open, a dropped one is refused.
+    """
     at = text.rfind(mark)
-    if at < 0:
+    cut = text[:at] if text.startswith(mark + " ", at) else text[:at].rstrip()
+    if at < 0 or not cut.rstrip().endswith(final.strip()):
         raise ValueError("continue_final_message is set but the final message does not appear "
-                         "in the rendered chat")
-    return text[:at] if text.startswith(mark + " ", at) else text[:at].rstrip()
+                         "in the chat after applying the chat template (the template leaves it "
+                         "out or changes it, e.g. escapes it); the final message and the chat "
+                         "template are not compatible")
+    return cut
 
 
 def template_messages(messages: list[dict]) -> list[dict]:

@@ -20,6 +20,7 @@ from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, proc
 from engine.model.chat_template import (
     compile_template,
     cut_at_mark,
+    final_text,
     mark_final,
     render_deadline,
     render_split,
@@ -402,7 +403,8 @@ class Tokenizer:
         plain text, so control tokens come only from the template;
         `special_tokens_in_content=True` matches them as control tokens, as HF does.
         `continue_final_message`: the text ends with the last message's content, left open for
-        the model to continue (assistant prefill), as in HF.
+        the model to continue (assistant prefill), as in HF; a ValueError where HF refuses
+        (the template drops the message or changes it, e.g. escapes it: cut_at_mark).
         Extra keyword arguments (e.g. `tools`) become template variables, as in HF.
         `render_seconds`: the render's deadline (chat_template.RENDER_SECONDS when None).
         `chat_template`: a template's source, or the name of one of the model's, in place of
@@ -424,7 +426,9 @@ class Tokenizer:
             with render_deadline(render_seconds):
                 text = template.render(**{**own, **given, "messages": msgs},
                                        add_generation_prompt=add_generation_prompt)
-            return cut_at_mark(text, mark) if continue_final_message else text
+            if continue_final_message:
+                return cut_at_mark(text, mark, final_text(given["messages"]))
+            return text
 
         # The template already wrote any BOS it wants; adding it again would double it.
         if not tokenize or special_tokens_in_content or not self.all_special_ids:
