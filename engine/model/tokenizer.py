@@ -533,15 +533,24 @@ class IncrementalDetokenizer:
     def _unfinished_from(self) -> int:
         """Where the bytes of a character that more bytes can complete begin, at the end of the
         unread tokens: the index of the token holding its first byte; len(token_ids) if the
-        unread bytes end on a character boundary (or in bytes no later byte can mend)."""
-        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        unread bytes end on a character boundary (or in bytes no later byte can mend).
+
+        A token may end one character and begin the next (byte-level BPE merges across
+        characters: b"\x8e\x89\xf0"); held back, it takes the end of the character before
+        with it, so the tokens holding that one's first bytes are held back too: the text
+        before the held tokens must be text that no later byte changes."""
         token_bytes = self.tokenizer.token_bytes
-        decoder.decode(b"".join(token_bytes(i) for i in self.token_ids[self.read_offset:]))
-        pending, k = len(decoder.getstate()[0]), len(self.token_ids)
-        while pending > 0:
+        sizes = [len(token_bytes(i)) for i in self.token_ids[self.read_offset:]]
+        raw = b"".join(token_bytes(i) for i in self.token_ids[self.read_offset:])
+        decoder = codecs.getincrementaldecoder("utf-8")("replace")
+        text = decoder.decode(raw)  # the text of all but the bytes still waiting for more
+        pending = len(decoder.getstate()[0])
+        k, start = len(sizes), len(raw)  # the held tokens, k on, and where their bytes begin
+        while k > 0 and (start > len(raw) - pending
+                         or not text.startswith(raw[:start].decode("utf-8", "replace"))):
             k -= 1
-            pending -= len(token_bytes(self.token_ids[k]))
-        return k
+            start -= sizes[k]
+        return self.read_offset + k
 
     def step(self, new_token_ids: list[int], final: bool = False) -> str:
         """The text the new tokens add; final: the last step, nothing is held back."""
