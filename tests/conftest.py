@@ -134,6 +134,26 @@ def _smollm2_tokenizer():
     return Tokenizer.from_gguf(gguf.GGUFReader(path))
 
 
+
+def byte_level_tokenizer(pieces: list[bytes], eos: str | None = None):
+    """A byte-level BPE vocabulary (GPT-2's decoder): the 256 bytes (id = byte), then `pieces`,
+    which may end one character and begin another (byte-level BPE merges across characters:
+    Qwen's, GPT-4's vocabularies), then `eos` as a special token."""
+    from tokenizers import AddedToken, decoders, models
+    from tokenizers import Tokenizer as HFTokenizer
+
+    from engine.model.tokenizer import Tokenizer, byte_to_unicode
+
+    spell = byte_to_unicode()
+    vocab = {}
+    for piece in [bytes([b]) for b in range(256)] + pieces:
+        vocab.setdefault("".join(spell[b] for b in piece), len(vocab))
+    hf = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
+    hf.decoder = decoders.ByteLevel()
+    if eos is not None:
+        hf.add_special_tokens([AddedToken(eos, special=True, normalized=False)])
+    return Tokenizer(hf, None, eos)
+
 @pytest.fixture
 def make_engine():
     """make_engine(text=False, **EngineConfig fields) -> LLMEngine on a tiny random model.

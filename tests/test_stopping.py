@@ -238,3 +238,93 @@ def test_text_delta_holds_back_the_longest_tail_that_could_become_a_stop():
     assert delta("zab", ["bd", "abc"]) == ("z", "z")
     assert delta("xab", ["ab"], min_tokens=5) == ("xab", "xab")
     assert delta("xa", ["ab"]) == ("x", "x")
+
+
+def test_streams_of_random_tokens_match_one_shot_decoding_with_the_stop_rules():
+    """The output processor on random tokens of a byte-level vocabulary whose pieces split
+    characters (some end one and begin the next), n sequences fed in random chunks (drafts),
+    ended by max_tokens or eos: each sequence stops on its own, its deltas add up to its final
+    text, and that is the reference's. The reference decodes in one go: the text after k tokens
+    is the longest run of them whose text no later byte changes (all k when the sequence
+    ends); a stop is looked for past min_tokens' token, ending in the new text (vLLM's rule),
+    the first listed of those found in one token, cut at its earliest place."""
+    import codecs
+    import random
+
+    from conftest import byte_level_tokenizer
+
+    from engine.core.outputs import SeqOutput
+    from engine.output_processor import OutputProcessor
+
+    rng = random.Random(0)
+    chars = [c.encode() for c in "ab é€中🎉"] + [b"\xff", b"\xe2"]
+    raw = b"".join(rng.choice(chars) for _ in range(400))
+    pieces, at = [], 0
+    while at < len(raw):
+        n = rng.randrange(1, 5)
+        pieces.append(raw[at:at + n])
+        at += n
+    tok = byte_level_tokenizer(sorted(set(pieces)), eos="<eos>")
+    ids_of = {tok.token_bytes(i): i for i in range(tok.vocab_size - 1)}
+    pool = [ids_of[p] for p in pieces]
+
+    def texts_after(out):
+        """[text after k tokens for k in 0..len(out)]."""
+        bs = [tok.token_bytes(i) for i in out]
+        texts = []
+        for k in range(len(out) + 1):
+            stable = codecs.getincrementaldecoder("utf-8")("replace").decode(b"".join(bs[:k]))
+            j = k
+            while not stable.startswith(b"".join(bs[:j]).decode("utf-8", "replace")):
+                j -= 1
+            texts.append(tok.decode(out[:j]))
+        return texts[:-1] + [tok.decode(out)]
+
+    def reference(texts, stops, min_tokens, include):
+        for k in range(min_tokens + 1, len(texts)):
+            old, text = len(texts[k - 1]), texts[k]
+            for s in stops:
+                starts = [i for i in range(len(text)) if text.startswith(s, i) and
+                          i + len(s) > old]
+                if starts:
+                    return (text[: min(starts) + len(s)] if include else text[:min(starts)]), s
+        return texts[-1], None
+
+    for trial in range(300):
+        n, min_tokens = rng.choice([1, 2, 3]), rng.choice([0, 0, 1, 3])
+        seqs = []
+        for _ in range(n):
+            i = rng.randrange(len(pool))
+            out = pool[i : i + rng.randrange(1, 10)]
+            seqs.append((out, len(out) > min_tokens and rng.random() < 0.5))  # (tokens, eos)
+        text = tok.decode(seqs[0][0])
+        stops = [text[a : a + rng.randrange(1, 4)] if text and rng.random() < 0.8
+                 else rng.choice(["a", "b ", "\ufffd", "é€"])
+                 for a in (rng.randrange(max(1, len(text))) for _ in range(rng.randrange(1, 3)))]
+        stops = [s for s in stops if s]
+        include = rng.random() < 0.4
+        params = SamplingParams(n=n, stop=stops, min_tokens=min_tokens, max_tokens=50,
+                                include_stop_str_in_output=include)
+        proc = OutputProcessor(tok)
+        proc.add_request("r", None, pool[:3], params, 0.0)
+        feeds = []
+        for index, (out, eos) in enumerate(seqs):
+            ids, k = out + [tok.eos_token_id] * eos, 0
+            while k < len(ids):
+                step = ids[k : k + rng.choice([1, 1, 2, 3])]
+                k += len(step)
+                ended = ("stop" if eos else "length") if k >= len(ids) else None
+                feeds.append((k + rng.random(), SeqOutput("r", index, step, None, 0.0, ended,
+                                                          None)))
+        streamed, final = [""] * n, [None] * n
+        for _, feed in sorted(feeds, key=lambda f: f[0]):
+            for c in (c for o in proc.process([feed])[0] for c in o.outputs):
+                streamed[c.index] += c.delta_text
+                if c.finish_reason is not None and final[c.index] is None:
+                    final[c.index] = c
+        for index, (out, eos) in enumerate(seqs):
+            texts = texts_after(out)
+            want = reference(texts + texts[-1:] * eos, stops, min_tokens, include)
+            c = final[index]
+            got = (c.text, c.stop_reason if isinstance(c.stop_reason, str) else None)
+            assert got == want and streamed[index] == c.text, (trial, index, out, eos, stops)

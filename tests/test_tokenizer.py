@@ -15,6 +15,7 @@ import gguf
 import jinja2
 import pytest
 import tokenizers
+from conftest import byte_level_tokenizer
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -508,29 +509,12 @@ def test_prompt_ending_inside_a_character(tok):
 
 
 
-def _byte_level_tokenizer(pieces: list[bytes]) -> Tokenizer:
-    """A byte-level BPE vocabulary (GPT-2's decoder): the 256 bytes (id = byte), then `pieces`,
-    which may end one character and begin another, as merges across characters do."""
-    from tokenizers import Tokenizer as HFTokenizer
-    from tokenizers import decoders, models
-
-    from engine.model.tokenizer import byte_to_unicode
-
-    spell = byte_to_unicode()
-    vocab = {}
-    for piece in [bytes([b]) for b in range(256)] + pieces:
-        vocab.setdefault("".join(spell[b] for b in piece), len(vocab))
-    hf = HFTokenizer(models.BPE(vocab=vocab, merges=[]))
-    hf.decoder = decoders.ByteLevel()
-    return Tokenizer(hf, None, None)
-
-
 def test_tokens_that_end_one_character_and_begin_the_next():
     """A token that finishes a character and starts the next (b"\x8e\x89\xf0") is held back
     whole; the character it finishes must be held back with it, not sent as U+FFFD. Random
     UTF-8, now and then with bytes no character has, cut into random pieces: the stream is
     decode()'s text, and holds U+FFFD only where that does."""
-    cross = _byte_level_tokenizer([b" \xf0\x9f", b"\x8e\x89\xf0", b"\x9f\x8e\x89"])
+    cross = byte_level_tokenizer([b" \xf0\x9f", b"\x8e\x89\xf0", b"\x9f\x8e\x89"])
     detok = IncrementalDetokenizer(cross, [])
     deltas = [detok.step([i]) for i in (256, 257, 258)] + [detok.flush()]
     assert deltas == ["", "", " 🎉🎉", ""]
@@ -546,7 +530,7 @@ def test_tokens_that_end_one_character_and_begin_the_next():
             pieces.append(raw[:n])
             raw = raw[n:]
         cuts.append(pieces)
-    tok = _byte_level_tokenizer(sorted({p for pieces in cuts for p in pieces if len(p) > 1}))
+    tok = byte_level_tokenizer(sorted({p for pieces in cuts for p in pieces if len(p) > 1}))
     ids_of = {tok.token_bytes(i): i for i in range(tok.vocab_size)}
     for raw, pieces in zip(raws, cuts, strict=True):
         out = [ids_of[p] for p in pieces]
