@@ -868,9 +868,10 @@ def test_bench_spec_replays_a_saved_profile(tiny_model, tmp_path):
 
 
 ARGPARSE_TOOLS = ["b1_gap", "bench_allreduce", "bench_latency", "bench_serving", "bench_spec",
-                  "bench_throughput", "bench_wire", "energy_parts", "hammer", "health_stall",
-                  "make_golden", "profile_kernels", "profile_ops", "profile_step", "seed_table",
-                  "tp_parity", "ttft_stages", "vllm_compat"]
+                  "bench_throughput", "bench_wire", "energy_parts", "gpu_check", "hammer",
+                  "health_stall", "kernel_check", "make_golden", "make_tokenizer_golden",
+                  "profile_kernels", "profile_ops", "profile_prefill_host", "profile_step",
+                  "seed_table", "tp_parity", "ttft_stages", "vllm_compat"]
 
 
 @pytest.mark.parametrize("tool", ARGPARSE_TOOLS)
@@ -927,6 +928,25 @@ def test_every_tool_flag_says_what_it_is(tool, monkeypatch):
      "argument --load: {tmp}/nope.npz: no such file"),
     ("profile_kernels", ["--top", "0"], "argument --top: must be >= 1, got 0"),
     ("profile_ops", ["--max-steps", "0"], "argument --max-steps: must be >= 1, got 0"),
+    ("gpu_check", ["--only"], "argument --only: expected one argument"),
+    ("gpu_check", ["--only", "nope"], "argument --only: 'nope' is in no section's name; the "
+     "sections: layers, attn, sampling, decode-step; or new"),
+    ("gpu_check", ["--graphs", "--bogus"], "unrecognized arguments: --bogus"),
+    ("gpu_check", ["--baseline", "{tmp}/nope.cu"],
+     "argument --baseline: {tmp}/nope.cu: no such file"),
+    ("kernel_check", ["--only"], "argument --only: expected one argument"),
+    ("kernel_check", ["--only", "gemv,nope"],
+     "argument --only: unknown 'nope' in 'gemv,nope'; choose from launches, fused, gemv,"),
+    ("kernel_check", ["--small", "--bogus"], "unrecognized arguments: --bogus"),
+    ("kernel_check", ["--decode1", "llama3-8b:q5"],
+     "argument --decode1: unknown 'llama3-8b:q5' in 'llama3-8b:q5'; choose from qwen3-0.6b,"),
+    ("kernel_check", ["--set", "PDL=1"], "argument --set: 'PDL=1': expected module.ATTR=value"),
+    ("profile_prefill_host", ["--only"], "argument --only: expected one argument"),
+    ("profile_prefill_host", ["--only", "micro,fwd"],
+     "argument --only: unknown 'fwd' in 'micro,fwd'; choose from micro, forward, engine"),
+    ("profile_prefill_host", ["--bogus"], "unrecognized arguments: --bogus"),
+    ("make_tokenizer_golden", ["{tmp}/nope.gguf"], "argument gguf: {tmp}/nope.gguf: no such file"),
+    ("make_tokenizer_golden", ["--bogus"], "unrecognized arguments: --bogus"),
 ])
 def test_tool_numbers_and_files_are_refused_at_parse(tool, argv, message, tmp_path, capsys,
                                                      monkeypatch):

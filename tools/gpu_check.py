@@ -13,32 +13,35 @@ same decode and prefill cases.
 
 from __future__ import annotations
 
+import argparse
 import statistics
 import sys
 import time
+from pathlib import Path
 
-if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):  # help without a GPU
-    print(__doc__)
-    raise SystemExit(0)
+if __package__ in (None, ""):  # run as a script: make the checkout importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-if __name__ == "__main__":  # without CuPy or a GPU: one line, not an import traceback
-    from engine.executor.ops import DeviceError, check_cuda
+import numpy as np  # noqa: E402
 
-    try:
-        check_cuda()
-    except DeviceError as e:
-        raise SystemExit(f"gpu_check runs on a GPU: {e}") from None
+from engine.executor.ops import AttentionMetadata, SamplingTensors  # noqa: E402
+from engine.executor.transformer import Transformer, rope_cos_sin  # noqa: E402
+from engine.model.config import ModelConfig  # noqa: E402
+from engine.model.loader import dummy_weights  # noqa: E402
+from tools import kernel_check  # noqa: E402
+from tools.kernel_check import BW, FLOPS, REF, rel, up  # noqa: E402
+from tools.workloads import existing_file_arg  # noqa: E402
 
-import cupy
-import numpy as np
+try:  # without CuPy main() still parses its command line, then says what is missing
+    import cupy
 
-from engine.executor.ops import AttentionMetadata, SamplingTensors
-from engine.executor.ops.cuda_ops import CudaOps
-from engine.executor.transformer import Transformer, rope_cos_sin
-from engine.model.config import ModelConfig
-from engine.model.loader import dummy_weights
-from tools.kernel_check import BW, FLOPS, REF, rel, up
+    from engine.executor.ops.cuda_ops import CudaOps
+except ImportError as e:
+    GPU_IMPORT_ERROR: ImportError | None = e  # raised once check_cuda has found CuPy and a GPU
+else:
+    GPU_IMPORT_ERROR = kernel_check.GPU_IMPORT_ERROR
 
+SECTIONS = ("layers", "attn", "sampling", "decode-step")  # what --only picks from
 rows: list[tuple] = []
 
 
@@ -144,10 +147,6 @@ def attention_case(ops, name, num_new, ctx, nh=16, nkv=8, hd=128, bs=16):
         record("write_kv_cache (64 tok)", 0.0,
                bench(lambda: ops.write_kv_cache(qkv, cache[0], cache[1], dmeta.slot_mapping, nh,
                                                 nkv)), 64 * 2 * nkv * hd * 2 * 2)
-
-
-def _arg(flag: str) -> str | None:
-    return sys.argv[sys.argv.index(flag) + 1] if flag in sys.argv else None
 
 
 def attention_cases(ops):
@@ -316,10 +315,42 @@ def decode_step(ops, batch, ctx=512, graphs=False):
            weight_bytes + kv, flops)
 
 
-def main():
+def only_arg(text: str) -> str:
+    """argparse type of --only: `new`, or a part of one or more of the SECTIONS' names."""
+    if text != "new" and not any(text in name for name in SECTIONS):
+        raise argparse.ArgumentTypeError(
+            f"{text!r} is in no section's name; the sections: {', '.join(SECTIONS)}; or new")
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", type=only_arg, default=None, metavar="SUBSTR",
+                    help=f"run the sections whose name holds SUBSTR, of: {', '.join(SECTIONS)}; "
+                         "new: tools/kernel_check.py's sections instead (default: all of these)")
+    ap.add_argument("--graphs", action="store_true",
+                    help="decode-step: also time each step replayed as a CUDA graph")
+    ap.add_argument("--variants", action="store_true",
+                    help="attn: also time the v1 decode kernel (attention.cu) at other unroll "
+                         "depths")
+    ap.add_argument("--baseline", type=existing_file_arg, default=None, metavar="ATTENTION_CU",
+                    help="attn: also time this previous attention.cu (its paged_attention_kernel "
+                         "/ attention_reduce_kernel) on the same cases")
+    ap.add_argument("--quick", action="store_true",
+                    help="with --only new: kernel_check.py's --quick")
+    args = ap.parse_args(argv)
+    from engine.executor.ops import DeviceError, check_cuda
+
+    try:
+        check_cuda()
+    except DeviceError as e:
+        raise SystemExit(f"gpu_check runs on a GPU: {e}") from None
+    if GPU_IMPORT_ERROR is not None:
+        raise GPU_IMPORT_ERROR
     ops = CudaOps("bfloat16")
     print(f"GPU: {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}", flush=True)
-    only = _arg("--only")
+    only = args.only
 
     def want(section: str) -> bool:
         return only is None or only in section
@@ -327,21 +358,21 @@ def main():
     if want("layers"):
         check_layers(ops)
     if want("attn"):
-        if _arg("--baseline"):
-            attention_baseline(ops, _arg("--baseline"))
+        if args.baseline:
+            attention_baseline(ops, args.baseline)
         attention_cases(ops)
-        if "--variants" in sys.argv:
+        if args.variants:
             attention_variants(ops)
     if want("sampling"):
         check_sampling(ops)
     if only == "new":  # issue 12's kernels: tools/kernel_check.py prints its own tables
         from tools.kernel_check import run_all
 
-        run_all(ops, quick="--quick" in sys.argv)
+        run_all(ops, quick=args.quick)
         return
     if want("decode-step"):
         for batch in (1, 64):
-            decode_step(ops, batch, graphs="--graphs" in sys.argv)
+            decode_step(ops, batch, graphs=args.graphs)
     print("\n| op | err vs numpy | us | GB/s | TFLOP/s | % of ceiling |")
     print("|---|---|---|---|---|---|")
     for name, err, us, bw, tf, frac in rows:

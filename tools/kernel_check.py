@@ -35,6 +35,7 @@ run it again without to compare.
 
 from __future__ import annotations
 
+import argparse
 import collections
 import contextlib
 import dataclasses
@@ -47,46 +48,48 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the checkout importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):  # help without a GPU
-    print(__doc__)
-    raise SystemExit(0)
-
-if __name__ == "__main__":  # without CuPy or a GPU: one line, not an import traceback
-    from engine.executor.ops import DeviceError, check_cuda
-
-    try:
-        check_cuda()
-    except DeviceError as e:
-        raise SystemExit(f"kernel_check runs on a GPU: {e}") from None
-
-import cupy  # noqa: E402
 import numpy as np  # noqa: E402
 
-from engine.executor.ops import (  # noqa: E402
-    AttentionMetadata,
-    SamplingTensors,
-    cuda_gemv,
-    cuda_kernels,
-    cuda_norm,
-    cuda_prefill,
-    cuda_sampling,
-)
-from engine.executor.ops import cuda_attention as ca  # noqa: E402
 from engine.executor.ops.numpy_ops import NumpyOps  # noqa: E402
-from tools import kernel_check_fp8, module_settings  # noqa: E402
-from tools.kernel_check_attn import check_attn  # noqa: E402
+from tools import module_settings  # noqa: E402
+from tools.kernel_check_decode1 import VARIANTS as DECODE1_VARIANTS  # noqa: E402
 from tools.kernel_check_decode1 import check_decode1  # noqa: E402
-from tools.kernel_check_fp8w1 import check_fp8w1  # noqa: E402
-from tools.kernel_check_gguf import check_gguf  # noqa: E402
-from tools.kernel_check_norms import check_norms  # noqa: E402
-from tools.kernel_check_overlap import check_overlap  # noqa: E402
-from tools.kernel_check_w1 import check_gemm_sweep, check_skinny, check_w1  # noqa: E402
+from tools.workloads import name_list_arg  # noqa: E402
+
+try:  # CuPy and the kernels: without them main() still parses its command line, then says so
+    import cupy
+
+    from engine.executor.ops import (
+        AttentionMetadata,
+        SamplingTensors,
+        cuda_gemv,
+        cuda_kernels,
+        cuda_norm,
+        cuda_prefill,
+        cuda_sampling,
+    )
+    from engine.executor.ops import cuda_attention as ca
+    from tools import kernel_check_fp8
+    from tools.kernel_check_attn import check_attn
+    from tools.kernel_check_fp8w1 import check_fp8w1
+    from tools.kernel_check_gguf import check_gguf
+    from tools.kernel_check_norms import check_norms
+    from tools.kernel_check_overlap import check_overlap
+    from tools.kernel_check_w1 import check_gemm_sweep, check_skinny, check_w1
+except ImportError as e:
+    GPU_IMPORT_ERROR: ImportError | None = e  # raised once check_cuda has found CuPy and a GPU
+else:
+    GPU_IMPORT_ERROR = None
 
 BW, FLOPS = 4.27e12, 800e12  # the H200's measured ceilings (tools/workloads.py)
 L2_BYTES = 60 << 20
 REF = NumpyOps()
 tables: dict[str, list[str]] = {}
-OPTS = {"small": False, "check_each": False, "decode1": None}
+OPTS = {"small": False, "check_each": False, "decode1": None, "experiments": False}
+# run_all's sections, in the order they run (--only names them)
+SECTIONS = ("launches", "fused", "gemv", "splits", "attn", "decode1", "sampling", "prefill",
+            "prefill90", "gguf", "decode", "gemv1", "step", "fp8", "fp8w1", "w1", "gemm-m",
+            "skinny", "norms", "overlap")
 
 
 class SectionError(RuntimeError):
@@ -424,7 +427,7 @@ def check_prefill90(ops):
     if cupy.cuda.Device().compute_capability != "90":
         print("prefill90: skipped, wgmma needs an sm_90 GPU", flush=True)
         return
-    check_prefill(ops, "prefill90", sm90_kernels(experiments="--experiments" in sys.argv))
+    check_prefill(ops, "prefill90", sm90_kernels(experiments=OPTS["experiments"]))
 
 
 def _prefill_batch(ops, num_new, ctx, nkv, hd, bs, rng):
@@ -789,9 +792,8 @@ def check_launches(ops):
         check_device(f"launches {preset}")
 
 
-def run_all(ops, quick: bool = False, only: str | None = None):
-    """Every section, or those named in `only` (comma-separated: launches, fused, gemv, gemv1,
-    splits, sampling, prefill, gguf, decode, step, fp8, fp8w1, attn, w1, gemm-m, skinny, norms)."""
+def run_all(ops, quick: bool = False, only: list[str] | None = None):
+    """Every section, or those named in `only` (names of SECTIONS)."""
     sections = {
         "launches": lambda: check_launches(ops),
         "fused": lambda: check_fused(ops),
@@ -821,8 +823,9 @@ def run_all(ops, quick: bool = False, only: str | None = None):
         # attention beside the MLP's GEMMs on two streams (W1, Llama-3-8B shapes)
         "overlap": lambda: check_overlap(ops, sys.modules[__name__]),
     }
+    assert tuple(sections) == SECTIONS, "SECTIONS lists run_all's sections, for --only"
     for name, run in sections.items():
-        if only is not None and name not in only.split(","):
+        if only is not None and name not in only:
             continue
         try:  # one section failing still leaves the others' tables
             run()
@@ -841,21 +844,70 @@ def run_all(ops, quick: bool = False, only: str | None = None):
         print("\n".join(lines))
 
 
-def main():
+def decode1_arg(text: str) -> str:
+    """argparse type of --decode1: preset[:format],... naming rows of DECODE1_VARIANTS."""
+    known = [p if q is None else f"{p}:{q}" for p, q, _ in DECODE1_VARIANTS]
+    for item in text.split(","):
+        if item not in known:
+            raise argparse.ArgumentTypeError(
+                f"unknown {item!r} in {text!r}; choose from {', '.join(known)}")
+    return text
+
+
+def settings_arg(text: str) -> str:
+    """argparse type of --set: module.ATTR=value[,...] (module_settings.parse_variant's syntax;
+    the module and attribute are looked up when the run starts)."""
+    try:
+        module_settings.parse_variant(text)
+    except SystemExit as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+    return text
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", type=name_list_arg(SECTIONS), default=None,
+                    metavar="SECTION[,SECTION...]",
+                    help=f"run only these sections, of: {', '.join(SECTIONS)} (default: all)")
+    ap.add_argument("--quick", action="store_true",
+                    help="skip the gemv section's Llama-3-8B shapes and the decode section")
+    ap.add_argument("--check-each", action="store_true",
+                    help="synchronize after every row and section and stop at the first CUDA "
+                         "error, naming where it surfaced")
+    ap.add_argument("--small", action="store_true",
+                    help="shrink every section (few rows, one weight copy, 2-layer models, 2 "
+                         "timed calls), e.g. for compute-sanitizer")
+    ap.add_argument("--decode1", type=decode1_arg, default=None, metavar="PRESET[:FORMAT],...",
+                    help="the decode1 section's models, of: " + ", ".join(
+                        p if q is None else f"{p}:{q}" for p, q, _ in DECODE1_VARIANTS)
+                    + " (default: all)")
+    ap.add_argument("--set", type=settings_arg, default=None, metavar="module.ATTR=value[,...]",
+                    help="run everything with these settings of engine.executor.ops modules "
+                         "(b1_gap.py's --variant syntax)")
+    ap.add_argument("--experiments", action="store_true",
+                    help="prefill90: also the wgmma kernel's experiments (no K/V copies, no "
+                         "ping-pong)")
+    args = ap.parse_args(argv)
+    from engine.executor.ops import DeviceError, check_cuda
+
+    try:
+        check_cuda()
+    except DeviceError as e:
+        raise SystemExit(f"kernel_check runs on a GPU: {e}") from None
+    if GPU_IMPORT_ERROR is not None:
+        raise GPU_IMPORT_ERROR
     from engine.executor.ops.cuda_ops import CudaOps
 
     ops = CudaOps("bfloat16")
     print(f"GPU: {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}", flush=True)
     t0 = time.perf_counter()
-    only = sys.argv[sys.argv.index("--only") + 1] if "--only" in sys.argv else None
-    OPTS["small"], OPTS["check_each"] = "--small" in sys.argv, "--check-each" in sys.argv
-    if "--decode1" in sys.argv:
-        OPTS["decode1"] = sys.argv[sys.argv.index("--decode1") + 1]
-    spec = sys.argv[sys.argv.index("--set") + 1] if "--set" in sys.argv else None
-    if spec:
-        print(f"settings: {spec}", flush=True)
-    with module_settings.settings(spec) if spec else contextlib.nullcontext():
-        run_all(ops, quick="--quick" in sys.argv, only=only)
+    OPTS.update(small=args.small, check_each=args.check_each, decode1=args.decode1,
+                experiments=args.experiments)
+    if args.set:
+        print(f"settings: {args.set}", flush=True)
+    with module_settings.settings(args.set) if args.set else contextlib.nullcontext():
+        run_all(ops, quick=args.quick, only=args.only)
     print(f"\nkernel_check took {time.perf_counter() - t0:.0f} s")
 
 

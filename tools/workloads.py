@@ -87,6 +87,19 @@ def count_list_arg(text: str) -> list[int]:
     return values
 
 
+def name_list_arg(names):
+    """argparse type of a comma-separated list of names from `names` (--only attn,w1): the list,
+    or an error naming the unknown one and the valid names."""
+    def parse(text: str) -> list[str]:
+        items = text.split(",")
+        for item in items:
+            if item not in names:
+                raise argparse.ArgumentTypeError(
+                    f"unknown {item!r} in {text!r}; choose from {', '.join(names)}")
+        return items
+    return parse
+
+
 def nonnegative_arg(text: str) -> int:
     """argparse type of an integer that may be 0 but not negative (--num-warmups, --repeat, ...)."""
     value = int(text)
