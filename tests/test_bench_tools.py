@@ -720,7 +720,7 @@ def test_bad_counts_are_refused_at_parse(tool, argv, message, capsys, monkeypatc
 def test_engine_and_sampling_values_end_in_one_line(tiny_model, capsys, monkeypatch):
     """What the engine refuses is one argparse-like line in the flags' names, exit status 2, not
     a traceback; the sampling flags are checked before the model loads."""
-    from tools import bench_latency
+    from tools import bench_latency, bench_spec
 
     def load(*a, **kw):
         raise AssertionError("the model loaded before the sampling flags were checked")
@@ -729,6 +729,8 @@ def test_engine_and_sampling_values_end_in_one_line(tiny_model, capsys, monkeypa
               "error: --max-num-seqs must be >= 1, got 0"),
              (bench_latency, ["--model", "no-such-preset", "--device", "cpu"],
               "error: unknown preset 'no-such-preset'; known presets:"),
+             (bench_spec, ["--model", "no-such-preset", "--load-format", "dummy", "--device",
+                           "cpu"], "error: unknown preset 'no-such-preset'; known presets:"),
              (seed_table, ["--model", tiny_model, *TINY_ARGS, "--temperature", "-1"],
               "error: --temperature must be >= 0, got -1.0"),
              (bench_throughput, ["--model", tiny_model, *TINY_ARGS, "--top-p", "0"],

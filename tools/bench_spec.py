@@ -299,15 +299,17 @@ def main(argv: list[str] | None = None) -> dict:
     k = len(hist) - 1 if hist else args.num_speculative_tokens
     sizes = args.batch_sizes or []
     from engine import LLM
+    from tools.bench_throughput import engine_errors_in_one_line
 
     # Speculation stays on at every batch size measured here.
     max_seqs = max([8, *sizes])
     spec = {"method": "ngram", "num_speculative_tokens": k, "prompt_lookup_max":
             args.prompt_lookup_max, "prompt_lookup_min": args.prompt_lookup_min,
             "disable_by_batch_size": max_seqs}
-    llm = LLM(model=args.model, device=args.device, dtype=args.dtype, load_format=args.load_format,
-              max_model_len=args.max_model_len, max_num_seqs=max_seqs, seed=args.seed,
-              speculative_config=spec)
+    with engine_errors_in_one_line(args):  # an unknown model, no GPU: one line, not a traceback
+        llm = LLM(model=args.model, device=args.device, dtype=args.dtype,
+                  load_format=args.load_format, max_model_len=args.max_model_len,
+                  max_num_seqs=max_seqs, seed=args.seed, speculative_config=spec)
     with llm:
         result = replay(args, llm, hist, no_draft_steps) if hist else acceptance(args, llm)
         if sizes:

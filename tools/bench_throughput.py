@@ -43,6 +43,7 @@ of two short requests runs first (kernels compile, graphs capture) unless `--no-
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
 import time
@@ -121,18 +122,36 @@ def add_engine_args(ap: argparse.ArgumentParser, workload: bool = True,
                     help="also run every request constrained by a JSON schema; print the ratio")
 
 
-def build_llm(args: argparse.Namespace, enable_prefix_caching: bool = True):
-    """The engine the flags describe. A value the engine refuses (an unknown preset, a path that
-    is not there, --max-num-seqs 0, --device cuda without a GPU; with the W1 flags, a sampling
-    value out of its range, checked before the model loads) ends the command with one line in
-    the flags' names, as argparse's errors do, not a traceback."""
-    from engine import LLM, SamplingParams
+@contextlib.contextmanager
+def engine_errors_in_one_line(args: argparse.Namespace):
+    """What the engine refuses inside (an unknown preset, a path that is not there, a setting out
+    of range, --device cuda without a GPU) ends the command with one line in the flags' names
+    (`args`' dests as --flags), exit status 2, as argparse's errors do, not a traceback."""
     from engine.core.sampling_params import ParamError
     from engine.executor.ops import DeviceError
     from engine.model.config import ConfigError
     from engine.model.loader import LoadError
 
     try:
+        yield
+    except (ConfigError, LoadError, ParamError, DeviceError) as e:
+        from server.cli import in_flag_names
+
+        # "model path ... does not exist" stays as it is
+        flags = {dest: "--" + dest.replace("_", "-") for dest in vars(args) if dest != "model"}
+        print(f"{Path(sys.argv[0]).name}: error: {in_flag_names(str(e), flags)}",
+              file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def build_llm(args: argparse.Namespace, enable_prefix_caching: bool = True):
+    """The engine the flags describe. A value the engine refuses (an unknown preset, a path that
+    is not there, --max-num-seqs 0, --device cuda without a GPU; with the W1 flags, a sampling
+    value out of its range, checked before the model loads) ends the command with one line in
+    the flags' names, as argparse's errors do, not a traceback (engine_errors_in_one_line)."""
+    from engine import LLM, SamplingParams
+
+    with engine_errors_in_one_line(args):
         if hasattr(args, "temperature"):  # add_engine_args' workload flags
             SamplingParams(**sampling_settings(args))
         return LLM(model=args.model, device=args.device, dtype=args.dtype,
@@ -145,14 +164,6 @@ def build_llm(args: argparse.Namespace, enable_prefix_caching: bool = True):
                    enforce_eager=args.enforce_eager, async_scheduling=args.async_scheduling,
                    speculative_config=args.speculative_config,
                    tensor_parallel_size=args.tensor_parallel_size)
-    except (ConfigError, LoadError, ParamError, DeviceError) as e:
-        from server.cli import in_flag_names
-
-        # "model path ... does not exist" stays as it is
-        flags = {dest: "--" + dest.replace("_", "-") for dest in vars(args) if dest != "model"}
-        print(f"{Path(sys.argv[0]).name}: error: {in_flag_names(str(e), flags)}",
-              file=sys.stderr)
-        raise SystemExit(2) from None
 
 
 def workload(args: argparse.Namespace, vocab_size: int) -> tuple[list[list[int]], list[int]]:
