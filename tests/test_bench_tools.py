@@ -822,6 +822,11 @@ def test_more_counts_are_refused_at_parse(tool, argv, message):
     ("bench_spec", ["--prompt-lookup-min", "3", "--prompt-lookup-max", "2"],
      "argument --prompt-lookup-min: must be <= --prompt-lookup-max (2), got 3"),
     ("bench_spec", ["--no-draft-steps", "-1"], "argument --no-draft-steps: must be >= 0, got -1"),
+    ("bench_spec", ["--replay", "{tmp}/profile.json", "--no-draft-steps", "3"],
+     "argument --no-draft-steps: only with --accepted-hist (--replay takes the file's no-draft "
+     "steps)"),
+    ("bench_spec", ["--no-draft-steps", "3"],
+     "argument --no-draft-steps: only with --accepted-hist"),
     ("profile_step", ["--batch-sizes", "0"],
      "argument --batch-sizes: must all be >= 1, got 0 in '0'"),
     ("profile_step", ["--batch-sizes", "1,-4"],
@@ -845,6 +850,7 @@ def test_spec_and_step_lists_and_files_are_refused_at_parse(tool, argv, message,
 
     (tmp_path / "broken.json").write_text("{not json")
     (tmp_path / "other.json").write_text('{"bench": "w1"}')
+    (tmp_path / "profile.json").write_text('{"overall": {"hist": [1, 2], "no_draft_steps": 1}}')
     module = importlib.import_module(f"tools.{tool}")
     monkeypatch.setattr("engine.LLM", None)  # nothing may load
     monkeypatch.setattr("engine.engine.LLMEngine", None)

@@ -271,8 +271,10 @@ def main(argv: list[str] | None = None) -> dict:
                     help="replay: a --save-profile file")
     ap.add_argument("--accepted-hist", type=hist_arg, default=None,
                     help="replay: N0,N1,..,Nk inline")
-    ap.add_argument("--no-draft-steps", type=nonnegative_arg, default=0,
-                    help="replay with --accepted-hist: steps that found no n-gram")
+    ap.add_argument("--no-draft-steps", type=nonnegative_arg, default=None,
+                    help="replay with --accepted-hist: decode steps that found no n-gram, drawn "
+                         "as often against the histogram's (default 0; --replay takes the "
+                         "file's)")
     ap.add_argument("--prompt-len", type=count_arg, default=128, help="replay")
     ap.add_argument("--output-len", type=count_arg, default=256, help="replay")
     ap.add_argument("--batch-sizes", type=count_list_arg, default=None,
@@ -287,6 +289,9 @@ def main(argv: list[str] | None = None) -> dict:
                  f"({args.prompt_lookup_max}), got {args.prompt_lookup_min}")
     if args.replay and args.accepted_hist:
         ap.error("argument --accepted-hist: not allowed with --replay")
+    if args.no_draft_steps is not None and not args.accepted_hist:
+        ap.error("argument --no-draft-steps: only with --accepted-hist"
+                 + (" (--replay takes the file's no-draft steps)" if args.replay else ""))
     if args.batch_sizes and not (args.replay or args.accepted_hist):
         ap.error("argument --batch-sizes: only with --replay or --accepted-hist")
 
@@ -295,7 +300,7 @@ def main(argv: list[str] | None = None) -> dict:
         hist, no_draft_steps = args.replay
     elif args.accepted_hist:
         hist = args.accepted_hist
-        no_draft_steps = args.no_draft_steps
+        no_draft_steps = args.no_draft_steps or 0
     k = len(hist) - 1 if hist else args.num_speculative_tokens
     sizes = args.batch_sizes or []
     from engine import LLM
