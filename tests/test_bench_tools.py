@@ -927,6 +927,8 @@ def test_every_tool_flag_says_what_it_is(tool, monkeypatch):
     ("bench_serving", ["--vocab-size", "0"], "argument --vocab-size: must be >= 1, got 0"),
     ("bench_throughput", ["--idle", "-1"], "argument --idle: must be >= 0, got -1"),
     ("energy_parts", ["--measure", "0"], "argument --measure: must be a number > 0, got 0.0"),
+    ("energy_parts", ["--warm", "-1"], "argument --warm: must be a number > 0, got -1.0"),
+    ("energy_parts", ["--warm", "inf"], "argument --warm: must be a number > 0, got inf"),
     ("hammer", ["--streams", "0"], "argument --streams: must be >= 1, got 0"),
     ("hammer", ["--fuzz", "-5"], "argument --fuzz: must be >= 0, got -5"),
     ("hammer", ["--timeout", "-1"], "argument --timeout: must be a number > 0, got -1.0"),

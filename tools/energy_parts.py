@@ -344,7 +344,8 @@ def attention_variants(attn, dmeta, keys: int, parts: dict, nvml, args, table) -
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--warm", type=float, default=0.6, help="seconds each part runs untimed")
+    ap.add_argument("--warm", type=positive_arg, default=0.6,
+                    help="seconds each part runs untimed before it is timed")
     ap.add_argument("--measure", type=positive_arg, default=1.2, help="seconds each part is timed")
     ap.add_argument("--w1-seconds", type=positive_arg, default=None,
                     help="W1's measured wall time on this GPU, to set beside the sum")
