@@ -174,7 +174,7 @@ def test_gemm_calls_are_counted_where_kernels_between_them_are_fused():
     assert got == per_layer * 2 + ["gemm lm_head"]
 
 
-def test_two_traces_side_by_side(tmp_path):
+def test_two_traces_side_by_side(tmp_path, capsys):
     """--load A --against B: per kind of step, every label's ms a step in both and B - A."""
     from tools.profile_kernels import main
 
@@ -187,8 +187,12 @@ def test_two_traces_side_by_side(tmp_path):
     kind = "decode 193+ seqs"
     assert other[kind]["by_label_ms"]["gemm qkv"] == pytest.approx(
         base[kind]["by_label_ms"]["gemm qkv"] / 2)
-    with pytest.raises(SystemExit, match="give --load"):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:  # an argparse error: exit status 2, the flag named
         main(["--against", str(tmp_path / "b.npz")])
+    assert e.value.code == 2
+    assert capsys.readouterr().err.strip().splitlines()[-1].endswith(
+        "error: argument --against: compares two saved traces: give --load as well")
 
 
 def test_each_projection_names_the_kernels_it_ran():

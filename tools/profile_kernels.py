@@ -360,7 +360,7 @@ def main(argv: list[str] | None = None) -> dict:
                     help="with --load: a second saved trace, reported side by side")
     args = ap.parse_args(argv)
     if args.against and not args.load:
-        raise SystemExit("--against compares two saved traces: give --load as well")
+        ap.error("argument --against: compares two saved traces: give --load as well")
     if args.load and args.against:
         result = {"base": analyze(load(args.load)), "other": analyze(load(args.against))}
         print(json.dumps(result) if args.json else format_comparison(
