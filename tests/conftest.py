@@ -303,12 +303,22 @@ def llama_cpp_permute(w: np.ndarray, num_heads: int) -> np.ndarray:
 
 
 def write_tiny_gguf(path, hf: dict | None = None, config: ModelConfig | None = None,
-                    arch: str = "llama", seed: int = 0, extra=None):
+                    arch: str = "llama", seed: int = 0, extra=None, tokenizer_from=None):
     """A llama GGUF holding HF-layout tensors `hf` (random ones at `config` when None), written
     the way llama.cpp's converter does: q/k rows permuted, F32 tensors, no output.weight if tied.
-    `extra(writer)` may add more metadata and tensors. Returns the HF tensors it wrote."""
+    `extra(writer)` may add more metadata and tensors. `tokenizer_from`: a GGUF whose tokenizer.*
+    metadata is copied (the vocabulary size follows it), instead of 64 placeholder tokens.
+    Returns the HF tensors it wrote."""
     import gguf
 
+    copied = []
+    if tokenizer_from is not None:
+        source = gguf.GGUFReader(tokenizer_from)
+        copied = [(k, f.contents(), f.types) for k, f in source.fields.items()
+                  if k.startswith("tokenizer.")]
+        vocab = len(source.fields["tokenizer.ggml.tokens"].contents())
+        config = config or tiny_model_config(vocab_size=vocab, max_position_embeddings=128,
+                                             rope_theta=5e4)
     c = config or tiny_model_config(vocab_size=64, max_position_embeddings=128, rope_theta=5e4)
     if hf is None:
         rng = np.random.default_rng(seed)
@@ -337,10 +347,14 @@ def write_tiny_gguf(path, hf: dict | None = None, config: ModelConfig | None = N
     w.add_head_count_kv(c.num_kv_heads)
     w.add_layer_norm_rms_eps(c.rms_norm_eps)
     w.add_rope_freq_base(c.rope_theta)
-    w.add_tokenizer_model("gpt2")
-    w.add_token_list([f"t{n}" for n in range(c.vocab_size)])
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
+    if copied:
+        for key, value, types in copied:
+            w.add_key_value(key, value, types[0], sub_type=types[-1] if len(types) > 1 else None)
+    else:
+        w.add_tokenizer_model("gpt2")
+        w.add_token_list([f"t{n}" for n in range(c.vocab_size)])
+        w.add_bos_token_id(1)
+        w.add_eos_token_id(2)
     names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight":
              "output_norm.weight", "lm_head.weight": "output.weight"}
     layer_names = {"input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",

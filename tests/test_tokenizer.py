@@ -339,8 +339,10 @@ def test_missing_tokenizer_json(tmp_path):
 
 
 def test_unsupported_gguf_tokenizer_model():
-    meta = {"tokenizer.ggml.model": "llama", "tokenizer.ggml.tokens": ["<unk>", "a"]}
-    with pytest.raises(TokenizerError, match=r"tokenizer\.ggml\.model = 'llama'"):
+    # (SentencePiece's "llama": tests/test_tokenizer_sentencepiece.py)
+    meta = {"tokenizer.ggml.model": "bert", "tokenizer.ggml.tokens": ["[UNK]", "a"]}
+    with pytest.raises(TokenizerError, match=r"tokenizer\.ggml\.model = 'bert' is not supported; "
+                                             r"only byte-level BPE \('gpt2'\) and SentencePiece"):
         tokenizer_from_gguf_metadata(meta)
 
 

@@ -15,7 +15,15 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import tokenizers
-from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers, processors
+from tokenizers import (
+    AddedToken,
+    Regex,
+    decoders,
+    models,
+    normalizers,
+    pre_tokenizers,
+    processors,
+)
 
 from engine.model.chat_template import (
     compile_template,
@@ -31,8 +39,13 @@ if TYPE_CHECKING:
     import jinja2
 
 # GGUF token types (llama.cpp's llama_token_type)
+TOKEN_TYPE_NORMAL = 1
+TOKEN_TYPE_UNKNOWN = 2
 TOKEN_TYPE_CONTROL = 3
 TOKEN_TYPE_USER_DEFINED = 4
+
+# SentencePiece's spelling of a space inside its pieces
+SPIECE_SPACE = "\u2581"
 
 # Split patterns for the `tokenizer.ggml.pre` values we know, applied before the byte mapping.
 # None means GPT-2's own pattern (ByteLevel with use_regex=True).
@@ -125,26 +138,31 @@ def _gguf_list(meta: dict, key: str, kind: type, kinds: str) -> list:
 def tokenizer_from_gguf_metadata(meta: dict) -> Tokenizer:
     """Build a `Tokenizer` from GGUF `tokenizer.*` metadata given as plain values.
 
-    Only byte-level BPE (`tokenizer.ggml.model == "gpt2"`) is supported. The result matches what
-    HF transformers builds from the same file: control tokens (type 3) become special added tokens,
-    user-defined ones (type 4) plain added tokens that are always matched whole.
+    Byte-level BPE (`tokenizer.ggml.model == "gpt2"`) and SentencePiece BPE ("llama": Llama 2,
+    Mistral 7B, TinyLlama, ...; see _sentencepiece_from_gguf) are supported. The result matches
+    what HF transformers builds from the same file: control tokens (type 3) become special added
+    tokens, user-defined ones (type 4) plain added tokens that are always matched whole.
     """
     model = meta.get("tokenizer.ggml.model")
-    if model != "gpt2":
+    if model not in ("gpt2", "llama"):
         raise TokenizerError(
-            f"tokenizer.ggml.model = {model!r} is not supported; only byte-level BPE ('gpt2') is"
+            f"tokenizer.ggml.model = {model!r} is not supported; only byte-level BPE ('gpt2') "
+            "and SentencePiece BPE ('llama') are"
         )
-    for key in ("tokenizer.ggml.tokens", "tokenizer.ggml.merges"):
-        if key not in meta:
-            raise TokenizerError(f"GGUF metadata has no {key}")
+    if "tokenizer.ggml.tokens" not in meta:
+        raise TokenizerError("GGUF metadata has no tokenizer.ggml.tokens")
     tokens = _gguf_list(meta, "tokenizer.ggml.tokens", str, "strings")
-    merges = _gguf_list(meta, "tokenizer.ggml.merges", str, "strings")
     types = (_gguf_list(meta, "tokenizer.ggml.token_type", int, "integers")
              if meta.get("tokenizer.ggml.token_type") is not None else [1] * len(tokens))
     if len(types) != len(tokens):
         raise TokenizerError(
             f"tokenizer.ggml.token_type has {len(types)} entries for {len(tokens)} tokens"
         )
+    if model == "llama":
+        return _sentencepiece_from_gguf(meta, tokens, types)
+    if "tokenizer.ggml.merges" not in meta:
+        raise TokenizerError("GGUF metadata has no tokenizer.ggml.merges")
+    merges = _gguf_merges(meta)
 
     spell = byte_to_unicode()
     alphabet = set(spell.values())
@@ -153,19 +171,9 @@ def tokenizer_from_gguf_metadata(meta: dict) -> Tokenizer:
         (t if set(t) <= alphabet else "".join(spell[b] for b in t.encode("utf-8"))): i
         for i, t in enumerate(tokens)
     }
-    merges = [tuple(m.split(" ", 1)) for m in merges]
-    if any(len(m) != 2 for m in merges):
-        raise TokenizerError("tokenizer.ggml.merges: every merge must be two tokens joined by a "
-                             "space")
     pre = meta.get("tokenizer.ggml.pre", "default")
-    try:
-        tok = tokenizers.Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False,
-                                              ignore_merges=pre in _LLAMA3_PRE))
-    except BaseException as e:  # the Rust side may panic: pyo3's PanicException is no Exception
-        if isinstance(e, (KeyboardInterrupt, SystemExit)):
-            raise
-        raise TokenizerError(f"tokenizer.ggml.tokens / merges do not make a BPE model: "
-                             f"{type(e).__name__}: {e}") from None
+    tok = _bpe_tokenizer(vocab=vocab, merges=merges, fuse_unk=False,
+                         ignore_merges=pre in _LLAMA3_PRE)
     tok.pre_tokenizer = _byte_level_pre_tokenizer(pre)
     tok.decoder = decoders.ByteLevel()
 
@@ -176,14 +184,126 @@ def tokenizer_from_gguf_metadata(meta: dict) -> Tokenizer:
     tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
     user = [t for t, ty in typed if ty == TOKEN_TYPE_USER_DEFINED and t in vocab]
     tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
+    return _finish_gguf_tokenizer(tok, meta, tokens, add_bos=pre in _LLAMA3_PRE)
 
+
+def _gguf_merges(meta: dict) -> list[tuple[str, str]]:
+    merges = [tuple(m.split(" ", 1))
+              for m in _gguf_list(meta, "tokenizer.ggml.merges", str, "strings")]
+    if any(len(m) != 2 for m in merges):
+        raise TokenizerError("tokenizer.ggml.merges: every merge must be two tokens joined by a "
+                             "space")
+    return merges
+
+
+def _bpe_tokenizer(**kwargs) -> tokenizers.Tokenizer:
+    try:
+        return tokenizers.Tokenizer(models.BPE(**kwargs))
+    except BaseException as e:  # the Rust side may panic: pyo3's PanicException is no Exception
+        if isinstance(e, (KeyboardInterrupt, SystemExit)):
+            raise
+        raise TokenizerError(f"tokenizer.ggml.tokens / merges do not make a BPE model: "
+                             f"{type(e).__name__}: {e}") from None
+
+
+def _sentencepiece_from_gguf(meta: dict, tokens: list[str], types: list[int]) -> Tokenizer:
+    """A SentencePiece BPE vocabulary (`tokenizer.ggml.model == "llama"`) as a BPE over its
+    pieces, with SentencePiece's encoding and decoding.
+
+    - Merges: the file's, where it has them; else made from the pieces and their scores
+      (_merges_from_scores), as transformers does for such a file.
+    - Bytes no piece covers are spelled with the <0xNN> pieces (byte fallback); <unk> where even
+      those are missing.
+    - A space is '▁' (U+2581), and with `tokenizer.ggml.add_space_prefix` (the default) each
+      stretch of text gets one in front: at the start and after every token matched whole in the
+      text (control and user-defined ones), as llama.cpp tokenizes and as SentencePiece encodes
+      each stretch; so " hi" is '▁▁hi'. (transformers 5 prepends it with a Metaspace
+      pre-tokenizer only at the very start and not before a space: ' hi' -> '▁hi' there; its
+      4.x GGUF conversion did as here.) Decoding turns '▁' back into spaces, joins <0xNN> pieces
+      into UTF-8, and strips the one space at the start.
+    - Control tokens (type 3), the unknown token and bos/eos are special added tokens,
+      user-defined ones (type 4) plain added tokens; BOS is added unless
+      `tokenizer.ggml.add_bos_token` is false (llama.cpp's and transformers' default for these).
+    """
+    vocab = {t: i for i, t in enumerate(tokens)}
+    if "tokenizer.ggml.merges" in meta:
+        merges = _gguf_merges(meta)
+    else:
+        scores = meta.get("tokenizer.ggml.scores")
+        if scores is None:  # SentencePiece's own scores fall with the id
+            scores = [-float(i) for i in range(len(tokens))]
+        else:
+            scores = _gguf_list(meta, "tokenizer.ggml.scores", (int, float), "numbers")
+            if len(scores) != len(tokens):
+                raise TokenizerError(f"tokenizer.ggml.scores has {len(scores)} entries for "
+                                     f"{len(tokens)} tokens")
+        merges = _merges_from_scores(tokens, scores, types)
+
+    def token_at(key):
+        i = meta.get(key)
+        return tokens[i] if isinstance(i, int) and 0 <= i < len(tokens) else None
+
+    unk = token_at("tokenizer.ggml.unknown_token_id")
+    if unk is None:
+        unk = next((t for t, ty in zip(tokens, types, strict=True)
+                    if ty == TOKEN_TYPE_UNKNOWN), None)
+    tok = _bpe_tokenizer(vocab=vocab, merges=merges, unk_token=unk, fuse_unk=True,
+                         byte_fallback=True)
+    prefix = meta.get("tokenizer.ggml.add_space_prefix", True)
+    space = normalizers.Replace(" ", SPIECE_SPACE)
+    # The normalizer runs on each stretch of text between added tokens: each gets its '▁'.
+    tok.normalizer = (normalizers.Sequence([normalizers.Prepend(SPIECE_SPACE), space])
+                      if prefix else space)
+    steps = [decoders.Replace(SPIECE_SPACE, " "), decoders.ByteFallback(), decoders.Fuse()]
+    tok.decoder = decoders.Sequence(steps + ([decoders.Strip(" ", 1, 0)] if prefix else []))
+
+    special = [t for t, ty in zip(tokens, types, strict=True) if ty == TOKEN_TYPE_CONTROL]
+    special += [t for t in (unk, token_at("tokenizer.ggml.bos_token_id"),
+                            token_at("tokenizer.ggml.eos_token_id"))
+                if t is not None and t not in special]
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in special])
+    user = [t for t, ty in zip(tokens, types, strict=True) if ty == TOKEN_TYPE_USER_DEFINED]
+    tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in user])
+    result = _finish_gguf_tokenizer(tok, meta, tokens, add_bos=True)
+    result.space_prefix = bool(prefix)
+    return result
+
+
+def _merges_from_scores(tokens: list[str], scores: list[float],
+                        types: list[int]) -> list[tuple[str, str]]:
+    """BPE merges that make the BPE model encode as SentencePiece's BPE does.
+
+    SentencePiece has no merge list: it joins, again and again, the two neighbouring symbols
+    whose concatenation is the best-scored piece of the vocabulary. Every split of a piece into
+    two pieces is thus a merge, ranked by the score of the piece it makes (the best first; a
+    tie goes to the piece listed first). Only normal pieces (type 1) are made by merging: like
+    SentencePiece, never a control, user-defined or byte piece (a control token spelled in
+    text must not come out as the control token).
+    """
+    known = set(tokens)
+    ranked = sorted(
+        (i for i, (t, ty) in enumerate(zip(tokens, types, strict=True))
+         if ty == TOKEN_TYPE_NORMAL and len(t) > 1),
+        key=lambda i: -scores[i])  # stable: equal scores keep their order in the file
+    merges = []
+    for i in ranked:
+        piece = tokens[i]
+        merges += [(piece[:k], piece[k:]) for k in range(1, len(piece))
+                   if piece[:k] in known and piece[k:] in known]
+    return merges
+
+
+def _finish_gguf_tokenizer(tok: tokenizers.Tokenizer, meta: dict, tokens: list[str],
+                           add_bos: bool) -> Tokenizer:
+    """BOS/EOS as `tokenizer.ggml.add_bos_token` / `add_eos_token` say (`add_bos`: the default),
+    the chat templates, and the unk/pad tokens a template may name."""
     def token_at(key):  # (id, token) or (None, None)
         i = meta.get(key)
         return (i, tokens[i]) if i is not None and 0 <= i < len(tokens) else (None, None)
 
     bos_id, bos = token_at("tokenizer.ggml.bos_token_id")
     eos_id, eos = token_at("tokenizer.ggml.eos_token_id")
-    add_bos = meta.get("tokenizer.ggml.add_bos_token", pre in _LLAMA3_PRE)
+    add_bos = meta.get("tokenizer.ggml.add_bos_token", add_bos)
     first = [(bos, bos_id)] if add_bos and bos else []
     last = [(eos, eos_id)] if meta.get("tokenizer.ggml.add_eos_token") and eos else []
     if first or last:
@@ -191,7 +311,13 @@ def tokenizer_from_gguf_metadata(meta: dict) -> Tokenizer:
             single=[*(t for t, _ in first), "$A", *(t for t, _ in last)],
             special_tokens=list(set(first + last)),
         )
-    return Tokenizer(tok, bos, eos, _gguf_chat_templates(meta))
+    result = Tokenizer(tok, bos, eos, _gguf_chat_templates(meta))
+    # As transformers: the template variables unk_token and pad_token, where the file names them
+    for name, key in (("unk_token", "unknown_token_id"), ("pad_token", "padding_token_id")):
+        token = token_at(f"tokenizer.ggml.{key}")[1]
+        if token is not None:
+            result.special_tokens[name] = token
+    return result
 
 
 def _gguf_chat_templates(meta: dict) -> dict[str, str]:
@@ -268,6 +394,9 @@ class Tokenizer:
         self.all_special_ids = {
             i for i, t in tokenizer.get_added_tokens_decoder().items() if t.special
         }
+        # A SentencePiece tokenizer that puts a '▁' before every stretch of text it encodes:
+        # text that continues other text must be encoded with it (apply_chat_template)
+        self.space_prefix = False
 
     @classmethod
     def from_pretrained(cls, folder: str | Path) -> Tokenizer:
@@ -434,12 +563,44 @@ class Tokenizer:
         if not tokenize or special_tokens_in_content or not self.all_special_ids:
             text = render(client)
             return self.encode(text, add_special_tokens=False) if tokenize else text
+        pieces = render_split(render, client, self._special_pattern)
+        if self.space_prefix:
+            return self._encode_stretches(pieces)
         ids = []
-        for piece, is_client_special in render_split(render, client, self._special_pattern):
+        for piece, is_client_special in pieces:
             if is_client_special:  # spelled with ordinary tokens
                 ids += self._as_text.encode_batch_fast([piece], add_special_tokens=False)[0].ids
             elif piece:
                 ids += self.encode(piece, add_special_tokens=False)
+        return ids
+
+    def _encode_stretches(self, pieces: list[tuple[str, bool]]) -> list[int]:
+        """render_split's pieces as one text whose special tokens are only the template's: the
+        client's are spelled with ordinary tokens. Each stretch of text between the template's
+        special tokens is encoded whole, so that a SentencePiece tokenizer puts its '▁' before
+        the stretch only, not before every piece of it as encoding the pieces one by one would."""
+        ids: list[int] = []
+        stretch: list[str] = []
+
+        def flush():
+            if stretch:
+                text = "".join(stretch)
+                ids.extend(self._as_text.encode_batch_fast([text],
+                                                           add_special_tokens=False)[0].ids)
+                stretch.clear()
+
+        for piece, is_client_special in pieces:
+            if is_client_special:
+                stretch.append(piece)
+                continue
+            at = 0
+            for m in self._special_pattern.finditer(piece):
+                stretch.append(piece[at:m.start()])
+                flush()
+                ids.append(self.tokenizer.token_to_id(m.group()))
+                at = m.end()
+            stretch.append(piece[at:])
+        flush()
         return ids
 
     def _template_for(self, tools, given: str | None = None) -> jinja2.Template:
