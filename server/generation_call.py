@@ -81,9 +81,18 @@ class GenerationCall:
             except BaseException:
                 group.close()
                 raise
-            return SSEResponse(group, events(self, group, include_usage))
+            return SSEResponse(group, self.stream(group, include_usage))
         finally:
             self._release()
+
+    def stream(self, group, include_usage: bool):
+        """The SSE body of a streamed call; a subclass may speak another API's events
+        (server/responses.py)."""
+        return events(self, group, include_usage)
+
+    def reply(self, body: dict) -> dict:
+        """The JSON body of a finished call, on the event loop; a subclass may reshape it."""
+        return body
 
     def _release(self):
         """The call's requests are with the core (or never will be): no longer admitting."""
@@ -131,7 +140,7 @@ class GenerationCall:
         generated = sum(len(c.token_ids) for out in final.values() for c in out.outputs)
         size = scored + (generated if p.logprobs is not None else 0)
         body = await off_loop(size * 16, self._answer, final)
-        return await large_json(body, size * 16)
+        return await large_json(self.reply(body), size * 16)
 
     def _answer(self, final: dict) -> dict:
         """The JSON body of a finished call."""

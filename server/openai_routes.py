@@ -92,6 +92,16 @@ async def chat_completions(request: Request):
 
 
 async def chat_completions_body(request: Request, body: dict):
+    call, ids = await chat_call(request, body, new_id("chatcmpl"))
+    stream, include_usage = _stream_flags(body, request.app.state.settings)
+    return await call.run([ids], stream, include_usage)
+
+
+async def chat_call(request: Request, body: dict, call_id: str,
+                    call_class: type[GenerationCall] = GenerationCall
+                    ) -> tuple[GenerationCall, list[int]]:
+    """A chat body checked and rendered into one call of `call_class` (not run yet), and the
+    prompt's ids. Its streaming fields are the caller's to read."""
     engine = ready_engine(request)
     model = check_model(request, body)
     messages = parse_messages(body)
@@ -107,16 +117,16 @@ async def chat_completions_body(request: Request, body: dict):
                                              f"itself; it cannot be combined with '{so_field}'")
         so, so_field = forced, "tools"
     await _constrain(request, engine, params, so, so_field)
-    stream, include_usage = _stream_flags(body, request.app.state.settings)
     get_field(body, "user", "str")
     tokens_field = max_tokens_field(body, chat=True)
     ids, options = await _chat_prompt(request, engine, body, messages, tools, tool_choice, extras,
                                       params, tokens_field)
-    call = _chat_call(request, engine, model, params, extras, tokens_field, options)
+    call = _chat_call(request, engine, model, params, extras, tokens_field, options, call_id,
+                      call_class)
     if tools and tool_choice != "none":
         call.tool_parser = ToolCallParser(tool_choice, [t["function"]["name"] for t in tools],
                                           parallel)
-    return await call.run([ids], stream, include_usage)
+    return call, ids
 
 
 # Chat fields that hold for one conversation, or answer in pieces: not taken by the batch route.
@@ -169,7 +179,8 @@ async def chat_completions_batch(request: Request):
                 e.message = re.sub(r"\bmessages(?=[\[.'])", f"messages[{i}]", e.message)
             raise
         token_lists.append(ids)
-    call = _chat_call(request, engine, model, params, extras, tokens_field, options)
+    call = _chat_call(request, engine, model, params, extras, tokens_field, options,
+                      new_id("chatcmpl"))
     return await call.run(token_lists, False, False)
 
 
@@ -186,9 +197,9 @@ async def _chat_prompt(request: Request, engine, body: dict, messages: list[dict
 
 
 def _chat_call(request: Request, engine, model: str, params, extras, tokens_field: str,
-               options: ChatOptions) -> GenerationCall:
-    call = GenerationCall(request, engine, new_id("chatcmpl"), model, params, chat=True,
-                          extras=extras)
+               options: ChatOptions, call_id: str,
+               call_class: type[GenerationCall] = GenerationCall) -> GenerationCall:
+    call = call_class(request, engine, call_id, model, params, chat=True, extras=extras)
     call.tokens_field, call.chat_options = tokens_field, options
     return call
 

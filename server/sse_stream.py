@@ -18,6 +18,20 @@ from server.tool_calls import ToolCallStream
 
 async def events(call, group, include_usage: bool):
     """The SSE chunks of `call` (a GenerationCall), its requests already submitted to `group`."""
+    try:
+        async for batch in chat_chunks(call, group, include_usage):
+            yield b"".join(map(sse, batch))
+    except EngineFault as e:
+        error = APIError(500, str(e), type="server_error")
+        yield sse(json.loads(error.response().body))
+    yield DONE
+
+
+async def chat_chunks(call, group, include_usage: bool):
+    """The chunks of `call`, its requests already submitted to `group`, as lists of JSON bodies:
+    each list is one write (a stream that fell behind the engine catches up in one send instead
+    of one per step), and the generator resumes once it is written. An engine fault is raised
+    once the group is closed."""
     build = chat_body if call.chat else completion_body
     continuous = include_usage and call.extras.continuous_usage
     num_generated = 0
@@ -41,7 +55,7 @@ async def events(call, group, include_usage: bool):
         if call.chat and call.extras.return_token_ids and not sent_prompt_ids:
             body["prompt_token_ids"] = call.token_lists[0]  # the first chunk only
             sent_prompt_ids.append(True)
-        return sse(body)
+        return body
 
     async with group:
         if call.chat:  # the opening chunk of every choice, in one write
@@ -54,50 +68,41 @@ async def events(call, group, include_usage: bool):
                 if options.echo:
                     opening.append(chunk([{"index": index, "delta": {"content": options.echo},
                                            "logprobs": None, "finish_reason": None}]))
-            yield b"".join(opening)
+            yield opening
         opened = set()  # completions: the choices whose first chunk went out
         closed = set()  # the choices whose last chunk (finish_reason) went out
-        try:
-            # One write for the chunks of every output queued: a stream that fell behind the
-            # engine catches up in one send instead of one per step.
-            async for batch in group.batches():
-                pieces, firsts = [], []
-                for out in batch:
-                    if out.request_id not in call.first:
-                        firsts.append(out.request_id)
-                    call.first.setdefault(out.request_id, out)
-                    for c in out.outputs:
-                        key = (out.request_id, c.index)
-                        if not call.extras.score_only:  # before its chunk: continuous usage
-                            num_generated += len(c.delta_token_ids)
-                            if count_choices:
-                                per_choice[key] = per_choice.get(key, 0) + len(c.delta_token_ids)
-                        if continuous:
-                            current[0] = call.choice_usage(out.request_id,
-                                                           per_choice.get(key, 0))
-                        if key in closed:
-                            # n > 1: a request's output lists every choice each step, the
-                            # finished ones too; theirs went out once already
-                            continue
-                        if c.finished:
-                            closed.add(key)
-                        pieces += _choice_chunks(call, chunk, opened, tool_streams, out, c)
-                if pieces:
-                    yield b"".join(pieces)
-                for request_id in firsts:  # its chunks are written: send() returned
-                    group.engine.timeline.stamp(request_id, FIRST_CHUNK)
-        except EngineFault as e:
-            error = APIError(500, str(e), type="server_error")
-            yield sse(json.loads(error.response().body))
-            yield DONE
-            return
+        async for batch in group.batches():
+            pieces, firsts = [], []
+            for out in batch:
+                if out.request_id not in call.first:
+                    firsts.append(out.request_id)
+                call.first.setdefault(out.request_id, out)
+                for c in out.outputs:
+                    key = (out.request_id, c.index)
+                    if not call.extras.score_only:  # before its chunk: continuous usage
+                        num_generated += len(c.delta_token_ids)
+                        if count_choices:
+                            per_choice[key] = per_choice.get(key, 0) + len(c.delta_token_ids)
+                    if continuous:
+                        current[0] = call.choice_usage(out.request_id,
+                                                       per_choice.get(key, 0))
+                    if key in closed:
+                        # n > 1: a request's output lists every choice each step, the
+                        # finished ones too; theirs went out once already
+                        continue
+                    if c.finished:
+                        closed.add(key)
+                    pieces += _choice_chunks(call, chunk, opened, tool_streams, out, c)
+            if pieces:
+                yield pieces
+            for request_id in firsts:  # its chunks are written: send() returned
+                group.engine.timeline.stamp(request_id, FIRST_CHUNK)
     if include_usage:
-        yield chunk([], call.usage(num_generated),
-                    call.request_metrics(num_generated, max(per_choice.values(), default=0)))
-    yield DONE
+        yield [chunk([], call.usage(num_generated),
+                     call.request_metrics(num_generated, max(per_choice.values(), default=0)))]
 
 
-def _choice_chunks(call, chunk, opened: set, tool_streams: dict, out, c) -> list[bytes]:
+def _choice_chunks(call, chunk, opened: set, tool_streams: dict, out, c) -> list[dict]:
     """The SSE chunks for one step of choice `c` of `out` (none for a step with nothing new)."""
     pieces = []
     first = not call.chat and (out.request_id, c.index) not in opened
