@@ -53,6 +53,13 @@ from server.openai_routes import (
     render_chat,
 )
 from server.protocol import APIError, bad_request, get_field, parse_messages
+from server.responses import (
+    DEFAULT_MAX_STORED_RESPONSES,
+    ResponseStore,
+    create_response,
+    delete_response,
+    get_response,
+)
 from server.tool_calls import parse_tools
 
 log = logging.getLogger("pagedserve.server")
@@ -84,6 +91,7 @@ def create_app(engine_config: EngineConfig | None = None, *, served_model_name: 
                force_include_usage: bool = False, root_path: str = "",
                enable_tokenizer_info_endpoint: bool = False,
                enable_per_request_metrics: bool = False,
+               max_stored_responses: int = DEFAULT_MAX_STORED_RESPONSES,
                liveness: Liveness = DEFAULT_LIVENESS) -> Starlette:
     """An app whose engine core runs in its own process (app.state.engine, an AsyncEngine).
 
@@ -91,7 +99,8 @@ def create_app(engine_config: EngineConfig | None = None, *, served_model_name: 
     `on_fatal(cause)`: called once if the core dies (the CLI stops the server, exit status 1),
     or hangs: `liveness` says how long a silent or stuck core is waited on.
     `allowed_hosts`: the Host names served (None: any); `allowed_origins`: the web origins CORS
-    lets in (None: CORS off). server/guards.py says why.
+    lets in (None: CORS off). server/guards.py says why. `max_stored_responses`: how many
+    /v1/responses answers are kept for GET and previous_response_id (server/responses.py).
     """
     config = engine_config or EngineConfig()
     metrics = ServerMetrics()
@@ -116,6 +125,9 @@ def create_app(engine_config: EngineConfig | None = None, *, served_model_name: 
         Route("/v1/chat/completions", load_tracked(chat_completions), methods=["POST"]),
         Route("/v1/chat/completions/batch", load_tracked(chat_completions_batch),
               methods=["POST"]),
+        Route("/v1/responses", load_tracked(create_response), methods=["POST"]),
+        Route("/v1/responses/{response_id}", get_response, methods=["GET"]),
+        Route("/v1/responses/{response_id}", delete_response, methods=["DELETE"]),
         Route("/invocations", load_tracked(invocations), methods=["POST"]),
         Route("/load", load, methods=["GET"]),
         Route("/tokenize", tokenize, methods=["POST"]),
@@ -136,7 +148,7 @@ def create_app(engine_config: EngineConfig | None = None, *, served_model_name: 
     middleware.append(Middleware(HostGuard, allowed=allowed_hosts))
     if allowed_origins:
         middleware.append(Middleware(CORSGuard, allow_origins=allowed_origins,
-                                     allow_methods=["GET", "POST"],
+                                     allow_methods=["GET", "POST", "DELETE"],
                                      # any header, as vLLM: the OpenAI JS SDK sends its own
                                      # (X-Stainless-*) on every call from a page
                                      allow_headers=["*"]))
@@ -147,6 +159,7 @@ def create_app(engine_config: EngineConfig | None = None, *, served_model_name: 
                     middleware=middleware)
     app.state.engine, app.state.metrics, app.state.settings = engine, metrics, settings
     app.state.server_load = 0  # generation calls in flight (load_tracked)
+    app.state.responses = ResponseStore(max_stored_responses)
     app.state.dashboard = DashboardFeed(engine.snapshot)
     return app
 

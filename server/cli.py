@@ -54,6 +54,7 @@ def _checked(cast, what: str, bounds: str, ok):
 
 
 _positive_int = _checked(int, "an integer", ">= 1", lambda v: v >= 1)
+_non_negative_int = _checked(int, "an integer", ">= 0", lambda v: v >= 0)
 _fraction = _checked(float, "a number", "in (0, 1]", lambda v: 0 < v <= 1)
 _port = _checked(int, "a port number", "in [0, 65535]", lambda v: 0 <= v <= 65535)
 
@@ -305,6 +306,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="every stream ends with usage and carries it on every chunk, as if each "
                         "request asked stream_options include_usage and continuous_usage_stats "
                         "(vLLM's flag)")
+    s.add_argument("--max-stored-responses", type=_non_negative_int, default=256, metavar="N",
+                   help="keep the last N answers of POST /v1/responses (store: true) in memory, "
+                        "for GET /v1/responses/{id} and previous_response_id; each holds its "
+                        "whole conversation. 0 = keep none (default: 256)")
     s.add_argument("--no-dashboard", dest="dashboard", action="store_false",
                    help="turn off the live dashboard at /dashboard (and its feed)")
     s.add_argument("--engine-heartbeat-timeout", type=float, default=10, metavar="S",
@@ -616,6 +621,7 @@ def app_from_args(args: argparse.Namespace, config: EngineConfig, make_core=None
                       root_path=args.root_path,
                       enable_tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint,
                       enable_per_request_metrics=args.enable_per_request_metrics,
+                      max_stored_responses=args.max_stored_responses,
                       liveness=Liveness(args.engine_heartbeat_timeout, args.engine_step_timeout))
 
 

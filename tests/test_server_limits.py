@@ -613,7 +613,7 @@ def test_a_refused_preflight_answers_in_the_error_shape():
         lambda http: http.options("/v1/completions", headers={
             "Origin": "https://evil.example", "Access-Control-Request-Method": "POST"}),
         lambda http: http.options("/v1/completions", headers={
-            "Origin": "https://app.example", "Access-Control-Request-Method": "DELETE"}),
+            "Origin": "https://app.example", "Access-Control-Request-Method": "PUT"}),
     ])
     for r, words in ((evil, "origin"), (method, "method")):
         assert r.status_code == 400 and r.headers["content-type"] == "application/json"

@@ -1,0 +1,359 @@
+"""POST /v1/responses (OpenAI's Responses API) end to end with the `openai` SDK: a real uvicorn, the
+tiny random model with the SmolLM2 tokenizer. Its free text is noise, so what is held is that a
+response asks exactly what the matching chat call asks (greedy: the same text, the same usage),
+and that the grammar makes structured outputs and forced tool calls parse."""
+
+import concurrent.futures
+import json
+
+import pytest
+
+jsonschema = pytest.importorskip("jsonschema")
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+import test_server_structured as structured  # noqa: E402
+from test_server import MODEL, Server, _make_failing_core, sdk_client  # noqa: E402
+
+from server.app import create_app  # noqa: E402
+from server.protocol import APIError  # noqa: E402
+from server.responses import ResponseStore  # noqa: E402
+
+# its fixtures: a server of this module's own (module scope) with the tiny model, its SDK client
+server, client = structured.server, structured.client
+SCHEMA, WEATHER = structured.SCHEMA, structured.WEATHER
+QUESTION = "Tell me a story."
+GREEDY = {"temperature": 0, "max_output_tokens": 10}
+TOOL = {"type": "function", "name": "get_weather", "description": "The weather in a city.",
+        "parameters": WEATHER, "strict": True}
+CHAT_TOOL = {"type": "function", "function": {"name": "get_weather",
+                                              "description": "The weather in a city.",
+                                              "parameters": WEATHER, "strict": True}}
+
+
+def chat(client, messages, **kw):
+    out = client.chat.completions.create(model=MODEL, messages=messages, temperature=0,
+                                         max_tokens=10, **kw)
+    return out.choices[0], out.usage
+
+
+def as_input(output) -> list[dict]:
+    """A response's output items as the next request's input items (as a client sends them)."""
+    return [item.model_dump(exclude_none=True) for item in output]
+
+
+def test_text_and_usage_equal_chat(server, client):
+    choice, usage = chat(client, [{"role": "user", "content": QUESTION}])
+    again = chat(client, [{"role": "user", "content": QUESTION}])[1]  # its prompt cached now
+    r = client.responses.create(model=MODEL, input=QUESTION, **GREEDY)
+    assert r.id.startswith("resp_") and r.object == "response" and r.model == MODEL
+    assert r.output_text == choice.message.content and r.output_text
+    [message] = r.output
+    assert message.type == "message" and message.role == "assistant"
+    assert message.content[0].type == "output_text"
+    assert (r.usage.input_tokens, r.usage.output_tokens, r.usage.total_tokens) == \
+        (usage.prompt_tokens, usage.completion_tokens, usage.total_tokens)
+    assert r.usage.input_tokens_details.cached_tokens == \
+        again.prompt_tokens_details.cached_tokens > 0
+    assert r.usage.output_tokens_details.reasoning_tokens == 0
+    # the request's settings echoed
+    assert (r.temperature, r.max_output_tokens, r.tool_choice, r.tools, r.store) == \
+        (0.0, 10, "auto", [], True)
+    assert r.text.format.type == "text" and r.parallel_tool_calls is True
+    server.wait_idle()
+
+
+def test_instructions_and_input_items_equal_chat(client):
+    messages = [{"role": "system", "content": "Be brief."},
+                {"role": "system", "content": "Answer in English."},
+                {"role": "user", "content": "Hello\nthere"}]
+    choice, usage = chat(client, messages)
+    items = [{"type": "message", "role": "developer", "content": "Answer in English."},
+             {"role": "user", "content": [{"type": "input_text", "text": "Hello"},
+                                          {"type": "input_text", "text": "there"}]}]
+    r = client.responses.create(model=MODEL, instructions="Be brief.", input=items, **GREEDY)
+    assert r.output_text == choice.message.content
+    assert r.usage.input_tokens == usage.prompt_tokens
+    assert r.instructions == "Be brief."
+    without = client.responses.create(model=MODEL, input=items, **GREEDY)
+    assert without.usage.input_tokens < r.usage.input_tokens  # the instructions were rendered
+
+
+def test_previous_response_id_equals_the_whole_conversation(server, client):
+    first = client.responses.create(model=MODEL, instructions="Be brief.", input=QUESTION,
+                                    metadata={"turn": "1"}, **GREEDY)
+    assert first.metadata == {"turn": "1"}
+    second = client.responses.create(model=MODEL, previous_response_id=first.id,
+                                     input="And then?", **GREEDY)
+    assert second.previous_response_id == first.id
+    # instructions are not carried over (OpenAI's rule): the whole conversation without them
+    whole = [{"role": "user", "content": QUESTION}, *as_input(first.output),
+             {"role": "user", "content": "And then?"}]
+    sent = client.responses.create(model=MODEL, input=whole, store=False, **GREEDY)
+    assert second.output_text == sent.output_text
+    assert second.usage.input_tokens == sent.usage.input_tokens
+    choice, usage = chat(client, [{"role": "user", "content": QUESTION},
+                                  {"role": "assistant", "content": first.output_text},
+                                  {"role": "user", "content": "And then?"}])
+    assert second.output_text == choice.message.content
+    assert second.usage.input_tokens == usage.prompt_tokens
+    third = client.responses.create(model=MODEL, previous_response_id=second.id,
+                                    input="The end.", **GREEDY)
+    assert third.usage.input_tokens > second.usage.input_tokens + second.usage.output_tokens
+    server.wait_idle()
+
+
+def test_max_output_tokens_is_incomplete(client):
+    r = client.responses.create(model=MODEL, input=QUESTION, max_output_tokens=3,
+                                extra_body={"ignore_eos": True})
+    assert r.status == "incomplete" and r.incomplete_details.reason == "max_output_tokens"
+    assert r.output[0].status == "incomplete" and r.usage.output_tokens == 3
+
+
+def test_json_schema_output_parses_and_validates(server, client):
+    before = server.metric("pagedserve_structured_output_requests_total")
+    fmt = {"type": "json_schema", "name": "trip", "schema": SCHEMA, "strict": True}
+    for seed in range(4):
+        r = client.responses.create(model=MODEL, input="Plan a trip.", text={"format": fmt},
+                                    temperature=1.0, max_output_tokens=60,
+                                    extra_body={"seed": seed})
+        assert r.status == "completed" and r.output[0].status == "completed"
+        jsonschema.validate(json.loads(r.output_text), SCHEMA)
+    assert r.text.format.type == "json_schema" and r.text.format.name == "trip"
+    r = client.responses.create(model=MODEL, input="JSON please.", max_output_tokens=40,
+                                text={"format": {"type": "json_object"}}, temperature=1.0,
+                                extra_body={"seed": 1})
+    assert isinstance(json.loads(r.output_text), dict)
+    assert server.metric("pagedserve_structured_output_requests_total") == before + 5
+
+
+def test_function_tool_round_trip(server, client):
+    named = {"type": "function", "name": "get_weather"}
+    r = client.responses.create(model=MODEL, input="Weather in Paris?", tools=[TOOL],
+                                tool_choice=named, temperature=0, max_output_tokens=40)
+    assert r.status == "completed" and r.output_text == ""
+    [call] = r.output
+    assert call.type == "function_call" and call.name == "get_weather"
+    assert call.call_id.startswith("call_") and call.id.startswith("fc_")
+    jsonschema.validate(json.loads(call.arguments), WEATHER)
+    assert r.tools[0].name == "get_weather" and r.tool_choice.name == "get_weather"
+    # the same call through chat: the same arguments
+    choice, _ = chat(client, [{"role": "user", "content": "Weather in Paris?"}],
+                     tools=[CHAT_TOOL], max_completion_tokens=40,
+                     tool_choice={"type": "function", "function": {"name": "get_weather"}})
+    assert choice.message.tool_calls[0].function.arguments == call.arguments
+    # the follow-up: the tool's output answers the call, and the model goes on from there
+    answer = {"type": "function_call_output", "call_id": call.call_id, "output": "sunny, 21 C"}
+    follow = client.responses.create(model=MODEL, previous_response_id=r.id, input=[answer],
+                                     tools=[TOOL], **GREEDY)
+    choice, usage = chat(client, [
+        {"role": "user", "content": "Weather in Paris?"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": call.call_id, "type": "function",
+             "function": {"name": "get_weather", "arguments": call.arguments}}]},
+        {"role": "tool", "tool_call_id": call.call_id, "content": "sunny, 21 C"}],
+        tools=[CHAT_TOOL])
+    assert follow.output_text == choice.message.content
+    assert follow.usage.input_tokens == usage.prompt_tokens
+    # "required" with one call at most
+    r = client.responses.create(model=MODEL, input="Weather?", tools=[TOOL],
+                                tool_choice="required", parallel_tool_calls=False,
+                                temperature=1.0, max_output_tokens=60, extra_body={"seed": 2})
+    [call] = r.output
+    assert call.type == "function_call" and r.parallel_tool_calls is False
+    jsonschema.validate(json.loads(call.arguments), WEATHER)
+    server.wait_idle()
+
+
+def _streamed(client, **kw):
+    """(the events, the text their deltas add up to) of one streamed response."""
+    events = list(client.responses.create(model=MODEL, stream=True, **kw))
+    assert [e.sequence_number for e in events] == list(range(len(events)))
+    text = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+    return events, text
+
+
+def _same_output(streamed, whole) -> None:
+    """The two responses hold the same output, but for their ids (and the SDK's `parsed`,
+    which its stream helper adds)."""
+    def shape(item) -> dict:
+        d = item.model_dump(exclude={"id", "call_id", "parsed_arguments"})
+        for part in d.get("content", ()):
+            part.pop("parsed", None)
+        return d
+
+    assert [shape(i) for i in streamed.output] == [shape(i) for i in whole.output]
+    assert streamed.status == whole.status
+    # the later of the two finds its prompt in the prefix cache: cached_tokens differ
+    assert streamed.usage.model_dump(exclude={"input_tokens_details"}) == \
+        whole.usage.model_dump(exclude={"input_tokens_details"})
+
+
+def test_stream_events_add_up_to_the_whole_response(server, client):
+    whole = client.responses.create(model=MODEL, input=QUESTION, **GREEDY)
+    events, text = _streamed(client, input=QUESTION, **GREEDY)
+    kinds = [e.type for e in events]
+    num_deltas = kinds.count("response.output_text.delta")
+    assert num_deltas >= 1
+    assert kinds == ["response.created", "response.in_progress", "response.output_item.added",
+                     "response.content_part.added", *["response.output_text.delta"] * num_deltas,
+                     "response.output_text.done", "response.content_part.done",
+                     "response.output_item.done", "response.incomplete"]
+    final = events[-1].response
+    assert text == whole.output_text == final.output_text == events[-4].text
+    assert events[0].response.id == final.id and events[0].response.status == "in_progress"
+    assert {e.item_id for e in events if hasattr(e, "item_id")} == {final.output[0].id}
+    _same_output(final, whole)
+    # completed: the SDK's stream helper puts the same response together
+    fmt = {"type": "json_schema", "name": "trip", "schema": SCHEMA}
+    asked = {"input": "Plan a trip.", "text": {"format": fmt}, "temperature": 0,
+             "max_output_tokens": 60}
+    whole = client.responses.create(model=MODEL, **asked)
+    with client.responses.stream(model=MODEL, **asked) as stream:
+        kinds = [e.type for e in stream]
+        final = stream.get_final_response()
+    assert kinds[-1] == "response.completed" and final.status == "completed"
+    _same_output(final, whole)
+    jsonschema.validate(json.loads(final.output_text), SCHEMA)
+    server.wait_idle()
+
+
+def test_stream_function_call_events(server, client):
+    asked = {"input": "Weather in Rome?", "tools": [TOOL], "tool_choice": "required",
+             "parallel_tool_calls": False, "temperature": 0, "max_output_tokens": 60}
+    whole = client.responses.create(model=MODEL, **asked)
+    events, text = _streamed(client, **asked)
+    assert text == ""
+    assert [e.type for e in events] == [
+        "response.created", "response.in_progress", "response.output_item.added",
+        "response.function_call_arguments.delta", "response.function_call_arguments.done",
+        "response.output_item.done", "response.completed"]
+    added, delta, done, item_done, completed = events[2:]
+    assert added.item.type == "function_call" and added.item.arguments == ""
+    assert delta.delta == done.arguments == item_done.item.arguments
+    assert item_done.item.id == added.item.id == delta.item_id
+    _same_output(completed.response, whole)
+    server.wait_idle()
+
+
+def test_leaving_a_stream_aborts_its_request(server, client):
+    with client.responses.create(model=MODEL, input=QUESTION, stream=True,
+                                 max_output_tokens=200, extra_body={"ignore_eos": True}) as s:
+        for event in s:
+            if event.type == "response.output_text.delta":
+                break
+    server.wait_idle()
+
+
+def test_an_engine_fault_mid_stream_is_an_error_event():
+    s = Server(create_app(served_model_name=MODEL, make_core=_make_failing_core,
+                          on_fatal=lambda cause: None))
+    try:
+        client = sdk_client(s)
+
+        def streamed():
+            return list(client.responses.create(model=MODEL, input=QUESTION, stream=True,
+                                                max_output_tokens=200,
+                                                extra_body={"ignore_eos": True}))
+
+        with concurrent.futures.ThreadPoolExecutor() as pool:
+            events = pool.submit(streamed)
+            # a second request in the core: the fault
+            httpx.post(s.url + "/v1/completions", timeout=30,
+                       json={"model": MODEL, "prompt": "hi", "max_tokens": 200})
+            events = events.result()
+        assert events[0].type == "response.created"
+        assert events[-1].type == "error" and "simulated device fault" in events[-1].message
+        assert events[-1].sequence_number == len(events) - 1
+    finally:
+        s.stop()
+
+
+def test_get_and_delete_stored_responses(server, client):
+    r = client.responses.create(model=MODEL, input=QUESTION, **GREEDY)
+    assert client.responses.retrieve(r.id).model_dump() == r.model_dump()
+    client.responses.delete(r.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(r.id)
+    unstored = client.responses.create(model=MODEL, input=QUESTION, store=False, **GREEDY)
+    assert unstored.store is False
+    answer = httpx.get(f"{server.url}/v1/responses/{unstored.id}")
+    assert answer.status_code == 404 and unstored.id in answer.json()["error"]["message"]
+    with pytest.raises(openai.NotFoundError) as e:
+        client.responses.create(model=MODEL, previous_response_id=unstored.id, input="Hi")
+    assert e.value.body["param"] == "previous_response_id"
+    assert unstored.id in e.value.body["message"]
+
+
+@pytest.mark.parametrize("fields,param", [
+    ({"background": True}, "background"),
+    ({"tools": [{"type": "web_search"}]}, "tools"),
+    ({"tools": [{**TOOL, "defer_loading": True}]}, "tools"),
+    ({"reasoning": {"effort": "high"}}, "reasoning"),
+    ({"include": ["message.output_text.logprobs"]}, "include"),
+    ({"truncation": "auto"}, "truncation"),
+    ({"top_logprobs": 2}, "top_logprobs"),
+    ({"conversation": "conv_1"}, "conversation"),
+    ({"frobnicate": 1}, "frobnicate"),
+    ({"input": [{"role": "user", "content": [{"type": "input_image", "image_url": "x"}]}]},
+     "input[0].content[0]"),
+    ({"input": [{"type": "reasoning", "summary": []}]}, "input[0].type"),
+    ({"input": [{"role": "tool", "content": "x"}]}, "input[0].role"),
+    ({"input": []}, "input"),
+    ({"input": [{"type": "function_call_output", "call_id": "call_x", "output": "1"}]},
+     "input"),
+    ({"text": {"format": {"type": "xml"}}}, "text.format"),
+    ({"text": {"format": {"type": "json_schema", "name": "x", "schema": {"type": "objec"}}}},
+     "text.format"),
+    ({"text": {"verbosity": "low"}}, "text.verbosity"),
+    ({"max_output_tokens": 100_000}, "max_output_tokens"),
+    ({"max_output_tokens": -1}, "max_output_tokens"),
+    ({"temperature": "hot"}, "temperature"),
+    ({"tool_choice": "required"}, "tool_choice"),
+    ({"tools": [TOOL], "tool_choice": {"type": "function", "name": "nope"}}, "tool_choice"),
+    ({"tools": [TOOL], "tool_choice": {"type": "web_search_preview"}}, "tool_choice"),
+    ({"metadata": {"k": 1}}, "metadata"),
+    ({"stream_options": {}}, "stream_options"),
+    ({"model": "other"}, "model"),
+])
+def test_bad_fields_are_refused_by_name(server, fields, param):
+    body = {"model": MODEL, "input": QUESTION, **fields}
+    answer = httpx.post(server.url + "/v1/responses", json=body)
+    assert answer.status_code == (404 if param == "model" else 400), answer.text
+    error = answer.json()["error"]
+    assert error["param"] == param, error
+    assert "'messages'" not in error["message"] and "completion_tokens" not in error["message"]
+
+
+def test_harmless_fields_are_accepted(client):
+    r = client.responses.create(model=MODEL, input=QUESTION, user="u1", service_tier="auto",
+                                prompt_cache_key="k", safety_identifier="s", background=False,
+                                reasoning={"effort": None}, truncation="disabled", include=[],
+                                **GREEDY)
+    assert r.status == "incomplete" and r.user == "u1"
+
+
+def test_the_api_key_guards_responses(app_client):
+    client = app_client(api_key="secret")
+    body = {"model": "tiny", "input": QUESTION, "max_output_tokens": 2}
+    assert client.post("/v1/responses", json=body).status_code == 401
+    answer = client.post("/v1/responses", json=body,
+                         headers={"Authorization": "Bearer secret"})
+    assert answer.status_code == 200 and answer.json()["usage"]["output_tokens"] <= 2
+    assert client.get(f"/v1/responses/{answer.json()['id']}").status_code == 401
+
+
+def test_response_store_keeps_the_most_recently_used():
+    store = ResponseStore(capacity=2)
+    for name in ("a", "b"):
+        store.put({"id": name}, [{"role": "user", "content": name}])
+    store.get("a")  # used: "b" is now the oldest
+    store.put({"id": "c"}, [])
+    assert store.get("a")[1] == [{"role": "user", "content": "a"}] and store.get("c")
+    with pytest.raises(APIError) as e:
+        store.get("b", "previous_response_id")
+    assert e.value.status == 404 and e.value.param == "previous_response_id"
+    empty = ResponseStore(capacity=0)
+    empty.put({"id": "a"}, [])
+    with pytest.raises(APIError):
+        empty.get("a")
