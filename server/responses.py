@@ -129,8 +129,11 @@ class ResponsesCall(GenerationCall):
             output.append(message_item(self.id, text, status))
         output += [function_call_item(c) for c in calls]
         prompt, details = chat_usage["prompt_tokens"], chat_usage["prompt_tokens_details"]
+        # cache_write_tokens (required by the SDK's type): the prompt tokens this request wrote
+        # to the prefix cache, the chat usage's created_cache_tokens
         usage = {"input_tokens": prompt,
-                 "input_tokens_details": {"cached_tokens": details["cached_tokens"]},
+                 "input_tokens_details": {"cached_tokens": details["cached_tokens"],
+                                          "cache_write_tokens": details["created_cache_tokens"]},
                  "output_tokens": chat_usage["completion_tokens"],
                  "output_tokens_details": {"reasoning_tokens": 0},
                  "total_tokens": chat_usage["total_tokens"]}

@@ -5,6 +5,7 @@ and that the grammar makes structured outputs and forced tool calls parse."""
 
 import concurrent.futures
 import json
+import typing
 
 import pytest
 
@@ -12,8 +13,10 @@ jsonschema = pytest.importorskip("jsonschema")
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
+import pydantic  # noqa: E402
 import test_server_structured as structured  # noqa: E402
-from test_server import MODEL, Server, _make_failing_core, sdk_client  # noqa: E402
+from openai.types.responses import Response, ResponseStreamEvent  # noqa: E402
+from test_server import MODEL, Server, _make_failing_core  # noqa: E402
 
 from server.app import create_app  # noqa: E402
 from server.protocol import APIError  # noqa: E402
@@ -29,6 +32,51 @@ TOOL = {"type": "function", "name": "get_weather", "description": "The weather i
 CHAT_TOOL = {"type": "function", "function": {"name": "get_weather",
                                               "description": "The weather in a city.",
                                               "parameters": WEATHER, "strict": True}}
+
+
+# The SDK builds its objects without validating them (a missing field goes unnoticed): these
+# validate what the server sends against the SDK's types, strictly. Its event union is tagged
+# by "type" through the SDK's own annotation, which pydantic does not read: tagged again here.
+STREAM_EVENT = pydantic.TypeAdapter(
+    typing.Annotated[typing.get_args(ResponseStreamEvent)[0],
+                     pydantic.Field(discriminator="type")])
+# Fields the server sends as OpenAI's API does, which the SDK's types lack.
+NOT_IN_THE_SDK = {"store", "name"}
+
+
+def _unknown_fields(model, at: str = "") -> list[str]:
+    """The fields of a validated `model` (and of the models in it) its type does not name."""
+    if isinstance(model, list):
+        return [f for i, m in enumerate(model) for f in _unknown_fields(m, f"{at}[{i}]")]
+    if not isinstance(model, pydantic.BaseModel):
+        return []
+    return [f"{at}.{k}" for k in model.model_extra or () if k not in NOT_IN_THE_SDK] + \
+        [f for k in type(model).model_fields for f in _unknown_fields(getattr(model, k), at + k)]
+
+
+def valid_response(obj: dict) -> Response:
+    r = Response.model_validate(obj, strict=True)
+    assert not _unknown_fields(r), _unknown_fields(r)
+    return r
+
+
+def raw_events(url: str, body: dict) -> list[dict]:
+    """The events of one streamed response as sent, each validated: its `event:` line names its
+    type, and sequence_number counts from 0."""
+    events, kind = [], None
+    with httpx.stream("POST", url + "/v1/responses", json={**body, "stream": True},
+                      timeout=60) as answer:
+        assert answer.status_code == 200
+        for line in answer.iter_lines():
+            if line.startswith("event: "):
+                kind = line.removeprefix("event: ")
+            elif line.startswith("data: "):
+                event = json.loads(line.removeprefix("data: "))
+                assert event["type"] == kind and event["sequence_number"] == len(events)
+                valid = STREAM_EVENT.validate_python(event, strict=True)
+                assert not _unknown_fields(valid), _unknown_fields(valid)
+                events.append(event)
+    return events
 
 
 def chat(client, messages, **kw):
@@ -236,6 +284,49 @@ def test_stream_function_call_events(server, client):
     server.wait_idle()
 
 
+@pytest.mark.parametrize("asked", [
+    {"input": QUESTION, **GREEDY},  # incomplete
+    {"input": "Plan a trip.", "temperature": 0, "max_output_tokens": 60,
+     "text": {"format": {"type": "json_schema", "name": "trip", "schema": SCHEMA}}},
+    {"input": "Weather?", "tools": [TOOL], "tool_choice": "required", "temperature": 0,
+     "max_output_tokens": 60},
+], ids=["incomplete", "json_schema", "function_call"])
+def test_responses_and_events_are_the_sdks_types(server, asked):
+    """Every object and event as sent validates, strictly, against the SDK's own types."""
+    body = {"model": MODEL, **asked}
+    whole = httpx.post(server.url + "/v1/responses", json=body, timeout=60).json()
+    r = valid_response(whole)
+    assert valid_response(httpx.get(f"{server.url}/v1/responses/{r.id}").json()) == r
+    usage = r.usage.input_tokens_details
+    assert 0 <= usage.cached_tokens + usage.cache_write_tokens <= r.usage.input_tokens
+    events = raw_events(server.url, body)
+    final = valid_response(events[-1]["response"])
+    assert events[-1]["type"] == f"response.{final.status}"
+    assert final.status == r.status == ("incomplete" if "text" not in asked and "tools" not in
+                                        asked else "completed")
+    # the last event carries the whole response, as stored
+    assert valid_response(httpx.get(f"{server.url}/v1/responses/{final.id}").json()) == final
+    for opening in events[:2]:
+        assert opening["response"]["status"] == "in_progress"
+        assert valid_response(opening["response"]).id == final.id
+    # each item's events name it by id and output index, and its done event holds it as it ends
+    for event in events[2:-1]:
+        item = final.output[event["output_index"]]
+        assert event.get("item_id", item.id) == item.id
+        if event["type"] == "response.output_item.done":
+            assert event["item"] == item.model_dump(exclude_none=True)
+        elif event["type"] == "response.output_item.added":
+            assert event["item"]["status"] == "in_progress"
+    [item] = final.output
+    if item.type == "message":
+        assert item.status == final.status
+        [part] = item.content
+        assert part.annotations == []
+    else:
+        assert item.status == "completed" and item.id and item.call_id != item.id
+    server.wait_idle()
+
+
 def test_leaving_a_stream_aborts_its_request(server, client):
     with client.responses.create(model=MODEL, input=QUESTION, stream=True,
                                  max_output_tokens=200, extra_body={"ignore_eos": True}) as s:
@@ -249,22 +340,18 @@ def test_an_engine_fault_mid_stream_is_an_error_event():
     s = Server(create_app(served_model_name=MODEL, make_core=_make_failing_core,
                           on_fatal=lambda cause: None))
     try:
-        client = sdk_client(s)
-
-        def streamed():
-            return list(client.responses.create(model=MODEL, input=QUESTION, stream=True,
-                                                max_output_tokens=200,
-                                                extra_body={"ignore_eos": True}))
-
+        body = {"model": MODEL, "input": QUESTION, "max_output_tokens": 200,
+                "ignore_eos": True}
         with concurrent.futures.ThreadPoolExecutor() as pool:
-            events = pool.submit(streamed)
+            events = pool.submit(raw_events, s.url, body)  # each validated as it comes
             # a second request in the core: the fault
             httpx.post(s.url + "/v1/completions", timeout=30,
                        json={"model": MODEL, "prompt": "hi", "max_tokens": 200})
             events = events.result()
-        assert events[0].type == "response.created"
-        assert events[-1].type == "error" and "simulated device fault" in events[-1].message
-        assert events[-1].sequence_number == len(events) - 1
+        assert events[0]["type"] == "response.created"
+        error = events[-1]
+        assert error["type"] == "error" and "simulated device fault" in error["message"]
+        assert error["code"] == "server_error" and error["param"] is None
     finally:
         s.stop()
 
