@@ -173,7 +173,9 @@ def message_item(response_id: str, text: str, status: str) -> dict:
 
 
 def output_text(text: str) -> dict:
-    return {"type": "output_text", "text": text, "annotations": []}
+    """A text part: no annotations, and no logprobs (none are returned: an empty list, as
+    OpenAI sends when the request's include has no message.output_text.logprobs)."""
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
 def function_call_item(call: dict) -> dict:

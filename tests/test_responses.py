@@ -321,7 +321,9 @@ def test_responses_and_events_are_the_sdks_types(server, asked):
     if item.type == "message":
         assert item.status == final.status
         [part] = item.content
-        assert part.annotations == []
+        assert part.annotations == [] and part.logprobs == []
+        parts = [e["part"] for e in events if e["type"].startswith("response.content_part.")]
+        assert [p["logprobs"] for p in parts] == [[], []]
     else:
         assert item.status == "completed" and item.id and item.call_id != item.id
     server.wait_idle()
