@@ -174,6 +174,10 @@ def _read_text(body: dict) -> dict:
     fmt = text.get("format") or {"type": "text"}
     if not isinstance(fmt, dict):
         raise bad_request("text.format", "'text.format' must be an object")
+    if fmt.get("type") == "json_schema" and not isinstance(fmt.get("schema"), dict):
+        # chat's json_schema may leave its schema out (then any JSON object); this API's may not
+        raise bad_request("text.format", "'text.format.schema' is required for 'json_schema': "
+                                         "a JSON schema object")
     return fmt
 
 
