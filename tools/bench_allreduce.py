@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine.model.config import ModelConfig  # noqa: E402
-from tools.workloads import count_arg  # noqa: E402
+from tools.workloads import count_arg, require_gpu  # noqa: E402
 
 REPLAYS = 50
 
@@ -68,12 +68,7 @@ def main(argv: list[str] | None = None) -> None:
                          "(default 1 256)")
     ap.add_argument("--json", action="store_true", help="print one JSON line")
     args = ap.parse_args(argv)
-    from engine.executor.ops import DeviceError, check_cuda
-
-    try:
-        check_cuda()
-    except DeviceError as e:
-        raise SystemExit(f"bench_allreduce runs on a GPU: {e}") from None
+    require_gpu("bench_allreduce")
     from cupy.cuda import nccl
 
     config = ModelConfig.from_preset(args.model)

@@ -38,7 +38,7 @@ if __package__ in (None, ""):  # run as a script: make the checkout importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tools.nvml import Nvml  # noqa: E402
-from tools.workloads import positive_arg, w1_requests  # noqa: E402
+from tools.workloads import positive_arg, require_gpu, w1_requests  # noqa: E402
 
 LAYERS, NUM_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 32, 8, 128  # Llama-3-8B
 SHAPES = {"qkv": (6144, 4096), "o": (4096, 4096), "gate_up": (28672, 4096),
@@ -355,12 +355,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="only the decode attention: the batch mix on each (warps, stages) of "
                          "the mma kernel beside the read floor, in pJ a byte")
     args = ap.parse_args(argv)
-    from engine.executor.ops import DeviceError, check_cuda
-
-    try:
-        check_cuda()
-    except DeviceError as e:
-        raise SystemExit(f"energy_parts runs on a GPU: {e}") from None
+    require_gpu("energy_parts")
     import cupy
 
     from engine.executor.ops.cuda_ops import CudaOps

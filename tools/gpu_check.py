@@ -30,7 +30,7 @@ from engine.model.config import ModelConfig  # noqa: E402
 from engine.model.loader import dummy_weights  # noqa: E402
 from tools import kernel_check  # noqa: E402
 from tools.kernel_check import BW, FLOPS, REF, rel, up  # noqa: E402
-from tools.workloads import existing_file_arg  # noqa: E402
+from tools.workloads import existing_file_arg, require_gpu  # noqa: E402
 
 try:  # without CuPy main() still parses its command line, then says what is missing
     import cupy
@@ -340,12 +340,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true",
                     help="with --only new: kernel_check.py's --quick")
     args = ap.parse_args(argv)
-    from engine.executor.ops import DeviceError, check_cuda
-
-    try:
-        check_cuda()
-    except DeviceError as e:
-        raise SystemExit(f"gpu_check runs on a GPU: {e}") from None
+    require_gpu("gpu_check")
     if GPU_IMPORT_ERROR is not None:
         raise GPU_IMPORT_ERROR
     ops = CudaOps("bfloat16")

@@ -54,7 +54,7 @@ from engine.executor.ops.numpy_ops import NumpyOps  # noqa: E402
 from tools import module_settings  # noqa: E402
 from tools.kernel_check_decode1 import VARIANTS as DECODE1_VARIANTS  # noqa: E402
 from tools.kernel_check_decode1 import check_decode1  # noqa: E402
-from tools.workloads import name_list_arg  # noqa: E402
+from tools.workloads import name_list_arg, require_gpu  # noqa: E402
 
 try:  # CuPy and the kernels: without them main() still parses its command line, then says so
     import cupy
@@ -889,12 +889,7 @@ def main(argv: list[str] | None = None) -> None:
                     help="prefill90: also the wgmma kernel's experiments (no K/V copies, no "
                          "ping-pong)")
     args = ap.parse_args(argv)
-    from engine.executor.ops import DeviceError, check_cuda
-
-    try:
-        check_cuda()
-    except DeviceError as e:
-        raise SystemExit(f"kernel_check runs on a GPU: {e}") from None
+    require_gpu("kernel_check")
     if GPU_IMPORT_ERROR is not None:
         raise GPU_IMPORT_ERROR
     from engine.executor.ops.cuda_ops import CudaOps

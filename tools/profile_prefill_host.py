@@ -37,7 +37,7 @@ if __package__ in (None, ""):  # run as a script: make the checkout importable
 
 import numpy as np  # noqa: E402
 
-from tools.workloads import name_list_arg  # noqa: E402
+from tools.workloads import name_list_arg, require_gpu  # noqa: E402
 
 try:  # without CuPy main() still parses its command line, then says what is missing
     import cupy
@@ -353,12 +353,7 @@ def main(argv: list[str] | None = None) -> None:
                     metavar="SECTION[,SECTION...]",
                     help=f"run only these sections, of: {', '.join(SECTIONS)} (default: all)")
     args = ap.parse_args(argv)
-    from engine.executor.ops import DeviceError, check_cuda
-
-    try:
-        check_cuda()
-    except DeviceError as e:
-        raise SystemExit(f"profile_prefill_host runs on a GPU: {e}") from None
+    require_gpu("profile_prefill_host")
     from engine.executor.ops.cuda_ops import CudaOps
 
     only = args.only

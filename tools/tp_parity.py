@@ -20,7 +20,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine import LLM, SamplingParams  # noqa: E402
-from tools.workloads import count_arg  # noqa: E402
+from tools.workloads import count_arg, require_gpu  # noqa: E402
 
 
 def _run(args, size: int) -> list[list[int]]:
@@ -51,12 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--seed", type=int, default=0, help="seed of the prompts and the engines")
     ap.add_argument("--json", action="store_true", help="print one JSON line")
     args = ap.parse_args(argv)
-    from engine.executor.ops import DeviceError, check_cuda
-
-    try:
-        check_cuda()
-    except DeviceError as e:
-        raise SystemExit(f"tp_parity runs on a GPU: {e}") from None
+    require_gpu("tp_parity")
     want, got = _run(args, 1), _run(args, args.tensor_parallel_size)
     prefixes = [next((i for i, (a, b) in enumerate(zip(w, g, strict=True)) if a != b), len(w))
                 for w, g in zip(want, got, strict=True)]

@@ -123,6 +123,17 @@ def existing_file_arg(text: str) -> str:
     return text
 
 
+def require_gpu(tool: str) -> None:
+    """For a GPU-only tool, once its command line is read: one line and exit status 1 where CuPy
+    or a GPU is missing (engine.executor.ops.check_cuda says which), not an import traceback."""
+    from engine.executor.ops import DeviceError, check_cuda
+
+    try:
+        check_cuda()
+    except DeviceError as e:
+        raise SystemExit(f"{tool} runs on a GPU: {e}") from None
+
+
 def w1_requests(num: int = W1_NUM_PROMPTS, seed: int = 0) -> tuple[list[list[int]], list[int]]:
     """W1's prompts (token id lists) and forced output lengths, drawn in order: P, O, prompts."""
     if num < 1:
