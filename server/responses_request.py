@@ -72,7 +72,8 @@ def read_request(body: dict) -> ResponsesRequest:
             raise bad_request(name, f"'{name}': {why}")
     reasoning = get_field(body, "reasoning", "dict", {})
     if reasoning.get("effort") not in (None, "none") or reasoning.get("summary") is not None:
-        raise bad_request("reasoning", "'reasoning': the served model does not reason")
+        raise bad_request("reasoning", "'reasoning': this server returns no reasoning and sets "
+                          "no reasoning effort")
     if get_field(body, "truncation", "str", "disabled") != "disabled":
         raise bad_request("truncation", "'truncation' must be 'disabled': an input longer than "
                                         "the context is refused, never cut")
