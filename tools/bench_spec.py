@@ -32,6 +32,7 @@ import numpy as np
 
 if __package__ in (None, ""):  # run as a script: make the checkout importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from tools.bench_throughput import add_device_flags, engine_errors_in_one_line  # noqa: E402
 from tools.spec_workload import spec_conversations  # noqa: E402
 from tools.workloads import count_arg, count_list_arg, nonnegative_arg  # noqa: E402
 
@@ -252,11 +253,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--load-format", default="auto", choices=("auto", "dummy"),
                     help="dummy: random weights of the model's shapes (replay needs no "
                          "checkpoint); auto: the model's own weights")
-    ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "numpy"),
-                    help="auto: cuda where CuPy sees a GPU, else cpu (the numpy backend)")
-    ap.add_argument("--dtype", default="auto", choices=("auto", "float16", "bfloat16", "float32"),
-                    help="weights and activations (auto: float32 on cpu, else the checkpoint's "
-                         "fp16 or bf16)")
+    add_device_flags(ap)
     ap.add_argument("--num-speculative-tokens", type=count_arg, default=4,
                     help="acceptance: drafts proposed per step, k (replay: the histogram's)")
     ap.add_argument("--prompt-lookup-max", type=count_arg, default=4,
@@ -304,7 +301,6 @@ def main(argv: list[str] | None = None) -> dict:
     k = len(hist) - 1 if hist else args.num_speculative_tokens
     sizes = args.batch_sizes or []
     from engine import LLM
-    from tools.bench_throughput import engine_errors_in_one_line
 
     # Speculation stays on at every batch size measured here.
     max_seqs = max([8, *sizes])

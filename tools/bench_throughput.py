@@ -63,6 +63,15 @@ from tools.workloads import (  # noqa: E402
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
+def add_device_flags(ap: argparse.ArgumentParser) -> None:
+    """--device and --dtype, as the engine reads them."""
+    ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "numpy"),
+                    help="auto: cuda where CuPy sees a GPU, else cpu (the numpy backend)")
+    ap.add_argument("--dtype", default="auto", choices=("auto", "float16", "bfloat16", "float32"),
+                    help="weights and activations (auto: float32 on cpu; on cuda the "
+                         "checkpoint's fp16, else bf16)")
+
+
 def add_engine_args(ap: argparse.ArgumentParser, workload: bool = True,
                     json_flag: bool = True) -> None:
     """The engine flags shared by the bench tools (names follow vLLM); `workload`: also the W1
@@ -77,11 +86,7 @@ def add_engine_args(ap: argparse.ArgumentParser, workload: bool = True,
                          "weights as random blocks of a GGUF format: q4_k, q8_0, ...")
     ap.add_argument("--gguf-dequantize", action=argparse.BooleanOptionalAction, default=None,
                     help="a .gguf file's block formats dequantized at load (default: on cpu)")
-    ap.add_argument("--device", default="auto", choices=("auto", "cuda", "cpu", "numpy"),
-                    help="auto: cuda where CuPy sees a GPU, else cpu (the numpy backend)")
-    ap.add_argument("--dtype", default="auto", choices=("auto", "float16", "bfloat16", "float32"),
-                    help="weights and activations (auto: float32 on cpu; on cuda the "
-                         "checkpoint's fp16, else bf16)")
+    add_device_flags(ap)
     ap.add_argument("--max-num-seqs", type=int, default=256,
                     help="sequences in one step at most (default 256)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192,

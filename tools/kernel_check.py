@@ -54,7 +54,7 @@ from engine.executor.ops.numpy_ops import NumpyOps  # noqa: E402
 from tools import module_settings  # noqa: E402
 from tools.kernel_check_decode1 import VARIANTS as DECODE1_VARIANTS  # noqa: E402
 from tools.kernel_check_decode1 import check_decode1  # noqa: E402
-from tools.workloads import name_list_arg, require_gpu  # noqa: E402
+from tools.workloads import add_only_flag, require_gpu  # noqa: E402
 
 try:  # CuPy and the kernels: without them main() still parses its command line, then says so
     import cupy
@@ -867,9 +867,7 @@ def settings_arg(text: str) -> str:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", type=name_list_arg(SECTIONS), default=None,
-                    metavar="SECTION[,SECTION...]",
-                    help=f"run only these sections, of: {', '.join(SECTIONS)} (default: all)")
+    add_only_flag(ap, SECTIONS)
     ap.add_argument("--quick", action="store_true",
                     help="skip the gemv section's Llama-3-8B shapes and the decode section")
     ap.add_argument("--check-each", action="store_true",

@@ -37,7 +37,7 @@ if __package__ in (None, ""):  # run as a script: make the checkout importable
 
 import numpy as np  # noqa: E402
 
-from tools.workloads import name_list_arg, require_gpu  # noqa: E402
+from tools.workloads import add_only_flag, require_gpu  # noqa: E402
 
 try:  # without CuPy main() still parses its command line, then says what is missing
     import cupy
@@ -349,9 +349,7 @@ SECTIONS = ("micro", "forward", "engine")  # main's, in order (--only picks from
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--only", type=name_list_arg(SECTIONS), default=None,
-                    metavar="SECTION[,SECTION...]",
-                    help=f"run only these sections, of: {', '.join(SECTIONS)} (default: all)")
+    add_only_flag(ap, SECTIONS)
     args = ap.parse_args(argv)
     require_gpu("profile_prefill_host")
     from engine.executor.ops.cuda_ops import CudaOps

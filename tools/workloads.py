@@ -47,13 +47,17 @@ H200_FLOPS = 800e12
 H200_BANDWIDTH = 4.27e12
 
 
+def _int_at_least(text: str, low: int) -> int:
+    value = int(text)
+    if value < low:
+        raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+    return value
+
+
 def count_arg(text: str) -> int:
     """argparse type of a count (--num-prompts, --output-len, ...): an integer >= 1, so that a bad
     one is refused at parse, naming its flag, and not after the model has loaded."""
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
+    return _int_at_least(text, 1)
 
 
 def scale_arg(text: str) -> float:
@@ -87,6 +91,13 @@ def count_list_arg(text: str) -> list[int]:
     return values
 
 
+def add_only_flag(ap: argparse.ArgumentParser, sections) -> None:
+    """--only SECTION[,SECTION...]: a tool's sections to run, checked against `sections`."""
+    ap.add_argument("--only", type=name_list_arg(sections), default=None,
+                    metavar="SECTION[,SECTION...]",
+                    help=f"run only these sections, of: {', '.join(sections)} (default: all)")
+
+
 def name_list_arg(names):
     """argparse type of a comma-separated list of names from `names` (--only attn,w1): the list,
     or an error naming the unknown one and the valid names."""
@@ -102,10 +113,7 @@ def name_list_arg(names):
 
 def nonnegative_arg(text: str) -> int:
     """argparse type of an integer that may be 0 but not negative (--num-warmups, --repeat, ...)."""
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {value}")
-    return value
+    return _int_at_least(text, 0)
 
 
 def positive_arg(text: str) -> float:
