@@ -10,14 +10,20 @@
 #include "sampling_select.cuh"
 
 // Adds logit_bias pairs (sequentially per row, like np.add.at, so repeated ids add up in order).
+// bias_after (may be null): an entry >= 0 adds only where the row's previous token last_ids[row]
+// is that id (bad_words); -1 always adds.
 // Grid: (R)  Block: (1)
 __global__ void add_logit_bias_kernel(float* __restrict__ adjusted,         // [R, vocab]
                                       const int* __restrict__ bias_ids,     // [R, NB], -1 padded
                                       const float* __restrict__ bias_values,  // [R, NB]
+                                      const int* __restrict__ bias_after,   // [R, NB] or null
+                                      const int* __restrict__ last_ids,     // [R] or null
                                       int NB, int vocab) {
+  const int last = bias_after ? last_ids[blockIdx.x] : -1;
   for (int i = 0; i < NB; i++) {
     const int id = bias_ids[blockIdx.x * NB + i];
-    if (id >= 0 && id < vocab)
+    const int after = bias_after ? bias_after[blockIdx.x * NB + i] : -1;
+    if (id >= 0 && id < vocab && (after < 0 || after == last))
       adjusted[(long)blockIdx.x * vocab + id] += bias_values[blockIdx.x * NB + i];
   }
 }

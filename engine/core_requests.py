@@ -125,6 +125,19 @@ class RequestTable:
                 shown = bad if len(bad) <= 16 else f"{bad[:16]} (and {len(bad) - 16} more)"
                 raise ParamError(name, f"{name} has token id(s) {shown} out of vocabulary "
                                        f"(vocab_size {vocab})")
+        words = params.bad_words_token_ids
+        if params.bad_words and words is None:
+            raise ParamError("bad_words", "bad_words reach the engine core as token ids, which "
+                                          "the front (OutputProcessor) sets from the tokenizer")
+        bad = sorted({t for ids in words or () for t in ids if not 0 <= t < vocab})
+        if bad:
+            raise ParamError("bad_words", f"bad_words have token id(s) {bad[:16]} out of "
+                                          f"vocabulary (vocab_size {vocab})")
+        if words and params.allowed_token_ids is not None:
+            banned = {ids[0] for ids in words if len(ids) == 1}
+            if banned.issuperset(params.allowed_token_ids):
+                raise ParamError("allowed_token_ids", "allowed_token_ids are all one-token "
+                                 "bad_words: no token would be left to sample")
         if params.min_tokens and params.allowed_token_ids is not None:
             held = {*self.eos_token_ids, *params.stop_token_ids}  # what min_tokens masks
             if held.issuperset(params.allowed_token_ids):

@@ -42,6 +42,23 @@ class _Request:
     num_created_cache_tokens: int = 0
 
 
+def bad_words_token_ids(tokenizer, words: list[str]) -> list[list[int]]:
+    """vLLM's reading of bad_words as token sequences: each word without its leading
+    whitespace, then with one space before it, which most tokenizers spell with other tokens
+    (a word inside a text rather than at its start). The spaced form is kept only where it
+    begins with another token and has as many tokens as the bare one."""
+    out = []
+    for i, word in enumerate(words):
+        bare = tokenizer.encode(word.lstrip(), add_special_tokens=False)
+        if not bare:  # its characters are all ones the tokenizer drops
+            raise ParamError("bad_words", f"bad_words[{i}] ({word!r}) has no tokens")
+        spaced = tokenizer.encode(" " + word.lstrip(), add_special_tokens=False)
+        out.append(bare)
+        if spaced and spaced[0] != bare[0] and len(spaced) == len(bare):
+            out.append(spaced)
+    return out
+
+
 class OutputProcessor:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer  # None: token ids only, no text and no stop strings
@@ -51,6 +68,11 @@ class OutputProcessor:
                     params: SamplingParams, arrival_time: float) -> None:
         if params.stop_list and self.tokenizer is None:
             raise ParamError("stop", "stop strings need a tokenizer, and the model has none")
+        if params.bad_words:
+            if self.tokenizer is None:
+                raise ParamError("bad_words", "bad_words need a tokenizer, and the model has "
+                                              "none")
+            params.bad_words_token_ids = bad_words_token_ids(self.tokenizer, params.bad_words)
         states = []
         for i in range(params.n):
             detok = None

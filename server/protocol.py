@@ -175,7 +175,7 @@ def _check_tool_calls(calls, at: str) -> None:
 
 # vLLM sampling fields this server does not implement: refused by name rather than ignored, so
 # that a client relying on one never gets an unconstrained answer.
-UNSUPPORTED_VLLM_FIELDS = ("prompt_logprob_token_ids", "bad_words")
+UNSUPPORTED_VLLM_FIELDS = ("prompt_logprob_token_ids",)
 
 
 def parse_sampling_params(body: dict, *, chat: bool, defaults: dict | None = None
@@ -260,6 +260,13 @@ def parse_sampling_params(body: dict, *, chat: bool, defaults: dict | None = Non
         if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
             raise bad_request("stop", "'stop' must be a string or an array of strings")
         kw["stop"] = stop
+    bad_words = body.get("bad_words")
+    if bad_words is not None:
+        if isinstance(bad_words, str):
+            bad_words = [bad_words]
+        if not isinstance(bad_words, list) or not all(isinstance(w, str) for w in bad_words):
+            raise bad_request("bad_words", "'bad_words' must be a string or an array of strings")
+        kw["bad_words"] = bad_words  # its rules: SamplingParams, as ParamError naming it
     stop_token_ids = get_field(body, "stop_token_ids", "list")
     if stop_token_ids is not None:
         if not _is_token_list(stop_token_ids):

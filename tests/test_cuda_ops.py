@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from conftest import require_gpu
@@ -306,6 +308,32 @@ def test_sample_penalties_and_bias(ops):
     check_sample(ops, logits, t)
     t.temperature = np.full(rows, 0.7, np.float32)
     check_sample(ops, logits, t, min_agree=0.75)
+
+
+def test_sample_conditional_bias_with_placeholders(ops):
+    """bad_words' entries: a bias that adds only after a given previous token, which may be a
+    placeholder of the previous step's sampled ids, resolved on the device (numpy_ops twin)."""
+    rows, vocab = 5, 3000
+    logits = randn(rows, vocab, scale=2.0)
+    logits[:, 11] = -10.0  # taken only when boosted
+    top = logits.argmax(axis=1).astype(np.int32)  # what greedy takes without a ban
+    t = tensors(rows)
+    t.bias_ids = np.stack([top, np.full(rows, 11, np.int32)], axis=1)  # (R, 2)
+    t.bias_values = np.array([[-np.inf, 40.0]] * rows, np.float32)
+    # rows 0, 1: known previous tokens 4 and 5; rows 2-4: pending, rows 1, 0 and 2 of prev
+    t.bias_after = np.array([[4, 9], [9, 5], [8, 3], [8, 7], [-1, 8]], np.int32)
+    t.last_ids = np.array([4, 5, -3, -2, -4], np.int32)
+    prev = cupy.asarray(np.array([7, 8, 9], np.int32))  # the previous step's ids
+    on_gpu = dataclasses.replace(t)  # the reference swaps in resolved copies of its ids
+    want = REF.sample_start(logits, t, np.array([7, 8, 9], np.int32)).wait()
+    got = ops.sample_start(cupy.asarray(logits), on_gpu, prev).wait()
+    np.testing.assert_array_equal(got.token_ids, want.token_ids)
+    # rows 0, 2 (last 4, then 8 from the placeholder) and 4 (always): the top banned, 11 not
+    # boosted; rows 1, 3 (last 5, then 7): 11 boosted, the top kept
+    assert want.token_ids[1] == want.token_ids[3] == 11
+    for r in (0, 2, 4):
+        assert want.token_ids[r] not in (top[r], 11)
+    np.testing.assert_array_equal(on_gpu.last_ids, [4, 5, -3, -2, -4])  # resolved on the device
 
 
 def test_copy_blocks(ops):

@@ -193,6 +193,35 @@ def test_preemption_and_stops_async_equals_sync_on_cuda(loaded, eager):
     assert len(got["long"].outputs[0].token_ids) == 200 - 37
 
 
+@pytest.mark.parametrize("eager", [True, False], ids=["eager", "graphs"])
+def test_bad_words_async_equals_sync_on_cuda(loaded, eager):
+    """bad_words: a ban after the previous token, compared on the device where that token is
+    still pending. Words of one to three tokens that a free seeded run makes never appear, and
+    the tokens of both loops are the same."""
+    replays = []
+    make = _maker(loaded, eager, replays)
+    fields = dict(max_num_seqs=16, num_kv_blocks=128, max_model_len=256)
+
+    def params(i, rng):
+        return SamplingParams(temperature=0.8, seed=i, max_tokens=24, ignore_eos=True)
+
+    requests = random_requests(9, 8, params, 60)
+    _, _, free = compare(make, requests, **fields)
+    outs = [free[f"r{i}"].outputs[0].token_ids for i in range(8)]
+    words = [outs[0][3:6], outs[1][5:7], outs[2][10:13], outs[4][15:18], [outs[3][2]]]
+    for _, p in requests.values():
+        p.bad_words_token_ids = words  # the front's field (this model has no tokenizer)
+    _, placeholders, got = compare(make, requests, **fields)
+    assert placeholders > 50
+    banned = [got[f"r{i}"].outputs[0].token_ids for i in range(8)]
+    assert sum(a != b for a, b in zip(outs, banned, strict=True)) >= 4
+    for out in banned:
+        for w in words:
+            assert not any(out[i : i + len(w)] == w for i in range(len(out)))
+    if not eager:
+        assert sum(replays) > 10
+
+
 def test_gpu_step_times_are_recorded(loaded):
     engine = LLMEngine(EngineConfig(device="cuda", dtype="bfloat16", async_scheduling=True,
                                     max_num_seqs=4, num_kv_blocks=64), loaded_model=loaded)

@@ -11,9 +11,11 @@ httpx = pytest.importorskip("httpx")
 openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
 
+from conftest import _smollm2_tokenizer  # noqa: E402
 from test_server import MODEL, Server, _make_core, sdk_client  # noqa: E402
 
 from engine import SamplingParams  # noqa: E402
+from engine.output_processor import bad_words_token_ids  # noqa: E402
 from server.app import create_app  # noqa: E402
 from server.extras import chat_options  # noqa: E402
 from server.protocol import APIError  # noqa: E402
@@ -309,6 +311,28 @@ def test_chosen_ids_allowed_ids_and_the_whole_vocabulary(server, client):
     assert len(top) == 49152 and top[0].logprob == max(t.logprob for t in top)
 
 
+def test_bad_words_over_http(server, client):
+    """vLLM's bad_words on completions and chat: the words the free answer holds are gone
+    from the banned one, which is otherwise the same up to the first of them."""
+    ask = dict(model=MODEL, max_tokens=16, temperature=0.0)
+    ids = {"return_token_ids": True, "ignore_eos": True}
+    free = client.completions.create(**ask, prompt=PROMPT, extra_body=ids).choices[0]
+    tok = _smollm2_tokenizer()
+    word = tok.decode(free.token_ids[3:5])  # two tokens of the free answer, as text
+    banned = client.completions.create(**ask, prompt=PROMPT,
+                                       extra_body={**ids, "bad_words": word}).choices[0]
+    assert banned.token_ids[:4] == free.token_ids[:4] and banned.token_ids[4] != free.token_ids[4]
+    msgs = [{"role": "user", "content": "Hi"}]
+    free = client.chat.completions.create(**ask, messages=msgs, extra_body=ids).choices[0]
+    word = tok.decode(free.token_ids[:2])
+    banned = client.chat.completions.create(**ask, messages=msgs,
+                                            extra_body={**ids, "bad_words": [word]}).choices[0]
+    out = banned.token_ids
+    assert out != free.token_ids
+    for w in bad_words_token_ids(tok, [word]):
+        assert not any(out[i : i + len(w)] == w for i in range(len(out)))
+
+
 SAYING = "An apple a day, keeps"
 
 
@@ -392,7 +416,11 @@ def test_continue_final_message_cuts_the_rendered_chat():
     ({"prompt": "hi", "seed": 2**63}, "seed", ["less_than_equal"]),
     ({"prompt_embeds": "abc"}, "prompt", ["Either prompt or prompt_embeds"]),
     ({"prompt": "hi", "prompt_embeds": "abc"}, "prompt_embeds", ["not supported"]),
-    ({"prompt": "hi", "bad_words": ["x"]}, "bad_words", ["not supported"]),
+    ({"prompt": "hi", "prompt_logprob_token_ids": [5]}, "prompt_logprob_token_ids",
+     ["not supported"]),
+    ({"prompt": "hi", "bad_words": 5}, "bad_words", ["string or an array of strings"]),
+    ({"prompt": "hi", "bad_words": ["x", " "]}, "bad_words", ["empty or only whitespace"]),
+    ({"prompt": "hi", "bad_words": ["x"] * 129}, "bad_words", ["at most 128"]),
     ({"prompt": "hi", "allowed_token_ids": [5, 49152]}, "allowed_token_ids",
      ["49152", "out of vocabulary"]),
     ({"prompt": "hi", "logprob_token_ids": [5]}, "logprob_token_ids", ["'logprobs'"]),

@@ -9,6 +9,8 @@ import reprlib
 from dataclasses import dataclass, field
 
 from engine.core.limits import (
+    MAX_BAD_WORD_CHARS,
+    MAX_BAD_WORDS,
     MAX_CACHE_SALT_CHARS,
     MAX_LOGIT_BIAS,
     MAX_LOGPROB_TOKEN_IDS,
@@ -96,7 +98,8 @@ def _token_ids(ids) -> list[int] | None:
 # work (check_count), so that the cost of refusing one is the limit's, not the body's.
 COUNT_LIMITS = {"stop_token_ids": (MAX_STOP_TOKEN_IDS, "ids"),
                 "logprob_token_ids": (MAX_LOGPROB_TOKEN_IDS, "ids"),
-                "logit_bias": (MAX_LOGIT_BIAS, "entries")}
+                "logit_bias": (MAX_LOGIT_BIAS, "entries"),
+                "bad_words": (MAX_BAD_WORDS, "words")}
 
 
 def check_count(name: str, items) -> None:
@@ -179,6 +182,10 @@ class SamplingParams:
     length_penalty: float = 1.0
     early_stopping: bool = False
 
+    # Words never to generate (vLLM's bad_words): each is tokenized as written and with a
+    # leading space; the last token of such a token sequence is banned wherever the tokens
+    # before it are the last ones generated (a one-token word: everywhere).
+    bad_words: list[str] | str | None = None
     structured_outputs: StructuredOutputsParams | None = None  # constrain the output
     # vLLM's cache_salt: the prefix cache shares blocks only between requests of the same salt
     # (a tenant's own), none between salted and unsalted ones
@@ -186,6 +193,9 @@ class SamplingParams:
     # Beam search: the top logprobs a beam's row needs, 2 x width plus the stop ids min_tokens
     # holds back (the engine core sets it: it knows the eos ids)
     beam_candidates: int = field(default=0, init=False, repr=False)
+    # bad_words as token id sequences: the front (OutputProcessor, which has the tokenizer)
+    # sets them, the engine core reads them
+    bad_words_token_ids: list[list[int]] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         if self.stop is not None and not isinstance(self.stop, (str, list, tuple)):
@@ -200,6 +210,10 @@ class SamplingParams:
             raise ParamError("stop_token_ids", f"stop_token_ids must be a list of token ids, "
                                                f"got {reprlib.repr(self.stop_token_ids)}")
         self.stop_token_ids = ids
+        if isinstance(self.bad_words, str):
+            self.bad_words = [self.bad_words]
+        elif isinstance(self.bad_words, tuple):
+            self.bad_words = list(self.bad_words)
         self.logit_bias = _logit_bias(self.logit_bias)
         self._normalize_token_lists()
         if isinstance(self.structured_outputs, dict):  # as msgspec or a JSON body hands it over
@@ -320,6 +334,15 @@ class SamplingParams:
               "must be a StructuredOutputsParams")
         # Beams branch on the top candidates of one row; each would need its own matcher fork.
         check(so is None or not self.use_beam_search, "structured_outputs",
+              "is not supported with use_beam_search")
+        words = self.bad_words
+        check(words is None or isinstance(words, list) and all(
+              isinstance(w, str) and w.strip() for w in words), "bad_words",
+              "must be a string or a list of strings, none empty or only whitespace")
+        check(all(len(w) <= MAX_BAD_WORD_CHARS for w in words or ()), "bad_words",
+              f"must be at most {MAX_BAD_WORD_CHARS} characters each")
+        # A beam's candidates are its row's top logprobs, taken before any ban.
+        check(not words or not self.use_beam_search, "bad_words",
               "is not supported with use_beam_search")
         check(len(self.stop_list) <= MAX_STOP_STRINGS, "stop",
               f"must hold at most {MAX_STOP_STRINGS} strings")

@@ -29,7 +29,8 @@ def sampling_tensors(seqs: list, vocab_size: int, eos_token_ids: list[int],
     # top_k >= vocab keeps every token: capped so that a huge one fits the int32 column.
     rows = [(p.temperature, min(p.top_k, vocab_size), p.top_p, p.min_p, p.presence_penalty,
              p.frequency_penalty, p.repetition_penalty, p.num_top_logprobs, p.min_tokens,
-             bool(p.logit_bias), p.logprob_token_ids is not None, p.logprobs == -1,
+             bool(p.logit_bias or p.bad_words_token_ids), p.logprob_token_ids is not None,
+             p.logprobs == -1,
              p.allowed_token_ids is not None) for p in params]
     if rows.count(rows[0]) == num_rows:
         columns = [np.full(num_rows, v, np.float64) for v in rows[0]]
@@ -68,15 +69,24 @@ def sampling_tensors(seqs: list, vocab_size: int, eos_token_ids: list[int],
                              for s, u in zip(seqs, send, strict=True)])
         t.output_ids = _pad([_output_ids(s, pending_rows) if u else []
                              for s, u in zip(seqs, send, strict=True)])
-    if columns[8].any() or columns[9].any():  # some row has min_tokens or a logit_bias
+    if columns[8].any() or columns[9].any():  # some row has min_tokens or a bias
         biases = [_row_bias(s, eos_token_ids) for s in seqs]
-        if any(biases):
-            width = max(len(b) for b in biases)
+        bans = [_bad_word_bans(s) for s in seqs]  # (after, id) pairs
+        if any(biases) or any(bans):
+            width = max(len(b) + len(c) for b, c in zip(biases, bans, strict=True))
             t.bias_ids = np.full((num_rows, width), -1, np.int32)  # (R, max_biases)
             t.bias_values = np.zeros((num_rows, width), np.float32)  # (R, max_biases)
             for r, bias in enumerate(biases):
                 t.bias_ids[r, : len(bias)] = list(bias.keys())
                 t.bias_values[r, : len(bias)] = list(bias.values())
+            if any(bans):
+                t.bias_after = np.full((num_rows, width), -1, np.int32)  # (R, max_biases)
+                t.last_ids = np.array([_last_id(s, pending_rows) for s in seqs], np.int32)
+                for r, (bias, ban) in enumerate(zip(biases, bans, strict=True)):
+                    if ban:
+                        cols = slice(len(bias), len(bias) + len(ban))
+                        t.bias_after[r, cols], t.bias_ids[r, cols] = np.array(ban).T
+                        t.bias_values[r, cols] = -np.inf
     if columns[10].any():
         which = np.flatnonzero(columns[10])
         t.logprob_rows = which.astype(np.int32)
@@ -142,6 +152,33 @@ def _row_bias(seq, eos_token_ids: list[int]) -> dict[int, float]:
         for token_id in (*eos_token_ids, *p.stop_token_ids):
             bias[token_id] = -np.inf
     return bias
+
+
+def _bad_word_bans(seq) -> list[tuple[int, int]]:
+    """(after, id): the row may not draw `id` when its previous token is `after` (-1: never),
+    one pair per bad word whose tokens before `after` are the ones the row generated before its
+    previous token (vLLM's rule: a word's last token is banned where the output so far ends with
+    the rest of it). The previous token itself may still be pending: the sampler compares it."""
+    words = seq.sampling_params.bad_words_token_ids
+    if not words:
+        return []
+    before = seq.output_token_ids  # the generated tokens before the previous one
+    if seq.num_computed_tokens < len(seq.token_ids):  # the previous one is known: not pending
+        before = before[:-1]
+    bans = []
+    for ids in words:
+        if len(ids) == 1:
+            bans.append((-1, ids[0]))
+        elif len(ids) - 2 <= len(before) and before[len(before) - (len(ids) - 2):] == ids[:-2]:
+            bans.append((ids[-2], ids[-1]))
+    return bans
+
+
+def _last_id(seq, pending_rows: dict[int, int]) -> int:
+    """The row's previous generated token (a placeholder while pending); -1 before any."""
+    if seq.num_computed_tokens == len(seq.token_ids):
+        return placeholder(pending_rows[seq.seq_id])
+    return seq.token_ids[-1] if len(seq.token_ids) > seq.num_prompt_tokens else -1
 
 
 def _num_outputs(seq) -> int:

@@ -60,7 +60,9 @@ class SamplingTensors:
 
     Semantics (identical in both backends; the cuda kernels are tested against numpy_sampling):
       1. logprobs are taken from the raw logits (log_softmax, before anything below).
-      2. logit_bias is added (min_tokens enters here as a -inf bias on stop ids), vLLM's order.
+      2. logit_bias is added (min_tokens enters here as a -inf bias on stop ids), vLLM's order;
+         an entry with bias_after >= 0 is added only where the row's previous token (last_ids)
+         is that id (bad_words: -inf on a word's last token after the rest of it).
       3. penalties on the biased logits (vLLM's definitions): repetition over prompt and output
          tokens, then frequency and presence over output tokens; then a row with allowed ids
          (allowed_token_ids) sets every other token's logit to -inf.
@@ -91,6 +93,11 @@ class SamplingTensors:
     # Present only when some row has a bias: (token id, value) pairs padded with id -1.
     bias_ids: np.ndarray | None = None  # (R, max_biases) int32
     bias_values: np.ndarray | None = None  # (R, max_biases) float32
+    # Present only when some entry is conditional: the previous token it needs (-1: none), and
+    # each row's previous token: -1 before any, a placeholder (step_inputs.placeholder) while it
+    # is pending, resolved by the sampler from the previous step's sampled ids.
+    bias_after: np.ndarray | None = None  # (R, max_biases) int32
+    last_ids: np.ndarray | None = None  # (R,) int32
     num_logprobs: int = 0  # top-k logprobs to return per row (max over rows)
     # Rows whose logprobs are not the top-k (SamplerOutput.row_logprobs), off the common path:
     # chosen token ids (logprob_token_ids), padded with -1, or the whole vocabulary.

@@ -87,7 +87,8 @@ def _ids(a) -> tuple:
 def upload(t: SamplingTensors, resolve=None) -> dict:
     """The step's per-row settings on the device (host -> device copies only).
 
-    resolve(ids): replaces placeholders among the penalties' output ids (overlapped steps)."""
+    resolve(ids): replaces placeholders among the penalties' output ids and the rows' previous
+    tokens (overlapped steps)."""
     dev = {"params": cupy.asarray(pack_params(t)), "prompt": _ids(t.prompt_ids),
            "output": _ids(t.output_ids), "bias": None, "slots": None}
     rows = len(t.temperature)
@@ -102,8 +103,14 @@ def upload(t: SamplingTensors, resolve=None) -> dict:
     if resolve is not None and o_len:
         resolve(output.reshape(-1))
     if t.bias_ids is not None and t.bias_ids.size:
+        after, last = np.uint64(0), np.uint64(0)  # null: every entry adds
+        if t.bias_after is not None:
+            after = cupy.asarray(np.ascontiguousarray(t.bias_after, np.int32))
+            last = cupy.asarray(np.ascontiguousarray(t.last_ids, np.int32))
+            if resolve is not None:
+                resolve(last)
         dev["bias"] = (cupy.asarray(np.ascontiguousarray(t.bias_ids, np.int32)),
-                       cupy.asarray(np.ascontiguousarray(t.bias_values, np.float32)))
+                       cupy.asarray(np.ascontiguousarray(t.bias_values, np.float32)), after, last)
     dev["allowed"] = None if t.allowed_rows is None else (
         cupy.asarray(np.ascontiguousarray(t.allowed_rows, np.int32)),
         cupy.asarray(np.ascontiguousarray(t.allowed_ids, np.int32)))
@@ -141,9 +148,10 @@ def launch(logits: cupy.ndarray, t: SamplingTensors, dev: dict, ctype: str) -> c
             grid, (256,), (adjusted, logits, *((null, null) if biased else penalize), params,
                            i32(vocab)))
         if biased:
-            ids, values = dev["bias"]
+            ids, values, after, last = dev["bias"]
             kernel("sampling.cu", "add_logit_bias_kernel")(
-                (rows,), (1,), (adjusted, ids, values, i32(ids.shape[1]), i32(vocab)))
+                (rows,), (1,), (adjusted, ids, values, after, last, i32(ids.shape[1]),
+                                i32(vocab)))
             if counts is not None:
                 kernel("sampling.cu", "adjust_logits_kernel<float>")(
                     grid, (256,), (adjusted, adjusted, *penalize, params, i32(vocab)))
@@ -238,7 +246,8 @@ def sample_on_device(logits: cupy.ndarray, t: SamplingTensors, ctype: str,
     """Queue the penalties, bias and draw; (R, 2 + 2 * num_logprobs) int32 on the device: per row
     the id, its logprob's bits, then the top ids and their logprobs' bits.
 
-    resolve(ids): replaces placeholders among the penalties' output ids (overlapped steps)."""
+    resolve(ids): replaces placeholders among the penalties' output ids and the rows' previous
+    tokens (overlapped steps)."""
     # logits (R, vocab), float32 / half / bf16 as uint16
     rows = logits.shape[0]
     if rows == 0:

@@ -287,10 +287,13 @@ class NumpyOps:
     def sample_start(self, logits: np.ndarray, tensors: SamplingTensors,
                      prev_sampled: np.ndarray | None = None) -> ReadySample:
         """Sample now (numpy has no device to wait for); `prev_sampled` resolves placeholders
-        among the penalties' output ids (step_inputs.placeholder)."""
-        if prev_sampled is not None and tensors.output_ids is not None:
-            tensors.output_ids = tensors.output_ids.copy()
-            resolve_placeholders(tensors.output_ids.reshape(-1), prev_sampled)
+        among the penalties' output ids and the rows' previous tokens (step_inputs.placeholder)."""
+        if prev_sampled is not None:
+            for name in ("output_ids", "last_ids"):
+                ids = getattr(tensors, name)
+                if ids is not None:
+                    setattr(tensors, name, ids.copy())
+                    resolve_placeholders(getattr(tensors, name).reshape(-1), prev_sampled)
         return ReadySample(sample(np.asarray(logits, np.float32), tensors))
 
     def alloc_token_counts(self, num_slots: int, vocab: int) -> TokenCounts:

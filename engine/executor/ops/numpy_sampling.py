@@ -161,7 +161,11 @@ def sample(logits: np.ndarray, t: SamplingTensors) -> SamplerOutput:
         logits = logits.copy()
         for r in range(len(logits)):
             ids = t.bias_ids[r]
-            np.add.at(logits[r], ids[ids >= 0], t.bias_values[r][ids >= 0])
+            use = ids >= 0
+            if t.bias_after is not None:
+                after = t.bias_after[r]
+                use &= (after < 0) | (after == t.last_ids[r])
+            np.add.at(logits[r], ids[use], t.bias_values[r][use])
     if t.has_penalties:
         logits = apply_penalties(logits, t, penalty_words(t, logits.shape[1]))
     if t.allowed_rows is not None:
