@@ -42,7 +42,7 @@ _READ = ("model", "input", "instructions", "max_output_tokens", "temperature", "
 # Responses route takes them.
 _VLLM_SAMPLING = ("top_k", "min_p", "repetition_penalty", "presence_penalty",
                   "frequency_penalty", "min_tokens", "ignore_eos", "stop", "stop_token_ids",
-                  "cache_salt")
+                  "bad_words", "cache_salt")
 _TOOL_KEYS = ("type", "name", "description", "parameters", "strict")
 _TEXT_PARTS = ("input_text", "output_text")
 _ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}

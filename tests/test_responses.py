@@ -158,6 +158,16 @@ def test_max_output_tokens_is_incomplete(client):
     assert r.output[0].status == "incomplete" and r.usage.output_tokens == 3
 
 
+def test_vllm_bad_words_reach_the_sampler(client):
+    ask = dict(model=MODEL, input=QUESTION, max_output_tokens=12, temperature=0.0,
+               extra_body={"ignore_eos": True})
+    free = client.responses.create(**ask).output_text
+    word = free.split()[0]
+    banned = client.responses.create(**{**ask, "extra_body": {"ignore_eos": True,
+                                                              "bad_words": [word]}})
+    assert banned.output_text.split()[0] != word and banned.output_text != free
+
+
 def test_json_schema_output_parses_and_validates(server, client):
     before = server.metric("pagedserve_structured_output_requests_total")
     fmt = {"type": "json_schema", "name": "trip", "schema": SCHEMA, "strict": True}
