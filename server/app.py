@@ -77,6 +77,7 @@ class ServerSettings:
     return_tokens_as_token_ids: bool = False  # the default of the request field of that name
     force_include_usage: bool = False  # every stream carries usage, on every chunk (vLLM's flag)
     per_request_metrics: bool = False  # answers carry the request's timings (vLLM's flag)
+    reasoning_parser: str | None = None  # chat answers' <think> blocks as `reasoning`
 
 
 def create_app(engine_config: EngineConfig | None = None, *, served_model_name: str | None = None,
@@ -92,6 +93,7 @@ def create_app(engine_config: EngineConfig | None = None, *, served_model_name: 
                enable_tokenizer_info_endpoint: bool = False,
                enable_per_request_metrics: bool = False,
                max_stored_responses: int = DEFAULT_MAX_STORED_RESPONSES,
+               reasoning_parser: str | None = None,
                liveness: Liveness = DEFAULT_LIVENESS) -> Starlette:
     """An app whose engine core runs in its own process (app.state.engine, an AsyncEngine).
 
@@ -101,6 +103,7 @@ def create_app(engine_config: EngineConfig | None = None, *, served_model_name: 
     `allowed_hosts`: the Host names served (None: any); `allowed_origins`: the web origins CORS
     lets in (None: CORS off). server/guards.py says why. `max_stored_responses`: how many
     /v1/responses answers are kept for GET and previous_response_id (server/responses.py).
+    `reasoning_parser` (server/reasoning.py KINDS): chat answers' reasoning apart from content.
     """
     config = engine_config or EngineConfig()
     metrics = ServerMetrics()
@@ -108,7 +111,8 @@ def create_app(engine_config: EngineConfig | None = None, *, served_model_name: 
     settings = ServerSettings(served_model_name or config.model or DEFAULT_MODEL_NAME, api_key,
                               max_waiting_requests, max_body_bytes, chat_content_special_tokens,
                               enable_server_load_tracking, return_tokens_as_token_ids,
-                              force_include_usage, enable_per_request_metrics)
+                              force_include_usage, enable_per_request_metrics,
+                              reasoning_parser)
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

@@ -24,6 +24,7 @@ from engine.executor.worker import add_worker_flags, run_worker_args
 from engine.logs import configure_logging, model_line
 from engine.model.config import ConfigError, EngineConfig, generation_config_problem
 from engine.model.gguf_quants import KINDS as GGUF_KINDS
+from server.reasoning import KINDS as REASONING_KINDS
 
 log = logging.getLogger("pagedserve.cli")
 # --max-num-batched-tokens' defaults. On the cpu backend a step of 1,024 prompt tokens of the
@@ -306,6 +307,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="every stream ends with usage and carries it on every chunk, as if each "
                         "request asked stream_options include_usage and continuous_usage_stats "
                         "(vLLM's flag)")
+    s.add_argument("--reasoning-parser", choices=REASONING_KINDS, default=None,
+                   help="chat answers of a thinking model: what it writes inside <think> ... "
+                        "</think> goes out as message.reasoning (and reasoning_content), the "
+                        "rest as content; deepseek_r1: the answer starts inside the block, "
+                        "qwen3: where it opens <think> or the chat template left the block "
+                        "open (vLLM's flag) (default: off, all of it is content)")
     s.add_argument("--max-stored-responses", type=_non_negative_int, default=256, metavar="N",
                    help="keep the last N answers of POST /v1/responses (store: true) in memory, "
                         "for GET /v1/responses/{id} and previous_response_id; each holds its "
@@ -622,6 +629,7 @@ def app_from_args(args: argparse.Namespace, config: EngineConfig, make_core=None
                       enable_tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint,
                       enable_per_request_metrics=args.enable_per_request_metrics,
                       max_stored_responses=args.max_stored_responses,
+                      reasoning_parser=args.reasoning_parser,
                       liveness=Liveness(args.engine_heartbeat_timeout, args.engine_step_timeout))
 
 

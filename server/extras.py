@@ -26,6 +26,7 @@ class Extras:
     tokens_as_ids: bool = False  # logprobs name tokens "token_id:N" (decodes nothing)
     continuous_usage: bool = False  # usage on every streamed chunk
     add_special_tokens: bool = True  # a text prompt's tokenizer specials (completions)
+    include_reasoning: bool = True  # chat under --reasoning-parser: send the reasoning
 
 
 def read_extras(body: dict, *, chat: bool, settings) -> Extras:
@@ -49,6 +50,8 @@ def read_extras(body: dict, *, chat: bool, settings) -> Extras:
     else:
         x.add_special_tokens = get_field(body, "add_special_tokens", "bool", True)
     x.return_token_ids = get_field(body, "return_token_ids", "bool", False)
+    if chat:  # vLLM's: false drops the reasoning of a --reasoning-parser answer
+        x.include_reasoning = get_field(body, "include_reasoning", "bool", True)
     x.tokens_as_ids = get_field(body, "return_tokens_as_token_ids", "bool",
                                 settings.return_tokens_as_token_ids)
     options = get_field(body, "stream_options", "dict", {})

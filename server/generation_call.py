@@ -22,6 +22,7 @@ from server.protocol import (
     completion_logprobs,
     param_error,
 )
+from server.reasoning import ReasoningParser, reasoning_delta
 from server.sse_stream import SSEResponse, events
 from server.timeline import arrival_of
 from server.tool_calls import ToolCallParser
@@ -39,6 +40,7 @@ class GenerationCall:
         self.tokens_field = "max_tokens"  # chat: max_completion_tokens when the body set that
         self.first: dict[str, object] = {}  # request id -> its first RequestOutput
         self.tool_parser: ToolCallParser | None = None  # chat with tools: output read as calls
+        self.reasoning: ReasoningParser | None = None  # chat: <think> blocks read as reasoning
         self.created = int(time.time())
         self._admitted = 0  # requests this call counts in engine.admitting
         # (request id, choice index) -> where a streamed completions choice's next token starts in
@@ -261,6 +263,10 @@ class GenerationCall:
                   "stop_reason": stop_reason}
         if whole:
             options = self.chat_options
+            reasoning = None
+            if self.reasoning is not None:
+                reasoning, text = self.reasoning.split(text)
+                text = text or ""
             choice["message"] = {"role": options.role, "content": options.echo + text}
             if self.tool_parser is not None:
                 content, calls = self.tool_parser.parse(text)
@@ -271,6 +277,12 @@ class GenerationCall:
                                          "tool_calls": calls}
                     if not self.tool_parser.named:
                         choice["finish_reason"] = "tool_calls"
+            if self.reasoning is not None:
+                message = choice["message"]
+                if not message["content"] and reasoning is not None:
+                    message["content"] = None  # an answer that never left its reasoning
+                if self.extras.include_reasoning:
+                    message.update(reasoning_delta(reasoning))
         else:
             choice["delta"] = {"content": text} if text else {}
         if self.extras.return_token_ids:

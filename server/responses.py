@@ -114,18 +114,19 @@ class ResponsesCall(GenerationCall):
         [choice] = body["choices"]
         message = choice["message"]
         return self.finished(message["content"] or "", message.get("tool_calls") or [],
-                             choice["finish_reason"], body["usage"])
+                             choice["finish_reason"], body["usage"], message.get("reasoning"))
 
     def stream(self, group, include_usage: bool):
         return response_events(self, group)
 
-    def finished(self, text: str, calls: list[dict], finish_reason: str, chat_usage: dict
-                 ) -> dict:
+    def finished(self, text: str, calls: list[dict], finish_reason: str, chat_usage: dict,
+                 reasoning: str | None = None) -> dict:
         """The finished Response (stored when asked) of the chat's text, tool calls, finish
-        reason and usage: the one builder of streamed and whole answers alike."""
+        reason, usage and reasoning (--reasoning-parser): the one builder of streamed and whole
+        answers alike."""
         status = "incomplete" if finish_reason == "length" else "completed"
-        output = []
-        if text or not calls:
+        output = [reasoning_item(self.id, reasoning, status)] if reasoning else []
+        if text or not (calls or reasoning):
             output.append(message_item(self.id, text, status))
         output += [function_call_item(c) for c in calls]
         prompt, details = chat_usage["prompt_tokens"], chat_usage["prompt_tokens_details"]
@@ -135,12 +136,18 @@ class ResponsesCall(GenerationCall):
                  "input_tokens_details": {"cached_tokens": details["cached_tokens"],
                                           "cache_write_tokens": details["created_cache_tokens"]},
                  "output_tokens": chat_usage["completion_tokens"],
-                 "output_tokens_details": {"reasoning_tokens": 0},
+                 "output_tokens_details": {"reasoning_tokens": self._count(reasoning)},
                  "total_tokens": chat_usage["total_tokens"]}
         response = self.response(status, output, usage)
         if self.store is not None:
             self.store.put(response, continued(self.messages, output))
         return response
+
+    def _count(self, reasoning: str | None) -> int:
+        """The reasoning's tokens, as its text encodes (the parser splits text, not ids)."""
+        if not reasoning:
+            return 0
+        return len(self.engine.tokenizer.encode(reasoning, add_special_tokens=False))
 
     def response(self, status: str, output: list[dict] | None = None,
                  usage: dict | None = None) -> dict:
@@ -170,6 +177,16 @@ def message_item(response_id: str, text: str, status: str) -> dict:
     events and its closing response name it alike."""
     return {"id": "msg_" + response_id.removeprefix("resp_"), "type": "message",
             "role": "assistant", "status": status, "content": [output_text(text)]}
+
+
+def reasoning_item(response_id: str, text: str, status: str) -> dict:
+    """The answer's reasoning (--reasoning-parser) as its text, with no summary."""
+    return {"id": "rs_" + response_id.removeprefix("resp_"), "type": "reasoning", "summary": [],
+            "content": [reasoning_text(text)], "status": status}
+
+
+def reasoning_text(text: str) -> dict:
+    return {"type": "reasoning_text", "text": text}
 
 
 def output_text(text: str) -> dict:
@@ -209,7 +226,9 @@ async def response_events(call: ResponsesCall, group):
     yield event("response.created", response=opening) + event("response.in_progress",
                                                               response=opening)
     message_id = message_item(call.id, "", "in_progress")["id"]
-    text, calls, finish_reason, usage = [], [], None, None
+    reasoning_id = reasoning_item(call.id, "", "in_progress")["id"]
+    text, calls, reasoning, finish_reason, usage = [], [], [], None, None
+    reasoning_done = False  # its item's closing events went out (the text that follows it began)
     try:
         async for batch in chat_chunks(call, group, include_usage=True):
             pieces = []
@@ -219,12 +238,23 @@ async def response_events(call: ResponsesCall, group):
                     continue
                 [choice] = chunk["choices"]
                 delta = choice["delta"]
+                if delta.get("reasoning"):  # --reasoning-parser: item 0, before any text
+                    if not reasoning:
+                        pieces += _open_reasoning(event, call.id)
+                    reasoning.append(delta["reasoning"])
+                    pieces.append(event("response.reasoning_text.delta", item_id=reasoning_id,
+                                        output_index=0, content_index=0,
+                                        delta=delta["reasoning"]))
+                if (delta.get("content") or delta.get("tool_calls")) and reasoning \
+                        and not reasoning_done:
+                    pieces += _close_reasoning(event, call.id, "".join(reasoning), "completed")
+                    reasoning_done = True
                 if delta.get("content"):
                     if not text:
-                        pieces += _open_message(event, call.id)
+                        pieces += _open_message(event, call.id, int(bool(reasoning)))
                     text.append(delta["content"])
                     pieces.append(event("response.output_text.delta", item_id=message_id,
-                                        output_index=0, content_index=0,
+                                        output_index=int(bool(reasoning)), content_index=0,
                                         delta=delta["content"], logprobs=[]))
                 calls += [{k: v for k, v in c.items() if k != "index"}
                           for c in delta.get("tool_calls") or ()]
@@ -234,25 +264,48 @@ async def response_events(call: ResponsesCall, group):
     except EngineFault as e:
         yield event("error", code="server_error", message=str(e), param=None)
         return
-    response = call.finished("".join(text), calls, finish_reason, usage)
-    yield b"".join(_closing(event, response, opened=bool(text)))
+    response = call.finished("".join(text), calls, finish_reason, usage,
+                             "".join(reasoning) or None)
+    yield b"".join(_closing(event, response, opened=bool(text), reasoning_done=reasoning_done))
 
 
-def _open_message(event: _Events, response_id: str) -> list[bytes]:
-    item = {**message_item(response_id, "", "in_progress"), "content": []}
+def _open_reasoning(event: _Events, response_id: str) -> list[bytes]:
+    item = {**reasoning_item(response_id, "", "in_progress"), "content": []}
     return [event("response.output_item.added", output_index=0, item=item),
             event("response.content_part.added", item_id=item["id"], output_index=0,
+                  content_index=0, part=reasoning_text(""))]
+
+
+def _close_reasoning(event: _Events, response_id: str, text: str, status: str) -> list[bytes]:
+    item = reasoning_item(response_id, text, status)
+    at = {"item_id": item["id"], "output_index": 0, "content_index": 0}
+    return [event("response.reasoning_text.done", **at, text=text),
+            event("response.content_part.done", **at, part=reasoning_text(text)),
+            event("response.output_item.done", output_index=0, item=item)]
+
+
+def _open_message(event: _Events, response_id: str, index: int) -> list[bytes]:
+    item = {**message_item(response_id, "", "in_progress"), "content": []}
+    return [event("response.output_item.added", output_index=index, item=item),
+            event("response.content_part.added", item_id=item["id"], output_index=index,
                   content_index=0, part=output_text(""))]
 
 
-def _closing(event: _Events, response: dict, opened: bool) -> list[bytes]:
-    """The events that end each output item of the finished `response`, then the response."""
+def _closing(event: _Events, response: dict, opened: bool, reasoning_done: bool
+             ) -> list[bytes]:
+    """The events that end each output item of the finished `response` not ended yet, then the
+    response."""
     pieces = []
     for index, item in enumerate(response["output"]):
         at = {"item_id": item["id"], "output_index": index}
-        if item["type"] == "message":  # always first: the text comes before any call
+        if item["type"] == "reasoning":  # first, and ended once the text after it began
+            if not reasoning_done:
+                pieces += _close_reasoning(event, response["id"], item["content"][0]["text"],
+                                           item["status"])
+            continue
+        if item["type"] == "message":  # the text comes before any call
             if not opened:  # no text came: an empty message, as the whole answer has it
-                pieces += _open_message(event, response["id"])
+                pieces += _open_message(event, response["id"], index)
             [part] = item["content"]
             pieces += [event("response.output_text.done", **at, content_index=0,
                              text=part["text"], logprobs=[]),

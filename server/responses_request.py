@@ -117,13 +117,25 @@ def _read_item(item, at: str) -> dict:
                 raise bad_request(f"{at}.{key}", f"{at}.{key} must be a string")
         return {"type": kind, "call_id": item["call_id"], "name": item["name"],
                 "arguments": item["arguments"]}
+    if kind == "reasoning":  # an earlier answer's (--reasoning-parser), sent back
+        parts = [*(item.get("content") or ()), *(item.get("summary") or ())]
+        if not all(isinstance(p, dict) and isinstance(p.get("text"), str) for p in parts):
+            raise bad_request(f"{at}.content", f"{at}: a reasoning item's content and summary "
+                                               "are text parts")
+        if item.get("encrypted_content") is not None:
+            raise bad_request(f"{at}.encrypted_content", f"{at}.encrypted_content is not "
+                              "supported: this server sends its reasoning as text")
+        text = "".join(p["text"] for p in item.get("content") or ()) or "\n".join(
+            p["text"] for p in item.get("summary") or ())
+        return {"type": kind, "text": text}
     if kind == "function_call_output":
         if not isinstance(item.get("call_id"), str):
             raise bad_request(f"{at}.call_id", f"{at}.call_id must be a string")
         return {"type": kind, "call_id": item["call_id"],
                 "output": _text_content(item.get("output"), f"{at}.output")}
     raise bad_request(f"{at}.type", f"{at}.type {kind!r} is not supported: input items are "
-                                    "messages, function_call and function_call_output")
+                                    "messages, reasoning, function_call and "
+                                    "function_call_output")
 
 
 def _text_content(content, at: str) -> str | list[dict]:
@@ -200,7 +212,19 @@ def conversation(messages: list[dict], items: list[dict]) -> list[dict]:
     messages: a function_call joins the assistant turn before it (one turn, several calls), and a
     function_call_output must answer a call made before it."""
     messages = list(messages)
+    reasoning = None  # a reasoning item's text, for the assistant turn that follows it
     for i, item in enumerate(items):
+        if item["type"] == "reasoning":
+            reasoning = item["text"] or None  # an empty one (no text, no summary): none
+            continue
+        if reasoning is not None:
+            turn = {"role": "assistant", "content": None, "reasoning": reasoning}
+            if item["type"] == "message" and item["role"] == "assistant":
+                messages.append({**turn, "content": item["content"]})
+                reasoning = None
+                continue
+            messages.append(turn)
+            reasoning = None
         if item["type"] == "message":
             messages.append({"role": _ROLES[item["role"]], "content": item["content"]})
         elif item["type"] == "function_call":
@@ -218,6 +242,8 @@ def conversation(messages: list[dict], items: list[dict]) -> list[dict]:
                                            f"{item['call_id']!r} comes before input[{i}]")
             messages.append({"role": "tool", "tool_call_id": item["call_id"],
                              "content": item["output"]})
+    if reasoning is not None:  # the input ends with a reasoning item
+        messages.append({"role": "assistant", "content": None, "reasoning": reasoning})
     return messages
 
 

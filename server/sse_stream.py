@@ -12,6 +12,7 @@ from starlette.responses import StreamingResponse
 
 from server.async_engine import EngineFault
 from server.protocol import APIError, chat_body, completion_body
+from server.reasoning import ReasoningStream, reasoning_delta
 from server.timeline import FIRST_CHUNK
 from server.tool_calls import ToolCallStream
 
@@ -42,7 +43,7 @@ async def chat_chunks(call, group, include_usage: bool):
     count_choices = continuous or (include_usage and call.per_request_metrics)
     current: list[dict] = [call.usage(0)]  # the usage of the choice being written
     sent_prompt_ids = []
-    tool_streams: dict[int, ToolCallStream] = {}  # choice index -> its reader
+    tool_streams: dict[int, _Readers] = {}  # choice index -> its readers
 
     def chunk(choices, use=None, metrics=None):
         if continuous and use is None:
@@ -117,9 +118,9 @@ def _choice_chunks(call, chunk, opened: set, tool_streams: dict, out, c) -> list
         return pieces
     if first and call.extras.return_token_ids and not call.echo:
         choice["prompt_token_ids"] = call.token_lists[call.index_of[out.request_id]]
-    if call.tool_parser is not None:
-        stream = tool_streams.setdefault(choice["index"], ToolCallStream(call.tool_parser))
-        return pieces + [chunk([tool_chunk]) for tool_chunk in _tool_chunks(stream, choice, c)]
+    if call.tool_parser is not None or call.reasoning is not None:
+        readers = tool_streams.setdefault(choice["index"], _Readers(call))
+        return pieces + [chunk([held]) for held in _held_chunks(call, readers, choice, c)]
     if not c.delta_text and not c.finished and choice["logprobs"] is None \
             and "token_ids" not in choice and call.engine.tokenizer is not None:
         # tokens whose text is held back (a stop string may start there, a character's bytes
@@ -144,15 +145,44 @@ def _opening(call, request_id: str, index: int) -> dict:
     return choice
 
 
-def _tool_chunks(stream: ToolCallStream, choice: dict, c) -> list[dict]:
-    """The streamed choices for one step of a choice under tools."""
+class _Readers:
+    """A streamed chat choice's readers: its reasoning (--reasoning-parser) first, then its tool
+    calls (tools), each holding back what may still turn out to be its tag."""
+
+    def __init__(self, call):
+        self.reasoning = None if call.reasoning is None else ReasoningStream(call.reasoning)
+        self.tools = None if call.tool_parser is None else ToolCallStream(call.tool_parser)
+        self.include_reasoning = call.extras.include_reasoning
+
+    def feed(self, text: str, finished: bool) -> tuple[list[dict], bool]:
+        """(deltas to send now, whether the output was tool calls: known once it finished)."""
+        parts = [("content", text)] if self.reasoning is None else self.reasoning.feed(text)
+        if finished and self.reasoning is not None:
+            parts += self.reasoning.finish()
+        deltas = []
+        for kind, piece in parts:
+            if kind == "reasoning":
+                if self.include_reasoning:
+                    deltas.append(reasoning_delta(piece))
+            elif self.tools is not None:
+                deltas += self.tools.feed(piece)
+            else:
+                deltas.append({"content": piece})
+        is_call = False
+        if finished and self.tools is not None:
+            last, is_call = self.tools.finish()
+            deltas += last
+        return deltas, is_call
+
+
+def _held_chunks(call, readers: _Readers, choice: dict, c) -> list[dict]:
+    """The streamed choices for one step of a choice whose text is read for reasoning or tool
+    calls."""
     index = choice["index"]
-    deltas = stream.feed(c.delta_text)
+    deltas, is_call = readers.feed(c.delta_text, c.finished)
     finish_reason = None
     if c.finished:
-        last, is_call = stream.finish()
-        deltas += last
-        named = stream.parser.named
+        named = call.tool_parser is not None and call.tool_parser.named
         finish_reason = "tool_calls" if is_call and not named else c.finish_reason
     out = [{"index": index, "delta": d, "logprobs": None, "finish_reason": None}
            for d in deltas]
