@@ -34,7 +34,7 @@ STUBBED = ("vllm", "torch", "fastapi")
 # vLLM `serve` flags -> ours. Kept: the same flag means the same thing here.
 KEPT_WITH_VALUE = {"--max-model-len", "--max-num-seqs", "--max-num-batched-tokens",
                    "--block-size", "--seed", "--port", "--host", "--api-key", "--max-logprobs",
-                   "--root-path"}
+                   "--root-path", "--reasoning-parser"}
 KEPT = {"--enable-server-load-tracking", "--enable-prefix-caching", "--no-enable-prefix-caching",
         "--return-tokens-as-token-ids", "--enable-force-include-usage",
         "--enable-tokenizer-info-endpoint", "--enable-per-request-metrics"}
