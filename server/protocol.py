@@ -253,20 +253,14 @@ def parse_sampling_params(body: dict, *, chat: bool, defaults: dict | None = Non
     kw["max_tokens"] = max_tokens
     if (salt := get_field(body, "cache_salt", "str")) is not None:
         kw["cache_salt"] = salt  # its rule: SamplingParams, as ParamError naming it
-    stop = body.get("stop")
-    if stop is not None:
-        if isinstance(stop, str):
-            stop = [stop]
-        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
-            raise bad_request("stop", "'stop' must be a string or an array of strings")
-        kw["stop"] = stop
-    bad_words = body.get("bad_words")
-    if bad_words is not None:
-        if isinstance(bad_words, str):
-            bad_words = [bad_words]
-        if not isinstance(bad_words, list) or not all(isinstance(w, str) for w in bad_words):
-            raise bad_request("bad_words", "'bad_words' must be a string or an array of strings")
-        kw["bad_words"] = bad_words  # its rules: SamplingParams, as ParamError naming it
+    for name in ("stop", "bad_words"):  # their other rules: SamplingParams, naming them
+        strings = body.get(name)
+        if strings is not None:
+            if isinstance(strings, str):
+                strings = [strings]
+            if not isinstance(strings, list) or not all(isinstance(s, str) for s in strings):
+                raise bad_request(name, f"'{name}' must be a string or an array of strings")
+            kw[name] = strings
     stop_token_ids = get_field(body, "stop_token_ids", "list")
     if stop_token_ids is not None:
         if not _is_token_list(stop_token_ids):
