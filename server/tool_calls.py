@@ -6,9 +6,11 @@
     calls = ToolCallParser(choice, names)        # output text -> (content, tool_calls)
 
 How a model writes a call ("auto"): the Hermes / Qwen form `<tool_call>{"name": ..., "arguments":
-{...}}</tool_call>` (one block per call), or Llama 3.x's bare JSON `{"name": ..., "parameters":
-{...}}` (several separated by ";"). With "required" the grammar makes the output a JSON array of
-{"name", "arguments"} objects; with a named tool it makes the output that tool's arguments object.
+{...}}</tool_call>` (one block per call), Llama 3.x's bare JSON `{"name": ..., "parameters":
+{...}}` (several separated by ";"), or Mistral's `[TOOL_CALLS]` and a JSON array of such objects
+(the tag is a special token, so the text may hold the array alone). With "required" the grammar
+makes the output a JSON array of {"name", "arguments"} objects; with a named tool it makes the
+output that tool's arguments object.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from server.protocol import bad_request, get_field
 _HERMES = re.compile(r"<tool_call>(.*?)(?:</tool_call>|$)", re.S)
 HERMES_OPEN = "<tool_call>"
 LLAMA_PYTHON_TAG = "<|python_tag|>"  # Llama 3.1+ may open a call with it
+MISTRAL_TAG = "[TOOL_CALLS]"  # Mistral's calls follow it, as one JSON array
 
 
 def parse_tools(body: dict) -> tuple[list[dict] | None, str | None]:
@@ -179,18 +182,41 @@ class ToolCallParser:
                 content = text[: text.index(HERMES_OPEN)]
                 return content if content.strip() else None, calls
             # no Hermes calls: the tag may be text inside a Llama call's arguments
+        if MISTRAL_TAG in text:  # Mistral: text may come first, then the tag and the array
+            before, _, after = text.partition(MISTRAL_TAG)
+            calls = self._calls_in_array(after)
+            if calls:
+                return before if before.strip() else None, calls
         stripped = text.strip().removeprefix(LLAMA_PYTHON_TAG).lstrip()
         if stripped.startswith("{"):  # Llama 3.x: JSON objects, ";"-separated when several
             calls = [self._call(part) for part in _split_json_objects(stripped)]
             if calls and all(calls):
                 return None, calls
+        if stripped.startswith("["):  # Mistral's array, its tag skipped as a special token
+            calls = self._calls_in_array(stripped)
+            if calls:
+                return None, calls
         return text, []
+
+    def _calls_in_array(self, text: str) -> list[dict]:
+        """The calls of a JSON array of {"name", "arguments"} objects; [] unless all parse."""
+        try:
+            items = json.loads(text)
+        except (ValueError, RecursionError):
+            return []
+        if not isinstance(items, list) or not items:
+            return []
+        calls = [self._call_of(obj) for obj in items]
+        return calls if all(calls) else []
 
     def _call(self, body: str) -> dict | None:
         try:
             obj = json.loads(body)
         except (ValueError, RecursionError):
             return None
+        return self._call_of(obj)
+
+    def _call_of(self, obj) -> dict | None:
         name = obj.get("name") if isinstance(obj, dict) else None
         if not isinstance(name, str) or name not in self.names:  # the model's text: any JSON
             return None
@@ -249,12 +275,12 @@ class ToolCallStream:
             return []
         # A tag never spans what was sent and what was not: a tail that may start one is held.
         text = self.pending + delta
-        if self.num_sent == 0 and text.lstrip().startswith(("{", LLAMA_PYTHON_TAG)) \
-                or HERMES_OPEN in text:
+        if self.num_sent == 0 and text.lstrip().startswith(("{", "[", LLAMA_PYTHON_TAG)) \
+                or HERMES_OPEN in text or MISTRAL_TAG in text:
             self.holding = True
             return []
         # Hold a tail that may be the start of a call's opening tag.
-        keep = max((k for tag in (HERMES_OPEN, LLAMA_PYTHON_TAG)
+        keep = max((k for tag in (HERMES_OPEN, LLAMA_PYTHON_TAG, MISTRAL_TAG)
                     for k in range(min(len(text), len(tag) - 1), 0, -1)
                     if tag.startswith(text[-k:])), default=0)
         if self.num_sent == 0 and not text[: len(text) - keep].strip():

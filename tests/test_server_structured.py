@@ -241,6 +241,36 @@ def test_auto_tool_calls_are_parsed_from_hermes_and_llama_forms():
         assert parser.parse(not_a_call) == (not_a_call, [])
 
 
+def test_auto_tool_calls_are_parsed_from_mistral_forms():
+    parser = ToolCallParser("auto", ["get_weather", "get_time"])
+    array = ('[{"name": "get_weather", "arguments": {"city": "Rome", "unit": "c"}}, '
+             '{"name": "get_time", "arguments": {"zone": 1}}]')
+    for text, want_content in [("[TOOL_CALLS]" + array, None), (" " + array + "\n", None),
+                               ("Checking. [TOOL_CALLS]" + array, "Checking. ")]:
+        content, calls = parser.parse(text)
+        assert content == want_content
+        assert [(c["function"]["name"], json.loads(c["function"]["arguments"]))
+                for c in calls] == [("get_weather", {"city": "Rome", "unit": "c"}),
+                                    ("get_time", {"zone": 1})]
+    for not_a_call in ("[1, 2]", "[]", '[{"name": "unknown", "arguments": {}}]',
+                       '[TOOL_CALLS][{"name": "get_time", "arguments": {}}, 3]',
+                       "[a link](http://x)"):
+        assert parser.parse(not_a_call) == (not_a_call, [])
+    # streamed: content goes out until the tag, then the calls come whole at the end
+    stream = ToolCallStream(parser)
+    sent = []
+    for piece in ["Checking", ". [TOOL", "_CALLS][", array[1:]]:
+        sent += stream.feed(piece)
+    assert "".join(d["content"] for d in sent) == "Checking. "
+    last, is_call = stream.finish()
+    assert is_call and [c["function"]["name"] for c in last[-1]["tool_calls"]] == \
+        ["get_weather", "get_time"]
+    # an answer that opens with "[" and is no call is held, then sent whole as content
+    plain = ToolCallStream(parser)
+    assert plain.feed("[a link]") == [] and plain.feed("(http://x)") == []
+    assert plain.finish() == ([{"content": "[a link](http://x)"}], False)
+
+
 def test_streamed_auto_output_sends_content_then_holds_a_call():
     stream = ToolCallStream(ToolCallParser("auto", ["get_time"]))
     sent = []

@@ -42,7 +42,7 @@ KEPT = {"--enable-server-load-tracking", "--enable-prefix-caching", "--no-enable
 DROPPED_WITH_VALUE = {
     "--dtype": "the cpu backend computes in float32",
     "--gpu-memory-utilization": "no GPU here",
-    "--tool-call-parser": "the hermes-style <tool_call> parser is the only one and always on",
+    "--tool-call-parser": "calls in the Hermes, Llama 3 JSON and Mistral forms are always read",
     # LoRA: the tests that ask for an adapter's model name are skipped (pytest_collection_...).
     "--lora-modules": "no LoRA", "--max-lora-rank": "no LoRA", "--max-cpu-loras": "no LoRA",
     "--max-loras": "no LoRA",
