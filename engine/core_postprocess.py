@@ -59,6 +59,10 @@ class Postprocessor:
         if any(seq.matcher is not None for seq in seqs):
             # Constrained steps never speculate (EngineCore.step), so row i is sequence i here.
             verdicts = grammars.advance([seq.matcher for seq in seqs], tokens, errors)
+        for i, seq in enumerate(seqs):  # (nor do steps with a later matcher)
+            if seq.later_matcher is not None and _ends_with(
+                    seq, tokens[i], seq.sampling_params.structured_outputs_after):
+                seq.matcher, seq.later_matcher = seq.later_matcher, None  # from the next token
         if on_advanced is not None:
             on_advanced()
         r = 0  # this sequence's first row
@@ -203,3 +207,14 @@ def _fork_beam(parent: Sequence) -> Sequence:
                      next_prompt_logprob=parent.num_prompt_tokens)
     child.num_cached_tokens, child.admitted = parent.num_cached_tokens, parent.admitted
     return child
+
+
+def _ends_with(seq: Sequence, token: int, ids: list[int]) -> bool:
+    """Whether `seq`'s output, `token` appended, ends with `ids`."""
+    if token != ids[-1]:
+        return False
+    before = ids[:-1]
+    if not before:
+        return True
+    return (len(seq.token_ids) - seq.num_prompt_tokens >= len(before)
+            and seq.token_ids[len(seq.token_ids) - len(before) :] == before)

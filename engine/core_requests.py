@@ -125,6 +125,12 @@ class RequestTable:
                 shown = bad if len(bad) <= 16 else f"{bad[:16]} (and {len(bad) - 16} more)"
                 raise ParamError(name, f"{name} has token id(s) {shown} out of vocabulary "
                                        f"(vocab_size {vocab})")
+        after = params.structured_outputs_after
+        if after is not None and (not after or not all(0 <= t < vocab for t in after)
+                                  or params.structured_outputs is None):
+            raise ParamError("structured_outputs", f"structured_outputs_after must be token ids "
+                             f"(vocab_size {vocab}) after which structured_outputs hold, got "
+                             f"{after[:16]}")
         words = params.bad_words_token_ids
         if params.bad_words and words is None:
             raise ParamError("bad_words", "bad_words reach the engine core as token ids, which "
@@ -188,8 +194,12 @@ class RequestTable:
             if error is not None:
                 self.fail(req.request_id, str(error), outputs)
                 continue
+            later = bool(req.seqs[0].sampling_params.structured_outputs_after)
             for seq in req.seqs:
-                seq.matcher = req.grammar.result().deep_copy()
+                if later:  # it takes over once the output ends with those ids
+                    seq.later_matcher = req.grammar.result().deep_copy()
+                else:
+                    seq.matcher = req.grammar.result().deep_copy()
                 seq.is_waiting_for_grammar = False
             req.grammar = None
         self.compiling = still

@@ -243,7 +243,8 @@ class EngineCore:
 
     def _has_constrained(self) -> bool:
         s = self.scheduler
-        return any(seq.matcher is not None for seq in (*s.running, *s.waiting))
+        return any(seq.matcher is not None or seq.later_matcher is not None
+                   for seq in (*s.running, *s.waiting))
 
     def _read(self, done: _Launched, outputs: list[SeqOutput], commit_first=False,
               on_advanced=None) -> None:
@@ -259,23 +260,23 @@ class EngineCore:
                 done.rows, sampled, outputs, self.grammars, self.spec, on_advanced)
 
     def _mask_filler(self, rows: list[Sequence], outputs: list[SeqOutput]):
-        """fill_bitmask for runner.launch when a row is constrained, else None."""
-        if all(seq.matcher is None for seq in rows):
+        """fill_bitmask for runner.launch when a row is constrained (or may become so: a later
+        matcher takes over once the previous token ends what it waits for), else None."""
+        if all(seq.matcher is None and seq.later_matcher is None for seq in rows):
             return None
 
         def fill(out):
             # Called with this step's forward queued. A constrained row's mask needs its
             # sequence's previous token: read the step in flight first. Once its matchers have
-            # advanced, the masks fill on the grammar threads while the rest of its
-            # postprocessing runs here; a row that finishes meanwhile gets a mask it never
-            # uses (its token is dropped).
-            matchers = [seq.matcher for seq in rows]
+            # advanced (and later matchers taken over), the masks fill on the grammar threads
+            # while the rest of its postprocessing runs here; a row that finishes meanwhile
+            # gets a mask it never uses (its token is dropped).
             if self._in_flight is None:
-                return self.grammars.fill_bitmask(matchers, out)
+                return self.grammars.fill_bitmask([seq.matcher for seq in rows], out)
             done, self._in_flight = self._in_flight, None
             filling = []
             self._read(done, outputs, on_advanced=lambda: filling.append(
-                self.grammars.fill_bitmask_soon(matchers, out)))
+                self.grammars.fill_bitmask_soon([seq.matcher for seq in rows], out)))
             if filling:
                 return filling[0].result()
             # Its step failed: no matcher advanced; a failed row has no matcher any more.

@@ -37,7 +37,7 @@ from server.protocol import (
     parse_prompts,
     parse_sampling_params,
 )
-from server.reasoning import PROMPT_TAIL_TOKENS, ReasoningParser
+from server.reasoning import END, PROMPT_TAIL_TOKENS, ReasoningParser
 from server.structured import check_compiles, parse_structured_outputs
 from server.timeline import mark_arrival
 from server.tool_calls import ToolCallParser, parse_tools, tool_grammar
@@ -127,18 +127,27 @@ async def chat_call(request: Request, body: dict, call_id: str,
     if tools and tool_choice != "none":
         call.tool_parser = ToolCallParser(tool_choice, [t["function"]["name"] for t in tools],
                                           parallel)
-    call.reasoning = _reasoning_parser(request, engine, ids, so is not None)
+    call.reasoning = _reasoning_parser(request, engine, ids, params)
     return call, ids
 
 
-def _reasoning_parser(request: Request, engine, ids: list[int], constrained: bool
+def _reasoning_parser(request: Request, engine, ids: list[int], params
                       ) -> ReasoningParser | None:
-    """--reasoning-parser's reader of answers to the prompt `ids`; None without the flag."""
+    """--reasoning-parser's reader of answers to the prompt `ids`; None without the flag. Where
+    the answer starts inside the reasoning block, a grammar (params.structured_outputs) holds
+    only after the block: from the token after its closing tag."""
     kind = request.app.state.settings.reasoning_parser
     if kind is None:
         return None
     tail = engine.tokenizer.decode(ids[-PROMPT_TAIL_TOKENS:], skip_special_tokens=False)
-    return ReasoningParser.for_prompt(kind, tail, constrained)
+    parser = ReasoningParser.for_prompt(kind, tail, constrained=False)
+    if params.structured_outputs is not None:
+        if parser.open_at_start:
+            params.structured_outputs_after = engine.tokenizer.encode(
+                END, add_special_tokens=False)
+        else:  # the grammar holds from the first token: it decides whether a block comes
+            parser = ReasoningParser.for_prompt(kind, tail, constrained=True)
+    return parser
 
 
 # Chat fields that hold for one conversation, or answer in pieces: not taken by the batch route.
@@ -194,7 +203,7 @@ async def chat_completions_batch(request: Request):
     call = _chat_call(request, engine, model, params, extras, tokens_field, options,
                       new_id("chatcmpl"))
     # one template renders every conversation: where the first leaves the answer, all do
-    call.reasoning = _reasoning_parser(request, engine, token_lists[0], so is not None)
+    call.reasoning = _reasoning_parser(request, engine, token_lists[0], params)
     return await call.run(token_lists, False, False)
 
 

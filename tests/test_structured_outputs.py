@@ -320,3 +320,52 @@ def test_a_grammar_error_reaches_the_request_as_its_first_line(failed_already):
     compiler = GrammarCompiler(lambda: None, vocab_size=64)
     verdicts = compiler.advance([_FailingMatcher(failed_already), None], [5, 6], skip=set())
     assert verdicts == ["Too many items (limit 50000; ff_tokens)", ACCEPTED]
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_grammar_after_given_tokens_holds_from_the_next_one(make_engine, overlap):
+    """structured_outputs_after (the server's --reasoning-parser sets it to </think>): the
+    output is free until it ends with those tokens, then held to the grammar; never if they
+    never come. The same in the overlapped loop, where the tokens that end the wait are read
+    only after the next step is launched."""
+    from conftest import step_to_end
+
+    def run(after, n=2, max_tokens=24, seed=3):
+        engine = make_engine(text=True, async_scheduling=overlap, num_kv_blocks=256)
+        params = SamplingParams(n=n, temperature=1.0, seed=seed, max_tokens=max_tokens,
+                                structured_outputs=StructuredOutputsParams(choice=CHOICES))
+        params.structured_outputs_after = after
+        engine.add_request("r", "Answer:", params)
+        return [c.token_ids for c in step_to_end(engine)["r"].outputs]
+
+    free = [c.token_ids for c in _free(make_engine, overlap)]
+    tok = make_engine(text=True).tokenizer
+    for cut in (2, 5):  # the first sample's own tokens [cut - 2, cut) end the wait
+        after = free[0][cut - 2 : cut]
+        got = run(after)
+        assert got[0][:cut] == free[0][:cut]  # free up to there: the same seeded draws
+        assert tok.decode(got[0][cut:]) in CHOICES  # then one of the choices, and the end
+        # the other sample never made those tokens: free all the way (noise up to max_tokens;
+        # the first sample's end changes the batch, so its last bits may differ from free's)
+        assert len(got[1]) == 24 and tok.decode(got[1]) not in CHOICES
+        assert not any(got[1][i : i + 2] == after for i in range(23))
+    assert run([tok.encode("</think>", add_special_tokens=False)[0], 49151]) == free
+
+
+def _free(make_engine, overlap):
+    from conftest import step_to_end
+
+    engine = make_engine(text=True, async_scheduling=overlap, num_kv_blocks=256)
+    engine.add_request("r", "Answer:", SamplingParams(n=2, temperature=1.0, seed=3,
+                                                      max_tokens=24))
+    return step_to_end(engine)["r"].outputs
+
+
+def test_structured_outputs_after_is_checked(engine):
+    for after, so in (([], CHOICES), ([49152], CHOICES), ([5], None)):
+        params = SamplingParams(structured_outputs=so and StructuredOutputsParams(choice=so))
+        params.structured_outputs_after = after
+        with pytest.raises(ValueError, match="structured_outputs_after") as e:
+            engine.add_request("r", "Answer:", params)
+        assert e.value.field == "structured_outputs"
+    assert not engine.has_unfinished_requests()

@@ -196,6 +196,9 @@ class SamplingParams:
     # bad_words as token id sequences: the front (OutputProcessor, which has the tokenizer)
     # sets them, the engine core reads them
     bad_words_token_ids: list[list[int]] | None = field(default=None, init=False, repr=False)
+    # structured_outputs hold only from the token after the output first ends with these ids
+    # (the server sets them under --reasoning-parser: the end of a reasoning block)
+    structured_outputs_after: list[int] | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         if self.stop is not None and not isinstance(self.stop, (str, list, tuple)):

@@ -360,9 +360,9 @@ class Scheduler:
         for child in seq.forks:  # ended before its prompt was computed: so do its forks
             child.status = SequenceStatus.FINISHED
             child.finish_reason = reason
-            child.matcher = None
+            child.matcher = child.later_matcher = None
         seq.forks = []
-        seq.matcher = None  # its grammar's state (structured outputs) ends with it
+        seq.matcher = seq.later_matcher = None  # its grammar's state ends with it
         if self._block_copies:  # a fork that ends before a batch ran its copies
             self._block_copies = [c for c in self._block_copies if c[0] is not seq]
         if seq.status == SequenceStatus.RUNNING:

@@ -56,6 +56,9 @@ class Sequence:
     # and whether its grammar is still compiling (the scheduler leaves it waiting until then).
     matcher: object = None
     is_waiting_for_grammar: bool = False
+    # A matcher that takes over (becomes `matcher`) once the output ends with
+    # sampling_params.structured_outputs_after: the grammar holds from the token after those.
+    later_matcher: object = None
 
     @property
     def wants_prompt_logprobs(self) -> bool:
