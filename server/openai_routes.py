@@ -125,8 +125,9 @@ async def chat_call(request: Request, body: dict, call_id: str,
     call = _chat_call(request, engine, model, params, extras, tokens_field, options, call_id,
                       call_class)
     if tools and tool_choice != "none":
-        call.tool_parser = ToolCallParser(tool_choice, [t["function"]["name"] for t in tools],
-                                          parallel)
+        call.tool_parser = ToolCallParser(
+            tool_choice, [t["function"]["name"] for t in tools], parallel,
+            {t["function"]["name"]: t["function"].get("parameters") or {} for t in tools})
     call.reasoning = _reasoning_parser(request, engine, ids, params)
     return call, ids
 

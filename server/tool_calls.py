@@ -6,8 +6,10 @@
     calls = ToolCallParser(choice, names)        # output text -> (content, tool_calls)
 
 How a model writes a call ("auto"): the Hermes / Qwen form `<tool_call>{"name": ..., "arguments":
-{...}}</tool_call>` (one block per call), Llama 3.x's bare JSON `{"name": ..., "parameters":
-{...}}` (several separated by ";"), or Mistral's `[TOOL_CALLS]` and a JSON array of such objects
+{...}}</tool_call>` (one block per call; Qwen3-Coder's blocks hold `<function=NAME>` and a
+`<parameter=KEY>` block per argument instead of JSON, read as the tool's schema types them),
+Llama 3.x's bare JSON `{"name": ..., "parameters": {...}}` (several separated by ";"), or
+Mistral's `[TOOL_CALLS]` and a JSON array of such objects
 (the tag is a special token, so the text may hold the array alone). With "required" the grammar
 makes the output a JSON array of {"name", "arguments"} objects; with a named tool it makes the
 output that tool's arguments object.
@@ -147,9 +149,11 @@ def new_call(name: str, arguments) -> dict:
 class ToolCallParser:
     """Reads one choice's output as tool calls, whole or as it streams."""
 
-    def __init__(self, choice: str, names: list[str], parallel: bool = True):
+    def __init__(self, choice: str, names: list[str], parallel: bool = True,
+                 schemas: dict[str, dict] | None = None):
         self.choice, self.names = choice, set(names)
         self.parallel = parallel  # False: the first call only (parallel_tool_calls)
+        self.schemas = schemas or {}  # name -> parameters: how <parameter=...> text is typed
 
     @property
     def named(self) -> bool:
@@ -210,11 +214,27 @@ class ToolCallParser:
         return calls if all(calls) else []
 
     def _call(self, body: str) -> dict | None:
+        if body.startswith("<function="):
+            return self._xml_call(body)
         try:
             obj = json.loads(body)
         except (ValueError, RecursionError):
             return None
         return self._call_of(obj)
+
+    def _xml_call(self, body: str) -> dict | None:
+        """Qwen3-Coder's `<function=NAME><parameter=KEY>value</parameter>...</function>`: each
+        value is text (one newline at each end dropped), typed by the tool's schema."""
+        match = _XML_FUNCTION.fullmatch(body)
+        if match is None or match[1] not in self.names:
+            return None
+        properties = self.schemas.get(match[1], {}).get("properties") or {}
+        args = {}
+        for key, value in _XML_PARAMETER.findall(match[2]):
+            value = value.removeprefix("\n").removesuffix("\n")
+            args[key] = _typed(value, properties.get(key))
+        rest = _XML_PARAMETER.sub("", match[2])
+        return new_call(match[1], args) if not rest.strip() else None
 
     def _call_of(self, obj) -> dict | None:
         name = obj.get("name") if isinstance(obj, dict) else None
@@ -225,6 +245,22 @@ class ToolCallParser:
             return new_call(obj["name"], args if _is_json_object(args)  # other text goes as a
                             else json.dumps(args, ensure_ascii=False))  # JSON string (as vLLM)
         return new_call(obj["name"], args) if isinstance(args, dict) else None
+
+
+_XML_FUNCTION = re.compile(r"<function=([^>\n]+)>(.*?)</function>", re.S)
+_XML_PARAMETER = re.compile(r"<parameter=([^>\n]+)>(.*?)</parameter>", re.S)
+
+
+def _typed(text: str, schema) -> object:
+    """A <parameter> value as its schema's type says (JSON for numbers, booleans, null, objects
+    and arrays); as text where the schema says string, says nothing, or the text does not parse."""
+    kind = schema.get("type") if isinstance(schema, dict) else None
+    if kind in (None, "string") or isinstance(kind, list) and "string" in kind:
+        return text
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return text
 
 
 def _is_json_object(text: str) -> bool:

@@ -241,6 +241,32 @@ def test_auto_tool_calls_are_parsed_from_hermes_and_llama_forms():
         assert parser.parse(not_a_call) == (not_a_call, [])
 
 
+def test_auto_tool_calls_are_parsed_from_qwen3_coder_blocks():
+    schema = {"properties": {"city": {"type": "string"}, "days": {"type": "integer"},
+                             "hot": {"type": "boolean"}, "stops": {"type": "array"},
+                             "note": {"type": ["string", "null"]}}}
+    parser = ToolCallParser("auto", ["plan", "get_time"], schemas={"plan": schema})
+    text = ("I will plan it.\n<tool_call>\n<function=plan>\n<parameter=city>\nNew York\n"
+            "</parameter>\n<parameter=days>\n3\n</parameter>\n<parameter=hot>\nfalse\n"
+            "</parameter>\n<parameter=stops>\n[1, 2]\n</parameter>\n<parameter=note>\n"
+            "two\nlines\n</parameter>\n<parameter=extra>\n7\n</parameter>\n</function>\n"
+            "</tool_call>\n<tool_call>\n<function=get_time>\n</function>\n</tool_call>")
+    content, calls = parser.parse(text)
+    assert content == "I will plan it.\n"
+    assert [(c["function"]["name"], json.loads(c["function"]["arguments"])) for c in calls] == [
+        ("plan", {"city": "New York", "days": 3, "hot": False, "stops": [1, 2],
+                  "note": "two\nlines", "extra": "7"}),  # no schema for extra: text
+        ("get_time", {})]
+    # a value its type does not parse stays text; an unknown function or stray text is no call
+    _, [call] = parser.parse("<tool_call><function=plan><parameter=days>three</parameter>"
+                             "</function></tool_call>")
+    assert json.loads(call["function"]["arguments"]) == {"days": "three"}
+    for not_a_call in ("<tool_call><function=nope></function></tool_call>",
+                       "<tool_call><function=plan>stray<parameter=days>3</parameter>"
+                       "</function></tool_call>"):
+        assert parser.parse(not_a_call) == (not_a_call, [])
+
+
 def test_auto_tool_calls_are_parsed_from_mistral_forms():
     parser = ToolCallParser("auto", ["get_weather", "get_time"])
     array = ('[{"name": "get_weather", "arguments": {"city": "Rome", "unit": "c"}}, '
