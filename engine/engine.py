@@ -108,6 +108,8 @@ class LLMEngine:
             raise TypeError("sampling_params must be a SamplingParams, "
                             f"got {type(params).__name__}")
         text, ids = encode_prompt(self.tokenizer, prompt)
+        if params.bad_words:  # afresh: the caller's params may have met another tokenizer
+            self.processor.tokenize_bad_words(params)
         if params.structured_outputs is not None:
             # Compiled here, in the caller's thread, so a grammar that does not compile is this
             # call's ValueError; the core then finds it in the compiler's cache.

@@ -68,11 +68,8 @@ class OutputProcessor:
                     params: SamplingParams, arrival_time: float) -> None:
         if params.stop_list and self.tokenizer is None:
             raise ParamError("stop", "stop strings need a tokenizer, and the model has none")
-        if params.bad_words:
-            if self.tokenizer is None:
-                raise ParamError("bad_words", "bad_words need a tokenizer, and the model has "
-                                              "none")
-            params.bad_words_token_ids = bad_words_token_ids(self.tokenizer, params.bad_words)
+        if params.bad_words and params.bad_words_token_ids is None:
+            self.tokenize_bad_words(params)
         states = []
         for i in range(params.n):
             detok = None
@@ -85,6 +82,13 @@ class OutputProcessor:
                                    detok, logprobs=[] if params.logprobs is not None else None))
         self._requests[request_id] = _Request(request_id, prompt, prompt_token_ids, params,
                                               states, RequestMetrics(arrival_time), params.n)
+
+    def tokenize_bad_words(self, params: SamplingParams) -> None:
+        """Set params.bad_words_token_ids from params.bad_words (add_request does it when the
+        caller has not: the server does it once a call, off its event loop for long lists)."""
+        if self.tokenizer is None:
+            raise ParamError("bad_words", "bad_words need a tokenizer, and the model has none")
+        params.bad_words_token_ids = bad_words_token_ids(self.tokenizer, params.bad_words)
 
     def has_request(self, request_id: str) -> bool:
         return request_id in self._requests

@@ -103,6 +103,14 @@ class GenerationCall:
 
     async def _submit(self, group, token_lists):
         arrived, tokenized = arrival_of(self.request), time.monotonic()
+        words = self.params.bad_words
+        if words:  # once for the call's prompts; 128 long words take ~20 ms
+            try:
+                await off_loop(sum(map(len, words)), group.engine.processor.tokenize_bad_words,
+                               self.params)
+            except ParamError as e:
+                self._release()
+                raise param_error(e, self.chat, self.tokens_field) from None
         try:
             for request_id, ids in zip(self.index_of, token_lists, strict=True):
                 group.engine.timeline.start(request_id, arrived, tokenized)

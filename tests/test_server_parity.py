@@ -331,6 +331,11 @@ def test_bad_words_over_http(server, client):
     assert out != free.token_ids
     for w in bad_words_token_ids(tok, [word]):
         assert not any(out[i : i + len(w)] == w for i in range(len(out)))
+    # a long list (tokenized off the event loop) with the same word among 127 others
+    many = [f"{i} " + "zq" * 100 for i in range(127)] + [word]
+    again = client.chat.completions.create(**ask, messages=msgs,
+                                           extra_body={**ids, "bad_words": many}).choices[0]
+    assert again.token_ids == banned.token_ids
 
 
 SAYING = "An apple a day, keeps"
