@@ -135,6 +135,8 @@ class RequestTable:
         if params.bad_words and words is None:
             raise ParamError("bad_words", "bad_words reach the engine core as token ids, which "
                                           "the front (OutputProcessor) sets from the tokenizer")
+        if words is not None and not all(words):
+            raise ParamError("bad_words", "bad_words hold a word of no tokens")
         bad = sorted({t for ids in words or () for t in ids if not 0 <= t < vocab})
         if bad:
             raise ParamError("bad_words", f"bad_words have token id(s) {bad[:16]} out of "

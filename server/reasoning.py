@@ -10,10 +10,12 @@ clients read), the rest as `content`.
 Where the reasoning starts: at an opening <think> the answer begins with, or at the answer's
 first character where the block is already open there: the chat template ended the prompt with
 <think> (DeepSeek-R1's, Qwen3.5's and Qwen3-Thinking's templates do), or `deepseek_r1`, whose
-models may leave the opening tag out. Under a grammar (structured outputs, forced tool calls)
-the answer starts outside the block: the grammar decides whether it holds one. The block ends at
-</think>; an answer that ends inside it (max_tokens) is all reasoning. Tool calls are read from
-the content only.
+models may leave the opening tag out (unless the prompt's end closed a block: thinking off). The
+block ends at </think>; an answer that ends inside it (max_tokens) is all reasoning. Tool calls
+are read from the content only. A grammar (structured outputs, forced tool calls) holds after the
+block where the answer starts inside it (server/openai_routes.py sets
+SamplingParams.structured_outputs_after); elsewhere it holds from the first token, and the answer
+starts outside the block (`constrained`): the grammar decides whether it opens one.
 """
 
 from __future__ import annotations
@@ -38,7 +40,10 @@ class ReasoningParser:
 
     @classmethod
     def for_prompt(cls, kind: str, prompt_tail: str, constrained: bool) -> ReasoningParser:
-        opened = kind == "deepseek_r1" or prompt_opens_reasoning(prompt_tail)
+        if kind == "deepseek_r1":  # open unless the prompt's end closed a block
+            opened = prompt_tail.rfind(END) <= prompt_tail.rfind(START)
+        else:
+            opened = prompt_opens_reasoning(prompt_tail)
         return cls(kind, opened and not constrained)
 
     def split(self, text: str) -> tuple[str | None, str | None]:

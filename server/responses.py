@@ -125,7 +125,9 @@ class ResponsesCall(GenerationCall):
         reason, usage and reasoning (--reasoning-parser): the one builder of streamed and whole
         answers alike."""
         status = "incomplete" if finish_reason == "length" else "completed"
-        output = [reasoning_item(self.id, reasoning, status)] if reasoning else []
+        # the reasoning is complete where text or calls came after it
+        output = ([reasoning_item(self.id, reasoning, "completed" if text or calls else status)]
+                  if reasoning else [])
         if text or not (calls or reasoning):
             output.append(message_item(self.id, text, status))
         output += [function_call_item(c) for c in calls]

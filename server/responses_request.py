@@ -72,8 +72,9 @@ def read_request(body: dict) -> ResponsesRequest:
             raise bad_request(name, f"'{name}': {why}")
     reasoning = get_field(body, "reasoning", "dict", {})
     if reasoning.get("effort") not in (None, "none") or reasoning.get("summary") is not None:
-        raise bad_request("reasoning", "'reasoning': this server returns no reasoning and sets "
-                          "no reasoning effort")
+        raise bad_request("reasoning", "'reasoning': this server sets no reasoning effort and "
+                          "writes no summary (a thinking model's reasoning comes back as an "
+                          "output item under --reasoning-parser)")
     if get_field(body, "truncation", "str", "disabled") != "disabled":
         raise bad_request("truncation", "'truncation' must be 'disabled': an input longer than "
                                         "the context is refused, never cut")
@@ -118,15 +119,16 @@ def _read_item(item, at: str) -> dict:
         return {"type": kind, "call_id": item["call_id"], "name": item["name"],
                 "arguments": item["arguments"]}
     if kind == "reasoning":  # an earlier answer's (--reasoning-parser), sent back
-        parts = [*(item.get("content") or ()), *(item.get("summary") or ())]
+        content, summary = item.get("content") or [], item.get("summary") or []
+        parts = [*content, *summary] if isinstance(content, list) \
+            and isinstance(summary, list) else [None]
         if not all(isinstance(p, dict) and isinstance(p.get("text"), str) for p in parts):
             raise bad_request(f"{at}.content", f"{at}: a reasoning item's content and summary "
                                                "are text parts")
         if item.get("encrypted_content") is not None:
             raise bad_request(f"{at}.encrypted_content", f"{at}.encrypted_content is not "
                               "supported: this server sends its reasoning as text")
-        text = "".join(p["text"] for p in item.get("content") or ()) or "\n".join(
-            p["text"] for p in item.get("summary") or ())
+        text = "".join(p["text"] for p in content) or "\n".join(p["text"] for p in summary)
         return {"type": kind, "text": text}
     if kind == "function_call_output":
         if not isinstance(item.get("call_id"), str):

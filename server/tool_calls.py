@@ -228,7 +228,9 @@ class ToolCallParser:
         match = _XML_FUNCTION.fullmatch(body)
         if match is None or match[1] not in self.names:
             return None
-        properties = self.schemas.get(match[1], {}).get("properties") or {}
+        properties = self.schemas.get(match[1], {}).get("properties")
+        if not isinstance(properties, dict):  # the request's schema: anything may come
+            properties = {}
         args = {}
         for key, value in _XML_PARAMETER.findall(match[2]):
             value = value.removeprefix("\n").removesuffix("\n")
@@ -258,9 +260,13 @@ def _typed(text: str, schema) -> object:
     if kind in (None, "string") or isinstance(kind, list) and "string" in kind:
         return text
     try:
-        return json.loads(text)
+        return json.loads(text, parse_constant=_no_constant)
     except (ValueError, RecursionError):
         return text
+
+
+def _no_constant(name: str):
+    raise ValueError(f"{name} is not JSON")  # NaN, Infinity: arguments must stay JSON
 
 
 def _is_json_object(text: str) -> bool:

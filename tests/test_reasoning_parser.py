@@ -32,10 +32,13 @@ def test_split_by_hand(text, opened, want):
     ("qwen3", "<|im_start|>assistant\n<think>\n", True, False),  # a grammar decides
     ("deepseek_r1", "<｜Assistant｜>", False, True),
     ("deepseek_r1", "<｜Assistant｜>", True, False),
+    ("deepseek_r1", "<｜Assistant｜><think>\n\n</think>\n\n", False, False),  # thinking off
 ])
 def test_where_the_block_is_open(kind, tail, constrained, want):
     assert ReasoningParser.for_prompt(kind, tail, constrained).open_at_start is want
     assert prompt_opens_reasoning(tail) is tail.rstrip().endswith("<think>")
+    if kind == "deepseek_r1" and not constrained:
+        assert want is not tail.rstrip().endswith("</think>")
 
 
 PIECES = ["<think>", "</think>", "<thi", "nk>", "</th", "ink>", "<", "/", ">", "plan", " ", "\n",

@@ -401,6 +401,8 @@ def test_get_and_delete_stored_responses(server, client):
      "input[0].encrypted_content"),
     ({"input": [{"type": "reasoning", "summary": [{"type": "summary_text"}]}]},
      "input[0].content"),
+    ({"input": [{"type": "reasoning", "summary": 5}]}, "input[0].content"),
+    ({"input": [{"type": "reasoning", "content": True}]}, "input[0].content"),
     ({"input": [{"role": "tool", "content": "x"}]}, "input[0].role"),
     ({"input": []}, "input"),
     ({"input": [{"type": "function_call_output", "call_id": "call_x", "output": "1"}]},

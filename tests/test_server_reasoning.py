@@ -228,6 +228,9 @@ def test_a_streamed_response_closes_its_reasoning_before_its_text(monkeypatch):
     assert final.output[0].content[0].text == "think hard"
     assert final.output[1].content[0].text == "Sunny."
     assert final.usage.output_tokens_details.reasoning_tokens == 2
+    # cut at max_tokens after the reasoning: the reasoning is complete, the message is not
+    cut = valid_response(call.finished("Sun", [], "length", usage, "think hard"))
+    assert [o.status for o in cut.output] == ["completed", "incomplete"]
 
 
 def test_the_batch_route_splits_each_conversation(server):

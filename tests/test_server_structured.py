@@ -261,6 +261,14 @@ def test_auto_tool_calls_are_parsed_from_qwen3_coder_blocks():
     _, [call] = parser.parse("<tool_call><function=plan><parameter=days>three</parameter>"
                              "</function></tool_call>")
     assert json.loads(call["function"]["arguments"]) == {"days": "three"}
+    # NaN is no JSON number: it stays text; a schema whose properties are no object types nothing
+    _, [call] = parser.parse("<tool_call><function=plan><parameter=days>NaN</parameter>"
+                             "</function></tool_call>")
+    assert json.loads(call["function"]["arguments"]) == {"days": "NaN"}
+    odd = ToolCallParser("auto", ["plan"], schemas={"plan": {"properties": ["days"]}})
+    _, [call] = odd.parse("<tool_call><function=plan><parameter=days>3</parameter>"
+                          "</function></tool_call>")
+    assert json.loads(call["function"]["arguments"]) == {"days": "3"}
     for not_a_call in ("<tool_call><function=nope></function></tool_call>",
                        "<tool_call><function=plan>stray<parameter=days>3</parameter>"
                        "</function></tool_call>"):

@@ -162,9 +162,10 @@ def _bad_word_bans(seq) -> list[tuple[int, int]]:
     words = seq.sampling_params.bad_words_token_ids
     if not words:
         return []
-    before = seq.output_token_ids  # the generated tokens before the previous one
-    if seq.num_computed_tokens < len(seq.token_ids):  # the previous one is known: not pending
-        before = before[:-1]
+    # The generated tokens before the previous one: only the last (longest word - 2) matter.
+    end = len(seq.token_ids) - (seq.num_computed_tokens < len(seq.token_ids))  # known: not it
+    start = max(seq.num_prompt_tokens, end - max(map(len, words)) + 2)
+    before = seq.token_ids[start:end] if end > start else []
     bans = []
     for ids in words:
         if len(ids) == 1:
