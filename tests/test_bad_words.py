@@ -182,6 +182,9 @@ def test_the_engine_refuses_what_it_cannot_ban(make_engine):
     with pytest.raises(ParamError, match="need a tokenizer") as e:
         engine.add_request("a", {"prompt_token_ids": [5, 6]}, SamplingParams(bad_words=["x"]))
     assert e.value.field == "bad_words"
+    with pytest.raises(ParamError, match="a word of no tokens") as e:
+        engine.add_request("e", {"prompt_token_ids": [5, 6]}, with_ids(SamplingParams(), [[]]))
+    assert e.value.field == "bad_words"
     with pytest.raises(ParamError, match=r"\[512\] out of vocabulary") as e:
         engine.add_request("b", {"prompt_token_ids": [5, 6]},
                            with_ids(SamplingParams(), [[5, 512]]))
