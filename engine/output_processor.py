@@ -11,6 +11,7 @@ It runs wherever the tokenizer runs: in LLMEngine's process, or in the API proce
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from dataclasses import dataclass
 
@@ -63,6 +64,8 @@ class OutputProcessor:
     def __init__(self, tokenizer):
         self.tokenizer = tokenizer  # None: token ids only, no text and no stop strings
         self._requests: dict[str, _Request] = {}
+        self._bad_words: dict[tuple[str, ...], list[list[int]]] = {}  # tokenize_bad_words
+        self._bad_words_lock = threading.Lock()
 
     def add_request(self, request_id: str, prompt: str | None, prompt_token_ids: list[int],
                     params: SamplingParams, arrival_time: float) -> None:
@@ -85,10 +88,21 @@ class OutputProcessor:
 
     def tokenize_bad_words(self, params: SamplingParams) -> None:
         """Set params.bad_words_token_ids from params.bad_words (add_request does it when the
-        caller has not: the server does it once a call, off its event loop for long lists)."""
+        caller has not: the server does it once a call, off its event loop for long lists).
+        The last lists are kept: LLM.generate's prompts share one list."""
         if self.tokenizer is None:
             raise ParamError("bad_words", "bad_words need a tokenizer, and the model has none")
-        params.bad_words_token_ids = bad_words_token_ids(self.tokenizer, params.bad_words)
+        key = tuple(params.bad_words)
+        with self._bad_words_lock:  # the server's tokenizing threads and its event loop
+            ids = self._bad_words.get(key)
+        if ids is None:
+            ids = bad_words_token_ids(self.tokenizer, params.bad_words)
+        with self._bad_words_lock:
+            self._bad_words.pop(key, None)
+            self._bad_words[key] = ids  # the newest last
+            if len(self._bad_words) > 16:
+                del self._bad_words[next(iter(self._bad_words))]
+        params.bad_words_token_ids = [list(w) for w in ids]  # the caller's own copy
 
     def has_request(self, request_id: str) -> bool:
         return request_id in self._requests

@@ -201,3 +201,21 @@ def test_the_engine_refuses_what_it_cannot_ban(make_engine):
                                                   0.0))
     assert e.value.field == "bad_words"
     assert not engine.has_unfinished_requests()
+
+
+def test_a_list_of_words_is_tokenized_once_and_each_request_gets_its_own_ids(make_engine,
+                                                                            monkeypatch):
+    from engine import output_processor
+
+    calls = []
+    real = output_processor.bad_words_token_ids
+    monkeypatch.setattr(output_processor, "bad_words_token_ids",
+                        lambda tok, words: calls.append(words) or real(tok, words))
+    engine = make_engine(text=True)
+    params = [SamplingParams(max_tokens=2, bad_words=["hello", "big cat"]) for _ in range(3)]
+    for i, p in enumerate(params):
+        engine.add_request(f"r{i}", "Hi", p)
+    assert len(calls) == 1
+    assert params[0].bad_words_token_ids == params[2].bad_words_token_ids
+    assert params[0].bad_words_token_ids is not params[2].bad_words_token_ids
+    step_to_end(engine)
