@@ -43,7 +43,7 @@ async def chat_chunks(call, group, include_usage: bool):
     count_choices = continuous or (include_usage and call.per_request_metrics)
     current: list[dict] = [call.usage(0)]  # the usage of the choice being written
     sent_prompt_ids = []
-    tool_streams: dict[int, _Readers] = {}  # choice index -> its readers
+    choice_readers: dict[int, _Readers] = {}  # choice index -> its readers
 
     def chunk(choices, use=None, metrics=None):
         if continuous and use is None:
@@ -93,7 +93,7 @@ async def chat_chunks(call, group, include_usage: bool):
                         continue
                     if c.finished:
                         closed.add(key)
-                    pieces += _choice_chunks(call, chunk, opened, tool_streams, out, c)
+                    pieces += _choice_chunks(call, chunk, opened, choice_readers, out, c)
             if pieces:
                 yield pieces
             for request_id in firsts:  # its chunks are written: send() returned
@@ -103,7 +103,7 @@ async def chat_chunks(call, group, include_usage: bool):
                      call.request_metrics(num_generated, max(per_choice.values(), default=0)))]
 
 
-def _choice_chunks(call, chunk, opened: set, tool_streams: dict, out, c) -> list[dict]:
+def _choice_chunks(call, chunk, opened: set, choice_readers: dict, out, c) -> list[dict]:
     """The SSE chunks for one step of choice `c` of `out` (none for a step with nothing new)."""
     pieces = []
     first = not call.chat and (out.request_id, c.index) not in opened
@@ -119,7 +119,7 @@ def _choice_chunks(call, chunk, opened: set, tool_streams: dict, out, c) -> list
     if first and call.extras.return_token_ids and not call.echo:
         choice["prompt_token_ids"] = call.token_lists[call.index_of[out.request_id]]
     if call.tool_parser is not None or call.reasoning is not None:
-        readers = tool_streams.setdefault(choice["index"], _Readers(call))
+        readers = choice_readers.setdefault(choice["index"], _Readers(call))
         return pieces + [chunk([held]) for held in _held_chunks(call, readers, choice, c)]
     if not c.delta_text and not c.finished and choice["logprobs"] is None \
             and "token_ids" not in choice and call.engine.tokenizer is not None:

@@ -155,7 +155,7 @@ def _row_bias(seq, eos_token_ids: list[int]) -> dict[int, float]:
 
 
 def _bad_word_bans(seq) -> list[tuple[int, int]]:
-    """(after, id): the row may not draw `id` when its previous token is `after` (-1: never),
+    """(after, id): the row may not draw `id` when its previous token is `after` (-1: always),
     one pair per bad word whose tokens before `after` are the ones the row generated before its
     previous token (vLLM's rule: a word's last token is banned where the output so far ends with
     the rest of it). The previous token itself may still be pending: the sampler compares it."""
