@@ -270,16 +270,19 @@ class EngineCore:
             # sequence's previous token: read the step in flight first. Once its matchers have
             # advanced (and later matchers taken over), the masks fill on the grammar threads
             # while the rest of its postprocessing runs here; a row that finishes meanwhile
-            # gets a mask it never uses (its token is dropped).
-            if self._in_flight is None:
-                return self.grammars.fill_bitmask([seq.matcher for seq in rows], out)
-            done, self._in_flight = self._in_flight, None
-            filling = []
-            self._read(done, outputs, on_advanced=lambda: filling.append(
-                self.grammars.fill_bitmask_soon([seq.matcher for seq in rows], out)))
-            if filling:
-                return filling[0].result()
-            # Its step failed: no matcher advanced; a failed row has no matcher any more.
+            # gets a mask it never uses (its token is dropped). None: no row is constrained
+            # yet (every later matcher still waits), so there is no mask to apply.
+            if self._in_flight is not None:
+                done, self._in_flight = self._in_flight, None
+                filling = []
+                self._read(done, outputs, on_advanced=lambda: filling.append(
+                    self.grammars.fill_bitmask_soon([seq.matcher for seq in rows], out)
+                    if any(seq.matcher is not None for seq in rows) else None))
+                if filling:
+                    return filling[0] and filling[0].result()
+            # Synchronous, or its step failed (no matcher advanced; a failed row has none).
+            if all(seq.matcher is None for seq in rows):
+                return None
             return self.grammars.fill_bitmask([seq.matcher for seq in rows], out)
 
         return fill

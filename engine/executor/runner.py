@@ -204,7 +204,7 @@ class ModelRunner:
         reads); .result() reads them (None when no row samples).
 
         fill_bitmask(out) fills out (R, ceil(vocab / 32)) int32 with the allowed-token bits of
-        each sampling row and returns it
+        each sampling row and returns it, or None when no row is constrained after all
         (structured outputs): called once the forward is queued, so on the GPU the host fills the
         masks while the device computes the logits; masked tokens get -inf before sampling."""
         try:
@@ -260,8 +260,9 @@ class ModelRunner:
         # runs.
         if fill_bitmask is not None:  # filled in place: the cuda backend's pinned stage
             words = -(-logits.shape[1] // 32)
-            logits = ops.apply_token_bitmask(
-                logits, fill_bitmask(ops.bitmask_buffer(logits.shape[0], words)))
+            mask = fill_bitmask(ops.bitmask_buffer(logits.shape[0], words))
+            if mask is not None:  # None: no row constrained after all
+                logits = ops.apply_token_bitmask(logits, mask)
         try:
             pending = ops.sample_start(logits, self.prepare_sampling(seqs), prev)
         except Exception as e:
