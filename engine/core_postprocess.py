@@ -56,6 +56,9 @@ class Postprocessor:
                 top[0][r], top[1][r] = ids.tolist(), lps.tolist()
         num_emitted = 0
         verdicts = None
+        for i, seq in enumerate(seqs):  # a first token that defers the grammar: it waits
+            if _defers(seq, tokens[i]):
+                seq.matcher, seq.later_matcher = None, seq.matcher
         if any(seq.matcher is not None for seq in seqs):
             # Constrained steps never speculate (EngineCore.step), so row i is sequence i here.
             verdicts = grammars.advance([seq.matcher for seq in seqs], tokens, errors)
@@ -207,6 +210,23 @@ def _fork_beam(parent: Sequence) -> Sequence:
                      next_prompt_logprob=parent.num_prompt_tokens)
     child.num_cached_tokens, child.admitted = parent.num_cached_tokens, parent.admitted
     return child
+
+
+def _defers(seq: Sequence, token: int) -> bool:
+    """Whether `token`, `seq`'s first output token, is the one that defers its grammar."""
+    return (token == seq.sampling_params.structured_outputs_deferred_by
+            and seq.matcher is not None and seq.num_output_tokens == 0)
+
+
+def allow_deferring(rows: list[Sequence], bitmask) -> None:
+    """Let the first token of each row whose grammar a first token may defer be that token
+    too (beside the grammar's own first tokens, which `bitmask` allows)."""
+    if bitmask is None:
+        return
+    for r, seq in enumerate(rows):
+        opener = seq.sampling_params.structured_outputs_deferred_by
+        if opener is not None and seq.matcher is not None and seq.num_output_tokens == 0:
+            bitmask.view(np.uint32)[r, opener >> 5] |= np.uint32(1 << (opener & 31))
 
 
 def _ends_with(seq: Sequence, token: int, ids: list[int]) -> bool:

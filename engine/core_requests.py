@@ -131,6 +131,11 @@ class RequestTable:
             raise ParamError("structured_outputs", f"structured_outputs_after must be token ids "
                              f"(vocab_size {vocab}) after which structured_outputs hold, got "
                              f"{after[:16]}")
+        opener = params.structured_outputs_deferred_by
+        if opener is not None and (after is None or not 0 <= opener < vocab):
+            raise ParamError("structured_outputs", f"structured_outputs_deferred_by must be a "
+                             f"token id (vocab_size {vocab}) beside structured_outputs_after, "
+                             f"got {opener!r}")
         words = params.bad_words_token_ids
         if params.bad_words and words is None:
             raise ParamError("bad_words", "bad_words reach the engine core as token ids, which "
@@ -196,11 +201,13 @@ class RequestTable:
             if error is not None:
                 self.fail(req.request_id, str(error), outputs)
                 continue
-            later = bool(req.seqs[0].sampling_params.structured_outputs_after)
+            params = req.seqs[0].sampling_params
+            later = (bool(params.structured_outputs_after)
+                     and params.structured_outputs_deferred_by is None)
             for seq in req.seqs:
                 if later:  # it takes over once the output ends with those ids
                     seq.later_matcher = req.grammar.result().deep_copy()
-                else:
+                else:  # (a first token structured_outputs_deferred_by makes it a later one)
                     seq.matcher = req.grammar.result().deep_copy()
                 seq.is_waiting_for_grammar = False
             req.grammar = None

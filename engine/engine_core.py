@@ -56,7 +56,7 @@ from dataclasses import dataclass
 from engine.core.introspect import Introspector
 from engine.core.outputs import EngineCoreRequest, EngineDeadError, EngineStats, SeqOutput
 from engine.core.sequence import Sequence
-from engine.core_postprocess import Postprocessor
+from engine.core_postprocess import Postprocessor, allow_deferring
 from engine.core_requests import RequestTable
 from engine.core_setup import build_core_parts
 from engine.executor.distributed import CommunicatorError
@@ -279,11 +279,15 @@ class EngineCore:
                     self.grammars.fill_bitmask_soon([seq.matcher for seq in rows], out)
                     if any(seq.matcher is not None for seq in rows) else None))
                 if filling:
-                    return filling[0] and filling[0].result()
+                    bitmask = filling[0] and filling[0].result()
+                    allow_deferring(rows, bitmask)
+                    return bitmask
             # Synchronous, or its step failed (no matcher advanced; a failed row has none).
             if all(seq.matcher is None for seq in rows):
                 return None
-            return self.grammars.fill_bitmask([seq.matcher for seq in rows], out)
+            bitmask = self.grammars.fill_bitmask([seq.matcher for seq in rows], out)
+            allow_deferring(rows, bitmask)
+            return bitmask
 
         return fill
 

@@ -37,7 +37,13 @@ from server.protocol import (
     parse_prompts,
     parse_sampling_params,
 )
-from server.reasoning import END, PROMPT_TAIL_TOKENS, ReasoningParser
+from server.reasoning import (
+    END,
+    PROMPT_TAIL_TOKENS,
+    START,
+    ReasoningParser,
+    prompt_closes_reasoning,
+)
 from server.structured import check_compiles, parse_structured_outputs
 from server.timeline import mark_arrival
 from server.tool_calls import ToolCallParser, parse_tools, tool_grammar
@@ -136,19 +142,27 @@ def _reasoning_parser(request: Request, engine, ids: list[int], params
                       ) -> ReasoningParser | None:
     """--reasoning-parser's reader of answers to the prompt `ids`; None without the flag. Where
     the answer starts inside the reasoning block, a grammar (params.structured_outputs) holds
-    only after the block: from the token after its closing tag."""
+    only after the block: from the token after its closing tag. Where the model may open one
+    (the prompt's end left none open or closed), it holds from the first token, or after the
+    block if that token opens one."""
     kind = request.app.state.settings.reasoning_parser
     if kind is None:
         return None
     tail = engine.tokenizer.decode(ids[-PROMPT_TAIL_TOKENS:], skip_special_tokens=False)
     parser = ReasoningParser.for_prompt(kind, tail, constrained=False)
-    if params.structured_outputs is not None:
-        if parser.open_at_start:
-            params.structured_outputs_after = engine.tokenizer.encode(
-                END, add_special_tokens=False)
-        else:  # the grammar holds from the first token: it decides whether a block comes
-            parser = ReasoningParser.for_prompt(kind, tail, constrained=True)
-    return parser
+    if params.structured_outputs is None:
+        return parser
+    end = engine.tokenizer.encode(END, add_special_tokens=False)
+    if parser.open_at_start:
+        params.structured_outputs_after = end
+        return parser
+    start = engine.tokenizer.encode(START, add_special_tokens=False)
+    if len(start) == 1 and not prompt_closes_reasoning(tail):
+        params.structured_outputs_after = end
+        params.structured_outputs_deferred_by = start[0]
+    # The answer starts outside the block: the grammar (or its first token) decides whether
+    # one comes.
+    return ReasoningParser.for_prompt(kind, tail, constrained=True)
 
 
 # Chat fields that hold for one conversation, or answer in pieces: not taken by the batch route.

@@ -14,8 +14,10 @@ models may leave the opening tag out (unless the prompt's end closed a block: th
 block ends at </think>; an answer that ends inside it (max_tokens) is all reasoning. Tool calls
 are read from the content only. A grammar (structured outputs, forced tool calls) holds after the
 block where the answer starts inside it (server/openai_routes.py sets
-SamplingParams.structured_outputs_after); elsewhere it holds from the first token, and the answer
-starts outside the block (`constrained`): the grammar decides whether it opens one.
+SamplingParams.structured_outputs_after); elsewhere the answer starts outside the block
+(`constrained`) and the grammar holds from the first token, unless that token is <think> where
+the model may open a block (the prompt's end neither opened nor closed one; <think> a single
+token: SamplingParams.structured_outputs_deferred_by): then it holds after the block.
 """
 
 from __future__ import annotations
@@ -33,6 +35,11 @@ def prompt_opens_reasoning(tail: str) -> bool:
     return tail.rfind(START) > tail.rfind(END)
 
 
+def prompt_closes_reasoning(tail: str) -> bool:
+    """Whether the prompt's end (`tail`) closed a block last (a template's thinking off)."""
+    return tail.rfind(END) > tail.rfind(START)
+
+
 @dataclass
 class ReasoningParser:
     kind: str
@@ -41,7 +48,7 @@ class ReasoningParser:
     @classmethod
     def for_prompt(cls, kind: str, prompt_tail: str, constrained: bool) -> ReasoningParser:
         if kind == "deepseek_r1":  # open unless the prompt's end closed a block
-            opened = prompt_tail.rfind(END) <= prompt_tail.rfind(START)
+            opened = not prompt_closes_reasoning(prompt_tail)
         else:
             opened = prompt_opens_reasoning(prompt_tail)
         return cls(kind, opened and not constrained)

@@ -60,3 +60,46 @@ def test_a_stream_cut_anywhere_sends_the_split(pieces, opened, data):
     # the parts come in order: reasoning, then content, never back
     kinds = [k for k, _ in parts]
     assert kinds == sorted(kinds, key=["reasoning", "content"].index)
+
+
+class _Tokenizer:
+    """Tags as the vocabulary spells them: <think> one token (Qwen3's) or three (SmolLM2's)."""
+
+    def __init__(self, think_ids):
+        self.ids = {"<think>": think_ids, "</think>": [9]}
+
+    def encode(self, text, add_special_tokens=True):
+        return self.ids[text]
+
+    def decode(self, ids, skip_special_tokens=True):
+        return "".join(ids)  # the "ids" of these tests are pieces of text
+
+
+@pytest.mark.parametrize("kind, tail, think_ids, want", [
+    # the model may open a block or answer at once: the first token decides
+    ("qwen3", ["<|im_start|>", "assistant\n"], [8], ([9], 8, False)),
+    ("qwen3", ["assistant\n"], [1, 2, 3], (None, None, False)),  # <think> not one token
+    ("qwen3", ["assistant\n", "<think>", "\n\n", "</think>", "\n\n"], [8], (None, None, False)),
+    ("qwen3", ["assistant\n", "<think>", "\n"], [8], ([9], None, True)),  # open: after it
+    ("deepseek_r1", ["<｜Assistant｜>"], [8], ([9], None, True)),
+    ("deepseek_r1", ["<｜Assistant｜>", "<think>", "</think>"], [8], (None, None, False)),
+])
+def test_where_a_grammar_starts_beside_reasoning(kind, tail, think_ids, want):
+    """server/openai_routes.py's reading of the prompt's end for a request with a grammar:
+    (structured_outputs_after, structured_outputs_deferred_by, the answer opens inside)."""
+    import types
+
+    from engine import SamplingParams, StructuredOutputsParams
+    from server.openai_routes import _reasoning_parser
+
+    request = types.SimpleNamespace(app=types.SimpleNamespace(state=types.SimpleNamespace(
+        settings=types.SimpleNamespace(reasoning_parser=kind))))
+    engine = types.SimpleNamespace(tokenizer=_Tokenizer(think_ids))
+    params = SamplingParams(structured_outputs=StructuredOutputsParams(regex="[a-z]+"))
+    parser = _reasoning_parser(request, engine, tail, params)
+    assert (params.structured_outputs_after, params.structured_outputs_deferred_by,
+            parser.open_at_start) == want
+    free = SamplingParams()  # without a grammar: only where the answer starts
+    assert _reasoning_parser(request, engine, tail, free) == ReasoningParser.for_prompt(
+        kind, "".join(tail), constrained=False)
+    assert free.structured_outputs_after is free.structured_outputs_deferred_by is None

@@ -352,6 +352,40 @@ def test_a_grammar_after_given_tokens_holds_from_the_next_one(make_engine, overl
     assert run([tok.encode("</think>", add_special_tokens=False)[0], 49151]) == free
 
 
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_first_token_may_defer_the_grammar(make_engine, overlap):
+    """structured_outputs_deferred_by (the server sets it to <think> where the model may open a
+    reasoning block or answer at once): the first token may be the grammar's or that id; that
+    id frees the output until structured_outputs_after, any other starts the grammar. A bias
+    for or against the id decides which, greedily."""
+    from conftest import step_to_end
+
+    tok = make_engine(text=True).tokenizer
+    opener = tok.encode("</think>", add_special_tokens=False)[0]
+    so = StructuredOutputsParams(choice=CHOICES)
+
+    def run(bias, deferred):
+        engine = make_engine(text=True, async_scheduling=overlap, num_kv_blocks=256)
+        params = SamplingParams(temperature=0.0, max_tokens=12, structured_outputs=so,
+                                logit_bias={opener: bias})
+        if deferred:
+            params.structured_outputs_after = [opener, opener]
+            params.structured_outputs_deferred_by = opener
+        engine.add_request("r", "Answer:", params)
+        [out] = step_to_end(engine)["r"].outputs
+        assert not engine.has_unfinished_requests() and engine.get_stats().kv_blocks_used == 0
+        return out.token_ids
+
+    against = run(-100.0, deferred=False)
+    assert tok.decode(against) in CHOICES and opener not in against
+    assert run(-100.0, deferred=True) == against  # the grammar from the first token
+    # The grammar alone never lets the favoured id through; deferred, the first token takes it,
+    # the next (free) too, which ends the wait; then the grammar holds, and the id is out again.
+    assert opener not in run(100.0, deferred=False)
+    favoured = run(100.0, deferred=True)
+    assert favoured[:2] == [opener, opener] and tok.decode(favoured[2:]) in CHOICES, favoured
+
+
 def _free(make_engine, overlap):
     from conftest import step_to_end
 
@@ -366,6 +400,13 @@ def test_structured_outputs_after_is_checked(engine):
         params = SamplingParams(structured_outputs=so and StructuredOutputsParams(choice=so))
         params.structured_outputs_after = after
         with pytest.raises(ValueError, match="structured_outputs_after") as e:
+            engine.add_request("r", "Answer:", params)
+        assert e.value.field == "structured_outputs"
+    for after, opener in ((None, 5), ([5], 49152), ([5], -1)):
+        params = SamplingParams(structured_outputs=StructuredOutputsParams(choice=CHOICES))
+        params.structured_outputs_after = after
+        params.structured_outputs_deferred_by = opener
+        with pytest.raises(ValueError, match="structured_outputs_deferred_by") as e:
             engine.add_request("r", "Answer:", params)
         assert e.value.field == "structured_outputs"
     assert not engine.has_unfinished_requests()

@@ -199,6 +199,10 @@ class SamplingParams:
     # structured_outputs hold only from the token after the output first ends with these ids
     # (the server sets them under --reasoning-parser: the end of a reasoning block)
     structured_outputs_after: list[int] | None = field(default=None, init=False, repr=False)
+    # ... or, with this id set, from the first token unless that token is this id, which defers
+    # them until after those (the server sets it under --reasoning-parser to <think> where the
+    # model may open a reasoning block or answer at once: the first token may be either)
+    structured_outputs_deferred_by: int | None = field(default=None, init=False, repr=False)
 
     def __post_init__(self):
         if self.stop is not None and not isinstance(self.stop, (str, list, tuple)):
