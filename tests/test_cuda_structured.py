@@ -106,6 +106,34 @@ def test_graphs_eager_and_synchronous_agree_under_a_grammar():
     assert _texts(_engine(False, async_scheduling=False), params) == want
 
 
+@pytest.mark.parametrize("enforce_eager", [False, True])
+def test_a_first_token_may_defer_the_grammar_on_the_gpu(enforce_eager):
+    """structured_outputs_deferred_by through the cuda engine (overlapped): the id the bias
+    favours is let through as the first token only, the next (free) ends the wait, then the
+    grammar holds; against it, the grammar from the first token, as without the id."""
+    opener = _smollm2_tokenizer().encode("</think>", add_special_tokens=False)[0]
+    engine = _engine(enforce_eager)
+
+    def run(bias, deferred):
+        params = SamplingParams(n=2, temperature=0.0, max_tokens=64, logit_bias={opener: bias},
+                                structured_outputs=StructuredOutputsParams(json=SCHEMA))
+        if deferred:
+            params.structured_outputs_after = [opener, opener]
+            params.structured_outputs_deferred_by = opener
+        engine.add_request("r", "Describe a pet:", params)
+        final = None
+        while engine.has_unfinished_requests():
+            final = [o for o in engine.step() if o.finished] or final
+        return [c.token_ids for c in final[0].outputs]
+
+    against = run(-100.0, deferred=False)
+    assert run(-100.0, deferred=True) == against and opener not in against[0]
+    for ids in run(100.0, deferred=True):
+        assert ids[:2] == [opener, opener], ids
+        jsonschema.validate(json.loads(engine.tokenizer.decode(ids[2:])), SCHEMA)
+    assert engine.get_stats().kv_blocks_used == 0
+
+
 def test_bench_path_synthetic_vocabulary_at_qwen3_shapes():
     """What `bench_throughput.py --structured` runs: dummy weights, the synthetic vocabulary."""
     from tools.structured_workload import SCHEMA as LONG
