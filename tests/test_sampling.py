@@ -337,6 +337,7 @@ def test_invalid_values_raise_naming_the_field(field, kw):
     ("logit_bias", {"logit_bias": {"\u00b2": 1}}), ("logit_bias", {"logit_bias": {"--5": 1}}),
     # an integer too large for a float: math.isfinite raised OverflowError
     ("temperature", {"temperature": 10**400}), ("top_p", {"top_p": -(10**400)}),
+    ("logit_bias", {"logit_bias": {5: 10**400}}), ("logit_bias", {"logit_bias": {5: -(10**400)}}),
 ])
 def test_wrong_types_raise_naming_the_field(field, kw):
     """A bool is no count, a string no flag: each is a ParamError naming its field, never a

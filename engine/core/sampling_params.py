@@ -128,8 +128,8 @@ def _logit_bias(bias) -> dict[int, float]:
             raise ParamError("logit_bias", f"logit_bias keys must be token ids, got "
                                            f"{reprlib.repr(key)}")
         key = int(key)
-        if not isinstance(value, numbers.Real) or isinstance(value, bool):
-            raise ParamError("logit_bias", f"logit_bias[{key}] must be a number, got "
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not _finite(value):
+            raise ParamError("logit_bias", f"logit_bias[{key}] must be a finite number, got "
                                            f"{reprlib.repr(value)}")
         out[key] = float(value)
     return out
