@@ -212,10 +212,19 @@ def _fork_beam(parent: Sequence) -> Sequence:
     return child
 
 
+def _may_defer(seq: Sequence) -> bool:
+    """Whether `seq`'s next token may be the one that defers its grammar: its first output
+    token, under a grammar that is not already in error (that row allows nothing, and fails)."""
+    return (seq.sampling_params.structured_outputs_deferred_by is not None
+            and seq.matcher is not None and seq.num_output_tokens == 0
+            and not seq.matcher.is_error())
+
+
 def _defers(seq: Sequence, token: int) -> bool:
-    """Whether `token`, `seq`'s first output token, is the one that defers its grammar."""
-    return (token == seq.sampling_params.structured_outputs_deferred_by
-            and seq.matcher is not None and seq.num_output_tokens == 0)
+    """Whether `token`, `seq`'s next token, defers its grammar: the id that does, at the first
+    output token, where the grammar itself would not take it (then it is the grammar's)."""
+    return (token == seq.sampling_params.structured_outputs_deferred_by and _may_defer(seq)
+            and seq.matcher.validate_tokens([token]) == 0)
 
 
 def allow_deferring(rows: list[Sequence], bitmask) -> None:
@@ -223,10 +232,11 @@ def allow_deferring(rows: list[Sequence], bitmask) -> None:
     too (beside the grammar's own first tokens, which `bitmask` allows)."""
     if bitmask is None:
         return
+    words = bitmask.view(np.uint32)
     for r, seq in enumerate(rows):
-        opener = seq.sampling_params.structured_outputs_deferred_by
-        if opener is not None and seq.matcher is not None and seq.num_output_tokens == 0:
-            bitmask.view(np.uint32)[r, opener >> 5] |= np.uint32(1 << (opener & 31))
+        if _may_defer(seq):
+            opener = seq.sampling_params.structured_outputs_deferred_by
+            words[r, opener >> 5] |= np.uint32(1 << (opener & 31))
 
 
 def _ends_with(seq: Sequence, token: int, ids: list[int]) -> bool:

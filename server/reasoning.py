@@ -10,14 +10,15 @@ clients read), the rest as `content`.
 Where the reasoning starts: at an opening <think> the answer begins with, or at the answer's
 first character where the block is already open there: the chat template ended the prompt with
 <think> (DeepSeek-R1's, Qwen3.5's and Qwen3-Thinking's templates do), or `deepseek_r1`, whose
-models may leave the opening tag out (unless the prompt's end closed a block: thinking off). The
+models may leave the opening tag out (unless the prompt ends with a closed block: thinking off). The
 block ends at </think>; an answer that ends inside it (max_tokens) is all reasoning. Tool calls
 are read from the content only. A grammar (structured outputs, forced tool calls) holds after the
 block where the answer starts inside it (server/openai_routes.py sets
 SamplingParams.structured_outputs_after); elsewhere the answer starts outside the block
 (`constrained`) and the grammar holds from the first token, unless that token is <think> where
-the model may open a block (the prompt's end neither opened nor closed one; <think> a single
-token: SamplingParams.structured_outputs_deferred_by): then it holds after the block.
+the model may open a block (the prompt's end neither opened one nor ends with a closed one;
+<think> a single token that the grammar does not start with:
+SamplingParams.structured_outputs_deferred_by): then it holds after the block.
 """
 
 from __future__ import annotations
@@ -36,8 +37,9 @@ def prompt_opens_reasoning(tail: str) -> bool:
 
 
 def prompt_closes_reasoning(tail: str) -> bool:
-    """Whether the prompt's end (`tail`) closed a block last (a template's thinking off)."""
-    return tail.rfind(END) > tail.rfind(START)
+    """Whether the prompt ends with a closed block (a template's thinking off), not only holds
+    one: an earlier turn's, which a tool loop keeps, is followed by more."""
+    return tail.rstrip().endswith(END)
 
 
 @dataclass
@@ -47,7 +49,7 @@ class ReasoningParser:
 
     @classmethod
     def for_prompt(cls, kind: str, prompt_tail: str, constrained: bool) -> ReasoningParser:
-        if kind == "deepseek_r1":  # open unless the prompt's end closed a block
+        if kind == "deepseek_r1":  # open unless the prompt ends with a closed block
             opened = not prompt_closes_reasoning(prompt_tail)
         else:
             opened = prompt_opens_reasoning(prompt_tail)

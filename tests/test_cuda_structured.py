@@ -108,7 +108,7 @@ def test_graphs_eager_and_synchronous_agree_under_a_grammar():
 
 @pytest.mark.parametrize("enforce_eager", [False, True])
 def test_a_first_token_may_defer_the_grammar_on_the_gpu(enforce_eager):
-    """structured_outputs_deferred_by through the cuda engine (overlapped): the id the bias
+    """structured_outputs_deferred_by through the cuda engine: the id the bias
     favours is let through as the first token only, the next (free) ends the wait, then the
     grammar holds; against it, the grammar from the first token, as without the id."""
     opener = _smollm2_tokenizer().encode("</think>", add_special_tokens=False)[0]

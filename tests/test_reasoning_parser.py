@@ -81,6 +81,11 @@ class _Tokenizer:
     ("qwen3", ["assistant\n"], [1, 2, 3], (None, None, False)),  # <think> not one token
     ("qwen3", ["assistant\n", "<think>", "\n\n", "</think>", "\n\n"], [8], (None, None, False)),
     ("qwen3", ["assistant\n", "<think>", "\n"], [8], ([9], None, True)),  # open: after it
+    # a tool loop: the turn before the tool's answer keeps its block, which ends nothing now
+    ("qwen3", ["assistant\n", "<think>", "plan", "</think>", "<tool_call>{}</tool_call>\n",
+               "user\n<tool_response>1</tool_response>\n", "assistant\n"], [8], ([9], 8, False)),
+    ("deepseek_r1", ["<think>", "plan", "</think>", "Hi.", "<｜User｜>", "More.",
+                     "<｜Assistant｜>"], [8], ([9], None, True)),
     ("deepseek_r1", ["<｜Assistant｜>"], [8], ([9], None, True)),
     ("deepseek_r1", ["<｜Assistant｜>", "<think>", "</think>"], [8], (None, None, False)),
 ])

@@ -384,6 +384,35 @@ def test_a_first_token_may_defer_the_grammar(make_engine, overlap):
     assert opener not in run(100.0, deferred=False)
     favoured = run(100.0, deferred=True)
     assert favoured[:2] == [opener, opener] and tok.decode(favoured[2:]) in CHOICES, favoured
+    # A grammar that may itself start with the id takes it as its own: nothing is deferred.
+    so = StructuredOutputsParams(regex=re.escape(tok.decode([opener])) + "[a-z]{3}")
+    own = run(100.0, deferred=True)
+    assert own[0] == opener and re.fullmatch(so.regex, tok.decode(own)), tok.decode(own)
+
+
+@pytest.mark.parametrize("overlap", [False, True])
+def test_a_deferring_first_token_joins_a_step_in_flight(make_engine, overlap):
+    """A request that arrives while a constrained one runs: in the overlapped loop its first
+    mask is filled after the step in flight is read (EngineCore._mask_filler's other path),
+    with rows before it; each of its two samples takes the id, then the grammar."""
+    from conftest import step_to_end
+
+    engine = make_engine(text=True, async_scheduling=overlap, num_kv_blocks=256)
+    tok = engine.tokenizer
+    opener = tok.encode("</think>", add_special_tokens=False)[0]
+    engine.add_request("a", "Hello:", SamplingParams(
+        temperature=0.0, max_tokens=30, ignore_eos=True,
+        structured_outputs=StructuredOutputsParams(regex="[a-z]{30}")))
+    engine.step()
+    params = SamplingParams(n=2, temperature=0.0, max_tokens=12, logit_bias={opener: 100.0},
+                            structured_outputs=StructuredOutputsParams(choice=CHOICES))
+    params.structured_outputs_after = [opener, opener]
+    params.structured_outputs_deferred_by = opener
+    engine.add_request("b", "Answer:", params)
+    final = step_to_end(engine)
+    assert re.fullmatch("[a-z]+", final["a"].outputs[0].text)
+    for ids in (c.token_ids for c in final["b"].outputs):
+        assert ids[:2] == [opener, opener] and tok.decode(ids[2:]) in CHOICES, ids
 
 
 def _free(make_engine, overlap):
