@@ -22,7 +22,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from engine.beam_search import BeamSearch, ending_ids
-from engine.core.limits import MAX_LOGPROBS
+from engine.core.limits import MAX_LOGPROBS, is_int
 from engine.core.outputs import EngineCoreRequest, SeqOutput
 from engine.core.sampling_params import ParamError
 from engine.core.scheduler import Scheduler
@@ -132,7 +132,8 @@ class RequestTable:
                              f"(vocab_size {vocab}) after which structured_outputs hold, got "
                              f"{after[:16]}")
         opener = params.structured_outputs_deferred_by
-        if opener is not None and (after is None or not 0 <= opener < vocab):
+        if opener is not None and (after is None or not is_int(opener)
+                                   or not 0 <= opener < vocab):
             raise ParamError("structured_outputs", f"structured_outputs_deferred_by must be a "
                              f"token id (vocab_size {vocab}) beside structured_outputs_after, "
                              f"got {opener!r}")

@@ -431,7 +431,7 @@ def test_structured_outputs_after_is_checked(engine):
         with pytest.raises(ValueError, match="structured_outputs_after") as e:
             engine.add_request("r", "Answer:", params)
         assert e.value.field == "structured_outputs"
-    for after, opener in ((None, 5), ([5], 49152), ([5], -1)):
+    for after, opener in ((None, 5), ([5], 49152), ([5], -1), ([5], "5"), ([5], True)):
         params = SamplingParams(structured_outputs=StructuredOutputsParams(choice=CHOICES))
         params.structured_outputs_after = after
         params.structured_outputs_deferred_by = opener
