@@ -103,7 +103,7 @@ class LLMEngine:
         """Queue a request. `prompt`: text, or {"prompt_token_ids": [...]}."""
         if self.processor.has_request(request_id):
             raise ValueError(f"request_id {request_id!r} is already in use")
-        params = sampling_params or SamplingParams()
+        params = SamplingParams() if sampling_params is None else sampling_params
         if not isinstance(params, SamplingParams):
             raise TypeError("sampling_params must be a SamplingParams, "
                             f"got {type(params).__name__}")

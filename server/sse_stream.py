@@ -91,7 +91,7 @@ async def chat_chunks(call, group, include_usage: bool):
                         # n > 1: a request's output lists every choice each step, the
                         # finished ones too; theirs went out once already
                         continue
-                    if c.finished:
+                    if c.finished():
                         closed.add(key)
                     pieces += _choice_chunks(call, chunk, opened, choice_readers, out, c)
             if pieces:
@@ -111,17 +111,17 @@ def _choice_chunks(call, chunk, opened: set, choice_readers: dict, out, c) -> li
         opened.add((out.request_id, c.index))
         if call.echo:
             pieces.append(chunk([_opening(call, out.request_id, c.index)]))
-    if not c.delta_text and not c.delta_token_ids and not c.finished:
+    if not c.delta_text and not c.delta_token_ids and not c.finished():
         return pieces
     choice = call.choice(out.request_id, c, whole=False)
-    if call.extras.score_only and not c.finished:
+    if call.extras.score_only and not c.finished():
         return pieces
     if first and call.extras.return_token_ids and not call.echo:
         choice["prompt_token_ids"] = call.token_lists[call.index_of[out.request_id]]
     if call.tool_parser is not None or call.reasoning is not None:
         readers = choice_readers.setdefault(choice["index"], _Readers(call))
         return pieces + [chunk([held]) for held in _held_chunks(call, readers, choice, c)]
-    if not c.delta_text and not c.finished and choice["logprobs"] is None \
+    if not c.delta_text and not c.finished() and choice["logprobs"] is None \
             and "token_ids" not in choice and call.engine.tokenizer is not None:
         # tokens whose text is held back (a stop string may start there, a character's bytes
         # may be incomplete): no news. A model without a tokenizer writes no text at all, and
@@ -179,9 +179,9 @@ def _held_chunks(call, readers: _Readers, choice: dict, c) -> list[dict]:
     """The streamed choices for one step of a choice whose text is read for reasoning or tool
     calls."""
     index = choice["index"]
-    deltas, is_call = readers.feed(c.delta_text, c.finished)
+    deltas, is_call = readers.feed(c.delta_text, c.finished())
     finish_reason = None
-    if c.finished:
+    if c.finished():
         named = call.tool_parser is not None and call.tool_parser.named
         finish_reason = "tool_calls" if is_call and not named else c.finish_reason
     out = [{"index": index, "delta": d, "logprobs": None, "finish_reason": None}
@@ -195,7 +195,7 @@ def _held_chunks(call, readers: _Readers, choice: dict, c) -> list[dict]:
         out[0]["logprobs"] = choice["logprobs"]
         if "token_ids" in choice:
             out[0]["token_ids"] = choice["token_ids"]
-    if c.finished:
+    if c.finished():
         out.append({"index": index, "delta": {}, "logprobs": None,
                     "finish_reason": finish_reason, "stop_reason": c.stop_reason})
     return out

@@ -27,6 +27,14 @@ def test_generate_keeps_input_order_and_per_prompt_params(make_engine):
     assert [o.outputs[0].token_ids for o in together] == [o.outputs[0].token_ids for o in alone]
     with pytest.raises(ValueError, match="sampling_params"):
         llm.generate(prompts, params[:2])
+    # An entry that is no SamplingParams is refused, an empty one too (it once ran as the
+    # defaults), and the prompts before it leave nothing behind.
+    for bad in ({"max_tokens": 3}, {}, 0, ""):
+        with pytest.raises(TypeError, match="sampling_params must be a SamplingParams"):
+            llm.generate(prompts[:2], [params[0], bad], use_tqdm=False)
+        assert not llm.engine.has_unfinished_requests()
+        assert llm.engine.get_stats().kv_blocks_used == 0
+    assert [c.finished() for c in outs[0].outputs] == [True]  # a method, as vLLM's
     with pytest.raises(ValueError, match="prompt_token_ids"):
         llm.generate([prompts[0], {"prompt_token_ids": [10**6]}], use_tqdm=False)
     assert not llm.engine.has_unfinished_requests()

@@ -156,8 +156,9 @@ class CompletionOutput:
         self.delta_logprobs = delta_logprobs
         self.error = error
 
-    @property
     def finished(self) -> bool:
+        """Whether this output has ended (a method, as vLLM's CompletionOutput.finished is;
+        RequestOutput.finished is a field)."""
         return self.finish_reason is not None
 
 
