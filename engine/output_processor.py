@@ -76,7 +76,7 @@ class OutputProcessor:
         states = []
         for i in range(params.n):
             detok = None
-            if self.tokenizer is not None:
+            if self.tokenizer is not None and params.detokenize:
                 from engine.model.tokenizer import IncrementalDetokenizer
 
                 detok = IncrementalDetokenizer(self.tokenizer, prompt_token_ids,
@@ -199,7 +199,7 @@ class OutputProcessor:
             num_tokens = len(token_ids)
             num_sent = state.num_sent_tokens
             state.num_sent_tokens = num_tokens - num_prompt
-            if state.detokenizer is None:  # no tokenizer: no text, and no stop strings
+            if state.detokenizer is None:  # no tokenizer or detokenize False: no text
                 text = delta_text = ""
             else:
                 text, delta_text = text_delta(state)

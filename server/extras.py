@@ -38,7 +38,7 @@ def read_extras(body: dict, *, chat: bool, settings) -> Extras:
     x.truncate = get_field(body, "truncate_prompt_tokens", "int")
     if x.truncate is not None and x.truncate < 1 and x.truncate != -1:
         raise bad_request("truncate_prompt_tokens", "'truncate_prompt_tokens' must be -1 (the "
-                          f"model's max length) or >= 1, got {x.truncate}")
+                          f"longest prompt the model takes) or >= 1, got {x.truncate}")
     x.truncation_side = get_field(body, "truncation_side", "str", "left")
     if x.truncation_side not in ("left", "right"):
         raise bad_request("truncation_side", "'truncation_side' must be 'left' or 'right', got "
@@ -77,7 +77,7 @@ def truncate(ids: list[int], x: Extras, max_model_len: int) -> list[int]:
     """The prompt ids truncate_prompt_tokens keeps (all of them when it is not set)."""
     if x.truncate is None:
         return ids
-    keep = max_model_len if x.truncate == -1 else x.truncate
+    keep = max_model_len - 1 if x.truncate == -1 else x.truncate  # -1: room for one token
     if keep > max_model_len:
         raise bad_request("truncate_prompt_tokens", f"'truncate_prompt_tokens' ({keep}) must be "
                                                     f"<= max_model_len ({max_model_len})")

@@ -6,7 +6,7 @@ import json
 import numpy as np
 import pytest
 
-from engine.core.sampling_params import SamplingParams
+from engine.core.sampling_params import ParamError, SamplingParams
 from engine.engine import LLMEngine
 from engine.llm import LLM
 from engine.model.tokenizer import TokenizerError
@@ -569,3 +569,38 @@ def test_generate_takes_no_request_id_another_owner_holds(make_engine):
     assert set(outputs) == {"llm-0", "llm-1"}
     _assert_whole(outputs["llm-0"], 20)
     _assert_whole(outputs["llm-1"], 1)
+
+
+def test_truncate_prompt_tokens_and_detokenize_as_vllm(make_engine):
+    """vLLM's SamplingParams fields: truncate_prompt_tokens keeps the prompt's last k tokens
+    (-1: the longest prompt the model takes), detokenize=False leaves the text empty, the
+    tokens the same."""
+    llm = LLM.from_engine(make_engine(text=True, max_model_len=64))
+    greedy = dict(temperature=0, max_tokens=4, ignore_eos=True)
+    prompt = {"prompt_token_ids": list(range(100, 130))}
+    [cut] = llm.generate(prompt, SamplingParams(truncate_prompt_tokens=9, **greedy),
+                         use_tqdm=False)
+    [tail] = llm.generate({"prompt_token_ids": list(range(121, 130))},
+                          SamplingParams(**greedy), use_tqdm=False)
+    assert cut.prompt_token_ids == list(range(121, 130))
+    assert cut.outputs[0].token_ids == tail.outputs[0].token_ids
+    [long] = llm.generate({"prompt_token_ids": list(range(100, 200))},
+                          SamplingParams(truncate_prompt_tokens=-1, max_tokens=1),
+                          use_tqdm=False)
+    assert long.prompt_token_ids == list(range(137, 200))  # 63: room for one token
+    for bad in (0, -2, 1.5, True):
+        with pytest.raises(ParamError) as e:
+            SamplingParams(truncate_prompt_tokens=bad)
+        assert e.value.field == "truncate_prompt_tokens"
+    with pytest.raises(ParamError, match=r"truncate_prompt_tokens \(65\) must be <= max_model_len"):
+        llm.generate(prompt, SamplingParams(truncate_prompt_tokens=65), use_tqdm=False)
+
+    [text] = llm.generate("Hello there", SamplingParams(**greedy), use_tqdm=False)
+    [ids] = llm.generate("Hello there", SamplingParams(detokenize=False, **greedy),
+                         use_tqdm=False)
+    assert text.outputs[0].text and ids.outputs[0].text == ""
+    assert ids.outputs[0].token_ids == text.outputs[0].token_ids
+    with pytest.raises(ParamError, match="detokenize") as e:
+        SamplingParams(detokenize=False, stop=["x"])
+    assert e.value.field == "stop"
+    assert not llm.engine.has_unfinished_requests()

@@ -246,6 +246,11 @@ def test_truncate_prompt_tokens(server, client):
     right = client.completions.create(model=MODEL, prompt=ids, max_tokens=1, extra_body={
         "truncate_prompt_tokens": 10, "truncation_side": "right", "return_token_ids": True})
     assert right.choices[0].prompt_token_ids == ids[:10]
+    # -1: the longest prompt the model takes, room left for the one token asked for
+    longest = client.completions.create(model=MODEL, prompt=ids, max_tokens=1, extra_body={
+        "truncate_prompt_tokens": -1, "return_token_ids": True})
+    assert longest.choices[0].prompt_token_ids == ids[-255:]
+    assert longest.usage.completion_tokens == 1
     text = client.completions.create(model=MODEL, prompt=PROMPT * 80, max_tokens=1,
                                      extra_body={"truncate_prompt_tokens": 20})
     assert text.usage.prompt_tokens == 20

@@ -138,7 +138,7 @@ def _logit_bias(bias) -> dict[int, float]:
 # A temperature in (0, this) samples as this one (vLLM's _MAX_TEMP rule); 0 is greedy.
 MIN_TEMPERATURE = 0.01
 _INT_FIELDS = ("n", "top_k", "min_tokens", "max_tokens", "logprobs", "prompt_logprobs", "best_of",
-               "seed")
+               "seed", "truncate_prompt_tokens")
 
 
 @dataclass
@@ -169,6 +169,11 @@ class SamplingParams:
     allowed_token_ids: list[int] | None = None
     # top-k logprobs per prompt token (scoring a text); -1: the whole vocabulary
     prompt_logprobs: int | None = None
+    # vLLM's: only the prompt's last k tokens are kept (-1: the longest prompt the model takes,
+    # max_model_len - 1, which leaves room for one generated token)
+    truncate_prompt_tokens: int | None = None
+    # vLLM's: False leaves the outputs' text empty (token ids only; stop strings need text)
+    detokenize: bool = True
     skip_special_tokens: bool = True
     # vLLM's; the text is the fast tokenizer's decoding, whose added tokens are never spaced
     # apart (vLLM's fast detokenizer writes the same with True): False is refused where it
@@ -267,8 +272,9 @@ class SamplingParams:
             value = getattr(self, name)
             optional = name not in ("n", "top_k", "min_tokens")
             check(is_int(value) or (optional and value is None), name, "must be an integer")
-        for name in ("include_stop_str_in_output", "ignore_eos", "skip_special_tokens",
-                     "spaces_between_special_tokens", "use_beam_search", "early_stopping"):
+        for name in ("include_stop_str_in_output", "ignore_eos", "detokenize",
+                     "skip_special_tokens", "spaces_between_special_tokens", "use_beam_search",
+                     "early_stopping"):
             check(isinstance(getattr(self, name), bool), name, "must be True or False")
         check(self.spaces_between_special_tokens or self.skip_special_tokens,
               "spaces_between_special_tokens", "False is not supported with "
@@ -279,6 +285,9 @@ class SamplingParams:
             value = getattr(self, name)
             check(isinstance(value, (int, float)) and not isinstance(value, bool)
                   and _finite(value), name, "must be a finite number")
+        check(self.truncate_prompt_tokens is None or self.truncate_prompt_tokens >= 1
+              or self.truncate_prompt_tokens == -1, "truncate_prompt_tokens",
+              "must be -1 (the longest prompt the model takes) or >= 1")
         check(1 <= self.n <= MAX_N, "n",
               f"must be an integer in [1, {MAX_N}]")
         check(self.temperature >= 0, "temperature", "must be >= 0")
@@ -351,6 +360,8 @@ class SamplingParams:
         # A beam's candidates are its row's top logprobs, taken before any ban.
         check(not words or not self.use_beam_search, "bad_words",
               "is not supported with use_beam_search")
+        check(self.detokenize or not self.stop_list, "stop",
+              "needs detokenize True (stop strings are found in the text)")
         check(len(self.stop_list) <= MAX_STOP_STRINGS, "stop",
               f"must hold at most {MAX_STOP_STRINGS} strings")
         check(all(len(s) <= MAX_STOP_STRING_CHARS for s in self.stop_list), "stop",
