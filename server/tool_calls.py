@@ -290,6 +290,22 @@ def _split_json_objects(text: str) -> list[str]:
     return parts
 
 
+# How much of a "{" or "[" opening is looked at to tell whether calls may follow.
+_OPENING_CHARS = 64
+
+
+def _may_open_calls(head: str) -> bool:
+    """Whether text opening with `head` ("{" or "[" first) may still be tool calls written as
+    JSON: an object whose first key follows, an array of them, or Mistral's tag spelled out."""
+    if head.startswith("["):
+        if MISTRAL_TAG.startswith(head[: len(MISTRAL_TAG)]):
+            return True
+        rest = head[1:].lstrip()
+        return not rest or rest.startswith("{") and _may_open_calls(rest)
+    rest = head[1:].lstrip()
+    return not rest or rest.startswith('"')
+
+
 class ToolCallStream:
     """One streamed choice under tools: content goes out as it comes until the output may be a
     tool call; from there it is held, and the calls go out as delta.tool_calls when it ends."""
@@ -301,6 +317,10 @@ class ToolCallStream:
         self.lead = 0  # chars of whitespace it opens with, not sent yet nor in pending
         self.num_sent = 0  # chars of text already sent as content
         self.holding = parser.choice not in ("auto", "none")  # forced calls: hold everything
+        # Held for opening as bare JSON calls do ("{" or "["): its first characters, until they
+        # tell (then None); text that cannot be calls is let go and streams from there.
+        self.opening: str | None = None
+        self.let_go = False
 
     @property
     def text(self) -> str:
@@ -311,16 +331,22 @@ class ToolCallStream:
         whole text each time made a long stream quadratic: 32,000 tokens took seconds)."""
         self.pieces.append(delta)
         if self.holding:
-            return []
+            if self.opening is None:
+                return []
+            self.opening += delta[: _OPENING_CHARS - len(self.opening)]
+            return self._tell()
         if self.num_sent == 0 and not self.pending and delta.isspace():
             self.lead += len(delta)  # leading whitespace: wait to see whether a call follows
             return []
         # A tag never spans what was sent and what was not: a tail that may start one is held.
         text = self.pending + delta
-        if self.num_sent == 0 and text.lstrip().startswith(("{", "[", LLAMA_PYTHON_TAG)) \
+        if self.num_sent == 0 and text.lstrip().startswith(LLAMA_PYTHON_TAG) \
                 or HERMES_OPEN in text or MISTRAL_TAG in text:
             self.holding = True
             return []
+        if self.num_sent == 0 and not self.let_go and text.lstrip().startswith(("{", "[")):
+            self.holding, self.opening = True, text.lstrip()[:_OPENING_CHARS]
+            return self._tell()
         # Hold a tail that may be the start of a call's opening tag.
         keep = max((k for tag in (HERMES_OPEN, LLAMA_PYTHON_TAG, MISTRAL_TAG)
                     for k in range(min(len(text), len(tag) - 1), 0, -1)
@@ -336,6 +362,18 @@ class ToolCallStream:
             end += self.lead
         self.num_sent += end
         return [{"content": text[:end]}]
+
+    def _tell(self) -> list[dict]:
+        """While held for its opening: go on holding while that may open calls (until enough
+        of it has come to tell), else let the text go, fed again as content."""
+        if _may_open_calls(self.opening):
+            if len(self.opening) >= _OPENING_CHARS:
+                self.opening = None  # it may be calls: held to the end
+            return []
+        text = self.text
+        self.pieces, self.pending, self.lead = [], "", 0
+        self.holding, self.opening, self.let_go = False, None, True
+        return self.feed(text)
 
     def finish(self) -> tuple[list[dict], bool]:
         """(deltas to send at the end, whether the output was tool calls)."""

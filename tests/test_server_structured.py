@@ -299,10 +299,14 @@ def test_auto_tool_calls_are_parsed_from_mistral_forms():
     last, is_call = stream.finish()
     assert is_call and [c["function"]["name"] for c in last[-1]["tool_calls"]] == \
         ["get_weather", "get_time"]
-    # an answer that opens with "[" and is no call is held, then sent whole as content
+    # an answer that opens with "[" is held only until it cannot be calls, then streams
     plain = ToolCallStream(parser)
-    assert plain.feed("[a link]") == [] and plain.feed("(http://x)") == []
-    assert plain.finish() == ([{"content": "[a link](http://x)"}], False)
+    assert plain.feed("[") == [] and plain.feed("a link]") == [{"content": "[a link]"}]
+    assert plain.feed("(http://x)") == [{"content": "(http://x)"}]
+    assert plain.finish() == ([], False)
+    held = ToolCallStream(parser)  # an array of objects may be calls: held to the end
+    assert held.feed("[") == [] and held.feed(' {"a": 1}]') == []
+    assert held.finish() == ([{"content": '[ {"a": 1}]'}], False)
 
 
 def test_streamed_auto_output_sends_content_then_holds_a_call():

@@ -200,3 +200,30 @@ def test_a_long_streamed_answer_under_tools_is_read_in_linear_time(token):
     last, is_call = stream.finish()
     assert time.monotonic() - start < 1.5
     assert not is_call and "".join(sent) + "".join(d["content"] for d in last) == token * 40_000
+
+
+@pytest.mark.parametrize("text, streams, calls", [
+    ("[link](http://x) and more", True, 0),
+    ("  [1, 2] are numbers", True, 0),
+    ("{x} is a set", True, 0),
+    ("[Thinking] first", True, 0),
+    ('[ {"a": 1}] an array of objects', False, 0),  # may have been calls: held to the end
+    ('[{"name": "f", "arguments": {}}]', False, 1),
+    ('[TOOL_CALLS][{"name": "f", "arguments": {}}]', False, 1),
+    ('{"name": "f", "parameters": {}}', False, 1),
+    ('[Note] <tool_call>{"name": "f", "arguments": {}}</tool_call>', True, 1),
+])
+def test_an_answer_opening_with_a_bracket_streams_once_it_cannot_be_calls(text, streams, calls):
+    """Under tools ("auto"), output that opens with "{" or "[" is held as bare JSON calls may
+    be, only until its first characters tell (a key, an object in an array, Mistral's tag):
+    a markdown link or a list then streams as it comes, not all at the end."""
+    parser = ToolCallParser("auto", ["f"])
+    stream = ToolCallStream(parser)
+    early = [d for ch in text for d in stream.feed(ch)]
+    last, is_call = stream.finish()
+    assert bool(early) is streams and is_call is bool(calls)
+    content = "".join(d.get("content", "") for d in early + last)
+    want, parsed = parser.parse(text)
+    assert content == (want or "") and len(parsed) == calls
+    if streams and not calls:  # all but a tag-sized tail went out before the end
+        assert len("".join(d["content"] for d in early)) >= len(text) - len("<tool_call>")
