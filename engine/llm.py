@@ -123,8 +123,8 @@ class LLM:
                                  f"{len(prompts)} prompts; pass one, or one per prompt")
         return self._run(prompts, params, use_tqdm)
 
-    def beam_search(self, prompts, params: BeamSearchParams, use_tqdm: bool | Callable = False
-                    ) -> list[BeamSearchOutput]:
+    def beam_search(self, prompts, params: BeamSearchParams, *,
+                    use_tqdm: bool | Callable = False) -> list[BeamSearchOutput]:
         """vLLM's offline beam search: per prompt, the beam_width best sequences, best first;
         each sequence's tokens and text include the prompt's. As vLLM's, the text is the
         sequence's tokens decoded in one go, the prompt's with them, special tokens kept (the
@@ -154,7 +154,7 @@ class LLM:
                                c.stop_reason)
             for c in out.outputs]) for out in outputs]
 
-    def chat(self, messages, sampling_params=None, use_tqdm: bool | Callable = True,
+    def chat(self, messages, sampling_params=None, use_tqdm: bool | Callable = True, *,
              add_generation_prompt: bool = True, continue_final_message: bool = False,
              chat_template_kwargs: dict | None = None, tools: list[dict] | None = None,
              chat_template: str | None = None) -> list[RequestOutput]:
@@ -162,7 +162,8 @@ class LLM:
         As vLLM's: continue_final_message leaves the last message open for the model to go on
         (with add_generation_prompt=False); chat_template_kwargs and tools reach the template;
         chat_template (a template's source, or the name of one of the model's) renders in place
-        of the model's own."""
+        of the model's own. Those come by keyword only: vLLM's next positional one is another
+        (lora_request), which would otherwise land on add_generation_prompt unnoticed."""
         self._check_open()
         tokenizer = self.engine.tokenizer
         if tokenizer is None:

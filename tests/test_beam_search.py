@@ -188,6 +188,8 @@ def test_llm_beam_search_like_vllm(make_engine):
     assert out.sequences[0].cum_logprob >= out.sequences[-1].cum_logprob
     with pytest.raises(TypeError, match="BeamSearchParams"):
         llm.beam_search("x", SamplingParams(max_tokens=2))
+    with pytest.raises(TypeError):  # use_tqdm by keyword: vLLM's third is lora_request
+        llm.beam_search("x", BeamSearchParams(beam_width=2, max_tokens=2), None)
     for bad in ({"beam_width": 0}, {"beam_width": 11}, {"beam_width": True}):
         with pytest.raises(ParamError) as e:
             BeamSearchParams(max_tokens=6, **bad)

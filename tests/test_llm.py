@@ -141,6 +141,8 @@ def test_chat_takes_a_chat_template_as_vllm(make_engine):
     mine = ("{% for m in messages %}[{{ m.role }}] {{ m.content }}\n{% endfor %}"
             "{% if add_generation_prompt %}" + tok.eos_token + "{% endif %}")
     [out] = llm.chat(chat, params, use_tqdm=False, chat_template=mine)
+    with pytest.raises(TypeError):  # vLLM's positional lora_request would land elsewhere
+        llm.chat(chat, params, False, None)
     assert out.prompt_token_ids == tok.encode("[user] Hi\n[assistant] Yo\n",
                                               add_special_tokens=False) + [tok.eos_token_id]
     [again] = llm.chat(chat, params, use_tqdm=False, chat_template="default")
