@@ -195,7 +195,10 @@ class LLM:
             ids = tokenizer.apply_chat_template(conversation, tokenize=True,
                                                 chat_template=chat_template, **options)
             prompts.append({"prompt_token_ids": ids})
-        return self.generate(prompts, sampling_params, use_tqdm)
+        outputs = self.generate(prompts, sampling_params, use_tqdm)
+        for out in outputs:  # as vLLM's: the rendered conversation (what the model read)
+            out.prompt = tokenizer.decode(out.prompt_token_ids, skip_special_tokens=False)
+        return outputs
 
     def _run(self, prompts: list, params: list[SamplingParams], use_tqdm: bool | Callable
              ) -> list[RequestOutput]:

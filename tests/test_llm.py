@@ -107,6 +107,8 @@ def test_text_prompts_and_chat(make_engine):
     chat = [{"role": "user", "content": "What is 2+2?"}]
     [one] = llm.chat(chat, params, use_tqdm=False)
     assert one.prompt_token_ids == tok.apply_chat_template(chat, add_generation_prompt=True)
+    assert one.prompt == tok.apply_chat_template(chat, tokenize=False)  # vLLM's: the rendering
+    assert "What is 2+2?" in one.prompt
     other = [{"role": "user", "content": "Name a colour."}]
     both = llm.chat([chat, other], params, use_tqdm=False)
     assert both[0].outputs[0].token_ids == one.outputs[0].token_ids
