@@ -571,6 +571,14 @@ def _server_class():
                 asyncio.get_running_loop().call_later(DRAIN_S * DRAIN_END_AT, self._end_all)
             await super().shutdown(sockets)
 
+        def handle_exit(self, sig, frame):
+            # The shutdown is bounded (a drain of DRAIN_S, then the engine's close): a repeated
+            # signal changes nothing. uvicorn's second Ctrl-C forces the exit, which leaves the
+            # app's lifespan task to be cancelled mid-wait, and re-raises each signal it took:
+            # tracebacks, not a faster stop.
+            if sig not in self._captured_signals:
+                super().handle_exit(sig, frame)
+
         def _end_all(self):
             ended = self.on_shutdown()
             if ended:

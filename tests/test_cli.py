@@ -284,6 +284,18 @@ def test_serve_logs_its_start_up_then_serves(tiny_folder):
     assert proc.returncode == 130  # Ctrl-C's status after uvicorn's graceful shutdown
 
 
+def test_ctrl_c_twice_exits_quietly(tiny_folder):
+    """A second Ctrl-C during the (bounded) shutdown changes nothing: no traceback (uvicorn
+    forced the exit, cancelling the app's lifespan mid-wait, and re-raised each SIGINT)."""
+    proc, lines, _ = _start_serve(tiny_folder)
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    rest = proc.communicate(timeout=30)[1]
+    assert "Traceback" not in "".join(lines) + rest, rest
+    assert proc.returncode == 130
+
+
 def _taken_in(url: str) -> int:
     """Generation calls the server has taken in so far: those in flight (GET /load, with
     --enable-server-load-tracking) and those that ended (/metrics)."""
