@@ -257,6 +257,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="an HF model folder, a Hugging Face id (ORG/NAME: the local HF cache, "
                         "else a download), a .gguf file, a preset name (with --load-format "
                         "dummy), or nothing for the default model (SmolLM2-135M-Instruct)")
+    s.add_argument("--model", dest="model_flag", default=None, metavar="MODEL",
+                   help="MODEL as a flag (vLLM's older spelling); not with MODEL as well")
     s.add_argument("--host", default="127.0.0.1",
                    help="address to bind; use 0.0.0.0 to accept other machines (default: "
                         "127.0.0.1, this machine only)")
@@ -401,6 +403,12 @@ def main(argv: list[str] | None = None) -> int:
     if unknown:  # the subcommand's error: its --help lists its flags (the top level's does not)
         sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
         sub.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command == "serve" and args.model_flag is not None:
+        if args.model is not None:
+            sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+            sub.choices["serve"].error(f"give the model once: MODEL ({args.model}) or --model "
+                                       f"({args.model_flag}), not both")
+        args.model = args.model_flag
     if args.command == "worker":
         return run_worker_args(args)
     configure_logging(args.log_level or ("info" if args.command == "serve" else "warning"))

@@ -194,6 +194,11 @@ def test_a_model_that_cannot_load_exits_non_zero(tmp_path, command):
     argv = ["serve", missing, "--port", "0"] if command == "serve" else [
         "generate", "--model", missing, "hi"]
     _one_line_failure(_run(*argv), "missing.gguf", "does not exist")
+    if command == "serve":  # vLLM's older spelling, --model, names the model as well
+        _one_line_failure(_run("serve", "--model", missing, "--port", "0"), "missing.gguf",
+                          "does not exist")
+        both = _run("serve", "a", "--model", missing)
+        assert both.returncode == 2 and "give the model once" in both.stderr, both.stderr
 
 
 def _cuda_argv(command):
