@@ -78,9 +78,12 @@ class ServerSettings:
     force_include_usage: bool = False  # every stream carries usage, on every chunk (vLLM's flag)
     per_request_metrics: bool = False  # answers carry the request's timings (vLLM's flag)
     reasoning_parser: str | None = None  # chat answers' <think> blocks as `reasoning`
+    # More names requests may send (vLLM's --served-model-name A B: answers name the first)
+    other_model_names: tuple[str, ...] = ()
 
 
-def create_app(engine_config: EngineConfig | None = None, *, served_model_name: str | None = None,
+def create_app(engine_config: EngineConfig | None = None, *,
+               served_model_name: str | list[str] | None = None,
                api_key: str | None = None, max_waiting_requests: int | None = None,
                max_body_bytes: int = MAX_BODY_BYTES, make_core=None,
                on_fatal: Callable[[str], None] | None = None,
@@ -108,11 +111,13 @@ def create_app(engine_config: EngineConfig | None = None, *, served_model_name: 
     config = engine_config or EngineConfig()
     metrics = ServerMetrics()
     engine = AsyncEngine(config, make_core, metrics, on_fatal, liveness)
-    settings = ServerSettings(served_model_name or config.model or DEFAULT_MODEL_NAME, api_key,
+    names = [served_model_name] if isinstance(served_model_name, str) else \
+        list(served_model_name or ())
+    settings = ServerSettings(names[0] if names else config.model or DEFAULT_MODEL_NAME, api_key,
                               max_waiting_requests, max_body_bytes, chat_content_special_tokens,
                               enable_server_load_tracking, return_tokens_as_token_ids,
                               force_include_usage, enable_per_request_metrics,
-                              reasoning_parser)
+                              reasoning_parser, tuple(dict.fromkeys(names[1:])))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):
@@ -242,19 +247,21 @@ async def metrics_endpoint(request: Request):
 
 
 async def models(request: Request):
-    return JSONResponse({"object": "list", "data": [_model_card(request)]})
+    settings = request.app.state.settings
+    return JSONResponse({"object": "list", "data": [
+        _model_card(request, name)
+        for name in (settings.served_model_name, *settings.other_model_names)]})
 
 
 async def model(request: Request):
     """GET /v1/models/{model} (the SDK's models.retrieve): the card, or 404 naming the model."""
     check_model(request, {"model": request.path_params["model"]})
-    return JSONResponse(_model_card(request))
+    return JSONResponse(_model_card(request, request.path_params["model"]))
 
 
-def _model_card(request: Request) -> dict:
+def _model_card(request: Request, name: str) -> dict:
     engine = ready_engine(request)
-    return {"id": request.app.state.settings.served_model_name, "object": "model",
-            "created": int(time.time()), "owned_by": "pagedserve",
+    return {"id": name, "object": "model", "created": int(time.time()), "owned_by": "pagedserve",
             "max_model_len": engine.max_model_len}
 
 

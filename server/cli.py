@@ -279,8 +279,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokenize special tokens inside chat message content (and tools, "
                         "documents, chat_template_kwargs) as control tokens (HF's behaviour; "
                         "lets a client forge turns). Default: they stay text")
-    s.add_argument("--served-model-name", type=_model_name, default=None, metavar="NAME",
-                   help="the model name clients send and /v1/models lists (default: MODEL)")
+    s.add_argument("--served-model-name", type=_model_name, nargs="+", default=None,
+                   metavar="NAME",
+                   help="the model name clients send and /v1/models lists (default: MODEL); "
+                        "several: requests may send any, answers name the first")
     s.add_argument("--data-parallel-size", "-dp", type=_positive_int, default=1, metavar="N",
                    help="run N engine cores, each a full copy of the model on its own GPU (core i "
                         "on GPU i of CUDA_VISIBLE_DEVICES), behind this one API process; each "

@@ -226,10 +226,13 @@ async def chat_token_ids(request: Request, engine, messages: list[dict],
 
 
 def check_model(request: Request, body: dict) -> str:
-    name = request.app.state.settings.served_model_name
+    """The name answers carry (the first served one) once the body's `model` is one served."""
+    settings = request.app.state.settings
+    name = settings.served_model_name
     model = get_field(body, "model", "str", name)
-    if model != name:
-        raise APIError(404, f"the model {model!r} does not exist; this server serves {name!r}",
+    if model != name and model not in settings.other_model_names:
+        served = " or ".join(map(repr, (name, *settings.other_model_names)))
+        raise APIError(404, f"the model {model!r} does not exist; this server serves {served}",
                        param="model", code="model_not_found")
     return name
 

@@ -79,7 +79,7 @@ def test_serve_flags():
                          "--max-waiting-requests", "4", "--served-model-name", "q"])
     assert (args.model, args.port, args.enable_prefix_caching, args.max_num_seqs) == (
         "qwen3-0.6b", 9000, False, 8)
-    assert (args.api_key, args.max_waiting_requests, args.served_model_name) == ("k", 4, "q")
+    assert (args.api_key, args.max_waiting_requests, args.served_model_name) == ("k", 4, ["q"])
 
 
 def test_quantization_flags_reach_the_engine_config():

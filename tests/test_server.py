@@ -773,3 +773,22 @@ def test_a_stream_whose_tokens_write_no_text_still_ends_with_its_finish_reason(c
     chunks = list(client.chat.completions.create(messages=CHAT, **body))
     assert [c.choices[0].finish_reason for c in chunks if c.choices] == [None, "length"]
     assert chunks[-1].usage.completion_tokens == 2
+
+
+def test_several_served_model_names_as_vllm():
+    """--served-model-name A B (vLLM's): requests may send either name, answers carry the
+    first, /v1/models lists both; any other is a 404 naming them."""
+    assert build_parser().parse_args(["serve", "m", "--served-model-name", "a", "b"]) \
+        .served_model_name == ["a", "b"]
+    with Server(create_app(served_model_name=["first", "alias"], make_core=_make_core)) as s:
+        for name in ("first", "alias"):
+            r = httpx.post(s.url + "/v1/completions", json={
+                "model": name, "prompt": "Hi", "max_tokens": 2}, timeout=60)
+            assert r.status_code == 200 and r.json()["model"] == "first", r.text
+            card = httpx.get(s.url + f"/v1/models/{name}").json()
+            assert card["id"] == name
+        listed = httpx.get(s.url + "/v1/models").json()["data"]
+        assert [m["id"] for m in listed] == ["first", "alias"]
+        other = httpx.post(s.url + "/v1/completions", json={"model": "nope", "prompt": "Hi"})
+        assert other.status_code == 404
+        assert "'first' or 'alias'" in other.json()["error"]["message"]
