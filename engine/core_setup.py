@@ -111,10 +111,12 @@ def _build_on_part(engine_config: EngineConfig, ops, mc: ModelConfig, tokenizer,
     if num_blocks * bs < max_model_len:
         # A sequence longer than the whole pool could only preempt itself forever.
         if engine_config.max_model_len is not None:
+            more = "num_kv_blocks" if resolve_device(engine_config.device) == "numpy" else \
+                "num_kv_blocks / gpu_memory_utilization"  # (the cpu's cache has a fixed size)
             raise ValueError(
                 f"max_model_len ({max_model_len}) is more than the KV cache holds "
                 f"({num_blocks} blocks x {bs} = {num_blocks * bs} tokens); lower "
-                "max_model_len or give more num_kv_blocks / gpu_memory_utilization")
+                f"max_model_len or give more {more}")
         logger.warning("max_model_len lowered from %d to %d, what the KV cache holds",
                        max_model_len, num_blocks * bs)
         max_model_len = num_blocks * bs

