@@ -117,7 +117,8 @@ def create_app(engine_config: EngineConfig | None = None, *,
                               max_waiting_requests, max_body_bytes, chat_content_special_tokens,
                               enable_server_load_tracking, return_tokens_as_token_ids,
                               force_include_usage, enable_per_request_metrics,
-                              reasoning_parser, tuple(dict.fromkeys(names[1:])))
+                              reasoning_parser,
+                              tuple(n for n in dict.fromkeys(names) if n != names[0]))
 
     @contextlib.asynccontextmanager
     async def lifespan(app):

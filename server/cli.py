@@ -17,12 +17,18 @@ import socket
 import sys
 import threading
 import time
+from pathlib import Path
 
 from engine.core.liveness import Liveness
 from engine.executor.ops import DeviceError, resolve_device
 from engine.executor.worker import add_worker_flags, run_worker_args
 from engine.logs import configure_logging, model_line
-from engine.model.config import ConfigError, EngineConfig, generation_config_problem
+from engine.model.config import (
+    PRESETS_DIR,
+    ConfigError,
+    EngineConfig,
+    generation_config_problem,
+)
 from engine.model.gguf_quants import KINDS as GGUF_KINDS
 from server.reasoning import KINDS as REASONING_KINDS
 
@@ -403,14 +409,9 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args, unknown = parser.parse_known_args(argv)
     if unknown:  # the subcommand's error: its --help lists its flags (the top level's does not)
-        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(unknown)}")
-    if args.command == "serve" and args.model_flag is not None:
-        if args.model is not None:
-            sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-            sub.choices["serve"].error(f"give the model once: MODEL ({args.model}) or --model "
-                                       f"({args.model_flag}), not both")
-        args.model = args.model_flag
+        _subcommand(parser, args.command).error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command == "serve":
+        _serve_model(_subcommand(parser, "serve"), args)
     if args.command == "worker":
         return run_worker_args(args)
     configure_logging(args.log_level or ("info" if args.command == "serve" else "warning"))
@@ -434,21 +435,41 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"{type(e).__name__}: {e}", 1)
 
 
+def _subcommand(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return sub.choices[command]
+
+
+def _serve_model(serve_parser: argparse.ArgumentParser, args) -> None:
+    """args.model from MODEL or --model (one of them). --served-model-name takes every word
+    after it (vLLM's rule): a model written after its names would be served as a name, and the
+    default model under it, so a name that names a model is refused."""
+    if args.model_flag is not None:
+        if args.model is not None:
+            serve_parser.error(f"give the model once: MODEL ({args.model}) or --model "
+                               f"({args.model_flag}), not both")
+        args.model = args.model_flag
+    if args.model is not None:
+        return
+    for name in (args.served_model_name or [])[1:]:
+        if name.endswith(".gguf") or Path(name).exists() or (PRESETS_DIR / f"{name}.json").exists():
+            serve_parser.error(f"--served-model-name took {name!r}, which names a model: give "
+                               "MODEL before the flag (the names take every word after it)")
+
+
 def _given_dests(argv: list[str] | None, command: str) -> set[str]:
     """The dests of the flags `argv` gives `command` itself (a default's value included): the
     parse again with no defaults, so that only what was given is set."""
     parser = build_parser()
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    for action in sub.choices[command]._actions:
+    for action in _subcommand(parser, command)._actions:
         action.default = argparse.SUPPRESS
     return set(vars(parser.parse_args(argv)))
 
 
 def _in_flag_names(parser: argparse.ArgumentParser, command: str, message: str) -> str:
     """An engine setting's error in the names of the command's flags."""
-    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
     flags = {}
-    for action in sub.choices[command]._actions:
+    for action in _subcommand(parser, command)._actions:
         names = [o for o in action.option_strings if o.startswith("--")]
         if names and action.dest not in ("help", "model"):
             flags[action.dest] = names[0]
@@ -582,11 +603,12 @@ def _server_class():
             await super().shutdown(sockets)
 
         def handle_exit(self, sig, frame):
-            # The shutdown is bounded (a drain of DRAIN_S, then the engine's close): a repeated
-            # signal changes nothing. uvicorn's second Ctrl-C forces the exit, which leaves the
-            # app's lifespan task to be cancelled mid-wait, and re-raises each signal it took:
-            # tracebacks, not a faster stop.
-            if sig not in self._captured_signals:
+            # The shutdown is bounded (a drain of DRAIN_S, then the engine's close): a signal
+            # once it runs (Ctrl-C again, SIGTERM after Ctrl-C, or either after the engine core
+            # died) changes nothing. uvicorn's forces the exit, which leaves the app's lifespan
+            # task to be cancelled mid-wait, and re-raises each signal it took: tracebacks, not
+            # a faster stop.
+            if not self.should_exit:
                 super().handle_exit(sig, frame)
 
         def _end_all(self):

@@ -314,6 +314,34 @@ def test_ctrl_c_twice_exits_quietly(tiny_folder):
     assert proc.returncode == 130
 
 
+@pytest.mark.parametrize("first, then", [
+    ([signal.SIGINT], signal.SIGINT), ([signal.SIGTERM], signal.SIGINT),
+    ([signal.SIGINT], signal.SIGTERM), ([], signal.SIGINT)])  # []: the engine core died
+def test_a_signal_once_the_shutdown_runs_changes_nothing(first, then):
+    """Whatever started the shutdown (a signal, or the core's death), a later signal neither
+    forces the exit nor is re-raised at its end (a SIGTERM after Ctrl-C exited with 143)."""
+    import uvicorn
+
+    from server.cli import _server_class
+
+    server = _server_class()(uvicorn.Config(lambda *a: None), "http://x")
+    for sig in first:
+        server.handle_exit(sig, None)
+    if not first:
+        server.should_exit = True  # what serve's on_fatal sets
+    server.handle_exit(then, None)
+    assert server.should_exit and not server.force_exit
+    assert server._captured_signals == first
+
+
+def test_a_model_written_after_served_names_is_refused():
+    """--served-model-name takes every word after it, as vLLM's: a model written there would
+    be served as a name, the default model under it."""
+    result = _run("serve", "--served-model-name", "mine", "qwen3-0.6b")
+    assert result.returncode == 2
+    assert "--served-model-name took 'qwen3-0.6b', which names a model" in result.stderr
+
+
 def _taken_in(url: str) -> int:
     """Generation calls the server has taken in so far: those in flight (GET /load, with
     --enable-server-load-tracking) and those that ended (/metrics)."""

@@ -780,7 +780,8 @@ def test_several_served_model_names_as_vllm():
     first, /v1/models lists both; any other is a 404 naming them."""
     assert build_parser().parse_args(["serve", "m", "--served-model-name", "a", "b"]) \
         .served_model_name == ["a", "b"]
-    with Server(create_app(served_model_name=["first", "alias"], make_core=_make_core)) as s:
+    with Server(create_app(served_model_name=["first", "alias", "first", "alias"],
+                           make_core=_make_core)) as s:
         for name in ("first", "alias"):
             r = httpx.post(s.url + "/v1/completions", json={
                 "model": name, "prompt": "Hi", "max_tokens": 2}, timeout=60)
