@@ -111,9 +111,9 @@ class LLMEngine:
         keep = params.truncate_prompt_tokens
         if keep is not None:
             keep = self.max_model_len - 1 if keep == -1 else keep  # room for one token
-            if keep > self.max_model_len:
+            if keep >= self.max_model_len:  # a prompt leaves room for one generated token
                 raise ParamError("truncate_prompt_tokens", f"truncate_prompt_tokens ({keep}) "
-                                 f"must be <= max_model_len ({self.max_model_len})")
+                                 f"must be < max_model_len ({self.max_model_len})")
             ids = ids[-keep:]
         if params.bad_words:  # afresh: the caller's params may have met another tokenizer
             self.processor.tokenize_bad_words(params)

@@ -78,9 +78,9 @@ def truncate(ids: list[int], x: Extras, max_model_len: int) -> list[int]:
     if x.truncate is None:
         return ids
     keep = max_model_len - 1 if x.truncate == -1 else x.truncate  # -1: room for one token
-    if keep > max_model_len:
+    if keep >= max_model_len:  # a prompt leaves room for one generated token
         raise bad_request("truncate_prompt_tokens", f"'truncate_prompt_tokens' ({keep}) must be "
-                                                    f"<= max_model_len ({max_model_len})")
+                                                    f"< max_model_len ({max_model_len})")
     return ids[-keep:] if x.truncation_side == "left" else ids[:keep]
 
 

@@ -596,8 +596,8 @@ def test_truncate_prompt_tokens_and_detokenize_as_vllm(make_engine):
         with pytest.raises(ParamError) as e:
             SamplingParams(truncate_prompt_tokens=bad)
         assert e.value.field == "truncate_prompt_tokens"
-    with pytest.raises(ParamError, match=r"truncate_prompt_tokens \(65\) must be <= max_model_len"):
-        llm.generate(prompt, SamplingParams(truncate_prompt_tokens=65), use_tqdm=False)
+    with pytest.raises(ParamError, match=r"truncate_prompt_tokens \(64\) must be < max_model_len"):
+        llm.generate(prompt, SamplingParams(truncate_prompt_tokens=64), use_tqdm=False)
 
     [text] = llm.generate("Hello there", SamplingParams(**greedy), use_tqdm=False)
     [ids] = llm.generate("Hello there", SamplingParams(detokenize=False, **greedy),
