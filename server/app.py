@@ -113,6 +113,7 @@ def create_app(engine_config: EngineConfig | None = None, *,
     engine = AsyncEngine(config, make_core, metrics, on_fatal, liveness)
     names = [served_model_name] if isinstance(served_model_name, str) else \
         list(served_model_name or ())
+    names = [name for name in names if name]  # none given: the model's
     settings = ServerSettings(names[0] if names else config.model or DEFAULT_MODEL_NAME, api_key,
                               max_waiting_requests, max_body_bytes, chat_content_special_tokens,
                               enable_server_load_tracking, return_tokens_as_token_ids,
