@@ -56,11 +56,11 @@ class Postprocessor:
                 top[0][r], top[1][r] = ids.tolist(), lps.tolist()
         num_emitted = 0
         verdicts = None
-        for i, seq in enumerate(seqs):  # a first token that defers the grammar: it waits
-            if _defers(seq, tokens[i]):
-                seq.matcher, seq.later_matcher = None, seq.matcher
         if any(seq.matcher is not None for seq in seqs):
             # Constrained steps never speculate (EngineCore.step), so row i is sequence i here.
+            for i, seq in enumerate(seqs):  # a first token that defers the grammar: it waits
+                if seq.matcher is not None and _defers(seq, tokens[i]):
+                    seq.matcher, seq.later_matcher = None, seq.matcher
             verdicts = grammars.advance([seq.matcher for seq in seqs], tokens, errors)
         for i, seq in enumerate(seqs):  # (nor do steps with a later matcher)
             if seq.later_matcher is not None and _ends_with(

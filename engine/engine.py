@@ -18,7 +18,7 @@ import time
 import numpy as np
 
 from engine.core.outputs import EngineCoreRequest, EngineStats, RequestOutput
-from engine.core.sampling_params import ParamError, SamplingParams
+from engine.core.sampling_params import SamplingParams, truncated_prompt
 from engine.core_client import EngineCoreClient
 from engine.core_setup import auto_dtype
 from engine.engine_core import EngineCore
@@ -108,13 +108,8 @@ class LLMEngine:
             raise TypeError("sampling_params must be a SamplingParams, "
                             f"got {type(params).__name__}")
         text, ids = encode_prompt(self.tokenizer, prompt)
-        keep = params.truncate_prompt_tokens
-        if keep is not None:
-            keep = self.max_model_len - 1 if keep == -1 else keep  # room for one token
-            if keep >= self.max_model_len:  # a prompt leaves room for one generated token
-                raise ParamError("truncate_prompt_tokens", f"truncate_prompt_tokens ({keep}) "
-                                 f"must be < max_model_len ({self.max_model_len})")
-            ids = ids[-keep:]
+        if params.truncate_prompt_tokens is not None:
+            ids = truncated_prompt(ids, params.truncate_prompt_tokens, self.max_model_len)
         if params.bad_words:  # afresh: the caller's params may have met another tokenizer
             self.processor.tokenize_bad_words(params)
         if params.structured_outputs is not None:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from engine.core.sampling_params import ParamError, truncated_prompt
 from server.protocol import bad_request, finite_logprob, get_field, legacy_top_logprobs
 
 
@@ -77,11 +78,10 @@ def truncate(ids: list[int], x: Extras, max_model_len: int) -> list[int]:
     """The prompt ids truncate_prompt_tokens keeps (all of them when it is not set)."""
     if x.truncate is None:
         return ids
-    keep = max_model_len - 1 if x.truncate == -1 else x.truncate  # -1: room for one token
-    if keep >= max_model_len:  # a prompt leaves room for one generated token
-        raise bad_request("truncate_prompt_tokens", f"'truncate_prompt_tokens' ({keep}) must be "
-                                                    f"< max_model_len ({max_model_len})")
-    return ids[-keep:] if x.truncation_side == "left" else ids[:keep]
+    try:
+        return truncated_prompt(ids, x.truncate, max_model_len, x.truncation_side)
+    except ParamError as e:
+        raise bad_request(e.field, str(e)) from None
 
 
 # ---------------------------------------------------------------- answers

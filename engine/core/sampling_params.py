@@ -135,6 +135,17 @@ def _logit_bias(bias) -> dict[int, float]:
     return out
 
 
+
+def truncated_prompt(ids: list[int], keep: int, max_model_len: int,
+                     side: str = "left") -> list[int]:
+    """The prompt ids truncate_prompt_tokens `keep`s: the last (side "left") or first `keep`;
+    -1: the longest prompt the model takes, which leaves room for one generated token."""
+    keep = max_model_len - 1 if keep == -1 else keep
+    if keep >= max_model_len:
+        raise ParamError("truncate_prompt_tokens", f"truncate_prompt_tokens ({keep}) must be "
+                                                   f"< max_model_len ({max_model_len})")
+    return ids[-keep:] if side == "left" else ids[:keep]
+
 # A temperature in (0, this) samples as this one (vLLM's _MAX_TEMP rule); 0 is greedy.
 MIN_TEMPERATURE = 0.01
 _INT_FIELDS = ("n", "top_k", "min_tokens", "max_tokens", "logprobs", "prompt_logprobs", "best_of",
