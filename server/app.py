@@ -22,6 +22,7 @@ from starlette.routing import Route
 
 from engine.core.liveness import DEFAULT_LIVENESS, Liveness
 from engine.model.config import EngineConfig
+from server import package_version
 from server.async_engine import AsyncEngine, EngineFault
 from server.dashboard import DashboardFeed, dashboard_routes
 from server.extras import check_chat_special_tokens
@@ -97,7 +98,8 @@ def create_app(engine_config: EngineConfig | None = None, *,
                enable_per_request_metrics: bool = False,
                max_stored_responses: int = DEFAULT_MAX_STORED_RESPONSES,
                reasoning_parser: str | None = None,
-               liveness: Liveness = DEFAULT_LIVENESS) -> Starlette:
+               liveness: Liveness = DEFAULT_LIVENESS,
+               chat_template: str | None = None) -> Starlette:
     """An app whose engine core runs in its own process (app.state.engine, an AsyncEngine).
 
     `make_core`: a picklable callable the core process runs instead of EngineCore(config).
@@ -107,10 +109,11 @@ def create_app(engine_config: EngineConfig | None = None, *,
     lets in (None: CORS off). server/guards.py says why. `max_stored_responses`: how many
     /v1/responses answers are kept for GET and previous_response_id (server/responses.py).
     `reasoning_parser` (server/reasoning.py KINDS): chat answers' reasoning apart from content.
+    `chat_template`: a jinja template's source that renders every chat in place of the model's.
     """
     config = engine_config or EngineConfig()
     metrics = ServerMetrics()
-    engine = AsyncEngine(config, make_core, metrics, on_fatal, liveness)
+    engine = AsyncEngine(config, make_core, metrics, on_fatal, liveness, chat_template)
     names = [served_model_name] if isinstance(served_model_name, str) else \
         list(served_model_name or ())
     names = [name for name in names if name]  # none given: the model's
@@ -274,16 +277,6 @@ async def first_token_stages(request: Request):
 
 async def version(request: Request):
     return JSONResponse({"version": package_version()})
-
-
-def package_version() -> str:
-    from importlib.metadata import PackageNotFoundError
-    from importlib.metadata import version as installed_version
-
-    try:
-        return installed_version("pagedserve")
-    except PackageNotFoundError:  # a checkout on PYTHONPATH, never installed
-        return "unknown"
 
 
 async def tokenize(request: Request):

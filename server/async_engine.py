@@ -153,11 +153,13 @@ class RequestGroup:
 class AsyncEngine:
     def __init__(self, engine_config: EngineConfig, make_core=None, metrics=None,
                  on_fatal: Callable[[str], None] | None = None,
-                 liveness: Liveness = DEFAULT_LIVENESS):
+                 liveness: Liveness = DEFAULT_LIVENESS, chat_template: str | None = None):
         """`make_core`: a picklable callable the core process calls instead of
         EngineCore(engine_config); `on_fatal(cause)`: called once if the core dies (or hangs:
-        `liveness` says when one is failed)."""
+        `liveness` says when one is failed); `chat_template`: a template's source that renders
+        chats in place of the model's (Tokenizer.use_chat_template)."""
         self.config, self.make_core = engine_config, make_core
+        self.chat_template = chat_template
         self.metrics, self.on_fatal, self.liveness = metrics, on_fatal, liveness
         self.engine: ModelInfo | None = None  # set once the core is ready
         self.load_error: BaseException | None = None
@@ -218,6 +220,8 @@ class AsyncEngine:
         self._task = self.loop.create_task(self._run())
 
     def _set_ready(self, ready, tokenizer, sampling_defaults: dict):
+        if tokenizer is not None and self.chat_template is not None:
+            tokenizer.use_chat_template(self.chat_template)
         self.engine = ModelInfo(tokenizer, ready.model_config, ready.max_model_len,
                                 ready.num_kv_blocks,
                                 self._grammars(tokenizer, ready.model_config), sampling_defaults)

@@ -24,12 +24,14 @@ from engine.executor.ops import DeviceError, resolve_device
 from engine.executor.worker import add_worker_flags, run_worker_args
 from engine.logs import configure_logging, model_line
 from engine.model.config import (
+    DTYPES,
     PRESETS_DIR,
     ConfigError,
     EngineConfig,
     generation_config_problem,
 )
 from engine.model.gguf_quants import KINDS as GGUF_KINDS
+from server import package_version
 from server.reasoning import KINDS as REASONING_KINDS
 
 log = logging.getLogger("pagedserve.cli")
@@ -61,6 +63,33 @@ def _checked(cast, what: str, bounds: str, ok):
 
 
 _positive_int = _checked(int, "an integer", ">= 1", lambda v: v >= 1)
+
+
+# vLLM's human-readable integers: decimal k/m/g/t (25.6k = 25,600) and binary K/M/G/T (whole
+# numbers: 32K = 32,768).
+_SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
+             "K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+
+
+def _human_int(text: str) -> int:
+    """An integer, or one written as 4k, 25.6k or 32K; ValueError if it is none of those or a
+    decimal suffix leaves a fraction (1.0001k)."""
+    text = text.strip()
+    scale = _SUFFIXES.get(text[-1:], 1)
+    digits = text[:-1] if scale != 1 else text
+    if scale == 1 or text[-1].isupper():
+        return int(digits) * scale
+    whole, _, fraction = digits.partition(".")
+    if not whole.isdigit() or (fraction and not fraction.isdigit()):
+        raise ValueError(text)
+    value, rest = divmod(int(whole + fraction) * scale, 10 ** len(fraction))
+    if rest:
+        raise ValueError(text)
+    return value
+
+
+_token_count = _checked(_human_int, "an integer (or 4k = 4,000, 32K = 32,768)", ">= 1",
+                        lambda v: v >= 1)
 _non_negative_int = _checked(int, "an integer", ">= 0", lambda v: v >= 0)
 _fraction = _checked(float, "a number", "in (0, 1]", lambda v: 0 < v <= 1)
 _port = _checked(int, "a port number", "in [0, 65535]", lambda v: 0 <= v <= 65535)
@@ -74,6 +103,29 @@ def _json_object(text: str) -> dict:
     if not isinstance(value, dict):
         raise argparse.ArgumentTypeError(f"expected a JSON object, got {text!r}")
     return value
+
+
+def _chat_template(text: str) -> str:
+    """--chat-template: a file's path, or the template itself (vLLM's rule: text with a brace
+    or a line break is a template); the template's source, checked to be valid jinja."""
+    import jinja2
+
+    from engine.model.chat_template import compile_template
+
+    source = text
+    if not any(c in text for c in "{}\n"):
+        try:
+            source = Path(text).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is neither a readable UTF-8 file ({getattr(e, 'strerror', None) or e})"
+                " nor a template (a template has {% ... %} or {{ ... }})") from None
+    try:
+        compile_template(source)
+    except jinja2.TemplateError as e:
+        where = "" if source is text else f"{text}: "
+        raise argparse.ArgumentTypeError(f"{where}not a valid jinja template: {e}") from None
+    return source
 
 
 def _generation_config(text: str) -> str:
@@ -91,16 +143,18 @@ def _engine_flags() -> argparse.ArgumentParser:
                    help="where the model runs: cuda (CuPy kernels), cpu (the numpy reference; "
                         "numpy is another name for it), or auto = cuda when an NVIDIA GPU and "
                         "CuPy are present (default: auto)")
-    g.add_argument("--dtype", choices=("auto", "float16", "bfloat16", "float32"), default="auto",
-                   help="weight and activation dtype; cuda computes in float16 or bfloat16, "
-                        "cpu in float32 (others are refused); auto = float16 for an fp16 "
-                        "checkpoint, else bfloat16 on cuda, float32 on cpu")
-    g.add_argument("--max-model-len", type=_positive_int, default=None, metavar="N",
-                   help="longest sequence (prompt + output) in tokens (default: the model's "
-                        "max_position_embeddings, lowered to what the KV cache holds)")
+    g.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="weight and activation dtype (half = float16, float = float32); cuda "
+                        "computes in float16 or bfloat16, cpu in float32 (others are refused); "
+                        "auto = float16 for an fp16 checkpoint, else bfloat16 on cuda, float32 "
+                        "on cpu")
+    g.add_argument("--max-model-len", type=_token_count, default=None, metavar="N",
+                   help="longest sequence (prompt + output) in tokens, e.g. 4096, 4k (4,000) or "
+                        "32K (32,768) (default: the model's max_position_embeddings, lowered to "
+                        "what the KV cache holds)")
     g.add_argument("--max-num-seqs", type=_positive_int, default=256, metavar="N",
                    help="most sequences in one batch (default: 256)")
-    g.add_argument("--max-num-batched-tokens", type=_positive_int, default=None, metavar="N",
+    g.add_argument("--max-num-batched-tokens", type=_token_count, default=None, metavar="N",
                    help="token budget of one engine step; longer prompts are prefilled in chunks "
                         f"(default: {GPU_STEP_TOKENS} on cuda, {CPU_STEP_TOKENS} on cpu, where a "
                         "step of 8192 prompt tokens would hold every other request, and an "
@@ -253,6 +307,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="pagedserve",
         description="pagedserve: an LLM serving engine with PagedAttention and continuous "
                     "batching, on CuPy + CUDA kernels or numpy.")
+    parser.add_argument("--version", action="version", version=f"pagedserve {package_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     engine_flags = _engine_flags()
 
@@ -285,6 +340,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="tokenize special tokens inside chat message content (and tools, "
                         "documents, chat_template_kwargs) as control tokens (HF's behaviour; "
                         "lets a client forge turns). Default: they stay text")
+    s.add_argument("--chat-template", type=_chat_template, default=None, metavar="FILE|TEMPLATE",
+                   help="a jinja chat template, a file or the template itself, that renders "
+                        "every chat (tools included) in place of the model's (default: the "
+                        "model's, from chat_template.jinja, tokenizer_config.json or the GGUF)")
     s.add_argument("--served-model-name", type=_model_name, nargs="+", default=None,
                    metavar="NAME",
                    help="the model name clients send and /v1/models lists (default: MODEL); "
@@ -669,7 +728,7 @@ def app_from_args(args: argparse.Namespace, config: EngineConfig, make_core=None
                       enable_tokenizer_info_endpoint=args.enable_tokenizer_info_endpoint,
                       enable_per_request_metrics=args.enable_per_request_metrics,
                       max_stored_responses=args.max_stored_responses,
-                      reasoning_parser=args.reasoning_parser,
+                      reasoning_parser=args.reasoning_parser, chat_template=args.chat_template,
                       liveness=Liveness(args.engine_heartbeat_timeout, args.engine_step_timeout))
 
 

@@ -54,7 +54,9 @@ def test_generate_reports_bad_input_clearly(tiny_folder, capsys, tmp_path):
     # settings checked after parsing are named as flags too
     for extra, words in ((["--max-logprobs", "-5"], "error: --max-logprobs must be -1"),
                          (["--seed", "-1"], "error: --seed must be in"),
-                         (["--num-kv-blocks", "4"], "give more --num-kv-blocks")):
+                         (["--num-kv-blocks", "4"], "give more --num-kv-blocks"),
+                         # (a MemoryError before, naming no flag)
+                         (["--max-num-seqs", str(10**12)], "lower --max-num-seqs")):
         assert _generate(tiny_folder, *extra, "hi") == 2
         assert words in capsys.readouterr().err
     assert main(["generate", "--model", str(tmp_path / "missing"), "hi"]) == 2
@@ -151,6 +153,57 @@ def test_cpu_is_the_device_name_and_numpy_its_alias(tiny_folder, capsys):
                  "cpu", "--max-model-len", "64", "--num-kv-blocks", "8", "--max-tokens", "2",
                  "Hi"]) == 0
     capsys.readouterr()
+
+
+def test_vllms_spellings_of_token_counts_and_dtypes(capsys):
+    """--max-model-len and --max-num-batched-tokens take vLLM's human-readable integers (k = 10**3
+    with decimals, K = 2**10 whole); --dtype half and float are float16 and float32."""
+    from server.cli import engine_config_from_args
+
+    p = build_parser()
+    for text, want in (("4096", 4096), ("4k", 4000), ("25.6k", 25600), ("32K", 32768),
+                       ("1m", 10**6), ("2M", 2 * 2**20), ("0.5k", 500), ("1g", 10**9)):
+        assert p.parse_args(["serve", "--max-model-len", text]).max_model_len == want, text
+        assert p.parse_args(["serve", "--max-num-batched-tokens", text]).max_num_batched_tokens \
+            == want, text
+    for text in ("1.5K", "1.0001k", "k", "4x", "-1k", "0k", "4 k", "1e3", ""):
+        with pytest.raises(SystemExit):
+            main(["serve", "--max-model-len", text])
+        assert "--max-model-len" in capsys.readouterr().err, text
+    for given, want in (("half", "float16"), ("float", "float32"), ("bfloat16", "bfloat16")):
+        config = engine_config_from_args(p.parse_args(["serve", "--dtype", given]))
+        assert config.dtype == want
+    with pytest.raises(SystemExit):
+        main(["serve", "--dtype", "fp16"])
+    assert "--dtype" in capsys.readouterr().err
+
+
+def test_version(capsys):
+    with pytest.raises(SystemExit) as e:
+        main(["--version"])
+    assert e.value.code == 0
+    assert re.fullmatch(r"pagedserve (\d+\.\d+\.\d+\S*|unknown)\n", capsys.readouterr().out)
+
+
+def test_chat_template_flag_reads_a_file_or_takes_the_template(tmp_path, capsys):
+    p = build_parser()
+    path = tmp_path / "t.jinja"
+    path.write_text("{% for m in messages %}{{ m.content }}{% endfor %}", encoding="utf-8")
+    assert p.parse_args(["serve", "--chat-template", str(path)]).chat_template == \
+        path.read_text()
+    inline = "{{ messages[0].content }}"
+    assert p.parse_args(["serve", "--chat-template", inline]).chat_template == inline
+    assert p.parse_args(["serve"]).chat_template is None
+    path.write_text("{% if %}", encoding="utf-8")
+    (tmp_path / "latin1.jinja").write_bytes(b"caf\xe9")
+    for given, words in ((str(tmp_path / "missing.jinja"), "neither a readable UTF-8 file"),
+                         (str(tmp_path / "latin1.jinja"), "neither a readable UTF-8 file"),
+                         (str(path), f"{path}: not a valid jinja template"),
+                         ("{% for %}", "not a valid jinja template")):
+        with pytest.raises(SystemExit):
+            main(["serve", "--chat-template", given])
+        err = capsys.readouterr().err
+        assert "--chat-template" in err and words in err, err
 
 
 def test_float16_on_the_cpu_is_refused(tiny_folder, capsys):

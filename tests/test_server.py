@@ -793,3 +793,22 @@ def test_several_served_model_names_as_vllm():
         other = httpx.post(s.url + "/v1/completions", json={"model": "nope", "prompt": "Hi"})
         assert other.status_code == 404
         assert "'first' or 'alias'" in other.json()["error"]["message"]
+
+
+def test_a_chat_template_given_to_the_server_renders_every_chat():
+    """--chat-template: chats (with tools too) render with the given template, not the model's;
+    /tokenizer_info shows it."""
+    template = ("{% for m in messages %}<|im_start|>[{{ m.role }}] {{ m.content }}"
+                "{% endfor %}{% if tools %}TOOLS{% endif %}")
+    with Server(create_app(served_model_name=MODEL, make_core=_make_core,
+                           enable_tokenizer_info_endpoint=True, chat_template=template)) as s:
+        tool = {"type": "function", "function": {"name": "f", "parameters": {}}}
+        for extra, tail in (({}, ""), ({"tools": [tool]}, "TOOLS")):
+            ids = httpx.post(s.url + "/tokenize", json={"messages": CHAT, **extra}).json()
+            text = httpx.post(s.url + "/detokenize", json={"tokens": ids["tokens"]}).json()
+            assert text["prompt"] == "<|im_start|>[user] Tell me a story." + tail
+            chat = httpx.post(s.url + "/v1/chat/completions", json={
+                "model": MODEL, "messages": CHAT, "max_tokens": 1, **extra}, timeout=60).json()
+            assert chat["usage"]["prompt_tokens"] == ids["count"]
+        info = httpx.get(s.url + "/tokenizer_info").json()
+        assert info["chat_template"] == template

@@ -321,6 +321,27 @@ def test_template_files_replace_all_of_the_configs_templates(tok, tmp_path):
     assert hf.apply_chat_template([], tokenize=False, tools=[{}]) == "FILE"
 
 
+def test_a_given_template_replaces_the_default_and_the_tool_use_one(tok, tmp_path):
+    """The server's --chat-template: every chat renders with it, a chat with tools too (the
+    model's "tool_use" template is dropped); the model's other named templates stay."""
+    (tmp_path / "tokenizer.json").write_text(tok.tokenizer.to_str())
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps({"chat_template": [
+        {"name": "default", "template": "MODEL"}, {"name": "tool_use", "template": "TOOLS"},
+        {"name": "rag", "template": "RAG"}]}))
+    hf = Tokenizer.from_pretrained(tmp_path)
+    assert hf.apply_chat_template([], tokenize=False, tools=[{}]) == "TOOLS"  # (before)
+    hf.use_chat_template("GIVEN {{ messages | length }}")
+    chat = [{"role": "user", "content": "hi"}]
+    assert hf.apply_chat_template(chat, tokenize=False) == "GIVEN 1"
+    assert hf.apply_chat_template(chat, tokenize=False, tools=[{}]) == "GIVEN 1"
+    assert hf.apply_chat_template(chat, tokenize=False, chat_template="rag") == "RAG"
+    assert hf.chat_template == "GIVEN {{ messages | length }}"
+    assert sorted(hf.chat_templates) == ["default", "rag"]
+    with pytest.raises(TokenizerError, match="not valid jinja"):
+        hf.use_chat_template("{% if %}")
+    assert hf.apply_chat_template(chat, tokenize=False) == "GIVEN 1"  # unchanged by the error
+
+
 # ---------------------------------------------------------------------------------------------
 # Errors a user can cause
 

@@ -24,6 +24,9 @@ SUPPORTED_ARCHITECTURES = {
 }
 
 PRESETS_DIR = Path(__file__).parent / "presets"
+# EngineConfig.dtype's values; vLLM's other names (half, float) become the first ones at validate()
+DTYPE_ALIASES = {"half": "float16", "float": "float32"}
+DTYPES = ("auto", "float16", "bfloat16", "float32", *DTYPE_ALIASES)
 
 
 class ConfigError(ValueError):
@@ -407,7 +410,7 @@ class EngineConfig:
         None  # HF folder, .gguf file, preset name (with load_format="dummy"), None = default
     )
     device: str = "auto"  # auto | cuda | cpu (numpy, its first name, is an alias)
-    dtype: str = "auto"  # auto | float16 | bfloat16 | float32
+    dtype: str = "auto"  # auto | float16 | bfloat16 | float32 (half and float: DTYPE_ALIASES)
     max_model_len: int | None = None  # None: the model's max_position_embeddings
     max_num_seqs: int = 256
     max_num_batched_tokens: int = 8192
@@ -526,7 +529,7 @@ class EngineConfig:
 
         choices = {
             "device": ("auto", "cuda", "cpu", "numpy"),
-            "dtype": ("auto", "float16", "bfloat16", "float32"),
+            "dtype": DTYPES,
             "load_format": ("auto", "dummy"),
             # fp8, or a GGUF block format for dummy weights (model/gguf_quants.py)
             "quantization": (None, "fp8", *(k.lower() for k in GGUF_KINDS)),
@@ -534,6 +537,7 @@ class EngineConfig:
         for name, allowed in choices.items():
             if getattr(self, name) not in allowed:
                 raise ConfigError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}")
+        self.dtype = DTYPE_ALIASES.get(self.dtype, self.dtype)
         if self.data_parallel_size < 1:
             raise ConfigError(f"data_parallel_size must be >= 1, got {self.data_parallel_size}")
         if not 0 <= self.data_parallel_rank < self.data_parallel_size:

@@ -520,6 +520,22 @@ class Tokenizer:
                 return piece.replace("\u2581", " ").encode()
         return text.encode()
 
+    def use_chat_template(self, source: str) -> None:
+        """Render every chat with `source` (the server's --chat-template) in place of the
+        model's templates: its default and its "tool_use" one (the model's other named ones
+        stay, for a request that names one). TokenizerError if it is not valid jinja."""
+        import jinja2
+
+        try:
+            compiled = compile_template(source)
+        except jinja2.TemplateError as e:
+            raise TokenizerError(f"chat template is not valid jinja: {e}") from None
+        self.chat_templates = {name: text for name, text in self.chat_templates.items()
+                               if name != "tool_use"} | {"default": source}
+        self._compiled = {name: template for name, template in self._compiled.items()
+                          if name in self.chat_templates} | {"default": compiled}
+        self.chat_template = source
+
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
                             tokenize: bool = True, special_tokens_in_content: bool = False,
                             continue_final_message: bool = False,
