@@ -63,6 +63,9 @@ def _checked(cast, what: str, bounds: str, ok):
 
 
 _positive_int = _checked(int, "an integer", ">= 1", lambda v: v >= 1)
+_non_negative_int = _checked(int, "an integer", ">= 0", lambda v: v >= 0)
+_fraction = _checked(float, "a number", "in (0, 1]", lambda v: 0 < v <= 1)
+_port = _checked(int, "a port number", "in [0, 65535]", lambda v: 0 <= v <= 65535)
 
 
 # vLLM's human-readable integers: decimal k/m/g/t (25.6k = 25,600) and binary K/M/G/T (whole
@@ -90,9 +93,6 @@ def _human_int(text: str) -> int:
 
 _token_count = _checked(_human_int, "an integer (or 4k = 4,000, 32K = 32,768)", ">= 1",
                         lambda v: v >= 1)
-_non_negative_int = _checked(int, "an integer", ">= 0", lambda v: v >= 0)
-_fraction = _checked(float, "a number", "in (0, 1]", lambda v: 0 < v <= 1)
-_port = _checked(int, "a port number", "in [0, 65535]", lambda v: 0 <= v <= 65535)
 
 
 def _json_object(text: str) -> dict:
