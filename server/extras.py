@@ -163,9 +163,6 @@ def chat_options(messages: list[dict], body: dict) -> ChatOptions:
     """How to render the chat, and how the answer starts, as the body asks."""
     add_generation = get_field(body, "add_generation_prompt", "bool", True)
     continue_final = get_field(body, "continue_final_message", "bool", False)
-    if add_generation and continue_final:
-        raise bad_request("continue_final_message", "Cannot set both `continue_final_message` "
-                                                    "and `add_generation_prompt` to True.")
     if body.get("chat_template") is not None:  # refused by name, never silently ignored
         raise bad_request("chat_template", "a chat template sent with the request is not "
                                            "supported: the model's own renders the chat (vLLM "
@@ -174,10 +171,21 @@ def chat_options(messages: list[dict], body: dict) -> ChatOptions:
     reserved = [k for k in options if k in _RESERVED]
     if reserved:
         raise bad_request("chat_template_kwargs", f"'chat_template_kwargs' may not set {reserved}")
+    # As vLLM's, chat_template_kwargs' add_generation_prompt wins over the field: it must then
+    # be a boolean, and the answer's role and the check below follow it.
+    given = options.get("add_generation_prompt")
+    if given is not None:
+        if not isinstance(given, bool):
+            raise bad_request("chat_template_kwargs", "'chat_template_kwargs.add_generation_"
+                              f"prompt' must be a boolean, got {type(given).__name__}")
+        add_generation = given
+    if add_generation and continue_final:
+        raise bad_request("continue_final_message", "Cannot set both `continue_final_message` "
+                                                    "and `add_generation_prompt` to True.")
     documents = get_field(body, "documents", "list")
     if documents is not None:
         options["documents"] = documents
-    options.setdefault("add_generation_prompt", add_generation)
+    options["add_generation_prompt"] = add_generation
     options["continue_final_message"] = continue_final
     last = messages[-1]
     role = "assistant" if add_generation else last["role"]

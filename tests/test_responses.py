@@ -405,6 +405,7 @@ def test_get_and_delete_stored_responses(server, client):
     ({"input": [{"type": "reasoning", "content": True}]}, "input[0].content"),
     ({"input": [{"role": "tool", "content": "x"}]}, "input[0].role"),
     ({"input": []}, "input"),
+    ({"input": [{"type": "reasoning", "summary": []}]}, "input"),  # no message left
     ({"input": [{"type": "function_call_output", "call_id": "call_x", "output": "1"}]},
      "input"),
     ({"text": {"format": {"type": "xml"}}}, "text.format"),

@@ -387,6 +387,19 @@ def test_chat_template_options():
         chat_options(messages, {"chat_template_kwargs": {"messages": []}})
     with pytest.raises(APIError, match="Cannot set both"):
         chat_options(messages, {"continue_final_message": True})
+    # chat_template_kwargs' add_generation_prompt wins over the field (vLLM's order), is checked
+    # as the field is, and the answer's role and the conflict check follow it
+    kwargs = {"chat_template_kwargs": {"add_generation_prompt": False}}
+    options = chat_options(messages, {**kwargs, "echo": True})
+    assert options.template_options["add_generation_prompt"] is False
+    assert (options.role, options.echo) == ("assistant", "Hello")  # the last message's role
+    assert chat_options(messages[:1], kwargs).role == "user"
+    with pytest.raises(APIError, match="Cannot set both"):
+        chat_options(messages, {"chat_template_kwargs": {"add_generation_prompt": True},
+                                "add_generation_prompt": False, "continue_final_message": True})
+    with pytest.raises(APIError, match=r"chat_template_kwargs\.add_generation_prompt' must be "
+                                       r"a boolean, got str"):
+        chat_options(messages, {"chat_template_kwargs": {"add_generation_prompt": "yes"}})
 
 
 def test_continue_final_message_cuts_the_rendered_chat():

@@ -439,3 +439,35 @@ def test_structured_outputs_after_is_checked(engine):
             engine.add_request("r", "Answer:", params)
         assert e.value.field == "structured_outputs"
     assert not engine.has_unfinished_requests()
+
+
+@pytest.mark.parametrize("so, want", [
+    (StructuredOutputsParams(regex=r"<\|im_end\|>x"), "<|im_end|>x"),
+    (StructuredOutputsParams(choice=["say <|im_start|> now"]), "say <|im_start|> now"),
+    (StructuredOutputsParams(json={"type": "object", "properties": {"k": {"const": "<|im_end|>"}},
+                                   "required": ["k"], "additionalProperties": False}),
+     '{"k": "<|im_end|>"}'),
+    (StructuredOutputsParams(grammar='start: "<|endoftext|>" /[0-9]/'), None),
+], ids=["regex", "choice", "json-const", "lark-string"])
+def test_the_text_of_a_special_token_is_written_in_ordinary_tokens(engine, so, want):
+    """A grammar that holds a special token's text: llguidance's mask allowed only the special
+    token's id where the text was forced, and then refused that id (a control token, not
+    text): the request failed. Now the text is written in ordinary tokens, no special id
+    among them, and the output ends on eos as the grammar finishes."""
+    specials = engine.tokenizer.all_special_ids
+    for c in _sample(engine, so, n=3, max_tokens=40):
+        assert c.finish_reason == "stop", (c.finish_reason, c.error)
+        assert not specials & set(c.token_ids[:-1]) and c.token_ids[-1] == 2, c.token_ids
+        if want is None:
+            assert re.fullmatch(r"<\|endoftext\|>[0-9]", c.text), c.text
+        else:
+            assert c.text == want
+
+
+def test_a_grammar_may_still_ask_for_a_special_token_by_name(engine):
+    """Lark's <|...|> names the special token itself (llguidance's syntax): its id is sampled,
+    not its text spelled out."""
+    [c] = _sample(engine, StructuredOutputsParams(grammar='start: "a" <|im_start|> "b"'), n=1,
+                  max_tokens=10, skip_special_tokens=False)
+    assert c.finish_reason == "stop" and 1 in c.token_ids, (c.token_ids, c.error)
+    assert c.text == "a<|im_start|>b"
