@@ -14,6 +14,7 @@ A sequence that finished after the step was launched (overlapped loop) has its t
 from __future__ import annotations
 
 import logging
+import math
 
 import numpy as np
 
@@ -82,15 +83,8 @@ class Postprocessor:
                 continue
             verdict = ACCEPTED if verdicts is None else verdicts[i]
             if verdict is not ACCEPTED and verdict is not ENDED:
-                allowed = seq.sampling_params.allowed_token_ids
-                if allowed is not None and tokens[first] not in allowed:
-                    # Only an all-masked row yields a token outside them: the grammar's next
-                    # tokens and these had none in common (found on arrival for the first).
-                    cause = (f"no token was left to sample after {seq.num_output_tokens} "
-                             "output tokens: none of allowed_token_ids is one that "
-                             "structured_outputs allows next")
-                else:
-                    cause = f"the grammar refused token {tokens[first]}: {verdict}"
+                cause = _starved(seq, tokens[first], logprobs[first]) or \
+                    f"the grammar refused token {tokens[first]}: {verdict}"
                 self.requests.fail(seq.request_id, cause, outputs)
                 continue
             try:
@@ -248,3 +242,21 @@ def _ends_with(seq: Sequence, token: int, ids: list[int]) -> bool:
         return True
     return (len(seq.token_ids) - seq.num_prompt_tokens >= len(before)
             and seq.token_ids[len(seq.token_ids) - len(before) :] == before)
+
+
+def _starved(seq: Sequence, token: int, logprob: float) -> str | None:
+    """Why a constrained row had no token left to sample, or None if it had one: the request's
+    own settings excluded every token its grammar allowed next, so every logit was -inf and the
+    sampler's pick (the grammar then refused it) was arbitrary. (The first step's case is
+    refused on arrival for allowed_token_ids: GrammarCompiler.check.)"""
+    p = seq.sampling_params
+    allowed = p.allowed_token_ids
+    if math.isfinite(logprob) and (allowed is None or token in allowed):
+        return None  # (a row whose ids were all masked picks one outside them)
+    settings = [name for name, excludes in (
+        ("allowed_token_ids", allowed is not None), ("bad_words", bool(p.bad_words_token_ids)),
+        ("min_tokens", seq.num_output_tokens < p.min_tokens)) if excludes]
+    return (f"no token was left to sample after {seq.num_output_tokens} output tokens: "
+            f"{' and '.join(settings) or 'the sampling settings'} exclude every token "
+            "structured_outputs allows next")
+

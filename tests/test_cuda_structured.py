@@ -107,6 +107,26 @@ def test_graphs_eager_and_synchronous_agree_under_a_grammar():
 
 
 @pytest.mark.parametrize("enforce_eager", [False, True])
+def test_special_token_text_and_starved_rows_on_the_gpu(enforce_eager):
+    """A grammar forcing a special token's text writes it in ordinary tokens; bad_words that
+    ban all a grammar allows end the request naming them (the cuda sampler's logprob of an
+    all -inf row is no finite number either)."""
+    engine = _engine(enforce_eager)
+    so = StructuredOutputsParams(regex=r"<\|im_end\|>x")
+    assert _texts(engine, SamplingParams(n=2, temperature=1.0, seed=1, max_tokens=24,
+                                         structured_outputs=so)) == ["<|im_end|>x"] * 2
+    engine.add_request("b", "Describe a pet:", SamplingParams(
+        max_tokens=4, bad_words=["a"], structured_outputs=StructuredOutputsParams(regex="7a")))
+    final = None
+    while engine.has_unfinished_requests():
+        final = [o for o in engine.step() if o.finished] or final
+    [c] = final[0].outputs
+    assert c.finish_reason == "error" and c.error.startswith(
+        "no token was left to sample after 1 output tokens: bad_words exclude"), c.error
+    assert engine.get_stats().kv_blocks_used == 0
+
+
+@pytest.mark.parametrize("enforce_eager", [False, True])
 def test_a_first_token_may_defer_the_grammar_on_the_gpu(enforce_eager):
     """structured_outputs_deferred_by through the cuda engine: the id the bias
     favours is let through as the first token only, the next (free) ends the wait, then the

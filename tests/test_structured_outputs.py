@@ -293,6 +293,19 @@ def test_allowed_token_ids_the_grammar_never_allows_end_the_request_with_their_c
     assert c.finish_reason != "error" and re.fullmatch("[0-9]+", c.text), c
 
 
+def test_bad_words_that_ban_what_the_grammar_allows_end_the_request_with_their_cause(engine):
+    """A grammar that forces "a" and bad_words that ban it: the row is all -inf, the sampler's
+    pick arbitrary and refused by the grammar. The request fails naming bad_words (before, the
+    grammar's refusal of a token it never chose: a parser dump)."""
+    for so, after in ((StructuredOutputsParams(choice=["a"]), 0),
+                      (StructuredOutputsParams(regex="7a"), 1)):
+        [c] = _sample(engine, so, n=1, max_tokens=4, bad_words=["a"])
+        assert c.finish_reason == "error", (c.text, c.finish_reason)
+        assert c.error == (f"no token was left to sample after {after} output tokens: bad_words "
+                           "exclude every token structured_outputs allows next"), c.error
+    assert not engine.has_unfinished_requests() and engine.get_stats().kv_blocks_used == 0
+
+
 class _FailingMatcher:
     """A matcher that hit one of llguidance's limits: its error, then a dump of its state."""
 
