@@ -226,6 +226,9 @@ def _engine_flags() -> argparse.ArgumentParser:
                         "$PAGEDSERVE_MASTER_ADDR, else 127.0.0.1)")
     t.add_argument("--master-port", type=_port, default=None, metavar="PORT",
                    help="its port (default: $PAGEDSERVE_MASTER_PORT, else any free port)")
+    g.add_argument("--trust-remote-code", action="store_true",
+                   help="taken for vLLM command lines: no code of a model is ever run (a model "
+                        "whose architecture this engine lacks is refused as it loads)")
     g.add_argument("--log-level", default=None,
                    choices=("critical", "error", "warning", "info", "debug"),
                    help="logging verbosity (default: info for serve, warning for generate)")
@@ -399,6 +402,18 @@ def build_parser() -> argparse.ArgumentParser:
                         "seconds while requests are in flight (heartbeats come, but no step "
                         "ends: a hung kernel, a deadlock). Raise it if one step of a large model "
                         "on the cpu takes longer. 0 = never; else at least 1 (default: 300)")
+    s.add_argument("--disable-log-stats", action="store_true",
+                   help="no throughput line every 10 s while busy (vLLM's flag)")
+    s.add_argument("--uvicorn-log-level", default=None,
+                   choices=("critical", "error", "warning", "info", "debug", "trace"),
+                   help="uvicorn's loggers (its start-up and error lines, the access line of "
+                        "each HTTP request) at this level (vLLM's flag) (default: --log-level's, "
+                        "uvicorn's start-up lines only at debug)")
+    s.add_argument("--disable-uvicorn-access-log", action="store_true",
+                   help="no access line per HTTP request (vLLM's flag)")
+    s.add_argument("--disable-log-requests", action="store_true",
+                   help="taken for vLLM command lines: no request is logged anyway, besides "
+                        "uvicorn's access line (--disable-uvicorn-access-log)")
 
     g = sub.add_parser("generate", parents=[engine_flags], help="complete one prompt and print "
                        "it with the speed", description="Complete PROMPT once and print the text, "
@@ -474,6 +489,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "worker":
         return run_worker_args(args)
     configure_logging(args.log_level or ("info" if args.command == "serve" else "warning"))
+    if args.command == "serve":
+        _serve_logging(args)
     try:
         config = engine_config_from_args(args)
         if args.command == "serve":
@@ -492,6 +509,18 @@ def main(argv: list[str] | None = None) -> int:
         return _fail(f"{e}", 1)
     except Exception as e:  # anything else that stops the model from loading, still one line
         return _fail(f"{type(e).__name__}: {e}", 1)
+
+
+def _serve_logging(args: argparse.Namespace) -> None:
+    """serve's logging flags, over configure_logging's levels."""
+    if args.disable_log_stats:
+        logging.getLogger("pagedserve.stats").setLevel(logging.WARNING)
+    if args.uvicorn_log_level is not None:
+        level = 5 if args.uvicorn_log_level == "trace" else args.uvicorn_log_level.upper()
+        for name in ("uvicorn", "uvicorn.error", "uvicorn.access"):
+            logging.getLogger(name).setLevel(level)
+    if args.disable_uvicorn_access_log:
+        logging.getLogger("uvicorn.access").setLevel(logging.CRITICAL + 1)
 
 
 def _subcommand(parser: argparse.ArgumentParser, command: str) -> argparse.ArgumentParser:

@@ -605,3 +605,42 @@ def test_the_liveness_flags_help_states_the_bounds_they_are_held_to(capsys):
         Liveness(**{field: least})
         own = help_text.split(flag, 2)[2].split(" --", 1)[0]  # the flag's own help paragraph
         assert f"at least {least:g}" in own, (flag, own)
+
+
+def test_vllms_logging_flags_set_the_loggers_and_its_no_op_flags_are_taken():
+    """--disable-log-stats, --uvicorn-log-level, --disable-uvicorn-access-log act on the loggers
+    they name; --disable-log-requests and --trust-remote-code (often in vLLM command lines) are
+    taken, changing nothing: no request is logged and no model code is run anyway."""
+    import logging
+
+    from engine.logs import configure_logging
+    from server.cli import _serve_logging
+
+    names = ("pagedserve", "pagedserve.stats", "uvicorn", "uvicorn.error", "uvicorn.access")
+    saved = {n: (logging.getLogger(n).level, logging.getLogger(n).handlers) for n in names}
+    try:
+        p = build_parser()
+
+        def levels(*argv):
+            args = p.parse_args(["serve", *argv])
+            configure_logging("info")
+            for n in ("pagedserve.stats",):  # (a level of its own only from the flag)
+                logging.getLogger(n).setLevel(logging.NOTSET)
+            _serve_logging(args)
+            return {n: logging.getLogger(n).getEffectiveLevel() for n in names[1:]}
+
+        info, warning = logging.INFO, logging.WARNING
+        assert levels() == {"pagedserve.stats": info, "uvicorn": info, "uvicorn.error": warning,
+                            "uvicorn.access": info}
+        assert levels("--disable-log-stats")["pagedserve.stats"] == warning
+        assert levels("--uvicorn-log-level", "debug") == {
+            "pagedserve.stats": info, "uvicorn": logging.DEBUG, "uvicorn.error": logging.DEBUG,
+            "uvicorn.access": logging.DEBUG}
+        assert levels("--uvicorn-log-level", "trace")["uvicorn.access"] == 5
+        assert levels("--disable-uvicorn-access-log")["uvicorn.access"] > logging.CRITICAL
+        assert levels("--disable-log-requests", "--trust-remote-code") == levels()
+        assert p.parse_args(["generate", "--trust-remote-code", "hi"]).trust_remote_code
+    finally:
+        for n, (level, handlers) in saved.items():
+            logging.getLogger(n).setLevel(level)
+            logging.getLogger(n).handlers = handlers
