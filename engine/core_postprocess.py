@@ -256,7 +256,8 @@ def _starved(seq: Sequence, token: int, logprob: float) -> str | None:
     settings = [name for name, excludes in (
         ("allowed_token_ids", allowed is not None), ("bad_words", bool(p.bad_words_token_ids)),
         ("min_tokens", seq.num_output_tokens < p.min_tokens)) if excludes]
+    if not settings:  # a grammar at a dead end (its row allowed nothing), or NaN logits
+        return None
     return (f"no token was left to sample after {seq.num_output_tokens} output tokens: "
-            f"{' and '.join(settings) or 'the sampling settings'} exclude every token "
-            "structured_outputs allows next")
+            f"{' and '.join(settings)} exclude every token structured_outputs allows next")
 

@@ -134,13 +134,8 @@ def _build_on_part(engine_config: EngineConfig, ops, mc: ModelConfig, tokenizer,
                        tokenizer.eos_token, tok_eos, mc.vocab_size)
     if workers is not None:
         workers.start_runners(num_blocks, max_model_len, eos)
-    try:
-        runner = ModelRunner(mc, engine_config, ops, model, kv_cache, eos_token_ids=eos,
-                             max_model_len=max_model_len, workers=workers)
-    except MemoryError as e:  # its tables hold a row of max_model_len's blocks per sequence
-        raise ValueError(f"the runner's tables do not fit in host memory ({e}); lower "
-                         f"max_num_seqs ({engine_config.max_num_seqs}) or max_model_len "
-                         f"({max_model_len})") from None
+    runner = ModelRunner(mc, engine_config, ops, model, kv_cache, eos_token_ids=eos,
+                         max_model_len=max_model_len, workers=workers)
     # Structured outputs need the tokens' bytes: only a model with a tokenizer has them (a
     # benchmark may set a compiler of its own on dummy weights).
     grammars = None

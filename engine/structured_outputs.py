@@ -101,8 +101,10 @@ class GrammarCompiler:
         # fill_bitmask_soon's thread: masks fill there while the core postprocesses a step.
         self._filler = ThreadPoolExecutor(1, thread_name_prefix="pagedserve-masks")
         self._bitmask = np.empty((0, self.num_words), np.int32)
-        self._special_ids = np.empty(0, np.int64)  # llguidance's special tokens (_tokenizer)
-        self._eos_ids: set[int] = set()  # and those of them that end a grammar
+        # the bitmask words holding llguidance's special tokens, with their bits: of all of
+        # them and of those that are no eos (_note_special_tokens, _spell_forced_specials)
+        self._special_words = (np.empty(0, np.int64), np.empty(0, np.uint32),
+                               np.empty(0, np.uint32))
 
     @classmethod
     def for_tokenizer(cls, tokenizer, vocab_size: int, eos_token_ids: list[int], **kw):
@@ -123,19 +125,17 @@ class GrammarCompiler:
             return self._ll_tokenizer
 
     def _note_special_tokens(self, tokenizer) -> None:
-        """For _spell_forced_specials: the ids llguidance holds special (below the logits'
-        width), its eos ids, and the bitmask words that hold them with their bits: of all of
-        them, and of those that are no eos."""
+        """self._special_words for the ids llguidance holds special (below the logits' width)."""
         ids = np.array([t for t in range(self.vocab_size) if tokenizer.is_special_token(t)],
                        np.int64)
-        self._eos_ids = set(getattr(tokenizer, "eos_tokens", None) or [tokenizer.eos_token])
+        eos = list(getattr(tokenizer, "eos_tokens", None) or [tokenizer.eos_token])
         words, at = np.unique(ids // 32, return_inverse=True)
         bits = np.left_shift(np.uint32(1), (ids % 32).astype(np.uint32))
         every, other = np.zeros(len(words), np.uint32), np.zeros(len(words), np.uint32)
         np.bitwise_or.at(every, at, bits)
-        no_eos = ~np.isin(ids, list(self._eos_ids))
+        no_eos = ~np.isin(ids, eos)
         np.bitwise_or.at(other, at[no_eos], bits[no_eos])
-        self._special_ids, self._special_words = ids, (words, every, other)
+        self._special_words = (words, every, other)
 
     # ------------------------------------------------------------------ compiling
 
@@ -250,30 +250,30 @@ class GrammarCompiler:
         """Where a grammar forces the text of a special token ("<|im_end|>" in a regex, a JSON
         const), llguidance tokenizes the forced text with the special token's id and the mask
         allows that id alone, which the matcher then refuses: the id stands for a control
-        token, not for text. Such an id's bit is cleared, and the first token of the forced text
-        spelled as ordinary tokens is allowed instead (the matcher checks each)."""
-        specials = self._special_ids
-        if not specials.size:
-            return
+        token, not for text. Such a row allows instead the first token of the forced text
+        spelled in ordinary tokens (if the matcher takes it; else nothing, and the row fails)."""
         words, every, other = self._special_words
+        if not words.size:
+            return
         rows = np.fromiter((r for _, r in constrained), np.int64, len(constrained))
-        held = bitmask[np.ix_(rows, words)].view(np.uint32)  # (rows, words)
-        hit, hit_other = (held & every != 0).any(axis=1), (held & other != 0).any(axis=1)
-        for i in np.flatnonzero(hit).tolist():  # (rows allowing some special token)
+        held = bitmask[np.ix_(rows, words)].view(np.uint32) & every  # (rows, words)
+        # rows allowing exactly one special token (the rest is checked below)
+        one = ((held != 0).sum(axis=1) == 1) & ((held & (held - np.uint32(1))) == 0).all(axis=1)
+        hit_other = (held & other != 0).any(axis=1)
+        for i in np.flatnonzero(one).tolist():
             m, r = constrained[i]
-            # Eos alone where the grammar may end (every step of some: the usual case, kept
-            # cheap), or has ended (advance: ENDED): as it should be.
+            # Eos where the grammar may end (every step of some: the usual case, kept cheap)
+            # or has ended (advance: ENDED) is right; so is a row allowing more than one token.
             if m.is_stopped() or (not hit_other[i] and m.is_accepting()):
                 continue
             row = bitmask[r].view(np.uint32)
-            allowed = specials[(row[specials // 32] >> (specials % 32).astype(np.uint32)) & 1
-                               == 1].tolist()
-            ends = self._eos_ids if m.is_accepting() else ()  # eos may end it here
-            refused = [t for t in allowed if t not in ends and m.validate_tokens([t]) == 0]
-            if not refused:
+            if np.count_nonzero(row) != 1:
                 continue
-            for t in refused:
-                row[t // 32] &= ~np.uint32(1 << (t % 32))
+            w = int(np.flatnonzero(row)[0])
+            bits = int(row[w])
+            if bits & (bits - 1) or m.validate_tokens([32 * w + bits.bit_length() - 1]) == 1:
+                continue  # (a special token the grammar names, as Lark's <|im_end|>)
+            row[w] = 0
             forced = m.deep_copy().compute_ff_bytes().decode("utf-8", "ignore")
             spelled = self._ll_tokenizer.greedy_tokenize(forced)[:1] if forced else []
             if spelled and spelled[0] < self.vocab_size and m.validate_tokens(spelled) == 1:

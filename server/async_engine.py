@@ -220,7 +220,7 @@ class AsyncEngine:
         self._task = self.loop.create_task(self._run())
 
     def _set_ready(self, ready, tokenizer, sampling_defaults: dict):
-        if tokenizer is not None and self.chat_template is not None:
+        if tokenizer is not None and self.chat_template is not None:  # (without one: no chat)
             tokenizer.use_chat_template(self.chat_template)
         self.engine = ModelInfo(tokenizer, ready.model_config, ready.max_model_len,
                                 ready.num_kv_blocks,
@@ -329,11 +329,11 @@ class AsyncEngine:
                 ready = await asyncio.to_thread(self.client.wait_ready)
                 tokenizer = await asyncio.to_thread(load_tokenizer, self.config.model)
                 defaults = await asyncio.to_thread(generation_defaults, self.config)
+                self._set_ready(ready, tokenizer, defaults)
             except Exception as e:  # reported by /health; the server stays up to say why
                 log.error("loading the engine failed: %s", e)
                 self.load_error = e
                 return
-            self._set_ready(ready, tokenizer, defaults)
             log.debug("engine ready")
         self.client.attach(busy=self._has_work)
         if isinstance(self.client, DPClient) and self.metrics:

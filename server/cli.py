@@ -77,15 +77,14 @@ _SUFFIXES = {"k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12,
 def _human_int(text: str) -> int:
     """An integer, or one written as 4k, 25.6k or 32K; ValueError if it is none of those or a
     decimal suffix leaves a fraction (1.0001k)."""
-    text = text.strip()
-    scale = _SUFFIXES.get(text[-1:], 1)
-    digits = text[:-1] if scale != 1 else text
-    if scale == 1 or text[-1].isupper():
-        return int(digits) * scale
-    whole, _, fraction = digits.partition(".")
-    if not whole.isdigit() or (fraction and not fraction.isdigit()):
-        raise ValueError(text)
-    value, rest = divmod(int(whole + fraction) * scale, 10 ** len(fraction))
+    match = re.fullmatch(r"(\d+)(?:\.(\d+))?([kmgtKMGT])", text.strip())
+    if match is None:
+        return int(text)  # a plain integer (or the ValueError)
+    whole, fraction, suffix = match.groups()
+    if fraction is not None and suffix.isupper():
+        raise ValueError(text)  # binary suffixes take whole numbers only
+    fraction = fraction or ""
+    value, rest = divmod(int(whole + fraction) * _SUFFIXES[suffix], 10 ** len(fraction))
     if rest:
         raise ValueError(text)
     return value
@@ -106,24 +105,35 @@ def _json_object(text: str) -> dict:
 
 
 def _chat_template(text: str) -> str:
-    """--chat-template: a file's path, or the template itself (vLLM's rule: text with a brace
-    or a line break is a template); the template's source, checked to be valid jinja."""
+    """--chat-template: a file's path, or the template itself (vLLM's rule: a file if one is
+    there, else text with a brace or a line break is a template, its escapes such as \\n read
+    as the characters); the template's source, checked to be valid jinja."""
+    import codecs
+
     import jinja2
 
     from engine.model.chat_template import compile_template
 
-    source = text
-    if not any(c in text for c in "{}\n"):
+    path = Path(text)
+    try:
+        is_file = path.is_file()
+    except (OSError, ValueError):  # a template longer than a path may be, or with a NUL
+        is_file = False
+    if is_file or not any(c in text for c in "{}\n"):
         try:
-            source = Path(text).read_text(encoding="utf-8")
+            source = path.read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
             raise argparse.ArgumentTypeError(
                 f"{text!r} is neither a readable UTF-8 file ({getattr(e, 'strerror', None) or e})"
                 " nor a template (a template has {% ... %} or {{ ... }})") from None
+        where = f"{text}: "
+    else:
+        source, where = text, ""
+        if "\\" in text:
+            source = codecs.decode(text.encode("latin-1", "backslashreplace"), "unicode_escape")
     try:
         compile_template(source)
     except jinja2.TemplateError as e:
-        where = "" if source is text else f"{text}: "
         raise argparse.ArgumentTypeError(f"{where}not a valid jinja template: {e}") from None
     return source
 

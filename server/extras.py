@@ -171,8 +171,9 @@ def chat_options(messages: list[dict], body: dict) -> ChatOptions:
     reserved = [k for k in options if k in _RESERVED]
     if reserved:
         raise bad_request("chat_template_kwargs", f"'chat_template_kwargs' may not set {reserved}")
-    # As vLLM's, chat_template_kwargs' add_generation_prompt wins over the field: it must then
-    # be a boolean, and the answer's role and the check below follow it.
+    # chat_template_kwargs' add_generation_prompt wins over the field in the render, as in
+    # vLLM; here it must be a boolean, and the answer's role and the check below follow it
+    # (vLLM's follow the field, so the answer's role could belie the prompt rendered).
     given = options.get("add_generation_prompt")
     if given is not None:
         if not isinstance(given, bool):

@@ -286,7 +286,7 @@ def chat_body(request: ResponsesRequest, messages: list[dict], model: str) -> di
 
 
 # The chat path's words for the fields it names, and this API's.
-_RENAMED = ((re.compile(r"\bmessages(?=[\[.']|$)"), "input"),
+_RENAMED = ((re.compile(r"\bmessages(?=[\[.'])"), "input"),
             (re.compile(r"\bmax_completion_tokens\b"), "max_output_tokens"),
             (re.compile(r"\bresponse_format(\.json_schema)?\b"), "text.format"),
             (re.compile(r"\b(tools\[\d+\])\.function\b"), r"\1"))
@@ -298,6 +298,6 @@ def in_responses_words(e: APIError) -> APIError:
         e.message = pattern.sub(name, e.message)
         if e.param is not None:
             e.param = pattern.sub(name, e.param)
-    if e.param is not None and e.param.startswith("input"):
+    if e.param is not None and (e.param == "messages" or e.param.startswith("input")):
         e.param = "input"  # the chat's indices are not the input's
     return e

@@ -166,7 +166,8 @@ def test_vllms_spellings_of_token_counts_and_dtypes(capsys):
         assert p.parse_args(["serve", "--max-model-len", text]).max_model_len == want, text
         assert p.parse_args(["serve", "--max-num-batched-tokens", text]).max_num_batched_tokens \
             == want, text
-    for text in ("1.5K", "1.0001k", "k", "4x", "-1k", "0k", "4 k", "1e3", ""):
+    for text in ("1.5K", "1.0001k", "k", "4x", "-1k", "0k", "4 k", "4 K", "+4K", "4_0K", "5.k",
+                 "1e3", ""):
         with pytest.raises(SystemExit):
             main(["serve", "--max-model-len", text])
         assert "--max-model-len" in capsys.readouterr().err, text
@@ -193,6 +194,9 @@ def test_chat_template_flag_reads_a_file_or_takes_the_template(tmp_path, capsys)
         path.read_text()
     inline = "{{ messages[0].content }}"
     assert p.parse_args(["serve", "--chat-template", inline]).chat_template == inline
+    # vLLM's reading of one written on a command line: its escapes are the characters
+    assert p.parse_args(["serve", "--chat-template", "{{ 'é' }}\\n中"]).chat_template == \
+        "{{ 'é' }}\n中"
     assert p.parse_args(["serve"]).chat_template is None
     path.write_text("{% if %}", encoding="utf-8")
     (tmp_path / "latin1.jinja").write_bytes(b"caf\xe9")

@@ -257,6 +257,7 @@ def test_a_grammar_at_a_dead_end_fails_the_sequence(engine):
     [c] = _sample(engine, StructuredOutputsParams(json=endless), n=1, max_tokens=12,
                   logprobs=1)
     assert c.finish_reason == "error" and c.error, (c.text, c.finish_reason)
+    assert "no token was left" not in c.error  # no setting of the request's to blame
 
 
 def test_min_tokens_past_a_finished_grammar_ends_on_eos(engine):

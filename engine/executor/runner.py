@@ -116,7 +116,13 @@ class ModelRunner:
                    or model_config.max_position_embeddings)
         self.max_blocks_per_seq = -(-max_len // self.block_size)
         # Twice the batch cap: a batch's sequences always find rows without evicting each other.
-        self.host_tables = HostBlockTables(2 * engine_config.max_num_seqs, self.max_blocks_per_seq)
+        try:
+            self.host_tables = HostBlockTables(2 * engine_config.max_num_seqs,
+                                               self.max_blocks_per_seq)
+        except MemoryError as e:
+            raise ValueError(f"the block tables do not fit in host memory ({e}): lower "
+                             f"max_num_seqs ({engine_config.max_num_seqs}) or max_model_len "
+                             f"({max_len})") from e
         # The last launch's sampled ids on the device, and which sequence owns which row of them:
         # what the next launch's placeholders read.
         self._last_sampled = None
