@@ -14,9 +14,11 @@ from tools.vllm_compat_plugin import _RUNNING, _Internal, translate_args  # noqa
 def test_flags_kept_dropped_or_refused_by_name():
     args = ["--dtype", "bfloat16", "--max-model-len=1024", "--enforce-eager", "--max-num-seqs",
             "32", "--enable-lora", "--lora-modules", "a=b", "--max-logprobs", "-1",
-            "--return-tokens-as-token-ids", "--gpu-memory-utilization", "0.7"]
+            "--return-tokens-as-token-ids", "--gpu-memory-utilization", "0.7",
+            "--trust-remote-code"]
     assert translate_args(args) == ["--max-model-len", "1024", "--max-num-seqs", "32",
-                                    "--max-logprobs", "-1", "--return-tokens-as-token-ids"]
+                                    "--max-logprobs", "-1", "--return-tokens-as-token-ids",
+                                    "--trust-remote-code"]
     with pytest.raises(ValueError, match="--speculative-model"):
         translate_args(["--speculative-model", "x"])
 

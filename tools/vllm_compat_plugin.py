@@ -37,7 +37,7 @@ KEPT_WITH_VALUE = {"--max-model-len", "--max-num-seqs", "--max-num-batched-token
                    "--root-path", "--reasoning-parser"}
 KEPT = {"--enable-server-load-tracking", "--enable-prefix-caching", "--no-enable-prefix-caching",
         "--return-tokens-as-token-ids", "--enable-force-include-usage",
-        "--enable-tokenizer-info-endpoint", "--enable-per-request-metrics"}
+        "--enable-tokenizer-info-endpoint", "--enable-per-request-metrics", "--trust-remote-code"}
 # Dropped: GPU-only tuning, or a vLLM opt-in for what we always do.
 DROPPED_WITH_VALUE = {
     "--dtype": "the cpu backend computes in float32",
@@ -50,7 +50,6 @@ DROPPED_WITH_VALUE = {
 }
 DROPPED = {
     "--enforce-eager": "no CUDA graphs on the cpu backend",
-    "--trust-remote-code": "no remote code is ever run",
     "--enable-prompt-tokens-details": "usage.prompt_tokens_details is always sent",
     "--disable-frontend-multiprocessing": "the API process and the engine core are always two",
     "--enable-auto-tool-choice": "tool calls are always parsed when a request has tools",
