@@ -260,4 +260,3 @@ def _starved(seq: Sequence, token: int, logprob: float) -> str | None:
         return None
     return (f"no token was left to sample after {seq.num_output_tokens} output tokens: "
             f"{' and '.join(settings)} exclude every token structured_outputs allows next")
-
