@@ -130,7 +130,9 @@ class ResponsesCall(GenerationCall):
                   if reasoning else [])
         if text or not (calls or reasoning):
             output.append(message_item(self.id, text, status))
-        output += [function_call_item(c) for c in calls]
+        output += [function_call_item(c, "completed") for c in calls]
+        if calls and status == "incomplete":  # the last call was cut: its arguments end short
+            output[-1]["status"] = "incomplete"
         prompt, details = chat_usage["prompt_tokens"], chat_usage["prompt_tokens_details"]
         # cache_write_tokens (required by the SDK's type): the prompt tokens this request wrote
         # to the prefix cache, the chat usage's created_cache_tokens
@@ -197,11 +199,11 @@ def output_text(text: str) -> dict:
     return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
 
 
-def function_call_item(call: dict) -> dict:
-    """A chat tool call (server/tool_calls.new_call) as a function_call item."""
+def function_call_item(call: dict, status: str) -> dict:
+    """A chat tool call (server/forced_calls.new_call) as a function_call item."""
     return {"id": "fc_" + call["id"].removeprefix("call_"), "type": "function_call",
             "call_id": call["id"], "name": call["function"]["name"],
-            "arguments": call["function"]["arguments"], "status": "completed"}
+            "arguments": call["function"]["arguments"], "status": status}
 
 
 # ---------------------------------------------------------------- streamed
@@ -222,14 +224,15 @@ class _Events:
 async def response_events(call: ResponsesCall, group):
     """The events of `call`, its request already submitted to `group`: the chat stream's
     chunks (server/sse_stream.chat_chunks) as output item events. Text goes out as it comes;
-    tool calls, which the chat stream sends whole at the end, go out whole too."""
+    tool calls, which the chat stream may send a piece at a time, are put together and go out
+    whole at the end."""
     event = _Events()
     opening = call.response("in_progress")
     yield event("response.created", response=opening) + event("response.in_progress",
                                                               response=opening)
     message_id = message_item(call.id, "", "in_progress")["id"]
     reasoning_id = reasoning_item(call.id, "", "in_progress")["id"]
-    text, calls, reasoning, finish_reason, usage = [], [], [], None, None
+    text, calls, reasoning, finish_reason, usage = [], _Calls(), [], None, None
     reasoning_done = False  # its item's closing events went out (the text that follows it began)
     try:
         async for batch in chat_chunks(call, group, include_usage=True):
@@ -258,17 +261,37 @@ async def response_events(call: ResponsesCall, group):
                     pieces.append(event("response.output_text.delta", item_id=message_id,
                                         output_index=int(bool(reasoning)), content_index=0,
                                         delta=delta["content"], logprobs=[]))
-                calls += [{k: v for k, v in c.items() if k != "index"}
-                          for c in delta.get("tool_calls") or ()]
+                for entry in delta.get("tool_calls") or ():
+                    calls.add(entry)
                 finish_reason = choice["finish_reason"] or finish_reason
             if pieces:
                 yield b"".join(pieces)
     except EngineFault as e:
         yield event("error", code="server_error", message=str(e), param=None)
         return
-    response = call.finished("".join(text), calls, finish_reason, usage,
+    response = call.finished("".join(text), calls.whole(), finish_reason, usage,
                              "".join(reasoning) or None)
     yield b"".join(_closing(event, response, opened=bool(text), reasoning_done=reasoning_done))
+
+
+class _Calls:
+    """The tool calls of a streamed chat choice, put together from its delta.tool_calls
+    entries: a call's first entry carries its id and name, the next ones more arguments."""
+
+    def __init__(self):
+        self.calls: list[dict] = []
+        self.arguments: list[list[str]] = []  # each call's arguments, in pieces
+
+    def add(self, entry: dict) -> None:
+        if entry["index"] == len(self.calls):
+            self.calls.append({"id": entry["id"], "type": entry["type"],
+                               "function": {"name": entry["function"]["name"]}})
+            self.arguments.append([])
+        self.arguments[entry["index"]].append(entry["function"]["arguments"])
+
+    def whole(self) -> list[dict]:
+        return [{**call, "function": {**call["function"], "arguments": "".join(pieces)}}
+                for call, pieces in zip(self.calls, self.arguments, strict=True)]
 
 
 def _open_reasoning(event: _Events, response_id: str) -> list[bytes]:

@@ -155,7 +155,8 @@ class _Readers:
         self.include_reasoning = call.extras.include_reasoning
 
     def feed(self, text: str, finished: bool) -> tuple[list[dict], bool]:
-        """(deltas to send now, whether the output was tool calls: known once it finished)."""
+        """(deltas to send now, whether the output was whole tool calls: known once it
+        finished)."""
         parts = [("content", text)] if self.reasoning is None else self.reasoning.feed(text)
         if finished and self.reasoning is not None:
             parts += self.reasoning.finish()
@@ -168,22 +169,22 @@ class _Readers:
                 deltas += self.tools.feed(piece)
             else:
                 deltas.append({"content": piece})
-        is_call = False
+        whole_calls = False
         if finished and self.tools is not None:
-            last, is_call = self.tools.finish()
+            last, whole_calls = self.tools.finish()
             deltas += last
-        return deltas, is_call
+        return deltas, whole_calls
 
 
 def _held_chunks(call, readers: _Readers, choice: dict, c) -> list[dict]:
     """The streamed choices for one step of a choice whose text is read for reasoning or tool
     calls."""
     index = choice["index"]
-    deltas, is_call = readers.feed(c.delta_text, c.finished())
+    deltas, whole_calls = readers.feed(c.delta_text, c.finished())
     finish_reason = None
     if c.finished():
-        named = call.tool_parser is not None and call.tool_parser.named
-        finish_reason = "tool_calls" if is_call and not named else c.finish_reason
+        finish_reason = c.finish_reason if call.tool_parser is None \
+            else call.tool_parser.finish_reason(c.finish_reason, whole_calls)
     out = [{"index": index, "delta": d, "logprobs": None, "finish_reason": None}
            for d in deltas]
     if choice["logprobs"] is not None or choice.get("token_ids"):

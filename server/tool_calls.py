@@ -12,16 +12,17 @@ Llama 3.x's bare JSON `{"name": ..., "parameters": {...}}` (several separated by
 Mistral's `[TOOL_CALLS]` and a JSON array of such objects
 (the tag is a special token, so the text may hold the array alone). With "required" the grammar
 makes the output a JSON array of {"name", "arguments"} objects; with a named tool it makes the
-output that tool's arguments object.
+output that tool's arguments object. Those forced calls are read, whole and streamed alike, by
+server/forced_calls.py, and stream as they are written.
 """
 
 from __future__ import annotations
 
 import json
 import re
-import uuid
 
 from engine.core.sampling_params import StructuredOutputsParams
+from server.forced_calls import ForcedCalls, new_call
 from server.protocol import bad_request, get_field
 
 # The body is stripped after the match: `\s*(.*?)\s*` backtracks quadratically over a long run
@@ -140,12 +141,6 @@ _NAME_MAPS = frozenset({"properties", "patternProperties", "$defs", "definitions
                         "dependentSchemas", "dependencies"})
 
 
-def new_call(name: str, arguments) -> dict:
-    text = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
-    return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function",
-            "function": {"name": name, "arguments": text}}
-
-
 class ToolCallParser:
     """Reads one choice's output as tool calls, whole or as it streams."""
 
@@ -157,26 +152,37 @@ class ToolCallParser:
 
     @property
     def named(self) -> bool:
-        """A named tool_choice: its call ends with finish_reason "stop", as OpenAI's (auto and
-        required calls end with "tool_calls")."""
         return self.choice not in ("auto", "none", "required")
+
+    def forced(self) -> ForcedCalls | None:
+        """A reader of the calls as they come, where the grammar forces them ("required", a
+        named tool); None under "auto"."""
+        if self.choice != "required" and not self.named:
+            return None
+        return ForcedCalls(self.choice, self.names, self.parallel)
+
+    def finish_reason(self, reason: str, whole_calls: bool) -> str:
+        """A choice's finish_reason, where the engine ended it with `reason`: "tool_calls" when
+        its output was whole tool calls, but a named tool's call ends with the engine's reason
+        ("stop"), as OpenAI's does; a call cut short keeps it too ("length")."""
+        return "tool_calls" if whole_calls and not self.named else reason
 
     def parse(self, text: str) -> tuple[str | None, list[dict]]:
         """(content left outside the calls or None, tool calls); no calls when none parse."""
-        if self.choice == "required":
-            try:
-                items = json.loads(text)
-                return None, [new_call(c["name"], c["arguments"]) for c in items]
-            except (ValueError, TypeError, KeyError, RecursionError):  # also: nested too deep
-                return text, []
-        if self.named:  # the text is its arguments
-            try:
-                json.loads(text)
-            except (ValueError, RecursionError):
-                return text, []
-            return None, [new_call(self.choice, text)]
+        content, calls, _ = self.read(text)
+        return content, calls
+
+    def read(self, text: str) -> tuple[str | None, list[dict], bool]:
+        """parse()'s (content, calls), and whether the calls are whole (finish_reason). Forced
+        calls are read as a stream reads them (server/forced_calls.py), so both report the same
+        calls: a cut one too, its arguments as far as they came."""
+        reader = self.forced()
+        if reader is not None:
+            reader.feed(text)
+            calls, whole = reader.finish()
+            return (None, calls, whole) if calls else (text, [], False)
         content, calls = self._parse_auto(text)
-        return content, calls if self.parallel else calls[:1]
+        return content, calls if self.parallel else calls[:1], bool(calls)
 
     def _parse_auto(self, text: str) -> tuple[str | None, list[dict]]:
         if HERMES_OPEN in text:
@@ -307,16 +313,19 @@ def _may_open_calls(head: str) -> bool:
 
 
 class ToolCallStream:
-    """One streamed choice under tools: content goes out as it comes until the output may be a
-    tool call; from there it is held, and the calls go out as delta.tool_calls when it ends."""
+    """One streamed choice under tools. Forced calls ("required", a named tool) go out as they
+    come, one delta.tool_calls entry at a time (server/forced_calls.py). Under "auto" content
+    goes out as it comes until the output may be a tool call; from there it is held, and the
+    calls go out whole as delta.tool_calls when it ends."""
 
     def __init__(self, parser: ToolCallParser):
         self.parser = parser
+        self.forced = parser.forced()
         self.pieces: list[str] = []  # the text so far, joined once it ends
         self.pending = ""  # its tail not sent yet, while not holding
         self.lead = 0  # chars of whitespace it opens with, not sent yet nor in pending
         self.num_sent = 0  # chars of text already sent as content
-        self.holding = parser.choice not in ("auto", "none")  # forced calls: hold everything
+        self.holding = False
         # Held for opening as bare JSON calls do ("{" or "["): its first characters, until they
         # tell (then None); text that cannot be calls is let go and streams from there.
         self.opening: str | None = None
@@ -330,6 +339,8 @@ class ToolCallStream:
         """Deltas to send now for this new text. Only the tail not sent yet is looked at (the
         whole text each time made a long stream quadratic: 32,000 tokens took seconds)."""
         self.pieces.append(delta)
+        if self.forced is not None:
+            return [{"tool_calls": [entry]} for entry in self.forced.feed(delta)]
         if self.holding:
             if self.opening is None:
                 return []
@@ -376,8 +387,14 @@ class ToolCallStream:
         return self.feed(text)
 
     def finish(self) -> tuple[list[dict], bool]:
-        """(deltas to send at the end, whether the output was tool calls)."""
+        """(deltas to send at the end, whether the output was whole tool calls: see
+        ToolCallParser.finish_reason)."""
         text = self.text
+        if self.forced is not None:
+            calls, whole = self.forced.finish()
+            if calls:  # all sent already
+                return [], whole
+            return ([{"content": text}] if text else []), False  # no call began: content
         content, calls = self.parser.parse(text)
         deltas = []
         if calls:

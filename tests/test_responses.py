@@ -294,6 +294,26 @@ def test_stream_function_call_events(server, client):
     server.wait_idle()
 
 
+def test_a_cut_function_call_is_incomplete_whole_and_streamed(server, client):
+    """max_output_tokens ending a forced call inside its arguments: the call as far as it came
+    (the chat stream sends calls a piece at a time: they are put together), its item and the
+    response incomplete, streamed as whole."""
+    asked = {"input": "Weather in Rome?", "tools": [TOOL], "tool_choice": "required",
+             "parallel_tool_calls": False, "temperature": 0, "max_output_tokens": 60}
+    [full] = client.responses.create(model=MODEL, **asked).output
+    assert full.type == "function_call" and full.status == "completed"
+    cut = {**asked, "max_output_tokens": 12}
+    whole = client.responses.create(model=MODEL, **cut)
+    [call] = whole.output
+    assert whole.status == "incomplete" and call.status == "incomplete"
+    assert call.name == full.name and full.arguments.startswith(call.arguments)
+    assert call.arguments != full.arguments
+    events, _ = _streamed(client, **cut)
+    assert events[-1].type == "response.incomplete"
+    _same_output(events[-1].response, whole)
+    server.wait_idle()
+
+
 @pytest.mark.parametrize("asked", [
     {"input": QUESTION, **GREEDY},  # incomplete
     {"input": "Plan a trip.", "temperature": 0, "max_output_tokens": 60,

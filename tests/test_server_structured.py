@@ -48,13 +48,23 @@ def client(server):
 
 
 def _streamed(chunks) -> dict[int, dict]:
-    """choice index -> {"content", "tool_calls", "finish_reason"} put together from SSE chunks."""
+    """choice index -> {"content", "tool_calls", "finish_reason"} put together from SSE chunks;
+    each call's deltas joined: its first one carries its id, type and name (once), the next
+    ones only more arguments."""
     out: dict[int, dict] = {}
     for chunk in chunks:
         for c in chunk.choices:
             o = out.setdefault(c.index, {"content": "", "tool_calls": [], "finish_reason": None})
             o["content"] += c.delta.content or ""
-            o["tool_calls"] += c.delta.tool_calls or []
+            for entry in c.delta.tool_calls or ():
+                calls = o["tool_calls"]
+                if entry.index == len(calls):
+                    assert entry.id and entry.type == "function" and entry.function.name
+                    calls.append(entry)
+                else:
+                    assert entry.index == len(calls) - 1, "a call's deltas come together"
+                    assert entry.id is None and entry.function.name is None
+                    calls[-1].function.arguments += entry.function.arguments
             o["finish_reason"] = c.finish_reason or o["finish_reason"]
     return out
 
@@ -123,6 +133,84 @@ def test_required_and_named_tool_calls(server, client):
         for call in o["tool_calls"]:
             jsonschema.validate(json.loads(call.function.arguments),
                                 schemas[call.function.name])
+    server.wait_idle()
+
+
+def _raw_stream(server, body: dict) -> tuple[list[dict], list[dict], str]:
+    """(the delta.tool_calls entries, the content deltas, the finish_reason) of one streamed
+    chat of one choice, as sent."""
+    entries, content, finish_reason = [], [], None
+    with httpx.stream("POST", server.url + "/v1/chat/completions", timeout=60,
+                      json={**body, "stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data: {"):
+                for c in json.loads(line[6:])["choices"]:
+                    entries += c["delta"].get("tool_calls") or []
+                    content += [c["delta"]["content"]] if c["delta"].get("content") else []
+                    finish_reason = c["finish_reason"] or finish_reason
+    return entries, content, finish_reason
+
+
+def _joined(entries: list[dict]) -> list[dict]:
+    """The calls streamed entries add up to, each opened once (index, id, type, name), then
+    only arguments."""
+    calls = []
+    for entry in entries:
+        if entry["index"] == len(calls):
+            assert set(entry) == {"index", "id", "type", "function"}, entry
+            calls.append({"id": entry["id"], "type": entry["type"],
+                          "function": dict(entry["function"])})
+        else:
+            assert entry["index"] == len(calls) - 1 and set(entry) == {"index", "function"}
+            assert set(entry["function"]) == {"arguments"}
+            calls[-1]["function"]["arguments"] += entry["function"]["arguments"]
+    return calls
+
+
+@pytest.mark.parametrize("tool_choice", [
+    "required", {"type": "function", "function": {"name": "get_weather"}}],
+    ids=["required", "named"])
+def test_forced_calls_stream_a_piece_at_a_time(server, tool_choice):
+    """A forced call goes out as it is written: its header once, then its arguments in pieces
+    that join to the whole answer's; cut short by max_tokens, both answers hold the call as far
+    as it came, with finish_reason "length"."""
+    body = {"model": MODEL, "messages": CHAT, "tools": TOOLS, "tool_choice": tool_choice,
+            "temperature": 0, "max_tokens": 80}
+    full = httpx.post(server.url + "/v1/chat/completions", json=body, timeout=60).json()
+    [choice] = full["choices"]
+    calls = choice["message"]["tool_calls"]
+    assert calls and choice["finish_reason"] == ("stop" if "function" in tool_choice
+                                                 else "tool_calls")
+    num_tokens = full["usage"]["completion_tokens"]
+    entries, content, finish_reason = _raw_stream(server, body)
+    streamed = _joined(entries)
+    assert [c["function"] for c in streamed] == [c["function"] for c in calls]
+    assert finish_reason == choice["finish_reason"] and not content
+    assert len(entries) > 2 * len(calls)  # in pieces, not whole at the end
+    cut_calls = 0
+    cuts = [*range(1, num_tokens - 1, max(1, num_tokens // 8)), num_tokens - 1]
+    for max_tokens in cuts:
+        cut = {**body, "max_tokens": max_tokens}
+        [choice] = httpx.post(server.url + "/v1/chat/completions", json=cut,
+                              timeout=60).json()["choices"]
+        entries, content, finish_reason = _raw_stream(server, cut)
+        got = choice["message"].get("tool_calls") or []
+        assert [c["function"] for c in _joined(entries)] == [c["function"] for c in got]
+        # the array may be whole before the eos token: "tool_calls" then
+        assert finish_reason == choice["finish_reason"] == (
+            "tool_calls" if tool_choice == "required" and max_tokens == num_tokens - 1
+            else "length")
+        if got:
+            cut_calls += 1
+            assert choice["message"]["content"] is None and not content
+            *done, last = got
+            assert [c["function"] for c in done] == [c["function"] for c in calls[:len(done)]]
+            assert last["function"]["name"] == calls[len(done)]["function"]["name"]
+            assert calls[len(done)]["function"]["arguments"].startswith(
+                last["function"]["arguments"])
+        else:  # no call began: the text is content, whole and streamed
+            assert "".join(content) == choice["message"]["content"]
+    assert cut_calls >= len(cuts) // 2, (cut_calls, cuts)
     server.wait_idle()
 
 
@@ -369,8 +457,11 @@ def test_tool_call_forms_at_their_edges():
     for text in ("oops", "[1]", '{"x": 1'):  # other text: a JSON string, arguments stay JSON
         _, [call] = parser.parse(json.dumps({"name": "f", "arguments": text}))
         assert call["function"]["arguments"] == json.dumps(text)
-    for odd in ("[1]", "5", '[{"name": "f"}]'):
+    for odd in ("[1]", "5", '[{"name": "g"}]', '[{"arguments": {}}]'):
         assert ToolCallParser("required", ["f"]).parse(odd) == (odd, [])
+    # a required call with no arguments written has none, as "auto" reads it
+    _, [call] = ToolCallParser("required", ["f"]).parse('[{"name": "f"}]')
+    assert call["function"] == {"name": "f", "arguments": "{}"}
     for tag in ("<tool_call>", "<|python_tag|>"):
         stream = ToolCallStream(parser)
         assert stream.feed("ok " + tag[:-1]) == [{"content": "ok "}]

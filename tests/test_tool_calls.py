@@ -18,20 +18,34 @@ CHAT = [{"role": "user", "content": "hi"}]
 DEEP = "[" * 1200 + "]" * 1200  # past json's recursion limit
 
 
-@pytest.mark.parametrize("choice, text", [
-    ("auto", '<tool_call>{"name": "f", "arguments": {"a": ' + DEEP + "}}</tool_call>"),
-    ("auto", '{"name": "f", "parameters": {"a": ' + DEEP + "}}"),
-    ("required", '[{"name": "f", "arguments": {"a": ' + DEEP + "}}]"),
-    ("f", '{"a": ' + DEEP + "}"),
+@pytest.mark.parametrize("text", [
+    '<tool_call>{"name": "f", "arguments": {"a": ' + DEEP + "}}</tool_call>",
+    '{"name": "f", "parameters": {"a": ' + DEEP + "}}",
 ])
-def test_deeply_nested_model_output_reads_as_content(choice, text):
-    """JSON nested past the decoder's recursion limit is content, whole or streamed (it raised
-    RecursionError: a 500, or a stream cut without [DONE])."""
-    parser = ToolCallParser(choice, ["f"])
+def test_deeply_nested_model_output_reads_as_content(text):
+    """Under "auto", JSON nested past the decoder's recursion limit is content, whole or
+    streamed (it raised RecursionError: a 500, or a stream cut without [DONE])."""
+    parser = ToolCallParser("auto", ["f"])
     assert parser.parse(text) == (text, [])
     stream = ToolCallStream(parser)
     stream.feed(text)
     stream.finish()
+
+
+@pytest.mark.parametrize("choice, text", [
+    ("required", '[{"name": "f", "arguments": {"a": ' + DEEP + "}}]"),
+    ("f", '{"a": ' + DEEP + "}"),
+])
+def test_deeply_nested_forced_arguments_are_a_call(choice, text):
+    """Forced calls are read by counting brackets, not by recursing: arguments nested past the
+    decoder's recursion limit are a call all the same, whole and streamed."""
+    parser = ToolCallParser(choice, ["f"])
+    content, [call] = parser.parse(text)
+    assert content is None and call["function"]["arguments"] == '{"a": ' + DEEP + "}"
+    stream = ToolCallStream(parser)
+    [delta] = stream.feed(text)
+    assert delta["tool_calls"][0]["function"] == call["function"]
+    assert stream.finish()[0] == []  # all went out as it came
 
 
 def test_a_long_whitespace_run_parses_in_linear_time():
