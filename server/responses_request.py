@@ -15,6 +15,7 @@ conversation continues through the same fold (previous_response_id).
 
 from __future__ import annotations
 
+import math
 import re
 from dataclasses import dataclass
 
@@ -43,6 +44,8 @@ _READ = ("model", "input", "instructions", "max_output_tokens", "temperature", "
 _VLLM_SAMPLING = ("top_k", "min_p", "repetition_penalty", "presence_penalty",
                   "frequency_penalty", "min_tokens", "ignore_eos", "stop", "stop_token_ids",
                   "bad_words", "cache_salt")
+# Fields the response echoes as sent (any JSON inside): their numbers must be finite.
+_ECHOED = ("tools", "text")
 _TOOL_KEYS = ("type", "name", "description", "parameters", "strict")
 _TEXT_PARTS = ("input_text", "output_text")
 _ROLES = {"user": "user", "system": "system", "developer": "system", "assistant": "assistant"}
@@ -85,12 +88,31 @@ def read_request(body: dict) -> ResponsesRequest:
     if body.get("stream_options") is not None and not stream:
         raise bad_request("stream_options", "'stream_options' needs 'stream': true")
     get_field(body, "instructions", "str")
+    for name in _ECHOED:
+        where = _non_finite(body.get(name), name)
+        if where is not None:
+            raise bad_request(where, f"'{where}' is NaN or infinite: numbers must be finite "
+                                     "(the response echoes this field, and JSON has neither)")
     return ResponsesRequest(
         body=body, input=_read_input(body.get("input")), tools=_read_tools(body),
         tool_choice=_read_tool_choice(body), text_format=_read_text(body), stream=stream,
         store=get_field(body, "store", "bool", True),
         previous_response_id=get_field(body, "previous_response_id", "str"),
         metadata=_read_metadata(body))
+
+
+def _non_finite(value, path: str) -> str | None:
+    """The path (e.g. tools[0].parameters.maximum) of the first NaN or infinity in `value` (a
+    float past its range, 1e400, is one once parsed); None if it has none."""
+    if isinstance(value, float):
+        return None if math.isfinite(value) else path
+    items = value.items() if isinstance(value, dict) else \
+        enumerate(value) if isinstance(value, list) else ()
+    for key, item in items:
+        found = _non_finite(item, f"{path}.{key}" if isinstance(key, str) else f"{path}[{key}]")
+        if found is not None:
+            return found
+    return None
 
 
 def _read_input(value) -> list[dict]:

@@ -455,6 +455,33 @@ def test_bad_fields_are_refused_by_name(server, fields, param):
     assert "'messages'" not in error["message"] and "completion_tokens" not in error["message"]
 
 
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("fields,param", [
+    ({"tools": [{**TOOL, "parameters": {"type": "object", "properties": {
+        "x": {"type": "number", "maximum": "Infinity"}}}}]},
+     "tools[0].parameters.properties.x.maximum"),
+    ({"tools": [{"type": "function", "name": "f", "description": "NaN"}]},
+     "tools[0].description"),
+    ({"text": {"format": {"type": "json_object", "x": ["-Infinity"]}}}, "text.format.x[0]"),
+])
+def test_non_finite_numbers_in_echoed_fields_are_refused(server, fields, param, stream):
+    """tools and text.format come back in the response as sent: a NaN or an infinity there
+    (or 1e400, a float's infinity once parsed) could not be written as JSON (a 500, and a
+    stored response that GET failed on), so it is a 400 naming where it is."""
+    body = json.dumps({"model": MODEL, "input": QUESTION, "max_output_tokens": 2,
+                       "stream": stream, **fields})
+    for word in ("-Infinity", "Infinity", "NaN"):
+        body = body.replace(f'"{word}"', word)
+    answer = httpx.post(server.url + "/v1/responses", content=body,
+                        headers={"Content-Type": "application/json"})
+    assert answer.status_code == 400, answer.text
+    assert answer.json()["error"]["param"] == param
+    server.wait_idle()
+    answer = httpx.post(server.url + "/v1/responses", content=body.replace("Infinity", "1e400"),
+                        headers={"Content-Type": "application/json"})
+    assert answer.status_code == 400 or "NaN" in body, answer.text
+
+
 def test_harmless_fields_are_accepted(client):
     r = client.responses.create(model=MODEL, input=QUESTION, user="u1", service_tier="auto",
                                 prompt_cache_key="k", safety_identifier="s", background=False,
