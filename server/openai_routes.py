@@ -46,7 +46,7 @@ from server.reasoning import (
 )
 from server.structured import check_compiles, parse_structured_outputs
 from server.timeline import mark_arrival
-from server.tool_calls import ToolCallParser, parse_tools, tool_grammar
+from server.tool_calls import ToolCallParser, parse_tools, referring_parameters, tool_grammar
 
 
 async def completions(request: Request):
@@ -124,6 +124,8 @@ async def chat_call(request: Request, body: dict, call_id: str,
                                              f"itself; it cannot be combined with '{so_field}'")
         so, so_field = forced, "tools"
     await _constrain(request, engine, params, so, so_field)
+    if tool_choice == "required":
+        await _check_a_call_can_begin(engine, tools)
     get_field(body, "user", "str")
     tokens_field = max_tokens_field(body, chat=True)
     ids, options = await _chat_prompt(request, engine, body, messages, tools, tool_choice, extras,
@@ -136,6 +138,19 @@ async def chat_call(request: Request, body: dict, call_id: str,
             {t["function"]["name"]: t["function"].get("parameters") or {} for t in tools})
     call.reasoning = _reasoning_parser(request, engine, ids, params)
     return call, ids
+
+
+async def _check_a_call_can_begin(engine, tools: list[dict]) -> None:
+    """tool_choice "required": a 400 naming tools for a tool whose arguments cannot begin (its
+    parameters allow no first token, as {"$ref": "#"}), as a named tool_choice of it is. The
+    grammar of the calls compiled and let such a call open, and the request failed in the
+    core at its '"arguments": ' (a 500) whenever the model picked it."""
+    for i, so in referring_parameters(tools):
+        try:
+            await check_compiles(engine, so, "tools")
+        except APIError as e:
+            e.message = e.message.replace("'tools':", f"'tools[{i}].function.parameters':", 1)
+            raise
 
 
 def _reasoning_parser(request: Request, engine, ids: list[int], params

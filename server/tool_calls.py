@@ -106,6 +106,29 @@ def tool_grammar(tools: list[dict], choice: str, parallel: bool
     return StructuredOutputsParams(json=schema)
 
 
+def referring_parameters(tools: list[dict]) -> list[tuple[int, StructuredOutputsParams]]:
+    """(index, parameters as a grammar of their own) of each tool whose parameters hold a
+    reference: only a reference ({"$ref": "#"}) makes a schema that compiles allow no first
+    token (llguidance refuses the others), and the grammar of "required" calls, which lets a
+    call open ('[{"name": ...') before its arguments, does not show it."""
+    return [(i, StructuredOutputsParams(json=_parameters(t))) for i, t in enumerate(tools)
+            if _has_reference(_parameters(t))]
+
+
+def _has_reference(schema) -> bool:
+    stack = [schema]
+    while stack:
+        value = stack.pop()
+        if isinstance(value, dict):
+            if any(isinstance(value.get(k), str) for k in ("$ref", "$dynamicRef",
+                                                           "$recursiveRef")):
+                return True
+            stack += value.values()
+        elif isinstance(value, list):
+            stack += value
+    return False
+
+
 def _moved_refs(schema: dict, root: str) -> dict:
     """A copy of `schema` whose local JSON-pointer references ("#" and "#/...") start at `root`
     instead of the document's root. Iterative: a schema nested thousands deep is no error.

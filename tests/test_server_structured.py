@@ -270,6 +270,48 @@ def test_a_grammar_that_matches_nothing_is_a_400_naming_the_field(server, so, st
     assert r.status_code == 400 and r.json()["error"]["param"] == "response_format", r.text
 
 
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("params", [
+    {"$ref": "#"},
+    {"$defs": {"a": {"$ref": "#/$defs/b"}, "b": {"$ref": "#/$defs/a"}}, "$ref": "#/$defs/a"},
+])
+def test_required_tools_whose_arguments_match_nothing_are_a_400_naming_tools(server, params,
+                                                                               stream):
+    """tool_choice "required": the one grammar of all the calls lets a call begin before its
+    arguments, so it compiled and allowed a first token, and the request failed in the core
+    once '"arguments": ' was written (a 500, or an error event mid-stream), where the same
+    tool named in tool_choice is a 400. So is it beside tools that can be called: it was
+    picked too (a 500 whenever it was)."""
+    dead = {"type": "function", "function": {"name": "loop", "parameters": params}}
+    body = {"model": MODEL, "messages": CHAT, "max_tokens": 30, "stream": stream,
+            "tool_choice": "required", "temperature": 1.0}
+    for seed in range(3):
+        r = httpx.post(server.url + "/v1/chat/completions", timeout=60,
+                       json={**body, "tools": [dead], "seed": seed})
+        assert r.status_code == 400, r.text[:300]
+        error = r.json()["error"]
+        assert error["param"] == "tools" and "no output" in error["message"], error
+        assert "tools[0].function.parameters" in error["message"], error
+    r = httpx.post(server.url + "/v1/responses", timeout=60, json={
+        "model": MODEL, "input": "Hi", "tools": [{"type": "function", "name": "loop",
+                                                  "parameters": params}],
+        "tool_choice": "required", "stream": stream})
+    assert r.status_code == 400 and r.json()["error"]["param"] == "tools", r.text[:300]
+    assert "tools[0].parameters" in r.json()["error"]["message"]
+    for seed in range(3):
+        r = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+            **body, "tools": [*TOOLS, dead], "seed": seed})
+        assert r.status_code == 400, r.text[:300]
+        assert "tools[2].function.parameters" in r.json()["error"]["message"]
+    # the tools that can be called, alone: they run
+    r = httpx.post(server.url + "/v1/chat/completions", timeout=60, json={
+        **body, "tools": TOOLS, "stream": False, "parallel_tool_calls": False,
+        "max_tokens": 60})
+    assert r.status_code == 200, r.text[:300]
+    assert r.json()["choices"][0]["message"]["tool_calls"]
+    server.wait_idle()
+
+
 @pytest.mark.parametrize("so", [{"regex": "a{1000000}"}, {"grammar": "start: /a{1000000}/"}])
 def test_a_grammar_past_llguidances_lexer_limit_is_a_400_naming_the_field(server, so):
     """Its first mask passed (the check's), and the lexer all copies share went past its limit
