@@ -129,7 +129,7 @@ def _read_item(item, at: str) -> dict:
         raise bad_request(at, f"{at} must be an object")
     kind = item.get("type", "message")
     if kind == "message":
-        if item.get("role") not in _ROLES:
+        if not isinstance(item.get("role"), str) or item["role"] not in _ROLES:
             raise bad_request(f"{at}.role", f"{at}.role must be one of {list(_ROLES)}, got "
                                             f"{item.get('role')!r}")
         return {"type": "message", "role": item["role"],

@@ -424,6 +424,8 @@ def test_get_and_delete_stored_responses(server, client):
     ({"input": [{"type": "reasoning", "summary": 5}]}, "input[0].content"),
     ({"input": [{"type": "reasoning", "content": True}]}, "input[0].content"),
     ({"input": [{"role": "tool", "content": "x"}]}, "input[0].role"),
+    ({"input": [{"role": ["user"], "content": "x"}]}, "input[0].role"),  # it was a 500
+    ({"input": [{"type": "message", "role": {"user": 1}, "content": "x"}]}, "input[0].role"),
     ({"input": []}, "input"),
     ({"input": [{"type": "reasoning", "summary": []}]}, "input"),  # no message left
     ({"input": [{"type": "function_call_output", "call_id": "call_x", "output": "1"}]},
