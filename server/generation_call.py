@@ -277,14 +277,15 @@ class GenerationCall:
                 text = text or ""
             choice["message"] = {"role": options.role, "content": options.echo + text}
             if self.tool_parser is not None:
-                content, calls, whole = self.tool_parser.read(text)
+                # (not `whole`: that names this answer's kind, read again below)
+                content, calls, whole_calls = self.tool_parser.read(text)
                 if calls:
                     if options.echo:
                         content = options.echo + (content or "")
                     choice["message"] = {"role": options.role, "content": content,
                                          "tool_calls": calls}
                     choice["finish_reason"] = self.tool_parser.finish_reason(finish_reason,
-                                                                             whole)
+                                                                             whole_calls)
             if self.reasoning is not None:
                 message = choice["message"]
                 if not message["content"] and reasoning is not None:

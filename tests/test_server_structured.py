@@ -214,6 +214,27 @@ def test_forced_calls_stream_a_piece_at_a_time(server, tool_choice):
     server.wait_idle()
 
 
+
+@pytest.mark.parametrize("tool_choice,max_tokens", [
+    ("auto", 4), ("required", 3), ({"type": "function", "function": {"name": "get_time"}}, 3),
+    ("required", 80)])
+def test_a_chat_under_tools_sends_token_ids_null_whatever_it_wrote(server, tool_choice,
+                                                                    max_tokens):
+    """vLLM's `token_ids` is null when not asked for. Under tools it was left out of the whole
+    answer unless the output was whole calls: the read's "whole calls" flag shadowed the
+    builder's `whole` (this answer is the whole one), so plain text under "auto" and a call
+    cut by max_tokens lost the field."""
+    body = {"model": MODEL, "messages": CHAT, "tools": TOOLS, "tool_choice": tool_choice,
+            "temperature": 0, "max_tokens": max_tokens}
+    [choice] = httpx.post(server.url + "/v1/chat/completions", json=body,
+                          timeout=60).json()["choices"]
+    assert choice["finish_reason"] == ("tool_calls" if max_tokens == 80 else "length")
+    assert "token_ids" in choice and choice["token_ids"] is None
+    asked = httpx.post(server.url + "/v1/chat/completions", timeout=60,
+                       json={**body, "return_token_ids": True}).json()["choices"][0]
+    assert len(asked["token_ids"]) == max_tokens if max_tokens < 80 else asked["token_ids"]
+
+
 @pytest.mark.parametrize("body,param", [
     ({"response_format": {"type": "json_schema",
                           "json_schema": {"name": "x", "schema": {"type": "objec"}}}},
