@@ -57,8 +57,11 @@ class ForcedCalls:
             next(self._reader)  # to its first `yield`, which takes the first character
 
     def feed(self, text: str) -> list[dict]:
-        """The delta.tool_calls entries for this new output text."""
+        """The delta.tool_calls entries for this new output text (none for no text: a step
+        whose text is held back, a stop string or a character's bytes still to come)."""
         self._out = []
+        if not text:
+            return self._out
         if self.named:
             if self.calls:
                 self._arguments(0, text)

@@ -119,6 +119,23 @@ def test_a_named_call_opens_with_its_first_text():
                                                        "function": {"arguments": 'ne": 1}'}}]}]
 
 
+@pytest.mark.parametrize("choice, text", [("required", REQUIRED[1]), ("get_time", NAMED[1])])
+def test_a_step_with_no_text_sends_no_entry(choice, text):
+    """A step whose text is held back (a stop string may start there, a character's bytes are
+    still to come) or the eos step feeds "": a named call sent an entry of empty arguments for
+    each such step."""
+    parser = ToolCallParser(choice, NAMES)
+    _, want, _ = parser.read(text)
+    stream = ToolCallStream(parser)
+    entries = []
+    for piece in [text[:12], "", text[12:20], "", "", text[20:], ""]:
+        entries += [d["tool_calls"][0] for d in stream.feed(piece)]
+    assert stream.finish() == ([], True)
+    assert all(e["function"]["arguments"] for e in entries[1:]), entries
+    assert "".join(e["function"]["arguments"] for e in entries
+                   if e["index"] == 0) == want[0]["function"]["arguments"]
+
+
 def test_a_call_goes_out_once_its_name_is_complete():
     stream = ToolCallStream(ToolCallParser("required", NAMES))
     assert stream.feed('[{"name": "get_ti') == []
