@@ -7,6 +7,8 @@ import json
 import random
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from server.tool_calls import ToolCallParser, ToolCallStream
 
@@ -220,3 +222,41 @@ def test_text_after_the_calls_leaves_them_not_whole():
     assert call["function"]["arguments"] == "{}" and not whole
     _, [call], whole = parser.read('[{"name": "noop", "arguments": {}}, 5]')
     assert call["function"]["arguments"] == "{}" and not whole
+
+
+_TEXT = st.text(st.sampled_from('ab"\\/]}[{,: \n\u00e9\U0001f600'), max_size=6)
+_JSON = st.recursive(st.none() | st.booleans() | st.integers(-999, 999)
+                     | st.floats(allow_nan=False, allow_infinity=False) | _TEXT,
+                     lambda inner: st.lists(inner, max_size=3)
+                     | st.dictionaries(_TEXT, inner, max_size=3), max_leaves=8)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(NAMES), _JSON), min_size=1, max_size=3),
+       st.booleans(), st.booleans(), st.data())
+def test_any_calls_cut_and_chunked_anyhow_stream_as_the_whole_answer_reads_them(
+        calls, named, parallel, data):
+    """Arguments of any JSON (escapes, non-BMP characters, brackets inside strings), as the
+    grammar writes them, cut anywhere and split anyhow, empty pieces too (steps whose text is
+    held back): the entries join to the whole answer's calls, each opened once, the next ones
+    never empty, and never a second call without parallel_tool_calls."""
+    args = [json.dumps(a, ensure_ascii=data.draw(st.booleans())) for _, a in calls]
+    if named:
+        parser, text = ToolCallParser("get_time", NAMES), args[0]
+        want = [{"name": "get_time", "arguments": text}]
+    else:
+        parser = ToolCallParser("required", NAMES, parallel)
+        text = "[" + ", ".join(f'{{"name": "{n}", "arguments": {a}}}'
+                               for (n, _), a in zip(calls, args, strict=True)) + "]"
+        want = [{"name": n, "arguments": a} for (n, _), a in zip(calls, args, strict=True)]
+        want = want if parallel else want[:1]
+    _, full, whole = parser.read(text)
+    assert without_ids(full) == want and whole
+    cut = text[:data.draw(st.integers(0, len(text)))]
+    content, calls_read, whole = parser.read(cut)
+    ends = sorted(data.draw(st.lists(st.integers(0, len(cut)), max_size=8)))
+    pieces = [cut[i:j] for i, j in zip([0, *ends], [*ends, len(cut)], strict=True)]
+    got, sent_content, got_whole = streamed(parser, pieces or [""])
+    assert without_ids(got) == without_ids(calls_read) and got_whole == whole
+    assert "".join(d["content"] for d in sent_content) == (content or "")
+    assert len(got) <= (len(want) if parallel or named else 1)
