@@ -3,10 +3,11 @@ with data_parallel_size > 1, several cores behind one DPClient, engine/dp_client
 the event loop, live the tokenizer and the OutputProcessor (text, stop strings).
 
 Handlers submit requests through a RequestGroup and read RequestOutputs from its queue. One task
-reads the core's messages (one per step), turns them into RequestOutputs and hands each to its
-group; nothing here blocks the loop: sends never wait (handlers tokenize long texts in threads).
-A reader that falls behind (a stalled stream) finds one output per request, its unread steps
-merged, so what the group holds stays the size of the text, not of every step's copy of it.
+reads the core's messages (one per step; answers to commands may go ahead in one of their own),
+turns them into RequestOutputs and hands each to its group; nothing here blocks the loop: sends
+never wait (handlers tokenize long texts in threads). A reader that falls behind (a stalled
+stream) finds one output per request, its unread steps merged, so what the group holds stays the
+size of the text, not of every step's copy of it.
 If the core dies, or hangs (engine/core/liveness.py: the client fails it and kills it), every
 request in flight gets an EngineFault naming the cause, /health turns 503, and `on_fatal` (the
 CLI stops the server with a non-zero exit) is called.

@@ -1,5 +1,6 @@
-"""The `pagedserve` command: `serve` an OpenAI-compatible API, or `generate` one completion
-(`worker`: one tensor-parallel rank of a group whose rank 0 runs on another host).
+"""The `pagedserve` command: `serve` an OpenAI-compatible API, `generate` one completion, or
+`trace` a teaching workload for the dashboard (`worker`: one tensor-parallel rank of a group
+whose rank 0 runs on another host).
 
 Flag names follow vLLM's, so a vLLM command line mostly works unchanged.
 """
